@@ -1,0 +1,89 @@
+r"""ViT-Huge-Pretrain: ViT-H/14 supervised on ImageNet-21K (seed 002_c5e31c45bff2761c).
+
+The default is the seed's recipe:
+
+  | model        | ViT-H/14 (width 1280, depth 32, 16 heads, MLP 5120), 224 px, 21,841 classes |
+  | parameters   | 658,743,121 (630,764,800 without the head)                                  |
+  | data         | ImageNet-21K (fall11), random resized crop + flip + colour jitter, IN mean/std |
+  | optimiser    | AdamW b1 0.9 b2 0.999, wd 0.05, peak lr 1e-3, linear warmup 10k, cosine to 0 |
+  | batch        | 2048 global, bf16 compute, fp32 params, global-norm clip 1.0               |
+  | parallelism  | FSDP (zero3) over all devices                                               |
+
+The seed does not state the peak learning rate, the weight decay or the number of steps: we use the
+ViT paper's ImageNet-21K values scaled to batch 2048 (lr 1e-3, wd 0.05) and 90 epochs of ImageNet-21K
+(14,197,122 images / 2048 x 90 = 623,900 steps).
+
+  python -m visionfm_jax.main --config=configs/vit_huge.py --workdir=/ckpt/vit_huge
+
+needs ImageNet-21K prepared as described in BUILD.md ("Preparing data").
+
+Variant `demo`: a ViT on the embedded procedural shapes data, on a laptop CPU:
+
+  python -m visionfm_jax.main --config=configs/vit_huge.py:demo --workdir=/tmp/vit_demo
+
+Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 minutes on 2 CPU cores.
+"""
+
+from visionfm_jax import config_lib
+
+
+def get_config(arg: str | None = None):
+  config = config_lib.base_config()
+  config.task = "classification"
+
+  config.model.name = "vit"
+  config.model.variant = "H/14"
+  config.model.num_classes = 21841
+  config.model.image_size = 224
+  config.model.drop_path = 0.0
+  config.model.remat_policy = "nothing_saveable"
+
+  config.data.source = "tfds:imagenet21k"
+  config.data.train_split = "train"
+  config.data.eval_split = "validation"
+  config.data.image_size = 224
+  config.data.augment.random_resized_crop = True
+  config.data.augment.crop_scale = (0.08, 1.0)
+  config.data.augment.flip = True
+  config.data.augment.color_jitter = 0.4
+
+  config.global_batch_size = 2048
+  config.total_steps = 623_900
+  config.optim.lr = 1e-3
+  config.optim.b1 = 0.9
+  config.optim.b2 = 0.999
+  config.optim.weight_decay = 0.05
+  config.optim.warmup_steps = 10_000
+  config.optim.end_lr = 0.0
+  config.optim.clip_norm = 1.0
+  config.precision.compute_dtype = "bfloat16"
+  config.strategy = "fsdp"
+
+  config.log_every = 100
+  config.eval_every = 10_000
+  config.checkpoint_every = 2_000
+
+  if arg == "demo":
+    config.model.variant = "mu/8"
+    config.model.num_classes = 8
+    config.model.image_size = 64
+    config.model.remat_policy = "none"
+    config.data.source = "shapes"
+    config.data.image_size = 64
+    config.data.num_workers = 1
+    config.data.augment.crop_scale = (0.6, 1.0)
+    config.data.augment.color_jitter = 0.2
+    config.data.eval_examples = 1024
+    config.global_batch_size = 128
+    config.total_steps = 600
+    config.optim.lr = 2e-3
+    config.optim.warmup_steps = 60
+    config.optim.weight_decay = 0.05
+    config.precision.compute_dtype = "float32"
+    config.strategy = "ddp"
+    config.log_every = 20
+    config.eval_every = 200
+    config.checkpoint_every = 200
+  elif arg:
+    raise ValueError(f"configs/vit_huge.py: unknown variant {arg!r}; known: demo")
+  return config

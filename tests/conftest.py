@@ -1,0 +1,35 @@
+"""Test session setup: 8 simulated CPU devices (multi-device sharding is tested on them), fp32 matmuls."""
+
+import os
+import sys
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+
+def tiny_vit_config(**overrides):
+  """The demo config shrunk to a 2-block ViT on 16 px images: fast enough for many tests."""
+  from configs import vit_huge  # pylint: disable=g-import-not-at-top
+  config = vit_huge.get_config("demo")
+  config.model.variant = "pico/4"
+  config.model.image_size = 16
+  config.data.image_size = 16
+  config.global_batch_size = 16
+  config.total_steps = 10
+  config.optim.warmup_steps = 2
+  config.progress_bar = False
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return config

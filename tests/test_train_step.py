@@ -1,0 +1,128 @@
+"""The train step: ZeRO strategies agree with ddp, accumulation equals one big batch, fp16 overflow skips."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import tiny_vit_config
+from visionfm_jax import optim, parallel, tasks, train
+
+
+def _random_batches(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size = config.data.image_size
+  return [{"image": rng.integers(0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8),
+           "label": rng.integers(0, config.model.num_classes, (config.global_batch_size,), dtype=np.int32)}
+          for _ in range(n)]
+
+
+def _setup(config, task=None):
+  """The real train step (shardings, donation, jit) and a fresh sharded state for `config`."""
+  mesh = parallel.make_mesh(config.mesh)
+  task = task or tasks.build(config)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  init_fn = train.make_init_fn(task, tx, config)
+  shape = parallel.mesh_shape(config.mesh, mesh.size)
+  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+    abstract, shardings, specs = train.state_shardings(init_fn, mesh, config)
+    boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
+    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), train.grad_specs(boxed_params, shape, config.strategy),
+                                  is_leaf=lambda x: isinstance(x, P))
+    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
+  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
+  jitted = jax.jit(train.make_train_step(task, tx, config, grad_shardings, P(("data", "fsdp"))),
+                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+
+  def step(state, batch):
+    with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+      state, metrics = jitted(state, jax.device_put(batch, batch_sharding))
+    return state, jax.device_get(metrics)
+  return state, step, specs
+
+
+def _train(config, batches):
+  state, step, specs = _setup(config)
+  history = []
+  for b in batches:
+    state, m = step(state, b)
+    history.append(m)
+  return state, specs, history
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_zero_strategies_match_ddp(strategy):
+  batches = _random_batches(tiny_vit_config(), 3)
+  ref, _, _ = _train(tiny_vit_config(strategy="ddp"), batches)
+  got, specs, _ = _train(tiny_vit_config(strategy=strategy), batches)
+  chex.assert_trees_all_close(jax.device_get(got.params), jax.device_get(ref.params), atol=1e-5, rtol=1e-4)
+  kernel = specs.params["blocks"]["mlp"]["fc1"]["kernel"]
+  mu_kernel = specs.opt_state[1][0].mu["blocks"]["mlp"]["fc1"]["kernel"]
+  assert ("fsdp" in tuple(kernel)) == (strategy == "zero3")
+  assert "fsdp" in tuple(mu_kernel)
+  # The sharded layout is real: each device holds 1/8 of the moment.
+  leaf = got.opt_state[1][0].mu["blocks"]["mlp"]["fc1"]["kernel"]
+  assert leaf.addressable_shards[0].data.size * 8 == leaf.size
+
+
+def test_ddp_state_is_replicated():
+  _, specs, _ = _train(tiny_vit_config(strategy="ddp"), _random_batches(tiny_vit_config(), 1))
+  assert all(all(a is None for a in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  batches = _random_batches(tiny_vit_config(), 2)
+  ref, _, ref_hist = _train(tiny_vit_config(), batches)
+  got, _, hist = _train(tiny_vit_config(grad_accum_steps=2), batches)
+  chex.assert_trees_all_close(jax.device_get(got.params), jax.device_get(ref.params), atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(hist[-1]["train/loss"], ref_hist[-1]["train/loss"], rtol=1e-5)
+
+
+def test_fp16_overflow_skips_the_step_and_halves_the_scale():
+  config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10,
+                               "strategy": "ddp"})
+  batches = _random_batches(config, 3)
+  for i, b in enumerate(batches):  # the second batch overflows
+    b["poison"] = np.full((config.global_batch_size,), i == 1, np.bool_)
+
+  class OverflowingTask(tasks.ClassificationTask):
+    """Gradients become inf on a poisoned batch, as an fp16 overflow makes them."""
+
+    def loss(self, params, batch, rng):
+      loss, aux = super().loss(params, batch, rng)
+      return loss * jnp.where(jnp.any(batch["poison"]), jnp.inf, 1.0), aux
+
+  state, step, _ = _setup(config, OverflowingTask(config))
+  state, m = step(state, batches[0])
+  assert m["train/skipped_steps"] == 0 and np.isfinite(m["train/loss"])
+  before = jax.device_get((state.params, state.opt_state))
+  state, m = step(state, batches[1])
+  assert m["train/skipped_steps"] == 1
+  assert float(state.loss_scale.scale) == 2.0**9
+  assert int(state.step) == 2
+  chex.assert_trees_all_equal(jax.device_get((state.params, state.opt_state)), before)
+  # Training continues with the lowered scale.
+  state, m = step(state, batches[2])
+  assert float(state.loss_scale.scale) == 2.0**9
+  assert m["train/skipped_steps"] == 1 and np.isfinite(m["train/loss"])
+  assert not np.allclose(jax.device_get(state.params["head"]["kernel"]), before[0]["head"]["kernel"])
+
+
+def test_weight_decay_mask():
+  params = {"blocks": {"attn": {"qkv": {"kernel": 1, "bias": 1}}, "norm1": {"ln": {"scale": 1, "bias": 1}}},
+            "pos_embed": 1, "cls_token": 1, "head": {"kernel": 1}}
+  mask = optim.decay_mask_fn(("pos_embed", "cls_token"))(params)
+  assert mask == {"blocks": {"attn": {"qkv": {"kernel": True, "bias": False}}, "norm1": {"ln": {"scale": False, "bias": False}}},
+                  "pos_embed": False, "cls_token": False, "head": {"kernel": True}}
+
+
+def test_schedule_warms_up_linearly_then_decays_to_the_floor():
+  config = tiny_vit_config(**{"optim.lr": 1.0, "optim.warmup_steps": 10, "optim.end_lr": 0.1})
+  config.total_steps = 110
+  s = optim.schedule(config.optim, config.total_steps)
+  np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 0.5, 1.0], atol=1e-6)
+  np.testing.assert_allclose(s(60), 0.1 + 0.9 * 0.5, atol=1e-5)
+  np.testing.assert_allclose(s(110), 0.1, atol=1e-6)

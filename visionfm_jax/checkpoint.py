@@ -1,0 +1,146 @@
+"""Orbax checkpoints: the train state and the data-iterator state, saved together, asynchronously.
+
+Layout: `<workdir>/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary directory and
+renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
+complete ones. The data-iterator state is captured synchronously at save time (before training moves the
+iterator on) and written per process by grain's handler.
+
+`load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
+a training workdir / its `checkpoints` folder (newest step).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Any
+
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from etils import epath
+
+from visionfm_jax.errors import CheckpointError
+from visionfm_jax.optim import path_str
+
+
+class _CapturedIteratorState:
+  """Holds an iterator's state taken at save time, for grain's Orbax handler (which calls get_state())."""
+
+  def __init__(self, iterator):
+    state = iterator.get_state()
+    self._state = state if isinstance(state, bytes) else json.dumps(state).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+class Checkpointer:
+  """Saves/restores {state, data-iterator} under `directory` with an async Orbax CheckpointManager."""
+
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+    self.directory = epath.Path(directory)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    self._manager = ocp.CheckpointManager(
+        self.directory, options=options,
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state, data_iterator=None, *, force: bool = True) -> None:
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iterator is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
+    self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, abstract_state, data_iterator=None):
+    """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place."""
+    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    has_data = (self.directory / str(step) / "data").exists()
+    if data_iterator is not None and has_data:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    try:
+      restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, FileNotFoundError) as e:
+      raise CheckpointError(f"cannot restore {self.directory / str(step)}: {e}") from e
+    return restored["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+# ---------------------------------------------------------------------------------------------- init_from
+
+def save_params(directory: str, params, metadata: dict[str, Any] | None = None) -> None:
+  """Writes `params` as `<directory>/params` (Orbax) plus `<directory>/model.json` (how to build the model)."""
+  directory = epath.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(directory / "params", params, force=True)
+  checkpointer.wait_until_finished()
+  if metadata is not None and jax.process_index() == 0:
+    (directory / "model.json").write_text(json.dumps(metadata, indent=2))
+
+
+def _raw_params(path: epath.Path):
+  if (path / "params").exists():
+    return ocp.PyTreeCheckpointer().restore(path / "params")
+  ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
+  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+  if not steps:
+    raise CheckpointError(f"init_from={str(path)!r}: no 'params' directory (tools.import_hf) and no training "
+                          f"checkpoints (numbered step directories) found there")
+  state = ocp.PyTreeCheckpointer().restore(ckpt_dir / str(steps[-1]) / "state")
+  if "params" not in state:
+    raise CheckpointError(f"init_from={str(path)!r}: step {steps[-1]} holds no 'params'")
+  return state["params"]
+
+
+def _flatten(tree) -> dict[str, Any]:
+  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def load_params(path: str, target_params, *, skip: str = ""):
+  """Loads params from `path` into the structure, shapes and shardings of `target_params`.
+
+  Params whose path matches the `skip` regex keep their value in `target_params` (e.g. a new head). Missing,
+  unexpected or mis-shaped params are a CheckpointError that lists them.
+  """
+  path = epath.Path(os.path.expanduser(path))
+  if not path.exists():
+    raise CheckpointError(f"init_from={str(path)!r}: no such directory")
+  source = _flatten(_raw_params(path))
+  skip_re = re.compile(skip) if skip else None
+  target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
+  names = [path_str(p) for p, _ in target_flat]
+  kept = {n for n in names if not (skip_re and skip_re.search(n))}
+  missing = sorted(kept - set(source))
+  unexpected = sorted(set(source) - set(names))
+  mismatched = sorted(f"{n}: checkpoint {tuple(np.shape(source[n]))} vs model {tuple(v.shape)}"
+                      for n, (_, v) in zip(names, target_flat) if n in kept and n in source
+                      and tuple(np.shape(source[n])) != tuple(v.shape))
+  if missing or unexpected or mismatched:
+    def show(xs):
+      return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
+    raise CheckpointError(
+        f"init_from={str(path)!r} does not match the model: missing {show(missing) or 'none'}; unexpected "
+        f"{show(unexpected) or 'none'}; shape mismatch {show(mismatched) or 'none'}. Set config.init_from_skip "
+        f"to a regex of params to initialise fresh.")
+  leaves = []
+  for n, (_, v) in zip(names, target_flat):
+    if n in kept:
+      value = np.asarray(source[n], dtype=v.dtype)
+      leaves.append(jax.make_array_from_callback(value.shape, v.sharding, lambda idx, value=value: value[idx]))
+    else:
+      leaves.append(v)
+  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -1,0 +1,124 @@
+"""The base config every model family starts from, and its validation.
+
+Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
+(`--config.optim.lrr=1`) is an error instead of a silently ignored key.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from visionfm_jax.errors import ConfigError
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+
+
+def base_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.task = "classification"
+  c.total_steps = 1000
+  c.global_batch_size = 256
+  c.grad_accum_steps = 1  # the global batch is split into this many micro-batches, scanned in one step
+  c.strategy = "fsdp"  # ddp | zero1 | zero2 | zero3 (= fsdp)
+  # Mesh axis sizes; -1 takes the devices left. data x fsdp devices share the batch; the ZeRO strategies
+  # shard state over `fsdp` (put it within a node); `tensor` shards matmul widths (Megatron style).
+  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+
+  c.model = ml_collections.ConfigDict(dict(
+      name="vit",
+      variant="B/16",
+      num_classes=1000,
+      image_size=224,
+      pool="cls",  # cls | gap
+      drop_path=0.0,
+      dropout=0.0,
+      layer_norm_eps=1e-6,
+      head_bias_init=0.0,
+      scan=True,
+      remat_policy="nothing_saveable",
+      attention="xla",  # xla | cudnn (jax.nn.dot_product_attention on GPU)
+  ))
+
+  c.optim = ml_collections.ConfigDict(dict(
+      lr=1e-3,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      # Regexes over '/'-joined param paths that get no weight decay; 1-D params (biases, norms) never do.
+      no_decay=("pos_embed", "cls_token"),
+      warmup_steps=1000,
+      end_lr=0.0,
+      clip_norm=1.0,  # global norm; 0 disables
+  ))
+
+  c.precision = ml_collections.ConfigDict(dict(
+      compute_dtype="bfloat16",  # float32 | bfloat16 | float16 (dynamic loss scaling)
+      loss_scale_init=2.0**15,
+      loss_scale_period=2000,  # good steps before the scale doubles
+      loss_scale_min=1.0,
+  ))
+
+  c.data = ml_collections.ConfigDict(dict(
+      source="shapes",  # shapes | tfds:<name>
+      data_dir="",  # TFDS data dir; '' means $TFDS_DATA_DIR, else ~/tensorflow_datasets
+      train_split="train",
+      eval_split="validation",
+      image_size=224,
+      num_workers=4,  # grain worker processes per host; 0 reads in the main process
+      prefetch=2,  # batches buffered per worker
+      shuffle=True,
+      eval_examples=-1,  # -1: the whole eval split
+      shapes_train_size=1_000_000,
+      shapes_eval_size=10_000,
+      mean=(0.485, 0.456, 0.406),
+      std=(0.229, 0.224, 0.225),
+      augment=ml_collections.ConfigDict(dict(
+          random_resized_crop=True,
+          crop_scale=(0.08, 1.0),
+          crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+          flip=True,
+          color_jitter=0.0,  # brightness/contrast/saturation strength; 0 disables
+      )),
+  ))
+
+  c.init_from = ""  # checkpoint dir (tools.import_hf or a workdir) whose params initialise a fresh run
+  c.init_from_skip = ""  # regex of param paths to keep freshly initialised (e.g. 'head' for new classes)
+
+  c.log_every = 50
+  c.eval_every = 1000
+  c.checkpoint_every = 1000
+  c.keep_checkpoints = 3
+  c.progress_bar = True
+  return c
+
+
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+  """Checks a config for consistency; raises ConfigError naming the field."""
+  if config.strategy not in STRATEGIES:
+    raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
+  if config.precision.compute_dtype not in COMPUTE_DTYPES:
+    raise ConfigError(f"config.precision.compute_dtype={config.precision.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
+  if config.model.remat_policy not in REMAT_POLICIES:
+    raise ConfigError(f"config.model.remat_policy={config.model.remat_policy!r}: expected one of {REMAT_POLICIES}")
+  for field in ("total_steps", "global_batch_size", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every"):
+    if int(config[field]) <= 0:
+      raise ConfigError(f"config.{field}={config[field]}: must be positive")
+  if config.optim.warmup_steps > config.total_steps:
+    raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
+  if config.global_batch_size % config.grad_accum_steps:
+    raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
+                      f"config.grad_accum_steps={config.grad_accum_steps}")
+  if num_devices is not None:
+    from visionfm_jax.parallel import mesh_shape  # pylint: disable=g-import-not-at-top
+    shape = mesh_shape(config.mesh, num_devices)
+    data_parallel = shape["data"] * shape["fsdp"]
+    micro = config.global_batch_size // config.grad_accum_steps
+    if micro % data_parallel:
+      raise ConfigError(
+          f"config.global_batch_size={config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps} "
+          f"= {micro} examples per micro-batch do not divide over the {data_parallel} data-parallel devices "
+          f"(mesh {shape})")

@@ -1,0 +1,20 @@
+"""Errors that name the culprit: bad configs, missing data, unreadable checkpoints or weights.
+
+`main` prints these as one clear line (no traceback); everything else is a bug and keeps its traceback.
+"""
+
+
+class UserError(Exception):
+  """Something the user supplied (config, data, checkpoint, weights) is wrong."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field is missing, unknown or inconsistent. The message names the field."""
+
+
+class DataError(UserError, ValueError):
+  """A data source cannot be found or read. The message names the source and where it was looked for."""
+
+
+class CheckpointError(UserError, ValueError):
+  """A checkpoint or weight file cannot be used. The message names the file and the offending keys."""

@@ -1,0 +1,43 @@
+"""Top-k accuracy over a held-out split, with padded final batches masked out."""
+
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+class TopKEvaluator:
+  """Counts correct top-k predictions on device; sums are global (every process gets the same numbers)."""
+
+  def __init__(self, predict: Callable, ctx, ks=(1, 5)):
+    self.ctx = ctx
+    self.ks = ks
+
+    def counts(params, batch):
+      logits = predict(params, batch["image"])
+      labels = batch["label"]
+      mask = batch["mask"].astype(jnp.float32)
+      true = jnp.take_along_axis(logits, labels[:, None], axis=-1)
+      # Ties count against the true class when they sit at a lower index (as argmax breaks them), so a
+      # constant predictor scores chance, not 100%.
+      lower = jnp.arange(logits.shape[-1])[None, :] < labels[:, None]
+      rank = jnp.sum((logits > true) | ((logits == true) & lower), axis=-1)
+      out = {f"top{k}": jnp.sum((rank < k) * mask) for k in ks if k <= logits.shape[-1]}
+      out["count"] = jnp.sum(mask)
+      return out
+
+    self._counts = jax.jit(counts)
+
+  def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
+    totals = None
+    for local in local_batches:
+      c = self._counts(params, self.ctx.to_global(local))
+      totals = c if totals is None else jax.tree.map(jnp.add, totals, c)
+    if totals is None:
+      raise ValueError("the evaluation split yielded no batches")
+    totals = jax.device_get(totals)
+    count = float(totals.pop("count"))
+    return {name: float(v) / max(count, 1.0) for name, v in totals.items()}

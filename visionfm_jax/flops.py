@@ -1,0 +1,50 @@
+"""Analytic training FLOPs and device peaks, for `train/mfu`.
+
+Training FLOPs = 3 x forward (the backward pass costs two forwards); one multiply-add counts 2 FLOPs.
+Recomputation from remat is not counted (MFU, not hardware utilisation).
+"""
+
+from __future__ import annotations
+
+import jax
+
+# Dense (no sparsity) peak FLOP/s per device for 16-bit matmuls (bf16/fp16), from the vendors' data sheets.
+PEAK_FLOPS_16BIT: dict[str, float] = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "H800": 989e12,
+    "A100": 312e12,
+    "A800": 312e12,
+    "L40S": 362e12,
+    "B200": 2250e12,
+    "GH200": 989e12,
+}
+
+
+def device_peak_flops(compute_dtype: str, device=None) -> float | None:
+  """The device's 16-bit peak, or None when unknown or when computing in fp32."""
+  if compute_dtype not in ("bfloat16", "float16"):
+    return None
+  kind = (device or jax.devices()[0]).device_kind
+  if "PCIe" in kind and "H100" in kind:
+    return 756e12
+  for name in sorted(PEAK_FLOPS_16BIT, key=len, reverse=True):
+    if name in kind:
+      return PEAK_FLOPS_16BIT[name]
+  return None
+
+
+def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+  """Pre-norm transformer encoder: qkv + out projections, attention scores and mixing, MLP."""
+  per_layer = 2 * tokens * width * (4 * width + 2 * mlp_dim) + 4 * tokens * tokens * width
+  return depth * per_layer
+
+
+def vit_train_flops_per_image(model) -> float:
+  grid = model.image_size // model.patch_size
+  patches = grid * grid
+  tokens = patches + 1
+  forward = (2 * patches * model.patch_size ** 2 * 3 * model.width
+             + transformer_forward_flops(tokens, model.width, model.depth, model.mlp_dim)
+             + 2 * model.width * model.num_classes)
+  return 3.0 * forward

@@ -1,0 +1,17 @@
+"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype)."""
+
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import vit
+
+BUILDERS = {
+    "vit": vit.build,
+}
+
+
+def build(model_cfg, dtype):
+  if model_cfg.name not in BUILDERS:
+    raise ConfigError(f"config.model.name={model_cfg.name!r}: known models are {sorted(BUILDERS)}")
+  try:
+    return BUILDERS[model_cfg.name](model_cfg, dtype)
+  except ValueError as e:
+    raise ConfigError(f"config.model: {e}") from e

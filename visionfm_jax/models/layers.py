@@ -1,0 +1,166 @@
+"""Shared building blocks: fp32 LayerNorm, multi-head attention, MLP, stochastic depth, remat policies.
+
+Every parameter carries logical axis names (see `parallel/sharding.py` for the rules that map them onto the
+mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and losses run in fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+Dtype = Any
+
+# Logical axis names used by parameters and activations.
+BATCH, LENGTH, EMBED, MLP, HEADS, KV, LAYERS, CLASSES = "batch", "length", "embed", "mlp", "heads", "kv", "layers", "classes"
+ACT_EMBED, ACT_MLP, ACT_HEADS = "act_embed", "act_mlp", "act_heads"
+
+REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "everything_saveable": jax.checkpoint_policies.everything_saveable,
+}
+
+
+def logical(init: Callable[..., Any], names: tuple[str | None, ...]) -> Callable[..., Any]:
+  return nn.with_logical_partitioning(init, names)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+  """Activation sharding constraint at a block boundary (a no-op outside a mesh context)."""
+  return nn.with_logical_constraint(x, names)
+
+
+def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
+          use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+          name: str | None = None) -> nn.DenseGeneral:
+  """A DenseGeneral whose kernel axes are `names` (input axes then output axes) and bias the output axes."""
+  out_ndim = 1 if isinstance(features, int) else len(features)
+  return nn.DenseGeneral(
+      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+      kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name)
+
+
+class LayerNorm(nn.Module):
+  """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`."""
+  epsilon: float = 1e-6
+  dtype: Dtype = jnp.float32
+  axis_name: str = EMBED
+  zero_init: bool = False
+
+  @nn.compact
+  def __call__(self, x):
+    scale_init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
+    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
+                     scale_init=logical(scale_init, (self.axis_name,)),
+                     bias_init=logical(nn.initializers.zeros, (self.axis_name,)), name="ln")(x.astype(jnp.float32))
+    return y.astype(self.dtype)
+
+
+def dot_product_attention(q, k, v, *, bias=None, implementation: str = "xla"):
+  """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
+
+  `implementation='cudnn'` routes to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+  """
+  if implementation == "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+  scale = q.shape[-1] ** -0.5
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
+  if bias is not None:
+    logits = logits + bias
+  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+class SelfAttention(nn.Module):
+  """Multi-head self-attention with a fused qkv projection (kernel: embed x 3 x heads x head_dim)."""
+  num_heads: int
+  dtype: Dtype = jnp.float32
+  qkv_bias: bool = True
+  implementation: str = "xla"
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    qkv = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias, name="qkv")(x)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    out = dot_product_attention(q, k, v, implementation=self.implementation)
+    out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
+    return dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")(out)
+
+
+class Mlp(nn.Module):
+  """Linear -> exact GELU -> Linear."""
+  hidden: int
+  dtype: Dtype = jnp.float32
+  dropout: float = 0.0
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x):
+    width = x.shape[-1]
+    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6))(x)
+    y = nn.gelu(y, approximate=False)
+    y = constrain(y, (BATCH, LENGTH, ACT_MLP))
+    y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6))(y)
+    return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+
+
+def drop_path(module: nn.Module, x: jax.Array, rate, deterministic: bool) -> jax.Array:
+  """Stochastic depth: drops the whole residual branch per example with probability `rate`.
+
+  `rate` may be a traced scalar (a per-layer rate fed through `nn.scan`).
+  """
+  if deterministic:
+    return x
+  keep = 1.0 - rate
+  mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (x.shape[0],) + (1,) * (x.ndim - 1))
+  return jnp.where(mask, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
+
+
+def stochastic_depth_rates(max_rate: float, depth: int) -> jnp.ndarray:
+  """Rates rising linearly from 0 (first block) to `max_rate` (last block)."""
+  if depth == 1:
+    return jnp.full((1,), max_rate, jnp.float32)
+  return jnp.linspace(0.0, max_rate, depth, dtype=jnp.float32)
+
+
+def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
+  if policy == "none":
+    return block
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {policy!r}; known: none, {', '.join(REMAT_POLICIES)}")
+  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
+
+
+def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str, **block_kwargs):
+  """Returns a function x, rates -> x that runs `depth` blocks, scanned (one compiled body) or unrolled.
+
+  Scanned params have a leading `layers` axis under `name`; unrolled params live under `{name}_{i}`. Both
+  layouts hold the same numbers (`convert.stack_layers` / `unstack_layers` move between them).
+  """
+  block = remat(block, remat_policy)
+  if scan:
+    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                      in_axes=0, length=depth, metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
+
+    def run_scanned(x, rates):
+      x, _ = scanned(x, rates)
+      return x
+    return run_scanned
+
+  blocks = [block(name=f"{name}_{i}", **block_kwargs) for i in range(depth)]
+
+  def run_unrolled(x, rates):
+    for i, b in enumerate(blocks):
+      x, _ = b(x, rates[i])
+    return x
+  return run_unrolled

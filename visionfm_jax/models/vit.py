@@ -1,0 +1,126 @@
+"""Vision Transformer (Dosovitskiy et al. 2021): the ViT family Ti..G with any patch size.
+
+Pre-norm blocks `x + attn(LN(x))`, `x + mlp(LN(x))`, a learned class token and position embedding, a final
+LayerNorm, class-token (or mean) pooling and an optional linear head. `__call__` returns a dict with
+`tokens` (after the final norm), `pooled` and, with a head, `logits`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from visionfm_jax.models import layers
+from visionfm_jax.models.layers import BATCH, CLASSES, EMBED, LENGTH, ACT_EMBED
+
+# name: (width, depth, mlp_dim, heads)
+SIZES: dict[str, tuple[int, int, int, int]] = {
+    "pico": (32, 2, 64, 2),  # unit tests
+    "mu": (128, 6, 512, 4),  # CPU demos
+    "Ti": (192, 12, 768, 3),
+    "S": (384, 12, 1536, 6),
+    "B": (768, 12, 3072, 12),
+    "L": (1024, 24, 4096, 16),
+    "H": (1280, 32, 5120, 16),
+    "g": (1408, 40, 6144, 16),
+    "G": (1664, 48, 8192, 16),
+}
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """'H/14' -> width, depth, mlp_dim, num_heads, patch_size."""
+  size, sep, patch = variant.partition("/")
+  if size not in SIZES or not sep or not patch.isdigit():
+    raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)}, e.g. 'H/14'")
+  width, depth, mlp_dim, heads = SIZES[size]
+  return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
+
+
+class EncoderBlock(nn.Module):
+  num_heads: int
+  mlp_dim: int
+  dtype: Any = jnp.float32
+  layer_norm_eps: float = 1e-6
+  dropout: float = 0.0
+  qkv_bias: bool = True
+  attention: str = "xla"
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x, drop_rate):
+    x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
+    y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, name="attn")(y)
+    y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
+    x = x + layers.drop_path(self, y, drop_rate, self.deterministic)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
+    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, name="mlp")(y)
+    x = x + layers.drop_path(self, y, drop_rate, self.deterministic)
+    return x, None
+
+
+class ViT(nn.Module):
+  width: int
+  depth: int
+  mlp_dim: int
+  num_heads: int
+  patch_size: int
+  image_size: int = 224
+  num_classes: int = 0  # 0: no head
+  pool: str = "cls"  # cls | gap
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-6
+  qkv_bias: bool = True
+  head_bias_init: float = 0.0
+  dtype: Any = jnp.float32
+  scan: bool = True
+  remat_policy: str = "none"
+  attention: str = "xla"
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    deterministic = not train
+    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
+      raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {self.patch_size}")
+    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
+                dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
+                kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
+                bias_init=layers.logical(nn.initializers.zeros, (EMBED,)))(images.astype(self.dtype))
+    batch = x.shape[0]
+    x = x.reshape(batch, -1, self.width)
+    cls = self.param("cls_token", layers.logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, self.width))
+    x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
+    pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
+                     (1, x.shape[1], self.width))
+    x = x + pos.astype(x.dtype)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+    run_blocks = layers.stack_blocks(
+        EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
+        dropout=self.dropout, qkv_bias=self.qkv_bias, attention=self.attention, deterministic=deterministic)
+    x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))
+    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
+
+    pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
+    out = {"tokens": x, "pooled": pooled}
+    if self.num_classes:
+      out["logits"] = layers.dense(
+          self.num_classes, (EMBED, CLASSES), jnp.float32, name="head", kernel_init=nn.initializers.zeros,
+          bias_init=nn.initializers.constant(self.head_bias_init))(pooled)
+    return out
+
+
+def build(model_cfg, dtype) -> ViT:
+  """Builds a ViT from `config.model` (variant like 'H/14')."""
+  fields = {f.name for f in dataclasses.fields(ViT)}
+  kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
+                pool=model_cfg.pool, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
+                layer_norm_eps=model_cfg.layer_norm_eps, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
+  assert set(kwargs) <= fields
+  return ViT(**kwargs)

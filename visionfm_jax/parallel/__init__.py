@@ -1,0 +1,5 @@
+"""Device meshes (data, fsdp, tensor) and the ZeRO-style sharding rules."""
+
+from visionfm_jax.parallel.mesh import AXES, make_mesh, mesh_shape
+from visionfm_jax.parallel.sharding import (STRATEGY_SHARDS, activation_rules, map_with_names, partition_spec,
+                                            shard_shape, state_specs, tree_specs)

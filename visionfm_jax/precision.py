@@ -1,0 +1,51 @@
+"""Compute-dtype policy and dynamic loss scaling for fp16.
+
+Params and optimizer state stay fp32; the model computes in `compute_dtype`. With fp16 the loss is
+multiplied by a scale before differentiation; a step whose gradients are not all finite is skipped (params
+and optimizer state unchanged) and the scale halves; after `period` finite steps in a row it doubles.
+"""
+
+from __future__ import annotations
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(precision_cfg):
+  return DTYPES[precision_cfg.compute_dtype]
+
+
+class DynamicScale(flax.struct.PyTreeNode):
+  scale: jax.Array  # f32 scalar
+  good_steps: jax.Array  # i32 scalar: finite steps since the last change
+  skipped: jax.Array  # i32 scalar: steps skipped so far
+  period: int = flax.struct.field(pytree_node=False, default=2000)
+  min_scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+  @classmethod
+  def create(cls, init_scale: float, period: int, min_scale: float = 1.0) -> "DynamicScale":
+    return cls(scale=jnp.asarray(init_scale, jnp.float32), good_steps=jnp.zeros((), jnp.int32),
+               skipped=jnp.zeros((), jnp.int32), period=period, min_scale=min_scale)
+
+  def update(self, finite: jax.Array) -> "DynamicScale":
+    grow = finite & (self.good_steps + 1 >= self.period)
+    scale = jnp.where(finite, jnp.where(grow, self.scale * 2.0, self.scale),
+                      jnp.maximum(self.scale * 0.5, self.min_scale))
+    good = jnp.where(finite & ~grow, self.good_steps + 1, 0)
+    return self.replace(scale=scale, good_steps=good.astype(jnp.int32),
+                        skipped=self.skipped + (~finite).astype(jnp.int32))
+
+
+def maybe_loss_scale(precision_cfg) -> DynamicScale | None:
+  if precision_cfg.compute_dtype != "float16":
+    return None
+  return DynamicScale.create(precision_cfg.loss_scale_init, precision_cfg.loss_scale_period,
+                             precision_cfg.loss_scale_min)
+
+
+def all_finite(tree) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]
+  return jnp.stack(leaves).all() if leaves else jnp.asarray(True)

@@ -1,0 +1,13 @@
+"""Tasks: what differs per training objective. `build(config)` picks one by `config.task`."""
+
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.tasks.base import EvalContext, Task
+from visionfm_jax.tasks.classification import ClassificationTask
+
+TASKS = {"classification": ClassificationTask}
+
+
+def build(config) -> Task:
+  if config.task not in TASKS:
+    raise ConfigError(f"config.task={config.task!r}: known tasks are {sorted(TASKS)}")
+  return TASKS[config.task](config)

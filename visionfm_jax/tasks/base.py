@@ -1,0 +1,68 @@
+"""What every task shares: the model built from config, image normalisation, and host -> global batches.
+
+A task supplies the model, the loss, the data loaders and the evaluators; `train.py` knows nothing else.
+
+  init_variables(rng)            -> model variables (boxed with logical axis names)
+  loss(params, batch, rng)       -> (scalar loss, dict of scalar metrics), on one (micro-)batch
+  train_loader(batch_size, ...)  -> a checkpointable iterator of host-local numpy batches
+  evaluators(ctx)                -> {name: fn(params) -> {metric: float}}, logged as eval/<name>/<metric>
+  train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from visionfm_jax import models, precision
+
+
+@dataclasses.dataclass
+class EvalContext:
+  """What an evaluator needs from the loop: the mesh and how to place host batches on it."""
+  mesh: Mesh
+  batch_size: int  # global examples per eval batch
+  process_index: int
+  process_count: int
+
+  @property
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(("data", "fsdp")))
+
+  def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    return host_to_global(local_batch, self.batch_sharding)
+
+
+def host_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+  """Assembles each process's rows into one global array split over the data-parallel axes."""
+  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+
+
+class Task:
+  """Base class: builds the model and normalises uint8 images on the device."""
+
+  def __init__(self, config):
+    self.config = config
+    self.dtype = precision.compute_dtype(config.precision)
+    self.model = models.build(config.model, self.dtype)
+    self._mean = np.asarray(config.data.mean, np.float32) * 255.0
+    self._std = np.asarray(config.data.std, np.float32) * 255.0
+
+  def normalize(self, images: jax.Array) -> jax.Array:
+    """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32."""
+    return (images.astype(jnp.float32) - self._mean) / self._std
+
+  def init_variables(self, rng: jax.Array) -> Any:
+    size = self.config.model.image_size
+    return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+
+  def train_flops_per_example(self) -> float | None:
+    return None
+
+  def evaluators(self, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
+    return {}

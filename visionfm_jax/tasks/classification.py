@@ -1,0 +1,45 @@
+"""Supervised image classification (ViT-Huge-Pretrain on ImageNet-21K): softmax cross-entropy, top-1."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from visionfm_jax import data, flops
+from visionfm_jax.evaluate import classification as classification_eval
+from visionfm_jax.tasks.base import EvalContext, Task
+
+
+class ClassificationTask(Task):
+
+  def logits(self, params, images, *, train: bool, rng=None):
+    rngs = {"dropout": rng} if rng is not None else {}
+    out = self.model.apply({"params": params}, self.normalize(images), train=train, rngs=rngs)
+    return out["logits"].astype(jnp.float32)
+
+  def loss(self, params, batch, rng):
+    logits = self.logits(params, batch["image"], train=True, rng=rng)
+    loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+    top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return loss, {"train/top1": top1}
+
+  def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
+    return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
+                                  process_index=process_index, process_count=process_count)
+
+  def evaluators(self, ctx: EvalContext):
+    def predict(params, images):
+      return self.logits(params, images, train=False)
+
+    top1 = classification_eval.TopKEvaluator(predict, ctx, ks=(1, 5))
+
+    def run_val(params):
+      batches = data.make_eval_iterator(self.config.data, batch_size=ctx.batch_size // ctx.process_count,
+                                        process_index=ctx.process_index, process_count=ctx.process_count)
+      return top1(params, batches)
+
+    return {"val": run_val}
+
+  def train_flops_per_example(self):
+    return flops.vit_train_flops_per_image(self.model) if self.config.model.name == "vit" else None

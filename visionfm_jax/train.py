@@ -1,0 +1,268 @@
+"""The one training loop. Everything model-specific comes from the task (`tasks/`).
+
+run(config, workdir):
+  mesh -> task -> sharded state (restored from the newest checkpoint, else created sharded and optionally
+  initialised from `init_from`) -> loop of jitted train steps over global batches -> metrics, evaluators,
+  async checkpoints of state + data iterator.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from typing import Any, Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from visionfm_jax import checkpoint, config_lib, flops, metrics, optim, parallel, precision, tasks
+from visionfm_jax.errors import UserError
+from visionfm_jax.tasks.base import EvalContext, host_to_global
+from visionfm_jax.train_state import TrainState
+
+
+class NonFiniteLossError(UserError):
+  pass
+
+
+# ------------------------------------------------------------------------------------------------ state
+
+def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState whose params/opt_state leaves are boxed with logical axis names."""
+
+  def init(rng):
+    params = task.init_variables(rng)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      loss_scale=precision.maybe_loss_scale(config.precision))
+
+  return init
+
+
+def state_shardings(init_fn, mesh, config):
+  """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
+  abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  shape = parallel.mesh_shape(config.mesh, mesh.size)
+  specs = parallel.state_specs(abstract_boxed, shape, config.strategy)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  abstract = nn.unbox(abstract_boxed)
+  return abstract, shardings, specs
+
+
+def grad_specs(abstract_boxed_params, mesh_shape, strategy):
+  """Gradients are reduce-scattered (fsdp-sharded) under zero2/zero3, all-reduced otherwise."""
+  return parallel.tree_specs(abstract_boxed_params, mesh_shape, parallel.STRATEGY_SHARDS[strategy]["grads"])
+
+
+# ------------------------------------------------------------------------------------------- train step
+
+def split_microbatches(batch, steps: int):
+  """(B, ...) -> (steps, B / steps, ...) taking rows i*steps + j into micro-batch j.
+
+  Each device keeps its own rows (no communication) when B / steps divides over the data-parallel devices.
+  """
+  def split(x):
+    x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:])
+    return jnp.swapaxes(x, 0, 1)
+  return jax.tree.map(split, batch)
+
+
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, batch_spec):
+  accum = config.grad_accum_steps
+  base_rng = jax.random.key(config.seed)
+  lr_schedule = optim.schedule(config.optim, config.total_steps)
+
+  def grads_of(params, micro, rng, scale):
+    def scaled_loss(p):
+      loss, aux = task.loss(p, micro, rng)
+      return loss * scale, (loss, aux)
+    grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
+    return jax.lax.with_sharding_constraint(grads, grad_shardings), loss, aux
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
+    if accum == 1:
+      grads, loss, aux = grads_of(state.params, batch, rng, scale)
+    else:
+      micro_batches = split_microbatches(batch, accum)
+      micro_spec = P(None, *batch_spec)
+      micro_batches = jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
+
+      def body(carry, xs):
+        micro, i = xs
+        g, l, a = grads_of(state.params, micro, jax.random.fold_in(rng, i), scale)
+        return jax.tree.map(jnp.add, carry, (g, l, a)), None
+
+      zeros = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro_batches), rng, scale))
+      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
+      (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
+      grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+
+    grads = jax.tree.map(lambda g: g / scale, grads)
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(state.step), **aux}
+
+    if state.loss_scale is not None:
+      finite = precision.all_finite(grads)
+      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+      new_state = new_state.replace(params=keep_old(params, state.params),
+                                    opt_state=keep_old(opt_state, state.opt_state),
+                                    loss_scale=state.loss_scale.update(finite))
+      out["train/loss_scale"] = state.loss_scale.scale
+      out["train/skipped_steps"] = new_state.loss_scale.skipped
+    return new_state, out
+
+  return train_step
+
+
+# -------------------------------------------------------------------------------------------------- run
+
+class _StopRequest:
+  """Turns SIGTERM (preemption) into a checkpoint at the next step boundary."""
+
+  def __init__(self):
+    self.requested = False
+    try:
+      self._previous = signal.signal(signal.SIGTERM, self._handle)
+    except ValueError:  # not the main thread
+      self._previous = None
+
+  def _handle(self, signum, frame):
+    del signum, frame
+    self.requested = True
+
+  def restore(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_config(config, workdir):
+  if jax.process_index() == 0:
+    os.makedirs(workdir, exist_ok=True)
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains per `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
+  config_lib.validate(config, jax.device_count())
+  _write_config(config, workdir)
+  mesh = parallel.make_mesh(config.mesh)
+  mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
+  logging.info("mesh %s, strategy %s, %d processes", mesh_shape, config.strategy, jax.process_count())
+  task = tasks.build(config)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  init_fn = make_init_fn(task, tx, config)
+  batch_spec = P(("data", "fsdp"))
+  batch_sharding = NamedSharding(mesh, batch_spec)
+
+  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+    abstract, shardings, _ = state_shardings(init_fn, mesh, config)
+    abstract_boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
+    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
+                                  grad_specs(abstract_boxed_params, mesh_shape, config.strategy),
+                                  is_leaf=lambda x: isinstance(x, P))
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
+                                        process_index=jax.process_index(), process_count=jax.process_count()))
+    state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter)
+    start_step = int(jax.device_get(state.step))
+
+    train_step = jax.jit(make_train_step(task, tx, config, grad_shardings, batch_spec),
+                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    ctx = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
+                      jax.process_count())
+    evaluators = task.evaluators(ctx)
+    writer = metrics.MetricWriter(workdir)
+    last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
+                 writer, task)
+    checkpointer.close()
+    writer.close()
+  return last
+
+
+def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter) -> TrainState:
+  latest = checkpointer.latest_step()
+  if latest is not None:
+    logging.info("resuming from %s/%d", checkpointer.directory, latest)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    return checkpointer.restore(latest, target, train_iter)
+  state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
+  if config.init_from:
+    logging.info("initialising params from %s", config.init_from)
+    state = state.replace(params=checkpoint.load_params(config.init_from, state.params, skip=config.init_from_skip))
+  return state
+
+
+def _evaluate(evaluators, params, step) -> dict[str, float]:
+  results = {}
+  for name, evaluate in evaluators.items():
+    t0 = time.perf_counter()
+    for metric, value in evaluate(params).items():
+      results[f"eval/{name}/{metric}"] = value
+    logging.info("step %d eval %s (%.1fs): %s", step, name, time.perf_counter() - t0,
+                 {k: round(v, 4) for k, v in results.items() if k.startswith(f"eval/{name}/")})
+  return results
+
+
+def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer, writer,
+          task) -> dict[str, float]:
+  total = config.total_steps
+  flops_per_example = task.train_flops_per_example()
+  peak = flops.device_peak_flops(config.precision.compute_dtype)
+  progress = metrics.Progress(total, start_step, enabled=config.progress_bar)
+  stop = _StopRequest()
+  last: dict[str, float] = {}
+  window_start, window_steps = time.perf_counter(), 0
+  step = start_step
+  try:
+    while step < total:
+      batch = host_to_global(next(train_iter), batch_sharding)
+      state, step_metrics = train_step(state, batch)
+      step += 1
+      window_steps += 1
+      is_last = step == total
+      if step % config.log_every == 0 or is_last or stop.requested:
+        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+        elapsed = time.perf_counter() - window_start
+        img_per_sec = window_steps * config.global_batch_size / max(elapsed, 1e-9)
+        values["train/img_per_sec"] = img_per_sec
+        if flops_per_example and peak:
+          values["train/mfu"] = img_per_sec * flops_per_example / (peak * jax.device_count())
+        if not math.isfinite(values["train/loss"]) and state.loss_scale is None:
+          raise NonFiniteLossError(
+              f"non-finite loss {values['train/loss']} at step {step}; stopping. The last good checkpoint is "
+              f"{checkpointer.directory}/{checkpointer.latest_step()}; lower config.optim.lr or check the data.")
+        writer.write(step, values)
+        progress.update(step, values["train/loss"], img_per_sec)
+        last.update(values)
+        window_start, window_steps = time.perf_counter(), 0
+      if step % config.checkpoint_every == 0 or is_last or stop.requested:
+        checkpointer.save(step, state, train_iter)
+      if step % config.eval_every == 0 or is_last:
+        results = _evaluate(evaluators, state.params, step)
+        writer.write(step, results)
+        last.update(results)
+        window_start, window_steps = time.perf_counter(), 0
+      if stop.requested:
+        logging.warning("SIGTERM: saved step %d, exiting so the job can be requeued", step)
+        break
+  finally:
+    progress.close()
+    stop.restore()
+    checkpointer.wait()
+  last["step"] = step
+  if jax.process_index() == 0:
+    logging.info("done at step %d: %s", step, json.dumps({k: round(v, 5) for k, v in last.items()}))
+  return last

@@ -1,0 +1,21 @@
+"""The train state: step, fp32 params, optimizer state, and the fp16 loss scale when there is one."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.struct
+import jax
+
+from visionfm_jax.precision import DynamicScale
+
+
+class TrainState(flax.struct.PyTreeNode):
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  loss_scale: DynamicScale | None = None
+
+  @staticmethod
+  def non_param_fields() -> tuple[str, ...]:
+    return ("step", "loss_scale")
