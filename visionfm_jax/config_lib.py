@@ -36,6 +36,7 @@ def base_config() -> ml_collections.ConfigDict:
       drop_path=0.0,
       dropout=0.0,
       layer_norm_eps=1e-6,
+      qkv_bias=True,
       head_bias_init=0.0,
       scan=True,
       remat_policy="nothing_saveable",

@@ -47,18 +47,20 @@ class EncoderBlock(nn.Module):
   dropout: float = 0.0
   qkv_bias: bool = True
   attention: str = "xla"
+  stochastic_depth: bool = False
   deterministic: bool = True
 
   @nn.compact
   def __call__(self, x, drop_rate):
+    skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
     y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-    x = x + layers.drop_path(self, y, drop_rate, self.deterministic)
+    x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
     y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, name="mlp")(y)
-    x = x + layers.drop_path(self, y, drop_rate, self.deterministic)
+    x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     return x, None
 
 
@@ -102,7 +104,8 @@ class ViT(nn.Module):
     run_blocks = layers.stack_blocks(
         EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
-        dropout=self.dropout, qkv_bias=self.qkv_bias, attention=self.attention, deterministic=deterministic)
+        dropout=self.dropout, qkv_bias=self.qkv_bias, attention=self.attention, stochastic_depth=self.drop_path > 0,
+        deterministic=deterministic)
     x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
@@ -120,7 +123,7 @@ def build(model_cfg, dtype) -> ViT:
   fields = {f.name for f in dataclasses.fields(ViT)}
   kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 pool=model_cfg.pool, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
-                layer_norm_eps=model_cfg.layer_norm_eps, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
+                layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
   assert set(kwargs) <= fields
   return ViT(**kwargs)

@@ -1,0 +1,87 @@
+"""Reads a directory written by transformers' `save_pretrained`: config.json and safetensors weights.
+
+Weights are read with safetensors' numpy backend (single file or a sharded index). Pickled PyTorch files
+(`pytorch_model.bin`) are never opened: they can run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import numpy as np
+import safetensors
+from safetensors import safe_open
+
+from visionfm_jax.errors import CheckpointError
+
+WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
+PICKLES = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def read_json(file: str) -> dict[str, Any]:
+  try:
+    with open(file) as f:
+      data = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"{file}: unreadable JSON: {e}") from e
+  if not isinstance(data, dict):
+    raise CheckpointError(f"{file}: expected a JSON object, got {type(data).__name__}")
+  return data
+
+
+def read_config(path: str) -> dict[str, Any]:
+  """The model's config.json as a dict."""
+  if not os.path.isdir(path):
+    raise CheckpointError(f"{path!r}: no such directory (expected one written by transformers' save_pretrained)")
+  file = os.path.join(path, "config.json")
+  if not os.path.exists(file):
+    raise CheckpointError(f"{path!r}: no config.json (expected a directory written by transformers' save_pretrained)")
+  return read_json(file)
+
+
+def weight_files(path: str) -> list[str]:
+  """The safetensors files of `path`: model.safetensors, or the shards its index names."""
+  single, index = os.path.join(path, WEIGHTS), os.path.join(path, INDEX)
+  if os.path.exists(single):
+    return [single]
+  if os.path.exists(index):
+    weight_map = read_json(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+      raise CheckpointError(f"{index}: no 'weight_map'")
+    return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
+  pickles = [f for f in PICKLES if os.path.exists(os.path.join(path, f))]
+  hint = (f" (found {', '.join(pickles)}: pickled weights are never loaded; re-save them with "
+          f"`save_pretrained(dir, safe_serialization=True)`)") if pickles else ""
+  raise CheckpointError(f"{path!r}: no {WEIGHTS} or {INDEX}{hint}")
+
+
+def _read_file(file: str) -> dict[str, np.ndarray]:
+  if not os.path.exists(file):
+    raise CheckpointError(f"{file}: missing weight shard")
+  try:
+    with safe_open(file, framework="numpy") as f:
+      keys = list(f.keys())
+      bf16 = [k for k in keys if f.get_slice(k).get_dtype() == "BF16"]
+      out = {k: f.get_tensor(k) for k in keys if k not in bf16}
+    if bf16:
+      # numpy has no bfloat16: read those through jax and widen them to float32 (exact).
+      with safe_open(file, framework="flax") as f:
+        out.update({k: np.asarray(f.get_tensor(k), np.float32) for k in bf16})
+  except safetensors.SafetensorError as e:
+    raise CheckpointError(f"{file}: unreadable safetensors file: {e}") from e
+  return out
+
+
+def read_tensors(path: str) -> dict[str, np.ndarray]:
+  """Every tensor of the directory's safetensors file(s), by name."""
+  tensors: dict[str, np.ndarray] = {}
+  for file in weight_files(path):
+    part = _read_file(file)
+    repeated = sorted(set(part) & set(tensors))
+    if repeated:
+      raise CheckpointError(f"{file}: tensors also found in another shard: {', '.join(repeated[:8])}")
+    tensors.update(part)
+  return tensors

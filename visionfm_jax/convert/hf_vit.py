@@ -1,0 +1,141 @@
+"""Hugging Face `ViTModel` / `ViTForImageClassification` weights -> our `vit.ViT` params.
+
+Mapping (HF Linear weights are (out, in); ours are (in, out) kernels):
+  embeddings.patch_embeddings.projection  conv (O, I, kh, kw) -> patch_embed kernel (kh, kw, I, O)
+  embeddings.cls_token / position_embeddings -> cls_token / pos_embed
+  encoder.layer.i.attention.attention.{query,key,value} -> blocks_i/attn/qkv: kernel (embed, 3, heads, head_dim),
+      bias (3, heads, head_dim); HF output features are head-major (feature = head * head_dim + d)
+  encoder.layer.i.attention.output.dense -> blocks_i/attn/out: kernel (heads, head_dim, embed)
+  encoder.layer.i.intermediate.dense / output.dense -> blocks_i/mlp/fc1 / fc2
+  encoder.layer.i.layernorm_before / layernorm_after / layernorm -> norm1 / norm2 / norm: ln/{scale, bias}
+  classifier -> head
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from visionfm_jax.convert import hf_files, hf_vit_config as hfc
+from visionfm_jax.convert.layout import stack_layers
+from visionfm_jax.errors import CheckpointError
+from visionfm_jax.models import vit
+from visionfm_jax.optim import path_str
+
+
+def _show(names: list[str], limit: int = 10) -> str:
+  return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "") or "none"
+
+
+def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
+                  ignorable: set[str]) -> None:
+  """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors."""
+  missing = sorted(set(expected) - set(tensors))
+  unexpected = sorted(set(tensors) - set(expected) - ignorable)
+  mismatched = sorted(f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in expected.items()
+                      if k in tensors and tuple(tensors[k].shape) != shape)
+  if missing or unexpected or mismatched:
+    raise CheckpointError(
+        f"{path}: weights do not match the ViT its config.json describes: missing {_show(missing)}; "
+        f"unexpected {_show(unexpected)}; shape mismatch {_show(mismatched)}")
+
+
+class _Reader:
+  """Hands out tensors as float32 by name and remembers which were taken."""
+
+  def __init__(self, tensors: dict[str, np.ndarray], prefix: str, taken: set[str]):
+    self._tensors, self._prefix, self.taken = tensors, prefix, taken
+
+  def __call__(self, name: str) -> np.ndarray:
+    key = self._prefix + name
+    self.taken.add(key)
+    return np.asarray(self._tensors[key], np.float32)
+
+  def dense(self, name: str) -> dict[str, np.ndarray]:
+    return {"kernel": self(f"{name}.weight").T, "bias": self(f"{name}.bias")}
+
+  def norm(self, name: str) -> dict[str, Any]:
+    return {"ln": {"scale": self(f"{name}.weight"), "bias": self(f"{name}.bias")}}
+
+
+def _attention(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
+  names = ("query", "key", "value")
+  weights = [read(f"{pre}attention.attention.{n}.weight") for n in names]
+  width = weights[0].shape[1]
+  qkv = {"kernel": np.stack([w.T.reshape(width, heads, -1) for w in weights], axis=1)}
+  if qkv_bias:
+    qkv["bias"] = np.stack([read(f"{pre}attention.attention.{n}.bias").reshape(heads, -1) for n in names])
+  out = read.dense(f"{pre}attention.output.dense")
+  out["kernel"] = out["kernel"].reshape(heads, -1, width)
+  return {"qkv": qkv, "out": out}
+
+
+def _block(read: _Reader, i: int, kw: dict[str, Any]) -> dict[str, Any]:
+  pre = f"encoder.layer.{i}."
+  return {"norm1": read.norm(f"{pre}layernorm_before"),
+          "attn": _attention(read, pre, kw["num_heads"], kw["qkv_bias"]),
+          "norm2": read.norm(f"{pre}layernorm_after"),
+          "mlp": {"fc1": read.dense(f"{pre}intermediate.dense"), "fc2": read.dense(f"{pre}output.dense")}}
+
+
+def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str) -> tuple[dict[str, Any], set[str]]:
+  """Unrolled numpy params of `vit.ViT(**kw)` and the set of HF tensor names consumed."""
+  taken: set[str] = set()
+  read = _Reader(tensors, hfc.prefix(arch), taken)
+  conv = "embeddings.patch_embeddings.projection"
+  params = {"patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
+            "cls_token": read("embeddings.cls_token"), "pos_embed": read("embeddings.position_embeddings"),
+            "norm": read.norm("layernorm")}
+  params.update({f"blocks_{i}": _block(read, i, kw) for i in range(kw["depth"])})
+  if kw["num_classes"]:
+    params["head"] = _Reader(tensors, "", taken).dense("classifier")
+  return params, taken
+
+
+def _shapes(tree) -> dict[str, tuple[int, ...]]:
+  return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def _check_model(path: str, model: vit.ViT, params: dict[str, Any]) -> None:
+  """The converted tree must be exactly the one `model.init` makes (names and shapes)."""
+  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  want = _shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"])
+  got = _shapes(params)
+  if want != got:
+    diff = sorted(f"{k}: {got.get(k)} vs model {want.get(k)}"
+                  for k in set(want) | set(got) if want.get(k) != got.get(k))
+    raise CheckpointError(f"{path}: converted params do not fit our ViT: {_show(diff)}")
+
+
+def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[vit.ViT, dict[str, Any]]:
+  """Reads a transformers `save_pretrained` directory of a ViTModel / ViTForImageClassification.
+
+  Returns `(model, variables)`: our `vit.ViT` with the HF sizes, head and LayerNorm eps (`dtype` is its
+  compute dtype; params are float32), and plain `{'params': ...}` for `model.apply(variables, images)` with
+  NHWC images normalised as the HF model expects. `scan` picks the scanned or unrolled block layout.
+  """
+  path = os.fspath(path)
+  cfg = hf_files.read_config(path)
+  tensors = hf_files.read_tensors(path)
+  arch = hfc.architecture(path, cfg, tensors)
+  kw = hfc.model_kwargs(path, cfg, arch)
+  ignorable = {hfc.prefix(arch) + name for name in hfc.IGNORED}
+  check_tensors(path, tensors, hfc.expected_shapes(kw, arch), ignorable)
+  params, taken = convert_params(tensors, kw, arch)
+  leftover = sorted(set(tensors) - taken - ignorable)
+  if leftover:
+    raise CheckpointError(f"{path}: tensors not converted: {_show(leftover)}")
+  ignored = sorted(set(tensors) & ignorable)
+  if ignored:
+    logging.warning("%s: ignoring %s (not part of our ViT: its outputs do not use them)", path, ", ".join(ignored))
+  if scan:
+    params = stack_layers(params, kw["depth"])
+  model = vit.ViT(**kw, dtype=dtype, scan=scan)
+  _check_model(path, model, params)
+  return model, {"params": jax.tree.map(jnp.asarray, params)}

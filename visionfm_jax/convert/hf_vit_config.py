@@ -1,0 +1,117 @@
+"""Hugging Face ViT config.json -> our `vit.ViT` fields, and the tensor names and shapes that config implies.
+
+Supported: `ViTModel` (no prefix, optional pooler) and `ViTForImageClassification` (`vit.` prefix plus
+`classifier.*`). Anything our ViT cannot reproduce exactly is rejected with a CheckpointError.
+"""
+
+from __future__ import annotations
+
+import numbers
+from typing import Any
+
+from visionfm_jax.errors import CheckpointError
+
+BACKBONE, CLASSIFIER = "ViTModel", "ViTForImageClassification"
+
+# transformers' ViTConfig defaults, for fields a hand-written config.json leaves out.
+DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
+                hidden_act="gelu", layer_norm_eps=1e-12, image_size=224, patch_size=16, num_channels=3,
+                qkv_bias=True, model_type="vit")
+
+# Tensors (after the prefix) that do not feed our ViT's outputs: the ViTModel pooler (dense + tanh on the
+# class token) and the masked-image-modelling mask token.
+IGNORED = ("pooler.dense.weight", "pooler.dense.bias", "embeddings.mask_token")
+
+
+def _field(cfg: dict[str, Any], key: str):
+  return cfg.get(key, DEFAULTS[key])
+
+
+def _bad(path: str, message: str) -> CheckpointError:
+  return CheckpointError(f"{path}/config.json: {message}")
+
+
+def _positive_int(path: str, cfg: dict[str, Any], key: str) -> int:
+  value = _field(cfg, key)
+  if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
+    value = value[0]  # a square (h, w) size
+  if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+    raise _bad(path, f"{key}={value!r}: expected a positive integer (square sizes only)")
+  return value
+
+
+def architecture(path: str, cfg: dict[str, Any], keys) -> str:
+  """BACKBONE or CLASSIFIER, from the tensor names, checked against config.json's `architectures`."""
+  if _field(cfg, "model_type") != "vit":
+    raise _bad(path, f"model_type={cfg.get('model_type')!r}: only 'vit' (transformers ViT) is supported")
+  from_keys = CLASSIFIER if any(k.startswith("vit.") for k in keys) or "classifier.weight" in keys else BACKBONE
+  archs = cfg.get("architectures") or []
+  unsupported = [a for a in archs if a not in (BACKBONE, CLASSIFIER)]
+  if unsupported or len(archs) > 1:
+    raise _bad(path, f"architectures={archs}: supported are [{BACKBONE!r}] and [{CLASSIFIER!r}]")
+  if archs and archs[0] != from_keys:
+    raise _bad(path, f"architectures={archs} but the tensor names look like {from_keys} "
+                     f"({'with' if from_keys == CLASSIFIER else 'without'} the 'vit.' prefix)")
+  return from_keys
+
+
+def num_labels(cfg: dict[str, Any]) -> int:
+  if isinstance(cfg.get("id2label"), dict):
+    return len(cfg["id2label"])
+  return int(cfg.get("num_labels", 2))
+
+
+def model_kwargs(path: str, cfg: dict[str, Any], arch: str) -> dict[str, Any]:
+  """Keyword arguments of `vit.ViT` (sizes, head, eps, qkv bias) that reproduce the HF model."""
+  if _field(cfg, "hidden_act") != "gelu":
+    raise _bad(path, f"hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact, erf) is supported")
+  if _field(cfg, "num_channels") != 3:
+    raise _bad(path, f"num_channels={cfg['num_channels']!r}: only 3 (RGB) is supported")
+  sizes = {k: _positive_int(path, cfg, k) for k in
+           ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size")}
+  if sizes["hidden_size"] % sizes["num_attention_heads"]:
+    raise _bad(path, f"hidden_size={sizes['hidden_size']} is not divisible by "
+                     f"num_attention_heads={sizes['num_attention_heads']}")
+  if sizes["image_size"] % sizes["patch_size"]:
+    raise _bad(path, f"image_size={sizes['image_size']} is not divisible by patch_size={sizes['patch_size']}")
+  eps, qkv_bias = _field(cfg, "layer_norm_eps"), _field(cfg, "qkv_bias")
+  if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps <= 0:
+    raise _bad(path, f"layer_norm_eps={eps!r}: expected a positive number")
+  if not isinstance(qkv_bias, bool):
+    raise _bad(path, f"qkv_bias={qkv_bias!r}: expected true or false")
+  return dict(width=sizes["hidden_size"], depth=sizes["num_hidden_layers"], mlp_dim=sizes["intermediate_size"],
+              num_heads=sizes["num_attention_heads"], patch_size=sizes["patch_size"], image_size=sizes["image_size"],
+              num_classes=num_labels(cfg) if arch == CLASSIFIER else 0, layer_norm_eps=float(eps),
+              qkv_bias=qkv_bias, pool="cls")
+
+
+def _layer_shapes(pre: str, width: int, mlp: int, qkv_bias: bool) -> dict[str, tuple[int, ...]]:
+  shapes = {f"{pre}attention.attention.{n}.weight": (width, width) for n in ("query", "key", "value")}
+  if qkv_bias:
+    shapes.update({f"{pre}attention.attention.{n}.bias": (width,) for n in ("query", "key", "value")})
+  shapes.update({
+      f"{pre}attention.output.dense.weight": (width, width), f"{pre}attention.output.dense.bias": (width,),
+      f"{pre}intermediate.dense.weight": (mlp, width), f"{pre}intermediate.dense.bias": (mlp,),
+      f"{pre}output.dense.weight": (width, mlp), f"{pre}output.dense.bias": (width,)})
+  for norm in ("layernorm_before", "layernorm_after"):
+    shapes.update({f"{pre}{norm}.weight": (width,), f"{pre}{norm}.bias": (width,)})
+  return shapes
+
+
+def prefix(arch: str) -> str:
+  return "vit." if arch == CLASSIFIER else ""
+
+
+def expected_shapes(kw: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]:
+  """Every tensor name the HF model of `kw` stores (ignored ones aside), with its shape."""
+  p, width, patch = prefix(arch), kw["width"], kw["patch_size"]
+  tokens = 1 + (kw["image_size"] // patch) ** 2
+  shapes = {f"{p}embeddings.cls_token": (1, 1, width), f"{p}embeddings.position_embeddings": (1, tokens, width),
+            f"{p}embeddings.patch_embeddings.projection.weight": (width, 3, patch, patch),
+            f"{p}embeddings.patch_embeddings.projection.bias": (width,),
+            f"{p}layernorm.weight": (width,), f"{p}layernorm.bias": (width,)}
+  for i in range(kw["depth"]):
+    shapes.update(_layer_shapes(f"{p}encoder.layer.{i}.", width, kw["mlp_dim"], kw["qkv_bias"]))
+  if kw["num_classes"]:
+    shapes.update({"classifier.weight": (kw["num_classes"], width), "classifier.bias": (kw["num_classes"],)})
+  return shapes

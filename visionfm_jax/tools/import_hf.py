@@ -1,0 +1,111 @@
+r"""Converts a Hugging Face ViT into an `init_from` directory.
+
+  python -m visionfm_jax.tools.import_hf --src=HF_DIR --out=OUT_DIR [--scan=false]
+
+HF_DIR is what transformers' `save_pretrained` writes for a `ViTModel` or `ViTForImageClassification`
+(config.json + model.safetensors). Writes `OUT_DIR/params` (Orbax) and `OUT_DIR/model.json`, then prints the
+`--config...` overrides that build the matching model. `--scan` must match `config.model.scan` (the layout of
+the blocks). Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from absl import app, flags, logging
+
+from visionfm_jax import checkpoint
+from visionfm_jax.convert import from_hf, hf_files
+from visionfm_jax.errors import UserError
+from visionfm_jax.models import vit
+
+_SRC = flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.")
+_OUT = flags.DEFINE_string("out", None, "Output directory for params + model.json.")
+_SCAN = flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.scan=True) or unrolled.")
+flags.mark_flags_as_required(["src", "out"])
+
+
+def variant(model: vit.ViT) -> str | None:
+  """'B/16'-style name when the sizes are one of `vit.SIZES`, else None."""
+  dims = (model.width, model.depth, model.mlp_dim, model.num_heads)
+  names = [size for size, sizes in vit.SIZES.items() if sizes == dims]
+  return f"{names[0]}/{model.patch_size}" if names else None
+
+
+def metadata(model: vit.ViT, src: str) -> dict[str, Any]:
+  """What a config needs to build `model`, plus the HF image normalisation when the directory has it."""
+  meta = dict(name="vit", variant=variant(model), description=describe(model), width=model.width,
+              depth=model.depth, mlp_dim=model.mlp_dim, heads=model.num_heads, patch=model.patch_size,
+              image_size=model.image_size, num_classes=model.num_classes, layer_norm_eps=model.layer_norm_eps,
+              qkv_bias=model.qkv_bias, pool=model.pool, scan=model.scan, source=os.path.abspath(src))
+  meta.update(normalisation(src))
+  return meta
+
+
+def describe(model: vit.ViT) -> str:
+  return (f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
+          f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes")
+
+
+def normalisation(src: str) -> dict[str, list[float]]:
+  """image_mean / image_std of the HF image processor (preprocessor_config.json), if present."""
+  file = os.path.join(src, "preprocessor_config.json")
+  if not os.path.exists(file):
+    return {}
+  cfg = hf_files.read_json(file)
+  if not cfg.get("do_normalize", True) or "image_mean" not in cfg or "image_std" not in cfg:
+    return {}
+  return {"mean": [float(x) for x in cfg["image_mean"]], "std": [float(x) for x in cfg["image_std"]]}
+
+
+def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
+  """`--config...` flags that build the converted model, and notes on what they cannot express."""
+  flags_, notes = ["--config.model.name=vit"], []
+  if meta["variant"]:
+    flags_.append(f"--config.model.variant={meta['variant']}")
+  else:
+    notes.append(f"no named ViT size matches ({meta['description']}): config.model.variant cannot express it")
+  flags_ += [f"--config.model.image_size={meta['image_size']}", f"--config.data.image_size={meta['image_size']}",
+             f"--config.model.layer_norm_eps={meta['layer_norm_eps']!r}", f"--config.model.pool={meta['pool']}",
+             f"--config.model.scan={meta['scan']}"]
+  if meta["num_classes"]:
+    flags_.append(f"--config.model.num_classes={meta['num_classes']}")
+  else:
+    flags_.append("--config.init_from_skip=head")
+    notes.append("the checkpoint has no head: also set --config.model.num_classes to your number of classes")
+  if "mean" in meta:
+    flags_ += [f"--config.data.mean=\"{tuple(meta['mean'])}\"", f"--config.data.std=\"{tuple(meta['std'])}\""]
+  flags_.append(f"--config.init_from={os.path.abspath(out)}")
+  if not meta["qkv_bias"]:
+    flags_.append("--config.model.qkv_bias=False")
+  return flags_, notes
+
+
+def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
+  """Converts `src` into `out`; returns the metadata written to `out/model.json`."""
+  model, variables = from_hf(src, scan=scan)
+  meta = metadata(model, src)
+  checkpoint.save_params(out, variables["params"], meta)
+  return meta
+
+
+def main(argv):
+  del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
+  try:
+    meta = convert(_SRC.value, _OUT.value, _SCAN.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  flags_, notes = overrides(meta, _OUT.value)
+  print(f"wrote {_OUT.value}: {meta['description']}")
+  print(" ".join(flags_))
+  for note in notes:
+    print(f"note: {note}")
+
+
+if __name__ == "__main__":
+  app.run(main)
