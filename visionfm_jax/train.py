@@ -162,6 +162,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d processes", mesh_shape, config.strategy, jax.process_count())
   task = tasks.build(config)
+  # Open the data first: a missing dataset fails in seconds, before any state is built.
+  train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
+                                      process_index=jax.process_index(), process_count=jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = make_init_fn(task, tx, config)
   batch_spec = P(("data", "fsdp"))
@@ -174,8 +177,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                   grad_specs(abstract_boxed_params, mesh_shape, config.strategy),
                                   is_leaf=lambda x: isinstance(x, P))
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
-                                        process_index=jax.process_index(), process_count=jax.process_count()))
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter)
     start_step = int(jax.device_get(state.step))
 

@@ -1,0 +1,108 @@
+"""The training loop end to end: metrics and checkpoints on disk, exact resume after a kill, clear errors."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, tiny_vit_config
+from visionfm_jax import train
+from visionfm_jax.errors import ConfigError
+
+TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
+              "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
+              "--config.data.eval_examples=64", "--config.progress_bar=False"]
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _main(workdir, *flags, devices=8):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+  return subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True)
+
+
+def test_run_writes_metrics_checkpoints_and_config(tmp_path):
+  config = tiny_vit_config(total_steps=6, log_every=2, eval_every=3, checkpoint_every=3, strategy="zero3")
+  config.data.num_workers = 0
+  config.data.eval_examples = 40
+  last = train.run(config, str(tmp_path))
+  rows = _read_metrics(tmp_path)
+  train_rows = [r for r in rows if "train/loss" in r]
+  assert [r["step"] for r in train_rows] == [2, 4, 6]
+  for key in ("train/loss", "train/lr", "train/grad_norm", "train/img_per_sec", "train/top1"):
+    assert key in train_rows[-1]
+  eval_rows = [r for r in rows if "eval/val/top1" in r]
+  assert [r["step"] for r in eval_rows] == [3, 6]
+  assert 0.0 <= last["eval/val/top1"] <= 1.0
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
+  assert json.loads((tmp_path / "config.json").read_text())["strategy"] == "zero3"
+  assert os.listdir(tmp_path / "tensorboard")
+  # Rerunning a finished run resumes at the end and trains nothing more.
+  again = train.run(config, str(tmp_path))
+  assert again["step"] == 6
+  assert len(_read_metrics(tmp_path)) == len(rows)
+
+
+def test_killed_run_resumes_to_the_same_result(tmp_path):
+  flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=4",
+           "--config.data.num_workers=1", "--config.strategy=zero3"]
+  reference = _main(tmp_path / "ref", *flags)
+  out, _ = reference.communicate(timeout=600)
+  assert reference.returncode == 0, out
+
+  killed = _main(tmp_path / "run", *flags)
+  first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
+  deadline = time.monotonic() + 600
+  while not first_checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert first_checkpoint.exists(), killed.communicate()[0]
+  os.killpg(killed.pid, signal.SIGKILL)  # the trainer and its data workers, mid-run
+  killed.wait()
+
+  resumed = _main(tmp_path / "run", *flags)
+  out, _ = resumed.communicate(timeout=600)
+  assert resumed.returncode == 0, out
+  assert "resuming from" in out
+
+  def final(workdir):
+    rows = _read_metrics(workdir)
+    last_train = [r for r in rows if r["step"] == 12 and "train/loss" in r][-1]
+    last_eval = [r for r in rows if r["step"] == 12 and "eval/val/top1" in r][-1]
+    return last_train["train/loss"], last_train["train/grad_norm"], last_eval["eval/val/top1"]
+
+  assert final(tmp_path / "run") == final(tmp_path / "ref")
+
+
+def test_bad_configs_name_the_field(tmp_path):
+  with pytest.raises(ConfigError, match="global_batch_size"):
+    train.run(tiny_vit_config(global_batch_size=12), str(tmp_path))  # 12 does not divide over 8 devices
+  with pytest.raises(ConfigError, match="config.mesh"):
+    train.run(tiny_vit_config(**{"mesh.fsdp": 3}), str(tmp_path))
+  with pytest.raises(ConfigError, match="config.strategy"):
+    train.run(tiny_vit_config(strategy="zero4"), str(tmp_path))
+
+
+def test_cli_rejects_unknown_keys_and_missing_data(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  unknown = subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/vit_huge.py",
+                            f"--workdir={tmp_path}/a", "--config.optim.lrr=1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert unknown.returncode != 0 and "lrr" in unknown.stderr
+  start = time.monotonic()
+  missing = subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/vit_huge.py",
+                            f"--workdir={tmp_path}/b", "--config.mesh.fsdp=-1"], cwd=ROOT, env=env,
+                           capture_output=True, text=True, timeout=120)
+  assert missing.returncode == 2, missing.stderr
+  assert "imagenet21k" in missing.stderr and str(tmp_path / "tfds") in missing.stderr
+  assert "BUILD.md" in missing.stderr
+  assert "Traceback" not in missing.stderr
+  assert time.monotonic() - start < 60
