@@ -1,0 +1,110 @@
+"""The ViT family: sizes, logical axis names, scan/remat equivalence, stochastic depth, dtype policy."""
+
+import subprocess
+import sys
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import ROOT
+from visionfm_jax.convert import stack_layers, unstack_layers
+from visionfm_jax.models import vit
+
+
+def _count(model, size):
+  shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, size, size, 3)), train=False))
+  return sum(int(np.prod(x.shape)) for x in jax.tree.leaves(nn.unbox(shapes)))
+
+
+def test_vit_h14_parameter_counts():
+  spec = vit.parse_variant("H/14")
+  assert _count(vit.ViT(**spec), 224) == 630_764_800
+  assert _count(vit.ViT(**spec, num_classes=21841), 224) == 658_743_121
+
+
+@pytest.mark.parametrize("size", ["Ti", "S", "B", "L", "H", "g", "G"])
+def test_block_parameter_formula(size):
+  spec = vit.parse_variant(f"{size}/16")
+  d, m = spec["width"], spec["mlp_dim"]
+  with_blocks = _count(vit.ViT(**spec), 32)
+  spec["depth"] = 0
+  per_block = (with_blocks - _count(vit.ViT(**spec, scan=False), 32)) // vit.SIZES[size][1]
+  assert per_block == 4 * d * d + 2 * d * m + 9 * d + m  # = 12D^2 + 13D when m = 4D
+
+
+def test_every_param_has_logical_axis_names():
+  model = vit.ViT(**vit.parse_variant("pico/4"), num_classes=3)
+  boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3))))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+  assert boxed["params"]["blocks"]["mlp"]["fc1"]["kernel"].names == ("layers", "embed", "mlp")
+
+
+def test_bad_variant_names_the_problem():
+  with pytest.raises(ValueError, match="'X/16'"):
+    vit.parse_variant("X/16")
+
+
+def _images(n=2, size=16):
+  return jax.random.normal(jax.random.key(1), (n, size, size, 3))
+
+
+@pytest.mark.parametrize("policy", ["none", "nothing_saveable", "dots_saveable"])
+def test_scanned_and_unrolled_blocks_agree(policy):
+  kwargs = dict(vit.parse_variant("pico/4"), num_classes=5, remat_policy=policy)
+  scanned = vit.ViT(**kwargs, scan=True)
+  unrolled = vit.ViT(**kwargs, scan=False)
+  params = nn.unbox(scanned.init(jax.random.key(0), _images()))["params"]
+  flat = unstack_layers(params, 2)
+  out_scan = scanned.apply({"params": params}, _images())
+  out_unrolled = unrolled.apply({"params": flat}, _images())
+  chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
+  chex.assert_trees_all_equal(stack_layers(flat, 2), params)
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
+  g_scan = jax.grad(lambda p: loss(scanned, p))(params)
+  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(flat)
+  chex.assert_trees_all_close(unstack_layers(g_scan, 2), g_unrolled, atol=1e-4, rtol=1e-4)
+
+
+def test_stochastic_depth_is_random_in_training_and_off_in_eval():
+  model = vit.ViT(**vit.parse_variant("pico/4"), drop_path=0.5)
+  variables = model.init(jax.random.key(0), _images())
+  a = model.apply(variables, _images(8), train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
+  b = model.apply(variables, _images(8), train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
+  assert not np.allclose(a, b)
+  e1 = model.apply(variables, _images(8))["tokens"]
+  e2 = vit.ViT(**vit.parse_variant("pico/4")).apply(variables, _images(8))["tokens"]
+  chex.assert_trees_all_close(e1, e2)
+  np.testing.assert_allclose(vit.layers.stochastic_depth_rates(0.2, 5), [0.0, 0.05, 0.1, 0.15, 0.2], atol=1e-7)
+
+
+def test_bf16_compute_keeps_fp32_params_and_norms():
+  model = vit.ViT(**vit.parse_variant("pico/4"), num_classes=3, dtype=jnp.bfloat16)
+  variables = nn.unbox(model.init(jax.random.key(0), _images()))
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(variables))
+  out = model.apply(variables, _images())
+  assert out["tokens"].dtype == jnp.float32 and out["logits"].dtype == jnp.float32
+  ref = vit.ViT(**vit.parse_variant("pico/4"), num_classes=3).apply(variables, _images())
+  np.testing.assert_allclose(out["tokens"], ref["tokens"], atol=0.1)
+
+
+def test_summary_tool_full_size_config():
+  run = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.summary", "--config=configs/vit_huge.py",
+                        "--devices=8", "--strategy=zero3"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert run.returncode == 0, run.stderr
+  values = dict(line.split("=", 1) for line in run.stdout.splitlines() if line.startswith(("total_", "state_")))
+  assert int(values["total_params"]) == 658_743_121
+  per_device, total = int(values["state_bytes_per_device"]), int(values["state_bytes_total"])
+  assert abs(per_device - total / 8) / (total / 8) < 0.02
+  assert "blocks" in run.stdout and "head" in run.stdout
+  # ddp keeps everything on every device.
+  run = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.summary", "--config=configs/vit_huge.py",
+                        "--devices=8", "--strategy=ddp"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  values = dict(line.split("=", 1) for line in run.stdout.splitlines() if line.startswith(("total_", "state_")))
+  assert int(values["state_bytes_per_device"]) == int(values["state_bytes_total"])
