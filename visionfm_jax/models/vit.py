@@ -19,7 +19,7 @@ from visionfm_jax.models.layers import BATCH, CLASSES, EMBED, LENGTH, ACT_EMBED
 # name: (width, depth, mlp_dim, heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
     "pico": (32, 2, 64, 2),  # unit tests
-    "mu": (128, 6, 512, 4),  # CPU demos
+    "mu": (96, 4, 384, 3),  # CPU demos
     "Ti": (192, 12, 768, 3),
     "S": (384, 12, 1536, 6),
     "B": (768, 12, 3072, 12),

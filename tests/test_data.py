@@ -1,0 +1,321 @@
+"""Tests of visionfm_jax.data: the shapes set, transforms, sources and the grain pipelines (CPU, host-only)."""
+
+import hashlib
+import io
+import sys
+import time
+
+import grain
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+from PIL import Image
+
+from visionfm_jax import config_lib
+from visionfm_jax.data import pipeline, shapes, sources, transforms
+from visionfm_jax.errors import DataError
+
+
+def data_config(**overrides):
+  cfg = config_lib.base_config().data
+  cfg.image_size = 32
+  cfg.num_workers = 0
+  cfg.shapes_train_size = 512
+  cfg.shapes_eval_size = 64
+  cfg.augment.crop_scale = (0.6, 1.0)
+  for key, value in overrides.items():
+    setattr(cfg, key, value)
+  return cfg
+
+
+class RangeSource:
+  """Record i is a 4x4 image whose label is i: shows which records a pipeline read."""
+
+  def __init__(self, n):
+    self.n = n
+
+  def __len__(self):
+    return self.n
+
+  def __getitem__(self, index):
+    return {"image": np.full((4, 4, 3), index % 256, np.uint8), "label": int(index)}
+
+  def __repr__(self):
+    return f"RangeSource({self.n})"
+
+
+def digest(image):
+  return hashlib.sha1(image.tobytes()).hexdigest()
+
+
+# --- shapes ---------------------------------------------------------------------------------------------
+
+def test_shapes_deterministic_per_index():
+  a, b = shapes.ShapesSource("train", 100, 48), shapes.ShapesSource("train", 100, 48)
+  for i in (0, 7, 99):
+    ra, rb = a[i], b[np.int64(i)]
+    np.testing.assert_array_equal(ra["image"], rb["image"])
+    np.testing.assert_array_equal(ra["box"], rb["box"])
+    assert (ra["label"], ra["colour"], ra["caption"]) == (rb["label"], rb["colour"], rb["caption"])
+  assert digest(a[0]["image"]) != digest(a[1]["image"])
+  assert digest(a[0]["image"]) != digest(shapes.ShapesSource("train", 100, 48, seed=1)[0]["image"])
+
+
+def test_shapes_splits_disjoint():
+  train, val = shapes.ShapesSource("train", 300, 32), shapes.ShapesSource("validation", 300, 32)
+  train_digests = {digest(train[i]["image"]) for i in range(300)}
+  assert not train_digests & {digest(val[i]["image"]) for i in range(300)}
+
+
+def test_shapes_record_contents():
+  src = shapes.ShapesSource("train", 400, 64)
+  labels, colours = set(), set()
+  for i in range(400):
+    r = src[i]
+    assert r["image"].shape == (64, 64, 3) and r["image"].dtype == np.uint8
+    assert 0 <= r["label"] < len(shapes.SHAPE_NAMES) == 8
+    assert 0 <= r["colour"] < len(shapes.COLOUR_NAMES)
+    assert shapes.SHAPE_NAMES[r["label"]] in r["caption"] and shapes.COLOUR_NAMES[r["colour"]] in r["caption"]
+    ymin, xmin, ymax, xmax = r["box"]
+    assert r["box"].dtype == np.float32 and 0 <= ymin < ymax <= 1 and 0 <= xmin < xmax <= 1
+    labels.add(r["label"])
+    colours.add(r["colour"])
+  assert labels == set(range(8)) and colours == set(range(len(shapes.COLOUR_NAMES)))
+  with pytest.raises(IndexError):
+    src[400]
+
+
+def test_shapes_box_holds_the_shape():
+  src = shapes.ShapesSource("validation", 50, 64)
+  for i in range(50):
+    r = src[i]
+    colour = np.array(shapes.COLOURS[r["colour"]], np.float32)
+    close = np.abs(r["image"].astype(np.float32) - colour).max(-1) <= 2 * shapes.COLOUR_JITTER
+    ymin, xmin, ymax, xmax = np.round(r["box"] * 64).astype(int)
+    inside = close[ymin:ymax, xmin:xmax].sum()
+    assert inside > 0.3 * (ymax - ymin) * (xmax - xmin)
+    assert close.sum() - inside <= 0.02 * 64 * 64  # a few background pixels may match by chance
+
+
+def test_shapes_render_speed_sanity():
+  src = shapes.ShapesSource("train", 1000, 64)
+  start = time.perf_counter()
+  for i in range(200):
+    src[i]
+  assert (time.perf_counter() - start) / 200 < 0.01  # the target is < 0.3 ms; this only catches disasters
+
+
+# --- transforms -----------------------------------------------------------------------------------------
+
+def test_random_resized_crop_shape_and_window():
+  rng = np.random.default_rng(0)
+  image = np.random.default_rng(1).integers(0, 256, (50, 80, 3), dtype=np.uint8)
+  out = transforms.RandomResizedCrop(32, (0.08, 1.0)).random_map({"image": image, "label": 1}, rng)
+  assert out["image"].shape == (32, 32, 3) and out["image"].dtype == np.uint8 and out["label"] == 1
+  for _ in range(200):
+    top, left, h, w = transforms.crop_window(50, 80, rng, (0.3, 0.9), (3 / 4, 4 / 3))
+    assert 0 <= top <= 50 - h and 0 <= left <= 80 - w
+    assert 0.25 <= h * w / 4000 <= 0.95 and 0.7 <= w / h <= 1.4
+  # No crop of >= 90% area fits a 3/4..4/3 aspect in a 10x100 strip: the central fallback.
+  assert transforms.crop_window(10, 100, rng, (0.9, 1.0)) == (0, 43, 10, 13)
+
+
+def test_flip_flips():
+  image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
+  flipped = kept = 0
+  for seed in range(20):
+    out = transforms.RandomFlip().random_map({"image": image}, np.random.default_rng(seed))["image"]
+    if np.array_equal(out, image[:, ::-1]):
+      flipped += 1
+    else:
+      np.testing.assert_array_equal(out, image)
+      kept += 1
+  assert flipped and kept
+
+
+def test_color_jitter():
+  image = np.random.default_rng(0).integers(0, 256, (16, 16, 3), dtype=np.uint8)
+  element = {"image": image, "label": 0}
+  assert transforms.ColorJitter(0.0).random_map(element, np.random.default_rng(0)) is element
+  out = transforms.ColorJitter(0.4).random_map(element, np.random.default_rng(0))["image"]
+  assert out.shape == image.shape and out.dtype == np.uint8 and not np.array_equal(out, image)
+  planes = image.transpose(2, 0, 1).astype(np.float32)
+  np.testing.assert_allclose(transforms.adjust_brightness(planes, 1.0), planes)
+  grey = transforms.adjust_saturation(planes, 0.0)
+  np.testing.assert_allclose(grey[0], grey[2], atol=1e-3)
+  flat = transforms.adjust_contrast(planes, 0.0)
+  np.testing.assert_allclose(flat, flat.mean(), atol=1e-3)
+
+
+def test_eval_transform_central_crop():
+  same = np.zeros((32, 32, 3), np.uint8)
+  assert transforms.EvalTransform(32).map({"image": same})["image"] is same
+  # 64x128 at size 32: shorter side to 37, so the crop is the central 55.4 px square, columns 36.3..91.7.
+  wide = np.zeros((64, 128, 3), np.uint8)
+  wide[:, 30:98] = 255
+  out = transforms.EvalTransform(32).map({"image": wide})["image"]
+  assert out.shape == (32, 32, 3) and (out == 255).all()
+  wide[:, 30:98], wide[:, 44:84] = 0, 255
+  out = transforms.EvalTransform(32).map({"image": wide})["image"]
+  assert out[:, 0].max() == 0 and out[:, 16].min() == 255
+
+
+def encode(image, fmt):
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt)
+  return buf.getvalue()
+
+
+def test_decode():
+  image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
+  np.testing.assert_array_equal(transforms.Decode().map({"image": encode(image, "PNG")})["image"], image)
+  grey = transforms.Decode().map({"image": encode(image[:, :, 0], "PNG")})["image"]
+  assert grey.shape == (20, 30, 3)
+  big = np.zeros((300, 400, 3), np.uint8)
+  assert transforms.Decode().map({"image": encode(big, "JPEG")})["image"].shape == (300, 400, 3)
+  assert transforms.Decode(100).map({"image": encode(big, "JPEG")})["image"].shape == (150, 200, 3)
+  assert transforms.Decode().map({"image": image})["image"] is image
+  failures = transforms.decode_failures()
+  bad = transforms.Decode().map({"image": b"not an image", "label": 3})
+  assert bad["image"] is None and transforms.decode_failures() == failures + 1
+  assert not transforms.DropUndecodable().filter(bad)
+
+
+# --- pipelines ------------------------------------------------------------------------------------------
+
+def test_train_loader_batches():
+  cfg = data_config()
+  cfg.augment.color_jitter = 0.3
+  it = iter(pipeline.make_train_loader(cfg, batch_size=16, seed=3, process_index=0, process_count=1))
+  batch = next(it)
+  assert set(batch) == {"image", "label"}
+  assert batch["image"].shape == (16, 32, 32, 3) and batch["image"].dtype == np.uint8
+  assert batch["label"].shape == (16,) and batch["label"].dtype == np.int32
+  assert batch["label"].min() >= 0 and batch["label"].max() < 8
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_train_iterator_resumes_bitwise(tmp_path, workers):
+  cfg = data_config(num_workers=workers)
+  cfg.augment.color_jitter = 0.2
+
+  def fresh():
+    return iter(pipeline.make_train_loader(cfg, batch_size=8, seed=5, process_index=0, process_count=1))
+
+  it = fresh()
+  for _ in range(3):
+    next(it)
+  state = it.get_state()
+  checkpointer = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
+  checkpointer.save(tmp_path / "it", args=grain.checkpoint.CheckpointSave(it))
+  expected = [next(it) for _ in range(2)]
+  for restore in ("orbax", "state") if workers == 0 else ("orbax",):  # worker start-up is slow
+    resumed = fresh()
+    if restore == "orbax":
+      resumed = checkpointer.restore(tmp_path / "it", args=grain.checkpoint.CheckpointRestore(resumed))
+    else:
+      resumed.set_state(state)
+    for want in expected:
+      got = next(resumed)
+      for key in want:
+        np.testing.assert_array_equal(got[key], want[key])
+
+
+def test_train_shards_disjoint_and_complete():
+  cfg = data_config(image_size=4)
+  cfg.augment.random_resized_crop = False
+  seen = []
+  for index in range(2):
+    loader = pipeline.make_train_loader(cfg, batch_size=8, seed=1, process_index=index, process_count=2,
+                                        source=RangeSource(64))
+    it = iter(loader)
+    seen.append(np.concatenate([next(it)["label"] for _ in range(4)]))  # one epoch of the 32-record shard
+  assert len(set(seen[0])) == len(set(seen[1])) == 32
+  assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(64))
+
+
+@pytest.mark.parametrize("examples,processes", [(-1, 3), (20, 2), (-1, 1)])
+def test_eval_iterator_covers_each_example_once(examples, processes):
+  cfg = data_config(image_size=4, eval_examples=examples)
+  total = 50 if examples < 0 else examples
+  labels, counts = [], []
+  for index in range(processes):
+    batches = list(pipeline.make_eval_iterator(cfg, batch_size=8, process_index=index, process_count=processes,
+                                               source=RangeSource(50)))
+    counts.append(len(batches))
+    for b in batches:
+      assert b["image"].shape == (8, 4, 4, 3) and b["mask"].dtype == bool and b["label"].dtype == np.int32
+      assert (b["image"][~b["mask"]] == 0).all()
+      labels.extend(b["label"][b["mask"]].tolist())
+  assert len(set(counts)) == 1
+  assert sorted(labels) == list(range(total))
+
+
+def test_eval_iterator_on_shapes():
+  cfg = data_config()
+  batches = list(pipeline.make_eval_iterator(cfg, batch_size=24, process_index=0, process_count=1))
+  assert len(batches) == 3 and sum(b["mask"].sum() for b in batches) == 64
+  src = shapes.ShapesSource("validation", 64, 32)
+  np.testing.assert_array_equal(batches[1]["image"][5], src[29]["image"])
+
+
+# --- sources --------------------------------------------------------------------------------------------
+
+def test_sources_shapes_and_bad_spec():
+  cfg = data_config()
+  assert len(sources.build_source("shapes", "train", cfg)) == 512
+  assert len(sources.build_source("shapes", "validation", cfg)) == 64
+  assert sources.num_classes("shapes", cfg) == 8
+  assert sources.class_names("shapes", cfg)[3] == "star"
+  for spec in ("imagenet", "tfds:", "hf:foo"):
+    with pytest.raises(DataError, match="config.data.source"):
+      sources.build_source(spec, "train", cfg)
+
+
+def test_tfds_missing_dataset_fails_fast(tmp_path):
+  cfg = data_config(source="tfds:imagenet21k", data_dir=str(tmp_path))
+  start = time.perf_counter()
+  with pytest.raises(DataError) as info:
+    pipeline.make_train_loader(cfg, batch_size=8, seed=0, process_index=0, process_count=1)
+  assert time.perf_counter() - start < 10
+  message = str(info.value)
+  assert "imagenet21k" in message and "'train'" in message and str(tmp_path) in message
+  assert "see BUILD.md, section 'Preparing data'" in message
+  with pytest.raises(DataError, match="not prepared"):
+    sources.num_classes("tfds:imagenet21k", cfg)
+  assert "tensorflow" not in sys.modules
+  assert not list(tmp_path.iterdir())  # nothing downloaded or created
+
+
+def test_tfds_prepared_dataset(tmp_path):
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  class VisionfmTestImages(tfds.core.GeneratorBasedBuilder):
+    """Six JPEGs of varied sizes, labels 0..2."""
+    VERSION = tfds.core.Version("1.0.0")
+
+    def _info(self):
+      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
+          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+          "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+
+    def _split_generators(self, dl_manager):
+      return {"train": self._generate_examples(6), "validation": self._generate_examples(4)}
+
+    def _generate_examples(self, n):
+      for i in range(n):
+        yield i, {"image": encode(np.full((40 + 4 * i, 50, 3), 30 * i, np.uint8), "JPEG"), "label": i % 3}
+
+  VisionfmTestImages(data_dir=str(tmp_path), file_format="array_record").download_and_prepare()
+  cfg = data_config(source="tfds:visionfm_test_images", data_dir=str(tmp_path), image_size=16)
+  src = sources.build_source(cfg.source, "validation", cfg)
+  assert len(src) == 4 and isinstance(src[0]["image"], bytes)
+  assert sources.num_classes(cfg.source, cfg) == 3 and sources.class_names(cfg.source, cfg) == ["a", "b", "c"]
+  batches = list(pipeline.make_eval_iterator(cfg, batch_size=3, process_index=0, process_count=1))
+  assert [b["mask"].sum() for b in batches] == [3, 1]
+  assert batches[0]["image"].shape == (3, 16, 16, 3)
+  it = iter(pipeline.make_train_loader(cfg, batch_size=2, seed=0, process_index=0, process_count=1))
+  assert next(it)["image"].shape == (2, 16, 16, 3)
+  with pytest.raises(DataError, match="visionfm_test_images"):
+    sources.build_source(cfg.source, "nosuchsplit", cfg)
+  assert "tensorflow" not in sys.modules

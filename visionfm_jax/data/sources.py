@@ -1,0 +1,96 @@
+"""Random-access sources of dict records, named by `config.data.source`.
+
+  shapes        the embedded procedural set (`shapes.ShapesSource`), no download
+  tfds:<name>   a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our Pillow decoder
+
+TensorFlow is never imported: TFDS reads ArrayRecord files itself, and nothing is ever downloaded here. A
+dataset that is not prepared fails at once with a `DataError` naming the dataset, split and directory.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
+from visionfm_jax.errors import DataError
+
+SHAPES_SEED = 0
+PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
+
+
+def _parse(spec: str) -> tuple[str, str]:
+  """'shapes' -> ('shapes', ''); 'tfds:imagenet2012' -> ('tfds', 'imagenet2012')."""
+  kind, _, name = spec.partition(":")
+  if kind == "shapes" and not name:
+    return kind, ""
+  if kind == "tfds" and name:
+    return kind, name
+  raise DataError(f"config.data.source={spec!r}: expected 'shapes' or 'tfds:<name>'")
+
+
+def tfds_data_dir(data_cfg) -> Path:
+  """config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
+  data_dir = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  return Path(data_dir).expanduser()
+
+
+def _check_prepared(name: str, split: str, data_dir: Path) -> None:
+  """Fails fast (no TFDS call, so no download attempt) when `name` has no dataset_info.json."""
+  base = name.split("/")[0].split(":")[0]
+  folder = data_dir / base
+  found = [p for pattern in ("dataset_info.json", "*/dataset_info.json", "*/*/dataset_info.json")
+           for p in folder.glob(pattern) if "incomplete" not in str(p.relative_to(folder))]
+  if not found:
+    raise DataError(f"TFDS dataset {name!r} (split {split!r}) is not prepared: no dataset_info.json under "
+                    f"{folder} (data dir {data_dir}, from config.data.data_dir, $TFDS_DATA_DIR or "
+                    f"~/tensorflow_datasets); {PREPARE_HINT}")
+
+
+def _tfds_source(name: str, split: str, data_dir: Path):
+  _check_prepared(name, split, data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    return tfds.data_source(name, split=split, data_dir=str(data_dir), download=False,
+                            decoders={"image": tfds.decode.SkipDecoding()})
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"TFDS dataset {name!r} (split {split!r}) in {data_dir} cannot be read as ArrayRecord: "
+                    f"{type(e).__name__}: {str(e)[:500]}; {PREPARE_HINT}") from e
+
+
+def _tfds_label_feature(name: str, data_cfg):
+  data_dir = tfds_data_dir(data_cfg)
+  _check_prepared(name, "-", data_dir)
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  try:
+    features = tfds.builder(name, data_dir=str(data_dir)).info.features
+  except Exception as e:  # pylint: disable=broad-except
+    raise DataError(f"TFDS dataset {name!r} in {data_dir}: cannot read its info: {e}; {PREPARE_HINT}") from e
+  if "label" not in features or not hasattr(features["label"], "num_classes"):
+    raise DataError(f"TFDS dataset {name!r} in {data_dir} has no ClassLabel feature 'label'")
+  return features["label"]
+
+
+def build_source(spec: str, split: str, data_cfg):
+  """The RandomAccessDataSource (len, getitem -> dict with 'image' and 'label') for `spec` and `split`."""
+  kind, name = _parse(spec)
+  if kind == "shapes":
+    size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
+    return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED)
+  return _tfds_source(name, split, tfds_data_dir(data_cfg))
+
+
+def num_classes(spec: str, data_cfg) -> int:
+  """The number of labels of `spec` (8 shape kinds for 'shapes')."""
+  kind, name = _parse(spec)
+  if kind == "shapes":
+    return len(SHAPE_NAMES)
+  return int(_tfds_label_feature(name, data_cfg).num_classes)
+
+
+def class_names(spec: str, data_cfg) -> list[str]:
+  """Human-readable label names, index = label."""
+  kind, name = _parse(spec)
+  if kind == "shapes":
+    return list(SHAPE_NAMES)
+  return list(_tfds_label_feature(name, data_cfg).names)

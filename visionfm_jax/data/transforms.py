@@ -1,0 +1,232 @@
+"""Host-side image transforms as grain transforms: numpy and Pillow only, uint8 HWC in and out.
+
+Normalisation (mean/std) happens on the device in the task, not here. `RandomMap`s draw from grain's
+per-record generator, so an augmented batch is a pure function of (seed, record index).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+
+import grain
+import numpy as np
+from PIL import Image
+
+EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
+
+_decode_failures = 0
+
+
+def decode_failures() -> int:
+  """How many records this process has dropped as undecodable."""
+  return _decode_failures
+
+
+def _to_rgb_array(image) -> np.ndarray:
+  """A decoded image (HW, HW1, HW3 or HW4 array) as uint8 HWC RGB."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[:, :, None]
+  if image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  elif image.shape[-1] == 4:
+    image = image[:, :, :3]
+  if image.dtype != np.uint8:
+    image = np.clip(image, 0, 255).astype(np.uint8)
+  return image
+
+
+def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
+  """JPEG/PNG/... bytes -> uint8 HWC RGB.
+
+  With `min_side`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
+  least `min_side` pixels (Pillow's draft mode), which is several times faster for large photos.
+  """
+  with Image.open(io.BytesIO(data)) as image:
+    if min_side and image.format == "JPEG":
+      image.draft("RGB", (min_side, min_side))
+    return _to_rgb_array(image.convert("RGB"))
+
+
+class Decode(grain.transforms.Map):
+  """Decodes record['image'] when it holds encoded bytes; arrays pass through as uint8 RGB.
+
+  An undecodable image is logged, counted (see `decode_failures`) and marked with image=None, for
+  `DropUndecodable` (training) or the eval iterator's padding mask to handle.
+  """
+
+  def __init__(self, min_side: int = 0):
+    self.min_side = min_side
+
+  def map(self, element: dict) -> dict:
+    global _decode_failures
+    element = dict(element)
+    image = element["image"]
+    if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
+      try:
+        element["image"] = decode_image(bytes(image), self.min_side)
+      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+        _decode_failures += 1
+        logging.warning("skipping an undecodable image (%d so far in this process): %s", _decode_failures, e)
+        element["image"] = None
+    else:
+      element["image"] = _to_rgb_array(image)
+    return element
+
+
+class DropUndecodable(grain.transforms.Filter):
+  """Drops the records `Decode` could not decode."""
+
+  def filter(self, element: dict) -> bool:
+    return element["image"] is not None
+
+
+def crop_window(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
+                ratio=(3 / 4, 4 / 3), tries: int = 10) -> tuple[int, int, int, int]:
+  """The Inception-style random crop (top, left, h, w).
+
+  Area is uniform in scale * (height * width), aspect ratio log-uniform in `ratio`; the first of `tries`
+  draws that fits wins, else the central crop with the aspect ratio clamped to `ratio`.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(tries):
+    u_area, u_ratio, u_top, u_left = rng.random(4).tolist()
+    target_area = area * (scale[0] + (scale[1] - scale[0]) * u_area)
+    aspect = math.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * u_ratio)
+    w = int(round(math.sqrt(target_area * aspect)))
+    h = int(round(math.sqrt(target_area / aspect)))
+    if 0 < w <= width and 0 < h <= height:
+      return int(u_top * (height - h + 1)), int(u_left * (width - w + 1)), h, w
+  in_ratio = width / height
+  if in_ratio < min(ratio):
+    w, h = width, int(round(width / min(ratio)))
+  elif in_ratio > max(ratio):
+    h, w = height, int(round(height * max(ratio)))
+  else:
+    h, w = height, width
+  return (height - h) // 2, (width - w) // 2, h, w
+
+
+def resize_box(image: np.ndarray, box, size: int) -> np.ndarray:
+  """Bilinear (antialiased when shrinking) resize of the region box=(left, top, right, bottom) to size^2."""
+  out = Image.fromarray(image).resize((size, size), Image.BILINEAR, box=tuple(float(b) for b in box))
+  return np.asarray(out)
+
+
+class RandomResizedCrop(grain.transforms.RandomMap):
+  """Random area/aspect crop (see `crop_window`), resized bilinearly to size x size."""
+
+  def __init__(self, size: int, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)):
+    self.size, self.scale, self.ratio = size, tuple(scale), tuple(ratio)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    image = element["image"]
+    top, left, h, w = crop_window(image.shape[0], image.shape[1], rng, self.scale, self.ratio)
+    return {**element, "image": resize_box(image, (left, top, left + w, top + h), self.size)}
+
+
+class RandomFlip(grain.transforms.RandomMap):
+  """Mirrors the image left-right with probability 1/2."""
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    if rng.random() < 0.5:
+      return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
+    return element
+
+
+# The adjustments work on planar (3, H, W) float32 images: numpy broadcasts slowly over a trailing axis of 3.
+_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as torchvision's rgb_to_grayscale
+
+
+def _grey(planes: np.ndarray) -> np.ndarray:
+  return np.tensordot(_LUMA, planes, axes=1)[None]
+
+
+def adjust_brightness(planes: np.ndarray, factor: float) -> np.ndarray:
+  """Blends with black."""
+  return np.clip(planes * np.float32(factor), 0, 255)
+
+
+def adjust_contrast(planes: np.ndarray, factor: float) -> np.ndarray:
+  """Blends with the mean grey level of the whole image."""
+  mean = np.float32(_LUMA @ planes.reshape(3, -1).mean(1))
+  return np.clip(planes * np.float32(factor) + mean * np.float32(1 - factor), 0, 255)
+
+
+def adjust_saturation(planes: np.ndarray, factor: float) -> np.ndarray:
+  """Blends with the per-pixel grey level."""
+  return np.clip(planes * np.float32(factor) + _grey(planes) * np.float32(1 - factor), 0, 255)
+
+
+class ColorJitter(grain.transforms.RandomMap):
+  """torchvision's ColorJitter(brightness=s, contrast=s, saturation=s): each factor uniform in
+  [max(0, 1 - s), 1 + s], the three adjustments applied in a random order. s = 0 is the identity.
+
+  Works in float32 (clipped to [0, 255] after each step, as torchvision) and rounds once at the end.
+  """
+
+  ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation)
+
+  def __init__(self, strength: float):
+    self.strength = float(strength)
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    if self.strength <= 0:
+      return element
+    s = self.strength
+    factors = rng.uniform(max(0.0, 1 - s), 1 + s, size=3)
+    planes = element["image"].transpose(2, 0, 1).astype(np.float32)
+    for i in rng.permutation(3):
+      planes = self.ADJUSTMENTS[i](planes, factors[i])
+    planes += np.float32(0.5)  # round on the cast
+    return {**element, "image": planes.transpose(1, 2, 0).astype(np.uint8)}
+
+
+def central_crop_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
+  """The region (left, top, right, bottom) that becomes the eval crop.
+
+  Resizing the shorter side to size / 0.875 and then cropping size x size centrally is the same as
+  resizing this central square (side 0.875 * shorter side) to size x size.
+  """
+  side = min(height, width) * size / round(size / EVAL_CROP_FRACTION)
+  top, left = (height - side) / 2, (width - side) / 2
+  return left, top, left + side, top + side
+
+
+class EvalTransform(grain.transforms.Map):
+  """Shorter side to size / 0.875, then the central size x size; a no-op on size x size images."""
+
+  def __init__(self, size: int):
+    self.size = size
+
+  def map(self, element: dict) -> dict:
+    image = element["image"]
+    if image is None or image.shape[:2] == (self.size, self.size):
+      return element
+    box = central_crop_box(image.shape[0], image.shape[1], self.size)
+    return {**element, "image": resize_box(image, box, self.size)}
+
+
+class SelectKeys(grain.transforms.Map):
+  """Keeps only what a batch needs: uint8 'image' and int32 'label'."""
+
+  def map(self, element: dict) -> dict:
+    return {"image": element["image"], "label": np.int32(element["label"])}
+
+
+def train_transforms(image_size: int, augment, decode_min_side: int = 0) -> list:
+  """Decode + the augmentations named in config.data.augment, ending in uint8 size x size images."""
+  ops = [Decode(decode_min_side), DropUndecodable()]
+  if augment.random_resized_crop:
+    ops.append(RandomResizedCrop(image_size, augment.crop_scale, augment.crop_ratio))
+  else:
+    ops.append(EvalTransform(image_size))
+  if augment.flip:
+    ops.append(RandomFlip())
+  if augment.color_jitter > 0:
+    ops.append(ColorJitter(augment.color_jitter))
+  ops.append(SelectKeys())
+  return ops
