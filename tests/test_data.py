@@ -44,6 +44,21 @@ class RangeSource:
     return f"RangeSource({self.n})"
 
 
+class CorruptEveryFifth(RangeSource):
+  """PNG bytes, except that every fifth record is garbage."""
+
+  def __getitem__(self, index):
+    record = super().__getitem__(index)
+    record["image"] = b"garbage" if index % 5 == 0 else encode(record["image"], "PNG")
+    return record
+
+
+def encode(image, fmt):
+  buf = io.BytesIO()
+  Image.fromarray(image).save(buf, format=fmt)
+  return buf.getvalue()
+
+
 def digest(image):
   return hashlib.sha1(image.tobytes()).hexdigest()
 
@@ -160,12 +175,6 @@ def test_eval_transform_central_crop():
   assert out[:, 0].max() == 0 and out[:, 16].min() == 255
 
 
-def encode(image, fmt):
-  buf = io.BytesIO()
-  Image.fromarray(image).save(buf, format=fmt)
-  return buf.getvalue()
-
-
 def test_decode():
   image = np.random.default_rng(0).integers(0, 256, (20, 30, 3), dtype=np.uint8)
   np.testing.assert_array_equal(transforms.Decode().map({"image": encode(image, "PNG")})["image"], image)
@@ -232,6 +241,19 @@ def test_train_shards_disjoint_and_complete():
     seen.append(np.concatenate([next(it)["label"] for _ in range(4)]))  # one epoch of the 32-record shard
   assert len(set(seen[0])) == len(set(seen[1])) == 32
   assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(64))
+
+
+def test_corrupt_records_are_skipped():
+  cfg = data_config(image_size=4)
+  cfg.augment.random_resized_crop = False
+  it = iter(pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1,
+                                       source=CorruptEveryFifth(40)))
+  labels = np.concatenate([next(it)["label"] for _ in range(8)])
+  assert labels.shape == (32,) and not (labels % 5 == 0).any()
+  batches = list(pipeline.make_eval_iterator(cfg, batch_size=8, process_index=0, process_count=1,
+                                             source=CorruptEveryFifth(40)))
+  masks = np.concatenate([b["mask"] for b in batches])
+  np.testing.assert_array_equal(masks, np.arange(40) % 5 != 0)
 
 
 @pytest.mark.parametrize("examples,processes", [(-1, 3), (20, 2), (-1, 1)])

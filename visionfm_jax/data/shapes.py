@@ -19,18 +19,19 @@ import numpy as np
 
 from visionfm_jax.errors import DataError
 
-SHAPE_NAMES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "hexagon")
+SHAPE_NAMES = ("circle", "square", "triangle", "star", "cross", "ring", "diamond", "crescent")
 COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
 COLOURS = ((220, 40, 40), (40, 180, 60), (40, 80, 230), (235, 205, 30), (210, 50, 200), (30, 200, 215))
 BACKGROUND_NAMES = ("plain dark", "plain light", "gradient", "striped", "noisy")
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
 
-SMALL_RANGE = (0.40, 0.52)  # shape extent as a fraction of the image side
-LARGE_RANGE = (0.60, 0.74)
+SMALL_RANGE = (0.45, 0.56)  # shape extent as a fraction of the image side
+LARGE_RANGE = (0.64, 0.78)
 MAX_ROTATION = math.radians(12.0)
 COLOUR_JITTER = 20  # per-channel offset, keeps colours saturated and distinct
-# How far each shape's own frame sits below its centre; centres the top-heavy triangle and star.
-SHAPE_SHIFT = (0.0, 0.0, 0.25, 0.1, 0.0, 0.0, 0.0, 0.0)
+# How far each shape's own frame sits below its centre: centres the top-heavy triangle and star and the
+# bottom-heavy crescent.
+SHAPE_SHIFT = (0.0, 0.0, 0.25, 0.1, 0.0, 0.0, 0.0, -0.15)
 
 
 @functools.lru_cache(maxsize=8)
@@ -96,8 +97,9 @@ def _shape_distance(kind: int, u, v):
     return np.abs(np.sqrt(u * u + v * v) - np.float32(0.7)) - np.float32(0.25)
   if name == "diamond":
     return _halfplanes(np.abs(u), np.abs(v), [_DIAMOND_NORMAL], _DIAMOND_NORMAL[1])
-  if name == "hexagon":  # pointy top, circumradius 1
-    return _halfplanes(np.abs(u), np.abs(v), [(1.0, 0.0), (_COS60, _SIN60)], _SIN60)
+  if name == "crescent":  # a disc minus a smaller disc above its centre: a bowl, horns up
+    w = v + np.float32(0.55)
+    return np.maximum(np.sqrt(u * u + v * v) - np.float32(0.95), np.float32(0.7) - np.sqrt(u * u + w * w))
   raise ValueError(kind)
 
 
