@@ -26,6 +26,11 @@ def tiny_vit_config(**overrides):
   config.total_steps = 10
   config.optim.warmup_steps = 2
   config.progress_bar = False
+  return override(config, **overrides)
+
+
+def override(config, **overrides):
+  """Sets dotted config fields: override(config, **{"optim.lr": 1e-3})."""
   for key, value in overrides.items():
     node = config
     *parents, leaf = key.split(".")

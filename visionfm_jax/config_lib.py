@@ -15,7 +15,32 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
-def base_config() -> ml_collections.ConfigDict:
+def model_config(name: str) -> ml_collections.ConfigDict:
+  """`config.model` of one family: the fields its builder reads (models/<name>.py `build`)."""
+  common = dict(name=name, num_classes=1000, image_size=224, drop_path=0.0, dropout=0.0, head_bias_init=0.0,
+                scan=True, remat_policy="nothing_saveable",
+                attention="xla")  # xla | cudnn (jax.nn.dot_product_attention on GPU; ViT only)
+  if name == "vit":
+    family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True)  # pool: cls | gap
+  elif name == "swinv2":
+    family = dict(
+        variant="T",  # T | S | B | L | H | G (models/swinv2.py SIZES)
+        patch_size=4,
+        window_size=14,  # every stage; a stage whose map is not larger becomes one unshifted window
+        # Windows the weights were trained with, per stage, when they differ (224/w14 -> 640/w40:
+        # (14, 14, 14, 7), see swinv2.pretrained_windows); () means the windows themselves.
+        pretrained_window_sizes=(),
+        layer_norm_eps=1e-5,
+        extra_norm_period=-1,  # main-branch LayerNorm every N blocks; -1: the size's default (6 for H and G)
+        extra_norm_scope="stage",  # stage | global: count blocks within each stage or across the network
+    )
+  else:
+    raise ConfigError(f"model {name!r}: known families are vit, swinv2")
+  return ml_collections.ConfigDict(dict(common, **family))
+
+
+def base_config(model: str = "vit") -> ml_collections.ConfigDict:
+  """Defaults shared by every recipe; `model` picks the family whose `config.model` fields it carries."""
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.task = "classification"
@@ -27,21 +52,7 @@ def base_config() -> ml_collections.ConfigDict:
   # shard state over `fsdp` (put it within a node); `tensor` shards matmul widths (Megatron style).
   c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
 
-  c.model = ml_collections.ConfigDict(dict(
-      name="vit",
-      variant="B/16",
-      num_classes=1000,
-      image_size=224,
-      pool="cls",  # cls | gap
-      drop_path=0.0,
-      dropout=0.0,
-      layer_norm_eps=1e-6,
-      qkv_bias=True,
-      head_bias_init=0.0,
-      scan=True,
-      remat_policy="nothing_saveable",
-      attention="xla",  # xla | cudnn (jax.nn.dot_product_attention on GPU)
-  ))
+  c.model = model_config(model)
 
   c.optim = ml_collections.ConfigDict(dict(
       lr=1e-3,
@@ -50,7 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
       eps=1e-8,
       weight_decay=0.05,
       # Regexes over '/'-joined param paths that get no weight decay; 1-D params (biases, norms) never do.
-      no_decay=("pos_embed", "cls_token"),
+      # SwinV2's position-bias MLP ('cpb_mlp') and logit scales do not decay either (the official recipe).
+      no_decay=("pos_embed", "cls_token", "cpb_mlp"),
       warmup_steps=1000,
       end_lr=0.0,
       clip_norm=1.0,  # global norm; 0 disables

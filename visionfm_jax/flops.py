@@ -48,3 +48,26 @@ def vit_train_flops_per_image(model) -> float:
              + transformer_forward_flops(tokens, model.width, model.depth, model.mlp_dim)
              + 2 * model.width * model.num_classes)
   return 3.0 * forward
+
+
+def swinv2_train_flops_per_image(model) -> float:
+  """SwinV2 matmul FLOPs x 3 (forward + backward): patch embed, window attention blocks, merging, head.
+
+  Per block on n tokens of width C in windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2,
+  scores and mixing 4nNC. Padding to whole windows counts as the model computes it.
+  """
+  from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
+  stages = swinv2.stage_windows(model.image_size, model.window_size, len(model.depths), model.patch_size)
+  width = model.embed_dim
+  forward = 2.0 * (model.image_size // model.patch_size) ** 2 * model.patch_size ** 2 * 3 * width
+  for s, ((feature, window, _), depth) in enumerate(zip(stages, model.depths)):
+    padded = -(-feature // window) * window
+    tokens = padded * padded
+    per_block = (8 + 4 * model.mlp_ratio) * tokens * width * width + 4 * tokens * window * window * width
+    forward += depth * per_block
+    if s < len(model.depths) - 1:
+      half = -(-feature // 2)
+      forward += 2 * half * half * (4 * width) * (2 * width)
+      width *= 2
+  forward += 2 * width * model.num_classes
+  return 3.0 * forward

@@ -45,6 +45,17 @@ def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype:
       kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name)
 
 
+def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed") -> jax.Array:
+  """Non-overlapping patches -> (B, H/p, W/p, width) by a p x p, stride p conv with bias (call in a compact
+  method: the conv's params land under `name` in the caller)."""
+  if images.shape[1] % patch_size or images.shape[2] % patch_size:
+    raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {patch_size}")
+  return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
+                 param_dtype=jnp.float32, name=name,
+                 kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
+                 bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`."""
   epsilon: float = 1e-6
@@ -142,25 +153,27 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
 
 
 def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str, **block_kwargs):
-  """Returns a function x, rates -> x that runs `depth` blocks, scanned (one compiled body) or unrolled.
+  """Returns a function x, per_block -> x that runs `depth` blocks, scanned (one compiled body) or unrolled.
 
-  Scanned params have a leading `layers` axis under `name`; unrolled params live under `{name}_{i}`. Both
-  layouts hold the same numbers (`convert.stack_layers` / `unstack_layers` move between them).
+  `per_block` is an array (or tuple of arrays) with a leading `depth` axis: block i receives `per_block[i]`
+  (its stochastic-depth rate, and for SwinV2 whether it shifts its windows). Scanned params have a leading
+  `layers` axis under `name`; unrolled params live under `{name}_{i}`. Both layouts hold the same numbers
+  (`convert.stack_layers` / `unstack_layers` move between them).
   """
   block = remat(block, remat_policy)
   if scan:
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
                       in_axes=0, length=depth, metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
 
-    def run_scanned(x, rates):
-      x, _ = scanned(x, rates)
+    def run_scanned(x, per_block):
+      x, _ = scanned(x, per_block)
       return x
     return run_scanned
 
   blocks = [block(name=f"{name}_{i}", **block_kwargs) for i in range(depth)]
 
-  def run_unrolled(x, rates):
+  def run_unrolled(x, per_block):
     for i, b in enumerate(blocks):
-      x, _ = b(x, rates[i])
+      x, _ = b(x, jax.tree.map(lambda a, i=i: a[i], per_block))
     return x
   return run_unrolled

@@ -86,12 +86,7 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     deterministic = not train
-    if images.shape[1] % self.patch_size or images.shape[2] % self.patch_size:
-      raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {self.patch_size}")
-    x = nn.Conv(self.width, (self.patch_size,) * 2, strides=(self.patch_size,) * 2, padding="VALID",
-                dtype=self.dtype, param_dtype=jnp.float32, name="patch_embed",
-                kernel_init=layers.logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
-                bias_init=layers.logical(nn.initializers.zeros, (EMBED,)))(images.astype(self.dtype))
+    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype)
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.width)
     cls = self.param("cls_token", layers.logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, self.width))

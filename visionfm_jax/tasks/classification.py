@@ -42,4 +42,6 @@ class ClassificationTask(Task):
     return {"val": run_val}
 
   def train_flops_per_example(self):
-    return flops.vit_train_flops_per_image(self.model) if self.config.model.name == "vit" else None
+    counters = {"vit": flops.vit_train_flops_per_image, "swinv2": flops.swinv2_train_flops_per_image}
+    counter = counters.get(self.config.model.name)
+    return counter(self.model) if counter else None

@@ -1,0 +1,259 @@
+"""SwinV2: sizes and parameter counts, windows per stage, scan/unrolled equivalence, extra norms, fp16 cosine
+attention, resolution transfer 224/w14 -> 640/w40, weight decay, and classification through the training loop.
+
+Parity with Hugging Face's Swinv2Model lives in test_convert_swinv2.py.
+"""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import swinv2_cls
+from conftest import override
+from visionfm_jax import checkpoint, config_lib, models, optim, train
+from visionfm_jax.convert import stack_layers, unstack_layers
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import swinv2
+from visionfm_jax.optim import path_str
+from visionfm_jax.tools import summary
+
+
+def _params(model, size, batch=1):
+  return nn.unbox(model.init(jax.random.key(0), jnp.zeros((batch, size, size, 3))))["params"]
+
+
+def _count(tree) -> int:
+  return sum(math.prod(x.shape) for x in jax.tree.leaves(tree))
+
+
+def _summary_total(arg, **model_overrides) -> int:
+  config = swinv2_cls.get_config(arg)
+  for key, value in model_overrides.items():
+    config.model[key] = value
+  return summary.summarize(config, devices=8, strategy="zero3")["total_params"]
+
+
+def test_reference_parameter_counts():
+  assert _summary_total("G", num_classes=0) == 2_997_815_008  # the paper's 3.0B; depths 2,2,42,4
+  assert _summary_total("H") == 657_883_256  # the paper's 658M, 1000-class head
+  assert _summary_total("T") == 28_347_154
+
+
+@pytest.mark.parametrize("size", list(swinv2.SIZES))
+def test_parameter_formula(size):
+  c, depths, heads = swinv2.SIZES[size]
+  model = swinv2.SwinV2(**swinv2.parse_variant(size), window_size=7)
+  params = jax.eval_shape(lambda: model.init(jax.random.key(0), jnp.zeros((1, 224, 224, 3))))["params"]
+  params = nn.unbox(params)
+  expected = 51 * c + 2 * (c * 2 ** (len(depths) - 1))  # patch embed + its LN; the final LN
+  for s, (depth, h) in enumerate(zip(depths, heads)):
+    width = c * 2 ** s
+    block = 12 * width ** 2 + 12 * width + 513 * h + 1536
+    assert _count(params[f"stage_{s}"]["blocks"]) == depth * block
+    if s < len(depths) - 1:
+      assert _count(params[f"stage_{s}"]["downsample"]) == 8 * width ** 2 + 4 * width
+      expected += 8 * width ** 2 + 4 * width
+    expected += depth * block
+  assert _count(params) == expected
+
+
+def test_windows_per_stage_match_the_reference_table():
+  assert swinv2.stage_windows(224, 14) == [(56, 14, 7), (28, 14, 7), (14, 14, 0), (7, 7, 0)]
+  assert swinv2.stage_windows(448, 14) == [(112, 14, 7), (56, 14, 7), (28, 14, 7), (14, 14, 0)]
+  assert swinv2.stage_windows(640, 40) == [(160, 40, 20), (80, 40, 20), (40, 40, 0), (20, 20, 0)]
+  assert swinv2.pretrained_windows(224, 14) == (14, 14, 14, 7)
+  assert swinv2_cls.get_config("G,640").model.pretrained_window_sizes == (14, 14, 14, 7)
+
+
+def test_extra_norm_positions_per_stage_and_global():
+  g = swinv2.SwinV2(**swinv2.parse_variant("G"))
+  assert g.extra_norm_period == 6
+  per_stage = [np.flatnonzero(f).tolist() for f in g.extra_norm_flags()]
+  assert per_stage == [[], [], [5, 11, 17, 23, 29, 35, 41], []]
+  glob = [np.flatnonzero(f).tolist() for f in g.clone(extra_norm_scope="global").extra_norm_flags()]
+  # Blocks 6, 12, ..., 48 of 50 (1-based): stage 3 starts at block 5, stage 4 at block 47.
+  assert glob == [[], [], [1, 7, 13, 19, 25, 31, 37], [1]]
+  assert swinv2.SwinV2(**swinv2.parse_variant("T")).extra_norm_period == 0
+
+
+def test_extra_norm_normalises_the_main_branch_and_has_no_params():
+  block = swinv2.SwinBlock(num_heads=2, window=4, shift=2, pretrained_window=0, extra_norm=True)
+  x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
+  flags = (jnp.float32(0.0), jnp.bool_(True), jnp.bool_(True))
+  variables = block.init(jax.random.key(1), x, flags)
+  plain = swinv2.SwinBlock(num_heads=2, window=4, shift=2, pretrained_window=0)
+  assert _count(variables) == _count(plain.init(jax.random.key(1), x, flags))
+  normed, _ = block.apply(variables, x, flags)
+  np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-5)
+  np.testing.assert_allclose(normed.std(-1), 1.0, atol=1e-3)
+  untouched, _ = block.apply(variables, x, flags[:2] + (jnp.bool_(False),))
+  reference, _ = plain.apply(variables, x, flags)
+  chex.assert_trees_all_close(untouched, reference)
+
+
+def _small(**kw):
+  base = dict(embed_dim=16, depths=(3, 2), num_heads=(2, 4), window_size=4, patch_size=2, num_classes=5,
+              extra_norm_period=2)
+  return swinv2.SwinV2(**{**base, **kw})
+
+
+@pytest.mark.parametrize("policy", ["none", "nothing_saveable"])
+def test_scanned_and_unrolled_stages_agree(policy):
+  # 20 px, patch 2: a 10x10 map padded to 12 for window 4, shifted (odd depth 3), then 5x5 -> one window.
+  images = jax.random.normal(jax.random.key(1), (2, 20, 20, 3))
+  scanned, unrolled = _small(scan=True, remat_policy=policy), _small(scan=False, remat_policy=policy)
+  params = _params(scanned, 20)
+  flat = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in params.items()}
+  assert set(flat["stage_0"]) == {"blocks_0", "blocks_1", "blocks_2", "downsample"}
+  out_scan = scanned.apply({"params": params}, images)
+  out_unrolled = unrolled.apply({"params": flat}, images)
+  chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
+  restacked = {k: (stack_layers(v, len(v) - ("downsample" in v), name="blocks") if k.startswith("stage_") else v)
+               for k, v in flat.items()}
+  chex.assert_trees_all_equal(restacked, params)
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, images)["logits"] ** 2)
+  g_scan = jax.grad(lambda p: loss(scanned, p))(params)
+  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(flat)
+  g_scan = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in g_scan.items()}
+  chex.assert_trees_all_close(g_scan, g_unrolled, atol=1e-4, rtol=1e-4)
+
+
+def test_every_param_has_logical_axis_names_and_zero_post_norms():
+  model = _small()
+  boxed = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
+  attn = boxed["params"]["stage_0"]["blocks"]["attn"]
+  assert attn["qkv"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
+  np.testing.assert_allclose(attn["logit_scale"].value, math.log(10.0))
+  # Res-post-norm blocks start as the identity: both block norms are zero (weight and bias).
+  for norm in ("norm1", "norm2"):
+    ln = boxed["params"]["stage_0"]["blocks"][norm]["ln"]
+    assert not np.any(ln["scale"].value) and not np.any(ln["bias"].value)
+
+
+def test_stochastic_depth_rises_linearly_over_all_blocks_and_is_off_in_eval():
+  model = _small(drop_path=0.4)
+  images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
+  params = _params(model, 16)
+  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
+  a = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
+  b = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
+  assert not np.allclose(a, b)
+  chex.assert_trees_all_close(model.apply({"params": params}, images), _small().apply({"params": params}, images))
+  np.testing.assert_allclose(np.linspace(0.0, 0.4, 5), [0.0, 0.1, 0.2, 0.3, 0.4])
+
+
+def test_fp16_cosine_attention_normalises_in_fp32():
+  # Activations of a few hundred overflow fp16 in |q|^2; the fp32 normalisation keeps the result finite.
+  attn32 = swinv2.WindowAttention(num_heads=2, window=4, pretrained_window=0)
+  windows = 300.0 * jax.random.normal(jax.random.key(0), (1, 2, 16, 32))
+  variables = attn32.init(jax.random.key(1), windows)
+  ref = attn32.apply(variables, windows)
+  out = swinv2.WindowAttention(num_heads=2, window=4, pretrained_window=0, dtype=jnp.float16).apply(
+      variables, windows.astype(jnp.float16))
+  assert out.dtype == jnp.float16 and bool(jnp.all(jnp.isfinite(out)))
+  np.testing.assert_allclose(np.asarray(out, np.float32), ref, rtol=0.05, atol=0.05 * float(jnp.abs(ref).max()))
+
+
+def test_position_bias_transfers_to_a_larger_window():
+  """With pretrained_window 14, a window-40 bias equals the window-14 bias on every offset both cover."""
+  small = swinv2.ContinuousPositionBias(num_heads=3, window=14, pretrained_window=0)
+  large = swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=14)
+  variables = small.init(jax.random.key(0))
+  variables = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(3), x.shape), variables)
+  b14, b40 = small.apply(variables), large.apply(variables)
+  assert b14.shape == (3, 196, 196) and b40.shape == (3, 1600, 1600)
+  # Query (0, 0) against keys (i, j), i, j < 14: the offsets -i, -j exist in both windows.
+  keys14 = np.arange(14)[:, None] * 14 + np.arange(14)[None, :]
+  keys40 = np.arange(14)[:, None] * 40 + np.arange(14)[None, :]
+  np.testing.assert_allclose(b40[:, 0, keys40.ravel()], b14[:, 0, keys14.ravel()], rtol=1e-6)
+  # Without pretrained_window the large window spreads the same offsets differently.
+  spread = swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=0).apply(variables)
+  assert not np.allclose(spread[:, 0, keys40.ravel()], b14[:, 0, keys14.ravel()], atol=1e-3)
+
+
+def test_224_window_14_weights_run_at_640_window_40():
+  kw = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=3)
+  low = swinv2.SwinV2(**kw, window_size=14, image_size=224)
+  # Params do not depend on the resolution: init on a small image (cheap), check the shapes against 224 px.
+  params = _params(low, 56)
+  chex.assert_trees_all_equal_shapes(jax.eval_shape(lambda: _params(low, 224)), params)
+  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), params)
+  high = swinv2.SwinV2(**kw, window_size=40, image_size=640,
+                       pretrained_window_sizes=swinv2.pretrained_windows(224, 14))
+  abstract = jax.eval_shape(lambda: _params(high, 640))
+  chex.assert_trees_all_equal_shapes(abstract, params)  # every weight has a place, none is new
+  out = jax.jit(high.apply)({"params": params}, jax.random.normal(jax.random.key(0), (1, 640, 640, 3)))
+  assert out["tokens"].shape == (1, 20 * 20, 64) and out["logits"].shape == (1, 3)
+  assert bool(jnp.all(jnp.isfinite(out["logits"])))
+
+
+def test_no_weight_decay_for_biases_norms_position_bias_and_logit_scale():
+  config = config_lib.base_config("swinv2")
+  params = _params(_small(scan=False), 16)
+  decays = {path_str(p): d for p, d in jax.tree_util.tree_flatten_with_path(
+      optim.decay_mask_fn(tuple(config.optim.no_decay))(params))[0]}
+  decayed = sorted(k.split("/", 2)[-1] for k, d in decays.items() if d and k.startswith("stage_0/blocks_0"))
+  assert decayed == ["attn/out/kernel", "attn/qkv/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel"]
+  assert decays["stage_0/downsample/reduction/kernel"] and decays["head/kernel"]
+  assert not any(d for k, d in decays.items() if "cpb_mlp" in k or "logit_scale" in k or "_bias" in k)
+
+
+def test_bad_model_config_names_the_field():
+  config = swinv2_cls.get_config("demo")
+  config.model.variant = "XL"
+  with pytest.raises(ConfigError, match="variant 'XL'"):
+    models.build(config.model, jnp.float32)
+  config = swinv2_cls.get_config("demo")
+  config.model.pretrained_window_sizes = (4, 4)
+  with pytest.raises(ConfigError, match=r"pretrained_window_sizes=\(4, 4\)"):
+    models.build(config.model, jnp.float32)
+  config = swinv2_cls.get_config("demo")
+  config.model.extra_norm_scope = "block"
+  with pytest.raises(ConfigError, match="extra_norm_scope='block'"):
+    models.build(config.model, jnp.float32)
+  with pytest.raises(ValueError, match="unknown parts"):
+    swinv2_cls.get_config("T,320")
+
+
+def _demo_config(**overrides):
+  config = swinv2_cls.get_config("demo")
+  config.model.variant = "pico"  # C 16, depths 2,2: 8x8 (shifted windows of 4) then 4x4 maps at 16 px
+  config.model.patch_size = 2
+  config.model.image_size = config.data.image_size = 16
+  config.global_batch_size = 16
+  config.total_steps = 6
+  config.optim.warmup_steps = 2
+  config.log_every = 3
+  config.eval_every = 6
+  config.checkpoint_every = 6
+  config.data.eval_examples = 32
+  config.progress_bar = False
+  return override(config, **overrides)
+
+
+def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(tmp_path):
+  low = _demo_config(strategy="zero3")
+  first = train.run(low, str(tmp_path / "w4"))
+  assert first["step"] == 6 and 0.0 <= first["eval/val/top1"] <= 1.0 and np.isfinite(first["train/loss"])
+
+  # 32 px with window 8 (maps 16 -> 8) from the 16 px / window 4 run. One step at lr 0 (the first warmup step)
+  # leaves the params as loaded, so the new run's checkpoint must equal the old run's params bit for bit.
+  high = _demo_config(**{"model.image_size": 32, "data.image_size": 32, "model.window_size": 8,
+                         "model.pretrained_window_sizes": (4, 4), "init_from": str(tmp_path / "w4"),
+                         "total_steps": 1, "optim.warmup_steps": 1, "eval_every": 1, "checkpoint_every": 1})
+  second = train.run(high, str(tmp_path / "w8"))
+  assert second["step"] == 1 and np.isfinite(second["eval/val/top1"])
+  model = models.build(high.model, jnp.float32)
+  target = _params(model, 32)
+  trained_low = checkpoint.load_params(str(tmp_path / "w4"), target)
+  loaded_high = checkpoint.load_params(str(tmp_path / "w8"), target)
+  chex.assert_trees_all_equal(trained_low, loaded_high)

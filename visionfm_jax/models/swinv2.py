@@ -1,0 +1,394 @@
+"""Swin Transformer V2 (Liu et al. 2022): the hierarchical backbone of SwinV2-G-CLIP and Aurora-Vision-XL.
+
+Per stage, blocks attend within (shifted) windows:
+
+  x = x + droppath(LN1(window_attention(x)))      # res-post-norm: the norm closes the residual branch
+  x = x + droppath(LN2(mlp(x)))
+
+Window attention is scaled cosine attention, cos(q, k) * exp(min(logit_scale_h, log 100)), plus a continuous
+position bias 16 * sigmoid(MLP(log-spaced offsets)); q and v have biases, k does not. Odd blocks of a stage
+roll the map by window // 2 and mask pairs from different regions with -100. Between stages, V2 patch
+merging concatenates each 2x2 neighbourhood, projects 4C -> 2C and then normalises. The end is LN(8C), a
+mean over tokens and an optional head. H and G add a parameter-free LayerNorm on the main branch every
+`extra_norm_period` blocks, counted within each stage (`extra_norm_scope='stage'`, the public ports) or
+across the network (`'global'`).
+
+Resolution transfer: the parameters do not depend on the image or window size (the position bias is an
+MLP over normalised offsets), so a model trained at 224 px / window 14 loads into 640 px / window 40 as is;
+set `pretrained_window_sizes` to the windows it was trained with (`pretrained_windows(224, 14)` ->
+(14, 14, 14, 7)) so that offsets are normalised as in training.
+
+The shift mask adds -100 once, as the official code and REFERENCE.md specify. transformers'
+`Swinv2SelfAttention` adds its mask twice (-200): the outputs differ only when a masked pair would score
+within ~100 of the best unmasked one (logit scale near 100 with adversarial inputs), never in the parity tests.
+
+Window sizes are clamped per stage: a feature map not larger than the window becomes one window, unshifted.
+Feature maps that do not divide into windows are zero-padded on the bottom/right (as HF `Swinv2Model`).
+Patch embedding and merging norms use eps 1e-5, blocks and the final norm `layer_norm_eps` (as the
+reference). Cosine normalisation, norms, the position bias and softmax run in fp32 whatever `dtype` is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from visionfm_jax.models import layers
+from visionfm_jax.models.layers import BATCH, CLASSES, EMBED, HEADS, KV, ACT_EMBED
+
+# name: (embed_dim C, depths, heads); stage s has width C * 2**s.
+SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
+    "pico": (16, (2, 2), (2, 4)),  # unit tests
+    "mu": (48, (2, 2, 2), (3, 6, 12)),  # CPU demos
+    "T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+    "S": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+    "B": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+    "L": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+    "H": (352, (2, 2, 18, 2), (8, 16, 32, 64)),
+    "G": (512, (2, 2, 42, 4), (16, 32, 64, 128)),
+}
+# Sizes that add a main-branch LayerNorm every 6 blocks (the paper's recipe for H and G).
+EXTRA_NORM_PERIOD = {"H": 6, "G": 6}
+EXTRA_NORM_SCOPES = ("stage", "global")
+CPB_HIDDEN = 512
+PATCH_NORM_EPS = 1e-5
+MASK_VALUE = -100.0
+MAX_LOGIT_SCALE = math.log(100.0)
+
+
+def parse_variant(variant: str) -> dict[str, Any]:
+  """'G' -> embed_dim, depths, num_heads and the size's default extra_norm_period."""
+  if variant not in SIZES:
+    raise ValueError(f"SwinV2 variant {variant!r}: expected one of {list(SIZES)}")
+  embed_dim, depths, heads = SIZES[variant]
+  return dict(embed_dim=embed_dim, depths=depths, num_heads=heads, extra_norm_period=EXTRA_NORM_PERIOD.get(variant, 0))
+
+
+def per_stage(value: int | Sequence[int], num_stages: int, field: str) -> tuple[int, ...]:
+  values = (value,) * num_stages if isinstance(value, (int, np.integer)) else tuple(int(v) for v in value)
+  if len(values) != num_stages:
+    raise ValueError(f"{field}={value!r}: expected one int or {num_stages} (one per stage)")
+  return values
+
+
+def stage_window(feature: tuple[int, int], window: int) -> tuple[int, int]:
+  """(window, shift) of a stage: a map not larger than the window is one unshifted window."""
+  if max(feature) <= window:
+    if feature[0] != feature[1]:
+      raise ValueError(f"feature map {feature} is smaller than window {window} but not square")
+    return feature[0], 0
+  if min(feature) <= window:
+    raise ValueError(f"feature map {feature} is larger than window {window} along one side only")
+  return window, window // 2
+
+
+def stage_features(image_hw: tuple[int, int], patch_size: int, num_stages: int) -> list[tuple[int, int]]:
+  """Feature map size of every stage (merging pads odd sizes by one)."""
+  h, w = image_hw[0] // patch_size, image_hw[1] // patch_size
+  out = []
+  for _ in range(num_stages):
+    out.append((h, w))
+    h, w = (h + 1) // 2, (w + 1) // 2
+  return out
+
+
+def stage_windows(image_size: int, window_size: int | Sequence[int], num_stages: int = 4,
+                  patch_size: int = 4) -> list[tuple[int, int, int]]:
+  """(feature size, window, shift) per stage; 640 px, window 40 -> (160,40,20), (80,40,20), (40,40,0), (20,20,0)."""
+  windows = per_stage(window_size, num_stages, "window_size")
+  feats = stage_features((image_size, image_size), patch_size, num_stages)
+  return [(f[0], *stage_window(f, w)) for f, w in zip(feats, windows)]
+
+
+def pretrained_windows(image_size: int, window_size: int | Sequence[int], num_stages: int = 4,
+                       patch_size: int = 4) -> tuple[int, ...]:
+  """The per-stage windows a model trained at `image_size` used: its `pretrained_window_sizes` elsewhere."""
+  return tuple(w for _, w, _ in stage_windows(image_size, window_size, num_stages, patch_size))
+
+
+def relative_coords_table(window: int, pretrained_window: int) -> np.ndarray:
+  """((2W-1)^2, 2) log-spaced offsets (dh, dw): /(pretrained or own window - 1), *8, sign * log2(|t|+1) / 3."""
+  offsets = np.arange(-(window - 1), window, dtype=np.float64)
+  table = np.stack(np.meshgrid(offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 2)
+  base = pretrained_window if pretrained_window > 0 else window
+  if base > 1:  # a 1x1 window has only the zero offset: nothing to normalise
+    table = table / (base - 1)
+  table = table * 8.0
+  return (np.sign(table) * np.log2(np.abs(table) + 1.0) / np.log2(8.0)).astype(np.float32)
+
+
+def relative_position_index(window: int) -> jax.Array:
+  """(N, N) index into the offset table for query i, key j of a window: (dh + W-1)(2W-1) + (dw + W-1)."""
+  pos = jnp.arange(window * window)
+  rows, cols = pos // window, pos % window
+  dh = rows[:, None] - rows[None, :] + window - 1
+  dw = cols[:, None] - cols[None, :] + window - 1
+  return dh * (2 * window - 1) + dw
+
+
+def shift_regions(height: int, width: int, window: int, shift: int) -> jax.Array:
+  """(num_windows, N) region id of every token of the rolled map; tokens of different regions may not attend."""
+  def axis_regions(size):
+    idx = jnp.arange(size)
+    return (idx >= size - window).astype(jnp.int32) + (idx >= size - shift).astype(jnp.int32)
+  ids = axis_regions(height)[:, None] * 3 + axis_regions(width)[None, :]
+  return partition_windows(ids[None, :, :, None], window)[0, :, :, 0]
+
+
+def partition_windows(x: jax.Array, window: int) -> jax.Array:
+  """(B, H, W, C) -> (B, num_windows, window * window, C), windows in row-major order."""
+  b, h, w, c = x.shape
+  x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // window) * (w // window), window * window, c)
+
+
+def merge_windows(x: jax.Array, window: int, height: int, width: int) -> jax.Array:
+  """Inverse of `partition_windows`."""
+  b, _, _, c = x.shape
+  x = x.reshape(b, height // window, width // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, height, width, c)
+
+
+class ContinuousPositionBias(nn.Module):
+  """(heads, N, N) bias 16 * sigmoid(MLP(offset table)) for one window size; fp32."""
+  num_heads: int
+  window: int
+  pretrained_window: int
+
+  @nn.compact
+  def __call__(self):
+    table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
+    hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1",
+                          kernel_init=nn.initializers.truncated_normal(0.02))(table)
+    per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
+                              kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
+    n = self.window * self.window
+    bias = per_offset[relative_position_index(self.window).reshape(-1)].reshape(n, n, self.num_heads)
+    return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))
+
+
+class WindowAttention(nn.Module):
+  """Scaled cosine attention within windows, with the continuous position bias and the shift mask."""
+  num_heads: int
+  window: int
+  pretrained_window: int
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, windows, regions=None):
+    """windows (B, nW, N, C); regions (nW, N) ids of a shifted map (None: no mask)."""
+    width = windows.shape[-1]
+    if width % self.num_heads:
+      raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
+    head_dim = width // self.num_heads
+    init = nn.initializers.truncated_normal(0.02)
+    qkv = layers.dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=False,
+                       kernel_init=init, name="qkv")(windows)
+    q_bias = self.param("q_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
+    v_bias = self.param("v_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
+    q = qkv[..., 0, :, :] + q_bias.astype(qkv.dtype)
+    k = qkv[..., 1, :, :]
+    v = qkv[..., 2, :, :] + v_bias.astype(qkv.dtype)
+
+    # Cosine similarity with the normalisation in fp32 (fp16 norms overflow), matmul in the compute dtype.
+    q = _l2_normalize(q).astype(self.dtype)
+    k = _l2_normalize(k).astype(self.dtype)
+    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=jnp.float32)
+    logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
+                             (self.num_heads,))
+    logits = logits * jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))[:, None, None]
+    logits = logits + ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
+    if regions is not None:
+      mask = jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
+      logits = logits + mask[None, :, None]
+    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+    out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v)
+    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
+
+
+def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+class SwinBlock(nn.Module):
+  """One res-post-norm block on a (B, H, W, C) map. `per_block` = (drop rate, shifted?, extra norm?)."""
+  num_heads: int
+  window: int
+  shift: int  # the stage's shift; odd blocks apply it (per_block[1])
+  pretrained_window: int
+  mlp_ratio: float = 4.0
+  layer_norm_eps: float = 1e-5
+  dropout: float = 0.0
+  extra_norm: bool = False  # whether any block of the stage takes an extra norm (per_block[2] says which)
+  stochastic_depth: bool = False
+  deterministic: bool = True
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, per_block):
+    drop_rate, shifted, extra_norm = per_block
+    skip_drop_path = self.deterministic or not self.stochastic_depth
+    x = layers.constrain(x, (BATCH, None, None, ACT_EMBED))
+    y = self.attend(x, shifted)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm1")(y)
+    x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
+    y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic, name="mlp")(x)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm2")(y)
+    x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
+    if self.extra_norm:
+      normed = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, use_bias=False, use_scale=False)(x.astype(jnp.float32))
+      x = jnp.where(extra_norm, normed.astype(x.dtype), x)
+    return x, None
+
+  def attend(self, x, shifted):
+    _, height, width, _ = x.shape
+    w = self.window
+    pad_h, pad_w = -height % w, -width % w
+    y = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))) if pad_h or pad_w else x
+    regions = None
+    if self.shift:
+      # Scanned stages share one body, so the shift is data (`shifted`), not structure.
+      y = jnp.where(shifted, jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2)), y)
+      regions = jnp.where(shifted, shift_regions(y.shape[1], y.shape[2], w, self.shift), 0)
+    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, name="attn")(
+        partition_windows(y, w), regions)
+    y = merge_windows(y, w, height + pad_h, width + pad_w)
+    if self.shift:
+      y = jnp.where(shifted, jnp.roll(y, (self.shift, self.shift), axis=(1, 2)), y)
+    return y[:, :height, :width]
+
+
+class PatchMerging(nn.Module):
+  """V2 merging: concat 2x2 neighbours (row offset fastest), Linear 4C -> 2C without bias, then LN(2C)."""
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    _, h, w, c = x.shape
+    if h % 2 or w % 2:
+      x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
+    x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
+    x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction",
+                     kernel_init=nn.initializers.truncated_normal(0.02))(x)
+    return layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="norm")(x)
+
+
+class SwinV2(nn.Module):
+  embed_dim: int
+  depths: tuple[int, ...]
+  num_heads: tuple[int, ...]
+  window_size: int | tuple[int, ...] = 8
+  pretrained_window_sizes: tuple[int, ...] | None = None  # per stage; 0 or None: the window itself
+  patch_size: int = 4
+  image_size: int = 224
+  num_classes: int = 0  # 0: no head
+  mlp_ratio: float = 4.0
+  drop_path: float = 0.0
+  dropout: float = 0.0
+  layer_norm_eps: float = 1e-5
+  extra_norm_period: int = 0  # 0: none; H and G use 6
+  extra_norm_scope: str = "stage"  # stage | global: how blocks are counted for the extra norm
+  head_bias_init: float = 0.0
+  dtype: Any = jnp.float32
+  scan: bool = True
+  remat_policy: str = "none"
+
+  def setup_checks(self):
+    stages = len(self.depths)
+    if len(self.num_heads) != stages:
+      raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
+    if self.extra_norm_scope not in EXTRA_NORM_SCOPES:
+      raise ValueError(f"extra_norm_scope={self.extra_norm_scope!r}: expected one of {EXTRA_NORM_SCOPES}")
+    if self.extra_norm_period < 0:
+      raise ValueError(f"extra_norm_period={self.extra_norm_period}: expected >= 0")
+    windows = per_stage(self.window_size, stages, "window_size")
+    pretrained = per_stage(self.pretrained_window_sizes or 0, stages, "pretrained_window_sizes")
+    return windows, pretrained
+
+  def extra_norm_flags(self) -> list[np.ndarray]:
+    """Per stage, which blocks end with the extra main-branch norm."""
+    flags, start = [], 0
+    for depth in self.depths:
+      index = np.arange(depth) + (start if self.extra_norm_scope == "global" else 0)
+      flags.append(((index + 1) % self.extra_norm_period == 0) if self.extra_norm_period else np.zeros(depth, bool))
+      start += depth
+    return flags
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    deterministic = not train
+    windows, pretrained = self.setup_checks()
+    x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
+    x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
+    x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+
+    rates = np.linspace(0.0, self.drop_path, sum(self.depths), dtype=np.float32)  # first block 0, last drop_path
+    extra = self.extra_norm_flags()
+    start = 0
+    for s, depth in enumerate(self.depths):
+      window, shift = stage_window(tuple(x.shape[1:3]), windows[s])
+      per_block = (jnp.asarray(rates[start:start + depth]), jnp.arange(depth) % 2 == 1, jnp.asarray(extra[s]))
+      x = SwinStage(
+          depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, remat_policy=self.remat_policy,
+          block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
+                            pretrained_window=pretrained[s], mlp_ratio=self.mlp_ratio,
+                            layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
+                            stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype),
+          name=f"stage_{s}")(x, per_block)
+      start += depth
+
+    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
+    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    pooled = jnp.mean(tokens, axis=1)
+    out = {"tokens": tokens, "pooled": pooled}
+    if self.num_classes:
+      out["logits"] = layers.dense(
+          self.num_classes, (EMBED, CLASSES), jnp.float32, name="head", kernel_init=nn.initializers.zeros,
+          bias_init=nn.initializers.constant(self.head_bias_init))(pooled)
+    return out
+
+
+class SwinStage(nn.Module):
+  """`depth` blocks (scanned or unrolled under `blocks`) then, except for the last stage, patch merging."""
+  depth: int
+  downsample: bool
+  scan: bool
+  remat_policy: str
+  block_kwargs: dict
+
+  @nn.compact
+  def __call__(self, x, per_block):
+    run_blocks = layers.stack_blocks(SwinBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy,
+                                     name="blocks", **self.block_kwargs)
+    x = run_blocks(x, per_block)
+    if self.downsample:
+      x = PatchMerging(self.block_kwargs["dtype"], name="downsample")(x)
+    return x
+
+
+def build(model_cfg, dtype) -> SwinV2:
+  """Builds a SwinV2 from `config.model` (variant 'T' ... 'G')."""
+  sizes = parse_variant(model_cfg.variant)
+  if model_cfg.extra_norm_period >= 0:
+    sizes["extra_norm_period"] = model_cfg.extra_norm_period
+  kwargs = dict(sizes, window_size=tuple(model_cfg.window_size) if not isinstance(model_cfg.window_size, int)
+                else model_cfg.window_size,
+                pretrained_window_sizes=tuple(model_cfg.pretrained_window_sizes) or None,
+                patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
+                drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
+                extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy)
+  assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
+  if model_cfg.attention != "xla":
+    raise ValueError(f"attention={model_cfg.attention!r}: SwinV2's cosine attention with position bias runs on "
+                     "'xla' only")
+  model = SwinV2(**kwargs)
+  model.setup_checks()
+  return model
