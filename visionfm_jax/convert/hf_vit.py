@@ -34,7 +34,7 @@ def _show(names: list[str], limit: int = 10) -> str:
 
 
 def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                  ignorable: set[str]) -> None:
+                  ignorable: set[str], family: str = "ViT") -> None:
   """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors."""
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected) - ignorable)
@@ -42,7 +42,7 @@ def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str,
                       if k in tensors and tuple(tensors[k].shape) != shape)
   if missing or unexpected or mismatched:
     raise CheckpointError(
-        f"{path}: weights do not match the ViT its config.json describes: missing {_show(missing)}; "
+        f"{path}: weights do not match the {family} its config.json describes: missing {_show(missing)}; "
         f"unexpected {_show(unexpected)}; shape mismatch {_show(mismatched)}")
 
 
@@ -102,7 +102,7 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_model(path: str, model: vit.ViT, params: dict[str, Any]) -> None:
+def _check_model(path: str, model: nn.Module, params: dict[str, Any]) -> None:
   """The converted tree must be exactly the one `model.init` makes (names and shapes)."""
   images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
   want = _shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"])
@@ -110,7 +110,7 @@ def _check_model(path: str, model: vit.ViT, params: dict[str, Any]) -> None:
   if want != got:
     diff = sorted(f"{k}: {got.get(k)} vs model {want.get(k)}"
                   for k in set(want) | set(got) if want.get(k) != got.get(k))
-    raise CheckpointError(f"{path}: converted params do not fit our ViT: {_show(diff)}")
+    raise CheckpointError(f"{path}: converted params do not fit our {type(model).__name__}: {_show(diff)}")
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[vit.ViT, dict[str, Any]]:

@@ -1,11 +1,11 @@
-r"""Converts a Hugging Face ViT into an `init_from` directory.
+r"""Converts a Hugging Face ViT or SwinV2 into an `init_from` directory.
 
   python -m visionfm_jax.tools.import_hf --src=HF_DIR --out=OUT_DIR [--scan=false]
 
-HF_DIR is what transformers' `save_pretrained` writes for a `ViTModel` or `ViTForImageClassification`
-(config.json + model.safetensors). Writes `OUT_DIR/params` (Orbax) and `OUT_DIR/model.json`, then prints the
-`--config...` overrides that build the matching model. `--scan` must match `config.model.scan` (the layout of
-the blocks). Errors print one line and exit with status 2.
+HF_DIR is what transformers' `save_pretrained` writes for a `ViTModel`, `ViTForImageClassification`,
+`Swinv2Model` or `Swinv2ForImageClassification` (config.json + model.safetensors). Writes `OUT_DIR/params`
+(Orbax) and `OUT_DIR/model.json`, then prints the `--config...` overrides that build the matching model.
+`--scan` must match `config.model.scan` (the layout of the blocks). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from visionfm_jax import checkpoint
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
-from visionfm_jax.models import vit
+from visionfm_jax.models import swinv2, vit
 
 _SRC = flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for params + model.json.")
@@ -27,24 +27,38 @@ _SCAN = flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.s
 flags.mark_flags_as_required(["src", "out"])
 
 
-def variant(model: vit.ViT) -> str | None:
-  """'B/16'-style name when the sizes are one of `vit.SIZES`, else None."""
+def variant(model: vit.ViT | swinv2.SwinV2) -> str | None:
+  """'B/16'-style name (ViT) or 'T'-style name (SwinV2) when the sizes are one of the family's SIZES."""
+  if isinstance(model, swinv2.SwinV2):
+    dims = (model.embed_dim, tuple(model.depths), tuple(model.num_heads))
+    names = [size for size, sizes in swinv2.SIZES.items() if sizes == dims]
+    return names[0] if names else None
   dims = (model.width, model.depth, model.mlp_dim, model.num_heads)
   names = [size for size, sizes in vit.SIZES.items() if sizes == dims]
   return f"{names[0]}/{model.patch_size}" if names else None
 
 
-def metadata(model: vit.ViT, src: str) -> dict[str, Any]:
+def metadata(model: vit.ViT | swinv2.SwinV2, src: str) -> dict[str, Any]:
   """What a config needs to build `model`, plus the HF image normalisation when the directory has it."""
-  meta = dict(name="vit", variant=variant(model), description=describe(model), width=model.width,
-              depth=model.depth, mlp_dim=model.mlp_dim, heads=model.num_heads, patch=model.patch_size,
+  if isinstance(model, swinv2.SwinV2):
+    meta = dict(name="swinv2", embed_dim=model.embed_dim, depths=list(model.depths), heads=list(model.num_heads),
+                window_size=model.window_size, pretrained_window_sizes=list(model.pretrained_window_sizes or ()),
+                mlp_ratio=model.mlp_ratio)
+  else:
+    meta = dict(name="vit", width=model.width, depth=model.depth, mlp_dim=model.mlp_dim, heads=model.num_heads,
+                qkv_bias=model.qkv_bias, pool=model.pool)
+  meta.update(variant=variant(model), description=describe(model), patch=model.patch_size,
               image_size=model.image_size, num_classes=model.num_classes, layer_norm_eps=model.layer_norm_eps,
-              qkv_bias=model.qkv_bias, pool=model.pool, scan=model.scan, source=os.path.abspath(src))
+              scan=model.scan, source=os.path.abspath(src))
   meta.update(normalisation(src))
   return meta
 
 
-def describe(model: vit.ViT) -> str:
+def describe(model: vit.ViT | swinv2.SwinV2) -> str:
+  if isinstance(model, swinv2.SwinV2):
+    return (f"SwinV2 embed_dim {model.embed_dim}, depths {tuple(model.depths)}, heads {tuple(model.num_heads)}, "
+            f"window {model.window_size}, patch {model.patch_size}, {model.image_size} px, "
+            f"{model.num_classes or 'no'} classes")
   return (f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
           f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes")
 
@@ -60,15 +74,32 @@ def normalisation(src: str) -> dict[str, list[float]]:
   return {"mean": [float(x) for x in cfg["image_mean"]], "std": [float(x) for x in cfg["image_std"]]}
 
 
+def _family_overrides(meta: dict[str, Any]) -> tuple[list[str], list[str]]:
+  """The flags and notes specific to the model family."""
+  if meta["name"] == "vit":
+    return [f"--config.model.pool={meta['pool']}"], []
+  # SwinV2: HF models have no extra main-branch norms (the H and G sizes default to them here).
+  flags_ = [f"--config.model.patch_size={meta['patch']}", f"--config.model.window_size={meta['window_size']}",
+            "--config.model.extra_norm_period=0"]
+  if any(meta["pretrained_window_sizes"]):
+    flags_.append(f"--config.model.pretrained_window_sizes=\"{tuple(meta['pretrained_window_sizes'])}\"")
+  notes = [] if meta["mlp_ratio"] == 4.0 else [
+      f"mlp_ratio={meta['mlp_ratio']}: config.model has no field for it (builds use 4.0)"]
+  return flags_, notes
+
+
 def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
   """`--config...` flags that build the converted model, and notes on what they cannot express."""
-  flags_, notes = ["--config.model.name=vit"], []
+  family = "ViT" if meta["name"] == "vit" else "SwinV2"
+  flags_, notes = [f"--config.model.name={meta['name']}"], []
   if meta["variant"]:
     flags_.append(f"--config.model.variant={meta['variant']}")
   else:
-    notes.append(f"no named ViT size matches ({meta['description']}): config.model.variant cannot express it")
+    notes.append(f"no named {family} size matches ({meta['description']}): config.model.variant cannot express it")
+  family_flags, family_notes = _family_overrides(meta)
+  notes += family_notes
   flags_ += [f"--config.model.image_size={meta['image_size']}", f"--config.data.image_size={meta['image_size']}",
-             f"--config.model.layer_norm_eps={meta['layer_norm_eps']!r}", f"--config.model.pool={meta['pool']}",
+             f"--config.model.layer_norm_eps={meta['layer_norm_eps']!r}", *family_flags,
              f"--config.model.scan={meta['scan']}"]
   if meta["num_classes"]:
     flags_.append(f"--config.model.num_classes={meta['num_classes']}")
@@ -78,7 +109,7 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
   if "mean" in meta:
     flags_ += [f"--config.data.mean=\"{tuple(meta['mean'])}\"", f"--config.data.std=\"{tuple(meta['std'])}\""]
   flags_.append(f"--config.init_from={os.path.abspath(out)}")
-  if not meta["qkv_bias"]:
+  if not meta.get("qkv_bias", True):
     flags_.append("--config.model.qkv_bias=False")
   return flags_, notes
 
