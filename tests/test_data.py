@@ -211,21 +211,32 @@ def test_train_iterator_resumes_bitwise(tmp_path, workers):
   def fresh():
     return iter(pipeline.make_train_loader(cfg, batch_size=8, seed=5, process_index=0, process_count=1))
 
+  assert_resumes(fresh, tmp_path, ("orbax", "state") if workers == 0 else ("orbax",))  # worker start-up is slow
+
+
+def assert_resumes(fresh, tmp_path, restores=("orbax", "state"), skip=3):
+  """An iterator from `fresh()` is saved after `skip` batches; every restore must then give its next two
+  batches bitwise: 'orbax' (grain's Orbax handler), 'state' (set_state), 'replay' (a new iterator that
+  skips as many batches: determinism)."""
   it = fresh()
-  for _ in range(3):
+  for _ in range(skip):
     next(it)
   state = it.get_state()
   checkpointer = ocp.Checkpointer(grain.checkpoint.CheckpointHandler())
   checkpointer.save(tmp_path / "it", args=grain.checkpoint.CheckpointSave(it))
   expected = [next(it) for _ in range(2)]
-  for restore in ("orbax", "state") if workers == 0 else ("orbax",):  # worker start-up is slow
+  for restore in restores:
     resumed = fresh()
     if restore == "orbax":
       resumed = checkpointer.restore(tmp_path / "it", args=grain.checkpoint.CheckpointRestore(resumed))
-    else:
+    elif restore == "state":
       resumed.set_state(state)
+    else:
+      for _ in range(skip):
+        next(resumed)
     for want in expected:
       got = next(resumed)
+      assert set(got) == set(want)
       for key in want:
         np.testing.assert_array_equal(got[key], want[key])
 

@@ -15,8 +15,12 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 
 
-def model_config(name: str) -> ml_collections.ConfigDict:
-  """`config.model` of one family: the fields its builder reads (models/<name>.py `build`)."""
+def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.ConfigDict:
+  """`config.model` of one family: the fields its builder reads (models/<name>.py `build`).
+
+  'clip' nests the image tower's fields (`image_tower`: swinv2 | vit) under `image` and the text tower's under
+  `text`; its top-level image_size, scan and remat_policy apply to both towers (models/clip.py).
+  """
   common = dict(name=name, num_classes=1000, image_size=224, drop_path=0.0, dropout=0.0, head_bias_init=0.0,
                 scan=True, remat_policy="nothing_saveable",
                 attention="xla")  # xla | cudnn (jax.nn.dot_product_attention on GPU; ViT only)
@@ -34,8 +38,28 @@ def model_config(name: str) -> ml_collections.ConfigDict:
         extra_norm_period=-1,  # main-branch LayerNorm every N blocks; -1: the size's default (6 for H and G)
         extra_norm_scope="stage",  # stage | global: count blocks within each stage or across the network
     )
+  elif name == "clip":
+    if image_tower not in ("swinv2", "vit"):
+      raise ConfigError(f"clip image_tower={image_tower!r}: expected swinv2 or vit")
+    image = model_config(image_tower)
+    for key in ("image_size", "scan", "remat_policy", "num_classes", "head_bias_init"):  # set by CLIP
+      del image[key]
+    common = {k: common[k] for k in ("name", "image_size", "scan", "remat_policy")}
+    family = dict(
+        embed_dim=512,  # the joint embedding both towers project to
+        logit_scale_init=2.6592600369327779,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
+        image=image,  # the image tower's own fields (drop_path, variant, ...); its pooled features are projected
+        text=ml_collections.ConfigDict(dict(
+            variant="B",  # pico | mu | B | L | H (models/text.py SIZES; H: width 1024, 24 layers, 16 heads)
+            vocab_size=32000,  # must match the tokenizer (pad 0, unk 1, bos 2, eos 3)
+            max_len=77,  # tokens per caption, BOS and EOS included
+            eos_id=3,  # pooled position: the first eos_id of each row
+            layer_norm_eps=1e-5,
+            attention="xla",  # xla | cudnn (causal)
+        )),
+    )
   else:
-    raise ConfigError(f"model {name!r}: known families are vit, swinv2")
+    raise ConfigError(f"model {name!r}: known families are vit, swinv2, clip")
   return ml_collections.ConfigDict(dict(common, **family))
 
 
@@ -76,7 +100,8 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="shapes",  # shapes | tfds:<name>
+      source="shapes",  # shapes | tfds:<name> | arrayrecord:<glob with {split}> (image-text pairs)
+      tokenizer="",  # SentencePiece model for captions (tools.train_tokenizer); '' = the shipped shapes one
       data_dir="",  # TFDS data dir; '' means $TFDS_DATA_DIR, else ~/tensorflow_datasets
       train_split="train",
       eval_split="validation",
@@ -95,6 +120,12 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
           crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
           flip=True,
           color_jitter=0.0,  # brightness/contrast/saturation strength; 0 disables
+          randaugment_ops=0,  # RandAugment N (operations per image); 0 disables
+          randaugment_magnitude=9,  # RandAugment M, 0..30 (M / 10 of AutoAugment's maximum strength)
+          # RandAugment operations to leave out (data/randaugment.py OPS), e.g. GEOMETRIC_OPS for captions
+          # that name positions
+          randaugment_exclude=(),
+          mixup_alpha=0.0,  # image-text Mixup (contrastive task): lam ~ Beta(alpha, alpha); 0 disables
       )),
   ))
 

@@ -71,3 +71,19 @@ def swinv2_train_flops_per_image(model) -> float:
       width *= 2
   forward += 2 * width * model.num_classes
   return 3.0 * forward
+
+
+def clip_train_flops_per_pair(model) -> float:
+  """CLIP: the image tower's, the text tower's (all max_len positions) and both projections', x 3."""
+  from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
+  image = model.image
+  if isinstance(image, swinv2.SwinV2):
+    flops = swinv2_train_flops_per_image(image)
+    pooled = image.embed_dim * 2 ** (len(image.depths) - 1)
+  else:
+    flops = vit_train_flops_per_image(image)
+    pooled = image.width
+  text = model.text
+  text_forward = (transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
+                  + 2 * text.width * text.embed_dim)
+  return flops + 3.0 * (text_forward + 2 * pooled * model.embed_dim)

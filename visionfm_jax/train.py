@@ -109,7 +109,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     grads = jax.tree.map(lambda g: g / scale, grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    params = task.post_update(optax.apply_updates(state.params, updates))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
     out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(state.step), **aux}
 
@@ -161,7 +161,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d processes", mesh_shape, config.strategy, jax.process_count())
-  task = tasks.build(config)
+  task = tasks.build(config, mesh)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count()))

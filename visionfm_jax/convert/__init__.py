@@ -2,7 +2,8 @@
 
 `from_hf(path, scan=..., dtype=...)`: a Hugging Face `save_pretrained` directory -> `(model, variables)`, picked
 by config.json's `model_type`: 'vit' (ViTModel / ViTForImageClassification -> `vit.ViT`, see `hf_vit`) or
-'swinv2' (Swinv2Model / Swinv2ForImageClassification -> `swinv2.SwinV2`, see `hf_swinv2`).
+'swinv2' (Swinv2Model / Swinv2ForImageClassification -> `swinv2.SwinV2`, see `hf_swinv2`) or 'clip_text_model'
+(CLIPTextModelWithProjection -> `text.TextTransformer`, see `hf_clip_text`).
 `stack_layers` / `unstack_layers`: unrolled `blocks_<i>` <-> scanned `blocks` param layouts.
 """
 
@@ -13,12 +14,12 @@ from typing import Any
 
 import jax.numpy as jnp
 
-from visionfm_jax.convert import hf_files, hf_swinv2, hf_vit
+from visionfm_jax.convert import hf_clip_text, hf_files, hf_swinv2, hf_vit
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
 
 # config.json model_type -> converter; a config without model_type is taken as a ViT (hand-written configs).
-CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf}
+CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf}
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):

@@ -1,8 +1,15 @@
-"""Data: sources (TFDS, the embedded shapes set), host-side transforms and the grain pipelines."""
+"""Data: sources (TFDS, ArrayRecord pairs, the embedded shapes set), host-side transforms, tokenizer and the
+grain pipelines."""
 
-from visionfm_jax.data.pipeline import make_eval_iterator, make_train_loader
+from visionfm_jax.data.pairs import ArrayRecordPairs, write_pairs
+from visionfm_jax.data.pipeline import (make_eval_iterator, make_pair_eval_iterator, make_pair_train_loader,
+                                        make_train_loader)
+from visionfm_jax.data.randaugment import RandAugment
 from visionfm_jax.data.shapes import COLOUR_NAMES, SHAPE_NAMES, ShapesSource
 from visionfm_jax.data.sources import build_source, class_names, num_classes
+from visionfm_jax.data.tokenizer import Tokenizer, eos_positions, shapes_tokenizer_path, train_tokenizer
 
-__all__ = ["make_train_loader", "make_eval_iterator", "build_source", "num_classes", "class_names",
-           "ShapesSource", "SHAPE_NAMES", "COLOUR_NAMES"]
+__all__ = ["make_train_loader", "make_eval_iterator", "make_pair_train_loader", "make_pair_eval_iterator",
+           "build_source", "num_classes", "class_names", "ShapesSource", "SHAPE_NAMES", "COLOUR_NAMES",
+           "ArrayRecordPairs", "write_pairs", "RandAugment", "Tokenizer", "eos_positions", "shapes_tokenizer_path",
+           "train_tokenizer"]

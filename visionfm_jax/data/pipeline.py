@@ -1,7 +1,10 @@
 """Host-local input pipelines: a checkpointable grain loader for training, a padded generator for eval.
 
-Batches are numpy dicts {'image': uint8 (B, S, S, 3), 'label': int32 (B,)} (+ 'mask' for eval), with B the
-per-process batch size; the training loop turns them into global arrays. Nothing here touches jax.
+Batches are numpy dicts with B, the per-process batch size, leading: classification {'image': uint8
+(B, S, S, 3), 'label': int32 (B,)}; image-text pairs {'image', 'text': int32 (B, L) tokens, 'label' when the
+source has labels}; eval batches add 'mask'. One mechanism serves both: a record -> example op
+(transforms.SelectKeys or transforms.SelectPair) ends the same decode/augment chain. The training loop turns
+the batches into global arrays. Nothing here touches jax.
 """
 
 from __future__ import annotations
@@ -36,6 +39,39 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
+  return _train_loader(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size, seed=seed,
+                       process_index=process_index, process_count=process_count)
+
+
+def make_pair_train_loader(data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int,
+                           process_count: int, source=None) -> grain.DataLoader:
+  """make_train_loader for image-text pairs: batches {'image', 'text', 'label' if the source has labels}.
+
+  `tokenizer` (tokenizer.Tokenizer) turns each record's caption into `tokenizer.max_len` int32 tokens.
+  """
+  if source is None:
+    source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
+  example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.train_split)
+  return _train_loader(data_cfg, source, example, batch_size=batch_size, seed=seed, process_index=process_index,
+                       process_count=process_count)
+
+
+def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.SelectPair:
+  """The pair example op for `source`, with labels when its records have them (checked on record 0).
+
+  Captions are tokenised per record in the grain map: it runs in the worker processes next to the image
+  work (a caption costs ~20 us, a decoded and augmented image ~1 ms), and keeps every op record -> example,
+  so the eval iterator reuses the same op.
+  """
+  record = source[0] if len(source) else {"caption": ""}
+  if "caption" not in record:
+    raise DataError(f"config.data.source={spec!r} split {split!r}: records have no 'caption' (keys "
+                    f"{sorted(record)}); image-text training needs 'shapes' or 'arrayrecord:<glob>'")
+  return transforms.SelectPair(tokenizer, with_label="label" in record)
+
+
+def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, process_index: int,
+                  process_count: int) -> grain.DataLoader:
   if len(source) // process_count < batch_size:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r} has {len(source)} "
                     f"records: fewer than one batch of {batch_size} for each of {process_count} processes")
@@ -43,7 +79,8 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard, shuffle=data_cfg.shuffle, num_epochs=None,
       seed=int(seed) % 2**32)  # grain takes 32-bit seeds
-  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, _train_decode_side(data_cfg))
+  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, _train_decode_side(data_cfg),
+                                           example)
   operations.append(grain.transforms.Batch(batch_size, drop_remainder=True))
   if data_cfg.num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
@@ -60,10 +97,10 @@ def eval_shares(total: int, batch_size: int, process_index: int, process_count: 
 
 
 class _EvalReader:
-  """Reads one eval record into (image, label, ok): decode + central crop, no augmentation."""
+  """Reads one eval record into an example dict (None when undecodable): decode + central crop + `example`."""
 
-  def __init__(self, source, image_size: int):
-    self.source, self.image_size = source, image_size
+  def __init__(self, source, image_size: int, example):
+    self.source, self.image_size, self.example = source, image_size, example
     self.ops = [transforms.Decode(round(image_size / transforms.EVAL_CROP_FRACTION)),
                 transforms.EvalTransform(image_size)]
 
@@ -73,27 +110,29 @@ class _EvalReader:
       element = op.map(element)
     if element["image"] is None:  # undecodable: a padding row
       return None
-    return element["image"], int(element["label"])
+    return self.example.map(element)
 
 
-def _assemble(rows: list, batch_size: int, image_size: int) -> dict:
-  batch = {"image": np.zeros((batch_size, image_size, image_size, 3), np.uint8),
-           "label": np.zeros((batch_size,), np.int32),
-           "mask": np.zeros((batch_size,), bool)}
+def _assemble(rows: list, batch_size: int, spec: dict) -> dict:
+  batch = {key: np.zeros((batch_size, *shape), dtype) for key, (shape, dtype) in spec.items()}
+  batch["mask"] = np.zeros((batch_size,), bool)
   for i, row in enumerate(rows):
     if row is not None:
-      batch["image"][i], batch["label"][i], batch["mask"][i] = row[0], row[1], True
+      for key, value in row.items():
+        batch[key][i] = value
+      batch["mask"][i] = True
   return batch
 
 
 def _eval_batches(reader: _EvalReader, share: range, num_batches: int, batch_size: int, threads: int):
+  spec = reader.example.spec(reader.image_size)
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
     def submit(b):
       return [pool.submit(reader, i) for i in share[b * batch_size:(b + 1) * batch_size]]
     pending = submit(0)
     for b in range(num_batches):
       current, pending = pending, submit(b + 1) if b + 1 < num_batches else []
-      yield _assemble([f.result() for f in current], batch_size, reader.image_size)
+      yield _assemble([f.result() for f in current], batch_size, spec)
 
 
 def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process_count: int, source=None):
@@ -105,9 +144,25 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.eval_split, data_cfg)
+  return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
+                        process_index=process_index, process_count=process_count)
+
+
+def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_index: int, process_count: int,
+                            source=None):
+  """make_eval_iterator for image-text pairs: batches {'image', 'text', 'label' if the source has labels,
+  'mask'}; padding rows are all zeros (their 'text' is all PAD)."""
+  if source is None:
+    source = build_source(data_cfg.source, data_cfg.eval_split, data_cfg)
+  example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.eval_split)
+  return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
+                        process_count=process_count)
+
+
+def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int):
   total = len(source) if data_cfg.eval_examples <= 0 else min(int(data_cfg.eval_examples), len(source))
   if total <= 0:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.eval_split!r} has no records")
   share, num_batches = eval_shares(total, batch_size, process_index, process_count)
-  reader = _EvalReader(source, data_cfg.image_size)
+  reader = _EvalReader(source, data_cfg.image_size, example)
   return _eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))

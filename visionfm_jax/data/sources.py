@@ -1,7 +1,9 @@
 """Random-access sources of dict records, named by `config.data.source`.
 
-  shapes        the embedded procedural set (`shapes.ShapesSource`), no download
-  tfds:<name>   a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our Pillow decoder
+  shapes             the embedded procedural set (`shapes.ShapesSource`), no download
+  tfds:<name>        a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our Pillow decoder
+  arrayrecord:<glob> image-text pairs (`pairs.ArrayRecordPairs`); '{split}' in the glob becomes the split
+                     name (config.data.train_split / eval_split), a glob without it serves every split
 
 TensorFlow is never imported: TFDS reads ArrayRecord files itself, and nothing is ever downloaded here. A
 dataset that is not prepared fails at once with a `DataError` naming the dataset, split and directory.
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from visionfm_jax.data.pairs import ArrayRecordPairs, split_pattern
 from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
 from visionfm_jax.errors import DataError
 
@@ -24,9 +27,9 @@ def _parse(spec: str) -> tuple[str, str]:
   kind, _, name = spec.partition(":")
   if kind == "shapes" and not name:
     return kind, ""
-  if kind == "tfds" and name:
+  if kind in ("tfds", "arrayrecord") and name:
     return kind, name
-  raise DataError(f"config.data.source={spec!r}: expected 'shapes' or 'tfds:<name>'")
+  raise DataError(f"config.data.source={spec!r}: expected 'shapes', 'tfds:<name>' or 'arrayrecord:<glob>'")
 
 
 def tfds_data_dir(data_cfg) -> Path:
@@ -72,12 +75,22 @@ def _tfds_label_feature(name: str, data_cfg):
 
 
 def build_source(spec: str, split: str, data_cfg):
-  """The RandomAccessDataSource (len, getitem -> dict with 'image' and 'label') for `spec` and `split`."""
+  """The RandomAccessDataSource for `spec` and `split`: len, getitem -> dict with 'image' and 'label'
+  (classification sources) or 'caption' (pair sources; shapes has both)."""
   kind, name = _parse(spec)
   if kind == "shapes":
     size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED)
+  if kind == "arrayrecord":
+    try:
+      return ArrayRecordPairs(split_pattern(name, split))
+    except DataError as e:
+      raise DataError(f"config.data.source={spec!r} split {split!r}: {e}") from e
   return _tfds_source(name, split, tfds_data_dir(data_cfg))
+
+
+def _no_labels(spec: str):
+  return DataError(f"config.data.source={spec!r}: image-text pairs have no class labels")
 
 
 def num_classes(spec: str, data_cfg) -> int:
@@ -85,6 +98,8 @@ def num_classes(spec: str, data_cfg) -> int:
   kind, name = _parse(spec)
   if kind == "shapes":
     return len(SHAPE_NAMES)
+  if kind == "arrayrecord":
+    raise _no_labels(spec)
   return int(_tfds_label_feature(name, data_cfg).num_classes)
 
 
@@ -93,4 +108,6 @@ def class_names(spec: str, data_cfg) -> list[str]:
   kind, name = _parse(spec)
   if kind == "shapes":
     return list(SHAPE_NAMES)
+  if kind == "arrayrecord":
+    raise _no_labels(spec)
   return list(_tfds_label_feature(name, data_cfg).names)

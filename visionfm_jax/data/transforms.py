@@ -14,6 +14,9 @@ import grain
 import numpy as np
 from PIL import Image
 
+from visionfm_jax.data import randaugment
+from visionfm_jax.errors import ConfigError
+
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
 
 _decode_failures = 0
@@ -22,6 +25,13 @@ _decode_failures = 0
 def decode_failures() -> int:
   """How many records this process has dropped as undecodable."""
   return _decode_failures
+
+
+def count_failure(what: str, error: Exception) -> None:
+  """Logs and counts one undecodable record (an image, or a whole serialized record); see decode_failures."""
+  global _decode_failures
+  _decode_failures += 1
+  logging.warning("skipping an undecodable %s (%d so far in this process): %s", what, _decode_failures, error)
 
 
 def _to_rgb_array(image) -> np.ndarray:
@@ -54,24 +64,23 @@ class Decode(grain.transforms.Map):
   """Decodes record['image'] when it holds encoded bytes; arrays pass through as uint8 RGB.
 
   An undecodable image is logged, counted (see `decode_failures`) and marked with image=None, for
-  `DropUndecodable` (training) or the eval iterator's padding mask to handle.
+  `DropUndecodable` (training) or the eval iterator's padding mask to handle. image=None (a record its
+  source could not read, already counted there) passes through.
   """
 
   def __init__(self, min_side: int = 0):
     self.min_side = min_side
 
   def map(self, element: dict) -> dict:
-    global _decode_failures
     element = dict(element)
     image = element["image"]
     if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
       try:
         element["image"] = decode_image(bytes(image), self.min_side)
       except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        _decode_failures += 1
-        logging.warning("skipping an undecodable image (%d so far in this process): %s", _decode_failures, e)
+        count_failure("image", e)
         element["image"] = None
-    else:
+    elif image is not None:
       element["image"] = _to_rgb_array(image)
     return element
 
@@ -211,14 +220,61 @@ class EvalTransform(grain.transforms.Map):
 
 
 class SelectKeys(grain.transforms.Map):
-  """Keeps only what a batch needs: uint8 'image' and int32 'label'."""
+  """The record -> example op of classification: uint8 'image' and int32 'label'.
+
+  Every example op has `spec(image_size)`: {key: (shape, dtype)} of one example, from which the eval
+  iterator builds its (padded) batches.
+  """
 
   def map(self, element: dict) -> dict:
     return {"image": element["image"], "label": np.int32(element["label"])}
 
+  def spec(self, image_size: int) -> dict:
+    return {"image": ((image_size, image_size, 3), np.uint8), "label": ((), np.int32)}
 
-def train_transforms(image_size: int, augment, decode_min_side: int = 0) -> list:
-  """Decode + the augmentations named in config.data.augment, ending in uint8 size x size images."""
+
+class SelectPair(grain.transforms.Map):
+  """The record -> example op of image-text pairs: uint8 'image', int32 'text' (max_len,) tokens of
+  record['caption'], and int32 'label' when `with_label` (sources with labels: zero-shot evaluation).
+  """
+
+  def __init__(self, tokenizer, with_label: bool):
+    self.tokenizer, self.with_label = tokenizer, bool(with_label)
+
+  def map(self, element: dict) -> dict:
+    example = {"image": element["image"], "text": self.tokenizer.encode(element["caption"])}
+    if self.with_label:
+      example["label"] = np.int32(element["label"])
+    return example
+
+  def spec(self, image_size: int) -> dict:
+    spec = {"image": ((image_size, image_size, 3), np.uint8), "text": ((self.tokenizer.max_len,), np.int32)}
+    if self.with_label:
+      spec["label"] = ((), np.int32)
+    return spec
+
+
+def _randaugment_ops(augment) -> tuple[str, ...]:
+  exclude = tuple(augment.randaugment_exclude)
+  unknown = [op for op in exclude if op not in randaugment.OPS]
+  ops = tuple(op for op in randaugment.OPS if op not in exclude)
+  if unknown or not ops:
+    raise ConfigError(f"config.data.augment.randaugment_exclude={exclude}: unknown {unknown} or nothing left; "
+                      f"the operations are {randaugment.OPS}")
+  if not 0 <= augment.randaugment_magnitude <= randaugment.MAX_MAGNITUDE:
+    raise ConfigError(f"config.data.augment.randaugment_magnitude={augment.randaugment_magnitude}: expected "
+                      f"0..{randaugment.MAX_MAGNITUDE}")
+  return ops
+
+
+def train_transforms(image_size: int, augment, decode_min_side: int = 0, example=None) -> list:
+  """Decode + the augmentations named in config.data.augment, ending in uint8 size x size images, then
+  `example` (the record -> example op; SelectKeys when None).
+
+  For captions that name positions (the shapes captions do), turn flip off, exclude
+  randaugment.GEOMETRIC_OPS and keep crop_scale near 1 (or random_resized_crop off): these move or mirror
+  the content and make such captions wrong.
+  """
   ops = [Decode(decode_min_side), DropUndecodable()]
   if augment.random_resized_crop:
     ops.append(RandomResizedCrop(image_size, augment.crop_scale, augment.crop_ratio))
@@ -226,7 +282,10 @@ def train_transforms(image_size: int, augment, decode_min_side: int = 0) -> list
     ops.append(EvalTransform(image_size))
   if augment.flip:
     ops.append(RandomFlip())
+  if augment.randaugment_ops > 0:
+    ops.append(randaugment.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude,
+                                       _randaugment_ops(augment)))
   if augment.color_jitter > 0:
     ops.append(ColorJitter(augment.color_jitter))
-  ops.append(SelectKeys())
+  ops.append(SelectKeys() if example is None else example)
   return ops

@@ -16,6 +16,7 @@ Dtype = Any
 
 # Logical axis names used by parameters and activations.
 BATCH, LENGTH, EMBED, MLP, HEADS, KV, LAYERS, CLASSES = "batch", "length", "embed", "mlp", "heads", "kv", "layers", "classes"
+VOCAB = "vocab"
 ACT_EMBED, ACT_MLP, ACT_HEADS = "act_embed", "act_mlp", "act_heads"
 
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
@@ -72,37 +73,47 @@ class LayerNorm(nn.Module):
     return y.astype(self.dtype)
 
 
-def dot_product_attention(q, k, v, *, bias=None, implementation: str = "xla"):
+def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "xla"):
   """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
 
+  `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i.
   `implementation='cudnn'` routes to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
   """
   if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, implementation="cudnn")
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn")
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
   if bias is not None:
     logits = logits + bias
+  if causal:
+    below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
+    mask = below if mask is None else jnp.logical_and(mask, below)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 class SelfAttention(nn.Module):
-  """Multi-head self-attention with a fused qkv projection (kernel: embed x 3 x heads x head_dim)."""
+  """Multi-head self-attention with a fused qkv projection (kernel: embed x 3 x heads x head_dim).
+
+  `causal`: token i attends to tokens <= i (text towers); `mask` as in `dot_product_attention`.
+  """
   num_heads: int
   dtype: Dtype = jnp.float32
   qkv_bias: bool = True
   implementation: str = "xla"
+  causal: bool = False
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, mask=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     qkv = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    out = dot_product_attention(q, k, v, implementation=self.implementation)
+    out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation)
     out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
     return dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")(out)
 

@@ -3,11 +3,12 @@
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks.base import EvalContext, Task
 from visionfm_jax.tasks.classification import ClassificationTask
+from visionfm_jax.tasks.contrastive import ContrastiveTask
 
-TASKS = {"classification": ClassificationTask}
+TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask}
 
 
-def build(config) -> Task:
+def build(config, mesh=None) -> Task:
   if config.task not in TASKS:
     raise ConfigError(f"config.task={config.task!r}: known tasks are {sorted(TASKS)}")
-  return TASKS[config.task](config)
+  return TASKS[config.task](config, mesh)

@@ -4,6 +4,7 @@ A task supplies the model, the loss, the data loaders and the evaluators; `train
 
   init_variables(rng)            -> model variables (boxed with logical axis names)
   loss(params, batch, rng)       -> (scalar loss, dict of scalar metrics), on one (micro-)batch
+  post_update(params)            -> params after each optimizer update (e.g. clamping CLIP's temperature)
   train_loader(batch_size, ...)  -> a checkpointable iterator of host-local numpy batches
   evaluators(ctx)                -> {name: fn(params) -> {metric: float}}, logged as eval/<name>/<metric>
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
@@ -46,8 +47,9 @@ def host_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) 
 class Task:
   """Base class: builds the model and normalises uint8 images on the device."""
 
-  def __init__(self, config):
+  def __init__(self, config, mesh: Mesh | None = None):
     self.config = config
+    self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
     self.dtype = precision.compute_dtype(config.precision)
     self.model = models.build(config.model, self.dtype)
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
@@ -60,6 +62,9 @@ class Task:
   def init_variables(self, rng: jax.Array) -> Any:
     size = self.config.model.image_size
     return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
+
+  def post_update(self, params):
+    return params
 
   def train_flops_per_example(self) -> float | None:
     return None

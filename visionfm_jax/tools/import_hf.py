@@ -117,6 +117,9 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
 def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
   """Converts `src` into `out`; returns the metadata written to `out/model.json`."""
   model, variables = from_hf(src, scan=scan)
+  if not isinstance(model, (vit.ViT, swinv2.SwinV2)):
+    raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT "
+                    "and SwinV2 directories (use visionfm_jax.convert.from_hf for the others)")
   meta = metadata(model, src)
   checkpoint.save_params(out, variables["params"], meta)
   return meta

@@ -1,0 +1,149 @@
+"""The contrastive (CLIP) task: training through the loop with zero-shot and retrieval evaluation, resolution
+transfer, fp16 overflow handling, the temperature clamp, Mixup, and the evaluators' arithmetic."""
+
+import math
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh
+
+from configs import swinv2_g_clip
+from conftest import override
+from test_train_step import _setup
+from visionfm_jax import checkpoint, parallel, tasks, train
+from visionfm_jax.evaluate import retrieval, zeroshot
+from visionfm_jax.models import clip
+
+
+def _tiny(*variant, **overrides):
+  """The demo shrunk: pico SwinV2 (8x8 map at 16 px, patch 2, window 4) + pico text tower, batch 16."""
+  config = swinv2_g_clip.get_config(",".join(("demo",) + variant))
+  image = 32 if "ft640" in variant else 16
+  config.model.image_size = config.data.image_size = image
+  config.model.image.variant = "pico"
+  config.model.image.patch_size = 2
+  config.model.image.window_size = 8 if "ft640" in variant else 4
+  if "ft640" in variant:
+    config.model.image.pretrained_window_sizes = (4, 4)
+  config.model.text.variant = "pico"
+  config.model.embed_dim = 32
+  config.global_batch_size = 16
+  config.total_steps = 4
+  config.optim.warmup_steps = 1
+  config.log_every = 2
+  config.eval_every = config.checkpoint_every = 4
+  config.data.eval_examples = 48
+  config.progress_bar = False
+  return override(config, **overrides)
+
+
+def _random_pairs(config, n, seed=0):
+  rng = np.random.default_rng(seed)
+  size, length = config.data.image_size, config.model.text.max_len
+  batches = []
+  for _ in range(n):
+    text = rng.integers(4, 200, (config.global_batch_size, length), dtype=np.int32)
+    text[:, 0], text[:, 10], text[:, 11:] = 2, 3, 0
+    batches.append({"image": rng.integers(0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8),
+                    "text": text})
+  return batches
+
+
+def test_clip_trains_evaluates_and_transfers_resolution(tmp_path):
+  first = train.run(_tiny(strategy="zero3"), str(tmp_path / "low"))
+  assert first["step"] == 4 and np.isfinite(first["train/loss"])
+  for key in ("eval/zeroshot/top1", "eval/zeroshot/top5", "eval/retrieval/i2t_r1", "eval/retrieval/i2t_r5",
+              "eval/retrieval/i2t_r10", "eval/retrieval/t2i_r1", "eval/retrieval/t2i_r10"):
+    assert 0.0 <= first[key] <= 1.0, key
+  assert first["eval/retrieval/count"] == 48
+  assert 0.0 < first["train/logit_scale"] <= 100.0
+
+  high = _tiny("ft640", init_from=str(tmp_path / "low"), total_steps=1, **{"optim.warmup_steps": 1})
+  second = train.run(high, str(tmp_path / "high"))
+  assert second["step"] == 1 and np.isfinite(second["eval/zeroshot/top1"])
+  # At lr 0 (the first warmup step) the new run's params are the old run's, all of them.
+  target = nn.unbox(jax.jit(lambda: tasks.build(high).init_variables(jax.random.key(0))["params"])())
+  chex.assert_trees_all_equal(checkpoint.load_params(str(tmp_path / "low"), target),
+                              checkpoint.load_params(str(tmp_path / "high"), target))
+
+
+def test_fp16_overflow_skips_exactly_that_step_and_continues():
+  config = _tiny(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**12, "strategy": "zero3"})
+  batches = _random_pairs(config, 4)
+  for i, b in enumerate(batches):  # the third batch overflows
+    b["poison"] = np.full((config.global_batch_size,), i == 2, np.bool_)
+
+  class OverflowingTask(tasks.ContrastiveTask):
+    """Gradients become inf on a poisoned batch, as an fp16 overflow makes them."""
+
+    def loss(self, params, batch, rng):
+      loss, aux = super().loss(params, batch, rng)
+      return loss * jnp.where(jnp.any(batch["poison"]), jnp.inf, 1.0), aux
+
+  mesh = parallel.make_mesh(config.mesh)
+  state, step, _ = _setup(config, OverflowingTask(config, mesh))
+  history = []
+  for b in batches:
+    before = jax.device_get(state.params)
+    state, m = step(state, b)
+    history.append((m, before, jax.device_get(state.params)))
+  skipped = [int(m["train/skipped_steps"]) for m, _, _ in history]
+  assert skipped == [0, 0, 1, 1]
+  scales = [float(m["train/loss_scale"]) for m, _, _ in history]
+  assert scales == [2.0**12, 2.0**12, 2.0**12, 2.0**11]
+  chex.assert_trees_all_equal(history[2][1], history[2][2])  # the overflowing step changed nothing
+  assert not np.allclose(history[3][1]["image_proj"]["kernel"], history[3][2]["image_proj"]["kernel"])
+  assert all(np.isfinite(m["train/loss"]) for i, (m, _, _) in enumerate(history) if i != 2)
+
+
+def test_temperature_is_clamped_after_every_update():
+  config = _tiny(**{"optim.lr": 10.0, "optim.clip_norm": 0.0, "strategy": "ddp"})
+  state, step, _ = _setup(config)
+  assert float(state.params["logit_scale"]) == pytest.approx(math.log(1 / 0.07), abs=1e-6)
+  state = state.replace(params={**state.params, "logit_scale": jnp.float32(4.6)})
+  for b in _random_pairs(config, 2):
+    state, _ = step(state, b)
+    assert 0.0 <= float(state.params["logit_scale"]) <= math.log(100.0) + 1e-6
+  clamped = clip.clamp_logit_scale({"logit_scale": jnp.float32(9.0), "other": 1})
+  assert float(clamped["logit_scale"]) == pytest.approx(math.log(100.0)) and clamped["other"] == 1
+
+
+@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
+def test_sharded_task_loss_equals_the_single_device_loss(mixup_alpha):
+  config = _tiny(**{"data.augment.mixup_alpha": mixup_alpha})
+  mesh = Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+  plain, sharded = tasks.build(config), tasks.build(config, mesh)
+  params = nn.unbox(plain.init_variables(jax.random.key(0))["params"])
+  batch = _random_pairs(config, 1)[0]
+  want, _ = jax.jit(plain.loss)(params, batch, jax.random.key(3))
+  got, _ = jax.jit(sharded.loss)(params, batch, jax.random.key(3))
+  np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_retrieval_ranks_and_ties():
+  # Pair 0 is found first, pair 1 second (text 0 scores higher for image 1), pair 2 tied with text 0.
+  scores = np.array([[0.9, 0.1, 0.0], [0.8, 0.5, 0.0], [0.3, 0.0, 0.3]])
+  np.testing.assert_array_equal(retrieval.ranks(scores), [0, 1, 1])
+  np.testing.assert_array_equal(retrieval.ranks(np.zeros((4, 4))), [0, 1, 2, 3])  # constant: chance
+  emb = np.eye(5)
+  r = retrieval.recall_at_k(emb, emb)
+  assert r["i2t_r1"] == r["t2i_r1"] == 1.0
+  r = retrieval.recall_at_k(emb, np.roll(emb, 1, axis=0), ks=(1, 5))
+  assert r["i2t_r1"] == 0.0 and r["i2t_r5"] == 1.0
+
+
+def test_zeroshot_prompt_ensembling():
+  names, templates = tasks.contrastive.zeroshot_classes("imagenet")
+  assert len(names) == 1000 and len(set(names)) == 1000 and names[0] == "tench"
+  assert all("{}" in t for t in templates)
+  assert zeroshot.prompts(["cat", "dog"], ["a {}", "the {}"]) == ["a cat", "the cat", "a dog", "the dog"]
+
+  def embed(_, tokens):  # two prompts per class whose mean points along the class axis
+    return jnp.asarray(tokens, jnp.float32)
+  tokens = np.array([[1, 1, 0], [1, -1, 0], [0, 1, 1], [0, 1, -1]], np.float32)
+  classes = zeroshot.class_embeddings(embed, None, tokens, 2)
+  np.testing.assert_allclose(classes, [[1, 0, 0], [0, 1, 0]], atol=1e-6)

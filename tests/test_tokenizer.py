@@ -1,0 +1,143 @@
+"""Tests of visionfm_jax.data.tokenizer and tools.train_tokenizer (CPU, no network)."""
+
+import os
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+from absl import flags
+from absl.testing import flagsaver
+import numpy as np
+import pytest
+import sentencepiece as spm
+
+from visionfm_jax.data import tokenizer
+from visionfm_jax.errors import DataError
+from visionfm_jax.tools import train_tokenizer as tool
+
+ROOT = Path(__file__).resolve().parents[1]
+CORPUS = [f"{size} {colour} {shape} on the {side}" for size in ("a small", "a large", "one tiny")
+          for colour in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "star")
+          for side in ("left", "right", "top", "bottom")]
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+  return tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path_factory.mktemp("tok") / "small"))
+
+
+def test_round_trip(model_file):
+  tok = tokenizer.Tokenizer(model_file, max_len=16)
+  assert (tok.pad_id, tok.bos_id, tok.eos_id) == (0, 2, 3) and 20 < tok.vocab_size <= 64
+  texts = ["a small red circle on the left", "one tiny blue star on the top", "a large green square"]
+  tokens = tok.encode_batch(texts)
+  assert tokens.shape == (3, 16) and tokens.dtype == np.int32
+  assert tok.decode(tokens) == texts and tok.decode(tokens[1]) == texts[1]
+  assert (tokens != tokenizer.UNK_ID).all()
+  np.testing.assert_array_equal(tok.encode(texts[2]), tokens[2])
+  np.testing.assert_array_equal(tok.encode_batch(texts[:1]), tokens[:1])  # the one-text path
+  np.testing.assert_array_equal(tok.encode_batch(texts, num_threads=1), tokens)
+  assert tokenizer.UNK_ID in tok.encode("a zebra circle")  # no 'z' in the corpus
+  clone = pickle.loads(pickle.dumps(tok))
+  np.testing.assert_array_equal(clone.encode_batch(texts), tokens)
+  assert clone.max_len == 16 and "small.model" in repr(clone)
+
+
+def test_layout_and_truncation(model_file):
+  long = " ".join(CORPUS[:4])
+  tok = tokenizer.Tokenizer(model_file, max_len=8)
+  pieces = len(tokenizer.Tokenizer(model_file, max_len=200).pieces(long))
+  assert pieces > 6
+  tokens = tok.encode_batch(["a red star", long, ""])
+  row = tokens[0]
+  n = len(tok.pieces("a red star"))
+  assert row[0] == tokenizer.BOS_ID and row[n + 1] == tokenizer.EOS_ID and (row[n + 2:] == 0).all()
+  assert (row[1:n + 1] > 3).all()
+  assert tokens[1, 0] == tokenizer.BOS_ID and tokens[1, -1] == tokenizer.EOS_ID and (tokens[1, 1:-1] > 3).all()
+  np.testing.assert_array_equal(tokens[2], [2, 3, 0, 0, 0, 0, 0, 0])
+  np.testing.assert_array_equal(tok.eos_positions(tokens), [n + 1, 7, 1])
+  np.testing.assert_array_equal(tokenizer.eos_positions(tokens[None]), [[n + 1, 7, 1]])
+  assert tok.encode_batch([]).shape == (0, 8)
+  assert tokenizer.Tokenizer(model_file, max_len=2).encode("a red star").tolist() == [2, 3]
+
+
+def test_training_is_deterministic(tmp_path):
+  a = tokenizer.train_tokenizer(CORPUS, 48, str(tmp_path / "a"))
+  b = tokenizer.train_tokenizer(iter(CORPUS), 48, str(tmp_path / "sub" / "b"))
+  assert Path(a).read_bytes() == Path(b).read_bytes()
+  c = tokenizer.train_tokenizer(CORPUS, 48, str(tmp_path / "c"), model_type="unigram")
+  unigram = tokenizer.Tokenizer(c, 64)
+  assert unigram.decode(unigram.encode(CORPUS[5])) == CORPUS[5]
+  with pytest.raises(DataError, match="model_type"):
+    tokenizer.train_tokenizer(CORPUS, 48, str(tmp_path / "d"), model_type="wordpiece")
+  with pytest.raises(DataError, match="no non-empty lines"):
+    tokenizer.train_tokenizer(["", "  "], 48, str(tmp_path / "e"))
+
+
+def test_bad_model_files(tmp_path):
+  missing = tmp_path / "nope.model"
+  with pytest.raises(DataError, match=str(missing)):
+    tokenizer.Tokenizer(str(missing), 8)
+  garbage = tmp_path / "garbage.model"
+  garbage.write_bytes(b"this is not a model")
+  with pytest.raises(DataError, match=str(garbage)):
+    tokenizer.Tokenizer(str(garbage), 8)
+  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "default_ids"),
+                                 vocab_size=30, hard_vocab_limit=False, minloglevel=2)  # unk 0, bos 1, eos 2, no pad
+  with pytest.raises(DataError, match="default_ids.model.*ids"):
+    tokenizer.Tokenizer(str(tmp_path / "default_ids.model"), 8)
+  with pytest.raises(DataError, match="max_len"):
+    tokenizer.Tokenizer(str(garbage), 1)
+
+
+def test_shipped_shapes_tokenizer_rebuilds_identically(tmp_path):
+  shipped = tokenizer.shapes_tokenizer_path()
+  assert shipped.endswith(os.path.join("data", "assets", "shapes_tokenizer.model"))
+  rebuilt = tool.run(None, tokenizer.SHAPES_RECORDS, tokenizer.SHAPES_VOCAB_SIZE, str(tmp_path / "shapes.model"),
+                     normalization=tokenizer.SHAPES_NORMALIZATION)
+  assert rebuilt.model_file == str(tmp_path / "shapes.model")
+  assert Path(rebuilt.model_file).read_bytes() == Path(shipped).read_bytes()
+
+
+def test_shipped_tokenizer_covers_fresh_captions():
+  from visionfm_jax.data.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
+  tok = tokenizer.Tokenizer(tokenizer.shapes_tokenizer_path(), max_len=32)
+  source = ShapesSource("validation", 1000, 48)
+  captions = [source[i]["caption"] for i in range(1000)]
+  tokens = tok.encode_batch(captions)
+  assert not (tokens == tokenizer.UNK_ID).any()
+  assert tok.decode(tokens) == captions
+  assert tok.eos_positions(tokens).max() < 20  # captions fit in 20 tokens: a demo max_len of 24 truncates nothing
+
+
+def test_cli(tmp_path):
+  corpus = tmp_path / "captions.txt"
+  corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", f"--input={corpus}",
+                           "--vocab_size=64", f"--out={tmp_path / 'cli.model'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert f"wrote {tmp_path / 'cli.model'}" in result.stdout
+  with open(tmp_path / "cli.model", "rb") as f:
+    assert f.read() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"))).read_bytes()
+
+
+def test_cli_error_is_one_line(tmp_path, capsys):
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+  with flagsaver.flagsaver(input=str(tmp_path / "missing.txt"), vocab_size=64, out=str(tmp_path / "x")):
+    with pytest.raises(SystemExit) as info:
+      tool.main(["train_tokenizer"])
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  assert err.startswith("error: ") and "missing.txt" in err and len(err.strip().splitlines()) == 1
+
+
+def test_tool_argument_errors(tmp_path):
+  corpus = tmp_path / "captions.txt"
+  corpus.write_bytes(b"\xff\xfe not utf-8")
+  for args in [(str(corpus), 5), (None, 0), (str(corpus), 0)]:
+    with pytest.raises(Exception, match="--input|--shapes_records") as info:
+      tool.run(args[0], args[1], 64, str(tmp_path / "x"))
+    assert isinstance(info.value, tool.UserError)

@@ -1,0 +1,175 @@
+"""SentencePiece text tokenisation: fixed-length int32 token rows for the text towers, and tokenizer training.
+
+Every tokenizer here has pad=0, unk=1, bos=2, eos=3 (`train_tokenizer` sets them, `Tokenizer` checks them).
+A row is [BOS] + pieces + [EOS] + padding; truncation drops pieces, never the EOS, so the text tower can pool
+at `eos_positions(tokens)`.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import sentencepiece as spm
+
+from visionfm_jax.errors import DataError
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+MODEL_TYPES = ("bpe", "unigram")
+
+# The demo tokenizer shipped as package data: BPE on the captions of the first SHAPES_RECORDS shapes train
+# records at SHAPES_IMAGE_SIZE px (the position words depend slightly on the size). Identity normalisation
+# (no case folding): the captions are lower-case ASCII, and it keeps the file at ~3 KB instead of ~250 KB.
+# Rebuild: python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
+#   --normalization=identity --out=visionfm_jax/data/assets/shapes_tokenizer
+SHAPES_RECORDS, SHAPES_IMAGE_SIZE, SHAPES_VOCAB_SIZE, SHAPES_NORMALIZATION = 20_000, 32, 256, "identity"
+
+
+def shapes_tokenizer_path() -> str:
+  """The demo tokenizer for the shapes captions (package data `data/assets/shapes_tokenizer.model`)."""
+  return str(Path(__file__).parent / "assets" / "shapes_tokenizer.model")
+
+
+def shapes_captions(num_records: int = SHAPES_RECORDS, image_size: int = SHAPES_IMAGE_SIZE) -> list[str]:
+  """The captions of the first `num_records` shapes train records: the demo tokenizer's corpus."""
+  from visionfm_jax.data.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.sources import SHAPES_SEED  # pylint: disable=g-import-not-at-top
+  source = ShapesSource("train", num_records, image_size, seed=SHAPES_SEED)
+  return [source[i]["caption"] for i in range(num_records)]
+
+
+def eos_positions(tokens, eos_id: int = EOS_ID):
+  """Index of the (first) EOS in each row of `tokens` (..., L); numpy or jax arrays alike."""
+  return (tokens == eos_id).argmax(-1)
+
+
+class Tokenizer:
+  """A SentencePiece model that encodes texts into fixed-length int32 rows (see module docstring).
+
+  Picklable (grain worker processes get a copy): the state is the serialized model, not the file path.
+  """
+
+  def __init__(self, model_file: str, max_len: int):
+    if int(max_len) < 2:
+      raise DataError(f"tokenizer {model_file}: max_len={max_len} leaves no room for BOS and EOS")
+    try:
+      proto = Path(model_file).read_bytes()
+    except OSError as e:
+      raise DataError(f"tokenizer model {model_file} cannot be read: {e.strerror or e}") from e
+    self._setup(str(model_file), proto, int(max_len))
+
+  def _setup(self, model_file: str, proto: bytes, max_len: int) -> None:
+    self.model_file, self._proto, self.max_len = model_file, proto, max_len
+    self._sp = spm.SentencePieceProcessor()
+    try:
+      self._sp.LoadFromSerializedProto(proto)
+    except (RuntimeError, OSError) as e:
+      raise DataError(f"tokenizer model {model_file} is not a SentencePiece model: {e}") from e
+    ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
+    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+      raise DataError(f"tokenizer model {model_file} has (pad, unk, bos, eos) ids {ids}; expected "
+                      f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)} (train it with visionfm_jax.tools.train_tokenizer)")
+
+  def __getstate__(self):
+    return {"model_file": self.model_file, "proto": self._proto, "max_len": self.max_len}
+
+  def __setstate__(self, state):
+    self._setup(state["model_file"], state["proto"], state["max_len"])
+
+  def __repr__(self) -> str:
+    return f"Tokenizer({self.model_file!r}, max_len={self.max_len}, vocab_size={self.vocab_size})"
+
+  @property
+  def vocab_size(self) -> int:
+    return self._sp.get_piece_size()
+
+  @property
+  def pad_id(self) -> int:
+    return PAD_ID
+
+  @property
+  def bos_id(self) -> int:
+    return BOS_ID
+
+  @property
+  def eos_id(self) -> int:
+    return EOS_ID
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> np.ndarray:
+    """int32 (len(texts), max_len): [BOS] + pieces (truncated) + [EOS], then PAD.
+
+    One SentencePiece batch call (C++, `num_threads` threads; -1: one per core), then a vectorised fill.
+    A single text skips the batch call, whose thread pool costs more than encoding one caption.
+    """
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    if len(texts) == 1:
+      pieces = [self._sp.encode(texts[0], out_type=int)]
+    else:
+      pieces = self._sp.encode(texts, out_type=int, num_threads=num_threads) if texts else []
+    keep = self.max_len - 2
+    lengths = np.fromiter((min(len(p), keep) for p in pieces), np.int64, len(pieces))
+    out = np.zeros((len(pieces), self.max_len), np.int32)
+    out[:, 0] = BOS_ID
+    body = np.arange(1, self.max_len - 1) <= lengths[:, None]  # (B, max_len - 2): row b, columns 1..len
+    out[:, 1:-1][body] = np.fromiter((t for p in pieces for t in p[:keep]), np.int32, int(lengths.sum()))
+    out[np.arange(len(pieces)), lengths + 1] = EOS_ID
+    return out
+
+  def encode(self, text: str) -> np.ndarray:
+    """int32 (max_len,): one text."""
+    return self.encode_batch([text])[0]
+
+  def decode(self, ids) -> str | list[str]:
+    """Text of one row (1-D) or of each row (2-D); stops at the first EOS, drops PAD and BOS."""
+    ids = np.asarray(ids)
+    if ids.ndim == 2:
+      return [self.decode(row) for row in ids]
+    ids = ids.tolist()
+    if EOS_ID in ids:
+      ids = ids[:ids.index(EOS_ID)]
+    return self._sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+
+  def pieces(self, text: str) -> list[str]:
+    """The SentencePiece pieces of `text` (no BOS/EOS, no truncation), for inspection."""
+    return self._sp.encode(text, out_type=str)
+
+  def eos_positions(self, tokens):
+    return eos_positions(tokens, EOS_ID)
+
+
+def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, model_type: str = "bpe",
+                    normalization: str = "nmt_nfkc_cf") -> str:
+  """Trains a SentencePiece model on `lines` (one text each) and writes `<out_prefix>.model`; returns its path.
+
+  Deterministic: one thread, every line used in order (no sampling or shuffling), and the file does not
+  record where it was written, so the same lines give the same bytes. `vocab_size` is an upper bound
+  (a small corpus gives fewer pieces). `normalization` is a SentencePiece rule: nmt_nfkc_cf (NFKC + case
+  folding, the default), nmt_nfkc, nfkc, identity.
+  """
+  if model_type not in MODEL_TYPES:
+    raise DataError(f"tokenizer model_type={model_type!r}: expected one of {MODEL_TYPES}")
+  lines = [line.strip() for line in lines]
+  lines = [line for line in lines if line]
+  if not lines:
+    raise DataError(f"tokenizer {out_prefix}: no non-empty lines to train on")
+  if int(vocab_size) <= 4:
+    raise DataError(f"tokenizer {out_prefix}: vocab_size={vocab_size} must exceed the 4 special pieces")
+  model = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(lines), model_writer=model, vocab_size=int(vocab_size), model_type=model_type,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=1, input_sentence_size=0,
+        shuffle_input_sentence=False, hard_vocab_limit=False, character_coverage=1.0,
+        normalization_rule_name=normalization, minloglevel=2)
+  except RuntimeError as e:
+    raise DataError(f"tokenizer {out_prefix}: SentencePiece training failed: {e}") from e
+  path = f"{out_prefix}.model"
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = f"{path}.tmp"
+  with open(tmp, "wb") as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)
+  return path

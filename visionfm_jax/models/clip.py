@@ -1,0 +1,106 @@
+"""CLIP (Radford et al. 2021) with a SwinV2 or ViT image tower: the model of SwinV2-G-CLIP.
+
+  image_emb = normalise(image_proj(image_tower(images)['pooled']))   # bias-free Linear(pooled width -> embed)
+  text_emb  = normalise(text_tower(tokens)['embedding'])             # EOS features, bias-free projection
+  logits    = exp(logit_scale) * image_emb @ text_emb.T              # (the contrastive task computes these)
+
+SwinV2's `pooled` is the mean of its final tokens; ViT's is its class token (or mean, per `pool`), both after
+the tower's final LayerNorm. `logit_scale` is a learnable scalar, init log(1/0.07); the task clamps it to
+[0, log 100] after every update with `clamp_logit_scale`. Params: 'image', 'image_proj', 'text', 'logit_scale'.
+
+Entry points: `model.apply(v, images, tokens)` -> {'image_emb', 'text_emb', 'logit_scale'};
+`model.apply(v, images, method=CLIP.embed_images)` and `model.apply(v, tokens, method=CLIP.embed_texts)` for
+zero-shot and retrieval. Embeddings are L2-normalised fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+from visionfm_jax.models import layers, text as text_lib
+from visionfm_jax.models.layers import EMBED
+
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # 2.659260
+MAX_LOGIT_SCALE = math.log(100.0)
+IMAGE_TOWERS = ("swinv2", "vit")
+# Fields of the image tower's config that config.model (the CLIP config) sets for both towers.
+SHARED_FIELDS = ("image_size", "scan", "remat_policy")
+
+
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  x = x.astype(jnp.float32)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
+
+
+def clamp_logit_scale(params: dict[str, Any]) -> dict[str, Any]:
+  """`params` (CLIP's, with a top-level 'logit_scale') with that scalar clamped to [0, log 100]; pure."""
+  return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
+
+
+class CLIP(nn.Module):
+  image: nn.Module  # vit.ViT or swinv2.SwinV2 without a head (num_classes=0)
+  text: text_lib.TextTransformer  # its embed_dim must equal embed_dim
+  embed_dim: int
+  logit_scale_init: float = LOGIT_SCALE_INIT
+
+  def setup(self):
+    if self.text.embed_dim != self.embed_dim:
+      raise ValueError(f"text tower projects to {self.text.embed_dim}, CLIP embed_dim is {self.embed_dim}")
+    self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
+                                   kernel_init=nn.initializers.lecun_normal())
+    self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
+                                  ())
+
+  def embed_images(self, images, train: bool = False) -> jax.Array:
+    """(B, H, W, 3) normalised images -> (B, embed_dim) unit-norm fp32 embeddings."""
+    pooled = self.image(images, train=train)["pooled"]
+    return l2_normalize(self.image_proj(pooled.astype(jnp.float32)))
+
+  def embed_texts(self, tokens, train: bool = False) -> jax.Array:
+    """(B, L) int token ids -> (B, embed_dim) unit-norm fp32 embeddings."""
+    return l2_normalize(self.text(tokens, train=train)["embedding"])
+
+  def __call__(self, images, tokens=None, train: bool = False) -> dict[str, jax.Array]:
+    """`tokens=None` stands in a batch of padding (max_len long): `init` from images alone makes every param."""
+    if tokens is None:
+      tokens = jnp.zeros((images.shape[0], self.text.max_len), jnp.int32)
+    return {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
+            "logit_scale": self.logit_scale.astype(jnp.float32)}
+
+
+def image_tower_config(model_cfg) -> ml_collections.ConfigDict:
+  """`config.model.image` plus the fields CLIP sets for it (image_size, scan, remat_policy; no head)."""
+  image_cfg = model_cfg.image
+  name = image_cfg.get("name")
+  if name not in IMAGE_TOWERS:
+    raise ValueError(f"image.name={name!r}: expected one of {IMAGE_TOWERS}")
+  fields = image_cfg.to_dict()
+  for key in SHARED_FIELDS:
+    if key in fields and fields[key] != model_cfg[key]:
+      raise ValueError(f"image.{key}={fields[key]!r} differs from {key}={model_cfg[key]!r}: set {key} (both towers)")
+  fields.update({key: model_cfg[key] for key in SHARED_FIELDS}, num_classes=0, head_bias_init=0.0)
+  return ml_collections.ConfigDict(fields)
+
+
+def build(model_cfg, dtype) -> CLIP:
+  """Builds CLIP from `config.model` (config_lib.model_config('clip')); ValueErrors name the field."""
+  from visionfm_jax.models import BUILDERS  # pylint: disable=g-import-not-at-top  (the registry imports us)
+  if int(model_cfg.embed_dim) <= 0:
+    raise ValueError(f"embed_dim={model_cfg.embed_dim}: must be positive")
+  image_cfg = image_tower_config(model_cfg)
+  try:
+    image = BUILDERS[image_cfg.name](image_cfg, dtype)
+  except (AttributeError, KeyError) as e:
+    raise ValueError(f"image: a {image_cfg.name} tower needs field {e} (start from "
+                     f"config_lib.model_config('clip', image_tower={image_cfg.name!r}))") from e
+  except ValueError as e:
+    raise ValueError(f"image: {e}") from e
+  text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
+                        remat_policy=model_cfg.remat_policy)
+  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init)

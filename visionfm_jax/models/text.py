@@ -1,0 +1,136 @@
+"""CLIP text transformer (Radford et al. 2021): the text tower of SwinV2-G-CLIP.
+
+Token embedding plus a learned position embedding, then pre-norm blocks with causal self-attention
+
+  x = x + attn(LN1(x))      # token i attends to tokens <= i
+  x = x + mlp(LN2(x))       # exact GELU
+
+a final LayerNorm, the features of the end-of-text token (the first `eos_id` of each row; a row without one,
+e.g. truncated, takes its last position), and a bias-free projection to `embed_dim`.
+
+Tokens follow our tokenizer: pad 0, unk 1, bos 2, eos 3; BOS first, EOS last, padding after. Padding needs no
+mask: it comes after the EOS, which the causal mask keeps it from influencing.
+
+`__call__(tokens, train=False)` returns `tokens` (B, L, W) after the final norm, `pooled` (B, W) the EOS
+features and `embedding` (B, embed_dim), projected, not normalised. Norms, softmax, pooling and the projection
+run in fp32; the blocks in `dtype`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from visionfm_jax.models import layers
+from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+# name: (width, depth, heads); the MLP is 4 x width.
+SIZES: dict[str, tuple[int, int, int]] = {
+    "pico": (32, 2, 2),  # unit tests
+    "mu": (64, 3, 4),  # CPU demos
+    "B": (512, 12, 8),  # CLIP's text tower
+    "L": (768, 12, 12),
+    "H": (1024, 24, 16),  # the large text tower: 77 tokens
+}
+
+
+def parse_variant(variant: str) -> dict[str, int]:
+  """'H' -> width, depth, num_heads, mlp_dim."""
+  if variant not in SIZES:
+    raise ValueError(f"text.variant={variant!r}: expected one of {list(SIZES)}")
+  width, depth, heads = SIZES[variant]
+  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width)
+
+
+def eos_positions(tokens: jax.Array, eos_id: int = EOS_ID) -> jax.Array:
+  """(B,) index of the first `eos_id` of each row; the last index for rows without one."""
+  is_eos = tokens == eos_id
+  return jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), tokens.shape[1] - 1)
+
+
+class CausalBlock(nn.Module):
+  """Pre-norm transformer block with causal self-attention."""
+  num_heads: int
+  mlp_dim: int
+  layer_norm_eps: float = 1e-5
+  attention: str = "xla"
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x, _):
+    x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
+    x = x + layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
+                                 name="attn")(y)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
+    return x + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(y), None
+
+
+class TextTransformer(nn.Module):
+  width: int
+  depth: int
+  num_heads: int
+  mlp_dim: int
+  embed_dim: int = 512
+  vocab_size: int = 32000
+  max_len: int = 77
+  eos_id: int = EOS_ID
+  layer_norm_eps: float = 1e-5
+  dtype: Any = jnp.float32
+  scan: bool = True
+  remat_policy: str = "none"
+  attention: str = "xla"  # xla | cudnn
+
+  @nn.compact
+  def __call__(self, tokens, train: bool = False):
+    del train  # no dropout or stochastic depth in the text tower
+    if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
+      raise ValueError(f"tokens of shape {tokens.shape}: expected (batch, length <= max_len={self.max_len})")
+    length = tokens.shape[1]
+    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32, name="token_embed",
+                 embedding_init=layers.logical(nn.initializers.normal(0.02), (VOCAB, EMBED)))(tokens)
+    pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.01), (None, EMBED)),
+                     (self.max_len, self.width))
+    x = x + pos[:length].astype(x.dtype)
+
+    run_blocks = layers.stack_blocks(
+        CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
+        num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
+        attention=self.attention, dtype=self.dtype)
+    x = run_blocks(x, jnp.zeros((self.depth,), jnp.float32))
+    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
+
+    pooled = jnp.take_along_axis(x, eos_positions(tokens, self.eos_id)[:, None, None], axis=1)[:, 0]
+    embedding = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, name="proj",
+                             kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
+    return {"tokens": x, "pooled": pooled, "embedding": embedding}
+
+
+def num_params(width: int, depth: int, vocab_size: int, max_len: int, embed_dim: int) -> int:
+  """Parameters of a TextTransformer with a 4 x width MLP: per block 12W^2 + 13W."""
+  return (vocab_size + max_len) * width + depth * (12 * width ** 2 + 13 * width) + 2 * width + width * embed_dim
+
+
+def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> TextTransformer:
+  """Builds the text tower from `config.model.text` (variant 'pico' ... 'H'); raises ValueError naming the field."""
+  sizes = parse_variant(text_cfg.variant)
+  for field in ("vocab_size", "max_len"):
+    if int(text_cfg[field]) <= 0:
+      raise ValueError(f"text.{field}={text_cfg[field]}: must be positive")
+  special = max(PAD_ID, UNK_ID, BOS_ID, EOS_ID, int(text_cfg.eos_id))
+  if text_cfg.vocab_size <= special:
+    raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
+                     f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
+  if text_cfg.attention not in ("xla", "cudnn"):
+    raise ValueError(f"text.attention={text_cfg.attention!r}: expected 'xla' or 'cudnn'")
+  kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
+                eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
+                remat_policy=remat_policy, attention=text_cfg.attention)
+  assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
+  return TextTransformer(**kwargs)

@@ -1,0 +1,124 @@
+"""CLIP-style contrastive pretraining on image-text pairs (SwinV2-G-CLIP).
+
+loss: both towers embed the batch (L2-normalised), logits = s * I @ T^T with s = exp(logit_scale), the
+symmetric cross-entropy over the global batch, computed sharded (each device's rows against the gathered
+columns) when training on a mesh. Optional Mixup of the pairs: images are mixed with their predecessor in
+the global batch by lam ~ Beta(alpha, alpha) and the targets become soft (losses.py). After every update the
+temperature parameter is clamped to [0, log 100].
+
+Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split and
+`retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from visionfm_jax import data, flops, losses
+from visionfm_jax.data import shapes, tokenizer as tokenizer_lib
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.evaluate import retrieval, zeroshot
+from visionfm_jax.models import clip
+from visionfm_jax.tasks.base import EvalContext, Task
+
+
+def shapes_templates() -> list[str]:
+  """Prompts in the grammar of the shapes captions ('a large red circle at the top left on a ...'): every
+  size and colour, so that the ensemble averages them out and leaves the shape."""
+  return [f"a {size} {colour} {{}}" for size in ("large", "small") for colour in shapes.COLOUR_NAMES]
+
+
+def zeroshot_classes(name: str) -> tuple[list[str], list[str]]:
+  """(class names, prompt templates) of a zero-shot benchmark: 'shapes' or 'imagenet'."""
+  if name == "shapes":
+    return list(shapes.SHAPE_NAMES), shapes_templates()
+  if name == "imagenet":
+    return ([line.split("\t", 1)[1] for line in zeroshot.read_lines("imagenet_classes.txt")],
+            zeroshot.read_lines("imagenet_templates.txt"))
+  raise ConfigError(f"config.eval.zeroshot_classes={name!r}: expected 'shapes' or 'imagenet'")
+
+
+class ContrastiveTask(Task):
+
+  @functools.cached_property
+  def tokenizer(self) -> tokenizer_lib.Tokenizer:
+    """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file."""
+    path = self.config.data.tokenizer or tokenizer_lib.shapes_tokenizer_path()
+    tok = tokenizer_lib.Tokenizer(path, max_len=self.config.model.text.max_len)
+    if tok.vocab_size > self.config.model.text.vocab_size:
+      raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
+                        f"config.model.text.vocab_size={self.config.model.text.vocab_size}")
+    return tok
+
+  def init_variables(self, rng):
+    size, length = self.config.model.image_size, self.config.model.text.max_len
+    return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32),
+                           jnp.zeros((1, length), jnp.int32), train=False)
+
+  def _mixup(self, images, rng):
+    alpha = self.config.data.augment.mixup_alpha
+    if alpha <= 0:
+      return images, None
+    lam = jax.random.beta(jax.random.fold_in(rng, 1), alpha, alpha)
+    return lam * images + (1.0 - lam) * jnp.roll(images, 1, axis=0), lam
+
+  def loss(self, params, batch, rng):
+    images, mix = self._mixup(self.normalize(batch["image"]), rng)
+    out = self.model.apply({"params": params}, images, batch["text"], train=True, rngs={"dropout": rng})
+    scale = jnp.exp(out["logit_scale"].astype(jnp.float32))
+    if self.mesh is not None:
+      loss = losses.sharded_clip_loss(out["image_emb"], out["text_emb"], scale, self.mesh, mix=mix)
+    else:
+      loss = losses.clip_loss(out["image_emb"], out["text_emb"], scale, mix=mix)
+    return loss, {"train/logit_scale": scale}
+
+  def post_update(self, params):
+    return clip.clamp_logit_scale(params)
+
+  def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
+    return data.make_pair_train_loader(self.config.data, self.tokenizer, batch_size=batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count)
+
+  def embed_images(self, params, images):
+    return self.model.apply({"params": params}, self.normalize(images), method=clip.CLIP.embed_images)
+
+  def embed_texts(self, params, tokens):
+    return self.model.apply({"params": params}, tokens, method=clip.CLIP.embed_texts)
+
+  def evaluators(self, ctx: EvalContext):
+    local_batch = ctx.batch_size // ctx.process_count
+    eval_cfg = self.config.eval
+    out = {}
+    if eval_cfg.zeroshot_classes:
+      names, templates = zeroshot_classes(eval_cfg.zeroshot_classes)
+      tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
+      zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
+      data_cfg = self.config.data
+      if eval_cfg.zeroshot_source:
+        data_cfg = data_cfg.copy_and_resolve_references()
+        data_cfg.source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
+
+      def run_zeroshot(params):
+        batches = data.make_eval_iterator(data_cfg, batch_size=local_batch, process_index=ctx.process_index,
+                                          process_count=ctx.process_count)
+        return zs(params, batches)
+      out["zeroshot"] = run_zeroshot
+
+    if eval_cfg.retrieval:
+      def embed_pairs(params, images, texts):
+        return self.embed_images(params, images), self.embed_texts(params, texts)
+      ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
+
+      def run_retrieval(params):
+        batches = data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=local_batch,
+                                               process_index=ctx.process_index, process_count=ctx.process_count)
+        return ret(params, batches)
+      out["retrieval"] = run_retrieval
+    return out
+
+  def train_flops_per_example(self):
+    return flops.clip_train_flops_per_pair(self.model)
+

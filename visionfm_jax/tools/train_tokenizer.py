@@ -1,0 +1,67 @@
+r"""Trains a SentencePiece tokenizer (pad=0, unk=1, bos=2, eos=3) for the text towers.
+
+  python -m visionfm_jax.tools.train_tokenizer --input=TEXT --vocab_size=N --out=PATH
+  python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
+      --normalization=identity --out=visionfm_jax/data/assets/shapes_tokenizer   # the shipped demo tokenizer
+
+TEXT holds one caption per line. Writes PATH.model (a trailing '.model' on PATH is accepted) and prints its
+vocabulary size. Training is deterministic: the same lines give the same file. Errors print one line and exit
+with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from absl import app, flags
+
+from visionfm_jax.data import tokenizer
+from visionfm_jax.errors import UserError
+
+_INPUT = flags.DEFINE_string("input", None, "Text file, one caption per line.")
+_SHAPES = flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes "
+                               "train records (at 32 px).")
+_VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).")
+_OUT = flags.DEFINE_string("out", None, "Output prefix: writes OUT.model.")
+_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.")
+_NORMALIZATION = flags.DEFINE_string("normalization", "nmt_nfkc_cf",
+                                     "SentencePiece normalisation rule: nmt_nfkc_cf (case folding), nmt_nfkc, "
+                                     "nfkc, identity.")
+flags.mark_flags_as_required(["vocab_size", "out"])
+
+
+def read_lines(path: str) -> list[str]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      return f.read().splitlines()
+  except OSError as e:
+    raise UserError(f"--input={path}: cannot read: {e.strerror or e}") from e
+  except UnicodeDecodeError as e:
+    raise UserError(f"--input={path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
+
+
+def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, model_type: str = "bpe",
+        normalization: str = "nmt_nfkc_cf") -> tokenizer.Tokenizer:
+  """Trains and writes the tokenizer; returns it loaded."""
+  if bool(input_path) == (shapes_records > 0):
+    raise UserError("give exactly one of --input=TEXT and --shapes_records=N")
+  lines = read_lines(input_path) if input_path else tokenizer.shapes_captions(shapes_records)
+  prefix = out[:-len(".model")] if out.endswith(".model") else out
+  path = tokenizer.train_tokenizer(lines, vocab_size, prefix, model_type=model_type, normalization=normalization)
+  return tokenizer.Tokenizer(path, max_len=2)
+
+
+def main(argv):
+  if len(argv) > 1:
+    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
+    sys.exit(2)
+  try:
+    tok = run(_INPUT.value, _SHAPES.value, _VOCAB.value, _OUT.value, _MODEL_TYPE.value, _NORMALIZATION.value)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(f"wrote {tok.model_file}: {tok.vocab_size} pieces")
+
+
+if __name__ == "__main__":
+  app.run(main)
