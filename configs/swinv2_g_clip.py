@@ -26,7 +26,10 @@ its workdir); every weight carries over, the position bias is recomputed through
       --config.init_from=/tmp/clip_demo
 
 Expected: `eval/zeroshot/top1` >= 0.5 on the 8 shape classes (chance 0.125) and the retrieval metrics
-(`eval/retrieval/i2t_r1`, ...) at the end, in under 10 minutes on 2 CPU cores. The demo's `ft640` doubles
+(`eval/retrieval/i2t_r1`, ...) at the end, in under 10 minutes on 2 CPU cores. Measured 2026-11-21 (2 cores,
+jax 0.10.2): zero-shot top-1 0.324 / 0.678 / 0.765 at steps 400 / 800 / 1200, top-5 0.995, 393 s wall;
+retrieval over 1000 pairs i2t R@1/5/10 0.092 / 0.449 / 0.807 (the short captions repeat: ~10 eval pairs
+share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
 the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
 """
 
@@ -114,6 +117,9 @@ def _demo(config):
   config.model.scan = False
   config.model.remat_policy = "none"
   config.data.source = "shapes"
+  # 'a small red circle': with position and background words, a batch of 64 is told apart by colour, place
+  # and background alone and CLIP never needs the shape; without them it must learn it.
+  config.data.shapes_captions = "short"
   config.data.tokenizer = ""  # the shipped shapes tokenizer
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
@@ -126,7 +132,7 @@ def _demo(config):
   config.eval.zeroshot_source = ""
   config.global_batch_size = 64
   config.total_steps = 1200
-  config.optim.lr = 1e-3
+  config.optim.lr = 2e-3  # 1e-3 reached zero-shot 0.41 in 1200 steps, 2e-3 reached 0.71 in 1000
   config.optim.warmup_steps = 100
   config.precision.compute_dtype = "float32"
   config.strategy = "ddp"

@@ -147,3 +147,13 @@ def test_zeroshot_prompt_ensembling():
   tokens = np.array([[1, 1, 0], [1, -1, 0], [0, 1, 1], [0, 1, -1]], np.float32)
   classes = zeroshot.class_embeddings(embed, None, tokens, 2)
   np.testing.assert_allclose(classes, [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+
+
+def test_short_shapes_captions_name_size_colour_and_shape_only():
+  config = _tiny()
+  source = tasks.contrastive.data.build_source("shapes", "train", config.data)
+  full = tasks.contrastive.data.shapes.ShapesSource("train", 5, 16)
+  for i in range(5):
+    short, long = source[i]["caption"], full[i]["caption"]
+    assert long.startswith(short + " ") and "background" in long and "background" not in short
+    assert len(short.split()) == 4

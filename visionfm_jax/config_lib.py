@@ -112,6 +112,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       eval_examples=-1,  # -1: the whole eval split
       shapes_train_size=1_000_000,
       shapes_eval_size=10_000,
+      shapes_captions="full",  # full: size, colour, shape, position, background | short: size, colour, shape
       mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225),
       augment=ml_collections.ConfigDict(dict(

@@ -189,8 +189,15 @@ def _tight_box(alpha, y0: int, x0: int, size: int) -> np.ndarray:
   return np.array([ymin / size, xmin / size, ymax / size, xmax / size], np.float32)
 
 
-def render(rng: np.random.Generator, image_size: int) -> dict:
-  """Draws one random record (see module docstring) with `rng`."""
+CAPTION_STYLES = ("full", "short")
+
+
+def render(rng: np.random.Generator, image_size: int, caption_style: str = "full") -> dict:
+  """Draws one random record (see module docstring) with `rng`.
+
+  Captions: 'full' names size, colour, shape, position and background; 'short' only size, colour and shape
+  (with fewer attributes to tell pairs apart, a small contrastive batch must learn the shapes).
+  """
   size = image_size
   r = rng.random(18).tolist()  # python floats: scalar maths on numpy scalars is slow
   label, colour = int(r[0] * len(SHAPE_NAMES)), int(r[1] * len(COLOURS))
@@ -204,8 +211,9 @@ def render(rng: np.random.Generator, image_size: int) -> dict:
 
   alpha, y0, x0 = _shape_alpha(label, radius, cy, cx, angle, size)
   grey = _background(rng, r[14:18], size, bg_kind)
-  caption = (f"a {'large' if large else 'small'} {COLOUR_NAMES[colour]} {SHAPE_NAMES[label]} "
-             f"{_position_words(cy, cx, size)} on a {BACKGROUND_NAMES[bg_kind]} background")
+  caption = f"a {'large' if large else 'small'} {COLOUR_NAMES[colour]} {SHAPE_NAMES[label]}"
+  if caption_style == "full":
+    caption += f" {_position_words(cy, cx, size)} on a {BACKGROUND_NAMES[bg_kind]} background"
   return dict(image=_composite(grey, tint, alpha, y0, x0, rgb), label=label, colour=colour, caption=caption,
               box=_tight_box(alpha, y0, x0, size))
 
@@ -213,9 +221,12 @@ def render(rng: np.random.Generator, image_size: int) -> dict:
 class ShapesSource:
   """grain RandomAccessDataSource over `size` procedurally drawn shapes of one split."""
 
-  def __init__(self, split: str, size: int, image_size: int, seed: int = 0):
+  def __init__(self, split: str, size: int, image_size: int, seed: int = 0, caption_style: str = "full"):
     if split not in SPLIT_IDS:
       raise DataError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_IDS)}")
+    if caption_style not in CAPTION_STYLES:
+      raise DataError(f"shapes: caption style {caption_style!r}; expected one of {CAPTION_STYLES}")
+    self.caption_style = caption_style
     if size <= 0 or image_size < 8:
       raise DataError(f"shapes: size={size} must be positive and image_size={image_size} at least 8")
     self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
@@ -228,9 +239,9 @@ class ShapesSource:
     if not 0 <= index < self.size:
       raise IndexError(f"{self!r}: index {index} out of range")
     rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
-    return render(rng, self.image_size)
+    return render(rng, self.image_size, self.caption_style)
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return (f"ShapesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-            f"seed={self.seed})")
+            f"seed={self.seed}, caption_style={self.caption_style!r})")

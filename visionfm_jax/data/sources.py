@@ -80,7 +80,7 @@ def build_source(spec: str, split: str, data_cfg):
   kind, name = _parse(spec)
   if kind == "shapes":
     size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
-    return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED)
+    return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
     try:
       return ArrayRecordPairs(split_pattern(name, split))
