@@ -6,8 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-from absl import flags
-from absl.testing import flagsaver
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -123,15 +121,13 @@ def test_cli(tmp_path):
     assert f.read() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"))).read_bytes()
 
 
-def test_cli_error_is_one_line(tmp_path, capsys):
-  if not flags.FLAGS.is_parsed():
-    flags.FLAGS.mark_as_parsed()
-  with flagsaver.flagsaver(input=str(tmp_path / "missing.txt"), vocab_size=64, out=str(tmp_path / "x")):
-    with pytest.raises(SystemExit) as info:
-      tool.main(["train_tokenizer"])
-  assert info.value.code == 2
-  err = capsys.readouterr().err
-  assert err.startswith("error: ") and "missing.txt" in err and len(err.strip().splitlines()) == 1
+def test_cli_error_is_one_line(tmp_path):
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer",
+                           f"--input={tmp_path / 'missing.txt'}", "--vocab_size=64", f"--out={tmp_path / 'x'}"],
+                          capture_output=True, text=True, timeout=120)
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: ") and "missing.txt" in result.stderr
+  assert len(result.stderr.strip().splitlines()) == 1
 
 
 def test_tool_argument_errors(tmp_path):

@@ -18,16 +18,21 @@ from absl import app, flags
 from visionfm_jax.data import tokenizer
 from visionfm_jax.errors import UserError
 
-_INPUT = flags.DEFINE_string("input", None, "Text file, one caption per line.")
-_SHAPES = flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes "
-                               "train records (at 32 px).")
-_VOCAB = flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).")
-_OUT = flags.DEFINE_string("out", None, "Output prefix: writes OUT.model.")
-_MODEL_TYPE = flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.")
-_NORMALIZATION = flags.DEFINE_string("normalization", "nmt_nfkc_cf",
-                                     "SentencePiece normalisation rule: nmt_nfkc_cf (case folding), nmt_nfkc, "
-                                     "nfkc, identity.")
-flags.mark_flags_as_required(["vocab_size", "out"])
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """Defines this tool's flags; only when it runs as a program, so that importing it (tests, other tools that
+  also take --out) defines nothing."""
+  flags.DEFINE_string("input", None, "Text file, one caption per line.")
+  flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
+                       "(at 32 px).")
+  flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).")
+  flags.DEFINE_string("out", None, "Output prefix: writes OUT.model.")
+  flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.")
+  flags.DEFINE_string("normalization", "nmt_nfkc_cf", "SentencePiece normalisation rule: nmt_nfkc_cf (case "
+                      "folding), nmt_nfkc, nfkc, identity.")
+  flags.mark_flags_as_required(["vocab_size", "out"])
 
 
 def read_lines(path: str) -> list[str]:
@@ -56,7 +61,7 @@ def main(argv):
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
   try:
-    tok = run(_INPUT.value, _SHAPES.value, _VOCAB.value, _OUT.value, _MODEL_TYPE.value, _NORMALIZATION.value)
+    tok = run(FLAGS.input, FLAGS.shapes_records, FLAGS.vocab_size, FLAGS.out, FLAGS.model_type, FLAGS.normalization)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
@@ -64,4 +69,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
