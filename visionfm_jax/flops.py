@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import jax
 
+from visionfm_jax.models import swinv2
+
 # Dense (no sparsity) peak FLOP/s per device for 16-bit matmuls (bf16/fp16), from the vendors' data sheets.
 PEAK_FLOPS_16BIT: dict[str, float] = {
     "H200": 989e12,
@@ -56,7 +58,6 @@ def swinv2_train_flops_per_image(model) -> float:
   Per block on n tokens of width C in windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2,
   scores and mixing 4nNC. Padding to whole windows counts as the model computes it.
   """
-  from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
   stages = swinv2.stage_windows(model.image_size, model.window_size, len(model.depths), model.patch_size)
   width = model.embed_dim
   forward = 2.0 * (model.image_size // model.patch_size) ** 2 * model.patch_size ** 2 * 3 * width
@@ -75,7 +76,6 @@ def swinv2_train_flops_per_image(model) -> float:
 
 def clip_train_flops_per_pair(model) -> float:
   """CLIP: the image tower's, the text tower's (all max_len positions) and both projections', x 3."""
-  from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
   image = model.image
   if isinstance(image, swinv2.SwinV2):
     flops = swinv2_train_flops_per_image(image)

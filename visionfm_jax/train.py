@@ -13,7 +13,7 @@ import math
 import os
 import signal
 import time
-from typing import Any, Callable
+from typing import Callable
 
 import flax.linen as nn
 import jax

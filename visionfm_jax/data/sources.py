@@ -93,16 +93,6 @@ def _no_labels(spec: str):
   return DataError(f"config.data.source={spec!r}: image-text pairs have no class labels")
 
 
-def num_classes(spec: str, data_cfg) -> int:
-  """The number of labels of `spec` (8 shape kinds for 'shapes')."""
-  kind, name = _parse(spec)
-  if kind == "shapes":
-    return len(SHAPE_NAMES)
-  if kind == "arrayrecord":
-    raise _no_labels(spec)
-  return int(_tfds_label_feature(name, data_cfg).num_classes)
-
-
 def class_names(spec: str, data_cfg) -> list[str]:
   """Human-readable label names, index = label."""
   kind, name = _parse(spec)
@@ -111,3 +101,8 @@ def class_names(spec: str, data_cfg) -> list[str]:
   if kind == "arrayrecord":
     raise _no_labels(spec)
   return list(_tfds_label_feature(name, data_cfg).names)
+
+
+def num_classes(spec: str, data_cfg) -> int:
+  """The number of labels of `spec` (8 shape kinds for 'shapes')."""
+  return len(class_names(spec, data_cfg))

@@ -33,11 +33,6 @@ IMAGE_TOWERS = ("swinv2", "vit")
 SHARED_FIELDS = ("image_size", "scan", "remat_policy")
 
 
-def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
-
-
 def clamp_logit_scale(params: dict[str, Any]) -> dict[str, Any]:
   """`params` (CLIP's, with a top-level 'logit_scale') with that scalar clamped to [0, log 100]; pure."""
   return {**params, "logit_scale": jnp.clip(params["logit_scale"], 0.0, MAX_LOGIT_SCALE)}
@@ -60,11 +55,11 @@ class CLIP(nn.Module):
   def embed_images(self, images, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, embed_dim) unit-norm fp32 embeddings."""
     pooled = self.image(images, train=train)["pooled"]
-    return l2_normalize(self.image_proj(pooled.astype(jnp.float32)))
+    return layers.l2_normalize(self.image_proj(pooled.astype(jnp.float32)))
 
   def embed_texts(self, tokens, train: bool = False) -> jax.Array:
     """(B, L) int token ids -> (B, embed_dim) unit-norm fp32 embeddings."""
-    return l2_normalize(self.text(tokens, train=train)["embedding"])
+    return layers.l2_normalize(self.text(tokens, train=train)["embedding"])
 
   def __call__(self, images, tokens=None, train: bool = False) -> dict[str, jax.Array]:
     """`tokens=None` stands in a batch of padding (max_len long): `init` from images alone makes every param."""

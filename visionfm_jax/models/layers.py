@@ -57,6 +57,18 @@ def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "
                  bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
 
 
+def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
+  """x / max(||x||, eps) over the last axis, in fp32 (fp16 squared norms overflow)."""
+  x = x.astype(jnp.float32)
+  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+
+
+def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head") -> jax.Array:
+  """The fp32 linear head of the classifiers: zero-initialised kernel, constant bias (call in a compact method)."""
+  return dense(num_classes, (EMBED, CLASSES), jnp.float32, name=name, kernel_init=nn.initializers.zeros,
+               bias_init=nn.initializers.constant(bias_init))(pooled)
+
+
 class LayerNorm(nn.Module):
   """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`."""
   epsilon: float = 1e-6

@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.models import layers
-from visionfm_jax.models.layers import BATCH, CLASSES, EMBED, HEADS, KV, ACT_EMBED
+from visionfm_jax.models.layers import BATCH, EMBED, HEADS, KV, ACT_EMBED
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
 SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
@@ -197,8 +197,8 @@ class WindowAttention(nn.Module):
     v = qkv[..., 2, :, :] + v_bias.astype(qkv.dtype)
 
     # Cosine similarity with the normalisation in fp32 (fp16 norms overflow), matmul in the compute dtype.
-    q = _l2_normalize(q).astype(self.dtype)
-    k = _l2_normalize(k).astype(self.dtype)
+    q = layers.l2_normalize(q).astype(self.dtype)
+    k = layers.l2_normalize(k).astype(self.dtype)
     logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=jnp.float32)
     logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
                              (self.num_heads,))
@@ -210,11 +210,6 @@ class WindowAttention(nn.Module):
     weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
     out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v)
     return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
-
-
-def _l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
 
 
 class SwinBlock(nn.Module):
@@ -300,7 +295,8 @@ class SwinV2(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
 
-  def setup_checks(self):
+  def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """Checks the stage fields; returns the per-stage windows and pretrained windows."""
     stages = len(self.depths)
     if len(self.num_heads) != stages:
       raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
@@ -324,7 +320,7 @@ class SwinV2(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     deterministic = not train
-    windows, pretrained = self.setup_checks()
+    windows, pretrained = self.stage_settings()
     x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
     x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
@@ -349,9 +345,7 @@ class SwinV2(nn.Module):
     pooled = jnp.mean(tokens, axis=1)
     out = {"tokens": tokens, "pooled": pooled}
     if self.num_classes:
-      out["logits"] = layers.dense(
-          self.num_classes, (EMBED, CLASSES), jnp.float32, name="head", kernel_init=nn.initializers.zeros,
-          bias_init=nn.initializers.constant(self.head_bias_init))(pooled)
+      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
     return out
 
 
@@ -390,5 +384,5 @@ def build(model_cfg, dtype) -> SwinV2:
     raise ValueError(f"attention={model_cfg.attention!r}: SwinV2's cosine attention with position bias runs on "
                      "'xla' only")
   model = SwinV2(**kwargs)
-  model.setup_checks()
+  model.stage_settings()  # config errors at build time, not at the first trace
   return model

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from visionfm_jax.models import layers
-from visionfm_jax.models.layers import BATCH, CLASSES, EMBED, LENGTH, ACT_EMBED
+from visionfm_jax.models.layers import BATCH, EMBED, LENGTH, ACT_EMBED
 
 # name: (width, depth, mlp_dim, heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
@@ -107,9 +107,7 @@ class ViT(nn.Module):
     pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
     out = {"tokens": x, "pooled": pooled}
     if self.num_classes:
-      out["logits"] = layers.dense(
-          self.num_classes, (EMBED, CLASSES), jnp.float32, name="head", kernel_init=nn.initializers.zeros,
-          bias_init=nn.initializers.constant(self.head_bias_init))(pooled)
+      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
     return out
 
 

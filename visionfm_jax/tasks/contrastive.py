@@ -26,8 +26,8 @@ from visionfm_jax.tasks.base import EvalContext, Task
 
 
 def shapes_templates() -> list[str]:
-  """Prompts in the grammar of the shapes captions ('a large red circle at the top left on a ...'): every
-  size and colour, so that the ensemble averages them out and leaves the shape."""
+  """Prompts in the grammar of the shapes captions ('a large red circle ...'): every size and colour, so that
+  the ensemble averages them out and leaves the shape."""
   return [f"a {size} {colour} {{}}" for size in ("large", "small") for colour in shapes.COLOUR_NAMES]
 
 
@@ -52,11 +52,6 @@ class ContrastiveTask(Task):
       raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
                         f"config.model.text.vocab_size={self.config.model.text.vocab_size}")
     return tok
-
-  def init_variables(self, rng):
-    size, length = self.config.model.image_size, self.config.model.text.max_len
-    return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32),
-                           jnp.zeros((1, length), jnp.int32), train=False)
 
   def _mixup(self, images, rng):
     alpha = self.config.data.augment.mixup_alpha
