@@ -38,3 +38,23 @@ def override(config, **overrides):
       node = node[p]
     node[leaf] = value
   return config
+
+
+def tiny_aurora_config(**overrides):
+  """The Aurora demo shrunk to a pico SwinV2 (stride 8) and a pico text encoder/decoder on 16 px images."""
+  from configs import aurora_xl  # pylint: disable=g-import-not-at-top
+  config = aurora_xl.get_config("demo")
+  config.model.image_size = config.data.image_size = 16
+  config.model.encoder.variant = "pico"  # C 16, depths 2,2, heads 2,4: maps 4, 2
+  config.model.encoder.window_size = 2
+  config.model.text.variant = "pico"
+  config.model.embed_dim = 16
+  config.model.caption_queries = 4
+  config.model.decoder_depth = 2
+  config.data.mim.mask_patch_size = 4  # 4x4 grid, 10 masked
+  config.global_batch_size = 16
+  config.grad_accum_steps = 1
+  config.total_steps = 10
+  config.optim.warmup_steps = 2
+  config.progress_bar = False
+  return override(config, **overrides)

@@ -1,4 +1,5 @@
-"""CLIP loss: REFERENCE.md's check values, Mixup targets, and the sharded form against the plain one."""
+"""Losses: CLIP (REFERENCE.md's check values, Mixup targets, the sharded form against the plain one), captioning
+and SimMIM's masked L1."""
 
 import chex
 import jax
@@ -76,3 +77,89 @@ def test_sharded_loss_keeps_logits_local():
   img = jax.device_put(jnp.ones((256, 4)), batch)
   hlo = jax.jit(lambda i, t: losses.sharded_clip_loss(i, t, 1.0, mesh)).lower(img, img).compile().as_text()
   assert "f32[32,256]" in hlo and "f32[256,256]" not in hlo
+
+
+# --- captioning -----------------------------------------------------------------------------------------
+
+CAPTION_LABELS = np.array([[3, 4, 10, 0, 0], [7, 1, 2, 5, 10]])
+
+
+def test_caption_reference_check_values():
+  rng = np.random.default_rng(0)
+  img = _normalised(rng.standard_normal((4, 8)))
+  txt = _normalised(rng.standard_normal((4, 8)))
+  logits = jnp.asarray(rng.standard_normal((2, 5, 11)), jnp.float32)
+  np.testing.assert_allclose(2 * losses.caption_loss(logits, CAPTION_LABELS), 4.930390, atol=1e-5)
+  np.testing.assert_allclose(losses.clip_loss(jnp.asarray(img[:2], jnp.float32), jnp.asarray(txt[:2], jnp.float32),
+                                              1 / 0.07), 5.150964, atol=1e-5)
+  total, count = losses.caption_loss_terms(logits, CAPTION_LABELS)
+  assert total.dtype == count.dtype == jnp.float32 and float(count) == 8
+  # Uniform logits: ln V per token, whatever the input dtype.
+  uniform = jnp.zeros((2, 3, 32000), jnp.bfloat16)
+  np.testing.assert_allclose(losses.caption_loss(uniform, jnp.ones((2, 3), jnp.int32)), np.log(32000), rtol=1e-6)
+  np.testing.assert_allclose(np.log(32000), 10.3735, atol=1e-4)
+  # All padding: 0, not NaN.
+  assert float(losses.caption_loss(logits, jnp.zeros((2, 5), jnp.int32))) == 0.0
+
+
+def test_caption_loss_matches_torch():
+  torch = pytest.importorskip("torch")
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((4, 9, 50)).astype(np.float32) * 3
+  labels = rng.integers(0, 50, (4, 9))
+  labels[:, 6:] = 0  # padding tails
+  labels[1, 2] = 0
+  want = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(-1, 50),
+                                           torch.from_numpy(labels).reshape(-1), ignore_index=0)
+  np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(labels)), want.item(), rtol=1e-5)
+  # Another pad id.
+  labels[labels == 0] = 7
+  want = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(-1, 50),
+                                           torch.from_numpy(labels).reshape(-1), ignore_index=7)
+  np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(labels), pad_id=7), want.item(),
+                             rtol=1e-5)
+
+
+def test_caption_normalizer_splits_the_sum():
+  rng = np.random.default_rng(4)
+  logits = jnp.asarray(rng.standard_normal((6, 7, 13)), jnp.float32)
+  labels = rng.integers(0, 13, (6, 7))
+  labels[:4, 5:] = 0  # uneven token counts between the halves
+  labels = jnp.asarray(labels)
+  _, count = losses.caption_loss_terms(logits, labels)
+  halves = [losses.caption_loss(logits[s], labels[s], normalizer=count) for s in (slice(0, 3), slice(3, 6))]
+  np.testing.assert_allclose(halves[0] + halves[1], losses.caption_loss(logits, labels), rtol=1e-6)
+  assert abs(float(losses.caption_loss(logits[:3], labels[:3])) - float(losses.caption_loss(logits, labels))) > 1e-3
+
+
+# --- SimMIM ---------------------------------------------------------------------------------------------
+
+def test_upsample_mask():
+  mask = jnp.asarray([[[1, 0], [0, 1]]], jnp.uint8)
+  up = losses.upsample_mask(mask, 3)
+  assert up.shape == (1, 6, 6) and up.dtype == jnp.uint8
+  np.testing.assert_array_equal(up[0], np.kron(np.asarray(mask[0]), np.ones((3, 3), np.uint8)))
+
+
+def test_mim_l1_loss():
+  rng = np.random.default_rng(5)
+  pred, target = rng.standard_normal((2, 2, 8, 8, 3)).astype(np.float32)
+  mask = np.asarray(losses.upsample_mask(jnp.asarray(rng.integers(0, 2, (2, 2, 2))), 4), np.float32)
+  want = np.sum(np.abs(target - pred) * mask[..., None]) / (mask.sum() + 1e-5) / 3
+  got = losses.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  # Only masked pixels count.
+  changed = np.where(mask[..., None] > 0, pred, pred + 10 * rng.standard_normal(pred.shape).astype(np.float32))
+  assert not np.array_equal(changed, pred)
+  np.testing.assert_allclose(losses.mim_l1_loss(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask)),
+                             got, rtol=1e-6)
+  # bf16 predictions are computed in fp32.
+  assert losses.mim_l1_loss(jnp.asarray(pred, jnp.bfloat16), jnp.asarray(target), jnp.asarray(mask)).dtype == (
+      jnp.float32)
+  # The global normalizer splits the sum over the batch exactly.
+  normalizer = mask.sum() + 1e-5
+  halves = [losses.mim_l1_loss(jnp.asarray(pred[i:i + 1]), jnp.asarray(target[i:i + 1]), jnp.asarray(mask[i:i + 1]),
+                               normalizer=normalizer) for i in range(2)]
+  np.testing.assert_allclose(halves[0] + halves[1], got, rtol=1e-6)
+  # Nothing masked: 0.
+  assert float(losses.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.zeros(mask.shape))) == 0.0

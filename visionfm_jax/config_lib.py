@@ -53,13 +53,32 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
             variant="B",  # pico | mu | B | L | H (models/text.py SIZES; H: width 1024, 24 layers, 16 heads)
             vocab_size=32000,  # must match the tokenizer (pad 0, unk 1, bos 2, eos 3)
             max_len=77,  # tokens per caption, BOS and EOS included
-            eos_id=3,  # pooled position: the first eos_id of each row
+            eos_id=3,  # pooled position: the first eos_id of each row (pool='eos')
+            pool="eos",  # eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)
             layer_norm_eps=1e-5,
             attention="xla",  # xla | cudnn (causal)
         )),
     )
+  elif name == "aurora":
+    encoder = model_config("swinv2")
+    for key in ("name", "image_size", "scan", "remat_policy", "num_classes", "head_bias_init"):  # set by Aurora
+      del encoder[key]
+    text = model_config("clip").text
+    text.pool = "cls"
+    common = {k: common[k] for k in ("name", "image_size", "scan", "remat_policy")}
+    family = dict(
+        embed_dim=1024,  # the contrastive embedding both sides project to
+        logit_scale_init=2.6592600369327779,  # log(1 / 0.07); clamped to [0, log 100] after every update
+        caption_queries=256,  # learned queries of the captioning pooler: the decoder's cross-attention memory
+        decoder_depth=12,  # multimodal decoder layers (width, heads and MLP of the text encoder)
+        # separate: contrastive + captioning see the clean image, a second encoder pass the masked one (MIM);
+        # shared: one masked pass feeds all heads (models/aurora.py)
+        mim_view="separate",
+        encoder=encoder,  # SwinV2 fields (variant, window_size, drop_path, ...); a mask token is added
+        text=text,  # the unimodal causal text encoder (pool='cls'); the decoder shares its width
+    )
   else:
-    raise ConfigError(f"model {name!r}: known families are vit, swinv2, clip")
+    raise ConfigError(f"model {name!r}: known families are vit, swinv2, clip, aurora")
   return ml_collections.ConfigDict(dict(common, **family))
 
 

@@ -87,3 +87,26 @@ def clip_train_flops_per_pair(model) -> float:
   text_forward = (transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
                   + 2 * text.width * text.embed_dim)
   return flops + 3.0 * (text_forward + 2 * pooled * model.embed_dim)
+
+
+def aurora_train_flops_per_example(model, image_size: int, text_len: int) -> float:
+  """Aurora: the encoder (twice with mim_view='separate': clean and masked passes), poolers, MIM head, text
+  encoder (text_len + CLS positions), decoder (self + cross attention, two MLPs), vocabulary projection; x 3.
+  Recomputation (remat, the feature pass of accumulation) is not counted, as MFU conventionally does not."""
+  encoder = model.encoder
+  encoder_flops = swinv2_train_flops_per_image(encoder) * (2 if model.mim_view == "separate" else 1)
+  tokens = (image_size // model.stride) ** 2
+  final = encoder.embed_dim * 2 ** (len(encoder.depths) - 1)
+  text, decoder = model.text, model.decoder
+  width, memory = text.width, model.caption_queries
+
+  def pooler(queries):
+    return 2 * 2 * tokens * final * width + 2 * 2 * queries * width * width + 4 * queries * tokens * width
+
+  forward = (pooler(1) + pooler(memory) + 2 * tokens * final * model.stride ** 2 * 3 + 2 * width * model.embed_dim
+             + transformer_forward_flops(text_len + 1, width, text.depth, text.mlp_dim) + 2 * width * text.embed_dim
+             + transformer_forward_flops(text_len, width, decoder.depth, decoder.mlp_dim)
+             + decoder.depth * (2 * text_len * width * (2 * width + 2 * decoder.mlp_dim)  # cross q/out, 2nd MLP
+                                + 4 * memory * width * width + 4 * text_len * memory * width)
+             + 2 * text_len * width * decoder.vocab_size)
+  return encoder_flops + 3.0 * forward

@@ -1,10 +1,16 @@
-"""Contrastive (CLIP) losses: the plain B x B form and the sharded form that never builds B x B on one device.
+"""Losses: contrastive (CLIP, plain and sharded), captioning (token cross-entropy) and SimMIM's masked L1.
+
+Contrastive: the plain B x B form and the sharded form that never builds B x B on one device.
 
 `logit_scale` here is the multiplier s = exp(t) (already exponentiated and clamped), as in CLIP's
 pseudo-code: logits = s * I @ T^T. With hard targets the loss is the mean of the image->text and the
 text->image cross-entropies against the diagonal; with `mix` (Mixup of image-text pairs) image i is
 lam * image_i + (1 - lam) * image_{i-1}, so its text targets are lam on text i and 1 - lam on text i-1,
 and text j's image targets are lam on image j and 1 - lam on image j+1.
+
+Captioning and MIM losses take an optional `normalizer`: with gradient accumulation each micro-batch divides
+its sum by the global count (non-pad tokens, masked pixels), so the micro-batch losses add up to the loss of
+the whole batch.
 """
 
 from __future__ import annotations
@@ -74,3 +80,43 @@ def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, me
       lambda i, t, s, m: _local_clip_loss(i, t, s, None if mix is None else m, axes),
       mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P(), check_vma=False)
   return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), mix_arg)
+
+
+def caption_loss_terms(logits: jax.Array, labels: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+  """(sum of token cross-entropies, number of tokens) over the positions whose label is not `pad_id`; fp32.
+
+  `logits` (B, L, V) and `labels` (B, L) are already aligned: the caller passes logits[:, :-1] and
+  text[:, 1:].
+  """
+  logits = logits.astype(jnp.float32)
+  valid = labels != pad_id
+  target = jnp.where(valid, labels, 0)[..., None]  # any in-range index: those positions are masked out
+  nll = jax.nn.logsumexp(logits, axis=-1) - jnp.take_along_axis(logits, target, axis=-1)[..., 0]
+  valid = valid.astype(jnp.float32)
+  return jnp.sum(nll * valid), jnp.sum(valid)
+
+
+def caption_loss(logits: jax.Array, labels: jax.Array, pad_id: int = 0, normalizer=None) -> jax.Array:
+  """Mean token cross-entropy over non-pad labels (see `caption_loss_terms`); fp32.
+
+  `normalizer`: divide the sum by this (e.g. the global token count) instead of this batch's max(count, 1).
+  """
+  total, count = caption_loss_terms(logits, labels, pad_id)
+  return total / (jnp.maximum(count, 1.0) if normalizer is None else normalizer)
+
+
+def upsample_mask(mask: jax.Array, factor: int) -> jax.Array:
+  """(B, gh, gw) -> (B, gh * factor, gw * factor), nearest neighbour."""
+  return jnp.repeat(jnp.repeat(mask, factor, axis=1), factor, axis=2)
+
+
+def mim_l1_loss(pred: jax.Array, target: jax.Array, pixel_mask: jax.Array, normalizer=None) -> jax.Array:
+  """SimMIM's loss: L1 over masked pixels, sum(|target - pred| * m) / (sum(m) + 1e-5) / 3; fp32.
+
+  `pred`, `target` (B, H, W, 3) in normalised-image space; `pixel_mask` (B, H, W), 1 where masked.
+  `normalizer`: divide by this (the global sum(m) + 1e-5) instead of this batch's sum(m) + 1e-5.
+  """
+  m = pixel_mask.astype(jnp.float32)
+  error = jnp.abs(target.astype(jnp.float32) - pred.astype(jnp.float32))
+  total = jnp.sum(error * m[..., None])
+  return total / (jnp.sum(m) + 1e-5 if normalizer is None else normalizer) / 3.0

@@ -74,6 +74,49 @@ def split_microbatches(batch, steps: int):
   return jax.tree.map(split, batch)
 
 
+def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, batch_spec, grad_shardings):
+  """Gradient of a `splits_loss` task's whole-batch loss, accumulated over `accum` micro-batches.
+
+  Pass 1 computes every micro-batch's features (forward only) and reassembles them in batch order; the global
+  term (e.g. the contrastive loss over all B examples) and its gradient w.r.t. params and features are taken
+  on the whole batch; pass 2 backpropagates each micro-batch's local terms plus <features, their gradient>.
+  Costs one extra forward of the feature path; equals the unaccumulated gradient up to float reordering.
+  """
+  normalizers = task.loss_normalizers(batch)
+  micro_batches = split_microbatches(batch, accum)
+  micro_spec = P(None, *batch_spec)
+  micro_batches = jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
+  micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
+
+  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs)),
+                         (micro_batches, micro_rngs))
+  to_batch_order = lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:])  # row r of micro j: r*accum + j
+  whole = jax.tree.map(to_batch_order, features)
+  whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: P(*batch_spec), whole))
+  (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
+      task.global_loss, argnums=(0, 1), has_aux=True)(params, whole)
+  to_micro = lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
+  feature_grads = jax.tree.map(to_micro, feature_grads)
+
+  def micro_grads(micro, micro_rng, feature_grad):
+    def local(p):
+      loss, feats, aux = task.local_loss(p, micro, micro_rng, normalizers)
+      return (loss, feats), aux
+    (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
+    cotangent = (jnp.asarray(scale, loss.dtype),
+                 jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
+    return jax.lax.with_sharding_constraint(vjp(cotangent)[0], grad_shardings), loss, aux
+
+  def body(carry, xs):
+    return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
+
+  first = jax.tree.map(lambda x: x[0], (micro_batches, micro_rngs, feature_grads))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, *first))
+  (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, micro_rngs, feature_grads))
+  grads = jax.tree.map(lambda g, gg: g + gg * scale, grads, global_grads)
+  return grads, loss + global_loss, {**aux, **global_aux}
+
+
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, batch_spec):
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
@@ -91,6 +134,8 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
     if accum == 1:
       grads, loss, aux = grads_of(state.params, batch, rng, scale)
+    elif task.splits_loss:
+      grads, loss, aux = two_pass_grads(task, state.params, batch, accum, rng, scale, batch_spec, grad_shardings)
     else:
       micro_batches = split_microbatches(batch, accum)
       micro_spec = P(None, *batch_spec)

@@ -2,9 +2,10 @@
 
 Batches are numpy dicts with B, the per-process batch size, leading: classification {'image': uint8
 (B, S, S, 3), 'label': int32 (B,)}; image-text pairs {'image', 'text': int32 (B, L) tokens, 'label' when the
-source has labels}; eval batches add 'mask'. One mechanism serves both: a record -> example op
-(transforms.SelectKeys or transforms.SelectPair) ends the same decode/augment chain. The training loop turns
-the batches into global arrays. Nothing here touches jax.
+source has labels, 'mim_mask': uint8 (B, g, g) SimMIM masks when asked for}; eval batches add 'mask'. One
+mechanism serves both: a record -> example op (transforms.SelectKeys or transforms.SelectPair), then optional
+extra ops (transforms.AddMimMask), end the same decode/augment chain. The training loop turns the batches into
+global arrays. Nothing here touches jax.
 """
 
 from __future__ import annotations
@@ -44,16 +45,30 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
 
 
 def make_pair_train_loader(data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int,
-                           process_count: int, source=None) -> grain.DataLoader:
-  """make_train_loader for image-text pairs: batches {'image', 'text', 'label' if the source has labels}.
+                           process_count: int, source=None, mim=None) -> grain.DataLoader:
+  """make_train_loader for image-text pairs: batches {'image', 'text', 'label' if the source has labels,
+  'mim_mask' with `mim`}.
 
   `tokenizer` (tokenizer.Tokenizer) turns each record's caption into `tokenizer.max_len` int32 tokens.
+  `mim` (None, or anything with `mask_patch_size` and `mask_ratio`) adds SimMIM masks drawn in the loader
+  (see `_mim_ops`), so a batch determines its loss.
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
   example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.train_split)
   return _train_loader(data_cfg, source, example, batch_size=batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count)
+                       process_count=process_count, extras=_mim_ops(data_cfg, mim))
+
+
+def _mim_ops(data_cfg, mim) -> list:
+  """[transforms.AddMimMask] for `mim` (fields mask_patch_size, mask_ratio), [] for None.
+
+  Batches get 'mim_mask' uint8 (B, g, g), g = image_size // mask_patch_size, ceil(g * g * mask_ratio) ones
+  each: random per (seed, record position) in training, per record index in evaluation.
+  """
+  if mim is None:
+    return []
+  return [transforms.AddMimMask(data_cfg.image_size, mim.mask_patch_size, mim.mask_ratio)]
 
 
 def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.SelectPair:
@@ -71,7 +86,7 @@ def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.Select
 
 
 def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, process_index: int,
-                  process_count: int) -> grain.DataLoader:
+                  process_count: int, extras=()) -> grain.DataLoader:
   if len(source) // process_count < batch_size:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r} has {len(source)} "
                     f"records: fewer than one batch of {batch_size} for each of {process_count} processes")
@@ -81,6 +96,7 @@ def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, proc
       seed=int(seed) % 2**32)  # grain takes 32-bit seeds
   operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, _train_decode_side(data_cfg),
                                            example)
+  operations.extend(extras)
   operations.append(grain.transforms.Batch(batch_size, drop_remainder=True))
   if data_cfg.num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
@@ -97,10 +113,12 @@ def eval_shares(total: int, batch_size: int, process_index: int, process_count: 
 
 
 class _EvalReader:
-  """Reads one eval record into an example dict (None when undecodable): decode + central crop + `example`."""
+  """Reads one eval record into an example dict (None when undecodable): decode + central crop + `example`,
+  then the `extras` (RandomMaps with `spec`, e.g. AddMimMask), which draw from np.random.default_rng(index):
+  an eval example is a pure function of its record index, whatever the batch size or process count."""
 
-  def __init__(self, source, image_size: int, example):
-    self.source, self.image_size, self.example = source, image_size, example
+  def __init__(self, source, image_size: int, example, extras=()):
+    self.source, self.image_size, self.example, self.extras = source, image_size, example, tuple(extras)
     self.ops = [transforms.Decode(round(image_size / transforms.EVAL_CROP_FRACTION)),
                 transforms.EvalTransform(image_size)]
 
@@ -110,7 +128,19 @@ class _EvalReader:
       element = op.map(element)
     if element["image"] is None:  # undecodable: a padding row
       return None
-    return self.example.map(element)
+    element = self.example.map(element)
+    if self.extras:
+      rng = np.random.default_rng(index)
+      for op in self.extras:
+        element = op.random_map(element, rng)
+    return element
+
+  def spec(self) -> dict:
+    """{key: (shape, dtype)} of one example: the example op's spec and the extras'."""
+    spec = dict(self.example.spec(self.image_size))
+    for op in self.extras:
+      spec.update(op.spec(self.image_size))
+    return spec
 
 
 def _assemble(rows: list, batch_size: int, spec: dict) -> dict:
@@ -125,7 +155,7 @@ def _assemble(rows: list, batch_size: int, spec: dict) -> dict:
 
 
 def _eval_batches(reader: _EvalReader, share: range, num_batches: int, batch_size: int, threads: int):
-  spec = reader.example.spec(reader.image_size)
+  spec = reader.spec()
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
     def submit(b):
       return [pool.submit(reader, i) for i in share[b * batch_size:(b + 1) * batch_size]]
@@ -149,20 +179,25 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
 
 
 def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_index: int, process_count: int,
-                            source=None):
+                            source=None, mim=None):
   """make_eval_iterator for image-text pairs: batches {'image', 'text', 'label' if the source has labels,
-  'mask'}; padding rows are all zeros (their 'text' is all PAD)."""
+  'mim_mask' with `mim`, 'mask'}; padding rows are all zeros (their 'text' is all PAD, their 'mim_mask' empty).
+
+  With `mim` (see make_pair_train_loader) each record's mask depends on its index only, so held-out MIM losses
+  are comparable across evaluations.
+  """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.eval_split, data_cfg)
   example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.eval_split)
   return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
-                        process_count=process_count)
+                        process_count=process_count, extras=_mim_ops(data_cfg, mim))
 
 
-def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int):
+def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,
+                   extras=()):
   total = len(source) if data_cfg.eval_examples <= 0 else min(int(data_cfg.eval_examples), len(source))
   if total <= 0:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.eval_split!r} has no records")
   share, num_batches = eval_shares(total, batch_size, process_index, process_count)
-  reader = _EvalReader(source, data_cfg.image_size, example)
+  reader = _EvalReader(source, data_cfg.image_size, example, extras)
   return _eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))

@@ -254,6 +254,39 @@ class SelectPair(grain.transforms.Map):
     return spec
 
 
+def mim_mask(grid: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
+  """SimMIM's mask: uint8 (grid, grid) with exactly ceil(grid * grid * ratio) ones at random positions."""
+  n = grid * grid
+  mask = np.zeros(n, np.uint8)
+  mask[rng.permutation(n)[:math.ceil(n * ratio)]] = 1
+  return mask.reshape(grid, grid)
+
+
+class AddMimMask(grain.transforms.RandomMap):
+  """Adds 'mim_mask', uint8 (grid, grid) with grid = image_size // mask_patch_size: a `mim_mask` of `ratio`.
+
+  Follows the example op (it has `spec` too). In training grain's per-record generator draws it; the eval
+  iterator passes np.random.default_rng(record index), so held-out masks are the same in every evaluation.
+  """
+
+  def __init__(self, image_size: int, mask_patch_size: int, ratio: float):
+    image_size, mask_patch_size, ratio = int(image_size), int(mask_patch_size), float(ratio)
+    if mask_patch_size <= 0 or image_size % mask_patch_size:
+      raise ValueError(f"mask_patch_size={mask_patch_size} must be positive and divide image_size={image_size}")
+    if not 0 < ratio < 1:
+      raise ValueError(f"ratio={ratio}: the masked fraction must be in (0, 1)")
+    self.image_size, self.mask_patch_size, self.ratio = image_size, mask_patch_size, ratio
+    self.grid = image_size // mask_patch_size
+
+  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
+    return {**element, "mim_mask": mim_mask(self.grid, self.ratio, rng)}
+
+  def spec(self, image_size: int) -> dict:
+    if image_size != self.image_size:
+      raise ValueError(f"AddMimMask was built for image_size={self.image_size}, not {image_size}")
+    return {"mim_mask": ((self.grid, self.grid), np.uint8)}
+
+
 def _randaugment_ops(augment) -> tuple[str, ...]:
   exclude = tuple(augment.randaugment_exclude)
   unknown = [op for op in exclude if op not in randaugment.OPS]

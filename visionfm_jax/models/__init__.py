@@ -1,12 +1,13 @@
 """Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype)."""
 
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import clip, swinv2, vit
+from visionfm_jax.models import aurora, clip, swinv2, vit
 
 BUILDERS = {
     "vit": vit.build,
     "swinv2": swinv2.build,
     "clip": clip.build,
+    "aurora": aurora.build,
 }
 
 

@@ -110,6 +110,9 @@ class SelfAttention(nn.Module):
   """Multi-head self-attention with a fused qkv projection (kernel: embed x 3 x heads x head_dim).
 
   `causal`: token i attends to tokens <= i (text towers); `mask` as in `dot_product_attention`.
+  Incremental decoding: with `cache` = {'k', 'v'} of shape (B, T_max, heads, head_dim), `x` holds the tokens
+  at positions index..index+t-1; their keys and values are written into the cache, queries attend to cached
+  positions up to their own, and the call returns (out, new cache) instead of out.
   """
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -118,16 +121,67 @@ class SelfAttention(nn.Module):
   causal: bool = False
 
   @nn.compact
-  def __call__(self, x, mask=None):
+  def __call__(self, x, mask=None, cache=None, index=None):
     width = x.shape[-1]
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     qkv = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")
+    if cache is not None:
+      out, cache = cached_attention(q, k, v, cache, index)
+      return project(out), cache
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation)
     out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
-    return dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")(out)
+    return project(out)
+
+
+def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int, dtype: Dtype) -> dict[str, jax.Array]:
+  """An empty {'k', 'v'} cache of `length` positions for `SelfAttention`."""
+  zeros = jnp.zeros((batch, length, num_heads, head_dim), dtype)
+  return {"k": zeros, "v": zeros}
+
+
+def cached_attention(q, k, v, cache: dict[str, jax.Array], index):
+  """Causal attention of t new tokens at positions index.. over a key/value cache; returns (out, new cache)."""
+  t, length = q.shape[1], cache["k"].shape[1]
+  k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
+  v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
+  visible = jnp.arange(length)[None, :] <= index + jnp.arange(t)[:, None]
+  out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=visible)
+  return out, {"k": k_all, "v": v_all}
+
+
+class CrossAttention(nn.Module):
+  """Multi-head attention of queries `x` (..., T, width) over `memory` (B, M, memory width).
+
+  `project_kv(memory)` -> (k, v) each (B, M, heads, head_dim); `__call__(x, memory=None, kv=None)` uses the
+  given `kv` (cached across decoding steps) or projects `memory`. Returns (B, T, width).
+  """
+  width: int
+  num_heads: int
+  dtype: Dtype = jnp.float32
+
+  def setup(self):
+    if self.width % self.num_heads:
+      raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
+    head_dim = self.width // self.num_heads
+    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype)
+    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype)
+    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1))
+
+  def project_kv(self, memory):
+    kv = self.kv(memory)
+    return kv[:, :, 0], kv[:, :, 1]
+
+  def __call__(self, x, memory=None, kv=None):
+    k, v = self.project_kv(memory) if kv is None else kv
+    q = self.q(x)
+    if q.ndim == 3:  # learned queries (T, width) shared by the batch
+      q = jnp.broadcast_to(q, (k.shape[0],) + q.shape)
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype))
+    return self.out(out)
 
 
 class Mlp(nn.Module):
@@ -175,28 +229,37 @@ def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
   return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 
-def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str, **block_kwargs):
-  """Returns a function x, per_block -> x that runs `depth` blocks, scanned (one compiled body) or unrolled.
+def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str,
+                 num_broadcast: int = 0, with_outputs: bool = False, **block_kwargs):
+  """Returns a function (x, per_block, *broadcast) -> x that runs `depth` blocks, scanned (one compiled body)
+  or unrolled.
 
-  `per_block` is an array (or tuple of arrays) with a leading `depth` axis: block i receives `per_block[i]`
-  (its stochastic-depth rate, and for SwinV2 whether it shifts its windows). Scanned params have a leading
-  `layers` axis under `name`; unrolled params live under `{name}_{i}`. Both layouts hold the same numbers
-  (`convert.stack_layers` / `unstack_layers` move between them).
+  `per_block` is an array (or pytree, or None) with a leading `depth` axis: block i receives `per_block[i]`
+  (its stochastic-depth rate; for SwinV2 whether it shifts its windows; for decoders its key/value cache).
+  The `num_broadcast` trailing arguments (masks, memories, decode positions) go to every block as they are.
+  Each block returns (x, output); with `with_outputs` the runner returns (x, outputs stacked over blocks).
+  Scanned params have a leading `layers` axis under `name`; unrolled params live under `{name}_{i}`. Both
+  layouts hold the same numbers (`convert.stack_layers` / `unstack_layers` move between them).
   """
   block = remat(block, remat_policy)
   if scan:
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=0, length=depth, metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
+                      in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=depth,
+                      metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
 
-    def run_scanned(x, per_block):
-      x, _ = scanned(x, per_block)
-      return x
+    def run_scanned(x, per_block, *broadcast):
+      x, outputs = scanned(x, per_block, *broadcast)
+      return (x, outputs) if with_outputs else x
     return run_scanned
 
   blocks = [block(name=f"{name}_{i}", **block_kwargs) for i in range(depth)]
 
-  def run_unrolled(x, per_block):
+  def run_unrolled(x, per_block, *broadcast):
+    outputs = []
     for i, b in enumerate(blocks):
-      x, _ = b(x, jax.tree.map(lambda a, i=i: a[i], per_block))
-    return x
+      x, out = b(x, jax.tree.map(lambda a, i=i: a[i], per_block), *broadcast)
+      outputs.append(out)
+    if not with_outputs:
+      return x
+    return x, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if outputs and outputs[0] is not None else None
   return run_unrolled

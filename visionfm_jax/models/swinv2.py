@@ -294,6 +294,7 @@ class SwinV2(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
+  mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
 
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
@@ -318,11 +319,21 @@ class SwinV2(nn.Module):
     return flags
 
   @nn.compact
-  def __call__(self, images, train: bool = False):
+  def __call__(self, images, train: bool = False, mask=None):
+    """`mask` (B, H/patch, W/patch) of 0/1 replaces the patches marked 1 by the mask token after the patch
+    norm (SimMIM): x = x * (1 - m) + token * m. It needs `mask_token`."""
     deterministic = not train
     windows, pretrained = self.stage_settings()
     x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
     x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
+    if self.mask_token:
+      token = self.param("mask_token", layers.logical(nn.initializers.truncated_normal(0.02), (EMBED,)),
+                         (self.embed_dim,))
+      if mask is not None:
+        m = mask.astype(x.dtype)[..., None]
+        x = x * (1 - m) + token.astype(x.dtype) * m
+    elif mask is not None:
+      raise ValueError("a mask was given to a SwinV2 built without mask_token")
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
     rates = np.linspace(0.0, self.drop_path, sum(self.depths), dtype=np.float32)  # first block 0, last drop_path

@@ -37,6 +37,7 @@ SIZES: dict[str, tuple[int, int, int]] = {
     "B": (512, 12, 8),  # CLIP's text tower
     "L": (768, 12, 12),
     "H": (1024, 24, 16),  # the large text tower: 77 tokens
+    "XL": (1024, 16, 16),  # Aurora-Vision-XL's text encoder (its decoder: 16 more such layers + cross-attention)
 }
 
 
@@ -55,7 +56,7 @@ def eos_positions(tokens: jax.Array, eos_id: int = EOS_ID) -> jax.Array:
 
 
 class CausalBlock(nn.Module):
-  """Pre-norm transformer block with causal self-attention."""
+  """Pre-norm transformer block with causal self-attention; `cache` (or None) for incremental decoding."""
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-5
@@ -63,13 +64,25 @@ class CausalBlock(nn.Module):
   dtype: Any = jnp.float32
 
   @nn.compact
-  def __call__(self, x, _):
+  def __call__(self, x, cache, mask=None, index=None):
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
-    x = x + layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
-                                 name="attn")(y)
+    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True, name="attn")
+    if cache is None:
+      y = attn(y, mask=mask)
+    else:
+      y, cache = attn(y, cache=cache, index=index)
+    x = x + y
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    return x + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(y), None
+    return x + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(y), cache
+
+
+def cls_attention_mask(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
+  """(B, 1, L+1, L+1) mask for tokens followed by a CLS token: no position attends to padding keys (a padding
+  query still sees itself). Combined with the causal mask, the CLS sees exactly the caption's tokens."""
+  keys = jnp.concatenate([tokens != pad_id, jnp.ones((tokens.shape[0], 1), bool)], axis=1)
+  itself = jnp.eye(keys.shape[1], dtype=bool)
+  return keys[:, None, None, :] | itself[None, None]
 
 
 class TextTransformer(nn.Module):
@@ -86,30 +99,56 @@ class TextTransformer(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
   attention: str = "xla"  # xla | cudnn
+  pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
 
   @nn.compact
-  def __call__(self, tokens, train: bool = False):
+  def __call__(self, tokens, train: bool = False, cache=None, index=None):
+    """`cache` (from `init_cache`) switches to incremental decoding of tokens at positions index..: returns
+    {'tokens', 'cache'} (no pooling, no CLS)."""
     del train  # no dropout or stochastic depth in the text tower
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens of shape {tokens.shape}: expected (batch, length <= max_len={self.max_len})")
+    if self.pool not in ("eos", "cls"):
+      raise ValueError(f"pool={self.pool!r}: expected 'eos' or 'cls'")
     length = tokens.shape[1]
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32, name="token_embed",
                  embedding_init=layers.logical(nn.initializers.normal(0.02), (VOCAB, EMBED)))(tokens)
+    positions = self.max_len + (self.pool == "cls")
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.01), (None, EMBED)),
-                     (self.max_len, self.width))
-    x = x + pos[:length].astype(x.dtype)
-
+                     (positions, self.width))
     run_blocks = layers.stack_blocks(
         CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, layer_norm_eps=self.layer_norm_eps,
-        attention=self.attention, dtype=self.dtype)
-    x = run_blocks(x, jnp.zeros((self.depth,), jnp.float32))
-    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
+        num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
+        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype)
+    final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
 
-    pooled = jnp.take_along_axis(x, eos_positions(tokens, self.eos_id)[:, None, None], axis=1)[:, 0]
+    if cache is not None:
+      x = x + jax.lax.dynamic_slice_in_dim(pos, index, length).astype(x.dtype)
+      x, cache = run_blocks(x, cache, None, index)
+      return {"tokens": final_norm(x), "cache": cache}
+
+    mask = None
+    if self.pool == "cls":
+      cls = self.param("cls_token", layers.logical(nn.initializers.normal(0.02), (EMBED,)), (self.width,))
+      x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))], axis=1)
+      mask = cls_attention_mask(tokens)
+    x = x + pos[:x.shape[1]].astype(x.dtype)
+    x, _ = run_blocks(x, None, mask, None)
+    x = final_norm(x)
+
+    if self.pool == "cls":
+      pooled, x = x[:, -1], x[:, :-1]
+    else:
+      pooled = jnp.take_along_axis(x, eos_positions(tokens, self.eos_id)[:, None, None], axis=1)[:, 0]
     embedding = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, name="proj",
                              kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
     return {"tokens": x, "pooled": pooled, "embedding": embedding}
+
+  def init_cache(self, batch: int, length: int | None = None) -> dict[str, jax.Array]:
+    """An empty key/value cache for incremental decoding: per block {'k', 'v'}, layers leading."""
+    cache = layers.init_kv_cache(batch, length or self.max_len, self.num_heads, self.width // self.num_heads,
+                                 self.dtype)
+    return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
 def num_params(width: int, depth: int, vocab_size: int, max_len: int, embed_dim: int) -> int:
@@ -127,10 +166,12 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> 
   if text_cfg.vocab_size <= special:
     raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
+  if text_cfg.pool not in ("eos", "cls"):
+    raise ValueError(f"text.pool={text_cfg.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
   if text_cfg.attention not in ("xla", "cudnn"):
     raise ValueError(f"text.attention={text_cfg.attention!r}: expected 'xla' or 'cudnn'")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
-                remat_policy=remat_policy, attention=text_cfg.attention)
+                remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
   return TextTransformer(**kwargs)

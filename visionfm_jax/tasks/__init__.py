@@ -1,11 +1,12 @@
 """Tasks: what differs per training objective. `build(config)` picks one by `config.task`."""
 
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.tasks.aurora import AuroraTask
 from visionfm_jax.tasks.base import EvalContext, Task
 from visionfm_jax.tasks.classification import ClassificationTask
 from visionfm_jax.tasks.contrastive import ContrastiveTask
 
-TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask}
+TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "aurora": AuroraTask}
 
 
 def build(config, mesh=None) -> Task:

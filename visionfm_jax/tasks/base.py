@@ -8,6 +8,16 @@ A task supplies the model, the loss, the data loaders and the evaluators; `train
   train_loader(batch_size, ...)  -> a checkpointable iterator of host-local numpy batches
   evaluators(ctx)                -> {name: fn(params) -> {metric: float}}, logged as eval/<name>/<metric>
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
+
+A loss that couples examples (a contrastive term over the batch) would change with gradient accumulation:
+each micro-batch would only see its own negatives. Such tasks set `splits_loss` and split the loss into
+  loss_normalizers(batch)                           -> global counts (tokens, masked pixels) of the whole batch
+  local_loss(params, batch, rng, normalizers)       -> (sum of per-example terms / normalizers, features, aux)
+  batch_features(params, batch, rng)                -> the same features, forward only
+  global_loss(params, features)                     -> (the cross-example term over the whole batch's features, aux)
+and `train.py` accumulates in two passes (features of every micro-batch, then the global term's gradient
+w.r.t. them, then one backward per micro-batch), so that N micro-batches of B give the gradient of one
+batch of N * B exactly (GradCache, Gao et al. 2021). `loss` is then `split_loss`.
 """
 
 from __future__ import annotations
@@ -65,6 +75,14 @@ class Task:
 
   def post_update(self, params):
     return params
+
+  splits_loss = False
+
+  def split_loss(self, params, batch, rng):
+    """The whole-batch loss of a `splits_loss` task: local terms plus the global term."""
+    local, features, aux = self.local_loss(params, batch, rng, self.loss_normalizers(batch))
+    global_, global_aux = self.global_loss(params, features)
+    return local + global_, {**aux, **global_aux}
 
   def train_flops_per_example(self) -> float | None:
     return None

@@ -42,6 +42,7 @@ def zeroshot_classes(name: str) -> tuple[list[str], list[str]]:
 
 
 class ContrastiveTask(Task):
+  mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
 
   @functools.cached_property
   def tokenizer(self) -> tokenizer_lib.Tokenizer:
@@ -75,13 +76,14 @@ class ContrastiveTask(Task):
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
     return data.make_pair_train_loader(self.config.data, self.tokenizer, batch_size=batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
+                                       process_index=process_index, process_count=process_count,
+                                       mim=self.mim_masks)
 
   def embed_images(self, params, images):
-    return self.model.apply({"params": params}, self.normalize(images), method=clip.CLIP.embed_images)
+    return self.model.apply({"params": params}, self.normalize(images), method="embed_images")
 
   def embed_texts(self, params, tokens):
-    return self.model.apply({"params": params}, tokens, method=clip.CLIP.embed_texts)
+    return self.model.apply({"params": params}, tokens, method="embed_texts")
 
   def evaluators(self, ctx: EvalContext):
     local_batch = ctx.batch_size // ctx.process_count
@@ -103,16 +105,20 @@ class ContrastiveTask(Task):
       out["zeroshot"] = run_zeroshot
 
     if eval_cfg.retrieval:
-      def embed_pairs(params, images, texts):
-        return self.embed_images(params, images), self.embed_texts(params, texts)
-      ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
-
-      def run_retrieval(params):
-        batches = data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=local_batch,
-                                               process_index=ctx.process_index, process_count=ctx.process_count)
-        return ret(params, batches)
-      out["retrieval"] = run_retrieval
+      out["retrieval"] = self.retrieval_evaluator(ctx)
     return out
+
+  def eval_pairs(self, ctx: EvalContext):
+    """This process's batches of held-out pairs (data.eval_split, the first data.eval_examples)."""
+    return data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=ctx.batch_size // ctx.process_count,
+                                        process_index=ctx.process_index, process_count=ctx.process_count,
+                                        mim=self.mim_masks)
+
+  def retrieval_evaluator(self, ctx: EvalContext):
+    def embed_pairs(params, images, texts):
+      return self.embed_images(params, images), self.embed_texts(params, texts)
+    ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
+    return lambda params: ret(params, self.eval_pairs(ctx))
 
   def train_flops_per_example(self):
     return flops.clip_train_flops_per_pair(self.model)

@@ -1,0 +1,113 @@
+"""Aurora-Vision-XL pretraining: SimMIM + image-text contrastive + captioning on image-text pairs.
+
+  loss = w_mim * L1 on masked pixels + w_con * symmetric InfoNCE + w_cap * token cross-entropy
+
+(`config.loss.*_weight`; each term is logged: `train/mim_loss`, `train/contrastive_loss`, `train/caption_loss`).
+Masks come with the batch (`mim_mask`, drawn by the data pipeline: 32 px patches, 60%), so a batch fully
+determines the loss. The caption term averages over the non-pad tokens of the whole batch (labels
+text[:, 1:] against logits[:, :-1]); MIM over the masked pixels of the whole batch. The contrastive term
+couples examples, so the loss is split (`splits_loss`, tasks/base.py): with `grad_accum_steps` = 8 the
+contrastive loss still runs over all 2048 examples of the global batch, and 8 micro-batches of B give the
+gradient of one batch of 8B. Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
+
+Evaluators on held-out pairs: `retrieval` (R@1/5/10 both ways), `caption` (`perplexity`: exp of the mean
+token NLL over all held-out tokens; `loss`), `mim` (`loss`: held-out L1 on masked pixels, fixed masks).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from visionfm_jax import flops, losses
+from visionfm_jax.evaluate import sums
+from visionfm_jax.models import text as text_lib
+from visionfm_jax.tasks.base import EvalContext
+from visionfm_jax.tasks.contrastive import ContrastiveTask
+
+MIM_EPS = 1e-5
+
+
+class AuroraTask(ContrastiveTask):
+  splits_loss = True
+
+  def __init__(self, config, mesh=None):
+    super().__init__(config, mesh)
+    self.mim_masks = config.data.mim
+    self.weights = config.loss
+    self.stride = self.model.encoder.patch_size * 2 ** (len(self.model.encoder.depths) - 1)
+
+  def init_variables(self, rng):
+    size = self.config.model.image_size
+    grid = size // self.config.data.mim.mask_patch_size
+    return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32),
+                           jnp.zeros((1, self.config.model.text.max_len), jnp.int32),
+                           jnp.zeros((1, grid, grid), jnp.float32), train=False)
+
+  def pixel_mask(self, batch) -> jax.Array:
+    """(B, H, W) 0/1 masked pixels from the (B, gh, gw) mask-patch grid."""
+    mask = batch["mim_mask"].astype(jnp.float32)
+    return losses.upsample_mask(mask, batch["image"].shape[1] // mask.shape[1])
+
+  # -------------------------------------------------------------------------------- the split loss
+  def loss_normalizers(self, batch):
+    return {"tokens": jnp.sum(batch["text"][:, 1:] != text_lib.PAD_ID).astype(jnp.float32),
+            "masked_pixels": jnp.sum(self.pixel_mask(batch)) + MIM_EPS}
+
+  def local_loss(self, params, batch, rng, normalizers):
+    images = self.normalize(batch["image"])
+    out = self.model.apply({"params": params}, images, batch["text"], batch["mim_mask"], train=True,
+                           rngs={"dropout": rng})
+    caption = losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], text_lib.PAD_ID,
+                                  normalizer=normalizers["tokens"])
+    mim = losses.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch),
+                             normalizer=normalizers["masked_pixels"])
+    loss = self.weights.caption_weight * caption + self.weights.mim_weight * mim
+    return loss, (out["image_emb"], out["text_emb"]), {"train/caption_loss": caption, "train/mim_loss": mim}
+
+  def batch_features(self, params, batch, rng):
+    return self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"], batch["mim_mask"],
+                            train=True, rngs={"dropout": rng}, method="contrastive_features")
+
+  def global_loss(self, params, features):
+    image_emb, text_emb = features
+    scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+    if self.mesh is not None:
+      contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, self.mesh)
+    else:
+      contrastive = losses.clip_loss(image_emb, text_emb, scale)
+    return (self.weights.contrastive_weight * contrastive,
+            {"train/contrastive_loss": contrastive, "train/logit_scale": scale})
+
+  def loss(self, params, batch, rng):
+    return self.split_loss(params, batch, rng)
+
+  # ----------------------------------------------------------------------------------- evaluation
+  def caption_stats(self, params, batch):
+    """Sums over one eval batch (padding rows have no tokens): caption NLL and token count."""
+    logits = self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"],
+                              method="describe")
+    nll, count = losses.caption_loss_terms(logits[:, :-1], batch["text"][:, 1:], text_lib.PAD_ID)
+    return {"nll": nll, "tokens": count}
+
+  def mim_stats(self, params, batch):
+    """Sums over one eval batch (padding rows have no masked pixels): L1 on masked pixels and their count."""
+    images = self.normalize(batch["image"])
+    recon = self.model.apply({"params": params}, images, batch["mim_mask"], method="reconstruct_masked")
+    pixels = self.pixel_mask(batch)
+    return {"l1": jnp.sum(jnp.abs(images - recon) * pixels[..., None]) / 3.0, "pixels": jnp.sum(pixels)}
+
+  def evaluators(self, ctx: EvalContext):
+    out = {}
+    if self.config.eval.retrieval:
+      out["retrieval"] = self.retrieval_evaluator(ctx)
+    caption = sums.SumsEvaluator(self.caption_stats, lambda t: {
+        "perplexity": sums.perplexity(t["nll"], t["tokens"]), "loss": t["nll"] / max(t["tokens"], 1.0)}, ctx)
+    mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + MIM_EPS)}, ctx)
+    out["caption"] = lambda params: caption(params, self.eval_pairs(ctx))
+    out["mim"] = lambda params: mim(params, self.eval_pairs(ctx))
+    return out
+
+  def train_flops_per_example(self):
+    return flops.aurora_train_flops_per_example(self.model, self.config.model.image_size,
+                                                self.config.model.text.max_len)
