@@ -263,7 +263,7 @@ def test_clip_default_config_builds_large_tower_shapes():
 
 
 @pytest.mark.parametrize("field, value, match", [
-    ("text.variant", "XL", "text.variant='XL'"),
+    ("text.variant", "XXL", "text.variant=.XXL."),
     ("text.vocab_size", 3, "text.vocab_size=3"),
     ("embed_dim", 0, "embed_dim=0"),
     ("image.name", "resnet", "image.name='resnet'"),

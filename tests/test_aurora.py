@@ -1,0 +1,171 @@
+"""Aurora-Vision-XL: size, masking, the split loss and two-pass accumulation, config errors."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_aurora_config
+from test_train_step import _setup
+from visionfm_jax import config_lib, tasks
+from visionfm_jax.data import transforms
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.tools import summary
+
+
+def _pair_batches(config, n, seed=0):
+  """Random uint8 images, captions BOS w.. EOS PAD.. of random lengths, SimMIM masks of the configured ratio."""
+  rng = np.random.default_rng(seed)
+  size, length = config.data.image_size, config.model.text.max_len
+  grid = size // config.data.mim.mask_patch_size
+  batches = []
+  for _ in range(n):
+    b = config.global_batch_size
+    text = np.zeros((b, length), np.int32)
+    for row in text:
+      words = rng.integers(2, length - 1)
+      row[0], row[1:words + 1], row[words + 1] = 2, rng.integers(4, config.model.text.vocab_size, words), 3
+    masks = np.stack([transforms.mim_mask(grid, config.data.mim.mask_ratio, rng) for _ in range(b)])
+    batches.append({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), "text": text,
+                    "mim_mask": masks})
+  return batches
+
+
+def _init(task):
+  return nn.unbox(jax.jit(task.init_variables)(jax.random.key(0))["params"])
+
+
+def _train(config, batches):
+  state, step, _ = _setup(config)
+  history = []
+  for b in batches:
+    state, m = step(state, b)
+    history.append(m)
+  return jax.device_get(state.params), history
+
+
+def test_default_config_has_the_seeds_3_7b_parameters():
+  from configs import aurora_xl  # pylint: disable=g-import-not-at-top
+  s = summary.summarize(aurora_xl.get_config(), devices=64, strategy="zero2")
+  assert abs(s["total_params"] / 3.7e9 - 1) < 0.02, s["total_params"]
+  assert s["modules"]["encoder"] == 2_997_815_008 + 512  # SwinV2-G without head, plus the mask token
+  assert s["total_params"] == 3_704_005_857
+
+
+@pytest.mark.parametrize("view", ["separate", "shared"])
+def test_eight_accumulation_steps_equal_one_step_of_eight_times_the_batch(view):
+  """Two-pass accumulation: the contrastive loss spans the whole batch of 64 (8 devices, zero2), not 8."""
+  config = tiny_aurora_config(global_batch_size=64, strategy="zero2", **{"model.mim_view": view})
+  batches = _pair_batches(config, 2)
+  ref, ref_hist = _train(config, batches)
+  got, hist = _train(tiny_aurora_config(global_batch_size=64, strategy="zero2", grad_accum_steps=8,
+                                        **{"model.mim_view": view}), batches)
+  for key in ("train/loss", "train/contrastive_loss", "train/caption_loss", "train/mim_loss", "train/grad_norm"):
+    np.testing.assert_allclose(hist[-1][key], ref_hist[-1][key], rtol=2e-5, err_msg=key)
+  chex.assert_trees_all_close(_without_key_biases(got), _without_key_biases(ref), atol=1e-6, rtol=1e-4)
+
+
+def _without_key_biases(params):
+  """Key biases have an exactly zero gradient (softmax is shift-invariant per query): Adam turns their float
+  noise (~1e-12) into lr-sized steps, so they are excluded from comparisons."""
+  def drop(path, x):
+    names = [getattr(k, "key", "") for k in path]
+    if names[-2:] == ["kv", "bias"]:
+      return jnp.asarray(x).at[..., 0, :, :].set(0)
+    if names[-2:] == ["qkv", "bias"]:
+      return jnp.asarray(x).at[..., 1, :, :].set(0)
+    return x
+  return jax.tree_util.tree_map_with_path(drop, params)
+
+
+def test_naive_accumulation_would_differ():
+  """The check above can fail: contrastive losses over micro-batches of 8 are not the loss over 64."""
+  config = tiny_aurora_config(global_batch_size=64)
+  task = tasks.build(config)
+  params = _init(task)
+  batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
+  feats = task.batch_features(params, batch, jax.random.key(1))
+  whole = task.global_loss(params, feats)[1]["train/contrastive_loss"]
+  micro = np.mean([task.global_loss(params, jax.tree.map(lambda f, i=i: f[i::8], feats))[1]["train/contrastive_loss"]
+                   for i in range(8)])
+  assert abs(whole - micro) > 0.1
+
+
+@pytest.mark.parametrize("view", ["separate", "shared"])
+def test_accumulation_features_match_the_loss_features_with_stochastic_depth(view):
+  """Pass 1 (forward-only features) must see the same dropout draws as pass 2 (the loss)."""
+  config = tiny_aurora_config(**{"model.encoder.drop_path": 0.5, "model.mim_view": view})
+  task = tasks.build(config)
+  params = _init(task)
+  leaves, tree = jax.tree.flatten(params)  # SwinV2 blocks start as the identity: perturb them so drops show
+  keys = jax.random.split(jax.random.key(5), len(leaves))
+  params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+  batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
+  rng = jax.random.key(3)
+  feats = task.batch_features(params, batch, rng)
+  _, loss_feats, _ = task.local_loss(params, batch, rng, task.loss_normalizers(batch))
+  chex.assert_trees_all_close(feats, loss_feats, atol=1e-6)
+  other = task.batch_features(params, batch, jax.random.key(4))
+  assert not np.allclose(other[0], feats[0], atol=1e-4)  # the draws matter, so equality above means something
+
+
+def test_masked_patches_do_not_reach_the_encoder():
+  config = tiny_aurora_config()
+  task = tasks.build(config)
+  params = _init(task)
+  batch = _pair_batches(config, 1)[0]
+  factor = config.data.image_size // batch["mim_mask"].shape[1]
+  pixels = np.kron(batch["mim_mask"], np.ones((factor, factor), np.uint8))[..., None].astype(bool)
+  changed = np.where(pixels, 255 - batch["image"], batch["image"])
+  encode = jax.jit(lambda im, m: task.model.apply({"params": params}, task.normalize(im), m, method="encode"))
+  masked_a, masked_b = encode(batch["image"], batch["mim_mask"]), encode(changed, batch["mim_mask"])
+  np.testing.assert_allclose(masked_a, masked_b, atol=1e-6)
+  clean_a, clean_b = encode(batch["image"], None), encode(changed, None)
+  assert not np.allclose(clean_a, clean_b, atol=1e-3)
+
+
+def test_views_decide_which_heads_see_the_masked_image():
+  def image_emb(view, mask_value):
+    config = tiny_aurora_config(**{"model.mim_view": view})
+    task = tasks.build(config)
+    params = _init(task)
+    batch = _pair_batches(config, 1)[0]
+    mask = np.full_like(batch["mim_mask"], mask_value)
+    out = task.model.apply({"params": params}, task.normalize(batch["image"]), batch["text"], mask)
+    return out["image_emb"]
+  np.testing.assert_allclose(image_emb("separate", 0), image_emb("separate", 1), atol=1e-6)
+  assert not np.allclose(image_emb("shared", 0), image_emb("shared", 1), atol=1e-4)
+
+
+def test_train_metrics_log_every_loss_term():
+  config = tiny_aurora_config()
+  _, hist = _train(config, _pair_batches(config, 1))
+  weights = config.loss
+  m = hist[0]
+  total = (weights.mim_weight * m["train/mim_loss"] + weights.contrastive_weight * m["train/contrastive_loss"]
+           + weights.caption_weight * m["train/caption_loss"])
+  np.testing.assert_allclose(m["train/loss"], total, rtol=1e-5)
+  # At init: the caption term is about ln(vocab), the contrastive about ln(batch).
+  assert abs(m["train/caption_loss"] - np.log(config.model.text.vocab_size)) < 0.5
+  assert abs(m["train/contrastive_loss"] - np.log(config.global_batch_size)) < 1.0
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("model.text.pool", "eos", "text.pool"),
+    ("model.mim_view", "both", "mim_view"),
+    ("model.image_size", 20, "image_size=20"),
+    ("model.decoder_depth", 0, "decoder_depth"),
+])
+def test_bad_model_configs_name_the_field(field, value, message):
+  config = tiny_aurora_config(**{field: value})
+  with pytest.raises(ConfigError, match=message):
+    tasks.build(config)
+
+
+def test_model_config_knows_aurora():
+  c = config_lib.model_config("aurora")
+  assert c.text.pool == "cls" and c.encoder.variant == "T"
+  with pytest.raises(ConfigError, match="aurora"):
+    config_lib.model_config("coca")
