@@ -147,9 +147,7 @@ def test_train_metrics_log_every_loss_term():
   total = (weights.mim_weight * m["train/mim_loss"] + weights.contrastive_weight * m["train/contrastive_loss"]
            + weights.caption_weight * m["train/caption_loss"])
   np.testing.assert_allclose(m["train/loss"], total, rtol=1e-5)
-  # At init: the caption term is about ln(vocab), the contrastive about ln(batch).
-  assert abs(m["train/caption_loss"] - np.log(config.model.text.vocab_size)) < 0.5
-  assert abs(m["train/contrastive_loss"] - np.log(config.global_batch_size)) < 1.0
+  assert abs(m["train/caption_loss"] - np.log(config.model.text.vocab_size)) < 0.5  # at init: about ln(vocab)
 
 
 @pytest.mark.parametrize("field, value, message", [

@@ -92,17 +92,20 @@ def save_params(directory: str, params, metadata: dict[str, Any] | None = None) 
     (directory / "model.json").write_text(json.dumps(metadata, indent=2))
 
 
-def _raw_params(path: epath.Path):
-  if (path / "params").exists():
+def _raw_params(path: epath.Path, step: int | None = None):
+  if (path / "params").exists() and step is None:
     return ocp.PyTreeCheckpointer().restore(path / "params")
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
   if not steps:
     raise CheckpointError(f"init_from={str(path)!r}: no 'params' directory (tools.import_hf) and no training "
                           f"checkpoints (numbered step directories) found there")
-  state = ocp.PyTreeCheckpointer().restore(ckpt_dir / str(steps[-1]) / "state")
+  if step is not None and step not in steps:
+    raise CheckpointError(f"init_from={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
+  step = steps[-1] if step is None else step
+  state = ocp.PyTreeCheckpointer().restore(ckpt_dir / str(step) / "state")
   if "params" not in state:
-    raise CheckpointError(f"init_from={str(path)!r}: step {steps[-1]} holds no 'params'")
+    raise CheckpointError(f"init_from={str(path)!r}: step {step} holds no 'params'")
   return state["params"]
 
 
@@ -110,8 +113,10 @@ def _flatten(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: str, target_params, *, skip: str = ""):
+def load_params(path: str, target_params, *, skip: str = "", step: int | None = None):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
+
+  A training workdir gives its newest checkpoint, or the one of `step` when given.
 
   Params whose path matches the `skip` regex keep their value in `target_params` (e.g. a new head). Missing,
   unexpected or mis-shaped params are a CheckpointError that lists them.
@@ -119,7 +124,7 @@ def load_params(path: str, target_params, *, skip: str = ""):
   path = epath.Path(os.path.expanduser(path))
   if not path.exists():
     raise CheckpointError(f"init_from={str(path)!r}: no such directory")
-  source = _flatten(_raw_params(path))
+  source = _flatten(_raw_params(path, step))
   skip_re = re.compile(skip) if skip else None
   target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
   names = [path_str(p) for p, _ in target_flat]
