@@ -15,7 +15,8 @@ The default is the seed's recipe:
   | batch        | 2048 = 8 accumulation steps of 256; the contrastive loss still spans all 2048 (tasks/base) |
   | precision    | bf16 compute, fp32 params and optimizer state                                             |
   | parallelism  | ZeRO-2: optimizer state and gradients sharded over the data-parallel devices               |
-  | schedule     | 250,000 steps = 512M pairs (the seed gives ~4 weeks on 64 A100s and no step count)          |
+  | schedule     | 250,000 steps = 512M pairs: ~4 weeks on 64 A100s (the seed's figure; it gives no step      |
+  |              | count) at 26% MFU, with 2.47e13 training FLOPs per pair (two encoder passes at 448 px)      |
 
 The seed names neither the text side nor the loss weights: the widths follow CoCa (text encoder and decoder of
 equal depth, decoder memory of 256 queries), the weights are CoCa's public defaults (1.0, 2.0) plus 1.0 for

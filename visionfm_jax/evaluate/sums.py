@@ -33,3 +33,19 @@ class SumsEvaluator:
 def perplexity(sum_nll: float, count: float) -> float:
   """exp(mean token negative log-likelihood); inf for an empty split."""
   return math.exp(sum_nll / count) if count > 0 else math.inf
+
+
+def unigram_perplexity(token_batches: Iterable[np.ndarray], pad_id: int = 0) -> float:
+  """Perplexity of the best context-free model of the predicted tokens (text[:, 1:], non-pad): exp of the
+  entropy of their frequencies. A captioner that beats it on held-out pairs uses the image or the context."""
+  counts: dict[int, int] = {}
+  for tokens in token_batches:
+    labels = np.asarray(tokens)[:, 1:]
+    ids, n = np.unique(labels[labels != pad_id], return_counts=True)
+    for i, c in zip(ids.tolist(), n.tolist()):
+      counts[i] = counts.get(i, 0) + c
+  freq = np.asarray(list(counts.values()), np.float64)
+  if not len(freq):
+    raise ValueError("no tokens to count")
+  p = freq / freq.sum()
+  return float(np.exp(-np.sum(p * np.log(p))))
