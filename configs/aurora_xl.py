@@ -30,7 +30,19 @@ a CPU; metrics `eval/retrieval/*`, `eval/caption/perplexity`, `eval/mim/loss`:
   python -m visionfm_jax.main --config=configs/aurora_xl.py:demo --workdir=/tmp/aurora_demo
   python -m visionfm_jax.tools.caption --checkpoint=/tmp/aurora_demo --images=shapes:0-7
 
-Expected: DEMO_RESULT
+Expected at the end: caption perplexity far below the unigram perplexity of the training captions (12.4, from
+`evaluate.sums.unigram_perplexity` over 3,200 of them), retrieval R@5 far above chance (0.005 for 1000 pairs;
+the short captions repeat, ~10 eval pairs share each, so R@1 cannot exceed ~0.1), held-out MIM loss falling.
+Measured 2026-11-21 (2 CPU cores shared with another job, jax 0.10.2), 1000 steps, 13 min wall:
+
+  | step | caption perplexity | i2t R@5 | t2i R@5 | i2t R@10 | MIM loss |
+  | 250  | 1.528              | 0.140   | 0.161   | 0.271    | 0.416    |
+  | 500  | 1.315              | 0.237   | 0.258   | 0.448    | 0.403    |
+  | 750  | 1.180              | 0.329   | 0.359   | 0.621    | 0.357    |
+  | 1000 | 1.137              | 0.375   | 0.406   | 0.678    | 0.350    |
+
+and greedy captions of validation records 0-7 ('a small yellow crescent', 'a large green diamond', ...) match
+the true captions exactly for 6 of 8 (the two misses name the right size and colour).
 """
 
 import ml_collections

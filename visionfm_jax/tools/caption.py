@@ -1,0 +1,186 @@
+r"""Captions images with a trained Aurora model: greedy decoding, or beam search with --beam_size > 1.
+
+  python -m visionfm_jax.tools.caption --checkpoint=WORKDIR --images=PATHS... [--beam_size=1] [--max_len=N]
+      [--step=N] [--length_penalty=0.0] [--batch_size=32]
+
+WORKDIR is a training workdir (its config.json and checkpoints/<step>); the newest checkpoint unless --step.
+--images takes comma-separated entries (further ones may follow as arguments): image files (anything Pillow
+reads), resized as the eval pipeline does (shorter side to size / 0.875, central crop), or `shapes:A-B`,
+records A..B (inclusive; `shapes:A` is one) of the embedded shapes validation split. Prints one line per
+image, `<path>\t<caption>`. Errors print one line naming the culprit and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import ml_collections
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from visionfm_jax import checkpoint, generate, tasks
+from visionfm_jax.data import shapes, sources, transforms
+from visionfm_jax.errors import UserError
+
+SHAPES_PREFIX = "shapes:"
+SHAPES_SPLIT = "validation"
+
+
+def make_flags() -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, "Training workdir (config.json + checkpoints/).", flag_values=fv)
+  flags.DEFINE_list("images", [], "Image files and/or shapes:A-B record ranges.", flag_values=fv)
+  flags.DEFINE_integer("beam_size", 1, "1: greedy decoding; K > 1: beam search with K beams.", flag_values=fv)
+  flags.DEFINE_integer("max_len", 0, "Tokens per caption, BOS and EOS included; 0: the text encoder's max_len.",
+                       flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
+  flags.DEFINE_float("length_penalty", 0.0, "Beam search: GNMT length penalty alpha (0: summed log-probs).",
+                     flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
+  return fv
+
+
+def _listify(value: Any) -> Any:
+  """JSON lists back to the tuples configs hold (to_json writes tuples as lists)."""
+  if isinstance(value, dict):
+    return {k: _listify(v) for k, v in value.items()}
+  if isinstance(value, list):
+    return tuple(_listify(v) for v in value)
+  return value
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a training run wrote to `workdir`/config.json; an Aurora task, else UserError."""
+  if not os.path.isdir(workdir):
+    raise UserError(f"--checkpoint={workdir}: no such directory")
+  path = os.path.join(workdir, "config.json")
+  try:
+    with open(path, encoding="utf-8") as f:
+      fields = json.load(f)
+  except OSError as e:
+    raise UserError(f"--checkpoint={workdir}: cannot read config.json ({e.strerror or e}); expected a training "
+                    "workdir") from e
+  except json.JSONDecodeError as e:
+    raise UserError(f"{path}: not valid JSON ({e})") from e
+  if not isinstance(fields, dict) or fields.get("task") != "aurora":
+    task = fields.get("task") if isinstance(fields, dict) else None
+    raise UserError(f"--checkpoint={workdir}: config.task={task!r} is not an Aurora model (task 'aurora')")
+  return ml_collections.ConfigDict(_listify(fields))
+
+
+def load_params(task, workdir: str, step: int | None = None):
+  """The params of `workdir`'s newest checkpoint (or of `step`) on the first device."""
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes_only)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  steps = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if os.path.isdir(ckpt_dir) else []
+  if not steps:
+    raise UserError(f"--checkpoint={workdir}: no checkpoints (checkpoints/<step>) there")
+  if step is not None and step not in steps:
+    raise UserError(f"--step={step}: no such checkpoint in {ckpt_dir}; steps there: {steps}")
+  return checkpoint.load_params(workdir, target, step=step)
+
+
+def parse_shapes_range(entry: str) -> range:
+  """'shapes:A-B' -> range(A, B + 1); 'shapes:A' -> range(A, A + 1)."""
+  spec = entry[len(SHAPES_PREFIX):]
+  first, _, last = spec.partition("-")
+  try:
+    a, b = int(first), int(last or first)
+  except ValueError:
+    raise UserError(f"--images entry {entry!r}: expected shapes:A-B with record numbers A <= B") from None
+  if not 0 <= a <= b:
+    raise UserError(f"--images entry {entry!r}: expected shapes:A-B with record numbers 0 <= A <= B")
+  return range(a, b + 1)
+
+
+def read_image(path: str, size: int) -> np.ndarray:
+  """An image file -> uint8 (size, size, 3) by the eval transform."""
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+    image = transforms.decode_image(data, round(size / transforms.EVAL_CROP_FRACTION))
+  except OSError as e:
+    raise UserError(f"--images: cannot read {path}: {e.strerror or e}") from e
+  except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    raise UserError(f"--images: cannot decode {path}: {e}") from e
+  return transforms.EvalTransform(size).map({"image": image})["image"]
+
+
+def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndarray]]:
+  """(names, uint8 images at the model's size) of the --images entries, in order."""
+  size = config.data.image_size
+  names, images = [], []
+  for entry in entries:
+    if entry.startswith(SHAPES_PREFIX):
+      records = parse_shapes_range(entry)
+      source = shapes.ShapesSource(SHAPES_SPLIT, records.stop, size, seed=sources.SHAPES_SEED,
+                                   caption_style=config.data.get("shapes_captions", "full"))
+      for i in records:
+        names.append(f"{SHAPES_PREFIX}{i}")
+        images.append(transforms.EvalTransform(size).map(source[i])["image"])
+    else:
+      names.append(entry)
+      images.append(read_image(entry, size))
+  return names, images
+
+
+def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int = 0, step: int | None = None,
+        length_penalty: float = 0.0, batch_size: int = 32) -> list[tuple[str, str]]:
+  """(name, caption) per image entry; UserError for bad input."""
+  if not images:
+    raise UserError("--images: give at least one image file or shapes:A-B")
+  if beam_size < 1 or batch_size < 1 or max_len < 0 or length_penalty < 0:
+    raise UserError(f"--beam_size={beam_size}, --batch_size={batch_size}, --max_len={max_len}, --length_penalty="
+                    f"{length_penalty}: beam and batch sizes must be positive, max_len and the penalty >= 0")
+  workdir = os.path.expanduser(workdir)
+  config = load_config(workdir)
+  task = tasks.build(config)
+  limit = task.model.text.max_len
+  if max_len > limit:
+    raise UserError(f"--max_len={max_len}: this model's text encoder takes at most {limit} tokens")
+  names, pixels = load_images(images, config)
+  params = load_params(task, workdir, step)
+  captions = []
+  for start in range(0, len(pixels), batch_size):
+    captions += generate.caption_images(task, params, np.stack(pixels[start:start + batch_size]),
+                                        beam_size=beam_size, max_len=max_len or limit,
+                                        length_penalty=length_penalty)
+  return list(zip(names, captions))
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), prints the captions; returns the exit status."""
+  fv = make_flags()
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    print(__doc__)
+    print(fv.get_help())
+    return 0
+  try:
+    rest = fv(list(argv))
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  try:
+    if not fv.checkpoint:
+      raise UserError("--checkpoint: required (a training workdir)")
+    lines = run(fv.checkpoint, list(fv.images) + list(rest[1:]), beam_size=fv.beam_size, max_len=fv.max_len,
+                step=fv.step, length_penalty=fv.length_penalty, batch_size=fv.batch_size)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for name, caption in lines:
+    print(f"{name}\t{caption}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
