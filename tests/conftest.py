@@ -51,6 +51,7 @@ def tiny_aurora_config(**overrides):
   config.model.embed_dim = 16
   config.model.caption_queries = 4
   config.model.decoder_depth = 2
+  config.model.scan = True  # one compiled body per stack: compiles faster than the demo's unrolled layers
   config.data.mim.mask_patch_size = 4  # 4x4 grid, 10 masked
   config.global_batch_size = 16
   config.grad_accum_steps = 1
