@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from conftest import tiny_aurora_config
-from test_train_step import _setup
+import test_train_step
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import ConfigError
@@ -48,11 +48,7 @@ def _init(task):
 
 
 def _train(config, batches):
-  state, step, _ = _setup(config)
-  history = []
-  for b in batches:
-    state, m = step(state, b)
-    history.append(m)
+  state, _, history = test_train_step._train(config, batches)
   return jax.device_get(state.params), history
 
 

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 from typing import Callable, Iterable
 
-import jax
 import jax.numpy as jnp
 import numpy as np
+
+from visionfm_jax.evaluate.sums import SumsEvaluator
 
 
 class TopKEvaluator:
@@ -29,15 +30,11 @@ class TopKEvaluator:
       out["count"] = jnp.sum(mask)
       return out
 
-    self._counts = jax.jit(counts)
+    def top_k_rates(totals):
+      count = totals.pop("count")
+      return {name: v / max(count, 1.0) for name, v in totals.items()}
+
+    self._sums = SumsEvaluator(counts, top_k_rates, ctx)
 
   def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-    totals = None
-    for local in local_batches:
-      c = self._counts(params, self.ctx.to_global(local))
-      totals = c if totals is None else jax.tree.map(jnp.add, totals, c)
-    if totals is None:
-      raise ValueError("the evaluation split yielded no batches")
-    totals = jax.device_get(totals)
-    count = float(totals.pop("count"))
-    return {name: float(v) / max(count, 1.0) for name, v in totals.items()}
+    return self._sums(params, local_batches)
