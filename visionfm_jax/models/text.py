@@ -11,8 +11,12 @@ e.g. truncated, takes its last position), and a bias-free projection to `embed_d
 Tokens follow our tokenizer: pad 0, unk 1, bos 2, eos 3; BOS first, EOS last, padding after. Padding needs no
 mask: it comes after the EOS, which the causal mask keeps it from influencing.
 
-`__call__(tokens, train=False)` returns `tokens` (B, L, W) after the final norm, `pooled` (B, W) the EOS
-features and `embedding` (B, embed_dim), projected, not normalised. Norms, softmax, pooling and the projection
+With `pool='cls'` (CoCa, Aurora's text encoder) a learned CLS token follows the caption instead; it sees the
+caption's tokens and not its padding (`cls_attention_mask`), and its features are pooled.
+
+`__call__(tokens, train=False)` returns `tokens` (B, L, W) after the final norm, `pooled` (B, W) the EOS (or
+CLS) features and `embedding` (B, embed_dim), projected, not normalised. With `cache` (from `init_cache`) and
+`index` it decodes incrementally instead and returns {'tokens', 'cache'}. Norms, softmax, pooling and the projection
 run in fp32; the blocks in `dtype`.
 """
 
