@@ -2,6 +2,8 @@
 
 import hashlib
 import io
+import json
+import re
 import sys
 import time
 
@@ -187,7 +189,8 @@ def test_decode():
   failures = transforms.decode_failures()
   bad = transforms.Decode().map({"image": b"not an image", "label": 3})
   assert bad["image"] is None and transforms.decode_failures() == failures + 1
-  assert not transforms.DropUndecodable().filter(bad)
+  marked = transforms.MarkUndecodable(8).map(bad)
+  assert marked["valid"] is False and marked["image"].shape == (8, 8, 3) and marked["label"] == 3
 
 
 # --- pipelines ------------------------------------------------------------------------------------------
@@ -254,17 +257,54 @@ def test_train_shards_disjoint_and_complete():
   assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(64))
 
 
-def test_corrupt_records_are_skipped():
+def test_corrupt_records_are_skipped_and_counted():
   cfg = data_config(image_size=4)
   cfg.augment.random_resized_crop = False
-  it = iter(pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1,
-                                       source=CorruptEveryFifth(40)))
-  labels = np.concatenate([next(it)["label"] for _ in range(8)])
-  assert labels.shape == (32,) and not (labels % 5 == 0).any()
+  loader = pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1,
+                                      source=CorruptEveryFifth(40))
+  it = iter(loader)
+  labels = np.concatenate([next(it)["label"] for _ in range(8)])  # one epoch: 32 good records
+  assert labels.shape == (32,) and sorted(labels) == [i for i in range(40) if i % 5]
+  assert it.skipped == 8 and it.read == 40
+  # The same records in the same order as the raw loader, with the corrupt ones taken out.
+  raw = iter(loader.loader)
+  raw_batches = [next(raw) for _ in range(10)]
+  raw_labels = np.concatenate([b["label"] for b in raw_batches])
+  raw_valid = np.concatenate([b["valid"] for b in raw_batches])
+  np.testing.assert_array_equal(raw_valid, raw_labels % 5 != 0)
+  np.testing.assert_array_equal(labels, raw_labels[raw_valid])
   batches = list(pipeline.make_eval_iterator(cfg, batch_size=8, process_index=0, process_count=1,
                                              source=CorruptEveryFifth(40)))
   masks = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(masks, np.arange(40) % 5 != 0)
+
+
+def test_skipping_iterator_restores_mid_batch():
+  """A state taken while part of a raw batch is still in hand replays the same batches and counts."""
+  cfg = data_config(image_size=4, num_workers=0)
+  cfg.augment.random_resized_crop = False
+  loader = pipeline.make_train_loader(cfg, batch_size=3, seed=1, process_index=0, process_count=1,
+                                      source=CorruptEveryFifth(30))
+  it = iter(loader)
+  for _ in range(5):
+    next(it)
+  state, counts = it.get_state(), (it.read, it.skipped)
+  assert json.loads(state)["offset"] > 0  # 5 x 3 valid rows end inside a raw batch
+  want = [next(it)["label"] for _ in range(6)]
+  resumed = iter(loader)
+  resumed.set_state(state)
+  assert (resumed.read, resumed.skipped) == counts
+  np.testing.assert_array_equal([next(resumed)["label"] for _ in range(6)], want)
+
+
+def test_mostly_corrupt_data_stops_with_a_clear_error():
+  cfg = data_config(image_size=4, max_skipped_fraction=0.1, skip_check_after=20)
+  it = iter(pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1,
+                                       source=CorruptEveryFifth(40)))
+  with pytest.raises(DataError, match=r"config.data.max_skipped_fraction=0.1") as info:
+    for _ in range(10):
+      next(it)
+  assert re.search(r"\d+ of the 2\d records read so far by this process are corrupt or undecodable", str(info.value))
 
 
 @pytest.mark.parametrize("examples,processes", [(-1, 3), (20, 2), (-1, 1)])

@@ -9,7 +9,7 @@ from PIL import Image
 import pytest
 import test_data  # tests/ is on sys.path under pytest
 
-from visionfm_jax.data import pairs, pipeline, randaugment, shapes, sources, tokenizer, transforms
+from visionfm_jax.data import records as pairs, pipeline, randaugment, shapes, sources, tokenizer, transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 MAX_LEN = 24
@@ -59,7 +59,7 @@ class PairRange(test_data.RangeSource):
 # --- ArrayRecord pairs ----------------------------------------------------------------------------------
 
 def test_arrayrecord_round_trip(pair_dir):
-  source = pairs.ArrayRecordPairs(str(pair_dir / "train-*.array_record"))
+  source = pairs.ArrayRecordSource(str(pair_dir / "train-*.array_record"))
   assert len(source) == 48 and source.files == sorted(source.files) and "files=2" in repr(source)
   want = shapes_pairs(48)
   for i in (0, 23, 24, 47):
@@ -89,7 +89,7 @@ def test_arrayrecord_splits_and_errors(pair_dir, tmp_path):
   assert len(everything) == 58  # no {split}: every split reads every file
   (tmp_path / "bad.array_record").write_bytes(b"not an array record file")
   with pytest.raises(DataError, match="bad.array_record"):
-    pairs.ArrayRecordPairs(str(tmp_path / "bad.array_record"))
+    pairs.ArrayRecordSource(str(tmp_path / "bad.array_record"))
 
 
 def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
@@ -101,9 +101,9 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   for i, (image, caption) in enumerate(good):
     writer.write(corrupt.get(i) or pairs.pack_pair(image, caption))
   writer.close()
-  source = pairs.ArrayRecordPairs(path)
+  source = pairs.ArrayRecordSource(path)
   before = transforms.decode_failures()
-  assert source[3] == {"image": None, "caption": ""} and transforms.decode_failures() == before + 1
+  assert source[3] == {"image": None, "caption": "", "label": 0} and transforms.decode_failures() == before + 1
   cfg = data_config(eval_examples=-1)
   batches = list(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=8, process_index=0, process_count=1,
                                                   source=source))

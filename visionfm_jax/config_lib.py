@@ -119,7 +119,9 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   ))
 
   c.data = ml_collections.ConfigDict(dict(
-      source="shapes",  # shapes | tfds:<name> | arrayrecord:<glob with {split}> (image-text pairs)
+      # shapes | tfds:<name>[:<version>][:<split>] | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
+      source="shapes",
+      eval_source="",  # the same forms; '' = source (with eval_split)
       tokenizer="",  # SentencePiece model for captions (tools.train_tokenizer); '' = the shipped shapes one
       data_dir="",  # TFDS data dir; '' means $TFDS_DATA_DIR, else ~/tensorflow_datasets
       train_split="train",
@@ -129,6 +131,8 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       prefetch=2,  # batches buffered per worker
       shuffle=True,
       eval_examples=-1,  # -1: the whole eval split
+      max_skipped_fraction=0.02,  # stop when more of the training records read are corrupt/undecodable
+      skip_check_after=1000,  # ... once this many records have been read (per process)
       shapes_train_size=1_000_000,
       shapes_eval_size=10_000,
       shapes_captions="full",  # full: size, colour, shape, position, background | short: size, colour, shape
@@ -173,6 +177,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
       raise ConfigError(f"config.{field}={config[field]}: must be positive")
   if config.optim.warmup_steps > config.total_steps:
     raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
+  if not 0 <= float(config.data.max_skipped_fraction) <= 1:
+    raise ConfigError(f"config.data.max_skipped_fraction={config.data.max_skipped_fraction}: expected a fraction "
+                      f"in [0, 1]")
   if config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")

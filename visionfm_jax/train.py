@@ -18,6 +18,8 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
+import numpy as np
 import ml_collections
 import optax
 from absl import logging
@@ -262,6 +264,18 @@ def _evaluate(evaluators, params, step) -> dict[str, float]:
   return results
 
 
+def data_counts(train_iter) -> dict[str, float]:
+  """{'data/skipped': corrupt or undecodable training records skipped so far by all processes,
+  'data/skipped_fraction': of the records read}; {} for iterators that do not count (a collective when
+  there are several processes: every process calls it at the same steps)."""
+  if not hasattr(train_iter, "skipped"):
+    return {}
+  counts = np.array([train_iter.skipped, train_iter.read], np.int64)
+  if jax.process_count() > 1:
+    counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
+  return {"data/skipped": float(counts[0]), "data/skipped_fraction": float(counts[0] / max(counts[1], 1))}
+
+
 def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer, writer,
           task) -> dict[str, float]:
   total = config.total_steps
@@ -286,6 +300,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         values["train/img_per_sec"] = img_per_sec
         if flops_per_example and peak:
           values["train/mfu"] = img_per_sec * flops_per_example / (peak * jax.device_count())
+        values.update(data_counts(train_iter))
         if not math.isfinite(values["train/loss"]) and state.loss_scale is None:
           raise NonFiniteLossError(
               f"non-finite loss {values['train/loss']} at step {step}; stopping. The last good checkpoint is "

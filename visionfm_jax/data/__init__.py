@@ -1,7 +1,7 @@
-"""Data: sources (TFDS, ArrayRecord pairs, the embedded shapes set), host-side transforms, tokenizer and the
+"""Data: sources (TFDS, ArrayRecord records, the embedded shapes set), host-side transforms, tokenizer and the
 grain pipelines."""
 
-from visionfm_jax.data.pairs import ArrayRecordPairs, write_pairs
+from visionfm_jax.data.records import ArrayRecordSource, read_metadata, write_pairs, write_records
 from visionfm_jax.data.pipeline import (make_eval_iterator, make_pair_eval_iterator, make_pair_train_loader,
                                         make_train_loader)
 from visionfm_jax.data.randaugment import RandAugment
@@ -11,5 +11,5 @@ from visionfm_jax.data.tokenizer import Tokenizer, eos_positions, shapes_tokeniz
 
 __all__ = ["make_train_loader", "make_eval_iterator", "make_pair_train_loader", "make_pair_eval_iterator",
            "build_source", "num_classes", "class_names", "ShapesSource", "SHAPE_NAMES", "COLOUR_NAMES",
-           "ArrayRecordPairs", "write_pairs", "RandAugment", "Tokenizer", "eos_positions", "shapes_tokenizer_path",
+           "ArrayRecordSource", "write_pairs", "write_records", "read_metadata", "RandAugment", "Tokenizer", "eos_positions", "shapes_tokenizer_path",
            "train_tokenizer"]

@@ -17,8 +17,8 @@ from absl import flags
 import grain
 import numpy as np
 
-from visionfm_jax.data import transforms
-from visionfm_jax.data.sources import build_source
+from visionfm_jax.data import skipping, transforms
+from visionfm_jax.data.sources import build_source, eval_source_spec
 from visionfm_jax.errors import DataError
 
 
@@ -31,12 +31,15 @@ def _train_decode_side(data_cfg) -> int:
 
 
 def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int,
-                      source=None) -> grain.DataLoader:
-  """An infinite, shuffled, augmented grain.DataLoader over this process's shard of the train split.
+                      source=None) -> skipping.SkippingLoader:
+  """An infinite, shuffled, augmented loader over this process's shard of the train split.
 
-  `iter(loader)` has get_state/set_state and saves with Orbax through grain.checkpoint.CheckpointSave.
-  The augmentations are a pure function of (seed, record position), so a restored iterator replays the
-  same batches bitwise. `source` overrides build_source(config.data.source, config.data.train_split).
+  Every process reads a fixed, disjoint share of the records (grain's ShardOptions, the remainder dropped),
+  in a new order each epoch, a pure function of (seed, epoch). `iter(loader)` has get_state/set_state and
+  saves with Orbax through grain.checkpoint.CheckpointSave. The augmentations are a pure function of (seed,
+  record position), so a restored iterator replays the same batches bitwise. Undecodable records are skipped
+  and counted (`skipping.SkippingIterator`). `source` overrides build_source(config.data.source,
+  config.data.train_split).
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
@@ -45,7 +48,7 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
 
 
 def make_pair_train_loader(data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int,
-                           process_count: int, source=None, mim=None) -> grain.DataLoader:
+                           process_count: int, source=None, mim=None) -> skipping.SkippingLoader:
   """make_train_loader for image-text pairs: batches {'image', 'text', 'label' if the source has labels,
   'mim_mask' with `mim`}.
 
@@ -86,7 +89,7 @@ def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.Select
 
 
 def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, process_index: int,
-                  process_count: int, extras=()) -> grain.DataLoader:
+                  process_count: int, extras=()) -> skipping.SkippingLoader:
   if len(source) // process_count < batch_size:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r} has {len(source)} "
                     f"records: fewer than one batch of {batch_size} for each of {process_count} processes")
@@ -101,8 +104,11 @@ def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, proc
   if data_cfg.num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
     flags.FLAGS.mark_as_parsed()
-  return grain.DataLoader(data_source=source, sampler=sampler, operations=operations, shard_options=shard,
-                          worker_count=data_cfg.num_workers, worker_buffer_size=data_cfg.prefetch)
+  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, shard_options=shard,
+                            worker_count=data_cfg.num_workers, worker_buffer_size=data_cfg.prefetch)
+  return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
+                                 check_after=data_cfg.skip_check_after,
+                                 what=f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r}")
 
 
 def eval_shares(total: int, batch_size: int, process_index: int, process_count: int) -> tuple[range, int]:
@@ -170,10 +176,11 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
 
   The first config.data.eval_examples records (all if <= 0) are split into contiguous shares, one per
   process; every process yields the same number of batches, padded with mask=False rows, so each example
-  appears exactly once with mask=True across processes. `source` overrides the configured eval split.
+  appears exactly once with mask=True across processes (undecodable ones: mask=False). `source` overrides
+  the configured eval source (config.data.eval_source, else config.data.source) and split.
   """
   if source is None:
-    source = build_source(data_cfg.source, data_cfg.eval_split, data_cfg)
+    source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
   return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
                         process_index=process_index, process_count=process_count)
 
@@ -187,7 +194,7 @@ def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_ind
   are comparable across evaluations.
   """
   if source is None:
-    source = build_source(data_cfg.source, data_cfg.eval_split, data_cfg)
+    source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
   example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.eval_split)
   return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
                         process_count=process_count, extras=_mim_ops(data_cfg, mim))

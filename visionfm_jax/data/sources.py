@@ -1,9 +1,14 @@
 """Random-access sources of dict records, named by `config.data.source`.
 
-  shapes             the embedded procedural set (`shapes.ShapesSource`), no download
-  tfds:<name>        a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our Pillow decoder
-  arrayrecord:<glob> image-text pairs (`pairs.ArrayRecordPairs`); '{split}' in the glob becomes the split
-                     name (config.data.train_split / eval_split), a glob without it serves every split
+  shapes                      the embedded procedural set (`shapes.ShapesSource`), no download
+  tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our
+                              Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
+                              config.data.train_split / eval_split
+  arrayrecord:<glob>          files written by `tools.prepare_data` (`records.ArrayRecordSource`): labelled
+                              images or image-text pairs; '{split}' in the glob becomes the split name
+                              (config.data.train_split / eval_split), a glob without it serves every split
+
+Training reads config.data.source; evaluation reads config.data.eval_source, or the same source when empty.
 
 TensorFlow is never imported: TFDS reads ArrayRecord files itself, and nothing is ever downloaded here. A
 dataset that is not prepared fails at once with a `DataError` naming the dataset, split and directory.
@@ -12,9 +17,10 @@ dataset that is not prepared fails at once with a `DataError` naming the dataset
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
-from visionfm_jax.data.pairs import ArrayRecordPairs, split_pattern
+from visionfm_jax.data.records import ArrayRecordSource, split_pattern
 from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
 from visionfm_jax.errors import DataError
 
@@ -22,14 +28,30 @@ SHAPES_SEED = 0
 PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
 
 
-def _parse(spec: str) -> tuple[str, str]:
-  """'shapes' -> ('shapes', ''); 'tfds:imagenet2012' -> ('tfds', 'imagenet2012')."""
+_VERSION = re.compile(r"^(\d+(\.\d+)*|\*)$")
+
+
+def _parse(spec: str) -> tuple[str, str, str]:
+  """(kind, name, split): 'shapes' -> ('shapes', '', ''); 'tfds:imagenet2012:5.1.0:train[:10%]' ->
+  ('tfds', 'imagenet2012:5.1.0', 'train[:10%]'); 'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', '')."""
   kind, _, name = spec.partition(":")
   if kind == "shapes" and not name:
-    return kind, ""
-  if kind in ("tfds", "arrayrecord") and name:
-    return kind, name
-  raise DataError(f"config.data.source={spec!r}: expected 'shapes', 'tfds:<name>' or 'arrayrecord:<glob>'")
+    return kind, "", ""
+  if kind == "arrayrecord" and name:
+    return kind, name, ""
+  if kind == "tfds" and name and not name.startswith(":"):
+    name, _, rest = name.partition(":")
+    version, _, split = rest.partition(":")
+    if version and not _VERSION.match(version):  # no version: the whole rest is the split
+      version, split = "", rest
+    return kind, f"{name}:{version}" if version else name, split
+  raise DataError(f"config.data.source={spec!r}: expected 'shapes', 'tfds:<name>[:<version>][:<split>]' or "
+                  f"'arrayrecord:<glob>'")
+
+
+def eval_source_spec(data_cfg) -> str:
+  """config.data.eval_source, or config.data.source when it is empty."""
+  return data_cfg.get("eval_source") or data_cfg.source
 
 
 def tfds_data_dir(data_cfg) -> Path:
@@ -75,31 +97,32 @@ def _tfds_label_feature(name: str, data_cfg):
 
 
 def build_source(spec: str, split: str, data_cfg):
-  """The RandomAccessDataSource for `spec` and `split`: len, getitem -> dict with 'image' and 'label'
-  (classification sources) or 'caption' (pair sources; shapes has both)."""
-  kind, name = _parse(spec)
+  """The RandomAccessDataSource for `spec` and `split` (a split inside `spec` wins): len, getitem -> dict with
+  'image' and 'label' (classification sources) or 'caption' (pair sources; shapes has both)."""
+  kind, name, spec_split = _parse(spec)
+  split = spec_split or split
   if kind == "shapes":
     size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
-    try:
-      return ArrayRecordPairs(split_pattern(name, split))
-    except DataError as e:
-      raise DataError(f"config.data.source={spec!r} split {split!r}: {e}") from e
+    return _arrayrecord_source(spec, name, split)
   return _tfds_source(name, split, tfds_data_dir(data_cfg))
 
 
-def _no_labels(spec: str):
-  return DataError(f"config.data.source={spec!r}: image-text pairs have no class labels")
+def _arrayrecord_source(spec: str, pattern: str, split: str) -> ArrayRecordSource:
+  try:
+    return ArrayRecordSource(split_pattern(pattern, split))
+  except DataError as e:
+    raise DataError(f"config.data.source={spec!r} split {split!r}: {e}") from e
 
 
 def class_names(spec: str, data_cfg) -> list[str]:
   """Human-readable label names, index = label."""
-  kind, name = _parse(spec)
+  kind, name, _ = _parse(spec)
   if kind == "shapes":
     return list(SHAPE_NAMES)
   if kind == "arrayrecord":
-    raise _no_labels(spec)
+    return _arrayrecord_source(spec, name, data_cfg.train_split).class_names()
   return list(_tfds_label_feature(name, data_cfg).names)
 
 

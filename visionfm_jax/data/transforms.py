@@ -64,7 +64,7 @@ class Decode(grain.transforms.Map):
   """Decodes record['image'] when it holds encoded bytes; arrays pass through as uint8 RGB.
 
   An undecodable image is logged, counted (see `decode_failures`) and marked with image=None, for
-  `DropUndecodable` (training) or the eval iterator's padding mask to handle. image=None (a record its
+  `MarkUndecodable` (training) or the eval iterator's padding mask to handle. image=None (a record its
   source could not read, already counted there) passes through.
   """
 
@@ -85,11 +85,24 @@ class Decode(grain.transforms.Map):
     return element
 
 
-class DropUndecodable(grain.transforms.Filter):
-  """Drops the records `Decode` could not decode."""
+class MarkUndecodable(grain.transforms.Map):
+  """Sets 'valid': False for a record `Decode` could not decode, whose image becomes a black `size` x `size`
+  placeholder, True otherwise. Training batches keep their size and per-record random streams;
+  `skipping.SkippingIterator` drops the placeholders and counts them."""
 
-  def filter(self, element: dict) -> bool:
-    return element["image"] is not None
+  def __init__(self, size: int):
+    self.size = int(size)
+
+  def map(self, element: dict) -> dict:
+    if element["image"] is None:
+      return {**element, "image": np.zeros((self.size, self.size, 3), np.uint8), "valid": False}
+    return {**element, "valid": True}
+
+
+def _carry_validity(element: dict, example: dict) -> dict:
+  if "valid" in element:
+    example["valid"] = element["valid"]
+  return example
 
 
 def crop_window(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
@@ -227,7 +240,7 @@ class SelectKeys(grain.transforms.Map):
   """
 
   def map(self, element: dict) -> dict:
-    return {"image": element["image"], "label": np.int32(element["label"])}
+    return _carry_validity(element, {"image": element["image"], "label": np.int32(element["label"])})
 
   def spec(self, image_size: int) -> dict:
     return {"image": ((image_size, image_size, 3), np.uint8), "label": ((), np.int32)}
@@ -245,7 +258,7 @@ class SelectPair(grain.transforms.Map):
     example = {"image": element["image"], "text": self.tokenizer.encode(element["caption"])}
     if self.with_label:
       example["label"] = np.int32(element["label"])
-    return example
+    return _carry_validity(element, example)
 
   def spec(self, image_size: int) -> dict:
     spec = {"image": ((image_size, image_size, 3), np.uint8), "text": ((self.tokenizer.max_len,), np.int32)}
@@ -302,13 +315,13 @@ def _randaugment_ops(augment) -> tuple[str, ...]:
 
 def train_transforms(image_size: int, augment, decode_min_side: int = 0, example=None) -> list:
   """Decode + the augmentations named in config.data.augment, ending in uint8 size x size images, then
-  `example` (the record -> example op; SelectKeys when None).
+  `example` (the record -> example op; SelectKeys when None). Examples carry 'valid' (see MarkUndecodable).
 
   For captions that name positions (the shapes captions do), turn flip off, exclude
   randaugment.GEOMETRIC_OPS and keep crop_scale near 1 (or random_resized_crop off): these move or mirror
   the content and make such captions wrong.
   """
-  ops = [Decode(decode_min_side), DropUndecodable()]
+  ops = [Decode(decode_min_side), MarkUndecodable(image_size)]
   if augment.random_resized_crop:
     ops.append(RandomResizedCrop(image_size, augment.crop_scale, augment.crop_ratio))
   else:

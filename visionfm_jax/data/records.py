@@ -1,0 +1,222 @@
+"""Examples in ArrayRecord files (`config.data.source='arrayrecord:<glob>'`), the format `tools.prepare_data`
+writes.
+
+Each record is a msgpack map with an encoded image and its annotation:
+
+  image    bytes   JPEG/PNG/... as stored (required)
+  caption  str     image-text pairs
+  label    int     classification; the class names are in the folder's `dataset.json`
+  key      str     where the example came from (file name, WebDataset key); optional
+  meta     str     the WebDataset `.json` sidecar, verbatim; optional
+  score    float   the CLIP score `tools.filter_clip_score` kept the pair for; optional
+
+`dataset.json`, next to the shards, describes them (see `write_metadata`): the kind, the class names in label
+order, and per split its shards and counts. `ArrayRecordSource` reads every file matching a glob as one
+random-access source; a record that is not such a map is counted (`transforms.count_failure`) and served as
+an undecodable image, which the pipelines skip.
+
+Shards are written to `<name>.tmp` and renamed when complete (`RecordWriter`), so a finished shard name
+always means a complete file, and an interrupted conversion resumes by skipping the shards that exist.
+"""
+
+from __future__ import annotations
+
+import glob
+import io
+import json
+import os
+from typing import Iterable
+
+from array_record.python import array_record_data_source, array_record_module
+import msgpack
+import numpy as np
+from PIL import Image
+
+from visionfm_jax.data import transforms
+from visionfm_jax.errors import DataError
+
+JPEG_QUALITY = 95  # for images given as arrays
+METADATA_FILE = "dataset.json"
+FORMAT = "visionfm_jax.records/1"
+_OPTIONAL = {"caption": str, "label": int, "key": str, "meta": str, "score": float}
+
+
+def encode_jpeg(image, quality: int = JPEG_QUALITY) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buffer, format="JPEG", quality=quality)
+  return buffer.getvalue()
+
+
+def pack_record(image, **fields) -> bytes:
+  """One record: `image` as encoded bytes (stored as they are) or a uint8 HWC array (stored as JPEG), plus
+  the optional fields of the module docstring (others are a ValueError)."""
+  unknown = sorted(set(fields) - set(_OPTIONAL))
+  if unknown:
+    raise ValueError(f"unknown record fields {unknown}; known: image, {', '.join(_OPTIONAL)}")
+  if not isinstance(image, (bytes, bytearray)):
+    image = encode_jpeg(image)
+  record = {"image": bytes(image)}
+  record.update({k: _OPTIONAL[k](v) for k, v in fields.items() if v is not None})
+  return msgpack.packb(record, use_bin_type=True)
+
+
+def pack_pair(image, caption: str) -> bytes:
+  return pack_record(image, caption=caption)
+
+
+def unpack_record(data: bytes) -> dict:
+  """The record as a dict; ValueError when `data` is not a msgpack map with bytes 'image' and well-typed
+  optional fields."""
+  try:
+    record = msgpack.unpackb(data, raw=False)
+  except (TypeError, msgpack.UnpackException) as e:  # most msgpack errors are ValueErrors already
+    raise ValueError(f"undecodable msgpack: {e}") from e
+  if not isinstance(record, dict) or not isinstance(record.get("image"), bytes):
+    raise ValueError(f"not a map with bytes 'image': {str(record)[:100]}")
+  for key, kind in _OPTIONAL.items():
+    if key in record and not isinstance(record[key], (int, float) if kind is float else kind):
+      raise ValueError(f"field {key!r} is {type(record[key]).__name__}, not {kind.__name__}")
+  return {k: record[k] for k in ("image", *_OPTIONAL) if k in record}
+
+
+def unpack_pair(data: bytes) -> dict:
+  """{'image': bytes, 'caption': str}; ValueError when `data` is not a record with a caption."""
+  record = unpack_record(data)
+  if "caption" not in record:
+    raise ValueError("record has no 'caption'")
+  return {"image": record["image"], "caption": record["caption"]}
+
+
+class RecordWriter:
+  """Writes packed records to `path` via `path.tmp`, renamed on a clean `close()` (use as a context manager;
+  an exception discards the partial file)."""
+
+  def __init__(self, path):
+    self.path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+    self._tmp = self.path + ".tmp"
+    self._writer = array_record_module.ArrayRecordWriter(self._tmp, "group_size:1")  # random-access layout
+    self.count = 0
+
+  def write(self, record: bytes) -> None:
+    self._writer.write(record)
+    self.count += 1
+
+  def close(self) -> None:
+    self._writer.close()
+    os.replace(self._tmp, self.path)
+
+  def abort(self) -> None:
+    self._writer.close()
+    if os.path.exists(self._tmp):
+      os.remove(self._tmp)
+
+  def __enter__(self):
+    return self
+
+  def __exit__(self, exc_type, exc, tb):
+    if exc_type is None:
+      self.close()
+    else:
+      self.abort()
+
+
+def write_records(path, records: Iterable[dict]) -> int:
+  """Writes dicts {'image': bytes or array, **fields} (see `pack_record`) to `path`; returns the count."""
+  with RecordWriter(path) as writer:
+    for record in records:
+      record = dict(record)
+      writer.write(pack_record(record.pop("image"), **record))
+  return writer.count
+
+
+def write_pairs(path, pairs: Iterable[tuple]) -> int:
+  """Writes (image, caption) pairs to the ArrayRecord file `path`; returns the count."""
+  return write_records(path, ({"image": image, "caption": caption} for image, caption in pairs))
+
+
+def shard_name(split: str, index: int, count: int) -> str:
+  return f"{split}-{index:05d}-of-{count:05d}.array_record"
+
+
+def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | None = None, **extra) -> dict:
+  """Writes `<directory>/dataset.json`: {'format', 'kind' ('classification' | 'pairs'), 'classes' (label
+  order), 'splits': {split: {'records', 'shards', ...}}, **extra}, atomically, merged with what is there
+  (another split written earlier). Returns the written dict."""
+  if kind not in ("classification", "pairs"):
+    raise ValueError(f"kind={kind!r}: expected 'classification' or 'pairs'")
+  path = os.path.join(os.fspath(directory), METADATA_FILE)
+  metadata = read_metadata(directory) or {}
+  if metadata and (metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in
+                                                    (None, list(classes)))):
+    raise DataError(f"{path} describes a different data set (kind {metadata.get('kind')!r} or other classes); "
+                    f"write to another directory")
+  metadata.update(format=FORMAT, kind=kind, **extra)
+  if classes is not None:
+    metadata["classes"] = list(classes)
+  metadata.setdefault("splits", {}).update(splits)
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(metadata, f, indent=1)
+  os.replace(path + ".tmp", path)
+  return metadata
+
+
+def read_metadata(directory) -> dict | None:
+  """`<directory>/dataset.json` as a dict, None when absent; DataError when unreadable."""
+  path = os.path.join(os.fspath(directory), METADATA_FILE)
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(path, encoding="utf-8") as f:
+      metadata = json.load(f)
+  except (OSError, ValueError) as e:
+    raise DataError(f"{path}: unreadable data set metadata: {e}") from e
+  if not isinstance(metadata, dict) or metadata.get("format") != FORMAT:
+    raise DataError(f"{path}: not a {FORMAT} metadata file")
+  return metadata
+
+
+def split_pattern(pattern: str, split: str) -> str:
+  """The glob for `split`: '{split}' in `pattern` becomes the split name (no placeholder: every split)."""
+  return os.path.expanduser(pattern.replace("{split}", split))
+
+
+class ArrayRecordSource:
+  """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
+
+  `metadata` is the `dataset.json` next to the first file (None without one). Records come back as
+  `unpack_record` dicts; a corrupt one as {'image': None, 'caption': '', 'label': 0} (counted).
+  """
+
+  def __init__(self, pattern: str):
+    self.pattern = pattern
+    self.files = sorted(f for f in glob.glob(pattern, recursive=True) if not f.endswith(".tmp"))
+    if not self.files:
+      raise DataError(f"arrayrecord source: no files match {pattern!r}; see BUILD.md, section 'Preparing data'")
+    try:
+      self._source = array_record_data_source.ArrayRecordDataSource(self.files)
+    except (RuntimeError, OSError, ValueError) as e:
+      raise DataError(f"arrayrecord source {pattern!r}: cannot read its {len(self.files)} files as ArrayRecord "
+                      f"({self.files[0]}, ...): {e}") from e
+    self.metadata = read_metadata(os.path.dirname(self.files[0]))
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, index) -> dict:
+    try:
+      return unpack_record(self._source[int(index)])
+    except ValueError as e:
+      transforms.count_failure(f"record {int(index)} of {self.pattern}", e)
+      return {"image": None, "caption": "", "label": 0}
+
+  def class_names(self) -> list[str]:
+    """The class names in label order, from `dataset.json`; DataError when there are none."""
+    if not self.metadata or not self.metadata.get("classes"):
+      raise DataError(f"arrayrecord source {self.pattern!r}: no class names (no {METADATA_FILE} with 'classes' "
+                      f"next to {self.files[0]}); image-text pairs have no class labels")
+    return list(self.metadata["classes"])
+
+  def __repr__(self) -> str:
+    # Stable across processes: grain compares it when restoring an iterator state.
+    return f"ArrayRecordSource({self.pattern!r}, files={len(self.files)}, records={len(self)})"

@@ -1,0 +1,110 @@
+"""Skipping undecodable training records without losing determinism, and counting them.
+
+The grain loader never drops a record: an undecodable image (see `transforms.MarkUndecodable`) travels as a
+placeholder with valid=False, so the workers' batches keep their fixed size and grain's per-record random
+streams are untouched. `SkippingIterator`, in the main process, takes the valid rows of those raw batches
+into full batches of the same size (carrying the rest of a raw batch over to the next batch), counts what
+it skipped, and stops the run with a `DataError` when too much of the data is bad.
+
+Its state is (the loader's state before the raw batch in hand, how many of its rows are used, counts), so a
+restored iterator yields the same batches bitwise.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+
+from visionfm_jax.errors import DataError
+
+VALID = "valid"
+
+
+class SkippingLoader:
+  """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
+
+  def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str):
+    self.loader, self.batch_size = loader, int(batch_size)
+    self.max_fraction, self.check_after, self.what = float(max_fraction), int(check_after), what
+
+  def __iter__(self) -> "SkippingIterator":
+    return SkippingIterator(iter(self.loader), self.batch_size, max_fraction=self.max_fraction,
+                            check_after=self.check_after, what=self.what)
+
+
+class SkippingIterator:
+  """Full batches of valid rows; `read` and `skipped` count the records this process has consumed and dropped.
+
+  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`.
+  """
+
+  def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str):
+    self._it, self.batch_size = iterator, batch_size
+    self.max_fraction, self.check_after, self.what = max_fraction, check_after, what
+    self.read = self.skipped = 0
+    self._raw = self._valid = self._raw_state = None
+    self._offset = 0
+
+  def __iter__(self):
+    return self
+
+  def _next_raw(self) -> None:
+    self._raw_state = self._it.get_state()
+    raw = dict(next(self._it))
+    self._valid = np.asarray(raw.pop(VALID), bool)
+    self._raw, self._offset = raw, 0
+
+  def _take(self, need: int) -> dict:
+    """Up to `need` valid rows from the raw batch in hand, from `_offset` on."""
+    valid_rows = np.flatnonzero(self._valid[self._offset:]) + self._offset
+    chosen = valid_rows[:need]
+    end = int(chosen[-1]) + 1 if len(chosen) == need else len(self._valid)
+    self.read += end - self._offset
+    self.skipped += end - self._offset - len(chosen)
+    whole = self._offset == 0 and len(chosen) == len(self._valid)
+    self._offset = end
+    return self._raw if whole else {k: v[chosen] for k, v in self._raw.items()}
+
+  def __next__(self) -> dict:
+    parts, have = [], 0
+    while have < self.batch_size:
+      if self._raw is None or self._offset == len(self._valid):
+        self._next_raw()
+      part = self._take(self.batch_size - have)
+      self._check()
+      parts.append(part)
+      have += len(next(iter(part.values())))
+    if len(parts) == 1:
+      return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+  def _check(self) -> None:
+    if self.read >= self.check_after and self.skipped > self.max_fraction * self.read:
+      raise DataError(
+          f"{self.what}: {self.skipped} of the {self.read} records read so far by this process are corrupt or "
+          f"undecodable ({self.skipped / self.read:.1%} > config.data.max_skipped_fraction="
+          f"{self.max_fraction}); check the data (the warnings above name records)")
+
+  def get_state(self) -> bytes:
+    in_hand = self._raw is not None and self._offset < len(self._valid)
+    loader_state = self._raw_state if in_hand else self._it.get_state()
+    return json.dumps({"loader": loader_state.decode(), "offset": self._offset if in_hand else 0,
+                       "read": self.read, "skipped": self.skipped}).encode()
+
+  def set_state(self, state: bytes) -> None:
+    state = json.loads(state.decode() if isinstance(state, bytes) else state)
+    self._it.set_state(state["loader"].encode())
+    self.read, self.skipped = int(state["read"]), int(state["skipped"])
+    self._raw = self._valid = self._raw_state = None
+    self._offset = 0
+    if state["offset"]:
+      self._next_raw()
+      self._offset = int(state["offset"])
+    if self.skipped:
+      logging.info("%s: %d of %d records read so far were skipped", self.what, self.skipped, self.read)
+
+  def start_prefetch(self) -> None:
+    if hasattr(self._it, "start_prefetch"):
+      self._it.start_prefetch()
