@@ -75,7 +75,7 @@ def get_config(arg: str | None = None):
 
   config.eval = ml_collections.ConfigDict(dict(
       zeroshot_classes="imagenet",  # class names + templates shipped in evaluate/assets
-      zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = config.data.source
+      zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = the eval source
       zeroshot_split="validation",
       retrieval=True,  # R@1/5/10 on the first data.eval_examples pairs of data.eval_split
   ))

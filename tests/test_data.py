@@ -391,4 +391,24 @@ def test_tfds_prepared_dataset(tmp_path):
   assert next(it)["image"].shape == (2, 16, 16, 3)
   with pytest.raises(DataError, match="visionfm_test_images"):
     sources.build_source(cfg.source, "nosuchsplit", cfg)
+  # A split in the spec wins over the configured one; eval_source serves evaluation.
+  assert len(sources.build_source("tfds:visionfm_test_images:1.0.0:train[:5]", "validation", cfg)) == 5
+  assert len(sources.build_source("tfds:visionfm_test_images:train[4:]", "validation", cfg)) == 2
+  cfg.eval_source = "tfds:visionfm_test_images:train[:5]"
+  batches = list(pipeline.make_eval_iterator(cfg, batch_size=3, process_index=0, process_count=1))
+  assert [b["mask"].sum() for b in batches] == [3, 2]
   assert "tensorflow" not in sys.modules
+
+
+@pytest.mark.parametrize("spec,parsed", [
+    ("shapes", ("shapes", "", "")),
+    ("tfds:imagenet2012", ("tfds", "imagenet2012", "")),
+    ("tfds:imagenet2012:validation", ("tfds", "imagenet2012", "validation")),
+    ("tfds:imagenet2012:5.1.0", ("tfds", "imagenet2012:5.1.0", "")),
+    ("tfds:imagenet2012:5.*.*:train[:99%]", ("tfds", "imagenet2012:5.*.*", "train[:99%]")),
+    ("tfds:imagenet2012:5.1.0:train[:99%]", ("tfds", "imagenet2012:5.1.0", "train[:99%]")),
+    ("tfds:in21k/full:train[99%:]", ("tfds", "in21k/full", "train[99%:]")),
+    ("arrayrecord:/d/{split}-*.array_record", ("arrayrecord", "/d/{split}-*.array_record", "")),
+])
+def test_source_spec_parsing(spec, parsed):
+  assert sources._parse(spec) == parsed  # pylint: disable=protected-access

@@ -40,6 +40,7 @@ def test_run_writes_metrics_checkpoints_and_config(tmp_path):
   assert [r["step"] for r in train_rows] == [2, 4, 6]
   for key in ("train/loss", "train/lr", "train/grad_norm", "train/img_per_sec", "train/top1"):
     assert key in train_rows[-1]
+  assert train_rows[-1]["data/skipped"] == 0 and train_rows[-1]["data/skipped_fraction"] == 0
   eval_rows = [r for r in rows if "eval/val/top1" in r]
   assert [r["step"] for r in eval_rows] == [3, 6]
   assert 0.0 <= last["eval/val/top1"] <= 1.0

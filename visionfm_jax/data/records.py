@@ -145,6 +145,7 @@ def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | N
   (another split written earlier). Returns the written dict."""
   if kind not in ("classification", "pairs"):
     raise ValueError(f"kind={kind!r}: expected 'classification' or 'pairs'")
+  os.makedirs(os.fspath(directory), exist_ok=True)
   path = os.path.join(os.fspath(directory), METADATA_FILE)
   metadata = read_metadata(directory) or {}
   if metadata and (metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in

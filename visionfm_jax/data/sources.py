@@ -28,7 +28,7 @@ SHAPES_SEED = 0
 PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
 
 
-_VERSION = re.compile(r"^(\d+(\.\d+)*|\*)$")
+_VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*, *
 
 
 def _parse(spec: str) -> tuple[str, str, str]:

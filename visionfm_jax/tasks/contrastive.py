@@ -96,7 +96,7 @@ class ContrastiveTask(Task):
       data_cfg = self.config.data
       if eval_cfg.zeroshot_source:
         data_cfg = data_cfg.copy_and_resolve_references()
-        data_cfg.source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
+        data_cfg.eval_source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
 
       def run_zeroshot(params):
         batches = data.make_eval_iterator(data_cfg, batch_size=local_batch, process_index=ctx.process_index,

@@ -1,0 +1,262 @@
+"""tools.prepare_data: class trees and img2dataset tars -> ArrayRecord shards + dataset.json (small fixtures, CPU)."""
+
+import glob
+import io
+import json
+import logging
+import os
+import tarfile
+
+import ml_collections
+import numpy as np
+import pytest
+from PIL import Image
+
+from visionfm_jax.data import records, sources
+from visionfm_jax.tools import prepare_data
+
+CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
+DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
+
+
+def encoded(width=32, height=24, fmt="JPEG", seed=0) -> bytes:
+  pixels = np.random.default_rng(seed).integers(0, 256, (height, width, 3), np.uint8)
+  buffer = io.BytesIO()
+  Image.fromarray(pixels).save(buffer, format=fmt)
+  return buffer.getvalue()
+
+
+def write_file(path, data: bytes) -> None:
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  with open(path, "wb") as f:
+    f.write(data)
+
+
+def make_tree(root) -> dict[str, bytes]:
+  """3 classes, 10 images (jpg/JPEG/png/webp/bmp, one in a subfolder) + non-image files; {relative path: bytes}."""
+  files = {
+      "zebra/z1.jpg": encoded(seed=1), "zebra/z2.JPEG": encoded(seed=2), "zebra/z3.png": encoded(fmt="PNG", seed=3),
+      "zebra/z4.jpeg": encoded(seed=4), "ant/a1.jpg": encoded(seed=5), "ant/nested/a2.webp": encoded(fmt="WEBP"),
+      "ant/a3.bmp": encoded(fmt="BMP", seed=7), "moth/m1.jpg": encoded(seed=8), "moth/m2.PNG": encoded(fmt="PNG"),
+      "moth/m3.jpg": encoded(seed=10),
+  }
+  for relpath, data in files.items():
+    write_file(os.path.join(root, relpath), data)
+  write_file(os.path.join(root, "moth", "notes.txt"), b"not an image")
+  write_file(os.path.join(root, "README"), b"not a class")
+  return files
+
+
+def read_split(directory, split="train") -> list[dict]:
+  source = sources.build_source(f"arrayrecord:{directory}/{{split}}-*.array_record", split, DATA_CFG)
+  return [source[i] for i in range(len(source))]
+
+
+def shard_bytes(directory) -> dict[str, bytes]:
+  """Every shard and sidecar of `directory` by name."""
+  out = {}
+  for path in sorted(glob.glob(os.path.join(directory, "*.array_record*"))):
+    with open(path, "rb") as f:
+      out[os.path.basename(path)] = f.read()
+  return out
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory):
+  root = tmp_path_factory.mktemp("tree")
+  return str(root), make_tree(root)
+
+
+@pytest.fixture(scope="module")
+def converted(tree, tmp_path_factory):
+  """The tree converted inline with 4 records per shard: (output dir, metadata)."""
+  out = str(tmp_path_factory.mktemp("converted"))
+  return out, prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
+
+
+def test_folders_round_trip(tree, converted):
+  root, files = tree
+  out, metadata = converted
+  assert metadata == records.read_metadata(out)
+  assert metadata["kind"] == "classification" and metadata["classes"] == CLASSES
+  entry = metadata["splits"]["train"]
+  assert entry["shards"] == [records.shard_name("train", i, 3) for i in range(3)]
+  assert (entry["records"], entry["skipped"], entry["class_counts"]) == (10, 0, [3, 3, 4])
+  assert entry["source"] == os.path.abspath(root)
+  assert sorted(os.listdir(out)) == sorted(["dataset.json", *entry["shards"], *(s + ".json" for s in entry["shards"])])
+  assert sorted(glob.glob(f"{out}/train-*.array_record")) == [os.path.join(out, s) for s in entry["shards"]]
+  examples = read_split(out)
+  assert sorted(e["key"] for e in examples) == sorted(files)
+  assert [e["key"] for e in examples] != sorted(files)  # shuffled: shards mix classes
+  for example in examples:
+    assert example["image"] == files[example["key"]]  # bytes pass through unchanged
+    assert example["label"] == CLASSES.index(example["key"].split("/")[0])
+  assert sources.class_names(f"arrayrecord:{out}/{{split}}-*.array_record", DATA_CFG) == CLASSES
+
+
+def test_folders_deterministic_by_seed(tree, converted, tmp_path):
+  again = prepare_data.convert_folders(tree[0], str(tmp_path / "a"), records_per_shard=4, num_workers=1)
+  assert again["splits"] == converted[1]["splits"]
+  assert shard_bytes(tmp_path / "a") == shard_bytes(converted[0])
+  prepare_data.convert_folders(tree[0], str(tmp_path / "b"), records_per_shard=4, num_workers=1, seed=1)
+  assert [e["key"] for e in read_split(tmp_path / "b")] != [e["key"] for e in read_split(converted[0])]
+
+
+def test_folders_holdout(tree, tmp_path):
+  root, files = tree
+  metadata = prepare_data.convert_folders(root, str(tmp_path), records_per_shard=4, num_workers=0,
+                                          holdout_per_class=2, holdout_split_name="val")
+  train, val = read_split(tmp_path, "train"), read_split(tmp_path, "val")
+  assert sorted(e["key"] for e in train + val) == sorted(files)  # disjoint and complete
+  assert len(train) + len(val) == len({e["key"] for e in train + val})
+  assert sorted(e["label"] for e in val) == [0, 0, 1, 1, 2, 2]
+  assert metadata["splits"]["val"]["class_counts"] == [2, 2, 2]
+  assert metadata["splits"]["train"]["class_counts"] == [1, 1, 2]
+  assert metadata["splits"]["val"]["shards"] == ["val-00000-of-00002.array_record", "val-00001-of-00002.array_record"]
+  # A class keeps at least one training image: a 3-image class holds out 2 of --holdout_per_class=5.
+  big = prepare_data.convert_folders(root, str(tmp_path / "big"), num_workers=0, holdout_per_class=5)
+  assert big["splits"]["validation"]["class_counts"] == [2, 2, 3]
+  assert big["splits"]["train"]["class_counts"] == [1, 1, 1]
+
+
+def make_tars(directory) -> list[str]:
+  """Two img2dataset-style tars; of the 7 examples, one has no image and one no caption."""
+  tars = {
+      "00000.tar": {"k0.jpg": encoded(seed=1), "k0.txt": b"a red square\n", "k0.json": b'{"url": "u0"}',
+                    "k1.png": encoded(fmt="PNG", seed=2), "k1.txt": b"  two words ", "k2.txt": b"no image",
+                    "k2.json": b"{}"},
+      "00001.tar": {"sub/k3.jpg": encoded(seed=3), "sub/k3.txt": b"in a folder", "sub/k3.json": b'{"w": 32}',
+                    "k4.jpg": encoded(seed=4), "k4.json": b"{}", "k5.webp": encoded(fmt="WEBP"),
+                    "k5.txt": "caf\u00e9".encode(), "k6.jpeg": encoded(seed=6), "k6.txt": b"last"},
+  }
+  for name, members in tars.items():
+    with tarfile.open(os.path.join(directory, name), "w") as archive:
+      for member, data in members.items():
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+  return tars
+
+
+def test_webdataset_pairs(tmp_path):
+  os.makedirs(tmp_path / "in")
+  tars = make_tars(tmp_path / "in")
+  out = str(tmp_path / "out")
+  metadata = prepare_data.convert_webdataset(str(tmp_path / "in" / "*.tar"), out, num_workers=0)
+  entry = metadata["splits"]["train"]
+  assert metadata["kind"] == "pairs" and "classes" not in metadata
+  assert entry["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
+  assert (entry["records"], entry["skipped"]) == (5, 2)
+  assert entry["source"] == str(tmp_path / "in" / "*.tar")
+  examples = {e["key"]: e for e in read_split(out)}
+  assert list(examples) == ["k0", "k1", "sub/k3", "k5", "k6"]
+  assert {k: e["caption"] for k, e in examples.items()} == {"k0": "a red square", "k1": "two words",
+                                                           "sub/k3": "in a folder", "k5": "caf\u00e9", "k6": "last"}
+  assert examples["k0"]["meta"] == '{"url": "u0"}' and "meta" not in examples["k1"]
+  assert examples["sub/k3"]["image"] == tars["00001.tar"]["sub/k3.jpg"]
+  assert examples["k1"]["image"] == tars["00000.tar"]["k1.png"]
+  assert [json.load(open(os.path.join(out, s + ".json")))["records"] for s in entry["shards"]] == [2, 3]
+
+
+def test_resize_and_verify(tmp_path, caplog):
+  root = tmp_path / "tree"
+  big, small, corrupt = encoded(64, 48, seed=1), encoded(12, 10, fmt="PNG", seed=2), encoded(seed=3)[:200]
+  tree = {"a/big.jpg": big, "a/small.png": small, "b/bad.jpg": corrupt, "b/tall.jpg": encoded(20, 90)}
+  for relpath, data in tree.items():
+    write_file(os.path.join(root, relpath), data)
+
+  with caplog.at_level(logging.WARNING):
+    metadata = prepare_data.convert_folders(str(root), str(tmp_path / "r"), resize_shorter=16, num_workers=0)
+  assert "b/bad.jpg" in caplog.text
+  assert (metadata["splits"]["train"]["records"], metadata["splits"]["train"]["skipped"]) == (3, 1)
+  assert metadata["splits"]["train"]["class_counts"] == [2, 1]
+  resized = {e["key"]: e["image"] for e in read_split(tmp_path / "r")}
+  assert Image.open(io.BytesIO(resized["a/big.jpg"])).size == (21, 16)
+  assert Image.open(io.BytesIO(resized["b/tall.jpg"])).format == "JPEG"
+  assert Image.open(io.BytesIO(resized["b/tall.jpg"])).size == (16, 72)
+  assert resized["a/small.png"] == small  # never enlarged, not re-encoded
+
+  metadata = prepare_data.convert_folders(str(root), str(tmp_path / "v"), verify=True, num_workers=0)
+  assert metadata["splits"]["train"]["skipped"] == 1
+  assert {e["key"]: e["image"] for e in read_split(tmp_path / "v")}["a/big.jpg"] == big
+
+  metadata = prepare_data.convert_folders(str(root), str(tmp_path / "raw"), num_workers=0)
+  assert metadata["splits"]["train"]["skipped"] == 0
+  assert {e["key"]: e["image"] for e in read_split(tmp_path / "raw")}["b/bad.jpg"] == corrupt
+
+
+def test_resume_rewrites_only_missing_shards(tree, converted, tmp_path, monkeypatch):
+  out = str(tmp_path / "out")
+  prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
+  before = shard_bytes(out)
+  middle = os.path.join(out, records.shard_name("train", 1, 3))
+  os.remove(middle)
+  write_file(middle + ".tmp", b"partial")  # an interrupted write
+  os.remove(os.path.join(out, records.shard_name("train", 2, 3) + ".json"))  # crashed before its sidecar
+  written = []
+  write_shard = prepare_data.write_shard
+  monkeypatch.setattr(prepare_data, "write_shard", lambda job: written.append(job.path) or write_shard(job))
+
+  metadata = prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
+  assert sorted(written) == [middle, os.path.join(out, records.shard_name("train", 2, 3))]
+  assert shard_bytes(out) == before and not os.path.exists(middle + ".tmp")
+  assert metadata == converted[1]
+
+  written.clear()  # finished: nothing to do
+  assert prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0) == metadata
+  assert not written
+  # Other options: every shard is stale, so all are rewritten.
+  prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0, verify=True)
+  assert len(written) == 3 and shard_bytes(out) != before
+
+
+def test_parallel_matches_inline(tree, converted, tmp_path):
+  metadata = prepare_data.convert_folders(tree[0], str(tmp_path), records_per_shard=4, num_workers=2)
+  assert metadata == converted[1]
+  assert shard_bytes(tmp_path) == shard_bytes(converted[0])
+
+
+def test_cli(tree, tmp_path, capsys):
+  out = str(tmp_path / "out")
+  args = ["prepare_data", "--format=folders", f"--input={tree[0]}", f"--output={out}", "--records_per_shard=4",
+          "--num_workers=0", "--holdout_per_class=1", "--progress"]
+  assert prepare_data.main(args) == 0
+  captured = capsys.readouterr()
+  assert captured.out.startswith("prepare_data: train 7, validation 3 records, 0 skipped, 3 shards, ")
+  assert "shards 3/3, 10 records written" in captured.err
+  assert records.read_metadata(out)["splits"]["validation"]["records"] == 3
+
+
+def _error(args, capsys) -> str:
+  assert prepare_data.main(["prepare_data", *args]) == 2
+  captured = capsys.readouterr()
+  assert captured.out == "" and captured.err.count("\n") == 1 and captured.err.startswith("error: ")
+  return captured.err
+
+
+def test_cli_errors(tree, tmp_path, capsys):
+  out = f"--output={tmp_path / 'out'}"
+  missing = tmp_path / "missing"
+  assert f"--input={missing}: no such directory" in _error(["--format=folders", f"--input={missing}", out], capsys)
+  assert "no files match" in _error(["--format=webdataset", f"--input={tmp_path}/*.tar", out], capsys)
+  os.makedirs(tmp_path / "empty" / "no_images")
+  assert "no class folders" in _error(["--format=folders", f"--input={tmp_path / 'empty' / 'no_images'}", out], capsys)
+  write_file(str(tmp_path / "empty" / "no_images" / "notes.txt"), b"x")
+  assert "no image files" in _error(["--format=folders", f"--input={tmp_path / 'empty'}", out], capsys)
+  os.makedirs(tmp_path / "pairs")
+  records.write_metadata(tmp_path / "pairs", kind="pairs", splits={})
+  err = _error(["--format=folders", f"--input={tree[0]}", f"--output={tmp_path / 'pairs'}"], capsys)
+  assert f"--output={tmp_path / 'pairs'}: its dataset.json describes a different data set" in err
+  assert "--format" in _error(["--format=zip", f"--input={tree[0]}", out], capsys)
+  assert "--records_per_shard" in _error(["--format=webdataset", f"--input={tree[0]}/*.tar", out,
+                                          "--records_per_shard=10"], capsys)
+  assert "--split='my-train'" in _error(["--format=folders", f"--input={tree[0]}", out, "--split=my-train"], capsys)
+  write_file(str(tmp_path / "tars" / "bad.tar"), b"not a tar")
+  err = _error(["--format=webdataset", f"--input={tmp_path}/tars/*.tar", out], capsys)
+  assert f"{tmp_path}/tars/bad.tar: unreadable tar file" in err
+  assert "--output: required" in _error(["--format=folders", f"--input={tree[0]}"], capsys)
+
+
+def test_cli_refuses_shards_of_another_conversion(tree, converted, capsys):
+  err = _error(["--format=folders", f"--input={tree[0]}", f"--output={converted[0]}", "--records_per_shard=5"], capsys)
+  assert "train-00000-of-00003.array_record" in err and "another shard count" in err

@@ -1,0 +1,531 @@
+r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayRecord shards of `data.records`.
+
+  python -m visionfm_jax.tools.prepare_data --format=folders|webdataset --input=... --output=DIR
+      [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
+      [--holdout_per_class=K --holdout_split=validation] [--seed=0] [--progress]
+
+--format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
+image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
+the sorted folder names. The files, listed in sorted order, are shuffled by --seed (shards mix classes) and cut
+into shards of --records_per_shard records {image, label, key: the path under --input}.
+--holdout_per_class=K moves K files per class (chosen by --seed; a class keeps at least one training file)
+into a second split, --holdout_split.
+
+--format=webdataset: --input is a glob of tars written by img2dataset: members `<key>.jpg|jpeg|png|webp`,
+`<key>.txt` (the caption) and `<key>.json` (metadata, kept verbatim). One output shard per tar, records
+{image, caption, key, meta}; an example without an image or a caption is skipped and counted.
+
+Images pass through as stored. --verify decodes each one and drops (counts, names) the undecodable ones;
+--resize_shorter=N (implies --verify) shrinks images whose shorter side exceeds N to N and stores them as
+JPEG quality 95. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
+`DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
+`DIR/dataset.json` describes the data set (`records.write_metadata`); train with
+`--config.data.source='arrayrecord:DIR/{split}-*.array_record'`.
+
+Rerunning resumes: a shard whose file and `.json` exist and were written from the same inputs and options is
+kept. Prints one summary line; errors print one line naming the culprit and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import math
+import multiprocessing
+import os
+import re
+import sys
+import tarfile
+import time
+from typing import Iterator, NamedTuple, Sequence
+
+import numpy as np
+from absl import flags
+from PIL import Image
+
+from visionfm_jax.data import records, transforms
+from visionfm_jax.errors import DataError, UserError
+
+FORMATS = ("folders", "webdataset")
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+DEFAULT_RECORDS_PER_SHARD = 1000
+SIDECAR_SUFFIX = ".json"
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+  resize_shorter: int = 0  # 0: keep the size
+  verify: bool = False  # decode and drop undecodable images (always, when resizing: see `image_options`)
+
+
+def image_options(resize_shorter: int, verify: bool) -> ImageOptions:
+  return ImageOptions(resize_shorter, verify or resize_shorter > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+  """One output shard: what goes into it and how. Picklable, for the worker processes."""
+  path: str
+  fingerprint: str  # the inputs and options it is written from; a shard on disk counts only when they match
+  options: ImageOptions
+  root: str = ""  # folders: the class tree, and `items` (path under `root`, label)
+  items: tuple = ()
+  tar: str = ""  # webdataset: the input tar
+
+
+class Example(NamedTuple):
+  name: str  # for messages: the file, or tar:key
+  image: bytes | None  # None: incomplete (no image or no caption), skipped
+  fields: dict  # the `records.pack_record` fields
+
+
+# ---------------------------------------------------------------------------------------------------- images
+
+def shrink_to_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """`image` with its shorter side scaled down to `size`; as it is when that side is `size` or less."""
+  width, height = image.size
+  scale = size / min(width, height)
+  if scale >= 1:
+    return image
+  new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+  return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=RESIZE_REDUCING_GAP)
+
+
+def prepare_image(data: bytes, options: ImageOptions, name: str) -> bytes | None:
+  """The bytes to store for one image, None (with a warning naming `name`) when it must be dropped."""
+  if not options.verify:
+    return data
+  try:
+    pixels = transforms.decode_image(data)
+  except DECODE_ERRORS as e:
+    logging.warning("prepare_data: skipping %s: undecodable image: %s", name, e)
+    return None
+  if options.resize_shorter and min(pixels.shape[:2]) > options.resize_shorter:
+    resized = shrink_to_shorter_side(Image.fromarray(pixels), options.resize_shorter)
+    return records.encode_jpeg(np.asarray(resized))
+  return data  # small enough: the original bytes, no second lossy encoding
+
+
+# ------------------------------------------------------------------------------------------- shard writing
+
+def sidecar_path(shard_path: str) -> str:
+  return shard_path + SIDECAR_SUFFIX
+
+
+def _write_json_atomically(path: str, value) -> None:
+  with open(path + ".tmp", "w", encoding="utf-8") as f:
+    json.dump(value, f)
+  os.replace(path + ".tmp", path)
+
+
+def read_finished(job: ShardJob) -> dict | None:
+  """The counts of `job`'s shard when it is already written from the same inputs and options, else None."""
+  if not os.path.exists(job.path):
+    return None
+  try:
+    with open(sidecar_path(job.path), encoding="utf-8") as f:
+      counts = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return counts if isinstance(counts, dict) and counts.get("fingerprint") == job.fingerprint else None
+
+
+def _folder_examples(job: ShardJob) -> Iterator[Example]:
+  for relpath, label in job.items:
+    path = os.path.join(job.root, relpath)
+    try:
+      with open(path, "rb") as f:
+        data = f.read()
+    except OSError as e:
+      raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+    yield Example(path, data, {"label": label, "key": relpath})
+
+
+def split_member_name(name: str) -> tuple[str, str]:
+  """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the WebDataset key (up to the first '.' of the basename) and
+  the lower-cased extension."""
+  directory, base = os.path.split(name)
+  stem, _, extension = base.partition(".")
+  return os.path.join(directory, stem) if directory else stem, extension.lower()
+
+
+def _tar_examples(job: ShardJob) -> Iterator[Example]:
+  try:
+    with tarfile.open(job.tar) as archive:
+      yield from _archive_examples(archive, job.tar)
+  except tarfile.TarError as e:  # not a tar, or a truncated one
+    raise DataError(f"{job.tar}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
+  except OSError as e:
+    raise DataError(f"cannot read {job.tar}: {e.strerror or e}") from e
+
+
+def _archive_examples(archive: tarfile.TarFile, tar_name: str) -> Iterator[Example]:
+  by_key = collections.defaultdict(dict)  # key -> {extension: member}, keys in archive order
+  for member in archive.getmembers():
+    if member.isfile():
+      key, extension = split_member_name(member.name)
+      by_key[key][extension] = member
+  for key, members in by_key.items():
+    image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+    caption = _read_text(archive, members["txt"]).strip() if "txt" in members else ""
+    name = f"{tar_name}:{key}"
+    if image is None or not caption:
+      yield Example(name, None, {})
+      continue
+    meta = _read_text(archive, members["json"]) if "json" in members else None
+    yield Example(name, archive.extractfile(image).read(), {"caption": caption, "key": key, "meta": meta})
+
+
+def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+  return archive.extractfile(member).read().decode("utf-8", errors="replace")
+
+
+def write_shard(job: ShardJob) -> dict:
+  """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
+  finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
+  class_counts (folders: {label: count}), fingerprint}."""
+  for stale in (job.path, sidecar_path(job.path)):  # the shard first: without it, a stale sidecar counts for nothing
+    if os.path.exists(stale):
+      os.remove(stale)
+  examples = _tar_examples(job) if job.tar else _folder_examples(job)
+  class_counts = collections.Counter()
+  incomplete = []
+  skipped = 0
+  with records.RecordWriter(job.path) as writer:
+    for example in examples:
+      image = None if example.image is None else prepare_image(example.image, job.options, example.name)
+      if image is None:
+        skipped += 1
+        if example.image is None:
+          incomplete.append(example.name)
+        continue
+      writer.write(records.pack_record(image, **example.fields))
+      if "label" in example.fields:
+        class_counts[example.fields["label"]] += 1
+    counts = {"records": writer.count, "skipped": skipped, "fingerprint": job.fingerprint}
+    if not job.tar:
+      counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
+    _write_json_atomically(sidecar_path(job.path), counts)
+  if incomplete:
+    logging.warning("prepare_data: %d examples without an image or a caption skipped, e.g. %s", len(incomplete),
+                    incomplete[0])
+  return counts
+
+
+def _write_numbered(numbered_job: tuple[int, ShardJob]) -> tuple[int, dict]:
+  number, job = numbered_job
+  return number, write_shard(job)
+
+
+class Progress:
+  """An in-place stderr line: shards done/total, records, records/s (of the shards written in this run)."""
+
+  def __init__(self, total: int, done: int, enabled: bool):
+    self.total, self.done, self.enabled = total, done, enabled
+    self.records = 0
+    self.start = time.monotonic()
+    self._show()
+
+  def add(self, counts: dict) -> None:
+    self.done += 1
+    self.records += counts["records"]
+    self._show()
+
+  def _show(self) -> None:
+    if self.enabled:
+      rate = self.records / max(time.monotonic() - self.start, 1e-6)
+      print(f"\rshards {self.done}/{self.total}, {self.records} records written, {rate:.0f} records/s",
+            end="", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      print(file=sys.stderr, flush=True)
+
+
+def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None = None) -> list[dict]:
+  """Writes the shards not yet finished, on `num_workers` processes (<= 1: here); the counts of every job."""
+  results = [read_finished(job) for job in jobs]
+  pending = [(i, job) for i, job in enumerate(jobs) if results[i] is None]
+  if len(pending) < len(jobs):
+    logging.info("prepare_data: %d of %d shards already written", len(jobs) - len(pending), len(jobs))
+  meter = Progress(len(jobs), len(jobs) - len(pending), sys.stderr.isatty() if progress is None else progress)
+  try:
+    if num_workers <= 1 or len(pending) <= 1:
+      _collect(map(_write_numbered, pending), results, meter)
+    else:
+      # spawn, not fork: the parent has imported JAX (via grain), which is multithreaded.
+      with multiprocessing.get_context("spawn").Pool(min(num_workers, len(pending))) as pool:
+        _collect(pool.imap_unordered(_write_numbered, pending), results, meter)
+  finally:
+    meter.close()
+  return results
+
+
+def _collect(finished, results: list, meter: Progress) -> None:
+  for number, counts in finished:
+    results[number] = counts
+    meter.add(counts)
+
+
+def fingerprint(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def check_split_name(split: str, flag: str = "--split") -> None:
+  if not _SPLIT_NAME.match(split):
+    raise UserError(f"{flag}={split!r}: use letters, digits and '_' only (the shards are '<split>-*', so a '-' "
+                    f"would let one split's glob match another's)")
+
+
+def check_output(output_dir: str, kind: str, classes: list[str] | None, expected: dict[str, list[str]]) -> None:
+  """UserError when `output_dir` holds another data set: a dataset.json of another kind or classes, or shards of
+  a split we write that this conversion would not write (another shard count), which its glob would mix in."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f"--output={output_dir}: exists and is not a directory")
+  metadata = records.read_metadata(output_dir) if os.path.isdir(output_dir) else None
+  if metadata and (metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in
+                                                    (None, list(classes)))):
+    what = (f"kind {metadata.get('kind')!r}" if metadata.get("kind") != kind else
+            f"{len(metadata.get('classes'))} other classes")
+    raise UserError(f"--output={output_dir}: its {records.METADATA_FILE} describes a different data set ({what}); "
+                    f"choose another directory")
+  for split, names in expected.items():
+    foreign = sorted(set(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir),
+                                                                             f"{split}-*.array_record")))
+                     - set(names))
+    if foreign:
+      raise UserError(f"--output={output_dir}: holds {len(foreign)} {split!r} shards this conversion does not "
+                      f"write ({foreign[0]}, ...: another shard count?); remove them or choose another directory")
+
+
+def _check_common(output_dir: str, split: str, records_per_shard: int, resize_shorter: int, num_workers: int):
+  if not output_dir:
+    raise UserError("--output: required (the directory for the shards)")
+  check_split_name(split)
+  if records_per_shard < 1 or resize_shorter < 0 or num_workers < 0:
+    raise UserError(f"--records_per_shard={records_per_shard}, --resize_shorter={resize_shorter}, --num_workers="
+                    f"{num_workers}: the shard size must be positive, the others >= 0")
+
+
+# ------------------------------------------------------------------------------------------------ folders
+
+@dataclasses.dataclass
+class ClassTree:
+  classes: list[str]  # label order
+  paths: list[str]  # image files under the tree root, '/'-separated, sorted
+  labels: np.ndarray  # int, one per path
+
+
+def is_image_file(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def list_class_tree(input_dir: str) -> ClassTree:
+  """The class folders of `input_dir` (sorted) and the image files below each, sorted; UserError when none."""
+  if not os.path.isdir(input_dir):
+    raise UserError(f"--input={input_dir}: no such directory")
+  classes = sorted(e.name for e in os.scandir(input_dir) if e.is_dir() and not e.name.startswith("."))
+  if not classes:
+    raise UserError(f"--input={input_dir}: no class folders (expected one folder of images per class)")
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    for directory, subdirectories, files in os.walk(os.path.join(input_dir, name)):
+      subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+      relative = os.path.relpath(directory, input_dir).replace(os.sep, "/")
+      found = [f"{relative}/{f}" for f in files if is_image_file(f)]
+      paths += found
+      labels += [label] * len(found)
+  if not paths:
+    raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} "
+                    f"class folders ({classes[0]}, ...)")
+  empty = len(classes) - len(set(labels))
+  if empty:
+    logging.warning("prepare_data: %d of the %d class folders of %s hold no images", empty, len(classes), input_dir)
+  order = sorted(range(len(paths)), key=paths.__getitem__)
+  return ClassTree(classes, [paths[i] for i in order], np.asarray(labels, np.int64)[order])
+
+
+def carve_holdout(labels: np.ndarray, order: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+  """(kept, held out): the first `per_class` items of each class in `order` are held out, at most all but one of
+  the class, so every class keeps a training item. Both keep `order`'s order."""
+  quota = np.minimum(per_class, np.maximum(np.bincount(labels) - 1, 0))
+  taken = np.zeros_like(quota)
+  held = np.zeros(len(order), bool)
+  for position, label in enumerate(labels[order].tolist()):
+    if taken[label] < quota[label]:
+      taken[label] += 1
+      held[position] = True
+  short = int(np.sum(quota < per_class))
+  if short:
+    logging.warning("prepare_data: %d classes have %d images or fewer: they hold out fewer than %d", short,
+                    per_class, per_class)
+  return order[~held], order[held]
+
+
+def _folder_jobs(tree: ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,
+                 records_per_shard: int, options: ImageOptions) -> list[ShardJob]:
+  count = math.ceil(len(indices) / records_per_shard)
+  jobs = []
+  for i in range(count):
+    chunk = indices[i * records_per_shard:(i + 1) * records_per_shard].tolist()
+    items = tuple((tree.paths[j], int(tree.labels[j])) for j in chunk)
+    jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
+                         fingerprint("folders", options, input_dir, items), options, root=input_dir, items=items))
+  return jobs
+
+
+def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
+  entry = {"records": sum(c["records"] for c in counts), "shards": [os.path.basename(j.path) for j in jobs]}
+  if num_classes is not None:
+    class_counts = [0] * num_classes
+    for c in counts:
+      for label, n in c["class_counts"].items():
+        class_counts[int(label)] += n
+    entry["class_counts"] = class_counts
+  entry.update(skipped=sum(c["skipped"] for c in counts), source=source)
+  return entry
+
+
+def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
+                    verify: bool = False, num_workers: int | None = None,
+                    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
+                    holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None) -> dict:
+  """Converts the class tree `input_dir` into shards in `output_dir`; returns the written dataset.json dict."""
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  _check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
+  if holdout_per_class < 0:
+    raise UserError(f"--holdout_per_class={holdout_per_class}: expected >= 0 (0: no holdout split)")
+  if holdout_per_class:
+    check_split_name(holdout_split_name, "--holdout_split")
+    if holdout_split_name == split:
+      raise UserError(f"--holdout_split={holdout_split_name!r}: must differ from --split")
+  input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
+  tree = list_class_tree(input_dir)
+  order = np.random.default_rng(seed).permutation(len(tree.paths))
+  splits = {split: order}
+  if holdout_per_class:
+    splits[split], splits[holdout_split_name] = carve_holdout(tree.labels, order, holdout_per_class)
+    if not len(splits[holdout_split_name]):
+      raise UserError(f"--holdout_per_class={holdout_per_class}: no class of {input_dir} has more than one image")
+  options = image_options(resize_shorter, verify)
+  jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options)
+          for name, indices in splits.items()}
+  check_output(output_dir, "classification", tree.classes,
+               {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
+  all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
+  counts = iter(run_jobs(all_jobs, num_workers, progress))
+  entries = {}
+  for name, split_jobs in jobs.items():
+    entries[name] = _split_entry(split_jobs, [next(counts) for _ in split_jobs], input_dir, len(tree.classes))
+  if holdout_per_class:
+    entries[holdout_split_name]["holdout_per_class"] = holdout_per_class
+  return records.write_metadata(output_dir, kind="classification", classes=tree.classes, splits=entries)
+
+
+# --------------------------------------------------------------------------------------------- webdataset
+
+def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
+                       verify: bool = False, num_workers: int | None = None, progress: bool | None = None) -> dict:
+  """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir`; returns the written
+  dataset.json dict."""
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  _check_common(output_dir, split, 1, resize_shorter, num_workers)
+  pattern, output_dir = os.path.abspath(os.path.expanduser(pattern)), os.path.expanduser(output_dir)
+  tars = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  if not tars:
+    raise UserError(f"--input={pattern}: no files match (expected a glob of .tar shards)")
+  options = image_options(resize_shorter, verify)
+  jobs = [ShardJob(os.path.join(output_dir, records.shard_name(split, i, len(tars))),
+                   fingerprint("webdataset", options, tar, os.path.getsize(tar)), options, tar=tar)
+          for i, tar in enumerate(tars)]
+  check_output(output_dir, "pairs", None, {split: [os.path.basename(j.path) for j in jobs]})
+  counts = run_jobs(jobs, num_workers, progress)
+  return records.write_metadata(output_dir, kind="pairs", splits={split: _split_entry(jobs, counts, pattern, None)})
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+def make_flags() -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree or img2dataset tars.", flag_values=fv)
+  flags.DEFINE_string("input", None, "folders: the class tree; webdataset: a glob of .tar files.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Directory for the shards and dataset.json (created).", flag_values=fv)
+  flags.DEFINE_string("split", "train", "Split name of the shards.", flag_values=fv)
+  flags.DEFINE_integer("resize_shorter", 0, "Shrink images to this shorter side (JPEG q95); 0: keep.",
+                       flag_values=fv)
+  flags.DEFINE_bool("verify", False, "Decode every image; drop and count undecodable ones.", flag_values=fv)
+  flags.DEFINE_integer("num_workers", None, "Processes writing shards; 0 or 1: inline. Default: the CPU count.",
+                       flag_values=fv)
+  flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD, "folders: records per output shard.",
+                       flag_values=fv)
+  flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split; 0: none.",
+                       flag_values=fv)
+  flags.DEFINE_string("holdout_split", "validation", "folders: split name of the held-out images.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "folders: seed of the shuffle and of the holdout choice.", flag_values=fv)
+  flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.",
+                    flag_values=fv)
+  return fv
+
+
+def run(fv: flags.FlagValues) -> dict:
+  """Runs the conversion the parsed flags describe; the written dataset.json dict."""
+  if not fv.format or not fv.input:
+    raise UserError("--format (folders | webdataset) and --input are required")
+  common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
+                progress=fv.progress or None)
+  if fv.format == "folders":
+    return convert_folders(fv.input, fv.output, records_per_shard=fv.records_per_shard,
+                           holdout_per_class=fv.holdout_per_class, holdout_split_name=fv.holdout_split,
+                           seed=fv.seed, **common)
+  folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "holdout_split", "seed")
+                 if fv[name].present]
+  if folder_only:
+    raise UserError(f"{', '.join(folder_only)}: only for --format=folders (webdataset: one shard per input tar)")
+  return convert_webdataset(fv.input, fv.output, **common)
+
+
+def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds: float) -> str:
+  entries = [metadata["splits"][s] for s in splits]
+  per_split = ", ".join(f"{s} {e['records']}" for s, e in zip(splits, entries))
+  return (f"prepare_data: {per_split} records, {sum(e['skipped'] for e in entries)} skipped, "
+          f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), converts, prints the summary line; returns the exit status."""
+  fv = make_flags()
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    print(__doc__)
+    print(fv.get_help())
+    return 0
+  try:
+    rest = fv(list(argv))
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  start = time.monotonic()
+  try:
+    if len(rest) > 1:
+      raise UserError(f"unexpected arguments {rest[1:]}; all options are --flags")
+    metadata = run(fv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  splits = [fv.split] + ([fv.holdout_split] if fv.format == "folders" and fv.holdout_per_class else [])
+  print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
