@@ -39,7 +39,8 @@ def get_config(arg: str | None = None):
   config.model.drop_path = 0.0
   config.model.remat_policy = "nothing_saveable"
 
-  config.data.source = "tfds:imagenet21k"
+  # tools.prepare_data --format=folders --input=<fall11 class tree> --output=/data/imagenet21k --holdout_per_class=5
+  config.data.source = "arrayrecord:/data/imagenet21k/{split}-*.array_record"
   config.data.train_split = "train"
   config.data.eval_split = "validation"
   config.data.image_size = 224

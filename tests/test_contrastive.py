@@ -11,35 +11,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from configs import swinv2_g_clip
-from conftest import override
+from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
 import test_real_data
 from visionfm_jax import checkpoint, parallel, tasks, train
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
-
-
-def _tiny(*variant, **overrides):
-  """The demo shrunk: pico SwinV2 (8x8 map at 16 px, patch 2, window 4) + pico text tower, batch 16."""
-  config = swinv2_g_clip.get_config(",".join(("demo",) + variant))
-  image = 32 if "ft640" in variant else 16
-  config.model.image_size = config.data.image_size = image
-  config.model.image.variant = "pico"
-  config.model.image.patch_size = 2
-  config.model.image.window_size = 8 if "ft640" in variant else 4
-  if "ft640" in variant:
-    config.model.image.pretrained_window_sizes = (4, 4)
-  config.model.text.variant = "pico"
-  config.model.embed_dim = 32
-  config.global_batch_size = 16
-  config.total_steps = 4
-  config.optim.warmup_steps = 1
-  config.log_every = 2
-  config.eval_every = config.checkpoint_every = 4
-  config.data.eval_examples = 48
-  config.progress_bar = False
-  return override(config, **overrides)
 
 
 def _random_pairs(config, n, seed=0):

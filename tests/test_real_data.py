@@ -10,8 +10,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import tiny_vit_config
-from test_contrastive import _tiny as tiny_clip_config
+from conftest import tiny_clip_config, tiny_vit_config
 from visionfm_jax import train
 from visionfm_jax.data import pipeline, shapes, sources, tokenizer
 from visionfm_jax.errors import ConfigError, DataError

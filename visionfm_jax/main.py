@@ -6,7 +6,6 @@ Any config field is overridable: `--config.total_steps=100 --config.optim.lr=3e-
 
 from __future__ import annotations
 
-import os
 import sys
 
 from absl import app, flags, logging
@@ -21,25 +20,11 @@ _DISTRIBUTED = flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _want_distributed() -> bool:
-  if _DISTRIBUTED.value != "auto":
-    return _DISTRIBUTED.value == "on"
-  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
-
-
-def _initialize_distributed(jax) -> None:
-  """Explicit JAX_NUM_PROCESSES / JAX_PROCESS_ID (launch/local.sh) or cluster auto-detection (SLURM)."""
-  kwargs = {}
-  if "JAX_NUM_PROCESSES" in os.environ:
-    kwargs = dict(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
-  jax.distributed.initialize(**kwargs)
-
-
 def main(argv):
   del argv
+  from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_DISTRIBUTED.value)
   import jax  # pylint: disable=g-import-not-at-top
-  if _want_distributed():
-    _initialize_distributed(jax)
   from visionfm_jax import train  # pylint: disable=g-import-not-at-top
   from visionfm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),

@@ -43,6 +43,7 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
+  _require_key(source, "label", data_cfg.source, data_cfg.train_split, "classification needs labelled images")
   return _train_loader(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size, seed=seed,
                        process_index=process_index, process_count=process_count)
 
@@ -74,17 +75,33 @@ def _mim_ops(data_cfg, mim) -> list:
   return [transforms.AddMimMask(data_cfg.image_size, mim.mask_patch_size, mim.mask_ratio)]
 
 
+def first_readable_record(source, tries: int = 64) -> dict | None:
+  """The first of the first `tries` records whose source could read it (image not None), else None."""
+  for index in range(min(len(source), tries)):
+    record = source[index]
+    if record.get("image") is not None:
+      return record
+  return None
+
+
+def _require_key(source, key: str, spec: str, split: str, hint: str) -> dict:
+  record = first_readable_record(source)
+  if record is not None and key not in record:
+    raise DataError(f"config.data.source={spec!r} split {split!r}: records have no {key!r} (keys "
+                    f"{sorted(record)}); {hint}")
+  return record or {}
+
+
 def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.SelectPair:
-  """The pair example op for `source`, with labels when its records have them (checked on record 0).
+  """The pair example op for `source`, with labels when its records have them (checked on the first readable
+  record: a corrupt record 0 is a placeholder).
 
   Captions are tokenised per record in the grain map: it runs in the worker processes next to the image
   work (a caption costs ~20 us, a decoded and augmented image ~1 ms), and keeps every op record -> example,
   so the eval iterator reuses the same op.
   """
-  record = source[0] if len(source) else {"caption": ""}
-  if "caption" not in record:
-    raise DataError(f"config.data.source={spec!r} split {split!r}: records have no 'caption' (keys "
-                    f"{sorted(record)}); image-text training needs 'shapes' or 'arrayrecord:<glob>'")
+  record = _require_key(source, "caption", spec, split, "image-text training needs 'shapes' or "
+                        "'arrayrecord:<glob>' of pairs")
   return transforms.SelectPair(tokenizer, with_label="label" in record)
 
 
@@ -181,6 +198,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   """
   if source is None:
     source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
+  _require_key(source, "label", eval_source_spec(data_cfg), data_cfg.eval_split, "classification needs labelled images")
   return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
                         process_index=process_index, process_count=process_count)
 

@@ -186,7 +186,8 @@ class ArrayRecordSource:
   """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
 
   `metadata` is the `dataset.json` next to the first file (None without one). Records come back as
-  `unpack_record` dicts; a corrupt one as {'image': None, 'caption': '', 'label': 0} (counted).
+  `unpack_record` dicts; a corrupt one as {'image': None, 'caption': ''}, plus 'label': 0 when dataset.json
+  says the records are labelled (counted; the pipelines skip it).
   """
 
   def __init__(self, pattern: str):
@@ -200,6 +201,9 @@ class ArrayRecordSource:
       raise DataError(f"arrayrecord source {pattern!r}: cannot read its {len(self.files)} files as ArrayRecord "
                       f"({self.files[0]}, ...): {e}") from e
     self.metadata = read_metadata(os.path.dirname(self.files[0]))
+    self._placeholder = {"image": None, "caption": ""}
+    if (self.metadata or {}).get("kind") == "classification":
+      self._placeholder["label"] = 0
 
   def __len__(self) -> int:
     return len(self._source)
@@ -209,7 +213,7 @@ class ArrayRecordSource:
       return unpack_record(self._source[int(index)])
     except ValueError as e:
       transforms.count_failure(f"record {int(index)} of {self.pattern}", e)
-      return {"image": None, "caption": "", "label": 0}
+      return dict(self._placeholder)
 
   def class_names(self) -> list[str]:
     """The class names in label order, from `dataset.json`; DataError when there are none."""

@@ -240,7 +240,8 @@ class SelectKeys(grain.transforms.Map):
   """
 
   def map(self, element: dict) -> dict:
-    return _carry_validity(element, {"image": element["image"], "label": np.int32(element["label"])})
+    label = element["label"] if element.get("valid", True) else element.get("label", 0)
+    return _carry_validity(element, {"image": element["image"], "label": np.int32(label)})
 
   def spec(self, image_size: int) -> dict:
     return {"image": ((image_size, image_size, 3), np.uint8), "label": ((), np.int32)}
@@ -255,6 +256,8 @@ class SelectPair(grain.transforms.Map):
     self.tokenizer, self.with_label = tokenizer, bool(with_label)
 
   def map(self, element: dict) -> dict:
+    if not element.get("valid", True):  # a placeholder (see MarkUndecodable): its fields may be missing
+      element = {"caption": "", "label": 0, **element}
     example = {"image": element["image"], "text": self.tokenizer.encode(element["caption"])}
     if self.with_label:
       example["label"] = np.int32(element["label"])

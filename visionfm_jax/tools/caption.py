@@ -12,21 +12,18 @@ image, `<path>\t<caption>`. Errors print one line naming the culprit and exit wi
 
 from __future__ import annotations
 
-import json
 import os
 import sys
-from typing import Any, Sequence
+from typing import Sequence
 
-import flax.linen as nn
-import jax
-import ml_collections
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from visionfm_jax import checkpoint, generate, tasks
+from visionfm_jax import generate, tasks
 from visionfm_jax.data import shapes, sources, transforms
 from visionfm_jax.errors import UserError
+from visionfm_jax.tools import workdir as workdir_lib
 
 SHAPES_PREFIX = "shapes:"
 SHAPES_SPLIT = "validation"
@@ -45,48 +42,6 @@ def make_flags() -> flags.FlagValues:
                      flag_values=fv)
   flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
   return fv
-
-
-def _listify(value: Any) -> Any:
-  """JSON lists back to the tuples configs hold (to_json writes tuples as lists)."""
-  if isinstance(value, dict):
-    return {k: _listify(v) for k, v in value.items()}
-  if isinstance(value, list):
-    return tuple(_listify(v) for v in value)
-  return value
-
-
-def load_config(workdir: str) -> ml_collections.ConfigDict:
-  """The config a training run wrote to `workdir`/config.json; an Aurora task, else UserError."""
-  if not os.path.isdir(workdir):
-    raise UserError(f"--checkpoint={workdir}: no such directory")
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      fields = json.load(f)
-  except OSError as e:
-    raise UserError(f"--checkpoint={workdir}: cannot read config.json ({e.strerror or e}); expected a training "
-                    "workdir") from e
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from e
-  if not isinstance(fields, dict) or fields.get("task") != "aurora":
-    task = fields.get("task") if isinstance(fields, dict) else None
-    raise UserError(f"--checkpoint={workdir}: config.task={task!r} is not an Aurora model (task 'aurora')")
-  return ml_collections.ConfigDict(_listify(fields))
-
-
-def load_params(task, workdir: str, step: int | None = None):
-  """The params of `workdir`'s newest checkpoint (or of `step`) on the first device."""
-  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes_only)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if os.path.isdir(ckpt_dir) else []
-  if not steps:
-    raise UserError(f"--checkpoint={workdir}: no checkpoints (checkpoints/<step>) there")
-  if step is not None and step not in steps:
-    raise UserError(f"--step={step}: no such checkpoint in {ckpt_dir}; steps there: {steps}")
-  return checkpoint.load_params(workdir, target, step=step)
 
 
 def parse_shapes_range(entry: str) -> range:
@@ -142,13 +97,13 @@ def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int
     raise UserError(f"--beam_size={beam_size}, --batch_size={batch_size}, --max_len={max_len}, --length_penalty="
                     f"{length_penalty}: beam and batch sizes must be positive, max_len and the penalty >= 0")
   workdir = os.path.expanduser(workdir)
-  config = load_config(workdir)
+  config = workdir_lib.load_config(workdir, ("aurora",), "an Aurora model")
   task = tasks.build(config)
   limit = task.model.text.max_len
   if max_len > limit:
     raise UserError(f"--max_len={max_len}: this model's text encoder takes at most {limit} tokens")
   names, pixels = load_images(images, config)
-  params = load_params(task, workdir, step)
+  params = workdir_lib.load_params(task, workdir, step)
   captions = []
   for start in range(0, len(pixels), batch_size):
     captions += generate.caption_images(task, params, np.stack(pixels[start:start + batch_size]),
