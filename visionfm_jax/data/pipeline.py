@@ -135,7 +135,7 @@ def eval_shares(total: int, batch_size: int, process_index: int, process_count: 
   return range(start, min(start + per_process, total)), max(1, -(-per_process // batch_size))
 
 
-class _EvalReader:
+class EvalReader:
   """Reads one eval record into an example dict (None when undecodable): decode + central crop + `example`,
   then the `extras` (RandomMaps with `spec`, e.g. AddMimMask), which draw from np.random.default_rng(index):
   an eval example is a pure function of its record index, whatever the batch size or process count."""
@@ -177,7 +177,7 @@ def _assemble(rows: list, batch_size: int, spec: dict) -> dict:
   return batch
 
 
-def _eval_batches(reader: _EvalReader, share: range, num_batches: int, batch_size: int, threads: int):
+def eval_batches(reader: EvalReader, share: range, num_batches: int, batch_size: int, threads: int):
   spec = reader.spec()
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
     def submit(b):
@@ -224,5 +224,5 @@ def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index:
   if total <= 0:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.eval_split!r} has no records")
   share, num_batches = eval_shares(total, batch_size, process_index, process_count)
-  reader = _EvalReader(source, data_cfg.image_size, example, extras)
-  return _eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))
+  reader = EvalReader(source, data_cfg.image_size, example, extras)
+  return eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))

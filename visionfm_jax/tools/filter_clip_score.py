@@ -134,7 +134,7 @@ def score_histogram(scores) -> np.ndarray:
 
 
 class _RememberingSource:
-  """One input file's records for pipeline._EvalReader, each record it reads kept in `read` (the fields of
+  """One input file's records for pipeline.EvalReader, each record it reads kept in `read` (the fields of
   the kept pairs go to the output). A record without a caption reads as an undecodable one."""
 
   def __init__(self, path: str):
@@ -163,9 +163,9 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
   `stats_path` before `out_path` appears; returns the stats."""
   source = _RememberingSource(path)
   example = transforms.SelectPair(scorer.tokenizer, with_label=False)
-  reader = pipeline._EvalReader(source, scorer.image_size, example)  # pylint: disable=protected-access
+  reader = pipeline.EvalReader(source, scorer.image_size, example)
   total, size = len(source), scorer.batch_size
-  batches = pipeline._eval_batches(reader, range(total), -(-total // size), size,  # pylint: disable=protected-access
+  batches = pipeline.eval_batches(reader, range(total), -(-total // size), size,
                                    threads=_decode_threads())
   histogram = np.zeros(BINS, np.int64)
   with records.RecordWriter(out_path) as writer:
