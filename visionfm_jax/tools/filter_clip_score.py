@@ -165,8 +165,7 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
   example = transforms.SelectPair(scorer.tokenizer, with_label=False)
   reader = pipeline.EvalReader(source, scorer.image_size, example)
   total, size = len(source), scorer.batch_size
-  batches = pipeline.eval_batches(reader, range(total), -(-total // size), size,
-                                   threads=_decode_threads())
+  batches = pipeline.eval_batches(reader, range(total), -(-total // size), size, threads=_decode_threads())
   histogram = np.zeros(BINS, np.int64)
   with records.RecordWriter(out_path) as writer:
     for start, batch in zip(range(0, total, size), batches):
