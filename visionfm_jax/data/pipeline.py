@@ -22,7 +22,7 @@ from visionfm_jax.data.sources import build_source, eval_source_spec
 from visionfm_jax.errors import DataError
 
 
-def _train_decode_side(data_cfg) -> int:
+def train_decode_side(data_cfg) -> int:
   """JPEG draft size for training: even the smallest random crop keeps ~image_size pixels across."""
   aug = data_cfg.augment
   if not aug.random_resized_crop:
@@ -114,7 +114,7 @@ def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, proc
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard, shuffle=data_cfg.shuffle, num_epochs=None,
       seed=int(seed) % 2**32)  # grain takes 32-bit seeds
-  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, _train_decode_side(data_cfg),
+  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
                                            example)
   operations.extend(extras)
   operations.append(grain.transforms.Batch(batch_size, drop_remainder=True))

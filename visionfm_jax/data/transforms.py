@@ -200,7 +200,7 @@ class ColorJitter(grain.transforms.RandomMap):
       return element
     s = self.strength
     factors = rng.uniform(max(0.0, 1 - s), 1 + s, size=3)
-    planes = element["image"].transpose(2, 0, 1).astype(np.float32)
+    planes = element["image"].transpose(2, 0, 1).astype(np.float32, order="C")  # planar in memory too
     for i in rng.permutation(3):
       planes = self.ADJUSTMENTS[i](planes, factors[i])
     planes += np.float32(0.5)  # round on the cast

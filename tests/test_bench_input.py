@@ -1,0 +1,36 @@
+"""tools.bench_input on a tiny synthetic set: the report's last line is JSON with positive figures; bad input
+exits with status 2 and one error line."""
+
+import json
+
+from visionfm_jax.tools import bench_input
+
+CONFIG = "--config=configs/vit_huge.py:demo"  # 32 px
+TINY = ["--synthetic=16", "--synthetic_size=64x48", "--images=16", "--batch_size=8", "--workers=0"]
+
+
+def test_report_figures(capsys):
+  assert bench_input.main(["bench_input", CONFIG, *TINY]) == 0
+  lines = capsys.readouterr().out.strip().splitlines()
+  report = json.loads(lines[-1])
+  assert lines[0].startswith("measurement")
+  assert set(report["results"]) == {"baseline", "baseline_draft", "ours_ops", "ours_loader_w0"}
+  for name, r in report["results"].items():
+    assert r["images"] == 16, name
+    for key in ("wall_s", "cpu_s", "images_per_s", "images_per_s_per_core", "cores"):
+      assert r[key] > 0, (name, key)
+  assert report["ratio_ours_ops_to_baseline"] > 0 and report["ratio_ours_ops_to_baseline_draft"] > 0
+  assert all(ms >= 0 for ms in report["ours_ops_ms_per_image"].values())
+  assert report["image_size"] == 32 and report["records"] == 16
+  assert report["synthetic"]["size"] == "64x48" and report["synthetic"]["mean_jpeg_bytes"] > 0
+  assert report["machine"]["cpu_count"] > 0 and report["machine"]["pillow"]
+
+
+def test_bad_input_exits_2(capsys, tmp_path):
+  cases = [["--config=configs/no_such_config.py"],
+           [CONFIG, f"--source=arrayrecord:{tmp_path}/*.array_record"],
+           [CONFIG, "--workers=two"]]
+  for args in cases:
+    assert bench_input.main(["bench_input", *args]) == 2, args
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err, err

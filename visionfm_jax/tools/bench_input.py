@@ -1,0 +1,254 @@
+r"""Input-pipeline benchmark: images/s per CPU core of our decode + augment path against a bare decode + resize.
+
+  python -m visionfm_jax.tools.bench_input --config=configs/vit_huge.py[:variant] [--source=arrayrecord:GLOB]
+      [--synthetic=512] [--synthetic_size=500x375] [--images=512] [--workers=0,2] [--batch_size=32]
+
+Without --source it writes --synthetic JPEGs (smooth colour fields + noise, ~ImageNet file sizes) to a temp
+dir as one ArrayRecord file. Every measurement reads the same records (record bytes included) after a warm-up:
+
+  baseline        Image.open + convert('RGB') + resize to image_size^2 (bilinear), one process
+  baseline_draft  the same with Pillow's JPEG draft mode at image_size (as a tuned loader does)
+  ours_ops        transforms.train_transforms with config.data.augment, op by op, one process, fixed rng
+  ours_loader/wN  pipeline.make_train_loader with N grain workers; per core = per worker (1 for N=0)
+
+Pillow decodes and resizes on the calling thread; numpy may call a multithreaded BLAS (ColorJitter's
+grey levels), and grain reads records on threads even with 0 workers: the cpu/wall column (process CPU time
+over wall time, this process only, so ~0 for loaders with workers) shows whether a one-core figure really used
+one core. On a shared machine, run it a few times: other load lowers every figure.
+Prints a table, then, as the last line, one JSON object with every figure and the machine. Bad input
+(config, source, flags) prints one line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import datetime
+import importlib.metadata
+import io
+import json
+import math
+import os
+import platform
+import sys
+import tempfile
+import time
+from typing import Sequence
+
+import grain
+import numpy as np
+import PIL
+from absl import flags
+from ml_collections import config_flags
+from PIL import Image
+
+from visionfm_jax.data import pipeline, records, sources, transforms
+from visionfm_jax.errors import UserError
+
+WARMUP = 16  # images (ops) or batches-worth of images (loader) before the clock starts
+
+
+def make_flags() -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", flag_values=fv,
+                                  lock_config=True)
+  flags.DEFINE_string("source", "", "config.data.source override; default: a synthetic JPEG set.", flag_values=fv)
+  flags.DEFINE_integer("synthetic", 512, "Synthetic JPEGs to write (without --source).", flag_values=fv)
+  flags.DEFINE_string("synthetic_size", "500x375", "Synthetic image size WxH.", flag_values=fv)
+  flags.DEFINE_integer("images", 512, "Images timed per measurement (records are reused cyclically).",
+                       flag_values=fv)
+  flags.DEFINE_list("workers", ["0"], "grain worker counts for ours_loader.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 32, "ours_loader batch size.", flag_values=fv)
+  return fv
+
+
+def synthetic_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
+  """Three octaves of bicubically upsampled random colour grids plus pixel noise, JPEG quality 90."""
+  image = np.zeros((height, width, 3), np.float32)
+  for cells, weight in ((4, 0.6), (16, 0.2), (64, 0.2)):
+    grid = rng.integers(0, 256, (max(2, cells * height // width), cells, 3), dtype=np.uint8)
+    image += weight * np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC), np.float32)
+  image += rng.normal(0, 14, image.shape).astype(np.float32)
+  return records.encode_jpeg(np.clip(image, 0, 255).astype(np.uint8), quality=90)
+
+
+def write_synthetic(directory: str, count: int, width: int, height: int) -> tuple[str, int]:
+  """(the source spec, mean JPEG bytes) of `count` labelled synthetic JPEGs in one ArrayRecord file."""
+  rng = np.random.default_rng(0)
+  jpegs = [synthetic_jpeg(rng, width, height) for _ in range(count)]
+  path = os.path.join(directory, "train-00000-of-00001.array_record")
+  records.write_records(path, ({"image": jpeg, "label": i % 10} for i, jpeg in enumerate(jpegs)))
+  return f"arrayrecord:{path}", round(sum(map(len, jpegs)) / count)
+
+
+class WithLabel:
+  """A source whose records all have 'label' (0 when missing), so pair records fit the classification loader."""
+
+  def __init__(self, source):
+    self.source = source
+
+  def __len__(self) -> int:
+    return len(self.source)
+
+  def __getitem__(self, index) -> dict:
+    record = self.source[index]
+    return record if "label" in record else {**record, "label": 0}
+
+  def __repr__(self) -> str:
+    return f"WithLabel({self.source!r})"
+
+
+def bare_decode(record: dict, size: int, draft: bool) -> np.ndarray:
+  with Image.open(io.BytesIO(record["image"])) as image:
+    if draft:
+      image.draft("RGB", (size, size))
+    return np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR))
+
+
+def apply_ops(ops: list, record: dict, rng: np.random.Generator, op_seconds: list) -> dict:
+  for i, op in enumerate(ops):
+    start = time.perf_counter()
+    record = op.random_map(record, rng) if isinstance(op, grain.transforms.RandomMap) else op.map(record)
+    op_seconds[i] += time.perf_counter() - start
+  return record
+
+
+def _clocked(step, steps: int, cores: int) -> dict:
+  """Calls step(i) for i < steps (each returns its image count); wall and process CPU time, images/s (/core)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  count = sum(step(i) for i in range(steps))
+  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+  return dict(images=count, cores=cores, wall_s=round(wall, 4), cpu_s=round(cpu, 4), cpu_per_wall=round(cpu / wall, 3),
+              images_per_s=round(count / wall, 2), images_per_s_per_core=round(count / wall / cores, 2))
+
+
+def time_single(fn, source, images: int) -> dict:
+  """fn(record) on records 0, 1, ... (cyclically): WARMUP untimed, then `images` timed, in this process."""
+  for i in range(min(WARMUP, images)):
+    fn(source[i % len(source)])
+
+  def step(i: int) -> int:
+    fn(source[i % len(source)])
+    return 1
+  return _clocked(step, images, cores=1)
+
+
+def time_ops(data_cfg, source, images: int) -> tuple[dict, dict]:
+  """ours_ops, and the mean milliseconds per image of each op (warm-up included)."""
+  ops = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, pipeline.train_decode_side(data_cfg))
+  rng, op_seconds = np.random.default_rng(0), [0.0] * len(ops)
+  result = time_single(lambda record: apply_ops(ops, record, rng, op_seconds), source, images)
+  scale = 1e3 / (images + min(WARMUP, images))
+  return result, {f"{i}:{type(op).__name__}": round(s * scale, 3) for i, (op, s) in enumerate(zip(ops, op_seconds))}
+
+
+def time_loader(data_cfg, source, images: int, workers: int, batch_size: int) -> dict:
+  """ours_loader: ceil(images / batch_size) batches, timed after a warm-up and after the batches the workers
+  prefetched meanwhile (their buffers would flatter the rate). The workers stop when the iterator is freed."""
+  data_cfg = data_cfg.copy_and_resolve_references()
+  data_cfg.num_workers = workers
+  loader = pipeline.make_train_loader(data_cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1,
+                                      source=WithLabel(source))
+  iterator = iter(loader)
+  for _ in range(math.ceil(WARMUP / batch_size) + workers * data_cfg.prefetch):
+    next(iterator)
+  return _clocked(lambda i: len(next(iterator)["image"]), math.ceil(images / batch_size), cores=max(1, workers))
+
+
+def machine() -> dict:
+  model = ""
+  if os.path.exists("/proc/cpuinfo"):
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+  versions = {name: importlib.metadata.version(name) for name in ("grain", "numpy", "array_record")}
+  return dict(cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)), cpu_model=model,
+              python=platform.python_version(), pillow=PIL.__version__, **versions)
+
+
+def _last_line(error: Exception) -> str:
+  """absl and ml_collections put tracebacks in their messages: the last line names the problem."""
+  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+  return lines[-1] if lines else type(error).__name__
+
+
+def load_config(fv):
+  if not fv["config"].present:
+    raise UserError("--config: required (a config file, e.g. configs/vit_huge.py)")
+  try:
+    fv.config.data  # pylint: disable=pointless-statement; a config file that failed to load raises here
+  except OSError as e:
+    raise UserError(f"--config: {_last_line(e)}") from e
+  return fv.config
+
+
+def _parse_args(fv) -> tuple[list[int], tuple[int, int]]:
+  try:
+    workers = [int(w) for w in fv.workers]
+    width, height = (int(x) for x in fv.synthetic_size.lower().split("x"))
+  except ValueError:
+    raise UserError(f"--workers={','.join(fv.workers)} / --synthetic_size={fv.synthetic_size}: expected "
+                    f"integers like 0,2 and WxH like 500x375") from None
+  if min(workers, default=0) < 0 or min(fv.images, fv.batch_size, fv.synthetic, width, height) <= 0:
+    raise UserError("--workers must be >= 0; --images, --batch_size, --synthetic and its size positive")
+  return workers, (width, height)
+
+
+def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], images: int, workers: Sequence[int],
+        batch_size: int) -> dict:
+  data_cfg = config.data.copy_and_resolve_references()
+  with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
+    jpeg_bytes = None
+    if not source_spec:
+      source_spec, jpeg_bytes = write_synthetic(tmp, synthetic, *size)
+    data_cfg.source = source_spec
+    source = sources.build_source(source_spec, data_cfg.train_split, data_cfg)
+    if not len(source) or not isinstance(source[0].get("image"), bytes):
+      raise UserError(f"--source={source_spec}: no records, or records without encoded image bytes")
+    side, count = data_cfg.image_size, len(source)
+    results = {"baseline": time_single(lambda r: bare_decode(r, side, False), source, images),
+               "baseline_draft": time_single(lambda r: bare_decode(r, side, True), source, images)}
+    results["ours_ops"], op_ms = time_ops(data_cfg, source, images)
+    for w in workers:
+      results[f"ours_loader_w{w}"] = time_loader(data_cfg, source, images, w, batch_size)
+  ours = results["ours_ops"]["images_per_s"]
+  return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
+              source=source_spec, records=count, image_size=side, augment=data_cfg.augment.to_dict(),
+              decode_side=pipeline.train_decode_side(data_cfg), batch_size=batch_size,
+              synthetic=None if jpeg_bytes is None else dict(count=synthetic, size=f"{size[0]}x{size[1]}",
+                                                             mean_jpeg_bytes=jpeg_bytes),
+              results=results, ours_ops_ms_per_image=op_ms,
+              ratio_ours_ops_to_baseline=round(ours / results["baseline"]["images_per_s"], 3),
+              ratio_ours_ops_to_baseline_draft=round(ours / results["baseline_draft"]["images_per_s"], 3))
+
+
+def print_report(report: dict) -> None:
+  print(f"{'measurement':<16} {'images':>6} {'cores':>5} {'images/s':>9} {'/core':>9} {'cpu/wall':>8}")
+  for name, r in report["results"].items():
+    print(f"{name:<16} {r['images']:>6} {r['cores']:>5} {r['images_per_s']:>9.1f} {r['images_per_s_per_core']:>9.1f} "
+          f"{r['cpu_per_wall']:>8.2f}")
+  print(f"ours_ops / baseline = {report['ratio_ours_ops_to_baseline']:.3f}, / baseline_draft = "
+        f"{report['ratio_ours_ops_to_baseline_draft']:.3f}")
+  print("ours_ops ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ours_ops_ms_per_image"].items()))
+  print(json.dumps(report, sort_keys=True))
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), runs the benchmark, prints the report; returns the exit status."""
+  fv = make_flags()
+  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
+    print(__doc__)
+    print(fv.get_help())
+    return 0
+  try:
+    fv(list(argv))
+    config = load_config(fv)
+    workers, size = _parse_args(fv)
+    report = run(config, fv.source, synthetic=fv.synthetic, size=size, images=fv.images, workers=workers,
+                 batch_size=fv.batch_size)
+  except (flags.Error, UserError) as e:
+    print(f"error: {_last_line(e)}", file=sys.stderr)
+    return 2
+  print_report(report)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
