@@ -7,6 +7,9 @@ import subprocess
 import sys
 import time
 
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, tiny_vit_config
@@ -53,34 +56,42 @@ def test_run_writes_metrics_checkpoints_and_config(tmp_path):
   assert len(_read_metrics(tmp_path)) == len(rows)
 
 
-def test_killed_run_resumes_to_the_same_result(tmp_path):
+def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path):
+  """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
+  the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters
+  bitwise, so the data order resumed exactly too."""
   flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=4",
            "--config.data.num_workers=1", "--config.strategy=zero3"]
   reference = _main(tmp_path / "ref", *flags)
   out, _ = reference.communicate(timeout=600)
   assert reference.returncode == 0, out
 
-  killed = _main(tmp_path / "run", *flags)
+  preempted = _main(tmp_path / "run", *flags)
   first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
   deadline = time.monotonic() + 600
-  while not first_checkpoint.exists() and killed.poll() is None and time.monotonic() < deadline:
+  while not first_checkpoint.exists() and preempted.poll() is None and time.monotonic() < deadline:
     time.sleep(0.05)
-  assert first_checkpoint.exists(), killed.communicate()[0]
-  os.killpg(killed.pid, signal.SIGKILL)  # the trainer and its data workers, mid-run
-  killed.wait()
+  assert first_checkpoint.exists(), preempted.communicate()[0]
+  os.killpg(preempted.pid, signal.SIGTERM)
+  out, _ = preempted.communicate(timeout=600)
+  assert preempted.returncode == 0, out
+  saved = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
+  assert f"SIGTERM: saved step {saved[-1]}" in out and 4 < saved[-1] < 12, (saved, out)
 
   resumed = _main(tmp_path / "run", *flags)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out
-  assert "resuming from" in out
+  assert f"resuming from {tmp_path / 'run' / 'checkpoints'}/{saved[-1]}" in out
 
   def final(workdir):
-    rows = _read_metrics(workdir)
-    last_train = [r for r in rows if r["step"] == 12 and "train/loss" in r][-1]
-    last_eval = [r for r in rows if r["step"] == 12 and "eval/val/top1" in r][-1]
-    return last_train["train/loss"], last_train["train/grad_norm"], last_eval["eval/val/top1"]
+    state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / "12" / "state")
+    return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
 
-  assert final(tmp_path / "run") == final(tmp_path / "ref")
+  for got, want in zip(final(tmp_path / "run"), final(tmp_path / "ref")):
+    np.testing.assert_array_equal(got, want)
+  rows = [r for r in _read_metrics(tmp_path / "run") if r["step"] == 12 and "eval/val/top1" in r]
+  assert rows[-1]["eval/val/top1"] == [r for r in _read_metrics(tmp_path / "ref") if "eval/val/top1" in r][-1][
+      "eval/val/top1"]
 
 
 def test_bad_configs_name_the_field(tmp_path):
@@ -107,3 +118,15 @@ def test_cli_rejects_unknown_keys_and_missing_data(tmp_path):
   assert "BUILD.md" in missing.stderr
   assert "Traceback" not in missing.stderr
   assert time.monotonic() - start < 60
+
+
+def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_path):
+  """lr 1e30: step 2's update sends the params to ~1e29, so step 3's loss is not finite. The check runs before
+  every save (checkpoint_every=1), even between log steps (log_every=5)."""
+  config = tiny_vit_config(total_steps=6, log_every=5, eval_every=6, checkpoint_every=1,
+                           **{"optim.lr": 1e30, "optim.warmup_steps": 2, "data.num_workers": 0})
+  with pytest.raises(train.NonFiniteLossError, match=r"at step 3; stopping. The last good checkpoint: .*/2;"):
+    train.run(config, str(tmp_path))
+  assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["1", "2"]
+  params = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "2" / "state")["params"]
+  assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))

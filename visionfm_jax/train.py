@@ -35,6 +35,9 @@ class NonFiniteLossError(UserError):
   pass
 
 
+BATCH_SPEC = P(("data", "fsdp"))  # global batches split over every data-parallel device
+
+
 # ------------------------------------------------------------------------------------------------ state
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
@@ -58,9 +61,7 @@ def state_shardings(init_fn, mesh, config):
   return abstract, shardings, specs
 
 
-def grad_specs(abstract_boxed_params, mesh_shape, strategy):
-  """Gradients are reduce-scattered (fsdp-sharded) under zero2/zero3, all-reduced otherwise."""
-  return parallel.tree_specs(abstract_boxed_params, mesh_shape, parallel.STRATEGY_SHARDS[strategy]["grads"])
+grad_specs = parallel.grad_specs
 
 
 # ------------------------------------------------------------------------------------------- train step
@@ -173,6 +174,30 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   return train_step
 
 
+def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings):
+  """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
+  (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
+  boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
+  specs = grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
+  grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.jit(make_train_step(task, tx, config, grad_shardings, BATCH_SPEC),
+                 in_shardings=(shardings, NamedSharding(mesh, BATCH_SPEC)), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
+def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
+  """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
+  of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
+  task = task or tasks.build(config, mesh)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  init_fn = make_init_fn(task, tx, config)
+  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+    abstract, shardings, _ = state_shardings(init_fn, mesh, config)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    return jit_train_step(task, tx, config, mesh, init_fn, shardings).lower(state, batch).compile()
+
+
 # -------------------------------------------------------------------------------------------------- run
 
 class _StopRequest:
@@ -214,21 +239,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                       process_index=jax.process_index(), process_count=jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = make_init_fn(task, tx, config)
-  batch_spec = P(("data", "fsdp"))
-  batch_sharding = NamedSharding(mesh, batch_spec)
+  batch_sharding = NamedSharding(mesh, BATCH_SPEC)
 
   with mesh, nn.logical_axis_rules(parallel.activation_rules()):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
-    abstract_boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
-    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s),
-                                  grad_specs(abstract_boxed_params, mesh_shape, config.strategy),
-                                  is_leaf=lambda x: isinstance(x, P))
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter)
     start_step = int(jax.device_get(state.step))
 
-    train_step = jax.jit(make_train_step(task, tx, config, grad_shardings, batch_spec),
-                         in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+    train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
     ctx = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
                       jax.process_count())
     evaluators = task.evaluators(ctx)
@@ -264,6 +283,22 @@ def _evaluate(evaluators, params, step) -> dict[str, float]:
   return results
 
 
+def _check_finite(step_metrics, state, step, checkpointer) -> None:
+  """Raises NonFiniteLossError when the step's loss or gradient norm is not finite (without loss scaling: an
+  fp16 run skips such steps instead). A non-finite gradient leaves NaN params, so the run stops before it
+  can save them; the checkpoints already written are all from good steps."""
+  if state.loss_scale is not None:
+    return
+  loss, grad_norm = (float(v) for v in jax.device_get((step_metrics["train/loss"],
+                                                       step_metrics.get("train/grad_norm", 0.0))))
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    checkpointer.wait()
+    latest = checkpointer.latest_step()
+    where = f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
+    raise NonFiniteLossError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping. The "
+                             f"last good checkpoint: {where}; lower config.optim.lr or check the data.")
+
+
 def data_counts(train_iter) -> dict[str, float]:
   """{'data/skipped': corrupt or undecodable training records skipped so far by all processes,
   'data/skipped_fraction': of the records read}; {} for iterators that do not count (a collective when
@@ -293,6 +328,9 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       step += 1
       window_steps += 1
       is_last = step == total
+      will_save = step % config.checkpoint_every == 0 or is_last or stop.requested
+      if step % config.log_every == 0 or will_save:
+        _check_finite(step_metrics, state, step, checkpointer)  # before a save: never checkpoint NaN params
       if step % config.log_every == 0 or is_last or stop.requested:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - window_start
@@ -301,15 +339,11 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         if flops_per_example and peak:
           values["train/mfu"] = img_per_sec * flops_per_example / (peak * jax.device_count())
         values.update(data_counts(train_iter))
-        if not math.isfinite(values["train/loss"]) and state.loss_scale is None:
-          raise NonFiniteLossError(
-              f"non-finite loss {values['train/loss']} at step {step}; stopping. The last good checkpoint is "
-              f"{checkpointer.directory}/{checkpointer.latest_step()}; lower config.optim.lr or check the data.")
         writer.write(step, values)
         progress.update(step, values["train/loss"], img_per_sec)
         last.update(values)
         window_start, window_steps = time.perf_counter(), 0
-      if step % config.checkpoint_every == 0 or is_last or stop.requested:
+      if will_save:
         checkpointer.save(step, state, train_iter)
       if step % config.eval_every == 0 or is_last:
         results = _evaluate(evaluators, state.params, step)
