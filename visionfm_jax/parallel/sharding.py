@@ -97,6 +97,11 @@ def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str)
       **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()})
 
 
+def grad_specs(abstract_boxed_params, mesh_shape: dict[str, int], strategy: str):
+  """PartitionSpecs of the gradients: reduce-scattered (fsdp-sharded) under zero2/zero3, all-reduced otherwise."""
+  return tree_specs(abstract_boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["grads"])
+
+
 def shard_shape(shape: tuple[int, ...], spec: P, mesh_shape: dict[str, int]) -> tuple[int, ...]:
   """The per-device shape of an array of `shape` laid out by `spec` (no devices needed)."""
   out = list(shape)

@@ -1,9 +1,10 @@
 r"""Parameter counts and per-device state bytes of a config, from shapes only (no weights allocated).
 
-  python -m visionfm_jax.tools.summary --config=configs/vit_huge.py [--devices=8] [--strategy=zero3]
+  python -m visionfm_jax.tools.summary --config=configs/vit_huge.py [--devices=8] [--strategy=zero3|all]
 
-Prints parameters per top-level module, `total_params=<int>`, and the bytes of params + optimizer state
-that one device holds under the strategy on a mesh of N devices, `state_bytes_per_device=<int>`.
+Prints parameters per top-level module, `total_params=<int>`, a table of the bytes one device holds of params,
+gradients and optimizer state under the strategy (every strategy with `--strategy=all`) on a mesh of N
+devices, and for one strategy the bytes of its whole train state per device, `state_bytes_per_device=<int>`.
 """
 
 from __future__ import annotations
@@ -21,8 +22,10 @@ from visionfm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of (simulated) devices for the per-device bytes.")
-_STRATEGY = flags.DEFINE_string("strategy", None, "ddp | zero1 | zero2 | zero3 | fsdp; default: the config's.")
+_STRATEGY = flags.DEFINE_string("strategy", None, "ddp | zero1 | zero2 | zero3 | fsdp | all; default: the config's.")
 flags.mark_flag_as_required("config")
+
+ALL_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")  # `fsdp` is zero3
 
 
 def params_by_module(abstract_params) -> dict[str, int]:
@@ -32,15 +35,12 @@ def params_by_module(abstract_params) -> dict[str, int]:
 def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str) -> int:
   """Bytes of one device's shard of every train-state leaf under `strategy`."""
   specs = parallel.state_specs(abstract_boxed_state, mesh_shape, strategy)
-  unboxed = jax.tree.leaves(train.nn.unbox(abstract_boxed_state))
-  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
-  total = 0
-  for leaf, spec in zip(unboxed, spec_leaves, strict=True):
-    total += math.prod(parallel.shard_shape(leaf.shape, spec, mesh_shape)) * np.dtype(leaf.dtype).itemsize
-  return total
+  return parallel.tree_bytes_per_device(train.nn.unbox(abstract_boxed_state), specs, mesh_shape)
 
 
-def summarize(config, devices: int, strategy: str) -> dict[str, int]:
+def summarize(config, devices: int, strategy: str) -> dict:
+  """Sizes from shapes only. `per_device`: {strategy: parallel.bytes_per_device} for `strategy`, or for every
+  strategy when it is 'all' (then there is no `state_bytes_per_device`)."""
   task = tasks.build(config)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
@@ -48,16 +48,30 @@ def summarize(config, devices: int, strategy: str) -> dict[str, int]:
   modules = params_by_module(params)
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(train.nn.unbox(abstract_boxed)))
-  return dict(modules=modules, total_params=sum(modules.values()), mesh=mesh_shape, state_bytes=total_state,
-              state_bytes_per_device=state_bytes_per_device(abstract_boxed, mesh_shape, strategy))
+  strategies = ALL_STRATEGIES if strategy == "all" else (strategy,)
+  out = dict(modules=modules, total_params=sum(modules.values()), mesh=mesh_shape, state_bytes=total_state,
+             per_device={s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s) for s in strategies})
+  if strategy != "all":
+    out["state_bytes_per_device"] = state_bytes_per_device(abstract_boxed, mesh_shape, strategy)
+  return out
+
+
+def bytes_table(per_device: dict[str, dict[str, int]]) -> list[str]:
+  """One row per strategy: bytes per device of params, gradients, optimizer state and their total."""
+  columns = ("params", "grads", "opt_state", "total")
+  rows = [("strategy",) + columns] + [(s,) + tuple(f"{b[c]:,}" for c in columns) for s, b in per_device.items()]
+  widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+  return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+          for row in rows]
 
 
 def main(argv):
   del argv
   config = _CONFIG.value
   strategy = _STRATEGY.value or config.strategy
-  if strategy not in parallel.STRATEGY_SHARDS:
-    print(f"error: --strategy={strategy!r}: expected one of {sorted(parallel.STRATEGY_SHARDS)}", file=sys.stderr)
+  if strategy not in parallel.STRATEGY_SHARDS and strategy != "all":
+    print(f"error: --strategy={strategy!r}: expected one of {sorted(parallel.STRATEGY_SHARDS)} or 'all'",
+          file=sys.stderr)
     sys.exit(2)
   try:
     s = summarize(config, _DEVICES.value, strategy)
@@ -70,7 +84,11 @@ def main(argv):
   print(f"total_params={s['total_params']}")
   print(f"mesh={s['mesh']} strategy={strategy}")
   print(f"state_bytes_total={s['state_bytes']}")
-  print(f"state_bytes_per_device={s['state_bytes_per_device']}")
+  print("bytes per device (gradients as the train step lays them out):")
+  for line in bytes_table(s["per_device"]):
+    print(f"  {line}")
+  if "state_bytes_per_device" in s:
+    print(f"state_bytes_per_device={s['state_bytes_per_device']}")
 
 
 if __name__ == "__main__":

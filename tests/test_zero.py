@@ -1,0 +1,287 @@
+"""ZeRO on 8 simulated devices: per-device bytes of every strategy (from shapes, checked against the real sharded
+arrays) and the collectives of the compiled train step (the one `train.run` jits), read from its HLO.
+
+What the CPU backend compiles for the tiny scanned ViT (jax 0.10): no strategy has a `reduce-scatter` op.
+Gradients are always all-reduced at full size; zero2/zero3 then keep only the device's 1/8 of the reduced
+gradient (all-reduce + dynamic-slice is how the CPU pipeline spells a reduce-scatter; GPU/TPU pipelines fuse
+the pair). So the gradient tests follow each reduced gradient to the ops that consume it and check the shape
+those keep. zero1 and zero2 compile to the same collectives: the updated params are reassembled by all-gathers
+after the optimizer step; zero3 instead gathers param shards inside the forward and backward (only outside the
+scanned blocks for now: see CONSTRAINTS_DROPPED).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import NamedSharding
+
+from conftest import tiny_vit_config
+from test_train_step import _random_batches
+from visionfm_jax import optim, parallel, tasks, train
+from visionfm_jax.models import layers
+from visionfm_jax.tools import summary
+
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+DEVICES = 8
+FC1, HEAD, PATCH = "blocks/mlp/fc1/kernel", "head/kernel", "patch_embed/kernel"
+
+# Why zero3's scanned blocks do not compile to FSDP yet: see test_activation_constraints_reach_the_step.
+CONSTRAINTS_DROPPED = pytest.mark.xfail(
+    strict=True, reason="the model's activation constraints are dropped under `with mesh:` (flax looks for "
+    "jax.sharding.get_abstract_mesh(), which only jax.set_mesh sets); left free, XLA splits zero3's scanned "
+    "model over the embedding for the whole batch: block weights are never gathered, no gradient is reduced")
+
+
+# ------------------------------------------------------------------------------------------------- HLO text
+
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%([\w.-]+) = (.+?) ([a-z][a-z0-9-]*)\((.*)$")
+_ARRAY = re.compile(r"\b[a-z]+[0-9]*\[([0-9,]*)\]")
+_SAME_VALUE = {"bitcast", "copy", "get-tuple-element"}  # ops that pass a value on unchanged
+
+
+@dataclasses.dataclass(frozen=True)
+class Instruction:
+  name: str
+  opcode: str
+  shapes: tuple[tuple[int, ...], ...]  # every array in the output (several for a tuple)
+  operands: tuple[str, ...]
+  op_name: str  # the JAX name stack it was made for; '' where the partitioner made it up
+  tuple_index: int | None  # of a get-tuple-element
+
+
+def _parse(line: str) -> Instruction | None:
+  m = _INSTRUCTION.match(line)
+  if not m:
+    return None
+  name, shape, opcode, rest = m.groups()
+  op_name = re.search(r'op_name="([^"]*)"', rest)
+  index = re.search(r"\bindex=(\d+)", rest)
+  return Instruction(name, opcode, tuple(tuple(int(d) for d in dims.split(",") if d) for dims in _ARRAY.findall(shape)),
+                     tuple(re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])), op_name.group(1) if op_name else "",
+                     int(index.group(1)) if index and opcode == "get-tuple-element" else None)
+
+
+class Hlo:
+  """The instructions of a compiled module's text, and who uses each."""
+
+  def __init__(self, text: str):
+    self.instructions = {i.name: i for i in map(_parse, text.splitlines()) if i}
+    self.users = collections.defaultdict(list)
+    for instruction in self.instructions.values():
+      for operand in instruction.operands:
+        self.users[operand].append(instruction)
+
+  def ops(self, kind: str) -> list[Instruction]:
+    """Collectives of `kind`; an async pair (`all-gather-start`/`-done`) counts once."""
+    return [i for i in self.instructions.values() if i.opcode in (kind, kind + "-start")]
+
+  def counts(self) -> dict[str, int]:
+    return {k: len(self.ops(k)) for k in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                                          "collective-permute")}
+
+  def kept_after_reduction(self, forms) -> list[tuple[int, ...]]:
+    """Shapes that the ops consuming a reduced array of one of the `forms` produce from it: a reduce-scatter's
+    own output, or what the first real consumers of an all-reduce's output make of it."""
+    kept = []
+    for op in self.ops("reduce-scatter"):
+      if any(_matches(self.instructions[o].shapes[0], forms) for o in op.operands if o in self.instructions):
+        kept += op.shapes
+    for op in self.ops("all-reduce"):
+      for index, shape in enumerate(op.shapes):
+        if _matches(shape, forms):
+          start = [op] if len(op.shapes) == 1 else [u for u in self.users[op.name] if u.tuple_index == index]
+          kept += [s for consumer in self._consumers(start) for s in consumer.shapes]
+    return kept
+
+  def _consumers(self, values: list[Instruction]) -> list[Instruction]:
+    out = []
+    while values:
+      for user in self.users[values.pop().name]:
+        (values if user.opcode in _SAME_VALUE else out).append(user)
+    return out
+
+
+def _matches(shape, forms) -> bool:
+  """Whether `shape` is one of `forms` up to the order of its dimensions (the compiler transposes freely)."""
+  return any(sorted(shape) == sorted(form) for form in forms)
+
+
+def _in_model(op: Instruction) -> bool:
+  """Made for the model's forward (`jvp(...)`) or backward (`transpose(jvp(...))`), not the optimizer."""
+  return "jvp(" in op.op_name
+
+
+# ----------------------------------------------------------------------------------------------- fixtures
+
+def _mesh_shape():
+  return parallel.mesh_shape(tiny_vit_config().mesh, DEVICES)
+
+
+@functools.cache
+def _abstract_state():
+  """The tiny ViT's boxed train state, shapes only (the same for every strategy)."""
+  config = tiny_vit_config()
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  return jax.eval_shape(train.make_init_fn(tasks.build(config), tx, config), jax.random.key(0))
+
+
+@functools.cache
+def _compiled(strategy):
+  config = tiny_vit_config(strategy=strategy)
+  return train.compile_train_step(config, parallel.make_mesh(config.mesh), _random_batches(config, 1)[0])
+
+
+@functools.cache
+def _hlo(strategy) -> Hlo:
+  return Hlo(_compiled(strategy).as_text())
+
+
+def _leaf(tree, path: str):
+  for key in path.split("/"):
+    tree = tree[key]
+  return tree.value if isinstance(tree, nn.Partitioned) else tree
+
+
+def _forms(path: str, shape) -> tuple[tuple[int, ...], ...]:
+  """A scanned block's param is used one layer at a time: its per-layer shape counts too."""
+  shape = tuple(shape)
+  return (shape, shape[1:]) if path.startswith("blocks/") else (shape,)
+
+
+def _full_and_shard(path: str, strategy: str):
+  """(forms of the whole gradient of `path`, forms of one device's shard as `grad_specs` lays it out)."""
+  boxed = _abstract_state().params
+  specs = parallel.grad_specs(boxed, _mesh_shape(), strategy)
+  shape = _leaf(boxed, path).shape
+  return _forms(path, shape), _forms(path, parallel.shard_shape(shape, _leaf(specs, path), _mesh_shape()))
+
+
+# ------------------------------------------------------------------------------------------ bytes per device
+
+def _nbytes(leaf) -> int:
+  return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
+
+
+def _splits(names, shape) -> bool:
+  """The rules' promise on a pure fsdp mesh: a leaf splits 8 ways iff an axis other than `layers` divides by 8."""
+  return any(size % DEVICES == 0 and name != "layers" for name, size in zip(names or (None,) * len(shape), shape))
+
+
+def _expected_bytes(boxed_tree, sharded: bool) -> int:
+  sizes = parallel.map_with_names(
+      lambda names, x: _nbytes(x) // DEVICES if sharded and _splits(names, x.shape) else _nbytes(x), boxed_tree)
+  return sum(jax.tree.leaves(sizes))
+
+
+def test_bytes_per_device_follow_the_strategy_table():
+  state = _abstract_state()
+  for strategy in STRATEGIES:
+    shards = parallel.STRATEGY_SHARDS[strategy]
+    want = dict(params=_expected_bytes(state.params, shards["params"]),
+                grads=_expected_bytes(state.params, shards["grads"]),
+                opt_state=_expected_bytes(state.opt_state, shards["opt_state"]))
+    want["total"] = sum(want.values())
+    assert parallel.bytes_per_device(state, _mesh_shape(), strategy) == want, strategy
+  ddp = parallel.bytes_per_device(state, _mesh_shape(), "ddp")
+  assert ddp["params"] == ddp["grads"] == sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.params)))
+  assert ddp["opt_state"] == sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.opt_state)))
+  # Only the optimizer's step counts stay whole, so sharded parts are 1/8 up to a few scalar bytes.
+  whole = parallel.map_with_names(lambda names, x: None if _splits(names, x.shape) else str(x.shape),
+                                  (state.params, state.opt_state))
+  assert set(jax.tree.leaves(whole)) == {"()"}
+  zero3 = parallel.bytes_per_device(state, _mesh_shape(), "zero3")
+  counts = sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.opt_state)) if x.shape == ())
+  assert zero3["params"] * DEVICES == ddp["params"]
+  assert zero3["opt_state"] == (ddp["opt_state"] - counts) // DEVICES + counts
+
+
+def test_summary_tool_prints_a_row_per_strategy():
+  s = summary.summarize(tiny_vit_config(), DEVICES, "all")
+  assert s["per_device"] == {k: parallel.bytes_per_device(_abstract_state(), _mesh_shape(), k) for k in STRATEGIES}
+  assert "state_bytes_per_device" not in s
+  table = summary.bytes_table(s["per_device"])
+  assert table[0].split() == ["strategy", "params", "grads", "opt_state", "total"]
+  assert [row.split()[0] for row in table[1:]] == list(STRATEGIES)
+  zero3 = s["per_device"]["zero3"]
+  assert table[-1].split()[1:] == [f"{zero3[k]:,}" for k in ("params", "grads", "opt_state", "total")]
+  one = summary.summarize(tiny_vit_config(), DEVICES, "zero2")
+  assert list(one["per_device"]) == ["zero2"]
+  # The whole train state: params + optimizer state + the int32 step (no loss scale in fp32).
+  zero2 = one["per_device"]["zero2"]
+  assert one["state_bytes_per_device"] == zero2["params"] + zero2["opt_state"] + 4
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_bytes_per_device_match_the_real_arrays(strategy):
+  """The state that the compiled step puts out holds on device 0 what the shapes say."""
+  config = tiny_vit_config(strategy=strategy)
+  mesh = parallel.make_mesh(config.mesh)
+  tx = optim.make_optimizer(config.optim, config.total_steps)
+  abstract, shardings, _ = train.state_shardings(train.make_init_fn(tasks.build(config), tx, config), mesh, config)
+  # Zeros in the run's layout (initialising would cost a compile); what is checked is the step's output layout.
+  state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
+  batch = jax.device_put(_random_batches(config, 1)[0], NamedSharding(mesh, train.BATCH_SPEC))
+  state, metrics = _compiled(strategy)(state, batch)
+  assert np.isfinite(float(metrics["train/loss"]))
+  want = parallel.bytes_per_device(_abstract_state(), _mesh_shape(), strategy)
+  on_device0 = lambda tree: sum(x.addressable_shards[0].data.nbytes for x in jax.tree.leaves(tree))
+  assert on_device0(state.params) == want["params"]
+  assert on_device0(state.opt_state) == want["opt_state"]
+
+
+# ----------------------------------------------------------------------------------------------- collectives
+
+def test_ddp_all_reduces_whole_gradients_and_gathers_nothing():
+  hlo = _hlo("ddp")
+  assert not hlo.ops("all-gather") and not hlo.ops("reduce-scatter")
+  for path in (FC1, HEAD):
+    full, _ = _full_and_shard(path, "ddp")
+    assert any(_matches(s, full) for s in hlo.kept_after_reduction(full)), path
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2"])
+def test_zero1_zero2_gather_the_updated_params_not_the_model_inputs(strategy):
+  gathers = _hlo(strategy).ops("all-gather")
+  assert gathers and not any(_in_model(g) for g in gathers)
+  gathered = [s for g in gathers for s in g.shapes]
+  for path in (FC1, HEAD, PATCH):
+    full, _ = _full_and_shard(path, strategy)
+    assert any(_matches(s, full[:1]) for s in gathered), path  # whole (stacked) params leave the step
+
+
+@pytest.mark.parametrize("strategy,path", [
+    ("zero2", FC1), ("zero2", HEAD), ("zero2", PATCH),
+    pytest.param("zero3", FC1, marks=CONSTRAINTS_DROPPED), pytest.param("zero3", HEAD, marks=CONSTRAINTS_DROPPED)])
+def test_sharded_gradients_keep_only_the_device_shard_after_reduction(strategy, path):
+  full, shard = _full_and_shard(path, strategy)
+  kept = _hlo(strategy).kept_after_reduction(full)
+  assert kept, f"no reduction of the {path} gradient"
+  assert not any(_matches(s, full) for s in kept) and any(_matches(s, shard) for s in kept), kept
+
+
+@pytest.mark.parametrize("path", [PATCH, pytest.param(FC1, marks=CONSTRAINTS_DROPPED)])
+def test_zero3_gathers_param_shards_for_the_forward_and_backward(path):
+  gathers = _hlo("zero3").ops("all-gather")
+  assert all(_in_model(g) for g in gathers)  # and never reassembles the updated params
+  full, _ = _full_and_shard(path, "zero3")
+  per_use = full[-1]  # a scanned block's kernel is gathered one layer at a time
+  assert any(_matches(s, [per_use]) for g in gathers for s in g.shapes), path
+
+
+@CONSTRAINTS_DROPPED
+def test_activation_constraints_reach_the_step():
+  """The root cause of the xfails above, in the context `train.run` traces under."""
+  mesh = parallel.make_mesh(tiny_vit_config().mesh)
+  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+    text = jax.jit(lambda x: layers.constrain(x * 2, ("batch", None))).lower(jnp.ones((16, 4))).as_text()
+  assert "sharding_constraint" in text

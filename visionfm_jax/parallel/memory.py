@@ -1,0 +1,34 @@
+"""Bytes one device holds of the train state under a ZeRO strategy, from shapes and PartitionSpecs only."""
+
+from __future__ import annotations
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import PartitionSpec as P
+
+from visionfm_jax.parallel.sharding import STRATEGY_SHARDS, grad_specs, shard_shape, tree_specs
+
+
+def tree_bytes_per_device(abstract_tree, specs, mesh_shape: dict[str, int]) -> int:
+  """Bytes of one device's shard of every leaf of an (unboxed, abstract) tree laid out by the matching `specs`."""
+  leaves = jax.tree.leaves(abstract_tree)
+  spec_leaves = jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))
+  return sum(math.prod(shard_shape(leaf.shape, spec, mesh_shape)) * np.dtype(leaf.dtype).itemsize
+             for leaf, spec in zip(leaves, spec_leaves, strict=True))
+
+
+def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str) -> dict[str, int]:
+  """{'params', 'grads', 'opt_state', 'total'}: bytes on one device under `strategy` (gradients in the params'
+  dtypes, laid out as the train step constrains them); total is their sum."""
+  shards = STRATEGY_SHARDS[strategy]
+  boxed_params, boxed_opt = abstract_boxed_state.params, abstract_boxed_state.opt_state
+  params, opt_state = nn.unbox(boxed_params), nn.unbox(boxed_opt)
+  out = dict(params=tree_bytes_per_device(params, tree_specs(boxed_params, mesh_shape, shards["params"]), mesh_shape),
+             grads=tree_bytes_per_device(params, grad_specs(boxed_params, mesh_shape, strategy), mesh_shape),
+             opt_state=tree_bytes_per_device(opt_state, tree_specs(boxed_opt, mesh_shape, shards["opt_state"]),
+                                             mesh_shape))
+  out["total"] = sum(out.values())
+  return out
