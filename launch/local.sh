@@ -2,7 +2,7 @@
 # N processes of visionfm_jax.main on this machine, joined by jax.distributed.
 #   launch/local.sh N [main flags...]
 # CPU: each process gets $DEVICES_PER_PROCESS (default 1) host devices; collectives go through gloo.
-# GPU: the visible GPUs are split evenly between the processes.
+# GPU: the visible GPUs are split evenly between the processes (JAX_PLATFORMS=cpu forces CPU where GPUs exist).
 set -euo pipefail
 n=${1:?usage: launch/local.sh N [flags for visionfm_jax.main]}
 shift
@@ -10,13 +10,17 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 export JAX_COORDINATOR_ADDRESS="localhost:${port}"
 export JAX_NUM_PROCESSES=$n
 gpus=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L | wc -l || echo 0)
+if [ "${JAX_PLATFORMS:-}" = cpu ]; then gpus=0; fi
 pids=()
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait' INT TERM
+# INT/TERM: pass TERM on (each process checkpoints at its next step and exits), wait for all, then exit.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait; exit 143' INT TERM
 for ((i = 0; i < n; i++)); do
   if [ "$gpus" -gt 0 ]; then
     per=$((gpus / n))
     devices=$(seq -s, $((i * per)) $((i * per + per - 1)))
-    CUDA_VISIBLE_DEVICES=$devices JAX_PROCESS_ID=$i python -m visionfm_jax.main --distributed=on "$@" &
+    # Local ids count within CUDA_VISIBLE_DEVICES; explicit so a SLURM allocation cannot narrow them to one GPU.
+    CUDA_VISIBLE_DEVICES=$devices JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((per - 1))) JAX_PROCESS_ID=$i \
+      python -m visionfm_jax.main --distributed=on "$@" &
   else
     JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo JAX_PROCESS_ID=$i \
       XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \

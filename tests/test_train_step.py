@@ -27,7 +27,7 @@ def _setup(config, task=None):
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = train.make_init_fn(task, tx, config)
   shape = parallel.mesh_shape(config.mesh, mesh.size)
-  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+  with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, specs = train.state_shardings(init_fn, mesh, config)
     boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
     grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), train.grad_specs(boxed_params, shape, config.strategy),
@@ -38,7 +38,7 @@ def _setup(config, task=None):
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
 
   def step(state, batch):
-    with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+    with mesh, parallel.activation_sharding(mesh):
       state, metrics = jitted(state, jax.device_put(batch, batch_sharding))
     return state, jax.device_get(metrics)
   return state, step, specs

@@ -6,8 +6,8 @@ Gradients are always all-reduced at full size; zero2/zero3 then keep only the de
 gradient (all-reduce + dynamic-slice is how the CPU pipeline spells a reduce-scatter; GPU/TPU pipelines fuse
 the pair). So the gradient tests follow each reduced gradient to the ops that consume it and check the shape
 those keep. zero1 and zero2 compile to the same collectives: the updated params are reassembled by all-gathers
-after the optimizer step; zero3 instead gathers param shards inside the forward and backward (only outside the
-scanned blocks for now: see CONSTRAINTS_DROPPED).
+after the optimizer step; zero3 instead gathers param shards inside the forward and backward, one scanned
+block's weights at a time.
 """
 
 from __future__ import annotations
@@ -36,11 +36,6 @@ DEVICES = 8
 FC1, HEAD, PATCH = "blocks/mlp/fc1/kernel", "head/kernel", "patch_embed/kernel"
 
 # Why zero3's scanned blocks do not compile to FSDP yet: see test_activation_constraints_reach_the_step.
-CONSTRAINTS_DROPPED = pytest.mark.xfail(
-    strict=True, reason="the model's activation constraints are dropped under `with mesh:` (flax looks for "
-    "jax.sharding.get_abstract_mesh(), which only jax.set_mesh sets); left free, XLA splits zero3's scanned "
-    "model over the embedding for the whole batch: block weights are never gathered, no gradient is reduced")
-
 
 # ------------------------------------------------------------------------------------------------- HLO text
 
@@ -261,7 +256,7 @@ def test_zero1_zero2_gather_the_updated_params_not_the_model_inputs(strategy):
 
 @pytest.mark.parametrize("strategy,path", [
     ("zero2", FC1), ("zero2", HEAD), ("zero2", PATCH),
-    pytest.param("zero3", FC1, marks=CONSTRAINTS_DROPPED), pytest.param("zero3", HEAD, marks=CONSTRAINTS_DROPPED)])
+    ("zero3", FC1), ("zero3", HEAD)])
 def test_sharded_gradients_keep_only_the_device_shard_after_reduction(strategy, path):
   full, shard = _full_and_shard(path, strategy)
   kept = _hlo(strategy).kept_after_reduction(full)
@@ -269,7 +264,7 @@ def test_sharded_gradients_keep_only_the_device_shard_after_reduction(strategy, 
   assert not any(_matches(s, full) for s in kept) and any(_matches(s, shard) for s in kept), kept
 
 
-@pytest.mark.parametrize("path", [PATCH, pytest.param(FC1, marks=CONSTRAINTS_DROPPED)])
+@pytest.mark.parametrize("path", [PATCH, FC1])
 def test_zero3_gathers_param_shards_for_the_forward_and_backward(path):
   gathers = _hlo("zero3").ops("all-gather")
   assert all(_in_model(g) for g in gathers)  # and never reassembles the updated params
@@ -278,10 +273,10 @@ def test_zero3_gathers_param_shards_for_the_forward_and_backward(path):
   assert any(_matches(s, [per_use]) for g in gathers for s in g.shapes), path
 
 
-@CONSTRAINTS_DROPPED
 def test_activation_constraints_reach_the_step():
-  """The root cause of the xfails above, in the context `train.run` traces under."""
+  """In the context `train.run` traces under, the models' activation constraints are in the program (with a
+  plain `with mesh:` flax drops them, and XLA shards a scanned zero3 model over its embedding instead)."""
   mesh = parallel.make_mesh(tiny_vit_config().mesh)
-  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+  with mesh, parallel.activation_sharding(mesh):
     text = jax.jit(lambda x: layers.constrain(x * 2, ("batch", None))).lower(jnp.ones((16, 4))).as_text()
   assert "sharding_constraint" in text

@@ -2,8 +2,10 @@
 
 Layout: `<workdir>/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary directory and
 renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
-complete ones. The data-iterator state is captured synchronously at save time (before training moves the
-iterator on) and written per process by grain's handler.
+complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp` directories. The
+data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
+per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
+the data iterator only with the same number of processes, and starts afresh (with a warning) otherwise.
 
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
@@ -20,6 +22,7 @@ import grain
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
 
 from visionfm_jax.errors import CheckpointError
@@ -42,7 +45,8 @@ class Checkpointer:
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
     self.directory = epath.Path(directory)
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save)
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
+                                           cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
@@ -60,16 +64,28 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place."""
+    """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place (when the
+    checkpoint holds this process's iterator state: it was saved by as many processes as run now)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    has_data = (self.directory / str(step) / "data").exists()
-    if data_iterator is not None and has_data:
+    if data_iterator is not None and self._has_data_state(step):
       items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, FileNotFoundError) as e:
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {e}") from e
     return restored["state"]
+
+  def _has_data_state(self, step: int) -> bool:
+    data_dir = self.directory / str(step) / "data"
+    if not data_dir.exists():
+      return False
+    if (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
+      return True
+    saved = sorted(p.name for p in data_dir.glob("process_*.json"))
+    logging.warning("%s was saved by another number of processes (%s) than run now (%d): the data iterator starts "
+                    "afresh from the seed instead of where it stopped", data_dir, ", ".join(saved) or "no files",
+                    jax.process_count())
+    return False
 
   def wait(self) -> None:
     self._manager.wait_until_finished()

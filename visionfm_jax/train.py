@@ -191,7 +191,7 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   task = task or tasks.build(config, mesh)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = make_init_fn(task, tx, config)
-  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+  with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
@@ -241,7 +241,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   init_fn = make_init_fn(task, tx, config)
   batch_sharding = NamedSharding(mesh, BATCH_SPEC)
 
-  with mesh, nn.logical_axis_rules(parallel.activation_rules()):
+  with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter)

@@ -12,6 +12,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from visionfm_jax.parallel import sharding
+
 Dtype = Any
 
 # Logical axis names used by parameters and activations.
@@ -32,8 +34,11 @@ def logical(init: Callable[..., Any], names: tuple[str | None, ...]) -> Callable
 
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
-  """Activation sharding constraint at a block boundary (a no-op outside a mesh context)."""
-  return nn.with_logical_constraint(x, names)
+  """Activation sharding constraint at a block boundary; a no-op outside `parallel.activation_sharding`."""
+  mesh = sharding.activation_mesh()
+  if mesh is None:
+    return x
+  return nn.with_logical_constraint(x, names, mesh=mesh)
 
 
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,

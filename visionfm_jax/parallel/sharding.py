@@ -15,6 +15,8 @@ axis takes it instead, so odd-sized parameters (a 21,841-class head) still shard
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from typing import Any
 
 import flax.linen as nn
@@ -46,6 +48,30 @@ def activation_rules() -> tuple[tuple[str, Any], ...]:
   """Rules for `nn.with_logical_constraint` on activations."""
   return (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None), ("act_mlp", "tensor"),
           ("act_heads", "tensor"))
+
+
+_ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_sharding(mesh):
+  """Within it, `models.layers.constrain` shards activations over `mesh` by `activation_rules()`.
+
+  The mesh is passed to flax explicitly: under jax 0.10 / flax 0.12 `nn.with_logical_constraint` looks only
+  at the abstract mesh that `jax.set_mesh` sets, so inside a plain `with mesh:` it constrains nothing, and
+  XLA is free to shard a scanned zero3 model over its embedding instead of gathering weights per layer.
+  """
+  token = _ACTIVATION_MESH.set(mesh)
+  try:
+    with nn.logical_axis_rules(activation_rules()):
+      yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
+def activation_mesh():
+  """The mesh of the innermost `activation_sharding`, else None."""
+  return _ACTIVATION_MESH.get()
 
 
 def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: dict[str, int],

@@ -1,0 +1,223 @@
+"""Checkpoint safety: a SIGKILL mid-save keeps the previous checkpoint and the restart uses it; a checkpoint
+restores bitwise on another mesh (8 -> 4 devices) and another strategy (zero3 -> ddp); a checkpoint of another
+process count restores the state and restarts the data iterator.
+
+`python tests/test_checkpoint_safety.py DIR` is the process that is killed: it saves step 1, then SIGKILLs itself
+while the asynchronous save of step 2 is being written.
+"""
+
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from conftest import ROOT, tiny_vit_config
+from visionfm_jax import checkpoint, optim, parallel, tasks, train
+
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpoint-tmp, renamed to S when complete
+SHAPE = (2048, 8192)  # 64 MiB of float32; three of them take a good fraction of a second to write
+NAMES = ("w0", "w1", "w2")
+KILL_AFTER_BYTES = 8 << 20  # of step 2 on disk: the write has started but is far from done
+
+
+# ------------------------------------------------------------------------------------- the killed process
+
+class _FakeIterator:
+  """Stands in for the data iterator: grain's Orbax handler needs get_state, set_state and start_prefetch."""
+
+  def __init__(self, position=0):
+    self.position = position
+
+  def get_state(self):
+    return json.dumps({"position": self.position}).encode()
+
+  def set_state(self, state):
+    self.position = json.loads(state)["position"]
+
+  def start_prefetch(self):
+    pass
+
+
+def _values(step):
+  rng = np.random.default_rng(step)
+  return {name: rng.random(SHAPE, dtype=np.float32) for name in NAMES}
+
+
+def _sharding():
+  return NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x"))
+
+
+def _bytes_under(path):
+  total = 0
+  for root, _, files in os.walk(path):
+    for name in files:
+      try:
+        total += os.path.getsize(os.path.join(root, name))
+      except OSError:  # renamed or removed while we look
+        pass
+  return total
+
+
+def save_then_die(directory):
+  """Saves step 1 and waits for it; starts the async save of step 2 and SIGKILLs this process while step 2's
+  arrays are being written. Exits 3 if step 2 completed before it could be killed."""
+  sharding = _sharding()
+  ckpt = checkpoint.Checkpointer(directory)
+  ckpt.save(1, jax.device_put(_values(1), sharding), _FakeIterator(1))
+  ckpt.wait()
+  ckpt.save(2, jax.device_put(_values(2), sharding), _FakeIterator(2))
+  in_flight, final = os.path.join(directory, "2" + TMP_SUFFIX), os.path.join(directory, "2")
+  while _bytes_under(in_flight) < KILL_AFTER_BYTES:
+    if os.path.exists(final):
+      sys.exit(3)
+    time.sleep(0.001)
+  os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------------- tests
+
+@pytest.fixture(scope="module")
+def killed_mid_save(tmp_path_factory):
+  """A checkpoint directory as `save_then_die` leaves it (read-only: copy it to change it)."""
+  directory = tmp_path_factory.mktemp("killed") / "checkpoints"
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(directory)], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=300)
+  assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
+  return directory
+
+
+def _tiny_config(total_steps, strategy):
+  config = tiny_vit_config(total_steps=total_steps, checkpoint_every=2, log_every=1, eval_every=100, strategy=strategy)
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  return config
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+  """A workdir of the tiny ViT trained 2 steps with zero3 on 8 devices (read-only: copy it to change it)."""
+  workdir = tmp_path_factory.mktemp("zero3") / "run"
+  train.run(_tiny_config(2, "zero3"), str(workdir))
+  return workdir
+
+
+def test_kill_during_async_save_keeps_the_previous_checkpoint(killed_mid_save, tmp_path):
+  directory = tmp_path / "checkpoints"
+  shutil.copytree(killed_mid_save, directory)
+  assert sorted(os.listdir(directory)) == ["1", "2" + TMP_SUFFIX]
+  assert _bytes_under(directory / ("2" + TMP_SUFFIX)) >= KILL_AFTER_BYTES  # killed mid-write
+
+  ckpt = checkpoint.Checkpointer(str(directory))
+  assert ckpt.latest_step() == 1 and ckpt.all_steps() == [1]
+  sharding = _sharding()
+  abstract = {name: jax.ShapeDtypeStruct(SHAPE, np.float32, sharding=sharding) for name in NAMES}
+  iterator = _FakeIterator()
+  restored = ckpt.restore(1, abstract, iterator)
+  expected = _values(1)
+  for name in NAMES:
+    assert restored[name].sharding == sharding
+    np.testing.assert_array_equal(np.asarray(restored[name]), expected[name])
+  assert iterator.position == 1
+  # Saving step 2 again (the restarted run reaching it) replaces the leftover: opening the directory cleans it.
+  ckpt.save(2, jax.device_put(_values(3), sharding), _FakeIterator(3))
+  ckpt.close()
+  assert sorted(os.listdir(directory)) == ["1", "2"]
+  assert checkpoint.Checkpointer(str(directory)).latest_step() == 2
+
+
+def _read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def _train_steps(workdir):
+  return [r["step"] for r in _read_metrics(workdir) if "train/loss" in r]
+
+
+def test_restart_after_a_kill_mid_save_resumes_from_the_last_complete_step(zero3_run, killed_mid_save, tmp_path,
+                                                                           caplog):
+  """A tiny run to step 2, then a save killed mid-write (a real kill's leftover planted as step 3's tmp directory,
+  as a preemption-time save would leave it): the restart resumes from step 2 (here with another strategy, zero3
+  -> ddp), completes, and the leftover, a step never saved again, is gone."""
+  workdir = tmp_path / "run"
+  shutil.copytree(zero3_run, workdir)
+  assert _train_steps(workdir) == [1, 2]
+  shutil.copytree(killed_mid_save / ("2" + TMP_SUFFIX), workdir / "checkpoints" / ("3" + TMP_SUFFIX))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3" + TMP_SUFFIX]
+
+  with caplog.at_level(logging.INFO):
+    last = train.run(_tiny_config(4, "ddp"), str(workdir))
+  assert f"resuming from {workdir / 'checkpoints'}/2" in caplog.text
+  assert last["step"] == 4 and math.isfinite(last["train/loss"])
+  assert _train_steps(workdir) == [1, 2, 3, 4]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+
+
+def _restore_on(workdir, devices, strategy):
+  """The newest checkpoint of `workdir` restored into the state shardings of `strategy` on a mesh of `devices`."""
+  config = _tiny_config(2, strategy)
+  mesh = parallel.make_mesh(config.mesh, devices)
+  task = tasks.build(config, mesh)
+  init_fn = train.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps), config)
+  with mesh, parallel.activation_sharding(mesh):
+    abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
+  state = ckpt.restore(ckpt.latest_step(), target)
+  ckpt.close()
+  return state, shardings
+
+
+def test_checkpoint_restores_bitwise_on_a_smaller_mesh_and_another_strategy(zero3_run):
+  reference, _ = _restore_on(zero3_run, jax.devices(), "zero3")
+  assert int(reference.step) == 2
+  reference_leaves = jax.tree_util.tree_leaves_with_path(reference)
+  four = set(jax.devices()[:4])
+  for strategy in ("ddp", "zero3"):
+    state, shardings = _restore_on(zero3_run, jax.devices()[:4], strategy)
+    leaves = jax.tree_util.tree_leaves_with_path(state)
+    assert [p for p, _ in leaves] == [p for p, _ in reference_leaves]
+    for (path, leaf), (_, want), sharding in zip(leaves, reference_leaves, jax.tree.leaves(shardings)):
+      name = jax.tree_util.keystr(path)
+      assert leaf.sharding.is_equivalent_to(sharding, leaf.ndim), name
+      assert set(leaf.sharding.device_set) == four, name
+      assert leaf.dtype == want.dtype, name
+      np.testing.assert_array_equal(np.asarray(leaf), np.asarray(want), err_msg=f"{strategy} {name}")
+    replicated = [leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(state)]
+    assert all(replicated) if strategy == "ddp" else not all(replicated)
+
+
+def test_data_iterator_of_another_process_count_starts_afresh(tmp_path, caplog):
+  """A checkpoint written by 2 processes (data/process_{0,1}-of-2.json) restores its state in 1 process; the
+  iterator, whose state belongs to another sharding of the data, keeps its fresh state (with a warning)."""
+  directory = tmp_path / "checkpoints"
+  state = {"w": jax.device_put(np.arange(16, dtype=np.float32), _sharding())}
+  ckpt = checkpoint.Checkpointer(str(directory))
+  ckpt.save(5, state, _FakeIterator(5))
+  ckpt.close()
+  data_dir = directory / "5" / "data"
+  os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
+  shutil.copy(data_dir / "process_0-of-2.json", data_dir / "process_1-of-2.json")
+
+  iterator = _FakeIterator()
+  abstract = {"w": jax.ShapeDtypeStruct((16,), np.float32, sharding=_sharding())}
+  with caplog.at_level(logging.WARNING):
+    restored = checkpoint.Checkpointer(str(directory)).restore(5, abstract, iterator)
+  np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16, dtype=np.float32))
+  assert iterator.position == 0
+  assert "process_0-of-2.json, process_1-of-2.json" in caplog.text and "starts afresh" in caplog.text
+
+
+if __name__ == "__main__":
+  save_then_die(sys.argv[1])
