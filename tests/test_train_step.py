@@ -1,6 +1,7 @@
 """The train step: ZeRO strategies agree with ddp, accumulation equals one big batch, fp16 overflow skips."""
 
 import functools
+import json
 
 import chex
 import flax.linen as nn
@@ -22,6 +23,19 @@ def _random_batches(config, n, seed=0):
           for _ in range(n)]
 
 
+_INITIAL_STATES = {}
+
+
+def _initial_state(config, init_fn, shardings):
+  """A fresh copy of the initial state (the train step donates it); configs that differ only in what does not
+  shape or seed the state (batch, accumulation, steps) share one init compile, the slowest part of a test."""
+  key = json.dumps([config.model.to_dict(), config.optim.to_dict(), config.precision.to_dict(),
+                    config.mesh.to_dict(), config.strategy, config.seed], sort_keys=True, default=str)
+  if key not in _INITIAL_STATES:
+    _INITIAL_STATES[key] = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
+  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(_INITIAL_STATES[key])
+
+
 def _setup(config, task=None):
   """The real train step (shardings, donation, jit) and a fresh sharded state for `config`."""
   mesh = parallel.make_mesh(config.mesh)
@@ -34,7 +48,7 @@ def _setup(config, task=None):
     boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
     grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), train.grad_specs(boxed_params, shape, config.strategy),
                                   is_leaf=lambda x: isinstance(x, P))
-    state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
+    state = _initial_state(config, init_fn, shardings)
   batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
   jitted = jax.jit(train.make_train_step(task, tx, config, grad_shardings, P(("data", "fsdp"))),
                    in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
