@@ -16,7 +16,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
 
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import checkpoint, optim, parallel, tasks, train
@@ -181,13 +181,9 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(two_process
   task = tasks.build(config, mesh)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = train.make_init_fn(task, tx, config)
-  batch_spec = P(("data", "fsdp"))
-  batch_sharding = NamedSharding(mesh, batch_spec)
+  batch_sharding = NamedSharding(mesh, train.BATCH_SPEC)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
-    grad_specs = train.grad_specs(jax.eval_shape(init_fn, jax.random.key(0)).params,
-                                  parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
-    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), grad_specs, is_leaf=lambda x: isinstance(x, P))
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
     state = ckpt.restore(2, target)
@@ -198,8 +194,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(two_process
                                       process_index=i, process_count=PROCESSES))
       loader.set_state((workdir / "checkpoints" / "2" / "data" / f"process_{i}-of-{PROCESSES}.json").read_bytes())
       loaders.append(loader)
-    step = jax.jit(train.make_train_step(task, tx, config, grad_shardings, batch_spec),
-                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None))
+    step = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
     for want in [r for r in _read_metrics(workdir) if "train/loss" in r and r["step"] > 2]:
       parts = [next(loader) for loader in loaders]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -42,16 +42,11 @@ def _setup(config, task=None):
   task = task or tasks.build(config)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = train.make_init_fn(task, tx, config)
-  shape = parallel.mesh_shape(config.mesh, mesh.size)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, specs = train.state_shardings(init_fn, mesh, config)
-    boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
-    grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), train.grad_specs(boxed_params, shape, config.strategy),
-                                  is_leaf=lambda x: isinstance(x, P))
     state = _initial_state(config, init_fn, shardings)
-  batch_sharding = NamedSharding(mesh, P(("data", "fsdp")))
-  jitted = jax.jit(train.make_train_step(task, tx, config, grad_shardings, P(("data", "fsdp"))),
-                   in_shardings=(shardings, batch_sharding), out_shardings=(shardings, None), donate_argnums=0)
+  batch_sharding = NamedSharding(mesh, train.BATCH_SPEC)
+  jitted = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
 
   def step(state, batch):
     with mesh, parallel.activation_sharding(mesh):

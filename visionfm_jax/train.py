@@ -61,9 +61,6 @@ def state_shardings(init_fn, mesh, config):
   return abstract, shardings, specs
 
 
-grad_specs = parallel.grad_specs
-
-
 # ------------------------------------------------------------------------------------------- train step
 
 def split_microbatches(batch, steps: int):
@@ -178,7 +175,7 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
   boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
-  specs = grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
+  specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return jax.jit(make_train_step(task, tx, config, grad_shardings, BATCH_SPEC),
                  in_shardings=(shardings, NamedSharding(mesh, BATCH_SPEC)), out_shardings=(shardings, None),

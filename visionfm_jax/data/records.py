@@ -182,6 +182,26 @@ def split_pattern(pattern: str, split: str) -> str:
   return os.path.expanduser(pattern.replace("{split}", split))
 
 
+def matching_files(pattern: str) -> list[str]:
+  """The record files matching `pattern`, sorted (temporary `.tmp` files of unfinished writes left out);
+  DataError when there are none."""
+  files = sorted(f for f in glob.glob(pattern, recursive=True) if not f.endswith(".tmp"))
+  if not files:
+    raise DataError(f"arrayrecord source: no files match {pattern!r}; see BUILD.md, section 'Preparing data'")
+  return files
+
+
+def class_names(pattern: str) -> list[str]:
+  """The class names in label order from the `dataset.json` next to the files matching `pattern`, without
+  opening the files; DataError when there are none."""
+  files = matching_files(pattern)
+  metadata = read_metadata(os.path.dirname(files[0]))
+  if not metadata or not metadata.get("classes"):
+    raise DataError(f"arrayrecord source {pattern!r}: no class names (no {METADATA_FILE} with 'classes' "
+                    f"next to {files[0]}); image-text pairs have no class labels")
+  return list(metadata["classes"])
+
+
 class ArrayRecordSource:
   """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
 
@@ -192,9 +212,7 @@ class ArrayRecordSource:
 
   def __init__(self, pattern: str):
     self.pattern = pattern
-    self.files = sorted(f for f in glob.glob(pattern, recursive=True) if not f.endswith(".tmp"))
-    if not self.files:
-      raise DataError(f"arrayrecord source: no files match {pattern!r}; see BUILD.md, section 'Preparing data'")
+    self.files = matching_files(pattern)
     try:
       self._source = array_record_data_source.ArrayRecordDataSource(self.files)
     except (RuntimeError, OSError, ValueError) as e:
@@ -214,13 +232,6 @@ class ArrayRecordSource:
     except ValueError as e:
       transforms.count_failure(f"record {int(index)} of {self.pattern}", e)
       return dict(self._placeholder)
-
-  def class_names(self) -> list[str]:
-    """The class names in label order, from `dataset.json`; DataError when there are none."""
-    if not self.metadata or not self.metadata.get("classes"):
-      raise DataError(f"arrayrecord source {self.pattern!r}: no class names (no {METADATA_FILE} with 'classes' "
-                      f"next to {self.files[0]}); image-text pairs have no class labels")
-    return list(self.metadata["classes"])
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.

@@ -20,6 +20,7 @@ import os
 import re
 from pathlib import Path
 
+from visionfm_jax.data import records
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
 from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
 from visionfm_jax.errors import DataError
@@ -122,7 +123,10 @@ def class_names(spec: str, data_cfg) -> list[str]:
   if kind == "shapes":
     return list(SHAPE_NAMES)
   if kind == "arrayrecord":
-    return _arrayrecord_source(spec, name, data_cfg.train_split).class_names()
+    try:
+      return records.class_names(split_pattern(name, data_cfg.train_split))
+    except DataError as e:
+      raise DataError(f"config.data.source={spec!r} split {data_cfg.train_split!r}: {e}") from e
   return list(_tfds_label_feature(name, data_cfg).names)
 
 

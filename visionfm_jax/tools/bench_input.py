@@ -42,6 +42,7 @@ from PIL import Image
 
 from visionfm_jax.data import pipeline, records, sources, transforms
 from visionfm_jax.errors import UserError
+from visionfm_jax.tools import cli
 
 WARMUP = 16  # images (ops) or batches-worth of images (loader) before the clock starts
 
@@ -163,19 +164,13 @@ def machine() -> dict:
               python=platform.python_version(), pillow=PIL.__version__, **versions)
 
 
-def _last_line(error: Exception) -> str:
-  """absl and ml_collections put tracebacks in their messages: the last line names the problem."""
-  lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-  return lines[-1] if lines else type(error).__name__
-
-
 def load_config(fv):
   if not fv["config"].present:
     raise UserError("--config: required (a config file, e.g. configs/vit_huge.py)")
   try:
     fv.config.data  # pylint: disable=pointless-statement; a config file that failed to load raises here
   except OSError as e:
-    raise UserError(f"--config: {_last_line(e)}") from e
+    raise UserError(f"--config: {cli.last_line(e)}") from e
   return fv.config
 
 
@@ -230,24 +225,17 @@ def print_report(report: dict) -> None:
   print(json.dumps(report, sort_keys=True))
 
 
+def _main(fv, rest: list[str]) -> None:
+  del rest
+  config = load_config(fv)
+  workers, size = _parse_args(fv)
+  print_report(run(config, fv.source, synthetic=fv.synthetic, size=size, images=fv.images, workers=workers,
+                   batch_size=fv.batch_size))
+
+
 def main(argv: Sequence[str]) -> int:
   """Parses `argv` (program name first), runs the benchmark, prints the report; returns the exit status."""
-  fv = make_flags()
-  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
-    print(__doc__)
-    print(fv.get_help())
-    return 0
-  try:
-    fv(list(argv))
-    config = load_config(fv)
-    workers, size = _parse_args(fv)
-    report = run(config, fv.source, synthetic=fv.synthetic, size=size, images=fv.images, workers=workers,
-                 batch_size=fv.batch_size)
-  except (flags.Error, UserError) as e:
-    print(f"error: {_last_line(e)}", file=sys.stderr)
-    return 2
-  print_report(report)
-  return 0
+  return cli.run(argv, make_flags(), __doc__, _main)
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from PIL import Image
 from visionfm_jax import generate, tasks
 from visionfm_jax.data import shapes, sources, transforms
 from visionfm_jax.errors import UserError
+from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
 SHAPES_PREFIX = "shapes:"
@@ -112,29 +113,18 @@ def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int
   return list(zip(names, captions))
 
 
-def main(argv: Sequence[str]) -> int:
-  """Parses `argv` (program name first), prints the captions; returns the exit status."""
-  fv = make_flags()
-  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
-    print(__doc__)
-    print(fv.get_help())
-    return 0
-  try:
-    rest = fv(list(argv))
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    if not fv.checkpoint:
-      raise UserError("--checkpoint: required (a training workdir)")
-    lines = run(fv.checkpoint, list(fv.images) + list(rest[1:]), beam_size=fv.beam_size, max_len=fv.max_len,
-                step=fv.step, length_penalty=fv.length_penalty, batch_size=fv.batch_size)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _main(fv, rest: list[str]) -> None:
+  if not fv.checkpoint:
+    raise UserError("--checkpoint: required (a training workdir)")
+  lines = run(fv.checkpoint, list(fv.images) + rest, beam_size=fv.beam_size, max_len=fv.max_len, step=fv.step,
+              length_penalty=fv.length_penalty, batch_size=fv.batch_size)
   for name, caption in lines:
     print(f"{name}\t{caption}")
-  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), prints the captions; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
 
 
 if __name__ == "__main__":

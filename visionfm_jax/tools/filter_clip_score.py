@@ -57,6 +57,7 @@ from visionfm_jax import tasks
 from visionfm_jax.data import pipeline, records, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
+from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
 CLIP_TASKS = ("contrastive", "aurora")
@@ -381,34 +382,23 @@ def summary_line(summary: dict) -> str:
           f"{summary['threshold']:g}; {summary['undecodable']} undecodable; {summary['seconds']:.1f} s")
 
 
-def main(argv: Sequence[str]) -> int:
-  """Parses `argv` (program name first), filters, prints the summary; returns the exit status."""
-  fv = make_flags()
-  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
-    print(__doc__)
-    print(fv.get_help())
-    return 0
-  try:
-    rest = fv(list(argv))
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  try:
-    if len(rest) > 1:
-      raise UserError(f"unexpected arguments {rest[1:]}; flags only")
-    for name, what in (("checkpoint", "a training workdir"), ("input", "a glob of ArrayRecord files"),
-                       ("output", "a directory"), ("threshold", "a CLIP score in [-1, 1]")):
-      if fv[name].value in (None, ""):
-        raise UserError(f"--{name}: required ({what})")
-    distributed.initialize()
-    summary = run(fv.checkpoint, fv.input, fv.output, fv.threshold, batch_size=fv.batch_size, step=fv.step,
-                  progress=lambda line: print(line, flush=True))
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _main(fv, rest: list[str]) -> None:
+  if rest:
+    raise UserError(f"unexpected arguments {rest}; flags only")
+  for name, what in (("checkpoint", "a training workdir"), ("input", "a glob of ArrayRecord files"),
+                     ("output", "a directory"), ("threshold", "a CLIP score in [-1, 1]")):
+    if fv[name].value in (None, ""):
+      raise UserError(f"--{name}: required ({what})")
+  distributed.initialize()
+  summary = run(fv.checkpoint, fv.input, fv.output, fv.threshold, batch_size=fv.batch_size, step=fv.step,
+                progress=lambda line: print(line, flush=True))
   if summary is not None:
     print(summary_line(summary))
-  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), filters, prints the summary; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
 
 
 if __name__ == "__main__":

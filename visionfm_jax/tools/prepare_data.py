@@ -49,6 +49,7 @@ from PIL import Image
 
 from visionfm_jax.data import records, transforms
 from visionfm_jax.errors import DataError, UserError
+from visionfm_jax.tools import cli
 
 FORMATS = ("folders", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -502,29 +503,18 @@ def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds
           f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
 
 
-def main(argv: Sequence[str]) -> int:
-  """Parses `argv` (program name first), converts, prints the summary line; returns the exit status."""
-  fv = make_flags()
-  if any(a in ("-h", "--help", "--helpshort") for a in argv[1:]):
-    print(__doc__)
-    print(fv.get_help())
-    return 0
-  try:
-    rest = fv(list(argv))
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+def _main(fv, rest: list[str]) -> None:
   start = time.monotonic()
-  try:
-    if len(rest) > 1:
-      raise UserError(f"unexpected arguments {rest[1:]}; all options are --flags")
-    metadata = run(fv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+  if rest:
+    raise UserError(f"unexpected arguments {rest}; all options are --flags")
+  metadata = run(fv)
   splits = [fv.split] + ([fv.holdout_split] if fv.format == "folders" and fv.holdout_per_class else [])
   print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
-  return 0
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), converts, prints the summary line; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
 
 
 if __name__ == "__main__":
