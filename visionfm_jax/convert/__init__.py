@@ -1,22 +1,26 @@
-"""Weight conversion into our models.
+"""Weight conversion into our models, and out of them (ViT and SwinV2) into Hugging Face transformers.
 
 `from_hf(path, scan=..., dtype=...)`: a Hugging Face `save_pretrained` directory -> `(model, variables)`, picked
 by config.json's `model_type`: 'vit' (ViTModel / ViTForImageClassification -> `vit.ViT`, see `hf_vit`) or
 'swinv2' (Swinv2Model / Swinv2ForImageClassification -> `swinv2.SwinV2`, see `hf_swinv2`) or 'clip_text_model'
 (CLIPTextModelWithProjection -> `text.TextTransformer`, see `hf_clip_text`).
+`to_hf(model, params, path)`: our `vit.ViT` / `swinv2.SwinV2` (either block layout) -> a `save_pretrained`-style
+directory (config.json + model.safetensors) of the transformers model that computes the same outputs: ViTModel,
+ViTForImageClassification, Swinv2Model or Swinv2ForImageClassification (with a head); `from_hf` reads it back.
 `stack_layers` / `unstack_layers`: unrolled `blocks_<i>` <-> scanned `blocks` param layouts.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Sequence
 
 import jax.numpy as jnp
 
 from visionfm_jax.convert import hf_clip_text, hf_files, hf_swinv2, hf_vit
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
-from visionfm_jax.errors import CheckpointError
+from visionfm_jax.errors import CheckpointError, ConfigError
+from visionfm_jax.models import swinv2, vit
 
 # config.json model_type -> converter; a config without model_type is taken as a ViT (hand-written configs).
 CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf}
@@ -35,4 +39,21 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):
   return CONVERTERS[model_type](path, scan=scan, dtype=dtype)
 
 
-__all__ = ["from_hf", "stack_layers", "unstack_layers"]
+# our model class -> (model, params, labels) -> (config.json, tensors, notes)
+EXPORTERS = {vit.ViT: hf_vit.to_hf, swinv2.SwinV2: hf_swinv2.to_hf}
+
+
+def to_hf(model, params, path: str, *, labels: Sequence[str] | None = None) -> tuple[str, list[str]]:
+  """Writes `model` with `params` (plain or boxed, scanned or unrolled) as a transformers directory at `path`;
+  returns its architecture ('ViTModel', ...) and notes on what it leaves out (a ViT head on mean-pooled tokens,
+  a mask token). `labels` names a head's classes (id2label). A field of `model` that transformers cannot
+  express is a ConfigError naming it."""
+  exporter = next((f for cls, f in EXPORTERS.items() if isinstance(model, cls)), None)
+  if exporter is None:
+    raise ConfigError(f"a {type(model).__name__} does not export to transformers: only ViT and SwinV2 do")
+  config, tensors, notes = exporter(model, params, labels)
+  hf_files.write_dir(os.fspath(path), config, tensors)
+  return config["architectures"][0], notes
+
+
+__all__ = ["from_hf", "to_hf", "stack_layers", "unstack_layers"]

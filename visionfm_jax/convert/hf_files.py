@@ -1,7 +1,9 @@
-"""Reads a directory written by transformers' `save_pretrained`: config.json and safetensors weights.
+"""Reads and writes directories in transformers' `save_pretrained` layout: config.json and safetensors weights.
 
 Weights are read with safetensors' numpy backend (single file or a sharded index). Pickled PyTorch files
-(`pytorch_model.bin`) are never opened: they can run code when loaded.
+(`pytorch_model.bin`) are never opened: they can run code when loaded. `write_dir` writes one float32
+model.safetensors (tagged as PyTorch weights, which `from_pretrained` requires) and config.json;
+`write_preprocessor` an image processor config (resize, rescale to [0, 1], normalise).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 import numpy as np
 import safetensors
 from safetensors import safe_open
+from safetensors.numpy import save_file
 
 from visionfm_jax.errors import CheckpointError
 
@@ -85,3 +88,29 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
       raise CheckpointError(f"{file}: tensors also found in another shard: {', '.join(repeated[:8])}")
     tensors.update(part)
   return tensors
+
+
+def _write_json(file: str, data: dict[str, Any]) -> None:
+  with open(file, "w", encoding="utf-8") as f:
+    json.dump(data, f, indent=2, sort_keys=True)
+    f.write("\n")
+
+
+def write_dir(path: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:
+  """Writes `path`/config.json and `path`/model.safetensors (float32), as `save_pretrained` would."""
+  os.makedirs(path, exist_ok=True)
+  stale = [f for f in (INDEX, *PICKLES) if os.path.exists(os.path.join(path, f))]
+  if stale:  # transformers would load those instead of (or besides) the new weights
+    raise CheckpointError(f"{path!r}: holds {', '.join(stale)} from another model; choose an empty directory")
+  arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  save_file(arrays, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+  _write_json(os.path.join(path, "config.json"), config)
+
+
+def write_preprocessor(path: str, image_size: int, mean, std) -> None:
+  """`path`/preprocessor_config.json: resize to image_size, scale to [0, 1], normalise by mean / std."""
+  _write_json(os.path.join(path, "preprocessor_config.json"), {
+      "image_processor_type": "ViTImageProcessor", "do_resize": True,
+      "size": {"height": image_size, "width": image_size}, "resample": 2, "do_rescale": True,
+      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in mean],
+      "image_std": [float(x) for x in std]})

@@ -1,4 +1,6 @@
-"""Hugging Face `Swinv2Model` / `Swinv2ForImageClassification` weights -> our `swinv2.SwinV2` params.
+"""Hugging Face `Swinv2Model` / `Swinv2ForImageClassification` weights <-> our `swinv2.SwinV2` params.
+
+`from_hf` reads a transformers directory; `to_hf` is the inverse mapping (the export direction).
 
 Mapping (HF Linear weights are (out, in); ours are (in, out) kernels; `L.s.B.j` = encoder.layers.s.blocks.j):
   embeddings.patch_embeddings.projection  conv (O, I, kh, kw) -> patch_embed kernel (kh, kw, I, O)
@@ -14,6 +16,7 @@ Mapping (HF Linear weights are (out, in); ours are (in, out) kernels; `L.s.B.j` 
   L.s.B.j.intermediate.dense / output.dense -> mlp/fc1 / fc2
   encoder.layers.s.downsample.{reduction, norm} -> stage_s/downsample/{reduction, norm}
   layernorm -> norm; classifier -> head
+Exported q/v biases are always written (qkv_bias true); our mask token (SimMIM encoders) is not exported.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax.convert import hf_files, hf_swinv2_config as hfc
-from visionfm_jax.convert.hf_vit import _check_model, _Reader, _show, check_tensors
-from visionfm_jax.convert.layout import stack_layers
+from visionfm_jax.convert.hf_vit import _check_model, _Reader, _show, _Writer, check_tensors, numpy_params
+from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import swinv2
 
@@ -110,3 +113,59 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   model = swinv2.SwinV2(**kw, dtype=dtype, scan=scan)
   _check_model(path, model, params)
   return model, {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def _attention_to_hf(write: _Writer, pre: str, attn: dict[str, Any]) -> None:
+  att = f"{pre}attention.self."
+  kernel = attn["qkv"]["kernel"]  # (C, 3, heads, head_dim)
+  width = kernel.shape[0]
+  for n, name in enumerate(("query", "key", "value")):
+    write(f"{att}{name}.weight", kernel[:, n].reshape(width, -1).T)
+  write(f"{att}query.bias", attn["q_bias"].reshape(-1))
+  write(f"{att}value.bias", attn["v_bias"].reshape(-1))
+  write(f"{att}logit_scale", attn["logit_scale"].reshape(-1, 1, 1))
+  write.dense(f"{att}continuous_position_bias_mlp.0", attn["cpb_mlp"]["fc1"])
+  write.dense(f"{att}continuous_position_bias_mlp.2", attn["cpb_mlp"]["fc2"])  # no bias
+  write.dense(f"{pre}attention.output.dense", {"kernel": attn["out"]["kernel"].reshape(-1, width),
+                                               "bias": attn["out"]["bias"]})
+
+
+def _block_to_hf(write: _Writer, pre: str, block: dict[str, Any]) -> None:
+  _attention_to_hf(write, pre, block["attn"])
+  write.norm(f"{pre}layernorm_before", block["norm1"])
+  write.dense(f"{pre}intermediate.dense", block["mlp"]["fc1"])
+  write.dense(f"{pre}output.dense", block["mlp"]["fc2"])
+  write.norm(f"{pre}layernorm_after", block["norm2"])
+
+
+def to_hf(model: swinv2.SwinV2, params: dict[str, Any], labels=None
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+  """(config.json, tensors, notes) of the transformers Swinv2 that computes what `model` with `params`
+  (scanned or unrolled) does: `hfc.hf_config` picks the architecture; `labels` names the classes of a head;
+  the notes say what it leaves out."""
+  cfg = hfc.hf_config(model, labels)
+  arch = cfg["architectures"][0]
+  params = numpy_params(model, params)
+  notes = ["mask_token=True: not exported (it only replaces masked patches, SimMIM)"] if model.mask_token else []
+  tensors: dict[str, np.ndarray] = {}
+  write = _Writer(tensors, "")
+  p = hfc.prefix(arch)
+  conv = f"{p}embeddings.patch_embeddings.projection"
+  write(f"{conv}.weight", params["patch_embed"]["kernel"].transpose(3, 2, 0, 1))
+  write(f"{conv}.bias", params["patch_embed"]["bias"])
+  write.norm(f"{p}embeddings.norm", params["patch_norm"])
+  for s, depth in enumerate(model.depths):
+    stage = unstack_layers(params[f"stage_{s}"], depth) if model.scan else params[f"stage_{s}"]
+    for j in range(depth):
+      _block_to_hf(write, hfc.block_prefix(arch, s, j), stage[f"blocks_{j}"])
+    if "downsample" in stage:
+      merge = f"{p}encoder.layers.{s}.downsample"
+      write.dense(f"{merge}.reduction", stage["downsample"]["reduction"])  # no bias
+      write.norm(f"{merge}.norm", stage["downsample"]["norm"])
+  write.norm(f"{p}layernorm", params["norm"])
+  if model.num_classes:
+    write.dense("classifier", params["head"])
+  # What the importer expects of this config (a mismatch here is a bug of this function).
+  kw = hfc.model_kwargs("export", cfg, arch)
+  check_tensors("export", tensors, hfc.expected_shapes(kw, arch, qkv_bias=True), set(), family="SwinV2")
+  return cfg, tensors, notes

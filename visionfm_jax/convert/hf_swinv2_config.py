@@ -1,15 +1,18 @@
-"""Hugging Face SwinV2 config.json -> our `swinv2.SwinV2` fields, and the tensor names and shapes it implies.
+"""Hugging Face SwinV2 config.json <-> our `swinv2.SwinV2` fields, and the tensor names and shapes it implies.
 
 Supported: `Swinv2Model` (no prefix) and `Swinv2ForImageClassification` (`swinv2.` prefix plus `classifier.*`).
-Anything our SwinV2 cannot reproduce exactly is rejected with a CheckpointError naming the config.json field.
+Anything our SwinV2 cannot reproduce exactly is rejected with a CheckpointError naming the config.json field;
+`hf_config` (the export direction) raises a ConfigError naming the field of ours transformers cannot express.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Sequence
 
-from visionfm_jax.convert.hf_vit_config import _bad, num_labels  # "<dir>/config.json: ..." errors; label count
+# "<dir>/config.json: ..." errors; label count and names
+from visionfm_jax.convert.hf_vit_config import _bad, label_fields, num_labels
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 BACKBONE, CLASSIFIER = "Swinv2Model", "Swinv2ForImageClassification"
@@ -186,3 +189,41 @@ def expected_shapes(kw: dict[str, Any], arch: str, qkv_bias: bool) -> dict[str, 
 def qkv_bias(cfg: dict[str, Any]) -> bool:
   """Whether query and value have biases (validated by `model_kwargs`)."""
   return bool(cfg.get("qkv_bias", DEFAULTS["qkv_bias"]))
+
+
+def _hf_window(model: swinv2.SwinV2) -> int:
+  """The one window_size of transformers that gives every stage the (window, shift) our model uses."""
+  stages = len(model.depths)
+  windows, _ = model.stage_settings()
+  ours = [(w, shift) for _, w, shift in swinv2.stage_windows(model.image_size, windows, stages, model.patch_size)]
+  hf = hf_stage_windows(model.image_size, model.patch_size, windows[0], stages)
+  if hf != ours:
+    raise ConfigError(f"window_size={model.window_size!r} with image_size={model.image_size}, patch_size="
+                      f"{model.patch_size}: our SwinV2 uses (window, shift) {ours} per stage; transformers' one "
+                      f"window_size={windows[0]} (clamped to the grid halved and rounded down) gives {hf}")
+  return windows[0]
+
+
+def hf_config(model: swinv2.SwinV2, labels: Sequence[str] | None = None) -> dict[str, Any]:
+  """config.json of the transformers Swinv2 (Swinv2ForImageClassification with a head, else Swinv2Model) that
+  computes what `model` computes. The mask token (SimMIM) is not part of it: `to_hf` drops it."""
+  if model.extra_norm_period:
+    raise ConfigError(f"extra_norm_period={model.extra_norm_period}: transformers' Swinv2 has no main-branch "
+                      f"LayerNorm every N blocks (the H and G sizes add them unless extra_norm_period=0)")
+  _, pretrained = model.stage_settings()
+  if 1 in pretrained:
+    raise ConfigError(f"pretrained_window_sizes={model.pretrained_window_sizes}: transformers divides the offsets "
+                      f"by (pretrained window - 1); use 0 (the stage's window) or >= 2")
+  arch = CLASSIFIER if model.num_classes else BACKBONE
+  stages = len(model.depths)
+  cfg = dict(architectures=[arch], model_type="swinv2", image_size=model.image_size, patch_size=model.patch_size,
+             num_channels=3, embed_dim=model.embed_dim, depths=list(model.depths), num_heads=list(model.num_heads),
+             window_size=_hf_window(model), pretrained_window_sizes=list(pretrained), mlp_ratio=float(model.mlp_ratio),
+             qkv_bias=True, hidden_dropout_prob=float(model.dropout), attention_probs_dropout_prob=0.0,
+             drop_path_rate=float(model.drop_path), hidden_act="gelu", use_absolute_embeddings=False,
+             initializer_range=0.02, layer_norm_eps=float(model.layer_norm_eps),
+             encoder_stride=model.patch_size * 2 ** (stages - 1), hidden_size=model.embed_dim * 2 ** (stages - 1),
+             num_layers=stages, dtype="float32")
+  if model.num_classes:
+    cfg.update(label_fields(model.num_classes, labels))
+  return cfg

@@ -1,5 +1,6 @@
-"""Hugging Face `ViTModel` / `ViTForImageClassification` weights -> our `vit.ViT` params.
+"""Hugging Face `ViTModel` / `ViTForImageClassification` weights <-> our `vit.ViT` params.
 
+`from_hf` reads a transformers directory; `to_hf` is the inverse mapping (the export direction).
 Mapping (HF Linear weights are (out, in); ours are (in, out) kernels):
   embeddings.patch_embeddings.projection  conv (O, I, kh, kw) -> patch_embed kernel (kh, kw, I, O)
   embeddings.cls_token / position_embeddings -> cls_token / pos_embed
@@ -9,6 +10,8 @@ Mapping (HF Linear weights are (out, in); ours are (in, out) kernels):
   encoder.layer.i.intermediate.dense / output.dense -> blocks_i/mlp/fc1 / fc2
   encoder.layer.i.layernorm_before / layernorm_after / layernorm -> norm1 / norm2 / norm: ln/{scale, bias}
   classifier -> head
+A ViTModel's pooler (dense + tanh on the class token) is not part of our ViT: `from_hf` ignores it, `to_hf`
+writes an identity dense with pooler_act 'linear' (pooler_output = the class token = our `pooled`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax.convert import hf_files, hf_vit_config as hfc
-from visionfm_jax.convert.layout import stack_layers
+from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import vit
 from visionfm_jax.optim import path_str
@@ -64,6 +67,25 @@ class _Reader:
     return {"ln": {"scale": self(f"{name}.weight"), "bias": self(f"{name}.bias")}}
 
 
+class _Writer:
+  """Collects float32 tensors by HF name (under a prefix): the inverse of `_Reader`."""
+
+  def __init__(self, tensors: dict[str, np.ndarray], prefix: str):
+    self._tensors, self._prefix = tensors, prefix
+
+  def __call__(self, name: str, value) -> None:
+    self._tensors[self._prefix + name] = np.asarray(value, np.float32)
+
+  def dense(self, name: str, params: dict[str, Any]) -> None:
+    self(f"{name}.weight", params["kernel"].T)
+    if "bias" in params:
+      self(f"{name}.bias", params["bias"])
+
+  def norm(self, name: str, params: dict[str, Any]) -> None:
+    self(f"{name}.weight", params["ln"]["scale"])
+    self(f"{name}.bias", params["ln"]["bias"])
+
+
 def _attention(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
   names = ("query", "key", "value")
   weights = [read(f"{pre}attention.attention.{n}.weight") for n in names]
@@ -102,15 +124,28 @@ def _shapes(tree) -> dict[str, tuple[int, ...]]:
   return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def _check_model(path: str, model: nn.Module, params: dict[str, Any]) -> None:
-  """The converted tree must be exactly the one `model.init` makes (names and shapes)."""
+def param_mismatch(model: nn.Module, params: dict[str, Any]) -> list[str]:
+  """Where `params` differs from the tree `model.init` makes (names and shapes); empty when it fits."""
   images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
   want = _shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"])
   got = _shapes(params)
-  if want != got:
-    diff = sorted(f"{k}: {got.get(k)} vs model {want.get(k)}"
-                  for k in set(want) | set(got) if want.get(k) != got.get(k))
+  return sorted(f"{k}: {got.get(k)} vs model {want.get(k)}" for k in set(want) | set(got) if want.get(k) != got.get(k))
+
+
+def _check_model(path: str, model: nn.Module, params: dict[str, Any]) -> None:
+  """The converted tree must be exactly the one `model.init` makes (names and shapes)."""
+  diff = param_mismatch(model, params)
+  if diff:
     raise CheckpointError(f"{path}: converted params do not fit our {type(model).__name__}: {_show(diff)}")
+
+
+def numpy_params(model: nn.Module, params: dict[str, Any]) -> dict[str, Any]:
+  """`params` of `model` (boxed or not, on devices or not) as float32 numpy; CheckpointError unless they fit."""
+  params = nn.unbox(params)
+  diff = param_mismatch(model, params)
+  if diff:
+    raise CheckpointError(f"params do not fit the {type(model).__name__} to export: {_show(diff)}")
+  return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[vit.ViT, dict[str, Any]]:
@@ -139,3 +174,65 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   model = vit.ViT(**kw, dtype=dtype, scan=scan)
   _check_model(path, model, params)
   return model, {"params": jax.tree.map(jnp.asarray, params)}
+
+
+def _attention_to_hf(write: _Writer, pre: str, attn: dict[str, Any]) -> None:
+  qkv = attn["qkv"]
+  width = qkv["kernel"].shape[0]
+  for n, name in enumerate(("query", "key", "value")):
+    write(f"{pre}attention.attention.{name}.weight", qkv["kernel"][:, n].reshape(width, -1).T)
+    if "bias" in qkv:
+      write(f"{pre}attention.attention.{name}.bias", qkv["bias"][n].reshape(-1))
+  write.dense(f"{pre}attention.output.dense", {"kernel": attn["out"]["kernel"].reshape(-1, width),
+                                               "bias": attn["out"]["bias"]})
+
+
+def _block_to_hf(write: _Writer, i: int, block: dict[str, Any]) -> None:
+  pre = f"encoder.layer.{i}."
+  write.norm(f"{pre}layernorm_before", block["norm1"])
+  _attention_to_hf(write, pre, block["attn"])
+  write.norm(f"{pre}layernorm_after", block["norm2"])
+  write.dense(f"{pre}intermediate.dense", block["mlp"]["fc1"])
+  write.dense(f"{pre}output.dense", block["mlp"]["fc2"])
+
+
+def export_notes(model: vit.ViT) -> list[str]:
+  """What the transformers model of `model` leaves out or computes differently."""
+  if model.pool == "cls":
+    return []
+  notes = [f"pool={model.pool!r}: pooler_output is the class token; our pooled features are "
+           f"last_hidden_state[:, 1:].mean(1)"]
+  if model.num_classes:
+    notes.append(f"pool={model.pool!r}: transformers has no ViT classifier on mean-pooled tokens: the "
+                 f"{model.num_classes}-class head is not exported (ViTModel)")
+  return notes
+
+
+def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+  """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
+  or unrolled) does: `hfc.hf_config` picks the architecture; `labels` names the classes of a head; the notes
+  say what it leaves out (`export_notes`)."""
+  cfg = hfc.hf_config(model, labels)
+  arch = cfg["architectures"][0]
+  params = numpy_params(model, params)
+  if model.scan:
+    params = unstack_layers(params, model.depth)
+  tensors: dict[str, np.ndarray] = {}
+  write = _Writer(tensors, hfc.prefix(arch))
+  conv = "embeddings.patch_embeddings.projection"
+  write(f"{conv}.weight", params["patch_embed"]["kernel"].transpose(3, 2, 0, 1))
+  write(f"{conv}.bias", params["patch_embed"]["bias"])
+  write("embeddings.cls_token", params["cls_token"])
+  write("embeddings.position_embeddings", params["pos_embed"])
+  for i in range(model.depth):
+    _block_to_hf(write, i, params[f"blocks_{i}"])
+  write.norm("layernorm", params["norm"])
+  if arch == hfc.BACKBONE:
+    write.dense("pooler.dense", {"kernel": np.eye(model.width), "bias": np.zeros(model.width)})
+  else:
+    _Writer(tensors, "").dense("classifier", params["head"])
+  # What the importer expects of this config (a mismatch here is a bug of this function).
+  ignorable = {hfc.prefix(arch) + name for name in hfc.IGNORED}
+  check_tensors("export", tensors, hfc.expected_shapes(hfc.model_kwargs("export", cfg, arch), arch), ignorable)
+  return cfg, tensors, export_notes(model)

@@ -1,13 +1,14 @@
-"""Hugging Face ViT config.json -> our `vit.ViT` fields, and the tensor names and shapes that config implies.
+"""Hugging Face ViT config.json <-> our `vit.ViT` fields, and the tensor names and shapes that config implies.
 
 Supported: `ViTModel` (no prefix, optional pooler) and `ViTForImageClassification` (`vit.` prefix plus
-`classifier.*`). Anything our ViT cannot reproduce exactly is rejected with a CheckpointError.
+`classifier.*`). Anything our ViT cannot reproduce exactly is rejected with a CheckpointError. `hf_config` is
+the export direction.
 """
 
 from __future__ import annotations
 
 import numbers
-from typing import Any
+from typing import Any, Sequence
 
 from visionfm_jax.errors import CheckpointError
 
@@ -115,3 +116,30 @@ def expected_shapes(kw: dict[str, Any], arch: str) -> dict[str, tuple[int, ...]]
   if kw["num_classes"]:
     shapes.update({"classifier.weight": (kw["num_classes"], width), "classifier.bias": (kw["num_classes"],)})
   return shapes
+
+
+def label_fields(num_classes: int, labels: Sequence[str] | None = None) -> dict[str, Any]:
+  """id2label / label2id of a classifier (transformers counts its classes from them); `labels` names the
+  classes when given, one per class and all different, else LABEL_<i> as transformers does."""
+  if labels is None or len(labels) != num_classes or len(set(labels)) != num_classes:
+    labels = [f"LABEL_{i}" for i in range(num_classes)]
+  return {"id2label": {str(i): name for i, name in enumerate(labels)},
+          "label2id": {name: i for i, name in enumerate(labels)}}
+
+
+def hf_config(model, labels: Sequence[str] | None = None) -> dict[str, Any]:
+  """config.json of the transformers model that computes what `model` (a `vit.ViT`) computes:
+  ViTForImageClassification with a head on the class token (pool='cls'), else a ViTModel whose pooler is the
+  identity on the class token (pooler_act 'linear'; `to_hf` writes an identity dense): with pool='cls' its
+  pooler_output is our `pooled`. transformers has no classifier on mean-pooled tokens (pool='gap')."""
+  arch = CLASSIFIER if model.num_classes and model.pool == "cls" else BACKBONE
+  cfg = dict(architectures=[arch], model_type="vit", hidden_size=model.width, num_hidden_layers=model.depth,
+             num_attention_heads=model.num_heads, intermediate_size=model.mlp_dim, hidden_act="gelu",
+             hidden_dropout_prob=float(model.dropout), attention_probs_dropout_prob=0.0, initializer_range=0.02,
+             layer_norm_eps=float(model.layer_norm_eps), image_size=model.image_size, patch_size=model.patch_size,
+             num_channels=3, qkv_bias=bool(model.qkv_bias), encoder_stride=model.patch_size, dtype="float32")
+  if arch == BACKBONE:
+    cfg.update(pooler_act="linear", pooler_output_size=model.width)
+  else:
+    cfg.update(label_fields(model.num_classes, labels))
+  return cfg

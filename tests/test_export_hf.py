@@ -1,0 +1,277 @@
+"""Our ViT / SwinV2 -> Hugging Face transformers (convert.to_hf, tools.export_hf): ours -> HF -> ours gives the
+same model and identical params in either block layout; transformers' from_pretrained loads every tensor and
+reproduces our tokens, pooled features and logits (fp32); the CLI exports a training workdir, a CLIP workdir's
+image tower and an import_hf directory (back to the tensors it was imported from); bad input is named."""
+
+import json
+import os
+import shutil
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+from safetensors.numpy import load_file  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from conftest import tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import checkpoint, convert, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.convert import hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.data import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.models import swinv2, text, vit  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.tools import export_hf, import_hf  # noqa: E402  pylint: disable=g-import-not-at-top
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+# Tiny models that differ in every size; the SwinV2 has a shifted first stage (8x8 map, window 4, shift 2), a
+# one-window second stage, pretrained windows, mlp_ratio 2 and a large eps.
+MODELS = {
+    "vit_classifier": vit.ViT(width=24, depth=2, mlp_dim=40, num_heads=3, patch_size=4, image_size=12,
+                              num_classes=5, qkv_bias=False, layer_norm_eps=1e-6),
+    "vit_backbone": vit.ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=8, scan=False,
+                            layer_norm_eps=1e-12),
+    "swin_classifier": swinv2.SwinV2(embed_dim=8, depths=(2, 1), num_heads=(2, 4), window_size=4,
+                                     pretrained_window_sizes=(3, 2), patch_size=2, image_size=16, num_classes=3,
+                                     mlp_ratio=2.0, layer_norm_eps=1e-4),
+}
+ARCHS = {"vit_classifier": "ViTForImageClassification", "vit_backbone": "ViTModel",
+         "swin_classifier": "Swinv2ForImageClassification"}
+# max |ours - transformers| over max |transformers|, per output
+RTOL = 1e-5
+# Our forward compiles without LLVM's expensive passes (outputs move by ~1e-7: the same HLO).
+FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def _random_params(model, seed=0, init=None):
+  """float32 numpy params in `model`'s shapes (from eval_shape of `init` or model.init: no compile), every one
+  random: init leaves norms at 1, biases and heads at 0, which would hide mapping errors. Kernels N(0, 1 / fan-in)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    name, noise = path[-1].key, rng.standard_normal(leaf.shape)
+    if name == "scale":
+      value = 1.0 + 0.3 * noise
+    elif name == "logit_scale":
+      value = np.log(10.0) + 0.5 * noise
+    elif name == "kernel":
+      value = noise / np.sqrt(np.prod(leaf.shape[:-1]) if leaf.ndim == 2 else leaf.shape[0])
+    else:
+      value = 0.3 * noise
+    return value.astype(np.float32)
+  if init is None:
+    images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+    init = lambda: model.init(jax.random.key(0), images)  # noqa: E731
+  return jax.tree_util.tree_map_with_path(draw, nn.unbox(jax.eval_shape(init))["params"])
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+  """name -> (params, directory written by convert.to_hf), once per model."""
+  cache = {}
+
+  def get(name):
+    if name not in cache:
+      params = _random_params(MODELS[name], seed=len(cache))
+      path = str(tmp_path_factory.mktemp(name))
+      assert convert.to_hf(MODELS[name], params, path) == (ARCHS[name], [])
+      cache[name] = params, path
+    return cache[name]
+  return get
+
+
+def _transformers_outputs(path: str, arch: str, images: np.ndarray) -> dict[str, np.ndarray]:
+  auto = transformers.AutoModelForImageClassification if "Classification" in arch else transformers.AutoModel
+  hf, info = auto.from_pretrained(path, output_loading_info=True)
+  assert type(hf).__name__ == arch
+  assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+  base = getattr(hf, "vit", None) or getattr(hf, "swinv2", None) or hf
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    out = base.eval()(pixel_values=pixels)
+    # ViTForImageClassification's ViTModel has no pooler: it classifies the class token, our `pooled`.
+    pooled = out.last_hidden_state[:, 0] if out.pooler_output is None else out.pooler_output
+    ref = {"tokens": out.last_hidden_state.numpy(), "pooled": pooled.numpy()}
+    if base is not hf:
+      ref["logits"] = hf.eval()(pixel_values=pixels).logits.numpy()
+  return ref
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_round_trip_and_transformers_parity(exported, name):
+  model = MODELS[name]
+  params, path = exported(name)
+  back, variables = convert.from_hf(path, scan=model.scan)
+  assert back == model  # every field, so with identical params every output is identical
+  chex.assert_trees_all_equal(jax.device_get(variables["params"]), params)
+
+  images = np.random.default_rng(1).standard_normal((2, model.image_size, model.image_size, 3)).astype(np.float32)
+  ours = jax.jit(model.apply, compiler_options=FAST_COMPILE)({"params": params}, images)
+  ref = _transformers_outputs(path, ARCHS[name], images)
+  assert set(ours) == set(ref)
+  errors = {k: float(np.max(np.abs(np.asarray(ours[k]) - ref[k])) / np.max(np.abs(ref[k]))) for k in ref}
+  print(f"{name}: max |ours - transformers| / max |transformers| {errors}")
+  assert max(errors.values()) < RTOL, errors
+
+
+@pytest.mark.parametrize("name, exporter", [("vit_classifier", hf_vit.to_hf), ("swin_classifier", hf_swinv2.to_hf)])
+def test_scanned_and_unrolled_export_the_same_tensors(exported, name, exporter):
+  model = MODELS[name]
+  params, path = exported(name)
+  unrolled = convert.from_hf(path, scan=False)[1]["params"]
+  config, tensors, _ = exporter(model, params)
+  config_unrolled, tensors_unrolled, _ = exporter(model.clone(scan=False), unrolled)
+  assert config == config_unrolled
+  chex.assert_trees_all_equal(tensors_unrolled, tensors)
+  chex.assert_trees_all_equal(load_file(os.path.join(path, "model.safetensors")), tensors)
+
+
+SWIN = MODELS["swin_classifier"]
+# What transformers cannot express: the message names our field.
+INEXPRESSIBLE = {
+    "extra_norms": (SWIN.clone(extra_norm_period=6), "extra_norm_period=6"),
+    # 8x8 / window 4 then 4x4 / window 2 (shifted): transformers' one window gives the second stage (4, 0).
+    "per_stage_windows": (SWIN.clone(window_size=(4, 2)), r"window_size=\(4, 2\)"),
+    "pretrained_window_1": (SWIN.clone(pretrained_window_sizes=(1, 0)), r"pretrained_window_sizes=\(1, 0\)"),
+}
+
+
+@pytest.mark.parametrize("model, field", INEXPRESSIBLE.values(), ids=list(INEXPRESSIBLE))
+def test_what_transformers_cannot_express_is_named(tmp_path, model, field):
+  with pytest.raises(ConfigError, match=field):
+    convert.to_hf(model, {}, str(tmp_path))  # the fields are checked before the params
+  assert not os.listdir(tmp_path)
+
+
+def test_a_vit_head_on_mean_pooled_tokens_is_left_out(exported, tmp_path):
+  params, path = exported("vit_classifier")
+  arch, notes = convert.to_hf(MODELS["vit_classifier"].clone(pool="gap"), params, str(tmp_path))
+  assert arch == "ViTModel" and len(notes) == 2 and all(n.startswith("pool='gap': ") for n in notes)
+  assert "5-class head is not exported" in notes[1]
+  tensors = load_file(str(tmp_path / "model.safetensors"))
+  classifier = load_file(os.path.join(path, "model.safetensors"))
+  pooler = {"pooler.dense.weight": np.eye(24, dtype=np.float32), "pooler.dense.bias": np.zeros(24, np.float32)}
+  # the classifier's tensors but the head, without their 'vit.' prefix, plus the identity pooler
+  expected = {k[len("vit."):]: v for k, v in classifier.items() if k.startswith("vit.")}
+  chex.assert_trees_all_equal(tensors, {**expected, **pooler})
+
+
+def test_per_stage_windows_that_transformers_also_uses_export(exported, tmp_path):
+  """(4, 8): the second map (4x4) is one window either way, as with transformers' window 4."""
+  params, path = exported("swin_classifier")
+  convert.to_hf(SWIN.clone(window_size=(4, 8)), params, str(tmp_path))
+  chex.assert_trees_all_equal(load_file(str(tmp_path / "model.safetensors")),
+                              load_file(os.path.join(path, "model.safetensors")))
+
+
+def test_params_that_do_not_fit_or_other_models_are_rejected(exported, tmp_path):
+  params, _ = exported("vit_classifier")
+  broken = {**params, "blocks": {**params["blocks"], "mlp": {"fc1": params["blocks"]["mlp"]["fc1"]}}}
+  with pytest.raises(CheckpointError, match="blocks/mlp/fc2/kernel"):
+    convert.to_hf(MODELS["vit_classifier"], broken, str(tmp_path))
+  tower = text.TextTransformer(width=8, depth=1, num_heads=2, mlp_dim=16, embed_dim=8, vocab_size=10, max_len=4)
+  with pytest.raises(ConfigError, match="TextTransformer does not export"):
+    convert.to_hf(tower, {}, str(tmp_path))
+  with pytest.raises(UserError, match="exportable are vit and swinv2"):
+    export_hf.backbone(tower)
+
+
+def _workdir(directory, config, step=3):
+  """A training workdir of `config` whose checkpoint `step` holds random params; returns (task, params)."""
+  task = tasks.build(config)
+  params = _random_params(task.model, init=lambda: task.init_variables(jax.random.key(0)))
+  ckpt = checkpoint.Checkpointer(str(directory / "checkpoints"), async_save=False)
+  ckpt.save(step, {"params": params})
+  ckpt.close()
+  (directory / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return task, params
+
+
+def _export(capsys, *args):
+  """tools.export_hf in this process: (exit status, stdout, stderr)."""
+  status = export_hf.main(["export_hf", *args])
+  out, err = capsys.readouterr()
+  return status, out, err
+
+
+def test_cli_exports_a_training_workdir(tmp_path, capsys):
+  config = tiny_vit_config(**{"model.pool": "cls"})  # the demo's 'gap' would export without its head
+  _, params = _workdir(tmp_path / "run", config)
+  out = tmp_path / "hf"
+  status, stdout, stderr = _export(capsys, f"--checkpoint={tmp_path / 'run'}", f"--out={out}")
+  assert status == 0, stderr
+  assert f"wrote {out}: ViTForImageClassification" in stdout and "step 3 of" in stdout
+  assert "AutoModelForImageClassification.from_pretrained" in stdout
+  model, variables = convert.from_hf(str(out), scan=config.model.scan)
+  assert (model.width, model.depth, model.patch_size, model.num_classes) == (32, 2, 4, config.model.num_classes)
+  chex.assert_trees_all_equal(jax.device_get(variables["params"]), params)
+  with open(out / "config.json") as f:
+    assert list(json.load(f)["id2label"].values()) == list(shapes.SHAPE_NAMES)
+  assert import_hf.normalisation(str(out)) == {"mean": list(config.data.mean), "std": list(config.data.std)}
+
+
+@pytest.fixture(scope="module")
+def clip_workdir(tmp_path_factory):
+  """(workdir, config, params) of the tiny CLIP (pico SwinV2 image tower, unrolled)."""
+  config, directory = tiny_clip_config(), tmp_path_factory.mktemp("clip")
+  return directory, config, _workdir(directory, config)[1]
+
+
+def test_cli_exports_the_image_tower_of_a_clip_workdir(clip_workdir, tmp_path, capsys):
+  workdir, config, params = clip_workdir
+  status, stdout, stderr = _export(capsys, f"--checkpoint={workdir}", f"--out={tmp_path / 'hf'}")
+  assert status == 0, stderr
+  assert "Swinv2Model" in stdout and "note: exported config.model.image only" in stdout
+  model, variables = convert.from_hf(str(tmp_path / "hf"), scan=config.model.scan)
+  assert (model.embed_dim, model.num_classes, model.window_size, model.patch_size) == (16, 0, 4, 2)
+  chex.assert_trees_all_equal(jax.device_get(variables["params"]), params["image"])
+
+
+def test_cli_exports_an_import_hf_directory_back_to_its_tensors(exported, tmp_path, capsys):
+  _, path = exported("vit_classifier")
+  import_hf.convert(path, str(tmp_path / "imported"), scan=False)
+  status, stdout, stderr = _export(capsys, f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'hf'}")
+  assert status == 0, stderr
+  assert "ViTForImageClassification" in stdout
+  chex.assert_trees_all_equal(load_file(str(tmp_path / "hf" / "model.safetensors")),
+                              load_file(os.path.join(path, "model.safetensors")))
+  with open(tmp_path / "hf" / "config.json") as f, open(os.path.join(path, "config.json")) as g:
+    assert json.load(f) == json.load(g)
+
+
+def test_bad_checkpoint_dirs_are_named(exported, clip_workdir, tmp_path, capsys):
+  _, hf_dir = exported("vit_backbone")
+  # The same params with main-branch norms every block (parameter-free): transformers has none.
+  shutil.copytree(clip_workdir[0], tmp_path / "extra_norms")
+  fields = json.loads((tmp_path / "extra_norms" / "config.json").read_text())
+  fields["model"]["image"]["extra_norm_period"] = 1
+  (tmp_path / "extra_norms" / "config.json").write_text(json.dumps(fields))
+  (tmp_path / "empty").mkdir()
+  (tmp_path / "no_ckpt").mkdir()
+  (tmp_path / "no_ckpt" / "config.json").write_text(tiny_vit_config().to_json_best_effort())
+  import_hf.convert(hf_dir, str(tmp_path / "imported"))
+  cases = {
+      "absent": ([f"--checkpoint={tmp_path / 'absent'}"], "no such directory"),
+      "empty": ([f"--checkpoint={tmp_path / 'empty'}"], "neither a training workdir"),
+      "transformers_dir": ([f"--checkpoint={hf_dir}"], "a transformers directory already"),
+      "no_checkpoints": ([f"--checkpoint={tmp_path / 'no_ckpt'}"], "no checkpoints"),
+      "step_of_import_dir": ([f"--checkpoint={tmp_path / 'imported'}", "--step=5"], "--step=5"),
+      "out_is_a_workdir": ([f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'imported'}"],
+                           "--out="),
+      "no_checkpoint_flag": ([], "--checkpoint: required"),
+      "inexpressible": ([f"--checkpoint={tmp_path / 'extra_norms'}"],
+                        f"--checkpoint={tmp_path / 'extra_norms'}: config.model.image.extra_norm_period=1: "
+                        "transformers' Swinv2 has no main-branch LayerNorm"),
+  }
+  for name, (args, message) in cases.items():
+    if not any(a.startswith("--out=") for a in args):
+      args = [*args, f"--out={tmp_path / 'out'}"]
+    status, stdout, stderr = _export(capsys, *args)
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1 and message in errors[0], (name, stderr)
+    assert not stdout and "Traceback" not in stderr
+  assert not (tmp_path / "out").exists()

@@ -1,0 +1,219 @@
+r"""Exports a ViT or SwinV2 (with its classification head, if any) as a Hugging Face transformers directory.
+
+  python -m visionfm_jax.tools.export_hf --checkpoint=DIR --out=OUT_DIR [--step=N]
+
+DIR is a training workdir (config.json + checkpoints/<step>; the newest step unless --step) or a directory
+written by tools.import_hf (params/ + model.json). OUT_DIR gets config.json and model.safetensors (float32) of a
+ViTForImageClassification / Swinv2ForImageClassification when the model has a head, else of a ViTModel /
+Swinv2Model, plus preprocessor_config.json (image size, mean and std) when DIR says how images were normalised:
+
+  transformers.AutoModelForImageClassification.from_pretrained(OUT_DIR)  # AutoModel for a backbone
+
+computes our `tokens`, `pooled` and `logits` as last_hidden_state, pooler_output and logits (fp32, same images).
+A ViTModel's pooler is the identity on the class token. CLIP and Aurora workdirs export their image tower
+(config.model.image) or SwinV2 encoder (config.model.encoder) as a backbone; projections, text towers and other
+heads stay behind. A ViT head on mean-pooled tokens (pool='gap') has no transformers class: such a ViT exports
+as a ViTModel without it (a printed note says so). What transformers cannot compute (SwinV2's extra main-branch
+norms of the H and G sizes, per-stage windows it would clamp otherwise) is an error naming the config field.
+Errors print one line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from absl import flags
+
+from visionfm_jax import checkpoint, convert, data, tasks
+from visionfm_jax.errors import ConfigError, DataError, UserError
+from visionfm_jax.models import swinv2, vit
+from visionfm_jax.tools import cli, import_hf
+from visionfm_jax.tools import workdir as workdir_lib
+
+EXPORTABLE = (vit.ViT, swinv2.SwinV2)
+LAYOUTS = ("a training workdir (config.json + checkpoints/<step>) or a tools.import_hf directory (params/ + "
+           "model.json)")
+
+
+@dataclasses.dataclass
+class Source:
+  """What DIR holds: the model to export, its params, and what the HF directory can say about it."""
+  model: Any  # vit.ViT or swinv2.SwinV2
+  params: Any
+  fields: str  # prefix of the model's field names in messages: 'config.model.', '<dir>/model.json: ', ...
+  origin: str  # 'step 1000 of DIR', ...
+  notes: list[str]
+  mean: Sequence[float] | None = None
+  std: Sequence[float] | None = None
+  labels: list[str] | None = None
+
+
+def make_flags() -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, f"Directory to export: {LAYOUTS}.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output directory (config.json + model.safetensors).", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
+  return fv
+
+
+def backbone(model) -> tuple[Any, str | None]:
+  """(the ViT or SwinV2 to export, the name its params live under in `model`'s, or None): `model` itself, or
+  its one ViT / SwinV2 attribute (CLIP's image tower 'image', Aurora's encoder 'encoder'); UserError if none."""
+  if isinstance(model, EXPORTABLE):
+    return model, None
+  towers = [f.name for f in dataclasses.fields(model) if isinstance(getattr(model, f.name, None), EXPORTABLE)]
+  if len(towers) != 1:
+    raise UserError(f"a {type(model).__name__} model holds {len(towers) or 'no'} ViT or SwinV2 {towers or ''}; "
+                    f"exportable are vit and swinv2 models (with their heads) and the image towers of clip and "
+                    f"aurora models")
+  return getattr(model, towers[0]), towers[0]
+
+
+def _class_names(config) -> list[str] | None:
+  try:
+    return data.class_names(config.data.source, config.data)
+  except DataError:
+    return None
+
+
+def _from_workdir(path: str, step: int | None) -> Source:
+  config = workdir_lib.load_config(path, tuple(tasks.TASKS), "a model of this project")
+  step = workdir_lib.checkpoint_step(path, step)
+  try:
+    task = tasks.build(config)
+  except ValueError as e:  # ConfigError included
+    raise UserError(f"--checkpoint={path}: its config.json does not build a model: {e}") from e
+  try:
+    model, name = backbone(task.model)
+  except UserError as e:
+    raise UserError(f"--checkpoint={path}: config.model.name={config.model.name!r}: {e}") from e
+  params = workdir_lib.load_params(task, path, step)
+  fields, notes = "config.model.", []
+  if name:
+    params, fields = params[name], f"config.model.{name}."
+    notes.append(f"exported {fields[:-1]} only (params '{name}' of the {type(task.model).__name__} model): the "
+                 f"rest of it has no transformers counterpart here")
+  labels = _class_names(config) if model is task.model and model.num_classes else None
+  return Source(model, params, fields, f"step {step} of {path}", notes, mean=config.data.mean,
+                std=config.data.std, labels=labels)
+
+
+def _model_from_metadata(meta: dict[str, Any]):
+  """The vit.ViT or swinv2.SwinV2 that tools.import_hf's model.json describes."""
+  common = dict(patch_size=meta["patch"], image_size=meta["image_size"], num_classes=meta["num_classes"] or 0,
+                layer_norm_eps=meta["layer_norm_eps"], scan=meta["scan"])
+  if meta["name"] == "vit":
+    return vit.ViT(width=meta["width"], depth=meta["depth"], mlp_dim=meta["mlp_dim"], num_heads=meta["heads"],
+                   qkv_bias=meta["qkv_bias"], pool=meta["pool"], **common)
+  if meta["name"] == "swinv2":
+    window = meta["window_size"]
+    return swinv2.SwinV2(embed_dim=meta["embed_dim"], depths=tuple(meta["depths"]), num_heads=tuple(meta["heads"]),
+                         window_size=tuple(window) if isinstance(window, list) else window,
+                         pretrained_window_sizes=tuple(meta["pretrained_window_sizes"]) or None,
+                         mlp_ratio=meta["mlp_ratio"], **common)
+  raise KeyError("name")
+
+
+def _from_import_dir(path: str, step: int | None) -> Source:
+  file = os.path.join(path, "model.json")
+  if step is not None:
+    raise UserError(f"--step={step}: {path} is a tools.import_hf directory (one set of params, no steps)")
+  with open(file, encoding="utf-8") as f:
+    try:
+      meta = json.load(f)
+    except ValueError as e:
+      raise UserError(f"{file}: not valid JSON ({e})") from e
+  try:
+    model = _model_from_metadata(meta)
+  except (KeyError, TypeError) as e:
+    raise UserError(f"{file}: not a tools.import_hf model.json of a ViT or SwinV2 (field {e} missing or "
+                    f"'name' not 'vit' / 'swinv2')") from e
+  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images))["params"])
+  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
+  params = checkpoint.load_params(path, target)
+  return Source(model, params, f"{file}: ", path, [], mean=meta.get("mean"), std=meta.get("std"))
+
+
+def load(path: str, step: int | None = None) -> Source:
+  """The model and params of `path` (a training workdir or a tools.import_hf directory); UserError otherwise."""
+  path = os.path.expanduser(path)
+  if not os.path.isdir(path):
+    raise UserError(f"--checkpoint={path}: no such directory (expected {LAYOUTS})")
+  if os.path.exists(os.path.join(path, "model.json")) and os.path.isdir(os.path.join(path, "params")):
+    return _from_import_dir(path, step)
+  config_file = os.path.join(path, "config.json")
+  if os.path.exists(config_file):
+    try:
+      with open(config_file, encoding="utf-8") as f:
+        model_type = json.load(f).get("model_type")
+    except (ValueError, AttributeError):
+      model_type = None  # load_config says what is wrong with it
+    if model_type:
+      raise UserError(f"--checkpoint={path}: a transformers directory already (model_type={model_type!r}); "
+                      f"expected {LAYOUTS}")
+    return _from_workdir(path, step)
+  raise UserError(f"--checkpoint={path}: neither {LAYOUTS}")
+
+
+def _check_out(out: str) -> None:
+  """Refuses to write over a directory of another kind (a training workdir has a config.json too)."""
+  config_file = os.path.join(out, "config.json")
+  ours = ("checkpoints", "params", "model.json")
+  if any(os.path.exists(os.path.join(out, name)) for name in ours):
+    raise UserError(f"--out={out}: holds a training workdir or an import_hf directory; choose another directory")
+  if os.path.exists(config_file):
+    try:
+      with open(config_file, encoding="utf-8") as f:
+        is_hf = "model_type" in json.load(f)
+    except (ValueError, TypeError, OSError):
+      is_hf = False
+    if not is_hf:
+      raise UserError(f"--out={out}: holds a config.json that is not a transformers one; choose another directory")
+
+
+def export(path: str, out: str, step: int | None = None) -> tuple[str, Source]:
+  """Writes the model of `path` to `out`; returns (its transformers architecture, what was exported)."""
+  out = os.path.expanduser(out)
+  _check_out(out)
+  source = load(path, step)
+  try:
+    arch, notes = convert.to_hf(source.model, source.params, out, labels=source.labels)
+  except ConfigError as e:
+    raise ConfigError(f"--checkpoint={path}: {source.fields}{e}") from e
+  source.notes += [f"{source.fields}{note}" for note in notes]
+  if source.mean is not None and source.std is not None:
+    convert.hf_files.write_preprocessor(out, source.model.image_size, source.mean, source.std)
+  return arch, source
+
+
+def _main(fv, rest: list[str]) -> None:
+  if rest:
+    raise UserError(f"unexpected arguments {rest}")
+  for name in ("checkpoint", "out"):
+    if not fv[name].value:
+      raise UserError(f"--{name}: required")
+  arch, source = export(fv.checkpoint, fv.out, fv.step)
+  auto = "AutoModelForImageClassification" if arch.endswith("ForImageClassification") else "AutoModel"
+  print(f"wrote {fv.out}: {arch} ({import_hf.describe(source.model)}) from {source.origin}")
+  print(f"load it with transformers.{auto}.from_pretrained({fv.out!r})")
+  for note in source.notes:
+    print(f"note: {note}")
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), exports; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
