@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Callable
 
 import grain
 import jax
@@ -108,9 +108,23 @@ def save_params(directory: str, params, metadata: dict[str, Any] | None = None) 
     (directory / "model.json").write_text(json.dumps(metadata, indent=2))
 
 
+def _restore_on_host(directory: epath.Path, subtree: str | None = None):
+  """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
+  a restore without a target would place arrays by the saved shardings, which fails on another device count."""
+  checkpointer = ocp.PyTreeCheckpointer()
+  tree = checkpointer.metadata(directory).item_metadata.tree
+  if subtree is not None and subtree not in tree:
+    return None
+  item = tree if subtree is None else {k: v if k == subtree else jax.tree.map(lambda _: ocp.PLACEHOLDER, v)
+                                       for k, v in tree.items()}
+  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  return restored if subtree is None else restored[subtree]
+
+
 def _raw_params(path: epath.Path, step: int | None = None):
   if (path / "params").exists() and step is None:
-    return ocp.PyTreeCheckpointer().restore(path / "params")
+    return _restore_on_host(path / "params")
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
   if not steps:
@@ -119,20 +133,23 @@ def _raw_params(path: epath.Path, step: int | None = None):
   if step is not None and step not in steps:
     raise CheckpointError(f"init_from={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
   step = steps[-1] if step is None else step
-  state = ocp.PyTreeCheckpointer().restore(ckpt_dir / str(step) / "state")
-  if "params" not in state:
+  params = _restore_on_host(ckpt_dir / str(step) / "state", "params")
+  if params is None:
     raise CheckpointError(f"init_from={str(path)!r}: step {step} holds no 'params'")
-  return state["params"]
+  return params
 
 
 def _flatten(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: str, target_params, *, skip: str = "", step: int | None = None):
+def load_params(path: str, target_params, *, skip: str = "", step: int | None = None,
+                adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
 
-  A training workdir gives its newest checkpoint, or the one of `step` when given.
+  A training workdir gives its newest checkpoint, or the one of `step` when given. `adapt({path: array},
+  {path: model shape}) -> {path: array}` maps the checkpoint's params onto the model's first (init_from.adapt:
+  prefixes, resized position embeddings).
 
   Params whose path matches the `skip` regex keep their value in `target_params` (e.g. a new head). Missing,
   unexpected or mis-shaped params are a CheckpointError that lists them.
@@ -144,6 +161,8 @@ def load_params(path: str, target_params, *, skip: str = "", step: int | None = 
   skip_re = re.compile(skip) if skip else None
   target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
   names = [path_str(p) for p, _ in target_flat]
+  if adapt is not None:
+    source = adapt(source, {n: tuple(v.shape) for n, (_, v) in zip(names, target_flat)})
   kept = {n for n in names if not (skip_re and skip_re.search(n))}
   missing = sorted(kept - set(source))
   unexpected = sorted(set(source) - set(names))

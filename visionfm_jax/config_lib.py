@@ -109,6 +109,12 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       warmup_steps=1000,
       end_lr=0.0,
       clip_norm=1.0,  # global norm; 0 disables
+      # Fine-tuning (optim.py): layer-wise lr decay (lr of layer i: lr * layer_decay^(L + 1 - i); 1.0 = off,
+      # ~0.65 for ViT-B), lr multipliers ((regex, multiplier), ...; the first matching rule wins) and frozen
+      # params (regexes: no update, no weight decay, no Adam moments), all over '/'-joined param paths.
+      layer_decay=1.0,
+      lr_mults=(),
+      freeze=(),
   ))
 
   c.precision = ml_collections.ConfigDict(dict(
@@ -120,6 +126,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
 
   c.data = ml_collections.ConfigDict(dict(
       # shapes | tfds:<name>[:<version>][:<split>] | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
+      # | dense tasks: scenes | ade20k:<ADEChallengeData2016 dir> | coco:<dir with train2017/ val2017/ annotations/>
       source="shapes",
       eval_source="",  # the same forms; '' = source (with eval_split)
       tokenizer="",  # SentencePiece model for captions (tools.train_tokenizer); '' = the shipped shapes one
@@ -136,6 +143,13 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       shapes_train_size=1_000_000,
       shapes_eval_size=10_000,
       shapes_captions="full",  # full: size, colour, shape, position, background | short: size, colour, shape
+      # Dense tasks (data/dense.py). 'scenes' (split sizes: shapes_train_size / shapes_eval_size) paints
+      # 1..scenes_max_objects shapes per image.
+      scenes_max_objects=4,
+      seg_scale_range=(0.5, 2.0),  # segmentation training: short side to image_size * r, r ~ U(range); crop
+      seg_eval_width=0,  # segmentation eval canvas: image_size high, this wide (0: image_size)
+      det_scale_range=(0.5, 1.0),  # detection training: long side to image_size * r, r ~ U(range); r > 1 crops
+      max_boxes=100,  # detection: boxes per image in a batch; extra objects are dropped and counted
       mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225),
       augment=ml_collections.ConfigDict(dict(
@@ -154,7 +168,23 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   ))
 
   c.init_from = ""  # checkpoint dir (tools.import_hf or a workdir) whose params initialise a fresh run
-  c.init_from_skip = ""  # regex of param paths to keep freshly initialised (e.g. 'head' for new classes)
+  c.init_from_skip = ""  # regex of (model) param paths to keep freshly initialised (e.g. 'head' for new classes)
+  c.init_from_subtree = ""  # the checkpoint's params to take, e.g. 'image' (CLIP's image tower); '' = all
+  c.init_from_prefix = ""  # where they go in the model, e.g. 'backbone'; params outside it stay fresh
+
+  # Frozen-backbone evaluators (evaluate/probe.py; classification runs, and tools.probe on any run's backbone).
+  c.probe = ml_collections.ConfigDict(dict(
+      knn=False,  # eval/knn/top1: weighted k-NN on the pooled features (DINO)
+      linear=False,  # eval/linear_probe/top1: softmax regression on the standardised features (L-BFGS)
+      source="",  # labelled source of both splits; '' = config.data.source (train), the eval source (eval)
+      train_split="",  # '' = config.data.train_split; the eval split is config.data.eval_split
+      train_examples=10_000,  # the first N train records fit the probes; -1: the whole split
+      eval_examples=-1,  # the first N eval records score them; -1: config.data.eval_examples
+      knn_k=20,
+      knn_temperature=0.07,
+      linear_steps=100,  # L-BFGS iterations
+      linear_l2=1e-4,  # penalty l2 / 2 * |W|^2 on the probe's weights
+  ))
 
   c.log_every = 50
   c.eval_every = 1000

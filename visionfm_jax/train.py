@@ -25,7 +25,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from visionfm_jax import checkpoint, config_lib, flops, metrics, optim, parallel, precision, tasks
+from visionfm_jax import checkpoint, config_lib, flops, init_from, metrics, optim, parallel, precision, tasks
 from visionfm_jax.errors import UserError
 from visionfm_jax.tasks.base import EvalContext, host_to_global
 from visionfm_jax.train_state import TrainState
@@ -265,7 +265,7 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
-    state = state.replace(params=checkpoint.load_params(config.init_from, state.params, skip=config.init_from_skip))
+    state = state.replace(params=init_from.load(config, state.params))
   return state
 
 

@@ -1,13 +1,15 @@
-"""Supervised image classification (ViT-Huge-Pretrain on ImageNet-21K): softmax cross-entropy, top-1."""
+"""Supervised image classification (ViT-Huge-Pretrain on ImageNet-21K): softmax cross-entropy, top-1; with
+config.probe, k-NN and linear-probe top-1 of the frozen pooled features (evaluate/probe.py)."""
 
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from visionfm_jax import data, flops
 from visionfm_jax.errors import ConfigError, DataError
-from visionfm_jax.evaluate import classification as classification_eval
+from visionfm_jax.evaluate import classification as classification_eval, probe
 from visionfm_jax.tasks.base import EvalContext, Task
 
 
@@ -51,7 +53,11 @@ class ClassificationTask(Task):
                                         process_index=ctx.process_index, process_count=ctx.process_count)
       return top1(params, batches)
 
-    return {"val": run_val}
+    return {"val": run_val, **probe.evaluators(self, ctx)}
+
+  def synthetic_batch(self, batch_size, rng):
+    labels = rng.integers(0, self.config.model.num_classes, (batch_size,), dtype=np.int32)
+    return {**super().synthetic_batch(batch_size, rng), "label": labels}
 
   def train_flops_per_example(self):
     counters = {"vit": flops.vit_train_flops_per_image, "swinv2": flops.swinv2_train_flops_per_image}

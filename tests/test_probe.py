@@ -1,0 +1,123 @@
+"""Frozen-backbone probes: the weighted k-NN vote and the L-BFGS linear probe on known cases, the evaluators of
+a classification run on the shapes source, and tools.probe on a workdir."""
+
+import functools
+import json
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from conftest import tiny_vit_config
+from visionfm_jax import checkpoint, optim, parallel, tasks
+from visionfm_jax.evaluate import probe
+from visionfm_jax.tasks.base import EvalContext
+from visionfm_jax.tools import probe as probe_tool
+
+
+def _clusters(n, dim=16, classes=4, spread=0.3, seed=0):
+  """Gaussian clusters around random centres (separable when spread is small)."""
+  rng = np.random.default_rng(seed)
+  centres = rng.normal(size=(classes, dim))
+  labels = rng.integers(0, classes, n)
+  return (centres[labels] + spread * rng.normal(size=(n, dim))).astype(np.float32), labels.astype(np.int32)
+
+
+def test_knn_separable_features_score_one_and_random_labels_score_chance():
+  x, y = _clusters(600)
+  assert probe.knn_top1(x[:400], y[:400], x[400:], y[400:]) == 1.0
+  rng = np.random.default_rng(2)
+  scores = [probe.knn_top1(x[:400], rng.permutation(y[:400]), x[400:], y[400:]) for _ in range(5)]
+  assert abs(np.mean(scores) - 0.25) < 0.06, scores  # 4 classes; 1000 votes in all: +- 0.014
+  # A train set of more than one padded bucket, a test set of more than one chunk.
+  x, y = _clusters(probe.ROW_BUCKET + probe.CHUNK + 10, seed=3)
+  assert probe.knn_top1(x[:probe.ROW_BUCKET + 5], y[:probe.ROW_BUCKET + 5], x[probe.ROW_BUCKET + 5:],
+                        y[probe.ROW_BUCKET + 5:]) == 1.0
+
+
+def test_knn_vote_is_weighted_by_exp_similarity_over_temperature():
+  # One close neighbour of class 1 against two farther ones of class 0 (cosine 1.0 vs 0.8).
+  train_x = np.array([[1.0, 0.0], [0.8, 0.6], [0.8, -0.6], [-1.0, 0.0]], np.float32)
+  train_y = np.array([1, 0, 0, 2], np.int32)
+  query, label1, label0 = np.array([[2.0, 0.0]], np.float32), np.array([1]), np.array([0])
+  # exp(1 / T) vs 2 exp(0.8 / T): class 1 wins for T < 0.2 / ln 2 = 0.289, class 0 above.
+  assert probe.knn_top1(train_x, train_y, query, label1, k=3, temperature=0.07) == 1.0
+  assert probe.knn_top1(train_x, train_y, query, label0, k=3, temperature=1.0) == 1.0
+  assert probe.knn_top1(train_x, train_y, query, label0, k=3, temperature=0.3) == 1.0
+  assert probe.knn_top1(train_x, train_y, query, label1, k=3, temperature=0.28) == 1.0
+
+
+def test_linear_probe_separates_what_is_linearly_separable_and_is_deterministic():
+  # 8 separable clusters in badly scaled features, 32 wide (the pico ViT's width: one compiled solver for both).
+  x, y = _clusters(1000, dim=32, classes=8, spread=0.5)
+  x *= np.geomspace(0.01, 100.0, 32).astype(np.float32)
+  top1, objective = probe.linear_probe_top1(x[:700], y[:700], x[700:], y[700:])
+  assert top1 >= 0.99 and objective < 0.1, (top1, objective)
+  assert probe.linear_probe_top1(x[:700], y[:700], x[700:], y[700:]) == (top1, objective)
+  shuffled, _ = probe.linear_probe_top1(x[:700], np.random.default_rng(1).permutation(y[:700]), x[700:], y[700:])
+  assert shuffled < 0.2  # chance 1/8 +- 0.02
+
+
+def _probe_config(**fields):
+  return tiny_vit_config(**{"data.num_workers": 0, "probe.knn": True, "probe.linear": True,
+                            "probe.train_examples": 768, "probe.eval_examples": 512, **fields})
+
+
+@functools.lru_cache(maxsize=1)
+def _random_vit_params():
+  """A random pico ViT's params (normal / sqrt(fan in) weights, unit norm scales, zero biases): drawn from the
+  init's shapes (no compile)."""
+  task = tasks.build(_probe_config())
+  abstract = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0))["params"])
+  rng = np.random.default_rng(0)
+
+  def draw(path, leaf):
+    name = optim.path_str(path)
+    if name.endswith("scale"):
+      return np.ones(leaf.shape, np.float32)
+    if name.endswith("bias"):
+      return np.zeros(leaf.shape, np.float32)
+    scanned = name.startswith("blocks/")
+    fan_in = int(np.prod(leaf.shape[1 if scanned else 0:-1])) or 1
+    return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+  return jax.tree_util.tree_map_with_path(draw, abstract)
+
+
+def test_classification_evaluators_probe_a_frozen_vit_on_shapes(monkeypatch):
+  """A random pico ViT: its pooled features carry some of the shape class (chance 1/8)."""
+  config = _probe_config()
+  task = tasks.build(config)
+  mesh = parallel.make_mesh(config.mesh)
+  params = jax.device_put(_random_vit_params(), NamedSharding(mesh, P()))  # as in training: on the mesh
+  extractions = []
+  real_extract = probe.extract
+  monkeypatch.setattr(probe, "extract", lambda *a: extractions.append(1) or real_extract(*a))
+  evaluators = task.evaluators(EvalContext(mesh, 128, 0, 1))
+  assert sorted(evaluators) == ["knn", "linear_probe", "val"]
+  knn, linear = evaluators["knn"](params), evaluators["linear_probe"](params)
+  assert len(extractions) == 2  # the train and eval splits once, for both probes
+  # 512 eval examples: chance 0.125 +- 0.015; measured 0.191 (k-NN) and 0.203 (linear).
+  assert knn["top1"] > 0.16 and linear["top1"] > 0.16, (knn, linear)
+  assert np.isfinite(linear["train_objective"]) and linear["train_objective"] < np.log(8)
+
+
+def test_probe_tool_on_a_workdir(tmp_path, capsys):
+  config = _probe_config(**{"probe.train_examples": 96, "probe.eval_examples": 40})
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(3, {"params": _random_vit_params(), "step": np.int32(3)})
+  ckpt.close()
+  status = probe_tool.main(["probe", f"--workdir={tmp_path}", "--batch_size=30", "--config.probe.linear_l2=1e-3"])
+  out = capsys.readouterr()
+  assert status == 0, out.err
+  lines = out.out.strip().splitlines()
+  result = json.loads(lines[-1])
+  assert lines[0] == f"knn/top1={result['knn/top1']:.4f}"
+  assert (result["train_examples"], result["eval_examples"], result["feature_dim"], result["step"]) == (96, 40, 32, 3)
+  assert 0.0 <= result["knn/top1"] <= 1.0 and 0.0 <= result["linear_probe/top1"] <= 1.0
+
+  assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.nope=1"]) == 2
+  assert "nope" in capsys.readouterr().err
+  assert probe_tool.main(["probe", f"--checkpoint={tmp_path / 'missing'}"]) == 2
+  assert "no such directory" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+r"""k-NN and linear-probe top-1 of a trained backbone's frozen features (evaluate/probe.py).
+
+  python -m visionfm_jax.tools.probe --checkpoint=WORKDIR [--step=N] [--batch_size=256] [--config.<field>=V ...]
+
+WORKDIR (`--workdir` is the same flag) is a training workdir (config.json + checkpoints/<step>; the newest
+checkpoint unless --step) of a run with a ViT or SwinV2: a classifier, a CLIP (its image tower is probed),
+Aurora (its encoder) or a dense model (its backbone). The splits and the probes' settings are the run's `config.probe` and `config.data`; any field
+can be overridden, e.g. `--config.probe.train_examples=50000 --config.probe.source=tfds:imagenet2012`. Runs
+of configs from before `config.probe` existed get its defaults.
+
+Prints one line per metric, then one JSON line: {"knn/top1", "linear_probe/top1",
+"linear_probe/train_objective", "train_examples", "eval_examples", "feature_dim", "step"}. With several
+processes (jax.distributed, joined from the environment as visionfm_jax.main does) each process reads its
+share of the splits and all print the same numbers. The params are replicated on every device (the model must
+fit on one), each batch split across all devices. Errors print one line naming the culprit and exit with
+status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from visionfm_jax import config_lib, tasks
+from visionfm_jax.errors import UserError
+from visionfm_jax.evaluate import probe
+from visionfm_jax.parallel import distributed
+from visionfm_jax.tasks.base import EvalContext
+from visionfm_jax.tools import cli
+from visionfm_jax.tools import workdir as workdir_lib
+
+WORKDIR_FLAGS = ("--checkpoint", "--workdir")
+
+
+def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues; `config` (the run's) adds the `--config.<field>` overrides that
+  `argv` names (AttributeError for a field the config does not have)."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, "Training workdir (config.json + checkpoints/).", flag_values=fv)
+  flags.DEFINE_alias("workdir", "checkpoint", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 256, "Images per forward pass, over all devices (rounded up to a multiple "
+                       "of the device count).", flag_values=fv)
+  if config is not None:
+    config_flags.DEFINE_config_dict("config", config, "The run's config (overridable).", flag_values=fv,
+                                    sys_argv=list(argv))
+  return fv
+
+
+def find_workdir(argv: Sequence[str]) -> str | None:
+  """The --checkpoint / --workdir value in `argv` (read before the flags exist: it decides --config.*)."""
+  for i, arg in enumerate(argv):
+    for name in WORKDIR_FLAGS:
+      if arg.startswith(name + "="):
+        return arg[len(name) + 1:]
+      if arg == name and i + 1 < len(argv):
+        return argv[i + 1]
+  return None
+
+
+def load_config(workdir: str):
+  config = workdir_lib.load_config(os.path.expanduser(workdir), tuple(tasks.TASKS), "a model of this project")
+  if "probe" not in config:
+    config.probe = config_lib.base_config().probe
+  return config
+
+
+def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256) -> dict[str, float]:
+  """The probe results of `workdir`'s checkpoint (newest, or `step`) under `config`."""
+  if batch_size < 1:
+    raise UserError(f"--batch_size={batch_size}: must be positive")
+  workdir = os.path.expanduser(workdir)
+  devices = np.array(jax.devices())
+  mesh = Mesh(devices.reshape(len(devices), 1, 1), ("data", "fsdp", "tensor"))
+  batch_size = -(-batch_size // len(devices)) * len(devices)
+  task = tasks.build(config, mesh)
+  step = workdir_lib.checkpoint_step(workdir, step)
+  params = workdir_lib.load_params(task, workdir, step, sharding=NamedSharding(mesh, P()))
+  ctx = EvalContext(mesh, batch_size, jax.process_index(), jax.process_count())
+  feature_probe = probe.FeatureProbe(probe.pooled_features(task), config.probe, config.data, ctx)
+  train, test = feature_probe.features(params, "train"), feature_probe.features(params, "eval")
+  scores = feature_probe.score(train, test)
+  return {"knn/top1": scores["knn"]["top1"], "linear_probe/top1": scores["linear_probe"]["top1"],
+          "linear_probe/train_objective": scores["linear_probe"]["train_objective"], "train_examples": len(train[1]),
+          "eval_examples": len(test[1]), "feature_dim": int(train[0].shape[1]), "step": step}
+
+
+def _main(fv, rest: list[str]) -> None:
+  if rest:
+    raise UserError(f"unexpected arguments {rest}")
+  if not fv.checkpoint:
+    raise UserError("--checkpoint (or --workdir): required (a training workdir)")
+  results = run(fv.config, fv.checkpoint, step=fv.step, batch_size=fv.batch_size)
+  for name in ("knn/top1", "linear_probe/top1"):
+    print(f"{name}={results[name]:.4f}")
+  print(json.dumps(results))
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), prints the results; returns the exit status."""
+  distributed.initialize()
+  workdir = find_workdir(argv[1:])
+  try:
+    fv = make_flags(load_config(workdir) if workdir else None, argv)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
+    print(f"error: --config: {cli.last_line(e)}", file=sys.stderr)
+    return 2
+  return cli.run(argv, fv, __doc__, _main)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
