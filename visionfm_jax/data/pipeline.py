@@ -43,7 +43,7 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
-  _require_key(source, "label", data_cfg.source, data_cfg.train_split, "classification needs labelled images")
+  require_key(source, "label", data_cfg.source, data_cfg.train_split, "classification needs labelled images")
   return _train_loader(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size, seed=seed,
                        process_index=process_index, process_count=process_count)
 
@@ -84,7 +84,7 @@ def first_readable_record(source, tries: int = 64) -> dict | None:
   return None
 
 
-def _require_key(source, key: str, spec: str, split: str, hint: str) -> dict:
+def require_key(source, key: str, spec: str, split: str, hint: str) -> dict:
   record = first_readable_record(source)
   if record is not None and key not in record:
     raise DataError(f"config.data.source={spec!r} split {split!r}: records have no {key!r} (keys "
@@ -100,13 +100,24 @@ def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.Select
   work (a caption costs ~20 us, a decoded and augmented image ~1 ms), and keeps every op record -> example,
   so the eval iterator reuses the same op.
   """
-  record = _require_key(source, "caption", spec, split, "image-text training needs 'shapes' or "
+  record = require_key(source, "caption", spec, split, "image-text training needs 'shapes' or "
                         "'arrayrecord:<glob>' of pairs")
   return transforms.SelectPair(tokenizer, with_label="label" in record)
 
 
 def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, process_index: int,
                   process_count: int, extras=()) -> skipping.SkippingLoader:
+  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
+                                           example)
+  operations.extend(extras)
+  return grain_train_loader(data_cfg, source, operations, batch_size=batch_size, seed=seed,
+                            process_index=process_index, process_count=process_count)
+
+
+def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, seed: int, process_index: int,
+                       process_count: int) -> skipping.SkippingLoader:
+  """The sharded, shuffled, checkpointable grain loader of make_train_loader over `source`, with the record ->
+  example `operations` (they end in examples with 'valid', see transforms.MarkUndecodable) then batching."""
   if len(source) // process_count < batch_size:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r} has {len(source)} "
                     f"records: fewer than one batch of {batch_size} for each of {process_count} processes")
@@ -114,10 +125,7 @@ def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, proc
   sampler = grain.samplers.IndexSampler(
       num_records=len(source), shard_options=shard, shuffle=data_cfg.shuffle, num_epochs=None,
       seed=int(seed) % 2**32)  # grain takes 32-bit seeds
-  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
-                                           example)
-  operations.extend(extras)
-  operations.append(grain.transforms.Batch(batch_size, drop_remainder=True))
+  operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
   if data_cfg.num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
     flags.FLAGS.mark_as_parsed()
@@ -166,18 +174,23 @@ class EvalReader:
     return spec
 
 
-def _assemble(rows: list, batch_size: int, spec: dict) -> dict:
-  batch = {key: np.zeros((batch_size, *shape), dtype) for key, (shape, dtype) in spec.items()}
-  batch["mask"] = np.zeros((batch_size,), bool)
+def _assemble(rows: list, batch_size: int, spec: dict, valid_key: str) -> dict:
+  """Stacks `rows` (None: padding) into a batch; spec values are (shape, dtype) or (shape, dtype, padding
+  value), 0 by default."""
+  batch = {key: np.full((batch_size, *shape), fill[0] if fill else 0, dtype)
+           for key, (shape, dtype, *fill) in spec.items()}
+  batch[valid_key] = np.zeros((batch_size,), bool)
   for i, row in enumerate(rows):
     if row is not None:
       for key, value in row.items():
         batch[key][i] = value
-      batch["mask"][i] = True
+      batch[valid_key][i] = True
   return batch
 
 
-def eval_batches(reader: EvalReader, share: range, num_batches: int, batch_size: int, threads: int):
+def eval_batches(reader, share: range, num_batches: int, batch_size: int, threads: int, valid_key: str = "mask"):
+  """Batches of `reader(index)` (an example dict, None when undecodable) over `share`, read ahead by
+  `threads`; `reader.spec()` gives the padding rows, and `valid_key` marks the real ones."""
   spec = reader.spec()
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
     def submit(b):
@@ -185,7 +198,7 @@ def eval_batches(reader: EvalReader, share: range, num_batches: int, batch_size:
     pending = submit(0)
     for b in range(num_batches):
       current, pending = pending, submit(b + 1) if b + 1 < num_batches else []
-      yield _assemble([f.result() for f in current], batch_size, spec)
+      yield _assemble([f.result() for f in current], batch_size, spec, valid_key)
 
 
 def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process_count: int, source=None):
@@ -198,7 +211,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   """
   if source is None:
     source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
-  _require_key(source, "label", eval_source_spec(data_cfg), data_cfg.eval_split, "classification needs labelled images")
+  require_key(source, "label", eval_source_spec(data_cfg), data_cfg.eval_split, "classification needs labelled images")
   return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
                         process_index=process_index, process_count=process_count)
 
@@ -218,11 +231,16 @@ def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_ind
                         process_count=process_count, extras=_mim_ops(data_cfg, mim))
 
 
-def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,
-                   extras=()):
-  total = len(source) if data_cfg.eval_examples <= 0 else min(int(data_cfg.eval_examples), len(source))
+def eval_total(data_cfg, num_records: int) -> int:
+  """How many records evaluation reads: the first config.data.eval_examples (all if <= 0)."""
+  total = num_records if data_cfg.eval_examples <= 0 else min(int(data_cfg.eval_examples), num_records)
   if total <= 0:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.eval_split!r} has no records")
-  share, num_batches = eval_shares(total, batch_size, process_index, process_count)
+  return total
+
+
+def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,
+                   extras=()):
+  share, num_batches = eval_shares(eval_total(data_cfg, len(source)), batch_size, process_index, process_count)
   reader = EvalReader(source, data_cfg.image_size, example, extras)
   return eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))

@@ -114,7 +114,7 @@ def _linear(size: int, a: float, b: float, c: float) -> np.ndarray:
   return (np.float32(a) * t)[None, :] + (np.float32(b) * t + np.float32(c))[:, None]
 
 
-def _background(rng: np.random.Generator, draws, size: int, kind: int) -> np.ndarray:
+def background(rng: np.random.Generator, draws, size: int, kind: int) -> np.ndarray:
   """A grey (size, size) float32 background in [10, 245], from the uniform `draws` in [0, 1)."""
   name = BACKGROUND_NAMES[kind]
   d0, d1, d2, d3 = draws
@@ -150,7 +150,7 @@ def _position_words(cy: float, cx: float, size: int) -> str:
   return f"at the {row} {col}"
 
 
-def _shape_alpha(label: int, radius: float, cy: float, cx: float, angle: float, size: int):
+def shape_alpha(label: int, radius: float, cy: float, cx: float, angle: float, size: int):
   """Antialiased coverage of the shape on the window around it: (alpha, y0, x0)."""
   # Up to MAX_ROTATION, every shape stays within +-1 half extent of its centre along x and y (so it fits
   # the image); the window keeps a margin for the antialiased edge.
@@ -167,13 +167,24 @@ def _shape_alpha(label: int, radius: float, cy: float, cx: float, angle: float, 
   return np.maximum(np.minimum(alpha, 1, out=alpha), 0, out=alpha), y0, x0
 
 
-def _composite(grey, tint, alpha, y0: int, x0: int, rgb) -> np.ndarray:
-  """Blends colour `rgb` with coverage `alpha` (placed at y0, x0) over the tinted grey; uint8 HWC."""
+def tinted_planes(grey, tint) -> np.ndarray:
+  """The grey background with a per-channel `tint`, planar float32 (3, H, W), +0.5 so the uint8 cast rounds.
+
+  Planar because numpy is slow on a trailing axis of 3."""
+  return grey[None] + np.array(tint, np.float32)[:, None, None] + np.float32(0.5)
+
+
+def blend(planes, alpha, y0: int, x0: int, rgb) -> None:
+  """Paints colour `rgb` with coverage `alpha` (placed at y0, x0) over `planes` in place."""
   h, w = alpha.shape
-  # Planar (3, H, W): numpy is slow on a trailing axis of 3. +0.5 rounds on the uint8 cast.
-  planes = grey[None] + np.array(tint, np.float32)[:, None, None] + np.float32(0.5)
   window = planes[:, y0:y0 + h, x0:x0 + w]
   window += alpha[None] * (np.array(rgb, np.float32)[:, None, None] + np.float32(0.5) - window)
+
+
+def _composite(grey, tint, alpha, y0: int, x0: int, rgb) -> np.ndarray:
+  """Blends colour `rgb` with coverage `alpha` (placed at y0, x0) over the tinted grey; uint8 HWC."""
+  planes = tinted_planes(grey, tint)
+  blend(planes, alpha, y0, x0, rgb)
   return planes.transpose(1, 2, 0).astype(np.uint8)
 
 
@@ -209,8 +220,8 @@ def render(rng: np.random.Generator, image_size: int, caption_style: str = "full
   rgb = [min(max(c + round(COLOUR_JITTER * (2 * t - 1)), 0), 255) for c, t in zip(COLOURS[colour], r[8:11])]
   tint = [10 * (2 * t - 1) for t in r[11:14]]
 
-  alpha, y0, x0 = _shape_alpha(label, radius, cy, cx, angle, size)
-  grey = _background(rng, r[14:18], size, bg_kind)
+  alpha, y0, x0 = shape_alpha(label, radius, cy, cx, angle, size)
+  grey = background(rng, r[14:18], size, bg_kind)
   caption = f"a {'large' if large else 'small'} {COLOUR_NAMES[colour]} {SHAPE_NAMES[label]}"
   if caption_style == "full":
     caption += f" {_position_words(cy, cx, size)} on a {BACKGROUND_NAMES[bg_kind]} background"

@@ -7,6 +7,10 @@
   arrayrecord:<glob>          files written by `tools.prepare_data` (`records.ArrayRecordSource`): labelled
                               images or image-text pairs; '{split}' in the glob becomes the split name
                               (config.data.train_split / eval_split), a glob without it serves every split
+  scenes                      the embedded multi-object set for segmentation and detection
+                              (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
+  ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
+  coco:<root>                 COCO 2017 detection: images and instances JSON (`coco.CocoSource`)
 
 Training reads config.data.source; evaluation reads config.data.eval_source, or the same source when empty.
 
@@ -20,8 +24,11 @@ import os
 import re
 from pathlib import Path
 
-from visionfm_jax.data import records
+from visionfm_jax.data import ade20k, coco, records
+from visionfm_jax.data.ade20k import ADE20KSource
+from visionfm_jax.data.coco import CocoSource
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
+from visionfm_jax.data.scenes import ScenesSource
 from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
 from visionfm_jax.errors import DataError
 
@@ -34,11 +41,12 @@ _VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*
 
 def _parse(spec: str) -> tuple[str, str, str]:
   """(kind, name, split): 'shapes' -> ('shapes', '', ''); 'tfds:imagenet2012:5.1.0:train[:10%]' ->
-  ('tfds', 'imagenet2012:5.1.0', 'train[:10%]'); 'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', '')."""
+  ('tfds', 'imagenet2012:5.1.0', 'train[:10%]'); 'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', '');
+  'coco:/data/coco' -> ('coco', '/data/coco', '')."""
   kind, _, name = spec.partition(":")
-  if kind == "shapes" and not name:
+  if kind in ("shapes", "scenes") and not name:
     return kind, "", ""
-  if kind == "arrayrecord" and name:
+  if kind in ("arrayrecord", "ade20k", "coco") and name:
     return kind, name, ""
   if kind == "tfds" and name and not name.startswith(":"):
     name, _, rest = name.partition(":")
@@ -46,8 +54,13 @@ def _parse(spec: str) -> tuple[str, str, str]:
     if version and not _VERSION.match(version):  # no version: the whole rest is the split
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
-  raise DataError(f"config.data.source={spec!r}: expected 'shapes', 'tfds:<name>[:<version>][:<split>]' or "
-                  f"'arrayrecord:<glob>'")
+  raise DataError(f"config.data.source={spec!r}: expected 'shapes', 'scenes', 'tfds:<name>[:<version>][:<split>]', "
+                  f"'arrayrecord:<glob>', 'ade20k:<root>' or 'coco:<root>'")
+
+
+def source_kind(spec: str) -> str:
+  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k' or 'coco'; DataError for a malformed spec."""
+  return _parse(spec)[0]
 
 
 def eval_source_spec(data_cfg) -> str:
@@ -97,16 +110,26 @@ def _tfds_label_feature(name: str, data_cfg):
   return features["label"]
 
 
-def build_source(spec: str, split: str, data_cfg):
+def build_source(spec: str, split: str, data_cfg, *, training: bool = False):
   """The RandomAccessDataSource for `spec` and `split` (a split inside `spec` wins): len, getitem -> dict with
-  'image' and 'label' (classification sources) or 'caption' (pair sources; shapes has both)."""
+  'image' and 'label' (classification sources) or 'caption' (pair sources; shapes has both), or the dense
+  fields 'mask' (scenes, ade20k) and 'boxes' + 'classes' (scenes, coco). `training`: for a training
+  loader (coco then leaves out images without boxes)."""
   kind, name, spec_split = _parse(spec)
   split = spec_split or split
-  if kind == "shapes":
+  if kind in ("shapes", "scenes"):
     size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
+    if kind == "scenes":
+      return ScenesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED,
+                          max_objects=data_cfg.scenes_max_objects)
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
     return _arrayrecord_source(spec, name, split)
+  if kind in ("ade20k", "coco"):
+    try:
+      return ADE20KSource(name, split) if kind == "ade20k" else CocoSource(name, split, skip_empty=training)
+    except DataError as e:
+      raise DataError(f"config.data.source={spec!r} split {split!r}: {e}; {PREPARE_HINT}") from e
   return _tfds_source(name, split, tfds_data_dir(data_cfg))
 
 
@@ -120,8 +143,15 @@ def _arrayrecord_source(spec: str, pattern: str, split: str) -> ArrayRecordSourc
 def class_names(spec: str, data_cfg) -> list[str]:
   """Human-readable label names, index = label."""
   kind, name, _ = _parse(spec)
-  if kind == "shapes":
+  if kind in ("shapes", "scenes"):  # scenes: the object kinds; its masks add background as 0
     return list(SHAPE_NAMES)
+  if kind == "ade20k":
+    return list(ade20k.class_names())
+  if kind == "coco":  # contiguous classes in category-id order
+    try:
+      return list(coco.load_index(name, data_cfg.train_split).class_names)
+    except DataError as e:
+      raise DataError(f"config.data.source={spec!r} split {data_cfg.train_split!r}: {e}; {PREPARE_HINT}") from e
   if kind == "arrayrecord":
     try:
       return records.class_names(split_pattern(name, data_cfg.train_split))

@@ -18,6 +18,8 @@ from visionfm_jax.data import randaugment
 from visionfm_jax.errors import ConfigError
 
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
+# What Pillow raises on bytes that are not an image it can decode (and OSError for files that cannot be read).
+DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 _decode_failures = 0
 
@@ -77,7 +79,7 @@ class Decode(grain.transforms.Map):
     if isinstance(image, (bytes, bytearray, memoryview, np.bytes_)):
       try:
         element["image"] = decode_image(bytes(image), self.min_side)
-      except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+      except DECODE_ERRORS as e:
         count_failure("image", e)
         element["image"] = None
     elif image is not None:
