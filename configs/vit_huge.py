@@ -17,6 +17,8 @@ ViT paper's ImageNet-21K values scaled to batch 2048 (lr 1e-3, wd 0.05) and 90 e
 
 needs ImageNet-21K prepared as described in BUILD.md ("Preparing data").
 
+Variant `<size>/<patch>` (e.g. `S/16`): the same recipe with another ViT size (benchmarks, BENCHMARKS.md).
+
 Variant `demo`: a ViT on the embedded procedural shapes data, on a laptop CPU:
 
   python -m visionfm_jax.main --config=configs/vit_huge.py:demo --workdir=/tmp/vit_demo
@@ -87,6 +89,8 @@ def get_config(arg: str | None = None):
     config.log_every = 50
     config.eval_every = 600
     config.checkpoint_every = 600
+  elif arg and "/" in arg:  # another ViT size with the same recipe, e.g. 'S/16' for benchmarks
+    config.model.variant = arg
   elif arg:
-    raise ValueError(f"configs/vit_huge.py: unknown variant {arg!r}; known: demo")
+    raise ValueError(f"configs/vit_huge.py: unknown variant {arg!r}; known: demo, or a ViT size like S/16")
   return config

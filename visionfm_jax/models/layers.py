@@ -6,6 +6,7 @@ mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and los
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -41,6 +42,26 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, names, mesh=mesh)
 
 
+def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
+  """`lax.dot_general` computed as one 2-D matmul when it is a dense layer's contraction (lhs's trailing axes
+  against rhs's leading axes, in order, no batch axes): (..., K) @ (K, N). XLA's CPU backend runs the
+  forward and backward of such a layer ~1.6x faster on the flattened form than on the multi-axis one (the
+  qkv projection's (tokens, C) x (C, 3, heads, head_dim)); on GPU both compile to the same GEMM."""
+  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
+  lhs_contract, rhs_contract = tuple(lhs_contract), tuple(rhs_contract)
+  k = len(lhs_contract)
+  is_dense = (not lhs_batch and not rhs_batch and lhs_contract == tuple(range(lhs.ndim - k, lhs.ndim))
+              and rhs_contract == tuple(range(k)))
+  if not is_dense:
+    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
+                               preferred_element_type=preferred_element_type)
+  free_lhs, free_rhs = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
+  contract = math.prod(lhs.shape[lhs.ndim - k:])
+  out = jax.lax.dot_general(lhs.reshape(-1, contract), rhs.reshape(contract, -1), (((1,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type)
+  return out.reshape(free_lhs + free_rhs)
+
+
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
           use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
           name: str | None = None) -> nn.DenseGeneral:
@@ -48,7 +69,28 @@ def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype:
   out_ndim = 1 if isinstance(features, int) else len(features)
   return nn.DenseGeneral(
       features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name)
+      kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name,
+      dot_general=flat_dot_general)
+
+
+def patchify_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
+                  feature_group_count=1, precision=None):
+  """`lax.conv_general_dilated` for flax's NHWC x HWIO convolutions; a patch embedding (stride = kernel size,
+  VALID, undilated) becomes patches @ kernel, which XLA's CPU backend differentiates ~2x faster than the strided
+  convolution. Anything else goes to the convolution."""
+  patch = tuple(rhs.shape[:-2])
+  nhwc = (dimension_numbers is None or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1)))
+  undilated = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  no_padding = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
+  divisible = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
+  if not (lhs.ndim == 4 and tuple(window_strides) == patch and nhwc and undilated and no_padding and divisible
+          and feature_group_count == 1):
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision)
+  (b, h, w, c), (ph, pw) = lhs.shape, patch
+  patches = lhs.reshape(b, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
+  return flat_dot_general(patches, rhs, (((3, 4, 5), (0, 1, 2)), ((), ())), precision=precision)
 
 
 def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed") -> jax.Array:
@@ -57,7 +99,7 @@ def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
     raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {patch_size}")
   return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
-                 param_dtype=jnp.float32, name=name,
+                 param_dtype=jnp.float32, name=name, conv_general_dilated=patchify_conv,
                  kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
                  bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
 

@@ -8,6 +8,7 @@ A task supplies the model, the loss, the data loaders and the evaluators; `train
   train_loader(batch_size, ...)  -> a checkpointable iterator of host-local numpy batches
   evaluators(ctx)                -> {name: fn(params) -> {metric: float}}, logged as eval/<name>/<metric>
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
+  synthetic_batch(size, rng)     -> a random host batch in the train loader's layout (benchmarks, AOT plans)
 
 A loss that couples examples (a contrastive term over the batch) would change with gradient accumulation:
 each micro-batch would only see its own negatives. Such tasks set `splits_loss` and split the loss into
@@ -86,6 +87,11 @@ class Task:
 
   def train_flops_per_example(self) -> float | None:
     return None
+
+  def synthetic_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Random data in the layout of `train_loader`'s batches: here uint8 images; tasks add their fields."""
+    size = self.config.data.image_size
+    return {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)}
 
   def evaluators(self, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
     return {}

@@ -16,12 +16,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from visionfm_jax import data, flops, losses
-from visionfm_jax.data import shapes, tokenizer as tokenizer_lib
+from visionfm_jax.data import shapes, tokenizer as tokenizer_lib, transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import retrieval, zeroshot
-from visionfm_jax.models import clip
+from visionfm_jax.models import clip, text as text_lib
 from visionfm_jax.tasks.base import EvalContext, Task
 
 
@@ -119,6 +120,20 @@ class ContrastiveTask(Task):
       return self.embed_images(params, images), self.embed_texts(params, texts)
     ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
     return lambda params: ret(params, self.eval_pairs(ctx))
+
+  def synthetic_batch(self, batch_size, rng):
+    """Captions that fill the context (BOS, random pieces, EOS), the text towers' most expensive case; SimMIM
+    masks when the task trains on them."""
+    text_cfg = self.config.model.text
+    first_piece = max(text_lib.PAD_ID, text_lib.UNK_ID, text_lib.BOS_ID, text_lib.EOS_ID, text_cfg.eos_id) + 1
+    text = rng.integers(first_piece, text_cfg.vocab_size, (batch_size, text_cfg.max_len), dtype=np.int32)
+    text[:, 0], text[:, -1] = text_lib.BOS_ID, text_cfg.eos_id
+    batch = {**super().synthetic_batch(batch_size, rng), "text": text}
+    if self.mim_masks is not None:
+      grid = self.config.data.image_size // self.mim_masks.mask_patch_size
+      batch["mim_mask"] = np.stack([transforms.mim_mask(grid, self.mim_masks.mask_ratio, rng)
+                                    for _ in range(batch_size)])
+    return batch
 
   def train_flops_per_example(self):
     return flops.clip_train_flops_per_pair(self.model)

@@ -1,0 +1,46 @@
+"""The training-step benchmark (`python -m visionfm_jax.bench`) end to end on tiny configs, with the PyTorch twin."""
+
+import json
+
+import numpy as np
+import pytest
+
+from visionfm_jax.bench import __main__ as bench
+
+TINY = ["--config.global_batch_size=4", "--devices=1", "--config.precision.compute_dtype=float32", "--config.strategy=ddp",
+        "--config.model.image_size=32", "--config.data.image_size=32", "--config.model.num_classes=10",
+        "--steps=2", "--warmup=1"]
+
+
+def _run(capsys, *args):
+  code = bench.main(["bench", *args])
+  out, err = capsys.readouterr()
+  return code, out, err
+
+
+@pytest.mark.parametrize("config", ["configs/vit_huge.py:pico/8", "configs/swinv2_cls.py:demo"])
+def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
+  code, out, err = _run(capsys, f"--config={config}", *TINY, "--compare=torch")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert config in result["config"]
+  assert result["global_batch"] == 4 and result["dtype"] == "float32" and result["devices"] == 1
+  for key in ("step_s", "step_s_min", "step_s_max", "cpu_s", "img_per_sec", "compile_s", "model_tflops"):
+    assert result[key] > 0, key
+  assert result["step_s_min"] <= result["step_s"] <= result["step_s_max"]
+  assert result["img_per_sec"] == pytest.approx(4 / result["step_s"])
+  assert result["mfu"] is None  # fp32 on CPU: no known peak
+  assert result["memory_plan_bytes"] > 0
+  assert np.isfinite(result["loss"]) and np.isfinite(result["torch"]["loss"])
+  # Both start from a 10-class head at chance and fit the one repeated batch: neither diverges.
+  assert 0 < result["loss"] < np.log(10) + 0.5
+  assert 0 < result["torch"]["loss"] < np.log(10) + 0.5
+  assert result["ratio"] == pytest.approx(result["step_s"] / result["torch"]["step_s"])
+  assert result["versions"]["torch"] and result["versions"]["jax"]
+  assert "ratio:" in out
+
+
+def test_bench_rejects_what_has_no_twin(capsys):
+  code, _, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--config.model.pool=gap",
+                      "--compare=torch")
+  assert code == 2 and "pool" in err

@@ -1,0 +1,2 @@
+"""Benchmarks of the training step: `python -m visionfm_jax.bench` (see `__main__`), AOT memory plans for
+simulated meshes (`memory_plan`), and the PyTorch twin the CPU figures are compared against (`torch_twin`)."""

@@ -1,0 +1,149 @@
+r"""Training-step benchmark: median step time, img/s, MFU, device memory and compile time of a config's real
+train step (train.py's jit, shardings, donation and optimizer) on synthetic batches of its layout.
+
+  python -m visionfm_jax.bench --config=configs/vit_huge.py:S/16 --config.global_batch_size=8 \
+      --config.precision.compute_dtype=float32 [--steps=10] [--warmup=2] [--compare=torch]
+
+Any config field is overridable as in `main`. `--compare=torch` builds the PyTorch twin (HF transformers ViT or
+Swinv2 with the same architecture, batch, dtype, clipping and AdamW; bench/torch_twin.py) on the same machine and
+interleaves its steps with ours, one of each in turn, so that load from other jobs falls on both alike; `ratio`
+is our median step time over its (below 1: we are faster), `cpu_ratio` the same for the CPU seconds the two
+processes spent per step. Figures:
+
+  step_s           median wall seconds of one step after `--warmup` steps (also min and max)
+  img_per_sec      global batch / step_s
+  model_tflops     analytic training FLOPs per step (flops.py; 3 x forward, remat not counted) / step_s / 1e12
+  mfu              model FLOP/s / (device peak x devices), when the device's 16-bit peak is known (flops.py)
+  compile_s        lowering + compiling the step ahead of time
+  memory_plan_bytes  per device, as compiled: arguments + outputs - donated + temporaries
+  peak_bytes_in_use  per device, the allocator's peak (GPU; null on CPU)
+
+The last line printed is one JSON object with every figure, the device and the versions.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import platform
+import statistics
+import sys
+
+import jax
+from absl import flags
+from ml_collections import config_flags
+
+from visionfm_jax import config_lib
+from visionfm_jax.bench import step as step_lib
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.tools import cli
+
+def make_flags(argv) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  # config_flags defines one flag per `--config.<field>` override it finds in `sys_argv`.
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
+                                  flag_values=fv, sys_argv=list(argv))
+  flags.DEFINE_integer("steps", 10, "Timed steps (of each side with --compare).", flag_values=fv)
+  flags.DEFINE_integer("devices", 0, "Use the first N devices (one process); 0: all.", flag_values=fv)
+  flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)
+  flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch twin (classification with ViT or SwinV2).",
+                    flag_values=fv)
+  return fv
+
+def versions() -> dict[str, str]:
+  import flax  # pylint: disable=g-import-not-at-top
+  import optax  # pylint: disable=g-import-not-at-top
+  out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
+         "flax": flax.__version__, "optax": optax.__version__}
+  if "torch" in sys.modules:
+    out["torch"] = sys.modules["torch"].__version__
+    out["transformers"] = sys.modules["transformers"].__version__
+  return out
+
+
+def device_name() -> str:
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    return f"cpu ({platform.processor() or platform.machine()}, {len(__import__('os').sched_getaffinity(0))} cores)"
+  return device.device_kind
+
+
+def summarize(times: list[tuple[float, float]]) -> dict[str, float]:
+  walls, cpus = [t[0] for t in times], [t[1] for t in times]
+  return {"step_s": statistics.median(walls), "step_s_min": min(walls), "step_s_max": max(walls),
+          "cpu_s": statistics.median(cpus)}
+
+
+def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0) -> dict:
+  """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line."""
+  if steps < 1 or warmup < 0:
+    raise ConfigError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+  if devices and (jax.process_count() > 1 or not 0 < devices <= jax.device_count()):
+    raise ConfigError(f"--devices={devices}: a single process has {jax.device_count()} devices")
+  mesh_devices = jax.devices()[:devices] if devices else jax.devices()
+  config_lib.validate(config, len(mesh_devices))
+  ours = step_lib.JaxStep(config, mesh_devices)
+  runners = {"ours": ours}
+  if compare == "torch":
+    from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
+    runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
+  for _ in range(warmup):
+    for runner in runners.values():
+      runner.timed_step()
+  times = {side: [] for side in runners}
+  for _ in range(steps):
+    for side, runner in runners.items():
+      times[side].append(runner.timed_step())
+
+  result = {"config": name, "device": device_name(), "devices": len(mesh_devices),
+            "global_batch": config.global_batch_size, "dtype": config.precision.compute_dtype,
+            **summarize(times["ours"])}
+  result["img_per_sec"] = config.global_batch_size / result["step_s"]
+  flops_per_step = ours.flops_per_step()
+  peak = step_lib.peak_flops_per_device(config)
+  result["model_tflops"] = flops_per_step / result["step_s"] / 1e12 if flops_per_step else None
+  result["mfu"] = flops_per_step / result["step_s"] / (peak * len(mesh_devices)) if flops_per_step and peak else None
+  result["compile_s"] = ours.compile_seconds
+  result.update(ours.memory())
+  result["loss"] = ours.loss()
+  if compare:
+    theirs = summarize(times[compare])
+    result[compare] = {**theirs, "img_per_sec": config.global_batch_size / theirs["step_s"],
+                       "loss": runners[compare].loss(), "attention": runners[compare].attention}
+    result["ratio"] = result["step_s"] / theirs["step_s"]
+    result["cpu_ratio"] = result["cpu_s"] / theirs["cpu_s"]
+  result["versions"] = versions()
+  return result
+
+
+def _print_table(result: dict) -> None:
+  rows = [("ours", result)] + ([(k, result[k]) for k in ("torch",) if k in result])
+  for name, r in rows:
+    print(f"{name:>6}: step {r['step_s'] * 1e3:9.1f} ms (min {r['step_s_min'] * 1e3:.1f}, max "
+          f"{r['step_s_max'] * 1e3:.1f})  {r['img_per_sec']:9.1f} img/s  cpu {r['cpu_s']:.3f} s/step  "
+          f"loss {r['loss']:.4f}")
+  if result.get("mfu") is not None:
+    print(f"   mfu: {result['mfu']:.3f} ({result['model_tflops']:.1f} TFLOP/s of model FLOPs)")
+  if "ratio" in result:
+    print(f" ratio: {result['ratio']:.3f} (wall), {result['cpu_ratio']:.3f} (cpu seconds); below 1 = ours faster")
+
+
+def _body(name: str, fv, rest):
+  del rest
+  if fv.config is None:
+    raise ConfigError("--config is required, e.g. --config=configs/vit_huge.py:S/16")
+  result = benchmark(fv.config, steps=fv.steps, warmup=fv.warmup, compare=fv.compare, name=name,
+                     devices=fv.devices)
+  if jax.process_index() == 0:
+    _print_table(result)
+    print(json.dumps(result, sort_keys=True))
+
+
+def main(argv) -> int:
+  """Parses `argv` (program name first), runs the benchmark, prints the report; returns the exit status."""
+  name = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  return cli.run(argv, make_flags(argv), __doc__, functools.partial(_body, name))
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

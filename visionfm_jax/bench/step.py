@@ -1,0 +1,67 @@
+"""Times train.py's own train step (same jit, shardings, donation, optimizer) on synthetic batches.
+
+`JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures), then
+`timed_step()` runs one step to completion and returns (wall seconds, CPU seconds of this process).
+"""
+
+from __future__ import annotations
+
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from visionfm_jax import flops, optim, parallel, tasks, train
+from visionfm_jax.tasks.base import host_to_global
+
+
+class JaxStep:
+
+  def __init__(self, config, devices=None):
+    self.config = config
+    self.mesh = parallel.make_mesh(config.mesh, devices)
+    self.task = tasks.build(config, self.mesh)
+    tx = optim.make_optimizer(config.optim, config.total_steps)
+    init_fn = train.make_init_fn(self.task, tx, config)
+    local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
+                                            np.random.default_rng(config.seed + jax.process_index()))
+    with self.mesh, parallel.activation_sharding(self.mesh):  # what train.run traces the step under
+      _, shardings, _ = train.state_shardings(init_fn, self.mesh, config)
+      self.state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
+      self.batch = host_to_global(local_batch, NamedSharding(self.mesh, train.BATCH_SPEC))
+      start = time.perf_counter()
+      step = train.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
+      self.compiled = step.lower(self.state, self.batch).compile()
+      self.compile_seconds = time.perf_counter() - start
+
+  def timed_step(self) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    self.state, metrics = self.compiled(self.state, self.batch)
+    jax.block_until_ready((self.state, metrics))
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+  def loss(self) -> float:
+    """The loss of one more step (to check that the benchmark trains a finite model)."""
+    self.state, metrics = self.compiled(self.state, self.batch)
+    return float(metrics["train/loss"])
+
+  def flops_per_step(self) -> float | None:
+    per_example = self.task.train_flops_per_example()
+    return None if per_example is None else per_example * self.config.global_batch_size
+
+  def memory(self) -> dict[str, int | None]:
+    """Per-device bytes: the compiled plan (arguments + outputs - donated aliases + temporaries) and, where the
+    runtime reports it (GPU), the peak the allocator actually held."""
+    analysis = self.compiled.memory_analysis()
+    plan = None
+    if analysis is not None:
+      plan = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+              + analysis.temp_size_in_bytes)
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return {"memory_plan_bytes": plan, "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
+def peak_flops_per_device(config) -> float | None:
+  return flops.device_peak_flops(config.precision.compute_dtype)

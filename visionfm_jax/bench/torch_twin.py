@@ -1,0 +1,115 @@
+"""The PyTorch twin of a classification config: the same architecture as HF `transformers` (ViT or Swinv2,
+built from our model through `convert`'s config mapping), batch, dtype, loss, clipping and AdamW, on the same
+machine. Only the benchmark imports torch; it is a test dependency, not a run-time one.
+
+On CPU it runs in fp32 with torch's intra-op threads = the cores JAX uses; on GPU in the config's compute dtype
+under `torch.autocast` (fp32 master weights, as ours). Attention is PyTorch's fused `sdpa` where transformers
+supports it for the architecture (ViT), else its `eager` implementation (Swinv2 in transformers 5).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+import jax
+import numpy as np
+
+from visionfm_jax.errors import ConfigError, UserError
+from visionfm_jax.models import swinv2, vit
+
+
+def hf_config_dict(model) -> dict:
+  from visionfm_jax.convert import hf_swinv2_config, hf_vit_config  # pylint: disable=g-import-not-at-top
+  if isinstance(model, vit.ViT):
+    if model.pool != "cls":
+      raise ConfigError(f"--compare=torch: config.model.pool={model.pool!r}; transformers' ViT classifier pools the "
+                        f"class token (use pool='cls')")
+    return hf_vit_config.hf_config(model)
+  if isinstance(model, swinv2.SwinV2):
+    return hf_swinv2_config.hf_config(model)
+  raise ConfigError(f"--compare=torch: a {type(model).__name__} has no transformers twin; ViT and SwinV2 "
+                    f"classifiers do")
+
+
+class TorchStep:
+  """One training step of the twin: forward, cross-entropy, backward, global-norm clipping, AdamW."""
+
+  def __init__(self, config, model, batch: dict[str, np.ndarray]):
+    try:
+      import torch  # pylint: disable=g-import-not-at-top
+      import transformers  # pylint: disable=g-import-not-at-top
+    except ImportError as e:
+      raise UserError(f"--compare=torch needs torch and transformers installed ({e})") from e
+    if config.task != "classification" or not config.model.get("num_classes"):
+      raise ConfigError("--compare=torch: only classification configs (a ViT or SwinV2 with a head) have a twin")
+    fields = hf_config_dict(model)
+    arch = fields.pop("architectures")[0]
+    if not arch.endswith("ForImageClassification"):
+      raise ConfigError(f"--compare=torch: the twin of this model is a {arch} without a classifier")
+    self.torch = torch
+    platform = jax.devices()[0].platform
+    self.device = torch.device("cuda" if platform == "gpu" else "cpu")
+    if self.device.type == "cpu":
+      torch.set_num_threads(len(os.sched_getaffinity(0)))  # the cores XLA's CPU thread pool uses
+    self.model, self.attention = _build(transformers, arch, fields)
+    self.model = self.model.to(self.device).train()
+    optim = config.optim
+    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
+                                       eps=optim.eps, weight_decay=optim.weight_decay)
+    self.clip_norm = optim.clip_norm
+    images = np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
+    self.images = torch.from_numpy(images).to(self.device)
+    self.labels = torch.from_numpy(batch["label"].astype(np.int64)).to(self.device)
+    self.autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.precision.compute_dtype)
+    if self.autocast is not None and self.device.type == "cpu":
+      raise ConfigError(f"--compare=torch on CPU compares fp32 steps; set "
+                        f"--config.precision.compute_dtype=float32 (not {config.precision.compute_dtype})")
+    self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
+
+  def _step(self):
+    torch = self.torch
+    self.optimizer.zero_grad(set_to_none=True)
+    with torch.autocast(self.device.type, dtype=self.autocast, enabled=self.autocast is not None):
+      logits = self.model(pixel_values=self.images).logits
+      loss = torch.nn.functional.cross_entropy(logits.float(), self.labels)
+    if self.scaler is not None:
+      self.scaler.scale(loss).backward()
+      self.scaler.unscale_(self.optimizer)
+    else:
+      loss.backward()
+    if self.clip_norm:
+      torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.clip_norm)
+    if self.scaler is not None:
+      self.scaler.step(self.optimizer)
+      self.scaler.update()
+    else:
+      self.optimizer.step()
+    return loss
+
+  def timed_step(self) -> tuple[float, float]:
+    wall, cpu = time.perf_counter(), time.process_time()
+    self._step()
+    if self.device.type == "cuda":
+      self.torch.cuda.synchronize()
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+  def loss(self) -> float:
+    return float(self._step().detach())
+
+
+
+def _build(transformers, arch: str, fields: dict):
+  """(model, attention implementation): sdpa where transformers has it for `arch`, else eager."""
+  fields = dict(fields)
+  model_type = fields.pop("model_type")
+
+  def make(attention):
+    config = transformers.AutoConfig.for_model(model_type, **fields)
+    config._attn_implementation = attention  # pylint: disable=protected-access
+    return getattr(transformers, arch)(config)
+
+  try:
+    return make("sdpa"), "sdpa"
+  except ValueError:  # transformers raises for architectures without an sdpa path
+    return make("eager"), "eager"
