@@ -319,9 +319,13 @@ class SwinV2(nn.Module):
     return flags
 
   @nn.compact
-  def __call__(self, images, train: bool = False, mask=None):
+  def __call__(self, images, train: bool = False, mask=None, return_stages: bool = False):
     """`mask` (B, H/patch, W/patch) of 0/1 replaces the patches marked 1 by the mask token after the patch
-    norm (SimMIM): x = x * (1 - m) + token * m. It needs `mask_token`."""
+    norm (SimMIM): x = x * (1 - m) + token * m. It needs `mask_token`.
+
+    `return_stages` adds `stages`: per stage its blocks' output (B, H_s, W_s, C * 2**s) before the next patch
+    merging, without any norm (dense heads add their own LayerNorm per level; the last entry is the input of
+    the final norm). Off by default so that the output matches transformers' `Swinv2Model` key for key."""
     deterministic = not train
     windows, pretrained = self.stage_settings()
     x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
@@ -338,17 +342,18 @@ class SwinV2(nn.Module):
 
     rates = np.linspace(0.0, self.drop_path, sum(self.depths), dtype=np.float32)  # first block 0, last drop_path
     extra = self.extra_norm_flags()
-    start = 0
+    start, stages = 0, []
     for s, depth in enumerate(self.depths):
       window, shift = stage_window(tuple(x.shape[1:3]), windows[s])
       per_block = (jnp.asarray(rates[start:start + depth]), jnp.arange(depth) % 2 == 1, jnp.asarray(extra[s]))
-      x = SwinStage(
+      x, stage_out = SwinStage(
           depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, remat_policy=self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
                             pretrained_window=pretrained[s], mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
                             stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype),
           name=f"stage_{s}")(x, per_block)
+      stages.append(stage_out)
       start += depth
 
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
@@ -357,11 +362,14 @@ class SwinV2(nn.Module):
     out = {"tokens": tokens, "pooled": pooled}
     if self.num_classes:
       out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
+    if return_stages:
+      out["stages"] = stages
     return out
 
 
 class SwinStage(nn.Module):
-  """`depth` blocks (scanned or unrolled under `blocks`) then, except for the last stage, patch merging."""
+  """`depth` blocks (scanned or unrolled under `blocks`) then, except for the last stage, patch merging.
+  Returns (the next stage's input, the blocks' output)."""
   depth: int
   downsample: bool
   scan: bool
@@ -373,9 +381,9 @@ class SwinStage(nn.Module):
     run_blocks = layers.stack_blocks(SwinBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy,
                                      name="blocks", **self.block_kwargs)
     x = run_blocks(x, per_block)
-    if self.downsample:
-      x = PatchMerging(self.block_kwargs["dtype"], name="downsample")(x)
-    return x
+    if not self.downsample:
+      return x, x
+    return PatchMerging(self.block_kwargs["dtype"], name="downsample")(x), x
 
 
 def build(model_cfg, dtype) -> SwinV2:

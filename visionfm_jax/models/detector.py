@@ -1,0 +1,61 @@
+"""Object detection, OneNet-style (Sun et al. 2021): a dense set predictor trained with one-to-one matching.
+
+Backbone (our ViT or SwinV2, params under `backbone` named as in pretraining) -> `neck` (ViT: ViTDet's simple
+feature pyramid at the nominal `levels`; SwinV2: an FPN over the stages whose stride is in `levels`, with a
+LayerNorm per stage output) -> `head` (`DenseDetectionHead`, shared across levels). Every location of every
+level predicts sigmoid class logits and a box; training matches predictions to targets one-to-one (Hungarian,
+cost = focal class cost + L1 + GIoU, see `matching`), so inference needs no NMS: `top_k_detections` keeps
+the k best (location, class) scores.
+
+`Detector.__call__(images, train)` -> {"logits": (B, Q, C) fp32, "boxes": (B, Q, 4) fp32 xyxy divided by the
+image size (may reach slightly past [0, 1])}, Q = locations of all levels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from visionfm_jax.models import dense_heads, vit
+
+
+class Detector(nn.Module):
+  backbone: nn.Module  # vit.ViT or swinv2.SwinV2 with num_classes=0
+  num_classes: int
+  levels: tuple[int, ...] = (8, 16, 32)  # nominal strides of the pyramid levels that predict
+  neck_channels: int = 256
+  head_channels: int = 256
+  num_convs: int = 2
+  prior_prob: float = 0.01
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, images, train: bool = False):
+    maps, strides = dense_heads.backbone_maps(self.backbone, images, train)
+    if isinstance(self.backbone, vit.ViT):
+      maps, strides = dense_heads.SimpleFeaturePyramid(self.backbone.patch_size, self.neck_channels, self.levels,
+                                                       self.dtype, name="neck")(maps[0])
+    else:
+      picked = [i for i, s in enumerate(strides) if int(s) in self.levels]
+      if len(picked) != len(self.levels):
+        raise ValueError(f"levels {self.levels}: the backbone's stages have strides {[int(s) for s in strides]}")
+      maps = dense_heads.FPN(self.neck_channels, input_norms=True, dtype=self.dtype, name="neck")(
+          [maps[i] for i in picked])
+      strides = [strides[i] for i in picked]
+    return dense_heads.DenseDetectionHead(self.num_classes, self.head_channels, self.num_convs, self.prior_prob,
+                                          self.dtype, name="head")(maps, strides, images.shape[1:3])
+
+
+def top_k_detections(logits: jax.Array, boxes: jax.Array, k: int) -> dict[str, jax.Array]:
+  """The k best (location, class) pairs per image by sigmoid score (no NMS), boxes clipped to [0, 1].
+
+  logits (B, Q, C), boxes (B, Q, 4) -> {"scores": (B, k), "classes": (B, k) int32, "boxes": (B, k, 4)}.
+  """
+  batch, queries, num_classes = logits.shape
+  k = min(k, queries * num_classes)
+  scores, flat = jax.lax.top_k(jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(batch, -1), k)
+  picked = jnp.take_along_axis(boxes.astype(jnp.float32), (flat // num_classes)[..., None], axis=1)
+  return {"scores": scores, "classes": (flat % num_classes).astype(jnp.int32), "boxes": jnp.clip(picked, 0.0, 1.0)}
