@@ -257,3 +257,12 @@ def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(
   trained_low = checkpoint.load_params(str(tmp_path / "w4"), target)
   loaded_high = checkpoint.load_params(str(tmp_path / "w8"), target)
   chex.assert_trees_all_equal(trained_low, loaded_high)
+
+
+def test_l2_normalize_has_finite_gradients_at_zero():
+  """Cosine attention normalises q and k; an all-zero row (a black patch at init) must not make the step NaN."""
+  from visionfm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  x = jnp.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]])
+  grads = jax.grad(lambda v: jnp.sum(layers.l2_normalize(v) * jnp.array([1.0, 2.0, 3.0])))(x)
+  assert bool(jnp.all(jnp.isfinite(grads)))
+  np.testing.assert_allclose(layers.l2_normalize(x)[1], [0.6, 0.0, 0.8], rtol=1e-6)

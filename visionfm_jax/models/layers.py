@@ -105,9 +105,11 @@ def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
-  """x / max(||x||, eps) over the last axis, in fp32 (fp16 squared norms overflow)."""
+  """x / max(||x||, eps) over the last axis, in fp32 (fp16 squared norms overflow). Written with rsqrt of the
+  clamped squared norm: `jnp.linalg.norm`'s gradient is 0/0 at an all-zero vector (a black patch in SwinV2's
+  cosine attention), which made the whole step NaN; this is finite there, like torch's F.normalize."""
   x = x.astype(jnp.float32)
-  return x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), eps)
+  return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
 def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head") -> jax.Array:
