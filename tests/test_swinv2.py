@@ -266,3 +266,22 @@ def test_l2_normalize_has_finite_gradients_at_zero():
   grads = jax.grad(lambda v: jnp.sum(layers.l2_normalize(v) * jnp.array([1.0, 2.0, 3.0])))(x)
   assert bool(jnp.all(jnp.isfinite(grads)))
   np.testing.assert_allclose(layers.l2_normalize(x)[1], [0.6, 0.0, 0.8], rtol=1e-6)
+
+
+@pytest.mark.parametrize("shifted_stage", [True, False])
+def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
+  """attention='auto' (jax.nn.dot_product_attention; the cuDNN path on GPU takes the same folded layout, bias
+  and scale) computes what the einsum path does, with and without the shift mask; gradients too."""
+  from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  windows = jnp.asarray(rng.normal(size=(2, 4, 16, 12)), jnp.float32)  # B, nW, N (4x4 windows), C
+  regions = jnp.asarray(rng.integers(0, 3, (4, 16))) if shifted_stage else None
+  modules = {a: swinv2.WindowAttention(num_heads=3, window=4, pretrained_window=4, attention=a)
+             for a in ("xla", "auto")}
+  params = modules["xla"].init(jax.random.key(0), windows, regions)
+  params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
+  outs = {a: m.apply(params, windows, regions) for a, m in modules.items()}
+  np.testing.assert_allclose(outs["auto"], outs["xla"], rtol=1e-5, atol=1e-5)
+  grads = {a: jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, windows, regions))))(params)
+           for a, m in modules.items()}
+  chex.assert_trees_all_close(grads["auto"], grads["xla"], rtol=1e-4, atol=1e-5)

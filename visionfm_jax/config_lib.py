@@ -23,7 +23,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   """
   common = dict(name=name, num_classes=1000, image_size=224, drop_path=0.0, dropout=0.0, head_bias_init=0.0,
                 scan=True, remat_policy="nothing_saveable",
-                attention="xla")  # xla | cudnn (jax.nn.dot_product_attention on GPU; ViT only)
+                attention="xla")  # xla | cudnn | auto (jax.nn.dot_product_attention; cuDNN flash attention on GPU)
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True)  # pool: cls | gap
   elif name == "swinv2":
@@ -56,7 +56,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
             eos_id=3,  # pooled position: the first eos_id of each row (pool='eos')
             pool="eos",  # eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)
             layer_norm_eps=1e-5,
-            attention="xla",  # xla | cudnn (causal)
+            attention="xla",  # xla | cudnn | auto (causal)
         )),
     )
   elif name == "aurora":

@@ -138,10 +138,12 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
   """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
 
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i.
-  `implementation='cudnn'` routes to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU).
+  `implementation='cudnn'` routes to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), 'auto' to
+  the same function letting JAX choose (cuDNN where it applies, else XLA).
   """
-  if implementation == "cudnn":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, implementation="cudnn")
+  if implementation in ("cudnn", "auto"):
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
+                                        implementation="cudnn" if implementation == "cudnn" else None)
   scale = q.shape[-1] ** -0.5
   logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
   if bias is not None:

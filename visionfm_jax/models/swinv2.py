@@ -59,6 +59,7 @@ EXTRA_NORM_SCOPES = ("stage", "global")
 CPB_HIDDEN = 512
 PATCH_NORM_EPS = 1e-5
 MASK_VALUE = -100.0
+ATTENTION = ("xla", "cudnn", "auto")
 MAX_LOGIT_SCALE = math.log(100.0)
 
 
@@ -179,6 +180,7 @@ class WindowAttention(nn.Module):
   window: int
   pretrained_window: int
   dtype: Any = jnp.float32
+  attention: str = "xla"  # xla | cudnn | auto: see `fused_window_attention`
 
   @nn.compact
   def __call__(self, windows, regions=None):
@@ -199,17 +201,41 @@ class WindowAttention(nn.Module):
     # Cosine similarity with the normalisation in fp32 (fp16 norms overflow), matmul in the compute dtype.
     q = layers.l2_normalize(q).astype(self.dtype)
     k = layers.l2_normalize(k).astype(self.dtype)
-    logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=jnp.float32)
     logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
                              (self.num_heads,))
-    logits = logits * jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))[:, None, None]
-    logits = logits + ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
-    if regions is not None:
-      mask = jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
-      logits = logits + mask[None, :, None]
-    weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v)
+    scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
+    bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
+    mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
+    if self.attention == "xla":
+      logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=jnp.float32)
+      logits = logits * scale[:, None, None] + bias
+      if mask is not None:
+        logits = logits + mask[None, :, None]
+      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
+      out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v)
+    else:
+      out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.attention)
     return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
+
+
+def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
+  """Window attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU with 'cudnn'; 'auto'
+  lets JAX choose, XLA on CPU). q, k (cosine-normalised), v: (B, nW, N, heads, D); scale (heads,); bias (heads,
+  N, N); mask (nW, N, N) or None.
+
+  The windows are folded into the head axis, (B, N, nW * heads, D), so that the bias, which differs per window
+  (shift mask) and per head (position bias) but not per image, broadcasts over the batch as (1, nW * heads, N, N)
+  instead of being tiled B times. The per-head scale is folded into q. The bias is passed in the compute dtype
+  (the kernels take one dtype): in bf16 a position bias near its maximum of 16 rounds by up to 0.06.
+  """
+  batch, windows, tokens, heads, dim = q.shape
+  fold = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(batch, tokens, windows * heads, dim)
+  full_bias = bias[None] if mask is None else bias[None] + mask[:, None]
+  full_bias = jnp.broadcast_to(full_bias, (windows, heads, tokens, tokens)).reshape(1, windows * heads, tokens, tokens)
+  q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
+  out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
+                                     implementation="cudnn" if attention == "cudnn" else None)
+  return out.reshape(batch, tokens, windows, heads, dim).transpose(0, 2, 1, 3, 4)
 
 
 class SwinBlock(nn.Module):
@@ -225,6 +251,7 @@ class SwinBlock(nn.Module):
   stochastic_depth: bool = False
   deterministic: bool = True
   dtype: Any = jnp.float32
+  attention: str = "xla"
 
   @nn.compact
   def __call__(self, x, per_block):
@@ -252,7 +279,7 @@ class SwinBlock(nn.Module):
       # Scanned stages share one body, so the shift is data (`shifted`), not structure.
       y = jnp.where(shifted, jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2)), y)
       regions = jnp.where(shifted, shift_regions(y.shape[1], y.shape[2], w, self.shift), 0)
-    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, name="attn")(
+    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, name="attn")(
         partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
     if self.shift:
@@ -295,6 +322,7 @@ class SwinV2(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
+  attention: str = "xla"  # xla (einsums) | cudnn | auto (jax.nn.dot_product_attention, `fused_window_attention`)
 
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
@@ -351,7 +379,8 @@ class SwinV2(nn.Module):
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
                             pretrained_window=pretrained[s], mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
-                            stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype),
+                            stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype,
+                            attention=self.attention),
           name=f"stage_{s}")(x, per_block)
       stages.append(stage_out)
       start += depth
@@ -397,11 +426,10 @@ def build(model_cfg, dtype) -> SwinV2:
                 patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy)
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
-  if model_cfg.attention != "xla":
-    raise ValueError(f"attention={model_cfg.attention!r}: SwinV2's cosine attention with position bias runs on "
-                     "'xla' only")
+  if model_cfg.attention not in ATTENTION:
+    raise ValueError(f"attention={model_cfg.attention!r}: expected one of {ATTENTION}")
   model = SwinV2(**kwargs)
   model.stage_settings()  # config errors at build time, not at the first trace
   return model

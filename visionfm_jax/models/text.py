@@ -102,7 +102,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
-  attention: str = "xla"  # xla | cudnn
+  attention: str = "xla"  # xla | cudnn | auto
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
 
   @nn.compact
@@ -172,8 +172,8 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> 
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
   if text_cfg.pool not in ("eos", "cls"):
     raise ValueError(f"text.pool={text_cfg.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
-  if text_cfg.attention not in ("xla", "cudnn"):
-    raise ValueError(f"text.attention={text_cfg.attention!r}: expected 'xla' or 'cudnn'")
+  if text_cfg.attention not in ("xla", "cudnn", "auto"):
+    raise ValueError(f"text.attention={text_cfg.attention!r}: expected 'xla', 'cudnn' or 'auto'")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
                 remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool)
