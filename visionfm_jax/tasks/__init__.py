@@ -5,8 +5,12 @@ from visionfm_jax.tasks.aurora import AuroraTask
 from visionfm_jax.tasks.base import EvalContext, Task
 from visionfm_jax.tasks.classification import ClassificationTask
 from visionfm_jax.tasks.contrastive import ContrastiveTask
+from visionfm_jax.tasks.detection import DetectionTask
+from visionfm_jax.tasks.segmentation import SegmentationTask
 
 TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "aurora": AuroraTask}
+TASKS["segmentation"] = SegmentationTask
+TASKS["detection"] = DetectionTask
 
 
 def build(config, mesh=None) -> Task:
