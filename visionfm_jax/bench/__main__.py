@@ -30,10 +30,11 @@ import statistics
 import sys
 
 import jax
+import jax.numpy as jnp
 from absl import flags
 from ml_collections import config_flags
 
-from visionfm_jax import config_lib
+from visionfm_jax import config_lib, models
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import cli
@@ -82,10 +83,12 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
     raise ConfigError(f"--devices={devices}: a single process has {jax.device_count()} devices")
   mesh_devices = jax.devices()[:devices] if devices else jax.devices()
   config_lib.validate(config, len(mesh_devices))
+  if compare == "torch":  # a config without a twin fails before anything compiles
+    from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
+    torch_twin.twin_architecture(config, models.build(config.model, jnp.float32))
   ours = step_lib.JaxStep(config, mesh_devices)
   runners = {"ours": ours}
   if compare == "torch":
-    from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
     runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
   for _ in range(warmup):
     for runner in runners.values():

@@ -15,6 +15,7 @@ import time
 import jax
 import numpy as np
 
+from visionfm_jax import optim as optim_lib
 from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.models import swinv2, vit
 
@@ -32,8 +33,21 @@ def hf_config_dict(model) -> dict:
                     f"classifiers do")
 
 
+def twin_architecture(config, model) -> tuple[str, dict]:
+  """(transformers class name, its config fields) of `model`'s twin; a ConfigError when it has none. Cheap:
+  the benchmark calls it before compiling anything."""
+  if config.task != "classification" or not config.model.get("num_classes"):
+    raise ConfigError("--compare=torch: only classification configs (a ViT or SwinV2 with a head) have a twin")
+  fields = hf_config_dict(model)
+  arch = fields.pop("architectures")[0]
+  if not arch.endswith("ForImageClassification"):
+    raise ConfigError(f"--compare=torch: the twin of this model is a {arch} without a classifier")
+  return arch, fields
+
+
 class TorchStep:
-  """One training step of the twin: forward, cross-entropy, backward, global-norm clipping, AdamW."""
+  """One training step of the twin: forward, cross-entropy, backward, global-norm clipping, AdamW at our
+  learning-rate schedule."""
 
   def __init__(self, config, model, batch: dict[str, np.ndarray]):
     try:
@@ -41,12 +55,7 @@ class TorchStep:
       import transformers  # pylint: disable=g-import-not-at-top
     except ImportError as e:
       raise UserError(f"--compare=torch needs torch and transformers installed ({e})") from e
-    if config.task != "classification" or not config.model.get("num_classes"):
-      raise ConfigError("--compare=torch: only classification configs (a ViT or SwinV2 with a head) have a twin")
-    fields = hf_config_dict(model)
-    arch = fields.pop("architectures")[0]
-    if not arch.endswith("ForImageClassification"):
-      raise ConfigError(f"--compare=torch: the twin of this model is a {arch} without a classifier")
+    arch, fields = twin_architecture(config, model)
     self.torch = torch
     platform = jax.devices()[0].platform
     self.device = torch.device("cuda" if platform == "gpu" else "cpu")
@@ -58,6 +67,8 @@ class TorchStep:
     self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
                                        eps=optim.eps, weight_decay=optim.weight_decay)
     self.clip_norm = optim.clip_norm
+    self.schedule = optim_lib.schedule(optim, config.total_steps)  # ours: warmup then cosine
+    self.step = 0
     images = np.ascontiguousarray(batch["image"].transpose(0, 3, 1, 2), dtype=np.float32) / 255.0
     self.images = torch.from_numpy(images).to(self.device)
     self.labels = torch.from_numpy(batch["label"].astype(np.int64)).to(self.device)
@@ -87,7 +98,15 @@ class TorchStep:
       self.optimizer.step()
     return loss
 
+  def _next_lr(self):
+    """Sets the learning rate of the coming step from our schedule (outside the timed region)."""
+    lr = float(self.schedule(self.step))
+    for group in self.optimizer.param_groups:
+      group["lr"] = lr
+    self.step += 1
+
   def timed_step(self) -> tuple[float, float]:
+    self._next_lr()
     wall, cpu = time.perf_counter(), time.process_time()
     self._step()
     if self.device.type == "cuda":
@@ -95,6 +114,7 @@ class TorchStep:
     return time.perf_counter() - wall, time.process_time() - cpu
 
   def loss(self) -> float:
+    self._next_lr()
     return float(self._step().detach())
 
 
