@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from visionfm_jax import models, precision
+from visionfm_jax.errors import ConfigError, DataError
 
 
 @dataclasses.dataclass
@@ -84,6 +85,18 @@ class Task:
     local, features, aux = self.local_loss(params, batch, rng, self.loss_normalizers(batch))
     global_, global_aux = self.global_loss(params, features)
     return local + global_, {**aux, **global_aux}
+
+  def check_class_count(self, class_names: Callable[[], list[str]], field: str, num_classes: int,
+                        what: str = "classes") -> None:
+    """ConfigError when the data source names more classes than the head has (labels would index past it);
+    nothing when the source has no class names (or no data: the loader says so next)."""
+    try:
+      names = class_names()
+    except DataError:
+      return
+    if len(names) > num_classes:
+      raise ConfigError(f"{field}={num_classes} but config.data.source={self.config.data.source!r} has "
+                        f"{len(names)} {what}; set --{field}={len(names)}")
 
   def train_flops_per_example(self) -> float | None:
     return None

@@ -8,7 +8,6 @@ import numpy as np
 import optax
 
 from visionfm_jax import data, flops
-from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import classification as classification_eval, probe
 from visionfm_jax.tasks.base import EvalContext, Task
 
@@ -27,20 +26,10 @@ class ClassificationTask(Task):
     return loss, {"train/top1": top1}
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    self._check_num_classes()
+    self.check_class_count(lambda: data.class_names(self.config.data.source, self.config.data),
+                           "config.model.num_classes", self.config.model.num_classes)
     return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
                                   process_index=process_index, process_count=process_count)
-
-  def _check_num_classes(self):
-    """A source that names more classes than the head has is a ConfigError (labels would index past it)."""
-    try:
-      names = data.class_names(self.config.data.source, self.config.data)
-    except DataError:
-      return  # no class names (or no data: the loader says so next)
-    if len(names) > self.config.model.num_classes:
-      raise ConfigError(f"config.model.num_classes={self.config.model.num_classes} but config.data.source="
-                        f"{self.config.data.source!r} has {len(names)} classes; set "
-                        f"--config.model.num_classes={len(names)}")
 
   def evaluators(self, ctx: EvalContext):
     def predict(params, images):

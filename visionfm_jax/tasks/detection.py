@@ -35,7 +35,7 @@ import numpy as np
 
 from visionfm_jax import data, losses, matching
 from visionfm_jax.data import dense as dense_data
-from visionfm_jax.errors import ConfigError, DataError
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import detector
 from visionfm_jax.tasks.base import EvalContext, Task
@@ -103,19 +103,10 @@ class DetectionTask(Task):
       raise ConfigError(f"config.head.levels={tuple(self.config.head.levels)}: {e}") from e
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    self._check_num_classes()
+    self.check_class_count(lambda: dense_data.class_names(self.config.data, "detection"), "config.head.num_classes",
+                           self.config.head.num_classes)
     return data.make_dense_train_loader(self.config.data, "detection", batch_size=batch_size, seed=seed,
                                         process_index=process_index, process_count=process_count)
-
-  def _check_num_classes(self):
-    try:
-      names = dense_data.class_names(self.config.data, "detection")
-    except DataError:
-      return  # no class names (or no data: the loader says so next)
-    if len(names) > self.config.head.num_classes:
-      raise ConfigError(f"config.head.num_classes={self.config.head.num_classes} but config.data.source="
-                        f"{self.config.data.source!r} has {len(names)} classes; set "
-                        f"--config.head.num_classes={len(names)}")
 
   def evaluators(self, ctx: EvalContext):
     ground_truth = data.coco_ground_truth(self.config.data, self.config.data.eval_split)

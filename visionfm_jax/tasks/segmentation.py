@@ -23,7 +23,7 @@ import numpy as np
 
 from visionfm_jax import losses
 from visionfm_jax.data import dense as dense_data
-from visionfm_jax.errors import ConfigError, DataError
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator
 from visionfm_jax.models import segmenter
 from visionfm_jax.tasks.base import EvalContext, Task
@@ -97,19 +97,10 @@ class SegmentationTask(Task):
                                            self.eval_window, self.eval_stride, self.num_classes)
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    self._check_num_classes()
+    self.check_class_count(lambda: dense_data.class_names(self.config.data, KIND), "config.head.num_classes",
+                           self.num_classes, what="segmentation classes")
     return dense_data.make_dense_train_loader(self.config.data, KIND, batch_size=batch_size, seed=seed,
                                               process_index=process_index, process_count=process_count)
-
-  def _check_num_classes(self):
-    try:
-      names = dense_data.class_names(self.config.data, KIND)
-    except DataError:
-      return  # no class names (or no data: the loader says so next)
-    if len(names) > self.num_classes:
-      raise ConfigError(f"config.head.num_classes={self.num_classes} but config.data.source="
-                        f"{self.config.data.source!r} has {len(names)} segmentation classes; set "
-                        f"--config.head.num_classes={len(names)}")
 
   def evaluators(self, ctx: EvalContext):
     evaluator = SegmentationEvaluator(self.predict, ctx, self.num_classes, IGNORE)
