@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from visionfm_jax.bench import __main__ as bench
+from visionfm_jax.bench import primitives
 
 TINY = ["--config.global_batch_size=4", "--devices=1", "--config.precision.compute_dtype=float32", "--config.strategy=ddp",
         "--config.model.image_size=32", "--config.data.image_size=32", "--config.model.num_classes=10",
@@ -44,3 +45,22 @@ def test_bench_rejects_what_has_no_twin(capsys):
   code, _, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--config.model.pool=gap",
                       "--compare=torch")
   assert code == 2 and "pool" in err
+
+
+def test_primitives_times_matmuls_against_torch_and_both_sums(capsys):
+  code = primitives.main(["primitives", "--gemm=16x8x4,9x3x5", "--reduce=4x3x5:2", "--repeats=2"])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert [row["gemm"] for row in result["gemm"]] == ["16x8x4", "9x3x5"]
+  for row in result["gemm"]:
+    assert row["ours_gflops"] > 0 and row["torch_gflops"] > 0
+  assert result["reduce"][0]["reduce"] == "4x3x5:2" and result["reduce"][0]["sum_leading_ms"] > 0
+
+
+@pytest.mark.parametrize("flag,message", [("--gemm=16x8", "MxKxN"), ("--gemm=16xaxb", "not a shape"),
+                                          ("--reduce=4x3x5:3", "AXES"), ("--repeats=0", "repeats")])
+def test_primitives_rejects_bad_shapes(capsys, flag, message):
+  code = primitives.main(["primitives", flag])
+  _, err = capsys.readouterr()
+  assert code == 2 and message in err, err

@@ -285,3 +285,15 @@ def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
   grads = {a: jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, windows, regions))))(params)
            for a, m in modules.items()}
   chex.assert_trees_all_close(grads["auto"], grads["xla"], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("window", [1, 2, 5])
+def test_expand_offsets_is_the_index_gather_with_its_gradient(window):
+  rng = np.random.default_rng(window)
+  per_offset = jnp.asarray(rng.normal(size=(3, (2 * window - 1) ** 2)).astype(np.float32))
+  weights = jnp.asarray(rng.normal(size=(3, window ** 2, window ** 2)).astype(np.float32))
+  index = swinv2.relative_position_index(window).reshape(-1)
+  gather = lambda t: t[:, index].reshape(3, window ** 2, window ** 2)
+  chex.assert_trees_all_equal(swinv2.expand_offsets(per_offset, window), gather(per_offset))
+  grad = jax.grad(lambda t: jnp.sum(swinv2.expand_offsets(t, window) * weights))(per_offset)
+  chex.assert_trees_all_close(grad, jax.grad(lambda t: jnp.sum(gather(t) * weights))(per_offset), atol=1e-5)

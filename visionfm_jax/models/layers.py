@@ -6,12 +6,15 @@ mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and los
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
 import flax.linen as nn
+from flax.core import meta
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from visionfm_jax.parallel import sharding
 
@@ -62,15 +65,93 @@ def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_elem
   return out.reshape(free_lhs + free_rhs)
 
 
+def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
+  """Sums `x` over its first `num_axes` axes as a ones-vector matmul (fp32 accumulation, full precision).
+
+  This is the gradient of every parameter broadcast over tokens (biases, norm scales, position embeddings and
+  biases). XLA's CPU backend reduces over leading axes up to 50x slower than it multiplies by a ones vector
+  (a (128, 3*196*196) sum: 170-260 ms vs 3 ms on 2 cores, jaxlib 0.10); on GPU both are a cheap pass."""
+  if num_axes == 0:
+    return x
+  leading = tuple(range(num_axes))  # contracted in place (no reshape), so sharded axes stay as they are
+  total = jax.lax.dot_general(jnp.ones(x.shape[:num_axes], x.dtype), x, ((leading, leading), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return total.astype(x.dtype)
+
+
+def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+  """`jnp.broadcast_to(x, shape)` for an `x` whose shape is a suffix of `shape` (a bias over tokens), whose
+  gradient is `sum_leading` instead of XLA's reduction."""
+  shape = tuple(shape)
+  if tuple(shape[len(shape) - x.ndim:]) != tuple(x.shape):
+    raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
+  return _broadcast_over(len(shape) - x.ndim, shape)(x)
+
+
+@functools.cache
+def _broadcast_over(num_leading: int, shape: tuple[int, ...]):
+  @jax.custom_vjp
+  def broadcast(x):
+    return jnp.broadcast_to(x, shape)
+
+  def fwd(x):
+    return broadcast(x), None
+
+  def bwd(_, grad):
+    return (sum_leading(grad, num_leading),)
+
+  broadcast.defvjp(fwd, bwd)
+  return broadcast
+
+
+def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
+  """Calls `init` with the (inputs, outputs) matrix shape and reshapes (as flax's DenseGeneral does), so a
+  (C, 3, heads, head_dim) kernel has the fan-in/fan-out of a C x 3C matrix."""
+  def wrapped(rng, shape, dtype=jnp.float32):
+    flat = (math.prod(shape[:num_in]), math.prod(shape[num_in:])) if num_in else (math.prod(shape),)
+    value = init(rng, flat, dtype)
+    if isinstance(value, meta.AxisMetadata):
+      return meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+    return jnp.reshape(value, shape)
+  return wrapped
+
+
+class Dense(nn.Module):
+  """y = x . kernel + bias over the input axes `axis` (params `kernel` (in axes..., features...) and `bias`
+  (features...), as flax's DenseGeneral). The product is one 2-D matmul (`flat_dot_general`) and the bias
+  broadcasts with `broadcast_leading`, whose gradient is a matmul rather than XLA's slow CPU reduction."""
+  features: int | tuple[int, ...]
+  axis: int | tuple[int, ...] = -1
+  use_bias: bool = True
+  dtype: Dtype = jnp.float32
+  param_dtype: Dtype = jnp.float32
+  kernel_init: Callable[..., Any] = nn.initializers.xavier_uniform()
+  bias_init: Callable[..., Any] = nn.initializers.zeros
+
+  @nn.compact
+  def __call__(self, x):
+    features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
+    axes = (self.axis,) if isinstance(self.axis, int) else tuple(self.axis)
+    axes = tuple(sorted(a % x.ndim for a in axes))
+    if axes != tuple(range(x.ndim - len(axes), x.ndim)):
+      raise ValueError(f"Dense contracts trailing axes only; got axis={self.axis} for an input of rank {x.ndim}")
+    kernel_shape = tuple(x.shape[a] for a in axes) + features
+    kernel = self.param("kernel", _flat_init(self.kernel_init, len(axes)), kernel_shape, self.param_dtype)
+    contract = tuple(range(len(axes)))
+    y = flat_dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((axes, contract), ((), ())))
+    if self.use_bias:
+      bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype)
+      y = y + broadcast_leading(bias.astype(self.dtype), y.shape)
+    return y
+
+
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
           use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-          name: str | None = None) -> nn.DenseGeneral:
-  """A DenseGeneral whose kernel axes are `names` (input axes then output axes) and bias the output axes."""
+          name: str | None = None) -> Dense:
+  """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes."""
   out_ndim = 1 if isinstance(features, int) else len(features)
-  return nn.DenseGeneral(
-      features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-      kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name,
-      dot_general=flat_dot_general)
+  return Dense(features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
+               kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name)
 
 
 def patchify_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
@@ -119,7 +200,8 @@ def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str 
 
 
 class LayerNorm(nn.Module):
-  """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`."""
+  """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`. Params live under
+  `ln/` (`scale`, `bias`)."""
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   axis_name: str = EMBED
@@ -128,10 +210,25 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale_init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
-    y = nn.LayerNorm(epsilon=self.epsilon, dtype=jnp.float32, param_dtype=jnp.float32,
-                     scale_init=logical(scale_init, (self.axis_name,)),
-                     bias_init=logical(nn.initializers.zeros, (self.axis_name,)), name="ln")(x.astype(jnp.float32))
-    return y.astype(self.dtype)
+    return _Normalize(self.epsilon, scale_init, self.axis_name, name="ln")(x).astype(self.dtype)
+
+
+class _Normalize(nn.Module):
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in fp32; scale and bias broadcast with
+  `broadcast_leading` (their gradients are matmuls)."""
+  epsilon: float
+  scale_init: Callable[..., Any]
+  axis_name: str
+
+  @nn.compact
+  def __call__(self, x):
+    x = x.astype(jnp.float32)
+    width = x.shape[-1]
+    scale = self.param("scale", logical(self.scale_init, (self.axis_name,)), (width,), jnp.float32)
+    bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (width,), jnp.float32)
+    centered = x - jnp.mean(x, axis=-1, keepdims=True)
+    normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.epsilon)
+    return normed * broadcast_leading(scale, x.shape) + broadcast_leading(bias, x.shape)
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "xla"):
@@ -139,22 +236,77 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
 
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i.
   `implementation='cudnn'` routes to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), 'auto' to
-  the same function letting JAX choose (cuDNN where it applies, else XLA).
+  the same function letting JAX choose (cuDNN where it applies, else XLA); 'xla' to `softmax_attention`.
   """
   if implementation in ("cudnn", "auto"):
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
                                         implementation="cudnn" if implementation == "cudnn" else None)
-  scale = q.shape[-1] ** -0.5
-  logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k).astype(jnp.float32)
-  if bias is not None:
-    logits = logits + bias
   if causal:
     below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
     mask = below if mask is None else jnp.logical_and(mask, below)
+  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
+  scale = q.shape[-1] ** -0.5
+  out = softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
+                          bias=bias, mask=mask)
+  return heads_first(out)
+
+
+def softmax_attention(q, k, v, *, bias=None, mask=None):
+  """softmax(q k^T + bias, masked) v over (..., H, T, D) inputs (q already scaled), logits and softmax in fp32.
+
+  `bias` (differentiable) is an additive term whose shape is a suffix of (..., H, T_q, T_k) (a position bias
+  (H, T_q, T_k), or per window (nW, H, T_q, T_k)); `mask` (boolean, True = may attend) broadcasts to the
+  logits. A custom VJP written from the softmax's Jacobian: the backward is four batched matmuls and one
+  elementwise pass, dS = P * (dP - rowsum(dO * O)), instead of the several passes over the (T_q, T_k)
+  matrices autodiff makes of the softmax; the bias gradient is `sum_leading` of dS.
+  """
+  lead = q.ndim - 2
+  if bias is not None and tuple(bias.shape) != tuple(q.shape[:lead] + (q.shape[-2], k.shape[-2]))[-bias.ndim:]:
+    raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape "
+                     f"{q.shape[:lead] + (q.shape[-2], k.shape[-2])}")
+  return _attention_fn(bias is not None, mask is not None)(q, k, v, bias, mask)
+
+
+def _attention_probs(q, k, bias, mask):
+  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-  return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+  logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+  unnormalised = jnp.exp(logits)
+  return unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
+
+
+@functools.cache
+def _attention_fn(has_bias: bool, has_mask: bool):
+  @jax.custom_vjp
+  def attention(q, k, v, bias, mask):
+    return fwd(q, k, v, bias, mask)[0]
+
+  def fwd(q, k, v, bias, mask):
+    probs = _attention_probs(q, k, bias, mask).astype(v.dtype)
+    out = jnp.einsum("...qk,...kd->...qd", probs, v)
+    return out, (q, k, v, probs, out, bias, mask)
+
+  def bwd(residuals, grad_out):
+    q, k, v, probs, out, bias, mask = residuals
+    grad_v = jnp.einsum("...qk,...qd->...kd", probs, grad_out)
+    grad_probs = jnp.einsum("...qd,...kd->...qk", grad_out, v, preferred_element_type=jnp.float32)
+    row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    grad_logits = probs.astype(jnp.float32) * (grad_probs - row)
+    grad_q = jnp.einsum("...qk,...kd->...qd", grad_logits.astype(q.dtype), k)
+    grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
+    grad_bias = None
+    if has_bias:
+      grad_bias = sum_leading(grad_logits, grad_logits.ndim - bias.ndim).astype(bias.dtype)
+    grad_mask = None
+    if has_mask:
+      grad_mask = np.zeros(mask.shape, jax.dtypes.float0)
+    return grad_q, grad_k, grad_v, grad_bias, grad_mask
+
+  attention.defvjp(fwd, bwd)
+  return attention
 
 
 class SelfAttention(nn.Module):
@@ -235,6 +387,13 @@ class CrossAttention(nn.Module):
     return self.out(out)
 
 
+def gelu(x: jax.Array) -> jax.Array:
+  """Exact (erf) GELU, x * Phi(x), written as x/2 * (1 + erf(x / sqrt 2)) as in PyTorch and transformers.
+  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA's CPU backend runs as three passes over the
+  MLP activations (forward) where erf's polynomial fuses into one."""
+  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
+
+
 class Mlp(nn.Module):
   """Linear -> exact GELU -> Linear."""
   hidden: int
@@ -246,7 +405,7 @@ class Mlp(nn.Module):
   def __call__(self, x):
     width = x.shape[-1]
     y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6))(x)
-    y = nn.gelu(y, approximate=False)
+    y = gelu(y)
     y = constrain(y, (BATCH, LENGTH, ACT_MLP))
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6))(y)

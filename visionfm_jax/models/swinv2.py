@@ -31,6 +31,7 @@ reference). Cosine normalisation, norms, the position bias and softmax run in fp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Sequence
 
@@ -124,13 +125,54 @@ def relative_coords_table(window: int, pretrained_window: int) -> np.ndarray:
   return (np.sign(table) * np.log2(np.abs(table) + 1.0) / np.log2(8.0)).astype(np.float32)
 
 
-def relative_position_index(window: int) -> jax.Array:
+def relative_position_index(window: int) -> np.ndarray:
   """(N, N) index into the offset table for query i, key j of a window: (dh + W-1)(2W-1) + (dw + W-1)."""
-  pos = jnp.arange(window * window)
+  pos = np.arange(window * window)
   rows, cols = pos // window, pos % window
   dh = rows[:, None] - rows[None, :] + window - 1
   dw = cols[:, None] - cols[None, :] + window - 1
   return dh * (2 * window - 1) + dw
+
+
+def expand_offsets(per_offset: jax.Array, window: int) -> jax.Array:
+  """(H, (2W-1)^2) values per offset -> (H, N, N) values per (query, key) pair of a W x W window: the gather by
+  `relative_position_index`, with a custom gradient. Autodiff would scatter-add the (H, N^2) gradient into the
+  table, which XLA's CPU backend runs serially (70 ms per SwinV2-T stage-0 block); every offset is a pair of
+  diagonals of the (W, W, W, W) gradient, summed here with reshapes (`_diagonal_sums`)."""
+  return _expand_offsets_fn(window)(per_offset)
+
+
+@functools.cache
+def _expand_offsets_fn(window: int):
+  index = relative_position_index(window).reshape(-1)
+  n = window * window
+
+  @jax.custom_vjp
+  def expand(per_offset):
+    return per_offset[:, index].reshape(-1, n, n)
+
+  def fwd(per_offset):
+    return expand(per_offset), None
+
+  def bwd(_, grad):
+    heads = grad.shape[0]
+    g = grad.reshape(heads, window, window, window, window)  # (H, query row, query col, key row, key col)
+    g = _diagonal_sums(g.transpose(0, 2, 4, 1, 3))  # rows -> (H, query col, key col, row offset)
+    g = _diagonal_sums(g.transpose(0, 3, 1, 2))  # cols -> (H, row offset, col offset)
+    return (g.reshape(heads, -1),)
+
+  expand.defvjp(fwd, bwd)
+  return expand
+
+
+def _diagonal_sums(x: jax.Array) -> jax.Array:
+  """(..., W, W) -> (..., 2W-1): out[d] = sum of x[i, j] with i - j = d - (W - 1). Flipping j makes the
+  diagonal index i + j'; padding rows to 2W and re-reading them 2W-1 wide shifts row i by i, so the diagonals
+  become columns."""
+  w = x.shape[-1]
+  x = jnp.pad(jnp.flip(x, -1), [(0, 0)] * (x.ndim - 1) + [(0, w)])
+  x = x.reshape(x.shape[:-2] + (2 * w * w,))[..., :w * (2 * w - 1)]
+  return jnp.sum(x.reshape(x.shape[:-1] + (w, 2 * w - 1)), axis=-2)
 
 
 def shift_regions(height: int, width: int, window: int, shift: int) -> jax.Array:
@@ -169,9 +211,7 @@ class ContinuousPositionBias(nn.Module):
                           kernel_init=nn.initializers.truncated_normal(0.02))(table)
     per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
                               kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
-    n = self.window * self.window
-    bias = per_offset[relative_position_index(self.window).reshape(-1)].reshape(n, n, self.num_heads)
-    return 16.0 * jax.nn.sigmoid(bias.transpose(2, 0, 1))
+    return expand_offsets(16.0 * jax.nn.sigmoid(per_offset.T), self.window)
 
 
 class WindowAttention(nn.Module):
@@ -207,15 +247,24 @@ class WindowAttention(nn.Module):
     bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
     if self.attention == "xla":
-      logits = jnp.einsum("bwqhd,bwkhd->bwhqk", q, k, preferred_element_type=jnp.float32)
-      logits = logits * scale[:, None, None] + bias
-      if mask is not None:
-        logits = logits + mask[None, :, None]
-      weights = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-      out = jnp.einsum("bwhqk,bwkhd->bwqhd", weights, v)
+      out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask)
     else:
       out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.attention)
     return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
+
+
+def window_attention(q, k, v, scale, bias, mask):
+  """`layers.softmax_attention` over windows: q, k (cosine-normalised), v (B, nW, N, heads, D); scale (heads,);
+  bias (heads, N, N); mask (nW, N, N) or None. The per-head scale multiplies q (N x D numbers, not N x N), and
+  the position bias reaches the (B, nW, heads, N, N) logits through `broadcast_leading`, so its gradient (a
+  sum over batch and windows) is a matmul."""
+  heads_first = lambda t: jnp.swapaxes(t, 2, 3)
+  q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
+  full_bias = bias
+  if mask is not None:
+    full_bias = layers.broadcast_leading(bias, (mask.shape[0],) + bias.shape) + mask[:, None]
+  out = layers.softmax_attention(heads_first(q), heads_first(k), heads_first(v), bias=full_bias)
+  return heads_first(out)
 
 
 def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
@@ -274,16 +323,25 @@ class SwinBlock(nn.Module):
     w = self.window
     pad_h, pad_w = -height % w, -width % w
     y = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))) if pad_h or pad_w else x
+    # Scanned stages share one body, so there the shift is data (a traced `shifted`) and both the rolled and
+    # the plain map are computed; unrolled blocks get a numpy bool and only do what they need.
+    known = isinstance(shifted, (bool, np.bool_))
+    shift = 0 if known and not shifted else self.shift
+
+    def roll(t, by):
+      rolled = jnp.roll(t, by, axis=(1, 2))
+      return rolled if known else jnp.where(shifted, rolled, t)
+
     regions = None
-    if self.shift:
-      # Scanned stages share one body, so the shift is data (`shifted`), not structure.
-      y = jnp.where(shifted, jnp.roll(y, (-self.shift, -self.shift), axis=(1, 2)), y)
-      regions = jnp.where(shifted, shift_regions(y.shape[1], y.shape[2], w, self.shift), 0)
+    if shift:
+      y = roll(y, (-shift, -shift))
+      regions = shift_regions(y.shape[1], y.shape[2], w, shift)
+      regions = regions if known else jnp.where(shifted, regions, 0)
     y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, name="attn")(
         partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
-    if self.shift:
-      y = jnp.where(shifted, jnp.roll(y, (self.shift, self.shift), axis=(1, 2)), y)
+    if shift:
+      y = roll(y, (shift, shift))
     return y[:, :height, :width]
 
 
@@ -373,7 +431,7 @@ class SwinV2(nn.Module):
     start, stages = 0, []
     for s, depth in enumerate(self.depths):
       window, shift = stage_window(tuple(x.shape[1:3]), windows[s])
-      per_block = (jnp.asarray(rates[start:start + depth]), jnp.arange(depth) % 2 == 1, jnp.asarray(extra[s]))
+      per_block = (jnp.asarray(rates[start:start + depth]), np.arange(depth) % 2 == 1, jnp.asarray(extra[s]))
       x, stage_out = SwinStage(
           depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, remat_policy=self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,

@@ -93,7 +93,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
                      (1, x.shape[1], self.width))
-    x = x + pos.astype(x.dtype)
+    x = x + layers.broadcast_leading(pos[0].astype(x.dtype), x.shape)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
     run_blocks = layers.stack_blocks(
