@@ -85,23 +85,25 @@ def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   shape = tuple(shape)
   if tuple(shape[len(shape) - x.ndim:]) != tuple(x.shape):
     raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
-  return _broadcast_over(len(shape) - x.ndim, shape)(x)
+  return _broadcast_leading(x, shape, len(shape) - x.ndim)
 
 
-@functools.cache
-def _broadcast_over(num_leading: int, shape: tuple[int, ...]):
-  @jax.custom_vjp
-  def broadcast(x):
-    return jnp.broadcast_to(x, shape)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _broadcast_leading(x, shape, num_leading):
+  del num_leading
+  return jnp.broadcast_to(x, shape)
 
-  def fwd(x):
-    return broadcast(x), None
 
-  def bwd(_, grad):
-    return (sum_leading(grad, num_leading),)
+def _broadcast_leading_fwd(x, shape, num_leading):
+  return _broadcast_leading(x, shape, num_leading), None
 
-  broadcast.defvjp(fwd, bwd)
-  return broadcast
+
+def _broadcast_leading_bwd(shape, num_leading, _, grad):
+  del shape
+  return (sum_leading(grad, num_leading),)
+
+
+_broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
 
 
 def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
@@ -264,7 +266,7 @@ def softmax_attention(q, k, v, *, bias=None, mask=None):
   if bias is not None and tuple(bias.shape) != tuple(q.shape[:lead] + (q.shape[-2], k.shape[-2]))[-bias.ndim:]:
     raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape "
                      f"{q.shape[:lead] + (q.shape[-2], k.shape[-2])}")
-  return _attention_fn(bias is not None, mask is not None)(q, k, v, bias, mask)
+  return _softmax_attention(q, k, v, bias, mask)
 
 
 def _attention_probs(q, k, bias, mask):
@@ -273,40 +275,35 @@ def _attention_probs(q, k, bias, mask):
     logits = logits + bias.astype(jnp.float32)
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  logits = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
-  unnormalised = jnp.exp(logits)
+  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
   return unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
 
 
-@functools.cache
-def _attention_fn(has_bias: bool, has_mask: bool):
-  @jax.custom_vjp
-  def attention(q, k, v, bias, mask):
-    return fwd(q, k, v, bias, mask)[0]
+@jax.custom_vjp
+def _softmax_attention(q, k, v, bias, mask):
+  return _softmax_attention_fwd(q, k, v, bias, mask)[0]
 
-  def fwd(q, k, v, bias, mask):
-    probs = _attention_probs(q, k, bias, mask).astype(v.dtype)
-    out = jnp.einsum("...qk,...kd->...qd", probs, v)
-    return out, (q, k, v, probs, out, bias, mask)
 
-  def bwd(residuals, grad_out):
-    q, k, v, probs, out, bias, mask = residuals
-    grad_v = jnp.einsum("...qk,...qd->...kd", probs, grad_out)
-    grad_probs = jnp.einsum("...qd,...kd->...qk", grad_out, v, preferred_element_type=jnp.float32)
-    row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-    grad_logits = probs.astype(jnp.float32) * (grad_probs - row)
-    grad_q = jnp.einsum("...qk,...kd->...qd", grad_logits.astype(q.dtype), k)
-    grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
-    grad_bias = None
-    if has_bias:
-      grad_bias = sum_leading(grad_logits, grad_logits.ndim - bias.ndim).astype(bias.dtype)
-    grad_mask = None
-    if has_mask:
-      grad_mask = np.zeros(mask.shape, jax.dtypes.float0)
-    return grad_q, grad_k, grad_v, grad_bias, grad_mask
+def _softmax_attention_fwd(q, k, v, bias, mask):
+  probs = _attention_probs(q, k, bias, mask).astype(v.dtype)
+  out = jnp.einsum("...qk,...kd->...qd", probs, v)
+  return out, (q, k, v, probs, out, bias, mask)
 
-  attention.defvjp(fwd, bwd)
-  return attention
+
+def _softmax_attention_bwd(residuals, grad_out):
+  q, k, v, probs, out, bias, mask = residuals
+  grad_v = jnp.einsum("...qk,...qd->...kd", probs, grad_out)
+  grad_probs = jnp.einsum("...qd,...kd->...qk", grad_out, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  grad_logits = probs.astype(jnp.float32) * (grad_probs - row)
+  grad_q = jnp.einsum("...qk,...kd->...qd", grad_logits.astype(q.dtype), k)
+  grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
+  grad_bias = None if bias is None else sum_leading(grad_logits, grad_logits.ndim - bias.ndim).astype(bias.dtype)
+  grad_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+  return grad_q, grad_k, grad_v, grad_bias, grad_mask
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class SelfAttention(nn.Module):

@@ -139,30 +139,28 @@ def expand_offsets(per_offset: jax.Array, window: int) -> jax.Array:
   `relative_position_index`, with a custom gradient. Autodiff would scatter-add the (H, N^2) gradient into the
   table, which XLA's CPU backend runs serially (70 ms per SwinV2-T stage-0 block); every offset is a pair of
   diagonals of the (W, W, W, W) gradient, summed here with reshapes (`_diagonal_sums`)."""
-  return _expand_offsets_fn(window)(per_offset)
+  return _expand_offsets(per_offset, window)
 
 
-@functools.cache
-def _expand_offsets_fn(window: int):
-  index = relative_position_index(window).reshape(-1)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _expand_offsets(per_offset, window):
   n = window * window
+  return per_offset[:, relative_position_index(window).reshape(-1)].reshape(-1, n, n)
 
-  @jax.custom_vjp
-  def expand(per_offset):
-    return per_offset[:, index].reshape(-1, n, n)
 
-  def fwd(per_offset):
-    return expand(per_offset), None
+def _expand_offsets_fwd(per_offset, window):
+  return _expand_offsets(per_offset, window), None
 
-  def bwd(_, grad):
-    heads = grad.shape[0]
-    g = grad.reshape(heads, window, window, window, window)  # (H, query row, query col, key row, key col)
-    g = _diagonal_sums(g.transpose(0, 2, 4, 1, 3))  # rows -> (H, query col, key col, row offset)
-    g = _diagonal_sums(g.transpose(0, 3, 1, 2))  # cols -> (H, row offset, col offset)
-    return (g.reshape(heads, -1),)
 
-  expand.defvjp(fwd, bwd)
-  return expand
+def _expand_offsets_bwd(window, _, grad):
+  heads = grad.shape[0]
+  g = grad.reshape(heads, window, window, window, window)  # (H, query row, query col, key row, key col)
+  g = _diagonal_sums(g.transpose(0, 2, 4, 1, 3))  # rows -> (H, query col, key col, row offset)
+  g = _diagonal_sums(g.transpose(0, 3, 1, 2))  # cols -> (H, row offset, col offset)
+  return (g.reshape(heads, -1),)
+
+
+_expand_offsets.defvjp(_expand_offsets_fwd, _expand_offsets_bwd)
 
 
 def _diagonal_sums(x: jax.Array) -> jax.Array:
