@@ -37,8 +37,27 @@ def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
   assert 0 < result["loss"] < np.log(10) + 0.5
   assert 0 < result["torch"]["loss"] < np.log(10) + 0.5
   assert result["ratio"] == pytest.approx(result["step_s"] / result["torch"]["step_s"])
+  low, high = result["ratio_ci90"]
+  assert result["steps"] == 2 and low <= result["ratio_paired"] <= high
+  assert result["verdict"] in ("faster", "slower", "within noise")
   assert result["versions"]["torch"] and result["versions"]["jax"]
   assert "ratio:" in out
+
+
+def test_paired_ratio_calls_a_side_faster_only_when_the_interval_excludes_1():
+  rng = np.random.default_rng(1)
+  load = rng.uniform(1.0, 1.6, 40)  # drift shared by both sides of a pair
+  theirs = 1.0 * load
+  faster = bench.paired_ratio(list(0.8 * load * rng.uniform(0.97, 1.03, 40)), list(theirs))
+  assert faster["verdict"] == "faster" and faster["ratio_ci90"][1] < 1
+  assert faster["ratio_paired"] == pytest.approx(0.8, abs=0.02)
+  slower = bench.paired_ratio(list(1.25 * load), list(theirs))
+  assert slower["verdict"] == "slower" and slower["ratio_paired"] == pytest.approx(1.25)
+  noisy = bench.paired_ratio(list(load * rng.uniform(0.6, 1.4, 40)), list(theirs))
+  assert noisy["verdict"] == "within noise"
+  low, high = noisy["ratio_ci90"]
+  assert low < 1 < high
+  assert bench.paired_ratio([2.0], [1.0]) == {"ratio_paired": 2.0, "ratio_ci90": [2.0, 2.0], "verdict": "slower"}
 
 
 def test_bench_rejects_what_has_no_twin(capsys):

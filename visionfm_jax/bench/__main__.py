@@ -6,9 +6,12 @@ train step (train.py's jit, shardings, donation and optimizer) on synthetic batc
 
 Any config field is overridable as in `main`. `--compare=torch` builds the PyTorch twin (HF transformers ViT or
 Swinv2 with the same architecture, batch, dtype, clipping and AdamW; bench/torch_twin.py) on the same machine and
-interleaves its steps with ours, one of each in turn, so that load from other jobs falls on both alike; `ratio`
-is our median step time over its (below 1: we are faster), `cpu_ratio` the same for the CPU seconds the two
-processes spent per step. Figures:
+interleaves its steps with ours, one of each in turn (who goes first alternates), so that load from other jobs
+falls on both alike; `ratio` is our median step time over its (below 1: we are faster), `cpu_ratio` the same for
+the CPU seconds the two processes spent per step. On a shared machine the load drifts from one second to the
+next, so the report also takes the ratio within each interleaved pair of steps: `ratio_paired` is their median
+and `ratio_ci90` a 90% bootstrap interval of that median (resampling the pairs); `verdict` says "faster" or
+"slower" only when the whole interval lies on one side of 1, else "within noise". Figures:
 
   step_s           median wall seconds of one step after `--warmup` steps (also min and max)
   img_per_sec      global batch / step_s
@@ -31,6 +34,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
@@ -75,6 +79,17 @@ def summarize(times: list[tuple[float, float]]) -> dict[str, float]:
           "cpu_s": statistics.median(cpus)}
 
 
+def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 2000, seed: int = 0) -> dict:
+  """The median of ours[i] / theirs[i] over interleaved pairs, a 90% percentile-bootstrap interval of it, and
+  whether that interval lies below 1 ("faster"), above 1 ("slower") or across it ("within noise")."""
+  ratios = np.asarray(ours, np.float64) / np.asarray(theirs, np.float64)
+  rng = np.random.default_rng(seed)
+  medians = np.median(ratios[rng.integers(0, len(ratios), (resamples, len(ratios)))], axis=1)
+  low, high = np.quantile(medians, [0.05, 0.95])
+  verdict = "faster" if high < 1 else "slower" if low > 1 else "within noise"
+  return {"ratio_paired": float(np.median(ratios)), "ratio_ci90": [float(low), float(high)], "verdict": verdict}
+
+
 def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0) -> dict:
   """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line."""
   if steps < 1 or warmup < 0:
@@ -94,12 +109,14 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
     for runner in runners.values():
       runner.timed_step()
   times = {side: [] for side in runners}
+  order = list(runners)
   for _ in range(steps):
-    for side, runner in runners.items():
-      times[side].append(runner.timed_step())
+    for side in order:
+      times[side].append(runners[side].timed_step())
+    order.reverse()  # neither side always runs right after the other
 
   result = {"config": name, "device": device_name(), "devices": len(mesh_devices),
-            "global_batch": config.global_batch_size, "dtype": config.precision.compute_dtype,
+            "global_batch": config.global_batch_size, "dtype": config.precision.compute_dtype, "steps": steps,
             **summarize(times["ours"])}
   result["img_per_sec"] = config.global_batch_size / result["step_s"]
   flops_per_step = ours.flops_per_step()
@@ -115,6 +132,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
                        "loss": runners[compare].loss(), "attention": runners[compare].attention}
     result["ratio"] = result["step_s"] / theirs["step_s"]
     result["cpu_ratio"] = result["cpu_s"] / theirs["cpu_s"]
+    result.update(paired_ratio([t[0] for t in times["ours"]], [t[0] for t in times[compare]]))
   result["versions"] = versions()
   return result
 
@@ -128,7 +146,10 @@ def _print_table(result: dict) -> None:
   if result.get("mfu") is not None:
     print(f"   mfu: {result['mfu']:.3f} ({result['model_tflops']:.1f} TFLOP/s of model FLOPs)")
   if "ratio" in result:
+    low, high = result["ratio_ci90"]
     print(f" ratio: {result['ratio']:.3f} (wall), {result['cpu_ratio']:.3f} (cpu seconds); below 1 = ours faster")
+    print(f"        per interleaved pair: median {result['ratio_paired']:.3f}, 90% interval [{low:.3f}, {high:.3f}]"
+          f" over {result['steps']} pairs: {result['verdict']}")
 
 
 def _body(name: str, fv, rest):
