@@ -24,7 +24,8 @@ from visionfm_jax.tools import summary
 
 
 def _params(model, size, batch=1):
-  return nn.unbox(model.init(jax.random.key(0), jnp.zeros((batch, size, size, 3))))["params"]
+  # Jitted: an eager init dispatches (and compiles) every primitive of the model one by one.
+  return nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((batch, size, size, 3))))["params"]
 
 
 def _count(tree) -> int:
@@ -110,8 +111,9 @@ def test_scanned_and_unrolled_stages_agree(policy):
   params = _params(scanned, 20)
   flat = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in params.items()}
   assert set(flat["stage_0"]) == {"blocks_0", "blocks_1", "blocks_2", "downsample"}
-  out_scan = scanned.apply({"params": params}, images)
-  out_unrolled = unrolled.apply({"params": flat}, images)
+  # Jitted: op-by-op dispatch compiles every small primitive of the tiny model separately, which is slower.
+  out_scan = jax.jit(scanned.apply)({"params": params}, images)
+  out_unrolled = jax.jit(unrolled.apply)({"params": flat}, images)
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
   restacked = {k: (stack_layers(v, len(v) - ("downsample" in v), name="blocks") if k.startswith("stage_") else v)
                for k, v in flat.items()}
@@ -119,8 +121,8 @@ def test_scanned_and_unrolled_stages_agree(policy):
 
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, images)["logits"] ** 2)
-  g_scan = jax.grad(lambda p: loss(scanned, p))(params)
-  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(flat)
+  g_scan = jax.jit(jax.grad(lambda p: loss(scanned, p)))(params)
+  g_unrolled = jax.jit(jax.grad(lambda p: loss(unrolled, p)))(flat)
   g_scan = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in g_scan.items()}
   chex.assert_trees_all_close(g_scan, g_unrolled, atol=1e-4, rtol=1e-4)
 
@@ -144,10 +146,11 @@ def test_stochastic_depth_rises_linearly_over_all_blocks_and_is_off_in_eval():
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   params = _params(model, 16)
   params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
-  a = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
-  b = model.apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
+  apply = jax.jit(model.apply, static_argnames="train")
+  a = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
+  b = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
   assert not np.allclose(a, b)
-  chex.assert_trees_all_close(model.apply({"params": params}, images), _small().apply({"params": params}, images))
+  chex.assert_trees_all_close(apply({"params": params}, images), jax.jit(_small().apply)({"params": params}, images))
   np.testing.assert_allclose(np.linspace(0.0, 0.4, 5), [0.0, 0.1, 0.2, 0.3, 0.4])
 
 

@@ -58,17 +58,17 @@ def test_scanned_and_unrolled_blocks_agree(policy):
   kwargs = dict(vit.parse_variant("pico/4"), num_classes=5, remat_policy=policy)
   scanned = vit.ViT(**kwargs, scan=True)
   unrolled = vit.ViT(**kwargs, scan=False)
-  params = nn.unbox(scanned.init(jax.random.key(0), _images()))["params"]
+  params = nn.unbox(jax.jit(scanned.init)(jax.random.key(0), _images()))["params"]
   flat = unstack_layers(params, 2)
-  out_scan = scanned.apply({"params": params}, _images())
-  out_unrolled = unrolled.apply({"params": flat}, _images())
+  out_scan = jax.jit(scanned.apply)({"params": params}, _images())
+  out_unrolled = jax.jit(unrolled.apply)({"params": flat}, _images())
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
   chex.assert_trees_all_equal(stack_layers(flat, 2), params)
 
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
-  g_scan = jax.grad(lambda p: loss(scanned, p))(params)
-  g_unrolled = jax.grad(lambda p: loss(unrolled, p))(flat)
+  g_scan = jax.jit(jax.grad(lambda p: loss(scanned, p)))(params)
+  g_unrolled = jax.jit(jax.grad(lambda p: loss(unrolled, p)))(flat)
   chex.assert_trees_all_close(unstack_layers(g_scan, 2), g_unrolled, atol=1e-4, rtol=1e-4)
 
 
