@@ -111,7 +111,6 @@ def test_scanned_and_unrolled_stages_agree(policy):
   params = _params(scanned, 20)
   flat = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in params.items()}
   assert set(flat["stage_0"]) == {"blocks_0", "blocks_1", "blocks_2", "downsample"}
-  # Jitted: op-by-op dispatch compiles every small primitive of the tiny model separately, which is slower.
   out_scan = jax.jit(scanned.apply)({"params": params}, images)
   out_unrolled = jax.jit(unrolled.apply)({"params": flat}, images)
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)

@@ -57,13 +57,14 @@ def parse_reductions(text: str) -> list[tuple[tuple[int, ...], int]]:
   return out
 
 
+def _elapsed_ms(fn) -> float:
+  start = time.perf_counter()
+  fn()
+  return (time.perf_counter() - start) * 1e3
+
+
 def _median_ms(fn, repeats: int) -> float:
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    times.append(time.perf_counter() - start)
-  return float(np.median(times) * 1e3)
+  return float(np.median([_elapsed_ms(fn) for _ in range(repeats)]))
 
 
 def time_gemms(gemms, repeats: int) -> list[dict]:
@@ -84,8 +85,8 @@ def time_gemms(gemms, repeats: int) -> list[dict]:
     ours(), theirs()
     ours_times, torch_times = [], []
     for _ in range(repeats):  # interleaved, so that load from other jobs falls on both alike
-      ours_times.append(_median_ms(ours, 1))
-      torch_times.append(_median_ms(theirs, 1))
+      ours_times.append(_elapsed_ms(ours))
+      torch_times.append(_elapsed_ms(theirs))
     flop = 2.0 * m * k * n
     ours_ms, torch_ms = float(np.median(ours_times)), float(np.median(torch_times))
     rows.append({"gemm": f"{m}x{k}x{n}", "ours_ms": ours_ms, "torch_ms": torch_ms,
