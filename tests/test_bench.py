@@ -60,6 +60,21 @@ def test_paired_ratio_calls_a_side_faster_only_when_the_interval_excludes_1():
   assert bench.paired_ratio([2.0], [1.0]) == {"ratio_paired": 2.0, "ratio_ci90": [2.0, 2.0], "verdict": "slower"}
 
 
+def test_bench_compiles_the_step_for_another_cpu_dot_library_and_trains_alike(capsys):
+  # xnn, not onednn: jaxlib 0.10.2's oneDNN fusions abort the process on this graph ("partition compile failed").
+  losses = {}
+  for dots in ("default", "xnn"):
+    code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, f"--cpu_dots={dots}")
+    assert code == 0, err
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["cpu_dots"] == dots
+    losses[dots] = result["loss"]
+  # Same init, batch and steps: only the matmul kernels differ, so the losses agree to fp32 rounding, and the
+  # steps did move the model off the zero head's exact ln(10).
+  assert losses["xnn"] == pytest.approx(losses["default"], rel=1e-5)
+  assert abs(losses["default"] - np.log(10)) > 1e-6
+
+
 def test_bench_rejects_what_has_no_twin(capsys):
   code, _, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--config.model.pool=gap",
                       "--compare=torch")
@@ -73,12 +88,33 @@ def test_primitives_times_matmuls_against_torch_and_both_sums(capsys):
   result = json.loads(out.strip().splitlines()[-1])
   assert [row["gemm"] for row in result["gemm"]] == ["16x8x4", "9x3x5"]
   for row in result["gemm"]:
-    assert row["ours_gflops"] > 0 and row["torch_gflops"] > 0
+    assert list(row["xla"]) == ["default"] and row["xla"]["default"]["gflops"] > 0 and row["torch_gflops"] > 0
   assert result["reduce"][0]["reduce"] == "4x3x5:2" and result["reduce"][0]["sum_leading_ms"] > 0
 
 
+def test_primitives_compiles_each_matmul_for_every_cpu_dot_library(capsys):
+  code = primitives.main(["primitives", "--gemm=16x8x4", "--train", "--backends=default,onednn,xnn,eigen",
+                          "--reduce=", "--repeats=2"])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  [row] = json.loads(out.strip().splitlines()[-1])["gemm"]
+  assert row["train"] and sorted(row["xla"]) == ["default", "eigen", "onednn", "xnn"]
+  for side in row["xla"].values():
+    assert side["gflops"] > 0 and side["ratio_to_torch"] > 0
+
+
+def test_primitives_routes_dots_to_the_library_named():
+  # The options must reach XLA: a matmul compiled for oneDNN runs as a oneDNN fusion, the default one does not.
+  import jax  # pylint: disable=g-import-not-at-top
+  x = jax.numpy.ones((32, 16))
+  lowered = jax.jit(lambda a: a @ a.T).lower(x)
+  assert "__onednn_fusion" in lowered.compile(compiler_options=primitives.CPU_DOT_BACKENDS["onednn"]).as_text()
+  assert "__onednn_fusion" not in lowered.compile(compiler_options=primitives.CPU_DOT_BACKENDS["default"]).as_text()
+
+
 @pytest.mark.parametrize("flag,message", [("--gemm=16x8", "MxKxN"), ("--gemm=16xaxb", "not a shape"),
-                                          ("--reduce=4x3x5:3", "AXES"), ("--repeats=0", "repeats")])
+                                          ("--reduce=4x3x5:3", "AXES"), ("--repeats=0", "repeats"),
+                                          ("--backends=mkl", "--backends")])
 def test_primitives_rejects_bad_shapes(capsys, flag, message):
   code = primitives.main(["primitives", flag])
   _, err = capsys.readouterr()

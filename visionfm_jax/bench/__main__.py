@@ -4,7 +4,10 @@ train step (train.py's jit, shardings, donation and optimizer) on synthetic batc
   python -m visionfm_jax.bench --config=configs/vit_huge.py:S/16 --config.global_batch_size=8 \
       --config.precision.compute_dtype=float32 [--steps=10] [--warmup=2] [--compare=torch]
 
-Any config field is overridable as in `main`. `--compare=torch` builds the PyTorch twin (HF transformers ViT or
+Any config field is overridable as in `main`. On CPU, `--cpu_dots=onednn|xnn|eigen` compiles the step with every
+dot routed to that library instead of XLA's default choice (see bench/primitives.py). These are XLA's
+experimental options: with jaxlib 0.10.2, `onednn` aborts the process ("partition compile failed") on some graphs
+(the tiny ViT of the tests), while it compiles ViT-S/16 and SwinV2-T. `--compare=torch` builds the PyTorch twin (HF transformers ViT or
 Swinv2 with the same architecture, batch, dtype, clipping and AdamW; bench/torch_twin.py) on the same machine and
 interleaves its steps with ours, one of each in turn (who goes first alternates), so that load from other jobs
 falls on both alike; `ratio` is our median step time over its (below 1: we are faster), `cpu_ratio` the same for
@@ -39,6 +42,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from visionfm_jax import config_lib, models
+from visionfm_jax.bench import primitives
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import cli
@@ -51,6 +55,8 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_integer("steps", 10, "Timed steps (of each side with --compare).", flag_values=fv)
   flags.DEFINE_integer("devices", 0, "Use the first N devices (one process); 0: all.", flag_values=fv)
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)
+  flags.DEFINE_enum("cpu_dots", "default", list(primitives.CPU_DOT_BACKENDS),
+                    "XLA CPU library for the step's dots (compiler options of this executable only).", flag_values=fv)
   flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch twin (classification with ViT or SwinV2).",
                     flag_values=fv)
   return fv
@@ -90,18 +96,21 @@ def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 200
   return {"ratio_paired": float(np.median(ratios)), "ratio_ci90": [float(low), float(high)], "verdict": verdict}
 
 
-def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0) -> dict:
+def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0,
+              cpu_dots: str = "default") -> dict:
   """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line."""
   if steps < 1 or warmup < 0:
     raise ConfigError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
   if devices and (jax.process_count() > 1 or not 0 < devices <= jax.device_count()):
     raise ConfigError(f"--devices={devices}: a single process has {jax.device_count()} devices")
+  if cpu_dots != "default" and jax.default_backend() != "cpu":
+    raise ConfigError(f"--cpu_dots={cpu_dots} selects an XLA CPU library; this backend is {jax.default_backend()}")
   mesh_devices = jax.devices()[:devices] if devices else jax.devices()
   config_lib.validate(config, len(mesh_devices))
   if compare == "torch":  # a config without a twin fails before anything compiles
     from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
     torch_twin.twin_architecture(config, models.build(config.model, jnp.float32))
-  ours = step_lib.JaxStep(config, mesh_devices)
+  ours = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots])
   runners = {"ours": ours}
   if compare == "torch":
     runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
@@ -117,6 +126,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
 
   result = {"config": name, "device": device_name(), "devices": len(mesh_devices),
             "global_batch": config.global_batch_size, "dtype": config.precision.compute_dtype, "steps": steps,
+            "cpu_dots": cpu_dots,
             **summarize(times["ours"])}
   result["img_per_sec"] = config.global_batch_size / result["step_s"]
   flops_per_step = ours.flops_per_step()
@@ -157,7 +167,7 @@ def _body(name: str, fv, rest):
   if fv.config is None:
     raise ConfigError("--config is required, e.g. --config=configs/vit_huge.py:S/16")
   result = benchmark(fv.config, steps=fv.steps, warmup=fv.warmup, compare=fv.compare, name=name,
-                     devices=fv.devices)
+                     devices=fv.devices, cpu_dots=fv.cpu_dots)
   if jax.process_index() == 0:
     _print_table(result)
     print(json.dumps(result, sort_keys=True))

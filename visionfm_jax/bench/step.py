@@ -1,6 +1,7 @@
 """Times train.py's own train step (same jit, shardings, donation, optimizer) on synthetic batches.
 
-`JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures), then
+`JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures; `compiler_options` are
+XLA options for this executable alone), then
 `timed_step()` runs one step to completion and returns (wall seconds, CPU seconds of this process).
 """
 
@@ -19,7 +20,7 @@ from visionfm_jax.tasks.base import host_to_global
 
 class JaxStep:
 
-  def __init__(self, config, devices=None):
+  def __init__(self, config, devices=None, compiler_options=None):
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
@@ -33,7 +34,7 @@ class JaxStep:
       self.batch = host_to_global(local_batch, NamedSharding(self.mesh, train.BATCH_SPEC))
       start = time.perf_counter()
       step = train.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
-      self.compiled = step.lower(self.state, self.batch).compile()
+      self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
       self.compile_seconds = time.perf_counter() - start
 
   def timed_step(self) -> tuple[float, float]:
