@@ -184,3 +184,36 @@ def test_freeze_rules_are_checked():
     with pytest.raises(ConfigError, match=message):
       tx = optim.make_optimizer(override(config.copy_and_resolve_references(), **{"optim.freeze": freeze}).optim, 10)
       jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
+
+
+def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
+  """Frozen gradients are zeroed where they are made: XLA drops the frozen backbone's backward, and
+  train/grad_norm is the norm clipping sees (the head's), not the whole model's."""
+  import test_train_step  # pylint: disable=g-import-not-at-top
+  flops = {}
+  for freeze in ((), (r"^(?!head/)",)):
+    config = tiny_vit_config(strategy="ddp", **{"optim.freeze": freeze})
+    mesh = parallel.make_mesh(config.mesh)
+    task = tasks.build(config, mesh)
+    batch = task.synthetic_batch(config.global_batch_size, np.random.default_rng(0))
+    cost = train.compile_train_step(config, mesh, batch, task).cost_analysis()
+    flops[bool(freeze)] = (cost[0] if isinstance(cost, list) else cost)["flops"]
+  assert flops[True] < 0.5 * flops[False], flops
+
+  task = tasks.build(config)
+  state, step, _ = test_train_step._setup(config, task)
+  [batch] = test_train_step._random_batches(config, 1)
+  # The zero-initialised head would block every backbone gradient: give it random weights.
+  rng = np.random.default_rng(1)
+  nonzero_head = lambda path, x: (jax.device_put(rng.normal(0, 0.1, x.shape).astype(x.dtype), x.sharding)
+                                  if optim.path_str(path) == "head/kernel" else x)
+  state = state.replace(params=jax.tree_util.tree_map_with_path(nonzero_head, state.params))
+  params = jax.device_get(state.params)  # the step donates the state
+  _, metrics = step(state, batch)
+  rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # the step's rng at step 0
+  mesh = parallel.make_mesh(config.mesh)
+  with mesh, parallel.activation_sharding(mesh):
+    grads = jax.jit(jax.grad(lambda p: task.loss(p, batch, rng)[0]))(params)
+  head_norm, full_norm = optax.global_norm(grads["head"]), optax.global_norm(grads)
+  assert full_norm > 1.05 * head_norm  # so the check below can fail
+  np.testing.assert_allclose(metrics["train/grad_norm"], head_norm, rtol=1e-4)

@@ -19,6 +19,7 @@ from typing import Any, Callable
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -207,6 +208,22 @@ def freeze_labels_fn(freeze: tuple[str, ...]):
     return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
   return labels
+
+
+def zero_frozen_grads_fn(freeze: tuple[str, ...]):
+  """grads -> grads with the frozen params' entries replaced by zeros (the identity when nothing is frozen).
+
+  The optimizer ignores those entries anyway; zeroing them where they are made lets XLA drop their computation
+  (a frozen backbone's weight gradients; all of its backward when only the head trains) and keeps them out of
+  the logged `train/grad_norm` and the fp16 finiteness check, which then see what clipping sees."""
+  if not freeze:
+    return lambda grads: grads
+  labels_fn = freeze_labels_fn(tuple(freeze))
+
+  def zero_frozen(grads):
+    return jax.tree.map(lambda label, g: g if label == "train" else jnp.zeros_like(g), labels_fn(grads), grads)
+
+  return zero_frozen
 
 
 # ---------------------------------------------------------------------------------------- the optimizer

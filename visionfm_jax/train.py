@@ -121,6 +121,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
+  zero_frozen = optim.zero_frozen_grads_fn(tuple(config.optim.freeze))
 
   def grads_of(params, micro, rng, scale):
     def scaled_loss(p):
@@ -151,7 +152,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
       (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
       grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
 
-    grads = jax.tree.map(lambda g: g / scale, grads)
+    grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.post_update(optax.apply_updates(state.params, updates))
