@@ -8,7 +8,9 @@ Fine-tuning adds three rules over '/'-joined param paths (`path_str`, the mechan
 
 A param's multiplier (layer decay x lr rule) scales its whole AdamW step, the Adam direction and the decoupled
 weight decay alike, as BEiT's per-group lr scale does. Scanned blocks are one leaf with a leading `layers`
-axis, so their multiplier is a vector along that axis. Global-norm clipping sees only the trainable gradients.
+axis, so their multiplier is a vector along that axis. Global-norm clipping, and the logged
+`train/grad_norm`, see only the trainable gradients: the train step zeroes the frozen ones where they are made
+(`zero_frozen_grads_fn`), so XLA does not compute them.
 With none of the three set, the optimizer (and its state) is the plain one, so older checkpoints restore.
 """
 
