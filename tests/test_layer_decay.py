@@ -200,8 +200,7 @@ def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
     flops[bool(freeze)] = (cost[0] if isinstance(cost, list) else cost)["flops"]
   assert flops[True] < 0.5 * flops[False], flops
 
-  task = tasks.build(config)
-  state, step, _ = test_train_step._setup(config, task)
+  state, step, _ = test_train_step._setup(config, task)  # the frozen config's task
   [batch] = test_train_step._random_batches(config, 1)
   # The zero-initialised head would block every backbone gradient: give it random weights.
   rng = np.random.default_rng(1)
@@ -211,7 +210,6 @@ def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
   params = jax.device_get(state.params)  # the step donates the state
   _, metrics = step(state, batch)
   rng = jax.random.fold_in(jax.random.key(config.seed), 0)  # the step's rng at step 0
-  mesh = parallel.make_mesh(config.mesh)
   with mesh, parallel.activation_sharding(mesh):
     grads = jax.jit(jax.grad(lambda p: task.loss(p, batch, rng)[0]))(params)
   head_norm, full_norm = optax.global_norm(grads["head"]), optax.global_norm(grads)

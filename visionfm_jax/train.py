@@ -121,7 +121,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
-  zero_frozen = optim.zero_frozen_grads_fn(tuple(config.optim.freeze))
+  zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
 
   def grads_of(params, micro, rng, scale):
     def scaled_loss(p):

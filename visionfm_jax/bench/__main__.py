@@ -6,15 +6,17 @@ train step (train.py's jit, shardings, donation and optimizer) on synthetic batc
 
 Any config field is overridable as in `main`. On CPU, `--cpu_dots=onednn|xnn|eigen` compiles the step with every
 dot routed to that library instead of XLA's default choice (see bench/primitives.py). These are XLA's
-experimental options: with jaxlib 0.10.2, `onednn` aborts the process ("partition compile failed") on some graphs
-(the tiny ViT of the tests), while it compiles ViT-S/16 and SwinV2-T. `--compare=torch` builds the PyTorch twin (HF transformers ViT or
-Swinv2 with the same architecture, batch, dtype, clipping and AdamW; bench/torch_twin.py) on the same machine and
-interleaves its steps with ours, one of each in turn (who goes first alternates), so that load from other jobs
-falls on both alike; `ratio` is our median step time over its (below 1: we are faster), `cpu_ratio` the same for
-the CPU seconds the two processes spent per step. On a shared machine the load drifts from one second to the
-next, so the report also takes the ratio within each interleaved pair of steps: `ratio_paired` is their median
-and `ratio_ci90` a 90% bootstrap interval of that median (resampling the pairs); `verdict` says "faster" or
-"slower" only when the whole interval lies on one side of 1, else "within noise". Figures:
+experimental options: with jaxlib 0.10.2, `onednn` aborts the process ("partition compile failed") on some
+graphs (the tiny ViT of the tests), while it compiles ViT-S/16 and SwinV2-T.
+
+`--compare=torch` builds the PyTorch twin (HF transformers ViT or Swinv2 with the same architecture, batch,
+dtype, clipping and AdamW; bench/torch_twin.py) on the same machine and interleaves its steps with ours, one of
+each in turn (who goes first alternates), so that load from other jobs falls on both alike; `ratio` is our median
+step time over its (below 1: we are faster), `cpu_ratio` the same for the CPU seconds the two processes spent per
+step. On a shared machine the load drifts from one second to the next, so the report also takes the ratio within
+each interleaved pair of steps: `ratio_paired` is their median and `ratio_ci90` a 90% bootstrap interval of that
+median (resampling the pairs); `verdict` says "faster" or "slower" only when the whole interval lies on one side
+of 1, else "within noise". Figures:
 
   step_s           median wall seconds of one step after `--warmup` steps (also min and max)
   img_per_sec      global batch / step_s
