@@ -48,12 +48,13 @@ the true captions exactly for 6 of 8 (the two misses name the right size and col
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
   if set(parts) - {"demo"}:
-    raise ValueError(f"configs/aurora_xl.py: unknown variant {arg!r}; known: demo")
+    raise ConfigError(f"configs/aurora_xl.py: unknown variant {arg!r}; known: demo")
   config = config_lib.base_config("aurora")
   config.task = "aurora"
 

@@ -53,6 +53,7 @@ load (an idle 2-core machine is several times faster).
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 ADE20K_CLASSES = 150
@@ -129,7 +130,7 @@ def _demo(config):
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "swinv2", "demo"):
-    raise ValueError(f"configs/finetune_ade20k.py: unknown variant {arg!r}; known: swinv2, demo")
+    raise ConfigError(f"configs/finetune_ade20k.py: unknown variant {arg!r}; known: swinv2, demo")
   config = config_lib.base_config("vit")
   config.task = "segmentation"
   _swinv2(config) if arg == "swinv2" else _vit_h(config)

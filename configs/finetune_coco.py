@@ -50,6 +50,7 @@ random classes and scores: map 0.0007, ap50 0.004.
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 COCO_CLASSES = 80
@@ -97,7 +98,7 @@ def _swinv2(config):
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "swinv2", "demo"):
-    raise ValueError(f"configs/finetune_coco.py: unknown variant {arg!r}; known: swinv2, demo")
+    raise ConfigError(f"configs/finetune_coco.py: unknown variant {arg!r}; known: swinv2, demo")
   config = config_lib.base_config("vit")
   config.task = "detection"
   _swinv2(config) if arg == "swinv2" else _vit_h(config)

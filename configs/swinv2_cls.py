@@ -24,6 +24,7 @@ H 657,883,256 with the 1000-class head; G 2,997,815,008 without it (`--config.mo
 """
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 IMAGENET_TRAIN = 1_281_167
@@ -38,7 +39,7 @@ def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
   unknown = [p for p in parts if p not in swinv2.SIZES and p not in ("640", "demo")]
   if unknown:
-    raise ValueError(f"configs/swinv2_cls.py: unknown parts {unknown}; expected a size in {list(swinv2.SIZES)}, "
+    raise ConfigError(f"configs/swinv2_cls.py: unknown parts {unknown}; expected a size in {list(swinv2.SIZES)}, "
                      "'640' or 'demo'")
   size = next((p for p in parts if p in swinv2.SIZES), "T")
 

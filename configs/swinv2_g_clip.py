@@ -36,6 +36,7 @@ the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 LAION_PAIRS = 1_200_000_000
@@ -44,7 +45,7 @@ LAION_PAIRS = 1_200_000_000
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
   if set(parts) - {"demo", "ft640"}:
-    raise ValueError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, demo,ft640")
+    raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, demo,ft640")
   config = config_lib.base_config("clip")
   config.task = "contrastive"
 

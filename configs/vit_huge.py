@@ -28,6 +28,7 @@ Measured 2026-11-21 (2 cores, jax 0.10.2): 0.545 / 0.884 / 0.971 at steps 600 / 
 """
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 
 
 def get_config(arg: str | None = None):
@@ -92,5 +93,5 @@ def get_config(arg: str | None = None):
   elif arg and "/" in arg:  # another ViT size with the same recipe, e.g. 'S/16' for benchmarks
     config.model.variant = arg
   elif arg:
-    raise ValueError(f"configs/vit_huge.py: unknown variant {arg!r}; known: demo, or a ViT size like S/16")
+    raise ConfigError(f"configs/vit_huge.py: unknown variant {arg!r}; known: demo, or a ViT size like S/16")
   return config

@@ -1,6 +1,7 @@
 """Checkpoint safety: a SIGKILL mid-save keeps the previous checkpoint and the restart uses it; a checkpoint
 restores bitwise on another mesh (8 -> 4 devices) and another strategy (zero3 -> ddp); a checkpoint of another
-process count restores the state and restarts the data iterator.
+process count restores the state and continues the data stream; an unreadable newest checkpoint gives way to the
+newest readable one.
 
 `python tests/test_checkpoint_safety.py DIR` is the process that is killed: it saves step 1, then SIGKILLs itself
 while the asynchronous save of step 2 is being written.
@@ -22,7 +23,9 @@ import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import ROOT, tiny_vit_config
+from test_data import RangeSource
 from visionfm_jax import checkpoint, optim, parallel, tasks, train
+from visionfm_jax.data import pipeline
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpoint-tmp, renamed to S when complete
 SHAPE = (2048, 8192)  # 64 MiB of float32; three of them take a good fraction of a second to write
@@ -198,25 +201,72 @@ def test_checkpoint_restores_bitwise_on_a_smaller_mesh_and_another_strategy(zero
     assert all(replicated) if strategy == "ddp" else not all(replicated)
 
 
-def test_data_iterator_of_another_process_count_starts_afresh(tmp_path, caplog):
-  """A checkpoint written by 2 processes (data/process_{0,1}-of-2.json) restores its state in 1 process; the
-  iterator, whose state belongs to another sharding of the data, keeps its fresh state (with a warning)."""
+def _corrupt(step_dir, how):
+  """Garbles the state's _METADATA, or truncates every array file of the state to half its size."""
+  if how == "garbled_metadata":
+    (step_dir / "state" / "_METADATA").write_text('{"tree_metadata": garbled')
+  else:
+    for path in (step_dir / "state").rglob("ocdbt.process_*/d/*"):
+      os.truncate(path, path.stat().st_size // 2)
+
+
+@pytest.mark.parametrize("how", ["garbled_metadata", "truncated_arrays"])
+def test_unreadable_newest_checkpoint_resumes_from_the_newest_readable_one(zero3_run, tmp_path, caplog, how):
+  """Step 3 (a copy of step 2's files) is unreadable: the run says so and why, resumes from step 2, moves step
+  3 aside (out of the way of the step it saves again) and completes."""
+  workdir = tmp_path / "run"
+  shutil.copytree(zero3_run, workdir)
+  shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / "3")
+  _corrupt(workdir / "checkpoints" / "3", how)
+  with caplog.at_level(logging.INFO):
+    last = train.run(_tiny_config(4, "zero3"), str(workdir))
+  assert f"checkpoint {workdir / 'checkpoints'}/3 is unreadable, trying the previous one: cannot restore" in caplog.text
+  assert f"resuming from {workdir / 'checkpoints'}/2" in caplog.text
+  assert last["step"] == 4 and math.isfinite(last["train/loss"])
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3.unreadable", "4"]
+
+
+def test_no_readable_checkpoint_stops_naming_the_directory_and_keeps_the_files(zero3_run, tmp_path):
+  workdir = tmp_path / "run"
+  shutil.copytree(zero3_run, workdir)
+  _corrupt(workdir / "checkpoints" / "2", "garbled_metadata")
+  with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint in {workdir / 'checkpoints'} can be "
+                                                         r"restored \(steps 2; the newest: cannot restore"):
+    train.run(_tiny_config(4, "zero3"), str(workdir))
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved: a rerun must not start afresh
+
+
+def test_data_position_of_another_process_count_continues_the_stream(tmp_path, caplog):
+  """A checkpoint whose data states were written by 2 processes (data/process_{0,1}-of-2.json) restores in 1
+  process: the state restores, and the iterator continues the epoch after both processes' positions."""
+  config = _tiny_config(2, "ddp")
+  config.data.augment.random_resized_crop = False
+  source = RangeSource(64)
+  seen, states = [], []
+  for index in range(2):
+    it = iter(pipeline.make_train_loader(config.data, batch_size=4, seed=1, process_index=index, process_count=2,
+                                         source=source))
+    seen.extend(int(x) for _ in range(3) for x in next(it)["label"])
+    states.append(it.get_state())
   directory = tmp_path / "checkpoints"
   state = {"w": jax.device_put(np.arange(16, dtype=np.float32), _sharding())}
   ckpt = checkpoint.Checkpointer(str(directory))
   ckpt.save(5, state, _FakeIterator(5))
   ckpt.close()
   data_dir = directory / "5" / "data"
-  os.rename(data_dir / "process_0-of-1.json", data_dir / "process_0-of-2.json")
-  shutil.copy(data_dir / "process_0-of-2.json", data_dir / "process_1-of-2.json")
+  os.remove(data_dir / "process_0-of-1.json")
+  for index, saved in enumerate(states):
+    (data_dir / f"process_{index}-of-2.json").write_bytes(saved)
 
-  iterator = _FakeIterator()
+  resumed = iter(pipeline.make_train_loader(config.data, batch_size=8, seed=1, process_index=0, process_count=1,
+                                            source=source))
   abstract = {"w": jax.ShapeDtypeStruct((16,), np.float32, sharding=_sharding())}
-  with caplog.at_level(logging.WARNING):
-    restored = checkpoint.Checkpointer(str(directory)).restore(5, abstract, iterator)
+  with caplog.at_level(logging.INFO):
+    restored = checkpoint.Checkpointer(str(directory)).restore(5, abstract, resumed)
   np.testing.assert_array_equal(np.asarray(restored["w"]), np.arange(16, dtype=np.float32))
-  assert iterator.position == 0
-  assert "process_0-of-2.json, process_1-of-2.json" in caplog.text and "starts afresh" in caplog.text
+  assert "was saved by 2 processes and 1 run now" in caplog.text
+  rest = [int(x) for _ in range(4) for x in next(resumed)["label"]]  # 32 of the 40 records left in the epoch
+  assert not set(seen) & set(rest) and len(set(rest)) == 32
 
 
 if __name__ == "__main__":

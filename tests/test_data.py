@@ -257,6 +257,56 @@ def test_train_shards_disjoint_and_complete():
   assert not set(seen[0]) & set(seen[1]) and set(seen[0]) | set(seen[1]) == set(range(64))
 
 
+def _range_loader(cfg, records, batch_size, index, count):
+  return iter(pipeline.make_train_loader(cfg, batch_size=batch_size, seed=1, process_index=index, process_count=count,
+                                         source=RangeSource(records)))
+
+
+@pytest.mark.parametrize("old_workers,new_workers", [(0, 0), (2, 0), (0, 2)])
+def test_two_processes_to_one_continue_the_epoch_without_repeating_a_record(old_workers, new_workers):
+  """2 processes read 3 batches of 4 each (24 of the 64 records) and save their iterator states; 1 process
+  restores both and reads on to the end of the epoch: no record twice, and at most a round of the new
+  residues (here 1 x max(1, workers) positions) plus one batch per old worker left out of the epoch."""
+  records, batch = 64, 4
+  cfg = data_config(image_size=4, num_workers=old_workers)
+  cfg.augment.random_resized_crop = False
+  seen, states = [], []
+  for index in range(2):
+    it = _range_loader(cfg, records, batch, index, 2)
+    seen.extend(np.concatenate([next(it)["label"] for _ in range(3)]))
+    states.append(it.get_state())
+  assert len(set(seen)) == len(seen) == 24
+
+  cfg.num_workers = new_workers
+  resumed = _range_loader(cfg, records, 2 * batch, 0, 1)
+  resumed.continue_from(states)
+  assert resumed.read == 24 and resumed.skipped == 0  # the old processes' counts, now this process's
+  rest = []
+  lost_at_most = max(1, new_workers) + batch * max(1, old_workers)
+  while len(seen) + len(rest) + lost_at_most < records:
+    rest.extend(next(resumed)["label"])
+  rest = rest[:records - len(seen) - lost_at_most]
+  union = seen + [int(r) for r in rest]
+  assert len(set(union)) == len(union), sorted(union)
+
+
+def test_another_worker_count_continues_the_stream_of_the_same_processes():
+  """A state saved with 2 workers restores in a loader with none: the process continues after the records
+  it had read (its own share of the stream), and the next epoch is read in full again."""
+  cfg = data_config(image_size=4, num_workers=2)
+  cfg.augment.random_resized_crop = False
+  it = _range_loader(cfg, 32, 4, 0, 1)
+  seen = list(np.concatenate([next(it)["label"] for _ in range(3)]))
+  state = it.get_state()
+  cfg.num_workers = 0
+  resumed = _range_loader(cfg, 32, 4, 0, 1)
+  resumed.set_state(state)
+  rest = list(np.concatenate([next(resumed)["label"] for _ in range(4)]))  # 16 of the 20 records left
+  assert not set(seen) & set(rest) and len(set(rest)) == 16
+  epoch_two = np.concatenate([next(resumed)["label"] for _ in range(16)])
+  assert len(set(epoch_two.tolist())) == 32
+
+
 def test_corrupt_records_are_skipped_and_counted():
   cfg = data_config(image_size=4)
   cfg.augment.random_resized_crop = False

@@ -1,7 +1,9 @@
 """The training loop end to end: metrics and checkpoints on disk, exact resume after a kill, clear errors."""
 
 import json
+import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -13,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import train
+from visionfm_jax import metrics, train
 from visionfm_jax.errors import ConfigError
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
@@ -24,6 +26,11 @@ TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/
 def _read_metrics(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f]
+
+
+def _final_state(workdir, step):
+  state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
 
 
 def _main(workdir, *flags, devices=8):
@@ -60,7 +67,7 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path):
   """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
   the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters
   bitwise, so the data order resumed exactly too."""
-  flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=4",
+  flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=1",
            "--config.data.num_workers=1", "--config.strategy=zero3"]
   reference = _main(tmp_path / "ref", *flags)
   out, _ = reference.communicate(timeout=600)
@@ -75,23 +82,52 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path):
   os.killpg(preempted.pid, signal.SIGTERM)
   out, _ = preempted.communicate(timeout=600)
   assert preempted.returncode == 0, out
+  named = re.search(r"preemption notice: saved step (\d+) \((.*?)\)", out)
+  assert named, out
   saved = sorted(int(s) for s in os.listdir(tmp_path / "run" / "checkpoints"))
-  assert f"SIGTERM: saved step {saved[-1]}" in out and 4 < saved[-1] < 12, (saved, out)
+  assert int(named.group(1)) == saved[-1] and 4 < saved[-1] < 12, (saved, out)
+  assert named.group(2) == str(tmp_path / "run" / "checkpoints" / str(saved[-1]))
 
   resumed = _main(tmp_path / "run", *flags)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out
   assert f"resuming from {tmp_path / 'run' / 'checkpoints'}/{saved[-1]}" in out
 
-  def final(workdir):
-    state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / "12" / "state")
-    return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
-
-  for got, want in zip(final(tmp_path / "run"), final(tmp_path / "ref")):
+  for got, want in zip(_final_state(tmp_path / "run", 12), _final_state(tmp_path / "ref", 12)):
     np.testing.assert_array_equal(got, want)
   rows = [r for r in _read_metrics(tmp_path / "run") if r["step"] == 12 and "eval/val/top1" in r]
   assert rows[-1]["eval/val/top1"] == [r for r in _read_metrics(tmp_path / "ref") if "eval/val/top1" in r][-1][
       "eval/val/top1"]
+
+
+def test_signal_during_a_logging_steps_wait_saves_the_step_it_names(tmp_path, monkeypatch, caplog):
+  """SIGTERM lands while step 2's metrics are being fetched and written (where the flag used to be read twice,
+  skipping the save yet logging it): the next step boundary saves step 3, the log names it only once it has
+  committed, and the rerun from it ends bitwise where an uninterrupted run ends."""
+  config = tiny_vit_config(total_steps=6, log_every=2, eval_every=6, checkpoint_every=100, strategy="zero3")
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  reference = train.run(config, str(tmp_path / "ref"))
+
+  write = metrics.MetricWriter.write
+  def write_then_signal(self, step, values):
+    write(self, step, values)
+    if step == 2 and "train/loss" in values:
+      os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
+  with caplog.at_level(logging.INFO):
+    stopped = train.run(config, str(tmp_path / "run"))
+  checkpoints = tmp_path / "run" / "checkpoints"
+  assert stopped["step"] == 3 and os.listdir(checkpoints) == ["3"]
+  assert f"preemption notice: saved step 3 ({checkpoints / '3'})" in caplog.text
+  monkeypatch.undo()
+
+  with caplog.at_level(logging.INFO):
+    resumed = train.run(config, str(tmp_path / "run"))
+  assert f"resuming from {checkpoints}/3" in caplog.text
+  for got, want in zip(_final_state(tmp_path / "run", 6), _final_state(tmp_path / "ref", 6)):
+    np.testing.assert_array_equal(got, want)
+  assert resumed["eval/val/top1"] == reference["eval/val/top1"] and resumed["step"] == 6
 
 
 def test_bad_configs_name_the_field(tmp_path):

@@ -5,7 +5,9 @@ renames it when complete, so a crash mid-save leaves the previous steps intact a
 complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp` directories. The
 data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
 per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
-the data iterator only with the same number of processes, and starts afresh (with a warning) otherwise.
+the data iterator replays its batches bitwise with the same number of processes, and with another number it
+continues the global stream after every old process's position (`data/resume.py`). An unreadable newest
+checkpoint is skipped for the newest readable one (`restore_newest_readable`).
 
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
@@ -24,9 +26,30 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.optim import path_str
+
+
+_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files
+
+
+def _data_file(index: int, count: int) -> str:
+  return f"process_{index}-of-{count}.json"
+
+
+def _first_line(error: BaseException) -> str:
+  text = str(error).strip() or type(error).__name__
+  line = text.splitlines()[0]
+  return line if len(line) <= 300 else line[:300] + " ..."
+
+
+def _on_every_process(ok: bool) -> bool:
+  """True when `ok` holds on every process (a collective with several processes)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class _CapturedIteratorState:
@@ -64,28 +87,81 @@ class Checkpointer:
     self._manager.save(step, args=ocp.args.Composite(**items), force=force)
 
   def restore(self, step: int, abstract_state, data_iterator=None):
-    """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place (when the
-    checkpoint holds this process's iterator state: it was saved by as many processes as run now)."""
+    """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this
+    process's saved state, or, when the checkpoint was saved by another number of processes, by continuing
+    the global data stream after all of theirs (`data_iterator.continue_from`)."""
     items = {"state": ocp.args.StandardRestore(abstract_state)}
-    if data_iterator is not None and self._has_data_state(step):
-      items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
+    other_processes = None
+    if data_iterator is not None:
+      other_processes = self._data_states_of_other_process_count(step)
+      if other_processes is None and (self.directory / str(step) / "data").exists():
+        items["data"] = grain.checkpoint.CheckpointRestore(data_iterator)
     try:
       restored = self._manager.restore(step, args=ocp.args.Composite(**items))
-    except (ValueError, KeyError, FileNotFoundError) as e:
-      raise CheckpointError(f"cannot restore {self.directory / str(step)}: {e}") from e
+      if other_processes:
+        data_iterator.continue_from(other_processes)
+    except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
+      raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
     return restored["state"]
 
-  def _has_data_state(self, step: int) -> bool:
+  def _data_states_of_other_process_count(self, step: int) -> list[bytes] | None:
+    """The data-iterator states of all processes when `step` was saved by another number of them than run
+    now; None when this process's own state is there (or no data state at all)."""
     data_dir = self.directory / str(step) / "data"
-    if not data_dir.exists():
-      return False
-    if (data_dir / f"process_{jax.process_index()}-of-{jax.process_count()}.json").exists():
-      return True
-    saved = sorted(p.name for p in data_dir.glob("process_*.json"))
-    logging.warning("%s was saved by another number of processes (%s) than run now (%d): the data iterator starts "
-                    "afresh from the seed instead of where it stopped", data_dir, ", ".join(saved) or "no files",
-                    jax.process_count())
-    return False
+    if not data_dir.exists() or (data_dir / _data_file(jax.process_index(), jax.process_count())).exists():
+      return None
+    names = sorted(p.name for p in data_dir.glob("process_*-of-*.json"))
+    counts = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
+    if len(counts) != 1:
+      raise CheckpointError(f"cannot restore {data_dir}: expected process_<i>-of-<n>.json files of one process "
+                            f"count, found {names or 'none'}")
+    count = counts.pop()
+    missing = [_data_file(i, count) for i in range(count) if _data_file(i, count) not in names]
+    if missing:
+      raise CheckpointError(f"cannot restore {data_dir}: missing {', '.join(missing)}")
+    logging.info("%s was saved by %d processes and %d run now: the data stream continues after all of their "
+                 "positions", data_dir, count, jax.process_count())
+    return [(data_dir / _data_file(i, count)).read_bytes() for i in range(count)]
+
+  def restore_newest_readable(self, abstract_state, data_iterator=None):
+    """(step, state) of the newest checkpoint that every process can restore, or None when there are none.
+
+    An unreadable checkpoint (truncated or garbled files) is skipped with a warning naming it and why; once an
+    older one restores, the unreadable newer ones are moved aside to `<step>.unreadable` (kept for a look,
+    and out of the way of the steps the run saves again). When none restores, a CheckpointError names the
+    directory and nothing is moved.
+    """
+    failures = []
+    for step in sorted(self.all_steps(), reverse=True):
+      try:
+        state, error = self.restore(step, abstract_state, data_iterator), None
+      except CheckpointError as e:
+        state, error = None, e
+      if _on_every_process(error is None):
+        for bad, _ in failures:
+          self._set_aside(bad)
+        return step, state
+      reason = str(error) if error else "another process could not restore it"
+      logging.warning("checkpoint %s/%d is unreadable, trying the previous one: %s", self.directory, step, reason)
+      failures.append((step, reason))
+    if failures:
+      raise CheckpointError(f"no checkpoint in {self.directory} can be restored (steps "
+                            f"{', '.join(str(s) for s, _ in failures)}; the newest: {failures[0][1]}); move the "
+                            f"directory away to start afresh")
+    return None
+
+  def _set_aside(self, step: int) -> None:
+    if jax.process_index() == 0:
+      source = self.directory / str(step)
+      target = self.directory / f"{step}.unreadable"
+      n = 1
+      while target.exists():
+        target, n = self.directory / f"{step}.unreadable.{n}", n + 1
+      source.rename(target)
+      logging.warning("moved the unreadable checkpoint %s to %s", source, target)
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
+    self._manager.reload()
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -157,7 +233,12 @@ def load_params(path: str, target_params, *, skip: str = "", step: int | None = 
   path = epath.Path(os.path.expanduser(path))
   if not path.exists():
     raise CheckpointError(f"init_from={str(path)!r}: no such directory")
-  source = _flatten(_raw_params(path, step))
+  try:
+    source = _flatten(_raw_params(path, step))
+  except CheckpointError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
+    raise CheckpointError(f"init_from={str(path)!r}: cannot read its params: {_first_line(e)}") from e
   skip_re = re.compile(skip) if skip else None
   target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
   names = [path_str(p) for p, _ in target_flat]

@@ -1,10 +1,18 @@
-"""The base config every model family starts from, and its validation.
+"""The base config every model family starts from, loading a config file, and validation.
 
 Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
-(`--config.optim.lrr=1`) is an error instead of a silently ignored key.
+(`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every numeric field with a domain
+has it in one table, `DOMAINS`, which `validate` checks.
 """
 
 from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib.util
+import math
+import os
+import re
 
 import ml_collections
 
@@ -190,26 +198,187 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
   c.eval_every = 1000
   c.checkpoint_every = 1000
   c.keep_checkpoints = 3
+  # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
+  # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
+  c.step_timeout_s = 1800.0
   c.progress_bar = True
   return c
 
 
+# ------------------------------------------------------------------------------------------ loading
+
+def load(spec: str) -> ml_collections.ConfigDict:
+  """The config of `spec` = 'path/to/config.py[:variant]': the file's get_config(variant), as
+  `--config=spec` loads it. ConfigError when the file does not exist, has no get_config, or rejects the
+  variant (configs raise ConfigError for an unknown variant)."""
+  path, _, variant = spec.partition(":")
+  if not os.path.isfile(path):
+    raise ConfigError(f"--config={spec}: no config file {path!r} (from {os.getcwd()})")
+  module_spec = importlib.util.spec_from_file_location("visionfm_jax_config_file", path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except SyntaxError as e:
+    raise ConfigError(f"--config={spec}: {path} line {e.lineno}: {e.msg}") from e
+  if not hasattr(module, "get_config"):
+    raise ConfigError(f"--config={spec}: {path} defines no get_config()")
+  return module.get_config(variant) if variant else module.get_config()
+
+
+def check_override(config: ml_collections.ConfigDict, flag: str) -> None:
+  """ConfigError when `flag` ('--config.optim.lr=...' or 'config.optim.lr') names no field of `config`,
+  with the closest field names as suggestions."""
+  name = flag.lstrip("-").split("=", 1)[0]
+  node, parts = config, name.split(".")[1:]
+  for depth, key in enumerate(parts):
+    if not isinstance(node, (ml_collections.ConfigDict, dict)) or key not in node:
+      parent = ".".join(["config", *parts[:depth]])
+      known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
+      close = difflib.get_close_matches(key, known, n=3)
+      hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
+          f"; its fields: {', '.join(known)}" if known else f"; {parent} is a {type(node).__name__}, not a group")
+      raise ConfigError(f"--{name}: {parent} has no field {key!r}{hint}")
+    node = node[key]
+
+
+# --------------------------------------------------------------------------------------- validation
+
+@dataclasses.dataclass(frozen=True)
+class Domain:
+  """The values a numeric field may take: a range (ends open or closed), integer or real, plus `extra` values
+  with a meaning of their own (e.g. -1 for 'all'). A tuple field is checked element by element."""
+  low: float = -math.inf
+  high: float = math.inf
+  low_open: bool = False
+  high_open: bool = False
+  integer: bool = False
+  extra: tuple = ()
+  note: str = ""
+
+  def contains(self, value) -> bool:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+      return False
+    if value in self.extra:
+      return True
+    if self.integer and value != int(value):
+      return False
+    above = value > self.low if self.low_open else value >= self.low
+    below = value < self.high if self.high_open else value <= self.high
+    return above and below
+
+  def __str__(self) -> str:
+    kind = "an integer" if self.integer else "a number"
+    if self.low > -math.inf and self.high < math.inf:
+      text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+    elif self.low > -math.inf:
+      text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+    else:
+      text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+    if self.extra:
+      text += ", or " + " or ".join(str(v) for v in self.extra)
+    return text + (f" ({self.note})" if self.note else "")
+
+
+POSITIVE = Domain(0, low_open=True)
+NON_NEGATIVE = Domain(0)
+COUNT = Domain(1, integer=True)  # sizes, steps, counts
+NON_NEGATIVE_INT = Domain(0, integer=True)
+FRACTION = Domain(0, 1)
+RATE = Domain(0, 1, high_open=True)  # drop rates, Adam betas
+ALL_OR_COUNT = Domain(1, integer=True, extra=(-1,), note="-1: all")
+
+# (regex over the dotted field path, domain): the first rule whose regex matches the whole path applies.
+DOMAINS: tuple[tuple[str, Domain], ...] = (
+    (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
+     COUNT),
+    (r"step_timeout_s", Domain(0, note="0: no timeout")),
+    (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
+    (r"optim\.lr", POSITIVE),
+    (r"optim\.b[12]", RATE),
+    (r"optim\.(eps|weight_decay|end_lr)", NON_NEGATIVE),
+    (r"optim\.clip_norm", Domain(0, note="0: no clipping")),
+    (r"optim\.warmup_steps", NON_NEGATIVE_INT),
+    (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
+    (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
+    (r"precision\.loss_scale_period", COUNT),
+    (r"(.+\.)?(drop_path|dropout)", RATE),
+    (r"(.+\.)?layer_norm_eps", POSITIVE),
+    (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size|pretrained_window_sizes)", COUNT),
+    (r"model\.num_classes", Domain(0, integer=True, note="0: no head")),
+    (r"model\.(embed_dim|caption_queries|decoder_depth)|model\.text\.(max_len|vocab_size)", COUNT),
+    (r"(.+\.)?extra_norm_period", Domain(1, integer=True, extra=(-1,), note="-1: the size's default")),
+    (r"(.+\.)?eos_id", NON_NEGATIVE_INT),
+    (r"data\.(num_workers|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
+    (r"data\.(prefetch|shapes_train_size|shapes_eval_size|scenes_max_objects|max_boxes)", COUNT),
+    (r"data\.max_skipped_fraction", FRACTION),
+    (r"data\.eval_examples|probe\.(train_examples|eval_examples)", ALL_OR_COUNT),
+    (r"data\.std|data\.augment\.crop_ratio|data\.(seg|det)_scale_range", POSITIVE),
+    (r"data\.mean", FRACTION),
+    (r"data\.augment\.crop_scale", Domain(0, 1, low_open=True)),
+    (r"data\.augment\.(color_jitter|mixup_alpha)", NON_NEGATIVE),
+    (r"data\.augment\.randaugment_ops", NON_NEGATIVE_INT),
+    (r"data\.augment\.randaugment_magnitude", Domain(0, 30)),
+    (r"data\.mim\.mask_ratio", Domain(0, 1, low_open=True, high_open=True)),
+    (r"probe\.(knn_k|linear_steps)", COUNT),
+    (r"probe\.knn_temperature", POSITIVE),
+    (r"probe\.linear_l2", NON_NEGATIVE),
+    (r"loss\.\w+_weight|head\.(class_weight|l1_weight|giou_weight|focal_gamma)", NON_NEGATIVE),
+    (r"head\.focal_alpha", FRACTION),
+    (r"head\.prior_prob", Domain(0, 1, low_open=True, high_open=True)),
+    (r"head\.(num_classes|head_channels|neck_channels|num_convs|top_k|eval_stride|levels|neck_strides|ppm_scales)",
+     COUNT),
+)
+_COMPILED_DOMAINS = tuple((re.compile(pattern), domain) for pattern, domain in DOMAINS)
+# Fields holding (low, high): low must not exceed high.
+ORDERED_PAIRS = ("data.augment.crop_scale", "data.augment.crop_ratio", "data.seg_scale_range",
+                 "data.det_scale_range")
+
+
+def _fields(node, prefix: str = ""):
+  """(dotted path, value) of every leaf of a ConfigDict."""
+  for key, value in node.items():
+    path = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      yield from _fields(value, path + ".")
+    else:
+      yield path, value
+
+
+def domain_of(path: str) -> Domain | None:
+  """The DOMAINS entry of a dotted field path (the first rule matching it whole), None when it has none."""
+  for pattern, domain in _COMPILED_DOMAINS:
+    if pattern.fullmatch(path):
+      return domain
+  return None
+
+
+def check_domains(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first field whose value lies outside its DOMAINS entry, or an ORDERED_PAIRS field
+  whose low end exceeds its high end."""
+  for path, value in _fields(config):
+    domain = domain_of(path)
+    if domain is None:
+      continue
+    values = value if isinstance(value, (tuple, list)) else (value,)
+    if not all(domain.contains(v) for v in values):
+      each = "each element " if isinstance(value, (tuple, list)) else ""
+      raise ConfigError(f"config.{path}={value!r}: {each}must be {domain}")
+    if path in ORDERED_PAIRS and (len(values) != 2 or values[0] > values[1]):
+      raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
-  """Checks a config for consistency; raises ConfigError naming the field."""
+  """Checks a config's field domains and consistency; raises ConfigError naming the field. With
+  `num_devices`, also that the batch divides over the mesh."""
+  check_domains(config)
   if config.strategy not in STRATEGIES:
     raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
   if config.precision.compute_dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.precision.compute_dtype={config.precision.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   if config.model.remat_policy not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat_policy={config.model.remat_policy!r}: expected one of {REMAT_POLICIES}")
-  for field in ("total_steps", "global_batch_size", "grad_accum_steps", "log_every", "eval_every", "checkpoint_every"):
-    if int(config[field]) <= 0:
-      raise ConfigError(f"config.{field}={config[field]}: must be positive")
   if config.optim.warmup_steps > config.total_steps:
     raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
-  if not 0 <= float(config.data.max_skipped_fraction) <= 1:
-    raise ConfigError(f"config.data.max_skipped_fraction={config.data.max_skipped_fraction}: expected a fraction "
-                      f"in [0, 1]")
   if config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")

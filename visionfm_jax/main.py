@@ -2,6 +2,10 @@ r"""Entry point: `python -m visionfm_jax.main --config=configs/vit_huge.py[:vari
 
 Any config field is overridable: `--config.total_steps=100 --config.optim.lr=3e-4`. Multi-host runs call
 `jax.distributed.initialize()` first (from the SLURM / coordinator environment, see launch/).
+
+Bad input (a flag, the config file, a field's value, data, checkpoints, weights) ends the run with one
+`error: ...` line naming it and exit status 2; a process that hangs on its peers exits with
+`faults.HUNG_EXIT_CODE`.
 """
 
 from __future__ import annotations
@@ -10,6 +14,10 @@ import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from visionfm_jax import config_lib
+from visionfm_jax.errors import UserError
+from visionfm_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")
@@ -20,21 +28,32 @@ _DISTRIBUTED = flags.DEFINE_enum(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _exit_with(error: UserError) -> None:
+  print(cli.error_line(error), file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def _parse_flags(argv: list[str]) -> list[str]:
+  try:
+    return cli.parse(flags.FLAGS, argv)
+  except UserError as e:
+    _exit_with(e)
+
+
 def main(argv):
   del argv
-  from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-  distributed.initialize(_DISTRIBUTED.value)
-  import jax  # pylint: disable=g-import-not-at-top
-  from visionfm_jax import train  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
-  logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
-               jax.devices()[0].device_kind)
   try:
+    config_lib.validate(_CONFIG.value)  # before the seconds of importing jax and joining the other processes
+    from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
+    distributed.initialize(_DISTRIBUTED.value)
+    import jax  # pylint: disable=g-import-not-at-top
+    from visionfm_jax import train  # pylint: disable=g-import-not-at-top
+    logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
+                 jax.devices()[0].device_kind)
     train.run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    _exit_with(e)
 
 
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import signal
 import time
 from typing import Callable
 
@@ -25,8 +24,8 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from visionfm_jax import checkpoint, config_lib, flops, init_from, metrics, optim, parallel, precision, tasks
-from visionfm_jax.errors import UserError
+from visionfm_jax import checkpoint, config_lib, faults, flops, init_from, metrics, optim, parallel, precision, tasks
+from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext, host_to_global
 from visionfm_jax.train_state import TrainState
 
@@ -198,25 +197,6 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
 
 # -------------------------------------------------------------------------------------------------- run
 
-class _StopRequest:
-  """Turns SIGTERM (preemption) into a checkpoint at the next step boundary."""
-
-  def __init__(self):
-    self.requested = False
-    try:
-      self._previous = signal.signal(signal.SIGTERM, self._handle)
-    except ValueError:  # not the main thread
-      self._previous = None
-
-  def _handle(self, signum, frame):
-    del signum, frame
-    self.requested = True
-
-  def restore(self):
-    if self._previous is not None:
-      signal.signal(signal.SIGTERM, self._previous)
-
-
 def _write_config(config, workdir):
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
@@ -258,11 +238,13 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter) -> TrainState:
-  latest = checkpointer.latest_step()
-  if latest is not None:
-    logging.info("resuming from %s/%d", checkpointer.directory, latest)
-    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    return checkpointer.restore(latest, target, train_iter)
+  target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  restored = checkpointer.restore_newest_readable(target, train_iter)
+  if restored is not None:
+    step, state = restored
+    logging.info("resuming from %s/%d", checkpointer.directory, step)
+    return state
+  logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
@@ -315,21 +297,27 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   flops_per_example = task.train_flops_per_example()
   peak = flops.device_peak_flops(config.precision.compute_dtype)
   progress = metrics.Progress(total, start_step, enabled=config.progress_bar)
-  stop = _StopRequest()
+  preemption = faults.Preemption()
+  watchdog = faults.Watchdog(config.step_timeout_s)
   last: dict[str, float] = {}
   window_start, window_steps = time.perf_counter(), 0
   step = start_step
   try:
     while step < total:
+      watchdog.phase("the first train step (compiling)" if step == start_step else "a train step", step + 1)
       batch = host_to_global(next(train_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
       step += 1
       window_steps += 1
+      # The one read of the stop flag: every process gets the same answer for the same step, so all of them
+      # log, save and stop together.
+      preempted = preemption.reached(step)
       is_last = step == total
-      will_save = step % config.checkpoint_every == 0 or is_last or stop.requested
-      if step % config.log_every == 0 or will_save:
+      will_save = step % config.checkpoint_every == 0 or is_last or preempted
+      will_log = step % config.log_every == 0 or is_last or preempted
+      if will_log or will_save:
         _check_finite(step_metrics, state, step, checkpointer)  # before a save: never checkpoint NaN params
-      if step % config.log_every == 0 or is_last or stop.requested:
+      if will_log:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - window_start
         img_per_sec = window_steps * config.global_batch_size / max(elapsed, 1e-9)
@@ -342,20 +330,37 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         last.update(values)
         window_start, window_steps = time.perf_counter(), 0
       if will_save:
+        watchdog.phase("a checkpoint save", step)
         checkpointer.save(step, state, train_iter)
       if step % config.eval_every == 0 or is_last:
+        watchdog.phase("an evaluation", step)
         results = _evaluate(evaluators, state.params, step)
         writer.write(step, results)
         last.update(results)
         window_start, window_steps = time.perf_counter(), 0
-      if stop.requested:
-        logging.warning("SIGTERM: saved step %d, exiting so the job can be requeued", step)
+      if preempted:
+        watchdog.phase("committing the preemption checkpoint", step)
+        where = _committed(checkpointer, step)
+        logging.warning("preemption notice: saved step %d (%s); exiting so the job can be requeued", step, where)
         break
   finally:
-    progress.close()
-    stop.restore()
-    checkpointer.wait()
+    watchdog.phase("committing the last checkpoint", step)
+    try:
+      checkpointer.wait()  # also after an error: the saves in flight are of good steps
+    finally:
+      watchdog.close()
+      progress.close()
+      preemption.close()
   last["step"] = step
   if jax.process_index() == 0:
     logging.info("done at step %d: %s", step, json.dumps({k: round(v, 5) for k, v in last.items()}))
   return last
+
+
+def _committed(checkpointer, step: int) -> str:
+  """Waits for the save of `step` to commit and returns its directory; raises when it did not."""
+  checkpointer.wait()
+  where = checkpointer.directory / str(step)
+  if not where.exists():
+    raise CheckpointError(f"the checkpoint of step {step} did not commit: {where} does not exist")
+  return str(where)

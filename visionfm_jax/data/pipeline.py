@@ -34,10 +34,12 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
                       source=None) -> skipping.SkippingLoader:
   """An infinite, shuffled, augmented loader over this process's shard of the train split.
 
-  Every process reads a fixed, disjoint share of the records (grain's ShardOptions, the remainder dropped),
-  in a new order each epoch, a pure function of (seed, epoch). `iter(loader)` has get_state/set_state and
-  saves with Orbax through grain.checkpoint.CheckpointSave. The augmentations are a pure function of (seed,
-  record position), so a restored iterator replays the same batches bitwise. Undecodable records are skipped
+  All processes read one global stream, every record once per epoch in an order that is a pure function of
+  (seed, epoch); process i of P takes the positions i, i + P, i + 2P, ... (disjoint shares of each epoch).
+  `iter(loader)` has get_state/set_state and saves with Orbax through grain.checkpoint.CheckpointSave. The
+  augmentations are a pure function of (seed, stream position), so a restored iterator replays the same
+  batches bitwise; restored onto another number of processes or workers it continues the stream's position
+  (`resume`). Undecodable records are skipped
   and counted (`skipping.SkippingIterator`). `source` overrides build_source(config.data.source,
   config.data.train_split).
   """
@@ -121,10 +123,12 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   if len(source) // process_count < batch_size:
     raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r} has {len(source)} "
                     f"records: fewer than one batch of {batch_size} for each of {process_count} processes")
-  shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
+  # One global stream for all processes (data/resume.py): the sampler orders every record per epoch, and the
+  # loader's shard options give process i the stream positions i, i + P, i + 2P, ...
   sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=shard, shuffle=data_cfg.shuffle, num_epochs=None,
+      num_records=len(source), shard_options=grain.sharding.NoSharding(), shuffle=data_cfg.shuffle, num_epochs=None,
       seed=int(seed) % 2**32)  # grain takes 32-bit seeds
+  shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
   if data_cfg.num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
@@ -133,7 +137,8 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
                             worker_count=data_cfg.num_workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
                                  check_after=data_cfg.skip_check_after,
-                                 what=f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r}")
+                                 what=f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r}",
+                                 process_index=process_index, process_count=process_count)
 
 
 def eval_shares(total: int, batch_size: int, process_index: int, process_count: int) -> tuple[range, int]:

@@ -7,7 +7,9 @@ into full batches of the same size (carrying the rest of a raw batch over to the
 it skipped, and stops the run with a `DataError` when too much of the data is bad.
 
 Its state is (the loader's state before the raw batch in hand, how many of its rows are used, counts), so a
-restored iterator yields the same batches bitwise.
+restored iterator yields the same batches bitwise. A state saved with another number of data workers, or the
+states of all processes of a run with another number of processes, restore to the same global stream
+position instead (`resume`): the epoch goes on without repeating a record.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import logging
 
 import numpy as np
 
+from visionfm_jax.data import resume
 from visionfm_jax.errors import DataError
 
 VALID = "valid"
@@ -25,13 +28,16 @@ VALID = "valid"
 class SkippingLoader:
   """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
 
-  def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str):
+  def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str,
+               process_index: int = 0, process_count: int = 1):
     self.loader, self.batch_size = loader, int(batch_size)
     self.max_fraction, self.check_after, self.what = float(max_fraction), int(check_after), what
+    self.process_index, self.process_count = int(process_index), int(process_count)
 
   def __iter__(self) -> "SkippingIterator":
     return SkippingIterator(iter(self.loader), self.batch_size, max_fraction=self.max_fraction,
-                            check_after=self.check_after, what=self.what)
+                            check_after=self.check_after, what=self.what, process_index=self.process_index,
+                            process_count=self.process_count)
 
 
 class SkippingIterator:
@@ -40,8 +46,10 @@ class SkippingIterator:
   Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`.
   """
 
-  def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str):
+  def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str,
+               process_index: int = 0, process_count: int = 1):
     self._it, self.batch_size = iterator, batch_size
+    self.process_index, self.process_count = process_index, process_count
     self.max_fraction, self.check_after, self.what = max_fraction, check_after, what
     self.read = self.skipped = 0
     self._raw = self._valid = self._raw_state = None
@@ -94,14 +102,44 @@ class SkippingIterator:
                        "read": self.read, "skipped": self.skipped}).encode()
 
   def set_state(self, state: bytes) -> None:
-    state = json.loads(state.decode() if isinstance(state, bytes) else state)
-    self._it.set_state(state["loader"].encode())
-    self.read, self.skipped = int(state["read"]), int(state["skipped"])
+    """Continues where `get_state` was taken. A state saved with another number of data workers continues
+    at its global stream position instead (`resume`): its batches cannot be replayed by other workers."""
+    state = resume.parse(state)
+    loader_state = resume.parse(state["loader"])
+    fresh = resume.parse(self._it.get_state())
+    if loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]:
+      self._it.set_state(json.dumps(loader_state).encode())
+      self._set_counts(int(state["read"]), int(state["skipped"]))
+      if state["offset"]:
+        self._next_raw()
+        self._offset = int(state["offset"])
+    else:
+      self._restart_after([resume.frontier(loader_state, int(state["offset"]), self.process_count)], fresh)
+      self._set_counts(int(state["read"]), int(state["skipped"]))
+
+  def continue_from(self, states) -> None:
+    """Continues the global stream after the states of all processes of a run with another number of
+    processes (`states[k]` saved by process k of len(states)). The records read and skipped so far are split
+    evenly between the processes now, so that their sums stay the run's."""
+    states = [resume.parse(s) for s in states]
+    frontiers = [resume.frontier(resume.parse(s["loader"]), int(s["offset"]), len(states)) for s in states]
+    self._restart_after(frontiers, resume.parse(self._it.get_state()))
+    share = lambda total: total // self.process_count + int(self.process_index < total % self.process_count)
+    self._set_counts(share(sum(int(s["read"]) for s in states)), share(sum(int(s["skipped"]) for s in states)))
+
+  def _restart_after(self, frontiers, fresh_state: dict) -> None:
+    workers = int(fresh_state[resume.WORKER_COUNT])
+    position = resume.restart_position(frontiers, self.process_count, workers)
+    self._it.set_state(json.dumps(resume.loader_state_at(fresh_state, position, self.process_index,
+                                                         self.process_count, workers)).encode())
+    logging.info("%s: the saved data position belongs to another number of processes or workers; continuing the "
+                 "global stream at position %d (the furthest saved one was %d)", self.what, position,
+                 max(frontiers) - 1)
+
+  def _set_counts(self, read: int, skipped: int) -> None:
+    self.read, self.skipped = read, skipped
     self._raw = self._valid = self._raw_state = None
     self._offset = 0
-    if state["offset"]:
-      self._next_raw()
-      self._offset = int(state["offset"])
     if self.skipped:
       logging.info("%s: %d of %d records read so far were skipped", self.what, self.skipped, self.read)
 

@@ -7,7 +7,8 @@ from typing import Callable, Sequence
 
 from absl import flags
 
-from visionfm_jax.errors import UserError
+from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError, UserError
 
 HELP_FLAGS = ("-h", "--help", "--helpshort")
 
@@ -16,6 +17,42 @@ def last_line(error: Exception) -> str:
   """absl and ml_collections put tracebacks in their messages: the last line names the problem."""
   lines = [line.strip() for line in str(error).splitlines() if line.strip()]
   return lines[-1] if lines else type(error).__name__
+
+
+def error_line(error: Exception) -> str:
+  """The `error: ...` line printed for a UserError: its message on one line."""
+  return "error: " + " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
+def parse(fv: flags.FlagValues, argv: Sequence[str]) -> list[str]:
+  """`fv(argv)`, and the config file of a `--config` flag loaded with its overrides. A bad flag, a config file
+  that does not load, an unknown variant or an override of a field the config lacks is a UserError whose one
+  line names it (absl and ml_collections report these with tracebacks and without the culprit)."""
+  try:
+    rest = fv(list(argv))
+    if "config" in fv and fv["config"].present:
+      fv.config.keys()  # a config file that failed to load raises here
+    return rest
+  except (flags.Error, AttributeError, KeyError, OSError, ConfigError) as e:
+    raise UserError(_explain(e, argv)) from e
+
+
+def _explain(error: Exception, argv: Sequence[str]) -> str:
+  """The culprit of a failed parse: the config file or the override that does not fit it, found by loading the
+  file again; else the last line of the error."""
+  args = list(argv[1:])
+  spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+  if spec is None and "--config" in args[:-1]:
+    spec = args[args.index("--config") + 1]
+  if spec:
+    try:
+      config = config_lib.load(spec)
+      for arg in args:
+        if arg.startswith("--config."):
+          config_lib.check_override(config, arg)
+    except ConfigError as e:
+      return str(e)
+  return last_line(error)
 
 
 def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
@@ -28,12 +65,9 @@ def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
     print(fv.get_help())
     return 0
   try:
-    rest = fv(list(argv))[1:]
+    rest = parse(fv, argv)[1:]
     body(fv, rest)
-  except flags.Error as e:
-    print(f"error: {last_line(e)}", file=sys.stderr)
-    return 2
   except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
+    print(error_line(e), file=sys.stderr)
     return 2
   return 0
