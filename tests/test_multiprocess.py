@@ -1,17 +1,20 @@
-"""Multi-process training and its launch environment.
+"""Multi-process training, its faults and its launch environment.
 
 launch/local.sh runs 2 processes x 2 CPU devices joined by jax.distributed (gloo collectives): the tiny ViT
-trains with zero3 (state sharded across the processes), checkpoints, resumes, and matches one process fed the
-same global batches. Also: the jax.distributed.initialize arguments taken from the environment, and the launch
-scripts' syntax.
+trains with zero3 (state sharded across the processes), checkpoints, and matches one process fed the same global
+batches; a preemption notice to either or both processes saves one agreed step that the rerun resumes bitwise; a
+stalled process ends the whole job. Also: the jax.distributed.initialize arguments taken from the environment,
+and the launch scripts' syntax.
 """
 
 import json
 import math
 import os
+import re
 import signal
 import socket
 import subprocess
+import time
 
 import jax
 import numpy as np
@@ -19,16 +22,20 @@ import pytest
 from jax.sharding import NamedSharding
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import checkpoint, optim, parallel, tasks, train
+from visionfm_jax import checkpoint, faults, optim, parallel, tasks, train
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import host_to_global
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
+# Long enough that a preemption notice sent at the first checkpoint (step 10) is acted on well before the end:
+# JAX's notifier polls for SIGTERM once a second, and the tiny job runs ~10 steps a second.
+TOTAL_STEPS = 60
 # The tiny ViT (conftest.tiny_vit_config) as flags; global batch 16 = 8 rows on each process.
 FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
          "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
          "--config.data.eval_examples=16", "--config.data.num_workers=0", "--config.progress_bar=False",
-         "--config.strategy=zero3", "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=100"]
+         "--config.strategy=zero3", "--config.checkpoint_every=10", "--config.log_every=1", "--config.eval_every=1000",
+         f"--config.total_steps={TOTAL_STEPS}"]
 LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "JAX_LOCAL_DEVICE_IDS", "SLURM_NTASKS")
 
 
@@ -109,20 +116,40 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(workdir, total_steps):
-  """launch/local.sh 2 (2 CPU devices each) -> (exit code, output of both processes)."""
-  env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and k != "XLA_FLAGS"}  # not conftest's 8
-  env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu")
-  proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *FLAGS,
-                           f"--config.total_steps={total_steps}"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True)
-  try:
-    out, _ = proc.communicate(timeout=480)
-  except subprocess.TimeoutExpired:
-    os.killpg(proc.pid, signal.SIGKILL)
-    out, _ = proc.communicate()
-    pytest.fail(f"launch/local.sh timed out:\n{out[-6000:]}")
-  return proc.returncode, out
+class _Job:
+  """launch/local.sh 2 (2 CPU devices each) in a session of its own, with its two trainer processes' pids."""
+
+  def __init__(self, workdir, *flags):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and k != "XLA_FLAGS"}  # not conftest's 8
+    env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu")
+    self.workdir = workdir
+    self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *FLAGS, *flags],
+                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                 start_new_session=True)
+
+  def trainers(self) -> list[int]:
+    """The pids of the two `python -m visionfm_jax.main` processes (local.sh's children), in launch order."""
+    with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children", encoding="utf-8") as f:
+      pids = [int(p) for p in f.read().split()]
+    assert len(pids) == PROCESSES, pids
+    return pids
+
+  def wait_for_checkpoint(self, step):
+    """Blocks until the job has committed checkpoint `step` (while the job runs)."""
+    path, deadline = self.workdir / "checkpoints" / str(step), time.monotonic() + 300
+    while not path.exists() and self.proc.poll() is None and time.monotonic() < deadline:
+      time.sleep(0.05)
+    assert path.exists(), self.finish()[1][-6000:]
+
+  def finish(self, timeout=480):
+    """(exit code of local.sh, output of both processes)."""
+    try:
+      out, _ = self.proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+      os.killpg(self.proc.pid, signal.SIGKILL)
+      out, _ = self.proc.communicate()
+      pytest.fail(f"launch/local.sh timed out:\n{out[-6000:]}")
+    return self.proc.returncode, out
 
 
 def _read_metrics(workdir):
@@ -130,35 +157,47 @@ def _read_metrics(workdir):
     return [json.loads(line) for line in f]
 
 
+def _final(workdir):
+  state = checkpoint.restore_on_host(workdir / "checkpoints" / str(TOTAL_STEPS) / "state")
+  return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
+
+
+def _final_eval(workdir):
+  return [r["eval/val/top1"] for r in _read_metrics(workdir) if "eval/val/top1" in r][-1]
+
+
+# The tests that use it run in one pytest-xdist worker (--dist loadgroup), so that it runs once.
+MULTIPROCESS = pytest.mark.xdist_group("two_process_reference_run")
+
+
 @pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-  """Trains 2 steps (checkpoint at 2), then the same command with total_steps=4 resumes and trains 2 more."""
-  workdir = tmp_path_factory.mktemp("mp") / "run"
-  first_code, first = _launch(workdir, 2)
-  assert first_code == 0, first[-6000:]
-  second_code, second = _launch(workdir, 4)
-  assert second_code == 0, second[-6000:]
-  return workdir, first, second
+def reference_run(tmp_path_factory):
+  """The 2-process job trained to TOTAL_STEPS without interruption."""
+  workdir = tmp_path_factory.mktemp("mp") / "reference"
+  code, out = _Job(workdir).finish()
+  assert code == 0, out[-6000:]
+  return workdir, out
 
 
-def test_two_processes_train_checkpoint_and_resume(two_process_run):
-  workdir, first, second = two_process_run
+@MULTIPROCESS
+def test_two_processes_train_and_checkpoint(reference_run):
+  workdir, out = reference_run
   devices = PROCESSES * DEVICES_PER_PROCESS
-  assert f"{PROCESSES} processes, {devices} devices (cpu)" in first
-  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, strategy zero3, 2 processes" in first
-  assert "resuming from" not in first
-  assert second.count(f"resuming from {workdir}/checkpoints/2") == PROCESSES  # each process restores
+  assert f"{PROCESSES} processes, {devices} devices (cpu)" in out
+  assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, strategy zero3, 2 processes" in out
+  assert "resuming from" not in out
 
   rows = _read_metrics(workdir)  # written by process 0 only: each step once
   train_rows = [r for r in rows if "train/loss" in r]
-  assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
+  assert [r["step"] for r in train_rows] == list(range(1, TOTAL_STEPS + 1))
   for r in train_rows:
     assert math.isfinite(r["train/loss"]) and math.isfinite(r["train/grad_norm"])
     assert r["data/skipped"] == 0 and r["data/skipped_fraction"] == 0
-  assert [r["step"] for r in rows if "eval/val/top1" in r] == [2, 4]
+  assert [r["step"] for r in rows if "eval/val/top1" in r] == [TOTAL_STEPS]
 
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
-  for step in (2, 4):
+  kept = [TOTAL_STEPS - 20, TOTAL_STEPS - 10, TOTAL_STEPS]  # checkpoint_every 10, keep_checkpoints 3
+  assert sorted(int(s) for s in os.listdir(workdir / "checkpoints")) == kept
+  for step in kept:
     data_dir = workdir / "checkpoints" / str(step) / "data"
     names = [f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
     assert sorted(n for n in os.listdir(data_dir) if n.endswith(".json")) == names
@@ -169,13 +208,15 @@ def test_two_processes_train_checkpoint_and_resume(two_process_run):
     assert {f"ocdbt.process_{i}" for i in range(PROCESSES)} <= set(state_dir)  # both wrote their shards
 
 
-def test_two_processes_match_one_process_fed_the_same_global_batches(two_process_run):
-  """One process on 4 devices restores the 2-process checkpoint of step 2 (state and both processes' iterator
-  states) and trains steps 3-4 on the rows that process 0 and process 1 read (their disjoint shares of the data,
-  in that order): the metrics match. So a 2-process run differs from a 1-process one only in which examples form
-  a global batch (each process reads its own share), not in what a step computes."""
-  workdir, _, _ = two_process_run
-  config = tiny_vit_config(strategy="zero3", total_steps=4)
+@MULTIPROCESS
+def test_two_processes_match_one_process_fed_the_same_global_batches(reference_run):
+  """One process on 4 devices restores the 2-process checkpoint of step 50 (state and both processes' iterator
+  states) and trains steps 51-52 on the rows that process 0 and process 1 read (their shares of the data
+  stream, in that order): the metrics match. So a 2-process run differs from a 1-process one only in which
+  examples form a global batch (each process reads its own share), not in what a step computes."""
+  workdir, _ = reference_run
+  start = TOTAL_STEPS - 10
+  config = tiny_vit_config(strategy="zero3", total_steps=TOTAL_STEPS)
   config.data.num_workers = 0
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
   task = tasks.build(config, mesh)
@@ -186,20 +227,86 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(two_process
     abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
-    state = ckpt.restore(2, target)
+    state = ckpt.restore(start, target)
     ckpt.close()
     loaders = []
     for i in range(PROCESSES):
       loader = iter(task.train_loader(batch_size=config.global_batch_size // PROCESSES, seed=config.seed,
                                       process_index=i, process_count=PROCESSES))
-      loader.set_state((workdir / "checkpoints" / "2" / "data" / f"process_{i}-of-{PROCESSES}.json").read_bytes())
+      loader.set_state((workdir / "checkpoints" / str(start) / "data" / f"process_{i}-of-{PROCESSES}.json").read_bytes())
       loaders.append(loader)
     step = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
-    for want in [r for r in _read_metrics(workdir) if "train/loss" in r and r["step"] > 2]:
+    for want in [r for r in _read_metrics(workdir) if "train/loss" in r and start < r["step"] <= start + 2]:
       parts = [next(loader) for loader in loaders]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
       state, got = step(state, host_to_global(batch, batch_sharding))
       for key in ("train/loss", "train/grad_norm", "train/top1", "train/lr"):
         # Equal up to the order of float reductions (gloo across processes vs within one).
         assert float(got[key]) == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)
-    assert int(state.step) == 4
+    assert int(state.step) == start + 2
+
+
+@MULTIPROCESS
+@pytest.mark.parametrize("signalled", ["both_0.5s_apart", "one_only"])
+def test_preemption_saves_one_step_on_every_process_and_resumes_bitwise(reference_run, tmp_path, signalled):
+  """SIGTERM reaches the processes 0.5 s apart, or only one of them: both agree on one step, save it, log it
+  once it has committed and exit 0; the rerun resumes from it and ends bitwise where the uninterrupted job does
+  (params, optimizer state, eval metric)."""
+  reference, _ = reference_run
+  workdir = tmp_path / "run"
+  job = _Job(workdir)
+  job.wait_for_checkpoint(10)
+  first, second = job.trainers()
+  os.kill(first, signal.SIGTERM)
+  if signalled == "both_0.5s_apart":
+    time.sleep(0.5)  # the stagger under test
+    os.kill(second, signal.SIGTERM)
+  code, out = job.finish()
+  assert code == 0, out[-6000:]
+  named = re.findall(r"preemption notice: saved step (\d+) \((.*?)\)", out)
+  assert len(named) == PROCESSES and len(set(named)) == 1, out[-6000:]
+  step, where = int(named[0][0]), named[0][1]
+  assert 10 < step < TOTAL_STEPS and where == str(workdir / "checkpoints" / str(step))
+  assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data"))[-PROCESSES:] == [
+      f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
+
+  code, out = _Job(workdir).finish()
+  assert code == 0, out[-6000:]
+  assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
+  for got, want in zip(_final(workdir), _final(reference)):
+    np.testing.assert_array_equal(got, want)
+  assert _final_eval(workdir) == _final_eval(reference)
+
+
+def _wait_gone(pid, timeout):
+  """Seconds until process `pid` (not a child of ours) exited, or None after `timeout`."""
+  start = time.monotonic()
+  while time.monotonic() - start < timeout:
+    try:
+      with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
+        if f.read().split(")")[-1].split()[0] == "Z":
+          return time.monotonic() - start
+    except FileNotFoundError:
+      return time.monotonic() - start
+    time.sleep(0.05)
+  return None
+
+
+def test_a_stalled_process_ends_the_whole_job(tmp_path):
+  """Process 1 stops (SIGSTOP, as a wedged host would): process 0, waiting on it in a collective, dumps its
+  stacks, names the step and phase and exits 75 within config.step_timeout_s; process 1, once it runs again,
+  finds its own step overdue and exits too, so nothing is left waiting."""
+  timeout_s = 8
+  job = _Job(tmp_path / "run", "--config.total_steps=100000", f"--config.step_timeout_s={timeout_s}")
+  job.wait_for_checkpoint(10)
+  first, second = job.trainers()
+  os.kill(second, signal.SIGSTOP)
+  waited = _wait_gone(first, timeout=timeout_s + 60)
+  os.kill(second, signal.SIGCONT)
+  assert waited is not None and waited < timeout_s + 30, waited
+  assert _wait_gone(second, timeout=60) is not None
+  code, out = job.finish(timeout=60)
+  assert code == faults.HUNG_EXIT_CODE, out[-6000:]
+  assert re.search(rf"process 0 of 2 has waited \d+s in a (train step|checkpoint save) at step \d+ "
+                   rf"\(config.step_timeout_s={timeout_s}\)", out), out[-6000:]
+  assert "most recent call first" in out  # faulthandler's stack dump

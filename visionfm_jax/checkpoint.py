@@ -184,7 +184,7 @@ def save_params(directory: str, params, metadata: dict[str, Any] | None = None) 
     (directory / "model.json").write_text(json.dumps(metadata, indent=2))
 
 
-def _restore_on_host(directory: epath.Path, subtree: str | None = None):
+def restore_on_host(directory: epath.Path, subtree: str | None = None):
   """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
   a restore without a target would place arrays by the saved shardings, which fails on another device count."""
   checkpointer = ocp.PyTreeCheckpointer()
@@ -200,7 +200,7 @@ def _restore_on_host(directory: epath.Path, subtree: str | None = None):
 
 def _raw_params(path: epath.Path, step: int | None = None):
   if (path / "params").exists() and step is None:
-    return _restore_on_host(path / "params")
+    return restore_on_host(path / "params")
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
   if not steps:
@@ -209,7 +209,7 @@ def _raw_params(path: epath.Path, step: int | None = None):
   if step is not None and step not in steps:
     raise CheckpointError(f"init_from={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
   step = steps[-1] if step is None else step
-  params = _restore_on_host(ckpt_dir / str(step) / "state", "params")
+  params = restore_on_host(ckpt_dir / str(step) / "state", "params")
   if params is None:
     raise CheckpointError(f"init_from={str(path)!r}: step {step} holds no 'params'")
   return params

@@ -304,7 +304,10 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   step = start_step
   try:
     while step < total:
-      watchdog.phase("the first train step (compiling)" if step == start_step else "a train step", step + 1)
+      if step == start_step:
+        watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
+      else:
+        watchdog.phase("a train step", step + 1)
       batch = host_to_global(next(train_iter), batch_sharding)
       state, step_metrics = train_step(state, batch)
       step += 1
