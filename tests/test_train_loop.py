@@ -139,23 +139,6 @@ def test_bad_configs_name_the_field(tmp_path):
     train.run(tiny_vit_config(strategy="zero4"), str(tmp_path))
 
 
-def test_cli_rejects_unknown_keys_and_missing_data(tmp_path):
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  unknown = subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/vit_huge.py",
-                            f"--workdir={tmp_path}/a", "--config.optim.lrr=1"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-  assert unknown.returncode != 0 and "lrr" in unknown.stderr
-  start = time.monotonic()
-  missing = subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/vit_huge.py",
-                            f"--workdir={tmp_path}/b", "--config.mesh.fsdp=-1"], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
-  assert missing.returncode == 2, missing.stderr
-  assert "/data/imagenet21k/train-*.array_record" in missing.stderr  # the default source, not prepared here
-  assert "BUILD.md" in missing.stderr
-  assert "Traceback" not in missing.stderr
-  assert time.monotonic() - start < 60
-
-
 def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_path):
   """lr 1e30: step 2's update sends the params to ~1e29, so step 3's loss is not finite. The check runs before
   every save (checkpoint_every=1), even between log steps (log_every=5)."""

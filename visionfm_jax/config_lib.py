@@ -328,37 +328,38 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"head\.(num_classes|head_channels|neck_channels|num_convs|top_k|eval_stride|levels|neck_strides|ppm_scales)",
      COUNT),
 )
-_COMPILED_DOMAINS = tuple((re.compile(pattern), domain) for pattern, domain in DOMAINS)
+_COMPILED_DOMAINS = tuple((re.compile(pattern), (pattern, domain)) for pattern, domain in DOMAINS)
 # Fields holding (low, high): low must not exceed high.
 ORDERED_PAIRS = ("data.augment.crop_scale", "data.augment.crop_ratio", "data.seg_scale_range",
                  "data.det_scale_range")
 
 
-def _fields(node, prefix: str = ""):
+def fields(node, prefix: str = ""):
   """(dotted path, value) of every leaf of a ConfigDict."""
   for key, value in node.items():
     path = f"{prefix}{key}"
     if isinstance(value, (ml_collections.ConfigDict, dict)):
-      yield from _fields(value, path + ".")
+      yield from fields(value, path + ".")
     else:
       yield path, value
 
 
-def domain_of(path: str) -> Domain | None:
-  """The DOMAINS entry of a dotted field path (the first rule matching it whole), None when it has none."""
-  for pattern, domain in _COMPILED_DOMAINS:
-    if pattern.fullmatch(path):
-      return domain
+def rule_of(path: str) -> tuple[str, Domain] | None:
+  """The DOMAINS rule of a dotted field path (the first whose regex matches it whole), None when none does."""
+  for compiled, rule in _COMPILED_DOMAINS:
+    if compiled.fullmatch(path):
+      return rule
   return None
 
 
 def check_domains(config: ml_collections.ConfigDict) -> None:
   """ConfigError naming the first field whose value lies outside its DOMAINS entry, or an ORDERED_PAIRS field
   whose low end exceeds its high end."""
-  for path, value in _fields(config):
-    domain = domain_of(path)
-    if domain is None:
+  for path, value in fields(config):
+    rule = rule_of(path)
+    if rule is None:
       continue
+    domain = rule[1]
     values = value if isinstance(value, (tuple, list)) else (value,)
     if not all(domain.contains(v) for v in values):
       each = "each element " if isinstance(value, (tuple, list)) else ""

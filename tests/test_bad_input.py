@@ -1,0 +1,106 @@
+"""Every bad input to `python -m visionfm_jax.main` ends with exit status 2 and one `error:` line that names the
+culprit, never a traceback: flags, config files and variants, field values outside their domain, data specs,
+checkpoints and weights. Config problems fail before jax is imported (well under a second each)."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT, tiny_vit_config
+from visionfm_jax import config_lib, train
+
+DEMO = "--config=configs/vit_huge.py:demo"
+TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
+        "--config.global_batch_size=16", "--config.optim.warmup_steps=2", "--config.data.eval_examples=16",
+        "--config.data.num_workers=0", "--config.progress_bar=False", "--config.total_steps=4"]
+
+# (id, arguments, what the error line must name). <good>: a workdir of the tiny ViT with a
+# checkpoint at step 2; <garbled>: the same with that checkpoint's _METADATA garbled.
+CASES = [
+    ("unknown_key", [DEMO, "--config.optim.lrr=1"], ["--config.optim.lrr", "'lr'"]),
+    ("unknown_group", [DEMO, "--config.nosuch.x=1"], ["'nosuch'"]),
+    ("unknown_variant", ["--config=configs/vit_huge.py:nope"], ["unknown variant 'nope'"]),
+    ("unknown_variant_clip", ["--config=configs/swinv2_g_clip.py:demo,nope"], ["unknown variant 'demo,nope'"]),
+    ("missing_config_file", ["--config=configs/nope.py"], ["configs/nope.py"]),
+    ("no_config", [], ["--config"]),
+    ("not_a_number", [DEMO, "--config.total_steps=abc"], ["--config.total_steps=abc"]),
+    ("negative_lr", [DEMO, "--config.optim.lr=-1"], ["config.optim.lr=-1.0", "> 0"]),
+    ("b1_one", [DEMO, "--config.optim.b1=1.0"], ["config.optim.b1=1.0", "[0, 1)"]),
+    ("b2_negative", [DEMO, "--config.optim.b2=-0.1"], ["config.optim.b2=-0.1"]),
+    ("negative_weight_decay", [DEMO, "--config.optim.weight_decay=-0.01"], ["config.optim.weight_decay"]),
+    ("negative_clip", [DEMO, "--config.optim.clip_norm=-1"], ["config.optim.clip_norm"]),
+    ("drop_path_one", [DEMO, "--config.model.drop_path=1.0"], ["config.model.drop_path=1.0", "[0, 1)"]),
+    ("zero_batch", [DEMO, "--config.global_batch_size=0"], ["config.global_batch_size=0"]),
+    ("zero_steps", [DEMO, "--config.total_steps=0"], ["config.total_steps=0"]),
+    ("warmup_past_end", [DEMO, "--config.optim.warmup_steps=5000"], ["config.optim.warmup_steps=5000"]),
+    ("zero_image_size", [DEMO, "--config.data.image_size=0"], ["config.data.image_size=0"]),
+    ("crop_scale_reversed", [DEMO, "--config.data.augment.crop_scale=(0.9,0.1)"], ["config.data.augment.crop_scale"]),
+    ("zero_mesh_axis", [DEMO, "--config.mesh.fsdp=0"], ["config.mesh.fsdp=0"]),
+    ("skip_fraction", [DEMO, "--config.data.max_skipped_fraction=1.5"], ["config.data.max_skipped_fraction"]),
+    ("negative_timeout", [DEMO, "--config.step_timeout_s=-5"], ["config.step_timeout_s"]),
+    ("mask_ratio_one", ["--config=configs/aurora_xl.py:demo", "--config.data.mim.mask_ratio=1.0"],
+     ["config.data.mim.mask_ratio=1.0"]),
+    ("unknown_strategy", [DEMO, "--config.strategy=zero4"], ["config.strategy='zero4'"]),
+    ("unknown_dtype", [DEMO, "--config.precision.compute_dtype=float8"], ["config.precision.compute_dtype"]),
+    ("unknown_remat", [DEMO, "--config.model.remat_policy=sometimes"], ["config.model.remat_policy"]),
+    ("batch_over_devices", [*TINY, "--config.global_batch_size=12"], ["config.global_batch_size=12"]),
+    ("unknown_source_kind", [*TINY, "--config.data.source=foo:bar"], ["config.data.source='foo:bar'"]),
+    ("missing_arrayrecord", [*TINY, "--config.data.source=arrayrecord:/nonexistent/{split}-*.array_record"],
+     ["/nonexistent/train-*.array_record", "BUILD.md"]),
+    ("default_source_not_prepared", ["--config=configs/vit_huge.py"],
+     ["/data/imagenet21k/train-*.array_record", "BUILD.md"]),
+    ("missing_tfds", [*TINY, "--config.data.source=tfds:no_such_dataset"], ["no_such_dataset"]),
+    ("missing_init_from", [*TINY, "--config.init_from=/nonexistent/weights"], ["init_from='/nonexistent/weights'"]),
+    ("init_from_other_model", [*TINY, "--config.init_from=<good>", "--config.model.variant=mu/4"],
+     ["init_from=", "cannot be resized"]),
+    ("init_from_garbled", [*TINY, "--config.init_from=<garbled>"], ["init_from=", "cannot read its params"]),
+    ("no_readable_checkpoint", [*TINY, "--workdir=<garbled>"], ["no checkpoint in", "can be restored"]),
+]
+
+
+@pytest.fixture(scope="module")
+def workdirs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("bad_input")
+  config = tiny_vit_config(total_steps=2, checkpoint_every=2, eval_every=100)
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  train.run(config, str(root / "good"))
+  shutil.copytree(root / "good", root / "garbled")
+  (root / "garbled" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbled")
+  return root
+
+
+@pytest.mark.parametrize("name,args,culprit", CASES, ids=[c[0] for c in CASES])
+def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp_path, request):
+  if any("<good>" in a or "<garbled>" in a for a in args):
+    root = request.getfixturevalue("workdirs")
+    args = [a.replace("<good>", str(root / "good")).replace("<garbled>", str(root / "garbled")) for a in args]
+  if not any(a.startswith("--workdir=") for a in args):
+    args.append(f"--workdir={tmp_path / 'run'}")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  output = proc.stdout + proc.stderr
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert proc.returncode == 2, output[-4000:]
+  assert "Traceback" not in output, output[-4000:]
+  assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-4000:]
+  for text in culprit:
+    assert text in errors[0], errors[0]
+
+
+def test_every_config_shipped_is_valid_and_every_domain_rule_is_used():
+  """The shipped configs and their variants pass validation, and every DOMAINS rule matches some field of
+  them (a rule that matches nothing is a typo)."""
+  specs = ["vit_huge.py", "vit_huge.py:demo", "swinv2_cls.py", "swinv2_cls.py:demo", "swinv2_g_clip.py",
+           "swinv2_g_clip.py:demo,ft640", "aurora_xl.py", "aurora_xl.py:demo", "finetune_ade20k.py",
+           "finetune_ade20k.py:demo", "finetune_coco.py", "finetune_coco.py:swinv2"]
+  used = set()
+  for spec in specs:
+    config = config_lib.load(os.path.join(ROOT, "configs", spec))
+    config_lib.validate(config)
+    used.update(rule[0] for rule in map(config_lib.rule_of, (path for path, _ in config_lib.fields(config))) if rule)
+  assert used == {pattern for pattern, _ in config_lib.DOMAINS}, {p for p, _ in config_lib.DOMAINS} - used
