@@ -325,8 +325,8 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"loss\.\w+_weight|head\.(class_weight|l1_weight|giou_weight|focal_gamma)", NON_NEGATIVE),
     (r"head\.focal_alpha", FRACTION),
     (r"head\.prior_prob", Domain(0, 1, low_open=True, high_open=True)),
-    (r"head\.(num_classes|head_channels|neck_channels|num_convs|top_k|eval_stride|levels|neck_strides|ppm_scales)",
-     COUNT),
+    (r"head\.num_convs", NON_NEGATIVE_INT),
+    (r"head\.(num_classes|head_channels|neck_channels|top_k|eval_stride|levels|neck_strides|ppm_scales)", COUNT),
 )
 _COMPILED_DOMAINS = tuple((re.compile(pattern), (pattern, domain)) for pattern, domain in DOMAINS)
 # Fields holding (low, high): low must not exceed high.

@@ -49,6 +49,10 @@ class Preemption:
     self._previous = None
     if self.coordinated:
       return
+    if jax.process_count() > 1:
+      logging.warning("jax_enable_preemption_service is off: each of the %d processes reads its own SIGTERM, so a "
+                      "notice that reaches them at different steps can leave them saving different steps",
+                      jax.process_count())
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: preemption is the caller's business
