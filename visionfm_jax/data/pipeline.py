@@ -39,9 +39,8 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   `iter(loader)` has get_state/set_state and saves with Orbax through grain.checkpoint.CheckpointSave. The
   augmentations are a pure function of (seed, stream position), so a restored iterator replays the same
   batches bitwise; restored onto another number of processes or workers it continues the stream's position
-  (`resume`). Undecodable records are skipped
-  and counted (`skipping.SkippingIterator`). `source` overrides build_source(config.data.source,
-  config.data.train_split).
+  (`resume`). Undecodable records are skipped and counted (`skipping.SkippingIterator`). `source` overrides
+  build_source(config.data.source, config.data.train_split).
   """
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)

@@ -32,7 +32,7 @@ def frontier(loader_state: dict, offset: int, process_count: int) -> int:
   last_seen = {int(worker): int(position) for worker, position in loader_state[LAST_SEEN].items()}
   furthest = max(last_seen.values())
   if offset:  # the first `offset` records of the in-hand batch, from the worker after the last one read
-    in_hand = (int(loader_state[LAST_WORKER]) + 1) % max(workers, 1) if workers else 0
+    in_hand = (int(loader_state[LAST_WORKER]) + 1) % workers if workers else 0
     furthest = max(furthest, last_seen[in_hand] + offset * stride)
   return furthest + 1
 

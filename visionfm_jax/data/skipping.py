@@ -107,15 +107,15 @@ class SkippingIterator:
     state = resume.parse(state)
     loader_state = resume.parse(state["loader"])
     fresh = resume.parse(self._it.get_state())
-    if loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]:
+    replay = loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]
+    if replay:
       self._it.set_state(json.dumps(loader_state).encode())
-      self._set_counts(int(state["read"]), int(state["skipped"]))
-      if state["offset"]:
-        self._next_raw()
-        self._offset = int(state["offset"])
     else:
       self._restart_after([resume.frontier(loader_state, int(state["offset"]), self.process_count)], fresh)
-      self._set_counts(int(state["read"]), int(state["skipped"]))
+    self._set_counts(int(state["read"]), int(state["skipped"]))
+    if replay and state["offset"]:
+      self._next_raw()
+      self._offset = int(state["offset"])
 
   def continue_from(self, states) -> None:
     """Continues the global stream after the states of all processes of a run with another number of
