@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import config_lib, train
+from visionfm_jax import config_lib
+from visionfm_jax.training import train
 
 DEMO = "--config=configs/vit_huge.py:demo"
 TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",

@@ -24,7 +24,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import ROOT, tiny_vit_config
 from test_data import RangeSource
-from visionfm_jax import checkpoint, optim, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.data import pipeline
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpoint-tmp, renamed to S when complete

@@ -14,7 +14,8 @@ from jax.sharding import Mesh
 from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
 import test_real_data
-from visionfm_jax import checkpoint, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import checkpoint, train
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
 

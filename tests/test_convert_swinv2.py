@@ -22,7 +22,9 @@ from ml_collections import config_flags
 # running tools.import_hf.
 from test_convert_vit import ATOL, _edited_copy, _images, _import_hf, torch, transformers
 
-from visionfm_jax import checkpoint, config_lib, convert, models
+from visionfm_jax import config_lib, convert, models
+
+from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.tools import import_hf
 

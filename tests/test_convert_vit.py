@@ -19,7 +19,9 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from visionfm_jax import checkpoint, convert  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import convert  # noqa: E402  pylint: disable=g-import-not-at-top
+
+from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import CheckpointError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
 

@@ -9,7 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax import losses, matching
+from visionfm_jax.tasks import losses
+
+from visionfm_jax.detection import losses as detection_losses, matching
 from visionfm_jax.models import dense_heads, detector, segmenter, swinv2, vit
 
 # Tiny backbones on 32 px images: ViT 2x2 tokens (the simple pyramid upsamples twice for stride 4); SwinV2
@@ -183,7 +185,7 @@ def test_detector_gradients_through_matching():
       out = model.apply({"params": p}, IMAGES)
       cost = matching.batched_match_cost(out["logits"], out["boxes"], classes, targets)
       index = matching.hungarian_match(cost, classes >= 0)
-      return losses.detection_set_loss(out["logits"], out["boxes"], classes, targets, index)[0], out
+      return detection_losses.detection_set_loss(out["logits"], out["boxes"], classes, targets, index)[0], out
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, out, grads
 

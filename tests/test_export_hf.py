@@ -19,7 +19,8 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from conftest import tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax import checkpoint, convert, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import convert, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.data import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_aurora_config, tiny_clip_config
-from visionfm_jax import checkpoint, tasks
+from visionfm_jax import tasks
+from visionfm_jax.training import checkpoint
 from visionfm_jax.data import records, shapes, transforms
 from visionfm_jax.tools import filter_clip_score as fcs
 

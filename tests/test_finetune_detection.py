@@ -13,7 +13,8 @@ import pytest
 
 from conftest import override, tiny_vit_config
 from configs import finetune_coco
-from visionfm_jax import checkpoint, init_from, tasks, train
+from visionfm_jax import tasks
+from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
 
 

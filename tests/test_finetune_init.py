@@ -11,7 +11,9 @@ import ml_collections
 import numpy as np
 import pytest
 
-from visionfm_jax import checkpoint, config_lib, init_from
+from visionfm_jax import config_lib
+
+from visionfm_jax.training import checkpoint, init_from
 from visionfm_jax.errors import CheckpointError, ConfigError
 from visionfm_jax.models import swinv2, vit
 

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import override, tiny_vit_config
-from visionfm_jax import checkpoint, init_from, tasks, train
+from visionfm_jax import tasks
+from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
 
 

@@ -16,7 +16,8 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, tiny_aurora_config
-from visionfm_jax import generate, tasks
+from visionfm_jax import tasks
+from visionfm_jax.models import generate
 from visionfm_jax.data import shapes, tokenizer as tokenizer_lib
 from visionfm_jax.tools import caption
 

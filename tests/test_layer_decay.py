@@ -12,7 +12,9 @@ import pytest
 
 from conftest import override, tiny_vit_config
 
-from visionfm_jax import config_lib, optim, parallel, tasks, train
+from visionfm_jax import config_lib, parallel, tasks
+
+from visionfm_jax.training import optim, train
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2, vit
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from visionfm_jax import losses
+from visionfm_jax.tasks import losses
 
 
 def _normalised(x):

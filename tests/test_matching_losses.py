@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from visionfm_jax import boxes, losses, matching
+from visionfm_jax.detection import boxes, losses as detection_losses, matching
+
+from visionfm_jax.tasks import losses
 
 
 # ---------------------------------------------------------------------------------------------------- boxes
@@ -164,17 +166,17 @@ def _np_focal(x, t, alpha=0.25, gamma=2.0):
 
 def test_sigmoid_focal_loss_by_hand_and_against_numpy():
   # x = 0, t = 1: p = 1/2, alpha 0.25 * (1/2)^2 * log 2.
-  np.testing.assert_allclose(losses.sigmoid_focal_loss(jnp.float32(0.0), jnp.float32(1.0)), 0.0625 * math.log(2),
+  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(jnp.float32(0.0), jnp.float32(1.0)), 0.0625 * math.log(2),
                              rtol=1e-6)
   x = np.linspace(-6, 6, 13, dtype=np.float32)
   x64 = x.astype(np.float64)
   for t in (0.0, 1.0):
-    np.testing.assert_allclose(losses.sigmoid_focal_loss(x, np.full_like(x, t)), _np_focal(x64, t), rtol=1e-5,
+    np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(x, np.full_like(x, t)), _np_focal(x64, t), rtol=1e-5,
                                atol=1e-7)
   # gamma 0 without alpha weighting is plain binary cross-entropy; stable at large logits.
   bce = -np.log(_np_sigmoid(x64))
-  np.testing.assert_allclose(losses.sigmoid_focal_loss(x, np.ones_like(x), alpha=-1, gamma=0.0), bce, rtol=1e-5)
-  assert np.isfinite(losses.sigmoid_focal_loss(jnp.float32(-200.0), jnp.float32(1.0)))
+  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(x, np.ones_like(x), alpha=-1, gamma=0.0), bce, rtol=1e-5)
+  assert np.isfinite(detection_losses.sigmoid_focal_loss(jnp.float32(-200.0), jnp.float32(1.0)))
 
 
 def test_segmentation_cross_entropy_ignores_label_255():
@@ -206,7 +208,7 @@ def test_detection_set_loss_by_hand():
 
   @jax.jit
   def run(pred):
-    loss_fn = lambda b, n=None: losses.detection_set_loss(logits, b, classes, target, index, normalizer=n)
+    loss_fn = lambda b, n=None: detection_losses.detection_set_loss(logits, b, classes, target, index, normalizer=n)
     return loss_fn(pred), loss_fn(pred, 2.0)[0], jax.grad(lambda b: loss_fn(b)[0])(pred)
 
   (loss, parts), half, g = run(pred)
@@ -235,7 +237,7 @@ def test_detection_set_loss_with_matching_under_jit():
   def loss_fn(logits, pred):
     cost = matching.batched_match_cost(logits, pred, classes, target)
     index = matching.hungarian_match(cost, classes >= 0)
-    return losses.detection_set_loss(logits, pred, classes, target, index), index
+    return detection_losses.detection_set_loss(logits, pred, classes, target, index), index
 
   (loss, parts), index = loss_fn(logits, pred)
   np.testing.assert_array_equal(index, [[3, 1, -1], [3, -1, -1]])

@@ -22,7 +22,8 @@ import pytest
 from jax.sharding import NamedSharding
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import checkpoint, faults, optim, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import checkpoint, faults, optim, train
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import host_to_global
 

@@ -10,7 +10,8 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_vit_config
-from visionfm_jax import checkpoint, optim, parallel, tasks
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import checkpoint, optim
 from visionfm_jax.evaluate import probe
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import probe as probe_tool

@@ -11,7 +11,7 @@ from PIL import Image
 import pytest
 
 from conftest import tiny_clip_config, tiny_vit_config
-from visionfm_jax import train
+from visionfm_jax.training import train
 from visionfm_jax.data import pipeline, shapes, sources, tokenizer
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.tools import prepare_data

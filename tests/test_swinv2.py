@@ -15,11 +15,12 @@ import pytest
 
 from configs import swinv2_cls
 from conftest import override
-from visionfm_jax import checkpoint, config_lib, models, optim, train
+from visionfm_jax import config_lib, models
+from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
-from visionfm_jax.optim import path_str
+from visionfm_jax.training.optim import path_str
 from visionfm_jax.tools import summary
 
 

@@ -15,7 +15,7 @@ import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import metrics, train
+from visionfm_jax.training import metrics, train
 from visionfm_jax.errors import ConfigError
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",

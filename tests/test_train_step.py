@@ -12,7 +12,8 @@ import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_vit_config
-from visionfm_jax import optim, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import optim, train
 
 
 def _random_batches(config, n, seed=0):

@@ -27,7 +27,8 @@ from jax.sharding import NamedSharding
 
 from conftest import tiny_vit_config
 from test_train_step import _random_batches
-from visionfm_jax import optim, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import optim, train
 from visionfm_jax.models import layers
 from visionfm_jax.tools import summary
 

@@ -47,7 +47,7 @@ def main(argv):
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_DISTRIBUTED.value)
     import jax  # pylint: disable=g-import-not-at-top
-    from visionfm_jax import train  # pylint: disable=g-import-not-at-top
+    from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
     logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
     train.run(_CONFIG.value, _WORKDIR.value)

@@ -58,7 +58,9 @@ def plan(config, devices: int) -> dict:
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from visionfm_jax import config_lib, optim, parallel, tasks, train  # pylint: disable=g-import-not-at-top
+  from visionfm_jax import config_lib, parallel, tasks  # pylint: disable=g-import-not-at-top
+
+  from visionfm_jax.training import optim, train
 
   if jax.device_count() < devices:
     raise ConfigError(f"--devices={devices}: this process has {jax.device_count()} devices")

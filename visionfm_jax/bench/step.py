@@ -14,7 +14,9 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding
 
-from visionfm_jax import flops, optim, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+
+from visionfm_jax.training import flops, optim, train
 from visionfm_jax.tasks.base import host_to_global
 
 

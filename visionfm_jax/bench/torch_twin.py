@@ -15,7 +15,7 @@ import time
 import jax
 import numpy as np
 
-from visionfm_jax import optim as optim_lib
+from visionfm_jax.training import optim as optim_lib
 from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.models import swinv2, vit
 

@@ -19,7 +19,9 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax import flops, losses
+from visionfm_jax.training import flops
+
+from visionfm_jax.tasks import losses
 from visionfm_jax.evaluate import sums
 from visionfm_jax.models import text as text_lib
 from visionfm_jax.tasks.base import EvalContext

@@ -31,7 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from visionfm_jax import models, precision
+from visionfm_jax import models
+
+from visionfm_jax.training import precision
 from visionfm_jax.errors import ConfigError, DataError
 
 

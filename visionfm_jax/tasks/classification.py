@@ -7,7 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visionfm_jax import data, flops
+from visionfm_jax import data
+
+from visionfm_jax.training import flops
 from visionfm_jax.evaluate import classification as classification_eval, probe
 from visionfm_jax.tasks.base import EvalContext, Task
 

@@ -18,7 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax import data, flops, losses
+from visionfm_jax import data
+
+from visionfm_jax.training import flops
+
+from visionfm_jax.tasks import losses
 from visionfm_jax.data import shapes, tokenizer as tokenizer_lib, transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import retrieval, zeroshot

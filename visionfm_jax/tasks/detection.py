@@ -33,7 +33,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from visionfm_jax import data, losses, matching
+from visionfm_jax import data
+
+
+from visionfm_jax.detection import losses as detection_losses, matching
 from visionfm_jax.data import dense as dense_data
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
@@ -92,7 +95,7 @@ class DetectionTask(Task):
   def loss(self, params, batch, rng):
     out = self.predict(params, batch["image"], train=True, rng=rng)
     index = self.match(out["logits"], out["boxes"], batch["classes"], batch["boxes"])
-    loss, parts = losses.detection_set_loss(out["logits"], out["boxes"], batch["classes"], batch["boxes"], index,
+    loss, parts = detection_losses.detection_set_loss(out["logits"], out["boxes"], batch["classes"], batch["boxes"], index,
                                             **self.weights)
     return loss, {f"train/loss_{name}": value for name, value in parts.items()}
 

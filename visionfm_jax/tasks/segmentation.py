@@ -21,7 +21,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax import losses
+from visionfm_jax.tasks import losses
 from visionfm_jax.data import dense as dense_data
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator

@@ -20,7 +20,9 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
-from visionfm_jax import generate, tasks
+from visionfm_jax import tasks
+
+from visionfm_jax.models import generate
 from visionfm_jax.data import shapes, sources, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli

@@ -31,7 +31,9 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from visionfm_jax import checkpoint, convert, data, tasks
+from visionfm_jax import convert, data, tasks
+
+from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import swinv2, vit
 from visionfm_jax.tools import cli, import_hf

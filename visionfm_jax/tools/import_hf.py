@@ -16,7 +16,7 @@ from typing import Any
 
 from absl import app, flags, logging
 
-from visionfm_jax import checkpoint
+from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models import swinv2, vit

@@ -17,7 +17,9 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from visionfm_jax import optim, parallel, tasks, train
+from visionfm_jax import parallel, tasks
+
+from visionfm_jax.training import optim, train
 from visionfm_jax.errors import UserError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)

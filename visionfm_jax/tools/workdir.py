@@ -11,7 +11,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from visionfm_jax import checkpoint
+from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import UserError
 
 

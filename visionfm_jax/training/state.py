@@ -7,7 +7,7 @@ from typing import Any
 import flax.struct
 import jax
 
-from visionfm_jax.precision import DynamicScale
+from visionfm_jax.training.precision import DynamicScale
 
 
 class TrainState(flax.struct.PyTreeNode):

@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.optim import path_str
+from visionfm_jax.training.optim import path_str
 
 
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files

@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from visionfm_jax import checkpoint
+from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 

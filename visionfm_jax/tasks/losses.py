@@ -1,5 +1,5 @@
 """Losses: contrastive (CLIP, plain and sharded), captioning (token cross-entropy), SimMIM's masked L1, and the
-dense tasks' per-pixel cross-entropy with an ignore label, sigmoid focal loss and the detection set loss.
+segmentation's per-pixel cross-entropy with an ignore label (detection's losses live in `detection/losses.py`).
 
 Contrastive: the plain B x B form and the sharded form that never builds B x B on one device.
 
@@ -22,7 +22,6 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-from visionfm_jax import boxes as box_lib
 
 
 def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -147,50 +146,3 @@ def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_labe
   """
   total, count = segmentation_ce_terms(logits, labels, ignore_label)
   return total / (jnp.maximum(count, 1.0) if normalizer is None else normalizer)
-
-
-def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
-  """Elementwise focal loss (Lin et al. 2017) of binary `targets` in [0, 1]; fp32, same shape as `logits`.
-
-  FL = alpha_t (1 - p_t)^gamma BCE(logits, targets), p_t = p t + (1 - p)(1 - t), alpha_t = alpha t +
-  (1 - alpha)(1 - t); alpha < 0 turns the weighting off.
-  """
-  logits, targets = logits.astype(jnp.float32), targets.astype(jnp.float32)
-  p = jax.nn.sigmoid(logits)
-  bce = -(targets * jax.nn.log_sigmoid(logits) + (1 - targets) * jax.nn.log_sigmoid(-logits))
-  p_t = p * targets + (1 - p) * (1 - targets)
-  loss = bce * (1 - p_t) ** gamma
-  if alpha >= 0:
-    loss = loss * (alpha * targets + (1 - alpha) * (1 - targets))
-  return loss
-
-
-def detection_set_loss(logits: jax.Array, pred_boxes: jax.Array, target_classes: jax.Array,
-                       target_boxes: jax.Array, pred_index: jax.Array, *, class_weight: float = 2.0,
-                       l1_weight: float = 5.0, giou_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0,
-                       normalizer=None) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """Set loss of dense detections given a one-to-one matching; fp32.
-
-  logits (B, Q, C), pred_boxes (B, Q, 4) xyxy; target_classes (B, M) with -1 = padding, target_boxes (B, M, 4)
-  in the same units; pred_index (B, M): the prediction matched to each target (-1: none), as from
-  `matching.hungarian_match`. Focal loss over all B x Q x C outputs with the matched (prediction, class) pairs
-  as positives, L1 (summed over the 4 coordinates) and 1 - GIoU over matched pairs; each part is summed and
-  divided by the number of target boxes (at least 1; `normalizer` overrides it, e.g. the global count).
-  Returns (class_weight * focal + l1_weight * l1 + giou_weight * giou, {"class", "l1", "giou"} unweighted).
-  """
-  batch, queries, num_classes = logits.shape
-  matched = (target_classes >= 0) & (pred_index >= 0)
-  rows = jnp.broadcast_to(jnp.arange(batch)[:, None], pred_index.shape)
-  # Unmatched targets scatter out of bounds and are dropped.
-  onehot = jnp.zeros((batch, queries, num_classes), jnp.float32).at[
-      rows, jnp.where(matched, pred_index, queries), jnp.maximum(target_classes, 0)].set(1.0, mode="drop")
-  if normalizer is None:
-    normalizer = jnp.maximum(jnp.sum((target_classes >= 0).astype(jnp.float32)), 1.0)
-  focal = jnp.sum(sigmoid_focal_loss(logits, onehot, alpha, gamma)) / normalizer
-  picked = jnp.take_along_axis(pred_boxes.astype(jnp.float32), jnp.maximum(pred_index, 0)[..., None], axis=1)
-  weight = matched.astype(jnp.float32)
-  target_boxes = target_boxes.astype(jnp.float32)
-  l1 = jnp.sum(jnp.sum(jnp.abs(picked - target_boxes), axis=-1) * weight) / normalizer
-  giou = jnp.sum((1.0 - box_lib.giou(picked, target_boxes)) * weight) / normalizer
-  loss = class_weight * focal + l1_weight * l1 + giou_weight * giou
-  return loss, {"class": focal, "l1": l1, "giou": giou}

@@ -24,7 +24,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from scipy import optimize
 
-from visionfm_jax import boxes as box_lib
+from visionfm_jax.detection import boxes as box_lib
 
 # A stand-in for non-finite costs: large enough never to be chosen over a finite one, small enough for scipy.
 _INVALID_COST = 1e8

@@ -24,10 +24,12 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from visionfm_jax import checkpoint, config_lib, faults, flops, init_from, metrics, optim, parallel, precision, tasks
+from visionfm_jax import config_lib, parallel, tasks
+
+from visionfm_jax.training import checkpoint, faults, flops, init_from, metrics, optim, precision
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext, host_to_global
-from visionfm_jax.train_state import TrainState
+from visionfm_jax.training.state import TrainState
 
 
 class NonFiniteLossError(UserError):

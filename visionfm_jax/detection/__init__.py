@@ -1,0 +1,2 @@
+"""Detection's geometry and objectives: box ops (`boxes`), Hungarian matching (`matching`) and the set losses
+(`losses`)."""
