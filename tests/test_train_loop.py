@@ -149,3 +149,21 @@ def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_
   assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["1", "2"]
   params = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "2" / "state")["params"]
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
+
+
+def test_console_shows_our_lines_only(tmp_path):
+  """Not a terminal (as in a SLURM log): a handful of timestamped lines of ours (no Orbax or JAX internals),
+  plain progress lines, one line per evaluation, where each checkpoint goes, and the final metrics."""
+  proc = _main(tmp_path / "run", "--config.total_steps=4", "--config.log_every=1", "--config.eval_every=2",
+               "--config.checkpoint_every=2", "--config.progress_bar=True", devices=1)
+  out, _ = proc.communicate(timeout=600)
+  assert proc.returncode == 0, out
+  lines = out.splitlines()
+  assert len(lines) <= 20, out
+  assert all(re.match(r"\d\d:\d\d:\d\d \S", line) for line in lines), out
+  for internal in ("orbax", "checkpoint_manager", "xla_bridge", "libtpu", "handler"):
+    assert internal not in out.lower(), out
+  assert re.search(r"\] 1/4 loss \d", out) and re.search(r"\] 4/4 loss \d", out), out
+  assert re.search(r"step 2 eval val: top1 [\d.]+, top5 [\d.]+ \(", out), out
+  assert f"step 2: saving a checkpoint to {tmp_path / 'run' / 'checkpoints' / '2'}" in out
+  assert re.search(r"done at step 4: train/loss [\d.]+, eval/val/top1 [\d.]+", lines[-1]), out

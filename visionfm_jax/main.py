@@ -25,6 +25,8 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "Call jax.distributed.initialize(): 'auto' does when a coordinator is set in the environment "
     "(JAX_COORDINATOR_ADDRESS, or SLURM with more than one task).")
+_VERBOSE = flags.DEFINE_bool(
+    "verbose", False, "Also show the INFO lines of the libraries underneath (Orbax, JAX, Grain) on the console.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -42,14 +44,16 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
+  from visionfm_jax.training import console  # pylint: disable=g-import-not-at-top
+  console.configure(verbose=_VERBOSE.value)
   try:
     config_lib.validate(_CONFIG.value)  # before the seconds of importing jax and joining the other processes
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_DISTRIBUTED.value)
     import jax  # pylint: disable=g-import-not-at-top
     from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
-    logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
-                 jax.devices()[0].device_kind)
+    logging.info("jax %s: %d process(es), %d device(s) (%s)", jax.__version__, jax.process_count(),
+                 jax.device_count(), jax.devices()[0].device_kind)
     train.run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     _exit_with(e)

@@ -1,12 +1,9 @@
-"""Metric sinks: `metrics.jsonl`, TensorBoard events, and a one-line progress bar. Process 0 writes."""
+"""Metric sinks: `metrics.jsonl` and TensorBoard events. Process 0 writes. (The console: `console.py`.)"""
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import sys
-import time
 
 import jax
 from absl import logging
@@ -44,43 +41,3 @@ class MetricWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
-
-
-def _duration(seconds: float) -> str:
-  if not math.isfinite(seconds):
-    return "?"
-  seconds = int(seconds)
-  h, rem = divmod(seconds, 3600)
-  m, s = divmod(rem, 60)
-  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
-
-
-class Progress:
-  """A progress line: step, loss, img/s and ETA. Redrawn in place on a terminal, logged otherwise."""
-
-  def __init__(self, total_steps: int, start_step: int, enabled: bool = True):
-    self.total = total_steps
-    self.enabled = enabled and jax.process_index() == 0
-    self.tty = sys.stderr.isatty()
-    self._t0 = time.perf_counter()
-    self._start = start_step
-
-  def update(self, step: int, loss: float, img_per_sec: float) -> None:
-    if not self.enabled:
-      return
-    done = step - self._start
-    rate = done / max(time.perf_counter() - self._t0, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
-    width = 24
-    filled = int(width * step / self.total)
-    line = (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
-            f"{img_per_sec:,.0f} img/s eta {_duration(eta)}")
-    if self.tty:
-      sys.stderr.write("\r" + line)
-      sys.stderr.flush()
-    else:
-      logging.info(line)
-
-  def close(self) -> None:
-    if self.enabled and self.tty:
-      sys.stderr.write("\n")

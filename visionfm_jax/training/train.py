@@ -8,7 +8,6 @@ run(config, workdir):
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -26,7 +25,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import config_lib, parallel, tasks
 
-from visionfm_jax.training import checkpoint, faults, flops, init_from, metrics, optim, precision
+from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext, host_to_global
 from visionfm_jax.training.state import TrainState
@@ -212,7 +211,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   _write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
-  logging.info("mesh %s, strategy %s, %d processes", mesh_shape, config.strategy, jax.process_count())
+  logging.info("mesh %s, strategy %s", " x ".join(f"{axis} {size}" for axis, size in mesh_shape.items()),
+               config.strategy)
   task = tasks.build(config, mesh)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
@@ -223,6 +223,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
+    _log_plan(config, abstract, workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter)
     start_step = int(jax.device_get(state.step))
@@ -237,6 +238,14 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     checkpointer.close()
     writer.close()
   return last
+
+
+def _log_plan(config, abstract: TrainState, workdir: str) -> None:
+  params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
+  logging.info("model %s: %s params; %d steps of %d examples (%s)", config.model.name, f"{params:,}",
+               config.total_steps, config.global_batch_size, config.precision.compute_dtype)
+  logging.info("workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d)", workdir,
+               config.checkpoint_every, config.keep_checkpoints)
 
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter) -> TrainState:
@@ -260,8 +269,8 @@ def _evaluate(evaluators, params, step) -> dict[str, float]:
     t0 = time.perf_counter()
     for metric, value in evaluate(params).items():
       results[f"eval/{name}/{metric}"] = value
-    logging.info("step %d eval %s (%.1fs): %s", step, name, time.perf_counter() - t0,
-                 {k: round(v, 4) for k, v in results.items() if k.startswith(f"eval/{name}/")})
+    logging.info("step %d eval %s: %s (%.1fs)", step, name, console.format_metrics(results, f"eval/{name}/"),
+                 time.perf_counter() - t0)
   return results
 
 
@@ -298,7 +307,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   total = config.total_steps
   flops_per_example = task.train_flops_per_example()
   peak = flops.device_peak_flops(config.precision.compute_dtype)
-  progress = metrics.Progress(total, start_step, enabled=config.progress_bar)
+  progress = console.Progress(total, start_step, enabled=config.progress_bar, process_index=jax.process_index())
   preemption = faults.Preemption()
   watchdog = faults.Watchdog(config.step_timeout_s)
   last: dict[str, float] = {}
@@ -337,6 +346,8 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       if will_save:
         watchdog.phase("a checkpoint save", step)
         checkpointer.save(step, state, train_iter)
+        if jax.process_index() == 0 and not preempted:
+          logging.info("step %d: saving a checkpoint to %s", step, checkpointer.directory / str(step))
       if step % config.eval_every == 0 or is_last:
         watchdog.phase("an evaluation", step)
         results = _evaluate(evaluators, state.params, step)
@@ -358,7 +369,8 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       preemption.close()
   last["step"] = step
   if jax.process_index() == 0:
-    logging.info("done at step %d: %s", step, json.dumps({k: round(v, 5) for k, v in last.items()}))
+    shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
+    logging.info("done at step %d: %s", step, console.format_metrics(shown))
   return last
 
 

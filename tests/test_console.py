@@ -1,0 +1,67 @@
+"""The console: our lines pass, other libraries' INFO lines only with --verbose, warnings always; the plain
+progress line (stderr not a terminal) is rate-limited."""
+
+import logging as py_logging
+import os
+
+from absl import logging
+import pytest
+
+from visionfm_jax.training import console
+
+
+def _record(pathname: str, level: int = py_logging.INFO) -> py_logging.LogRecord:
+  return py_logging.LogRecord("absl", level, pathname, 1, "hello %s", ("there",), None)
+
+
+OURS = os.path.join(os.path.dirname(console.__file__), "train.py")
+THEIRS = "/usr/lib/python3/site-packages/orbax/checkpoint/checkpoint_manager.py"
+
+
+@pytest.fixture
+def console_handler():
+  handler = logging.get_absl_handler()
+  filters, formatter = list(handler.filters), handler._current_handler.formatter  # pylint: disable=protected-access
+  yield handler
+  handler.filters[:] = filters
+  handler.setFormatter(formatter)
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_filter_keeps_ours_and_warnings_and_theirs_only_when_verbose(console_handler, verbose):
+  console.configure(verbose=verbose)
+  console.configure(verbose=verbose)  # idempotent: one filter
+  assert sum(isinstance(f, console._ConsoleFilter) for f in console_handler.filters) == 1
+  assert console_handler.filter(_record(OURS))
+  assert console_handler.filter(_record(THEIRS, py_logging.WARNING))
+  assert bool(console_handler.filter(_record(THEIRS))) == verbose
+
+
+def test_format_is_clock_then_message_with_origin_for_theirs(console_handler):
+  console.configure()
+  assert console_handler.format(_record(OURS))[8:] == " hello there"
+  assert console_handler.format(_record(THEIRS, py_logging.WARNING))[8:] == (
+      " warning: [checkpoint_manager] hello there")
+
+
+def test_plain_progress_lines_are_rate_limited(caplog):
+  now = [0.0]
+  progress = console.Progress(100, 0, tty=False, clock=lambda: now[0])
+  with caplog.at_level(py_logging.INFO):
+    for step, t in [(10, 1.0), (20, 10.0), (30, 31.5), (40, 40.0), (100, 41.0)]:
+      now[0] = t
+      progress.update(step, 1.5, 100.0)
+  shown = [r.getMessage() for r in caplog.records]
+  assert [m.split("] ")[1].split(" ")[0] for m in shown] == ["10/100", "30/100", "100/100"], shown
+
+
+def test_progress_is_silent_off_process_zero(caplog):
+  progress = console.Progress(10, 0, tty=False, process_index=1)
+  with caplog.at_level(py_logging.INFO):
+    progress.update(10, 1.0, 1.0)
+  assert not caplog.records
+
+
+def test_format_metrics_drops_the_prefix():
+  assert console.format_metrics({"eval/val/top1": 0.95213, "eval/val/top5": 1.0, "train/loss": 2.0},
+                                "eval/val/") == "top1 0.9521, top5 1"

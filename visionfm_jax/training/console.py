@@ -1,0 +1,131 @@
+"""What a person sees while a run trains: our own log lines, a progress bar, one line per evaluation.
+
+`configure(verbose)` sets up the stderr handler once per program: every line is `HH:MM:SS message`
+(`HH:MM:SS warning: message` from WARNING up). Lines logged by this package pass; the INFO lines of the
+libraries underneath (Orbax's handler registries and option dumps, JAX's backend probing) are dropped unless
+`verbose` (`--verbosity=1`), when they pass too, tagged with their module. Warnings and errors always pass.
+Only the console is filtered: `logging` handlers added by others (pytest's caplog, a log file) see everything.
+
+`Progress` is the bar: redrawn in place on a terminal; when stderr is not a terminal (SLURM logs, pipes) it
+becomes a plain line at the first logged step, then at most every `PLAIN_LINE_EVERY_S` seconds, and at the end.
+"""
+
+from __future__ import annotations
+
+import logging as py_logging
+import math
+import os
+import sys
+import time
+from typing import Callable, Mapping
+
+from absl import logging
+
+PLAIN_LINE_EVERY_S = 30.0
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+_bar_on_screen = False  # a terminal progress bar is drawn without a newline; the next log line clears it
+
+
+def is_ours(record: py_logging.LogRecord) -> bool:
+  return os.path.abspath(record.pathname).startswith(_PACKAGE_DIR + os.sep)
+
+
+class _ConsoleFilter(py_logging.Filter):
+  """Passes our records and every warning; other libraries' INFO only when verbose."""
+
+  def __init__(self, verbose: bool):
+    super().__init__()
+    self.verbose = verbose
+
+  def filter(self, record: py_logging.LogRecord) -> bool:
+    keep = self.verbose or record.levelno >= py_logging.WARNING or is_ours(record)
+    if keep:
+      _clear_bar()
+    return keep
+
+
+class _ConsoleFormatter(py_logging.Formatter):
+
+  def format(self, record: py_logging.LogRecord) -> str:
+    clock = time.strftime("%H:%M:%S", time.localtime(record.created))
+    level = f"{record.levelname.lower()}: " if record.levelno >= py_logging.WARNING else ""
+    origin = "" if is_ours(record) else f"[{record.module}] "
+    text = f"{clock} {level}{origin}{record.getMessage()}"
+    if record.exc_info:
+      text += "\n" + self.formatException(record.exc_info)
+    return text
+
+
+def configure(verbose: bool = False) -> None:
+  """Installs the console filter and format on absl's stderr handler (idempotent)."""
+  handler = logging.get_absl_handler()
+  for old in [f for f in handler.filters if isinstance(f, _ConsoleFilter)]:
+    handler.removeFilter(old)
+  handler.addFilter(_ConsoleFilter(verbose))
+  handler.setFormatter(_ConsoleFormatter())
+
+
+def _clear_bar() -> None:
+  global _bar_on_screen
+  if _bar_on_screen:
+    sys.stderr.write("\r\033[K")
+    _bar_on_screen = False
+
+
+def duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def format_metrics(values: Mapping[str, float], prefix: str = "") -> str:
+  """'top1 0.952, top5 1' for the keys under `prefix` (which is dropped from the names)."""
+  return ", ".join(f"{k[len(prefix):]} {v:.4g}" for k, v in values.items() if k.startswith(prefix))
+
+
+class Progress:
+  """A progress line: step, loss, img/s and ETA. Process 0 only."""
+
+  def __init__(self, total_steps: int, start_step: int, enabled: bool = True, *, process_index: int = 0,
+               tty: bool | None = None, clock: Callable[[], float] = time.perf_counter):
+    self.total = total_steps
+    self.enabled = enabled and process_index == 0
+    self.tty = sys.stderr.isatty() if tty is None else tty
+    self._clock = clock
+    self._t0 = clock()
+    self._start = start_step
+    self._last_plain: float | None = None
+
+  def line(self, step: int, loss: float, img_per_sec: float) -> str:
+    done = step - self._start
+    rate = done / max(self._clock() - self._t0, 1e-9)
+    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    width = 24
+    filled = int(width * step / self.total)
+    return (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
+            f"{img_per_sec:,.0f} img/s eta {duration(eta)}")
+
+  def update(self, step: int, loss: float, img_per_sec: float) -> None:
+    global _bar_on_screen
+    if not self.enabled:
+      return
+    if self.tty:
+      sys.stderr.write("\r\033[K" + self.line(step, loss, img_per_sec))
+      sys.stderr.flush()
+      _bar_on_screen = True
+      return
+    now = self._clock()
+    due = self._last_plain is None or now - self._last_plain >= PLAIN_LINE_EVERY_S or step >= self.total
+    if due:
+      self._last_plain = now
+      logging.info(self.line(step, loss, img_per_sec))
+
+  def close(self) -> None:
+    """Leaves the last bar on screen, ended by a newline."""
+    global _bar_on_screen
+    if _bar_on_screen:
+      sys.stderr.write("\n")
+      _bar_on_screen = False
