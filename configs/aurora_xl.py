@@ -109,34 +109,17 @@ def get_config(arg: str | None = None):
 
 
 def _demo(config):
-  config.model.image_size = config.data.image_size = 32
+  config_lib.cpu_demo(config, image_size=32, total_steps=1000, eval_every=250, lr=2e-3)
+  config.grad_accum_steps = 2
   config.model.embed_dim = 64
   config.model.caption_queries = 16
   config.model.decoder_depth = 2
   config.model.encoder.variant = "mu"  # C 48, depths 2,2,2, heads 3,6,12: stride 16, final map 2x2
   config.model.encoder.window_size = 4
-  config.model.encoder.drop_path = 0.0
   config.model.text.variant = "mu"
   config.model.text.vocab_size = 512
   config.model.text.max_len = 16
   config.model.scan = False
-  config.model.remat_policy = "none"
-  config.data.source = "shapes"
   config.data.shapes_captions = "short"  # 'a small red circle': the caption names size, colour and shape
   config.data.tokenizer = ""  # the shipped shapes tokenizer
-  config.data.num_workers = 0
-  config.data.eval_examples = 1000
-  config.data.augment.random_resized_crop = False
-  config.data.augment.flip = True
   config.data.mim.mask_patch_size = 8  # 4x4 grid, 10 of 16 masked
-  config.global_batch_size = 64
-  config.grad_accum_steps = 2
-  config.total_steps = 1000
-  config.optim.lr = 2e-3
-  config.optim.warmup_steps = 100
-  config.optim.end_lr = 0.0
-  config.precision.compute_dtype = "float32"
-  config.strategy = "ddp"
-  config.log_every = 50
-  config.eval_every = 250
-  config.checkpoint_every = 250

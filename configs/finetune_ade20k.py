@@ -98,34 +98,15 @@ def _swinv2(config):
 
 
 def _demo(config):
+  config_lib.cpu_demo(config, source="scenes", image_size=32, total_steps=1000, eval_every=500)
   config.model.variant = "mu/4"
-  config.model.image_size = 32
-  config.model.drop_path = 0.0
-  config.model.remat_policy = "none"
-  config.data.source = "scenes"
-  config.data.image_size = 32
   config.data.seg_eval_width = 0
   config.data.seg_scale_range = (0.75, 1.5)
-  config.data.num_workers = 0  # rendering a batch of small scenes is cheaper than a worker process
-  config.data.eval_examples = 500
-  config.init_from = ""
-  config.init_from_prefix = ""
   config.head = head_config(9)
   config.head.neck_channels = 64
   config.head.neck_strides = (2, 4, 8, 16)  # from the stride-4 tokens: 16 x 16 down to 2 x 2
   config.head.head_channels = 64
   config.head.dropout = 0.0
-  config.global_batch_size = 32
-  config.total_steps = 1000
-  config.optim.lr = 1e-3
-  config.optim.weight_decay = 0.05
-  config.optim.layer_decay = 1.0
-  config.optim.warmup_steps = 100
-  config.precision.compute_dtype = "float32"
-  config.strategy = "ddp"
-  config.log_every = 50
-  config.eval_every = 500
-  config.checkpoint_every = 500
 
 
 def get_config(arg: str | None = None):

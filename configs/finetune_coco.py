@@ -135,30 +135,11 @@ def get_config(arg: str | None = None):
     config.init_from = "/ckpt/swinv2_b_224"
 
   if arg == "demo":
+    config_lib.cpu_demo(config, source="scenes", image_size=64, total_steps=1200, eval_every=400)
     config.model.variant = "mu/8"
-    config.model.image_size = 64
-    config.model.drop_path = 0.0
-    config.model.remat_policy = "none"
-    config.data.source = "scenes"
-    config.data.image_size = 64
     config.data.det_scale_range = (0.75, 1.25)
     config.data.max_boxes = 8
-    config.data.num_workers = 0
-    config.data.eval_examples = 500
-    config.init_from = ""
-    config.init_from_prefix = ""
     head = head_config(8)
     head.neck_channels = head.head_channels = 64
-    config.global_batch_size = 32
-    config.total_steps = 1200
-    config.optim.lr = 1e-3
-    config.optim.weight_decay = 0.05
-    config.optim.layer_decay = 1.0
-    config.optim.warmup_steps = 100
-    config.precision.compute_dtype = "float32"
-    config.strategy = "ddp"
-    config.log_every = 50
-    config.eval_every = 400
-    config.checkpoint_every = 400
   config.head = head
   return config

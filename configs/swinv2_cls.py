@@ -83,29 +83,9 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = _epochs(5, 1024)
 
   if "demo" in parts:
+    config_lib.cpu_demo(config, image_size=32, total_steps=900, eval_every=300)
     config.model.variant = "mu"  # C 48, depths 2,2,2, heads 3,6,12
     config.model.num_classes = 8
-    config.model.patch_size = 4
-    config.model.image_size = 32
     config.model.window_size = 4  # maps 8, 4, 2: windows (4, shift 2), then one unshifted window per stage
     config.model.scan = False  # three 2-block stages: unrolled runs faster on CPU
-    config.model.drop_path = 0.0
-    config.model.remat_policy = "none"
-    config.data.source = "shapes"
-    config.data.image_size = 32
-    config.data.num_workers = 0
-    config.data.augment.random_resized_crop = False
-    config.data.augment.color_jitter = 0.0
-    config.data.eval_examples = 1000
-    config.global_batch_size = 64
-    config.total_steps = 900
-    config.optim.lr = 1e-3
-    config.optim.weight_decay = 0.05
-    config.optim.warmup_steps = 100
-    config.optim.clip_norm = 1.0
-    config.precision.compute_dtype = "float32"
-    config.strategy = "ddp"
-    config.log_every = 50
-    config.eval_every = 300
-    config.checkpoint_every = 300
   return config

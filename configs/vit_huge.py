@@ -70,27 +70,10 @@ def get_config(arg: str | None = None):
   config.checkpoint_every = 2_000
 
   if arg == "demo":
+    config_lib.cpu_demo(config, image_size=32, total_steps=1800, eval_every=600, warmup_steps=200)
     config.model.variant = "mu/8"  # width 96, depth 4, 3 heads, MLP 384: 17 tokens at 32 px
     config.model.num_classes = 8
-    config.model.image_size = 32
     config.model.pool = "gap"
-    config.model.remat_policy = "none"
-    config.data.source = "shapes"
-    config.data.image_size = 32
-    config.data.num_workers = 0  # rendering 64 small images a step is cheaper than a worker process
-    # The procedural data never repeats, so the demo needs no crop or jitter to generalise; flips stay.
-    config.data.augment.random_resized_crop = False
-    config.data.augment.color_jitter = 0.0
-    config.data.eval_examples = 1000
-    config.global_batch_size = 64
-    config.total_steps = 1800
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 200
-    config.precision.compute_dtype = "float32"
-    config.strategy = "ddp"
-    config.log_every = 50
-    config.eval_every = 600
-    config.checkpoint_every = 600
   elif arg and "/" in arg:  # another ViT size with the same recipe, e.g. 'S/16' for benchmarks
     config.model.variant = arg
   elif arg:
