@@ -252,6 +252,15 @@ def loop_fields() -> dict:
   )
 
 
+def set_fields(node: ml_collections.ConfigDict, **values) -> None:
+  """Sets fields that `node` already has, one keyword each, so that a recipe's section reads as one row of its
+  table; ConfigError naming a field `node` lacks (a typo would otherwise add a key nothing reads)."""
+  unknown = [key for key in values if key not in node]
+  if unknown:
+    raise ConfigError(f"set_fields: no field {', '.join(map(repr, unknown))} here; its fields: {', '.join(node)}")
+  for key, value in values.items():
+    node[key] = value
+
 # ---------------------------------------------------------------------------------------- CPU demos
 
 # Per embedded set: (global batch, eval examples). Scenes feed dense heads that cost more per image.
@@ -282,12 +291,12 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.data.num_workers = 0
   config.global_batch_size, config.data.eval_examples = DEMO_DATA[source]
   if source == "shapes":
-    config.data.augment.update(random_resized_crop=False, color_jitter=0.0, randaugment_ops=0, mixup_alpha=0.0)
+    set_fields(config.data.augment, random_resized_crop=False, color_jitter=0.0, randaugment_ops=0, mixup_alpha=0.0)
   config.init_from = config.init_from_prefix = ""
 
   config.total_steps = total_steps
-  config.optim.update(lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
-                      clip_norm=1.0)
+  set_fields(config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
+             clip_norm=1.0)
   config.precision.compute_dtype = "float32"
   config.strategy = "ddp"
   config.log_every = 50
