@@ -1,4 +1,5 @@
-"""The base config every model family starts from, loading a config file, and validation.
+"""The base config every model family starts from (one small function per section), the helpers config files
+write recipes with (`set_fields`, `cpu_demo`), loading a config file, and validation.
 
 Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
 (`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every numeric field with a domain
@@ -261,6 +262,7 @@ def set_fields(node: ml_collections.ConfigDict, **values) -> None:
   for key, value in values.items():
     node[key] = value
 
+
 # ---------------------------------------------------------------------------------------- CPU demos
 
 # Per embedded set: (global batch, eval examples). Scenes feed dense heads that cost more per image.
@@ -301,6 +303,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.strategy = "ddp"
   config.log_every = 50
   config.eval_every = config.checkpoint_every = eval_every
+
 
 # ------------------------------------------------------------------------------------------ loading
 
