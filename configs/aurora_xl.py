@@ -48,6 +48,7 @@ the true captions exactly for 6 of 8 (the two misses name the right size and col
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
 
 
@@ -58,50 +59,32 @@ def get_config(arg: str | None = None):
   config = config_lib.base_config("aurora")
   config.task = "aurora"
 
-  config.model.image_size = 448
-  config.model.embed_dim = 1024
-  config.model.caption_queries = 256
-  config.model.decoder_depth = 16
-  config.model.mim_view = "separate"
-  config.model.encoder.variant = "G"
-  config.model.encoder.window_size = 14  # stages 112/56/28/14 -> windows 14, 14, 14, 14 (last unshifted)
-  config.model.encoder.drop_path = 0.2
-  config.model.text.variant = "XL"  # width 1024, 16 layers, 16 heads
-  config.model.text.vocab_size = 32000
-  config.model.text.max_len = 77
-  config.model.remat_policy = "nothing_saveable"
-
+  # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
+  set_fields(config.model, image_size=448, remat_policy="nothing_saveable")
+  set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
+  # poolers and decoder: a 1024-d contrastive embedding, 256 caption queries, 16 decoder layers
+  set_fields(config.model, embed_dim=1024, caption_queries=256, decoder_depth=16, mim_view="separate")
+  # text encoder: 'XL' (16 layers, width 1024, 16 heads), 77 tokens + CLS, SentencePiece 32k
+  set_fields(config.model.text, variant="XL", vocab_size=32000, max_len=77)
+  # loss: 1.0 * SimMIM L1 + 1.0 * contrastive + 2.0 * captioning CE
   config.loss = ml_collections.ConfigDict(dict(mim_weight=1.0, contrastive_weight=1.0, caption_weight=2.0))
-
-  config.data.source = "arrayrecord:/data/aurora_pairs/{split}-*.array_record"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  config.data.tokenizer = "/data/aurora_pairs/tokenizer_32k.model"  # tools.train_tokenizer --vocab_size=32000
-  config.data.image_size = 448
-  config.data.eval_examples = 5000
-  config.data.augment.random_resized_crop = True
-  config.data.augment.crop_scale = (0.5, 1.0)
-  config.data.augment.flip = True
-  config.data.mim = ml_collections.ConfigDict(dict(mask_patch_size=32, mask_ratio=0.6))  # 14x14 grid, 118 masked
-
+  # data: image-text pairs at 448 px, random crop + horizontal flip; the tokenizer from
+  # tools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14 grid, 118 masked)
+  set_fields(config.data, source="arrayrecord:/data/aurora_pairs/{split}-*.array_record", train_split="train",
+             eval_split="validation", tokenizer="/data/aurora_pairs/tokenizer_32k.model", image_size=448,
+             eval_examples=5000)
+  set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)
+  config.data.mim = ml_collections.ConfigDict(dict(mask_patch_size=32, mask_ratio=0.6))
+  # evaluation: retrieval (and caption perplexity, MIM loss)
   config.eval = ml_collections.ConfigDict(dict(retrieval=True))
-
-  config.global_batch_size = 2048
-  config.grad_accum_steps = 8
-  config.total_steps = 250_000
-  config.optim.lr = 1.5e-4
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.98
-  config.optim.weight_decay = 0.05
-  config.optim.warmup_steps = 5_000
-  config.optim.end_lr = 1e-6
-  config.optim.clip_norm = 1.0
-  config.optim.no_decay = ("pos_embed", "cls_token", "cpb_mlp", "mask_token", "queries")
+  # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
+  set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
+             clip_norm=1.0, no_decay=("pos_embed", "cls_token", "cpb_mlp", "mask_token", "queries"))
+  # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps
+  set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000)
   config.precision.compute_dtype = "bfloat16"
-  config.strategy = "zero2"
-  config.log_every = 100
-  config.eval_every = 5_000
-  config.checkpoint_every = 2_000
+  # cadence
+  set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)
 
   if "demo" in parts:
     _demo(config)
@@ -109,34 +92,17 @@ def get_config(arg: str | None = None):
 
 
 def _demo(config):
-  config.model.image_size = config.data.image_size = 32
+  config_lib.cpu_demo(config, image_size=32, total_steps=1000, eval_every=250, lr=2e-3)
+  config.grad_accum_steps = 2
   config.model.embed_dim = 64
   config.model.caption_queries = 16
   config.model.decoder_depth = 2
   config.model.encoder.variant = "mu"  # C 48, depths 2,2,2, heads 3,6,12: stride 16, final map 2x2
   config.model.encoder.window_size = 4
-  config.model.encoder.drop_path = 0.0
   config.model.text.variant = "mu"
   config.model.text.vocab_size = 512
   config.model.text.max_len = 16
   config.model.scan = False
-  config.model.remat_policy = "none"
-  config.data.source = "shapes"
   config.data.shapes_captions = "short"  # 'a small red circle': the caption names size, colour and shape
   config.data.tokenizer = ""  # the shipped shapes tokenizer
-  config.data.num_workers = 0
-  config.data.eval_examples = 1000
-  config.data.augment.random_resized_crop = False
-  config.data.augment.flip = True
   config.data.mim.mask_patch_size = 8  # 4x4 grid, 10 of 16 masked
-  config.global_batch_size = 64
-  config.grad_accum_steps = 2
-  config.total_steps = 1000
-  config.optim.lr = 2e-3
-  config.optim.warmup_steps = 100
-  config.optim.end_lr = 0.0
-  config.precision.compute_dtype = "float32"
-  config.strategy = "ddp"
-  config.log_every = 50
-  config.eval_every = 250
-  config.checkpoint_every = 250

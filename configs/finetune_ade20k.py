@@ -53,6 +53,7 @@ load (an idle 2-core machine is several times faster).
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
@@ -98,34 +99,15 @@ def _swinv2(config):
 
 
 def _demo(config):
+  config_lib.cpu_demo(config, source="scenes", image_size=32, total_steps=1000, eval_every=500)
   config.model.variant = "mu/4"
-  config.model.image_size = 32
-  config.model.drop_path = 0.0
-  config.model.remat_policy = "none"
-  config.data.source = "scenes"
-  config.data.image_size = 32
   config.data.seg_eval_width = 0
   config.data.seg_scale_range = (0.75, 1.5)
-  config.data.num_workers = 0  # rendering a batch of small scenes is cheaper than a worker process
-  config.data.eval_examples = 500
-  config.init_from = ""
-  config.init_from_prefix = ""
   config.head = head_config(9)
   config.head.neck_channels = 64
   config.head.neck_strides = (2, 4, 8, 16)  # from the stride-4 tokens: 16 x 16 down to 2 x 2
   config.head.head_channels = 64
   config.head.dropout = 0.0
-  config.global_batch_size = 32
-  config.total_steps = 1000
-  config.optim.lr = 1e-3
-  config.optim.weight_decay = 0.05
-  config.optim.layer_decay = 1.0
-  config.optim.warmup_steps = 100
-  config.precision.compute_dtype = "float32"
-  config.strategy = "ddp"
-  config.log_every = 50
-  config.eval_every = 500
-  config.checkpoint_every = 500
 
 
 def get_config(arg: str | None = None):
@@ -135,38 +117,27 @@ def get_config(arg: str | None = None):
   config.task = "segmentation"
   _swinv2(config) if arg == "swinv2" else _vit_h(config)
 
-  config.data.source = "ade20k:/data/ADEChallengeData2016"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  config.data.seg_scale_range = (0.5, 2.0)
+  # data: ADEChallengeData2016, short side to crop * U(0.5, 2.0), random crop, flip; all 2000 validation images
+  set_fields(config.data, source="ade20k:/data/ADEChallengeData2016", train_split="train",
+             eval_split="validation", seg_scale_range=(0.5, 2.0), eval_examples=-1)
   config.data.augment.flip = True
-  config.data.eval_examples = -1
-
-  config.init_from = "/ckpt/vit_huge"  # a workdir of configs/vit_huge.py (or a tools.import_hf directory)
-  config.init_from_prefix = "backbone"
-
-  config.global_batch_size = 16
-  config.total_steps = 160_000
-  config.optim.lr = 1e-4
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.weight_decay = 0.05
-  config.optim.layer_decay = 0.9
-  config.optim.warmup_steps = 1500
-  config.optim.end_lr = 0.0
-  config.optim.clip_norm = 1.0
+  # backbone: a workdir of configs/vit_huge.py (or a tools.import_hf directory), under 'backbone'
+  set_fields(config, init_from="/ckpt/vit_huge", init_from_prefix="backbone")
+  # optimiser: AdamW b1 0.9 b2 0.999, lr 1e-4, wd 0.05, layer decay 0.9, 1500 warmup steps, cosine to 0, clip 1.0
+  set_fields(config.optim, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.9, warmup_steps=1500,
+             end_lr=0.0, clip_norm=1.0)
+  # schedule: 160k steps at batch 16, bf16 compute, fsdp
+  set_fields(config, global_batch_size=16, total_steps=160_000, strategy="fsdp")
   config.precision.compute_dtype = "bfloat16"
-  config.strategy = "fsdp"
-  config.log_every = 100
-  config.eval_every = 16_000
-  config.checkpoint_every = 4_000
-
+  # cadence
+  set_fields(config, log_every=100, eval_every=16_000, checkpoint_every=4_000)
+  # neck, head: UPerNet, 150 classes; sliding windows at 2/3 of the 518 window, as mmseg's 341 of 512
   config.head = head_config(ADE20K_CLASSES)
-  config.head.eval_stride = 345  # 2/3 of the 518 window, as mmseg's 341 of 512
+  config.head.eval_stride = 345
+
   if arg == "swinv2":
     config.init_from = "/ckpt/swinv2_b_224"
-    config.optim.lr = 6e-5
-    config.optim.weight_decay = 0.01
+    set_fields(config.optim, lr=6e-5, weight_decay=0.01)
     config.head.eval_stride = 341
   if arg == "demo":
     _demo(config)

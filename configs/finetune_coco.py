@@ -50,6 +50,7 @@ random classes and scores: map 0.0007, ap50 0.004.
 import ml_collections
 
 from visionfm_jax import config_lib
+from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
@@ -103,62 +104,31 @@ def get_config(arg: str | None = None):
   config.task = "detection"
   _swinv2(config) if arg == "swinv2" else _vit_h(config)
 
-  config.data.source = "coco:/data/coco"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  config.data.det_scale_range = (0.1, 2.0)  # ViTDet's large-scale jitter
-  config.data.max_boxes = 100
+  # data: COCO train2017 / val2017, ViTDet's large-scale jitter (long side to size * U(0.1, 2.0)), flip
+  set_fields(config.data, source="coco:/data/coco", train_split="train", eval_split="validation",
+             det_scale_range=(0.1, 2.0), max_boxes=100, eval_examples=-1)
   config.data.augment.flip = True
-  config.data.eval_examples = -1
-
-  config.init_from = "/ckpt/vit_huge"  # a workdir of configs/vit_huge.py (or a tools.import_hf directory)
-  config.init_from_prefix = "backbone"
-
-  config.global_batch_size = 64
-  config.total_steps = 90_000
-  config.optim.lr = 1e-4
-  config.optim.b1 = 0.9
-  config.optim.b2 = 0.999
-  config.optim.weight_decay = 0.1
-  config.optim.layer_decay = 0.9
-  config.optim.warmup_steps = 250
-  config.optim.end_lr = 0.0
-  config.optim.clip_norm = 1.0
+  # backbone: a workdir of configs/vit_huge.py (or a tools.import_hf directory), under 'backbone'
+  set_fields(config, init_from="/ckpt/vit_huge", init_from_prefix="backbone")
+  # optimiser: AdamW b1 0.9 b2 0.999, lr 1e-4, wd 0.1, layer decay 0.9, 250 warmup steps, cosine to 0, clip 1.0
+  set_fields(config.optim, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.1, layer_decay=0.9, warmup_steps=250,
+             end_lr=0.0, clip_norm=1.0)
+  # schedule: 90k steps at batch 64, bf16 compute, fsdp
+  set_fields(config, global_batch_size=64, total_steps=90_000, strategy="fsdp")
   config.precision.compute_dtype = "bfloat16"
-  config.strategy = "fsdp"
-  config.log_every = 100
-  config.eval_every = 10_000
-  config.checkpoint_every = 2_000
-
+  # cadence
+  set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
+  # neck, head: 80 classes; matching cost = loss weights
   head = head_config(COCO_CLASSES)
   if arg == "swinv2":
     config.init_from = "/ckpt/swinv2_b_224"
 
   if arg == "demo":
+    config_lib.cpu_demo(config, source="scenes", image_size=64, total_steps=1200, eval_every=400)
     config.model.variant = "mu/8"
-    config.model.image_size = 64
-    config.model.drop_path = 0.0
-    config.model.remat_policy = "none"
-    config.data.source = "scenes"
-    config.data.image_size = 64
     config.data.det_scale_range = (0.75, 1.25)
     config.data.max_boxes = 8
-    config.data.num_workers = 0
-    config.data.eval_examples = 500
-    config.init_from = ""
-    config.init_from_prefix = ""
     head = head_config(8)
     head.neck_channels = head.head_channels = 64
-    config.global_batch_size = 32
-    config.total_steps = 1200
-    config.optim.lr = 1e-3
-    config.optim.weight_decay = 0.05
-    config.optim.layer_decay = 1.0
-    config.optim.warmup_steps = 100
-    config.precision.compute_dtype = "float32"
-    config.strategy = "ddp"
-    config.log_every = 50
-    config.eval_every = 400
-    config.checkpoint_every = 400
   config.head = head
   return config

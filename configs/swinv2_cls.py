@@ -24,6 +24,7 @@ H 657,883,256 with the 1000-class head; G 2,997,815,008 without it (`--config.mo
 """
 
 from visionfm_jax import config_lib
+from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
@@ -45,32 +46,20 @@ def get_config(arg: str | None = None):
 
   config = config_lib.base_config("swinv2")
   config.task = "classification"
-  config.model.variant = size
-  config.model.num_classes = 1000
-  config.model.image_size = 224
-  config.model.window_size = 14
-  config.model.drop_path = DROP_PATH.get(size, 0.1)
-  config.model.remat_policy = "nothing_saveable"
 
-  config.data.source = "tfds:imagenet2012"
-  config.data.train_split = "train"
-  config.data.eval_split = "validation"
-  config.data.image_size = 224
-  config.data.augment.random_resized_crop = True
-  config.data.augment.flip = True
-  config.data.augment.color_jitter = 0.4
-
-  config.global_batch_size = 1024
-  config.total_steps = _epochs(300, 1024)
-  config.optim.lr = 1e-3
-  config.optim.weight_decay = 0.05
-  config.optim.warmup_steps = _epochs(20, 1024)
-  config.optim.clip_norm = 5.0
+  # model: SwinV2-<size>, 224 px, window 14, 1000 classes, stochastic depth by size
+  set_fields(config.model, variant=size, num_classes=1000, image_size=224, window_size=14,
+             drop_path=DROP_PATH.get(size, 0.1), remat_policy="nothing_saveable")
+  # data: ImageNet-1K, random resized crop + flip + colour jitter 0.4
+  set_fields(config.data, source="tfds:imagenet2012", train_split="train", eval_split="validation", image_size=224)
+  set_fields(config.data.augment, random_resized_crop=True, flip=True, color_jitter=0.4)
+  # optimiser: AdamW (0.9, 0.999), wd 0.05, lr 1e-3, 20 warmup epochs, cosine over 300 epochs, clip 5.0
+  set_fields(config.optim, lr=1e-3, weight_decay=0.05, warmup_steps=_epochs(20, 1024), clip_norm=5.0)
+  # batch 1024 for 300 epochs, bf16 compute, fsdp
+  set_fields(config, global_batch_size=1024, total_steps=_epochs(300, 1024), strategy="fsdp")
   config.precision.compute_dtype = "bfloat16"
-  config.strategy = "fsdp"
-  config.log_every = 100
-  config.eval_every = 5_000
-  config.checkpoint_every = 2_000
+  # cadence
+  set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)
 
   if "640" in parts:
     config.model.image_size = 640
@@ -83,29 +72,9 @@ def get_config(arg: str | None = None):
     config.optim.warmup_steps = _epochs(5, 1024)
 
   if "demo" in parts:
+    config_lib.cpu_demo(config, image_size=32, total_steps=900, eval_every=300)
     config.model.variant = "mu"  # C 48, depths 2,2,2, heads 3,6,12
     config.model.num_classes = 8
-    config.model.patch_size = 4
-    config.model.image_size = 32
     config.model.window_size = 4  # maps 8, 4, 2: windows (4, shift 2), then one unshifted window per stage
     config.model.scan = False  # three 2-block stages: unrolled runs faster on CPU
-    config.model.drop_path = 0.0
-    config.model.remat_policy = "none"
-    config.data.source = "shapes"
-    config.data.image_size = 32
-    config.data.num_workers = 0
-    config.data.augment.random_resized_crop = False
-    config.data.augment.color_jitter = 0.0
-    config.data.eval_examples = 1000
-    config.global_batch_size = 64
-    config.total_steps = 900
-    config.optim.lr = 1e-3
-    config.optim.weight_decay = 0.05
-    config.optim.warmup_steps = 100
-    config.optim.clip_norm = 1.0
-    config.precision.compute_dtype = "float32"
-    config.strategy = "ddp"
-    config.log_every = 50
-    config.eval_every = 300
-    config.checkpoint_every = 300
   return config

@@ -1,4 +1,5 @@
-"""The base config every model family starts from, loading a config file, and validation.
+"""The base config every model family starts from (one small function per section), the helpers config files
+write recipes with (`set_fields`, `cpu_demo`), loading a config file, and validation.
 
 Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
 (`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every numeric field with a domain
@@ -91,21 +92,45 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
 
 
 def base_config(model: str = "vit") -> ml_collections.ConfigDict:
-  """Defaults shared by every recipe; `model` picks the family whose `config.model` fields it carries."""
-  c = ml_collections.ConfigDict()
-  c.seed = 0
-  c.task = "classification"
-  c.total_steps = 1000
-  c.global_batch_size = 256
-  c.grad_accum_steps = 1  # the global batch is split into this many micro-batches, scanned in one step
-  c.strategy = "fsdp"  # ddp | zero1 | zero2 | zero3 (= fsdp)
-  # Mesh axis sizes; -1 takes the devices left. data x fsdp devices share the batch; the ZeRO strategies
-  # shard state over `fsdp` (put it within a node); `tensor` shards matmul widths (Megatron style).
-  c.mesh = ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1))
+  """Defaults shared by every recipe, one section after another; `model` picks the family whose
+  `config.model` fields it carries."""
+  return ml_collections.ConfigDict(dict(
+      **run_fields(),
+      **parallel_fields(),
+      model=model_config(model),
+      optim=optim_config(),
+      precision=precision_config(),
+      data=data_config(),
+      **init_from_fields(),
+      probe=probe_config(),
+      **loop_fields(),
+  ))
 
-  c.model = model_config(model)
 
-  c.optim = ml_collections.ConfigDict(dict(
+def run_fields() -> dict:
+  """What is trained, on how many examples a step, for how many steps."""
+  return dict(
+      seed=0,
+      task="classification",
+      total_steps=1000,
+      global_batch_size=256,
+      grad_accum_steps=1,  # the global batch is split into this many micro-batches, scanned in one step
+  )
+
+
+def parallel_fields() -> dict:
+  """The ZeRO strategy and the device mesh."""
+  return dict(
+      strategy="fsdp",  # ddp | zero1 | zero2 | zero3 (= fsdp)
+      # Mesh axis sizes; -1 takes the devices left. data x fsdp devices share the batch; the ZeRO strategies
+      # shard state over `fsdp` (put it within a node); `tensor` shards matmul widths (Megatron style).
+      mesh=ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)),
+  )
+
+
+def optim_config() -> ml_collections.ConfigDict:
+  """`config.optim`: AdamW with linear warmup and cosine decay to end_lr, plus the fine-tuning param rules."""
+  return ml_collections.ConfigDict(dict(
       lr=1e-3,
       b1=0.9,
       b2=0.999,
@@ -125,14 +150,20 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       freeze=(),
   ))
 
-  c.precision = ml_collections.ConfigDict(dict(
+
+def precision_config() -> ml_collections.ConfigDict:
+  """`config.precision`: the compute dtype and fp16's dynamic loss scaling (params stay fp32)."""
+  return ml_collections.ConfigDict(dict(
       compute_dtype="bfloat16",  # float32 | bfloat16 | float16 (dynamic loss scaling)
       loss_scale_init=2.0**15,
       loss_scale_period=2000,  # good steps before the scale doubles
       loss_scale_min=1.0,
   ))
 
-  c.data = ml_collections.ConfigDict(dict(
+
+def data_config() -> ml_collections.ConfigDict:
+  """`config.data`: sources and splits, the input pipeline, the embedded sets and the augmentations."""
+  return ml_collections.ConfigDict(dict(
       # shapes | tfds:<name>[:<version>][:<split>] | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
       # | dense tasks: scenes | ade20k:<ADEChallengeData2016 dir> | coco:<dir with train2017/ val2017/ annotations/>
       source="shapes",
@@ -160,28 +191,41 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       max_boxes=100,  # detection: boxes per image in a batch; extra objects are dropped and counted
       mean=(0.485, 0.456, 0.406),
       std=(0.229, 0.224, 0.225),
-      augment=ml_collections.ConfigDict(dict(
-          random_resized_crop=True,
-          crop_scale=(0.08, 1.0),
-          crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
-          flip=True,
-          color_jitter=0.0,  # brightness/contrast/saturation strength; 0 disables
-          randaugment_ops=0,  # RandAugment N (operations per image); 0 disables
-          randaugment_magnitude=9,  # RandAugment M, 0..30 (M / 10 of AutoAugment's maximum strength)
-          # RandAugment operations to leave out (data/randaugment.py OPS), e.g. GEOMETRIC_OPS for captions
-          # that name positions
-          randaugment_exclude=(),
-          mixup_alpha=0.0,  # image-text Mixup (contrastive task): lam ~ Beta(alpha, alpha); 0 disables
-      )),
+      augment=augment_config(),
   ))
 
-  c.init_from = ""  # checkpoint dir (tools.import_hf or a workdir) whose params initialise a fresh run
-  c.init_from_skip = ""  # regex of (model) param paths to keep freshly initialised (e.g. 'head' for new classes)
-  c.init_from_subtree = ""  # the checkpoint's params to take, e.g. 'image' (CLIP's image tower); '' = all
-  c.init_from_prefix = ""  # where they go in the model, e.g. 'backbone'; params outside it stay fresh
 
-  # Frozen-backbone evaluators (evaluate/probe.py; classification runs, and tools.probe on any run's backbone).
-  c.probe = ml_collections.ConfigDict(dict(
+def augment_config() -> ml_collections.ConfigDict:
+  """`config.data.augment`: training-time augmentations (data/transforms.py, data/randaugment.py)."""
+  return ml_collections.ConfigDict(dict(
+      random_resized_crop=True,
+      crop_scale=(0.08, 1.0),
+      crop_ratio=(3.0 / 4.0, 4.0 / 3.0),
+      flip=True,
+      color_jitter=0.0,  # brightness/contrast/saturation strength; 0 disables
+      randaugment_ops=0,  # RandAugment N (operations per image); 0 disables
+      randaugment_magnitude=9,  # RandAugment M, 0..30 (M / 10 of AutoAugment's maximum strength)
+      # RandAugment operations to leave out (data/randaugment.py OPS), e.g. GEOMETRIC_OPS for captions
+      # that name positions
+      randaugment_exclude=(),
+      mixup_alpha=0.0,  # image-text Mixup (contrastive task): lam ~ Beta(alpha, alpha); 0 disables
+  ))
+
+
+def init_from_fields() -> dict:
+  """Initialising a fresh run from another run's (or an imported) checkpoint."""
+  return dict(
+      init_from="",  # checkpoint dir (tools.import_hf or a workdir) whose params initialise a fresh run
+      init_from_skip="",  # regex of (model) param paths to keep freshly initialised (e.g. 'head' for new classes)
+      init_from_subtree="",  # the checkpoint's params to take, e.g. 'image' (CLIP's image tower); '' = all
+      init_from_prefix="",  # where they go in the model, e.g. 'backbone'; params outside it stay fresh
+  )
+
+
+def probe_config() -> ml_collections.ConfigDict:
+  """`config.probe`: frozen-backbone evaluators (evaluate/probe.py; classification runs, and tools.probe on any
+  run's backbone)."""
+  return ml_collections.ConfigDict(dict(
       knn=False,  # eval/knn/top1: weighted k-NN on the pooled features (DINO)
       linear=False,  # eval/linear_probe/top1: softmax regression on the standardised features (L-BFGS)
       source="",  # labelled source of both splits; '' = config.data.source (train), the eval source (eval)
@@ -194,15 +238,71 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       linear_l2=1e-4,  # penalty l2 / 2 * |W|^2 on the probe's weights
   ))
 
-  c.log_every = 50
-  c.eval_every = 1000
-  c.checkpoint_every = 1000
-  c.keep_checkpoints = 3
-  # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
-  # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
-  c.step_timeout_s = 1800.0
-  c.progress_bar = True
-  return c
+
+def loop_fields() -> dict:
+  """The loop's cadence (logging, evaluation, checkpoints), its watchdog and its console."""
+  return dict(
+      log_every=50,
+      eval_every=1000,
+      checkpoint_every=1000,
+      keep_checkpoints=3,
+      # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
+      # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
+      step_timeout_s=1800.0,
+      progress_bar=True,
+  )
+
+
+def set_fields(node: ml_collections.ConfigDict, **values) -> None:
+  """Sets fields that `node` already has, one keyword each, so that a recipe's section reads as one row of its
+  table; ConfigError naming a field `node` lacks (a typo would otherwise add a key nothing reads)."""
+  unknown = [key for key in values if key not in node]
+  if unknown:
+    raise ConfigError(f"set_fields: no field {', '.join(map(repr, unknown))} here; its fields: {', '.join(node)}")
+  for key, value in values.items():
+    node[key] = value
+
+
+# ---------------------------------------------------------------------------------------- CPU demos
+
+# Per embedded set: (global batch, eval examples). Scenes feed dense heads that cost more per image.
+DEMO_DATA = {"shapes": (64, 1000), "scenes": (32, 500)}
+
+
+def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps: int, eval_every: int,
+             source: str = "shapes", lr: float = 1e-3, warmup_steps: int = 100) -> None:
+  """Turns a recipe into a CPU demo in place: what every demo shares; the caller then picks its tiny model.
+
+  Every demo trains from scratch (no init_from) on an embedded set (`source`: shapes, or scenes for the dense
+  tasks) at `image_size` px, rendered in the main process (cheaper than a worker for such small images), with
+  the batch and eval examples of DEMO_DATA; fp32 compute, ddp, no remat, no stochastic depth; AdamW with weight
+  decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`, cosine to 0
+  at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every`. The
+  procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
+  generalise (flips stay as the recipe has them).
+  """
+  if source not in DEMO_DATA:
+    raise ConfigError(f"cpu_demo source={source!r}: expected one of {list(DEMO_DATA)}")
+  config.model.image_size = config.data.image_size = image_size
+  for node in (config.model, *(v for v in config.model.values() if isinstance(v, ml_collections.ConfigDict))):
+    if "drop_path" in node:  # the backbone's, at the top (vit, swinv2) or in its tower (clip, aurora)
+      node.drop_path = 0.0
+  config.model.remat_policy = "none"
+
+  config.data.source = source
+  config.data.num_workers = 0
+  config.global_batch_size, config.data.eval_examples = DEMO_DATA[source]
+  if source == "shapes":
+    set_fields(config.data.augment, random_resized_crop=False, color_jitter=0.0, randaugment_ops=0, mixup_alpha=0.0)
+  config.init_from = config.init_from_prefix = ""
+
+  config.total_steps = total_steps
+  set_fields(config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
+             clip_norm=1.0)
+  config.precision.compute_dtype = "float32"
+  config.strategy = "ddp"
+  config.log_every = 50
+  config.eval_every = config.checkpoint_every = eval_every
 
 
 # ------------------------------------------------------------------------------------------ loading

@@ -1,0 +1,45 @@
+"""config_lib's recipe helpers: base_config's sections, set_fields and the shared CPU demo."""
+
+import os
+
+import pytest
+
+from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_cls.py:B,640,demo", "swinv2_g_clip.py:demo",
+         "swinv2_g_clip.py:demo,ft640", "aurora_xl.py:demo", "finetune_ade20k.py:demo", "finetune_coco.py:demo"]
+
+
+def test_base_config_is_its_sections():
+  config = config_lib.base_config("swinv2")
+  sections = [*config_lib.run_fields(), *config_lib.parallel_fields(), "model", "optim", "precision", "data",
+              *config_lib.init_from_fields(), "probe", *config_lib.loop_fields()]
+  assert len(set(sections)) == len(sections) and set(config.keys()) == set(sections)
+  assert config.model.name == "swinv2" and config.data.augment == config_lib.augment_config()
+
+
+def test_set_fields_sets_known_fields_and_names_an_unknown_one():
+  optim = config_lib.optim_config()
+  config_lib.set_fields(optim, lr=2e-4, warmup_steps=7)
+  assert (optim.lr, optim.warmup_steps) == (2e-4, 7)
+  with pytest.raises(ConfigError, match="no field 'warmup'.*warmup_steps"):
+    config_lib.set_fields(optim, lr=1.0, warmup=5)
+  assert optim.lr == 2e-4  # nothing is set when a name is wrong
+
+
+def test_cpu_demo_names_an_unknown_source():
+  with pytest.raises(ConfigError, match="source='imagenet'"):
+    config_lib.cpu_demo(config_lib.base_config(), image_size=32, total_steps=10, eval_every=5, source="imagenet")
+
+
+@pytest.mark.parametrize("spec", DEMOS)
+def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
+  config = config_lib.load(os.path.join(ROOT, "configs", spec))
+  config_lib.validate(config, num_devices=1)
+  assert config.data.source in config_lib.DEMO_DATA and config.data.num_workers == 0
+  assert (config.precision.compute_dtype, config.strategy, config.model.remat_policy) == ("float32", "ddp", "none")
+  assert config.model.image_size == config.data.image_size <= 64
+  assert config.eval_every == config.checkpoint_every and config.total_steps <= 2000
+  assert config.init_from == "" and config.init_from_prefix == ""
