@@ -32,9 +32,8 @@ from jax.experimental import multihost_utils
 from visionfm_jax import data
 from visionfm_jax.data.sources import eval_source_spec
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2, vit
+from visionfm_jax.models.backbone import ImageBackbone
 
-IMAGE_BACKBONES = (vit.ViT, swinv2.SwinV2)
 TOWER_NAMES = ("image", "encoder", "backbone")  # CLIP, Aurora, dense models
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -44,10 +43,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def pooled_features(task) -> Callable[[Any, jax.Array], jax.Array]:
   """(params, uint8 images) -> fp32 (B, D) pooled features of the task's image backbone (before any head)."""
   model = task.model
-  if isinstance(model, IMAGE_BACKBONES):
+  if isinstance(model, ImageBackbone):
     method = lambda m, images: m(images, train=False)["pooled"]
   else:
-    towers = [n for n in TOWER_NAMES if isinstance(getattr(model, n, None), IMAGE_BACKBONES)]
+    towers = [n for n in TOWER_NAMES if isinstance(getattr(model, n, None), ImageBackbone)]
     if not towers:
       raise ConfigError(f"config.model.name={task.config.model.name!r}: probing needs a ViT or SwinV2 backbone "
                         f"(a classifier's, a CLIP's image tower, Aurora's encoder)")
