@@ -1,4 +1,5 @@
-"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype)."""
+"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype); and the config
+fields a model takes from the checkpoint it starts from (`fields_from_checkpoint`)."""
 
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import aurora, clip, swinv2, vit
