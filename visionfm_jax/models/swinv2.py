@@ -534,7 +534,8 @@ class SwinV2(nn.Module):
     s = int(stage)
     first = sum(self.depths[:s]) + 1
     block = backbone.block_layer_ids(parts[1], first, self.depths[s])
-    return first + self.depths[s] - 1 if block is None else block  # merging: its stage's last block
+    # A patch merging takes the id of its stage's last block, as the official SimMIM/Swin fine-tuning code.
+    return first + self.depths[s] - 1 if block is None else block
 
   def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     """Nothing to carry: no param depends on the image or window size (see `windows_from_checkpoint`)."""

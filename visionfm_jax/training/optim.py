@@ -29,7 +29,6 @@ import optax
 from visionfm_jax.errors import ConfigError
 
 
-
 def path_str(path) -> str:
   """'/'-joined dict keys of a tree path ('blocks/attn/qkv/kernel'); box/attribute keys are dropped."""
   return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
