@@ -84,6 +84,7 @@ def test_a_dense_model_numbers_its_backbone_and_puts_neck_and_head_last():
   np.testing.assert_array_equal(model.layer_id("backbone/blocks/mlp/fc1/kernel"), [1, 2, 3])
   assert model.layer_id("neck/s4_up_0/kernel") == model.layer_id("head/classifier/kernel") == 4
   assert model.layer_id("pos_embed") == 4  # outside the backbone
+  assert model.train_flops_per_example() is None  # no analytic count for the neck and head: no train/mfu
 
 
 def test_feature_strides_and_aurora_stride():

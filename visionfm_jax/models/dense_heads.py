@@ -126,6 +126,11 @@ class DenseModel(nn.Module):
   def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
     return backbone_lib.tower_adapt_checkpoint("backbone", self.backbone, params, shapes)
 
+  def train_flops_per_example(self) -> None:
+    """None: the backbone's count would leave out the neck and head, a large share of the FLOPs (UPerNet's
+    convolutions: about a third for ViT-H at 512 px) that no analytic counter covers; no `train/mfu` is logged."""
+    return None
+
 
 class ConvNorm(nn.Module):
   """conv (no bias) -> channel LayerNorm (fp32) -> optional activation ('relu', 'gelu' or None)."""
