@@ -1,8 +1,9 @@
 """Frozen-backbone evaluation: k-NN and linear-probe top-1 on a backbone's pooled features.
 
-Features: every example of a labelled split through the backbone (`pooled_features`: ViT or SwinV2, a CLIP's
-image tower, Aurora's encoder, a dense model's backbone), read by the eval pipeline (decode, central crop, no
-augmentation: deterministic), gathered to every process, which then all compute the same numbers.
+Features: every example of a labelled split through the backbone (`pooled_features`: an image backbone of
+models/backbone.py, ViT or SwinV2, a CLIP's image tower, Aurora's encoder, a dense model's backbone), read by
+the eval pipeline (decode, central crop, no augmentation: deterministic), gathered to every process, which then
+all compute the same numbers.
 
   k-NN (Wu et al. 2018, as DINO evaluates, Caron et al. 2021): cosine similarity of L2-normalised features;
     the k nearest train examples vote for their class with weight exp(similarity / T); top-1 of the votes.
