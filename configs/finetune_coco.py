@@ -25,9 +25,10 @@ pretraining) reports about 60 box AP; we have not run this recipe and expect les
 
 Variant `swinv2`: the same detector on a SwinV2-B FPN over the stages of strides 8, 16, 32 (LayerNorm on each
 stage output), 1024 px, window 16 with the position bias carried over from a 224 px / window-14
-classification run (configs/swinv2_cls.py:B; `pretrained_window_sizes` 14, 14, 14, 7), drop_path 0.5, layer
-decay 0.9 over its 24 blocks; the rest as above. Another size: --config.model.variant=L; or G from the SwinV2-G
-CLIP run's image tower (--config.init_from_subtree=image, with that tower's pretrained_window_sizes).
+classification run (configs/swinv2_cls.py:B; `pretrained_window_sizes` 14, 14, 14, 7, which init_from reads
+from its config.json), drop_path 0.5, layer decay 0.9 over its 24 blocks; the rest as above. Another size:
+--config.model.variant=L; or G from the SwinV2-G CLIP run's image tower (--config.init_from_subtree=image;
+init_from takes that tower's pretrained windows).
 
   python -m visionfm_jax.main --config=configs/finetune_coco.py:swinv2 --workdir=/ckpt/coco_swinv2 \
       --config.data.source=coco:/data/coco --config.init_from=/ckpt/swinv2_b_224
@@ -52,7 +53,6 @@ import ml_collections
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2
 
 COCO_CLASSES = 80
 
@@ -91,7 +91,6 @@ def _swinv2(config):
   config.model.num_classes = 0
   config.model.image_size = 1024
   config.model.window_size = 16  # maps 256, 128, 64, 32
-  config.model.pretrained_window_sizes = swinv2.pretrained_windows(224, 14, len(swinv2.SIZES["B"][1]))
   config.model.drop_path = 0.5
   config.model.remat_policy = "nothing_saveable"
   config.data.image_size = 1024

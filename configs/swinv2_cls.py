@@ -7,7 +7,8 @@ The argument after ':' is a comma-separated list: a size (T, S, B, L, H, G; defa
   |              | epochs, cosine over 300 epochs, clip 5.0, stochastic depth by size, bf16, fsdp                    |
   | `<size>,640` | resolution transfer: 640 px, window 40, initialised from a 224/window-14 run                     |
   |              | (`--config.init_from=<workdir or tools.import_hf dir>`); every weight carries over and the       |
-  |              | position bias is recomputed for the new windows through pretrained_window_sizes (14,14,14,7).    |
+  |              | position bias is recomputed for the new windows through pretrained_window_sizes (14,14,14,7),    |
+  |              | which init_from reads from the checkpoint's model fields                                         |
   |              | 30 epochs, lr 2e-5, wd 1e-8, 5 warmup epochs                                                     |
   | `demo`       | a small SwinV2 (C 48, depths 2,2,2) on the embedded shapes data, 32 px, window 4, laptop CPU    |
 
@@ -65,7 +66,6 @@ def get_config(arg: str | None = None):
     config.model.image_size = 640
     config.data.image_size = 640
     config.model.window_size = 40
-    config.model.pretrained_window_sizes = swinv2.pretrained_windows(224, 14, len(swinv2.SIZES[size][1]))
     config.total_steps = _epochs(30, 1024)
     config.optim.lr = 2e-5
     config.optim.weight_decay = 1e-8

@@ -19,7 +19,8 @@ The default is the seed's recipe:
 
 Variant `ft640`: the final stage at 640 px, window 40, initialised from a 224 px run (`--config.init_from=`
 its workdir); every weight carries over, the position bias is recomputed through pretrained_window_sizes
-(14, 14, 14, 7). Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CPU:
+(14, 14, 14, 7), which init_from reads from that workdir's config.json. Variant `demo`: a small SwinV2 + text
+tower on the embedded shapes pairs on a CPU:
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo --workdir=/tmp/clip_demo
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,ft640 --workdir=/tmp/clip_demo_640 \
@@ -38,7 +39,6 @@ import ml_collections
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2
 
 LAION_PAIRS = 1_200_000_000
 
@@ -111,7 +111,6 @@ def _ft640(config, demo: bool):
   image = config.model.image
   if demo:
     config.model.image_size = config.data.image_size = 64
-    image.pretrained_window_sizes = swinv2.pretrained_windows(32, image.window_size, 3, image.patch_size)
     image.window_size = 8
     config.total_steps = 200
     config.optim.lr = 2e-4
@@ -119,7 +118,6 @@ def _ft640(config, demo: bool):
     config.eval_every = config.checkpoint_every = 100
   else:
     config.model.image_size = config.data.image_size = 640
-    image.pretrained_window_sizes = swinv2.pretrained_windows(224, 14)
     image.window_size = 40
     config.global_batch_size = 8192
     config.total_steps = 20_000

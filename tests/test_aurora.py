@@ -177,8 +177,7 @@ def test_model_config_knows_aurora():
 
 
 def test_flops_count_the_second_encoder_pass_of_the_separate_view():
-  from visionfm_jax.training import flops  # pylint: disable=g-import-not-at-top
   separate, shared = (tasks.build(tiny_aurora_config(**{"model.mim_view": v})) for v in ("separate", "shared"))
-  encoder = flops.swinv2_train_flops_per_image(separate.model.encoder)
+  encoder = separate.model.encoder.train_flops_per_example()
   assert separate.train_flops_per_example() - shared.train_flops_per_example() == pytest.approx(encoder)
   assert shared.train_flops_per_example() > encoder

@@ -1,6 +1,7 @@
 """The contrastive (CLIP) task: training through the loop with zero-shot and retrieval evaluation, resolution
 transfer, fp16 overflow handling, the temperature clamp, Mixup, and the evaluators' arithmetic."""
 
+import json
 import math
 
 import chex
@@ -47,6 +48,9 @@ def test_clip_trains_evaluates_and_transfers_resolution(tmp_path):
   high = _tiny("ft640", init_from=str(tmp_path / "low"), total_steps=1, **{"optim.warmup_steps": 1})
   second = train.run(high, str(tmp_path / "high"))
   assert second["step"] == 1 and np.isfinite(second["eval/zeroshot/top1"])
+  # The image tower normalises its position bias by the windows of the run it starts from, read from its config.
+  written = json.loads((tmp_path / "high" / "config.json").read_text())
+  assert written["model"]["image"]["pretrained_window_sizes"] == [4, 4]
   # At lr 0 (the first warmup step) the new run's params are the old run's, all of them.
   target = nn.unbox(jax.jit(lambda: tasks.build(high).init_variables(jax.random.key(0))["params"])())
   chex.assert_trees_all_equal(checkpoint.load_params(str(tmp_path / "low"), target),

@@ -16,6 +16,7 @@ from configs import finetune_coco
 from visionfm_jax import tasks
 from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import vit
 
 
 def tiny_detection_config(**overrides):
@@ -91,13 +92,13 @@ def test_init_from_places_the_pretrained_backbone_and_leaves_neck_and_head_fresh
   workdir, source = pretrained_workdir
   config = tiny_detection_config(init_from=str(workdir), init_from_prefix="backbone")
   fresh = _random_params(config, seed=1)
-  loaded = jax.device_get(init_from.load(config, jax.device_put(fresh, jax.devices()[0])))
+  loaded = jax.device_get(init_from.load(config, jax.device_put(fresh, jax.devices()[0]), tasks.build(config).model))
   assert sorted(loaded) == ["backbone", "head", "neck"] and "head" in source
   chex.assert_trees_all_equal(loaded["neck"], fresh["neck"])
   chex.assert_trees_all_equal(loaded["head"], fresh["head"])  # the detector's head, not the classifier's
   backbone = {k: v for k, v in loaded["backbone"].items() if k != "pos_embed"}
   chex.assert_trees_all_equal(backbone, {k: v for k, v in source.items() if k not in ("pos_embed", "head")})
-  np.testing.assert_allclose(loaded["backbone"]["pos_embed"], init_from.resize_pos_embed(source["pos_embed"], 65))
+  np.testing.assert_allclose(loaded["backbone"]["pos_embed"], vit.resize_pos_embed(source["pos_embed"], 65))
 
 
 def test_config_errors_name_the_field():

@@ -15,7 +15,7 @@ from visionfm_jax import config_lib
 
 from visionfm_jax.training import checkpoint, init_from
 from visionfm_jax.errors import CheckpointError, ConfigError
-from visionfm_jax.models import swinv2, vit
+from visionfm_jax.models import dense_heads, swinv2, vit
 
 
 def _vit(image_size=16, num_classes=5, **kwargs):
@@ -56,7 +56,7 @@ def test_resize_pos_embed_keeps_the_class_token_and_constant_and_linear_fields()
   grid = np.arange(8, dtype=np.float32)
   linear = 2.0 * grid[:, None, None] - 3.0 * grid[None, :, None] + np.array([0.0, 1.0], np.float32)  # (8, 8, 2)
   pos = np.concatenate([np.full((1, 2), 7.0, np.float32), linear.reshape(64, 2)])[None]
-  out = init_from.resize_pos_embed(pos, 1 + 16 * 16)
+  out = vit.resize_pos_embed(pos, 1 + 16 * 16)
   assert out.shape == (1, 257, 2)
   np.testing.assert_array_equal(out[0, 0], [7.0, 7.0])
   # Output cell centres in input pixel units; where all four bicubic taps lie inside the grid the cubic
@@ -68,35 +68,39 @@ def test_resize_pos_embed_keeps_the_class_token_and_constant_and_linear_fields()
   np.testing.assert_allclose(got[interior][:, interior], expected[interior][:, interior], atol=1e-5)
   constant = np.full((1, 1 + 36, 3), 0.25, np.float32)
   for length in (1 + 9, 1 + 100):
-    np.testing.assert_allclose(init_from.resize_pos_embed(constant, length), 0.25, atol=1e-6)
-  np.testing.assert_array_equal(init_from.resize_pos_embed(pos, 65), pos)
+    np.testing.assert_allclose(vit.resize_pos_embed(constant, length), 0.25, atol=1e-6)
+  np.testing.assert_array_equal(vit.resize_pos_embed(pos, 65), pos)
   with pytest.raises(ValueError, match="square"):
-    init_from.resize_pos_embed(pos, 1 + 50)
+    vit.resize_pos_embed(pos, 1 + 50)
 
 
 def test_higher_resolution_model_gets_resized_pos_embed_and_everything_else(pretrained):
   path, source = pretrained
-  target = _params(_vit(image_size=32))  # 8 x 8 patches
-  loaded = init_from.load(_config(path), target)
+  model = _vit(image_size=32)  # 8 x 8 patches
+  target = _params(model)
+  loaded = init_from.load(_config(path), target, model)
   assert loaded["pos_embed"].shape == (1, 65, 16)
-  np.testing.assert_allclose(loaded["pos_embed"], init_from.resize_pos_embed(source["pos_embed"], 65))
+  np.testing.assert_allclose(loaded["pos_embed"], vit.resize_pos_embed(source["pos_embed"], 65))
   chex.assert_trees_all_equal({k: v for k, v in jax.device_get(loaded).items() if k != "pos_embed"},
                               {k: v for k, v in source.items() if k != "pos_embed"})
   assert loaded["blocks"]["mlp"]["fc1"]["kernel"].sharding == target["blocks"]["mlp"]["fc1"]["kernel"].sharding
 
 
-class _Segmenter(nn.Module):
+class _Segmenter(dense_heads.DenseModel):
   """A backbone under 'backbone' plus a fresh 'neck' and 'head', like the dense-prediction models."""
 
   @nn.compact
   def __call__(self, images):
-    tokens = _vit(image_size=24, num_classes=0, name="backbone")(images)["tokens"]
+    tokens = self.backbone(images)["tokens"]
     tokens = nn.Dense(8, name="neck")(tokens)
     return nn.Dense(3, name="head")(tokens)
 
 
+SEGMENTER = _Segmenter(backbone=_vit(image_size=24, num_classes=0))
+
+
 def _segmenter_params(seed=2):
-  return _random_params(_Segmenter(), jnp.zeros((1, 24, 24, 3)), seed)
+  return _random_params(SEGMENTER, jnp.zeros((1, 24, 24, 3)), seed)
 
 
 def test_prefix_places_the_backbone_drops_its_head_and_keeps_the_new_params(pretrained):
@@ -104,48 +108,52 @@ def test_prefix_places_the_backbone_drops_its_head_and_keeps_the_new_params(pret
   target = _segmenter_params()
   assert sorted(target) == ["backbone", "head", "neck"]
   loaded = jax.device_get(init_from.load(_config(path, init_from_prefix="backbone", init_from_skip="norm1"),
-                                         target))
+                                         target, SEGMENTER))
   fresh = jax.device_get(target)
   chex.assert_trees_all_equal(loaded["neck"], fresh["neck"])
   chex.assert_trees_all_equal(loaded["head"], fresh["head"])  # the segmenter's head, not the checkpoint's
   chex.assert_trees_all_equal(loaded["backbone"]["blocks"]["norm1"], fresh["backbone"]["blocks"]["norm1"])  # skip
   chex.assert_trees_all_equal(loaded["backbone"]["blocks"]["mlp"], source["blocks"]["mlp"])
   chex.assert_trees_all_equal(loaded["backbone"]["norm"], source["norm"])
-  np.testing.assert_allclose(loaded["backbone"]["pos_embed"], init_from.resize_pos_embed(source["pos_embed"], 37))
+  np.testing.assert_allclose(loaded["backbone"]["pos_embed"], vit.resize_pos_embed(source["pos_embed"], 37))
 
 
 def test_subtree_takes_one_tower_of_a_checkpoint(tmp_path, pretrained):
   _, source = pretrained
   tower = {k: v for k, v in source.items() if k != "head"}
   checkpoint.save_params(str(tmp_path), {"image": tower, "text": {"proj": np.zeros((4, 4), np.float32)}})
-  target = _params(_vit(num_classes=0))
-  loaded = init_from.load(_config(tmp_path, init_from_subtree="image"), target)
+  model = _vit(num_classes=0)
+  target = _params(model)
+  loaded = init_from.load(_config(tmp_path, init_from_subtree="image"), target, model)
   chex.assert_trees_all_equal(jax.device_get(loaded), tower)
   with pytest.raises(ConfigError, match="init_from_subtree='vision'"):
-    init_from.load(_config(tmp_path, init_from_subtree="vision"), target)
+    init_from.load(_config(tmp_path, init_from_subtree="vision"), target, model)
 
 
 def test_shapes_that_cannot_be_resized_name_the_param_and_both_shapes(pretrained):
   path, source = pretrained
-  target = _params(_vit(num_classes=7))
+  model = _vit(num_classes=7)
+  target = _params(model)
   with pytest.raises(ConfigError, match=r"head/kernel: checkpoint \(16, 5\) vs model \(16, 7\)"):
-    init_from.load(_config(path), target)
-  loaded = init_from.load(_config(path, init_from_skip="^head/"), target)
+    init_from.load(_config(path), target, model)
+  loaded = init_from.load(_config(path, init_from_skip="^head/"), target, model)
   chex.assert_trees_all_equal(jax.device_get(loaded["head"]), jax.device_get(target["head"]))
   chex.assert_trees_all_equal(jax.device_get(loaded["blocks"]), source["blocks"])
-  wider = _params(vit.ViT(width=32, depth=2, mlp_dim=32, num_heads=2, patch_size=4, image_size=16, num_classes=5))
+  wide = vit.ViT(width=32, depth=2, mlp_dim=32, num_heads=2, patch_size=4, image_size=16, num_classes=5)
   with pytest.raises(ConfigError, match=r"pos_embed: checkpoint \(1, 17, 16\) vs model \(1, 17, 32\)"):
-    init_from.load(_config(path), wider)
-  deeper = _params(vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4, image_size=16, num_classes=5))
+    init_from.load(_config(path), _params(wide), wide)
+  deep = vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4, image_size=16, num_classes=5)
   with pytest.raises(ConfigError, match=r"blocks/mlp/fc1/kernel: checkpoint \(2, 16, 32\) vs model \(3, 16, 32\)"):
-    init_from.load(_config(path), deeper)
+    init_from.load(_config(path), _params(deep), deep)
+  dense = _Segmenter(backbone=model)
   with pytest.raises(ConfigError, match="init_from_prefix='encoder': the model has no params under it"):
-    init_from.load(_config(path, init_from_prefix="encoder"), {"backbone": target})
+    init_from.load(_config(path, init_from_prefix="encoder"), {"backbone": target}, dense)
   with pytest.raises(CheckpointError, match="missing backbone/extra"):
     body = {k: v for k, v in target.items() if k != "head"}
-    init_from.load(_config(path, init_from_prefix="backbone"), {"backbone": {**body, "extra": target["norm"]}})
+    init_from.load(_config(path, init_from_prefix="backbone"), {"backbone": {**body, "extra": target["norm"]}},
+                   dense)
   with pytest.raises(ConfigError, match="init_from_skip"):
-    init_from.load(_config(path, init_from_skip="head["), target)
+    init_from.load(_config(path, init_from_skip="head["), target, model)
 
 
 def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_checked(tmp_path, monkeypatch):
@@ -161,13 +169,18 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   meta = {"name": "swinv2", "depths": [2, 2], "patch": 2, "image_size": 16, "window_size": 4,
           "pretrained_window_sizes": []}
   (tmp_path / "model.json").write_text(json.dumps(meta))
+  config.init_from = str(tmp_path)
   warnings = []
   monkeypatch.setattr(init_from.logging, "warning", lambda msg, *args: warnings.append(msg % args))
-  init_from.warn_swin_windows(str(tmp_path), "", "", config.model)
+  # Left at (), the windows come from the checkpoint; an explicit value stays, with a warning when it differs.
+  init_from.derive_model_config(config)
+  assert tuple(config.model.pretrained_window_sizes) == (4, 4) and not warnings
+  init_from.derive_model_config(config)
+  assert tuple(config.model.pretrained_window_sizes) == (4, 4) and not warnings
+  config.model.pretrained_window_sizes = (8, 8)
+  init_from.derive_model_config(config)
   assert len(warnings) == 1 and "pretrained_window_sizes='(4, 4)'" in warnings[0]
-  config.model.pretrained_window_sizes = (4, 4)
-  init_from.warn_swin_windows(str(tmp_path), "", "", config.model)
-  assert len(warnings) == 1
+  assert tuple(config.model.pretrained_window_sizes) == (8, 8)
 
   # A CLIP workdir's image tower into a dense model's backbone: the towers take image_size from their parents.
   clip_dir = tmp_path / "clip"
@@ -175,5 +188,10 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   tower = {"name": "swinv2", "variant": "pico", "patch_size": 2, "window_size": 4, "pretrained_window_sizes": []}
   (clip_dir / "config.json").write_text(json.dumps({"model": {"name": "clip", "image_size": 16, "image": tower}}))
   dense = ml_collections.ConfigDict({"name": "segmenter", "image_size": 64, "backbone": {**tower, "window_size": 8}})
-  init_from.warn_swin_windows(str(clip_dir), "image", "backbone", dense)
+  config = ml_collections.ConfigDict(dict(model=dense, init_from=str(clip_dir), init_from_subtree="image",
+                                          init_from_prefix="backbone"))
+  init_from.derive_model_config(config)
+  assert tuple(dense.backbone.pretrained_window_sizes) == (4, 4) and len(warnings) == 1
+  dense.backbone.pretrained_window_sizes = (8, 8)
+  init_from.derive_model_config(config)
   assert len(warnings) == 2 and "--config.model.backbone.pretrained_window_sizes='(4, 4)'" in warnings[1]

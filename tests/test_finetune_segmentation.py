@@ -14,6 +14,7 @@ from conftest import override, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import vit
 
 
 def tiny_seg_config(**overrides):
@@ -72,15 +73,16 @@ def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp
 def test_init_from_loads_the_backbone_and_leaves_neck_and_head_fresh(pretrained):
   path, source = pretrained
   config = tiny_seg_config(init_from=path, init_from_prefix="backbone")
-  target = _random_params(tasks.build(config), seed=1)
+  task = tasks.build(config)
+  target = _random_params(task, seed=1)
   fresh = jax.device_get(target)
-  loaded = jax.device_get(init_from.load(config, target))
+  loaded = jax.device_get(init_from.load(config, target, task.model))
   assert sorted(loaded) == ["backbone", "head", "neck"]
   chex.assert_trees_all_equal(loaded["neck"], fresh["neck"])
   chex.assert_trees_all_equal(loaded["head"], fresh["head"])  # UPerNet's, not the classifier's
   backbone = {k: v for k, v in source.items() if k not in ("head", "pos_embed")}
   chex.assert_trees_all_equal({k: v for k, v in loaded["backbone"].items() if k != "pos_embed"}, backbone)
-  np.testing.assert_allclose(loaded["backbone"]["pos_embed"], init_from.resize_pos_embed(source["pos_embed"], 17))
+  np.testing.assert_allclose(loaded["backbone"]["pos_embed"], vit.resize_pos_embed(source["pos_embed"], 17))
 
 
 def test_config_errors_name_the_field():

@@ -12,11 +12,11 @@ import pytest
 
 from conftest import override, tiny_vit_config
 
-from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax import config_lib, models, parallel, tasks
 
 from visionfm_jax.training import optim, train
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2, vit
+from visionfm_jax.models import segmenter, swinv2, vit
 
 
 def _shapes(module, image_size=16):
@@ -38,7 +38,7 @@ def _vit(scan):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_vit_layer_multipliers(scan):
-  mults = optim.lr_multipliers(_optim(layer_decay=0.5), _shapes(_vit(scan)))
+  mults = optim.lr_multipliers(_optim(layer_decay=0.5), _shapes(_vit(scan)), _vit(scan))
   d = 0.5  # L = 3: embeddings d^4, block i d^(3 - i), final norm and head 1
   for name in ("patch_embed/kernel", "patch_embed/bias", "cls_token", "pos_embed"):
     assert mults[name] == d ** 4, name
@@ -58,7 +58,7 @@ def test_swinv2_layer_ids_count_blocks_across_stages(scan):
   model = swinv2.SwinV2(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
                         scan=scan, mask_token=True)
   shapes = _shapes(model, image_size=8)
-  ids, total = optim.layer_ids(shapes)
+  ids, total = optim.layer_ids(model, shapes)
   assert total == 5
   for name in ("patch_embed/kernel", "patch_norm/ln/scale", "mask_token"):
     assert ids[name] == 0, name
@@ -69,7 +69,7 @@ def test_swinv2_layer_ids_count_blocks_across_stages(scan):
     np.testing.assert_array_equal(ids["stage_1/blocks/attn/cpb_mlp/fc1/kernel"], [3, 4, 5])
   else:
     assert [ids[f"stage_1/blocks_{i}/mlp/fc2/kernel"] for i in range(3)] == [3, 4, 5]
-  mults = optim.lr_multipliers(_optim(layer_decay=0.8), shapes)
+  mults = optim.lr_multipliers(_optim(layer_decay=0.8), shapes, model)
   np.testing.assert_allclose(np.ravel(mults["stage_1/blocks/attn/logit_scale" if scan else
                                             "stage_1/blocks_2/attn/logit_scale"])[-1], 0.8)
 
@@ -77,8 +77,9 @@ def test_swinv2_layer_ids_count_blocks_across_stages(scan):
 def test_backbone_under_a_prefix_and_rules_first_match_wins():
   shapes = {f"backbone/{k}": v for k, v in _shapes(_vit(True)).items() if not k.startswith("head")}
   shapes.update({"neck/fpn/kernel": (16, 8), "head/kernel": (8, 3), "head/bias": (3,)})
+  model = segmenter.Segmenter(backbone=_vit(True).clone(num_classes=0), num_classes=3)  # answers for 'backbone/'
   cfg = _optim(layer_decay=0.5, lr_mults=(("head/kernel", 3.0), ("head", 2.0), ("pos_embed", 0.0)))
-  mults = optim.lr_multipliers(cfg, shapes)
+  mults = optim.lr_multipliers(cfg, shapes, model)
   assert mults["head/kernel"] == 3.0 and mults["head/bias"] == 2.0 and mults["neck/fpn/kernel"] == 1.0
   assert mults["backbone/cls_token"] == 0.5 ** 4 and mults["backbone/pos_embed"] == 0.0
   np.testing.assert_array_equal(np.ravel(mults["backbone/blocks/attn/out/kernel"]), [0.125, 0.25, 0.5])
@@ -86,8 +87,8 @@ def test_backbone_under_a_prefix_and_rules_first_match_wins():
 
   with pytest.raises(ConfigError, match="'decoder' matches no param"):
     optim.lr_multipliers(_optim(lr_mults=(("decoder", 2.0),)), shapes)
-  with pytest.raises(ConfigError, match="block stacks found at: 'image', 'text'"):
-    optim.layer_ids({"image/blocks/k": (2, 3), "text/blocks/k": (2, 3)})
+  with pytest.raises(ConfigError, match="layer_decay needs a model with one ViT or SwinV2 backbone; a CLIP"):
+    optim.layer_ids(models.build(config_lib.model_config("clip"), jnp.float32), ["image/blocks/k", "text/blocks/k"])
   with pytest.raises(ConfigError, match="layer_decay=0.0"):
     optim.lr_multipliers(_optim(layer_decay=0.0), shapes)
 
@@ -121,17 +122,17 @@ def test_multipliers_scale_the_whole_adamw_step():
   shapes = _shapes(_vit(True))
   params, grads = _random_tree(shapes, 0), _random_tree(shapes, 1)
   plain_tx = optim.make_optimizer(_optim(**BASE), 10)
-  decayed_tx = optim.make_optimizer(_optim(layer_decay=0.5, **BASE), 10)
+  decayed_tx = optim.make_optimizer(_optim(layer_decay=0.5, **BASE), 10, _vit(True))
   steps = jax.jit(lambda p, g: tuple(tx.update(g, tx.init(p), p)[0] for tx in (plain_tx, decayed_tx)))
   plain, decayed = (_flat(u) for u in steps(params, grads))
-  mults = optim.lr_multipliers(_optim(layer_decay=0.5), shapes)
+  mults = optim.lr_multipliers(_optim(layer_decay=0.5), shapes, _vit(True))
   for name, update in plain.items():
     np.testing.assert_allclose(decayed[name], update * mults[name], rtol=1e-6, atol=1e-8, err_msg=name)
 
 
 def test_frozen_backbone_stays_bitwise_while_the_head_trains():
   shapes = _shapes(_vit(True))
-  tx = optim.make_optimizer(_optim(freeze=(r"^(?!head/)",), layer_decay=0.7, **BASE), 10)
+  tx = optim.make_optimizer(_optim(freeze=(r"^(?!head/)",), layer_decay=0.7, **BASE), 10, _vit(True))
   params = _random_tree(shapes, 0)
   moments = _flat(tx.init(params)[0].inner_states["train"].inner_state[1].mu)  # (clip, adam, decay) of 'train'
   assert sorted(moments) == ["head/bias", "head/kernel"]  # none for the frozen params
@@ -162,7 +163,7 @@ def test_frozen_state_shards_and_checkpoints(tmp_path):
   """The boxed init of the train loop, its shardings and an Orbax round trip of a state with absent moments."""
   config = tiny_vit_config(strategy="zero1", **{"optim.freeze": (r"^(?!head/)",), "optim.layer_decay": 0.7})
   task = tasks.build(config)
-  init_fn = train.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps), config)
+  init_fn = train.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps, task.model), config)
   mesh = parallel.make_mesh(config.mesh)
   abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
   rng = np.random.default_rng(0)

@@ -16,7 +16,7 @@ import pytest
 from configs import swinv2_cls
 from conftest import override
 from visionfm_jax import config_lib, models
-from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training import checkpoint, init_from, optim, train
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
@@ -64,12 +64,17 @@ def test_parameter_formula(size):
   assert _count(params) == expected
 
 
-def test_windows_per_stage_match_the_reference_table():
+def test_windows_per_stage_match_the_reference_table(tmp_path):
   assert swinv2.stage_windows(224, 14) == [(56, 14, 7), (28, 14, 7), (14, 14, 0), (7, 7, 0)]
   assert swinv2.stage_windows(448, 14) == [(112, 14, 7), (56, 14, 7), (28, 14, 7), (14, 14, 0)]
   assert swinv2.stage_windows(640, 40) == [(160, 40, 20), (80, 40, 20), (40, 40, 0), (20, 20, 0)]
   assert swinv2.pretrained_windows(224, 14) == (14, 14, 14, 7)
-  assert swinv2_cls.get_config("G,640").model.pretrained_window_sizes == (14, 14, 14, 7)
+  # The 640 px config takes its pretrained windows from the 224 px run it is initialised from.
+  (tmp_path / "config.json").write_text(swinv2_cls.get_config("G").to_json())
+  config = override(swinv2_cls.get_config("G,640"), init_from=str(tmp_path))
+  assert config.model.pretrained_window_sizes == ()
+  init_from.derive_model_config(config)
+  assert config.model.pretrained_window_sizes == (14, 14, 14, 7)
 
 
 def test_extra_norm_positions_per_stage_and_global():

@@ -41,7 +41,8 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
         patch_size=4,
         window_size=14,  # every stage; a stage whose map is not larger becomes one unshifted window
         # Windows the weights were trained with, per stage, when they differ (224/w14 -> 640/w40:
-        # (14, 14, 14, 7), see swinv2.pretrained_windows); () means the windows themselves.
+        # (14, 14, 14, 7), see swinv2.pretrained_windows); () means the init_from checkpoint's (its model
+        # fields, training/init_from.py), else the windows themselves.
         pretrained_window_sizes=(),
         layer_norm_eps=1e-5,
         extra_norm_period=-1,  # main-branch LayerNorm every N blocks; -1: the size's default (6 for H and G)

@@ -69,7 +69,7 @@ def plan(config, devices: int) -> dict:
   task = tasks.build(config, mesh)
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)

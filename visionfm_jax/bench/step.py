@@ -26,7 +26,7 @@ class JaxStep:
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
-    tx = optim.make_optimizer(config.optim, config.total_steps)
+    tx = optim.make_optimizer(config.optim, config.total_steps, self.task.model)
     init_fn = train.make_init_fn(self.task, tx, config)
     local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
                                             np.random.default_rng(config.seed + jax.process_index()))

@@ -9,6 +9,7 @@ supports it for the architecture (ViT), else its `eager` implementation (Swinv2 
 
 from __future__ import annotations
 
+import importlib
 import os
 import time
 
@@ -17,20 +18,19 @@ import numpy as np
 
 from visionfm_jax.training import optim as optim_lib
 from visionfm_jax.errors import ConfigError, UserError
-from visionfm_jax.models import swinv2, vit
 
 
 def hf_config_dict(model) -> dict:
-  from visionfm_jax.convert import hf_swinv2_config, hf_vit_config  # pylint: disable=g-import-not-at-top
-  if isinstance(model, vit.ViT):
-    if model.pool != "cls":
-      raise ConfigError(f"--compare=torch: config.model.pool={model.pool!r}; transformers' ViT classifier pools the "
-                        f"class token (use pool='cls')")
-    return hf_vit_config.hf_config(model)
-  if isinstance(model, swinv2.SwinV2):
-    return hf_swinv2_config.hf_config(model)
-  raise ConfigError(f"--compare=torch: a {type(model).__name__} has no transformers twin; ViT and SwinV2 "
-                    f"classifiers do")
+  """transformers' config of `model`, from the module under visionfm_jax.convert the model names
+  (`hf_config_module`, models/backbone.py)."""
+  module = getattr(model, "hf_config_module", None)
+  if module is None:
+    raise ConfigError(f"--compare=torch: a {type(model).__name__} has no transformers twin; ViT and SwinV2 "
+                      f"classifiers do")
+  if getattr(model, "pool", "cls") != "cls":
+    raise ConfigError(f"--compare=torch: config.model.pool={model.pool!r}; transformers' ViT classifier pools the "
+                      f"class token (use pool='cls')")
+  return importlib.import_module(f"visionfm_jax.convert.{module}").hf_config(model)
 
 
 def twin_architecture(config, model) -> tuple[str, dict]:

@@ -1,8 +1,9 @@
 """Frozen-backbone evaluation: k-NN and linear-probe top-1 on a backbone's pooled features.
 
-Features: every example of a labelled split through the backbone (`pooled_features`: ViT or SwinV2, a CLIP's
-image tower, Aurora's encoder, a dense model's backbone), read by the eval pipeline (decode, central crop, no
-augmentation: deterministic), gathered to every process, which then all compute the same numbers.
+Features: every example of a labelled split through the backbone (`pooled_features`: an image backbone of
+models/backbone.py, ViT or SwinV2, a CLIP's image tower, Aurora's encoder, a dense model's backbone), read by
+the eval pipeline (decode, central crop, no augmentation: deterministic), gathered to every process, which then
+all compute the same numbers.
 
   k-NN (Wu et al. 2018, as DINO evaluates, Caron et al. 2021): cosine similarity of L2-normalised features;
     the k nearest train examples vote for their class with weight exp(similarity / T); top-1 of the votes.
@@ -32,9 +33,8 @@ from jax.experimental import multihost_utils
 from visionfm_jax import data
 from visionfm_jax.data.sources import eval_source_spec
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2, vit
+from visionfm_jax.models.backbone import ImageBackbone
 
-IMAGE_BACKBONES = (vit.ViT, swinv2.SwinV2)
 TOWER_NAMES = ("image", "encoder", "backbone")  # CLIP, Aurora, dense models
 HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -44,10 +44,10 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def pooled_features(task) -> Callable[[Any, jax.Array], jax.Array]:
   """(params, uint8 images) -> fp32 (B, D) pooled features of the task's image backbone (before any head)."""
   model = task.model
-  if isinstance(model, IMAGE_BACKBONES):
+  if isinstance(model, ImageBackbone):
     method = lambda m, images: m(images, train=False)["pooled"]
   else:
-    towers = [n for n in TOWER_NAMES if isinstance(getattr(model, n, None), IMAGE_BACKBONES)]
+    towers = [n for n in TOWER_NAMES if isinstance(getattr(model, n, None), ImageBackbone)]
     if not towers:
       raise ConfigError(f"config.model.name={task.config.model.name!r}: probing needs a ViT or SwinV2 backbone "
                         f"(a classifier's, a CLIP's image tower, Aurora's encoder)")

@@ -1,4 +1,5 @@
-"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype)."""
+"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype); and the config
+fields a model takes from the checkpoint it starts from (`fields_from_checkpoint`)."""
 
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import aurora, clip, swinv2, vit
@@ -18,3 +19,11 @@ def build(model_cfg, dtype):
     return BUILDERS[model_cfg.name](model_cfg, dtype)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def fields_from_checkpoint(model_fields: dict, checkpoint_fields: dict) -> dict:
+  """Fields of a model config (a dict) whose value the checkpoint it is initialised from implies, where that
+  differs from what the config gives: {'pretrained_window_sizes': the windows a SwinV2 checkpoint normalised its
+  position bias by} (swinv2.windows_from_checkpoint); {} for the others (training/init_from.py applies them)."""
+  windows = swinv2.windows_from_checkpoint(model_fields, checkpoint_fields)
+  return {"pretrained_window_sizes": windows} if windows else {}

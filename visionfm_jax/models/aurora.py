@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax.models import layers, swinv2, text as text_lib
+from visionfm_jax.models import backbone, layers, swinv2, text as text_lib
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)
@@ -169,8 +169,33 @@ class Aurora(nn.Module):
 
   @property
   def stride(self) -> int:
-    """Pixels per final-stage token along each side (32 for 4 stages of patch 4)."""
-    return self.encoder.patch_size * 2 ** (len(self.encoder.depths) - 1)
+    """Pixels per final-stage token along each side: the encoder's output stride (32 for 4 stages of patch 4)."""
+    return self.encoder.output_stride
+
+  def train_flops_per_example(self) -> float:
+    """The encoder (twice with mim_view='separate': clean and masked passes), poolers, MIM head, text encoder
+    (max_len + CLS positions), decoder (self + cross attention, two MLPs), vocabulary projection; x 3.
+    Recomputation (remat, the feature pass of accumulation) is not counted, as MFU conventionally does not."""
+    encoder, text, decoder = self.encoder, self.text, self.decoder
+    encoder_flops = encoder.train_flops_per_example() * (2 if self.mim_view == "separate" else 1)
+    tokens = (encoder.image_size // self.stride) ** 2
+    final, width, memory, text_len = encoder.num_features, text.width, self.caption_queries, text.max_len
+
+    def pooler(queries):
+      return 2 * 2 * tokens * final * width + 2 * 2 * queries * width * width + 4 * queries * tokens * width
+
+    forward = (pooler(1) + pooler(memory) + 2 * tokens * final * self.stride ** 2 * 3 + 2 * width * self.embed_dim
+               + backbone.transformer_forward_flops(text_len + 1, width, text.depth, text.mlp_dim)
+               + 2 * width * text.embed_dim
+               + backbone.transformer_forward_flops(text_len, width, decoder.depth, decoder.mlp_dim)
+               + decoder.depth * (2 * text_len * width * (2 * width + 2 * decoder.mlp_dim)  # cross q/out, 2nd MLP
+                                  + 4 * memory * width * width + 4 * text_len * memory * width)
+               + 2 * text_len * width * decoder.vocab_size)
+    return encoder_flops + 3.0 * forward
+
+  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The encoder adapts its params (backbone.py); the heads' do not depend on the resolution."""
+    return backbone.tower_adapt_checkpoint("encoder", self.encoder, params, shapes)
 
   # ------------------------------------------------------------------------------------------- image side
   def encode(self, images, mim_mask=None, train: bool = False) -> jax.Array:
@@ -271,9 +296,9 @@ def build(model_cfg, dtype) -> Aurora:
   except ValueError as e:
     raise ValueError(f"encoder: {e}") from e
   encoder = encoder.clone(mask_token=True)
-  stride = encoder.patch_size * 2 ** (len(encoder.depths) - 1)
-  if model_cfg.image_size % stride:
-    raise ValueError(f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride {stride} "
+  if model_cfg.image_size % encoder.output_stride:
+    raise ValueError(f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride "
+                     f"{encoder.output_stride} "
                      "(the MIM head predicts stride x stride pixels per final token)")
   text_cfg = model_cfg.text
   if text_cfg.pool != "cls":

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax.models import layers, text as text_lib
+from visionfm_jax.models import backbone, layers, text as text_lib
 from visionfm_jax.models.layers import EMBED
 
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # 2.659260
@@ -39,7 +39,7 @@ def clamp_logit_scale(params: dict[str, Any]) -> dict[str, Any]:
 
 
 class CLIP(nn.Module):
-  image: nn.Module  # vit.ViT or swinv2.SwinV2 without a head (num_classes=0)
+  image: nn.Module  # a backbone.ImageBackbone (vit.ViT or swinv2.SwinV2) without a head (num_classes=0)
   text: text_lib.TextTransformer  # its embed_dim must equal embed_dim
   embed_dim: int
   logit_scale_init: float = LOGIT_SCALE_INIT
@@ -67,6 +67,17 @@ class CLIP(nn.Module):
       tokens = jnp.zeros((images.shape[0], self.text.max_len), jnp.int32)
     return {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
             "logit_scale": self.logit_scale.astype(jnp.float32)}
+
+  def train_flops_per_example(self) -> float:
+    """The image tower's, the text tower's (all max_len positions) and both projections', x 3."""
+    text = self.text
+    text_forward = (backbone.transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
+                    + 2 * text.width * text.embed_dim)
+    return self.image.train_flops_per_example() + 3.0 * (text_forward + 2 * self.image.num_features * self.embed_dim)
+
+  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """The image tower adapts its params (backbone.py); the text tower's do not depend on the resolution."""
+    return backbone.tower_adapt_checkpoint("image", self.image, params, shapes)
 
 
 def image_tower_config(model_cfg) -> ml_collections.ConfigDict:

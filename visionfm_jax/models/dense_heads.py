@@ -3,9 +3,10 @@ with UPerNet's pyramid pooling on the top level), the UPerNet segmentation head 
 detection head.
 
 Maps are channels-last (B, H, W, C), listed finest first, each with its stride in input pixels.
-- `backbone_maps`: ViT -> one map at stride p (the patch tokens after the final norm, class token dropped);
-  SwinV2 -> every stage's output before the next patch merging (strides patch * 2**s, no norm: the FPN adds
-  one LayerNorm per input level with `input_norms`, as UPerNet-on-Swin does).
+- `backbone_maps`: the backbone's `feature_maps` (models/backbone.py). A plain backbone gives one map (ViT: the
+  patch tokens after the final norm at stride p, class token dropped), a hierarchical one every stage's output
+  (SwinV2: before the next patch merging, strides patch * 2**s, no norm: the FPN adds one LayerNorm per input
+  level with `input_norms`, as UPerNet-on-Swin does).
 - `SimpleFeaturePyramid` (Li et al. 2022): from the stride-p ViT map, 2x2 stride-2 transposed convs (LN + GELU
   between two of them) up, identity, or 2x2 max-pools down, round(log2(s / p)) steps for a nominal stride s
   (p = 16: 4, 8, 16, 32 -> two up, one up, none, one down; p = 14 gives the same steps, so strides 3.5 ... 28);
@@ -32,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import layers, swinv2, vit
+from visionfm_jax.models import backbone as backbone_lib, layers
 from visionfm_jax.models.layers import CLASSES, EMBED
 
 # mmseg / detectron2 initialise convs feeding ReLUs with He normal over the fan-out.
@@ -99,20 +100,36 @@ def pyramid_steps(patch_size: int, stride: int) -> int:
 
 
 def backbone_maps(backbone: nn.Module, images: jax.Array, train: bool) -> tuple[list[jax.Array], list[float]]:
-  """Feature maps (finest first) and their strides from one of our backbones (its params land under the
-  backbone's own name)."""
+  """Feature maps (finest first) and their strides from an image backbone (models/backbone.py; its params land
+  under the backbone's own name)."""
+  if not isinstance(backbone, backbone_lib.ImageBackbone):
+    raise ValueError(f"dense heads take an image backbone (vit.ViT, swinv2.SwinV2), got {type(backbone).__name__}")
   if getattr(backbone, "num_classes", 0):
     raise ValueError(f"the backbone of a dense model has a classification head (num_classes="
                      f"{backbone.num_classes}); build it with num_classes=0")
-  if isinstance(backbone, vit.ViT):
-    tokens = backbone(images, train=train)["tokens"]
-    p = backbone.patch_size
-    grid = (images.shape[1] // p, images.shape[2] // p)
-    return [tokens[:, 1:].reshape(tokens.shape[0], *grid, tokens.shape[-1])], [float(p)]
-  if isinstance(backbone, swinv2.SwinV2):
-    stages = backbone(images, train=train, return_stages=True)["stages"]
-    return list(stages), [float(backbone.patch_size * 2 ** s) for s in range(len(stages))]
-  raise ValueError(f"dense heads take a vit.ViT or swinv2.SwinV2 backbone, got {type(backbone).__name__}")
+  return backbone.feature_maps(images, train), list(backbone.feature_strides())
+
+
+class DenseModel(nn.Module):
+  """Base of the dense models (segmenter.py, detector.py): an image backbone under `backbone` (params named as
+  in pretraining) plus a neck and a head. Layer ids and checkpoint adaptation are the backbone's; the neck and
+  head take the last layer id."""
+  backbone: nn.Module  # a backbone.ImageBackbone with num_classes=0
+
+  @property
+  def num_layer_ids(self) -> int:
+    return self.backbone.num_layer_ids
+
+  def layer_id(self, param_path: str):
+    return backbone_lib.tower_layer_id("backbone", self.backbone, param_path)
+
+  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    return backbone_lib.tower_adapt_checkpoint("backbone", self.backbone, params, shapes)
+
+  def train_flops_per_example(self) -> None:
+    """None: the backbone's count would leave out the neck and head, a large share of the FLOPs (UPerNet's
+    convolutions: about a third for ViT-H at 512 px) that no analytic counter covers; no `train/mfu` is logged."""
+    return None
 
 
 class ConvNorm(nn.Module):

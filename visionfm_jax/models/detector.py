@@ -19,11 +19,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.models import dense_heads, vit
+from visionfm_jax.models import dense_heads
 
 
-class Detector(nn.Module):
-  backbone: nn.Module  # vit.ViT or swinv2.SwinV2 with num_classes=0
+class Detector(dense_heads.DenseModel):
   num_classes: int
   levels: tuple[int, ...] = (8, 16, 32)  # nominal strides of the pyramid levels that predict
   neck_channels: int = 256
@@ -35,8 +34,8 @@ class Detector(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     maps, strides = dense_heads.backbone_maps(self.backbone, images, train)
-    if isinstance(self.backbone, vit.ViT):
-      maps, strides = dense_heads.SimpleFeaturePyramid(self.backbone.patch_size, self.neck_channels, self.levels,
+    if len(maps) == 1:  # a plain backbone (ViT): ViTDet's simple pyramid
+      maps, strides = dense_heads.SimpleFeaturePyramid(int(strides[0]), self.neck_channels, self.levels,
                                                        self.dtype, name="neck")(maps[0])
     else:
       picked = [i for i, s in enumerate(strides) if int(s) in self.levels]

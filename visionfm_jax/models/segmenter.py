@@ -2,8 +2,9 @@
 
 `Segmenter.__call__(images, train)` -> (B, H, W, num_classes) fp32 logits at the input resolution (bilinear
 upsampling of the head's stride-4 logits). Params: `backbone` (named exactly as the pretraining ViT / SwinV2,
-so a pretraining checkpoint's backbone loads by path prefix), `neck` (ViT only: `SimpleFeaturePyramid`),
-`head` (`UPerHead`; on SwinV2 it normalises each stage output first).
+so a pretraining checkpoint's backbone loads by path prefix), `neck` (a plain, one-map backbone such as ViT
+only: `SimpleFeaturePyramid`), `head` (`UPerHead`; on a hierarchy such as SwinV2 it normalises each stage
+output first).
 
 `sliding_window_logits` runs a fixed-size model over larger images (mmseg's 'slide' inference).
 """
@@ -17,11 +18,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import dense_heads, vit
+from visionfm_jax.models import dense_heads
 
 
-class Segmenter(nn.Module):
-  backbone: nn.Module  # vit.ViT or swinv2.SwinV2 with num_classes=0
+class Segmenter(dense_heads.DenseModel):
   num_classes: int
   neck_channels: int = 256  # ViT's simple feature pyramid
   head_channels: int = 512
@@ -32,12 +32,12 @@ class Segmenter(nn.Module):
 
   @nn.compact
   def __call__(self, images, train: bool = False):
-    maps, _ = dense_heads.backbone_maps(self.backbone, images, train)
-    is_vit = isinstance(self.backbone, vit.ViT)
-    if is_vit:
-      maps, _ = dense_heads.SimpleFeaturePyramid(self.backbone.patch_size, self.neck_channels, self.neck_strides,
+    maps, strides = dense_heads.backbone_maps(self.backbone, images, train)
+    plain = len(maps) == 1  # one normalised map (ViT): the simple pyramid; stage outputs: a norm per level
+    if plain:
+      maps, _ = dense_heads.SimpleFeaturePyramid(int(strides[0]), self.neck_channels, self.neck_strides,
                                                  self.dtype, name="neck")(maps[0])
-    logits = dense_heads.UPerHead(self.num_classes, self.head_channels, self.ppm_scales, input_norms=not is_vit,
+    logits = dense_heads.UPerHead(self.num_classes, self.head_channels, self.ppm_scales, input_norms=not plain,
                                   dropout=self.dropout, dtype=self.dtype, name="head")(maps, train)
     return dense_heads.resize_bilinear(logits, images.shape[1:3])
 

@@ -15,8 +15,13 @@ across the network (`'global'`).
 
 Resolution transfer: the parameters do not depend on the image or window size (the position bias is an
 MLP over normalised offsets), so a model trained at 224 px / window 14 loads into 640 px / window 40 as is;
-set `pretrained_window_sizes` to the windows it was trained with (`pretrained_windows(224, 14)` ->
-(14, 14, 14, 7)) so that offsets are normalised as in training.
+`pretrained_window_sizes` names the windows it was trained with (`pretrained_windows(224, 14)` ->
+(14, 14, 14, 7)) so that offsets are normalised as in training. Left at () in the config, a fine-tuning run
+takes them from the checkpoint's model fields (`windows_from_checkpoint`, applied by training/init_from.py).
+
+As a backbone (models/backbone.py): feature maps are the stages' outputs at strides patch * 2**s; layer ids
+patch embedding / patch norm / mask token 0, block i (counted across stages) i + 1, a patch merging the id of
+the block before it, the rest sum(depths) + 1; checkpoints of another resolution load unchanged.
 
 The shift mask adds -100 once, as the official code and REFERENCE.md specify. transformers'
 `Swinv2SelfAttention` adds its mask twice (-200): the outputs differ only when a masked pair would score
@@ -40,7 +45,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import layers
+from visionfm_jax.models import backbone, layers
 from visionfm_jax.models.layers import BATCH, EMBED, HEADS, KV, ACT_EMBED
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
@@ -62,6 +67,7 @@ PATCH_NORM_EPS = 1e-5
 MASK_VALUE = -100.0
 ATTENTION = ("xla", "cudnn", "auto")
 MAX_LOGIT_SCALE = math.log(100.0)
+EMBEDDING_PARAMS = ("patch_embed", "patch_norm", "mask_token")  # layer 0 of the layer-wise decay
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -112,6 +118,31 @@ def pretrained_windows(image_size: int, window_size: int | Sequence[int], num_st
                        patch_size: int = 4) -> tuple[int, ...]:
   """The per-stage windows a model trained at `image_size` used: its `pretrained_window_sizes` elsewhere."""
   return tuple(w for _, w, _ in stage_windows(image_size, window_size, num_stages, patch_size))
+
+
+def normalising_windows(fields: dict[str, Any]) -> tuple[int, ...] | None:
+  """The per-stage windows a SwinV2 described by config fields (model.json or config.model as a dict) normalises
+  its position-bias offsets by; None when the fields are not a SwinV2's or do not say."""
+  if fields.get("name") != "swinv2":
+    return None
+  depths = fields.get("depths") or SIZES.get(fields.get("variant"), (0, ()))[1]
+  patch = fields.get("patch") or fields.get("patch_size")
+  if not depths or not patch:
+    return None
+  try:
+    windows = pretrained_windows(int(fields["image_size"]), fields["window_size"], len(depths), int(patch))
+    pretrained = tuple(fields.get("pretrained_window_sizes") or ()) or (0,) * len(windows)
+    return tuple(int(p) if p else w for p, w in zip(per_stage(pretrained, len(windows), "p"), windows))
+  except (KeyError, TypeError, ValueError):
+    return None
+
+
+def windows_from_checkpoint(fields: dict[str, Any], checkpoint: dict[str, Any]) -> tuple[int, ...] | None:
+  """The `pretrained_window_sizes` a SwinV2 configured by `fields` needs to use a checkpoint (described by
+  `checkpoint`) as trained: the windows the checkpoint normalised by, when `fields` normalise by others; None
+  when they agree or either is not a SwinV2."""
+  had, has = normalising_windows(checkpoint), normalising_windows(fields)
+  return had if had and has and had != has else None
 
 
 def relative_coords_table(window: int, pretrained_window: int) -> np.ndarray:
@@ -450,6 +481,79 @@ class SwinV2(nn.Module):
     if return_stages:
       out["stages"] = stages
     return out
+
+  # ------------------------------------------------------------------- the backbone interface (backbone.py)
+  hf_config_module = "hf_swinv2_config"
+
+  @property
+  def num_features(self) -> int:
+    return self.embed_dim * 2 ** (len(self.depths) - 1)
+
+  @property
+  def output_stride(self) -> int:
+    """Pixels per final-stage token along each side (32 for 4 stages of patch 4)."""
+    return self.patch_size * 2 ** (len(self.depths) - 1)
+
+  def feature_maps(self, images, train: bool = False) -> list[jax.Array]:
+    """Every stage's output before the next patch merging, without a norm (`return_stages`)."""
+    return list(self(images, train=train, return_stages=True)["stages"])
+
+  def feature_strides(self) -> tuple[float, ...]:
+    return tuple(float(self.patch_size * 2 ** s) for s in range(len(self.depths)))
+
+  def train_flops_per_example(self) -> float:
+    """3 x (patch embedding + window attention blocks + merging + head). Per block on n tokens of width C in
+    windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2, scores and mixing 4nNC.
+    Padding to whole windows counts as the model computes it."""
+    stages = stage_windows(self.image_size, self.window_size, len(self.depths), self.patch_size)
+    width = self.embed_dim
+    forward = 2.0 * (self.image_size // self.patch_size) ** 2 * self.patch_size ** 2 * 3 * width
+    for s, ((feature, window, _), depth) in enumerate(zip(stages, self.depths)):
+      padded = -(-feature // window) * window
+      tokens = padded * padded
+      per_block = (8 + 4 * self.mlp_ratio) * tokens * width * width + 4 * tokens * window * window * width
+      forward += depth * per_block
+      if s < len(self.depths) - 1:
+        half = -(-feature // 2)
+        forward += 2 * half * half * (4 * width) * (2 * width)
+        width *= 2
+    forward += 2 * width * self.num_classes
+    return 3.0 * forward
+
+  @property
+  def num_layer_ids(self) -> int:
+    return sum(self.depths) + 2
+
+  def layer_id(self, param_path: str) -> int | np.ndarray:
+    parts = param_path.split("/")
+    if parts[0] in EMBEDDING_PARAMS:
+      return 0
+    stage = parts[0][len("stage_"):] if parts[0].startswith("stage_") else ""
+    if not stage.isdigit() or len(parts) < 2:
+      return self.num_layer_ids - 1
+    s = int(stage)
+    first = sum(self.depths[:s]) + 1
+    block = backbone.block_layer_ids(parts[1], first, self.depths[s])
+    # A patch merging takes the id of its stage's last block, as the official SimMIM/Swin fine-tuning code.
+    return first + self.depths[s] - 1 if block is None else block
+
+  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """Nothing to carry: no param depends on the image or window size (see `windows_from_checkpoint`)."""
+    del shapes
+    return dict(params)
+
+  def description(self) -> str:
+    return (f"SwinV2 embed_dim {self.embed_dim}, depths {tuple(self.depths)}, heads {tuple(self.num_heads)}, "
+            f"window {self.window_size}, patch {self.patch_size}, {self.image_size} px, "
+            f"{self.num_classes or 'no'} classes")
+
+  def checkpoint_fields(self) -> dict[str, Any]:
+    """What a config needs to rebuild this SwinV2 (tools.import_hf's model.json)."""
+    dims = (self.embed_dim, tuple(self.depths), tuple(self.num_heads))
+    names = [size for size, sizes in SIZES.items() if sizes == dims]
+    return dict(name="swinv2", variant=names[0] if names else None, embed_dim=self.embed_dim,
+                depths=list(self.depths), heads=list(self.num_heads), window_size=self.window_size,
+                pretrained_window_sizes=list(self.pretrained_window_sizes or ()), mlp_ratio=self.mlp_ratio)
 
 
 class SwinStage(nn.Module):

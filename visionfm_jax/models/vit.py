@@ -3,17 +3,24 @@
 Pre-norm blocks `x + attn(LN(x))`, `x + mlp(LN(x))`, a learned class token and position embedding, a final
 LayerNorm, class-token (or mean) pooling and an optional linear head. `__call__` returns a dict with
 `tokens` (after the final norm), `pooled` and, with a head, `logits`.
+
+As a backbone (models/backbone.py): one feature map, the patch tokens at stride `patch_size`; layer ids
+patch embedding / class token / position embedding 0, block i i + 1, the rest depth + 1; a checkpoint of
+another resolution has its position embedding resized (`resize_pos_embed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
+import numpy as np
 
-from visionfm_jax.models import layers
+from visionfm_jax.models import backbone, layers
 from visionfm_jax.models.layers import BATCH, EMBED, LENGTH, ACT_EMBED
 
 # name: (width, depth, mlp_dim, heads)
@@ -28,6 +35,8 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "g": (1408, 40, 6144, 16),
     "G": (1664, 48, 8192, 16),
 }
+NUM_PREFIX_TOKENS = 1  # the class token precedes the patch grid in pos_embed
+EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed")  # layer 0 of the layer-wise decay
 
 
 def parse_variant(variant: str) -> dict[str, int]:
@@ -37,6 +46,18 @@ def parse_variant(variant: str) -> dict[str, int]:
     raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)}, e.g. 'H/14'")
   width, depth, mlp_dim, heads = SIZES[size]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
+
+
+def resize_pos_embed(pos: np.ndarray, length: int, num_prefix: int = NUM_PREFIX_TOKENS) -> np.ndarray:
+  """(1, num_prefix + g*g, D) -> (1, length, D): prefix entries kept, the g x g grid resized bicubically to the
+  square grid of length - num_prefix entries. ValueError when either grid is not square."""
+  grid_in, grid_out = math.isqrt(pos.shape[1] - num_prefix), math.isqrt(length - num_prefix)
+  if grid_in ** 2 != pos.shape[1] - num_prefix or grid_out ** 2 != length - num_prefix:
+    raise ValueError(f"{pos.shape[1]} -> {length} position embeddings are not {num_prefix} + a square grid")
+  prefix, grid = pos[:, :num_prefix], pos[0, num_prefix:].reshape(grid_in, grid_in, -1)
+  resized = jax.image.resize(jnp.asarray(grid, jnp.float32), (grid_out, grid_out, grid.shape[-1]), "bicubic")
+  resized = np.asarray(resized, pos.dtype).reshape(1, grid_out * grid_out, -1)
+  return np.concatenate([prefix, resized], axis=1)
 
 
 class EncoderBlock(nn.Module):
@@ -109,6 +130,64 @@ class ViT(nn.Module):
     if self.num_classes:
       out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
     return out
+
+  # ------------------------------------------------------------------- the backbone interface (backbone.py)
+  hf_config_module = "hf_vit_config"
+
+  @property
+  def num_features(self) -> int:
+    return self.width
+
+  def feature_maps(self, images, train: bool = False) -> list[jax.Array]:
+    """The patch tokens after the final norm (class token dropped) as one (B, H/p, W/p, width) map."""
+    tokens = self(images, train=train)["tokens"]
+    grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
+    return [tokens[:, NUM_PREFIX_TOKENS:].reshape(tokens.shape[0], *grid, tokens.shape[-1])]
+
+  def feature_strides(self) -> tuple[float, ...]:
+    return (float(self.patch_size),)
+
+  def train_flops_per_example(self) -> float:
+    """3 x (patch embedding + the encoder on patches + class token + the head)."""
+    patches = (self.image_size // self.patch_size) ** 2
+    forward = (2 * patches * self.patch_size ** 2 * 3 * self.width
+               + backbone.transformer_forward_flops(patches + NUM_PREFIX_TOKENS, self.width, self.depth, self.mlp_dim)
+               + 2 * self.width * self.num_classes)
+    return 3.0 * forward
+
+  @property
+  def num_layer_ids(self) -> int:
+    return self.depth + 2
+
+  def layer_id(self, param_path: str) -> int | np.ndarray:
+    top = param_path.split("/")[0]
+    if top in EMBEDDING_PARAMS:
+      return 0
+    block = backbone.block_layer_ids(top, 1, self.depth)
+    return self.num_layer_ids - 1 if block is None else block
+
+  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+    """A (1, 1 + g*g, width) `pos_embed` of another grid is resized bicubically to this model's grid."""
+    out = dict(params)
+    pos, target = params.get("pos_embed"), shapes.get("pos_embed")
+    if pos is None or target is None or np.shape(pos) == tuple(target):
+      return out
+    if len(target) == np.ndim(pos) == 3 and np.shape(pos)[::2] == tuple(target)[::2] == (1, self.width):
+      try:
+        out["pos_embed"] = resize_pos_embed(np.asarray(pos), target[1])
+      except ValueError:
+        pass
+    return out
+
+  def description(self) -> str:
+    return (f"ViT width {self.width}, depth {self.depth}, MLP {self.mlp_dim}, {self.num_heads} heads, "
+            f"patch {self.patch_size}, {self.image_size} px, {self.num_classes or 'no'} classes")
+
+  def checkpoint_fields(self) -> dict[str, Any]:
+    """What a config needs to rebuild this ViT (tools.import_hf's model.json)."""
+    names = [size for size, dims in SIZES.items() if dims == (self.width, self.depth, self.mlp_dim, self.num_heads)]
+    return dict(name="vit", variant=f"{names[0]}/{self.patch_size}" if names else None, width=self.width,
+                depth=self.depth, mlp_dim=self.mlp_dim, heads=self.num_heads, qkv_bias=self.qkv_bias, pool=self.pool)
 
 
 def build(model_cfg, dtype) -> ViT:

@@ -19,7 +19,6 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.training import flops
 
 from visionfm_jax.tasks import losses
 from visionfm_jax.evaluate import sums
@@ -37,7 +36,7 @@ class AuroraTask(ContrastiveTask):
     super().__init__(config, mesh)
     self.mim_masks = config.data.mim
     self.weights = config.loss
-    self.stride = self.model.encoder.patch_size * 2 ** (len(self.model.encoder.depths) - 1)
+    self.stride = self.model.stride
 
   def init_variables(self, rng):
     size = self.config.model.image_size
@@ -110,6 +109,3 @@ class AuroraTask(ContrastiveTask):
     out["mim"] = lambda params: mim(params, self.eval_pairs(ctx))
     return out
 
-  def train_flops_per_example(self):
-    return flops.aurora_train_flops_per_example(self.model, self.config.model.image_size,
-                                                self.config.model.text.max_len)

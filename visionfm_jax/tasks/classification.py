@@ -9,7 +9,6 @@ import optax
 
 from visionfm_jax import data
 
-from visionfm_jax.training import flops
 from visionfm_jax.evaluate import classification as classification_eval, probe
 from visionfm_jax.tasks.base import EvalContext, Task
 
@@ -50,7 +49,3 @@ class ClassificationTask(Task):
     labels = rng.integers(0, self.config.model.num_classes, (batch_size,), dtype=np.int32)
     return {**super().synthetic_batch(batch_size, rng), "label": labels}
 
-  def train_flops_per_example(self):
-    counters = {"vit": flops.vit_train_flops_per_image, "swinv2": flops.swinv2_train_flops_per_image}
-    counter = counters.get(self.config.model.name)
-    return counter(self.model) if counter else None

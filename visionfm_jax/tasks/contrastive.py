@@ -20,7 +20,6 @@ import numpy as np
 
 from visionfm_jax import data
 
-from visionfm_jax.training import flops
 
 from visionfm_jax.tasks import losses
 from visionfm_jax.data import shapes, tokenizer as tokenizer_lib, transforms
@@ -139,6 +138,4 @@ class ContrastiveTask(Task):
                                     for _ in range(batch_size)])
     return batch
 
-  def train_flops_per_example(self):
-    return flops.clip_train_flops_per_pair(self.model)
 

@@ -136,7 +136,3 @@ class DetectionTask(Task):
     classes = np.where(np.arange(m)[None] < count, rng.integers(0, num_classes, (batch_size, m)), -1)
     return {**super().synthetic_batch(batch_size, rng), "boxes": boxes.astype(np.float32),
             "classes": classes.astype(np.int32)}
-
-  def train_flops_per_example(self):
-    return None  # see the module docstring
-

@@ -36,7 +36,7 @@ from visionfm_jax import convert, data, tasks
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import swinv2, vit
-from visionfm_jax.tools import cli, import_hf
+from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
 EXPORTABLE = (vit.ViT, swinv2.SwinV2)
@@ -206,7 +206,7 @@ def _main(fv, rest: list[str]) -> None:
       raise UserError(f"--{name}: required")
   arch, source = export(fv.checkpoint, fv.out, fv.step)
   auto = "AutoModelForImageClassification" if arch.endswith("ForImageClassification") else "AutoModel"
-  print(f"wrote {fv.out}: {arch} ({import_hf.describe(source.model)}) from {source.origin}")
+  print(f"wrote {fv.out}: {arch} ({source.model.description()}) from {source.origin}")
   print(f"load it with transformers.{auto}.from_pretrained({fv.out!r})")
   for note in source.notes:
     print(f"note: {note}")

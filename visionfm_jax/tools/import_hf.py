@@ -19,7 +19,7 @@ from absl import app, flags, logging
 from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
-from visionfm_jax.models import swinv2, vit
+from visionfm_jax.models.backbone import ImageBackbone
 
 _SRC = flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.")
 _OUT = flags.DEFINE_string("out", None, "Output directory for params + model.json.")
@@ -27,40 +27,15 @@ _SCAN = flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.s
 flags.mark_flags_as_required(["src", "out"])
 
 
-def variant(model: vit.ViT | swinv2.SwinV2) -> str | None:
-  """'B/16'-style name (ViT) or 'T'-style name (SwinV2) when the sizes are one of the family's SIZES."""
-  if isinstance(model, swinv2.SwinV2):
-    dims = (model.embed_dim, tuple(model.depths), tuple(model.num_heads))
-    names = [size for size, sizes in swinv2.SIZES.items() if sizes == dims]
-    return names[0] if names else None
-  dims = (model.width, model.depth, model.mlp_dim, model.num_heads)
-  names = [size for size, sizes in vit.SIZES.items() if sizes == dims]
-  return f"{names[0]}/{model.patch_size}" if names else None
-
-
-def metadata(model: vit.ViT | swinv2.SwinV2, src: str) -> dict[str, Any]:
-  """What a config needs to build `model`, plus the HF image normalisation when the directory has it."""
-  if isinstance(model, swinv2.SwinV2):
-    meta = dict(name="swinv2", embed_dim=model.embed_dim, depths=list(model.depths), heads=list(model.num_heads),
-                window_size=model.window_size, pretrained_window_sizes=list(model.pretrained_window_sizes or ()),
-                mlp_ratio=model.mlp_ratio)
-  else:
-    meta = dict(name="vit", width=model.width, depth=model.depth, mlp_dim=model.mlp_dim, heads=model.num_heads,
-                qkv_bias=model.qkv_bias, pool=model.pool)
-  meta.update(variant=variant(model), description=describe(model), patch=model.patch_size,
-              image_size=model.image_size, num_classes=model.num_classes, layer_norm_eps=model.layer_norm_eps,
-              scan=model.scan, source=os.path.abspath(src))
+def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
+  """What a config needs to build `model` (its `checkpoint_fields`, models/backbone.py), plus the HF image
+  normalisation when the directory has it."""
+  meta = model.checkpoint_fields()
+  meta.update(description=model.description(), patch=model.patch_size, image_size=model.image_size,
+              num_classes=model.num_classes, layer_norm_eps=model.layer_norm_eps, scan=model.scan,
+              source=os.path.abspath(src))
   meta.update(normalisation(src))
   return meta
-
-
-def describe(model: vit.ViT | swinv2.SwinV2) -> str:
-  if isinstance(model, swinv2.SwinV2):
-    return (f"SwinV2 embed_dim {model.embed_dim}, depths {tuple(model.depths)}, heads {tuple(model.num_heads)}, "
-            f"window {model.window_size}, patch {model.patch_size}, {model.image_size} px, "
-            f"{model.num_classes or 'no'} classes")
-  return (f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
-          f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes")
 
 
 def normalisation(src: str) -> dict[str, list[float]]:
@@ -117,7 +92,7 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
 def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
   """Converts `src` into `out`; returns the metadata written to `out/model.json`."""
   model, variables = from_hf(src, scan=scan)
-  if not isinstance(model, (vit.ViT, swinv2.SwinV2)):
+  if not isinstance(model, ImageBackbone):
     raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT "
                     "and SwinV2 directories (use visionfm_jax.convert.from_hf for the others)")
   meta = metadata(model, src)

@@ -44,7 +44,7 @@ def summarize(config, devices: int, strategy: str) -> dict:
   """Sizes from shapes only. `per_device`: {strategy: parallel.bytes_per_device} for `strategy`, or for every
   strategy when it is 'all' (then there is no `state_bytes_per_device`)."""
   task = tasks.build(config)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
   params = train.nn.unbox(abstract_boxed.params)
   modules = params_by_module(params)

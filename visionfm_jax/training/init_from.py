@@ -8,13 +8,14 @@ under a prefix (a segmentation or detection model's `backbone/...`, next to fres
   config.init_from_prefix   where they go in the model, e.g. 'backbone'; model params outside it stay fresh
   config.init_from_skip     regex over the model's param paths that stay fresh (e.g. 'head' for new classes)
 
-What changes shape with the resolution, and how it is carried over:
+What changes with the resolution is the model's to say (`adapt_checkpoint`, models/backbone.py):
   ViT      `pos_embed` (1, 1 + g*g, D): the class token's entry is kept, the g x g grid is resized bicubically
            (jax.image.resize) to the model's grid. Nothing else depends on the image size.
-  SwinV2   nothing: the continuous position bias is an MLP over a table of offsets computed from the window
+  SwinV2   no param: the continuous position bias is an MLP over a table of offsets computed from the window
            size (not a param), the shift masks and relative indices are computed too. Offsets are normalised
-           by `config.model.pretrained_window_sizes`, which must name the windows the checkpoint was trained
-           with: a warning gives the value when the checkpoint's metadata shows it differs.
+           by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with: left at (),
+           `derive_model_config` takes them from the checkpoint's model fields (model.json or config.json); an
+           explicit value that differs from them gets a warning.
 The checkpoint's pretraining-only params, its classification `head` and a SimMIM `mask_token`, are dropped when
 the model has no such param. Any other shape mismatch is a ConfigError naming the param and both shapes.
 """
@@ -23,41 +24,18 @@ from __future__ import annotations
 
 import functools
 import json
-import math
 import os
 import re
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from visionfm_jax import models
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2
 
 PRETRAINING_ONLY = re.compile(r"^(head(/|$)|mask_token$)")  # checkpoint params a fine-tuned model may lack
-NUM_PREFIX_TOKENS = 1  # ViT's class token precedes the patch grid in pos_embed
-
-
-def resize_pos_embed(pos: np.ndarray, length: int, num_prefix: int = NUM_PREFIX_TOKENS) -> np.ndarray:
-  """(1, num_prefix + g*g, D) -> (1, length, D): prefix entries kept, the g x g grid resized bicubically to the
-  square grid of length - num_prefix entries. ValueError when either grid is not square."""
-  grid_in, grid_out = math.isqrt(pos.shape[1] - num_prefix), math.isqrt(length - num_prefix)
-  if grid_in ** 2 != pos.shape[1] - num_prefix or grid_out ** 2 != length - num_prefix:
-    raise ValueError(f"{pos.shape[1]} -> {length} position embeddings are not {num_prefix} + a square grid")
-  prefix, grid = pos[:, :num_prefix], pos[0, num_prefix:].reshape(grid_in, grid_in, -1)
-  resized = jax.image.resize(jnp.asarray(grid, jnp.float32), (grid_out, grid_out, grid.shape[-1]), "bicubic")
-  resized = np.asarray(resized, pos.dtype).reshape(1, grid_out * grid_out, -1)
-  return np.concatenate([prefix, resized], axis=1)
-
-
-def _resizable(name: str, source_shape: tuple[int, ...], target_shape: tuple[int, ...]) -> bool:
-  return (name.rsplit("/", 1)[-1] == "pos_embed" and len(source_shape) == len(target_shape) == 3
-          and source_shape[0] == target_shape[0] == 1 and source_shape[2] == target_shape[2])
-
-
 def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dict[str, Any]:
   """The checkpoint's params under `subtree` (re-rooted), renamed to `prefix/<name>`."""
   if subtree:
@@ -70,11 +48,12 @@ def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dic
   return source
 
 
-def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], *, subtree: str = "", prefix: str = "",
-          skip: str = "", origin: str = "the checkpoint") -> dict[str, Any]:
+def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, subtree: str = "",
+          prefix: str = "", skip: str = "", origin: str = "the checkpoint") -> dict[str, Any]:
   """Maps the checkpoint's flat params ({path: array}) onto the model's ({path: shape}): `place`, drop the
-  pretraining-only params the model lacks, resize position embeddings; ConfigError for other mismatches
-  (`origin` names the checkpoint in it). Params matching `skip` are left as they are."""
+  pretraining-only params the model lacks, let `model.adapt_checkpoint` carry params of another resolution;
+  ConfigError for other mismatches (`origin` names the checkpoint in it). Params matching `skip` are left as
+  they are."""
   placed = place(source, subtree=subtree, prefix=prefix)
   start = prefix.strip("/") + "/" if prefix else ""
   if not any(n.startswith(start) for n in target):
@@ -86,19 +65,16 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], *, subtree
     logging.info("init_from: dropping the checkpoint's pretraining-only params %s", dropped)
   out = {n: v for n, v in placed.items() if n not in dropped}
   skip_re = re.compile(skip) if skip else None
-  mismatched = []
-  for name, value in out.items():
-    shape = tuple(np.shape(value))
-    if name not in target or shape == tuple(target[name]) or (skip_re and skip_re.search(name)):
-      continue
-    if _resizable(name, shape, target[name]):
-      try:
-        out[name] = resize_pos_embed(np.asarray(value), target[name][1])
-        logging.info("init_from: %s resized %s -> %s", name, shape, tuple(target[name]))
-        continue
-      except ValueError:
-        pass
-    mismatched.append(f"{name}: checkpoint {shape} vs model {tuple(target[name])}")
+  differ = {n: v for n, v in out.items()
+            if n in target and tuple(np.shape(v)) != tuple(target[n]) and not (skip_re and skip_re.search(n))}
+  if differ and hasattr(model, "adapt_checkpoint"):
+    adapted = model.adapt_checkpoint(differ, {n: tuple(target[n]) for n in differ})
+    for name, value in adapted.items():
+      if tuple(np.shape(value)) == tuple(target[name]):
+        logging.info("init_from: %s resized %s -> %s", name, tuple(np.shape(differ[name])), tuple(target[name]))
+        out[name] = value
+    differ = {n: v for n, v in differ.items() if tuple(np.shape(out[n])) != tuple(target[n])}
+  mismatched = [f"{n}: checkpoint {tuple(np.shape(v))} vs model {tuple(target[n])}" for n, v in differ.items()]
   if mismatched:
     raise ConfigError(f"{origin}: shapes that cannot be resized: {'; '.join(mismatched)}. Only "
                       f"ViT position embeddings are resized; set config.init_from_skip to a regex of the params "
@@ -112,21 +88,21 @@ def fresh_outside(prefix: str, skip: str) -> str:
   return "|".join(parts + ([f"(?:{skip})"] if skip else []))
 
 
-def load(config, target_params):
-  """config.init_from's params in the structure, shapes and shardings of `target_params`, via `adapt`."""
+def load(config, target_params, model):
+  """config.init_from's params in the structure, shapes and shardings of `target_params` (the params of `model`,
+  the task's), via `adapt`."""
   if config.init_from_skip:
     try:
       re.compile(config.init_from_skip)
     except re.error as e:
       raise ConfigError(f"config.init_from_skip={config.init_from_skip!r} is not a regex ({e})") from e
-  warn_swin_windows(config.init_from, config.init_from_subtree, config.init_from_prefix, config.model)
   skip = fresh_outside(config.init_from_prefix, config.init_from_skip)
-  fn = functools.partial(adapt, subtree=config.init_from_subtree, prefix=config.init_from_prefix, skip=skip,
-                         origin=f"config.init_from={config.init_from!r}")
+  fn = functools.partial(adapt, model=model, subtree=config.init_from_subtree, prefix=config.init_from_prefix,
+                         skip=skip, origin=f"config.init_from={config.init_from!r}")
   return checkpoint.load_params(config.init_from, target_params, skip=skip, adapt=fn)
 
 
-# ------------------------------------------------------------------------------------- SwinV2 windows
+# ---------------------------------------------------------------------------- model fields of the checkpoint
 
 def source_model_fields(path: str) -> dict[str, Any] | None:
   """The checkpoint's model fields: `model.json` (tools.import_hf) or the workdir's config.json `model`."""
@@ -141,41 +117,46 @@ def source_model_fields(path: str) -> dict[str, Any] | None:
   return None
 
 
-def _swin_fields(fields: dict[str, Any], key: str = "") -> dict[str, Any] | None:
+def _sub_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
   """`fields` (a model's config) or its sub-config `key` (a tower, a backbone) completed by the fields its parent
-  sets for it (image_size, ...); None unless that is a SwinV2."""
-  if key:
-    sub = fields.get(key.strip("/"))
-    if not isinstance(sub, dict):
-      return None
-    fields = {**fields, **sub, "name": sub.get("name")}
-  return fields if fields.get("name") == "swinv2" else None
+  sets for it (image_size, ...); None when there is no such sub-config."""
+  if not key:
+    return fields
+  sub = fields.get(key)
+  return {**fields, **sub, "name": sub.get("name")} if isinstance(sub, dict) else None
 
 
-def _normalising_windows(fields: dict[str, Any]) -> tuple[int, ...] | None:
-  """The per-stage windows a SwinV2's position-bias offsets are normalised by (model.json or config.model)."""
-  depths = fields.get("depths") or swinv2.SIZES.get(fields.get("variant"), (0, ()))[1]
-  patch = fields.get("patch") or fields.get("patch_size")
-  if not depths or not patch:
-    return None
-  windows = swinv2.pretrained_windows(int(fields["image_size"]), fields["window_size"], len(depths), int(patch))
-  pretrained = tuple(fields.get("pretrained_window_sizes") or ()) or (0,) * len(windows)
-  return tuple(int(p) if p else w for p, w in zip(swinv2.per_stage(pretrained, len(windows), "p"), windows))
+def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree: str, prefix: str):
+  """(key, the model's fields, the checkpoint's fields) of the configs that describe the same params: the
+  model's sub-config `prefix` (or the model's config, the backbone config of a dense model) and the checkpoint's
+  sub-config `subtree`; without either, the two configs and their towers of the same name."""
+  subtree, prefix = subtree.strip("/"), prefix.strip("/")
+  if subtree or prefix:
+    key = prefix if isinstance(model_fields.get(prefix), dict) else ""
+    pairs = [(key, _sub_fields(model_fields, key), _sub_fields(source, subtree))]
+  else:
+    pairs = [("", model_fields, source)] + [(k, _sub_fields(model_fields, k), _sub_fields(source, k))
+                                            for k, v in model_fields.items() if isinstance(v, dict)]
+  return [(key, ours, theirs) for key, ours, theirs in pairs if ours is not None and theirs is not None]
 
 
-def warn_swin_windows(path: str, subtree: str, prefix: str, model_cfg) -> None:
-  """Warns when a SwinV2 (the model, or its sub-config named like `prefix`) normalises position-bias offsets by
-  other windows than the checkpoint (or its `subtree`) was trained with."""
-  source = source_model_fields(path)
-  source = _swin_fields(source, subtree) if isinstance(source, dict) else None
-  target = _swin_fields(model_cfg.to_dict(), prefix)
-  if source is None or target is None:
+def derive_model_config(config) -> None:
+  """Completes config.model from config.init_from's model fields (`models.fields_from_checkpoint`: a SwinV2's
+  pretrained windows): a field left empty takes the checkpoint's value; an explicit value that differs stays and
+  gets a warning naming the checkpoint's."""
+  if not config.init_from:
     return
-  try:
-    had, has = _normalising_windows(source), _normalising_windows(target)
-  except (KeyError, TypeError, ValueError):
+  source = source_model_fields(config.init_from)
+  if not isinstance(source, dict):
     return
-  if had and has and had != has:
-    logging.warning("init_from: the checkpoint's SwinV2 position bias was trained with windows %s, this model "
-                    "normalises offsets by %s; set --config.model.%spretrained_window_sizes='%s' to transfer it as "
-                    "trained", had, has, f"{prefix.strip('/')}." if prefix else "", had)
+  for key, ours, theirs in _paired_fields(config.model.to_dict(), source, config.init_from_subtree,
+                                          config.init_from_prefix):
+    model_cfg = config.model[key] if key else config.model
+    for field, value in models.fields_from_checkpoint(ours, theirs).items():
+      name = f"config.model.{key + '.' if key else ''}{field}"
+      if not model_cfg[field]:
+        model_cfg[field] = value
+        logging.info("init_from: %s=%s, as the checkpoint was trained", name, value)
+      else:
+        logging.warning("init_from: the checkpoint's %s is %s, this model's %s; set --%s='%s' to transfer it as "
+                        "trained", field, value, model_cfg[field], name, value)

@@ -2,7 +2,8 @@
 
 Fine-tuning adds three rules over '/'-joined param paths (`path_str`, the mechanism of the weight-decay mask):
 
-  layer_decay  layer-wise lr decay (BEiT, MAE): a param of layer i gets lr * decay^(L + 1 - i), see `layer_ids`
+  layer_decay  layer-wise lr decay (BEiT, MAE): a param of layer i gets lr * decay^(L + 1 - i); the model numbers
+               its layers (`layer_ids`, models/backbone.py)
   lr_mults     ((regex, multiplier), ...): the first rule whose regex matches a param scales its lr
   freeze       (regex, ...): matching params get zero updates, no weight decay and no Adam moments
 
@@ -26,11 +27,6 @@ import numpy as np
 import optax
 
 from visionfm_jax.errors import ConfigError
-
-# Params before the first block: layer 0 of the layer-wise decay (ViT and SwinV2 names).
-EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "mask_token", "patch_norm")
-_BLOCKS = re.compile(r"blocks(?:_(\d+))?")
-_STAGE = re.compile(r"stage_(\d+)")
 
 
 def path_str(path) -> str:
@@ -62,65 +58,14 @@ def decay_mask_fn(no_decay: tuple[str, ...]):
 
 # ------------------------------------------------------------------------------------------ layer ids
 
-def _block_position(name: str) -> tuple[str, int | None, str, int | None] | None:
-  """(root, stage or None, 'blocks' | 'downsample', unrolled block index or None) of a param inside the blocks
-  of a ViT ('<root>/blocks[_i]/...') or SwinV2 ('<root>/stage_s/blocks[_i]/...', '<root>/stage_s/downsample/...');
-  None for params outside them."""
-  parts = name.split("/")
-  for j, part in enumerate(parts):
-    root = "/".join(parts[:j])
-    blocks = _BLOCKS.fullmatch(part)
-    if blocks:
-      return root, None, "blocks", int(blocks.group(1)) if blocks.group(1) else None
-    stage = _STAGE.fullmatch(part)
-    if stage and j + 1 < len(parts):
-      inner = _BLOCKS.fullmatch(parts[j + 1])
-      if inner:
-        return root, int(stage.group(1)), "blocks", int(inner.group(1)) if inner.group(1) else None
-      return root, int(stage.group(1)), parts[j + 1], None
-  return None
-
-
-def layer_ids(shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, int | np.ndarray], int]:
-  """Layer id of every param, BEiT numbering, and L, the number of blocks.
-
-  Of the one ViT or SwinV2 backbone in the tree (at its root, or under a prefix such as 'backbone'): patch
-  embedding, class token, position embedding, mask token and patch norm are layer 0, block i (0-based, counted
-  across SwinV2's stages) is layer i + 1, and a SwinV2 patch merging takes the id of the block before it (the
-  last block of its stage, as in the official SimMIM/Swin fine-tuning code; embeddings likewise sit before
-  block 0). Everything else (final norm, heads, a segmentation neck) is layer L + 1. Scanned blocks are one leaf
-  with a leading depth axis: their id is the vector of their layers' ids.
-  """
-  positions = {name: _block_position(name) for name in shapes}
-  roots = sorted({p[0] for p in positions.values() if p is not None})
-  if len(roots) != 1:
-    found = ", ".join(repr(r or "<top level>") for r in roots) or "none"
-    raise ConfigError(f"config.optim.layer_decay needs one ViT or SwinV2 backbone ('blocks' or 'stage_<s>/blocks' "
-                      f"params); block stacks found at: {found}")
-  root = roots[0]
-  depths: dict[int | None, int] = {}
-  for name, pos in positions.items():
-    if pos is not None and pos[2] == "blocks":
-      depth = shapes[name][0] if pos[3] is None else pos[3] + 1
-      depths[pos[1]] = max(depths.get(pos[1], 0), depth)
-  starts, total = {}, 0
-  for stage in sorted(depths, key=lambda s: -1 if s is None else s):
-    starts[stage], total = total, total + depths[stage]
-
-  def layer_of(name: str) -> int | np.ndarray:
-    pos = positions[name]
-    if pos is None:
-      relative = name[len(root) + 1:] if root else name
-      embedding = (name.startswith(root + "/") or not root) and relative.split("/")[0] in EMBEDDING_PARAMS
-      return 0 if embedding else total + 1
-    _, stage, kind, index = pos
-    if kind != "blocks":  # SwinV2 patch merging: the id of its stage's last block
-      return starts[stage] + depths[stage]
-    if index is None:
-      return starts[stage] + 1 + np.arange(shapes[name][0])
-    return starts[stage] + 1 + index
-
-  return {name: layer_of(name) for name in shapes}, total
+def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
+  """{name: layer id} of the params `names` as the model numbers them (models/backbone.py: BEiT's numbering,
+  embeddings 0, block i i + 1, final norm and heads L + 1) and L, the number of blocks. ConfigError for a model
+  without layer ids (one that has no backbone, or several towers of blocks: CLIP, Aurora)."""
+  if not callable(getattr(model, "layer_id", None)):
+    raise ConfigError(f"config.optim.layer_decay needs a model with one ViT or SwinV2 backbone; a "
+                      f"{type(model).__name__} has no layer ids")
+  return {name: model.layer_id(name) for name in names}, model.num_layer_ids - 2
 
 
 # ------------------------------------------------------------------------------------ rules per param
@@ -149,15 +94,16 @@ def _check_matches(patterns: list[re.Pattern], names: list[str], field: str) -> 
                         f"{', '.join(names[:3])}, ...)")
 
 
-def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, float | np.ndarray]:
-  """The factor each param's update is scaled by: decay^(L + 1 - layer) (`layer_ids`) times the first matching
-  `lr_mults` rule's multiplier. Scanned leaves get an array shaped to broadcast along their leading axis."""
+def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) -> dict[str, float | np.ndarray]:
+  """The factor each param's update is scaled by: decay^(L + 1 - layer) (`layer_ids` of `model`) times the first
+  matching `lr_mults` rule's multiplier. Scanned leaves get an array shaped to broadcast along their leading
+  axis. `model` is needed only with layer decay."""
   decay = float(optim_cfg.layer_decay)
   if decay <= 0:
     raise ConfigError(f"config.optim.layer_decay={decay}: must be positive (1.0 disables it)")
   rules = _lr_rules(optim_cfg)
   _check_matches([p for p, _ in rules], list(shapes), "lr_mults")
-  ids, total = layer_ids(shapes) if decay != 1.0 else ({}, 0)
+  ids, total = layer_ids(model, shapes) if decay != 1.0 else ({}, 0)
   out = {}
   for name, shape in shapes.items():
     mult = next((m for p, m in rules if p.search(name)), 1.0)
@@ -230,9 +176,10 @@ def zero_frozen_grads_fn(freeze: tuple[str, ...]):
 
 # ---------------------------------------------------------------------------------------- the optimizer
 
-def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
+def make_optimizer(optim_cfg, total_steps: int, model=None) -> optax.GradientTransformation:
   """clip -> AdamW (masked weight decay) -> lr schedule; with fine-tuning rules: clip -> Adam -> weight decay
-  (frozen params: zero instead, via optax.partition) -> per-param multipliers -> lr schedule."""
+  (frozen params: zero instead, via optax.partition) -> per-param multipliers -> lr schedule. `model` (the
+  task's) numbers the layers of layer-wise decay."""
   fine_tuning = optim_cfg.layer_decay != 1.0 or optim_cfg.lr_mults or optim_cfg.freeze
   clip = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm else []
   mask = decay_mask_fn(tuple(optim_cfg.no_decay))
@@ -243,5 +190,5 @@ def make_optimizer(optim_cfg, total_steps: int) -> optax.GradientTransformation:
                      optax.add_decayed_weights(optim_cfg.weight_decay, mask))
   if optim_cfg.freeze:
     step = optax.partition({"train": step, "frozen": optax.set_to_zero()}, freeze_labels_fn(tuple(optim_cfg.freeze)))
-  return optax.chain(step, scale_by_multipliers(lambda shapes: lr_multipliers(optim_cfg, shapes)),
+  return optax.chain(step, scale_by_multipliers(lambda shapes: lr_multipliers(optim_cfg, shapes, model)),
                      optax.scale_by_learning_rate(schedule(optim_cfg, total_steps)))

@@ -187,7 +187,7 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
   of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
   task = task or tasks.build(config, mesh)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
@@ -208,6 +208,7 @@ def _write_config(config, workdir):
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
   config_lib.validate(config, jax.device_count())
+  init_from.derive_model_config(config)
   _write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
@@ -217,7 +218,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count()))
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
   batch_sharding = NamedSharding(mesh, BATCH_SPEC)
 
@@ -225,7 +226,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
     checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
-    state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter)
+    state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
@@ -248,7 +249,7 @@ def _log_plan(config, abstract: TrainState, workdir: str) -> None:
                config.checkpoint_every, config.keep_checkpoints)
 
 
-def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter) -> TrainState:
+def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   restored = checkpointer.restore_newest_readable(target, train_iter)
   if restored is not None:
@@ -259,7 +260,7 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
-    state = state.replace(params=init_from.load(config, state.params))
+    state = state.replace(params=init_from.load(config, state.params, model))
   return state
 
 

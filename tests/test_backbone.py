@@ -1,0 +1,150 @@
+"""The backbone interface (models/backbone.py): ViT and SwinV2 answer FLOPs, layer ids, feature strides and
+checkpoint adaptation with the numbers the callers computed before the interface existed (recorded from that
+code), the models of towers ask their towers, and nothing outside models/ dispatches on the backbone class."""
+
+import ast
+import pathlib
+import re
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from visionfm_jax import config_lib, models
+from visionfm_jax.models import backbone, segmenter, swinv2, vit
+from visionfm_jax.training import optim
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+# Training FLOPs per example, recorded from training/flops.py before the counters moved into the models.
+RECORDED_FLOPS = [
+    (lambda: vit.ViT(**vit.parse_variant("B/16"), image_size=224, num_classes=1000), 105382969344.0),
+    (lambda: vit.ViT(**vit.parse_variant("H/14"), image_size=224, num_classes=21841), 1003930713600.0),
+    (lambda: vit.ViT(**vit.parse_variant("H/14"), image_size=518, num_classes=0), 6100292904960.0),
+    (lambda: swinv2.SwinV2(**swinv2.parse_variant("T"), window_size=7, image_size=224, num_classes=1000),
+     26943399936.0),
+    (lambda: swinv2.SwinV2(**swinv2.parse_variant("G"), window_size=40, image_size=640), 27833401344000.0),
+    (lambda: swinv2.SwinV2(**swinv2.parse_variant("B"), window_size=16, image_size=512), 524053118976.0),
+    (lambda: swinv2.SwinV2(**swinv2.parse_variant("pico"), window_size=4, patch_size=2, image_size=20,
+                           num_classes=3, mlp_ratio=2.0), 11924544.0),
+    (lambda: models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32), 47209555968.0),
+    (lambda: models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32), 123259342848.0),
+    (lambda: models.build(config_lib.model_config("aurora"), jnp.float32), 129917011968.0),
+]
+
+
+@pytest.mark.parametrize("build, flops", RECORDED_FLOPS)
+def test_flops_per_example_are_the_recorded_counts(build, flops):
+  assert build().train_flops_per_example() == flops
+
+
+def _shapes(module, image_size):
+  abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
+  return {optim.path_str(p): tuple(x.shape)
+          for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]}
+
+
+def _recorded_id(table, name):
+  """The id of the first (path regex, id) row of `table` matching `name`."""
+  return next(ids for pattern, ids in table if re.match(pattern, name))
+
+
+# Layer ids recorded from training/optim.py's path regexes before the models numbered their own layers.
+VIT_IDS = {True: [(r"blocks/", [1, 2, 3]), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)],
+           False: [(r"blocks_(\d)/", None), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)]}
+SWIN_IDS = {True: [(r"stage_0/blocks/", [1, 2]), (r"stage_0/downsample/", 2), (r"stage_1/blocks/", [3, 4, 5]),
+                   (r"(mask_token|patch_embed|patch_norm)", 0), (r"(head|norm)/", 6)],
+            False: [(r"stage_0/blocks_0/", 1), (r"stage_0/(blocks_1|downsample)/", 2), (r"stage_1/blocks_0/", 3),
+                    (r"stage_1/blocks_1/", 4), (r"stage_1/blocks_2/", 5), (r"(mask_token|patch_embed|patch_norm)", 0),
+                    (r"(head|norm)/", 6)]}
+
+
+@pytest.mark.parametrize("scan", [True, False])
+def test_layer_ids_are_the_recorded_ones(scan):
+  cases = [(vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4, num_classes=5, scan=scan), 16,
+            VIT_IDS[scan], 5),
+           (swinv2.SwinV2(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
+                          scan=scan, mask_token=True), 8, SWIN_IDS[scan], 7)]
+  for model, image_size, table, num_ids in cases:
+    assert model.num_layer_ids == num_ids
+    for name in _shapes(model, image_size):
+      expected = _recorded_id(table, name)
+      if expected is None:  # an unrolled ViT block: blocks_i is layer i + 1
+        expected = int(re.match(r"blocks_(\d)/", name).group(1)) + 1
+      np.testing.assert_array_equal(model.layer_id(name), expected, err_msg=name)
+
+
+def test_a_dense_model_numbers_its_backbone_and_puts_neck_and_head_last():
+  backbone_vit = vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4)
+  model = segmenter.Segmenter(backbone=backbone_vit, num_classes=3)
+  assert model.num_layer_ids == 5
+  assert model.layer_id("backbone/pos_embed") == 0 and model.layer_id("backbone/norm/ln/scale") == 4
+  np.testing.assert_array_equal(model.layer_id("backbone/blocks/mlp/fc1/kernel"), [1, 2, 3])
+  assert model.layer_id("neck/s4_up_0/kernel") == model.layer_id("head/classifier/kernel") == 4
+  assert model.layer_id("pos_embed") == 4  # outside the backbone
+  assert model.train_flops_per_example() is None  # no analytic count for the neck and head: no train/mfu
+
+
+def test_feature_strides_and_aurora_stride():
+  assert vit.ViT(**vit.parse_variant("H/14")).feature_strides() == (14.0,)
+  swin = swinv2.SwinV2(**swinv2.parse_variant("T"))
+  assert swin.feature_strides() == (4.0, 8.0, 16.0, 32.0) and swin.output_stride == 32
+  aurora = models.build(config_lib.model_config("aurora"), jnp.float32)
+  assert aurora.stride == aurora.encoder.output_stride == aurora.encoder.feature_strides()[-1]
+  assert isinstance(swin, backbone.ImageBackbone) and not isinstance(aurora, backbone.ImageBackbone)
+
+
+def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
+  pos = np.sin(np.arange(17 * 4, dtype=np.float32)).reshape(1, 17, 4)
+  model = vit.ViT(width=4, depth=1, mlp_dim=8, num_heads=1, patch_size=4, image_size=32)
+  head = np.ones((4, 5), np.float32)
+  out = model.adapt_checkpoint({"pos_embed": pos, "head/kernel": head}, {"pos_embed": (1, 65, 4),
+                                                                          "head/kernel": (4, 7)})
+  # Recorded from training/init_from.py's resize before it moved to models/vit.py.
+  assert out["pos_embed"].shape == (1, 65, 4)
+  np.testing.assert_allclose(out["pos_embed"].sum(), -2.055453062057495, rtol=1e-6)
+  np.testing.assert_allclose(out["pos_embed"][0, 1:4, 0], [-1.0859590768814087, -0.47441697120666504,
+                                                          0.8215919137001038], rtol=1e-6)
+  np.testing.assert_allclose(out["pos_embed"][0, -1], [1.1927210092544556, 1.1701490879058838,
+                                                      0.07174760848283768, -1.0926183462142944], rtol=1e-6)
+  np.testing.assert_array_equal(out["pos_embed"][:, 0], pos[:, 0])  # the class token's entry is kept
+  assert out["head/kernel"] is head  # not the model's to carry: init_from reports it
+  clip = models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32).clone(
+      image=model.clone(num_classes=0))
+  adapted = clip.adapt_checkpoint({"image/pos_embed": pos, "text/pos_embed": pos},
+                                  {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)})
+  np.testing.assert_array_equal(adapted["image/pos_embed"], out["pos_embed"])
+  assert adapted["text/pos_embed"] is pos
+
+
+def test_swinv2_windows_come_from_the_checkpoint_fields():
+  trained = {"name": "swinv2", "variant": "G", "patch_size": 4, "image_size": 224, "window_size": 14,
+             "pretrained_window_sizes": ()}
+  fine_tuned = {**trained, "image_size": 640, "window_size": 40}
+  assert models.fields_from_checkpoint(fine_tuned, trained) == {"pretrained_window_sizes": (14, 14, 14, 7)}
+  assert models.fields_from_checkpoint({**fine_tuned, "pretrained_window_sizes": (14, 14, 14, 7)}, trained) == {}
+  assert models.fields_from_checkpoint(trained, trained) == {}
+  assert models.fields_from_checkpoint({"name": "vit"}, trained) == {}
+
+
+def _imports(path: pathlib.Path) -> list[str]:
+  tree = ast.parse(path.read_text())
+  names = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      names += [alias.name for alias in node.names]
+    elif isinstance(node, ast.ImportFrom):
+      names += [f"{node.module}.{alias.name}" for alias in node.names]
+  return names
+
+
+def test_the_loop_imports_no_model_and_nothing_outside_models_dispatches_on_a_backbone_class():
+  train_imports = _imports(ROOT / "visionfm_jax" / "training" / "train.py")
+  assert not [n for n in train_imports if n.startswith("visionfm_jax.models")], train_imports
+  assert not [n for n in _imports(ROOT / "visionfm_jax" / "training" / "flops.py") if "models" in n]
+  dispatch = re.compile(r"isinstance\([^)]*(SwinV2|ViT)")
+  offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "visionfm_jax").rglob("*.py")
+               if "models" not in p.relative_to(ROOT / "visionfm_jax").parts[:1] and dispatch.search(p.read_text())]
+  assert not offenders

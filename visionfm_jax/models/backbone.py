@@ -1,0 +1,92 @@
+"""The backbone interface: what the loop, the optimizer, `init_from`, the evaluators, the dense heads and the
+tools ask an image backbone (ViT, SwinV2) instead of dispatching on its class.
+
+  pooled features           __call__(images, train)['pooled'], (B, num_features)
+  feature_maps(images, train) -> [(B, H_i, W_i, C_i)], finest first, at `feature_strides()` pixels per cell;
+                            one map: a plain backbone (dense models add ViTDet's simple pyramid), several: a
+                            hierarchy of un-normalised stage outputs (dense models add a norm per level)
+  train_flops_per_example() analytic training FLOPs of one image: 3 x forward matmul FLOPs (a multiply-add is
+                            2), recomputation (remat) not counted
+  layer_id(path), num_layer_ids
+                            BEiT's numbering for layer-wise lr decay: embeddings 0, block i (0-based, counted
+                            across stages) i + 1, final norm and heads num_layer_ids - 1; a scanned stack is
+                            one leaf with a leading depth axis, its id a vector; `path` is '/'-joined below
+                            the backbone's own params
+  adapt_checkpoint(params, shapes)
+                            {path: array} of a checkpoint trained at another resolution -> the same, carried
+                            to this model's {path: shape} where the model knows how (ViT: pos_embed resized);
+                            what it cannot carry is returned as given, for the caller to report
+  description(), checkpoint_fields(), hf_config_module
+                            for import/export tools: one line about the architecture, the config fields
+                            that rebuild it (model.json), the module under visionfm_jax.convert with its
+                            `hf_config`
+
+Models made of towers (CLIP, Aurora, the dense models) answer by asking the tower (`tower_*` helpers below).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+import jax
+import numpy as np
+
+
+@runtime_checkable
+class ImageBackbone(Protocol):
+  """A ViT or SwinV2 (see the module docstring for the contract of each method)."""
+
+  def feature_maps(self, images: jax.Array, train: bool = False) -> list[jax.Array]: ...
+
+  def feature_strides(self) -> tuple[float, ...]: ...
+
+  def train_flops_per_example(self) -> float: ...
+
+  def layer_id(self, param_path: str) -> int | np.ndarray: ...
+
+  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]: ...
+
+  def description(self) -> str: ...
+
+  def checkpoint_fields(self) -> dict[str, Any]: ...
+
+
+def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
+  """Pre-norm transformer encoder on `tokens` tokens: qkv + out projections 8nD^2, MLP 4nDM, attention scores and
+  mixing 4n^2D per layer."""
+  per_layer = 2 * tokens * width * (4 * width + 2 * mlp_dim) + 4 * tokens * tokens * width
+  return depth * per_layer
+
+
+def block_layer_ids(part: str, first: int, depth: int, stack: str = "blocks") -> int | np.ndarray | None:
+  """Layer ids of the params under `part` of a block stack whose blocks are layers first, first + 1, ...:
+  `stack` (scanned, one leaf per param over all `depth` blocks) -> the vector of their ids; `stack`_i
+  (unrolled) -> first + i; None when `part` is not the stack."""
+  if part == stack:
+    return first + np.arange(depth)
+  index = part[len(stack) + 1:] if part.startswith(stack + "_") else ""
+  return first + int(index) if index.isdigit() else None
+
+
+# ----------------------------------------------------------------------------------- models of towers
+
+def _under(prefix: str, flat: dict[str, Any]) -> dict[str, Any]:
+  start = prefix + "/"
+  return {name[len(start):]: value for name, value in flat.items() if name.startswith(start)}
+
+
+def tower_layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
+  """The layer id of a param of a model holding one backbone `tower` under `prefix`: the tower's own id for its
+  params, the last id (with the heads) for the model's others."""
+  start = prefix + "/"
+  if param_path.startswith(start):
+    return tower.layer_id(param_path[len(start):])
+  return tower.num_layer_ids - 1
+
+
+def tower_adapt_checkpoint(prefix: str, tower, params: dict[str, Any],
+                           shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params,
+  the others are returned as given."""
+  adapted = tower.adapt_checkpoint(_under(prefix, params), _under(prefix, shapes))
+  return {**params, **{f"{prefix}/{name}": value for name, value in adapted.items()}}
