@@ -26,7 +26,7 @@ import json
 import math
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,11 @@ from absl import logging
 
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.training.param_rules import ParamRules, named_leaves
 from visionfm_jax.models import swinv2
 
-PRETRAINING_ONLY = re.compile(r"^(head(/|$)|mask_token$)")  # checkpoint params a fine-tuned model may lack
+# Checkpoint params a fine-tuned model may lack: a classification head, SimMIM's mask token.
+PRETRAINING_ONLY = ParamRules.of_patterns((r"^head(/|$)", r"^mask_token$"), field="init_from.PRETRAINING_ONLY")
 NUM_PREFIX_TOKENS = 1  # ViT's class token precedes the patch grid in pos_embed
 
 
@@ -71,25 +73,25 @@ def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dic
 
 
 def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], *, subtree: str = "", prefix: str = "",
-          skip: str = "", origin: str = "the checkpoint") -> dict[str, Any]:
+          skip: str | Sequence[str] = (), origin: str = "the checkpoint") -> dict[str, Any]:
   """Maps the checkpoint's flat params ({path: array}) onto the model's ({path: shape}): `place`, drop the
   pretraining-only params the model lacks, resize position embeddings; ConfigError for other mismatches
-  (`origin` names the checkpoint in it). Params matching `skip` are left as they are."""
+  (`origin` names the checkpoint in it). Params matching a `skip` regex (`param_rules`) are left as they are."""
   placed = place(source, subtree=subtree, prefix=prefix)
   start = prefix.strip("/") + "/" if prefix else ""
   if not any(n.startswith(start) for n in target):
     tops = sorted({n.split("/")[0] for n in target})
     raise ConfigError(f"config.init_from_prefix={prefix!r}: the model has no params under it (its top level: "
                       f"{', '.join(tops)})")
-  dropped = [n for n in placed if n not in target and PRETRAINING_ONLY.search(n[len(start):])]
+  dropped = [n for n in placed if n not in target and PRETRAINING_ONLY.matches(n[len(start):])]
   if dropped:
     logging.info("init_from: dropping the checkpoint's pretraining-only params %s", dropped)
   out = {n: v for n, v in placed.items() if n not in dropped}
-  skip_re = re.compile(skip) if skip else None
+  fresh = ParamRules.of_patterns(skip, field="config.init_from_skip")
   mismatched = []
   for name, value in out.items():
     shape = tuple(np.shape(value))
-    if name not in target or shape == tuple(target[name]) or (skip_re and skip_re.search(name)):
+    if name not in target or shape == tuple(target[name]) or fresh.matches(name):
       continue
     if _resizable(name, shape, target[name]):
       try:
@@ -106,19 +108,16 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], *, subtree
   return out
 
 
-def fresh_outside(prefix: str, skip: str) -> str:
-  """The skip regex of `load`: the user's, plus every model param outside `prefix`."""
-  parts = [f"^(?!{re.escape(prefix.strip('/'))}/)"] if prefix else []
-  return "|".join(parts + ([f"(?:{skip})"] if skip else []))
+def fresh_outside(prefix: str, skip: str) -> tuple[str, ...]:
+  """The skip regexes of `load`: every model param outside `prefix`, plus the user's."""
+  outside = (f"^(?!{re.escape(prefix.strip('/'))}/)",) if prefix else ()
+  return outside + ((skip,) if skip else ())
 
 
 def load(config, target_params):
   """config.init_from's params in the structure, shapes and shardings of `target_params`, via `adapt`."""
-  if config.init_from_skip:
-    try:
-      re.compile(config.init_from_skip)
-    except re.error as e:
-      raise ConfigError(f"config.init_from_skip={config.init_from_skip!r} is not a regex ({e})") from e
+  user_skip = ParamRules.of_patterns(config.init_from_skip, field="config.init_from_skip")
+  user_skip.require_matches([name for name, _ in named_leaves(target_params)])
   warn_swin_windows(config.init_from, config.init_from_subtree, config.init_from_prefix, config.model)
   skip = fresh_outside(config.init_from_prefix, config.init_from_skip)
   fn = functools.partial(adapt, subtree=config.init_from_subtree, prefix=config.init_from_prefix, skip=skip,
