@@ -26,6 +26,7 @@ import numpy as np
 import pytest
 
 from visionfm_jax.convert import stack_layers
+from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from visionfm_jax.models import aurora, layers, swinv2, text
 
 torch = pytest.importorskip("torch")
@@ -264,7 +265,7 @@ VOCAB, MAX_LEN, T_WIDTH, T_HEADS, T_DEPTH, EMBED = 40, 9, 32, 2, 2, 24
 def _captions(rows, length):
   out = np.zeros((len(rows), length), np.int32)
   for i, words in enumerate(rows):
-    seq = [text.BOS_ID, *words, text.EOS_ID]
+    seq = [BOS_ID, *words, EOS_ID]
     out[i, :len(seq)] = seq
   return out
 
@@ -293,7 +294,7 @@ class TorchClsText(torch.nn.Module):
     x = torch.cat([self.token_embed(tokens), self.cls_token.expand(b, 1, -1)], dim=1) + self.pos_embed[:length + 1]
     allowed = ~_causal(length + 1)[None]
     if pad_mask:
-      keys = torch.cat([tokens != text.PAD_ID, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+      keys = torch.cat([tokens != PAD_ID, torch.ones(b, 1, dtype=torch.bool)], dim=1)
       allowed = allowed & (keys[:, None, :] | torch.eye(length + 1, dtype=torch.bool))
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     mask = mask.expand(b, -1, -1).repeat_interleave(T_HEADS, dim=0)  # (B * heads, L+1, L+1), batch-major

@@ -132,7 +132,7 @@ def test_pair_train_loader_on_shapes(tok):
   assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
   for caption, label in zip(tok.decode(batch["text"]), batch["label"]):
     assert shapes.SHAPE_NAMES[label] in caption
-  assert (batch["text"][:, 0] == tokenizer.BOS_ID).all() and (tok.eos_positions(batch["text"]) > 5).all()
+  assert (batch["text"][:, 0] == tokenizer.BOS_ID).all() and (tokenizer.eos_positions(batch["text"]) > 5).all()
 
 
 def test_pair_loader_on_arrayrecord(pair_dir, tok):

@@ -13,6 +13,7 @@ import pytest
 
 from visionfm_jax import config_lib, models
 from visionfm_jax.convert import stack_layers, unstack_layers
+from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, layers, text
 
@@ -26,7 +27,7 @@ def _tokens(rows, length):
   """Rows of word ids -> BOS words EOS, padded with 0 to `length`."""
   out = np.zeros((len(rows), length), np.int32)
   for i, words in enumerate(rows):
-    seq = [text.BOS_ID, *words, text.EOS_ID]
+    seq = [BOS_ID, *words, EOS_ID]
     out[i, :len(seq)] = seq
   return out
 

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, eos_positions
 
 Params = Any
 
@@ -150,9 +150,9 @@ def sequence_logprob(model, params: Params, memory: jax.Array, tokens: jax.Array
   logits = model.apply({"params": params}, tokens, memory, method="caption_logits")
   token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1),
                                    tokens[:, 1:, None], axis=-1)[..., 0]
-  is_eos = tokens[:, 1:] == eos_id
-  before_eos = jnp.cumsum(is_eos, axis=1) - is_eos == 0  # up to and including the first EOS
-  return jnp.sum(jnp.where(before_eos, token_logp, 0.0), axis=1)
+  targets = tokens[:, 1:]
+  up_to_eos = jnp.arange(targets.shape[1]) <= eos_positions(targets, eos_id)[:, None]  # the whole row without EOS
+  return jnp.sum(jnp.where(up_to_eos, token_logp, 0.0), axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)
