@@ -25,6 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from visionfm_jax import config_lib
 from visionfm_jax.convert import stack_layers
 from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from visionfm_jax.models import aurora, layers, swinv2, text
@@ -246,7 +247,7 @@ def test_mim_head_is_a_1x1_conv_and_pixel_shuffle(image_hw):
   tokens = _randn(2, grid[0] * grid[1], channels)  # row-major over the (h, w) grid, as SwinV2 emits them
   conv = _randomize(torch.nn.Conv2d(channels, stride * stride * 3, 1), seed=5)
   params = {"mim_head": {"kernel": _np(conv.weight)[:, :, 0, 0].T, "bias": _np(conv.bias)},
-            "logit_scale": np.float32(aurora.LOGIT_SCALE_INIT)}
+            "logit_scale": np.float32(config_lib.LOGIT_SCALE_INIT)}
   _assert_same_layout(params, model, tokens, image_hw, method=aurora.Aurora.reconstruct)
   out = jax.jit(lambda p, t: model.apply({"params": p}, t, image_hw, method=aurora.Aurora.reconstruct))(
       params, tokens)
