@@ -32,6 +32,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from visionfm_jax import atomic
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import DataError
 
@@ -156,9 +157,7 @@ def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | N
   if classes is not None:
     metadata["classes"] = list(classes)
   metadata.setdefault("splits", {}).update(splits)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(metadata, f, indent=1)
-  os.replace(path + ".tmp", path)
+  atomic.write_json(path, metadata, indent=1)
   return metadata
 
 

@@ -15,6 +15,7 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from visionfm_jax import atomic
 from visionfm_jax.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
@@ -169,8 +170,5 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, m
     raise DataError(f"tokenizer {out_prefix}: SentencePiece training failed: {e}") from e
   path = f"{out_prefix}.model"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  atomic.write(path, model.getvalue())
   return path
