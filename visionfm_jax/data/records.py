@@ -61,10 +61,6 @@ def pack_record(image, **fields) -> bytes:
   return msgpack.packb(record, use_bin_type=True)
 
 
-def pack_pair(image, caption: str) -> bytes:
-  return pack_record(image, caption=caption)
-
-
 def unpack_record(data: bytes) -> dict:
   """The record as a dict; ValueError when `data` is not a msgpack map with bytes 'image' and well-typed
   optional fields."""
@@ -78,14 +74,6 @@ def unpack_record(data: bytes) -> dict:
     if key in record and not isinstance(record[key], (int, float) if kind is float else kind):
       raise ValueError(f"field {key!r} is {type(record[key]).__name__}, not {kind.__name__}")
   return {k: record[k] for k in ("image", *_OPTIONAL) if k in record}
-
-
-def unpack_pair(data: bytes) -> dict:
-  """{'image': bytes, 'caption': str}; ValueError when `data` is not a record with a caption."""
-  record = unpack_record(data)
-  if "caption" not in record:
-    raise ValueError("record has no 'caption'")
-  return {"image": record["image"], "caption": record["caption"]}
 
 
 class RecordWriter:

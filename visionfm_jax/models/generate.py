@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID, eos_positions
+from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 
 Params = Any
 
@@ -140,19 +140,6 @@ def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, 
   best = jnp.argmax(scores, axis=1)
   return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
           jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0])
-
-
-@functools.partial(jax.jit, static_argnums=0, static_argnames="eos_id")
-def sequence_logprob(model, params: Params, memory: jax.Array, tokens: jax.Array, *,
-                     eos_id: int = EOS_ID) -> jax.Array:
-  """(B,) teacher-forced log-prob of rows as `greedy` returns them: the tokens after BOS up to the first EOS
-  (included), or to the end of a row without EOS."""
-  logits = model.apply({"params": params}, tokens, memory, method="caption_logits")
-  token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1),
-                                   tokens[:, 1:, None], axis=-1)[..., 0]
-  targets = tokens[:, 1:]
-  up_to_eos = jnp.arange(targets.shape[1]) <= eos_positions(targets, eos_id)[:, None]  # the whole row without EOS
-  return jnp.sum(jnp.where(up_to_eos, token_logp, 0.0), axis=1)
 
 
 @functools.partial(jax.jit, static_argnums=0)

@@ -149,11 +149,6 @@ class TextTransformer(nn.Module):
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
-def num_params(width: int, depth: int, vocab_size: int, max_len: int, embed_dim: int) -> int:
-  """Parameters of a TextTransformer with a 4 x width MLP: per block 12W^2 + 13W."""
-  return (vocab_size + max_len) * width + depth * (12 * width ** 2 + 13 * width) + 2 * width + width * embed_dim
-
-
 def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> TextTransformer:
   """Builds the text tower from `config.model.text` (variant 'pico' ... 'H'); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
