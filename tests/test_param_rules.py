@@ -48,6 +48,8 @@ def test_bad_rules_name_the_field_and_the_rule():
     ParamRules([("head[", 2.0)], field="config.optim.lr_mults")
   with pytest.raises(ConfigError, match=r"config.optim.lr_mults: 'head' is not a \(regex, multiplier\) pair"):
     ParamRules(["head"], field="config.optim.lr_mults", value_name="multiplier")
+  with pytest.raises(ConfigError, match=r"config.optim.lr_mults: \('head', 'x'\) has no valid multiplier"):
+    ParamRules([("head", "x")], field="config.optim.lr_mults", value_name="multiplier", convert=float)
 
 
 def test_named_leaves_unbox_partitioned_params():

@@ -129,12 +129,12 @@ def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]]) -> dict[str, f
   decay = float(optim_cfg.layer_decay)
   if decay <= 0:
     raise ConfigError(f"config.optim.layer_decay={decay}: must be positive (1.0 disables it)")
-  rules = ParamRules(optim_cfg.lr_mults, field="config.optim.lr_mults", value_name="multiplier")
+  rules = ParamRules(optim_cfg.lr_mults, field="config.optim.lr_mults", value_name="multiplier", convert=float)
   rules.require_matches(list(shapes))
   ids, total = layer_ids(shapes) if decay != 1.0 else ({}, 0)
   out = {}
   for name, shape in shapes.items():
-    mult = float(rules.value(name, 1.0))
+    mult = rules.value(name, 1.0)
     if name in ids:
       layer_mult = decay ** (total + 1 - np.asarray(ids[name], np.float64))
       mult = layer_mult.reshape((-1,) + (1,) * (len(shape) - 1)) * mult if layer_mult.ndim else float(layer_mult) * mult

@@ -22,7 +22,7 @@ legitimately match nothing in a given model.
 from __future__ import annotations
 
 import re
-from typing import Any, Generic, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
 
 import flax.linen as nn
 import jax
@@ -55,15 +55,21 @@ class ParamRules(Generic[V]):
   """Ordered (regex, value) rules over param paths: re.search matching, the first matching rule wins.
 
   `field` names the config field the rules come from in every error (a bad regex, a malformed rule, a rule
-  that matches no param); `value_name` says what the value is in the malformed-rule error."""
+  that matches no param); `value_name` says what the value is in the malformed-rule errors, and `convert`
+  (e.g. float) turns each rule's value into the one `value` returns."""
 
-  def __init__(self, rules: Iterable[tuple[str, V]], *, field: str, value_name: str = "value"):
+  def __init__(self, rules: Iterable[tuple[str, Any]], *, field: str, value_name: str = "value",
+               convert: Callable[[Any], V] | None = None):
     self.field = field
     self._rules: list[tuple[re.Pattern, V]] = []
     for rule in rules:
-      if isinstance(rule, (str, bytes)) or len(rule) != 2:
+      if not isinstance(rule, (tuple, list)) or len(rule) != 2:
         raise ConfigError(f"{field}: {rule!r} is not a (regex, {value_name}) pair")
-      self._rules.append((compile_regex(rule[0], field), rule[1]))
+      try:
+        value = rule[1] if convert is None else convert(rule[1])
+      except (TypeError, ValueError) as e:
+        raise ConfigError(f"{field}: {rule!r} has no valid {value_name} ({e})") from e
+      self._rules.append((compile_regex(rule[0], field), value))
 
   @classmethod
   def of_patterns(cls, patterns: Iterable[str], *, field: str) -> ParamRules[bool]:
