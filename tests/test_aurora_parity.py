@@ -25,7 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from visionfm_jax import config_lib
 from visionfm_jax.convert import stack_layers
+from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from visionfm_jax.models import aurora, layers, swinv2, text
 
 torch = pytest.importorskip("torch")
@@ -245,7 +247,7 @@ def test_mim_head_is_a_1x1_conv_and_pixel_shuffle(image_hw):
   tokens = _randn(2, grid[0] * grid[1], channels)  # row-major over the (h, w) grid, as SwinV2 emits them
   conv = _randomize(torch.nn.Conv2d(channels, stride * stride * 3, 1), seed=5)
   params = {"mim_head": {"kernel": _np(conv.weight)[:, :, 0, 0].T, "bias": _np(conv.bias)},
-            "logit_scale": np.float32(aurora.LOGIT_SCALE_INIT)}
+            "logit_scale": np.float32(config_lib.LOGIT_SCALE_INIT)}
   _assert_same_layout(params, model, tokens, image_hw, method=aurora.Aurora.reconstruct)
   out = jax.jit(lambda p, t: model.apply({"params": p}, t, image_hw, method=aurora.Aurora.reconstruct))(
       params, tokens)
@@ -264,7 +266,7 @@ VOCAB, MAX_LEN, T_WIDTH, T_HEADS, T_DEPTH, EMBED = 40, 9, 32, 2, 2, 24
 def _captions(rows, length):
   out = np.zeros((len(rows), length), np.int32)
   for i, words in enumerate(rows):
-    seq = [text.BOS_ID, *words, text.EOS_ID]
+    seq = [BOS_ID, *words, EOS_ID]
     out[i, :len(seq)] = seq
   return out
 
@@ -293,7 +295,7 @@ class TorchClsText(torch.nn.Module):
     x = torch.cat([self.token_embed(tokens), self.cls_token.expand(b, 1, -1)], dim=1) + self.pos_embed[:length + 1]
     allowed = ~_causal(length + 1)[None]
     if pad_mask:
-      keys = torch.cat([tokens != text.PAD_ID, torch.ones(b, 1, dtype=torch.bool)], dim=1)
+      keys = torch.cat([tokens != PAD_ID, torch.ones(b, 1, dtype=torch.bool)], dim=1)
       allowed = allowed & (keys[:, None, :] | torch.eye(length + 1, dtype=torch.bool))
     mask = torch.zeros(allowed.shape).masked_fill(~allowed, float("-inf"))
     mask = mask.expand(b, -1, -1).repeat_interleave(T_HEADS, dim=0)  # (B * heads, L+1, L+1), batch-major

@@ -14,14 +14,14 @@ from conftest import override, tiny_vit_config
 
 from visionfm_jax import config_lib, models, parallel, tasks
 
-from visionfm_jax.training import optim, train
+from visionfm_jax.training import optim, param_rules, train
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import segmenter, swinv2, vit
 
 
 def _shapes(module, image_size=16):
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-  return {optim.path_str(p): tuple(x.shape)
+  return {param_rules.path_str(p): tuple(x.shape)
           for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]}
 
 
@@ -110,7 +110,7 @@ def _nest(flat):
 
 
 def _flat(tree):
-  return {optim.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
+  return {param_rules.path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 BASE = dict(lr=0.1, warmup_steps=0, weight_decay=0.5, clip_norm=1.0)
@@ -208,7 +208,7 @@ def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
   # The zero-initialised head would block every backbone gradient: give it random weights.
   rng = np.random.default_rng(1)
   nonzero_head = lambda path, x: (jax.device_put(rng.normal(0, 0.1, x.shape).astype(x.dtype), x.sharding)
-                                  if optim.path_str(path) == "head/kernel" else x)
+                                  if param_rules.path_str(path) == "head/kernel" else x)
   state = state.replace(params=jax.tree_util.tree_map_with_path(nonzero_head, state.params))
   params = jax.device_get(state.params)  # the step donates the state
   _, metrics = step(state, batch)

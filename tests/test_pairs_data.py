@@ -96,10 +96,10 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   good = shapes_pairs(12)
   path = str(tmp_path / "mixed.array_record")
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-  corrupt = {0: b"\xc1 record 0 is checked for labels", 3: b"\xc1 not msgpack", 7: pairs.pack_pair(b"\xff\xd8 truncated jpeg", "a red star"),
+  corrupt = {0: b"\xc1 record 0 is checked for labels", 3: b"\xc1 not msgpack", 7: pairs.pack_record(b"\xff\xd8 truncated jpeg", caption="a red star"),
              9: b"\x81\xa5image\x01"}  # a map without bytes image or caption
   for i, (image, caption) in enumerate(good):
-    writer.write(corrupt.get(i) or pairs.pack_pair(image, caption))
+    writer.write(corrupt.get(i) or pairs.pack_record(image, caption=caption))
   writer.close()
   source = pairs.ArrayRecordSource(path)
   before = transforms.decode_failures()
@@ -132,7 +132,7 @@ def test_pair_train_loader_on_shapes(tok):
   assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
   for caption, label in zip(tok.decode(batch["text"]), batch["label"]):
     assert shapes.SHAPE_NAMES[label] in caption
-  assert (batch["text"][:, 0] == tokenizer.BOS_ID).all() and (tok.eos_positions(batch["text"]) > 5).all()
+  assert (batch["text"][:, 0] == tokenizer.BOS_ID).all() and (tokenizer.eos_positions(batch["text"]) > 5).all()
 
 
 def test_pair_loader_on_arrayrecord(pair_dir, tok):

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, optim
+from visionfm_jax.training import checkpoint, param_rules
 from visionfm_jax.evaluate import probe
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import probe as probe_tool
@@ -74,7 +74,7 @@ def _random_vit_params():
   rng = np.random.default_rng(0)
 
   def draw(path, leaf):
-    name = optim.path_str(path)
+    name = param_rules.path_str(path)
     if name.endswith("scale"):
       return np.ones(leaf.shape, np.float32)
     if name.endswith("bias"):

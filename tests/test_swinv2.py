@@ -20,7 +20,7 @@ from visionfm_jax.training import checkpoint, init_from, optim, train
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
-from visionfm_jax.training.optim import path_str
+from visionfm_jax.training.param_rules import path_str
 from visionfm_jax.tools import summary
 
 

@@ -54,11 +54,22 @@ def test_layout_and_truncation(model_file):
   assert (row[1:n + 1] > 3).all()
   assert tokens[1, 0] == tokenizer.BOS_ID and tokens[1, -1] == tokenizer.EOS_ID and (tokens[1, 1:-1] > 3).all()
   np.testing.assert_array_equal(tokens[2], [2, 3, 0, 0, 0, 0, 0, 0])
-  np.testing.assert_array_equal(tok.eos_positions(tokens), [n + 1, 7, 1])
+  np.testing.assert_array_equal(tokenizer.eos_positions(tokens), [n + 1, 7, 1])
   np.testing.assert_array_equal(tokenizer.eos_positions(tokens[None]), [[n + 1, 7, 1]])
   assert tok.encode_batch([]).shape == (0, 8)
   assert tokenizer.Tokenizer(model_file, max_len=2).encode("a red star").tolist() == [2, 3]
 
+
+
+def test_eos_positions_of_a_row_without_eos_is_its_last_position():
+  """The one contract (the text tower pools there): the first EOS of a row, L - 1 for a row without one, on numpy
+  and jax arrays, jitted or not, for any leading shape."""
+  import jax  # pylint: disable=g-import-not-at-top
+  rows = np.array([[2, 5, 3, 0, 3], [2, 5, 6, 7, 8], [3, 0, 0, 0, 0]], np.int32)
+  np.testing.assert_array_equal(tokenizer.eos_positions(rows), [2, 4, 0])
+  np.testing.assert_array_equal(jax.jit(tokenizer.eos_positions)(rows), [2, 4, 0])
+  np.testing.assert_array_equal(tokenizer.eos_positions(rows[None]), [[2, 4, 0]])
+  np.testing.assert_array_equal(tokenizer.eos_positions(rows, eos_id=5), [1, 1, 4])
 
 def test_training_is_deterministic(tmp_path):
   a = tokenizer.train_tokenizer(CORPUS, 48, str(tmp_path / "a"))
@@ -106,7 +117,7 @@ def test_shipped_tokenizer_covers_fresh_captions():
   tokens = tok.encode_batch(captions)
   assert not (tokens == tokenizer.UNK_ID).any()
   assert tok.decode(tokens) == captions
-  assert tok.eos_positions(tokens).max() < 20  # captions fit in 20 tokens: a demo max_len of 24 truncates nothing
+  assert tokenizer.eos_positions(tokens).max() < 20  # captions fit in 20 tokens: a demo max_len of 24 truncates nothing
 
 
 def test_cli(tmp_path):

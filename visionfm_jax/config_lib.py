@@ -21,7 +21,10 @@ from visionfm_jax.errors import ConfigError
 
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+# Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
+# without jax, so that `main` validates a config before it imports jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
 
 
 def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.ConfigDict:
@@ -57,7 +60,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
     common = {k: common[k] for k in ("name", "image_size", "scan", "remat_policy")}
     family = dict(
         embed_dim=512,  # the joint embedding both towers project to
-        logit_scale_init=2.6592600369327779,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
+        logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
         image=image,  # the image tower's own fields (drop_path, variant, ...); its pooled features are projected
         text=ml_collections.ConfigDict(dict(
             variant="B",  # pico | mu | B | L | H (models/text.py SIZES; H: width 1024, 24 layers, 16 heads)
@@ -78,7 +81,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
     common = {k: common[k] for k in ("name", "image_size", "scan", "remat_policy")}
     family = dict(
         embed_dim=1024,  # the contrastive embedding both sides project to
-        logit_scale_init=2.6592600369327779,  # log(1 / 0.07); clamped to [0, log 100] after every update
+        logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); clamped to [0, log 100] after every update
         caption_queries=256,  # learned queries of the captioning pooler: the decoder's cross-attention memory
         decoder_depth=12,  # multimodal decoder layers (width, heads and MLP of the text encoder)
         # separate: contrastive + captioning see the clean image, a second encoder pass the masked one (MIM);

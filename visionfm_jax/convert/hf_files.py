@@ -17,6 +17,7 @@ import safetensors
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from visionfm_jax import atomic
 from visionfm_jax.errors import CheckpointError
 
 WEIGHTS = "model.safetensors"
@@ -91,9 +92,7 @@ def read_tensors(path: str) -> dict[str, np.ndarray]:
 
 
 def _write_json(file: str, data: dict[str, Any]) -> None:
-  with open(file, "w", encoding="utf-8") as f:
-    json.dump(data, f, indent=2, sort_keys=True)
-    f.write("\n")
+  atomic.write(file, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_dir(path: str, config: dict[str, Any], tensors: dict[str, np.ndarray]) -> None:

@@ -29,7 +29,7 @@ from visionfm_jax.convert import hf_files, hf_vit_config as hfc
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import vit
-from visionfm_jax.training.optim import path_str
+from visionfm_jax.training.param_rules import path_str
 
 
 def _show(names: list[str], limit: int = 10) -> str:

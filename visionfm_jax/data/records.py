@@ -32,6 +32,7 @@ import msgpack
 import numpy as np
 from PIL import Image
 
+from visionfm_jax import atomic
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import DataError
 
@@ -60,10 +61,6 @@ def pack_record(image, **fields) -> bytes:
   return msgpack.packb(record, use_bin_type=True)
 
 
-def pack_pair(image, caption: str) -> bytes:
-  return pack_record(image, caption=caption)
-
-
 def unpack_record(data: bytes) -> dict:
   """The record as a dict; ValueError when `data` is not a msgpack map with bytes 'image' and well-typed
   optional fields."""
@@ -77,14 +74,6 @@ def unpack_record(data: bytes) -> dict:
     if key in record and not isinstance(record[key], (int, float) if kind is float else kind):
       raise ValueError(f"field {key!r} is {type(record[key]).__name__}, not {kind.__name__}")
   return {k: record[k] for k in ("image", *_OPTIONAL) if k in record}
-
-
-def unpack_pair(data: bytes) -> dict:
-  """{'image': bytes, 'caption': str}; ValueError when `data` is not a record with a caption."""
-  record = unpack_record(data)
-  if "caption" not in record:
-    raise ValueError("record has no 'caption'")
-  return {"image": record["image"], "caption": record["caption"]}
 
 
 class RecordWriter:
@@ -156,9 +145,7 @@ def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | N
   if classes is not None:
     metadata["classes"] = list(classes)
   metadata.setdefault("splits", {}).update(splits)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(metadata, f, indent=1)
-  os.replace(path + ".tmp", path)
+  atomic.write_json(path, metadata, indent=1)
   return metadata
 
 

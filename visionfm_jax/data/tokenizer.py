@@ -15,9 +15,11 @@ from typing import Iterable, Sequence
 import numpy as np
 import sentencepiece as spm
 
+from visionfm_jax import atomic
 from visionfm_jax.errors import DataError
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)  # the ids every tokenizer here reserves, in id order
 MODEL_TYPES = ("bpe", "unigram")
 
 # The demo tokenizer shipped as package data: BPE on the captions of the first SHAPES_RECORDS shapes train
@@ -42,8 +44,11 @@ def shapes_captions(num_records: int = SHAPES_RECORDS, image_size: int = SHAPES_
 
 
 def eos_positions(tokens, eos_id: int = EOS_ID):
-  """Index of the (first) EOS in each row of `tokens` (..., L); numpy or jax arrays alike."""
-  return (tokens == eos_id).argmax(-1)
+  """Index of the first `eos_id` in each row of `tokens` (..., L), and L - 1 (the last position) for a row
+  without one (a row cut before its EOS pools its last token); numpy or jax arrays alike, jit-compatible."""
+  is_eos = tokens == eos_id
+  first = is_eos.argmax(-1)
+  return first + (tokens.shape[-1] - 1 - first) * ~is_eos.any(-1)
 
 
 class Tokenizer:
@@ -69,9 +74,9 @@ class Tokenizer:
     except (RuntimeError, OSError) as e:
       raise DataError(f"tokenizer model {model_file} is not a SentencePiece model: {e}") from e
     ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
-    if ids != (PAD_ID, UNK_ID, BOS_ID, EOS_ID):
+    if ids != SPECIAL_IDS:
       raise DataError(f"tokenizer model {model_file} has (pad, unk, bos, eos) ids {ids}; expected "
-                      f"{(PAD_ID, UNK_ID, BOS_ID, EOS_ID)} (train it with visionfm_jax.tools.train_tokenizer)")
+                      f"{SPECIAL_IDS} (train it with visionfm_jax.tools.train_tokenizer)")
 
   def __getstate__(self):
     return {"model_file": self.model_file, "proto": self._proto, "max_len": self.max_len}
@@ -136,9 +141,6 @@ class Tokenizer:
     """The SentencePiece pieces of `text` (no BOS/EOS, no truncation), for inspection."""
     return self._sp.encode(text, out_type=str)
 
-  def eos_positions(self, tokens):
-    return eos_positions(tokens, EOS_ID)
-
 
 def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, model_type: str = "bpe",
                     normalization: str = "nmt_nfkc_cf") -> str:
@@ -168,8 +170,5 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, m
     raise DataError(f"tokenizer {out_prefix}: SentencePiece training failed: {e}") from e
   path = f"{out_prefix}.model"
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = f"{path}.tmp"
-  with open(tmp, "wb") as f:
-    f.write(model.getvalue())
-  os.replace(tmp, path)
+  atomic.write(path, model.getvalue())
   return path

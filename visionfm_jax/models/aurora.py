@@ -28,7 +28,6 @@ key/value caches; the cross-attention keys and values of the memory are computed
 from __future__ import annotations
 
 import dataclasses
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -36,13 +35,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax.models import backbone, layers, swinv2, text as text_lib
+from visionfm_jax.config_lib import LOGIT_SCALE_INIT
+from visionfm_jax.models import backbone, layers, swinv2, text as text_lib, towers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
-LOGIT_SCALE_INIT = math.log(1 / 0.07)
 MIM_VIEWS = ("separate", "shared")
-# Fields of the encoder's config that config.model (the Aurora config) sets for it.
-SHARED_FIELDS = ("image_size", "scan", "remat_policy")
 
 
 class AttentionalPooler(nn.Module):
@@ -280,13 +277,8 @@ class Aurora(nn.Module):
 
 
 def encoder_config(model_cfg) -> ml_collections.ConfigDict:
-  """`config.model.encoder` plus the fields Aurora sets for it (image_size, scan, remat_policy; no head)."""
-  fields = model_cfg.encoder.to_dict()
-  for key in SHARED_FIELDS:
-    if key in fields and fields[key] != model_cfg[key]:
-      raise ValueError(f"encoder.{key}={fields[key]!r} differs from {key}={model_cfg[key]!r}: set {key}")
-  fields.update({key: model_cfg[key] for key in SHARED_FIELDS}, name="swinv2", num_classes=0, head_bias_init=0.0)
-  return ml_collections.ConfigDict(fields)
+  """`config.model.encoder` plus the fields Aurora sets for it (`towers.tower_config`); always a SwinV2."""
+  return towers.tower_config(model_cfg, "encoder", name="swinv2")
 
 
 def build(model_cfg, dtype) -> Aurora:

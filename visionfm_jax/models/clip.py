@@ -23,14 +23,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax.models import backbone, layers, text as text_lib
+from visionfm_jax.config_lib import LOGIT_SCALE_INIT
+from visionfm_jax.models import backbone, layers, text as text_lib, towers
 from visionfm_jax.models.layers import EMBED
 
-LOGIT_SCALE_INIT = math.log(1 / 0.07)  # 2.659260
 MAX_LOGIT_SCALE = math.log(100.0)
 IMAGE_TOWERS = ("swinv2", "vit")
-# Fields of the image tower's config that config.model (the CLIP config) sets for both towers.
-SHARED_FIELDS = ("image_size", "scan", "remat_policy")
 
 
 def clamp_logit_scale(params: dict[str, Any]) -> dict[str, Any]:
@@ -81,17 +79,11 @@ class CLIP(nn.Module):
 
 
 def image_tower_config(model_cfg) -> ml_collections.ConfigDict:
-  """`config.model.image` plus the fields CLIP sets for it (image_size, scan, remat_policy; no head)."""
-  image_cfg = model_cfg.image
-  name = image_cfg.get("name")
+  """`config.model.image` plus the fields CLIP sets for it (`towers.tower_config`)."""
+  name = model_cfg.image.get("name")
   if name not in IMAGE_TOWERS:
     raise ValueError(f"image.name={name!r}: expected one of {IMAGE_TOWERS}")
-  fields = image_cfg.to_dict()
-  for key in SHARED_FIELDS:
-    if key in fields and fields[key] != model_cfg[key]:
-      raise ValueError(f"image.{key}={fields[key]!r} differs from {key}={model_cfg[key]!r}: set {key} (both towers)")
-  fields.update({key: model_cfg[key] for key in SHARED_FIELDS}, num_classes=0, head_bias_init=0.0)
-  return ml_collections.ConfigDict(fields)
+  return towers.tower_config(model_cfg, "image")
 
 
 def build(model_cfg, dtype) -> CLIP:

@@ -142,19 +142,6 @@ def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, 
           jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0])
 
 
-@functools.partial(jax.jit, static_argnums=0, static_argnames="eos_id")
-def sequence_logprob(model, params: Params, memory: jax.Array, tokens: jax.Array, *,
-                     eos_id: int = EOS_ID) -> jax.Array:
-  """(B,) teacher-forced log-prob of rows as `greedy` returns them: the tokens after BOS up to the first EOS
-  (included), or to the end of a row without EOS."""
-  logits = model.apply({"params": params}, tokens, memory, method="caption_logits")
-  token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1),
-                                   tokens[:, 1:, None], axis=-1)[..., 0]
-  is_eos = tokens[:, 1:] == eos_id
-  before_eos = jnp.cumsum(is_eos, axis=1) - is_eos == 0  # up to and including the first EOS
-  return jnp.sum(jnp.where(before_eos, token_logp, 0.0), axis=1)
-
-
 @functools.partial(jax.jit, static_argnums=0)
 def caption_memory(model, params: Params, images: jax.Array) -> jax.Array:
   """(B, H, W, 3) normalised images -> (B, Q, W) caption memory (jitted `Aurora.caption_memory`)."""

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionfm_jax import config_lib
 from visionfm_jax.parallel import sharding
 
 Dtype = Any
@@ -25,12 +26,9 @@ BATCH, LENGTH, EMBED, MLP, HEADS, KV, LAYERS, CLASSES = "batch", "length", "embe
 VOCAB = "vocab"
 ACT_EMBED, ACT_MLP, ACT_HEADS = "act_embed", "act_mlp", "act_heads"
 
+# The remat policy of each name config_lib.REMAT_POLICIES allows (the one list); 'none' (no remat) has none.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
-    "dots_saveable": jax.checkpoint_policies.dots_saveable,
-    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-    "everything_saveable": jax.checkpoint_policies.everything_saveable,
-}
+    name: None if name == "none" else getattr(jax.checkpoint_policies, name) for name in config_lib.REMAT_POLICIES}
 
 
 def logical(init: Callable[..., Any], names: tuple[str | None, ...]) -> Callable[..., Any]:
@@ -429,10 +427,10 @@ def stochastic_depth_rates(max_rate: float, depth: int) -> jnp.ndarray:
 
 
 def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
+  if policy not in REMAT_POLICIES:
+    raise ValueError(f"unknown remat policy {policy!r}; known: {', '.join(REMAT_POLICIES)}")
   if policy == "none":
     return block
-  if policy not in REMAT_POLICIES:
-    raise ValueError(f"unknown remat policy {policy!r}; known: none, {', '.join(REMAT_POLICIES)}")
   return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
 
 

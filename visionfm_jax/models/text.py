@@ -29,10 +29,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from visionfm_jax.data.tokenizer import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
 from visionfm_jax.models import layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
 # name: (width, depth, heads); the MLP is 4 x width.
 SIZES: dict[str, tuple[int, int, int]] = {
@@ -51,12 +51,6 @@ def parse_variant(variant: str) -> dict[str, int]:
     raise ValueError(f"text.variant={variant!r}: expected one of {list(SIZES)}")
   width, depth, heads = SIZES[variant]
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width)
-
-
-def eos_positions(tokens: jax.Array, eos_id: int = EOS_ID) -> jax.Array:
-  """(B,) index of the first `eos_id` of each row; the last index for rows without one."""
-  is_eos = tokens == eos_id
-  return jnp.where(jnp.any(is_eos, axis=1), jnp.argmax(is_eos, axis=1), tokens.shape[1] - 1)
 
 
 class CausalBlock(nn.Module):
@@ -155,18 +149,13 @@ class TextTransformer(nn.Module):
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
-def num_params(width: int, depth: int, vocab_size: int, max_len: int, embed_dim: int) -> int:
-  """Parameters of a TextTransformer with a 4 x width MLP: per block 12W^2 + 13W."""
-  return (vocab_size + max_len) * width + depth * (12 * width ** 2 + 13 * width) + 2 * width + width * embed_dim
-
-
 def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> TextTransformer:
   """Builds the text tower from `config.model.text` (variant 'pico' ... 'H'); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
   for field in ("vocab_size", "max_len"):
     if int(text_cfg[field]) <= 0:
       raise ValueError(f"text.{field}={text_cfg[field]}: must be positive")
-  special = max(PAD_ID, UNK_ID, BOS_ID, EOS_ID, int(text_cfg.eos_id))
+  special = max(*SPECIAL_IDS, int(text_cfg.eos_id))
   if text_cfg.vocab_size <= special:
     raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")

@@ -8,16 +8,20 @@
 | zero3 / fsdp  | sharded (fsdp)     | reduce-scattered   | sharded (fsdp)  |
 
 "Sharded" means split over the `fsdp` mesh axis; `tensor` splits matmul widths under every strategy, and
-the batch splits over (data, fsdp). A logical axis whose size does not divide over its mesh axis stays
-replicated; when the preferred (`embed`) axis of a parameter cannot take `fsdp`, the largest divisible free
-axis takes it instead, so odd-sized parameters (a 21,841-class head) still shard.
+the batch splits over (data, fsdp). One table, `LOGICAL_AXIS_RULES`, says it for parameters and activations
+alike, MaxText style: a logical axis maps to the mesh axes to try, in order. A parameter dim takes the first of
+them that is enabled (`fsdp` only for the parts of the state the strategy shards), not yet taken by another dim
+of the same parameter, larger than 1 and a divisor of the dim; none of them: the dim stays replicated. Then the
+fallback, `FALLBACK`: `fsdp`, when no dim took it, goes to the parameter's largest free dim it divides, so
+odd-sized parameters (a 21,841-class head) still shard. Activations (`nn.with_logical_constraint`) use the same
+table through flax's rules, which try a name's entries in order as well.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any
+import math
 
 import flax.linen as nn
 import jax
@@ -32,22 +36,40 @@ STRATEGY_SHARDS: dict[str, dict[str, bool]] = {
     "fsdp": dict(params=True, grads=True, opt_state=True),
 }
 
-# logical parameter axis -> mesh axis, in order of preference
-PARAM_RULES: dict[str, str | None] = {
-    "embed": "fsdp",
-    "mlp": "tensor",
-    "heads": "tensor",
-    "classes": "tensor",
-    "vocab": "tensor",
-    "kv": None,
-    "layers": None,
+MeshAxes = str | tuple[str, ...]  # one mesh axis, or several that split a dim together
+
+# logical axis -> the mesh axes to try, in order of preference; (): never split.
+LOGICAL_AXIS_RULES: dict[str, tuple[MeshAxes, ...]] = {
+    # parameters
+    "embed": ("fsdp",),
+    "mlp": ("tensor",),
+    "heads": ("tensor",),
+    "classes": ("tensor",),
+    "vocab": ("tensor",),
+    "kv": (),
+    "layers": (),
+    # activations
+    "batch": (("data", "fsdp"),),
+    "length": (),
+    "act_embed": (),
+    "act_mlp": ("tensor",),
+    "act_heads": ("tensor",),
 }
+# The names activations carry (models/layers.py BATCH, LENGTH, ACT_*): flax constrains activations by their
+# rows only, and parameters never use them.
+ACTIVATION_AXES = ("batch", "length", "act_embed", "act_mlp", "act_heads")
+
+# mesh axis -> logical axes it never falls back to: a mesh axis here that no dim of a parameter took by the
+# table goes to the largest of its free dims that it divides, whatever their logical axis (unnamed ones too),
+# except these (a scanned stack's `layers` axis stays whole: each scan step slices it).
+FALLBACK: dict[str, tuple[str, ...]] = {"fsdp": ("layers",)}
 
 
-def activation_rules() -> tuple[tuple[str, Any], ...]:
-  """Rules for `nn.with_logical_constraint` on activations."""
-  return (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None), ("act_mlp", "tensor"),
-          ("act_heads", "tensor"))
+def activation_rules() -> tuple[tuple[str, MeshAxes | None], ...]:
+  """The activation rows of `LOGICAL_AXIS_RULES` as flax logical axis rules (for `nn.with_logical_constraint`):
+  one (name, mesh axes) rule per entry, in order (flax, too, takes a name's first free entry), and (name, None)
+  for a name that is never split."""
+  return tuple((name, axes) for name in ACTIVATION_AXES for axes in LOGICAL_AXIS_RULES[name] or (None,))
 
 
 _ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
@@ -76,23 +98,32 @@ def activation_mesh():
 
 def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: dict[str, int],
                    shard_fsdp: bool) -> P:
-  """PartitionSpec for one parameter with logical axis `names` and `shape`."""
+  """PartitionSpec for one parameter with logical axis `names` and `shape`: `LOGICAL_AXIS_RULES`, then
+  `FALLBACK` (module docstring); `shard_fsdp` enables the fsdp axis."""
   if len(names) != len(shape):
     raise ValueError(f"logical names {names} do not match shape {shape}")
-  spec: list[str | None] = [None] * len(shape)
-  used = set()
+  spec: list[MeshAxes | None] = [None] * len(shape)
+  used: set[str] = set()
+
+  def fits(axes: MeshAxes, size: int) -> bool:
+    axes = (axes,) if isinstance(axes, str) else axes
+    split = math.prod(mesh_shape.get(a, 1) for a in axes)
+    enabled = shard_fsdp or "fsdp" not in axes
+    return enabled and not used.intersection(axes) and split > 1 and size % split == 0
+
+  def take(i: int, axes: MeshAxes) -> None:
+    spec[i] = axes
+    used.update((axes,) if isinstance(axes, str) else axes)
+
   for i, name in enumerate(names):
-    axis = PARAM_RULES.get(name) if name else None
-    if axis is None or axis in used or (axis == "fsdp" and not shard_fsdp):
-      continue
-    if mesh_shape.get(axis, 1) > 1 and shape[i] % mesh_shape[axis] == 0:
-      spec[i] = axis
-      used.add(axis)
-  fsdp = mesh_shape.get("fsdp", 1)
-  if shard_fsdp and fsdp > 1 and "fsdp" not in used:
-    free = [i for i in range(len(shape)) if spec[i] is None and names[i] != "layers" and shape[i] % fsdp == 0]
+    rules = LOGICAL_AXIS_RULES.get(name, ()) if name not in ACTIVATION_AXES else ()
+    axes = next((a for a in rules if fits(a, shape[i])), None)
+    if axes is not None:
+      take(i, axes)
+  for axis, excluded in FALLBACK.items():
+    free = [i for i in range(len(shape)) if spec[i] is None and names[i] not in excluded and fits(axis, shape[i])]
     if free:
-      spec[max(free, key=lambda i: shape[i])] = "fsdp"
+      take(max(free, key=lambda i: shape[i]), axis)
   return P(*spec)
 
 

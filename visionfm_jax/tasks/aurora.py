@@ -22,7 +22,7 @@ import jax.numpy as jnp
 
 from visionfm_jax.tasks import losses
 from visionfm_jax.evaluate import sums
-from visionfm_jax.models import text as text_lib
+from visionfm_jax.data.tokenizer import PAD_ID
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tasks.contrastive import ContrastiveTask
 
@@ -52,14 +52,14 @@ class AuroraTask(ContrastiveTask):
 
   # -------------------------------------------------------------------------------- the split loss
   def loss_normalizers(self, batch):
-    return {"tokens": jnp.sum(batch["text"][:, 1:] != text_lib.PAD_ID).astype(jnp.float32),
+    return {"tokens": jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
             "masked_pixels": jnp.sum(self.pixel_mask(batch)) + MIM_EPS}
 
   def local_loss(self, params, batch, rng, normalizers):
     images = self.normalize(batch["image"])
     out = self.model.apply({"params": params}, images, batch["text"], batch["mim_mask"], train=True,
                            rngs={"dropout": rng})
-    caption = losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], text_lib.PAD_ID,
+    caption = losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID,
                                   normalizer=normalizers["tokens"])
     mim = losses.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch),
                              normalizer=normalizers["masked_pixels"])
@@ -88,7 +88,7 @@ class AuroraTask(ContrastiveTask):
     """Sums over one eval batch (padding rows have no tokens): caption NLL and token count."""
     logits = self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"],
                               method="describe")
-    nll, count = losses.caption_loss_terms(logits[:, :-1], batch["text"][:, 1:], text_lib.PAD_ID)
+    nll, count = losses.caption_loss_terms(logits[:, :-1], batch["text"][:, 1:], PAD_ID)
     return {"nll": nll, "tokens": count}
 
   def mim_stats(self, params, batch):

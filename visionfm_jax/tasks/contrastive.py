@@ -25,7 +25,7 @@ from visionfm_jax.tasks import losses
 from visionfm_jax.data import shapes, tokenizer as tokenizer_lib, transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import retrieval, zeroshot
-from visionfm_jax.models import clip, text as text_lib
+from visionfm_jax.models import clip
 from visionfm_jax.tasks.base import EvalContext, Task
 
 
@@ -128,9 +128,9 @@ class ContrastiveTask(Task):
     """Captions that fill the context (BOS, random pieces, EOS), the text towers' most expensive case; SimMIM
     masks when the task trains on them."""
     text_cfg = self.config.model.text
-    first_piece = max(text_lib.PAD_ID, text_lib.UNK_ID, text_lib.BOS_ID, text_lib.EOS_ID, text_cfg.eos_id) + 1
+    first_piece = max(*tokenizer_lib.SPECIAL_IDS, text_cfg.eos_id) + 1
     text = rng.integers(first_piece, text_cfg.vocab_size, (batch_size, text_cfg.max_len), dtype=np.int32)
-    text[:, 0], text[:, -1] = text_lib.BOS_ID, text_cfg.eos_id
+    text[:, 0], text[:, -1] = tokenizer_lib.BOS_ID, text_cfg.eos_id
     batch = {**super().synthetic_batch(batch_size, rng), "text": text}
     if self.mim_masks is not None:
       grid = self.config.data.image_size // self.mim_masks.mask_patch_size

@@ -53,7 +53,7 @@ from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from visionfm_jax import tasks
+from visionfm_jax import atomic, tasks
 from visionfm_jax.data import pipeline, records, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
@@ -193,9 +193,7 @@ def file_stats(path: str, scorer: ClipScorer, threshold: float, *, kept: int, hi
 
 def _write_json(path: str, value) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f, indent=1)
-  os.replace(path + ".tmp", path)
+  atomic.write_json(path, value, indent=1)
 
 
 def _read_json(path: str) -> dict | None:

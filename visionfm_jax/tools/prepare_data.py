@@ -47,6 +47,7 @@ import numpy as np
 from absl import flags
 from PIL import Image
 
+from visionfm_jax import atomic
 from visionfm_jax.data import records, transforms
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli
@@ -119,12 +120,6 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> bytes | None
 
 def sidecar_path(shard_path: str) -> str:
   return shard_path + SIDECAR_SUFFIX
-
-
-def _write_json_atomically(path: str, value) -> None:
-  with open(path + ".tmp", "w", encoding="utf-8") as f:
-    json.dump(value, f)
-  os.replace(path + ".tmp", path)
 
 
 def read_finished(job: ShardJob) -> dict | None:
@@ -214,7 +209,7 @@ def write_shard(job: ShardJob) -> dict:
     counts = {"records": writer.count, "skipped": skipped, "fingerprint": job.fingerprint}
     if not job.tar:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
-    _write_json_atomically(sidecar_path(job.path), counts)
+    atomic.write_json(sidecar_path(job.path), counts)
   if incomplete:
     logging.warning("prepare_data: %d examples without an image or a caption skipped, e.g. %s", len(incomplete),
                     incomplete[0])

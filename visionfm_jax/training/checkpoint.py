@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import grain
 import jax
@@ -29,7 +29,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.training.optim import path_str
+from visionfm_jax.training.param_rules import ParamRules, path_str
 
 
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files
@@ -219,7 +219,7 @@ def _flatten(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: str, target_params, *, skip: str = "", step: int | None = None,
+def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
                 adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
 
@@ -227,7 +227,7 @@ def load_params(path: str, target_params, *, skip: str = "", step: int | None = 
   {path: model shape}) -> {path: array}` maps the checkpoint's params onto the model's first (init_from.adapt:
   prefixes, resized position embeddings).
 
-  Params whose path matches the `skip` regex keep their value in `target_params` (e.g. a new head). Missing,
+  Params whose path matches a `skip` regex (`param_rules`) keep their value in `target_params` (e.g. a new head). Missing,
   unexpected or mis-shaped params are a CheckpointError that lists them.
   """
   path = epath.Path(os.path.expanduser(path))
@@ -239,12 +239,12 @@ def load_params(path: str, target_params, *, skip: str = "", step: int | None = 
     raise
   except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
     raise CheckpointError(f"init_from={str(path)!r}: cannot read its params: {_first_line(e)}") from e
-  skip_re = re.compile(skip) if skip else None
+  fresh = ParamRules.of_patterns(skip, field="skip")
   target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
   names = [path_str(p) for p, _ in target_flat]
   if adapt is not None:
     source = adapt(source, {n: tuple(v.shape) for n, (_, v) in zip(names, target_flat)})
-  kept = {n for n in names if not (skip_re and skip_re.search(n))}
+  kept = {n for n in names if not fresh.matches(n)}
   missing = sorted(kept - set(source))
   unexpected = sorted(set(source) - set(names))
   mismatched = sorted(f"{n}: checkpoint {tuple(np.shape(source[n]))} vs model {tuple(v.shape)}"

@@ -26,7 +26,7 @@ import functools
 import json
 import os
 import re
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 from absl import logging
@@ -34,8 +34,12 @@ from absl import logging
 from visionfm_jax import models
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.training.param_rules import ParamRules, named_leaves
 
-PRETRAINING_ONLY = re.compile(r"^(head(/|$)|mask_token$)")  # checkpoint params a fine-tuned model may lack
+# Checkpoint params a fine-tuned model may lack: a classification head, SimMIM's mask token.
+PRETRAINING_ONLY = ParamRules.of_patterns((r"^head(/|$)", r"^mask_token$"), field="init_from.PRETRAINING_ONLY")
+
+
 def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dict[str, Any]:
   """The checkpoint's params under `subtree` (re-rooted), renamed to `prefix/<name>`."""
   if subtree:
@@ -49,24 +53,24 @@ def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dic
 
 
 def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, subtree: str = "",
-          prefix: str = "", skip: str = "", origin: str = "the checkpoint") -> dict[str, Any]:
+          prefix: str = "", skip: str | Sequence[str] = (), origin: str = "the checkpoint") -> dict[str, Any]:
   """Maps the checkpoint's flat params ({path: array}) onto the model's ({path: shape}): `place`, drop the
   pretraining-only params the model lacks, let `model.adapt_checkpoint` carry params of another resolution;
-  ConfigError for other mismatches (`origin` names the checkpoint in it). Params matching `skip` are left as
-  they are."""
+  ConfigError for other mismatches (`origin` names the checkpoint in it). Params matching a `skip` regex
+  (`param_rules`) are left as they are."""
   placed = place(source, subtree=subtree, prefix=prefix)
   start = prefix.strip("/") + "/" if prefix else ""
   if not any(n.startswith(start) for n in target):
     tops = sorted({n.split("/")[0] for n in target})
     raise ConfigError(f"config.init_from_prefix={prefix!r}: the model has no params under it (its top level: "
                       f"{', '.join(tops)})")
-  dropped = [n for n in placed if n not in target and PRETRAINING_ONLY.search(n[len(start):])]
+  dropped = [n for n in placed if n not in target and PRETRAINING_ONLY.matches(n[len(start):])]
   if dropped:
     logging.info("init_from: dropping the checkpoint's pretraining-only params %s", dropped)
   out = {n: v for n, v in placed.items() if n not in dropped}
-  skip_re = re.compile(skip) if skip else None
+  fresh = ParamRules.of_patterns(skip, field="config.init_from_skip")
   differ = {n: v for n, v in out.items()
-            if n in target and tuple(np.shape(v)) != tuple(target[n]) and not (skip_re and skip_re.search(n))}
+            if n in target and tuple(np.shape(v)) != tuple(target[n]) and not fresh.matches(n)}
   if differ and hasattr(model, "adapt_checkpoint"):
     adapted = model.adapt_checkpoint(differ, {n: tuple(target[n]) for n in differ})
     for name, value in adapted.items():
@@ -82,20 +86,17 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
   return out
 
 
-def fresh_outside(prefix: str, skip: str) -> str:
-  """The skip regex of `load`: the user's, plus every model param outside `prefix`."""
-  parts = [f"^(?!{re.escape(prefix.strip('/'))}/)"] if prefix else []
-  return "|".join(parts + ([f"(?:{skip})"] if skip else []))
+def fresh_outside(prefix: str, skip: str) -> tuple[str, ...]:
+  """The skip regexes of `load`: every model param outside `prefix`, plus the user's."""
+  outside = (f"^(?!{re.escape(prefix.strip('/'))}/)",) if prefix else ()
+  return outside + ((skip,) if skip else ())
 
 
 def load(config, target_params, model):
   """config.init_from's params in the structure, shapes and shardings of `target_params` (the params of `model`,
   the task's), via `adapt`."""
-  if config.init_from_skip:
-    try:
-      re.compile(config.init_from_skip)
-    except re.error as e:
-      raise ConfigError(f"config.init_from_skip={config.init_from_skip!r} is not a regex ({e})") from e
+  user_skip = ParamRules.of_patterns(config.init_from_skip, field="config.init_from_skip")
+  user_skip.require_matches([name for name, _ in named_leaves(target_params)])
   skip = fresh_outside(config.init_from_prefix, config.init_from_skip)
   fn = functools.partial(adapt, model=model, subtree=config.init_from_subtree, prefix=config.init_from_prefix,
                          skip=skip, origin=f"config.init_from={config.init_from!r}")

@@ -1,6 +1,7 @@
 """The optimizer: global-norm clipping + AdamW with a weight-decay mask, linear warmup then cosine decay.
 
-Fine-tuning adds three rules over '/'-joined param paths (`path_str`, the mechanism of the weight-decay mask):
+Fine-tuning adds three rules over '/'-joined param paths (`param_rules`, the mechanism of the weight-decay mask:
+a rule's regex is re.search-ed in the path, the first matching rule wins):
 
   layer_decay  layer-wise lr decay (BEiT, MAE): a param of layer i gets lr * decay^(L + 1 - i); the model numbers
                its layers (`layer_ids`, models/backbone.py)
@@ -17,7 +18,6 @@ With none of the three set, the optimizer (and its state) is the plain one, so o
 
 from __future__ import annotations
 
-import re
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -27,11 +27,7 @@ import numpy as np
 import optax
 
 from visionfm_jax.errors import ConfigError
-
-
-def path_str(path) -> str:
-  """'/'-joined dict keys of a tree path ('blocks/attn/qkv/kernel'); box/attribute keys are dropped."""
-  return "/".join(str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey))
+from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
@@ -45,13 +41,14 @@ def decay_mask_fn(no_decay: tuple[str, ...]):
   """Decay only weight matrices ('kernel' leaves) whose path matches none of the `no_decay` regexes.
 
   Biases, norm scales and other 1-D params are never kernels, so they never decay; position embeddings,
-  class tokens and the like are excluded by regex. Works on boxed (nn.Partitioned) and plain trees.
+  class tokens and the like are excluded by regex. Works on boxed (nn.Partitioned) and plain trees. A rule that
+  matches no param is no error here: the default list names params of several model families (`param_rules`).
   """
-  patterns = [re.compile(p) for p in no_decay]
+  excluded = ParamRules.of_patterns(no_decay, field="config.optim.no_decay")
 
   def decays(path, _):
     name = path_str(path)
-    return name.rsplit("/", 1)[-1] == "kernel" and not any(p.search(name) for p in patterns)
+    return name.rsplit("/", 1)[-1] == "kernel" and not excluded.matches(name)
 
   return lambda params: jax.tree_util.tree_map_with_path(decays, params)
 
@@ -70,30 +67,6 @@ def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
 
 # ------------------------------------------------------------------------------------ rules per param
 
-def _compile(pattern: str, field: str) -> re.Pattern:
-  try:
-    return re.compile(pattern)
-  except re.error as e:
-    raise ConfigError(f"config.optim.{field}: {pattern!r} is not a regex ({e})") from e
-
-
-def _lr_rules(optim_cfg) -> list[tuple[re.Pattern, float]]:
-  rules = []
-  for rule in optim_cfg.lr_mults:
-    if len(rule) != 2:
-      raise ConfigError(f"config.optim.lr_mults: {rule!r} is not a (regex, multiplier) pair")
-    rules.append((_compile(rule[0], "lr_mults"), float(rule[1])))
-  return rules
-
-
-def _check_matches(patterns: list[re.Pattern], names: list[str], field: str) -> None:
-  """A rule that matches no param is a typo (or a wrong prefix): ConfigError naming it."""
-  for p in patterns:
-    if not any(p.search(n) for n in names):
-      raise ConfigError(f"config.optim.{field}: {p.pattern!r} matches no param (param paths look like "
-                        f"{', '.join(names[:3])}, ...)")
-
-
 def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) -> dict[str, float | np.ndarray]:
   """The factor each param's update is scaled by: decay^(L + 1 - layer) (`layer_ids` of `model`) times the first
   matching `lr_mults` rule's multiplier. Scanned leaves get an array shaped to broadcast along their leading
@@ -101,12 +74,12 @@ def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) ->
   decay = float(optim_cfg.layer_decay)
   if decay <= 0:
     raise ConfigError(f"config.optim.layer_decay={decay}: must be positive (1.0 disables it)")
-  rules = _lr_rules(optim_cfg)
-  _check_matches([p for p, _ in rules], list(shapes), "lr_mults")
+  rules = ParamRules(optim_cfg.lr_mults, field="config.optim.lr_mults", value_name="multiplier", convert=float)
+  rules.require_matches(list(shapes))
   ids, total = layer_ids(model, shapes) if decay != 1.0 else ({}, 0)
   out = {}
   for name, shape in shapes.items():
-    mult = next((m for p, m in rules if p.search(name)), 1.0)
+    mult = rules.value(name, 1.0)
     if name in ids:
       layer_mult = decay ** (total + 1 - np.asarray(ids[name], np.float64))
       mult = layer_mult.reshape((-1,) + (1,) * (len(shape) - 1)) * mult if layer_mult.ndim else float(layer_mult) * mult
@@ -114,17 +87,12 @@ def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) ->
   return out
 
 
-def _named_leaves(tree) -> list[tuple[str, Any]]:
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-  return [(path_str(p), x.value if isinstance(x, nn.Partitioned) else x) for p, x in leaves]
-
-
 def scale_by_multipliers(multipliers: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]]
                          ) -> optax.GradientTransformation:
   """Multiplies each update by `multipliers({path: shape})[path]` (a float, or an array that broadcasts)."""
 
   def init(params):
-    multipliers({n: tuple(np.shape(x)) for n, x in _named_leaves(params)})  # config errors at state creation
+    multipliers({n: tuple(np.shape(x)) for n, x in named_leaves(params)})  # config errors at state creation
     return optax.EmptyState()
 
   def update(updates, state, params=None):
@@ -144,15 +112,14 @@ def scale_by_multipliers(multipliers: Callable[[dict[str, tuple[int, ...]]], dic
 def freeze_labels_fn(freeze: tuple[str, ...]):
   """params -> tree of 'frozen' / 'train' labels (one per nn.Partitioned box on boxed trees, so the frozen
   params' Adam moments are absent, not empty boxes)."""
-  patterns = [_compile(p, "freeze") for p in freeze]
+  frozen = ParamRules.of_patterns(freeze, field="config.optim.freeze")
 
   def labels(params):
-    named = _named_leaves(params)
-    names = [n for n, _ in named]
-    _check_matches(patterns, names, "freeze")
-    if all(any(p.search(n) for p in patterns) for n in names):
+    names = [n for n, _ in named_leaves(params)]
+    frozen.require_matches(names)
+    if all(frozen.matches(n) for n in names):
       raise ConfigError(f"config.optim.freeze={tuple(freeze)!r} freezes every param: nothing to train")
-    label = lambda path, _: "frozen" if any(p.search(path_str(path)) for p in patterns) else "train"
+    label = lambda path, _: "frozen" if frozen.matches(path_str(path)) else "train"
     return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
   return labels

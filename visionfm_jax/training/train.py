@@ -23,7 +23,7 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax import atomic, config_lib, parallel, tasks
 
 from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision
 from visionfm_jax.errors import CheckpointError, UserError
@@ -201,8 +201,7 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
 def _write_config(config, workdir):
   if jax.process_index() == 0:
     os.makedirs(workdir, exist_ok=True)
-    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    atomic.write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
