@@ -107,8 +107,8 @@ def test_init_from_skip_keeps_matching_params_fresh_and_names_a_rule_that_matche
   target = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), jax.devices()[0]), abstract)
   config = config_lib.base_config("vit")
   config.init_from, config.init_from_skip = str(tmp_path), "^head/"
-  loaded = jax.device_get(init_from.load(config, target))
+  loaded = jax.device_get(init_from.load(config, target, model))
   assert float(loaded["head"]["kernel"].sum()) == 0.0 and float(loaded["pos_embed"].min()) == 1.0
   config.init_from_skip = "^decoder/"
   with pytest.raises(ConfigError, match="config.init_from_skip: '\\^decoder/' matches no param"):
-    init_from.load(config, target)
+    init_from.load(config, target, model)
