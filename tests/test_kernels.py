@@ -1,5 +1,6 @@
 """models/kernels.py: every CPU trick against the plain path (values and gradients), the hand-written attention
-backward against autodiff of JAX's attention, the switch itself, and whole models in both modes."""
+backward against autodiff of JAX's attention, the switch itself, whole models in both modes, and the config
+errors of the switch and of the attention names."""
 
 import chex
 import flax.linen as nn
@@ -9,6 +10,8 @@ import numpy as np
 import pytest
 from jax.test_util import check_grads
 
+from visionfm_jax import config_lib, models
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import kernels, swinv2, vit
 
 MODES = ("plain", "cpu")
@@ -151,3 +154,20 @@ def test_models_compute_the_same_in_both_modes(make_model, image_size):
     return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
 
   chex.assert_trees_all_close(logits_and_grads("cpu"), logits_and_grads("plain"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,field", [("vit", "attention"), ("swinv2", "attention"), ("clip", "text.attention")])
+def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, field):
+  model_cfg = config_lib.model_config(family)
+  for old, new in (("xla", "softmax"), ("auto", "jax")):
+    node = model_cfg.text if field.startswith("text.") else model_cfg
+    node.attention = old
+    with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):
+      models.build(model_cfg, jnp.float32)
+
+
+def test_an_unknown_kernels_mode_is_a_config_error():
+  model_cfg = config_lib.model_config("swinv2")
+  model_cfg.kernels = "gpu"
+  with pytest.raises(ConfigError, match="kernels='gpu'"):
+    models.build(model_cfg, jnp.float32)

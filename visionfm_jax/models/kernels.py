@@ -5,13 +5,13 @@ Every function here computes the same numbers in two ways. 'plain' is the textbo
 'cpu' swaps in forms that XLA's CPU backend (jaxlib 0.10) runs faster. 'auto' is 'cpu' on the CPU backend and
 'plain' on any other.
 
-The switch is a field of the model, `config.model.kernels`, resolved once when the model is built (`resolve`:
-'auto' -> the default backend's mode) and handed down to every module as a string. Being part of the module, the
-mode is part of the function that `jax.jit` traces: models built with different modes are different jitted
-functions, so one jit cache never holds both paths. A process-wide flag read at trace time could not promise
-that (a flag flipped after the first trace reuses the stale trace), and `jax.lax.platform_dependent` traces both
-branches into the program and cannot force a path (tests and `bench --config.model.kernels=plain` need to). A
-module built directly keeps the default 'auto', resolved with `jax.default_backend()` when it is traced.
+The switch is a field of the model, `config.model.kernels` (checked when the model is built), handed down to
+every module as a string; 'auto' is resolved with `jax.default_backend()`, which is fixed for the life of a
+process, so a model's path never changes after its first trace. Being part of the module, the mode is part of
+the function that `jax.jit` traces: models built with different modes are different jitted functions, so one
+jit cache never holds both paths. A process-wide flag read at trace time could not promise that (a flag flipped
+after the first trace reuses the stale trace), and `jax.lax.platform_dependent` traces both branches into the
+program and cannot force a path (tests and `bench --compare=plain` need to).
 
 The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-6; the whole set against
 'plain' in session 10):
@@ -44,11 +44,16 @@ import numpy as np
 MODES = ("auto", "plain", "cpu")
 
 
-def resolve(mode: str) -> str:
-  """'plain' or 'cpu': `mode` itself, or for 'auto' the default backend's ('cpu' on CPU, else 'plain')."""
+def check_mode(mode: str) -> str:
+  """`mode`, or a ValueError naming it unless it is one of MODES."""
   if mode not in MODES:
     raise ValueError(f"kernels={mode!r}: expected one of {MODES}")
-  if mode == "auto":
+  return mode
+
+
+def resolve(mode: str) -> str:
+  """'plain' or 'cpu': `mode` itself, or for 'auto' the default backend's ('cpu' on CPU, else 'plain')."""
+  if check_mode(mode) == "auto":
     return "cpu" if jax.default_backend() == "cpu" else "plain"
   return mode
 

@@ -449,7 +449,7 @@ def build(model_cfg, dtype) -> SwinV2:
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                kernels=kernels_lib.resolve(model_cfg.kernels))
+                kernels=kernels_lib.check_mode(model_cfg.kernels))
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
   layers.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)

@@ -180,7 +180,7 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, ker
   layers.check_attention(text_cfg.attention, "text.attention")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
-                remat_policy=remat_policy, attention=text_cfg.attention, kernels=kernels_lib.resolve(kernels),
+                remat_policy=remat_policy, attention=text_cfg.attention, kernels=kernels_lib.check_mode(kernels),
                 pool=text_cfg.pool)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
   return TextTransformer(**kwargs)

@@ -123,7 +123,7 @@ def build(model_cfg, dtype) -> ViT:
                 pool=model_cfg.pool, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                kernels=kernels_lib.resolve(model_cfg.kernels))
+                kernels=kernels_lib.check_mode(model_cfg.kernels))
   assert set(kwargs) <= fields
   layers.check_attention(model_cfg.attention)
   return ViT(**kwargs)
