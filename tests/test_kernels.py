@@ -75,14 +75,6 @@ def test_patch_conv_as_matmul_leaves_other_convolutions_to_xla():
   chex.assert_trees_all_close(conv("cpu").apply(params, images), conv("plain").apply(params, images), atol=1e-6)
 
 
-def test_gelu_is_the_exact_gelu():
-  x = jnp.linspace(-8.0, 8.0, 401)
-  chex.assert_trees_all_close(kernels.gelu(x, "cpu"), jax.nn.gelu(x, approximate=False), atol=1e-6)
-  chex.assert_trees_all_close(jax.vmap(jax.grad(lambda t: kernels.gelu(t, "cpu")))(x),
-                              jax.vmap(jax.grad(lambda t: jax.nn.gelu(t, approximate=False)))(x), atol=1e-6)
-  chex.assert_trees_all_equal(kernels.gelu(x, "plain"), jax.nn.gelu(x, approximate=False))
-
-
 @pytest.mark.parametrize("window", [1, 2, 5])
 def test_expand_window_offsets_is_the_index_gather_with_its_gradient(window):
   rng = np.random.default_rng(window)

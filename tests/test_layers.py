@@ -1,5 +1,5 @@
-"""The building blocks of models/layers.py against JAX's and flax's own implementations, in both kernels modes:
-attention, Dense, LayerNorm. The kernels themselves are tested in test_kernels.py."""
+"""The building blocks of models/layers.py against JAX's and flax's own implementations: attention, Dense (in
+both kernels modes), LayerNorm. The kernels themselves are tested in test_kernels.py."""
 
 import chex
 import flax.linen as nn
@@ -43,11 +43,10 @@ def test_dense_contracts_trailing_axes_only():
     layers.Dense(4, axis=0).init(jax.random.key(0), jnp.zeros((3, 5)))
 
 
-@pytest.mark.parametrize("kernels", ["plain", "cpu"])
-def test_layer_norm_matches_flax(kernels):
+def test_layer_norm_matches_flax():
   rng = np.random.default_rng(5)
   x = _normal(rng, (3, 5, 8)) * 3 + 1
-  ours = layers.LayerNorm(1e-6, kernels=kernels)
+  ours = layers.LayerNorm(1e-6)
   params = nn.unbox(ours.init(jax.random.key(0), x))
   params = jax.tree.map(lambda p: p + _normal(rng, p.shape), params)
   flax_ln = nn.LayerNorm(1e-6, use_fast_variance=False)
@@ -55,3 +54,12 @@ def test_layer_norm_matches_flax(kernels):
   grads = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
   expected = jax.grad(lambda p: jnp.sum(jnp.sin(flax_ln.apply({"params": p["params"]["ln"]}, x))))(params)
   chex.assert_trees_all_close(grads, expected, atol=1e-4)
+
+
+def test_mlp_is_two_dense_layers_around_the_exact_gelu():
+  x = _normal(np.random.default_rng(6), (2, 3, 4))
+  mlp = layers.Mlp(6)
+  params = nn.unbox(mlp.init(jax.random.key(0), x))["params"]
+  dense = lambda p, t: t @ p["kernel"] + p["bias"]
+  expected = dense(params["fc2"], jax.nn.gelu(dense(params["fc1"], x), approximate=False))
+  chex.assert_trees_all_close(mlp.apply({"params": params}, x), expected, atol=1e-6)

@@ -57,7 +57,7 @@ class AttentionalPooler(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    norm = lambda dtype, name: layers.LayerNorm(self.layer_norm_eps, dtype, kernels=self.kernels, name=name)
+    norm = lambda dtype, name: layers.LayerNorm(self.layer_norm_eps, dtype, name=name)
     queries = self.param("queries", layers.logical(nn.initializers.normal(0.02), (None, EMBED)),
                          (self.num_queries, self.width))
     queries = norm(self.dtype, "norm_q")(queries)
@@ -82,7 +82,7 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, cache, memory, index=None):
     width = x.shape[-1]
-    norm = lambda name: layers.LayerNorm(self.layer_norm_eps, self.dtype, kernels=self.kernels, name=name)
+    norm = lambda name: layers.LayerNorm(self.layer_norm_eps, self.dtype, name=name)
     mlp = lambda name: layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, name=name)
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
@@ -127,7 +127,7 @@ class MultimodalDecoder(nn.Module):
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels)
     x, cache = run_blocks(x, cache, memory, index)
-    x = layers.LayerNorm(self.layer_norm_eps, self.dtype, kernels=self.kernels, name="norm")(x)
+    x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     logits = layers.dense(self.vocab_size, (EMBED, VOCAB), self.dtype, use_bias=False, name="vocab_proj",
                           kernels=self.kernels,
                           kernel_init=nn.initializers.normal(x.shape[-1] ** -0.5))(x)

@@ -1,7 +1,7 @@
 """Backend speed tricks behind one switch, `kernels`: 'plain' | 'cpu' | 'auto'.
 
 Every function here computes the same numbers in two ways. 'plain' is the textbook form (broadcasting,
-`dot_general`, a convolution, `jax.nn.gelu`, autodiff gradients): XLA's natural path, the one a GPU wants.
+`dot_general`, a convolution, autodiff gradients): XLA's natural path, the one a GPU wants.
 'cpu' swaps in forms that XLA's CPU backend (jaxlib 0.10) runs faster. 'auto' is 'cpu' on the CPU backend and
 'plain' on any other.
 
@@ -13,13 +13,14 @@ jit cache never holds both paths. A process-wide flag read at trace time could n
 after the first trace reuses the stale trace), and `jax.lax.platform_dependent` traces both branches into the
 program and cannot force a path (tests and `bench --compare=plain` need to).
 
-The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-6; the whole set against
-'plain' in session 10):
+The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-8) and again in session 10
+(the whole set against 'plain', and one at a time; two tricks that no longer paid were dropped there: a matmul
+gradient for dense biases, norm params and ViT's position embedding, and an erf-written GELU):
   contract_trailing      a dense layer's multi-axis contraction as one 2-D matmul (qkv forward + backward 1.65x)
-  broadcast_leading      a param broadcast over tokens whose gradient is a ones-vector matmul (`sum_leading`):
-                         XLA's CPU reduction over leading axes is up to 50x slower
   patch_conv             the stride = kernel patch embedding as patches @ kernel (its gradient 2.4x faster)
-  gelu                   exact GELU as x/2 (1 + erf(x / sqrt 2)), one fused pass instead of erfc's three
+  broadcast_leading      SwinV2's position bias broadcast over windows, whose gradient (like the attention
+  sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
+                         on a SwinV2-T stage-0 block's (128, 3, 196, 196) bias gradient (216 vs 3.4 ms)
   expand_window_offsets  SwinV2's position-bias gather, whose gradient sums diagonals instead of a serial
                          scatter-add (70 ms per SwinV2-T stage-0 block)
 
@@ -158,17 +159,6 @@ def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         feature_group_count=feature_group_count, precision=precision)
   patches = einops.rearrange(lhs, "b (h ph) (w pw) c -> b h w ph pw c", ph=patch[0], pw=patch[1])
   return contract_trailing(patches, rhs, 3, "cpu", precision=precision)
-
-
-# ------------------------------------------------------------------------------------------------ activations
-
-def gelu(x: jax.Array, mode: str) -> jax.Array:
-  """Exact (erf) GELU, x * Phi(x). 'cpu': written x/2 * (1 + erf(x / sqrt 2)) as PyTorch does;
-  `jax.nn.gelu(approximate=False)` ('plain') goes through erfc, which XLA's CPU backend runs as three passes
-  over the MLP activations where erf's polynomial fuses into one."""
-  if not _on_cpu_path(mode):
-    return jax.nn.gelu(x, approximate=False)
-  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 # ------------------------------------------------------------------------------- SwinV2's position-bias gather

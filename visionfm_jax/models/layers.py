@@ -60,8 +60,7 @@ def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
 
 class Dense(nn.Module):
   """y = x . kernel + bias over the input axes `axis` (params `kernel` (in axes..., features...) and `bias`
-  (features...), as flax's DenseGeneral), in `kernels` mode (`kernels.contract_trailing`,
-  `kernels.broadcast_leading`)."""
+  (features...), as flax's DenseGeneral); the product is `kernels.contract_trailing` in `kernels` mode."""
   features: int | tuple[int, ...]
   axis: int | tuple[int, ...] = -1
   use_bias: bool = True
@@ -83,7 +82,7 @@ class Dense(nn.Module):
     y = kernels_lib.contract_trailing(x.astype(self.dtype), kernel.astype(self.dtype), len(axes), self.kernels)
     if self.use_bias:
       bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype)
-      y = y + kernels_lib.broadcast_leading(bias.astype(self.dtype), y.shape, self.kernels)
+      y = y + bias.astype(self.dtype)
     return y
 
 
@@ -131,12 +130,11 @@ class LayerNorm(nn.Module):
   dtype: Dtype = jnp.float32
   axis_name: str = EMBED
   zero_init: bool = False
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     scale_init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
-    return _Normalize(self.epsilon, scale_init, self.axis_name, self.kernels, name="ln")(x).astype(self.dtype)
+    return _Normalize(self.epsilon, scale_init, self.axis_name, name="ln")(x).astype(self.dtype)
 
 
 class _Normalize(nn.Module):
@@ -144,7 +142,6 @@ class _Normalize(nn.Module):
   epsilon: float
   scale_init: Callable[..., Any]
   axis_name: str
-  kernels: str
 
   @nn.compact
   def __call__(self, x):
@@ -154,8 +151,7 @@ class _Normalize(nn.Module):
     bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (width,), jnp.float32)
     centered = x - jnp.mean(x, axis=-1, keepdims=True)
     normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.epsilon)
-    over_tokens = lambda param: kernels_lib.broadcast_leading(param, x.shape, self.kernels)
-    return normed * over_tokens(scale) + over_tokens(bias)
+    return normed * scale + bias
 
 
 # attention=...: einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
@@ -295,7 +291,7 @@ class Mlp(nn.Module):
     width = x.shape[-1]
     y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6),
               kernels=self.kernels)(x)
-    y = kernels_lib.gelu(y, self.kernels)
+    y = nn.gelu(y, approximate=False)
     y = constrain(y, (BATCH, LENGTH, ACT_MLP))
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6),

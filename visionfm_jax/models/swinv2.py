@@ -269,11 +269,11 @@ class SwinBlock(nn.Module):
     skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, None, None, ACT_EMBED))
     y = self.attend(x, shifted)
-    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, kernels=self.kernels, name="norm1")(y)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm1")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic,
                    kernels=self.kernels, name="mlp")(x)
-    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, kernels=self.kernels, name="norm2")(y)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm2")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     if self.extra_norm:
       normed = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, use_bias=False, use_scale=False)(x.astype(jnp.float32))
@@ -320,7 +320,7 @@ class PatchMerging(nn.Module):
     x = einops.rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)
     x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction", kernels=self.kernels,
                      kernel_init=nn.initializers.truncated_normal(0.02))(x)
-    return layers.LayerNorm(PATCH_NORM_EPS, self.dtype, kernels=self.kernels, name="norm")(x)
+    return layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="norm")(x)
 
 
 class SwinV2(nn.Module):
@@ -379,7 +379,7 @@ class SwinV2(nn.Module):
     deterministic = not train
     windows, pretrained = self.stage_settings()
     x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype, kernels=self.kernels)
-    x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, kernels=self.kernels, name="patch_norm")(x)
+    x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
     if self.mask_token:
       token = self.param("mask_token", layers.logical(nn.initializers.truncated_normal(0.02), (EMBED,)),
                          (self.embed_dim,))
@@ -407,7 +407,7 @@ class SwinV2(nn.Module):
       stages.append(stage_out)
       start += depth
 
-    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, kernels=self.kernels, name="norm")(x)
+    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
     tokens = einops.rearrange(x, "b h w c -> b (h w) c")
     pooled = jnp.mean(tokens, axis=1)
     out = {"tokens": tokens, "pooled": pooled}

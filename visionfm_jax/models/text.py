@@ -72,7 +72,7 @@ class CausalBlock(nn.Module):
   @nn.compact
   def __call__(self, x, cache, mask=None, index=None):
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
-    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, kernels=self.kernels, name="norm1")(x)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
     attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
                                 kernels=self.kernels, name="attn")
     if cache is None:
@@ -80,7 +80,7 @@ class CausalBlock(nn.Module):
     else:
       y, cache = attn(y, cache=cache, index=index)
     x = x + y
-    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, kernels=self.kernels, name="norm2")(x)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
     return x + layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, name="mlp")(y), cache
 
 
@@ -128,7 +128,7 @@ class TextTransformer(nn.Module):
         CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels)
-    final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, kernels=self.kernels, name="norm")
+    final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
 
     if cache is not None:
       x = x + jax.lax.dynamic_slice_in_dim(pos, index, length).astype(x.dtype)

@@ -57,12 +57,12 @@ class EncoderBlock(nn.Module):
   def __call__(self, x, drop_rate):
     skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
-    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, kernels=self.kernels, name="norm1")(x)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
     y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, kernels=self.kernels,
                              name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
-    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, kernels=self.kernels, name="norm2")(x)
+    y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
     y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, kernels=self.kernels, name="mlp")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     return x, None
@@ -98,7 +98,7 @@ class ViT(nn.Module):
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
                      (1, x.shape[1], self.width))
-    x = x + kernels_lib.broadcast_leading(pos[0].astype(x.dtype), x.shape, self.kernels)
+    x = x + pos.astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
     run_blocks = layers.stack_blocks(
@@ -107,7 +107,7 @@ class ViT(nn.Module):
         dropout=self.dropout, qkv_bias=self.qkv_bias, attention=self.attention, stochastic_depth=self.drop_path > 0,
         deterministic=deterministic, kernels=self.kernels)
     x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))
-    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, kernels=self.kernels, name="norm")(x)
+    x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
     pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
     out = {"tokens": x, "pooled": pooled}
