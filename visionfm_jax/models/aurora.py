@@ -57,13 +57,12 @@ class AttentionalPooler(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    norm = lambda dtype, name: layers.LayerNorm(self.layer_norm_eps, dtype, name=name)
     queries = self.param("queries", layers.logical(nn.initializers.normal(0.02), (None, EMBED)),
                          (self.num_queries, self.width))
-    queries = norm(self.dtype, "norm_q")(queries)
-    context = norm(self.dtype, "norm_kv")(tokens)
+    queries = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_q")(queries)
+    context = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_kv")(tokens)
     pooled = layers.CrossAttention(self.width, self.num_heads, self.dtype, self.kernels, name="attn")(queries, context)
-    return norm(jnp.float32, "norm")(pooled)
+    return layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(pooled)
 
 
 class DecoderBlock(nn.Module):
