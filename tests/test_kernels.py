@@ -75,19 +75,6 @@ def test_patch_conv_as_matmul_leaves_other_convolutions_to_xla():
   chex.assert_trees_all_close(conv("cpu").apply(params, images), conv("plain").apply(params, images), atol=1e-6)
 
 
-@pytest.mark.parametrize("window", [1, 2, 5])
-def test_expand_window_offsets_is_the_index_gather_with_its_gradient(window):
-  rng = np.random.default_rng(window)
-  per_offset = _normal(rng, (3, (2 * window - 1) ** 2))
-  weights = _normal(rng, (3, window ** 2, window ** 2))
-  index = swinv2.relative_position_index(window)
-  gather = lambda t: t[:, index.reshape(-1)].reshape(3, window ** 2, window ** 2)
-  for mode in MODES:
-    chex.assert_trees_all_equal(kernels.expand_window_offsets(per_offset, index, mode), gather(per_offset))
-    grad = jax.grad(lambda t, m=mode: jnp.sum(kernels.expand_window_offsets(t, index, m) * weights))(per_offset)
-    chex.assert_trees_all_close(grad, jax.grad(lambda t: jnp.sum(gather(t) * weights))(per_offset), atol=1e-5)
-
-
 def _reference_attention(q, k, v, bias, mask):
   """jax.nn.dot_product_attention (XLA, autodiff) on our (..., H, T, D) layout with q pre-scaled."""
   to_bthd = lambda t: jnp.swapaxes(t, 1, 2)

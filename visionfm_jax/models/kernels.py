@@ -14,15 +14,14 @@ after the first trace reuses the stale trace), and `jax.lax.platform_dependent` 
 program and cannot force a path (tests and `bench --compare=plain` need to).
 
 The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-8) and again in session 10
-(the whole set against 'plain', and one at a time; two tricks that no longer paid were dropped there: a matmul
-gradient for dense biases, norm params and ViT's position embedding, and an erf-written GELU):
+(the whole set against 'plain', and one at a time; three tricks that no longer paid were dropped there: a matmul
+gradient for dense biases, norm params and ViT's position embedding, an erf-written GELU, and a diagonal-sum
+gradient for SwinV2's position-bias gather):
   contract_trailing      a dense layer's multi-axis contraction as one 2-D matmul (qkv forward + backward 1.65x)
   patch_conv             the stride = kernel patch embedding as patches @ kernel (its gradient 2.4x faster)
   broadcast_leading      SwinV2's position bias broadcast over windows, whose gradient (like the attention
   sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
                          on a SwinV2-T stage-0 block's (128, 3, 196, 196) bias gradient (216 vs 3.4 ms)
-  expand_window_offsets  SwinV2's position-bias gather, whose gradient sums diagonals instead of a serial
-                         scatter-add (70 ms per SwinV2-T stage-0 block)
 
 `softmax_attention` (attention='softmax') has a hand-written backward in every mode. It is not a backend trick
 but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where autodiff
@@ -159,44 +158,6 @@ def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         feature_group_count=feature_group_count, precision=precision)
   patches = einops.rearrange(lhs, "b (h ph) (w pw) c -> b h w ph pw c", ph=patch[0], pw=patch[1])
   return contract_trailing(patches, rhs, 3, "cpu", precision=precision)
-
-
-# ------------------------------------------------------------------------------- SwinV2's position-bias gather
-
-def expand_window_offsets(per_offset: jax.Array, index: np.ndarray, mode: str) -> jax.Array:
-  """(H, (2W-1)^2) values per offset -> (H, N, N) values per (query, key) pair of a W x W window (N = W^2):
-  `per_offset[:, index]`, where `index` (N, N) must be the row-major offset index (dh + W-1)(2W-1) + (dw + W-1)
-  of query - key (swinv2.relative_position_index). 'cpu': the gradient is summed along diagonals instead of
-  autodiff's scatter-add into the table, which XLA's CPU backend runs serially: every offset is a pair of
-  diagonals of the (W, W, W, W) gradient (`_diagonal_sums`)."""
-  n = index.shape[0]
-  gather = lambda table: table[:, np.asarray(index).reshape(-1)].reshape(-1, n, n)
-  if not _on_cpu_path(mode):
-    return gather(per_offset)
-  window = math.isqrt(n)
-
-  @jax.custom_vjp
-  def gather_with_diagonal_grad(table):
-    return gather(table)
-
-  def backward(_, grad):
-    g = grad.reshape(-1, window, window, window, window)  # (H, query row, query col, key row, key col)
-    g = _diagonal_sums(einops.rearrange(g, "h qr qc kr kc -> h qc kc qr kr"))  # -> (H, qc, kc, row offset)
-    g = _diagonal_sums(einops.rearrange(g, "h qc kc dr -> h dr qc kc"))  # -> (H, row offset, col offset)
-    return (g.reshape(g.shape[0], -1),)
-
-  gather_with_diagonal_grad.defvjp(lambda table: (gather(table), None), backward)
-  return gather_with_diagonal_grad(per_offset)
-
-
-def _diagonal_sums(x: jax.Array) -> jax.Array:
-  """(..., W, W) -> (..., 2W-1): out[d] = sum of x[i, j] with i - j = d - (W - 1). Flipping j makes the
-  diagonal index i + j'; padding rows to 2W and re-reading them 2W-1 wide shifts row i by i, so the diagonals
-  become columns."""
-  w = x.shape[-1]
-  x = jnp.pad(jnp.flip(x, -1), [(0, 0)] * (x.ndim - 1) + [(0, w)])
-  x = x.reshape(x.shape[:-2] + (2 * w * w,))[..., :w * (2 * w - 1)]
-  return jnp.sum(x.reshape(x.shape[:-1] + (w, 2 * w - 1)), axis=-2)
 
 
 # ------------------------------------------------------------------------------------------------- attention

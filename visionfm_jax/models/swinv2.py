@@ -169,8 +169,9 @@ class ContinuousPositionBias(nn.Module):
     per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
                               kernels=self.kernels, kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
     # The sigmoid runs on the (2W-1)^2 offsets before the gather, not on the N^2 pairs after it.
-    return kernels_lib.expand_window_offsets(16.0 * jax.nn.sigmoid(per_offset.T), relative_position_index(self.window),
-                                             self.kernels)
+    per_offset = 16.0 * jax.nn.sigmoid(per_offset.T)  # (heads, (2W-1)^2)
+    n = self.window * self.window
+    return per_offset[:, relative_position_index(self.window).reshape(-1)].reshape(-1, n, n)
 
 
 class WindowAttention(nn.Module):
