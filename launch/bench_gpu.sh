@@ -17,7 +17,7 @@ run() {  # name, then bench flags
 }
 
 for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable none; do
-  for attention in cudnn xla; do
+  for attention in cudnn softmax; do
     for batch in 32 64; do
       run "vit_h14 remat=$remat attention=$attention batch=$batch" --config=configs/vit_huge.py \
         --config.global_batch_size=$batch --config.model.remat_policy=$remat --config.model.attention=$attention
@@ -25,7 +25,7 @@ for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable non
   done
 done
 for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable; do
-  for attention in auto xla; do
+  for attention in jax softmax; do
     for batch in 16 32; do
       run "swinv2_g remat=$remat attention=$attention batch=$batch" --config=configs/swinv2_cls.py:G \
         --config.global_batch_size=$batch --config.model.remat_policy=$remat --config.model.attention=$attention

@@ -44,6 +44,16 @@ def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
   assert "ratio:" in out
 
 
+def test_bench_compares_the_kernels_with_the_plain_path(capsys):
+  code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--compare=plain")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["plain"]["step_s"] > 0 and result["ratio"] == pytest.approx(result["step_s"] / result["plain"]["step_s"])
+  # The same model, init and batch down either path: the same loss.
+  assert result["plain"]["loss"] == pytest.approx(result["loss"], rel=1e-4)
+  assert result["verdict"] in ("faster", "slower", "within noise") and "plain:" in out
+
+
 def test_paired_ratio_calls_a_side_faster_only_when_the_interval_excludes_1():
   rng = np.random.default_rng(1)
   load = rng.uniform(1.0, 1.6, 40)  # drift shared by both sides of a pair

@@ -278,30 +278,18 @@ def test_l2_normalize_has_finite_gradients_at_zero():
 
 @pytest.mark.parametrize("shifted_stage", [True, False])
 def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
-  """attention='auto' (jax.nn.dot_product_attention; the cuDNN path on GPU takes the same folded layout, bias
+  """attention='jax' (jax.nn.dot_product_attention; the cuDNN path on GPU takes the same folded layout, bias
   and scale) computes what the einsum path does, with and without the shift mask; gradients too."""
   from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   windows = jnp.asarray(rng.normal(size=(2, 4, 16, 12)), jnp.float32)  # B, nW, N (4x4 windows), C
   regions = jnp.asarray(rng.integers(0, 3, (4, 16))) if shifted_stage else None
   modules = {a: swinv2.WindowAttention(num_heads=3, window=4, pretrained_window=4, attention=a)
-             for a in ("xla", "auto")}
-  params = modules["xla"].init(jax.random.key(0), windows, regions)
+             for a in ("softmax", "jax")}
+  params = modules["softmax"].init(jax.random.key(0), windows, regions)
   params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
   outs = {a: m.apply(params, windows, regions) for a, m in modules.items()}
-  np.testing.assert_allclose(outs["auto"], outs["xla"], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(outs["jax"], outs["softmax"], rtol=1e-5, atol=1e-5)
   grads = {a: jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, windows, regions))))(params)
            for a, m in modules.items()}
-  chex.assert_trees_all_close(grads["auto"], grads["xla"], rtol=1e-4, atol=1e-5)
-
-
-@pytest.mark.parametrize("window", [1, 2, 5])
-def test_expand_offsets_is_the_index_gather_with_its_gradient(window):
-  rng = np.random.default_rng(window)
-  per_offset = jnp.asarray(rng.normal(size=(3, (2 * window - 1) ** 2)).astype(np.float32))
-  weights = jnp.asarray(rng.normal(size=(3, window ** 2, window ** 2)).astype(np.float32))
-  index = swinv2.relative_position_index(window).reshape(-1)
-  gather = lambda t: t[:, index].reshape(3, window ** 2, window ** 2)
-  chex.assert_trees_all_equal(swinv2.expand_offsets(per_offset, window), gather(per_offset))
-  grad = jax.grad(lambda t: jnp.sum(swinv2.expand_offsets(t, window) * weights))(per_offset)
-  chex.assert_trees_all_close(grad, jax.grad(lambda t: jnp.sum(gather(t) * weights))(per_offset), atol=1e-5)
+  chex.assert_trees_all_close(grads["jax"], grads["softmax"], rtol=1e-4, atol=1e-5)

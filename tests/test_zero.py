@@ -149,7 +149,7 @@ def _leaf(tree, path: str):
 
 
 def _flattenings(shape) -> list[tuple[int, ...]]:
-  """`shape` and its 2-D forms (leading axes x trailing axes): layers.flat_dot_general multiplies a kernel
+  """`shape` and its 2-D forms (leading axes x trailing axes): kernels.contract_trailing (CPU path) multiplies a kernel
   (in axes..., out axes...) as one matrix, so the compiler may move it in that form."""
   return [shape] + [(math.prod(shape[:k]), math.prod(shape[k:])) for k in range(1, len(shape))]
 

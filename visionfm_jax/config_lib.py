@@ -35,7 +35,11 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   """
   common = dict(name=name, num_classes=1000, image_size=224, drop_path=0.0, dropout=0.0, head_bias_init=0.0,
                 scan=True, remat_policy="nothing_saveable",
-                attention="xla")  # xla | cudnn | auto (jax.nn.dot_product_attention; cuDNN flash attention on GPU)
+                # softmax (einsums, hand-written backward) | cudnn (cuDNN flash attention, GPU) | jax
+                # (jax.nn.dot_product_attention choosing); models/layers.py ATTENTION
+                attention="softmax",
+                kernels="auto")  # auto | plain | cpu: backend speed tricks (models/kernels.py); auto = cpu on CPU
+  shared = ("name", "image_size", "scan", "remat_policy", "kernels")  # set once for all towers of clip, aurora
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True)  # pool: cls | gap
   elif name == "swinv2":
@@ -55,9 +59,9 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
     if image_tower not in ("swinv2", "vit"):
       raise ConfigError(f"clip image_tower={image_tower!r}: expected swinv2 or vit")
     image = model_config(image_tower)
-    for key in ("image_size", "scan", "remat_policy", "num_classes", "head_bias_init"):  # set by CLIP
+    for key in ("image_size", "scan", "remat_policy", "kernels", "num_classes", "head_bias_init"):  # set by CLIP
       del image[key]
-    common = {k: common[k] for k in ("name", "image_size", "scan", "remat_policy")}
+    common = {k: common[k] for k in shared}
     family = dict(
         embed_dim=512,  # the joint embedding both towers project to
         logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
@@ -69,16 +73,16 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
             eos_id=3,  # pooled position: the first eos_id of each row (pool='eos')
             pool="eos",  # eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)
             layer_norm_eps=1e-5,
-            attention="xla",  # xla | cudnn | auto (causal)
+            attention="softmax",  # softmax | cudnn | jax (causal)
         )),
     )
   elif name == "aurora":
     encoder = model_config("swinv2")
-    for key in ("name", "image_size", "scan", "remat_policy", "num_classes", "head_bias_init"):  # set by Aurora
+    for key in ("name", "image_size", "scan", "remat_policy", "kernels", "num_classes", "head_bias_init"):  # set by Aurora
       del encoder[key]
     text = model_config("clip").text
     text.pool = "cls"
-    common = {k: common[k] for k in ("name", "image_size", "scan", "remat_policy")}
+    common = {k: common[k] for k in shared}
     family = dict(
         embed_dim=1024,  # the contrastive embedding both sides project to
         logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); clamped to [0, log 100] after every update

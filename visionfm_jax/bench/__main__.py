@@ -16,7 +16,12 @@ step time over its (below 1: we are faster), `cpu_ratio` the same for the CPU se
 step. On a shared machine the load drifts from one second to the next, so the report also takes the ratio within
 each interleaved pair of steps: `ratio_paired` is their median and `ratio_ci90` a 90% bootstrap interval of that
 median (resampling the pairs); `verdict` says "faster" or "slower" only when the whole interval lies on one side
-of 1, else "within noise". Figures:
+of 1, else "within noise".
+
+`--compare=plain` interleaves the same way with our own step built with `config.model.kernels=plain` (every
+backend trick of models/kernels.py off): the ratio says what the config's kernels buy (below 1: they pay).
+
+Figures:
 
   step_s           median wall seconds of one step after `--warmup` steps (also min and max)
   img_per_sec      global batch / step_s
@@ -59,8 +64,9 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)
   flags.DEFINE_enum("cpu_dots", "default", list(primitives.CPU_DOT_BACKENDS),
                     "XLA CPU library for the step's dots (compiler options of this executable only).", flag_values=fv)
-  flags.DEFINE_enum("compare", "", ["", "torch"], "Also time the PyTorch twin (classification with ViT or SwinV2).",
-                    flag_values=fv)
+  flags.DEFINE_enum("compare", "", ["", "torch", "plain"],
+                    "Also time the PyTorch twin (classification with ViT or SwinV2), or our step with "
+                    "config.model.kernels=plain.", flag_values=fv)
   return fv
 
 def versions() -> dict[str, str]:
@@ -98,6 +104,14 @@ def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 200
   return {"ratio_paired": float(np.median(ratios)), "ratio_ci90": [float(low), float(high)], "verdict": verdict}
 
 
+def plain_kernels(config):
+  """A copy of `config` whose model runs XLA's plain path (`config.model.kernels='plain'`)."""
+  plain = config.copy_and_resolve_references()
+  with plain.unlocked():
+    plain.model.kernels = "plain"
+  return plain
+
+
 def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0,
               cpu_dots: str = "default") -> dict:
   """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line."""
@@ -116,6 +130,8 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   runners = {"ours": ours}
   if compare == "torch":
     runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
+  if compare == "plain":
+    runners["plain"] = step_lib.JaxStep(plain_kernels(config), mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots])
   for _ in range(warmup):
     for runner in runners.values():
       runner.timed_step()
@@ -141,7 +157,9 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   if compare:
     theirs = summarize(times[compare])
     result[compare] = {**theirs, "img_per_sec": config.global_batch_size / theirs["step_s"],
-                       "loss": runners[compare].loss(), "attention": runners[compare].attention}
+                       "loss": runners[compare].loss()}
+    if compare == "torch":
+      result[compare]["attention"] = runners[compare].attention
     result["ratio"] = result["step_s"] / theirs["step_s"]
     result["cpu_ratio"] = result["cpu_s"] / theirs["cpu_s"]
     result.update(paired_ratio([t[0] for t in times["ours"]], [t[0] for t in times[compare]]))
@@ -150,7 +168,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
 
 
 def _print_table(result: dict) -> None:
-  rows = [("ours", result)] + ([(k, result[k]) for k in ("torch",) if k in result])
+  rows = [("ours", result)] + ([(k, result[k]) for k in ("torch", "plain") if k in result])
   for name, r in rows:
     print(f"{name:>6}: step {r['step_s'] * 1e3:9.1f} ms (min {r['step_s_min'] * 1e3:.1f}, max "
           f"{r['step_s_max'] * 1e3:.1f})  {r['img_per_sec']:9.1f} img/s  cpu {r['cpu_s']:.3f} s/step  "

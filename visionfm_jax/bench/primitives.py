@@ -13,7 +13,7 @@ defaults are ViT-S/16's dense layers at batch 8 (M = 8 x 197 tokens): qkv, fc1, 
   xnn      XNNPACK for the dots it takes, Eigen otherwise (YNNPACK off)
   eigen    Eigen (YNNPACK off)
 `--reduce=SHAPE:AXES`: the sum over the leading AXES axes of an fp32 array, as `jnp.sum` and as
-`layers.sum_leading` (a ones-vector matmul), in ms. The default is SwinV2-T stage 0's position-bias gradient
+`kernels.sum_leading_as_matmul` (the CPU path of `kernels.sum_leading`), in ms. The default is SwinV2-T stage 0's position-bias gradient
 (batch 8, 16 windows, 3 heads, 196 x 196).
 The last line is one JSON object with every figure.
 """
@@ -139,13 +139,13 @@ def time_gemms(gemms, repeats: int, backends=("default",), train: bool = False) 
 
 def time_reductions(reductions, repeats: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   rows = []
   for shape, axes in reductions:
     x = jax.numpy.asarray(rng.standard_normal(shape, np.float32))
     reduce = jax.jit(lambda t, axes=axes: jax.numpy.sum(t, axis=tuple(range(axes))))
-    matmul = jax.jit(lambda t, axes=axes: layers.sum_leading(t, axes))
+    matmul = jax.jit(lambda t, axes=axes: kernels.sum_leading_as_matmul(t, axes))
     np.testing.assert_allclose(np.asarray(reduce(x)), np.asarray(matmul(x)), rtol=1e-3, atol=1e-2)
     rows.append({"reduce": f"{'x'.join(map(str, shape))}:{axes}",
                  "jnp_sum_ms": _median_ms(lambda: reduce(x).block_until_ready(), repeats),

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -49,6 +50,7 @@ class AttentionalPooler(nn.Module):
   num_heads: int
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, tokens):
@@ -56,7 +58,7 @@ class AttentionalPooler(nn.Module):
                          (self.num_queries, self.width))
     queries = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_q")(queries)
     context = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_kv")(tokens)
-    pooled = layers.CrossAttention(self.width, self.num_heads, self.dtype, name="attn")(queries, context)
+    pooled = layers.CrossAttention(self.width, self.num_heads, self.dtype, self.kernels, name="attn")(queries, context)
     return layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(pooled)
 
 
@@ -69,24 +71,26 @@ class DecoderBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-5
-  attention: str = "xla"
+  attention: str = "softmax"
   dtype: Any = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache, memory, index=None):
     width = x.shape[-1]
     norm = lambda name: layers.LayerNorm(self.layer_norm_eps, self.dtype, name=name)
+    mlp = lambda name: layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, name=name)
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
-                                name="attn")
+                                kernels=self.kernels, name="attn")
     if cache is None:
       x = x + attn(norm("norm1")(x))
     else:
       y, self_cache = attn(norm("norm1")(x), cache={"k": cache["k"], "v": cache["v"]}, index=index)
       x = x + y
-    x = x + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(norm("norm2")(x))
+    x = x + mlp("mlp")(norm("norm2")(x))
 
-    cross = layers.CrossAttention(width, self.num_heads, self.dtype, name="cross_attn")
+    cross = layers.CrossAttention(width, self.num_heads, self.dtype, self.kernels, name="cross_attn")
     if cache is None:
       x = x + cross(norm("norm3")(x), memory)
     else:
@@ -94,7 +98,7 @@ class DecoderBlock(nn.Module):
       x = x + cross(norm("norm3")(x), kv=(k, v))
       dtype = cache["cross_k"].dtype
       cache = {**self_cache, "cross_k": k.astype(dtype), "cross_v": v.astype(dtype)}
-    x = x + layers.Mlp(self.mlp_dim, self.dtype, name="cross_mlp")(norm("norm4")(x))
+    x = x + mlp("cross_mlp")(norm("norm4")(x))
     return x, cache
 
 
@@ -105,10 +109,11 @@ class MultimodalDecoder(nn.Module):
   mlp_dim: int
   vocab_size: int
   layer_norm_eps: float = 1e-5
-  attention: str = "xla"
+  attention: str = "softmax"
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, memory, cache=None, index=None):
@@ -116,10 +121,11 @@ class MultimodalDecoder(nn.Module):
     run_blocks = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype)
+        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels)
     x, cache = run_blocks(x, cache, memory, index)
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     logits = layers.dense(self.vocab_size, (EMBED, VOCAB), self.dtype, use_bias=False, name="vocab_proj",
+                          kernels=self.kernels,
                           kernel_init=nn.initializers.normal(x.shape[-1] ** -0.5))(x)
     return logits.astype(jnp.float32), cache
 
@@ -134,9 +140,7 @@ class MultimodalDecoder(nn.Module):
 def pixel_shuffle(x: jax.Array, factor: int, channels: int = 3) -> jax.Array:
   """(B, h, w, channels * f * f) -> (B, h*f, w*f, channels); channel c*f*f + i*f + j lands at (i, j) of c
   (torch.nn.PixelShuffle's order)."""
-  b, h, w, _ = x.shape
-  x = x.reshape(b, h, w, channels, factor, factor).transpose(0, 1, 4, 2, 5, 3)
-  return x.reshape(b, h * factor, w * factor, channels)
+  return einops.rearrange(x, "b h w (c i j) -> b (h i) (w j) c", c=channels, i=factor, j=factor)
 
 
 class Aurora(nn.Module):
@@ -148,6 +152,7 @@ class Aurora(nn.Module):
   logit_scale_init: float = LOGIT_SCALE_INIT
   mim_view: str = "separate"
   dtype: Any = jnp.float32
+  kernels: str = "auto"  # models/kernels.py
 
   def setup(self):
     if self.mim_view not in MIM_VIEWS:
@@ -155,11 +160,11 @@ class Aurora(nn.Module):
     if self.text.pool != "cls" or self.text.embed_dim != self.embed_dim:
       raise ValueError("the text encoder must pool a CLS token and project to embed_dim")
     width, heads = self.text.width, self.text.num_heads
-    self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype)
-    self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype)
+    self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype, kernels=self.kernels)
+    self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype, kernels=self.kernels)
     self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
-                                   kernel_init=nn.initializers.normal(width ** -0.5))
-    self.mim_head = layers.dense(self.stride ** 2 * 3, (EMBED, None), self.dtype,
+                                   kernel_init=nn.initializers.normal(width ** -0.5), kernels=self.kernels)
+    self.mim_head = layers.dense(self.stride ** 2 * 3, (EMBED, None), self.dtype, kernels=self.kernels,
                                  kernel_init=nn.initializers.truncated_normal(0.02))
     self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
                                   ())
@@ -212,7 +217,7 @@ class Aurora(nn.Module):
   def reconstruct(self, tokens, image_hw: tuple[int, int]) -> jax.Array:
     """Final tokens -> (B, H, W, 3) predicted normalised pixels (1x1 conv, pixel shuffle by the stride)."""
     h, w = -(-image_hw[0] // self.stride), -(-image_hw[1] // self.stride)
-    pixels = self.mim_head(tokens.reshape(tokens.shape[0], h, w, tokens.shape[-1]))
+    pixels = self.mim_head(einops.rearrange(tokens, "b (h w) c -> b h w c", h=h, w=w))
     return pixel_shuffle(pixels.astype(jnp.float32), self.stride)[:, :image_hw[0], :image_hw[1]]
 
   def embed_images(self, images) -> jax.Array:
@@ -296,18 +301,18 @@ def build(model_cfg, dtype) -> Aurora:
   if text_cfg.pool != "cls":
     raise ValueError(f"text.pool={text_cfg.pool!r}: Aurora's text encoder pools a CLS token ('cls')")
   text = text_lib.build(text_cfg, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy)
+                        remat_policy=model_cfg.remat_policy, kernels=model_cfg.kernels)
   if int(model_cfg.decoder_depth) <= 0 or int(model_cfg.caption_queries) <= 0:
     raise ValueError(f"decoder_depth={model_cfg.decoder_depth}, caption_queries={model_cfg.caption_queries}: "
                      "must be positive")
   decoder = MultimodalDecoder(depth=model_cfg.decoder_depth, num_heads=text.num_heads, mlp_dim=text.mlp_dim,
                               vocab_size=text.vocab_size, layer_norm_eps=text.layer_norm_eps,
                               attention=text.attention, dtype=dtype, scan=model_cfg.scan,
-                              remat_policy=model_cfg.remat_policy)
+                              remat_policy=model_cfg.remat_policy, kernels=text.kernels)
   if model_cfg.mim_view not in MIM_VIEWS:
     raise ValueError(f"mim_view={model_cfg.mim_view!r}: expected one of {MIM_VIEWS}")
   kwargs = dict(encoder=encoder, text=text, decoder=decoder, embed_dim=model_cfg.embed_dim,
                 caption_queries=model_cfg.caption_queries, logit_scale_init=model_cfg.logit_scale_init,
-                mim_view=model_cfg.mim_view, dtype=dtype)
+                mim_view=model_cfg.mim_view, dtype=dtype, kernels=text.kernels)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(Aurora)}
   return Aurora(**kwargs)

@@ -41,12 +41,13 @@ class CLIP(nn.Module):
   text: text_lib.TextTransformer  # its embed_dim must equal embed_dim
   embed_dim: int
   logit_scale_init: float = LOGIT_SCALE_INIT
+  kernels: str = "auto"  # models/kernels.py
 
   def setup(self):
     if self.text.embed_dim != self.embed_dim:
       raise ValueError(f"text tower projects to {self.text.embed_dim}, CLIP embed_dim is {self.embed_dim}")
     self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
-                                   kernel_init=nn.initializers.lecun_normal())
+                                   kernel_init=nn.initializers.lecun_normal(), kernels=self.kernels)
     self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
                                   ())
 
@@ -100,5 +101,6 @@ def build(model_cfg, dtype) -> CLIP:
   except ValueError as e:
     raise ValueError(f"image: {e}") from e
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy)
-  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init)
+                        remat_policy=model_cfg.remat_policy, kernels=model_cfg.kernels)
+  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init,
+              kernels=text.kernels)

@@ -39,7 +39,7 @@ from visionfm_jax.models.layers import CLASSES, EMBED
 # mmseg / detectron2 initialise convs feeding ReLUs with He normal over the fan-out.
 CONV_INIT = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
 NORM_EPS = 1e-6
-ACTIVATIONS = {"relu": nn.relu, "gelu": layers.gelu, None: lambda x: x}
+ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False), None: lambda x: x}
 
 
 def conv(features: int, kernel: int, dtype: Any, *, strides: int = 1, use_bias: bool = True, transpose: bool = False,

@@ -1,22 +1,23 @@
-"""Shared building blocks: fp32 LayerNorm, multi-head attention, MLP, stochastic depth, remat policies.
+"""Shared building blocks: dense layers, fp32 LayerNorm, multi-head attention, MLP, stochastic depth, remat policies.
 
 Every parameter carries logical axis names (see `parallel/sharding.py` for the rules that map them onto the
-mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and losses run in fp32.
+mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and losses run in fp32. Modules take
+`kernels` ('auto' | 'plain' | 'cpu', models/kernels.py): which form of the backend-dependent primitives they run.
 """
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Callable
 
+import einops
 import flax.linen as nn
 from flax.core import meta
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from visionfm_jax import config_lib
+from visionfm_jax.models import kernels as kernels_lib
 from visionfm_jax.parallel import sharding
 
 Dtype = Any
@@ -43,67 +44,6 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   return nn.with_logical_constraint(x, names, mesh=mesh)
 
 
-def flat_dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-  """`lax.dot_general` computed as one 2-D matmul when it is a dense layer's contraction (lhs's trailing axes
-  against rhs's leading axes, in order, no batch axes): (..., K) @ (K, N). XLA's CPU backend runs the
-  forward and backward of such a layer ~1.6x faster on the flattened form than on the multi-axis one (the
-  qkv projection's (tokens, C) x (C, 3, heads, head_dim)); on GPU both compile to the same GEMM."""
-  (lhs_contract, rhs_contract), (lhs_batch, rhs_batch) = dimension_numbers
-  lhs_contract, rhs_contract = tuple(lhs_contract), tuple(rhs_contract)
-  k = len(lhs_contract)
-  is_dense = (not lhs_batch and not rhs_batch and lhs_contract == tuple(range(lhs.ndim - k, lhs.ndim))
-              and rhs_contract == tuple(range(k)))
-  if not is_dense:
-    return jax.lax.dot_general(lhs, rhs, dimension_numbers, precision=precision,
-                               preferred_element_type=preferred_element_type)
-  free_lhs, free_rhs = lhs.shape[:lhs.ndim - k], rhs.shape[k:]
-  contract = math.prod(lhs.shape[lhs.ndim - k:])
-  out = jax.lax.dot_general(lhs.reshape(-1, contract), rhs.reshape(contract, -1), (((1,), (0,)), ((), ())),
-                            precision=precision, preferred_element_type=preferred_element_type)
-  return out.reshape(free_lhs + free_rhs)
-
-
-def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
-  """Sums `x` over its first `num_axes` axes as a ones-vector matmul (fp32 accumulation, full precision).
-
-  This is the gradient of every parameter broadcast over tokens (biases, norm scales, position embeddings and
-  biases). XLA's CPU backend reduces over leading axes up to 50x slower than it multiplies by a ones vector
-  (a (128, 3*196*196) sum: 170-260 ms vs 3 ms on 2 cores, jaxlib 0.10); on GPU both are a cheap pass."""
-  if num_axes == 0:
-    return x
-  leading = tuple(range(num_axes))  # contracted in place (no reshape), so sharded axes stay as they are
-  total = jax.lax.dot_general(jnp.ones(x.shape[:num_axes], x.dtype), x, ((leading, leading), ((), ())),
-                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
-  return total.astype(x.dtype)
-
-
-def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
-  """`jnp.broadcast_to(x, shape)` for an `x` whose shape is a suffix of `shape` (a bias over tokens), whose
-  gradient is `sum_leading` instead of XLA's reduction."""
-  shape = tuple(shape)
-  if tuple(shape[len(shape) - x.ndim:]) != tuple(x.shape):
-    raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
-  return _broadcast_leading(x, shape, len(shape) - x.ndim)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
-def _broadcast_leading(x, shape, num_leading):
-  del num_leading
-  return jnp.broadcast_to(x, shape)
-
-
-def _broadcast_leading_fwd(x, shape, num_leading):
-  return _broadcast_leading(x, shape, num_leading), None
-
-
-def _broadcast_leading_bwd(shape, num_leading, _, grad):
-  del shape
-  return (sum_leading(grad, num_leading),)
-
-
-_broadcast_leading.defvjp(_broadcast_leading_fwd, _broadcast_leading_bwd)
-
-
 def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
   """Calls `init` with the (inputs, outputs) matrix shape and reshapes (as flax's DenseGeneral does), so a
   (C, 3, heads, head_dim) kernel has the fan-in/fan-out of a C x 3C matrix."""
@@ -118,8 +58,7 @@ def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
 
 class Dense(nn.Module):
   """y = x . kernel + bias over the input axes `axis` (params `kernel` (in axes..., features...) and `bias`
-  (features...), as flax's DenseGeneral). The product is one 2-D matmul (`flat_dot_general`) and the bias
-  broadcasts with `broadcast_leading`, whose gradient is a matmul rather than XLA's slow CPU reduction."""
+  (features...), as flax's DenseGeneral); the product is `kernels.contract_trailing` in `kernels` mode."""
   features: int | tuple[int, ...]
   axis: int | tuple[int, ...] = -1
   use_bias: bool = True
@@ -127,6 +66,7 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable[..., Any] = nn.initializers.xavier_uniform()
   bias_init: Callable[..., Any] = nn.initializers.zeros
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -137,50 +77,31 @@ class Dense(nn.Module):
       raise ValueError(f"Dense contracts trailing axes only; got axis={self.axis} for an input of rank {x.ndim}")
     kernel_shape = tuple(x.shape[a] for a in axes) + features
     kernel = self.param("kernel", _flat_init(self.kernel_init, len(axes)), kernel_shape, self.param_dtype)
-    contract = tuple(range(len(axes)))
-    y = flat_dot_general(x.astype(self.dtype), kernel.astype(self.dtype), ((axes, contract), ((), ())))
+    y = kernels_lib.contract_trailing(x.astype(self.dtype), kernel.astype(self.dtype), len(axes), self.kernels)
     if self.use_bias:
       bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype)
-      y = y + broadcast_leading(bias.astype(self.dtype), y.shape)
+      y = y + bias.astype(self.dtype)
     return y
 
 
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
           use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-          name: str | None = None) -> Dense:
+          kernels: str = "auto", name: str | None = None) -> Dense:
   """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes."""
   out_ndim = 1 if isinstance(features, int) else len(features)
   return Dense(features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-               kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]), name=name)
+               kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]),
+               kernels=kernels, name=name)
 
 
-def patchify_conv(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None, dimension_numbers=None,
-                  feature_group_count=1, precision=None):
-  """`lax.conv_general_dilated` for flax's NHWC x HWIO convolutions; a patch embedding (stride = kernel size,
-  VALID, undilated) becomes patches @ kernel, which XLA's CPU backend differentiates ~2x faster than the strided
-  convolution. Anything else goes to the convolution."""
-  patch = tuple(rhs.shape[:-2])
-  nhwc = (dimension_numbers is None or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1)))
-  undilated = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
-  no_padding = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
-  divisible = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
-  if not (lhs.ndim == 4 and tuple(window_strides) == patch and nhwc and undilated and no_padding and divisible
-          and feature_group_count == 1):
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision)
-  (b, h, w, c), (ph, pw) = lhs.shape, patch
-  patches = lhs.reshape(b, h // ph, ph, w // pw, pw, c).transpose(0, 1, 3, 2, 4, 5)
-  return flat_dot_general(patches, rhs, (((3, 4, 5), (0, 1, 2)), ((), ())), precision=precision)
-
-
-def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed") -> jax.Array:
+def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
+                kernels: str = "auto") -> jax.Array:
   """Non-overlapping patches -> (B, H/p, W/p, width) by a p x p, stride p conv with bias (call in a compact
   method: the conv's params land under `name` in the caller)."""
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
     raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {patch_size}")
   return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
-                 param_dtype=jnp.float32, name=name, conv_general_dilated=patchify_conv,
+                 param_dtype=jnp.float32, name=name, conv_general_dilated=kernels_lib.patch_conv(kernels),
                  kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
                  bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
 
@@ -193,10 +114,11 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head") -> jax.Array:
+def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head",
+                    kernels: str = "auto") -> jax.Array:
   """The fp32 linear head of the classifiers: zero-initialised kernel, constant bias (call in a compact method)."""
   return dense(num_classes, (EMBED, CLASSES), jnp.float32, name=name, kernel_init=nn.initializers.zeros,
-               bias_init=nn.initializers.constant(bias_init))(pooled)
+               bias_init=nn.initializers.constant(bias_init), kernels=kernels)(pooled)
 
 
 class LayerNorm(nn.Module):
@@ -214,8 +136,7 @@ class LayerNorm(nn.Module):
 
 
 class _Normalize(nn.Module):
-  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in fp32; scale and bias broadcast with
-  `broadcast_leading` (their gradients are matmuls)."""
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in fp32."""
   epsilon: float
   scale_init: Callable[..., Any]
   axis_name: str
@@ -228,80 +149,49 @@ class _Normalize(nn.Module):
     bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (width,), jnp.float32)
     centered = x - jnp.mean(x, axis=-1, keepdims=True)
     normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.epsilon)
-    return normed * broadcast_leading(scale, x.shape) + broadcast_leading(bias, x.shape)
+    return normed * scale + bias
 
 
-def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "xla"):
+# attention=...: einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
+# `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA).
+ATTENTION = ("softmax", "cudnn", "jax")
+RENAMED_ATTENTION = {"xla": "softmax", "auto": "jax"}
+
+
+def check_attention(implementation: str, field: str = "attention") -> None:
+  """ValueError naming `field` unless `implementation` is one of ATTENTION (the old names say what they became)."""
+  if implementation in ATTENTION:
+    return
+  renamed = (f" ({implementation!r} was renamed {RENAMED_ATTENTION[implementation]!r})"
+             if implementation in RENAMED_ATTENTION else "")
+  raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}{renamed}")
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+  """(B, T, H, D) -> (B, H, T, D) (and back)."""
+  return einops.rearrange(x, "b t h d -> b h t d")
+
+
+def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax",
+                          kernels: str = "auto"):
   """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
 
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i.
-  `implementation='cudnn'` routes to `jax.nn.dot_product_attention` (cuDNN flash attention on GPU), 'auto' to
-  the same function letting JAX choose (cuDNN where it applies, else XLA); 'xla' to `softmax_attention`.
+  `implementation` (ATTENTION): 'softmax' runs `kernels.softmax_attention` in `kernels` mode; 'cudnn' routes
+  to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
+  choose (cuDNN where it applies, else XLA).
   """
-  if implementation in ("cudnn", "auto"):
+  check_attention(implementation)
+  if implementation != "softmax":
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
                                         implementation="cudnn" if implementation == "cudnn" else None)
   if causal:
     below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
     mask = below if mask is None else jnp.logical_and(mask, below)
-  heads_first = lambda t: jnp.swapaxes(t, 1, 2)
   scale = q.shape[-1] ** -0.5
-  out = softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
-                          bias=bias, mask=mask)
+  out = kernels_lib.softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
+                                      bias=bias, mask=mask, mode=kernels)
   return heads_first(out)
-
-
-def softmax_attention(q, k, v, *, bias=None, mask=None):
-  """softmax(q k^T + bias, masked) v over (..., H, T, D) inputs (q already scaled), logits and softmax in fp32.
-
-  `bias` (differentiable) is an additive term whose shape is a suffix of (..., H, T_q, T_k) (a position bias
-  (H, T_q, T_k), or per window (nW, H, T_q, T_k)); `mask` (boolean, True = may attend) broadcasts to the
-  logits. A custom VJP written from the softmax's Jacobian: the backward is four batched matmuls and one
-  elementwise pass, dS = P * (dP - rowsum(dO * O)), instead of the several passes over the (T_q, T_k)
-  matrices autodiff makes of the softmax; the bias gradient is `sum_leading` of dS.
-  """
-  lead = q.ndim - 2
-  if bias is not None and tuple(bias.shape) != tuple(q.shape[:lead] + (q.shape[-2], k.shape[-2]))[-bias.ndim:]:
-    raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape "
-                     f"{q.shape[:lead] + (q.shape[-2], k.shape[-2])}")
-  return _softmax_attention(q, k, v, bias, mask)
-
-
-def _attention_probs(q, k, bias, mask):
-  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
-  if bias is not None:
-    logits = logits + bias.astype(jnp.float32)
-  if mask is not None:
-    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
-  return unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
-
-
-@jax.custom_vjp
-def _softmax_attention(q, k, v, bias, mask):
-  return _softmax_attention_fwd(q, k, v, bias, mask)[0]
-
-
-def _softmax_attention_fwd(q, k, v, bias, mask):
-  probs = _attention_probs(q, k, bias, mask).astype(v.dtype)
-  out = jnp.einsum("...qk,...kd->...qd", probs, v)
-  return out, (q, k, v, probs, out, bias, mask)
-
-
-def _softmax_attention_bwd(residuals, grad_out):
-  q, k, v, probs, out, bias, mask = residuals
-  grad_v = jnp.einsum("...qk,...qd->...kd", probs, grad_out)
-  grad_probs = jnp.einsum("...qd,...kd->...qk", grad_out, v, preferred_element_type=jnp.float32)
-  row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
-  grad_logits = probs.astype(jnp.float32) * (grad_probs - row)
-  grad_q = jnp.einsum("...qk,...kd->...qd", grad_logits.astype(q.dtype), k)
-  grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
-  grad_bias = None if bias is None else sum_leading(grad_logits, grad_logits.ndim - bias.ndim).astype(bias.dtype)
-  grad_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
-  return grad_q, grad_k, grad_v, grad_bias, grad_mask
-
-
-_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 
 class SelfAttention(nn.Module):
@@ -315,8 +205,9 @@ class SelfAttention(nn.Module):
   num_heads: int
   dtype: Dtype = jnp.float32
   qkv_bias: bool = True
-  implementation: str = "xla"
+  implementation: str = "softmax"  # ATTENTION
   causal: bool = False
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, mask=None, cache=None, index=None):
@@ -324,13 +215,15 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    qkv = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias, name="qkv")(x)
+    qkv = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias,
+                kernels=self.kernels, name="qkv")(x)
     q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")
+    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernels=self.kernels, name="out")
     if cache is not None:
-      out, cache = cached_attention(q, k, v, cache, index)
+      out, cache = cached_attention(q, k, v, cache, index, self.kernels)
       return project(out), cache
-    out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation)
+    out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation,
+                                kernels=self.kernels)
     out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
     return project(out)
 
@@ -341,13 +234,13 @@ def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int, dtype:
   return {"k": zeros, "v": zeros}
 
 
-def cached_attention(q, k, v, cache: dict[str, jax.Array], index):
+def cached_attention(q, k, v, cache: dict[str, jax.Array], index, kernels: str = "auto"):
   """Causal attention of t new tokens at positions index.. over a key/value cache; returns (out, new cache)."""
   t, length = q.shape[1], cache["k"].shape[1]
   k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
   v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
   visible = jnp.arange(length)[None, :] <= index + jnp.arange(t)[:, None]
-  out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=visible)
+  out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=visible, kernels=kernels)
   return out, {"k": k_all, "v": v_all}
 
 
@@ -360,14 +253,15 @@ class CrossAttention(nn.Module):
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  kernels: str = "auto"
 
   def setup(self):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     head_dim = self.width // self.num_heads
-    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype)
-    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype)
-    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1))
+    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype, kernels=self.kernels)
+    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, kernels=self.kernels)
+    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernels=self.kernels)
 
   def project_kv(self, memory):
     kv = self.kv(memory)
@@ -378,15 +272,8 @@ class CrossAttention(nn.Module):
     q = self.q(x)
     if q.ndim == 3:  # learned queries (T, width) shared by the batch
       q = jnp.broadcast_to(q, (k.shape[0],) + q.shape)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype))
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), kernels=self.kernels)
     return self.out(out)
-
-
-def gelu(x: jax.Array) -> jax.Array:
-  """Exact (erf) GELU, x * Phi(x), written as x/2 * (1 + erf(x / sqrt 2)) as in PyTorch and transformers.
-  `jax.nn.gelu(approximate=False)` goes through erfc, which XLA's CPU backend runs as three passes over the
-  MLP activations (forward) where erf's polynomial fuses into one."""
-  return x * (0.5 + 0.5 * jax.lax.erf(x * jnp.asarray(1.0 / math.sqrt(2.0), x.dtype)))
 
 
 class Mlp(nn.Module):
@@ -395,15 +282,18 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   deterministic: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6))(x)
-    y = gelu(y)
+    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6),
+              kernels=self.kernels)(x)
+    y = nn.gelu(y, approximate=False)
     y = constrain(y, (BATCH, LENGTH, ACT_MLP))
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6))(y)
+    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6),
+              kernels=self.kernels)(y)
     return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
 
 

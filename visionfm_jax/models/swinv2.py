@@ -36,16 +36,16 @@ reference). Cosine normalisation, norms, the position bias and softmax run in fp
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Sequence
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone, layers
+from visionfm_jax.models import backbone, kernels as kernels_lib, layers
 from visionfm_jax.models.layers import BATCH, EMBED, HEADS, KV, ACT_EMBED
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
@@ -65,7 +65,6 @@ EXTRA_NORM_SCOPES = ("stage", "global")
 CPB_HIDDEN = 512
 PATCH_NORM_EPS = 1e-5
 MASK_VALUE = -100.0
-ATTENTION = ("xla", "cudnn", "auto")
 MAX_LOGIT_SCALE = math.log(100.0)
 EMBEDDING_PARAMS = ("patch_embed", "patch_norm", "mask_token")  # layer 0 of the layer-wise decay
 
@@ -165,45 +164,6 @@ def relative_position_index(window: int) -> np.ndarray:
   return dh * (2 * window - 1) + dw
 
 
-def expand_offsets(per_offset: jax.Array, window: int) -> jax.Array:
-  """(H, (2W-1)^2) values per offset -> (H, N, N) values per (query, key) pair of a W x W window: the gather by
-  `relative_position_index`, with a custom gradient. Autodiff would scatter-add the (H, N^2) gradient into the
-  table, which XLA's CPU backend runs serially (70 ms per SwinV2-T stage-0 block); every offset is a pair of
-  diagonals of the (W, W, W, W) gradient, summed here with reshapes (`_diagonal_sums`)."""
-  return _expand_offsets(per_offset, window)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
-def _expand_offsets(per_offset, window):
-  n = window * window
-  return per_offset[:, relative_position_index(window).reshape(-1)].reshape(-1, n, n)
-
-
-def _expand_offsets_fwd(per_offset, window):
-  return _expand_offsets(per_offset, window), None
-
-
-def _expand_offsets_bwd(window, _, grad):
-  heads = grad.shape[0]
-  g = grad.reshape(heads, window, window, window, window)  # (H, query row, query col, key row, key col)
-  g = _diagonal_sums(g.transpose(0, 2, 4, 1, 3))  # rows -> (H, query col, key col, row offset)
-  g = _diagonal_sums(g.transpose(0, 3, 1, 2))  # cols -> (H, row offset, col offset)
-  return (g.reshape(heads, -1),)
-
-
-_expand_offsets.defvjp(_expand_offsets_fwd, _expand_offsets_bwd)
-
-
-def _diagonal_sums(x: jax.Array) -> jax.Array:
-  """(..., W, W) -> (..., 2W-1): out[d] = sum of x[i, j] with i - j = d - (W - 1). Flipping j makes the
-  diagonal index i + j'; padding rows to 2W and re-reading them 2W-1 wide shifts row i by i, so the diagonals
-  become columns."""
-  w = x.shape[-1]
-  x = jnp.pad(jnp.flip(x, -1), [(0, 0)] * (x.ndim - 1) + [(0, w)])
-  x = x.reshape(x.shape[:-2] + (2 * w * w,))[..., :w * (2 * w - 1)]
-  return jnp.sum(x.reshape(x.shape[:-1] + (w, 2 * w - 1)), axis=-2)
-
-
 def shift_regions(height: int, width: int, window: int, shift: int) -> jax.Array:
   """(num_windows, N) region id of every token of the rolled map; tokens of different regions may not attend."""
   def axis_regions(size):
@@ -215,16 +175,13 @@ def shift_regions(height: int, width: int, window: int, shift: int) -> jax.Array
 
 def partition_windows(x: jax.Array, window: int) -> jax.Array:
   """(B, H, W, C) -> (B, num_windows, window * window, C), windows in row-major order."""
-  b, h, w, c = x.shape
-  x = x.reshape(b, h // window, window, w // window, window, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, (h // window) * (w // window), window * window, c)
+  return einops.rearrange(x, "b (nh wh) (nw ww) c -> b (nh nw) (wh ww) c", wh=window, ww=window)
 
 
 def merge_windows(x: jax.Array, window: int, height: int, width: int) -> jax.Array:
   """Inverse of `partition_windows`."""
-  b, _, _, c = x.shape
-  x = x.reshape(b, height // window, width // window, window, window, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, height, width, c)
+  return einops.rearrange(x, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=height // window,
+                          nw=width // window, wh=window, ww=window)
 
 
 class ContinuousPositionBias(nn.Module):
@@ -232,15 +189,19 @@ class ContinuousPositionBias(nn.Module):
   num_heads: int
   window: int
   pretrained_window: int
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self):
     table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
-    hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1",
+    hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1", kernels=self.kernels,
                           kernel_init=nn.initializers.truncated_normal(0.02))(table)
     per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
-                              kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
-    return expand_offsets(16.0 * jax.nn.sigmoid(per_offset.T), self.window)
+                              kernels=self.kernels, kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
+    # The sigmoid runs on the (2W-1)^2 offsets before the gather, not on the N^2 pairs after it.
+    per_offset = 16.0 * jax.nn.sigmoid(per_offset.T)  # (heads, (2W-1)^2)
+    n = self.window * self.window
+    return per_offset[:, relative_position_index(self.window).reshape(-1)].reshape(-1, n, n)
 
 
 class WindowAttention(nn.Module):
@@ -249,7 +210,8 @@ class WindowAttention(nn.Module):
   window: int
   pretrained_window: int
   dtype: Any = jnp.float32
-  attention: str = "xla"  # xla | cudnn | auto: see `fused_window_attention`
+  attention: str = "softmax"  # layers.ATTENTION; cudnn and jax: see `fused_window_attention`
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, windows, regions=None):
@@ -260,7 +222,7 @@ class WindowAttention(nn.Module):
     head_dim = width // self.num_heads
     init = nn.initializers.truncated_normal(0.02)
     qkv = layers.dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=False,
-                       kernel_init=init, name="qkv")(windows)
+                       kernel_init=init, kernels=self.kernels, name="qkv")(windows)
     q_bias = self.param("q_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     v_bias = self.param("v_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     q = qkv[..., 0, :, :] + q_bias.astype(qkv.dtype)
@@ -273,31 +235,31 @@ class WindowAttention(nn.Module):
     logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
                              (self.num_heads,))
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
+    bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, self.kernels, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
-    if self.attention == "xla":
-      out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask)
+    if self.attention == "softmax":
+      out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.kernels)
     else:
       out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.attention)
-    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
+    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init,
+                        kernels=self.kernels, name="out")(out)
 
 
-def window_attention(q, k, v, scale, bias, mask):
-  """`layers.softmax_attention` over windows: q, k (cosine-normalised), v (B, nW, N, heads, D); scale (heads,);
-  bias (heads, N, N); mask (nW, N, N) or None. The per-head scale multiplies q (N x D numbers, not N x N), and
-  the position bias reaches the (B, nW, heads, N, N) logits through `broadcast_leading`, so its gradient (a
-  sum over batch and windows) is a matmul."""
-  heads_first = lambda t: jnp.swapaxes(t, 2, 3)
+def window_attention(q, k, v, scale, bias, mask, kernels: str = "auto"):
+  """`kernels.softmax_attention` over windows: q, k (cosine-normalised), v (B, nW, N, heads, D); scale (heads,);
+  bias (heads, N, N); mask (nW, N, N) or None. The per-head scale multiplies q (N x D numbers, not N x N); the
+  position bias is broadcast over the windows with `kernels.broadcast_leading`."""
+  heads_first = lambda t: einops.rearrange(t, "b w n h d -> b w h n d")
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
   full_bias = bias
   if mask is not None:
-    full_bias = layers.broadcast_leading(bias, (mask.shape[0],) + bias.shape) + mask[:, None]
-  out = layers.softmax_attention(heads_first(q), heads_first(k), heads_first(v), bias=full_bias)
-  return heads_first(out)
+    full_bias = kernels_lib.broadcast_leading(bias, (mask.shape[0],) + bias.shape, kernels) + mask[:, None]
+  out = kernels_lib.softmax_attention(heads_first(q), heads_first(k), heads_first(v), bias=full_bias, mode=kernels)
+  return einops.rearrange(out, "b w h n d -> b w n h d")
 
 
 def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
-  """Window attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU with 'cudnn'; 'auto'
+  """Window attention through `jax.nn.dot_product_attention` (cuDNN flash attention on GPU with 'cudnn'; 'jax'
   lets JAX choose, XLA on CPU). q, k (cosine-normalised), v: (B, nW, N, heads, D); scale (heads,); bias (heads,
   N, N); mask (nW, N, N) or None.
 
@@ -306,14 +268,14 @@ def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
   instead of being tiled B times. The per-head scale is folded into q. The bias is passed in the compute dtype
   (the kernels take one dtype): in bf16 a position bias near its maximum of 16 rounds by up to 0.06.
   """
-  batch, windows, tokens, heads, dim = q.shape
-  fold = lambda t: t.transpose(0, 2, 1, 3, 4).reshape(batch, tokens, windows * heads, dim)
+  _, windows, tokens, heads, _ = q.shape
+  fold = lambda t: einops.rearrange(t, "b w n h d -> b n (w h) d")
   full_bias = bias[None] if mask is None else bias[None] + mask[:, None]
-  full_bias = jnp.broadcast_to(full_bias, (windows, heads, tokens, tokens)).reshape(1, windows * heads, tokens, tokens)
+  full_bias = einops.rearrange(jnp.broadcast_to(full_bias, (windows, heads, tokens, tokens)), "w h q k -> 1 (w h) q k")
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
   out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
                                      implementation="cudnn" if attention == "cudnn" else None)
-  return out.reshape(batch, tokens, windows, heads, dim).transpose(0, 2, 1, 3, 4)
+  return einops.rearrange(out, "b n (w h) d -> b w n h d", w=windows)
 
 
 class SwinBlock(nn.Module):
@@ -329,7 +291,8 @@ class SwinBlock(nn.Module):
   stochastic_depth: bool = False
   deterministic: bool = True
   dtype: Any = jnp.float32
-  attention: str = "xla"
+  attention: str = "softmax"
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, per_block):
@@ -339,7 +302,8 @@ class SwinBlock(nn.Module):
     y = self.attend(x, shifted)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm1")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
-    y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic, name="mlp")(x)
+    y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic,
+                   kernels=self.kernels, name="mlp")(x)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm2")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     if self.extra_norm:
@@ -366,8 +330,8 @@ class SwinBlock(nn.Module):
       y = roll(y, (-shift, -shift))
       regions = shift_regions(y.shape[1], y.shape[2], w, shift)
       regions = regions if known else jnp.where(shifted, regions, 0)
-    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, name="attn")(
-        partition_windows(y, w), regions)
+    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, self.kernels,
+                        name="attn")(partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
     if shift:
       y = roll(y, (shift, shift))
@@ -377,14 +341,15 @@ class SwinBlock(nn.Module):
 class PatchMerging(nn.Module):
   """V2 merging: concat 2x2 neighbours (row offset fastest), Linear 4C -> 2C without bias, then LN(2C)."""
   dtype: Any = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):
     _, h, w, c = x.shape
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
-    x = jnp.concatenate([x[:, 0::2, 0::2], x[:, 1::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 1::2]], axis=-1)
-    x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction",
+    x = einops.rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)
+    x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction", kernels=self.kernels,
                      kernel_init=nn.initializers.truncated_normal(0.02))(x)
     return layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="norm")(x)
 
@@ -409,7 +374,8 @@ class SwinV2(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
-  attention: str = "xla"  # xla (einsums) | cudnn | auto (jax.nn.dot_product_attention, `fused_window_attention`)
+  attention: str = "softmax"  # softmax (einsums) | cudnn | jax (jax.nn.dot_product_attention, `fused_window_attention`)
+  kernels: str = "auto"  # models/kernels.py
 
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
@@ -443,7 +409,7 @@ class SwinV2(nn.Module):
     the final norm). Off by default so that the output matches transformers' `Swinv2Model` key for key."""
     deterministic = not train
     windows, pretrained = self.stage_settings()
-    x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
+    x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype, kernels=self.kernels)
     x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
     if self.mask_token:
       token = self.param("mask_token", layers.logical(nn.initializers.truncated_normal(0.02), (EMBED,)),
@@ -467,17 +433,17 @@ class SwinV2(nn.Module):
                             pretrained_window=pretrained[s], mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
                             stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype,
-                            attention=self.attention),
+                            attention=self.attention, kernels=self.kernels),
           name=f"stage_{s}")(x, per_block)
       stages.append(stage_out)
       start += depth
 
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
-    tokens = x.reshape(x.shape[0], -1, x.shape[-1])
+    tokens = einops.rearrange(x, "b h w c -> b (h w) c")
     pooled = jnp.mean(tokens, axis=1)
     out = {"tokens": tokens, "pooled": pooled}
     if self.num_classes:
-      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
+      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init, kernels=self.kernels)
     if return_stages:
       out["stages"] = stages
     return out
@@ -572,7 +538,7 @@ class SwinStage(nn.Module):
     x = run_blocks(x, per_block)
     if not self.downsample:
       return x, x
-    return PatchMerging(self.block_kwargs["dtype"], name="downsample")(x), x
+    return PatchMerging(self.block_kwargs["dtype"], self.block_kwargs["kernels"], name="downsample")(x), x
 
 
 def build(model_cfg, dtype) -> SwinV2:
@@ -586,10 +552,10 @@ def build(model_cfg, dtype) -> SwinV2:
                 patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
+                kernels=kernels_lib.check_mode(model_cfg.kernels))
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
-  if model_cfg.attention not in ATTENTION:
-    raise ValueError(f"attention={model_cfg.attention!r}: expected one of {ATTENTION}")
+  layers.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)
   model.stage_settings()  # config errors at build time, not at the first trace
   return model

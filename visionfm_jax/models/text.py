@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax.data.tokenizer import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
+from visionfm_jax.models import kernels as kernels_lib
 from visionfm_jax.models import layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
@@ -58,21 +59,23 @@ class CausalBlock(nn.Module):
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-5
-  attention: str = "xla"
+  attention: str = "softmax"
   dtype: Any = jnp.float32
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache, mask=None, index=None):
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
-    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True, name="attn")
+    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
+                                kernels=self.kernels, name="attn")
     if cache is None:
       y = attn(y, mask=mask)
     else:
       y, cache = attn(y, cache=cache, index=index)
     x = x + y
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    return x + layers.Mlp(self.mlp_dim, self.dtype, name="mlp")(y), cache
+    return x + layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, name="mlp")(y), cache
 
 
 def cls_attention_mask(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
@@ -96,7 +99,8 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
-  attention: str = "xla"  # xla | cudnn | auto
+  attention: str = "softmax"  # layers.ATTENTION
+  kernels: str = "auto"  # models/kernels.py
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
 
   @nn.compact
@@ -117,7 +121,7 @@ class TextTransformer(nn.Module):
     run_blocks = layers.stack_blocks(
         CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype)
+        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels)
     final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
 
     if cache is not None:
@@ -139,6 +143,7 @@ class TextTransformer(nn.Module):
     else:
       pooled = jnp.take_along_axis(x, eos_positions(tokens, self.eos_id)[:, None, None], axis=1)[:, 0]
     embedding = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, name="proj",
+                             kernels=self.kernels,
                              kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
     return {"tokens": x, "pooled": pooled, "embedding": embedding}
 
@@ -149,7 +154,7 @@ class TextTransformer(nn.Module):
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
-def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> TextTransformer:
+def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, kernels: str) -> TextTransformer:
   """Builds the text tower from `config.model.text` (variant 'pico' ... 'H'); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
   for field in ("vocab_size", "max_len"):
@@ -161,10 +166,10 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> 
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
   if text_cfg.pool not in ("eos", "cls"):
     raise ValueError(f"text.pool={text_cfg.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
-  if text_cfg.attention not in ("xla", "cudnn", "auto"):
-    raise ValueError(f"text.attention={text_cfg.attention!r}: expected 'xla', 'cudnn' or 'auto'")
+  layers.check_attention(text_cfg.attention, "text.attention")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
-                remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool)
+                remat_policy=remat_policy, attention=text_cfg.attention, kernels=kernels_lib.check_mode(kernels),
+                pool=text_cfg.pool)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
   return TextTransformer(**kwargs)

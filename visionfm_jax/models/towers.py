@@ -7,7 +7,7 @@ from __future__ import annotations
 import ml_collections
 
 # Fields of a tower's config that config.model (the composite model's config) sets for every tower.
-SHARED_FIELDS = ("image_size", "scan", "remat_policy")
+SHARED_FIELDS = ("image_size", "scan", "remat_policy", "kernels")
 
 
 def tower_config(model_cfg, key: str, **fixed) -> ml_collections.ConfigDict:

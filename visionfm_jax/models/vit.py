@@ -15,12 +15,13 @@ import dataclasses
 import math
 from typing import Any
 
+import einops
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone, layers
+from visionfm_jax.models import backbone, kernels as kernels_lib, layers
 from visionfm_jax.models.layers import BATCH, EMBED, LENGTH, ACT_EMBED
 
 # name: (width, depth, mlp_dim, heads)
@@ -67,20 +68,22 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   dropout: float = 0.0
   qkv_bias: bool = True
-  attention: str = "xla"
+  attention: str = "softmax"  # layers.ATTENTION
   stochastic_depth: bool = False
   deterministic: bool = True
+  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, drop_rate):
     skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
-    y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, name="attn")(y)
+    y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, kernels=self.kernels,
+                             name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, name="mlp")(y)
+    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, kernels=self.kernels, name="mlp")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     return x, None
 
@@ -102,33 +105,34 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
-  attention: str = "xla"
+  attention: str = "softmax"  # layers.ATTENTION
+  kernels: str = "auto"  # models/kernels.py
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     deterministic = not train
-    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype)
+    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype, kernels=self.kernels)
     batch = x.shape[0]
-    x = x.reshape(batch, -1, self.width)
+    x = einops.rearrange(x, "b h w c -> b (h w) c")
     cls = self.param("cls_token", layers.logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, self.width))
     x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
                      (1, x.shape[1], self.width))
-    x = x + layers.broadcast_leading(pos[0].astype(x.dtype), x.shape)
+    x = x + pos.astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
 
     run_blocks = layers.stack_blocks(
         EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
         dropout=self.dropout, qkv_bias=self.qkv_bias, attention=self.attention, stochastic_depth=self.drop_path > 0,
-        deterministic=deterministic)
+        deterministic=deterministic, kernels=self.kernels)
     x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
     pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
     out = {"tokens": x, "pooled": pooled}
     if self.num_classes:
-      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
+      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init, kernels=self.kernels)
     return out
 
   # ------------------------------------------------------------------- the backbone interface (backbone.py)
@@ -196,6 +200,8 @@ def build(model_cfg, dtype) -> ViT:
   kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 pool=model_cfg.pool, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
+                kernels=kernels_lib.check_mode(model_cfg.kernels))
   assert set(kwargs) <= fields
+  layers.check_attention(model_cfg.attention)
   return ViT(**kwargs)

@@ -1,0 +1,152 @@
+"""models/kernels.py: every CPU trick against the plain path (values and gradients), the hand-written attention
+backward against autodiff of JAX's attention, the switch itself, whole models in both modes, and the config
+errors of the switch and of the attention names."""
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.test_util import check_grads
+
+from visionfm_jax import config_lib, models
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import kernels, swinv2, vit
+
+MODES = ("plain", "cpu")
+
+
+def _normal(rng, shape):
+  return jnp.asarray(rng.normal(size=shape).astype(np.float32))
+
+
+def _value_and_grads(f, args, argnums):
+  """f(*args) and the gradients of sum(sin(f(*args))) with respect to `argnums`."""
+  return f(*args), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=argnums)(*args)
+
+
+def test_resolve_picks_the_backend_path_and_names_bad_modes():
+  assert kernels.resolve("auto") == ("cpu" if jax.default_backend() == "cpu" else "plain")
+  assert [kernels.resolve(m) for m in MODES] == list(MODES)
+  with pytest.raises(ValueError, match="kernels='fast'.*auto"):
+    kernels.resolve("fast")
+
+
+@pytest.mark.parametrize("x_shape,kernel_shape,num_axes", [((2, 5, 6), (6, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2)])
+def test_contract_trailing_as_one_matmul_is_the_dot_general(x_shape, kernel_shape, num_axes):
+  rng = np.random.default_rng(0)
+  args = (_normal(rng, x_shape), _normal(rng, kernel_shape))
+  plain, cpu = (_value_and_grads(lambda x, w, m=m: kernels.contract_trailing(x, w, num_axes, m), args, (0, 1))
+                for m in MODES)
+  chex.assert_trees_all_close(cpu, plain, atol=1e-5)
+  with pytest.raises(ValueError, match="do not match"):
+    kernels.contract_trailing(args[0], args[1][1:], num_axes, "cpu")
+
+
+def test_broadcast_leading_gradient_is_the_sum():
+  rng = np.random.default_rng(3)
+  x, b = _normal(rng, (4, 6, 3)), _normal(rng, (6, 3))
+  expected = jax.grad(lambda b: jnp.sum(jnp.cos(jnp.broadcast_to(b, x.shape) * x)))(b)
+  for mode in MODES:
+    grad = jax.grad(lambda b, m=mode: jnp.sum(jnp.cos(kernels.broadcast_leading(b, x.shape, m) * x)))(b)
+    chex.assert_trees_all_close(grad, expected, atol=1e-5)
+    chex.assert_trees_all_close(kernels.sum_leading(x, 2, mode), jnp.sum(x, axis=(0, 1)), atol=1e-5)
+    with pytest.raises(ValueError, match="not a suffix"):
+      kernels.broadcast_leading(b, (6, 4), mode)
+  chex.assert_trees_all_close(kernels.sum_leading_as_matmul(x, 2), jnp.sum(x, axis=(0, 1)), atol=1e-5)
+
+
+@pytest.mark.parametrize("image_hw,patch", [((8, 12), 4), ((6, 6), 3)])
+def test_patch_conv_as_matmul_is_the_strided_convolution(image_hw, patch):
+  rng = np.random.default_rng(1)
+  images = _normal(rng, (2, *image_hw, 3))
+  conv = lambda m: nn.Conv(5, (patch, patch), strides=(patch, patch), padding="VALID", conv_general_dilated=kernels.patch_conv(m))
+  params = conv("plain").init(jax.random.key(0), images)
+  plain, cpu = (_value_and_grads(lambda p, x, m=m: conv(m).apply(p, x), (params, images), (0, 1)) for m in MODES)
+  chex.assert_trees_all_close(cpu, plain, atol=1e-5)
+
+
+def test_patch_conv_as_matmul_leaves_other_convolutions_to_xla():
+  rng = np.random.default_rng(2)
+  images = _normal(rng, (1, 7, 7, 2))
+  conv = lambda m: nn.Conv(3, (3, 3), strides=(2, 2), padding="SAME", conv_general_dilated=kernels.patch_conv(m))
+  params = conv("plain").init(jax.random.key(0), images)
+  chex.assert_trees_all_close(conv("cpu").apply(params, images), conv("plain").apply(params, images), atol=1e-6)
+
+
+def _reference_attention(q, k, v, bias, mask):
+  """jax.nn.dot_product_attention (XLA, autodiff) on our (..., H, T, D) layout with q pre-scaled."""
+  to_bthd = lambda t: jnp.swapaxes(t, 1, 2)
+  out = jax.nn.dot_product_attention(to_bthd(q), to_bthd(k), to_bthd(v), bias=bias, mask=mask, scale=1.0,
+                                     implementation="xla")
+  return to_bthd(out)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_softmax_attention_matches_jax_forward_and_gradients(mode):
+  rng = np.random.default_rng(0)
+  q, k, v = (_normal(rng, (2, 3, 7, 4)) for _ in range(3))
+  bias = _normal(rng, (3, 7, 7))
+  mask = jnp.asarray(rng.random((2, 1, 7, 7)) > 0.3).at[..., 0].set(True)
+  ours = lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b, mask=mask, mode=mode)
+  theirs = lambda q, k, v, b: _reference_attention(q, k, v, jnp.broadcast_to(b, (2, 3, 7, 7)), mask)
+  chex.assert_trees_all_close(ours(q, k, v, bias), theirs(q, k, v, bias), atol=1e-6)
+  loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
+  grads = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  expected = jax.grad(loss(theirs), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  chex.assert_trees_all_close(grads, expected, atol=2e-6)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_softmax_attention_numerical_gradients(mode):
+  rng = np.random.default_rng(1)
+  q, k, v = (_normal(rng, (2, 2, 5, 3)) for _ in range(3))
+  bias = _normal(rng, (2, 2, 5, 5))
+  check_grads(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b, mode=mode), (q, k, v, bias), order=1,
+              modes=["rev"], atol=1e-2, rtol=1e-2)
+  check_grads(lambda q, k, v: kernels.softmax_attention(q, k, v, mode=mode), (q, k, v), order=1, modes=["rev"],
+              atol=1e-2, rtol=1e-2)
+
+
+def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
+  q = jnp.zeros((2, 3, 5, 4))
+  with pytest.raises(ValueError, match="attention bias"):
+    kernels.softmax_attention(q, q, q, bias=jnp.zeros((3, 5, 4)))
+
+
+@pytest.mark.parametrize("make_model,image_size", [
+    (lambda m: vit.ViT(**vit.parse_variant("pico/4"), num_classes=5, kernels=m), 16),
+    (lambda m: swinv2.SwinV2(16, (2, 1), (2, 4), window_size=2, patch_size=2, image_size=8, num_classes=5,
+                             scan=False, kernels=m), 8)], ids=["vit", "swinv2"])
+def test_models_compute_the_same_in_both_modes(make_model, image_size):
+  """The switch changes how, never what: same params, logits and gradients with every trick on or off."""
+  images = _normal(np.random.default_rng(4), (2, image_size, image_size, 3))
+  params = jax.jit(make_model("plain").init)(jax.random.key(0), images)
+  chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(make_model("cpu").init, jax.random.key(0), images),
+                                                params)
+  # The zero-initialised head would zero every gradient but its own: move every param off its init.
+  params = jax.tree.map(lambda a: a + 0.01, params)
+
+  def logits_and_grads(mode):
+    logits = lambda p: make_model(mode).apply(p, images)["logits"]
+    return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
+
+  chex.assert_trees_all_close(logits_and_grads("cpu"), logits_and_grads("plain"), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("family,field", [("vit", "attention"), ("swinv2", "attention"), ("clip", "text.attention")])
+def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, field):
+  model_cfg = config_lib.model_config(family)
+  for old, new in (("xla", "softmax"), ("auto", "jax")):
+    node = model_cfg.text if field.startswith("text.") else model_cfg
+    node.attention = old
+    with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):
+      models.build(model_cfg, jnp.float32)
+
+
+def test_an_unknown_kernels_mode_is_a_config_error():
+  model_cfg = config_lib.model_config("swinv2")
+  model_cfg.kernels = "gpu"
+  with pytest.raises(ConfigError, match="kernels='gpu'"):
+    models.build(model_cfg, jnp.float32)

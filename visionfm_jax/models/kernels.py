@@ -1,0 +1,217 @@
+"""Backend speed tricks behind one switch, `kernels`: 'plain' | 'cpu' | 'auto'.
+
+Every function here computes the same numbers in two ways. 'plain' is the textbook form (broadcasting,
+`dot_general`, a convolution, autodiff gradients): XLA's natural path, the one a GPU wants.
+'cpu' swaps in forms that XLA's CPU backend (jaxlib 0.10) runs faster. 'auto' is 'cpu' on the CPU backend and
+'plain' on any other.
+
+The switch is a field of the model, `config.model.kernels` (checked when the model is built), handed down to
+every module as a string; 'auto' is resolved with `jax.default_backend()`, which is fixed for the life of a
+process, so a model's path never changes after its first trace. Being part of the module, the mode is part of
+the function that `jax.jit` traces: models built with different modes are different jitted functions, so one
+jit cache never holds both paths. A process-wide flag read at trace time could not promise that (a flag flipped
+after the first trace reuses the stale trace), and `jax.lax.platform_dependent` traces both branches into the
+program and cannot force a path (tests and `bench --compare=plain` need to).
+
+The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-8) and again in session 10
+(the whole set against 'plain', and one at a time; three tricks that no longer paid were dropped there: a matmul
+gradient for dense biases, norm params and ViT's position embedding, an erf-written GELU, and a diagonal-sum
+gradient for SwinV2's position-bias gather):
+  contract_trailing      a dense layer's multi-axis contraction as one 2-D matmul (qkv forward + backward 1.65x)
+  patch_conv             the stride = kernel patch embedding as patches @ kernel (its gradient 2.4x faster)
+  broadcast_leading      SwinV2's position bias broadcast over windows, whose gradient (like the attention
+  sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
+                         on a SwinV2-T stage-0 block's (128, 3, 196, 196) bias gradient (216 vs 3.4 ms)
+
+`softmax_attention` (attention='softmax') has a hand-written backward in every mode. It is not a backend trick
+but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where autodiff
+of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan from
+95.5 to 60.6 GiB (BENCHMARKS.md, memory plans), which decides whether it fits an 80 GB GPU at all. The mode only
+picks how its bias gradient is summed.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Callable
+
+import einops
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+MODES = ("auto", "plain", "cpu")
+
+
+def check_mode(mode: str) -> str:
+  """`mode`, or a ValueError naming it unless it is one of MODES."""
+  if mode not in MODES:
+    raise ValueError(f"kernels={mode!r}: expected one of {MODES}")
+  return mode
+
+
+def resolve(mode: str) -> str:
+  """'plain' or 'cpu': `mode` itself, or for 'auto' the default backend's ('cpu' on CPU, else 'plain')."""
+  if check_mode(mode) == "auto":
+    return "cpu" if jax.default_backend() == "cpu" else "plain"
+  return mode
+
+
+def _on_cpu_path(mode: str) -> bool:
+  return resolve(mode) == "cpu"
+
+
+# ----------------------------------------------------------------------------------------------- dense layers
+
+def contract_trailing(x: jax.Array, kernel: jax.Array, num_axes: int, mode: str, precision=None,
+                      preferred_element_type=None) -> jax.Array:
+  """y[..., out...] = sum over k of x[..., k...] kernel[k..., out...]: x's last `num_axes` axes against the
+  kernel's first `num_axes`, in order. 'cpu': as one (prod ..., K) @ (K, N) matmul, which XLA's CPU backend
+  differentiates ~1.6x faster than the multi-axis `dot_general` (a GPU compiles both to the same GEMM)."""
+  if x.shape[x.ndim - num_axes:] != kernel.shape[:num_axes]:
+    raise ValueError(f"contract_trailing: trailing axes {x.shape[x.ndim - num_axes:]} of the input do not match "
+                     f"the kernel's leading axes {kernel.shape[:num_axes]}")
+  trailing, leading = tuple(range(x.ndim - num_axes, x.ndim)), tuple(range(num_axes))
+  if not _on_cpu_path(mode):
+    return jax.lax.dot_general(x, kernel, ((trailing, leading), ((), ())), precision=precision,
+                               preferred_element_type=preferred_element_type)
+  free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
+  contracted = math.prod(kernel.shape[:num_axes])
+  out = jax.lax.dot_general(x.reshape(-1, contracted), kernel.reshape(contracted, -1), (((1,), (0,)), ((), ())),
+                            precision=precision, preferred_element_type=preferred_element_type)
+  return out.reshape(free_x + free_kernel)
+
+
+# ---------------------------------------------------------------------------------- params broadcast over tokens
+
+def sum_leading_as_matmul(x: jax.Array, num_axes: int) -> jax.Array:
+  """sum of `x` over its first `num_axes` axes, as a ones-vector matmul (fp32 accumulation, full precision).
+  The leading axes are contracted in place (no reshape), so sharded axes stay as they are."""
+  if num_axes == 0:
+    return x
+  leading = tuple(range(num_axes))
+  total = jax.lax.dot_general(jnp.ones(x.shape[:num_axes], x.dtype), x, ((leading, leading), ((), ())),
+                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  return total.astype(x.dtype)
+
+
+def sum_leading(x: jax.Array, num_axes: int, mode: str) -> jax.Array:
+  """sum of `x` over its first `num_axes` axes: `jnp.sum` ('plain') or `sum_leading_as_matmul` ('cpu': XLA's
+  CPU backend reduces over leading axes up to 50x slower than it multiplies by a ones vector)."""
+  if _on_cpu_path(mode):
+    return sum_leading_as_matmul(x, num_axes)
+  return jnp.sum(x, axis=tuple(range(num_axes))) if num_axes else x
+
+
+def broadcast_leading(x: jax.Array, shape: tuple[int, ...], mode: str) -> jax.Array:
+  """`jnp.broadcast_to(x, shape)` for an `x` whose shape is a suffix of `shape` (a bias over tokens). 'cpu':
+  its gradient, the sum over the leading axes, is `sum_leading_as_matmul` instead of XLA's reduction."""
+  shape = tuple(shape)
+  if shape[len(shape) - x.ndim:] != tuple(x.shape):
+    raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
+  if not _on_cpu_path(mode):
+    return jnp.broadcast_to(x, shape)
+  return _broadcast_with_matmul_grad(x, shape, len(shape) - x.ndim)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1, 2))
+def _broadcast_with_matmul_grad(x, shape, num_leading):
+  del num_leading
+  return jnp.broadcast_to(x, shape)
+
+
+def _broadcast_with_matmul_grad_fwd(x, shape, num_leading):
+  return _broadcast_with_matmul_grad(x, shape, num_leading), None
+
+
+def _broadcast_with_matmul_grad_bwd(shape, num_leading, _, grad):
+  del shape
+  return (sum_leading_as_matmul(grad, num_leading),)
+
+
+_broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_with_matmul_grad_bwd)
+
+
+# ------------------------------------------------------------------------------------------- patch embedding
+
+def patch_conv(mode: str) -> Callable[..., jax.Array]:
+  """The `conv_general_dilated` for a patch embedding's `nn.Conv`: `jax.lax.conv_general_dilated` ('plain') or
+  `patch_conv_as_matmul` ('cpu')."""
+  return patch_conv_as_matmul if _on_cpu_path(mode) else jax.lax.conv_general_dilated
+
+
+def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
+                         dimension_numbers=None, feature_group_count=1, precision=None):
+  """`jax.lax.conv_general_dilated` for flax's NHWC x HWIO convolutions, where a patch embedding (stride =
+  kernel size, VALID, undilated, sizes divisible) is patches @ kernel: XLA's CPU backend differentiates that
+  ~2x faster than the strided convolution. Any other convolution goes to `conv_general_dilated`."""
+  patch = tuple(rhs.shape[:-2])
+  nhwc = dimension_numbers is None or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1))
+  undilated = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
+  no_padding = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
+  divisible = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
+  if not (lhs.ndim == 4 and tuple(window_strides) == patch and nhwc and undilated and no_padding and divisible
+          and feature_group_count == 1):
+    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+                                        feature_group_count=feature_group_count, precision=precision)
+  patches = einops.rearrange(lhs, "b (h ph) (w pw) c -> b h w ph pw c", ph=patch[0], pw=patch[1])
+  return contract_trailing(patches, rhs, 3, "cpu", precision=precision)
+
+
+# ------------------------------------------------------------------------------------------------- attention
+
+def softmax_attention(q, k, v, *, bias=None, mask=None, mode: str = "auto"):
+  """softmax(q k^T + bias, masked) v over (..., H, T, D) inputs (q already scaled), logits and softmax in fp32.
+
+  `bias` (differentiable) is an additive term whose shape is a suffix of (..., H, T_q, T_k) (a position bias
+  (H, T_q, T_k), or per window (nW, H, T_q, T_k)); `mask` (boolean, True = may attend) broadcasts to the
+  logits. The backward is written from the softmax's Jacobian in every mode: four batched matmuls and one
+  elementwise pass, dS = P * (dP - rowsum(dO * O)), keeping P in the compute dtype (see the module docstring);
+  the bias gradient is `sum_leading` of dS in `mode`.
+  """
+  logits_shape = q.shape[:-2] + (q.shape[-2], k.shape[-2])
+  if bias is not None and tuple(bias.shape) != tuple(logits_shape[len(logits_shape) - bias.ndim:]):
+    raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape {logits_shape}")
+  return _softmax_attention(q, k, v, bias, mask, resolve(mode))
+
+
+def _attention_probs(q, k, bias, mask):
+  logits = jnp.einsum("...qd,...kd->...qk", q, k, preferred_element_type=jnp.float32)
+  if bias is not None:
+    logits = logits + bias.astype(jnp.float32)
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  unnormalised = jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True))
+  return unnormalised / jnp.sum(unnormalised, axis=-1, keepdims=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _softmax_attention(q, k, v, bias, mask, mode):
+  return _softmax_attention_fwd(q, k, v, bias, mask, mode)[0]
+
+
+def _softmax_attention_fwd(q, k, v, bias, mask, mode):
+  del mode
+  probs = _attention_probs(q, k, bias, mask).astype(v.dtype)
+  out = jnp.einsum("...qk,...kd->...qd", probs, v)
+  return out, (q, k, v, probs, out, bias, mask)
+
+
+def _softmax_attention_bwd(mode, residuals, grad_out):
+  q, k, v, probs, out, bias, mask = residuals
+  grad_v = jnp.einsum("...qk,...qd->...kd", probs, grad_out)
+  grad_probs = jnp.einsum("...qd,...kd->...qk", grad_out, v, preferred_element_type=jnp.float32)
+  row = jnp.sum(grad_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+  grad_logits = probs.astype(jnp.float32) * (grad_probs - row)
+  grad_q = jnp.einsum("...qk,...kd->...qd", grad_logits.astype(q.dtype), k)
+  grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
+  grad_bias = None
+  if bias is not None:
+    grad_bias = sum_leading(grad_logits, grad_logits.ndim - bias.ndim, mode).astype(bias.dtype)
+  grad_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+  return grad_q, grad_k, grad_v, grad_bias, grad_mask
+
+
+_softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
