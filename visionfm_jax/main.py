@@ -52,8 +52,8 @@ def main(argv):
     distributed.initialize(_DISTRIBUTED.value)
     import jax  # pylint: disable=g-import-not-at-top
     from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
-    logging.info("jax %s: %d process(es), %d device(s) (%s)", jax.__version__, jax.process_count(),
-                 jax.device_count(), jax.devices()[0].device_kind)
+    logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
+                 jax.devices()[0].device_kind)
     train.run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     _exit_with(e)
