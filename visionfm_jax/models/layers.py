@@ -168,8 +168,8 @@ def check_attention(implementation: str, field: str = "attention") -> None:
 
 
 def heads_first(x: jax.Array) -> jax.Array:
-  """(B, T, H, D) -> (B, H, T, D) (and back)."""
-  return einops.rearrange(x, "b t h d -> b h t d")
+  """(..., T, H, D) -> (..., H, T, D) (and back): the head axis before the token axis."""
+  return einops.rearrange(x, "... t h d -> ... h t d")
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax",

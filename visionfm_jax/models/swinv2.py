@@ -249,13 +249,13 @@ def window_attention(q, k, v, scale, bias, mask, kernels: str = "auto"):
   """`kernels.softmax_attention` over windows: q, k (cosine-normalised), v (B, nW, N, heads, D); scale (heads,);
   bias (heads, N, N); mask (nW, N, N) or None. The per-head scale multiplies q (N x D numbers, not N x N); the
   position bias is broadcast over the windows with `kernels.broadcast_leading`."""
-  heads_first = lambda t: einops.rearrange(t, "b w n h d -> b w h n d")
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
   full_bias = bias
   if mask is not None:
     full_bias = kernels_lib.broadcast_leading(bias, (mask.shape[0],) + bias.shape, kernels) + mask[:, None]
-  out = kernels_lib.softmax_attention(heads_first(q), heads_first(k), heads_first(v), bias=full_bias, mode=kernels)
-  return einops.rearrange(out, "b w h n d -> b w n h d")
+  out = kernels_lib.softmax_attention(layers.heads_first(q), layers.heads_first(k), layers.heads_first(v),
+                                     bias=full_bias, mode=kernels)
+  return layers.heads_first(out)
 
 
 def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
