@@ -1,43 +1,80 @@
 #!/usr/bin/env bash
-# The GPU benchmark sweep of BENCHMARKS.md ("GPU"): ViT-H/14 and SwinV2-G at 224 px, bf16, one GPU, over the
-# remat policies and attention implementations; one JSON line per run in $OUT (default bench_gpu.jsonl), then
-# the best MFU per model. Usage: launch/bench_gpu.sh [out.jsonl] [steps]
+# The GPU step benchmark (BENCHMARKS.md, "GPU"): ViT-H/14 and SwinV2-G at 224 px, bf16, one GPU, over remat policy
+# x attention implementation x per-GPU batch. One JSON line per setup in OUT (a failed setup gets a line naming
+# why), then one table on stdout: img/s, MFU, peak memory, compile time, best MFU per model first.
+#
+#   launch/bench_gpu.sh [OUT.jsonl] [full|core|quick] [STEPS]
+#
+# core: the six setups of BENCHMARKS.md's first GPU table; quick: one per model, a smoke test of the whole path.
+# RUN_TIMEOUT (seconds, default 900) bounds each setup, compile included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 source launch/xla_flags_h100.sh
 out=${1:-bench_gpu.jsonl}
-steps=${2:-20}
-common=(--devices=1 --steps="$steps" --warmup=3 --config.strategy=ddp --config.precision.compute_dtype=bfloat16)
+mode=${2:-full}
+steps=${3:-10}
+python=${PYTHON:-python3}
+common=(--devices=1 --steps="$steps" --warmup=2 --config.strategy=ddp --config.precision.compute_dtype=bfloat16)
 
-run() {  # name, then bench flags
-  local name=$1; shift
-  echo "== $name $*" >&2
-  python -m visionfm_jax.bench "${common[@]}" "$@" | tail -n 1 | python -c "import json,sys; r=json.loads(sys.stdin.read()); r['run']='$name'; print(json.dumps(r))" >> "$out" \
-    || echo "   failed (out of memory or unsupported): $name" >&2
+run() {  # model name, config, remat, attention, batch
+  local name=$1 config=$2 remat=$3 attention=$4 batch=$5 log
+  log=$(mktemp)
+  echo "== $name remat=$remat attention=$attention batch=$batch" >&2
+  timeout "${RUN_TIMEOUT:-900}" $python -m visionfm_jax.bench --config="$config" "${common[@]}" \
+    --config.global_batch_size="$batch" --config.model.remat_policy="$remat" --config.model.attention="$attention" \
+    >"$log" 2>&1
+  local rc=$?
+  if (( rc == 0 )); then
+    tail -n 1 "$log" | $python -c "import json, sys; r = json.loads(sys.stdin.read()); r.update(model='$name', \
+remat='$remat', attention='$attention', batch=$batch); print(json.dumps(r))" >>"$out"
+  else
+    local why="error"
+    (( rc == 124 )) && why="timeout"
+    grep -q "RESOURCE_EXHAUSTED\|Out of memory\|out of memory" "$log" && why="out of memory"
+    tail -n 15 "$log" >&2
+    echo "{\"model\": \"$name\", \"remat\": \"$remat\", \"attention\": \"$attention\", \"batch\": $batch, \"failed\": \"$why\"}" >>"$out"
+  fi
+  rm -f "$log"
 }
 
-for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable none; do
-  for attention in cudnn softmax; do
-    for batch in 32 64; do
-      run "vit_h14 remat=$remat attention=$attention batch=$batch" --config=configs/vit_huge.py \
-        --config.global_batch_size=$batch --config.model.remat_policy=$remat --config.model.attention=$attention
+if [[ $mode == quick ]]; then
+  run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64
+  run swinv2_g configs/swinv2_cls.py:G nothing_saveable cudnn 32
+elif [[ $mode == core ]]; then
+  run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64
+  run swinv2_g configs/swinv2_cls.py:G nothing_saveable cudnn 32
+  run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable softmax 64
+  run vit_h14 configs/vit_huge.py nothing_saveable cudnn 128
+  run swinv2_g configs/swinv2_cls.py:G nothing_saveable softmax 32
+  run vit_h14 configs/vit_huge.py none cudnn 32
+else
+  for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable none; do
+    for attention in cudnn softmax; do
+      for batch in 32 64 128; do
+        run vit_h14 configs/vit_huge.py $remat $attention $batch
+      done
     done
   done
-done
-for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable; do
-  for attention in jax softmax; do
-    for batch in 16 32; do
-      run "swinv2_g remat=$remat attention=$attention batch=$batch" --config=configs/swinv2_cls.py:G \
-        --config.global_batch_size=$batch --config.model.remat_policy=$remat --config.model.attention=$attention
+  for remat in nothing_saveable dots_with_no_batch_dims_saveable dots_saveable; do
+    for attention in cudnn softmax; do
+      for batch in 16 32 64; do
+        run swinv2_g configs/swinv2_cls.py:G $remat $attention $batch
+      done
     done
   done
-done
-python - "$out" <<'PY'
+fi
+
+$python - "$out" <<'PY'
 import json, sys
 runs = [json.loads(line) for line in open(sys.argv[1])]
-for model in ("vit_h14", "swinv2_g"):
-  mine = [r for r in runs if r["run"].startswith(model) and r.get("mfu")]
-  if mine:
-    best = max(mine, key=lambda r: r["mfu"])
-    print(f"{model}: best mfu {best['mfu']:.3f} ({best['img_per_sec']:.1f} img/s) with {best['run']}")
+print(f"{'model':9} {'remat':33} {'attention':9} {'batch':>5} {'img/s':>8} {'MFU':>6} {'peak GiB':>8} {'compile s':>9}")
+for r in sorted(runs, key=lambda r: (r["model"], -(r.get("mfu") or 0))):
+  head = f"{r['model']:9} {r['remat']:33} {r['attention']:9} {r['batch']:>5}"
+  if "failed" in r:
+    print(f"{head} {'failed: ' + r['failed']:>33}")
+    continue
+  peak = r.get("peak_bytes_in_use") or r.get("memory_plan_bytes") or 0
+  print(f"{head} {r['img_per_sec']:8.1f} {r['mfu'] or 0:6.3f} {peak / 2**30:8.1f} {r['compile_s']:9.1f}")
+if runs and all("failed" in r for r in runs):
+  sys.exit("every setup failed")
 PY

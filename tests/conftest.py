@@ -13,6 +13,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -86,3 +87,14 @@ def tiny_clip_config(*variant, **overrides):
   config.data.eval_examples = 48
   config.progress_bar = False
   return override(config, **overrides)
+
+
+def pytest_collection_modifyitems(config, items):
+  """Tests marked `gpu` (tests/test_gpu.py) run only where JAX's default backend is a GPU; elsewhere they skip."""
+  del config
+  if jax.default_backend() == "gpu":
+    return
+  skip = pytest.mark.skip(reason=f"needs a GPU (JAX backend: {jax.default_backend()})")
+  for item in items:
+    if "gpu" in item.keywords:
+      item.add_marker(skip)

@@ -113,8 +113,10 @@ def _matches(shape, forms) -> bool:
 
 
 def _in_model(op: Instruction) -> bool:
-  """Made for the model's forward (`jvp(...)`) or backward (`transpose(jvp(...))`), not the optimizer."""
-  return "jvp(" in op.op_name
+  """Made for the model's forward (`jvp(...)`) or backward (`transpose(jvp(...))`), not the optimizer. From jax
+  0.11 a gather that XLA hoists to the step's input is named after the argument ("state.params['head']..."): the
+  param as the step reads it, before any update, so a gather for the model too."""
+  return "jvp(" in op.op_name or op.op_name.startswith("state.params[")
 
 
 # ----------------------------------------------------------------------------------------------- fixtures

@@ -183,8 +183,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
   """
   check_attention(implementation)
   if implementation != "softmax":
-    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal,
-                                        implementation="cudnn" if implementation == "cudnn" else None)
+    return fused_attention(q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation)
   if causal:
     below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
     mask = below if mask is None else jnp.logical_and(mask, below)
@@ -192,6 +191,36 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
   out = kernels_lib.softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
                                       bias=bias, mask=mask, mode=kernels)
   return heads_first(out)
+
+
+def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "jax",
+                    scale: float | None = None):
+  """`jax.nn.dot_product_attention` over (B, T, H, D): 'cudnn' forces cuDNN flash attention, 'jax' lets JAX choose.
+
+  For cuDNN (as of jax 0.11) a bias or mask must come at its full (T, S) size, and its training kernels take
+  only even token counts whenever a bias is present, which jax always reports: an odd T or S (ViT-H/14's 257
+  tokens, SwinV2's 7x7 windows, 77-token captions) is padded by one token that cuDNN's sequence lengths hide,
+  and the padded query row is sliced off.
+  """
+  if implementation != "cudnn":
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale)
+  batch, t, s = q.shape[0], q.shape[1], k.shape[1]
+  full = lambda x: None if x is None else jnp.broadcast_to(x.reshape((1,) * (4 - x.ndim) + x.shape),
+                                                            (1,) * (4 - x.ndim) + x.shape[:-2] + (t, s))
+  bias, mask = full(bias), full(mask)
+  pad_t, pad_s = t % 2, s % 2
+  lengths = {}
+  if pad_t or pad_s:
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v = pad(q, pad_t), pad(k, pad_s), pad(v, pad_s)
+    pad_ts = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, pad_t), (0, pad_s)], constant_values=value)
+    bias = None if bias is None else pad_ts(bias, 0)
+    mask = None if mask is None else pad_ts(mask, True)
+    lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+                   key_value_seq_lengths=jnp.full((batch,), s, jnp.int32))
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale,
+                                     implementation="cudnn", **lengths)
+  return out[:, :t]
 
 
 class SelfAttention(nn.Module):

@@ -273,8 +273,8 @@ def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
   full_bias = bias[None] if mask is None else bias[None] + mask[:, None]
   full_bias = einops.rearrange(jnp.broadcast_to(full_bias, (windows, heads, tokens, tokens)), "w h q k -> 1 (w h) q k")
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
-  out = jax.nn.dot_product_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
-                                     implementation="cudnn" if attention == "cudnn" else None)
+  out = layers.fused_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
+                               implementation=attention)
   return einops.rearrange(out, "b n (w h) d -> b w n h d", w=windows)
 
 

@@ -1,0 +1,196 @@
+"""GPU tests (`pytest -m gpu`; skipped where JAX has no GPU, as in CI): cuDNN flash attention against the softmax
+path in every place the models use it, one bf16 train step of each seed model, fp16 loss scaling meeting a real
+overflow, and a short run that checkpoints and resumes. launch/gpu_check.sh runs them.
+
+Attention is compared through errors against an fp32 reference: in bf16/fp16 the cuDNN path may differ from our
+softmax path by rounding, but its error must stay of the order of the softmax path's own."""
+
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from conftest import tiny_vit_config
+from visionfm_jax.bench import step as step_lib
+from visionfm_jax.models import layers, swinv2, text, vit
+from visionfm_jax.training import train
+
+pytestmark = pytest.mark.gpu
+DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _normal(seed, shape, scale=1.0):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape) * scale, jnp.float32)
+
+
+def _max_error(got, want):
+  """Largest |got - want| over all leaves, relative to the largest |want| of that leaf."""
+  errors = jax.tree.map(lambda g, w: float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))
+                                           / (jnp.max(jnp.abs(w)) + 1e-6)), got, want)
+  return max(jax.tree.leaves(errors))
+
+
+def _assert_as_close_as_softmax(value_and_grads, args, dtype, name):
+  """`value_and_grads(attention, dtype, *args)` with cuDNN against an fp32 softmax reference: the cuDNN error is at
+  most twice the softmax path's own error in `dtype` (plus a little), values and gradients alike."""
+  reference = value_and_grads("softmax", jnp.float32, *args)
+  ours = value_and_grads("softmax", dtype, *args)
+  cudnn = value_and_grads("cudnn", dtype, *args)
+  for part, index in (("value", 0), ("gradients", 1)):
+    bound = 2 * _max_error(ours[index], reference[index]) + 1e-2
+    error = _max_error(cudnn[index], reference[index])
+    assert error <= bound, f"{name} {part}: cuDNN error {error:.4f} > {bound:.4f} (softmax path in {dtype.__name__})"
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("tokens,causal,masked", [(257, False, False), (128, True, False), (77, True, True)],
+                         ids=["vit_h14_tokens", "causal", "causal_and_padding_mask"])
+def test_cudnn_attention_matches_the_softmax_path(dtype, tokens, causal, masked):
+  q, k, v = (_normal(i, (2, tokens, 4, 64)) for i in range(3))
+  mask = (jnp.arange(tokens)[None, None, None, :] < jnp.array([tokens, tokens // 2])[:, None, None, None]
+          if masked else None)
+  cotangent = _normal(3, q.shape)
+
+  def value_and_grads(implementation, compute, q, k, v):
+    def f(q, k, v):
+      out = layers.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), mask=mask,
+                                         causal=causal, implementation=implementation)
+      return out.astype(jnp.float32)
+    out, vjp = jax.vjp(f, q, k, v)
+    return out, vjp(cotangent)
+
+  _assert_as_close_as_softmax(jax.jit(value_and_grads, static_argnums=(0, 1)), (q, k, v), DTYPES[dtype],
+                              "attention")
+
+
+def _model_value_and_grads(make_model, inputs):
+  params = jax.jit(make_model("softmax", jnp.float32).init)(jax.random.key(0), inputs)
+  params = jax.tree.map(lambda a: a + 0.01, params)  # off the zero-initialised head, so every gradient flows
+
+  def run(attention, dtype, params):
+    model = make_model(attention, dtype)
+    def loss(p):
+      out = model.apply(p, inputs)
+      out = out["logits"] if "logits" in out else out["embedding"]
+      return jnp.sum(jnp.sin(out.astype(jnp.float32))), out.astype(jnp.float32)
+    (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
+    return out, grads
+  return run, params
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vit_with_cudnn_attention_matches_softmax(dtype):
+  images = _normal(0, (4, 64, 64, 3))
+  make = lambda attention, dt: vit.ViT(width=256, depth=2, mlp_dim=512, num_heads=4, patch_size=8, image_size=64,
+                                      num_classes=10, dtype=dt, attention=attention)
+  run, params = _model_value_and_grads(make, images)
+  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "ViT")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_swinv2_window_attention_with_position_bias_and_shift_mask_on_cudnn(dtype):
+  """An 8x8 map with 4x4 windows: the second block of stage 1 is shifted, so the shift mask and the continuous
+  position bias both go through cuDNN's bias input."""
+  images = _normal(1, (2, 32, 32, 3))
+  make = lambda attention, dt: swinv2.SwinV2(64, (2, 2), (2, 4), window_size=4, patch_size=4, image_size=32,
+                                            num_classes=10, scan=False, dtype=dt, attention=attention)
+  run, params = _model_value_and_grads(make, images)
+  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "SwinV2")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pool", ["eos", "cls"])
+def test_causal_text_tower_on_cudnn(dtype, pool):
+  """The CLIP text tower (causal, EOS pooling) and the CoCa-style one (causal plus the padding mask of its CLS)."""
+  tokens = jnp.asarray(np.random.default_rng(2).integers(4, 100, (4, 32)), jnp.int32)
+  tokens = tokens.at[:, 20:].set(0).at[:, 19].set(3)  # EOS at 19, padding after
+  make = lambda attention, dt: text.TextTransformer(width=128, depth=2, num_heads=2, mlp_dim=256, embed_dim=32,
+                                                   vocab_size=100, max_len=32, dtype=dt, attention=attention,
+                                                   pool=pool)
+  run, params = _model_value_and_grads(make, tokens)
+  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], f"text ({pool})")
+
+
+def _demo(name: str, **fields):
+  config = importlib.import_module(f"configs.{name}").get_config("demo")
+  with config.unlocked():
+    config.global_batch_size = 16
+    config.grad_accum_steps = 1
+    for key, value in fields.items():
+      node = config
+      *parents, leaf = key.split(".")
+      for p in parents:
+        node = node[p]
+      node[leaf] = value
+  return config
+
+
+ATTENTION_FIELDS = {"vit_huge": ("model.attention",), "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
+                    "aurora_xl": ("model.encoder.attention", "model.text.attention")}
+
+
+def _step(bench):
+  bench.state, metrics = bench.compiled(bench.state, bench.batch)
+  return jax.device_get(metrics)
+
+
+def _params(bench):
+  return jax.tree.leaves(jax.device_get(bench.state.params))
+
+
+@pytest.mark.parametrize("name", list(ATTENTION_FIELDS))
+def test_one_bf16_train_step_of_each_seed_model(name):
+  """train.py's step (bench/step.py: same jit, shardings, donation) of each demo model in bf16 with cuDNN
+  attention: finite loss and gradient norm, and the params move (at the second step: warmup starts at lr 0)."""
+  config = _demo(name, **{"precision.compute_dtype": "bfloat16"}, **{f: "cudnn" for f in ATTENTION_FIELDS[name]})
+  bench = step_lib.JaxStep(config, jax.devices()[:1])
+  _step(bench)
+  before = _params(bench)
+  metrics = _step(bench)
+  assert np.isfinite(metrics["train/loss"]) and np.isfinite(metrics["train/grad_norm"]), metrics
+  assert any(not np.array_equal(a, b) for a, b in zip(_params(bench), before))
+
+
+def test_fp16_loss_scaling_meets_a_real_overflow():
+  """Two steps at the default scale move the zero-initialised head (else no gradient reaches the fp16 body); at
+  a scale of 2^40 the fp16 activations' gradients overflow: the step is skipped (params unchanged) and the scale
+  halves, until it is back where fp16 holds and training goes on."""
+  config = _demo("vit_huge", **{"precision.compute_dtype": "float16"})
+  bench = step_lib.JaxStep(config, jax.devices()[:1])
+  _step(bench), _step(bench)
+  scale = bench.state.loss_scale.scale
+  bench.state = bench.state.replace(loss_scale=bench.state.loss_scale.replace(
+      scale=jax.device_put(np.float32(2.0**40), scale.sharding)))
+  before = _params(bench)
+  metrics = _step(bench)
+  assert metrics["train/skipped_steps"] == 1 and metrics["train/loss_scale"] == 2.0**40, metrics
+  assert float(bench.state.loss_scale.scale) == 2.0**39
+  for got, want in zip(_params(bench), before):
+    np.testing.assert_array_equal(got, want)
+  for _ in range(30):  # halving from 2^39: within 30 steps the scale is one that fp16 holds
+    skipped = int(metrics["train/skipped_steps"])
+    metrics = _step(bench)
+    if int(metrics["train/skipped_steps"]) == skipped:
+      break
+  assert int(metrics["train/skipped_steps"]) == skipped and np.isfinite(metrics["train/loss"]), metrics
+  assert 2.0**5 <= float(metrics["train/loss_scale"]) <= 2.0**38, metrics
+  assert any(not np.array_equal(a, b) for a, b in zip(_params(bench), before))
+
+
+def test_two_steps_checkpoint_and_resume_on_gpu(tmp_path):
+  """Two bf16 steps with a checkpoint after each, then a 4-step run that resumes from step 2: it ends where an
+  uninterrupted 4-step run ends (warmup covers steps 1-2, so both schedules agree there)."""
+  def config(total_steps):
+    c = tiny_vit_config(total_steps=total_steps, log_every=1, eval_every=100, checkpoint_every=1, strategy="ddp")
+    c.data.num_workers = 0
+    c.data.eval_examples = 16
+    c.precision.compute_dtype = "bfloat16"
+    return c
+  first = train.run(config(2), str(tmp_path / "run"))
+  assert first["step"] == 2 and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "2"
+  resumed = train.run(config(4), str(tmp_path / "run"))
+  straight = train.run(config(4), str(tmp_path / "straight"))
+  assert resumed["step"] == straight["step"] == 4
+  np.testing.assert_allclose(resumed["train/loss"], straight["train/loss"], rtol=1e-3)
