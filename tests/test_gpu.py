@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_vit_config
+from conftest import override, tiny_vit_config
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.models import layers, swinv2, text, vit
 from visionfm_jax.training import train
@@ -115,16 +115,7 @@ def test_causal_text_tower_on_cudnn(dtype, pool):
 
 def _demo(name: str, **fields):
   config = importlib.import_module(f"configs.{name}").get_config("demo")
-  with config.unlocked():
-    config.global_batch_size = 16
-    config.grad_accum_steps = 1
-    for key, value in fields.items():
-      node = config
-      *parents, leaf = key.split(".")
-      for p in parents:
-        node = node[p]
-      node[leaf] = value
-  return config
+  return override(config, global_batch_size=16, grad_accum_steps=1, **fields)
 
 
 ATTENTION_FIELDS = {"vit_huge": ("model.attention",), "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
