@@ -167,3 +167,42 @@ def test_console_shows_our_lines_only(tmp_path):
   assert re.search(r"step 2 eval val: top1 [\d.]+, top5 [\d.]+ \(", out), out
   assert f"step 2: saving a checkpoint to {tmp_path / 'run' / 'checkpoints' / '2'}" in out
   assert re.search(r"done at step 4: train/loss [\d.]+, eval/val/top1 [\d.]+", lines[-1]), out
+
+
+def _emulate_the_device_to_host_guard(monkeypatch):
+  """On accelerators `jax.transfer_guard_device_to_host('disallow')` makes any read of a device value an error;
+  the CPU backend ignores it (its arrays are host memory already). Emulated here: reading an array's value or
+  waiting on it while that guard is set raises, as it would on a GPU."""
+  from jax._src import array  # pylint: disable=g-import-not-at-top
+
+  def guarded(read):
+    def check(self, *args):
+      if jax.config.jax_transfer_guard_device_to_host == "disallow":
+        raise RuntimeError("device-to-host read between logging steps")
+      return read(self, *args)
+    return check
+  monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded(array.ArrayImpl._value.fget)))
+  monkeypatch.setattr(array.ArrayImpl, "block_until_ready", guarded(array.ArrayImpl.block_until_ready))
+
+
+def test_steps_between_logging_steps_never_wait_on_the_device(tmp_path, monkeypatch):
+  """The loop reads device values (metrics, the step, checkpoints) only at logging, saving and evaluation steps;
+  the steps between them only feed the device. A step that reads its loss every time is caught."""
+  config = tiny_vit_config(total_steps=6, log_every=3, eval_every=6, checkpoint_every=6)
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  _emulate_the_device_to_host_guard(monkeypatch)
+  last = train.run(config, str(tmp_path / "quiet"))
+  assert last["step"] == 6 and 0 <= last["train/data_wait_fraction"] <= 1
+
+  jit_train_step = train.jit_train_step
+  def stalling(*args, **kwargs):
+    step = jit_train_step(*args, **kwargs)
+    def run_and_read(state, batch):
+      state, metrics = step(state, batch)
+      float(metrics["train/loss"])
+      return state, metrics
+    return run_and_read
+  monkeypatch.setattr(train, "jit_train_step", stalling)
+  with pytest.raises(RuntimeError, match="between logging steps"):
+    train.run(config, str(tmp_path / "stalling"))

@@ -183,6 +183,7 @@ def data_config() -> ml_collections.ConfigDict:
       image_size=224,
       num_workers=4,  # grain worker processes per host; 0 reads in the main process
       prefetch=2,  # batches buffered per worker
+      device_prefetch=2,  # batches copied to the devices ahead of the step (training/prefetch.py); 0: none
       shuffle=True,
       eval_examples=-1,  # -1: the whole eval split
       max_skipped_fraction=0.02,  # stop when more of the training records read are corrupt/undecodable
@@ -416,7 +417,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"model\.(embed_dim|caption_queries|decoder_depth)|model\.text\.(max_len|vocab_size)", COUNT),
     (r"(.+\.)?extra_norm_period", Domain(1, integer=True, extra=(-1,), note="-1: the size's default")),
     (r"(.+\.)?eos_id", NON_NEGATIVE_INT),
-    (r"data\.(num_workers|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
+    (r"data\.(num_workers|device_prefetch|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
     (r"data\.(prefetch|shapes_train_size|shapes_eval_size|scenes_max_objects|max_boxes)", COUNT),
     (r"data\.max_skipped_fraction", FRACTION),
     (r"data\.eval_examples|probe\.(train_examples|eval_examples)", ALL_OR_COUNT),

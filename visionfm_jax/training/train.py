@@ -25,9 +25,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, config_lib, parallel, tasks
 
-from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision
+from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision, prefetch
 from visionfm_jax.errors import CheckpointError, UserError
-from visionfm_jax.tasks.base import EvalContext, host_to_global
+from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
 
 
@@ -310,21 +310,27 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   preemption = faults.Preemption()
   watchdog = faults.Watchdog(config.step_timeout_s)
   last: dict[str, float] = {}
-  window_start, window_steps = time.perf_counter(), 0
+  window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+  batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   step = start_step
   try:
     while step < total:
-      if step == start_step:
-        watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
-      else:
-        watchdog.phase("a train step", step + 1)
-      batch = host_to_global(next(train_iter), batch_sharding)
-      state, step_metrics = train_step(state, batch)
-      step += 1
-      window_steps += 1
-      # The one read of the stop flag: every process gets the same answer for the same step, so all of them
-      # log, save and stop together.
-      preempted = preemption.reached(step)
+      # Between logging steps the host only feeds the device: any read of a device value here would stall
+      # the pipeline, and is an error on accelerators (the guard does not act on the CPU backend).
+      with jax.transfer_guard_device_to_host("disallow"):
+        if step == start_step:
+          watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
+        else:
+          watchdog.phase("a train step", step + 1)
+        wait_start = time.perf_counter()
+        batch = next(batches)
+        data_wait += time.perf_counter() - wait_start
+        state, step_metrics = train_step(state, batch)
+        step += 1
+        window_steps += 1
+        # The one read of the stop flag: every process gets the same answer for the same step, so all of
+        # them log, save and stop together.
+        preempted = preemption.reached(step)
       is_last = step == total
       will_save = step % config.checkpoint_every == 0 or is_last or preempted
       will_log = step % config.log_every == 0 or is_last or preempted
@@ -335,16 +341,17 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         elapsed = time.perf_counter() - window_start
         img_per_sec = window_steps * config.global_batch_size / max(elapsed, 1e-9)
         values["train/img_per_sec"] = img_per_sec
+        values["train/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
         if flops_per_example and peak:
           values["train/mfu"] = img_per_sec * flops_per_example / (peak * jax.device_count())
-        values.update(data_counts(train_iter))
+        values.update(data_counts(batches))
         writer.write(step, values)
         progress.update(step, values["train/loss"], img_per_sec)
         last.update(values)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
       if will_save:
         watchdog.phase("a checkpoint save", step)
-        checkpointer.save(step, state, train_iter)
+        checkpointer.save(step, state, batches)
         if jax.process_index() == 0 and not preempted:
           logging.info("step %d: saving a checkpoint to %s", step, checkpointer.directory / str(step))
       if step % config.eval_every == 0 or is_last:
@@ -352,7 +359,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         results = _evaluate(evaluators, state.params, step)
         writer.write(step, results)
         last.update(results)
-        window_start, window_steps = time.perf_counter(), 0
+        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
       if preempted:
         watchdog.phase("committing the preemption checkpoint", step)
         where = _committed(checkpointer, step)
