@@ -16,7 +16,7 @@ from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
 import test_real_data
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, train
+from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
 
@@ -84,6 +84,10 @@ def test_fp16_overflow_skips_exactly_that_step_and_continues():
   chex.assert_trees_all_equal(history[2][1], history[2][2])  # the overflowing step changed nothing
   assert not np.allclose(history[3][1]["image_proj"]["kernel"], history[3][2]["image_proj"]["kernel"])
   assert all(np.isfinite(m["train/loss"]) for i, (m, _, _) in enumerate(history) if i != 2)
+  # train/lr is the rate applied: the skipped step did not advance the schedule, so steps 3 and 4 share it.
+  schedule = optim.schedule(config.optim, config.total_steps)
+  lrs = [float(m["train/lr"]) for m, _, _ in history]
+  np.testing.assert_allclose(lrs, [float(schedule(i)) for i in (0, 1, 2, 2)], rtol=1e-6)
 
 
 def test_temperature_is_clamped_after_every_update():

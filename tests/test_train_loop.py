@@ -10,11 +10,13 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, tiny_vit_config
+from visionfm_jax import tasks
 from visionfm_jax.training import metrics, train
 from visionfm_jax.errors import ConfigError
 
@@ -206,3 +208,22 @@ def test_steps_between_logging_steps_never_wait_on_the_device(tmp_path, monkeypa
   monkeypatch.setattr(train, "jit_train_step", stalling)
   with pytest.raises(RuntimeError, match="between logging steps"):
     train.run(config, str(tmp_path / "stalling"))
+
+
+def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
+  """Two good fp16 steps are saved; then every step overflows at the minimum scale (a skipped step changes no
+  param, so the step-4 save is still good): the third such step in a row stops the run, naming checkpoint 4."""
+  fields = {"precision.compute_dtype": "float16", "precision.loss_scale_init": 1.0,
+            "precision.max_consecutive_skips": 3}
+  config = tiny_vit_config(total_steps=2, log_every=1, eval_every=100, checkpoint_every=2, **fields)
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  train.run(config, str(tmp_path))
+
+  loss = tasks.ClassificationTask.loss
+  monkeypatch.setattr(tasks.ClassificationTask, "loss",
+                      lambda self, *args: (lambda out: (out[0] * jnp.inf, out[1]))(loss(self, *args)))
+  config.total_steps = 8
+  with pytest.raises(train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*"
+                                               f"{tmp_path / 'checkpoints'}/4"):
+    train.run(config, str(tmp_path))

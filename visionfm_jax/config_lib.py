@@ -166,6 +166,7 @@ def precision_config() -> ml_collections.ConfigDict:
       loss_scale_init=2.0**15,
       loss_scale_period=2000,  # good steps before the scale doubles
       loss_scale_min=1.0,
+      max_consecutive_skips=100,  # overflowing steps in a row at loss_scale_min before the run stops
   ))
 
 
@@ -409,7 +410,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"optim\.warmup_steps", NON_NEGATIVE_INT),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
-    (r"precision\.loss_scale_period", COUNT),
+    (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
     (r"(.+\.)?(drop_path|dropout)", RATE),
     (r"(.+\.)?layer_norm_eps", POSITIVE),
     (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size|pretrained_window_sizes)", COUNT),

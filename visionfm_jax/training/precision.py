@@ -22,21 +22,25 @@ class DynamicScale(flax.struct.PyTreeNode):
   scale: jax.Array  # f32 scalar
   good_steps: jax.Array  # i32 scalar: finite steps since the last change
   skipped: jax.Array  # i32 scalar: steps skipped so far
+  skips_at_min: jax.Array  # i32 scalar: consecutive steps skipped at the minimum scale (train.py stops on many)
   period: int = flax.struct.field(pytree_node=False, default=2000)
   min_scale: float = flax.struct.field(pytree_node=False, default=1.0)
 
   @classmethod
   def create(cls, init_scale: float, period: int, min_scale: float = 1.0) -> "DynamicScale":
     return cls(scale=jnp.asarray(init_scale, jnp.float32), good_steps=jnp.zeros((), jnp.int32),
-               skipped=jnp.zeros((), jnp.int32), period=period, min_scale=min_scale)
+               skipped=jnp.zeros((), jnp.int32), skips_at_min=jnp.zeros((), jnp.int32), period=period,
+               min_scale=min_scale)
 
   def update(self, finite: jax.Array) -> "DynamicScale":
     grow = finite & (self.good_steps + 1 >= self.period)
     scale = jnp.where(finite, jnp.where(grow, self.scale * 2.0, self.scale),
                       jnp.maximum(self.scale * 0.5, self.min_scale))
     good = jnp.where(finite & ~grow, self.good_steps + 1, 0)
+    at_min = ~finite & (self.scale <= self.min_scale)
     return self.replace(scale=scale, good_steps=good.astype(jnp.int32),
-                        skipped=self.skipped + (~finite).astype(jnp.int32))
+                        skipped=self.skipped + (~finite).astype(jnp.int32),
+                        skips_at_min=jnp.where(at_min, self.skips_at_min + 1, 0).astype(jnp.int32))
 
 
 def maybe_loss_scale(precision_cfg) -> DynamicScale | None:

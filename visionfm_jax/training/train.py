@@ -157,7 +157,9 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.post_update(optax.apply_updates(state.params, updates))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(state.step), **aux}
+    # The schedule advances with the optimizer's own count, which a skipped fp16 step leaves where it was.
+    applied_steps = state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
+    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux}
 
     if state.loss_scale is not None:
       finite = precision.all_finite(grads)
@@ -167,6 +169,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
                                     loss_scale=state.loss_scale.update(finite))
       out["train/loss_scale"] = state.loss_scale.scale
       out["train/skipped_steps"] = new_state.loss_scale.skipped
+      out["train/skips_at_min_scale"] = new_state.loss_scale.skips_at_min
     return new_state, out
 
   return train_step
@@ -273,20 +276,33 @@ def _evaluate(evaluators, params, step) -> dict[str, float]:
   return results
 
 
-def _check_finite(step_metrics, state, step, checkpointer) -> None:
+def _check_finite(step_metrics, state, step, checkpointer, max_consecutive_skips: int) -> None:
   """Raises NonFiniteLossError when the step's loss or gradient norm is not finite (without loss scaling: an
   fp16 run skips such steps instead). A non-finite gradient leaves NaN params, so the run stops before it
-  can save them; the checkpoints already written are all from good steps."""
+  can save them; the checkpoints already written are all from good steps. With loss scaling, raises it once
+  `max_consecutive_skips` steps in a row overflowed at the minimum scale: such a run would skip forever."""
   if state.loss_scale is not None:
+    skips = int(jax.device_get(step_metrics["train/skips_at_min_scale"]))
+    if skips >= max_consecutive_skips:
+      raise NonFiniteLossError(
+          f"{skips} consecutive fp16 steps overflowed at the minimum loss scale (precision.loss_scale_min="
+          f"{state.loss_scale.min_scale}) up to step {step}; stopping "
+          f"(precision.max_consecutive_skips={max_consecutive_skips}). The last good checkpoint: "
+          f"{_last_checkpoint(checkpointer)}; lower config.optim.lr, train in bfloat16, or check the data.")
     return
   loss, grad_norm = (float(v) for v in jax.device_get((step_metrics["train/loss"],
                                                        step_metrics.get("train/grad_norm", 0.0))))
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-    checkpointer.wait()
-    latest = checkpointer.latest_step()
-    where = f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
     raise NonFiniteLossError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping. The "
-                             f"last good checkpoint: {where}; lower config.optim.lr or check the data.")
+                             f"last good checkpoint: {_last_checkpoint(checkpointer)}; lower config.optim.lr or "
+                             f"check the data.")
+
+
+def _last_checkpoint(checkpointer) -> str:
+  """The newest committed checkpoint's directory (after the saves in flight commit), or 'none yet'."""
+  checkpointer.wait()
+  latest = checkpointer.latest_step()
+  return f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
 
 
 def data_counts(train_iter) -> dict[str, float]:
@@ -335,7 +351,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       will_save = step % config.checkpoint_every == 0 or is_last or preempted
       will_log = step % config.log_every == 0 or is_last or preempted
       if will_log or will_save:
-        _check_finite(step_metrics, state, step, checkpointer)  # before a save: never checkpoint NaN params
+        _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)  # before a save: never checkpoint NaN params
       if will_log:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - window_start
