@@ -24,6 +24,13 @@ MIM, and the sizes were chosen to make the total the seed's 3.7B with the encode
 
   python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/aurora_xl
 
+Evaluation. The seed reports retrieval R@K and "masked language modeling perplexity on held-out validation sets".
+The model has no masked-language-modelling head: its text side is a causal encoder and a causal decoder, and its
+only masked objective is MIM on pixels. We read that metric as the perplexity of held-out captions under the
+decoder, conditioned on the image (`eval/caption/perplexity`, teacher-forced, padding excluded), because that is
+the language-modelling loss the model trains. The figure is therefore not comparable with a BERT-style MLM
+perplexity, which predicts masked tokens from both sides.
+
 Variant `demo`: a small SwinV2 + text encoder/decoder on the embedded shapes pairs ('a small red circle') on
 a CPU; metrics `eval/retrieval/*`, `eval/caption/perplexity`, `eval/mim/loss`:
 
