@@ -16,6 +16,7 @@ from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
 import test_real_data
 from visionfm_jax import parallel, tasks
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
@@ -35,7 +36,8 @@ def _random_pairs(config, n, seed=0):
 
 def test_clip_trains_evaluates_and_transfers_resolution(tmp_path):
   """From img2dataset tars converted by tools.prepare_data; zero-shot on the labelled shapes set."""
-  config = _tiny(strategy="zero3", **{"data.num_workers": 0, "eval.zeroshot_source": "shapes"})
+  config = _tiny(strategy="zero3", **{"data.num_workers": 0, "eval.zeroshot_source": "shapes",
+                                      "eval.zeroshot_examples": -1, "data.shapes_eval_size": 40})
   config.data.source = test_real_data.convert_shapes_tars(tmp_path, train=64, validation=48)
   first = train.run(config, str(tmp_path / "low"))
   assert first["step"] == 4 and np.isfinite(first["train/loss"]) and first["data/skipped"] == 0
@@ -43,6 +45,7 @@ def test_clip_trains_evaluates_and_transfers_resolution(tmp_path):
               "eval/retrieval/i2t_r10", "eval/retrieval/t2i_r1", "eval/retrieval/t2i_r10"):
     assert 0.0 <= first[key] <= 1.0, key
   assert first["eval/retrieval/count"] == 48
+  assert first["eval/zeroshot/count"] == 40  # its own count (-1: every example), not data.eval_examples
   assert 0.0 < first["train/logit_scale"] <= 100.0
 
   high = _tiny("ft640", init_from=str(tmp_path / "low"), total_steps=1, **{"optim.warmup_steps": 1})
@@ -127,9 +130,13 @@ def test_retrieval_ranks_and_ties():
 
 
 def test_zeroshot_prompt_ensembling():
-  names, templates = tasks.contrastive.zeroshot_classes("imagenet")
+  names, templates = zeroshot.class_names_and_templates("imagenet")
   assert len(names) == 1000 and len(set(names)) == 1000 and names[0] == "tench"
-  assert all("{}" in t for t in templates)
+  assert len(templates) == 80 == len(set(templates)) and all(t.count("{}") == 1 for t in templates)
+  simple_names, simple = zeroshot.class_names_and_templates("imagenet_simple")
+  assert simple_names == names and len(simple) == 8 and set(simple) < set(templates)
+  with pytest.raises(ConfigError, match="zeroshot_classes='imagenet21k'"):
+    zeroshot.class_names_and_templates("imagenet21k")
   assert zeroshot.prompts(["cat", "dog"], ["a {}", "the {}"]) == ["a cat", "the cat", "a dog", "the dog"]
 
   def embed(_, tokens):  # two prompts per class whose mean points along the class axis

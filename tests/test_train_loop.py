@@ -18,7 +18,7 @@ import pytest
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.training import metrics, train
-from visionfm_jax.errors import ConfigError
+from visionfm_jax.errors import ConfigError, DataError
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
               "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
@@ -226,4 +226,20 @@ def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_ch
   config.total_steps = 8
   with pytest.raises(train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*"
                                                f"{tmp_path / 'checkpoints'}/4"):
+    train.run(config, str(tmp_path))
+
+
+@pytest.mark.parametrize("family,fields", [
+    ("clip", {"eval.zeroshot_source": "arrayrecord:/nonexistent/zeroshot-{split}-*"}),
+    ("clip", {"data.eval_source": "arrayrecord:/nonexistent/pairs-{split}-*"}),
+    ("vit", {"probe.knn": True, "probe.source": "arrayrecord:/nonexistent/probe-{split}-*"}),
+], ids=["zeroshot", "retrieval", "probe"])
+def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp_path, monkeypatch, family,
+                                                                               fields):
+  """Not at the first evaluation, thousands of steps later: the evaluators open their sources when built."""
+  from conftest import override, tiny_clip_config  # pylint: disable=g-import-not-at-top
+  config = override(tiny_vit_config() if family == "vit" else tiny_clip_config(), **fields)
+  config.data.num_workers = 0
+  monkeypatch.setattr(train, "make_init_fn", lambda *a: pytest.fail("the state was built"))
+  with pytest.raises(DataError, match="/nonexistent/"):
     train.run(config, str(tmp_path))

@@ -421,7 +421,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"data\.(num_workers|device_prefetch|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
     (r"data\.(prefetch|shapes_train_size|shapes_eval_size|scenes_max_objects|max_boxes)", COUNT),
     (r"data\.max_skipped_fraction", FRACTION),
-    (r"data\.eval_examples|probe\.(train_examples|eval_examples)", ALL_OR_COUNT),
+    (r"data\.eval_examples|probe\.(train_examples|eval_examples)|eval\.zeroshot_examples", ALL_OR_COUNT),
     (r"data\.std|data\.augment\.crop_ratio|data\.(seg|det)_scale_range", POSITIVE),
     (r"data\.mean", FRACTION),
     (r"data\.augment\.crop_scale", Domain(0, 1, low_open=True)),

@@ -205,6 +205,12 @@ def eval_batches(reader, share: range, num_batches: int, batch_size: int, thread
       yield _assemble([f.result() for f in current], batch_size, spec, valid_key)
 
 
+def open_eval_source(data_cfg):
+  """The eval source (config.data.eval_source, else config.data.source) and split, opened: evaluators open
+  theirs when they are built, at start-up, so that a missing dataset stops the run before it trains."""
+  return build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
+
+
 def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process_count: int, source=None):
   """Batches {'image', 'label', 'mask'} over this process's share of the eval split, in order.
 
@@ -214,7 +220,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   the configured eval source (config.data.eval_source, else config.data.source) and split.
   """
   if source is None:
-    source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
+    source = open_eval_source(data_cfg)
   require_key(source, "label", eval_source_spec(data_cfg), data_cfg.eval_split, "classification needs labelled images")
   return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
                         process_index=process_index, process_count=process_count)
@@ -229,7 +235,7 @@ def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_ind
   are comparable across evaluations.
   """
   if source is None:
-    source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
+    source = open_eval_source(data_cfg)
   example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.eval_split)
   return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
                         process_count=process_count, extras=_mim_ops(data_cfg, mim))

@@ -31,10 +31,12 @@ class TopKEvaluator:
       return out
 
     def top_k_rates(totals):
-      count = totals.pop("count")
-      return {name: v / max(count, 1.0) for name, v in totals.items()}
+      return {name: v / max(totals["count"], 1.0) for name, v in totals.items() if name != "count"}
 
-    self._sums = SumsEvaluator(counts, top_k_rates, ctx)
+    self._sums = SumsEvaluator(counts, lambda totals: {**top_k_rates(totals), "count": totals["count"]}, ctx)
 
-  def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-    return self._sums(params, local_batches)
+  def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]], with_count: bool = False
+               ) -> dict[str, float]:
+    """{'top1', 'top5'} over the examples of `local_batches` (plus 'count', how many, `with_count`)."""
+    out = self._sums(params, local_batches)
+    return out if with_count else {k: v for k, v in out.items() if k != "count"}

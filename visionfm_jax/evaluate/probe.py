@@ -175,10 +175,12 @@ class FeatureProbe:
     self.cfg, self.ctx = probe_cfg, ctx
     self._features = jax.jit(features)
     self._splits = {w: split_config(probe_cfg, data_cfg, w) for w in ("train", "eval")}
+    self._sources = {w: data.open_eval_source(cfg) for w, cfg in self._splits.items()}  # fail at start-up
 
   def features(self, params, which: str) -> tuple[np.ndarray, np.ndarray]:
     batches = data.make_eval_iterator(self._splits[which], batch_size=self.ctx.batch_size // self.ctx.process_count,
-                                      process_index=self.ctx.process_index, process_count=self.ctx.process_count)
+                                      process_index=self.ctx.process_index, process_count=self.ctx.process_count,
+                                      source=self._sources[which])
     return extract(self._features, params, batches, self.ctx)
 
   def __call__(self, params, which=("knn", "linear_probe")) -> dict[str, dict[str, float]]:

@@ -14,13 +14,34 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionfm_jax.data import shapes
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.classification import TopKEvaluator
+
+ZEROSHOT_SETS = ("imagenet", "imagenet_simple", "shapes")
 
 
 def read_lines(name: str) -> list[str]:
   """A shipped data file (`evaluate/assets/<name>`), one entry per line."""
   text = importlib.resources.files("visionfm_jax.evaluate").joinpath("assets", name).read_text(encoding="utf-8")
   return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def class_names_and_templates(name: str) -> tuple[list[str], list[str]]:
+  """(class names, prompt templates) of a zero-shot benchmark, the one place they come from.
+
+  'imagenet': OpenAI's curated names of the 1000 ImageNet classes and its 80 prompt templates (CLIP, Radford et
+  al. 2021), the protocol behind published zero-shot figures; 'imagenet_simple': the same names with 8 of those
+  templates (faster, about a point lower); 'shapes': the embedded set's 8 shapes, with prompts in the grammar
+  of its captions ('a large red {}'), every size and colour, so that the ensemble averages them out.
+  """
+  if name in ("imagenet", "imagenet_simple"):
+    names = [line.split("\t", 1)[1] for line in read_lines("imagenet_classes.txt")]
+    return names, read_lines("imagenet_templates.txt" if name == "imagenet" else "imagenet_simple_templates.txt")
+  if name == "shapes":
+    templates = [f"a {size} {colour} {{}}" for size in ("large", "small") for colour in shapes.COLOUR_NAMES]
+    return list(shapes.SHAPE_NAMES), templates
+  raise ConfigError(f"config.eval.zeroshot_classes={name!r}: expected one of {ZEROSHOT_SETS}")
 
 
 def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
@@ -53,5 +74,7 @@ class ZeroShotEvaluator:
     self._topk = TopKEvaluator(predict, ctx, ks)
 
   def __call__(self, params, local_batches) -> dict[str, float]:
+    """{'top1', 'top5', 'count'}: 'count' is the number of images scored, to check a protocol's coverage (the
+    50,000 of ImageNet's validation split)."""
     classes = class_embeddings(self._embed_texts, params, self.prompt_tokens, self.num_classes)
-    return self._topk((params, classes), local_batches)
+    return self._topk((params, classes), local_batches, with_count=True)

@@ -99,6 +99,7 @@ class AuroraTask(ContrastiveTask):
     return {"l1": jnp.sum(jnp.abs(images - recon) * pixels[..., None]) / 3.0, "pixels": jnp.sum(pixels)}
 
   def evaluators(self, ctx: EvalContext):
+    _ = self.eval_pair_source  # opens it now: a missing dataset stops the run before any step
     out = {}
     if self.config.eval.retrieval:
       out["retrieval"] = self.retrieval_evaluator(ctx)

@@ -37,10 +37,12 @@ class ClassificationTask(Task):
       return self.logits(params, images, train=False)
 
     top1 = classification_eval.TopKEvaluator(predict, ctx, ks=(1, 5))
+    source = data.open_eval_source(self.config.data)
 
     def run_val(params):
       batches = data.make_eval_iterator(self.config.data, batch_size=ctx.batch_size // ctx.process_count,
-                                        process_index=ctx.process_index, process_count=ctx.process_count)
+                                        process_index=ctx.process_index, process_count=ctx.process_count,
+                                        source=source)
       return top1(params, batches)
 
     return {"val": run_val, **probe.evaluators(self, ctx)}

@@ -22,27 +22,11 @@ from visionfm_jax import data
 
 
 from visionfm_jax.tasks import losses
-from visionfm_jax.data import shapes, tokenizer as tokenizer_lib, transforms
+from visionfm_jax.data import tokenizer as tokenizer_lib, transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
 from visionfm_jax.tasks.base import EvalContext, Task
-
-
-def shapes_templates() -> list[str]:
-  """Prompts in the grammar of the shapes captions ('a large red circle ...'): every size and colour, so that
-  the ensemble averages them out and leaves the shape."""
-  return [f"a {size} {colour} {{}}" for size in ("large", "small") for colour in shapes.COLOUR_NAMES]
-
-
-def zeroshot_classes(name: str) -> tuple[list[str], list[str]]:
-  """(class names, prompt templates) of a zero-shot benchmark: 'shapes' or 'imagenet'."""
-  if name == "shapes":
-    return list(shapes.SHAPE_NAMES), shapes_templates()
-  if name == "imagenet":
-    return ([line.split("\t", 1)[1] for line in zeroshot.read_lines("imagenet_classes.txt")],
-            zeroshot.read_lines("imagenet_templates.txt"))
-  raise ConfigError(f"config.eval.zeroshot_classes={name!r}: expected 'shapes' or 'imagenet'")
 
 
 class ContrastiveTask(Task):
@@ -94,17 +78,19 @@ class ContrastiveTask(Task):
     eval_cfg = self.config.eval
     out = {}
     if eval_cfg.zeroshot_classes:
-      names, templates = zeroshot_classes(eval_cfg.zeroshot_classes)
+      names, templates = zeroshot.class_names_and_templates(eval_cfg.zeroshot_classes)
       tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
       zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
-      data_cfg = self.config.data
-      if eval_cfg.zeroshot_source:
-        data_cfg = data_cfg.copy_and_resolve_references()
-        data_cfg.eval_source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
+      data_cfg = self.config.data.copy_and_resolve_references()
+      with data_cfg.unlocked():
+        if eval_cfg.zeroshot_source:
+          data_cfg.eval_source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
+        data_cfg.eval_examples = eval_cfg.get("zeroshot_examples", -1)  # its own count; -1: the whole split
+      source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):
         batches = data.make_eval_iterator(data_cfg, batch_size=local_batch, process_index=ctx.process_index,
-                                          process_count=ctx.process_count)
+                                          process_count=ctx.process_count, source=source)
         return zs(params, batches)
       out["zeroshot"] = run_zeroshot
 
@@ -112,16 +98,23 @@ class ContrastiveTask(Task):
       out["retrieval"] = self.retrieval_evaluator(ctx)
     return out
 
+  @functools.cached_property
+  def eval_pair_source(self):
+    """The held-out pairs' source (data.eval_source or data.source, data.eval_split), opened once; the evaluators
+    touch it when they are built, so that a missing dataset stops the run at start-up."""
+    return data.open_eval_source(self.config.data)
+
   def eval_pairs(self, ctx: EvalContext):
     """This process's batches of held-out pairs (data.eval_split, the first data.eval_examples)."""
     return data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=ctx.batch_size // ctx.process_count,
                                         process_index=ctx.process_index, process_count=ctx.process_count,
-                                        mim=self.mim_masks)
+                                        mim=self.mim_masks, source=self.eval_pair_source)
 
   def retrieval_evaluator(self, ctx: EvalContext):
     def embed_pairs(params, images, texts):
       return self.embed_images(params, images), self.embed_texts(params, texts)
     ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
+    _ = self.eval_pair_source  # opens it now: a missing dataset stops the run before any step
     return lambda params: ret(params, self.eval_pairs(ctx))
 
   def synthetic_batch(self, batch_size, rng):

@@ -190,6 +190,9 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
   of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
   task = task or tasks.build(config, mesh)
+  # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
+  evaluators = task.evaluators(EvalContext(mesh, config.global_batch_size // config.grad_accum_steps,
+                                           jax.process_index(), jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
@@ -219,6 +222,9 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count()))
+  # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
+  evaluators = task.evaluators(EvalContext(mesh, config.global_batch_size // config.grad_accum_steps,
+                                           jax.process_index(), jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
   batch_sharding = NamedSharding(mesh, BATCH_SPEC)
@@ -231,9 +237,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
     start_step = int(jax.device_get(state.step))
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
-    ctx = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
-                      jax.process_count())
-    evaluators = task.evaluators(ctx)
     writer = metrics.MetricWriter(workdir)
     last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
                  writer, task)
