@@ -23,31 +23,25 @@ def _grey(image: jax.Array) -> jax.Array:
   return jnp.tensordot(image, jnp.asarray(LUMA, jnp.float32), axes=1)[..., None]
 
 
-def adjust_brightness(image: jax.Array, factor: jax.Array) -> jax.Array:
-  """Blends with black."""
-  return jnp.clip(image * factor, 0, 255)
+def _blend(image: jax.Array, factor: jax.Array, target) -> jax.Array:
+  return jnp.clip(image * factor + target * (1 - factor), 0, 255)
 
 
-def adjust_contrast(image: jax.Array, factor: jax.Array) -> jax.Array:
-  """Blends with the mean grey level of the whole (H, W, 3) image."""
-  mean = _grey(jnp.mean(image, axis=(0, 1)))
-  return jnp.clip(image * factor + mean * (1 - factor), 0, 255)
+def color_jitter(images: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
+  """Float32 (B, H, W, 3) images in [0, 255]: the three adjustments with (B, 3) `factors` (brightness, contrast,
+  saturation) in each image's `order` (B, 3), rounded to integer levels. Each adjustment blends the image with
+  a target: black (brightness), the image's mean grey level (contrast), the per-pixel grey level (saturation).
 
-
-def adjust_saturation(image: jax.Array, factor: jax.Array) -> jax.Array:
-  """Blends with the per-pixel grey level."""
-  return jnp.clip(image * factor + _grey(image) * (1 - factor), 0, 255)
-
-
-ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation)  # the order of transforms.JITTER's factors
-
-
-def color_jitter(image: jax.Array, factors: jax.Array, order: jax.Array) -> jax.Array:
-  """One float32 (H, W, 3) image in [0, 255]: the three adjustments in `order`, rounded to integer levels."""
-  for step in range(len(ADJUSTMENTS)):
-    which = order[step]
-    image = jax.lax.switch(which, ADJUSTMENTS, image, factors[which])
-  return jnp.floor(image + 0.5)
+  Batched as one blend per step whose target each image selects, rather than vmap(switch), which would run all
+  three adjustments on every image at every step.
+  """
+  for step in range(3):
+    which = order[:, step, None, None, None]
+    factor = jnp.take_along_axis(factors, order[:, step:step + 1], axis=1)[:, :, None, None]
+    contrast_target = _grey(jnp.mean(images, axis=(1, 2), keepdims=True))
+    target = jnp.where(which == 0, 0.0, jnp.where(which == 1, contrast_target, _grey(images)))
+    images = _blend(images, factor, target)
+  return jnp.floor(images + 0.5)
 
 
 def normalize(images: jax.Array, mean, std, dtype=jnp.float32) -> jax.Array:
@@ -60,7 +54,7 @@ def augment(images: jax.Array, params: Mapping[str, jax.Array], mean, std, dtype
   the transforms.DEVICE_KEYS found in `params` (a batch: keys that are absent are augmentations left out)."""
   x = images.astype(jnp.float32)
   if transforms.JITTER in params:
-    x = jax.vmap(color_jitter)(x, params[transforms.JITTER], params[transforms.JITTER_ORDER])
+    x = color_jitter(x, params[transforms.JITTER], params[transforms.JITTER_ORDER])
   if transforms.FLIP in params:
     x = jnp.where(params[transforms.FLIP].astype(bool)[:, None, None, None], x[:, :, ::-1], x)
   return normalize(x, mean, std, dtype)
