@@ -20,6 +20,7 @@ def test_report_figures(capsys):
     for key in ("wall_s", "cpu_s", "images_per_s", "images_per_s_per_core", "cores"):
       assert r[key] > 0, (name, key)
   assert report["ratio_ours_ops_to_baseline"] > 0 and report["ratio_ours_ops_to_baseline_draft"] > 0
+  assert report["ratio_ours_ops_to_baseline_cpu"] > 0 and report["device_augment"]["ms_per_image"] > 0
   assert all(ms >= 0 for ms in report["ours_ops_ms_per_image"].values())
   assert report["image_size"] == 32 and report["records"] == 16
   assert report["synthetic"]["size"] == "64x48" and report["synthetic"]["mean_jpeg_bytes"] > 0

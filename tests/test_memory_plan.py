@@ -15,7 +15,7 @@ def test_plan_is_the_state_shard_plus_batch_shard_plus_temporaries(capsys):
   result = json.loads(out.strip().splitlines()[-1])
   assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and result["strategy"] == "zero3"
   per_device = 16 // 8
-  batch = per_device * 16 * 16 * 3 + per_device * 4  # uint8 images, int32 labels
+  batch = per_device * (16 * 16 * 3 + 4 + 1)  # uint8 images, int32 labels, uint8 flip bits (device_augment)
   step = 4  # the int32 step counter
   # What the compiled step takes per device is exactly the analytic zero3 shard of the state plus the batch.
   assert result["argument_bytes"] == result["state_params_bytes"] + result["state_opt_bytes"] + step + batch

@@ -1,6 +1,8 @@
 """Host-side image transforms as grain transforms: numpy and Pillow only, uint8 HWC in and out.
 
-Normalisation (mean/std) happens on the device in the task, not here. `RandomMap`s draw from grain's
+The host decodes and does the geometric work (crops, resizes, RandAugment); the per-pixel work (flip, colour
+jitter, normalisation) happens on the device (data/device_augment.py, called by the task), from per-example
+parameters that the host draws (DEVICE_KEYS). `RandomMap`s draw from grain's
 per-record generator, so an augmented batch is a pure function of (seed, record index).
 """
 
@@ -101,9 +103,11 @@ class MarkUndecodable(grain.transforms.Map):
     return {**element, "valid": True}
 
 
-def _carry_validity(element: dict, example: dict) -> dict:
-  if "valid" in element:
-    example["valid"] = element["valid"]
+def _carry_fields(element: dict, example: dict) -> dict:
+  """The example with the record's 'valid' and its device augmentation parameters (DEVICE_KEYS), if any."""
+  for key in ("valid", *DEVICE_KEYS):
+    if key in element:
+      example[key] = element[key]
   return example
 
 
@@ -152,61 +156,82 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     return {**element, "image": resize_box(image, (left, top, left + w, top + h), self.size)}
 
 
+# Per-pixel augmentations run on the device (data/device_augment.py): the host draws their per-example
+# parameters from grain's per-record generator, at the same points of its stream as when the host applied them
+# (so an example and its augmentation stay a pure function of (seed, record position)), and the example ops
+# carry them into the batch under these keys.
+FLIP = "flip"  # uint8 (), 1: mirror left-right
+JITTER = "jitter"  # float32 (3,): brightness, contrast and saturation factors
+JITTER_ORDER = "jitter_order"  # int32 (3,): the order in which the three adjustments apply (indices into JITTER)
+DEVICE_KEYS = (FLIP, JITTER, JITTER_ORDER)
+
+
+def draw_flip(rng: np.random.Generator) -> np.uint8:
+  return np.uint8(rng.random() < 0.5)
+
+
+def draw_jitter(strength: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+  """torchvision's ColorJitter(brightness=s, contrast=s, saturation=s) draws: each factor uniform in
+  [max(0, 1 - s), 1 + s], and a random order of the three adjustments."""
+  factors = rng.uniform(max(0.0, 1 - strength), 1 + strength, size=3).astype(np.float32)
+  return factors, rng.permutation(3).astype(np.int32)
+
+
 class RandomFlip(grain.transforms.RandomMap):
-  """Mirrors the image left-right with probability 1/2."""
+  """Mirrors the image left-right with probability 1/2: on the host, or, with `on_device`, by recording
+  'flip' for device_augment (where it runs after the colour jitter, with which it commutes)."""
+
+  def __init__(self, on_device: bool = True):
+    self.on_device = bool(on_device)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    if rng.random() < 0.5:
-      return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])}
-    return element
-
-
-# The adjustments work on planar (3, H, W) float32 images: numpy broadcasts slowly over a trailing axis of 3.
-_LUMA = np.array([0.299, 0.587, 0.114], np.float32)  # ITU-R 601, as torchvision's rgb_to_grayscale
-
-
-def _grey(planes: np.ndarray) -> np.ndarray:
-  return np.tensordot(_LUMA, planes, axes=1)[None]
-
-
-def adjust_brightness(planes: np.ndarray, factor: float) -> np.ndarray:
-  """Blends with black."""
-  return np.clip(planes * np.float32(factor), 0, 255)
-
-
-def adjust_contrast(planes: np.ndarray, factor: float) -> np.ndarray:
-  """Blends with the mean grey level of the whole image."""
-  mean = np.float32(_LUMA @ planes.reshape(3, -1).mean(1))
-  return np.clip(planes * np.float32(factor) + mean * np.float32(1 - factor), 0, 255)
-
-
-def adjust_saturation(planes: np.ndarray, factor: float) -> np.ndarray:
-  """Blends with the per-pixel grey level."""
-  return np.clip(planes * np.float32(factor) + _grey(planes) * np.float32(1 - factor), 0, 255)
+    flip = draw_flip(rng)
+    if self.on_device:
+      return {**element, FLIP: flip}
+    return {**element, "image": np.ascontiguousarray(element["image"][:, ::-1])} if flip else element
 
 
 class ColorJitter(grain.transforms.RandomMap):
-  """torchvision's ColorJitter(brightness=s, contrast=s, saturation=s): each factor uniform in
-  [max(0, 1 - s), 1 + s], the three adjustments applied in a random order. s = 0 is the identity.
-
-  Works in float32 (clipped to [0, 255] after each step, as torchvision) and rounds once at the end.
-  """
-
-  ADJUSTMENTS = (adjust_brightness, adjust_contrast, adjust_saturation)
+  """Draws the colour jitter of strength s (see `draw_jitter`) into 'jitter' and 'jitter_order';
+  device_augment.color_jitter applies it."""
 
   def __init__(self, strength: float):
+    if strength <= 0:
+      raise ValueError(f"ColorJitter strength={strength}: expected > 0 (leave the op out to disable it)")
     self.strength = float(strength)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    if self.strength <= 0:
-      return element
-    s = self.strength
-    factors = rng.uniform(max(0.0, 1 - s), 1 + s, size=3)
-    planes = element["image"].transpose(2, 0, 1).astype(np.float32, order="C")  # planar in memory too
-    for i in rng.permutation(3):
-      planes = self.ADJUSTMENTS[i](planes, factors[i])
-    planes += np.float32(0.5)  # round on the cast
-    return {**element, "image": planes.transpose(1, 2, 0).astype(np.uint8)}
+    factors, order = draw_jitter(self.strength, rng)
+    return {**element, JITTER: factors, JITTER_ORDER: order}
+
+
+def flip_on_device(augment) -> bool:
+  """Whether config.data.augment's flip can wait for the device: it must commute with every host op after it,
+  which RandAugment's geometric operations do not (they are not mirror-symmetric per draw)."""
+  geometric = augment.randaugment_ops > 0 and set(_randaugment_ops(augment)) & set(randaugment.GEOMETRIC_OPS)
+  return not geometric
+
+
+def device_params_spec(augment) -> dict:
+  """{key: (shape, dtype)} of the per-example parameters that `train_transforms(augment)` leaves to the device."""
+  spec = {}
+  if augment.flip and flip_on_device(augment):
+    spec[FLIP] = ((), np.uint8)
+  if augment.color_jitter > 0:
+    spec.update({JITTER: ((3,), np.float32), JITTER_ORDER: ((3,), np.int32)})
+  return spec
+
+
+def random_device_params(augment, batch_size: int, rng: np.random.Generator) -> dict:
+  """Per-example device parameters for `batch_size` examples, drawn as the loader draws them (synthetic
+  batches in the train loader's layout)."""
+  spec, params = device_params_spec(augment), {}
+  if FLIP in spec:
+    params[FLIP] = np.array([draw_flip(rng) for _ in range(batch_size)], np.uint8)
+  if JITTER in spec:
+    params[JITTER], params[JITTER_ORDER] = (
+        np.stack(column) for column in zip(*(draw_jitter(augment.color_jitter, rng) for _ in range(batch_size))))
+  return params
 
 
 def central_crop_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
@@ -243,7 +268,7 @@ class SelectKeys(grain.transforms.Map):
 
   def map(self, element: dict) -> dict:
     label = element["label"] if element.get("valid", True) else element.get("label", 0)
-    return _carry_validity(element, {"image": element["image"], "label": np.int32(label)})
+    return _carry_fields(element, {"image": element["image"], "label": np.int32(label)})
 
   def spec(self, image_size: int) -> dict:
     return {"image": ((image_size, image_size, 3), np.uint8), "label": ((), np.int32)}
@@ -263,7 +288,7 @@ class SelectPair(grain.transforms.Map):
     example = {"image": element["image"], "text": self.tokenizer.encode(element["caption"])}
     if self.with_label:
       example["label"] = np.int32(element["label"])
-    return _carry_validity(element, example)
+    return _carry_fields(element, example)
 
   def spec(self, image_size: int) -> dict:
     spec = {"image": ((image_size, image_size, 3), np.uint8), "text": ((self.tokenizer.max_len,), np.int32)}
@@ -320,7 +345,8 @@ def _randaugment_ops(augment) -> tuple[str, ...]:
 
 def train_transforms(image_size: int, augment, decode_min_side: int = 0, example=None) -> list:
   """Decode + the augmentations named in config.data.augment, ending in uint8 size x size images, then
-  `example` (the record -> example op; SelectKeys when None). Examples carry 'valid' (see MarkUndecodable).
+  `example` (the record -> example op; SelectKeys when None). Examples carry 'valid' (see MarkUndecodable) and
+  the per-example parameters of the device's part (`device_params_spec`), which device_augment.augment applies.
 
   For captions that name positions (the shapes captions do), turn flip off, exclude
   randaugment.GEOMETRIC_OPS and keep crop_scale near 1 (or random_resized_crop off): these move or mirror
@@ -332,7 +358,7 @@ def train_transforms(image_size: int, augment, decode_min_side: int = 0, example
   else:
     ops.append(EvalTransform(image_size))
   if augment.flip:
-    ops.append(RandomFlip())
+    ops.append(RandomFlip(on_device=flip_on_device(augment)))
   if augment.randaugment_ops > 0:
     ops.append(randaugment.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude,
                                        _randaugment_ops(augment)))

@@ -56,7 +56,7 @@ class AuroraTask(ContrastiveTask):
             "masked_pixels": jnp.sum(self.pixel_mask(batch)) + MIM_EPS}
 
   def local_loss(self, params, batch, rng, normalizers):
-    images = self.normalize(batch["image"])
+    images = self.train_images(batch, jnp.float32)  # also the MIM target, kept in fp32
     out = self.model.apply({"params": params}, images, batch["text"], batch["mim_mask"], train=True,
                            rngs={"dropout": rng})
     caption = losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID,
@@ -67,8 +67,8 @@ class AuroraTask(ContrastiveTask):
     return loss, (out["image_emb"], out["text_emb"]), {"train/caption_loss": caption, "train/mim_loss": mim}
 
   def batch_features(self, params, batch, rng):
-    return self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"], batch["mim_mask"],
-                            train=True, rngs={"dropout": rng}, method="contrastive_features")
+    return self.model.apply({"params": params}, self.train_images(batch, jnp.float32), batch["text"],
+                            batch["mim_mask"], train=True, rngs={"dropout": rng}, method="contrastive_features")
 
   def global_loss(self, params, features):
     image_emb, text_emb = features

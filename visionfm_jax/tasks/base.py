@@ -32,6 +32,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from visionfm_jax import models
+from visionfm_jax.data import device_augment, transforms
 
 from visionfm_jax.training import precision
 from visionfm_jax.errors import ConfigError, DataError
@@ -59,7 +60,12 @@ def host_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) 
 
 
 class Task:
-  """Base class: builds the model and normalises uint8 images on the device."""
+  """Base class: builds the model and normalises uint8 images on the device, where training images also get
+  their per-pixel augmentation (data/device_augment.py) when the task's loader leaves it to the device."""
+
+  # Whether train_loader's batches carry the per-example parameters of transforms.train_transforms' device part
+  # (transforms.device_params_spec); tasks whose loaders augment on the host (dense tasks) set False.
+  augments_on_device = True
 
   def __init__(self, config, mesh: Mesh | None = None):
     self.config = config
@@ -70,8 +76,13 @@ class Task:
     self._std = np.asarray(config.data.std, np.float32) * 255.0
 
   def normalize(self, images: jax.Array) -> jax.Array:
-    """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32."""
-    return (images.astype(jnp.float32) - self._mean) / self._std
+    """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches)."""
+    return device_augment.normalize(images, self._mean, self._std)
+
+  def train_images(self, batch, dtype=None) -> jax.Array:
+    """A training batch's uint8 images, colour-jittered and flipped as its per-example parameters say and
+    normalised, in `dtype` (the compute dtype by default): the model's training input."""
+    return device_augment.augment(batch["image"], batch, self._mean, self._std, dtype or self.dtype)
 
   def init_variables(self, rng: jax.Array) -> Any:
     size = self.config.model.image_size
@@ -106,9 +117,13 @@ class Task:
     return count() if count else None
 
   def synthetic_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-    """Random data in the layout of `train_loader`'s batches: here uint8 images; tasks add their fields."""
+    """Random data in the layout of `train_loader`'s batches: here uint8 images and the device augmentation's
+    parameters; tasks add their fields."""
     size = self.config.data.image_size
-    return {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)}
+    batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)}
+    if self.augments_on_device:
+      batch.update(transforms.random_device_params(self.config.data.augment, batch_size, rng))
+    return batch
 
   def evaluators(self, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
     return {}

@@ -15,13 +15,14 @@ from visionfm_jax.tasks.base import EvalContext, Task
 
 class ClassificationTask(Task):
 
-  def logits(self, params, images, *, train: bool, rng=None):
+  def logits(self, params, inputs, *, train: bool, rng=None):
+    """fp32 logits of normalised `inputs` (train_images or normalize)."""
     rngs = {"dropout": rng} if rng is not None else {}
-    out = self.model.apply({"params": params}, self.normalize(images), train=train, rngs=rngs)
+    out = self.model.apply({"params": params}, inputs, train=train, rngs=rngs)
     return out["logits"].astype(jnp.float32)
 
   def loss(self, params, batch, rng):
-    logits = self.logits(params, batch["image"], train=True, rng=rng)
+    logits = self.logits(params, self.train_images(batch), train=True, rng=rng)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
     top1 = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
     return loss, {"train/top1": top1}
@@ -34,7 +35,7 @@ class ClassificationTask(Task):
 
   def evaluators(self, ctx: EvalContext):
     def predict(params, images):
-      return self.logits(params, images, train=False)
+      return self.logits(params, self.normalize(images), train=False)
 
     top1 = classification_eval.TopKEvaluator(predict, ctx, ks=(1, 5))
     source = data.open_eval_source(self.config.data)

@@ -50,7 +50,7 @@ class ContrastiveTask(Task):
     return lam * images + (1.0 - lam) * jnp.roll(images, 1, axis=0), lam
 
   def loss(self, params, batch, rng):
-    images, mix = self._mixup(self.normalize(batch["image"]), rng)
+    images, mix = self._mixup(self.train_images(batch), rng)
     out = self.model.apply({"params": params}, images, batch["text"], train=True, rngs={"dropout": rng})
     scale = jnp.exp(out["logit_scale"].astype(jnp.float32))
     if self.mesh is not None:

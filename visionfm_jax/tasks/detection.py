@@ -65,6 +65,7 @@ def _check_config(config) -> None:
 
 
 class DetectionTask(Task):
+  augments_on_device = False  # data/dense_transforms.py flips on the host, with the labels
 
   def __init__(self, config, mesh=None):
     _check_config(config)

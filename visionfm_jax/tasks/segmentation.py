@@ -62,6 +62,7 @@ def check_config(config) -> None:
 
 
 class SegmentationTask(Task):
+  augments_on_device = False  # data/dense_transforms.py flips on the host, with the labels
 
   def __init__(self, config, mesh=None):
     check_config(config)

@@ -1,4 +1,4 @@
-r"""Input-pipeline benchmark: images/s per CPU core of our decode + augment path against a bare decode + resize.
+r"""Input-pipeline benchmark: images/s per CPU core of our host decode + augment path against a bare decode + resize.
 
   python -m visionfm_jax.tools.bench_input --config=configs/vit_huge.py[:variant] [--source=arrayrecord:GLOB]
       [--synthetic=512] [--synthetic_size=500x375] [--images=512] [--workers=0,2] [--batch_size=32]
@@ -8,13 +8,19 @@ dir as one ArrayRecord file. Every measurement reads the same records (record by
 
   baseline        Image.open + convert('RGB') + resize to image_size^2 (bilinear), one process
   baseline_draft  the same with Pillow's JPEG draft mode at image_size (as a tuned loader does)
-  ours_ops        transforms.train_transforms with config.data.augment, op by op, one process, fixed rng
+  ours_ops        transforms.train_transforms with config.data.augment, op by op, one process, fixed rng: the
+                  host's part (decode, crop, RandAugment, and drawing the flip and colour-jitter parameters;
+                  the device applies those, with the normalisation, in the train step)
   ours_loader/wN  pipeline.make_train_loader with N grain workers; per core = per worker (1 for N=0)
 
-Pillow decodes and resizes on the calling thread; numpy may call a multithreaded BLAS (ColorJitter's
-grey levels), and grain reads records on threads even with 0 workers: the cpu/wall column (process CPU time
-over wall time, this process only, so ~0 for loaders with workers) shows whether a one-core figure really used
-one core. On a shared machine, run it a few times: other load lowers every figure.
+baseline, baseline_draft and ours_ops run interleaved, record by record (who goes first rotating), so that load
+from other jobs falls on all three alike; the ratios ours_ops / baseline compare images/s (wall) and, in
+brackets, CPU seconds. Pillow decodes and resizes on the calling thread, and grain reads records on threads
+even with 0 workers: the cpu/wall column (process CPU time over wall time, this process only, so ~0 for loaders
+with workers) shows whether a one-core figure really used one core, and below 1 that the process waited for a
+core. On a shared machine, run it a few times: other load lowers every figure.
+Then, for reference, the device part (data/device_augment.augment under jit, on this process's jax backend) on
+--batch_size images: milliseconds per image.
 Prints a table, then, as the last line, one JSON object with every figure and the machine. Bad input
 (config, source, flags) prints one line and exits with status 2.
 """
@@ -34,13 +40,14 @@ import time
 from typing import Sequence
 
 import grain
+import jax
 import numpy as np
 import PIL
 from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
-from visionfm_jax.data import pipeline, records, sources, transforms
+from visionfm_jax.data import device_augment, pipeline, records, sources, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 
@@ -112,33 +119,66 @@ def apply_ops(ops: list, record: dict, rng: np.random.Generator, op_seconds: lis
   return record
 
 
-def _clocked(step, steps: int, cores: int) -> dict:
-  """Calls step(i) for i < steps (each returns its image count); wall and process CPU time, images/s (/core)."""
-  wall, cpu = time.perf_counter(), time.process_time()
-  count = sum(step(i) for i in range(steps))
-  wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+def _figures(count: int, cores: int, wall: float, cpu: float) -> dict:
   return dict(images=count, cores=cores, wall_s=round(wall, 4), cpu_s=round(cpu, 4), cpu_per_wall=round(cpu / wall, 3),
               images_per_s=round(count / wall, 2), images_per_s_per_core=round(count / wall / cores, 2))
 
 
-def time_single(fn, source, images: int) -> dict:
-  """fn(record) on records 0, 1, ... (cyclically): WARMUP untimed, then `images` timed, in this process."""
+def _clocked(step, steps: int, cores: int) -> dict:
+  """Calls step(i) for i < steps (each returns its image count); wall and process CPU time, images/s (/core)."""
+  wall, cpu = time.perf_counter(), time.process_time()
+  count = sum(step(i) for i in range(steps))
+  return _figures(count, cores, time.perf_counter() - wall, time.process_time() - cpu)
+
+
+def time_interleaved(fns: dict, source, images: int) -> dict:
+  """{name: figures} of each fn(record) on records 0, 1, ... (cyclically), in this process, interleaved: every
+  record goes through all of them in turn (who runs first rotating), so that load from other jobs falls on all
+  alike. WARMUP untimed rounds, then `images` timed; each fn's own wall and process CPU time."""
+  names = list(fns)
   for i in range(min(WARMUP, images)):
-    fn(source[i % len(source)])
+    for fn in fns.values():
+      fn(source[i % len(source)])
+  wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
+  for i in range(images):
+    for k in range(len(names)):
+      name = names[(i + k) % len(names)]
+      w, c = time.perf_counter(), time.process_time()
+      fns[name](source[i % len(source)])
+      wall[name] += time.perf_counter() - w
+      cpu[name] += time.process_time() - c
+  return {name: _figures(images, 1, wall[name], cpu[name]) for name in names}
 
-  def step(i: int) -> int:
-    fn(source[i % len(source)])
-    return 1
-  return _clocked(step, images, cores=1)
 
-
-def time_ops(data_cfg, source, images: int) -> tuple[dict, dict]:
-  """ours_ops, and the mean milliseconds per image of each op (warm-up included)."""
+def ops_timer(data_cfg) -> tuple:
+  """(fn(record) running train_transforms' host ops with a fixed rng, fn(images) -> the mean milliseconds per
+  image of each op)."""
   ops = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, pipeline.train_decode_side(data_cfg))
   rng, op_seconds = np.random.default_rng(0), [0.0] * len(ops)
-  result = time_single(lambda record: apply_ops(ops, record, rng, op_seconds), source, images)
-  scale = 1e3 / (images + min(WARMUP, images))
-  return result, {f"{i}:{type(op).__name__}": round(s * scale, 3) for i, (op, s) in enumerate(zip(ops, op_seconds))}
+
+  def op_ms(images: int) -> dict:
+    scale = 1e3 / (images + min(WARMUP, images))  # the warm-up rounds are in op_seconds too
+    return {f"{i}:{type(op).__name__}": round(s * scale, 3) for i, (op, s) in enumerate(zip(ops, op_seconds))}
+  return (lambda record: apply_ops(ops, record, rng, op_seconds)), op_ms
+
+
+def time_device(data_cfg, images: int, batch_size: int) -> dict:
+  """Milliseconds per image of device_augment.augment (jit, this process's default jax backend) on uint8
+  batches of `batch_size` with the parameters the loader draws, after a compile + warm-up call."""
+  rng = np.random.default_rng(0)
+  side = data_cfg.image_size
+  batch = {"image": rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8),
+           **transforms.random_device_params(data_cfg.augment, batch_size, rng)}
+  mean, std = (np.asarray(v, np.float32) * 255.0 for v in (data_cfg.mean, data_cfg.std))
+  batch = jax.device_put(batch)
+  fn = jax.jit(lambda b: device_augment.augment(b["image"], b, mean, std))
+  fn(batch).block_until_ready()
+  steps = math.ceil(images / batch_size)
+  start = time.perf_counter()
+  for _ in range(steps):
+    fn(batch).block_until_ready()
+  return dict(backend=jax.default_backend(), batch_size=batch_size,
+              ms_per_image=round((time.perf_counter() - start) * 1e3 / (steps * batch_size), 4))
 
 
 def time_loader(data_cfg, source, images: int, workers: int, batch_size: int) -> dict:
@@ -198,20 +238,24 @@ def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], imag
     if not len(source) or not isinstance(source[0].get("image"), bytes):
       raise UserError(f"--source={source_spec}: no records, or records without encoded image bytes")
     side, count = data_cfg.image_size, len(source)
-    results = {"baseline": time_single(lambda r: bare_decode(r, side, False), source, images),
-               "baseline_draft": time_single(lambda r: bare_decode(r, side, True), source, images)}
-    results["ours_ops"], op_ms = time_ops(data_cfg, source, images)
+    ours, op_ms = ops_timer(data_cfg)
+    results = time_interleaved({"baseline": lambda r: bare_decode(r, side, False),
+                                "baseline_draft": lambda r: bare_decode(r, side, True), "ours_ops": ours},
+                               source, images)
     for w in workers:
       results[f"ours_loader_w{w}"] = time_loader(data_cfg, source, images, w, batch_size)
-  ours = results["ours_ops"]["images_per_s"]
+  device = time_device(data_cfg, images, batch_size)
+  ratio = lambda key, base: round(results["ours_ops"][key] / results[base][key], 3)
+  cpu_ratio = round(results["baseline"]["cpu_s"] / results["ours_ops"]["cpu_s"], 3)
   return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
               source=source_spec, records=count, image_size=side, augment=data_cfg.augment.to_dict(),
               decode_side=pipeline.train_decode_side(data_cfg), batch_size=batch_size,
               synthetic=None if jpeg_bytes is None else dict(count=synthetic, size=f"{size[0]}x{size[1]}",
                                                              mean_jpeg_bytes=jpeg_bytes),
-              results=results, ours_ops_ms_per_image=op_ms,
-              ratio_ours_ops_to_baseline=round(ours / results["baseline"]["images_per_s"], 3),
-              ratio_ours_ops_to_baseline_draft=round(ours / results["baseline_draft"]["images_per_s"], 3))
+              results=results, ours_ops_ms_per_image=op_ms(images), device_augment=device,
+              ratio_ours_ops_to_baseline=ratio("images_per_s", "baseline"),
+              ratio_ours_ops_to_baseline_draft=ratio("images_per_s", "baseline_draft"),
+              ratio_ours_ops_to_baseline_cpu=cpu_ratio)
 
 
 def print_report(report: dict) -> None:
@@ -219,9 +263,13 @@ def print_report(report: dict) -> None:
   for name, r in report["results"].items():
     print(f"{name:<16} {r['images']:>6} {r['cores']:>5} {r['images_per_s']:>9.1f} {r['images_per_s_per_core']:>9.1f} "
           f"{r['cpu_per_wall']:>8.2f}")
-  print(f"ours_ops / baseline = {report['ratio_ours_ops_to_baseline']:.3f}, / baseline_draft = "
+  print(f"ours_ops / baseline = {report['ratio_ours_ops_to_baseline']:.3f} (CPU time: "
+        f"{report['ratio_ours_ops_to_baseline_cpu']:.3f}), / baseline_draft = "
         f"{report['ratio_ours_ops_to_baseline_draft']:.3f}")
   print("ours_ops ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ours_ops_ms_per_image"].items()))
+  device = report["device_augment"]
+  print(f"device part (device_augment.augment, jit on {device['backend']}, batch {device['batch_size']}): "
+        f"{device['ms_per_image']:.3f} ms per image")
   print(json.dumps(report, sort_keys=True))
 
 
