@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import override, tiny_vit_config
+from conftest import override, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.models import layers, swinv2, text, vit
 from visionfm_jax.training import train
@@ -185,3 +185,14 @@ def test_two_steps_checkpoint_and_resume_on_gpu(tmp_path):
   straight = train.run(config(4), str(tmp_path / "straight"))
   assert resumed["step"] == straight["step"] == 4
   np.testing.assert_allclose(resumed["train/loss"], straight["train/loss"], rtol=1e-3)
+
+
+def test_the_transfer_guard_catches_a_device_read_between_logging_steps(tmp_path, monkeypatch):
+  """On a GPU the loop's guard is real (on CPU, test_train_loop emulates it): a step that reads its loss every
+  time fails at the first step that does not log."""
+  config = tiny_vit_config(total_steps=4, log_every=2, eval_every=100, checkpoint_every=100, strategy="ddp")
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  read_the_loss_after_every_step(monkeypatch)
+  with pytest.raises(Exception, match="(?i)disallowed device-to-host transfer"):
+    train.run(config, str(tmp_path))

@@ -15,7 +15,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, tiny_vit_config
+from conftest import ROOT, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.training import metrics, train
 from visionfm_jax.errors import ConfigError, DataError
@@ -197,15 +197,7 @@ def test_steps_between_logging_steps_never_wait_on_the_device(tmp_path, monkeypa
   last = train.run(config, str(tmp_path / "quiet"))
   assert last["step"] == 6 and 0 <= last["train/data_wait_fraction"] <= 1
 
-  jit_train_step = train.jit_train_step
-  def stalling(*args, **kwargs):
-    step = jit_train_step(*args, **kwargs)
-    def run_and_read(state, batch):
-      state, metrics = step(state, batch)
-      float(metrics["train/loss"])
-      return state, metrics
-    return run_and_read
-  monkeypatch.setattr(train, "jit_train_step", stalling)
+  read_the_loss_after_every_step(monkeypatch)
   with pytest.raises(RuntimeError, match="between logging steps"):
     train.run(config, str(tmp_path / "stalling"))
 
