@@ -23,7 +23,8 @@ micro-batches, then of fewer bytes. Candidates are compiled in the order expecte
 policies from least to most recomputation, then fewer micro-batches); `--first_fit` stops at the first that
 fits, which then is the choice, without compiling the rest. Attention implementations this backend cannot
 compile (cuDNN off GPU: the simulated mesh is CPU) and micro-batch counts the config rejects (a micro-batch
-that does not divide over the mesh) are not planned; a `skipped` line says why.
+that does not divide over the mesh) or that would change the loss (a contrastive task whose loss is not split
+over micro-batches, tasks/base.py `couples_examples`) are not planned; a `skipped` line says why.
 
 `--fit` is the memory of one device: `80GB` (GB = 1e9 bytes; also kB, MB, TB), `80GiB` (GiB = 2^30 bytes;
 also KiB, MiB, TiB), or a number of bytes (`40e9`).
@@ -146,11 +147,11 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions):
       skipped[f"--attention={name}"] = f"GPU only, not planned here ({jax.default_backend()} backend)"
   counts = []
   for count in parse_counts(micro_batches):
-    try:
-      config_lib.validate(apply(config, {"grad_accum_steps": count}), devices)
+    reason = why_not_micro_batches(config, count, devices)
+    if reason:
+      skipped[f"--micro_batches={count}"] = reason
+    else:
       counts.append(count)
-    except ConfigError as e:
-      skipped[f"--micro_batches={count}"] = str(e)
   fields = attention_fields(config.model)
   planned = [a for a in dict.fromkeys(attentions) if f"--attention={a}" not in skipped] if fields else [None]
   grid = []
@@ -160,6 +161,22 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions):
     setting.update({path: attention for path in fields if attention is not None})
     grid.append(setting)
   return grid, skipped
+
+
+def why_not_micro_batches(config, count: int, devices: int) -> str | None:
+  """Why `count` micro-batches are no setup for `config`, or None: the config rejects them (a micro-batch that
+  does not divide over the mesh), or they would change the loss of a task whose examples meet in it."""
+  from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.validate(apply(config, {"grad_accum_steps": count}), devices)
+  except ConfigError as e:
+    return str(e)
+  task = tasks.TASKS[config.task]
+  if count > 1 and task.couples_examples and not task.splits_loss:
+    return (f"config.task={config.task}: its loss couples the examples of a batch and is not split "
+            f"(tasks/base.py splits_loss), so each of {count} micro-batches would see only its own; the recipe "
+            f"would change")
+  return None
 
 
 def apply(config, setting: dict[str, object]):

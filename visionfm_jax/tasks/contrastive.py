@@ -46,6 +46,7 @@ def zeroshot_classes(name: str) -> tuple[list[str], list[str]]:
 
 
 class ContrastiveTask(Task):
+  couples_examples = True  # each example's negatives are the batch's other examples
   mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
 
   @functools.cached_property
