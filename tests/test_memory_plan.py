@@ -76,6 +76,24 @@ def test_micro_batch_counts_are_loop_corrected_and_the_undividable_ones_skipped(
   assert result["chosen"] == one  # as many FLOPs or fewer, and fewer micro-batches
 
 
+def test_loop_flops_count_each_nested_scan_body_per_trip():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def step(x):
+    def inner(c, _):
+      return c @ c, None
+    def outer(c, _):
+      return jax.lax.scan(inner, c, None, length=3)[0] @ c, None
+    return jax.lax.scan(outer, x, None, length=4)[0] + jnp.sin(x) @ x
+
+  compiled = jax.jit(step).lower(jnp.ones((64, 64))).compile()
+  matmul = 2 * 64 ** 3
+  assert memory_plan.xla_flops(compiled) < 3.1 * matmul  # each loop body once: 3 matmuls
+  # 4 x (3 + 1) matmuls in the loops, 1 after them; elementwise ops add a few thousand
+  assert 17 * matmul <= memory_plan.loop_flops(compiled.as_text(), jax.devices()[0].client) < 17.1 * matmul
+
+
 @pytest.mark.parametrize("text, size", [("80GB", 80 * 10 ** 9), ("80GiB", 80 * 2 ** 30), ("40e9", 40 * 10 ** 9),
                                         ("1.5 TiB", int(1.5 * 2 ** 40)), ("512", 512)])
 def test_fit_sizes(text, size):

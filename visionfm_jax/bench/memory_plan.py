@@ -204,18 +204,21 @@ def xla_flops(compiled) -> float:
 
 def loop_flops(hlo_text: str, client) -> float:
   """XLA's cost-model FLOPs of a compiled module with each while loop's body counted `known_trip_count` times
-  (XLA's own analysis counts it once). Each body is costed as the entry of a copy of the module. Loops without
-  a known trip count stay counted once."""
+  (XLA's own analysis counts it once). Each body is costed as the entry of a copy of the module's text, through
+  jaxlib's HLO parser and cost analysis (private in jax 0.10). Loops without a known trip count stay counted
+  once."""
   from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
   from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
 
   header, _, body = hlo_text.partition("\n")
   name = header.split()[1].rstrip(",")
   marks = list(COMPUTATION.finditer(body))
-  texts = {m.group(2): body[m.start():nxt.start() if nxt else len(body)]
+  # each computation's text from its name on, without the ENTRY mark
+  texts = {m.group(2): body[m.start() + len(m.group(1) or ""):nxt.start() if nxt else len(body)]
            for m, nxt in zip(marks, marks[1:] + [None])}
-  entry = next(m.group(2) for m in marks if m.group(1))
-  without_entry = body.replace("ENTRY ", "", 1)
+  entry_mark = next(m for m in marks if m.group(1))
+  entry = entry_mark.group(2)
+  without_entry = body[:entry_mark.start()] + body[entry_mark.start() + len(entry_mark.group(1)):]
   once = {}
 
   def counted_once(computation: str) -> float:
