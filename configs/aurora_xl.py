@@ -67,7 +67,9 @@ def get_config(arg: str | None = None):
   config.task = "aurora"
 
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
-  set_fields(config.model, image_size=448, remat_policy="nothing_saveable")
+  # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
+  # headroom (45.6 GiB per device, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md "Session 11")
+  set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
   # poolers and decoder: a 1024-d contrastive embedding, 256 caption queries, 16 decoder layers
   set_fields(config.model, embed_dim=1024, caption_queries=256, decoder_depth=16, mim_view="separate")

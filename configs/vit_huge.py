@@ -37,9 +37,10 @@ def get_config(arg: str | None = None):
   config = config_lib.base_config("vit")
   config.task = "classification"
 
-  # model: ViT-H/14, 224 px, 21,841 classes
+  # model: ViT-H/14, 224 px, 21,841 classes; remat dots_saveable: bench.memory_plan's pick for 64 x 80 GB (19.4 GiB
+  # per device, the fewest FLOPs of those that fit; BENCHMARKS.md "Session 11")
   set_fields(config.model, variant="H/14", num_classes=21841, image_size=224, drop_path=0.0,
-             remat_policy="nothing_saveable")
+             remat_policy="dots_saveable")
   # data: ImageNet-21K (fall11), random resized crop + flip + colour jitter, IN mean/std (the base's). Prepared by
   # tools.prepare_data --format=folders --input=<fall11 class tree> --output=/data/imagenet21k --holdout_per_class=5
   set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",

@@ -38,13 +38,8 @@ def tiny_vit_config(**overrides):
 
 def override(config, **overrides):
   """Sets dotted config fields: override(config, **{"optim.lr": 1e-3})."""
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return config
+  from visionfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  return config_lib.set_paths(config, overrides)
 
 
 def tiny_aurora_config(**overrides):

@@ -1,26 +1,137 @@
-"""The AOT memory plan (`python -m visionfm_jax.bench.memory_plan`) on the 8 simulated test devices."""
+"""The AOT planner (`python -m visionfm_jax.bench.memory_plan`) on the 8 simulated test devices."""
 
 import json
 
+import pytest
+from conftest import tiny_aurora_config, tiny_clip_config
+
 from visionfm_jax.bench import memory_plan
+from visionfm_jax.errors import ConfigError
+
+TINY = ["--config=configs/vit_huge.py:demo", "--devices=8", "--config.model.variant=pico/4",
+        "--config.model.image_size=16", "--config.data.image_size=16", "--config.global_batch_size=16"]
 
 
-def test_plan_is_the_state_shard_plus_batch_shard_plus_temporaries(capsys):
-  code = memory_plan.main(["memory_plan", "--config=configs/vit_huge.py:demo", "--devices=8", "--hbm_gib=1e-6",
-                           "--config.model.variant=pico/4", "--config.model.image_size=16",
-                           "--config.data.image_size=16", "--config.global_batch_size=16",
-                           "--config.strategy=zero3"])
+def run_plan(capsys, *args):
+  code = memory_plan.main(["memory_plan", *TINY, *args])
   out, err = capsys.readouterr()
-  assert code == 0, err
-  result = json.loads(out.strip().splitlines()[-1])
-  assert result["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and result["strategy"] == "zero3"
+  return code, out, err, json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_candidate_is_the_state_shard_plus_batch_shard_plus_temporaries(capsys):
+  code, out, err, result = run_plan(capsys, "--fit=1", "--remat=nothing_saveable", "--micro_batches=1",
+                                    "--attention=softmax", "--config.strategy=zero3")
+  assert code == 2 and "error: no candidate fits --fit=1" in err
+  (row,) = result["candidates"]
+  assert row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and row["strategy"] == "zero3"
   per_device = 16 // 8
   batch = per_device * (16 * 16 * 3 + 4 + 1)  # uint8 images, int32 labels, uint8 flip bits (device_augment)
   step = 4  # the int32 step counter
   # What the compiled step takes per device is exactly the analytic zero3 shard of the state plus the batch.
-  assert result["argument_bytes"] == result["state_params_bytes"] + result["state_opt_bytes"] + step + batch
-  assert result["alias_bytes"] > 0 and result["temp_bytes"] > 0  # the donated state is reused for the new one
-  assert result["total_bytes"] == (result["argument_bytes"] + result["output_bytes"] - result["alias_bytes"]
-                                   + result["temp_bytes"])
-  assert result["fits"] is False and result["hbm_bytes"] == int(1e-6 * 2 ** 30)
-  assert "fits: False" in out
+  assert row["argument_bytes"] == row["state_params_bytes"] + row["state_opt_bytes"] + step + batch
+  assert row["alias_bytes"] > 0 and row["temp_bytes"] > 0  # the donated state is reused for the new one
+  assert row["total_bytes"] == row["argument_bytes"] + row["output_bytes"] - row["alias_bytes"] + row["temp_bytes"]
+  assert row["fits"] is False and result["chosen"] is None and result["fit_bytes"] == 1
+  assert row["flops"] >= row["xla_flops"] > 0  # the scanned layers' bodies counted once per layer
+
+
+def test_the_planner_picks_a_setup_a_smaller_budget_rejects_and_a_bigger_one_accepts(capsys, monkeypatch):
+  plans, compile_once = {}, memory_plan.plan  # the three budgets plan the same two programs: compile them once
+
+  def plan(config, devices):
+    key = (config.to_json_best_effort(), devices)
+    plans[key] = plans.get(key) or compile_once(config, devices)
+    return plans[key]
+
+  monkeypatch.setattr(memory_plan, "plan", plan)
+  grid = ["--remat=none,nothing_saveable", "--micro_batches=1", "--attention=softmax,cudnn"]
+  code, out, err, roomy = run_plan(capsys, "--fit=1GB", *grid)
+  assert code == 0, err
+  assert "skipped --attention=cudnn: GPU only" in out
+  none, nothing = roomy["candidates"]
+  assert none["flops"] < nothing["flops"]  # remat recomputes the forward pass in the backward one
+  assert none["total_bytes"] > nothing["total_bytes"]  # and saves no activations
+  assert roomy["chosen"] == none
+  flags = "--config.model.remat_policy=none --config.grad_accum_steps=1 --config.model.attention=softmax"
+  assert none["flags"] == flags and f"  {flags}\n" in out
+
+  _, _, err, tight = run_plan(capsys, f"--fit={none['total_bytes'] - 1}", *grid)
+  assert [c["fits"] for c in tight["candidates"]] == [False, True]
+  assert tight["chosen"]["setting"]["model.remat_policy"] == "nothing_saveable"
+
+  _, _, _, exact = run_plan(capsys, f"--fit={none['total_bytes']}", "--first_fit", *grid)
+  assert len(exact["candidates"]) == 1 and exact["chosen"]["flags"] == flags
+  assert len(plans) == 2
+
+
+def test_micro_batch_counts_are_loop_corrected_and_the_undividable_ones_skipped(capsys):
+  code, out, err, result = run_plan(capsys, "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=2,1,4",
+                                    "--attention=jax")
+  assert code == 0, err
+  assert "skipped --micro_batches=4: config.global_batch_size=16 / config.grad_accum_steps=4" in out
+  one, two = result["candidates"]
+  assert (one["grad_accum_steps"], two["grad_accum_steps"]) == (1, 2)
+  # XLA counts the micro-batch loop's body once, half the step; the planner counts both micro-batches
+  assert two["xla_flops"] < 0.7 * one["xla_flops"] and two["flops"] >= 0.95 * one["flops"]
+  assert result["chosen"] == one  # as many FLOPs or fewer, and fewer micro-batches
+
+
+def test_loop_flops_count_each_nested_scan_body_per_trip():
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  def step(x):
+    def inner(c, _):
+      return c @ c, None
+    def outer(c, _):
+      return jax.lax.scan(inner, c, None, length=3)[0] @ c, None
+    return jax.lax.scan(outer, x, None, length=4)[0] + jnp.sin(x) @ x
+
+  compiled = jax.jit(step).lower(jnp.ones((64, 64))).compile()
+  matmul = 2 * 64 ** 3
+  assert memory_plan.xla_flops(compiled) < 3.1 * matmul  # each loop body once: 3 matmuls
+  # 4 x (3 + 1) matmuls in the loops, 1 after them; elementwise ops add a few thousand
+  assert 17 * matmul <= memory_plan.loop_flops(compiled.as_text(), jax.devices()[0].client) < 17.1 * matmul
+
+
+@pytest.mark.parametrize("text, size", [("80GB", 80 * 10 ** 9), ("80GiB", 80 * 2 ** 30), ("40e9", 40 * 10 ** 9),
+                                        ("1.5 TiB", int(1.5 * 2 ** 40)), ("512", 512)])
+def test_fit_sizes(text, size):
+  assert memory_plan.parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["80 GB!", "eighty", "-1GB", "0", "80PB"])
+def test_a_bad_fit_names_the_flag(text):
+  with pytest.raises(ConfigError, match="--fit="):
+    memory_plan.parse_size(text)
+
+
+def test_micro_batches_that_would_change_a_coupled_loss_are_not_planned():
+  grid, skipped = memory_plan.candidate_settings(tiny_clip_config(), 8, ["nothing_saveable"], ["1", "2"],
+                                                 ["softmax"])
+  assert [s["grad_accum_steps"] for s in grid] == [1]
+  assert "its loss couples the examples" in skipped["--micro_batches=2"]
+  # Aurora's loss is split (two passes): its micro-batches give the whole batch's gradient
+  grid, skipped = memory_plan.candidate_settings(tiny_aurora_config(), 8, ["nothing_saveable"], ["1", "2"],
+                                                 ["softmax"])
+  assert [s["grad_accum_steps"] for s in grid] == [1, 2] and not skipped
+
+
+def test_every_remat_policy_has_its_place_in_the_sweep_order():
+  from visionfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+  assert sorted(memory_plan.REMAT_BY_RECOMPUTE) == sorted(config_lib.REMAT_POLICIES)
+
+
+def test_attention_fields_are_found_in_every_tower():
+  from configs import aurora_xl, swinv2_g_clip, vit_huge  # pylint: disable=g-import-not-at-top
+  assert memory_plan.attention_fields(vit_huge.get_config().model) == ["model.attention"]
+  assert memory_plan.attention_fields(swinv2_g_clip.get_config().model) == ["model.image.attention",
+                                                                            "model.text.attention"]
+  assert memory_plan.attention_fields(aurora_xl.get_config().model) == ["model.encoder.attention",
+                                                                        "model.text.attention"]
+
+
+def test_bad_sweep_values_name_the_flag(capsys):
+  for flag in ("--remat=nothing", "--micro_batches=0", "--attention=flash", "--fit=lots"):
+    code = memory_plan.main(["memory_plan", *TINY, flag])
+    assert code == 2 and f"error: {flag}" in capsys.readouterr().err

@@ -273,6 +273,17 @@ def set_fields(node: ml_collections.ConfigDict, **values) -> None:
     node[key] = value
 
 
+def set_paths(config: ml_collections.ConfigDict, values: dict) -> ml_collections.ConfigDict:
+  """Sets dotted fields in place and returns `config`: set_paths(config, {"optim.lr": 1e-3})."""
+  for path, value in values.items():
+    node = config
+    *parents, leaf = path.split(".")
+    for parent in parents:
+      node = node[parent]
+    node[leaf] = value
+  return config
+
+
 # ---------------------------------------------------------------------------------------- CPU demos
 
 # Per embedded set: (global batch, eval examples). Scenes feed dense heads that cost more per image.

@@ -1,33 +1,65 @@
-r"""Per-device memory of a config's train step on a simulated mesh, from shapes only (nothing is allocated):
+r"""Plans a config's setup for a cluster from shapes only (nothing is allocated): per-device memory and FLOPs of
+its train step on a simulated mesh, over remat policies x micro-batch counts x attention implementations, and
+the cheapest setup that fits the devices' memory:
 
-  python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --devices=128 [--hbm_gib=80]
+  python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --devices=128 --fit=80GB \
+      [--remat=nothing_saveable,dots_saveable] [--micro_batches=1,2] [--attention=softmax] [--first_fit]
 
-The step is train.py's, lowered for `--devices` simulated CPU devices (XLA_FLAGS
---xla_force_host_platform_device_count; the tool re-executes itself with it when the process has fewer
-devices) and compiled ahead of time. XLA's buffer assignment of the partitioned program then gives what one
-device holds: the train state's shard (arguments; the donated state is reused for the new one), the batch
-shard, and the temporaries (activations saved for the backward pass under the config's remat policy,
-gathered parameters, gradients, collectives' buffers). The CPU compiler schedules and fuses differently from
-the GPU one, so read the temporaries as an estimate (within tens of percent); the state bytes are exact.
+Each candidate is the config with `config.model.remat_policy`, `config.grad_accum_steps` (micro-batches) and
+every `attention` field under `config.model` (all towers alike) set; its step is train.py's, lowered for
+`--devices` simulated CPU devices (XLA_FLAGS --xla_force_host_platform_device_count; the tool re-executes
+itself with it when the process has fewer devices) and compiled ahead of time. XLA's buffer assignment of the
+partitioned program then gives what one device holds: the train state's shard (arguments; the donated state is
+reused for the new one), the batch shard, and the temporaries (activations saved for the backward pass under
+the remat policy, gathered parameters, gradients, collectives' buffers). The CPU compiler schedules and fuses
+differently from the GPU one, so read the temporaries as an estimate (within tens of percent); the state bytes
+are exact.
 
-Prints a table and, last, one JSON object: state_bytes (analytic, parallel.memory), argument/output/alias/temp
-bytes as compiled, total_bytes (arguments + outputs - aliased + temporaries), and whether it fits `--hbm_gib`.
+The cost of a candidate is XLA's cost-model FLOPs of one step on one device, remat's recomputation included.
+XLA counts a while loop's body once; the tool multiplies each loop body (the scanned layers, the micro-batch
+loop) by its known trip count, costing each body with the same cost model (`flops`; `xla_flops` is XLA's
+figure as it comes). The cheapest setup is the one of fewest FLOPs among those that fit, then of fewer
+micro-batches, then of fewer bytes. Candidates are compiled in the order expected cheapest first (remat
+policies from least to most recomputation, then fewer micro-batches); `--first_fit` stops at the first that
+fits, which then is the choice, without compiling the rest. Attention implementations this backend cannot
+compile (cuDNN off GPU: the simulated mesh is CPU) and micro-batch counts the config rejects (a micro-batch
+that does not divide over the mesh) or that would change the loss (a contrastive task whose loss is not split
+over micro-batches, tasks/base.py `couples_examples`) are not planned; a `skipped` line says why.
+
+`--fit` is the memory of one device: `80GB` (GB = 1e9 bytes; also kB, MB, TB), `80GiB` (GiB = 2^30 bytes;
+also KiB, MiB, TiB), or a number of bytes (`40e9`).
+
+Prints one table row per candidate as it finishes (candidate, bytes per device, fits, GFLOPs), then the chosen
+setup as the `--config.*` flags to pass to train, then one JSON object: devices, fit, fit_bytes, first_fit,
+`candidates` (each with its setting and flags, mesh, strategy, global batch, state_params/state_opt bytes (analytic, parallel.memory),
+argument/output/alias/temp bytes as compiled, total_bytes = arguments + outputs - aliased + temporaries, flops,
+xla_flops, fits), `skipped` (flag: why) and `chosen` (the chosen candidate, or null). When no candidate fits it
+says so on stderr and exits with status 2.
 """
 
 from __future__ import annotations
 
+import copy
+import itertools
 import json
 import os
+import re
 import sys
 
 from absl import flags
 from ml_collections import config_flags
 
-from visionfm_jax.errors import ConfigError
+from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.tools import cli
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 GIB = 2 ** 30
+UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
+         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+# jax.checkpoint policies from least to most recomputation in the backward pass: the order candidates compile in.
+REMAT_BY_RECOMPUTE = ("none", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                      "nothing_saveable")
 
 
 def make_flags(argv) -> flags.FlagValues:
@@ -36,7 +68,15 @@ def make_flags(argv) -> flags.FlagValues:
                                   flag_values=fv, sys_argv=list(argv))
   flags.DEFINE_integer("devices", 8, "Simulated devices of the mesh (config.mesh resolves against them).",
                        flag_values=fv)
-  flags.DEFINE_float("hbm_gib", 80.0, "Device memory to check the plan against, GiB.", flag_values=fv)
+  flags.DEFINE_string("fit", "80GB", "Memory of one device: 80GB (1e9 bytes per GB), 80GiB (2^30 per GiB), or "
+                      "bytes (40e9).", flag_values=fv)
+  flags.DEFINE_list("remat", ",".join(REMAT_BY_RECOMPUTE), "config.model.remat_policy values to plan.",
+                    flag_values=fv)
+  flags.DEFINE_list("micro_batches", "1,2,4,8", "config.grad_accum_steps values to plan.", flag_values=fv)
+  flags.DEFINE_list("attention", "softmax,jax,cudnn", "Attention implementations to plan (models/layers.py "
+                    "ATTENTION), set in every attention field of config.model.", flag_values=fv)
+  flags.DEFINE_bool("first_fit", False, "Stop at the first candidate that fits (in the expected-cheapest order) "
+                    "and choose it.", flag_values=fv)
   return fv
 
 
@@ -53,12 +93,159 @@ def ensure_devices(count: int, argv) -> None:
   os.execve(sys.executable, [sys.executable, "-m", "visionfm_jax.bench.memory_plan", *argv[1:]], env)
 
 
+def parse_size(text: str, flag: str = "--fit") -> int:
+  """Bytes of a size like '80GB' (1e9 bytes per GB), '80GiB' (2^30 per GiB) or '40e9'; ConfigError naming
+  `flag` otherwise."""
+  match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
+  unit = match.group(2).lower() if match else None
+  if unit not in UNITS or float(match.group(1)) <= 0:
+    raise ConfigError(f"{flag}={text}: expected a positive size like 80GB (GB = 1e9 bytes), 80GiB "
+                      f"(GiB = 2^30 bytes) or 40e9 (bytes)")
+  return int(float(match.group(1)) * UNITS[unit])
+
+
+# ---------------------------------------------------------------------------------------------- candidates
+
+def attention_fields(node, prefix: str = "model") -> list[str]:
+  """Dotted paths of every `attention` field under config.model, nested towers included."""
+  paths = []
+  for key, value in node.items():
+    path = f"{prefix}.{key}"
+    if hasattr(value, "items"):
+      paths += attention_fields(value, path)
+    elif key == "attention":
+      paths.append(path)
+  return paths
+
+
+def parse_counts(values: list[str]) -> list[int]:
+  try:
+    counts = sorted({int(v) for v in values})
+  except ValueError:
+    counts = []
+  if not counts or counts[0] < 1:
+    raise ConfigError(f"--micro_batches={','.join(values)}: expected positive integers")
+  return counts
+
+
+def candidate_settings(config, devices: int, remats, micro_batches, attentions):
+  """The grid as {dotted config field: value}, expected cheapest first, and the values left out of it as
+  {flag: why}: attention implementations this backend lacks, micro-batch counts the config rejects."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from visionfm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  config_lib.validate(config)  # what the sweep does not vary must hold already
+  unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]
+  if unknown:
+    raise ConfigError(f"--remat={','.join(remats)}: {unknown} not in {config_lib.REMAT_POLICIES}")
+  unknown = [a for a in attentions if a not in layers.ATTENTION]
+  if unknown:
+    raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {layers.ATTENTION}")
+  skipped = {}
+  if jax.default_backend() != "gpu":
+    for name in dict.fromkeys(a for a in attentions if a in layers.GPU_ONLY_ATTENTION):
+      skipped[f"--attention={name}"] = f"GPU only, not planned here ({jax.default_backend()} backend)"
+  counts = []
+  for count in parse_counts(micro_batches):
+    reason = why_not_micro_batches(config, count, devices)
+    if reason:
+      skipped[f"--micro_batches={count}"] = reason
+    else:
+      counts.append(count)
+  fields = attention_fields(config.model)
+  planned = [a for a in dict.fromkeys(attentions) if f"--attention={a}" not in skipped] if fields else [None]
+  grid = []
+  for remat, count, attention in itertools.product(sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts,
+                                                   planned):
+    setting = {"model.remat_policy": remat, "grad_accum_steps": count}
+    setting.update({path: attention for path in fields if attention is not None})
+    grid.append(setting)
+  return grid, skipped
+
+
+def why_not_micro_batches(config, count: int, devices: int) -> str | None:
+  """Why `count` micro-batches are no setup for `config`, or None: the config rejects them (a micro-batch that
+  does not divide over the mesh), or they would change the loss of a task whose examples meet in it."""
+  from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+  try:
+    config_lib.validate(apply(config, {"grad_accum_steps": count}), devices)
+  except ConfigError as e:
+    return str(e)
+  task = tasks.TASKS[config.task]
+  if count > 1 and task.couples_examples and not task.splits_loss:
+    return (f"config.task={config.task}: its loss couples the examples of a batch and is not split "
+            f"(tasks/base.py splits_loss), so each of {count} micro-batches would see only its own; the recipe "
+            f"would change")
+  return None
+
+
+def apply(config, setting: dict[str, object]):
+  """A copy of `config` with the dotted fields of `setting` set."""
+  return config_lib.set_paths(copy.deepcopy(config), setting)
+
+
+def as_flags(setting: dict[str, object]) -> str:
+  return " ".join(f"--config.{path}={value}" for path, value in setting.items())
+
+
+# --------------------------------------------------------------------------------------------------- FLOPs
+
+LOOP = re.compile(r"\bwhile\([^\n]*?body=%?([\w.\-]+)[^\n]*?\"known_trip_count\":\{\"n\":\"(\d+)\"")
+COMPUTATION = re.compile(r"^(ENTRY )?%?([\w.\-]+) \(", re.M)
+
+
+def xla_flops(compiled) -> float:
+  """XLA's cost-model FLOPs of a compiled program (a dict in jax 0.10, a list of one dict per program before)."""
+  analysis = compiled.cost_analysis()
+  if isinstance(analysis, (list, tuple)):
+    return float(sum(a.get("flops", 0.0) for a in analysis))
+  return float(analysis.get("flops", 0.0))
+
+
+def loop_flops(hlo_text: str, client) -> float:
+  """XLA's cost-model FLOPs of a compiled module with each while loop's body counted `known_trip_count` times
+  (XLA's own analysis counts it once). Each body is costed as the entry of a copy of the module's text, through
+  jaxlib's HLO parser and cost analysis (private in jax 0.10). Loops without a known trip count stay counted
+  once."""
+  from jax._src.lib import xla_client  # pylint: disable=g-import-not-at-top
+  from jaxlib import _hlo  # pylint: disable=g-import-not-at-top
+
+  header, _, body = hlo_text.partition("\n")
+  name = header.split()[1].rstrip(",")
+  marks = list(COMPUTATION.finditer(body))
+  # each computation's text from its name on, without the ENTRY mark
+  texts = {m.group(2): body[m.start() + len(m.group(1) or ""):nxt.start() if nxt else len(body)]
+           for m, nxt in zip(marks, marks[1:] + [None])}
+  entry_mark = next(m for m in marks if m.group(1))
+  entry = entry_mark.group(2)
+  without_entry = body[:entry_mark.start()] + body[entry_mark.start() + len(entry_mark.group(1)):]
+  once = {}
+
+  def counted_once(computation: str) -> float:
+    if computation not in once:
+      text = without_entry.replace(texts[computation], "ENTRY " + texts[computation], 1)
+      module = _hlo.hlo_module_from_text(f"HloModule {name}\n{text}")
+      once[computation] = xla_client._xla.hlo_module_cost_analysis(client, module).get("flops", 0.0)  # pylint: disable=protected-access
+    return once[computation]
+
+  def unrolled(computation: str) -> float:
+    total = counted_once(computation)
+    for loop in LOOP.finditer(texts[computation]):
+      loop_body, trips = loop.group(1), int(loop.group(2))
+      total += trips * unrolled(loop_body) - counted_once(loop_body)
+    return total
+
+  return unrolled(entry)
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
 def plan(config, devices: int) -> dict:
-  """Compiles `config`'s train step for the first `devices` devices; returns the per-device byte counts."""
+  """Compiles `config`'s train step for the first `devices` devices; returns its per-device bytes and FLOPs."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
-  from visionfm_jax import config_lib, parallel, tasks  # pylint: disable=g-import-not-at-top
+  from visionfm_jax import parallel, tasks  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax.training import optim, train
 
@@ -73,30 +260,75 @@ def plan(config, devices: int) -> dict:
   abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)
-  analysis = train.compile_train_step(config, mesh, batch, task).memory_analysis()
+  compiled = train.compile_train_step(config, mesh, batch, task)
+  analysis = compiled.memory_analysis()
   out = {"devices": devices, "mesh": mesh_shape, "strategy": config.strategy,
          "global_batch": config.global_batch_size, "grad_accum_steps": config.grad_accum_steps,
          "remat_policy": config.model.remat_policy, "compute_dtype": config.precision.compute_dtype,
          "state_params_bytes": state["params"], "state_opt_bytes": state["opt_state"],
          "argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
-         "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes}
+         "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
+         "xla_flops": xla_flops(compiled), "flops": loop_flops(compiled.as_text(), jax.devices()[0].client)}
   out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
   return out
+
+
+def plan_candidate(config, setting: dict[str, object], devices: int, fit_bytes: int) -> dict:
+  row = {"setting": setting, "flags": as_flags(setting), **plan(apply(config, setting), devices)}
+  return {**row, "fits": row["total_bytes"] <= fit_bytes}
+
+
+def choose(rows: list[dict]) -> dict | None:
+  """The fitting candidate of fewest FLOPs, then fewest micro-batches, then fewest bytes; None if none fits."""
+  fitting = [r for r in rows if r.get("fits")]
+  return min(fitting, key=lambda r: (r["flops"], r["grad_accum_steps"], r["total_bytes"]), default=None)
+
+
+def describe(setting: dict[str, object]) -> str:
+  attention = sorted({str(v) for k, v in setting.items() if k.endswith("attention")})
+  return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + attention)
+
+
+def print_row(row: dict) -> None:
+  print(f"{describe(row['setting']):<56} {row['total_bytes'] / GIB:10.3f} {'yes' if row['fits'] else 'no':>5} "
+        f"{row['flops'] / 1e9:14.6g}", flush=True)
+
+
+def sweep(config, grid, devices: int, fit_bytes: int, first_fit: bool) -> tuple[list[dict], dict | None]:
+  """Plans the candidates in order, printing each row; returns the rows and the chosen one."""
+  print(f"{'candidate (remat, micro-batches, attention)':<56} {'GiB/device':>10} {'fits':>5} {'GFLOPs/device':>14}",
+        flush=True)
+  rows = []
+  for setting in grid:
+    rows.append(plan_candidate(config, setting, devices, fit_bytes))
+    print_row(rows[-1])
+    if first_fit and rows[-1]["fits"]:
+      return rows, rows[-1]
+  return rows, choose(rows)
 
 
 def _body(fv, rest):
   del rest
   if fv.config is None:
     raise ConfigError("--config is required")
-  result = plan(fv.config, fv.devices)
-  result["hbm_bytes"] = int(fv.hbm_gib * GIB)
-  result["fits"] = result["total_bytes"] <= result["hbm_bytes"]
-  for key in ("state_params_bytes", "state_opt_bytes", "argument_bytes", "output_bytes", "alias_bytes",
-              "temp_bytes", "total_bytes"):
-    print(f"{key:>20}: {result[key] / GIB:9.2f} GiB")
-  print(f"{'fits':>20}: {result['fits']} ({fv.hbm_gib:g} GiB per device, mesh {result['mesh']}, "
-        f"{result['strategy']}, batch {result['global_batch']} / {result['grad_accum_steps']} micro-batches)")
-  print(json.dumps(result, sort_keys=True))
+  fit_bytes = parse_size(fv.fit)
+  grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention)
+  for flag, reason in skipped.items():
+    print(f"skipped {flag}: {reason}")
+  rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit)
+  summary = {"devices": fv.devices, "fit": fv.fit, "fit_bytes": fit_bytes, "first_fit": fv.first_fit,
+             "candidates": rows, "skipped": skipped, "chosen": chosen}
+  if chosen is not None:
+    print(f"chosen: {chosen['total_bytes'] / GIB:.3f} of {fit_bytes / GIB:.3f} GiB and {chosen['flops'] / 1e9:.6g} "
+          f"GFLOPs per device and step (mesh {chosen['mesh']}, {chosen['strategy']}, batch {chosen['global_batch']}):")
+    print(f"  {chosen['flags']}")
+  print(json.dumps(summary, sort_keys=True), flush=True)
+  if chosen is None:
+    smallest = min(rows, key=lambda r: r["total_bytes"], default=None)
+    detail = (f"; the smallest is {describe(smallest['setting'])} at {smallest['total_bytes'] / GIB:.3f} GiB"
+              if smallest else "; no candidate could be planned (see the skipped lines)")
+    raise UserError(f"no candidate fits --fit={fv.fit} ({fit_bytes / GIB:.3f} GiB per device) on "
+                    f"{fv.devices} devices{detail}")
 
 
 def main(argv) -> int:

@@ -155,6 +155,7 @@ class _Normalize(nn.Module):
 # attention=...: einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
 # `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA).
 ATTENTION = ("softmax", "cudnn", "jax")
+GPU_ONLY_ATTENTION = ("cudnn",)  # no kernel on other backends: bench.memory_plan does not plan these off GPU
 RENAMED_ATTENTION = {"xla": "softmax", "auto": "jax"}
 
 

@@ -91,6 +91,9 @@ class Task:
   def post_update(self, params):
     return params
 
+  # The loss has cross-example terms (a contrastive term over the batch): unless the task `splits_loss`,
+  # gradient accumulation changes it (bench.memory_plan plans no micro-batches for it).
+  couples_examples = False
   splits_loss = False
 
   def split_loss(self, params, batch, rng):

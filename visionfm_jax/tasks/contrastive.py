@@ -30,6 +30,7 @@ from visionfm_jax.tasks.base import EvalContext, Task
 
 
 class ContrastiveTask(Task):
+  couples_examples = True  # each example's negatives are the batch's other examples
   mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
 
   @functools.cached_property
