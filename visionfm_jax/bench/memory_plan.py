@@ -263,6 +263,8 @@ def plan(config, devices: int) -> dict:
 
   if jax.device_count() < devices:
     raise ConfigError(f"--devices={devices}: this process has {jax.device_count()} devices")
+  if config.model.kernels == "auto":  # plan the program the accelerators run, not the simulating CPU's tricks
+    config = apply(config, {"model.kernels": "plain"})
   config_lib.validate(config, devices)
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:devices])
   task = tasks.build(config, mesh)
