@@ -30,10 +30,10 @@ class TopKEvaluator:
       out["count"] = jnp.sum(mask)
       return out
 
-    def top_k_rates(totals):
-      return {name: v / max(totals["count"], 1.0) for name, v in totals.items() if name != "count"}
+    def rates_and_count(totals):
+      return {name: v if name == "count" else v / max(totals["count"], 1.0) for name, v in totals.items()}
 
-    self._sums = SumsEvaluator(counts, lambda totals: {**top_k_rates(totals), "count": totals["count"]}, ctx)
+    self._sums = SumsEvaluator(counts, rates_and_count, ctx)
 
   def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]], with_count: bool = False
                ) -> dict[str, float]:

@@ -190,9 +190,6 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
   of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
   task = task or tasks.build(config, mesh)
-  # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
-  evaluators = task.evaluators(EvalContext(mesh, config.global_batch_size // config.grad_accum_steps,
-                                           jax.process_index(), jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
@@ -354,7 +351,8 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       will_save = step % config.checkpoint_every == 0 or is_last or preempted
       will_log = step % config.log_every == 0 or is_last or preempted
       if will_log or will_save:
-        _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)  # before a save: never checkpoint NaN params
+        # Before a save: never checkpoint NaN params.
+        _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)
       if will_log:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - window_start
