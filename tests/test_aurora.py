@@ -92,10 +92,11 @@ def test_naive_accumulation_would_differ():
   task = tasks.build(config)
   params = _init(task)
   batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
-  feats = jax.jit(task.batch_features)(params, batch, jax.random.key(1))
-  whole = task.global_loss(params, feats)[1]["train/contrastive_loss"]
-  micro = np.mean([task.global_loss(params, jax.tree.map(lambda f, i=i: f[i::8], feats))[1]["train/contrastive_loss"]
-                   for i in range(8)])
+  batch, context = task.whole_batch(batch, jax.random.key(1))
+  feats = jax.jit(task.batch_features)(params, batch, jax.random.key(1), context)
+  whole = task.global_loss(params, feats, context)[1]["train/contrastive_loss"]
+  micro = np.mean([task.global_loss(params, jax.tree.map(lambda f, i=i: f[i::8], feats), context)[1]
+                   ["train/contrastive_loss"] for i in range(8)])
   assert abs(whole - micro) > 0.1
 
 
@@ -110,11 +111,12 @@ def test_accumulation_features_match_the_loss_features_with_stochastic_depth(vie
   params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
   batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
   rng = jax.random.key(3)
+  batch, context = task.whole_batch(batch, rng)
   batch_features = jax.jit(task.batch_features)
-  feats = batch_features(params, batch, rng)
-  _, loss_feats, _ = jax.jit(lambda p, b, r: task.local_loss(p, b, r, task.loss_normalizers(b)))(params, batch, rng)
+  feats = batch_features(params, batch, rng, context)
+  _, loss_feats, _ = jax.jit(task.local_loss)(params, batch, rng, context)
   chex.assert_trees_all_close(feats, loss_feats, atol=1e-6)
-  other = batch_features(params, batch, jax.random.key(4))
+  other = batch_features(params, batch, jax.random.key(4), context)
   assert not np.allclose(other[0], feats[0], atol=1e-4)  # the draws matter, so equality above means something
 
 

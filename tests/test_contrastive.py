@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import Mesh
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
@@ -154,3 +154,26 @@ def test_short_shapes_captions_name_size_colour_and_shape_only():
     short, long = source[i]["caption"], full[i]["caption"]
     assert long.startswith(short + " ") and "background" in long and "background" not in short
     assert len(short.split()) == 4
+
+
+@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
+def test_four_accumulation_steps_equal_one_batch_of_four_times_the_size(mixup_alpha):
+  """Two-pass accumulation: CLIP's negatives and Mixup partners span the whole batch of 32, not each micro-batch
+  of 8 (the partner of a micro-batch's first row sits in another micro-batch): the loss and the gradients of
+  4 micro-batches are those of the whole batch."""
+  config = _tiny(global_batch_size=32, **{"data.augment.mixup_alpha": mixup_alpha})
+  mesh = parallel.make_mesh(config.mesh)
+  task = tasks.build(config, mesh)
+  params = nn.unbox(task.init_variables(jax.random.key(0))["params"])
+  batch = _random_pairs(config, 1)[0]
+  rng = jax.random.key(7)
+  replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  with mesh, parallel.activation_sharding(mesh):
+    want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
+    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, train.BATCH_SPEC,
+                                                             replicated))(params)
+    naive = jax.jit(lambda p: sum(task.loss(p, jax.tree.map(lambda x, j=j: x[j::4], batch), rng)[0]
+                                  for j in range(4)) / 4)(params)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert abs(float(naive) - float(want_loss)) > 0.1  # the equalities above mean something

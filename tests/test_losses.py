@@ -47,19 +47,62 @@ def test_mixup_targets():
   np.testing.assert_allclose(losses.clip_loss(img, txt, 10.0, mix=lam), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape,mix", [((2, 4), None), ((1, 8), 0.7), ((8, 1), None)])
-def test_sharded_loss_and_gradients_equal_the_single_device_ones(mesh_shape, mix):
+def test_uncaptioned_examples_leave_the_contrastive_loss():
+  """With a captioned mask the loss and its gradients are those of the captioned examples alone; the others
+  get no gradient, and a batch with no caption has loss 0."""
+  rng = np.random.default_rng(2)
+  img = jnp.asarray(_normalised(rng.standard_normal((12, 8))), jnp.float32)
+  txt = jnp.asarray(_normalised(rng.standard_normal((12, 8))), jnp.float32)
+  valid = np.zeros(12, bool)
+  valid[[0, 3, 4, 7, 11]] = True
+  masked = jax.value_and_grad(lambda i, t: losses.clip_loss(i, t, 10.0, valid=valid), argnums=(0, 1))(img, txt)
+  subset = jax.value_and_grad(lambda i, t: losses.clip_loss(i, t, 10.0), argnums=(0, 1))(img[valid], txt[valid])
+  np.testing.assert_allclose(masked[0], subset[0], rtol=1e-6)
+  for got, want in zip(masked[1], subset[1]):
+    np.testing.assert_allclose(got[valid], want, atol=1e-7)
+    np.testing.assert_array_equal(got[~valid], 0.0)
+  assert float(losses.clip_loss(img, txt, 10.0, valid=np.zeros(12, bool))) == 0.0
+
+
+def test_mixup_with_an_uncaptioned_partner_keeps_the_own_target():
+  """Image i mixed with uncaptioned image i-1: its text targets are text i alone (renormalised)."""
+  rng = np.random.default_rng(3)
+  img = jnp.asarray(_normalised(rng.standard_normal((6, 8))), jnp.float32)
+  txt = jnp.asarray(_normalised(rng.standard_normal((6, 8))), jnp.float32)
+  valid = np.array([True, True, False, True, True, True])
+  logits = 10.0 * np.asarray(img) @ np.asarray(txt).T
+  lam = 0.3
+  def direction(logits, shift):
+    total, rows = 0.0, 0
+    for r in np.flatnonzero(valid):
+      targets = np.zeros(6)
+      targets[r] += lam
+      if valid[(r + shift) % 6]:
+        targets[(r + shift) % 6] += 1 - lam
+      cols = logits[r, valid] - np.log(np.sum(np.exp(logits[r, valid])))
+      total -= np.sum(targets[valid] / targets.sum() * cols)
+      rows += 1
+    return total / rows
+  expected = 0.5 * (direction(logits, -1) + direction(logits.T, +1))
+  np.testing.assert_allclose(losses.clip_loss(img, txt, 10.0, mix=lam, valid=valid), expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mesh_shape,mix,masked", [((2, 4), None, False), ((1, 8), 0.7, False), ((8, 1), None, False),
+                                                  ((2, 4), None, True), ((1, 8), 0.7, True)])
+def test_sharded_loss_and_gradients_equal_the_single_device_ones(mesh_shape, mix, masked):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "fsdp"))
   rng = np.random.default_rng(1)
   img = jnp.asarray(_normalised(rng.standard_normal((32, 16))), jnp.float32)
   txt = jnp.asarray(_normalised(rng.standard_normal((32, 16))), jnp.float32)
   scale = jnp.float32(1 / 0.07)
 
+  valid = rng.random(32) < 0.6 if masked else None
+
   def plain(i, t, s):
-    return losses.clip_loss(i, t, s, mix=mix)
+    return losses.clip_loss(i, t, s, mix=mix, valid=valid)
 
   def sharded(i, t, s):
-    return losses.sharded_clip_loss(i, t, s, mesh, mix=mix)
+    return losses.sharded_clip_loss(i, t, s, mesh, mix=mix, valid=valid)
 
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   img_s, txt_s = jax.device_put(img, batch), jax.device_put(txt, batch)

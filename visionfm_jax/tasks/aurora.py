@@ -5,10 +5,11 @@
 (`config.loss.*_weight`; each term is logged: `train/mim_loss`, `train/contrastive_loss`, `train/caption_loss`).
 Masks come with the batch (`mim_mask`, drawn by the data pipeline: 32 px patches, 60%), so a batch fully
 determines the loss. The caption term averages over the non-pad tokens of the whole batch (labels
-text[:, 1:] against logits[:, :-1]); MIM over the masked pixels of the whole batch. The contrastive term
-couples examples, so the loss is split (`splits_loss`, tasks/base.py): with `grad_accum_steps` = 8 the
-contrastive loss still runs over all 2048 examples of the global batch, and 8 micro-batches of B give the
-gradient of one batch of 8B. Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
+text[:, 1:] against logits[:, :-1]); MIM over the masked pixels of the whole batch. Uncaptioned images (a
+data mixture's image-only entries: `has_text` False, all-pad text) add to MIM only: they have no caption
+tokens, and the contrastive term runs over the captioned examples. The contrastive term couples examples, so
+the loss is split (`splits_loss`, tasks/base.py): with `grad_accum_steps` = 8 the contrastive loss still runs
+over all 2048 examples of the global batch, and 8 micro-batches of B give the gradient of one batch of 8B. Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
 
 Evaluators on held-out pairs: `retrieval` (R@1/5/10 both ways), `caption` (`perplexity`: exp of the mean
 token NLL over all held-out tokens; `loss`), `mim` (`loss`: held-out L1 on masked pixels, fixed masks).
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 from visionfm_jax.tasks import losses
 from visionfm_jax.evaluate import sums
 from visionfm_jax.data.tokenizer import PAD_ID
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tasks.contrastive import ContrastiveTask
 
@@ -34,6 +36,9 @@ class AuroraTask(ContrastiveTask):
 
   def __init__(self, config, mesh=None):
     super().__init__(config, mesh)
+    if config.data.augment.mixup_alpha > 0:
+      raise ConfigError(f"config.data.augment.mixup_alpha={config.data.augment.mixup_alpha}: Aurora's losses have "
+                        "no Mixup (its MIM target is the unmixed image); set it to 0")
     self.mim_masks = config.data.mim
     self.weights = config.loss
     self.stride = self.model.stride
@@ -51,37 +56,31 @@ class AuroraTask(ContrastiveTask):
     return losses.upsample_mask(mask, batch["image"].shape[1] // mask.shape[1])
 
   # -------------------------------------------------------------------------------- the split loss
-  def loss_normalizers(self, batch):
-    return {"tokens": jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
-            "masked_pixels": jnp.sum(self.pixel_mask(batch)) + MIM_EPS}
+  @property
+  def contrastive_weight(self) -> float:
+    return self.weights.contrastive_weight
 
-  def local_loss(self, params, batch, rng, normalizers):
+  def whole_batch(self, batch, rng):
+    """Adds the whole batch's counts: non-pad caption tokens (uncaptioned images have none) and masked pixels."""
+    batch, context = super().whole_batch(batch, rng)
+    context.update(tokens=jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
+                   masked_pixels=jnp.sum(self.pixel_mask(batch)) + MIM_EPS)
+    return batch, context
+
+  def local_loss(self, params, batch, rng, context):
     images = self.train_images(batch, jnp.float32)  # also the MIM target, kept in fp32
     out = self.model.apply({"params": params}, images, batch["text"], batch["mim_mask"], train=True,
                            rngs={"dropout": rng})
     caption = losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID,
-                                  normalizer=normalizers["tokens"])
+                                  normalizer=context["tokens"])
     mim = losses.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch),
-                             normalizer=normalizers["masked_pixels"])
+                             normalizer=context["masked_pixels"])
     loss = self.weights.caption_weight * caption + self.weights.mim_weight * mim
     return loss, (out["image_emb"], out["text_emb"]), {"train/caption_loss": caption, "train/mim_loss": mim}
 
-  def batch_features(self, params, batch, rng):
+  def batch_features(self, params, batch, rng, context):
     return self.model.apply({"params": params}, self.train_images(batch, jnp.float32), batch["text"],
                             batch["mim_mask"], train=True, rngs={"dropout": rng}, method="contrastive_features")
-
-  def global_loss(self, params, features):
-    image_emb, text_emb = features
-    scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
-    if self.mesh is not None:
-      contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, self.mesh)
-    else:
-      contrastive = losses.clip_loss(image_emb, text_emb, scale)
-    return (self.weights.contrastive_weight * contrastive,
-            {"train/contrastive_loss": contrastive, "train/logit_scale": scale})
-
-  def loss(self, params, batch, rng):
-    return self.split_loss(params, batch, rng)
 
   # ----------------------------------------------------------------------------------- evaluation
   def caption_stats(self, params, batch):

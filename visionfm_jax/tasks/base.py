@@ -12,13 +12,16 @@ A task supplies the model, the loss, the data loaders and the evaluators; `train
 
 A loss that couples examples (a contrastive term over the batch) would change with gradient accumulation:
 each micro-batch would only see its own negatives. Such tasks set `splits_loss` and split the loss into
-  loss_normalizers(batch)                           -> global counts (tokens, masked pixels) of the whole batch
-  local_loss(params, batch, rng, normalizers)       -> (sum of per-example terms / normalizers, features, aux)
-  batch_features(params, batch, rng)                -> the same features, forward only
-  global_loss(params, features)                     -> (the cross-example term over the whole batch's features, aux)
+  whole_batch(batch, rng)                  -> (batch, context): once per step, before the batch is split: the
+                                              whole batch's terms (token and pixel counts, the captioned mask,
+                                              the Mixup lambda) and per-example fields that need other examples
+                                              (Mixup partners), so that no micro-batch reaches outside itself
+  local_loss(params, batch, rng, context)  -> (sum of per-example terms / the context's counts, features, aux)
+  batch_features(params, batch, rng, context) -> the same features, forward only
+  global_loss(params, features, context)   -> (the cross-example term over the whole batch's features, aux)
 and `train.py` accumulates in two passes (features of every micro-batch, then the global term's gradient
 w.r.t. them, then one backward per micro-batch), so that N micro-batches of B give the gradient of one
-batch of N * B exactly (GradCache, Gao et al. 2021). `loss` is then `split_loss`.
+batch of N * B exactly (GradCache, Gao et al. 2021). `loss` is then `split_loss`, the same terms unsplit.
 """
 
 from __future__ import annotations
@@ -98,8 +101,9 @@ class Task:
 
   def split_loss(self, params, batch, rng):
     """The whole-batch loss of a `splits_loss` task: local terms plus the global term."""
-    local, features, aux = self.local_loss(params, batch, rng, self.loss_normalizers(batch))
-    global_, global_aux = self.global_loss(params, features)
+    batch, context = self.whole_batch(batch, rng)
+    local, features, aux = self.local_loss(params, batch, rng, context)
+    global_, global_aux = self.global_loss(params, features, context)
     return local + global_, {**aux, **global_aux}
 
   def check_class_count(self, class_names: Callable[[], list[str]], field: str, num_classes: int,

@@ -1,10 +1,11 @@
 """CLIP-style contrastive pretraining on image-text pairs (SwinV2-G-CLIP).
 
 loss: both towers embed the batch (L2-normalised), logits = s * I @ T^T with s = exp(logit_scale), the
-symmetric cross-entropy over the global batch, computed sharded (each device's rows against the gathered
-columns) when training on a mesh. Optional Mixup of the pairs: images are mixed with their predecessor in
-the global batch by lam ~ Beta(alpha, alpha) and the targets become soft (losses.py). After every update the
-temperature parameter is clamped to [0, log 100].
+symmetric cross-entropy over the global batch's captioned examples, computed sharded (each device's rows against
+the gathered columns) when training on a mesh. Optional Mixup of the pairs: images are mixed with their
+predecessor in the global batch by lam ~ Beta(alpha, alpha) and the targets become soft (losses.py). The loss
+is split (`splits_loss`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
+still the whole global batch's. After every update the temperature parameter is clamped to [0, log 100].
 
 Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split and
 `retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs.
@@ -29,6 +30,9 @@ from visionfm_jax.models import clip
 from visionfm_jax.tasks.base import EvalContext, Task
 
 
+MIXUP_PARTNER = "mixup_partner"  # the batch field (added by whole_batch) of each example's Mixup partner
+
+
 class ContrastiveTask(Task):
   couples_examples = True  # each example's negatives are the batch's other examples
   mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
@@ -43,22 +47,52 @@ class ContrastiveTask(Task):
                         f"config.model.text.vocab_size={self.config.model.text.vocab_size}")
     return tok
 
-  def _mixup(self, images, rng):
+  splits_loss = True  # the contrastive term runs over the whole global batch, micro-batches or not
+
+  def whole_batch(self, batch, rng):
+    """The captioned mask ('has_text'; None: all captioned) and, with Mixup, its lambda ~ Beta(alpha, alpha)
+    and each example's partner, its predecessor in the global batch (rolled before the batch is split, so that
+    micro-batches mix exactly as the whole batch does)."""
+    context = {"has_text": batch.get("has_text")}
     alpha = self.config.data.augment.mixup_alpha
-    if alpha <= 0:
-      return images, None
-    lam = jax.random.beta(jax.random.fold_in(rng, 1), alpha, alpha)
-    return lam * images + (1.0 - lam) * jnp.roll(images, 1, axis=0), lam
+    if alpha > 0:
+      context["mix"] = jax.random.beta(jax.random.fold_in(rng, 1), alpha, alpha)
+      partner = {k: v for k, v in batch.items() if k == "image" or k in transforms.DEVICE_KEYS}
+      batch = {**batch, MIXUP_PARTNER: jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), partner)}
+    return batch, context
+
+  def mixed_images(self, batch, context, dtype=None):
+    """The training images, mixed with their partners' by the context's lambda when Mixup is on."""
+    images = self.train_images(batch, dtype)
+    if "mix" not in context:
+      return images
+    lam = context["mix"].astype(images.dtype)
+    return lam * images + (1 - lam) * self.train_images(batch[MIXUP_PARTNER], dtype)
+
+  def local_loss(self, params, batch, rng, context):
+    """CLIP has no per-example term: the features of the (micro-)batch, for the global term."""
+    return jnp.float32(0.0), self.batch_features(params, batch, rng, context), {}
+
+  def batch_features(self, params, batch, rng, context):
+    out = self.model.apply({"params": params}, self.mixed_images(batch, context), batch["text"], train=True,
+                           rngs={"dropout": rng})
+    return out["image_emb"], out["text_emb"]
+
+  contrastive_weight = 1.0
+
+  def global_loss(self, params, features, context):
+    """The symmetric InfoNCE over the whole batch's captioned examples (sharded over the mesh in training)."""
+    image_emb, text_emb = features
+    scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+    terms = dict(mix=context.get("mix"), valid=context["has_text"])
+    if self.mesh is not None:
+      contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, self.mesh, **terms)
+    else:
+      contrastive = losses.clip_loss(image_emb, text_emb, scale, **terms)
+    return self.contrastive_weight * contrastive, {"train/contrastive_loss": contrastive, "train/logit_scale": scale}
 
   def loss(self, params, batch, rng):
-    images, mix = self._mixup(self.train_images(batch), rng)
-    out = self.model.apply({"params": params}, images, batch["text"], train=True, rngs={"dropout": rng})
-    scale = jnp.exp(out["logit_scale"].astype(jnp.float32))
-    if self.mesh is not None:
-      loss = losses.sharded_clip_loss(out["image_emb"], out["text_emb"], scale, self.mesh, mix=mix)
-    else:
-      loss = losses.clip_loss(out["image_emb"], out["text_emb"], scale, mix=mix)
-    return loss, {"train/logit_scale": scale}
+    return self.split_loss(params, batch, rng)
 
   def post_update(self, params):
     return clip.clamp_logit_scale(params)
@@ -125,7 +159,7 @@ class ContrastiveTask(Task):
     first_piece = max(*tokenizer_lib.SPECIAL_IDS, text_cfg.eos_id) + 1
     text = rng.integers(first_piece, text_cfg.vocab_size, (batch_size, text_cfg.max_len), dtype=np.int32)
     text[:, 0], text[:, -1] = tokenizer_lib.BOS_ID, text_cfg.eos_id
-    batch = {**super().synthetic_batch(batch_size, rng), "text": text}
+    batch = {**super().synthetic_batch(batch_size, rng), "text": text, "has_text": np.ones(batch_size, bool)}
     if self.mim_masks is not None:
       grid = self.config.data.image_size // self.mim_masks.mask_patch_size
       batch["mim_mask"] = np.stack([transforms.mim_mask(grid, self.mim_masks.mask_ratio, rng)

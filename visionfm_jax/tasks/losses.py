@@ -7,7 +7,8 @@ Contrastive: the plain B x B form and the sharded form that never builds B x B o
 pseudo-code: logits = s * I @ T^T. With hard targets the loss is the mean of the image->text and the
 text->image cross-entropies against the diagonal; with `mix` (Mixup of image-text pairs) image i is
 lam * image_i + (1 - lam) * image_{i-1}, so its text targets are lam on text i and 1 - lam on text i-1,
-and text j's image targets are lam on image j and 1 - lam on image j+1.
+and text j's image targets are lam on image j and 1 - lam on image j+1. A `valid` mask (the captioned examples of
+a batch that mixes in uncaptioned images) takes the other examples out of both the rows and the columns.
 
 Captioning, MIM, segmentation and detection losses take an optional `normalizer`: with gradient accumulation
 each micro-batch divides its sum by the global count (non-pad tokens, masked pixels, labelled pixels, target
@@ -24,53 +25,85 @@ from jax.sharding import Mesh, PartitionSpec as P
 
 
 
-def _soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-  """Mean over rows of -sum(targets * log_softmax(logits))."""
-  return -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1))
+MASKED_LOGIT = -1e9  # an uncaptioned example's logit: exp underflows to 0 against |logits| <= 100
 
 
-def _targets(rows: int, cols: int, offset, mix, shift: int) -> jax.Array:
-  """(rows, cols) targets for global rows offset..offset+rows: 1 on the diagonal, or lam / 1 - lam with Mixup.
+def _contrastive_terms(logits: jax.Array, targets: jax.Array, valid_cols) -> tuple[jax.Array, jax.Array]:
+  """(sum over rows of the cross-entropy against targets renormalised to 1, number of rows with targets).
+
+  Columns outside `valid_cols` leave the softmax and the targets; a row whose targets are all outside (an
+  uncaptioned example, or masked by the caller) counts for nothing.
+  """
+  if valid_cols is not None:
+    logits = jnp.where(valid_cols[None, :], logits, MASKED_LOGIT)
+    targets = targets * valid_cols[None, :]
+  mass = jnp.sum(targets, axis=-1)
+  has_targets = mass > 0
+  targets = targets / jnp.where(has_targets, mass, 1.0)[:, None]
+  rows = -jnp.sum(targets * jax.nn.log_softmax(logits, axis=-1), axis=-1)
+  return jnp.sum(jnp.where(has_targets, rows, 0.0)), jnp.sum(has_targets.astype(jnp.float32))
+
+
+def _targets(rows: int, cols: int, offset, mix, shift: int, valid_rows=None) -> jax.Array:
+  """(rows, cols) targets for global rows offset..offset+rows: 1 on the diagonal, or lam / 1 - lam with Mixup;
+  rows outside `valid_rows` (this block's rows) get none.
 
   `shift` is where a row's mixed-in partner sits relative to the diagonal (-1 for images, +1 for texts);
   partners wrap around the global batch.
   """
   row = offset + jnp.arange(rows)[:, None]
   col = jnp.arange(cols)[None, :]
-  diagonal = (col == row).astype(jnp.float32)
-  if mix is None:
-    return diagonal
-  partner = (col == (row + shift) % cols).astype(jnp.float32)
-  return mix * diagonal + (1.0 - mix) * partner
+  targets = (col == row).astype(jnp.float32)
+  if mix is not None:
+    partner = (col == (row + shift) % cols).astype(jnp.float32)
+    targets = mix * targets + (1.0 - mix) * partner
+  if valid_rows is not None:
+    targets = targets * valid_rows[:, None]
+  return targets
 
 
-def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mix=None) -> jax.Array:
+def _symmetric_terms(image_emb, text_emb, all_images, all_texts, logit_scale, offset, mix, valid, all_valid):
+  """Sums and row counts of both directions for this block of rows against all columns."""
+  rows, total = image_emb.shape[0], all_texts.shape[0]
+  i2t = _contrastive_terms(logit_scale * image_emb @ all_texts.T,
+                           _targets(rows, total, offset, mix, -1, valid), all_valid)
+  t2i = _contrastive_terms(logit_scale * text_emb @ all_images.T,
+                           _targets(rows, total, offset, mix, +1, valid), all_valid)
+  return i2t, t2i
+
+
+def _mean_of_directions(i2t, t2i) -> jax.Array:
+  (i2t_sum, i2t_rows), (t2i_sum, t2i_rows) = i2t, t2i
+  return 0.5 * (i2t_sum / jnp.maximum(i2t_rows, 1.0) + t2i_sum / jnp.maximum(t2i_rows, 1.0))
+
+
+def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mix=None, valid=None) -> jax.Array:
   """Symmetric InfoNCE over a (B, D) batch of L2-normalised image and text embeddings; fp32.
 
-  `mix`: the Mixup lambda when images were mixed with their predecessor (None: no Mixup).
+  `mix`: the Mixup lambda when images were mixed with their predecessor (None: no Mixup). `valid` (B,) bool:
+  the captioned examples (None: all); the loss runs over those only, as if the others were not in the batch
+  (with Mixup, a row whose partner is uncaptioned keeps its own target alone). 0 when no example is valid.
   """
   image_emb, text_emb = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
-  logits = logit_scale * image_emb @ text_emb.T
-  n = logits.shape[0]
-  i2t = _soft_cross_entropy(logits, _targets(n, n, 0, mix, -1))
-  t2i = _soft_cross_entropy(logits.T, _targets(n, n, 0, mix, +1))
-  return 0.5 * (i2t + t2i)
+  valid = None if valid is None else jnp.asarray(valid, bool)
+  return _mean_of_directions(*_symmetric_terms(image_emb, text_emb, image_emb, text_emb, logit_scale, 0, mix,
+                                               valid, valid))
 
 
-def _local_clip_loss(image_emb, text_emb, logit_scale, mix, axes: tuple[str, ...]):
-  """Inside shard_map: this device's rows against the all-gathered columns; returns the global mean loss."""
+def _local_clip_loss(image_emb, text_emb, logit_scale, mix, valid, axes: tuple[str, ...]):
+  """Inside shard_map: this device's rows against the all-gathered columns; returns the global loss."""
   image_emb, text_emb = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
   all_images = jax.lax.all_gather(image_emb, axes, tiled=True)  # differentiable: its transpose reduce-scatters
   all_texts = jax.lax.all_gather(text_emb, axes, tiled=True)
-  rows, total = image_emb.shape[0], all_texts.shape[0]
-  offset = jax.lax.axis_index(axes) * rows
-  i2t = _soft_cross_entropy(logit_scale * image_emb @ all_texts.T, _targets(rows, total, offset, mix, -1))
-  t2i = _soft_cross_entropy(logit_scale * text_emb @ all_images.T, _targets(rows, total, offset, mix, +1))
-  return jax.lax.pmean(0.5 * (i2t + t2i), axes)
+  all_valid = None if valid is None else jax.lax.all_gather(valid, axes, tiled=True)
+  offset = jax.lax.axis_index(axes) * image_emb.shape[0]
+  i2t, t2i = _symmetric_terms(image_emb, text_emb, all_images, all_texts, logit_scale, offset, mix, valid,
+                              all_valid)
+  return _mean_of_directions(jax.lax.psum(i2t, axes), jax.lax.psum(t2i, axes))
 
 
 def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh,
-                      batch_axes: Sequence[str] = ("data", "fsdp"), mix=None) -> jax.Array:
+                      batch_axes: Sequence[str] = ("data", "fsdp"), mix=None, valid=None) -> jax.Array:
   """`clip_loss` on global arrays whose batch is split over `batch_axes`, with B_local x B_global logits.
 
   Equal in value and gradient to `clip_loss` on the same global batch. Call it under `jit` on arrays
@@ -78,10 +111,12 @@ def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, me
   """
   axes = tuple(a for a in batch_axes if a in mesh.axis_names)
   mix_arg = jnp.float32(1.0) if mix is None else jnp.asarray(mix, jnp.float32)
+  valid_arg = jnp.ones(image_emb.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
   fn = jax.shard_map(
-      lambda i, t, s, m: _local_clip_loss(i, t, s, None if mix is None else m, axes),
-      mesh=mesh, in_specs=(P(axes), P(axes), P(), P()), out_specs=P(), check_vma=False)
-  return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), mix_arg)
+      lambda i, t, s, m, v: _local_clip_loss(i, t, s, None if mix is None else m, None if valid is None else v,
+                                             axes),
+      mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(axes)), out_specs=P(), check_vma=False)
+  return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), mix_arg, valid_arg)
 
 
 def caption_loss_terms(logits: jax.Array, labels: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:

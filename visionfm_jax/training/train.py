@@ -82,25 +82,25 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, batc
   on the whole batch; pass 2 backpropagates each micro-batch's local terms plus <features, their gradient>.
   Costs one extra forward of the feature path; equals the unaccumulated gradient up to float reordering.
   """
-  normalizers = task.loss_normalizers(batch)
+  batch, context = task.whole_batch(batch, rng)
   micro_batches = split_microbatches(batch, accum)
   micro_spec = P(None, *batch_spec)
   micro_batches = jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
   micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
 
-  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs)),
+  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs, context)),
                          (micro_batches, micro_rngs))
   to_batch_order = lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:])  # row r of micro j: r*accum + j
   whole = jax.tree.map(to_batch_order, features)
   whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: P(*batch_spec), whole))
   (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
-      task.global_loss, argnums=(0, 1), has_aux=True)(params, whole)
+      task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
   to_micro = lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
   feature_grads = jax.tree.map(to_micro, feature_grads)
 
   def micro_grads(micro, micro_rng, feature_grad):
     def local(p):
-      loss, feats, aux = task.local_loss(p, micro, micro_rng, normalizers)
+      loss, feats, aux = task.local_loss(p, micro, micro_rng, context)
       return (loss, feats), aux
     (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
     cotangent = (jnp.asarray(scale, loss.dtype),
