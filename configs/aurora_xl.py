@@ -85,7 +85,7 @@ def get_config(arg: str | None = None):
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)
   config.data.mim = ml_collections.ConfigDict(dict(mask_patch_size=32, mask_ratio=0.6))
   # evaluation: retrieval (and caption perplexity, MIM loss)
-  config.eval = ml_collections.ConfigDict(dict(retrieval=True))
+  config.eval = config_lib.eval_config()
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
   set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
              clip_norm=1.0, no_decay=("pos_embed", "cls_token", "cpb_mlp", "mask_token", "queries"))

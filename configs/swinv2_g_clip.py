@@ -34,8 +34,6 @@ share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
 the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
 """
 
-import ml_collections
-
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
@@ -64,13 +62,12 @@ def get_config(arg: str | None = None):
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=False, randaugment_ops=2,
              randaugment_magnitude=9, mixup_alpha=0.8)
   # evaluation: ImageNet zero-shot top-1, retrieval
-  config.eval = ml_collections.ConfigDict(dict(
+  config.eval = config_lib.eval_config(
       zeroshot_classes="imagenet",  # evaluate.zeroshot.class_names_and_templates: 1000 names x 80 templates
       zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = the eval source
       zeroshot_split="validation",
       zeroshot_examples=-1,  # -1: the whole split (ImageNet's 50,000, the protocol of the seed's 78.4%)
-      retrieval=True,  # R@1/5/10 on the first data.eval_examples pairs of data.eval_split
-  ))
+  )
   # optimiser: AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0
   set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0,
              clip_norm=1.0)
