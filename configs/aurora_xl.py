@@ -29,7 +29,10 @@ The model has no masked-language-modelling head: its text side is a causal encod
 only masked objective is MIM on pixels. We read that metric as the perplexity of held-out captions under the
 decoder, conditioned on the image (`eval/caption/perplexity`, teacher-forced, padding excluded), because that is
 the language-modelling loss the model trains. The figure is therefore not comparable with a BERT-style MLM
-perplexity, which predicts masked tokens from both sides.
+perplexity, which predicts masked tokens from both sides. Retrieval R@1/5/10 is also reported as papers do, on
+COCO's Karpathy 5k test split and Flickr30k's 1k test split with every caption of each image
+(`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as BUILD.md prepares them under /data/coco and
+/data/flickr30k; `--config.eval.retrieval_benchmarks=()` leaves them out).
 
 Variant `demo`: a small SwinV2 + text encoder/decoder on the embedded shapes pairs ('a small red circle') on
 a CPU; metrics `eval/retrieval/*`, `eval/caption/perplexity`, `eval/mim/loss`:
@@ -84,8 +87,10 @@ def get_config(arg: str | None = None):
              eval_examples=5000)
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)
   config.data.mim = ml_collections.ConfigDict(dict(mask_patch_size=32, mask_ratio=0.6))
-  # evaluation: retrieval (and caption perplexity, MIM loss)
-  config.eval = ml_collections.ConfigDict(dict(retrieval=True))
+  # evaluation: retrieval on held-out pairs and, the papers' protocol, COCO Karpathy 5k test and Flickr30k 1k
+  # test with every caption (BUILD.md); caption perplexity, MIM loss
+  config.eval = config_lib.eval_config()
+  config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
   set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
              clip_norm=1.0, no_decay=("pos_embed", "cls_token", "cpb_mlp", "mask_token", "queries"))
@@ -113,5 +118,6 @@ def _demo(config):
   config.model.text.max_len = 16
   config.model.scan = False
   config.data.shapes_captions = "short"  # 'a small red circle': the caption names size, colour and shape
+  config.eval.retrieval_benchmarks = ()  # no COCO / Flickr30k on a laptop
   config.data.tokenizer = ""  # the shipped shapes tokenizer
   config.data.mim.mask_patch_size = 8  # 4x4 grid, 10 of 16 masked

@@ -17,6 +17,11 @@ The default is the seed's recipe:
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip
 
+Evaluation: ImageNet zero-shot top-1 (`eval/zeroshot/top1`, all 50,000 validation images, 80 templates), and
+retrieval R@1/5/10 as papers report it, on COCO's Karpathy 5k test split and Flickr30k's 1k test split with every
+caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as BUILD.md prepares them
+under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks=()` leaves them out).
+
 Variant `ft640`: the final stage at 640 px, window 40, initialised from a 224 px run (`--config.init_from=`
 its workdir); every weight carries over, the position bias is recomputed through pretrained_window_sizes
 (14, 14, 14, 7), which init_from reads from that workdir's config.json. Variant `demo`: a small SwinV2 + text
@@ -33,8 +38,6 @@ retrieval over 1000 pairs i2t R@1/5/10 0.092 / 0.449 / 0.807 (the short captions
 share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
 the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
 """
-
-import ml_collections
 
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
@@ -63,14 +66,15 @@ def get_config(arg: str | None = None):
              eval_examples=5000)
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=False, randaugment_ops=2,
              randaugment_magnitude=9, mixup_alpha=0.8)
-  # evaluation: ImageNet zero-shot top-1, retrieval
-  config.eval = ml_collections.ConfigDict(dict(
+  # evaluation: ImageNet zero-shot top-1, retrieval on held-out pairs and on the papers' benchmarks
+  config.eval = config_lib.eval_config(
       zeroshot_classes="imagenet",  # evaluate.zeroshot.class_names_and_templates: 1000 names x 80 templates
       zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = the eval source
       zeroshot_split="validation",
       zeroshot_examples=-1,  # -1: the whole split (ImageNet's 50,000, the protocol of the seed's 78.4%)
-      retrieval=True,  # R@1/5/10 on the first data.eval_examples pairs of data.eval_split
-  ))
+  )
+  # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (BUILD.md)
+  config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # optimiser: AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0
   set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0,
              clip_norm=1.0)
@@ -105,6 +109,7 @@ def _demo(config):
   config.data.mean = (0.485, 0.456, 0.406)
   config.data.std = (0.229, 0.224, 0.225)
   config.eval.zeroshot_classes = "shapes"
+  config.eval.retrieval_benchmarks = ()  # no COCO / Flickr30k on a laptop
   config.eval.zeroshot_source = ""
   config.eval.zeroshot_examples = config.data.get_ref("eval_examples")  # the demo's eval count, as overridden
 

@@ -224,8 +224,9 @@ def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_ch
 @pytest.mark.parametrize("family,fields", [
     ("clip", {"eval.zeroshot_source": "arrayrecord:/nonexistent/zeroshot-{split}-*"}),
     ("clip", {"data.eval_source": "arrayrecord:/nonexistent/pairs-{split}-*"}),
+    ("clip", {"eval.retrieval_benchmarks": (("coco", "coco_karpathy:/nonexistent/coco"),)}),
     ("vit", {"probe.knn": True, "probe.source": "arrayrecord:/nonexistent/probe-{split}-*"}),
-], ids=["zeroshot", "retrieval", "probe"])
+], ids=["zeroshot", "retrieval", "retrieval_benchmark", "probe"])
 def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp_path, monkeypatch, family,
                                                                                fields):
   """Not at the first evaluation, thousands of steps later: the evaluators open their sources when built."""

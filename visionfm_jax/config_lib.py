@@ -249,6 +249,19 @@ def probe_config() -> ml_collections.ConfigDict:
   ))
 
 
+def eval_config(**family_fields) -> ml_collections.ConfigDict:
+  """`config.eval` of the image-text families (contrastive, aurora): the retrieval evaluators both run, plus a
+  family's own fields (CLIP's zero-shot)."""
+  return ml_collections.ConfigDict(dict(
+      retrieval=True,  # R@1/5/10 on the first data.eval_examples pairs of data.eval_split
+      # ((name, spec), ...): retrieval with every caption of each image, e.g. (('coco', 'coco_karpathy:/data/coco'),
+      # ('flickr30k', 'flickr30k:/data/flickr30k')); specs in data/caption_sets.py, metrics
+      # eval/<name>_retrieval/i2t_r1, ...; () = none
+      retrieval_benchmarks=(),
+      **family_fields,
+  ))
+
+
 def loop_fields() -> dict:
   """The loop's cadence (logging, evaluation, checkpoints), its watchdog and its console."""
   return dict(

@@ -1,5 +1,6 @@
 """Data: sources (TFDS, ArrayRecord records, the embedded shapes and scenes sets, ADE20K, COCO), host-side
-transforms, tokenizer and the grain pipelines (classification and pairs: pipeline.py; dense tasks: dense.py)."""
+transforms, tokenizer and the grain pipelines (classification and pairs: pipeline.py; dense tasks: dense.py);
+the retrieval benchmarks with several captions per image (COCO, Flickr30k: caption_sets.py)."""
 
 from visionfm_jax.data.records import ArrayRecordSource, read_metadata, write_pairs, write_records
 from visionfm_jax.data.dense import coco_ground_truth, make_dense_eval_iterator, make_dense_train_loader

@@ -12,7 +12,8 @@ the loss is split (`splits_loss`, tasks/base.py): with `grad_accum_steps` = 8 th
 over all 2048 examples of the global batch, and 8 micro-batches of B give the gradient of one batch of 8B. Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
 
 Evaluators on held-out pairs: `retrieval` (R@1/5/10 both ways), `caption` (`perplexity`: exp of the mean
-token NLL over all held-out tokens; `loss`), `mim` (`loss`: held-out L1 on masked pixels, fixed masks).
+token NLL over all held-out tokens; `loss`), `mim` (`loss`: held-out L1 on masked pixels, fixed masks); and the
+retrieval benchmarks of config.eval.retrieval_benchmarks (COCO / Flickr30k, every caption), as ContrastiveTask's.
 """
 
 from __future__ import annotations
@@ -107,5 +108,6 @@ class AuroraTask(ContrastiveTask):
     mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + MIM_EPS)}, ctx)
     out["caption"] = lambda params: caption(params, self.eval_pairs(ctx))
     out["mim"] = lambda params: mim(params, self.eval_pairs(ctx))
+    out.update(self.benchmark_evaluators(ctx))
     return out
 

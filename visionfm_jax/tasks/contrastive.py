@@ -7,8 +7,10 @@ predecessor in the global batch by lam ~ Beta(alpha, alpha) and the targets beco
 is split (`splits_loss`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
 still the whole global batch's. After every update the temperature parameter is clamped to [0, log 100].
 
-Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split and
-`retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs.
+Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split,
+`retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs, and `<name>_retrieval` for
+each (name, spec) of config.eval.retrieval_benchmarks: COCO / Flickr30k with every caption of each image
+(data/caption_sets.py; `eval/coco_retrieval/i2t_r1`, ..., `count` images, `captions`).
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from visionfm_jax import data
 
 
 from visionfm_jax.tasks import losses
-from visionfm_jax.data import tokenizer as tokenizer_lib, transforms
+from visionfm_jax.data import caption_sets, tokenizer as tokenizer_lib, transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
@@ -131,6 +133,32 @@ class ContrastiveTask(Task):
 
     if eval_cfg.retrieval:
       out["retrieval"] = self.retrieval_evaluator(ctx)
+    out.update(self.benchmark_evaluators(ctx))
+    return out
+
+  def benchmark_evaluators(self, ctx: EvalContext):
+    """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks; the sets are
+    opened (and their captions tokenised) now, so that a missing dataset stops the run at start-up."""
+    benchmarks = self.config.eval.retrieval_benchmarks
+    field = "config.eval.retrieval_benchmarks"
+    if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
+               for b in benchmarks):
+      raise ConfigError(f"{field}={benchmarks!r}: expected ((name, spec), ...), e.g. "
+                        f"(('coco', 'coco_karpathy:/data/coco'),)")
+    names = [name for name, _ in benchmarks]
+    if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
+      raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
+    local_batch = ctx.batch_size // ctx.process_count
+    shards = dict(batch_size=local_batch, process_index=ctx.process_index, process_count=ctx.process_count)
+    embed_images, embed_texts = jax.jit(self.embed_images), jax.jit(self.embed_texts)  # shared by the benchmarks
+    out = {}
+    for name, spec in benchmarks:
+      captioned = caption_sets.open_caption_set(spec)
+      tokens = self.tokenizer.encode_batch(captioned.captions)
+      out[f"{name}_retrieval"] = retrieval.CaptionRetrievalEvaluator(
+          embed_images, embed_texts, captioned.caption_image,
+          functools.partial(caption_sets.image_batches, captioned, self.config.data, **shards),
+          functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
     return out
 
   @functools.cached_property
