@@ -7,8 +7,9 @@
                               Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
                               config.data.train_split / eval_split
   arrayrecord:<glob>          files written by `tools.prepare_data` (`records.ArrayRecordSource`): labelled
-                              images or image-text pairs; '{split}' in the glob becomes the split name
-                              (config.data.train_split / eval_split), a glob without it serves every split
+                              images, image-text pairs or image-only records; '{split}' in the glob becomes the
+                              split name (config.data.train_split / eval_split), a glob without it serves every
+                              split
   scenes                      the embedded multi-object set for segmentation and detection
                               (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
   ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
