@@ -10,7 +10,7 @@ import pytest
 import test_data  # tests/ is on sys.path under pytest
 
 from conftest import tiny_vit_config
-from visionfm_jax import tasks
+from visionfm_jax import config_lib, tasks
 from visionfm_jax.data import mixture, pipeline, records, shapes, skipping, sources, tokenizer, transforms
 from visionfm_jax.errors import ConfigError, DataError
 
@@ -40,7 +40,7 @@ def range_entry(i, n, weight, prefix):
 # --- configuration --------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("entries,source,error,match", [
-    ((("shapes", 1.0),), "shapes", ConfigError, r"config.data.mixture has 1 entries and config.data.source='shapes'"),
+    ((("shapes", 1.0),), "shapes", ConfigError, r"mixture is set \(1 entries\) and config.data.source='shapes'"),
     ((("shapes", 1.0), ("shapes:images", 0.0)), "", ConfigError, r"config.data.mixture\[1\].*positive"),
     ((("shapes", 1.0), ("shapes:images", -2)), "", ConfigError, r"config.data.mixture\[1\].*positive"),
     ((("shapes", 1.0), ("shapes:images", float("nan"))), "", ConfigError, r"config.data.mixture\[1\].*positive"),
@@ -54,6 +54,18 @@ def test_bad_mixtures_name_the_entry(entries, source, error, match):
   cfg = data_config(source=source, mixture=entries)
   with pytest.raises(error, match=match):
     pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1)
+
+
+def test_config_validation_checks_the_mixture():
+  config = tiny_vit_config()
+  config.data.mixture = (("shapes", 1.0), ("shapes:images", 0.5))
+  with pytest.raises(ConfigError, match=r"config.data.mixture is set .* config.data.source='shapes'"):
+    config_lib.validate(config)
+  config.data.source = ""
+  config_lib.validate(config)
+  config.data.mixture = (("shapes", 1.0), ("shapes:images", 0))
+  with pytest.raises(ConfigError, match=r"config.data.mixture\[1\]"):
+    config_lib.validate(config)
 
 
 def test_an_empty_entry_is_an_error():

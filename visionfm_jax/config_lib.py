@@ -497,6 +497,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
   `num_devices`, also that the batch divides over the mesh."""
   check_domains(config)
+  if config.data.get("mixture"):
+    from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
+    sources.train_specs(config.data)  # its entries, and data.source = ''
   if config.strategy not in STRATEGIES:
     raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
   if config.precision.compute_dtype not in COMPUTE_DTYPES:

@@ -86,9 +86,9 @@ def train_specs(data_cfg) -> list[tuple[str, str, float]]:
   if not mixture:
     return [(f"config.data.source={data_cfg.source!r}", data_cfg.source, 1.0)]
   if data_cfg.source:
-    raise ConfigError(f"config.data.mixture has {len(mixture)} entries and config.data.source={data_cfg.source!r}: "
-                      f"set --config.data.source='' to train on the mixture, or config.data.mixture=() to train on "
-                      f"the source alone")
+    raise ConfigError(f"config.data.mixture is set ({len(mixture)} entries) and config.data.source="
+                      f"{data_cfg.source!r}: set --config.data.source='' to train on the mixture, or "
+                      f"config.data.mixture=() to train on the source alone")
   entries = []
   for i, entry in enumerate(mixture):
     field = f"config.data.mixture[{i}]"
