@@ -209,13 +209,21 @@ def test_pair_mixtures_need_a_captioned_source(tok):
     pipeline.make_pair_train_loader(data_config(source="shapes:images"), tok, batch_size=4, seed=0, process_index=0,
                                     process_count=1)
 
+  cfg = mixture_config([("shapes:images", 1.0), ("shapes", 1.0)])  # evaluation reads the first entry
+  with pytest.raises(DataError, match=r"config.data.mixture\[0\]='shapes:images' split 'validation': records have "
+                                      r"no 'caption'.*config.data.eval_source"):
+    pipeline.make_pair_eval_iterator(cfg, tok, batch_size=4, process_index=0, process_count=1)
+  cfg.eval_source = "shapes"
+  assert next(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=4, process_index=0, process_count=1))[
+      "has_text"].all()
+
   class Neither(test_data.RangeSource):
     def __getitem__(self, index):
       return {"label": int(index)}
 
   bad = mixture.Mixture((mixture.Entry("config.data.mixture[0]='shapes'", shapes.ShapesSource("train", 8, 8)),
                          mixture.Entry("config.data.mixture[1]='x'", Neither(8))), "config.data.mixture")
-  with pytest.raises(DataError, match=r"config.data.mixture\[1\]='x' .* neither an 'image' nor a 'caption'"):
+  with pytest.raises(DataError, match=r"config.data.mixture\[1\]='x' .* no 'image' nor a 'caption'"):
     pipeline.make_pair_train_loader(data_config(), tok, batch_size=4, seed=0, process_index=0, process_count=1,
                                     source=bad)
 

@@ -140,16 +140,19 @@ def _pair_example(mixture: mixture_lib.Mixture, tokenizer, split: str) -> transf
   captioned, labelled = [], []
   for entry in mixture.entries:
     first, keys = _sample_keys(entry.source)
-    if len(entry.source) and "image" not in (keys or set(entry.source[0])):
-      raise DataError(f"{entry.field} split {split!r}: records have neither an 'image' nor a 'caption' (keys "
-                      f"{sorted(keys or entry.source[0])}); {PAIRS_HINT}")
+    keys = keys or set(entry.source[0])
+    if "image" not in keys:
+      neither = "" if "caption" in keys else " nor a 'caption'"
+      raise DataError(f"{entry.field} split {split!r}: records have no 'image'{neither} (keys {sorted(keys)}); "
+                      f"{PAIRS_HINT}")
     captioned.append("caption" in keys or not first)  # nothing readable: the loader's skip count says so
     labelled.append("label" in first)
   if not any(captioned):
     if len(mixture.entries) == 1:
       entry = mixture.entries[0]
       raise DataError(f"{entry.field} split {split!r}: records have no 'caption' (keys {sorted(keys)}); "
-                      f"{PAIRS_HINT}, or a config.data.mixture with at least one source of pairs")
+                      f"{PAIRS_HINT} (to train: or a config.data.mixture with at least one; to evaluate: set "
+                      f"config.data.eval_source to one)")
     raise DataError(f"{mixture.what}: none of its sources has captions ({', '.join(e.field for e in mixture.entries)}"
                     f"); image-text training needs at least one source of pairs")
   return transforms.SelectPair(tokenizer, with_label=all(labelled))
