@@ -73,7 +73,7 @@ def _train_batches(tok, seed, n=2, **kwargs):
 def test_train_batches_carry_masks(tok):
   batches = _train_batches(tok, seed=3)
   for batch in batches:
-    assert set(batch) == {"image", "text", "label", "mim_mask"}
+    assert set(batch) == {"image", "text", "has_text", "label", "mim_mask"}
     assert batch["mim_mask"].shape == (8, GRID, GRID) and batch["mim_mask"].dtype == np.uint8
     assert (batch["mim_mask"].sum((1, 2)) == ONES).all()
   masks = np.concatenate([b["mim_mask"] for b in batches])
@@ -86,7 +86,7 @@ def test_train_batches_carry_masks(tok):
   # Without `mim` the batches are as before.
   plain = next(iter(pipeline.make_pair_train_loader(data_config(), tok, batch_size=8, seed=3, process_index=0,
                                                     process_count=1)))
-  assert set(plain) == {"image", "text", "label"}
+  assert set(plain) == {"image", "text", "has_text", "label"}
   np.testing.assert_array_equal(plain["image"], batches[0]["image"])
 
 
@@ -115,7 +115,7 @@ def test_eval_masks_depend_on_the_record_only(tok):
   masks, batches = _eval_masks(tok, 8, source=source)
   assert sorted(masks) == list(range(30)) and len({m.tobytes() for m in masks.values()}) == 30
   for b in batches:
-    assert set(b) == {"image", "text", "label", "mim_mask", "mask"}
+    assert set(b) == {"image", "text", "has_text", "label", "mim_mask", "mask"}
     assert b["mim_mask"].shape == (8, GRID, GRID) and b["mim_mask"].dtype == np.uint8
     assert (b["mim_mask"][b["mask"]].sum((1, 2)) == ONES).all()
     assert (b["mim_mask"][~b["mask"]] == 0).all()  # padding rows: empty masks

@@ -110,7 +110,7 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   mask = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(mask[:12], [i not in corrupt for i in range(12)])
   assert transforms.decode_failures() == before + 6  # (records 0 and 3 twice: the label check reads them)
-  assert set(batches[0]) == {"image", "text", "mask"}
+  assert set(batches[0]) == {"image", "text", "has_text", "mask"}
   text = np.concatenate([b["text"] for b in batches])
   assert (text[~mask] == 0).all() and tok.decode(text[1]) == good[1][1]
   cfg.augment.random_resized_crop = False
@@ -126,7 +126,8 @@ def test_pair_train_loader_on_shapes(tok):
   cfg = data_config()
   it = iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=8, seed=3, process_index=0, process_count=1))
   batch = next(it)
-  assert set(batch) == {"image", "text", "label"}
+  assert set(batch) == {"image", "text", "has_text", "label"}
+  assert batch["has_text"].dtype == bool and batch["has_text"].shape == (8,) and batch["has_text"].all()
   assert batch["image"].shape == (8, 32, 32, 3) and batch["image"].dtype == np.uint8
   assert batch["text"].shape == (8, MAX_LEN) and batch["text"].dtype == np.int32
   assert batch["label"].shape == (8,) and batch["label"].dtype == np.int32
@@ -139,7 +140,7 @@ def test_pair_loader_on_arrayrecord(pair_dir, tok):
   cfg = data_config(source=f"arrayrecord:{pair_dir}/{{split}}-*.array_record")
   batch = next(iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=4, seed=0, process_index=0,
                                                     process_count=1)))
-  assert set(batch) == {"image", "text"} and batch["image"].shape == (4, 32, 32, 3)
+  assert set(batch) == {"image", "text", "has_text"} and batch["image"].shape == (4, 32, 32, 3)
   batches = list(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=4, process_index=0, process_count=1))
   assert [b["mask"].sum() for b in batches] == [4, 4, 2]
   assert tok.decode(batches[0]["text"][1]) == shapes.ShapesSource("validation", 10, 40)[1]["caption"]
@@ -200,7 +201,8 @@ def test_example_ops_pickle(tok):
   op = pickle.loads(pickle.dumps(transforms.SelectPair(tok, with_label=True)))  # as grain workers get it
   example = op.map({"image": np.zeros((2, 2, 3), np.uint8), "caption": "a red star", "label": 4})
   assert tok.decode(example["text"]) == "a red star" and example["label"] == 4
-  assert op.spec(8) == {"image": ((8, 8, 3), np.uint8), "text": ((MAX_LEN,), np.int32), "label": ((), np.int32)}
+  assert op.spec(8) == {"image": ((8, 8, 3), np.uint8), "text": ((MAX_LEN,), np.int32), "has_text": ((), np.bool_),
+                        "label": ((), np.int32)}
 
 
 # --- RandAugment ----------------------------------------------------------------------------------------

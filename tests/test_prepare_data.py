@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionfm_jax.data import records, sources
+from visionfm_jax import config_lib
+from visionfm_jax.data import pipeline, records, sources, tokenizer
+from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import prepare_data
 
 CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
@@ -81,7 +83,7 @@ def test_folders_round_trip(tree, converted):
   assert metadata["kind"] == "classification" and metadata["classes"] == CLASSES
   entry = metadata["splits"]["train"]
   assert entry["shards"] == [records.shard_name("train", i, 3) for i in range(3)]
-  assert (entry["records"], entry["skipped"], entry["class_counts"]) == (10, 0, [3, 3, 4])
+  assert (entry["records"], entry["skipped"], entry["class_counts"], entry["kind"]) == (10, 0, [3, 3, 4], "labelled")
   assert entry["source"] == os.path.abspath(root)
   assert sorted(os.listdir(out)) == sorted(["dataset.json", *entry["shards"], *(s + ".json" for s in entry["shards"])])
   assert sorted(glob.glob(f"{out}/train-*.array_record")) == [os.path.join(out, s) for s in entry["shards"]]
@@ -146,16 +148,89 @@ def test_webdataset_pairs(tmp_path):
   entry = metadata["splits"]["train"]
   assert metadata["kind"] == "pairs" and "classes" not in metadata
   assert entry["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
-  assert (entry["records"], entry["skipped"]) == (5, 2)
+  assert (entry["records"], entry["skipped"], entry["uncaptioned"], entry["kind"]) == (6, 1, 1, "pairs")
   assert entry["source"] == str(tmp_path / "in" / "*.tar")
   examples = {e["key"]: e for e in read_split(out)}
-  assert list(examples) == ["k0", "k1", "sub/k3", "k5", "k6"]
-  assert {k: e["caption"] for k, e in examples.items()} == {"k0": "a red square", "k1": "two words",
-                                                           "sub/k3": "in a folder", "k5": "caf\u00e9", "k6": "last"}
+  assert list(examples) == ["k0", "k1", "sub/k3", "k4", "k5", "k6"]
+  assert {k: e.get("caption") for k, e in examples.items()} == {
+      "k0": "a red square", "k1": "two words", "sub/k3": "in a folder", "k4": None, "k5": "caf\u00e9", "k6": "last"}
+  assert set(examples["k4"]) == {"image", "key", "meta"}  # image-only: no caption, kept
   assert examples["k0"]["meta"] == '{"url": "u0"}' and "meta" not in examples["k1"]
   assert examples["sub/k3"]["image"] == tars["00001.tar"]["sub/k3.jpg"]
   assert examples["k1"]["image"] == tars["00000.tar"]["k1.png"]
-  assert [json.load(open(os.path.join(out, s + ".json")))["records"] for s in entry["shards"]] == [2, 3]
+  assert [json.load(open(os.path.join(out, s + ".json")))["records"] for s in entry["shards"]] == [2, 4]
+
+
+def make_uncaptioned_tars(directory, tars: int, per_tar: int) -> None:
+  for t in range(tars):
+    with tarfile.open(os.path.join(directory, f"{t:05d}.tar"), "w") as archive:
+      for k in range(per_tar):
+        for member, data in ((f"t{t}k{k}.jpg", encoded(width=8, height=8, seed=t * 100 + k)),
+                             (f"t{t}k{k}.json", b"{}")):
+          info = tarfile.TarInfo(member)
+          info.size = len(data)
+          archive.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_of_images_only_trains_in_a_mixture(tmp_path):
+  os.makedirs(tmp_path / "in")
+  make_uncaptioned_tars(tmp_path / "in", tars=2, per_tar=6)
+  out = tmp_path / "out"
+  metadata = prepare_data.convert_webdataset(str(tmp_path / "in" / "*.tar"), str(out), num_workers=0)
+  entry = metadata["splits"]["train"]
+  assert (entry["records"], entry["uncaptioned"], entry["kind"]) == (12, 12, "images")
+  assert all(set(e) == {"image", "key", "meta"} for e in read_split(out))
+  cfg = config_lib.base_config().data
+  cfg.image_size, cfg.num_workers, cfg.shapes_train_size, cfg.source = 8, 0, 64, ""
+  cfg.mixture = (("shapes", 1.0), (f"arrayrecord:{out}/{{split}}-*.array_record", 1.0))
+  tok = tokenizer.Tokenizer(tokenizer.shapes_tokenizer_path(), 12)
+  batch = next(iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=8, seed=0, process_index=0,
+                                                    process_count=1)))
+  assert batch["has_text"].sum() == 4 and (batch["text"][~batch["has_text"]] == tokenizer.PAD_ID).all()
+
+
+def test_webdataset_holdout(tmp_path):
+  os.makedirs(tmp_path / "in")
+  make_uncaptioned_tars(tmp_path / "in", tars=3, per_tar=5)
+  pattern = str(tmp_path / "in" / "*.tar")
+
+  def convert(name, **kwargs):
+    out = str(tmp_path / name)
+    metadata = prepare_data.convert_webdataset(pattern, out, num_workers=0, holdout_split_name="val", **kwargs)
+    return metadata, {split: [e["key"] for e in read_split(out, split)] for split in metadata["splits"]}
+
+  metadata, keys = convert("a", holdout_examples=4, seed=3)
+  assert metadata["splits"]["val"]["records"] == 4 and metadata["splits"]["val"]["holdout_examples"] == 4
+  assert len(keys["train"]) == 11 and not set(keys["train"]) & set(keys["val"])
+  assert len({k.split("k")[0] for k in keys["val"]}) == 1  # all from the first tar of the seeded order (5 >= 4)
+  assert convert("b", holdout_examples=4, seed=3)[1] == keys  # deterministic
+  assert convert("c", holdout_examples=4, seed=4)[1]["val"] != keys["val"]
+  assert len(convert("d", holdout_examples=7, seed=3)[1]["val"]) == 7  # from two tars
+  with pytest.raises(UserError, match="--holdout_examples=15: the tars hold only 15"):
+    convert("e", holdout_examples=15)
+
+
+def test_unlabelled_folders(tmp_path):
+  for name, data in {"x1.jpg": encoded(seed=1), "sub/x2.png": encoded(fmt="PNG", seed=2), "sub/deeper/x3.jpg":
+                     encoded(seed=3), "notes.txt": b"not an image", "x4.jpeg": encoded(seed=4)}.items():
+    write_file(str(tmp_path / "in" / name), data)
+  out = str(tmp_path / "out")
+  metadata = prepare_data.convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_examples=1,
+                                          num_workers=0, records_per_shard=2)
+  assert metadata["kind"] == "images" and "classes" not in metadata
+  assert {s: (e["records"], e["kind"]) for s, e in metadata["splits"].items()} == {"train": (3, "images"),
+                                                                                 "validation": (1, "images")}
+  examples = read_split(out) + read_split(out, "validation")
+  assert sorted(e["key"] for e in examples) == ["sub/deeper/x3.jpg", "sub/x2.png", "x1.jpg", "x4.jpeg"]
+  assert all(set(e) == {"image", "key"} for e in examples)
+  source = records.ArrayRecordSource(f"{out}/train-*.array_record")
+  with pytest.raises(DataError, match="no class names"):
+    records.class_names(f"{out}/train-*.array_record")
+  assert source.metadata["kind"] == "images"
+  with pytest.raises(UserError, match="different data set"):  # labelled folders into the same directory
+    prepare_data.convert_folders(str(tmp_path / "in"), out, num_workers=0)
+  with pytest.raises(UserError, match="--holdout_per_class=1, --holdout_examples=0"):
+    prepare_data.convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_per_class=1)
 
 
 def test_resize_and_verify(tmp_path, caplog):
@@ -226,6 +301,13 @@ def test_cli(tree, tmp_path, capsys):
   assert "shards 3/3, 10 records written" in captured.err
   assert records.read_metadata(out)["splits"]["validation"]["records"] == 3
 
+  os.makedirs(tmp_path / "tars")
+  make_uncaptioned_tars(tmp_path / "tars", tars=2, per_tar=4)
+  args = ["prepare_data", "--format=webdataset", f"--input={tmp_path}/tars/*.tar", f"--output={tmp_path / 'wds'}",
+          "--num_workers=0", "--holdout_examples=3", "--holdout_split=val", "--seed=2"]
+  assert prepare_data.main(args) == 0
+  assert capsys.readouterr().out.startswith("prepare_data: train 5, val 3 records, 0 skipped, 3 shards, ")
+
 
 def _error(args, capsys) -> str:
   assert prepare_data.main(["prepare_data", *args]) == 2
@@ -250,6 +332,10 @@ def test_cli_errors(tree, tmp_path, capsys):
   assert "--format" in _error(["--format=zip", f"--input={tree[0]}", out], capsys)
   assert "--records_per_shard" in _error(["--format=webdataset", f"--input={tree[0]}/*.tar", out,
                                           "--records_per_shard=10"], capsys)
+  assert "--unlabelled: only for --format=folders" in _error(["--format=webdataset", f"--input={tree[0]}/*.tar", out,
+                                                              "--unlabelled"], capsys)
+  assert "--holdout_examples=2: the first for class folders" in _error(
+      ["--format=folders", f"--input={tree[0]}", out, "--holdout_examples=2"], capsys)
   assert "--split='my-train'" in _error(["--format=folders", f"--input={tree[0]}", out, "--split=my-train"], capsys)
   write_file(str(tmp_path / "tars" / "bad.tar"), b"not a tar")
   err = _error(["--format=webdataset", f"--input={tmp_path}/tars/*.tar", out], capsys)

@@ -173,10 +173,14 @@ def precision_config() -> ml_collections.ConfigDict:
 def data_config() -> ml_collections.ConfigDict:
   """`config.data`: sources and splits, the input pipeline, the embedded sets and the augmentations."""
   return ml_collections.ConfigDict(dict(
-      # shapes | tfds:<name>[:<version>][:<split>] | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
+      # shapes | shapes:images (uncaptioned) | tfds:<name>[:<version>][:<split>]
+      # | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
       # | dense tasks: scenes | ade20k:<ADEChallengeData2016 dir> | coco:<dir with train2017/ val2017/ annotations/>
       source="shapes",
-      eval_source="",  # the same forms; '' = source (with eval_split)
+      # ((spec, weight), ...): train on a weighted mixture of sources instead (data/mixture.py; source must be
+      # ''), e.g. (("arrayrecord:/d/pairs/{split}-*", 3.0), ("shapes:images", 1.0)); () = source alone
+      mixture=(),
+      eval_source="",  # the same forms; '' = source (with eval_split), else the mixture's first entry
       tokenizer="",  # SentencePiece model for captions (tools.train_tokenizer); '' = the shipped shapes one
       data_dir="",  # TFDS data dir; '' means $TFDS_DATA_DIR, else ~/tensorflow_datasets
       train_split="train",
@@ -506,6 +510,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
   `num_devices`, also that the batch divides over the mesh."""
   check_domains(config)
+  if config.data.get("mixture"):
+    from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
+    sources.train_specs(config.data)  # its entries, and data.source = ''
   if config.strategy not in STRATEGIES:
     raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
   if config.precision.compute_dtype not in COMPUTE_DTYPES:

@@ -83,7 +83,8 @@ def make_dense_train_loader(data_cfg, kind: str, *, batch_size: int, seed: int, 
   _check(data_cfg, kind)
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg, training=True)
-  pipeline.require_key(source, _NEEDS[kind], data_cfg.source, data_cfg.train_split, _HINT[kind])
+  pipeline.require_key(source, _NEEDS[kind], f"config.data.source={data_cfg.source!r}", data_cfg.train_split,
+                       _HINT[kind])
   return pipeline.grain_train_loader(data_cfg, source, _train_ops(data_cfg, kind), batch_size=batch_size,
                                      seed=seed, process_index=process_index, process_count=process_count)
 
@@ -125,7 +126,8 @@ def make_dense_eval_iterator(data_cfg, kind: str, *, batch_size: int, process_in
   config.data.eval_split), padded so every process yields as many batches; real rows have valid=True."""
   _check(data_cfg, kind)
   source = _eval_source(data_cfg, source)
-  pipeline.require_key(source, _NEEDS[kind], eval_source_spec(data_cfg), data_cfg.eval_split, _HINT[kind])
+  pipeline.require_key(source, _NEEDS[kind], f"config.data.source={eval_source_spec(data_cfg)!r}",
+                       data_cfg.eval_split, _HINT[kind])
   total = pipeline.eval_total(data_cfg, len(source))
   share, num_batches = pipeline.eval_shares(total, batch_size, process_index, process_count)
   return pipeline.eval_batches(DenseEvalReader(data_cfg, kind, source), share, num_batches, batch_size,

@@ -1,8 +1,10 @@
 """Host-local input pipelines: a checkpointable grain loader for training, a padded generator for eval.
 
 Batches are numpy dicts with B, the per-process batch size, leading: classification {'image': uint8
-(B, S, S, 3), 'label': int32 (B,)}; image-text pairs {'image', 'text': int32 (B, L) tokens, 'label' when the
-source has labels, 'mim_mask': uint8 (B, g, g) SimMIM masks when asked for}; eval batches add 'mask'. One
+(B, S, S, 3), 'label': int32 (B,)}; image-text pairs {'image', 'text': int32 (B, L) tokens (all PAD for an
+image-only record), 'has_text': bool (B,), 'label' when every source has labels, 'mim_mask': uint8 (B, g, g)
+SimMIM masks when asked for}; eval batches add 'mask'. Training reads config.data.source or the weighted
+mixture config.data.mixture (data/mixture.py), evaluation one source (`sources.eval_source_spec`). One
 mechanism serves both: a record -> example op (transforms.SelectKeys or transforms.SelectPair), then optional
 extra ops (transforms.AddMimMask), end the same decode/augment chain. The training loop turns the batches into
 global arrays. Nothing here touches jax.
@@ -17,7 +19,7 @@ from absl import flags
 import grain
 import numpy as np
 
-from visionfm_jax.data import skipping, transforms
+from visionfm_jax.data import mixture as mixture_lib, skipping, transforms
 from visionfm_jax.data.sources import build_source, eval_source_spec
 from visionfm_jax.errors import DataError
 
@@ -34,34 +36,48 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
                       source=None) -> skipping.SkippingLoader:
   """An infinite, shuffled, augmented loader over this process's shard of the train split.
 
-  All processes read one global stream, every record once per epoch in an order that is a pure function of
-  (seed, epoch); process i of P takes the positions i, i + P, i + 2P, ... (disjoint shares of each epoch).
+  All processes read one global stream, every record of a source once per its epoch in an order that is a pure
+  function of (seed, epoch) (a mixture: each entry's, see data/mixture.py); process i of P takes the positions
+  i, i + P, i + 2P, ... (disjoint shares of each epoch). A mixture's labels are remapped into the union of its
+  entries' classes (`sources.train_class_names`).
   `iter(loader)` has get_state/set_state and saves with Orbax through grain.checkpoint.CheckpointSave. The
   augmentations are a pure function of (seed, stream position), so a restored iterator replays the same
   batches bitwise; restored onto another number of processes or workers it continues the stream's position
-  (`resume`). Undecodable records are skipped and counted (`skipping.SkippingIterator`). `source` overrides
-  build_source(config.data.source, config.data.train_split).
+  (`resume`). Undecodable records are skipped and counted (`skipping.SkippingIterator`). `source` (a source, or
+  a mixture_lib.Mixture) overrides the configured training data.
   """
-  if source is None:
-    source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
-  require_key(source, "label", data_cfg.source, data_cfg.train_split, "classification needs labelled images")
-  return _train_loader(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size, seed=seed,
+  mixture = train_mixture(data_cfg, source)
+  for entry in mixture.entries:
+    require_key(entry.source, "label", entry.field, data_cfg.train_split, "classification needs labelled images")
+  mixture = mixture_lib.with_union_labels(mixture, data_cfg)
+  return _train_loader(data_cfg, mixture, transforms.SelectKeys(), batch_size=batch_size, seed=seed,
                        process_index=process_index, process_count=process_count)
+
+
+def train_mixture(data_cfg, source=None) -> mixture_lib.Mixture:
+  """The training data: `source` (a source or a Mixture) when given, else config.data.source or
+  config.data.mixture in config.data.train_split, opened."""
+  if source is None:
+    return mixture_lib.open_train(data_cfg, data_cfg.train_split)
+  return mixture_lib.as_mixture(source, data_cfg, data_cfg.train_split)
 
 
 def make_pair_train_loader(data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int,
                            process_count: int, source=None, mim=None) -> skipping.SkippingLoader:
-  """make_train_loader for image-text pairs: batches {'image', 'text', 'label' if the source has labels,
-  'mim_mask' with `mim`}.
+  """make_train_loader for image-text pairs: batches {'image', 'text', 'has_text', 'label' if every source has
+  labels (remapped into their union in a mixture), 'mim_mask' with `mim`}.
 
-  `tokenizer` (tokenizer.Tokenizer) turns each record's caption into `tokenizer.max_len` int32 tokens.
+  `tokenizer` (tokenizer.Tokenizer) turns each record's caption into `tokenizer.max_len` int32 tokens; a record
+  without a caption (image-only data) gets all PAD and has_text=False. A mixture may mix pairs and image-only
+  sources, but at least one of its sources must have captions.
   `mim` (None, or anything with `mask_patch_size` and `mask_ratio`) adds SimMIM masks drawn in the loader
   (see `_mim_ops`), so a batch determines its loss.
   """
-  if source is None:
-    source = build_source(data_cfg.source, data_cfg.train_split, data_cfg)
-  example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.train_split)
-  return _train_loader(data_cfg, source, example, batch_size=batch_size, seed=seed, process_index=process_index,
+  mixture = train_mixture(data_cfg, source)
+  example = _pair_example(mixture, tokenizer, data_cfg.train_split)
+  if example.with_label:
+    mixture = mixture_lib.with_union_labels(mixture, data_cfg)
+  return _train_loader(data_cfg, mixture, example, batch_size=batch_size, seed=seed, process_index=process_index,
                        process_count=process_count, extras=_mim_ops(data_cfg, mim))
 
 
@@ -85,59 +101,99 @@ def first_readable_record(source, tries: int = 64) -> dict | None:
   return None
 
 
-def require_key(source, key: str, spec: str, split: str, hint: str) -> dict:
+def require_key(source, key: str, what: str, split: str, hint: str) -> dict:
+  """The first readable record of `source` ({} when none is); DataError naming `what` (e.g.
+  "config.data.source='shapes'") when it lacks `key`."""
   record = first_readable_record(source)
   if record is not None and key not in record:
-    raise DataError(f"config.data.source={spec!r} split {split!r}: records have no {key!r} (keys "
-                    f"{sorted(record)}); {hint}")
+    raise DataError(f"{what} split {split!r}: records have no {key!r} (keys {sorted(record)}); {hint}")
   return record or {}
 
 
-def _pair_example(source, tokenizer, spec: str, split: str) -> transforms.SelectPair:
-  """The pair example op for `source`, with labels when its records have them (checked on the first readable
-  record: a corrupt record 0 is a placeholder).
+def _sample_keys(source, tries: int = 16) -> tuple[dict, set]:
+  """(the first readable record or {}, the keys of the readable ones up to the first with a caption, at most
+  `tries`): a source of pairs may hold some image-only records."""
+  first, keys = None, set()
+  for index in range(min(len(source), 4 * tries)):
+    record = source[index]
+    if record.get("image") is not None:
+      first = record if first is None else first
+      keys |= set(record)
+      tries -= 1
+      if not tries or "caption" in keys:
+        break
+  return first or {}, keys
+
+
+PAIRS_HINT = "image-text training needs 'shapes' or 'arrayrecord:<glob>' of pairs"
+
+
+def _pair_example(mixture: mixture_lib.Mixture, tokenizer, split: str) -> transforms.SelectPair:
+  """The pair example op for `mixture`'s sources, with labels when all their records have them; DataError when a
+  source's records have no image, or none of the sources has captions (checked on the first readable records:
+  a corrupt record 0 is a placeholder).
 
   Captions are tokenised per record in the grain map: it runs in the worker processes next to the image
   work (a caption costs ~20 us, a decoded and augmented image ~1 ms), and keeps every op record -> example,
   so the eval iterator reuses the same op.
   """
-  record = require_key(source, "caption", spec, split, "image-text training needs 'shapes' or "
-                        "'arrayrecord:<glob>' of pairs")
-  return transforms.SelectPair(tokenizer, with_label="label" in record)
+  captioned, labelled = [], []
+  for entry in mixture.entries:
+    first, keys = _sample_keys(entry.source)
+    keys = keys or set(entry.source[0])
+    if "image" not in keys:
+      neither = "" if "caption" in keys else " nor a 'caption'"
+      raise DataError(f"{entry.field} split {split!r}: records have no 'image'{neither} (keys {sorted(keys)}); "
+                      f"{PAIRS_HINT}")
+    captioned.append("caption" in keys or not first)  # nothing readable: the loader's skip count says so
+    labelled.append("label" in first)
+  if not any(captioned):
+    if len(mixture.entries) == 1:
+      entry = mixture.entries[0]
+      raise DataError(f"{entry.field} split {split!r}: records have no 'caption' (keys {sorted(keys)}); "
+                      f"{PAIRS_HINT} (to train: or a config.data.mixture with at least one; to evaluate: set "
+                      f"config.data.eval_source to one)")
+    raise DataError(f"{mixture.what}: none of its sources has captions ({', '.join(e.field for e in mixture.entries)}"
+                    f"); image-text training needs at least one source of pairs")
+  return transforms.SelectPair(tokenizer, with_label=all(labelled))
 
 
-def _train_loader(data_cfg, source, example, *, batch_size: int, seed: int, process_index: int,
+def _train_loader(data_cfg, mixture, example, *, batch_size: int, seed: int, process_index: int,
                   process_count: int, extras=()) -> skipping.SkippingLoader:
   operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
                                            example)
   operations.extend(extras)
-  return grain_train_loader(data_cfg, source, operations, batch_size=batch_size, seed=seed,
+  return grain_train_loader(data_cfg, mixture, operations, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
 
 
 def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, seed: int, process_index: int,
                        process_count: int) -> skipping.SkippingLoader:
-  """The sharded, shuffled, checkpointable grain loader of make_train_loader over `source`, with the record ->
-  example `operations` (they end in examples with 'valid', see transforms.MarkUndecodable) then batching."""
-  if len(source) // process_count < batch_size:
-    raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r} has {len(source)} "
-                    f"records: fewer than one batch of {batch_size} for each of {process_count} processes")
-  # One global stream for all processes (data/resume.py): the sampler orders every record per epoch, and the
-  # loader's shard options give process i the stream positions i, i + P, i + 2P, ...
-  sampler = grain.samplers.IndexSampler(
-      num_records=len(source), shard_options=grain.sharding.NoSharding(), shuffle=data_cfg.shuffle, num_epochs=None,
-      seed=int(seed) % 2**32)  # grain takes 32-bit seeds
+  """The sharded, shuffled, checkpointable grain loader of make_train_loader over `source` (a source: the
+  mixture of one, or a mixture_lib.Mixture), with the record -> example `operations` (they end in examples with
+  'valid', see transforms.MarkUndecodable) then batching."""
+  mixture = mixture_lib.as_mixture(source, data_cfg, data_cfg.train_split)
+  what = f"{mixture.what} split {data_cfg.train_split!r}"
+  if mixture.records // process_count < batch_size:
+    raise DataError(f"{what} has {mixture.records} records: fewer than one batch of {batch_size} for each of "
+                    f"{process_count} processes")
+  # One global stream for all processes (data/resume.py): the mixture orders every entry's records per its
+  # epoch and interleaves the entries, the sampler reads that stream in order (its seed: the augmentations'
+  # per-position generators), and the loader's shard options give process i the positions i, i + P, i + 2P, ...
+  seed = int(seed) % 2**32  # grain takes 32-bit seeds
+  stream = mixture_lib.MixtureSource(mixture, seed, shuffle=data_cfg.shuffle)
+  sampler = grain.samplers.IndexSampler(num_records=len(stream), shard_options=grain.sharding.NoSharding(),
+                                        shuffle=False, num_epochs=None, seed=seed)
   shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
   if data_cfg.num_workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
     flags.FLAGS.mark_as_parsed()
-  loader = grain.DataLoader(data_source=source, sampler=sampler, operations=operations, shard_options=shard,
+  loader = grain.DataLoader(data_source=stream, sampler=sampler, operations=operations, shard_options=shard,
                             worker_count=data_cfg.num_workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
-                                 check_after=data_cfg.skip_check_after,
-                                 what=f"config.data.source={data_cfg.source!r} split {data_cfg.train_split!r}",
-                                 process_index=process_index, process_count=process_count)
+                                 check_after=data_cfg.skip_check_after, what=what, process_index=process_index,
+                                 process_count=process_count, legacy=stream.legacy_reprs())
 
 
 def eval_shares(total: int, batch_size: int, process_index: int, process_count: int) -> tuple[range, int]:
@@ -206,7 +262,7 @@ def eval_batches(reader, share: range, num_batches: int, batch_size: int, thread
 
 
 def open_eval_source(data_cfg):
-  """The eval source (config.data.eval_source, else config.data.source) and split, opened: evaluators open
+  """The eval source (`sources.eval_source_spec`) and split, opened: evaluators open
   theirs when they are built, at start-up, so that a missing dataset stops the run before it trains."""
   return build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
 
@@ -217,26 +273,30 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   The first config.data.eval_examples records (all if <= 0) are split into contiguous shares, one per
   process; every process yields the same number of batches, padded with mask=False rows, so each example
   appears exactly once with mask=True across processes (undecodable ones: mask=False). `source` overrides
-  the configured eval source (config.data.eval_source, else config.data.source) and split.
+  the configured eval source (`sources.eval_source_spec`) and split.
   """
   if source is None:
     source = open_eval_source(data_cfg)
-  require_key(source, "label", eval_source_spec(data_cfg), data_cfg.eval_split, "classification needs labelled images")
+  require_key(source, "label", _eval_what(data_cfg), data_cfg.eval_split, "classification needs labelled images")
   return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
                         process_index=process_index, process_count=process_count)
 
 
 def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_index: int, process_count: int,
                             source=None, mim=None):
-  """make_eval_iterator for image-text pairs: batches {'image', 'text', 'label' if the source has labels,
-  'mim_mask' with `mim`, 'mask'}; padding rows are all zeros (their 'text' is all PAD, their 'mim_mask' empty).
+  """make_eval_iterator for image-text pairs: batches {'image', 'text', 'has_text', 'label' if the source has
+  labels, 'mim_mask' with `mim`, 'mask'}; padding rows are all zeros (their 'text' is all PAD, 'has_text'
+  False, their 'mim_mask' empty), and so are image-only records' 'text' and 'has_text'. The source must have
+  captions (a mixture's first entry, read when config.data.eval_source is empty, may not: set it).
 
   With `mim` (see make_pair_train_loader) each record's mask depends on its index only, so held-out MIM losses
   are comparable across evaluations.
   """
   if source is None:
     source = open_eval_source(data_cfg)
-  example = _pair_example(source, tokenizer, data_cfg.source, data_cfg.eval_split)
+  what = _eval_what(data_cfg)
+  example = _pair_example(mixture_lib.Mixture((mixture_lib.Entry(what, source),), what), tokenizer,
+                          data_cfg.eval_split)
   return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
                         process_count=process_count, extras=_mim_ops(data_cfg, mim))
 
@@ -245,8 +305,16 @@ def eval_total(data_cfg, num_records: int) -> int:
   """How many records evaluation reads: the first config.data.eval_examples (all if <= 0)."""
   total = num_records if data_cfg.eval_examples <= 0 else min(int(data_cfg.eval_examples), num_records)
   if total <= 0:
-    raise DataError(f"config.data.source={data_cfg.source!r} split {data_cfg.eval_split!r} has no records")
+    raise DataError(f"{_eval_what(data_cfg)} split {data_cfg.eval_split!r} has no records")
   return total
+
+
+def _eval_what(data_cfg) -> str:
+  """The eval source for messages: the field it comes from (see `sources.eval_source_spec`) and its spec."""
+  spec = eval_source_spec(data_cfg)
+  field = ("config.data.eval_source" if data_cfg.get("eval_source") else "config.data.source" if data_cfg.source
+           else "config.data.mixture[0]")
+  return f"{field}={spec!r}"
 
 
 def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,

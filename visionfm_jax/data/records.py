@@ -4,14 +4,14 @@ writes.
 Each record is a msgpack map with an encoded image and its annotation:
 
   image    bytes   JPEG/PNG/... as stored (required)
-  caption  str     image-text pairs
+  caption  str     image-text pairs (a record with neither caption nor label is image-only)
   label    int     classification; the class names are in the folder's `dataset.json`
   key      str     where the example came from (file name, WebDataset key); optional
   meta     str     the WebDataset `.json` sidecar, verbatim; optional
   score    float   the CLIP score `tools.filter_clip_score` kept the pair for; optional
 
 `dataset.json`, next to the shards, describes them (see `write_metadata`): the kind, the class names in label
-order, and per split its shards and counts. `ArrayRecordSource` reads every file matching a glob as one
+order, and per split its shards, counts and kind (labelled, pairs, or images: image-only). `ArrayRecordSource` reads every file matching a glob as one
 random-access source; a record that is not such a map is counted (`transforms.count_failure`) and served as
 an undecodable image, which the pipelines skip.
 
@@ -39,6 +39,9 @@ from visionfm_jax.errors import DataError
 JPEG_QUALITY = 95  # for images given as arrays
 METADATA_FILE = "dataset.json"
 FORMAT = "visionfm_jax.records/1"
+KINDS = ("classification", "pairs", "images")  # labelled folders, WebDataset tars, unlabelled folders
+SPLIT_KINDS = ("labelled", "pairs", "images")  # what a split's records hold: labels, captions (some may lack
+# one), neither
 _OPTIONAL = {"caption": str, "label": int, "key": str, "meta": str, "score": float}
 
 
@@ -129,11 +132,11 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | None = None, **extra) -> dict:
-  """Writes `<directory>/dataset.json`: {'format', 'kind' ('classification' | 'pairs'), 'classes' (label
-  order), 'splits': {split: {'records', 'shards', ...}}, **extra}, atomically, merged with what is there
-  (another split written earlier). Returns the written dict."""
-  if kind not in ("classification", "pairs"):
-    raise ValueError(f"kind={kind!r}: expected 'classification' or 'pairs'")
+  """Writes `<directory>/dataset.json`: {'format', 'kind' (KINDS: of the conversion), 'classes' (label
+  order), 'splits': {split: {'records', 'shards', 'kind' (SPLIT_KINDS), ...}}, **extra}, atomically, merged
+  with what is there (another split written earlier). Returns the written dict."""
+  if kind not in KINDS:
+    raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
   os.makedirs(os.fspath(directory), exist_ok=True)
   path = os.path.join(os.fspath(directory), METADATA_FILE)
   metadata = read_metadata(directory) or {}
@@ -193,8 +196,9 @@ class ArrayRecordSource:
   """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
 
   `metadata` is the `dataset.json` next to the first file (None without one). Records come back as
-  `unpack_record` dicts; a corrupt one as {'image': None, 'caption': ''}, plus 'label': 0 when dataset.json
-  says the records are labelled (counted; the pipelines skip it).
+  `unpack_record` dicts; a corrupt one as {'image': None, 'caption': ''}, {'image': None, 'label': 0} when
+  dataset.json says the records are labelled, {'image': None} when it says they are images only (counted; the
+  pipelines skip it).
   """
 
   def __init__(self, pattern: str):
@@ -206,9 +210,9 @@ class ArrayRecordSource:
       raise DataError(f"arrayrecord source {pattern!r}: cannot read its {len(self.files)} files as ArrayRecord "
                       f"({self.files[0]}, ...): {e}") from e
     self.metadata = read_metadata(os.path.dirname(self.files[0]))
-    self._placeholder = {"image": None, "caption": ""}
-    if (self.metadata or {}).get("kind") == "classification":
-      self._placeholder["label"] = 0
+    kind = (self.metadata or {}).get("kind")
+    self._placeholder = {"classification": {"image": None, "label": 0}, "images": {"image": None}}.get(
+        kind, {"image": None, "caption": ""})
 
   def __len__(self) -> int:
     return len(self._source)

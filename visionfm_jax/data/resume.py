@@ -6,6 +6,9 @@ processes), and within a process by worker (g div P) mod W (W = max(1, data work
 worker owns a residue class of positions modulo P * W, and grain's DataLoader state records, per worker, the
 last position it read ('last_seen_indices').
 
+The stream is a mixture's (data/mixture.py): one source's records, or several sources' interleaved, each
+shuffled per its own epoch; positions are stream positions either way.
+
 So a saved iterator state is a set of consumed positions, whatever P and W were. Restoring onto other P or W
 cannot reproduce the old order of batches, but it can continue the same global stream: the new loaders start
 at the first position that is past everything any old process consumed and that begins a whole round of the
@@ -22,6 +25,8 @@ from typing import Sequence
 LAST_SEEN = "last_seen_indices"
 LAST_WORKER = "last_worker_index"
 WORKER_COUNT = "worker_count"
+SAMPLER = "sampler"
+DATA_SOURCE = "data_source"
 
 
 def frontier(loader_state: dict, offset: int, process_count: int) -> int:
@@ -56,6 +61,15 @@ def loader_state_at(template: dict, position: int, process_index: int, process_c
   # `position`'s round.
   last_seen = {str(j): position + process_index + j * process_count - stride for j in range(workers)}
   return {**template, LAST_SEEN: last_seen, LAST_WORKER: workers - 1, WORKER_COUNT: int(worker_count)}
+
+
+def adopt_legacy(loader_state: dict, fresh: dict, legacy: tuple[str, str] | None) -> dict:
+  """`loader_state` with the (sampler, data source) descriptions of `fresh` (the restoring loader's state) when
+  it carries `legacy` ones: those of the loader that read the same stream before mixtures, whose states grain
+  would otherwise refuse (it compares the descriptions). Any other state as it is."""
+  if legacy and (loader_state.get(SAMPLER), loader_state.get(DATA_SOURCE)) == tuple(legacy):
+    return {**loader_state, SAMPLER: fresh[SAMPLER], DATA_SOURCE: fresh[DATA_SOURCE]}
+  return loader_state
 
 
 def parse(state: bytes | str | dict) -> dict:

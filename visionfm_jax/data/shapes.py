@@ -230,9 +230,11 @@ def render(rng: np.random.Generator, image_size: int, caption_style: str = "full
 
 
 class ShapesSource:
-  """grain RandomAccessDataSource over `size` procedurally drawn shapes of one split."""
+  """grain RandomAccessDataSource over `size` procedurally drawn shapes of one split; `annotated=False`: records
+  with the 'image' only (image-only data: no caption, no label)."""
 
-  def __init__(self, split: str, size: int, image_size: int, seed: int = 0, caption_style: str = "full"):
+  def __init__(self, split: str, size: int, image_size: int, seed: int = 0, caption_style: str = "full",
+               annotated: bool = True):
     if split not in SPLIT_IDS:
       raise DataError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_IDS)}")
     if caption_style not in CAPTION_STYLES:
@@ -241,6 +243,7 @@ class ShapesSource:
     if size <= 0 or image_size < 8:
       raise DataError(f"shapes: size={size} must be positive and image_size={image_size} at least 8")
     self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
+    self.annotated = bool(annotated)
 
   def __len__(self) -> int:
     return self.size
@@ -250,9 +253,11 @@ class ShapesSource:
     if not 0 <= index < self.size:
       raise IndexError(f"{self!r}: index {index} out of range")
     rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
-    return render(rng, self.image_size, self.caption_style)
+    record = render(rng, self.image_size, self.caption_style)
+    return record if self.annotated else {"image": record["image"]}
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return (f"ShapesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-            f"seed={self.seed}, caption_style={self.caption_style!r})")
+            f"seed={self.seed}, caption_style={self.caption_style!r}"
+            f"{'' if self.annotated else ', annotated=False'})")

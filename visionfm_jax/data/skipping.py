@@ -29,26 +29,29 @@ class SkippingLoader:
   """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
 
   def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1):
+               process_index: int = 0, process_count: int = 1, legacy: tuple[str, str] | None = None):
     self.loader, self.batch_size = loader, int(batch_size)
     self.max_fraction, self.check_after, self.what = float(max_fraction), int(check_after), what
     self.process_index, self.process_count = int(process_index), int(process_count)
+    self.legacy = legacy
 
   def __iter__(self) -> "SkippingIterator":
     return SkippingIterator(iter(self.loader), self.batch_size, max_fraction=self.max_fraction,
                             check_after=self.check_after, what=self.what, process_index=self.process_index,
-                            process_count=self.process_count)
+                            process_count=self.process_count, legacy=self.legacy)
 
 
 class SkippingIterator:
   """Full batches of valid rows; `read` and `skipped` count the records this process has consumed and dropped.
 
-  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`.
+  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`. `legacy`: the
+  (sampler, data source) descriptions with which an older loader of the same stream saved its states
+  (`resume.adopt_legacy`).
   """
 
   def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1):
-    self._it, self.batch_size = iterator, batch_size
+               process_index: int = 0, process_count: int = 1, legacy: tuple[str, str] | None = None):
+    self._it, self.batch_size, self.legacy = iterator, batch_size, legacy
     self.process_index, self.process_count = process_index, process_count
     self.max_fraction, self.check_after, self.what = max_fraction, check_after, what
     self.read = self.skipped = 0
@@ -105,8 +108,8 @@ class SkippingIterator:
     """Continues where `get_state` was taken. A state saved with another number of data workers continues
     at its global stream position instead (`resume`): its batches cannot be replayed by other workers."""
     state = resume.parse(state)
-    loader_state = resume.parse(state["loader"])
     fresh = resume.parse(self._it.get_state())
+    loader_state = resume.adopt_legacy(resume.parse(state["loader"]), fresh, self.legacy)
     replay = loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]
     if replay:
       self._it.set_state(json.dumps(loader_state).encode())

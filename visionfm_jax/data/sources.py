@@ -1,18 +1,23 @@
 """Random-access sources of dict records, named by `config.data.source`.
 
   shapes                      the embedded procedural set (`shapes.ShapesSource`), no download
+  shapes:images               the same drawing, other images (seed SHAPES_IMAGES_SEED), records with only an
+                              'image': the embedded uncaptioned, unlabelled set (image-only data in a mixture)
   tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our
                               Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
                               config.data.train_split / eval_split
   arrayrecord:<glob>          files written by `tools.prepare_data` (`records.ArrayRecordSource`): labelled
-                              images or image-text pairs; '{split}' in the glob becomes the split name
-                              (config.data.train_split / eval_split), a glob without it serves every split
+                              images, image-text pairs or image-only records; '{split}' in the glob becomes the
+                              split name (config.data.train_split / eval_split), a glob without it serves every
+                              split
   scenes                      the embedded multi-object set for segmentation and detection
                               (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
   ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
   coco:<root>                 COCO 2017 detection: images and instances JSON (`coco.CocoSource`)
 
-Training reads config.data.source; evaluation reads config.data.eval_source, or the same source when empty.
+Training reads config.data.source, or with `config.data.mixture` = ((spec, weight), ...) and config.data.source
+'' a weighted mixture of such sources (`train_specs`; data/mixture.py reads it). Evaluation reads
+config.data.eval_source, else config.data.source, else the mixture's first entry (`eval_source_spec`).
 
 TensorFlow is never imported: TFDS reads ArrayRecord files itself, and nothing is ever downloaded here. A
 dataset that is not prepared fails at once with a `DataError` naming the dataset, split and directory.
@@ -20,6 +25,7 @@ dataset that is not prepared fails at once with a `DataError` naming the dataset
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -30,22 +36,24 @@ from visionfm_jax.data.coco import CocoSource
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
 from visionfm_jax.data.scenes import ScenesSource
 from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
-from visionfm_jax.errors import DataError
+from visionfm_jax.errors import ConfigError, DataError
 
 SHAPES_SEED = 0
+SHAPES_IMAGES_SEED = 1  # 'shapes:images': other images than 'shapes'
 PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
 
 
 _VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*, *
 
 
-def _parse(spec: str) -> tuple[str, str, str]:
-  """(kind, name, split): 'shapes' -> ('shapes', '', ''); 'tfds:imagenet2012:5.1.0:train[:10%]' ->
-  ('tfds', 'imagenet2012:5.1.0', 'train[:10%]'); 'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', '');
-  'coco:/data/coco' -> ('coco', '/data/coco', '')."""
+def _parse(spec: str, field: str = "config.data.source") -> tuple[str, str, str]:
+  """(kind, name, split): 'shapes' -> ('shapes', '', ''); 'shapes:images' -> ('shapes', 'images', '');
+  'tfds:imagenet2012:5.1.0:train[:10%]' -> ('tfds', 'imagenet2012:5.1.0', 'train[:10%]');
+  'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', ''); 'coco:/data/coco' -> ('coco', '/data/coco', '').
+  A malformed spec is a DataError naming `field`."""
   kind, _, name = spec.partition(":")
-  if kind in ("shapes", "scenes") and not name:
-    return kind, "", ""
+  if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name == "images"):
+    return kind, name, ""
   if kind in ("arrayrecord", "ade20k", "coco") and name:
     return kind, name, ""
   if kind == "tfds" and name and not name.startswith(":"):
@@ -54,8 +62,8 @@ def _parse(spec: str) -> tuple[str, str, str]:
     if version and not _VERSION.match(version):  # no version: the whole rest is the split
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
-  raise DataError(f"config.data.source={spec!r}: expected 'shapes', 'scenes', 'tfds:<name>[:<version>][:<split>]', "
-                  f"'arrayrecord:<glob>', 'ade20k:<root>' or 'coco:<root>'")
+  raise DataError(f"{field}={spec!r}: expected 'shapes', 'shapes:images', 'scenes', "
+                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'ade20k:<root>' or 'coco:<root>'")
 
 
 def source_kind(spec: str) -> str:
@@ -64,8 +72,46 @@ def source_kind(spec: str) -> str:
 
 
 def eval_source_spec(data_cfg) -> str:
-  """config.data.eval_source, or config.data.source when it is empty."""
-  return data_cfg.get("eval_source") or data_cfg.source
+  """config.data.eval_source, else config.data.source, else the spec of config.data.mixture's first entry."""
+  mixture = data_cfg.get("mixture") or ()
+  first = mixture[0][0] if mixture and isinstance(mixture[0], (tuple, list)) and mixture[0] else ""
+  return data_cfg.get("eval_source") or data_cfg.source or first
+
+
+def train_specs(data_cfg) -> list[tuple[str, str, float]]:
+  """What training reads, as (field, spec, weight) per entry: `field` names it in messages
+  ("config.data.mixture[1]='shapes:images'"). config.data.mixture when it is set (config.data.source must then
+  be ''), else config.data.source alone with weight 1. ConfigError naming the entry for a malformed one."""
+  mixture = tuple(data_cfg.get("mixture") or ())
+  if not mixture:
+    return [(f"config.data.source={data_cfg.source!r}", data_cfg.source, 1.0)]
+  if data_cfg.source:
+    raise ConfigError(f"config.data.mixture is set ({len(mixture)} entries) and config.data.source="
+                      f"{data_cfg.source!r}: set --config.data.source='' to train on the mixture, or "
+                      f"config.data.mixture=() to train on the source alone")
+  entries = []
+  for i, entry in enumerate(mixture):
+    field = f"config.data.mixture[{i}]"
+    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
+            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+      raise ConfigError(f"{field}={entry!r}: expected a (source spec, weight) pair")
+    spec, weight = entry
+    if not spec:
+      raise ConfigError(f"{field}={entry!r}: empty source spec")
+    if not (math.isfinite(weight) and weight > 0):
+      raise ConfigError(f"{field}={entry!r}: the weight must be a positive number")
+    try:
+      _parse(spec, field)
+    except DataError as e:
+      raise ConfigError(str(e)) from e
+    entries.append((f"{field}={spec!r}", spec, float(weight)))
+  return entries
+
+
+def training_what(data_cfg) -> str:
+  """The training data for messages: "config.data.source='shapes'", or "config.data.mixture (2 entries)"."""
+  specs = train_specs(data_cfg)
+  return specs[0][0] if not data_cfg.get("mixture") else f"config.data.mixture ({len(specs)} entries)"
 
 
 def tfds_data_dir(data_cfg) -> Path:
@@ -122,6 +168,8 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False):
     if kind == "scenes":
       return ScenesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED,
                           max_objects=data_cfg.scenes_max_objects)
+    if name == "images":
+      return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_IMAGES_SEED, annotated=False)
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
     return _arrayrecord_source(spec, name, split)
@@ -141,8 +189,13 @@ def _arrayrecord_source(spec: str, pattern: str, split: str) -> ArrayRecordSourc
 
 
 def class_names(spec: str, data_cfg) -> list[str]:
-  """Human-readable label names, index = label."""
+  """Human-readable label names, index = label. The spec '' (config.data.source of a run that trains on
+  config.data.mixture) stands for the training data: `train_class_names`."""
+  if not spec and data_cfg.get("mixture"):
+    return train_class_names(data_cfg)
   kind, name, _ = _parse(spec)
+  if kind == "shapes" and name == "images":
+    raise DataError(f"config.data.source={spec!r}: uncaptioned, unlabelled images have no class names")
   if kind in ("shapes", "scenes"):  # scenes: the object kinds; its masks add background as 0
     return list(SHAPE_NAMES)
   if kind == "ade20k":
@@ -158,6 +211,40 @@ def class_names(spec: str, data_cfg) -> list[str]:
     except DataError as e:
       raise DataError(f"config.data.source={spec!r} split {data_cfg.train_split!r}: {e}") from e
   return list(_tfds_label_feature(name, data_cfg).names)
+
+
+def union_classes(lists) -> tuple[list[str], list[list[int]]]:
+  """(names, maps): the ordered union of the class-name lists (first occurrence order; the first list is kept
+  as it is) and, per list, each of its labels' label in the union (the same name: the same label)."""
+  names, index, maps = [], {}, []
+  for position, classes in enumerate(lists):
+    labels = []
+    for name in classes:
+      if position == 0 or name not in index:
+        index.setdefault(name, len(names))
+        names.append(name)
+        labels.append(len(names) - 1)
+      else:
+        labels.append(index[name])
+    maps.append(labels)
+  return names, maps
+
+
+def entry_class_names(field: str, spec: str, data_cfg) -> list[str]:
+  """class_names(spec), its DataError naming `field` (a mixture entry) instead of config.data.source."""
+  try:
+    return class_names(spec, data_cfg)
+  except DataError as e:
+    if field.startswith("config.data.source="):
+      raise
+    raise DataError(f"{field}: {e}") from e
+
+
+def train_class_names(data_cfg) -> list[str]:
+  """The class names of the training data: config.data.source's, or the ordered union of config.data.mixture's
+  entries' (`union_classes`; the loaders remap each entry's labels into it, and the first entry's stay)."""
+  specs = train_specs(data_cfg)
+  return union_classes([entry_class_names(field, spec, data_cfg) for field, spec, _ in specs])[0]
 
 
 def num_classes(spec: str, data_cfg) -> int:

@@ -16,7 +16,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import randaugment
+from visionfm_jax.data import randaugment, tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
@@ -275,8 +275,10 @@ class SelectKeys(grain.transforms.Map):
 
 
 class SelectPair(grain.transforms.Map):
-  """The record -> example op of image-text pairs: uint8 'image', int32 'text' (max_len,) tokens of
-  record['caption'], and int32 'label' when `with_label` (sources with labels: zero-shot evaluation).
+  """The record -> example op of image-text pairs and image-only records: uint8 'image', int32 'text'
+  (max_len,) tokens of record['caption'], bool 'has_text', and int32 'label' when `with_label` (sources with
+  labels: zero-shot evaluation). A record without a caption (or with an empty one) is image-only: its 'text' is
+  all PAD (tokenizer.PAD_ID) and 'has_text' False.
   """
 
   def __init__(self, tokenizer, with_label: bool):
@@ -284,14 +286,20 @@ class SelectPair(grain.transforms.Map):
 
   def map(self, element: dict) -> dict:
     if not element.get("valid", True):  # a placeholder (see MarkUndecodable): its fields may be missing
-      element = {"caption": "", "label": 0, **element}
-    example = {"image": element["image"], "text": self.tokenizer.encode(element["caption"])}
+      element = {"label": 0, **element}
+    caption = element.get("caption")
+    if caption:
+      text, has_text = self.tokenizer.encode(caption), True
+    else:
+      text, has_text = np.full((self.tokenizer.max_len,), tokenizer_lib.PAD_ID, np.int32), False
+    example = {"image": element["image"], "text": text, "has_text": np.bool_(has_text)}
     if self.with_label:
       example["label"] = np.int32(element["label"])
     return _carry_fields(element, example)
 
   def spec(self, image_size: int) -> dict:
-    spec = {"image": ((image_size, image_size, 3), np.uint8), "text": ((self.tokenizer.max_len,), np.int32)}
+    spec = {"image": ((image_size, image_size, 3), np.uint8), "text": ((self.tokenizer.max_len,), np.int32),
+            "has_text": ((), np.bool_)}
     if self.with_label:
       spec["label"] = ((), np.int32)
     return spec

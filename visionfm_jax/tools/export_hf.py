@@ -81,8 +81,8 @@ def backbone(model) -> tuple[Any, str | None]:
 
 def _class_names(config) -> list[str] | None:
   try:
-    return data.class_names(config.data.source, config.data)
-  except DataError:
+    return data.train_class_names(config.data)
+  except (DataError, ConfigError):
     return None
 
 

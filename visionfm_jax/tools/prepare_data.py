@@ -2,7 +2,8 @@ r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayR
 
   python -m visionfm_jax.tools.prepare_data --format=folders|webdataset --input=... --output=DIR
       [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
-      [--holdout_per_class=K --holdout_split=validation] [--seed=0] [--progress]
+      [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
+      [--progress]
 
 --format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
 image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
@@ -10,10 +11,18 @@ the sorted folder names. The files, listed in sorted order, are shuffled by --se
 into shards of --records_per_shard records {image, label, key: the path under --input}.
 --holdout_per_class=K moves K files per class (chosen by --seed; a class keeps at least one training file)
 into a second split, --holdout_split.
+With --unlabelled, --input is a folder (or tree) of images without labels: every image file below it becomes an
+image-only record {image, key}; --holdout_examples=N moves N of them (chosen by --seed) to --holdout_split.
 
 --format=webdataset: --input is a glob of tars written by img2dataset: members `<key>.jpg|jpeg|png|webp`,
 `<key>.txt` (the caption) and `<key>.json` (metadata, kept verbatim). One output shard per tar, records
-{image, caption, key, meta}; an example without an image or a caption is skipped and counted.
+{image, caption, key, meta}; an example without a caption (no or an empty .txt) becomes an image-only record
+{image, key, meta}, one without an image is skipped and counted. --holdout_examples=N moves N examples to
+--holdout_split (one shard per tar they come from): drawn by --seed from the first tars of a --seed-shuffled
+order that hold N examples (only those are listed ahead), e.g. a validation split of pairs.
+
+dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
+count of 'uncaptioned' records among them) or 'images' (image-only).
 
 Images pass through as stored. --verify decodes each one and drops (counts, names) the undecodable ones;
 --resize_shorter=N (implies --verify) shrinks images whose shorter side exceeds N to N and stores them as
@@ -81,11 +90,13 @@ class ShardJob:
   root: str = ""  # folders: the class tree, and `items` (path under `root`, label)
   items: tuple = ()
   tar: str = ""  # webdataset: the input tar
+  held: tuple = ()  # webdataset: keys of the tar held out (--holdout_examples), sorted
+  only_held: bool = False  # webdataset: the holdout shard (only the `held` keys), else all but them
 
 
 class Example(NamedTuple):
   name: str  # for messages: the file, or tar:key
-  image: bytes | None  # None: incomplete (no image or no caption), skipped
+  image: bytes | None  # None: incomplete (no image), skipped
   fields: dict  # the `records.pack_record` fields
 
 
@@ -156,28 +167,49 @@ def split_member_name(name: str) -> tuple[str, str]:
 def _tar_examples(job: ShardJob) -> Iterator[Example]:
   try:
     with tarfile.open(job.tar) as archive:
-      yield from _archive_examples(archive, job.tar)
+      yield from _archive_examples(archive, job.tar, frozenset(job.held), job.only_held)
   except tarfile.TarError as e:  # not a tar, or a truncated one
     raise DataError(f"{job.tar}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
   except OSError as e:
     raise DataError(f"cannot read {job.tar}: {e.strerror or e}") from e
 
 
-def _archive_examples(archive: tarfile.TarFile, tar_name: str) -> Iterator[Example]:
-  by_key = collections.defaultdict(dict)  # key -> {extension: member}, keys in archive order
+def _members_by_key(archive: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+  """key -> {extension: member}, keys in archive order."""
+  by_key = collections.defaultdict(dict)
   for member in archive.getmembers():
     if member.isfile():
       key, extension = split_member_name(member.name)
       by_key[key][extension] = member
-  for key, members in by_key.items():
-    image = next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
-    caption = _read_text(archive, members["txt"]).strip() if "txt" in members else ""
+  return by_key
+
+
+def _image_member(members: dict) -> tarfile.TarInfo | None:
+  return next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+
+
+def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset = frozenset(),
+                      only_held: bool = False) -> Iterator[Example]:
+  for key, members in _members_by_key(archive).items():
+    if (key in held) != only_held:
+      continue
+    image = _image_member(members)
     name = f"{tar_name}:{key}"
-    if image is None or not caption:
+    if image is None:
       yield Example(name, None, {})
       continue
+    caption = _read_text(archive, members["txt"]).strip() if "txt" in members else ""
     meta = _read_text(archive, members["json"]) if "json" in members else None
-    yield Example(name, archive.extractfile(image).read(), {"caption": caption, "key": key, "meta": meta})
+    yield Example(name, archive.extractfile(image).read(), {"caption": caption or None, "key": key, "meta": meta})
+
+
+def tar_keys(path: str) -> list[str]:
+  """The keys of the examples with an image in the tar `path`, in archive order (reads its headers only)."""
+  try:
+    with tarfile.open(path) as archive:
+      return [key for key, members in _members_by_key(archive).items() if _image_member(members) is not None]
+  except tarfile.TarError as e:
+    raise DataError(f"{path}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
 
 
 def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
@@ -187,14 +219,14 @@ def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
 def write_shard(job: ShardJob) -> dict:
   """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
   finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
-  class_counts (folders: {label: count}), fingerprint}."""
+  class_counts (folders: {label: count}) or uncaptioned (webdataset: image-only records), fingerprint}."""
   for stale in (job.path, sidecar_path(job.path)):  # the shard first: without it, a stale sidecar counts for nothing
     if os.path.exists(stale):
       os.remove(stale)
   examples = _tar_examples(job) if job.tar else _folder_examples(job)
   class_counts = collections.Counter()
   incomplete = []
-  skipped = 0
+  skipped = uncaptioned = 0
   with records.RecordWriter(job.path) as writer:
     for example in examples:
       image = None if example.image is None else prepare_image(example.image, job.options, example.name)
@@ -204,15 +236,18 @@ def write_shard(job: ShardJob) -> dict:
           incomplete.append(example.name)
         continue
       writer.write(records.pack_record(image, **example.fields))
-      if "label" in example.fields:
+      if example.fields.get("label") is not None:
         class_counts[example.fields["label"]] += 1
+      if job.tar and not example.fields.get("caption"):
+        uncaptioned += 1
     counts = {"records": writer.count, "skipped": skipped, "fingerprint": job.fingerprint}
-    if not job.tar:
+    if job.tar:
+      counts["uncaptioned"] = uncaptioned
+    else:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
     atomic.write_json(sidecar_path(job.path), counts)
   if incomplete:
-    logging.warning("prepare_data: %d examples without an image or a caption skipped, e.g. %s", len(incomplete),
-                    incomplete[0])
+    logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
   return counts
 
 
@@ -317,13 +352,33 @@ def _check_common(output_dir: str, split: str, records_per_shard: int, resize_sh
 
 @dataclasses.dataclass
 class ClassTree:
-  classes: list[str]  # label order
+  classes: list[str]  # label order; [] for unlabelled images
   paths: list[str]  # image files under the tree root, '/'-separated, sorted
-  labels: np.ndarray  # int, one per path
+  labels: np.ndarray | None  # int, one per path; None for unlabelled images
 
 
 def is_image_file(name: str) -> bool:
   return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _image_files(root: str, folder: str) -> list[str]:
+  """The image files anywhere below `root`/`folder` (hidden folders left out), '/'-separated paths under `root`."""
+  paths = []
+  for directory, subdirectories, files in os.walk(os.path.join(root, folder)):
+    subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
+    relative = os.path.relpath(directory, root).replace(os.sep, "/")
+    paths += [f if relative == "." else f"{relative}/{f}" for f in files if is_image_file(f)]
+  return paths
+
+
+def list_image_tree(input_dir: str) -> ClassTree:
+  """Every image file below `input_dir`, sorted, without labels; UserError when there is none."""
+  if not os.path.isdir(input_dir):
+    raise UserError(f"--input={input_dir}: no such directory")
+  paths = sorted(_image_files(input_dir, ""))
+  if not paths:
+    raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) below it")
+  return ClassTree([], paths, None)
 
 
 def list_class_tree(input_dir: str) -> ClassTree:
@@ -335,12 +390,9 @@ def list_class_tree(input_dir: str) -> ClassTree:
     raise UserError(f"--input={input_dir}: no class folders (expected one folder of images per class)")
   paths, labels = [], []
   for label, name in enumerate(classes):
-    for directory, subdirectories, files in os.walk(os.path.join(input_dir, name)):
-      subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-      relative = os.path.relpath(directory, input_dir).replace(os.sep, "/")
-      found = [f"{relative}/{f}" for f in files if is_image_file(f)]
-      paths += found
-      labels += [label] * len(found)
+    found = _image_files(input_dir, name)
+    paths += found
+    labels += [label] * len(found)
   if not paths:
     raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} "
                     f"class folders ({classes[0]}, ...)")
@@ -374,15 +426,22 @@ def _folder_jobs(tree: ClassTree, input_dir: str, output_dir: str, split: str, i
   jobs = []
   for i in range(count):
     chunk = indices[i * records_per_shard:(i + 1) * records_per_shard].tolist()
-    items = tuple((tree.paths[j], int(tree.labels[j])) for j in chunk)
+    items = tuple((tree.paths[j], None if tree.labels is None else int(tree.labels[j])) for j in chunk)
     jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
                          fingerprint("folders", options, input_dir, items), options, root=input_dir, items=items))
   return jobs
 
 
 def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
+  """dataset.json's entry of one split: records, shards, kind (records.SPLIT_KINDS), class_counts (labelled) or
+  uncaptioned (webdataset), skipped, source."""
   entry = {"records": sum(c["records"] for c in counts), "shards": [os.path.basename(j.path) for j in jobs]}
-  if num_classes is not None:
+  if counts and "uncaptioned" in counts[0]:
+    entry["uncaptioned"] = sum(c["uncaptioned"] for c in counts)
+    entry["kind"] = "images" if entry["uncaptioned"] == entry["records"] else "pairs"
+  else:
+    entry["kind"] = "labelled" if num_classes else "images"
+  if num_classes:
     class_counts = [0] * num_classes
     for c in counts:
       for label, n in c["class_counts"].items():
@@ -392,31 +451,46 @@ def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, 
   return entry
 
 
-def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
-                    verify: bool = False, num_workers: int | None = None,
-                    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
-                    holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None) -> dict:
-  """Converts the class tree `input_dir` into shards in `output_dir`; returns the written dataset.json dict."""
-  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
-  _check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
-  if holdout_per_class < 0:
-    raise UserError(f"--holdout_per_class={holdout_per_class}: expected >= 0 (0: no holdout split)")
-  if holdout_per_class:
+def _check_holdout(flag: str, count: int, holdout_split_name: str, split: str) -> None:
+  if count < 0:
+    raise UserError(f"{flag}={count}: expected >= 0 (0: no holdout split)")
+  if count:
     check_split_name(holdout_split_name, "--holdout_split")
     if holdout_split_name == split:
       raise UserError(f"--holdout_split={holdout_split_name!r}: must differ from --split")
+
+
+def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
+                    verify: bool = False, num_workers: int | None = None,
+                    records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
+                    holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None,
+                    unlabelled: bool = False, holdout_examples: int = 0) -> dict:
+  """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records) into
+  shards in `output_dir`; returns the written dataset.json dict."""
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  _check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
+  if holdout_per_class and unlabelled or holdout_examples and not unlabelled:
+    raise UserError(f"--holdout_per_class={holdout_per_class}, --holdout_examples={holdout_examples}: the first for "
+                    f"class folders, the second for --unlabelled images")
+  _check_holdout("--holdout_per_class", holdout_per_class, holdout_split_name, split)
+  _check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
   input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
-  tree = list_class_tree(input_dir)
+  tree = list_image_tree(input_dir) if unlabelled else list_class_tree(input_dir)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
   if holdout_per_class:
     splits[split], splits[holdout_split_name] = carve_holdout(tree.labels, order, holdout_per_class)
     if not len(splits[holdout_split_name]):
       raise UserError(f"--holdout_per_class={holdout_per_class}: no class of {input_dir} has more than one image")
+  if holdout_examples:
+    if holdout_examples >= len(order):
+      raise UserError(f"--holdout_examples={holdout_examples}: {input_dir} has only {len(order)} images")
+    splits[split], splits[holdout_split_name] = order[holdout_examples:], order[:holdout_examples]
   options = image_options(resize_shorter, verify)
   jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options)
           for name, indices in splits.items()}
-  check_output(output_dir, "classification", tree.classes,
+  kind, classes = ("images", None) if unlabelled else ("classification", tree.classes)
+  check_output(output_dir, kind, classes,
                {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
   all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
   counts = iter(run_jobs(all_jobs, num_workers, progress))
@@ -425,28 +499,68 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
     entries[name] = _split_entry(split_jobs, [next(counts) for _ in split_jobs], input_dir, len(tree.classes))
   if holdout_per_class:
     entries[holdout_split_name]["holdout_per_class"] = holdout_per_class
-  return records.write_metadata(output_dir, kind="classification", classes=tree.classes, splits=entries)
+  if holdout_examples:
+    entries[holdout_split_name]["holdout_examples"] = holdout_examples
+  return records.write_metadata(output_dir, kind=kind, classes=classes, splits=entries)
 
 
 # --------------------------------------------------------------------------------------------- webdataset
 
+def choose_holdout(tars: Sequence[str], count: int, seed: int) -> dict[str, list[str]]:
+  """{tar: its held-out keys, sorted}: `count` examples (with an image) drawn by `seed` from the first tars of a
+  `seed`-shuffled order of `tars` that hold `count` of them (only those tars are listed); UserError when all
+  of them together hold no more than `count`."""
+  rng = np.random.default_rng(seed)
+  pool, listed = [], 0
+  for index in rng.permutation(len(tars)).tolist():
+    pool += [(tars[index], key) for key in tar_keys(tars[index])]
+    listed += 1
+    if len(pool) >= count:
+      break
+  if len(pool) < count or (listed == len(tars) and len(pool) == count):  # (none left to train on)
+    raise UserError(f"--holdout_examples={count}: the tars hold only {len(pool)} examples with an image")
+  held = collections.defaultdict(list)
+  for position in sorted(rng.choice(len(pool), count, replace=False).tolist()):
+    tar, key = pool[position]
+    held[tar].append(key)
+  return {tar: sorted(keys) for tar, keys in held.items()}
+
+
+def _tar_job(output_dir: str, split: str, number: int, count: int, tar: str, options: ImageOptions,
+             held: Sequence[str] = (), only_held: bool = False) -> ShardJob:
+  return ShardJob(os.path.join(output_dir, records.shard_name(split, number, count)),
+                  fingerprint("webdataset", options, tar, os.path.getsize(tar), *([held, only_held] if held else [])),
+                  options, tar=tar, held=tuple(held), only_held=only_held)
+
+
 def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
-                       verify: bool = False, num_workers: int | None = None, progress: bool | None = None) -> dict:
-  """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir`; returns the written
-  dataset.json dict."""
+                       verify: bool = False, num_workers: int | None = None, progress: bool | None = None,
+                       holdout_examples: int = 0, holdout_split_name: str = "validation", seed: int = 0) -> dict:
+  """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir` (with
+  `holdout_examples`, also `holdout_split_name`: see `choose_holdout`); returns the written dataset.json dict."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   _check_common(output_dir, split, 1, resize_shorter, num_workers)
+  _check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
   pattern, output_dir = os.path.abspath(os.path.expanduser(pattern)), os.path.expanduser(output_dir)
   tars = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
   if not tars:
     raise UserError(f"--input={pattern}: no files match (expected a glob of .tar shards)")
   options = image_options(resize_shorter, verify)
-  jobs = [ShardJob(os.path.join(output_dir, records.shard_name(split, i, len(tars))),
-                   fingerprint("webdataset", options, tar, os.path.getsize(tar)), options, tar=tar)
-          for i, tar in enumerate(tars)]
-  check_output(output_dir, "pairs", None, {split: [os.path.basename(j.path) for j in jobs]})
-  counts = run_jobs(jobs, num_workers, progress)
-  return records.write_metadata(output_dir, kind="pairs", splits={split: _split_entry(jobs, counts, pattern, None)})
+  held = choose_holdout(tars, holdout_examples, seed) if holdout_examples else {}
+  jobs = {split: [_tar_job(output_dir, split, i, len(tars), tar, options, held.get(tar, ()))
+                  for i, tar in enumerate(tars)]}
+  if held:
+    holdout_tars = [tar for tar in tars if tar in held]
+    jobs[holdout_split_name] = [_tar_job(output_dir, holdout_split_name, i, len(holdout_tars), tar, options,
+                                         held[tar], only_held=True) for i, tar in enumerate(holdout_tars)]
+  check_output(output_dir, "pairs", None,
+               {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
+  counts = iter(run_jobs([job for split_jobs in jobs.values() for job in split_jobs], num_workers, progress))
+  entries = {name: _split_entry(split_jobs, [next(counts) for _ in split_jobs], pattern, None)
+             for name, split_jobs in jobs.items()}
+  if held:
+    entries[holdout_split_name]["holdout_examples"] = holdout_examples
+  return records.write_metadata(output_dir, kind="pairs", splits=entries)
 
 
 # ---------------------------------------------------------------------------------------------------- CLI
@@ -465,10 +579,14 @@ def make_flags() -> flags.FlagValues:
                        flag_values=fv)
   flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD, "folders: records per output shard.",
                        flag_values=fv)
+  flags.DEFINE_bool("unlabelled", False, "folders: --input is a folder of images without labels (image-only "
+                    "records).", flag_values=fv)
   flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split; 0: none.",
                        flag_values=fv)
-  flags.DEFINE_string("holdout_split", "validation", "folders: split name of the held-out images.", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "folders: seed of the shuffle and of the holdout choice.", flag_values=fv)
+  flags.DEFINE_integer("holdout_examples", 0, "webdataset, --unlabelled folders: examples moved to "
+                       "--holdout_split; 0: none.", flag_values=fv)
+  flags.DEFINE_string("holdout_split", "validation", "Split name of the held-out examples.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the holdout choice (and of the folders' shuffle).", flag_values=fv)
   flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.",
                     flag_values=fv)
   return fv
@@ -480,12 +598,11 @@ def run(fv: flags.FlagValues) -> dict:
     raise UserError("--format (folders | webdataset) and --input are required")
   common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
                 progress=fv.progress or None)
+  common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed)
   if fv.format == "folders":
     return convert_folders(fv.input, fv.output, records_per_shard=fv.records_per_shard,
-                           holdout_per_class=fv.holdout_per_class, holdout_split_name=fv.holdout_split,
-                           seed=fv.seed, **common)
-  folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "holdout_split", "seed")
-                 if fv[name].present]
+                           holdout_per_class=fv.holdout_per_class, unlabelled=fv.unlabelled, **common)
+  folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "unlabelled") if fv[name].present]
   if folder_only:
     raise UserError(f"{', '.join(folder_only)}: only for --format=folders (webdataset: one shard per input tar)")
   return convert_webdataset(fv.input, fv.output, **common)
@@ -503,7 +620,7 @@ def _main(fv, rest: list[str]) -> None:
   if rest:
     raise UserError(f"unexpected arguments {rest}; all options are --flags")
   metadata = run(fv)
-  splits = [fv.split] + ([fv.holdout_split] if fv.format == "folders" and fv.holdout_per_class else [])
+  splits = [fv.split] + ([fv.holdout_split] if fv.holdout_per_class or fv.holdout_examples else [])
   print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
 
 
