@@ -11,7 +11,8 @@ The default is the seed's recipe:
   | optimiser    | AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0       |
   | precision    | FP16 compute with dynamic loss scaling (fp32 params and optimizer state)                    |
   | batch        | 32,768 pairs, sharded contrastive loss (B_local x B_global logits per device)              |
-  | parallelism  | ZeRO-3 over all devices                                                                    |
+  | parallelism  | ZeRO-3 over all devices; to fit 80 GB: 2 micro-batches (the loss still spans the batch) and |
+  |              | remat dots_with_no_batch_dims_saveable (not the seed's: our memory plan, BENCHMARKS.md)     |
   | schedule     | 366,000 steps = 10 passes over the 1.2B pairs (the seed gives 4 weeks on 128 A100s, which   |
   |              | at ~40% MFU is ~1.2e10 samples of SwinV2-G + this text tower; the seed gives no step count) |
 
@@ -54,16 +55,19 @@ def get_config(arg: str | None = None):
   config.task = "contrastive"
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
-  set_fields(config.model, image_size=224, embed_dim=1024, remat_policy="nothing_saveable")
+  # remat keeping the weight matmuls' outputs, and 2 micro-batches of 16,384 (the loss still spans all 32,768):
+  # 70.0 GiB per device on 128 x 80 GB (BENCHMARKS.md, memory plans, session 12)
+  set_fields(config.model, image_size=224, embed_dim=1024, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.image, variant="G", window_size=14, drop_path=0.2)
   # text tower: 'H' (24 layers, width 1024, 16 heads), 77 tokens, SentencePiece 32k
   set_fields(config.model.text, variant="H", vocab_size=32000, max_len=77)
   # data: filtered LAION pairs at 224 px, CLIP's mean/std, crop, RandAugment (2 ops, magnitude 9), Mixup 0.8;
-  # no flips: captions may say "left" and "right"
+  # no flips: captions may say "left" and "right"; evaluation images as CLIP's (shorter side to 224 bicubic,
+  # central crop)
   set_fields(config.data, source="arrayrecord:/data/laion_filtered/{split}-*.array_record", train_split="train",
              eval_split="validation", tokenizer="/data/laion_filtered/tokenizer_32k.model", image_size=224,
              mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
-             eval_examples=5000)
+             eval_examples=5000, eval_preprocess="clip")
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=False, randaugment_ops=2,
              randaugment_magnitude=9, mixup_alpha=0.8)
   # evaluation: ImageNet zero-shot top-1, retrieval on held-out pairs and on the papers' benchmarks
@@ -81,7 +85,7 @@ def get_config(arg: str | None = None):
   # precision: FP16 compute with dynamic loss scaling
   set_fields(config.precision, compute_dtype="float16", loss_scale_init=2.0**16, loss_scale_period=2000)
   # batch 32,768 pairs, ZeRO-3, 366k steps (10 passes over the 1.2B pairs)
-  set_fields(config, global_batch_size=32768, strategy="zero3", total_steps=366_000)
+  set_fields(config, global_batch_size=32768, grad_accum_steps=2, strategy="zero3", total_steps=366_000)
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
 
@@ -127,6 +131,11 @@ def _ft640(config, demo: bool):
     config.model.image_size = config.data.image_size = 640
     image.window_size = 40
     config.global_batch_size = 8192
+    # fits 80 GB per device on 128 (BENCHMARKS.md, memory plans, session 12): 8 micro-batches of 1024 (8 images
+    # per device; the contrastive loss and Mixup still span all 8192, tasks/contrastive.py) and remat keeping
+    # the weight matmuls' outputs: 51.6 GiB planned with the einsum attention, against 357 GiB unsplit
+    config.grad_accum_steps = 8
+    config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     config.total_steps = 20_000
     config.optim.lr = 5e-5
     config.optim.warmup_steps = 1_000

@@ -46,6 +46,7 @@ def tiny_aurora_config(**overrides):
   """The Aurora demo shrunk to a pico SwinV2 (stride 8) and a pico text encoder/decoder on 16 px images."""
   from configs import aurora_xl  # pylint: disable=g-import-not-at-top
   config = aurora_xl.get_config("demo")
+  config.global_batch_size = 64  # divides over 8 simulated devices in both micro-batches
   config.model.image_size = config.data.image_size = 16
   config.model.encoder.variant = "pico"  # C 16, depths 2,2, heads 2,4: maps 4, 2
   config.model.encoder.window_size = 2

@@ -15,8 +15,10 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import summary
 
 
-def _pair_batches(config, n, seed=0):
-  """Random uint8 images, captions BOS w.. EOS PAD.. of random lengths, SimMIM masks of the configured ratio."""
+def _pair_batches(config, n, seed=0, uncaptioned=0.25):
+  """Random uint8 images, captions BOS w.. EOS PAD.. of random lengths, SimMIM masks of the configured ratio; a
+  random `uncaptioned` share of the examples are images without captions (all PAD, has_text False), as a
+  mixture's image-only entries give."""
   rng = np.random.default_rng(seed)
   size, length = config.data.image_size, config.model.text.max_len
   grid = size // config.data.mim.mask_patch_size
@@ -28,8 +30,10 @@ def _pair_batches(config, n, seed=0):
       words = rng.integers(2, length - 1)
       row[0], row[1:words + 1], row[words + 1] = 2, rng.integers(4, config.model.text.vocab_size, words), 3
     masks = np.stack([transforms.mim_mask(grid, config.data.mim.mask_ratio, rng) for _ in range(b)])
+    has_text = rng.random(b) >= uncaptioned
+    text[~has_text] = 0
     batches.append({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), "text": text,
-                    "mim_mask": masks})
+                    "mim_mask": masks, "has_text": has_text})
   return batches
 
 
@@ -60,8 +64,26 @@ def test_default_config_has_the_seeds_3_7b_parameters():
   assert s["total_params"] == 3_704_005_857
 
 
+def test_uncaptioned_images_train_mim_only():
+  """Contrastive and caption losses are those of the captioned examples alone; MIM covers every image."""
+  config = tiny_aurora_config(global_batch_size=16)
+  task = tasks.build(config)
+  params = _init(task)
+  batch = _pair_batches(config, 1, uncaptioned=0.4)[0]
+  captioned = {k: v[batch["has_text"]] for k, v in batch.items()}
+  assert 0 < len(captioned["text"]) < 16
+  loss = jax.jit(lambda b: task.loss(params, b, jax.random.key(0))[1])
+  mixed, alone = loss(batch), loss(captioned)
+  for key in ("train/contrastive_loss", "train/caption_loss"):
+    np.testing.assert_allclose(mixed[key], alone[key], rtol=1e-5, err_msg=key)
+  everyone = loss({**batch, "has_text": np.ones(16, bool)})  # the empty captions taken as captions
+  assert abs(everyone["train/contrastive_loss"] - mixed["train/contrastive_loss"]) > 1e-3
+  assert abs(mixed["train/mim_loss"] - alone["train/mim_loss"]) > 1e-4  # MIM: every image, not the subset
+
+
 def test_eight_accumulation_steps_equal_one_step_of_eight_times_the_batch(view="separate"):
-  """Two-pass accumulation: the contrastive loss spans the whole batch of 64 (8 devices, zero2), not 8.
+  """Two-pass accumulation: the contrastive loss spans the whole batch of 64 (8 devices, zero2), not 8, and
+  its captioned examples only (a quarter are uncaptioned images).
   (The 'shared' view goes through the same two passes; its pass-1 features are checked below.)"""
   config = tiny_aurora_config(global_batch_size=64, strategy="zero2", **{"model.mim_view": view})
   batches = _pair_batches(config, 2)
@@ -95,8 +117,9 @@ def test_naive_accumulation_would_differ():
   batch, context = task.whole_batch(batch, jax.random.key(1))
   feats = jax.jit(task.batch_features)(params, batch, jax.random.key(1), context)
   whole = task.global_loss(params, feats, context)[1]["train/contrastive_loss"]
-  micro = np.mean([task.global_loss(params, jax.tree.map(lambda f, i=i: f[i::8], feats), context)[1]
-                   ["train/contrastive_loss"] for i in range(8)])
+  micro = np.mean([task.global_loss(params, jax.tree.map(lambda f, i=i: f[i::8], feats),
+                                    {**context, "has_text": context["has_text"][i::8]})[1]["train/contrastive_loss"]
+                   for i in range(8)])
   assert abs(whole - micro) > 0.1
 
 

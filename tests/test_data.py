@@ -15,7 +15,7 @@ from PIL import Image
 
 from visionfm_jax import config_lib
 from visionfm_jax.data import pipeline, shapes, sources, transforms
-from visionfm_jax.errors import DataError
+from visionfm_jax.errors import ConfigError, DataError
 
 
 def data_config(**overrides):
@@ -454,3 +454,32 @@ def test_tfds_prepared_dataset(tmp_path):
 ])
 def test_source_spec_parsing(spec, parsed):
   assert sources._parse(spec) == parsed  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("height, width", [(300, 500), (500, 301), (224, 227), (231, 224), (480, 640)])
+def test_clip_eval_preprocess_matches_hf_clip_image_processor(height, width):
+  """config.data.eval_preprocess='clip' is CLIP's view (shorter side to 224, bicubic, central crop): exactly
+  transformers' CLIPImageProcessor, odd margins included; 'inception' is another view."""
+  from transformers import CLIPImageProcessor  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
+  processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
+                                 do_rescale=False, do_normalize=False)
+  want = processor(images=Image.fromarray(image), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+  got = transforms.EvalTransform(224, "clip").map({"image": image})["image"]
+  np.testing.assert_array_equal(got, want.astype(np.uint8))
+  assert np.abs(transforms.EvalTransform(224).map({"image": image})["image"].astype(int) - want).mean() > 10
+  with pytest.raises(ConfigError, match="config.data.eval_preprocess='openai'"):
+    transforms.EvalTransform(224, "openai")
+
+
+def test_eval_iterator_takes_the_configured_preprocess():
+  """config.data.eval_preprocess reaches the eval batches (zero-shot, retrieval read them through EvalReader)."""
+  rng = np.random.default_rng(0)
+  records = [{"image": rng.integers(0, 256, (20, 27, 3), dtype=np.uint8), "label": i} for i in range(3)]
+  for preprocess in ("inception", "clip"):
+    cfg = data_config(image_size=16, eval_preprocess=preprocess)
+    batch = next(pipeline.make_eval_iterator(cfg, batch_size=4, process_index=0, process_count=1, source=records))
+    for image, record in zip(batch["image"], records):
+      np.testing.assert_array_equal(image, transforms.EvalTransform(16, preprocess).map(record)["image"])
+  assert not np.array_equal(transforms.EvalTransform(16, "clip").map(records[0])["image"],
+                            transforms.EvalTransform(16).map(records[0])["image"])

@@ -97,8 +97,9 @@ def inputs(tmp_path_factory):
 
 
 def _reference_scores(task, params, pairs) -> dict[str, float]:
-  """Cosine similarity of each pair, one pair at a time: decode, central crop, embed, normalise in numpy."""
-  size = task.config.data.image_size
+  """Cosine similarity of each pair, one pair at a time: decode, the config's central crop, embed, normalise in
+  numpy."""
+  size, preprocess = task.config.data.image_size, task.config.data.eval_preprocess
 
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def embed(params, image, tokens):
@@ -108,7 +109,7 @@ def _reference_scores(task, params, pairs) -> dict[str, float]:
 
   scores = {}
   for key, record in pairs.items():
-    image = transforms.EvalTransform(size).map({"image": transforms.decode_image(record["image"])})["image"]
+    image = transforms.EvalTransform(size, preprocess).map({"image": transforms.decode_image(record["image"])})["image"]
     i, t = (np.asarray(e, np.float64) for e in embed(params, image, task.tokenizer.encode(record["caption"])))
     scores[key] = float(i @ t / np.linalg.norm(i) / np.linalg.norm(t))
   return scores

@@ -242,6 +242,7 @@ TRAIN_FLAGS = [
     "--config.model.embed_dim=16", "--config.model.caption_queries=4", "--config.model.decoder_depth=1",
     "--config.model.mim_view=shared",  # one encoder pass per step: ~1.5x the steps per second
     "--config.data.mim.mask_patch_size=4", "--config.global_batch_size=32", "--config.grad_accum_steps=1",
+    "--config.data.mixture=()", "--config.data.source=shapes",  # captioned pairs only: every step names colours
     f"--config.total_steps={TRAIN_STEPS}", f"--config.optim.warmup_steps={TRAIN_STEPS // 10}",
     f"--config.log_every={TRAIN_STEPS}", f"--config.eval_every={TRAIN_STEPS}",
     f"--config.checkpoint_every={TRAIN_STEPS}", "--config.data.eval_examples=32", "--config.eval.retrieval=False",

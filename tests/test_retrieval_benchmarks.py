@@ -220,7 +220,7 @@ def test_benchmark_evaluators_end_to_end_with_a_tiny_clip(tmp_path):
     assert len(np.unique(tokens, axis=0)) == len(tokens)
     # The first 8 of each, through the evaluator's own (compiled) functions on one batch of 8.
     np.testing.assert_allclose(text_emb[:8], evaluator.embed_texts(params, tokens[keep][:8]), atol=1e-5)
-    pixels = np.stack([transforms.EvalTransform(config.data.image_size).map(
+    pixels = np.stack([transforms.EvalTransform(config.data.image_size, config.data.eval_preprocess).map(
         {"image": transforms.decode_image(captioned.image_paths[i].read_bytes())})["image"] for i in decodable])
     pixels = np.concatenate([pixels, np.zeros_like(pixels)])[:8]
     np.testing.assert_allclose(image_emb[:8], evaluator.embed_images(params, pixels)[:len(decodable)], atol=1e-5)

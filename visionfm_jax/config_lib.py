@@ -191,6 +191,9 @@ def data_config() -> ml_collections.ConfigDict:
       device_prefetch=2,  # batches copied to the devices ahead of the step (training/prefetch.py); 0: none
       shuffle=True,
       eval_examples=-1,  # -1: the whole eval split
+      # evaluation's resize + central crop (data/transforms.py EvalTransform): 'inception' = shorter side to
+      # size / 0.875, bilinear (ImageNet classification); 'clip' = shorter side to size, bicubic (CLIP zero-shot)
+      eval_preprocess="inception",
       max_skipped_fraction=0.02,  # stop when more of the training records read are corrupt/undecodable
       skip_check_after=1000,  # ... once this many records have been read (per process)
       shapes_train_size=1_000_000,
@@ -313,7 +316,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
 
   Every demo trains from scratch (no init_from) on an embedded set (`source`: shapes, or scenes for the dense
   tasks) at `image_size` px, rendered in the main process (cheaper than a worker for such small images), with
-  the batch and eval examples of DEMO_DATA; fp32 compute, ddp, no remat, no stochastic depth; AdamW with weight
+  the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic depth; AdamW with weight
   decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`, cosine to 0
   at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every`. The
   procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
@@ -330,6 +333,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.data.source = source
   config.data.num_workers = 0
   config.global_batch_size, config.data.eval_examples = DEMO_DATA[source]
+  config.grad_accum_steps = 1
   if source == "shapes":
     set_fields(config.data.augment, random_resized_crop=False, color_jitter=0.0, randaugment_ops=0, mixup_alpha=0.0)
   config.init_from = config.init_from_prefix = ""
@@ -515,6 +519,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     sources.train_specs(config.data)  # its entries, and data.source = ''
   if config.strategy not in STRATEGIES:
     raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
+  if config.data.get("eval_preprocess", "inception") != "inception":
+    from visionfm_jax.data import transforms  # pylint: disable=g-import-not-at-top
+    transforms.check_eval_preprocess(config.data.eval_preprocess)  # a ConfigError naming it when unknown
   if config.precision.compute_dtype not in COMPUTE_DTYPES:
     raise ConfigError(f"config.precision.compute_dtype={config.precision.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   if config.model.remat_policy not in REMAT_POLICIES:

@@ -105,7 +105,7 @@ def image_batches(caption_set: CaptionSet, data_cfg, *, batch_size: int, process
   shares and padding (pipeline.eval_shares, eval_batches) and its image preprocessing for `data_cfg`
   (pipeline.EvalReader). An undecodable image is a padding row (mask False)."""
   share, num_batches = pipeline.eval_shares(len(caption_set), batch_size, process_index, process_count)
-  reader = pipeline.EvalReader(caption_set, data_cfg.image_size, SelectImage())
+  reader = pipeline.EvalReader(caption_set, data_cfg.image_size, SelectImage(), preprocess=data_cfg.eval_preprocess)
   return pipeline.eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))
 
 

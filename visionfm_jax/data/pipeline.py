@@ -28,7 +28,7 @@ def train_decode_side(data_cfg) -> int:
   """JPEG draft size for training: even the smallest random crop keeps ~image_size pixels across."""
   aug = data_cfg.augment
   if not aug.random_resized_crop:
-    return round(data_cfg.image_size / transforms.EVAL_CROP_FRACTION)
+    return transforms.eval_decode_side(data_cfg.image_size)
   return math.ceil(data_cfg.image_size / math.sqrt(aug.crop_scale[0]))
 
 
@@ -204,14 +204,15 @@ def eval_shares(total: int, batch_size: int, process_index: int, process_count: 
 
 
 class EvalReader:
-  """Reads one eval record into an example dict (None when undecodable): decode + central crop + `example`,
-  then the `extras` (RandomMaps with `spec`, e.g. AddMimMask), which draw from np.random.default_rng(index):
-  an eval example is a pure function of its record index, whatever the batch size or process count."""
+  """Reads one eval record into an example dict (None when undecodable): decode + central crop (`preprocess`:
+  config.data.eval_preprocess, transforms.EvalTransform) + `example`, then the `extras` (RandomMaps with `spec`,
+  e.g. AddMimMask), which draw from np.random.default_rng(index): an eval example is a pure function of its
+  record index, whatever the batch size or process count."""
 
-  def __init__(self, source, image_size: int, example, extras=()):
+  def __init__(self, source, image_size: int, example, extras=(), preprocess: str = "inception"):
     self.source, self.image_size, self.example, self.extras = source, image_size, example, tuple(extras)
-    self.ops = [transforms.Decode(round(image_size / transforms.EVAL_CROP_FRACTION)),
-                transforms.EvalTransform(image_size)]
+    self.ops = [transforms.Decode(transforms.eval_decode_side(image_size, preprocess)),
+                transforms.EvalTransform(image_size, preprocess)]
 
   def __call__(self, index: int):
     element = self.source[index]
@@ -320,5 +321,5 @@ def _eval_what(data_cfg) -> str:
 def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,
                    extras=()):
   share, num_batches = eval_shares(eval_total(data_cfg, len(source)), batch_size, process_index, process_count)
-  reader = EvalReader(source, data_cfg.image_size, example, extras)
+  reader = EvalReader(source, data_cfg.image_size, example, extras, data_cfg.eval_preprocess)
   return eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))

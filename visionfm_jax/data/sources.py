@@ -189,10 +189,7 @@ def _arrayrecord_source(spec: str, pattern: str, split: str) -> ArrayRecordSourc
 
 
 def class_names(spec: str, data_cfg) -> list[str]:
-  """Human-readable label names, index = label. The spec '' (config.data.source of a run that trains on
-  config.data.mixture) stands for the training data: `train_class_names`."""
-  if not spec and data_cfg.get("mixture"):
-    return train_class_names(data_cfg)
+  """Human-readable label names, index = label (`train_class_names`: of the training data, a mixture's too)."""
   kind, name, _ = _parse(spec)
   if kind == "shapes" and name == "images":
     raise DataError(f"config.data.source={spec!r}: uncaptioned, unlabelled images have no class names")

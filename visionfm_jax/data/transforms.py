@@ -20,6 +20,9 @@ from visionfm_jax.data import randaugment, tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
+# config.data.eval_preprocess: 'inception' = ImageNet classification's shorter side to size / 0.875, bilinear,
+# central crop; 'clip' = CLIP's shorter side to size, bicubic, central crop (zero-shot and retrieval).
+EVAL_PREPROCESS = ("inception", "clip")
 # What Pillow raises on bytes that are not an image it can decode (and OSError for files that cannot be read).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -234,27 +237,55 @@ def random_device_params(augment, batch_size: int, rng: np.random.Generator) -> 
   return params
 
 
+def check_eval_preprocess(name: str) -> str:
+  if name not in EVAL_PREPROCESS:
+    raise ConfigError(f"config.data.eval_preprocess={name!r}: expected one of {EVAL_PREPROCESS}")
+  return name
+
+
+def eval_decode_side(size: int, preprocess: str = "inception") -> int:
+  """The shorter side that evaluation resizes to before its central crop (the JPEG draft size)."""
+  return round(size / EVAL_CROP_FRACTION) if check_eval_preprocess(preprocess) == "inception" else size
+
+
 def central_crop_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
-  """The region (left, top, right, bottom) that becomes the eval crop.
+  """The region (left, top, right, bottom) that becomes the 'inception' eval crop.
 
   Resizing the shorter side to size / 0.875 and then cropping size x size centrally is the same as
   resizing this central square (side 0.875 * shorter side) to size x size.
   """
-  side = min(height, width) * size / round(size / EVAL_CROP_FRACTION)
+  side = min(height, width) * size / eval_decode_side(size)
   top, left = (height - side) / 2, (width - side) / 2
   return left, top, left + side, top + side
 
 
-class EvalTransform(grain.transforms.Map):
-  """Shorter side to size / 0.875, then the central size x size; a no-op on size x size images."""
+def clip_resize_crop(image: np.ndarray, size: int) -> np.ndarray:
+  """CLIP's evaluation view: the shorter side to `size` (the longer to int(size * longer / shorter)), bicubic,
+  then the central size x size at whole-pixel offsets (new - size) // 2, as HF's CLIPImageProcessor does."""
+  height, width = image.shape[:2]
+  if height <= width:
+    new_height, new_width = size, int(size * width / height)
+  else:
+    new_height, new_width = int(size * height / width), size
+  resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
+  top, left = (new_height - size) // 2, (new_width - size) // 2
+  return resized[top:top + size, left:left + size]
 
-  def __init__(self, size: int):
-    self.size = size
+
+class EvalTransform(grain.transforms.Map):
+  """The central size x size view of evaluation, as `preprocess` (EVAL_PREPROCESS) says: 'inception' (the
+  shorter side to size / 0.875, bilinear, `central_crop_box`) or 'clip' (`clip_resize_crop`); a no-op on
+  size x size images."""
+
+  def __init__(self, size: int, preprocess: str = "inception"):
+    self.size, self.preprocess = size, check_eval_preprocess(preprocess)
 
   def map(self, element: dict) -> dict:
     image = element["image"]
     if image is None or image.shape[:2] == (self.size, self.size):
       return element
+    if self.preprocess == "clip":
+      return {**element, "image": clip_resize_crop(image, self.size)}
     box = central_crop_box(image.shape[0], image.shape[1], self.size)
     return {**element, "image": resize_box(image, box, self.size)}
 

@@ -35,7 +35,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from visionfm_jax import models
-from visionfm_jax.data import device_augment, transforms
+from visionfm_jax.data import device_augment, sources, transforms
 
 from visionfm_jax.training import precision
 from visionfm_jax.errors import ConfigError, DataError
@@ -115,7 +115,7 @@ class Task:
     except DataError:
       return
     if len(names) > num_classes:
-      raise ConfigError(f"{field}={num_classes} but config.data.source={self.config.data.source!r} has "
+      raise ConfigError(f"{field}={num_classes} but {sources.training_what(self.config.data)} has "
                         f"{len(names)} {what}; set --{field}={len(names)}")
 
   def train_flops_per_example(self) -> float | None:

@@ -28,7 +28,7 @@ class ClassificationTask(Task):
     return loss, {"train/top1": top1}
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    self.check_class_count(lambda: data.class_names(self.config.data.source, self.config.data),
+    self.check_class_count(lambda: data.train_class_names(self.config.data),
                            "config.model.num_classes", self.config.model.num_classes)
     return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
                                   process_index=process_index, process_count=process_count)

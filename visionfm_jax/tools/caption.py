@@ -65,7 +65,7 @@ def read_image(path: str, size: int) -> np.ndarray:
   try:
     with open(path, "rb") as f:
       data = f.read()
-    image = transforms.decode_image(data, round(size / transforms.EVAL_CROP_FRACTION))
+    image = transforms.decode_image(data, transforms.eval_decode_side(size))
   except OSError as e:
     raise UserError(f"--images: cannot read {path}: {e.strerror or e}") from e
   except (ValueError, SyntaxError, Image.DecompressionBombError) as e:

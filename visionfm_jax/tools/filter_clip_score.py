@@ -6,7 +6,7 @@ embeddings under a trained CLIP (or Aurora) have a cosine similarity >= --thresh
 
 WORKDIR is the training workdir of a 'contrastive' or 'aurora' run (config.json + checkpoints/<step>; the newest
 checkpoint unless --step). The score is the dot product of the L2-normalised embeddings the contrastive loss
-uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size as in
+uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size (config.data.eval_preprocess) as in
 evaluation, captions tokenised with the run's tokenizer.
 
 Input: the ArrayRecord files matching GLOB (records.py's format; .json files are passed over), in name
@@ -97,6 +97,7 @@ class ClipScorer:
     self.task, self.checkpoint, self.step = task, checkpoint, step
     self.tokenizer = task.tokenizer
     self.image_size = task.config.data.image_size
+    self.preprocess = task.config.data.get("eval_preprocess", "inception")  # configs written before it: inception
     self.batch_size = -(-batch_size // mesh.size) * mesh.size
     replicated, self._rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     self.params = jax.device_put(params, replicated)
@@ -164,7 +165,7 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
   `stats_path` before `out_path` appears; returns the stats."""
   source = _RememberingSource(path)
   example = transforms.SelectPair(scorer.tokenizer, with_label=False)
-  reader = pipeline.EvalReader(source, scorer.image_size, example)
+  reader = pipeline.EvalReader(source, scorer.image_size, example, preprocess=scorer.preprocess)
   total, size = len(source), scorer.batch_size
   batches = pipeline.eval_batches(reader, range(total), -(-total // size), size, threads=_decode_threads())
   histogram = np.zeros(BINS, np.int64)
