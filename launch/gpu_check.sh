@@ -2,13 +2,16 @@
 # First contact with a GPU machine, in one command: install, the CPU suite under this machine's Python and jax,
 # the GPU tests, the step benchmark sweep; a summary of what passed, and a non-zero exit on any failure.
 #
-#   launch/gpu_check.sh [--wheels=DIR] [--out=DIR] [--bench=full|quick|none] [--skip_cpu_suite]
+#   launch/gpu_check.sh [--wheels=DIR] [--out=DIR] [--bench=full|core|quick|none] [--no_profile] [--skip_cpu_suite]
 #
 #   --wheels=DIR   install offline: missing dependencies come from DIR (BUILD.md, "A GPU machine without network",
 #                  says how to fill it on another machine); without it pip uses the package index
 #   --out=DIR      logs and the benchmark's JSON lines (default gpu_check_out/)
 #   --bench        the sweep of launch/bench_gpu.sh: full (default), core (six setups), quick (one per model)
 #                  or none
+#   --no_profile   leave out the profiles: after the sweep, ViT-H/14 (cuDNN, nothing_saveable, batch 128) and
+#                  SwinV2-G (cuDNN, nothing_saveable, batch 32) traced for 3 steps, their busiest operations per
+#                  device timeline in OUT/profile_<model>.txt, the traces under OUT/profile_<model>/
 #   --skip_cpu_suite  leave out the CPU suite (e.g. when it already passed on this image)
 #
 # The CPU suite runs beside the GPU tests (it uses no GPU: JAX_PLATFORMS=cpu); the benchmark runs alone, after
@@ -16,13 +19,14 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-wheels="" out="gpu_check_out" bench="full" cpu_suite=1
+wheels="" out="gpu_check_out" bench="full" cpu_suite=1 profile=1
 for arg in "$@"; do
   case $arg in
     --wheels=*) wheels=${arg#*=} ;;
     --out=*) out=${arg#*=} ;;
     --bench=*) bench=${arg#*=} ;;
     --skip_cpu_suite) cpu_suite=0 ;;
+    --no_profile) profile=0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
 done
@@ -89,6 +93,22 @@ if [[ $bench != none ]]; then
   else
     stage bench FAIL "see $out/bench.log"; tail -n 20 "$out/bench.log"
   fi
+fi
+
+# 5. Where the step's time goes: the best setups of BENCHMARKS.md's first GPU table, traced.
+if (( profile )); then
+  source launch/xla_flags_h100.sh
+  for setup in "vit_h14 configs/vit_huge.py 128" "swinv2_g configs/swinv2_cls.py:G 32"; do
+    read -r name config batch <<<"$setup"
+    if $python -m visionfm_jax.bench --config="$config" --devices=1 --steps=3 --warmup=2 --config.strategy=ddp \
+        --config.precision.compute_dtype=bfloat16 --config.global_batch_size="$batch" \
+        --config.model.remat_policy=nothing_saveable --config.model.attention=cudnn \
+        --profile="$out/profile_$name" >"$out/profile_$name.txt" 2>"$out/profile_$name.log"; then
+      stage "profile_$name" ok "busiest operations in $out/profile_$name.txt"
+    else
+      stage "profile_$name" FAIL "see $out/profile_$name.log"; tail -n 20 "$out/profile_$name.log"
+    fi
+  done
 fi
 
 echo; echo "gpu_check summary ($(date -u +%FT%TZ)):"; printf '  %s\n' "${results[@]}"

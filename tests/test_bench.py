@@ -129,3 +129,31 @@ def test_primitives_rejects_bad_shapes(capsys, flag, message):
   code = primitives.main(["primitives", flag])
   _, err = capsys.readouterr()
   assert code == 2 and message in err, err
+
+
+def test_bench_profiles_the_step_and_names_its_busiest_operations(capsys, tmp_path):
+  code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, f"--profile={tmp_path}",
+                        "--profile_steps=2")
+  assert code == 0, err
+  profile = json.loads(out.strip().splitlines()[-1])["profile"]
+  assert profile["trace"].startswith(str(tmp_path)) and profile["trace"].endswith("perfetto_trace.json.gz")
+  assert profile["steps"] == 2 and profile["timelines"]
+  busiest = profile["timelines"][0]
+  assert busiest["busy_us"] > 0 and busiest["ops"]
+  shares = [op["share"] for op in busiest["ops"]]
+  assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+  assert all(op["count"] >= 1 and op["us"] > 0 for op in busiest["ops"])
+  assert not any(t["timeline"].endswith(" python") for t in profile["timelines"])  # the interpreter is not a timeline
+  assert "ms busy per step" in out
+
+
+def test_profile_self_times_add_up_without_counting_twice():
+  from visionfm_jax.bench import profile  # pylint: disable=g-import-not-at-top
+  events = [{"name": "module", "ts": 0, "dur": 100}, {"name": "fusion.1", "ts": 10, "dur": 30},
+            {"name": "end: fusion.1", "ts": 35, "dur": 5}, {"name": "custom-call.7", "ts": 50, "dur": 40},
+            {"name": "fusion.2", "ts": 120, "dur": 10}]
+  own = dict(profile.self_times(events))
+  assert own == {"module": 30.0, "fusion.1": 25.0, "end: fusion.1": 5.0, "custom-call.7": 40.0, "fusion.2": 10.0}
+  assert sum(own.values()) == 110.0  # the busy time: 0..100 and 120..130
+  assert [profile.op_kind(n) for n in ("fusion.12", "end: fusion.12", "loop_fusion", "sm90_xmma_gemm")] == \
+      ["fusion", "fusion", "loop_fusion", "sm90_xmma_gemm"]

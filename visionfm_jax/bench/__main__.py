@@ -21,6 +21,9 @@ of 1, else "within noise".
 `--compare=plain` interleaves the same way with our own step built with `config.model.kernels=plain` (every
 backend trick of models/kernels.py off): the ratio says what the config's kernels buy (below 1: they pay).
 
+`--profile=DIR` traces `--profile_steps` (3) more steps with jax.profiler and prints the busiest operations of
+each device timeline (bench/profile.py): where the step's time goes, e.g. for the MFU gap on a GPU.
+
 Figures:
 
   step_s           median wall seconds of one step after `--warmup` steps (also min and max)
@@ -50,6 +53,7 @@ from ml_collections import config_flags
 
 from visionfm_jax import config_lib, models
 from visionfm_jax.bench import primitives
+from visionfm_jax.bench import profile as profile_lib
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import cli
@@ -62,6 +66,9 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_integer("steps", 10, "Timed steps (of each side with --compare).", flag_values=fv)
   flags.DEFINE_integer("devices", 0, "Use the first N devices (one process); 0: all.", flag_values=fv)
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)
+  flags.DEFINE_string("profile", "", "Directory for a profiler trace of --profile_steps more steps, summarised "
+                      "as the busiest operations per device timeline (bench/profile.py); '' = none.", flag_values=fv)
+  flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile.", flag_values=fv)
   flags.DEFINE_enum("cpu_dots", "default", list(primitives.CPU_DOT_BACKENDS),
                     "XLA CPU library for the step's dots (compiler options of this executable only).", flag_values=fv)
   flags.DEFINE_enum("compare", "", ["", "torch", "plain"],
@@ -113,10 +120,12 @@ def plain_kernels(config):
 
 
 def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0,
-              cpu_dots: str = "default") -> dict:
-  """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line."""
-  if steps < 1 or warmup < 0:
-    raise ConfigError(f"--steps={steps} must be >= 1 and --warmup={warmup} >= 0")
+              cpu_dots: str = "default", profile: str = "", profile_steps: int = 3) -> dict:
+  """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line (with
+  `profile`, a directory: 'profile' holds the trace file and its summary, bench/profile.py)."""
+  if steps < 1 or warmup < 0 or profile_steps < 1:
+    raise ConfigError(f"--steps={steps} and --profile_steps={profile_steps} must be >= 1 and --warmup={warmup} "
+                      f">= 0")
   if devices and (jax.process_count() > 1 or not 0 < devices <= jax.device_count()):
     raise ConfigError(f"--devices={devices}: a single process has {jax.device_count()} devices")
   if cpu_dots != "default" and jax.default_backend() != "cpu":
@@ -154,6 +163,9 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   result["compile_s"] = ours.compile_seconds
   result.update(ours.memory())
   result["loss"] = ours.loss()
+  if profile:
+    trace = profile_lib.trace_steps(ours.timed_step, profile_steps, profile)
+    result["profile"] = {"trace": trace, "steps": profile_steps, "timelines": profile_lib.summarize(trace)}
   if compare:
     theirs = summarize(times[compare])
     result[compare] = {**theirs, "img_per_sec": config.global_batch_size / theirs["step_s"],
@@ -187,9 +199,12 @@ def _body(name: str, fv, rest):
   if fv.config is None:
     raise ConfigError("--config is required, e.g. --config=configs/vit_huge.py:S/16")
   result = benchmark(fv.config, steps=fv.steps, warmup=fv.warmup, compare=fv.compare, name=name,
-                     devices=fv.devices, cpu_dots=fv.cpu_dots)
+                     devices=fv.devices, cpu_dots=fv.cpu_dots, profile=fv.profile, profile_steps=fv.profile_steps)
   if jax.process_index() == 0:
     _print_table(result)
+    if "profile" in result:
+      print(f"profile: {result['profile']['trace']} (TensorBoard, XProf or ui.perfetto.dev open it)")
+      profile_lib.print_summary(result["profile"]["timelines"], result["profile"]["steps"])
     print(json.dumps(result, sort_keys=True))
 
 
