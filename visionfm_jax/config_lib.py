@@ -316,8 +316,9 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
 
   Every demo trains from scratch (no init_from) on an embedded set (`source`: shapes, or scenes for the dense
   tasks) at `image_size` px, rendered in the main process (cheaper than a worker for such small images), with
-  the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic depth; AdamW with weight
-  decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`, cosine to 0
+  the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic
+  depth; AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear
+  warmup to `lr`, cosine to 0
   at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every`. The
   procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
   generalise (flips stay as the recipe has them).

@@ -73,9 +73,7 @@ def source_kind(spec: str) -> str:
 
 def eval_source_spec(data_cfg) -> str:
   """config.data.eval_source, else config.data.source, else the spec of config.data.mixture's first entry."""
-  mixture = data_cfg.get("mixture") or ()
-  first = mixture[0][0] if mixture and isinstance(mixture[0], (tuple, list)) and mixture[0] else ""
-  return data_cfg.get("eval_source") or data_cfg.source or first
+  return data_cfg.get("eval_source") or data_cfg.source or train_specs(data_cfg)[0][1]
 
 
 def train_specs(data_cfg) -> list[tuple[str, str, float]]:

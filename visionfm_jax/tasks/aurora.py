@@ -9,7 +9,8 @@ text[:, 1:] against logits[:, :-1]); MIM over the masked pixels of the whole bat
 data mixture's image-only entries: `has_text` False, all-pad text) add to MIM only: they have no caption
 tokens, and the contrastive term runs over the captioned examples. The contrastive term couples examples, so
 the loss is split (`splits_loss`, tasks/base.py): with `grad_accum_steps` = 8 the contrastive loss still runs
-over all 2048 examples of the global batch, and 8 micro-batches of B give the gradient of one batch of 8B. Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
+over all 2048 examples of the global batch, and 8 micro-batches of B give the gradient of one batch of 8B.
+Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
 
 Evaluators on held-out pairs: `retrieval` (R@1/5/10 both ways), `caption` (`perplexity`: exp of the mean
 token NLL over all held-out tokens; `loss`), `mim` (`loss`: held-out L1 on masked pixels, fixed masks); and the

@@ -63,13 +63,13 @@ class ContrastiveTask(Task):
       batch = {**batch, MIXUP_PARTNER: jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), partner)}
     return batch, context
 
-  def mixed_images(self, batch, context, dtype=None):
+  def mixed_images(self, batch, context):
     """The training images, mixed with their partners' by the context's lambda when Mixup is on."""
-    images = self.train_images(batch, dtype)
+    images = self.train_images(batch)
     if "mix" not in context:
       return images
     lam = context["mix"].astype(images.dtype)
-    return lam * images + (1 - lam) * self.train_images(batch[MIXUP_PARTNER], dtype)
+    return lam * images + (1 - lam) * self.train_images(batch[MIXUP_PARTNER])
 
   def local_loss(self, params, batch, rng, context):
     """CLIP has no per-example term: the features of the (micro-)batch, for the global term."""
