@@ -3,9 +3,11 @@
 # x attention implementation x per-GPU batch. One JSON line per setup in OUT (a failed setup gets a line naming
 # why), then one table on stdout: img/s, MFU, peak memory, compile time, best MFU per model first.
 #
-#   launch/bench_gpu.sh [OUT.jsonl] [full|core|quick] [STEPS]
+#   launch/bench_gpu.sh [OUT.jsonl] [full|core|quick|leads] [STEPS]
 #
-# core: the six setups of BENCHMARKS.md's first GPU table; quick: one per model, a smoke test of the whole path.
+# core: the six setups of BENCHMARKS.md's first GPU table; quick: one per model, a smoke test of the whole path;
+# leads: ViT-H/14's planned setup (dots_saveable, cuDNN, batch 64) once as it is and once per MFU lead of
+# BENCHMARKS.md (unrolled layers, XLA flag changes), each row labelled with what it changes.
 # RUN_TIMEOUT (seconds, default 900) bounds each setup, compile included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -16,28 +18,43 @@ steps=${3:-10}
 python=${PYTHON:-python3}
 common=(--devices=1 --steps="$steps" --warmup=2 --config.strategy=ddp --config.precision.compute_dtype=bfloat16)
 
-run() {  # model name, config, remat, attention, batch
-  local name=$1 config=$2 remat=$3 attention=$4 batch=$5 log
+run() {  # model name, config, remat, attention, batch, [bench arguments...]; LEAD / LEAD_XLA_FLAGS: a labelled variant
+  local name=$1 config=$2 remat=$3 attention=$4 batch=$5 lead=${LEAD:-} log
+  shift 5
   log=$(mktemp)
-  echo "== $name remat=$remat attention=$attention batch=$batch" >&2
-  timeout "${RUN_TIMEOUT:-900}" $python -m visionfm_jax.bench --config="$config" "${common[@]}" \
-    --config.global_batch_size="$batch" --config.model.remat_policy="$remat" --config.model.attention="$attention" \
-    >"$log" 2>&1
+  echo "== $name remat=$remat attention=$attention batch=$batch${lead:+ lead=$lead}" >&2
+  XLA_FLAGS="$XLA_FLAGS ${LEAD_XLA_FLAGS:-}" timeout "${RUN_TIMEOUT:-900}" $python -m visionfm_jax.bench \
+    --config="$config" "${common[@]}" --config.global_batch_size="$batch" --config.model.remat_policy="$remat" \
+    --config.model.attention="$attention" "$@" >"$log" 2>&1
   local rc=$?
   if (( rc == 0 )); then
     tail -n 1 "$log" | $python -c "import json, sys; r = json.loads(sys.stdin.read()); r.update(model='$name', \
-remat='$remat', attention='$attention', batch=$batch); print(json.dumps(r))" >>"$out"
+remat='$remat', attention='$attention', batch=$batch, lead='$lead'); print(json.dumps(r))" >>"$out"
   else
     local why="error"
     (( rc == 124 )) && why="timeout"
     grep -q "RESOURCE_EXHAUSTED\|Out of memory\|out of memory" "$log" && why="out of memory"
     tail -n 15 "$log" >&2
-    echo "{\"model\": \"$name\", \"remat\": \"$remat\", \"attention\": \"$attention\", \"batch\": $batch, \"failed\": \"$why\"}" >>"$out"
+    echo "{\"model\": \"$name\", \"remat\": \"$remat\", \"attention\": \"$attention\", \"batch\": $batch, \"lead\": \"$lead\", \"failed\": \"$why\"}" >>"$out"
   fi
   rm -f "$log"
 }
 
-if [[ $mode == quick ]]; then
+lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...]
+  local label=$1 flags=$2
+  shift 2
+  LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py dots_saveable cudnn 64 "$@"
+}
+
+if [[ $mode == leads ]]; then
+  lead planned ""
+  lead unrolled "" --config.model.scan=False
+  lead triton_gemm --xla_gpu_enable_triton_gemm=true
+  lead cuda_graphs --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL
+  lead cuda_graphs_while --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,WHILE
+  lead cublaslt --xla_gpu_enable_cublaslt=true
+  lead no_latency_hiding --xla_gpu_enable_latency_hiding_scheduler=false
+elif [[ $mode == quick ]]; then
   run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64
   run swinv2_g configs/swinv2_cls.py:G nothing_saveable cudnn 32
 elif [[ $mode == core ]]; then
@@ -67,9 +84,10 @@ fi
 $python - "$out" <<'PY'
 import json, sys
 runs = [json.loads(line) for line in open(sys.argv[1])]
-print(f"{'model':9} {'remat':33} {'attention':9} {'batch':>5} {'img/s':>8} {'MFU':>6} {'peak GiB':>8} {'compile s':>9}")
+print(f"{'model':9} {'remat':33} {'attention':9} {'batch':>5} {'lead':17} {'img/s':>8} {'MFU':>6} {'peak GiB':>8} "
+      f"{'compile s':>9}")
 for r in sorted(runs, key=lambda r: (r["model"], -(r.get("mfu") or 0))):
-  head = f"{r['model']:9} {r['remat']:33} {r['attention']:9} {r['batch']:>5}"
+  head = f"{r['model']:9} {r['remat']:33} {r['attention']:9} {r['batch']:>5} {r.get('lead') or '-':17}"
   if "failed" in r:
     print(f"{head} {'failed: ' + r['failed']:>33}")
     continue

@@ -2,13 +2,13 @@
 # First contact with a GPU machine, in one command: install, the CPU suite under this machine's Python and jax,
 # the GPU tests, the step benchmark sweep; a summary of what passed, and a non-zero exit on any failure.
 #
-#   launch/gpu_check.sh [--wheels=DIR] [--out=DIR] [--bench=full|core|quick|none] [--no_profile] [--skip_cpu_suite]
+#   launch/gpu_check.sh [--wheels=DIR] [--out=DIR] [--bench=full|core|quick|leads|none] [--no_profile] [--skip_cpu_suite]
 #
 #   --wheels=DIR   install offline: missing dependencies come from DIR (BUILD.md, "A GPU machine without network",
 #                  says how to fill it on another machine); without it pip uses the package index
 #   --out=DIR      logs and the benchmark's JSON lines (default gpu_check_out/)
-#   --bench        the sweep of launch/bench_gpu.sh: full (default), core (six setups), quick (one per model)
-#                  or none
+#   --bench        the sweep of launch/bench_gpu.sh: full (default), core (six setups), quick (one per model),
+#                  leads (ViT-H/14's planned setup against each MFU lead of BENCHMARKS.md) or none
 #   --no_profile   leave out the profiles: after the sweep, ViT-H/14 (cuDNN, nothing_saveable, batch 128) and
 #                  SwinV2-G (cuDNN, nothing_saveable, batch 32) traced for 3 steps, their busiest operations per
 #                  device timeline in OUT/profile_<model>.txt, the traces under OUT/profile_<model>/
@@ -30,7 +30,7 @@ for arg in "$@"; do
     *) echo "gpu_check.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
 done
-case $bench in full|core|quick|none) ;; *) echo "gpu_check.sh: --bench=$bench: expected full, core, quick or none" >&2; exit 2 ;; esac
+case $bench in full|core|quick|leads|none) ;; *) echo "gpu_check.sh: --bench=$bench: expected full, core, quick, leads or none" >&2; exit 2 ;; esac
 mkdir -p "$out"
 python=${PYTHON:-python3}
 results=()

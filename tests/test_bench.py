@@ -1,6 +1,9 @@
 """The training-step benchmark (`python -m visionfm_jax.bench`) end to end on tiny configs, with the PyTorch twin."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -21,6 +24,8 @@ def _run(capsys, *args):
 
 @pytest.mark.parametrize("config", ["configs/vit_huge.py:pico/8", "configs/swinv2_cls.py:demo"])
 def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
   code, out, err = _run(capsys, f"--config={config}", *TINY, "--compare=torch")
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
@@ -92,6 +97,7 @@ def test_bench_rejects_what_has_no_twin(capsys):
 
 
 def test_primitives_times_matmuls_against_torch_and_both_sums(capsys):
+  pytest.importorskip("torch")
   code = primitives.main(["primitives", "--gemm=16x8x4,9x3x5", "--reduce=4x3x5:2", "--repeats=2"])
   out, err = capsys.readouterr()
   assert code == 0, err
@@ -103,6 +109,7 @@ def test_primitives_times_matmuls_against_torch_and_both_sums(capsys):
 
 
 def test_primitives_compiles_each_matmul_for_every_cpu_dot_library(capsys):
+  pytest.importorskip("torch")
   code = primitives.main(["primitives", "--gemm=16x8x4", "--train", "--backends=default,onednn,xnn,eigen",
                           "--reduce=", "--repeats=2"])
   out, err = capsys.readouterr()
@@ -157,3 +164,36 @@ def test_profile_self_times_add_up_without_counting_twice():
   assert sum(own.values()) == 110.0  # the busy time: 0..100 and 120..130
   assert [profile.op_kind(n) for n in ("fusion.12", "end: fusion.12", "loop_fusion", "sm90_xmma_gemm")] == \
       ["fusion", "fusion", "loop_fusion", "sm90_xmma_gemm"]
+
+
+def test_bench_gpu_script_runs_each_lead_with_its_flags_and_tabulates_failures(tmp_path):
+  """launch/bench_gpu.sh's plumbing, with a stand-in for `python -m visionfm_jax.bench` (no GPU here): each lead
+  reaches the bench with its XLA flag after the H100 file's and its extra arguments; a failing setup gets a
+  line naming why; the table lists every row."""
+  stub = tmp_path / "python"
+  stub.write_text(f"""#!/usr/bin/env bash
+if [[ $1 == -m && $2 == visionfm_jax.bench ]]; then
+  [[ " $* " == *scan=False* ]] && {{ echo "RESOURCE_EXHAUSTED: out of memory" >&2; exit 1; }}
+  exec {sys.executable} -c 'import json, os, sys; print(json.dumps(dict(img_per_sec=280.0, mfu=0.28, compile_s=9.0, \\
+peak_bytes_in_use=2**34, xla_flags=os.environ["XLA_FLAGS"], argv=sys.argv[1:])))' "$@"
+fi
+exec {sys.executable} "$@"
+""")
+  stub.chmod(0o755)
+  out = tmp_path / "leads.jsonl"
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": ""})
+  assert proc.returncode == 0, proc.stderr
+  rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
+  assert list(rows) == ["planned", "unrolled", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt",
+                        "no_latency_hiding"]
+  assert rows["unrolled"]["failed"] == "out of memory"
+  flags = rows["triton_gemm"]["xla_flags"].split()
+  assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
+  assert "--xla_gpu_enable_triton_gemm=true" not in rows["planned"]["xla_flags"]
+  assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
+          "--config.model.attention=cudnn"} <= set(rows["planned"]["argv"])
+  table = proc.stdout.splitlines()
+  assert len(table) == 8 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  assert all(r.get("model") == "vit_h14" for r in rows.values())

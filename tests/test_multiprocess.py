@@ -93,7 +93,8 @@ def test_initialize_passes_local_device_ids(initialize_calls, monkeypatch):
 
 # ---------------------------------------------------------------------------------------- launch scripts
 
-@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/xla_flags_h100.sh"])
+@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/xla_flags_h100.sh",
+                                    "launch/gpu_check.sh", "launch/bench_gpu.sh"])
 def test_launch_script_syntax(script):
   proc = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
   assert proc.returncode == 0, proc.stderr

@@ -235,10 +235,12 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
     writer = metrics.MetricWriter(workdir)
-    last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
-                 writer, task)
-    checkpointer.close()
-    writer.close()
+    try:
+      last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
+                   writer, task)
+      checkpointer.close()
+    finally:  # a run that stops on an error still flushes its metrics (tensorboardX's exit hook cannot on 3.12)
+      writer.close()
   return last
 
 
