@@ -142,16 +142,19 @@ def test_bench_profiles_the_step_and_names_its_busiest_operations(capsys, tmp_pa
   code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, f"--profile={tmp_path}",
                         "--profile_steps=2")
   assert code == 0, err
-  profile = json.loads(out.strip().splitlines()[-1])["profile"]
+  result = json.loads(out.strip().splitlines()[-1])
+  profile = result["profile"]
   assert profile["trace"].startswith(str(tmp_path)) and profile["trace"].endswith("perfetto_trace.json.gz")
   assert profile["steps"] == 2 and profile["timelines"]
   busiest = profile["timelines"][0]
   assert busiest["busy_us"] > 0 and busiest["ops"]
+  # Busy time per traced step against the median untraced step: the share a GPU stream idles is 1 minus it.
+  assert busiest["busy_share_of_step"] == pytest.approx(busiest["busy_us"] / 2 / 1e6 / result["step_s"])
   shares = [op["share"] for op in busiest["ops"]]
   assert shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
   assert all(op["count"] >= 1 and op["us"] > 0 for op in busiest["ops"])
   assert not any(t["timeline"].endswith(" python") for t in profile["timelines"])  # the interpreter is not a timeline
-  assert "ms busy per step" in out
+  assert "ms busy per step (" in out and "of the step)" in out
 
 
 def test_profile_self_times_add_up_without_counting_twice():

@@ -165,7 +165,8 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   result["loss"] = ours.loss()
   if profile:
     trace = profile_lib.trace_steps(ours.timed_step, profile_steps, profile)
-    result["profile"] = {"trace": trace, "steps": profile_steps, "timelines": profile_lib.summarize(trace)}
+    timelines = profile_lib.add_step_shares(profile_lib.summarize(trace), profile_steps, result["step_s"])
+    result["profile"] = {"trace": trace, "steps": profile_steps, "timelines": timelines}
   if compare:
     theirs = summarize(times[compare])
     result[compare] = {**theirs, "img_per_sec": config.global_batch_size / theirs["step_s"],

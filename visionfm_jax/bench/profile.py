@@ -103,8 +103,19 @@ def summarize(trace_path: str, top: int = TOP) -> list[dict]:
   return sorted(out, key=lambda timeline: -timeline["busy_us"])
 
 
+def add_step_shares(timelines: list[dict], steps: int, step_s: float) -> list[dict]:
+  """Sets each timeline's `busy_share_of_step`: its busy time per traced step over the (untraced) median step
+  time. Well below 1 on the GPU's stream, the device waits between kernels (launches, host, synchronisation);
+  near 1, the time is in the kernels themselves, and the ranking says which."""
+  for timeline in timelines:
+    timeline["busy_share_of_step"] = timeline["busy_us"] / steps / 1e6 / step_s
+  return timelines
+
+
 def print_summary(timelines: list[dict], steps: int) -> None:
   for timeline in timelines:
-    print(f"{timeline['timeline']}: {timeline['busy_us'] / steps / 1e3:.1f} ms busy per step")
+    share = timeline.get("busy_share_of_step")
+    of_step = f" ({share:.0%} of the step)" if share is not None else ""
+    print(f"{timeline['timeline']}: {timeline['busy_us'] / steps / 1e3:.1f} ms busy per step{of_step}")
     for op in timeline["ops"]:
       print(f"  {op['share']:6.1%} {op['us'] / steps / 1e3:9.2f} ms/step {op['count'] // steps:6d} x  {op['kind']}")
