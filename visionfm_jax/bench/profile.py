@@ -24,6 +24,7 @@ import jax
 
 HOST_THREADS = re.compile(r"^(python|pythonw?|tf_XLAEigen.*)$")  # not the step's operations
 TOP = 15
+NAME_WIDTH = 120  # printed kinds are cut here: a GPU stream's kernel names run to hundreds of characters
 
 
 def trace_steps(run_step, steps: int, log_dir: str) -> str:
@@ -118,4 +119,5 @@ def print_summary(timelines: list[dict], steps: int) -> None:
     of_step = f" ({share:.0%} of the step)" if share is not None else ""
     print(f"{timeline['timeline']}: {timeline['busy_us'] / steps / 1e3:.1f} ms busy per step{of_step}")
     for op in timeline["ops"]:
-      print(f"  {op['share']:6.1%} {op['us'] / steps / 1e3:9.2f} ms/step {op['count'] // steps:6d} x  {op['kind']}")
+      kind = op["kind"] if len(op["kind"]) <= NAME_WIDTH else op["kind"][:NAME_WIDTH - 3] + "..."
+      print(f"  {op['share']:6.1%} {op['us'] / steps / 1e3:9.2f} ms/step {op['count'] // steps:6d} x  {kind}")
