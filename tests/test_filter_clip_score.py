@@ -25,6 +25,7 @@ STEP = 3
 BATCH = 8  # one row per simulated device
 FILE_SIZES = (11, 6, 9)  # pairs per input file: each file's last batch is padded
 BAD = ("corrupt", "bad-image", "no-caption")  # the records file 0 adds: none scored, all counted
+UNDECODABLE, UNCAPTIONED = 2, 1  # of BAD
 # The reference embeddings compile quickly (XLA CPU without its expensive optimisations): they run in ms.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -198,7 +199,8 @@ def test_keeps_exactly_the_pairs_at_or_above_the_threshold(inputs, scores, refer
 
   summary = json.loads(open(os.path.join(single, fcs.HISTOGRAM_JSON), encoding="utf-8").read())
   assert summary["total"] == sum(summary["counts"]) == len(pairs)
-  assert summary["kept"] == len(want) and summary["undecodable"] == len(BAD)
+  assert summary["kept"] == len(want) and summary["undecodable"] == UNDECODABLE
+  assert summary["uncaptioned"] == UNCAPTIONED
   assert summary["threshold"] == threshold and summary["step"] == STEP
   assert len(summary["bin_edges"]) == len(summary["counts"]) + 1 == fcs.BINS + 1
   assert summary["bin_edges"][0] == -1.0 and summary["bin_edges"][-1] == 1.0
@@ -211,12 +213,14 @@ def test_keeps_exactly_the_pairs_at_or_above_the_threshold(inputs, scores, refer
 
   metadata = records.read_metadata(single)
   assert metadata["kind"] == "pairs" and metadata["clip_filter"]["kept"] == len(want)
+  assert metadata["clip_filter"]["uncaptioned"] == UNCAPTIONED
   assert metadata["splits"] == {"train": {"records": len(want), "shards": sorted(outputs), "source": "shapes"}}
 
 
-def test_undecodable_records_are_counted_per_file(files, single):
+def test_undecodable_and_uncaptioned_records_are_counted_per_file(files, single):
   stats = {p: json.loads(open(fcs.output_paths(single, p)[1], encoding="utf-8").read()) for p in files}
-  assert [s["undecodable"] for s in stats.values()] == [len(BAD), 0, 0]
+  assert [s["undecodable"] for s in stats.values()] == [UNDECODABLE, 0, 0]
+  assert [s["uncaptioned"] for s in stats.values()] == [UNCAPTIONED, 0, 0]
   assert [s["total"] for s in stats.values()] == list(FILE_SIZES)
   assert all(sum(s["histogram"]) == s["total"] for s in stats.values())
 
@@ -288,7 +292,7 @@ def test_cli(clip, inputs, scorer, threshold, single, tmp_path, capsys, monkeypa
   summary = json.loads(open(os.path.join(single, fcs.HISTOGRAM_JSON), encoding="utf-8").read())
   assert len(lines) == len(FILE_SIZES) + 1, lines  # a line per file, then the summary
   assert lines[-1].startswith(f"kept {summary['kept']} of {len(inputs[1])} pairs (")
-  assert f"at threshold {threshold:g}; {len(BAD)} undecodable;" in lines[-1]
+  assert f"at threshold {threshold:g}; {UNDECODABLE} undecodable; {UNCAPTIONED} uncaptioned;" in lines[-1]
   assert _outputs(tmp_path / "out") == _outputs(single)
 
 

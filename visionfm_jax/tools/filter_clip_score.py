@@ -20,7 +20,8 @@ Written to DIR, which every process must see:
                      place (as tools.prepare_data's sidecars): a records file in DIR is finished, and a rerun
                      skips it (resuming an interrupted run) but still has its counts
   histogram.json     (process 0, once all are done) the counts of all scored pairs in 200 bins over [-1, 1]
-                     ('bin_edges', 'counts'), 'kept', 'total' (pairs scored), 'undecodable', 'threshold'
+                     ('bin_edges', 'counts'), 'kept', 'total' (pairs scored), 'undecodable', 'uncaptioned',
+                     'threshold'
   histogram.txt      the same as a text bar chart, with quantiles
   dataset.json       kind 'pairs': per split its kept 'records' and its 'shards' (file names), the other fields
                      of the input's split entry (but 'class_counts') and the input's 'classes' copied, and
@@ -28,9 +29,10 @@ Written to DIR, which every process must see:
                      shards in the dataset.json next to it names it, else its name's prefix before the first
                      '-' (as in records.shard_name's '<split>-00000-of-00008.array_record'), else 'train'.
 
-Corrupt records, images that do not decode and records without a caption are dropped and counted as
-undecodable. Prints a line per file, then `kept K of N pairs (F) at threshold T; U undecodable; S s` (N counts
-the pairs scored). Errors print one line naming the culprit and exit with status 2.
+Corrupt records and images that do not decode are dropped and counted as undecodable; records without a
+caption (uncaptioned images, which a mixture trains on unfiltered) are dropped and counted as uncaptioned.
+Prints a line per file, then `kept K of N pairs (F) at threshold T; U undecodable; C uncaptioned; S s` (N
+counts the pairs scored). Errors print one line naming the culprit and exit with status 2.
 
 On the devices: params replicated on each of this process's devices (so the model must fit on one), every
 batch split across them, one jitted function for all batches (the last one padded to --batch_size, which is
@@ -137,18 +139,23 @@ def score_histogram(scores) -> np.ndarray:
 
 class _RememberingSource:
   """One input file's records for pipeline.EvalReader, each record it reads kept in `read` (the fields of
-  the kept pairs go to the output). A record without a caption reads as an undecodable one."""
+  the kept pairs go to the output). A record without a caption reads as an undecodable one, and is counted
+  in `uncaptioned` unless it is a corrupt record's placeholder (no image)."""
 
   def __init__(self, path: str):
     self.source = records.ArrayRecordSource(glob.escape(path))
     self.read = {}
+    self.uncaptioned = 0
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, index) -> dict:
     record = self.read[int(index)] = self.source[index]
-    return record if "caption" in record else {"image": None}
+    if "caption" in record:
+      return record
+    self.uncaptioned += record.get("image") is not None
+    return {"image": None}
 
 
 def _decode_threads() -> int:
@@ -179,17 +186,25 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
           writer.write(_kept_record(record, score))
       histogram += score_histogram(scores[valid])
     stats = file_stats(path, scorer, threshold, kept=writer.count, histogram=histogram,
-                       undecodable=total - int(histogram.sum()))
+                       undecodable=total - int(histogram.sum()) - source.uncaptioned,
+                       uncaptioned=source.uncaptioned)
     _write_json(stats_path, stats)
   return stats
 
 
-def file_stats(path: str, scorer: ClipScorer, threshold: float, *, kept: int, histogram, undecodable: int) -> dict:
+def file_stats(path: str, scorer: ClipScorer, threshold: float, *, kept: int, histogram, undecodable: int,
+               uncaptioned: int) -> dict:
   """What the sidecar of one input file holds: its counts ('total': pairs scored), score histogram, and what
   filtered it."""
   return {"input": path, "kept": int(kept), "total": int(np.sum(histogram)), "undecodable": int(undecodable),
+          "uncaptioned": int(uncaptioned),
           "histogram": [int(c) for c in histogram], "threshold": float(threshold),
           "checkpoint": scorer.checkpoint, "step": scorer.step}
+
+
+def _uncaptioned(stats: dict) -> int:
+  """A file's uncaptioned count (0 in sidecars written before it was counted apart from the undecodable)."""
+  return stats.get("uncaptioned", 0)
 
 
 def _write_json(path: str, value) -> None:
@@ -243,8 +258,8 @@ def filter_files(scorer: ClipScorer, files: Sequence[str], output: str, threshol
       note = f"{time.perf_counter() - began:.1f} s"
     results[path] = stats
     if progress:
-      progress(f"{path}: kept {stats['kept']} of {stats['total']} pairs, {stats['undecodable']} undecodable "
-               f"({note})")
+      progress(f"{path}: kept {stats['kept']} of {stats['total']} pairs, {stats['undecodable']} undecodable, "
+               f"{_uncaptioned(stats)} uncaptioned ({note})")
   return results
 
 
@@ -267,7 +282,8 @@ def histogram_text(summary: dict) -> str:
   """histogram.txt: the counts, the quantiles and a bar chart of `summary` (histogram.json's dict)."""
   total, threshold = summary["total"], summary["threshold"]
   lines = [f"CLIP scores of {total} pairs from {summary['files']} files ({summary['checkpoint']}, step "
-           f"{summary['step']}); {summary['undecodable']} undecodable records",
+           f"{summary['step']}); {summary['undecodable']} undecodable and {summary['uncaptioned']} uncaptioned "
+           "records",
            f"threshold {threshold:g}: kept {summary['kept']} ({summary['kept_fraction']:.2%})"]
   if not total:
     return "\n".join(lines + ["no pairs scored"]) + "\n"
@@ -323,6 +339,7 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
   kept, total = sum(s["kept"] for s in stats.values()), int(counts.sum())
   summary = {"threshold": threshold, "kept": kept, "total": total,
              "undecodable": sum(s["undecodable"] for s in stats.values()),
+             "uncaptioned": sum(_uncaptioned(s) for s in stats.values()),
              "kept_fraction": kept / total if total else 0.0, "files": len(files),
              "checkpoint": first["checkpoint"], "step": first["step"],
              "bin_edges": [round(float(e), 6) for e in bin_edges()], "counts": counts.tolist()}
@@ -332,7 +349,7 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
   splits, classes = dataset_splits(files, stats)
   records.write_metadata(output, kind="pairs", splits=splits, classes=classes, clip_filter={
       "threshold": threshold, "checkpoint": summary["checkpoint"], "step": summary["step"],
-      "kept": kept, "total": total, "undecodable": summary["undecodable"]})
+      "kept": kept, "total": total, "undecodable": summary["undecodable"], "uncaptioned": summary["uncaptioned"]})
   return summary
 
 
@@ -378,7 +395,8 @@ def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size
 
 def summary_line(summary: dict) -> str:
   return (f"kept {summary['kept']} of {summary['total']} pairs ({summary['kept_fraction']:.4f}) at threshold "
-          f"{summary['threshold']:g}; {summary['undecodable']} undecodable; {summary['seconds']:.1f} s")
+          f"{summary['threshold']:g}; {summary['undecodable']} undecodable; {summary['uncaptioned']} uncaptioned; "
+          f"{summary['seconds']:.1f} s")
 
 
 def _main(fv, rest: list[str]) -> None:
