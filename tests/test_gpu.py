@@ -115,7 +115,7 @@ def test_causal_text_tower_on_cudnn(dtype, pool):
 
 def _demo(name: str, **fields):
   config = importlib.import_module(f"configs.{name}").get_config("demo")
-  return override(config, global_batch_size=16, grad_accum_steps=1, **fields)
+  return override(config, **{"global_batch_size": 16, "grad_accum_steps": 1, **fields})
 
 
 ATTENTION_FIELDS = {"vit_huge": ("model.attention",), "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
@@ -131,11 +131,15 @@ def _params(bench):
   return jax.tree.leaves(jax.device_get(bench.state.params))
 
 
+@pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("name", list(ATTENTION_FIELDS))
-def test_one_bf16_train_step_of_each_seed_model(name):
+def test_one_bf16_train_step_of_each_seed_model(name, micro_batches):
   """train.py's step (bench/step.py: same jit, shardings, donation) of each demo model in bf16 with cuDNN
-  attention: finite loss and gradient norm, and the params move (at the second step: warmup starts at lr 0)."""
-  config = _demo(name, **{"precision.compute_dtype": "bfloat16"}, **{f: "cudnn" for f in ATTENTION_FIELDS[name]})
+  attention: finite loss and gradient norm, and the params move (at the second step: warmup starts at lr 0).
+  With 2 micro-batches, as the SwinV2-G-CLIP and Aurora-XL defaults run: CLIP's and Aurora's two-pass split of
+  the whole-batch loss (a feature pass, then each micro-batch's backward), ViT's plain accumulation."""
+  config = _demo(name, **{"precision.compute_dtype": "bfloat16", "grad_accum_steps": micro_batches},
+                 **{f: "cudnn" for f in ATTENTION_FIELDS[name]})
   bench = step_lib.JaxStep(config, jax.devices()[:1])
   _step(bench)
   before = _params(bench)
