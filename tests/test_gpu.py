@@ -5,7 +5,9 @@ overflow, and a short run that checkpoints and resumes. launch/gpu_check.sh runs
 Attention is compared through errors against an fp32 reference: in bf16/fp16 the cuDNN path may differ from our
 softmax path by rounding, but its error must stay of the order of the softmax path's own."""
 
+import faulthandler
 import importlib
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -200,3 +202,26 @@ def test_the_transfer_guard_catches_a_device_read_between_logging_steps(tmp_path
   read_the_loss_after_every_step(monkeypatch)
   with pytest.raises(Exception, match="(?i)disallowed device-to-host transfer"):
     train.run(config, str(tmp_path))
+
+
+def test_rerun_after_the_newest_checkpoint_is_deleted_on_gpu(tmp_path):
+  """A 4-step bf16 run checkpointing every step; with its step-4 checkpoint deleted, the rerun resumes from step 3
+  and ends where the run did. Session 11's device call saw this hang on the GPU (it passes on CPU), with no stack
+  to say where: if it hangs again, every thread's stack is dumped after 300 s and the process exits. Being the
+  file's last test, that costs no other test its run."""
+  def config():
+    c = tiny_vit_config(total_steps=4, log_every=1, eval_every=100, checkpoint_every=1, strategy="ddp")
+    c.data.num_workers = 0
+    c.data.eval_examples = 16
+    c.precision.compute_dtype = "bfloat16"
+    return c
+  faulthandler.dump_traceback_later(300, exit=True)
+  try:
+    first = train.run(config(), str(tmp_path))
+    shutil.rmtree(tmp_path / "checkpoints" / "4")
+    rerun = train.run(config(), str(tmp_path))
+  finally:
+    faulthandler.cancel_dump_traceback_later()
+  assert first["step"] == rerun["step"] == 4
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit())[-1] == 4
+  np.testing.assert_allclose(rerun["train/loss"], first["train/loss"], rtol=1e-3)
