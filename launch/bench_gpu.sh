@@ -46,14 +46,15 @@ lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags
   LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py dots_saveable cudnn 64 "$@"
 }
 
-if [[ $mode == leads ]]; then
+if [[ $mode == leads ]]; then  # ~40 s a row; each bounded to 240 s (RUN_TIMEOUT), to fit one 10-minute device call
+  RUN_TIMEOUT=${RUN_TIMEOUT:-240}
   lead planned ""
-  lead unrolled "" --config.model.scan=False
   lead triton_gemm --xla_gpu_enable_triton_gemm=true
   lead cuda_graphs --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL
   lead cuda_graphs_while --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,WHILE
   lead cublaslt --xla_gpu_enable_cublaslt=true
   lead no_latency_hiding --xla_gpu_enable_latency_hiding_scheduler=false
+  lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound
 elif [[ $mode == quick ]]; then
   run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64
   run swinv2_g configs/swinv2_cls.py:G nothing_saveable cudnn 32

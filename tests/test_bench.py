@@ -189,8 +189,8 @@ exec {sys.executable} "$@"
                         text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stderr
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
-  assert list(rows) == ["planned", "unrolled", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt",
-                        "no_latency_hiding"]
+  assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt", "no_latency_hiding",
+                        "unrolled"]
   assert rows["unrolled"]["failed"] == "out of memory"
   flags = rows["triton_gemm"]["xla_flags"].split()
   assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
