@@ -283,6 +283,9 @@ def test_bad_configs():
   with pytest.raises(ConfigError, match="config.data.seg_scale_range"):
     dense.make_dense_train_loader(data_config(seg_scale_range=(2.0, 1.0)), "segmentation", batch_size=2, seed=0,
                                   process_index=0, process_count=1)
+  with pytest.raises(ConfigError, match=r"config.data.mixture \(1 entries\): segmentation trains on one source"):
+    dense.make_dense_train_loader(data_config(source="", mixture=(("scenes", 1.0),)), "segmentation", batch_size=2,
+                                  seed=0, process_index=0, process_count=1)
   with pytest.raises(DataError, match="records have no 'boxes'.*detection reads"):
     dense.make_dense_train_loader(data_config(source="shapes"), "detection", batch_size=2, seed=0,
                                   process_index=0, process_count=1)
