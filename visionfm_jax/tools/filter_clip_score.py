@@ -139,23 +139,23 @@ def score_histogram(scores) -> np.ndarray:
 
 class _RememberingSource:
   """One input file's records for pipeline.EvalReader, each record it reads kept in `read` (the fields of
-  the kept pairs go to the output). A record without a caption reads as an undecodable one, and is counted
-  in `uncaptioned` unless it is a corrupt record's placeholder (no image)."""
+  the kept pairs go to the output). A record without a caption reads as an undecodable one."""
 
   def __init__(self, path: str):
     self.source = records.ArrayRecordSource(glob.escape(path))
     self.read = {}
-    self.uncaptioned = 0
 
   def __len__(self) -> int:
     return len(self.source)
 
   def __getitem__(self, index) -> dict:
     record = self.read[int(index)] = self.source[index]
-    if "caption" in record:
-      return record
-    self.uncaptioned += record.get("image") is not None
-    return {"image": None}
+    return record if "caption" in record else {"image": None}
+
+
+def _is_uncaptioned(record: dict) -> bool:
+  """An image without a caption (a corrupt record's placeholder has no image)."""
+  return "caption" not in record and record.get("image") is not None
 
 
 def _decode_threads() -> int:
@@ -175,10 +175,11 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
   reader = pipeline.EvalReader(source, scorer.image_size, example, preprocess=scorer.preprocess)
   total, size = len(source), scorer.batch_size
   batches = pipeline.eval_batches(reader, range(total), -(-total // size), size, threads=_decode_threads())
-  histogram = np.zeros(BINS, np.int64)
+  histogram, uncaptioned = np.zeros(BINS, np.int64), 0
   with records.RecordWriter(out_path) as writer:
     for start, batch in zip(range(0, total, size), batches):
       read = [source.read.pop(i) for i in range(start, min(start + size, total))]
+      uncaptioned += sum(map(_is_uncaptioned, read))
       valid = batch["mask"][:len(read)]
       scores = scorer(batch)[:len(read)].astype(np.float64)  # compared in float64: exactly the stored scores
       for record, score, ok in zip(read, scores, valid):
@@ -186,8 +187,7 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
           writer.write(_kept_record(record, score))
       histogram += score_histogram(scores[valid])
     stats = file_stats(path, scorer, threshold, kept=writer.count, histogram=histogram,
-                       undecodable=total - int(histogram.sum()) - source.uncaptioned,
-                       uncaptioned=source.uncaptioned)
+                       undecodable=total - int(histogram.sum()) - uncaptioned, uncaptioned=uncaptioned)
     _write_json(stats_path, stats)
   return stats
 
