@@ -1,5 +1,6 @@
 """The training-step benchmark (`python -m visionfm_jax.bench`) end to end on tiny configs, with the PyTorch twin."""
 
+import gzip
 import json
 import os
 import subprocess
@@ -167,6 +168,35 @@ def test_profile_self_times_add_up_without_counting_twice():
   assert sum(own.values()) == 110.0  # the busy time: 0..100 and 120..130
   assert [profile.op_kind(n) for n in ("fusion.12", "end: fusion.12", "loop_fusion", "sm90_xmma_gemm")] == \
       ["fusion", "fusion", "loop_fusion", "sm90_xmma_gemm"]
+
+
+def test_profile_of_a_gpu_trace_reads_the_device_timelines_only(tmp_path):
+  """A trace shaped as the profiler writes one on a GPU (no GPU trace has been parsed here yet): device
+  processes named /device:..., whose lines (modules, XLA ops, each stream's kernels) are timelines of their own;
+  the host's threads, XLA's client threads included, are left out once a device process exists."""
+  from visionfm_jax.bench import profile  # pylint: disable=g-import-not-at-top
+  meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
+  op = lambda pid, tid, name, ts, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
+  events = [meta("process_name", 1, "/device:GPU:0"), meta("thread_name", 1, "XLA Modules", 1),
+            meta("thread_name", 1, "XLA Ops", 2), meta("thread_name", 1, "Stream #14(Compute)", 3),
+            meta("process_name", 701, "/host:CPU"), meta("thread_name", 701, "python", 5),
+            meta("thread_name", 701, "tf_XLAPjRtCpuClient/123", 6)]
+  for step in range(2):  # two steps of 100 us: 80 us of kernels, 20 us idle
+    t = 1000 * step
+    events += [op(1, 1, "jit_train_step(1)", t, 80), op(1, 2, "fusion.3", t, 30), op(1, 2, "fusion.17", t + 30, 10),
+               op(1, 2, "custom-call.2", t + 40, 40), op(1, 3, "sm90_xmma_gemm_bf16", t, 40),
+               op(1, 3, "loop_add_fusion", t + 40, 40), op(701, 5, "train_step", t, 100),
+               op(701, 6, "ThunkExecutor::Execute", t, 90)]
+  path = tmp_path / "perfetto_trace.json.gz"
+  with gzip.open(path, "wt") as f:
+    json.dump({"traceEvents": events}, f)
+  timelines = {t["timeline"]: t for t in profile.add_step_shares(profile.summarize(str(path)), 2, 100e-6)}
+  assert sorted(timelines) == ["/device:GPU:0 Stream #14(Compute)", "/device:GPU:0 XLA Modules",
+                               "/device:GPU:0 XLA Ops"]
+  ops = timelines["/device:GPU:0 XLA Ops"]
+  assert ops["busy_us"] == 160 and ops["busy_share_of_step"] == pytest.approx(0.8)
+  assert [(o["kind"], o["us"], o["count"]) for o in ops["ops"]] == [("fusion", 80, 4), ("custom-call", 80, 2)]
+  assert timelines["/device:GPU:0 XLA Modules"]["ops"][0]["kind"] == "jit_train_step(1)"
 
 
 def test_bench_gpu_script_runs_each_lead_with_its_flags_and_tabulates_failures(tmp_path):
