@@ -345,3 +345,18 @@ def test_caption_cli_errors(trained, tmp_path, capsys):
 def test_length_penalty_factor():
   assert math.isclose(float(generate.length_penalty_factor(jnp.int32(7), 0.6)), 2.0 ** 0.6, rel_tol=1e-6)
   assert float(generate.length_penalty_factor(jnp.int32(7), 0.0)) == 1.0
+
+
+def test_caption_images_take_the_runs_evaluation_view(tmp_path):
+  """An image file is cropped as the run's evaluation crops (config.data.eval_preprocess: Aurora's is CLIP's)."""
+  from visionfm_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  image = np.random.default_rng(0).integers(0, 256, (30, 47, 3), dtype=np.uint8)
+  png = tmp_path / "wide.png"
+  Image.fromarray(image).save(png)
+  views = {}
+  for preprocess in ("inception", "clip"):
+    config = tiny_aurora_config(**{"data.eval_preprocess": preprocess})
+    _, [views[preprocess]] = caption.load_images([str(png)], config)
+    want = transforms.EvalTransform(16, preprocess).map({"image": image})["image"]
+    np.testing.assert_array_equal(views[preprocess], want)
+  assert not np.array_equal(views["inception"], views["clip"])

@@ -60,22 +60,23 @@ def parse_shapes_range(entry: str) -> range:
   return range(a, b + 1)
 
 
-def read_image(path: str, size: int) -> np.ndarray:
-  """An image file -> uint8 (size, size, 3) by the eval transform."""
+def read_image(path: str, size: int, preprocess: str = "inception") -> np.ndarray:
+  """An image file -> uint8 (size, size, 3) by the eval transform (`preprocess`: config.data.eval_preprocess)."""
   try:
     with open(path, "rb") as f:
       data = f.read()
-    image = transforms.decode_image(data, transforms.eval_decode_side(size))
+    image = transforms.decode_image(data, transforms.eval_decode_side(size, preprocess))
   except OSError as e:
     raise UserError(f"--images: cannot read {path}: {e.strerror or e}") from e
   except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
     raise UserError(f"--images: cannot decode {path}: {e}") from e
-  return transforms.EvalTransform(size).map({"image": image})["image"]
+  return transforms.EvalTransform(size, preprocess).map({"image": image})["image"]
 
 
 def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndarray]]:
-  """(names, uint8 images at the model's size) of the --images entries, in order."""
-  size = config.data.image_size
+  """(names, uint8 images at the model's size, viewed as the run's evaluation views them) of the --images
+  entries, in order."""
+  size, preprocess = config.data.image_size, config.data.get("eval_preprocess", "inception")
   names, images = [], []
   for entry in entries:
     if entry.startswith(SHAPES_PREFIX):
@@ -84,10 +85,10 @@ def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndar
                                    caption_style=config.data.get("shapes_captions", "full"))
       for i in records:
         names.append(f"{SHAPES_PREFIX}{i}")
-        images.append(transforms.EvalTransform(size).map(source[i])["image"])
+        images.append(transforms.EvalTransform(size, preprocess).map(source[i])["image"])
     else:
       names.append(entry)
-      images.append(read_image(entry, size))
+      images.append(read_image(entry, size, preprocess))
   return names, images
 
 
