@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import jax
@@ -108,6 +109,30 @@ def test_slurm_script_gives_each_task_all_gpus_of_its_node():
   proc = subprocess.run(["bash", "-c", "".join(lines) + 'echo "$JAX_LOCAL_DEVICE_IDS"'], env=env,
                         capture_output=True, text=True, timeout=30)
   assert proc.stdout.strip() == "0,1,2,3", proc.stderr
+
+
+def _launch_xla_flags() -> list[str]:
+  """Every XLA flag that launch/ sets: xla_flags_h100.sh's, and the ones bench_gpu.sh's leads add to them."""
+  flags = []
+  for script in ("launch/xla_flags_h100.sh", "launch/bench_gpu.sh"):
+    with open(os.path.join(ROOT, script), encoding="utf-8") as f:
+      flags += re.findall(r"(?<![\w$])--xla_[a-z0-9_]+=[^\s\"')]*", f.read())
+  return flags
+
+
+def test_launch_scripts_set_only_xla_flags_this_xla_knows():
+  """XLA aborts a process at its first use of a backend when XLA_FLAGS names a flag it does not know (flags are
+  renamed and dropped between releases), so a GPU job would die at start-up; the GPU flags parse on any backend."""
+  flags = _launch_xla_flags()
+  assert len(flags) >= 8 and any(f.startswith("--xla_gpu_enable_command_buffer=") for f in flags), flags
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
+  proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  env["XLA_FLAGS"] = "--xla_gpu_no_such_flag_for_the_test=true"  # the check above can fail
+  proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
+                        text=True, timeout=120)
+  assert proc.returncode != 0 and "no_such_flag" in proc.stderr, proc.stderr[-2000:]
 
 
 # -------------------------------------------------------------------------------------- 2 processes, gloo
