@@ -103,7 +103,7 @@ def get_config(arg: str | None = None):
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
   set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
-             clip_norm=1.0, no_decay=("pos_embed", "cls_token", "cpb_mlp", "mask_token", "queries"))
+             clip_norm=1.0)
   # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps
   set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000)
   config.precision.compute_dtype = "bfloat16"

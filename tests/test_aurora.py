@@ -1,5 +1,7 @@
 """Aurora-Vision-XL: size, masking, the split loss and two-pass accumulation, config errors."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -13,6 +15,7 @@ from visionfm_jax import config_lib, tasks
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import summary
+from visionfm_jax.training import param_rules
 
 
 def _pair_batches(config, n, seed=0, uncaptioned=0.25):
@@ -62,6 +65,15 @@ def test_default_config_has_the_seeds_3_7b_parameters():
   assert abs(s["total_params"] / 3.7e9 - 1) < 0.02, s["total_params"]
   assert s["modules"]["encoder"] == 2_997_815_008 + 512  # SwinV2-G without head, plus the mask token
   assert s["total_params"] == 3_704_005_857
+
+
+def test_every_no_decay_rule_exempts_a_kernel():
+  """Only kernels decay (optim.decay_mask_fn), so a no_decay rule that matches no kernel would do nothing."""
+  config = tiny_aurora_config()
+  params = jax.eval_shape(tasks.build(config).init_variables, jax.random.key(0))["params"]
+  kernels = [name for name, _ in param_rules.named_leaves(params) if name.endswith("/kernel")]
+  for rule in config.optim.no_decay:
+    assert any(re.search(rule, name) for name in kernels), rule
 
 
 def test_uncaptioned_images_train_mim_only():

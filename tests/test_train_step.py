@@ -127,12 +127,18 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
   assert not np.allclose(jax.device_get(state.params["head"]["kernel"]), before[0]["head"]["kernel"])
 
 
-def test_weight_decay_mask():
-  params = {"blocks": {"attn": {"qkv": {"kernel": 1, "bias": 1}}, "norm1": {"ln": {"scale": 1, "bias": 1}}},
-            "pos_embed": 1, "cls_token": 1, "head": {"kernel": 1}}
-  mask = optim.decay_mask_fn(("pos_embed", "cls_token"))(params)
-  assert mask == {"blocks": {"attn": {"qkv": {"kernel": True, "bias": False}}, "norm1": {"ln": {"scale": False, "bias": False}}},
-                  "pos_embed": False, "cls_token": False, "head": {"kernel": True}}
+def test_weight_decay_mask_decays_only_kernels_and_no_decay_exempts_kernels():
+  params = {"blocks": {"attn": {"qkv": {"kernel": 1, "bias": 1}, "cpb_mlp": {"fc1": {"kernel": 1}}},
+                       "norm1": {"ln": {"scale": 1, "bias": 1}}},
+            "pos_embed": np.zeros((1, 5, 4)), "cls_token": 1, "head": {"kernel": 1}}
+  blocks = {"attn": {"qkv": {"kernel": True, "bias": False}, "cpb_mlp": {"fc1": {"kernel": True}}},
+            "norm1": {"ln": {"scale": False, "bias": False}}}
+  # No rule needed for a non-kernel leaf of any rank.
+  assert optim.decay_mask_fn(())(params) == {"blocks": blocks, "pos_embed": False, "cls_token": False,
+                                             "head": {"kernel": True}}
+  blocks["attn"]["cpb_mlp"]["fc1"]["kernel"] = False
+  assert optim.decay_mask_fn(("cpb_mlp",))(params) == {"blocks": blocks, "pos_embed": False, "cls_token": False,
+                                                       "head": {"kernel": True}}
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():

@@ -144,9 +144,10 @@ def optim_config() -> ml_collections.ConfigDict:
       b2=0.999,
       eps=1e-8,
       weight_decay=0.05,
-      # Regexes over '/'-joined param paths that get no weight decay; 1-D params (biases, norms) never do.
-      # SwinV2's position-bias MLP ('cpb_mlp') and logit scales do not decay either (the official recipe).
-      no_decay=("pos_embed", "cls_token", "cpb_mlp"),
+      # Only kernels decay (optim.decay_mask_fn): biases, norms, embeddings, tokens and logit scales never do.
+      # Regexes over '/'-joined param paths whose kernels do not decay either: SwinV2's position-bias MLP
+      # ('cpb_mlp'), as the official recipe has it.
+      no_decay=("cpb_mlp",),
       warmup_steps=1000,
       end_lr=0.0,
       clip_norm=1.0,  # global norm; 0 disables

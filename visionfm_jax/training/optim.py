@@ -38,11 +38,12 @@ def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
 
 
 def decay_mask_fn(no_decay: tuple[str, ...]):
-  """Decay only weight matrices ('kernel' leaves) whose path matches none of the `no_decay` regexes.
+  """Decay only 'kernel' leaves whose path matches none of the `no_decay` regexes.
 
-  Biases, norm scales and other 1-D params are never kernels, so they never decay; position embeddings,
-  class tokens and the like are excluded by regex. Works on boxed (nn.Partitioned) and plain trees. A rule that
-  matches no param is no error here: the default list names params of several model families (`param_rules`).
+  No other leaf decays, whatever its rank: biases, norm scales, embedding tables, position embeddings, class
+  and mask tokens, learned queries, logit scales. So `no_decay` only exempts kernels under matching paths (e.g.
+  SwinV2's 'cpb_mlp'). Works on boxed (nn.Partitioned) and plain trees. A rule that matches no param is no error
+  here: the default list serves several model families (`param_rules`).
   """
   excluded = ParamRules.of_patterns(no_decay, field="config.optim.no_decay")
 

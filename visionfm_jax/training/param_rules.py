@@ -14,9 +14,9 @@ Who uses it, over which config field:
   config.init_from_skip     one regex: matching model params stay freshly initialised (init_from.load)
 
 A rule a config gives that matches no param is a typo or a wrong prefix: `require_matches` raises a ConfigError
-naming it, and lr_mults, freeze and init_from_skip ask for that check. no_decay does not: its default names
-params of several model families at once ('pos_embed' is ViT's, 'cpb_mlp' SwinV2's), so a rule of it may
-legitimately match nothing in a given model.
+naming it, and lr_mults, freeze and init_from_skip ask for that check. no_decay does not: its default serves
+every model family ('cpb_mlp' is SwinV2's; a ViT has none), so a rule of it may legitimately match nothing in
+a given model.
 """
 
 from __future__ import annotations
