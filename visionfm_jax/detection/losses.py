@@ -1,7 +1,7 @@
 """Detection losses: sigmoid focal loss and the set loss of dense detections given a one-to-one matching.
 
-With gradient accumulation `normalizer` is the global number of target boxes, so the micro-batch losses add
-up to the loss of the whole batch.
+The set loss is normalised by the batch's own number of target boxes: with gradient accumulation the loop
+averages the micro-batch losses (training/train.py).
 """
 
 from __future__ import annotations
@@ -30,15 +30,15 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.2
 
 def detection_set_loss(logits: jax.Array, pred_boxes: jax.Array, target_classes: jax.Array,
                        target_boxes: jax.Array, pred_index: jax.Array, *, class_weight: float = 2.0,
-                       l1_weight: float = 5.0, giou_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0,
-                       normalizer=None) -> tuple[jax.Array, dict[str, jax.Array]]:
+                       l1_weight: float = 5.0, giou_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0
+                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Set loss of dense detections given a one-to-one matching; fp32.
 
   logits (B, Q, C), pred_boxes (B, Q, 4) xyxy; target_classes (B, M) with -1 = padding, target_boxes (B, M, 4)
   in the same units; pred_index (B, M): the prediction matched to each target (-1: none), as from
   `matching.hungarian_match`. Focal loss over all B x Q x C outputs with the matched (prediction, class) pairs
   as positives, L1 (summed over the 4 coordinates) and 1 - GIoU over matched pairs; each part is summed and
-  divided by the number of target boxes (at least 1; `normalizer` overrides it, e.g. the global count).
+  divided by the number of target boxes (at least 1).
   Returns (class_weight * focal + l1_weight * l1 + giou_weight * giou, {"class", "l1", "giou"} unweighted).
   """
   batch, queries, num_classes = logits.shape
@@ -47,8 +47,7 @@ def detection_set_loss(logits: jax.Array, pred_boxes: jax.Array, target_classes:
   # Unmatched targets scatter out of bounds and are dropped.
   onehot = jnp.zeros((batch, queries, num_classes), jnp.float32).at[
       rows, jnp.where(matched, pred_index, queries), jnp.maximum(target_classes, 0)].set(1.0, mode="drop")
-  if normalizer is None:
-    normalizer = jnp.maximum(jnp.sum((target_classes >= 0).astype(jnp.float32)), 1.0)
+  normalizer = jnp.maximum(jnp.sum((target_classes >= 0).astype(jnp.float32)), 1.0)
   focal = jnp.sum(sigmoid_focal_loss(logits, onehot, alpha, gamma)) / normalizer
   picked = jnp.take_along_axis(pred_boxes.astype(jnp.float32), jnp.maximum(pred_index, 0)[..., None], axis=1)
   weight = matched.astype(jnp.float32)

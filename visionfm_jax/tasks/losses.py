@@ -10,9 +10,10 @@ lam * image_i + (1 - lam) * image_{i-1}, so its text targets are lam on text i a
 and text j's image targets are lam on image j and 1 - lam on image j+1. A `valid` mask (the captioned examples of
 a batch that mixes in uncaptioned images) takes the other examples out of both the rows and the columns.
 
-Captioning, MIM, segmentation and detection losses take an optional `normalizer`: with gradient accumulation
-each micro-batch divides its sum by the global count (non-pad tokens, masked pixels, labelled pixels, target
-boxes), so the micro-batch losses add up to the loss of the whole batch.
+Captioning and MIM losses take an optional `normalizer`: Aurora's split loss (tasks/aurora.py) divides each
+micro-batch's sum by the whole batch's count (non-pad tokens, masked pixels), so under gradient accumulation the
+micro-batch losses add up to the loss of the whole batch. Segmentation (and detection, `detection/losses.py`)
+divide by the micro-batch's own count, and the loop averages the micro-batch losses (training/train.py).
 """
 
 from __future__ import annotations
@@ -173,11 +174,7 @@ def segmentation_ce_terms(logits: jax.Array, labels: jax.Array, ignore_label: in
   return jnp.sum(nll * valid), jnp.sum(valid)
 
 
-def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255,
-                               normalizer=None) -> jax.Array:
-  """Mean per-pixel cross-entropy over labelled pixels (0 when every pixel is ignored); fp32.
-
-  `normalizer`: divide the sum by this (the global labelled-pixel count) instead of max(count, 1).
-  """
+def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> jax.Array:
+  """Mean per-pixel cross-entropy over labelled pixels (0 when every pixel is ignored); fp32."""
   total, count = segmentation_ce_terms(logits, labels, ignore_label)
-  return total / (jnp.maximum(count, 1.0) if normalizer is None else normalizer)
+  return total / jnp.maximum(count, 1.0)
