@@ -67,8 +67,8 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
         logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
         image=image,  # the image tower's own fields (drop_path, variant, ...); its pooled features are projected
         text=ml_collections.ConfigDict(dict(
-            variant="B",  # pico | mu | B | L | H (models/text.py SIZES; H: width 1024, 24 layers, 16 heads)
-            vocab_size=32000,  # must match the tokenizer (pad 0, unk 1, bos 2, eos 3)
+            variant="B",  # a key of models/text.py SIZES (B: width 512, 12 layers, 8 heads)
+            vocab_size=32000,  # at least the tokenizer's pieces (pad 0, unk 1, bos 2, eos 3)
             max_len=77,  # tokens per caption, BOS and EOS included
             eos_id=3,  # pooled position: the first eos_id of each row (pool='eos')
             pool="eos",  # eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)

@@ -155,7 +155,7 @@ class TextTransformer(nn.Module):
 
 
 def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, kernels: str) -> TextTransformer:
-  """Builds the text tower from `config.model.text` (variant 'pico' ... 'H'); raises ValueError naming the field."""
+  """Builds the text tower from `config.model.text` (variant: a key of SIZES); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
   for field in ("vocab_size", "max_len"):
     if int(text_cfg[field]) <= 0:

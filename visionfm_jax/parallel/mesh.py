@@ -1,6 +1,6 @@
 """The device mesh: axes (data, fsdp, tensor).
 
-Devices are ordered by (process, local id) and reshaped row-major, so the trailing axes (tensor, then fsdp)
+Devices are ordered by (process index, device id) and reshaped row-major, so the trailing axes (tensor, then fsdp)
 stay within a host when they fit: put the sharded-state axis (fsdp) within a node and the replica axis
 (data) across nodes, the hybrid layout of HSDP / ZeRO++.
 """

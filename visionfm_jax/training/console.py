@@ -3,7 +3,7 @@
 `configure(verbose)` sets up the stderr handler once per program: every line is `HH:MM:SS message`
 (`HH:MM:SS warning: message` from WARNING up). Lines logged by this package pass; the INFO lines of the
 libraries underneath (Orbax's handler registries and option dumps, JAX's backend probing) are dropped unless
-`verbose` (`--verbosity=1`), when they pass too, tagged with their module. Warnings and errors always pass.
+`verbose` (`--verbose`), when they pass too, tagged with their module. Warnings and errors always pass.
 Only the console is filtered: `logging` handlers added by others (pytest's caplog, a log file) see everything.
 
 `Progress` is the bar: redrawn in place on a terminal; when stderr is not a terminal (SLURM logs, pipes) it

@@ -77,7 +77,7 @@ class Watchdog:
   """Exits the process when one phase of the loop lasts longer than `timeout_s` (0 disables it).
 
   `watchdog.phase(name, step)` starts a phase (and ends the previous one); `watchdog.idle()` ends it without
-  starting another. A daemon thread checks the deadline about ten times per timeout.
+  starting another. A daemon thread checks the deadline every timeout / 10 seconds (at most 10 s, at least 0.05 s).
   """
 
   def __init__(self, timeout_s: float):
