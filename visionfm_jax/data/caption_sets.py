@@ -132,8 +132,8 @@ def open_caption_set(spec: str) -> CaptionSet:
     images, captions = readers[kind](root_path, option)
     return _caption_set(spec, images, captions)
   except DataError as e:
-    raise DataError(f"retrieval benchmark {spec!r}: {e}; see BUILD.md, 'Preparing COCO and Flickr30k for "
-                    f"retrieval'") from e
+    raise DataError(f"retrieval benchmark {spec!r}: {e}; see BUILD.md, 'Retrieval benchmarks: COCO and "
+                    f"Flickr30k'") from e
 
 
 def _caption_set(spec: str, images: list[Path], captions: list[list[str]]) -> CaptionSet:
