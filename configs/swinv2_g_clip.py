@@ -21,7 +21,7 @@ The default is the seed's recipe:
 Evaluation: ImageNet zero-shot top-1 (`eval/zeroshot/top1`, all 50,000 validation images, 80 templates), and
 retrieval R@1/5/10 as papers report it, on COCO's Karpathy 5k test split and Flickr30k's 1k test split with every
 caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as BUILD.md prepares them
-under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks=()` leaves them out).
+under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
 
 Variant `ft640`: the final stage at 640 px, window 40, initialised from a 224 px run (`--config.init_from=`
 its workdir); every weight carries over, the position bias is recomputed through pretrained_window_sizes

@@ -5,7 +5,7 @@ r"""Captions images with a trained Aurora model: greedy decoding, or beam search
 
 WORKDIR is a training workdir (its config.json and checkpoints/<step>); the newest checkpoint unless --step.
 --images takes comma-separated entries (further ones may follow as arguments): image files (anything Pillow
-reads), resized as the eval pipeline does (shorter side to size / 0.875, central crop), or `shapes:A-B`,
+reads), resized and cropped as the run's evaluation does (config.data.eval_preprocess), or `shapes:A-B`,
 records A..B (inclusive; `shapes:A` is one) of the embedded shapes validation split. Prints one line per
 image, `<path>\t<caption>`. Errors print one line naming the culprit and exit with status 2.
 """
