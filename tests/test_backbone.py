@@ -96,6 +96,18 @@ def test_feature_strides_and_aurora_stride():
   assert isinstance(swin, backbone.ImageBackbone) and not isinstance(aurora, backbone.ImageBackbone)
 
 
+def test_an_image_backbone_has_every_member_the_interface_lists():
+  methods = ("feature_maps", "feature_strides", "train_flops_per_example", "layer_id", "adapt_checkpoint",
+             "description", "checkpoint_fields")
+  attributes = ("num_features", "num_layer_ids", "hf_config_module")
+  members = {**{name: lambda self, *args: None for name in methods}, **{name: 1 for name in attributes}}
+  assert isinstance(type("Complete", (), members)(), backbone.ImageBackbone)
+  for name in attributes:
+    lacking = type(f"Without_{name}", (), {k: v for k, v in members.items() if k != name})()
+    assert not isinstance(lacking, backbone.ImageBackbone), name
+  assert isinstance(vit.ViT(**vit.parse_variant("H/14")), backbone.ImageBackbone)
+
+
 def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
   pos = np.sin(np.arange(17 * 4, dtype=np.float32)).reshape(1, 17, 4)
   model = vit.ViT(width=4, depth=1, mlp_dim=8, num_heads=1, patch_size=4, image_size=32)

@@ -21,7 +21,10 @@ tools ask an image backbone (ViT, SwinV2) instead of dispatching on its class.
                             that rebuild it (model.json), the module under visionfm_jax.convert with its
                             `hf_config`
 
-Models made of towers (CLIP, Aurora, the dense models) answer by asking the tower (`tower_*` helpers below).
+Models that hold a backbone answer part of this by asking it (`tower_*` helpers below): the dense models
+(dense_heads.DenseModel) their layer ids and checkpoint adaptation; CLIP and Aurora only `adapt_checkpoint`
+(and count their own `train_flops_per_example`). They have no layer ids, so `config.optim.layer_decay` is not
+available for them (optim.layer_ids says so).
 """
 
 from __future__ import annotations
@@ -34,7 +37,15 @@ import numpy as np
 
 @runtime_checkable
 class ImageBackbone(Protocol):
-  """A ViT or SwinV2 (see the module docstring for the contract of each method)."""
+  """A ViT or SwinV2 (see the module docstring for the contract of each member)."""
+
+  hf_config_module: str
+
+  @property
+  def num_features(self) -> int: ...
+
+  @property
+  def num_layer_ids(self) -> int: ...
 
   def feature_maps(self, images: jax.Array, train: bool = False) -> list[jax.Array]: ...
 
