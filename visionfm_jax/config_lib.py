@@ -22,7 +22,7 @@ from visionfm_jax.errors import ConfigError
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
-# without jax, so that `main` validates a config before it imports jax.
+# so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
 

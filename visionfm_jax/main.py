@@ -47,7 +47,7 @@ def main(argv):
   from visionfm_jax.training import console  # pylint: disable=g-import-not-at-top
   console.configure(verbose=_VERBOSE.value)
   try:
-    config_lib.validate(_CONFIG.value)  # before the seconds of importing jax and joining the other processes
+    config_lib.validate(_CONFIG.value)  # before joining the other processes and setting up the devices
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_DISTRIBUTED.value)
     import jax  # pylint: disable=g-import-not-at-top
