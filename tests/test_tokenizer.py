@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from visionfm_jax.data import tokenizer
+from visionfm_jax.data import records, tokenizer
 from visionfm_jax.errors import DataError
 from visionfm_jax.tools import train_tokenizer as tool
 
@@ -130,6 +130,32 @@ def test_cli(tmp_path):
   assert f"wrote {tmp_path / 'cli.model'}" in result.stdout
   with open(tmp_path / "cli.model", "rb") as f:
     assert f.read() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"))).read_bytes()
+
+
+def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
+  """--records reads the caption field of ArrayRecord shards (files in name order), skipping image-only records."""
+  image = np.zeros((4, 4, 3), np.uint8)
+  half = len(CORPUS) // 2
+  shard = lambda lines: [{"image": image, "caption": line} for line in lines] + [{"image": image}]
+  records.write_records(tmp_path / "train-00001-of-00002.array_record", shard(CORPUS[half:]))
+  records.write_records(tmp_path / "train-00000-of-00002.array_record", shard(CORPUS[:half]))
+  pattern = str(tmp_path / "train-*.array_record")
+  assert tool.read_record_captions(pattern) == CORPUS
+  tok = tool.run(None, 0, 64, str(tmp_path / "records.model"), records=pattern)
+  assert Path(tok.model_file).read_bytes() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"))).read_bytes()
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", f"--records={pattern}",
+                           "--vocab_size=64", f"--out={tmp_path / 'cli'}"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  assert result.returncode == 0, result.stderr
+  assert (tmp_path / "cli.model").read_bytes() == Path(tok.model_file).read_bytes()
+  records.write_records(tmp_path / "images.array_record", [{"image": image}])
+  for bad, message in [(str(tmp_path / "nothing-*.array_record"), "no files match"),
+                       (str(tmp_path / "images.array_record"), "none of its 1 records has a caption")]:
+    with pytest.raises(tool.UserError, match=message) as info:
+      tool.run(None, 0, 64, str(tmp_path / "x"), records=bad)
+    assert str(info.value).startswith("--records") and bad in str(info.value)
+  with pytest.raises(tool.UserError, match="exactly one of"):
+    tool.run(None, 10, 64, str(tmp_path / "x"), records=pattern)
 
 
 def test_cli_error_is_one_line(tmp_path):

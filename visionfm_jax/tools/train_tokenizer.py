@@ -1,22 +1,27 @@
 r"""Trains a SentencePiece tokenizer (pad=0, unk=1, bos=2, eos=3) for the text towers.
 
   python -m visionfm_jax.tools.train_tokenizer --input=TEXT --vocab_size=N --out=PATH
+  python -m visionfm_jax.tools.train_tokenizer --records='/data/laion_filtered/train-*.array_record' \
+      --vocab_size=32000 --out=/data/laion_filtered/tokenizer_32k
   python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
       --normalization=identity --out=visionfm_jax/data/assets/shapes_tokenizer   # the shipped demo tokenizer
 
-TEXT holds one caption per line. Writes PATH.model (a trailing '.model' on PATH is accepted) and prints its
+TEXT holds one caption per line; --records reads the `caption` field of the ArrayRecord files matching GLOB
+(as tools.prepare_data and tools.filter_clip_score write them; files in name order, records without a caption
+skipped), every caption held in memory. Writes PATH.model (a trailing '.model' on PATH is accepted) and prints its
 vocabulary size. Training is deterministic: the same lines give the same file. Errors print one line and exit
 with status 2.
 """
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags
 
-from visionfm_jax.data import tokenizer
-from visionfm_jax.errors import UserError
+from visionfm_jax.data import records as records_lib, tokenizer
+from visionfm_jax.errors import DataError, UserError
 
 FLAGS = flags.FLAGS
 
@@ -25,6 +30,8 @@ def define_flags() -> None:
   """Defines this tool's flags; only when it runs as a program, so that importing it (tests, other tools that
   also take --out) defines nothing."""
   flags.DEFINE_string("input", None, "Text file, one caption per line.")
+  flags.DEFINE_string("records", None, "Instead of --input: a glob of ArrayRecord files of image-text pairs; "
+                      "trains on their captions.")
   flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
                        "(at 32 px).")
   flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).")
@@ -45,12 +52,28 @@ def read_lines(path: str) -> list[str]:
     raise UserError(f"--input={path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
+def read_record_captions(pattern: str) -> list[str]:
+  """The captions of the ArrayRecord records matching `pattern`, files in name order; records without one
+  (image-only, unreadable) are skipped. UserError naming --records when no file matches or none has one."""
+  try:
+    source = records_lib.ArrayRecordSource(os.path.expanduser(pattern))
+  except DataError as e:
+    raise UserError(f"--records: {e}") from e
+  captions = [caption for caption in (source[i].get("caption") for i in range(len(source))) if caption]
+  if not captions:
+    raise UserError(f"--records={pattern}: none of its {len(source)} records has a caption")
+  return captions
+
+
 def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, model_type: str = "bpe",
-        normalization: str = "nmt_nfkc_cf") -> tokenizer.Tokenizer:
+        normalization: str = "nmt_nfkc_cf", records: str | None = None) -> tokenizer.Tokenizer:
   """Trains and writes the tokenizer; returns it loaded."""
-  if bool(input_path) == (shapes_records > 0):
-    raise UserError("give exactly one of --input=TEXT and --shapes_records=N")
-  lines = read_lines(input_path) if input_path else tokenizer.shapes_captions(shapes_records)
+  if sum((bool(input_path), shapes_records > 0, bool(records))) != 1:
+    raise UserError("give exactly one of --input=TEXT, --records=GLOB and --shapes_records=N")
+  if records:
+    lines = read_record_captions(records)
+  else:
+    lines = read_lines(input_path) if input_path else tokenizer.shapes_captions(shapes_records)
   prefix = out[:-len(".model")] if out.endswith(".model") else out
   path = tokenizer.train_tokenizer(lines, vocab_size, prefix, model_type=model_type, normalization=normalization)
   return tokenizer.Tokenizer(path, max_len=2)
@@ -61,7 +84,8 @@ def main(argv):
     print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
     sys.exit(2)
   try:
-    tok = run(FLAGS.input, FLAGS.shapes_records, FLAGS.vocab_size, FLAGS.out, FLAGS.model_type, FLAGS.normalization)
+    tok = run(FLAGS.input, FLAGS.shapes_records, FLAGS.vocab_size, FLAGS.out, FLAGS.model_type, FLAGS.normalization,
+              FLAGS.records)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
