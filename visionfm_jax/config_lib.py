@@ -52,7 +52,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
         # fields, training/init_from.py), else the windows themselves.
         pretrained_window_sizes=(),
         layer_norm_eps=1e-5,
-        extra_norm_period=-1,  # main-branch LayerNorm every N blocks; -1: the size's default (6 for H and G)
+        extra_norm_period=-1,  # main-branch LayerNorm every N blocks; 0: none; -1: the size's default (6 for H and G)
         extra_norm_scope="stage",  # stage | global: count blocks within each stage or across the network
     )
   elif name == "clip":
@@ -446,10 +446,11 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
     (r"(.+\.)?(drop_path|dropout)", RATE),
     (r"(.+\.)?layer_norm_eps", POSITIVE),
-    (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size|pretrained_window_sizes)", COUNT),
+    (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size)", COUNT),
+    (r"(.+\.)?pretrained_window_sizes", Domain(0, integer=True, note="0: the stage's own window")),
     (r"model\.num_classes", Domain(0, integer=True, note="0: no head")),
     (r"model\.(embed_dim|caption_queries|decoder_depth)|model\.text\.(max_len|vocab_size)", COUNT),
-    (r"(.+\.)?extra_norm_period", Domain(1, integer=True, extra=(-1,), note="-1: the size's default")),
+    (r"(.+\.)?extra_norm_period", Domain(0, integer=True, extra=(-1,), note="0: none; -1: the size's default")),
     (r"(.+\.)?eos_id", NON_NEGATIVE_INT),
     (r"data\.(num_workers|device_prefetch|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
     (r"data\.(prefetch|shapes_train_size|shapes_eval_size|scenes_max_objects|max_boxes)", COUNT),
