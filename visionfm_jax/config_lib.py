@@ -512,9 +512,10 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
-  `num_devices`, also that the batch divides over the mesh."""
+  `num_devices` (over `num_processes` processes), also that the batch divides over the mesh and its batch axes
+  over the processes."""
   check_domains(config)
   if config.data.get("mixture"):
     from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -543,3 +544,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"config.global_batch_size={config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps} "
           f"= {micro} examples per micro-batch do not divide over the {data_parallel} data-parallel devices "
           f"(mesh {shape})")
+    # Each process loads its 1/P of the batch (training/train.py), which is its devices' rows only when the batch
+    # axes split over the processes: a tensor axis wider than a process would put one row on several of them.
+    if data_parallel % num_processes:
+      raise ConfigError(
+          f"config.mesh={shape}: the data x fsdp = {data_parallel} batch shards do not divide over the "
+          f"{num_processes} processes (each loads its own share of the batch); keep config.mesh.tensor within a "
+          f"process ({num_devices // num_processes} devices)")
