@@ -74,7 +74,7 @@ def get_config(arg: str | None = None):
   config.eval = config_lib.eval_config(
       zeroshot_classes="imagenet",  # evaluate.zeroshot.class_names_and_templates: 1000 names x 80 templates
       zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = the eval source
-      zeroshot_split="validation",
+      zeroshot_split="validation",  # of zeroshot_source, or of the eval source; '' = config.data.eval_split
       zeroshot_examples=-1,  # -1: the whole split (ImageNet's 50,000, the protocol of the seed's 78.4%)
   )
   # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (BUILD.md)
@@ -114,7 +114,7 @@ def _demo(config):
   config.data.std = (0.229, 0.224, 0.225)
   config.eval.zeroshot_classes = "shapes"
   config.eval.retrieval_benchmarks = ()  # no COCO / Flickr30k on a laptop
-  config.eval.zeroshot_source = ""
+  config.eval.zeroshot_source = config.eval.zeroshot_split = ""  # the eval source and split
   config.eval.zeroshot_examples = config.data.get_ref("eval_examples")  # the demo's eval count, as overridden
 
 

@@ -1,6 +1,7 @@
 """Every bad input to `python -m visionfm_jax.main` ends with exit status 2 and one `error:` line that names the
 culprit, never a traceback: flags, config files and variants, field values outside their domain, data specs,
-checkpoints and weights. Config problems fail before jax is imported (well under a second each)."""
+checkpoints and weights. Config problems fail before jax is imported (well under a second each). The tools
+summary, import_hf and train_tokenizer answer bad flags the same way."""
 
 import os
 import shutil
@@ -91,6 +92,35 @@ def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp
   assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-4000:]
   for text in culprit:
     assert text in errors[0], errors[0]
+
+
+# The tools beside main: (id, module and arguments, what the error line must name).
+TOOL_CASES = [
+    ("summary_unknown_key", ["visionfm_jax.tools.summary", DEMO, "--config.optim.lrr=1"], ["--config.optim.lrr", "'lr'"]),
+    ("summary_bad_value", ["visionfm_jax.tools.summary", DEMO, "--config.optim.lr=-1"], ["config.optim.lr=-1.0"]),
+    ("summary_bad_flag", ["visionfm_jax.tools.summary", DEMO, "--devices=x"], ["--devices=x"]),
+    ("summary_no_config", ["visionfm_jax.tools.summary"], ["--config"]),
+    ("import_hf_bad_flag", ["visionfm_jax.tools.import_hf", "--src=/nonexistent", "--out=/tmp/x", "--scan=maybe"],
+     ["--scan=maybe"]),
+    ("import_hf_no_out", ["visionfm_jax.tools.import_hf", "--src=/nonexistent"], ["--out"]),
+    ("train_tokenizer_bad_flag", ["visionfm_jax.tools.train_tokenizer", "--vocab_size=abc", "--out=/tmp/x"],
+     ["--vocab_size=abc"]),
+    ("train_tokenizer_unknown_flag", ["visionfm_jax.tools.train_tokenizer", "--vocab=64", "--out=/tmp/x"],
+     ["vocab"]),
+]
+
+
+@pytest.mark.parametrize("name,args,culprit", TOOL_CASES, ids=[c[0] for c in TOOL_CASES])
+def test_tools_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit):
+  """As main's: these tools used absl's app.run, which printed a traceback or a FATAL flags error with status 1."""
+  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                        capture_output=True, text=True, timeout=300)
+  output = proc.stdout + proc.stderr
+  assert proc.returncode == 2 and "Traceback" not in output, output[-4000:]
+  assert proc.stderr.strip().splitlines() == [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-4000:]
+  for text in culprit:
+    assert text in proc.stderr, proc.stderr
 
 
 def test_every_config_shipped_is_valid_and_every_domain_rule_is_used():

@@ -45,3 +45,16 @@ def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
   assert config.model.image_size == config.data.image_size <= 64
   assert config.eval_every == config.checkpoint_every and config.total_steps <= 2000
   assert config.init_from == "" and config.init_from_prefix == ""
+
+
+def test_batch_axes_must_divide_over_the_processes():
+  """Each process loads global_batch_size / P rows: right only when the data x fsdp shards split over them."""
+  config = config_lib.base_config()
+  config.global_batch_size = 8
+  config.mesh.update(data=1, fsdp=-1, tensor=2)
+  config_lib.validate(config, num_devices=4, num_processes=2)  # fsdp 2: one batch shard per process
+  with pytest.raises(ConfigError, match=r"config.mesh=.*data x fsdp = 1 batch shards do not divide over the 2 "
+                                        r"processes"):
+    config_lib.validate(config, num_devices=2, num_processes=2)  # launch/local.sh 2 --config.mesh.tensor=2
+  config.mesh.update(data=-1, fsdp=1, tensor=1)
+  config_lib.validate(config, num_devices=2, num_processes=2)

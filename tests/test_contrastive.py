@@ -20,6 +20,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.evaluate import retrieval, zeroshot
 from visionfm_jax.models import clip
+from visionfm_jax.tasks import contrastive
 
 
 def _random_pairs(config, n, seed=0):
@@ -127,6 +128,18 @@ def test_retrieval_ranks_and_ties():
   assert r["i2t_r1"] == r["t2i_r1"] == 1.0
   r = retrieval.recall_at_k(emb, np.roll(emb, 1, axis=0), ks=(1, 5))
   assert r["i2t_r1"] == 0.0 and r["i2t_r5"] == 1.0
+
+
+def test_zeroshot_split_applies_to_the_eval_source_too():
+  """config.eval.zeroshot_split used to be read only with a zeroshot_source, and silently ignored without one."""
+  config = _tiny(**{"eval.zeroshot_source": "", "eval.zeroshot_split": "train", "eval.zeroshot_examples": 8})
+  data_cfg = contrastive.zeroshot_data_config(config.data, config.eval)
+  assert (data_cfg.eval_source, data_cfg.eval_split, data_cfg.eval_examples) == ("", "train", 8)
+  config.eval.zeroshot_split = ""  # the eval split
+  assert contrastive.zeroshot_data_config(config.data, config.eval).eval_split == config.data.eval_split
+  config.eval.zeroshot_source, config.eval.zeroshot_split = "shapes", "test"
+  data_cfg = contrastive.zeroshot_data_config(config.data, config.eval)
+  assert (data_cfg.eval_source, data_cfg.eval_split) == ("shapes", "test")
 
 
 def test_zeroshot_prompt_ensembling():

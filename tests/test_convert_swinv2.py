@@ -221,11 +221,13 @@ def test_bad_weights_or_config_are_rejected_by_name(hf_dir, tmp_path, edits, mes
 
 
 def _config_from_flags(line: str):
-  """base_config('swinv2') with the printed overrides parsed as main.py's --config flag parses them."""
+  """base_config('swinv2') with the printed overrides parsed as main.py's --config flag parses them, and
+  validated as main validates it (every printed value lies in its field's domain)."""
   argv = ["main", *shlex.split(line)]
   values = flags.FlagValues()
   config_flags.DEFINE_config_dict("config", config_lib.base_config("swinv2"), flag_values=values, sys_argv=argv)
   values(argv)
+  config_lib.validate(values.config)
   return values.config
 
 

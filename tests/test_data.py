@@ -387,6 +387,18 @@ def test_sources_shapes_and_bad_spec():
       sources.build_source(spec, "train", cfg)
 
 
+@pytest.mark.parametrize("fields, culprit", [
+    (dict(eval_source="foo"), "config.data.eval_source='foo'"),
+    (dict(eval_source="arrayrecord:/nonexistent/*"), "config.data.eval_source='arrayrecord:/nonexistent/*'"),
+    (dict(source="", mixture=(("arrayrecord:/nonexistent/*", 1.0), ("shapes", 1.0))),
+     "config.data.mixture[0]='arrayrecord:/nonexistent/*'"),
+])
+def test_eval_source_errors_name_the_field_it_came_from(fields, culprit):
+  with pytest.raises(DataError) as info:
+    pipeline.make_eval_iterator(data_config(**fields), batch_size=4, process_index=0, process_count=1)
+  assert str(info.value).startswith(culprit) and str(info.value).count("config.data.") == 1, info.value
+
+
 def test_tfds_missing_dataset_fails_fast(tmp_path):
   cfg = data_config(source="tfds:imagenet21k", data_dir=str(tmp_path))
   start = time.perf_counter()

@@ -289,6 +289,11 @@ def test_bad_configs():
   with pytest.raises(DataError, match="records have no 'boxes'.*detection reads"):
     dense.make_dense_train_loader(data_config(source="shapes"), "detection", batch_size=2, seed=0,
                                   process_index=0, process_count=1)
+  with pytest.raises(DataError, match=r"^config.data.eval_source='shapes' split 'validation': records have no 'boxes'"):
+    dense.make_dense_eval_iterator(data_config(source="scenes", eval_source="shapes"), "detection", batch_size=2,
+                                   process_index=0, process_count=1)
+  with pytest.raises(DataError, match=r"^config.data.source='shapes': COCO ground truth needs"):
+    dense.coco_ground_truth(data_config(source="shapes"))
 
 
 # --- ADE20K ---------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import override, tiny_vit_config
 from configs import finetune_coco
-from visionfm_jax import tasks
+from visionfm_jax import config_lib, tasks
 from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
@@ -106,6 +106,14 @@ def test_config_errors_name_the_field():
     tasks.build(tiny_detection_config(**{"model.num_classes": 8}))
   with pytest.raises(ConfigError, match="config.data.image_size"):
     tasks.build(tiny_detection_config(**{"data.image_size": 48}))
+  swin = {"model": config_lib.model_config("swinv2"), "model.variant": "pico", "model.patch_size": 2,
+          "model.window_size": 4, "model.image_size": 32, "model.num_classes": 0}
+  with pytest.raises(ConfigError, match=r"^config.head.levels=\(8, 64\): the backbone's stages have strides"):
+    tasks.build(tiny_detection_config(**swin, **{"head.levels": (8, 64)}))
+  with pytest.raises(ConfigError, match=r"^config.head.levels=\(8, 8\): expected distinct strides"):
+    tasks.build(tiny_detection_config(**{"head.levels": (8, 8)}))
+  with pytest.raises(ConfigError, match=r"^config.model.name='clip': detection takes"):
+    tasks.build(tiny_detection_config(**{"model.name": "clip"}))
   task = tasks.build(tiny_detection_config(**{"head.num_classes": 3}))
   with pytest.raises(ConfigError, match="config.head.num_classes=3"):
     task.train_loader(batch_size=16, seed=0, process_index=0, process_count=1)

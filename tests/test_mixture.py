@@ -52,8 +52,17 @@ def range_entry(i, n, weight, prefix):
 ])
 def test_bad_mixtures_name_the_entry(entries, source, error, match):
   cfg = data_config(source=source, mixture=entries)
-  with pytest.raises(error, match=match):
+  with pytest.raises(error, match=match) as info:
     pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1)
+  if not source:  # the entry alone, not config.data.source as well
+    assert "config.data.source" not in str(info.value)
+
+
+def test_class_names_of_a_bad_entry_name_the_entry_alone():
+  cfg = mixture_config([("shapes", 1.0), ("shapes:images", 1.0)])
+  with pytest.raises(DataError, match=r"^config.data.mixture\[1\]='shapes:images': uncaptioned") as info:
+    sources.train_class_names(cfg)
+  assert "config.data.source" not in str(info.value)
 
 
 def test_config_validation_checks_the_mixture():

@@ -25,6 +25,7 @@ from jax.sharding import NamedSharding
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, faults, optim, train
+from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import host_to_global
 
@@ -88,8 +89,27 @@ def test_initialize_passes_local_device_ids(initialize_calls, monkeypatch):
   monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "")
   assert distributed.initialize_kwargs() == {}
   monkeypatch.setenv("JAX_LOCAL_DEVICE_IDS", "0,gpu1")
-  with pytest.raises(ValueError, match="JAX_LOCAL_DEVICE_IDS"):
+  with pytest.raises(UserError, match="JAX_LOCAL_DEVICE_IDS='0,gpu1'"):
     distributed.initialize("auto")
+
+
+@pytest.mark.parametrize("env, match", [
+    ({"JAX_NUM_PROCESSES": "2"}, "JAX_NUM_PROCESSES='2' is set but JAX_PROCESS_ID is not"),
+    ({"JAX_PROCESS_ID": "0"}, "JAX_PROCESS_ID='0' is set but JAX_NUM_PROCESSES is not"),
+    ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two': expected an integer >= 1"),
+    ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2: expected below JAX_NUM_PROCESSES=2"),
+    ({"SLURM_NTASKS": "x"}, "SLURM_NTASKS='x': expected an integer >= 1"),
+])
+def test_a_malformed_launch_environment_is_a_user_error_naming_the_variable(initialize_calls, monkeypatch, env,
+                                                                             match):
+  """main prints a UserError as one line; these were a bare KeyError or ValueError with a traceback."""
+  if "SLURM_NTASKS" not in env:
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12345")
+  for name, value in env.items():
+    monkeypatch.setenv(name, value)
+  with pytest.raises(UserError, match=match):
+    distributed.initialize("auto")
+  assert not initialize_calls
 
 
 # ---------------------------------------------------------------------------------------- launch scripts

@@ -1,8 +1,11 @@
 """The one logical-axis table (`parallel.sharding.LOGICAL_AXIS_RULES`): ordered mesh axes per logical axis, the
 fsdp fallback, and the activation rules flax gets from it."""
 
+import jax.numpy as jnp
+import pytest
 from jax.sharding import PartitionSpec as P
 
+from visionfm_jax.models import layers
 from visionfm_jax.parallel import sharding
 
 MESH = {"data": 1, "fsdp": 4, "tensor": 2}
@@ -27,3 +30,14 @@ def test_fsdp_falls_back_to_the_largest_free_divisible_dim_but_never_layers():
 def test_activation_rules_are_the_activation_rows_of_the_table():
   assert sharding.activation_rules() == (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None),
                                          ("act_mlp", "tensor"), ("act_heads", "tensor"))
+
+
+def test_an_unknown_axis_name_is_an_error_naming_it():
+  """A mistyped name used to leave its dim unsharded without a word; None (never split) stays allowed."""
+  with pytest.raises(ValueError, match=r"'emebd' not in LOGICAL_AXIS_RULES \(its parameter axes: embed, mlp"):
+    sharding.partition_spec(("emebd", None), (8, 6), MESH, True)
+  with pytest.raises(ValueError, match=r"'batch' not in LOGICAL_AXIS_RULES \(its parameter axes"):
+    sharding.partition_spec(("batch", "embed"), (8, 6), MESH, True)  # an activation's name on a parameter
+  with pytest.raises(ValueError, match=r"'embed' not in LOGICAL_AXIS_RULES \(its activation axes: batch"):
+    layers.constrain(jnp.zeros((2, 3)), ("batch", "embed"))
+  assert sharding.partition_spec((None, "embed"), (8, 6), MESH, False) == P(None, None)

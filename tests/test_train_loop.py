@@ -141,6 +141,13 @@ def test_bad_configs_name_the_field(tmp_path):
     train.run(tiny_vit_config(strategy="zero4"), str(tmp_path))
 
 
+def test_batch_axes_that_do_not_span_the_processes_are_a_config_error(tmp_path, monkeypatch):
+  """As if 8 processes drove one device each: a mesh of tensor=8 would give every process the same batch shard."""
+  monkeypatch.setattr(jax, "process_count", lambda: 8)
+  with pytest.raises(ConfigError, match=r"config.mesh=.* 1 batch shards do not divide over the 8 processes"):
+    train.run(tiny_vit_config(**{"mesh.fsdp": 1, "mesh.tensor": 8}), str(tmp_path))
+
+
 def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_path):
   """lr 1e30: step 2's update sends the params to ~1e29, so step 3's loss is not finite. The check runs before
   every save (checkpoint_every=1), even between log steps (log_every=5)."""

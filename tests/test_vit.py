@@ -10,8 +10,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, tiny_vit_config
+from visionfm_jax import models
 from visionfm_jax.convert import stack_layers, unstack_layers
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
 
 
@@ -47,6 +49,16 @@ def test_every_param_has_logical_axis_names():
 def test_bad_variant_names_the_problem():
   with pytest.raises(ValueError, match="'X/16'"):
     vit.parse_variant("X/16")
+
+
+@pytest.mark.parametrize("pool", ["CLS", "mean", ""])
+def test_unknown_pool_is_a_config_error_naming_it(pool):
+  """Anything but 'cls' used to pool by the mean silently."""
+  config = tiny_vit_config(**{"model.pool": pool})
+  with pytest.raises(ConfigError, match=f"config.model: pool={pool!r}: expected one of"):
+    models.build(config.model, jnp.float32)
+  with pytest.raises(ValueError, match=f"pool={pool!r}"):
+    vit.ViT(**vit.parse_variant("pico/4"), pool=pool).init(jax.random.key(0), _images())
 
 
 def _images(n=2, size=16):

@@ -52,7 +52,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
         # fields, training/init_from.py), else the windows themselves.
         pretrained_window_sizes=(),
         layer_norm_eps=1e-5,
-        extra_norm_period=-1,  # main-branch LayerNorm every N blocks; -1: the size's default (6 for H and G)
+        extra_norm_period=-1,  # main-branch LayerNorm every N blocks; 0: none; -1: the size's default (6 for H and G)
         extra_norm_scope="stage",  # stage | global: count blocks within each stage or across the network
     )
   elif name == "clip":
@@ -447,10 +447,11 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
     (r"(.+\.)?(drop_path|dropout)", RATE),
     (r"(.+\.)?layer_norm_eps", POSITIVE),
-    (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size|pretrained_window_sizes)", COUNT),
+    (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size)", COUNT),
+    (r"(.+\.)?pretrained_window_sizes", Domain(0, integer=True, note="0: the stage's own window")),
     (r"model\.num_classes", Domain(0, integer=True, note="0: no head")),
     (r"model\.(embed_dim|caption_queries|decoder_depth)|model\.text\.(max_len|vocab_size)", COUNT),
-    (r"(.+\.)?extra_norm_period", Domain(1, integer=True, extra=(-1,), note="-1: the size's default")),
+    (r"(.+\.)?extra_norm_period", Domain(0, integer=True, extra=(-1,), note="0: none; -1: the size's default")),
     (r"(.+\.)?eos_id", NON_NEGATIVE_INT),
     (r"data\.(num_workers|device_prefetch|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
     (r"data\.(prefetch|shapes_train_size|shapes_eval_size|scenes_max_objects|max_boxes)", COUNT),
@@ -512,9 +513,10 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
 
 
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) -> None:
+def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
-  `num_devices`, also that the batch divides over the mesh."""
+  `num_devices` (over `num_processes` processes), also that the batch divides over the mesh and its batch axes
+  over the processes."""
   check_domains(config)
   if config.data.get("mixture"):
     from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
@@ -543,3 +545,10 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
           f"config.global_batch_size={config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps} "
           f"= {micro} examples per micro-batch do not divide over the {data_parallel} data-parallel devices "
           f"(mesh {shape})")
+    # Each process loads its 1/P of the batch (training/train.py), which is its devices' rows only when the batch
+    # axes split over the processes: a tensor axis wider than a process would put one row on several of them.
+    if data_parallel % num_processes:
+      raise ConfigError(
+          f"config.mesh={shape}: the data x fsdp = {data_parallel} batch shards do not divide over the "
+          f"{num_processes} processes (each loads its own share of the batch); keep config.mesh.tensor within a "
+          f"process ({num_devices // num_processes} devices)")

@@ -31,7 +31,7 @@ import math
 import numpy as np
 
 from visionfm_jax.data import dense_transforms, pipeline, scenes
-from visionfm_jax.data.sources import build_source, eval_source_spec, source_kind
+from visionfm_jax.data.sources import build_source, eval_source_spec, eval_source_what, source_kind
 from visionfm_jax.data.sources import class_names as source_class_names
 from visionfm_jax.errors import ConfigError, DataError
 
@@ -119,8 +119,10 @@ class DenseEvalReader:
 
 
 def _eval_source(data_cfg, source, split=None):
-  return source if source is not None else build_source(eval_source_spec(data_cfg), split or data_cfg.eval_split,
-                                                        data_cfg)
+  if source is not None:
+    return source
+  return build_source(eval_source_spec(data_cfg), split or data_cfg.eval_split, data_cfg,
+                      what=eval_source_what(data_cfg))
 
 
 def make_dense_eval_iterator(data_cfg, kind: str, *, batch_size: int, process_index: int, process_count: int,
@@ -130,8 +132,7 @@ def make_dense_eval_iterator(data_cfg, kind: str, *, batch_size: int, process_in
   config.data.eval_split), padded so every process yields as many batches; real rows have valid=True."""
   _check(data_cfg, kind)
   source = _eval_source(data_cfg, source)
-  pipeline.require_key(source, _NEEDS[kind], f"config.data.source={eval_source_spec(data_cfg)!r}",
-                       data_cfg.eval_split, _HINT[kind])
+  pipeline.require_key(source, _NEEDS[kind], eval_source_what(data_cfg), data_cfg.eval_split, _HINT[kind])
   total = pipeline.eval_total(data_cfg, len(source))
   share, num_batches = pipeline.eval_shares(total, batch_size, process_index, process_count)
   return pipeline.eval_batches(DenseEvalReader(data_cfg, kind, source), share, num_batches, batch_size,
@@ -155,8 +156,7 @@ def coco_ground_truth(data_cfg, split: str | None = None, num_examples: int | No
     return source.ground_truth(count)
   if isinstance(source, scenes.ScenesSource):
     return _scenes_ground_truth(source, count)
-  raise DataError(f"config.data.eval_source={eval_source_spec(data_cfg)!r}: COCO ground truth needs 'coco:<root>' "
-                  f"or 'scenes'")
+  raise DataError(f"{eval_source_what(data_cfg)}: COCO ground truth needs 'coco:<root>' or 'scenes'")
 
 
 def _scenes_ground_truth(source: scenes.ScenesSource, count: int) -> dict:

@@ -58,14 +58,9 @@ def open_train(data_cfg, split: str, *, training: bool = True) -> Mixture:
   """The training data of `data_cfg` (config.data.source, or config.data.mixture: `sources.train_specs`) in
   `split`, every source opened; a DataError naming the entry for one that cannot be opened or is empty."""
   entries = []
-  for field, spec, weight in sources.train_specs(data_cfg):
-    try:
-      source = sources.build_source(spec, split, data_cfg, training=training)
-    except DataError as e:
-      if not data_cfg.get("mixture"):
-        raise
-      raise DataError(f"{field}: {e}") from e
-    entries.append(Entry(field, source, weight, spec))
+  for what, spec, weight in sources.train_specs(data_cfg):
+    source = sources.build_source(spec, split, data_cfg, training=training, what=what)
+    entries.append(Entry(what, source, weight, spec))
   return _checked(Mixture(tuple(entries), sources.training_what(data_cfg)), split)
 
 
@@ -90,7 +85,7 @@ def with_union_labels(mixture: Mixture, data_cfg) -> Mixture:
   as it is for a mixture of one."""
   if len(mixture.entries) == 1:
     return mixture
-  lists = [e.classes if e.classes is not None else sources.entry_class_names(e.field, e.spec, data_cfg)
+  lists = [e.classes if e.classes is not None else sources.class_names(e.spec, data_cfg, e.field)
            for e in mixture.entries]
   _, maps = sources.union_classes(lists)
   entries = tuple(dataclasses.replace(e, label_map=None if labels == list(range(len(labels))) else tuple(labels))

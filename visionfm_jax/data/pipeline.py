@@ -20,7 +20,7 @@ import grain
 import numpy as np
 
 from visionfm_jax.data import mixture as mixture_lib, skipping, transforms
-from visionfm_jax.data.sources import build_source, eval_source_spec
+from visionfm_jax.data.sources import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.errors import DataError
 
 
@@ -265,7 +265,7 @@ def eval_batches(reader, share: range, num_batches: int, batch_size: int, thread
 def open_eval_source(data_cfg):
   """The eval source (`sources.eval_source_spec`) and split, opened: evaluators open
   theirs when they are built, at start-up, so that a missing dataset stops the run before it trains."""
-  return build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg)
+  return build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg, what=eval_source_what(data_cfg))
 
 
 def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process_count: int, source=None):
@@ -278,7 +278,7 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   """
   if source is None:
     source = open_eval_source(data_cfg)
-  require_key(source, "label", _eval_what(data_cfg), data_cfg.eval_split, "classification needs labelled images")
+  require_key(source, "label", eval_source_what(data_cfg), data_cfg.eval_split, "classification needs labelled images")
   return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
                         process_index=process_index, process_count=process_count)
 
@@ -295,7 +295,7 @@ def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_ind
   """
   if source is None:
     source = open_eval_source(data_cfg)
-  what = _eval_what(data_cfg)
+  what = eval_source_what(data_cfg)
   example = _pair_example(mixture_lib.Mixture((mixture_lib.Entry(what, source),), what), tokenizer,
                           data_cfg.eval_split)
   return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
@@ -306,16 +306,8 @@ def eval_total(data_cfg, num_records: int) -> int:
   """How many records evaluation reads: the first config.data.eval_examples (all if <= 0)."""
   total = num_records if data_cfg.eval_examples <= 0 else min(int(data_cfg.eval_examples), num_records)
   if total <= 0:
-    raise DataError(f"{_eval_what(data_cfg)} split {data_cfg.eval_split!r} has no records")
+    raise DataError(f"{eval_source_what(data_cfg)} split {data_cfg.eval_split!r} has no records")
   return total
-
-
-def _eval_what(data_cfg) -> str:
-  """The eval source for messages: the field it comes from (see `sources.eval_source_spec`) and its spec."""
-  spec = eval_source_spec(data_cfg)
-  field = ("config.data.eval_source" if data_cfg.get("eval_source") else "config.data.source" if data_cfg.source
-           else "config.data.mixture[0]")
-  return f"{field}={spec!r}"
 
 
 def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,

@@ -46,11 +46,12 @@ PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
 _VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*, *
 
 
-def _parse(spec: str, field: str = "config.data.source") -> tuple[str, str, str]:
+def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
   """(kind, name, split): 'shapes' -> ('shapes', '', ''); 'shapes:images' -> ('shapes', 'images', '');
   'tfds:imagenet2012:5.1.0:train[:10%]' -> ('tfds', 'imagenet2012:5.1.0', 'train[:10%]');
   'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', ''); 'coco:/data/coco' -> ('coco', '/data/coco', '').
-  A malformed spec is a DataError naming `field`."""
+  A malformed spec is a DataError naming `what` (the field and spec, "config.data.eval_source='x'"; default
+  config.data.source)."""
   kind, _, name = spec.partition(":")
   if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name == "images"):
     return kind, name, ""
@@ -62,18 +63,31 @@ def _parse(spec: str, field: str = "config.data.source") -> tuple[str, str, str]
     if version and not _VERSION.match(version):  # no version: the whole rest is the split
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
-  raise DataError(f"{field}={spec!r}: expected 'shapes', 'shapes:images', 'scenes', "
+  raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'scenes', "
                   f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'ade20k:<root>' or 'coco:<root>'")
 
 
-def source_kind(spec: str) -> str:
-  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k' or 'coco'; DataError for a malformed spec."""
-  return _parse(spec)[0]
+def _source_what(spec: str) -> str:
+  return f"config.data.source={spec!r}"
+
+
+def source_kind(spec: str, what: str | None = None) -> str:
+  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k' or 'coco'; DataError naming `what` for a malformed
+  spec."""
+  return _parse(spec, what)[0]
 
 
 def eval_source_spec(data_cfg) -> str:
   """config.data.eval_source, else config.data.source, else the spec of config.data.mixture's first entry."""
   return data_cfg.get("eval_source") or data_cfg.source or train_specs(data_cfg)[0][1]
+
+
+def eval_source_what(data_cfg) -> str:
+  """The eval source for messages: the field `eval_source_spec` takes it from, and its spec
+  ("config.data.mixture[0]='shapes:images'")."""
+  field = ("config.data.eval_source" if data_cfg.get("eval_source") else "config.data.source" if data_cfg.source
+           else "config.data.mixture[0]")
+  return f"{field}={eval_source_spec(data_cfg)!r}"
 
 
 def train_specs(data_cfg) -> list[tuple[str, str, float]]:
@@ -82,7 +96,7 @@ def train_specs(data_cfg) -> list[tuple[str, str, float]]:
   be ''), else config.data.source alone with weight 1. ConfigError naming the entry for a malformed one."""
   mixture = tuple(data_cfg.get("mixture") or ())
   if not mixture:
-    return [(f"config.data.source={data_cfg.source!r}", data_cfg.source, 1.0)]
+    return [(_source_what(data_cfg.source), data_cfg.source, 1.0)]
   if data_cfg.source:
     raise ConfigError(f"config.data.mixture is set ({len(mixture)} entries) and config.data.source="
                       f"{data_cfg.source!r}: set --config.data.source='' to train on the mixture, or "
@@ -98,11 +112,12 @@ def train_specs(data_cfg) -> list[tuple[str, str, float]]:
       raise ConfigError(f"{field}={entry!r}: empty source spec")
     if not (math.isfinite(weight) and weight > 0):
       raise ConfigError(f"{field}={entry!r}: the weight must be a positive number")
+    what = f"{field}={spec!r}"
     try:
-      _parse(spec, field)
+      _parse(spec, what)
     except DataError as e:
       raise ConfigError(str(e)) from e
-    entries.append((f"{field}={spec!r}", spec, float(weight)))
+    entries.append((what, spec, float(weight)))
   return entries
 
 
@@ -154,12 +169,14 @@ def _tfds_label_feature(name: str, data_cfg):
   return features["label"]
 
 
-def build_source(spec: str, split: str, data_cfg, *, training: bool = False):
+def build_source(spec: str, split: str, data_cfg, *, training: bool = False, what: str | None = None):
   """The RandomAccessDataSource for `spec` and `split` (a split inside `spec` wins): len, getitem -> dict with
   'image' and 'label' (classification sources) or 'caption' (pair sources; shapes has both), or the dense
   fields 'mask' (scenes, ade20k) and 'boxes' + 'classes' (scenes, coco). `training`: for a training
-  loader (coco then leaves out images without boxes)."""
-  kind, name, spec_split = _parse(spec)
+  loader (coco then leaves out images without boxes). Errors name `what`, the field the spec comes from and
+  the spec ("config.data.mixture[1]='coco:/data'"; default config.data.source)."""
+  what = what or _source_what(spec)
+  kind, name, spec_split = _parse(spec, what)
   split = spec_split or split
   if kind in ("shapes", "scenes"):
     size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
@@ -170,27 +187,29 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False):
       return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_IMAGES_SEED, annotated=False)
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
-    return _arrayrecord_source(spec, name, split)
+    return _arrayrecord_source(what, name, split)
   if kind in ("ade20k", "coco"):
     try:
       return ADE20KSource(name, split) if kind == "ade20k" else CocoSource(name, split, skip_empty=training)
     except DataError as e:
-      raise DataError(f"config.data.source={spec!r} split {split!r}: {e}; {PREPARE_HINT}") from e
+      raise DataError(f"{what} split {split!r}: {e}; {PREPARE_HINT}") from e
   return _tfds_source(name, split, tfds_data_dir(data_cfg))
 
 
-def _arrayrecord_source(spec: str, pattern: str, split: str) -> ArrayRecordSource:
+def _arrayrecord_source(what: str, pattern: str, split: str) -> ArrayRecordSource:
   try:
     return ArrayRecordSource(split_pattern(pattern, split))
   except DataError as e:
-    raise DataError(f"config.data.source={spec!r} split {split!r}: {e}") from e
+    raise DataError(f"{what} split {split!r}: {e}") from e
 
 
-def class_names(spec: str, data_cfg) -> list[str]:
-  """Human-readable label names, index = label (`train_class_names`: of the training data, a mixture's too)."""
-  kind, name, _ = _parse(spec)
+def class_names(spec: str, data_cfg, what: str | None = None) -> list[str]:
+  """Human-readable label names, index = label (`train_class_names`: of the training data, a mixture's too);
+  errors name `what` as build_source's do."""
+  what = what or _source_what(spec)
+  kind, name, _ = _parse(spec, what)
   if kind == "shapes" and name == "images":
-    raise DataError(f"config.data.source={spec!r}: uncaptioned, unlabelled images have no class names")
+    raise DataError(f"{what}: uncaptioned, unlabelled images have no class names")
   if kind in ("shapes", "scenes"):  # scenes: the object kinds; its masks add background as 0
     return list(SHAPE_NAMES)
   if kind == "ade20k":
@@ -199,12 +218,12 @@ def class_names(spec: str, data_cfg) -> list[str]:
     try:
       return list(coco.load_index(name, data_cfg.train_split).class_names)
     except DataError as e:
-      raise DataError(f"config.data.source={spec!r} split {data_cfg.train_split!r}: {e}; {PREPARE_HINT}") from e
+      raise DataError(f"{what} split {data_cfg.train_split!r}: {e}; {PREPARE_HINT}") from e
   if kind == "arrayrecord":
     try:
       return records.class_names(split_pattern(name, data_cfg.train_split))
     except DataError as e:
-      raise DataError(f"config.data.source={spec!r} split {data_cfg.train_split!r}: {e}") from e
+      raise DataError(f"{what} split {data_cfg.train_split!r}: {e}") from e
   return list(_tfds_label_feature(name, data_cfg).names)
 
 
@@ -225,21 +244,11 @@ def union_classes(lists) -> tuple[list[str], list[list[int]]]:
   return names, maps
 
 
-def entry_class_names(field: str, spec: str, data_cfg) -> list[str]:
-  """class_names(spec), its DataError naming `field` (a mixture entry) instead of config.data.source."""
-  try:
-    return class_names(spec, data_cfg)
-  except DataError as e:
-    if field.startswith("config.data.source="):
-      raise
-    raise DataError(f"{field}: {e}") from e
-
-
 def train_class_names(data_cfg) -> list[str]:
   """The class names of the training data: config.data.source's, or the ordered union of config.data.mixture's
   entries' (`union_classes`; the loaders remap each entry's labels into it, and the first entry's stay)."""
   specs = train_specs(data_cfg)
-  return union_classes([entry_class_names(field, spec, data_cfg) for field, spec, _ in specs])[0]
+  return union_classes([class_names(spec, data_cfg, what) for what, spec, _ in specs])[0]
 
 
 def num_classes(spec: str, data_cfg) -> int:

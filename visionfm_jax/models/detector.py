@@ -22,6 +22,17 @@ import jax.numpy as jnp
 from visionfm_jax.models import dense_heads
 
 
+def check_levels(backbone, levels, name: str = "levels") -> None:
+  """ValueError naming `name` when `backbone` (an image backbone) cannot predict at `levels`: none, a repeated
+  one, or for a hierarchical backbone (SwinV2) a stride none of its stages has. A plain backbone (ViT) takes
+  any: its pyramid resamples to each."""
+  if not levels or len(set(levels)) != len(levels):
+    raise ValueError(f"{name}={tuple(levels)}: expected distinct strides, at least one")
+  strides = [int(s) for s in backbone.feature_strides()]
+  if len(strides) > 1 and not set(levels) <= set(strides):
+    raise ValueError(f"{name}={tuple(levels)}: the backbone's stages have strides {strides}")
+
+
 class Detector(dense_heads.DenseModel):
   num_classes: int
   levels: tuple[int, ...] = (8, 16, 32)  # nominal strides of the pyramid levels that predict
@@ -34,13 +45,12 @@ class Detector(dense_heads.DenseModel):
   @nn.compact
   def __call__(self, images, train: bool = False):
     maps, strides = dense_heads.backbone_maps(self.backbone, images, train)
+    check_levels(self.backbone, self.levels)
     if len(maps) == 1:  # a plain backbone (ViT): ViTDet's simple pyramid
       maps, strides = dense_heads.SimpleFeaturePyramid(int(strides[0]), self.neck_channels, self.levels,
                                                        self.dtype, name="neck")(maps[0])
     else:
       picked = [i for i, s in enumerate(strides) if int(s) in self.levels]
-      if len(picked) != len(self.levels):
-        raise ValueError(f"levels {self.levels}: the backbone's stages have strides {[int(s) for s in strides]}")
       maps = dense_heads.FPN(self.neck_channels, input_norms=True, dtype=self.dtype, name="neck")(
           [maps[i] for i in picked])
       strides = [strides[i] for i in picked]

@@ -38,6 +38,7 @@ def logical(init: Callable[..., Any], names: tuple[str | None, ...]) -> Callable
 
 def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
   """Activation sharding constraint at a block boundary; a no-op outside `parallel.activation_sharding`."""
+  sharding.check_axis_names(names, sharding.ACTIVATION_AXES, "activation")
   mesh = sharding.activation_mesh()
   if mesh is None:
     return x

@@ -37,6 +37,7 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "G": (1664, 48, 8192, 16),
 }
 NUM_PREFIX_TOKENS = 1  # the class token precedes the patch grid in pos_embed
+POOLS = ("cls", "gap")  # the class token's features | the mean of the patch tokens'
 EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed")  # layer 0 of the layer-wise decay
 
 
@@ -47,6 +48,13 @@ def parse_variant(variant: str) -> dict[str, int]:
     raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)}, e.g. 'H/14'")
   width, depth, mlp_dim, heads = SIZES[size]
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
+
+
+def check_pool(pool: str) -> str:
+  """`pool` when it is one of POOLS, else a ValueError naming it."""
+  if pool not in POOLS:
+    raise ValueError(f"pool={pool!r}: expected one of {POOLS} (the class token, or the mean of the patch tokens)")
+  return pool
 
 
 def resize_pos_embed(pos: np.ndarray, length: int, num_prefix: int = NUM_PREFIX_TOKENS) -> np.ndarray:
@@ -96,7 +104,7 @@ class ViT(nn.Module):
   patch_size: int
   image_size: int = 224
   num_classes: int = 0  # 0: no head
-  pool: str = "cls"  # cls | gap
+  pool: str = "cls"  # POOLS
   drop_path: float = 0.0
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
@@ -129,7 +137,7 @@ class ViT(nn.Module):
     x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
-    pooled = x[:, 0] if self.pool == "cls" else jnp.mean(x[:, 1:], axis=1)
+    pooled = x[:, 0] if check_pool(self.pool) == "cls" else jnp.mean(x[:, 1:], axis=1)
     out = {"tokens": x, "pooled": pooled}
     if self.num_classes:
       out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init, kernels=self.kernels)
@@ -198,7 +206,7 @@ def build(model_cfg, dtype) -> ViT:
   """Builds a ViT from `config.model` (variant like 'H/14')."""
   fields = {f.name for f in dataclasses.fields(ViT)}
   kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
-                pool=model_cfg.pool, drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
+                pool=check_pool(model_cfg.pool), drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
                 kernels=kernels_lib.check_mode(model_cfg.kernels))

@@ -2,21 +2,37 @@
 
 Environment read here (the rest, e.g. SLURM's, is auto-detected by jax):
   JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (launch/local.sh)
-  JAX_NUM_PROCESSES, JAX_PROCESS_ID  explicit process count and id; they win over cluster auto-detection
+  JAX_NUM_PROCESSES, JAX_PROCESS_ID  explicit process count and id, both or neither; they win over cluster
+                           auto-detection
   JAX_LOCAL_DEVICE_IDS     comma list of the accelerators this process drives, e.g. "0,1,2,3,4,5,6,7". Under SLURM
                            jax otherwise gives each task only the GPU numbered SLURM_LOCALID (one GPU per task);
                            launch/slurm.sbatch sets it to all of the node's GPUs (one task per node).
+A malformed one is a UserError naming it.
 """
 
 from __future__ import annotations
 
 import os
 
+from visionfm_jax.errors import UserError
+
+
+def _env_int(name: str, low: int, default: str | None = None) -> int:
+  """The environment variable `name` as an integer >= `low`; UserError naming it otherwise."""
+  value = os.environ.get(name, default)
+  try:
+    number = int(value)
+  except (TypeError, ValueError):
+    number = None
+  if number is None or number < low:
+    raise UserError(f"{name}={value!r}: expected an integer >= {low}")
+  return number
+
 
 def launched_distributed() -> bool:
   """True when the environment names a coordinator: JAX_COORDINATOR_ADDRESS (launch/local.sh), or SLURM with
   more than one task."""
-  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or int(os.environ.get("SLURM_NTASKS", "1")) > 1
+  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or _env_int("SLURM_NTASKS", 1, default="1") > 1
 
 
 def local_device_ids() -> list[int] | None:
@@ -27,14 +43,22 @@ def local_device_ids() -> list[int] | None:
   try:
     return [int(i) for i in value.split(",")]
   except ValueError as e:
-    raise ValueError(f"JAX_LOCAL_DEVICE_IDS={value!r}: expected comma-separated device numbers, e.g. '0,1,2,3'") from e
+    raise UserError(f"JAX_LOCAL_DEVICE_IDS={value!r}: expected comma-separated device numbers, e.g. '0,1,2,3'") from e
 
 
 def initialize_kwargs() -> dict:
   """The arguments for jax.distributed.initialize() taken from the environment (unset ones are auto-detected)."""
   kwargs = {}
-  if "JAX_NUM_PROCESSES" in os.environ:
-    kwargs.update(num_processes=int(os.environ["JAX_NUM_PROCESSES"]), process_id=int(os.environ["JAX_PROCESS_ID"]))
+  explicit = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if name in os.environ]
+  if len(explicit) == 1:
+    other = "JAX_PROCESS_ID" if explicit == ["JAX_NUM_PROCESSES"] else "JAX_NUM_PROCESSES"
+    raise UserError(f"{explicit[0]}={os.environ[explicit[0]]!r} is set but {other} is not: set both or neither")
+  if explicit:
+    num_processes = _env_int("JAX_NUM_PROCESSES", 1)
+    process_id = _env_int("JAX_PROCESS_ID", 0)
+    if process_id >= num_processes:
+      raise UserError(f"JAX_PROCESS_ID={process_id}: expected below JAX_NUM_PROCESSES={num_processes}")
+    kwargs.update(num_processes=num_processes, process_id=process_id)
   ids = local_device_ids()
   if ids is not None:
     kwargs["local_device_ids"] = ids

@@ -58,11 +58,21 @@ LOGICAL_AXIS_RULES: dict[str, tuple[MeshAxes, ...]] = {
 # The names activations carry (models/layers.py BATCH, LENGTH, ACT_*): flax constrains activations by their
 # rows only, and parameters never use them.
 ACTIVATION_AXES = ("batch", "length", "act_embed", "act_mlp", "act_heads")
+PARAM_AXES = tuple(name for name in LOGICAL_AXIS_RULES if name not in ACTIVATION_AXES)
 
 # mesh axis -> logical axes it never falls back to: a mesh axis here that no dim of a parameter took by the
 # table goes to the largest of its free dims that it divides, whatever their logical axis (unnamed ones too),
 # except these (a scanned stack's `layers` axis stays whole: each scan step slices it).
 FALLBACK: dict[str, tuple[str, ...]] = {"fsdp": ("layers",)}
+
+
+def check_axis_names(names: tuple[str | None, ...], known: tuple[str, ...], kind: str) -> None:
+  """ValueError naming an axis of `names` that is neither None (never split) nor one of the `known` `kind` axes of
+  LOGICAL_AXIS_RULES: a mistyped name would otherwise leave its dim unsharded without a word."""
+  unknown = [name for name in names if name is not None and name not in known]
+  if unknown:
+    raise ValueError(f"{kind} axis names {tuple(names)}: {', '.join(map(repr, unknown))} not in LOGICAL_AXIS_RULES "
+                     f"(its {kind} axes: {', '.join(known)}; None: never split)")
 
 
 def activation_rules() -> tuple[tuple[str, MeshAxes | None], ...]:
@@ -102,6 +112,7 @@ def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_s
   `FALLBACK` (module docstring); `shard_fsdp` enables the fsdp axis."""
   if len(names) != len(shape):
     raise ValueError(f"logical names {names} do not match shape {shape}")
+  check_axis_names(names, PARAM_AXES, "parameter")
   spec: list[MeshAxes | None] = [None] * len(shape)
   used: set[str] = set()
 
@@ -116,7 +127,7 @@ def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_s
     used.update((axes,) if isinstance(axes, str) else axes)
 
   for i, name in enumerate(names):
-    rules = LOGICAL_AXIS_RULES.get(name, ()) if name not in ACTIVATION_AXES else ()
+    rules = LOGICAL_AXIS_RULES[name] if name is not None else ()
     axes = next((a for a in rules if fits(a, shape[i])), None)
     if axes is not None:
       take(i, axes)

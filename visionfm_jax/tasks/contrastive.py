@@ -35,6 +35,20 @@ from visionfm_jax.tasks.base import EvalContext, Task
 MIXUP_PARTNER = "mixup_partner"  # the batch field (added by whole_batch) of each example's Mixup partner
 
 
+def zeroshot_data_config(data_cfg, eval_cfg):
+  """A copy of config.data whose eval source is the zero-shot one: config.eval.zeroshot_source ('' = the eval
+  source), split config.eval.zeroshot_split ('' = config.data.eval_split), config.eval.zeroshot_examples
+  records (-1: the whole split)."""
+  data_cfg = data_cfg.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    if eval_cfg.zeroshot_source:
+      data_cfg.eval_source = eval_cfg.zeroshot_source
+    if eval_cfg.zeroshot_split:
+      data_cfg.eval_split = eval_cfg.zeroshot_split
+    data_cfg.eval_examples = eval_cfg.get("zeroshot_examples", -1)
+  return data_cfg
+
+
 class ContrastiveTask(Task):
   couples_examples = True  # each example's negatives are the batch's other examples
   mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
@@ -118,11 +132,7 @@ class ContrastiveTask(Task):
       names, templates = zeroshot.class_names_and_templates(eval_cfg.zeroshot_classes)
       tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
       zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
-      data_cfg = self.config.data.copy_and_resolve_references()
-      with data_cfg.unlocked():
-        if eval_cfg.zeroshot_source:
-          data_cfg.eval_source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
-        data_cfg.eval_examples = eval_cfg.get("zeroshot_examples", -1)  # its own count; -1: the whole split
+      data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
       source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):

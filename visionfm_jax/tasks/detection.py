@@ -53,6 +53,8 @@ def _check_config(config) -> None:
   missing = [f for f in HEAD_FIELDS if f not in config.head]
   if missing:
     raise ConfigError(f"config.head lacks {missing} (configs/finetune_coco.py lists them)")
+  if config.model.name not in ("vit", "swinv2"):
+    raise ConfigError(f"config.model.name={config.model.name!r}: detection takes a 'vit' or 'swinv2' backbone")
   if config.model.num_classes != 0:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the detection backbone has no "
                       f"classification head; set it to 0 (classes go in config.head.num_classes)")
@@ -71,8 +73,13 @@ class DetectionTask(Task):
     _check_config(config)
     super().__init__(config, mesh)
     head = config.head
+    levels = tuple(int(s) for s in head.levels)
+    try:
+      detector.check_levels(self.model, levels, "config.head.levels")
+    except ValueError as e:
+      raise ConfigError(str(e)) from e
     self.model = detector.Detector(
-        backbone=self.model, num_classes=head.num_classes, levels=tuple(int(s) for s in head.levels),
+        backbone=self.model, num_classes=head.num_classes, levels=levels,
         neck_channels=head.neck_channels, head_channels=head.head_channels, num_convs=head.num_convs,
         prior_prob=head.prior_prob, dtype=self.dtype)
     self.weights = dict(class_weight=head.class_weight, l1_weight=head.l1_weight, giou_weight=head.giou_weight,
@@ -80,10 +87,7 @@ class DetectionTask(Task):
 
   def predict(self, params, images, *, train: bool, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}
-    try:
-      return self.model.apply({"params": params}, self.normalize(images), train=train, rngs=rngs)
-    except ValueError as e:  # e.g. levels the SwinV2 stages do not have
-      raise ConfigError(f"config.head.levels={tuple(self.config.head.levels)}: {e}") from e
+    return self.model.apply({"params": params}, self.normalize(images), train=train, rngs=rngs)
 
   def match(self, logits, pred_boxes, target_classes, target_boxes):
     """(B, M) index of the prediction matched to each target box (-1: padding)."""
@@ -99,12 +103,6 @@ class DetectionTask(Task):
     loss, parts = detection_losses.detection_set_loss(out["logits"], out["boxes"], batch["classes"], batch["boxes"], index,
                                             **self.weights)
     return loss, {f"train/loss_{name}": value for name, value in parts.items()}
-
-  def init_variables(self, rng):
-    try:
-      return super().init_variables(rng)
-    except ValueError as e:
-      raise ConfigError(f"config.head.levels={tuple(self.config.head.levels)}: {e}") from e
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
     self.check_class_count(lambda: dense_data.class_names(self.config.data, "detection"), "config.head.num_classes",

@@ -55,6 +55,15 @@ def _explain(error: Exception, argv: Sequence[str]) -> str:
   return last_line(error)
 
 
+def check_args(fv: flags.FlagValues, rest: Sequence[str], required: Sequence[str] = ()) -> None:
+  """UserError for positional arguments (`rest`, the program name left out) or a `required` flag left unset."""
+  if rest:
+    raise UserError(f"unexpected arguments {list(rest)}")
+  for name in required:
+    if fv[name].value in (None, ""):
+      raise UserError(f"--{name}: required")
+
+
 def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
         body: Callable[[flags.FlagValues, list[str]], None]) -> int:
   """Parses `argv` (program name first) into `fv` and calls `body(fv, positional arguments)`, which prints the

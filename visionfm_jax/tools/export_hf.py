@@ -199,11 +199,7 @@ def export(path: str, out: str, step: int | None = None) -> tuple[str, Source]:
 
 
 def _main(fv, rest: list[str]) -> None:
-  if rest:
-    raise UserError(f"unexpected arguments {rest}")
-  for name in ("checkpoint", "out"):
-    if not fv[name].value:
-      raise UserError(f"--{name}: required")
+  cli.check_args(fv, rest, ("checkpoint", "out"))
   arch, source = export(fv.checkpoint, fv.out, fv.step)
   auto = "AutoModelForImageClassification" if arch.endswith("ForImageClassification") else "AutoModel"
   print(f"wrote {fv.out}: {arch} ({source.model.description()}) from {source.origin}")

@@ -12,19 +12,24 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from typing import Any, Sequence
 
-from absl import app, flags, logging
+from absl import flags, logging
 
 from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
+from visionfm_jax.tools import cli
 
-_SRC = flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.")
-_OUT = flags.DEFINE_string("out", None, "Output directory for params + model.json.")
-_SCAN = flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.scan=True) or unrolled.")
-flags.mark_flags_as_required(["src", "out"])
+
+def make_flags() -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output directory for params + model.json.", flag_values=fv)
+  flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.scan=True) or unrolled.", flag_values=fv)
+  return fv
 
 
 def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
@@ -100,21 +105,21 @@ def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
   return meta
 
 
-def main(argv):
-  del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
-  try:
-    meta = convert(_SRC.value, _OUT.value, _SCAN.value)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-  flags_, notes = overrides(meta, _OUT.value)
-  print(f"wrote {_OUT.value}: {meta['description']}")
+def _main(fv, rest: list[str]) -> None:
+  cli.check_args(fv, rest, ("src", "out"))
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
+  meta = convert(fv.src, fv.out, fv.scan)
+  flags_, notes = overrides(meta, fv.out)
+  print(f"wrote {fv.out}: {meta['description']}")
   print(" ".join(flags_))
   for note in notes:
     print(f"note: {note}")
 
 
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), converts; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main(sys.argv))

@@ -5,29 +5,38 @@ r"""Parameter counts and per-device state bytes of a config, from shapes only (n
 Prints parameters per top-level module, `total_params=<int>`, a table of the bytes one device holds of params,
 gradients and optimizer state under the strategy (every strategy with `--strategy=all`) on a mesh of N
 devices, and for one strategy the bytes of its whole train state per device, `state_bytes_per_device=<int>`.
+Any config field is overridable (`--config.model.num_classes=0`). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import math
 import sys
+from typing import Sequence
 
 import jax
 import numpy as np
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import config_lib, parallel, tasks
 
 from visionfm_jax.training import optim, train
 from visionfm_jax.errors import UserError
-
-_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)
-_DEVICES = flags.DEFINE_integer("devices", 1, "Number of (simulated) devices for the per-device bytes.")
-_STRATEGY = flags.DEFINE_string("strategy", None, "ddp | zero1 | zero2 | zero3 | fsdp | all; default: the config's.")
-flags.mark_flag_as_required("config")
+from visionfm_jax.tools import cli
 
 ALL_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")  # `fsdp` is zero3
+
+
+def make_flags(argv: Sequence[str]) -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues (the `--config.<field>` overrides `argv` names included)."""
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
+                                  flag_values=fv, sys_argv=list(argv))
+  flags.DEFINE_integer("devices", 1, "Number of (simulated) devices for the per-device bytes.", flag_values=fv)
+  flags.DEFINE_string("strategy", None, "ddp | zero1 | zero2 | zero3 | fsdp | all; default: the config's.",
+                      flag_values=fv)
+  return fv
 
 
 def params_by_module(abstract_params) -> dict[str, int]:
@@ -67,19 +76,16 @@ def bytes_table(per_device: dict[str, dict[str, int]]) -> list[str]:
           for row in rows]
 
 
-def main(argv):
-  del argv
-  config = _CONFIG.value
-  strategy = _STRATEGY.value or config.strategy
+def _main(fv, rest: list[str]) -> None:
+  cli.check_args(fv, rest, ("config",))
+  config = fv.config
+  config_lib.validate(config)
+  strategy = fv.strategy or config.strategy
   if strategy not in parallel.STRATEGY_SHARDS and strategy != "all":
-    print(f"error: --strategy={strategy!r}: expected one of {sorted(parallel.STRATEGY_SHARDS)} or 'all'",
-          file=sys.stderr)
-    sys.exit(2)
-  try:
-    s = summarize(config, _DEVICES.value, strategy)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+    raise UserError(f"--strategy={strategy!r}: expected one of {sorted(parallel.STRATEGY_SHARDS)} or 'all'")
+  if fv.devices < 1:
+    raise UserError(f"--devices={fv.devices}: expected a positive number")
+  s = summarize(config, fv.devices, strategy)
   width = max(len(k) for k in s["modules"])
   for name, count in s["modules"].items():
     print(f"{name:<{width}}  {count:>15,}")
@@ -93,5 +99,10 @@ def main(argv):
     print(f"state_bytes_per_device={s['state_bytes_per_device']}")
 
 
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), prints the summary; returns the exit status."""
+  return cli.run(argv, make_flags(argv), __doc__, _main)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  sys.exit(main(sys.argv))

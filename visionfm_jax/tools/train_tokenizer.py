@@ -17,29 +17,29 @@ from __future__ import annotations
 
 import os
 import sys
+from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
 from visionfm_jax.data import records as records_lib, tokenizer
 from visionfm_jax.errors import DataError, UserError
+from visionfm_jax.tools import cli
 
-FLAGS = flags.FLAGS
 
-
-def define_flags() -> None:
-  """Defines this tool's flags; only when it runs as a program, so that importing it (tests, other tools that
-  also take --out) defines nothing."""
-  flags.DEFINE_string("input", None, "Text file, one caption per line.")
+def make_flags() -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("input", None, "Text file, one caption per line.", flag_values=fv)
   flags.DEFINE_string("records", None, "Instead of --input: a glob of ArrayRecord files of image-text pairs; "
-                      "trains on their captions.")
+                      "trains on their captions.", flag_values=fv)
   flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
-                       "(at 32 px).")
-  flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).")
-  flags.DEFINE_string("out", None, "Output prefix: writes OUT.model.")
-  flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.")
+                       "(at 32 px).", flag_values=fv)
+  flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Output prefix: writes OUT.model.", flag_values=fv)
+  flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.", flag_values=fv)
   flags.DEFINE_string("normalization", "nmt_nfkc_cf", "SentencePiece normalisation rule: nmt_nfkc_cf (case "
-                      "folding), nmt_nfkc, nfkc, identity.")
-  flags.mark_flags_as_required(["vocab_size", "out"])
+                      "folding), nmt_nfkc, nfkc, identity.", flag_values=fv)
+  return fv
 
 
 def read_lines(path: str) -> list[str]:
@@ -79,19 +79,16 @@ def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, 
   return tokenizer.Tokenizer(path, max_len=2)
 
 
-def main(argv):
-  if len(argv) > 1:
-    print(f"error: unexpected arguments {argv[1:]}", file=sys.stderr)
-    sys.exit(2)
-  try:
-    tok = run(FLAGS.input, FLAGS.shapes_records, FLAGS.vocab_size, FLAGS.out, FLAGS.model_type, FLAGS.normalization,
-              FLAGS.records)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
+def _main(fv, rest: list[str]) -> None:
+  cli.check_args(fv, rest, ("vocab_size", "out"))
+  tok = run(fv.input, fv.shapes_records, fv.vocab_size, fv.out, fv.model_type, fv.normalization, fv.records)
   print(f"wrote {tok.model_file}: {tok.vocab_size} pieces")
 
 
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), trains and writes the tokenizer; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
+
+
 if __name__ == "__main__":
-  define_flags()
-  app.run(main)
+  sys.exit(main(sys.argv))

@@ -209,7 +209,7 @@ def _write_config(config, workdir):
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
-  config_lib.validate(config, jax.device_count())
+  config_lib.validate(config, jax.device_count(), jax.process_count())
   init_from.derive_model_config(config)
   _write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
