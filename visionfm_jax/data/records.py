@@ -131,6 +131,12 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
+def sidecar_path(records_path: str) -> str:
+  """The JSON file next to a records file in which the tool that wrote it (tools.prepare_data,
+  tools.filter_clip_score) keeps its counts: a rerun takes a records file with its sidecar as finished."""
+  return records_path + ".json"
+
+
 def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | None = None, **extra) -> dict:
   """Writes `<directory>/dataset.json`: {'format', 'kind' (KINDS: of the conversion), 'classes' (label
   order), 'splits': {split: {'records', 'shards', 'kind' (SPLIT_KINDS), ...}}, **extra}, atomically, merged
