@@ -403,7 +403,7 @@ def test_coco_reader_and_pipelines(tmp_path):
   assert sources.class_names(cfg.source, cfg) == ["person", "car", "train"]  # category ids 1, 3, 7
   evaluation = sources.build_source(cfg.source, "validation", cfg)
   assert len(evaluation) == 4 and [evaluation[i]["image_id"] for i in range(4)] == [10, 20, 30, 40]
-  assert evaluation.category_ids == (1, 3, 7)
+  assert evaluation.index.category_ids == (1, 3, 7)
   record = evaluation[2]  # image 30: the crowd box is no training target
   np.testing.assert_allclose(record["boxes"], [[10, 20, 40, 60], [0, 0, 5, 6]])
   assert record["classes"].tolist() == [2, 0]

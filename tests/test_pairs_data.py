@@ -82,7 +82,7 @@ def test_arrayrecord_splits_and_errors(pair_dir, tmp_path):
     sources.build_source(cfg.source, "test", cfg)
   assert f"{pair_dir}/test-*.array_record" in str(info.value) and "'test'" in str(info.value)
   with pytest.raises(DataError, match="no class labels"):
-    sources.num_classes(cfg.source, cfg)
+    sources.class_names(cfg.source, cfg)
   with pytest.raises(DataError, match="arrayrecord:<glob>"):
     sources.build_source("arrayrecord:", "train", cfg)
   everything = sources.build_source(f"arrayrecord:{pair_dir}/*.array_record", "validation", cfg)

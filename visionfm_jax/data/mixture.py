@@ -54,13 +54,13 @@ class Mixture:
     return sum(len(e.source) for e in self.entries)
 
 
-def open_train(data_cfg, split: str, *, training: bool = True) -> Mixture:
+def open_train(data_cfg, split: str) -> Mixture:
   """The training data of `data_cfg` (config.data.source, or config.data.mixture: `sources.train_specs`) in
   `split`, every source opened; a DataError naming the entry for one that cannot be opened or is empty."""
   entries = []
   for field, spec, weight in sources.train_specs(data_cfg):
     try:
-      source = sources.build_source(spec, split, data_cfg, training=training)
+      source = sources.build_source(spec, split, data_cfg, training=True)
     except DataError as e:
       if not data_cfg.get("mixture"):
         raise

@@ -428,7 +428,7 @@ def _folder_jobs(tree: ClassTree, input_dir: str, output_dir: str, split: str, i
 
 
 def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
-  """dataset.json's entry of one split: records, shards, kind (records.SPLIT_KINDS), class_counts (labelled) or
+  """dataset.json's entry of one split: records, shards, kind (labelled, pairs or images), class_counts (labelled) or
   uncaptioned (webdataset), skipped, source."""
   entry = {"records": sum(c["records"] for c in counts), "shards": [os.path.basename(j.path) for j in jobs]}
   if counts and "uncaptioned" in counts[0]:
