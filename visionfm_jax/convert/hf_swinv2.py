@@ -30,6 +30,7 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax.convert import hf_files, hf_swinv2_config as hfc
+from visionfm_jax.convert.hf_swinv2_config import hf_config
 from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
@@ -141,9 +142,9 @@ def _block_to_hf(write: Writer, pre: str, block: dict[str, Any]) -> None:
 def to_hf(model: swinv2.SwinV2, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers Swinv2 that computes what `model` with `params`
-  (scanned or unrolled) does: `hfc.hf_config` picks the architecture; `labels` names the classes of a head;
+  (scanned or unrolled) does: `hf_config` picks the architecture; `labels` names the classes of a head;
   the notes say what it leaves out."""
-  cfg = hfc.hf_config(model, labels)
+  cfg = hf_config(model, labels)
   arch = cfg["architectures"][0]
   params = numpy_params(model, params)
   notes = ["mask_token=True: not exported (it only replaces masked patches, SimMIM)"] if model.mask_token else []

@@ -25,6 +25,7 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax.convert import hf_files, hf_vit_config as hfc
+from visionfm_jax.convert.hf_vit_config import hf_config
 from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
@@ -128,9 +129,9 @@ def export_notes(model: vit.ViT) -> list[str]:
 def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
-  or unrolled) does: `hfc.hf_config` picks the architecture; `labels` names the classes of a head; the notes
+  or unrolled) does: `hf_config` picks the architecture; `labels` names the classes of a head; the notes
   say what it leaves out (`export_notes`)."""
-  cfg = hfc.hf_config(model, labels)
+  cfg = hf_config(model, labels)
   arch = cfg["architectures"][0]
   params = numpy_params(model, params)
   if model.scan:
