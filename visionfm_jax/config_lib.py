@@ -29,6 +29,8 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.6592
 # once for all towers, and no classification head. A tower's config has neither.
 TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy", "kernels")
 TOWER_HEADLESS = {"num_classes": 0, "head_bias_init": 0.0}
+# RandAugment's largest magnitude M (data/randaugment.py): here, without Pillow and grain, for DOMAINS.
+RANDAUGMENT_MAX_MAGNITUDE = 30
 
 
 def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.ConfigDict:
@@ -468,7 +470,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"data\.augment\.crop_scale", Domain(0, 1, low_open=True)),
     (r"data\.augment\.(color_jitter|mixup_alpha)", NON_NEGATIVE),
     (r"data\.augment\.randaugment_ops", NON_NEGATIVE_INT),
-    (r"data\.augment\.randaugment_magnitude", Domain(0, 30)),
+    (r"data\.augment\.randaugment_magnitude", Domain(0, RANDAUGMENT_MAX_MAGNITUDE)),
     (r"data\.mim\.mask_ratio", Domain(0, 1, low_open=True, high_open=True)),
     (r"probe\.(knn_k|linear_steps)", COUNT),
     (r"probe\.knn_temperature", POSITIVE),

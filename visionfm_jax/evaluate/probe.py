@@ -164,11 +164,6 @@ class FeatureProbe:
   """Extracts train and eval features of the params once, then scores the k-NN and the linear probe."""
 
   def __init__(self, features: Callable, probe_cfg, data_cfg, ctx):
-    for field, ok in (("knn_k", probe_cfg.knn_k >= 1), ("knn_temperature", probe_cfg.knn_temperature > 0),
-                      ("linear_steps", probe_cfg.linear_steps >= 1), ("linear_l2", probe_cfg.linear_l2 >= 0),
-                      ("train_examples", probe_cfg.train_examples != 0)):
-      if not ok:
-        raise ConfigError(f"config.probe.{field}={probe_cfg[field]!r}: out of range")
     self.cfg, self.ctx = probe_cfg, ctx
     self._features = jax.jit(features)
     self._splits = {w: split_config(probe_cfg, data_cfg, w) for w in ("train", "eval")}
