@@ -44,8 +44,6 @@ from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
 
-LAION_PAIRS = 1_200_000_000
-
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]

@@ -99,7 +99,7 @@ def test_feature_strides_and_aurora_stride():
 def test_an_image_backbone_has_every_member_the_interface_lists():
   methods = ("feature_maps", "feature_strides", "train_flops_per_example", "layer_id", "adapt_checkpoint",
              "description", "checkpoint_fields")
-  attributes = ("num_features", "num_layer_ids", "hf_config_module")
+  attributes = ("num_features", "num_layer_ids", "hf_converter")
   members = {**{name: lambda self, *args: None for name in methods}, **{name: 1 for name in attributes}}
   assert isinstance(type("Complete", (), members)(), backbone.ImageBackbone)
   for name in attributes:
@@ -150,6 +150,19 @@ def _imports(path: pathlib.Path) -> list[str]:
     elif isinstance(node, ast.ImportFrom):
       names += [f"{node.module}.{alias.name}" for alias in node.names]
   return names
+
+
+def test_image_tower_is_the_model_or_its_one_backbone_field():
+  """What tools.export_hf exports and evaluate/probe probes: the backbone itself, CLIP's image tower, Aurora's
+  encoder, a dense model's backbone; nothing for a text tower."""
+  small = vit.ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4)
+  assert backbone.image_tower(small) == (small, None)
+  clip = models.build(config_lib.model_config("clip"), jnp.float32)
+  aurora = models.build(config_lib.model_config("aurora"), jnp.float32)
+  dense = segmenter.Segmenter(backbone=small, num_classes=3)
+  for model, name in ((clip, "image"), (aurora, "encoder"), (dense, "backbone")):
+    assert backbone.image_tower(model) == (getattr(model, name), name)
+  assert backbone.image_tower(clip.text) is None
 
 
 def test_the_loop_imports_no_model_and_nothing_outside_models_dispatches_on_a_backbone_class():

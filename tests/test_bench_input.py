@@ -2,6 +2,7 @@
 exits with status 2 and one error line."""
 
 import json
+import sys
 
 import pytest
 
@@ -32,11 +33,14 @@ def test_report_figures(capsys):
   assert report["machine"]["cpu_count"] > 0 and report["machine"]["pillow"]
 
 
-def test_bad_input_exits_2(capsys, tmp_path):
+def test_bad_input_exits_2(capsys, tmp_path, monkeypatch):
   cases = [["--config=configs/no_such_config.py"],
            [CONFIG, f"--source=arrayrecord:{tmp_path}/*.array_record"],
-           [CONFIG, "--workers=two"]]
+           [CONFIG, "--workers=two"],
+           [CONFIG, "--config.data.augment.randaugment_magnitude=31"]]
   for args in cases:
+    monkeypatch.setattr(sys, "argv", ["bench_input", *args])  # config_flags finds --config.* overrides there
     assert bench_input.main(["bench_input", *args]) == 2, args
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
+  assert "config.data.augment.randaugment_magnitude=31: must be a number in [0, 30]" in err  # config_lib.DOMAINS

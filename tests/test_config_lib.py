@@ -29,6 +29,20 @@ def test_set_fields_sets_known_fields_and_names_an_unknown_one():
   assert optim.lr == 2e-4  # nothing is set when a name is wrong
 
 
+@pytest.mark.parametrize("name, key, tower", [("clip", "image", "swinv2"), ("clip", "image", "vit"),
+                                             ("aurora", "encoder", "swinv2")])
+def test_a_composite_models_tower_config_completes_to_its_familys_fields(name, key, tower):
+  """config.model.image / .encoder lacks what CLIP / Aurora set for it; completed (models/towers.py), it has
+  exactly the fields of a standalone model of its family, the shared ones with the composite model's values."""
+  from visionfm_jax.models import towers  # pylint: disable=g-import-not-at-top  (imports jax)
+  model_cfg = config_lib.model_config(name, image_tower=tower)
+  assert not set(model_cfg[key]) & {*config_lib.TOWER_SHARED_FIELDS, *config_lib.TOWER_HEADLESS}
+  completed = towers.tower_config(model_cfg, key, name=tower)
+  assert set(completed) == set(config_lib.model_config(tower))
+  assert completed.num_classes == 0 and completed.head_bias_init == 0.0
+  assert all(completed[field] == model_cfg[field] for field in config_lib.TOWER_SHARED_FIELDS)
+
+
 def test_cpu_demo_names_an_unknown_source():
   with pytest.raises(ConfigError, match="source='imagenet'"):
     config_lib.cpu_demo(config_lib.base_config(), image_size=32, total_steps=10, eval_every=5, source="imagenet")

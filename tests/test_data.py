@@ -380,7 +380,7 @@ def test_sources_shapes_and_bad_spec():
   cfg = data_config()
   assert len(sources.build_source("shapes", "train", cfg)) == 512
   assert len(sources.build_source("shapes", "validation", cfg)) == 64
-  assert sources.num_classes("shapes", cfg) == 8
+  assert len(sources.class_names("shapes", cfg)) == 8
   assert sources.class_names("shapes", cfg)[3] == "star"
   for spec in ("imagenet", "tfds:", "hf:foo"):
     with pytest.raises(DataError, match="config.data.source"):
@@ -409,7 +409,7 @@ def test_tfds_missing_dataset_fails_fast(tmp_path):
   assert "imagenet21k" in message and "'train'" in message and str(tmp_path) in message
   assert "see BUILD.md, section 'Preparing data'" in message
   with pytest.raises(DataError, match="not prepared"):
-    sources.num_classes("tfds:imagenet21k", cfg)
+    sources.class_names("tfds:imagenet21k", cfg)
   assert "tensorflow" not in sys.modules
   assert not list(tmp_path.iterdir())  # nothing downloaded or created
 
@@ -437,7 +437,7 @@ def test_tfds_prepared_dataset(tmp_path):
   cfg = data_config(source="tfds:visionfm_test_images", data_dir=str(tmp_path), image_size=16)
   src = sources.build_source(cfg.source, "validation", cfg)
   assert len(src) == 4 and isinstance(src[0]["image"], bytes)
-  assert sources.num_classes(cfg.source, cfg) == 3 and sources.class_names(cfg.source, cfg) == ["a", "b", "c"]
+  assert sources.class_names(cfg.source, cfg) == ["a", "b", "c"]
   batches = list(pipeline.make_eval_iterator(cfg, batch_size=3, process_index=0, process_count=1))
   assert [b["mask"].sum() for b in batches] == [3, 1]
   assert batches[0]["image"].shape == (3, 16, 16, 3)

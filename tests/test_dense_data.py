@@ -280,9 +280,10 @@ def test_scenes_ground_truth_round_trip():
 def test_bad_configs():
   with pytest.raises(ConfigError, match="kind"):
     dense.make_dense_train_loader(data_config(), "panoptic", batch_size=2, seed=0, process_index=0, process_count=1)
-  with pytest.raises(ConfigError, match="config.data.seg_scale_range"):
-    dense.make_dense_train_loader(data_config(seg_scale_range=(2.0, 1.0)), "segmentation", batch_size=2, seed=0,
-                                  process_index=0, process_count=1)
+  config = config_lib.base_config()
+  config.data.seg_scale_range = (2.0, 1.0)  # validate's ORDERED_PAIRS check (main runs it before any loader)
+  with pytest.raises(ConfigError, match=r"config.data.seg_scale_range=\(2.0, 1.0\): expected \(low, high\)"):
+    config_lib.check_domains(config)
   with pytest.raises(ConfigError, match=r"config.data.mixture \(1 entries\): segmentation trains on one source"):
     dense.make_dense_train_loader(data_config(source="", mixture=(("scenes", 1.0),)), "segmentation", batch_size=2,
                                   seed=0, process_index=0, process_count=1)
@@ -408,7 +409,7 @@ def test_coco_reader_and_pipelines(tmp_path):
   assert sources.class_names(cfg.source, cfg) == ["person", "car", "train"]  # category ids 1, 3, 7
   evaluation = sources.build_source(cfg.source, "validation", cfg)
   assert len(evaluation) == 4 and [evaluation[i]["image_id"] for i in range(4)] == [10, 20, 30, 40]
-  assert evaluation.category_ids == (1, 3, 7)
+  assert evaluation.index.category_ids == (1, 3, 7)
   record = evaluation[2]  # image 30: the crowd box is no training target
   np.testing.assert_allclose(record["boxes"], [[10, 20, 40, 60], [0, 0, 5, 6]])
   assert record["classes"].tolist() == [2, 0]

@@ -155,8 +155,8 @@ def test_coco_detections_convert_to_original_pixels():
   boxes = np.array([[[0.1, 0.2, 0.5, 1.2], [0, 0, 0.1, 0.1]], [[0, 0, 1, 1], [0, 0, 1, 1]]])
   dets = detection.coco_detections(scores, classes, boxes, image_ids=np.array([7, 8]),
                                    to_pixels=np.array([200.0, 50.0]), valid=np.array([True, False]),
-                                   orig_size=np.array([[150, 100], [50, 50]]), category_ids=[3, 5])
-  assert [d["image_id"] for d in dets] == [7, 7] and [d["category_id"] for d in dets] == [5, 3]
+                                   orig_size=np.array([[150, 100], [50, 50]]))
+  assert [d["image_id"] for d in dets] == [7, 7] and [d["category_id"] for d in dets] == [1, 0]
   # (20, 40, 100, 240) clipped to the 100 x 150 (w x h) image -> xywh (20, 40, 80, 110).
   np.testing.assert_allclose(dets[0]["bbox"], [20, 40, 80, 110])
   assert dets[0]["score"] == 0.9

@@ -9,6 +9,7 @@ from PIL import Image
 import pytest
 import test_data  # tests/ is on sys.path under pytest
 
+from visionfm_jax import config_lib
 from visionfm_jax.data import records as pairs, pipeline, randaugment, shapes, sources, tokenizer, transforms
 from visionfm_jax.errors import ConfigError, DataError
 
@@ -82,7 +83,7 @@ def test_arrayrecord_splits_and_errors(pair_dir, tmp_path):
     sources.build_source(cfg.source, "test", cfg)
   assert f"{pair_dir}/test-*.array_record" in str(info.value) and "'test'" in str(info.value)
   with pytest.raises(DataError, match="no class labels"):
-    sources.num_classes(cfg.source, cfg)
+    sources.class_names(cfg.source, cfg)
   with pytest.raises(DataError, match="arrayrecord:<glob>"):
     sources.build_source("arrayrecord:", "train", cfg)
   everything = sources.build_source(f"arrayrecord:{pair_dir}/*.array_record", "validation", cfg)
@@ -251,8 +252,9 @@ def test_randaugment_config():
   aug.randaugment_exclude = ("rotate", "wobble")
   with pytest.raises(ConfigError, match="randaugment_exclude.*wobble"):
     transforms.train_transforms(32, aug)
-  aug.randaugment_exclude, aug.randaugment_magnitude = (), 31
-  with pytest.raises(ConfigError, match="randaugment_magnitude"):
-    transforms.train_transforms(32, aug)
+  config = config_lib.base_config()
+  config.data.augment.randaugment_magnitude = 31
+  with pytest.raises(ConfigError, match=r"config.data.augment.randaugment_magnitude=31: must be a number in \[0, 30\]"):
+    config_lib.check_domains(config)
   with pytest.raises(ValueError, match="wobble"):
     randaugment.RandAugment(1, 5, ops=("wobble",))

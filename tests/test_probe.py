@@ -120,5 +120,7 @@ def test_probe_tool_on_a_workdir(tmp_path, capsys):
 
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.nope=1"]) == 2
   assert "nope" in capsys.readouterr().err
+  assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.knn_k=0"]) == 2
+  assert "error: config.probe.knn_k=0: must be an integer >= 1" in capsys.readouterr().err  # config_lib.DOMAINS
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path / 'missing'}"]) == 2
   assert "no such directory" in capsys.readouterr().err

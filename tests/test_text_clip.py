@@ -272,7 +272,7 @@ def test_clip_default_config_builds_large_tower_shapes():
 @pytest.mark.parametrize("field, value, match", [
     ("text.variant", "XXL", "text.variant=.XXL."),
     ("text.vocab_size", 3, "text.vocab_size=3"),
-    ("embed_dim", 0, "embed_dim=0"),
+    ("text.pool", "mean", "text.pool='mean': expected 'eos' \\(CLIP\\) or 'cls' \\(CoCa\\)"),
     ("image.name", "resnet", "image.name='resnet'"),
     ("image.variant", "Q", "image: SwinV2 variant 'Q'"),
     ("image.image_size", 64, "image.image_size=64 differs from image_size=32"),
@@ -283,3 +283,14 @@ def test_config_errors_name_the_field(field, value, match):
   parent[leaf] = value
   with pytest.raises(ConfigError, match=f"config.model: {match}"):
     models.build(c, jnp.float32)
+
+
+def test_sizes_are_checked_by_their_domains_and_the_pool_by_the_tower():
+  """A size out of its domain is validate's error (config_lib.DOMAINS), not the builder's; an unknown pool is the
+  tower's own error, when it is made (a config or not)."""
+  config = config_lib.base_config("clip")
+  config.model.embed_dim = 0
+  with pytest.raises(ConfigError, match=r"config.model.embed_dim=0: must be an integer >= 1"):
+    config_lib.check_domains(config)
+  with pytest.raises(ValueError, match="pool='mean'"):
+    text.TextTransformer(width=8, depth=1, num_heads=2, mlp_dim=16, pool="mean")

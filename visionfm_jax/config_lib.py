@@ -25,6 +25,12 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
+# What a composite model (clip, aurora) sets for its towers (models/towers.py): its own value of these fields,
+# once for all towers, and no classification head. A tower's config has neither.
+TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy", "kernels")
+TOWER_HEADLESS = {"num_classes": 0, "head_bias_init": 0.0}
+# RandAugment's largest magnitude M (data/randaugment.py): here, without Pillow and grain, for DOMAINS.
+RANDAUGMENT_MAX_MAGNITUDE = 30
 
 
 def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.ConfigDict:
@@ -39,7 +45,6 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
                 # (jax.nn.dot_product_attention choosing); models/layers.py ATTENTION
                 attention="softmax",
                 kernels="auto")  # auto | plain | cpu: backend speed tricks (models/kernels.py); auto = cpu on CPU
-  shared = ("name", "image_size", "scan", "remat_policy", "kernels")  # set once for all towers of clip, aurora
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True)  # pool: cls | gap
   elif name == "swinv2":
@@ -58,10 +63,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   elif name == "clip":
     if image_tower not in ("swinv2", "vit"):
       raise ConfigError(f"clip image_tower={image_tower!r}: expected swinv2 or vit")
-    image = model_config(image_tower)
-    for key in ("image_size", "scan", "remat_policy", "kernels", "num_classes", "head_bias_init"):  # set by CLIP
-      del image[key]
-    common = {k: common[k] for k in shared}
+    image = _tower_config(image_tower)
     family = dict(
         embed_dim=512,  # the joint embedding both towers project to
         logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
@@ -77,12 +79,9 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
         )),
     )
   elif name == "aurora":
-    encoder = model_config("swinv2")
-    for key in ("name", "image_size", "scan", "remat_policy", "kernels", "num_classes", "head_bias_init"):  # set by Aurora
-      del encoder[key]
+    encoder = _tower_config("swinv2", "name")  # always a SwinV2
     text = model_config("clip").text
     text.pool = "cls"
-    common = {k: common[k] for k in shared}
     family = dict(
         embed_dim=1024,  # the contrastive embedding both sides project to
         logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); clamped to [0, log 100] after every update
@@ -96,7 +95,18 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
     )
   else:
     raise ConfigError(f"model {name!r}: known families are vit, swinv2, clip, aurora")
+  if name in ("clip", "aurora"):
+    common = {k: common[k] for k in ("name", *TOWER_SHARED_FIELDS)}  # the others are each tower's own
   return ml_collections.ConfigDict(dict(common, **family))
+
+
+def _tower_config(name: str, *also: str) -> ml_collections.ConfigDict:
+  """`model_config(name)` without the fields the composite model sets for it (TOWER_SHARED_FIELDS,
+  TOWER_HEADLESS) and `also`."""
+  tower = model_config(name)
+  for key in (*TOWER_SHARED_FIELDS, *TOWER_HEADLESS, *also):
+    del tower[key]
+  return tower
 
 
 def base_config(model: str = "vit") -> ml_collections.ConfigDict:
@@ -462,7 +472,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"data\.augment\.crop_scale", Domain(0, 1, low_open=True)),
     (r"data\.augment\.(color_jitter|mixup_alpha)", NON_NEGATIVE),
     (r"data\.augment\.randaugment_ops", NON_NEGATIVE_INT),
-    (r"data\.augment\.randaugment_magnitude", Domain(0, 30)),
+    (r"data\.augment\.randaugment_magnitude", Domain(0, RANDAUGMENT_MAX_MAGNITUDE)),
     (r"data\.mim\.mask_ratio", Domain(0, 1, low_open=True, high_open=True)),
     (r"probe\.(knn_k|linear_steps)", COUNT),
     (r"probe\.knn_temperature", POSITIVE),

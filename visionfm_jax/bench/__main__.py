@@ -57,6 +57,7 @@ from visionfm_jax.bench import profile as profile_lib
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import cli
+from visionfm_jax.training import flops
 
 def make_flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
@@ -157,7 +158,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
             **summarize(times["ours"])}
   result["img_per_sec"] = config.global_batch_size / result["step_s"]
   flops_per_step = ours.flops_per_step()
-  peak = step_lib.peak_flops_per_device(config)
+  peak = flops.device_peak_flops(config.precision.compute_dtype)
   result["model_tflops"] = flops_per_step / result["step_s"] / 1e12 if flops_per_step else None
   result["mfu"] = flops_per_step / result["step_s"] / (peak * len(mesh_devices)) if flops_per_step and peak else None
   result["compile_s"] = ours.compile_seconds

@@ -16,7 +16,7 @@ from jax.sharding import NamedSharding
 
 from visionfm_jax import parallel, tasks
 
-from visionfm_jax.training import flops, optim, train
+from visionfm_jax.training import optim, train
 from visionfm_jax.tasks.base import host_to_global
 
 
@@ -64,7 +64,3 @@ class JaxStep:
               + analysis.temp_size_in_bytes)
     stats = jax.local_devices()[0].memory_stats() or {}
     return {"memory_plan_bytes": plan, "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
-
-
-def peak_flops_per_device(config) -> float | None:
-  return flops.device_peak_flops(config.precision.compute_dtype)

@@ -9,28 +9,27 @@ supports it for the architecture (ViT), else its `eager` implementation (Swinv2 
 
 from __future__ import annotations
 
-import importlib
 import os
 import time
 
 import jax
 import numpy as np
 
+from visionfm_jax import convert
 from visionfm_jax.training import optim as optim_lib
 from visionfm_jax.errors import ConfigError, UserError
 
 
 def hf_config_dict(model) -> dict:
-  """transformers' config of `model`, from the module under visionfm_jax.convert the model names
-  (`hf_config_module`, models/backbone.py)."""
-  module = getattr(model, "hf_config_module", None)
+  """transformers' config of `model`, from the converter the model names (`convert.converter`)."""
+  module = convert.converter(model)
   if module is None:
     raise ConfigError(f"--compare=torch: a {type(model).__name__} has no transformers twin; ViT and SwinV2 "
                       f"classifiers do")
   if getattr(model, "pool", "cls") != "cls":
     raise ConfigError(f"--compare=torch: config.model.pool={model.pool!r}; transformers' ViT classifier pools the "
                       f"class token (use pool='cls')")
-  return importlib.import_module(f"visionfm_jax.convert.{module}").hf_config(model)
+  return module.hf_config(model)
 
 
 def twin_architecture(config, model) -> tuple[str, dict]:

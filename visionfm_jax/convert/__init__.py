@@ -7,12 +7,15 @@ by config.json's `model_type`: 'vit' (ViTModel / ViTForImageClassification -> `v
 `to_hf(model, params, path)`: our `vit.ViT` / `swinv2.SwinV2` (either block layout) -> a `save_pretrained`-style
 directory (config.json + model.safetensors) of the transformers model that computes the same outputs: ViTModel,
 ViTForImageClassification, Swinv2Model or Swinv2ForImageClassification (with a head); `from_hf` reads it back.
+A model exports when it names its converter here (`hf_converter`, models/backbone.py; `converter`).
 `stack_layers` / `unstack_layers`: unrolled `blocks_<i>` <-> scanned `blocks` param layouts.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
+from types import ModuleType
 from typing import Any, Sequence
 
 import jax.numpy as jnp
@@ -20,7 +23,6 @@ import jax.numpy as jnp
 from visionfm_jax.convert import hf_clip_text, hf_files, hf_swinv2, hf_vit
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError, ConfigError
-from visionfm_jax.models import swinv2, vit
 
 # config.json model_type -> converter; a config without model_type is taken as a ViT (hand-written configs).
 CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf}
@@ -39,8 +41,12 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):
   return CONVERTERS[model_type](path, scan=scan, dtype=dtype)
 
 
-# our model class -> (model, params, labels) -> (config.json, tensors, notes)
-EXPORTERS = {vit.ViT: hf_vit.to_hf, swinv2.SwinV2: hf_swinv2.to_hf}
+def converter(model) -> ModuleType | None:
+  """The module here that writes `model` for transformers, as the model names it (`hf_converter`): its
+  `to_hf(model, params, labels) -> (config.json, tensors, notes)` and `hf_config(model, labels)`; None when
+  the model names none."""
+  name = getattr(model, "hf_converter", None)
+  return importlib.import_module(f"{__name__}.{name}") if name else None
 
 
 def to_hf(model, params, path: str, *, labels: Sequence[str] | None = None) -> tuple[str, list[str]]:
@@ -48,12 +54,12 @@ def to_hf(model, params, path: str, *, labels: Sequence[str] | None = None) -> t
   returns its architecture ('ViTModel', ...) and notes on what it leaves out (a ViT head on mean-pooled tokens,
   a mask token). `labels` names a head's classes (id2label). A field of `model` that transformers cannot
   express is a ConfigError naming it."""
-  exporter = next((f for cls, f in EXPORTERS.items() if isinstance(model, cls)), None)
-  if exporter is None:
+  module = converter(model)
+  if module is None:
     raise ConfigError(f"a {type(model).__name__} does not export to transformers: only ViT and SwinV2 do")
-  config, tensors, notes = exporter(model, params, labels)
+  config, tensors, notes = module.to_hf(model, params, labels)
   hf_files.write_dir(os.fspath(path), config, tensors)
   return config["architectures"][0], notes
 
 
-__all__ = ["from_hf", "to_hf", "stack_layers", "unstack_layers"]
+__all__ = ["from_hf", "to_hf", "converter", "stack_layers", "unstack_layers"]

@@ -16,6 +16,7 @@ takes the largest token id, the legacy OpenAI rule); our pooling needs EOS to be
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any
 
@@ -25,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.convert import hf_files
-from visionfm_jax.convert.hf_vit import _Reader, _shapes, _show, check_tensors
+from visionfm_jax.convert.tensors import Reader, check_tensors, show, tree_shapes
 from visionfm_jax.convert.layout import stack_layers
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import text as text_lib
@@ -40,8 +41,7 @@ DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, proje
 
 def model_kwargs(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
   """Keyword arguments of `text.TextTransformer` that reproduce the HF model described by config.json."""
-  def bad(message):
-    return CheckpointError(f"{path}/config.json: {message}")
+  bad = functools.partial(hf_files.config_error, path)
   if cfg.get("model_type") != "clip_text_model" or cfg.get("architectures", [ARCH]) != [ARCH]:
     raise bad(f"model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')}: expected "
               f"'clip_text_model' and [{ARCH!r}]")
@@ -81,7 +81,7 @@ def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   return shapes
 
 
-def _block(read: _Reader, pre: str, heads: int) -> dict[str, Any]:
+def _block(read: Reader, pre: str, heads: int) -> dict[str, Any]:
   qkv = [read.dense(f"{pre}self_attn.{n}_proj") for n in ("q", "k", "v")]
   width = qkv[0]["kernel"].shape[0]
   out = read.dense(f"{pre}self_attn.out_proj")
@@ -96,11 +96,11 @@ def _block(read: _Reader, pre: str, heads: int) -> dict[str, Any]:
 def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
   """Unrolled numpy params of `text.TextTransformer(**kw)` and the set of HF tensor names consumed."""
   taken: set[str] = set()
-  read = _Reader(tensors, PREFIX, taken)
+  read = Reader(tensors, PREFIX, taken)
   params = {"token_embed": {"embedding": read("embeddings.token_embedding.weight")},
             "pos_embed": read("embeddings.position_embedding.weight"),
             "norm": read.norm("final_layer_norm"),
-            "proj": {"kernel": _Reader(tensors, "", taken)("text_projection.weight").T}}
+            "proj": {"kernel": Reader(tensors, "", taken)("text_projection.weight").T}}
   params.update({f"blocks_{i}": _block(read, f"encoder.layers.{i}.", kw["num_heads"]) for i in range(kw["depth"])})
   return params, taken
 
@@ -119,12 +119,12 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32
   params, taken = convert_params(tensors, kw)
   leftover = sorted(set(tensors) - taken)
   if leftover:
-    raise CheckpointError(f"{path}: tensors not converted: {_show(leftover)}")
+    raise CheckpointError(f"{path}: tensors not converted: {show(leftover)}")
   if scan:
     params = stack_layers(params, kw["depth"])
   model = text_lib.TextTransformer(**kw, dtype=dtype, scan=scan)
   tokens = jax.ShapeDtypeStruct((1, kw["max_len"]), jnp.int32)
-  want = _shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"])
-  if want != _shapes(params):
+  want = tree_shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"])
+  if want != tree_shapes(params):
     raise CheckpointError(f"{path}: converted params do not fit our TextTransformer")
   return model, {"params": jax.tree.map(jnp.asarray, params)}

@@ -36,6 +36,11 @@ def read_json(file: str) -> dict[str, Any]:
   return data
 
 
+def config_error(path: str, message: str) -> CheckpointError:
+  """The error about a field of `path`/config.json: `message` names it."""
+  return CheckpointError(f"{path}/config.json: {message}")
+
+
 def read_config(path: str) -> dict[str, Any]:
   """The model's config.json as a dict."""
   if not os.path.isdir(path):

@@ -30,7 +30,8 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax.convert import hf_files, hf_swinv2_config as hfc
-from visionfm_jax.convert.hf_vit import _check_model, _Reader, _show, _Writer, check_tensors, numpy_params
+from visionfm_jax.convert.hf_swinv2_config import hf_config
+from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import swinv2
@@ -41,7 +42,7 @@ def _heads(x: np.ndarray, heads: int) -> np.ndarray:
   return x.reshape(*x.shape[:-1], heads, -1)
 
 
-def _attention(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
+def _attention(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
   att = f"{pre}attention.self."
   weights = [read(f"{att}{n}.weight") for n in ("query", "key", "value")]
   width = weights[0].shape[1]
@@ -57,7 +58,7 @@ def _attention(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str,
   return params
 
 
-def _block(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
+def _block(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
   return {"attn": _attention(read, pre, heads, qkv_bias), "norm1": read.norm(f"{pre}layernorm_before"),
           "mlp": {"fc1": read.dense(f"{pre}intermediate.dense"), "fc2": read.dense(f"{pre}output.dense")},
           "norm2": read.norm(f"{pre}layernorm_after")}
@@ -67,7 +68,7 @@ def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str
                    qkv_bias: bool) -> tuple[dict[str, Any], set[str]]:
   """Unrolled numpy params of `swinv2.SwinV2(**kw)` and the set of HF tensor names consumed."""
   taken: set[str] = set()
-  read = _Reader(tensors, "", taken)
+  read = Reader(tensors, "", taken)
   p = hfc.prefix(arch)
   conv = f"{p}embeddings.patch_embeddings.projection"
   params = {"patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
@@ -103,19 +104,19 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   params, taken = convert_params(tensors, kw, arch, qkv_bias)
   leftover = sorted(set(tensors) - taken - ignorable)
   if leftover:
-    raise CheckpointError(f"{path}: tensors not converted: {_show(leftover)}")
+    raise CheckpointError(f"{path}: tensors not converted: {show(leftover)}")
   ignored = sorted(set(tensors) & ignorable)
   if ignored:
-    logging.warning("%s: ignoring %s (our SwinV2 recomputes or does not use them)", path, _show(ignored, 4))
+    logging.warning("%s: ignoring %s (our SwinV2 recomputes or does not use them)", path, show(ignored, 4))
   if scan:
     params = {k: stack_layers(v, kw["depths"][int(k[len("stage_"):])]) if k.startswith("stage_") else v
               for k, v in params.items()}
   model = swinv2.SwinV2(**kw, dtype=dtype, scan=scan)
-  _check_model(path, model, params)
+  check_model(path, model, params)
   return model, {"params": jax.tree.map(jnp.asarray, params)}
 
 
-def _attention_to_hf(write: _Writer, pre: str, attn: dict[str, Any]) -> None:
+def _attention_to_hf(write: Writer, pre: str, attn: dict[str, Any]) -> None:
   att = f"{pre}attention.self."
   kernel = attn["qkv"]["kernel"]  # (C, 3, heads, head_dim)
   width = kernel.shape[0]
@@ -130,7 +131,7 @@ def _attention_to_hf(write: _Writer, pre: str, attn: dict[str, Any]) -> None:
                                                "bias": attn["out"]["bias"]})
 
 
-def _block_to_hf(write: _Writer, pre: str, block: dict[str, Any]) -> None:
+def _block_to_hf(write: Writer, pre: str, block: dict[str, Any]) -> None:
   _attention_to_hf(write, pre, block["attn"])
   write.norm(f"{pre}layernorm_before", block["norm1"])
   write.dense(f"{pre}intermediate.dense", block["mlp"]["fc1"])
@@ -141,14 +142,14 @@ def _block_to_hf(write: _Writer, pre: str, block: dict[str, Any]) -> None:
 def to_hf(model: swinv2.SwinV2, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers Swinv2 that computes what `model` with `params`
-  (scanned or unrolled) does: `hfc.hf_config` picks the architecture; `labels` names the classes of a head;
+  (scanned or unrolled) does: `hf_config` picks the architecture; `labels` names the classes of a head;
   the notes say what it leaves out."""
-  cfg = hfc.hf_config(model, labels)
+  cfg = hf_config(model, labels)
   arch = cfg["architectures"][0]
   params = numpy_params(model, params)
   notes = ["mask_token=True: not exported (it only replaces masked patches, SimMIM)"] if model.mask_token else []
   tensors: dict[str, np.ndarray] = {}
-  write = _Writer(tensors, "")
+  write = Writer(tensors, "")
   p = hfc.prefix(arch)
   conv = f"{p}embeddings.patch_embeddings.projection"
   write(f"{conv}.weight", params["patch_embed"]["kernel"].transpose(3, 2, 0, 1))

@@ -11,7 +11,8 @@ import numbers
 from typing import Any, Sequence
 
 # "<dir>/config.json: ..." errors; label count and names
-from visionfm_jax.convert.hf_vit_config import _bad, label_fields, num_labels
+from visionfm_jax.convert.hf_files import config_error
+from visionfm_jax.convert.hf_vit_config import label_fields, num_labels
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
@@ -34,7 +35,7 @@ def _positive_int(path: str, cfg: dict[str, Any], key: str, square_pairs: bool =
   if square_pairs and isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
     value = value[0]  # a square (h, w) size
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise _bad(path, f"{key}={cfg[key]!r}: expected a positive integer (square sizes only)")
+    raise config_error(path, f"{key}={cfg[key]!r}: expected a positive integer (square sizes only)")
   return value
 
 
@@ -42,21 +43,21 @@ def _int_list(path: str, cfg: dict[str, Any], key: str, minimum: int) -> tuple[i
   value = cfg[key]
   if (not isinstance(value, (list, tuple)) or not value
       or any(isinstance(v, bool) or not isinstance(v, int) or v < minimum for v in value)):
-    raise _bad(path, f"{key}={value!r}: expected a non-empty list of integers >= {minimum}")
+    raise config_error(path, f"{key}={value!r}: expected a non-empty list of integers >= {minimum}")
   return tuple(value)
 
 
 def architecture(path: str, cfg: dict[str, Any], keys) -> str:
   """BACKBONE or CLASSIFIER, from the tensor names, checked against config.json's `architectures`."""
   if cfg.get("model_type", "swinv2") != "swinv2":
-    raise _bad(path, f"model_type={cfg['model_type']!r}: expected 'swinv2' (transformers Swinv2)")
+    raise config_error(path, f"model_type={cfg['model_type']!r}: expected 'swinv2' (transformers Swinv2)")
   from_keys = CLASSIFIER if any(k.startswith("swinv2.") or k.startswith("classifier.") for k in keys) else BACKBONE
   archs = cfg.get("architectures") or [from_keys]
   if archs not in ([BACKBONE], [CLASSIFIER]):
-    raise _bad(path, f"architectures={archs}: supported are [{BACKBONE!r}] and [{CLASSIFIER!r}]")
+    raise config_error(path, f"architectures={archs}: supported are [{BACKBONE!r}] and [{CLASSIFIER!r}]")
   if archs[0] != from_keys:
-    raise _bad(path, f"architectures={archs} but the tensor names look like {from_keys} "
-                     f"({'with' if from_keys == CLASSIFIER else 'without'} the 'swinv2.' prefix)")
+    raise config_error(path, f"architectures={archs} but the tensor names look like {from_keys} "
+                            f"({'with' if from_keys == CLASSIFIER else 'without'} the 'swinv2.' prefix)")
   return from_keys
 
 
@@ -79,45 +80,46 @@ def _check_windows(path: str, kw: dict[str, Any]) -> None:
     ours = [(w, shift) for _, w, shift in swinv2.stage_windows(kw["image_size"], kw["window_size"], stages,
                                                                 kw["patch_size"])]
   except ValueError as e:
-    raise _bad(path, f"window_size={kw['window_size']}, image_size={kw['image_size']}: {e}") from e
+    raise config_error(path, f"window_size={kw['window_size']}, image_size={kw['image_size']}: {e}") from e
   if hf != ours:
-    raise _bad(path, f"window_size={kw['window_size']} with image_size={kw['image_size']}, "
-                     f"patch_size={kw['patch_size']}: transformers uses (window, shift) {hf} per stage (clamped to "
-                     f"the grid halved and rounded down), our SwinV2 {ours} (the merged maps, rounded up)")
+    raise config_error(path, f"window_size={kw['window_size']} with image_size={kw['image_size']}, "
+                            f"patch_size={kw['patch_size']}: transformers uses (window, shift) {hf} per stage "
+                            f"(clamped to the grid halved and rounded down), our SwinV2 {ours} (the merged maps, "
+                            f"rounded up)")
 
 
 def model_kwargs(path: str, cfg: dict[str, Any], arch: str) -> dict[str, Any]:
   """Keyword arguments of `swinv2.SwinV2` that reproduce the HF model."""
   cfg = {**DEFAULTS, **{k: v for k, v in cfg.items() if v is not None}}  # null: transformers' default
   if cfg["hidden_act"] != "gelu":
-    raise _bad(path, f"hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact, erf) is supported")
+    raise config_error(path, f"hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact, erf) is supported")
   if cfg["num_channels"] != 3:
-    raise _bad(path, f"num_channels={cfg['num_channels']!r}: only 3 (RGB) is supported")
+    raise config_error(path, f"num_channels={cfg['num_channels']!r}: only 3 (RGB) is supported")
   if cfg["use_absolute_embeddings"] is not False:
-    raise _bad(path, f"use_absolute_embeddings={cfg['use_absolute_embeddings']!r}: only false is supported "
-                     f"(our SwinV2 has no absolute position embedding)")
+    raise config_error(path, f"use_absolute_embeddings={cfg['use_absolute_embeddings']!r}: only false is supported "
+                            f"(our SwinV2 has no absolute position embedding)")
   sizes = {k: _positive_int(path, cfg, k) for k in ("image_size", "patch_size", "embed_dim")}
   if sizes["image_size"] % sizes["patch_size"]:
-    raise _bad(path, f"image_size={sizes['image_size']} is not divisible by patch_size={sizes['patch_size']}")
+    raise config_error(path, f"image_size={sizes['image_size']} is not divisible by patch_size={sizes['patch_size']}")
   window = _positive_int(path, cfg, "window_size", square_pairs=False)  # transformers takes one int
   depths, heads = _int_list(path, cfg, "depths", 1), _int_list(path, cfg, "num_heads", 1)
   if len(heads) != len(depths):
-    raise _bad(path, f"num_heads={list(heads)} does not have one entry per stage of depths={list(depths)}")
+    raise config_error(path, f"num_heads={list(heads)} does not have one entry per stage of depths={list(depths)}")
   for s, h in enumerate(heads):
     if (sizes["embed_dim"] << s) % h:
-      raise _bad(path, f"num_heads[{s}]={h} does not divide the stage width embed_dim * 2**{s} = "
-                       f"{sizes['embed_dim'] << s}")
+      raise config_error(path, f"num_heads[{s}]={h} does not divide the stage width embed_dim * 2**{s} = "
+                              f"{sizes['embed_dim'] << s}")
   pretrained = _int_list(path, cfg, "pretrained_window_sizes", 0)
   if len(pretrained) < len(depths) or 1 in pretrained[:len(depths)]:
     # transformers indexes one entry per stage and divides offsets by (pretrained - 1).
-    raise _bad(path, f"pretrained_window_sizes={list(pretrained)}: expected one entry per stage "
-                     f"({len(depths)}), each 0 (none) or >= 2")
+    raise config_error(path, f"pretrained_window_sizes={list(pretrained)}: expected one entry per stage "
+                            f"({len(depths)}), each 0 (none) or >= 2")
   mlp_ratio, eps, qkv_bias = cfg["mlp_ratio"], cfg["layer_norm_eps"], cfg["qkv_bias"]
   for key, value in (("mlp_ratio", mlp_ratio), ("layer_norm_eps", eps)):
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
-      raise _bad(path, f"{key}={value!r}: expected a positive number")
+      raise config_error(path, f"{key}={value!r}: expected a positive number")
   if not isinstance(qkv_bias, bool):
-    raise _bad(path, f"qkv_bias={qkv_bias!r}: expected true or false")
+    raise config_error(path, f"qkv_bias={qkv_bias!r}: expected true or false")
   kw = dict(embed_dim=sizes["embed_dim"], depths=depths, num_heads=heads, window_size=window,
             pretrained_window_sizes=pretrained[:len(depths)], patch_size=sizes["patch_size"],
             image_size=sizes["image_size"], num_classes=num_labels(cfg) if arch == CLASSIFIER else 0,

@@ -19,74 +19,20 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
 from visionfm_jax.convert import hf_files, hf_vit_config as hfc
+from visionfm_jax.convert.hf_vit_config import hf_config
+from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import vit
-from visionfm_jax.training.param_rules import path_str
 
 
-def _show(names: list[str], limit: int = 10) -> str:
-  return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "") or "none"
-
-
-def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                  ignorable: set[str], family: str = "ViT") -> None:
-  """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors."""
-  missing = sorted(set(expected) - set(tensors))
-  unexpected = sorted(set(tensors) - set(expected) - ignorable)
-  mismatched = sorted(f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in expected.items()
-                      if k in tensors and tuple(tensors[k].shape) != shape)
-  if missing or unexpected or mismatched:
-    raise CheckpointError(
-        f"{path}: weights do not match the {family} its config.json describes: missing {_show(missing)}; "
-        f"unexpected {_show(unexpected)}; shape mismatch {_show(mismatched)}")
-
-
-class _Reader:
-  """Hands out tensors as float32 by name and remembers which were taken."""
-
-  def __init__(self, tensors: dict[str, np.ndarray], prefix: str, taken: set[str]):
-    self._tensors, self._prefix, self.taken = tensors, prefix, taken
-
-  def __call__(self, name: str) -> np.ndarray:
-    key = self._prefix + name
-    self.taken.add(key)
-    return np.asarray(self._tensors[key], np.float32)
-
-  def dense(self, name: str) -> dict[str, np.ndarray]:
-    return {"kernel": self(f"{name}.weight").T, "bias": self(f"{name}.bias")}
-
-  def norm(self, name: str) -> dict[str, Any]:
-    return {"ln": {"scale": self(f"{name}.weight"), "bias": self(f"{name}.bias")}}
-
-
-class _Writer:
-  """Collects float32 tensors by HF name (under a prefix): the inverse of `_Reader`."""
-
-  def __init__(self, tensors: dict[str, np.ndarray], prefix: str):
-    self._tensors, self._prefix = tensors, prefix
-
-  def __call__(self, name: str, value) -> None:
-    self._tensors[self._prefix + name] = np.asarray(value, np.float32)
-
-  def dense(self, name: str, params: dict[str, Any]) -> None:
-    self(f"{name}.weight", params["kernel"].T)
-    if "bias" in params:
-      self(f"{name}.bias", params["bias"])
-
-  def norm(self, name: str, params: dict[str, Any]) -> None:
-    self(f"{name}.weight", params["ln"]["scale"])
-    self(f"{name}.bias", params["ln"]["bias"])
-
-
-def _attention(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
+def _attention(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
   names = ("query", "key", "value")
   weights = [read(f"{pre}attention.attention.{n}.weight") for n in names]
   width = weights[0].shape[1]
@@ -98,7 +44,7 @@ def _attention(read: _Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str,
   return {"qkv": qkv, "out": out}
 
 
-def _block(read: _Reader, i: int, kw: dict[str, Any]) -> dict[str, Any]:
+def _block(read: Reader, i: int, kw: dict[str, Any]) -> dict[str, Any]:
   pre = f"encoder.layer.{i}."
   return {"norm1": read.norm(f"{pre}layernorm_before"),
           "attn": _attention(read, pre, kw["num_heads"], kw["qkv_bias"]),
@@ -109,43 +55,15 @@ def _block(read: _Reader, i: int, kw: dict[str, Any]) -> dict[str, Any]:
 def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str) -> tuple[dict[str, Any], set[str]]:
   """Unrolled numpy params of `vit.ViT(**kw)` and the set of HF tensor names consumed."""
   taken: set[str] = set()
-  read = _Reader(tensors, hfc.prefix(arch), taken)
+  read = Reader(tensors, hfc.prefix(arch), taken)
   conv = "embeddings.patch_embeddings.projection"
   params = {"patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
             "cls_token": read("embeddings.cls_token"), "pos_embed": read("embeddings.position_embeddings"),
             "norm": read.norm("layernorm")}
   params.update({f"blocks_{i}": _block(read, i, kw) for i in range(kw["depth"])})
   if kw["num_classes"]:
-    params["head"] = _Reader(tensors, "", taken).dense("classifier")
+    params["head"] = Reader(tensors, "", taken).dense("classifier")
   return params, taken
-
-
-def _shapes(tree) -> dict[str, tuple[int, ...]]:
-  return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def param_mismatch(model: nn.Module, params: dict[str, Any]) -> list[str]:
-  """Where `params` differs from the tree `model.init` makes (names and shapes); empty when it fits."""
-  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-  want = _shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"])
-  got = _shapes(params)
-  return sorted(f"{k}: {got.get(k)} vs model {want.get(k)}" for k in set(want) | set(got) if want.get(k) != got.get(k))
-
-
-def _check_model(path: str, model: nn.Module, params: dict[str, Any]) -> None:
-  """The converted tree must be exactly the one `model.init` makes (names and shapes)."""
-  diff = param_mismatch(model, params)
-  if diff:
-    raise CheckpointError(f"{path}: converted params do not fit our {type(model).__name__}: {_show(diff)}")
-
-
-def numpy_params(model: nn.Module, params: dict[str, Any]) -> dict[str, Any]:
-  """`params` of `model` (boxed or not, on devices or not) as float32 numpy; CheckpointError unless they fit."""
-  params = nn.unbox(params)
-  diff = param_mismatch(model, params)
-  if diff:
-    raise CheckpointError(f"params do not fit the {type(model).__name__} to export: {_show(diff)}")
-  return jax.tree.map(lambda x: np.asarray(jax.device_get(x), np.float32), params)
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[vit.ViT, dict[str, Any]]:
@@ -165,18 +83,18 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   params, taken = convert_params(tensors, kw, arch)
   leftover = sorted(set(tensors) - taken - ignorable)
   if leftover:
-    raise CheckpointError(f"{path}: tensors not converted: {_show(leftover)}")
+    raise CheckpointError(f"{path}: tensors not converted: {show(leftover)}")
   ignored = sorted(set(tensors) & ignorable)
   if ignored:
     logging.warning("%s: ignoring %s (not part of our ViT: its outputs do not use them)", path, ", ".join(ignored))
   if scan:
     params = stack_layers(params, kw["depth"])
   model = vit.ViT(**kw, dtype=dtype, scan=scan)
-  _check_model(path, model, params)
+  check_model(path, model, params)
   return model, {"params": jax.tree.map(jnp.asarray, params)}
 
 
-def _attention_to_hf(write: _Writer, pre: str, attn: dict[str, Any]) -> None:
+def _attention_to_hf(write: Writer, pre: str, attn: dict[str, Any]) -> None:
   qkv = attn["qkv"]
   width = qkv["kernel"].shape[0]
   for n, name in enumerate(("query", "key", "value")):
@@ -187,7 +105,7 @@ def _attention_to_hf(write: _Writer, pre: str, attn: dict[str, Any]) -> None:
                                                "bias": attn["out"]["bias"]})
 
 
-def _block_to_hf(write: _Writer, i: int, block: dict[str, Any]) -> None:
+def _block_to_hf(write: Writer, i: int, block: dict[str, Any]) -> None:
   pre = f"encoder.layer.{i}."
   write.norm(f"{pre}layernorm_before", block["norm1"])
   _attention_to_hf(write, pre, block["attn"])
@@ -211,15 +129,15 @@ def export_notes(model: vit.ViT) -> list[str]:
 def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
-  or unrolled) does: `hfc.hf_config` picks the architecture; `labels` names the classes of a head; the notes
+  or unrolled) does: `hf_config` picks the architecture; `labels` names the classes of a head; the notes
   say what it leaves out (`export_notes`)."""
-  cfg = hfc.hf_config(model, labels)
+  cfg = hf_config(model, labels)
   arch = cfg["architectures"][0]
   params = numpy_params(model, params)
   if model.scan:
     params = unstack_layers(params, model.depth)
   tensors: dict[str, np.ndarray] = {}
-  write = _Writer(tensors, hfc.prefix(arch))
+  write = Writer(tensors, hfc.prefix(arch))
   conv = "embeddings.patch_embeddings.projection"
   write(f"{conv}.weight", params["patch_embed"]["kernel"].transpose(3, 2, 0, 1))
   write(f"{conv}.bias", params["patch_embed"]["bias"])
@@ -231,7 +149,7 @@ def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
   if arch == hfc.BACKBONE:
     write.dense("pooler.dense", {"kernel": np.eye(model.width), "bias": np.zeros(model.width)})
   else:
-    _Writer(tensors, "").dense("classifier", params["head"])
+    Writer(tensors, "").dense("classifier", params["head"])
   # What the importer expects of this config (a mismatch here is a bug of this function).
   ignorable = {hfc.prefix(arch) + name for name in hfc.IGNORED}
   check_tensors("export", tensors, hfc.expected_shapes(hfc.model_kwargs("export", cfg, arch), arch), ignorable)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import numbers
 from typing import Any, Sequence
 
-from visionfm_jax.errors import CheckpointError
+from visionfm_jax.convert.hf_files import config_error
 
 BACKBONE, CLASSIFIER = "ViTModel", "ViTForImageClassification"
 
@@ -28,31 +28,27 @@ def _field(cfg: dict[str, Any], key: str):
   return cfg.get(key, DEFAULTS[key])
 
 
-def _bad(path: str, message: str) -> CheckpointError:
-  return CheckpointError(f"{path}/config.json: {message}")
-
-
 def _positive_int(path: str, cfg: dict[str, Any], key: str) -> int:
   value = _field(cfg, key)
   if isinstance(value, (list, tuple)) and len(value) == 2 and value[0] == value[1]:
     value = value[0]  # a square (h, w) size
   if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-    raise _bad(path, f"{key}={value!r}: expected a positive integer (square sizes only)")
+    raise config_error(path, f"{key}={value!r}: expected a positive integer (square sizes only)")
   return value
 
 
 def architecture(path: str, cfg: dict[str, Any], keys) -> str:
   """BACKBONE or CLASSIFIER, from the tensor names, checked against config.json's `architectures`."""
   if _field(cfg, "model_type") != "vit":
-    raise _bad(path, f"model_type={cfg.get('model_type')!r}: only 'vit' (transformers ViT) is supported")
+    raise config_error(path, f"model_type={cfg.get('model_type')!r}: only 'vit' (transformers ViT) is supported")
   from_keys = CLASSIFIER if any(k.startswith("vit.") for k in keys) or "classifier.weight" in keys else BACKBONE
   archs = cfg.get("architectures") or []
   unsupported = [a for a in archs if a not in (BACKBONE, CLASSIFIER)]
   if unsupported or len(archs) > 1:
-    raise _bad(path, f"architectures={archs}: supported are [{BACKBONE!r}] and [{CLASSIFIER!r}]")
+    raise config_error(path, f"architectures={archs}: supported are [{BACKBONE!r}] and [{CLASSIFIER!r}]")
   if archs and archs[0] != from_keys:
-    raise _bad(path, f"architectures={archs} but the tensor names look like {from_keys} "
-                     f"({'with' if from_keys == CLASSIFIER else 'without'} the 'vit.' prefix)")
+    raise config_error(path, f"architectures={archs} but the tensor names look like {from_keys} "
+                            f"({'with' if from_keys == CLASSIFIER else 'without'} the 'vit.' prefix)")
   return from_keys
 
 
@@ -65,21 +61,21 @@ def num_labels(cfg: dict[str, Any]) -> int:
 def model_kwargs(path: str, cfg: dict[str, Any], arch: str) -> dict[str, Any]:
   """Keyword arguments of `vit.ViT` (sizes, head, eps, qkv bias) that reproduce the HF model."""
   if _field(cfg, "hidden_act") != "gelu":
-    raise _bad(path, f"hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact, erf) is supported")
+    raise config_error(path, f"hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact, erf) is supported")
   if _field(cfg, "num_channels") != 3:
-    raise _bad(path, f"num_channels={cfg['num_channels']!r}: only 3 (RGB) is supported")
+    raise config_error(path, f"num_channels={cfg['num_channels']!r}: only 3 (RGB) is supported")
   sizes = {k: _positive_int(path, cfg, k) for k in
            ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "image_size", "patch_size")}
   if sizes["hidden_size"] % sizes["num_attention_heads"]:
-    raise _bad(path, f"hidden_size={sizes['hidden_size']} is not divisible by "
-                     f"num_attention_heads={sizes['num_attention_heads']}")
+    raise config_error(path, f"hidden_size={sizes['hidden_size']} is not divisible by "
+                            f"num_attention_heads={sizes['num_attention_heads']}")
   if sizes["image_size"] % sizes["patch_size"]:
-    raise _bad(path, f"image_size={sizes['image_size']} is not divisible by patch_size={sizes['patch_size']}")
+    raise config_error(path, f"image_size={sizes['image_size']} is not divisible by patch_size={sizes['patch_size']}")
   eps, qkv_bias = _field(cfg, "layer_norm_eps"), _field(cfg, "qkv_bias")
   if isinstance(eps, bool) or not isinstance(eps, numbers.Real) or eps <= 0:
-    raise _bad(path, f"layer_norm_eps={eps!r}: expected a positive number")
+    raise config_error(path, f"layer_norm_eps={eps!r}: expected a positive number")
   if not isinstance(qkv_bias, bool):
-    raise _bad(path, f"qkv_bias={qkv_bias!r}: expected true or false")
+    raise config_error(path, f"qkv_bias={qkv_bias!r}: expected true or false")
   return dict(width=sizes["hidden_size"], depth=sizes["num_hidden_layers"], mlp_dim=sizes["intermediate_size"],
               num_heads=sizes["num_attention_heads"], patch_size=sizes["patch_size"], image_size=sizes["image_size"],
               num_classes=num_labels(cfg) if arch == CLASSIFIER else 0, layer_norm_eps=float(eps),

@@ -24,9 +24,9 @@ import numpy as np
 from PIL import Image
 
 from visionfm_jax.data import transforms
+from visionfm_jax.data.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
 
-IGNORE = 255
 NUM_CLASSES = 150
 SPLIT_FOLDERS = {"train": "training", "validation": "validation", "training": "training"}
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

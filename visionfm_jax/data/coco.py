@@ -132,10 +132,6 @@ class CocoSource:
     if not len(self.rows):
       raise DataError(f"COCO: {annotation_file(self.root, split)} lists no {'annotated ' * skip_empty}images")
 
-  @property
-  def category_ids(self) -> tuple[int, ...]:
-    return self.index.category_ids
-
   def __len__(self) -> int:
     return len(self.rows)
 

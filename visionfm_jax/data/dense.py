@@ -48,14 +48,6 @@ def _check(data_cfg, kind: str) -> None:
     raise ConfigError(f"config.data.mixture ({len(data_cfg.mixture)} entries): {kind} trains on one source, "
                       f"config.data.source ({_HINT[kind]}); mixtures feed classification, "
                       f"contrastive and aurora runs")
-  for field in ("seg_scale_range", "det_scale_range"):
-    low, high = data_cfg[field]
-    if not 0 < low <= high:
-      raise ConfigError(f"config.data.{field}={tuple(data_cfg[field])}: expected 0 < low <= high")
-  if data_cfg.max_boxes < 1:
-    raise ConfigError(f"config.data.max_boxes={data_cfg.max_boxes}: must be positive")
-  if data_cfg.seg_eval_width < 0:
-    raise ConfigError(f"config.data.seg_eval_width={data_cfg.seg_eval_width}: 0 (= image_size) or a width")
 
 
 def class_names(data_cfg, kind: str) -> list[str]:

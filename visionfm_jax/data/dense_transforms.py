@@ -19,6 +19,8 @@ from PIL import Image
 
 from visionfm_jax.data import transforms
 
+# The mask label of pixels that count for nothing in the segmentation loss and mIoU: unlabelled or uncertain
+# pixels of the sources (scenes, ADE20K) and canvas padding.
 IGNORE = 255
 _truncated_boxes = 0
 

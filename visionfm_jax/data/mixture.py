@@ -54,12 +54,12 @@ class Mixture:
     return sum(len(e.source) for e in self.entries)
 
 
-def open_train(data_cfg, split: str, *, training: bool = True) -> Mixture:
+def open_train(data_cfg, split: str) -> Mixture:
   """The training data of `data_cfg` (config.data.source, or config.data.mixture: `sources.train_specs`) in
   `split`, every source opened; a DataError naming the entry for one that cannot be opened or is empty."""
   entries = []
   for what, spec, weight in sources.train_specs(data_cfg):
-    source = sources.build_source(spec, split, data_cfg, training=training, what=what)
+    source = sources.build_source(spec, split, data_cfg, training=True, what=what)
     entries.append(Entry(what, source, weight, spec))
   return _checked(Mixture(tuple(entries), sources.training_what(data_cfg)), split)
 

@@ -13,6 +13,7 @@ global arrays. Nothing here touches jax.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import math
 
 from absl import flags
@@ -110,19 +111,34 @@ def require_key(source, key: str, what: str, split: str, hint: str) -> dict:
   return record or {}
 
 
-def _sample_keys(source, tries: int = 16) -> tuple[dict, set]:
-  """(the first readable record or {}, the keys of the readable ones up to the first with a caption, at most
-  `tries`): a source of pairs may hold some image-only records."""
+@dataclasses.dataclass(frozen=True)
+class _Sample:
+  """What the first readable records of a source hold (a source of pairs may hold some image-only records)."""
+  keys: frozenset[str]  # of the readable records sampled; record 0's (a placeholder, say) when none is readable
+  readable: bool  # some sampled record has an image
+  labelled: bool  # the first readable record has a label
+
+  @property
+  def captioned(self) -> bool:
+    """A readable record has a caption; True when none is readable: the loader's skip count reports that."""
+    return "caption" in self.keys or not self.readable
+
+
+def _sample(source, tries: int = 16) -> _Sample:
+  """Reads records until one has a caption or `tries` readable ones have not (at most 4 * `tries` records)."""
   first, keys = None, set()
   for index in range(min(len(source), 4 * tries)):
     record = source[index]
-    if record.get("image") is not None:
-      first = record if first is None else first
-      keys |= set(record)
-      tries -= 1
-      if not tries or "caption" in keys:
-        break
-  return first or {}, keys
+    if record.get("image") is None:
+      continue
+    first = record if first is None else first
+    keys |= set(record)
+    tries -= 1
+    if not tries or "caption" in keys:
+      break
+  if first is None:
+    return _Sample(frozenset(source[0]), readable=False, labelled=False)
+  return _Sample(frozenset(keys), readable=True, labelled="label" in first)
 
 
 PAIRS_HINT = "image-text training needs 'shapes' or 'arrayrecord:<glob>' of pairs"
@@ -137,25 +153,22 @@ def _pair_example(mixture: mixture_lib.Mixture, tokenizer, split: str) -> transf
   work (a caption costs ~20 us, a decoded and augmented image ~1 ms), and keeps every op record -> example,
   so the eval iterator reuses the same op.
   """
-  captioned, labelled = [], []
+  samples = []
   for entry in mixture.entries:
-    first, keys = _sample_keys(entry.source)
-    keys = keys or set(entry.source[0])
-    if "image" not in keys:
-      neither = "" if "caption" in keys else " nor a 'caption'"
-      raise DataError(f"{entry.field} split {split!r}: records have no 'image'{neither} (keys {sorted(keys)}); "
-                      f"{PAIRS_HINT}")
-    captioned.append("caption" in keys or not first)  # nothing readable: the loader's skip count says so
-    labelled.append("label" in first)
-  if not any(captioned):
-    if len(mixture.entries) == 1:
-      entry = mixture.entries[0]
-      raise DataError(f"{entry.field} split {split!r}: records have no 'caption' (keys {sorted(keys)}); "
-                      f"{PAIRS_HINT} (to train: or a config.data.mixture with at least one; to evaluate: set "
-                      f"config.data.eval_source to one)")
+    sample = _sample(entry.source)
+    if "image" not in sample.keys:
+      neither = "" if "caption" in sample.keys else " nor a 'caption'"
+      raise DataError(f"{entry.field} split {split!r}: records have no 'image'{neither} (keys "
+                      f"{sorted(sample.keys)}); {PAIRS_HINT}")
+    samples.append(sample)
+  if not any(sample.captioned for sample in samples):
+    if len(samples) == 1:
+      raise DataError(f"{mixture.entries[0].field} split {split!r}: records have no 'caption' (keys "
+                      f"{sorted(samples[0].keys)}); {PAIRS_HINT} (to train: or a config.data.mixture with at least "
+                      f"one; to evaluate: set config.data.eval_source to one)")
     raise DataError(f"{mixture.what}: none of its sources has captions ({', '.join(e.field for e in mixture.entries)}"
                     f"); image-text training needs at least one source of pairs")
-  return transforms.SelectPair(tokenizer, with_label=all(labelled))
+  return transforms.SelectPair(tokenizer, with_label=all(sample.labelled for sample in samples))
 
 
 def _train_loader(data_cfg, mixture, example, *, batch_size: int, seed: int, process_index: int,

@@ -18,8 +18,9 @@ import grain
 import numpy as np
 from PIL import Image, ImageEnhance, ImageOps
 
+from visionfm_jax.config_lib import RANDAUGMENT_MAX_MAGNITUDE
+
 FILL = (128, 128, 128)  # what rotations, shears and translations uncover
-MAX_MAGNITUDE = 30
 
 
 def _signed(value: float, rng: np.random.Generator) -> float:
@@ -81,9 +82,9 @@ class RandAugment(grain.transforms.RandomMap):
     unknown = [op for op in ops if op not in OPERATIONS]
     if unknown or not ops:
       raise ValueError(f"RandAugment ops {tuple(ops)}: unknown {unknown}; choose from {OPS}")
-    if num_ops < 0 or not 0 <= magnitude <= MAX_MAGNITUDE:
+    if num_ops < 0 or not 0 <= magnitude <= RANDAUGMENT_MAX_MAGNITUDE:
       raise ValueError(f"RandAugment num_ops={num_ops} must be >= 0 and magnitude={magnitude} in "
-                       f"[0, {MAX_MAGNITUDE}]")
+                       f"[0, {RANDAUGMENT_MAX_MAGNITUDE}]")
     self.num_ops, self.magnitude, self.ops = int(num_ops), float(magnitude), tuple(ops)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:

@@ -40,8 +40,6 @@ JPEG_QUALITY = 95  # for images given as arrays
 METADATA_FILE = "dataset.json"
 FORMAT = "visionfm_jax.records/1"
 KINDS = ("classification", "pairs", "images")  # labelled folders, WebDataset tars, unlabelled folders
-SPLIT_KINDS = ("labelled", "pairs", "images")  # what a split's records hold: labels, captions (some may lack
-# one), neither
 _OPTIONAL = {"caption": str, "label": int, "key": str, "meta": str, "score": float}
 
 
@@ -131,10 +129,17 @@ def shard_name(split: str, index: int, count: int) -> str:
   return f"{split}-{index:05d}-of-{count:05d}.array_record"
 
 
+def sidecar_path(records_path: str) -> str:
+  """The JSON file next to a records file in which the tool that wrote it (tools.prepare_data,
+  tools.filter_clip_score) keeps its counts: a rerun takes a records file with its sidecar as finished."""
+  return records_path + ".json"
+
+
 def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | None = None, **extra) -> dict:
   """Writes `<directory>/dataset.json`: {'format', 'kind' (KINDS: of the conversion), 'classes' (label
-  order), 'splits': {split: {'records', 'shards', 'kind' (SPLIT_KINDS), ...}}, **extra}, atomically, merged
-  with what is there (another split written earlier). Returns the written dict."""
+  order), 'splits': {split: {'records', 'shards', 'kind' (labelled, pairs or images: its records hold labels,
+  captions (some may lack one) or neither), ...}}, **extra}, atomically, merged with what is there (another
+  split written earlier). Returns the written dict."""
   if kind not in KINDS:
     raise ValueError(f"kind={kind!r}: expected one of {KINDS}")
   os.makedirs(os.fspath(directory), exist_ok=True)

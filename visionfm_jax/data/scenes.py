@@ -25,9 +25,9 @@ from __future__ import annotations
 import numpy as np
 
 from visionfm_jax.data import shapes
+from visionfm_jax.data.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
 
-IGNORE = 255
 SCENES_STREAM = 1  # an extra seed word: scenes never share a random stream with shapes records
 SIZE_RANGE = (0.22, 0.5)  # object extent as a fraction of the image side
 MASK_CERTAIN = 0.75  # a pixel gets a label when one layer (or the background) covers this much of it

@@ -249,8 +249,3 @@ def train_class_names(data_cfg) -> list[str]:
   entries' (`union_classes`; the loaders remap each entry's labels into it, and the first entry's stay)."""
   specs = train_specs(data_cfg)
   return union_classes([class_names(spec, data_cfg, what) for what, spec, _ in specs])[0]
-
-
-def num_classes(spec: str, data_cfg) -> int:
-  """The number of labels of `spec` (8 shape kinds for 'shapes')."""
-  return len(class_names(spec, data_cfg))

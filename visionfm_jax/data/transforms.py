@@ -376,9 +376,6 @@ def _randaugment_ops(augment) -> tuple[str, ...]:
   if unknown or not ops:
     raise ConfigError(f"config.data.augment.randaugment_exclude={exclude}: unknown {unknown} or nothing left; "
                       f"the operations are {randaugment.OPS}")
-  if not 0 <= augment.randaugment_magnitude <= randaugment.MAX_MAGNITUDE:
-    raise ConfigError(f"config.data.augment.randaugment_magnitude={augment.randaugment_magnitude}: expected "
-                      f"0..{randaugment.MAX_MAGNITUDE}")
   return ops
 
 

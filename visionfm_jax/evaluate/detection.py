@@ -71,13 +71,14 @@ def coco_map(ground_truth: dict, detections: Sequence[dict], image_ids: Sequence
 
 
 def coco_detections(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, image_ids: np.ndarray,
-                    to_pixels: np.ndarray, valid: np.ndarray | None = None, orig_size: np.ndarray | None = None,
-                    category_ids: Sequence[int] | None = None) -> list[dict]:
+                    to_pixels: np.ndarray, valid: np.ndarray | None = None,
+                    orig_size: np.ndarray | None = None) -> list[dict]:
   """COCO results from top-k outputs: scores (B, K), classes (B, K), boxes (B, K, 4) normalised xyxy.
 
   `to_pixels` (B,) multiplies normalised coordinates into original pixels (S / scale for the dense eval
-  batches); boxes are clipped to `orig_size` (B, 2) (h, w) when given; rows with `valid` False are skipped;
-  class c becomes category `category_ids[c]` (default: c).
+  batches); boxes are clipped to `orig_size` (B, 2) (h, w) when given; rows with `valid` False are skipped.
+  Category ids are the classes, as the ground truth of the dense sources has them (data/dense.py
+  `coco_ground_truth`: COCO's ids in its categories' 'coco_id').
   """
   scores, classes, boxes = np.asarray(scores), np.asarray(classes), np.asarray(boxes, np.float64)
   out = []
@@ -89,7 +90,7 @@ def coco_detections(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, 
       h, w = (float(v) for v in orig_size[b])
       xyxy = np.clip(xyxy, 0.0, [w, h, w, h])
     for score, cls, (x1, y1, x2, y2) in zip(scores[b].tolist(), classes[b].tolist(), xyxy.tolist()):
-      out.append({"image_id": int(image_ids[b]), "category_id": int(category_ids[cls] if category_ids else cls),
+      out.append({"image_id": int(image_ids[b]), "category_id": int(cls),
                   "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
   return out
 
@@ -100,9 +101,8 @@ class DetectionEvaluator:
   exactly those examples). Keeps the `top_k` best (location, class) pairs per image. Every process gathers
   all processes' detections and gets the same numbers."""
 
-  def __init__(self, predict: Callable, ctx, ground_truth: dict, top_k: int = 100,
-               category_ids: Sequence[int] | None = None):
-    self.ctx, self.ground_truth, self.category_ids = ctx, ground_truth, category_ids
+  def __init__(self, predict: Callable, ctx, ground_truth: dict, top_k: int = 100):
+    self.ctx, self.ground_truth = ctx, ground_truth
 
     def detect(params, batch):
       out = predict(params, batch["image"])
@@ -118,7 +118,7 @@ class DetectionEvaluator:
       out = jax.device_get(self._detect(params, self.ctx.to_global(local)))
       seen += 1
       detections += coco_detections(out["scores"], out["classes"], out["boxes"], out["image_id"], out["to_pixels"],
-                                    out["valid"], out["orig_size"], self.category_ids)
+                                    out["valid"], out["orig_size"])
     if not seen:
       raise ValueError("the evaluation split yielded no batches")
     return coco_map(self.ground_truth, detections)

@@ -33,9 +33,8 @@ from jax.experimental import multihost_utils
 from visionfm_jax import data
 from visionfm_jax.data.sources import eval_source_spec
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models.backbone import ImageBackbone
+from visionfm_jax.models.backbone import image_tower
 
-TOWER_NAMES = ("image", "encoder", "backbone")  # CLIP, Aurora, dense models
 HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -44,14 +43,12 @@ HIGHEST = jax.lax.Precision.HIGHEST
 def pooled_features(task) -> Callable[[Any, jax.Array], jax.Array]:
   """(params, uint8 images) -> fp32 (B, D) pooled features of the task's image backbone (before any head)."""
   model = task.model
-  if isinstance(model, ImageBackbone):
-    method = lambda m, images: m(images, train=False)["pooled"]
-  else:
-    towers = [n for n in TOWER_NAMES if isinstance(getattr(model, n, None), ImageBackbone)]
-    if not towers:
-      raise ConfigError(f"config.model.name={task.config.model.name!r}: probing needs a ViT or SwinV2 backbone "
-                        f"(a classifier's, a CLIP's image tower, Aurora's encoder)")
-    method = lambda m, images: getattr(m, towers[0])(images, train=False)["pooled"]
+  tower = image_tower(model)
+  if tower is None:
+    raise ConfigError(f"config.model.name={task.config.model.name!r}: probing needs a ViT or SwinV2 backbone "
+                      f"(a classifier's, a CLIP's image tower, Aurora's encoder)")
+  name = tower[1]
+  method = lambda m, images: (getattr(m, name) if name else m)(images, train=False)["pooled"]
 
   def features(params, images):
     return model.apply({"params": params}, task.normalize(images), method=method).astype(jnp.float32)
@@ -167,11 +164,6 @@ class FeatureProbe:
   """Extracts train and eval features of the params once, then scores the k-NN and the linear probe."""
 
   def __init__(self, features: Callable, probe_cfg, data_cfg, ctx):
-    for field, ok in (("knn_k", probe_cfg.knn_k >= 1), ("knn_temperature", probe_cfg.knn_temperature > 0),
-                      ("linear_steps", probe_cfg.linear_steps >= 1), ("linear_l2", probe_cfg.linear_l2 >= 0),
-                      ("train_examples", probe_cfg.train_examples != 0)):
-      if not ok:
-        raise ConfigError(f"config.probe.{field}={probe_cfg[field]!r}: out of range")
     self.cfg, self.ctx = probe_cfg, ctx
     self._features = jax.jit(features)
     self._splits = {w: split_config(probe_cfg, data_cfg, w) for w in ("train", "eval")}

@@ -15,8 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from visionfm_jax.data.dense_transforms import IGNORE
 
-def confusion_matrix(pred: jax.Array, labels: jax.Array, num_classes: int, ignore_label: int = 255) -> jax.Array:
+
+def confusion_matrix(pred: jax.Array, labels: jax.Array, num_classes: int, ignore_label: int = IGNORE) -> jax.Array:
   """(C, C) int32 counts of pixels with ground truth i predicted as j; pixels labelled `ignore_label` (or any
   id outside [0, C)) are skipped. `pred`, `labels` are class-id arrays of one shape. Jittable."""
   labels = labels.astype(jnp.int32)
@@ -48,7 +50,7 @@ class SegmentationEvaluator:
   labels' resolution. Batches hold "image", "mask" (255 = ignore) and optionally "valid" (B,) (padded examples
   of a final batch count for nothing). Sums are global: every process gets the same numbers."""
 
-  def __init__(self, predict: Callable, ctx, num_classes: int, ignore_label: int = 255):
+  def __init__(self, predict: Callable, ctx, num_classes: int, ignore_label: int = IGNORE):
     self.ctx, self.num_classes = ctx, num_classes
 
     def counts(params, batch):

@@ -154,11 +154,16 @@ class Aurora(nn.Module):
   dtype: Any = jnp.float32
   kernels: str = "auto"  # models/kernels.py
 
-  def setup(self):
+  def __post_init__(self):
     if self.mim_view not in MIM_VIEWS:
       raise ValueError(f"mim_view={self.mim_view!r}: expected one of {MIM_VIEWS}")
-    if self.text.pool != "cls" or self.text.embed_dim != self.embed_dim:
-      raise ValueError("the text encoder must pool a CLS token and project to embed_dim")
+    if self.text.pool != "cls":
+      raise ValueError(f"text.pool={self.text.pool!r}: Aurora's text encoder pools a CLS token ('cls')")
+    if self.text.embed_dim != self.embed_dim:
+      raise ValueError(f"the text encoder projects to {self.text.embed_dim}, Aurora's embed_dim is {self.embed_dim}")
+    super().__post_init__()
+
+  def setup(self):
     width, heads = self.text.width, self.text.num_heads
     self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype, kernels=self.kernels)
     self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype, kernels=self.kernels)
@@ -297,20 +302,12 @@ def build(model_cfg, dtype) -> Aurora:
     raise ValueError(f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride "
                      f"{encoder.output_stride} "
                      "(the MIM head predicts stride x stride pixels per final token)")
-  text_cfg = model_cfg.text
-  if text_cfg.pool != "cls":
-    raise ValueError(f"text.pool={text_cfg.pool!r}: Aurora's text encoder pools a CLS token ('cls')")
-  text = text_lib.build(text_cfg, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
+  text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
                         remat_policy=model_cfg.remat_policy, kernels=model_cfg.kernels)
-  if int(model_cfg.decoder_depth) <= 0 or int(model_cfg.caption_queries) <= 0:
-    raise ValueError(f"decoder_depth={model_cfg.decoder_depth}, caption_queries={model_cfg.caption_queries}: "
-                     "must be positive")
   decoder = MultimodalDecoder(depth=model_cfg.decoder_depth, num_heads=text.num_heads, mlp_dim=text.mlp_dim,
                               vocab_size=text.vocab_size, layer_norm_eps=text.layer_norm_eps,
                               attention=text.attention, dtype=dtype, scan=model_cfg.scan,
                               remat_policy=model_cfg.remat_policy, kernels=text.kernels)
-  if model_cfg.mim_view not in MIM_VIEWS:
-    raise ValueError(f"mim_view={model_cfg.mim_view!r}: expected one of {MIM_VIEWS}")
   kwargs = dict(encoder=encoder, text=text, decoder=decoder, embed_dim=model_cfg.embed_dim,
                 caption_queries=model_cfg.caption_queries, logit_scale_init=model_cfg.logit_scale_init,
                 mim_view=model_cfg.mim_view, dtype=dtype, kernels=text.kernels)

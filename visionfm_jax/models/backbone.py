@@ -16,19 +16,20 @@ tools ask an image backbone (ViT, SwinV2) instead of dispatching on its class.
                             {path: array} of a checkpoint trained at another resolution -> the same, carried
                             to this model's {path: shape} where the model knows how (ViT: pos_embed resized);
                             what it cannot carry is returned as given, for the caller to report
-  description(), checkpoint_fields(), hf_config_module
+  description(), checkpoint_fields(), hf_converter
                             for import/export tools: one line about the architecture, the config fields
-                            that rebuild it (model.json), the module under visionfm_jax.convert with its
-                            `hf_config`
+                            that rebuild it (model.json), the module under visionfm_jax.convert that writes it
+                            for transformers (its `to_hf` and `hf_config`)
 
-Models that hold a backbone answer part of this by asking it (`tower_*` helpers below): the dense models
-(dense_heads.DenseModel) their layer ids and checkpoint adaptation; CLIP and Aurora only `adapt_checkpoint`
-(and count their own `train_flops_per_example`). They have no layer ids, so `config.optim.layer_decay` is not
-available for them (optim.layer_ids says so).
+Models that hold a backbone answer part of this by asking it (`tower_*` helpers below; `image_tower` finds
+it): the dense models (dense_heads.DenseModel) their layer ids and checkpoint adaptation; CLIP and Aurora only
+`adapt_checkpoint` (and count their own `train_flops_per_example`). They have no layer ids, so
+`config.optim.layer_decay` is not available for them (optim.layer_ids says so).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Protocol, runtime_checkable
 
 import jax
@@ -39,7 +40,7 @@ import numpy as np
 class ImageBackbone(Protocol):
   """A ViT or SwinV2 (see the module docstring for the contract of each member)."""
 
-  hf_config_module: str
+  hf_converter: str
 
   @property
   def num_features(self) -> int: ...
@@ -80,6 +81,16 @@ def block_layer_ids(part: str, first: int, depth: int, stack: str = "blocks") ->
 
 
 # ----------------------------------------------------------------------------------- models of towers
+
+def image_tower(model) -> tuple[ImageBackbone, str | None] | None:
+  """(the image backbone of `model`, the field (and params key) it is under, None when it is `model` itself):
+  `model` when it is a backbone, else its one backbone field (CLIP's 'image', Aurora's 'encoder', a dense
+  model's 'backbone'); None when it has no backbone or several."""
+  if isinstance(model, ImageBackbone):
+    return model, None
+  names = [f.name for f in dataclasses.fields(model) if isinstance(getattr(model, f.name, None), ImageBackbone)]
+  return (getattr(model, names[0]), names[0]) if len(names) == 1 else None
+
 
 def _under(prefix: str, flat: dict[str, Any]) -> dict[str, Any]:
   start = prefix + "/"

@@ -90,8 +90,6 @@ def image_tower_config(model_cfg) -> ml_collections.ConfigDict:
 def build(model_cfg, dtype) -> CLIP:
   """Builds CLIP from `config.model` (config_lib.model_config('clip')); ValueErrors name the field."""
   from visionfm_jax.models import BUILDERS  # pylint: disable=g-import-not-at-top  (the registry imports us)
-  if int(model_cfg.embed_dim) <= 0:
-    raise ValueError(f"embed_dim={model_cfg.embed_dim}: must be positive")
   image_cfg = image_tower_config(model_cfg)
   try:
     image = BUILDERS[image_cfg.name](image_cfg, dtype)

@@ -54,9 +54,8 @@ def _greedy(model, params, memory, max_len: int, bos_id: int, eos_id: int, pad_i
     return tokens
 
   def step(t, tokens, done, cache, memory):
-    logits, cache = model.apply({"params": params}, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache, t,
-                                memory, method="decode_step")
-    token = jnp.where(done, pad_id, jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32))
+    token_logp, cache = _decode(model, params, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache, t, memory)
+    token = jnp.where(done, pad_id, jnp.argmax(token_logp, axis=-1).astype(jnp.int32))
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t + 1, axis=1)
     return tokens, done | (token == eos_id), cache
 

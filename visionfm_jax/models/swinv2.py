@@ -449,7 +449,7 @@ class SwinV2(nn.Module):
     return out
 
   # ------------------------------------------------------------------- the backbone interface (backbone.py)
-  hf_config_module = "hf_swinv2_config"
+  hf_converter = "hf_swinv2"
 
   @property
   def num_features(self) -> int:

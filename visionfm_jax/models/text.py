@@ -35,6 +35,7 @@ from visionfm_jax.models import layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
 
+POOLS = ("eos", "cls")
 # name: (width, depth, heads); the MLP is 4 x width.
 SIZES: dict[str, tuple[int, int, int]] = {
     "pico": (32, 2, 2),  # unit tests
@@ -103,6 +104,11 @@ class TextTransformer(nn.Module):
   kernels: str = "auto"  # models/kernels.py
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
 
+  def __post_init__(self):
+    if self.pool not in POOLS:
+      raise ValueError(f"pool={self.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
+    super().__post_init__()
+
   @nn.compact
   def __call__(self, tokens, train: bool = False, cache=None, index=None):
     """`cache` (from `init_cache`) switches to incremental decoding of tokens at positions index..: returns
@@ -110,8 +116,6 @@ class TextTransformer(nn.Module):
     del train  # no dropout or stochastic depth in the text tower
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens of shape {tokens.shape}: expected (batch, length <= max_len={self.max_len})")
-    if self.pool not in ("eos", "cls"):
-      raise ValueError(f"pool={self.pool!r}: expected 'eos' or 'cls'")
     length = tokens.shape[1]
     x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32, name="token_embed",
                  embedding_init=layers.logical(nn.initializers.normal(0.02), (VOCAB, EMBED)))(tokens)
@@ -157,19 +161,17 @@ class TextTransformer(nn.Module):
 def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, kernels: str) -> TextTransformer:
   """Builds the text tower from `config.model.text` (variant: a key of SIZES); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
-  for field in ("vocab_size", "max_len"):
-    if int(text_cfg[field]) <= 0:
-      raise ValueError(f"text.{field}={text_cfg[field]}: must be positive")
   special = max(*SPECIAL_IDS, int(text_cfg.eos_id))
   if text_cfg.vocab_size <= special:
     raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
-  if text_cfg.pool not in ("eos", "cls"):
-    raise ValueError(f"text.pool={text_cfg.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
   layers.check_attention(text_cfg.attention, "text.attention")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
                 remat_policy=remat_policy, attention=text_cfg.attention, kernels=kernels_lib.check_mode(kernels),
                 pool=text_cfg.pool)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
-  return TextTransformer(**kwargs)
+  try:
+    return TextTransformer(**kwargs)
+  except ValueError as e:  # its message starts with the field's name
+    raise ValueError(f"text.{e}") from e

@@ -144,7 +144,7 @@ class ViT(nn.Module):
     return out
 
   # ------------------------------------------------------------------- the backbone interface (backbone.py)
-  hf_config_module = "hf_vit_config"
+  hf_converter = "hf_vit"
 
   @property
   def num_features(self) -> int:

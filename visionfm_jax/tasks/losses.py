@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from visionfm_jax.data.dense_transforms import IGNORE
+
 
 
 MASKED_LOGIT = -1e9  # an uncaptioned example's logit: exp underflows to 0 against |logits| <= 100
@@ -160,7 +162,8 @@ def mim_l1_loss(pred: jax.Array, target: jax.Array, pixel_mask: jax.Array, norma
   return total / (jnp.sum(m) + 1e-5 if normalizer is None else normalizer) / 3.0
 
 
-def segmentation_ce_terms(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
+def segmentation_ce_terms(logits: jax.Array, labels: jax.Array,
+                          ignore_label: int = IGNORE) -> tuple[jax.Array, jax.Array]:
   """(sum of per-pixel softmax cross-entropies, number of labelled pixels); fp32.
 
   `logits` (B, H, W, C), `labels` (B, H, W) class ids; pixels labelled `ignore_label` (or any id outside
@@ -174,7 +177,7 @@ def segmentation_ce_terms(logits: jax.Array, labels: jax.Array, ignore_label: in
   return jnp.sum(nll * valid), jnp.sum(valid)
 
 
-def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> jax.Array:
+def segmentation_cross_entropy(logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE) -> jax.Array:
   """Mean per-pixel cross-entropy over labelled pixels (0 when every pixel is ignored); fp32."""
   total, count = segmentation_ce_terms(logits, labels, ignore_label)
   return total / jnp.maximum(count, 1.0)

@@ -23,12 +23,12 @@ import numpy as np
 
 from visionfm_jax.tasks import losses
 from visionfm_jax.data import dense as dense_data
+from visionfm_jax.data.dense_transforms import IGNORE
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator
 from visionfm_jax.models import segmenter
 from visionfm_jax.tasks.base import EvalContext, Task
 
-IGNORE = 255
 KIND = "segmentation"
 HEAD_FIELDS = ("num_classes", "neck_channels", "head_channels", "ppm_scales", "neck_strides", "dropout",
                "eval_window", "eval_stride")

@@ -47,6 +47,7 @@ from absl import flags
 from ml_collections import config_flags
 from PIL import Image
 
+from visionfm_jax import config_lib
 from visionfm_jax.data import device_augment, pipeline, records, sources, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
@@ -211,6 +212,7 @@ def load_config(fv):
     fv.config.data  # pylint: disable=pointless-statement; a config file that failed to load raises here
   except OSError as e:
     raise UserError(f"--config: {cli.last_line(e)}") from e
+  config_lib.check_domains(fv.config)  # the --config.* overrides
   return fv.config
 
 

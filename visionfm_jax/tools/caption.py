@@ -18,7 +18,6 @@ from typing import Sequence
 
 import numpy as np
 from absl import flags
-from PIL import Image
 
 from visionfm_jax import tasks
 
@@ -68,7 +67,7 @@ def read_image(path: str, size: int, preprocess: str = "inception") -> np.ndarra
     image = transforms.decode_image(data, transforms.eval_decode_side(size, preprocess))
   except OSError as e:
     raise UserError(f"--images: cannot read {path}: {e.strerror or e}") from e
-  except (ValueError, SyntaxError, Image.DecompressionBombError) as e:
+  except transforms.DECODE_ERRORS as e:  # OSError: caught above
     raise UserError(f"--images: cannot decode {path}: {e}") from e
   return transforms.EvalTransform(size, preprocess).map({"image": image})["image"]
 

@@ -35,11 +35,11 @@ from visionfm_jax import convert, data, tasks
 
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError, DataError, UserError
+from visionfm_jax.models import backbone as backbone_lib
 from visionfm_jax.models import swinv2, vit
 from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
-EXPORTABLE = (vit.ViT, swinv2.SwinV2)
 LAYOUTS = ("a training workdir (config.json + checkpoints/<step>) or a tools.import_hf directory (params/ + "
            "model.json)")
 
@@ -68,15 +68,13 @@ def make_flags() -> flags.FlagValues:
 
 def backbone(model) -> tuple[Any, str | None]:
   """(the ViT or SwinV2 to export, the name its params live under in `model`'s, or None): `model` itself, or
-  its one ViT / SwinV2 attribute (CLIP's image tower 'image', Aurora's encoder 'encoder'); UserError if none."""
-  if isinstance(model, EXPORTABLE):
-    return model, None
-  towers = [f.name for f in dataclasses.fields(model) if isinstance(getattr(model, f.name, None), EXPORTABLE)]
-  if len(towers) != 1:
-    raise UserError(f"a {type(model).__name__} model holds {len(towers) or 'no'} ViT or SwinV2 {towers or ''}; "
-                    f"exportable are vit and swinv2 models (with their heads) and the image towers of clip and "
-                    f"aurora models")
-  return getattr(model, towers[0]), towers[0]
+  its image tower (`backbone.image_tower`: CLIP's 'image', Aurora's 'encoder'), when it names a converter
+  (`convert.converter`); UserError otherwise."""
+  tower = backbone_lib.image_tower(model)
+  if tower is None or convert.converter(tower[0]) is None:
+    raise UserError(f"a {type(model).__name__} model has no image backbone that exports; exportable are vit and "
+                    f"swinv2 models (with their heads) and the image towers of clip and aurora models")
+  return tower
 
 
 def _class_names(config) -> list[str] | None:

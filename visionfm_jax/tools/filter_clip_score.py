@@ -65,7 +65,6 @@ from visionfm_jax.tools import workdir as workdir_lib
 CLIP_TASKS = ("contrastive", "aurora")
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
 BINS = 200
-SIDECAR_SUFFIX = ".json"
 HISTOGRAM_JSON, HISTOGRAM_TXT = "histogram.json", "histogram.txt"
 QUANTILES = (0.01, 0.05, 0.1, 0.25, 0.5, 0.75, 0.9, 0.95, 0.99)
 CHART_BINS_PER_ROW, CHART_WIDTH = 5, 50  # histogram.txt: rows 0.05 wide, the longest bar 50 characters
@@ -226,7 +225,7 @@ def _read_json(path: str) -> dict | None:
 def output_paths(output: str, path: str) -> tuple[str, str]:
   """(records file, stats sidecar) in `output` of the input file `path`."""
   out_path = os.path.join(output, os.path.basename(path))
-  return out_path, out_path + SIDECAR_SUFFIX
+  return out_path, records.sidecar_path(out_path)
 
 
 def _finished_stats(scorer: ClipScorer, path: str, output: str, threshold: float) -> dict | None:

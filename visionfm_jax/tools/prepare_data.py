@@ -65,8 +65,6 @@ FORMATS = ("folders", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
 DEFAULT_RECORDS_PER_SHARD = 1000
-SIDECAR_SUFFIX = ".json"
-DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -118,7 +116,7 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> bytes | None
     return data
   try:
     pixels = transforms.decode_image(data)
-  except DECODE_ERRORS as e:
+  except transforms.DECODE_ERRORS as e:
     logging.warning("prepare_data: skipping %s: undecodable image: %s", name, e)
     return None
   if options.resize_shorter and min(pixels.shape[:2]) > options.resize_shorter:
@@ -129,16 +127,12 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> bytes | None
 
 # ------------------------------------------------------------------------------------------- shard writing
 
-def sidecar_path(shard_path: str) -> str:
-  return shard_path + SIDECAR_SUFFIX
-
-
 def read_finished(job: ShardJob) -> dict | None:
   """The counts of `job`'s shard when it is already written from the same inputs and options, else None."""
   if not os.path.exists(job.path):
     return None
   try:
-    with open(sidecar_path(job.path), encoding="utf-8") as f:
+    with open(records.sidecar_path(job.path), encoding="utf-8") as f:
       counts = json.load(f)
   except (OSError, ValueError):
     return None
@@ -220,7 +214,8 @@ def write_shard(job: ShardJob) -> dict:
   """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
   finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
   class_counts (folders: {label: count}) or uncaptioned (webdataset: image-only records), fingerprint}."""
-  for stale in (job.path, sidecar_path(job.path)):  # the shard first: without it, a stale sidecar counts for nothing
+  # The shard first: without it, a stale sidecar counts for nothing.
+  for stale in (job.path, records.sidecar_path(job.path)):
     if os.path.exists(stale):
       os.remove(stale)
   examples = _tar_examples(job) if job.tar else _folder_examples(job)
@@ -245,7 +240,7 @@ def write_shard(job: ShardJob) -> dict:
       counts["uncaptioned"] = uncaptioned
     else:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
-    atomic.write_json(sidecar_path(job.path), counts)
+    atomic.write_json(records.sidecar_path(job.path), counts)
   if incomplete:
     logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
   return counts
@@ -433,7 +428,7 @@ def _folder_jobs(tree: ClassTree, input_dir: str, output_dir: str, split: str, i
 
 
 def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
-  """dataset.json's entry of one split: records, shards, kind (records.SPLIT_KINDS), class_counts (labelled) or
+  """dataset.json's entry of one split: records, shards, kind (labelled, pairs or images), class_counts (labelled) or
   uncaptioned (webdataset), skipped, source."""
   entry = {"records": sum(c["records"] for c in counts), "shards": [os.path.basename(j.path) for j in jobs]}
   if counts and "uncaptioned" in counts[0]:

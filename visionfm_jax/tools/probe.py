@@ -77,6 +77,7 @@ def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256)
   """The probe results of `workdir`'s checkpoint (newest, or `step`) under `config`."""
   if batch_size < 1:
     raise UserError(f"--batch_size={batch_size}: must be positive")
+  config_lib.check_domains(config)  # the --config.* overrides
   workdir = os.path.expanduser(workdir)
   devices = np.array(jax.devices())
   mesh = Mesh(devices.reshape(len(devices), 1, 1), ("data", "fsdp", "tensor"))

@@ -52,6 +52,7 @@ def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], str
 def summarize(config, devices: int, strategy: str) -> dict:
   """Sizes from shapes only. `per_device`: {strategy: parallel.bytes_per_device} for `strategy`, or for every
   strategy when it is 'all' (then there is no `state_bytes_per_device`)."""
+  config_lib.check_domains(config)  # the --config.* overrides
   task = tasks.build(config)
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
