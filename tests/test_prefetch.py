@@ -1,13 +1,14 @@
 """training/prefetch.py: batches copied ahead, while the data state and counts stay those of the step."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
 import ml_collections
-from jax.sharding import NamedSharding
 
 from visionfm_jax import parallel
-from visionfm_jax.training import prefetch, train
+from visionfm_jax.training import prefetch
 
 
 class _Counting:
@@ -31,7 +32,7 @@ class _Counting:
 
 def _batch_sharding():
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  return NamedSharding(mesh, train.BATCH_SPEC)
+  return parallel.batch_sharding(mesh)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
@@ -60,3 +61,8 @@ def test_an_iterator_without_counts_has_none_through_the_prefetch():
   batches = prefetch.DevicePrefetch(Plain(), sharding, 2)
   next(batches)
   assert not hasattr(batches, "skipped") and not hasattr(batches, "read")
+
+
+def test_the_prefetch_places_batches_with_no_task():
+  """Training asks parallel/ (not tasks/) how a host batch becomes a global one."""
+  assert "visionfm_jax.tasks" not in pathlib.Path(prefetch.__file__).read_text()

@@ -1,8 +1,11 @@
 """The one logical-axis table (`parallel.sharding.LOGICAL_AXIS_RULES`): ordered mesh axes per logical axis, the
 fsdp fallback, and the activation rules flax gets from it."""
 
-from jax.sharding import PartitionSpec as P
+import jax
+import numpy as np
+from jax.sharding import Mesh, PartitionSpec as P
 
+from visionfm_jax import parallel
 from visionfm_jax.parallel import sharding
 
 MESH = {"data": 1, "fsdp": 4, "tensor": 2}
@@ -27,3 +30,11 @@ def test_fsdp_falls_back_to_the_largest_free_divisible_dim_but_never_layers():
 def test_activation_rules_are_the_activation_rows_of_the_table():
   assert sharding.activation_rules() == (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None),
                                          ("act_mlp", "tensor"), ("act_heads", "tensor"))
+
+
+def test_the_batch_splits_over_the_data_parallel_axes_of_parallel_batch():
+  """One home for the batch's layout (parallel/batch.py): the activation rule of `batch`, the batch's spec, the
+  data-parallel size that config_lib.validate divides the batch by, and the axes a sharded loss gathers over."""
+  assert sharding.LOGICAL_AXIS_RULES["batch"] == (parallel.BATCH_AXES,) and parallel.BATCH_SPEC == P(("data", "fsdp"))
+  assert parallel.data_parallel_size(MESH) == 4 and parallel.data_parallel_size({**MESH, "data": 2}) == 8
+  assert parallel.batch_axes_of(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"))) == ("data",)

@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
@@ -46,7 +46,7 @@ def _setup(config, task=None):
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, specs = train.state_shardings(init_fn, mesh, config)
     state = _initial_state(config, init_fn, shardings)
-  batch_sharding = NamedSharding(mesh, train.BATCH_SPEC)
+  batch_sharding = parallel.batch_sharding(mesh)
   jitted = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
 
   def step(state, batch):

@@ -23,7 +23,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 
 from conftest import tiny_vit_config
 from test_train_step import _random_batches
@@ -235,7 +234,7 @@ def test_bytes_per_device_match_the_real_arrays(strategy):
   abstract, shardings, _ = train.state_shardings(train.make_init_fn(tasks.build(config), tx, config), mesh, config)
   # Zeros in the run's layout (initialising would cost a compile); what is checked is the step's output layout.
   state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
-  batch = jax.device_put(_random_batches(config, 1)[0], NamedSharding(mesh, train.BATCH_SPEC))
+  batch = jax.device_put(_random_batches(config, 1)[0], parallel.batch_sharding(mesh))
   state, metrics = _compiled(strategy)(state, batch)
   assert np.isfinite(float(metrics["train/loss"]))
   want = parallel.bytes_per_device(_abstract_state(), _mesh_shape(), strategy)

@@ -533,9 +533,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")
   if num_devices is not None:
-    from visionfm_jax.parallel import mesh_shape  # pylint: disable=g-import-not-at-top
-    shape = mesh_shape(config.mesh, num_devices)
-    data_parallel = shape["data"] * shape["fsdp"]
+    from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
+    shape = parallel.mesh_shape(config.mesh, num_devices)
+    data_parallel = parallel.data_parallel_size(shape)
     micro = config.global_batch_size // config.grad_accum_steps
     if micro % data_parallel:
       raise ConfigError(

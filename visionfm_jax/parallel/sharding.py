@@ -27,6 +27,8 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
+from visionfm_jax.parallel.batch import BATCH_AXES
+
 # strategy -> which parts of the train state are sharded over fsdp
 STRATEGY_SHARDS: dict[str, dict[str, bool]] = {
     "ddp": dict(params=False, grads=False, opt_state=False),
@@ -49,7 +51,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[MeshAxes, ...]] = {
     "kv": (),
     "layers": (),
     # activations
-    "batch": (("data", "fsdp"),),
+    "batch": (BATCH_AXES,),
     "length": (),
     "act_embed": (),
     "act_mlp": ("tensor",),

@@ -32,9 +32,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from visionfm_jax import models
+from visionfm_jax import models, parallel
 from visionfm_jax.data import device_augment, sources, transforms
 
 from visionfm_jax.training import precision
@@ -49,17 +49,8 @@ class EvalContext:
   process_index: int
   process_count: int
 
-  @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(("data", "fsdp")))
-
   def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return host_to_global(local_batch, self.batch_sharding)
-
-
-def host_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Assembles each process's rows into one global array split over the data-parallel axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+    return parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
 
 
 class Task:

@@ -17,13 +17,11 @@ boxes), so the micro-batch losses add up to the loss of the whole batch.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
-
+from visionfm_jax import parallel
 
 MASKED_LOGIT = -1e9  # an uncaptioned example's logit: exp underflows to 0 against |logits| <= 100
 
@@ -102,14 +100,15 @@ def _local_clip_loss(image_emb, text_emb, logit_scale, mix, valid, axes: tuple[s
   return _mean_of_directions(jax.lax.psum(i2t, axes), jax.lax.psum(t2i, axes))
 
 
-def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh,
-                      batch_axes: Sequence[str] = ("data", "fsdp"), mix=None, valid=None) -> jax.Array:
-  """`clip_loss` on global arrays whose batch is split over `batch_axes`, with B_local x B_global logits.
+def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh, mix=None,
+                      valid=None) -> jax.Array:
+  """`clip_loss` on global arrays whose batch is split over the data-parallel axes of `mesh`
+  (`parallel.batch_axes_of`), with B_local x B_global logits.
 
   Equal in value and gradient to `clip_loss` on the same global batch. Call it under `jit` on arrays
-  sharded (or shardable) as P(batch_axes).
+  sharded (or shardable) as the batch is (`parallel.BATCH_SPEC`).
   """
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  axes = parallel.batch_axes_of(mesh)
   mix_arg = jnp.float32(1.0) if mix is None else jnp.asarray(mix, jnp.float32)
   valid_arg = jnp.ones(image_emb.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
   fn = jax.shard_map(

@@ -16,7 +16,7 @@ from typing import Any
 
 from jax.sharding import NamedSharding
 
-from visionfm_jax.tasks.base import host_to_global
+from visionfm_jax.parallel import host_to_global
 
 
 class DevicePrefetch:

@@ -35,9 +35,6 @@ class NonFiniteLossError(UserError):
   pass
 
 
-BATCH_SPEC = P(("data", "fsdp"))  # global batches split over every data-parallel device
-
-
 # ------------------------------------------------------------------------------------------------ state
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
@@ -181,8 +178,8 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
   boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
   specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  return jax.jit(make_train_step(task, tx, config, grad_shardings, BATCH_SPEC),
-                 in_shardings=(shardings, NamedSharding(mesh, BATCH_SPEC)), out_shardings=(shardings, None),
+  return jax.jit(make_train_step(task, tx, config, grad_shardings, parallel.BATCH_SPEC),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
                  donate_argnums=0)
 
 
@@ -224,7 +221,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                            jax.process_index(), jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
-  batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+  batch_sharding = parallel.batch_sharding(mesh)
 
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
