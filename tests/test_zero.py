@@ -26,12 +26,12 @@ import pytest
 
 from conftest import tiny_vit_config
 from test_train_step import _random_batches
-from visionfm_jax import parallel, tasks
+from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.training import optim, train
 from visionfm_jax.models import layers
 from visionfm_jax.tools import summary
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+STRATEGIES = config_lib.ZERO_STAGES
 DEVICES = 8
 FC1, HEAD, PATCH = "blocks/mlp/fc1/kernel", "head/kernel", "patch_embed/kernel"
 
@@ -185,6 +185,17 @@ def _expected_bytes(boxed_tree, sharded: bool) -> int:
   sizes = parallel.map_with_names(
       lambda names, x: _nbytes(x) // DEVICES if sharded and _splits(names, x.shape) else _nbytes(x), boxed_tree)
   return sum(jax.tree.leaves(sizes))
+
+
+def test_the_strategies_shard_what_their_zero_stage_does():
+  """ZeRO stage 1 shards the optimizer state, stage 2 the gradients too, stage 3 the parameters too; `fsdp` is
+  zero3; the table has every strategy config_lib accepts, and summary's `--strategy=all` each stage once."""
+  sharded = lambda *parts: {part: part in parts for part in ("params", "grads", "opt_state")}
+  assert parallel.STRATEGY_SHARDS == {
+      "ddp": sharded(), "zero1": sharded("opt_state"), "zero2": sharded("opt_state", "grads"),
+      "zero3": sharded("opt_state", "grads", "params"), "fsdp": sharded("opt_state", "grads", "params")}
+  assert tuple(parallel.STRATEGY_SHARDS) == config_lib.STRATEGIES
+  assert summary.ALL_STRATEGIES == ("ddp", "zero1", "zero2", "zero3")
 
 
 def test_bytes_per_device_follow_the_strategy_table():

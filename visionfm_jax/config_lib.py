@@ -19,7 +19,11 @@ import ml_collections
 
 from visionfm_jax.errors import ConfigError
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+# The ZeRO stages 0 (ddp) to 3, each sharding more of the train state (parallel/sharding.py), and other names
+# for them: `fsdp` is zero3.
+ZERO_STAGES = ("ddp", "zero1", "zero2", "zero3")
+STRATEGY_ALIASES = {"fsdp": "zero3"}
+STRATEGIES = ZERO_STAGES + tuple(STRATEGY_ALIASES)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
 # without jax, so that `main` validates a config before it imports jax.

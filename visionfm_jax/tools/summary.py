@@ -17,7 +17,7 @@ import numpy as np
 from absl import app, flags
 from ml_collections import config_flags
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import config_lib, parallel, tasks
 
 from visionfm_jax.training import optim, train
 from visionfm_jax.errors import UserError
@@ -27,7 +27,7 @@ _DEVICES = flags.DEFINE_integer("devices", 1, "Number of (simulated) devices for
 _STRATEGY = flags.DEFINE_string("strategy", None, "ddp | zero1 | zero2 | zero3 | fsdp | all; default: the config's.")
 flags.mark_flag_as_required("config")
 
-ALL_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")  # `fsdp` is zero3
+ALL_STRATEGIES = config_lib.ZERO_STAGES  # each stage once, not its aliases
 
 
 def params_by_module(abstract_params) -> dict[str, int]:

@@ -11,7 +11,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from visionfm_jax import config_lib
+
+DTYPES = {name: getattr(jnp, name) for name in config_lib.COMPUTE_DTYPES}
 
 
 def compute_dtype(precision_cfg):
