@@ -519,12 +519,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None) 
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
   `num_devices`, also that the batch divides over the mesh."""
   check_domains(config)
-  if config.data.get("mixture"):
+  if config.data.mixture:
     from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
     sources.train_specs(config.data)  # its entries, and data.source = ''
   if config.strategy not in STRATEGIES:
     raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
-  if config.data.get("eval_preprocess", "inception") != "inception":
+  if config.data.eval_preprocess != "inception":
     from visionfm_jax.data import transforms  # pylint: disable=g-import-not-at-top
     transforms.check_eval_preprocess(config.data.eval_preprocess)  # a ConfigError naming it when unknown
   if config.precision.compute_dtype not in COMPUTE_DTYPES:

@@ -122,7 +122,7 @@ class ContrastiveTask(Task):
       with data_cfg.unlocked():
         if eval_cfg.zeroshot_source:
           data_cfg.eval_source, data_cfg.eval_split = eval_cfg.zeroshot_source, eval_cfg.zeroshot_split
-        data_cfg.eval_examples = eval_cfg.get("zeroshot_examples", -1)  # its own count; -1: the whole split
+        data_cfg.eval_examples = eval_cfg.zeroshot_examples  # its own count; -1: the whole split
       source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):
