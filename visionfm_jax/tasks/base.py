@@ -1,4 +1,5 @@
-"""What every task shares: the model built from config, image normalisation, and host -> global batches.
+"""What every task shares: the model built from config, image normalisation, host -> global batches, and the
+config checks of the dense tasks.
 
 A task supplies the model, the loss, the data loaders and the evaluators; `train.py` knows nothing else.
 
@@ -51,6 +52,25 @@ class EvalContext:
 
   def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
+
+
+def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: str) -> None:
+  """ConfigError unless a dense task's config (`kind`: segmentation, detection) has a `config.head` with
+  `head_fields` and at least one class, a backbone without a classification head, and a model size equal to the
+  training crop (`recipe`: the config file that shows the fields)."""
+  if "head" not in config:
+    raise ConfigError(f"config.head: the {kind} task needs it (fields {', '.join(head_fields)}); see {recipe}")
+  missing = [f for f in head_fields if f not in config.head]
+  if missing:
+    raise ConfigError(f"config.head lacks {missing}; see {recipe}")
+  if config.model.num_classes:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the backbone of a {kind} model has no "
+                      f"classification head; set it to 0 (classes: config.head.num_classes)")
+  if config.head.num_classes < 1:
+    raise ConfigError(f"config.head.num_classes={config.head.num_classes}: must be positive")
+  if config.model.image_size != config.data.image_size:
+    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from the training crop "
+                      f"config.data.image_size={config.data.image_size}")
 
 
 class Task:

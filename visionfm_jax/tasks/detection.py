@@ -41,34 +41,24 @@ from visionfm_jax.data import dense as dense_data
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import detector
-from visionfm_jax.tasks.base import EvalContext, Task
+from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
 HEAD_FIELDS = ("num_classes", "levels", "neck_channels", "head_channels", "num_convs", "prior_prob", "class_weight",
                "l1_weight", "giou_weight", "focal_alpha", "focal_gamma", "top_k")
 
 
-def _check_config(config) -> None:
-  if "head" not in config:
-    raise ConfigError("config.head is missing: detection reads its head fields from it (configs/finetune_coco.py)")
-  missing = [f for f in HEAD_FIELDS if f not in config.head]
-  if missing:
-    raise ConfigError(f"config.head lacks {missing} (configs/finetune_coco.py lists them)")
-  if config.model.num_classes != 0:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the detection backbone has no "
-                      f"classification head; set it to 0 (classes go in config.head.num_classes)")
-  if config.head.num_classes < 1 or config.head.top_k < 1:
-    raise ConfigError(f"config.head.num_classes={config.head.num_classes} and config.head.top_k="
-                      f"{config.head.top_k} must be positive")
-  if config.model.image_size != config.data.image_size:
-    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from config.data.image_size="
-                      f"{config.data.image_size}: detection batches are data.image_size squares")
+def check_config(config) -> None:
+  """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
+  check_dense_config(config, "detection", HEAD_FIELDS, "configs/finetune_coco.py")
+  if config.head.top_k < 1:
+    raise ConfigError(f"config.head.top_k={config.head.top_k}: must be positive")
 
 
 class DetectionTask(Task):
   augments_on_device = False  # data/dense_transforms.py flips on the host, with the labels
 
   def __init__(self, config, mesh=None):
-    _check_config(config)
+    check_config(config)
     super().__init__(config, mesh)
     head = config.head
     self.model = detector.Detector(
