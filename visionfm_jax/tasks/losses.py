@@ -146,16 +146,19 @@ def upsample_mask(mask: jax.Array, factor: int) -> jax.Array:
   return jnp.repeat(jnp.repeat(mask, factor, axis=1), factor, axis=2)
 
 
+MIM_EPS = 1e-5  # SimMIM's, added to the masked-pixel count: the loss stays finite when nothing is masked
+
+
 def mim_l1_loss(pred: jax.Array, target: jax.Array, pixel_mask: jax.Array, normalizer=None) -> jax.Array:
-  """SimMIM's loss: L1 over masked pixels, sum(|target - pred| * m) / (sum(m) + 1e-5) / 3; fp32.
+  """SimMIM's loss: L1 over masked pixels, sum(|target - pred| * m) / (sum(m) + MIM_EPS) / 3; fp32.
 
   `pred`, `target` (B, H, W, 3) in normalised-image space; `pixel_mask` (B, H, W), 1 where masked.
-  `normalizer`: divide by this (the global sum(m) + 1e-5) instead of this batch's sum(m) + 1e-5.
+  `normalizer`: divide by this (the global sum(m) + MIM_EPS) instead of this batch's sum(m) + MIM_EPS.
   """
   m = pixel_mask.astype(jnp.float32)
   error = jnp.abs(target.astype(jnp.float32) - pred.astype(jnp.float32))
   total = jnp.sum(error * m[..., None])
-  return total / (jnp.sum(m) + 1e-5 if normalizer is None else normalizer) / 3.0
+  return total / (jnp.sum(m) + MIM_EPS if normalizer is None else normalizer) / 3.0
 
 
 def segmentation_ce_terms(logits: jax.Array, labels: jax.Array, ignore_label: int = 255) -> tuple[jax.Array, jax.Array]:
