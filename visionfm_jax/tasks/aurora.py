@@ -32,8 +32,6 @@ from visionfm_jax.tasks.contrastive import ContrastiveTask
 
 
 class AuroraTask(ContrastiveTask):
-  splits_loss = True
-
   def __init__(self, config, mesh=None):
     super().__init__(config, mesh)
     if config.data.augment.mixup_alpha > 0:
@@ -41,7 +39,6 @@ class AuroraTask(ContrastiveTask):
                         "no Mixup (its MIM target is the unmixed image); set it to 0")
     self.mim_masks = config.data.mim
     self.weights = config.loss
-    self.stride = self.model.stride
 
   def init_variables(self, rng):
     size = self.config.model.image_size
