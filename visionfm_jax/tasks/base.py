@@ -1,5 +1,5 @@
-"""What every task shares: the model built from config, image normalisation, host -> global batches, and the
-config checks of the dense tasks.
+"""What every task shares: the model built from config, image normalisation, the evaluators' context (eval batches
+per process, host -> global), and the config checks of the dense tasks.
 
 A task supplies the model, the loss, the data loaders and the evaluators; `train.py` knows nothing else.
 
@@ -49,6 +49,11 @@ class EvalContext:
   batch_size: int  # global examples per eval batch
   process_index: int
   process_count: int
+
+  @property
+  def local_batch_size(self) -> int:
+    """This process's rows of each eval batch."""
+    return self.batch_size // self.process_count
 
   def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
     return parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))

@@ -111,8 +111,7 @@ class DetectionTask(Task):
     evaluator = detection_eval.DetectionEvaluator(predict, ctx, ground_truth, top_k=self.config.head.top_k)
 
     def run_det(params):
-      batches = data.make_dense_eval_iterator(self.config.data, "detection",
-                                              batch_size=ctx.batch_size // ctx.process_count,
+      batches = data.make_dense_eval_iterator(self.config.data, "detection", batch_size=ctx.local_batch_size,
                                               process_index=ctx.process_index, process_count=ctx.process_count)
       return evaluator(params, batches)
 

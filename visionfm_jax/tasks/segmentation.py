@@ -95,7 +95,7 @@ class SegmentationTask(Task):
 
     def run_seg(params):
       batches = dense_data.make_dense_eval_iterator(
-          self.config.data, KIND, batch_size=ctx.batch_size // ctx.process_count, process_index=ctx.process_index,
+          self.config.data, KIND, batch_size=ctx.local_batch_size, process_index=ctx.process_index,
           process_count=ctx.process_count)
       return evaluator(params, batches)
 
