@@ -11,6 +11,7 @@ import pytest
 
 from visionfm_jax.bench import __main__ as bench
 from visionfm_jax.bench import primitives
+from visionfm_jax.training import flops
 
 TINY = ["--config.global_batch_size=4", "--devices=1", "--config.precision.compute_dtype=float32", "--config.strategy=ddp",
         "--config.model.image_size=32", "--config.data.image_size=32", "--config.model.num_classes=10",
@@ -230,3 +231,14 @@ exec {sys.executable} "$@"
   table = proc.stdout.splitlines()
   assert len(table) == 8 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   assert all(r.get("model") == "vit_h14" for r in rows.values())
+
+
+@pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
+                                       ("cpu", None)])
+def test_the_peak_is_the_longest_table_name_in_the_device_kind(monkeypatch, kind, peak):
+  class Device:
+    device_kind = kind
+  monkeypatch.setattr(flops.jax, "devices", lambda: [Device()])
+  assert flops.device_peak_flops("bfloat16") == peak
+  assert flops.device_peak_flops("float32") is None

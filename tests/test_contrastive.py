@@ -183,8 +183,7 @@ def test_four_accumulation_steps_equal_one_batch_of_four_times_the_size(mixup_al
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   with mesh, parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
-    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, train.BATCH_SPEC,
-                                                             replicated))(params)
+    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated))(params)
     naive = jax.jit(lambda p: sum(task.loss(p, jax.tree.map(lambda x, j=j: x[j::4], batch), rng)[0]
                                   for j in range(4)) / 4)(params)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)

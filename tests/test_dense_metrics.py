@@ -20,6 +20,11 @@ def _ctx(batch_size=8):
   return EvalContext(mesh=mesh, batch_size=batch_size, process_index=0, process_count=1)
 
 
+def test_each_process_reads_its_share_of_an_eval_batch():
+  assert EvalContext(mesh=None, batch_size=32, process_index=1, process_count=4).local_batch_size == 8
+  assert _ctx(batch_size=16).local_batch_size == 16
+
+
 # ---------------------------------------------------------------------------------------------------- segmentation
 
 

@@ -102,9 +102,10 @@ def test_init_from_places_the_pretrained_backbone_and_leaves_neck_and_head_fresh
 
 
 def test_config_errors_name_the_field():
-  with pytest.raises(ConfigError, match="config.model.num_classes"):
+  # The checks every dense task shares (tasks/base.py check_dense_config), worded as segmentation's.
+  with pytest.raises(ConfigError, match="config.model.num_classes=8: the backbone of a detection model has no "):
     tasks.build(tiny_detection_config(**{"model.num_classes": 8}))
-  with pytest.raises(ConfigError, match="config.data.image_size"):
+  with pytest.raises(ConfigError, match="differs from the training crop config.data.image_size=48"):
     tasks.build(tiny_detection_config(**{"data.image_size": 48}))
   swin = {"model": config_lib.model_config("swinv2"), "model.variant": "pico", "model.patch_size": 2,
           "model.window_size": 4, "model.image_size": 32, "model.num_classes": 0}
@@ -114,6 +115,12 @@ def test_config_errors_name_the_field():
     tasks.build(tiny_detection_config(**{"head.levels": (8, 8)}))
   with pytest.raises(ConfigError, match=r"^config.model.name='clip': detection takes"):
     tasks.build(tiny_detection_config(**{"model.name": "clip"}))
+  config = tiny_detection_config()
+  del config.head
+  with pytest.raises(ConfigError, match="config.head: the detection task needs it .*configs/finetune_coco.py"):
+    tasks.build(config)
+  with pytest.raises(ConfigError, match="config.head.top_k=0: must be positive"):
+    tasks.build(tiny_detection_config(**{"head.top_k": 0}))
   task = tasks.build(tiny_detection_config(**{"head.num_classes": 3}))
   with pytest.raises(ConfigError, match="config.head.num_classes=3"):
     task.train_loader(batch_size=16, seed=0, process_index=0, process_count=1)

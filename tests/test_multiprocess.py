@@ -20,14 +20,12 @@ import time
 import jax
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, faults, optim, train
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tasks.base import host_to_global
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 # Long enough that a preemption notice sent at the first checkpoint (step 10) is acted on well before the end:
@@ -269,7 +267,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
   task = tasks.build(config, mesh)
   tx = optim.make_optimizer(config.optim, config.total_steps)
   init_fn = train.make_init_fn(task, tx, config)
-  batch_sharding = NamedSharding(mesh, train.BATCH_SPEC)
+  batch_sharding = parallel.batch_sharding(mesh)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
@@ -286,7 +284,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
     for want in [r for r in _read_metrics(workdir) if "train/loss" in r and start < r["step"] <= start + 2]:
       parts = [next(loader) for loader in loaders]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-      state, got = step(state, host_to_global(batch, batch_sharding))
+      state, got = step(state, parallel.host_to_global(batch, batch_sharding))
       for key in ("train/loss", "train/grad_norm", "train/top1", "train/lr"):
         # Equal up to the order of float reductions (gloo across processes vs within one).
         assert float(got[key]) == pytest.approx(want[key], rel=1e-5, abs=1e-7), (want["step"], key)

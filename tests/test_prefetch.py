@@ -1,13 +1,14 @@
 """training/prefetch.py: batches copied ahead, while the data state and counts stay those of the step."""
 
+import pathlib
+
 import jax
 import numpy as np
 import pytest
 import ml_collections
-from jax.sharding import NamedSharding
 
 from visionfm_jax import parallel
-from visionfm_jax.training import prefetch, train
+from visionfm_jax.training import prefetch
 
 
 class _Counting:
@@ -25,13 +26,10 @@ class _Counting:
   def get_state(self):
     return str(self.position).encode()
 
-  def set_state(self, state):
-    self.position = int(state)
-
 
 def _batch_sharding():
   mesh = parallel.make_mesh(ml_collections.ConfigDict(dict(data=1, fsdp=-1, tensor=1)))
-  return NamedSharding(mesh, train.BATCH_SPEC)
+  return parallel.batch_sharding(mesh)
 
 
 @pytest.mark.parametrize("depth", [0, 1, 3])
@@ -45,9 +43,6 @@ def test_state_and_counts_are_those_of_the_last_batch_handed_out(depth):
     np.testing.assert_array_equal(np.asarray(batch["x"]), i)
     assert source.position == i + depth  # read ahead ...
     assert batches.get_state() == str(i).encode() and (batches.read, batches.skipped) == (3 * i, i)  # ... not seen
-  batches.set_state(b"2")  # a restore drops the buffer and goes on from the state given
-  np.testing.assert_array_equal(np.asarray(next(batches)["x"]), 3)
-  assert batches.get_state() == b"3"
 
 
 def test_an_iterator_without_counts_has_none_through_the_prefetch():
@@ -60,3 +55,8 @@ def test_an_iterator_without_counts_has_none_through_the_prefetch():
   batches = prefetch.DevicePrefetch(Plain(), sharding, 2)
   next(batches)
   assert not hasattr(batches, "skipped") and not hasattr(batches, "read")
+
+
+def test_the_prefetch_places_batches_with_no_task():
+  """Training asks parallel/ (not tasks/) how a host batch becomes a global one."""
+  assert "visionfm_jax.tasks" not in pathlib.Path(prefetch.__file__).read_text()

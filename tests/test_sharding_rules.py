@@ -1,10 +1,13 @@
 """The one logical-axis table (`parallel.sharding.LOGICAL_AXIS_RULES`): ordered mesh axes per logical axis, the
 fsdp fallback, and the activation rules flax gets from it."""
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
+from jax.sharding import Mesh, PartitionSpec as P
 
+from visionfm_jax import parallel
 from visionfm_jax.models import layers
 from visionfm_jax.parallel import sharding
 
@@ -41,3 +44,11 @@ def test_an_unknown_axis_name_is_an_error_naming_it():
   with pytest.raises(ValueError, match=r"'embed' not in LOGICAL_AXIS_RULES \(its activation axes: batch"):
     layers.constrain(jnp.zeros((2, 3)), ("batch", "embed"))
   assert sharding.partition_spec((None, "embed"), (8, 6), MESH, False) == P(None, None)
+
+
+def test_the_batch_splits_over_the_data_parallel_axes_of_parallel_batch():
+  """One home for the batch's layout (parallel/batch.py): the activation rule of `batch`, the batch's spec, the
+  data-parallel size that config_lib.validate divides the batch by, and the axes a sharded loss gathers over."""
+  assert sharding.LOGICAL_AXIS_RULES["batch"] == (parallel.BATCH_AXES,) and parallel.BATCH_SPEC == P(("data", "fsdp"))
+  assert parallel.data_parallel_size(MESH) == 4 and parallel.data_parallel_size({**MESH, "data": 2}) == 8
+  assert parallel.batch_axes_of(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"))) == ("data",)

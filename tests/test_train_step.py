@@ -9,11 +9,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import optim, train
+from visionfm_jax.training import optim, precision, train
 
 
 def _random_batches(config, n, seed=0):
@@ -46,7 +46,7 @@ def _setup(config, task=None):
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, specs = train.state_shardings(init_fn, mesh, config)
     state = _initial_state(config, init_fn, shardings)
-  batch_sharding = NamedSharding(mesh, train.BATCH_SPEC)
+  batch_sharding = parallel.batch_sharding(mesh)
   jitted = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
 
   def step(state, batch):
@@ -148,3 +148,11 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
   np.testing.assert_allclose([s(0), s(5), s(10)], [0.0, 0.5, 1.0], atol=1e-6)
   np.testing.assert_allclose(s(60), 0.1 + 0.9 * 0.5, atol=1e-5)
   np.testing.assert_allclose(s(110), 0.1, atol=1e-6)
+
+
+def test_the_loss_scale_takes_every_setting_from_the_config():
+  config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 8.0,
+                               "precision.loss_scale_period": 7, "precision.loss_scale_min": 0.5})
+  scale = precision.maybe_loss_scale(config.precision)
+  assert (float(scale.scale), scale.period, scale.min_scale) == (8.0, 7, 0.5)
+  assert precision.maybe_loss_scale(tiny_vit_config().precision) is None

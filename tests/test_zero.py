@@ -23,17 +23,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding
 
 from conftest import tiny_vit_config
 from test_train_step import _random_batches
-from visionfm_jax import parallel, tasks
+from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.training import optim, train
 from visionfm_jax.models import layers
 from visionfm_jax.tools import summary
 from visionfm_jax.errors import ConfigError
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+STRATEGIES = config_lib.ZERO_STAGES
 DEVICES = 8
 FC1, HEAD, PATCH = "blocks/mlp/fc1/kernel", "head/kernel", "patch_embed/kernel"
 
@@ -189,6 +188,17 @@ def _expected_bytes(boxed_tree, sharded: bool) -> int:
   return sum(jax.tree.leaves(sizes))
 
 
+def test_the_strategies_shard_what_their_zero_stage_does():
+  """ZeRO stage 1 shards the optimizer state, stage 2 the gradients too, stage 3 the parameters too; `fsdp` is
+  zero3; the table has every strategy config_lib accepts, and summary's `--strategy=all` each stage once."""
+  sharded = lambda *parts: {part: part in parts for part in ("params", "grads", "opt_state")}
+  assert parallel.STRATEGY_SHARDS == {
+      "ddp": sharded(), "zero1": sharded("opt_state"), "zero2": sharded("opt_state", "grads"),
+      "zero3": sharded("opt_state", "grads", "params"), "fsdp": sharded("opt_state", "grads", "params")}
+  assert tuple(parallel.STRATEGY_SHARDS) == config_lib.STRATEGIES
+  assert summary.ALL_STRATEGIES == ("ddp", "zero1", "zero2", "zero3")
+
+
 def test_bytes_per_device_follow_the_strategy_table():
   state = _abstract_state()
   for strategy in STRATEGIES:
@@ -238,7 +248,7 @@ def test_bytes_per_device_match_the_real_arrays(strategy):
   abstract, shardings, _ = train.state_shardings(train.make_init_fn(tasks.build(config), tx, config), mesh, config)
   # Zeros in the run's layout (initialising would cost a compile); what is checked is the step's output layout.
   state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
-  batch = jax.device_put(_random_batches(config, 1)[0], NamedSharding(mesh, train.BATCH_SPEC))
+  batch = jax.device_put(_random_batches(config, 1)[0], parallel.batch_sharding(mesh))
   state, metrics = _compiled(strategy)(state, batch)
   assert np.isfinite(float(metrics["train/loss"]))
   want = parallel.bytes_per_device(_abstract_state(), _mesh_shape(), strategy)

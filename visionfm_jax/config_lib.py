@@ -19,7 +19,11 @@ import ml_collections
 
 from visionfm_jax.errors import ConfigError
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3", "fsdp")
+# The ZeRO stages 0 (ddp) to 3, each sharding more of the train state (parallel/sharding.py), and other names
+# for them: `fsdp` is zero3.
+ZERO_STAGES = ("ddp", "zero1", "zero2", "zero3")
+STRATEGY_ALIASES = {"fsdp": "zero3"}
+STRATEGIES = ZERO_STAGES + tuple(STRATEGY_ALIASES)
 COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
 # so that config_lib itself needs no jax.
@@ -528,12 +532,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   `num_devices` (over `num_processes` processes), also that the batch divides over the mesh and its batch axes
   over the processes."""
   check_domains(config)
-  if config.data.get("mixture"):
+  if config.data.mixture:
     from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
     sources.train_specs(config.data)  # its entries, and data.source = ''
   if config.strategy not in STRATEGIES:
     raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
-  if config.data.get("eval_preprocess", "inception") != "inception":
+  if config.data.eval_preprocess != "inception":
     from visionfm_jax.data import transforms  # pylint: disable=g-import-not-at-top
     transforms.check_eval_preprocess(config.data.eval_preprocess)  # a ConfigError naming it when unknown
   if config.precision.compute_dtype not in COMPUTE_DTYPES:
@@ -546,9 +550,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")
   if num_devices is not None:
-    from visionfm_jax.parallel import mesh_shape  # pylint: disable=g-import-not-at-top
-    shape = mesh_shape(config.mesh, num_devices)
-    data_parallel = shape["data"] * shape["fsdp"]
+    from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
+    shape = parallel.mesh_shape(config.mesh, num_devices)
+    data_parallel = parallel.data_parallel_size(shape)
     micro = config.global_batch_size // config.grad_accum_steps
     if micro % data_parallel:
       raise ConfigError(

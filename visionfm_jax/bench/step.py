@@ -12,12 +12,10 @@ import time
 import flax.linen as nn
 import jax
 import numpy as np
-from jax.sharding import NamedSharding
 
 from visionfm_jax import parallel, tasks
 
 from visionfm_jax.training import optim, train
-from visionfm_jax.tasks.base import host_to_global
 
 
 class JaxStep:
@@ -33,7 +31,7 @@ class JaxStep:
     with self.mesh, parallel.activation_sharding(self.mesh):  # what train.run traces the step under
       _, shardings, _ = train.state_shardings(init_fn, self.mesh, config)
       self.state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
-      self.batch = host_to_global(local_batch, NamedSharding(self.mesh, train.BATCH_SPEC))
+      self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
       step = train.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
       self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)

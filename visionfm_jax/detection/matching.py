@@ -16,14 +16,13 @@ gathering every cost matrix on one device for the callback.
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
 from scipy import optimize
 
+from visionfm_jax import parallel
 from visionfm_jax.detection import boxes as box_lib
 
 # A stand-in for non-finite costs: large enough never to be chosen over a finite one, small enough for scipy.
@@ -78,11 +77,11 @@ def hungarian_match(cost: jax.Array, valid: jax.Array) -> jax.Array:
   return jax.pure_callback(_assign, result, jax.lax.stop_gradient(cost), valid, vmap_method="broadcast_all")
 
 
-def sharded_hungarian_match(cost: jax.Array, valid: jax.Array, mesh: Mesh,
-                            batch_axes: Sequence[str] = ("data", "fsdp")) -> jax.Array:
-  """`hungarian_match` on (B, Q, M) costs whose batch is split over `batch_axes`: every device solves its own
-  examples (no gather of the cost matrices). Call it under `jit`."""
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+def sharded_hungarian_match(cost: jax.Array, valid: jax.Array, mesh: Mesh) -> jax.Array:
+  """`hungarian_match` on (B, Q, M) costs whose batch is split over the data-parallel axes of `mesh`
+  (`parallel.batch_axes_of`): every device solves its own examples (no gather of the cost matrices). Call it
+  under `jit`."""
+  axes = parallel.batch_axes_of(mesh)
   fn = jax.shard_map(hungarian_match, mesh=mesh, in_specs=(P(axes), P(axes)), out_specs=P(axes), check_vma=False)
   return fn(cost, valid)
 

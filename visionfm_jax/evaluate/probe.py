@@ -170,7 +170,7 @@ class FeatureProbe:
     self._sources = {w: data.open_eval_source(cfg) for w, cfg in self._splits.items()}  # fail at start-up
 
   def features(self, params, which: str) -> tuple[np.ndarray, np.ndarray]:
-    batches = data.make_eval_iterator(self._splits[which], batch_size=self.ctx.batch_size // self.ctx.process_count,
+    batches = data.make_eval_iterator(self._splits[which], batch_size=self.ctx.local_batch_size,
                                       process_index=self.ctx.process_index, process_count=self.ctx.process_count,
                                       source=self._sources[which])
     return extract(self._features, params, batches, self.ctx)

@@ -27,14 +27,18 @@ import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 
-# strategy -> which parts of the train state are sharded over fsdp
+from visionfm_jax import config_lib
+from visionfm_jax.parallel.batch import BATCH_AXES
+
+# ZeRO stage k shards the first k of these over fsdp (Rajbhandari et al. 2020): stage 1 the optimizer state,
+# stage 2 the gradients too, stage 3 the parameters too.
+SHARDED_BY_STAGE = ("opt_state", "grads", "params")
+
+# strategy (config_lib.STRATEGIES) -> which parts of the train state are sharded over fsdp
 STRATEGY_SHARDS: dict[str, dict[str, bool]] = {
-    "ddp": dict(params=False, grads=False, opt_state=False),
-    "zero1": dict(params=False, grads=False, opt_state=True),
-    "zero2": dict(params=False, grads=True, opt_state=True),
-    "zero3": dict(params=True, grads=True, opt_state=True),
-    "fsdp": dict(params=True, grads=True, opt_state=True),
-}
+    name: {part: i < config_lib.ZERO_STAGES.index(config_lib.STRATEGY_ALIASES.get(name, name))
+           for i, part in enumerate(SHARDED_BY_STAGE)}
+    for name in config_lib.STRATEGIES}
 
 MeshAxes = str | tuple[str, ...]  # one mesh axis, or several that split a dim together
 
@@ -49,7 +53,7 @@ LOGICAL_AXIS_RULES: dict[str, tuple[MeshAxes, ...]] = {
     "kv": (),
     "layers": (),
     # activations
-    "batch": (("data", "fsdp"),),
+    "batch": (BATCH_AXES,),
     "length": (),
     "act_embed": (),
     "act_mlp": ("tensor",),

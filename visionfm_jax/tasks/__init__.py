@@ -8,9 +8,8 @@ from visionfm_jax.tasks.contrastive import ContrastiveTask
 from visionfm_jax.tasks.detection import DetectionTask
 from visionfm_jax.tasks.segmentation import SegmentationTask
 
-TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "aurora": AuroraTask}
-TASKS["segmentation"] = SegmentationTask
-TASKS["detection"] = DetectionTask
+TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "aurora": AuroraTask,
+         "segmentation": SegmentationTask, "detection": DetectionTask}
 
 
 def build(config, mesh=None) -> Task:

@@ -30,12 +30,8 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tasks.contrastive import ContrastiveTask
 
-MIM_EPS = 1e-5
-
 
 class AuroraTask(ContrastiveTask):
-  splits_loss = True
-
   def __init__(self, config, mesh=None):
     super().__init__(config, mesh)
     if config.data.augment.mixup_alpha > 0:
@@ -43,7 +39,6 @@ class AuroraTask(ContrastiveTask):
                         "no Mixup (its MIM target is the unmixed image); set it to 0")
     self.mim_masks = config.data.mim
     self.weights = config.loss
-    self.stride = self.model.stride
 
   def init_variables(self, rng):
     size = self.config.model.image_size
@@ -66,7 +61,7 @@ class AuroraTask(ContrastiveTask):
     """Adds the whole batch's counts: non-pad caption tokens (uncaptioned images have none) and masked pixels."""
     batch, context = super().whole_batch(batch, rng)
     context.update(tokens=jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
-                   masked_pixels=jnp.sum(self.pixel_mask(batch)) + MIM_EPS)
+                   masked_pixels=jnp.sum(self.pixel_mask(batch)) + losses.MIM_EPS)
     return batch, context
 
   def local_loss(self, params, batch, rng, context):
@@ -106,7 +101,7 @@ class AuroraTask(ContrastiveTask):
       out["retrieval"] = self.retrieval_evaluator(ctx)
     caption = sums.SumsEvaluator(self.caption_stats, lambda t: {
         "perplexity": sums.perplexity(t["nll"], t["tokens"]), "loss": t["nll"] / max(t["tokens"], 1.0)}, ctx)
-    mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + MIM_EPS)}, ctx)
+    mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + losses.MIM_EPS)}, ctx)
     out["caption"] = lambda params: caption(params, self.eval_pairs(ctx))
     out["mim"] = lambda params: mim(params, self.eval_pairs(ctx))
     out.update(self.benchmark_evaluators(ctx))

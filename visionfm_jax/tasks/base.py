@@ -1,4 +1,5 @@
-"""What every task shares: the model built from config, image normalisation, and host -> global batches.
+"""What every task shares: the model built from config, image normalisation, the evaluators' context (eval batches
+per process, host -> global), and the config checks of the dense tasks.
 
 A task supplies the model, the loss, the data loaders and the evaluators; `train.py` knows nothing else.
 
@@ -32,9 +33,9 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh
 
-from visionfm_jax import models
+from visionfm_jax import models, parallel
 from visionfm_jax.data import device_augment, sources, transforms
 
 from visionfm_jax.training import precision
@@ -50,16 +51,31 @@ class EvalContext:
   process_count: int
 
   @property
-  def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(("data", "fsdp")))
+  def local_batch_size(self) -> int:
+    """This process's rows of each eval batch."""
+    return self.batch_size // self.process_count
 
   def to_global(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-    return host_to_global(local_batch, self.batch_sharding)
+    return parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
 
 
-def host_to_global(local_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
-  """Assembles each process's rows into one global array split over the data-parallel axes."""
-  return {k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local_batch.items()}
+def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: str) -> None:
+  """ConfigError unless a dense task's config (`kind`: segmentation, detection) has a `config.head` with
+  `head_fields` and at least one class, a backbone without a classification head, and a model size equal to the
+  training crop (`recipe`: the config file that shows the fields)."""
+  if "head" not in config:
+    raise ConfigError(f"config.head: the {kind} task needs it (fields {', '.join(head_fields)}); see {recipe}")
+  missing = [f for f in head_fields if f not in config.head]
+  if missing:
+    raise ConfigError(f"config.head lacks {missing}; see {recipe}")
+  if config.model.num_classes:
+    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the backbone of a {kind} model has no "
+                      f"classification head; set it to 0 (classes: config.head.num_classes)")
+  if config.head.num_classes < 1:
+    raise ConfigError(f"config.head.num_classes={config.head.num_classes}: must be positive")
+  if config.model.image_size != config.data.image_size:
+    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from the training crop "
+                      f"config.data.image_size={config.data.image_size}")
 
 
 class Task:

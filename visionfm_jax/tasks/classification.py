@@ -41,7 +41,7 @@ class ClassificationTask(Task):
     source = data.open_eval_source(self.config.data)
 
     def run_val(params):
-      batches = data.make_eval_iterator(self.config.data, batch_size=ctx.batch_size // ctx.process_count,
+      batches = data.make_eval_iterator(self.config.data, batch_size=ctx.local_batch_size,
                                         process_index=ctx.process_index, process_count=ctx.process_count,
                                         source=source)
       return top1(params, batches)

@@ -45,7 +45,7 @@ def zeroshot_data_config(data_cfg, eval_cfg):
       data_cfg.eval_source = eval_cfg.zeroshot_source
     if eval_cfg.zeroshot_split:
       data_cfg.eval_split = eval_cfg.zeroshot_split
-    data_cfg.eval_examples = eval_cfg.get("zeroshot_examples", -1)
+    data_cfg.eval_examples = eval_cfg.zeroshot_examples
   return data_cfg
 
 
@@ -125,7 +125,6 @@ class ContrastiveTask(Task):
     return self.model.apply({"params": params}, tokens, method="embed_texts")
 
   def evaluators(self, ctx: EvalContext):
-    local_batch = ctx.batch_size // ctx.process_count
     eval_cfg = self.config.eval
     out = {}
     if eval_cfg.zeroshot_classes:
@@ -136,8 +135,9 @@ class ContrastiveTask(Task):
       source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):
-        batches = data.make_eval_iterator(data_cfg, batch_size=local_batch, process_index=ctx.process_index,
-                                          process_count=ctx.process_count, source=source)
+        batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size,
+                                          process_index=ctx.process_index, process_count=ctx.process_count,
+                                          source=source)
         return zs(params, batches)
       out["zeroshot"] = run_zeroshot
 
@@ -158,8 +158,7 @@ class ContrastiveTask(Task):
     names = [name for name, _ in benchmarks]
     if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
       raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
-    local_batch = ctx.batch_size // ctx.process_count
-    shards = dict(batch_size=local_batch, process_index=ctx.process_index, process_count=ctx.process_count)
+    shards = dict(batch_size=ctx.local_batch_size, process_index=ctx.process_index, process_count=ctx.process_count)
     embed_images, embed_texts = jax.jit(self.embed_images), jax.jit(self.embed_texts)  # shared by the benchmarks
     out = {}
     for name, spec in benchmarks:
@@ -179,7 +178,7 @@ class ContrastiveTask(Task):
 
   def eval_pairs(self, ctx: EvalContext):
     """This process's batches of held-out pairs (data.eval_split, the first data.eval_examples)."""
-    return data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=ctx.batch_size // ctx.process_count,
+    return data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=ctx.local_batch_size,
                                         process_index=ctx.process_index, process_count=ctx.process_count,
                                         mim=self.mim_masks, source=self.eval_pair_source)
 

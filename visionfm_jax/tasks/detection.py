@@ -41,36 +41,26 @@ from visionfm_jax.data import dense as dense_data
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import detector
-from visionfm_jax.tasks.base import EvalContext, Task
+from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
 HEAD_FIELDS = ("num_classes", "levels", "neck_channels", "head_channels", "num_convs", "prior_prob", "class_weight",
                "l1_weight", "giou_weight", "focal_alpha", "focal_gamma", "top_k")
 
 
-def _check_config(config) -> None:
-  if "head" not in config:
-    raise ConfigError("config.head is missing: detection reads its head fields from it (configs/finetune_coco.py)")
-  missing = [f for f in HEAD_FIELDS if f not in config.head]
-  if missing:
-    raise ConfigError(f"config.head lacks {missing} (configs/finetune_coco.py lists them)")
+def check_config(config) -> None:
+  """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
+  check_dense_config(config, "detection", HEAD_FIELDS, "configs/finetune_coco.py")
   if config.model.name not in ("vit", "swinv2"):
     raise ConfigError(f"config.model.name={config.model.name!r}: detection takes a 'vit' or 'swinv2' backbone")
-  if config.model.num_classes != 0:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the detection backbone has no "
-                      f"classification head; set it to 0 (classes go in config.head.num_classes)")
-  if config.head.num_classes < 1 or config.head.top_k < 1:
-    raise ConfigError(f"config.head.num_classes={config.head.num_classes} and config.head.top_k="
-                      f"{config.head.top_k} must be positive")
-  if config.model.image_size != config.data.image_size:
-    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from config.data.image_size="
-                      f"{config.data.image_size}: detection batches are data.image_size squares")
+  if config.head.top_k < 1:
+    raise ConfigError(f"config.head.top_k={config.head.top_k}: must be positive")
 
 
 class DetectionTask(Task):
   augments_on_device = False  # data/dense_transforms.py flips on the host, with the labels
 
   def __init__(self, config, mesh=None):
-    _check_config(config)
+    check_config(config)
     super().__init__(config, mesh)
     head = config.head
     levels = tuple(int(s) for s in head.levels)
@@ -119,8 +109,7 @@ class DetectionTask(Task):
     evaluator = detection_eval.DetectionEvaluator(predict, ctx, ground_truth, top_k=self.config.head.top_k)
 
     def run_det(params):
-      batches = data.make_dense_eval_iterator(self.config.data, "detection",
-                                              batch_size=ctx.batch_size // ctx.process_count,
+      batches = data.make_dense_eval_iterator(self.config.data, "detection", batch_size=ctx.local_batch_size,
                                               process_index=ctx.process_index, process_count=ctx.process_count)
       return evaluator(params, batches)
 

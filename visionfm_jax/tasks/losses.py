@@ -18,12 +18,11 @@ divide by the micro-batch's own count, and the loop averages the micro-batch los
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
+from visionfm_jax import parallel
 from visionfm_jax.data.dense_transforms import IGNORE
 
 
@@ -105,14 +104,15 @@ def _local_clip_loss(image_emb, text_emb, logit_scale, mix, valid, axes: tuple[s
   return _mean_of_directions(jax.lax.psum(i2t, axes), jax.lax.psum(t2i, axes))
 
 
-def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh,
-                      batch_axes: Sequence[str] = ("data", "fsdp"), mix=None, valid=None) -> jax.Array:
-  """`clip_loss` on global arrays whose batch is split over `batch_axes`, with B_local x B_global logits.
+def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh, mix=None,
+                      valid=None) -> jax.Array:
+  """`clip_loss` on global arrays whose batch is split over the data-parallel axes of `mesh`
+  (`parallel.batch_axes_of`), with B_local x B_global logits.
 
   Equal in value and gradient to `clip_loss` on the same global batch. Call it under `jit` on arrays
-  sharded (or shardable) as P(batch_axes).
+  sharded (or shardable) as the batch is (`parallel.BATCH_SPEC`).
   """
-  axes = tuple(a for a in batch_axes if a in mesh.axis_names)
+  axes = parallel.batch_axes_of(mesh)
   mix_arg = jnp.float32(1.0) if mix is None else jnp.asarray(mix, jnp.float32)
   valid_arg = jnp.ones(image_emb.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
   fn = jax.shard_map(
@@ -150,16 +150,19 @@ def upsample_mask(mask: jax.Array, factor: int) -> jax.Array:
   return jnp.repeat(jnp.repeat(mask, factor, axis=1), factor, axis=2)
 
 
+MIM_EPS = 1e-5  # SimMIM's, added to the masked-pixel count: the loss stays finite when nothing is masked
+
+
 def mim_l1_loss(pred: jax.Array, target: jax.Array, pixel_mask: jax.Array, normalizer=None) -> jax.Array:
-  """SimMIM's loss: L1 over masked pixels, sum(|target - pred| * m) / (sum(m) + 1e-5) / 3; fp32.
+  """SimMIM's loss: L1 over masked pixels, sum(|target - pred| * m) / (sum(m) + MIM_EPS) / 3; fp32.
 
   `pred`, `target` (B, H, W, 3) in normalised-image space; `pixel_mask` (B, H, W), 1 where masked.
-  `normalizer`: divide by this (the global sum(m) + 1e-5) instead of this batch's sum(m) + 1e-5.
+  `normalizer`: divide by this (the global sum(m) + MIM_EPS) instead of this batch's sum(m) + MIM_EPS.
   """
   m = pixel_mask.astype(jnp.float32)
   error = jnp.abs(target.astype(jnp.float32) - pred.astype(jnp.float32))
   total = jnp.sum(error * m[..., None])
-  return total / (jnp.sum(m) + 1e-5 if normalizer is None else normalizer) / 3.0
+  return total / (jnp.sum(m) + MIM_EPS if normalizer is None else normalizer) / 3.0
 
 
 def segmentation_ce_terms(logits: jax.Array, labels: jax.Array,

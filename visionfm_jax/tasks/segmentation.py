@@ -27,7 +27,7 @@ from visionfm_jax.data.dense_transforms import IGNORE
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator
 from visionfm_jax.models import segmenter
-from visionfm_jax.tasks.base import EvalContext, Task
+from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
 KIND = "segmentation"
 HEAD_FIELDS = ("num_classes", "neck_channels", "head_channels", "ppm_scales", "neck_strides", "dropout",
@@ -36,22 +36,9 @@ HEAD_FIELDS = ("num_classes", "neck_channels", "head_channels", "ppm_scales", "n
 
 def check_config(config) -> None:
   """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
-  if "head" not in config:
-    raise ConfigError(f"config.head: the segmentation task needs it (fields {', '.join(HEAD_FIELDS)}); see "
-                      f"configs/finetune_ade20k.py")
-  missing = [f for f in HEAD_FIELDS if f not in config.head]
-  if missing:
-    raise ConfigError(f"config.head lacks {missing}; see configs/finetune_ade20k.py")
+  check_dense_config(config, KIND, HEAD_FIELDS, "configs/finetune_ade20k.py")
   if config.model.name not in ("vit", "swinv2"):
     raise ConfigError(f"config.model.name={config.model.name!r}: segmentation takes a 'vit' or 'swinv2' backbone")
-  if config.model.num_classes:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the backbone of a segmentation model "
-                      f"has no classification head; set it to 0 (classes: config.head.num_classes)")
-  if config.head.num_classes < 1:
-    raise ConfigError(f"config.head.num_classes={config.head.num_classes}: must be positive")
-  if config.model.image_size != config.data.image_size:
-    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from the training crop "
-                      f"config.data.image_size={config.data.image_size}")
   window = config.head.eval_window or config.model.image_size
   if config.model.name == "vit" and window != config.model.image_size:
     raise ConfigError(f"config.head.eval_window={config.head.eval_window}: a ViT's position embeddings fix its "
@@ -108,7 +95,7 @@ class SegmentationTask(Task):
 
     def run_seg(params):
       batches = dense_data.make_dense_eval_iterator(
-          self.config.data, KIND, batch_size=ctx.batch_size // ctx.process_count, process_index=ctx.process_index,
+          self.config.data, KIND, batch_size=ctx.local_batch_size, process_index=ctx.process_index,
           process_count=ctx.process_count)
       return evaluator(params, batches)
 

@@ -25,7 +25,7 @@ from visionfm_jax.training import optim, train
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 
-ALL_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")  # `fsdp` is zero3
+ALL_STRATEGIES = config_lib.ZERO_STAGES  # each stage once, not its aliases
 
 
 def make_flags(argv: Sequence[str]) -> flags.FlagValues:

@@ -80,11 +80,11 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator=None, *, force: bool = True) -> None:
+  def save(self, step: int, state, data_iterator=None) -> None:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
-    self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+    self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this

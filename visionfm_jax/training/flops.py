@@ -12,7 +12,8 @@ import jax
 # Dense (no sparsity) peak FLOP/s per device for 16-bit matmuls (bf16/fp16), from the vendors' data sheets.
 PEAK_FLOPS_16BIT: dict[str, float] = {
     "H200": 989e12,
-    "H100": 989e12,  # SXM; the PCIe card is 756e12
+    "H100": 989e12,  # SXM
+    "H100 PCIe": 756e12,
     "H800": 989e12,
     "A100": 312e12,
     "A800": 312e12,
@@ -22,13 +23,12 @@ PEAK_FLOPS_16BIT: dict[str, float] = {
 }
 
 
-def device_peak_flops(compute_dtype: str, device=None) -> float | None:
-  """The device's 16-bit peak, or None when unknown or when computing in fp32."""
+def device_peak_flops(compute_dtype: str) -> float | None:
+  """The 16-bit peak of this process's first device (the longest table name in its device_kind), or None when
+  unknown or when computing in fp32."""
   if compute_dtype not in ("bfloat16", "float16"):
     return None
-  kind = (device or jax.devices()[0]).device_kind
-  if "PCIe" in kind and "H100" in kind:
-    return 756e12
+  kind = jax.devices()[0].device_kind
   for name in sorted(PEAK_FLOPS_16BIT, key=len, reverse=True):
     if name in kind:
       return PEAK_FLOPS_16BIT[name]

@@ -12,8 +12,8 @@ from absl import logging
 class MetricWriter:
   """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and writes TensorBoard scalars."""
 
-  def __init__(self, workdir: str, enabled: bool | None = None):
-    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+  def __init__(self, workdir: str):
+    self.enabled = jax.process_index() == 0
     self._tb = None
     if not self.enabled:
       return

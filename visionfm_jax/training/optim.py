@@ -71,10 +71,8 @@ def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
 def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) -> dict[str, float | np.ndarray]:
   """The factor each param's update is scaled by: decay^(L + 1 - layer) (`layer_ids` of `model`) times the first
   matching `lr_mults` rule's multiplier. Scanned leaves get an array shaped to broadcast along their leading
-  axis. `model` is needed only with layer decay."""
+  axis. `model` is needed only with layer decay, whose range (0, 1] config_lib.validate checks."""
   decay = float(optim_cfg.layer_decay)
-  if decay <= 0:
-    raise ConfigError(f"config.optim.layer_decay={decay}: must be positive (1.0 disables it)")
   rules = ParamRules(optim_cfg.lr_mults, field="config.optim.lr_mults", value_name="multiplier", convert=float)
   rules.require_matches(list(shapes))
   ids, total = layer_ids(model, shapes) if decay != 1.0 else ({}, 0)

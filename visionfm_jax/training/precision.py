@@ -11,7 +11,9 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+from visionfm_jax import config_lib
+
+DTYPES = {name: getattr(jnp, name) for name in config_lib.COMPUTE_DTYPES}
 
 
 def compute_dtype(precision_cfg):
@@ -23,11 +25,11 @@ class DynamicScale(flax.struct.PyTreeNode):
   good_steps: jax.Array  # i32 scalar: finite steps since the last change
   skipped: jax.Array  # i32 scalar: steps skipped so far
   skips_at_min: jax.Array  # i32 scalar: consecutive steps skipped at the minimum scale (train.py stops on many)
-  period: int = flax.struct.field(pytree_node=False, default=2000)
-  min_scale: float = flax.struct.field(pytree_node=False, default=1.0)
+  period: int = flax.struct.field(pytree_node=False)
+  min_scale: float = flax.struct.field(pytree_node=False)
 
   @classmethod
-  def create(cls, init_scale: float, period: int, min_scale: float = 1.0) -> "DynamicScale":
+  def create(cls, init_scale: float, period: int, min_scale: float) -> "DynamicScale":
     return cls(scale=jnp.asarray(init_scale, jnp.float32), good_steps=jnp.zeros((), jnp.int32),
                skipped=jnp.zeros((), jnp.int32), skips_at_min=jnp.zeros((), jnp.int32), period=period,
                min_scale=min_scale)

@@ -6,7 +6,6 @@ batches overlaps the current step. The wrapped iterator runs `depth` batches ahe
 its own state would resume `depth` batches too late: each buffered batch carries the iterator's state (and
 record counts) taken right after it was read, and `get_state`, `read` and `skipped` answer for the last batch
 handed out, as if there were no buffer (an iterator without `read`/`skipped` counts has none here either).
-`set_state` and `continue_from` drop the buffer.
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from typing import Any
 
 from jax.sharding import NamedSharding
 
-from visionfm_jax.tasks.base import host_to_global
+from visionfm_jax.parallel import host_to_global
 
 
 class DevicePrefetch:
@@ -54,13 +53,3 @@ class DevicePrefetch:
     if self._handed_out is None or self._handed_out[index] is None:
       return getattr(self._it, name)  # AttributeError for an iterator that does not count
     return self._handed_out[index]
-
-  def set_state(self, state: bytes) -> None:
-    self._buffer.clear()
-    self._handed_out = None
-    self._it.set_state(state)
-
-  def continue_from(self, states) -> None:
-    self._buffer.clear()
-    self._handed_out = None
-    self._it.continue_from(states)

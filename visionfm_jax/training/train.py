@@ -35,9 +35,6 @@ class NonFiniteLossError(UserError):
   pass
 
 
-BATCH_SPEC = P(("data", "fsdp"))  # global batches split over every data-parallel device
-
-
 # ------------------------------------------------------------------------------------------------ state
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
@@ -64,17 +61,45 @@ def state_shardings(init_fn, mesh, config):
 # ------------------------------------------------------------------------------------------- train step
 
 def split_microbatches(batch, steps: int):
-  """(B, ...) -> (steps, B / steps, ...) taking rows i*steps + j into micro-batch j.
+  """(B, ...) -> (steps, B / steps, ...) taking rows i*steps + j into micro-batch j, each micro-batch split over
+  the data-parallel devices as the batch is.
 
   Each device keeps its own rows (no communication) when B / steps divides over the data-parallel devices.
   """
   def split(x):
     x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
-  return jax.tree.map(split, batch)
+  micro_batches = jax.tree.map(split, batch)
+  micro_spec = P(None, *parallel.BATCH_SPEC)
+  return jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
 
 
-def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, batch_spec, grad_shardings):
+def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
+  """(gradient of `scale` x the task's loss on `batch`, constrained to `grad_shardings`; the loss; its aux)."""
+  def scaled_loss(p):
+    loss, aux = task.loss(p, batch, rng)
+    return loss * scale, (loss, aux)
+  grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
+  return jax.lax.with_sharding_constraint(grads, grad_shardings), loss, aux
+
+
+def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings):
+  """`grads_of` averaged over `accum` micro-batches (micro-batch i's rng: `rng` folded with i), scanned."""
+  micro_batches = split_microbatches(batch, accum)
+
+  def body(carry, xs):
+    micro, i = xs
+    g, l, a = grads_of(task, params, micro, jax.random.fold_in(rng, i), scale, grad_shardings)
+    return jax.tree.map(jnp.add, carry, (g, l, a)), None
+
+  first = jax.tree.map(lambda x: x[0], micro_batches)
+  zeros = jax.eval_shape(lambda: grads_of(task, params, first, rng, scale, grad_shardings))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
+  (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
+  return jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+
+
+def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings):
   """Gradient of a `splits_loss` task's whole-batch loss, accumulated over `accum` micro-batches.
 
   Pass 1 computes every micro-batch's features (forward only) and reassembles them in batch order; the global
@@ -84,15 +109,13 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, batc
   """
   batch, context = task.whole_batch(batch, rng)
   micro_batches = split_microbatches(batch, accum)
-  micro_spec = P(None, *batch_spec)
-  micro_batches = jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
   micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
 
   features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs, context)),
                          (micro_batches, micro_rngs))
   to_batch_order = lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:])  # row r of micro j: r*accum + j
   whole = jax.tree.map(to_batch_order, features)
-  whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: P(*batch_spec), whole))
+  whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
   (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
       task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
   to_micro = lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
@@ -117,40 +140,21 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, batc
   return grads, loss + global_loss, {**aux, **global_aux}
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, batch_spec):
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings):
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
 
-  def grads_of(params, micro, rng, scale):
-    def scaled_loss(p):
-      loss, aux = task.loss(p, micro, rng)
-      return loss * scale, (loss, aux)
-    grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
-    return jax.lax.with_sharding_constraint(grads, grad_shardings), loss, aux
-
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
     if accum == 1:
-      grads, loss, aux = grads_of(state.params, batch, rng, scale)
+      grads, loss, aux = grads_of(task, state.params, batch, rng, scale, grad_shardings)
     elif task.splits_loss:
-      grads, loss, aux = two_pass_grads(task, state.params, batch, accum, rng, scale, batch_spec, grad_shardings)
+      grads, loss, aux = two_pass_grads(task, state.params, batch, accum, rng, scale, grad_shardings)
     else:
-      micro_batches = split_microbatches(batch, accum)
-      micro_spec = P(None, *batch_spec)
-      micro_batches = jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
-
-      def body(carry, xs):
-        micro, i = xs
-        g, l, a = grads_of(state.params, micro, jax.random.fold_in(rng, i), scale)
-        return jax.tree.map(jnp.add, carry, (g, l, a)), None
-
-      zeros = jax.eval_shape(lambda: grads_of(state.params, jax.tree.map(lambda x: x[0], micro_batches), rng, scale))
-      zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
-      (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
-      grads, loss, aux = jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+      grads, loss, aux = accumulated_grads(task, state.params, batch, accum, rng, scale, grad_shardings)
 
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.global_norm(grads)
@@ -181,8 +185,8 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
   boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
   specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  return jax.jit(make_train_step(task, tx, config, grad_shardings, BATCH_SPEC),
-                 in_shardings=(shardings, NamedSharding(mesh, BATCH_SPEC)), out_shardings=(shardings, None),
+  return jax.jit(make_train_step(task, tx, config, grad_shardings),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
                  donate_argnums=0)
 
 
@@ -224,7 +228,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
                                            jax.process_index(), jax.process_count()))
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
-  batch_sharding = NamedSharding(mesh, BATCH_SPEC)
+  batch_sharding = parallel.batch_sharding(mesh)
 
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
