@@ -17,8 +17,8 @@ The argument after ':' is a comma-separated list: a size (T, S, B, L, H, G; defa
       --workdir=/ckpt/swinv2_g_640
   python -m visionfm_jax.main --config=configs/swinv2_cls.py:demo --workdir=/tmp/swin_demo
 
-Demo, measured 2026-11-21 on 2 CPU cores (jax 0.10.2) with a 1200-step schedule: `eval/val/top1` 0.742 / 0.936 /
-0.964 at steps 400 / 800 / 1200 (chance 0.125), ~290 img/s; the config stops at 900 steps (~4 minutes).
+Demo, measured 2026-11-23 on 2 CPU cores shared with other jobs (jax 0.10.2): `eval/val/top1` 0.515 / 0.892 /
+0.945 at steps 300 / 600 / 900 (chance 0.125), in 5m13s.
 
 Parameters (`python -m visionfm_jax.tools.summary --config=configs/swinv2_cls.py:<size>`): T 28,347,154 and
 H 657,883,256 with the 1000-class head; G 2,997,815,008 without it (`--config.model.num_classes=0`).
