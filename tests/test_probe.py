@@ -7,11 +7,13 @@ import json
 import flax.linen as nn
 import jax
 import numpy as np
+import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, param_rules
+from visionfm_jax.errors import DataError
 from visionfm_jax.evaluate import probe
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import probe as probe_tool
@@ -124,3 +126,12 @@ def test_probe_tool_on_a_workdir(tmp_path, capsys):
   assert "error: config.probe.knn_k=0: must be an integer >= 1" in capsys.readouterr().err  # config_lib.DOMAINS
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path / 'missing'}"]) == 2
   assert "no such directory" in capsys.readouterr().err
+
+
+def test_a_bad_probe_source_is_an_error_naming_config_probe_source():
+  """The probe's data come from config.probe.source when it is set: an error names that field, not the
+  config.data.eval_source the probe's split config carries it in."""
+  config = _probe_config(**{"probe.source": "shapez"})
+  mesh = parallel.make_mesh(config.mesh)
+  with pytest.raises(DataError, match=r"^config.probe.source='shapez': expected 'shapes'"):
+    probe.FeatureProbe(lambda p, x: x, config.probe, config.data, EvalContext(mesh, 128, 0, 1))

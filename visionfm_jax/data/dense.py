@@ -44,7 +44,7 @@ _HINT = {"segmentation": "segmentation reads 'scenes' or 'ade20k:<root>'",
 def _check(data_cfg, kind: str) -> None:
   if kind not in KINDS:
     raise ConfigError(f"dense task kind {kind!r}: expected one of {KINDS}")
-  if data_cfg.get("mixture"):
+  if data_cfg.mixture:
     raise ConfigError(f"config.data.mixture ({len(data_cfg.mixture)} entries): {kind} trains on one source, "
                       f"config.data.source ({_HINT[kind]}); mixtures feed classification, "
                       f"contrastive and aurora runs")

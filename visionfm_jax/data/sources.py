@@ -94,7 +94,7 @@ def train_specs(data_cfg) -> list[tuple[str, str, float]]:
   """What training reads, as (field, spec, weight) per entry: `field` names it in messages
   ("config.data.mixture[1]='shapes:images'"). config.data.mixture when it is set (config.data.source must then
   be ''), else config.data.source alone with weight 1. ConfigError naming the entry for a malformed one."""
-  mixture = tuple(data_cfg.get("mixture") or ())
+  mixture = tuple(data_cfg.mixture)
   if not mixture:
     return [(_source_what(data_cfg.source), data_cfg.source, 1.0)]
   if data_cfg.source:
@@ -124,7 +124,7 @@ def train_specs(data_cfg) -> list[tuple[str, str, float]]:
 def training_what(data_cfg) -> str:
   """The training data for messages: "config.data.source='shapes'", or "config.data.mixture (2 entries)"."""
   specs = train_specs(data_cfg)
-  return specs[0][0] if not data_cfg.get("mixture") else f"config.data.mixture ({len(specs)} entries)"
+  return specs[0][0] if not data_cfg.mixture else f"config.data.mixture ({len(specs)} entries)"
 
 
 def tfds_data_dir(data_cfg) -> Path:

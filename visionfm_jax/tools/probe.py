@@ -29,7 +29,7 @@ from absl import flags
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from ml_collections import config_flags
 
-from visionfm_jax import config_lib, tasks
+from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
 from visionfm_jax.evaluate import probe
 from visionfm_jax.parallel import distributed
@@ -80,7 +80,7 @@ def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256)
   config_lib.check_domains(config)  # the --config.* overrides
   workdir = os.path.expanduser(workdir)
   devices = np.array(jax.devices())
-  mesh = Mesh(devices.reshape(len(devices), 1, 1), ("data", "fsdp", "tensor"))
+  mesh = Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)  # all on data
   batch_size = -(-batch_size // len(devices)) * len(devices)
   task = tasks.build(config, mesh)
   step = workdir_lib.checkpoint_step(workdir, step)

@@ -34,7 +34,7 @@ def make_flags(argv: Sequence[str]) -> flags.FlagValues:
   config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
                                   flag_values=fv, sys_argv=list(argv))
   flags.DEFINE_integer("devices", 1, "Number of (simulated) devices for the per-device bytes.", flag_values=fv)
-  flags.DEFINE_string("strategy", None, "ddp | zero1 | zero2 | zero3 | fsdp | all; default: the config's.",
+  flags.DEFINE_string("strategy", None, f"{' | '.join(config_lib.STRATEGIES)} | all; default: the config's.",
                       flag_values=fv)
   return fv
 
