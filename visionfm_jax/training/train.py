@@ -218,7 +218,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   _write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
-  logging.info("mesh %s, strategy %s, %d processes", mesh_shape, config.strategy, jax.process_count())
+  logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
+               "es" if jax.process_count() > 1 else "")
   task = tasks.build(config, mesh)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
