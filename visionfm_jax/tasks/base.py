@@ -61,8 +61,8 @@ class EvalContext:
 
 def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: str) -> None:
   """ConfigError unless a dense task's config (`kind`: segmentation, detection) has a `config.head` with
-  `head_fields` and at least one class, a backbone without a classification head, and a model size equal to the
-  training crop (`recipe`: the config file that shows the fields)."""
+  `head_fields` and at least one class, a ViT or SwinV2 backbone without a classification head, and a model size
+  equal to the training crop (`recipe`: the config file that shows the fields)."""
   if "head" not in config:
     raise ConfigError(f"config.head: the {kind} task needs it (fields {', '.join(head_fields)}); see {recipe}")
   missing = [f for f in head_fields if f not in config.head]
@@ -76,6 +76,8 @@ def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: 
   if config.model.image_size != config.data.image_size:
     raise ConfigError(f"config.model.image_size={config.model.image_size} differs from the training crop "
                       f"config.data.image_size={config.data.image_size}")
+  if config.model.name not in ("vit", "swinv2"):
+    raise ConfigError(f"config.model.name={config.model.name!r}: {kind} takes a 'vit' or 'swinv2' backbone")
 
 
 class Task:

@@ -50,8 +50,6 @@ HEAD_FIELDS = ("num_classes", "levels", "neck_channels", "head_channels", "num_c
 def check_config(config) -> None:
   """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
   check_dense_config(config, "detection", HEAD_FIELDS, "configs/finetune_coco.py")
-  if config.model.name not in ("vit", "swinv2"):
-    raise ConfigError(f"config.model.name={config.model.name!r}: detection takes a 'vit' or 'swinv2' backbone")
   if config.head.top_k < 1:
     raise ConfigError(f"config.head.top_k={config.head.top_k}: must be positive")
 

@@ -37,8 +37,6 @@ HEAD_FIELDS = ("num_classes", "neck_channels", "head_channels", "ppm_scales", "n
 def check_config(config) -> None:
   """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
   check_dense_config(config, KIND, HEAD_FIELDS, "configs/finetune_ade20k.py")
-  if config.model.name not in ("vit", "swinv2"):
-    raise ConfigError(f"config.model.name={config.model.name!r}: segmentation takes a 'vit' or 'swinv2' backbone")
   window = config.head.eval_window or config.model.image_size
   if config.model.name == "vit" and window != config.model.image_size:
     raise ConfigError(f"config.head.eval_window={config.head.eval_window}: a ViT's position embeddings fix its "
