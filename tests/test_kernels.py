@@ -36,12 +36,14 @@ def test_resolve_picks_the_backend_path_and_names_bad_modes():
 @pytest.mark.parametrize("x_shape,kernel_shape,num_axes", [((2, 5, 6), (6, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2)])
 def test_contract_trailing_as_one_matmul_is_the_dot_general(x_shape, kernel_shape, num_axes):
   rng = np.random.default_rng(0)
-  args = (_normal(rng, x_shape), _normal(rng, kernel_shape))
-  plain, cpu = (_value_and_grads(lambda x, w, m=m: kernels.contract_trailing(x, w, num_axes, m), args, (0, 1))
-                for m in MODES)
-  chex.assert_trees_all_close(cpu, plain, atol=1e-5)
+  args = (_normal(rng, x_shape), _normal(rng, kernel_shape), _normal(rng, kernel_shape[num_axes:]))
+  trailing = tuple(range(len(x_shape) - num_axes, len(x_shape)))
+  dot_general = lambda x, w, b: jax.lax.dot_general(x, w, ((trailing, tuple(range(num_axes))), ((), ()))) + b
+  ours = lambda x, w, b: kernels.flat_dense(x, w, b, num_axes)
+  chex.assert_trees_all_close(_value_and_grads(ours, args, (0, 1, 2)), _value_and_grads(dot_general, args, (0, 1, 2)),
+                              atol=1e-5)
   with pytest.raises(ValueError, match="do not match"):
-    kernels.contract_trailing(args[0], args[1][1:], num_axes, "cpu")
+    kernels.contract_trailing(args[0], args[1][1:], num_axes)
 
 
 def test_broadcast_leading_gradient_is_the_sum():
@@ -138,7 +140,7 @@ def test_models_compute_the_same_in_both_modes(make_model, image_size):
 @pytest.mark.parametrize("family,field", [("vit", "attention"), ("swinv2", "attention"), ("clip", "text.attention")])
 def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, field):
   model_cfg = config_lib.model_config(family)
-  for old, new in (("xla", "softmax"), ("auto", "jax")):
+  for old, new in (("xla", "softmax"),):
     node = model_cfg.text if field.startswith("text.") else model_cfg
     node.attention = old
     with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):

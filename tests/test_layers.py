@@ -23,12 +23,11 @@ def test_dot_product_attention_causal_matches_jax():
   chex.assert_trees_all_close(ours, theirs, atol=1e-6)
 
 
-@pytest.mark.parametrize("kernels", ["plain", "cpu"])
 @pytest.mark.parametrize("features,axis", [(5, -1), ((3, 2, 4), -1), (6, (-2, -1))])
-def test_dense_has_flax_dense_generals_params_and_outputs(features, axis, kernels):
+def test_dense_has_flax_dense_generals_params_and_outputs(features, axis):
   x = _normal(np.random.default_rng(4), (2, 7, 3, 4))
   inits = dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.normal(0.5))
-  ours = layers.Dense(features, axis=axis, kernels=kernels, **inits)
+  ours = layers.Dense(features, axis=axis, **inits)
   flax_dense = nn.DenseGeneral(features, axis=axis, **inits)
   params = ours.init(jax.random.key(0), x)
   chex.assert_trees_all_close(params, flax_dense.init(jax.random.key(0), x))  # same names, shapes, init
@@ -36,6 +35,47 @@ def test_dense_has_flax_dense_generals_params_and_outputs(features, axis, kernel
   grads = jax.grad(lambda p: jnp.sum(ours.apply(p, x) ** 2))(params)
   expected = jax.grad(lambda p: jnp.sum(flax_dense.apply(p, x) ** 2))(params)
   chex.assert_trees_all_close(grads, expected, rtol=1e-5, atol=1e-4)
+
+
+def test_separate_projections_are_the_slices_of_the_fused_one():
+  """q, k, v as three products of one (C, 3, heads, head_dim) kernel: the same params and numbers as the fused
+  product sliced, values and gradients."""
+  x = _normal(np.random.default_rng(5), (2, 7, 6))
+  inits = dict(kernel_init=nn.initializers.lecun_normal(), bias_init=nn.initializers.normal(0.5))
+  fused, apart = layers.Dense((3, 2, 4), **inits), layers.Dense((3, 2, 4), separate=True, **inits)
+  params = fused.init(jax.random.key(0), x)
+  chex.assert_trees_all_close(apart.init(jax.random.key(0), x), params)
+  sliced = lambda p: tuple(fused.apply(p, x)[:, :, i] for i in range(3))
+  chex.assert_trees_all_close(apart.apply(params, x), sliced(params), atol=1e-6)
+  loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(f(p)))
+  chex.assert_trees_all_close(jax.grad(loss(lambda p: apart.apply(p, x)))(params), jax.grad(loss(sliced))(params),
+                              atol=1e-5)
+
+
+def test_attention_masks_keys_past_kv_length_as_if_they_were_not_there():
+  rng = np.random.default_rng(6)
+  q, k, v = (_normal(rng, (2, 8, 3, 4)) for _ in range(3))
+  for implementation in ("softmax", "jax"):
+    padded = layers.dot_product_attention(q, k, v, implementation=implementation, kv_length=5)
+    real = layers.dot_product_attention(q[:, :5], k[:, :5], v[:, :5], implementation=implementation)
+    chex.assert_trees_all_close(padded[:, :5], real, atol=1e-6)
+
+
+def test_vit_padded_once_for_its_attention_equals_the_unpadded_vit(monkeypatch):
+  """The token padding a ViT carries through its blocks for cuDNN (even counts), forced here on the softmax path
+  (17 tokens padded to 20): logits and gradients as without padding."""
+  from visionfm_jax.models import vit  # pylint: disable=g-import-not-at-top
+  model = vit.ViT(**vit.parse_variant("pico/8"), num_classes=5, image_size=32, attention="softmax")
+  images = _normal(np.random.default_rng(7), (2, 32, 32, 3))
+  params = jax.tree.map(lambda a: a + 0.01, model.init(jax.random.key(0), images))
+
+  def logits_and_grads():
+    logits = lambda p: model.apply(p, images)["logits"]
+    return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
+
+  expected = logits_and_grads()
+  monkeypatch.setattr(layers, "token_multiple", lambda implementation: 4)
+  chex.assert_trees_all_close(logits_and_grads(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_dense_contracts_trailing_axes_only():

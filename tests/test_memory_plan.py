@@ -39,9 +39,9 @@ def test_a_candidate_is_the_state_shard_plus_batch_shard_plus_temporaries(capsys
 def test_the_planner_picks_a_setup_a_smaller_budget_rejects_and_a_bigger_one_accepts(capsys, monkeypatch):
   plans, compile_once = {}, memory_plan.plan  # the three budgets plan the same two programs: compile them once
 
-  def plan(config, devices):
-    key = (config.to_json_best_effort(), devices)
-    plans[key] = plans.get(key) or compile_once(config, devices)
+  def plan(config, devices, target=""):
+    key = (config.to_json_best_effort(), devices, target)
+    plans[key] = plans.get(key) or compile_once(config, devices, target)
     return plans[key]
 
   monkeypatch.setattr(memory_plan, "plan", plan)

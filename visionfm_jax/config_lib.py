@@ -45,9 +45,9 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   """
   common = dict(name=name, num_classes=1000, image_size=224, drop_path=0.0, dropout=0.0, head_bias_init=0.0,
                 scan=True, remat_policy="nothing_saveable",
-                # softmax (einsums, hand-written backward) | cudnn (cuDNN flash attention, GPU) | jax
-                # (jax.nn.dot_product_attention choosing); models/layers.py ATTENTION
-                attention="softmax",
+                # auto (cuDNN on GPUs in bf16/fp16, else softmax) | softmax (einsums, hand-written backward) |
+                # cudnn (cuDNN flash attention, GPU) | jax (jax.nn.dot_product_attention choosing); layers.ATTENTION
+                attention="auto",
                 kernels="auto")  # auto | plain | cpu: backend speed tricks (models/kernels.py); auto = cpu on CPU
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True)  # pool: cls | gap
@@ -79,7 +79,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
             eos_id=3,  # pooled position: the first eos_id of each row (pool='eos')
             pool="eos",  # eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)
             layer_norm_eps=1e-5,
-            attention="softmax",  # softmax | cudnn | jax (causal)
+            attention="auto",  # auto | softmax | cudnn | jax (causal)
         )),
     )
   elif name == "aurora":

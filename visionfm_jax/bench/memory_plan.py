@@ -50,6 +50,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from visionfm_jax import config_lib
+from visionfm_jax.bench import gpu_target, hlo_cost
 from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.tools import cli
 
@@ -75,22 +76,31 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_list("micro_batches", "1,2,4,8", "config.grad_accum_steps values to plan.", flag_values=fv)
   flags.DEFINE_list("attention", "softmax,jax,cudnn", "Attention implementations to plan (models/layers.py "
                     "ATTENTION), set in every attention field of config.model.", flag_values=fv)
+  flags.DEFINE_string("target", "", "Compile for this GPU, deviceless (bench/gpu_target.py: " +
+                      ", ".join(sorted(gpu_target.TARGETS)) + "; needs the gpu-aot extra); empty: simulated CPU "
+                      "devices.", flag_values=fv)
   flags.DEFINE_bool("first_fit", False, "Stop at the first candidate that fits (in the expected-cheapest order) "
                     "and choose it.", flag_values=fv)
   return fv
 
 
-def ensure_devices(count: int, argv) -> None:
-  """Re-executes this tool with `count` simulated CPU devices unless JAX already has them. Must run before
-  anything initialises a JAX backend."""
-  flag = f"{DEVICE_COUNT_FLAG}={count}"
-  if flag in os.environ.get("XLA_FLAGS", ""):
-    return
-  import jax  # pylint: disable=g-import-not-at-top
-  if jax.device_count() >= count:
-    return
-  env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(), JAX_PLATFORMS="cpu")
-  os.execve(sys.executable, [sys.executable, "-m", "visionfm_jax.bench.memory_plan", *argv[1:]], env)
+def ensure_devices(count: int, argv, target: str = "", module: str = "visionfm_jax.bench.memory_plan") -> None:
+  """Re-executes `module` in the environment its compile needs, unless this process has it: `count` simulated CPU
+  devices, or for a GPU `target` the CPU platform with that GPU's XLA flags (gpu_target.environment). Must run
+  before anything initialises a JAX backend."""
+  if target:
+    env = gpu_target.environment(gpu_target.TARGETS[target], dict(os.environ)) if target in gpu_target.TARGETS \
+        else None  # an unknown target is reported by the tool itself
+  else:
+    flag = f"{DEVICE_COUNT_FLAG}={count}"
+    if flag in os.environ.get("XLA_FLAGS", ""):
+      return
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.device_count() >= count:
+      return
+    env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(), JAX_PLATFORMS="cpu")
+  if env is not None:
+    os.execve(sys.executable, [sys.executable, "-m", module, *argv[1:]], env)
 
 
 def parse_size(text: str, flag: str = "--fit") -> int:
@@ -128,7 +138,7 @@ def parse_counts(values: list[str]) -> list[int]:
   return counts
 
 
-def candidate_settings(config, devices: int, remats, micro_batches, attentions):
+def candidate_settings(config, devices: int, remats, micro_batches, attentions, target: str = ""):
   """The grid as {dotted config field: value}, expected cheapest first, and the values left out of it as
   {flag: why}: attention implementations this backend lacks, micro-batch counts the config rejects."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -142,9 +152,10 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions):
   if unknown:
     raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {layers.ATTENTION}")
   skipped = {}
-  if jax.default_backend() != "gpu":
+  if not target and jax.default_backend() != "gpu":
     for name in dict.fromkeys(a for a in attentions if a in layers.GPU_ONLY_ATTENTION):
-      skipped[f"--attention={name}"] = f"GPU only, not planned here ({jax.default_backend()} backend)"
+      skipped[f"--attention={name}"] = (f"GPU only, not planned on simulated {jax.default_backend()} devices "
+                                        f"(--target=h100 plans it with the GPU compiler)")
   counts = []
   for count in parse_counts(micro_batches):
     reason = why_not_micro_batches(config, count, devices)
@@ -252,43 +263,68 @@ def loop_flops(hlo_text: str, client) -> float:
 
 # ---------------------------------------------------------------------------------------------------- plan
 
-def plan(config, devices: int) -> dict:
-  """Compiles `config`'s train step for the first `devices` devices; returns its per-device bytes and FLOPs."""
+def compile_step(config, devices: int, target: str = ""):
+  """`config`'s train step compiled for its mesh over the first `devices` devices of this process, or over
+  `devices` abstract GPUs of `target` (bench/gpu_target.py; deviceless). Returns (compiled, its task, the mesh's
+  devices)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax import parallel, tasks  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
 
-  from visionfm_jax.training import optim, train
-
-  if jax.device_count() < devices:
+  if target:
+    mesh_devices = gpu_target.devices(gpu_target.get(target), devices)
+  elif jax.device_count() < devices:
     raise ConfigError(f"--devices={devices}: this process has {jax.device_count()} devices")
+  else:
+    mesh_devices = jax.devices()[:devices]
   if config.model.kernels == "auto":  # plan the program the accelerators run, not the simulating CPU's tricks
     config = apply(config, {"model.kernels": "plain"})
   config_lib.validate(config, devices)
-  mesh = parallel.make_mesh(config.mesh, jax.devices()[:devices])
+  mesh = parallel.make_mesh(config.mesh, mesh_devices)
   task = tasks.build(config, mesh)
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
+  return train.compile_train_step(config, mesh, batch, task), task, mesh_devices
+
+
+def plan(config, devices: int, target: str = "") -> dict:
+  """Compiles `config`'s train step (`compile_step`); returns its per-device bytes and FLOPs."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import optim, train  # pylint: disable=g-import-not-at-top
+
+  compiled, task, _ = compile_step(config, devices, target)
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)
-  compiled = train.compile_train_step(config, mesh, batch, task)
   analysis = compiled.memory_analysis()
-  out = {"devices": devices, "mesh": mesh_shape, "strategy": config.strategy,
+  if target:  # no cost analysis for a deviceless GPU compile: the kernels' own FLOPs, loops by their trip counts
+    step, xla = hlo_cost.Program(compiled.as_text()).total_flops(), None
+  else:
+    step, xla = step_flops(compiled), xla_flops(compiled)
+  out = {"devices": devices, "target": target or "cpu", "mesh": mesh_shape, "strategy": config.strategy,
          "global_batch": config.global_batch_size, "grad_accum_steps": config.grad_accum_steps,
          "remat_policy": config.model.remat_policy, "compute_dtype": config.precision.compute_dtype,
          "state_params_bytes": state["params"], "state_opt_bytes": state["opt_state"],
          "argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
          "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-         "xla_flops": xla_flops(compiled), "flops": step_flops(compiled)}
-  out["total_bytes"] = out["argument_bytes"] + out["output_bytes"] - out["alias_bytes"] + out["temp_bytes"]
+         "xla_flops": xla, "flops": step}
+  out["total_bytes"] = plan_bytes(analysis)
   return out
 
 
-def plan_candidate(config, setting: dict[str, object], devices: int, fit_bytes: int) -> dict:
-  row = {"setting": setting, "flags": as_flags(setting), **plan(apply(config, setting), devices)}
+def plan_bytes(analysis) -> int:
+  """What one device holds at the step's peak, as compiled: arguments + outputs - donated + temporaries."""
+  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+          + analysis.temp_size_in_bytes)
+
+
+def plan_candidate(config, setting: dict[str, object], devices: int, fit_bytes: int, target: str = "") -> dict:
+  row = {"setting": setting, "flags": as_flags(setting), **plan(apply(config, setting), devices, target)}
   return {**row, "fits": row["total_bytes"] <= fit_bytes}
 
 
@@ -308,13 +344,14 @@ def print_row(row: dict) -> None:
         f"{row['flops'] / 1e9:14.6g}", flush=True)
 
 
-def sweep(config, grid, devices: int, fit_bytes: int, first_fit: bool) -> tuple[list[dict], dict | None]:
+def sweep(config, grid, devices: int, fit_bytes: int, first_fit: bool,
+          target: str = "") -> tuple[list[dict], dict | None]:
   """Plans the candidates in order, printing each row; returns the rows and the chosen one."""
   print(f"{'candidate (remat, micro-batches, attention)':<56} {'GiB/device':>10} {'fits':>5} {'GFLOPs/device':>14}",
         flush=True)
   rows = []
   for setting in grid:
-    rows.append(plan_candidate(config, setting, devices, fit_bytes))
+    rows.append(plan_candidate(config, setting, devices, fit_bytes, target))
     print_row(rows[-1])
     if first_fit and rows[-1]["fits"]:
       return rows, rows[-1]
@@ -326,11 +363,13 @@ def _body(fv, rest):
   if fv.config is None:
     raise ConfigError("--config is required")
   fit_bytes = parse_size(fv.fit)
-  grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention)
+  if fv.target:
+    gpu_target.require_compiler(gpu_target.get(fv.target))
+  grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target)
   for flag, reason in skipped.items():
     print(f"skipped {flag}: {reason}")
-  rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit)
-  summary = {"devices": fv.devices, "fit": fv.fit, "fit_bytes": fit_bytes, "first_fit": fv.first_fit,
+  rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit, fv.target)
+  summary = {"devices": fv.devices, "target": fv.target or "cpu", "fit": fv.fit, "fit_bytes": fit_bytes, "first_fit": fv.first_fit,
              "candidates": rows, "skipped": skipped, "chosen": chosen}
   if chosen is not None:
     print(f"chosen: {chosen['total_bytes'] / GIB:.3f} of {fit_bytes / GIB:.3f} GiB and {chosen['flops'] / 1e9:.6g} "
@@ -350,7 +389,7 @@ def main(argv) -> int:
   if not any(a in cli.HELP_FLAGS for a in argv[1:]):
     try:
       fv(list(argv))
-      ensure_devices(fv.devices, argv)
+      ensure_devices(fv.devices, argv, fv.target)
     except flags.Error:
       pass  # cli.run reports it
   return cli.run(argv, make_flags(argv), __doc__, _body)

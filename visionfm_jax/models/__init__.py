@@ -1,8 +1,12 @@
 """Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype); and the config
 fields a model takes from the checkpoint it starts from (`fields_from_checkpoint`)."""
 
+import copy
+
+import jax
+
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import aurora, clip, swinv2, vit
+from visionfm_jax.models import aurora, clip, layers, swinv2, vit
 
 BUILDERS = {
     "vit": vit.build,
@@ -12,13 +16,31 @@ BUILDERS = {
 }
 
 
-def build(model_cfg, dtype):
+def build(model_cfg, dtype, platform: str | None = None):
+  """The model of `model_cfg` computing in `dtype`, its 'auto' fields resolved for the devices it will run on
+  (`platform`: the mesh's, e.g. 'gpu' for a deviceless GPU compile on a CPU host; this process's backend when
+  None)."""
   if model_cfg.name not in BUILDERS:
     raise ConfigError(f"config.model.name={model_cfg.name!r}: known models are {sorted(BUILDERS)}")
   try:
-    return BUILDERS[model_cfg.name](model_cfg, dtype)
+    return BUILDERS[model_cfg.name](for_platform(model_cfg, platform or jax.default_backend(), dtype), dtype)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
+
+
+def for_platform(model_cfg, platform: str, dtype):
+  """A copy of `model_cfg` whose 'auto' attention fields (every tower's) name what runs on `platform` in `dtype`
+  (layers.resolve_attention)."""
+  resolved = copy.deepcopy(model_cfg)
+  nodes = [resolved]
+  while nodes:
+    node = nodes.pop()
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        nodes.append(value)
+      elif key == "attention" and value == "auto":
+        node[key] = layers.resolve_attention(value, platform, dtype)
+  return resolved
 
 
 def fields_from_checkpoint(model_fields: dict, checkpoint_fields: dict) -> dict:

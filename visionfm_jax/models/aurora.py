@@ -125,7 +125,6 @@ class MultimodalDecoder(nn.Module):
     x, cache = run_blocks(x, cache, memory, index)
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     logits = layers.dense(self.vocab_size, (EMBED, VOCAB), self.dtype, use_bias=False, name="vocab_proj",
-                          kernels=self.kernels,
                           kernel_init=nn.initializers.normal(x.shape[-1] ** -0.5))(x)
     return logits.astype(jnp.float32), cache
 
@@ -168,8 +167,8 @@ class Aurora(nn.Module):
     self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype, kernels=self.kernels)
     self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype, kernels=self.kernels)
     self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
-                                   kernel_init=nn.initializers.normal(width ** -0.5), kernels=self.kernels)
-    self.mim_head = layers.dense(self.stride ** 2 * 3, (EMBED, None), self.dtype, kernels=self.kernels,
+                                   kernel_init=nn.initializers.normal(width ** -0.5))
+    self.mim_head = layers.dense(self.stride ** 2 * 3, (EMBED, None), self.dtype,
                                  kernel_init=nn.initializers.truncated_normal(0.02))
     self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
                                   ())

@@ -47,7 +47,7 @@ class CLIP(nn.Module):
     if self.text.embed_dim != self.embed_dim:
       raise ValueError(f"text tower projects to {self.text.embed_dim}, CLIP embed_dim is {self.embed_dim}")
     self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
-                                   kernel_init=nn.initializers.lecun_normal(), kernels=self.kernels)
+                                   kernel_init=nn.initializers.lecun_normal())
     self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
                                   ())
 

@@ -16,8 +16,10 @@ program and cannot force a path (tests and `bench --compare=plain` need to).
 The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-8) and again in session 10
 (the whole set against 'plain', and one at a time; three tricks that no longer paid were dropped there: a matmul
 gradient for dense biases, norm params and ViT's position embedding, an erf-written GELU, and a diagonal-sum
-gradient for SwinV2's position-bias gather):
-  contract_trailing      a dense layer's multi-axis contraction as one 2-D matmul (qkv forward + backward 1.65x)
+gradient for SwinV2's position-bias gather). A dense layer's multi-axis contraction as one 2-D matmul
+(`contract_trailing`, 1.65x on the CPU for qkv's forward + backward) is no longer a trick but the one form: the
+deviceless GPU compile (bench/roofline.py) makes the same cuBLAS GEMMs of both forms, and with the bias added to
+the 2-D product (`flat_dense`) cuBLASLt adds it in its epilogue.
   patch_conv             the stride = kernel patch embedding as patches @ kernel (its gradient 2.4x faster)
   broadcast_leading      SwinV2's position bias broadcast over windows, whose gradient (like the attention
   sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
@@ -64,23 +66,31 @@ def _on_cpu_path(mode: str) -> bool:
 
 # ----------------------------------------------------------------------------------------------- dense layers
 
-def contract_trailing(x: jax.Array, kernel: jax.Array, num_axes: int, mode: str, precision=None,
+def contract_trailing(x: jax.Array, kernel: jax.Array, num_axes: int, precision=None,
                       preferred_element_type=None) -> jax.Array:
   """y[..., out...] = sum over k of x[..., k...] kernel[k..., out...]: x's last `num_axes` axes against the
-  kernel's first `num_axes`, in order. 'cpu': as one (prod ..., K) @ (K, N) matmul, which XLA's CPU backend
-  differentiates ~1.6x faster than the multi-axis `dot_general` (a GPU compiles both to the same GEMM)."""
+  kernel's first `num_axes`, in order, as one (prod ..., K) @ (K, N) matmul. XLA's CPU backend differentiates that
+  ~1.6x faster than the multi-axis `dot_general`; XLA's GPU compiler makes the same cuBLAS GEMMs of both (the
+  deviceless H100 compile of ViT-H/14: identical kernels and bytes), so every backend takes this form."""
   if x.shape[x.ndim - num_axes:] != kernel.shape[:num_axes]:
     raise ValueError(f"contract_trailing: trailing axes {x.shape[x.ndim - num_axes:]} of the input do not match "
                      f"the kernel's leading axes {kernel.shape[:num_axes]}")
-  trailing, leading = tuple(range(x.ndim - num_axes, x.ndim)), tuple(range(num_axes))
-  if not _on_cpu_path(mode):
-    return jax.lax.dot_general(x, kernel, ((trailing, leading), ((), ())), precision=precision,
-                               preferred_element_type=preferred_element_type)
   free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
   contracted = math.prod(kernel.shape[:num_axes])
   out = jax.lax.dot_general(x.reshape(-1, contracted), kernel.reshape(contracted, -1), (((1,), (0,)), ((), ())),
                             precision=precision, preferred_element_type=preferred_element_type)
   return out.reshape(free_x + free_kernel)
+
+
+def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, num_axes: int) -> jax.Array:
+  """`contract_trailing` plus a bias over the kernel's output axes, added to the 2-D product before it takes its
+  output shape: XLA's GPU compiler then folds the add into the cuBLASLt GEMM (its BIAS epilogue), where a bias of
+  several axes (qkv's (3, heads, head_dim)) is a separate broadcast pass over the output."""
+  free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
+  flat = contract_trailing(x, kernel, num_axes).reshape(-1, math.prod(free_kernel))
+  if bias is not None:
+    flat = flat + bias.reshape(-1)
+  return flat.reshape(free_x + free_kernel)
 
 
 # ---------------------------------------------------------------------------------- params broadcast over tokens
@@ -157,7 +167,7 @@ def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, r
                                         rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
                                         feature_group_count=feature_group_count, precision=precision)
   patches = einops.rearrange(lhs, "b (h ph) (w pw) c -> b h w ph pw c", ph=patch[0], pw=patch[1])
-  return contract_trailing(patches, rhs, 3, "cpu", precision=precision)
+  return contract_trailing(patches, rhs, 3, precision=precision)
 
 
 # ------------------------------------------------------------------------------------------------- attention

@@ -59,7 +59,7 @@ def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
 
 class Dense(nn.Module):
   """y = x . kernel + bias over the input axes `axis` (params `kernel` (in axes..., features...) and `bias`
-  (features...), as flax's DenseGeneral); the product is `kernels.contract_trailing` in `kernels` mode."""
+  (features...), as flax's DenseGeneral), computed as one 2-D product with a 1-D bias (`kernels.flat_dense`)."""
   features: int | tuple[int, ...]
   axis: int | tuple[int, ...] = -1
   use_bias: bool = True
@@ -67,7 +67,9 @@ class Dense(nn.Module):
   param_dtype: Dtype = jnp.float32
   kernel_init: Callable[..., Any] = nn.initializers.xavier_uniform()
   bias_init: Callable[..., Any] = nn.initializers.zeros
-  kernels: str = "auto"
+  # The first feature axis indexes separate projections (q, k, v of one kernel): a tuple of one product each,
+  # so each lands contiguous, where slicing one fused output would copy them (cuDNN attention takes them apart).
+  separate: bool = False
 
   @nn.compact
   def __call__(self, x):
@@ -78,21 +80,24 @@ class Dense(nn.Module):
       raise ValueError(f"Dense contracts trailing axes only; got axis={self.axis} for an input of rank {x.ndim}")
     kernel_shape = tuple(x.shape[a] for a in axes) + features
     kernel = self.param("kernel", _flat_init(self.kernel_init, len(axes)), kernel_shape, self.param_dtype)
-    y = kernels_lib.contract_trailing(x.astype(self.dtype), kernel.astype(self.dtype), len(axes), self.kernels)
-    if self.use_bias:
-      bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype)
-      y = y + bias.astype(self.dtype)
-    return y
+    bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype) if self.use_bias else None
+    x = x.astype(self.dtype)
+    cast = lambda a: None if a is None else a.astype(self.dtype)
+    if not self.separate:
+      return kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes))
+    pick = lambda i: (slice(None),) * len(axes) + (i,)
+    return tuple(kernels_lib.flat_dense(x, cast(kernel[pick(i)]), None if bias is None else cast(bias[i]), len(axes))
+                 for i in range(features[0]))
 
 
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
           use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-          kernels: str = "auto", name: str | None = None) -> Dense:
+          separate: bool = False, name: str | None = None) -> Dense:
   """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes."""
   out_ndim = 1 if isinstance(features, int) else len(features)
   return Dense(features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]),
-               kernels=kernels, name=name)
+               separate=separate, name=name)
 
 
 def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
@@ -119,7 +124,7 @@ def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str 
                     kernels: str = "auto") -> jax.Array:
   """The fp32 linear head of the classifiers: zero-initialised kernel, constant bias (call in a compact method)."""
   return dense(num_classes, (EMBED, CLASSES), jnp.float32, name=name, kernel_init=nn.initializers.zeros,
-               bias_init=nn.initializers.constant(bias_init), kernels=kernels)(pooled)
+               bias_init=nn.initializers.constant(bias_init))(pooled)
 
 
 class LayerNorm(nn.Module):
@@ -153,11 +158,13 @@ class _Normalize(nn.Module):
     return normed * scale + bias
 
 
-# attention=...: einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
+# attention=...: 'auto' (cuDNN flash attention where the platform has it and the compute dtype is 16-bit, else
+# 'softmax'); einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
 # `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA).
-ATTENTION = ("softmax", "cudnn", "jax")
+ATTENTION = ("auto", "softmax", "cudnn", "jax")
 GPU_ONLY_ATTENTION = ("cudnn",)  # no kernel on other backends: bench.memory_plan does not plan these off GPU
-RENAMED_ATTENTION = {"xla": "softmax", "auto": "jax"}
+RENAMED_ATTENTION = {"xla": "softmax"}
+SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
 
 
 def check_attention(implementation: str, field: str = "attention") -> None:
@@ -169,23 +176,53 @@ def check_attention(implementation: str, field: str = "attention") -> None:
   raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}{renamed}")
 
 
+def resolve_attention(implementation: str, platform: str, dtype) -> str:
+  """'auto' as it runs on `platform` ('gpu', 'cpu', ...) in compute `dtype`: cuDNN on a GPU in bf16 / fp16 (it
+  has no fp32 kernel), the softmax path elsewhere; any other implementation as it is."""
+  if implementation != "auto":
+    return implementation
+  return "cudnn" if platform in ("gpu", "cuda") and jnp.dtype(dtype) in SIXTEEN_BIT else "softmax"
+
+
+def token_multiple(implementation: str) -> int:
+  """What a token count must be a multiple of for `implementation` to take it as it is: cuDNN's training kernels
+  take only even counts (jax 0.11); any count for the others."""
+  return 2 if implementation == "cudnn" else 1
+
+
+def pad_tokens(x: jax.Array, multiple: int) -> tuple[jax.Array, int]:
+  """(B, T, C) zero-padded along T to a multiple of `multiple`, and T. A model pads once before its blocks and
+  slices after them, its attention masking the padded keys (`kv_length`), instead of every layer padding and
+  slicing q, k, v and the output around the kernel: per-token layers (norms, MLPs) leave real tokens exact."""
+  tokens = x.shape[1]
+  extra = -tokens % multiple
+  return (jnp.pad(x, [(0, 0), (0, extra), (0, 0)]) if extra else x), tokens
+
+
 def heads_first(x: jax.Array) -> jax.Array:
   """(..., T, H, D) -> (..., H, T, D) (and back): the head axis before the token axis."""
   return einops.rearrange(x, "... t h d -> ... h t d")
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax",
-                          kernels: str = "auto"):
+                          kernels: str = "auto", kv_length: int | None = None):
   """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
 
-  `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i.
-  `implementation` (ATTENTION): 'softmax' runs `kernels.softmax_attention` in `kernels` mode; 'cudnn' routes
+  `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i;
+  `kv_length`: only the first kv_length keys are real (the rest is `pad_tokens`' padding).
+  `implementation` (ATTENTION): 'auto' resolves for this process's backend (`resolve_attention`; models.build
+  resolves it for the mesh's devices beforehand); 'softmax' runs `kernels.softmax_attention` in `kernels` mode; 'cudnn' routes
   to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
   choose (cuDNN where it applies, else XLA).
   """
   check_attention(implementation)
+  implementation = resolve_attention(implementation, jax.default_backend(), q.dtype)
   if implementation != "softmax":
-    return fused_attention(q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation)
+    return fused_attention(q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation,
+                           kv_length=kv_length)
+  if kv_length is not None and kv_length < k.shape[1]:
+    real = jnp.arange(k.shape[1]) < kv_length
+    mask = real if mask is None else jnp.logical_and(mask, real)
   if causal:
     below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
     mask = below if mask is None else jnp.logical_and(mask, below)
@@ -196,15 +233,19 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
 
 
 def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "jax",
-                    scale: float | None = None):
+                    scale: float | None = None, kv_length: int | None = None):
   """`jax.nn.dot_product_attention` over (B, T, H, D): 'cudnn' forces cuDNN flash attention, 'jax' lets JAX choose.
 
   For cuDNN (as of jax 0.11) a bias or mask must come at its full (T, S) size, and its training kernels take
   only even token counts whenever a bias is present, which jax always reports: an odd T or S (ViT-H/14's 257
   tokens, SwinV2's 7x7 windows, 77-token captions) is padded by one token that cuDNN's sequence lengths hide,
-  and the padded query row is sliced off.
+  and the padded query row is sliced off. `kv_length` masks keys from that position on (a model's own padding,
+  `pad_tokens`), through cuDNN's sequence lengths.
   """
   if implementation != "cudnn":
+    if kv_length is not None and kv_length < k.shape[1]:
+      real = jnp.arange(k.shape[1]) < kv_length
+      mask = real if mask is None else jnp.logical_and(mask, real)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale)
   batch, t, s = q.shape[0], q.shape[1], k.shape[1]
   full = lambda x: None if x is None else jnp.broadcast_to(x.reshape((1,) * (4 - x.ndim) + x.shape),
@@ -212,6 +253,9 @@ def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, impl
   bias, mask = full(bias), full(mask)
   pad_t, pad_s = t % 2, s % 2
   lengths = {}
+  if kv_length is not None and kv_length < s:
+    lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+                   key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32))
   if pad_t or pad_s:
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
     q, k, v = pad(q, pad_t), pad(k, pad_s), pad(v, pad_s)
@@ -219,7 +263,7 @@ def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, impl
     bias = None if bias is None else pad_ts(bias, 0)
     mask = None if mask is None else pad_ts(mask, True)
     lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
-                   key_value_seq_lengths=jnp.full((batch,), s, jnp.int32))
+                   key_value_seq_lengths=jnp.full((batch,), min(s, kv_length or s), jnp.int32))
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale,
                                      implementation="cudnn", **lengths)
   return out[:, :t]
@@ -239,6 +283,7 @@ class SelfAttention(nn.Module):
   implementation: str = "softmax"  # ATTENTION
   causal: bool = False
   kernels: str = "auto"
+  kv_length: int | None = None  # the first kv_length tokens are real, the rest `pad_tokens`' padding
 
   @nn.compact
   def __call__(self, x, mask=None, cache=None, index=None):
@@ -246,15 +291,14 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    qkv = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias,
-                kernels=self.kernels, name="qkv")(x)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernels=self.kernels, name="out")
+    q, k, v = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias,
+                    separate=True, name="qkv")(x)
+    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")
     if cache is not None:
       out, cache = cached_attention(q, k, v, cache, index, self.kernels)
       return project(out), cache
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation,
-                                kernels=self.kernels)
+                                kernels=self.kernels, kv_length=self.kv_length)
     out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
     return project(out)
 
@@ -290,9 +334,9 @@ class CrossAttention(nn.Module):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     head_dim = self.width // self.num_heads
-    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype, kernels=self.kernels)
-    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, kernels=self.kernels)
-    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernels=self.kernels)
+    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype)
+    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype)
+    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1))
 
   def project_kv(self, memory):
     kv = self.kv(memory)
@@ -318,13 +362,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6),
-              kernels=self.kernels)(x)
+    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6))(x)
     y = nn.gelu(y, approximate=False)
     y = constrain(y, (BATCH, LENGTH, ACT_MLP))
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6),
-              kernels=self.kernels)(y)
+    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6))(y)
     return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
 
 

@@ -194,10 +194,9 @@ class ContinuousPositionBias(nn.Module):
   @nn.compact
   def __call__(self):
     table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
-    hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1", kernels=self.kernels,
+    hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1",
                           kernel_init=nn.initializers.truncated_normal(0.02))(table)
-    per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
-                              kernels=self.kernels, kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
+    per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2", kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
     # The sigmoid runs on the (2W-1)^2 offsets before the gather, not on the N^2 pairs after it.
     per_offset = 16.0 * jax.nn.sigmoid(per_offset.T)  # (heads, (2W-1)^2)
     n = self.window * self.window
@@ -222,7 +221,7 @@ class WindowAttention(nn.Module):
     head_dim = width // self.num_heads
     init = nn.initializers.truncated_normal(0.02)
     qkv = layers.dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=False,
-                       kernel_init=init, kernels=self.kernels, name="qkv")(windows)
+                       kernel_init=init, name="qkv")(windows)
     q_bias = self.param("q_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     v_bias = self.param("v_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     q = qkv[..., 0, :, :] + q_bias.astype(qkv.dtype)
@@ -237,12 +236,12 @@ class WindowAttention(nn.Module):
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, self.kernels, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
-    if self.attention == "softmax":
+    if layers.resolve_attention(self.attention, jax.default_backend(), self.dtype) == "softmax":
       out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.kernels)
     else:
-      out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.attention)
-    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init,
-                        kernels=self.kernels, name="out")(out)
+      out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask,
+                                   layers.resolve_attention(self.attention, jax.default_backend(), self.dtype))
+    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
 
 
 def window_attention(q, k, v, scale, bias, mask, kernels: str = "auto"):
@@ -349,7 +348,7 @@ class PatchMerging(nn.Module):
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     x = einops.rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)
-    x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction", kernels=self.kernels,
+    x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction",
                      kernel_init=nn.initializers.truncated_normal(0.02))(x)
     return layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="norm")(x)
 

@@ -147,7 +147,6 @@ class TextTransformer(nn.Module):
     else:
       pooled = jnp.take_along_axis(x, eos_positions(tokens, self.eos_id)[:, None, None], axis=1)[:, 0]
     embedding = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, name="proj",
-                             kernels=self.kernels,
                              kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
     return {"tokens": x, "pooled": pooled, "embedding": embedding}
 

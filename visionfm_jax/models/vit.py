@@ -80,6 +80,7 @@ class EncoderBlock(nn.Module):
   stochastic_depth: bool = False
   deterministic: bool = True
   kernels: str = "auto"
+  real_tokens: int | None = None  # tokens before `layers.pad_tokens`' padding, when padded
 
   @nn.compact
   def __call__(self, x, drop_rate):
@@ -87,7 +88,7 @@ class EncoderBlock(nn.Module):
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
     y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, kernels=self.kernels,
-                             name="attn")(y)
+                             kv_length=self.real_tokens, name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
@@ -128,13 +129,15 @@ class ViT(nn.Module):
                      (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
+    attention = layers.resolve_attention(self.attention, jax.default_backend(), self.dtype)
+    x, tokens = layers.pad_tokens(x, layers.token_multiple(attention))  # once, not around every layer's kernel
 
     run_blocks = layers.stack_blocks(
         EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
-        dropout=self.dropout, qkv_bias=self.qkv_bias, attention=self.attention, stochastic_depth=self.drop_path > 0,
-        deterministic=deterministic, kernels=self.kernels)
-    x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))
+        dropout=self.dropout, qkv_bias=self.qkv_bias, attention=attention, stochastic_depth=self.drop_path > 0,
+        deterministic=deterministic, kernels=self.kernels, real_tokens=tokens if x.shape[1] > tokens else None)
+    x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))[:, :tokens]
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
     pooled = x[:, 0] if check_pool(self.pool) == "cls" else jnp.mean(x[:, 1:], axis=1)

@@ -92,7 +92,7 @@ class Task:
     self.config = config
     self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
     self.dtype = precision.compute_dtype(config.precision)
-    self.model = models.build(config.model, self.dtype)
+    self.model = models.build(config.model, self.dtype, mesh.devices.flat[0].platform if mesh is not None else None)
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
 

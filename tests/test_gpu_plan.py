@@ -1,0 +1,189 @@
+"""GPU planning without a GPU: the kernels of a compiled program (bench/hlo_cost.py), the roofline's prices and
+their calibration (bench/roofline.py), the GPU targets (bench/gpu_target.py) and 'auto' attention.
+
+The two programs under tests/data are XLA's own output: the train step of a pico ViT (2 blocks, width 32, bf16,
+no remat, cuDNN attention by 'auto') compiled deviceless for one H100 and, under zero3, for 16 H100s on two
+nodes, written by
+
+  python -m visionfm_jax.bench.roofline --config=configs/vit_huge.py:demo --config.model.variant=pico/8 \
+      --config.precision.compute_dtype=bfloat16 --config.model.remat_policy=none --config.strategy=ddp \
+      --config.global_batch_size=4 --dump_hlo=tests/data/pico_vit_h100.hlo.gz
+  (and --devices=16 --config.strategy=zero3 --config.global_batch_size=16 for the second)
+
+with jax 0.10.2 and its CUDA plugin (`pip install -e '.[gpu-aot]'`). Tests that compile for a GPU themselves
+skip where that plugin is absent (CI); BENCHMARKS.md records their run where it is present.
+"""
+
+import dataclasses
+import gzip
+import importlib.util
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from visionfm_jax import config_lib, models
+from visionfm_jax.bench import gpu_target, hlo_cost, roofline
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DATA = os.path.join(ROOT, "tests", "data")
+HAS_GPU_COMPILER = any(importlib.util.find_spec(p.split(".")[0]) and importlib.util.find_spec(p)
+                       for p in gpu_target.PLUGINS)
+
+
+def _program(name: str) -> hlo_cost.Program:
+  with gzip.open(os.path.join(DATA, name), "rt", encoding="utf-8") as f:
+    return hlo_cost.Program(f.read())
+
+
+def _pico_forward_flops(batch: int) -> tuple[float, float]:
+  """(dense matmul FLOPs, attention FLOPs) of the pico ViT/8's forward pass at 32 px on `batch` images: width 32,
+  2 blocks of MLP 64 and 2 heads, 16 patches + 1 class token, 8 classes, 8x8x3 patches. cuDNN takes even token
+  counts, so the ViT pads its 17 tokens to 18 once before its blocks (layers.pad_tokens): the blocks' products
+  run on 18 tokens."""
+  tokens, width, mlp, depth, classes = 18, 32, 64, 2, 8
+  per_block = 2 * tokens * width * (3 * width + width + 2 * mlp)
+  dense = batch * (depth * per_block + 2 * width * classes)
+  patches = batch * 2 * 16 * (8 * 8 * 3) * width
+  attention = batch * depth * 4 * tokens * tokens * width
+  return dense, patches, attention
+
+
+def test_loop_bodies_count_by_their_trip_counts():
+  """A scan of 5 (32 x 64) @ (64 x 64) products, differentiated: 3 products per step (y, dx, dW), 5 steps."""
+  def loss(weights, x):
+    return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, weights)[0].sum()
+
+  compiled = jax.jit(jax.grad(loss)).lower(jnp.ones((5, 64, 64)), jnp.ones((32, 64))).compile()
+  program = hlo_cost.Program(compiled.as_text())
+  assert program.total_flops() == 3 * 5 * 2 * 32 * 64 * 64
+  assert {k.count for k in program.kernels if k.kind == "gemm"} == {5}
+
+
+def test_the_gpu_program_holds_cublas_gemms_and_cudnn_attention_of_the_models_flops():
+  program = _program("pico_vit_h100.hlo.gz")
+  kinds = {k.kind for k in program.kernels}
+  assert {"gemm", "attention", "convolution", "elementwise", "reduction"} <= kinds
+  by_kind = lambda kind: sum(k.flops * k.count for k in program.kernels if k.kind == kind)
+  dense, patches, attention = _pico_forward_flops(batch=4)
+  # no remat: forward, input gradient and weight gradient of every product, the patch embedding's input
+  # gradient excepted (images need none); attention: the forward and cuDNN's backward (2.5x the forward)
+  assert by_kind("gemm") == pytest.approx(3 * dense, rel=1e-9)
+  assert by_kind("convolution") == pytest.approx(2 * patches, rel=1e-9)
+  assert by_kind("attention") == pytest.approx(3.5 * attention, rel=1e-9)
+  assert all(k.dtype == "bf16" for k in program.kernels if k.kind == "attention")
+
+
+def test_collectives_of_a_two_node_zero3_program_span_nodes_and_overlap_compute():
+  program = _program("pico_vit_zero3_16xh100.hlo.gz")
+  collectives = [k for k in program.kernels if k.kind == "collective"]
+  assert {k.collective for k in collectives} >= {"all-gather", "reduce-scatter"}
+  assert all(k.group_size == 16 and k.group_spans_nodes for k in collectives)
+  gathers = [k for k in collectives if k.collective == "all-gather" and "blocks" in k.label]
+  assert gathers and all(k.count == 2 for k in gathers)  # inside the 2-block scans
+  assert any(k.overlap for k in gathers)
+
+
+def test_mesh_replica_groups_name_their_devices():
+  spans = lambda axes, grouped, per_node=8: hlo_cost._mesh_group(axes, grouped, per_node)  # pylint: disable=protected-access
+  assert spans("'a'=2,'b'=8", "'b'") == (8, False)  # within a node
+  assert spans("'a'=2,'b'=8", "'a'") == (2, True)  # devices 0 and 8
+  assert spans("'a'=16", "'a'") == (16, True)
+
+
+def test_a_collective_hidden_by_the_kernels_between_its_start_and_done_adds_nothing():
+  target = gpu_target.get("h100")
+  prices = roofline.Prices(gemm=0.5, attention=0.5, memory=0.5, launch_us=0.0)
+  gemm = hlo_cost.Kernel("gemm", "gemm", 2e12, 0.0, 1, "", dtype="bf16")
+  gather = hlo_cost.Kernel("ag", "collective", 0.0, 8e9, 1, "", collective="all-gather", group_size=16,
+                           group_spans_nodes=True)
+  program = type("P", (), {"kernels": [gather, gemm]})()  # the gather, then the GEMM it could hide behind
+  compute = 2e12 / (989e12 * 0.5)
+  transfer = 8e9 * 15 / 16 / target.network_bandwidth
+  exposed = roofline.predict(program, target, prices)["exposed_collective_s"]
+  assert exposed == pytest.approx(transfer)  # nothing between start and done
+  gather.overlap = [1]
+  assert roofline.predict(program, target, prices)["exposed_collective_s"] == pytest.approx(
+      max(0.0, transfer - compute))
+
+
+def test_the_fit_recovers_the_prices_that_made_the_measurements():
+  """Step times made with known prices from two real programs and scaled copies of their kernels: the fit returns
+  prices that predict every one of them."""
+  target = gpu_target.get("h100")
+  truth = roofline.Prices(gemm=0.62, attention=0.41, memory=0.7, launch_us=4.0)
+  setups = []
+  for name in ("pico_vit_h100.hlo.gz", "pico_vit_zero3_16xh100.hlo.gz"):
+    program = _program(name)
+    for scale in (1.0, 3e4, 1e6):  # tiny programs are launch-bound, scaled ones bound by FLOPs or bytes
+      scaled = type("P", (), {"kernels": [dataclasses.replace(k, flops=k.flops * scale, bytes=k.bytes * scale ** 0.8)
+                                          for k in program.kernels]})()
+      setups.append(roofline.Compiled(scaled, 0, None, 1, target))
+  measured = [roofline.predict(s.program, target, truth)["step_s"] for s in setups]
+  fitted = roofline.fit(setups, measured, roofline.Prices())
+  for setup, step in zip(setups, measured):
+    assert roofline.predict(setup.program, target, fitted)["step_s"] == pytest.approx(step, rel=0.01)
+
+
+def test_the_calibration_on_file_covers_every_measured_row():
+  prices, record = roofline.load_prices()
+  with open(roofline.MEASURED, encoding="utf-8") as f:
+    rows = __import__("json").load(f)["rows"]
+  assert record["target"] == "h100" and [r["label"] for r in record["rows"]] == [r["label"] for r in rows]
+  assert 0 < prices.gemm <= 1 and 0 < prices.attention <= 1 and 0 < prices.memory <= 1
+  for row in record["rows"]:
+    assert 0.5 < row["estimate_ms"] / row["measured_ms"] < 2.0
+
+
+@pytest.mark.parametrize("platform,dtype,attention", [
+    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "softmax"),
+    ("cpu", jnp.bfloat16, "softmax")])
+def test_auto_attention_resolves_for_the_mesh_platform_in_every_tower(platform, dtype, attention):
+  model_cfg = config_lib.model_config("aurora")
+  resolved = models.for_platform(model_cfg, platform, dtype)
+  assert resolved.encoder.attention == resolved.text.attention == attention
+  assert model_cfg.encoder.attention == "auto"  # the config itself is left as written
+  clip = models.for_platform(config_lib.model_config("clip"), platform, dtype)
+  assert clip.image.attention == clip.text.attention == attention
+  explicit = config_lib.model_config("vit")
+  explicit.attention = "softmax"
+  assert models.for_platform(explicit, platform, dtype).attention == "softmax"
+
+
+@pytest.mark.skipif(HAS_GPU_COMPILER, reason="checks the error printed where XLA's CUDA compiler is absent")
+def test_a_gpu_target_without_the_cuda_compiler_is_one_error_line():
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py:demo",
+                         "--target=h100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "pip install -e '.[gpu-aot]'" in lines[0], proc.stderr[-2000:]
+
+
+def test_an_unknown_target_and_a_partial_node_are_config_errors():
+  with pytest.raises(Exception, match="--target=b200: expected one of"):
+    gpu_target.get("b200")
+  with pytest.raises(Exception, match="--devices=12: not a whole number of 8-GPU nodes"):
+    gpu_target.topology_string(12, 8)
+  assert gpu_target.topology_string(4, 8) == "1x1x4" and gpu_target.topology_string(128, 8) == "1x16x8"
+
+
+def test_each_target_names_launch_flags_this_xla_parses():
+  for target in gpu_target.TARGETS.values():
+    flags = gpu_target.launch_flags(target)
+    assert any(f.startswith("--xla_gpu_enable_latency_hiding_scheduler=") for f in flags), target.name
+    assert os.path.exists(target.spec_file)
+
+
+@pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
+def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
+  """BENCHMARKS.md session 11 measured 14.5 GiB for ViT-H/14 at batch 128 (nothing_saveable, cuDNN) on an H100."""
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
+                         "--target=h100", "--config.global_batch_size=128", "--config.strategy=ddp",
+                         "--config.model.remat_policy=nothing_saveable", "--config.model.attention=cudnn"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["plan_gib"] == pytest.approx(14.5, rel=0.02)

@@ -1,0 +1,378 @@
+"""The kernels of a compiled GPU program, read from its optimised HLO text: what each one is, what it computes and
+what it moves.
+
+`compiled.cost_analysis()` is not implemented for a deviceless GPU compile, and XLA's own count takes each while
+loop's body once; here every instruction that becomes a kernel is walked from the entry, loop bodies counted by
+their `known_trip_count`, and costed from its shapes:
+
+  gemm         cuBLAS / cuBLASLt calls and Triton GEMM fusions: 2 x output elements x contracted size
+  attention    cuDNN fused attention: 4 B H T S D forward (QK^T and PV), 2.5x that backward (five products,
+               S recomputed); causal halves both
+  convolution  cuDNN convolutions: 2 x filter elements x output positions (exact for a patch embedding)
+  reduction    a fusion that reduces (norm statistics, softmax sums, gradient sums over the batch)
+  elementwise  any other fusion (casts, GELU, adds, optimizer updates)
+  copy         data movement alone: copies, transposes, pads, slices, dynamic-(update-)slices, concatenates
+  collective   all-gather, reduce-scatter, all-reduce, collective-permute, all-to-all: the payload one device
+               sends, with its group size and whether the schedule overlaps it with compute (an async pair with
+               kernels between start and done)
+
+Bytes are operands read plus results written, at their HLO sizes, except where a kernel touches part of a
+buffer: a dynamic-slice reads its slice, a dynamic-update-slice writes its update in place. Only the schedule's
+order is used; nothing here knows a kernel's speed (bench/roofline.py prices them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+
+DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+SHAPE = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
+HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) \(.*\{\s*$")
+INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
+OPERAND = re.compile(r"%([\w.\-]+)")
+FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
+        "opt-barrier", "add-dependency", "iota", "all-gather-done", "all-reduce-done", "collective-permute-done",
+        "async-done", "async-update", "copy-done", "send-done", "recv-done", "domain", "get-dimension-size"}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all",
+               "ragged-all-to-all")
+COPY_OPS = {"copy", "copy-start", "transpose", "pad", "slice", "dynamic-slice", "dynamic-update-slice",
+            "concatenate", "broadcast", "reshape", "reverse", "gather", "scatter", "select-and-scatter"}
+CLASSES = ("gemm", "attention", "convolution", "reduction", "elementwise", "copy", "collective")
+
+
+@dataclasses.dataclass
+class Kernel:
+  """One kernel launch site (`count` launches per step: the product of the trip counts of its loops)."""
+  name: str
+  kind: str  # one of CLASSES
+  flops: float  # per launch
+  bytes: float  # per launch
+  count: int
+  label: str  # the framework op it came from (metadata op_name, shortened)
+  dtype: str = ""  # gemm / attention: the inputs' element type
+  collective: str = ""  # collective: all-gather, reduce-scatter, all-reduce, ...
+  group_size: int = 1  # collective: devices in its group
+  group_spans_nodes: bool = False
+  # collective: the positions (in Program.kernels) of the kernels the schedule runs between its start and done
+  overlap: list[int] = dataclasses.field(default_factory=list)
+
+
+def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
+  return [(m.group(1), tuple(int(d) for d in m.group(2).split(",") if d)) for m in SHAPE.finditer(type_text)]
+
+
+def nbytes(type_text: str) -> float:
+  return sum(DTYPE_BYTES[dtype] * math.prod(dims) for dtype, dims in shapes(type_text))
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  type: str
+  op: str
+  operands: list[str]
+  attrs: str
+  root: bool
+  args: str  # the text between the parentheses: operand names, or a parameter's number
+
+
+def _split_operands(rest: str) -> tuple[str, str]:
+  """(operand text, attribute text) of an instruction's text after its opening parenthesis."""
+  depth = 1
+  for i, char in enumerate(rest):
+    depth += {"(": 1, ")": -1}.get(char, 0)
+    if depth == 0:
+      return rest[:i], rest[i + 1:]
+  return rest, ""
+
+
+def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """{computation name: its instructions in schedule order} and the entry's name."""
+  computations, entry, current = {}, None, None
+  for line in text.splitlines():
+    header = HEADER.match(line)
+    if header:
+      current = computations.setdefault(header.group(2), [])
+      entry = header.group(2) if header.group(1) else entry
+      continue
+    if line.startswith("}"):
+      current = None
+      continue
+    match = INSTRUCTION.match(line) if current is not None else None
+    if match:
+      operands, attrs = _split_operands(match.group(5))
+      current.append(Instruction(match.group(2), match.group(3), match.group(4), OPERAND.findall(operands), attrs,
+                                 bool(match.group(1)), operands))
+  if entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  return computations, entry
+
+
+def _attr(attrs: str, key: str) -> str | None:
+  match = re.search(rf"\b{key}=[%\"]?([\w.\-$]+)", attrs)
+  return match.group(1) if match else None
+
+
+def _backend_config(attrs: str) -> dict:
+  match = re.search(r"backend_config=(\{.*\})(?:, \w+=|$)", attrs)
+  if not match:
+    return {}
+  text = match.group(1)
+  depth = 0
+  for i, char in enumerate(text):  # the JSON object alone: other attributes may follow it
+    depth += {"{": 1, "}": -1}.get(char, 0)
+    if depth == 0:
+      try:
+        return json.loads(text[:i + 1])
+      except json.JSONDecodeError:
+        return {}
+  return {}
+
+
+def _label(attrs: str) -> str:
+  """The framework op a kernel came from: its op_name without jit/autodiff/remat wrappers, 'bwd: ' in front when
+  it belongs to the backward pass."""
+  match = re.search(r'op_name="([^"]*)"', attrs)
+  if not match:
+    return ""
+  name = match.group(1)
+  backward = "transpose(" in name
+  parts = [_unwrap(p) for p in name.split("/")]
+  parts = [p for p in parts if p and p not in ("train_step", "while", "body", "closed_call", "checkpoint",
+                                               "rematted_computation", "main")]
+  return ("bwd: " if backward else "") + "/".join(parts)
+
+
+def _unwrap(part: str) -> str:
+  """'transpose(jvp(ViT))' -> 'ViT', 'jit(_pad)' -> '_pad'."""
+  while True:
+    match = re.fullmatch(r"(?:jvp|transpose|remat|checkpoint|jit|vmap)\((.*)\)", part)
+    if not match:
+      return part
+    part = match.group(1)
+
+
+def _group(attrs: str, devices_per_node: int) -> tuple[int, bool]:
+  """(devices per replica group, whether a group spans nodes) of a collective's `replica_groups`."""
+  iota = re.search(r"replica_groups=\[(\d+),(\d+)\]<=\[([\d,]+)\](T\(([\d,]+)\))?", attrs)
+  if iota:
+    size = int(iota.group(2))
+    if iota.group(4):  # transposed iota: members are strided, so a group of more than one spans its stride
+      return size, size > 1 and size * _iota_stride(iota) > devices_per_node
+    return size, size > devices_per_node
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  if mesh:
+    return _mesh_group(mesh.group(1), mesh.group(2), devices_per_node)
+  listed = re.search(r"replica_groups=\{\{([\d,]+)\}", attrs)
+  if listed:
+    members = [int(d) for d in listed.group(1).split(",")]
+    return len(members), len({m // devices_per_node for m in members}) > 1
+  pairs = re.search(r"source_target_pairs=\{([^}]*)\}", attrs)
+  if pairs:
+    ends = [int(d) for d in re.findall(r"\d+", pairs.group(1))]
+    return 2, len({e // devices_per_node for e in ends}) > 1
+  return 1, False
+
+
+def _mesh_group(axes_text: str, group_axes_text: str, devices_per_node: int) -> tuple[int, bool]:
+  """`replica_groups=mesh['a'=16,'b'=1] {'a'}`: the devices (row-major over the mesh's axes) that differ only in
+  the listed axes form a group; the one holding device 0 says whether groups cross nodes."""
+  axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", axes_text)]
+  grouped = set(re.findall(r"'([^']+)'", group_axes_text))
+  strides, stride = {}, 1
+  for name, size in reversed(axes):
+    strides[name] = stride
+    stride *= size
+  members = [0]
+  for name, size in axes:
+    if name in grouped:
+      members = [m + i * strides[name] for m in members for i in range(size)]
+  return len(members), len({m // devices_per_node for m in members}) > 1
+
+
+def _iota_stride(iota) -> int:
+  dims = [int(d) for d in iota.group(3).split(",")]
+  order = [int(d) for d in iota.group(5).split(",")]
+  inner = order[-1]
+  return math.prod(dims[inner + 1:]) if inner + 1 < len(dims) else 1
+
+
+class Program:
+  """A compiled module's kernels (`kernels`, in schedule order with loop bodies expanded once each)."""
+
+  def __init__(self, hlo_text: str, devices_per_node: int = 8):
+    self.computations, self.entry = parse_module(hlo_text)
+    self.types = {ins.name: ins.type for comp in self.computations.values() for ins in comp}
+    self.devices_per_node = devices_per_node
+    self.kernels: list[Kernel] = []
+    self._walk(self.entry, 1)
+
+  def total_flops(self) -> float:
+    """FLOPs of one step: every kernel's (matrix products; elementwise work is not counted) times its launches."""
+    return sum(k.flops * k.count for k in self.kernels)
+
+  # ----------------------------------------------------------------------------------------------- walking
+
+  def _walk(self, computation: str, count: int) -> None:
+    pending = {}  # async collective start name -> its Kernel, while its done is not yet reached
+    for ins in self.computations[computation]:
+      if ins.op == "while":
+        trips = _backend_config(ins.attrs).get("known_trip_count", {}).get("n", "1")
+        self._walk(_attr(ins.attrs, "body"), count * int(trips))
+        continue
+      if ins.op in ("call", "conditional"):
+        for callee in re.findall(r"(?:to_apply|branch_computations=\{|true_computation|false_computation)=?%?"
+                                 r"([\w.\-]+)", ins.attrs):
+          self._walk(callee, count)
+        continue
+      if ins.op.endswith("-done") or ins.op == "async-done":
+        started = pending.pop(ins.operands[0] if ins.operands else "", None)
+        if started is not None:
+          position, kernel = started
+          kernel.overlap = [i for i in range(position + 1, len(self.kernels)) if self.kernels[i].kind != "collective"]
+        continue
+      kernel = self._kernel(ins, count)
+      if kernel is None:
+        continue
+      self.kernels.append(kernel)
+      if kernel.kind == "collective" and (ins.op.endswith("-start") or ins.op == "async-start"):
+        pending[ins.name] = (len(self.kernels) - 1, kernel)
+
+  # ------------------------------------------------------------------------------------------------ costing
+
+  def _operand_bytes(self, ins: Instruction) -> float:
+    return sum(nbytes(self.types.get(name, "")) for name in ins.operands)
+
+  def _kernel(self, ins: Instruction, count: int) -> Kernel | None:
+    if ins.op in FREE:
+      return None
+    label = _label(ins.attrs)
+    base = ins.op.removesuffix("-start")
+    if ins.op == "async-start":
+      base = next((c for c in COLLECTIVES if c in ins.attrs.split("calls=")[-1][:80] or
+                   self._calls_collective(ins, c)), "")
+    if base in COLLECTIVES:
+      return self._collective(ins, base, count, label)
+    if ins.op == "custom-call":
+      return self._custom_call(ins, count, label)
+    if ins.op == "fusion":
+      return self._fusion(ins, count, label)
+    io = self._operand_bytes(ins) + nbytes(ins.type)
+    if ins.op == "dot":  # unfused (CPU programs; GPU programs call cuBLAS instead)
+      return Kernel(ins.name, "gemm", self._dot_flops(ins), io, count, label,
+                    dtype=shapes(self.types.get(ins.operands[0], ""))[0][0])
+    if ins.op == "dynamic-update-slice":
+      io = 2 * nbytes(self.types.get(ins.operands[1], ""))
+    elif ins.op == "dynamic-slice":
+      io = 2 * nbytes(ins.type)
+    kind = "copy" if ins.op in COPY_OPS else "reduction" if ins.op in ("reduce", "reduce-window") else "elementwise"
+    return Kernel(ins.name, kind, 0.0, io, count, label)
+
+  def _calls_collective(self, ins: Instruction, collective: str) -> bool:
+    callee = _attr(ins.attrs, "calls")
+    return any(i.op == collective for i in self.computations.get(callee, []))
+
+  def _collective(self, ins: Instruction, base: str, count: int, label: str) -> Kernel:
+    payload = nbytes(ins.type) if base == "all-gather" else self._operand_bytes(ins)
+    if ins.op == "all-gather-start":  # its type is the (operands, results) tuple: the results are gathered
+      results = shapes(ins.type)
+      payload = sum(DTYPE_BYTES[d] * math.prod(s) for d, s in results[len(results) // 2:])
+    attrs = ins.attrs
+    if ins.op == "async-start":
+      callee = _attr(ins.attrs, "calls")
+      attrs = next((i.attrs for i in self.computations.get(callee, []) if i.op == base), attrs)
+    size, spans = _group(attrs, self.devices_per_node)
+    return Kernel(ins.name, "collective", 0.0, payload, count, label, collective=base, group_size=size,
+                  group_spans_nodes=spans)
+
+  def _custom_call(self, ins: Instruction, count: int, label: str) -> Kernel | None:
+    target = _attr(ins.attrs, "custom_call_target") or ""
+    result = shapes(ins.type)
+    io = self._operand_bytes(ins) + nbytes(ins.type) - sum(
+        DTYPE_BYTES[d] * math.prod(s) for d, s in result if d in ("u8", "s8"))  # scratch workspaces
+    operand_shapes = [shapes(self.types.get(name, "")) for name in ins.operands]
+    if "cublas" in target or target == "__cublas$gemm":
+      config = _backend_config(ins.attrs).get("gemm_backend_config", {})
+      dims = config.get("dot_dimension_numbers", {})
+      lhs = operand_shapes[0][0][1]
+      contracted = math.prod(lhs[int(d)] for d in dims.get("lhs_contracting_dimensions", []))
+      flops = 2.0 * math.prod(result[0][1]) * contracted
+      return Kernel(ins.name, "gemm", flops, io, count, label, dtype=operand_shapes[0][0][0])
+    if "fmha" in target:
+      q, k = operand_shapes[0][0][1], operand_shapes[1][0][1]  # (B, T, H, D) and (B, S, H, D)
+      flops = 4.0 * q[0] * q[2] * q[1] * k[1] * q[3]
+      if "Backward" in target:
+        flops *= 2.5
+      if '"mask_type":"CAUSAL"' in ins.attrs:
+        flops /= 2
+      return Kernel(ins.name, "attention", flops, io, count, label, dtype=operand_shapes[0][0][0])
+    if "conv" in target:  # 2 x output positions (N Ho Wo of the forward) x filter elements (Kh Kw Ci Co)
+      labels = _attr(ins.attrs, "dim_labels") or ""
+      filter_spec = labels.split("_")[1].split("->")[0] if labels.count("_") == 1 else ""
+      if "BackwardFilter" in target:
+        filt, forward_out = result[0][1], operand_shapes[1][0][1]
+      elif "BackwardInput" in target:
+        filt, forward_out = operand_shapes[1][0][1], operand_shapes[0][0][1]
+      else:
+        filt, forward_out = operand_shapes[1][0][1], result[0][1]
+      out_channels = filt[filter_spec.index("o")] if "o" in filter_spec else filt[-1]
+      flops = 2.0 * math.prod(filt) * math.prod(forward_out) / out_channels
+      return Kernel(ins.name, "convolution", flops, io, count, label)
+    return Kernel(ins.name, "elementwise", 0.0, io, count, label)
+
+  def _fusion(self, ins: Instruction, count: int, label: str) -> Kernel:
+    body = self.computations.get(_attr(ins.attrs, "calls"), [])
+    ops = {i.op for i in body}
+    io = self._fusion_bytes(ins, body)
+    if "dot" in ops:
+      dots = [i for i in body if i.op == "dot"]
+      return Kernel(ins.name, "gemm", sum(self._dot_flops(d) for d in dots), io, count, label,
+                    dtype=shapes(self.types.get(dots[0].operands[0], ""))[0][0])
+    compute = ops - FREE - COPY_OPS - {"convert"}
+    if not compute:
+      kind = "copy" if ops - FREE - {"convert"} or not ops else "elementwise"
+      kind = "elementwise" if "convert" in ops and kind == "copy" and not (ops & COPY_OPS - {"broadcast"}) else kind
+    else:
+      kind = "reduction" if compute & {"reduce", "reduce-window"} else "elementwise"
+    return Kernel(ins.name, kind, 0.0, io, count, label)
+
+  def _dot_flops(self, dot: Instruction) -> float:
+    """2 x output elements x the contracted size of a `dot` instruction."""
+    lhs = shapes(self.types.get(dot.operands[0], ""))[0][1]
+    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs)
+    contracted = math.prod(lhs[int(d)] for d in re.findall(r"\d+", dims.group(1))) if dims else 1
+    return 2.0 * math.prod(shapes(dot.type)[0][1]) * contracted
+
+  def _fusion_bytes(self, ins: Instruction, body: list[Instruction]) -> float:
+    """Operands read plus results written, where a parameter read only through dynamic-slices counts its
+    slices, and a dynamic-update-slice root writes its update into its (aliased) buffer."""
+    params = {i.name: int(i.args) for i in body if i.op == "parameter"}
+    users = {}
+    for i in body:
+      for name in i.operands:
+        users.setdefault(name, []).append(i)
+    read = 0.0
+    by_index = {index: name for name, index in params.items()}
+    for position, operand in enumerate(ins.operands):
+      full = nbytes(self.types.get(operand, ""))
+      param = by_index.get(position)
+      uses = users.get(param, []) if param else []
+      if uses and all(u.op == "dynamic-slice" and u.operands[0] == param for u in uses):
+        full = min(full, sum(nbytes(u.type) for u in uses))
+      elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] == param for u in uses):
+        full = 0.0  # updated in place: only the update is written, counted with the result below
+      read += full
+    written = nbytes(ins.type)
+    updates = [i for i in body if i.op == "dynamic-update-slice" and i.operands and i.operands[0] in params]
+    if updates:
+      written = written - sum(nbytes(u.type) for u in updates) + sum(
+          nbytes(self.types.get(u.operands[1], "") or _local_type(body, u.operands[1])) for u in updates)
+    return read + max(written, 0.0)
+
+
+def _local_type(body: list[Instruction], name: str) -> str:
+  return next((i.type for i in body if i.name == name), "")

@@ -1,0 +1,409 @@
+r"""A per-kernel roofline of a config's train step as XLA compiles it for a GPU, on a machine without one:
+
+  python -m visionfm_jax.bench.roofline --config=configs/vit_huge.py --target=h100 [--devices=N] [--top=15] \
+      [--config.global_batch_size=128 ...]
+  python -m visionfm_jax.bench.roofline --calibrate [--rows=ROWS.json]
+
+The step is compiled deviceless for `--target` (bench/gpu_target.py; `pip install -e '.[gpu-aot]'`) over N GPUs
+on nodes of 8, and its optimised program read kernel by kernel (bench/hlo_cost.py: loop bodies by their trip
+counts). Each kernel is priced as
+
+  max(FLOPs / (peak x efficiency of its class), bytes / (HBM bandwidth x memory efficiency)) + launch cost
+
+with the 16-bit tensor-core peak for bf16/fp16 products and the TF32 peak for fp32 ones. A collective costs its
+payload over the link its group crosses (NVLink within a node, the network across nodes: ring all-gather and
+reduce-scatter send (n-1)/n of the gathered buffer, all-reduce twice that); an async collective is hidden by
+the kernels the schedule places between its start and its done, and only what they do not cover adds to the
+step. The predicted step is the sum over the compute stream plus that exposed time.
+
+The efficiencies and launch cost are not guesses: `--calibrate` compiles every on-device row of
+`gpu_targets/measured.json` (the GPU figures of BENCHMARKS.md), fits the four numbers to their measured step
+times (least squares on log(estimate / measured)) and writes `gpu_targets/calibration.json`; it prints
+estimate / measured per row, also leaving each row out of its own fit, so the spread says how far a prediction
+can be trusted. Recalibrate whenever a row is added. A target without measured rows of its own (a100, h200)
+uses the efficiencies fitted on the others: a prediction, labelled as one.
+
+Prints the top kernels by predicted time, the share of each class, the plan's bytes per device, and a last line
+of JSON: predicted_step_ms, predicted_mfu (analytic model FLOPs, training/flops.py, over the predicted step and
+the target's peak), plan_gib, the classes' milliseconds and the calibration used. Every figure here is a
+prediction; only `python -m visionfm_jax.bench` on a GPU measures.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import datetime
+import gzip
+import hashlib
+import json
+import math
+import os
+import sys
+
+from absl import flags
+from ml_collections import config_flags
+
+from visionfm_jax import config_lib
+from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan
+from visionfm_jax.errors import ConfigError, UserError
+from visionfm_jax.tools import cli
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+MEASURED = os.path.join(HERE, "gpu_targets", "measured.json")
+CALIBRATION = os.path.join(HERE, "gpu_targets", "calibration.json")
+SIXTEEN_BIT = ("bf16", "f16")
+
+
+@dataclasses.dataclass
+class Prices:
+  """Fractions of the datasheet peaks that kernels of each class reach, and a fixed cost per launch."""
+  gemm: float = 0.7
+  attention: float = 0.5
+  memory: float = 0.8
+  launch_us: float = 3.0
+
+  def as_vector(self) -> list[float]:
+    return [self.gemm, self.attention, self.memory, self.launch_us]
+
+  @classmethod
+  def from_vector(cls, values) -> "Prices":
+    return cls(*[float(v) for v in values])
+
+
+def load_prices(path: str = CALIBRATION) -> tuple[Prices, dict]:
+  """The calibrated prices and the calibration's record; the uncalibrated defaults and {} without a file."""
+  if not os.path.exists(path):
+    return Prices(), {}
+  with open(path, encoding="utf-8") as f:
+    record = json.load(f)
+  return Prices(**record["prices"]), record
+
+
+# ------------------------------------------------------------------------------------------------ pricing
+
+def collective_seconds(kernel: hlo_cost.Kernel, target: gpu_target.Target, prices: Prices) -> float:
+  """One collective over its group's slowest link (ring algorithms)."""
+  n = kernel.group_size
+  if n <= 1:
+    return prices.launch_us * 1e-6
+  link = target.network_bandwidth if kernel.group_spans_nodes else target.nvlink_bandwidth
+  factor = 2 * (n - 1) / n if kernel.collective == "all-reduce" else (n - 1) / n
+  return kernel.bytes * factor / link + prices.launch_us * 1e-6
+
+
+class Priced:
+  """A program's kernels as arrays, so that a step is priced at once for any Prices (the fit prices each
+  calibration row thousands of times)."""
+
+  def __init__(self, program: hlo_cost.Program, target: gpu_target.Target):
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    self.kernels = program.kernels
+    positions = [i for i, k in enumerate(program.kernels) if k.kind != "collective"]
+    compute = [program.kernels[i] for i in positions]
+    self.compute_index = {position: i for i, position in enumerate(positions)}
+    self.flops = np.array([k.flops for k in compute], np.float64)
+    self.bytes = np.array([k.bytes for k in compute], np.float64)
+    self.count = np.array([k.count for k in compute], np.float64)
+    self.peak = np.array([target.peak_flops_16bit if k.dtype in SIXTEEN_BIT else target.peak_flops_tf32
+                          for k in compute], np.float64)
+    self.is_attention = np.array([k.kind == "attention" for k in compute])
+    self.kinds = [k.kind for k in compute]
+    self.collectives = [(i, k, [self.compute_index[o] for o in k.overlap])
+                        for i, k in enumerate(program.kernels) if k.kind == "collective"]
+    self.target = target
+
+  def kernel_seconds(self, prices: Prices):
+    """Seconds of one launch of each compute kernel."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    efficiency = np.where(self.is_attention, prices.attention, prices.gemm)
+    compute = self.flops / (self.peak * efficiency)
+    memory = self.bytes / (self.target.memory_bandwidth * prices.memory)
+    return np.maximum(compute, memory) + prices.launch_us * 1e-6
+
+  def step_seconds(self, prices: Prices) -> float:
+    return self.predict(prices)["step_s"]
+
+  def predict(self, prices: Prices) -> dict:
+    """Predicted seconds of one step: per class, per kernel, the exposed part of the collectives, the total."""
+    per_launch = self.kernel_seconds(prices)
+    per_kernel = per_launch * self.count
+    by_class = collections.Counter()
+    for kind, seconds in zip(self.kinds, per_kernel):
+      by_class[kind] += float(seconds)
+    exposed, seconds_of = 0.0, {}
+    for position, kernel, overlapped in self.collectives:
+      seconds = collective_seconds(kernel, self.target, prices)
+      exposed += max(0.0, seconds - float(per_launch[overlapped].sum())) * kernel.count
+      by_class["collective (total)"] += seconds * kernel.count
+      seconds_of[position] = seconds * kernel.count
+    compute = float(per_kernel.sum())
+    per_name = {k.name: seconds_of[i] if k.kind == "collective" else float(per_kernel[self.compute_index[i]])
+                for i, k in enumerate(self.kernels)}
+    return {"step_s": compute + exposed, "compute_s": compute, "exposed_collective_s": exposed,
+            "by_class_s": dict(by_class), "per_kernel_s": per_name}
+
+
+def predict(program: hlo_cost.Program, target: gpu_target.Target, prices: Prices) -> dict:
+  return Priced(program, target).predict(prices)
+
+
+# ------------------------------------------------------------------------------------------------ compiling
+
+@dataclasses.dataclass
+class Compiled:
+  """One compiled setup: its kernels, its memory plan and the model FLOPs MFU counts."""
+  program: hlo_cost.Program
+  plan_bytes: int
+  model_flops: float | None
+  devices: int
+  target: gpu_target.Target
+  hlo_text: str = dataclasses.field(repr=False, default="")
+
+
+def compile_setup(config, target: gpu_target.Target, devices: int) -> Compiled:
+  compiled, task, _ = memory_plan.compile_step(config, devices, target.name)
+  per_example = task.train_flops_per_example()
+  text = compiled.as_text()
+  return Compiled(hlo_cost.Program(text, target.gpus_per_node), memory_plan.plan_bytes(compiled.memory_analysis()),
+                  per_example * config.global_batch_size if per_example else None, devices, target, text)
+
+
+def dumped_setup(path: str, config, target: gpu_target.Target, devices: int) -> Compiled:
+  """A program written by --dump_hlo; its memory plan is unknown (0), its model FLOPs those of `config` if given."""
+  opener = gzip.open if path.endswith(".gz") else open
+  try:
+    with opener(path, "rt", encoding="utf-8") as f:
+      text = f.read()
+    program = hlo_cost.Program(text, target.gpus_per_node)
+  except (OSError, ValueError) as e:
+    raise UserError(f"--hlo={path}: not a readable HLO module ({e})") from e
+  model_flops = None
+  if config is not None:
+    from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+    per_example = tasks.build(config).train_flops_per_example()
+    model_flops = per_example * config.global_batch_size if per_example else None
+  return Compiled(program, 0, model_flops, devices, target, text)
+
+
+def write_text(path: str, text: str) -> None:
+  opener = gzip.open if path.endswith(".gz") else open
+  with opener(path, "wt", encoding="utf-8") as f:
+    f.write(text)
+
+
+def mfu(setup: Compiled, step_s: float, compute_dtype: str) -> float | None:
+  peak = setup.target.peak_flops_16bit if compute_dtype in ("bfloat16", "float16") else None
+  return setup.model_flops / step_s / (peak * setup.devices) if setup.model_flops and peak else None
+
+
+# ------------------------------------------------------------------------------------------------ reporting
+
+def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
+  """The kernels of most predicted time, those of one framework op and class taken together."""
+  groups = collections.defaultdict(lambda: {"ms": 0.0, "launches": 0, "tflops": 0.0, "gb": 0.0})
+  for kernel in setup.program.kernels:
+    group = groups[(kernel.kind, kernel.label or kernel.name)]
+    group["ms"] += prediction["per_kernel_s"][kernel.name] * 1e3
+    group["launches"] += kernel.count
+    group["tflops"] += kernel.flops * kernel.count / 1e12
+    group["gb"] += kernel.bytes * kernel.count / 1e9
+  rows = [{"class": kind, "op": label, **values} for (kind, label), values in groups.items()]
+  return sorted(rows, key=lambda r: -r["ms"])[:top]
+
+
+def print_report(setup: Compiled, prediction: dict, config, top: int, record: dict) -> dict:
+  step_ms = prediction["step_s"] * 1e3
+  print(f"{'class':<12} {'ms':>9} {'share':>7}  {'launches':>8} {'TFLOP':>8} {'GB':>8}  op")
+  for row in top_kernels(setup, prediction, top):
+    print(f"{row['class']:<12} {row['ms']:9.2f} {row['ms'] / step_ms:7.1%}  {row['launches']:8d} "
+          f"{row['tflops']:8.2f} {row['gb']:8.2f}  {row['op'][:90]}")
+  print()
+  for kind, seconds in sorted(prediction["by_class_s"].items(), key=lambda kv: -kv[1]):
+    print(f"{kind:<20} {seconds * 1e3:9.2f} ms {seconds / prediction['step_s']:7.1%}")
+  predicted_mfu = mfu(setup, prediction["step_s"], config.precision.compute_dtype)
+  calibrated = record.get("target")
+  basis = (f"calibrated on {len(record.get('rows', []))} {calibrated} rows" if calibrated == setup.target.name else
+           f"efficiencies calibrated on {calibrated}, applied to {setup.target.name}" if calibrated else
+           "uncalibrated default prices")
+  print(f"\npredicted (not measured) on {setup.devices} x {setup.target.description}: step {step_ms:.1f} ms "
+        f"(exposed collectives {prediction['exposed_collective_s'] * 1e3:.1f} ms), MFU "
+        f"{'n/a' if predicted_mfu is None else f'{predicted_mfu:.3f}'}, plan {setup.plan_bytes / 2**30:.3f} GiB "
+        f"per device; {basis}")
+  summary = {"target": setup.target.name, "devices": setup.devices, "predicted_step_ms": step_ms,
+             "predicted_mfu": predicted_mfu, "plan_gib": setup.plan_bytes / 2**30,
+             "exposed_collective_ms": prediction["exposed_collective_s"] * 1e3,
+             "class_ms": {k: v * 1e3 for k, v in prediction["by_class_s"].items()},
+             "gemm_tflops": sum(k.flops * k.count for k in setup.program.kernels if k.kind == "gemm") / 1e12,
+             "model_tflops": setup.model_flops / 1e12 if setup.model_flops else None,
+             "prices": dataclasses.asdict(load_prices()[0]) if record else dataclasses.asdict(Prices()),
+             "calibration": basis}
+  print(json.dumps(summary, sort_keys=True), flush=True)
+  return summary
+
+
+# ------------------------------------------------------------------------------------------------ calibrating
+
+def row_config(row: dict, common: dict):
+  config = config_lib.load(row["config"])
+  return config_lib.set_paths(config, {**common, **row["overrides"]})
+
+
+def cache_dir() -> str:
+  return os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "visionfm_jax", "programs")
+
+
+def source_digest() -> str:
+  """A digest of this package's Python sources: a program compiled from other code is another program."""
+  package = os.path.dirname(HERE)
+  digest = hashlib.sha256()
+  for folder, _, files in sorted(os.walk(package)):
+    for name in sorted(f for f in files if f.endswith(".py")):
+      with open(os.path.join(folder, name), "rb") as f:
+        digest.update(name.encode() + f.read())
+  return digest.hexdigest()
+
+
+def cached_setup(config, target: gpu_target.Target, devices: int, label: str) -> Compiled:
+  """`compile_setup`, kept in `cache_dir()` under a key of everything that decides the program (the config, the
+  target and its devices, jax's version, XLA_FLAGS), so that a recalibration recompiles only new rows."""
+  import jax  # pylint: disable=g-import-not-at-top
+  key = hashlib.sha256(json.dumps([config.to_json_best_effort(sort_keys=True), target.name, devices, jax.__version__,
+                                   os.environ.get("XLA_FLAGS", ""), source_digest()]).encode()).hexdigest()[:20]
+  path = os.path.join(cache_dir(), key)
+  if os.path.exists(path + ".json"):
+    with open(path + ".json", encoding="utf-8") as f:
+      meta = json.load(f)
+    with gzip.open(path + ".hlo.gz", "rt", encoding="utf-8") as f:
+      text = f.read()
+    print(f"{label}: compiled program from {path}.hlo.gz", flush=True)
+    return Compiled(hlo_cost.Program(text, target.gpus_per_node), meta["plan_bytes"], meta["model_flops"], devices,
+                    target, text)
+  print(f"{label}: compiling ...", flush=True)
+  setup = compile_setup(config, target, devices)
+  os.makedirs(cache_dir(), exist_ok=True)
+  write_text(path + ".hlo.gz", setup.hlo_text)
+  with open(path + ".json", "w", encoding="utf-8") as f:
+    json.dump({"plan_bytes": setup.plan_bytes, "model_flops": setup.model_flops, "label": label}, f)
+  return setup
+
+
+def fit(setups: list[Compiled], measured_s: list[float], start: Prices) -> Prices:
+  """Prices minimising the squared log-ratios of predicted to measured step times."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
+
+  priced = [Priced(s.program, s.target) for s in setups]
+
+  def unpack(z):  # efficiencies in [0.02, 1] through a logistic; the launch cost in [0, 20] us
+    z = np.clip(z, -30.0, 30.0)
+    return Prices(*(0.02 + 0.98 / (1 + np.exp(-z[:3]))), 20 / (1 + np.exp(-z[3])))
+
+  def loss(z):
+    prices = unpack(z)
+    return sum(math.log(p.step_seconds(prices) / m) ** 2 for p, m in zip(priced, measured_s))
+
+  logit = lambda p: math.log(p / (1 - p))
+  z0 = np.array([logit((start.gemm - 0.02) / 0.98), logit((start.attention - 0.02) / 0.98),
+                 logit((start.memory - 0.02) / 0.98), logit(start.launch_us / 20)])
+  result = optimize.minimize(loss, z0, method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-10,
+                                                                      "maxiter": 4000})
+  return unpack(result.x)
+
+
+def calibrate(rows_path: str) -> dict:
+  with open(rows_path, encoding="utf-8") as f:
+    spec = json.load(f)
+  rows, common = spec["rows"], spec.get("common_overrides", {})
+  targets = {row["target"] for row in rows}
+  if len(targets) != 1:
+    raise ConfigError(f"{rows_path}: rows of one target per calibration, found {sorted(targets)}")
+  target = gpu_target.get(next(iter(targets)))
+  setups, measured = [], []
+  for row in rows:
+    setups.append(cached_setup(row_config(row, common), target, row["devices"], row["label"]))
+    measured.append(row["step_ms"] / 1e3)
+  prices = fit(setups, measured, Prices())
+  results = []
+  for i, (row, setup) in enumerate(zip(rows, setups)):
+    held_out = fit(setups[:i] + setups[i + 1:], measured[:i] + measured[i + 1:], prices)
+    results.append({"label": row["label"], "measured_ms": row["step_ms"],
+                    "estimate_ms": predict(setup.program, target, prices)["step_s"] * 1e3,
+                    "held_out_estimate_ms": predict(setup.program, target, held_out)["step_s"] * 1e3,
+                    "plan_gib": setup.plan_bytes / 2**30, "measured_peak_gib": row.get("peak_gib")})
+  import jax  # pylint: disable=g-import-not-at-top
+  record = {"target": target.name, "prices": dataclasses.asdict(prices), "rows": results,
+            "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+            "xla_flags": gpu_target.launch_flags(target)}
+  print(f"\n{'row':<46} {'measured':>9} {'estimate':>9} {'ratio':>6} {'held out':>9} {'ratio':>6} "
+        f"{'plan GiB':>9} {'peak GiB':>9}")
+  for r in results:
+    print(f"{r['label']:<46} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} {r['estimate_ms'] / r['measured_ms']:6.3f} "
+          f"{r['held_out_estimate_ms']:9.1f} {r['held_out_estimate_ms'] / r['measured_ms']:6.3f} "
+          f"{r['plan_gib']:9.3f} {r['measured_peak_gib'] or float('nan'):9.1f}")
+  print(f"prices: {dataclasses.asdict(prices)}")
+  return record
+
+
+# ------------------------------------------------------------------------------------------------ entry
+
+def make_flags(argv) -> flags.FlagValues:
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
+                                  flag_values=fv, sys_argv=list(argv))
+  flags.DEFINE_string("target", "h100", f"GPU to compile for: {', '.join(sorted(gpu_target.TARGETS))}.",
+                      flag_values=fv)
+  flags.DEFINE_integer("devices", 1, "GPUs of the mesh (nodes of 8).", flag_values=fv)
+  flags.DEFINE_integer("top", 15, "Kernel groups to list.", flag_values=fv)
+  flags.DEFINE_string("dump_hlo", "", "Also write the compiled program's optimised HLO text here (.gz: gzipped).",
+                      flag_values=fv)
+  flags.DEFINE_bool("calibrate", False, "Fit the kernel prices to --rows and write gpu_targets/calibration.json.",
+                    flag_values=fv)
+  flags.DEFINE_string("rows", MEASURED, "Measured rows to calibrate on.", flag_values=fv)
+  flags.DEFINE_string("hlo", "", "Price this dumped program (--dump_hlo's file) instead of compiling --config's step; "
+                      "with --config too, MFU counts that config's model FLOPs.", flag_values=fv)
+  return fv
+
+
+def _body(fv, rest):
+  cli.check_args(fv, rest)
+  if fv.calibrate:
+    target = gpu_target.get(fv.target)
+    gpu_target.require_compiler(target)
+    record = calibrate(fv.rows)
+    with open(CALIBRATION, "w", encoding="utf-8") as f:
+      json.dump(record, f, indent=1, sort_keys=True)
+      f.write("\n")
+    print(f"wrote {CALIBRATION}")
+    return
+  target = gpu_target.get(fv.target)
+  if fv.hlo:
+    setup = dumped_setup(fv.hlo, fv.config, target, fv.devices)
+    prices, record = load_prices()
+    print_report(setup, predict(setup.program, target, prices), fv.config, fv.top, record)
+    return
+  if fv.config is None:
+    raise UserError("--config is required (or --calibrate, or --hlo)")
+  gpu_target.require_compiler(target)
+  config = fv.config
+  config_lib.check_domains(config)
+  setup = compile_setup(config, target, fv.devices)
+  if fv.dump_hlo:
+    write_text(fv.dump_hlo, setup.hlo_text)
+  prices, record = load_prices()
+  print_report(setup, predict(setup.program, target, prices), config, fv.top, record)
+
+
+def main(argv) -> int:
+  fv = make_flags(argv)
+  if not any(a in cli.HELP_FLAGS for a in argv[1:]):
+    try:
+      fv(list(argv))
+      memory_plan.ensure_devices(fv.devices, argv, fv.target, "visionfm_jax.bench.roofline")
+    except flags.Error:
+      pass  # cli.run reports it
+  return cli.run(argv, make_flags(argv), __doc__, _body)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
