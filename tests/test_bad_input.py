@@ -1,7 +1,7 @@
 """Every bad input to `python -m visionfm_jax.main` ends with exit status 2 and one `error:` line that names the
 culprit, never a traceback: flags, config files and variants, field values outside their domain, data specs,
-checkpoints and weights. Config problems fail before jax is imported (well under a second each). The tools
-summary, import_hf and train_tokenizer answer bad flags the same way."""
+checkpoints, weights and a workdir that cannot be written. Config problems fail before jax is imported (well
+under a second each). The tools summary, import_hf and train_tokenizer answer bad flags the same way."""
 
 import os
 import shutil
@@ -60,6 +60,7 @@ CASES = [
      ["init_from=", "cannot be resized"]),
     ("init_from_garbled", [*TINY, "--config.init_from=<garbled>"], ["init_from=", "cannot read its params"]),
     ("no_readable_checkpoint", [*TINY, "--workdir=<garbled>"], ["no checkpoint in", "can be restored"]),
+    ("workdir_under_a_file", [*TINY, "--workdir=README.md/run"], ["README.md/run", "errno ENOTDIR"]),
 ]
 
 

@@ -294,6 +294,9 @@ def loop_fields() -> dict:
       # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,
+      # A run of the same SLURM job (a requeue) waits this long for its predecessor to release the workdir's
+      # lock (training/workdir.py); any other holder is refused at once.
+      lock_wait_s=60.0,
       progress_bar=True,
   )
 
@@ -450,6 +453,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
     (r"step_timeout_s", Domain(0, note="0: no timeout")),
+    (r"lock_wait_s", NON_NEGATIVE),
     (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
     (r"optim\.lr", POSITIVE),
     (r"optim\.b[12]", RATE),

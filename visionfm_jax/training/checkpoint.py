@@ -15,6 +15,7 @@ a training workdir / its `checkpoints` folder (newest step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,6 +30,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
+from visionfm_jax.training import faults, workdir
 from visionfm_jax.training.param_rules import ParamRules, path_str
 
 
@@ -39,17 +41,30 @@ def _data_file(index: int, count: int) -> str:
   return f"process_{index}-of-{count}.json"
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports the errno of a failed write
+_PATH_IN_MESSAGE = re.compile(r'Failed (?:writing|to write)[^"]*"([^"]+)"')
+
+
+def _storage_failure(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (itself, a cause in its chain, or one tensorstore describes in its message), or
+  None when the storage did not cause it."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return seen
+    match = _OS_ERROR_CODE.search(str(seen))
+    if match:
+      code = int(match.group(1))
+      path = _PATH_IN_MESSAGE.search(str(seen))
+      return OSError(code, os.strerror(code), path.group(1) if path else None)
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
 def _first_line(error: BaseException) -> str:
   text = str(error).strip() or type(error).__name__
   line = text.splitlines()[0]
   return line if len(line) <= 300 else line[:300] + " ..."
-
-
-def _on_every_process(ok: bool) -> bool:
-  """True when `ok` holds on every process (a collective with several processes)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
 
 
 class _CapturedIteratorState:
@@ -81,10 +96,46 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None) -> None:
+    """Starts the asynchronous save of `step`, once every process has checked that the directory takes it (a
+    WorkdirError on all of them otherwise, before anything is written). A failure of this or an earlier save
+    in flight is a WorkdirError naming the path and the errno when the storage caused it."""
+    workdir.check_storage(self.directory, workdir.tree_bytes(state))
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
+    with self._storage_faults_named():
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
+
+  def raise_if_failed(self) -> None:
+    """Raises on every process when a save in flight has failed on any (a WorkdirError for a storage fault):
+    a cheap look at the finished background writes, called at the loop's logging steps."""
+    error = None
+    try:
+      with self._storage_faults_named():
+        self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # raised on every process below
+      error = e
+    faults.raise_together(error, workdir.WorkdirError(f"another process failed to save a checkpoint to "
+                                                      f"{self.directory} (its error line says why)"))
+
+  @contextlib.contextmanager
+  def _storage_faults_named(self):
+    """Turns an exception of Orbax caused by the storage (an OSError, or tensorstore's message carrying an
+    os_error_code) into a WorkdirError naming the path and the errno; others pass unchanged. The save's
+    temporary directory is left for the next run to clean: the committed checkpoints are untouched."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      failure = _storage_failure(e)
+      if failure is None:
+        raise
+      self._abandon()
+      raise workdir.storage_error("cannot save a checkpoint to", self.directory, failure) from e
+
+  def _abandon(self) -> None:
+    """Waits for the failed save's other threads to end (their errors are the one already reported)."""
+    with contextlib.suppress(Exception):
+      self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this
@@ -137,7 +188,7 @@ class Checkpointer:
         state, error = self.restore(step, abstract_state, data_iterator), None
       except CheckpointError as e:
         state, error = None, e
-      if _on_every_process(error is None):
+      if faults.agreed(error is None):
         for bad, _ in failures:
           self._set_aside(bad)
         return step, state
@@ -164,10 +215,11 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage_faults_named():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 
