@@ -3,7 +3,7 @@ write recipes with (`set_fields`, `cpu_demo`), loading a config file, and valida
 
 Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
 (`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every numeric field with a domain
-has it in one table, `DOMAINS`, which `validate` checks.
+has it in one table, `DOMAINS`, which `validate` checks; every domain is finite (inf is never a value).
 """
 
 from __future__ import annotations
@@ -421,6 +421,8 @@ class Domain:
       return False
     if value in self.extra:
       return True
+    if not math.isfinite(value):  # inf passes a one-sided range and breaks training later (NaN, or no learning)
+      return False
     if self.integer and value != int(value):
       return False
     above = value > self.low if self.low_open else value >= self.low
@@ -432,9 +434,9 @@ class Domain:
     if self.low > -math.inf and self.high < math.inf:
       text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
     elif self.low > -math.inf:
-      text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+      text = f"{kind if self.integer else 'a finite number'} {'>' if self.low_open else '>='} {self.low:g}"
     else:
-      text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+      text = f"{kind if self.integer else 'a finite number'} {'<' if self.high_open else '<='} {self.high:g}"
     if self.extra:
       text += ", or " + " or ".join(str(v) for v in self.extra)
     return text + (f" ({self.note})" if self.note else "")
@@ -457,7 +459,8 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
     (r"optim\.lr", POSITIVE),
     (r"optim\.b[12]", RATE),
-    (r"optim\.(eps|weight_decay|end_lr)", NON_NEGATIVE),
+    (r"optim\.eps", Domain(0, low_open=True, note="Adam divides by sqrt(nu) + eps, and nu is 0 for unused params")),
+    (r"optim\.(weight_decay|end_lr)", NON_NEGATIVE),
     (r"optim\.clip_norm", Domain(0, note="0: no clipping")),
     (r"optim\.warmup_steps", NON_NEGATIVE_INT),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
@@ -548,6 +551,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise ConfigError(f"config.precision.compute_dtype={config.precision.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   if config.model.remat_policy not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat_policy={config.model.remat_policy!r}: expected one of {REMAT_POLICIES}")
+  if config.optim.end_lr > config.optim.lr:
+    raise ConfigError(f"config.optim.end_lr={config.optim.end_lr} exceeds config.optim.lr={config.optim.lr}: the "
+                      f"schedule decays from lr to end_lr")
   if config.optim.warmup_steps > config.total_steps:
     raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
   if config.global_batch_size % config.grad_accum_steps:
