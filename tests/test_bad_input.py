@@ -66,7 +66,13 @@ CASES = [
     ("init_from_other_model", [*TINY, "--config.init_from=<good>", "--config.model.variant=mu/4"],
      ["init_from=", "cannot be resized"]),
     ("init_from_garbled", [*TINY, "--config.init_from=<garbled>"], ["init_from=", "cannot read its params"]),
-    ("no_readable_checkpoint", [*TINY, "--workdir=<garbled>"], ["no checkpoint in", "can be restored"]),
+    ("no_readable_checkpoint", [*TINY, "--workdir=<garbled>", "--config.total_steps=2"],
+     ["no checkpoint in", "can be restored"]),
+    ("resume_with_another_model", [*TINY, "--workdir=<good>", "--config.model.pool=cls"],
+     ["cannot resume", "config.model.pool 'gap' -> 'cls'"]),
+    ("resume_with_another_schedule", [*TINY, "--workdir=<good>"],
+     ["config.total_steps 2 -> 4", "--config.resume.allow_changes=total_steps"]),
+    ("unknown_allowed_change", [DEMO, "--config.resume.allow_changes=lr"], ["config.resume.allow_changes='lr'"]),
     ("workdir_under_a_file", [*TINY, "--workdir=README.md/run"], ["README.md/run", "errno ENOTDIR"]),
 ]
 

@@ -126,6 +126,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       **init_from_fields(),
       probe=probe_config(),
       **loop_fields(),
+      resume=resume_config(),
   ))
 
 
@@ -301,6 +302,15 @@ def loop_fields() -> dict:
   )
 
 
+def resume_config() -> ml_collections.ConfigDict:
+  """`config.resume`: which changes a resumed run accepts (RESUME_RULES)."""
+  return ml_collections.ConfigDict(dict(
+      # Comma-separated dotted fields ('total_steps,optim.lr') whose change from the checkpoint's config a resume
+      # accepts; other schedule and optimiser changes stop it, naming them.
+      allow_changes="",
+  ))
+
+
 def set_fields(node: ml_collections.ConfigDict, **values) -> None:
   """Sets fields that `node` already has, one keyword each, so that a recipe's section reads as one row of its
   table; ConfigError naming a field `node` lacks (a typo would otherwise add a key nothing reads)."""
@@ -402,7 +412,7 @@ def check_override(config: ml_collections.ConfigDict, flag: str) -> None:
     node = node[key]
 
 
-# --------------------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------------------- domains
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
@@ -534,11 +544,62 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
 
 
+# ------------------------------------------------------------------------------------------ resuming
+
+# What a change of a field from the checkpoint's config means for a resume (the first regex matching the dotted
+# path whole): 'refused' (another model, task, precision or data: the checkpoint does not continue it),
+# 'free' (how the run is laid out, logged or evaluated), else 'opt_in' (the schedule and the optimiser:
+# accepted only when named in config.resume.allow_changes).
+REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
+RESUME_RULES: tuple[tuple[str, str], ...] = (
+    (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
+    (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
+    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
+    (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
+    (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
+    (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
+)
+_COMPILED_RESUME_RULES = tuple((re.compile(pattern), kind) for pattern, kind in RESUME_RULES)
+
+
+def resume_kind(path: str) -> str:
+  for compiled, kind in _COMPILED_RESUME_RULES:
+    if compiled.fullmatch(path):
+      return kind
+  return OPT_IN
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, list[tuple[str, object, object]]]:
+  """{kind: [(dotted path, saved value, current value)]} of the fields whose value differs between two configs
+  as JSON dicts (a field only one of them has, from another version of the code, is left out)."""
+  old, new = dict(fields(saved)), dict(fields(current))
+  changes = {REFUSED: [], OPT_IN: [], FREE: []}
+  for path in sorted(old.keys() & new.keys()):
+    if old[path] != new[path]:
+      changes[resume_kind(path)].append((path, old[path], new[path]))
+  return changes
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
+  """config.resume.allow_changes as dotted paths; ConfigError naming one that is no field of `config`."""
+  names = [name.strip() for name in config.resume.allow_changes.split(",") if name.strip()]
+  known = {path for path, _ in fields(config)}
+  for name in names:
+    if name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=3)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      raise ConfigError(f"config.resume.allow_changes={config.resume.allow_changes!r}: {name!r} is no field{hint}")
+  return names
+
+
+# --------------------------------------------------------------------------------------- validation
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
   `num_devices` (over `num_processes` processes), also that the batch divides over the mesh and its batch axes
   over the processes."""
   check_domains(config)
+  allowed_changes(config)
   if config.data.mixture:
     from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
     sources.train_specs(config.data)  # its entries, and data.source = ''

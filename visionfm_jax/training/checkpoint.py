@@ -1,13 +1,15 @@
-"""Orbax checkpoints: the train state and the data-iterator state, saved together, asynchronously.
+"""Orbax checkpoints: the train state and the data-iterator state, saved together, asynchronously, with the
+config they were trained with.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary directory and
-renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a temporary directory
+and renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
 complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp` directories. The
 data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
 per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
 the data iterator replays its batches bitwise with the same number of processes, and with another number it
 continues the global stream after every old process's position (`data/resume.py`). An unreadable newest
-checkpoint is skipped for the newest readable one (`restore_newest_readable`).
+checkpoint is skipped for the newest readable one (`restore_newest_readable`). `config/config.json` is what a
+resume compares its config with (`saved_config`, training/resume.py).
 
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
@@ -34,6 +36,7 @@ from visionfm_jax.training import faults, workdir
 from visionfm_jax.training.param_rules import ParamRules, path_str
 
 
+_CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files
 
 
@@ -62,8 +65,10 @@ def _storage_failure(error: BaseException) -> OSError | None:
 
 
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip() or type(error).__name__
-  line = text.splitlines()[0]
+  """The first line of the message, with the next one when it ends in a colon ('tree structures do not
+  match:'), cut at 300 characters."""
+  lines = [line.strip() for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
+  line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
   return line if len(line) <= 300 else line[:300] + " ..."
 
 
@@ -81,13 +86,16 @@ class _CapturedIteratorState:
 class Checkpointer:
   """Saves/restores {state, data-iterator} under `directory` with an async Orbax CheckpointManager."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, run_config: dict | None = None):
+    """`run_config`: the run's config as a JSON dict, saved with every checkpoint (`saved_config`)."""
     self.directory = epath.Path(directory)
+    self._run_config = run_config
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE)})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -103,6 +111,8 @@ class Checkpointer:
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
+    if self._run_config is not None:
+      items[_CONFIG_ITEM] = ocp.args.JsonSave(self._run_config)
     with self._storage_faults_named():
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
 
@@ -136,6 +146,17 @@ class Checkpointer:
     """Waits for the failed save's other threads to end (their errors are the one already reported)."""
     with contextlib.suppress(Exception):
       self._manager.wait_until_finished()
+
+  def saved_config(self, step: int) -> dict | None:
+    """The config the run that saved `step` was trained with (a JSON dict), None for a checkpoint saved
+    without one; CheckpointError when it cannot be read."""
+    path = self.directory / str(step) / _CONFIG_ITEM / _CONFIG_FILE
+    if not path.exists():
+      return None
+    try:
+      return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+      raise CheckpointError(f"cannot read the config saved with {self.directory / str(step)}: {e}") from e
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this

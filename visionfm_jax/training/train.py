@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from visionfm_jax import atomic, config_lib, parallel, tasks
 
 from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision, prefetch
-from visionfm_jax.training import workdir as workdir_lib
+from visionfm_jax.training import resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -206,9 +206,12 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
 
 # -------------------------------------------------------------------------------------------------- run
 
-def _write_config(config, workdir):
+def _write_config(config, workdir, start_step: int) -> None:
+  """config.json (the latest launch's) and config.<start_step>.json (this launch's, kept), once the resume
+  check has accepted the config."""
   if jax.process_index() == 0:
     atomic.write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    resume.keep_launch_config(config, workdir, start_step)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -221,7 +224,6 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  _write_config(config, workdir)
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
@@ -241,9 +243,12 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
     workdir_lib.check_storage(os.path.join(workdir, "checkpoints"), workdir_lib.tree_bytes(abstract), workdir)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                                           run_config=resume.as_json(config))
+    resume.check_changes(config, checkpointer)
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
+    _write_config(config, workdir, start_step)
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
     writer = metrics.MetricWriter(workdir, resume_step=start_step)
