@@ -50,7 +50,7 @@ def _tiny_config(total_steps=4):
 
 
 @contextlib.contextmanager
-def _held_by_another_process(directory, job=""):
+def held_by_another_process(directory, job=""):
   directory.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, SLURM_JOB_ID=job)
   proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory / workdir.LOCK_FILE)], env=env,
@@ -111,7 +111,7 @@ def test_a_second_run_is_refused_naming_the_holder_and_the_first_ends_as_if_alon
 def _refused_while_job_77_holds_it(tmp_path, monkeypatch, our_job, wait_s):
   """(holder pid, error message, seconds until refused) of a lock attempt while job 77 holds the lock."""
   monkeypatch.setenv("SLURM_JOB_ID", our_job)
-  with _held_by_another_process(tmp_path, job="77") as pid:
+  with held_by_another_process(tmp_path, job="77") as pid:
     start = time.monotonic()
     with pytest.raises(WorkdirError) as refused:
       workdir.WorkdirLock(tmp_path).acquire(wait_s=wait_s)
