@@ -84,7 +84,8 @@ class _CapturedIteratorState:
 
 
 class Checkpointer:
-  """Saves/restores {state, data-iterator} under `directory` with an async Orbax CheckpointManager."""
+  """Saves/restores {state, data-iterator} (and saves the run's config) under `directory` with an async Orbax
+  CheckpointManager; storage faults are WorkdirErrors naming the path and errno."""
 
   def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, run_config: dict | None = None):
     """`run_config`: the run's config as a JSON dict, saved with every checkpoint (`saved_config`)."""
