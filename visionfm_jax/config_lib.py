@@ -165,6 +165,10 @@ def optim_config() -> ml_collections.ConfigDict:
       no_decay=("cpb_mlp",),
       warmup_steps=1000,
       end_lr=0.0,
+      # Set by a resume that changed total_steps, warmup_steps or end_lr (training/resume.py): from step
+      # resumed_at the rate decays from resumed_lr, the one reached there, to end_lr (optim.schedule); -1: none.
+      resumed_at=-1,
+      resumed_lr=0.0,
       clip_norm=1.0,  # global norm; 0 disables
       # Fine-tuning (optim.py): layer-wise lr decay (lr of layer i: lr * layer_decay^(L + 1 - i); 1.0 = off,
       # ~0.65 for ViT-B), lr multipliers ((regex, multiplier), ...; the first matching rule wins) and frozen
@@ -473,6 +477,8 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"optim\.(weight_decay|end_lr)", NON_NEGATIVE),
     (r"optim\.clip_norm", Domain(0, note="0: no clipping")),
     (r"optim\.warmup_steps", NON_NEGATIVE_INT),
+    (r"optim\.resumed_at", Domain(0, integer=True, extra=(-1,), note="-1: not resumed")),
+    (r"optim\.resumed_lr", NON_NEGATIVE),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
@@ -556,6 +562,7 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
     (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
+    (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
     (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
     (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
 )

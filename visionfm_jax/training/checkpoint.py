@@ -72,6 +72,26 @@ def _first_line(error: BaseException) -> str:
   return line if len(line) <= 300 else line[:300] + " ..."
 
 
+def newest_committed_step(directory) -> int | None:
+  """The newest step saved under `directory` (a checkpoints folder), None when none is: Orbax renames a step's
+  directory to its number once the save has committed."""
+  directory = epath.Path(directory)
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+  return max(steps, default=None)
+
+
+def saved_config(directory, step: int) -> dict | None:
+  """The config the run that saved `step` under `directory` was trained with (a JSON dict), None for a
+  checkpoint saved without one; CheckpointError when it cannot be read."""
+  path = epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read the config saved with {path.parent.parent}: {e}") from e
+
+
 class _CapturedIteratorState:
   """Holds an iterator's state taken at save time, for grain's Orbax handler (which calls get_state())."""
 
@@ -147,17 +167,6 @@ class Checkpointer:
     """Waits for the failed save's other threads to end (their errors are the one already reported)."""
     with contextlib.suppress(Exception):
       self._manager.wait_until_finished()
-
-  def saved_config(self, step: int) -> dict | None:
-    """The config the run that saved `step` was trained with (a JSON dict), None for a checkpoint saved
-    without one; CheckpointError when it cannot be read."""
-    path = self.directory / str(step) / _CONFIG_ITEM / _CONFIG_FILE
-    if not path.exists():
-      return None
-    try:
-      return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-      raise CheckpointError(f"cannot read the config saved with {self.directory / str(step)}: {e}") from e
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this

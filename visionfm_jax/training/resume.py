@@ -4,7 +4,9 @@ Every checkpoint carries the config it was trained with (training/checkpoint.py)
 newest checkpoint's config is compared with the one launched, field by field (`config_lib.RESUME_RULES`):
 another model, task, compute dtype or data is refused, naming each field old -> new (the checkpoint does not
 continue such a run: a new workdir does, or `init_from`); a changed schedule or optimiser field needs its name
-in `config.resume.allow_changes`, and is then logged with the learning rate before and after; how the run is
+in `config.resume.allow_changes`, and is then logged with the learning rate before and after: a new length
+(total_steps, warmup_steps, end_lr) continues from the rate reached, decaying to end_lr over the new length
+(`optim.resumed_at`), while a new optim.lr takes the new schedule as it is (the jump asked for); how the run is
 laid out, logged and evaluated may change freely. Each launch's config is kept as `config.<step>.json` (the
 step it started from), never overwritten; `config.json` is the latest.
 """
@@ -19,7 +21,7 @@ from absl import logging
 
 from visionfm_jax import atomic, config_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import optim
+from visionfm_jax.training import checkpoint, optim
 
 
 def as_json(config: ml_collections.ConfigDict) -> dict:
@@ -31,14 +33,15 @@ def _listed(changes) -> str:
   return ", ".join(f"config.{path} {old!r} -> {new!r}" for path, old, new in changes)
 
 
-def check_changes(config: ml_collections.ConfigDict, checkpointer) -> None:
-  """ConfigError when `config` may not resume `checkpointer`'s newest checkpoint (module docstring); logs the
-  accepted changes. Nothing to compare without a checkpoint, or with one saved without its config."""
-  step = checkpointer.latest_step()
+def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> None:
+  """ConfigError when `config` may not resume the newest checkpoint in `checkpoint_dir` (module docstring);
+  logs the accepted changes and sets config.optim.resumed_at / resumed_lr so that the learning rate goes on
+  from where it was. Nothing to compare without a checkpoint, or with one saved without its config."""
+  step = checkpoint.newest_committed_step(checkpoint_dir)
   if step is None:
     return
-  where = f"{checkpointer.directory}/{step}"
-  saved = checkpointer.saved_config(step)
+  where = f"{checkpoint_dir}/{step}"
+  saved = checkpoint.saved_config(checkpoint_dir, step)
   if saved is None:
     logging.warning("%s carries no config (saved by an older version): this run's config is not compared with it",
                     where)
@@ -53,16 +56,32 @@ def check_changes(config: ml_collections.ConfigDict, checkpointer) -> None:
   if unasked:
     raise ConfigError(f"resuming {where} with a changed schedule or optimiser: {_listed(schedule)}; to continue "
                       f"with these, pass --config.resume.allow_changes={','.join(p for p, _, _ in schedule)}")
-  if config.total_steps <= step and any(path == "total_steps" for path, _, _ in schedule):
+  changed = {path for path, _, _ in schedule}
+  if config.total_steps <= step and "total_steps" in changed:
     raise ConfigError(f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing "
                       f"would be trained")
+  _continue_the_rate(config, saved, step, changed)
   if schedule:
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
                     _listed(schedule), step, _lr_at(saved, step), _lr_at(as_json(config), step))
 
 
+def _continue_the_rate(config: ml_collections.ConfigDict, saved: dict, step: int, changed: set[str]) -> None:
+  """Anchors the schedule at the rate the checkpoint's run had reached at `step` when the schedule's length
+  changed (total_steps, warmup_steps, end_lr) past the warmup; a new optim.lr asks for the new schedule as it
+  is; otherwise the checkpoint's own anchor, if any, carries on."""
+  if "optim.lr" in changed:
+    config.optim.resumed_at, config.optim.resumed_lr = -1, 0.0
+  elif changed & {"total_steps", "optim.warmup_steps", "optim.end_lr"} and step >= config.optim.warmup_steps:
+    config.optim.resumed_at, config.optim.resumed_lr = step, _lr_at(saved, step)
+  else:
+    config.optim.resumed_at = saved["optim"].get("resumed_at", -1)
+    config.optim.resumed_lr = saved["optim"].get("resumed_lr", 0.0)
+
+
 def _lr_at(config_json: dict, step: int) -> float:
-  return float(optim.schedule(ml_collections.ConfigDict(config_json["optim"]), config_json["total_steps"])(step))
+  optim_cfg = ml_collections.ConfigDict({"resumed_at": -1, "resumed_lr": 0.0, **config_json["optim"]})
+  return float(optim.schedule(optim_cfg, config_json["total_steps"])(step))
 
 
 def keep_launch_config(config: ml_collections.ConfigDict, workdir: str, start_step: int) -> str:

@@ -224,6 +224,8 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 
 def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  resume.check_changes(config, checkpoint_dir)  # before anything is built: it may also anchor the schedule
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
@@ -242,10 +244,9 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
-    workdir_lib.check_storage(os.path.join(workdir, "checkpoints"), workdir_lib.tree_bytes(abstract), workdir)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+    workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
+    checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
                                            run_config=resume.as_json(config))
-    resume.check_changes(config, checkpointer)
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
     _write_config(config, workdir, start_step)
