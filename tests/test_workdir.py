@@ -141,6 +141,15 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released_empty(tmp_path, 
   assert (tmp_path / workdir.LOCK_FILE).read_text() == ""
 
 
+def test_a_holder_counts_as_gone_only_when_its_pid_is_gone_from_this_hosts_numbering():
+  ended = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+  gone = {**workdir.this_holder(), "pid": int(ended.stdout)}
+  assert workdir._gone_from_this_host(gone)
+  assert not workdir._gone_from_this_host({**gone, "pid_namespace": "pid:[1]"})  # another container's pids
+  assert not workdir._gone_from_this_host({**gone, "host": "elsewhere"})
+  assert not workdir._gone_from_this_host(workdir.this_holder())  # alive
+
+
 def test_no_room_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):
   real_statvfs = os.statvfs
 

@@ -108,7 +108,17 @@ def tree_bytes(tree) -> int:
 # ------------------------------------------------------------------------------------------------ lock
 
 def this_holder() -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", "")}
+  return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
+          "pid_namespace": _pid_namespace()}
+
+
+def _pid_namespace() -> str:
+  """Which pid numbering this process sees ('' where /proc does not say): containers on one host share its
+  name but not their pids."""
+  try:
+    return os.readlink("/proc/self/ns/pid")
+  except OSError:
+    return ""
 
 
 def describe(holder: dict | None) -> str:
@@ -128,8 +138,10 @@ def _read_holder(fd: int) -> dict | None:
 
 
 def _gone_from_this_host(holder: dict | None) -> bool:
-  """True when `holder` ran on this host and its process no longer exists (a lock a lost NFS client kept)."""
-  if not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+  """True when `holder` ran on this host, with this process's pid numbering, and its process no longer exists
+  (a lock a lost NFS client kept)."""
+  if (not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int)
+      or holder.get("pid_namespace") != _pid_namespace()):
     return False
   try:
     os.kill(holder["pid"], 0)
@@ -162,30 +174,46 @@ class WorkdirLock:
   def acquire(self, wait_s: float) -> None:
     """Takes the lock, waiting up to `wait_s` for a holder of this SLURM job id; WorkdirError naming the holder
     otherwise. A stale record (its run ended without releasing) is taken over with a warning."""
-    deadline = time.monotonic() + wait_s
+    fd = self._open_past_a_gone_holder()
+    try:
+      self._wait_for(fd, wait_s)
+      previous = _read_holder(fd)
+      if previous:
+        logging.warning("taking over the stale lock %s of %s (that run ended without releasing it)", self.path,
+                        describe(previous))
+      self._write_holder(fd)
+    except BaseException:
+      os.close(fd)
+      raise
+    self._fd = fd
+
+  def _open_past_a_gone_holder(self) -> int:
+    """The lock file's descriptor; a fresh file's when the lock is held for a process gone from this host."""
     fd = self._open()
-    took_over = False
+    try:
+      if self._try_lock(fd) or not _gone_from_this_host(_read_holder(fd)):
+        return fd
+    except BaseException:
+      os.close(fd)
+      raise
+    logging.warning("the lock %s is held for %s, which is gone: taking it over", self.path,
+                    describe(_read_holder(fd)))
+    os.close(fd)
+    os.unlink(self.path)  # a fresh file, which the gone holder has no lock on
+    return self._open()
+
+  def _wait_for(self, fd: int, wait_s: float) -> None:
+    """Locks `fd`, waiting up to `wait_s` when the holder is this job's predecessor; WorkdirError naming the
+    holder when it stays held."""
+    deadline = time.monotonic() + wait_s
     while not self._try_lock(fd):
       holder = _read_holder(fd)
-      if _gone_from_this_host(holder) and not took_over:
-        logging.warning("the lock %s is held for %s, which is gone: taking it over", self.path, describe(holder))
-        os.close(fd)
-        os.unlink(self.path)  # a fresh file, which the ghost holds no lock on
-        fd, took_over = self._open(), True
-        continue
       left = deadline - time.monotonic()
       if not _is_our_requeue(holder) or left <= 0:
-        os.close(fd)
         waited = f" (waited {wait_s:g} s, config.lock_wait_s)" if _is_our_requeue(holder) else ""
         raise WorkdirError(f"--workdir {self.workdir} is in use by another run ({describe(holder)}; lock file "
                            f"{self.path}){waited}: wait for it to end, or give this run another --workdir")
       time.sleep(min(1.0, left))
-    previous = _read_holder(fd)
-    if previous:
-      logging.warning("taking over the stale lock %s of %s (that run ended without releasing it)", self.path,
-                      describe(previous))
-    self._write_holder(fd)
-    self._fd = fd
 
   def _try_lock(self, fd: int) -> bool:
     try:
@@ -206,7 +234,6 @@ class WorkdirLock:
       os.pwrite(fd, json.dumps(this_holder()).encode() + b"\n", 0)
       os.fsync(fd)
     except OSError as e:
-      os.close(fd)
       raise storage_error("cannot write the lock file", self.path, e) from e
 
   def release(self) -> None:
