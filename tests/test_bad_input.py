@@ -1,7 +1,7 @@
 """Every bad input to `python -m visionfm_jax.main` ends with exit status 2 and one `error:` line that names the
 culprit, never a traceback: flags, config files and variants, field values outside their domain, data specs,
-checkpoints and weights. Config problems fail before jax is imported (well under a second each). The tools
-summary, import_hf and train_tokenizer answer bad flags the same way."""
+checkpoints, weights and a workdir that cannot be written. Config problems fail before jax is imported (well
+under a second each). The tools summary, import_hf and train_tokenizer answer bad flags the same way."""
 
 import os
 import shutil
@@ -30,6 +30,13 @@ CASES = [
     ("no_config", [], ["--config"]),
     ("not_a_number", [DEMO, "--config.total_steps=abc"], ["--config.total_steps=abc"]),
     ("negative_lr", [DEMO, "--config.optim.lr=-1"], ["config.optim.lr=-1.0", "> 0"]),
+    ("infinite_lr", [DEMO, "--config.optim.lr=inf"], ["config.optim.lr=inf", "a finite number > 0"]),
+    ("infinite_eps", [DEMO, "--config.optim.eps=inf"], ["config.optim.eps=inf", "a finite number > 0"]),
+    ("zero_eps", [DEMO, "--config.optim.eps=0"], ["config.optim.eps=0.0", "> 0"]),
+    ("infinite_end_lr", [DEMO, "--config.optim.end_lr=inf"], ["config.optim.end_lr=inf", "a finite number >= 0"]),
+    ("end_lr_above_lr", [DEMO, "--config.optim.end_lr=0.5"], ["config.optim.end_lr=0.5", "config.optim.lr="]),
+    ("nan_weight_decay", [DEMO, "--config.optim.weight_decay=nan"], ["config.optim.weight_decay=nan"]),
+    ("infinite_clip", [DEMO, "--config.optim.clip_norm=inf"], ["config.optim.clip_norm=inf"]),
     ("b1_one", [DEMO, "--config.optim.b1=1.0"], ["config.optim.b1=1.0", "[0, 1)"]),
     ("b2_negative", [DEMO, "--config.optim.b2=-0.1"], ["config.optim.b2=-0.1"]),
     ("negative_weight_decay", [DEMO, "--config.optim.weight_decay=-0.01"], ["config.optim.weight_decay"]),
@@ -59,7 +66,14 @@ CASES = [
     ("init_from_other_model", [*TINY, "--config.init_from=<good>", "--config.model.variant=mu/4"],
      ["init_from=", "cannot be resized"]),
     ("init_from_garbled", [*TINY, "--config.init_from=<garbled>"], ["init_from=", "cannot read its params"]),
-    ("no_readable_checkpoint", [*TINY, "--workdir=<garbled>"], ["no checkpoint in", "can be restored"]),
+    ("no_readable_checkpoint", [*TINY, "--workdir=<garbled>", "--config.total_steps=2"],
+     ["no checkpoint in", "can be restored"]),
+    ("resume_with_another_model", [*TINY, "--workdir=<good>", "--config.model.pool=cls"],
+     ["cannot resume", "config.model.pool 'gap' -> 'cls'"]),
+    ("resume_with_another_schedule", [*TINY, "--workdir=<good>"],
+     ["config.total_steps 2 -> 4", "--config.resume.allow_changes=total_steps"]),
+    ("unknown_allowed_change", [DEMO, "--config.resume.allow_changes=lr"], ["config.resume.allow_changes='lr'"]),
+    ("workdir_under_a_file", [*TINY, "--workdir=README.md/run"], ["README.md/run", "errno ENOTDIR"]),
 ]
 
 

@@ -108,6 +108,13 @@ def _tiny_config(total_steps, strategy):
   return config
 
 
+def _continued_config(strategy):
+  """The config of a run resuming `zero3_run` (2 steps) for 4 steps in all."""
+  config = _tiny_config(4, strategy)
+  config.resume.allow_changes = "total_steps"
+  return config
+
+
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
   """A workdir of the tiny ViT trained 2 steps with zero3 on 8 devices (read-only: copy it to change it)."""
@@ -161,7 +168,7 @@ def test_restart_after_a_kill_mid_save_resumes_from_the_last_complete_step(zero3
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3" + TMP_SUFFIX]
 
   with caplog.at_level(logging.INFO):
-    last = train.run(_tiny_config(4, "ddp"), str(workdir))
+    last = train.run(_continued_config("ddp"), str(workdir))
   assert f"resuming from {workdir / 'checkpoints'}/2" in caplog.text
   assert last["step"] == 4 and math.isfinite(last["train/loss"])
   assert _train_steps(workdir) == [1, 2, 3, 4]
@@ -220,7 +227,7 @@ def test_unreadable_newest_checkpoint_resumes_from_the_newest_readable_one(zero3
   shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / "3")
   _corrupt(workdir / "checkpoints" / "3", how)
   with caplog.at_level(logging.INFO):
-    last = train.run(_tiny_config(4, "zero3"), str(workdir))
+    last = train.run(_continued_config("zero3"), str(workdir))
   assert f"checkpoint {workdir / 'checkpoints'}/3 is unreadable, trying the previous one: cannot restore" in caplog.text
   assert f"resuming from {workdir / 'checkpoints'}/2" in caplog.text
   assert last["step"] == 4 and math.isfinite(last["train/loss"])
@@ -233,7 +240,7 @@ def test_no_readable_checkpoint_stops_naming_the_directory_and_keeps_the_files(z
   _corrupt(workdir / "checkpoints" / "2", "garbled_metadata")
   with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint in {workdir / 'checkpoints'} can be "
                                                          r"restored \(steps 2; the newest: cannot restore"):
-    train.run(_tiny_config(4, "zero3"), str(workdir))
+    train.run(_continued_config("zero3"), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved: a rerun must not start afresh
 
 

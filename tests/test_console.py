@@ -3,6 +3,7 @@ progress line (stderr not a terminal) is rate-limited."""
 
 import logging as py_logging
 import os
+import sys
 
 from absl import logging
 import pytest
@@ -42,6 +43,19 @@ def test_format_is_clock_then_message_with_origin_for_theirs(console_handler):
   assert console_handler.format(_record(OURS))[8:] == " hello there"
   assert console_handler.format(_record(THEIRS, py_logging.WARNING))[8:] == (
       " warning: [checkpoint_manager] hello there")
+
+
+@pytest.mark.parametrize("verbose", [False, True])
+def test_their_tracebacks_show_only_when_verbose(console_handler, verbose):
+  console.configure(verbose=verbose)
+  try:
+    raise OSError(28, "No space left on device")
+  except OSError:
+    record = _record(THEIRS, py_logging.ERROR)
+    record.exc_info = sys.exc_info()
+  text = console_handler.format(record)
+  assert text[8:].startswith(" error: [checkpoint_manager] hello there")
+  assert ("Traceback" in text) == verbose
 
 
 def test_plain_progress_lines_are_rate_limited(caplog):

@@ -181,6 +181,7 @@ def test_two_steps_checkpoint_and_resume_on_gpu(tmp_path):
   uninterrupted 4-step run ends (warmup covers steps 1-2, so both schedules agree there)."""
   def config(total_steps):
     c = tiny_vit_config(total_steps=total_steps, log_every=1, eval_every=100, checkpoint_every=1, strategy="ddp")
+    c.resume.allow_changes = "total_steps"  # the second run extends the first
     c.data.num_workers = 0
     c.data.eval_examples = 16
     c.precision.compute_dtype = "bfloat16"

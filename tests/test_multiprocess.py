@@ -3,8 +3,8 @@
 launch/local.sh runs 2 processes x 2 CPU devices joined by jax.distributed (gloo collectives): the tiny ViT
 trains with zero3 (state sharded across the processes), checkpoints, and matches one process fed the same global
 batches; a preemption notice to either or both processes saves one agreed step that the rerun resumes bitwise; a
-stalled process ends the whole job. Also: the jax.distributed.initialize arguments taken from the environment,
-and the launch scripts' syntax.
+stalled process ends the whole job; a held workdir stops both processes of a second job. Also: the
+jax.distributed.initialize arguments taken from the environment, and the launch scripts' syntax.
 """
 
 import json
@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from conftest import ROOT, tiny_vit_config
+from test_workdir import held_by_another_process
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, faults, optim, train
 from visionfm_jax.errors import UserError
@@ -336,6 +337,19 @@ def _wait_gone(pid, timeout):
       return time.monotonic() - start
     time.sleep(0.05)
   return None
+
+
+def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path):
+  """Process 0 finds the workdir's lock held (as a running job holds it): both processes exit 2 without
+  waiting on each other, process 0 naming the holder, process 1 pointing at process 0's line; nothing written."""
+  workdir = tmp_path / "run"
+  with held_by_another_process(workdir) as holder:
+    code, out = _Job(workdir).finish(timeout=300)
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  assert code == 2, out[-6000:]
+  assert any(f"is in use by another run (host {socket.gethostname()}, pid {holder};" in e for e in errors), errors
+  assert any("process 0 could not take the lock" in e for e in errors), errors
+  assert not (workdir / "checkpoints").exists()
 
 
 def test_a_stalled_process_ends_the_whole_job(tmp_path):

@@ -223,6 +223,7 @@ def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_ch
   monkeypatch.setattr(tasks.ClassificationTask, "loss",
                       lambda self, *args: (lambda out: (out[0] * jnp.inf, out[1]))(loss(self, *args)))
   config.total_steps = 8
+  config.resume.allow_changes = "total_steps"
   with pytest.raises(train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*"
                                                f"{tmp_path / 'checkpoints'}/4"):
     train.run(config, str(tmp_path))

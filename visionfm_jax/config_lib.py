@@ -3,7 +3,7 @@ write recipes with (`set_fields`, `cpu_demo`), loading a config file, and valida
 
 Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
 (`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every numeric field with a domain
-has it in one table, `DOMAINS`, which `validate` checks.
+has it in one table, `DOMAINS`, which `validate` checks; every domain is finite (inf is never a value).
 """
 
 from __future__ import annotations
@@ -126,6 +126,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       **init_from_fields(),
       probe=probe_config(),
       **loop_fields(),
+      resume=resume_config(),
   ))
 
 
@@ -164,6 +165,10 @@ def optim_config() -> ml_collections.ConfigDict:
       no_decay=("cpb_mlp",),
       warmup_steps=1000,
       end_lr=0.0,
+      # Set by a resume that changed total_steps, warmup_steps or end_lr (training/resume.py): from step
+      # resumed_at the rate decays from resumed_lr, the one reached there, to end_lr (optim.schedule); -1: none.
+      resumed_at=-1,
+      resumed_lr=0.0,
       clip_norm=1.0,  # global norm; 0 disables
       # Fine-tuning (optim.py): layer-wise lr decay (lr of layer i: lr * layer_decay^(L + 1 - i); 1.0 = off,
       # ~0.65 for ViT-B), lr multipliers ((regex, multiplier), ...; the first matching rule wins) and frozen
@@ -294,8 +299,20 @@ def loop_fields() -> dict:
       # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,
+      # A run of the same SLURM job (a requeue) waits this long for its predecessor to release the workdir's
+      # lock (training/workdir.py); any other holder is refused at once.
+      lock_wait_s=60.0,
       progress_bar=True,
   )
+
+
+def resume_config() -> ml_collections.ConfigDict:
+  """`config.resume`: which changes a resumed run accepts (RESUME_RULES)."""
+  return ml_collections.ConfigDict(dict(
+      # Comma-separated dotted fields ('total_steps,optim.lr') whose change from the checkpoint's config a resume
+      # accepts; other schedule and optimiser changes stop it, naming them.
+      allow_changes="",
+  ))
 
 
 def set_fields(node: ml_collections.ConfigDict, **values) -> None:
@@ -399,7 +416,7 @@ def check_override(config: ml_collections.ConfigDict, flag: str) -> None:
     node = node[key]
 
 
-# --------------------------------------------------------------------------------------- validation
+# --------------------------------------------------------------------------------------- domains
 
 @dataclasses.dataclass(frozen=True)
 class Domain:
@@ -418,6 +435,8 @@ class Domain:
       return False
     if value in self.extra:
       return True
+    if not math.isfinite(value):  # inf passes a one-sided range and breaks training later (NaN, or no learning)
+      return False
     if self.integer and value != int(value):
       return False
     above = value > self.low if self.low_open else value >= self.low
@@ -429,9 +448,9 @@ class Domain:
     if self.low > -math.inf and self.high < math.inf:
       text = f"{kind} in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
     elif self.low > -math.inf:
-      text = f"{kind} {'>' if self.low_open else '>='} {self.low:g}"
+      text = f"{kind if self.integer else 'a finite number'} {'>' if self.low_open else '>='} {self.low:g}"
     else:
-      text = f"{kind} {'<' if self.high_open else '<='} {self.high:g}"
+      text = f"{kind if self.integer else 'a finite number'} {'<' if self.high_open else '<='} {self.high:g}"
     if self.extra:
       text += ", or " + " or ".join(str(v) for v in self.extra)
     return text + (f" ({self.note})" if self.note else "")
@@ -450,12 +469,16 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
     (r"step_timeout_s", Domain(0, note="0: no timeout")),
+    (r"lock_wait_s", NON_NEGATIVE),
     (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
     (r"optim\.lr", POSITIVE),
     (r"optim\.b[12]", RATE),
-    (r"optim\.(eps|weight_decay|end_lr)", NON_NEGATIVE),
+    (r"optim\.eps", Domain(0, low_open=True, note="Adam divides by sqrt(nu) + eps, and nu is 0 for unused params")),
+    (r"optim\.(weight_decay|end_lr)", NON_NEGATIVE),
     (r"optim\.clip_norm", Domain(0, note="0: no clipping")),
     (r"optim\.warmup_steps", NON_NEGATIVE_INT),
+    (r"optim\.resumed_at", Domain(0, integer=True, extra=(-1,), note="-1: not resumed")),
+    (r"optim\.resumed_lr", NON_NEGATIVE),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
@@ -527,11 +550,63 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
 
 
+# ------------------------------------------------------------------------------------------ resuming
+
+# What a change of a field from the checkpoint's config means for a resume (the first regex matching the dotted
+# path whole): 'refused' (another model, task, precision or data: the checkpoint does not continue it),
+# 'free' (how the run is laid out, logged or evaluated), else 'opt_in' (the schedule and the optimiser:
+# accepted only when named in config.resume.allow_changes).
+REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
+RESUME_RULES: tuple[tuple[str, str], ...] = (
+    (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
+    (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
+    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
+    (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
+    (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
+    (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
+    (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
+)
+_COMPILED_RESUME_RULES = tuple((re.compile(pattern), kind) for pattern, kind in RESUME_RULES)
+
+
+def resume_kind(path: str) -> str:
+  for compiled, kind in _COMPILED_RESUME_RULES:
+    if compiled.fullmatch(path):
+      return kind
+  return OPT_IN
+
+
+def resume_changes(saved: dict, current: dict) -> dict[str, list[tuple[str, object, object]]]:
+  """{kind: [(dotted path, saved value, current value)]} of the fields whose value differs between two configs
+  as JSON dicts (a field only one of them has, from another version of the code, is left out)."""
+  old, new = dict(fields(saved)), dict(fields(current))
+  changes = {REFUSED: [], OPT_IN: [], FREE: []}
+  for path in sorted(old.keys() & new.keys()):
+    if old[path] != new[path]:
+      changes[resume_kind(path)].append((path, old[path], new[path]))
+  return changes
+
+
+def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
+  """config.resume.allow_changes as dotted paths; ConfigError naming one that is no field of `config`."""
+  names = [name.strip() for name in config.resume.allow_changes.split(",") if name.strip()]
+  known = {path for path, _ in fields(config)}
+  for name in names:
+    if name not in known:
+      close = difflib.get_close_matches(name, sorted(known), n=3)
+      hint = f"; did you mean {' or '.join(close)}?" if close else ""
+      raise ConfigError(f"config.resume.allow_changes={config.resume.allow_changes!r}: {name!r} is no field{hint}")
+  return names
+
+
+# --------------------------------------------------------------------------------------- validation
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
   """Checks a config's field domains and consistency; raises ConfigError naming the field. With
   `num_devices` (over `num_processes` processes), also that the batch divides over the mesh and its batch axes
   over the processes."""
   check_domains(config)
+  allowed_changes(config)
   if config.data.mixture:
     from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
     sources.train_specs(config.data)  # its entries, and data.source = ''
@@ -544,6 +619,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     raise ConfigError(f"config.precision.compute_dtype={config.precision.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
   if config.model.remat_policy not in REMAT_POLICIES:
     raise ConfigError(f"config.model.remat_policy={config.model.remat_policy!r}: expected one of {REMAT_POLICIES}")
+  if config.optim.end_lr > config.optim.lr:
+    raise ConfigError(f"config.optim.end_lr={config.optim.end_lr} exceeds config.optim.lr={config.optim.lr}: the "
+                      f"schedule decays from lr to end_lr")
   if config.optim.warmup_steps > config.total_steps:
     raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
   if config.global_batch_size % config.grad_accum_steps:

@@ -1,4 +1,5 @@
-"""Errors that name the culprit: bad configs, missing data, unreadable checkpoints or weights.
+"""Errors that name the culprit: bad configs, missing data, unreadable checkpoints or weights, a workdir that
+another run holds or that cannot be written.
 
 `main` prints these as one clear line (no traceback); everything else is a bug and keeps its traceback.
 """
@@ -18,3 +19,8 @@ class DataError(UserError, ValueError):
 
 class CheckpointError(UserError, ValueError):
   """A checkpoint or weight file cannot be used. The message names the file and the offending keys."""
+
+
+class WorkdirError(UserError, OSError):
+  """The workdir cannot be used: another run holds it, or it cannot be written (the message names the path and
+  the errno)."""

@@ -10,13 +10,14 @@ Bad input (a flag, the config file, a field's value, data, checkpoints, weights)
 
 from __future__ import annotations
 
+import os
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 from visionfm_jax import config_lib
-from visionfm_jax.errors import UserError
+from visionfm_jax.errors import UserError, WorkdirError
 from visionfm_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)
@@ -32,7 +33,20 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _exit_with(error: UserError) -> None:
   print(cli.error_line(error), file=sys.stderr, flush=True)
+  if isinstance(error, WorkdirError):
+    # A failed save leaves Orbax's threads and asyncio tasks behind, each of whose errors the interpreter's
+    # shutdown would print again after this line: the run has stopped, so end the process here.
+    sys.stdout.flush()
+    os._exit(2)
   sys.exit(2)
+
+
+def _ignore_closed_event_loops(unraisable) -> None:
+  """sys.unraisablehook: after a save has failed, tensorstore's callbacks still post to the event loops Orbax has
+  closed, and each would print a traceback; other unraisable errors print as usual."""
+  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
+    return
+  sys.__unraisablehook__(unraisable)
 
 
 def _parse_flags(argv: list[str]) -> list[str]:
@@ -46,6 +60,7 @@ def main(argv):
   del argv
   from visionfm_jax.training import console  # pylint: disable=g-import-not-at-top
   console.configure(verbose=_VERBOSE.value)
+  sys.unraisablehook = _ignore_closed_event_loops
   try:
     config_lib.validate(_CONFIG.value)  # before joining the other processes and setting up the devices
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top

@@ -103,7 +103,8 @@ def entry_seed(seed: int, index: int) -> int:
 
 
 class Relabel:
-  """record['label'] -> label_map[record['label']] (records without a label pass)."""
+  """record['label'] -> label_map[record['label']] (records without a label pass; a label outside the map
+  becomes -1, which the example op counts and skips as out of range)."""
 
   def __init__(self, label_map):
     self.label_map = tuple(label_map)
@@ -111,7 +112,8 @@ class Relabel:
   def __call__(self, record: dict) -> dict:
     if "label" not in record:
       return record
-    return {**record, "label": self.label_map[int(record["label"])]}
+    label = int(record["label"])
+    return {**record, "label": self.label_map[label] if 0 <= label < len(self.label_map) else -1}
 
 
 class MixtureSource:

@@ -34,7 +34,7 @@ def train_decode_side(data_cfg) -> int:
 
 
 def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int,
-                      source=None) -> skipping.SkippingLoader:
+                      source=None, num_classes: int = 0) -> skipping.SkippingLoader:
   """An infinite, shuffled, augmented loader over this process's shard of the train split.
 
   All processes read one global stream, every record of a source once per its epoch in an order that is a pure
@@ -44,14 +44,15 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   `iter(loader)` has get_state/set_state and saves with Orbax through grain.checkpoint.CheckpointSave. The
   augmentations are a pure function of (seed, stream position), so a restored iterator replays the same
   batches bitwise; restored onto another number of processes or workers it continues the stream's position
-  (`resume`). Undecodable records are skipped and counted (`skipping.SkippingIterator`). `source` (a source, or
-  a mixture_lib.Mixture) overrides the configured training data.
+  (`resume`). Undecodable records, and with `num_classes` labels outside [0, num_classes), are skipped and
+  counted (`skipping.SkippingIterator`). `source` (a source, or a mixture_lib.Mixture) overrides the configured
+  training data.
   """
   mixture = train_mixture(data_cfg, source)
   for entry in mixture.entries:
     require_key(entry.source, "label", entry.field, data_cfg.train_split, "classification needs labelled images")
   mixture = mixture_lib.with_union_labels(mixture, data_cfg)
-  return _train_loader(data_cfg, mixture, transforms.SelectKeys(), batch_size=batch_size, seed=seed,
+  return _train_loader(data_cfg, mixture, transforms.SelectKeys(num_classes), batch_size=batch_size, seed=seed,
                        process_index=process_index, process_count=process_count)
 
 

@@ -11,9 +11,10 @@ Each record is a msgpack map with an encoded image and its annotation:
   score    float   the CLIP score `tools.filter_clip_score` kept the pair for; optional
 
 `dataset.json`, next to the shards, describes them (see `write_metadata`): the kind, the class names in label
-order, and per split its shards, counts and kind (labelled, pairs, or images: image-only). `ArrayRecordSource` reads every file matching a glob as one
-random-access source; a record that is not such a map is counted (`transforms.count_failure`) and served as
-an undecodable image, which the pipelines skip.
+order, and per split its shards, counts and kind (labelled, pairs, or images: image-only). `ArrayRecordSource`
+reads every file matching a glob as one random-access source, once the shards `dataset.json` lists are all
+there with the records it counts (a deleted or truncated shard is a DataError naming it); a record that is not
+such a map is counted (`transforms.count_failure`) and served as an undecodable image, which the pipelines skip.
 
 Shards are written to `<name>.tmp` and renamed when complete (`RecordWriter`), so a finished shard name
 always means a complete file, and an interrupted conversion resumes by skipping the shards that exist.
@@ -21,6 +22,7 @@ always means a complete file, and an interrupted conversion resumes by skipping 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import io
 import json
@@ -197,6 +199,91 @@ def class_names(pattern: str) -> list[str]:
   return list(metadata["classes"])
 
 
+def _open_shards(pattern: str, files: list[str]):
+  """The ArrayRecordDataSource of `files`; DataError naming the files that cannot be opened (a truncated shard
+  has no footer)."""
+  try:
+    return array_record_data_source.ArrayRecordDataSource(files)
+  except (RuntimeError, OSError, ValueError) as e:
+    unreadable = [f for f in files if not _opens(f)]
+    raise DataError(f"arrayrecord source {pattern!r}: cannot read {_some(unreadable or files)} as ArrayRecord "
+                    f"(truncated or not written by tools.prepare_data?): {e or type(e).__name__}; {REPREPARE}") from e
+
+
+def _opens(path: str) -> bool:
+  try:
+    array_record_data_source.ArrayRecordDataSource([path])
+    return True
+  except (RuntimeError, OSError, ValueError):
+    return False
+
+
+def _records_per_file(source) -> dict[str, int] | None:
+  """{file: records} from the source's index (read from every file's footer when it opened them); None when
+  this array_record version keeps it elsewhere."""
+  instructions = getattr(source, "_read_instructions", None)
+  if instructions is None:
+    return None
+  return {os.fspath(i.filename): int(i.num_records) for i in instructions}
+
+
+def _some(names: list[str], shown: int = 5) -> str:
+  return ", ".join(names[:shown]) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
+
+
+REPREPARE = "prepare it again (tools.prepare_data rewrites only the shards that are missing)"
+
+
+def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:
+  """{split: its dataset.json entry} of the splits whose shards the file-name part of `pattern` matches."""
+  name_glob = os.path.basename(pattern)
+  return {split: entry for split, entry in metadata.get("splits", {}).items()
+          if any(fnmatch.fnmatch(name, name_glob) for name in entry.get("shards") or ())}
+
+
+def check_shards_present(pattern: str, files: list[str], metadata: dict | None) -> None:
+  """DataError naming the shards that `dataset.json` lists for `pattern` and that are not on disk (a set
+  difference of names: cheap at 100k shards)."""
+  if not metadata:
+    return
+  directory = os.path.dirname(files[0])
+  present = {os.path.basename(f) for f in files if os.path.dirname(f) == directory}
+  name_glob = os.path.basename(pattern)
+  missing = sorted(name for entry in _listed_shards(pattern, metadata).values() for name in entry["shards"]
+                   if fnmatch.fnmatch(name, name_glob) and name not in present)
+  if missing:
+    raise DataError(f"arrayrecord source {pattern!r}: {os.path.join(directory, METADATA_FILE)} lists shards that "
+                    f"are not in {directory}: {_some(missing)}; {REPREPARE}")
+
+
+def check_record_counts(pattern: str, files: list[str], per_file: dict[str, int] | None,
+                        metadata: dict | None) -> None:
+  """DataError when a split's shards hold another number of records than `dataset.json` counts, naming the
+  shards whose sidecar (`sidecar_path`) counts differ from their files."""
+  if not metadata or per_file is None:
+    return
+  directory = os.path.dirname(files[0])
+  for split, entry in _listed_shards(pattern, metadata).items():
+    paths = [os.path.join(directory, name) for name in entry["shards"]]
+    if "records" not in entry or not all(p in per_file for p in paths):
+      continue
+    on_disk = sum(per_file[p] for p in paths)
+    if on_disk != entry["records"]:
+      short = [f"{p} ({per_file[p]} of {count})" for p in paths
+               for count in [_sidecar_count(p)] if count is not None and count != per_file[p]]
+      raise DataError(f"arrayrecord source {pattern!r}: split {split!r} holds {on_disk} records, "
+                      f"{os.path.join(directory, METADATA_FILE)} counts {entry['records']}"
+                      f"{'; short: ' + _some(short) if short else ''}; {REPREPARE}")
+
+
+def _sidecar_count(path: str) -> int | None:
+  try:
+    with open(sidecar_path(path), encoding="utf-8") as f:
+      return int(json.load(f)["records"])
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
 class ArrayRecordSource:
   """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
 
@@ -209,12 +296,10 @@ class ArrayRecordSource:
   def __init__(self, pattern: str):
     self.pattern = pattern
     self.files = matching_files(pattern)
-    try:
-      self._source = array_record_data_source.ArrayRecordDataSource(self.files)
-    except (RuntimeError, OSError, ValueError) as e:
-      raise DataError(f"arrayrecord source {pattern!r}: cannot read its {len(self.files)} files as ArrayRecord "
-                      f"({self.files[0]}, ...): {e}") from e
     self.metadata = read_metadata(os.path.dirname(self.files[0]))
+    check_shards_present(pattern, self.files, self.metadata)
+    self._source = _open_shards(pattern, self.files)
+    check_record_counts(pattern, self.files, _records_per_file(self._source), self.metadata)
     kind = (self.metadata or {}).get("kind")
     self._placeholder = {"classification": {"image": None, "label": 0}, "images": {"image": None}}.get(
         kind, {"image": None, "caption": ""})

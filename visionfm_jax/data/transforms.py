@@ -64,7 +64,25 @@ def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
   with Image.open(io.BytesIO(data)) as image:
     if min_side and image.format == "JPEG":
       image.draft("RGB", (min_side, min_side))
+    if image.mode in HIGH_DEPTH_MODES:
+      return _to_rgb_array(to_8_bits(np.asarray(image), image.mode))
     return _to_rgb_array(image.convert("RGB"))
+
+
+# Pillow's single-channel modes deeper than 8 bits: its convert("RGB") clips them at 255 (a 16-bit PNG comes out
+# nearly white). Each maps to 8 bits by the full range of its depth.
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+
+
+def to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
+  """A high-depth single-channel image as uint8 by its depth's range: 16-bit 0..65535 and 32-bit integers (how
+  Pillow may hold a 16-bit PNG) by 65535 / 255 when any value exceeds 255; floats are taken as 0..1."""
+  pixels = pixels.astype(np.float64)
+  if mode == "F":
+    pixels = pixels * 255.0
+  elif mode.startswith("I;16") or pixels.max(initial=0) > 255:
+    pixels = pixels / 257.0  # 65535 -> 255
+  return np.clip(np.rint(pixels), 0, 255).astype(np.uint8)
 
 
 class Decode(grain.transforms.Map):
@@ -293,13 +311,24 @@ class EvalTransform(grain.transforms.Map):
 class SelectKeys(grain.transforms.Map):
   """The record -> example op of classification: uint8 'image' and int32 'label'.
 
+  With `num_classes` (training), a label outside [0, num_classes) is counted like an undecodable record and its
+  example marked invalid (valid=False: `skipping.SkippingIterator` drops it and counts it against
+  config.data.max_skipped_fraction): a cross-entropy over such a label is NaN.
+
   Every example op has `spec(image_size)`: {key: (shape, dtype)} of one example, from which the eval
   iterator builds its (padded) batches.
   """
 
+  def __init__(self, num_classes: int = 0):
+    self.num_classes = int(num_classes)
+
   def map(self, element: dict) -> dict:
     label = element["label"] if element.get("valid", True) else element.get("label", 0)
-    return _carry_fields(element, {"image": element["image"], "label": np.int32(label)})
+    example = _carry_fields(element, {"image": element["image"], "label": np.int32(label)})
+    if self.num_classes and element.get("valid", True) and not 0 <= int(label) < self.num_classes:
+      count_failure("label", ValueError(f"label {int(label)} outside [0, {self.num_classes})"))
+      example.update(label=np.int32(0), valid=False)
+    return example
 
   def spec(self, image_size: int) -> dict:
     return {"image": ((image_size, image_size, 3), np.uint8), "label": ((), np.int32)}

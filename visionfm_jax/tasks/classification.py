@@ -31,7 +31,8 @@ class ClassificationTask(Task):
     self.check_class_count(lambda: data.train_class_names(self.config.data),
                            "config.model.num_classes", self.config.model.num_classes)
     return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
-                                  process_index=process_index, process_count=process_count)
+                                  process_index=process_index, process_count=process_count,
+                                  num_classes=self.config.model.num_classes)
 
   def evaluators(self, ctx: EvalContext):
     def predict(params, images):

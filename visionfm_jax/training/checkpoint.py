@@ -1,13 +1,15 @@
-"""Orbax checkpoints: the train state and the data-iterator state, saved together, asynchronously.
+"""Orbax checkpoints: the train state and the data-iterator state, saved together, asynchronously, with the
+config they were trained with.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data}`. Orbax writes each step into a temporary directory and
-renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
+Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a temporary directory
+and renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
 complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp` directories. The
 data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
 per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
 the data iterator replays its batches bitwise with the same number of processes, and with another number it
 continues the global stream after every old process's position (`data/resume.py`). An unreadable newest
-checkpoint is skipped for the newest readable one (`restore_newest_readable`).
+checkpoint is skipped for the newest readable one (`restore_newest_readable`). `config/config.json` is what a
+resume compares its config with (`saved_config`, training/resume.py).
 
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
@@ -15,6 +17,7 @@ a training workdir / its `checkpoints` folder (newest step).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -29,9 +32,11 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
+from visionfm_jax.training import faults, workdir
 from visionfm_jax.training.param_rules import ParamRules, path_str
 
 
+_CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files
 
 
@@ -39,17 +44,52 @@ def _data_file(index: int, count: int) -> str:
   return f"process_{index}-of-{count}.json"
 
 
+_OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports the errno of a failed write
+_PATH_IN_MESSAGE = re.compile(r'Failed (?:writing|to write)[^"]*"([^"]+)"')
+
+
+def _storage_failure(error: BaseException) -> OSError | None:
+  """The OSError behind `error` (itself, a cause in its chain, or one tensorstore describes in its message), or
+  None when the storage did not cause it."""
+  seen = error
+  while seen is not None:
+    if isinstance(seen, OSError) and seen.errno:
+      return seen
+    match = _OS_ERROR_CODE.search(str(seen))
+    if match:
+      code = int(match.group(1))
+      path = _PATH_IN_MESSAGE.search(str(seen))
+      return OSError(code, os.strerror(code), path.group(1) if path else None)
+    seen = seen.__cause__ or seen.__context__
+  return None
+
+
 def _first_line(error: BaseException) -> str:
-  text = str(error).strip() or type(error).__name__
-  line = text.splitlines()[0]
+  """The first line of the message, with the next one when it ends in a colon ('tree structures do not
+  match:'), cut at 300 characters."""
+  lines = [line.strip() for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
+  line = " ".join(lines[:2]) if lines[0].endswith(":") else lines[0]
   return line if len(line) <= 300 else line[:300] + " ..."
 
 
-def _on_every_process(ok: bool) -> bool:
-  """True when `ok` holds on every process (a collective with several processes)."""
-  if jax.process_count() == 1:
-    return ok
-  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+def newest_committed_step(directory) -> int | None:
+  """The newest step saved under `directory` (a checkpoints folder), None when none is: Orbax renames a step's
+  directory to its number once the save has committed."""
+  directory = epath.Path(directory)
+  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
+  return max(steps, default=None)
+
+
+def saved_config(directory, step: int) -> dict | None:
+  """The config the run that saved `step` under `directory` was trained with (a JSON dict), None for a
+  checkpoint saved without one; CheckpointError when it cannot be read."""
+  path = epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE
+  if not path.exists():
+    return None
+  try:
+    return json.loads(path.read_text())
+  except (OSError, ValueError) as e:
+    raise CheckpointError(f"cannot read the config saved with {path.parent.parent}: {e}") from e
 
 
 class _CapturedIteratorState:
@@ -64,15 +104,19 @@ class _CapturedIteratorState:
 
 
 class Checkpointer:
-  """Saves/restores {state, data-iterator} under `directory` with an async Orbax CheckpointManager."""
+  """Saves/restores {state, data-iterator} (and saves the run's config) under `directory` with an async Orbax
+  CheckpointManager; storage faults are WorkdirErrors naming the path and errno."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True):
+  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, run_config: dict | None = None):
+    """`run_config`: the run's config as a JSON dict, saved with every checkpoint (`saved_config`)."""
     self.directory = epath.Path(directory)
+    self._run_config = run_config
     options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
                                            cleanup_tmp_directories=True)
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler()})
+        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
+                       _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE)})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -81,10 +125,48 @@ class Checkpointer:
     return list(self._manager.all_steps())
 
   def save(self, step: int, state, data_iterator=None) -> None:
+    """Starts the asynchronous save of `step`, once every process has checked that the directory takes it (a
+    WorkdirError on all of them otherwise, before anything is written). A failure of this or an earlier save
+    in flight is a WorkdirError naming the path and the errno when the storage caused it."""
+    workdir.check_storage(self.directory, workdir.tree_bytes(state))
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
-    self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
+    if self._run_config is not None:
+      items[_CONFIG_ITEM] = ocp.args.JsonSave(self._run_config)
+    with self._storage_faults_named():
+      self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
+
+  def raise_if_failed(self) -> None:
+    """Raises on every process when a save in flight has failed on any (a WorkdirError for a storage fault):
+    a cheap look at the finished background writes, called at the loop's logging steps."""
+    error = None
+    try:
+      with self._storage_faults_named():
+        self._manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except  # raised on every process below
+      error = e
+    faults.raise_together(error, workdir.WorkdirError(f"another process failed to save a checkpoint to "
+                                                      f"{self.directory} (its error line says why)"))
+
+  @contextlib.contextmanager
+  def _storage_faults_named(self):
+    """Turns an exception of Orbax caused by the storage (an OSError, or tensorstore's message carrying an
+    os_error_code) into a WorkdirError naming the path and the errno; others pass unchanged. The save's
+    temporary directory is left for the next run to clean: the committed checkpoints are untouched."""
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except
+      failure = _storage_failure(e)
+      if failure is None:
+        raise
+      self._abandon()
+      raise workdir.storage_error("cannot save a checkpoint to", self.directory, failure) from e
+
+  def _abandon(self) -> None:
+    """Waits for the failed save's other threads to end (their errors are the one already reported)."""
+    with contextlib.suppress(Exception):
+      self._manager.wait_until_finished()
 
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this
@@ -137,7 +219,7 @@ class Checkpointer:
         state, error = self.restore(step, abstract_state, data_iterator), None
       except CheckpointError as e:
         state, error = None, e
-      if _on_every_process(error is None):
+      if faults.agreed(error is None):
         for bad, _ in failures:
           self._set_aside(bad)
         return step, state
@@ -164,10 +246,11 @@ class Checkpointer:
     self._manager.reload()
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    with self._storage_faults_named():
+      self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
+    self.wait()
     self._manager.close()
 
 

@@ -3,7 +3,8 @@
 `configure(verbose)` sets up the stderr handler once per program: every line is `HH:MM:SS message`
 (`HH:MM:SS warning: message` from WARNING up). Lines logged by this package pass; the INFO lines of the
 libraries underneath (Orbax's handler registries and option dumps, JAX's backend probing) are dropped unless
-`verbose` (`--verbose`), when they pass too, tagged with their module. Warnings and errors always pass.
+`verbose` (`--verbose`), when they pass too, tagged with their module. Warnings and errors always pass (their
+tracebacks only when `verbose`).
 Only the console is filtered: `logging` handlers added by others (pytest's caplog, a log file) see everything.
 
 `Progress` is the bar: redrawn in place on a terminal; when stderr is not a terminal (SLURM logs, pipes) it
@@ -45,13 +46,19 @@ class _ConsoleFilter(py_logging.Filter):
 
 
 class _ConsoleFormatter(py_logging.Formatter):
+  """Other libraries' tracebacks only when verbose: a failed save makes Orbax log the same one from each of its
+  threads, and our own error line names the fault."""
+
+  def __init__(self, verbose: bool = False):
+    super().__init__()
+    self.verbose = verbose
 
   def format(self, record: py_logging.LogRecord) -> str:
     clock = time.strftime("%H:%M:%S", time.localtime(record.created))
     level = f"{record.levelname.lower()}: " if record.levelno >= py_logging.WARNING else ""
     origin = "" if is_ours(record) else f"[{record.module}] "
     text = f"{clock} {level}{origin}{record.getMessage()}"
-    if record.exc_info:
+    if record.exc_info and (self.verbose or is_ours(record)):
       text += "\n" + self.formatException(record.exc_info)
     return text
 
@@ -62,7 +69,7 @@ def configure(verbose: bool = False) -> None:
   for old in [f for f in handler.filters if isinstance(f, _ConsoleFilter)]:
     handler.removeFilter(old)
   handler.addFilter(_ConsoleFilter(verbose))
-  handler.setFormatter(_ConsoleFormatter())
+  handler.setFormatter(_ConsoleFormatter(verbose))
 
 
 def _clear_bar() -> None:

@@ -11,6 +11,9 @@ the signal themselves.
 typically on a collective that another process has abandoned. It dumps every thread's stack, names the
 step and phase, and exits with `HUNG_EXIT_CODE` so that the scheduler can requeue the job instead of
 holding the allocation until its time limit.
+
+`agreed(ok)` is how the processes carry out one decision together (a workdir lock, a failed save, an
+unreadable checkpoint): every process calls it at the same point and all get the same answer.
 """
 
 from __future__ import annotations
@@ -23,10 +26,26 @@ import threading
 import time
 
 import jax
+import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
 HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the job may succeed if requeued
+
+
+def agreed(ok: bool) -> bool:
+  """True when `ok` holds on every process: how the processes learn one another's decisions (a collective
+  with several processes, which every process must call at the same point)."""
+  if jax.process_count() == 1:
+    return ok
+  return bool(np.all(multihost_utils.process_allgather(np.int32(ok))))
+
+
+def raise_together(error: Exception | None, elsewhere: Exception) -> None:
+  """Every process raises when any has an `error`: its own, or `elsewhere` (naming the cause as another
+  process's) where it had none. Every process must call it at the same point."""
+  if not agreed(error is None):
+    raise error or elsewhere
 
 
 def _sync_manager_available() -> bool:

@@ -8,16 +8,22 @@ import os
 import jax
 from absl import logging
 
+from visionfm_jax import atomic
+
 
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and writes TensorBoard scalars."""
+  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and writes TensorBoard scalars.
 
-  def __init__(self, workdir: str):
+  A run resumed at `resume_step` first drops the rows of later steps: a run that stopped after its last
+  checkpoint logged them, and this one logs those steps again."""
+
+  def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
     self._tb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
+    _drop_rows_after(os.path.join(workdir, "metrics.jsonl"), resume_step)
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
@@ -41,3 +47,23 @@ class MetricWriter:
       self._jsonl.close()
       if self._tb is not None:
         self._tb.close()
+
+
+def _drop_rows_after(path: str, step: int) -> None:
+  if not os.path.exists(path):
+    return
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  kept = [line for line in lines if _step_of(line) <= step]
+  if len(kept) < len(lines):
+    atomic.write(path, "".join(kept))
+    logging.info("metrics.jsonl: dropped %d rows after step %d, logged by a run that stopped before its next "
+                 "checkpoint", len(lines) - len(kept), step)
+
+
+def _step_of(line: str) -> float:
+  """The row's step; a line that is not a row (a write cut short) counts as after every step."""
+  try:
+    return json.loads(line)["step"]
+  except (ValueError, KeyError, TypeError):
+    return float("inf")

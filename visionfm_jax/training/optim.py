@@ -31,10 +31,24 @@ from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
 
 
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
-  """0 -> lr linearly over warmup_steps, then cosine from lr to end_lr at total_steps."""
-  return optax.warmup_cosine_decay_schedule(
+  """0 -> lr linearly over warmup_steps, then cosine from lr to end_lr at total_steps.
+
+  From optim_cfg.resumed_at on (>= 0: a resume that changed the schedule's length, training/resume.py), a
+  cosine from optim_cfg.resumed_lr, the rate the run had reached there, to end_lr at total_steps: the rate goes
+  on from where it was instead of jumping to the new schedule's value at that step."""
+  base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
       decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.end_lr)
+  if optim_cfg.resumed_at < 0:
+    return base
+  start, start_lr, end_lr = optim_cfg.resumed_at, optim_cfg.resumed_lr, optim_cfg.end_lr
+  length = max(total_steps - start, 1)
+
+  def resumed(count):
+    fraction = jnp.clip((count - start) / length, 0.0, 1.0)
+    cosine = end_lr + (start_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
+    return jnp.where(count < start, base(count), cosine)
+  return resumed
 
 
 def decay_mask_fn(no_decay: tuple[str, ...]):

@@ -26,6 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from visionfm_jax import atomic, config_lib, parallel, tasks
 
 from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision, prefetch
+from visionfm_jax.training import resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -205,17 +206,26 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
 
 # -------------------------------------------------------------------------------------------------- run
 
-def _write_config(config, workdir):
+def _write_config(config, workdir, start_step: int) -> None:
+  """config.json (the latest launch's) and config.<start_step>.json (this launch's, kept), once the resume
+  check has accepted the config."""
   if jax.process_index() == 0:
-    os.makedirs(workdir, exist_ok=True)
     atomic.write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
+    resume.keep_launch_config(config, workdir, start_step)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains per `config` in `workdir`, resuming from its newest checkpoint. Returns the last metrics."""
+  """Trains per `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's lock (a
+  WorkdirError when another run holds it). Returns the last metrics."""
   config_lib.validate(config, jax.device_count(), jax.process_count())
   init_from.derive_model_config(config)
-  _write_config(config, workdir)
+  with workdir_lib.claimed(workdir, config.lock_wait_s):
+    return _train_in(config, workdir)
+
+
+def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  resume.check_changes(config, checkpoint_dir)  # before anything is built: it may also anchor the schedule
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
@@ -234,12 +244,15 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
-    checkpointer = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints)
+    workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
+    checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
+                                           run_config=resume.as_json(config))
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
+    _write_config(config, workdir, start_step)
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
-    writer = metrics.MetricWriter(workdir)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step)
     try:
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
                    writer, task)
@@ -360,6 +373,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       if will_log or will_save:
         # Before a save: never checkpoint NaN params.
         _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)
+        checkpointer.raise_if_failed()  # a save that failed in the background stops the run now, not at the next
       if will_log:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - window_start

@@ -1,0 +1,95 @@
+"""A resume continues the run that saved the checkpoint, with that run's config unless told otherwise.
+
+Every checkpoint carries the config it was trained with (training/checkpoint.py). Before restoring, the
+newest checkpoint's config is compared with the one launched, field by field (`config_lib.RESUME_RULES`):
+another model, task, compute dtype or data is refused, naming each field old -> new (the checkpoint does not
+continue such a run: a new workdir does, or `init_from`); a changed schedule or optimiser field needs its name
+in `config.resume.allow_changes`, and is then logged with the learning rate before and after: a new length
+(total_steps, warmup_steps, end_lr) continues from the rate reached, decaying to end_lr over the new length
+(`optim.resumed_at`), while a new optim.lr takes the new schedule as it is (the jump asked for); how the run is
+laid out, logged and evaluated may change freely. Each launch's config is kept as `config.<step>.json` (the
+step it started from), never overwritten; `config.json` is the latest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import ml_collections
+from absl import logging
+
+from visionfm_jax import atomic, config_lib
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.training import checkpoint, optim
+
+
+def as_json(config: ml_collections.ConfigDict) -> dict:
+  """The config as the JSON dict a checkpoint carries (tuples become lists)."""
+  return json.loads(config.to_json_best_effort())
+
+
+def _listed(changes) -> str:
+  return ", ".join(f"config.{path} {old!r} -> {new!r}" for path, old, new in changes)
+
+
+def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> None:
+  """ConfigError when `config` may not resume the newest checkpoint in `checkpoint_dir` (module docstring);
+  logs the accepted changes and sets config.optim.resumed_at / resumed_lr so that the learning rate goes on
+  from where it was. Nothing to compare without a checkpoint, or with one saved without its config."""
+  step = checkpoint.newest_committed_step(checkpoint_dir)
+  if step is None:
+    return
+  where = f"{checkpoint_dir}/{step}"
+  saved = checkpoint.saved_config(checkpoint_dir, step)
+  if saved is None:
+    logging.warning("%s carries no config (saved by an older version): this run's config is not compared with it",
+                    where)
+    return
+  changes = config_lib.resume_changes(saved, as_json(config))
+  if changes[config_lib.REFUSED]:
+    raise ConfigError(f"cannot resume {where}: it was trained with another model, task, precision or data: "
+                      f"{_listed(changes[config_lib.REFUSED])}; give this run another --workdir (with "
+                      f"config.init_from=<this workdir> to start from its weights)")
+  schedule = changes[config_lib.OPT_IN]
+  unasked = [path for path, _, _ in schedule if path not in config_lib.allowed_changes(config)]
+  if unasked:
+    raise ConfigError(f"resuming {where} with a changed schedule or optimiser: {_listed(schedule)}; to continue "
+                      f"with these, pass --config.resume.allow_changes={','.join(p for p, _, _ in schedule)}")
+  changed = {path for path, _, _ in schedule}
+  if config.total_steps <= step and "total_steps" in changed:
+    raise ConfigError(f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing "
+                      f"would be trained")
+  _continue_the_rate(config, saved, step, changed)
+  if schedule:
+    logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
+                    _listed(schedule), step, _lr_at(saved, step), _lr_at(as_json(config), step))
+
+
+def _continue_the_rate(config: ml_collections.ConfigDict, saved: dict, step: int, changed: set[str]) -> None:
+  """Anchors the schedule at the rate the checkpoint's run had reached at `step` when the schedule's length
+  changed (total_steps, warmup_steps, end_lr) past the warmup; a new optim.lr asks for the new schedule as it
+  is; otherwise the checkpoint's own anchor, if any, carries on."""
+  if "optim.lr" in changed:
+    config.optim.resumed_at, config.optim.resumed_lr = -1, 0.0
+  elif changed & {"total_steps", "optim.warmup_steps", "optim.end_lr"} and step >= config.optim.warmup_steps:
+    config.optim.resumed_at, config.optim.resumed_lr = step, _lr_at(saved, step)
+  else:
+    config.optim.resumed_at = saved["optim"].get("resumed_at", -1)
+    config.optim.resumed_lr = saved["optim"].get("resumed_lr", 0.0)
+
+
+def _lr_at(config_json: dict, step: int) -> float:
+  optim_cfg = ml_collections.ConfigDict({"resumed_at": -1, "resumed_lr": 0.0, **config_json["optim"]})
+  return float(optim.schedule(optim_cfg, config_json["total_steps"])(step))
+
+
+def keep_launch_config(config: ml_collections.ConfigDict, workdir: str, start_step: int) -> str:
+  """Writes the config of this launch to `<workdir>/config.<start_step>.json` (`.<n>` added when a launch from
+  that step already wrote one) and returns the path."""
+  base = os.path.join(workdir, f"config.{start_step}")
+  path, n = base + ".json", 1
+  while os.path.exists(path):
+    path, n = f"{base}.{n}.json", n + 1
+  atomic.write(path, config.to_json_best_effort(indent=2))
+  return path

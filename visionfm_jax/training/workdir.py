@@ -1,0 +1,268 @@
+"""The workdir belongs to one run at a time, and must be able to hold what the run writes.
+
+`claimed(workdir, wait_s)` holds an exclusive lock on `<workdir>/lock` for the run: a POSIX record lock
+(`fcntl.lockf`, which NFS and the cluster file systems that lock at all honour across hosts) that the kernel
+drops when the holder dies, so a lock left by a killed run is free again. The file names the holder (host,
+pid, SLURM job id) for the error line of a run that is refused. Only process 0 locks; the others learn its
+decision through `faults.agreed`.
+
+A holder of the same SLURM job id is this job's previous incarnation (a requeue keeps the id), perhaps still
+saving: the run waits up to `wait_s` for it. Any other holder is refused at once.
+
+`check_writable` and `check_room` probe a directory before the run (and every save) relies on it; storage
+faults are `WorkdirError`s naming the path and the errno.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import math
+import os
+import socket
+import time
+
+import jax
+from absl import logging
+
+from visionfm_jax.errors import WorkdirError
+from visionfm_jax.training import faults
+
+LOCK_FILE = "lock"
+_HELD = (errno.EACCES, errno.EAGAIN)  # lockf: another process holds the lock
+_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system mounted without locking
+# Room a save needs beyond the state's bytes: Orbax's metadata, the data iterator's state, file system slack.
+ROOM_FACTOR = 1.1
+ROOM_MARGIN_BYTES = 16 << 20
+
+
+def storage_error(what: str, path, error: OSError) -> WorkdirError:
+  """'<what> <path>: <strerror> (errno ENOSPC)' as a WorkdirError."""
+  code = errno.errorcode.get(error.errno, str(error.errno)) if error.errno else type(error).__name__
+  reason = error.strerror or str(error)
+  file = f", writing {error.filename}" if error.filename and error.filename != os.fspath(path) else ""
+  return WorkdirError(f"{what} {os.fspath(path)}: {reason} (errno {code}{file})")
+
+
+def make_dirs(path) -> None:
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise storage_error("cannot create the directory", path, e) from e
+
+
+def check_writable(directory) -> None:
+  """WorkdirError naming `directory` and the errno when a file cannot be created, written and removed there."""
+  probe = os.path.join(os.fspath(directory), f".write_probe.{socket.gethostname()}.{os.getpid()}")
+  try:
+    with open(probe, "wb") as f:
+      f.write(b"probe")
+      f.flush()
+      os.fsync(f.fileno())
+    os.remove(probe)
+  except OSError as e:
+    raise storage_error("cannot write to", directory, e) from e
+
+
+def check_storage(checkpoint_dir, state_bytes: int, *others) -> None:
+  """On every process: `checkpoint_dir` (created) and `others` writable, and room there for one checkpoint of
+  `state_bytes`; a WorkdirError on every process when any one fails (the others name it as elsewhere)."""
+  error = None
+  try:
+    make_dirs(checkpoint_dir)
+    for directory in (*others, checkpoint_dir):
+      check_writable(directory)
+    check_room(checkpoint_dir, state_bytes)
+  except WorkdirError as e:
+    error = e
+  faults.raise_together(error, WorkdirError(f"another process cannot write to {os.fspath(checkpoint_dir)} (its "
+                                            f"error line says why)"))
+
+
+def room_needed(state_bytes: int) -> int:
+  return int(state_bytes * ROOM_FACTOR) + ROOM_MARGIN_BYTES
+
+
+def check_room(directory, state_bytes: int) -> None:
+  """WorkdirError (errno ENOSPC) when `directory`'s file system has less room than one checkpoint of a state of
+  `state_bytes` bytes plus margin (`room_needed`)."""
+  stats = os.statvfs(os.fspath(directory))
+  free = stats.f_bavail * stats.f_frsize
+  needed = room_needed(state_bytes)
+  if free < needed:
+    raise WorkdirError(f"no room for a checkpoint in {os.fspath(directory)}: {_size(free)} free, one checkpoint "
+                       f"needs about {_size(needed)} ({_size(state_bytes)} of state plus margin) (errno ENOSPC)")
+
+
+def _size(n: int) -> str:
+  return f"{n / 2**20:.1f} MiB"
+
+
+def tree_bytes(tree) -> int:
+  """The bytes of every array leaf of `tree` (global sizes; arrays or ShapeDtypeStructs)."""
+  return sum(math.prod(leaf.shape) * leaf.dtype.itemsize for leaf in jax.tree.leaves(tree) if hasattr(leaf, "dtype"))
+
+
+# ------------------------------------------------------------------------------------------------ lock
+
+def this_holder() -> dict:
+  return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
+          "pid_namespace": _pid_namespace()}
+
+
+def _pid_namespace() -> str:
+  """Which pid numbering this process sees ('' where /proc does not say): containers on one host share its
+  name but not their pids."""
+  try:
+    return os.readlink("/proc/self/ns/pid")
+  except OSError:
+    return ""
+
+
+def describe(holder: dict | None) -> str:
+  if not holder:
+    return "a run that has not written its name yet"
+  text = f"host {holder.get('host')}, pid {holder.get('pid')}"
+  return text + (f", SLURM job {holder['job']}" if holder.get("job") else "")
+
+
+def _read_holder(fd: int) -> dict | None:
+  try:
+    data = os.pread(fd, 4096, 0)
+    holder = json.loads(data) if data.strip() else None
+  except (OSError, ValueError):
+    return None
+  return holder if isinstance(holder, dict) else None
+
+
+def _gone_from_this_host(holder: dict | None) -> bool:
+  """True when `holder` ran on this host, with this process's pid numbering, and its process no longer exists
+  (a lock a lost NFS client kept)."""
+  if (not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int)
+      or holder.get("pid_namespace") != _pid_namespace()):
+    return False
+  try:
+    os.kill(holder["pid"], 0)
+  except ProcessLookupError:
+    return True
+  except PermissionError:  # alive, another user's
+    return False
+  return False
+
+
+def _is_our_requeue(holder: dict | None) -> bool:
+  job = os.environ.get("SLURM_JOB_ID", "")
+  return bool(job) and bool(holder) and holder.get("job") == job
+
+
+class WorkdirLock:
+  """The exclusive lock of one workdir: `acquire(wait_s)`, then `release()`."""
+
+  def __init__(self, workdir):
+    self.workdir = os.fspath(workdir)
+    self.path = os.path.join(self.workdir, LOCK_FILE)
+    self._fd = None
+
+  def _open(self) -> int:
+    try:
+      return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+      raise storage_error("cannot create the lock file", self.path, e) from e
+
+  def acquire(self, wait_s: float) -> None:
+    """Takes the lock, waiting up to `wait_s` for a holder of this SLURM job id; WorkdirError naming the holder
+    otherwise. A stale record (its run ended without releasing) is taken over with a warning."""
+    fd = self._open_past_a_gone_holder()
+    try:
+      self._wait_for(fd, wait_s)
+      previous = _read_holder(fd)
+      if previous:
+        logging.warning("taking over the stale lock %s of %s (that run ended without releasing it)", self.path,
+                        describe(previous))
+      self._write_holder(fd)
+    except BaseException:
+      os.close(fd)
+      raise
+    self._fd = fd
+
+  def _open_past_a_gone_holder(self) -> int:
+    """The lock file's descriptor; a fresh file's when the lock is held for a process gone from this host."""
+    fd = self._open()
+    try:
+      if self._try_lock(fd) or not _gone_from_this_host(_read_holder(fd)):
+        return fd
+    except BaseException:
+      os.close(fd)
+      raise
+    logging.warning("the lock %s is held for %s, which is gone: taking it over", self.path,
+                    describe(_read_holder(fd)))
+    os.close(fd)
+    os.unlink(self.path)  # a fresh file, which the gone holder has no lock on
+    return self._open()
+
+  def _wait_for(self, fd: int, wait_s: float) -> None:
+    """Locks `fd`, waiting up to `wait_s` when the holder is this job's predecessor; WorkdirError naming the
+    holder when it stays held."""
+    deadline = time.monotonic() + wait_s
+    while not self._try_lock(fd):
+      holder = _read_holder(fd)
+      left = deadline - time.monotonic()
+      if not _is_our_requeue(holder) or left <= 0:
+        waited = f" (waited {wait_s:g} s, config.lock_wait_s)" if _is_our_requeue(holder) else ""
+        raise WorkdirError(f"--workdir {self.workdir} is in use by another run ({describe(holder)}; lock file "
+                           f"{self.path}){waited}: wait for it to end, or give this run another --workdir")
+      time.sleep(min(1.0, left))
+
+  def _try_lock(self, fd: int) -> bool:
+    try:
+      fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      return True
+    except OSError as e:
+      if e.errno in _HELD:
+        return False
+      if e.errno in _UNSUPPORTED:
+        logging.warning("the file system of %s does not support locks: nothing stops a second run from using "
+                        "this workdir at the same time", self.workdir)
+        return True
+      raise storage_error("cannot lock", self.path, e) from e
+
+  def _write_holder(self, fd: int) -> None:
+    try:
+      os.ftruncate(fd, 0)
+      os.pwrite(fd, json.dumps(this_holder()).encode() + b"\n", 0)
+      os.fsync(fd)
+    except OSError as e:
+      raise storage_error("cannot write the lock file", self.path, e) from e
+
+  def release(self) -> None:
+    """Empties the record (a run that ends cleanly leaves no stale holder) and drops the lock. The file stays:
+    removing it would let a run waiting on the old file and a new one on a fresh file both hold 'the' lock."""
+    if self._fd is None:
+      return
+    with contextlib.suppress(OSError):
+      os.ftruncate(self._fd, 0)
+    os.close(self._fd)  # closing drops the lockf lock
+    self._fd = None
+
+
+@contextlib.contextmanager
+def claimed(workdir, wait_s: float):
+  """Creates `workdir` and holds its lock for the block (process 0 takes it; every process fails together when
+  it cannot)."""
+  lock, error = None, None
+  if jax.process_index() == 0:
+    try:
+      make_dirs(workdir)
+      lock = WorkdirLock(workdir)
+      lock.acquire(wait_s)
+    except WorkdirError as e:
+      lock, error = None, e
+  faults.raise_together(error, WorkdirError(f"process 0 could not take the lock of --workdir {os.fspath(workdir)} "
+                                            f"(its error line says why)"))
+  try:
+    yield
+  finally:
+    if lock is not None:
+      lock.release()
