@@ -106,7 +106,7 @@ def write_dir(path: str, config: dict[str, Any], tensors: dict[str, np.ndarray])
   stale = [f for f in (INDEX, *PICKLES) if os.path.exists(os.path.join(path, f))]
   if stale:  # transformers would load those instead of (or besides) the new weights
     raise CheckpointError(f"{path!r}: holds {', '.join(stale)} from another model; choose an empty directory")
-  arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  arrays = {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}  # ascontiguousarray makes 0-d 1-d
   save_file(arrays, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
   _write_json(os.path.join(path, "config.json"), config)
 
