@@ -73,6 +73,10 @@ class CLIP(nn.Module):
   def image_size(self) -> int:
     return self.image.image_size
 
+  def description(self) -> str:
+    return (f"CLIP, {self.embed_dim}-d embeddings; image: {self.image.description()}; text: width "
+            f"{self.text.width}, depth {self.text.depth}, {self.text.max_len} tokens")
+
   def train_flops_per_example(self) -> float:
     """The image tower's, the text tower's (all max_len positions) and both projections', x 3."""
     text = self.text
