@@ -2,6 +2,7 @@
 `tokenizers`, random weights, nothing downloaded) is imported by tools.import_hf, loaded from either directory
 by tools/clip_checkpoint.py, and filters pairs by scores equal to transformers' cosine similarities."""
 
+import json
 import os
 import pickle
 
@@ -169,3 +170,48 @@ def test_import_then_export_hf_round_trips_bitwise(hf_dir, tmp_path, capsys):
   for key, value in original.items():
     assert written[key].shape == value.shape and np.array_equal(written[key], value), key
 
+
+ZEROSHOT_FLAGS = ("--config.eval.zeroshot_classes=shapes", "--config.eval.zeroshot_source=shapes",
+                  "--config.eval.zeroshot_split=validation", "--config.eval.zeroshot_examples=16",
+                  "--config.eval.retrieval=false", "--batch_size=8")
+
+
+def _transformers_zeroshot(model, task) -> tuple[float, float]:
+  """top-1 / top-5 of transformers' CLIPModel on the first 16 shapes validation images: class embeddings are
+  the renormalised means of the prompts' (tokenised by the tokenizers library)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from visionfm_jax import data  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.tasks import contrastive  # pylint: disable=g-import-not-at-top
+  names, templates = zeroshot.class_names_and_templates("shapes")
+  tok = _bpe_tokenizer()
+  ids = [e.ids + [EOS] * (MAX_LEN - len(e.ids)) for e in tok.encode_batch(zeroshot.prompts(names, templates))]
+  source = data.open_eval_source(contrastive.zeroshot_data_config(task.config.data, task.config.eval))
+  mean, std = np.asarray(task.config.data.mean), np.asarray(task.config.data.std)
+  pixels = np.stack([((transforms.EvalTransform(IMAGE_SIZE, "clip").map({"image": source[i]["image"]})["image"] / 255.0
+                      - mean) / std).transpose(2, 0, 1) for i in range(16)]).astype(np.float32)
+  labels = np.array([source[i]["label"] for i in range(16)])
+  with torch.no_grad():
+    out = model(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(pixels))
+  text = out.text_embeds.numpy().astype(np.float64).reshape(len(names), len(templates), -1).mean(1)
+  text /= np.linalg.norm(text, axis=-1, keepdims=True)
+  ranks = np.argsort(-(out.image_embeds.numpy().astype(np.float64) @ text.T), axis=1)
+  return float(np.mean(ranks[:, 0] == labels)), float(np.mean((ranks[:, :5] == labels[:, None]).any(1)))
+
+
+def test_evaluate_runs_the_zeroshot_evaluator_as_transformers_scores(hf_dir, tmp_path, capsys):
+  from visionfm_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  src, model = hf_dir
+  out = tmp_path / "results.json"
+  assert evaluate.main(["evaluate", f"--checkpoint={src}", *ZEROSHOT_FLAGS, f"--out={out}"]) == 0
+  printed = capsys.readouterr().out.strip().splitlines()
+  results = json.loads(out.read_text())
+  assert json.loads(printed[-1]) == results and "eval/zeroshot/count=16" in printed
+  assert (results["eval/zeroshot/count"], results["step"]) == (16, None)
+  task = clip_checkpoint.load(src).task
+  task.config.eval.zeroshot_classes, task.config.eval.zeroshot_source = "shapes", "shapes"
+  task.config.eval.zeroshot_split, task.config.eval.zeroshot_examples = "validation", 16
+  assert (results["eval/zeroshot/top1"], results["eval/zeroshot/top5"]) == pytest.approx(
+      _transformers_zeroshot(model, task))
+  assert evaluate.main(["evaluate", f"--checkpoint={src}", "--config.eval.no_such_field=1"]) == 2
+  assert "no_such_field" in capsys.readouterr().err
