@@ -23,6 +23,9 @@ retrieval R@1/5/10 as papers report it, on COCO's Karpathy 5k test split and Fli
 caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as BUILD.md prepares them
 under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
 
+Variant `vit`: a ViT image tower in place of SwinV2-G (B/16; tools.import_hf prints the fields of an imported
+OpenAI or LAION CLIP over it, with `--config.init_from=` the imported directory).
+
 Variant `ft640`: the final stage at 640 px, window 40, initialised from a 224 px run (`--config.init_from=`
 its workdir); every weight carries over, the position bias is recomputed through pretrained_window_sizes
 (14, 14, 14, 7), which init_from reads from that workdir's config.json. Variant `demo`: a small SwinV2 + text
@@ -47,8 +50,8 @@ from visionfm_jax.errors import ConfigError
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
-  if set(parts) - {"demo", "ft640"}:
-    raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, demo,ft640")
+  if set(parts) - {"demo", "ft640", "vit"}:
+    raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, demo,ft640, vit")
   config = config_lib.base_config("clip")
   config.task = "contrastive"
 
@@ -87,6 +90,9 @@ def get_config(arg: str | None = None):
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
 
+  if "vit" in parts:
+    # a ViT image tower (B/16 unless overridden): what tools.import_hf's flags for a published CLIP start from
+    config.model.image = config_lib.model_config("clip", image_tower="vit").image
   if "demo" in parts:
     _demo(config)
   if "ft640" in parts:

@@ -1,6 +1,7 @@
 """Test session setup: 8 simulated CPU devices (multi-device sharding is tested on them), fp32 matmuls, and XLA's
 LLVM back end at its lowest optimisation level."""
 
+import math
 import os
 import sys
 
@@ -110,3 +111,19 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+def randomize_hf_params(model, seed: int) -> None:
+  """Overwrites every parameter of a transformers (torch) model with noise: its init (norms 1 and 0, zero
+  biases) would hide mapping errors. Norm scales ~ 1 + 0.3 N, biases and embeddings 0.3 N, matrices N / sqrt(fan_in)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      noise = torch.randn(p.shape, generator=gen)
+      if ("layer_norm" in name or "layrnorm" in name or "layernorm" in name) and name.endswith("weight"):
+        p.copy_(1.0 + 0.3 * noise)
+      elif name.endswith("bias") or "embedding" in name or p.ndim < 2:
+        p.copy_(0.3 * noise)
+      else:
+        p.copy_(noise / math.sqrt(p[0].numel()))

@@ -144,7 +144,9 @@ def test_zeroshot_split_applies_to_the_eval_source_too():
 
 def test_zeroshot_prompt_ensembling():
   names, templates = zeroshot.class_names_and_templates("imagenet")
-  assert len(names) == 1000 and len(set(names)) == 1000 and names[0] == "tench"
+  # OpenAI's list repeats two names (two 'missile' and two 'sunglasses' classes); test_openai_zeroshot_set
+  # compares it with open_clip's copy entry for entry.
+  assert len(names) == 1000 and len(set(names)) == 998 and names[0] == "tench"
   assert len(templates) == 80 == len(set(templates)) and all(t.count("{}") == 1 for t in templates)
   simple_names, simple = zeroshot.class_names_and_templates("imagenet_simple")
   assert simple_names == names and len(simple) == 8 and set(simple) < set(templates)

@@ -21,7 +21,7 @@ from safetensors.numpy import load_file  # noqa: E402  pylint: disable=g-import-
 from conftest import tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax import convert, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.training import checkpoint
-from visionfm_jax.convert import hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.convert import hf_files, hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.data import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import swinv2, text, vit  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -212,7 +212,7 @@ def test_cli_exports_a_training_workdir(tmp_path, capsys):
   chex.assert_trees_all_equal(jax.device_get(variables["params"]), params)
   with open(out / "config.json") as f:
     assert list(json.load(f)["id2label"].values()) == list(shapes.SHAPE_NAMES)
-  assert import_hf.normalisation(str(out)) == {"mean": list(config.data.mean), "std": list(config.data.std)}
+  assert hf_files.read_normalisation(str(out)) == {"mean": list(config.data.mean), "std": list(config.data.std)}
 
 
 @pytest.fixture(scope="module")

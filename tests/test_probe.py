@@ -135,3 +135,20 @@ def test_a_bad_probe_source_is_an_error_naming_config_probe_source():
   mesh = parallel.make_mesh(config.mesh)
   with pytest.raises(DataError, match=r"^config.probe.source='shapez': expected 'shapes'"):
     probe.FeatureProbe(lambda p, x: x, config.probe, config.data, EvalContext(mesh, 128, 0, 1))
+
+
+def test_evaluate_tool_runs_a_classifier_workdirs_evaluators(tmp_path, capsys):
+  from visionfm_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+  config = _probe_config(**{"probe.knn": False, "probe.linear": False, "data.eval_examples": 24})
+  (tmp_path / "config.json").write_text(config.to_json_best_effort())
+  ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+  ckpt.save(3, {"params": _random_vit_params(), "step": np.int32(3)})
+  ckpt.close()
+  assert evaluate.main(["evaluate", f"--checkpoint={tmp_path}", "--batch_size=8"]) == 0
+  result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  # the val evaluator as the training loop builds it, on the same params
+  task = tasks.build(config, parallel.make_mesh(config.mesh))
+  ctx = EvalContext(task.mesh, 8, 0, 1)
+  params = jax.device_put(_random_vit_params(), NamedSharding(task.mesh, P()))
+  want = {f"eval/val/{k}": float(v) for k, v in task.evaluators(ctx)["val"](params).items()}
+  assert result == {**want, "step": 3}

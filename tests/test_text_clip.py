@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import randomize_hf_params
 from visionfm_jax import config_lib, models
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID
@@ -72,16 +73,7 @@ def hf_text(tmp_path_factory):
       cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=MAX_LEN, hidden_act="gelu",
                                         pad_token_id=0, bos_token_id=2, eos_token_id=3, **HF_CONFIGS[name])
       model = transformers.CLIPTextModelWithProjection(cfg).eval()
-      gen = torch.Generator().manual_seed(len(cache))
-      with torch.no_grad():  # HF init hides mapping errors (norms 1/0, zero biases): randomise every tensor
-        for pname, p in model.named_parameters():
-          noise = torch.randn(p.shape, generator=gen)
-          if "layer_norm" in pname and pname.endswith("weight"):
-            p.copy_(1.0 + 0.3 * noise)
-          elif pname.endswith("bias") or "embedding" in pname:
-            p.copy_(0.3 * noise)
-          else:
-            p.copy_(noise / math.sqrt(p.shape[1]))
+      randomize_hf_params(model, len(cache))
       path = tmp_path_factory.mktemp(name)
       model.save_pretrained(path)
       with torch.no_grad():
@@ -110,16 +102,16 @@ def test_text_tower_matches_transformers(hf_text, name, scan):
   np.testing.assert_array_equal(text.eos_positions(jnp.asarray(TOKENS)), [4, 1, 9, 3])
 
 
-def test_converter_rejects_quick_gelu(tmp_path):
+def test_converter_rejects_an_activation_our_towers_lack(tmp_path):
   pytest.importorskip("torch")  # transformers builds the reference model in torch
   transformers = pytest.importorskip("transformers")
   from visionfm_jax.convert import hf_clip_text  # pylint: disable=g-import-not-at-top
   from visionfm_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
   cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=MAX_LEN, hidden_size=16,
                                     intermediate_size=32, projection_dim=8, num_hidden_layers=1,
-                                    num_attention_heads=2, eos_token_id=3)  # hidden_act: quick_gelu
+                                    num_attention_heads=2, eos_token_id=3, hidden_act="relu")
   transformers.CLIPTextModelWithProjection(cfg).save_pretrained(tmp_path)
-  with pytest.raises(CheckpointError, match="hidden_act='quick_gelu'"):
+  with pytest.raises(CheckpointError, match="hidden_act='relu'"):
     hf_clip_text.from_hf(str(tmp_path))
 
 

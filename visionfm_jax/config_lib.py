@@ -50,7 +50,10 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
                 attention="auto",
                 kernels="auto")  # auto | plain | cpu: backend speed tricks (models/kernels.py); auto = cpu on CPU
   if name == "vit":
-    family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True)  # pool: cls | gap
+    family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True,  # pool: cls | gap
+                  # CLIP's image tower: a LayerNorm before the blocks, a bias-free patch embedding; the MLP
+                  # activation: gelu (exact) | quick_gelu (OpenAI's CLIP)
+                  pre_norm=False, patch_bias=True, act="gelu")
   elif name == "swinv2":
     family = dict(
         variant="T",  # T | S | B | L | H | G (models/swinv2.py SIZES)
@@ -80,6 +83,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
             pool="eos",  # eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)
             layer_norm_eps=1e-5,
             attention="auto",  # auto | softmax | cudnn | jax (causal)
+            act="gelu",  # the MLP activation: gelu (exact) | quick_gelu (OpenAI's CLIP)
         )),
     )
   elif name == "aurora":

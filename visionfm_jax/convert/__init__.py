@@ -3,10 +3,12 @@
 `from_hf(path, scan=..., dtype=...)`: a Hugging Face `save_pretrained` directory -> `(model, variables)`, picked
 by config.json's `model_type`: 'vit' (ViTModel / ViTForImageClassification -> `vit.ViT`, see `hf_vit`) or
 'swinv2' (Swinv2Model / Swinv2ForImageClassification -> `swinv2.SwinV2`, see `hf_swinv2`) or 'clip_text_model'
-(CLIPTextModelWithProjection -> `text.TextTransformer`, see `hf_clip_text`).
-`to_hf(model, params, path)`: our `vit.ViT` / `swinv2.SwinV2` (either block layout) -> a `save_pretrained`-style
-directory (config.json + model.safetensors) of the transformers model that computes the same outputs: ViTModel,
-ViTForImageClassification, Swinv2Model or Swinv2ForImageClassification (with a head); `from_hf` reads it back.
+(CLIPTextModelWithProjection -> `text.TextTransformer`, see `hf_clip_text`) or 'clip' (CLIPModel -> `clip.CLIP`
+with a ViT image tower, see `hf_clip`).
+`to_hf(model, params, path)`: our `vit.ViT` / `swinv2.SwinV2` (either block layout), or a `clip.CLIP` whose ViT
+tower has CLIP's pre-norm -> a `save_pretrained`-style directory (config.json + model.safetensors) of the
+transformers model that computes the same outputs: ViTModel, ViTForImageClassification, Swinv2Model,
+Swinv2ForImageClassification (with a head) or CLIPModel; `from_hf` reads it back.
 A model exports when it names its converter here (`hf_converter`, models/backbone.py; `converter`).
 `stack_layers` / `unstack_layers`: unrolled `blocks_<i>` <-> scanned `blocks` param layouts.
 """
@@ -20,12 +22,13 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
-from visionfm_jax.convert import hf_clip_text, hf_files, hf_swinv2, hf_vit
+from visionfm_jax.convert import hf_clip, hf_clip_text, hf_files, hf_swinv2, hf_vit
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError, ConfigError
 
 # config.json model_type -> converter; a config without model_type is taken as a ViT (hand-written configs).
-CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf}
+CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf,
+              "clip": hf_clip.from_hf}
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):
@@ -56,7 +59,7 @@ def to_hf(model, params, path: str, *, labels: Sequence[str] | None = None) -> t
   express is a ConfigError naming it."""
   module = converter(model)
   if module is None:
-    raise ConfigError(f"a {type(model).__name__} does not export to transformers: only ViT and SwinV2 do")
+    raise ConfigError(f"a {type(model).__name__} does not export to transformers: only ViT, SwinV2 and CLIP do")
   config, tensors, notes = module.to_hf(model, params, labels)
   hf_files.write_dir(os.fspath(path), config, tensors)
   return config["architectures"][0], notes

@@ -9,14 +9,15 @@ Mapping (prefix `text_model.`; HF Linear weights are (out, in), ours (in, out) k
   E.i.mlp.fc1 / fc2 -> blocks_i/mlp/fc1 / fc2
   text_projection (no prefix, no bias) -> proj/kernel (W, embed_dim)
 
-Only exact GELU (`hidden_act='gelu'`) converts: OpenAI's checkpoints use 'quick_gelu', which our tower does not
-compute. The pooled position is the first `eos_token_id`, as HF does for every eos_token_id but 2 (there it
-takes the largest token id, the legacy OpenAI rule); our pooling needs EOS to be the first occurrence.
+`hidden_act` 'gelu' (exact) and 'quick_gelu' (OpenAI's checkpoints) convert to our tower's `act`. The pooled
+position is the first `eos_token_id`, as HF does for every eos_token_id but 2, the legacy configs of OpenAI's
+checkpoints: there HF pools the largest token id, which for CLIP's tokenizer is its end-of-text token, the last
+of the vocabulary; our tower then pools the first `vocab_size - 1` (the same position in every row the tokenizer
+writes: the EOS is the largest id in it).
 """
 
 from __future__ import annotations
 
-import functools
 import os
 from typing import Any
 
@@ -39,17 +40,29 @@ DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, proje
                 eos_token_id=2)
 
 
+ACTIVATIONS = ("gelu", "quick_gelu")  # transformers' hidden_act names that our towers compute (layers.ACTIVATIONS)
+LEGACY_EOS_TOKEN_ID = 2  # HF pools the largest token id (argmax of input_ids) for this eos_token_id
+
+
 def model_kwargs(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
   """Keyword arguments of `text.TextTransformer` that reproduce the HF model described by config.json."""
-  bad = functools.partial(hf_files.config_error, path)
   if cfg.get("model_type") != "clip_text_model" or cfg.get("architectures", [ARCH]) != [ARCH]:
-    raise bad(f"model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')}: expected "
-              f"'clip_text_model' and [{ARCH!r}]")
+    raise hf_files.config_error(path, f"model_type={cfg.get('model_type')!r}, architectures="
+                                      f"{cfg.get('architectures')}: expected 'clip_text_model' and [{ARCH!r}]")
+  return tower_kwargs(path, cfg, "")
+
+
+def check_activation(bad, act) -> str:
+  if act not in ACTIVATIONS:
+    raise bad(f"hidden_act={act!r}: supported are {ACTIVATIONS}")
+  return act
+
+
+def tower_kwargs(path: str, cfg: dict[str, Any], field: str) -> dict[str, Any]:
+  """`model_kwargs` of a text config at `field` of config.json ('' or 'text_config.', named in errors)."""
+  bad = lambda message: hf_files.config_error(path, field + message)  # noqa: E731
   get = lambda key: cfg.get(key, DEFAULTS[key])  # noqa: E731
-  if get("hidden_act") != "gelu":
-    raise bad(f"hidden_act={get('hidden_act')!r}: only 'gelu' (exact, erf) is supported")
-  if get("eos_token_id") == 2:
-    raise bad("eos_token_id=2: HF then pools the largest token id, not the first EOS; our tower cannot")
+  act = check_activation(bad, get("hidden_act"))
   sizes = ("vocab_size", "hidden_size", "intermediate_size", "projection_dim", "num_hidden_layers",
            "num_attention_heads", "max_position_embeddings")
   for key in sizes + ("eos_token_id",):
@@ -58,10 +71,11 @@ def model_kwargs(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
       raise bad(f"{key}={get(key)!r}: expected an integer >= {minimum}")
   if get("hidden_size") % get("num_attention_heads"):
     raise bad(f"hidden_size={get('hidden_size')} is not divisible by num_attention_heads={get('num_attention_heads')}")
+  eos_id = get("vocab_size") - 1 if get("eos_token_id") == LEGACY_EOS_TOKEN_ID else get("eos_token_id")
   return dict(width=get("hidden_size"), depth=get("num_hidden_layers"), num_heads=get("num_attention_heads"),
               mlp_dim=get("intermediate_size"), embed_dim=get("projection_dim"), vocab_size=get("vocab_size"),
-              max_len=get("max_position_embeddings"), eos_id=get("eos_token_id"),
-              layer_norm_eps=float(get("layer_norm_eps")))
+              max_len=get("max_position_embeddings"), eos_id=eos_id, layer_norm_eps=float(get("layer_norm_eps")),
+              act=act)
 
 
 def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
@@ -72,16 +86,23 @@ def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             f"{p}final_layer_norm.weight": (w,), f"{p}final_layer_norm.bias": (w,),
             "text_projection.weight": (kw["embed_dim"], w)}
   for i in range(kw["depth"]):
-    pre = f"{p}encoder.layers.{i}."
-    for name, (out, inp) in {"self_attn.q_proj": (w, w), "self_attn.k_proj": (w, w), "self_attn.v_proj": (w, w),
-                             "self_attn.out_proj": (w, w), "mlp.fc1": (m, w), "mlp.fc2": (w, m)}.items():
-      shapes.update({f"{pre}{name}.weight": (out, inp), f"{pre}{name}.bias": (out,)})
-    for norm in ("layer_norm1", "layer_norm2"):
-      shapes.update({f"{pre}{norm}.weight": (w,), f"{pre}{norm}.bias": (w,)})
+    shapes.update(block_shapes(f"{p}encoder.layers.{i}.", w, m))
   return shapes
 
 
-def _block(read: Reader, pre: str, heads: int) -> dict[str, Any]:
+def block_shapes(pre: str, width: int, mlp_dim: int) -> dict[str, tuple[int, ...]]:
+  """The tensors of one CLIP encoder layer (text and vision alike) under `pre`, with their shapes."""
+  w, m, shapes = width, mlp_dim, {}
+  for name, (out, inp) in {"self_attn.q_proj": (w, w), "self_attn.k_proj": (w, w), "self_attn.v_proj": (w, w),
+                           "self_attn.out_proj": (w, w), "mlp.fc1": (m, w), "mlp.fc2": (w, m)}.items():
+    shapes.update({f"{pre}{name}.weight": (out, inp), f"{pre}{name}.bias": (out,)})
+  for norm in ("layer_norm1", "layer_norm2"):
+    shapes.update({f"{pre}{norm}.weight": (w,), f"{pre}{norm}.bias": (w,)})
+  return shapes
+
+
+def block(read: Reader, pre: str, heads: int) -> dict[str, Any]:
+  """Our pre-norm block's params (norm1, attn/qkv, attn/out, norm2, mlp) from one CLIP encoder layer."""
   qkv = [read.dense(f"{pre}self_attn.{n}_proj") for n in ("q", "k", "v")]
   width = qkv[0]["kernel"].shape[0]
   out = read.dense(f"{pre}self_attn.out_proj")
@@ -101,7 +122,7 @@ def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any]) -> tuple[
             "pos_embed": read("embeddings.position_embedding.weight"),
             "norm": read.norm("final_layer_norm"),
             "proj": {"kernel": Reader(tensors, "", taken)("text_projection.weight").T}}
-  params.update({f"blocks_{i}": _block(read, f"encoder.layers.{i}.", kw["num_heads"]) for i in range(kw["depth"])})
+  params.update({f"blocks_{i}": block(read, f"encoder.layers.{i}.", kw["num_heads"]) for i in range(kw["depth"])})
   return params, taken
 
 

@@ -106,7 +106,7 @@ def write_dir(path: str, config: dict[str, Any], tensors: dict[str, np.ndarray])
   stale = [f for f in (INDEX, *PICKLES) if os.path.exists(os.path.join(path, f))]
   if stale:  # transformers would load those instead of (or besides) the new weights
     raise CheckpointError(f"{path!r}: holds {', '.join(stale)} from another model; choose an empty directory")
-  arrays = {k: np.ascontiguousarray(v, np.float32) for k, v in tensors.items()}
+  arrays = {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}  # ascontiguousarray makes 0-d 1-d
   save_file(arrays, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
   _write_json(os.path.join(path, "config.json"), config)
 
@@ -118,3 +118,15 @@ def write_preprocessor(path: str, image_size: int, mean, std) -> None:
       "size": {"height": image_size, "width": image_size}, "resample": 2, "do_rescale": True,
       "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in mean],
       "image_std": [float(x) for x in std]})
+
+
+def read_normalisation(path: str) -> dict[str, list[float]]:
+  """{'mean', 'std'}: image_mean / image_std of `path`'s image processor (preprocessor_config.json); {} when it
+  has none or does not normalise."""
+  file = os.path.join(path, "preprocessor_config.json")
+  if not os.path.exists(file):
+    return {}
+  cfg = read_json(file)
+  if not cfg.get("do_normalize", True) or "image_mean" not in cfg or "image_std" not in cfg:
+    return {}
+  return {"mean": [float(x) for x in cfg["image_mean"]], "std": [float(x) for x in cfg["image_std"]]}

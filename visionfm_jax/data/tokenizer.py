@@ -1,8 +1,10 @@
-"""SentencePiece text tokenisation: fixed-length int32 token rows for the text towers, and tokenizer training.
+"""Text tokenisation: fixed-length int32 token rows for the text towers, and tokenizer training.
 
-Every tokenizer here has pad=0, unk=1, bos=2, eos=3 (`train_tokenizer` sets them, `Tokenizer` checks them).
-A row is [BOS] + pieces + [EOS] + padding; truncation drops pieces, never the EOS, so the text tower can pool
-at `eos_positions(tokens)`.
+This project's own tokenizers are SentencePiece models with pad=0, unk=1, bos=2, eos=3 (`train_tokenizer` sets
+them, `Tokenizer` checks them). A published checkpoint brings its own BPE as a Hugging Face `tokenizer.json`,
+read with the `tokenizers` library (`HFTokenizer`; ids as that file says). `load(path, max_len)` picks by the
+file. Either way a row is [BOS] + pieces + [EOS] + padding; truncation drops pieces, never the EOS, so the text
+tower can pool at `eos_positions(tokens)`.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import sentencepiece as spm
+import tokenizers
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import DataError
@@ -85,7 +88,7 @@ class Tokenizer:
     self._setup(state["model_file"], state["proto"], state["max_len"])
 
   def __repr__(self) -> str:
-    return f"Tokenizer({self.model_file!r}, max_len={self.max_len}, vocab_size={self.vocab_size})"
+    return f"{type(self).__name__}({self.model_file!r}, max_len={self.max_len}, vocab_size={self.vocab_size})"
 
   @property
   def vocab_size(self) -> int:
@@ -133,13 +136,77 @@ class Tokenizer:
     if ids.ndim == 2:
       return [self.decode(row) for row in ids]
     ids = ids.tolist()
-    if EOS_ID in ids:
-      ids = ids[:ids.index(EOS_ID)]
-    return self._sp.decode([i for i in ids if i not in (PAD_ID, BOS_ID)])
+    if self.eos_id in ids:
+      ids = ids[:ids.index(self.eos_id)]
+    return self._decode_ids([i for i in ids if i not in (self.pad_id, self.bos_id)])
+
+  def _decode_ids(self, ids: list[int]) -> str:
+    return self._sp.decode(ids)
 
   def pieces(self, text: str) -> list[str]:
     """The SentencePiece pieces of `text` (no BOS/EOS, no truncation), for inspection."""
     return self._sp.encode(text, out_type=str)
+
+
+class HFTokenizer(Tokenizer):
+  """A Hugging Face `tokenizer.json` (a published CLIP's BPE) encoding texts into fixed-length int32 rows, as
+  `Tokenizer` does: the file's own BOS and EOS (what its post-processor adds around a text), pieces truncated to
+  fit, then padding with the EOS id (OpenAI's CLIP pads with its end-of-text token; the text tower pools the
+  first EOS, so the padding is never read). Picklable: the state is the file's bytes."""
+
+  def _setup(self, model_file: str, proto: bytes, max_len: int) -> None:
+    self.model_file, self._proto, self.max_len = model_file, proto, max_len
+    try:
+      self._tok = tokenizers.Tokenizer.from_str(proto.decode("utf-8"))
+    except Exception as e:  # tokenizers raises a bare Exception for a malformed file
+      raise DataError(f"tokenizer {model_file} is not a Hugging Face tokenizer.json: {e}") from e
+    self._tok.no_padding()
+    self._tok.no_truncation()
+    around = self._tok.encode("").ids  # what the post-processor adds: [BOS, EOS]
+    if len(around) != 2:
+      raise DataError(f"tokenizer {model_file}: its post-processor adds {around} to a text; expected [BOS, EOS] "
+                      "(a CLIP tokenizer.json)")
+    self._bos_id, self._eos_id = around
+
+  @property
+  def vocab_size(self) -> int:
+    return self._tok.get_vocab_size(with_added_tokens=True)
+
+  @property
+  def pad_id(self) -> int:
+    return self._eos_id
+
+  @property
+  def bos_id(self) -> int:
+    return self._bos_id
+
+  @property
+  def eos_id(self) -> int:
+    return self._eos_id
+
+  def encode_batch(self, texts: Sequence[str], num_threads: int = -1) -> np.ndarray:
+    """int32 (len(texts), max_len): [BOS] + pieces (truncated) + [EOS], then padding (the EOS id)."""
+    del num_threads  # tokenizers parallelises a batch itself
+    texts = [texts] if isinstance(texts, str) else list(texts)
+    out = np.full((len(texts), self.max_len), self.pad_id, np.int32)
+    for row, encoding in enumerate(self._tok.encode_batch(texts) if texts else []):
+      ids = encoding.ids
+      if len(ids) > self.max_len:
+        ids = ids[:self.max_len - 1] + [self.eos_id]
+      out[row, :len(ids)] = ids
+    return out
+
+  def _decode_ids(self, ids: list[int]) -> str:
+    return self._tok.decode(ids)
+
+  def pieces(self, text: str) -> list[str]:
+    return self._tok.encode(text, add_special_tokens=False).tokens
+
+
+def load(path: str, max_len: int) -> Tokenizer | HFTokenizer:
+  """The tokenizer in `path`: a Hugging Face tokenizer.json (any name ending in .json), else a SentencePiece
+  model."""
+  return HFTokenizer(path, max_len) if str(path).endswith(".json") else Tokenizer(path, max_len)
 
 
 def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, model_type: str = "bpe",

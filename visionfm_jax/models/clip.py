@@ -67,6 +67,16 @@ class CLIP(nn.Module):
     return {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
             "logit_scale": self.logit_scale.astype(jnp.float32)}
 
+  hf_converter = "hf_clip"  # convert/hf_clip.py: a ViT-tower CLIP with CLIP's pre-norm exports as a CLIPModel
+
+  @property
+  def image_size(self) -> int:
+    return self.image.image_size
+
+  def description(self) -> str:
+    return (f"CLIP, {self.embed_dim}-d embeddings; image: {self.image.description()}; text: width "
+            f"{self.text.width}, depth {self.text.depth}, {self.text.max_len} tokens")
+
   def train_flops_per_example(self) -> float:
     """The image tower's, the text tower's (all max_len positions) and both projections', x 3."""
     text = self.text

@@ -101,13 +101,14 @@ def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype:
 
 
 def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
-                kernels: str = "auto") -> jax.Array:
-  """Non-overlapping patches -> (B, H/p, W/p, width) by a p x p, stride p conv with bias (call in a compact
-  method: the conv's params land under `name` in the caller)."""
+                kernels: str = "auto", use_bias: bool = True) -> jax.Array:
+  """Non-overlapping patches -> (B, H/p, W/p, width) by a p x p, stride p conv, with a bias unless `use_bias`
+  is False (CLIP's) (call in a compact method: the conv's params land under `name` in the caller)."""
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
     raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {patch_size}")
   return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
                  param_dtype=jnp.float32, name=name, conv_general_dilated=kernels_lib.patch_conv(kernels),
+                 use_bias=use_bias,
                  kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
                  bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
 
@@ -351,19 +352,52 @@ class CrossAttention(nn.Module):
     return self.out(out)
 
 
+def custom_size(spec: str) -> tuple[int, int, int, int] | None:
+  """'<width>x<depth>x<mlp>x<heads>' (a transformer of no named size, e.g. an imported one) -> (width, depth,
+  mlp_dim, heads); None when `spec` is not spelled so."""
+  dims = spec.split("x")
+  if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims):
+    return None
+  width, depth, mlp_dim, heads = map(int, dims)
+  return width, depth, mlp_dim, heads
+
+
+def size_spec(width: int, depth: int, mlp_dim: int, heads: int) -> str:
+  """The inverse of `custom_size`."""
+  return f"{width}x{depth}x{mlp_dim}x{heads}"
+
+
+def quick_gelu(x: jax.Array) -> jax.Array:
+  """x * sigmoid(1.702 x): OpenAI CLIP's approximation of GELU, which its checkpoints were trained with."""
+  return x * jax.nn.sigmoid(1.702 * x)
+
+
+# The MLPs' activations by config name ('gelu' is exact, erf; transformers calls the others the same).
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    "gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
+
+
+def check_activation(act: str, field: str = "act") -> str:
+  """`act` when it is a key of ACTIVATIONS, else a ValueError naming `field`."""
+  if act not in ACTIVATIONS:
+    raise ValueError(f"{field}={act!r}: expected one of {tuple(ACTIVATIONS)}")
+  return act
+
+
 class Mlp(nn.Module):
-  """Linear -> exact GELU -> Linear."""
+  """Linear -> activation (exact GELU unless `act` names another of ACTIVATIONS) -> Linear."""
   hidden: int
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   deterministic: bool = True
   kernels: str = "auto"
+  act: str = "gelu"
 
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
     y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6))(x)
-    y = nn.gelu(y, approximate=False)
+    y = ACTIVATIONS[self.act](y)
     y = constrain(y, (BATCH, LENGTH, ACT_MLP))
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6))(y)

@@ -3,7 +3,7 @@
 Token embedding plus a learned position embedding, then pre-norm blocks with causal self-attention
 
   x = x + attn(LN1(x))      # token i attends to tokens <= i
-  x = x + mlp(LN2(x))       # exact GELU
+  x = x + mlp(LN2(x))       # exact GELU (or `act`: OpenAI's checkpoints use quick_gelu)
 
 a final LayerNorm, the features of the end-of-text token (the first `eos_id` of each row; a row without one,
 e.g. truncated, takes its last position), and a bias-free projection to `embed_dim`.
@@ -48,11 +48,23 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 
 def parse_variant(variant: str) -> dict[str, int]:
-  """'H' -> width, depth, num_heads, mlp_dim."""
-  if variant not in SIZES:
-    raise ValueError(f"text.variant={variant!r}: expected one of {list(SIZES)}")
-  width, depth, heads = SIZES[variant]
-  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width)
+  """'H' -> width, depth, num_heads, mlp_dim; or the sizes spelled out, '<width>x<depth>x<mlp>x<heads>'
+  (`layers.custom_size`)."""
+  if variant in SIZES:
+    width, depth, heads = SIZES[variant]
+    return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width)
+  dims = layers.custom_size(variant)
+  if dims is None:
+    raise ValueError(f"text.variant={variant!r}: expected one of {list(SIZES)} or '<width>x<depth>x<mlp>x<heads>'")
+  width, depth, mlp_dim, heads = dims
+  return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim)
+
+
+def size_name(model: "TextTransformer") -> str:
+  """The `parse_variant` spelling of `model`'s sizes: a key of SIZES when one matches."""
+  named = next((k for k, (w, d, h) in SIZES.items() if (w, d, h, 4 * w) == (model.width, model.depth,
+                                                                           model.num_heads, model.mlp_dim)), None)
+  return named or layers.size_spec(model.width, model.depth, model.mlp_dim, model.num_heads)
 
 
 class CausalBlock(nn.Module):
@@ -63,6 +75,7 @@ class CausalBlock(nn.Module):
   attention: str = "softmax"
   dtype: Any = jnp.float32
   kernels: str = "auto"
+  act: str = "gelu"  # layers.ACTIVATIONS
 
   @nn.compact
   def __call__(self, x, cache, mask=None, index=None):
@@ -76,7 +89,7 @@ class CausalBlock(nn.Module):
       y, cache = attn(y, cache=cache, index=index)
     x = x + y
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    return x + layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, name="mlp")(y), cache
+    return x + layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, act=self.act, name="mlp")(y), cache
 
 
 def cls_attention_mask(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
@@ -103,6 +116,7 @@ class TextTransformer(nn.Module):
   attention: str = "softmax"  # layers.ATTENTION
   kernels: str = "auto"  # models/kernels.py
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
+  act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
 
   def __post_init__(self):
     if self.pool not in POOLS:
@@ -125,7 +139,8 @@ class TextTransformer(nn.Module):
     run_blocks = layers.stack_blocks(
         CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels)
+        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels,
+        act=self.act)
     final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
 
     if cache is not None:
@@ -168,7 +183,7 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, ker
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
                 remat_policy=remat_policy, attention=text_cfg.attention, kernels=kernels_lib.check_mode(kernels),
-                pool=text_cfg.pool)
+                pool=text_cfg.pool, act=layers.check_activation(text_cfg.act, "text.act"))
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
   try:
     return TextTransformer(**kwargs)

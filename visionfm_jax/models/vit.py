@@ -1,7 +1,9 @@
 """Vision Transformer (Dosovitskiy et al. 2021): the ViT family Ti..G with any patch size.
 
 Pre-norm blocks `x + attn(LN(x))`, `x + mlp(LN(x))`, a learned class token and position embedding, a final
-LayerNorm, class-token (or mean) pooling and an optional linear head. `__call__` returns a dict with
+LayerNorm, class-token (or mean) pooling and an optional linear head. CLIP's image tower (Radford et al. 2021)
+is this ViT with `pre_norm` (a LayerNorm on the embedded tokens before the blocks), `patch_bias=False` and, in
+OpenAI's checkpoints, `act='quick_gelu'`; its post-LayerNorm on the class token is our final norm. `__call__` returns a dict with
 `tokens` (after the final norm), `pooled` and, with a head, `logits`.
 
 As a backbone (models/backbone.py): one feature map, the patch tokens at stride `patch_size`; layer ids
@@ -38,15 +40,18 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
 }
 NUM_PREFIX_TOKENS = 1  # the class token precedes the patch grid in pos_embed
 POOLS = ("cls", "gap")  # the class token's features | the mean of the patch tokens'
-EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed")  # layer 0 of the layer-wise decay
+EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "pre_norm")  # layer 0 of the layer-wise decay
 
 
 def parse_variant(variant: str) -> dict[str, int]:
-  """'H/14' -> width, depth, mlp_dim, num_heads, patch_size."""
+  """'H/14' -> width, depth, mlp_dim, num_heads, patch_size; the size may be spelled out as
+  '<width>x<depth>x<mlp>x<heads>' ('32x2x64x2/4': `layers.custom_size`)."""
   size, sep, patch = variant.partition("/")
-  if size not in SIZES or not sep or not patch.isdigit():
-    raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)}, e.g. 'H/14'")
-  width, depth, mlp_dim, heads = SIZES[size]
+  dims = SIZES.get(size) or layers.custom_size(size)
+  if dims is None or not sep or not patch.isdigit():
+    raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)} or "
+                     f"'<width>x<depth>x<mlp>x<heads>', e.g. 'H/14'")
+  width, depth, mlp_dim, heads = dims
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
 
 
@@ -80,6 +85,7 @@ class EncoderBlock(nn.Module):
   stochastic_depth: bool = False
   deterministic: bool = True
   kernels: str = "auto"
+  act: str = "gelu"  # layers.ACTIVATIONS
   real_tokens: int | None = None  # tokens before `layers.pad_tokens`' padding, when padded
 
   @nn.compact
@@ -92,7 +98,8 @@ class EncoderBlock(nn.Module):
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, kernels=self.kernels, name="mlp")(y)
+    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, kernels=self.kernels, act=self.act,
+                   name="mlp")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     return x, None
 
@@ -116,11 +123,15 @@ class ViT(nn.Module):
   remat_policy: str = "none"
   attention: str = "softmax"  # layers.ATTENTION
   kernels: str = "auto"  # models/kernels.py
+  pre_norm: bool = False  # a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)
+  patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
+  act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
     deterministic = not train
-    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype, kernels=self.kernels)
+    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype, kernels=self.kernels,
+                           use_bias=self.patch_bias)
     batch = x.shape[0]
     x = einops.rearrange(x, "b h w c -> b (h w) c")
     cls = self.param("cls_token", layers.logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, self.width))
@@ -128,6 +139,8 @@ class ViT(nn.Module):
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
                      (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
+    if self.pre_norm:
+      x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     attention = layers.resolve_attention(self.attention, jax.default_backend(), self.dtype)
     x, tokens = layers.pad_tokens(x, layers.token_multiple(attention))  # once, not around every layer's kernel
@@ -136,7 +149,8 @@ class ViT(nn.Module):
         EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
         dropout=self.dropout, qkv_bias=self.qkv_bias, attention=attention, stochastic_depth=self.drop_path > 0,
-        deterministic=deterministic, kernels=self.kernels, real_tokens=tokens if x.shape[1] > tokens else None)
+        deterministic=deterministic, kernels=self.kernels, act=self.act,
+        real_tokens=tokens if x.shape[1] > tokens else None)
     x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))[:, :tokens]
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
@@ -198,11 +212,16 @@ class ViT(nn.Module):
     return (f"ViT width {self.width}, depth {self.depth}, MLP {self.mlp_dim}, {self.num_heads} heads, "
             f"patch {self.patch_size}, {self.image_size} px, {self.num_classes or 'no'} classes")
 
+  def size_name(self) -> str:
+    """The key of SIZES with this ViT's dims, else they spelled out ('32x2x64x2', `parse_variant`)."""
+    dims = (self.width, self.depth, self.mlp_dim, self.num_heads)
+    return next((size for size, named in SIZES.items() if named == dims), layers.size_spec(*dims))
+
   def checkpoint_fields(self) -> dict[str, Any]:
     """What a config needs to rebuild this ViT (tools.import_hf's model.json)."""
-    names = [size for size, dims in SIZES.items() if dims == (self.width, self.depth, self.mlp_dim, self.num_heads)]
-    return dict(name="vit", variant=f"{names[0]}/{self.patch_size}" if names else None, width=self.width,
-                depth=self.depth, mlp_dim=self.mlp_dim, heads=self.num_heads, qkv_bias=self.qkv_bias, pool=self.pool)
+    return dict(name="vit", variant=f"{self.size_name()}/{self.patch_size}", width=self.width,
+                depth=self.depth, mlp_dim=self.mlp_dim, heads=self.num_heads, qkv_bias=self.qkv_bias, pool=self.pool,
+                pre_norm=self.pre_norm, patch_bias=self.patch_bias, act=self.act)
 
 
 def build(model_cfg, dtype) -> ViT:
@@ -212,7 +231,8 @@ def build(model_cfg, dtype) -> ViT:
                 pool=check_pool(model_cfg.pool), drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                kernels=kernels_lib.check_mode(model_cfg.kernels))
+                kernels=kernels_lib.check_mode(model_cfg.kernels), pre_norm=model_cfg.pre_norm,
+                patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act))
   assert set(kwargs) <= fields
   layers.check_attention(model_cfg.attention)
   return ViT(**kwargs)

@@ -54,10 +54,14 @@ class ContrastiveTask(Task):
   mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
 
   @functools.cached_property
-  def tokenizer(self) -> tokenizer_lib.Tokenizer:
-    """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file."""
+  def tokenizer(self) -> tokenizer_lib.Tokenizer | tokenizer_lib.HFTokenizer:
+    """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file; a
+    tokenizer.json (an imported CLIP's) must end its texts with the text tower's eos_id."""
     path = self.config.data.tokenizer or tokenizer_lib.shapes_tokenizer_path()
-    tok = tokenizer_lib.Tokenizer(path, max_len=self.config.model.text.max_len)
+    tok = tokenizer_lib.load(path, max_len=self.config.model.text.max_len)
+    if tok.eos_id != self.config.model.text.eos_id:
+      raise ConfigError(f"config.data.tokenizer={path!r} ends texts with id {tok.eos_id}, the text tower pools "
+                        f"config.model.text.eos_id={self.config.model.text.eos_id}")
     if tok.vocab_size > self.config.model.text.vocab_size:
       raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
                         f"config.model.text.vocab_size={self.config.model.text.vocab_size}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 from absl import flags
 
@@ -80,3 +80,36 @@ def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
     print(error_line(e), file=sys.stderr)
     return 2
   return 0
+
+
+CHECKPOINT_FLAGS = ("--checkpoint", "--workdir")
+
+
+def checkpoint_arg(argv: Sequence[str]) -> str | None:
+  """The --checkpoint (or --workdir) value in `argv`, read before the flags exist: its config decides which
+  --config.<field> flags there are."""
+  for i, arg in enumerate(argv):
+    for name in CHECKPOINT_FLAGS:
+      if arg.startswith(name + "="):
+        return arg[len(name) + 1:]
+      if arg == name and i + 1 < len(argv):
+        return argv[i + 1]
+  return None
+
+
+def run_with_config(argv: Sequence[str], load_config: Callable[[str], Any],
+                    make_flags: Callable[[Any, Sequence[str]], flags.FlagValues], doc: str,
+                    body: Callable[[flags.FlagValues, list[str]], None]) -> int:
+  """`run` for a tool whose `--config.<field>` overrides apply to the config of its --checkpoint:
+  `load_config(path)` reads it, `make_flags(config or None, argv)` defines the flags. A bad checkpoint or an
+  override of a field the config lacks prints one `error:` line (status 2)."""
+  path = checkpoint_arg(argv[1:])
+  try:
+    fv = make_flags(load_config(path) if path else None, argv)
+  except UserError as e:
+    print(error_line(e), file=sys.stderr)
+    return 2
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
+    print(f"error: --config: {last_line(e)}", file=sys.stderr)
+    return 2
+  return run(argv, fv, doc, body)

@@ -10,7 +10,8 @@ Swinv2Model, plus preprocessor_config.json (image size, mean and std) when DIR s
   transformers.AutoModelForImageClassification.from_pretrained(OUT_DIR)  # AutoModel for a backbone
 
 computes our `tokens`, `pooled` and `logits` as last_hidden_state, pooler_output and logits (fp32, same images).
-A ViTModel's pooler is the identity on the class token. CLIP and Aurora workdirs export their image tower
+A ViTModel's pooler is the identity on the class token. A CLIP whose ViT tower has CLIP's pre-norm (an imported
+one, with its tokenizer.json) exports whole as a CLIPModel. Other CLIP and Aurora workdirs export their image tower
 (config.model.image) or SwinV2 encoder (config.model.encoder) as a backbone; projections, text towers and other
 heads stay behind. A ViT head on mean-pooled tokens (pool='gap') has no transformers class: such a ViT exports
 as a ViTModel without it (a printed note says so). What transformers cannot compute (SwinV2's extra main-branch
@@ -23,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import sys
 from typing import Any, Sequence
 
@@ -37,7 +39,7 @@ from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
 from visionfm_jax.models import swinv2, vit
-from visionfm_jax.tools import cli
+from visionfm_jax.tools import cli, clip_checkpoint
 from visionfm_jax.tools import workdir as workdir_lib
 
 LAYOUTS = ("a training workdir (config.json + checkpoints/<step>) or a tools.import_hf directory (params/ + "
@@ -55,6 +57,7 @@ class Source:
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
   labels: list[str] | None = None
+  tokenizer: str | None = None  # a CLIP's tokenizer.json, copied next to the weights
 
 
 def make_flags() -> flags.FlagValues:
@@ -67,9 +70,13 @@ def make_flags() -> flags.FlagValues:
 
 
 def backbone(model) -> tuple[Any, str | None]:
-  """(the ViT or SwinV2 to export, the name its params live under in `model`'s, or None): `model` itself, or
-  its image tower (`backbone.image_tower`: CLIP's 'image', Aurora's 'encoder'), when it names a converter
-  (`convert.converter`); UserError otherwise."""
+  """(the model to export, the name its params live under in `model`'s, or None): `model` itself when its
+  converter (`convert.converter`) can express it (a CLIP as a CLIPModel when its ViT tower has CLIP's pre-norm:
+  `hf_clip.unexportable`), else its image tower (`backbone.image_tower`: CLIP's 'image', Aurora's 'encoder')
+  when that names a converter; UserError otherwise."""
+  module = convert.converter(model)
+  if module is not None and not getattr(module, "unexportable", lambda _: None)(model):
+    return model, None
   tower = backbone_lib.image_tower(model)
   if tower is None or convert.converter(tower[0]) is None:
     raise UserError(f"a {type(model).__name__} model has no image backbone that exports; exportable are vit and "
@@ -101,7 +108,7 @@ def _from_workdir(path: str, step: int | None) -> Source:
     params, fields = params[name], f"config.model.{name}."
     notes.append(f"exported {fields[:-1]} only (params '{name}' of the {type(task.model).__name__} model): the "
                  f"rest of it has no transformers counterpart here")
-  labels = _class_names(config) if model is task.model and model.num_classes else None
+  labels = _class_names(config) if model is task.model and getattr(model, "num_classes", 0) else None
   return Source(model, params, fields, f"step {step} of {path}", notes, mean=config.data.mean,
                 std=config.data.std, labels=labels)
 
@@ -131,6 +138,12 @@ def _from_import_dir(path: str, step: int | None) -> Source:
       meta = json.load(f)
     except ValueError as e:
       raise UserError(f"{file}: not valid JSON ({e})") from e
+  if isinstance(meta, dict) and meta.get("name") == "clip":
+    loaded = clip_checkpoint.load(path)
+    return Source(loaded.task.model, loaded.params, f"{file}: ", path, [
+        "no preprocessor_config.json: CLIP's image processor (shorter side to the size, bicubic, centre crop, "
+        f"mean {tuple(loaded.task.config.data.mean)}, std {tuple(loaded.task.config.data.std)}) is not written"],
+        tokenizer=loaded.task.config.data.tokenizer)
   try:
     model = _model_from_metadata(meta)
   except (KeyError, TypeError) as e:
@@ -193,6 +206,8 @@ def export(path: str, out: str, step: int | None = None) -> tuple[str, Source]:
   source.notes += [f"{source.fields}{note}" for note in notes]
   if source.mean is not None and source.std is not None:
     convert.hf_files.write_preprocessor(out, source.model.image_size, source.mean, source.std)
+  if source.tokenizer:
+    shutil.copyfile(source.tokenizer, os.path.join(out, clip_checkpoint.TOKENIZER))
   return arch, source
 
 

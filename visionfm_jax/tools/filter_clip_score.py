@@ -5,7 +5,9 @@ embeddings under a trained CLIP (or Aurora) have a cosine similarity >= --thresh
       [--batch_size=256] [--step=N]
 
 WORKDIR is the training workdir of a 'contrastive' or 'aurora' run (config.json + checkpoints/<step>; the newest
-checkpoint unless --step). The score is the dot product of the L2-normalised embeddings the contrastive loss
+checkpoint unless --step), or a published CLIP: a transformers CLIPModel directory (config.json +
+model.safetensors + tokenizer.json, e.g. OpenAI's ViT-B/32, with which LAION filtered at 0.28) or what
+tools.import_hf made of one (tools/clip_checkpoint.py). The score is the dot product of the L2-normalised embeddings the contrastive loss
 uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size (config.data.eval_preprocess) as in
 evaluation, captions tokenised with the run's tokenizer.
 
@@ -55,14 +57,13 @@ from absl import flags
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from visionfm_jax import atomic, tasks
+from visionfm_jax import atomic
 from visionfm_jax.data import pipeline, records, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tools import cli
-from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.tools import clip_checkpoint
 
-CLIP_TASKS = ("contrastive", "aurora")
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
 BINS = 200
 HISTOGRAM_JSON, HISTOGRAM_TXT = "histogram.json", "histogram.txt"
@@ -73,7 +74,8 @@ CHART_BINS_PER_ROW, CHART_WIDTH = 5, 50  # histogram.txt: rows 0.05 wide, the lo
 def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
-  flags.DEFINE_string("checkpoint", None, "Training workdir of a CLIP (or Aurora) run.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, "Training workdir of a CLIP (or Aurora) run, a transformers CLIPModel "
+                      "directory or a tools.import_hf directory of one.", flag_values=fv)
   flags.DEFINE_string("input", None, "Glob of the ArrayRecord files to filter.", flag_values=fv)
   flags.DEFINE_string("output", None, "Directory for the kept records, histogram and dataset.json.", flag_values=fv)
   flags.DEFINE_float("threshold", None, "Keep pairs whose CLIP score (cosine similarity) is >= this.",
@@ -114,15 +116,12 @@ class ClipScorer:
     return np.asarray(jax.device_get(self._cosine(self.params, images, tokens)))
 
 
-def load_scorer(workdir: str, step: int | None, batch_size: int) -> ClipScorer:
-  """The ClipScorer of `workdir`'s checkpoint `step` (None: the newest); UserError for a bad workdir."""
-  workdir = os.path.expanduser(workdir)
-  config = workdir_lib.load_config(workdir, CLIP_TASKS, "a CLIP model")
-  step = workdir_lib.checkpoint_step(workdir, step)
-  task = tasks.build(config)
-  task.tokenizer  # pylint: disable=pointless-statement  (a bad config.data.tokenizer fails before the load)
-  params = workdir_lib.load_params(task, workdir, step, NamedSharding(_local_mesh(), P()))
-  return ClipScorer(task, params, batch_size, checkpoint=os.path.abspath(workdir), step=step)
+def load_scorer(path: str, step: int | None, batch_size: int) -> ClipScorer:
+  """The ClipScorer of the CLIP at `path` (tools/clip_checkpoint.py: a workdir's checkpoint `step`, None: the
+  newest; an import_hf or transformers CLIPModel directory); UserError for anything else."""
+  loaded = clip_checkpoint.load(path, step, NamedSharding(_local_mesh(), P()))
+  loaded.task.tokenizer  # pylint: disable=pointless-statement  (a bad config.data.tokenizer fails here)
+  return ClipScorer(loaded.task, loaded.params, batch_size, checkpoint=loaded.origin, step=loaded.step)
 
 
 # -------------------------------------------------------------------------------------------- one file

@@ -1,16 +1,20 @@
-r"""Converts a Hugging Face ViT or SwinV2 into an `init_from` directory.
+r"""Converts a Hugging Face ViT, SwinV2 or CLIP into an `init_from` directory.
 
   python -m visionfm_jax.tools.import_hf --src=HF_DIR --out=OUT_DIR [--scan=false]
 
 HF_DIR is what transformers' `save_pretrained` writes for a `ViTModel`, `ViTForImageClassification`,
-`Swinv2Model` or `Swinv2ForImageClassification` (config.json + model.safetensors). Writes `OUT_DIR/params`
-(Orbax) and `OUT_DIR/model.json`, then prints the `--config...` overrides that build the matching model.
+`Swinv2Model`, `Swinv2ForImageClassification` or `CLIPModel` (config.json + model.safetensors; a CLIP also
+needs its tokenizer.json, which `CLIPTokenizerFast.save_pretrained` writes). Writes `OUT_DIR/params` (Orbax)
+and `OUT_DIR/model.json` (a CLIP's also `OUT_DIR/tokenizer.json`), then prints the `--config...` overrides that
+build the matching model (a CLIP's start from `configs/swinv2_g_clip.py:vit`). An imported CLIP is a
+`--checkpoint` of tools.filter_clip_score and tools.export_hf as it is.
 `--scan` must match `config.model.scan` (the layout of the blocks). Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from typing import Any, Sequence
 
@@ -19,8 +23,9 @@ from absl import flags, logging
 from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
+from visionfm_jax.models import clip
 from visionfm_jax.models.backbone import ImageBackbone
-from visionfm_jax.tools import cli
+from visionfm_jax.tools import cli, clip_checkpoint
 
 
 def make_flags() -> flags.FlagValues:
@@ -39,19 +44,8 @@ def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
   meta.update(description=model.description(), patch=model.patch_size, image_size=model.image_size,
               num_classes=model.num_classes, layer_norm_eps=model.layer_norm_eps, scan=model.scan,
               source=os.path.abspath(src))
-  meta.update(normalisation(src))
+  meta.update(hf_files.read_normalisation(src))
   return meta
-
-
-def normalisation(src: str) -> dict[str, list[float]]:
-  """image_mean / image_std of the HF image processor (preprocessor_config.json), if present."""
-  file = os.path.join(src, "preprocessor_config.json")
-  if not os.path.exists(file):
-    return {}
-  cfg = hf_files.read_json(file)
-  if not cfg.get("do_normalize", True) or "image_mean" not in cfg or "image_std" not in cfg:
-    return {}
-  return {"mean": [float(x) for x in cfg["image_mean"]], "std": [float(x) for x in cfg["image_std"]]}
 
 
 def _family_overrides(meta: dict[str, Any]) -> tuple[list[str], list[str]]:
@@ -94,22 +88,48 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
   return flags_, notes
 
 
+def clip_metadata(model: clip.CLIP, src: str, out: str) -> dict[str, Any]:
+  """model.json of an imported CLIP: the config fields that build and feed it (tools/clip_checkpoint.py)."""
+  tokenizer = os.path.join(out, clip_checkpoint.TOKENIZER)
+  return dict(name="clip", description=model.description(), source=os.path.abspath(src), config=clip_checkpoint.clip_fields(model, tokenizer, src))
+
+
 def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
   """Converts `src` into `out`; returns the metadata written to `out/model.json`."""
   model, variables = from_hf(src, scan=scan)
+  if isinstance(model, clip.CLIP):
+    tokenizer = os.path.join(src, clip_checkpoint.TOKENIZER)
+    if not os.path.exists(tokenizer):
+      raise UserError(f"{src}: no {clip_checkpoint.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
+                      "transformers' CLIPTokenizerFast.save_pretrained)")
+    meta = clip_metadata(model, src, out)
+    checkpoint.save_params(out, variables["params"], meta)
+    shutil.copyfile(tokenizer, os.path.join(out, clip_checkpoint.TOKENIZER))
+    return meta
   if not isinstance(model, ImageBackbone):
-    raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT "
-                    "and SwinV2 directories (use visionfm_jax.convert.from_hf for the others)")
+    raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
+                    "SwinV2 and CLIP directories (use visionfm_jax.convert.from_hf for the others)")
   meta = metadata(model, src)
   checkpoint.save_params(out, variables["params"], meta)
   return meta
+
+
+def _flag(value) -> str:
+  return f'"{value}"' if isinstance(value, tuple) else str(value)
+
+
+def clip_overrides(meta: dict[str, Any], out: str) -> list[str]:
+  """The flags that train from an imported CLIP: its fields over configs/swinv2_g_clip.py:vit, init_from it."""
+  return (["--config=configs/swinv2_g_clip.py:vit"]
+          + [f"--config.{k}={_flag(tuple(v) if isinstance(v, list) else v)}" for k, v in meta["config"].items()]
+          + [f"--config.init_from={os.path.abspath(out)}"])
 
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("src", "out"))
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
   meta = convert(fv.src, fv.out, fv.scan)
-  flags_, notes = overrides(meta, fv.out)
+  flags_, notes = (clip_overrides(meta, fv.out), []) if meta["name"] == "clip" else overrides(meta, fv.out)
   print(f"wrote {fv.out}: {meta['description']}")
   print(" ".join(flags_))
   for note in notes:

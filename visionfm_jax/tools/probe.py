@@ -37,9 +37,6 @@ from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
-WORKDIR_FLAGS = ("--checkpoint", "--workdir")
-
-
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
   """This tool's flags, on their own FlagValues; `config` (the run's) adds the `--config.<field>` overrides that
   `argv` names (AttributeError for a field the config does not have)."""
@@ -53,17 +50,6 @@ def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
     config_flags.DEFINE_config_dict("config", config, "The run's config (overridable).", flag_values=fv,
                                     sys_argv=list(argv))
   return fv
-
-
-def find_workdir(argv: Sequence[str]) -> str | None:
-  """The --checkpoint / --workdir value in `argv` (read before the flags exist: it decides --config.*)."""
-  for i, arg in enumerate(argv):
-    for name in WORKDIR_FLAGS:
-      if arg.startswith(name + "="):
-        return arg[len(name) + 1:]
-      if arg == name and i + 1 < len(argv):
-        return argv[i + 1]
-  return None
 
 
 def load_config(workdir: str):
@@ -108,16 +94,7 @@ def _main(fv, rest: list[str]) -> None:
 def main(argv: Sequence[str]) -> int:
   """Parses `argv` (program name first), prints the results; returns the exit status."""
   distributed.initialize()
-  workdir = find_workdir(argv[1:])
-  try:
-    fv = make_flags(load_config(workdir) if workdir else None, argv)
-  except UserError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
-    print(f"error: --config: {cli.last_line(e)}", file=sys.stderr)
-    return 2
-  return cli.run(argv, fv, __doc__, _main)
+  return cli.run_with_config(argv, load_config, make_flags, __doc__, _main)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,95 @@
+r"""Runs a checkpoint's evaluators without training: the ones the training loop runs every eval_every steps.
+
+  python -m visionfm_jax.tools.evaluate --checkpoint=DIR [--step=N] [--batch_size=256] [--out=FILE]
+      [--config.<field>=V ...]
+
+DIR is a training workdir (config.json + checkpoints/<step>; the newest unless --step) of any task, a
+tools.import_hf directory of a CLIP, or a transformers CLIPModel directory (config.json + model.safetensors +
+tokenizer.json; tools/clip_checkpoint.py). The evaluators are the task's (`task.evaluators`): for a CLIP
+ImageNet zero-shot top-1 / top-5 with OpenAI's names and templates, retrieval on held-out pairs and the
+config.eval.retrieval_benchmarks; for a classifier top-1 on its eval split and the probes; and so on. An
+imported or raw CLIP evaluates zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
+unless told otherwise, e.g. `--config.eval.zeroshot_source=... --config.eval.retrieval=false
+--config.eval.retrieval_benchmarks="(('coco', 'coco_karpathy:/data/coco'),)"`.
+
+Prints one line per metric (`eval/<name>/<metric>=value`, as training logs them), then one JSON line; --out
+also writes that JSON to FILE. The params are replicated on every device (the model must fit on one), each
+batch split across all devices. Errors print one line naming the culprit and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Sequence
+
+import jax
+import numpy as np
+from absl import flags
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from ml_collections import config_flags
+
+from visionfm_jax import atomic, config_lib, parallel, tasks
+from visionfm_jax.errors import UserError
+from visionfm_jax.parallel import distributed
+from visionfm_jax.tasks.base import EvalContext
+from visionfm_jax.tools import cli, clip_checkpoint
+
+
+def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues; `config` (the checkpoint's) adds the `--config.<field>`
+  overrides that `argv` names."""
+  fv = flags.FlagValues()
+  flags.DEFINE_string("checkpoint", None, f"The model to evaluate: {clip_checkpoint.LAYOUTS}.", flag_values=fv)
+  flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 256, "Examples per eval batch, over all devices (rounded up to a multiple of "
+                       "the device count).", flag_values=fv)
+  flags.DEFINE_string("out", None, "Also write the results as JSON to this file.", flag_values=fv)
+  if config is not None:
+    config_flags.DEFINE_config_dict("config", config, "The checkpoint's config (overridable).", flag_values=fv,
+                                    sys_argv=list(argv))
+  return fv
+
+
+def run(config, path: str, *, step: int | None = None, batch_size: int = 256) -> dict[str, float]:
+  """{'eval/<name>/<metric>': value, ..., 'step': the workdir's step or None} of the model at `path` under
+  `config` (its own, overridden)."""
+  if batch_size < 1:
+    raise UserError(f"--batch_size={batch_size}: must be positive")
+  config_lib.check_domains(config)  # the --config.* overrides
+  devices = np.array(jax.devices())
+  mesh = Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)  # all on data
+  batch_size = -(-batch_size // len(devices)) * len(devices)
+  loaded = clip_checkpoint.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh)
+  evaluators = loaded.task.evaluators(EvalContext(mesh, batch_size, jax.process_index(), jax.process_count()))
+  if not evaluators:
+    raise UserError(f"--checkpoint={path}: its config runs no evaluators (see config.eval)")
+  results = {}
+  for name, evaluate in evaluators.items():
+    results.update({f"eval/{name}/{metric}": float(value) for metric, value in evaluate(loaded.params).items()})
+  return {**results, "step": loaded.step}
+
+
+def _main(fv, rest: list[str]) -> None:
+  cli.check_args(fv, rest, ("checkpoint",))
+  results = run(fv.config, fv.checkpoint, step=fv.step, batch_size=fv.batch_size)
+  for name, value in results.items():
+    if name != "step":
+      print(f"{name}={value:g}" if name.endswith("count") else f"{name}={value:.4f}")
+  line = json.dumps(results)
+  print(line)
+  if fv.out and jax.process_index() == 0:
+    os.makedirs(os.path.dirname(os.path.abspath(fv.out)), exist_ok=True)
+    atomic.write(fv.out, line + "\n")
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), evaluates, prints the results; returns the exit status."""
+  distributed.initialize()
+  return cli.run_with_config(argv, lambda path: clip_checkpoint.checkpoint_config(path, tuple(tasks.TASKS)),
+                             make_flags, __doc__, _main)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))
