@@ -212,8 +212,8 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i;
   `kv_length`: only the first kv_length keys are real (the rest is `pad_tokens`' padding).
   `implementation` (ATTENTION): 'auto' resolves for this process's backend (`resolve_attention`; models.build
-  resolves it for the mesh's devices beforehand); 'softmax' runs `kernels.softmax_attention` in `kernels` mode; 'cudnn' routes
-  to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
+  resolves it for the mesh's devices beforehand); 'softmax' runs `kernels.softmax_attention` in `kernels` mode;
+  'cudnn' routes to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
   choose (cuDNN where it applies, else XLA).
   """
   check_attention(implementation)

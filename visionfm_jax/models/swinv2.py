@@ -196,7 +196,8 @@ class ContinuousPositionBias(nn.Module):
     table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
     hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1",
                           kernel_init=nn.initializers.truncated_normal(0.02))(table)
-    per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2", kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
+    per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
+                              kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
     # The sigmoid runs on the (2W-1)^2 offsets before the gather, not on the N^2 pairs after it.
     per_offset = 16.0 * jax.nn.sigmoid(per_offset.T)  # (heads, (2W-1)^2)
     n = self.window * self.window
