@@ -562,6 +562,9 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
 # accepted only when named in config.resume.allow_changes).
 REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
 RESUME_RULES: tuple[tuple[str, str], ...] = (
+    # how a model computes, not what: its kernels, attention implementation and remat policy (same params, same
+    # numbers up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
+    (r"model\.(\w+\.)?(attention|kernels|remat_policy)", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
