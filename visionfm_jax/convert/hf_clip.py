@@ -146,7 +146,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
 def unexportable(model) -> str | None:
   """Why transformers' CLIPModel cannot compute what `model` computes (a field to name), None when it can."""
   image, text = getattr(model, "image", None), getattr(model, "text", None)
-  if not isinstance(image, vit.ViT):
+  if getattr(image, "hf_converter", None) != "hf_vit":  # the tower says what it is (models/backbone.py)
     return f"image: a {type(image).__name__} tower (CLIPModel's is a ViT)"
   wanted = dict(pre_norm=True, patch_bias=False, pool="cls", qkv_bias=True)
   for name, value in wanted.items():

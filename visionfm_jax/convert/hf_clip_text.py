@@ -30,7 +30,7 @@ from visionfm_jax.convert import hf_files
 from visionfm_jax.convert.tensors import Reader, check_tensors, show, tree_shapes
 from visionfm_jax.convert.layout import stack_layers
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.models import text as text_lib
+from visionfm_jax.models import layers, text as text_lib
 
 PREFIX = "text_model."
 ARCH = "CLIPTextModelWithProjection"
@@ -40,7 +40,7 @@ DEFAULTS = dict(vocab_size=49408, hidden_size=512, intermediate_size=2048, proje
                 eos_token_id=2)
 
 
-ACTIVATIONS = ("gelu", "quick_gelu")  # transformers' hidden_act names that our towers compute (layers.ACTIVATIONS)
+ACTIVATIONS = tuple(layers.ACTIVATIONS)  # transformers' hidden_act names are ours: gelu (exact), quick_gelu
 LEGACY_EOS_TOKEN_ID = 2  # HF pools the largest token id (argmax of input_ids) for this eos_token_id
 
 
