@@ -187,3 +187,47 @@ def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
   assert summary["plan_gib"] == pytest.approx(14.5, rel=0.02)
+
+
+PEELED_LOOP = """HloModule peeled, is_scheduled=true
+
+%fused_compare (param_0: s32[]) -> pred[] {
+  %param_0 = s32[] parameter(0)
+  %constant_7 = s32[] constant(7)
+  ROOT %compare = pred[] compare(%param_0, %constant_7), direction=LT
+}
+
+%condition (cond_param: (s32[], f32[64,64])) -> pred[] {
+  %cond_param = (s32[], f32[64,64]{1,0}) parameter(0)
+  %counter = s32[] get-tuple-element(%cond_param), index=0
+  ROOT %loop_compare_fusion = pred[] fusion(%counter), kind=kLoop, calls=%fused_compare
+}
+
+%body (body_param: (s32[], f32[64,64])) -> (s32[], f32[64,64]) {
+  %body_param = (s32[], f32[64,64]{1,0}) parameter(0)
+  %i = s32[] get-tuple-element(%body_param), index=0
+  %x = f32[64,64]{1,0} get-tuple-element(%body_param), index=1
+  %product = f32[64,64]{1,0} dot(%x, %x), lhs_contracting_dims={1}, rhs_contracting_dims={0}
+  %one = s32[] constant(1)
+  %next = s32[] add(%i, %one)
+  ROOT %out = (s32[], f32[64,64]{1,0}) tuple(%next, %product)
+}
+
+ENTRY %main (x: f32[64,64]) -> f32[64,64] {
+  %x = f32[64,64]{1,0} parameter(0)
+  %start = s32[] constant(1)
+  %init = (s32[], f32[64,64]{1,0}) tuple(%start, %x)
+  %loop = (s32[], f32[64,64]{1,0}) while(%init), condition=%condition, body=%body
+  ROOT %result = f32[64,64]{1,0} get-tuple-element(%loop), index=1
+}
+"""
+
+
+def test_a_loop_without_a_known_trip_count_is_counted_from_its_condition():
+  """XLA leaves `known_trip_count` off some loops (Aurora's 64-GPU program: the micro-batch loop, its first
+  iteration peeled, runs `i < 7` from 0); counting such a body once undercounted that step 2.8x. Here the counter
+  runs from 1 while i < 7: 6 trips."""
+  program = hlo_cost.Program(PEELED_LOOP)
+  assert program.total_flops() == 6 * 2 * 64 ** 3 and not program.uncounted_loops
+  unreadable = hlo_cost.Program(PEELED_LOOP.replace("direction=LT", "direction=NE"))
+  assert unreadable.total_flops() == 2 * 64 ** 3 and unreadable.uncounted_loops == ["loop"]

@@ -147,6 +147,11 @@ def _label(attrs: str) -> str:
   return ("bwd: " if backward else "") + "/".join(parts)
 
 
+def _flip(direction: str) -> str:
+  """The comparison seen from its other operand: N > i is i < N."""
+  return {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}.get(direction, direction)
+
+
 def _unwrap(part: str) -> str:
   """'transpose(jvp(ViT))' -> 'ViT', 'jit(_pad)' -> '_pad'."""
   while True:
@@ -208,7 +213,9 @@ class Program:
     self.computations, self.entry = parse_module(hlo_text)
     self.types = {ins.name: ins.type for comp in self.computations.values() for ins in comp}
     self.devices_per_node = devices_per_node
+    self._by_name = {i.name: i for i in self._all_instructions()}
     self.kernels: list[Kernel] = []
+    self.uncounted_loops: list[str] = []  # while loops whose trip count is neither annotated nor readable
     self._walk(self.entry, 1)
 
   def total_flops(self) -> float:
@@ -221,8 +228,7 @@ class Program:
     pending = {}  # async collective start name -> its Kernel, while its done is not yet reached
     for ins in self.computations[computation]:
       if ins.op == "while":
-        trips = _backend_config(ins.attrs).get("known_trip_count", {}).get("n", "1")
-        self._walk(_attr(ins.attrs, "body"), count * int(trips))
+        self._walk(_attr(ins.attrs, "body"), count * self._trip_count(ins))
         continue
       if ins.op in ("call", "conditional"):
         for callee in re.findall(r"(?:to_apply|branch_computations=\{|true_computation|false_computation)=?%?"
@@ -241,6 +247,39 @@ class Program:
       self.kernels.append(kernel)
       if kernel.kind == "collective" and (ins.op.endswith("-start") or ins.op == "async-start"):
         pending[ins.name] = (len(self.kernels) - 1, kernel)
+
+  def _trip_count(self, loop: Instruction) -> int:
+    """XLA's `known_trip_count`, else read off the loop's condition: `i < N` (or <=, >, >=) of a counter against
+    a constant, the counter's start taken from the loop's initial tuple (0 when not a constant); XLA leaves the
+    annotation off e.g. a loop whose first iteration it peeled. Loops neither gives are counted once and listed
+    in `uncounted_loops`."""
+    known = _backend_config(loop.attrs).get("known_trip_count", {}).get("n")
+    if known is not None:
+      return int(known)
+    condition = self.computations.get(_attr(loop.attrs, "condition"), [])
+    bodies = [condition] + [self.computations.get(_attr(i.attrs, "calls"), []) for i in condition if i.op == "fusion"]
+    constants = {i.name: i.args for body in bodies for i in body if i.op == "constant"}
+    for compare in (i for body in bodies for i in body if i.op == "compare"):
+      direction = re.search(r"direction=(\w+)", compare.attrs)
+      bounds = [constants[o] for o in compare.operands if o in constants]
+      if direction and len(bounds) == 1 and re.fullmatch(r"-?\d+", bounds[0]):
+        start = self._counter_start(loop)
+        bound = int(bounds[0])
+        trips = {"LT": bound - start, "LE": bound - start + 1, "GT": start - bound, "GE": start - bound + 1}.get(
+            direction.group(1) if compare.operands[1] in constants else _flip(direction.group(1)))
+        if trips and trips > 0:
+          return trips
+    self.uncounted_loops.append(loop.name)
+    return 1
+
+  def _counter_start(self, loop: Instruction) -> int:
+    init = self._by_name.get((loop.operands or [""])[0])
+    first = self._by_name.get(init.operands[0]) if init is not None and init.op == "tuple" and init.operands else None
+    return int(first.args) if first is not None and first.op == "constant" and re.fullmatch(r"-?\d+", first.args) \
+        else 0
+
+  def _all_instructions(self):
+    return (i for computation in self.computations.values() for i in computation)
 
   # ------------------------------------------------------------------------------------------------ costing
 

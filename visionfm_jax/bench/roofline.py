@@ -221,7 +221,10 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, record: di
   print()
   for kind, seconds in sorted(prediction["by_class_s"].items(), key=lambda kv: -kv[1]):
     print(f"{kind:<20} {seconds * 1e3:9.2f} ms {seconds / prediction['step_s']:7.1%}")
-  predicted_mfu = mfu(setup, prediction["step_s"], config.precision.compute_dtype)
+  if setup.program.uncounted_loops:
+    print(f"note: {len(setup.program.uncounted_loops)} loops of unknown trip count are counted once "
+          f"({', '.join(setup.program.uncounted_loops[:5])}): the step is underestimated")
+  predicted_mfu = mfu(setup, prediction["step_s"], config.precision.compute_dtype) if config else None
   calibrated = record.get("target")
   basis = (f"calibrated on {len(record.get('rows', []))} {calibrated} rows" if calibrated == setup.target.name else
            f"efficiencies calibrated on {calibrated}, applied to {setup.target.name}" if calibrated else
@@ -231,6 +234,7 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, record: di
         f"{'n/a' if predicted_mfu is None else f'{predicted_mfu:.3f}'}, plan {setup.plan_bytes / 2**30:.3f} GiB "
         f"per device; {basis}")
   summary = {"target": setup.target.name, "devices": setup.devices, "predicted_step_ms": step_ms,
+             "uncounted_loops": len(setup.program.uncounted_loops),
              "predicted_mfu": predicted_mfu, "plan_gib": setup.plan_bytes / 2**30,
              "exposed_collective_ms": prediction["exposed_collective_s"] * 1e3,
              "class_ms": {k: v * 1e3 for k, v in prediction["by_class_s"].items()},
