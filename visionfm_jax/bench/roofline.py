@@ -223,7 +223,8 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, record: di
     print(f"{kind:<20} {seconds * 1e3:9.2f} ms {seconds / prediction['step_s']:7.1%}")
   if setup.program.uncounted_loops:
     print(f"note: {len(setup.program.uncounted_loops)} loops of unknown trip count are counted once "
-          f"({', '.join(setup.program.uncounted_loops[:5])}): the step is underestimated")
+          f"({', '.join(setup.program.uncounted_loops[:5])}): data-dependent loops (random sampling's rejection "
+          f"loops) cost little; a loop over layers or micro-batches would be underestimated")
   predicted_mfu = mfu(setup, prediction["step_s"], config.precision.compute_dtype) if config else None
   calibrated = record.get("target")
   basis = (f"calibrated on {len(record.get('rows', []))} {calibrated} rows" if calibrated == setup.target.name else

@@ -127,8 +127,12 @@ def clip_overrides(meta: dict[str, Any], out: str) -> list[str]:
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("src", "out"))
+  verbosity = logging.get_verbosity()
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
-  meta = convert(fv.src, fv.out, fv.scan)
+  try:
+    meta = convert(fv.src, fv.out, fv.scan)
+  finally:  # called in-process (tests, notebooks), it must not silence the caller's INFO lines for good
+    logging.set_verbosity(verbosity)
   flags_, notes = (clip_overrides(meta, fv.out), []) if meta["name"] == "clip" else overrides(meta, fv.out)
   print(f"wrote {fv.out}: {meta['description']}")
   print(" ".join(flags_))
