@@ -79,3 +79,12 @@ def test_progress_is_silent_off_process_zero(caplog):
 def test_format_metrics_drops_the_prefix():
   assert console.format_metrics({"eval/val/top1": 0.95213, "eval/val/top5": 1.0, "train/loss": 2.0},
                                 "eval/val/") == "top1 0.9521, top5 1"
+
+
+def test_a_tool_run_in_process_leaves_absls_logger_level_as_it_was(tmp_path):
+  """import_hf quiets Orbax's INFO lines during its save; called in-process (tests, notebooks) it must not leave
+  them off: before absl's flags are parsed the logger is NOTSET, which get_verbosity() reports as WARNING."""
+  from visionfm_jax.tools import import_hf  # pylint: disable=g-import-not-at-top
+  before = logging.get_absl_logger().level
+  assert import_hf.main(["import_hf", f"--src={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"]) == 2
+  assert logging.get_absl_logger().level == before

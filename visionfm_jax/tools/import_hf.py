@@ -127,12 +127,13 @@ def clip_overrides(meta: dict[str, Any], out: str) -> list[str]:
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("src", "out"))
-  verbosity = logging.get_verbosity()
+  absl_logger = logging.get_absl_logger()
+  level = absl_logger.level  # not get_verbosity(): before absl's flags are parsed it says WARNING for NOTSET
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
   try:
     meta = convert(fv.src, fv.out, fv.scan)
   finally:  # called in-process (tests, notebooks), it must not silence the caller's INFO lines for good
-    logging.set_verbosity(verbosity)
+    absl_logger.setLevel(level)
   flags_, notes = (clip_overrides(meta, fv.out), []) if meta["name"] == "clip" else overrides(meta, fv.out)
   print(f"wrote {fv.out}: {meta['description']}")
   print(" ".join(flags_))
