@@ -211,9 +211,9 @@ class Program:
 
   def __init__(self, hlo_text: str, devices_per_node: int = 8):
     self.computations, self.entry = parse_module(hlo_text)
-    self.types = {ins.name: ins.type for comp in self.computations.values() for ins in comp}
     self.devices_per_node = devices_per_node
-    self._by_name = {i.name: i for i in self._all_instructions()}
+    # instruction names are unique within an HLO module, across its computations
+    self._by_name = {i.name: i for computation in self.computations.values() for i in computation}
     self.kernels: list[Kernel] = []
     self.uncounted_loops: list[str] = []  # while loops whose trip count is neither annotated nor readable
     self._walk(self.entry, 1)
@@ -278,13 +278,13 @@ class Program:
     return int(first.args) if first is not None and first.op == "constant" and re.fullmatch(r"-?\d+", first.args) \
         else 0
 
-  def _all_instructions(self):
-    return (i for computation in self.computations.values() for i in computation)
+  def _type(self, name: str) -> str:
+    return self._by_name[name].type if name in self._by_name else ""
 
   # ------------------------------------------------------------------------------------------------ costing
 
   def _operand_bytes(self, ins: Instruction) -> float:
-    return sum(nbytes(self.types.get(name, "")) for name in ins.operands)
+    return sum(nbytes(self._type(name)) for name in ins.operands)
 
   def _kernel(self, ins: Instruction, count: int) -> Kernel | None:
     if ins.op in FREE:
@@ -292,8 +292,7 @@ class Program:
     label = _label(ins.attrs)
     base = ins.op.removesuffix("-start")
     if ins.op == "async-start":
-      base = next((c for c in COLLECTIVES if c in ins.attrs.split("calls=")[-1][:80] or
-                   self._calls_collective(ins, c)), "")
+      base = next((c for c in COLLECTIVES if self._calls_collective(ins, c)), "")
     if base in COLLECTIVES:
       return self._collective(ins, base, count, label)
     if ins.op == "custom-call":
@@ -303,9 +302,9 @@ class Program:
     io = self._operand_bytes(ins) + nbytes(ins.type)
     if ins.op == "dot":  # unfused (CPU programs; GPU programs call cuBLAS instead)
       return Kernel(ins.name, "gemm", self._dot_flops(ins), io, count, label,
-                    dtype=shapes(self.types.get(ins.operands[0], ""))[0][0])
+                    dtype=shapes(self._type(ins.operands[0]))[0][0])
     if ins.op == "dynamic-update-slice":
-      io = 2 * nbytes(self.types.get(ins.operands[1], ""))
+      io = 2 * nbytes(self._type(ins.operands[1]))
     elif ins.op == "dynamic-slice":
       io = 2 * nbytes(ins.type)
     kind = "copy" if ins.op in COPY_OPS else "reduction" if ins.op in ("reduce", "reduce-window") else "elementwise"
@@ -328,13 +327,13 @@ class Program:
     return Kernel(ins.name, "collective", 0.0, payload, count, label, collective=base, group_size=size,
                   group_spans_nodes=spans)
 
-  def _custom_call(self, ins: Instruction, count: int, label: str) -> Kernel | None:
+  def _custom_call(self, ins: Instruction, count: int, label: str) -> Kernel:
     target = _attr(ins.attrs, "custom_call_target") or ""
     result = shapes(ins.type)
     io = self._operand_bytes(ins) + nbytes(ins.type) - sum(
         DTYPE_BYTES[d] * math.prod(s) for d, s in result if d in ("u8", "s8"))  # scratch workspaces
-    operand_shapes = [shapes(self.types.get(name, "")) for name in ins.operands]
-    if "cublas" in target or target == "__cublas$gemm":
+    operand_shapes = [shapes(self._type(name)) for name in ins.operands]
+    if "cublas" in target:
       config = _backend_config(ins.attrs).get("gemm_backend_config", {})
       dims = config.get("dot_dimension_numbers", {})
       lhs = operand_shapes[0][0][1]
@@ -370,18 +369,17 @@ class Program:
     if "dot" in ops:
       dots = [i for i in body if i.op == "dot"]
       return Kernel(ins.name, "gemm", sum(self._dot_flops(d) for d in dots), io, count, label,
-                    dtype=shapes(self.types.get(dots[0].operands[0], ""))[0][0])
-    compute = ops - FREE - COPY_OPS - {"convert"}
-    if not compute:
-      kind = "copy" if ops - FREE - {"convert"} or not ops else "elementwise"
-      kind = "elementwise" if "convert" in ops and kind == "copy" and not (ops & COPY_OPS - {"broadcast"}) else kind
-    else:
+                    dtype=shapes(self._type(dots[0].operands[0]))[0][0])
+    compute, movement = ops - FREE - COPY_OPS - {"convert"}, ops & COPY_OPS
+    if compute:
       kind = "reduction" if compute & {"reduce", "reduce-window"} else "elementwise"
+    else:  # data movement alone is a copy; a cast (broadcast at most beside it) is elementwise work
+      kind = "elementwise" if ("convert" in ops and movement <= {"broadcast"}) or (ops and not movement) else "copy"
     return Kernel(ins.name, kind, 0.0, io, count, label)
 
   def _dot_flops(self, dot: Instruction) -> float:
     """2 x output elements x the contracted size of a `dot` instruction."""
-    lhs = shapes(self.types.get(dot.operands[0], ""))[0][1]
+    lhs = shapes(self._type(dot.operands[0]))[0][1]
     dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs)
     contracted = math.prod(lhs[int(d)] for d in re.findall(r"\d+", dims.group(1))) if dims else 1
     return 2.0 * math.prod(shapes(dot.type)[0][1]) * contracted
@@ -397,7 +395,7 @@ class Program:
     read = 0.0
     by_index = {index: name for name, index in params.items()}
     for position, operand in enumerate(ins.operands):
-      full = nbytes(self.types.get(operand, ""))
+      full = nbytes(self._type(operand))
       param = by_index.get(position)
       uses = users.get(param, []) if param else []
       if uses and all(u.op == "dynamic-slice" and u.operands[0] == param for u in uses):
@@ -408,10 +406,7 @@ class Program:
     written = nbytes(ins.type)
     updates = [i for i in body if i.op == "dynamic-update-slice" and i.operands and i.operands[0] in params]
     if updates:
-      written = written - sum(nbytes(u.type) for u in updates) + sum(
-          nbytes(self.types.get(u.operands[1], "") or _local_type(body, u.operands[1])) for u in updates)
+      written = written - sum(nbytes(u.type) for u in updates) + sum(nbytes(self._type(u.operands[1]))
+                                                                      for u in updates)
     return read + max(written, 0.0)
 
-
-def _local_type(body: list[Instruction], name: str) -> str:
-  return next((i.type for i in body if i.name == name), "")

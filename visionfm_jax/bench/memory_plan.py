@@ -369,7 +369,8 @@ def _body(fv, rest):
   for flag, reason in skipped.items():
     print(f"skipped {flag}: {reason}")
   rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit, fv.target)
-  summary = {"devices": fv.devices, "target": fv.target or "cpu", "fit": fv.fit, "fit_bytes": fit_bytes, "first_fit": fv.first_fit,
+  summary = {"devices": fv.devices, "target": fv.target or "cpu", "fit": fv.fit, "fit_bytes": fit_bytes,
+             "first_fit": fv.first_fit,
              "candidates": rows, "skipped": skipped, "chosen": chosen}
   if chosen is not None:
     print(f"chosen: {chosen['total_bytes'] / GIB:.3f} of {fit_bytes / GIB:.3f} GiB and {chosen['flops'] / 1e9:.6g} "

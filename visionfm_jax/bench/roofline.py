@@ -63,13 +63,6 @@ class Prices:
   memory: float = 0.8
   launch_us: float = 3.0
 
-  def as_vector(self) -> list[float]:
-    return [self.gemm, self.attention, self.memory, self.launch_us]
-
-  @classmethod
-  def from_vector(cls, values) -> "Prices":
-    return cls(*[float(v) for v in values])
-
 
 def load_prices(path: str = CALIBRATION) -> tuple[Prices, dict]:
   """The calibrated prices and the calibration's record; the uncalibrated defaults and {} without a file."""
@@ -121,27 +114,38 @@ class Priced:
     memory = self.bytes / (self.target.memory_bandwidth * prices.memory)
     return np.maximum(compute, memory) + prices.launch_us * 1e-6
 
+  def collective_times(self, prices: Prices, per_launch) -> list[tuple[float, float]]:
+    """(seconds, exposed seconds) of each collective's launches: its transfer, and what of it the kernels
+    scheduled between its start and done (`per_launch`: `kernel_seconds`) do not hide."""
+    out = []
+    for _, kernel, overlapped in self.collectives:
+      seconds = collective_seconds(kernel, self.target, prices)
+      out.append((seconds * kernel.count, max(0.0, seconds - float(per_launch[overlapped].sum())) * kernel.count))
+    return out
+
   def step_seconds(self, prices: Prices) -> float:
-    return self.predict(prices)["step_s"]
+    """The predicted step alone (what the fit evaluates thousands of times)."""
+    per_launch = self.kernel_seconds(prices)
+    return float((per_launch * self.count).sum()) + sum(e for _, e in self.collective_times(prices, per_launch))
 
   def predict(self, prices: Prices) -> dict:
-    """Predicted seconds of one step: per class, per kernel, the exposed part of the collectives, the total."""
+    """Predicted seconds of one step: per class, per kernel (in Program.kernels' order), the exposed part of the
+    collectives, the total."""
     per_launch = self.kernel_seconds(prices)
     per_kernel = per_launch * self.count
     by_class = collections.Counter()
     for kind, seconds in zip(self.kinds, per_kernel):
       by_class[kind] += float(seconds)
-    exposed, seconds_of = 0.0, {}
-    for position, kernel, overlapped in self.collectives:
-      seconds = collective_seconds(kernel, self.target, prices)
-      exposed += max(0.0, seconds - float(per_launch[overlapped].sum())) * kernel.count
-      by_class["collective (total)"] += seconds * kernel.count
-      seconds_of[position] = seconds * kernel.count
+    collectives = self.collective_times(prices, per_launch)
+    if collectives:
+      by_class["collective (total)"] = sum(s for s, _ in collectives)
+    exposed = sum(e for _, e in collectives)
     compute = float(per_kernel.sum())
-    per_name = {k.name: seconds_of[i] if k.kind == "collective" else float(per_kernel[self.compute_index[i]])
-                for i, k in enumerate(self.kernels)}
+    seconds_of = dict(zip((position for position, _, _ in self.collectives), (s for s, _ in collectives)))
+    ordered = [seconds_of[i] if k.kind == "collective" else float(per_kernel[self.compute_index[i]])
+               for i, k in enumerate(self.kernels)]
     return {"step_s": compute + exposed, "compute_s": compute, "exposed_collective_s": exposed,
-            "by_class_s": dict(by_class), "per_kernel_s": per_name}
+            "by_class_s": dict(by_class), "per_kernel_s": ordered}
 
 
 def predict(program: hlo_cost.Program, target: gpu_target.Target, prices: Prices) -> dict:
@@ -202,9 +206,9 @@ def mfu(setup: Compiled, step_s: float, compute_dtype: str) -> float | None:
 def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
   """The kernels of most predicted time, those of one framework op and class taken together."""
   groups = collections.defaultdict(lambda: {"ms": 0.0, "launches": 0, "tflops": 0.0, "gb": 0.0})
-  for kernel in setup.program.kernels:
+  for kernel, seconds in zip(setup.program.kernels, prediction["per_kernel_s"]):
     group = groups[(kernel.kind, kernel.label or kernel.name)]
-    group["ms"] += prediction["per_kernel_s"][kernel.name] * 1e3
+    group["ms"] += seconds * 1e3
     group["launches"] += kernel.count
     group["tflops"] += kernel.flops * kernel.count / 1e12
     group["gb"] += kernel.bytes * kernel.count / 1e9
@@ -212,7 +216,7 @@ def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
   return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
-def print_report(setup: Compiled, prediction: dict, config, top: int, record: dict) -> dict:
+def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Prices, record: dict) -> dict:
   step_ms = prediction["step_s"] * 1e3
   print(f"{'class':<12} {'ms':>9} {'share':>7}  {'launches':>8} {'TFLOP':>8} {'GB':>8}  op")
   for row in top_kernels(setup, prediction, top):
@@ -241,7 +245,7 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, record: di
              "class_ms": {k: v * 1e3 for k, v in prediction["by_class_s"].items()},
              "gemm_tflops": sum(k.flops * k.count for k in setup.program.kernels if k.kind == "gemm") / 1e12,
              "model_tflops": setup.model_flops / 1e12 if setup.model_flops else None,
-             "prices": dataclasses.asdict(load_prices()[0]) if record else dataclasses.asdict(Prices()),
+             "prices": dataclasses.asdict(prices),
              "calibration": basis}
   print(json.dumps(summary, sort_keys=True), flush=True)
   return summary
@@ -384,19 +388,16 @@ def _body(fv, rest):
   target = gpu_target.get(fv.target)
   if fv.hlo:
     setup = dumped_setup(fv.hlo, fv.config, target, fv.devices)
-    prices, record = load_prices()
-    print_report(setup, predict(setup.program, target, prices), fv.config, fv.top, record)
-    return
-  if fv.config is None:
+  elif fv.config is None:
     raise UserError("--config is required (or --calibrate, or --hlo)")
-  gpu_target.require_compiler(target)
-  config = fv.config
-  config_lib.check_domains(config)
-  setup = compile_setup(config, target, fv.devices)
-  if fv.dump_hlo:
-    write_text(fv.dump_hlo, setup.hlo_text)
+  else:
+    gpu_target.require_compiler(target)
+    config_lib.check_domains(fv.config)
+    setup = compile_setup(fv.config, target, fv.devices)
+    if fv.dump_hlo:
+      write_text(fv.dump_hlo, setup.hlo_text)
   prices, record = load_prices()
-  print_report(setup, predict(setup.program, target, prices), config, fv.top, record)
+  print_report(setup, predict(setup.program, target, prices), fv.config, fv.top, prices, record)
 
 
 def main(argv) -> int:
