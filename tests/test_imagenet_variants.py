@@ -246,3 +246,13 @@ def test_zeroshot_benchmarks_field_is_checked():
                                          "eval.zeroshot_benchmark_templates": "imagenet_80"}))
   with pytest.raises(ConfigError, match="^config.eval.zeroshot_benchmark_templates='imagenet_80': expected"):
     task.benchmark_evaluators(EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
+
+
+def test_a_200_class_variant_as_the_main_zeroshot_source_is_refused(tmp_path):
+  """Its labels index its own 200 classes: against the 1000 names of config.eval.zeroshot_classes they would
+  name the wrong classes."""
+  root = write_release(tmp_path, "imagenet_a")
+  task = tasks.build(tiny_clip_config(**{"eval.zeroshot_classes": "imagenet", "eval.zeroshot_source":
+                                         f"imagenet_a:{root}", "eval.retrieval": False}))
+  with pytest.raises(ConfigError, match=r"within its own 200 classes.*config.eval.zeroshot_benchmarks="):
+    task.evaluators(EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))

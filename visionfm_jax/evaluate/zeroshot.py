@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax import data
-from visionfm_jax.data import imagenet_variants, shapes
+from visionfm_jax.data import imagenet_variants, shapes, sources
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate.classification import TopKEvaluator
 
@@ -104,6 +104,18 @@ def imagenet_class_names(wnids: Sequence[str], what: str) -> list[str]:
                     f"those classes); {len(unknown)} are not, e.g. {unknown[0]!r}")
   names, _ = class_names_and_templates("imagenet")
   return [names[index[w]] for w in wnids]
+
+
+def check_zeroshot_source(data_cfg) -> None:
+  """ConfigError when the zero-shot source (config.eval.zeroshot_source, in `data_cfg`'s eval source) is an
+  ImageNet variant with a class subset: its labels index its own 200 classes, not the 1000 names of
+  config.eval.zeroshot_classes; config.eval.zeroshot_benchmarks scores it."""
+  spec = sources.eval_source_spec(data_cfg)
+  kind = sources.source_kind(spec)
+  if kind in imagenet_variants.KINDS and len(imagenet_variants.class_wnids(kind)) != 1000:
+    raise ConfigError(f"config.eval.zeroshot_source={spec!r} labels its images within its own "
+                      f"{len(imagenet_variants.class_wnids(kind))} classes, not ImageNet's 1000: evaluate it as "
+                      f"config.eval.zeroshot_benchmarks=(('{kind}', {spec!r}),)")
 
 
 def benchmark_data_config(data_cfg, spec: str):

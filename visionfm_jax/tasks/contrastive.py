@@ -136,6 +136,7 @@ class ContrastiveTask(Task):
       tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
       zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
       data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
+      zeroshot.check_zeroshot_source(data_cfg)
       source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):
