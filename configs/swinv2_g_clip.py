@@ -80,6 +80,8 @@ def get_config(arg: str | None = None):
   )
   # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (BUILD.md)
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
+  # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand (BUILD.md, "Zero-shot
+  # benchmarks"), a missing folder would stop the run at start-up
   # optimiser: AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0
   set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0,
              clip_norm=1.0)

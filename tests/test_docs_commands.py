@@ -38,7 +38,7 @@ ROOTS = ("/data/", "/ckpt/", "/models/")
 # Read paths a person unpacks or downloads by hand, as the document describes in prose (release archives of
 # COCO, Flickr30k, ADE20K; TFDS' manual-download folder): the command that would write them is not ours.
 PLACED_BY_HAND = ("/data/coco", "/data/flickr30k", "/data/ADEChallengeData2016", "/data/tfds/downloads/manual",
-                  "/raw/")
+                  "/data/imagenet_variants", "/raw/")
 # Flags whose value is a path a command writes; every other path-valued flag is read.
 WRITE_FLAGS = {"out", "output", "workdir", "local-dir", "data_dir"}
 

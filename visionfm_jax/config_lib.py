@@ -289,6 +289,11 @@ def eval_config(**family_fields) -> ml_collections.ConfigDict:
       # ('flickr30k', 'flickr30k:/data/flickr30k')); specs in data/caption_sets.py, metrics
       # eval/<name>_retrieval/i2t_r1, ...; () = none
       retrieval_benchmarks=(),
+      # ((name, spec), ...): zero-shot classification on further labelled sets with OpenAI's names and templates,
+      # e.g. (('imagenet_r', 'imagenet_r:/data/imagenet-r'), ('imagenetv2', 'imagenetv2:/data/imagenetv2')); specs
+      # of ImageNet's variants in data/imagenet_variants.py, metrics eval/zeroshot_<name>/top1, ...; () = none
+      zeroshot_benchmarks=(),
+      zeroshot_benchmark_templates="imagenet",  # their prompts: OpenAI's 80; 'imagenet_simple': 8 of them
       **family_fields,
   ))
 

@@ -14,6 +14,10 @@
                               (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
   ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
   coco:<root>                 COCO 2017 detection: images and instances JSON (`coco.CocoSource`)
+  imagenet_a:<root>, imagenet_r:<root>, imagenet_sketch:<root>, imagenetv2:<root>
+                              ImageNet's test-only variants as released (`imagenet_variants.ImageFolderSource`;
+                              every split is the whole set), labelled within their own class lists, whose
+                              names are ImageNet WordNet ids
 
 Training reads config.data.source, or with `config.data.mixture` = ((spec, weight), ...) and config.data.source
 '' a weighted mixture of such sources (`train_specs`; data/mixture.py reads it). Evaluation reads
@@ -30,7 +34,7 @@ import os
 import re
 from pathlib import Path
 
-from visionfm_jax.data import ade20k, coco, records
+from visionfm_jax.data import ade20k, coco, imagenet_variants, records
 from visionfm_jax.data.ade20k import ADE20KSource
 from visionfm_jax.data.coco import CocoSource
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
@@ -41,6 +45,8 @@ from visionfm_jax.errors import ConfigError, DataError
 SHAPES_SEED = 0
 SHAPES_IMAGES_SEED = 1  # 'shapes:images': other images than 'shapes'
 PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
+VARIANTS_HINT = "see BUILD.md, 'Zero-shot benchmarks: ImageNet variants'"
+FOLDER_KINDS = ("arrayrecord", "ade20k", "coco", *imagenet_variants.KINDS)  # '<kind>:<path>'
 
 
 _VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*, *
@@ -55,7 +61,7 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
   kind, _, name = spec.partition(":")
   if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name == "images"):
     return kind, name, ""
-  if kind in ("arrayrecord", "ade20k", "coco") and name:
+  if kind in FOLDER_KINDS and name:
     return kind, name, ""
   if kind == "tfds" and name and not name.startswith(":"):
     name, _, rest = name.partition(":")
@@ -64,7 +70,8 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
   raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'scenes', "
-                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'ade20k:<root>' or 'coco:<root>'")
+                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'ade20k:<root>', 'coco:<root>' or "
+                  f"one of {', '.join(k + ':<root>' for k in imagenet_variants.KINDS)}")
 
 
 def _source_what(spec: str) -> str:
@@ -72,8 +79,8 @@ def _source_what(spec: str) -> str:
 
 
 def source_kind(spec: str, what: str | None = None) -> str:
-  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k' or 'coco'; DataError naming `what` for a malformed
-  spec."""
+  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k', 'coco' or an ImageNet variant's kind; DataError naming
+  `what` for a malformed spec."""
   return _parse(spec, what)[0]
 
 
@@ -188,6 +195,11 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
     return _arrayrecord_source(what, name, split)
+  if kind in imagenet_variants.KINDS:
+    try:
+      return imagenet_variants.open_variant(kind, name)
+    except DataError as e:
+      raise DataError(f"{what}: {e}; {VARIANTS_HINT}") from e
   if kind in ("ade20k", "coco"):
     try:
       return ADE20KSource(name, split) if kind == "ade20k" else CocoSource(name, split, skip_empty=training)
@@ -214,6 +226,8 @@ def class_names(spec: str, data_cfg, what: str | None = None) -> list[str]:
     return list(SHAPE_NAMES)
   if kind == "ade20k":
     return list(ade20k.class_names())
+  if kind in imagenet_variants.KINDS:
+    return list(imagenet_variants.class_wnids(kind))
   if kind == "coco":  # contiguous classes in category-id order
     try:
       return list(coco.load_index(name, data_cfg.train_split).class_names)

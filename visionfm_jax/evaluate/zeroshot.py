@@ -3,10 +3,19 @@
 Each class embedding is the mean of its L2-normalised prompt embeddings, normalised again (CLIP's prompt
 ensembling). Images are classified by cosine similarity with the class embeddings; the counting (masked
 padding rows, ties) is `classification.TopKEvaluator`'s.
+
+Besides config.eval.zeroshot_classes on config.eval.zeroshot_source, config.eval.zeroshot_benchmarks names
+further sets, ((name, source spec), ...), each logged as `eval/zeroshot_<name>/top1`, `top5`, `count`
+(`benchmark_evaluators`): ImageNet's variants as papers report them (data/imagenet_variants.py:
+`imagenet_r:<root>` etc.), or any labelled source whose label names are ImageNet WordNet ids. Their classes get
+OpenAI's curated names of those ImageNet classes and the templates of config.eval.zeroshot_benchmark_templates
+('imagenet': OpenAI's 80, as papers report; 'imagenet_simple': 8 of them); every image of the set is scored
+(ImageNet-A and -R against their own 200 classes only, as in their papers and CLIP's).
 """
 
 from __future__ import annotations
 
+import functools
 import importlib.resources
 from typing import Callable, Sequence
 
@@ -14,8 +23,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.data import shapes
-from visionfm_jax.errors import ConfigError
+from visionfm_jax import data
+from visionfm_jax.data import imagenet_variants, shapes, sources
+from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate.classification import TopKEvaluator
 
 ZEROSHOT_SETS = ("imagenet", "imagenet_simple", "shapes")
@@ -79,3 +89,78 @@ class ZeroShotEvaluator:
     50,000 of ImageNet's validation split)."""
     classes = class_embeddings(self._embed_texts, params, self.prompt_tokens, self.num_classes)
     return self._topk((params, classes), local_batches, with_count=True)
+
+
+BENCHMARKS_FIELD = "config.eval.zeroshot_benchmarks"
+
+
+def imagenet_class_names(wnids: Sequence[str], what: str) -> list[str]:
+  """OpenAI's curated names of the ImageNet classes with these WordNet ids; DataError naming `what` (the source)
+  when one is not an ImageNet-1k class."""
+  index = {wnid: i for i, wnid in enumerate(imagenet_variants.imagenet_wnids())}
+  unknown = [w for w in wnids if w not in index]
+  if unknown:
+    raise DataError(f"{what}: its label names must be ImageNet-1k WordNet ids (zero-shot uses OpenAI's names of "
+                    f"those classes); {len(unknown)} are not, e.g. {unknown[0]!r}")
+  names, _ = class_names_and_templates("imagenet")
+  return [names[index[w]] for w in wnids]
+
+
+def check_zeroshot_source(data_cfg) -> None:
+  """ConfigError when the zero-shot source (config.eval.zeroshot_source, in `data_cfg`'s eval source) is an
+  ImageNet variant with a class subset: its labels index its own 200 classes, not the 1000 names of
+  config.eval.zeroshot_classes; config.eval.zeroshot_benchmarks scores it."""
+  spec = sources.eval_source_spec(data_cfg)
+  kind = sources.source_kind(spec)
+  if kind in imagenet_variants.KINDS and len(imagenet_variants.class_wnids(kind)) != 1000:
+    raise ConfigError(f"config.eval.zeroshot_source={spec!r} labels its images within its own "
+                      f"{len(imagenet_variants.class_wnids(kind))} classes, not ImageNet's 1000: evaluate it as "
+                      f"config.eval.zeroshot_benchmarks=(('{kind}', {spec!r}),)")
+
+
+def benchmark_data_config(data_cfg, spec: str):
+  """A copy of config.data that evaluates every record of `spec`."""
+  data_cfg = data_cfg.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.eval_source, data_cfg.eval_examples = spec, -1
+  return data_cfg
+
+
+def check_benchmarks(benchmarks) -> None:
+  """ConfigError unless `benchmarks` is ((name, spec), ...) with distinct identifiers as names."""
+  if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) and x for x in b)
+             for b in benchmarks):
+    raise ConfigError(f"{BENCHMARKS_FIELD}={benchmarks!r}: expected ((name, spec), ...), e.g. "
+                      f"(('imagenet_r', 'imagenet_r:/data/imagenet-r'),)")
+  names = [name for name, _ in benchmarks]
+  if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
+    raise ConfigError(f"{BENCHMARKS_FIELD}: names {names} must be distinct identifiers (metrics "
+                      f"eval/zeroshot_<name>/...)")
+
+
+def benchmark_evaluators(eval_cfg, data_cfg, encode_texts: Callable, embed_images: Callable,
+                         embed_texts: Callable, ctx) -> dict[str, Callable]:
+  """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`; absent
+  in older configs: none); `encode_texts` tokenises a list of prompts. The sources are opened and the prompts
+  tokenised now, so that a missing set stops a run at start-up."""
+  benchmarks = eval_cfg.get("zeroshot_benchmarks", ())
+  check_benchmarks(benchmarks)
+  if not benchmarks:
+    return {}
+  template_set = eval_cfg.get("zeroshot_benchmark_templates", "imagenet")
+  if template_set not in ("imagenet", "imagenet_simple"):
+    raise ConfigError(f"config.eval.zeroshot_benchmark_templates={template_set!r}: expected 'imagenet' (OpenAI's "
+                      f"80 templates) or 'imagenet_simple' (8 of them)")
+  _, templates = class_names_and_templates(template_set)
+  out = {}
+  for name, spec in benchmarks:
+    what = f"{BENCHMARKS_FIELD} {name!r}={spec!r}"
+    bench_cfg = benchmark_data_config(data_cfg, spec)
+    source = data.open_eval_source(bench_cfg, what=what)
+    names = imagenet_class_names(data.class_names(spec, bench_cfg, what=what), what)
+    evaluator = ZeroShotEvaluator(embed_images, embed_texts, encode_texts(prompts(names, templates)), len(names),
+                                  ctx)
+    batches = functools.partial(data.make_eval_iterator, bench_cfg, batch_size=ctx.local_batch_size,
+                                process_index=ctx.process_index, process_count=ctx.process_count, source=source)
+    out[f"zeroshot_{name}"] = lambda params, evaluator=evaluator, batches=batches: evaluator(params, batches())
+  return out

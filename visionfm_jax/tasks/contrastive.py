@@ -136,6 +136,7 @@ class ContrastiveTask(Task):
       tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
       zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
       data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
+      zeroshot.check_zeroshot_source(data_cfg)
       source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):
@@ -151,8 +152,9 @@ class ContrastiveTask(Task):
     return out
 
   def benchmark_evaluators(self, ctx: EvalContext):
-    """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks; the sets are
-    opened (and their captions tokenised) now, so that a missing dataset stops the run at start-up."""
+    """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks and
+    {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py); the sets
+    are opened (and their texts tokenised) now, so that a missing dataset stops the run at start-up."""
     benchmarks = self.config.eval.retrieval_benchmarks
     field = "config.eval.retrieval_benchmarks"
     if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
@@ -172,6 +174,8 @@ class ContrastiveTask(Task):
           embed_images, embed_texts, captioned.caption_image,
           functools.partial(caption_sets.image_batches, captioned, self.config.data, **shards),
           functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
+    out.update(zeroshot.benchmark_evaluators(self.config.eval, self.config.data, self.tokenizer.encode_batch,
+                                             embed_images, embed_texts, ctx))
     return out
 
   @functools.cached_property

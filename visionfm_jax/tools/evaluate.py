@@ -6,8 +6,9 @@ r"""Runs a checkpoint's evaluators without training: the ones the training loop 
 DIR is a training workdir (config.json + checkpoints/<step>; the newest unless --step) of any task, a
 tools.import_hf directory of a CLIP, or a transformers CLIPModel directory (config.json + model.safetensors +
 tokenizer.json; tools/clip_checkpoint.py). The evaluators are the task's (`task.evaluators`): for a CLIP
-ImageNet zero-shot top-1 / top-5 with OpenAI's names and templates, retrieval on held-out pairs and the
-config.eval.retrieval_benchmarks; for a classifier top-1 on its eval split and the probes; and so on. An
+ImageNet zero-shot top-1 / top-5 with OpenAI's names and templates, retrieval on held-out pairs, the
+config.eval.retrieval_benchmarks and the config.eval.zeroshot_benchmarks (ImageNet-V2, -Sketch, -R, -A:
+`eval/zeroshot_<name>/top1`); for a classifier top-1 on its eval split and the probes; and so on. An
 imported or raw CLIP evaluates zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
 unless told otherwise, e.g. `--config.eval.zeroshot_source=... --config.eval.retrieval=false
 --config.eval.retrieval_benchmarks="(('coco', 'coco_karpathy:/data/coco'),)"`.
