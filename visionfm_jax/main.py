@@ -94,14 +94,20 @@ def main(argv):
 
 
 def _dry_run() -> None:
-  import jax  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.training import dry_run  # pylint: disable=g-import-not-at-top
+  """training/dry_run.py's checks and plan, printed. The backend is set up here, after jax's import: it holds no
+  accelerator memory, and none at all when the devices are planned as a number."""
   if _DRY_RUN_DEVICES.value < 0 or _DRY_RUN_PROCESSES.value < 1:
     raise UserError(f"--dry_run_devices={_DRY_RUN_DEVICES.value} --dry_run_processes={_DRY_RUN_PROCESSES.value}: "
                     f"expected devices >= 0 (0: this process's) and processes >= 1")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import jax  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import dry_run  # pylint: disable=g-import-not-at-top
+  if _DRY_RUN_DEVICES.value:
+    jax.config.update("jax_platforms", "cpu")
   devices = _DRY_RUN_DEVICES.value or jax.device_count()
   plan = dry_run.plan(_CONFIG.value, _WORKDIR.value, devices, _DRY_RUN_PROCESSES.value)
-  print(f"dry run: {flags.FLAGS['config'].serialize().split('=', 1)[-1]} can start; nothing was trained or written")
+  print(f"dry run: {config_flags.get_config_filename(flags.FLAGS['config'])} can start; nothing was trained or "
+        f"written")
   for line in dry_run.report(plan):
     print(line)
   sys.stdout.flush()
