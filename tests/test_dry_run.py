@@ -62,7 +62,7 @@ def test_the_plan_of_every_demo_from_shapes(spec, tmp_path):
 def test_a_dry_run_through_main_prints_the_plan_and_exits_0_without_training(tmp_path):
   workdir = tmp_path / "run"
   proc, seconds = _main("--config=configs/vit_huge.py:demo", f"--workdir={workdir}", "--dry_run",
-                        "--dry_run_devices=2")
+                        "--config.mesh.fsdp=2")  # planned for the 2 devices the mesh names; this process has 8
   assert proc.returncode == 0, proc.stderr[-3000:]
   figures = _figures(proc.stdout)
   config = config_lib.load(os.path.join(ROOT, "configs", "vit_huge.py:demo"))

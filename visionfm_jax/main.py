@@ -3,10 +3,11 @@ r"""Entry point: `python -m visionfm_jax.main --config=configs/vit_huge.py[:vari
 Any config field is overridable: `--config.total_steps=100 --config.optim.lr=3e-4`. Multi-host runs call
 `jax.distributed.initialize()` first (from the SLURM / coordinator environment, see launch/).
 
-`--dry_run` checks a run without training: the config (for `--dry_run_devices` devices in `--dry_run_processes`
-processes, default: this process's devices, one process), init_from, the workdir's checkpoint, every data
-source the run opens; prints params, bytes per device, steps, examples per epoch and the checkpoint cadence, and
-exits 0 (training/dry_run.py). It joins no other process: launch/ runs one process for it.
+`--dry_run` checks a run without training: the config for `--dry_run_devices` devices in `--dry_run_processes`
+processes (default: the devices config.mesh names when no axis is -1, else this process's; one process),
+init_from, the workdir's checkpoint and every data source the run opens; it prints params, bytes per device,
+steps, examples per epoch and the checkpoint cadence, and exits 0 (training/dry_run.py). It joins no other
+process: launch/ runs one process for it.
 
 Bad input (a flag, the config file, a field's value, data, checkpoints, weights) ends the run with one
 `error: ...` line naming it and exit status 2; a process that hangs on its peers exits with
@@ -38,7 +39,7 @@ _DRY_RUN = flags.DEFINE_bool(
     "per device, steps, examples per epoch, checkpoints) and exit: nothing is trained, allocated or written.")
 _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "dry_run_devices", 0, "With --dry_run: plan for this many devices in all (e.g. 128 for 16 nodes of 8 GPUs); 0: "
-    "this process's devices.")
+    "config.mesh's when no axis is -1, else this process's devices.")
 _DRY_RUN_PROCESSES = flags.DEFINE_integer(
     "dry_run_processes", 1, "With --dry_run: plan for this many processes (one per node under launch/slurm.sbatch).")
 flags.mark_flags_as_required(["config", "workdir"])
@@ -102,9 +103,11 @@ def _dry_run() -> None:
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import dry_run  # pylint: disable=g-import-not-at-top
-  if _DRY_RUN_DEVICES.value:
+  devices = _DRY_RUN_DEVICES.value or dry_run.mesh_devices(_CONFIG.value.mesh)
+  if devices:
     jax.config.update("jax_platforms", "cpu")
-  devices = _DRY_RUN_DEVICES.value or jax.device_count()
+  else:
+    devices = jax.device_count()
   plan = dry_run.plan(_CONFIG.value, _WORKDIR.value, devices, _DRY_RUN_PROCESSES.value)
   print(f"dry run: {config_flags.get_config_filename(flags.FLAGS['config'])} can start; nothing was trained or "
         f"written")

@@ -65,6 +65,12 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
       workdir=workdir)
 
 
+def mesh_devices(mesh_cfg) -> int | None:
+  """The devices config.mesh names, None when an axis takes the devices left (-1)."""
+  sizes = [int(mesh_cfg[axis]) for axis in parallel.AXES]
+  return None if -1 in sizes else math.prod(sizes)
+
+
 def _check_workdir(workdir: str) -> None:
   """WorkdirError when the workdir could not be created or written: its nearest existing ancestor is no
   writable directory (nothing is created here)."""
