@@ -3,6 +3,8 @@
 #   launch/local.sh N [main flags...]
 # CPU: each process gets $DEVICES_PER_PROCESS (default 1) host devices; collectives go through gloo.
 # GPU: the visible GPUs are split evenly between the processes (JAX_PLATFORMS=cpu forces CPU where GPUs exist).
+# --dry_run: one process checks and plans the N-process job (visionfm_jax/training/dry_run.py); it joins no
+# collective and its checks depend on the device and process counts alone, so the other N - 1 would repeat it.
 set -euo pipefail
 n=${1:?usage: launch/local.sh N [flags for visionfm_jax.main]}
 shift
@@ -11,6 +13,11 @@ export JAX_COORDINATOR_ADDRESS="localhost:${port}"
 export JAX_NUM_PROCESSES=$n
 gpus=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L | wc -l || echo 0)
 if [ "${JAX_PLATFORMS:-}" = cpu ]; then gpus=0; fi
+if [[ " $* " =~ " --dry_run "|" --dry_run=true "|" --dry_run=True " ]]; then
+  devices=$(( gpus > 0 ? gpus : n * ${DEVICES_PER_PROCESS:-1} ))
+  if [ "$gpus" -eq 0 ]; then export JAX_PLATFORMS=cpu; fi
+  exec python -m visionfm_jax.main --dry_run_devices="$devices" --dry_run_processes="$n" "$@"
+fi
 pids=()
 # INT/TERM: pass TERM on (each process checkpoints at its next step and exits), wait for all, then exit.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait; exit 143' INT TERM

@@ -203,7 +203,7 @@ def test_train_metrics_log_every_loss_term():
 def test_bad_model_configs_name_the_field(field, value, message):
   config = tiny_aurora_config(**{field: value})
   with pytest.raises(ConfigError, match=message):
-    config_lib.validate(config)  # as main does: the field domains (decoder_depth) first,
+    config_lib.check(config)  # as main does: the field domains (decoder_depth) first,
     tasks.build(config)  # then what only the model knows
 
 

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import config_lib
-from visionfm_jax.training import train
+from visionfm_jax.training import checks, train
 
 DEMO = "--config=configs/vit_huge.py:demo"
 TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
@@ -74,6 +74,13 @@ CASES = [
      ["config.total_steps 2 -> 4", "--config.resume.allow_changes=total_steps"]),
     ("unknown_allowed_change", [DEMO, "--config.resume.allow_changes=lr"], ["config.resume.allow_changes='lr'"]),
     ("workdir_under_a_file", [*TINY, "--workdir=README.md/run"], ["README.md/run", "errno ENOTDIR"]),
+    # --dry_run: the same checks, for the planned devices and processes, with nothing written
+    ("dry_run_devices_without_dry_run", [*TINY, "--dry_run_devices=8"], ["--dry_run_devices", "--dry_run"]),
+    ("dry_run_batch_over_planned_devices", [DEMO, "--dry_run", "--dry_run_devices=3"],
+     ["config.global_batch_size=64", "3 data-parallel devices"]),
+    ("dry_run_resume_with_another_schedule", [*TINY, "--workdir=<good>", "--dry_run"],
+     ["config.total_steps 2 -> 4", "--config.resume.allow_changes=total_steps"]),
+    ("dry_run_workdir_under_a_file", [*TINY, "--workdir=README.md/run", "--dry_run"], ["README.md/run", "a file"]),
 ]
 
 
@@ -146,6 +153,6 @@ def test_every_config_shipped_is_valid_and_every_domain_rule_is_used():
   used = set()
   for spec in specs:
     config = config_lib.load(os.path.join(ROOT, "configs", spec))
-    config_lib.validate(config)
+    checks.validate(config)
     used.update(rule[0] for rule in map(config_lib.rule_of, (path for path, _ in config_lib.fields(config))) if rule)
   assert used == {pattern for pattern, _ in config_lib.DOMAINS}, {p for p, _ in config_lib.DOMAINS} - used

@@ -1,4 +1,4 @@
-"""config_lib's recipe helpers: base_config's sections, set_fields and the shared CPU demo."""
+"""config_lib's recipe helpers: base_config's sections, set_fields and the shared CPU demo; config_lib is a leaf."""
 
 import os
 
@@ -6,6 +6,7 @@ import pytest
 
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.training import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_cls.py:B,640,demo", "swinv2_g_clip.py:demo",
@@ -51,7 +52,7 @@ def test_cpu_demo_names_an_unknown_source():
 @pytest.mark.parametrize("spec", DEMOS)
 def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
   config = config_lib.load(os.path.join(ROOT, "configs", spec))
-  config_lib.validate(config, num_devices=1)
+  checks.validate(config, num_devices=1)
   from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
   assert all(sources.source_kind(spec) in config_lib.DEMO_DATA for _, spec, _ in sources.train_specs(config.data))
   assert config.data.num_workers == 0
@@ -61,14 +62,18 @@ def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
   assert config.init_from == "" and config.init_from_prefix == ""
 
 
-def test_batch_axes_must_divide_over_the_processes():
-  """Each process loads global_batch_size / P rows: right only when the data x fsdp shards split over them."""
-  config = config_lib.base_config()
-  config.global_batch_size = 8
-  config.mesh.update(data=1, fsdp=-1, tensor=2)
-  config_lib.validate(config, num_devices=4, num_processes=2)  # fsdp 2: one batch shard per process
-  with pytest.raises(ConfigError, match=r"config.mesh=.*data x fsdp = 1 batch shards do not divide over the 2 "
-                                        r"processes"):
-    config_lib.validate(config, num_devices=2, num_processes=2)  # launch/local.sh 2 --config.mesh.tensor=2
-  config.mesh.update(data=-1, fsdp=1, tensor=1)
-  config_lib.validate(config, num_devices=2, num_processes=2)
+def test_config_lib_imports_nothing_of_the_package_but_its_errors():
+  """The config is data: the checks between fields live with their owners (training/checks.py runs them)."""
+  import ast  # pylint: disable=g-import-not-at-top
+  tree = ast.parse(open(config_lib.__file__, encoding="utf-8").read())
+  imported = {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
+  imported |= {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+  assert {m for m in imported if m and m.startswith("visionfm_jax")} == {"visionfm_jax.errors"}
+
+
+@pytest.mark.parametrize("field, value", [("strategy", "zero4"), ("precision.compute_dtype", "float8"),
+                                          ("model.remat_policy", "sometimes")])
+def test_a_name_outside_its_choices_is_a_domain_error(field, value):
+  config = config_lib.set_paths(config_lib.base_config(), {field: value})
+  with pytest.raises(ConfigError, match=rf"config.{field}='{value}': must be one of "):
+    config_lib.check(config)

@@ -24,7 +24,7 @@ from test_convert_vit import ATOL, _edited_copy, _images, _import_hf, torch, tra
 
 from visionfm_jax import config_lib, convert, models
 
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import checkpoint, checks
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.tools import import_hf
 
@@ -227,7 +227,7 @@ def _config_from_flags(line: str):
   values = flags.FlagValues()
   config_flags.DEFINE_config_dict("config", config_lib.base_config("swinv2"), flag_values=values, sys_argv=argv)
   values(argv)
-  config_lib.validate(values.config)
+  checks.validate(values.config)
   return values.config
 
 

@@ -91,7 +91,7 @@ def test_backbone_under_a_prefix_and_rules_first_match_wins():
     optim.layer_ids(models.build(config_lib.model_config("clip"), jnp.float32), ["image/blocks/k", "text/blocks/k"])
   for decay in (0.0, 1.5):  # one rule, config_lib's DOMAINS: (0, 1]
     with pytest.raises(ConfigError, match=rf"config.optim.layer_decay={decay}: must be a number in \(0, 1\]"):
-      config_lib.validate(tiny_vit_config(**{"optim.layer_decay": decay}))
+      config_lib.check(tiny_vit_config(**{"optim.layer_decay": decay}))
 
 
 def _random_tree(shapes, seed):

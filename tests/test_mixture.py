@@ -10,8 +10,8 @@ import pytest
 import test_data  # tests/ is on sys.path under pytest
 
 from conftest import tiny_vit_config
-from visionfm_jax import config_lib, tasks
-from visionfm_jax.data import mixture, pipeline, records, shapes, skipping, sources, tokenizer, transforms
+from visionfm_jax import tasks
+from visionfm_jax.data import checks as data_checks, mixture, pipeline, records, shapes, skipping, sources, tokenizer, transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 MAX_LEN = 16
@@ -65,16 +65,16 @@ def test_class_names_of_a_bad_entry_name_the_entry_alone():
   assert "config.data.source" not in str(info.value)
 
 
-def test_config_validation_checks_the_mixture():
+def test_the_data_checks_check_the_mixture():
   config = tiny_vit_config()
   config.data.mixture = (("shapes", 1.0), ("shapes:images", 0.5))
   with pytest.raises(ConfigError, match=r"config.data.mixture is set .* config.data.source='shapes'"):
-    config_lib.validate(config)
+    data_checks.check(config.data)
   config.data.source = ""
-  config_lib.validate(config)
+  data_checks.check(config.data)
   config.data.mixture = (("shapes", 1.0), ("shapes:images", 0))
   with pytest.raises(ConfigError, match=r"config.data.mixture\[1\]"):
-    config_lib.validate(config)
+    data_checks.check(config.data)
 
 
 def test_an_empty_entry_is_an_error():

@@ -120,4 +120,4 @@ def test_allow_changes_names_fields():
   config = _tiny_config(**{"resume.allow_changes": "total_step"})
   with pytest.raises(ConfigError, match=r"config.resume.allow_changes='total_step': 'total_step' is no field; did "
                                         r"you mean total_steps"):
-    config_lib.validate(config)
+    config_lib.check(config)

@@ -48,7 +48,7 @@ def test_an_unknown_axis_name_is_an_error_naming_it():
 
 def test_the_batch_splits_over_the_data_parallel_axes_of_parallel_batch():
   """One home for the batch's layout (parallel/batch.py): the activation rule of `batch`, the batch's spec, the
-  data-parallel size that config_lib.validate divides the batch by, and the axes a sharded loss gathers over."""
+  data-parallel size that parallel/checks.py divides the batch by, and the axes a sharded loss gathers over."""
   assert sharding.LOGICAL_AXIS_RULES["batch"] == (parallel.BATCH_AXES,) and parallel.BATCH_SPEC == P(("data", "fsdp"))
   assert parallel.data_parallel_size(MESH) == 4 and parallel.data_parallel_size({**MESH, "data": 2}) == 8
   assert parallel.batch_axes_of(Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "tensor"))) == ("data",)

@@ -1,9 +1,12 @@
 """The base config every model family starts from (one small function per section), the helpers config files
-write recipes with (`set_fields`, `cpu_demo`), loading a config file, and validation.
+write recipes with (`set_fields`, `cpu_demo`), loading a config file, the fields' domains and the resume rules.
 
 Configs are `ml_collections.ConfigDict`s, locked after `get_config` so that a misspelt override
-(`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every numeric field with a domain
-has it in one table, `DOMAINS`, which `validate` checks; every domain is finite (inf is never a value).
+(`--config.optim.lrr=1`) is an error instead of a silently ignored key. Every field with a domain (a numeric
+range, or a set of names) has it in one table, `DOMAINS`, which `check` checks; every numeric domain is finite
+(inf is never a value). This module is data: it imports nothing of the package but its errors. The checks
+between fields live with their owners (data/checks.py, parallel/checks.py, training/optim.py), and
+training/checks.py `validate` runs them all.
 """
 
 from __future__ import annotations
@@ -465,6 +468,18 @@ class Domain:
     return text + (f" ({self.note})" if self.note else "")
 
 
+@dataclasses.dataclass(frozen=True)
+class Choices:
+  """The names a string field may take."""
+  names: tuple
+
+  def contains(self, value) -> bool:
+    return isinstance(value, str) and value in self.names
+
+  def __str__(self) -> str:
+    return "one of " + ", ".join(self.names)
+
+
 POSITIVE = Domain(0, low_open=True)
 NON_NEGATIVE = Domain(0)
 COUNT = Domain(1, integer=True)  # sizes, steps, counts
@@ -474,7 +489,10 @@ RATE = Domain(0, 1, high_open=True)  # drop rates, Adam betas
 ALL_OR_COUNT = Domain(1, integer=True, extra=(-1,), note="-1: all")
 
 # (regex over the dotted field path, domain): the first rule whose regex matches the whole path applies.
-DOMAINS: tuple[tuple[str, Domain], ...] = (
+DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
+    (r"strategy", Choices(STRATEGIES)),
+    (r"precision\.compute_dtype", Choices(COMPUTE_DTYPES)),
+    (r"model\.remat_policy", Choices(REMAT_POLICIES)),
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
     (r"step_timeout_s", Domain(0, note="0: no timeout")),
@@ -535,7 +553,7 @@ def fields(node, prefix: str = ""):
       yield path, value
 
 
-def rule_of(path: str) -> tuple[str, Domain] | None:
+def rule_of(path: str) -> tuple[str, Domain | Choices] | None:
   """The DOMAINS rule of a dotted field path (the first whose regex matches it whole), None when none does."""
   for compiled, rule in _COMPILED_DOMAINS:
     if compiled.fullmatch(path):
@@ -557,6 +575,13 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{path}={value!r}: {each}must be {domain}")
     if path in ORDERED_PAIRS and (len(values) != 2 or values[0] > values[1]):
       raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
+
+
+def check(config: ml_collections.ConfigDict) -> None:
+  """What the config checks alone, without jax: every field in its DOMAINS entry, and the resume's
+  allow_changes naming fields. ConfigError naming the field."""
+  check_domains(config)
+  allowed_changes(config)
 
 
 # ------------------------------------------------------------------------------------------ resuming
@@ -609,50 +634,3 @@ def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
       hint = f"; did you mean {' or '.join(close)}?" if close else ""
       raise ConfigError(f"config.resume.allow_changes={config.resume.allow_changes!r}: {name!r} is no field{hint}")
   return names
-
-
-# --------------------------------------------------------------------------------------- validation
-
-def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, num_processes: int = 1) -> None:
-  """Checks a config's field domains and consistency; raises ConfigError naming the field. With
-  `num_devices` (over `num_processes` processes), also that the batch divides over the mesh and its batch axes
-  over the processes."""
-  check_domains(config)
-  allowed_changes(config)
-  if config.data.mixture:
-    from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
-    sources.train_specs(config.data)  # its entries, and data.source = ''
-  if config.strategy not in STRATEGIES:
-    raise ConfigError(f"config.strategy={config.strategy!r}: expected one of {STRATEGIES}")
-  if config.data.eval_preprocess != "inception":
-    from visionfm_jax.data import transforms  # pylint: disable=g-import-not-at-top
-    transforms.check_eval_preprocess(config.data.eval_preprocess)  # a ConfigError naming it when unknown
-  if config.precision.compute_dtype not in COMPUTE_DTYPES:
-    raise ConfigError(f"config.precision.compute_dtype={config.precision.compute_dtype!r}: expected one of {COMPUTE_DTYPES}")
-  if config.model.remat_policy not in REMAT_POLICIES:
-    raise ConfigError(f"config.model.remat_policy={config.model.remat_policy!r}: expected one of {REMAT_POLICIES}")
-  if config.optim.end_lr > config.optim.lr:
-    raise ConfigError(f"config.optim.end_lr={config.optim.end_lr} exceeds config.optim.lr={config.optim.lr}: the "
-                      f"schedule decays from lr to end_lr")
-  if config.optim.warmup_steps > config.total_steps:
-    raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
-  if config.global_batch_size % config.grad_accum_steps:
-    raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
-                      f"config.grad_accum_steps={config.grad_accum_steps}")
-  if num_devices is not None:
-    from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
-    shape = parallel.mesh_shape(config.mesh, num_devices)
-    data_parallel = parallel.data_parallel_size(shape)
-    micro = config.global_batch_size // config.grad_accum_steps
-    if micro % data_parallel:
-      raise ConfigError(
-          f"config.global_batch_size={config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps} "
-          f"= {micro} examples per micro-batch do not divide over the {data_parallel} data-parallel devices "
-          f"(mesh {shape})")
-    # Each process loads its 1/P of the batch (training/train.py), which is its devices' rows only when the batch
-    # axes split over the processes: a tensor axis wider than a process would put one row on several of them.
-    if data_parallel % num_processes:
-      raise ConfigError(
-          f"config.mesh={shape}: the data x fsdp = {data_parallel} batch shards do not divide over the "
-          f"{num_processes} processes (each loads its own share of the batch); keep config.mesh.tensor within a "
-          f"process ({num_devices // num_processes} devices)")

@@ -3,6 +3,12 @@ r"""Entry point: `python -m visionfm_jax.main --config=configs/vit_huge.py[:vari
 Any config field is overridable: `--config.total_steps=100 --config.optim.lr=3e-4`. Multi-host runs call
 `jax.distributed.initialize()` first (from the SLURM / coordinator environment, see launch/).
 
+`--dry_run` checks a run without training: the config for `--dry_run_devices` devices in `--dry_run_processes`
+processes (default: the devices config.mesh names when no axis is -1, else this process's; one process),
+init_from, the workdir's checkpoint and every data source the run opens; it prints params, bytes per device,
+steps, examples per epoch and the checkpoint cadence, and exits 0 (training/dry_run.py). It joins no other
+process: launch/ runs one process for it.
+
 Bad input (a flag, the config file, a field's value, data, checkpoints, weights) ends the run with one
 `error: ...` line naming it and exit status 2; a process that hangs on its peers exits with
 `faults.HUNG_EXIT_CODE`.
@@ -28,6 +34,14 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "(JAX_COORDINATOR_ADDRESS, or SLURM with more than one task).")
 _VERBOSE = flags.DEFINE_bool(
     "verbose", False, "Also show the INFO lines of the libraries underneath (Orbax, JAX, Grain) on the console.")
+_DRY_RUN = flags.DEFINE_bool(
+    "dry_run", False, "Check the config, init_from, the workdir and every data source, print the plan (params, bytes "
+    "per device, steps, examples per epoch, checkpoints) and exit: nothing is trained, allocated or written.")
+_DRY_RUN_DEVICES = flags.DEFINE_integer(
+    "dry_run_devices", 0, "With --dry_run: plan for this many devices in all (e.g. 128 for 16 nodes of 8 GPUs); 0: "
+    "config.mesh's when no axis is -1, else this process's devices.")
+_DRY_RUN_PROCESSES = flags.DEFINE_integer(
+    "dry_run_processes", 1, "With --dry_run: plan for this many processes (one per node under launch/slurm.sbatch).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -62,7 +76,13 @@ def main(argv):
   console.configure(verbose=_VERBOSE.value)
   sys.unraisablehook = _ignore_closed_event_loops
   try:
-    config_lib.validate(_CONFIG.value)  # before joining the other processes and setting up the devices
+    config_lib.check(_CONFIG.value)  # the fields' domains, before jax is imported
+    from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+    checks.validate(_CONFIG.value)  # between fields, before joining the other processes and setting up the devices
+    if _DRY_RUN.value:
+      _dry_run()
+      return
+    _check_no_dry_run_flags()
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_DISTRIBUTED.value)
     import jax  # pylint: disable=g-import-not-at-top
@@ -72,6 +92,34 @@ def main(argv):
     train.run(_CONFIG.value, _WORKDIR.value)
   except UserError as e:
     _exit_with(e)
+
+
+def _dry_run() -> None:
+  """training/dry_run.py's checks and plan, printed. The backend is set up here, after jax's import: it holds no
+  accelerator memory, and none at all when the devices are planned as a number."""
+  if _DRY_RUN_DEVICES.value < 0 or _DRY_RUN_PROCESSES.value < 1:
+    raise UserError(f"--dry_run_devices={_DRY_RUN_DEVICES.value} --dry_run_processes={_DRY_RUN_PROCESSES.value}: "
+                    f"expected devices >= 0 (0: this process's) and processes >= 1")
+  os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+  import jax  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import dry_run  # pylint: disable=g-import-not-at-top
+  devices = _DRY_RUN_DEVICES.value or dry_run.mesh_devices(_CONFIG.value.mesh)
+  if devices:
+    jax.config.update("jax_platforms", "cpu")
+  else:
+    devices = jax.device_count()
+  plan = dry_run.plan(_CONFIG.value, _WORKDIR.value, devices, _DRY_RUN_PROCESSES.value)
+  print(f"dry run: {config_flags.get_config_filename(flags.FLAGS['config'])} can start; nothing was trained or "
+        f"written")
+  for line in dry_run.report(plan):
+    print(line)
+  sys.stdout.flush()
+
+
+def _check_no_dry_run_flags() -> None:
+  for flag in (_DRY_RUN_DEVICES, _DRY_RUN_PROCESSES):
+    if flags.FLAGS[flag.name].present:
+      raise UserError(f"--{flag.name} plans a --dry_run; without --dry_run the run uses the devices it has")
 
 
 if __name__ == "__main__":

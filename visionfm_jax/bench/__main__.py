@@ -51,13 +51,13 @@ import numpy as np
 from absl import flags
 from ml_collections import config_flags
 
-from visionfm_jax import config_lib, models
+from visionfm_jax import models
 from visionfm_jax.bench import primitives
 from visionfm_jax.bench import profile as profile_lib
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import cli
-from visionfm_jax.training import flops
+from visionfm_jax.training import checks, flops
 
 def make_flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
@@ -132,7 +132,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   if cpu_dots != "default" and jax.default_backend() != "cpu":
     raise ConfigError(f"--cpu_dots={cpu_dots} selects an XLA CPU library; this backend is {jax.default_backend()}")
   mesh_devices = jax.devices()[:devices] if devices else jax.devices()
-  config_lib.validate(config, len(mesh_devices))
+  checks.validate(config, len(mesh_devices))
   if compare == "torch":  # a config without a twin fails before anything compiles
     from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
     torch_twin.twin_architecture(config, models.build(config.model, jnp.float32))

@@ -144,7 +144,8 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
   import jax  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax.models import layers  # pylint: disable=g-import-not-at-top
-  config_lib.validate(config)  # what the sweep does not vary must hold already
+  from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+  checks.validate(config)  # what the sweep does not vary must hold already
   unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]
   if unknown:
     raise ConfigError(f"--remat={','.join(remats)}: {unknown} not in {config_lib.REMAT_POLICIES}")
@@ -178,8 +179,9 @@ def why_not_micro_batches(config, count: int, devices: int) -> str | None:
   """Why `count` micro-batches are no setup for `config`, or None: the config rejects them (a micro-batch that
   does not divide over the mesh), or they would change the loss of a task whose examples meet in it."""
   from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
   try:
-    config_lib.validate(apply(config, {"grad_accum_steps": count}), devices)
+    checks.validate(apply(config, {"grad_accum_steps": count}), devices)
   except ConfigError as e:
     return str(e)
   task = tasks.TASKS[config.task]
@@ -271,7 +273,7 @@ def compile_step(config, devices: int, target: str = ""):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax import parallel, tasks  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import checks, train  # pylint: disable=g-import-not-at-top
 
   if target:
     mesh_devices = gpu_target.devices(gpu_target.get(target), devices)
@@ -281,7 +283,7 @@ def compile_step(config, devices: int, target: str = ""):
     mesh_devices = jax.devices()[:devices]
   if config.model.kernels == "auto":  # plan the program the accelerators run, not the simulating CPU's tricks
     config = apply(config, {"model.kernels": "plain"})
-  config_lib.validate(config, devices)
+  checks.validate(config, devices)
   mesh = parallel.make_mesh(config.mesh, mesh_devices)
   task = tasks.build(config, mesh)
   batch = task.synthetic_batch(1, np.random.default_rng(0))

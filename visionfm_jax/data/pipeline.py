@@ -279,9 +279,13 @@ def eval_batches(reader, share: range, num_batches: int, batch_size: int, thread
 def open_eval_source(data_cfg, what: str | None = None):
   """The eval source (`sources.eval_source_spec`) and split, opened: evaluators open
   theirs when they are built, at start-up, so that a missing dataset stops the run before it trains. `what`
-  names it in errors (default: `sources.eval_source_what`), for an evaluator whose source comes from another field."""
-  return build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg,
-                      what=what or eval_source_what(data_cfg))
+  names it in errors (default: `sources.eval_source_what`), for an evaluator whose source comes from another field.
+  An empty source is a DataError as a missing one is."""
+  what = what or eval_source_what(data_cfg)
+  source = build_source(eval_source_spec(data_cfg), data_cfg.eval_split, data_cfg, what=what)
+  if len(source) <= 0:
+    raise DataError(f"{what} split {data_cfg.eval_split!r} has no records")
+  return source
 
 
 def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process_count: int, source=None):

@@ -21,7 +21,7 @@ from ml_collections import config_flags
 
 from visionfm_jax import config_lib, parallel, tasks
 
-from visionfm_jax.training import optim, train
+from visionfm_jax.training import checks, optim, train
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 
@@ -80,7 +80,7 @@ def bytes_table(per_device: dict[str, dict[str, int]]) -> list[str]:
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("config",))
   config = fv.config
-  config_lib.validate(config)
+  checks.validate(config)
   strategy = fv.strategy or config.strategy
   if strategy not in parallel.STRATEGY_SHARDS and strategy != "all":
     raise UserError(f"--strategy={strategy!r}: expected one of {sorted(parallel.STRATEGY_SHARDS)} or 'all'")

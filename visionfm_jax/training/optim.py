@@ -30,6 +30,16 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
 
 
+def check_schedule(optim_cfg, total_steps: int) -> None:
+  """ConfigError when the schedule cannot be drawn: end_lr above lr (it decays from lr to end_lr), or a warmup
+  longer than the run."""
+  if optim_cfg.end_lr > optim_cfg.lr:
+    raise ConfigError(f"config.optim.end_lr={optim_cfg.end_lr} exceeds config.optim.lr={optim_cfg.lr}: the "
+                      f"schedule decays from lr to end_lr")
+  if optim_cfg.warmup_steps > total_steps:
+    raise ConfigError(f"config.optim.warmup_steps={optim_cfg.warmup_steps} exceeds config.total_steps={total_steps}")
+
+
 def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
   """0 -> lr linearly over warmup_steps, then cosine from lr to end_lr at total_steps.
 
@@ -85,7 +95,7 @@ def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
 def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) -> dict[str, float | np.ndarray]:
   """The factor each param's update is scaled by: decay^(L + 1 - layer) (`layer_ids` of `model`) times the first
   matching `lr_mults` rule's multiplier. Scanned leaves get an array shaped to broadcast along their leading
-  axis. `model` is needed only with layer decay, whose range (0, 1] config_lib.validate checks."""
+  axis. `model` is needed only with layer decay, whose range (0, 1] config_lib.check checks."""
   decay = float(optim_cfg.layer_decay)
   rules = ParamRules(optim_cfg.lr_mults, field="config.optim.lr_mults", value_name="multiplier", convert=float)
   rules.require_matches(list(shapes))

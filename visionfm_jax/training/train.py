@@ -23,10 +23,10 @@ import optax
 from absl import logging
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from visionfm_jax import atomic, config_lib, parallel, tasks
+from visionfm_jax import atomic, parallel, tasks
 
 from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision, prefetch
-from visionfm_jax.training import resume, workdir as workdir_lib
+from visionfm_jax.training import checks, resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -217,7 +217,7 @@ def _write_config(config, workdir, start_step: int) -> None:
 def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's lock (a
   WorkdirError when another run holds it). Returns the last metrics."""
-  config_lib.validate(config, jax.device_count(), jax.process_count())
+  checks.validate(config, jax.device_count(), jax.process_count())
   init_from.derive_model_config(config)
   with workdir_lib.claimed(workdir, config.lock_wait_s):
     return _train_in(config, workdir)

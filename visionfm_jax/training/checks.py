@@ -1,0 +1,22 @@
+"""Every check of a config before a run builds anything: the config's own (config_lib.check: each field in its
+domain), then each owner's between fields: the data section (data/checks.py), the schedule
+(training/optim.py), the batch and the mesh (parallel/checks.py). What only a model or a task knows is checked
+when it is built (tasks.build). `main` calls config_lib.check before jax is imported, then `validate`."""
+
+from __future__ import annotations
+
+from visionfm_jax import config_lib
+from visionfm_jax.data import checks as data_checks
+from visionfm_jax.parallel import checks as parallel_checks
+from visionfm_jax.training import optim
+
+
+def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
+  """ConfigError naming the field of the first check `config` fails. With `num_devices` (over `num_processes`
+  processes), also that the batch divides over the mesh and its batch axes over the processes."""
+  config_lib.check(config)
+  data_checks.check(config.data)
+  optim.check_schedule(config.optim, config.total_steps)
+  parallel_checks.check_batch(config)
+  if num_devices is not None:
+    parallel_checks.check_mesh(config, num_devices, num_processes)

@@ -1,0 +1,120 @@
+"""`python -m visionfm_jax.main --dry_run ...`: everything a run checks before its first step, and its plan, with
+nothing trained, allocated or written.
+
+The config is validated for the planned devices and processes (training/checks.py), the model is derived from
+init_from as `train.run` does and init_from must exist, the workdir's newest checkpoint must accept this config
+(training/resume.py), the task is built and opens its data as a run does at start-up (the training data, every
+mixture entry, and every evaluator's sources: a missing or empty one is a DataError naming it). The train state
+is planned from shapes only (`jax.eval_shape`): its bytes per device under the strategy on the mesh of the
+planned devices (parallel/memory.py); the activations are left to bench/memory_plan.py, which compiles the step.
+
+One process answers for a whole job: the checks depend on the device and process counts only (given as numbers),
+and no collective is joined. The launch scripts therefore run one process for `--dry_run` (launch/).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import jax
+import numpy as np
+
+from visionfm_jax import parallel, tasks
+from visionfm_jax.data import mixture as mixture_lib
+from visionfm_jax.errors import CheckpointError, WorkdirError
+from visionfm_jax.tasks.base import EvalContext
+from visionfm_jax.training import checkpoint, checks, init_from, optim, resume, train
+from visionfm_jax.training import workdir as workdir_lib
+
+
+def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
+  """The run's plan (see `report`); a UserError naming the culprit when it could not start."""
+  checks.validate(config, num_devices, num_processes)
+  mesh = parallel.mesh_shape(config.mesh, num_devices)
+  init_from.derive_model_config(config)
+  if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
+    raise CheckpointError(f"init_from={config.init_from!r}: no such directory")
+  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  _check_workdir(workdir)
+  resume.check_changes(config, checkpoint_dir)
+  start_step = checkpoint.newest_committed_step(checkpoint_dir) or 0
+
+  task = tasks.build(config)
+  local_batch = config.global_batch_size // num_processes
+  task.train_loader(batch_size=local_batch, seed=config.seed, process_index=0, process_count=num_processes)
+  evaluators = task.evaluators(EvalContext(_one_device_mesh(), config.global_batch_size // config.grad_accum_steps,
+                                           0, num_processes))
+  examples = mixture_lib.open_train(config.data, config.data.train_split).records
+
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  abstract = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
+  per_device = parallel.bytes_per_device(abstract, mesh, config.strategy)
+  micro = config.global_batch_size // config.grad_accum_steps
+  per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize
+                    for x in task.synthetic_batch(1, np.random.default_rng(0)).values())
+  unboxed = train.nn.unbox(abstract)
+  return dict(
+      task=config.task, model=config.model.name, strategy=config.strategy, mesh=mesh, devices=num_devices,
+      processes=num_processes, params=sum(math.prod(x.shape) for x in jax.tree.leaves(unboxed.params)),
+      bytes_per_device=per_device, batch_bytes_per_device=micro // parallel.data_parallel_size(mesh) * per_example,
+      micro_batch=micro, total_steps=config.total_steps, start_step=start_step,
+      global_batch=config.global_batch_size, grad_accum_steps=config.grad_accum_steps, examples_per_epoch=examples,
+      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      checkpoint_bytes=workdir_lib.tree_bytes(unboxed), eval_every=config.eval_every, evaluators=sorted(evaluators),
+      workdir=workdir)
+
+
+def mesh_devices(mesh_cfg) -> int | None:
+  """The devices config.mesh names, None when an axis takes the devices left (-1)."""
+  sizes = [int(mesh_cfg[axis]) for axis in parallel.AXES]
+  return None if -1 in sizes else math.prod(sizes)
+
+
+def _check_workdir(workdir: str) -> None:
+  """WorkdirError when the workdir could not be created or written: its nearest existing ancestor is no
+  writable directory (nothing is created here)."""
+  path = os.path.abspath(os.path.expanduser(workdir))
+  ancestor = path
+  while not os.path.exists(ancestor):
+    ancestor = os.path.dirname(ancestor)
+  if not os.path.isdir(ancestor):
+    raise WorkdirError(f"--workdir={workdir}: {ancestor} is a file, not a directory")
+  if not os.access(ancestor, os.W_OK | os.X_OK):
+    raise WorkdirError(f"--workdir={workdir}: {ancestor} is not writable")
+
+
+def _one_device_mesh():
+  """A mesh of one device for building the evaluators: they open their sources when built and never run here."""
+  return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+
+
+def _bytes(n: int) -> str:
+  for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
+    if n >= size:
+      return f"{n / size:.{3 if unit == 'GiB' else 1}f} {unit}"
+  return f"{n / 2**10:.1f} KiB"
+
+
+def report(p: dict) -> list[str]:
+  """The plan as the lines `main --dry_run` prints."""
+  b = p["bytes_per_device"]
+  mesh = " x ".join(f"{axis} {size}" for axis, size in p["mesh"].items())
+  steps_left = p["total_steps"] - p["start_step"]
+  epoch_steps = p["examples_per_epoch"] / p["global_batch"]
+  return [
+      f"task {p['task']}, model {p['model']}: {p['params']:,} params",
+      f"mesh {mesh} over {p['devices']} devices in {p['processes']} process{'es' if p['processes'] > 1 else ''}, "
+      f"strategy {p['strategy']}",
+      f"bytes per device: params {_bytes(b['params'])}, grads {_bytes(b['grads'])}, optimizer "
+      f"{_bytes(b['opt_state'])}, state {_bytes(b['total'])}; input {_bytes(p['batch_bytes_per_device'])} per "
+      f"micro-batch; activations not planned (python -m visionfm_jax.bench.memory_plan compiles the step)",
+      f"steps: {p['total_steps']:,} of {p['global_batch']:,} examples ({p['grad_accum_steps']} micro-batch"
+      f"{'es' if p['grad_accum_steps'] > 1 else ''} of {p['micro_batch']:,}); "
+      + (f"resuming at step {p['start_step']:,}, {steps_left:,} to go" if p["start_step"] else "starting at step 0"),
+      f"examples per epoch: {p['examples_per_epoch']:,} (an epoch is {epoch_steps:,.0f} steps; the run is "
+      f"{p['total_steps'] / epoch_steps:,.2f} epochs)",
+      f"checkpoints: every {p['checkpoint_every']:,} steps in {os.path.join(p['workdir'], 'checkpoints')}, keeping "
+      f"{p['keep_checkpoints']}, {_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
+      f"{', '.join(p['evaluators']) or 'none'}",
+  ]
