@@ -9,7 +9,9 @@ Each shell command of a ```bash block is classified by what it runs:
   and the arguments it passes to `visionfm_jax.main` are checked as above;
 - `pip install`: every extra it names exists in pyproject.toml;
 - anything else must be one of the external programs the docs are allowed to name.
-`tests/test_dry_run_docs.py` goes further for the demo commands: they run through `main --dry_run`.
+Every training command (direct, `launch/local.sh`, `sbatch`) is also validated as `main --dry_run` first validates
+it, at the device and process count of the job it launches (16 nodes of 8 GPUs for `sbatch --nodes=16`).
+`tests/test_dry_run.py` runs the dry run itself on every demo config.
 """
 import dataclasses
 import functools
@@ -113,9 +115,27 @@ def main_args(command: Command) -> list[str] | None:
     script = next(i for i, a in enumerate(argv) if i and not a.startswith("-"))
     assert argv[script] == "launch/slurm.sbatch", command
     return argv[script + 1:]
+  if argv[0] == "bash" and argv[1:2] == ["launch/slurm.sbatch"]:
+    return argv[2:]
   if argv[0] == "launch/local.sh":
     return argv[2:]
   return None
+
+
+def cluster_of(command: Command) -> tuple[int | None, int]:
+  """(devices, processes) the command's job runs on: a SLURM job of N nodes drives 8 GPUs a node
+  (launch/slurm.sbatch), local.sh N runs N processes of DEVICES_PER_PROCESS devices, main's --dry_run_* flags
+  say it outright; a plain single-process command plans no device count."""
+  argv, env = command.argv, command.env
+  if argv[0] == "sbatch" or argv[:2] == ["bash", "launch/slurm.sbatch"]:
+    nodes = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--nodes=")), env.get("NODES", 1)))
+    return nodes * int(env.get("GPUS_PER_NODE", 8)), nodes
+  if argv[0] == "launch/local.sh":
+    return int(argv[1]) * int(env.get("DEVICES_PER_PROCESS", 1)), int(argv[1])
+  flags_ = dict(split_flags(argv))
+  if "dry_run_devices" in flags_:
+    return int(flags_["dry_run_devices"]), int(flags_.get("dry_run_processes") or 1)
+  return None, 1
 
 
 @functools.cache
@@ -210,7 +230,7 @@ def check_command(command: Command, checkpoint_configs: dict | None = None) -> l
     return [f"GPU={command.env['GPU']}: no launch/xla_flags_{command.env['GPU']}.sh"]
   passed = main_args(command)
   if passed is not None:
-    script = "launch/slurm.sbatch" if argv[0] == "sbatch" else argv[0]
+    script = "launch/slurm.sbatch" if argv[0] in ("sbatch", "bash") else argv[0]
     if not (ROOT / script).exists():
       return [f"{script}: no such script"]
     return check_flags("visionfm_jax.main", passed)
@@ -325,3 +345,29 @@ def test_every_path_read_was_written_by_an_earlier_command(doc):
         missing.append(f"{command.doc}:{command.line} reads {path}, which no earlier command writes")
     written += writes
   assert not missing, "\n".join(missing)
+
+
+def loaded_config(args: list[str]):
+  """The config a main command runs: its file and variant with its --config.* overrides, parsed as main does."""
+  from absl import flags
+  from ml_collections import config_flags
+  config_args = [a for a in args if a.startswith("--config")]
+  argv = ["main", *[a.replace("--config=", f"--config={ROOT}/", 1) for a in config_args]]
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", None, "", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+@pytest.mark.parametrize("command", [c for c in ALL if main_args(c) is not None
+                                     or (python_module(c.argv) or ("",))[0] == "visionfm_jax.main"],
+                         ids=lambda c: f"{c.doc}:{c.line}")
+def test_training_commands_validate_for_the_job_they_launch(command):
+  """main's own checks (training/checks.validate, what --dry_run runs first) at the job's device and process
+  count: the batch over the devices, micro-batches, the mesh and its batch axes over the processes."""
+  from visionfm_jax.training import checks
+  args = main_args(command)
+  if args is None:
+    args = python_module(command.argv)[1]
+  devices, processes = cluster_of(command)
+  checks.validate(loaded_config(args), devices, processes)
