@@ -10,6 +10,9 @@
                               images, image-text pairs or image-only records; '{split}' in the glob becomes the
                               split name (config.data.train_split / eval_split), a glob without it serves every
                               split
+  wds:<glob>[;option=value]   img2dataset WebDataset tars read in place through their indexes (`wds.WdsSource`):
+                              the same records as `arrayrecord:` of the tars prepared; options min_similarity,
+                              max_pwatermark, max_punsafe filter by LAION's scores; '{split}' as for arrayrecord
   scenes                      the embedded multi-object set for segmentation and detection
                               (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
   ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
@@ -30,7 +33,7 @@ import os
 import re
 from pathlib import Path
 
-from visionfm_jax.data import ade20k, coco, records
+from visionfm_jax.data import ade20k, coco, records, wds
 from visionfm_jax.data.ade20k import ADE20KSource
 from visionfm_jax.data.coco import CocoSource
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
@@ -55,7 +58,7 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
   kind, _, name = spec.partition(":")
   if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name == "images"):
     return kind, name, ""
-  if kind in ("arrayrecord", "ade20k", "coco") and name:
+  if kind in ("arrayrecord", "wds", "ade20k", "coco") and name:
     return kind, name, ""
   if kind == "tfds" and name and not name.startswith(":"):
     name, _, rest = name.partition(":")
@@ -64,7 +67,8 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
   raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'scenes', "
-                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'ade20k:<root>' or 'coco:<root>'")
+                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'wds:<glob>', 'ade20k:<root>' or "
+                  f"'coco:<root>'")
 
 
 def _source_what(spec: str) -> str:
@@ -72,7 +76,7 @@ def _source_what(spec: str) -> str:
 
 
 def source_kind(spec: str, what: str | None = None) -> str:
-  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k' or 'coco'; DataError naming `what` for a malformed
+  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'wds', 'ade20k' or 'coco'; DataError naming `what` for a malformed
   spec."""
   return _parse(spec, what)[0]
 
@@ -188,6 +192,8 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
     return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
     return _arrayrecord_source(what, name, split)
+  if kind == "wds":
+    return _wds_source(what, name, split)
   if kind in ("ade20k", "coco"):
     try:
       return ADE20KSource(name, split) if kind == "ade20k" else CocoSource(name, split, skip_empty=training)
@@ -199,6 +205,14 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
 def _arrayrecord_source(what: str, pattern: str, split: str) -> ArrayRecordSource:
   try:
     return ArrayRecordSource(split_pattern(pattern, split))
+  except DataError as e:
+    raise DataError(f"{what} split {split!r}: {e}") from e
+
+
+def _wds_source(what: str, spec: str, split: str) -> wds.WdsSource:
+  pattern, score_filter = wds.parse_spec(spec, what)
+  try:
+    return wds.WdsSource(split_pattern(pattern, split), score_filter)
   except DataError as e:
     raise DataError(f"{what} split {split!r}: {e}") from e
 
@@ -219,6 +233,8 @@ def class_names(spec: str, data_cfg, what: str | None = None) -> list[str]:
       return list(coco.load_index(name, data_cfg.train_split).class_names)
     except DataError as e:
       raise DataError(f"{what} split {data_cfg.train_split!r}: {e}; {PREPARE_HINT}") from e
+  if kind == "wds":
+    raise DataError(f"{what}: image-text tars have no class names")
   if kind == "arrayrecord":
     try:
       return records.class_names(split_pattern(name, data_cfg.train_split))
