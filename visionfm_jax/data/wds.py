@@ -27,6 +27,7 @@ import json
 import math
 import os
 import tarfile
+import threading
 from typing import Iterator
 
 import numpy as np
@@ -209,12 +210,13 @@ def write_index(path: str) -> dict:
   return {"samples": len(index["keys"]), "incomplete": index["incomplete"]}
 
 
-def read_index(tar: str) -> dict | None:
-  """The index of `tar` when it is there and was written for this tar's size, else None."""
+def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores")) -> dict | None:
+  """The index of `tar` (its `fields`, and incomplete; only those are read from the file) when it is there and
+  was written for this tar's size, else None."""
   try:
     with np.load(index_path(tar), allow_pickle=False) as data:
-      index = {name: data[name] for name in data.files}
-  except (OSError, ValueError, KeyError):
+      index = {name: data[name] for name in ("format", "tar_size", "incomplete", *fields)}
+  except (OSError, ValueError, KeyError, EOFError):
     return None
   if str(index.get("format")) != INDEX_FORMAT or int(index.get("tar_size", -1)) != _size(tar):
     return None
@@ -242,7 +244,8 @@ class WdsSource:
   """grain RandomAccessDataSource over the samples with an image of every tar matching `pattern` (sorted by
   name, archive order within a tar) that pass `score_filter`, through the tars' indexes (DataError naming the
   tars without a current one). Opening reads every index once and keeps only per-tar counts; a read loads its
-  tar's index again (the last few are cached per process)."""
+  tar's index again (the last few, and their open files, are kept per process; grain and the eval reader read
+  on threads, so a lock guards them)."""
 
   CACHED_INDEXES = 8
 
@@ -251,7 +254,7 @@ class WdsSource:
     self.tars = matching_tars(pattern)
     counts, self.filtered, self.incomplete, missing = [], collections.Counter(), 0, []
     for tar in self.tars:
-      index = read_index(tar)
+      index = read_index(tar, fields=("scores",))
       if index is None:
         missing.append(tar)
         continue
@@ -264,13 +267,17 @@ class WdsSource:
                       f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {INDEX_HINT}")
     self._ends = np.cumsum(counts).tolist()
     self._cache = collections.OrderedDict()  # tar number -> its kept rows; per process (not pickled)
-    self._files = {}
+    self._files = {}  # tar number -> an open file descriptor
+    self._lock = threading.Lock()
 
   def __len__(self) -> int:
     return self._ends[-1] if self._ends else 0
 
   def __getstate__(self):
-    return {**self.__dict__, "_cache": collections.OrderedDict(), "_files": {}}
+    return {name: value for name, value in self.__dict__.items() if name not in ("_cache", "_files", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _cache=collections.OrderedDict(), _files={}, _lock=threading.Lock())
 
   def _kept(self, number: int) -> dict:
     if number in self._cache:
@@ -305,12 +312,13 @@ class WdsSource:
     index = int(index)
     number = bisect.bisect_right(self._ends, index)
     row = index - (self._ends[number - 1] if number else 0)
-    kept = self._kept(number)
-    key = str(kept["keys"][row])
     try:
-      record = {"image": self._read(number, kept["image"][row]), "key": key}
-      caption = self._read(number, kept["caption"][row])
-      meta = self._read(number, kept["meta"][row])
+      with self._lock:
+        kept = self._kept(number)
+        key = str(kept["keys"][row])
+        record = {"image": self._read(number, kept["image"][row]), "key": key}
+        caption = self._read(number, kept["caption"][row])
+        meta = self._read(number, kept["meta"][row])
     except OSError as e:
       transforms.count_failure(f"sample {key} of {self.tars[number]}", e)
       return {"image": None, "caption": ""}
