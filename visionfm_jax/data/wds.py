@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import glob
 import json
+import logging
 import math
 import os
 import tarfile
@@ -55,7 +56,12 @@ class ScoreFilter:
   max_punsafe: float | None = None
 
   def __bool__(self) -> bool:
-    return any(v is not None for v in dataclasses.astuple(self))
+    return bool(self.names)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The scores (SCORES order) that a set condition reads."""
+    return tuple(name for name, limit in zip(SCORES, dataclasses.astuple(self)) if limit is not None)
 
   def reasons(self, scores: np.ndarray) -> np.ndarray:
     """Per row of `scores` (n, 3 in SCORES order, NaN: absent), the index in SCORES of the first failed
@@ -73,8 +79,7 @@ class ScoreFilter:
   def count(self, reasons: np.ndarray) -> dict[str, int]:
     """{score: rejected samples} of `reasons`, for the conditions that are set."""
     tally = np.bincount(reasons[reasons >= 0], minlength=len(SCORES))
-    return {name: int(tally[i]) for i, (name, limit) in enumerate(zip(SCORES, dataclasses.astuple(self)))
-            if limit is not None}
+    return {name: int(tally[SCORES.index(name)]) for name in self.names}
 
 
 def scores_of(meta: str | bytes | None) -> tuple[float, float, float]:
@@ -266,6 +271,9 @@ class WdsSource:
       raise DataError(f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
                       f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {INDEX_HINT}")
     self._ends = np.cumsum(counts).tolist()
+    if score_filter:
+      logging.info("wds source %s: %d samples of %d tars kept, filtered out by %s", pattern, len(self),
+                   len(self.tars), ", ".join(f"{reason} {n}" for reason, n in self.filtered.items()))
     self._cache = collections.OrderedDict()  # tar number -> its kept rows; per process (not pickled)
     self._files = {}  # tar number -> an open file descriptor
     self._lock = threading.Lock()

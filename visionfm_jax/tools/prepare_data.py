@@ -248,10 +248,10 @@ def write_shard(job: ShardJob) -> dict:
     counts = {"records": writer.count, "skipped": skipped, "fingerprint": job.fingerprint}
     if job.tar:
       counts["uncaptioned"] = uncaptioned
-    if job.score_filter:
-      counts["filtered"] = {**job.score_filter.count(np.empty(0, int)), **filtered}
     else:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
+    if job.score_filter:
+      counts["filtered"] = {name: filtered[name] for name in job.score_filter.names}
     atomic.write_json(records.sidecar_path(job.path), counts)
   if incomplete:
     logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
@@ -460,8 +460,7 @@ def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, 
     entry["class_counts"] = class_counts
   entry.update(skipped=sum(c["skipped"] for c in counts), source=source)
   if counts and "filtered" in counts[0]:
-    entry["filtered"] = dict(sum((collections.Counter(c["filtered"]) for c in counts), collections.Counter(
-        {reason: 0 for reason in counts[0]["filtered"]})))
+    entry["filtered"] = {reason: sum(c["filtered"][reason] for c in counts) for reason in counts[0]["filtered"]}
   return entry
 
 
