@@ -5,6 +5,7 @@ import glob
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -17,6 +18,7 @@ import webdataset
 from PIL import Image
 
 from conftest import ROOT
+from visionfm_jax import config_lib
 from visionfm_jax.data import pipeline, sources, tokenizer, transforms, wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cluster_task, index_tars, prepare_data
@@ -89,7 +91,7 @@ def test_task_from_flags_and_slurm_environment():
     cluster_task.from_flags(fv, {})
 
 
-def test_three_tasks_prepare_what_one_task_prepares(tmp_path, capsys):
+def test_three_tasks_prepare_what_one_task_prepares(tmp_path, capsys, monkeypatch):
   write_tars(tmp_path / "in", bad={(2, 3)}, uncaptioned={(4, 0)})
   pattern = str(tmp_path / "in" / "*.tar")
   common = [f"--input={pattern}", "--format=webdataset", "--resize_shorter=16", "--num_workers=0"]
@@ -112,14 +114,9 @@ def test_three_tasks_prepare_what_one_task_prepares(tmp_path, capsys):
   assert prepare_data.main(["prog", *common, f"--output={many}", "--finalize"]) == 2
   assert "2 of 6 shards are not written yet" in capsys.readouterr().err
   # SLURM's task 11 of an array 10-12 is task 1, the last to finish: it writes dataset.json.
-  env = {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}
-  monkeypatched = dict(os.environ)
-  os.environ.update(env)
-  try:
-    assert prepare_data.main(["prog", *common, f"--output={many}"]) == 0
-  finally:
-    os.environ.clear()
-    os.environ.update(monkeypatched)
+  for name, value in {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}.items():
+    monkeypatch.setenv(name, value)
+  assert prepare_data.main(["prog", *common, f"--output={many}"]) == 0
   assert "train 29 records, 1 skipped, 6 shards" in capsys.readouterr().out
   assert (many / "dataset.json").read_text() == (tmp_path / "one" / "dataset.json").read_text()
   assert shards_and_sidecars(many) == shards_and_sidecars(tmp_path / "one")
@@ -199,7 +196,6 @@ def test_wds_source_in_a_mixture_counts_a_bad_jpeg(tmp_path):
   write_tars(tmp_path / "in", tars=2, per_tar=8, bad={(0, 3)}, uncaptioned={(1, 0), (1, 5)}, image_size=16)
   pattern = str(tmp_path / "in" / "*.tar")
   index_tars.index_tars(pattern)
-  from visionfm_jax import config_lib
   cfg = config_lib.base_config().data
   cfg.image_size, cfg.num_workers, cfg.shapes_train_size, cfg.source = 16, 0, 64, ""
   cfg.mixture = (("shapes", 1.0), (f"wds:{pattern}", 1.0))
@@ -241,7 +237,6 @@ def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
   assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["2", "4"]
   reference = _params(tmp_path / "run", 4)
   # Lose the last checkpoint: the rerun resumes from step 2, and must reach the same step 4 bitwise.
-  import shutil
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
   resumed = _main(tmp_path / "run", *flags)
   assert resumed.returncode == 0, resumed.stdout
