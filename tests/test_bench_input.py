@@ -17,7 +17,10 @@ def test_report_figures(capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   report = json.loads(lines[-1])
   assert lines[0].startswith("measurement")
-  assert set(report["results"]) == {"baseline", "baseline_draft", "ours_ops", "ours_loader_w0"}
+  assert set(report["results"]) == {"baseline", "baseline_draft", "ours_ops", "ours_loader_w0", "read_arrayrecord",
+                                    "read_wds", "ours_ops_wds", "ours_loader_wds_w0"}
+  assert set(report["ratio_wds_to_arrayrecord"]) == {"read_arrayrecord", "ours_ops", "ours_loader_w0"}
+  assert all(ratio > 0 for ratio in report["ratio_wds_to_arrayrecord"].values())
   for name, r in report["results"].items():
     assert r["images"] == 16, name
     for key in ("wall_s", "cpu_s", "images_per_s", "images_per_s_per_core", "cores"):

@@ -202,6 +202,7 @@ def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # shapes | shapes:images (uncaptioned) | tfds:<name>[:<version>][:<split>]
       # | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
+      # | wds:<glob of indexed img2dataset tars>[;min_similarity=X;max_pwatermark=X;max_punsafe=X] (data/wds.py)
       # | dense tasks: scenes | ade20k:<ADEChallengeData2016 dir> | coco:<dir with train2017/ val2017/ annotations/>
       source="shapes",
       # ((spec, weight), ...): train on a weighted mixture of sources instead (data/mixture.py; source must be

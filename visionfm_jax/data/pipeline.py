@@ -142,7 +142,7 @@ def _sample(source, tries: int = 16) -> _Sample:
   return _Sample(frozenset(keys), readable=True, labelled="label" in first)
 
 
-PAIRS_HINT = "image-text training needs 'shapes' or 'arrayrecord:<glob>' of pairs"
+PAIRS_HINT = "image-text training needs 'shapes', or 'arrayrecord:<glob>' or 'wds:<glob>' of pairs"
 
 
 def _pair_example(mixture: mixture_lib.Mixture, tokenizer, split: str) -> transforms.SelectPair:

@@ -10,6 +10,9 @@
                               images, image-text pairs or image-only records; '{split}' in the glob becomes the
                               split name (config.data.train_split / eval_split), a glob without it serves every
                               split
+  wds:<glob>[;option=value]   img2dataset WebDataset tars read in place through their indexes (`wds.WdsSource`):
+                              the same records as `arrayrecord:` of the tars prepared; options min_similarity,
+                              max_pwatermark, max_punsafe filter by LAION's scores; '{split}' as for arrayrecord
   scenes                      the embedded multi-object set for segmentation and detection
                               (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
   ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
@@ -34,7 +37,7 @@ import os
 import re
 from pathlib import Path
 
-from visionfm_jax.data import ade20k, coco, imagenet_variants, records
+from visionfm_jax.data import ade20k, coco, imagenet_variants, records, wds
 from visionfm_jax.data.ade20k import ADE20KSource
 from visionfm_jax.data.coco import CocoSource
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
@@ -46,7 +49,7 @@ SHAPES_SEED = 0
 SHAPES_IMAGES_SEED = 1  # 'shapes:images': other images than 'shapes'
 PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
 VARIANTS_HINT = "see BUILD.md, 'Zero-shot benchmarks: ImageNet variants'"
-FOLDER_KINDS = ("arrayrecord", "ade20k", "coco", *imagenet_variants.KINDS)  # '<kind>:<path>'
+FOLDER_KINDS = ("arrayrecord", "wds", "ade20k", "coco", *imagenet_variants.KINDS)  # '<kind>:<path>'
 
 
 _VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*, *
@@ -70,8 +73,8 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
   raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'scenes', "
-                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'ade20k:<root>', 'coco:<root>' or "
-                  f"one of {', '.join(k + ':<root>' for k in imagenet_variants.KINDS)}")
+                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'wds:<glob>', 'ade20k:<root>', "
+                  f"'coco:<root>' or one of {', '.join(k + ':<root>' for k in imagenet_variants.KINDS)}")
 
 
 def _source_what(spec: str) -> str:
@@ -79,8 +82,8 @@ def _source_what(spec: str) -> str:
 
 
 def source_kind(spec: str, what: str | None = None) -> str:
-  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'ade20k', 'coco' or an ImageNet variant's kind; DataError naming
-  `what` for a malformed spec."""
+  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'wds', 'ade20k', 'coco' or an ImageNet variant's kind; DataError
+  naming `what` for a malformed spec."""
   return _parse(spec, what)[0]
 
 
@@ -200,6 +203,8 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
       return imagenet_variants.open_variant(kind, name)
     except DataError as e:
       raise DataError(f"{what}: {e}; {VARIANTS_HINT}") from e
+  if kind == "wds":
+    return _wds_source(what, name, split)
   if kind in ("ade20k", "coco"):
     try:
       return ADE20KSource(name, split) if kind == "ade20k" else CocoSource(name, split, skip_empty=training)
@@ -211,6 +216,14 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
 def _arrayrecord_source(what: str, pattern: str, split: str) -> ArrayRecordSource:
   try:
     return ArrayRecordSource(split_pattern(pattern, split))
+  except DataError as e:
+    raise DataError(f"{what} split {split!r}: {e}") from e
+
+
+def _wds_source(what: str, spec: str, split: str) -> wds.WdsSource:
+  pattern, score_filter = wds.parse_spec(spec, what)
+  try:
+    return wds.WdsSource(split_pattern(pattern, split), score_filter)
   except DataError as e:
     raise DataError(f"{what} split {split!r}: {e}") from e
 
@@ -233,6 +246,8 @@ def class_names(spec: str, data_cfg, what: str | None = None) -> list[str]:
       return list(coco.load_index(name, data_cfg.train_split).class_names)
     except DataError as e:
       raise DataError(f"{what} split {data_cfg.train_split!r}: {e}; {PREPARE_HINT}") from e
+  if kind == "wds":
+    raise DataError(f"{what}: image-text tars have no class names")
   if kind == "arrayrecord":
     try:
       return records.class_names(split_pattern(name, data_cfg.train_split))

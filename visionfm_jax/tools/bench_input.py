@@ -4,7 +4,8 @@ r"""Input-pipeline benchmark: images/s per CPU core of our host decode + augment
       [--synthetic=512] [--synthetic_size=500x375] [--images=512] [--workers=0,2] [--batch_size=32]
 
 Without --source it writes --synthetic JPEGs (smooth colour fields + noise, ~ImageNet file sizes) to a temp
-dir as one ArrayRecord file. Every measurement reads the same records (record bytes included) after a warm-up:
+dir as one ArrayRecord file, and the same JPEGs as an indexed img2dataset tar (the `wds:` source, read in place).
+Every measurement reads the same records (record bytes included) after a warm-up:
 
   baseline        Image.open + convert('RGB') + resize to image_size^2 (bilinear), one process
   baseline_draft  the same with Pillow's JPEG draft mode at image_size (as a tuned loader does)
@@ -12,6 +13,9 @@ dir as one ArrayRecord file. Every measurement reads the same records (record by
                   host's part (decode, crop, RandAugment, and drawing the flip and colour-jitter parameters;
                   the device applies those, with the normalisation, in the train step)
   ours_loader/wN  pipeline.make_train_loader with N grain workers; per core = per worker (1 for N=0)
+  synthetic set only, the same JPEGs through the `wds:` source against the ArrayRecord one:
+  read_arrayrecord, read_wds       fetching a record (ArrayRecord's read + msgpack; the tar's indexed preads)
+  ours_ops_wds, ours_loader_wds_wN ours_ops and ours_loader reading the tar
 
 baseline, baseline_draft and ours_ops run interleaved, record by record (who goes first rotating), so that load
 from other jobs falls on all three alike; the ratios ours_ops / baseline compare images/s (wall) and, in
@@ -35,6 +39,7 @@ import math
 import os
 import platform
 import sys
+import tarfile
 import tempfile
 import time
 from typing import Sequence
@@ -48,7 +53,7 @@ from ml_collections import config_flags
 from PIL import Image
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import device_augment, pipeline, records, sources, transforms
+from visionfm_jax.data import device_augment, pipeline, records, sources, transforms, wds
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 
@@ -85,7 +90,19 @@ def write_synthetic(directory: str, count: int, width: int, height: int) -> tupl
   jpegs = [synthetic_jpeg(rng, width, height) for _ in range(count)]
   path = os.path.join(directory, "train-00000-of-00001.array_record")
   records.write_records(path, ({"image": jpeg, "label": i % 10} for i, jpeg in enumerate(jpegs)))
+  write_synthetic_tar(os.path.join(directory, "00000.tar"), jpegs)
   return f"arrayrecord:{path}", round(sum(map(len, jpegs)) / count)
+
+
+def write_synthetic_tar(path: str, jpegs: list[bytes]) -> None:
+  """`jpegs` as an img2dataset tar (`<key>.jpg`, `<key>.txt`), indexed for the `wds:` source."""
+  with tarfile.open(path, "w") as archive:
+    for i, jpeg in enumerate(jpegs):
+      for name, data in ((f"{i:09d}.jpg", jpeg), (f"{i:09d}.txt", f"synthetic image {i}".encode())):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+  wds.write_index(path)
 
 
 class WithLabel:
@@ -132,20 +149,21 @@ def _clocked(step, steps: int, cores: int) -> dict:
   return _figures(count, cores, time.perf_counter() - wall, time.process_time() - cpu)
 
 
-def time_interleaved(fns: dict, source, images: int) -> dict:
-  """{name: figures} of each fn(record) on records 0, 1, ... (cyclically), in this process, interleaved: every
-  record goes through all of them in turn (who runs first rotating), so that load from other jobs falls on all
-  alike. WARMUP untimed rounds, then `images` timed; each fn's own wall and process CPU time."""
+def time_interleaved(fns: dict, count: int, images: int) -> dict:
+  """{name: figures} of each fn(index) (which reads its record) on indexes 0, 1, ... (cyclically, below `count`),
+  in this process, interleaved: every index goes through all of them in turn (who runs first rotating), so that
+  load from other jobs falls on all alike. WARMUP untimed rounds, then `images` timed; each fn's own wall and
+  process CPU time."""
   names = list(fns)
   for i in range(min(WARMUP, images)):
     for fn in fns.values():
-      fn(source[i % len(source)])
+      fn(i % count)
   wall, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
   for i in range(images):
     for k in range(len(names)):
       name = names[(i + k) % len(names)]
       w, c = time.perf_counter(), time.process_time()
-      fns[name](source[i % len(source)])
+      fns[name](i % count)
       wall[name] += time.perf_counter() - w
       cpu[name] += time.process_time() - c
   return {name: _figures(images, 1, wall[name], cpu[name]) for name in names}
@@ -241,11 +259,17 @@ def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], imag
       raise UserError(f"--source={source_spec}: no records, or records without encoded image bytes")
     side, count = data_cfg.image_size, len(source)
     ours, op_ms = ops_timer(data_cfg)
-    results = time_interleaved({"baseline": lambda r: bare_decode(r, side, False),
-                                "baseline_draft": lambda r: bare_decode(r, side, True), "ours_ops": ours},
-                               source, images)
+    fns = {"baseline": lambda i: bare_decode(source[i], side, False),
+           "baseline_draft": lambda i: bare_decode(source[i], side, True), "ours_ops": lambda i: ours(source[i])}
+    tar_source = WithLabel(wds.WdsSource(os.path.join(tmp, "*.tar"))) if jpeg_bytes is not None else None
+    if tar_source is not None:
+      fns.update(read_arrayrecord=lambda i: source[i], read_wds=lambda i: tar_source[i],
+                 ours_ops_wds=lambda i: ours(tar_source[i]))
+    results = time_interleaved(fns, count, images)
     for w in workers:
       results[f"ours_loader_w{w}"] = time_loader(data_cfg, source, images, w, batch_size)
+      if tar_source is not None:
+        results[f"ours_loader_wds_w{w}"] = time_loader(data_cfg, tar_source, images, w, batch_size)
   device = time_device(data_cfg, images, batch_size)
   ratio = lambda key, base: round(results["ours_ops"][key] / results[base][key], 3)
   per_cpu_s_ratio = round(results["baseline"]["cpu_s"] / results["ours_ops"]["cpu_s"], 3)  # same image count
@@ -257,7 +281,18 @@ def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], imag
               results=results, ours_ops_ms_per_image=op_ms(images), device_augment=device,
               ratio_ours_ops_to_baseline=ratio("images_per_s", "baseline"),
               ratio_ours_ops_to_baseline_draft=ratio("images_per_s", "baseline_draft"),
-              ratio_ours_ops_to_baseline_images_per_cpu_s=per_cpu_s_ratio)
+              ratio_ours_ops_to_baseline_images_per_cpu_s=per_cpu_s_ratio,
+              ratio_wds_to_arrayrecord=wds_ratios(results))
+
+
+def wds_ratios(results: dict) -> dict | None:
+  """{measurement: its `wds:` figure's images/s per core over its ArrayRecord one's}; None without `wds:` ones."""
+  pairs = {"read_arrayrecord": "read_wds", "ours_ops": "ours_ops_wds"}
+  pairs.update({name: name.replace("ours_loader_w", "ours_loader_wds_w") for name in results
+                if name.startswith("ours_loader_w")})
+  ratios = {name: round(results[other]["images_per_s_per_core"] / results[name]["images_per_s_per_core"], 3)
+            for name, other in pairs.items() if name in results and other in results}
+  return ratios or None
 
 
 def print_report(report: dict) -> None:
@@ -269,6 +304,9 @@ def print_report(report: dict) -> None:
         f"{report['ratio_ours_ops_to_baseline_images_per_cpu_s']:.3f}), / baseline_draft = "
         f"{report['ratio_ours_ops_to_baseline_draft']:.3f}")
   print("ours_ops ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ours_ops_ms_per_image"].items()))
+  if report["ratio_wds_to_arrayrecord"]:
+    print("wds / arrayrecord images/s per core: " + ", ".join(
+        f"{k} {v:.3f}" for k, v in report["ratio_wds_to_arrayrecord"].items()))
   device = report["device_augment"]
   print(f"device part (device_augment.augment, jit on {device['backend']}, batch {device['batch_size']}): "
         f"{device['ms_per_image']:.3f} ms per image")

@@ -3,7 +3,8 @@ r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayR
   python -m visionfm_jax.tools.prepare_data --format=folders|webdataset --input=... --output=DIR
       [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
       [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
-      [--progress]
+      [--progress] [--task_index=I --task_count=N | --finalize]
+      [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U]
 
 --format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
 image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
@@ -20,6 +21,10 @@ image-only record {image, key}; --holdout_examples=N moves N of them (chosen by 
 {image, key, meta}, one without an image is skipped and counted. --holdout_examples=N moves N examples to
 --holdout_split (one shard per tar they come from): drawn by --seed from the first tars of a --seed-shuffled
 order that hold N examples (only those are listed ahead), e.g. a validation split of pairs.
+--min_similarity, --max_pwatermark, --max_punsafe keep only the samples whose .json has LAION's `similarity`
+(the CLIP ViT-B/32 image-text cosine) at least S, `pwatermark` at most W, `punsafe` at most U (a sample
+without a score a condition needs fails it: `data.wds.ScoreFilter`); the rejected ones are counted per score
+(the first condition they fail) under 'filtered' in each sidecar and in dataset.json.
 
 dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
 count of 'uncaptioned' records among them) or 'images' (image-only).
@@ -33,6 +38,13 @@ JPEG quality 95. Shards are written in parallel by --num_workers processes (0 or
 
 Rerunning resumes: a shard whose file and `.json` exist and were written from the same inputs and options is
 kept. Prints one summary line; errors print one line naming the culprit and exit with status 2.
+
+Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `tools.cluster_task`)
+writes only the shards I, I + N, I + 2N, ... of the full list, under the same names a single run writes, so
+the tasks' shard sets are disjoint and a task run twice resumes its own share and touches no other task's
+files. After its shards, a task reads every sidecar; the one that finds them all written (the last to finish)
+writes dataset.json, the others report how many shards other tasks still owe. `--finalize` writes no shard,
+only dataset.json from the sidecars (an error while some are missing).
 """
 
 from __future__ import annotations
@@ -57,13 +69,13 @@ from absl import flags
 from PIL import Image
 
 from visionfm_jax import atomic
-from visionfm_jax.data import records, transforms
+from visionfm_jax.data import records, transforms, wds
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cli
+from visionfm_jax.tools import cli, cluster_task
 
 FORMATS = ("folders", "webdataset")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TAR_IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+TAR_IMAGE_EXTENSIONS = wds.IMAGE_EXTENSIONS  # preference order when a key has several
 DEFAULT_RECORDS_PER_SHARD = 1000
 RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -90,12 +102,14 @@ class ShardJob:
   tar: str = ""  # webdataset: the input tar
   held: tuple = ()  # webdataset: keys of the tar held out (--holdout_examples), sorted
   only_held: bool = False  # webdataset: the holdout shard (only the `held` keys), else all but them
+  score_filter: wds.ScoreFilter = wds.ScoreFilter()  # webdataset: LAION's scores a sample must pass
 
 
 class Example(NamedTuple):
   name: str  # for messages: the file, or tar:key
   image: bytes | None  # None: incomplete (no image), skipped
   fields: dict  # the `records.pack_record` fields
+  rejected: str = ""  # the score (wds.SCORES) it failed the filter on; '' when it passed
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -150,40 +164,26 @@ def _folder_examples(job: ShardJob) -> Iterator[Example]:
     yield Example(path, data, {"label": label, "key": relpath})
 
 
-def split_member_name(name: str) -> tuple[str, str]:
-  """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the WebDataset key (up to the first '.' of the basename) and
-  the lower-cased extension."""
-  directory, base = os.path.split(name)
-  stem, _, extension = base.partition(".")
-  return os.path.join(directory, stem) if directory else stem, extension.lower()
+split_member_name = wds.split_member_name
 
 
 def _tar_examples(job: ShardJob) -> Iterator[Example]:
   try:
     with tarfile.open(job.tar) as archive:
-      yield from _archive_examples(archive, job.tar, frozenset(job.held), job.only_held)
+      yield from _archive_examples(archive, job.tar, frozenset(job.held), job.only_held, job.score_filter)
   except tarfile.TarError as e:  # not a tar, or a truncated one
     raise DataError(f"{job.tar}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
   except OSError as e:
     raise DataError(f"cannot read {job.tar}: {e.strerror or e}") from e
 
 
-def _members_by_key(archive: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
-  """key -> {extension: member}, keys in archive order."""
-  by_key = collections.defaultdict(dict)
-  for member in archive.getmembers():
-    if member.isfile():
-      key, extension = split_member_name(member.name)
-      by_key[key][extension] = member
-  return by_key
-
-
-def _image_member(members: dict) -> tarfile.TarInfo | None:
-  return next((members[e] for e in TAR_IMAGE_EXTENSIONS if e in members), None)
+_members_by_key = wds.members_by_key
+_image_member = wds.image_member
 
 
 def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset = frozenset(),
-                      only_held: bool = False) -> Iterator[Example]:
+                      only_held: bool = False, score_filter: wds.ScoreFilter = wds.ScoreFilter()
+                      ) -> Iterator[Example]:
   for key, members in _members_by_key(archive).items():
     if (key in held) != only_held:
       continue
@@ -194,6 +194,11 @@ def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset =
       continue
     caption = _read_text(archive, members["txt"]).strip() if "txt" in members else ""
     meta = _read_text(archive, members["json"]) if "json" in members else None
+    if score_filter:
+      reason = int(score_filter.reasons(wds.scores_of(meta))[0])
+      if reason >= 0:
+        yield Example(name, None, {}, rejected=wds.SCORES[reason])
+        continue
     yield Example(name, archive.extractfile(image).read(), {"caption": caption or None, "key": key, "meta": meta})
 
 
@@ -213,7 +218,8 @@ def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
 def write_shard(job: ShardJob) -> dict:
   """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
   finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
-  class_counts (folders: {label: count}) or uncaptioned (webdataset: image-only records), fingerprint}."""
+  class_counts (folders: {label: count}) or uncaptioned (webdataset: image-only records), filtered (with a
+  score filter: {score: samples it rejected}), fingerprint}."""
   # The shard first: without it, a stale sidecar counts for nothing.
   for stale in (job.path, records.sidecar_path(job.path)):
     if os.path.exists(stale):
@@ -222,8 +228,12 @@ def write_shard(job: ShardJob) -> dict:
   class_counts = collections.Counter()
   incomplete = []
   skipped = uncaptioned = 0
+  filtered = collections.Counter()
   with records.RecordWriter(job.path) as writer:
     for example in examples:
+      if example.rejected:
+        filtered[example.rejected] += 1
+        continue
       image = None if example.image is None else prepare_image(example.image, job.options, example.name)
       if image is None:
         skipped += 1
@@ -240,6 +250,8 @@ def write_shard(job: ShardJob) -> dict:
       counts["uncaptioned"] = uncaptioned
     else:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
+    if job.score_filter:
+      counts["filtered"] = {name: filtered[name] for name in job.score_filter.names}
     atomic.write_json(records.sidecar_path(job.path), counts)
   if incomplete:
     logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
@@ -276,13 +288,17 @@ class Progress:
       print(file=sys.stderr, flush=True)
 
 
-def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None = None) -> list[dict]:
-  """Writes the shards not yet finished, on `num_workers` processes (<= 1: here); the counts of every job."""
+def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None = None,
+             task: cluster_task.Task | None = cluster_task.Task()) -> list[dict | None]:
+  """Writes `task`'s share of the shards (`cluster_task`; None: none, only read) not yet finished, on
+  `num_workers` processes (<= 1: here); the counts of every job, read again after this task's writes, None for
+  a shard of another task not finished yet."""
+  mine = task.share(range(len(jobs))) if task is not None else []
   results = [read_finished(job) for job in jobs]
-  pending = [(i, job) for i, job in enumerate(jobs) if results[i] is None]
-  if len(pending) < len(jobs):
-    logging.info("prepare_data: %d of %d shards already written", len(jobs) - len(pending), len(jobs))
-  meter = Progress(len(jobs), len(jobs) - len(pending), sys.stderr.isatty() if progress is None else progress)
+  pending = [(i, jobs[i]) for i in mine if results[i] is None]
+  if len(pending) < len(mine):
+    logging.info("prepare_data: %d of %d shards already written", len(mine) - len(pending), len(mine))
+  meter = Progress(len(mine), len(mine) - len(pending), sys.stderr.isatty() if progress is None else progress)
   try:
     if num_workers <= 1 or len(pending) <= 1:
       _collect(map(_write_numbered, pending), results, meter)
@@ -292,7 +308,7 @@ def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None =
         _collect(pool.imap_unordered(_write_numbered, pending), results, meter)
   finally:
     meter.close()
-  return results
+  return [counts if counts is not None else read_finished(job) for job, counts in zip(jobs, results)]
 
 
 def _collect(finished, results: list, meter: Progress) -> None:
@@ -443,7 +459,21 @@ def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, 
         class_counts[int(label)] += n
     entry["class_counts"] = class_counts
   entry.update(skipped=sum(c["skipped"] for c in counts), source=source)
+  if counts and "filtered" in counts[0]:
+    entry["filtered"] = {reason: sum(c["filtered"][reason] for c in counts) for reason in counts[0]["filtered"]}
   return entry
+
+
+def unfinished(counts: Sequence[dict | None], task: cluster_task.Task | None) -> dict | None:
+  """None when every shard is finished (dataset.json can be written), else what a task reports instead:
+  {'unfinished': shards not written yet (by other tasks), 'shards', 'task'}."""
+  missing = sum(c is None for c in counts)
+  if not missing:
+    return None
+  if task is None:
+    raise UserError(f"--finalize: {missing} of {len(counts)} shards are not written yet; run the tasks that write "
+                    f"them (or rerun without --finalize) first")
+  return {"unfinished": missing, "shards": len(counts), "task": str(task)}
 
 
 def _check_holdout(flag: str, count: int, holdout_split_name: str, split: str) -> None:
@@ -459,9 +489,11 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                     verify: bool = False, num_workers: int | None = None,
                     records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
                     holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None,
-                    unlabelled: bool = False, holdout_examples: int = 0) -> dict:
+                    unlabelled: bool = False, holdout_examples: int = 0,
+                    task: cluster_task.Task | None = cluster_task.Task()) -> dict:
   """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records) into
-  shards in `output_dir`; returns the written dataset.json dict."""
+  shards in `output_dir`, `task`'s share of them (see `run_jobs`); returns the written dataset.json dict, or
+  `unfinished`'s report when other tasks' shards are still missing (the last task to finish writes it)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   _check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
   if holdout_per_class and unlabelled or holdout_examples and not unlabelled:
@@ -488,7 +520,11 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
   check_output(output_dir, kind, classes,
                {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
   all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
-  counts = iter(run_jobs(all_jobs, num_workers, progress))
+  all_counts = run_jobs(all_jobs, num_workers, progress, task)
+  report = unfinished(all_counts, task)
+  if report:
+    return report
+  counts = iter(all_counts)
   entries = {}
   for name, split_jobs in jobs.items():
     entries[name] = _split_entry(split_jobs, [next(counts) for _ in split_jobs], input_dir, len(tree.classes))
@@ -522,17 +558,23 @@ def choose_holdout(tars: Sequence[str], count: int, seed: int) -> dict[str, list
 
 
 def _tar_job(output_dir: str, split: str, number: int, count: int, tar: str, options: ImageOptions,
-             held: Sequence[str] = (), only_held: bool = False) -> ShardJob:
+             held: Sequence[str] = (), only_held: bool = False,
+             score_filter: wds.ScoreFilter = wds.ScoreFilter()) -> ShardJob:
   return ShardJob(os.path.join(output_dir, records.shard_name(split, number, count)),
-                  fingerprint("webdataset", options, tar, os.path.getsize(tar), *([held, only_held] if held else [])),
-                  options, tar=tar, held=tuple(held), only_held=only_held)
+                  fingerprint("webdataset", options, tar, os.path.getsize(tar), *([held, only_held] if held else []),
+                              *([score_filter] if score_filter else [])),
+                  options, tar=tar, held=tuple(held), only_held=only_held, score_filter=score_filter)
 
 
 def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
                        verify: bool = False, num_workers: int | None = None, progress: bool | None = None,
-                       holdout_examples: int = 0, holdout_split_name: str = "validation", seed: int = 0) -> dict:
+                       holdout_examples: int = 0, holdout_split_name: str = "validation", seed: int = 0,
+                       task: cluster_task.Task | None = cluster_task.Task(),
+                       score_filter: wds.ScoreFilter = wds.ScoreFilter()) -> dict:
   """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir` (with
-  `holdout_examples`, also `holdout_split_name`: see `choose_holdout`); returns the written dataset.json dict."""
+  `holdout_examples`, also `holdout_split_name`: see `choose_holdout`), `task`'s share of them (see `run_jobs`),
+  keeping the samples that pass `score_filter`; returns the written dataset.json dict, or `unfinished`'s report
+  when other tasks' shards are still missing (the last task to finish writes it)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   _check_common(output_dir, split, 1, resize_shorter, num_workers)
   _check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
@@ -542,15 +584,20 @@ def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", r
     raise UserError(f"--input={pattern}: no files match (expected a glob of .tar shards)")
   options = image_options(resize_shorter, verify)
   held = choose_holdout(tars, holdout_examples, seed) if holdout_examples else {}
-  jobs = {split: [_tar_job(output_dir, split, i, len(tars), tar, options, held.get(tar, ()))
-                  for i, tar in enumerate(tars)]}
+  jobs = {split: [_tar_job(output_dir, split, i, len(tars), tar, options, held.get(tar, ()),
+                           score_filter=score_filter) for i, tar in enumerate(tars)]}
   if held:
     holdout_tars = [tar for tar in tars if tar in held]
     jobs[holdout_split_name] = [_tar_job(output_dir, holdout_split_name, i, len(holdout_tars), tar, options,
-                                         held[tar], only_held=True) for i, tar in enumerate(holdout_tars)]
+                                         held[tar], only_held=True, score_filter=score_filter)
+                                for i, tar in enumerate(holdout_tars)]
   check_output(output_dir, "pairs", None,
                {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
-  counts = iter(run_jobs([job for split_jobs in jobs.values() for job in split_jobs], num_workers, progress))
+  all_counts = run_jobs([job for split_jobs in jobs.values() for job in split_jobs], num_workers, progress, task)
+  report = unfinished(all_counts, task)
+  if report:
+    return report
+  counts = iter(all_counts)
   entries = {name: _split_entry(split_jobs, [next(counts) for _ in split_jobs], pattern, None)
              for name, split_jobs in jobs.items()}
   if held:
@@ -584,6 +631,15 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_integer("seed", 0, "Seed of the holdout choice (and of the folders' shuffle).", flag_values=fv)
   flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.",
                     flag_values=fv)
+  cluster_task.define_flags(fv)
+  flags.DEFINE_bool("finalize", False, "Write no shard: only dataset.json, from every shard's sidecar (all must be "
+                    "written).", flag_values=fv)
+  flags.DEFINE_float("min_similarity", None, "webdataset: keep samples whose .json 'similarity' (LAION's CLIP "
+                     "score) is at least this.", flag_values=fv)
+  flags.DEFINE_float("max_pwatermark", None, "webdataset: keep samples whose .json 'pwatermark' is at most this.",
+                     flag_values=fv)
+  flags.DEFINE_float("max_punsafe", None, "webdataset: keep samples whose .json 'punsafe' is at most this.",
+                     flag_values=fv)
   return fv
 
 
@@ -593,21 +649,34 @@ def run(fv: flags.FlagValues) -> dict:
     raise UserError("--format (folders | webdataset) and --input are required")
   common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
                 progress=fv.progress or None)
-  common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed)
+  common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
+                task=None if fv.finalize else cluster_task.from_flags(fv))
+  score_filter = wds.ScoreFilter(fv.min_similarity, fv.max_pwatermark, fv.max_punsafe)
   if fv.format == "folders":
+    if score_filter:
+      raise UserError("--min_similarity, --max_pwatermark, --max_punsafe: only for --format=webdataset (they read "
+                      "each sample's .json)")
     return convert_folders(fv.input, fv.output, records_per_shard=fv.records_per_shard,
                            holdout_per_class=fv.holdout_per_class, unlabelled=fv.unlabelled, **common)
   folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "unlabelled") if fv[name].present]
   if folder_only:
     raise UserError(f"{', '.join(folder_only)}: only for --format=folders (webdataset: one shard per input tar)")
-  return convert_webdataset(fv.input, fv.output, **common)
+  return convert_webdataset(fv.input, fv.output, score_filter=score_filter, **common)
 
 
 def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds: float) -> str:
+  if "unfinished" in metadata:
+    return (f"prepare_data: {metadata['task']} done, {metadata['unfinished']} of {metadata['shards']} shards still "
+            f"to be written by other tasks (the last one writes dataset.json), {seconds:.1f} s -> {output_dir}")
   entries = [metadata["splits"][s] for s in splits]
   per_split = ", ".join(f"{s} {e['records']}" for s, e in zip(splits, entries))
+  filtered = collections.Counter()
+  for entry in entries:
+    filtered.update(entry.get("filtered", {}))
+  by_reason = ", ".join(f"{n} by {reason}" for reason, n in filtered.items())
   return (f"prepare_data: {per_split} records, {sum(e['skipped'] for e in entries)} skipped, "
-          f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
+          + (f"{sum(filtered.values())} filtered ({by_reason}), " if filtered else "")
+          + f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
 
 
 def _main(fv, rest: list[str]) -> None:

@@ -1,0 +1,342 @@
+"""img2dataset WebDataset tars read in place (`config.data.source='wds:<glob>[;option=value...]'`).
+
+An img2dataset tar holds per sample `<key>.jpg|jpeg|png|webp` (the image), `<key>.txt` (the caption) and
+`<key>.json` (metadata: LAION's `similarity`, and where present `pwatermark` and `punsafe`). Grain's global
+shuffle and exact resume need random access, so each tar gets a small index next to it, `<tar>.index.npz`
+(`index_tar`; written for a glob, shardable over a cluster, by `python -m visionfm_jax.tools.index_tars`):
+per sample with an image its key, the (offset, size) of its image, caption and metadata members, and its three
+scores. `WdsSource` serves sample i as the record dict `tools.prepare_data` would have written for it
+({image, caption (when non-empty), key, meta}), reading the bytes at the indexed offsets, so the pipelines
+decode, crop, skip and count, mix and resume exactly as for `arrayrecord:` (a corrupt image is skipped and
+counted by the decoder; a member that cannot be read is counted here and served as an undecodable record).
+
+Options after the glob, ';'-separated (not glob characters): min_similarity, max_pwatermark, max_punsafe
+(`ScoreFilter`), e.g. `wds:/data/laion/{split}/*.tar;min_similarity=0.28;max_punsafe=0.5`. '{split}' in the
+glob becomes the split name, as for `arrayrecord:`.
+
+`tar_samples` and `tar_captions` stream one tar's samples without an index (captions: never the images).
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import dataclasses
+import glob
+import json
+import logging
+import math
+import os
+import tarfile
+import threading
+from typing import Iterator
+
+import numpy as np
+
+from visionfm_jax.data import transforms
+from visionfm_jax.errors import DataError
+
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+INDEX_SUFFIX = ".index.npz"
+INDEX_FORMAT = "visionfm_jax.wds_index/1"
+SCORES = ("similarity", "pwatermark", "punsafe")  # the index's score columns, NaN where a sample has none
+MEMBERS = ("image", "caption", "meta")  # the index's (offset, size) columns; (-1, 0): no such member
+INDEX_HINT = "index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB (see BUILD.md)"
+
+
+# ------------------------------------------------------------------------------------------ score filter
+
+@dataclasses.dataclass(frozen=True)
+class ScoreFilter:
+  """LAION's scores from each sample's .json: keep similarity >= min_similarity, pwatermark <= max_pwatermark,
+  punsafe <= max_punsafe (None: no such condition). A sample without a score a condition needs fails it. A
+  rejected sample counts under the first condition it fails, in SCORES order."""
+  min_similarity: float | None = None
+  max_pwatermark: float | None = None
+  max_punsafe: float | None = None
+
+  def __bool__(self) -> bool:
+    return bool(self.names)
+
+  @property
+  def names(self) -> tuple[str, ...]:
+    """The scores (SCORES order) that a set condition reads."""
+    return tuple(name for name, limit in zip(SCORES, dataclasses.astuple(self)) if limit is not None)
+
+  def reasons(self, scores: np.ndarray) -> np.ndarray:
+    """Per row of `scores` (n, 3 in SCORES order, NaN: absent), the index in SCORES of the first failed
+    condition, -1 when kept."""
+    scores = np.asarray(scores, np.float64).reshape(-1, len(SCORES))
+    failed = np.zeros(scores.shape, bool)
+    for column, (limit, keep) in enumerate(((self.min_similarity, np.greater_equal),
+                                            (self.max_pwatermark, np.less_equal),
+                                            (self.max_punsafe, np.less_equal))):
+      if limit is not None:
+        with np.errstate(invalid="ignore"):
+          failed[:, column] = ~keep(scores[:, column], limit)  # NaN compares False: fails
+    return np.where(failed.any(axis=1), failed.argmax(axis=1), -1)
+
+  def count(self, reasons: np.ndarray) -> dict[str, int]:
+    """{score: rejected samples} of `reasons`, for the conditions that are set."""
+    tally = np.bincount(reasons[reasons >= 0], minlength=len(SCORES))
+    return {name: int(tally[SCORES.index(name)]) for name in self.names}
+
+
+def scores_of(meta: str | bytes | None) -> tuple[float, float, float]:
+  """(similarity, pwatermark, punsafe) of a sample's .json text; NaN for each absent, null or non-numeric one
+  (and all three when the text is not a JSON object)."""
+  try:
+    values = json.loads(meta) if meta else {}
+  except ValueError:
+    values = {}
+  if not isinstance(values, dict):
+    values = {}
+  def number(name):
+    value = values.get(name)
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+  return tuple(number(name) for name in SCORES)
+
+
+def parse_spec(spec: str, what: str) -> tuple[str, ScoreFilter]:
+  """'GLOB;min_similarity=0.28' -> (GLOB, ScoreFilter(0.28)); DataError naming `what` for a bad option."""
+  pattern, *options = spec.split(";")
+  values = {}
+  for option in options:
+    name, _, value = option.partition("=")
+    if name not in ("min_similarity", "max_pwatermark", "max_punsafe") or name in values:
+      raise DataError(f"{what}: unknown or repeated wds option {name!r}; options: min_similarity, max_pwatermark, "
+                      f"max_punsafe (e.g. 'wds:/data/*.tar;min_similarity=0.28')")
+    try:
+      values[name] = float(value)
+    except ValueError:
+      raise DataError(f"{what}: wds option {option!r}: expected a number") from None
+  if not pattern:
+    raise DataError(f"{what}: expected 'wds:<glob of .tar files>[;option=value...]'")
+  return pattern, ScoreFilter(**values)
+
+
+# ----------------------------------------------------------------------------------------- tar members
+
+def split_member_name(name: str) -> tuple[str, str]:
+  """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the WebDataset key (up to the first '.' of the basename) and
+  the lower-cased extension."""
+  directory, base = os.path.split(name)
+  stem, _, extension = base.partition(".")
+  return os.path.join(directory, stem) if directory else stem, extension.lower()
+
+
+def members_by_key(archive: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
+  """key -> {extension: member}, keys in archive order."""
+  by_key = collections.defaultdict(dict)
+  for member in archive.getmembers():
+    if member.isfile():
+      key, extension = split_member_name(member.name)
+      by_key[key][extension] = member
+  return by_key
+
+
+def image_member(members: dict) -> tarfile.TarInfo | None:
+  return next((members[e] for e in IMAGE_EXTENSIONS if e in members), None)
+
+
+def _open_tar(path: str) -> tarfile.TarFile:
+  try:
+    return tarfile.open(path)
+  except tarfile.TarError as e:  # not a tar, or a truncated one
+    raise DataError(f"{path}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _text(archive: tarfile.TarFile, member: tarfile.TarInfo | None) -> str | None:
+  return None if member is None else archive.extractfile(member).read().decode("utf-8", errors="replace")
+
+
+def tar_samples(path: str, images: bool = True) -> Iterator[dict]:
+  """The samples of the tar `path` in archive order, as {key, image (bytes, None when the sample has none; left
+  out when not `images`), caption (stripped; '' when none), meta (the .json text, None when none)}; DataError
+  for an unreadable tar."""
+  with _open_tar(path) as archive:
+    try:
+      for key, members in members_by_key(archive).items():
+        sample = {"key": key, "caption": (_text(archive, members.get("txt")) or "").strip(),
+                  "meta": _text(archive, members.get("json"))}
+        if images:
+          image = image_member(members)
+          sample["image"] = None if image is None else archive.extractfile(image).read()
+        yield sample
+    except (tarfile.TarError, OSError) as e:
+      raise DataError(f"{path}: unreadable tar file ({e})") from e
+
+
+def tar_captions(path: str) -> Iterator[tuple[str, str]]:
+  """(key, caption) of every sample of the tar `path` with a non-empty caption, in archive order; the image
+  members are never read."""
+  for sample in tar_samples(path, images=False):
+    if sample["caption"]:
+      yield sample["key"], sample["caption"]
+
+
+# ------------------------------------------------------------------------------------------------ index
+
+def index_path(tar: str) -> str:
+  return tar + INDEX_SUFFIX
+
+
+def index_tar(path: str) -> dict:
+  """The index of the tar `path`: {keys (str array), image/caption/meta (int64 (n, 2): offset, size; (-1, 0)
+  absent), scores (float64 (n, 3), SCORES order: the .json values exactly), incomplete (samples without an
+  image, left out), tar_size}."""
+  keys, spans, scores, incomplete = [], [], [], 0
+  with _open_tar(path) as archive:
+    for key, members in members_by_key(archive).items():
+      image = image_member(members)
+      if image is None:
+        incomplete += 1
+        continue
+      found = (image, members.get("txt"), members.get("json"))
+      keys.append(key)
+      spans.append([(m.offset_data, m.size) if m is not None else (-1, 0) for m in found])
+      scores.append(scores_of(_text(archive, members.get("json"))))
+  spans = np.asarray(spans, np.int64).reshape(-1, len(MEMBERS), 2)
+  return {"keys": np.asarray(keys, dtype=str), **{m: spans[:, i] for i, m in enumerate(MEMBERS)},
+          "scores": np.asarray(scores, np.float64).reshape(-1, len(SCORES)), "incomplete": incomplete,
+          "tar_size": os.path.getsize(path)}
+
+
+def write_index(path: str) -> dict:
+  """Indexes the tar `path` into `index_path(path)` (via a temporary file, renamed when complete); returns
+  {samples, incomplete}."""
+  index = index_tar(path)
+  tmp = index_path(path) + ".tmp"
+  with open(tmp, "wb") as f:
+    np.savez(f, format=np.asarray(INDEX_FORMAT), **index)
+  os.replace(tmp, index_path(path))
+  return {"samples": len(index["keys"]), "incomplete": index["incomplete"]}
+
+
+def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores")) -> dict | None:
+  """The index of `tar` (its `fields`, and incomplete; only those are read from the file) when it is there and
+  was written for this tar's size, else None."""
+  try:
+    with np.load(index_path(tar), allow_pickle=False) as data:
+      index = {name: data[name] for name in ("format", "tar_size", "incomplete", *fields)}
+  except (OSError, ValueError, KeyError, EOFError):
+    return None
+  if str(index.get("format")) != INDEX_FORMAT or int(index.get("tar_size", -1)) != _size(tar):
+    return None
+  return index
+
+
+def _size(path: str) -> int:
+  try:
+    return os.path.getsize(path)
+  except OSError:
+    return -2
+
+
+# ----------------------------------------------------------------------------------------------- source
+
+def matching_tars(pattern: str) -> list[str]:
+  tars = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
+                if os.path.isfile(p) and p.endswith(".tar"))
+  if not tars:
+    raise DataError(f"wds source: no .tar files match {pattern!r}")
+  return tars
+
+
+class WdsSource:
+  """grain RandomAccessDataSource over the samples with an image of every tar matching `pattern` (sorted by
+  name, archive order within a tar) that pass `score_filter`, through the tars' indexes (DataError naming the
+  tars without a current one). Opening reads every index once and keeps only per-tar counts; a read loads its
+  tar's index again (the last few, and their open files, are kept per process; grain and the eval reader read
+  on threads, so a lock guards them)."""
+
+  CACHED_INDEXES = 8
+
+  def __init__(self, pattern: str, score_filter: ScoreFilter = ScoreFilter()):
+    self.pattern, self.score_filter = pattern, score_filter
+    self.tars = matching_tars(pattern)
+    counts, self.filtered, self.incomplete, missing = [], collections.Counter(), 0, []
+    for tar in self.tars:
+      index = read_index(tar, fields=("scores",))
+      if index is None:
+        missing.append(tar)
+        continue
+      reasons = score_filter.reasons(index["scores"])
+      self.filtered.update(score_filter.count(reasons))
+      self.incomplete += int(index["incomplete"])
+      counts.append(int(np.sum(reasons < 0)))
+    if missing:
+      raise DataError(f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
+                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {INDEX_HINT}")
+    self._ends = np.cumsum(counts).tolist()
+    if score_filter:
+      logging.info("wds source %s: %d samples of %d tars kept, filtered out by %s", pattern, len(self),
+                   len(self.tars), ", ".join(f"{reason} {n}" for reason, n in self.filtered.items()))
+    self._cache = collections.OrderedDict()  # tar number -> its kept rows; per process (not pickled)
+    self._files = {}  # tar number -> an open file descriptor
+    self._lock = threading.Lock()
+
+  def __len__(self) -> int:
+    return self._ends[-1] if self._ends else 0
+
+  def __getstate__(self):
+    return {name: value for name, value in self.__dict__.items() if name not in ("_cache", "_files", "_lock")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, _cache=collections.OrderedDict(), _files={}, _lock=threading.Lock())
+
+  def _kept(self, number: int) -> dict:
+    if number in self._cache:
+      self._cache.move_to_end(number)
+      return self._cache[number]
+    index = read_index(self.tars[number])
+    if index is None:
+      raise DataError(f"wds source {self.pattern!r}: the index of {self.tars[number]} changed or vanished while "
+                      f"training; {INDEX_HINT}")
+    keep = self.score_filter.reasons(index["scores"]) < 0
+    kept = {name: index[name][keep] for name in ("keys", *MEMBERS)}
+    self._cache[number] = kept
+    if len(self._cache) > self.CACHED_INDEXES:
+      self._cache.popitem(last=False)
+    return kept
+
+  def _read(self, number: int, span) -> bytes | None:
+    offset, size = int(span[0]), int(span[1])
+    if offset < 0:
+      return None
+    handle = self._files.get(number)
+    if handle is None:
+      if len(self._files) >= self.CACHED_INDEXES:
+        os.close(self._files.pop(next(iter(self._files))))
+      handle = self._files[number] = os.open(self.tars[number], os.O_RDONLY)
+    data = os.pread(handle, size, offset)
+    if len(data) != size:
+      raise OSError(f"short read: {len(data)} of {size} bytes at offset {offset}")
+    return data
+
+  def __getitem__(self, index) -> dict:
+    index = int(index)
+    number = bisect.bisect_right(self._ends, index)
+    row = index - (self._ends[number - 1] if number else 0)
+    try:
+      with self._lock:
+        kept = self._kept(number)
+        key = str(kept["keys"][row])
+        record = {"image": self._read(number, kept["image"][row]), "key": key}
+        caption = self._read(number, kept["caption"][row])
+        meta = self._read(number, kept["meta"][row])
+    except OSError as e:
+      transforms.count_failure(f"sample {key} of {self.tars[number]}", e)
+      return {"image": None, "caption": ""}
+    caption = (caption or b"").decode("utf-8", errors="replace").strip()
+    if caption:
+      record["caption"] = caption
+    if meta is not None:
+      record["meta"] = meta.decode("utf-8", errors="replace")
+    return record
+
+  def __repr__(self) -> str:
+    # Stable across processes: grain compares it when restoring an iterator state.
+    return f"WdsSource({self.pattern!r}, {self.score_filter}, tars={len(self.tars)}, records={len(self)})"
