@@ -91,13 +91,15 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
   _jpeg(root / "VG_100K" / "1.jpg", 80, 60, colour=(20, 200, 20))
   _jpeg(root / "VG_100K_2" / "2.jpg", 50, 40, colour=(20, 20, 200))
   _jpeg(root / "VG_100K" / "3.jpg", 50, 40)
+  (root / "VG_100K_2" / "5.jpg").write_bytes(b"not a jpeg")
   _write_json(root / "image_data.json", [
       {"image_id": 1, "url": "https://cs.stanford.edu/people/rak248/VG_100K/1.jpg", "width": 80, "height": 60,
        "coco_id": None, "flickr_id": 111},
       {"id": 2, "url": "https://cs.stanford.edu/people/rak248/VG_100K_2/2.jpg", "width": 50, "height": 40,
        "coco_id": 41, "flickr_id": None},
       {"image_id": 3, "url": "x", "width": 50, "height": 40, "coco_id": 77, "flickr_id": None},
-      {"image_id": 4, "url": "x", "width": 50, "height": 40, "coco_id": None, "flickr_id": None}])
+      {"image_id": 4, "url": "x", "width": 50, "height": 40, "coco_id": None, "flickr_id": None},
+      {"image_id": 5, "url": "x", "width": 50, "height": 40, "coco_id": None, "flickr_id": None}])
   region = lambda image, rid, phrase, x, y, w, h: {"region_id": rid, "image_id": image, "phrase": phrase, "x": x,
                                                    "y": y, "width": w, "height": h}
   _write_json(root / "region_descriptions.json", [
@@ -105,7 +107,8 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
                             region(1, 12, "  ", 0, 0, 50, 50), region(1, 13, "the right edge", 60, 20, 50, 30)]},
       {"id": 2, "regions": [region(2, 20, "blue sky", 0, 0, 50, 20)]},
       {"id": 3, "regions": [region(3, 30, "a COCO test image", 0, 0, 50, 40)]},
-      {"id": 4, "regions": [region(4, 40, "no file", 0, 0, 50, 40)]}])
+      {"id": 4, "regions": [region(4, 40, "no file", 0, 0, 50, 40)]},
+      {"id": 5, "regions": [region(5, 50, "undecodable", 0, 0, 50, 40), region(5, 51, "also", 0, 0, 40, 40)]}])
   karpathy = _karpathy(tmp_path / "dataset_coco.json", test_ids=[77], train_ids=[41])
   output = tmp_path / "vg_crops"
   result = _prepare("--format=visual_genome", f"--input={root}", f"--output={output}", "--min_region_size=8",
@@ -119,8 +122,9 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
   assert np.abs(transforms.decode_image(got[2]["image"]).mean((0, 1)) - (20, 20, 200)).max() < 8
   split = json.loads((output / "dataset.json").read_text())["splits"]["train"]
   assert {k: split[k] for k in ("records", "images", "excluded_images", "missing_images", "small_regions",
-                                "empty_phrases")} == dict(records=3, images=2, excluded_images=1, missing_images=1,
-                                                          small_regions=1, empty_phrases=1)
+                                "empty_phrases", "skipped")} == dict(records=3, images=3, excluded_images=1,
+                                                                     missing_images=1, small_regions=1,
+                                                                     empty_phrases=1, skipped=2)
   assert split["vg_regions"] == "crop"
 
   whole = tmp_path / "vg_images"
@@ -128,7 +132,7 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
                     "--resize_shorter=20", "--num_workers=0")
   assert result.returncode == 0, result.stderr
   got = _read_back(whole)
-  assert [r["key"] for r in got] == ["1#10", "1#11", "1#13", "2#20", "3#30"]
+  assert [r["key"] for r in got] == ["1#10", "1#11", "1#13", "2#20", "3#30"]  # 5's two undecodable: skipped
   assert [transforms.decode_image(r["image"]).shape[:2] for r in got] == [(20, 27)] * 3 + [(20, 25)] * 2
 
 

@@ -170,29 +170,33 @@ def _folder_examples(job: ShardJob) -> Iterator[Example]:
 def _pair_examples(job: ShardJob) -> Iterator[Example]:
   """The job's pairs: the image file as stored, or (with a box) its region cropped and encoded once (shrunk first
   to --resize_shorter); each file read, and decoded, once for its consecutive pairs."""
-  path = data = pixels = None
+  current = data = pixels = None
+  decoded = False
   for item in job.items:
-    name = f"{os.path.join(job.root, item.path)}#{item.key}"
-    if item.path != path:
-      path, pixels = item.path, None
+    if item.path != current:
+      current, decoded = item.path, False
       data = _read_file(os.path.join(job.root, item.path))
-    fields = {"caption": item.caption, "key": item.key}
+    name, fields = f"{os.path.join(job.root, item.path)}#{item.key}", {"caption": item.caption, "key": item.key}
     if item.box is None:
       yield Example(name, data, fields)
       continue
-    if pixels is None:
-      try:
-        pixels = transforms.decode_image(data)
-      except transforms.DECODE_ERRORS as e:
-        logging.warning("prepare_data: skipping the regions of %s: undecodable image: %s", path, e)
-        pixels = False
-    crop = pair_corpora.crop_box(pixels, item.box) if pixels is not False else None
+    if not decoded:
+      pixels, decoded = _decode_or_warn(data, current), True
+    crop = None if pixels is None else pair_corpora.crop_box(pixels, item.box)
     if crop is None or not crop.size:
       yield Example(name, None, {})
       continue
     if job.options.resize_shorter:
       crop = np.asarray(shrink_to_shorter_side(Image.fromarray(crop), job.options.resize_shorter))
     yield Example(name, records.encode_jpeg(crop), fields)
+
+
+def _decode_or_warn(data: bytes, name: str) -> np.ndarray | None:
+  try:
+    return transforms.decode_image(data)
+  except transforms.DECODE_ERRORS as e:
+    logging.warning("prepare_data: skipping the regions of %s: undecodable image: %s", name, e)
+    return None
 
 
 def _read_file(path: str) -> bytes:
