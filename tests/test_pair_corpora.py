@@ -136,19 +136,22 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
   assert [transforms.decode_image(r["image"]).shape[:2] for r in got] == [(20, 27)] * 3 + [(20, 25)] * 2
 
 
-def test_bad_layouts_are_one_line_errors(tmp_path, coco_root):
+def test_bad_layouts_are_one_line_errors(tmp_path, coco_root, capsys):
+  """The tool's main in this process (the subprocess path of `error:` lines is tests/test_bad_input.py's)."""
   root, _ = coco_root
   (tmp_path / "vg").mkdir()
   for args, message in [
       (["--format=coco", f"--input={root}", "--coco_folder=val2017"], "captions_val2017.json"),
       (["--format=visual_genome", f"--input={tmp_path / 'vg'}"], "region_descriptions.json"),
       (["--format=coco", f"--input={root}", "--holdout_examples=5"], "--holdout_examples"),
+      (["--format=coco", f"--input={root}", "--vg_regions=image"], "--vg_regions: not for --format=coco"),
       (["--format=webdataset", f"--input={root}/*.tar", "--vg_regions=image"], "--vg_regions"),
       (["--format=coco", f"--input={root}", f"--exclude_karpathy={tmp_path / 'none.json'}"], "--exclude_karpathy")]:
-    result = _prepare(*args, f"--output={tmp_path / 'out'}", "--num_workers=0")
-    assert result.returncode == 2, (args, result.stderr)
-    assert result.stderr.startswith("error: ") and message in result.stderr, result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    status = prepare_data.main(["prepare_data", *args, f"--output={tmp_path / 'out'}", "--num_workers=0"])
+    stderr = capsys.readouterr().err
+    assert status == 2, (args, stderr)
+    assert stderr.startswith("error: ") and message in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 1
   _write_json(root / "annotations" / "captions_broken.json", {"images": [{"id": 1}], "annotations": []})
   (root / "broken").mkdir()
   with pytest.raises(prepare_data.UserError, match="file_name"):

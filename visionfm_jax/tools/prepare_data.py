@@ -717,6 +717,10 @@ def run(fv: flags.FlagValues) -> dict:
     if other:
       raise UserError(f"{', '.join(other)}: not for --format={fv.format} (its pairs train; the held-out pairs "
                       f"of a mixture come from another source)")
+    foreign = [flag for flag in pair_only if flag in (("--vg_regions", "--min_region_size") if fv.format == "coco"
+                                                      else ("--coco_folder",))]
+    if foreign:
+      raise UserError(f"{', '.join(foreign)}: not for --format={fv.format}")
     listing = dict(exclude_karpathy=fv.exclude_karpathy)
     listing.update(dict(coco_folder=fv.coco_folder) if fv.format == "coco" else
                    dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size))
