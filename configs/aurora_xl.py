@@ -10,7 +10,8 @@ The default is the seed's recipe:
   | heads        | SimMIM 1x1 conv 4096 -> 32*32*3 (12.6 M), image projection 1024 -> 1024 (1.0 M)             |
   | total        | 3,704,005,857 parameters (tools.summary; the seed's 3.7B)                                  |
   | loss         | 1.0 * SimMIM L1 (32 px patches, 60% masked) + 1.0 * contrastive + 2.0 * captioning CE     |
-  | data         | image-text pairs at 448 px, random crop + horizontal flip (ArrayRecord, see BUILD.md)      |
+  | data         | pairs (LAION-style 0.71, COCO 0.02, Visual Genome regions 0.02) + uncaptioned images 0.25, |
+  |              | 448 px, random crop + horizontal flip (ArrayRecord under /data, see BUILD.md)              |
   | optimiser    | AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0   |
   | batch        | 2048 = 8 accumulation steps of 256; the contrastive loss still spans all 2048 (tasks/base) |
   | precision    | bf16 compute, fp32 params and optimizer state                                             |
@@ -89,10 +90,15 @@ def get_config(arg: str | None = None):
   # data: 1.5B image-text pairs and 0.5B uncaptioned images, sampled 0.75 / 0.25 (data/mixture.py; the
   # uncaptioned ones train MIM only), at 448 px, random crop + horizontal flip; held-out pairs for evaluation;
   # the tokenizer from tools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14
-  # grid, 118 masked)
-  set_fields(config.data, source="", mixture=(("arrayrecord:/data/aurora_pairs/{split}-*.array_record", 0.75),
+  # grid, 118 masked). The seed names LAION-5B, COCO and Visual Genome among the pairs without proportions: by
+  # size COCO (0.6M pairs) and VG (at most 5.4M region crops) would be under 0.4% of 1.5B; at 0.02 each the 512M
+  # samples of the schedule see each COCO caption 17-19 times and each VG region ~2 or more (BLIP-style
+  # exposure of the curated sets), the LAION-style pairs a third of once.
+  set_fields(config.data, source="", mixture=(("arrayrecord:/data/aurora_pairs/laion/{split}-*.array_record", 0.71),
+                                              ("arrayrecord:/data/aurora_pairs/coco/{split}-*.array_record", 0.02),
+                                              ("arrayrecord:/data/aurora_pairs/vg/{split}-*.array_record", 0.02),
                                               ("arrayrecord:/data/aurora_images/{split}-*.array_record", 0.25)),
-             eval_source="arrayrecord:/data/aurora_pairs/{split}-*.array_record", train_split="train",
+             eval_source="arrayrecord:/data/aurora_pairs/laion/{split}-*.array_record", train_split="train",
              eval_split="validation", tokenizer="/data/aurora_pairs/tokenizer_32k.model", image_size=448,
              eval_examples=5000, eval_preprocess="clip")
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)

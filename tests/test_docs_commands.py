@@ -330,6 +330,8 @@ def reads_and_writes(command: Command) -> tuple[list[str], list[str]]:
 def _written(path: str, written: list[str]) -> bool:
   """Whether path lies under (or is, or is a file named after) a path an earlier command wrote."""
   stem = re.sub(r"\.(model|vocab|json)$", "", path)
+  if path.endswith("/") and any(w.startswith(path) for w in written):
+    return True  # the folder part of a glob over several written folders ('/data/pairs/*/train-*')
   return any(p == w or p.startswith(w.rstrip("/") + "/") for w in written for p in (path, stem))
 
 

@@ -104,7 +104,7 @@ def test_shipped_shapes_tokenizer_rebuilds_identically(tmp_path):
   shipped = tokenizer.shapes_tokenizer_path()
   assert shipped.endswith(os.path.join("data", "assets", "shapes_tokenizer.model"))
   rebuilt = tool.run(None, tokenizer.SHAPES_RECORDS, tokenizer.SHAPES_VOCAB_SIZE, str(tmp_path / "shapes.model"),
-                     normalization=tokenizer.SHAPES_NORMALIZATION)
+                     normalization=tokenizer.SHAPES_NORMALIZATION, num_threads=1)
   assert rebuilt.model_file == str(tmp_path / "shapes.model")
   assert Path(rebuilt.model_file).read_bytes() == Path(shipped).read_bytes()
 
@@ -129,7 +129,8 @@ def test_cli(tmp_path):
   assert result.returncode == 0, result.stderr
   assert f"wrote {tmp_path / 'cli.model'}" in result.stdout
   with open(tmp_path / "cli.model", "rb") as f:
-    assert f.read() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"))).read_bytes()
+    assert f.read() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"),
+                                                       num_threads=tool.DEFAULT_NUM_THREADS)).read_bytes()
 
 
 def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
@@ -142,7 +143,8 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
   pattern = str(tmp_path / "train-*.array_record")
   assert tool.read_record_captions(pattern) == CORPUS
   tok = tool.run(None, 0, 64, str(tmp_path / "records.model"), records=pattern)
-  assert Path(tok.model_file).read_bytes() == Path(tokenizer.train_tokenizer(CORPUS, 64, str(tmp_path / "api"))).read_bytes()
+  assert Path(tok.model_file).read_bytes() == Path(tokenizer.train_tokenizer(
+      CORPUS, 64, str(tmp_path / "api"), num_threads=tool.DEFAULT_NUM_THREADS)).read_bytes()
   result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", f"--records={pattern}",
                            "--vocab_size=64", f"--out={tmp_path / 'cli'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
@@ -150,7 +152,7 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
   assert (tmp_path / "cli.model").read_bytes() == Path(tok.model_file).read_bytes()
   records.write_records(tmp_path / "images.array_record", [{"image": image}])
   for bad, message in [(str(tmp_path / "nothing-*.array_record"), "no files match"),
-                       (str(tmp_path / "images.array_record"), "none of its 1 records has a caption")]:
+                       (str(tmp_path / "images.array_record"), "no captions")]:
     with pytest.raises(tool.UserError, match=message) as info:
       tool.run(None, 0, 64, str(tmp_path / "x"), records=bad)
     assert str(info.value).startswith("--records") and bad in str(info.value)
@@ -174,3 +176,77 @@ def test_tool_argument_errors(tmp_path):
     with pytest.raises(Exception, match="--input|--shapes_records") as info:
       tool.run(args[0], args[1], 64, str(tmp_path / "x"))
     assert isinstance(info.value, tool.UserError)
+
+
+def test_reservoir_sample_is_a_uniform_subset_of_the_stream():
+  """Algorithm L's invariant, checked against the law of a uniform k-subset of N: every item is kept with
+  probability k/N and every pair with k(k-1)/(N(N-1)), over many seeds; a short stream is kept whole, in order."""
+  n, k, seeds = 40, 8, 3000
+  single, pair = np.zeros(n), np.zeros((n, n))
+  for seed in range(seeds):
+    sample, count = tokenizer.reservoir_sample(iter(range(n)), k, seed)
+    assert count == n and len(sample) == k == len(set(sample)) and set(sample) <= set(range(n))
+    kept = np.zeros(n)
+    kept[sample] = 1
+    single += kept
+    pair += np.outer(kept, kept)
+  p1, p2 = k / n, k * (k - 1) / (n * (n - 1))
+  assert np.abs(single - seeds * p1).max() < 5 * np.sqrt(seeds * p1 * (1 - p1))
+  off = pair[~np.eye(n, dtype=bool)]
+  assert np.abs(off - seeds * p2).max() < 5 * np.sqrt(seeds * p2 * (1 - p2))
+  # late items are kept as often as early ones (a biased sampler favours one end)
+  assert abs(single[:n // 2].sum() - single[n // 2:].sum()) < 5 * np.sqrt(seeds * k / 2)
+  assert tokenizer.reservoir_sample(iter(range(n)), k, 7) == tokenizer.reservoir_sample(iter(range(n)), k, 7)
+  assert tokenizer.reservoir_sample(iter(range(n)), k, 7) != tokenizer.reservoir_sample(iter(range(n)), k, 8)
+  assert tokenizer.reservoir_sample(iter(range(5)), k, 0) == (list(range(5)), 5)
+
+
+def test_sampling_memory_does_not_grow_with_the_corpus():
+  """The captions held while streaming are the sample's: the peak of Python allocations is the same for a
+  corpus 10x and 100x the sample."""
+  import tracemalloc  # pylint: disable=g-import-not-at-top
+
+  def peak(count):
+    captions = (f"caption number {i} of a long stream, with some words" for i in range(count))
+    tracemalloc.start()
+    sample, seen = tool.sample_captions(captions, 1000, seed=0)
+    _, top = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert (len(sample), seen) == (1000, count)
+    return top
+
+  small, large = peak(10_000), peak(100_000)
+  assert large < 1.2 * small
+  assert small < 1000 * 400  # 1000 captions of ~60 characters and the list: well under 400 bytes each
+
+
+def test_tars_and_sampled_records_through_the_cli(tmp_path):
+  """--tars reads the .txt members of img2dataset tars (image members skipped), --max_sentences keeps that many
+  captions: the seeded reservoir's, whether they come from tars or from records."""
+  import io  # pylint: disable=g-import-not-at-top
+  import tarfile  # pylint: disable=g-import-not-at-top
+  lines = [f"{c} {s} number {i}" for i, (c, s) in enumerate(zip(CORPUS * 3, reversed(CORPUS * 3)))]
+  image = records.encode_jpeg(np.zeros((4, 4, 3), np.uint8))
+  for shard in range(2):
+    with tarfile.open(tmp_path / f"{shard:05d}.tar", "w") as archive:
+      for i in range(shard * len(lines) // 2, (shard + 1) * len(lines) // 2):
+        for suffix, data in ((".jpg", image), (".txt", lines[i].encode()), (".json", b"{}")):
+          info = tarfile.TarInfo(f"{i:09d}{suffix}")
+          info.size = len(data)
+          archive.addfile(info, io.BytesIO(data))
+  assert list(tool.stream_tar_captions(str(tmp_path / "*.tar"))) == lines
+  records.write_records(tmp_path / "train-00000-of-00001.array_record",
+                        [{"image": image, "caption": line} for line in lines] + [{"image": image}])
+  k = len(lines) // 3
+  expected, _ = tokenizer.reservoir_sample(iter(lines), k, 5)
+  reference = tokenizer.train_tokenizer(expected, 64, str(tmp_path / "api"), num_threads=2)
+  for flag in (f"--tars={tmp_path / '*.tar'}", f"--records={tmp_path / 'train-*.array_record'}"):
+    result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", flag, "--vocab_size=64",
+                             f"--max_sentences={k}", "--seed=5", "--num_threads=2", f"--out={tmp_path / 'cli'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+    assert result.returncode == 0, result.stderr
+    assert f"sampled {k} of {len(lines)} captions" in result.stdout
+    assert (tmp_path / "cli.model").read_bytes() == Path(reference).read_bytes()
+  (tmp_path / "bad.tar").write_bytes(b"not a tar")
+  with pytest.raises(tool.UserError, match="--tars: cannot read .*bad.tar"):
+    tool.run(None, 0, 64, str(tmp_path / "x"), tars=str(tmp_path / "bad.tar"))

@@ -200,15 +200,13 @@ def _flickr30k(root: Path, split: str):
   return _karpathy(root / "dataset_flickr30k.json", split or "test", lambda entry: folder / entry["filename"])
 
 
-def _coco_captions(root: Path, folder: str):
-  folder = folder or "val2017"
-  path = root / "annotations" / f"captions_{folder}.json"
+def read_coco_captions(path: Path) -> list[tuple[int, str, list[str]]]:
+  """(image id, file_name, its captions in file order) of every image of a COCO captions file
+  (captions_<folder>.json), in increasing id; DataError naming `path` when it is malformed."""
   data = _load_json(path)
-  image_dir = _folder(root / folder)
   try:
-    ids = sorted(int(im["id"]) for im in data["images"])
     file_of = {int(im["id"]): str(im["file_name"]) for im in data["images"]}
-    captions = {i: [] for i in ids}
+    captions = {i: [] for i in file_of}
     for a in data["annotations"]:
       captions[int(a["image_id"])].append(str(a["caption"]).strip())
   except KeyError as e:
@@ -216,7 +214,14 @@ def _coco_captions(root: Path, folder: str):
                     f"image_id, caption) or names an unknown image id ({e})") from e
   except (ValueError, TypeError) as e:
     raise DataError(f"{path}: malformed captions file: {type(e).__name__}: {e}") from e
-  return [image_dir / file_of[i] for i in ids], [captions[i] for i in ids]
+  return [(i, file_of[i], captions[i]) for i in sorted(file_of)]
+
+
+def _coco_captions(root: Path, folder: str):
+  folder = folder or "val2017"
+  entries = read_coco_captions(root / "annotations" / f"captions_{folder}.json")
+  image_dir = _folder(root / folder)
+  return [image_dir / name for _, name, _ in entries], [captions for _, _, captions in entries]
 
 
 def _flickr30k_tokens(root: Path, test_list: str):

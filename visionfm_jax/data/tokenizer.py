@@ -10,7 +10,9 @@ tower can pool at `eos_positions(tokens)`.
 from __future__ import annotations
 
 import io
+import math
 import os
+import random
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -29,7 +31,7 @@ MODEL_TYPES = ("bpe", "unigram")
 # records at SHAPES_IMAGE_SIZE px (the position words depend slightly on the size). Identity normalisation
 # (no case folding): the captions are lower-case ASCII, and it keeps the file at ~3 KB instead of ~250 KB.
 # Rebuild: python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
-#   --normalization=identity --out=visionfm_jax/data/assets/shapes_tokenizer
+#   --normalization=identity --num_threads=1 --out=visionfm_jax/data/assets/shapes_tokenizer
 SHAPES_RECORDS, SHAPES_IMAGE_SIZE, SHAPES_VOCAB_SIZE, SHAPES_NORMALIZATION = 20_000, 32, 256, "identity"
 
 
@@ -209,12 +211,49 @@ def load(path: str, max_len: int) -> Tokenizer | HFTokenizer:
   return HFTokenizer(path, max_len) if str(path).endswith(".json") else Tokenizer(path, max_len)
 
 
+def reservoir_sample(items: Iterable, size: int, seed: int) -> tuple[list, int]:
+  """(sample, count): a uniformly random `size`-subset of the `count` items of the stream `items` (all of them,
+  in stream order, when there are no more than `size`), drawn with `seed`; memory holds `size` items at most.
+
+  Li's Algorithm L (ACM TOMS 1994): after the first `size` items, the gap to the next item that replaces a
+  random slot is drawn directly, so the random calls grow with size * log(count / size), not with count.
+  """
+  if size < 1:
+    raise ValueError(f"reservoir size {size}: expected >= 1")
+  rng = random.Random(seed)
+  sample: list = []
+  weight = next_taken = 0.0
+  count = 0
+  for count, item in enumerate(items, 1):
+    if count <= size:
+      sample.append(item)
+      if count == size:
+        weight = math.exp(math.log(rng.random()) / size)
+        next_taken = count + _gap(rng, weight)
+    elif count == next_taken:
+      sample[rng.randrange(size)] = item
+      weight *= math.exp(math.log(rng.random()) / size)
+      next_taken = count + _gap(rng, weight)
+  return sample, count
+
+
+def _gap(rng: random.Random, weight: float) -> int:
+  """Algorithm L's step to the next replacing item: 1 + Geometric(weight) skipped items."""
+  uniform = 1.0 - rng.random()  # in (0, 1]: log defined
+  if weight >= 1.0:
+    return 1
+  if weight <= 0.0:  # underflow after ~1e308 items: none is taken any more
+    return math.inf
+  return int(math.log(uniform) / math.log1p(-weight)) + 1
+
+
 def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, model_type: str = "bpe",
-                    normalization: str = "nmt_nfkc_cf") -> str:
+                    normalization: str = "nmt_nfkc_cf", num_threads: int = 1) -> str:
   """Trains a SentencePiece model on `lines` (one text each) and writes `<out_prefix>.model`; returns its path.
 
-  Deterministic: one thread, every line used in order (no sampling or shuffling), and the file does not
-  record where it was written, so the same lines give the same bytes. `vocab_size` is an upper bound
+  Deterministic: every line used in order (no sampling or shuffling inside SentencePiece), and the file does
+  not record where it was written, so the same lines and `num_threads` give the same bytes (SentencePiece's
+  threads split its work in fixed chunks: another thread count gives another, equally good, file). `vocab_size` is an upper bound
   (a small corpus gives fewer pieces). `normalization` is a SentencePiece rule: nmt_nfkc_cf (NFKC + case
   folding, the default), nmt_nfkc, nfkc, identity.
   """
@@ -230,7 +269,8 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, m
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=iter(lines), model_writer=model, vocab_size=int(vocab_size), model_type=model_type,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=1, input_sentence_size=0,
+        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=int(num_threads),
+        input_sentence_size=0,
         shuffle_input_sentence=False, hard_vocab_limit=False, character_coverage=1.0,
         normalization_rule_name=normalization, minloglevel=2)
   except RuntimeError as e:

@@ -1,8 +1,9 @@
 r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayRecord shards of `data.records`.
 
-  python -m visionfm_jax.tools.prepare_data --format=folders|webdataset --input=... --output=DIR
-      [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
+  python -m visionfm_jax.tools.prepare_data --format=folders|webdataset|coco|visual_genome --input=... \
+      --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
       [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
+      [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
       [--progress] [--task_index=I --task_count=N | --finalize]
       [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U]
 
@@ -25,6 +26,16 @@ order that hold N examples (only those are listed ahead), e.g. a validation spli
 (the CLIP ViT-B/32 image-text cosine) at least S, `pwatermark` at most W, `punsafe` at most U (a sample
 without a score a condition needs fails it: `data.wds.ScoreFilter`); the rejected ones are counted per score
 (the first condition they fail) under 'filtered' in each sidecar and in dataset.json.
+
+--format=coco and --format=visual_genome: --input is the data set's root in its released layout (COCO:
+annotations/captions_<--coco_folder>.json and <--coco_folder>/; Visual Genome: region_descriptions.json,
+image_data.json, VG_100K/ and VG_100K_2/). Every caption (COCO's five per image) or region phrase becomes one
+pair record {image, caption, key}; Visual Genome's image is the phrase's region cropped (--vg_regions=crop,
+regions under --min_region_size px left out) or the whole image (--vg_regions=image); see data/pair_corpora.py
+for why. --exclude_karpathy=dataset_coco.json leaves out the images of Karpathy's val and test splits (Visual
+Genome's by their coco_id), so that COCO 5k retrieval is not evaluated on training images. Shards of
+--records_per_shard pairs in listing order; dataset.json's split entry adds the listing's counts (images,
+excluded_images, missing_images, and for Visual Genome small_regions, empty_phrases).
 
 dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
 count of 'uncaptioned' records among them) or 'images' (image-only).
@@ -69,11 +80,12 @@ from absl import flags
 from PIL import Image
 
 from visionfm_jax import atomic
-from visionfm_jax.data import records, transforms, wds
+from visionfm_jax.data import pair_corpora, records, transforms, wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli, cluster_task
 
-FORMATS = ("folders", "webdataset")
+FORMATS = ("folders", "webdataset", "coco", "visual_genome")
+PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their released layouts (data/pair_corpora.py)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 TAR_IMAGE_EXTENSIONS = wds.IMAGE_EXTENSIONS  # preference order when a key has several
 DEFAULT_RECORDS_PER_SHARD = 1000
@@ -103,6 +115,11 @@ class ShardJob:
   held: tuple = ()  # webdataset: keys of the tar held out (--holdout_examples), sorted
   only_held: bool = False  # webdataset: the holdout shard (only the `held` keys), else all but them
   score_filter: wds.ScoreFilter = wds.ScoreFilter()  # webdataset: LAION's scores a sample must pass
+  pairs: bool = False  # coco, visual_genome: `items` are pair_corpora.PairItems under `root`
+
+  @property
+  def captioned(self) -> bool:
+    return bool(self.tar) or self.pairs
 
 
 class Example(NamedTuple):
@@ -162,6 +179,46 @@ def _folder_examples(job: ShardJob) -> Iterator[Example]:
     except OSError as e:
       raise DataError(f"cannot read {path}: {e.strerror or e}") from e
     yield Example(path, data, {"label": label, "key": relpath})
+
+
+def _pair_examples(job: ShardJob) -> Iterator[Example]:
+  """The job's pairs: the image file as stored, or (with a box) its region cropped and encoded once (shrunk first
+  to --resize_shorter); each file read, and decoded, once for its consecutive pairs."""
+  current = data = pixels = None
+  decoded = False
+  for item in job.items:
+    if item.path != current:
+      current, decoded = item.path, False
+      data = _read_file(os.path.join(job.root, item.path))
+    name, fields = f"{os.path.join(job.root, item.path)}#{item.key}", {"caption": item.caption, "key": item.key}
+    if item.box is None:
+      yield Example(name, data, fields)
+      continue
+    if not decoded:
+      pixels, decoded = _decode_or_warn(data, current), True
+    crop = None if pixels is None else pair_corpora.crop_box(pixels, item.box)
+    if crop is None or not crop.size:
+      yield Example(name, None, {})
+      continue
+    if job.options.resize_shorter:
+      crop = np.asarray(shrink_to_shorter_side(Image.fromarray(crop), job.options.resize_shorter))
+    yield Example(name, records.encode_jpeg(crop), fields)
+
+
+def _decode_or_warn(data: bytes, name: str) -> np.ndarray | None:
+  try:
+    return transforms.decode_image(data)
+  except transforms.DECODE_ERRORS as e:
+    logging.warning("prepare_data: skipping the regions of %s: undecodable image: %s", name, e)
+    return None
+
+
+def _read_file(path: str) -> bytes:
+  try:
+    with open(path, "rb") as f:
+      return f.read()
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 split_member_name = wds.split_member_name
@@ -224,7 +281,7 @@ def write_shard(job: ShardJob) -> dict:
   for stale in (job.path, records.sidecar_path(job.path)):
     if os.path.exists(stale):
       os.remove(stale)
-  examples = _tar_examples(job) if job.tar else _folder_examples(job)
+  examples = _tar_examples(job) if job.tar else _pair_examples(job) if job.pairs else _folder_examples(job)
   class_counts = collections.Counter()
   incomplete = []
   skipped = uncaptioned = 0
@@ -243,10 +300,10 @@ def write_shard(job: ShardJob) -> dict:
       writer.write(records.pack_record(image, **example.fields))
       if example.fields.get("label") is not None:
         class_counts[example.fields["label"]] += 1
-      if job.tar and not example.fields.get("caption"):
+      if job.captioned and not example.fields.get("caption"):
         uncaptioned += 1
     counts = {"records": writer.count, "skipped": skipped, "fingerprint": job.fingerprint}
-    if job.tar:
+    if job.captioned:
       counts["uncaptioned"] = uncaptioned
     else:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
@@ -605,13 +662,63 @@ def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", r
   return records.write_metadata(output_dir, kind="pairs", splits=entries)
 
 
+# ------------------------------------------------------------------------------------- captioned data sets
+
+def list_pairs(input_format: str, input_dir: str, *, coco_folder: str = "train2017", vg_regions: str = "crop",
+               min_region_size: int = pair_corpora.DEFAULT_MIN_REGION_SIZE,
+               exclude_karpathy: str = "") -> tuple[list, dict]:
+  """(pairs, counts) of a captioned data set (`PAIR_FORMATS`; data/pair_corpora.py); UserError naming --input
+  or --exclude_karpathy when its files are missing or malformed."""
+  try:
+    excluded = pair_corpora.karpathy_eval_ids(exclude_karpathy) if exclude_karpathy else frozenset()
+  except DataError as e:
+    raise UserError(f"--exclude_karpathy: {e}") from e
+  if not os.path.isdir(input_dir):
+    raise UserError(f"--input={input_dir}: no such directory")
+  try:
+    if input_format == "coco":
+      return pair_corpora.coco_pairs(input_dir, coco_folder, excluded)
+    return pair_corpora.visual_genome_pairs(input_dir, vg_regions, min_region_size, excluded)
+  except DataError as e:
+    raise UserError(f"--input={input_dir} (--format={input_format}): {e}") from e
+
+
+def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: str = "train",
+                  resize_shorter: int = 0, verify: bool = False, num_workers: int | None = None,
+                  records_per_shard: int = DEFAULT_RECORDS_PER_SHARD, progress: bool | None = None,
+                  **listing) -> dict:
+  """Converts a captioned data set (`list_pairs`; `listing` its options) into shards of `records_per_shard`
+  pairs, in the listing's order (training shuffles globally); returns the written dataset.json dict, whose
+  split entry also holds the listing's counts."""
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  _check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
+  input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
+  pairs, listed = list_pairs(input_format, input_dir, **listing)
+  if not pairs:
+    raise UserError(f"--input={input_dir}: no pairs to write ({listed})")
+  options = image_options(resize_shorter, verify)
+  count = math.ceil(len(pairs) / records_per_shard)
+  jobs = []
+  for i in range(count):
+    items = tuple(pairs[i * records_per_shard:(i + 1) * records_per_shard])
+    jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
+                         fingerprint(input_format, options, input_dir, items), options, root=input_dir, items=items,
+                         pairs=True))
+  check_output(output_dir, "pairs", None, {split: [os.path.basename(j.path) for j in jobs]})
+  entry = _split_entry(jobs, run_jobs(jobs, num_workers, progress), input_dir, None)
+  entry.update(listed, format=input_format, **{k: v for k, v in listing.items() if v not in ("", None)})
+  return records.write_metadata(output_dir, kind="pairs", splits={split: entry})
+
+
 # ---------------------------------------------------------------------------------------------------- CLI
 
 def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
-  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree or img2dataset tars.", flag_values=fv)
-  flags.DEFINE_string("input", None, "folders: the class tree; webdataset: a glob of .tar files.", flag_values=fv)
+  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree, img2dataset tars, COCO captions or "
+                    "Visual Genome region descriptions.", flag_values=fv)
+  flags.DEFINE_string("input", None, "folders: the class tree; webdataset: a glob of .tar files; coco, "
+                      "visual_genome: the data set's root folder.", flag_values=fv)
   flags.DEFINE_string("output", None, "Directory for the shards and dataset.json (created).", flag_values=fv)
   flags.DEFINE_string("split", "train", "Split name of the shards.", flag_values=fv)
   flags.DEFINE_integer("resize_shorter", 0, "Shrink images to this shorter side (JPEG q95); 0: keep.",
@@ -619,7 +726,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_bool("verify", False, "Decode every image; drop and count undecodable ones.", flag_values=fv)
   flags.DEFINE_integer("num_workers", None, "Processes writing shards; 0 or 1: inline. Default: the CPU count.",
                        flag_values=fv)
-  flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD, "folders: records per output shard.",
+  flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD, "folders, coco, visual_genome: records per "
+                       "output shard.",
                        flag_values=fv)
   flags.DEFINE_bool("unlabelled", False, "folders: --input is a folder of images without labels (image-only "
                     "records).", flag_values=fv)
@@ -629,6 +737,14 @@ def make_flags() -> flags.FlagValues:
                        "--holdout_split; 0: none.", flag_values=fv)
   flags.DEFINE_string("holdout_split", "validation", "Split name of the held-out examples.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the holdout choice (and of the folders' shuffle).", flag_values=fv)
+  flags.DEFINE_string("coco_folder", "train2017", "coco: the image folder, and captions_<it>.json under "
+                      "annotations/.", flag_values=fv)
+  flags.DEFINE_enum("vg_regions", "crop", pair_corpora.VG_REGION_MODES, "visual_genome: pair a phrase with its "
+                    "region's crop or with the whole image.", flag_values=fv)
+  flags.DEFINE_integer("min_region_size", pair_corpora.DEFAULT_MIN_REGION_SIZE, "visual_genome, crop: leave out "
+                       "regions whose shorter side is under this many pixels.", flag_values=fv)
+  flags.DEFINE_string("exclude_karpathy", "", "coco, visual_genome: Karpathy's dataset_coco.json; leaves out the "
+                      "images of its val and test splits (the COCO 5k retrieval benchmark).", flag_values=fv)
   flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.",
                     flag_values=fv)
   cluster_task.define_flags(fv)
@@ -646,12 +762,34 @@ def make_flags() -> flags.FlagValues:
 def run(fv: flags.FlagValues) -> dict:
   """Runs the conversion the parsed flags describe; the written dataset.json dict."""
   if not fv.format or not fv.input:
-    raise UserError("--format (folders | webdataset) and --input are required")
+    raise UserError(f"--format ({' | '.join(FORMATS)}) and --input are required")
   common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
                 progress=fv.progress or None)
   common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
                 task=None if fv.finalize else cluster_task.from_flags(fv))
   score_filter = wds.ScoreFilter(fv.min_similarity, fv.max_pwatermark, fv.max_punsafe)
+  pair_only = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy")
+               if fv[name].present]
+  if fv.format in PAIR_FORMATS:
+    other = [f"--{name}" for name in ("holdout_per_class", "holdout_examples", "unlabelled") if fv[name].present]
+    if other:
+      raise UserError(f"{', '.join(other)}: not for --format={fv.format} (its pairs train; the held-out pairs "
+                      f"of a mixture come from another source)")
+    foreign = [flag for flag in pair_only if flag in (("--vg_regions", "--min_region_size") if fv.format == "coco"
+                                                      else ("--coco_folder",))]
+    if foreign:
+      raise UserError(f"{', '.join(foreign)}: not for --format={fv.format}")
+    if score_filter or common["task"] is None or common["task"].count > 1:
+      raise UserError(f"--min_similarity, --max_pwatermark, --max_punsafe, --task_index/--task_count, --finalize: "
+                      f"not for --format={fv.format} (one process converts a data set of its size)")
+    listing = dict(exclude_karpathy=fv.exclude_karpathy)
+    listing.update(dict(coco_folder=fv.coco_folder) if fv.format == "coco" else
+                   dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size))
+    return convert_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
+                         verify=fv.verify, num_workers=fv.num_workers, records_per_shard=fv.records_per_shard,
+                         progress=fv.progress or None, **listing)
+  if pair_only:
+    raise UserError(f"{', '.join(pair_only)}: only for --format=coco or visual_genome")
   if fv.format == "folders":
     if score_filter:
       raise UserError("--min_similarity, --max_pwatermark, --max_punsafe: only for --format=webdataset (they read "

@@ -2,28 +2,45 @@ r"""Trains a SentencePiece tokenizer (pad=0, unk=1, bos=2, eos=3) for the text t
 
   python -m visionfm_jax.tools.train_tokenizer --input=TEXT --vocab_size=N --out=PATH
   python -m visionfm_jax.tools.train_tokenizer --records='/data/laion_filtered/train-*.array_record' \
-      --vocab_size=32000 --out=/data/laion_filtered/tokenizer_32k
+      --vocab_size=32000 --out=/data/laion_filtered/tokenizer_32k [--max_sentences=10000000] [--seed=0]
+  python -m visionfm_jax.tools.train_tokenizer --tars='/raw/laion/*.tar' --vocab_size=32000 --out=PATH
   python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
-      --normalization=identity --out=visionfm_jax/data/assets/shapes_tokenizer   # the shipped demo tokenizer
+      --normalization=identity --num_threads=1 --out=visionfm_jax/data/assets/shapes_tokenizer   # the demo's
 
-TEXT holds one caption per line; --records reads the `caption` field of the ArrayRecord files matching GLOB
-(as tools.prepare_data and tools.filter_clip_score write them; files in name order, records without a caption
-skipped), every caption held in memory. Writes PATH.model (a trailing '.model' on PATH is accepted) and prints its
-vocabulary size. Training is deterministic: the same lines give the same file. Errors print one line and exit
-with status 2.
+The captions are streamed, never the images decoded: TEXT holds one caption per line; --records reads the
+`caption` field of the ArrayRecord files matching GLOB (as tools.prepare_data and tools.filter_clip_score write
+them; files in name order, records without a caption or unreadable skipped: only the caption of each msgpack
+map is built, its image bytes are skipped over); --tars reads the `.txt` members of the img2dataset tars
+matching GLOB (names in order, each tar read front to back once, other members skipped over). Of all the
+captions (stripped, empty ones left out) a uniform sample of --max_sentences is kept (a reservoir drawn with
+--seed; all of them, in order, when there are fewer), so memory holds the sample only, whatever the corpus:
+about (mean caption bytes + 60) per sentence in Python, and SentencePiece's trainer several times the sample's
+text (BUILD.md has the measured figures). SentencePiece trains on --num_threads threads.
+
+Writes PATH.model (a trailing '.model' on PATH is accepted) and prints how many captions it sampled from how
+many, and the vocabulary size. Deterministic: the same captions, --max_sentences, --seed and --num_threads
+give the same file. Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
+import glob
 import os
 import sys
-from typing import Sequence
+import tarfile
+from typing import Iterable, Iterator, Sequence
 
 from absl import flags
+from array_record.python import array_record_module
+import msgpack
 
-from visionfm_jax.data import records as records_lib, tokenizer
-from visionfm_jax.errors import DataError, UserError
+from visionfm_jax.data import tokenizer
+from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
+
+DEFAULT_MAX_SENTENCES = 10_000_000
+DEFAULT_NUM_THREADS = 16
+READ_CHUNK = 1024  # records read at a time from an ArrayRecord file
 
 
 def make_flags() -> flags.FlagValues:
@@ -32,6 +49,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string("input", None, "Text file, one caption per line.", flag_values=fv)
   flags.DEFINE_string("records", None, "Instead of --input: a glob of ArrayRecord files of image-text pairs; "
                       "trains on their captions.", flag_values=fv)
+  flags.DEFINE_string("tars", None, "Instead of --input: a glob of img2dataset tars; trains on their .txt "
+                      "captions.", flag_values=fv)
   flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
                        "(at 32 px).", flag_values=fv)
   flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).", flag_values=fv)
@@ -39,50 +58,136 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.", flag_values=fv)
   flags.DEFINE_string("normalization", "nmt_nfkc_cf", "SentencePiece normalisation rule: nmt_nfkc_cf (case "
                       "folding), nmt_nfkc, nfkc, identity.", flag_values=fv)
+  flags.DEFINE_integer("max_sentences", DEFAULT_MAX_SENTENCES, "Captions kept: a uniform sample (reservoir) of "
+                       "this many from all of them.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the caption sample.", flag_values=fv)
+  flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "SentencePiece training threads (the file depends on "
+                       "this count, not on the machine's cores).", flag_values=fv)
   return fv
 
 
-def read_lines(path: str) -> list[str]:
+def stream_lines(path: str) -> Iterator[str]:
   try:
     with open(path, encoding="utf-8") as f:
-      return f.read().splitlines()
+      yield from f
   except OSError as e:
     raise UserError(f"--input={path}: cannot read: {e.strerror or e}") from e
   except UnicodeDecodeError as e:
     raise UserError(f"--input={path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def read_record_captions(pattern: str) -> list[str]:
-  """The captions of the ArrayRecord records matching `pattern`, files in name order; records without one
-  (image-only, unreadable) are skipped. UserError naming --records when no file matches or none has one."""
+def _matching(flag: str, pattern: str) -> list[str]:
+  pattern = os.path.expanduser(pattern)
+  files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f) and not f.endswith(".tmp"))
+  if not files:
+    raise UserError(f"--{flag}={pattern}: no files match")
+  return files
+
+
+def record_caption(data: bytes) -> str | None:
+  """The 'caption' of a packed record (records.pack_record), building no other field; None without one or
+  for bytes that are not such a map."""
+  unpacker = msgpack.Unpacker(raw=False)
+  unpacker.feed(data)
   try:
-    source = records_lib.ArrayRecordSource(os.path.expanduser(pattern))
-  except DataError as e:
-    raise UserError(f"--records: {e}") from e
-  captions = [caption for caption in (source[i].get("caption") for i in range(len(source))) if caption]
-  if not captions:
-    raise UserError(f"--records={pattern}: none of its {len(source)} records has a caption")
-  return captions
+    for _ in range(unpacker.read_map_header()):
+      if unpacker.unpack() == "caption":
+        caption = unpacker.unpack()
+        return caption if isinstance(caption, str) else None
+      unpacker.skip()
+  except (ValueError, TypeError, msgpack.UnpackException):
+    return None
+  return None
+
+
+def stream_record_captions(pattern: str) -> Iterator[str]:
+  """The captions of the ArrayRecord files matching `pattern`, files in name order, READ_CHUNK records at a time."""
+  for path in _matching("records", pattern):
+    try:
+      reader = array_record_module.ArrayRecordReader(path)
+    except (RuntimeError, OSError, ValueError) as e:
+      raise UserError(f"--records: cannot read {path} as ArrayRecord: {e}") from e
+    try:
+      for begin in range(0, reader.num_records(), READ_CHUNK):
+        for data in reader.read(begin, min(begin + READ_CHUNK, reader.num_records())):
+          caption = record_caption(data)
+          if caption is not None:
+            yield caption
+    finally:
+      reader.close()
+
+
+def stream_tar_captions(pattern: str) -> Iterator[str]:
+  """The `.txt` members of the tars matching `pattern`, names in order, each tar read once front to back."""
+  for path in _matching("tars", pattern):
+    try:
+      with tarfile.open(path, mode="r|*") as archive:
+        for member in archive:
+          if member.isfile() and member.name.lower().endswith(".txt"):
+            yield archive.extractfile(member).read().decode("utf-8", errors="replace")
+    except (tarfile.TarError, OSError) as e:
+      raise UserError(f"--tars: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+
+
+def _nonempty(lines: Iterable[str]) -> Iterator[str]:
+  for line in lines:
+    line = line.strip()
+    if line:
+      yield line
+
+
+def sample_captions(lines: Iterable[str], max_sentences: int, seed: int) -> tuple[list[str], int]:
+  """(sample, count): `tokenizer.reservoir_sample` of the non-empty stripped `lines`."""
+  if max_sentences < 1:
+    raise UserError(f"--max_sentences={max_sentences}: expected >= 1")
+  return tokenizer.reservoir_sample(_nonempty(lines), max_sentences, seed)
+
+
+def read_record_captions(pattern: str) -> list[str]:
+  """Every caption of the ArrayRecord records matching `pattern` (small sets and tests; the tool samples)."""
+  return list(stream_record_captions(pattern))
+
+
+def caption_stream(input_path: str | None, shapes_records: int, records: str | None, tars: str | None):
+  """(the captions of the one given input, the flag that names it)."""
+  given = [name for name, value in (("input", input_path), ("shapes_records", shapes_records > 0),
+                                    ("records", records), ("tars", tars)) if value]
+  if len(given) != 1:
+    raise UserError("give exactly one of --input=TEXT, --records=GLOB, --tars=GLOB and --shapes_records=N")
+  if records:
+    return stream_record_captions(records), f"--records={records}"
+  if tars:
+    return stream_tar_captions(tars), f"--tars={tars}"
+  if input_path:
+    return stream_lines(input_path), f"--input={input_path}"
+  return iter(tokenizer.shapes_captions(shapes_records)), f"--shapes_records={shapes_records}"
 
 
 def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, model_type: str = "bpe",
-        normalization: str = "nmt_nfkc_cf", records: str | None = None) -> tokenizer.Tokenizer:
-  """Trains and writes the tokenizer; returns it loaded."""
-  if sum((bool(input_path), shapes_records > 0, bool(records))) != 1:
-    raise UserError("give exactly one of --input=TEXT, --records=GLOB and --shapes_records=N")
-  if records:
-    lines = read_record_captions(records)
-  else:
-    lines = read_lines(input_path) if input_path else tokenizer.shapes_captions(shapes_records)
+        normalization: str = "nmt_nfkc_cf", records: str | None = None, *, tars: str | None = None,
+        max_sentences: int = DEFAULT_MAX_SENTENCES, seed: int = 0,
+        num_threads: int = DEFAULT_NUM_THREADS) -> tokenizer.Tokenizer:
+  """Samples the captions, trains and writes the tokenizer; returns it loaded, with `sampled` and `captions`
+  (how many of how many) set on it."""
+  if num_threads < 1:
+    raise UserError(f"--num_threads={num_threads}: expected >= 1")
+  lines, what = caption_stream(input_path, shapes_records, records, tars)
+  sample, count = sample_captions(lines, max_sentences, seed)
+  if not sample:
+    raise UserError(f"{what}: no captions (none of its records or lines has non-empty text)")
   prefix = out[:-len(".model")] if out.endswith(".model") else out
-  path = tokenizer.train_tokenizer(lines, vocab_size, prefix, model_type=model_type, normalization=normalization)
-  return tokenizer.Tokenizer(path, max_len=2)
+  path = tokenizer.train_tokenizer(sample, vocab_size, prefix, model_type=model_type, normalization=normalization,
+                                   num_threads=num_threads)
+  tok = tokenizer.Tokenizer(path, max_len=2)
+  tok.sampled, tok.captions = len(sample), count
+  return tok
 
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("vocab_size", "out"))
-  tok = run(fv.input, fv.shapes_records, fv.vocab_size, fv.out, fv.model_type, fv.normalization, fv.records)
-  print(f"wrote {tok.model_file}: {tok.vocab_size} pieces")
+  tok = run(fv.input, fv.shapes_records, fv.vocab_size, fv.out, fv.model_type, fv.normalization, fv.records,
+            tars=fv.tars, max_sentences=fv.max_sentences, seed=fv.seed, num_threads=fv.num_threads)
+  print(f"sampled {tok.sampled} of {tok.captions} captions; wrote {tok.model_file}: {tok.vocab_size} pieces")
 
 
 def main(argv: Sequence[str]) -> int:
