@@ -273,3 +273,30 @@ def test_health_turned_on_at_a_resume_starts_its_statistics_afresh(data, tmp_pat
   assert last["step"] == 6 and last["health/skipped_steps"] == 0
   state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "6" / "state")
   assert int(state["health"]["count"]) == 2  # the statistics of the two steps since the resume
+
+
+def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
+  """launch/local.sh 2 (each process reads 8 rows of every batch of 16): both processes log the same two
+  rollbacks as the one-process run (steps, checkpoints, stream positions) and save the same record."""
+  from test_multiprocess import PROCESSES, _Job  # pylint: disable=g-import-not-at-top
+  reference, log = bursts_run
+  config = health_config(data["bursts"])
+  changed = ("model.variant", "model.image_size", "data.image_size", "data.source", "data.shuffle",
+             "data.num_workers", "data.eval_examples", "global_batch_size", "total_steps", "log_every", "eval_every",
+             "checkpoint_every", "optim.lr", "optim.warmup_steps", "progress_bar")
+  flags = ["--config=configs/vit_huge.py:demo"] + [
+      f"--config.{path}={value}" for path, value in config_lib.fields(config)
+      if path in changed or path.startswith("health.")]
+  workdir = tmp_path / "run"
+  code, out = _Job(workdir, *flags, base=()).finish()
+  assert code == 0, out[-6000:]
+
+  def rollbacks_logged(text, where):
+    return [re.sub(r", loss [^,]+", "", line).replace(str(where), "WORKDIR")
+            for line in re.findall(r"health: rolling back at (.*)", text)]
+  assert len(rollbacks_logged(log, reference)) == 2
+  assert sorted(rollbacks_logged(out, workdir)) == sorted(rollbacks_logged(log, reference) * PROCESSES), out[-6000:]
+  assert drop_loss(saved_rollbacks(workdir)) == [ROLLBACK_A, ROLLBACK_B]
+  for i in range(PROCESSES):
+    state = json.loads((workdir / "checkpoints" / str(TOTAL) / "data" / f"process_{i}-of-2.json").read_text())
+    assert state["read"] == TOTAL * BATCH // PROCESSES
