@@ -93,8 +93,8 @@ class HealthState(flax.struct.PyTreeNode):
     apply = ~overflowed & numbers_finite & ~spike & ~frozen
     health_skip = ~apply & ~overflowed
 
-    ring = self.recent_skips.shape[0]
-    recent = jnp.where(spike, self.recent_skips.at[self.skipped % ring].set(step), self.recent_skips)
+    oldest = jnp.argmin(self.recent_skips)
+    recent = jnp.where(spike, self.recent_skips.at[oldest].set(step), self.recent_skips)
     burst = spike & (self.burst_skips > 0) & (step - jnp.min(recent) < self.burst_window)
 
     slot = self.count % self.losses.shape[0]
@@ -124,8 +124,9 @@ def maybe_create(config) -> HealthState | None:
 
 
 def guard_step(state, new_state, loss, grad_norm, apply):
-  """In the train step: `new_state` with the health statistics updated and its update kept only where
-  health agrees (`apply`: whether the fp16 loss scale applies it, True without one); the step's metrics."""
+  """In the train step: (`new_state` with the health statistics updated, whether its update applies, the
+  step's metrics). `apply`: whether the fp16 loss scale applies it (True without one); the caller keeps the old
+  params and optimizer state where the answer is False."""
   overflowed = ~apply
   stalled = (new_state.loss_scale.skips_at_min >= state.health.stall_after if state.loss_scale is not None
              else jnp.asarray(False))
@@ -153,8 +154,9 @@ class Trigger:
 def read_trigger(state) -> Trigger | None:
   """The trigger the state carries, as process 0 reads it (every process calls this at the same step and acts
   on the same answer)."""
+  # float32, as the gather carries it (without jax_enable_x64): exact for steps below 2^24
   values = np.array(jax.device_get((state.health.trigger, state.health.trigger_step, state.health.trigger_loss)),
-                    np.float64)
+                    np.float32)
   if jax.process_count() > 1:
     values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, 3)[0]
   code, step, loss = int(values[0]), int(values[1]), float(values[2])
@@ -215,6 +217,8 @@ class Rollbacks:
     restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory)
     checkpointer.set_aside_after(restored, "rolled_back")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
+    for leaf in jax.tree.leaves(state):  # its memory, before the restored state takes as much again
+      leaf.delete()
     state = checkpointer.restore(restored, target, data_iterator)
     start = agreed_position(data_iterator.get_state())
     end = data_iterator.skip_to(position_now + self.cfg.skip_margin * self.config.global_batch_size)
