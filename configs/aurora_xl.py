@@ -115,6 +115,8 @@ def get_config(arg: str | None = None):
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)
+  # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
+  config.health.enabled = True
 
   if "demo" in parts:
     _demo(config)

@@ -91,6 +91,8 @@ def get_config(arg: str | None = None):
   set_fields(config, global_batch_size=32768, grad_accum_steps=2, strategy="zero3", total_steps=366_000)
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
+  # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
+  config.health.enabled = True
 
   if "vit" in parts:
     # a ViT image tower (B/16 unless overridden): what tools.import_hf's flags for a published CLIP start from

@@ -164,13 +164,14 @@ def _free_port():
 
 
 class _Job:
-  """launch/local.sh 2 (2 CPU devices each) in a session of its own, with its two trainer processes' pids."""
+  """launch/local.sh 2 (2 CPU devices each) in a session of its own, with its two trainer processes' pids; `base`:
+  the config flags before `flags` (the tiny ViT's)."""
 
-  def __init__(self, workdir, *flags):
+  def __init__(self, workdir, *flags, base=tuple(FLAGS)):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and k != "XLA_FLAGS"}  # not conftest's 8
     env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu")
     self.workdir = workdir
-    self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *FLAGS, *flags],
+    self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)
 

@@ -112,8 +112,8 @@ def test_resume_rules_classify_fields():
       config_lib.REFUSED] * 4
   assert [config_lib.resume_kind(p) for p in ("total_steps", "optim.lr", "global_batch_size", "seed")] == [
       config_lib.OPT_IN] * 4
-  assert [config_lib.resume_kind(p) for p in ("log_every", "strategy", "mesh.fsdp", "data.num_workers")] == [
-      config_lib.FREE] * 4
+  free = ("log_every", "strategy", "mesh.fsdp", "data.num_workers", "health.window")
+  assert [config_lib.resume_kind(p) for p in free] == [config_lib.FREE] * 5
 
 
 def test_allow_changes_names_fields():

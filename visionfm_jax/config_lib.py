@@ -129,6 +129,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       model=model_config(model),
       optim=optim_config(),
       precision=precision_config(),
+      health=health_config(),
       data=data_config(),
       **init_from_fields(),
       probe=probe_config(),
@@ -194,6 +195,28 @@ def precision_config() -> ml_collections.ConfigDict:
       loss_scale_period=2000,  # good steps before the scale doubles
       loss_scale_min=1.0,
       max_consecutive_skips=100,  # overflowing steps in a row at loss_scale_min before the run stops
+  ))
+
+
+def health_config() -> ml_collections.ConfigDict:
+  """`config.health`: loss-spike skipping in the step and rollback past bad data (training/health.py)."""
+  return ml_collections.ConfigDict(dict(
+      enabled=False,
+      # a spike: loss or gradient norm above the mean + z standard deviations of the last `window` applied
+      # steps, tested once `warmup` steps have been applied; its update is not applied (MaxText's 128 and 6.0)
+      window=128,
+      z=6.0,
+      warmup=128,
+      # what skipping does not absorb sets off a rollback: burst_skips skips within burst_window steps (0: never),
+      # the window's mean loss above rise x its lowest (0: never), a non-finite loss, the fp16 minimum-scale stall
+      burst_skips=5,
+      burst_window=128,
+      rise=1.5,
+      rollback=True,  # False: those stop the run instead, naming the last good checkpoint
+      restore_before=100,  # restore the newest checkpoint at least this many steps before the trigger
+      skip_margin=100,  # and skip the data read since it plus this many batches
+      max_rollbacks=3,  # more rollbacks than this within max_rollbacks_window steps stop the run
+      max_rollbacks_window=20_000,
   ))
 
 
@@ -362,8 +385,8 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   Every demo trains from scratch (no init_from) on an embedded set (`source`: shapes, or scenes for the dense
   tasks) at `image_size` px, rendered in the main process (cheaper than a worker for such small images), with
   the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic
-  depth; AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear
-  warmup to `lr`, cosine to 0
+  depth; no health guard (`config.health`: a demo runs minutes, watched); AdamW with weight decay 0.05,
+  global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`, cosine to 0
   at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every`. The
   procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
   generalise (flips stay as the recipe has them).
@@ -388,6 +411,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   set_fields(config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
              clip_norm=1.0)
   config.precision.compute_dtype = "float32"
+  config.health.enabled = False
   config.strategy = "ddp"
   config.log_every = 50
   config.eval_every = config.checkpoint_every = eval_every
@@ -510,6 +534,10 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
+    (r"health\.(window|warmup|burst_window|max_rollbacks_window)", COUNT),
+    (r"health\.(burst_skips|restore_before|skip_margin|max_rollbacks)", NON_NEGATIVE_INT),
+    (r"health\.z", POSITIVE),
+    (r"health\.rise", Domain(1, low_open=True, extra=(0,), note="0: off")),
     (r"(.+\.)?(drop_path|dropout)", RATE),
     (r"(.+\.)?layer_norm_eps", POSITIVE),
     (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size)", COUNT),
@@ -599,6 +627,7 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
+    (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
     (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),

@@ -9,7 +9,8 @@ it skipped, and stops the run with a `DataError` when too much of the data is ba
 Its state is (the loader's state before the raw batch in hand, how many of its rows are used, counts), so a
 restored iterator yields the same batches bitwise. A state saved with another number of data workers, or the
 states of all processes of a run with another number of processes, restore to the same global stream
-position instead (`resume`): the epoch goes on without repeating a record.
+position instead (`resume`): the epoch goes on without repeating a record. A rollback past bad data
+(training/health.py) continues the stream further on (`skip_to`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,13 @@ from visionfm_jax.data import resume
 from visionfm_jax.errors import DataError
 
 VALID = "valid"
+
+
+def position_of(state: bytes | str | dict, process_count: int) -> int:
+  """One past the furthest global stream position consumed by the process whose `SkippingIterator.get_state`
+  this is (of `process_count` processes)."""
+  state = resume.parse(state)
+  return resume.frontier(resume.parse(state["loader"]), int(state["offset"]), process_count)
 
 
 class SkippingLoader:
@@ -130,20 +138,33 @@ class SkippingIterator:
     share = lambda total: total // self.process_count + int(self.process_index < total % self.process_count)
     self._set_counts(share(sum(int(s["read"]) for s in states)), share(sum(int(s["skipped"]) for s in states)))
 
-  def _restart_after(self, frontiers, fresh_state: dict) -> None:
+  def skip_to(self, position: int) -> int:
+    """Continues the global stream at the first position at or past `position` where a round of this run's
+    residues begins (the same on every process given the same `position`), dropping the batch in hand and
+    keeping the counts; returns that position. A rollback past bad data (training/health.py) calls it."""
+    workers = int(resume.parse(self._it.get_state())[resume.WORKER_COUNT])
+    position = resume.restart_position([position], self.process_count, workers)
+    self._restart_at(position, resume.parse(self._it.get_state()))
+    self._set_counts(self.read, self.skipped, quiet=True)
+    return position
+
+  def _restart_at(self, position: int, fresh_state: dict) -> None:
     workers = int(fresh_state[resume.WORKER_COUNT])
-    position = resume.restart_position(frontiers, self.process_count, workers)
     self._it.set_state(json.dumps(resume.loader_state_at(fresh_state, position, self.process_index,
                                                          self.process_count, workers)).encode())
+
+  def _restart_after(self, frontiers, fresh_state: dict) -> None:
+    position = resume.restart_position(frontiers, self.process_count, int(fresh_state[resume.WORKER_COUNT]))
+    self._restart_at(position, fresh_state)
     logging.info("%s: the saved data position belongs to another number of processes or workers; continuing the "
                  "global stream at position %d (the furthest saved one was %d)", self.what, position,
                  max(frontiers) - 1)
 
-  def _set_counts(self, read: int, skipped: int) -> None:
+  def _set_counts(self, read: int, skipped: int, quiet: bool = False) -> None:
     self.read, self.skipped = read, skipped
     self._raw = self._valid = self._raw_state = None
     self._offset = 0
-    if self.skipped:
+    if self.skipped and not quiet:
       logging.info("%s: %d of %d records read so far were skipped", self.what, self.skipped, self.read)
 
   def start_prefetch(self) -> None:

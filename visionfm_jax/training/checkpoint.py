@@ -37,6 +37,7 @@ from visionfm_jax.training.param_rules import ParamRules, path_str
 
 
 _CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
+_HEALTH_ITEM, _HEALTH_FILE = "health", "health.json"  # <step>/health/health.json: its rollbacks (training/health.py)
 _DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files
 
 
@@ -83,7 +84,15 @@ def newest_committed_step(directory) -> int | None:
 def saved_config(directory, step: int) -> dict | None:
   """The config the run that saved `step` under `directory` was trained with (a JSON dict), None for a
   checkpoint saved without one; CheckpointError when it cannot be read."""
-  path = epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE
+  return _saved_json(epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE)
+
+
+def saved_health(directory, step: int) -> dict | None:
+  """The health record (rollbacks so far) saved with `step` under `directory`, None when it has none."""
+  return _saved_json(epath.Path(directory) / str(step) / _HEALTH_ITEM / _HEALTH_FILE)
+
+
+def _saved_json(path: epath.Path) -> dict | None:
   if not path.exists():
     return None
   try:
@@ -116,7 +125,8 @@ class Checkpointer:
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                       _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE)})
+                       _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE),
+                       _HEALTH_ITEM: ocp.JsonCheckpointHandler(filename=_HEALTH_FILE)})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -124,16 +134,19 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
-  def save(self, step: int, state, data_iterator=None) -> None:
+  def save(self, step: int, state, data_iterator=None, health: dict | None = None) -> None:
     """Starts the asynchronous save of `step`, once every process has checked that the directory takes it (a
     WorkdirError on all of them otherwise, before anything is written). A failure of this or an earlier save
-    in flight is a WorkdirError naming the path and the errno when the storage caused it."""
+    in flight is a WorkdirError naming the path and the errno when the storage caused it. `health`: the run's
+    health record (`saved_health`)."""
     workdir.check_storage(self.directory, workdir.tree_bytes(state))
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
     if self._run_config is not None:
       items[_CONFIG_ITEM] = ocp.args.JsonSave(self._run_config)
+    if health is not None:
+      items[_HEALTH_ITEM] = ocp.args.JsonSave(health)
     with self._storage_faults_named():
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
 
@@ -232,15 +245,21 @@ class Checkpointer:
                             f"directory away to start afresh")
     return None
 
-  def _set_aside(self, step: int) -> None:
+  def set_aside_after(self, step: int, why: str) -> None:
+    """Moves every checkpoint after `step` aside to `<step>.<why>` (kept, out of the way of the steps the run
+    saves again); every process calls it."""
+    for later in sorted(s for s in self.all_steps() if s > step):
+      self._set_aside(later, why)
+
+  def _set_aside(self, step: int, why: str = "unreadable") -> None:
     if jax.process_index() == 0:
       source = self.directory / str(step)
-      target = self.directory / f"{step}.unreadable"
+      target = self.directory / f"{step}.{why}"
       n = 1
       while target.exists():
-        target, n = self.directory / f"{step}.unreadable.{n}", n + 1
+        target, n = self.directory / f"{step}.{why}.{n}", n + 1
       source.rename(target)
-      logging.warning("moved the unreadable checkpoint %s to %s", source, target)
+      logging.warning("moved the %s checkpoint %s to %s", why.replace("_", " "), source, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
     self._manager.reload()

@@ -23,8 +23,9 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    _drop_rows_after(os.path.join(workdir, "metrics.jsonl"), resume_step)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+    self._path = os.path.join(workdir, "metrics.jsonl")
+    _drop_rows_after(self._path, resume_step)
+    self._jsonl = open(self._path, "a", encoding="utf-8")
     try:
       from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -42,6 +43,13 @@ class MetricWriter:
         self._tb.add_scalar(k, v, step)
       self._tb.flush()
 
+  def rewind(self, step: int, why: str) -> None:
+    """Drops the rows of steps after `step` (a rollback to it: those steps are trained again)."""
+    if self.enabled:
+      self._jsonl.close()
+      _drop_rows_after(self._path, step, why)
+      self._jsonl = open(self._path, "a", encoding="utf-8")
+
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
@@ -49,7 +57,8 @@ class MetricWriter:
         self._tb.close()
 
 
-def _drop_rows_after(path: str, step: int) -> None:
+def _drop_rows_after(path: str, step: int,
+                     why: str = "logged by a run that stopped before its next checkpoint") -> None:
   if not os.path.exists(path):
     return
   with open(path, encoding="utf-8") as f:
@@ -57,8 +66,7 @@ def _drop_rows_after(path: str, step: int) -> None:
   kept = [line for line in lines if _step_of(line) <= step]
   if len(kept) < len(lines):
     atomic.write(path, "".join(kept))
-    logging.info("metrics.jsonl: dropped %d rows after step %d, logged by a run that stopped before its next "
-                 "checkpoint", len(lines) - len(kept), step)
+    logging.info("metrics.jsonl: dropped %d rows after step %d, %s", len(lines) - len(kept), step, why)
 
 
 def _step_of(line: str) -> float:

@@ -1,4 +1,4 @@
-"""The train state: step, fp32 params, optimizer state, and the fp16 loss scale when there is one."""
+"""The train state: step, fp32 params, optimizer state, the fp16 loss scale and the health statistics (when on)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from typing import Any
 import flax.struct
 import jax
 
+from visionfm_jax.training.health import HealthState
 from visionfm_jax.training.precision import DynamicScale
 
 
@@ -15,7 +16,8 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   loss_scale: DynamicScale | None = None
+  health: HealthState | None = None
 
   @staticmethod
   def non_param_fields() -> tuple[str, ...]:
-    return ("step", "loss_scale")
+    return ("step", "loss_scale", "health")

@@ -25,8 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, parallel, tasks
 
-from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision, prefetch
-from visionfm_jax.training import checks, resume, workdir as workdir_lib
+from visionfm_jax.training import checkpoint, console, faults, flops, health, init_from, metrics, optim, precision
+from visionfm_jax.training import checks, prefetch, resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -44,7 +44,7 @@ def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> 
   def init(rng):
     params = task.init_variables(rng)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      loss_scale=precision.maybe_loss_scale(config.precision))
+                      loss_scale=precision.maybe_loss_scale(config.precision), health=health.maybe_create(config))
 
   return init
 
@@ -162,19 +162,26 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = task.post_update(optax.apply_updates(state.params, updates))
     new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
-    # The schedule advances with the optimizer's own count, which a skipped fp16 step leaves where it was.
-    applied_steps = state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
+    # The schedule advances with the optimizer's own count, which a skipped step (an fp16 overflow, a spike)
+    # leaves where it was.
+    applied_steps = (state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
+                     - (state.health.skipped if state.health is not None else 0))
     out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux}
 
+    apply = jnp.asarray(True)  # False: the update is not applied (params and optimizer state stay)
     if state.loss_scale is not None:
-      finite = precision.all_finite(grads)
-      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_state = new_state.replace(params=keep_old(params, state.params),
-                                    opt_state=keep_old(opt_state, state.opt_state),
-                                    loss_scale=state.loss_scale.update(finite))
+      apply = precision.all_finite(grads)
+      new_state = new_state.replace(loss_scale=state.loss_scale.update(apply))
       out["train/loss_scale"] = state.loss_scale.scale
       out["train/skipped_steps"] = new_state.loss_scale.skipped
       out["train/skips_at_min_scale"] = new_state.loss_scale.skips_at_min
+    if state.health is not None:
+      new_state, apply, health_metrics = health.guard_step(state, new_state, loss, grad_norm, apply)
+      out.update(health_metrics)
+    if state.loss_scale is not None or state.health is not None:
+      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+      new_state = new_state.replace(params=keep_old(params, state.params),
+                                    opt_state=keep_old(opt_state, state.opt_state))
     return new_state, out
 
   return train_step
@@ -272,11 +279,14 @@ def _log_plan(config, abstract: TrainState, workdir: str) -> None:
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+  newest = checkpointer.latest_step()
+  saved = checkpoint.saved_config(checkpointer.directory, newest) if newest is not None else None
+  target, health_afresh = health.checkpoint_layout(target, config, saved)
   restored = checkpointer.restore_newest_readable(target, train_iter)
   if restored is not None:
     step, state = restored
     logging.info("resuming from %s/%d", checkpointer.directory, step)
-    return state
+    return health.afresh(state, config) if health_afresh else state
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
@@ -349,6 +359,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   step = start_step
+  rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter)
   try:
     while step < total:
       # Between logging steps the host only feeds the device: any read of a device value here would stall
@@ -371,8 +382,21 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       will_save = step % config.checkpoint_every == 0 or is_last or preempted
       will_log = step % config.log_every == 0 or is_last or preempted
       if will_log or will_save:
-        # Before a save: never checkpoint NaN params.
-        _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)
+        trigger = health.read_trigger(state) if rollbacks is not None else None
+        if trigger is not None:  # before a save: the steps since it fired applied nothing
+          watchdog.phase("a rollback", step)
+          position = health.agreed_position(batches.get_state())
+          step, state = rollbacks.roll_back(trigger, state, checkpointer, train_iter, position)
+          batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
+          writer.rewind(step, "trained again after a rollback")
+          writer.write(step, rollbacks.counts())
+          window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
+          if preempted:  # the rerun resumes from the same checkpoint and takes the same rollback
+            logging.warning("preemption notice at a rollback: exiting at step %d without a save", step)
+            break
+          continue
+        if rollbacks is None:  # before a save: never checkpoint NaN params (health skips such steps instead)
+          _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)
         checkpointer.raise_if_failed()  # a save that failed in the background stops the run now, not at the next
       if will_log:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -383,13 +407,16 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         if flops_per_example and peak:
           values["train/mfu"] = img_per_sec * flops_per_example / (peak * jax.device_count())
         values.update(data_counts(batches))
+        if rollbacks is not None:
+          values.update(rollbacks.counts())
+          rollbacks.note_skips(step, values["health/skipped_steps"])
         writer.write(step, values)
         progress.update(step, values["train/loss"], img_per_sec)
         last.update(values)
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
       if will_save:
         watchdog.phase("a checkpoint save", step)
-        checkpointer.save(step, state, batches)
+        checkpointer.save(step, state, batches, health=rollbacks.record() if rollbacks is not None else None)
         if jax.process_index() == 0 and not preempted:
           logging.info("step %d: saving a checkpoint to %s", step, checkpointer.directory / str(step))
       if step % config.eval_every == 0 or is_last:
@@ -416,6 +443,16 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
     logging.info("done at step %d: %s", step, console.format_metrics(shown))
   return last
+
+
+def _rollbacks(config, state, checkpointer, start_step: int, train_iter) -> health.Rollbacks | None:
+  """The run's rollbacks so far (from the checkpoint it resumed), None when health is off."""
+  if state.health is None:
+    return None
+  if config.health.rollback:
+    health.check_iterator(train_iter)
+  saved = checkpoint.saved_health(checkpointer.directory, start_step) if start_step else None
+  return health.Rollbacks(config, (saved or {}).get("rollbacks"))
 
 
 def _committed(checkpointer, step: int) -> str:

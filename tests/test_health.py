@@ -1,0 +1,302 @@
+"""Run health (training/health.py): spike skipping in the step, rollback past bad data, both end to end.
+
+The data: ArrayRecord files written with the project's records writer, 8 classes of noisy flat colours (a tiny
+ViT learns them in a few dozen steps), read in stream order (data.shuffle=False, so stream position = record
+index; batch 16: step k reads positions 16(k-1) .. 16k-1). Poisoned records carry wrong labels (label + 4 mod 8):
+a model that has begun to learn sees a loss spike.
+
+Two bursts of 6 poisoned batches (`BURST_A`, `BURST_B`, at steps 41-46 and, after the first rollback, 61-66;
+late enough that the falling loss no longer widens the window's spread much): the first 3 spikes of a burst set
+off a rollback (burst_skips 3 within 16 steps), read at once (log_every 1):
+  A: trigger at step 43 -> restore checkpoint 30 (the newest <= 43 - 5), skip positions 480-751 (read since
+     checkpoint 30, up to step 43's 688, plus 4 batches); step 31 then reads position 752 on.
+  B: trigger at step 63 (positions up to 752 + 33 * 16 = 1280 read) -> restore checkpoint 50, skip positions
+     1072-1343 (step 51 had read from 752 + 20 * 16).
+"""
+
+import json
+import logging
+import os
+import re
+import signal
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from conftest import override, tiny_vit_config
+from visionfm_jax import config_lib
+from visionfm_jax.data import records
+from visionfm_jax.training import health, metrics, train
+
+COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], np.float32)
+RECORDS = 2000
+BATCH = 16
+BURST_A = range(640, 736)  # steps 41-46
+BURST_B = range(1232, 1328)  # steps 61-66 after rollback A (positions 752 + 30 * 16 on)
+SPIKE = range(640, 656)  # step 41 alone
+TOTAL = 80
+ROLLBACK_A = dict(step=43, rule="burst", restored=30, skipped_positions=[480, 752], skipped_examples=272)
+ROLLBACK_B = dict(step=63, rule="burst", restored=50, skipped_positions=[1072, 1344], skipped_examples=272)
+
+
+def write_colours(directory, poisoned=(), removed=()):
+  """A train split of RECORDS noisy flat colours (minus `removed` indices), labels of `poisoned` ones shifted by
+  4, and a validation split of 64."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, 8, RECORDS)
+  noise = np.random.default_rng(1)
+
+  def examples(indices, poison):
+    for i in indices:
+      image = np.clip(COLOURS[labels[i]] + noise.normal(0, 30, (16, 16, 3)), 0, 255).astype(np.uint8)
+      yield {"image": image, "label": int((labels[i] + 4) % 8 if i in poison else labels[i])}
+
+  splits = {}
+  removed = set(removed)
+  for split, indices, poison in (("train", [i for i in range(RECORDS) if i not in removed], set(poisoned)),
+                                 ("validation", range(64), set())):
+    name = records.shard_name(split, 0, 1)
+    count = records.write_records(os.path.join(directory, name), examples(indices, poison))
+    splits[split] = {"records": count, "shards": [name], "kind": "labelled"}
+  records.write_metadata(directory, kind="classification", classes=[f"c{i}" for i in range(8)], splits=splits)
+  return f"arrayrecord:{directory}/{{split}}-*.array_record"
+
+
+def health_config(source, **overrides):
+  config = tiny_vit_config(total_steps=TOTAL, log_every=1, eval_every=TOTAL, checkpoint_every=10)
+  config.data.source, config.data.shuffle, config.data.num_workers, config.data.eval_examples = source, False, 0, 64
+  config.optim.lr = 3e-3  # learns the colours within 30 steps: enough for poisoned labels to spike the loss
+  config_lib.set_fields(config.health, enabled=True, window=16, warmup=16, z=6.0, burst_skips=3, burst_window=16,
+                        restore_before=5, skip_margin=4, max_rollbacks=2, max_rollbacks_window=1000)
+  return override(config, **overrides)
+
+
+def read_metrics(workdir):
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def train_rows(workdir):
+  return [r for r in read_metrics(workdir) if "train/loss" in r]
+
+
+def final_leaves(workdir, step=TOTAL):
+  state = ocp.PyTreeCheckpointer().restore(workdir / "checkpoints" / str(step) / "state")
+  return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"], "health": state["health"]})
+
+
+def saved_rollbacks(workdir, step=TOTAL):
+  return json.loads((workdir / "checkpoints" / str(step) / "health" / "health.json").read_text())["rollbacks"]
+
+
+def drop_loss(rollbacks):
+  return [{k: v for k, v in r.items() if k != "loss"} for r in rollbacks]
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+  root = tmp_path_factory.mktemp("health_data")
+  poisoned = [*BURST_A, *BURST_B]
+  return {"bursts": write_colours(root / "bursts", poisoned),
+          "removed": write_colours(root / "removed", removed=poisoned),
+          "spike": write_colours(root / "spike", SPIKE)}
+
+
+@pytest.fixture(scope="module")
+def bursts_run(data, tmp_path_factory):
+  """The two-burst run, uninterrupted: (workdir, its log)."""
+  workdir = tmp_path_factory.mktemp("bursts") / "run"
+  handler = _Capture()
+  logging.getLogger().addHandler(handler)
+  try:
+    train.run(health_config(data["bursts"]), str(workdir))
+  finally:
+    logging.getLogger().removeHandler(handler)
+  return workdir, handler.text()
+
+
+class _Capture(logging.Handler):
+  def __init__(self):
+    super().__init__(logging.INFO)
+    self.lines = []
+
+  def emit(self, record):
+    self.lines.append(record.getMessage())
+
+  def text(self):
+    return "\n".join(self.lines)
+
+
+# ------------------------------------------------------------------------------------------- the rule
+
+def _state(**fields):
+  cfg = ml_collections.ConfigDict(dict(window=4, z=6.0, warmup=4, burst_skips=3, burst_window=16, rise=0.0))
+  cfg.update(fields)
+  return health.HealthState.create(cfg, max_consecutive_skips=5)
+
+
+def _feed(state, losses, fp16=False, overflowed=False, stalled=False):
+  observe = jax.jit(lambda s, step, loss: s.observe(step, loss, 1.0, jnp.asarray(overflowed), jnp.asarray(stalled),
+                                                    fp16=fp16))
+  applied = []
+  for loss in losses:
+    state, apply = observe(state, state.count + state.skipped + 1, jnp.float32(loss))
+    applied.append(bool(apply))
+  return state, applied
+
+
+def test_a_spike_after_warmup_is_not_applied_and_stays_out_of_the_window():
+  state, applied = _feed(_state(), [1.0, 1.1, 0.9, 1.0, 9.0, 1.05])  # the 9.0: far above mean 1 + 6 x 0.07
+  assert applied == [True, True, True, True, False, True]
+  assert int(state.skipped) == 1 and int(state.count) == 5 and int(state.trigger) == 0
+  np.testing.assert_allclose(state.losses, [1.05, 1.1, 0.9, 1.0])  # the ring: the spike never entered it
+  _, applied = _feed(_state(), [1.0, 9.0])  # before warmup nothing is a spike
+  assert applied == [True, True]
+
+
+def test_a_burst_of_spikes_triggers_and_freezes_the_state():
+  state, applied = _feed(_state(), [1.0, 1.1, 0.9, 1.0, 9.0, 9.0, 9.0, 1.0, 1.0])
+  assert applied == [True] * 4 + [False] * 5  # frozen after the trigger until the loop acts
+  assert health.RULES[int(state.trigger)] == "burst" and int(state.trigger_step) == 7
+  assert float(state.trigger_loss) == 9.0 and int(state.skipped) == 5
+
+
+def test_spikes_further_apart_than_the_burst_window_do_not_trigger():
+  losses = [1.0, 1.1, 0.9, 1.0] + [9.0, 1.0, 1.1, 0.9, 1.0, 1.05, 0.95, 1.0] * 3
+  state, _ = _feed(_state(burst_window=8), losses)
+  assert int(state.skipped) == 3 and int(state.trigger) == 0
+
+
+def test_a_slow_rise_of_the_loss_triggers():
+  # Step k's window mean is 1 + 0.1 (k - 2.5): the lowest is step 4's 1.15, and step 10's 1.75 > 1.5 x 1.15.
+  losses = [1.0 + 0.1 * i for i in range(12)]
+  state, applied = _feed(_state(z=100.0, rise=1.5), losses)
+  assert health.RULES[int(state.trigger)] == "rise" and int(state.trigger_step) == 10
+  assert applied == [True] * 10 + [False] * 2  # step 10 itself applied: the rise shows in its own update
+
+
+def test_non_finite_numbers_trigger_without_loss_scaling_and_are_overflows_with_it():
+  state, applied = _feed(_state(), [1.0, float("nan")])
+  assert applied == [True, False] and health.RULES[int(state.trigger)] == "nonfinite"
+  state, applied = _feed(_state(), [float("inf")], fp16=True, overflowed=True)
+  assert applied == [False] and int(state.trigger) == 0 and int(state.skipped) == 0  # the loss scale's skip
+  state, _ = _feed(_state(), [float("inf")], fp16=True, overflowed=True, stalled=True)
+  assert health.RULES[int(state.trigger)] == "stall"
+
+
+# --------------------------------------------------------------------------------------------- end to end
+
+def test_a_poisoned_batch_is_skipped_keeping_the_optimizer_count(data, tmp_path):
+  train.run(health_config(data["spike"], total_steps=46), str(tmp_path))
+  rows = {r["step"]: r for r in train_rows(tmp_path)}
+  assert [rows[s]["health/skipped_steps"] for s in (40, 41, 46)] == [0, 1, 1]
+  assert rows[41]["train/loss"] > rows[40]["train/loss"] + 0.5  # the spike
+  assert rows[42]["train/lr"] == rows[41]["train/lr"]  # step 41 left the optimizer's count (and schedule) as it was
+  assert rows[41]["train/lr"] != rows[40]["train/lr"]
+  assert rows[46]["health/rollbacks"] == 0 and rows[46]["health/skipped_examples"] == 0
+
+
+def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(data, bursts_run, tmp_path):
+  workdir, log = bursts_run
+  lines = re.findall(r"health: rolling back at (.*)", log)
+  assert lines == [
+      f"step 43, loss {lines[0].split('loss ')[1].split(',')[0]}, rule burst (3 steps skipped as spikes within 16 "
+      f"steps): restored {workdir / 'checkpoints'}/30, skipping data stream positions 480-751 (272 examples; "
+      f"rollback 1)",
+      f"step 63, loss {lines[1].split('loss ')[1].split(',')[0]}, rule burst (3 steps skipped as spikes within 16 "
+      f"steps): restored {workdir / 'checkpoints'}/50, skipping data stream positions 1072-1343 (272 examples; "
+      f"rollback 2)"], log
+  assert drop_loss(saved_rollbacks(workdir)) == [ROLLBACK_A, ROLLBACK_B]
+  assert sorted(os.listdir(workdir / "checkpoints")) == ["40.rolled_back", "60", "60.rolled_back", "70", "80"]
+  rows = train_rows(workdir)
+  assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))  # the rolled-back steps' rows are dropped
+  assert rows[-1]["health/rollbacks"] == 2 and rows[-1]["health/skipped_examples"] == 272 + 272
+  assert rows[-1]["health/skipped_steps"] == 0  # no poisoned record was trained on after the rollbacks
+  data_state = json.loads((workdir / "checkpoints" / str(TOTAL) / "data" / "process_0-of-1.json").read_text())
+  assert data_state["read"] == TOTAL * BATCH  # records trained on; the skipped ones are not counted as read
+
+  # The same run on the data with the poisoned records removed: nothing skipped, and the same place within
+  # the stated tolerance (mean training loss of the last 10 steps within 0.05, eval top-1 within 0.1).
+  clean = tmp_path / "clean"
+  last = train.run(health_config(data["removed"]), str(clean))
+  clean_rows = train_rows(clean)
+  assert clean_rows[-1]["health/skipped_steps"] == 0 and clean_rows[-1]["health/rollbacks"] == 0
+  tail = lambda rs: np.mean([r["train/loss"] for r in rs[-10:]])
+  assert abs(tail(rows) - tail(clean_rows)) < 0.05, (tail(rows), tail(clean_rows))
+  evals = [r["eval/val/top1"] for r in read_metrics(workdir) if "eval/val/top1" in r]
+  assert abs(evals[-1] - last["eval/val/top1"]) <= 0.1, (evals, last["eval/val/top1"])
+
+
+def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, bursts_run, tmp_path, monkeypatch):
+  """SIGTERM at step 35, after rollback A: the run saves step 36 and exits; the rerun resumes there, takes
+  rollback B, and ends with the uninterrupted run's params, optimizer state and health state bitwise."""
+  reference, _ = bursts_run
+  config = health_config(data["bursts"])
+  write, seen = metrics.MetricWriter.write, []
+
+  def write_then_signal(self, step, values):
+    write(self, step, values)
+    seen.append(step)
+    if step == 35 and "train/loss" in values and seen.count(35) == 2:  # the second time: after rollback A
+      os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
+  stopped = train.run(config, str(tmp_path))
+  assert stopped["step"] == 36
+  assert drop_loss(saved_rollbacks(tmp_path, 36)) == [ROLLBACK_A]
+  monkeypatch.undo()
+
+  train.run(config, str(tmp_path))
+  for got, want in zip(final_leaves(tmp_path), final_leaves(reference)):
+    np.testing.assert_array_equal(got, want)
+  assert saved_rollbacks(tmp_path) == saved_rollbacks(reference)
+  assert train_rows(tmp_path)[-1]["health/rollbacks"] == 2
+
+
+def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoint(data, tmp_path):
+  config = health_config(data["bursts"], **{"health.max_rollbacks": 1})
+  with pytest.raises(health.HealthError, match=re.escape(
+      f"2 rollbacks within 1000 steps (at steps 43, 63; config.health.max_rollbacks=1); stopping. The last good "
+      f"checkpoint: {tmp_path / 'checkpoints'}/50")):
+    train.run(config, str(tmp_path))
+
+
+def test_health_turned_on_at_a_resume_starts_its_statistics_afresh(data, tmp_path):
+  config = health_config(data["removed"], total_steps=4, checkpoint_every=2)
+  config.health.enabled = False
+  train.run(config, str(tmp_path))
+  config = health_config(data["removed"], total_steps=6, checkpoint_every=2, **{"resume.allow_changes": "total_steps"})
+  last = train.run(config, str(tmp_path))
+  assert last["step"] == 6 and last["health/skipped_steps"] == 0
+  state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "6" / "state")
+  assert int(state["health"]["count"]) == 2  # the statistics of the two steps since the resume
+
+
+def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
+  """launch/local.sh 2 (each process reads 8 rows of every batch of 16): both processes log the same two
+  rollbacks as the one-process run (steps, checkpoints, stream positions) and save the same record."""
+  from test_multiprocess import PROCESSES, _Job  # pylint: disable=g-import-not-at-top
+  reference, log = bursts_run
+  config = health_config(data["bursts"])
+  changed = ("model.variant", "model.image_size", "data.image_size", "data.source", "data.shuffle",
+             "data.num_workers", "data.eval_examples", "global_batch_size", "total_steps", "log_every", "eval_every",
+             "checkpoint_every", "optim.lr", "optim.warmup_steps", "progress_bar")
+  flags = ["--config=configs/vit_huge.py:demo"] + [
+      f"--config.{path}={value}" for path, value in config_lib.fields(config)
+      if path in changed or path.startswith("health.")]
+  workdir = tmp_path / "run"
+  code, out = _Job(workdir, *flags, base=()).finish()
+  assert code == 0, out[-6000:]
+
+  def rollbacks_logged(text, where):
+    return [re.sub(r", loss [^,]+", "", line).replace(str(where), "WORKDIR")
+            for line in re.findall(r"health: rolling back at (.*)", text)]
+  assert len(rollbacks_logged(log, reference)) == 2
+  assert sorted(rollbacks_logged(out, workdir)) == sorted(rollbacks_logged(log, reference) * PROCESSES), out[-6000:]
+  assert drop_loss(saved_rollbacks(workdir)) == [ROLLBACK_A, ROLLBACK_B]
+  for i in range(PROCESSES):
+    state = json.loads((workdir / "checkpoints" / str(TOTAL) / "data" / f"process_{i}-of-2.json").read_text())
+    assert state["read"] == TOTAL * BATCH // PROCESSES
