@@ -2,7 +2,6 @@
 checkpoint adaptation with the numbers the callers computed before the interface existed (recorded from that
 code), the models of towers ask their towers, and nothing outside models/ dispatches on the backbone class."""
 
-import ast
 import pathlib
 import re
 
@@ -141,17 +140,6 @@ def test_swinv2_windows_come_from_the_checkpoint_fields():
   assert models.fields_from_checkpoint({"name": "vit"}, trained) == {}
 
 
-def _imports(path: pathlib.Path) -> list[str]:
-  tree = ast.parse(path.read_text())
-  names = []
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Import):
-      names += [alias.name for alias in node.names]
-    elif isinstance(node, ast.ImportFrom):
-      names += [f"{node.module}.{alias.name}" for alias in node.names]
-  return names
-
-
 def test_image_tower_is_the_model_or_its_one_backbone_field():
   """What tools.export_hf exports and evaluate/probe probes: the backbone itself, CLIP's image tower, Aurora's
   encoder, a dense model's backbone; nothing for a text tower."""
@@ -165,10 +153,8 @@ def test_image_tower_is_the_model_or_its_one_backbone_field():
   assert backbone.image_tower(clip.text) is None
 
 
-def test_the_loop_imports_no_model_and_nothing_outside_models_dispatches_on_a_backbone_class():
-  train_imports = _imports(ROOT / "visionfm_jax" / "training" / "train.py")
-  assert not [n for n in train_imports if n.startswith("visionfm_jax.models")], train_imports
-  assert not [n for n in _imports(ROOT / "visionfm_jax" / "training" / "flops.py") if "models" in n]
+def test_nothing_outside_models_dispatches_on_a_backbone_class():
+  """(That training/ imports no model at all is test_layering's.)"""
   dispatch = re.compile(r"isinstance\([^)]*(SwinV2|ViT)")
   offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "visionfm_jax").rglob("*.py")
                if "models" not in p.relative_to(ROOT / "visionfm_jax").parts[:1] and dispatch.search(p.read_text())]

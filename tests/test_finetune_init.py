@@ -188,8 +188,8 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   tower = {"name": "swinv2", "variant": "pico", "patch_size": 2, "window_size": 4, "pretrained_window_sizes": []}
   (clip_dir / "config.json").write_text(json.dumps({"model": {"name": "clip", "image_size": 16, "image": tower}}))
   dense = ml_collections.ConfigDict({"name": "segmenter", "image_size": 64, "backbone": {**tower, "window_size": 8}})
-  config = ml_collections.ConfigDict(dict(model=dense, init_from=str(clip_dir), init_from_subtree="image",
-                                          init_from_prefix="backbone"))
+  config = ml_collections.ConfigDict(dict(task="segmentation", model=dense, init_from=str(clip_dir),
+                                          init_from_subtree="image", init_from_prefix="backbone"))
   init_from.derive_model_config(config)
   assert tuple(dense.backbone.pretrained_window_sizes) == (4, 4) and len(warnings) == 1
   dense.backbone.pretrained_window_sizes = (8, 8)

@@ -20,6 +20,7 @@ from visionfm_jax import parallel, tasks
 from visionfm_jax.data import imagenet_variants, sources, transforms
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import zeroshot
+from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import checkpoint, param_rules
 
@@ -241,11 +242,11 @@ def test_zeroshot_benchmarks_field_is_checked():
   for bad in (("r", "imagenet_r:/x"), (("r", "imagenet_r:/x", 1),), (("r", "a"), ("r", "b")), (("r r", "a"),)):
     task = tasks.build(tiny_clip_config(**{"eval.zeroshot_benchmarks": bad}))
     with pytest.raises(ConfigError, match="config.eval.zeroshot_benchmarks"):
-      task.benchmark_evaluators(EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
+      image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
   task = tasks.build(tiny_clip_config(**{"eval.zeroshot_benchmarks": (("r", "imagenet_r:/x"),),
                                          "eval.zeroshot_benchmark_templates": "imagenet_80"}))
   with pytest.raises(ConfigError, match="^config.eval.zeroshot_benchmark_templates='imagenet_80': expected"):
-    task.benchmark_evaluators(EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
+    image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
 
 
 def test_a_200_class_variant_as_the_main_zeroshot_source_is_refused(tmp_path):

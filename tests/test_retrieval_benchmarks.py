@@ -19,6 +19,7 @@ from visionfm_jax import parallel, tasks
 from visionfm_jax.data import caption_sets, shapes, transforms
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import retrieval
+from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext
 
 KS = (1, 5, 10)
@@ -240,8 +241,8 @@ def test_benchmarks_config_field_and_aurora(tmp_path):
               (("flickr 30k", spec),)):
     task = tasks.build(tiny_clip_config(**{"eval.retrieval_benchmarks": bad}))
     with pytest.raises(ConfigError, match="config.eval.retrieval_benchmarks"):
-      task.benchmark_evaluators(EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
-  # Aurora inherits the benchmarks from the contrastive task.
+      image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
+  # Aurora evaluates the benchmarks as the contrastive task does (tasks/image_text.py).
   config = tiny_aurora_config(**{"eval.retrieval_benchmarks": (("flickr30k", spec),)})
   task = tasks.build(config)
   evaluators = task.evaluators(EvalContext(parallel.make_mesh(config.mesh), 8, 0, 1))

@@ -22,9 +22,8 @@ import tokenizers
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import DataError
+from visionfm_jax.token_ids import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, eos_positions  # pylint: disable=unused-import
 
-PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
-SPECIAL_IDS = (PAD_ID, UNK_ID, BOS_ID, EOS_ID)  # the ids every tokenizer here reserves, in id order
 MODEL_TYPES = ("bpe", "unigram")
 
 # The demo tokenizer shipped as package data: BPE on the captions of the first SHAPES_RECORDS shapes train
@@ -46,14 +45,6 @@ def shapes_captions(num_records: int = SHAPES_RECORDS, image_size: int = SHAPES_
   from visionfm_jax.data.sources import SHAPES_SEED  # pylint: disable=g-import-not-at-top
   source = ShapesSource("train", num_records, image_size, seed=SHAPES_SEED)
   return [source[i]["caption"] for i in range(num_records)]
-
-
-def eos_positions(tokens, eos_id: int = EOS_ID):
-  """Index of the first `eos_id` in each row of `tokens` (..., L), and L - 1 (the last position) for a row
-  without one (a row cut before its EOS pools its last token); numpy or jax arrays alike, jit-compatible."""
-  is_eos = tokens == eos_id
-  first = is_eos.argmax(-1)
-  return first + (tokens.shape[-1] - 1 - first) * ~is_eos.any(-1)
 
 
 class Tokenizer:

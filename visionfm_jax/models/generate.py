@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from visionfm_jax.token_ids import BOS_ID, EOS_ID, PAD_ID
 
 Params = Any
 

@@ -29,7 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.data.tokenizer import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
+from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
 from visionfm_jax.models import kernels as kernels_lib
 from visionfm_jax.models import layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB

@@ -1,8 +1,9 @@
-"""Tasks: what differs per training objective. `build(config)` picks one by `config.task`."""
+"""Tasks: what differs per training objective. `build(config)` picks one by `config.task`; the contract they
+answer is tasks/base.py's `Task` (and `SplitLossTask`)."""
 
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks.aurora import AuroraTask
-from visionfm_jax.tasks.base import EvalContext, Task
+from visionfm_jax.tasks.base import EvalContext, SplitLossTask, Task
 from visionfm_jax.tasks.classification import ClassificationTask
 from visionfm_jax.tasks.contrastive import ContrastiveTask
 from visionfm_jax.tasks.detection import DetectionTask
@@ -12,7 +13,12 @@ TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "
          "segmentation": SegmentationTask, "detection": DetectionTask}
 
 
-def build(config, mesh=None) -> Task:
+def task_class(config) -> type[Task]:
+  """The class of `config.task`; ConfigError for an unknown one."""
   if config.task not in TASKS:
     raise ConfigError(f"config.task={config.task!r}: known tasks are {sorted(TASKS)}")
-  return TASKS[config.task](config, mesh)
+  return TASKS[config.task]
+
+
+def build(config, mesh=None) -> Task:
+  return task_class(config)(config, mesh)

@@ -8,37 +8,46 @@ determines the loss. The caption term averages over the non-pad tokens of the wh
 text[:, 1:] against logits[:, :-1]); MIM over the masked pixels of the whole batch. Uncaptioned images (a
 data mixture's image-only entries: `has_text` False, all-pad text) add to MIM only: they have no caption
 tokens, and the contrastive term runs over the captioned examples. The contrastive term couples examples, so
-the loss is split (`splits_loss`, tasks/base.py): with `grad_accum_steps` = 8 the contrastive loss still runs
+the loss is split (`SplitLossTask`, tasks/base.py): with `grad_accum_steps` = 8 the contrastive loss still runs
 over all 2048 examples of the global batch, and 8 micro-batches of B give the gradient of one batch of 8B.
 Which encoder pass sees the masked image: `config.model.mim_view` (models/aurora.py).
 
 Evaluators on held-out pairs: `retrieval` (R@1/5/10 both ways), `caption` (`perplexity`: exp of the mean
 token NLL over all held-out tokens; `loss`), `mim` (`loss`: held-out L1 on masked pixels, fixed masks); and the
-retrieval benchmarks of config.eval.retrieval_benchmarks (COCO / Flickr30k, every caption), as ContrastiveTask's.
+retrieval benchmarks of config.eval.retrieval_benchmarks (COCO / Flickr30k, every caption), as ContrastiveTask's
+(both through image_text.py). Aurora has no Mixup: a config.data.augment.mixup_alpha above 0 is an error.
 """
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-
-from visionfm_jax.tasks import losses
+from visionfm_jax import data
+from visionfm_jax.data import transforms
 from visionfm_jax.evaluate import sums
-from visionfm_jax.data.tokenizer import PAD_ID
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.tasks.contrastive import ContrastiveTask
+from visionfm_jax.models import clip
+from visionfm_jax.tasks import image_text, losses
+from visionfm_jax.tasks.base import EvalContext, SplitLossTask
+from visionfm_jax.token_ids import PAD_ID
 
 
-class AuroraTask(ContrastiveTask):
+class AuroraTask(SplitLossTask):
   def __init__(self, config, mesh=None):
     super().__init__(config, mesh)
     if config.data.augment.mixup_alpha > 0:
       raise ConfigError(f"config.data.augment.mixup_alpha={config.data.augment.mixup_alpha}: Aurora's losses have "
                         "no Mixup (its MIM target is the unmixed image); set it to 0")
-    self.mim_masks = config.data.mim
     self.weights = config.loss
+
+  @functools.cached_property
+  def tokenizer(self):
+    """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file."""
+    return image_text.load_tokenizer(self.config)
 
   def init_variables(self, rng):
     size = self.config.model.image_size
@@ -53,15 +62,12 @@ class AuroraTask(ContrastiveTask):
     return losses.upsample_mask(mask, batch["image"].shape[1] // mask.shape[1])
 
   # -------------------------------------------------------------------------------- the split loss
-  @property
-  def contrastive_weight(self) -> float:
-    return self.weights.contrastive_weight
-
   def whole_batch(self, batch, rng):
-    """Adds the whole batch's counts: non-pad caption tokens (uncaptioned images have none) and masked pixels."""
-    batch, context = super().whole_batch(batch, rng)
-    context.update(tokens=jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
-                   masked_pixels=jnp.sum(self.pixel_mask(batch)) + losses.MIM_EPS)
+    """The captioned mask ('has_text'; None: all captioned) and the whole batch's counts: non-pad caption tokens
+    (uncaptioned images have none) and masked pixels."""
+    context = {"has_text": batch.get("has_text"),
+               "tokens": jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
+               "masked_pixels": jnp.sum(self.pixel_mask(batch)) + losses.MIM_EPS}
     return batch, context
 
   def local_loss(self, params, batch, rng, context):
@@ -79,7 +85,26 @@ class AuroraTask(ContrastiveTask):
     return self.model.apply({"params": params}, self.train_images(batch, jnp.float32), batch["text"],
                             batch["mim_mask"], train=True, rngs={"dropout": rng}, method="contrastive_features")
 
+  def global_loss(self, params, features, context):
+    """The weighted symmetric InfoNCE over the whole batch's captioned examples."""
+    contrastive, aux = image_text.contrastive_loss(params, features, context, self.mesh)
+    return self.weights.contrastive_weight * contrastive, aux
+
+  def post_update(self, params):
+    return clip.clamp_logit_scale(params)
+
+  def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
+    return data.make_pair_train_loader(self.config.data, self.tokenizer, batch_size=batch_size, seed=seed,
+                                       process_index=process_index, process_count=process_count,
+                                       mim=self.config.data.mim)
+
   # ----------------------------------------------------------------------------------- evaluation
+  def embed_images(self, params, images):
+    return self.model.apply({"params": params}, self.normalize(images), method="embed_images")
+
+  def embed_texts(self, params, tokens):
+    return self.model.apply({"params": params}, tokens, method="embed_texts")
+
   def caption_stats(self, params, batch):
     """Sums over one eval batch (padding rows have no tokens): caption NLL and token count."""
     logits = self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"],
@@ -95,15 +120,23 @@ class AuroraTask(ContrastiveTask):
     return {"l1": jnp.sum(jnp.abs(images - recon) * pixels[..., None]) / 3.0, "pixels": jnp.sum(pixels)}
 
   def evaluators(self, ctx: EvalContext):
-    _ = self.eval_pair_source  # opens it now: a missing dataset stops the run before any step
+    pairs = image_text.held_out_pairs(self, ctx, mim=self.config.data.mim)
     out = {}
     if self.config.eval.retrieval:
-      out["retrieval"] = self.retrieval_evaluator(ctx)
+      out["retrieval"] = image_text.retrieval_evaluator(self, pairs, ctx)
     caption = sums.SumsEvaluator(self.caption_stats, lambda t: {
         "perplexity": sums.perplexity(t["nll"], t["tokens"]), "loss": t["nll"] / max(t["tokens"], 1.0)}, ctx)
     mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + losses.MIM_EPS)}, ctx)
-    out["caption"] = lambda params: caption(params, self.eval_pairs(ctx))
-    out["mim"] = lambda params: mim(params, self.eval_pairs(ctx))
-    out.update(self.benchmark_evaluators(ctx))
+    out["caption"] = lambda params: caption(params, pairs())
+    out["mim"] = lambda params: mim(params, pairs())
+    out.update(image_text.benchmark_evaluators(self, ctx))
     return out
 
+  def synthetic_batch(self, batch_size, rng):
+    """Full-length captions (image_text.synthetic_captions) and SimMIM masks."""
+    captions = image_text.synthetic_captions(self.config.model.text, batch_size, rng)
+    batch = {**super().synthetic_batch(batch_size, rng), **captions}
+    mim = self.config.data.mim
+    grid = self.config.data.image_size // mim.mask_patch_size
+    batch["mim_mask"] = np.stack([transforms.mim_mask(grid, mim.mask_ratio, rng) for _ in range(batch_size)])
+    return batch

@@ -1,8 +1,10 @@
-"""What every task shares: the model built from config, image normalisation, the evaluators' context (eval batches
-per process, host -> global), and the config checks of the dense tasks.
+"""The task contract (`Task`, `SplitLossTask`): what the loop (training/), the benchmarks (bench/) and the tools
+call on a task; and what every task shares: the model built from config, image normalisation, the evaluators'
+context (eval batches per process, host -> global), and the config checks of the dense tasks.
 
 A task supplies the model, the loss, the data loaders and the evaluators; `train.py` knows nothing else.
-
+Every task answers (abstract: `loss`, `train_loader`, `evaluators`; the others have defaults here):
+  config, mesh, dtype, model     the run's config, its mesh (None outside a run), compute dtype, the flax model
   init_variables(rng)            -> model variables (boxed with logical axis names)
   loss(params, batch, rng)       -> (scalar loss, dict of scalar metrics), on one (micro-)batch
   post_update(params)            -> params after each optimizer update (e.g. clamping CLIP's temperature)
@@ -10,9 +12,12 @@ A task supplies the model, the loss, the data loaders and the evaluators; `train
   evaluators(ctx)                -> {name: fn(params) -> {metric: float}}, logged as eval/<name>/<metric>
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
   synthetic_batch(size, rng)     -> a random host batch in the train loader's layout (benchmarks, AOT plans)
+  normalize(images)              -> uint8 images as the model's evaluation input (evaluate/probe, generate)
+  fields_from_checkpoint(m, c)   -> (class method) model config fields a checkpoint implies (training/init_from)
+  couples_examples, splits_loss  whether the loss couples examples, and whether it is split (below)
 
 A loss that couples examples (a contrastive term over the batch) would change with gradient accumulation:
-each micro-batch would only see its own negatives. Such tasks set `splits_loss` and split the loss into
+each micro-batch would only see its own negatives. Such tasks are `SplitLossTask`s and split the loss into
   whole_batch(batch, rng)                  -> (batch, context): once per step, before the batch is split: the
                                               whole batch's terms (token and pixel counts, the captioned mask,
                                               the Mixup lambda) and per-example fields that need other examples
@@ -22,11 +27,12 @@ each micro-batch would only see its own negatives. Such tasks set `splits_loss` 
   global_loss(params, features, context)   -> (the cross-example term over the whole batch's features, aux)
 and `train.py` accumulates in two passes (features of every micro-batch, then the global term's gradient
 w.r.t. them, then one backward per micro-batch), so that N micro-batches of B give the gradient of one
-batch of N * B exactly (GradCache, Gao et al. 2021). `loss` is then `split_loss`, the same terms unsplit.
+batch of N * B exactly (GradCache, Gao et al. 2021). Their `loss` is the same terms unsplit.
 """
 
 from __future__ import annotations
 
+import abc
 import dataclasses
 from typing import Any, Callable
 
@@ -37,9 +43,12 @@ from jax.sharding import Mesh
 
 from visionfm_jax import models, parallel
 from visionfm_jax.data import device_augment, sources, transforms
-
-from visionfm_jax.training import precision
 from visionfm_jax.errors import ConfigError, DataError
+
+
+def compute_dtype(precision_cfg):
+  """The jnp dtype the model computes in: config.precision.compute_dtype ('float32', 'bfloat16', 'float16')."""
+  return getattr(jnp, precision_cfg.compute_dtype)
 
 
 @dataclasses.dataclass
@@ -80,9 +89,10 @@ def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: 
     raise ConfigError(f"config.model.name={config.model.name!r}: {kind} takes a 'vit' or 'swinv2' backbone")
 
 
-class Task:
-  """Base class: builds the model and normalises uint8 images on the device, where training images also get
-  their per-pixel augmentation (data/device_augment.py) when the task's loader leaves it to the device."""
+class Task(abc.ABC):
+  """The contract of a task (module docstring); builds the model and normalises uint8 images on the device, where
+  training images also get their per-pixel augmentation (data/device_augment.py) when the task's loader leaves it
+  to the device."""
 
   # Whether train_loader's batches carry the per-example parameters of transforms.train_transforms' device part
   # (transforms.device_params_spec); tasks whose loaders augment on the host (dense tasks) set False.
@@ -91,7 +101,7 @@ class Task:
   def __init__(self, config, mesh: Mesh | None = None):
     self.config = config
     self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
-    self.dtype = precision.compute_dtype(config.precision)
+    self.dtype = compute_dtype(config.precision)
     self.model = models.build(config.model, self.dtype, mesh.devices.flat[0].platform if mesh is not None else None)
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
@@ -105,6 +115,24 @@ class Task:
     normalised, in `dtype` (the compute dtype by default): the model's training input."""
     return device_augment.augment(batch["image"], batch, self._mean, self._std, dtype or self.dtype)
 
+  @classmethod
+  def fields_from_checkpoint(cls, model_fields: dict, checkpoint_fields: dict) -> dict:
+    """The fields of this task's model config (a dict) that the checkpoint it starts from implies (the model's
+    answer, `models.fields_from_checkpoint`); training/init_from.py applies them before the task is built."""
+    return models.fields_from_checkpoint(model_fields, checkpoint_fields)
+
+  @abc.abstractmethod
+  def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(scalar loss, {metric name: scalar}) of one (micro-)batch of `train_loader`'s layout, on the device."""
+
+  @abc.abstractmethod
+  def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
+    """A checkpointable iterator of this process's host batches (`batch_size` rows each)."""
+
+  @abc.abstractmethod
+  def evaluators(self, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
+    """{name: params -> {metric: float}}; a missing dataset fails here, at start-up."""
+
   def init_variables(self, rng: jax.Array) -> Any:
     size = self.config.model.image_size
     return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32), train=False)
@@ -116,13 +144,6 @@ class Task:
   # gradient accumulation changes it (bench.memory_plan plans no micro-batches for it).
   couples_examples = False
   splits_loss = False
-
-  def split_loss(self, params, batch, rng):
-    """The whole-batch loss of a `splits_loss` task: local terms plus the global term."""
-    batch, context = self.whole_batch(batch, rng)
-    local, features, aux = self.local_loss(params, batch, rng, context)
-    global_, global_aux = self.global_loss(params, features, context)
-    return local + global_, {**aux, **global_aux}
 
   def check_class_count(self, class_names: Callable[[], list[str]], field: str, num_classes: int,
                         what: str = "classes") -> None:
@@ -150,5 +171,34 @@ class Task:
       batch.update(transforms.random_device_params(self.config.data.augment, batch_size, rng))
     return batch
 
-  def evaluators(self, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
-    return {}
+
+class SplitLossTask(Task):
+  """A task whose loss couples the examples, split so that gradient accumulation leaves it unchanged (module
+  docstring): the loop calls `whole_batch`, `local_loss`, `batch_features` and `global_loss` when it accumulates,
+  `loss` (their sum on the whole batch) when it does not."""
+
+  couples_examples = True
+  splits_loss = True
+
+  @abc.abstractmethod
+  def whole_batch(self, batch, rng) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(batch, context): the whole batch's terms, once per step, before the batch is split."""
+
+  @abc.abstractmethod
+  def local_loss(self, params, batch, rng, context) -> tuple[jax.Array, Any, dict[str, jax.Array]]:
+    """(sum of per-example terms / the context's counts, features for `global_loss`, metrics)."""
+
+  @abc.abstractmethod
+  def batch_features(self, params, batch, rng, context) -> Any:
+    """`local_loss`'s features, forward only."""
+
+  @abc.abstractmethod
+  def global_loss(self, params, features, context) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(the cross-example term over the whole batch's features, metrics)."""
+
+  def loss(self, params, batch, rng):
+    """The whole-batch loss: local terms plus the global term."""
+    batch, context = self.whole_batch(batch, rng)
+    local, features, aux = self.local_loss(params, batch, rng, context)
+    global_, global_aux = self.global_loss(params, features, context)
+    return local + global_, {**aux, **global_aux}

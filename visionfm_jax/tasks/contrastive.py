@@ -4,7 +4,7 @@ loss: both towers embed the batch (L2-normalised), logits = s * I @ T^T with s =
 symmetric cross-entropy over the global batch's captioned examples, computed sharded (each device's rows against
 the gathered columns) when training on a mesh. Optional Mixup of the pairs: images are mixed with their
 predecessor in the global batch by lam ~ Beta(alpha, alpha) and the targets become soft (losses.py). The loss
-is split (`splits_loss`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
+is split (`SplitLossTask`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
 still the whole global batch's. After every update the temperature parameter is clamped to [0, log 100].
 
 Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split,
@@ -19,17 +19,13 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from visionfm_jax import data
-
-
-from visionfm_jax.tasks import losses
-from visionfm_jax.data import caption_sets, tokenizer as tokenizer_lib, transforms
-from visionfm_jax.errors import ConfigError
-from visionfm_jax.evaluate import retrieval, zeroshot
+from visionfm_jax.data import transforms
+from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.models import clip
-from visionfm_jax.tasks.base import EvalContext, Task
+from visionfm_jax.tasks import image_text
+from visionfm_jax.tasks.base import EvalContext, SplitLossTask
 
 
 MIXUP_PARTNER = "mixup_partner"  # the batch field (added by whole_batch) of each example's Mixup partner
@@ -49,25 +45,14 @@ def zeroshot_data_config(data_cfg, eval_cfg):
   return data_cfg
 
 
-class ContrastiveTask(Task):
-  couples_examples = True  # each example's negatives are the batch's other examples
-  mim_masks = None  # data.mim (mask_patch_size, mask_ratio) when batches carry SimMIM masks ('mim_mask')
+class ContrastiveTask(SplitLossTask):
+  """The contrastive term runs over the whole global batch, micro-batches or not (each example's negatives are
+  the batch's other examples)."""
 
   @functools.cached_property
-  def tokenizer(self) -> tokenizer_lib.Tokenizer | tokenizer_lib.HFTokenizer:
-    """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file; a
-    tokenizer.json (an imported CLIP's) must end its texts with the text tower's eos_id."""
-    path = self.config.data.tokenizer or tokenizer_lib.shapes_tokenizer_path()
-    tok = tokenizer_lib.load(path, max_len=self.config.model.text.max_len)
-    if tok.eos_id != self.config.model.text.eos_id:
-      raise ConfigError(f"config.data.tokenizer={path!r} ends texts with id {tok.eos_id}, the text tower pools "
-                        f"config.model.text.eos_id={self.config.model.text.eos_id}")
-    if tok.vocab_size > self.config.model.text.vocab_size:
-      raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
-                        f"config.model.text.vocab_size={self.config.model.text.vocab_size}")
-    return tok
-
-  splits_loss = True  # the contrastive term runs over the whole global batch, micro-batches or not
+  def tokenizer(self):
+    """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file."""
+    return image_text.load_tokenizer(self.config)
 
   def whole_batch(self, batch, rng):
     """The captioned mask ('has_text'; None: all captioned) and, with Mixup, its lambda ~ Beta(alpha, alpha)
@@ -98,29 +83,16 @@ class ContrastiveTask(Task):
                            rngs={"dropout": rng})
     return out["image_emb"], out["text_emb"]
 
-  contrastive_weight = 1.0
-
   def global_loss(self, params, features, context):
     """The symmetric InfoNCE over the whole batch's captioned examples (sharded over the mesh in training)."""
-    image_emb, text_emb = features
-    scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
-    terms = dict(mix=context.get("mix"), valid=context["has_text"])
-    if self.mesh is not None:
-      contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, self.mesh, **terms)
-    else:
-      contrastive = losses.clip_loss(image_emb, text_emb, scale, **terms)
-    return self.contrastive_weight * contrastive, {"train/contrastive_loss": contrastive, "train/logit_scale": scale}
-
-  def loss(self, params, batch, rng):
-    return self.split_loss(params, batch, rng)
+    return image_text.contrastive_loss(params, features, context, self.mesh)
 
   def post_update(self, params):
     return clip.clamp_logit_scale(params)
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
     return data.make_pair_train_loader(self.config.data, self.tokenizer, batch_size=batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count,
-                                       mim=self.mim_masks)
+                                       process_index=process_index, process_count=process_count)
 
   def embed_images(self, params, images):
     return self.model.apply({"params": params}, self.normalize(images), method="embed_images")
@@ -147,68 +119,10 @@ class ContrastiveTask(Task):
       out["zeroshot"] = run_zeroshot
 
     if eval_cfg.retrieval:
-      out["retrieval"] = self.retrieval_evaluator(ctx)
-    out.update(self.benchmark_evaluators(ctx))
+      out["retrieval"] = image_text.retrieval_evaluator(self, image_text.held_out_pairs(self, ctx), ctx)
+    out.update(image_text.benchmark_evaluators(self, ctx))
     return out
-
-  def benchmark_evaluators(self, ctx: EvalContext):
-    """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks and
-    {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py); the sets
-    are opened (and their texts tokenised) now, so that a missing dataset stops the run at start-up."""
-    benchmarks = self.config.eval.retrieval_benchmarks
-    field = "config.eval.retrieval_benchmarks"
-    if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
-               for b in benchmarks):
-      raise ConfigError(f"{field}={benchmarks!r}: expected ((name, spec), ...), e.g. "
-                        f"(('coco', 'coco_karpathy:/data/coco'),)")
-    names = [name for name, _ in benchmarks]
-    if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
-      raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
-    shards = dict(batch_size=ctx.local_batch_size, process_index=ctx.process_index, process_count=ctx.process_count)
-    embed_images, embed_texts = jax.jit(self.embed_images), jax.jit(self.embed_texts)  # shared by the benchmarks
-    out = {}
-    for name, spec in benchmarks:
-      captioned = caption_sets.open_caption_set(spec)
-      tokens = self.tokenizer.encode_batch(captioned.captions)
-      out[f"{name}_retrieval"] = retrieval.CaptionRetrievalEvaluator(
-          embed_images, embed_texts, captioned.caption_image,
-          functools.partial(caption_sets.image_batches, captioned, self.config.data, **shards),
-          functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
-    out.update(zeroshot.benchmark_evaluators(self.config.eval, self.config.data, self.tokenizer.encode_batch,
-                                             embed_images, embed_texts, ctx))
-    return out
-
-  @functools.cached_property
-  def eval_pair_source(self):
-    """The held-out pairs' source (data.eval_source or data.source, data.eval_split), opened once; the evaluators
-    touch it when they are built, so that a missing dataset stops the run at start-up."""
-    return data.open_eval_source(self.config.data)
-
-  def eval_pairs(self, ctx: EvalContext):
-    """This process's batches of held-out pairs (data.eval_split, the first data.eval_examples)."""
-    return data.make_pair_eval_iterator(self.config.data, self.tokenizer, batch_size=ctx.local_batch_size,
-                                        process_index=ctx.process_index, process_count=ctx.process_count,
-                                        mim=self.mim_masks, source=self.eval_pair_source)
-
-  def retrieval_evaluator(self, ctx: EvalContext):
-    def embed_pairs(params, images, texts):
-      return self.embed_images(params, images), self.embed_texts(params, texts)
-    ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
-    _ = self.eval_pair_source  # opens it now: a missing dataset stops the run before any step
-    return lambda params: ret(params, self.eval_pairs(ctx))
 
   def synthetic_batch(self, batch_size, rng):
-    """Captions that fill the context (BOS, random pieces, EOS), the text towers' most expensive case; SimMIM
-    masks when the task trains on them."""
-    text_cfg = self.config.model.text
-    first_piece = max(*tokenizer_lib.SPECIAL_IDS, text_cfg.eos_id) + 1
-    text = rng.integers(first_piece, text_cfg.vocab_size, (batch_size, text_cfg.max_len), dtype=np.int32)
-    text[:, 0], text[:, -1] = tokenizer_lib.BOS_ID, text_cfg.eos_id
-    batch = {**super().synthetic_batch(batch_size, rng), "text": text, "has_text": np.ones(batch_size, bool)}
-    if self.mim_masks is not None:
-      grid = self.config.data.image_size // self.mim_masks.mask_patch_size
-      batch["mim_mask"] = np.stack([transforms.mim_mask(grid, self.mim_masks.mask_ratio, rng)
-                                    for _ in range(batch_size)])
-    return batch
-
-
+    captions = image_text.synthetic_captions(self.config.model.text, batch_size, rng)
+    return {**super().synthetic_batch(batch_size, rng), **captions}

@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import numpy as np
 from absl import logging
 
-from visionfm_jax import models
+from visionfm_jax import tasks
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training.param_rules import ParamRules, named_leaves
@@ -142,18 +142,19 @@ def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree
 
 
 def derive_model_config(config) -> None:
-  """Completes config.model from config.init_from's model fields (`models.fields_from_checkpoint`: a SwinV2's
-  pretrained windows): a field left empty takes the checkpoint's value; an explicit value that differs stays and
-  gets a warning naming the checkpoint's."""
+  """Completes config.model, before the task is built, from config.init_from's model fields as the task's class
+  answers for them (`fields_from_checkpoint`: a SwinV2's pretrained windows): a field left empty takes the
+  checkpoint's value; an explicit value that differs stays and gets a warning naming the checkpoint's."""
   if not config.init_from:
     return
   source = source_model_fields(config.init_from)
   if not isinstance(source, dict):
     return
+  task_class = tasks.task_class(config)
   for key, ours, theirs in _paired_fields(config.model.to_dict(), source, config.init_from_subtree,
                                           config.init_from_prefix):
     model_cfg = config.model[key] if key else config.model
-    for field, value in models.fields_from_checkpoint(ours, theirs).items():
+    for field, value in task_class.fields_from_checkpoint(ours, theirs).items():
       name = f"config.model.{key + '.' if key else ''}{field}"
       if not model_cfg[field]:
         model_cfg[field] = value

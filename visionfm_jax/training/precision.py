@@ -1,8 +1,9 @@
-"""Compute-dtype policy and dynamic loss scaling for fp16.
+"""Dynamic loss scaling for fp16.
 
-Params and optimizer state stay fp32; the model computes in `compute_dtype`. With fp16 the loss is
-multiplied by a scale before differentiation; a step whose gradients are not all finite is skipped (params
-and optimizer state unchanged) and the scale halves; after `period` finite steps in a row it doubles.
+Params and optimizer state stay fp32; the model computes in the task's `dtype` (config.precision.compute_dtype,
+tasks/base.py). With fp16 the loss is multiplied by a scale before differentiation; a step whose gradients are
+not all finite is skipped (params and optimizer state unchanged) and the scale halves; after `period` finite
+steps in a row it doubles.
 """
 
 from __future__ import annotations
@@ -10,14 +11,6 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-from visionfm_jax import config_lib
-
-DTYPES = {name: getattr(jnp, name) for name in config_lib.COMPUTE_DTYPES}
-
-
-def compute_dtype(precision_cfg):
-  return DTYPES[precision_cfg.compute_dtype]
 
 
 class DynamicScale(flax.struct.PyTreeNode):

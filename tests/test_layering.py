@@ -1,0 +1,150 @@
+"""The package's layering contract, read from the source (ast, nothing imported): imports run one way, from the
+entry points down to the leaves, and the folders form no cycle.
+
+LAYERS lists the top-level folders and modules of visionfm_jax from the top down. A module imports from the layers
+below its own only: never from a layer above, nor from another unit of its own layer (the units of a layer know
+nothing of each other: models no data, data no model). And the folders' import graph has no cycle. Every import
+counts, those inside functions too.
+"""
+
+from __future__ import annotations
+
+import ast
+import collections
+import functools
+import pathlib
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "visionfm_jax"
+
+LAYERS = (
+    ("main", "bench"),  # entry points: the training CLI, the benchmarks and planners
+    ("tools",),  # the small CLIs (main and bench share tools.cli)
+    ("convert",),  # Hugging Face weights to and from the models, for tools and bench (reuses the loop's param paths)
+    ("training",),  # the one loop: checkpoints, optimiser, init_from
+    ("tasks",),  # what differs per objective: model, loss, loaders, evaluators
+    ("evaluate", "detection"),  # metrics and detection's matching and losses, over models and data
+    ("models", "data"),  # the networks; the input pipeline
+    ("parallel",),  # mesh, sharding rules, distributed start-up
+    ("config_lib", "token_ids", "atomic"),  # leaves but for errors
+    ("errors", "__init__"),
+)
+
+# Imports known to run upward while work moves them; empty now, and it may only shrink (the test fails on an
+# entry that no longer occurs).
+KNOWN_UPWARD: set[tuple[str, str]] = set()
+
+RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
+
+
+def _unit(module: str) -> str | None:
+  """The top-level folder or module of visionfm_jax that a dotted module name lies in; None outside the package."""
+  parts = module.split(".")
+  return parts[1] if parts[0] == "visionfm_jax" and len(parts) > 1 else ("__init__" if parts == ["visionfm_jax"]
+                                                                          else None)
+
+
+def _imported(node: ast.AST, file: pathlib.Path) -> list[str]:
+  """The dotted names an import statement brings in (`from visionfm_jax import data` -> visionfm_jax.data)."""
+  if isinstance(node, ast.Import):
+    return [alias.name for alias in node.names]
+  if not isinstance(node, ast.ImportFrom):
+    return []
+  if node.level:  # relative: resolved against the file's package
+    package = list(file.relative_to(ROOT).with_suffix("").parts[:-1])
+    base = package[:len(package) - node.level + 1]
+    module = ".".join(base + ([node.module] if node.module else []))
+  else:
+    module = node.module or ""
+  return [f"{module}.{alias.name}" for alias in node.names]
+
+
+@functools.cache
+def import_edges() -> dict[tuple[str, str], list[str]]:
+  """{(importing unit, imported unit): ['path:line name', ...]} over every .py file of the package."""
+  edges = {}
+  for file in sorted(PACKAGE.rglob("*.py")):
+    source = _unit(".".join(file.relative_to(ROOT).with_suffix("").parts))
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+      for name in _imported(node, file):
+        target = _unit(name)
+        if target is not None and target != source:
+          edges.setdefault((source, target), []).append(f"{file.relative_to(ROOT)}:{node.lineno} imports {name}")
+  return edges
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+  """The strongly connected components of more than one unit (Tarjan)."""
+  index, low, stack, on_stack, out = {}, {}, [], set(), []
+
+  def visit(v):
+    index[v] = low[v] = len(index)
+    stack.append(v)
+    on_stack.add(v)
+    for w in sorted(graph.get(v, ())):
+      if w not in index:
+        visit(w)
+        low[v] = min(low[v], low[w])
+      elif w in on_stack:
+        low[v] = min(low[v], index[w])
+    if low[v] == index[v]:
+      component = []
+      while True:
+        w = stack.pop()
+        on_stack.discard(w)
+        component.append(w)
+        if w == v:
+          break
+      if len(component) > 1:
+        out.append(sorted(component))
+
+  for v in sorted(graph):
+    if v not in index:
+      visit(v)
+  return out
+
+
+def test_every_folder_and_module_of_the_package_has_a_layer():
+  units = {_unit(".".join(f.relative_to(ROOT).with_suffix("").parts)) for f in PACKAGE.rglob("*.py")}
+  assert not units - set(RANK), f"add to LAYERS: {sorted(units - set(RANK))}"
+  assert not set(RANK) - units, f"LAYERS names what the package lacks: {sorted(set(RANK) - units)}"
+
+
+def test_no_import_runs_upward():
+  edges = import_edges()
+  upward = {edge: where for edge, where in edges.items() if RANK[edge[1]] <= RANK[edge[0]]}
+  violations = [line for edge, where in sorted(upward.items()) if edge not in KNOWN_UPWARD for line in where]
+  assert not violations, "imports upward or within a layer (LAYERS):\n" + "\n".join(violations)
+  stale = sorted(KNOWN_UPWARD - set(upward))
+  assert not stale, f"KNOWN_UPWARD lists imports that no longer occur: {stale}; remove them"
+
+
+def test_the_folders_form_no_cycle():
+  graph = collections.defaultdict(set)
+  for (source, target) in import_edges():
+    if (source, target) not in KNOWN_UPWARD:
+      graph[source].add(target)
+  cycles = _cycles(graph)
+  edges = import_edges()
+  report = [f"{' <-> '.join(c)}:\n  " + "\n  ".join(line for (s, t), where in sorted(edges.items())
+                                                   if s in c and t in c for line in where) for c in cycles]
+  assert not cycles, "import cycles among the package's folders:\n" + "\n".join(report)
+
+
+def test_the_loop_reaches_a_model_only_through_its_task():
+  """training/ imports nothing of models/ (init_from asks the task's class and the task's model)."""
+  reaching = [line for (source, target), where in import_edges().items()
+              if source == "training" and target == "models" for line in where]
+  assert not reaching, "\n".join(reaching)
+
+
+def test_the_checks_see_what_they_should():
+  """The graph catches a nested, a `from package import folder` and a relative import, and the cycle search
+  finds a loop through three units."""
+  edges = import_edges()
+  assert any("main.py" in line and "training" in line for line in edges[("main", "training")])  # inside run()
+  assert ("tasks", "models") in edges and ("training", "tasks") in edges
+  tree = ast.parse("from ..data import tokenizer\nfrom . import layers\n")
+  names = [n for node in tree.body for n in _imported(node, PACKAGE / "models" / "text.py")]
+  assert names == ["visionfm_jax.data.tokenizer", "visionfm_jax.models.layers"]
+  assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]

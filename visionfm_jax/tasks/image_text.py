@@ -1,0 +1,104 @@
+"""What the image-text tasks (contrastive.py's CLIP, aurora.py) share, as functions of a task rather than a base
+class: the tokenizer, the contrastive term of their split losses, the held-out pairs and the evaluators over them
+(retrieval, the retrieval benchmarks), synthetic captions. A task passed here answers `config`, `tokenizer`,
+`embed_images(params, uint8 images)` and `embed_texts(params, tokens)` (unit embeddings).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from visionfm_jax import data
+from visionfm_jax.data import caption_sets, tokenizer as tokenizer_lib
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.evaluate import retrieval, zeroshot
+from visionfm_jax.tasks import losses
+from visionfm_jax.tasks.base import EvalContext
+
+
+def load_tokenizer(config) -> tokenizer_lib.Tokenizer | tokenizer_lib.HFTokenizer:
+  """config.data.tokenizer (the demo's when empty) for config.model.text: a tokenizer.json (an imported CLIP's)
+  must end its texts with the text tower's eos_id and fit its vocabulary."""
+  text_cfg = config.model.text
+  path = config.data.tokenizer or tokenizer_lib.shapes_tokenizer_path()
+  tok = tokenizer_lib.load(path, max_len=text_cfg.max_len)
+  if tok.eos_id != text_cfg.eos_id:
+    raise ConfigError(f"config.data.tokenizer={path!r} ends texts with id {tok.eos_id}, the text tower pools "
+                      f"config.model.text.eos_id={text_cfg.eos_id}")
+  if tok.vocab_size > text_cfg.vocab_size:
+    raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
+                      f"config.model.text.vocab_size={text_cfg.vocab_size}")
+  return tok
+
+
+def contrastive_loss(params, features, context, mesh) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The symmetric InfoNCE of the whole batch's (image_emb, text_emb) `features` over its captioned examples
+  (context['has_text']; a Mixup context['mix'] makes the targets soft), sharded over `mesh` in training; with
+  the metrics train/contrastive_loss and train/logit_scale."""
+  image_emb, text_emb = features
+  scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
+  terms = dict(mix=context.get("mix"), valid=context["has_text"])
+  if mesh is not None:
+    contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, mesh, **terms)
+  else:
+    contrastive = losses.clip_loss(image_emb, text_emb, scale, **terms)
+  return contrastive, {"train/contrastive_loss": contrastive, "train/logit_scale": scale}
+
+
+def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
+  """() -> this process's batches of the held-out pairs (data.eval_source or data.source, data.eval_split, the
+  first data.eval_examples; SimMIM masks with `mim`). The source is opened now, so that a missing dataset stops
+  the run at start-up."""
+  source = data.open_eval_source(task.config.data)
+  return lambda: data.make_pair_eval_iterator(task.config.data, task.tokenizer, batch_size=ctx.local_batch_size,
+                                              process_index=ctx.process_index, process_count=ctx.process_count,
+                                              mim=mim, source=source)
+
+
+def retrieval_evaluator(task, pairs: Callable[[], Iterator], ctx: EvalContext) -> Callable[[Any], dict[str, float]]:
+  """R@1/5/10 both ways over the held-out `pairs` (`held_out_pairs`)."""
+  def embed_pairs(params, images, texts):
+    return task.embed_images(params, images), task.embed_texts(params, texts)
+  ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
+  return lambda params: ret(params, pairs())
+
+
+def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
+  """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks and
+  {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py); the sets are
+  opened (and their texts tokenised) now, so that a missing dataset stops the run at start-up."""
+  benchmarks = task.config.eval.retrieval_benchmarks
+  field = "config.eval.retrieval_benchmarks"
+  if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
+             for b in benchmarks):
+    raise ConfigError(f"{field}={benchmarks!r}: expected ((name, spec), ...), e.g. "
+                      f"(('coco', 'coco_karpathy:/data/coco'),)")
+  names = [name for name, _ in benchmarks]
+  if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
+    raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
+  shards = dict(batch_size=ctx.local_batch_size, process_index=ctx.process_index, process_count=ctx.process_count)
+  embed_images, embed_texts = jax.jit(task.embed_images), jax.jit(task.embed_texts)  # shared by the benchmarks
+  out = {}
+  for name, spec in benchmarks:
+    captioned = caption_sets.open_caption_set(spec)
+    tokens = task.tokenizer.encode_batch(captioned.captions)
+    out[f"{name}_retrieval"] = retrieval.CaptionRetrievalEvaluator(
+        embed_images, embed_texts, captioned.caption_image,
+        functools.partial(caption_sets.image_batches, captioned, task.config.data, **shards),
+        functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
+  out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, task.tokenizer.encode_batch,
+                                           embed_images, embed_texts, ctx))
+  return out
+
+
+def synthetic_captions(text_cfg, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+  """Captions that fill the context (BOS, random pieces, EOS), the text towers' most expensive case."""
+  first_piece = max(*tokenizer_lib.SPECIAL_IDS, text_cfg.eos_id) + 1
+  text = rng.integers(first_piece, text_cfg.vocab_size, (batch_size, text_cfg.max_len), dtype=np.int32)
+  text[:, 0], text[:, -1] = tokenizer_lib.BOS_ID, text_cfg.eos_id
+  return {"text": text, "has_text": np.ones(batch_size, bool)}
