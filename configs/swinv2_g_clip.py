@@ -89,6 +89,8 @@ def get_config(arg: str | None = None):
   set_fields(config, global_batch_size=32768, grad_accum_steps=2, strategy="zero3", total_steps=366_000)
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
+  # checkpoint history: the newest 3 plus one every 20k steps for good (BUILD.md "Checkpoint history" for the disk)
+  config.checkpoint_keep_period = 20_000
 
   if "vit" in parts:
     # a ViT image tower (B/16 unless overridden): what tools.import_hf's flags for a published CLIP start from

@@ -55,6 +55,8 @@ def get_config(arg: str | None = None):
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
+  # checkpoint history: the newest 3 plus one every 20k steps for good (BUILD.md "Checkpoint history" for the disk)
+  config.checkpoint_keep_period = 20_000
 
   if arg == "demo":
     config_lib.cpu_demo(config, image_size=32, total_steps=1800, eval_every=600, warmup_steps=200)

@@ -180,6 +180,9 @@ def optim_config() -> ml_collections.ConfigDict:
       layer_decay=1.0,
       lr_mults=(),
       freeze=(),
+      # An EMA of the params, ema = d * ema + (1 - d) * params after every applied update (training/ema.py),
+      # evaluated beside them (eval/ema/...); its horizon is 1 / (1 - d) steps (NeMo's CLIP: 0.9999). 0: none.
+      ema_decay=0.0,
   ))
 
 
@@ -260,6 +263,7 @@ def init_from_fields() -> dict:
       init_from_skip="",  # regex of (model) param paths to keep freshly initialised (e.g. 'head' for new classes)
       init_from_subtree="",  # the checkpoint's params to take, e.g. 'image' (CLIP's image tower); '' = all
       init_from_prefix="",  # where they go in the model, e.g. 'backbone'; params outside it stay fresh
+      init_from_ema=False,  # take a training checkpoint's EMA of the params (config.optim.ema_decay) instead
   )
 
 
@@ -300,6 +304,10 @@ def loop_fields() -> dict:
       eval_every=1000,
       checkpoint_every=1000,
       keep_checkpoints=3,
+      # Besides the newest keep_checkpoints, keep every checkpoint whose step is a multiple of this for good (a
+      # history to roll back to and to analyse; a multiple of checkpoint_every). 0: none. A resume that changes it
+      # needs resume.allow_changes: the kept checkpoints off the new period would be deleted.
+      checkpoint_keep_period=0,
       # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,
@@ -355,7 +363,8 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic
   depth; AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear
   warmup to `lr`, cosine to 0
-  at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every`. The
+  at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every` (no kept
+  history beyond the newest checkpoints). The
   procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
   generalise (flips stay as the recipe has them).
   """
@@ -382,6 +391,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.strategy = "ddp"
   config.log_every = 50
   config.eval_every = config.checkpoint_every = eval_every
+  config.checkpoint_keep_period = 0
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -473,6 +483,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
     (r"step_timeout_s", Domain(0, note="0: no timeout")),
+    (r"checkpoint_keep_period", Domain(0, integer=True, note="0: none")),
     (r"lock_wait_s", NON_NEGATIVE),
     (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
     (r"optim\.lr", POSITIVE),
@@ -484,6 +495,7 @@ DOMAINS: tuple[tuple[str, Domain], ...] = (
     (r"optim\.resumed_at", Domain(0, integer=True, extra=(-1,), note="-1: not resumed")),
     (r"optim\.resumed_lr", NON_NEGATIVE),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
+    (r"optim\.ema_decay", Domain(0, 1, high_open=True, note="0: no EMA")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
     (r"(.+\.)?(drop_path|dropout)", RATE),
@@ -570,6 +582,8 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
     (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
+    # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
+    (r"optim\.ema_decay", FREE),
     (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
     (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
 )
@@ -631,6 +645,9 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
                       f"schedule decays from lr to end_lr")
   if config.optim.warmup_steps > config.total_steps:
     raise ConfigError(f"config.optim.warmup_steps={config.optim.warmup_steps} exceeds config.total_steps={config.total_steps}")
+  if config.checkpoint_keep_period % config.checkpoint_every:
+    raise ConfigError(f"config.checkpoint_keep_period={config.checkpoint_keep_period} is not a multiple of "
+                      f"config.checkpoint_every={config.checkpoint_every}: no checkpoint would be kept at those steps")
   if config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")

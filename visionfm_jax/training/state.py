@@ -1,4 +1,5 @@
-"""The train state: step, fp32 params, optimizer state, and the fp16 loss scale when there is one."""
+"""The train state: step, fp32 params, optimizer state, the fp16 loss scale when there is one, and the EMA of the
+params when config.optim.ema_decay is set (training/ema.py)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ class TrainState(flax.struct.PyTreeNode):
   params: Any
   opt_state: Any
   loss_scale: DynamicScale | None = None
+  ema_params: Any = None  # the params' exponential moving average, laid out as the optimizer state
 
   @staticmethod
   def non_param_fields() -> tuple[str, ...]:

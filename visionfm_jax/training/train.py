@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, config_lib, parallel, tasks
 
-from visionfm_jax.training import checkpoint, console, faults, flops, init_from, metrics, optim, precision, prefetch
+from visionfm_jax.training import checkpoint, console, ema, faults, flops, init_from, metrics, optim, precision
+from visionfm_jax.training import prefetch
 from visionfm_jax.training import resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext
@@ -39,12 +40,13 @@ class NonFiniteLossError(UserError):
 # ------------------------------------------------------------------------------------------------ state
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
-  """rng -> TrainState whose params/opt_state leaves are boxed with logical axis names."""
+  """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names."""
 
   def init(rng):
     params = task.init_variables(rng)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      loss_scale=precision.maybe_loss_scale(config.precision))
+                      loss_scale=precision.maybe_loss_scale(config.precision),
+                      ema_params=params if config.optim.ema_decay else None)
 
   return init
 
@@ -146,6 +148,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
+  ema_decay = config.optim.ema_decay
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
@@ -166,15 +169,19 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     applied_steps = state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
     out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux}
 
+    apply = jnp.asarray(True)  # False: the update is not applied (params and optimizer state stay)
     if state.loss_scale is not None:
-      finite = precision.all_finite(grads)
-      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-      new_state = new_state.replace(params=keep_old(params, state.params),
-                                    opt_state=keep_old(opt_state, state.opt_state),
-                                    loss_scale=state.loss_scale.update(finite))
+      apply = precision.all_finite(grads)
+      new_state = new_state.replace(loss_scale=state.loss_scale.update(apply))
       out["train/loss_scale"] = state.loss_scale.scale
       out["train/skipped_steps"] = new_state.loss_scale.skipped
       out["train/skips_at_min_scale"] = new_state.loss_scale.skips_at_min
+    if state.loss_scale is not None:
+      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
+      new_state = new_state.replace(params=keep_old(params, state.params),
+                                    opt_state=keep_old(opt_state, state.opt_state))
+    if state.ema_params is not None:
+      new_state = new_state.replace(ema_params=ema.update(state.ema_params, params, ema_decay, apply))
     return new_state, out
 
   return train_step
@@ -246,6 +253,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     _log_plan(config, abstract, workdir)
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
     checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
+                                           keep_period=config.checkpoint_keep_period,
                                            run_config=resume.as_json(config))
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
@@ -272,27 +280,43 @@ def _log_plan(config, abstract: TrainState, workdir: str) -> None:
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-  restored = checkpointer.restore_newest_readable(target, train_iter)
+  newest = checkpointer.latest_step()
+  saved = checkpoint.saved_config(checkpointer.directory, newest) if newest is not None else None
+  restored = checkpointer.restore_newest_readable(ema.checkpoint_target(target, saved), train_iter)
   if restored is not None:
     step, state = restored
     logging.info("resuming from %s/%d", checkpointer.directory, step)
-    return state
+    return ema.adopt(state, config.optim.ema_decay, shardings, f"{checkpointer.directory}/{step}")
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
-    state = state.replace(params=init_from.load(config, state.params, model))
+    params = init_from.load(config, state.params, model)
+    state = state.replace(params=params, ema_params=ema.start(params, shardings.ema_params)
+                          if state.ema_params is not None else None)
   return state
 
 
-def _evaluate(evaluators, params, step) -> dict[str, float]:
+def _evaluate(evaluators, params, step, weights: str = "") -> dict[str, float]:
+  """{eval/<weights/><evaluator>/<metric>: value} of `params`; `weights` names other weights than the params
+  ('ema')."""
   results = {}
   for name, evaluate in evaluators.items():
     t0 = time.perf_counter()
+    prefix = f"eval/{weights + '/' if weights else ''}{name}/"
     for metric, value in evaluate(params).items():
-      results[f"eval/{name}/{metric}"] = value
-    logging.info("step %d eval %s: %s (%.1fs)", step, name, console.format_metrics(results, f"eval/{name}/"),
-                 time.perf_counter() - t0)
+      results[f"{prefix}{metric}"] = value
+    logging.info("step %d eval %s%s: %s (%.1fs)", step, weights + " " if weights else "", name,
+                 console.format_metrics(results, prefix), time.perf_counter() - t0)
+  return results
+
+
+def _evaluate_state(evaluators, state, step) -> dict[str, float]:
+  """The evaluations of the params and, when the state has one, of their EMA (laid out as the params)."""
+  results = _evaluate(evaluators, state.params, step)
+  if state.ema_params is not None:
+    ema_params = jax.device_put(state.ema_params, jax.tree.map(lambda p: p.sharding, state.params))
+    results.update(_evaluate(evaluators, ema_params, step, "ema"))
   return results
 
 
@@ -394,7 +418,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
           logging.info("step %d: saving a checkpoint to %s", step, checkpointer.directory / str(step))
       if step % config.eval_every == 0 or is_last:
         watchdog.phase("an evaluation", step)
-        results = _evaluate(evaluators, state.params, step)
+        results = _evaluate_state(evaluators, state, step)
         writer.write(step, results)
         last.update(results)
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
