@@ -274,8 +274,9 @@ def _log_plan(config, abstract: TrainState, workdir: str) -> None:
   params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
   logging.info("model %s: %s params; %d steps of %d examples (%s)", config.model.name, f"{params:,}",
                config.total_steps, config.global_batch_size, config.precision.compute_dtype)
-  logging.info("workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d)", workdir,
-               config.checkpoint_every, config.keep_checkpoints)
+  logging.info("workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d%s)", workdir,
+               config.checkpoint_every, config.keep_checkpoints,
+               f", and every {config.checkpoint_keep_period} for good" if config.checkpoint_keep_period else "")
 
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
