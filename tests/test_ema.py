@@ -164,7 +164,7 @@ def test_init_from_the_ema_weights(ema_run, tmp_path):
   assert max(jax.tree.leaves(apart)) > 1e-4  # the raw params lie 100x further away than the tolerance
 
 
-def test_ema_turned_on_at_a_resume_starts_from_the_params_and_asking_for_a_missing_ema_is_one_error(
+def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_and_a_missing_one_is_an_error(
     tmp_path, capsys):
   workdir = tmp_path / "run"
   config = tiny_vit_config(**{"total_steps": 2, "checkpoint_every": 1, "eval_every": 2, "keep_checkpoints": 10,
@@ -189,6 +189,11 @@ def test_ema_turned_on_at_a_resume_starts_from_the_params_and_asking_for_a_missi
   for step in (3, 4):
     ema = _recurrence(ema, _state(workdir, step)["params"])
     chex.assert_trees_all_close(_state(workdir, step)["ema_params"], ema, rtol=1e-6, atol=1e-7)
+
+  # Resumed with ema_decay 0: the saved EMA is read and dropped.
+  config.total_steps, config.optim.ema_decay = 5, 0.0
+  train.run(config, str(workdir))
+  assert _state(workdir, 5)["ema_params"] is None
 
 
 def test_keep_period_must_be_a_multiple_of_the_checkpoint_interval():

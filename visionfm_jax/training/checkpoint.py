@@ -179,7 +179,7 @@ class Checkpointer:
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this
     process's saved state, or, when the checkpoint was saved by another number of processes, by continuing
     the global data stream after all of theirs (`data_iterator.continue_from`)."""
-    target, unsaved = self._saved_fields_of(step, abstract_state)
+    target, absent = self._saved_fields_of(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(target)}
     other_processes = None
     if data_iterator is not None:
@@ -192,23 +192,29 @@ class Checkpointer:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
-    return abstract_state.replace(**restored["state"]) if unsaved else restored["state"]
+    if target is abstract_state:
+      return restored["state"]
+    return abstract_state.replace(**restored["state"], **{name: None for name in absent})
 
   def _saved_fields_of(self, step: int, abstract_state):
-    """(the restore target, whether it leaves fields out): `abstract_state` itself, or, when it is a dataclass
-    (the TrainState) with None fields that `step` was saved without (by a version before those fields), a dict
-    of its other fields."""
+    """(the restore target, the fields absent from `step`): `abstract_state` itself, or, when it is a dataclass
+    (the TrainState) with optional fields (default None) that `step` was saved without (absent: by a version
+    before them; None: by a run without them, e.g. an EMA turned on since), a dict of its fields with those
+    left out or None; they restore as None."""
     fields = getattr(abstract_state, "__dataclass_fields__", None)
     if fields is None:
-      return abstract_state, False
+      return abstract_state, []
     try:
-      saved = ocp.PyTreeCheckpointer().metadata(self.directory / str(step) / "state").item_metadata.tree
+      saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
     except Exception:  # pylint: disable=broad-except  # the restore names what is wrong with the checkpoint
-      return abstract_state, False
-    unsaved = [name for name in fields if getattr(abstract_state, name) is None and name not in saved]
-    if not unsaved:
-      return abstract_state, False
-    return {name: getattr(abstract_state, name) for name in fields if name not in unsaved}, True
+      return abstract_state, []
+    optional = [name for name, field in fields.items() if field.default is None]
+    absent = [name for name in optional if name not in saved]
+    saved_none = [name for name in optional if name in saved and saved[name] is None]
+    if not absent and not saved_none:
+      return abstract_state, []
+    return {name: None if name in saved_none else getattr(abstract_state, name)
+            for name in fields if name not in absent}, absent
 
   def _data_states_of_other_process_count(self, step: int) -> list[bytes] | None:
     """The data-iterator states of all processes when `step` was saved by another number of them than run

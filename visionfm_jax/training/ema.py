@@ -44,11 +44,10 @@ def saved_has_ema(saved_config: dict | None) -> bool:
 
 
 def checkpoint_target(target, saved_config: dict | None):
-  """The restore target `target` (the TrainState of this run's config) in the layout of a checkpoint trained with
-  `saved_config`: with an EMA laid out as `target`'s (the params' shapes when this run has none), or without."""
-  if not saved_has_ema(saved_config):
-    return target.replace(ema_params=None)
-  if target.ema_params is None:
+  """The restore target `target` (the TrainState of this run's config) for a checkpoint trained with
+  `saved_config`: with an EMA in the params' shapes when the checkpoint has one and this run none (a checkpoint
+  without one restores into a target with one: `Checkpointer.restore` leaves it None)."""
+  if saved_has_ema(saved_config) and target.ema_params is None:
     return target.replace(ema_params=target.params)
   return target
 
