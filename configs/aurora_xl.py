@@ -117,6 +117,8 @@ def get_config(arg: str | None = None):
   set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)
   # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
   config.health.enabled = True
+  # checkpoint history: the newest 3 plus one every 20k steps for good (BUILD.md "Checkpoint history" for the disk)
+  config.checkpoint_keep_period = 20_000
 
   if "demo" in parts:
     _demo(config)

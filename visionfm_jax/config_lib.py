@@ -184,6 +184,9 @@ def optim_config() -> ml_collections.ConfigDict:
       layer_decay=1.0,
       lr_mults=(),
       freeze=(),
+      # An EMA of the params, ema = d * ema + (1 - d) * params after every applied update (training/ema.py),
+      # evaluated beside them (eval/ema/...); its horizon is 1 / (1 - d) steps (NeMo's CLIP: 0.9999). 0: none.
+      ema_decay=0.0,
   ))
 
 
@@ -287,6 +290,7 @@ def init_from_fields() -> dict:
       init_from_skip="",  # regex of (model) param paths to keep freshly initialised (e.g. 'head' for new classes)
       init_from_subtree="",  # the checkpoint's params to take, e.g. 'image' (CLIP's image tower); '' = all
       init_from_prefix="",  # where they go in the model, e.g. 'backbone'; params outside it stay fresh
+      init_from_ema=False,  # take a training checkpoint's EMA of the params (config.optim.ema_decay) instead
   )
 
 
@@ -332,6 +336,10 @@ def loop_fields() -> dict:
       eval_every=1000,
       checkpoint_every=1000,
       keep_checkpoints=3,
+      # Besides the newest keep_checkpoints, keep every checkpoint whose step is a multiple of this for good (a
+      # history to roll back to and to analyse; a multiple of checkpoint_every). 0: none. A resume that changes it
+      # needs resume.allow_changes: the kept checkpoints off the new period would be deleted.
+      checkpoint_keep_period=0,
       # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,
@@ -387,7 +395,8 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic
   depth; no health guard (`config.health`: a demo runs minutes, watched); AdamW with weight decay 0.05,
   global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`, cosine to 0
-  at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every`. The
+  at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every` (no kept
+  history beyond the newest checkpoints). The
   procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
   generalise (flips stay as the recipe has them).
   """
@@ -415,6 +424,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.strategy = "ddp"
   config.log_every = 50
   config.eval_every = config.checkpoint_every = eval_every
+  config.checkpoint_keep_period = 0
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -521,6 +531,7 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
     (r"step_timeout_s", Domain(0, note="0: no timeout")),
+    (r"checkpoint_keep_period", Domain(0, integer=True, note="0: none")),
     (r"lock_wait_s", NON_NEGATIVE),
     (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
     (r"optim\.lr", POSITIVE),
@@ -532,6 +543,7 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"optim\.resumed_at", Domain(0, integer=True, extra=(-1,), note="-1: not resumed")),
     (r"optim\.resumed_lr", NON_NEGATIVE),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
+    (r"optim\.ema_decay", Domain(0, 1, high_open=True, note="0: no EMA")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
     (r"precision\.(loss_scale_period|max_consecutive_skips)", COUNT),
     (r"health\.(window|warmup|burst_window|max_rollbacks_window)", COUNT),
@@ -630,6 +642,8 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
+    # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
+    (r"optim\.ema_decay", FREE),
     (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
     (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
 )

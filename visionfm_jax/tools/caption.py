@@ -1,9 +1,10 @@
 r"""Captions images with a trained Aurora model: greedy decoding, or beam search with --beam_size > 1.
 
   python -m visionfm_jax.tools.caption --checkpoint=WORKDIR --images=PATHS... [--beam_size=1] [--max_len=N]
-      [--step=N] [--length_penalty=0.0] [--batch_size=32]
+      [--step=N] [--ema] [--length_penalty=0.0] [--batch_size=32]
 
-WORKDIR is a training workdir (its config.json and checkpoints/<step>); the newest checkpoint unless --step.
+WORKDIR is a training workdir (its config.json and checkpoints/<step>); the newest checkpoint unless --step; its
+EMA of the params with --ema (a run with config.optim.ema_decay set).
 --images takes comma-separated entries (further ones may follow as arguments): image files (anything Pillow
 reads), resized and cropped as the run's evaluation does (config.data.eval_preprocess), or `shapes:A-B`,
 records A..B (inclusive; `shapes:A` is one) of the embedded shapes validation split. Prints one line per
@@ -40,6 +41,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_integer("max_len", 0, "Tokens per caption, BOS and EOS included; 0: the text encoder's max_len.",
                        flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
+  flags.DEFINE_bool("ema", False, "Caption with the checkpoint's EMA of the params (config.optim.ema_decay).",
+                    flag_values=fv)
   flags.DEFINE_float("length_penalty", 0.0, "Beam search: GNMT length penalty alpha (0: summed log-probs).",
                      flag_values=fv)
   flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
@@ -92,8 +95,8 @@ def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndar
 
 
 def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int = 0, step: int | None = None,
-        length_penalty: float = 0.0, batch_size: int = 32) -> list[tuple[str, str]]:
-  """(name, caption) per image entry; UserError for bad input."""
+        length_penalty: float = 0.0, batch_size: int = 32, use_ema: bool = False) -> list[tuple[str, str]]:
+  """(name, caption) per image entry (the EMA of the params with `use_ema`); UserError for bad input."""
   if not images:
     raise UserError("--images: give at least one image file or shapes:A-B")
   if beam_size < 1 or batch_size < 1 or max_len < 0 or length_penalty < 0:
@@ -106,7 +109,7 @@ def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int
   if max_len > limit:
     raise UserError(f"--max_len={max_len}: this model's text encoder takes at most {limit} tokens")
   names, pixels = load_images(images, config)
-  params = workdir_lib.load_params(task, workdir, step)
+  params = workdir_lib.load_params(task, workdir, step, use_ema=use_ema)
   captions = []
   for start in range(0, len(pixels), batch_size):
     captions += generate.caption_images(task, params, np.stack(pixels[start:start + batch_size]),
@@ -119,7 +122,7 @@ def _main(fv, rest: list[str]) -> None:
   if not fv.checkpoint:
     raise UserError("--checkpoint: required (a training workdir)")
   lines = run(fv.checkpoint, list(fv.images) + rest, beam_size=fv.beam_size, max_len=fv.max_len, step=fv.step,
-              length_penalty=fv.length_penalty, batch_size=fv.batch_size)
+              length_penalty=fv.length_penalty, batch_size=fv.batch_size, use_ema=fv.ema)
   for name, caption in lines:
     print(f"{name}\t{caption}")
 

@@ -1,8 +1,9 @@
 r"""Exports a ViT or SwinV2 (with its classification head, if any) as a Hugging Face transformers directory.
 
-  python -m visionfm_jax.tools.export_hf --checkpoint=DIR --out=OUT_DIR [--step=N]
+  python -m visionfm_jax.tools.export_hf --checkpoint=DIR --out=OUT_DIR [--step=N] [--ema]
 
-DIR is a training workdir (config.json + checkpoints/<step>; the newest step unless --step) or a directory
+DIR is a training workdir (config.json + checkpoints/<step>; the newest step unless --step; its EMA of the params
+with --ema, for a run with config.optim.ema_decay set) or a directory
 written by tools.import_hf (params/ + model.json). OUT_DIR gets config.json and model.safetensors (float32) of a
 ViTForImageClassification / Swinv2ForImageClassification when the model has a head, else of a ViTModel /
 Swinv2Model, plus preprocessor_config.json (image size, mean and std) when DIR says how images were normalised:
@@ -66,6 +67,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string("checkpoint", None, f"Directory to export: {LAYOUTS}.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory (config.json + model.safetensors).", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
+  flags.DEFINE_bool("ema", False, "Export a training workdir's EMA of the params (config.optim.ema_decay) instead "
+                    "of the params.", flag_values=fv)
   return fv
 
 
@@ -91,7 +94,7 @@ def _class_names(config) -> list[str] | None:
     return None
 
 
-def _from_workdir(path: str, step: int | None) -> Source:
+def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
   config = workdir_lib.load_config(path, tuple(tasks.TASKS), "a model of this project")
   step = workdir_lib.checkpoint_step(path, step)
   try:
@@ -102,14 +105,15 @@ def _from_workdir(path: str, step: int | None) -> Source:
     model, name = backbone(task.model)
   except UserError as e:
     raise UserError(f"--checkpoint={path}: config.model.name={config.model.name!r}: {e}") from e
-  params = workdir_lib.load_params(task, path, step)
+  params = workdir_lib.load_params(task, path, step, use_ema=use_ema)
   fields, notes = "config.model.", []
   if name:
     params, fields = params[name], f"config.model.{name}."
     notes.append(f"exported {fields[:-1]} only (params '{name}' of the {type(task.model).__name__} model): the "
                  f"rest of it has no transformers counterpart here")
   labels = _class_names(config) if model is task.model and getattr(model, "num_classes", 0) else None
-  return Source(model, params, fields, f"step {step} of {path}", notes, mean=config.data.mean,
+  weights = "the EMA of the params of " if use_ema else ""
+  return Source(model, params, fields, f"{weights}step {step} of {path}", notes, mean=config.data.mean,
                 std=config.data.std, labels=labels)
 
 
@@ -157,12 +161,15 @@ def _from_import_dir(path: str, step: int | None) -> Source:
   return Source(model, params, f"{file}: ", path, [], mean=meta.get("mean"), std=meta.get("std"))
 
 
-def load(path: str, step: int | None = None) -> Source:
-  """The model and params of `path` (a training workdir or a tools.import_hf directory); UserError otherwise."""
+def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:
+  """The model and params of `path` (a training workdir or a tools.import_hf directory; the EMA of a workdir's
+  params with `use_ema`); UserError otherwise."""
   path = os.path.expanduser(path)
   if not os.path.isdir(path):
     raise UserError(f"--checkpoint={path}: no such directory (expected {LAYOUTS})")
   if os.path.exists(os.path.join(path, "model.json")) and os.path.isdir(os.path.join(path, "params")):
+    if use_ema:
+      raise UserError(f"--ema: {path} is a tools.import_hf directory (one set of params, no EMA of them)")
     return _from_import_dir(path, step)
   config_file = os.path.join(path, "config.json")
   if os.path.exists(config_file):
@@ -174,7 +181,7 @@ def load(path: str, step: int | None = None) -> Source:
     if model_type:
       raise UserError(f"--checkpoint={path}: a transformers directory already (model_type={model_type!r}); "
                       f"expected {LAYOUTS}")
-    return _from_workdir(path, step)
+    return _from_workdir(path, step, use_ema)
   raise UserError(f"--checkpoint={path}: neither {LAYOUTS}")
 
 
@@ -194,11 +201,12 @@ def _check_out(out: str) -> None:
       raise UserError(f"--out={out}: holds a config.json that is not a transformers one; choose another directory")
 
 
-def export(path: str, out: str, step: int | None = None) -> tuple[str, Source]:
-  """Writes the model of `path` to `out`; returns (its transformers architecture, what was exported)."""
+def export(path: str, out: str, step: int | None = None, use_ema: bool = False) -> tuple[str, Source]:
+  """Writes the model of `path` to `out` (the EMA of a workdir's params with `use_ema`); returns (its transformers
+  architecture, what was exported)."""
   out = os.path.expanduser(out)
   _check_out(out)
-  source = load(path, step)
+  source = load(path, step, use_ema)
   try:
     arch, notes = convert.to_hf(source.model, source.params, out, labels=source.labels)
   except ConfigError as e:
@@ -213,7 +221,7 @@ def export(path: str, out: str, step: int | None = None) -> tuple[str, Source]:
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("checkpoint", "out"))
-  arch, source = export(fv.checkpoint, fv.out, fv.step)
+  arch, source = export(fv.checkpoint, fv.out, fv.step, fv.ema)
   auto = "AutoModelForImageClassification" if arch.endswith("ForImageClassification") else "AutoModel"
   print(f"wrote {fv.out}: {arch} ({source.model.description()}) from {source.origin}")
   print(f"load it with transformers.{auto}.from_pretrained({fv.out!r})")

@@ -1,9 +1,10 @@
 r"""k-NN and linear-probe top-1 of a trained backbone's frozen features (evaluate/probe.py).
 
-  python -m visionfm_jax.tools.probe --checkpoint=WORKDIR [--step=N] [--batch_size=256] [--config.<field>=V ...]
+  python -m visionfm_jax.tools.probe --checkpoint=WORKDIR [--step=N] [--ema] [--batch_size=256]
+      [--config.<field>=V ...]
 
 WORKDIR (`--workdir` is the same flag) is a training workdir (config.json + checkpoints/<step>; the newest
-checkpoint unless --step) of a run with a ViT or SwinV2: a classifier, a CLIP (its image tower is probed),
+checkpoint unless --step; its EMA of the params with --ema) of a run with a ViT or SwinV2: a classifier, a CLIP (its image tower is probed),
 Aurora (its encoder) or a dense model (its backbone). The splits and the probes' settings are the run's `config.probe` and `config.data`; any field
 can be overridden, e.g. `--config.probe.train_examples=50000 --config.probe.source=tfds:imagenet2012`. Runs
 of configs from before `config.probe` existed get its defaults.
@@ -44,6 +45,8 @@ def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
   flags.DEFINE_string("checkpoint", None, "Training workdir (config.json + checkpoints/).", flag_values=fv)
   flags.DEFINE_alias("workdir", "checkpoint", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
+  flags.DEFINE_bool("ema", False, "Probe the checkpoint's EMA of the params (config.optim.ema_decay) instead of "
+                    "the params.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 256, "Images per forward pass, over all devices (rounded up to a multiple "
                        "of the device count).", flag_values=fv)
   if config is not None:
@@ -59,8 +62,10 @@ def load_config(workdir: str):
   return config
 
 
-def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256) -> dict[str, float]:
-  """The probe results of `workdir`'s checkpoint (newest, or `step`) under `config`."""
+def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256,
+        use_ema: bool = False) -> dict[str, float]:
+  """The probe results of `workdir`'s checkpoint (newest, or `step`; its EMA of the params with `use_ema`) under
+  `config`."""
   if batch_size < 1:
     raise UserError(f"--batch_size={batch_size}: must be positive")
   config_lib.check_domains(config)  # the --config.* overrides
@@ -70,7 +75,7 @@ def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256)
   batch_size = -(-batch_size // len(devices)) * len(devices)
   task = tasks.build(config, mesh)
   step = workdir_lib.checkpoint_step(workdir, step)
-  params = workdir_lib.load_params(task, workdir, step, sharding=NamedSharding(mesh, P()))
+  params = workdir_lib.load_params(task, workdir, step, sharding=NamedSharding(mesh, P()), use_ema=use_ema)
   ctx = EvalContext(mesh, batch_size, jax.process_index(), jax.process_count())
   feature_probe = probe.FeatureProbe(probe.pooled_features(task), config.probe, config.data, ctx)
   train, test = feature_probe.features(params, "train"), feature_probe.features(params, "eval")
@@ -85,7 +90,7 @@ def _main(fv, rest: list[str]) -> None:
     raise UserError(f"unexpected arguments {rest}")
   if not fv.checkpoint:
     raise UserError("--checkpoint (or --workdir): required (a training workdir)")
-  results = run(fv.config, fv.checkpoint, step=fv.step, batch_size=fv.batch_size)
+  results = run(fv.config, fv.checkpoint, step=fv.step, batch_size=fv.batch_size, use_ema=fv.ema)
   for name in ("knn/top1", "linear_probe/top1"):
     print(f"{name}={results[name]:.4f}")
   print(json.dumps(results))

@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from visionfm_jax.training import checkpoint
-from visionfm_jax.errors import UserError
+from visionfm_jax.training import checkpoint, ema
+from visionfm_jax.errors import CheckpointError, UserError
 
 
 def _listify(value: Any) -> Any:
@@ -56,10 +56,17 @@ def checkpoint_step(workdir: str, step: int | None = None) -> int:
   return steps[-1] if step is None else step
 
 
-def load_params(task, workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None):
-  """The params of `workdir`'s newest checkpoint (or of `step`), placed by `sharding` (default: this process's
-  first device)."""
+def load_params(task, workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None,
+                use_ema: bool = False):
+  """The params of `workdir`'s newest checkpoint (or of `step`), or their EMA with `use_ema` (a UserError when the
+  checkpoint has none), placed by `sharding` (default: this process's first device)."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes_only)
-  return checkpoint.load_params(workdir, target, step=checkpoint_step(workdir, step))
+  try:
+    return checkpoint.load_params(workdir, target, step=checkpoint_step(workdir, step),
+                                  weights=ema.SUBTREE if use_ema else "params")
+  except CheckpointError as e:
+    if not use_ema:
+      raise
+    raise UserError(f"--ema: {e}") from e

@@ -116,12 +116,19 @@ class Checkpointer:
   """Saves/restores {state, data-iterator} (and saves the run's config) under `directory` with an async Orbax
   CheckpointManager; storage faults are WorkdirErrors naming the path and errno."""
 
-  def __init__(self, directory: str, *, keep: int = 3, async_save: bool = True, run_config: dict | None = None):
-    """`run_config`: the run's config as a JSON dict, saved with every checkpoint (`saved_config`)."""
+  def __init__(self, directory: str, *, keep: int = 3, keep_period: int = 0, async_save: bool = True,
+               run_config: dict | None = None):
+    """Keeps the newest `keep` checkpoints and, when `keep_period` > 0, every one whose step is a multiple of it
+    (Orbax's keep_period). `run_config`: the run's config as a JSON dict, saved with every checkpoint
+    (`saved_config`)."""
     self.directory = epath.Path(directory)
     self._run_config = run_config
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=async_save,
-                                           cleanup_tmp_directories=True)
+    policies = [ocp.checkpoint_managers.LatestN(n=keep)]
+    if keep_period:
+      policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_period))
+    options = ocp.CheckpointManagerOptions(
+        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
+        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
     self._manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
@@ -185,7 +192,8 @@ class Checkpointer:
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this
     process's saved state, or, when the checkpoint was saved by another number of processes, by continuing
     the global data stream after all of theirs (`data_iterator.continue_from`)."""
-    items = {"state": ocp.args.StandardRestore(abstract_state)}
+    target, absent = self._saved_fields_of(step, abstract_state)
+    items = {"state": ocp.args.StandardRestore(target)}
     other_processes = None
     if data_iterator is not None:
       other_processes = self._data_states_of_other_process_count(step)
@@ -197,7 +205,29 @@ class Checkpointer:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
-    return restored["state"]
+    if target is abstract_state:
+      return restored["state"]
+    return abstract_state.replace(**restored["state"], **{name: None for name in absent})
+
+  def _saved_fields_of(self, step: int, abstract_state):
+    """(the restore target, the fields absent from `step`): `abstract_state` itself, or, when it is a dataclass
+    (the TrainState) with optional fields (default None) that `step` was saved without (absent: by a version
+    before them; None: by a run without them, e.g. an EMA turned on since), a dict of its fields with those
+    left out or None; they restore as None."""
+    fields = getattr(abstract_state, "__dataclass_fields__", None)
+    if fields is None:
+      return abstract_state, []
+    try:
+      saved = ocp.StandardCheckpointHandler().metadata(self.directory / str(step) / "state")
+    except Exception:  # pylint: disable=broad-except  # the restore names what is wrong with the checkpoint
+      return abstract_state, []
+    optional = [name for name, field in fields.items() if field.default is None]
+    absent = [name for name in optional if name not in saved]
+    saved_none = [name for name in optional if name in saved and saved[name] is None]
+    if not absent and not saved_none:
+      return abstract_state, []
+    return {name: None if name in saved_none else getattr(abstract_state, name)
+            for name in fields if name not in absent}, absent
 
   def _data_states_of_other_process_count(self, step: int) -> list[bytes] | None:
     """The data-iterator states of all processes when `step` was saved by another number of them than run
@@ -300,8 +330,11 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
   return restored if subtree is None else restored[subtree]
 
 
-def _raw_params(path: epath.Path, step: int | None = None):
+def _raw_params(path: epath.Path, step: int | None = None, weights: str = "params"):
   if (path / "params").exists() and step is None:
+    if weights != "params":
+      raise CheckpointError(f"{str(path)!r} is a tools.import_hf directory: it holds one set of params and no "
+                            f"EMA of them ({weights})")
     return restore_on_host(path / "params")
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
@@ -311,8 +344,11 @@ def _raw_params(path: epath.Path, step: int | None = None):
   if step is not None and step not in steps:
     raise CheckpointError(f"init_from={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
   step = steps[-1] if step is None else step
-  params = restore_on_host(ckpt_dir / str(step) / "state", "params")
+  params = restore_on_host(ckpt_dir / str(step) / "state", weights)
   if params is None:
+    if weights != "params":
+      raise CheckpointError(f"{str(ckpt_dir / str(step))!r} holds no EMA of the params ({weights}): its run "
+                            f"trained with config.optim.ema_decay=0")
     raise CheckpointError(f"init_from={str(path)!r}: step {step} holds no 'params'")
   return params
 
@@ -322,8 +358,12 @@ def _flatten(tree) -> dict[str, Any]:
 
 
 def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
-                adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None):
+                adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None,
+                weights: str = "params"):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
+
+  `weights`: the train state's subtree to read from a training checkpoint, 'params' or 'ema_params' (their EMA,
+  training/ema.py; a CheckpointError when the checkpoint has none).
 
   A training workdir gives its newest checkpoint, or the one of `step` when given. `adapt({path: array},
   {path: model shape}) -> {path: array}` maps the checkpoint's params onto the model's first (init_from.adapt:
@@ -336,7 +376,7 @@ def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), ste
   if not path.exists():
     raise CheckpointError(f"init_from={str(path)!r}: no such directory")
   try:
-    source = _flatten(_raw_params(path, step))
+    source = _flatten(_raw_params(path, step, weights))
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways

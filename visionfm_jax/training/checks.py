@@ -6,6 +6,7 @@ when it is built (tasks.build). `main` calls config_lib.check before jax is impo
 from __future__ import annotations
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.data import checks as data_checks
 from visionfm_jax.parallel import checks as parallel_checks
 from visionfm_jax.training import optim
@@ -17,6 +18,14 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   config_lib.check(config)
   data_checks.check(config.data)
   optim.check_schedule(config.optim, config.total_steps)
+  check_checkpoint_cadence(config)
   parallel_checks.check_batch(config)
   if num_devices is not None:
     parallel_checks.check_mesh(config, num_devices, num_processes)
+
+
+def check_checkpoint_cadence(config) -> None:
+  """The kept history (checkpoint_keep_period) falls on saved steps."""
+  if config.checkpoint_keep_period % config.checkpoint_every:
+    raise ConfigError(f"config.checkpoint_keep_period={config.checkpoint_keep_period} is not a multiple of "
+                      f"config.checkpoint_every={config.checkpoint_every}: no checkpoint would be kept at those steps")

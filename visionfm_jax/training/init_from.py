@@ -7,6 +7,7 @@ under a prefix (a segmentation or detection model's `backbone/...`, next to fres
                             (Aurora's); '' = all of them
   config.init_from_prefix   where they go in the model, e.g. 'backbone'; model params outside it stay fresh
   config.init_from_skip     regex over the model's param paths that stay fresh (e.g. 'head' for new classes)
+  config.init_from_ema      take a training checkpoint's EMA of the params (training/ema.py) instead of them
 
 What changes with the resolution is the model's to say (`adapt_checkpoint`, models/backbone.py):
   ViT      `pos_embed` (1, 1 + g*g, D): the class token's entry is kept, the g x g grid is resized bicubically
@@ -32,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax import tasks
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import checkpoint, ema
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training.param_rules import ParamRules, named_leaves
 
@@ -100,7 +101,8 @@ def load(config, target_params, model):
   skip = fresh_outside(config.init_from_prefix, config.init_from_skip)
   fn = functools.partial(adapt, model=model, subtree=config.init_from_subtree, prefix=config.init_from_prefix,
                          skip=skip, origin=f"config.init_from={config.init_from!r}")
-  return checkpoint.load_params(config.init_from, target_params, skip=skip, adapt=fn)
+  return checkpoint.load_params(config.init_from, target_params, skip=skip, adapt=fn,
+                                weights=ema.SUBTREE if config.init_from_ema else "params")
 
 
 # ---------------------------------------------------------------------------- model fields of the checkpoint

@@ -1,4 +1,5 @@
-"""The train state: step, fp32 params, optimizer state, the fp16 loss scale and the health statistics (when on)."""
+"""The train state: step, fp32 params, optimizer state, the fp16 loss scale when there is one, the health
+statistics (when on) and the EMA of the params when config.optim.ema_decay is set (training/ema.py)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ class TrainState(flax.struct.PyTreeNode):
   opt_state: Any
   loss_scale: DynamicScale | None = None
   health: HealthState | None = None
+  ema_params: Any = None  # the params' exponential moving average, laid out as the optimizer state
 
   @staticmethod
   def non_param_fields() -> tuple[str, ...]:

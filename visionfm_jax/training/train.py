@@ -25,8 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, parallel, tasks
 
-from visionfm_jax.training import checkpoint, console, faults, flops, health, init_from, metrics, optim, precision
-from visionfm_jax.training import checks, prefetch, resume, workdir as workdir_lib
+from visionfm_jax.training import checkpoint, console, ema, faults, flops, health, init_from, metrics, optim
+from visionfm_jax.training import checks, precision, prefetch, resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -39,12 +39,13 @@ class NonFiniteLossError(UserError):
 # ------------------------------------------------------------------------------------------------ state
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
-  """rng -> TrainState whose params/opt_state leaves are boxed with logical axis names."""
+  """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names."""
 
   def init(rng):
     params = task.init_variables(rng)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      loss_scale=precision.maybe_loss_scale(config.precision), health=health.maybe_create(config))
+                      loss_scale=precision.maybe_loss_scale(config.precision), health=health.maybe_create(config),
+                      ema_params=params if config.optim.ema_decay else None)
 
   return init
 
@@ -146,6 +147,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
+  ema_decay = config.optim.ema_decay
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
@@ -182,6 +184,8 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
       keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
       new_state = new_state.replace(params=keep_old(params, state.params),
                                     opt_state=keep_old(opt_state, state.opt_state))
+    if state.ema_params is not None:
+      new_state = new_state.replace(ema_params=ema.update(state.ema_params, params, ema_decay, apply))
     return new_state, out
 
   return train_step
@@ -253,6 +257,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     _log_plan(config, abstract, workdir)
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
     checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
+                                           keep_period=config.checkpoint_keep_period,
                                            run_config=resume.as_json(config))
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
@@ -273,8 +278,9 @@ def _log_plan(config, abstract: TrainState, workdir: str) -> None:
   params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
   logging.info("model %s: %s params; %d steps of %d examples (%s)", config.model.name, f"{params:,}",
                config.total_steps, config.global_batch_size, config.precision.compute_dtype)
-  logging.info("workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d)", workdir,
-               config.checkpoint_every, config.keep_checkpoints)
+  logging.info("workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d%s)", workdir,
+               config.checkpoint_every, config.keep_checkpoints,
+               f", and every {config.checkpoint_keep_period} for good" if config.checkpoint_keep_period else "")
 
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
@@ -282,27 +288,42 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
   newest = checkpointer.latest_step()
   saved = checkpoint.saved_config(checkpointer.directory, newest) if newest is not None else None
   target, health_afresh = health.checkpoint_layout(target, config, saved)
-  restored = checkpointer.restore_newest_readable(target, train_iter)
+  restored = checkpointer.restore_newest_readable(ema.checkpoint_target(target, saved), train_iter)
   if restored is not None:
     step, state = restored
     logging.info("resuming from %s/%d", checkpointer.directory, step)
+    state = ema.adopt(state, config.optim.ema_decay, shardings, f"{checkpointer.directory}/{step}")
     return health.afresh(state, config) if health_afresh else state
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
-    state = state.replace(params=init_from.load(config, state.params, model))
+    params = init_from.load(config, state.params, model)
+    state = state.replace(params=params, ema_params=ema.start(params, shardings.ema_params)
+                          if state.ema_params is not None else None)
   return state
 
 
-def _evaluate(evaluators, params, step) -> dict[str, float]:
+def _evaluate(evaluators, params, step, weights: str = "") -> dict[str, float]:
+  """{eval/<weights/><evaluator>/<metric>: value} of `params`; `weights` names other weights than the params
+  ('ema')."""
   results = {}
   for name, evaluate in evaluators.items():
     t0 = time.perf_counter()
+    prefix = f"eval/{weights + '/' if weights else ''}{name}/"
     for metric, value in evaluate(params).items():
-      results[f"eval/{name}/{metric}"] = value
-    logging.info("step %d eval %s: %s (%.1fs)", step, name, console.format_metrics(results, f"eval/{name}/"),
-                 time.perf_counter() - t0)
+      results[f"{prefix}{metric}"] = value
+    logging.info("step %d eval %s%s: %s (%.1fs)", step, weights + " " if weights else "", name,
+                 console.format_metrics(results, prefix), time.perf_counter() - t0)
+  return results
+
+
+def _evaluate_state(evaluators, state, step) -> dict[str, float]:
+  """The evaluations of the params and, when the state has one, of their EMA (laid out as the params)."""
+  results = _evaluate(evaluators, state.params, step)
+  if state.ema_params is not None:
+    ema_params = jax.device_put(state.ema_params, jax.tree.map(lambda p: p.sharding, state.params))
+    results.update(_evaluate(evaluators, ema_params, step, "ema"))
   return results
 
 
@@ -421,7 +442,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
           logging.info("step %d: saving a checkpoint to %s", step, checkpointer.directory / str(step))
       if step % config.eval_every == 0 or is_last:
         watchdog.phase("an evaluation", step)
-        results = _evaluate(evaluators, state.params, step)
+        results = _evaluate_state(evaluators, state, step)
         writer.write(step, results)
         last.update(results)
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
