@@ -87,7 +87,6 @@ from visionfm_jax.tools import cli, cluster_task
 FORMATS = ("folders", "webdataset", "coco", "visual_genome")
 PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their released layouts (data/pair_corpora.py)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-TAR_IMAGE_EXTENSIONS = wds.IMAGE_EXTENSIONS  # preference order when a key has several
 DEFAULT_RECORDS_PER_SHARD = 1000
 RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
@@ -221,9 +220,6 @@ def _read_file(path: str) -> bytes:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-split_member_name = wds.split_member_name
-
-
 def _tar_examples(job: ShardJob) -> Iterator[Example]:
   try:
     with tarfile.open(job.tar) as archive:
@@ -234,17 +230,13 @@ def _tar_examples(job: ShardJob) -> Iterator[Example]:
     raise DataError(f"cannot read {job.tar}: {e.strerror or e}") from e
 
 
-_members_by_key = wds.members_by_key
-_image_member = wds.image_member
-
-
 def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset = frozenset(),
                       only_held: bool = False, score_filter: wds.ScoreFilter = wds.ScoreFilter()
                       ) -> Iterator[Example]:
-  for key, members in _members_by_key(archive).items():
+  for key, members in wds.members_by_key(archive).items():
     if (key in held) != only_held:
       continue
-    image = _image_member(members)
+    image = wds.image_member(members)
     name = f"{tar_name}:{key}"
     if image is None:
       yield Example(name, None, {})
@@ -263,7 +255,7 @@ def tar_keys(path: str) -> list[str]:
   """The keys of the examples with an image in the tar `path`, in archive order (reads its headers only)."""
   try:
     with tarfile.open(path) as archive:
-      return [key for key, members in _members_by_key(archive).items() if _image_member(members) is not None]
+      return [key for key, members in wds.members_by_key(archive).items() if wds.image_member(members) is not None]
   except tarfile.TarError as e:
     raise DataError(f"{path}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
 

@@ -27,15 +27,14 @@ from __future__ import annotations
 import glob
 import os
 import sys
-import tarfile
 from typing import Iterable, Iterator, Sequence
 
 from absl import flags
 from array_record.python import array_record_module
 import msgpack
 
-from visionfm_jax.data import tokenizer
-from visionfm_jax.errors import UserError
+from visionfm_jax.data import tokenizer, wds
+from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli
 
 DEFAULT_MAX_SENTENCES = 10_000_000
@@ -118,15 +117,14 @@ def stream_record_captions(pattern: str) -> Iterator[str]:
 
 
 def stream_tar_captions(pattern: str) -> Iterator[str]:
-  """The `.txt` members of the tars matching `pattern`, names in order, each tar read once front to back."""
+  """The captions (`.txt` members) of the tars matching `pattern`, names in order, each tar read once front to
+  back, its images never read (`data.wds.tar_captions`)."""
   for path in _matching("tars", pattern):
     try:
-      with tarfile.open(path, mode="r|*") as archive:
-        for member in archive:
-          if member.isfile() and member.name.lower().endswith(".txt"):
-            yield archive.extractfile(member).read().decode("utf-8", errors="replace")
-    except (tarfile.TarError, OSError) as e:
-      raise UserError(f"--tars: cannot read {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+      for _, caption in wds.tar_captions(path):
+        yield caption
+    except DataError as e:
+      raise UserError(f"--tars: cannot read {path}: {e}") from e
 
 
 def _nonempty(lines: Iterable[str]) -> Iterator[str]:

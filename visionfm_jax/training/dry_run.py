@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 import os
 
+import flax.linen as nn
 import jax
 import numpy as np
 
@@ -41,19 +42,18 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   start_step = checkpoint.newest_committed_step(checkpoint_dir) or 0
 
   task = tasks.build(config)
+  micro = config.global_batch_size // config.grad_accum_steps
   local_batch = config.global_batch_size // num_processes
   task.train_loader(batch_size=local_batch, seed=config.seed, process_index=0, process_count=num_processes)
-  evaluators = task.evaluators(EvalContext(_one_device_mesh(), config.global_batch_size // config.grad_accum_steps,
-                                           0, num_processes))
+  evaluators = task.evaluators(EvalContext(_one_device_mesh(), micro, 0, num_processes))
   examples = mixture_lib.open_train(config.data, config.data.train_split).records
 
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   abstract = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
   per_device = parallel.bytes_per_device(abstract, mesh, config.strategy)
-  micro = config.global_batch_size // config.grad_accum_steps
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize
                     for x in task.synthetic_batch(1, np.random.default_rng(0)).values())
-  unboxed = train.nn.unbox(abstract)
+  unboxed = nn.unbox(abstract)
   return dict(
       task=config.task, model=config.model.name, strategy=config.strategy, mesh=mesh, devices=num_devices,
       processes=num_processes, params=sum(math.prod(x.shape) for x in jax.tree.leaves(unboxed.params)),
