@@ -52,6 +52,10 @@ def test_the_plan_of_every_demo_from_shapes(spec, tmp_path):
   assert (plan["total_steps"], plan["start_step"], plan["checkpoint_every"]) == (config.total_steps, 0,
                                                                                   config.checkpoint_every)
   assert plan["evaluators"] and not (tmp_path / "run").exists()
+  assert "for good" not in dry_run.report(plan)[-1]  # the demos keep no history
+  config.checkpoint_keep_period = 2 * config.checkpoint_every
+  kept = dry_run.plan(config, str(tmp_path / "run"), num_devices=1, num_processes=1)
+  assert f"and every {2 * config.checkpoint_every:,} for good" in dry_run.report(kept)[-1]
 
   config.strategy = "zero3"
   sharded = dry_run.plan(config, str(tmp_path / "run"), num_devices=2, num_processes=2)

@@ -61,6 +61,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
       micro_batch=micro, total_steps=config.total_steps, start_step=start_step,
       global_batch=config.global_batch_size, grad_accum_steps=config.grad_accum_steps, examples_per_epoch=examples,
       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
+      keep_period=config.checkpoint_keep_period,
       checkpoint_bytes=workdir_lib.tree_bytes(unboxed), eval_every=config.eval_every, evaluators=sorted(evaluators),
       workdir=workdir)
 
@@ -115,6 +116,7 @@ def report(p: dict) -> list[str]:
       f"examples per epoch: {p['examples_per_epoch']:,} (an epoch is {epoch_steps:,.0f} steps; the run is "
       f"{p['total_steps'] / epoch_steps:,.2f} epochs)",
       f"checkpoints: every {p['checkpoint_every']:,} steps in {os.path.join(p['workdir'], 'checkpoints')}, keeping "
-      f"{p['keep_checkpoints']}, {_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
+      f"{p['keep_checkpoints']}" + (f" and every {p['keep_period']:,} for good" if p["keep_period"] else "")
+      + f", {_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
       f"{', '.join(p['evaluators']) or 'none'}",
   ]
