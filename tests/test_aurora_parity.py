@@ -231,7 +231,7 @@ def test_pixel_shuffle_matches_torch(factor):
 def _tiny_aurora():
   """Stride 8 (patch 4, 2 stages), final width 16 = the text width, so the MIM head maps 16 -> 8*8*3."""
   encoder = swinv2.SwinV2(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, image_size=16,
-                          mask_token=True)
+                          mask_token=True, scan=False)  # odd depths: unrolled
   text_tower = text.TextTransformer(**text.parse_variant("pico"), embed_dim=16, vocab_size=40, max_len=9,
                                     pool="cls")
   decoder = aurora.MultimodalDecoder(depth=1, num_heads=2, mlp_dim=64, vocab_size=40)

@@ -53,19 +53,21 @@ def _recorded_id(table, name):
 # Layer ids recorded from training/optim.py's path regexes before the models numbered their own layers.
 VIT_IDS = {True: [(r"blocks/", [1, 2, 3]), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)],
            False: [(r"blocks_(\d)/", None), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)]}
-SWIN_IDS = {True: [(r"stage_0/blocks/", [1, 2]), (r"stage_0/downsample/", 2), (r"stage_1/blocks/", [3, 4, 5]),
-                   (r"(mask_token|patch_embed|patch_norm)", 0), (r"(head|norm)/", 6)],
+# SwinV2's scanned stages hold (plain, shifted) pairs of blocks: blocks 2j and 2j + 1 of their stage.
+SWIN_IDS = {True: [(r"stage_0/blocks/plain/", [1]), (r"stage_0/blocks/shifted/", [2]), (r"stage_0/downsample/", 2),
+                   (r"stage_1/blocks/plain/", [3, 5]), (r"stage_1/blocks/shifted/", [4, 6]),
+                   (r"(mask_token|patch_embed|patch_norm)", 0), (r"(head|norm)/", 7)],
             False: [(r"stage_0/blocks_0/", 1), (r"stage_0/(blocks_1|downsample)/", 2), (r"stage_1/blocks_0/", 3),
-                    (r"stage_1/blocks_1/", 4), (r"stage_1/blocks_2/", 5), (r"(mask_token|patch_embed|patch_norm)", 0),
-                    (r"(head|norm)/", 6)]}
+                    (r"stage_1/blocks_1/", 4), (r"stage_1/blocks_2/", 5), (r"stage_1/blocks_3/", 6),
+                    (r"(mask_token|patch_embed|patch_norm)", 0), (r"(head|norm)/", 7)]}
 
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_layer_ids_are_the_recorded_ones(scan):
   cases = [(vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4, num_classes=5, scan=scan), 16,
             VIT_IDS[scan], 5),
-           (swinv2.SwinV2(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
-                          scan=scan, mask_token=True), 8, SWIN_IDS[scan], 7)]
+           (swinv2.SwinV2(embed_dim=16, depths=(2, 4), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
+                          scan=scan, mask_token=True), 8, SWIN_IDS[scan], 8)]
   for model, image_size, table, num_ids in cases:
     assert model.num_layer_ids == num_ids
     for name in _shapes(model, image_size):

@@ -26,6 +26,7 @@ from visionfm_jax import config_lib, convert, models
 
 from visionfm_jax.training import checkpoint, checks
 from visionfm_jax.errors import CheckpointError
+from visionfm_jax.models import swinv2
 from visionfm_jax.tools import import_hf
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -43,7 +44,7 @@ CONFIGS = {
     "clamped_windows": dict(arch=BACKBONE, image_size=32, patch_size=4, embed_dim=8, depths=[2, 2, 2],
                             num_heads=[2, 2, 4], window_size=8, pretrained_window_sizes=[0, 0, 0], qkv_bias=False,
                             over_clamp="encoder.layers.2.blocks.1."),
-    # Odd depths (scanned stages of 1 and 3 blocks), drop_path_rate in the config (eval: no stochastic depth),
+    # Odd depths (stages of 1 and 3 blocks: unrolled only), drop_path_rate in the config (eval: no stochastic depth),
     # 16x16 (4, 2), 8x8 (4, 2), 4x4 (4, 0). Offsets normalised by the pretraining windows (3, 2, 0), not the
     # window (a 4th entry, as in 4-stage configs, is unused); mlp_ratio 2; a large eps that shows which norms
     # use layer_norm_eps (blocks, final) and which 1e-5 (patch embedding, merging).
@@ -128,7 +129,7 @@ def _assert_matches(ours, ref, label: str) -> None:
   chex.assert_trees_all_close({k: np.asarray(v) for k, v in ours.items()}, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name, scan", [(n, True) for n in CONFIGS] + [(n, False) for n in UNROLLED])
+@pytest.mark.parametrize("name, scan", [(n, True) for n in CONFIGS if n not in UNROLLED] + [(n, False) for n in UNROLLED])
 def test_matches_transformers(hf_dir, name, scan):
   path, hf = hf_dir(name)
   spec = CONFIGS[name]
@@ -146,20 +147,27 @@ def test_matches_transformers(hf_dir, name, scan):
 
 
 def test_scanned_and_unrolled_hold_the_same_numbers(hf_dir):
-  path, _ = hf_dir("classifier_odd_depths")
+  path, _ = hf_dir("clamped_windows")
   scanned = _from_hf(path, True)[1]["params"]
   unrolled = _from_hf(path, False)[1]["params"]
-  depths = CONFIGS["classifier_odd_depths"]["depths"]
-  stacked = {k: convert.stack_layers(v, depths[int(k[-1])]) if k.startswith("stage_") else v
+  depths = CONFIGS["clamped_windows"]["depths"]
+  stacked = {k: convert.stack_layers(v, depths[int(k[-1])], members=swinv2.PAIR) if k.startswith("stage_") else v
              for k, v in unrolled.items()}
   chex.assert_trees_all_equal(stacked, scanned)
-  assert jax.tree.leaves(scanned["stage_1"]["blocks"])[0].shape[0] == 3
+  chex.assert_trees_all_equal(jax.tree.map(lambda a: a[0], scanned["stage_1"]["blocks"]["shifted"]),
+                              unrolled["stage_1"]["blocks_1"])  # block 2j + 1: the shifted one of pair j
+
+
+def test_odd_depths_import_unrolled_only(hf_dir):
+  path, _ = hf_dir("classifier_odd_depths")
+  with pytest.raises(CheckpointError, match=r"depths \[1, 3, 1\].*even.*scan=False"):
+    _from_hf(path, True)
 
 
 def test_qkv_bias_false_converts_to_zero_biases(hf_dir):
   params = _from_hf(hf_dir("clamped_windows")[0], True)[1]["params"]
-  attn = params["stage_2"]["blocks"]["attn"]
-  assert attn["q_bias"].shape == attn["v_bias"].shape == (2, 4, 8)
+  attn = params["stage_2"]["blocks"]["plain"]["attn"]
+  assert attn["q_bias"].shape == attn["v_bias"].shape == (1, 4, 8)
   assert not np.any(attn["q_bias"]) and not np.any(attn["v_bias"])
 
 
@@ -267,7 +275,7 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
 
 def test_import_hf_overrides_name_what_config_cannot_express(hf_dir):
   path, _ = hf_dir("classifier_odd_depths")
-  meta = import_hf.metadata(_from_hf(path, True)[0], path)
+  meta = import_hf.metadata(_from_hf(path, False)[0], path)
   assert (meta["variant"], meta["pretrained_window_sizes"], meta["mlp_ratio"]) == (None, [3, 2, 0], 2.0)
   flags_, notes = import_hf.overrides(meta, "/tmp/out")
   config = _config_from_flags(" ".join(flags_))

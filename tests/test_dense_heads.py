@@ -17,7 +17,7 @@ from visionfm_jax.models import dense_heads, detector, segmenter, swinv2, vit
 # Tiny backbones on 32 px images: ViT 2x2 tokens (the simple pyramid upsamples twice for stride 4); SwinV2
 # 16x16, 8x8, 4x4 stages (strides 2, 4, 8).
 VIT = vit.ViT(**vit.parse_variant("pico/16"))
-SWIN = swinv2.SwinV2(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 2), window_size=4, patch_size=2)
+SWIN = swinv2.SwinV2(embed_dim=8, depths=(1, 1, 1), num_heads=(1, 2, 2), window_size=4, patch_size=2, scan=False)
 IMAGES = np.random.default_rng(0).standard_normal((2, 32, 32, 3)).astype(np.float32)
 NUM_CLASSES = 5
 

@@ -36,7 +36,7 @@ MODELS = {
                               num_classes=5, qkv_bias=False, layer_norm_eps=1e-6),
     "vit_backbone": vit.ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=8, scan=False,
                             layer_norm_eps=1e-12),
-    "swin_classifier": swinv2.SwinV2(embed_dim=8, depths=(2, 1), num_heads=(2, 4), window_size=4,
+    "swin_classifier": swinv2.SwinV2(embed_dim=8, depths=(2, 2), num_heads=(2, 4), window_size=4,
                                      pretrained_window_sizes=(3, 2), patch_size=2, image_size=16, num_classes=3,
                                      mlp_ratio=2.0, layer_norm_eps=1e-4),
 }

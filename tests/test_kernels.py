@@ -1,6 +1,6 @@
 """models/kernels.py: every CPU trick against the plain path (values and gradients), the hand-written attention
-backward against autodiff of JAX's attention, the switch itself, whole models in both modes, and the config
-errors of the switch and of the attention names."""
+backward against autodiff of JAX's attention, the choice of forms and its override (one jit cache never holds
+both), whole models in both forms, and the config errors of the attention names."""
 
 import chex
 import flax.linen as nn
@@ -26,11 +26,33 @@ def _value_and_grads(f, args, argnums):
   return f(*args), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=argnums)(*args)
 
 
-def test_resolve_picks_the_backend_path_and_names_bad_modes():
-  assert kernels.resolve("auto") == ("cpu" if jax.default_backend() == "cpu" else "plain")
-  assert [kernels.resolve(m) for m in MODES] == list(MODES)
-  with pytest.raises(ValueError, match="kernels='fast'.*auto"):
-    kernels.resolve("fast")
+def test_the_forms_are_the_backends_unless_forced_and_bad_forms_are_named():
+  assert kernels.cpu_forms() == (jax.default_backend() == "cpu")
+  for mode in MODES:
+    with kernels.forced(mode):
+      assert kernels.cpu_forms() == (mode == "cpu")
+  with pytest.raises(ValueError, match="'fast'.*plain.*cpu"):
+    kernels.forced("fast")
+
+
+def test_forcing_the_forms_retraces_a_jitted_function_instead_of_reusing_the_other_trace():
+  """The override is part of jit's cache key: one jitted function gives the plain program under 'plain' and the
+  CPU one under 'cpu', in any order, and traces once per choice."""
+  traces = []
+
+  @jax.jit
+  def grad_of_broadcast(b):
+    traces.append(kernels.cpu_forms())
+    return jax.grad(lambda b: jnp.sum(jnp.cos(kernels.broadcast_leading(b, (4,) + b.shape))))(b)
+
+  b = jnp.ones((3, 2))
+  programs = {}
+  for mode in ("cpu", "plain", "cpu", "plain"):
+    with kernels.forced(mode):
+      grad_of_broadcast(b)
+      programs[mode] = grad_of_broadcast.lower(b).as_text()
+  assert traces == [True, False]
+  assert "dot_general" in programs["cpu"] and "dot_general" not in programs["plain"]
 
 
 @pytest.mark.parametrize("x_shape,kernel_shape,num_axes", [((2, 5, 6), (6, 3, 2, 4), 1), ((2, 5, 3, 4), (3, 4, 6), 2)])
@@ -51,11 +73,12 @@ def test_broadcast_leading_gradient_is_the_sum():
   x, b = _normal(rng, (4, 6, 3)), _normal(rng, (6, 3))
   expected = jax.grad(lambda b: jnp.sum(jnp.cos(jnp.broadcast_to(b, x.shape) * x)))(b)
   for mode in MODES:
-    grad = jax.grad(lambda b, m=mode: jnp.sum(jnp.cos(kernels.broadcast_leading(b, x.shape, m) * x)))(b)
-    chex.assert_trees_all_close(grad, expected, atol=1e-5)
-    chex.assert_trees_all_close(kernels.sum_leading(x, 2, mode), jnp.sum(x, axis=(0, 1)), atol=1e-5)
-    with pytest.raises(ValueError, match="not a suffix"):
-      kernels.broadcast_leading(b, (6, 4), mode)
+    with kernels.forced(mode):
+      grad = jax.grad(lambda b: jnp.sum(jnp.cos(kernels.broadcast_leading(b, x.shape) * x)))(b)
+      chex.assert_trees_all_close(grad, expected, atol=1e-5)
+      chex.assert_trees_all_close(kernels.sum_leading(x, 2), jnp.sum(x, axis=(0, 1)), atol=1e-5)
+      with pytest.raises(ValueError, match="not a suffix"):
+        kernels.broadcast_leading(b, (6, 4))
   chex.assert_trees_all_close(kernels.sum_leading_as_matmul(x, 2), jnp.sum(x, axis=(0, 1)), atol=1e-5)
 
 
@@ -63,18 +86,25 @@ def test_broadcast_leading_gradient_is_the_sum():
 def test_patch_conv_as_matmul_is_the_strided_convolution(image_hw, patch):
   rng = np.random.default_rng(1)
   images = _normal(rng, (2, *image_hw, 3))
-  conv = lambda m: nn.Conv(5, (patch, patch), strides=(patch, patch), padding="VALID", conv_general_dilated=kernels.patch_conv(m))
-  params = conv("plain").init(jax.random.key(0), images)
-  plain, cpu = (_value_and_grads(lambda p, x, m=m: conv(m).apply(p, x), (params, images), (0, 1)) for m in MODES)
-  chex.assert_trees_all_close(cpu, plain, atol=1e-5)
+  conv = nn.Conv(5, (patch, patch), strides=(patch, patch), padding="VALID", conv_general_dilated=kernels.patch_conv)
+  params = conv.init(jax.random.key(0), images)
+  forms = {}
+  for mode in MODES:
+    with kernels.forced(mode):
+      forms[mode] = _value_and_grads(conv.apply, (params, images), (0, 1))
+  chex.assert_trees_all_close(forms["cpu"], forms["plain"], atol=1e-5)
 
 
 def test_patch_conv_as_matmul_leaves_other_convolutions_to_xla():
   rng = np.random.default_rng(2)
   images = _normal(rng, (1, 7, 7, 2))
-  conv = lambda m: nn.Conv(3, (3, 3), strides=(2, 2), padding="SAME", conv_general_dilated=kernels.patch_conv(m))
-  params = conv("plain").init(jax.random.key(0), images)
-  chex.assert_trees_all_close(conv("cpu").apply(params, images), conv("plain").apply(params, images), atol=1e-6)
+  conv = nn.Conv(3, (3, 3), strides=(2, 2), padding="SAME", conv_general_dilated=kernels.patch_conv)
+  params = conv.init(jax.random.key(0), images)
+  with kernels.forced("cpu"):
+    cpu = conv.apply(params, images)
+  chex.assert_trees_all_close(cpu, jax.lax.conv_general_dilated(images, params["params"]["kernel"], (2, 2), "SAME",
+                                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
+                              + params["params"]["bias"], atol=1e-6)
 
 
 def _reference_attention(q, k, v, bias, mask):
@@ -91,11 +121,12 @@ def test_softmax_attention_matches_jax_forward_and_gradients(mode):
   q, k, v = (_normal(rng, (2, 3, 7, 4)) for _ in range(3))
   bias = _normal(rng, (3, 7, 7))
   mask = jnp.asarray(rng.random((2, 1, 7, 7)) > 0.3).at[..., 0].set(True)
-  ours = lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b, mask=mask, mode=mode)
+  ours = lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b, mask=mask)
   theirs = lambda q, k, v, b: _reference_attention(q, k, v, jnp.broadcast_to(b, (2, 3, 7, 7)), mask)
-  chex.assert_trees_all_close(ours(q, k, v, bias), theirs(q, k, v, bias), atol=1e-6)
   loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
-  grads = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, bias)
+  with kernels.forced(mode):
+    chex.assert_trees_all_close(ours(q, k, v, bias), theirs(q, k, v, bias), atol=1e-6)
+    grads = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, bias)
   expected = jax.grad(loss(theirs), argnums=(0, 1, 2, 3))(q, k, v, bias)
   chex.assert_trees_all_close(grads, expected, atol=2e-6)
 
@@ -105,10 +136,11 @@ def test_softmax_attention_numerical_gradients(mode):
   rng = np.random.default_rng(1)
   q, k, v = (_normal(rng, (2, 2, 5, 3)) for _ in range(3))
   bias = _normal(rng, (2, 2, 5, 5))
-  check_grads(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b, mode=mode), (q, k, v, bias), order=1,
-              modes=["rev"], atol=1e-2, rtol=1e-2)
-  check_grads(lambda q, k, v: kernels.softmax_attention(q, k, v, mode=mode), (q, k, v), order=1, modes=["rev"],
-              atol=1e-2, rtol=1e-2)
+  with kernels.forced(mode):
+    check_grads(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b), (q, k, v, bias), order=1,
+                modes=["rev"], atol=1e-2, rtol=1e-2)
+    check_grads(lambda q, k, v: kernels.softmax_attention(q, k, v), (q, k, v), order=1, modes=["rev"],
+                atol=1e-2, rtol=1e-2)
 
 
 def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
@@ -117,24 +149,23 @@ def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
     kernels.softmax_attention(q, q, q, bias=jnp.zeros((3, 5, 4)))
 
 
-@pytest.mark.parametrize("make_model,image_size", [
-    (lambda m: vit.ViT(**vit.parse_variant("pico/4"), num_classes=5, kernels=m), 16),
-    (lambda m: swinv2.SwinV2(16, (2, 1), (2, 4), window_size=2, patch_size=2, image_size=8, num_classes=5,
-                             scan=False, kernels=m), 8)], ids=["vit", "swinv2"])
-def test_models_compute_the_same_in_both_modes(make_model, image_size):
-  """The switch changes how, never what: same params, logits and gradients with every trick on or off."""
+@pytest.mark.parametrize("model,image_size", [
+    (vit.ViT(**vit.parse_variant("pico/4"), num_classes=5), 16),
+    (swinv2.SwinV2(16, (2, 2), (2, 4), window_size=2, patch_size=2, image_size=8, num_classes=5, scan=False), 8)],
+    ids=["vit", "swinv2"])
+def test_models_compute_the_same_in_both_forms(model, image_size):
+  """The forms change how, never what: same params, logits and gradients with every trick on or off."""
   images = _normal(np.random.default_rng(4), (2, image_size, image_size, 3))
-  params = jax.jit(make_model("plain").init)(jax.random.key(0), images)
-  chex.assert_trees_all_equal_shapes_and_dtypes(jax.eval_shape(make_model("cpu").init, jax.random.key(0), images),
-                                                params)
+  params = jax.jit(model.init)(jax.random.key(0), images)
   # The zero-initialised head would zero every gradient but its own: move every param off its init.
   params = jax.tree.map(lambda a: a + 0.01, params)
-
-  def logits_and_grads(mode):
-    logits = lambda p: make_model(mode).apply(p, images)["logits"]
-    return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
-
-  chex.assert_trees_all_close(logits_and_grads("cpu"), logits_and_grads("plain"), rtol=1e-4, atol=1e-5)
+  logits = lambda p: model.apply(p, images)["logits"]
+  logits_and_grads = jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))
+  forms = {}
+  for mode in MODES:
+    with kernels.forced(mode):
+      forms[mode] = logits_and_grads(params)
+  chex.assert_trees_all_close(forms["cpu"], forms["plain"], rtol=1e-4, atol=1e-5)
 
 
 @pytest.mark.parametrize("family,field", [("vit", "attention"), ("swinv2", "attention"), ("clip", "text.attention")])
@@ -146,9 +177,3 @@ def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, fiel
     with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):
       models.build(model_cfg, jnp.float32)
 
-
-def test_an_unknown_kernels_mode_is_a_config_error():
-  model_cfg = config_lib.model_config("swinv2")
-  model_cfg.kernels = "gpu"
-  with pytest.raises(ConfigError, match="kernels='gpu'"):
-    models.build(model_cfg, jnp.float32)

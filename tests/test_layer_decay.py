@@ -55,23 +55,25 @@ def test_vit_layer_multipliers(scan):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_swinv2_layer_ids_count_blocks_across_stages(scan):
-  model = swinv2.SwinV2(embed_dim=16, depths=(2, 3), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
+  model = swinv2.SwinV2(embed_dim=16, depths=(2, 4), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
                         scan=scan, mask_token=True)
   shapes = _shapes(model, image_size=8)
   ids, total = optim.layer_ids(model, shapes)
-  assert total == 5
+  assert total == 6
   for name in ("patch_embed/kernel", "patch_norm/ln/scale", "mask_token"):
     assert ids[name] == 0, name
   assert ids["stage_0/downsample/reduction/kernel"] == 2  # with the block before it: stage 0's last
-  assert ids["norm/ln/scale"] == ids["head/kernel"] == 6
-  if scan:
-    np.testing.assert_array_equal(ids["stage_0/blocks/attn/qkv/kernel"], [1, 2])
-    np.testing.assert_array_equal(ids["stage_1/blocks/attn/cpb_mlp/fc1/kernel"], [3, 4, 5])
+  assert ids["norm/ln/scale"] == ids["head/kernel"] == 7
+  if scan:  # (plain, shifted) pairs: blocks 2j and 2j + 1 of their stage
+    np.testing.assert_array_equal(ids["stage_0/blocks/plain/attn/qkv/kernel"], [1])
+    np.testing.assert_array_equal(ids["stage_0/blocks/shifted/attn/qkv/kernel"], [2])
+    np.testing.assert_array_equal(ids["stage_1/blocks/plain/attn/cpb_mlp/fc1/kernel"], [3, 5])
+    np.testing.assert_array_equal(ids["stage_1/blocks/shifted/attn/cpb_mlp/fc1/kernel"], [4, 6])
   else:
-    assert [ids[f"stage_1/blocks_{i}/mlp/fc2/kernel"] for i in range(3)] == [3, 4, 5]
+    assert [ids[f"stage_1/blocks_{i}/mlp/fc2/kernel"] for i in range(4)] == [3, 4, 5, 6]
   mults = optim.lr_multipliers(_optim(layer_decay=0.8), shapes, model)
-  np.testing.assert_allclose(np.ravel(mults["stage_1/blocks/attn/logit_scale" if scan else
-                                            "stage_1/blocks_2/attn/logit_scale"])[-1], 0.8)
+  np.testing.assert_allclose(np.ravel(mults["stage_1/blocks/shifted/attn/logit_scale" if scan else
+                                            "stage_1/blocks_3/attn/logit_scale"])[-1], 0.8)
 
 
 def test_backbone_under_a_prefix_and_rules_first_match_wins():

@@ -1,5 +1,5 @@
-"""The building blocks of models/layers.py against JAX's and flax's own implementations: attention, Dense (in
-both kernels modes), LayerNorm. The kernels themselves are tested in test_kernels.py."""
+"""The building blocks of models/layers.py against JAX's and flax's own implementations: attention, Dense,
+LayerNorm. The kernels themselves are tested in test_kernels.py."""
 
 import chex
 import flax.linen as nn

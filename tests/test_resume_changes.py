@@ -105,7 +105,7 @@ def test_a_finished_run_rerun_unchanged_trains_nothing_and_keeps_both_launch_con
 
 
 def test_resume_rules_classify_fields():
-  for path in ("model.attention", "model.text.attention", "model.image.remat_policy", "model.kernels"):
+  for path in ("model.attention", "model.text.attention", "model.image.remat_policy"):
     assert config_lib.resume_kind(path) == config_lib.FREE, path
   assert config_lib.resume_kind("model.text.variant") == config_lib.REFUSED
   assert [config_lib.resume_kind(p) for p in ("model.variant", "data.source", "task", "optim.freeze")] == [

@@ -89,46 +89,53 @@ def test_extra_norm_positions_per_stage_and_global():
 
 
 def test_extra_norm_normalises_the_main_branch_and_has_no_params():
-  block = swinv2.SwinBlock(num_heads=2, window=4, shift=2, pretrained_window=0, extra_norm=True)
+  block = swinv2.SwinBlock(num_heads=2, window=4, shift=2, pretrained_window=0, shifted=True, extra_norm=True)
   x = 3.0 + 2.0 * jax.random.normal(jax.random.key(0), (2, 8, 8, 16))
-  flags = (jnp.float32(0.0), jnp.bool_(True), jnp.bool_(True))
+  flags = (jnp.float32(0.0), jnp.bool_(True))
   variables = block.init(jax.random.key(1), x, flags)
-  plain = swinv2.SwinBlock(num_heads=2, window=4, shift=2, pretrained_window=0)
+  plain = swinv2.SwinBlock(num_heads=2, window=4, shift=2, pretrained_window=0, shifted=True)
   assert _count(variables) == _count(plain.init(jax.random.key(1), x, flags))
-  normed, _ = block.apply(variables, x, flags)
-  np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-5)
-  np.testing.assert_allclose(normed.std(-1), 1.0, atol=1e-3)
-  untouched, _ = block.apply(variables, x, flags[:2] + (jnp.bool_(False),))
+  for extra in (jnp.bool_(True), True):  # traced (scanned blocks) or static (unrolled)
+    normed, _ = block.apply(variables, x, (flags[0], extra))
+    np.testing.assert_allclose(normed.mean(-1), 0.0, atol=1e-5)
+    np.testing.assert_allclose(normed.std(-1), 1.0, atol=1e-3)
   reference, _ = plain.apply(variables, x, flags)
-  chex.assert_trees_all_close(untouched, reference)
+  for extra in (jnp.bool_(False), False):
+    untouched, _ = block.apply(variables, x, (flags[0], extra))
+    chex.assert_trees_all_close(untouched, reference)
 
 
 def _small(**kw):
-  base = dict(embed_dim=16, depths=(3, 2), num_heads=(2, 4), window_size=4, patch_size=2, num_classes=5,
-              extra_norm_period=2)
+  base = dict(embed_dim=16, depths=(4, 2), num_heads=(2, 4), window_size=4, patch_size=2, num_classes=5,
+              extra_norm_period=3)
   return swinv2.SwinV2(**{**base, **kw})
 
 
 @pytest.mark.parametrize("policy", ["none", "nothing_saveable"])
 def test_scanned_and_unrolled_stages_agree(policy):
-  # 20 px, patch 2: a 10x10 map padded to 12 for window 4, shifted (odd depth 3), then 5x5 -> one window.
+  # 20 px, patch 2: a 10x10 map padded to 12 for window 4, shifted blocks 1 and 3, an extra norm after block 2
+  # (a plain block's), then 5x5 -> one window.
   images = jax.random.normal(jax.random.key(1), (2, 20, 20, 3))
   scanned, unrolled = _small(scan=True, remat_policy=policy), _small(scan=False, remat_policy=policy)
   params = _params(scanned, 20)
-  flat = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in params.items()}
-  assert set(flat["stage_0"]) == {"blocks_0", "blocks_1", "blocks_2", "downsample"}
+  assert set(params["stage_0"]["blocks"]) == set(swinv2.PAIR)
+  unstack = lambda v: unstack_layers(v, name="blocks", members=swinv2.PAIR)
+  flat = {k: (unstack(v) if k.startswith("stage_") else v) for k, v in params.items()}
+  assert set(flat["stage_0"]) == {"blocks_0", "blocks_1", "blocks_2", "blocks_3", "downsample"}
+  chex.assert_trees_all_equal(flat["stage_0"]["blocks_3"],
+                              jax.tree.map(lambda a: a[1], params["stage_0"]["blocks"]["shifted"]))
   out_scan = jax.jit(scanned.apply)({"params": params}, images)
   out_unrolled = jax.jit(unrolled.apply)({"params": flat}, images)
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
-  restacked = {k: (stack_layers(v, len(v) - ("downsample" in v), name="blocks") if k.startswith("stage_") else v)
-               for k, v in flat.items()}
+  restacked = {k: (stack_layers(v, len(v) - ("downsample" in v), name="blocks", members=swinv2.PAIR)
+                   if k.startswith("stage_") else v) for k, v in flat.items()}
   chex.assert_trees_all_equal(restacked, params)
 
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, images)["logits"] ** 2)
   g_scan = jax.jit(jax.grad(lambda p: loss(scanned, p)))(params)
   g_unrolled = jax.jit(jax.grad(lambda p: loss(unrolled, p)))(flat)
-  g_scan = {k: (unstack_layers(v, name="blocks") if k.startswith("stage_") else v) for k, v in g_scan.items()}
+  g_scan = {k: (unstack(v) if k.startswith("stage_") else v) for k, v in g_scan.items()}
   chex.assert_trees_all_close(g_scan, g_unrolled, atol=1e-4, rtol=1e-4)
 
 
@@ -137,12 +144,12 @@ def test_every_param_has_logical_axis_names_and_zero_post_norms():
   boxed = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
-  attn = boxed["params"]["stage_0"]["blocks"]["attn"]
+  attn = boxed["params"]["stage_0"]["blocks"]["shifted"]["attn"]
   assert attn["qkv"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
   np.testing.assert_allclose(attn["logit_scale"].value, math.log(10.0))
   # Res-post-norm blocks start as the identity: both block norms are zero (weight and bias).
   for norm in ("norm1", "norm2"):
-    ln = boxed["params"]["stage_0"]["blocks"][norm]["ln"]
+    ln = boxed["params"]["stage_0"]["blocks"]["plain"][norm]["ln"]
     assert not np.any(ln["scale"].value) and not np.any(ln["bias"].value)
 
 
@@ -213,6 +220,14 @@ def test_no_weight_decay_for_biases_norms_position_bias_and_logit_scale():
   assert decayed == ["attn/out/kernel", "attn/qkv/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel"]
   assert decays["stage_0/downsample/reduction/kernel"] and decays["head/kernel"]
   assert not any(d for k, d in decays.items() if "cpb_mlp" in k or "logit_scale" in k or "_bias" in k)
+
+
+def test_a_scanned_stage_of_odd_depth_is_an_error_naming_the_depths():
+  with pytest.raises(ValueError, match=r"depths \(3, 2\).*even.*scan=False"):
+    _small(depths=(3, 2)).init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  params = _params(_small(depths=(3, 2), scan=False), 16)  # unrolled, any depth: block i is blocks_i
+  assert sorted(params["stage_0"]) == ["blocks_0", "blocks_1", "blocks_2", "downsample"]
+  assert all(depth % 2 == 0 for _, depths, _ in swinv2.SIZES.values() for depth in depths)  # every named size
 
 
 def test_bad_model_config_names_the_field():

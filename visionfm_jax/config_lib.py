@@ -34,7 +34,7 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
 # What a composite model (clip, aurora) sets for its towers (models/towers.py): its own value of these fields,
 # once for all towers, and no classification head. A tower's config has neither.
-TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy", "kernels")
+TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy")
 TOWER_HEADLESS = {"num_classes": 0, "head_bias_init": 0.0}
 # RandAugment's largest magnitude M (data/randaugment.py): here, without Pillow and grain, for DOMAINS.
 RANDAUGMENT_MAX_MAGNITUDE = 30
@@ -50,8 +50,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
                 scan=True, remat_policy="nothing_saveable",
                 # auto (cuDNN on GPUs in bf16/fp16, else softmax) | softmax (einsums, hand-written backward) |
                 # cudnn (cuDNN flash attention, GPU) | jax (jax.nn.dot_product_attention choosing); layers.ATTENTION
-                attention="auto",
-                kernels="auto")  # auto | plain | cpu: backend speed tricks (models/kernels.py); auto = cpu on CPU
+                attention="auto")
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True,  # pool: cls | gap
                   # CLIP's image tower: a LayerNorm before the blocks, a bias-free patch embedding; the MLP
@@ -633,9 +632,9 @@ def check(config: ml_collections.ConfigDict) -> None:
 # accepted only when named in config.resume.allow_changes).
 REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
 RESUME_RULES: tuple[tuple[str, str], ...] = (
-    # how a model computes, not what: its kernels, attention implementation and remat policy (same params, same
-    # numbers up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
-    (r"model\.(\w+\.)?(attention|kernels|remat_policy)", FREE),
+    # how a model computes, not what: its attention implementation and remat policy (same params, same numbers
+    # up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
+    (r"model\.(\w+\.)?(attention|remat_policy)", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),

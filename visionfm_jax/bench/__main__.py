@@ -18,8 +18,8 @@ each interleaved pair of steps: `ratio_paired` is their median and `ratio_ci90` 
 median (resampling the pairs); `verdict` says "faster" or "slower" only when the whole interval lies on one side
 of 1, else "within noise".
 
-`--compare=plain` interleaves the same way with our own step built with `config.model.kernels=plain` (every
-backend trick of models/kernels.py off): the ratio says what the config's kernels buy (below 1: they pay).
+`--compare=plain` interleaves the same way with our own step traced with `kernels.forced('plain')` (every
+backend trick of models/kernels.py off): the ratio says what those tricks buy (below 1: they pay).
 
 `--profile=DIR` traces `--profile_steps` (3) more steps with jax.profiler and prints the busiest operations of
 each device timeline (bench/profile.py): where the step's time goes, e.g. for the MFU gap on a GPU.
@@ -74,7 +74,7 @@ def make_flags(argv) -> flags.FlagValues:
                     "XLA CPU library for the step's dots (compiler options of this executable only).", flag_values=fv)
   flags.DEFINE_enum("compare", "", ["", "torch", "plain"],
                     "Also time the PyTorch twin (classification with ViT or SwinV2), or our step with "
-                    "config.model.kernels=plain.", flag_values=fv)
+                    "the plain forms of models/kernels.py.", flag_values=fv)
   return fv
 
 def versions() -> dict[str, str]:
@@ -112,14 +112,6 @@ def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 200
   return {"ratio_paired": float(np.median(ratios)), "ratio_ci90": [float(low), float(high)], "verdict": verdict}
 
 
-def plain_kernels(config):
-  """A copy of `config` whose model runs XLA's plain path (`config.model.kernels='plain'`)."""
-  plain = config.copy_and_resolve_references()
-  with plain.unlocked():
-    plain.model.kernels = "plain"
-  return plain
-
-
 def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0,
               cpu_dots: str = "default", profile: str = "", profile_steps: int = 3) -> dict:
   """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line (with
@@ -141,7 +133,8 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   if compare == "torch":
     runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
   if compare == "plain":
-    runners["plain"] = step_lib.JaxStep(plain_kernels(config), mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots])
+    runners["plain"] = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots],
+                                        kernel_forms="plain")
   for _ in range(warmup):
     for runner in runners.values():
       runner.timed_step()

@@ -273,6 +273,7 @@ def compile_step(config, devices: int, target: str = ""):
   import numpy as np  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax import parallel, tasks  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import checks, train  # pylint: disable=g-import-not-at-top
 
   if target:
@@ -281,14 +282,13 @@ def compile_step(config, devices: int, target: str = ""):
     raise ConfigError(f"--devices={devices}: this process has {jax.device_count()} devices")
   else:
     mesh_devices = jax.devices()[:devices]
-  if config.model.kernels == "auto":  # plan the program the accelerators run, not the simulating CPU's tricks
-    config = apply(config, {"model.kernels": "plain"})
   checks.validate(config, devices)
   mesh = parallel.make_mesh(config.mesh, mesh_devices)
   task = tasks.build(config, mesh)
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-  return train.compile_train_step(config, mesh, batch, task), task, mesh_devices
+  with kernels.forced("plain"):  # plan the program the accelerators run, not the simulating CPU's tricks
+    return train.compile_train_step(config, mesh, batch, task), task, mesh_devices
 
 
 def plan(config, devices: int, target: str = "") -> dict:

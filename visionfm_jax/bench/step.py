@@ -1,12 +1,13 @@
 """Times train.py's own train step (same jit, shardings, donation, optimizer) on synthetic batches.
 
 `JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures; `compiler_options` are
-XLA options for this executable alone), then
+XLA options for this executable alone; `kernel_forms` forces models/kernels.py's forms, e.g. 'plain'), then
 `timed_step()` runs one step to completion and returns (wall seconds, CPU seconds of this process).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 
 import flax.linen as nn
@@ -14,13 +15,14 @@ import jax
 import numpy as np
 
 from visionfm_jax import parallel, tasks
+from visionfm_jax.models import kernels
 
 from visionfm_jax.training import optim, train
 
 
 class JaxStep:
 
-  def __init__(self, config, devices=None, compiler_options=None):
+  def __init__(self, config, devices=None, compiler_options=None, kernel_forms: str | None = None):
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
@@ -34,7 +36,8 @@ class JaxStep:
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
       step = train.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
-      self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
+      with kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext():
+        self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
       self.compile_seconds = time.perf_counter() - start
 
   def timed_step(self) -> tuple[float, float]:

@@ -16,6 +16,7 @@ Mapping (HF Linear weights are (out, in); ours are (in, out) kernels; `L.s.B.j` 
   L.s.B.j.intermediate.dense / output.dense -> mlp/fc1 / fc2
   encoder.layers.s.downsample.{reduction, norm} -> stage_s/downsample/{reduction, norm}
   layernorm -> norm; classifier -> head
+Scanned, stage_s/blocks_j lives at stage_s/blocks/plain[j // 2] (even j) or stage_s/blocks/shifted[j // 2] (odd j).
 Exported q/v biases are always written (qkv_bias true); our mask token (SimMIM encoders) is not exported.
 """
 
@@ -108,9 +109,12 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   ignored = sorted(set(tensors) & ignorable)
   if ignored:
     logging.warning("%s: ignoring %s (our SwinV2 recomputes or does not use them)", path, show(ignored, 4))
+  if scan and any(depth % 2 for depth in kw["depths"]):
+    raise CheckpointError(f"{path}: depths {list(kw['depths'])}: a scanned SwinV2 repeats (plain, shifted) pairs "
+                          f"of blocks, so every depth must be even; import it unrolled (scan=False, --scan=false)")
   if scan:
-    params = {k: stack_layers(v, kw["depths"][int(k[len("stage_"):])]) if k.startswith("stage_") else v
-              for k, v in params.items()}
+    params = {k: stack_layers(v, kw["depths"][int(k[len("stage_"):])], members=swinv2.PAIR)
+              if k.startswith("stage_") else v for k, v in params.items()}
   model = swinv2.SwinV2(**kw, dtype=dtype, scan=scan)
   check_model(path, model, params)
   return model, {"params": jax.tree.map(jnp.asarray, params)}
@@ -156,7 +160,7 @@ def to_hf(model: swinv2.SwinV2, params: dict[str, Any], labels=None
   write(f"{conv}.bias", params["patch_embed"]["bias"])
   write.norm(f"{p}embeddings.norm", params["patch_norm"])
   for s, depth in enumerate(model.depths):
-    stage = unstack_layers(params[f"stage_{s}"], depth) if model.scan else params[f"stage_{s}"]
+    stage = unstack_layers(params[f"stage_{s}"], depth, members=swinv2.PAIR) if model.scan else params[f"stage_{s}"]
     for j in range(depth):
       _block_to_hf(write, hfc.block_prefix(arch, s, j), stage[f"blocks_{j}"])
     if "downsample" in stage:

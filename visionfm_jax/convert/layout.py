@@ -1,6 +1,8 @@
 """Scanned <-> unrolled block layouts of plain (unboxed) param trees; both hold the same numbers.
 
-Scanned (`scan=True`): one subtree `params[name]` whose leaves have a leading depth axis.
+Scanned (`scan=True`): one subtree `params[name]` whose leaves have a leading depth axis; or, for a stack that
+scans groups of blocks (`members`: SwinV2's (plain, shifted) pairs, `swinv2.PAIR`), `params[name][member]` whose
+leaves have a leading depth / len(members) axis, block g * k + i being member i of group k.
 Unrolled (`scan=False`): subtrees `params[f'{name}_{i}']` for i in range(depth).
 """
 
@@ -27,8 +29,10 @@ def _unrolled_names(params: dict[str, Any], name: str) -> list[str]:
   return sorted((k for k in params if pattern.fullmatch(k)), key=lambda k: int(k.rsplit("_", 1)[1]))
 
 
-def stack_layers(params: dict[str, Any], depth: int, name: str = "blocks") -> dict[str, Any]:
-  """`{name}_0` ... `{name}_{depth-1}` -> `{name}` with a leading depth axis; other entries unchanged."""
+def stack_layers(params: dict[str, Any], depth: int, name: str = "blocks",
+                 members: tuple[str, ...] = ()) -> dict[str, Any]:
+  """`{name}_0` ... `{name}_{depth-1}` -> `{name}` with a leading depth axis (with `members`: `{name}/{member}`,
+  see the module docstring); other entries unchanged."""
   wanted = [f"{name}_{i}" for i in range(depth)]
   found = _unrolled_names(params, name)
   if found != wanted or name in params:
@@ -39,19 +43,31 @@ def stack_layers(params: dict[str, Any], depth: int, name: str = "blocks") -> di
   if len(structures) != 1:
     raise CheckpointError(f"stack_layers: {name}_* have different structures: {sorted(structures)}")
   out = {k: v for k, v in params.items() if k not in wanted}
-  out[name] = jax.tree.map(_stack, *layers)
+  if not members:
+    out[name] = jax.tree.map(_stack, *layers)
+    return out
+  if depth % len(members):
+    raise CheckpointError(f"stack_layers: {depth} {name} do not make groups of {len(members)} {members}")
+  out[name] = {m: jax.tree.map(_stack, *layers[i::len(members)]) for i, m in enumerate(members)}
   return out
 
 
-def unstack_layers(params: dict[str, Any], depth: int | None = None, name: str = "blocks") -> dict[str, Any]:
-  """`{name}` with a leading depth axis -> `{name}_0` ... `{name}_{depth-1}`; other entries unchanged."""
+def unstack_layers(params: dict[str, Any], depth: int | None = None, name: str = "blocks",
+                   members: tuple[str, ...] = ()) -> dict[str, Any]:
+  """`{name}` with a leading depth axis (with `members`: `{name}/{member}`, see the module docstring) ->
+  `{name}_0` ... `{name}_{depth-1}`; other entries unchanged."""
   if name not in params or _unrolled_names(params, name):
     raise CheckpointError(f"unstack_layers: expected a scanned {name!r} and no {name}_<i>; found {sorted(params)}")
-  sizes = {leaf.shape[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(params[name])}
+  groups = len(members) or 1
+  if members and (not isinstance(params[name], dict) or sorted(params[name]) != sorted(members)):
+    raise CheckpointError(f"unstack_layers: expected {name!r} to hold {list(members)}; found "
+                          f"{sorted(params[name]) if isinstance(params[name], dict) else type(params[name]).__name__}")
+  sizes = {leaf.shape[0] * groups if np.ndim(leaf) else None for leaf in jax.tree.leaves(params[name])}
   if len(sizes) != 1 or None in sizes or (depth is not None and sizes != {depth}):
-    raise CheckpointError(f"unstack_layers: leading axes of {name!r} are {sorted(sizes, key=str)}, expected "
+    raise CheckpointError(f"unstack_layers: leading axes of {name!r} make depths {sorted(sizes, key=str)}, expected "
                           f"one depth{f' = {depth}' if depth is not None else ''}")
   out = {k: v for k, v in params.items() if k != name}
   for i in range(sizes.pop()):
-    out[f"{name}_{i}"] = jax.tree.map(lambda x, i=i: x[i], params[name])
+    stacked = params[name][members[i % groups]] if members else params[name]
+    out[f"{name}_{i}"] = jax.tree.map(lambda x, k=i // groups: x[k], stacked)
   return out

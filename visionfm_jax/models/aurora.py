@@ -50,7 +50,6 @@ class AttentionalPooler(nn.Module):
   num_heads: int
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, tokens):
@@ -58,7 +57,7 @@ class AttentionalPooler(nn.Module):
                          (self.num_queries, self.width))
     queries = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_q")(queries)
     context = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_kv")(tokens)
-    pooled = layers.CrossAttention(self.width, self.num_heads, self.dtype, self.kernels, name="attn")(queries, context)
+    pooled = layers.CrossAttention(self.width, self.num_heads, self.dtype, name="attn")(queries, context)
     return layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(pooled)
 
 
@@ -73,16 +72,15 @@ class DecoderBlock(nn.Module):
   layer_norm_eps: float = 1e-5
   attention: str = "softmax"
   dtype: Any = jnp.float32
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, cache, memory, index=None):
     width = x.shape[-1]
     norm = lambda name: layers.LayerNorm(self.layer_norm_eps, self.dtype, name=name)
-    mlp = lambda name: layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, name=name)
+    mlp = lambda name: layers.Mlp(self.mlp_dim, self.dtype, name=name)
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
-                                kernels=self.kernels, name="attn")
+                                name="attn")
     if cache is None:
       x = x + attn(norm("norm1")(x))
     else:
@@ -90,7 +88,7 @@ class DecoderBlock(nn.Module):
       x = x + y
     x = x + mlp("mlp")(norm("norm2")(x))
 
-    cross = layers.CrossAttention(width, self.num_heads, self.dtype, self.kernels, name="cross_attn")
+    cross = layers.CrossAttention(width, self.num_heads, self.dtype, name="cross_attn")
     if cache is None:
       x = x + cross(norm("norm3")(x), memory)
     else:
@@ -113,7 +111,6 @@ class MultimodalDecoder(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, memory, cache=None, index=None):
@@ -121,7 +118,7 @@ class MultimodalDecoder(nn.Module):
     run_blocks = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels)
+        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype)
     x, cache = run_blocks(x, cache, memory, index)
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
     logits = layers.dense(self.vocab_size, (EMBED, VOCAB), self.dtype, use_bias=False, name="vocab_proj",
@@ -151,7 +148,6 @@ class Aurora(nn.Module):
   logit_scale_init: float = LOGIT_SCALE_INIT
   mim_view: str = "separate"
   dtype: Any = jnp.float32
-  kernels: str = "auto"  # models/kernels.py
 
   def __post_init__(self):
     if self.mim_view not in MIM_VIEWS:
@@ -164,8 +160,8 @@ class Aurora(nn.Module):
 
   def setup(self):
     width, heads = self.text.width, self.text.num_heads
-    self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype, kernels=self.kernels)
-    self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype, kernels=self.kernels)
+    self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype)
+    self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype)
     self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
                                    kernel_init=nn.initializers.normal(width ** -0.5))
     self.mim_head = layers.dense(self.stride ** 2 * 3, (EMBED, None), self.dtype,
@@ -302,13 +298,13 @@ def build(model_cfg, dtype) -> Aurora:
                      f"{encoder.output_stride} "
                      "(the MIM head predicts stride x stride pixels per final token)")
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy, kernels=model_cfg.kernels)
+                        remat_policy=model_cfg.remat_policy)
   decoder = MultimodalDecoder(depth=model_cfg.decoder_depth, num_heads=text.num_heads, mlp_dim=text.mlp_dim,
                               vocab_size=text.vocab_size, layer_norm_eps=text.layer_norm_eps,
                               attention=text.attention, dtype=dtype, scan=model_cfg.scan,
-                              remat_policy=model_cfg.remat_policy, kernels=text.kernels)
+                              remat_policy=model_cfg.remat_policy)
   kwargs = dict(encoder=encoder, text=text, decoder=decoder, embed_dim=model_cfg.embed_dim,
                 caption_queries=model_cfg.caption_queries, logit_scale_init=model_cfg.logit_scale_init,
-                mim_view=model_cfg.mim_view, dtype=dtype, kernels=text.kernels)
+                mim_view=model_cfg.mim_view, dtype=dtype)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(Aurora)}
   return Aurora(**kwargs)

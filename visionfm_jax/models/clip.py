@@ -41,7 +41,6 @@ class CLIP(nn.Module):
   text: text_lib.TextTransformer  # its embed_dim must equal embed_dim
   embed_dim: int
   logit_scale_init: float = LOGIT_SCALE_INIT
-  kernels: str = "auto"  # models/kernels.py
 
   def setup(self):
     if self.text.embed_dim != self.embed_dim:
@@ -109,6 +108,5 @@ def build(model_cfg, dtype) -> CLIP:
   except ValueError as e:
     raise ValueError(f"image: {e}") from e
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy, kernels=model_cfg.kernels)
-  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init,
-              kernels=text.kernels)
+                        remat_policy=model_cfg.remat_policy)
+  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init)

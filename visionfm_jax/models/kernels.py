@@ -1,17 +1,14 @@
-"""Backend speed tricks behind one switch, `kernels`: 'plain' | 'cpu' | 'auto'.
+"""Backend speed tricks, decided here and nowhere else: each function below computes the same numbers in two
+forms. 'plain' is the textbook form (broadcasting, `dot_general`, a convolution, autodiff gradients): XLA's natural
+path, the one a GPU wants. 'cpu' swaps in forms that XLA's CPU backend (jaxlib 0.10) runs faster. Models call
+these functions and never choose: the forms are those of the backend the program is traced on (`cpu_forms`),
+'cpu' on the CPU backend and 'plain' on any other.
 
-Every function here computes the same numbers in two ways. 'plain' is the textbook form (broadcasting,
-`dot_general`, a convolution, autodiff gradients): XLA's natural path, the one a GPU wants.
-'cpu' swaps in forms that XLA's CPU backend (jaxlib 0.10) runs faster. 'auto' is 'cpu' on the CPU backend and
-'plain' on any other.
-
-The switch is a field of the model, `config.model.kernels` (checked when the model is built), handed down to
-every module as a string; 'auto' is resolved with `jax.default_backend()`, which is fixed for the life of a
-process, so a model's path never changes after its first trace. Being part of the module, the mode is part of
-the function that `jax.jit` traces: models built with different modes are different jitted functions, so one
-jit cache never holds both paths. A process-wide flag read at trace time could not promise that (a flag flipped
-after the first trace reuses the stale trace), and `jax.lax.platform_dependent` traces both branches into the
-program and cannot force a path (tests and `bench --compare=plain` need to).
+`forced(forms)` overrides that choice for a test, a benchmark against the plain path (`bench --compare=plain`)
+or a deviceless GPU compile on a CPU host (bench/memory_plan.py). It is a `jax.make_user_context`: its value is
+part of every jit's cache key, so a function traced under one choice is traced again under the other and one
+jit cache never holds both paths (a module-level flag read at trace time could not promise that; and
+`jax.lax.platform_dependent` traces both branches into the program and cannot force a path).
 
 The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-8) and again in session 10
 (the whole set against 'plain', and one at a time; three tricks that no longer paid were dropped there: a matmul
@@ -19,49 +16,46 @@ gradient for dense biases, norm params and ViT's position embedding, an erf-writ
 gradient for SwinV2's position-bias gather). A dense layer's multi-axis contraction as one 2-D matmul
 (`contract_trailing`, 1.65x on the CPU for qkv's forward + backward) is no longer a trick but the one form: the
 deviceless GPU compile (bench/roofline.py) makes the same cuBLAS GEMMs of both forms, and with the bias added to
-the 2-D product (`flat_dense`) cuBLASLt adds it in its epilogue.
+the 2-D product (`flat_dense`) cuBLASLt adds it in its epilogue. What stays behind the choice compiles to another
+GPU program (session 15: the patch embedding as a GEMM instead of one cuDNN convolution):
   patch_conv             the stride = kernel patch embedding as patches @ kernel (its gradient 2.4x faster)
   broadcast_leading      SwinV2's position bias broadcast over windows, whose gradient (like the attention
   sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
                          on a SwinV2-T stage-0 block's (128, 3, 196, 196) bias gradient (216 vs 3.4 ms)
 
-`softmax_attention` (attention='softmax') has a hand-written backward in every mode. It is not a backend trick
-but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where autodiff
-of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan from
-95.5 to 60.6 GiB (BENCHMARKS.md, memory plans), which decides whether it fits an 80 GB GPU at all. The mode only
-picks how its bias gradient is summed.
+`softmax_attention` (attention='softmax') has a hand-written backward on every backend. It is not a backend
+trick but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where
+autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan
+from 95.5 to 60.6 GiB (BENCHMARKS.md, memory plans), which decides whether it fits an 80 GB GPU at all. The
+forms only pick how its bias gradient is summed.
 """
 
 from __future__ import annotations
 
 import functools
 import math
-from typing import Callable
 
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-MODES = ("auto", "plain", "cpu")
+FORMS = ("plain", "cpu")
+_FORCED = jax.make_user_context(None)  # None: the backend's forms
 
 
-def check_mode(mode: str) -> str:
-  """`mode`, or a ValueError naming it unless it is one of MODES."""
-  if mode not in MODES:
-    raise ValueError(f"kernels={mode!r}: expected one of {MODES}")
-  return mode
+def forced(forms: str):
+  """A context manager under which programs are traced with `forms` ('plain' | 'cpu') whatever the backend
+  (part of jit's cache key: see the module docstring)."""
+  if forms not in FORMS:
+    raise ValueError(f"kernel forms {forms!r}: expected one of {FORMS}")
+  return _FORCED(forms)
 
 
-def resolve(mode: str) -> str:
-  """'plain' or 'cpu': `mode` itself, or for 'auto' the default backend's ('cpu' on CPU, else 'plain')."""
-  if check_mode(mode) == "auto":
-    return "cpu" if jax.default_backend() == "cpu" else "plain"
-  return mode
-
-
-def _on_cpu_path(mode: str) -> bool:
-  return resolve(mode) == "cpu"
+def cpu_forms() -> bool:
+  """Whether what is being traced takes the CPU forms: those `forced`, else the default backend's."""
+  forms = _FORCED.value or ("cpu" if jax.default_backend() == "cpu" else "plain")
+  return forms == "cpu"
 
 
 # ----------------------------------------------------------------------------------------------- dense layers
@@ -106,21 +100,25 @@ def sum_leading_as_matmul(x: jax.Array, num_axes: int) -> jax.Array:
   return total.astype(x.dtype)
 
 
-def sum_leading(x: jax.Array, num_axes: int, mode: str) -> jax.Array:
+def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
   """sum of `x` over its first `num_axes` axes: `jnp.sum` ('plain') or `sum_leading_as_matmul` ('cpu': XLA's
   CPU backend reduces over leading axes up to 50x slower than it multiplies by a ones vector)."""
-  if _on_cpu_path(mode):
+  return _sum_leading(x, num_axes, cpu_forms())
+
+
+def _sum_leading(x: jax.Array, num_axes: int, cpu: bool) -> jax.Array:
+  if cpu:
     return sum_leading_as_matmul(x, num_axes)
   return jnp.sum(x, axis=tuple(range(num_axes))) if num_axes else x
 
 
-def broadcast_leading(x: jax.Array, shape: tuple[int, ...], mode: str) -> jax.Array:
+def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """`jnp.broadcast_to(x, shape)` for an `x` whose shape is a suffix of `shape` (a bias over tokens). 'cpu':
   its gradient, the sum over the leading axes, is `sum_leading_as_matmul` instead of XLA's reduction."""
   shape = tuple(shape)
   if shape[len(shape) - x.ndim:] != tuple(x.shape):
     raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
-  if not _on_cpu_path(mode):
+  if not cpu_forms():
     return jnp.broadcast_to(x, shape)
   return _broadcast_with_matmul_grad(x, shape, len(shape) - x.ndim)
 
@@ -145,10 +143,11 @@ _broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_w
 
 # ------------------------------------------------------------------------------------------- patch embedding
 
-def patch_conv(mode: str) -> Callable[..., jax.Array]:
-  """The `conv_general_dilated` for a patch embedding's `nn.Conv`: `jax.lax.conv_general_dilated` ('plain') or
+def patch_conv(lhs, rhs, window_strides, padding, **kwargs):
+  """The `conv_general_dilated` of a patch embedding's `nn.Conv`: `jax.lax.conv_general_dilated` ('plain') or
   `patch_conv_as_matmul` ('cpu')."""
-  return patch_conv_as_matmul if _on_cpu_path(mode) else jax.lax.conv_general_dilated
+  conv = patch_conv_as_matmul if cpu_forms() else jax.lax.conv_general_dilated
+  return conv(lhs, rhs, window_strides, padding, **kwargs)
 
 
 def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -172,19 +171,19 @@ def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, r
 
 # ------------------------------------------------------------------------------------------------- attention
 
-def softmax_attention(q, k, v, *, bias=None, mask=None, mode: str = "auto"):
+def softmax_attention(q, k, v, *, bias=None, mask=None):
   """softmax(q k^T + bias, masked) v over (..., H, T, D) inputs (q already scaled), logits and softmax in fp32.
 
   `bias` (differentiable) is an additive term whose shape is a suffix of (..., H, T_q, T_k) (a position bias
   (H, T_q, T_k), or per window (nW, H, T_q, T_k)); `mask` (boolean, True = may attend) broadcasts to the
-  logits. The backward is written from the softmax's Jacobian in every mode: four batched matmuls and one
-  elementwise pass, dS = P * (dP - rowsum(dO * O)), keeping P in the compute dtype (see the module docstring);
-  the bias gradient is `sum_leading` of dS in `mode`.
+  logits. The backward is written from the softmax's Jacobian: four batched matmuls and one elementwise pass,
+  dS = P * (dP - rowsum(dO * O)), keeping P in the compute dtype (see the module docstring); the bias gradient
+  is `sum_leading` of dS in the forms of the forward's trace.
   """
   logits_shape = q.shape[:-2] + (q.shape[-2], k.shape[-2])
   if bias is not None and tuple(bias.shape) != tuple(logits_shape[len(logits_shape) - bias.ndim:]):
     raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape {logits_shape}")
-  return _softmax_attention(q, k, v, bias, mask, resolve(mode))
+  return _softmax_attention(q, k, v, bias, mask, "cpu" if cpu_forms() else "plain")
 
 
 def _attention_probs(q, k, bias, mask):
@@ -198,18 +197,18 @@ def _attention_probs(q, k, bias, mask):
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
-def _softmax_attention(q, k, v, bias, mask, mode):
-  return _softmax_attention_fwd(q, k, v, bias, mask, mode)[0]
+def _softmax_attention(q, k, v, bias, mask, forms):
+  return _softmax_attention_fwd(q, k, v, bias, mask, forms)[0]
 
 
-def _softmax_attention_fwd(q, k, v, bias, mask, mode):
-  del mode
+def _softmax_attention_fwd(q, k, v, bias, mask, forms):
+  del forms
   probs = _attention_probs(q, k, bias, mask).astype(v.dtype)
   out = jnp.einsum("...qk,...kd->...qd", probs, v)
   return out, (q, k, v, probs, out, bias, mask)
 
 
-def _softmax_attention_bwd(mode, residuals, grad_out):
+def _softmax_attention_bwd(forms, residuals, grad_out):
   q, k, v, probs, out, bias, mask = residuals
   grad_v = jnp.einsum("...qk,...qd->...kd", probs, grad_out)
   grad_probs = jnp.einsum("...qd,...kd->...qk", grad_out, v, preferred_element_type=jnp.float32)
@@ -219,7 +218,8 @@ def _softmax_attention_bwd(mode, residuals, grad_out):
   grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
   grad_bias = None
   if bias is not None:
-    grad_bias = sum_leading(grad_logits, grad_logits.ndim - bias.ndim, mode).astype(bias.dtype)
+    # in the forms the forward was traced with
+    grad_bias = _sum_leading(grad_logits, grad_logits.ndim - bias.ndim, forms == "cpu").astype(bias.dtype)
   grad_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
   return grad_q, grad_k, grad_v, grad_bias, grad_mask
 

@@ -1,8 +1,8 @@
 """Shared building blocks: dense layers, fp32 LayerNorm, multi-head attention, MLP, stochastic depth, remat policies.
 
 Every parameter carries logical axis names (see `parallel/sharding.py` for the rules that map them onto the
-mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and losses run in fp32. Modules take
-`kernels` ('auto' | 'plain' | 'cpu', models/kernels.py): which form of the backend-dependent primitives they run.
+mesh). Parameters are fp32; `dtype` is the compute dtype. Norms, softmax and losses run in fp32. Where a primitive
+has a faster form on the CPU, models/kernels.py picks it; the modules here never choose.
 """
 
 from __future__ import annotations
@@ -101,13 +101,13 @@ def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype:
 
 
 def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
-                kernels: str = "auto", use_bias: bool = True) -> jax.Array:
+                use_bias: bool = True) -> jax.Array:
   """Non-overlapping patches -> (B, H/p, W/p, width) by a p x p, stride p conv, with a bias unless `use_bias`
   is False (CLIP's) (call in a compact method: the conv's params land under `name` in the caller)."""
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
     raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {patch_size}")
   return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
-                 param_dtype=jnp.float32, name=name, conv_general_dilated=kernels_lib.patch_conv(kernels),
+                 param_dtype=jnp.float32, name=name, conv_general_dilated=kernels_lib.patch_conv,
                  use_bias=use_bias,
                  kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
                  bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
@@ -121,8 +121,7 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps * eps))
 
 
-def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head",
-                    kernels: str = "auto") -> jax.Array:
+def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head") -> jax.Array:
   """The fp32 linear head of the classifiers: zero-initialised kernel, constant bias (call in a compact method)."""
   return dense(num_classes, (EMBED, CLASSES), jnp.float32, name=name, kernel_init=nn.initializers.zeros,
                bias_init=nn.initializers.constant(bias_init))(pooled)
@@ -206,13 +205,13 @@ def heads_first(x: jax.Array) -> jax.Array:
 
 
 def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax",
-                          kernels: str = "auto", kv_length: int | None = None):
+                          kv_length: int | None = None):
   """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
 
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i;
   `kv_length`: only the first kv_length keys are real (the rest is `pad_tokens`' padding).
   `implementation` (ATTENTION): 'auto' resolves for this process's backend (`resolve_attention`; models.build
-  resolves it for the mesh's devices beforehand); 'softmax' runs `kernels.softmax_attention` in `kernels` mode;
+  resolves it for the mesh's devices beforehand); 'softmax' runs `kernels.softmax_attention`;
   'cudnn' routes to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
   choose (cuDNN where it applies, else XLA).
   """
@@ -229,7 +228,7 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
     mask = below if mask is None else jnp.logical_and(mask, below)
   scale = q.shape[-1] ** -0.5
   out = kernels_lib.softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
-                                      bias=bias, mask=mask, mode=kernels)
+                                      bias=bias, mask=mask)
   return heads_first(out)
 
 
@@ -283,7 +282,6 @@ class SelfAttention(nn.Module):
   qkv_bias: bool = True
   implementation: str = "softmax"  # ATTENTION
   causal: bool = False
-  kernels: str = "auto"
   kv_length: int | None = None  # the first kv_length tokens are real, the rest `pad_tokens`' padding
 
   @nn.compact
@@ -296,10 +294,10 @@ class SelfAttention(nn.Module):
                     separate=True, name="qkv")(x)
     project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")
     if cache is not None:
-      out, cache = cached_attention(q, k, v, cache, index, self.kernels)
+      out, cache = cached_attention(q, k, v, cache, index)
       return project(out), cache
     out = dot_product_attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation,
-                                kernels=self.kernels, kv_length=self.kv_length)
+                                kv_length=self.kv_length)
     out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
     return project(out)
 
@@ -310,13 +308,13 @@ def init_kv_cache(batch: int, length: int, num_heads: int, head_dim: int, dtype:
   return {"k": zeros, "v": zeros}
 
 
-def cached_attention(q, k, v, cache: dict[str, jax.Array], index, kernels: str = "auto"):
+def cached_attention(q, k, v, cache: dict[str, jax.Array], index):
   """Causal attention of t new tokens at positions index.. over a key/value cache; returns (out, new cache)."""
   t, length = q.shape[1], cache["k"].shape[1]
   k_all = jax.lax.dynamic_update_slice_in_dim(cache["k"], k.astype(cache["k"].dtype), index, axis=1)
   v_all = jax.lax.dynamic_update_slice_in_dim(cache["v"], v.astype(cache["v"].dtype), index, axis=1)
   visible = jnp.arange(length)[None, :] <= index + jnp.arange(t)[:, None]
-  out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=visible, kernels=kernels)
+  out = dot_product_attention(q, k_all.astype(q.dtype), v_all.astype(q.dtype), mask=visible)
   return out, {"k": k_all, "v": v_all}
 
 
@@ -329,7 +327,6 @@ class CrossAttention(nn.Module):
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
-  kernels: str = "auto"
 
   def setup(self):
     if self.width % self.num_heads:
@@ -348,7 +345,7 @@ class CrossAttention(nn.Module):
     q = self.q(x)
     if q.ndim == 3:  # learned queries (T, width) shared by the batch
       q = jnp.broadcast_to(q, (k.shape[0],) + q.shape)
-    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), kernels=self.kernels)
+    out = dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype))
     return self.out(out)
 
 
@@ -390,7 +387,6 @@ class Mlp(nn.Module):
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
   deterministic: bool = True
-  kernels: str = "auto"
   act: str = "gelu"
 
   @nn.compact

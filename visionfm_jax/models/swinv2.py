@@ -7,7 +7,9 @@ Per stage, blocks attend within (shifted) windows:
 
 Window attention is scaled cosine attention, cos(q, k) * exp(min(logit_scale_h, log 100)), plus a continuous
 position bias 16 * sigmoid(MLP(log-spaced offsets)); q and v have biases, k does not. Odd blocks of a stage
-roll the map by window // 2 and mask pairs from different regions with -100. Between stages, V2 patch
+roll the map by window // 2 and mask pairs from different regions with -100; a scanned stage repeats a (plain,
+shifted) pair of blocks (params `blocks/plain`, `blocks/shifted`), so each block's shift is static and every
+stage depth even. Between stages, V2 patch
 merging concatenates each 2x2 neighbourhood, projects 4C -> 2C and then normalises. The end is LN(8C), a
 mean over tokens and an optional head. H and G add a parameter-free LayerNorm on the main branch every
 `extra_norm_period` blocks, counted within each stage (`extra_norm_scope='stage'`, the public ports) or
@@ -45,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone, kernels as kernels_lib, layers
+from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import BATCH, EMBED, HEADS, KV, ACT_EMBED
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
@@ -67,6 +69,7 @@ PATCH_NORM_EPS = 1e-5
 MASK_VALUE = -100.0
 MAX_LOGIT_SCALE = math.log(100.0)
 EMBEDDING_PARAMS = ("patch_embed", "patch_norm", "mask_token")  # layer 0 of the layer-wise decay
+PAIR = ("plain", "shifted")  # a scanned stage's pair of blocks (SwinBlockPair): blocks 2j and 2j + 1
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
@@ -189,7 +192,6 @@ class ContinuousPositionBias(nn.Module):
   num_heads: int
   window: int
   pretrained_window: int
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self):
@@ -211,7 +213,6 @@ class WindowAttention(nn.Module):
   pretrained_window: int
   dtype: Any = jnp.float32
   attention: str = "softmax"  # layers.ATTENTION; cudnn and jax: see `fused_window_attention`
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, windows, regions=None):
@@ -235,26 +236,26 @@ class WindowAttention(nn.Module):
     logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
                              (self.num_heads,))
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, self.kernels, name="cpb_mlp")()
+    bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
     if layers.resolve_attention(self.attention, jax.default_backend(), self.dtype) == "softmax":
-      out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask, self.kernels)
+      out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask)
     else:
       out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask,
                                    layers.resolve_attention(self.attention, jax.default_backend(), self.dtype))
     return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
 
 
-def window_attention(q, k, v, scale, bias, mask, kernels: str = "auto"):
+def window_attention(q, k, v, scale, bias, mask):
   """`kernels.softmax_attention` over windows: q, k (cosine-normalised), v (B, nW, N, heads, D); scale (heads,);
   bias (heads, N, N); mask (nW, N, N) or None. The per-head scale multiplies q (N x D numbers, not N x N); the
   position bias is broadcast over the windows with `kernels.broadcast_leading`."""
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
   full_bias = bias
   if mask is not None:
-    full_bias = kernels_lib.broadcast_leading(bias, (mask.shape[0],) + bias.shape, kernels) + mask[:, None]
-  out = kernels_lib.softmax_attention(layers.heads_first(q), layers.heads_first(k), layers.heads_first(v),
-                                     bias=full_bias, mode=kernels)
+    full_bias = kernels.broadcast_leading(bias, (mask.shape[0],) + bias.shape) + mask[:, None]
+  out = kernels.softmax_attention(layers.heads_first(q), layers.heads_first(k), layers.heads_first(v),
+                                  bias=full_bias)
   return layers.heads_first(out)
 
 
@@ -279,69 +280,74 @@ def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
 
 
 class SwinBlock(nn.Module):
-  """One res-post-norm block on a (B, H, W, C) map. `per_block` = (drop rate, shifted?, extra norm?)."""
+  """One res-post-norm block on a (B, H, W, C) map; `shifted` blocks roll the map by the stage's `shift`.
+  `per_block` = (drop rate, extra norm?): data, since scanned blocks share one body."""
   num_heads: int
   window: int
-  shift: int  # the stage's shift; odd blocks apply it (per_block[1])
+  shift: int  # the stage's shift; blocks with `shifted` apply it
   pretrained_window: int
+  shifted: bool = False
   mlp_ratio: float = 4.0
   layer_norm_eps: float = 1e-5
   dropout: float = 0.0
-  extra_norm: bool = False  # whether any block of the stage takes an extra norm (per_block[2] says which)
+  extra_norm: bool = False  # whether any block of the stage takes an extra norm (per_block[1] says which)
   stochastic_depth: bool = False
   deterministic: bool = True
   dtype: Any = jnp.float32
   attention: str = "softmax"
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x, per_block):
-    drop_rate, shifted, extra_norm = per_block
+    drop_rate, extra_norm = per_block
     skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, None, None, ACT_EMBED))
-    y = self.attend(x, shifted)
+    y = self.attend(x)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm1")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic,
-                   kernels=self.kernels, name="mlp")(x)
+                   name="mlp")(x)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm2")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     if self.extra_norm:
       normed = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, use_bias=False, use_scale=False)(x.astype(jnp.float32))
-      x = jnp.where(extra_norm, normed.astype(x.dtype), x)
+      static = isinstance(extra_norm, (bool, np.bool_))  # unrolled blocks know theirs
+      x = (normed.astype(x.dtype) if extra_norm else x) if static else jnp.where(extra_norm, normed.astype(x.dtype), x)
     return x, None
 
-  def attend(self, x, shifted):
+  def attend(self, x):
     _, height, width, _ = x.shape
     w = self.window
+    shift = self.shift if self.shifted else 0
     pad_h, pad_w = -height % w, -width % w
     y = jnp.pad(x, ((0, 0), (0, pad_h), (0, pad_w), (0, 0))) if pad_h or pad_w else x
-    # Scanned stages share one body, so there the shift is data (a traced `shifted`) and both the rolled and
-    # the plain map are computed; unrolled blocks get a numpy bool and only do what they need.
-    known = isinstance(shifted, (bool, np.bool_))
-    shift = 0 if known and not shifted else self.shift
-
-    def roll(t, by):
-      rolled = jnp.roll(t, by, axis=(1, 2))
-      return rolled if known else jnp.where(shifted, rolled, t)
-
     regions = None
     if shift:
-      y = roll(y, (-shift, -shift))
+      y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
       regions = shift_regions(y.shape[1], y.shape[2], w, shift)
-      regions = regions if known else jnp.where(shifted, regions, 0)
-    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, self.kernels,
-                        name="attn")(partition_windows(y, w), regions)
+    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, name="attn")(
+        partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
     if shift:
-      y = roll(y, (shift, shift))
+      y = jnp.roll(y, (shift, shift), axis=(1, 2))
     return y[:, :height, :width]
+
+
+class SwinBlockPair(nn.Module):
+  """A plain block then a shifted one (PAIR names their params): what a scanned stage repeats, so that the shift
+  is static. `per_pair` = (drop rates (2,), extra norms (2,))."""
+  block_kwargs: dict
+
+  @nn.compact
+  def __call__(self, x, per_pair):
+    for i, name in enumerate(PAIR):
+      x, _ = SwinBlock(**self.block_kwargs, shifted=name == "shifted", name=name)(
+          x, jax.tree.map(lambda a, i=i: a[i], per_pair))
+    return x, None
 
 
 class PatchMerging(nn.Module):
   """V2 merging: concat 2x2 neighbours (row offset fastest), Linear 4C -> 2C without bias, then LN(2C)."""
   dtype: Any = jnp.float32
-  kernels: str = "auto"
 
   @nn.compact
   def __call__(self, x):
@@ -375,7 +381,6 @@ class SwinV2(nn.Module):
   remat_policy: str = "none"
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
   attention: str = "softmax"  # softmax (einsums) | cudnn | jax (jax.nn.dot_product_attention, `fused_window_attention`)
-  kernels: str = "auto"  # models/kernels.py
 
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
@@ -386,6 +391,9 @@ class SwinV2(nn.Module):
       raise ValueError(f"extra_norm_scope={self.extra_norm_scope!r}: expected one of {EXTRA_NORM_SCOPES}")
     if self.extra_norm_period < 0:
       raise ValueError(f"extra_norm_period={self.extra_norm_period}: expected >= 0")
+    if self.scan and any(depth % 2 for depth in self.depths):
+      raise ValueError(f"depths {tuple(self.depths)}: a scanned stage repeats a (plain, shifted) pair of blocks, "
+                       f"so every depth must be even (or scan=False)")
     windows = per_stage(self.window_size, stages, "window_size")
     pretrained = per_stage(self.pretrained_window_sizes or 0, stages, "pretrained_window_sizes")
     return windows, pretrained
@@ -409,7 +417,7 @@ class SwinV2(nn.Module):
     the final norm). Off by default so that the output matches transformers' `Swinv2Model` key for key."""
     deterministic = not train
     windows, pretrained = self.stage_settings()
-    x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype, kernels=self.kernels)
+    x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
     x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
     if self.mask_token:
       token = self.param("mask_token", layers.logical(nn.initializers.truncated_normal(0.02), (EMBED,)),
@@ -426,14 +434,14 @@ class SwinV2(nn.Module):
     start, stages = 0, []
     for s, depth in enumerate(self.depths):
       window, shift = stage_window(tuple(x.shape[1:3]), windows[s])
-      per_block = (jnp.asarray(rates[start:start + depth]), np.arange(depth) % 2 == 1, jnp.asarray(extra[s]))
+      per_block = (rates[start:start + depth], extra[s])
       x, stage_out = SwinStage(
           depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, remat_policy=self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
                             pretrained_window=pretrained[s], mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
                             stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype,
-                            attention=self.attention, kernels=self.kernels),
+                            attention=self.attention),
           name=f"stage_{s}")(x, per_block)
       stages.append(stage_out)
       start += depth
@@ -443,7 +451,7 @@ class SwinV2(nn.Module):
     pooled = jnp.mean(tokens, axis=1)
     out = {"tokens": tokens, "pooled": pooled}
     if self.num_classes:
-      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init, kernels=self.kernels)
+      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
     if return_stages:
       out["stages"] = stages
     return out
@@ -499,6 +507,8 @@ class SwinV2(nn.Module):
       return self.num_layer_ids - 1
     s = int(stage)
     first = sum(self.depths[:s]) + 1
+    if parts[1] == "blocks" and len(parts) > 2 and parts[2] in PAIR:  # scanned pairs: blocks 2j, 2j + 1
+      return first + PAIR.index(parts[2]) + 2 * np.arange(self.depths[s] // 2)
     block = backbone.block_layer_ids(parts[1], first, self.depths[s])
     # A patch merging takes the id of its stage's last block, as the official SimMIM/Swin fine-tuning code.
     return first + self.depths[s] - 1 if block is None else block
@@ -523,8 +533,9 @@ class SwinV2(nn.Module):
 
 
 class SwinStage(nn.Module):
-  """`depth` blocks (scanned or unrolled under `blocks`) then, except for the last stage, patch merging.
-  Returns (the next stage's input, the blocks' output)."""
+  """`depth` blocks, alternately plain and shifted, then, except for the last stage, patch merging. Scanned, the
+  blocks are `depth / 2` SwinBlockPairs (params under `blocks/plain` and `blocks/shifted`, each with a leading
+  axis of depth / 2); unrolled, block i is `blocks_i`. Returns (the next stage's input, the blocks' output)."""
   depth: int
   downsample: bool
   scan: bool
@@ -533,12 +544,18 @@ class SwinStage(nn.Module):
 
   @nn.compact
   def __call__(self, x, per_block):
-    run_blocks = layers.stack_blocks(SwinBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy,
-                                     name="blocks", **self.block_kwargs)
-    x = run_blocks(x, per_block)
+    if self.scan:
+      run_pairs = layers.stack_blocks(SwinBlockPair, depth=self.depth // 2, scan=True, remat_policy=self.remat_policy,
+                                      name="blocks", block_kwargs=self.block_kwargs)
+      x = run_pairs(x, jax.tree.map(lambda a: a.reshape(self.depth // 2, 2), per_block))
+    else:
+      block = layers.remat(SwinBlock, self.remat_policy)
+      for i in range(self.depth):
+        x, _ = block(**self.block_kwargs, shifted=i % 2 == 1, name=f"blocks_{i}")(
+            x, jax.tree.map(lambda a, i=i: a[i], per_block))
     if not self.downsample:
       return x, x
-    return PatchMerging(self.block_kwargs["dtype"], self.block_kwargs["kernels"], name="downsample")(x), x
+    return PatchMerging(self.block_kwargs["dtype"], name="downsample")(x), x
 
 
 def build(model_cfg, dtype) -> SwinV2:
@@ -552,8 +569,7 @@ def build(model_cfg, dtype) -> SwinV2:
                 patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                kernels=kernels_lib.check_mode(model_cfg.kernels))
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
   layers.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)

@@ -30,7 +30,6 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
-from visionfm_jax.models import kernels as kernels_lib
 from visionfm_jax.models import layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
@@ -74,7 +73,6 @@ class CausalBlock(nn.Module):
   layer_norm_eps: float = 1e-5
   attention: str = "softmax"
   dtype: Any = jnp.float32
-  kernels: str = "auto"
   act: str = "gelu"  # layers.ACTIVATIONS
 
   @nn.compact
@@ -82,14 +80,14 @@ class CausalBlock(nn.Module):
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
     attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
-                                kernels=self.kernels, name="attn")
+                                name="attn")
     if cache is None:
       y = attn(y, mask=mask)
     else:
       y, cache = attn(y, cache=cache, index=index)
     x = x + y
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    return x + layers.Mlp(self.mlp_dim, self.dtype, kernels=self.kernels, act=self.act, name="mlp")(y), cache
+    return x + layers.Mlp(self.mlp_dim, self.dtype, act=self.act, name="mlp")(y), cache
 
 
 def cls_attention_mask(tokens: jax.Array, pad_id: int = PAD_ID) -> jax.Array:
@@ -114,7 +112,6 @@ class TextTransformer(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
   attention: str = "softmax"  # layers.ATTENTION
-  kernels: str = "auto"  # models/kernels.py
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
   act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
 
@@ -139,8 +136,7 @@ class TextTransformer(nn.Module):
     run_blocks = layers.stack_blocks(
         CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, kernels=self.kernels,
-        act=self.act)
+        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, act=self.act)
     final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
 
     if cache is not None:
@@ -172,7 +168,7 @@ class TextTransformer(nn.Module):
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
-def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, kernels: str) -> TextTransformer:
+def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> TextTransformer:
   """Builds the text tower from `config.model.text` (variant: a key of SIZES); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
   special = max(*SPECIAL_IDS, int(text_cfg.eos_id))
@@ -182,8 +178,8 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, ker
   layers.check_attention(text_cfg.attention, "text.attention")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
-                remat_policy=remat_policy, attention=text_cfg.attention, kernels=kernels_lib.check_mode(kernels),
-                pool=text_cfg.pool, act=layers.check_activation(text_cfg.act, "text.act"))
+                remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool,
+                act=layers.check_activation(text_cfg.act, "text.act"))
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
   try:
     return TextTransformer(**kwargs)

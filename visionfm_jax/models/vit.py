@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone, kernels as kernels_lib, layers
+from visionfm_jax.models import backbone, layers
 from visionfm_jax.models.layers import BATCH, EMBED, LENGTH, ACT_EMBED
 
 # name: (width, depth, mlp_dim, heads)
@@ -84,7 +84,6 @@ class EncoderBlock(nn.Module):
   attention: str = "softmax"  # layers.ATTENTION
   stochastic_depth: bool = False
   deterministic: bool = True
-  kernels: str = "auto"
   act: str = "gelu"  # layers.ACTIVATIONS
   real_tokens: int | None = None  # tokens before `layers.pad_tokens`' padding, when padded
 
@@ -93,12 +92,12 @@ class EncoderBlock(nn.Module):
     skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
-    y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention, kernels=self.kernels,
+    y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention,
                              kv_length=self.real_tokens, name="attn")(y)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, kernels=self.kernels, act=self.act,
+    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, act=self.act,
                    name="mlp")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     return x, None
@@ -122,7 +121,6 @@ class ViT(nn.Module):
   scan: bool = True
   remat_policy: str = "none"
   attention: str = "softmax"  # layers.ATTENTION
-  kernels: str = "auto"  # models/kernels.py
   pre_norm: bool = False  # a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)
   patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
   act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
@@ -130,8 +128,7 @@ class ViT(nn.Module):
   @nn.compact
   def __call__(self, images, train: bool = False):
     deterministic = not train
-    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype, kernels=self.kernels,
-                           use_bias=self.patch_bias)
+    x = layers.patch_embed(images, self.width, self.patch_size, self.dtype, use_bias=self.patch_bias)
     batch = x.shape[0]
     x = einops.rearrange(x, "b h w c -> b (h w) c")
     cls = self.param("cls_token", layers.logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, self.width))
@@ -149,7 +146,7 @@ class ViT(nn.Module):
         EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
         num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
         dropout=self.dropout, qkv_bias=self.qkv_bias, attention=attention, stochastic_depth=self.drop_path > 0,
-        deterministic=deterministic, kernels=self.kernels, act=self.act,
+        deterministic=deterministic, act=self.act,
         real_tokens=tokens if x.shape[1] > tokens else None)
     x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth))[:, :tokens]
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
@@ -157,7 +154,7 @@ class ViT(nn.Module):
     pooled = x[:, 0] if check_pool(self.pool) == "cls" else jnp.mean(x[:, 1:], axis=1)
     out = {"tokens": x, "pooled": pooled}
     if self.num_classes:
-      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init, kernels=self.kernels)
+      out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
     return out
 
   # ------------------------------------------------------------------- the backbone interface (backbone.py)
@@ -231,7 +228,7 @@ def build(model_cfg, dtype) -> ViT:
                 pool=check_pool(model_cfg.pool), drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                kernels=kernels_lib.check_mode(model_cfg.kernels), pre_norm=model_cfg.pre_norm,
+                pre_norm=model_cfg.pre_norm,
                 patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act))
   assert set(kwargs) <= fields
   layers.check_attention(model_cfg.attention)
