@@ -334,13 +334,16 @@ class SwinBlock(nn.Module):
 
 class SwinBlockPair(nn.Module):
   """A plain block then a shifted one (PAIR names their params): what a scanned stage repeats, so that the shift
-  is static. `per_pair` = (drop rates (2,), extra norms (2,))."""
+  is static. `per_pair` = (drop rates (2,), extra norms (2,)). Each block is rematerialised on its own (as
+  when every block was a scan step): a pair-wide remat would hold two blocks' recomputed activations at once."""
   block_kwargs: dict
+  block_remat: str = "none"
 
   @nn.compact
   def __call__(self, x, per_pair):
+    block = layers.remat(SwinBlock, self.block_remat)
     for i, name in enumerate(PAIR):
-      x, _ = SwinBlock(**self.block_kwargs, shifted=name == "shifted", name=name)(
+      x, _ = block(**self.block_kwargs, shifted=name == "shifted", name=name)(
           x, jax.tree.map(lambda a, i=i: a[i], per_pair))
     return x, None
 
@@ -545,8 +548,8 @@ class SwinStage(nn.Module):
   @nn.compact
   def __call__(self, x, per_block):
     if self.scan:
-      run_pairs = layers.stack_blocks(SwinBlockPair, depth=self.depth // 2, scan=True, remat_policy=self.remat_policy,
-                                      name="blocks", block_kwargs=self.block_kwargs)
+      run_pairs = layers.stack_blocks(SwinBlockPair, depth=self.depth // 2, scan=True, remat_policy="none",
+                                      name="blocks", block_kwargs=self.block_kwargs, block_remat=self.remat_policy)
       x = run_pairs(x, jax.tree.map(lambda a: a.reshape(self.depth // 2, 2), per_block))
     else:
       block = layers.remat(SwinBlock, self.remat_policy)
