@@ -419,12 +419,12 @@ def stochastic_depth_rates(max_rate: float, depth: int) -> jnp.ndarray:
   return jnp.linspace(0.0, max_rate, depth, dtype=jnp.float32)
 
 
-def remat(block: type[nn.Module], policy: str) -> type[nn.Module]:
+def remat(block: type[nn.Module], policy: str, prevent_cse: bool = False) -> type[nn.Module]:
   if policy not in REMAT_POLICIES:
     raise ValueError(f"unknown remat policy {policy!r}; known: {', '.join(REMAT_POLICIES)}")
   if policy == "none":
     return block
-  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=False)
+  return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
 def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str,
