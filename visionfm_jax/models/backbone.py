@@ -13,9 +13,10 @@ tools ask an image backbone (ViT, SwinV2) instead of dispatching on its class.
                             one leaf with a leading depth axis, its id a vector; `path` is '/'-joined below
                             the backbone's own params
   adapt_checkpoint(params, shapes)
-                            {path: array} of a checkpoint trained at another resolution -> the same, carried
-                            to this model's {path: shape} where the model knows how (ViT: pos_embed resized);
-                            what it cannot carry is returned as given, for the caller to report
+                            {path: array} of a checkpoint (another resolution, an older layout) -> the same,
+                            carried to this model's {path: shape} where the model knows how (ViT: pos_embed
+                            resized; SwinV2: one-block stacks regrouped into pairs); what it cannot carry is
+                            returned as given, for the caller to report
   description(), checkpoint_fields(), hf_converter
                             for import/export tools: one line about the architecture, the config fields
                             that rebuild it (model.json), the module under visionfm_jax.convert that writes it
@@ -108,7 +109,8 @@ def tower_layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
 
 def tower_adapt_checkpoint(prefix: str, tower, params: dict[str, Any],
                            shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params,
-  the others are returned as given."""
+  """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params
+  (and may rename them), the others are returned as given."""
   adapted = tower.adapt_checkpoint(_under(prefix, params), _under(prefix, shapes))
-  return {**params, **{f"{prefix}/{name}": value for name, value in adapted.items()}}
+  others = {name: value for name, value in params.items() if not name.startswith(prefix + "/")}
+  return {**others, **{f"{prefix}/{name}": value for name, value in adapted.items()}}

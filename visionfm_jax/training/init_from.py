@@ -17,6 +17,7 @@ What changes with the resolution is the model's to say (`adapt_checkpoint`, mode
            by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with: left at (),
            `derive_model_config` takes them from the checkpoint's model fields (model.json or config.json); an
            explicit value that differs from them gets a warning.
+           A checkpoint of the one-block scanned stages (before the (plain, shifted) pairs) is regrouped.
 The checkpoint's pretraining-only params, its classification `head` and a SimMIM `mask_token`, are dropped when
 the model has no such param. Any other shape mismatch is a ConfigError naming the param and both shapes.
 """
@@ -69,22 +70,30 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
   if dropped:
     logging.info("init_from: dropping the checkpoint's pretraining-only params %s", dropped)
   out = {n: v for n, v in placed.items() if n not in dropped}
+  if hasattr(model, "adapt_checkpoint"):
+    out = _adapted(model, out, target)
   fresh = ParamRules.of_patterns(skip, field="config.init_from_skip")
   differ = {n: v for n, v in out.items()
             if n in target and tuple(np.shape(v)) != tuple(target[n]) and not fresh.matches(n)}
-  if differ and hasattr(model, "adapt_checkpoint"):
-    adapted = model.adapt_checkpoint(differ, {n: tuple(target[n]) for n in differ})
-    for name, value in adapted.items():
-      if tuple(np.shape(value)) == tuple(target[name]):
-        logging.info("init_from: %s resized %s -> %s", name, tuple(np.shape(differ[name])), tuple(target[name]))
-        out[name] = value
-    differ = {n: v for n, v in differ.items() if tuple(np.shape(out[n])) != tuple(target[n])}
   mismatched = [f"{n}: checkpoint {tuple(np.shape(v))} vs model {tuple(target[n])}" for n, v in differ.items()]
   if mismatched:
     raise ConfigError(f"{origin}: shapes that cannot be resized: {'; '.join(mismatched)}. Only "
                       f"ViT position embeddings are resized; set config.init_from_skip to a regex of the params "
                       f"to initialise fresh (e.g. 'head' for another number of classes).")
   return out
+
+
+def _adapted(model, params: dict[str, Any], target: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`model.adapt_checkpoint` over all of `params`, logging what it resized or regrouped."""
+  adapted = model.adapt_checkpoint(params, {n: tuple(s) for n, s in target.items()})
+  for name, value in adapted.items():
+    if name in params and np.shape(value) != np.shape(params[name]):
+      logging.info("init_from: %s resized %s -> %s", name, tuple(np.shape(params[name])), tuple(np.shape(value)))
+  regrouped = sorted(set(params) - set(adapted))
+  if regrouped:
+    logging.info("init_from: %d params of an older layout regrouped into %d (%s, ...)", len(regrouped),
+                 len(set(adapted) - set(params)), regrouped[0])
+  return adapted
 
 
 def fresh_outside(prefix: str, skip: str) -> tuple[str, ...]:
