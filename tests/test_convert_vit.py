@@ -19,7 +19,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from visionfm_jax import convert  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import convert, models  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import CheckpointError  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -227,13 +227,6 @@ def _fresh_params(model: vit.ViT, size: int):
   return nn.unbox(jax.jit(model.init)(jax.random.key(1), images)["params"])
 
 
-def _model_from_metadata(meta: dict) -> vit.ViT:
-  return vit.ViT(width=meta["width"], depth=meta["depth"], mlp_dim=meta["mlp_dim"], num_heads=meta["heads"],
-                 patch_size=meta["patch"], image_size=meta["image_size"], num_classes=meta["num_classes"],
-                 layer_norm_eps=meta["layer_norm_eps"], qkv_bias=meta["qkv_bias"], pool=meta["pool"],
-                 scan=meta["scan"])
-
-
 def test_import_hf_output_initialises_a_fresh_model(hf_dir, tmp_path):
   path, _ = hf_dir("classifier_no_qkv_bias")
   out = str(tmp_path / "imported")
@@ -247,7 +240,7 @@ def test_import_hf_output_initialises_a_fresh_model(hf_dir, tmp_path):
   assert (meta["name"], meta["width"], meta["depth"], meta["heads"], meta["patch"]) == ("vit", 48, 3, 4, 8)
 
   model, variables = convert.from_hf(path)
-  fresh = _model_from_metadata(meta)
+  fresh = models.from_checkpoint_fields(meta)  # what tools.export_hf rebuilds from the directory
   loaded = checkpoint.load_params(out, _fresh_params(fresh, 24))
   chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(variables["params"]))
   _, images = _images(24, seed=1)

@@ -12,6 +12,7 @@ import pytest
 from visionfm_jax.tasks import losses
 
 from visionfm_jax.detection import losses as detection_losses, matching
+from visionfm_jax.evaluate import detection as evaluate_detection
 from visionfm_jax.models import dense_heads, detector, segmenter, swinv2, vit
 
 # Tiny backbones on 32 px images: ViT 2x2 tokens (the simple pyramid upsamples twice for stride 4); SwinV2
@@ -198,7 +199,7 @@ def test_detector_gradients_through_matching():
   for path, g in jax.tree_util.tree_leaves_with_path({k: v for k, v in grads.items() if k != "backbone"}):
     assert np.any(g), jax.tree_util.keystr(path)
   assert np.any(grads["backbone"]["patch_embed"]["kernel"])
-  top = detector.top_k_detections(out["logits"], out["boxes"], 7)
+  top = evaluate_detection.top_k_detections(out["logits"], out["boxes"], 7)
   assert top["scores"].shape == (2, 7) and np.all(np.diff(top["scores"], axis=1) <= 0)
   assert np.all((top["boxes"] >= 0) & (top["boxes"] <= 1))
 

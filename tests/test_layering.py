@@ -138,6 +138,36 @@ def test_the_loop_reaches_a_model_only_through_its_task():
   assert not reaching, "\n".join(reaching)
 
 
+# What the entry points, tools, loop and evaluators may import of models/: the registry (`visionfm_jax.models`)
+# and the model-independent modules. A concrete model (vit, swinv2, clip, ...) is for its task and its converter.
+MODEL_GENERIC = ("backbone", "layers", "kernels", "generate")
+ASKS_NOT_IMPORTS = ("main", "bench", "tools", "training", "evaluate")
+
+
+def _is_concrete_model(name: str) -> bool:
+  """Whether a dotted import names a module of models/ (or a name in one) other than MODEL_GENERIC's."""
+  parts = name.split(".")
+  return parts[:2] == ["visionfm_jax", "models"] and len(parts) > 2 and parts[2] not in MODEL_GENERIC
+
+
+def concrete_model_imports() -> list[str]:
+  """'path:line imports name' for each import of a concrete model module by a unit of ASKS_NOT_IMPORTS."""
+  found = []
+  for file in sorted(PACKAGE.rglob("*.py")):
+    if _unit(".".join(file.relative_to(ROOT).with_suffix("").parts)) not in ASKS_NOT_IMPORTS:
+      continue
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+      for name in _imported(node, file):
+        if _is_concrete_model(name):
+          found.append(f"{file.relative_to(ROOT)}:{node.lineno} imports {name}")
+  return found
+
+
+def test_tools_the_loop_and_evaluators_ask_a_model_and_import_no_concrete_one():
+  found = concrete_model_imports()
+  assert not found, "a concrete model imported where only the registry or a model's methods belong:\n" + "\n".join(found)
+
+
 def test_the_checks_see_what_they_should():
   """The graph catches a nested, a `from package import folder` and a relative import, and the cycle search
   finds a loop through three units."""
@@ -148,3 +178,6 @@ def test_the_checks_see_what_they_should():
   names = [n for node in tree.body for n in _imported(node, PACKAGE / "models" / "text.py")]
   assert names == ["visionfm_jax.data.tokenizer", "visionfm_jax.models.layers"]
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+  tree = ast.parse("from visionfm_jax.models import clip, backbone\n")
+  names = [n for node in tree.body for n in _imported(node, PACKAGE / "tools" / "x.py")]
+  assert [n for n in names if _is_concrete_model(n)] == ["visionfm_jax.models.clip"]

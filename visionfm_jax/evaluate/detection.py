@@ -16,13 +16,25 @@ import io
 from typing import Callable, Iterable, Sequence
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax.errors import DataError
-from visionfm_jax.models import detector
 
 STAT_NAMES = {"map": 0, "ap50": 1, "ap75": 2, "ap_small": 3, "ap_medium": 4, "ap_large": 5, "ar100": 8}
+
+
+def top_k_detections(logits: jax.Array, boxes: jax.Array, k: int) -> dict[str, jax.Array]:
+  """The k best (location, class) pairs per image by sigmoid score (no NMS), boxes clipped to [0, 1].
+
+  logits (B, Q, C), boxes (B, Q, 4) -> {"scores": (B, k), "classes": (B, k) int32, "boxes": (B, k, 4)}.
+  """
+  batch, queries, num_classes = logits.shape
+  k = min(k, queries * num_classes)
+  scores, flat = jax.lax.top_k(jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(batch, -1), k)
+  picked = jnp.take_along_axis(boxes.astype(jnp.float32), (flat // num_classes)[..., None], axis=1)
+  return {"scores": scores, "classes": (flat % num_classes).astype(jnp.int32), "boxes": jnp.clip(picked, 0.0, 1.0)}
 
 
 def _complete_ground_truth(gt: dict) -> dict:
@@ -106,7 +118,7 @@ class DetectionEvaluator:
 
     def detect(params, batch):
       out = predict(params, batch["image"])
-      top = detector.top_k_detections(out["logits"], out["boxes"], top_k)
+      top = top_k_detections(out["logits"], out["boxes"], top_k)
       top["to_pixels"] = batch["image"].shape[1] / batch["scale"]
       return dict(top, **{k: batch[k] for k in ("image_id", "orig_size", "valid")})
 

@@ -1,4 +1,5 @@
-"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype); and the config
+"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype); a model's registry
+name (`name_of`); the backbone a tools.import_hf model.json describes (`from_checkpoint_fields`); and the config
 fields a model takes from the checkpoint it starts from (`fields_from_checkpoint`)."""
 
 import copy
@@ -14,6 +15,22 @@ BUILDERS = {
     "clip": clip.build,
     "aurora": aurora.build,
 }
+CLASSES = {"vit": vit.ViT, "swinv2": swinv2.SwinV2, "clip": clip.CLIP, "aurora": aurora.Aurora}
+# Backbones that a model.json of their `checkpoint_fields` rebuilds on its own (without a config).
+FROM_CHECKPOINT_FIELDS = ("vit", "swinv2")
+
+
+def name_of(model) -> str | None:
+  """`model`'s key in the registry (`config.model.name`), None for a module that is not a whole model."""
+  return next((name for name, cls in CLASSES.items() if type(model) is cls), None)
+
+
+def from_checkpoint_fields(fields: dict):
+  """The backbone that `fields` (its `checkpoint_fields`, e.g. a tools.import_hf model.json) describe; KeyError
+  naming a missing field, or 'name' when it names no such backbone."""
+  if fields.get("name") not in FROM_CHECKPOINT_FIELDS:
+    raise KeyError("name")
+  return CLASSES[fields["name"]].from_checkpoint_fields(fields)
 
 
 def build(model_cfg, dtype, platform: str | None = None):

@@ -4,8 +4,8 @@ Backbone (our ViT or SwinV2, params under `backbone` named as in pretraining) ->
 feature pyramid at the nominal `levels`; SwinV2: an FPN over the stages whose stride is in `levels`, with a
 LayerNorm per stage output) -> `head` (`DenseDetectionHead`, shared across levels). Every location of every
 level predicts sigmoid class logits and a box; training matches predictions to targets one-to-one (Hungarian,
-cost = focal class cost + L1 + GIoU, see `matching`), so inference needs no NMS: `top_k_detections` keeps
-the k best (location, class) scores.
+cost = focal class cost + L1 + GIoU, see `matching`), so inference needs no NMS: `evaluate.detection.top_k_detections`
+keeps the k best (location, class) scores.
 
 `Detector.__call__(images, train)` -> {"logits": (B, Q, C) fp32, "boxes": (B, Q, 4) fp32 xyxy divided by the
 image size (may reach slightly past [0, 1])}, Q = locations of all levels.
@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Any
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 from visionfm_jax.models import dense_heads
@@ -56,15 +55,3 @@ class Detector(dense_heads.DenseModel):
       strides = [strides[i] for i in picked]
     return dense_heads.DenseDetectionHead(self.num_classes, self.head_channels, self.num_convs, self.prior_prob,
                                           self.dtype, name="head")(maps, strides, images.shape[1:3])
-
-
-def top_k_detections(logits: jax.Array, boxes: jax.Array, k: int) -> dict[str, jax.Array]:
-  """The k best (location, class) pairs per image by sigmoid score (no NMS), boxes clipped to [0, 1].
-
-  logits (B, Q, C), boxes (B, Q, 4) -> {"scores": (B, k), "classes": (B, k) int32, "boxes": (B, k, 4)}.
-  """
-  batch, queries, num_classes = logits.shape
-  k = min(k, queries * num_classes)
-  scores, flat = jax.lax.top_k(jax.nn.sigmoid(logits.astype(jnp.float32)).reshape(batch, -1), k)
-  picked = jnp.take_along_axis(boxes.astype(jnp.float32), (flat // num_classes)[..., None], axis=1)
-  return {"scores": scores, "classes": (flat % num_classes).astype(jnp.int32), "boxes": jnp.clip(picked, 0.0, 1.0)}

@@ -540,12 +540,24 @@ class SwinV2(nn.Module):
             f"{self.num_classes or 'no'} classes")
 
   def checkpoint_fields(self) -> dict[str, Any]:
-    """What a config needs to rebuild this SwinV2 (tools.import_hf's model.json)."""
+    """What rebuilds this SwinV2's params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
     dims = (self.embed_dim, tuple(self.depths), tuple(self.num_heads))
     names = [size for size, sizes in SIZES.items() if sizes == dims]
     return dict(name="swinv2", variant=names[0] if names else None, embed_dim=self.embed_dim,
                 depths=list(self.depths), heads=list(self.num_heads), window_size=self.window_size,
-                pretrained_window_sizes=list(self.pretrained_window_sizes or ()), mlp_ratio=self.mlp_ratio)
+                pretrained_window_sizes=list(self.pretrained_window_sizes or ()), mlp_ratio=self.mlp_ratio,
+                patch=self.patch_size, image_size=self.image_size, num_classes=self.num_classes,
+                layer_norm_eps=self.layer_norm_eps, scan=self.scan)
+
+  @classmethod
+  def from_checkpoint_fields(cls, fields: dict[str, Any]) -> "SwinV2":
+    """The SwinV2 that `checkpoint_fields` describes (KeyError naming a missing field)."""
+    window = fields["window_size"]
+    return cls(embed_dim=fields["embed_dim"], depths=tuple(fields["depths"]), num_heads=tuple(fields["heads"]),
+               window_size=tuple(window) if isinstance(window, list) else window,
+               pretrained_window_sizes=tuple(fields["pretrained_window_sizes"]) or None,
+               mlp_ratio=fields["mlp_ratio"], patch_size=fields["patch"], image_size=fields["image_size"],
+               num_classes=fields["num_classes"] or 0, layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"])
 
 
 class SwinStage(nn.Module):

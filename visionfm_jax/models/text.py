@@ -59,13 +59,6 @@ def parse_variant(variant: str) -> dict[str, int]:
   return dict(width=width, depth=depth, num_heads=heads, mlp_dim=mlp_dim)
 
 
-def size_name(model: "TextTransformer") -> str:
-  """The `parse_variant` spelling of `model`'s sizes: a key of SIZES when one matches."""
-  named = next((k for k, (w, d, h) in SIZES.items() if (w, d, h, 4 * w) == (model.width, model.depth,
-                                                                           model.num_heads, model.mlp_dim)), None)
-  return named or layers.size_spec(model.width, model.depth, model.mlp_dim, model.num_heads)
-
-
 class CausalBlock(nn.Module):
   """Pre-norm transformer block with causal self-attention; `cache` (or None) for incremental decoding."""
   num_heads: int
@@ -119,6 +112,12 @@ class TextTransformer(nn.Module):
     if self.pool not in POOLS:
       raise ValueError(f"pool={self.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
     super().__post_init__()
+
+  def size_name(self) -> str:
+    """The `parse_variant` spelling of this tower's sizes: a key of SIZES when one matches."""
+    named = next((k for k, (w, d, h) in SIZES.items() if (w, d, h, 4 * w) == (self.width, self.depth,
+                                                                             self.num_heads, self.mlp_dim)), None)
+    return named or layers.size_spec(self.width, self.depth, self.mlp_dim, self.num_heads)
 
   @nn.compact
   def __call__(self, tokens, train: bool = False, cache=None, index=None):

@@ -215,10 +215,20 @@ class ViT(nn.Module):
     return next((size for size, named in SIZES.items() if named == dims), layers.size_spec(*dims))
 
   def checkpoint_fields(self) -> dict[str, Any]:
-    """What a config needs to rebuild this ViT (tools.import_hf's model.json)."""
+    """What rebuilds this ViT's params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
     return dict(name="vit", variant=f"{self.size_name()}/{self.patch_size}", width=self.width,
                 depth=self.depth, mlp_dim=self.mlp_dim, heads=self.num_heads, qkv_bias=self.qkv_bias, pool=self.pool,
-                pre_norm=self.pre_norm, patch_bias=self.patch_bias, act=self.act)
+                pre_norm=self.pre_norm, patch_bias=self.patch_bias, act=self.act, patch=self.patch_size,
+                image_size=self.image_size, num_classes=self.num_classes, layer_norm_eps=self.layer_norm_eps,
+                scan=self.scan)
+
+  @classmethod
+  def from_checkpoint_fields(cls, fields: dict[str, Any]) -> "ViT":
+    """The ViT that `checkpoint_fields` describes (KeyError naming a missing field)."""
+    return cls(width=fields["width"], depth=fields["depth"], mlp_dim=fields["mlp_dim"], num_heads=fields["heads"],
+               patch_size=fields["patch"], image_size=fields["image_size"], num_classes=fields["num_classes"] or 0,
+               layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"], qkv_bias=fields["qkv_bias"],
+               pool=fields["pool"], **{k: fields[k] for k in ("pre_norm", "patch_bias", "act") if k in fields})
 
 
 def build(model_cfg, dtype) -> ViT:

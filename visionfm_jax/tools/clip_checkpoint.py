@@ -24,7 +24,6 @@ import ml_collections
 from visionfm_jax import config_lib, convert, tasks
 from visionfm_jax.convert import hf_clip, hf_files
 from visionfm_jax.errors import CheckpointError, UserError
-from visionfm_jax.models import clip, text as text_lib
 from visionfm_jax.training import checkpoint
 from visionfm_jax.tools import workdir as workdir_lib
 
@@ -45,7 +44,7 @@ class Loaded:
   step: int | None  # a workdir's checkpoint step; None for the other layouts
 
 
-def clip_fields(model: clip.CLIP, tokenizer: str, src: str) -> dict[str, Any]:
+def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
   """The dotted config fields (over `task_config`'s defaults) that build `model` as the contrastive task's CLIP
   and feed it: its tokenizer file, image size, and the mean / std of `src`'s image processor (OpenAI's when it
   has none)."""
@@ -56,7 +55,7 @@ def clip_fields(model: clip.CLIP, tokenizer: str, src: str) -> dict[str, Any]:
           "model.image.layer_norm_eps": image.layer_norm_eps, "model.image.qkv_bias": image.qkv_bias,
           "model.image.pre_norm": image.pre_norm, "model.image.patch_bias": image.patch_bias,
           "model.image.act": image.act,
-          "model.text.variant": text_lib.size_name(text), "model.text.vocab_size": text.vocab_size,
+          "model.text.variant": text.size_name(), "model.text.vocab_size": text.vocab_size,
           "model.text.max_len": text.max_len, "model.text.eos_id": text.eos_id,
           "model.text.layer_norm_eps": text.layer_norm_eps, "model.text.act": text.act,
           "data.image_size": image.image_size, "data.tokenizer": os.path.abspath(tokenizer),

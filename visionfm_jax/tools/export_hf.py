@@ -34,12 +34,11 @@ import jax
 import jax.numpy as jnp
 from absl import flags
 
-from visionfm_jax import convert, data, tasks
+from visionfm_jax import convert, data, models, tasks
 
 from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
-from visionfm_jax.models import swinv2, vit
 from visionfm_jax.tools import cli, clip_checkpoint
 from visionfm_jax.tools import workdir as workdir_lib
 
@@ -117,22 +116,6 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
                 std=config.data.std, labels=labels)
 
 
-def _model_from_metadata(meta: dict[str, Any]):
-  """The vit.ViT or swinv2.SwinV2 that tools.import_hf's model.json describes."""
-  common = dict(patch_size=meta["patch"], image_size=meta["image_size"], num_classes=meta["num_classes"] or 0,
-                layer_norm_eps=meta["layer_norm_eps"], scan=meta["scan"])
-  if meta["name"] == "vit":
-    return vit.ViT(width=meta["width"], depth=meta["depth"], mlp_dim=meta["mlp_dim"], num_heads=meta["heads"],
-                   qkv_bias=meta["qkv_bias"], pool=meta["pool"], **common)
-  if meta["name"] == "swinv2":
-    window = meta["window_size"]
-    return swinv2.SwinV2(embed_dim=meta["embed_dim"], depths=tuple(meta["depths"]), num_heads=tuple(meta["heads"]),
-                         window_size=tuple(window) if isinstance(window, list) else window,
-                         pretrained_window_sizes=tuple(meta["pretrained_window_sizes"]) or None,
-                         mlp_ratio=meta["mlp_ratio"], **common)
-  raise KeyError("name")
-
-
 def _from_import_dir(path: str, step: int | None) -> Source:
   file = os.path.join(path, "model.json")
   if step is not None:
@@ -149,7 +132,7 @@ def _from_import_dir(path: str, step: int | None) -> Source:
         f"mean {tuple(loaded.task.config.data.mean)}, std {tuple(loaded.task.config.data.std)}) is not written"],
         tokenizer=loaded.task.config.data.tokenizer)
   try:
-    model = _model_from_metadata(meta)
+    model = models.from_checkpoint_fields(meta)
   except (KeyError, TypeError) as e:
     raise UserError(f"{file}: not a tools.import_hf model.json of a ViT or SwinV2 (field {e} missing or "
                     f"'name' not 'vit' / 'swinv2')") from e

@@ -23,7 +23,7 @@ from absl import flags, logging
 from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
-from visionfm_jax.models import clip
+from visionfm_jax import models
 from visionfm_jax.models.backbone import ImageBackbone
 from visionfm_jax.tools import cli, clip_checkpoint
 
@@ -41,9 +41,7 @@ def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
   """What a config needs to build `model` (its `checkpoint_fields`, models/backbone.py), plus the HF image
   normalisation when the directory has it."""
   meta = model.checkpoint_fields()
-  meta.update(description=model.description(), patch=model.patch_size, image_size=model.image_size,
-              num_classes=model.num_classes, layer_norm_eps=model.layer_norm_eps, scan=model.scan,
-              source=os.path.abspath(src))
+  meta.update(description=model.description(), source=os.path.abspath(src))
   meta.update(hf_files.read_normalisation(src))
   return meta
 
@@ -88,7 +86,7 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
   return flags_, notes
 
 
-def clip_metadata(model: clip.CLIP, src: str, out: str) -> dict[str, Any]:
+def clip_metadata(model, src: str, out: str) -> dict[str, Any]:
   """model.json of an imported CLIP: the config fields that build and feed it (tools/clip_checkpoint.py)."""
   tokenizer = os.path.join(out, clip_checkpoint.TOKENIZER)
   return dict(name="clip", description=model.description(), source=os.path.abspath(src), config=clip_checkpoint.clip_fields(model, tokenizer, src))
@@ -97,7 +95,7 @@ def clip_metadata(model: clip.CLIP, src: str, out: str) -> dict[str, Any]:
 def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
   """Converts `src` into `out`; returns the metadata written to `out/model.json`."""
   model, variables = from_hf(src, scan=scan)
-  if isinstance(model, clip.CLIP):
+  if models.name_of(model) == "clip":
     tokenizer = os.path.join(src, clip_checkpoint.TOKENIZER)
     if not os.path.exists(tokenizer):
       raise UserError(f"{src}: no {clip_checkpoint.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
