@@ -156,3 +156,19 @@ def _cache_options(directory):
 def compilation_cache_env(directory):
   """The environment variables that give a subprocess the persistent compilation cache in `directory`."""
   return {name.upper(): str(value) for name, value in _cache_options(directory).items()}
+
+
+def stop_after_writing(monkeypatch, step, times=1):
+  """Sends the in-process run a SIGTERM (a preemption notice) once it has written its train metrics of `step`
+  for the `times`-th time (log_every 1): it saves the next step and exits, with no change to its config."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  write, seen = metrics.MetricWriter.write, []
+
+  def write_then_signal(self, at, values):
+    write(self, at, values)
+    if "train/loss" in values:
+      seen.append(at)
+      if at == step and seen.count(step) == times:
+        os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)

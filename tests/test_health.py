@@ -19,7 +19,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 
 import jax
 import jax.numpy as jnp
@@ -28,10 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import override, tiny_vit_config
+from conftest import override, stop_after_writing, tiny_vit_config
 from visionfm_jax import config_lib
 from visionfm_jax.data import records
-from visionfm_jax.training import health, metrics, train
+from visionfm_jax.training import health, train
 
 COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], np.float32)
 RECORDS = 2000
@@ -136,20 +135,6 @@ def stopped_after_rollback_a(data, tmp_path_factory):
     stop_after_writing(patch, 35, times=2)  # the second time: after rollback A
     stopped = train.run(health_config(data["bursts"]), str(workdir))
   return workdir, stopped
-
-
-def stop_after_writing(patch, step, times=1):
-  """Sends the run a SIGTERM once it has written the train metrics of `step` for the `times`-th time: it saves
-  the next step and exits."""
-  write, seen = metrics.MetricWriter.write, []
-
-  def write_then_signal(self, at, values):
-    write(self, at, values)
-    if "train/loss" in values:
-      seen.append(at)
-      if at == step and seen.count(step) == times:
-        os.kill(os.getpid(), signal.SIGTERM)
-  patch.setattr(metrics.MetricWriter, "write", write_then_signal)
 
 
 def copy_of(workdir, tmp_path):
