@@ -127,3 +127,48 @@ def randomize_hf_params(model, seed: int) -> None:
         p.copy_(0.3 * noise)
       else:
         p.copy_(noise / math.sqrt(p[0].numel()))
+
+
+@pytest.fixture(scope="module")
+def compilation_cache(tmp_path_factory):
+  """JAX's persistent compilation cache, on for one module's tests: a module whose runs compile the same programs
+  (the same config trained again, resumed, or rerun with another data source) compiles each once. Yields the
+  cache directory; `compilation_cache_env(directory)` shares it with the module's subprocess runs."""
+  from jax._src import compilation_cache as cache  # pylint: disable=g-import-not-at-top
+  directory = str(tmp_path_factory.mktemp("compilation_cache"))
+  before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
+  for name, value in _cache_options(directory).items():
+    jax.config.update(name, value)
+  cache.reset_cache()
+  yield directory
+  for name, value in before.items():
+    jax.config.update(name, value)
+  cache.reset_cache()
+
+
+_CACHE_OPTIONS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+
+
+def _cache_options(directory):
+  return dict(zip(_CACHE_OPTIONS, (directory, 0.0)))  # tiny programs compile in well under the default 1 s
+
+
+def compilation_cache_env(directory):
+  """The environment variables that give a subprocess the persistent compilation cache in `directory`."""
+  return {name.upper(): str(value) for name, value in _cache_options(directory).items()}
+
+
+def stop_after_writing(monkeypatch, step, times=1):
+  """Sends the in-process run a SIGTERM (a preemption notice) once it has written its train metrics of `step`
+  for the `times`-th time (log_every 1): it saves the next step and exits, with no change to its config."""
+  import signal  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  write, seen = metrics.MetricWriter.write, []
+
+  def write_then_signal(self, at, values):
+    write(self, at, values)
+    if "train/loss" in values:
+      seen.append(at)
+      if at == step and seen.count(step) == times:
+        os.kill(os.getpid(), signal.SIGTERM)
+  monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)

@@ -32,6 +32,10 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpo
 SHAPE = (2048, 8192)  # 64 MiB of float32; three of them take a good fraction of a second to write
 NAMES = ("w0", "w1", "w2")
 KILL_AFTER_BYTES = 8 << 20  # of step 2 on disk: the write has started but is far from done
+# The runs resuming `zero3_run` compile the same programs once; the tests of `zero3_run` and `killed_mid_save`
+# share them in one xdist worker.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+SHARED_RUNS = pytest.mark.xdist_group("checkpoint_safety_runs")
 
 
 # ------------------------------------------------------------------------------------- the killed process
@@ -116,13 +120,15 @@ def _continued_config(strategy):
 
 
 @pytest.fixture(scope="module")
-def zero3_run(tmp_path_factory):
+def zero3_run(tmp_path_factory, compilation_cache):
   """A workdir of the tiny ViT trained 2 steps with zero3 on 8 devices (read-only: copy it to change it)."""
+  del compilation_cache  # on before the first run compiles
   workdir = tmp_path_factory.mktemp("zero3") / "run"
   train.run(_tiny_config(2, "zero3"), str(workdir))
   return workdir
 
 
+@SHARED_RUNS
 def test_kill_during_async_save_keeps_the_previous_checkpoint(killed_mid_save, tmp_path):
   directory = tmp_path / "checkpoints"
   shutil.copytree(killed_mid_save, directory)
@@ -156,6 +162,7 @@ def _train_steps(workdir):
   return [r["step"] for r in _read_metrics(workdir) if "train/loss" in r]
 
 
+@SHARED_RUNS
 def test_restart_after_a_kill_mid_save_resumes_from_the_last_complete_step(zero3_run, killed_mid_save, tmp_path,
                                                                            caplog):
   """A tiny run to step 2, then a save killed mid-write (a real kill's leftover planted as step 3's tmp directory,
@@ -190,6 +197,7 @@ def _restore_on(workdir, devices, strategy):
   return state, shardings
 
 
+@SHARED_RUNS
 def test_checkpoint_restores_bitwise_on_a_smaller_mesh_and_another_strategy(zero3_run):
   reference, _ = _restore_on(zero3_run, jax.devices(), "zero3")
   assert int(reference.step) == 2
@@ -218,29 +226,32 @@ def _corrupt(step_dir, how):
       os.truncate(path, path.stat().st_size // 2)
 
 
+@SHARED_RUNS
 @pytest.mark.parametrize("how", ["garbled_metadata", "truncated_arrays"])
 def test_unreadable_newest_checkpoint_resumes_from_the_newest_readable_one(zero3_run, tmp_path, caplog, how):
-  """Step 3 (a copy of step 2's files) is unreadable: the run says so and why, resumes from step 2, moves step
-  3 aside (out of the way of the step it saves again) and completes."""
+  """Step 3 (a copy of step 2's files) is unreadable: the run says so and why, resumes from step 2 (with ddp, the
+  program of the restart test above), moves step 3 aside (out of the way of the step it saves again) and
+  completes."""
   workdir = tmp_path / "run"
   shutil.copytree(zero3_run, workdir)
   shutil.copytree(workdir / "checkpoints" / "2", workdir / "checkpoints" / "3")
   _corrupt(workdir / "checkpoints" / "3", how)
   with caplog.at_level(logging.INFO):
-    last = train.run(_continued_config("zero3"), str(workdir))
+    last = train.run(_continued_config("ddp"), str(workdir))
   assert f"checkpoint {workdir / 'checkpoints'}/3 is unreadable, trying the previous one: cannot restore" in caplog.text
   assert f"resuming from {workdir / 'checkpoints'}/2" in caplog.text
   assert last["step"] == 4 and math.isfinite(last["train/loss"])
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "3.unreadable", "4"]
 
 
+@SHARED_RUNS
 def test_no_readable_checkpoint_stops_naming_the_directory_and_keeps_the_files(zero3_run, tmp_path):
   workdir = tmp_path / "run"
   shutil.copytree(zero3_run, workdir)
   _corrupt(workdir / "checkpoints" / "2", "garbled_metadata")
   with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint in {workdir / 'checkpoints'} can be "
                                                          r"restored \(steps 2; the newest: cannot restore"):
-    train.run(_continued_config("zero3"), str(workdir))
+    train.run(_continued_config("ddp"), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved: a rerun must not start afresh
 
 

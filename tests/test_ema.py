@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, tiny_vit_config
+from conftest import ROOT, compilation_cache_env, stop_after_writing, tiny_vit_config
 from test_train_step import _random_batches, _setup
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.errors import CheckpointError, ConfigError
@@ -77,34 +77,43 @@ def test_ema_follows_the_recurrence_and_stands_still_on_a_skipped_fp16_step():
   assert not np.allclose(expected["head"]["kernel"], jax.device_get(state.params)["head"]["kernel"])
 
 
-def _main(workdir):
+def _main(workdir, cache):
   """`python -m visionfm_jax.main` on 2 CPU devices: 8 steps, a checkpoint every 2, the newest 1 kept plus every
-  multiple of 4, an EMA with decay 0.5, evaluations at 4 and 8."""
+  multiple of 4, an EMA with decay 0.5, evaluations at 4 and 8; the compilation cache in `cache` (the resumed run
+  loads the programs the first one compiled)."""
   flags = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
            "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
            "--config.data.eval_examples=64", "--config.progress_bar=False", "--config.total_steps=8",
            "--config.checkpoint_every=2", "--config.keep_checkpoints=1", "--config.checkpoint_keep_period=4",
            "--config.eval_every=4", "--config.log_every=2", "--config.model.pool=cls",
            f"--config.optim.ema_decay={DECAY}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2")
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             **compilation_cache_env(cache))
   done = subprocess.run([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:]
   return done.stdout
 
 
+# The module's runs share their compiled programs; the tests of `ema_run` share it in one xdist worker.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+EMA_RUN = pytest.mark.xdist_group("ema_run")
+
+
 @pytest.fixture(scope="module")
-def ema_run(tmp_path_factory):
+def ema_run(tmp_path_factory, compilation_cache):
   workdir = tmp_path_factory.mktemp("ema") / "run"
-  _main(workdir)
+  _main(workdir, compilation_cache)
   return workdir
 
 
+@EMA_RUN
 def test_keep_period_keeps_the_newest_and_the_multiples_through_main(ema_run):
   # saved 2, 4, 6, 8; kept: the newest (8) and the multiples of 4
   assert sorted(p for p in os.listdir(ema_run / "checkpoints") if p.isdigit()) == ["4", "8"]
 
 
+@EMA_RUN
 def test_ema_is_evaluated_beside_the_params_and_checkpointed(ema_run):
   evals = [r for r in _metrics(ema_run) if "eval/val/top1" in r]
   assert [r["step"] for r in evals] == [4, 8]
@@ -117,17 +126,19 @@ def test_ema_is_evaluated_beside_the_params_and_checkpointed(ema_run):
   assert not np.allclose(state["ema_params"]["head"]["kernel"], state["params"]["head"]["kernel"])
 
 
-def test_resume_keeps_the_ema_bitwise(ema_run, tmp_path):
+@EMA_RUN
+def test_resume_keeps_the_ema_bitwise(ema_run, tmp_path, compilation_cache):
   """The run resumed from its step 4 ends with the uninterrupted run's params and EMA, bitwise."""
   resumed = tmp_path / "resumed"
   shutil.copytree(ema_run, resumed)
   shutil.rmtree(resumed / "checkpoints" / "8")
-  assert "resuming from" in _main(resumed)
+  assert "resuming from" in _main(resumed, compilation_cache)
   got, want = _state(resumed, 8), _state(ema_run, 8)
   chex.assert_trees_all_equal(got["ema_params"], want["ema_params"])
   chex.assert_trees_all_equal(got["params"], want["params"])
 
 
+@EMA_RUN
 def test_tools_export_and_probe_the_ema_weights(ema_run, tmp_path, capsys):
   ema_params = _state(ema_run, 8)["ema_params"]
   status = export_hf.main(["export_hf", f"--checkpoint={ema_run}", f"--out={tmp_path / 'hf'}", "--ema"])
@@ -148,6 +159,7 @@ def test_tools_export_and_probe_the_ema_weights(ema_run, tmp_path, capsys):
   assert with_ema["linear_probe/train_objective"] != raw["linear_probe/train_objective"]
 
 
+@EMA_RUN
 def test_init_from_the_ema_weights(ema_run, tmp_path):
   """A fresh run with init_from_ema starts from the source's EMA: its own EMA (decay 0.5) after one step is the
   mean of its step-0 and step-1 params, so its step-0 params are 2 * ema_1 - params_1."""
@@ -166,10 +178,14 @@ def test_init_from_the_ema_weights(ema_run, tmp_path):
 
 def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_and_a_missing_one_is_an_error(
     tmp_path, capsys):
+  """One 5-step config, stopped (SIGTERM) after steps 2 and 4: without an EMA to step 2, with one to step 4,
+  without one to the end (the program of the first part again)."""
   workdir = tmp_path / "run"
-  config = tiny_vit_config(**{"total_steps": 2, "checkpoint_every": 1, "eval_every": 2, "keep_checkpoints": 10,
-                              "data.eval_examples": 16})
-  train.run(config, str(workdir))
+  config = tiny_vit_config(**{"total_steps": 5, "checkpoint_every": 1, "log_every": 1, "eval_every": 5,
+                              "keep_checkpoints": 10, "data.eval_examples": 16})
+  with pytest.MonkeyPatch.context() as patch:
+    stop_after_writing(patch, 1)
+    assert train.run(config, str(workdir))["step"] == 2
   assert _state(workdir, 2)["ema_params"] is None
 
   # The tools and init_from name the missing EMA in one line.
@@ -182,17 +198,18 @@ def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_an
     train.run(fresh, str(tmp_path / "fresh"))
 
   # Resumed with an EMA: it starts from the params of step 2.
-  config.total_steps, config.optim.ema_decay = 4, DECAY
-  config.resume.allow_changes = "total_steps"
-  train.run(config, str(workdir))
+  config.optim.ema_decay = DECAY
+  with pytest.MonkeyPatch.context() as patch:
+    stop_after_writing(patch, 3)
+    assert train.run(config, str(workdir))["step"] == 4
   ema = _state(workdir, 2)["params"]
   for step in (3, 4):
     ema = _recurrence(ema, _state(workdir, step)["params"])
     chex.assert_trees_all_close(_state(workdir, step)["ema_params"], ema, rtol=1e-6, atol=1e-7)
 
   # Resumed with ema_decay 0: the saved EMA is read and dropped.
-  config.total_steps, config.optim.ema_decay = 5, 0.0
-  train.run(config, str(workdir))
+  config.optim.ema_decay = 0.0
+  assert train.run(config, str(workdir))["step"] == 5
   assert _state(workdir, 5)["ema_params"] is None
 
 

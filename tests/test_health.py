@@ -18,7 +18,7 @@ import json
 import logging
 import os
 import re
-import signal
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -27,10 +27,10 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import override, tiny_vit_config
+from conftest import override, stop_after_writing, tiny_vit_config
 from visionfm_jax import config_lib
 from visionfm_jax.data import records
-from visionfm_jax.training import health, metrics, train
+from visionfm_jax.training import health, train
 
 COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], np.float32)
 RECORDS = 2000
@@ -97,8 +97,15 @@ def drop_loss(rollbacks):
   return [{k: v for k, v in r.items() if k != "loss"} for r in rollbacks]
 
 
+# The end-to-end tests share the module's runs and compiled programs: one xdist worker runs them all.
+END_TO_END = pytest.mark.xdist_group("health_end_to_end")
+
+
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
+def data(tmp_path_factory, compilation_cache):
+  """The three data sets. Every run of the module trains the same tiny ViT, most of them the same 80-step
+  config: with the compilation cache on, each program compiles once."""
+  del compilation_cache
   root = tmp_path_factory.mktemp("health_data")
   poisoned = [*BURST_A, *BURST_B]
   return {"bursts": write_colours(root / "bursts", poisoned),
@@ -117,6 +124,22 @@ def bursts_run(data, tmp_path_factory):
   finally:
     logging.getLogger().removeHandler(handler)
   return workdir, handler.text()
+
+
+@pytest.fixture(scope="module")
+def stopped_after_rollback_a(data, tmp_path_factory):
+  """The two-burst run stopped by a SIGTERM at step 35, after rollback A: it saves step 36 and exits. (its
+  workdir, read-only: copy it to change it; the run's last metrics)."""
+  workdir = tmp_path_factory.mktemp("stopped") / "run"
+  with pytest.MonkeyPatch.context() as patch:
+    stop_after_writing(patch, 35, times=2)  # the second time: after rollback A
+    stopped = train.run(health_config(data["bursts"]), str(workdir))
+  return workdir, stopped
+
+
+def copy_of(workdir, tmp_path):
+  shutil.copytree(workdir, tmp_path / "run")
+  return tmp_path / "run"
 
 
 class _Capture(logging.Handler):
@@ -190,9 +213,22 @@ def test_non_finite_numbers_trigger_without_loss_scaling_and_are_overflows_with_
 
 # --------------------------------------------------------------------------------------------- end to end
 
-def test_a_poisoned_batch_is_skipped_keeping_the_optimizer_count(data, tmp_path):
-  train.run(health_config(data["spike"], total_steps=46), str(tmp_path))
+@END_TO_END
+def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_keeping_the_optimizer_count(
+    data, tmp_path, monkeypatch):
+  """Steps 1-4 without health (stopped by a SIGTERM after step 3), resumed with it: its statistics start at the
+  resume, and the one poisoned batch (step 41) is skipped, without a rollback."""
+  config = health_config(data["spike"], total_steps=46, **{"health.enabled": False})
+  stop_after_writing(monkeypatch, 3)
+  assert train.run(config, str(tmp_path))["step"] == 4
+  monkeypatch.undo()
+  last = train.run(health_config(data["spike"], total_steps=46), str(tmp_path))
+  assert last["step"] == 46
+  state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "46" / "state")
+  assert int(state["health"]["count"]) == 42 - 1  # the statistics of the steps applied since the resume
+
   rows = {r["step"]: r for r in train_rows(tmp_path)}
+  assert "health/skipped_steps" not in rows[3] and rows[5]["health/skipped_steps"] == 0
   assert [rows[s]["health/skipped_steps"] for s in (40, 41, 46)] == [0, 1, 1]
   assert rows[41]["train/loss"] > rows[40]["train/loss"] + 0.5  # the spike
   assert rows[42]["train/lr"] == rows[41]["train/lr"]  # step 41 left the optimizer's count (and schedule) as it was
@@ -200,6 +236,7 @@ def test_a_poisoned_batch_is_skipped_keeping_the_optimizer_count(data, tmp_path)
   assert rows[46]["health/rollbacks"] == 0 and rows[46]["health/skipped_examples"] == 0
 
 
+@END_TO_END
 def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(data, bursts_run, tmp_path):
   workdir, log = bursts_run
   lines = re.findall(r"health: rolling back at (.*)", log)
@@ -231,50 +268,38 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
   assert abs(evals[-1] - last["eval/val/top1"]) <= 0.1, (evals, last["eval/val/top1"])
 
 
-def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, bursts_run, tmp_path, monkeypatch):
+@END_TO_END
+def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, bursts_run, stopped_after_rollback_a,
+                                                                         tmp_path):
   """SIGTERM at step 35, after rollback A: the run saves step 36 and exits; the rerun resumes there, takes
   rollback B, and ends with the uninterrupted run's params, optimizer state and health state bitwise."""
   reference, _ = bursts_run
-  config = health_config(data["bursts"])
-  write, seen = metrics.MetricWriter.write, []
-
-  def write_then_signal(self, step, values):
-    write(self, step, values)
-    seen.append(step)
-    if step == 35 and "train/loss" in values and seen.count(35) == 2:  # the second time: after rollback A
-      os.kill(os.getpid(), signal.SIGTERM)
-  monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
-  stopped = train.run(config, str(tmp_path))
+  stopped_dir, stopped = stopped_after_rollback_a
   assert stopped["step"] == 36
-  assert drop_loss(saved_rollbacks(tmp_path, 36)) == [ROLLBACK_A]
-  monkeypatch.undo()
+  assert drop_loss(saved_rollbacks(stopped_dir, 36)) == [ROLLBACK_A]
 
-  train.run(config, str(tmp_path))
-  for got, want in zip(final_leaves(tmp_path), final_leaves(reference)):
+  workdir = copy_of(stopped_dir, tmp_path)
+  train.run(health_config(data["bursts"]), str(workdir))
+  for got, want in zip(final_leaves(workdir), final_leaves(reference)):
     np.testing.assert_array_equal(got, want)
-  assert saved_rollbacks(tmp_path) == saved_rollbacks(reference)
-  assert train_rows(tmp_path)[-1]["health/rollbacks"] == 2
+  assert saved_rollbacks(workdir) == saved_rollbacks(reference)
+  assert train_rows(workdir)[-1]["health/rollbacks"] == 2
 
 
-def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoint(data, tmp_path):
+@END_TO_END
+def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoint(data, stopped_after_rollback_a,
+                                                                                   tmp_path):
+  """max_rollbacks 1 (health's fields may change at a resume): the run resumed after rollback A (whose record
+  its checkpoint carries) stops at the second trigger instead of rolling back again."""
+  workdir = copy_of(stopped_after_rollback_a[0], tmp_path)
   config = health_config(data["bursts"], **{"health.max_rollbacks": 1})
   with pytest.raises(health.HealthError, match=re.escape(
       f"2 rollbacks within 1000 steps (at steps 43, 63; config.health.max_rollbacks=1); stopping. The last good "
-      f"checkpoint: {tmp_path / 'checkpoints'}/50")):
-    train.run(config, str(tmp_path))
+      f"checkpoint: {workdir / 'checkpoints'}/50")):
+    train.run(config, str(workdir))
 
 
-def test_health_turned_on_at_a_resume_starts_its_statistics_afresh(data, tmp_path):
-  config = health_config(data["removed"], total_steps=4, checkpoint_every=2)
-  config.health.enabled = False
-  train.run(config, str(tmp_path))
-  config = health_config(data["removed"], total_steps=6, checkpoint_every=2, **{"resume.allow_changes": "total_steps"})
-  last = train.run(config, str(tmp_path))
-  assert last["step"] == 6 and last["health/skipped_steps"] == 0
-  state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "6" / "state")
-  assert int(state["health"]["count"]) == 2  # the statistics of the two steps since the resume
-
-
+@END_TO_END
 def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
   """launch/local.sh 2 (each process reads 8 rows of every batch of 16): both processes log the same two
   rollbacks as the one-process run (steps, checkpoints, stream positions) and save the same record."""

@@ -2,8 +2,10 @@
 
 import json
 import logging
+import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, read_the_loss_after_every_step, tiny_vit_config
+from conftest import ROOT, compilation_cache_env, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.training import metrics, train
 from visionfm_jax.errors import ConfigError, DataError
@@ -35,18 +37,42 @@ def _final_state(workdir, step):
   return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
 
 
-def _main(workdir, *flags, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu")
+# The module's runs share their compiled programs: the same config trained, stopped and resumed compiles once.
+pytestmark = pytest.mark.usefixtures("compilation_cache")
+
+
+def _main(workdir, *flags, devices=8, cache=None):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
+             **(compilation_cache_env(cache) if cache else {}))
   return subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
 
 
-def test_run_writes_metrics_checkpoints_and_config(tmp_path):
+def _zero3_config():
+  """6 steps of zero3, a log line every 2, an evaluation (of 40 examples: 2 batches and a part) and a checkpoint
+  every 3."""
   config = tiny_vit_config(total_steps=6, log_every=2, eval_every=3, checkpoint_every=3, strategy="zero3")
   config.data.num_workers = 0
   config.data.eval_examples = 40
-  last = train.run(config, str(tmp_path))
+  return config
+
+
+@pytest.fixture(scope="module")
+def zero3_run(tmp_path_factory):
+  """(the workdir of `_zero3_config` trained uninterrupted (read-only: copy it to change it), its last metrics)."""
+  workdir = tmp_path_factory.mktemp("zero3") / "run"
+  return workdir, train.run(_zero3_config(), str(workdir))
+
+
+ZERO3_RUN = pytest.mark.xdist_group("train_loop_zero3_run")  # its tests share it in one xdist worker
+
+
+@ZERO3_RUN
+def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
+  workdir, last = zero3_run
+  shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
+  config = _zero3_config()
   rows = _read_metrics(tmp_path)
   train_rows = [r for r in rows if "train/loss" in r]
   assert [r["step"] for r in train_rows] == [2, 4, 6]
@@ -65,17 +91,17 @@ def test_run_writes_metrics_checkpoints_and_config(tmp_path):
   assert len(_read_metrics(tmp_path)) == len(rows)
 
 
-def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path):
+def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache):
   """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
   the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters
   bitwise, so the data order resumed exactly too."""
   flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=1",
            "--config.data.num_workers=1", "--config.strategy=zero3"]
-  reference = _main(tmp_path / "ref", *flags)
+  reference = _main(tmp_path / "ref", *flags, cache=compilation_cache)
   out, _ = reference.communicate(timeout=600)
   assert reference.returncode == 0, out
 
-  preempted = _main(tmp_path / "run", *flags)
+  preempted = _main(tmp_path / "run", *flags, cache=compilation_cache)
   first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
   deadline = time.monotonic() + 600
   while not first_checkpoint.exists() and preempted.poll() is None and time.monotonic() < deadline:
@@ -90,7 +116,7 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path):
   assert int(named.group(1)) == saved[-1] and 4 < saved[-1] < 12, (saved, out)
   assert named.group(2) == str(tmp_path / "run" / "checkpoints" / str(saved[-1]))
 
-  resumed = _main(tmp_path / "run", *flags)
+  resumed = _main(tmp_path / "run", *flags, cache=compilation_cache)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out
   assert f"resuming from {tmp_path / 'run' / 'checkpoints'}/{saved[-1]}" in out
@@ -102,14 +128,15 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path):
       "eval/val/top1"]
 
 
-def test_signal_during_a_logging_steps_wait_saves_the_step_it_names(tmp_path, monkeypatch, caplog):
+@ZERO3_RUN
+def test_signal_during_a_logging_steps_wait_saves_the_step_it_names(zero3_run, tmp_path, monkeypatch, caplog):
   """SIGTERM lands while step 2's metrics are being fetched and written (where the flag used to be read twice,
   skipping the save yet logging it): the next step boundary saves step 3, the log names it only once it has
-  committed, and the rerun from it ends bitwise where an uninterrupted run ends."""
-  config = tiny_vit_config(total_steps=6, log_every=2, eval_every=6, checkpoint_every=100, strategy="zero3")
-  config.data.num_workers = 0
-  config.data.eval_examples = 16
-  reference = train.run(config, str(tmp_path / "ref"))
+  committed, and the rerun from it ends bitwise where an uninterrupted run (`zero3_run`: the same training, other
+  evaluation and checkpoint steps) ends."""
+  reference_dir, reference = zero3_run
+  config = _zero3_config()
+  config.eval_every, config.checkpoint_every = 6, 100
 
   write = metrics.MetricWriter.write
   def write_then_signal(self, step, values):
@@ -127,7 +154,7 @@ def test_signal_during_a_logging_steps_wait_saves_the_step_it_names(tmp_path, mo
   with caplog.at_level(logging.INFO):
     resumed = train.run(config, str(tmp_path / "run"))
   assert f"resuming from {checkpoints}/3" in caplog.text
-  for got, want in zip(_final_state(tmp_path / "run", 6), _final_state(tmp_path / "ref", 6)):
+  for got, want in zip(_final_state(tmp_path / "run", 6), _final_state(reference_dir, 6)):
     np.testing.assert_array_equal(got, want)
   assert resumed["eval/val/top1"] == reference["eval/val/top1"] and resumed["step"] == 6
 
@@ -210,23 +237,34 @@ def test_steps_between_logging_steps_never_wait_on_the_device(tmp_path, monkeypa
 
 
 def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_checkpoint(tmp_path, monkeypatch):
-  """Two good fp16 steps are saved; then every step overflows at the minimum scale (a skipped step changes no
-  param, so the step-4 save is still good): the third such step in a row stops the run, naming checkpoint 4."""
+  """Two good fp16 steps are saved; then every step overflows at the minimum scale (its batch's labels marked, its
+  loss then infinite; a skipped step changes no param, so the step-4 save is still good): the third such step in
+  a row stops the run, naming checkpoint 4."""
   fields = {"precision.compute_dtype": "float16", "precision.loss_scale_init": 1.0,
             "precision.max_consecutive_skips": 3}
-  config = tiny_vit_config(total_steps=2, log_every=1, eval_every=100, checkpoint_every=2, **fields)
+  config = tiny_vit_config(total_steps=8, log_every=1, eval_every=100, checkpoint_every=2, **fields)
   config.data.num_workers = 0
   config.data.eval_examples = 16
-  train.run(config, str(tmp_path))
 
   loss = tasks.ClassificationTask.loss
-  monkeypatch.setattr(tasks.ClassificationTask, "loss",
-                      lambda self, *args: (lambda out: (out[0] * jnp.inf, out[1]))(loss(self, *args)))
-  config.total_steps = 8
-  config.resume.allow_changes = "total_steps"
+  def overflowing_on_marked_labels(self, params, batch, rng):
+    value, aux = loss(self, params, batch, rng)
+    return value * jnp.where(jnp.all(batch["label"] < 0), jnp.inf, 1.0), aux
+  monkeypatch.setattr(tasks.ClassificationTask, "loss", overflowing_on_marked_labels)
+  jit_train_step = train.jit_train_step
+
+  def marking_after_two_steps(*args, **kwargs):
+    step, calls = jit_train_step(*args, **kwargs), []
+    def run(state, batch):
+      calls.append(1)
+      return step(state, batch if len(calls) <= 2 else dict(batch, label=batch["label"] - 1000))
+    return run
+  monkeypatch.setattr(train, "jit_train_step", marking_after_two_steps)
   with pytest.raises(train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*"
                                                f"{tmp_path / 'checkpoints'}/4"):
     train.run(config, str(tmp_path))
+  rows = [r for r in _read_metrics(tmp_path) if "train/loss" in r]
+  assert [math.isfinite(r["train/loss"]) for r in rows] == [True, True, False, False]  # steps 1-4 logged
 
 
 @pytest.mark.parametrize("family,fields", [
