@@ -158,6 +158,7 @@ def run_main_in_process(args, monkeypatch, capsys) -> tuple[int, str, str]:
   `main` that app.run calls there. os._exit, which main uses for workdir errors, raises instead."""
   from visionfm_jax import main as entry  # pylint: disable=g-import-not-at-top
   argv = ["visionfm_jax/main.py", *args]
+  monkeypatch.chdir(ROOT)  # where the subprocesses run: the paths in ARGS are relative to it
   monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the --config.<field> overrides from sys.argv
   monkeypatch.setattr(os, "_exit", _hard_exit)
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # main replaces it
