@@ -94,9 +94,9 @@ CASES = [
 ]
 
 
-# The cases run as real `python -m visionfm_jax.main` processes: one per way a run fails. The flag parser's and
-# main's own error exits (config), a data source, a checkpoint, and the workdir, whose error ends the process
-# with os._exit (main._exit_with).
+# These cases run as real `python -m visionfm_jax.main` processes, one per way a run fails: a flag the parser
+# refuses and a field main refuses (config), a data source, a checkpoint, and the workdir (whose error ends the
+# process with os._exit, main._exit_with). The others run in this process (run_main_in_process).
 SUBPROCESS_CASES = {"unknown_key", "negative_lr", "missing_arrayrecord", "no_readable_checkpoint",
                     "workdir_under_a_file"}
 
