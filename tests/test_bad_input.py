@@ -1,18 +1,28 @@
 """Every bad input to `python -m visionfm_jax.main` ends with exit status 2 and one `error:` line that names the
 culprit, never a traceback: flags, config files and variants, field values outside their domain, data specs,
 checkpoints, weights and a workdir that cannot be written. Config problems fail before jax is imported (well
-under a second each). The tools summary, import_hf and train_tokenizer answer bad flags the same way."""
+under a second each). The tools summary, import_hf and train_tokenizer answer bad flags the same way.
+
+Most cases run main in this process, through the parser and `main` that `python -m visionfm_jax.main` runs
+(`run_main_in_process`): the same code turns the error into the line and the status. A few run as real
+processes, one for each way a run fails (a flag, a config field, data, a checkpoint, a workdir, a tool's
+flag), so the process-level contract (one line on stderr, exit status 2, nothing after it) is tested too."""
 
 import os
 import shutil
 import subprocess
 import sys
 
+import flax.linen as nn
+import jax
+import numpy as np
 import pytest
+from absl import flags
+from absl import logging as absl_logging
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import config_lib
-from visionfm_jax.training import checks, train
+from visionfm_jax import config_lib, tasks
+from visionfm_jax.training import checkpoint, checks, init_from, optim, resume, train
 
 DEMO = "--config=configs/vit_huge.py:demo"
 TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
@@ -84,33 +94,116 @@ CASES = [
 ]
 
 
+# These cases run as real `python -m visionfm_jax.main` processes, one per way a run fails: a flag the parser
+# refuses and a field main refuses (config), a data source, a checkpoint, and the workdir (whose error ends the
+# process with os._exit, main._exit_with). The others run in this process (run_main_in_process).
+SUBPROCESS_CASES = {"unknown_key", "negative_lr", "missing_arrayrecord", "no_readable_checkpoint",
+                    "workdir_under_a_file"}
+
+
+def _tiny_state_at_step_2(config):
+  """The tiny ViT's TrainState as train.run lays it out, at step 2, its values zeros (from shapes: nothing is
+  compiled), and a fresh data iterator."""
+  task = tasks.build(config)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  abstract = nn.unbox(jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0)))
+  state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract).replace(step=np.int32(2))
+  loader = iter(task.train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,
+                                  process_count=1))
+  return state, loader
+
+
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
+  """<good>: the workdir train.run leaves after 2 steps of the tiny ViT (TINY with total_steps=2): config.json and a
+  checkpoint at step 2 of the state, its data iterator and the run's config, written without training; that
+  train.run resumes it is checked here. <garbled>: the same with that checkpoint's _METADATA garbled."""
   root = tmp_path_factory.mktemp("bad_input")
   config = tiny_vit_config(total_steps=2, checkpoint_every=2, eval_every=100)
   config.data.num_workers = 0
   config.data.eval_examples = 16
-  train.run(config, str(root / "good"))
-  shutil.copytree(root / "good", root / "garbled")
+  checks.validate(config, jax.device_count(), 1)
+  init_from.derive_model_config(config)
+  good = root / "good"
+  state, loader = _tiny_state_at_step_2(config)
+  saver = checkpoint.Checkpointer(str(good / "checkpoints"), async_save=False, run_config=resume.as_json(config))
+  saver.save(2, state, loader)
+  saver.close()
+  (good / "config.json").write_text(config.to_json_best_effort(indent=2))
+  shutil.copytree(good, root / "resumed")
+  assert train.run(config.copy_and_resolve_references(), str(root / "resumed")) == {"step": 2}
+  shutil.copytree(good, root / "garbled")
   (root / "garbled" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbled")
   return root
 
 
-@pytest.mark.parametrize("name,args,culprit", CASES, ids=[c[0] for c in CASES])
-def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp_path, request):
+def _reset_main_flags() -> None:
+  """Leaves absl's global flags as before a parse: main's at their defaults, no `--config.<field>` flags (the
+  config flag defines one per override it parses)."""
+  flags.FLAGS.unparse_flags()
+  for name in [n for n in flags.FLAGS if n.startswith("config.")]:
+    delattr(flags.FLAGS, name)
+
+
+class _HardExit(SystemExit):
+  """os._exit(code) of main, raised instead of ending this process."""
+
+
+def _hard_exit(code):
+  raise _HardExit(code)
+
+
+def run_main_in_process(args, monkeypatch, capsys) -> tuple[int, str, str]:
+  """(exit status, stdout, stderr) of `python -m visionfm_jax.main ARGS`, run in this process by the flag parser and
+  `main` that app.run calls there. os._exit, which main uses for workdir errors, raises instead."""
+  from visionfm_jax import main as entry  # pylint: disable=g-import-not-at-top
+  argv = ["visionfm_jax/main.py", *args]
+  monkeypatch.chdir(ROOT)  # where the subprocesses run: the paths in ARGS are relative to it
+  monkeypatch.setattr(sys, "argv", argv)  # config_flags reads the --config.<field> overrides from sys.argv
+  monkeypatch.setattr(os, "_exit", _hard_exit)
+  monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # main replaces it
+  monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false"))
+  handler = absl_logging.get_absl_handler()
+  filters, formatter = list(handler.filters), handler.formatter
+  capsys.readouterr()
+  try:
+    entry.main(entry._parse_flags(argv))  # pylint: disable=protected-access
+    status = 0
+  except SystemExit as e:
+    status = e.code
+  finally:
+    _reset_main_flags()
+    handler.filters[:] = filters
+    handler.setFormatter(formatter)
+  out = capsys.readouterr()
+  return status, out.out, out.err
+
+
+def _main_in_a_process(args, env) -> tuple[int, str, str]:
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
+  return proc.returncode, proc.stdout, proc.stderr
+
+
+@pytest.mark.parametrize("name,args,culprit", CASES,
+                         ids=[c[0] + ("-subprocess" if c[0] in SUBPROCESS_CASES else "") for c in CASES])
+def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp_path, request, monkeypatch, capsys):
   if any("<good>" in a or "<garbled>" in a for a in args):
     root = request.getfixturevalue("workdirs")
     args = [a.replace("<good>", str(root / "good")).replace("<garbled>", str(root / "garbled")) for a in args]
   if not any(a.startswith("--workdir=") for a in args):
-    args.append(f"--workdir={tmp_path / 'run'}")
-  env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
-  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
-  output = proc.stdout + proc.stderr
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 2, output[-4000:]
+    args = [*args, f"--workdir={tmp_path / 'run'}"]
+  if name in SUBPROCESS_CASES:
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TFDS_DATA_DIR=str(tmp_path / "tfds"))
+    status, stdout, stderr = _main_in_a_process(args, env)
+  else:
+    monkeypatch.setenv("TFDS_DATA_DIR", str(tmp_path / "tfds"))
+    status, stdout, stderr = run_main_in_process(args, monkeypatch, capsys)
+  output = stdout + stderr
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert status == 2, output[-4000:]
   assert "Traceback" not in output, output[-4000:]
-  assert len(errors) == 1 and proc.stderr.strip().splitlines()[-1] == errors[0], proc.stderr[-4000:]
+  assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr[-4000:]
   for text in culprit:
     assert text in errors[0], errors[0]
 
@@ -131,17 +224,30 @@ TOOL_CASES = [
 ]
 
 
-@pytest.mark.parametrize("name,args,culprit", TOOL_CASES, ids=[c[0] for c in TOOL_CASES])
-def test_tools_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit):
+# As above: these run as real processes, the others through the tool's `main(argv)` (what its __main__ exits with).
+SUBPROCESS_TOOL_CASES = {"summary_unknown_key"}
+
+
+@pytest.mark.parametrize("name,args,culprit", TOOL_CASES,
+                         ids=[c[0] + ("-subprocess" if c[0] in SUBPROCESS_TOOL_CASES else "") for c in TOOL_CASES])
+def test_tools_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, capsys):
   """As main's: these tools used absl's app.run, which printed a traceback or a FATAL flags error with status 1."""
-  proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=300)
-  output = proc.stdout + proc.stderr
-  assert proc.returncode == 2 and "Traceback" not in output, output[-4000:]
-  assert proc.stderr.strip().splitlines() == [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr[-4000:]
+  if name in SUBPROCESS_TOOL_CASES:
+    proc = subprocess.run([sys.executable, "-m", *args], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                          capture_output=True, text=True, timeout=300)
+    status, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
+  else:
+    module, *rest = args
+    tool = __import__(module, fromlist=["main"])
+    capsys.readouterr()
+    status = tool.main([module, *rest])
+    stdout, stderr = capsys.readouterr()
+  output = stdout + stderr
+  assert status == 2 and "Traceback" not in output, output[-4000:]
+  assert stderr.strip().splitlines() == [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(stderr.strip().splitlines()) == 1, stderr[-4000:]
   for text in culprit:
-    assert text in proc.stderr, proc.stderr
+    assert text in stderr, stderr
 
 
 def test_every_config_shipped_is_valid_and_every_domain_rule_is_used():

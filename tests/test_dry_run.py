@@ -10,6 +10,7 @@ import time
 import pytest
 
 from conftest import ROOT
+from test_bad_input import run_main_in_process
 from visionfm_jax import config_lib
 from visionfm_jax.data import records
 from visionfm_jax.errors import DataError
@@ -90,21 +91,28 @@ def _pairs_split(directory, split, count=64):
                          for i in range(count)))
 
 
-@pytest.mark.parametrize("case", ["missing", "empty_train", "empty_eval"])
-def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path):
+@pytest.mark.parametrize("case", ["missing-subprocess", "empty_train", "empty_eval"])
+def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, monkeypatch, capsys):
+  """`missing` runs main as a real process; the others in this process (test_bad_input.run_main_in_process)."""
   data = tmp_path / "data"
   data.mkdir()
-  if case != "missing":
+  if not case.startswith("missing"):
     (_empty_split if case == "empty_train" else _pairs_split)(data, "train")
     _empty_split(data, "validation")
   spec = f"arrayrecord:{data}/{{split}}-*.array_record"
-  proc, _ = _main("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-                  f"--config.data.source={spec}", "--config.model.num_classes=3")
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert proc.returncode == 2 and len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+  args = ("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+          f"--config.data.source={spec}", "--config.model.num_classes=3")
+  if case.endswith("subprocess"):
+    proc, _ = _main(*args)
+    status, stderr = proc.returncode, proc.stderr
+  else:
+    status, _, stderr = run_main_in_process(args, monkeypatch, capsys)
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert stderr.strip().splitlines()[-1] == errors[0], stderr[-3000:]
   split = "validation" if case == "empty_eval" else "train"
   assert f"config.data.source={spec!r} split {split!r}" in errors[0]
-  assert ("no files match" if case == "missing" else "has no records") in errors[0], errors[0]
+  assert ("no files match" if case.startswith("missing") else "has no records") in errors[0], errors[0]
 
 
 def test_an_empty_eval_source_stops_a_run_at_start_up(tmp_path):

@@ -2,7 +2,7 @@
 
 launch/local.sh runs 2 processes x 2 CPU devices joined by jax.distributed (gloo collectives): the tiny ViT
 trains with zero3 (state sharded across the processes), checkpoints, and matches one process fed the same global
-batches; a preemption notice to either or both processes saves one agreed step that the rerun resumes bitwise; a
+batches; a preemption notice to one or both processes saves one agreed step that the rerun resumes bitwise; a
 stalled process ends the whole job; a held workdir stops both processes of a second job. Also: the
 jax.distributed.initialize arguments taken from the environment, and the launch scripts' syntax.
 """
@@ -189,6 +189,17 @@ class _Job:
       time.sleep(0.05)
     assert path.exists(), self.finish()[1][-6000:]
 
+  def wait_for_a_step_after(self, step):
+    """Blocks until the job has logged a train step after `step` (it has resumed and trains); returns that step."""
+    path, deadline = self.workdir / "metrics.jsonl", time.monotonic() + 300
+    while self.proc.poll() is None and time.monotonic() < deadline:
+      rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+      logged = [r["step"] for r in rows if "train/loss" in r and r["step"] > step]
+      if logged:
+        return logged[-1]
+      time.sleep(0.05)
+    pytest.fail(f"no train step after {step} was logged:\n{self.finish()[1][-6000:]}")
+
   def finish(self, timeout=480):
     """(exit code of local.sh, output of both processes)."""
     try:
@@ -294,29 +305,50 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
     assert int(state.step) == start + 2
 
 
-@MULTIPROCESS
-@pytest.mark.parametrize("signalled", ["both_0.5s_apart", "one_only"])
-def test_preemption_saves_one_step_on_every_process_and_resumes_bitwise(reference_run, tmp_path, signalled):
-  """SIGTERM reaches the processes 0.5 s apart, or only one of them: both agree on one step, save it, log it
-  once it has committed and exit 0; the rerun resumes from it and ends bitwise where the uninterrupted job does
-  (params, optimizer state, eval metric)."""
-  reference, _ = reference_run
-  workdir = tmp_path / "run"
-  job = _Job(workdir)
-  job.wait_for_checkpoint(10)
+def _preempt(job, signalled):
+  """SIGTERM to the job's first process only, or to both 0.5 s apart."""
   first, second = job.trainers()
   os.kill(first, signal.SIGTERM)
   if signalled == "both_0.5s_apart":
     time.sleep(0.5)  # the stagger under test
     os.kill(second, signal.SIGTERM)
+
+
+def _step_saved_on_notice(job, after):
+  """The one step both processes of `job` (preempted after step `after`) agreed on, saved and named, once they
+  have exited 0."""
   code, out = job.finish()
   assert code == 0, out[-6000:]
   named = re.findall(r"preemption notice: saved step (\d+) \((.*?)\)", out)
   assert len(named) == PROCESSES and len(set(named)) == 1, out[-6000:]
   step, where = int(named[0][0]), named[0][1]
-  assert 10 < step < TOTAL_STEPS and where == str(workdir / "checkpoints" / str(step))
-  assert sorted(os.listdir(workdir / "checkpoints" / str(step) / "data"))[-PROCESSES:] == [
+  assert after < step < TOTAL_STEPS and where == str(job.workdir / "checkpoints" / str(step)), (after, named)
+  assert sorted(os.listdir(job.workdir / "checkpoints" / str(step) / "data"))[-PROCESSES:] == [
       f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
+  return step, out
+
+
+@MULTIPROCESS
+def test_preemption_of_one_process_then_of_both_0_5s_apart_saves_one_agreed_step_and_the_reruns_resume_bitwise(
+    reference_run, tmp_path):
+  """SIGTERM reaches only one process (after the first checkpoint); then, once the rerun has resumed and trained a
+  step, both processes 0.5 s apart. Each time both agree on one step after the notice, save it, log it once it
+  has committed and exit 0; each rerun resumes from it, and the last one ends bitwise where the uninterrupted job
+  does (params, optimizer state, eval metric). One chain of reruns serves both notices: the second job is the
+  first one's rerun."""
+  reference, _ = reference_run
+  workdir = tmp_path / "run"
+  job = _Job(workdir)
+  job.wait_for_checkpoint(10)
+  _preempt(job, "one_only")
+  step, _ = _step_saved_on_notice(job, after=10)
+
+  job = _Job(workdir)
+  after = job.wait_for_a_step_after(step)
+  _preempt(job, "both_0.5s_apart")
+  resumed = step
+  step, out = _step_saved_on_notice(job, after=after)
+  assert out.count(f"resuming from {workdir}/checkpoints/{resumed}") == PROCESSES
 
   code, out = _Job(workdir).finish()
   assert code == 0, out[-6000:]
