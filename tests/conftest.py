@@ -172,3 +172,30 @@ def stop_after_writing(monkeypatch, step, times=1):
       if at == step and seen.count(step) == times:
         os.kill(os.getpid(), signal.SIGTERM)
   monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
+
+
+def random_params(task, seed: int = 0):
+  """Params of `task`'s model drawn at random by shape (shapes by jax.eval_shape of its init: no init compile).
+
+  Kernels N(0, 1/fan_in) (fan_in from the logical axis names), LayerNorm scales 1 + N(0, 0.1^2), everything
+  else N(0, 0.1^2): unlike the init (zero biases, identity-like blocks), every param changes the outputs.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0))["params"])
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    shape, names = leaf.value.shape, leaf.names
+    name = path[-1].key
+    if name == "scale":
+      return jnp.asarray(1.0 + rng.normal(0.0, 0.1, shape), jnp.float32)
+    std = 0.1
+    if name == "kernel":
+      axes = [i for i, n in enumerate(names) if n != "layers"]
+      inputs = axes[:-1] if names[-1] == "embed" and len(axes) > 1 else axes[:1]
+      std = math.prod(shape[i] for i in inputs) ** -0.5
+    return jnp.asarray(rng.normal(0.0, std, shape), jnp.float32)
+
+  return jax.tree_util.tree_map_with_path(draw, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

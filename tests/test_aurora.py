@@ -3,13 +3,12 @@
 import re
 
 import chex
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_aurora_config
+from conftest import random_params, tiny_aurora_config
 import test_train_step
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.data import transforms
@@ -40,18 +39,19 @@ def _pair_batches(config, n, seed=0, uncaptioned=0.25):
   return batches
 
 
-_INIT_CACHE = {}
+_PARAMS = {}
 
 
-def _init(task):
-  """Initial params, shared by tests whose model configs agree (init compiles slowly on CPU; mim_view and
-  drop_path do not change the params)."""
+def _params(task):
+  """Random params by shape (conftest.random_params: no init compile, and no identity-like blocks that would
+  hide a dropped or leaked path), shared by tests whose model configs agree (mim_view and drop_path do not
+  change the params)."""
   model = task.config.model.copy_and_resolve_references()
   model.mim_view, model.encoder.drop_path = "separate", 0.0
   key = model.to_json()
-  if key not in _INIT_CACHE:
-    _INIT_CACHE[key] = nn.unbox(jax.jit(task.init_variables)(jax.random.key(0))["params"])
-  return _INIT_CACHE[key]
+  if key not in _PARAMS:
+    _PARAMS[key] = random_params(task)
+  return _PARAMS[key]
 
 
 def _train(config, batches):
@@ -80,7 +80,7 @@ def test_uncaptioned_images_train_mim_only():
   """Contrastive and caption losses are those of the captioned examples alone; MIM covers every image."""
   config = tiny_aurora_config(global_batch_size=16)
   task = tasks.build(config)
-  params = _init(task)
+  params = _params(task)
   batch = _pair_batches(config, 1, uncaptioned=0.4)[0]
   captioned = {k: v[batch["has_text"]] for k, v in batch.items()}
   assert 0 < len(captioned["text"]) < 16
@@ -93,15 +93,30 @@ def test_uncaptioned_images_train_mim_only():
   assert abs(mixed["train/mim_loss"] - alone["train/mim_loss"]) > 1e-4  # MIM: every image, not the subset
 
 
-def test_eight_accumulation_steps_equal_one_step_of_eight_times_the_batch(view="separate"):
-  """Two-pass accumulation: the contrastive loss spans the whole batch of 64 (8 devices, zero2), not 8, and
-  its captioned examples only (a quarter are uncaptioned images).
-  (The 'shared' view goes through the same two passes; its pass-1 features are checked below.)"""
-  config = tiny_aurora_config(global_batch_size=64, strategy="zero2", **{"model.mim_view": view})
-  batches = _pair_batches(config, 2)
-  ref, ref_hist = _train(config, batches)
-  got, hist = _train(tiny_aurora_config(global_batch_size=64, strategy="zero2", grad_accum_steps=8,
-                                        **{"model.mim_view": view}), batches)
+# Two steps on 8 devices (zero2), in one step and accumulated over 4 micro-batches of 8 (one example per
+# device). Not square: with 64 = 8 x 8 the split's reshape to (B / steps, steps) and one to (steps, B / steps)
+# are the same, so mixing the two up could not show. The count is a scan's length (4 proves what the recipe's 8
+# would), and a batch of 32 compiles ~25% faster than one of 64.
+ACCUM_BATCH, ACCUM_STEPS = 32, 4
+
+
+@pytest.fixture(scope="module")
+def accumulation_runs():
+  """((params, metrics history) of two steps of the batch of 32 in one step, the same accumulated over 4
+  micro-batches of 8): the 'separate' view (the 'shared' view goes through the same two passes; its pass-1
+  features are checked below)."""
+  def config(accum):
+    return tiny_aurora_config(global_batch_size=ACCUM_BATCH, strategy="zero2", grad_accum_steps=accum,
+                              **{"model.mim_view": "separate"})
+  batches = _pair_batches(config(1), 2)
+  return _train(config(1), batches), _train(config(ACCUM_STEPS), batches)
+
+
+@pytest.mark.xdist_group("aurora_accumulation")
+def test_four_accumulation_steps_equal_one_step_of_four_times_the_batch(accumulation_runs):
+  """Two-pass accumulation: the contrastive loss spans the whole batch of 32 (8 devices, zero2), not 8, and
+  its captioned examples only (a quarter are uncaptioned images)."""
+  (ref, ref_hist), (got, hist) = accumulation_runs
   for key in ("train/loss", "train/contrastive_loss", "train/caption_loss", "train/mim_loss", "train/grad_norm"):
     np.testing.assert_allclose(hist[-1][key], ref_hist[-1][key], rtol=2e-5, err_msg=key)
   chex.assert_trees_all_close(_without_key_biases(got), _without_key_biases(ref), atol=1e-6, rtol=1e-4)
@@ -121,35 +136,43 @@ def _without_key_biases(params):
 
 
 def test_naive_accumulation_would_differ():
-  """The check above can fail: contrastive losses over micro-batches of 8 are not the loss over 64."""
-  config = tiny_aurora_config(global_batch_size=64)
+  """The check above can fail: contrastive losses over micro-batches of 8 are not the loss over 32."""
+  config = tiny_aurora_config(global_batch_size=ACCUM_BATCH)
   task = tasks.build(config)
-  params = _init(task)
+  params = _params(task)
   batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
   batch, context = task.whole_batch(batch, jax.random.key(1))
   feats = jax.jit(task.batch_features)(params, batch, jax.random.key(1), context)
-  whole = task.global_loss(params, feats, context)[1]["train/contrastive_loss"]
-  micro = np.mean([task.global_loss(params, jax.tree.map(lambda f, i=i: f[i::8], feats),
-                                    {**context, "has_text": context["has_text"][i::8]})[1]["train/contrastive_loss"]
-                   for i in range(8)])
+  contrastive = jax.jit(lambda p, f, has_text: task.global_loss(p, f, {**context, "has_text": has_text})[1])
+  whole = contrastive(params, feats, context["has_text"])["train/contrastive_loss"]
+  micro = np.mean([contrastive(params, jax.tree.map(lambda f, i=i: f[i::ACCUM_STEPS], feats),
+                               context["has_text"][i::ACCUM_STEPS])["train/contrastive_loss"]
+                   for i in range(ACCUM_STEPS)])
   assert abs(whole - micro) > 0.1
 
 
+_DROPOUT = {}
+
+
+def _with_stochastic_depth(view):
+  """(task, params, jitted batch_features, jitted local_loss) of the tiny Aurora with drop_path 0.5 in `view`:
+  one compile of each per view, shared by the tests of the view's passes below."""
+  if view not in _DROPOUT:
+    task = tasks.build(tiny_aurora_config(**{"model.encoder.drop_path": 0.5, "model.mim_view": view}))
+    _DROPOUT[view] = task, _params(task), jax.jit(task.batch_features), jax.jit(task.local_loss)
+  return _DROPOUT[view]
+
+
+@pytest.mark.xdist_group("aurora_views")
 @pytest.mark.parametrize("view", ["separate", "shared"])
 def test_accumulation_features_match_the_loss_features_with_stochastic_depth(view):
   """Pass 1 (forward-only features) must see the same dropout draws as pass 2 (the loss)."""
-  config = tiny_aurora_config(**{"model.encoder.drop_path": 0.5, "model.mim_view": view})
-  task = tasks.build(config)
-  params = _init(task)
-  leaves, tree = jax.tree.flatten(params)  # SwinV2 blocks start as the identity: perturb them so drops show
-  keys = jax.random.split(jax.random.key(5), len(leaves))
-  params = tree.unflatten([x + 0.05 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
-  batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
+  task, params, batch_features, local_loss = _with_stochastic_depth(view)
+  batch = jax.tree.map(jnp.asarray, _pair_batches(task.config, 1)[0])
   rng = jax.random.key(3)
   batch, context = task.whole_batch(batch, rng)
-  batch_features = jax.jit(task.batch_features)
   feats = batch_features(params, batch, rng, context)
-  _, loss_feats, _ = jax.jit(task.local_loss)(params, batch, rng, context)
+  _, loss_feats, _ = local_loss(params, batch, rng, context)
   chex.assert_trees_all_close(feats, loss_feats, atol=1e-6)
   other = batch_features(params, batch, jax.random.key(4), context)
   assert not np.allclose(other[0], feats[0], atol=1e-4)  # the draws matter, so equality above means something
@@ -158,7 +181,7 @@ def test_accumulation_features_match_the_loss_features_with_stochastic_depth(vie
 def test_masked_patches_do_not_reach_the_encoder():
   config = tiny_aurora_config()
   task = tasks.build(config)
-  params = _init(task)
+  params = _params(task)
   batch = _pair_batches(config, 1)[0]
   factor = config.data.image_size // batch["mim_mask"].shape[1]
   pixels = np.kron(batch["mim_mask"], np.ones((factor, factor), np.uint8))[..., None].astype(bool)
@@ -170,28 +193,32 @@ def test_masked_patches_do_not_reach_the_encoder():
   assert not np.allclose(clean_a, clean_b, atol=1e-3)
 
 
+@pytest.mark.xdist_group("aurora_views")
 def test_views_decide_which_heads_see_the_masked_image():
+  """The loss's image embedding (the contrastive head's input) sees the mask in the 'shared' view only; the
+  dropout draws are the same for both masks."""
   def image_emb(view, mask_value):
-    config = tiny_aurora_config(**{"model.mim_view": view})
-    task = tasks.build(config)
-    params = _init(task)
-    batch = _pair_batches(config, 1)[0]
-    mask = np.full_like(batch["mim_mask"], mask_value)
-    apply = jax.jit(lambda p, im, t, m: task.model.apply({"params": p}, task.normalize(im), t, m)["image_emb"])
-    return apply(params, batch["image"], batch["text"], mask)
+    task, params, _, local_loss = _with_stochastic_depth(view)
+    batch = _pair_batches(task.config, 1)[0]
+    batch = jax.tree.map(jnp.asarray, {**batch, "mim_mask": np.full_like(batch["mim_mask"], mask_value)})
+    rng = jax.random.key(3)
+    batch, context = task.whole_batch(batch, rng)
+    return local_loss(params, batch, rng, context)[1][0]
   np.testing.assert_allclose(image_emb("separate", 0), image_emb("separate", 1), atol=1e-6)
   assert not np.allclose(image_emb("shared", 0), image_emb("shared", 1), atol=1e-4)
 
 
-def test_train_metrics_log_every_loss_term():
+@pytest.mark.xdist_group("aurora_accumulation")
+def test_train_metrics_log_every_loss_term(accumulation_runs):
+  """The first step's metrics, in one step and accumulated: the loss is the weighted sum of the logged terms."""
   config = tiny_aurora_config()
-  _, hist = _train(config, _pair_batches(config, 1))
   weights = config.loss
-  m = hist[0]
-  total = (weights.mim_weight * m["train/mim_loss"] + weights.contrastive_weight * m["train/contrastive_loss"]
-           + weights.caption_weight * m["train/caption_loss"])
-  np.testing.assert_allclose(m["train/loss"], total, rtol=1e-5)
-  assert abs(m["train/caption_loss"] - np.log(config.model.text.vocab_size)) < 0.5  # at init: about ln(vocab)
+  for _, hist in accumulation_runs:
+    m = hist[0]
+    total = (weights.mim_weight * m["train/mim_loss"] + weights.contrastive_weight * m["train/contrastive_loss"]
+             + weights.caption_weight * m["train/caption_loss"])
+    np.testing.assert_allclose(m["train/loss"], total, rtol=1e-5)
+    assert abs(m["train/caption_loss"] - np.log(config.model.text.vocab_size)) < 0.5  # at init: about ln(vocab)
 
 
 @pytest.mark.parametrize("field, value, message", [

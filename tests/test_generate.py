@@ -9,47 +9,31 @@ import os
 import subprocess
 import sys
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, tiny_aurora_config
+from conftest import ROOT, random_params, tiny_aurora_config
 from visionfm_jax import tasks
 from visionfm_jax.models import generate
 from visionfm_jax.data import shapes, tokenizer as tokenizer_lib
 from visionfm_jax.tools import caption
+
+# One xdist worker runs the module: the tests on the trained model share one training run (a module fixture is
+# per worker), and a worker that ran only the other tests would start the training for nothing.
+pytestmark = pytest.mark.xdist_group("generate")
 
 BATCH, MAX_LEN = 8, 10
 BOS, EOS, PAD = tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID, tokenizer_lib.PAD_ID
 
 
 def _random_params(overrides=None, seed=0):
-  """(model, params) of the tiny Aurora with random numpy params (shapes by eval_shape: no init compile).
-
-  Kernels N(0, 1/fan_in) (fan_in from the logical axis names), LayerNorm scales 1 + N(0, 0.1^2), everything
-  else N(0, 0.1^2): logits that vary with the tokens and the memory, unlike all-equal scales.
-  """
+  """(model, params) of the tiny Aurora with random params by shape (conftest.random_params: no init compile;
+  logits that vary with the tokens and the memory, unlike all-equal scales)."""
   task = tasks.build(tiny_aurora_config(**(overrides or {})))
-  boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0))["params"])
-  rng = np.random.default_rng(seed)
-
-  def draw(path, leaf):
-    shape, names = leaf.value.shape, leaf.names
-    name = path[-1].key
-    if name == "scale":
-      return jnp.asarray(1.0 + rng.normal(0.0, 0.1, shape), jnp.float32)
-    std = 0.1
-    if name == "kernel":
-      axes = [i for i, n in enumerate(names) if n != "layers"]
-      inputs = axes[:-1] if names[-1] == "embed" and len(axes) > 1 else axes[:1]
-      std = math.prod(shape[i] for i in inputs) ** -0.5
-    return jnp.asarray(rng.normal(0.0, std, shape), jnp.float32)
-
-  params = jax.tree_util.tree_map_with_path(draw, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return task.model, params
+  return task.model, random_params(task, seed)
 
 
 def _memory(model, seed=1):
