@@ -1,8 +1,10 @@
 """The training-step benchmark (`python -m visionfm_jax.bench`) end to end on tiny configs, with the PyTorch twin."""
 
+import collections
 import gzip
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -122,13 +124,41 @@ def test_primitives_compiles_each_matmul_for_every_cpu_dot_library(capsys):
     assert side["gflops"] > 0 and side["ratio_to_torch"] > 0
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) \(.*\{$")
+_FUSION = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = .* fusion\(.*\bcalls=%([\w.-]+)(?:.*\"kind\":\"__(\w+)_fusion\")?")
+_DOT = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = \S+ dot\(")
+
+
+def _dot_libraries(hlo_text: str) -> collections.Counter:
+  """How many dots of a compiled CPU module each library runs: the library of the custom fusion whose computation
+  holds the dot ('ynn', 'onednn', ...), else 'xla' (a dot XLA emits itself)."""
+  dots, library_of, computation = collections.Counter(), {}, None
+  for line in hlo_text.splitlines():
+    if m := _COMPUTATION.match(line):
+      computation = m.group(1)
+    elif m := _FUSION.match(line):
+      library_of[m.group(1)] = m.group(2) or "xla"
+    elif _DOT.match(line):
+      dots[computation] += 1
+  out = collections.Counter()
+  for name, count in dots.items():
+    out[library_of.get(name, "xla")] += count
+  return out
+
+
 def test_primitives_routes_dots_to_the_library_named():
-  # The options must reach XLA: a matmul compiled for oneDNN runs as a oneDNN fusion, the default one does not.
+  """The options reach XLA: of a dense layer's three training products, oneDNN runs all three, Eigen (XLA's own
+  dots) all three, the default hands YNNPACK those it takes, and `xnn` (YNNPACK off) leaves none to YNNPACK or
+  oneDNN (this jaxlib's HLO names no XNNPACK fusion: XLA picks XNNPACK for a dot when it emits it)."""
   import jax  # pylint: disable=g-import-not-at-top
-  x = jax.numpy.ones((32, 16))
-  lowered = jax.jit(lambda a: a @ a.T).lower(x)
-  assert "__onednn_fusion" in lowered.compile(compiler_options=primitives.CPU_DOT_BACKENDS["onednn"]).as_text()
-  assert "__onednn_fusion" not in lowered.compile(compiler_options=primitives.CPU_DOT_BACKENDS["default"]).as_text()
+  x, w, dy = jax.numpy.ones((32, 16)), jax.numpy.ones((16, 8)), jax.numpy.ones((32, 8))
+  lowered = jax.jit(lambda x, w, dy: (x @ w, dy @ w.T, x.T @ dy)).lower(x, w, dy)
+  libraries = {name: _dot_libraries(lowered.compile(compiler_options=options).as_text())
+               for name, options in primitives.CPU_DOT_BACKENDS.items()}
+  assert libraries["onednn"] == {"onednn": 3} and libraries["eigen"] == {"xla": 3}, libraries
+  default = libraries["default"]
+  assert set(default) <= {"ynn", "xla"} and default["ynn"] >= 1 and sum(default.values()) == 3, libraries
+  assert libraries["xnn"] == {"xla": 3}, libraries
 
 
 @pytest.mark.parametrize("flag,message", [("--gemm=16x8", "MxKxN"), ("--gemm=16xaxb", "not a shape"),
