@@ -59,11 +59,13 @@ def pico_runs(tmp_path_factory):
   return out
 
 
-@pytest.mark.parametrize("config", ["configs/vit_huge.py:pico/8", "configs/swinv2_cls.py:demo"])
-def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
+@pytest.mark.parametrize("config,size", [("configs/vit_huge.py:pico/8", []),
+                                         ("configs/swinv2_cls.py:demo", ["--config.model.variant=pico"])],
+                         ids=["vit_pico", "swinv2_pico"])
+def test_bench_reports_figures_and_the_torch_ratio(capsys, config, size):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  code, out, err = _run(capsys, f"--config={config}", *TINY, "--compare=torch")
+  code, out, err = _run(capsys, f"--config={config}", *TINY, *size, "--compare=torch")
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert config in result["config"]
