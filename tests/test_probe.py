@@ -67,7 +67,7 @@ def _knn_reference(train_x, train_y, test_x, test_y, k: int, temperature: float)
   """Top-1 of the weighted k-NN vote from its definition, in float64: cosine similarity; each of the k most
   similar train rows votes for its class with weight exp(similarity / T)."""
   unit = lambda x: np.asarray(x, np.float64) / np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True)
-  sims = unit(test_x) @ unit(train_x).T
+  sims = np.einsum("qd,nd->qn", unit(test_x), unit(train_x))
   nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
   rows = np.arange(len(test_x))[:, None]
   votes = np.zeros((len(test_x), int(max(train_y.max(), test_y.max())) + 1))
