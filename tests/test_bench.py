@@ -1,8 +1,12 @@
 """The training-step benchmark (`python -m visionfm_jax.bench`) end to end on tiny configs, with the PyTorch twin."""
 
+import collections
+import contextlib
 import gzip
+import io
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -11,6 +15,7 @@ import pytest
 
 from visionfm_jax.bench import __main__ as bench
 from visionfm_jax.bench import primitives
+from visionfm_jax.bench import step as step_lib
 from visionfm_jax.training import flops
 
 TINY = ["--config.global_batch_size=4", "--devices=1", "--config.precision.compute_dtype=float32", "--config.strategy=ddp",
@@ -24,11 +29,43 @@ def _run(capsys, *args):
   return code, out, err
 
 
-@pytest.mark.parametrize("config", ["configs/vit_huge.py:pico/8", "configs/swinv2_cls.py:demo"])
-def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
+PICO = "--config=configs/vit_huge.py:pico/8"
+# One bench run of the pico ViT serves several tests (each run compiles its steps anew): the kernels against the
+# plain path with a profile of the step (default CPU dots), and the same step with XNNPACK's dots.
+SHARED = pytest.mark.xdist_group("bench_pico_runs")
+
+
+@pytest.fixture(scope="module")
+def pico_runs(tmp_path_factory):
+  """{"plain", "xnn"}: (status, stdout, stderr, the dot libraries of each step the run compiled, profile dir)."""
+  profile_dir = str(tmp_path_factory.mktemp("profile"))
+  runs = {"plain": [PICO, *TINY, "--compare=plain", f"--profile={profile_dir}", "--profile_steps=2"],
+          "xnn": [PICO, *TINY, "--cpu_dots=xnn"]}
+  out = {}
+  for name, args in runs.items():
+    compiled = []
+    with pytest.MonkeyPatch.context() as patch:
+      jax_step = step_lib.JaxStep
+
+      class Recorded(jax_step):
+        def __init__(self, *a, **k):
+          super().__init__(*a, **k)
+          compiled.append(_dot_libraries(self.compiled.as_text()))
+      patch.setattr(step_lib, "JaxStep", Recorded)
+      stdout, stderr = io.StringIO(), io.StringIO()
+      with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = bench.main(["bench", *args])
+    out[name] = (code, stdout.getvalue(), stderr.getvalue(), compiled, profile_dir)
+  return out
+
+
+@pytest.mark.parametrize("config,size", [("configs/vit_huge.py:pico/8", []),
+                                         ("configs/swinv2_cls.py:demo", ["--config.model.variant=pico"])],
+                         ids=["vit_pico", "swinv2_pico"])
+def test_bench_reports_figures_and_the_torch_ratio(capsys, config, size):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  code, out, err = _run(capsys, f"--config={config}", *TINY, "--compare=torch")
+  code, out, err = _run(capsys, f"--config={config}", *TINY, *size, "--compare=torch")
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert config in result["config"]
@@ -51,8 +88,9 @@ def test_bench_reports_figures_and_the_torch_ratio(capsys, config):
   assert "ratio:" in out
 
 
-def test_bench_compares_the_kernels_with_the_plain_path(capsys):
-  code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--compare=plain")
+@SHARED
+def test_bench_compares_the_kernels_with_the_plain_path(pico_runs):
+  code, out, err, _, _ = pico_runs["plain"]
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert result["plain"]["step_s"] > 0 and result["ratio"] == pytest.approx(result["step_s"] / result["plain"]["step_s"])
@@ -77,15 +115,18 @@ def test_paired_ratio_calls_a_side_faster_only_when_the_interval_excludes_1():
   assert bench.paired_ratio([2.0], [1.0]) == {"ratio_paired": 2.0, "ratio_ci90": [2.0, 2.0], "verdict": "slower"}
 
 
-def test_bench_compiles_the_step_for_another_cpu_dot_library_and_trains_alike(capsys):
+@SHARED
+def test_bench_compiles_the_step_for_another_cpu_dot_library_and_trains_alike(pico_runs):
   # xnn, not onednn: jaxlib 0.10.2's oneDNN fusions abort the process on this graph ("partition compile failed").
-  losses = {}
-  for dots in ("default", "xnn"):
-    code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, f"--cpu_dots={dots}")
+  losses, libraries = {}, {}
+  for dots, run in (("default", "plain"), ("xnn", "xnn")):
+    code, out, err, compiled, _ = pico_runs[run]
     assert code == 0, err
     result = json.loads(out.strip().splitlines()[-1])
     assert result["cpu_dots"] == dots
-    losses[dots] = result["loss"]
+    losses[dots], libraries[dots] = result["loss"], compiled[0]  # our step (the plain path's comes second)
+  # The default hands YNNPACK some of the step's dots; with xnn none go to YNNPACK (or oneDNN).
+  assert libraries["default"]["ynn"] > 0 and set(libraries["xnn"]) == {"xla"}, libraries
   # Same init, batch and steps: only the matmul kernels differ, so the losses agree to fp32 rounding, and the
   # steps did move the model off the zero head's exact ln(10).
   assert losses["xnn"] == pytest.approx(losses["default"], rel=1e-5)
@@ -122,13 +163,41 @@ def test_primitives_compiles_each_matmul_for_every_cpu_dot_library(capsys):
     assert side["gflops"] > 0 and side["ratio_to_torch"] > 0
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%([\w.-]+) \(.*\{$")
+_FUSION = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = .* fusion\(.*\bcalls=%([\w.-]+)(?:.*\"kind\":\"__(\w+)_fusion\")?")
+_DOT = re.compile(r"^\s*(?:ROOT )?%[\w.-]+ = \S+ dot\(")
+
+
+def _dot_libraries(hlo_text: str) -> collections.Counter:
+  """How many dots of a compiled CPU module each library runs: the library of the custom fusion whose computation
+  holds the dot ('ynn', 'onednn', ...), else 'xla' (a dot XLA emits itself)."""
+  dots, library_of, computation = collections.Counter(), {}, None
+  for line in hlo_text.splitlines():
+    if m := _COMPUTATION.match(line):
+      computation = m.group(1)
+    elif m := _FUSION.match(line):
+      library_of[m.group(1)] = m.group(2) or "xla"
+    elif _DOT.match(line):
+      dots[computation] += 1
+  out = collections.Counter()
+  for name, count in dots.items():
+    out[library_of.get(name, "xla")] += count
+  return out
+
+
 def test_primitives_routes_dots_to_the_library_named():
-  # The options must reach XLA: a matmul compiled for oneDNN runs as a oneDNN fusion, the default one does not.
+  """The options reach XLA: of a dense layer's three training products, oneDNN runs all three, Eigen (XLA's own
+  dots) all three, the default hands YNNPACK those it takes, and `xnn` (YNNPACK off) leaves none to YNNPACK or
+  oneDNN (this jaxlib's HLO names no XNNPACK fusion: XLA picks XNNPACK for a dot when it emits it)."""
   import jax  # pylint: disable=g-import-not-at-top
-  x = jax.numpy.ones((32, 16))
-  lowered = jax.jit(lambda a: a @ a.T).lower(x)
-  assert "__onednn_fusion" in lowered.compile(compiler_options=primitives.CPU_DOT_BACKENDS["onednn"]).as_text()
-  assert "__onednn_fusion" not in lowered.compile(compiler_options=primitives.CPU_DOT_BACKENDS["default"]).as_text()
+  x, w, dy = jax.numpy.ones((32, 16)), jax.numpy.ones((16, 8)), jax.numpy.ones((32, 8))
+  lowered = jax.jit(lambda x, w, dy: (x @ w, dy @ w.T, x.T @ dy)).lower(x, w, dy)
+  libraries = {name: _dot_libraries(lowered.compile(compiler_options=options).as_text())
+               for name, options in primitives.CPU_DOT_BACKENDS.items()}
+  assert libraries["onednn"] == {"onednn": 3} and libraries["eigen"] == {"xla": 3}, libraries
+  default = libraries["default"]
+  assert set(default) <= {"ynn", "xla"} and default["ynn"] >= 1 and sum(default.values()) == 3, libraries
+  assert libraries["xnn"] == {"xla": 3}, libraries
 
 
 @pytest.mark.parametrize("flag,message", [("--gemm=16x8", "MxKxN"), ("--gemm=16xaxb", "not a shape"),
@@ -140,13 +209,13 @@ def test_primitives_rejects_bad_shapes(capsys, flag, message):
   assert code == 2 and message in err, err
 
 
-def test_bench_profiles_the_step_and_names_its_busiest_operations(capsys, tmp_path):
-  code, out, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, f"--profile={tmp_path}",
-                        "--profile_steps=2")
+@SHARED
+def test_bench_profiles_the_step_and_names_its_busiest_operations(pico_runs):
+  code, out, err, _, profile_dir = pico_runs["plain"]
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   profile = result["profile"]
-  assert profile["trace"].startswith(str(tmp_path)) and profile["trace"].endswith("perfetto_trace.json.gz")
+  assert profile["trace"].startswith(profile_dir) and profile["trace"].endswith("perfetto_trace.json.gz")
   assert profile["steps"] == 2 and profile["timelines"]
   busiest = profile["timelines"][0]
   assert busiest["busy_us"] > 0 and busiest["ops"]

@@ -2,6 +2,7 @@
 devices, COCO mAP logged as eval/det/*), a backbone initialised from a classification pretraining workdir,
 and the config errors."""
 
+import collections
 import json
 import os
 
@@ -16,6 +17,7 @@ from configs import finetune_coco
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import vit
 
 
@@ -64,13 +66,73 @@ def _random_params(config, seed):
   return jax.tree.map(lambda leaf: rng.normal(0.0, 0.2, leaf.shape).astype(np.float32), abstract)
 
 
+IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
+RECALL_POINTS = np.linspace(0.0, 1.0, 101)
+
+
+def _iou(dets: np.ndarray, gts: np.ndarray) -> np.ndarray:
+  """(D, G) IoU of xywh boxes."""
+  lo = np.maximum(dets[:, None, :2], gts[None, :, :2])
+  hi = np.minimum(dets[:, None, :2] + dets[:, None, 2:], gts[None, :, :2] + gts[None, :, 2:])
+  inter = np.prod(np.clip(hi - lo, 0, None), axis=-1)
+  union = np.prod(dets[:, 2:], -1)[:, None] + np.prod(gts[:, 2:], -1)[None] - inter
+  return inter / union
+
+
+def _coco_box_metrics(ground_truth: dict, detections: list[dict], max_dets: int = 100) -> dict[str, float]:
+  """COCO's box AP and AR (area 'all', no crowd) written from its definition: per class and IoU threshold, each
+  image's best `max_dets` detections claim in score order the unclaimed box of highest IoU >= the threshold; the
+  precision of the ranked detections of all images, made non-increasing in recall, is read at the 101 recall
+  points and averaged; map averages over the 10 thresholds and the classes that have boxes, ap50 / ap75 at one
+  threshold, ar100 the final recall."""
+  images = sorted(image["id"] for image in ground_truth["images"])
+  ranked = collections.defaultdict(list)
+  for d in sorted(detections, key=lambda d: -d["score"]):  # a stable sort, as COCO's
+    ranked[d["image_id"], d["category_id"]].append(d)
+  precision, recall = {}, {}
+  for cat in (c["id"] for c in ground_truth["categories"]):
+    boxes = {i: np.array([a["bbox"] for a in ground_truth["annotations"]
+                          if a["image_id"] == i and a["category_id"] == cat], float).reshape(-1, 4) for i in images}
+    total = sum(len(b) for b in boxes.values())
+    if not total:
+      continue
+    for t in IOU_THRESHOLDS:
+      scores, hits = [], []
+      for i in images:
+        mine = ranked[i, cat][:max_dets]
+        ious = _iou(np.array([d["bbox"] for d in mine], float).reshape(-1, 4), boxes[i])
+        claimed = np.zeros(len(boxes[i]), bool)
+        for row, d in enumerate(mine):
+          best = np.where(claimed | (ious[row] < min(t, 1 - 1e-10)), -1.0, ious[row])
+          hit = best.size > 0 and best.max() >= 0
+          if hit:
+            claimed[len(best) - 1 - np.argmax(best[::-1])] = True  # the last of equal IoUs, as COCO's loop
+          scores.append(d["score"])
+          hits.append(hit)
+      order = np.argsort(-np.array(scores), kind="mergesort")
+      tp = np.cumsum(np.array(hits, bool)[order])
+      fp = np.cumsum(~np.array(hits, bool)[order])
+      rc, pr = tp / total, tp / np.maximum(tp + fp, np.spacing(1))
+      pr = np.maximum.accumulate(pr[::-1])[::-1]  # the best precision at any higher recall
+      at = np.searchsorted(rc, RECALL_POINTS, side="left")
+      precision[cat, t] = np.mean([pr[k] if k < len(pr) else 0.0 for k in at])
+      recall[cat, t] = rc[-1] if len(rc) else 0.0
+  at_threshold = lambda t: np.mean([v for (_, u), v in precision.items() if np.isclose(u, t)])
+  return {"map": float(np.mean(list(precision.values()))), "ap50": float(at_threshold(0.5)),
+          "ap75": float(at_threshold(0.75)), "ar100": float(np.mean(list(recall.values())))}
+
+
 def _rows(workdir):
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     return [json.loads(line) for line in f]
 
 
-def test_run_from_pretrained_backbone_learns_and_logs_coco_map(tmp_path, pretrained_workdir):
+def test_run_from_pretrained_backbone_learns_and_logs_coco_map(tmp_path, pretrained_workdir, monkeypatch):
   config = tiny_detection_config(init_from=str(pretrained_workdir[0]), init_from_prefix="backbone")
+  scored = []  # (ground truth, detections) of each evaluation, as the evaluator hands them to pycocotools
+  coco_map = detection_eval.coco_map
+  monkeypatch.setattr(detection_eval, "coco_map", lambda gt, dets, *a, **k: scored.append((gt, dets)) or
+                      coco_map(gt, dets, *a, **k))
   last = train.run(config, str(tmp_path))
   rows = _rows(tmp_path)
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -82,8 +144,13 @@ def test_run_from_pretrained_backbone_learns_and_logs_coco_map(tmp_path, pretrai
     assert np.isfinite(train_row[f"train/loss_{part}"])
   evals = [r for r in rows if "eval/det/map" in r]
   assert [r["step"] for r in evals] == [8]
+  # The logged figures are COCO's of the model's top-k detections on the 16 eval scenes.
+  [(ground_truth, detections)] = scored
+  assert sorted(d["image_id"] for d in detections) == sorted(list(range(16)) * config.head.top_k)
+  want = _coco_box_metrics(ground_truth, detections)
+  assert want["ap50"] > 0 and want["ar100"] > 0, want
   for metric in ("map", "ap50", "ap75", "ar100"):
-    assert 0.0 <= evals[0][f"eval/det/{metric}"] <= 1.0
+    assert evals[0][f"eval/det/{metric}"] == pytest.approx(want[metric], abs=1e-12), metric
   assert last["eval/det/map"] == evals[0]["eval/det/map"]
   assert "train/mfu" not in train_row  # no FLOP count for detection (tasks/detection.py)
 

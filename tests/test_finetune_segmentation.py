@@ -7,13 +7,16 @@ import os
 import chex
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import override, tiny_vit_config
 from visionfm_jax import tasks
+from visionfm_jax.tasks import losses
 from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.evaluate import segmentation as seg_eval
 from visionfm_jax.models import vit
 
 
@@ -53,20 +56,66 @@ def _random_params(task, seed=0):
   return jax.tree.map(lambda a: jax.device_put((0.1 * rng.normal(size=a.shape)).astype(a.dtype), jax.devices()[0]), abstract)
 
 
-def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp_path, pretrained):
+def _miou_by_class(pred: np.ndarray, labels: np.ndarray, labelled: np.ndarray, num_classes: int) -> dict[str, float]:
+  """mmseg's figures from their definitions, class by class: IoU = |pred c and label c| / |pred c or label c| over
+  the labelled pixels, mIoU its mean over the classes present in either; pixel accuracy; the mean over the classes
+  in the labels of their pixels' accuracy."""
+  ious, accs = [], []
+  for c in range(num_classes):
+    is_pred, is_label = (pred == c) & labelled, (labels == c) & labelled
+    union = np.sum(is_pred | is_label)
+    if union:
+      ious.append(np.sum(is_pred & is_label) / union)
+    if is_label.any():
+      accs.append(np.sum(is_pred & is_label) / np.sum(is_label))
+  return {"miou": float(np.mean(ious)), "pixel_acc": float(np.sum((pred == labels) & labelled) / np.sum(labelled)),
+          "mean_acc": float(np.mean(accs))}
+
+
+def _record_to_host(records: list, fn, *picks):
+  """`fn` that also sends `pick(*args)` of each call to `records` on the host, from inside the jitted step."""
+  def recorded(*args, **kwargs):
+    jax.debug.callback(lambda *values: records.append([np.asarray(v) for v in values]), *(p(*args) for p in picks))
+    return fn(*args, **kwargs)
+  return recorded
+
+
+def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp_path, pretrained, monkeypatch):
+  """The logged pixel accuracy (train) and mIoU, pixel and mean accuracy (eval, sliding windows over the 16 x 24
+  canvas) are those of the model's own predictions, recomputed here with numpy."""
   config = tiny_seg_config(total_steps=6, log_every=1, eval_every=6, checkpoint_every=6,
                            init_from=pretrained[0], init_from_prefix="backbone")
+  num_classes = config.head.num_classes
+  trained, evaluated, eval_batches = [], [], []  # (predicted classes, labels) per step / per eval batch; raw batches
+  monkeypatch.setattr(losses, "segmentation_cross_entropy", _record_to_host(
+      trained, losses.segmentation_cross_entropy, lambda logits, labels, *_: jnp.argmax(logits, -1),
+      lambda logits, labels, *_: labels))
+  monkeypatch.setattr(seg_eval, "confusion_matrix", _record_to_host(
+      evaluated, seg_eval.confusion_matrix, lambda pred, *_: pred))
+  evaluate = seg_eval.SegmentationEvaluator.__call__
+  monkeypatch.setattr(seg_eval.SegmentationEvaluator, "__call__",
+                      lambda self, params, batches: evaluate(self, params, eval_batches.extend(batches) or eval_batches))
   last = train.run(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
-  losses = [r["train/loss"] for r in rows if "train/loss" in r]
-  assert len(losses) == 6 and np.all(np.isfinite(losses))
-  assert np.mean(losses[-3:]) < losses[0] - 0.1, losses
-  assert 0.0 <= rows[-2]["train/pixel_acc"] <= 1.0
+  losses_logged = [r["train/loss"] for r in rows if "train/loss" in r]
+  assert len(losses_logged) == 6 and np.all(np.isfinite(losses_logged))
+  assert np.mean(losses_logged[-3:]) < losses_logged[0] - 0.1, losses_logged
+  train_rows = [r for r in rows if "train/pixel_acc" in r]
+  assert [r["step"] for r in train_rows] == [1, 2, 3, 4, 5, 6] and len(trained) == 6
+  for row, (pred, labels) in zip(train_rows, trained):
+    labelled = (labels != 255) & (labels < num_classes)
+    assert 0 < labelled.sum() < labelled.size  # ignored pixels present: leaving them out matters
+    assert row["train/pixel_acc"] == pytest.approx(np.sum((pred == labels) & labelled) / np.sum(labelled), abs=1e-6)
   evals = [r for r in rows if "eval/seg/miou" in r]
   assert [r["step"] for r in evals] == [6]
+  pred = np.concatenate([p for p, in evaluated])
+  labels = np.concatenate([b["mask"] for b in eval_batches])
+  valid = np.concatenate([b.get("valid", np.ones(len(b["mask"]), bool)) for b in eval_batches])
+  assert pred.shape == labels.shape == (32, 16, 24)  # every canvas, predicted whole
+  want = _miou_by_class(pred, labels, (labels != 255) & valid[:, None, None], num_classes)
   for metric in ("miou", "pixel_acc", "mean_acc"):
-    assert 0.0 <= evals[0][f"eval/seg/{metric}"] <= 1.0
+    assert evals[0][f"eval/seg/{metric}"] == pytest.approx(want[metric], abs=1e-12), metric
   assert last["eval/seg/miou"] == evals[0]["eval/seg/miou"]
 
 

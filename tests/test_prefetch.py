@@ -1,7 +1,5 @@
 """training/prefetch.py: batches copied ahead, while the data state and counts stay those of the step."""
 
-import pathlib
-
 import jax
 import numpy as np
 import pytest
@@ -57,6 +55,25 @@ def test_an_iterator_without_counts_has_none_through_the_prefetch():
   assert not hasattr(batches, "skipped") and not hasattr(batches, "read")
 
 
-def test_the_prefetch_places_batches_with_no_task():
-  """Training asks parallel/ (not tasks/) how a host batch becomes a global one."""
-  assert "visionfm_jax.tasks" not in pathlib.Path(prefetch.__file__).read_text()
+@pytest.mark.parametrize("depth", [0, 1, 3])
+def test_the_copies_of_depth_batches_ahead_are_started_through_parallel(monkeypatch, depth):
+  """The prefetch asks parallel/ (no task) how a host batch becomes a global one, and starts those copies ahead:
+  when batch i is handed out, the copies of batches 1 .. i + depth have been issued, in order, with the run's
+  sharding, and the handed-out array is the one its copy made (nothing is copied again at hand-out)."""
+  assert prefetch.host_to_global is parallel.host_to_global
+  sharding = _batch_sharding()
+  copies = []  # (batch number, sharding, global array) of every host-to-device copy, as issued
+  make_array = jax.make_array_from_process_local_data
+
+  def recorded(target, local, *args, **kwargs):
+    out = make_array(target, local, *args, **kwargs)
+    copies.append((int(local[0, 0]), target, out))
+    return out
+  monkeypatch.setattr(jax, "make_array_from_process_local_data", recorded)
+  batches = prefetch.DevicePrefetch(_Counting(), sharding, depth)
+  assert not copies  # nothing is read before the first batch is asked for
+  for i in range(1, 5):
+    batch = next(batches)
+    assert [number for number, _, _ in copies] == list(range(1, i + depth + 1))
+    assert all(target == sharding for _, target, _ in copies)
+    assert batch["x"] is copies[i - 1][2]

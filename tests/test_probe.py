@@ -8,6 +8,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 import pytest
+import scipy.optimize
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_vit_config
@@ -62,6 +63,42 @@ def test_linear_probe_separates_what_is_linearly_separable_and_is_deterministic(
   assert shuffled < 0.2  # chance 1/8 +- 0.02
 
 
+def _knn_reference(train_x, train_y, test_x, test_y, k: int, temperature: float) -> float:
+  """Top-1 of the weighted k-NN vote from its definition, in float64: cosine similarity; each of the k most
+  similar train rows votes for its class with weight exp(similarity / T)."""
+  unit = lambda x: np.asarray(x, np.float64) / np.linalg.norm(np.asarray(x, np.float64), axis=1, keepdims=True)
+  sims = np.einsum("qd,nd->qn", unit(test_x), unit(train_x))
+  nearest = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+  rows = np.arange(len(test_x))[:, None]
+  votes = np.zeros((len(test_x), int(max(train_y.max(), test_y.max())) + 1))
+  np.add.at(votes, (np.broadcast_to(rows, nearest.shape), train_y[nearest]), np.exp(sims[rows, nearest] / temperature))
+  return float(np.mean(np.argmax(votes, axis=1) == test_y))
+
+
+def _linear_reference(train_x, train_y, test_x, test_y, l2: float) -> tuple[float, float]:
+  """(test top-1, train objective) of the softmax regression on standardised features (the train split's mean
+  and std), mean cross-entropy + l2 / 2 * |W|^2, minimised to convergence by scipy's L-BFGS-B in float64. The
+  products are einsums: a multi-threaded BLAS call per tiny product costs milliseconds on a loaded machine."""
+  mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
+  x, t = (np.asarray(train_x, np.float64) - mean) / std, (np.asarray(test_x, np.float64) - mean) / std
+  classes = int(max(train_y.max(), test_y.max())) + 1
+  onehot = np.eye(classes)[train_y]
+
+  def objective(flat):
+    w, b = flat[:-classes].reshape(x.shape[1], classes), flat[-classes:]
+    logits = np.einsum("nd,dk->nk", x, w) + b
+    logits -= logits.max(axis=1, keepdims=True)
+    p = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+    value = -np.mean(np.log(p[np.arange(len(x)), train_y])) + 0.5 * l2 * np.sum(w * w)
+    dlogits = (p - onehot) / len(x)
+    return value, np.concatenate([(np.einsum("nd,nk->dk", x, dlogits) + l2 * w).ravel(), dlogits.sum(axis=0)])
+
+  fit = scipy.optimize.minimize(objective, np.zeros((x.shape[1] + 1) * classes), jac=True, method="L-BFGS-B",
+                                options={"maxiter": 10_000, "gtol": 1e-9, "ftol": 1e-13})
+  w, b = fit.x[:-classes].reshape(x.shape[1], classes), fit.x[-classes:]
+  return float(np.mean(np.argmax(np.einsum("nd,dk->nk", t, w) + b, axis=1) == test_y)), float(fit.fun)
+
+
 def _probe_config(**fields):
   return tiny_vit_config(**{"data.num_workers": 0, "probe.knn": True, "probe.linear": True,
                             "probe.train_examples": 768, "probe.eval_examples": 512, **fields})
@@ -93,20 +130,31 @@ def test_classification_evaluators_probe_a_frozen_vit_on_shapes(monkeypatch):
   task = tasks.build(config)
   mesh = parallel.make_mesh(config.mesh)
   params = jax.device_put(_random_vit_params(), NamedSharding(mesh, P()))  # as in training: on the mesh
-  extractions = []
-  real_extract = probe.extract
-  monkeypatch.setattr(probe, "extract", lambda *a: extractions.append(1) or real_extract(*a))
+  extracted = []  # (features, labels) of each split extracted
+  extract = probe.extract
+  monkeypatch.setattr(probe, "extract", lambda *a: extracted.append(extract(*a)) or extracted[-1])
   evaluators = task.evaluators(EvalContext(mesh, 128, 0, 1))
   assert sorted(evaluators) == ["knn", "linear_probe", "val"]
   knn, linear = evaluators["knn"](params), evaluators["linear_probe"](params)
-  assert len(extractions) == 2  # the train and eval splits once, for both probes
+  assert len(extracted) == 2  # the train and eval splits once, for both probes
   # 512 eval examples: chance 0.125 +- 0.015; measured 0.191 (k-NN) and 0.203 (linear).
   assert knn["top1"] > 0.16 and linear["top1"] > 0.16, (knn, linear)
   assert np.isfinite(linear["train_objective"]) and linear["train_objective"] < np.log(8)
+  [(train_x, train_y), (test_x, test_y)] = extracted
+  assert train_x.shape == (768, 32) and test_x.shape == (512, 32)
+  knn_top1 = _knn_reference(train_x, train_y, test_x, test_y, k=20, temperature=0.07)
+  assert knn["top1"] == knn_top1, (knn, knn_top1)
+  # 100 L-BFGS steps stop short of the minimum: measured 0.008 above it, top-1 3 of 512 examples off the optimum's.
+  top1, objective = _linear_reference(train_x, train_y, test_x, test_y, l2=1e-4)
+  assert objective - 1e-6 <= linear["train_objective"] < objective + 0.02, (linear, objective)
+  assert abs(linear["top1"] - top1) <= 0.02, (linear, top1)
 
 
-def test_probe_tool_on_a_workdir(tmp_path, capsys):
+def test_probe_tool_on_a_workdir(tmp_path, capsys, monkeypatch):
   config = _probe_config(**{"probe.train_examples": 96, "probe.eval_examples": 40})
+  extracted = []  # (features, labels) of the train and the eval split
+  extract = probe.extract
+  monkeypatch.setattr(probe, "extract", lambda *a: extracted.append(extract(*a)) or extracted[-1])
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   ckpt.save(3, {"params": _random_vit_params(), "step": np.int32(3)})
@@ -118,7 +166,15 @@ def test_probe_tool_on_a_workdir(tmp_path, capsys):
   result = json.loads(lines[-1])
   assert lines[0] == f"knn/top1={result['knn/top1']:.4f}"
   assert (result["train_examples"], result["eval_examples"], result["feature_dim"], result["step"]) == (96, 40, 32, 3)
-  assert 0.0 <= result["knn/top1"] <= 1.0 and 0.0 <= result["linear_probe/top1"] <= 1.0
+  # The run's probes (k 20, T 0.07, l2 from the command line) of the checkpoint's features, recomputed here.
+  [(train_x, train_y), (test_x, test_y)] = extracted
+  assert train_x.shape == (96, 32) and test_x.shape == (40, 32)
+  knn_top1 = _knn_reference(train_x, train_y, test_x, test_y, k=20, temperature=0.07)
+  assert result["knn/top1"] == knn_top1, (result, knn_top1)
+  # The probe's 100 L-BFGS steps from zeros stop short of the minimum (measured 0.0009 above it, the same top-1).
+  top1, objective = _linear_reference(train_x, train_y, test_x, test_y, l2=1e-3)
+  assert objective - 1e-6 <= result["linear_probe/train_objective"] < objective + 0.01, (result, objective)
+  assert abs(result["linear_probe/top1"] - top1) <= 1 / 40, (result, top1)
 
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.nope=1"]) == 2
   assert "nope" in capsys.readouterr().err

@@ -17,10 +17,11 @@ import dataclasses
 import functools
 import math
 import re
+import types
+from unittest import mock
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -28,7 +29,6 @@ from conftest import tiny_vit_config
 from test_train_step import _random_batches
 from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.training import optim, train
-from visionfm_jax.models import layers
 from visionfm_jax.tools import summary
 from visionfm_jax.errors import ConfigError
 
@@ -134,9 +134,23 @@ def _abstract_state():
 
 
 @functools.cache
-def _compiled(strategy):
+def _lowered_and_compiled(strategy):
+  """The train step that `train.compile_train_step` compiles: its lowered text (StableHLO before partitioning,
+  where sharding constraints are still ops) and the compiled step."""
   config = tiny_vit_config(strategy=strategy)
-  return train.compile_train_step(config, parallel.make_mesh(config.mesh), _random_batches(config, 1)[0])
+  lowered = []
+  jit_train_step = train.jit_train_step
+
+  def lowering_recorded(*args, **kwargs):
+    step = jit_train_step(*args, **kwargs)
+    return types.SimpleNamespace(lower=lambda *a: lowered.append(step.lower(*a)) or lowered[-1])
+  with mock.patch.object(train, "jit_train_step", lowering_recorded):
+    compiled = train.compile_train_step(config, parallel.make_mesh(config.mesh), _random_batches(config, 1)[0])
+  return lowered[0].as_text(), compiled
+
+
+def _compiled(strategy):
+  return _lowered_and_compiled(strategy)[1]
 
 
 @functools.cache
@@ -296,10 +310,30 @@ def test_zero3_gathers_param_shards_for_the_forward_and_backward(path):
   assert any(_matches(s, per_use) for g in gathers for s in g.shapes), path
 
 
+_CONSTRAINT = re.compile(r"sdy\.sharding_constraint %[\w#]+ <@\w+, \[(.*)\]> : tensor<([0-9x]+)x[a-z]+[0-9]*>")
+
+
+def _constraints(lowered_text: str) -> list[tuple[tuple[int, ...], tuple[tuple[str, ...], ...]]]:
+  """(shape, mesh axes of each dimension) of every sharding constraint in a lowered (Shardy) module."""
+  out = []
+  for dims, shape in _CONSTRAINT.findall(lowered_text):
+    axes = tuple(tuple(re.findall(r'"(\w+)"', d)) for d in re.findall(r"\{([^}]*)\}", dims))
+    out.append((tuple(int(n) for n in shape.split("x")), axes))
+  return out
+
+
 def test_activation_constraints_reach_the_step():
-  """In the context `train.run` traces under, the models' activation constraints are in the program (with a
-  plain `with mesh:` flax drops them, and XLA shards a scanned zero3 model over its embedding instead)."""
-  mesh = parallel.make_mesh(tiny_vit_config().mesh)
-  with mesh, parallel.activation_sharding(mesh):
-    text = jax.jit(lambda x: layers.constrain(x * 2, ("batch", None))).lower(jnp.ones((16, 4))).as_text()
-  assert "sharding_constraint" in text
+  """In the context `train.run` traces under, the models' activation constraints are in the train step: the
+  pico ViT's three per block (block input, attention heads, MLP hidden; models/vit.py, models/layers.py), each
+  in the scanned forward and, transposed, in the backward (no remat), batch over (data, fsdp), heads and MLP over
+  `tensor` (parallel.activation_rules). With a plain `with mesh:` flax drops them, and XLA shards a scanned zero3
+  model over its embedding instead."""
+  config = tiny_vit_config()
+  batch, width, heads, mlp = config.global_batch_size, 32, 2, 64  # pico: width 32, 2 heads, MLP 64
+  tokens = (config.model.image_size // 4) ** 2 + 1  # 4 px patches and the class token
+  data = ("data", "fsdp")
+  want = {((batch, tokens, width), (data, (), ())): 2,
+          ((batch, tokens, heads, width // heads), (data, (), ("tensor",), ())): 2,
+          ((batch, tokens, mlp), (data, (), ("tensor",))): 2}
+  on_activations = [c for c in _constraints(_lowered_and_compiled("zero3")[0]) if c[1] and c[1][0] == data]
+  assert collections.Counter(on_activations) == want
