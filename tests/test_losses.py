@@ -1,6 +1,9 @@
 """Losses: CLIP (REFERENCE.md's check values, Mixup targets, the sharded form against the plain one), captioning
 and SimMIM's masked L1."""
 
+import math
+import re
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -113,13 +116,32 @@ def test_sharded_loss_and_gradients_equal_the_single_device_ones(mesh_shape, mix
   assert grads[0].sharding.is_equivalent_to(batch, 2)
 
 
+HLO_INSTRUCTION = re.compile(r"^\s*(?:ROOT )?%\S+ = (\([^=]*?\)|\w+\[[\d,]*\])\S* ([\w-]+)\(", re.M)
+
+
+def hlo_ops(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
+  """(opcode, shapes of its result (several for a tuple)) of every instruction of an HLO module's text, fused
+  computations included."""
+  out = []
+  for result, opcode in HLO_INSTRUCTION.findall(hlo):
+    out.append((opcode, [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]",
+                                                                                           result)]))
+  return out
+
+
 def test_sharded_loss_keeps_logits_local():
-  """The compiled sharded loss holds B_local x B_global logits per device, never B x B."""
+  """The compiled sharded loss holds B_local x B_global logits per device, never B x B: its two logit matmuls
+  (both directions) give 32 x 256 on each of 8 devices, the devices gather the 256 x 4 features (not logits),
+  and no value of the per-device program is larger than one block of logits."""
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8), ("data", "fsdp"))
   batch = NamedSharding(mesh, P(("data", "fsdp")))
   img = jax.device_put(jnp.ones((256, 4)), batch)
   hlo = jax.jit(lambda i, t: losses.sharded_clip_loss(i, t, 1.0, mesh)).lower(img, img).compile().as_text()
-  assert "f32[32,256]" in hlo and "f32[256,256]" not in hlo
+  ops = hlo_ops(hlo)
+  assert len(ops) > 50  # the parser reads the program
+  assert [shapes for opcode, shapes in ops if opcode == "dot"] == [[(32, 256)], [(32, 256)]]
+  assert [shapes for opcode, shapes in ops if opcode == "all-gather"] == [[(256, 4)], [(256, 4)]]
+  assert max(math.prod(shape) for _, shapes in ops for shape in shapes) == 32 * 256
 
 
 # --- captioning -----------------------------------------------------------------------------------------

@@ -209,9 +209,14 @@ def test_wds_source_in_a_mixture_counts_a_bad_jpeg(tmp_path):
     assert (b["text"][~b["has_text"]] == tokenizer.PAD_ID).all()
 
 
-def _main(workdir, *flags):
+def _main(workdir, *flags, compilation_cache=None):
+  """`python -m visionfm_jax.main` on the CLIP demo, 2 CPU devices; runs given one `compilation_cache` folder
+  share JAX's persistent cache of compiled programs (a rerun loads the first run's instead of compiling them:
+  the same programs, so the same numbers)."""
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
              PYTHONPATH=ROOT)
+  if compilation_cache is not None:
+    env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/swinv2_g_clip.py:demo",
                          f"--workdir={workdir}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                         stderr=subprocess.STDOUT, text=True, timeout=600)
@@ -230,7 +235,7 @@ def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
            "--config.checkpoint_every=2", "--config.eval_every=4", "--config.log_every=1",
            "--config.global_batch_size=8", "--config.data.eval_examples=16", "--config.optim.warmup_steps=2",
            "--config.progress_bar=False"]
-  run = _main(tmp_path / "run", *flags)
+  run = _main(tmp_path / "run", *flags, compilation_cache=tmp_path / "xla_cache")
   assert run.returncode == 0, run.stdout
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
   assert max(r.get("data/skipped", 0) for r in rows) >= 1  # the bad JPEG, read in 4 batches of 8 from 36
@@ -238,7 +243,7 @@ def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
   reference = _params(tmp_path / "run", 4)
   # Lose the last checkpoint: the rerun resumes from step 2, and must reach the same step 4 bitwise.
   shutil.rmtree(tmp_path / "run" / "checkpoints" / "4")
-  resumed = _main(tmp_path / "run", *flags)
+  resumed = _main(tmp_path / "run", *flags, compilation_cache=tmp_path / "xla_cache")
   assert resumed.returncode == 0, resumed.stdout
   assert f"resuming from {tmp_path / 'run' / 'checkpoints'}/2" in resumed.stdout
   for got, want in zip(_params(tmp_path / "run", 4), reference):
