@@ -163,8 +163,8 @@ def run_main_in_process(args, monkeypatch, capsys) -> tuple[int, str, str]:
   monkeypatch.setattr(os, "_exit", _hard_exit)
   monkeypatch.setattr(sys, "unraisablehook", sys.unraisablehook)  # main replaces it
   monkeypatch.setenv("XLA_PYTHON_CLIENT_PREALLOCATE", os.environ.get("XLA_PYTHON_CLIENT_PREALLOCATE", "false"))
-  handler = absl_logging.get_absl_handler()
-  filters, formatter = list(handler.filters), handler.formatter
+  handler, logger = absl_logging.get_absl_handler(), absl_logging.get_absl_logger()
+  filters, formatter, level = list(handler.filters), handler.formatter, logger.level
   capsys.readouterr()
   try:
     entry.main(entry._parse_flags(argv))  # pylint: disable=protected-access
@@ -175,6 +175,7 @@ def run_main_in_process(args, monkeypatch, capsys) -> tuple[int, str, str]:
     _reset_main_flags()
     handler.filters[:] = filters
     handler.setFormatter(formatter)
+    logger.setLevel(level)  # main's parsed --verbosity set it; later tests of this process log at their own
   out = capsys.readouterr()
   return status, out.out, out.err
 
