@@ -134,7 +134,7 @@ def compilation_cache(tmp_path_factory):
   """JAX's persistent compilation cache, on for one module's tests: a module whose runs compile the same programs
   (the same config trained again, resumed, or rerun with another data source) compiles each once. Yields the
   cache directory; `compilation_cache_env(directory)` shares it with the module's subprocess runs."""
-  from jax._src import compilation_cache as cache  # pylint: disable=g-import-not-at-top
+  from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=g-import-not-at-top
   directory = str(tmp_path_factory.mktemp("compilation_cache"))
   before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   for name, value in _cache_options(directory).items():
