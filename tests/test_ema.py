@@ -12,14 +12,13 @@ import sys
 
 import chex
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from conftest import ROOT, compilation_cache_env, stop_after_writing, tiny_vit_config
-from test_train_step import _random_batches, _setup
-from visionfm_jax import config_lib, tasks
+from test_train_step import OverflowingTask, _batches_poisoned_at, _setup
+from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError
 from visionfm_jax.tools import export_hf
 from visionfm_jax.tools import probe as probe_tool
@@ -50,15 +49,7 @@ def test_ema_follows_the_recurrence_and_stands_still_on_a_skipped_fp16_step():
   """zero2: the params replicated, the EMA sharded over fsdp as the Adam moments are; the middle step overflows."""
   config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10,
                                "strategy": "zero2", "optim.ema_decay": DECAY})
-  batches = _random_batches(config, 3)
-  for i, b in enumerate(batches):
-    b["poison"] = np.full((config.global_batch_size,), i == 1, np.bool_)
-
-  class OverflowingTask(tasks.ClassificationTask):
-    def loss(self, params, batch, rng):
-      loss, aux = super().loss(params, batch, rng)
-      return loss * jnp.where(jnp.any(batch["poison"]), jnp.inf, 1.0), aux
-
+  batches = _batches_poisoned_at(config, 3, 1)
   state, step, specs = _setup(config, OverflowingTask(config))
   assert "fsdp" in tuple(specs.ema_params["blocks"]["mlp"]["fc1"]["kernel"])
   assert "fsdp" not in tuple(specs.params["blocks"]["mlp"]["fc1"]["kernel"])

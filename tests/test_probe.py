@@ -124,15 +124,32 @@ def _random_vit_params():
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def _record_extracted(monkeypatch) -> list:
+  """The (features, labels) of each split `probe.extract` returns from now on, in order."""
+  extracted, extract = [], probe.extract
+  monkeypatch.setattr(probe, "extract", lambda *a: extracted.append(extract(*a)) or extracted[-1])
+  return extracted
+
+
+def _assert_probes_as_references(extracted, knn_top1, linear_top1, linear_objective, *, l2, objective_slack,
+                                 top1_slack):
+  """The probes' results (k 20, T 0.07) against numpy's k-NN vote, exactly, and scipy's converged linear fit,
+  within the slack of the probe's fixed L-BFGS steps."""
+  [(train_x, train_y), (test_x, test_y)] = extracted
+  reference = _knn_reference(train_x, train_y, test_x, test_y, k=20, temperature=0.07)
+  assert knn_top1 == reference, (knn_top1, reference)
+  top1, objective = _linear_reference(train_x, train_y, test_x, test_y, l2=l2)
+  assert objective - 1e-6 <= linear_objective < objective + objective_slack, (linear_objective, objective)
+  assert abs(linear_top1 - top1) <= top1_slack, (linear_top1, top1)
+
+
 def test_classification_evaluators_probe_a_frozen_vit_on_shapes(monkeypatch):
   """A random pico ViT: its pooled features carry some of the shape class (chance 1/8)."""
   config = _probe_config()
   task = tasks.build(config)
   mesh = parallel.make_mesh(config.mesh)
   params = jax.device_put(_random_vit_params(), NamedSharding(mesh, P()))  # as in training: on the mesh
-  extracted = []  # (features, labels) of each split extracted
-  extract = probe.extract
-  monkeypatch.setattr(probe, "extract", lambda *a: extracted.append(extract(*a)) or extracted[-1])
+  extracted = _record_extracted(monkeypatch)
   evaluators = task.evaluators(EvalContext(mesh, 128, 0, 1))
   assert sorted(evaluators) == ["knn", "linear_probe", "val"]
   knn, linear = evaluators["knn"](params), evaluators["linear_probe"](params)
@@ -140,21 +157,15 @@ def test_classification_evaluators_probe_a_frozen_vit_on_shapes(monkeypatch):
   # 512 eval examples: chance 0.125 +- 0.015; measured 0.191 (k-NN) and 0.203 (linear).
   assert knn["top1"] > 0.16 and linear["top1"] > 0.16, (knn, linear)
   assert np.isfinite(linear["train_objective"]) and linear["train_objective"] < np.log(8)
-  [(train_x, train_y), (test_x, test_y)] = extracted
-  assert train_x.shape == (768, 32) and test_x.shape == (512, 32)
-  knn_top1 = _knn_reference(train_x, train_y, test_x, test_y, k=20, temperature=0.07)
-  assert knn["top1"] == knn_top1, (knn, knn_top1)
+  assert extracted[0][0].shape == (768, 32) and extracted[1][0].shape == (512, 32)
   # 100 L-BFGS steps stop short of the minimum: measured 0.008 above it, top-1 3 of 512 examples off the optimum's.
-  top1, objective = _linear_reference(train_x, train_y, test_x, test_y, l2=1e-4)
-  assert objective - 1e-6 <= linear["train_objective"] < objective + 0.02, (linear, objective)
-  assert abs(linear["top1"] - top1) <= 0.02, (linear, top1)
+  _assert_probes_as_references(extracted, knn["top1"], linear["top1"], linear["train_objective"], l2=1e-4,
+                               objective_slack=0.02, top1_slack=0.02)
 
 
 def test_probe_tool_on_a_workdir(tmp_path, capsys, monkeypatch):
   config = _probe_config(**{"probe.train_examples": 96, "probe.eval_examples": 40})
-  extracted = []  # (features, labels) of the train and the eval split
-  extract = probe.extract
-  monkeypatch.setattr(probe, "extract", lambda *a: extracted.append(extract(*a)) or extracted[-1])
+  extracted = _record_extracted(monkeypatch)
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
   ckpt.save(3, {"params": _random_vit_params(), "step": np.int32(3)})
@@ -167,14 +178,10 @@ def test_probe_tool_on_a_workdir(tmp_path, capsys, monkeypatch):
   assert lines[0] == f"knn/top1={result['knn/top1']:.4f}"
   assert (result["train_examples"], result["eval_examples"], result["feature_dim"], result["step"]) == (96, 40, 32, 3)
   # The run's probes (k 20, T 0.07, l2 from the command line) of the checkpoint's features, recomputed here.
-  [(train_x, train_y), (test_x, test_y)] = extracted
-  assert train_x.shape == (96, 32) and test_x.shape == (40, 32)
-  knn_top1 = _knn_reference(train_x, train_y, test_x, test_y, k=20, temperature=0.07)
-  assert result["knn/top1"] == knn_top1, (result, knn_top1)
+  assert extracted[0][0].shape == (96, 32) and extracted[1][0].shape == (40, 32)
   # The probe's 100 L-BFGS steps from zeros stop short of the minimum (measured 0.0009 above it, the same top-1).
-  top1, objective = _linear_reference(train_x, train_y, test_x, test_y, l2=1e-3)
-  assert objective - 1e-6 <= result["linear_probe/train_objective"] < objective + 0.01, (result, objective)
-  assert abs(result["linear_probe/top1"] - top1) <= 1 / 40, (result, top1)
+  _assert_probes_as_references(extracted, result["knn/top1"], result["linear_probe/top1"],
+                               result["linear_probe/train_objective"], l2=1e-3, objective_slack=0.01, top1_slack=1 / 40)
 
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.nope=1"]) == 2
   assert "nope" in capsys.readouterr().err

@@ -24,6 +24,22 @@ def _random_batches(config, n, seed=0):
           for _ in range(n)]
 
 
+class OverflowingTask(tasks.ClassificationTask):
+  """Gradients become inf on a poisoned batch, as an fp16 overflow makes them."""
+
+  def loss(self, params, batch, rng):
+    loss, aux = super().loss(params, batch, rng)
+    return loss * jnp.where(jnp.any(batch["poison"]), jnp.inf, 1.0), aux
+
+
+def _batches_poisoned_at(config, n, index):
+  """`_random_batches` whose batch `index` an OverflowingTask turns into an overflow."""
+  batches = _random_batches(config, n)
+  for i, b in enumerate(batches):
+    b["poison"] = np.full((config.global_batch_size,), i == index, np.bool_)
+  return batches
+
+
 _INITIAL_STATES = {}
 
 
@@ -100,17 +116,7 @@ def test_gradient_accumulation_equals_one_big_batch():
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():
   config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10,
                                "strategy": "ddp"})
-  batches = _random_batches(config, 3)
-  for i, b in enumerate(batches):  # the second batch overflows
-    b["poison"] = np.full((config.global_batch_size,), i == 1, np.bool_)
-
-  class OverflowingTask(tasks.ClassificationTask):
-    """Gradients become inf on a poisoned batch, as an fp16 overflow makes them."""
-
-    def loss(self, params, batch, rng):
-      loss, aux = super().loss(params, batch, rng)
-      return loss * jnp.where(jnp.any(batch["poison"]), jnp.inf, 1.0), aux
-
+  batches = _batches_poisoned_at(config, 3, 1)  # the second batch overflows
   state, step, _ = _setup(config, OverflowingTask(config))
   state, m = step(state, batches[0])
   assert m["train/skipped_steps"] == 0 and np.isfinite(m["train/loss"])

@@ -15,9 +15,7 @@ BUILDERS = {
     "clip": clip.build,
     "aurora": aurora.build,
 }
-CLASSES = {"vit": vit.ViT, "swinv2": swinv2.SwinV2, "clip": clip.CLIP, "aurora": aurora.Aurora}
-# Backbones that a model.json of their `checkpoint_fields` rebuilds on its own (without a config).
-FROM_CHECKPOINT_FIELDS = ("vit", "swinv2")
+CLASSES = {"vit": vit.ViT, "swinv2": swinv2.SwinV2, "clip": clip.CLIP, "aurora": aurora.Aurora}  # BUILDERS' names
 
 
 def name_of(model) -> str | None:
@@ -27,10 +25,11 @@ def name_of(model) -> str | None:
 
 def from_checkpoint_fields(fields: dict):
   """The backbone that `fields` (its `checkpoint_fields`, e.g. a tools.import_hf model.json) describe; KeyError
-  naming a missing field, or 'name' when it names no such backbone."""
-  if fields.get("name") not in FROM_CHECKPOINT_FIELDS:
+  naming a missing field, or 'name' when it names no model that rebuilds from its fields alone (a ViT, a SwinV2)."""
+  model_class = CLASSES.get(fields.get("name"))
+  if not hasattr(model_class, "from_checkpoint_fields"):
     raise KeyError("name")
-  return CLASSES[fields["name"]].from_checkpoint_fields(fields)
+  return model_class.from_checkpoint_fields(fields)
 
 
 def build(model_cfg, dtype, platform: str | None = None):
