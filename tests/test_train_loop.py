@@ -17,6 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+import test_tensorboard
 from conftest import ROOT, compilation_cache_env, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.training import metrics, train
@@ -84,11 +85,20 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   assert 0.0 <= last["eval/val/top1"] <= 1.0
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   assert json.loads((tmp_path / "config.json").read_text())["strategy"] == "zero3"
-  assert os.listdir(tmp_path / "tensorboard")
+  (events,) = test_tensorboard.read_event_files(tmp_path / "tensorboard")
+  jsonl_by_step = {}
+  for row in rows:
+    jsonl_by_step.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
+  tensorboard_by_step = test_tensorboard.scalars_by_step(events)
+  assert tensorboard_by_step.keys() == jsonl_by_step.keys()
+  for step, row in jsonl_by_step.items():
+    np.testing.assert_allclose([tensorboard_by_step[step][k] for k in row], list(row.values()), rtol=2e-7)  # float32 in the events
   # Rerunning a finished run resumes at the end and trains nothing more.
   again = train.run(config, str(tmp_path))
   assert again["step"] == 6
   assert len(_read_metrics(tmp_path)) == len(rows)
+  _, rerun = test_tensorboard.read_event_files(tmp_path / "tensorboard")
+  assert [e.step for e in rerun if e.session_log.status] == [7]  # TensorBoard keeps steps <= 6 of the first file
 
 
 def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache):

@@ -9,28 +9,27 @@ import jax
 from absl import logging
 
 from visionfm_jax import atomic
+from visionfm_jax.training import tensorboard
 
 
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and writes TensorBoard scalars.
+  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and the same scalars to
+  `<workdir>/tensorboard/`.
 
   A run resumed at `resume_step` first drops the rows of later steps: a run that stopped after its last
-  checkpoint logged them, and this one logs those steps again."""
+  checkpoint logged them, and this one logs those steps again. TensorBoard drops them too (`EventFile.restart`)."""
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.enabled = jax.process_index() == 0
-    self._tb = None
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
     self._path = os.path.join(workdir, "metrics.jsonl")
     _drop_rows_after(self._path, resume_step)
     self._jsonl = open(self._path, "a", encoding="utf-8")
-    try:
-      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
-    except ImportError:  # pragma: no cover - tensorboardX is a dependency; keep training without it
-      logging.warning("tensorboardX is not installed; TensorBoard events are not written")
+    self._tb = tensorboard.EventFile(os.path.join(workdir, "tensorboard"))
+    if resume_step:
+      self._tb.restart(resume_step + 1)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled or not metrics:
@@ -38,10 +37,7 @@ class MetricWriter:
     clean = {k: float(v) for k, v in metrics.items()}
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
     self._jsonl.flush()
-    if self._tb is not None:
-      for k, v in clean.items():
-        self._tb.add_scalar(k, v, step)
-      self._tb.flush()
+    self._tb.scalars(int(step), clean)
 
   def rewind(self, step: int, why: str) -> None:
     """Drops the rows of steps after `step` (a rollback to it: those steps are trained again)."""
@@ -49,12 +45,12 @@ class MetricWriter:
       self._jsonl.close()
       _drop_rows_after(self._path, step, why)
       self._jsonl = open(self._path, "a", encoding="utf-8")
+      self._tb.restart(step + 1)
 
   def close(self) -> None:
     if self.enabled:
       self._jsonl.close()
-      if self._tb is not None:
-        self._tb.close()
+      self._tb.close()
 
 
 def _drop_rows_after(path: str, step: int,

@@ -269,7 +269,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
                    writer, task)
       checkpointer.close()
-    finally:  # a run that stops on an error still flushes its metrics (tensorboardX's exit hook cannot on 3.12)
+    finally:  # a run that stops on an error still closes its metric files
       writer.close()
   return last
 
