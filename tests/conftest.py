@@ -1,16 +1,41 @@
 """Test session setup: 8 simulated CPU devices (multi-device sharding is tested on them), fp32 matmuls, and XLA's
-LLVM back end at its lowest optimisation level."""
+CPU compiler set to compile fast (`FAST_COMPILE_FLAGS`)."""
 
 import math
 import os
+import subprocess
 import sys
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+def _known_to_xla(flags: str) -> bool:
+  """XLA aborts a process that names a flag it does not know, and flags come and go between releases."""
+  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, check=False,
+                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), timeout=120)
+  return probe.returncode == 0
+
+
+# The tests' tiny models spend far longer compiling than running. XLA's CPU fusion emitters (the default) compile
+# a tiny ViT's run in 5.1 CPU s, its older ones in 3.0 (a pico CLIP's: 15.5 and 9.9), from the same HLO
+# program. Decided once, by the first process of the session (xdist's workers and the tests' subprocesses
+# inherit the decision); an XLA_FLAGS of your own is taken as it is.
+if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
+  _WANTED = "--xla_cpu_use_fusion_emitters=false"
+  os.environ["VISIONFM_TEST_XLA_FLAGS"] = (
+      _WANTED if "XLA_FLAGS" not in os.environ and _known_to_xla(_WANTED) else "")
+FAST_COMPILE_FLAGS = os.environ["VISIONFM_TEST_XLA_FLAGS"]
+
+
+def cpu_env(devices: int, **extra) -> dict[str, str]:
+  """The environment of a subprocess on `devices` simulated CPU devices, compiling as this suite does."""
+  flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}".strip()
+  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
+
+
+os.environ.setdefault("XLA_FLAGS", f"--xla_force_host_platform_device_count=8 {FAST_COMPILE_FLAGS}".strip())
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-# The tests' tiny models spend far longer compiling than running: skipping LLVM's expensive passes (XLA's HLO
-# passes, which decide the program's fusions and layouts, still run) cut the two slowest tests from 214 to
-# 157 s. Set in the environment so that the multi-process tests' children inherit it; export it as 0 to test
-# the optimised code.
+# Skipping LLVM's expensive passes (XLA's HLO passes, which decide the program's fusions and layouts, still run)
+# cut the two slowest tests from 214 to 157 s. Set in the environment so that the multi-process tests' children
+# inherit it; export it as 0 to test the optimised code.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

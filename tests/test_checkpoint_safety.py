@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from conftest import ROOT, tiny_vit_config
+from conftest import ROOT, cpu_env, tiny_vit_config
 from test_data import RangeSource
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, optim, train
@@ -98,7 +98,7 @@ def save_then_die(directory):
 def killed_mid_save(tmp_path_factory):
   """A checkpoint directory as `save_then_die` leaves it (read-only: copy it to change it)."""
   directory = tmp_path_factory.mktemp("killed") / "checkpoints"
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
+  env = cpu_env(8)
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(directory)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"

@@ -16,7 +16,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, compilation_cache_env, stop_after_writing, tiny_vit_config
+from conftest import ROOT, compilation_cache_env, cpu_env, stop_after_writing, tiny_vit_config
 from test_train_step import OverflowingTask, _batches_poisoned_at, _setup
 from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError
@@ -78,8 +78,7 @@ def _main(workdir, cache):
            "--config.checkpoint_every=2", "--config.keep_checkpoints=1", "--config.checkpoint_keep_period=4",
            "--config.eval_every=4", "--config.log_every=2", "--config.model.pool=cls",
            f"--config.optim.ema_decay={DECAY}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             **compilation_cache_env(cache))
+  env = cpu_env(2, **compilation_cache_env(cache))
   done = subprocess.run([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
                         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:]

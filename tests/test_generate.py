@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import ROOT, random_params, tiny_aurora_config
+from conftest import ROOT, cpu_env, random_params, tiny_aurora_config
 from visionfm_jax import tasks
 from visionfm_jax.models import generate
 from visionfm_jax.data import shapes, tokenizer as tokenizer_lib
@@ -234,10 +234,8 @@ TRAIN_FLAGS = [
 
 
 def _fast_cpu_env():
-  """One CPU device and quick XLA compilation: the tiny model's run time is compiling, not computing."""
-  flags = ("--xla_force_host_platform_device_count=1 --xla_backend_optimization_level=0 "
-           "--xla_llvm_disable_expensive_passes=true")
-  return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  """One CPU device (and conftest's quick compilation): the tiny model's run time is compiling, not computing."""
+  return cpu_env(1)
 
 
 @pytest.fixture(scope="module", autouse=True)

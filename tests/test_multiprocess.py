@@ -21,7 +21,7 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_vit_config
+from conftest import FAST_COMPILE_FLAGS, ROOT, tiny_vit_config
 from test_workdir import held_by_another_process
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, faults, optim, train
@@ -168,8 +168,9 @@ class _Job:
   the config flags before `flags` (the tiny ViT's)."""
 
   def __init__(self, workdir, *flags, base=tuple(FLAGS)):
-    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV and k != "XLA_FLAGS"}  # not conftest's 8
-    env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu")
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu",
+               XLA_FLAGS=FAST_COMPILE_FLAGS)  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
     self.workdir = workdir
     self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -17,8 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-import test_tensorboard
-from conftest import ROOT, compilation_cache_env, read_the_loss_after_every_step, tiny_vit_config
+from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.training import metrics, train
 from visionfm_jax.errors import ConfigError, DataError
@@ -43,8 +42,7 @@ pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
 def _main(workdir, *flags, devices=8, cache=None):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu",
-             **(compilation_cache_env(cache) if cache else {}))
+  env = cpu_env(devices, **(compilation_cache_env(cache) if cache else {}))
   return subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
@@ -85,20 +83,21 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   assert 0.0 <= last["eval/val/top1"] <= 1.0
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["3", "6"]
   assert json.loads((tmp_path / "config.json").read_text())["strategy"] == "zero3"
-  (events,) = test_tensorboard.read_event_files(tmp_path / "tensorboard")
-  jsonl_by_step = {}
-  for row in rows:
-    jsonl_by_step.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
-  tensorboard_by_step = test_tensorboard.scalars_by_step(events)
-  assert tensorboard_by_step.keys() == jsonl_by_step.keys()
-  for step, row in jsonl_by_step.items():
-    np.testing.assert_allclose([tensorboard_by_step[step][k] for k in row], list(row.values()), rtol=2e-7)  # float32 in the events
   # Rerunning a finished run resumes at the end and trains nothing more.
   again = train.run(config, str(tmp_path))
   assert again["step"] == 6
   assert len(_read_metrics(tmp_path)) == len(rows)
-  _, rerun = test_tensorboard.read_event_files(tmp_path / "tensorboard")
-  assert [e.step for e in rerun if e.session_log.status] == [7]  # TensorBoard keeps steps <= 6 of the first file
+  # TensorBoard holds what metrics.jsonl holds; the rerun's file keeps TensorBoard at steps <= 6 of the first.
+  import test_tensorboard  # pylint: disable=g-import-not-at-top  (it skips without tensorboardX, its reference)
+  first, rerun = test_tensorboard.read_event_files(tmp_path / "tensorboard")
+  jsonl_by_step = {}
+  for row in rows:
+    jsonl_by_step.setdefault(row["step"], {}).update({k: v for k, v in row.items() if k != "step"})
+  tensorboard_by_step = test_tensorboard.scalars_by_step(first)
+  assert tensorboard_by_step.keys() == jsonl_by_step.keys()
+  for step, row in jsonl_by_step.items():
+    np.testing.assert_allclose([tensorboard_by_step[step][k] for k in row], list(row.values()), rtol=2e-7)
+  assert [e.step for e in rerun if e.session_log.status] == [7]
 
 
 def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache):

@@ -17,7 +17,7 @@ import pytest
 import webdataset
 from PIL import Image
 
-from conftest import ROOT
+from conftest import ROOT, cpu_env
 from visionfm_jax import config_lib
 from visionfm_jax.data import pipeline, sources, tokenizer, transforms, wds
 from visionfm_jax.errors import DataError, UserError
@@ -213,8 +213,7 @@ def _main(workdir, *flags, compilation_cache=None):
   """`python -m visionfm_jax.main` on the CLIP demo, 2 CPU devices; runs given one `compilation_cache` folder
   share JAX's persistent cache of compiled programs (a rerun loads the first run's instead of compiling them:
   the same programs, so the same numbers)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu",
-             PYTHONPATH=ROOT)
+  env = cpu_env(2, PYTHONPATH=ROOT)
   if compilation_cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
   return subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/swinv2_g_clip.py:demo",
