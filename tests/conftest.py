@@ -16,8 +16,9 @@ def _known_to_xla(flags: str) -> bool:
 
 # The tests' tiny models spend far longer compiling than running. XLA's CPU fusion emitters (the default) compile
 # a tiny ViT's run in 5.1 CPU s, its older ones in 3.0 (a pico CLIP's: 15.5 and 9.9), from the same HLO
-# program. Decided once, by the first process of the session (xdist's workers and the tests' subprocesses
-# inherit the decision); an XLA_FLAGS of your own is taken as it is.
+# program. jaxlib 0.11 removed them and their flag, so there the suite compiles as XLA does by default. Decided
+# once, by the first process of the session (xdist's workers and the tests' subprocesses inherit the decision);
+# an XLA_FLAGS of your own is taken as it is.
 if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
   _WANTED = "--xla_cpu_use_fusion_emitters=false"
   os.environ["VISIONFM_TEST_XLA_FLAGS"] = (
