@@ -4,6 +4,7 @@ seconds with a WorkdirError naming the path and errno: no room at start-up, a sa
 (the committed checkpoints stay, the rerun resumes, and metrics.jsonl has each step once)."""
 
 import contextlib
+import errno
 import json
 import logging
 import os
@@ -198,5 +199,28 @@ def test_a_save_that_fills_the_disk_ends_in_one_line_and_the_rerun_resumes_witho
 
   last = train.run(_tiny_config(6), str(run_dir))
   assert last["step"] == 6
+  rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]
+
+
+def test_metrics_the_disk_refuses_stop_the_run_at_the_next_step_and_the_rerun_resumes(tmp_path, monkeypatch):
+  """Process 0's metric write fails (ENOSPC) at step 3: the run does not raise there, alone (the other
+  processes would wait in the next step), but at step 4's agreed point, before its save, naming the workdir and
+  errno; step 2 stays committed and the rerun fills in metrics.jsonl and TensorBoard from step 3."""
+  from visionfm_jax.training import tensorboard  # pylint: disable=g-import-not-at-top
+  scalars = tensorboard.EventFile.scalars
+
+  def full_at_step_3(self, step, values):
+    if step == 3:
+      raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    scalars(self, step, values)
+  monkeypatch.setattr(tensorboard.EventFile, "scalars", full_at_step_3)
+  run_dir = tmp_path / "run"
+  with pytest.raises(WorkdirError, match=rf"^cannot write metrics to {run_dir}: No space left on device "
+                                         r"\(errno ENOSPC\)$"):
+    train.run(_tiny_config(6), str(run_dir))
+  assert sorted(name for name in os.listdir(run_dir / "checkpoints") if name.isdigit()) == ["2"]
+  monkeypatch.setattr(tensorboard.EventFile, "scalars", scalars)
+  assert train.run(_tiny_config(6), str(run_dir))["step"] == 6
   rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "train/loss" in r] == [1, 2, 3, 4, 5, 6]

@@ -189,17 +189,15 @@ class Checkpointer:
     with self._storage_faults_named():
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
 
-  def raise_if_failed(self) -> None:
-    """Raises on every process when a save in flight has failed on any (a WorkdirError for a storage fault):
-    a cheap look at the finished background writes, called at the loop's logging steps."""
-    error = None
+  def failed_save(self) -> Exception | None:
+    """The error of a save in flight that has failed on this process (a WorkdirError for a storage fault): a
+    cheap look at the finished background writes. The loop raises it on every process (`faults.raise_together`)."""
     try:
       with self._storage_faults_named():
         self._manager.check_for_errors()
-    except Exception as e:  # pylint: disable=broad-except  # raised on every process below
-      error = e
-    faults.raise_together(error, workdir.WorkdirError(f"another process failed to save a checkpoint to "
-                                                      f"{self.directory} (its error line says why)"))
+    except Exception as e:  # pylint: disable=broad-except
+      return e
+    return None
 
   @contextlib.contextmanager
   def _storage_faults_named(self):

@@ -27,7 +27,7 @@ from visionfm_jax import atomic, parallel, tasks
 
 from visionfm_jax.training import checkpoint, console, ema, faults, flops, health, init_from, metrics, optim
 from visionfm_jax.training import checks, precision, prefetch, resume, workdir as workdir_lib
-from visionfm_jax.errors import CheckpointError, UserError
+from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
 
@@ -269,6 +269,8 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
                    writer, task)
       checkpointer.close()
+      if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
+        raise writer.failure
     finally:  # a run that stops on an error still closes its metric files
       writer.close()
   return last
@@ -418,7 +420,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
           continue
         if rollbacks is None:  # before a save: never checkpoint NaN params (health skips such steps instead)
           _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)
-        checkpointer.raise_if_failed()  # a save that failed in the background stops the run now, not at the next
+        _stop_on_workdir_faults(checkpointer, writer)
       if will_log:
         values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
         elapsed = time.perf_counter() - window_start
@@ -464,6 +466,14 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
     logging.info("done at step %d: %s", step, console.format_metrics(shown))
   return last
+
+
+def _stop_on_workdir_faults(checkpointer, writer) -> None:
+  """Every process raises here when a save failed in the background on any of them, or process 0 could not
+  write its metrics: a run that cannot keep its checkpoints or its record stops now, not at its end."""
+  faults.raise_together(checkpointer.failed_save() or writer.failure,
+                        WorkdirError(f"another process could not write to {checkpointer.directory.parent} (its "
+                                     f"error line says why)"))
 
 
 def _rollbacks(config, state, checkpointer, start_step: int, train_iter) -> health.Rollbacks | None:
