@@ -100,17 +100,20 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   assert [e.step for e in rerun if e.session_log.status] == [7]
 
 
-def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache):
+def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache, monkeypatch):
   """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
   the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters
-  bitwise, so the data order resumed exactly too."""
+  bitwise, so the data order resumed exactly too. The interrupted run keeps its programs in its workdir's
+  compile cache and the rerun loads its train step from there: a loaded program computes bitwise what the
+  reference compiled."""
   flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=1",
            "--config.data.num_workers=1", "--config.strategy=zero3"]
   reference = _main(tmp_path / "ref", *flags, cache=compilation_cache)
   out, _ = reference.communicate(timeout=600)
   assert reference.returncode == 0, out
 
-  preempted = _main(tmp_path / "run", *flags, cache=compilation_cache)
+  monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # JAX keeps programs of 1 s and more
+  preempted = _main(tmp_path / "run", *flags)  # config.compile_cache '': <workdir>/compile_cache
   first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
   deadline = time.monotonic() + 600
   while not first_checkpoint.exists() and preempted.poll() is None and time.monotonic() < deadline:
@@ -125,10 +128,15 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_
   assert int(named.group(1)) == saved[-1] and 4 < saved[-1] < 12, (saved, out)
   assert named.group(2) == str(tmp_path / "run" / "checkpoints" / str(saved[-1]))
 
-  resumed = _main(tmp_path / "run", *flags, cache=compilation_cache)
+  cache = tmp_path / "run" / "compile_cache"
+  kept = set(os.listdir(cache))
+  resumed = _main(tmp_path / "run", *flags)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out
   assert f"resuming from {tmp_path / 'run' / 'checkpoints'}/{saved[-1]}" in out
+  assert int(re.search(rf"compile cache {cache}: (\d+) programs? loaded", out).group(1)) >= 1, out
+  is_step = lambda name: name.startswith("jit_train_step-")  # JAX names a cache file after its program
+  assert any(map(is_step, kept)) and not any(map(is_step, set(os.listdir(cache)) - kept)), (kept, out)
 
   for got, want in zip(_final_state(tmp_path / "run", 12), _final_state(tmp_path / "ref", 12)):
     np.testing.assert_array_equal(got, want)
@@ -291,3 +299,22 @@ def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp
   monkeypatch.setattr(train, "make_init_fn", lambda *a: pytest.fail("the state was built"))
   with pytest.raises(DataError, match="/nonexistent/"):
     train.run(config, str(tmp_path))
+
+
+def test_compile_cache_settings(tmp_path):
+  """'' is JAX's own setting when one is made, else the workdir's folder; 'off' none; a path itself. The run's
+  setting holds inside `in_use` only."""
+  from visionfm_jax.training import compile_cache  # pylint: disable=g-import-not-at-top
+  before = jax.config.jax_compilation_cache_dir
+  try:
+    jax.config.update("jax_compilation_cache_dir", None)
+    assert compile_cache.directory("", "/w") == "/w/compile_cache"
+    assert compile_cache.directory("off", "/w") is None
+    assert compile_cache.directory("/shared/cache", "/w") == "/shared/cache"
+    with compile_cache.in_use("", str(tmp_path)):
+      assert jax.config.jax_compilation_cache_dir == str(tmp_path / "compile_cache")
+    assert jax.config.jax_compilation_cache_dir is None
+    jax.config.update("jax_compilation_cache_dir", "/mine")  # JAX_COMPILATION_CACHE_DIR
+    assert compile_cache.directory("", "/w") == "/mine"
+  finally:
+    jax.config.update("jax_compilation_cache_dir", before)

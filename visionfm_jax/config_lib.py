@@ -345,6 +345,10 @@ def loop_fields() -> dict:
       # A run of the same SLURM job (a requeue) waits this long for its predecessor to release the workdir's
       # lock (training/workdir.py); any other holder is refused at once.
       lock_wait_s=60.0,
+      # JAX's persistent cache of compiled programs (training/compile_cache.py): a requeued or resumed run loads
+      # its programs instead of compiling them. '': JAX_COMPILATION_CACHE_DIR when set, else
+      # <workdir>/compile_cache; 'off': none; else a folder, which runs may share.
+      compile_cache="",
       progress_bar=True,
   )
 
@@ -637,7 +641,8 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"model\.(\w+\.)?(attention|remat_policy)", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
-    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|progress_bar", FREE),
+    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|compile_cache|"
+     r"progress_bar", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself

@@ -25,8 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, parallel, tasks
 
-from visionfm_jax.training import checkpoint, console, ema, faults, flops, health, init_from, metrics, optim
-from visionfm_jax.training import checks, precision, prefetch, resume, workdir as workdir_lib
+from visionfm_jax.training import checkpoint, compile_cache, console, ema, faults, flops, health, init_from, metrics
+from visionfm_jax.training import checks, optim, precision, prefetch, resume, workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -230,7 +230,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   WorkdirError when another run holds it). Returns the last metrics."""
   checks.validate(config, jax.device_count(), jax.process_count())
   init_from.derive_model_config(config)
-  with workdir_lib.claimed(workdir, config.lock_wait_s):
+  with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
     return _train_in(config, workdir)
 
 
