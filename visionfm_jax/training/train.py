@@ -231,7 +231,11 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checks.validate(config, jax.device_count(), jax.process_count())
   init_from.derive_model_config(config)
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
-    return _train_in(config, workdir)
+    last = _train_in(config, workdir)
+  if jax.process_index() == 0:
+    shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
+    logging.info("done at step %d: %s", last["step"], console.format_metrics(shown))
+  return last
 
 
 def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
@@ -462,9 +466,6 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       progress.close()
       preemption.close()
   last["step"] = step
-  if jax.process_index() == 0:
-    shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
-    logging.info("done at step %d: %s", step, console.format_metrics(shown))
   return last
 
 
