@@ -293,7 +293,7 @@ if __name__ == "__main__":
 
 
 def test_a_save_of_replicated_arrays_compiles_no_program_and_restores_them(tmp_path):
-  """Orbax's replica-parallel save compiles a slicing program per replicated array and device (208 for a pico
+  """Orbax's replica-parallel save compiles a slicing program per replicated array and device (about 100 for a pico
   ViT's first save on 8 devices); within one process nothing is gained, so every array is written whole."""
   replicated = NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P())
   values = {"w": np.arange(40 * 24, dtype=np.float32).reshape(40, 24), "b": np.linspace(0, 1, 24, dtype=np.float32)}

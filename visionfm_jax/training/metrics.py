@@ -62,7 +62,9 @@ class MetricWriter:
       self._tb.restart(step + 1)
 
   def close(self) -> None:
-    for file in (self._jsonl, self._tb) if self.enabled else ():
+    if not self.enabled:
+      return
+    for file in (self._jsonl, self._tb):
       if file is not None:
         try:
           file.close()
