@@ -1,5 +1,7 @@
 """tools.prepare_data: class trees and img2dataset tars -> ArrayRecord shards + dataset.json (small fixtures, CPU)."""
 
+import collections
+import functools
 import glob
 import io
 import json
@@ -15,7 +17,7 @@ from PIL import Image
 from visionfm_jax import config_lib
 from visionfm_jax.data import pipeline, records, sources, tokenizer
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import prepare_data
+from visionfm_jax.tools import cluster_task, image_tree, prepare_data
 
 CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
@@ -346,3 +348,109 @@ def test_cli_errors(tree, tmp_path, capsys):
 def test_cli_refuses_shards_of_another_conversion(tree, converted, capsys):
   err = _error(["--format=folders", f"--input={tree[0]}", f"--output={converted[0]}", "--records_per_shard=5"], capsys)
   assert "train-00000-of-00003.array_record" in err and "another shard count" in err
+
+
+def make_image_tree(root) -> list[str]:
+  """An unlabelled tree: 2 images of its own and 6 top-level folders (one nested, one empty, one hidden); the
+  sorted relative paths of its images."""
+  paths = ["r1.jpg", "r0.png", "a/x.jpg", "a/y.jpg", "a/z.jpg", "a-b/q.jpg", "b/deep/er/p.jpg", "b/p.jpg",
+           "c/1.jpg", "c/2.jpg", "c/3.jpg", "c/4.jpg", "c/5.jpg", "d/only.jpg"]
+  for i, path in enumerate(paths):
+    write_file(os.path.join(root, path), encoded(8, 8, seed=i))
+  write_file(os.path.join(root, "c", "notes.txt"), b"not an image")
+  write_file(os.path.join(root, ".hidden", "h.jpg"), encoded(8, 8))
+  os.makedirs(os.path.join(root, "empty"))
+  return sorted(paths)
+
+
+def test_image_tree_walks_each_top_level_folder_in_sorted_order(tmp_path):
+  paths = make_image_tree(tmp_path)
+  folders = image_tree.top_level_folders(str(tmp_path))
+  assert folders == ["", "a", "a-b", "b", "c", "d", "empty"]  # "": the root's own images
+  walked = [p for folder in folders for p in image_tree.folder_images(str(tmp_path), folder)]
+  assert sorted(walked) == paths and len(walked) == len(paths)
+  assert list(image_tree.walk_images(str(tmp_path), "")) == paths  # a folder 'a' sorts as 'a/': after 'a-b'
+  held = image_tree.sample_holdout(str(tmp_path), folders, 3, seed=0)
+  assert held == sorted(held) and len(set(held)) == 3 and set(held) <= set(paths)
+  assert image_tree.sample_holdout(str(tmp_path), folders, 3, seed=0) == held
+  with pytest.raises(UserError, match=f"--holdout_examples=14: {tmp_path} has only 14 images"):
+    image_tree.sample_holdout(str(tmp_path), folders, 14, seed=0)
+
+
+def test_an_unlabelled_task_walks_only_its_folders(tmp_path, monkeypatch):
+  make_image_tree(tmp_path / "in")
+  walked = []
+  folder_images = image_tree.folder_images
+  monkeypatch.setattr(image_tree, "folder_images", lambda root, folder: walked.append(folder) or
+                      folder_images(root, folder))
+  report = prepare_data.convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), unlabelled=True,
+                                        num_workers=0, records_per_shard=2, task=cluster_task.Task(1, 3))
+  assert walked == ["a", "c"]  # folders 1 and 4 of ['', 'a', 'a-b', 'b', 'c', 'd', 'empty']
+  assert report == {"unfinished": "5 of 7 folders", "task": "task 1 of 3"}
+  assert sorted(os.listdir(tmp_path / "out" / "train-folders")) == ["00001.json", "00004.json"]
+  assert sorted(n for n in os.listdir(tmp_path / "out") if n.endswith(".array_record")) == [
+      "train-00001-00000.array_record", "train-00001-00001.array_record", "train-00004-00000.array_record",
+      "train-00004-00001.array_record", "train-00004-00002.array_record"]
+
+
+def test_unlabelled_tasks_write_what_one_run_writes(tmp_path, monkeypatch):
+  paths = make_image_tree(tmp_path / "in")
+  common = dict(unlabelled=True, num_workers=0, records_per_shard=2, holdout_examples=3, holdout_split_name="val",
+                seed=1)
+  one = prepare_data.convert_folders(str(tmp_path / "in"), str(tmp_path / "one"), **common)
+  held = [e["key"] for e in read_split(tmp_path / "one", "val")]
+  assert held == sorted(held) and len(held) == 3 and one["splits"]["val"]["holdout_examples"] == 3
+  kept = collections.Counter(p.split("/")[0] if "/" in p else "" for p in paths if p not in held)
+  folders = ["", "a", "a-b", "b", "c", "d"]  # and 'empty' (number 6): no shard
+  assert one["splits"]["train"]["shards"] == [f"train-{folders.index(f):05d}-{n:05d}.array_record"
+                                              for f in folders for n in range(-(-kept[f] // 2))]
+  assert one["splits"]["val"]["shards"] == ["val-00000-of-00002.array_record", "val-00001-of-00002.array_record"]
+  assert [e["key"] for e in read_split(tmp_path / "one")] == sorted(set(paths) - set(held), key=lambda p: (
+      folders.index(p.split("/")[0] if "/" in p else ""), p))  # folder by folder, each in sorted order
+  many = str(tmp_path / "many")
+  for index in (2, 0):
+    report = prepare_data.convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(index, 3), **common)
+    assert "unfinished" in report and not os.path.exists(os.path.join(many, "dataset.json"))
+  with pytest.raises(UserError, match="--finalize: 2 of 7 folders are not written yet"):
+    prepare_data.convert_folders(str(tmp_path / "in"), many, task=None, **common)
+  assert prepare_data.convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(1, 3), **common) == one
+  assert shard_bytes(many) == shard_bytes(tmp_path / "one")
+  assert read_split(many) == read_split(tmp_path / "one") and read_split(many, "val") == read_split(tmp_path / "one",
+                                                                                                   "val")
+  train, val = ({e["key"] for e in read_split(many, split)} for split in ("train", "val"))
+  assert not train & val and len(train | val) == 14
+  os.remove(os.path.join(many, "dataset.json"))  # the final step writes it again from the lists and sidecars
+  assert prepare_data.convert_folders(str(tmp_path / "in"), many, task=None, **common) == one
+
+  written = []  # a deleted shard is the only one a rerun writes
+  write_shard = prepare_data.write_shard
+  monkeypatch.setattr(prepare_data, "write_shard", lambda job: written.append(job.path) or write_shard(job))
+  os.remove(os.path.join(many, one["splits"]["train"]["shards"][3]))
+  assert prepare_data.convert_folders(str(tmp_path / "in"), many, **common) == one
+  assert written == [os.path.join(many, one["splits"]["train"]["shards"][3])]
+
+
+def test_unlabelled_refuses_shards_of_another_conversion(tmp_path):
+  make_image_tree(tmp_path / "in")
+  convert = functools.partial(prepare_data.convert_folders, str(tmp_path / "in"), str(tmp_path / "out"),
+                              unlabelled=True, num_workers=0)
+  convert(records_per_shard=2)
+  with pytest.raises(UserError, match=r"holds 2 'train' shards this conversion does not write "
+                                      r"\(train-00001-00001.array_record, ...: another shard count\?\)"):
+    convert(records_per_shard=3)  # the second shard of 2 images of folder a (3 images), the third of c (5)
+  os.makedirs(tmp_path / "labelled")
+  write_file(str(tmp_path / "labelled" / records.shard_name("train", 0, 1)), b"")
+  with pytest.raises(UserError, match="train-00000-of-00001.array_record"):
+    prepare_data.convert_folders(str(tmp_path / "in"), str(tmp_path / "labelled"), unlabelled=True, num_workers=0)
+
+
+def test_unlabelled_parallel_matches_inline(tmp_path, capsys):
+  make_image_tree(tmp_path / "in")
+  args = ["prepare_data", "--format=folders", "--unlabelled", f"--input={tmp_path / 'in'}", "--records_per_shard=2",
+          "--holdout_examples=2", "--progress"]
+  assert prepare_data.main([*args, f"--output={tmp_path / 'inline'}", "--num_workers=0"]) == 0
+  assert prepare_data.main([*args, f"--output={tmp_path / 'pool'}", "--num_workers=2"]) == 0
+  out, err = capsys.readouterr()
+  assert out.count("prepare_data: train 12, validation 2 records, 0 skipped, 8 shards") == 2, out
+  assert "shards 8, 14 records written" in err
+  assert shard_bytes(tmp_path / "pool") == shard_bytes(tmp_path / "inline")

@@ -5,7 +5,7 @@ r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayR
       [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
       [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
       [--progress] [--task_index=I --task_count=N | --finalize]
-      [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U]
+      [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U | --selection=FILE]
 
 --format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
 image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
@@ -14,7 +14,11 @@ into shards of --records_per_shard records {image, label, key: the path under --
 --holdout_per_class=K moves K files per class (chosen by --seed; a class keeps at least one training file)
 into a second split, --holdout_split.
 With --unlabelled, --input is a folder (or tree) of images without labels: every image file below it becomes an
-image-only record {image, key}; --holdout_examples=N moves N of them (chosen by --seed) to --holdout_split.
+image-only record {image, key}. Such a tree (Aurora's 500M images) is never listed whole: each top-level folder
+(and the input's own files, as one more) is walked on its own, one directory at a time, in sorted path order, and
+cut into shards `<split>-<folder number>-<n>` of --records_per_shard images, with the folder's list of shards in
+`<split>-folders/` (tools/image_tree.py); --holdout_examples=N moves N images to --holdout_split, drawn by --seed
+from the first 10 N images of the folders taken in a --seed-shuffled order.
 
 --format=webdataset: --input is a glob of tars written by img2dataset: members `<key>.jpg|jpeg|png|webp`,
 `<key>.txt` (the caption) and `<key>.json` (metadata, kept verbatim). One output shard per tar, records
@@ -25,7 +29,8 @@ order that hold N examples (only those are listed ahead), e.g. a validation spli
 --min_similarity, --max_pwatermark, --max_punsafe keep only the samples whose .json has LAION's `similarity`
 (the CLIP ViT-B/32 image-text cosine) at least S, `pwatermark` at most W, `punsafe` at most U (a sample
 without a score a condition needs fails it: `data.wds.ScoreFilter`); the rejected ones are counted per score
-(the first condition they fail) under 'filtered' in each sidecar and in dataset.json.
+(the first condition they fail) under 'filtered' in each sidecar and in dataset.json. --selection=FILE takes the
+three from the JSON `index_tars --keep=K --selection_out=FILE` wrote (the thresholds that keep K samples).
 
 --format=coco and --format=visual_genome: --input is the data set's root in its released layout (COCO:
 annotations/captions_<--coco_folder>.json and <--coco_folder>/; Visual Genome: region_descriptions.json,
@@ -51,19 +56,22 @@ Rerunning resumes: a shard whose file and `.json` exist and were written from th
 kept. Prints one summary line; errors print one line naming the culprit and exit with status 2.
 
 Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `tools.cluster_task`)
-writes only the shards I, I + N, I + 2N, ... of the full list, under the same names a single run writes, so
-the tasks' shard sets are disjoint and a task run twice resumes its own share and touches no other task's
-files. After its shards, a task reads every sidecar; the one that finds them all written (the last to finish)
-writes dataset.json, the others report how many shards other tasks still owe. `--finalize` writes no shard,
-only dataset.json from the sidecars (an error while some are missing).
+writes only the shards I, I + N, I + 2N, ... of the full list (--unlabelled: those of the top-level folders
+I, I + N, ..., the only ones it walks, and of the held-out shards), under the same names a single run writes,
+so the tasks' shard sets are disjoint and a task run twice resumes its own share and touches no other task's
+files. After its shards, a task reads every sidecar (--unlabelled: every folder's list first); the one that
+finds them all written (the last to finish) writes dataset.json, the others report what other tasks still
+owe. `--finalize` writes no shard, only dataset.json from the sidecars (an error while some are missing).
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import glob
 import hashlib
+import itertools
 import json
 import logging
 import math
@@ -73,7 +81,8 @@ import re
 import sys
 import tarfile
 import time
-from typing import Iterator, NamedTuple, Sequence
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 from absl import flags
@@ -82,12 +91,12 @@ from PIL import Image
 from visionfm_jax import atomic
 from visionfm_jax.data import pair_corpora, records, transforms, wds
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cli, cluster_task
+from visionfm_jax.tools import cli, cluster_task, image_tree
 
 FORMATS = ("folders", "webdataset", "coco", "visual_genome")
 PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their released layouts (data/pair_corpora.py)
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 DEFAULT_RECORDS_PER_SHARD = 1000
+QUEUED_PER_WORKER = 4  # shards of a stream handed to each worker process ahead (write_stream)
 RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
@@ -159,14 +168,20 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> bytes | None
 
 def read_finished(job: ShardJob) -> dict | None:
   """The counts of `job`'s shard when it is already written from the same inputs and options, else None."""
-  if not os.path.exists(job.path):
+  return finished_counts(job.path, job.fingerprint)
+
+
+def finished_counts(path: str, shard_fingerprint: str) -> dict | None:
+  """The sidecar counts of the shard `path` when it is written from the inputs and options `shard_fingerprint`
+  stands for, else None."""
+  if not os.path.exists(path):
     return None
   try:
-    with open(records.sidecar_path(job.path), encoding="utf-8") as f:
+    with open(records.sidecar_path(path), encoding="utf-8") as f:
       counts = json.load(f)
   except (OSError, ValueError):
     return None
-  return counts if isinstance(counts, dict) and counts.get("fingerprint") == job.fingerprint else None
+  return counts if isinstance(counts, dict) and counts.get("fingerprint") == shard_fingerprint else None
 
 
 def _folder_examples(job: ShardJob) -> Iterator[Example]:
@@ -313,23 +328,26 @@ def _write_numbered(numbered_job: tuple[int, ShardJob]) -> tuple[int, dict]:
 
 
 class Progress:
-  """An in-place stderr line: shards done/total, records, records/s (of the shards written in this run)."""
+  """An in-place stderr line: shards done/total (done, when the total is not known ahead), records, records/s
+  (of the shards written in this run)."""
 
-  def __init__(self, total: int, done: int, enabled: bool):
+  def __init__(self, total: int | None, done: int, enabled: bool):
     self.total, self.done, self.enabled = total, done, enabled
     self.records = 0
     self.start = time.monotonic()
     self._show()
 
-  def add(self, counts: dict) -> None:
+  def add(self, counts: dict | None) -> None:
+    """One more shard done: written now (its `counts`) or before (None)."""
     self.done += 1
-    self.records += counts["records"]
+    self.records += counts["records"] if counts else 0
     self._show()
 
   def _show(self) -> None:
     if self.enabled:
       rate = self.records / max(time.monotonic() - self.start, 1e-6)
-      print(f"\rshards {self.done}/{self.total}, {self.records} records written, {rate:.0f} records/s",
+      total = "" if self.total is None else f"/{self.total}"
+      print(f"\rshards {self.done}{total}, {self.records} records written, {rate:.0f} records/s",
             end="", file=sys.stderr, flush=True)
 
   def close(self) -> None:
@@ -366,6 +384,30 @@ def _collect(finished, results: list, meter: Progress) -> None:
     meter.add(counts)
 
 
+def write_stream(jobs: Iterable[ShardJob], num_workers: int, progress: bool | None = None) -> None:
+  """Writes the shards of a stream of jobs that are not finished yet, on `num_workers` processes (<= 1: here),
+  each handed at most QUEUED_PER_WORKER of them ahead: the stream is never held whole."""
+  meter = Progress(None, 0, sys.stderr.isatty() if progress is None else progress)
+  try:
+    if num_workers <= 1:
+      for job in jobs:
+        meter.add(write_shard(job) if read_finished(job) is None else None)
+      return
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:  # spawn: see run_jobs
+      queued = collections.deque()
+      for job in jobs:
+        if read_finished(job) is not None:
+          meter.add(None)
+          continue
+        queued.append(pool.apply_async(write_shard, (job,)))
+        if len(queued) >= QUEUED_PER_WORKER * num_workers:
+          meter.add(queued.popleft().get())
+      while queued:
+        meter.add(queued.popleft().get())
+  finally:
+    meter.close()
+
+
 def fingerprint(*parts) -> str:
   return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
 
@@ -391,12 +433,16 @@ def check_output(output_dir: str, kind: str, classes: list[str] | None, expected
     raise UserError(f"--output={output_dir}: its {records.METADATA_FILE} describes a different data set ({what}); "
                     f"choose another directory")
   for split, names in expected.items():
-    foreign = sorted(set(os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir),
-                                                                             f"{split}-*.array_record")))
-                     - set(names))
-    if foreign:
-      raise UserError(f"--output={output_dir}: holds {len(foreign)} {split!r} shards this conversion does not "
-                      f"write ({foreign[0]}, ...: another shard count?); remove them or choose another directory")
+    _refuse_foreign(output_dir, split, lambda name, names=frozenset(names): name not in names)
+
+
+def _refuse_foreign(output_dir: str, split: str, is_foreign: Callable[[str], bool]) -> None:
+  """UserError when `output_dir` holds `split` shards that `is_foreign` says this conversion does not write."""
+  present = (os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir), f"{split}-*.array_record")))
+  foreign = sorted(name for name in present if is_foreign(name))
+  if foreign:
+    raise UserError(f"--output={output_dir}: holds {len(foreign)} {split!r} shards this conversion does not "
+                    f"write ({foreign[0]}, ...: another shard count?); remove them or choose another directory")
 
 
 def _check_common(output_dir: str, split: str, records_per_shard: int, resize_shorter: int, num_workers: int):
@@ -410,92 +456,22 @@ def _check_common(output_dir: str, split: str, records_per_shard: int, resize_sh
 
 # ------------------------------------------------------------------------------------------------ folders
 
-@dataclasses.dataclass
-class ClassTree:
-  classes: list[str]  # label order; [] for unlabelled images
-  paths: list[str]  # image files under the tree root, '/'-separated, sorted
-  labels: np.ndarray | None  # int, one per path; None for unlabelled images
-
-
-def is_image_file(name: str) -> bool:
-  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
-
-
-def _image_files(root: str, folder: str) -> list[str]:
-  """The image files anywhere below `root`/`folder` (hidden folders left out), '/'-separated paths under `root`."""
-  paths = []
-  for directory, subdirectories, files in os.walk(os.path.join(root, folder)):
-    subdirectories[:] = [d for d in subdirectories if not d.startswith(".")]
-    relative = os.path.relpath(directory, root).replace(os.sep, "/")
-    paths += [f if relative == "." else f"{relative}/{f}" for f in files if is_image_file(f)]
-  return paths
-
-
-def list_image_tree(input_dir: str) -> ClassTree:
-  """Every image file below `input_dir`, sorted, without labels; UserError when there is none."""
-  if not os.path.isdir(input_dir):
-    raise UserError(f"--input={input_dir}: no such directory")
-  paths = sorted(_image_files(input_dir, ""))
-  if not paths:
-    raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) below it")
-  return ClassTree([], paths, None)
-
-
-def list_class_tree(input_dir: str) -> ClassTree:
-  """The class folders of `input_dir` (sorted) and the image files below each, sorted; UserError when none."""
-  if not os.path.isdir(input_dir):
-    raise UserError(f"--input={input_dir}: no such directory")
-  classes = sorted(e.name for e in os.scandir(input_dir) if e.is_dir() and not e.name.startswith("."))
-  if not classes:
-    raise UserError(f"--input={input_dir}: no class folders (expected one folder of images per class)")
-  paths, labels = [], []
-  for label, name in enumerate(classes):
-    found = _image_files(input_dir, name)
-    paths += found
-    labels += [label] * len(found)
-  if not paths:
-    raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} "
-                    f"class folders ({classes[0]}, ...)")
-  empty = len(classes) - len(set(labels))
-  if empty:
-    logging.warning("prepare_data: %d of the %d class folders of %s hold no images", empty, len(classes), input_dir)
-  order = sorted(range(len(paths)), key=paths.__getitem__)
-  return ClassTree(classes, [paths[i] for i in order], np.asarray(labels, np.int64)[order])
-
-
-def carve_holdout(labels: np.ndarray, order: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-  """(kept, held out): the first `per_class` items of each class in `order` are held out, at most all but one of
-  the class, so every class keeps a training item. Both keep `order`'s order."""
-  quota = np.minimum(per_class, np.maximum(np.bincount(labels) - 1, 0))
-  taken = np.zeros_like(quota)
-  held = np.zeros(len(order), bool)
-  for position, label in enumerate(labels[order].tolist()):
-    if taken[label] < quota[label]:
-      taken[label] += 1
-      held[position] = True
-  short = int(np.sum(quota < per_class))
-  if short:
-    logging.warning("prepare_data: %d classes have %d images or fewer: they hold out fewer than %d", short,
-                    per_class, per_class)
-  return order[~held], order[held]
-
-
-def _folder_jobs(tree: ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,
+def _folder_jobs(tree: image_tree.ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,
                  records_per_shard: int, options: ImageOptions) -> list[ShardJob]:
   count = math.ceil(len(indices) / records_per_shard)
   jobs = []
   for i in range(count):
     chunk = indices[i * records_per_shard:(i + 1) * records_per_shard].tolist()
-    items = tuple((tree.paths[j], None if tree.labels is None else int(tree.labels[j])) for j in chunk)
+    items = tuple((tree.paths[j], int(tree.labels[j])) for j in chunk)
     jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
                          fingerprint("folders", options, input_dir, items), options, root=input_dir, items=items))
   return jobs
 
 
-def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
-  """dataset.json's entry of one split: records, shards, kind (labelled, pairs or images), class_counts (labelled) or
-  uncaptioned (webdataset), skipped, source."""
-  entry = {"records": sum(c["records"] for c in counts), "shards": [os.path.basename(j.path) for j in jobs]}
+def _split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
+  """dataset.json's entry of one split (`shards`: its file names): records, shards, kind (labelled, pairs or
+  images), class_counts (labelled) or uncaptioned (webdataset), skipped, source."""
+  entry = {"records": sum(c["records"] for c in counts), "shards": list(shards)}
   if counts and "uncaptioned" in counts[0]:
     entry["uncaptioned"] = sum(c["uncaptioned"] for c in counts)
     entry["kind"] = "images" if entry["uncaptioned"] == entry["records"] else "pairs"
@@ -513,16 +489,23 @@ def _split_entry(jobs: Sequence[ShardJob], counts: Sequence[dict], source: str, 
   return entry
 
 
+def _names(jobs: Sequence[ShardJob]) -> list[str]:
+  return [os.path.basename(j.path) for j in jobs]
+
+
 def unfinished(counts: Sequence[dict | None], task: cluster_task.Task | None) -> dict | None:
-  """None when every shard is finished (dataset.json can be written), else what a task reports instead:
-  {'unfinished': shards not written yet (by other tasks), 'shards', 'task'}."""
+  """None when every shard is finished (dataset.json can be written), else `unfinished_report`'s."""
   missing = sum(c is None for c in counts)
-  if not missing:
-    return None
+  return unfinished_report(f"{missing} of {len(counts)} shards", task) if missing else None
+
+
+def unfinished_report(what: str, task: cluster_task.Task | None) -> dict:
+  """What a task reports while other tasks still owe `what` ("2 of 6 shards"): {'unfinished': what, 'task'};
+  UserError for the final step (`task` None), which needs them all."""
   if task is None:
-    raise UserError(f"--finalize: {missing} of {len(counts)} shards are not written yet; run the tasks that write "
-                    f"them (or rerun without --finalize) first")
-  return {"unfinished": missing, "shards": len(counts), "task": str(task)}
+    raise UserError(f"--finalize: {what} are not written yet; run the tasks that write them (or rerun without "
+                    f"--finalize) first")
+  return {"unfinished": what, "task": str(task)}
 
 
 def _check_holdout(flag: str, count: int, holdout_split_name: str, split: str) -> None:
@@ -540,9 +523,10 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                     holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None,
                     unlabelled: bool = False, holdout_examples: int = 0,
                     task: cluster_task.Task | None = cluster_task.Task()) -> dict:
-  """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records) into
-  shards in `output_dir`, `task`'s share of them (see `run_jobs`); returns the written dataset.json dict, or
-  `unfinished`'s report when other tasks' shards are still missing (the last task to finish writes it)."""
+  """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records:
+  `convert_image_tree`) into shards in `output_dir`, `task`'s share of them (see `run_jobs`); returns the
+  written dataset.json dict, or `unfinished`'s report when other tasks' shards are still missing (the last
+  task to finish writes it)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   _check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
   if holdout_per_class and unlabelled or holdout_examples and not unlabelled:
@@ -551,23 +535,22 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
   _check_holdout("--holdout_per_class", holdout_per_class, holdout_split_name, split)
   _check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
   input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
-  tree = list_image_tree(input_dir) if unlabelled else list_class_tree(input_dir)
+  options = image_options(resize_shorter, verify)
+  if unlabelled:
+    return convert_image_tree(input_dir, output_dir, split=split, options=options, num_workers=num_workers,
+                              records_per_shard=records_per_shard, holdout_examples=holdout_examples,
+                              holdout_split_name=holdout_split_name, seed=seed, progress=progress, task=task)
+  tree = image_tree.list_class_tree(input_dir)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
   if holdout_per_class:
-    splits[split], splits[holdout_split_name] = carve_holdout(tree.labels, order, holdout_per_class)
+    splits[split], splits[holdout_split_name] = image_tree.carve_holdout(tree.labels, order, holdout_per_class)
     if not len(splits[holdout_split_name]):
       raise UserError(f"--holdout_per_class={holdout_per_class}: no class of {input_dir} has more than one image")
-  if holdout_examples:
-    if holdout_examples >= len(order):
-      raise UserError(f"--holdout_examples={holdout_examples}: {input_dir} has only {len(order)} images")
-    splits[split], splits[holdout_split_name] = order[holdout_examples:], order[:holdout_examples]
-  options = image_options(resize_shorter, verify)
   jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options)
           for name, indices in splits.items()}
-  kind, classes = ("images", None) if unlabelled else ("classification", tree.classes)
-  check_output(output_dir, kind, classes,
-               {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
+  check_output(output_dir, "classification", tree.classes,
+               {name: _names(split_jobs) for name, split_jobs in jobs.items()})
   all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
   all_counts = run_jobs(all_jobs, num_workers, progress, task)
   report = unfinished(all_counts, task)
@@ -576,12 +559,146 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
   counts = iter(all_counts)
   entries = {}
   for name, split_jobs in jobs.items():
-    entries[name] = _split_entry(split_jobs, [next(counts) for _ in split_jobs], input_dir, len(tree.classes))
+    entries[name] = _split_entry(_names(split_jobs), [next(counts) for _ in split_jobs], input_dir,
+                                 len(tree.classes))
   if holdout_per_class:
     entries[holdout_split_name]["holdout_per_class"] = holdout_per_class
-  if holdout_examples:
-    entries[holdout_split_name]["holdout_examples"] = holdout_examples
-  return records.write_metadata(output_dir, kind=kind, classes=classes, splits=entries)
+  return records.write_metadata(output_dir, kind="classification", classes=tree.classes, splits=entries)
+
+
+# ------------------------------------------------------------------------------------- unlabelled folders
+
+@dataclasses.dataclass(frozen=True)
+class ImageTreeLayout:
+  """Where the images of an unlabelled tree go. Folder i of `folders` (image_tree.top_level_folders), walked in
+  sorted path order without the `held` images, fills the shards `<split>-<i>-<n>` of `records_per_shard` images
+  each (numbered 00000, 00001, ... within the folder); its list of shards, written when its walk ends, is
+  `<split>-folders/<i>.json`. The `held` images (--holdout_examples, sorted) fill `<holdout_split>-*-of-*`."""
+  input_dir: str
+  output_dir: str
+  split: str
+  folders: tuple[str, ...]
+  records_per_shard: int
+  options: ImageOptions
+  held: tuple[str, ...] = ()
+  holdout_split: str = ""
+
+  @functools.cached_property
+  def _held_set(self) -> frozenset:
+    return frozenset(self.held)
+
+  @functools.cached_property
+  def _held_fingerprint(self) -> str:
+    return fingerprint(*self.held)
+
+  def shard_jobs(self, index: int) -> Iterator[ShardJob]:
+    """Folder `index`'s shards, as its walk reaches them."""
+    paths = (p for p in image_tree.folder_images(self.input_dir, self.folders[index]) if p not in self._held_set)
+    for number in itertools.count():
+      items = tuple((path, None) for path in itertools.islice(paths, self.records_per_shard))
+      if not items:
+        return
+      yield self._job(f"{self.split}-{index:05d}-{number:05d}.array_record", items)
+
+  def holdout_jobs(self) -> list[ShardJob]:
+    count = math.ceil(len(self.held) / self.records_per_shard)
+    return [self._job(records.shard_name(self.holdout_split, i, count),
+                      tuple((path, None) for path in self.held[i * self.records_per_shard:
+                                                               (i + 1) * self.records_per_shard]))
+            for i in range(count)]
+
+  def _job(self, name: str, items: tuple) -> ShardJob:
+    return ShardJob(os.path.join(self.output_dir, name), fingerprint("folders", self.options, self.input_dir, items),
+                    self.options, root=self.input_dir, items=items)
+
+  def is_train_shard(self, name: str) -> bool:
+    """Whether `name` is a shard name this layout can write for `split` (another folder count's is not)."""
+    match = re.fullmatch(rf"{re.escape(self.split)}-(\d{{5,}})-\d{{5,}}\.array_record", name)
+    return bool(match) and int(match.group(1)) < len(self.folders)
+
+  def _folder_fingerprint(self, index: int) -> str:
+    return fingerprint("image folder", self.options, self.input_dir, self.folders[index], self.split,
+                       self.records_per_shard, self._held_fingerprint)
+
+  def _list_path(self, index: int) -> str:
+    return os.path.join(self.output_dir, f"{self.split}-folders", f"{index:05d}.json")
+
+  def write_folder_list(self, index: int, shards: list[tuple[str, str]]) -> None:
+    """Records folder `index`'s shards [(name, fingerprint)], kept when it says so already."""
+    listed = {"folder": self.folders[index], "fingerprint": self._folder_fingerprint(index),
+              "shards": [list(shard) for shard in shards]}
+    if self.read_folder_list(index) != shards:
+      os.makedirs(os.path.dirname(self._list_path(index)), exist_ok=True)
+      atomic.write_json(self._list_path(index), listed)
+
+  def read_folder_list(self, index: int) -> list[tuple[str, str]] | None:
+    """Folder `index`'s shards [(name, fingerprint)] as its walk under this layout listed them; None before."""
+    try:
+      with open(self._list_path(index), encoding="utf-8") as f:
+        listed = json.load(f)
+    except (OSError, ValueError):
+      return None
+    if not isinstance(listed, dict) or listed.get("fingerprint") != self._folder_fingerprint(index):
+      return None
+    return [tuple(shard) for shard in listed["shards"]]
+
+
+def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: ImageOptions, num_workers: int,
+                       records_per_shard: int, holdout_examples: int, holdout_split_name: str, seed: int,
+                       progress: bool | None, task: cluster_task.Task | None) -> dict:
+  """convert_folders' `unlabelled` conversion (`ImageTreeLayout`), never holding the tree's list: `task` converts
+  the folders task.share(folders) and its share of the held-out shards, walking only those folders (and the
+  few that `image_tree.sample_holdout` lists ahead); then, once every folder's list of shards and every shard
+  is written, the task writes dataset.json (else it returns `unfinished_report`'s report)."""
+  folders = tuple(image_tree.top_level_folders(input_dir))
+  held = image_tree.sample_holdout(input_dir, folders, holdout_examples, seed) if holdout_examples else []
+  layout = ImageTreeLayout(input_dir, output_dir, split, folders, records_per_shard, options, tuple(held),
+                           holdout_split_name if held else "")
+  check_output(output_dir, "images", None, {})
+  expected_holdout = _names(layout.holdout_jobs())
+  _refuse_foreign(output_dir, split, lambda name: not layout.is_train_shard(name))
+  if held:
+    _refuse_foreign(output_dir, holdout_split_name, lambda name: name not in expected_holdout)
+  if task is not None:
+    write_stream(_image_tree_jobs(layout, task), num_workers, progress)
+  return _finish_image_tree(layout, task, holdout_examples)
+
+
+def _image_tree_jobs(layout: ImageTreeLayout, task: cluster_task.Task) -> Iterator[ShardJob]:
+  """`task`'s shards: those of its folders, each folder's list written when its walk ends, then its held-out
+  ones."""
+  for index in task.share(range(len(layout.folders))):
+    listed = []
+    for job in layout.shard_jobs(index):
+      listed.append((os.path.basename(job.path), job.fingerprint))
+      yield job
+    layout.write_folder_list(index, listed)
+  yield from task.share(layout.holdout_jobs())
+
+
+def _finish_image_tree(layout: ImageTreeLayout, task: cluster_task.Task | None, holdout_examples: int) -> dict:
+  """dataset.json from the folders' lists and the shards' sidecars, or the report of what other tasks still owe."""
+  lists = [layout.read_folder_list(i) for i in range(len(layout.folders))]
+  missing = sum(listed is None for listed in lists)
+  if missing:
+    return unfinished_report(f"{missing} of {len(lists)} folders", task)
+  shards = {layout.split: [shard for listed in lists for shard in listed]}
+  if layout.held:
+    shards[layout.holdout_split] = [(os.path.basename(j.path), j.fingerprint) for j in layout.holdout_jobs()]
+  counts = {split: [finished_counts(os.path.join(layout.output_dir, name), fp) for name, fp in listed]
+            for split, listed in shards.items()}
+  missing = sum(c is None for split_counts in counts.values() for c in split_counts)
+  if missing:
+    return unfinished_report(f"{missing} of {sum(map(len, counts.values()))} shards", task)
+  if not shards[layout.split]:
+    raise image_tree.no_images(layout.input_dir)
+  check_output(layout.output_dir, "images", None, {split: [name for name, _ in listed]
+                                                   for split, listed in shards.items()})
+  entries = {split: _split_entry([name for name, _ in shards[split]], counts[split], layout.input_dir, None)
+             for split in shards}
+  if layout.held:
+    entries[layout.holdout_split]["holdout_examples"] = holdout_examples
+  return records.write_metadata(layout.output_dir, kind="images", splits=entries)
 
 
 # --------------------------------------------------------------------------------------------- webdataset
@@ -640,14 +757,13 @@ def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", r
     jobs[holdout_split_name] = [_tar_job(output_dir, holdout_split_name, i, len(holdout_tars), tar, options,
                                          held[tar], only_held=True, score_filter=score_filter)
                                 for i, tar in enumerate(holdout_tars)]
-  check_output(output_dir, "pairs", None,
-               {name: [os.path.basename(j.path) for j in split_jobs] for name, split_jobs in jobs.items()})
+  check_output(output_dir, "pairs", None, {name: _names(split_jobs) for name, split_jobs in jobs.items()})
   all_counts = run_jobs([job for split_jobs in jobs.values() for job in split_jobs], num_workers, progress, task)
   report = unfinished(all_counts, task)
   if report:
     return report
   counts = iter(all_counts)
-  entries = {name: _split_entry(split_jobs, [next(counts) for _ in split_jobs], pattern, None)
+  entries = {name: _split_entry(_names(split_jobs), [next(counts) for _ in split_jobs], pattern, None)
              for name, split_jobs in jobs.items()}
   if held:
     entries[holdout_split_name]["holdout_examples"] = holdout_examples
@@ -696,8 +812,8 @@ def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: 
     jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
                          fingerprint(input_format, options, input_dir, items), options, root=input_dir, items=items,
                          pairs=True))
-  check_output(output_dir, "pairs", None, {split: [os.path.basename(j.path) for j in jobs]})
-  entry = _split_entry(jobs, run_jobs(jobs, num_workers, progress), input_dir, None)
+  check_output(output_dir, "pairs", None, {split: _names(jobs)})
+  entry = _split_entry(_names(jobs), run_jobs(jobs, num_workers, progress), input_dir, None)
   entry.update(listed, format=input_format, **{k: v for k, v in listing.items() if v not in ("", None)})
   return records.write_metadata(output_dir, kind="pairs", splits={split: entry})
 
@@ -748,7 +864,26 @@ def make_flags() -> flags.FlagValues:
                      flag_values=fv)
   flags.DEFINE_float("max_punsafe", None, "webdataset: keep samples whose .json 'punsafe' is at most this.",
                      flag_values=fv)
+  flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
+                      "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.", flag_values=fv)
   return fv
+
+
+def score_filter_of(fv: flags.FlagValues) -> wds.ScoreFilter:
+  """The LAION score conditions: --min_similarity / --max_pwatermark / --max_punsafe, or those of --selection."""
+  given = wds.ScoreFilter(fv.min_similarity, fv.max_pwatermark, fv.max_punsafe)
+  if not fv.selection:
+    return given
+  if given:
+    raise UserError(f"--selection={fv.selection} and --{', --'.join(given.names)}: give one or the other")
+  try:
+    selection = json.loads(Path(fv.selection).expanduser().read_text())
+    return wds.ScoreFilter(*(selection[f"{limit}_{name}"] for limit, name in zip(("min", "max", "max"), wds.SCORES)))
+  except OSError as e:
+    raise UserError(f"--selection={fv.selection}: cannot read ({e.strerror or e})") from e
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"--selection={fv.selection}: not a selection written by `index_tars --keep "
+                    f"--selection_out` ({type(e).__name__}: {e})") from e
 
 
 def run(fv: flags.FlagValues) -> dict:
@@ -759,7 +894,7 @@ def run(fv: flags.FlagValues) -> dict:
                 progress=fv.progress or None)
   common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
                 task=None if fv.finalize else cluster_task.from_flags(fv))
-  score_filter = wds.ScoreFilter(fv.min_similarity, fv.max_pwatermark, fv.max_punsafe)
+  score_filter = score_filter_of(fv)
   pair_only = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy")
                if fv[name].present]
   if fv.format in PAIR_FORMATS:
@@ -796,8 +931,8 @@ def run(fv: flags.FlagValues) -> dict:
 
 def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds: float) -> str:
   if "unfinished" in metadata:
-    return (f"prepare_data: {metadata['task']} done, {metadata['unfinished']} of {metadata['shards']} shards still "
-            f"to be written by other tasks (the last one writes dataset.json), {seconds:.1f} s -> {output_dir}")
+    return (f"prepare_data: {metadata['task']} done, {metadata['unfinished']} still to be written by other tasks "
+            f"(the last one writes dataset.json), {seconds:.1f} s -> {output_dir}")
   entries = [metadata["splits"][s] for s in splits]
   per_split = ", ".join(f"{s} {e['records']}" for s, e in zip(splits, entries))
   filtered = collections.Counter()

@@ -1,0 +1,156 @@
+"""The image files of a folder tree, for tools.prepare_data --format=folders.
+
+A class tree (`list_class_tree`) is listed whole: its labels follow the sorted class folders, and its files are
+shuffled across shards. A tree of unlabelled images (500M files) is never listed whole: it is cut into folders
+(`top_level_folders`: the input's subfolders, plus its own files as one more), each walked on its own as a
+stream in sorted path order (`folder_images`), so that a task of a cluster job walks only the folders it
+converts and memory holds the listings of the directories on the walk's current path, never the tree's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from visionfm_jax.errors import UserError
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+ROOT_FILES = ""  # the folder name of the input's own image files (not those of its subfolders)
+# --holdout_examples=N draws from the first HOLDOUT_POOL * N images of the folders in a seeded order: memory and
+# the walk ahead stay O(N), and the held-out images come from more than one folder.
+HOLDOUT_POOL = 10
+
+
+def is_image_file(name: str) -> bool:
+  return name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")
+
+
+def _check_directory(input_dir: str) -> None:
+  if not os.path.isdir(input_dir):
+    raise UserError(f"--input={input_dir}: no such directory")
+
+
+def no_images(input_dir: str) -> UserError:
+  return UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) below it")
+
+
+# ------------------------------------------------------------------------------------------- class trees
+
+@dataclasses.dataclass
+class ClassTree:
+  classes: list[str]  # label order
+  paths: list[str]  # image files under the tree root, '/'-separated, sorted
+  labels: np.ndarray  # int, one per path
+
+
+def list_class_tree(input_dir: str) -> ClassTree:
+  """The class folders of `input_dir` (sorted) and the image files below each, sorted; UserError when none."""
+  _check_directory(input_dir)
+  classes = sorted(e.name for e in os.scandir(input_dir) if e.is_dir() and not e.name.startswith("."))
+  if not classes:
+    raise UserError(f"--input={input_dir}: no class folders (expected one folder of images per class)")
+  paths, labels = [], []
+  for label, name in enumerate(classes):
+    found = list(walk_images(input_dir, name))
+    paths += found
+    labels += [label] * len(found)
+  if not paths:
+    raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} "
+                    f"class folders ({classes[0]}, ...)")
+  empty = len(classes) - len(set(labels))
+  if empty:
+    logging.warning("prepare_data: %d of the %d class folders of %s hold no images", empty, len(classes), input_dir)
+  order = sorted(range(len(paths)), key=paths.__getitem__)
+  return ClassTree(classes, [paths[i] for i in order], np.asarray(labels, np.int64)[order])
+
+
+def carve_holdout(labels: np.ndarray, order: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
+  """(kept, held out): the first `per_class` items of each class in `order` are held out, at most all but one of
+  the class, so every class keeps a training item. Both keep `order`'s order."""
+  quota = np.minimum(per_class, np.maximum(np.bincount(labels) - 1, 0))
+  taken = np.zeros_like(quota)
+  held = np.zeros(len(order), bool)
+  for position, label in enumerate(labels[order].tolist()):
+    if taken[label] < quota[label]:
+      taken[label] += 1
+      held[position] = True
+  short = int(np.sum(quota < per_class))
+  if short:
+    logging.warning("prepare_data: %d classes have %d images or fewer: they hold out fewer than %d", short,
+                    per_class, per_class)
+  return order[~held], order[held]
+
+
+# -------------------------------------------------------------------------------------- streamed walking
+
+def _sorted_entries(directory: str) -> list[os.DirEntry]:
+  """The entries of `directory` in the order of the paths below them: a folder `d` sorts as `d/`, so that a walk
+  in this order yields the sorted list of all paths."""
+  with os.scandir(directory) as entries:
+    return sorted(entries, key=lambda e: e.name + "/" if e.is_dir(follow_symlinks=False) else e.name)
+
+
+def walk_images(root: str, folder: str) -> Iterator[str]:
+  """The image files anywhere below `root`/`folder`, '/'-separated paths under `root`, in sorted order, one
+  directory listed at a time; hidden folders, and folders reached through a link, are not entered."""
+  directory = os.path.join(root, folder)
+  for entry in _sorted_entries(directory):
+    relative = f"{folder}/{entry.name}" if folder else entry.name
+    if entry.is_dir(follow_symlinks=False):
+      if not entry.name.startswith("."):
+        yield from walk_images(root, relative)
+    elif not entry.is_dir() and is_image_file(entry.name):
+      yield relative
+
+
+def _root_images(root: str) -> Iterator[str]:
+  for entry in _sorted_entries(root):
+    if not entry.is_dir() and is_image_file(entry.name):
+      yield entry.name
+
+
+def top_level_folders(input_dir: str) -> list[str]:
+  """The parts an unlabelled tree is converted in: ROOT_FILES when `input_dir` holds image files itself, then
+  its subfolders (hidden ones left out), sorted; UserError when there is neither."""
+  _check_directory(input_dir)
+  folders, root_images = [], False
+  with os.scandir(input_dir) as entries:
+    for entry in entries:
+      if entry.is_dir(follow_symlinks=False):
+        if not entry.name.startswith("."):
+          folders.append(entry.name)
+      elif not entry.is_dir() and is_image_file(entry.name):
+        root_images = True
+  if not folders and not root_images:
+    raise no_images(input_dir)
+  return [ROOT_FILES] * root_images + sorted(folders)
+
+
+def folder_images(input_dir: str, folder: str) -> Iterator[str]:
+  """The image files of one of `top_level_folders`, sorted, streamed (ROOT_FILES: the root's own files)."""
+  return _root_images(input_dir) if folder == ROOT_FILES else walk_images(input_dir, folder)
+
+
+def sample_holdout(input_dir: str, folders: Sequence[str], count: int, seed: int) -> list[str]:
+  """`count` image paths (sorted) drawn by `seed` from the first HOLDOUT_POOL * `count` images of `folders` taken
+  in a `seed`-shuffled order (each walked in sorted order; the rest is not listed); UserError when the tree holds
+  no more than `count` images (none would be left to train on)."""
+  rng = np.random.default_rng(seed)
+  limit = HOLDOUT_POOL * count
+  pool = []
+  for index in rng.permutation(len(folders)).tolist():
+    for path in folder_images(input_dir, folders[index]):
+      pool.append(path)
+      if len(pool) == limit:
+        break
+    if len(pool) == limit:
+      break
+  if not pool:
+    raise no_images(input_dir)
+  if len(pool) <= count:
+    raise UserError(f"--holdout_examples={count}: {input_dir} has only {len(pool)} images")
+  return sorted(pool[i] for i in rng.choice(len(pool), count, replace=False).tolist())
