@@ -150,12 +150,16 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert (tmp_path / "cli.model").read_bytes() == Path(tok.model_file).read_bytes()
+  # a comma-separated list of globs reads the union of their files, in name order
+  first, second = (str(tmp_path / f"train-0000{i}-of-00002.array_record") for i in (0, 1))
+  assert tool.read_record_captions(f"{second},{first},{pattern}") == CORPUS
   records.write_records(tmp_path / "images.array_record", [{"image": image}])
   for bad, message in [(str(tmp_path / "nothing-*.array_record"), "no files match"),
+                       (f"{pattern},{tmp_path / 'nothing-*'}", "no files match"),
                        (str(tmp_path / "images.array_record"), "no captions")]:
     with pytest.raises(tool.UserError, match=message) as info:
       tool.run(None, 0, 64, str(tmp_path / "x"), records=bad)
-    assert str(info.value).startswith("--records") and bad in str(info.value)
+    assert str(info.value).startswith("--records") and bad.split(",")[-1] in str(info.value)  # the glob at fault
   with pytest.raises(tool.UserError, match="exactly one of"):
     tool.run(None, 10, 64, str(tmp_path / "x"), records=pattern)
 

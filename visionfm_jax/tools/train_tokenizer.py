@@ -15,7 +15,7 @@ matching GLOB (names in order, each tar read front to back once, other members s
 captions (stripped, empty ones left out) a uniform sample of --max_sentences is kept (a reservoir drawn with
 --seed; all of them, in order, when there are fewer), so memory holds the sample only, whatever the corpus:
 about (mean caption bytes + 60) per sentence in Python, and SentencePiece's trainer several times the sample's
-text (BUILD.md has the measured figures). SentencePiece trains on --num_threads threads.
+text (docs/data_preparation.md has the measured figures). SentencePiece trains on --num_threads threads.
 
 Writes PATH.model (a trailing '.model' on PATH is accepted) and prints how many captions it sampled from how
 many, and the vocabulary size. Deterministic: the same captions, --max_sentences, --seed and --num_threads
@@ -46,10 +46,10 @@ def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
   flags.DEFINE_string("input", None, "Text file, one caption per line.", flag_values=fv)
-  flags.DEFINE_string("records", None, "Instead of --input: a glob of ArrayRecord files of image-text pairs; "
-                      "trains on their captions.", flag_values=fv)
-  flags.DEFINE_string("tars", None, "Instead of --input: a glob of img2dataset tars; trains on their .txt "
-                      "captions.", flag_values=fv)
+  flags.DEFINE_string("records", None, "Instead of --input: a glob (or a comma-separated list of globs) of ArrayRecord files "
+                      "of image-text pairs; trains on their captions.", flag_values=fv)
+  flags.DEFINE_string("tars", None, "Instead of --input: a glob (or a comma-separated list of globs) of img2dataset tars; "
+                      "trains on their .txt captions.", flag_values=fv)
   flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
                        "(at 32 px).", flag_values=fv)
   flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).", flag_values=fv)
@@ -75,12 +75,15 @@ def stream_lines(path: str) -> Iterator[str]:
     raise UserError(f"--input={path}: not UTF-8 text ({e.reason} at byte {e.start})") from e
 
 
-def _matching(flag: str, pattern: str) -> list[str]:
-  pattern = os.path.expanduser(pattern)
-  files = sorted(f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f) and not f.endswith(".tmp"))
-  if not files:
-    raise UserError(f"--{flag}={pattern}: no files match")
-  return files
+def _matching(flag: str, patterns: str) -> list[str]:
+  """The files of a comma-separated list of globs, each of which must match at least one."""
+  files = set()
+  for pattern in (os.path.expanduser(p) for p in patterns.split(",") if p):
+    matched = {f for f in glob.glob(pattern, recursive=True) if os.path.isfile(f) and not f.endswith(".tmp")}
+    if not matched:
+      raise UserError(f"--{flag}={pattern}: no files match")
+    files |= matched
+  return sorted(files)
 
 
 def record_caption(data: bytes) -> str | None:
