@@ -1,7 +1,10 @@
 """A published CLIP in: a transformers CLIPModel directory with its own BPE tokenizer.json (built here with
 `tokenizers`, random weights, nothing downloaded) is imported by tools.import_hf, loaded from either directory
-by tools/clip_checkpoint.py, and filters pairs by scores equal to transformers' cosine similarities."""
+by tools/clip_checkpoint.py, and filters pairs by scores equal to transformers' cosine similarities, on small
+images and on photo-like JPEGs many times the model's size."""
 
+import copy
+import io
 import json
 import os
 import pickle
@@ -9,6 +12,7 @@ import pickle
 import jax
 import numpy as np
 import pytest
+from PIL import Image, ImageDraw
 
 from conftest import randomize_hf_params
 from visionfm_jax.data import records, shapes, tokenizer as tokenizer_lib, transforms
@@ -100,53 +104,106 @@ def test_import_hf_clip_writes_a_loadable_directory(hf_dir, tmp_path, capsys):
     clip_checkpoint.load(str(out))
 
 
-def _pairs_file(directory, count=6):
+def _shapes_pairs(count=6) -> dict[str, tuple[bytes, str]]:
+  """{key: (JPEG, caption)} of shapes images at the model's size, half with another image's caption."""
   source = shapes.ShapesSource("validation", count, IMAGE_SIZE, caption_style="short")
+  return {str(i): (records.encode_jpeg(source[i]["image"]),
+                   source[i]["caption"] if i % 2 else source[(i + 3) % count]["caption"]) for i in range(count)}
+
+
+def _photo_jpeg(rng, width: int, height: int) -> bytes:
+  """A photo-like JPEG (quality 90): smooth colour fields at three scales, a few filled shapes, pixel noise."""
+  field = np.zeros((height, width, 3), np.float32)
+  for cells, weight in ((4, 0.6), (16, 0.25), (64, 0.15)):
+    grid = rng.integers(0, 256, (max(2, cells * height // width), cells, 3), dtype=np.uint8)
+    field += weight * np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC), np.float32)
+  canvas = Image.fromarray(np.clip(field, 0, 255).astype(np.uint8))
+  draw = ImageDraw.Draw(canvas)
+  for shape in range(6):
+    x, y, r = int(rng.integers(width)), int(rng.integers(height)), int(rng.integers(20, height // 3))
+    (draw.ellipse if shape % 2 else draw.rectangle)((x - r, y - r, x + r, y + r),
+                                                   fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+  pixels = np.asarray(canvas, np.float32) + rng.normal(0, 6, (height, width, 3))
+  buffer = io.BytesIO()
+  Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
+  return buffer.getvalue()
+
+
+def _photo_pairs(count=4) -> dict[str, tuple[bytes, str]]:
+  """{key: (JPEG, caption)} of 800 x 600 photo-like JPEGs: Pillow's draft mode would decode them at 1/8 scale."""
+  rng = np.random.default_rng(7)
+  captions = ("a red circle", "blue square", "green triangle", "a circle")
+  return {f"photo{i}": (_photo_jpeg(rng, 800, 600), captions[i % len(captions)]) for i in range(count)}
+
+
+def _pairs_file(directory, pairs: dict[str, tuple[bytes, str]]) -> str:
   path = directory / records.shard_name("train", 0, 1)
-  captions = {}
   with records.RecordWriter(path) as writer:
-    for i in range(count):
-      example = source[i]
-      caption = example["caption"] if i % 2 else source[(i + 3) % count]["caption"]
-      captions[str(i)] = (example["image"], caption)
-      writer.write(records.pack_record(records.encode_jpeg(example["image"]), caption=caption, key=str(i)))
-  return str(path), captions
+    for key, (jpeg, caption) in pairs.items():
+      writer.write(records.pack_record(jpeg, caption=caption, key=key))
+  return str(path)
 
 
-def _transformers_scores(model, task, captions) -> dict[str, float]:
-  """transformers' cosine of each pair: the same decoded, centrally cropped image normalised by the config's
-  mean / std, the caption as the tokenizers library encodes it (padded with end-of-text)."""
+def _transformers_scores(model, task, pairs) -> dict[str, float]:
+  """transformers' cosine of each pair: the JPEG opened by Pillow and prepared by CLIPImageProcessor (shorter
+  side to the model's size, bicubic, central crop, the config's mean / std), the caption as the tokenizers
+  library encodes it (padded with end-of-text)."""
   import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  # transformers 5 names the Pillow-only processor apart; 4's CLIPImageProcessor is it
+  processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
+  processor = processor_class(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
+                              "width": IMAGE_SIZE}, image_mean=list(task.config.data.mean),
+                              image_std=list(task.config.data.std))
   tok = _bpe_tokenizer()
-  mean, std = np.asarray(task.config.data.mean), np.asarray(task.config.data.std)
   scores = {}
-  for key, (_, caption) in captions.items():
-    record_image = transforms.decode_image(records.encode_jpeg(captions[key][0]))
-    image = transforms.EvalTransform(IMAGE_SIZE, "clip").map({"image": record_image})["image"]
-    pixels = ((image / 255.0 - mean) / std).astype(np.float32).transpose(2, 0, 1)[None]
+  for key, (jpeg, caption) in pairs.items():
+    pixels = processor(images=Image.open(io.BytesIO(jpeg)), return_tensors="pt")["pixel_values"]
     ids = tok.encode(caption).ids
     ids = ids + [EOS] * (MAX_LEN - len(ids))
     with torch.no_grad():
-      out = model(input_ids=torch.as_tensor([ids]), pixel_values=torch.as_tensor(pixels))
+      out = model(input_ids=torch.as_tensor([ids]), pixel_values=pixels)
     scores[key] = float((out.image_embeds[0] @ out.text_embeds[0]).item())
   return scores
 
 
+def _filter_scores(scorer, path: str, out) -> tuple[dict, dict[str, float]]:
+  """(the stats, {key: score}) of filter_file at threshold -1 (every pair kept)."""
+  stats = fcs.filter_file(scorer, path, str(out / "kept"), -1.0, str(out / "kept.json"))
+  kept = records.ArrayRecordSource(str(out / "kept"))
+  return stats, {kept[i]["key"]: kept[i]["score"] for i in range(len(kept))}
+
+
+def _max_difference(ours: dict, want: dict) -> float:
+  assert sorted(ours) == sorted(want)
+  return max(abs(ours[k] - want[k]) for k in want)
+
+
 def test_filter_scores_equal_transformers_cosines(hf_dir, tmp_path):
   src, model = hf_dir
-  path, captions = _pairs_file(tmp_path)
+  pairs = _shapes_pairs()
+  path = _pairs_file(tmp_path, pairs)
   scorer = fcs.load_scorer(src, None, 8)
-  stats = fcs.filter_file(scorer, path, str(tmp_path / "out" / "kept"), -1.0, str(tmp_path / "out" / "kept.json"))
-  assert (stats["kept"], stats["checkpoint"], stats["step"]) == (len(captions), src, None)
-  kept = records.ArrayRecordSource(str(tmp_path / "out" / "kept"))
-  ours = {}
-  for i in range(len(kept)):
-    record = kept[i]
-    ours[record["key"]] = record["score"]
-  want = _transformers_scores(model, scorer.task, captions)
-  diffs = {k: abs(ours[k] - want[k]) for k in want}
-  assert max(diffs.values()) < 1e-4, diffs
-  assert np.ptp(list(want.values())) > 1e-3  # the pairs score differently: the comparison can fail
+  stats, ours = _filter_scores(scorer, path, tmp_path / "out")
+  assert (stats["kept"], stats["checkpoint"], stats["step"], stats["decode"]) == (len(pairs), src, None, "full")
+  assert _max_difference(ours, _transformers_scores(model, scorer.task, pairs)) < 1e-4
+  assert np.ptp(list(ours.values())) > 1e-3  # the pairs score differently: the comparison can fail
+
+
+def test_filter_scores_equal_transformers_cosines_on_large_jpegs(hf_dir, tmp_path):
+  """Large JPEGs are decoded at full size by default; Pillow's draft mode (--draft_decode) decodes them at a
+  reduced DCT scale, which moves the scores by more than the tolerance."""
+  src, model = hf_dir
+  pairs = _photo_pairs()
+  path = _pairs_file(tmp_path, pairs)
+  scorer = fcs.load_scorer(src, None, 8)
+  want = _transformers_scores(model, scorer.task, pairs)
+  assert _max_difference(_filter_scores(scorer, path, tmp_path / "full")[1], want) < 1e-4
+  drafted = copy.copy(scorer)  # the same model and jitted scorer, decoding in draft mode
+  drafted.draft_decode = True
+  stats, ours = _filter_scores(drafted, path, tmp_path / "draft")
+  assert stats["decode"] == "draft" and _max_difference(ours, want) > 1e-3
+  assert np.ptp(list(want.values())) > 1e-3
 
 
 def test_other_directories_are_refused(tmp_path):

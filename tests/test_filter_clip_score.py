@@ -2,6 +2,7 @@
 model's embeddings of one pair at a time), counts corrupt records and undecodable images, splits the files over
 processes, resumes, and its CLI. The models: the tiny CLIP (and Aurora) of conftest with random params."""
 
+import copy
 import functools
 import io
 import json
@@ -279,12 +280,20 @@ def test_rerun_skips_finished_files_and_redoes_unfinished_ones(scorer, files, th
   assert counting.batches == -(-FILE_SIZES[1] // BATCH)
   with pytest.raises(fcs.UserError, match="filtered at threshold"):  # resuming with other settings
     fcs.filter_files(scorer, files, str(tmp_path), threshold + 0.01)
+  drafted = copy.copy(scorer)
+  drafted.draft_decode = True
+  with pytest.raises(fcs.UserError, match="with full decoding, not at .* with draft decoding"):
+    fcs.filter_files(drafted, files, str(tmp_path), threshold)
 
 
 def test_cli(clip, inputs, scorer, threshold, single, tmp_path, capsys, monkeypatch):
   workdir, _, _ = clip
   directory, _ = inputs
-  monkeypatch.setattr(fcs, "load_scorer", lambda w, step, batch_size: scorer)  # the compiled one
+  asked = []
+  def compiled_scorer(path, step, batch_size, draft_decode):  # the compiled one, decoding as --draft_decode says
+    asked.append(draft_decode)
+    return scorer
+  monkeypatch.setattr(fcs, "load_scorer", compiled_scorer)
   args = [f"--checkpoint={workdir}", f"--input={directory}/train-*", f"--output={tmp_path / 'out'}",
           f"--threshold={threshold!r}", f"--batch_size={BATCH}"]
   assert fcs.main(["filter_clip_score", *args]) == 0
@@ -294,6 +303,8 @@ def test_cli(clip, inputs, scorer, threshold, single, tmp_path, capsys, monkeypa
   assert lines[-1].startswith(f"kept {summary['kept']} of {len(inputs[1])} pairs (")
   assert f"at threshold {threshold:g}; {UNDECODABLE} undecodable; {UNCAPTIONED} uncaptioned;" in lines[-1]
   assert _outputs(tmp_path / "out") == _outputs(single)
+  assert fcs.main(["filter_clip_score", *args, f"--output={tmp_path / 'drafted'}", "--draft_decode"]) == 0
+  assert asked == [False, True]
 
 
 def test_cli_errors(clip, inputs, tmp_path, capsys):

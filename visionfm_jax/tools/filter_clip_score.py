@@ -2,14 +2,16 @@ r"""Filters image-text pairs by CLIP score, as LAION's filter did: keeps the pai
 embeddings under a trained CLIP (or Aurora) have a cosine similarity >= --threshold.
 
   python -m visionfm_jax.tools.filter_clip_score --checkpoint=WORKDIR --input=GLOB --output=DIR --threshold=T
-      [--batch_size=256] [--step=N]
+      [--batch_size=256] [--step=N] [--draft_decode]
 
 WORKDIR is the training workdir of a 'contrastive' or 'aurora' run (config.json + checkpoints/<step>; the newest
 checkpoint unless --step), or a published CLIP: a transformers CLIPModel directory (config.json +
 model.safetensors + tokenizer.json, e.g. OpenAI's ViT-B/32, with which LAION filtered at 0.28) or what
 tools.import_hf made of one (tools/clip_checkpoint.py). The score is the dot product of the L2-normalised embeddings the contrastive loss
 uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size (config.data.eval_preprocess) as in
-evaluation, captions tokenised with the run's tokenizer.
+evaluation, captions tokenised with the run's tokenizer. Images are decoded at full size, so a published CLIP's
+scores equal transformers' on its own preprocessing; --draft_decode decodes large JPEGs at a reduced DCT scale
+(Pillow's draft mode, as evaluation does: at least the crop size across), faster and slightly off.
 
 Input: the ArrayRecord files matching GLOB (records.py's format; .json files are passed over), in name
 order. With several processes (jax.distributed, joined from the environment as visionfm_jax.main does), process
@@ -23,7 +25,7 @@ Written to DIR, which every process must see:
                      skips it (resuming an interrupted run) but still has its counts
   histogram.json     (process 0, once all are done) the counts of all scored pairs in 200 bins over [-1, 1]
                      ('bin_edges', 'counts'), 'kept', 'total' (pairs scored), 'undecodable', 'uncaptioned',
-                     'threshold'
+                     'threshold', 'decode' ('full' or 'draft')
   histogram.txt      the same as a text bar chart, with quantiles
   dataset.json       kind 'pairs': per split its kept 'records' and its 'shards' (file names), the other fields
                      of the input's split entry (but 'class_counts') and the input's 'classes' copied, and
@@ -82,6 +84,8 @@ def make_flags() -> flags.FlagValues:
                      flag_values=fv)
   flags.DEFINE_integer("batch_size", 256, "Pairs per forward pass on this process's devices.", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
+  flags.DEFINE_bool("draft_decode", False, "Decode large JPEGs at a reduced DCT scale (Pillow's draft mode): "
+                    "faster; scores then differ from transformers' by up to ~1e-3.", flag_values=fv)
   return fv
 
 
@@ -93,11 +97,13 @@ def _local_mesh() -> Mesh:
 
 class ClipScorer:
   """Cosine similarities of image-text pairs under a CLIP or Aurora task's params, by one jitted function on
-  this process's devices: params replicated, each batch of `batch_size` rows split across the devices."""
+  this process's devices: params replicated, each batch of `batch_size` rows split across the devices. Images
+  are decoded at full size, or with `draft_decode` at the reduced JPEG scale that evaluation decodes at."""
 
-  def __init__(self, task, params, batch_size: int, *, checkpoint: str = "", step: int | None = None):
+  def __init__(self, task, params, batch_size: int, *, checkpoint: str = "", step: int | None = None,
+               draft_decode: bool = False):
     mesh = _local_mesh()
-    self.task, self.checkpoint, self.step = task, checkpoint, step
+    self.task, self.checkpoint, self.step, self.draft_decode = task, checkpoint, step, draft_decode
     self.tokenizer = task.tokenizer
     self.image_size = task.config.data.image_size
     self.preprocess = task.config.data.get("eval_preprocess", "inception")  # configs written before it: inception
@@ -116,12 +122,13 @@ class ClipScorer:
     return np.asarray(jax.device_get(self._cosine(self.params, images, tokens)))
 
 
-def load_scorer(path: str, step: int | None, batch_size: int) -> ClipScorer:
+def load_scorer(path: str, step: int | None, batch_size: int, draft_decode: bool = False) -> ClipScorer:
   """The ClipScorer of the CLIP at `path` (tools/clip_checkpoint.py: a workdir's checkpoint `step`, None: the
   newest; an import_hf or transformers CLIPModel directory); UserError for anything else."""
   loaded = clip_checkpoint.load(path, step, NamedSharding(_local_mesh(), P()))
   loaded.task.tokenizer  # pylint: disable=pointless-statement  (a bad config.data.tokenizer fails here)
-  return ClipScorer(loaded.task, loaded.params, batch_size, checkpoint=loaded.origin, step=loaded.step)
+  return ClipScorer(loaded.task, loaded.params, batch_size, checkpoint=loaded.origin, step=loaded.step,
+                    draft_decode=draft_decode)
 
 
 # -------------------------------------------------------------------------------------------- one file
@@ -137,10 +144,12 @@ def score_histogram(scores) -> np.ndarray:
 
 class _RememberingSource:
   """One input file's records for pipeline.EvalReader, each record it reads kept in `read` (the fields of
-  the kept pairs go to the output). A record without a caption reads as an undecodable one."""
+  the kept pairs go to the output). A record without a caption reads as an undecodable one. With `full_decode`
+  its image comes decoded at full size (EvalReader's decoder passes arrays on, and would draft a JPEG)."""
 
-  def __init__(self, path: str):
+  def __init__(self, path: str, full_decode: bool = True):
     self.source = records.ArrayRecordSource(glob.escape(path))
+    self.full_decode = full_decode
     self.read = {}
 
   def __len__(self) -> int:
@@ -148,7 +157,9 @@ class _RememberingSource:
 
   def __getitem__(self, index) -> dict:
     record = self.read[int(index)] = self.source[index]
-    return record if "caption" in record else {"image": None}
+    if "caption" not in record:
+      return {"image": None}
+    return transforms.Decode().map(record) if self.full_decode else record
 
 
 def _is_uncaptioned(record: dict) -> bool:
@@ -168,7 +179,7 @@ def _kept_record(record: dict, score: float) -> bytes:
 def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, stats_path: str) -> dict:
   """Writes the pairs of `path` scoring >= `threshold` to `out_path`, and its stats (see `file_stats`) to
   `stats_path` before `out_path` appears; returns the stats."""
-  source = _RememberingSource(path)
+  source = _RememberingSource(path, full_decode=not scorer.draft_decode)
   example = transforms.SelectPair(scorer.tokenizer, with_label=False)
   reader = pipeline.EvalReader(source, scorer.image_size, example, preprocess=scorer.preprocess)
   total, size = len(source), scorer.batch_size
@@ -197,7 +208,11 @@ def file_stats(path: str, scorer: ClipScorer, threshold: float, *, kept: int, hi
   return {"input": path, "kept": int(kept), "total": int(np.sum(histogram)), "undecodable": int(undecodable),
           "uncaptioned": int(uncaptioned),
           "histogram": [int(c) for c in histogram], "threshold": float(threshold),
-          "checkpoint": scorer.checkpoint, "step": scorer.step}
+          "checkpoint": scorer.checkpoint, "step": scorer.step, "decode": _decode_mode(scorer)}
+
+
+def _decode_mode(scorer: ClipScorer) -> str:
+  return "draft" if scorer.draft_decode else "full"
 
 
 def _uncaptioned(stats: dict) -> int:
@@ -233,11 +248,12 @@ def _finished_stats(scorer: ClipScorer, path: str, output: str, threshold: float
   stats = _read_json(stats_path) if os.path.exists(out_path) else None
   if stats is None:
     return None
-  done = (stats.get("threshold"), stats.get("checkpoint"), stats.get("step"))
-  if done != (threshold, scorer.checkpoint, scorer.step):
+  # a sidecar without 'decode' is a draft-decoded file's
+  done = (stats.get("threshold"), stats.get("checkpoint"), stats.get("step"), stats.get("decode", "draft"))
+  if done != (threshold, scorer.checkpoint, scorer.step, _decode_mode(scorer)):
     raise UserError(f"--output={output}: {os.path.basename(out_path)} was filtered at threshold {done[0]} by "
-                    f"{done[1]} step {done[2]}, not at {threshold} by {scorer.checkpoint} step {scorer.step}; "
-                    "write to another directory")
+                    f"{done[1]} step {done[2]} with {done[3]} decoding, not at {threshold} by {scorer.checkpoint} "
+                    f"step {scorer.step} with {_decode_mode(scorer)} decoding; write to another directory")
   return stats
 
 
@@ -339,7 +355,7 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
              "undecodable": sum(s["undecodable"] for s in stats.values()),
              "uncaptioned": sum(_uncaptioned(s) for s in stats.values()),
              "kept_fraction": kept / total if total else 0.0, "files": len(files),
-             "checkpoint": first["checkpoint"], "step": first["step"],
+             "checkpoint": first["checkpoint"], "step": first["step"], "decode": first.get("decode", "draft"),
              "bin_edges": [round(float(e), 6) for e in bin_edges()], "counts": counts.tolist()}
   _write_json(os.path.join(output, HISTOGRAM_JSON), summary)
   with open(os.path.join(output, HISTOGRAM_TXT), "w", encoding="utf-8") as f:
@@ -347,7 +363,8 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
   splits, classes = dataset_splits(files, stats)
   records.write_metadata(output, kind="pairs", splits=splits, classes=classes, clip_filter={
       "threshold": threshold, "checkpoint": summary["checkpoint"], "step": summary["step"],
-      "kept": kept, "total": total, "undecodable": summary["undecodable"], "uncaptioned": summary["uncaptioned"]})
+      "decode": summary["decode"], "kept": kept, "total": total, "undecodable": summary["undecodable"],
+      "uncaptioned": summary["uncaptioned"]})
   return summary
 
 
@@ -371,7 +388,8 @@ def input_files(pattern: str, output: str) -> list[str]:
 
 
 def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size: int = 256,
-        step: int | None = None, progress: Callable[[str], None] | None = None) -> dict | None:
+        step: int | None = None, draft_decode: bool = False,
+        progress: Callable[[str], None] | None = None) -> dict | None:
   """Filters this process's share of the --input files into `output`; on process 0 then merges every
   process's stats and returns histogram.json's dict plus 'seconds' (None on the other processes)."""
   began = time.perf_counter()
@@ -381,7 +399,7 @@ def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size
     raise UserError(f"--batch_size={batch_size}: must be positive")
   output = os.path.expanduser(output)
   files = input_files(pattern, output)
-  scorer = load_scorer(workdir, step, batch_size)
+  scorer = load_scorer(workdir, step, batch_size, draft_decode)
   filter_files(scorer, files, output, threshold, process_index=jax.process_index(),
                process_count=jax.process_count(), progress=progress)
   if jax.process_count() > 1:
@@ -406,7 +424,7 @@ def _main(fv, rest: list[str]) -> None:
       raise UserError(f"--{name}: required ({what})")
   distributed.initialize()
   summary = run(fv.checkpoint, fv.input, fv.output, fv.threshold, batch_size=fv.batch_size, step=fv.step,
-                progress=lambda line: print(line, flush=True))
+                draft_decode=fv.draft_decode, progress=lambda line: print(line, flush=True))
   if summary is not None:
     print(summary_line(summary))
 
