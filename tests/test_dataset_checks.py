@@ -1,18 +1,22 @@
 """A prepared data set is checked against its dataset.json when opened (a deleted, truncated or short shard is a
-DataError naming it); labels outside [0, num_classes) are skipped and counted like corrupt records; a 16-bit
-PNG decodes to 8 bits by its depth's range (it came out nearly white)."""
+DataError naming it); labels outside [0, num_classes) are skipped and counted like corrupt records; a classifier's
+head has exactly the data's classes (checked at start-up, --dry_run too); a 16-bit PNG decodes to 8 bits by its
+depth's range (it came out nearly white)."""
 
 import io
 import os
+import re
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import tiny_vit_config
+from test_bad_input import run_main_in_process
 from test_data import RangeSource, data_config
-from visionfm_jax import config_lib
+from visionfm_jax import config_lib, tasks
 from visionfm_jax.data import pipeline, records, sources, transforms
-from visionfm_jax.errors import DataError
+from visionfm_jax.errors import ConfigError, DataError
 
 SHARD_SIZES = (6, 5, 7)
 
@@ -62,6 +66,35 @@ def test_a_shard_with_fewer_records_than_counted_is_an_error_naming_it(prepared)
   with pytest.raises(DataError, match=rf"split 'train' holds 14 records, .*dataset.json counts 18; short: "
                                       rf"{directory / names[0]} \(2 of 6\)"):
     _open(directory)
+
+
+def test_a_classifier_head_of_another_class_count_stops_at_start_up(prepared):
+  directory, _ = prepared
+  spec = f"arrayrecord:{directory}/{{split}}-*.array_record"
+  for head in (2, 4):  # fewer classes than the data's 3: labels past the head; more: outputs no label names
+    task = tasks.build(tiny_vit_config(**{"data.source": spec, "data.num_workers": 0, "model.num_classes": head}))
+    message = f"config.model.num_classes={head} but config.data.source={spec!r} has 3 classes; set " \
+              f"--config.model.num_classes=3"
+    with pytest.raises(ConfigError, match=f"^{re.escape(message)}$"):
+      task.train_loader(batch_size=4, seed=0, process_index=0, process_count=1)
+  task = tasks.build(tiny_vit_config(**{"data.source": spec, "data.num_workers": 0, "model.num_classes": 3}))
+  assert next(iter(task.train_loader(batch_size=4, seed=0, process_index=0, process_count=1)))["label"].shape == (4,)
+
+
+def test_dry_run_stops_a_fall11_head_on_winter21_in_one_line(tmp_path, monkeypatch, capsys):
+  """ImageNet-21K winter21 (19,167 classes) under the config's fall11 head (21,841): one error line, both counts."""
+  name = records.shard_name("train", 0, 1)
+  records.write_records(str(tmp_path / name), ({"image": np.zeros((4, 4, 3), np.uint8), "label": i} for i in range(4)))
+  records.write_metadata(tmp_path, kind="classification", classes=[f"n{i:08d}" for i in range(19167)],
+                         splits={"train": {"records": 4, "shards": [name], "kind": "labelled"}})
+  status, _, stderr = run_main_in_process(
+      ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+       f"--config.data.source=arrayrecord:{tmp_path}/{{split}}-*.array_record", "--config.model.num_classes=21841"],
+      monkeypatch, capsys)
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert errors[0].startswith("error: config.model.num_classes=21841 but config.data.source=")
+  assert errors[0].endswith("has 19167 classes; set --config.model.num_classes=19167"), errors[0]
 
 
 def test_labels_outside_the_classes_are_skipped_and_counted():

@@ -146,14 +146,16 @@ class Task(abc.ABC):
   splits_loss = False
 
   def check_class_count(self, class_names: Callable[[], list[str]], field: str, num_classes: int,
-                        what: str = "classes") -> None:
-    """ConfigError when the data source names more classes than the head has (labels would index past it);
-    nothing when the source has no class names (or no data: the loader says so next)."""
+                        what: str = "classes", *, exact: bool = False) -> None:
+    """ConfigError when the data source names more classes than the head has (labels would index past it), or,
+    `exact`, any other number than the head has (a larger head trains outputs that no label names: ImageNet-21K
+    winter21's 19,167 classes under fall11's 21,841-way head); nothing when the source has no class names (or no
+    data: the loader says so next). The dense tasks' heads may add classes (segmentation's background)."""
     try:
       names = class_names()
     except DataError:
       return
-    if len(names) > num_classes:
+    if len(names) > num_classes or exact and len(names) != num_classes:
       raise ConfigError(f"{field}={num_classes} but {sources.training_what(self.config.data)} has "
                         f"{len(names)} {what}; set --{field}={len(names)}")
 

@@ -28,8 +28,10 @@ class ClassificationTask(Task):
     return loss, {"train/top1": top1}
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
+    # Exact: the loaders label by the data's class names (a mixture's union of them), so a larger head only adds
+    # outputs no label names; a new set of classes gets a fresh head (config.init_from_skip='head').
     self.check_class_count(lambda: data.train_class_names(self.config.data),
-                           "config.model.num_classes", self.config.model.num_classes)
+                           "config.model.num_classes", self.config.model.num_classes, exact=True)
     return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
                                   process_index=process_index, process_count=process_count,
                                   num_classes=self.config.model.num_classes)
