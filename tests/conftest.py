@@ -3,6 +3,7 @@ CPU compiler set to compile fast (`FAST_COMPILE_FLAGS`)."""
 
 import math
 import os
+import signal
 import subprocess
 import sys
 
@@ -187,7 +188,6 @@ def compilation_cache_env(directory):
 def stop_after_writing(monkeypatch, step, times=1):
   """Sends the in-process run a SIGTERM (a preemption notice) once it has written its train metrics of `step`
   for the `times`-th time (log_every 1): it saves the next step and exits, with no change to its config."""
-  import signal  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import metrics  # pylint: disable=g-import-not-at-top
   write, seen = metrics.MetricWriter.write, []
 
@@ -225,3 +225,14 @@ def random_params(task, seed: int = 0):
     return jnp.asarray(rng.normal(0.0, std, shape), jnp.float32)
 
   return jax.tree_util.tree_map_with_path(draw, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def kill_session(session: int) -> None:
+  """SIGKILLs every process of `session`: srun's tasks have process groups of their own, within it."""
+  for entry in os.listdir("/proc"):
+    try:
+      with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+        if int(f.read().rsplit(")", 1)[1].split()[3]) == session:
+          os.kill(int(entry), signal.SIGKILL)
+    except (ValueError, OSError):
+      continue

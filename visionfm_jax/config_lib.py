@@ -239,7 +239,9 @@ def data_config() -> ml_collections.ConfigDict:
       train_split="train",
       eval_split="validation",
       image_size=224,
-      num_workers=4,  # grain worker processes per host; 0 reads in the main process
+      # grain worker processes per training process (one per node under launch/slurm.sbatch); 0 reads in the main
+      # process; -1: one per CPU the process may run on, less one for the trainer, at most 32 (data/pipeline.py)
+      num_workers=-1,
       prefetch=2,  # batches buffered per worker
       device_prefetch=2,  # batches copied to the devices ahead of the step (training/prefetch.py); 0: none
       shuffle=True,
@@ -561,7 +563,8 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"model\.(embed_dim|caption_queries|decoder_depth)|model\.text\.(max_len|vocab_size)", COUNT),
     (r"(.+\.)?extra_norm_period", Domain(0, integer=True, extra=(-1,), note="0: none; -1: the size's default")),
     (r"(.+\.)?eos_id", NON_NEGATIVE_INT),
-    (r"data\.(num_workers|device_prefetch|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
+    (r"data\.num_workers", Domain(0, integer=True, extra=(-1,), note="-1: from the CPUs of the process")),
+    (r"data\.(device_prefetch|skip_check_after|seg_eval_width)", NON_NEGATIVE_INT),
     (r"data\.(prefetch|shapes_train_size|shapes_eval_size|scenes_max_objects|max_boxes)", COUNT),
     (r"data\.max_skipped_fraction", FRACTION),
     (r"data\.eval_examples|probe\.(train_examples|eval_examples)|eval\.zeroshot_examples", ALL_OR_COUNT),

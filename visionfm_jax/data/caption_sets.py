@@ -106,7 +106,7 @@ def image_batches(caption_set: CaptionSet, data_cfg, *, batch_size: int, process
   (pipeline.EvalReader). An undecodable image is a padding row (mask False)."""
   share, num_batches = pipeline.eval_shares(len(caption_set), batch_size, process_index, process_count)
   reader = pipeline.EvalReader(caption_set, data_cfg.image_size, SelectImage(), preprocess=data_cfg.eval_preprocess)
-  return pipeline.eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))
+  return pipeline.eval_batches(reader, share, num_batches, batch_size, threads=pipeline.eval_threads(data_cfg))
 
 
 def caption_batches(tokens: np.ndarray, *, batch_size: int, process_index: int, process_count: int):
@@ -132,7 +132,7 @@ def open_caption_set(spec: str) -> CaptionSet:
     images, captions = readers[kind](root_path, option)
     return _caption_set(spec, images, captions)
   except DataError as e:
-    raise DataError(f"retrieval benchmark {spec!r}: {e}; see BUILD.md, 'Retrieval benchmarks: COCO and "
+    raise DataError(f"retrieval benchmark {spec!r}: {e}; see docs/data_preparation.md, 'Retrieval benchmarks: COCO and "
                     f"Flickr30k'") from e
 
 

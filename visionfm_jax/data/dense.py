@@ -128,7 +128,7 @@ def make_dense_eval_iterator(data_cfg, kind: str, *, batch_size: int, process_in
   total = pipeline.eval_total(data_cfg, len(source))
   share, num_batches = pipeline.eval_shares(total, batch_size, process_index, process_count)
   return pipeline.eval_batches(DenseEvalReader(data_cfg, kind, source), share, num_batches, batch_size,
-                               threads=max(2, data_cfg.num_workers), valid_key="valid")
+                               threads=pipeline.eval_threads(data_cfg), valid_key="valid")
 
 
 def coco_ground_truth(data_cfg, split: str | None = None, num_examples: int | None = None, source=None) -> dict:

@@ -15,14 +15,40 @@ from __future__ import annotations
 import concurrent.futures
 import dataclasses
 import math
+import os
 
-from absl import flags
+from absl import flags, logging
 import grain
 import numpy as np
 
 from visionfm_jax.data import mixture as mixture_lib, skipping, transforms
 from visionfm_jax.data.sources import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.errors import DataError
+
+
+# config.data.num_workers=-1 takes one worker per CPU beyond the trainer's, up to this many: past it a node's share
+# of the step rarely needs more, and each worker holds its own copy of the source's index and buffers.
+MAX_AUTO_WORKERS = 32
+
+
+def usable_cpus() -> int:
+  """The CPUs this process may run on: its affinity mask (what SLURM's --cpus-per-task binds), else the machine's."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
+def worker_count(num_workers: int) -> int:
+  """config.data.num_workers resolved: a count >= 0 as it is; -1: usable_cpus() less one for the trainer, at most
+  MAX_AUTO_WORKERS (0 on one CPU: read in the main process)."""
+  if num_workers >= 0:
+    return int(num_workers)
+  return max(0, min(usable_cpus() - 1, MAX_AUTO_WORKERS))
+
+
+def eval_threads(data_cfg) -> int:
+  """Threads that read evaluation records ahead: as many as the training loader's workers, at least 2."""
+  return max(2, worker_count(data_cfg.num_workers))
 
 
 def train_decode_side(data_cfg) -> int:
@@ -200,11 +226,15 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
                                         shuffle=False, num_epochs=None, seed=seed)
   shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
-  if data_cfg.num_workers and not flags.FLAGS.is_parsed():
+  workers = worker_count(data_cfg.num_workers)
+  if data_cfg.num_workers < 0:
+    logging.info("input: %d grain worker processes (config.data.num_workers=-1, %d CPUs for this process)", workers,
+                 usable_cpus())
+  if workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
     flags.FLAGS.mark_as_parsed()
   loader = grain.DataLoader(data_source=stream, sampler=sampler, operations=operations, shard_options=shard,
-                            worker_count=data_cfg.num_workers, worker_buffer_size=data_cfg.prefetch)
+                            worker_count=workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
                                  check_after=data_cfg.skip_check_after, what=what, process_index=process_index,
                                  process_count=process_count, legacy=stream.legacy_reprs())
@@ -334,4 +364,4 @@ def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index:
                    extras=()):
   share, num_batches = eval_shares(eval_total(data_cfg, len(source)), batch_size, process_index, process_count)
   reader = EvalReader(source, data_cfg.image_size, example, extras, data_cfg.eval_preprocess)
-  return eval_batches(reader, share, num_batches, batch_size, threads=max(2, data_cfg.num_workers))
+  return eval_batches(reader, share, num_batches, batch_size, threads=eval_threads(data_cfg))
