@@ -1,38 +1,78 @@
 r"""Aurora-Vision-XL: SwinV2-G encoder + CoCa-style text encoder/decoder, MIM + contrastive + captioning
-(seed 003_f006f89ee8e46501).
+(specification 003_f006f89ee8e46501).
 
-The default is the seed's recipe:
+The default is the paper's recipe. `source` says, for every setting, whether the paper states it or we chose it
+(`ours:` and the reason):
 
-  | encoder      | SwinV2-G (C 512, depths 2,2,42,4, heads 16..128), 448 px, window 14, mask token     2,998 M |
-  | poolers      | attentional: 1 query (contrastive) and 256 queries (decoder memory), width 1024      21.3 M |
-  | text encoder | 16 causal layers, width 1024, 16 heads, 77 tokens + CLS, SentencePiece 32k with BOS  235.4 M |
-  | decoder      | 16 layers of causal self-attention + cross-attention (each with its MLP), vocab 32k  435.8 M |
-  | heads        | SimMIM 1x1 conv 4096 -> 32*32*3 (12.6 M), image projection 1024 -> 1024 (1.0 M)             |
-  | total        | 3,704,005,857 parameters (tools.summary; the seed's 3.7B)                                  |
-  | loss         | 1.0 * SimMIM L1 (32 px patches, 60% masked) + 1.0 * contrastive + 2.0 * captioning CE     |
-  | data         | pairs (LAION-style 0.71, COCO 0.02, Visual Genome regions 0.02) + uncaptioned images 0.25, |
-  |              | 448 px, random crop + horizontal flip (ArrayRecord under /data, see BUILD.md)              |
-  | optimiser    | AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0   |
-  | batch        | 2048 = 8 accumulation steps of 256; the contrastive loss still spans all 2048 (tasks/base) |
-  | precision    | bf16 compute, fp32 params and optimizer state                                             |
-  | parallelism  | ZeRO-2: optimizer state and gradients sharded over the data-parallel devices               |
-  | schedule     | 250,000 steps = 512M pairs: ~4 weeks on 64 A100s (the seed's figure; it gives no step      |
-  |              | count) at 26% MFU, with 2.47e13 training FLOPs per pair (two encoder passes at 448 px)      |
+  | setting          | value                                                 | source                                 |
+  | ---------------- | ----------------------------------------------------- | -------------------------------------- |
+  | architecture     | hierarchical encoder, cross-attention text decoder,   | paper                                  |
+  |                  | multimodal projection heads                           |                                        |
+  | encoder          | SwinV2-G: C 512, depths 2,2,42,4, heads 16..128, mask | ours: Swin-inspired as the paper says; |
+  |                  | token: 2,998M                                         | G holds 81% of the 3.7B                |
+  | resolution       | 448 px                                                | paper                                  |
+  | window           | 14 (maps 112, 56, 28, 14)                             | ours: tiles every 448 px stage         |
+  | stochastic depth | 0.2                                                   | ours: the CLIP recipe's for SwinV2-G   |
+  | poolers          | attentional, width 1024: 1 query (contrastive), 256   | ours: CoCa's                           |
+  |                  | queries (decoder memory): 21.3M                       |                                        |
+  | text encoder     | 16 causal layers, width 1024, 16 heads: 235.4M        | ours: CoCa's shape, sized to the 3.7B  |
+  | decoder          | causal self-attention + cross-attention to the image  | paper                                  |
+  | decoder size     | 16 layers (each with its MLP), vocab 32k: 435.8M      | ours: CoCa's equal depths              |
+  | heads            | SimMIM 1x1 conv 4096 -> 32*32*3 (12.6M), image        | ours: SimMIM's head; CoCa's projection |
+  |                  | projection 1024 -> 1024 (1.0M)                        |                                        |
+  | parameters       | 3,704,005,857 (tools.summary)                         | paper (3.7B)                           |
+  | objectives       | MIM + image-text contrastive + captioning             | paper                                  |
+  | loss weights     | 1.0 MIM, 1.0 contrastive, 2.0 captioning              | ours: CoCa's defaults (1.0, 2.0) and   |
+  |                  |                                                       | 1.0 for MIM                            |
+  | MIM              | SimMIM L1 on pixels, 32 px patches, 60% masked        | ours: SimMIM's setting for SwinV2      |
+  | data             | 1.5B pairs (LAION-5B, COCO, Visual Genome, internal)  | paper                                  |
+  |                  | and 500M uncaptioned images                           |                                        |
+  | mixture          | LAION-style 0.71, COCO 0.02, VG regions 0.02,         | ours: the paper gives no proportions   |
+  |                  | uncaptioned 0.25 (ArrayRecord under /data)            | (reasons at the data fields below)     |
+  | augmentation     | random crop + horizontal flip                         | paper                                  |
+  | crop scale       | (0.5, 1)                                              | ours: the CLIP recipe's                |
+  | tokenizer        | SentencePiece, 32k pieces                             | paper                                  |
+  | text length      | 77 tokens + CLS, BOS first                            | ours: CLIP's length                    |
+  | optimiser        | AdamW, peak 1.5e-4, linear warmup 5,000 steps, cosine | paper                                  |
+  |                  | to 1e-6                                               |                                        |
+  | betas            | 0.9, 0.98                                             | ours: CLIP's and CoCa's                |
+  | weight decay     | 0.05                                                  | ours: the CLIP recipe's                |
+  | gradient clip    | global norm 1.0                                       | ours: as the other two recipes         |
+  | batch            | 2048 = 8 accumulation steps of 256; the contrastive   | paper (2048 in 8 steps)                |
+  |                  | loss still spans all 2048 (tasks/base.py)             |                                        |
+  | precision        | bf16 compute                                          | paper                                  |
+  | master weights   | fp32 params and optimizer state                       | ours: standard mixed precision         |
+  | parallelism      | ZeRO-2: optimizer state and gradients sharded over    | paper (DDP + ZeRO-2)                   |
+  |                  | the data-parallel devices                             |                                        |
+  | remat            | dots_with_no_batch_dims_saveable                      | ours: bench.memory_plan's pick at 90%  |
+  |                  |                                                       | of 80 GB (CPU compiler: 46.1 GiB)      |
+  | cluster          | 64 A100 80GB                                          | paper                                  |
+  | schedule         | 250,000 steps = 512M samples                          | ours: the paper gives no step count;   |
+  |                  |                                                       | sized for its 4 weeks at an assumed    |
+  |                  |                                                       | 26% MFU (see "Wall clock")             |
+  | evaluation       | retrieval R@K, held-out perplexity                    | paper; what perplexity: below          |
+  | health           | loss / gradient-norm spike skipping (6 std over 128   | ours: guards a long run; the paper     |
+  |                  | steps), rollback past bad data (training/health.py)   | names no such guard                    |
 
-The seed names neither the text side nor the loss weights: the widths follow CoCa (text encoder and decoder of
+The paper names neither the text side nor the loss weights: the widths follow CoCa (text encoder and decoder of
 equal depth, decoder memory of 256 queries), the weights are CoCa's public defaults (1.0, 2.0) plus 1.0 for
-MIM, and the sizes were chosen to make the total the seed's 3.7B with the encoder holding 81% of it.
+MIM, and the sizes were chosen to make the total the paper's 3.7B with the encoder holding 81% of it.
+
+Wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours"). For this
+config on 64 A100s BENCHMARKS.md predicts 38.5 days (13.29 s a step at MFU 0.191), a roofline prediction rather
+than a measurement. The step count was sized for the paper's 4 weeks at an assumed 26% MFU, with 2.47e13
+training FLOPs per sample (two encoder passes at 448 px).
 
   python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/aurora_xl
 
-Evaluation. The seed reports retrieval R@K and "masked language modeling perplexity on held-out validation sets".
+Evaluation. The paper reports retrieval R@K and "masked language modeling perplexity on held-out validation sets".
 The model has no masked-language-modelling head: its text side is a causal encoder and a causal decoder, and its
 only masked objective is MIM on pixels. We read that metric as the perplexity of held-out captions under the
 decoder, conditioned on the image (`eval/caption/perplexity`, teacher-forced, padding excluded), because that is
 the language-modelling loss the model trains. The figure is therefore not comparable with a BERT-style MLM
 perplexity, which predicts masked tokens from both sides. Retrieval R@1/5/10 is also reported as papers do, on
 COCO's Karpathy 5k test split and Flickr30k's 1k test split with every caption of each image
-(`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as BUILD.md prepares them under /data/coco and
+(`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as docs/data_preparation.md places them under /data/coco and
 /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
 
 Variant `demo`: a small SwinV2 + text encoder/decoder on the recipe's mixture in small: the embedded shapes pairs
@@ -78,7 +118,8 @@ def get_config(arg: str | None = None):
 
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
   # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
-  # headroom (45.6 GiB per device, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md "Session 11")
+  # headroom (46.1 GiB per device in the CPU compiler's plan, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md,
+  # "ViT-H/14 and Aurora-XL planned on the plain path"; XLA's GPU plan for 64 A100s: 44.1 GiB)
   set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
   # poolers and decoder: a 1024-d contrastive embedding, 256 caption queries, 16 decoder layers
@@ -90,21 +131,21 @@ def get_config(arg: str | None = None):
   # data: 1.5B image-text pairs and 0.5B uncaptioned images, sampled 0.75 / 0.25 (data/mixture.py; the
   # uncaptioned ones train MIM only), at 448 px, random crop + horizontal flip; held-out pairs for evaluation;
   # the tokenizer from tools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14
-  # grid, 118 masked). The seed names LAION-5B, COCO and Visual Genome among the pairs without proportions: by
+  # grid, 118 masked). The paper names LAION-5B, COCO and Visual Genome among the pairs without proportions: by
   # size COCO (0.6M pairs) and VG (at most 5.4M region crops) would be under 0.4% of 1.5B; at 0.02 each the 512M
   # samples of the schedule see each COCO caption 17-19 times and each VG region ~2 or more (BLIP-style
   # exposure of the curated sets), the LAION-style pairs a third of once.
-  set_fields(config.data, source="", mixture=(("arrayrecord:/data/aurora_pairs/laion/{split}-*.array_record", 0.71),
+  set_fields(config.data, source="", mixture=(("arrayrecord:/data/laion/{split}-*.array_record", 0.71),
                                               ("arrayrecord:/data/aurora_pairs/coco/{split}-*.array_record", 0.02),
                                               ("arrayrecord:/data/aurora_pairs/vg/{split}-*.array_record", 0.02),
                                               ("arrayrecord:/data/aurora_images/{split}-*.array_record", 0.25)),
-             eval_source="arrayrecord:/data/aurora_pairs/laion/{split}-*.array_record", train_split="train",
+             eval_source="arrayrecord:/data/laion/{split}-*.array_record", train_split="train",
              eval_split="validation", tokenizer="/data/aurora_pairs/tokenizer_32k.model", image_size=448,
              eval_examples=5000, eval_preprocess="clip")
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)
   config.data.mim = ml_collections.ConfigDict(dict(mask_patch_size=32, mask_ratio=0.6))
   # evaluation: retrieval on held-out pairs and, the papers' protocol, COCO Karpathy 5k test and Flickr30k 1k
-  # test with every caption (BUILD.md); caption perplexity, MIM loss
+  # test with every caption (docs/data_preparation.md); caption perplexity, MIM loss
   config.eval = config_lib.eval_config()
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
@@ -117,7 +158,7 @@ def get_config(arg: str | None = None):
   set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)
   # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
   config.health.enabled = True
-  # checkpoint history: the newest 3 plus one every 20k steps for good (BUILD.md "Checkpoint history" for the disk)
+  # checkpoint history: the newest 3 plus one every 20k steps for good (docs/launching.md, "Checkpoint history", for the disk)
   config.checkpoint_keep_period = 20_000
 
   if "demo" in parts:

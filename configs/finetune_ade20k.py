@@ -24,7 +24,7 @@ We have not tuned these values or run this recipe at scale; BEiT-L + UPerNet rep
   python -m visionfm_jax.main --config=configs/finetune_ade20k.py --workdir=/ckpt/ade20k_vith \
       --config.data.source=ade20k:/data/ADEChallengeData2016 --config.init_from=/ckpt/vit_huge
 
-`ade20k:<root>` is the unpacked ADEChallengeData2016 folder (images/, annotations/; BUILD.md).
+`ade20k:<root>` is the unpacked ADEChallengeData2016 folder (images/, annotations/; docs/data_preparation.md).
 
 Variant `swinv2`: UPerNet on the four stages of a SwinV2-B (a LayerNorm on each stage output), 512 px crops,
 window 16 (maps 128, 64, 32, 16), the position bias carried over from a 224 px / window-14 classification run

@@ -19,7 +19,7 @@ our detector head in place of Mask R-CNN:
   python -m visionfm_jax.main --config=configs/finetune_coco.py --workdir=/ckpt/coco_vith \
       --config.data.source=coco:/data/coco --config.init_from=/ckpt/vit_huge
 
-`coco:<root>` needs <root>/train2017/, val2017/ and annotations/instances_{train,val}2017.json (BUILD.md).
+`coco:<root>` needs <root>/train2017/, val2017/ and annotations/instances_{train,val}2017.json (docs/data_preparation.md).
 `eval/det/map` is COCO box AP@[.5:.95] on val2017 (pycocotools); ViTDet-H (Cascade Mask R-CNN, MAE ImageNet-1K
 pretraining) reports about 60 box AP; we have not run this recipe and expect less with this head.
 

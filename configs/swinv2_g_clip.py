@@ -1,35 +1,103 @@
-r"""SwinV2-G-CLIP: a 3B SwinV2-G image tower trained with CLIP on filtered LAION (seed 000_56f9bf2bb09a4641).
+r"""SwinV2-G-CLIP: a 3B SwinV2-G image tower trained with CLIP on filtered LAION (specification 000_56f9bf2bb09a4641).
 
-The default is the seed's recipe:
+The default is the paper's recipe at 224 px. `source` says, for every setting, whether the paper states it or we
+chose it (`ours:` and the reason):
 
-  | image tower  | SwinV2-G (C 512, depths 2,2,42,4, heads 16..128), 224 px, window 14, stochastic depth 0.2     |
-  | text tower   | our choice (the seed names none): 24 layers, width 1024, 16 heads, 77 tokens, SentencePiece |
-  |              | 32k vocabulary trained on the captions (tools.train_tokenizer), EOS pooling                 |
-  | embedding    | 1024-d, learned temperature from 1/0.07, clamped at 100                                    |
-  | data         | LAION-5B filtered by CLIP score to 1.2B pairs (ArrayRecord, see BUILD.md), RandAugment      |
-  |              | (2 ops, magnitude 9), Mixup of pairs (alpha 0.8, soft contrastive targets)                 |
-  | optimiser    | AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0       |
-  | precision    | FP16 compute with dynamic loss scaling (fp32 params and optimizer state)                    |
-  | batch        | 32,768 pairs, sharded contrastive loss (B_local x B_global logits per device)              |
-  | parallelism  | ZeRO-3 over all devices; to fit 80 GB: 2 micro-batches (the loss still spans the batch) and |
-  |              | remat dots_with_no_batch_dims_saveable (not the seed's: our memory plan, BENCHMARKS.md)     |
-  | schedule     | 366,000 steps = 10 passes over the 1.2B pairs (the seed gives 4 weeks on 128 A100s, which   |
-  |              | at ~40% MFU is ~1.2e10 samples of SwinV2-G + this text tower; the seed gives no step count) |
+  | setting          | value                                                   | source                               |
+  | ---------------- | ------------------------------------------------------- | ------------------------------------ |
+  | image tower      | SwinV2: res-post-norm, cosine attention, ~3B parameters | paper                                |
+  | tower size       | SwinV2-G: C 512, depths 2,2,42,4, heads 16..128         | ours: the SwinV2 paper's 3B model    |
+  | resolution       | 224 px                                                  | paper                                |
+  | window           | 14 (maps 56, 28, 14, 7)                                 | ours: tiles every 224 px stage       |
+  | stochastic depth | 0.2                                                     | paper                                |
+  | text tower       | 24 layers, width 1024, 16 heads, 77 tokens, EOS pooling | ours: the paper names none; the size |
+  |                  |                                                         | of OpenCLIP ViT-H/14's text tower    |
+  | tokenizer        | SentencePiece, 32k pieces trained on the captions       | ours: the paper names none           |
+  |                  | (tools.train_tokenizer)                                 |                                      |
+  | embedding        | 1024-d; learned temperature from 1/0.07, clamped at 100 | ours: CLIP's                         |
+  | data             | LAION-5B filtered by CLIP score to 1.2B pairs           | paper                                |
+  | filter           | the 1.2B LAION-2B-en pairs of highest OpenAI CLIP       | ours: the score LAION filtered with; |
+  |                  | ViT-B/32 cosine (index_tars --keep=1.2e9)               | threshold from the scores            |
+  | normalisation    | CLIP's mean and std                                     | ours: CLIP's                         |
+  | crop             | random resized crop, scale (0.5, 1), no flips           | ours: keep what captions describe;   |
+  |                  |                                                         | captions say "left" and "right"      |
+  | RandAugment      | on                                                      | paper                                |
+  | RandAugment N, M | 2 operations, magnitude 9                               | ours: timm's rand-m9 (2 ops)         |
+  | Mixup            | on                                                      | paper                                |
+  | Mixup alpha      | 0.8, mixed pairs as soft contrastive targets            | ours: DeiT's ImageNet alpha          |
+  | optimiser        | AdamW b1 0.9, b2 0.98, weight decay 0.05                | paper                                |
+  | learning rate    | peak 5e-4 after 10,000 warmup steps, cosine             | paper                                |
+  | warmup shape     | linear                                                  | ours: the paper names none           |
+  | cosine end       | 0                                                       | ours: the paper names none           |
+  | gradient clip    | global norm 1.0                                         | paper                                |
+  | precision        | FP16 compute, dynamic loss scaling                      | paper                                |
+  | loss scale       | from 2^16, doubled after 2,000 good steps               | ours: PyTorch GradScaler's defaults  |
+  | master weights   | fp32 params and optimizer state                         | ours: standard mixed precision       |
+  | batch            | 32,768 pairs; the contrastive loss spans all of them    | ours: CLIP's; the paper states none  |
+  | micro-batches    | 4 of 8,192, remat dots_with_no_batch_dims_saveable      | ours: fits A100 80GB (below)         |
+  | parallelism      | ZeRO-3 over all devices                                 | paper                                |
+  | cluster          | 128 A100 80GB                                           | paper                                |
+  | schedule         | 366,000 steps = 10 passes over the 1.2B pairs           | ours: the paper gives no step count; |
+  |                  |                                                         | sized for its 4 weeks at an assumed  |
+  |                  |                                                         | 40% MFU (see "Wall clock")           |
+  | final stage      | 640 px                                                  | paper; its settings: `ft640` below   |
+  | evaluation       | ImageNet-1K zero-shot top-1 (the paper: 78.4%)          | paper                                |
+  | prompts          | OpenAI's 1000 class names and 80 templates              | ours: OpenAI's protocol              |
+  | retrieval        | COCO 5k and Flickr30k 1k test, R@1/5/10                 | ours: the papers' usual protocol     |
+  | health           | loss / gradient-norm spike skipping (6 std over 128     | ours: guards a 3B fp16 run beyond    |
+  |                  | steps), rollback past bad data (training/health.py)     | the paper's clipping and scaling     |
+
+Memory: 4 micro-batches plan 60.3 GiB per GPU in XLA's GPU compiler for 128 A100 80GB with cuDNN attention
+(`python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --target=a100 --devices=128
+--micro_batches=4 --remat=dots_with_no_batch_dims_saveable`, BENCHMARKS.md); 2 micro-batches plan 80.4 GiB,
+over the 79.2 GiB an A100 80GB reports.
+
+Wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this config's 224 px
+stage alone on 128 A100s BENCHMARKS.md predicts 43.2 days, a roofline prediction rather than a measurement
+(10.19 s a step at MFU 0.256). That figure was priced with 2 micro-batches; 4 are not priced yet
+(`python -m visionfm_jax.bench.roofline --config=configs/swinv2_g_clip.py --target=a100 --devices=128`). The step
+count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip
 
 Evaluation: ImageNet zero-shot top-1 (`eval/zeroshot/top1`, all 50,000 validation images, 80 templates), and
 retrieval R@1/5/10 as papers report it, on COCO's Karpathy 5k test split and Flickr30k's 1k test split with every
-caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as BUILD.md prepares them
-under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
+caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as docs/data_preparation.md places
+them under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
 
 Variant `vit`: a ViT image tower in place of SwinV2-G (B/16; tools.import_hf prints the fields of an imported
 OpenAI or LAION CLIP over it, with `--config.init_from=` the imported directory).
 
-Variant `ft640`: the final stage at 640 px, window 40, initialised from a 224 px run (`--config.init_from=`
-its workdir); every weight carries over, the position bias is recomputed through pretrained_window_sizes
-(14, 14, 14, 7), which init_from reads from that workdir's config.json. Variant `demo`: a small SwinV2 + text
-tower on the embedded shapes pairs on a CPU:
+Variant `ft640`: the paper's final stage at 640 px, window 40, from a 224 px run (`--config.init_from=` its
+workdir). It takes that run's params only: init_from loads no train state, so the AdamW moments start at zero and
+the fp16 loss scale at 2^16. The stage is a new run with another resolution, batch and learning-rate schedule:
+the 224 px run's moments track that run's gradients (224 px, 32,768 pairs) at the end of its decay to 0, and the
+loss scale must find its level for 640 px activations afresh; the 1,000 warmup steps let the new moments settle
+before the peak rate. Every weight carries over; the position bias is recomputed through pretrained_window_sizes
+(14, 14, 14, 7), which init_from reads from that workdir's config.json.
+
+  | setting          | value                                                   | source                               |
+  | ---------------- | ------------------------------------------------------- | ------------------------------------ |
+  | resolution       | 640 px                                                  | paper                                |
+  | window           | 40 (maps 160, 80, 40, 20)                               | ours: the SwinV2 paper's at 640 px   |
+  | batch            | 8,192 pairs                                             | ours: the paper states none          |
+  | learning rate    | peak 5e-5, 1,000 warmup steps, cosine to 0              | ours: the paper states none          |
+  | schedule         | 20,000 steps (164M pairs, 14% of one pass)              | ours: the paper states none          |
+  | data order       | config.seed 1                                           | ours: a stream of its own (below)    |
+  | micro-batches    | 8 of 1,024, remat dots_with_no_batch_dims_saveable      | ours: the CPU compiler's plan        |
+
+Data order: the stream's order and its augmentations are a pure function of config.seed (data/mixture.py,
+data/pipeline.py; there is no separate data seed), so at the 224 px run's seed 0 this stage would begin with
+the very pairs that run began with. Seed 1 gives it a fresh order of the same pairs (and fresh stochastic depth
+and Mixup draws); a 224 px run launched with `--config.seed=1` needs another seed here.
+
+Memory: 51.6 GiB per device planned by the CPU compiler (BENCHMARKS.md, "SwinV2-G-CLIP with split contrastive
+loss"); the GPU compiler planned the 224 px stage 10.4 GiB above its CPU figure (80.4 against 70.0 GiB), so
+this stage is unplanned for A100 until `python -m visionfm_jax.bench.memory_plan
+--config=configs/swinv2_g_clip.py:ft640 --target=a100 --devices=128 --micro_batches=8
+--remat=dots_with_no_batch_dims_saveable` runs.
+
+Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CPU:
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo --workdir=/tmp/clip_demo
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,ft640 --workdir=/tmp/clip_demo_640 \
@@ -47,6 +115,8 @@ from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
 
+FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
+
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
@@ -56,8 +126,10 @@ def get_config(arg: str | None = None):
   config.task = "contrastive"
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
-  # remat keeping the weight matmuls' outputs, and 2 micro-batches of 16,384 (the loss still spans all 32,768):
-  # 70.0 GiB per device on 128 x 80 GB (BENCHMARKS.md, memory plans, session 12)
+  # remat keeping the weight matmuls' outputs, and 4 micro-batches of 8,192 (the loss still spans all 32,768):
+  # 60.3 GiB per GPU in XLA's GPU plan for 128 A100 80GB with cuDNN attention (2 micro-batches: 80.4 GiB, over the
+  # 79.2 the device reports), from python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py
+  # --target=a100 --devices=128 --micro_batches=4 --remat=dots_with_no_batch_dims_saveable (BENCHMARKS.md)
   set_fields(config.model, image_size=224, embed_dim=1024, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.image, variant="G", window_size=14, drop_path=0.2)
   # text tower: 'H' (24 layers, width 1024, 16 heads), 77 tokens, SentencePiece 32k
@@ -65,8 +137,8 @@ def get_config(arg: str | None = None):
   # data: filtered LAION pairs at 224 px, CLIP's mean/std, crop, RandAugment (2 ops, magnitude 9), Mixup 0.8;
   # no flips: captions may say "left" and "right"; evaluation images as CLIP's (shorter side to 224 bicubic,
   # central crop)
-  set_fields(config.data, source="arrayrecord:/data/laion_filtered/{split}-*.array_record", train_split="train",
-             eval_split="validation", tokenizer="/data/laion_filtered/tokenizer_32k.model", image_size=224,
+  set_fields(config.data, source="arrayrecord:/data/laion/{split}-*.array_record", train_split="train",
+             eval_split="validation", tokenizer="/data/laion/tokenizer_32k.model", image_size=224,
              mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
              eval_examples=5000, eval_preprocess="clip")
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=False, randaugment_ops=2,
@@ -76,24 +148,24 @@ def get_config(arg: str | None = None):
       zeroshot_classes="imagenet",  # evaluate.zeroshot.class_names_and_templates: 1000 names x 80 templates
       zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = the eval source
       zeroshot_split="validation",  # of zeroshot_source, or of the eval source; '' = config.data.eval_split
-      zeroshot_examples=-1,  # -1: the whole split (ImageNet's 50,000, the protocol of the seed's 78.4%)
+      zeroshot_examples=-1,  # -1: the whole split (ImageNet's 50,000, the protocol of the paper's 78.4%)
   )
-  # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (BUILD.md)
+  # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (docs/data_preparation.md)
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
-  # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand (BUILD.md, "Zero-shot
+  # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand (docs/data_preparation.md, "Zero-shot
   # benchmarks"), a missing folder would stop the run at start-up
   # optimiser: AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0
   set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0,
              clip_norm=1.0)
   # precision: FP16 compute with dynamic loss scaling
   set_fields(config.precision, compute_dtype="float16", loss_scale_init=2.0**16, loss_scale_period=2000)
-  # batch 32,768 pairs, ZeRO-3, 366k steps (10 passes over the 1.2B pairs)
-  set_fields(config, global_batch_size=32768, grad_accum_steps=2, strategy="zero3", total_steps=366_000)
+  # batch 32,768 pairs in 4 micro-batches (above), ZeRO-3, 366k steps (10 passes over the 1.2B pairs)
+  set_fields(config, global_batch_size=32768, grad_accum_steps=4, strategy="zero3", total_steps=366_000)
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
   # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
   config.health.enabled = True
-  # checkpoint history: the newest 3 plus one every 20k steps for good (BUILD.md "Checkpoint history" for the disk)
+  # checkpoint history: the newest 3 plus one every 20k steps for good (docs/launching.md, "Checkpoint history", for the disk)
   config.checkpoint_keep_period = 20_000
 
   if "vit" in parts:
@@ -141,12 +213,15 @@ def _ft640(config, demo: bool):
     config.model.image_size = config.data.image_size = 640
     image.window_size = 40
     config.global_batch_size = 8192
-    # fits 80 GB per device on 128 (BENCHMARKS.md, memory plans, session 12): 8 micro-batches of 1024 (8 images
-    # per device; the contrastive loss and Mixup still span all 8192, tasks/contrastive.py) and remat keeping
-    # the weight matmuls' outputs: 51.6 GiB planned with the einsum attention, against 357 GiB unsplit
+    # 8 micro-batches of 1024 (8 images per device; the contrastive loss and Mixup still span all 8192,
+    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 51.6 GiB per device in the CPU
+    # compiler's plan with the einsum attention, against 357 GiB unsplit; not yet planned for A100 by the GPU
+    # compiler (the module docstring gives the command)
     config.grad_accum_steps = 8
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     config.total_steps = 20_000
     config.optim.lr = 5e-5
     config.optim.warmup_steps = 1_000
+  # the data order is a function of config.seed alone: a stream of its own, not the 224 px run's start again
+  config.seed = FT640_SEED
   config.init_from = ""  # set --config.init_from=<the 224 px workdir>
