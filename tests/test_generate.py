@@ -144,6 +144,19 @@ def _sequence_logprob(model, params, memory, tokens):
   return jnp.sum(jnp.where(up_to_eos, token_logp, 0.0), axis=1)
 
 
+def test_captions_hold_only_the_tokenizers_pieces(scanned):
+  """A decoder sized for more ids than its tokenizer has (a 32k model with a smaller tokenizer) never emits one."""
+  model, params, _, memory = scanned
+  free = np.asarray(generate.greedy(model, params, memory, max_len=MAX_LEN))
+  pieces = int(np.median(free[:, 1:]))  # below some of the tokens the unrestricted decoder picks
+  assert free.max() >= pieces
+  for tokens in (generate.greedy(model, params, memory, max_len=MAX_LEN, pieces=pieces),
+                 generate.beam_search(model, params, memory, beam_size=3, max_len=MAX_LEN, pieces=pieces)[0]):
+    assert np.asarray(tokens).max() < pieces
+  with pytest.raises(ValueError, match="pieces"):
+    generate.greedy(model, params, memory, max_len=MAX_LEN, pieces=model.decoder.vocab_size + 1)
+
+
 def test_beam_size_one_is_greedy(scanned):
   model, params, eos_params, memory = scanned
   for p in (params, eos_params):

@@ -33,28 +33,44 @@ def _check_len(model, max_len: int) -> None:
     raise ValueError(f"max_len={max_len}: expected 1..{model.text.max_len} (the text encoder's max_len)")
 
 
-def _decode(model, params, tokens, cache, index, memory):
-  """One decode_step on (rows, 1) tokens at position `index` -> ((rows, vocab) fp32 log-probs, new cache)."""
+def _pieces(model, pieces: int | None) -> int:
+  """The ids a caption may hold: the tokenizer's `pieces` (a decoder sized for a larger vocabulary than its
+  tokenizer has rows no caption can decode), or every row of the decoder."""
+  vocab = model.decoder.vocab_size
+  if pieces is None:
+    return vocab
+  if not 1 <= int(pieces) <= vocab:
+    raise ValueError(f"pieces={pieces}: expected 1..{vocab} (the decoder's vocab_size)")
+  return int(pieces)
+
+
+def _decode(model, params, tokens, cache, index, memory, pieces: int):
+  """One decode_step on (rows, 1) tokens at position `index` -> ((rows, vocab) fp32 log-probs over the first
+  `pieces` ids, -inf beyond, new cache)."""
   logits, cache = model.apply({"params": params}, tokens, cache, index, memory, method="decode_step")
-  return jax.nn.log_softmax(logits[:, -1].astype(jnp.float32), axis=-1), cache
+  logits = logits[:, -1].astype(jnp.float32)
+  logits = jnp.where(jnp.arange(logits.shape[-1]) < pieces, logits, -jnp.inf)
+  return jax.nn.log_softmax(logits, axis=-1), cache
 
 
 def greedy(model, params: Params, memory: jax.Array, *, max_len: int, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
-           pad_id: int = PAD_ID) -> jax.Array:
-  """(B, Q, W) caption memory -> (B, max_len) int32 tokens: BOS, the argmax token of each step, EOS, PAD."""
+           pad_id: int = PAD_ID, pieces: int | None = None) -> jax.Array:
+  """(B, Q, W) caption memory -> (B, max_len) int32 tokens: BOS, the argmax token of each step (of the first
+  `pieces` ids), EOS, PAD."""
   _check_len(model, max_len)
-  return _greedy(model, params, memory, int(max_len), int(bos_id), int(eos_id), int(pad_id))
+  return _greedy(model, params, memory, int(max_len), int(bos_id), int(eos_id), int(pad_id), _pieces(model, pieces))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6))
-def _greedy(model, params, memory, max_len: int, bos_id: int, eos_id: int, pad_id: int):
+@functools.partial(jax.jit, static_argnums=(0, 3, 4, 5, 6, 7))
+def _greedy(model, params, memory, max_len: int, bos_id: int, eos_id: int, pad_id: int, pieces: int):
   batch = memory.shape[0]
   tokens = jnp.full((batch, max_len), pad_id, jnp.int32).at[:, 0].set(bos_id)
   if max_len == 1:
     return tokens
 
   def step(t, tokens, done, cache, memory):
-    token_logp, cache = _decode(model, params, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache, t, memory)
+    token_logp, cache = _decode(model, params, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache, t, memory,
+                                pieces)
     token = jnp.where(done, pad_id, jnp.argmax(token_logp, axis=-1).astype(jnp.int32))
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t + 1, axis=1)
     return tokens, done | (token == eos_id), cache
@@ -80,7 +96,7 @@ def length_penalty_factor(lengths: jax.Array, alpha: float) -> jax.Array:
 
 def beam_search(model, params: Params, memory: jax.Array, *, beam_size: int, max_len: int,
                 length_penalty: float = 0.0, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
-                pad_id: int = PAD_ID) -> tuple[jax.Array, jax.Array]:
+                pad_id: int = PAD_ID, pieces: int | None = None) -> tuple[jax.Array, jax.Array]:
   """(B, Q, W) caption memory -> (best tokens (B, max_len) int32, their scores (B,) fp32); see module doc."""
   _check_len(model, max_len)
   if int(beam_size) < 1:
@@ -88,12 +104,12 @@ def beam_search(model, params: Params, memory: jax.Array, *, beam_size: int, max
   if float(length_penalty) < 0:
     raise ValueError(f"length_penalty={length_penalty}: must be >= 0")
   return _beam_search(model, params, memory, jnp.float32(length_penalty), int(beam_size), int(max_len),
-                      int(bos_id), int(eos_id), int(pad_id))
+                      int(bos_id), int(eos_id), int(pad_id), _pieces(model, pieces))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8))
+@functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
 def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, bos_id: int, eos_id: int,
-                 pad_id: int):
+                 pad_id: int, pieces: int):
   batch, vocab = memory.shape[0], model.decoder.vocab_size
   tokens = jnp.full((batch, k, max_len), pad_id, jnp.int32).at[:, :, 0].set(bos_id)
   # Only beam 0 is live at first: the K beams would otherwise pick the same K tokens.
@@ -108,7 +124,7 @@ def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, 
   def step(t, state, cache, memory):
     tokens, logp, lengths, finished = state
     token_logp, cache = _decode(model, params, jax.lax.dynamic_index_in_dim(tokens, t, axis=2, keepdims=False)
-                                .reshape(batch * k, 1), cache, t, memory)
+                                .reshape(batch * k, 1), cache, t, memory, pieces)
     token_logp = jnp.where(finished[..., None], pad_only, token_logp.reshape(batch, k, vocab))
     cand_logp = (logp[..., None] + token_logp).reshape(batch, k * vocab)
     cand_len = jnp.broadcast_to((lengths + ~finished)[..., None], (batch, k, vocab)).reshape(batch, k * vocab)
@@ -160,9 +176,10 @@ def caption_images(task, params: Params, images: np.ndarray | Sequence[np.ndarra
   images = jnp.asarray(np.stack(images) if not isinstance(images, np.ndarray) else images)
   memory = caption_memory(model, params, task.normalize(images))
   max_len = max_len or model.text.max_len
+  pieces = task.tokenizer.vocab_size
   if beam_size == 1:
-    tokens = greedy(model, params, memory, max_len=max_len)
+    tokens = greedy(model, params, memory, max_len=max_len, pieces=pieces)
   else:
     tokens, _ = beam_search(model, params, memory, beam_size=beam_size, max_len=max_len,
-                            length_penalty=length_penalty)
+                            length_penalty=length_penalty, pieces=pieces)
   return tokens_to_text(task.tokenizer, jax.device_get(tokens))
