@@ -407,7 +407,7 @@ def test_tfds_missing_dataset_fails_fast(tmp_path):
   assert time.perf_counter() - start < 10
   message = str(info.value)
   assert "imagenet21k" in message and "'train'" in message and str(tmp_path) in message
-  assert "see BUILD.md, section 'Preparing data'" in message
+  assert "see docs/data_preparation.md" in message
   with pytest.raises(DataError, match="not prepared"):
     sources.class_names("tfds:imagenet21k", cfg)
   assert "tensorflow" not in sys.modules

@@ -1,5 +1,9 @@
 """Every command in README.md, BUILD.md and docs/ parses against the code it calls, so the docs cannot drift.
 
+The runbooks (docs/runbooks/) are also executed, command by command, by tests/test_runbooks.py; here their
+commands are checked at the size they launch (the full recipe at its cluster's device and process count), which
+the rehearsal, running them at a tiny size, does not.
+
 Each shell command of a ```bash block is classified by what it runs:
 - `python -m visionfm_jax.<module>`: the module exists, every flag is one the module defines, every
   `--config.<field>` override names a field of the config it loads (checked as `main` checks it), and a path
@@ -31,9 +35,10 @@ import pytest
 from visionfm_jax import config_lib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-DOCS = [ROOT / "README.md", ROOT / "BUILD.md", *sorted((ROOT / "docs").glob("*.md"))]
+DOCS = [ROOT / "README.md", ROOT / "BUILD.md", *sorted((ROOT / "docs").rglob("*.md"))]
+RUNBOOKS = sorted((ROOT / "docs" / "runbooks").glob("*.md"))
 # Programs of other projects the docs may call; their arguments are theirs to check.
-EXTERNAL = {"tfds", "huggingface-cli", "nvidia-smi", "tensorboard"}
+EXTERNAL = {"hf", "nvidia-smi", "tensorboard", "tar", "rm"}
 # Where the docs keep data, checkpoints and models: a path under one of these that a command reads must have
 # been written by an earlier command of the same document, unless the document places it by hand (below).
 ROOTS = ("/data/", "/ckpt/", "/models/")
@@ -42,7 +47,7 @@ ROOTS = ("/data/", "/ckpt/", "/models/")
 PLACED_BY_HAND = ("/data/coco", "/data/flickr30k", "/data/ADEChallengeData2016", "/data/tfds/downloads/manual",
                   "/data/imagenet_variants", "/raw/")
 # Flags whose value is a path a command writes; every other path-valued flag is read.
-WRITE_FLAGS = {"out", "output", "workdir", "local-dir", "data_dir"}
+WRITE_FLAGS = {"out", "output", "workdir", "local-dir", "data_dir", "selection_out"}
 
 
 @dataclasses.dataclass
@@ -108,8 +113,8 @@ def python_module(argv: list[str]) -> tuple[str, list[str]] | None:
   return None
 
 
-def main_args(command: Command) -> list[str] | None:
-  """The arguments a launcher hands to visionfm_jax.main, else None."""
+def launched_args(command: Command) -> list[str] | None:
+  """The arguments a launcher hands to the module it runs (launch/slurm.sbatch's MODULE, main by default)."""
   argv = command.argv
   if argv[0] == "sbatch":
     script = next(i for i, a in enumerate(argv) if i and not a.startswith("-"))
@@ -120,6 +125,21 @@ def main_args(command: Command) -> list[str] | None:
   if argv[0] == "launch/local.sh":
     return argv[2:]
   return None
+
+
+def launched_module(command: Command) -> str:
+  return command.env.get("MODULE", "visionfm_jax.main")
+
+
+def main_args(command: Command) -> list[str] | None:
+  """The arguments a launcher hands to visionfm_jax.main, else None."""
+  return launched_args(command) if launched_module(command) == "visionfm_jax.main" else None
+
+
+def tool_launch(command: Command) -> tuple[str, list[str]] | None:
+  """(module, its args) of a tool launch/slurm.sbatch runs under an allocation (`MODULE=... sbatch ...`)."""
+  args = launched_args(command)
+  return None if args is None or main_args(command) is not None else (launched_module(command), args)
 
 
 def cluster_of(command: Command) -> tuple[int | None, int]:
@@ -234,7 +254,7 @@ def check_command(command: Command, checkpoint_configs: dict | None = None) -> l
     if not (ROOT / script).exists():
       return [f"{script}: no such script"]
     return check_flags("visionfm_jax.main", passed)
-  module = python_module(argv)
+  module = python_module(argv) or tool_launch(command)
   if module:
     name, args = module
     if name.startswith("visionfm_jax"):
@@ -248,7 +268,7 @@ def check_command(command: Command, checkpoint_configs: dict | None = None) -> l
     return check_pip(argv)
   if re.search(r"(^|/)python[0-9.]*$", argv[0]):
     return [] if argv[1] in ("-c", "-m") else [f"{shlex.join(argv)}: a bare python call"]
-  if argv[0] in EXTERNAL or argv[0] in ("sbatch", "srun", "cd", "export", "mkdir", "source"):
+  if argv[0] in EXTERNAL or argv[0] in ("sbatch", "srun", "cd", "export", "mkdir", "source", "for"):
     return []
   return [f"{argv[0]}: not a program the docs may call (tests/test_docs_commands.py EXTERNAL)"]
 
@@ -316,7 +336,8 @@ def config_paths(args: list[str]) -> list[str]:
 
 def reads_and_writes(command: Command) -> tuple[list[str], list[str]]:
   passed = main_args(command)
-  args = passed if passed is not None else (python_module(command.argv) or (None, command.argv))[1]
+  args = passed if passed is not None else (python_module(command.argv) or tool_launch(command)
+                                            or (None, command.argv))[1]
   reads, writes = [], []
   for name, value in split_flags(args):
     if value is None:
@@ -335,10 +356,11 @@ def _written(path: str, written: list[str]) -> bool:
   return any(p == w or p.startswith(w.rstrip("/") + "/") for w in written for p in (path, stem))
 
 
-@pytest.mark.parametrize("doc", [d for d in DOCS if commands_of(d)], ids=lambda d: d.name)
+@pytest.mark.parametrize("doc", [d for d in DOCS if commands_of(d) and d not in RUNBOOKS], ids=lambda d: d.name)
 def test_every_path_read_was_written_by_an_earlier_command(doc):
-  # BUILD.md is the path from raw data; the other documents may read what any of its commands writes.
-  written = [] if doc.name == "BUILD.md" else [w for c in commands_of(ROOT / "BUILD.md") for w in reads_and_writes(c)[1]]
+  # Each runbook is a path from raw data, run for real by tests/test_runbooks.py; the other documents may read
+  # what any runbook writes.
+  written = [w for book in RUNBOOKS for c in commands_of(book) for w in reads_and_writes(c)[1]]
   missing = []
   for command in commands_of(doc):
     reads, writes = reads_and_writes(command)

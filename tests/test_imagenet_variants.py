@@ -135,7 +135,7 @@ def test_reader_errors_name_the_folder(tmp_path):
   data_cfg = tiny_clip_config().data
   root = write_release(tmp_path, "imagenet_r")
   what = "config.eval.zeroshot_benchmarks 'r'"
-  with pytest.raises(DataError, match=f"^{what}: no folder {tmp_path / 'nowhere'}; see BUILD.md"):
+  with pytest.raises(DataError, match=f"^{what}: no folder {tmp_path / 'nowhere'}; see docs/data_preparation.md"):
     sources.build_source(f"imagenet_r:{tmp_path / 'nowhere'}", "validation", data_cfg, what=what)
   (root / "n01443537" / "n01443537_0.jpg").unlink()
   with pytest.raises(DataError, match=f"class folder {root / 'n01443537'} has no images"):

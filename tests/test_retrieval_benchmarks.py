@@ -176,9 +176,9 @@ def test_a_missing_or_malformed_benchmark_is_a_data_error_naming_it(tmp_path):
     assert repr(spec) in str(info.value)
   with pytest.raises(DataError) as info:
     caption_sets.open_caption_set(cases[0][0])
-  section = re.search(r"see BUILD.md, '([^']+)'", str(info.value)).group(1)
-  build_md = (pathlib.Path(__file__).resolve().parents[1] / "BUILD.md").read_text()
-  assert f"\n### {section}\n" in build_md, section  # the hint names a heading that exists
+  section = re.search(r"see docs/data_preparation.md, '([^']+)'", str(info.value)).group(1)
+  doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data_preparation.md").read_text()
+  assert f"\n## {section}\n" in doc, section  # the hint names a heading that exists
   missing = tmp_path / "coco" / "val2014" / "COCO_val2014_test000003.png"
   missing.unlink()
   with pytest.raises(DataError, match=f"1 of its 10 images are missing: {missing}"):

@@ -184,7 +184,7 @@ def matching_files(pattern: str) -> list[str]:
   DataError when there are none."""
   files = sorted(f for f in glob.glob(pattern, recursive=True) if not f.endswith(".tmp"))
   if not files:
-    raise DataError(f"arrayrecord source: no files match {pattern!r}; see BUILD.md, section 'Preparing data'")
+    raise DataError(f"arrayrecord source: no files match {pattern!r}; see docs/data_preparation.md")
   return files
 
 

@@ -47,8 +47,8 @@ from visionfm_jax.errors import ConfigError, DataError
 
 SHAPES_SEED = 0
 SHAPES_IMAGES_SEED = 1  # 'shapes:images': other images than 'shapes'
-PREPARE_HINT = "see BUILD.md, section 'Preparing data'"
-VARIANTS_HINT = "see BUILD.md, 'Zero-shot benchmarks: ImageNet variants'"
+PREPARE_HINT = "see docs/data_preparation.md"
+VARIANTS_HINT = "see docs/data_preparation.md, 'Zero-shot benchmarks: ImageNet variants'"
 FOLDER_KINDS = ("arrayrecord", "wds", "ade20k", "coco", *imagenet_variants.KINDS)  # '<kind>:<path>'
 
 

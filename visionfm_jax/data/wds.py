@@ -41,7 +41,7 @@ INDEX_SUFFIX = ".index.npz"
 INDEX_FORMAT = "visionfm_jax.wds_index/1"
 SCORES = ("similarity", "pwatermark", "punsafe")  # the index's score columns, NaN where a sample has none
 MEMBERS = ("image", "caption", "meta")  # the index's (offset, size) columns; (-1, 0): no such member
-INDEX_HINT = "index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB (see BUILD.md)"
+INDEX_HINT = "index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB (see docs/data_preparation.md)"
 
 
 # ------------------------------------------------------------------------------------------ score filter

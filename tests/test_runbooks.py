@@ -1,0 +1,256 @@
+"""Every command of each runbook (docs/runbooks/*.md) runs, in order, as one shell script.
+
+The script is the runbook's ```bash blocks as written, with three changes and nothing else:
+- the documented roots `/raw`, `/data`, `/models`, `/ckpt` move under a temporary folder, in the commands and in
+  the paths the configs they run hold by default (written back as `--config.<field>=` overrides);
+- the arguments of the runbook's own ```rehearsal block are appended to each command containing its left side
+  (a model variant, steps, batch: what makes a job a few steps of the recipe at a tiny size);
+- programs that need a cluster or the network are local stand-ins on PATH: `sbatch`, `srun` and `scontrol` from
+  tests/fake_slurm/ (a job runs in the foreground on one node of 8 CPU devices) and `hf`, which copies a
+  miniature of the named model from the test's hub folder.
+The releases the runbooks start from are written as miniatures of their published layouts by tests/standins.py.
+A command that fails, reads what nothing wrote, or writes what the next command cannot read fails the test with
+the runbook's file:line and the tail of the output.
+"""
+import ast
+import dataclasses
+import json
+import os
+import pathlib
+import re
+import shlex
+import stat
+import subprocess
+import sys
+
+import pytest
+
+from conftest import compilation_cache_env, cpu_env, kill_session
+from visionfm_jax import config_lib
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+RUNBOOKS = sorted((ROOT / "docs" / "runbooks").glob("*.md"))
+DOCUMENTED_ROOTS = ("raw", "data", "models", "ckpt")
+# A documented root at the start of a path: after a quote, '=', ':', '(', ',' or a space, or at the start.
+ROOT_PATH = re.compile(r"(?<![\w.~/-])/(" + "|".join(DOCUMENTED_ROOTS) + r")(?=/|\b)")
+FAKE_SLURM = ROOT / "tests" / "fake_slurm"
+
+
+@dataclasses.dataclass
+class Command:
+  line: int
+  text: str
+
+
+def bash_commands(markdown: str) -> list[Command]:
+  """The commands of the ```bash blocks, continuation lines joined, each with the line it starts on."""
+  commands, in_block, pending, start = [], False, "", 0
+  for number, raw in enumerate(markdown.splitlines(), 1):
+    if raw.startswith("```"):
+      in_block = raw.strip() == "```bash"
+      continue
+    if not in_block:
+      continue
+    if not pending:
+      start = number
+    if raw.endswith("\\"):
+      pending += raw[:-1] + " "
+      continue
+    text, pending = (pending + raw).strip(), ""
+    if text and not text.startswith("#"):
+      commands.append(Command(start, text))
+  return commands
+
+
+def rehearsal_rules(markdown: str) -> list[tuple[str, str]]:
+  """(text a command contains, arguments appended to it) of the ```rehearsal block."""
+  block = re.search(r"^```rehearsal\n(.*?)^```", markdown, re.M | re.S)
+  assert block, "the runbook has no ```rehearsal block"
+  rules = []
+  for line in block.group(1).splitlines():
+    if line.strip():
+      match, arrow, args = line.partition(" => ")
+      assert arrow, f"rehearsal line without ' => ': {line!r}"
+      rules.append((match.strip(), args.strip()))
+  return rules
+
+
+def moved(text: str, root: pathlib.Path) -> str:
+  return ROOT_PATH.sub(lambda m: f"{root}/{m.group(1)}", text)
+
+
+def _moved_value(value, root):
+  if isinstance(value, str):
+    return moved(value, root)
+  if isinstance(value, (tuple, list)):
+    return type(value)(_moved_value(v, root) for v in value)
+  return value
+
+
+def main_arguments(argv: list[str], env: dict) -> list[str] | None:
+  """The arguments `visionfm_jax.main` gets from this command line, or None when it runs something else."""
+  if env.get("MODULE", "visionfm_jax.main") != "visionfm_jax.main":
+    return None
+  if argv[:3] == [argv[0], "-m", "visionfm_jax.main"] and re.search(r"python[0-9.]*$", argv[0]):
+    return argv[3:]
+  for i, arg in enumerate(argv):
+    if arg == "launch/slurm.sbatch" and (argv[0] == "sbatch" or argv[:1] == ["bash"]):
+      return argv[i + 1:]
+    if arg == "launch/local.sh" and i == 0:
+      return argv[2:]
+  return None
+
+
+def config_path_overrides(args: list[str], root: pathlib.Path) -> list[str]:
+  """`--config.<field>=<value>` for each field of the command's config whose default holds a documented root and
+  that the command does not set itself: the config's own paths, moved as the command's are."""
+  spec = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+  if spec is None:
+    return []
+  config = config_lib.load(str(ROOT / spec))
+  given = {a.split("=", 1)[0][len("--config."):] for a in args if a.startswith("--config.")}
+  overrides = []
+  for path, value in config_lib.fields(config):
+    if path in given or any(path.startswith(g + ".") for g in given):
+      continue
+    new = _moved_value(value, root)
+    if new != value:
+      text = new if isinstance(new, str) else repr(new)
+      overrides.append(f"--config.{path}={text}")
+  return overrides
+
+
+def split_environment(argv: list[str]) -> tuple[dict, list[str]]:
+  env = {}
+  while argv and re.fullmatch(r"[A-Za-z_]\w*=.*", argv[0]):
+    key, _, value = argv.pop(0).partition("=")
+    env[key] = value
+  return env, argv
+
+
+def rehearsed(command: Command, rules, root: pathlib.Path) -> str:
+  """The command as the rehearsal runs it: roots moved, the config's own paths moved, rehearsal arguments added."""
+  text = moved(command.text, root)
+  extra = [args for match, args in rules if match in command.text]
+  try:
+    env, argv = split_environment(shlex.split(text))
+  except ValueError:
+    env, argv = {}, []
+  main_args = main_arguments(argv, env) if argv else None
+  appended = []
+  if main_args is not None:
+    appended += [shlex.quote(a) for a in config_path_overrides(main_args, root)]
+  appended += extra
+  if not appended:
+    return text
+  assert not re.search(r"[|;&<>]|\bdo\b", text), (
+      f"line {command.line}: a command with rehearsal arguments must be one simple command: {command.text}")
+  return " ".join([text, *appended])
+
+
+def fake_hub_program(bin_dir: pathlib.Path, hub: pathlib.Path) -> None:
+  """`hf download REPO --local-dir=DIR`: copies the test hub's miniature of REPO to DIR."""
+  program = bin_dir / "hf"
+  program.write_text(
+      "#!/usr/bin/env bash\nset -euo pipefail\n"
+      '[ "$1" = download ] || { echo "hf: only download is rehearsed" >&2; exit 2; }\n'
+      'repo=$2; dir=""; shift 2\n'
+      'for a in "$@"; do case $a in --local-dir=*) dir=${a#--local-dir=};; esac; done\n'
+      f'[ -d "{hub}/$repo" ] || {{ echo "hf: no miniature of $repo" >&2; exit 1; }}\n'
+      f'mkdir -p "$dir" && cp -r "{hub}/$repo/." "$dir/"\n')
+  program.chmod(program.stat().st_mode | stat.S_IXUSR)
+
+
+def script_of(runbook: pathlib.Path, root: pathlib.Path, label: str | None = None) -> str:
+  """The runbook as one bash script; before each command, and at the end, a `>>> file:line time` marker on
+  stderr."""
+  markdown = runbook.read_text()
+  rules = rehearsal_rules(markdown)
+  commands = bash_commands(markdown)
+  unused = [match for match, _ in rules if not any(match in c.text for c in commands)]
+  assert not unused, f"{runbook.name}: rehearsal rules that match no command: {unused}"
+  label = label or str(runbook.relative_to(ROOT))
+  lines = ["set -euo pipefail", f"cd {shlex.quote(str(ROOT))}"]
+  for command in commands:
+    lines += [f"echo \">>> {label}:{command.line} $(date +%s.%N)\" >&2", rehearsed(command, rules, root)]
+  lines.append('echo ">>> end $(date +%s.%N)" >&2')
+  return "\n".join(lines) + "\n"
+
+
+def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subprocess.CompletedProcess:
+  import standins  # pylint: disable=g-import-not-at-top
+  standins.write_all(root)
+  bin_dir = root / "bin"
+  bin_dir.mkdir()
+  fake_hub_program(bin_dir, root / "hub")
+  script = root / f"{runbook.stem}.sh"
+  script.write_text(script_of(runbook, root))
+  env = cpu_env(8, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
+                FAKE_SLURM_DEVICES_PER_NODE="8", FAKE_SLURM_LOG=str(root / "slurm.log"), PYTHONUNBUFFERED="1",
+                **compilation_cache_env(cache))
+  # its own session: a timeout kills every job of the fake cluster too (srun's tasks have process groups of their own)
+  proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+                          start_new_session=True)
+  try:
+    out, err = proc.communicate(timeout=1500)
+  except subprocess.TimeoutExpired:
+    kill_session(proc.pid)
+    out, err = proc.communicate()
+  return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+MARKER = re.compile(r"^>>> (\S+) ([0-9.]+)$", re.M)
+
+
+def command_seconds(stderr: str) -> list[tuple[str, float]]:
+  """(file:line, seconds) of each command that ran to its end."""
+  marks = [(where, float(at)) for where, at in MARKER.findall(stderr)]
+  return [(where, later - at) for (where, at), (_, later) in zip(marks, marks[1:])]
+
+
+def failure_report(result: subprocess.CompletedProcess) -> str:
+  markers = [where for where, _ in MARKER.findall(result.stderr)]
+  where = markers[-1] if markers else "before the first command"
+  tail = "\n".join((result.stdout + result.stderr).splitlines()[-40:])
+  return f"{where} failed (exit {result.returncode}):\n{tail}"
+
+
+@pytest.mark.parametrize("runbook", RUNBOOKS, ids=lambda p: p.stem)
+def test_every_command_of_the_runbook_runs_in_order(runbook, tmp_path, compilation_cache):
+  result = run_runbook(runbook, tmp_path, compilation_cache)
+  assert result.returncode == 0, failure_report(result)
+  assert MARKER.findall(result.stderr)[-1][0] == "end", "the script stopped before its end"
+  print("\n".join(f"{seconds:6.1f} s  {where}" for where, seconds in command_seconds(result.stderr)))
+
+
+# ---- the rehearsal machinery itself ----
+
+def test_roots_move_in_commands_and_in_config_defaults(tmp_path):
+  rules = [("configs/vit_huge.py", "--config.total_steps=2")]
+  text = rehearsed(Command(1, "sbatch --nodes=8 launch/slurm.sbatch --config=configs/vit_huge.py "
+                              "--workdir=/ckpt/vit_huge --config.data.eval_source=arrayrecord:/data/x"), rules, tmp_path)
+  argv = shlex.split(text)
+  assert f"--workdir={tmp_path}/ckpt/vit_huge" in argv
+  assert f"--config.data.eval_source=arrayrecord:{tmp_path}/data/x" in argv
+  # the config's default source moves; the field the command sets is left as the command sets it
+  assert f"--config.data.source=arrayrecord:{tmp_path}/data/imagenet21k/{{split}}-*.array_record" in argv
+  assert argv[-1] == "--config.total_steps=2"
+  assert moved("cp /rawfile /raw/a:/data/b x/data/c", tmp_path) == f"cp /rawfile {tmp_path}/raw/a:{tmp_path}/data/b x/data/c"
+
+
+def test_tuple_fields_move_as_python_literals(tmp_path):
+  text = rehearsed(Command(1, "python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/a"), [],
+                   tmp_path)
+  mixture = next(a for a in shlex.split(text) if a.startswith("--config.data.mixture="))
+  entries = ast.literal_eval(mixture.split("=", 1)[1])
+  assert all(spec.startswith(f"arrayrecord:{tmp_path}/data/") for spec, _ in entries), entries
+
+
+def test_a_failing_command_is_reported_with_its_runbook_line(tmp_path):
+  book = tmp_path / "book.md"
+  book.write_text("```bash\ntrue\nfalse\ntrue\n```\n```rehearsal\n```\n")
+  result = subprocess.run(["bash", "-c", script_of(book, tmp_path, label="book.md")], capture_output=True, text=True)
+  assert result.returncode != 0 and failure_report(result).startswith("book.md:3 failed")
+  book.write_text("```bash\ntrue\n```\n```rehearsal\n```\n")
+  result = subprocess.run(["bash", "-c", script_of(book, tmp_path, label="book.md")], capture_output=True, text=True)
+  assert [where for where, _ in command_seconds(result.stderr)] == ["book.md:2"]
