@@ -20,13 +20,18 @@ srun [-N/--nodes=N] [-n/--ntasks=T] [--ntasks-per-node=K] [-c/--cpus-per-task=C]
   --xla_force_host_platform_device_count=$FAKE_SLURM_DEVICES_PER_NODE. As Slurm 22.05 and later do, a task is
   bound to C CPUs (-c, else $SRUN_CPUS_PER_TASK, else 1; never the job's --cpus-per-task), task i to the CPUs
   after task i - 1's, wrapping around. Each task runs in a process group of its own, and signals reach all of
-  it, as Slurm signals every process of a step: SIGTERM and SIGINT are passed on; with --kill-on-bad-exit a
-  task's non-zero exit SIGKILLs the others. Exit status: the first non-zero one of a task (128 + N for a task
+  it, as Slurm signals every process of a step. As real srun does, a SIGTERM or SIGHUP to srun itself SIGKILLs
+  the tasks ("forcing job termination": a step is asked to save with `scancel --signal=TERM`, below); SIGINT is
+  passed on; with --kill-on-bad-exit a task's non-zero exit SIGKILLs the others. Exit status: the first non-zero one of a task (128 + N for a task
   killed by signal N), else 0. (Real srun reports a task killed by a signal over any exit status: when one task
   exits 75 and srun kills a wedged peer, it returns 128 + the signal, not 75.) Outside an sbatch job it makes a job id
   of its own.
 scontrol requeue ID
   appends ID (a line) to $FAKE_SLURM_LOG (default /dev/null); every scontrol call exits 0.
+scancel [-s/--signal=SIG] ID...
+  sends SIG (a name such as TERM, or a number; SIGKILL without --signal) to every task of the job's running steps,
+  not to its batch script (Slurm's rule for a signal other than KILL without --batch or --full). srun lists its
+  tasks' process groups under $FAKE_SLURM_STATE (default <tmp>/fake_slurm_<uid>)/<job id>/ while they run.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 
 SBATCH_SHORT_FLAGS = set("hHOQsvVW")
@@ -48,7 +54,8 @@ SRUN_LONG_FLAGS = {"contiguous", "disable-status", "exact", "exclusive", "help",
                    "no-kill", "overcommit", "overlap", "oversubscribe", "preserve-env", "pty", "quiet", "spread-job",
                    "test-only", "unbuffered", "usage", "use-min-nodes", "verbose", "version", "whole"}
 # Short option letter -> the long name that this stand-in reads.
-ALIASES = {"N": "nodes", "n": "ntasks", "c": "cpus-per-task", "J": "job-name", "K": "kill-on-bad-exit"}
+ALIASES = {"N": "nodes", "n": "ntasks", "c": "cpus-per-task", "J": "job-name", "K": "kill-on-bad-exit",
+           "s": "signal"}
 
 
 def split_options(argv: list[str], short_flags: set, long_flags: set) -> tuple[dict, list[str]]:
@@ -180,7 +187,26 @@ def srun(argv: list[str]) -> None:
         os.killpg(p.pid, signal.SIGKILL)
       fail(f"{command[0]}: {e.strerror}")
   kill_on_bad_exit = options.get("kill-on-bad-exit", "0") in ("", "1")
-  sys.exit(wait_all(procs, kill_on_bad_exit))
+  listing = list_step(base["SLURM_JOB_ID"], procs)
+  try:
+    status = wait_all(procs, kill_on_bad_exit)
+  finally:
+    os.unlink(listing)
+  sys.exit(status)
+
+
+def state_dir() -> str:
+  return os.environ.get("FAKE_SLURM_STATE", os.path.join(tempfile.gettempdir(), f"fake_slurm_{os.getuid()}"))
+
+
+def list_step(job_id: str, procs: list[subprocess.Popen]) -> str:
+  """Writes the step's task process groups where `scancel` finds them; returns the file."""
+  folder = os.path.join(state_dir(), job_id)
+  os.makedirs(folder, exist_ok=True)
+  path = os.path.join(folder, f"step_{os.getpid()}")
+  with open(path, "w", encoding="utf-8") as f:
+    f.write("\n".join(str(p.pid) for p in procs) + "\n")
+  return path
 
 
 def step_layout(options: dict) -> tuple[int, int]:
@@ -222,8 +248,8 @@ def task_cpus(task: int, cpus_per_task: int) -> list[int]:
 
 
 def wait_all(procs: list[subprocess.Popen], kill_on_bad_exit: bool) -> int:
-  """Waits for every task, passing SIGTERM and SIGINT on to each task's process group; the first non-zero
-  status, else 0."""
+  """Waits for every task, SIGKILLing them all on SIGTERM or SIGHUP (srun's "forcing job termination") and passing
+  SIGINT on to each task's process group; the first non-zero status, else 0."""
   running = {p.pid for p in procs}  # reaped here by os.wait, so a pid in it is ours to signal
 
   def signal_running(signum, _=None):
@@ -232,7 +258,8 @@ def wait_all(procs: list[subprocess.Popen], kill_on_bad_exit: bool) -> int:
         os.killpg(pid, signum)
       except ProcessLookupError:  # the group's processes have all exited
         pass
-  signal.signal(signal.SIGTERM, signal_running)
+  for forcing_termination in (signal.SIGTERM, signal.SIGHUP):
+    signal.signal(forcing_termination, lambda *_: signal_running(signal.SIGKILL))
   signal.signal(signal.SIGINT, signal_running)
   first_bad = 0
   while running:
@@ -254,4 +281,25 @@ def scontrol(argv: list[str]) -> None:
     with open(os.environ.get("FAKE_SLURM_LOG", os.devnull), "a", encoding="utf-8") as log:
       for job_id in argv[1:]:
         log.write(job_id + "\n")
+  sys.exit(0)
+
+
+# -------------------------------------------------------------------------------------------------- scancel
+
+def scancel(argv: list[str]) -> None:
+  options, job_ids = split_options(argv, set("bfiQv"), {"batch", "full", "interactive", "quiet", "verbose"})
+  name = options.get("signal", "KILL").upper()
+  try:
+    signum = int(name) if name.isdigit() else signal.Signals[name if name.startswith("SIG") else "SIG" + name]
+  except (KeyError, ValueError):
+    fail(f"--signal={options['signal']}: not a signal")
+  for job_id in job_ids:
+    folder = os.path.join(state_dir(), job_id)
+    for step in os.listdir(folder) if os.path.isdir(folder) else ():
+      with open(os.path.join(folder, step), encoding="utf-8") as f:
+        for pgid in f.read().split():
+          try:
+            os.killpg(int(pgid), signum)
+          except ProcessLookupError:
+            pass
   sys.exit(0)
