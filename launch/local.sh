@@ -18,6 +18,17 @@ if [[ " $* " =~ " --dry_run "|" --dry_run=true "|" --dry_run=True " ]]; then
   if [ "$gpus" -eq 0 ]; then export JAX_PLATFORMS=cpu; fi
   exec python -m visionfm_jax.main --dry_run_devices="$devices" --dry_run_processes="$n" "$@"
 fi
+# GPU: each process gets its own slice of this machine's CPUs (when there are at least as many as processes), so that
+# config.data.num_workers=-1 sizes its data workers from its share, not from every CPU of the machine. (CPU runs
+# share the cores: their processes wait on each other's collectives, and the CPU demos read in the main process.)
+cpus=($(python -c "import os; print(*sorted(os.sched_getaffinity(0)))"))
+per_cpus=$(( ${#cpus[@]} / n ))
+pin() {  # pin I: the taskset prefix binding process I to its slice, or nothing
+  if (( per_cpus >= 1 )) && command -v taskset >/dev/null; then
+    local slice=("${cpus[@]:$(( $1 * per_cpus )):$per_cpus}")
+    echo "taskset -c $(IFS=,; echo "${slice[*]}")"
+  fi
+}
 pids=()
 # INT/TERM: pass TERM on (each process checkpoints at its next step and exits), wait for all, then exit.
 trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait; exit 143' INT TERM
@@ -27,7 +38,7 @@ for ((i = 0; i < n; i++)); do
     devices=$(seq -s, $((i * per)) $((i * per + per - 1)))
     # Local ids count within CUDA_VISIBLE_DEVICES; explicit so a SLURM allocation cannot narrow them to one GPU.
     CUDA_VISIBLE_DEVICES=$devices JAX_LOCAL_DEVICE_IDS=$(seq -s, 0 $((per - 1))) JAX_PROCESS_ID=$i \
-      python -m visionfm_jax.main --distributed=on "$@" &
+      $(pin "$i") python -m visionfm_jax.main --distributed=on "$@" &
   else
     JAX_PLATFORMS=cpu JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo JAX_PROCESS_ID=$i \
       XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${DEVICES_PER_PROCESS:-1}" \

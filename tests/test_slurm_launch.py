@@ -227,3 +227,31 @@ def test_auto_is_the_default_and_the_only_negative_worker_count():
   config.data.num_workers = -2
   with pytest.raises(ConfigError, match="data.num_workers"):
     config_lib.check(config)
+
+
+def test_local_sh_gives_each_gpu_process_its_slice_of_the_cpus(tmp_path):
+  """launch/local.sh N on a GPU machine binds process i to the i-th N-th of the CPUs, so that num_workers=-1 counts
+  its share (here: a fake nvidia-smi with 2 GPUs, and a `python` that reports each process's CPUs)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\necho 'GPU 1: fake'\n")
+  (bin_dir / "python").write_text(textwrap.dedent(f"""\
+      #!/bin/sh
+      if [ "$1" = -m ]; then
+        exec {sys.executable} -c 'import os; print("cpus", os.environ["JAX_PROCESS_ID"], sorted(os.sched_getaffinity(0)))'
+      fi
+      exec {sys.executable} "$@"
+      """))
+  for program in bin_dir.iterdir():
+    program.chmod(0o755)
+  env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
+  env.pop("JAX_PLATFORMS", None)
+  out = subprocess.run(["launch/local.sh", "2", "--config=configs/vit_huge.py:demo"], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=60)
+  assert out.returncode == 0, out.stderr
+  slices = dict(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("cpus "))
+  cpus = sorted(os.sched_getaffinity(0))
+  if len(cpus) < 2:
+    pytest.skip("one CPU: nothing to split")
+  half = len(cpus) // 2
+  assert slices == {"0": str(cpus[:half]), "1": str(cpus[half:2 * half])}, out.stdout
