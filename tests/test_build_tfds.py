@@ -29,6 +29,14 @@ def test_imagenet2012_builds_from_the_manual_tars_and_reads_as_tfds_imagenet2012
   assert "tensorflow" not in sys.modules
 
 
+def test_the_validation_split_alone_needs_only_its_tar(tmp_path):
+  manual = standins.write_imagenet2012_manual(tmp_path)
+  (tmp_path / "downloads" / "manual" / build_tfds.TRAIN_TAR).unlink()
+  assert build_tfds.main(["build_tfds", "--name=imagenet2012", f"--data_dir={tmp_path}", "--splits=validation"]) == 0
+  cfg = ml_collections.ConfigDict(dict(DATA_CFG, data_dir=str(tmp_path)))
+  assert len(sources.build_source("tfds:imagenet2012", "validation", cfg)) == len(manual["val_files"])
+
+
 def test_missing_tars_are_one_error_line_naming_the_folder(tmp_path):
   result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.build_tfds", "--name=imagenet2012",
                            f"--data_dir={tmp_path}"], capture_output=True, text=True, timeout=120)

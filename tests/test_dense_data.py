@@ -364,7 +364,7 @@ def test_ade20k_reader_and_pipelines(tmp_path):
 
 def test_ade20k_layout_errors(tmp_path):
   cfg = data_config(source=f"ade20k:{tmp_path}")
-  with pytest.raises(DataError, match=r"no folder .*images/training.*Preparing data"):
+  with pytest.raises(DataError, match=r"no folder .*images/training.*data_preparation.md"):
     sources.build_source(cfg.source, "train", cfg)
   write_ade(tmp_path, "validation")
   (tmp_path / "annotations" / "validation" / "ADE_validation_00000002.png").unlink()
@@ -457,7 +457,7 @@ def test_coco_reader_and_pipelines(tmp_path):
 
 def test_coco_layout_errors(tmp_path):
   cfg = data_config(source=f"coco:{tmp_path}")
-  with pytest.raises(DataError, match=r"no annotation file .*instances_val2017.json.*Preparing data"):
+  with pytest.raises(DataError, match=r"no annotation file .*instances_val2017.json.*data_preparation.md"):
     sources.build_source(cfg.source, "validation", cfg)
   (tmp_path / "annotations").mkdir()
   (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": []')

@@ -395,3 +395,14 @@ def test_training_commands_validate_for_the_job_they_launch(command):
     args = python_module(command.argv)[1]
   devices, processes = cluster_of(command)
   checks.validate(loaded_config(args), devices, processes)
+
+
+def test_hf_is_the_cli_the_hub_extra_installs():
+  """The docs download published models with `hf download`: huggingface_hub's console script (2.x ships no
+  huggingface-cli), which the `hub` extra installs."""
+  from importlib import metadata
+  hub = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hub"]
+  assert any(re.match(r"huggingface_hub\b", requirement) for requirement in hub), hub
+  scripts = {e.name for e in metadata.distribution("huggingface_hub").entry_points if e.group == "console_scripts"}
+  assert "hf" in scripts, scripts
+  assert any(c.argv[:2] == ["hf", "download"] for c in ALL)

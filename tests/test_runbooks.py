@@ -6,9 +6,10 @@ The script is the runbook's ```bash blocks as written, with three changes and no
 - the arguments of the runbook's own ```rehearsal block are appended to each command containing its left side
   (a model variant, steps, batch: what makes a job a few steps of the recipe at a tiny size);
 - programs that need a cluster or the network are local stand-ins on PATH: `sbatch`, `srun` and `scontrol` from
-  tests/fake_slurm/ (a job runs in the foreground on one node of 8 CPU devices) and `hf`, which copies a
+  tests/fake_slurm/ (a job runs in the foreground on one node of NODE_DEVICES CPU devices) and `hf`, which copies a
   miniature of the named model from the test's hub folder.
-The releases the runbooks start from are written as miniatures of their published layouts by tests/standins.py.
+The releases the runbooks start from are written as miniatures of their published layouts by tests/standins.py; a
+runbook gets only those its ```inputs block lists, where it lists them.
 A command that fails, reads what nothing wrote, or writes what the next command cannot read fails the test with
 the runbook's file:line and the tail of the output.
 """
@@ -34,6 +35,10 @@ DOCUMENTED_ROOTS = ("raw", "data", "models", "ckpt")
 # A documented root at the start of a path: after a quote, '=', ':', '(', ',' or a space, or at the start.
 ROOT_PATH = re.compile(r"(?<![\w.~/-])/(" + "|".join(DOCUMENTED_ROOTS) + r")(?=/|\b)")
 FAKE_SLURM = ROOT / "tests" / "fake_slurm"
+# The rehearsal's cluster: one node of 4 CPU devices. More only add XLA's per-device threads on the CI's 2 cores
+# (8 devices: 17 s of system time in one CLIP run, 2 devices: 3 s); on 2 devices the detection step's host-side
+# matching (a pure_callback under shard_map) stalls XLA CPU's all-gather rendezvous until it aborts.
+NODE_DEVICES = 4
 
 
 @dataclasses.dataclass
@@ -177,22 +182,42 @@ def script_of(runbook: pathlib.Path, root: pathlib.Path, label: str | None = Non
   return "\n".join(lines) + "\n"
 
 
-def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subprocess.CompletedProcess:
+def inputs_of(markdown: str) -> list[str]:
+  """The paths of the runbook's ```inputs block: what a person places by hand (the releases it starts from)."""
+  block = re.search(r"^```inputs\n(.*?)^```", markdown, re.M | re.S)
+  assert block, "the runbook has no ```inputs block"
+  return [line.strip() for line in block.group(1).splitlines() if line.strip()]
+
+
+def place_inputs(runbook: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
+  """Writes every stand-in under root/releases and moves the runbook's inputs from there to where it reads them,
+  so that a command reading a release the runbook does not list fails; returns the stand-ins' hub folder."""
   import standins  # pylint: disable=g-import-not-at-top
-  standins.write_all(root)
+  releases = root / "releases"
+  standins.write_all(releases, models="hf download" in runbook.read_text())
+  for path in inputs_of(runbook.read_text()):
+    source, target = releases / path.lstrip("/"), root / path.lstrip("/")
+    assert source.exists(), f"{runbook.name}: no stand-in of the input {path} (tests/standins.py)"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    source.rename(target)
+  return releases / "hub"
+
+
+def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subprocess.CompletedProcess:
+  hub = place_inputs(runbook, root)
   bin_dir = root / "bin"
   bin_dir.mkdir()
-  fake_hub_program(bin_dir, root / "hub")
+  fake_hub_program(bin_dir, hub)
   script = root / f"{runbook.stem}.sh"
   script.write_text(script_of(runbook, root))
-  env = cpu_env(8, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
-                FAKE_SLURM_DEVICES_PER_NODE="8", FAKE_SLURM_LOG=str(root / "slurm.log"), PYTHONUNBUFFERED="1",
+  env = cpu_env(NODE_DEVICES, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
+                FAKE_SLURM_DEVICES_PER_NODE=str(NODE_DEVICES), FAKE_SLURM_LOG=str(root / "slurm.log"), PYTHONUNBUFFERED="1",
                 **compilation_cache_env(cache))
   # its own session: a timeout kills every job of the fake cluster too (srun's tasks have process groups of their own)
   proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True)
   try:
-    out, err = proc.communicate(timeout=1500)
+    out, err = proc.communicate(timeout=900)
   except subprocess.TimeoutExpired:
     kill_session(proc.pid)
     out, err = proc.communicate()

@@ -1,17 +1,20 @@
 r"""Prepares TFDS' `imagenet2012` in ArrayRecord format from ImageNet's own tars, without TensorFlow.
 
-  python -m visionfm_jax.tools.build_tfds --name=imagenet2012 --data_dir=/data/tfds
+  python -m visionfm_jax.tools.build_tfds --name=imagenet2012 --data_dir=/data/tfds [--splits=validation]
 
 reads `<data_dir>/downloads/manual/ILSVRC2012_img_train.tar` (a tar of one tar per synset) and
-`ILSVRC2012_img_val.tar` (50,000 flat JPEGs) and writes `<data_dir>/imagenet2012/5.1.0/`, which
+`ILSVRC2012_img_val.tar` (50,000 flat JPEGs), or only the one of each split --splits names (zero-shot evaluation
+needs only the validation split and its 6.4 GB tar, not the 138 GB training tar), and writes
+`<data_dir>/imagenet2012/5.1.0/`, which
 `--config.data.source=tfds:imagenet2012` (and the CLIP recipe's zero-shot evaluation) reads with
 `tfds.data_source`. `tfds build imagenet2012` writes the same dataset but needs TensorFlow (its split generators
 call `tf.io.gfile`); this builder declares TFDS' name, version and features (image, label over TFDS' 1000
 WordNet ids, file_name) and fills them from the tars: a training image's label is its synset tar's name, a
 validation image's is the line of TFDS' shipped `validation_labels.txt` numbered as its file
 (`ILSVRC2012_val_00000042.JPEG` is line 42). Images are stored as their bytes; the input pipeline decodes them
-with Pillow, which reads the release's few CMYK and PNG-in-JPEG files as they are. Reruns redo the build.
-A missing tar is one `error:` line naming the folder it was looked for in.
+with Pillow, which reads the release's few CMYK and PNG-in-JPEG files as they are. A rerun over a finished
+build does nothing (TFDS reuses a prepared dataset). A missing tar is one `error:` line naming the folder it was
+looked for in.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from visionfm_jax.tools import cli
 NAMES = ("imagenet2012",)
 TRAIN_TAR = "ILSVRC2012_img_train.tar"
 VAL_TAR = "ILSVRC2012_img_val.tar"
+SPLIT_TARS = {"train": TRAIN_TAR, "validation": VAL_TAR}
 VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 
 
@@ -39,6 +43,7 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_enum("name", None, NAMES, "The TFDS dataset to prepare.", flag_values=fv)
   flags.DEFINE_string("data_dir", None, "TFDS data directory: reads <data_dir>/downloads/manual/, writes "
                       "<data_dir>/<name>/<version>/.", flag_values=fv)
+  flags.DEFINE_list("splits", list(SPLIT_TARS), "The splits to build.", flag_values=fv)
   return fv
 
 
@@ -69,11 +74,14 @@ def _validation_examples(path: Path, labels: Sequence[str]) -> Iterator[tuple[st
       yield name, archive.extractfile(member).read(), labels[number - 1]
 
 
-def build_imagenet2012(data_dir: Path) -> Path:
-  """Writes imagenet2012 5.1.0 (ArrayRecord) under `data_dir`; returns its folder."""
+def build_imagenet2012(data_dir: Path, splits: Sequence[str] = tuple(SPLIT_TARS)) -> Path:
+  """Writes imagenet2012 5.1.0 (ArrayRecord) with `splits` under `data_dir`; returns its folder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  unknown = sorted(set(splits) - set(SPLIT_TARS))
+  if unknown or not splits:
+    raise UserError(f"--splits={','.join(splits)}: expected some of {', '.join(SPLIT_TARS)}")
   manual = data_dir / "downloads" / "manual"
-  missing = [name for name in (TRAIN_TAR, VAL_TAR) if not (manual / name).is_file()]
+  missing = [SPLIT_TARS[split] for split in splits if not (manual / SPLIT_TARS[split]).is_file()]
   if missing:
     raise UserError(f"--data_dir={data_dir}: no {' or '.join(missing)} in {manual} (ImageNet's tars, placed by hand)")
   package = tfds.core.tfds_path("datasets/imagenet2012")
@@ -97,8 +105,9 @@ def build_imagenet2012(data_dir: Path) -> Path:
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      return {"train": self._generate_examples(_synset_examples(manual / TRAIN_TAR)),
-              "validation": self._generate_examples(_validation_examples(manual / VAL_TAR, validation_labels))}
+      examples = {"train": lambda: _synset_examples(manual / TRAIN_TAR),
+                  "validation": lambda: _validation_examples(manual / VAL_TAR, validation_labels)}
+      return {split: self._generate_examples(examples[split]()) for split in splits}
 
     def _generate_examples(self, examples):
       for name, data, wnid in examples:
@@ -111,7 +120,7 @@ def build_imagenet2012(data_dir: Path) -> Path:
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("name", "data_dir"))
-  folder = build_imagenet2012(Path(fv.data_dir))
+  folder = build_imagenet2012(Path(fv.data_dir), fv.splits)
   print(f"{fv.name}: wrote {folder}")
 
 

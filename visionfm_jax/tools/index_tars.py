@@ -69,7 +69,7 @@ def make_flags() -> flags.FlagValues:
                        flag_values=fv)
   cluster_task.define_flags(fv)
   flags.DEFINE_float("keep", None, "Index nothing: print the --min_similarity that keeps at most this many "
-                     "indexed samples (a fraction of them when <= 1).", flag_values=fv)
+                     "indexed samples (a fraction of them when <= 1: --keep=1 keeps all).", flag_values=fv)
   flags.DEFINE_float("max_pwatermark", None, "--keep: count only samples whose 'pwatermark' is at most this "
                      "(as prepare_data's flag).", flag_values=fv)
   flags.DEFINE_float("max_punsafe", None, "--keep: count only samples whose 'punsafe' is at most this (as "
