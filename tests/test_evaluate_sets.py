@@ -6,7 +6,8 @@ import json
 
 from conftest import tiny_clip_config
 from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
-from visionfm_jax.tools import evaluate
+from visionfm_jax import tasks
+from visionfm_jax.tools import clip_checkpoint, evaluate
 
 ZEROSHOT_ON_SHAPES = ("--config.eval.zeroshot_classes=shapes", "--config.eval.zeroshot_source=shapes",
                       "--config.eval.zeroshot_split=validation", "--config.eval.zeroshot_examples=16",
@@ -31,7 +32,7 @@ def test_a_workdir_keeps_the_sets_its_config_names(tmp_path):
   config = tiny_clip_config()
   assert config.eval.retrieval
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  assert evaluate.evaluation_config(str(tmp_path)).eval.retrieval
+  assert clip_checkpoint.checkpoint_config(str(tmp_path), tuple(tasks.TASKS)).eval.retrieval
   config.eval.retrieval = False
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  assert not evaluate.evaluation_config(str(tmp_path)).eval.retrieval
+  assert not clip_checkpoint.checkpoint_config(str(tmp_path), tuple(tasks.TASKS)).eval.retrieval

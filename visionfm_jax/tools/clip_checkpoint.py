@@ -64,12 +64,15 @@ def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
 
 def task_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
   """The contrastive task's config with a ViT image tower, fp32, CLIP's evaluation view and OpenAI's ImageNet
-  zero-shot set, overridden by `fields` (`clip_fields`)."""
+  zero-shot set, overridden by `fields` (`clip_fields`). No retrieval on held-out pairs: a published CLIP names
+  none (its data.eval_source would be the embedded shapes); `--config.eval.retrieval=true` with an eval source
+  asks for it."""
   config = config_lib.base_config("clip")
   config.task = "contrastive"
   config.model = config_lib.model_config("clip", image_tower="vit")
   config.eval = config_lib.eval_config(zeroshot_classes="imagenet", zeroshot_source="tfds:imagenet2012",
                                        zeroshot_split="validation", zeroshot_examples=-1)
+  config.eval.retrieval = False
   config.precision.compute_dtype = "float32"
   config.data.eval_preprocess = "clip"
   return config_lib.set_paths(config, {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})

@@ -10,7 +10,7 @@ ImageNet zero-shot top-1 / top-5 with OpenAI's names and templates, retrieval on
 config.eval.retrieval_benchmarks and the config.eval.zeroshot_benchmarks (ImageNet-V2, -Sketch, -R, -A:
 `eval/zeroshot_<name>/top1`); for a classifier top-1 on its eval split and the probes; and so on: the sets the
 checkpoint's config names, and those the command adds. An imported or raw CLIP's config is the contrastive
-defaults (`evaluation_config`): zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
+defaults (`clip_checkpoint.task_config`): zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
 unless the command names one, e.g. `--config.eval.zeroshot_source=...
 --config.eval.retrieval_benchmarks="(('coco', 'coco_karpathy:/data/coco'),)"`, or held-out pairs with
 `--config.eval.retrieval=true --config.data.eval_source=arrayrecord:/data/pairs/{split}-*.array_record`.
@@ -38,16 +38,6 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import cli, clip_checkpoint
-
-
-def evaluation_config(path: str):
-  """The config whose evaluators run on the model at `path`: a workdir's own; for an imported or raw CLIP, the
-  contrastive defaults without retrieval on held-out pairs (their data.eval_source is the embedded shapes set,
-  which no such checkpoint names; `--config.eval.retrieval=true` turns it back on)."""
-  config = clip_checkpoint.checkpoint_config(path, tuple(tasks.TASKS))
-  if clip_checkpoint.layout(os.path.abspath(os.path.expanduser(path))) != "workdir":
-    config.eval.retrieval = False
-  return config
 
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
@@ -100,7 +90,8 @@ def _main(fv, rest: list[str]) -> None:
 def main(argv: Sequence[str]) -> int:
   """Parses `argv` (program name first), evaluates, prints the results; returns the exit status."""
   distributed.initialize()
-  return cli.run_with_config(argv, evaluation_config, make_flags, __doc__, _main)
+  return cli.run_with_config(argv, lambda path: clip_checkpoint.checkpoint_config(path, tuple(tasks.TASKS)),
+                             make_flags, __doc__, _main)
 
 
 if __name__ == "__main__":
