@@ -114,11 +114,13 @@ def python_module(argv: list[str]) -> tuple[str, list[str]] | None:
 
 
 def launched_args(command: Command) -> list[str] | None:
-  """The arguments a launcher hands to the module it runs (launch/slurm.sbatch's MODULE, main by default)."""
+  """The arguments a launcher hands to the module it runs (launch/slurm.sbatch's MODULE, main by default;
+  launch/tool.sbatch's MODULE, which it needs)."""
   argv = command.argv
   if argv[0] == "sbatch":
     script = next(i for i, a in enumerate(argv) if i and not a.startswith("-"))
-    assert argv[script] == "launch/slurm.sbatch", command
+    assert argv[script] in ("launch/slurm.sbatch", "launch/tool.sbatch"), command
+    assert argv[script] == "launch/slurm.sbatch" or "MODULE" in command.env, f"tool.sbatch without MODULE: {command}"
     return argv[script + 1:]
   if argv[0] == "bash" and argv[1:2] == ["launch/slurm.sbatch"]:
     return argv[2:]
@@ -147,6 +149,8 @@ def cluster_of(command: Command) -> tuple[int | None, int]:
   (launch/slurm.sbatch), local.sh N runs N processes of DEVICES_PER_PROCESS devices, main's --dry_run_* flags
   say it outright; a plain single-process command plans no device count."""
   argv, env = command.argv, command.env
+  if argv[0] == "sbatch" and "launch/tool.sbatch" in argv:
+    return None, 1  # a CPU job (or each task of an array of them)
   if argv[0] == "sbatch" or argv[:2] == ["bash", "launch/slurm.sbatch"]:
     nodes = int(next((a.split("=", 1)[1] for a in argv if a.startswith("--nodes=")), env.get("NODES", 1)))
     return nodes * int(env.get("GPUS_PER_NODE", 8)), nodes

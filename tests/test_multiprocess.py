@@ -113,9 +113,9 @@ def test_a_malformed_launch_environment_is_a_user_error_naming_the_variable(init
 
 # ---------------------------------------------------------------------------------------- launch scripts
 
-@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/xla_flags_h100.sh",
-                                    "launch/xla_flags_a100.sh",
-                                    "launch/gpu_check.sh", "launch/bench_gpu.sh"])
+@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/tool.sbatch",
+                                    "launch/xla_flags_h100.sh", "launch/xla_flags_a100.sh", "launch/gpu_check.sh",
+                                    "launch/bench_gpu.sh"])
 def test_launch_script_syntax(script):
   proc = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
   assert proc.returncode == 0, proc.stderr

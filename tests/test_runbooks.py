@@ -35,10 +35,12 @@ DOCUMENTED_ROOTS = ("raw", "data", "models", "ckpt")
 # A documented root at the start of a path: after a quote, '=', ':', '(', ',' or a space, or at the start.
 ROOT_PATH = re.compile(r"(?<![\w.~/-])/(" + "|".join(DOCUMENTED_ROOTS) + r")(?=/|\b)")
 FAKE_SLURM = ROOT / "tests" / "fake_slurm"
-# The rehearsal's cluster: one node of 4 CPU devices. More only add XLA's per-device threads on the CI's 2 cores
-# (8 devices: 17 s of system time in one CLIP run, 2 devices: 3 s); on 2 devices the detection step's host-side
-# matching (a pure_callback under shard_map) stalls XLA CPU's all-gather rendezvous until it aborts.
-NODE_DEVICES = 4
+# The rehearsal's cluster: one node of one CPU device. The runbooks' commands are what it checks; sharded programs
+# are the other tests' business (on 8 devices), and each device costs XLA threads on the CI's 2 cores: the three
+# runbooks take 307 CPU s on one device, 387 on 4. (On 2 devices the detection step's host-side matching, a
+# pure_callback under shard_map, stalls XLA CPU's all-gather rendezvous until it aborts.) The dry runs plan for a
+# node of 4 (the rehearsal blocks' --dry_run_devices), which needs no devices.
+NODE_DEVICES = 1
 
 
 @dataclasses.dataclass
@@ -133,10 +135,34 @@ def split_environment(argv: list[str]) -> tuple[dict, list[str]]:
   return env, argv
 
 
+def _option_name(word: str) -> str | None:
+  return word.split("=", 1)[0] if re.fullmatch(r"--[\w.-]+=\S*", word) else None
+
+
+def replaces_in_place(match: str, args: str) -> bool:
+  """A rule `--x=A => --x=B` sets one option the command holds to another value where it stands (an option of a
+  launcher such as sbatch's --array must stay before the script); any other rule appends."""
+  return _option_name(match) is not None and _option_name(match) == _option_name(args)
+
+
+def _whole_word(match: str) -> re.Pattern:
+  return re.compile(rf"(?<!\S){re.escape(match)}(?!\S)")
+
+
+def applies(rule: tuple[str, str], command: str) -> bool:
+  match, args = rule
+  return bool(_whole_word(match).search(command)) if replaces_in_place(match, args) else match in command
+
+
 def rehearsed(command: Command, rules, root: pathlib.Path) -> str:
   """The command as the rehearsal runs it: roots moved, the config's own paths moved, rehearsal arguments added."""
   text = moved(command.text, root)
-  extra = [args for match, args in rules if match in command.text]
+  extra = []
+  for match, args in rules:
+    if replaces_in_place(match, args):
+      text = _whole_word(match).sub(args, text)
+    elif applies((match, args), command.text):
+      extra.append(args)
   try:
     env, argv = split_environment(shlex.split(text))
   except ValueError:
@@ -172,7 +198,7 @@ def script_of(runbook: pathlib.Path, root: pathlib.Path, label: str | None = Non
   markdown = runbook.read_text()
   rules = rehearsal_rules(markdown)
   commands = bash_commands(markdown)
-  unused = [match for match, _ in rules if not any(match in c.text for c in commands)]
+  unused = [match for match, args in rules if not any(applies((match, args), c.text) for c in commands)]
   assert not unused, f"{runbook.name}: rehearsal rules that match no command: {unused}"
   label = label or str(runbook.relative_to(ROOT))
   lines = ["set -euo pipefail", f"cd {shlex.quote(str(ROOT))}"]
@@ -279,3 +305,11 @@ def test_a_failing_command_is_reported_with_its_runbook_line(tmp_path):
   book.write_text("```bash\ntrue\n```\n```rehearsal\n```\n")
   result = subprocess.run(["bash", "-c", script_of(book, tmp_path, label="book.md")], capture_output=True, text=True)
   assert [where for where, _ in command_seconds(result.stderr)] == ["book.md:2"]
+
+
+def test_a_rule_setting_an_option_the_command_holds_sets_it_in_place(tmp_path):
+  rules = [("--array=0-999", "--array=0-2"), ("--num_workers=32", "--num_workers=0"), ("tool.sbatch", "--x=1")]
+  text = rehearsed(Command(1, "MODULE=m sbatch --wait --array=0-999 launch/tool.sbatch --num_workers=32 --y=2"),
+                   rules, tmp_path)
+  assert text == "MODULE=m sbatch --wait --array=0-2 launch/tool.sbatch --num_workers=0 --y=2 --x=1"
+  assert rehearsed(Command(1, "run --array=0-9999"), rules, tmp_path) == "run --array=0-9999"

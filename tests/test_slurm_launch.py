@@ -144,6 +144,25 @@ def test_fake_sbatch_gives_the_script_an_allocation(slurm, tmp_path):
   assert first != second
 
 
+def test_fake_sbatch_runs_an_array_task_by_task_and_returns_the_highest_status(slurm, tmp_path):
+  script = tmp_path / "array.sh"
+  script.write_text("#!/bin/bash\n#SBATCH --array=0-99\necho \"task $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT "
+                    "$SLURM_ARRAY_TASK_MIN $SLURM_ARRAY_TASK_MAX $SLURM_ARRAY_JOB_ID $SLURM_JOB_ID\"\n"
+                    "exit $((SLURM_ARRAY_TASK_ID == 3 ? 4 : SLURM_ARRAY_TASK_ID == 5 ? 1 : 0))\n")
+  code, out = slurm.run("sbatch", "--wait", "--array=1-5:2,8%2", str(script))  # the command line wins
+  assert code == 4, out
+  tasks = [line.split() for line in out.splitlines() if line.startswith("task ")]
+  assert [t[1] for t in tasks] == ["1", "3", "5", "8"], out
+  assert {tuple(t[2:6]) for t in tasks} == {("4", "1", "8", job_id(out))}
+  assert len({t[6] for t in tasks} | {job_id(out)}) == 5  # each task a job of its own
+  assert slurm.run("sbatch", "--array=2-x", str(script))[0] == 1
+
+
+def test_tool_sbatch_names_the_missing_module(slurm):
+  code, out = slurm.run("sbatch", "--wait", "launch/tool.sbatch", "--input=x")
+  assert code == 2 and "error: MODULE names no tool" in out, out
+
+
 # -------------------------------------------------------------------------------------------- slurm.sbatch
 
 def test_sbatch_gives_each_task_the_cpus_of_the_job_and_runs_another_module(slurm):

@@ -1,9 +1,12 @@
 """A SLURM stand-in that runs jobs here, at once, in the foreground, on CPU: `sbatch`, `srun` and `scontrol` in
 this folder (put it first on PATH). Tests run the documented launch lines through it as they are written.
 
-sbatch [--nodes=N] [options] SCRIPT ARGS... | sbatch [options] --wrap=CMD
+sbatch [--nodes=N] [--array=SPEC] [options] SCRIPT ARGS... | sbatch [options] --wrap=CMD
   prints `Submitted batch job <id>` (`<id>` alone with --parsable), then becomes `bash SCRIPT ARGS...` (`bash -c
-  CMD`) in the allocation's environment: SLURM_JOB_ID (unique), SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N,
+  CMD`) in the allocation's environment; with --array (ids and ranges `0-99`, `1,3,5-9:2`, `%LIMIT` ignored) it runs
+  the script once per task, one after another, and exits with the highest status of them, as `sbatch --wait`
+  does; each task gets SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN and
+  SLURM_ARRAY_TASK_MAX, and a SLURM_JOB_ID of its own. The allocation's environment: SLURM_JOB_ID (unique), SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N,
   $FAKE_SLURM_MAX_NODES, default 2), SLURM_GPUS_ON_NODE = $FAKE_SLURM_DEVICES_PER_NODE (default 4),
   SLURM_CPUS_PER_TASK (--cpus-per-task, capped to the CPUs here; only when asked for), SLURM_NTASKS_PER_NODE and
   SLURM_NTASKS when asked for, SLURM_SUBMIT_DIR = the current directory. Options come from the script's #SBATCH
@@ -143,7 +146,36 @@ def sbatch(argv: list[str]) -> None:
     fail("no batch script (sbatch [options] SCRIPT [ARGS...], or --wrap=CMD)")
   env = allocation_env(options, options.get("job-name", name))
   print(env["SLURM_JOB_ID"] if "parsable" in options else f"Submitted batch job {env['SLURM_JOB_ID']}", flush=True)
+  if "array" in options:
+    sys.exit(run_array(command, env, array_task_ids(options["array"])))
   os.execvpe(command[0], command, env)
+
+
+def array_task_ids(spec: str) -> list[int]:
+  """The task ids of `--array=SPEC`: comma-separated ids and ranges `A-B[:STEP]`, then an optional `%LIMIT`."""
+  ids = []
+  for part in spec.split("%")[0].split(","):
+    first, _, rest = part.partition("-")
+    last, _, step = rest.partition(":")
+    try:
+      ids += range(int(first), int(last or first) + 1, int(step or 1))
+    except ValueError:
+      fail(f"--array={spec}: expected ids and ranges such as 0-99 or 1,3,5-9:2")
+  return sorted(set(ids))
+
+
+def run_array(command: list[str], env: dict, task_ids: list[int]) -> int:
+  """Runs the job once per array task, one after another, each as a job of its own (SLURM_JOB_ID) of the array
+  (SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_*); the highest exit status of them, as `sbatch --wait` returns."""
+  array = dict(env, SLURM_ARRAY_JOB_ID=env["SLURM_JOB_ID"], SLURM_ARRAY_TASK_COUNT=str(len(task_ids)),
+               SLURM_ARRAY_TASK_MIN=str(task_ids[0]), SLURM_ARRAY_TASK_MAX=str(task_ids[-1]))
+  worst = 0
+  for task_id in task_ids:
+    job_id = str(int(env["SLURM_JOB_ID"]) + 1 + task_id)
+    task_env = dict(array, SLURM_ARRAY_TASK_ID=str(task_id), SLURM_JOB_ID=job_id, SLURM_JOBID=job_id)
+    code = subprocess.run(command, env=task_env, check=False).returncode
+    worst = max(worst, 128 - code if code < 0 else code)
+  return worst
 
 
 def allocation_env(options: dict, job_name: str) -> dict:
@@ -192,6 +224,10 @@ def srun(argv: list[str]) -> None:
     status = wait_all(procs, kill_on_bad_exit)
   finally:
     os.unlink(listing)
+    try:
+      os.rmdir(os.path.dirname(listing))  # the job's folder, once its last running step is gone
+    except OSError:
+      pass
   sys.exit(status)
 
 
