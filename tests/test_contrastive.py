@@ -141,8 +141,10 @@ def test_fp16_overflow_skips_exactly_that_step_and_the_temperature_is_clamped_af
   out_of_range = {1: math.log(100.0) + 0.05, 3: -0.05}  # step index -> the temperature param set before it
   history = []
   for i, b in enumerate(batches):
-    if i in out_of_range:
-      state = state.replace(params={**state.params, "logit_scale": jnp.float32(out_of_range[i])})
+    if i in out_of_range:  # laid out as the param it replaces: another sharding would compile the step again
+      old = state.params["logit_scale"]
+      state = state.replace(params={**state.params,
+                                    "logit_scale": jax.device_put(jnp.float32(out_of_range[i]), old.sharding)})
     before = jax.device_get(state.params)
     state, m = step(state, b)
     history.append((m, before, jax.device_get(state.params)))

@@ -24,6 +24,12 @@ from visionfm_jax.training.param_rules import path_str
 from visionfm_jax.tools import summary
 
 
+def _jittered(tree, scale, seed):
+  """`tree` plus N(0, scale^2) noise, drawn with numpy (jax.random would compile a program per leaf shape)."""
+  rng = np.random.default_rng(seed)
+  return jax.tree.map(lambda x: np.asarray(x) + scale * rng.standard_normal(x.shape).astype(np.asarray(x).dtype), tree)
+
+
 def _params(model, size, batch=1):
   # Jitted: an eager init dispatches (and compiles) every primitive of the model one by one.
   return nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((batch, size, size, 3))))["params"]
@@ -157,7 +163,7 @@ def test_stochastic_depth_rises_linearly_over_all_blocks_and_is_off_in_eval():
   model = _small(drop_path=0.4)
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   params = _params(model, 16)
-  params = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(2), x.shape), params)
+  params = _jittered(params, 0.1, seed=2)
   apply = jax.jit(model.apply, static_argnames="train")
   a = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
   b = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
@@ -183,7 +189,7 @@ def test_position_bias_transfers_to_a_larger_window():
   small = swinv2.ContinuousPositionBias(num_heads=3, window=14, pretrained_window=0)
   large = swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=14)
   variables = small.init(jax.random.key(0))
-  variables = jax.tree.map(lambda x: x + jax.random.normal(jax.random.key(3), x.shape), variables)
+  variables = _jittered(variables, 1.0, seed=3)
   b14, b40 = small.apply(variables), large.apply(variables)
   assert b14.shape == (3, 196, 196) and b40.shape == (3, 1600, 1600)
   # Query (0, 0) against keys (i, j), i, j < 14: the offsets -i, -j exist in both windows.
@@ -201,7 +207,7 @@ def test_224_window_14_weights_run_at_640_window_40():
   # Params do not depend on the resolution: init on a small image (cheap), check the shapes against 224 px.
   params = _params(low, 56)
   chex.assert_trees_all_equal_shapes(jax.eval_shape(lambda: _params(low, 224)), params)
-  params = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(5), x.shape), params)
+  params = _jittered(params, 0.05, seed=5)
   high = swinv2.SwinV2(**kw, window_size=40, image_size=640,
                        pretrained_window_sizes=swinv2.pretrained_windows(224, 14))
   abstract = jax.eval_shape(lambda: _params(high, 640))
