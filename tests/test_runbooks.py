@@ -4,10 +4,11 @@ The script is the runbook's ```bash blocks as written, with three changes and no
 - the documented roots `/raw`, `/data`, `/models`, `/ckpt` move under a temporary folder, in the commands and in
   the paths the configs they run hold by default (written back as `--config.<field>=` overrides);
 - the arguments of the runbook's own ```rehearsal block are appended to each command containing its left side
-  (a model variant, steps, batch: what makes a job a few steps of the recipe at a tiny size);
+  (a model variant, steps, batch: what makes a job a few steps of the recipe at a tiny size), or, for a rule
+  `--x=A => --x=B` on an option the command holds, set in its place (an array's size before sbatch's script);
 - programs that need a cluster or the network are local stand-ins on PATH: `sbatch`, `srun` and `scontrol` from
-  tests/fake_slurm/ (a job runs in the foreground on one node of NODE_DEVICES CPU devices) and `hf`, which copies a
-  miniature of the named model from the test's hub folder.
+  tests/fake_slurm/ (a job runs in the foreground on one node of NODE_DEVICES CPU devices, an array's tasks one
+  after another) and `hf`, which copies a miniature of the named model from the test's hub folder.
 The releases the runbooks start from are written as miniatures of their published layouts by tests/standins.py; a
 runbook gets only those its ```inputs block lists, where it lists them.
 A command that fails, reads what nothing wrote, or writes what the next command cannot read fails the test with
@@ -161,7 +162,7 @@ def rehearsed(command: Command, rules, root: pathlib.Path) -> str:
   for match, args in rules:
     if replaces_in_place(match, args):
       text = _whole_word(match).sub(args, text)
-    elif applies((match, args), command.text):
+    elif match in command.text:
       extra.append(args)
   try:
     env, argv = split_environment(shlex.split(text))
@@ -237,8 +238,8 @@ def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subpro
   script = root / f"{runbook.stem}.sh"
   script.write_text(script_of(runbook, root))
   env = cpu_env(NODE_DEVICES, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
-                FAKE_SLURM_DEVICES_PER_NODE=str(NODE_DEVICES), FAKE_SLURM_LOG=str(root / "slurm.log"), PYTHONUNBUFFERED="1",
-                **compilation_cache_env(cache))
+                FAKE_SLURM_DEVICES_PER_NODE=str(NODE_DEVICES), FAKE_SLURM_LOG=str(root / "slurm.log"),
+                PYTHONUNBUFFERED="1", **compilation_cache_env(cache))
   # its own session: a timeout kills every job of the fake cluster too (srun's tasks have process groups of their own)
   proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True)

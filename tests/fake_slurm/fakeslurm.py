@@ -4,15 +4,16 @@ this folder (put it first on PATH). Tests run the documented launch lines throug
 sbatch [--nodes=N] [--array=SPEC] [options] SCRIPT ARGS... | sbatch [options] --wrap=CMD
   prints `Submitted batch job <id>` (`<id>` alone with --parsable), then becomes `bash SCRIPT ARGS...` (`bash -c
   CMD`) in the allocation's environment; with --array (ids and ranges `0-99`, `1,3,5-9:2`, `%LIMIT` ignored) it runs
-  the script once per task, one after another, and exits with the highest status of them, as `sbatch --wait`
-  does; each task gets SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN and
-  SLURM_ARRAY_TASK_MAX, and a SLURM_JOB_ID of its own. The allocation's environment: SLURM_JOB_ID (unique), SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N,
-  $FAKE_SLURM_MAX_NODES, default 2), SLURM_GPUS_ON_NODE = $FAKE_SLURM_DEVICES_PER_NODE (default 4),
-  SLURM_CPUS_PER_TASK (--cpus-per-task, capped to the CPUs here; only when asked for), SLURM_NTASKS_PER_NODE and
-  SLURM_NTASKS when asked for, SLURM_SUBMIT_DIR = the current directory. Options come from the script's #SBATCH
-  lines and the command line (which wins); the others are accepted and ignored (no queue, no output file: the job
-  writes to this terminal). The caller's environment passes through, less its SLURM_* and SRUN_* variables. Its
-  exit status is the script's, and signals sent to it reach the script (it is the script's process).
+  the script once per task, one after another, and exits with the highest status of them, as `sbatch --wait` does;
+  each task gets SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN and
+  SLURM_ARRAY_TASK_MAX, and a SLURM_JOB_ID of its own. The allocation's environment: SLURM_JOB_ID (unique),
+  SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N, $FAKE_SLURM_MAX_NODES, default 2), SLURM_GPUS_ON_NODE =
+  $FAKE_SLURM_DEVICES_PER_NODE (default 4), SLURM_CPUS_PER_TASK (--cpus-per-task, capped to the CPUs here; only when
+  asked for), SLURM_NTASKS_PER_NODE and SLURM_NTASKS when asked for, SLURM_SUBMIT_DIR = the current directory.
+  Options come from the script's #SBATCH lines and the command line (which wins); the others are accepted and ignored
+  (no queue, no output file: the job writes to this terminal). The caller's environment passes through, less its
+  SLURM_* and SRUN_* variables. Its exit status is the script's, and signals sent to it reach the script (it is the
+  script's process).
 srun [-N/--nodes=N] [-n/--ntasks=T] [--ntasks-per-node=K] [-c/--cpus-per-task=C] [-K/--kill-on-bad-exit[=1]]
      [options] CMD...
   starts T tasks (else N x K, else one per node: N, else the allocation's nodes, else 1) as local processes and
@@ -25,10 +26,10 @@ srun [-N/--nodes=N] [-n/--ntasks=T] [--ntasks-per-node=K] [-c/--cpus-per-task=C]
   after task i - 1's, wrapping around. Each task runs in a process group of its own, and signals reach all of
   it, as Slurm signals every process of a step. As real srun does, a SIGTERM or SIGHUP to srun itself SIGKILLs
   the tasks ("forcing job termination": a step is asked to save with `scancel --signal=TERM`, below); SIGINT is
-  passed on; with --kill-on-bad-exit a task's non-zero exit SIGKILLs the others. Exit status: the first non-zero one of a task (128 + N for a task
-  killed by signal N), else 0. (Real srun reports a task killed by a signal over any exit status: when one task
-  exits 75 and srun kills a wedged peer, it returns 128 + the signal, not 75.) Outside an sbatch job it makes a job id
-  of its own.
+  passed on; with --kill-on-bad-exit a task's non-zero exit SIGKILLs the others. Exit status: the first non-zero
+  one of a task (128 + N for a task killed by signal N), else 0. (Real srun reports a task killed by a signal
+  over any exit status: when one task exits 75 and srun kills a wedged peer, it returns 128 + the signal, not
+  75.) Outside an sbatch job it makes a job id of its own.
 scontrol requeue ID
   appends ID (a line) to $FAKE_SLURM_LOG (default /dev/null); every scontrol call exits 0.
 scancel [-s/--signal=SIG] ID...
@@ -173,8 +174,7 @@ def run_array(command: list[str], env: dict, task_ids: list[int]) -> int:
   for task_id in task_ids:
     job_id = str(int(env["SLURM_JOB_ID"]) + 1 + task_id)
     task_env = dict(array, SLURM_ARRAY_TASK_ID=str(task_id), SLURM_JOB_ID=job_id, SLURM_JOBID=job_id)
-    code = subprocess.run(command, env=task_env, check=False).returncode
-    worst = max(worst, 128 - code if code < 0 else code)
+    worst = max(worst, shell_status(subprocess.run(command, env=task_env, check=False).returncode))
   return worst
 
 
@@ -229,6 +229,11 @@ def srun(argv: list[str]) -> None:
     except OSError:
       pass
   sys.exit(status)
+
+
+def shell_status(returncode: int) -> int:
+  """A process's exit status as a shell reports it: 128 + N for one killed by signal N (Python's -N)."""
+  return 128 - returncode if returncode < 0 else returncode
 
 
 def state_dir() -> str:
@@ -301,8 +306,7 @@ def wait_all(procs: list[subprocess.Popen], kill_on_bad_exit: bool) -> int:
   while running:
     pid, status = os.wait()
     running.discard(pid)
-    code = os.waitstatus_to_exitcode(status)
-    code = 128 - code if code < 0 else code
+    code = shell_status(os.waitstatus_to_exitcode(status))
     if code and not first_bad:
       first_bad = code
       if kill_on_bad_exit:

@@ -105,9 +105,10 @@ def build_imagenet2012(data_dir: Path, splits: Sequence[str] = tuple(SPLIT_TARS)
 
     def _split_generators(self, dl_manager):
       del dl_manager
-      examples = {"train": lambda: _synset_examples(manual / TRAIN_TAR),
-                  "validation": lambda: _validation_examples(manual / VAL_TAR, validation_labels)}
-      return {split: self._generate_examples(examples[split]()) for split in splits}
+      # generators: a split's tar is opened only when its examples are read
+      examples = {"train": _synset_examples(manual / TRAIN_TAR),
+                  "validation": _validation_examples(manual / VAL_TAR, validation_labels)}
+      return {split: self._generate_examples(examples[split]) for split in splits}
 
     def _generate_examples(self, examples):
       for name, data, wnid in examples:
