@@ -67,7 +67,7 @@ def test_vit_padded_once_for_its_attention_equals_the_unpadded_vit(monkeypatch):
   from visionfm_jax.models import vit  # pylint: disable=g-import-not-at-top
   model = vit.ViT(**vit.parse_variant("pico/8"), num_classes=5, image_size=32, attention="softmax")
   images = _normal(np.random.default_rng(7), (2, 32, 32, 3))
-  params = jax.tree.map(lambda a: a + 0.01, model.init(jax.random.key(0), images))
+  params = jax.jit(lambda: jax.tree.map(lambda a: a + 0.01, model.init(jax.random.key(0), images)))()
 
   def logits_and_grads():
     logits = lambda p: model.apply(p, images)["logits"]

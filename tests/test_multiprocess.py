@@ -232,16 +232,19 @@ MULTIPROCESS = pytest.mark.xdist_group("two_process_reference_run")
 
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
-  """The 2-process job trained to TOTAL_STEPS without interruption."""
-  workdir = tmp_path_factory.mktemp("mp") / "reference"
-  code, out = _Job(workdir).finish()
+  """(workdir, output, compile cache flag) of the 2-process job trained to TOTAL_STEPS without interruption. Its
+  compile cache is a folder of its own (config.compile_cache), which the preempted jobs of the same config share:
+  they load its programs instead of compiling them again."""
+  root = tmp_path_factory.mktemp("mp")
+  cache = f"--config.compile_cache={root / 'compile_cache'}"
+  code, out = _Job(root / "reference", cache).finish()
   assert code == 0, out[-6000:]
-  return workdir, out
+  return root / "reference", out, cache
 
 
 @MULTIPROCESS
 def test_two_processes_train_and_checkpoint(reference_run):
-  workdir, out = reference_run
+  workdir, out, _ = reference_run
   devices = PROCESSES * DEVICES_PER_PROCESS
   assert f"{PROCESSES} processes, {devices} devices (cpu)" in out
   assert "mesh {'data': 1, 'fsdp': 4, 'tensor': 1}, strategy zero3, 2 processes" in out
@@ -274,7 +277,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
   states) and trains steps 51-52 on the rows that process 0 and process 1 read (their shares of the data
   stream, in that order): the metrics match. So a 2-process run differs from a 1-process one only in which
   examples form a global batch (each process reads its own share), not in what a step computes."""
-  workdir, _ = reference_run
+  workdir, _, _ = reference_run
   start = TOTAL_STEPS - 10
   config = tiny_vit_config(strategy="zero3", total_steps=TOTAL_STEPS)
   config.data.num_workers = 0
@@ -337,21 +340,21 @@ def test_preemption_of_one_process_then_of_both_0_5s_apart_saves_one_agreed_step
   has committed and exit 0; each rerun resumes from it, and the last one ends bitwise where the uninterrupted job
   does (params, optimizer state, eval metric). One chain of reruns serves both notices: the second job is the
   first one's rerun."""
-  reference, _ = reference_run
+  reference, _, cache = reference_run
   workdir = tmp_path / "run"
-  job = _Job(workdir)
+  job = _Job(workdir, cache)
   job.wait_for_checkpoint(10)
   _preempt(job, "one_only")
   step, _ = _step_saved_on_notice(job, after=10)
 
-  job = _Job(workdir)
+  job = _Job(workdir, cache)
   after = job.wait_for_a_step_after(step)
   _preempt(job, "both_0.5s_apart")
   resumed = step
   step, out = _step_saved_on_notice(job, after=after)
   assert out.count(f"resuming from {workdir}/checkpoints/{resumed}") == PROCESSES
 
-  code, out = _Job(workdir).finish()
+  code, out = _Job(workdir, cache).finish()
   assert code == 0, out[-6000:]
   assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
   for got, want in zip(_final(workdir), _final(reference)):

@@ -147,7 +147,7 @@ def test_scanned_and_unrolled_stages_agree(policy):
 
 def test_every_param_has_logical_axis_names_and_zero_post_norms():
   model = _small()
-  boxed = model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
+  boxed = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 16, 16, 3)))
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
   attn = boxed["params"]["stage_0"]["blocks"]["shifted"]["attn"]
@@ -307,11 +307,11 @@ def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
   regions = jnp.asarray(rng.integers(0, 3, (4, 16))) if shifted_stage else None
   modules = {a: swinv2.WindowAttention(num_heads=3, window=4, pretrained_window=4, attention=a)
              for a in ("softmax", "jax")}
-  params = modules["softmax"].init(jax.random.key(0), windows, regions)
+  params = jax.jit(modules["softmax"].init)(jax.random.key(0), windows, regions)
   params = jax.tree.map(lambda p: p + 0.1 * jnp.asarray(rng.normal(size=p.shape), p.dtype), params)
-  outs = {a: m.apply(params, windows, regions) for a, m in modules.items()}
+  outs = {a: jax.jit(m.apply)(params, windows, regions) for a, m in modules.items()}
   np.testing.assert_allclose(outs["jax"], outs["softmax"], rtol=1e-5, atol=1e-5)
-  grads = {a: jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, windows, regions))))(params)
+  grads = {a: jax.jit(jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, windows, regions)))))(params)
            for a, m in modules.items()}
   chex.assert_trees_all_close(grads["jax"], grads["softmax"], rtol=1e-4, atol=1e-5)
 

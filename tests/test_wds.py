@@ -209,6 +209,12 @@ def test_wds_source_in_a_mixture_counts_a_bad_jpeg(tmp_path):
     assert (b["text"][~b["has_text"]] == tokenizer.PAD_ID).all()
 
 
+# The demo's towers shrunk to pico (as conftest.tiny_clip_config): the test is of the data path and the resume.
+PICO_CLIP = ["--config.model.image.variant=pico", "--config.model.image.patch_size=2",
+             "--config.model.image.window_size=4", "--config.model.text.variant=pico", "--config.model.embed_dim=32",
+             "--config.model.image_size=16", "--config.data.image_size=16"]
+
+
 def _main(workdir, *flags, compilation_cache=None):
   """`python -m visionfm_jax.main` on the CLIP demo, 2 CPU devices; runs given one `compilation_cache` folder
   share JAX's persistent cache of compiled programs (a rerun loads the first run's instead of compiling them:
@@ -233,7 +239,7 @@ def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
   flags = [f"--config.data.source=wds:{pattern}", "--config.data.eval_source=shapes", "--config.total_steps=4",
            "--config.checkpoint_every=2", "--config.eval_every=4", "--config.log_every=1",
            "--config.global_batch_size=8", "--config.data.eval_examples=16", "--config.optim.warmup_steps=2",
-           "--config.progress_bar=False"]
+           "--config.progress_bar=False", *PICO_CLIP]
   run = _main(tmp_path / "run", *flags, compilation_cache=tmp_path / "xla_cache")
   assert run.returncode == 0, run.stdout
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
