@@ -19,6 +19,7 @@ import logging
 import os
 import re
 import shutil
+import subprocess
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +31,7 @@ import pytest
 from conftest import override, stop_after_writing, tiny_vit_config
 from visionfm_jax import config_lib
 from visionfm_jax.data import records
-from visionfm_jax.training import health, train
+from visionfm_jax.training import checkpoint, health, train
 
 COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], np.float32)
 RECORDS = 2000
@@ -39,8 +40,10 @@ BURST_A = range(640, 736)  # steps 41-46
 BURST_B = range(1232, 1328)  # steps 61-66 after rollback A (positions 752 + 30 * 16 on)
 SPIKE = range(640, 656)  # step 41 alone
 TOTAL = 80
-ROLLBACK_A = dict(step=43, rule="burst", restored=30, skipped_positions=[480, 752], skipped_examples=272)
-ROLLBACK_B = dict(step=63, rule="burst", restored=50, skipped_positions=[1072, 1344], skipped_examples=272)
+ROLLBACK_A = dict(step=43, rule="burst", restored=30, skipped_positions=[480, 752], skipped_examples=272,
+                  set_aside=["40.rolled_back"])
+ROLLBACK_B = dict(step=63, rule="burst", restored=50, skipped_positions=[1072, 1344], skipped_examples=272,
+                  set_aside=["60.rolled_back"])
 
 
 def write_colours(directory, poisoned=(), removed=()):
@@ -249,6 +252,9 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
       f"rollback 2)"], log
   assert drop_loss(saved_rollbacks(workdir)) == [ROLLBACK_A, ROLLBACK_B]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["40.rolled_back", "60", "60.rolled_back", "70", "80"]
+  noted = [(r["step"], r["health/set_aside"]) for r in read_metrics(workdir) if "health/set_aside" in r]
+  aside = [str(workdir / "checkpoints" / name) for name in ("40.rolled_back", "60.rolled_back")]
+  assert noted == [(30, aside[:1]), (50, aside)]  # everything moved aside so far, at the step restored
   rows = train_rows(workdir)
   assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))  # the rolled-back steps' rows are dropped
   assert rows[-1]["health/rollbacks"] == 2 and rows[-1]["health/skipped_examples"] == 272 + 272
@@ -292,11 +298,20 @@ def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoi
   """max_rollbacks 1 (health's fields may change at a resume): the run resumed after rollback A (whose record
   its checkpoint carries) stops at the second trigger instead of rolling back again."""
   workdir = copy_of(stopped_after_rollback_a[0], tmp_path)
+  checkpoints = workdir / "checkpoints"
   config = health_config(data["bursts"], **{"health.max_rollbacks": 1})
   with pytest.raises(health.HealthError, match=re.escape(
       f"2 rollbacks within 1000 steps (at steps 43, 63; config.health.max_rollbacks=1); stopping. The last good "
-      f"checkpoint: {workdir / 'checkpoints'}/50")):
+      f"checkpoint: {checkpoints}/50; lower config.optim.lr or check the data. Moved aside: "
+      f"{checkpoints}/40.rolled_back; to resume from the newest of them instead: ")) as stop:
     train.run(config, str(workdir))
+  # Nothing good is hidden: the line the error gives brings checkpoint 40 (moved aside by rollback A) back as
+  # the newest, the one the next launch resumes from.
+  bring_back = str(stop.value).split("to resume from the newest of them instead: ")[1]
+  subprocess.run(["bash", "-c", bring_back], check=True)
+  assert sorted(os.listdir(checkpoints)) == ["40", "40.superseded", "50.superseded", "60.superseded"]
+  assert checkpoint.newest_committed_step(checkpoints) == 40
+  assert saved_rollbacks(workdir, 40) == []  # the first run's step 40, trained before any rollback
 
 
 @END_TO_END
@@ -325,3 +340,54 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
   for i in range(PROCESSES):
     state = json.loads((workdir / "checkpoints" / str(TOTAL) / "data" / f"process_{i}-of-2.json").read_text())
     assert state["read"] == TOTAL * BATCH // PROCESSES
+
+
+@END_TO_END
+def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(data, tmp_path,
+                                                                                         monkeypatch):
+  """Clean data to step 40 (a SIGTERM after step 39 saves 40), resumed with a 300x learning rate: the run does
+  not roll back past checkpoint 40 (trained before the change) and, the trigger repeating from there, stops
+  within one window naming the change; a plain rerun resumes from 40 and ends as the run never changed."""
+  workdir = tmp_path / "run"
+  stop_after_writing(monkeypatch, 39)
+  assert train.run(health_config(data["removed"]), str(workdir))["step"] == 40
+  monkeypatch.undo()
+
+  changed = health_config(data["removed"], **{"optim.lr": 0.9, "resume.allow_changes": "optim.lr"})
+  checkpoints = workdir / "checkpoints"
+  with pytest.raises(health.HealthError) as stop:
+    train.run(changed, str(workdir))
+  message = str(stop.value)
+  step = int(re.match(r"health: step (\d+),", message).group(1))
+  assert 40 < step <= 40 + changed.health.window, message
+  assert (f"within 16 steps of the resume from {checkpoints}/40 that changed config.optim.lr 0.003 -> 0.9, after a "
+          f"rollback to it: the likely cause is that change, not the data; stopping. {checkpoints}/40 was trained "
+          f"before it: resume from it with the old settings") in message
+  assert sorted(os.listdir(checkpoints)) == ["20", "30", "40"]  # nothing trained before the change moved aside
+  record = json.loads((checkpoints / "40" / "health" / "health.json").read_text())
+  assert record["environment"] == health.environment() and record["changes"] == []
+
+  last = train.run(health_config(data["removed"]), str(workdir))
+  assert last["step"] == TOTAL and last["health/rollbacks"] == 0
+
+
+def test_a_change_keeps_rollbacks_from_going_past_its_resume_and_a_repeat_in_its_window_stops():
+  config = health_config("unused")
+  saved = {"environment": {**health.environment(), "processes": 4}, "rollbacks": []}
+  rollbacks = health.Rollbacks(config, saved, start_step=40, changes=["config.optim.lr 0.003 -> 0.9"])
+  assert rollbacks.changes == [{"step": 40, "what": ["config.optim.lr 0.003 -> 0.9",
+                                                     f"processes 4 -> {jax.process_count()}"]}]
+  trigger = lambda step: health.Trigger(step, "burst", 9.0)
+  steps = [20, 30, 40, 50, 60]
+  assert rollbacks.restore_step(trigger(43), steps, "ck") == 40  # within restore_before of it: the resume itself
+  assert rollbacks.restore_step(trigger(80), steps, "ck") == 60
+  rollbacks.history.append({"step": 43, "restored": 40, "skipped_examples": 0, "set_aside": ["50.rolled_back"]})
+  with pytest.raises(health.ChangeError, match="within 16 steps of the resume from ck/40 that changed "
+                     f"config.optim.lr 0.003 -> 0.9; processes 4 -> {jax.process_count()}"):
+    rollbacks.restore_step(trigger(50), [20, 30, 40], "ck")
+  assert rollbacks.restore_step(trigger(90), [20, 30, 40, 70], "ck") == 70  # past its window: data again
+  assert rollbacks.restore_step(trigger(90), [20, 30, 40, 88], "ck") == 40
+  with pytest.raises(health.HealthError, match="not before step 40"):
+    rollbacks.restore_step(trigger(90), [20, 30, 88], "ck")  # never past the change, whatever the window
+  unchanged = health.Rollbacks(config, {"environment": health.environment()}, start_step=40)
+  assert unchanged.changes == [] and unchanged.restore_step(trigger(43), steps, "ck") == 30

@@ -295,24 +295,28 @@ class Checkpointer:
                             f"directory away to start afresh")
     return None
 
-  def set_aside_after(self, step: int, why: str) -> None:
+  def set_aside_after(self, step: int, why: str) -> list[str]:
     """Moves every checkpoint after `step` aside to `<step>.<why>` (kept, out of the way of the steps the run
-    saves again); every process calls it."""
-    for later in sorted(s for s in self.all_steps() if s > step):
-      self._set_aside(later, why)
+    saves again); every process calls it. Returns where they went."""
+    return [self._set_aside(later, why) for later in sorted(s for s in self.all_steps() if s > step)]
 
-  def _set_aside(self, step: int, why: str = "unreadable") -> None:
+  def _set_aside(self, step: int, why: str = "unreadable") -> str:
+    """Moves checkpoint `step` to `<step>.<why>` (`.<n>` added when taken) and returns that path, the same on
+    every process: each names it before process 0 renames."""
+    source = self.directory / str(step)
+    target = self.directory / f"{step}.{why}"
+    n = 1
+    while target.exists():
+      target, n = self.directory / f"{step}.{why}.{n}", n + 1
+    if jax.process_count() > 1:
+      multihost_utils.sync_global_devices(f"checkpoint named aside {step}")
     if jax.process_index() == 0:
-      source = self.directory / str(step)
-      target = self.directory / f"{step}.{why}"
-      n = 1
-      while target.exists():
-        target, n = self.directory / f"{step}.{why}.{n}", n + 1
       source.rename(target)
       logging.warning("moved the %s checkpoint %s to %s", why.replace("_", " "), source, target)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
     self._manager.reload()
+    return str(target)
 
   def wait(self) -> None:
     with self._storage_faults_named():

@@ -16,18 +16,33 @@ loss), after which no further update is applied until the loop acts on it at its
 The loop then rolls back (`Rollbacks.roll_back`): it restores the newest checkpoint at least `restore_before`
 steps before the trigger, moves the checkpoints after it aside (`<step>.rolled_back`), and continues the data
 stream past everything read since that checkpoint plus `skip_margin` batches. Every checkpoint carries the
-rollbacks so far (`<step>/health/health.json`: step, rule, loss, restored step, skipped stream positions), so a
-resume goes on exactly. More than `max_rollbacks` rollbacks within `max_rollbacks_window` steps stop the run
-with a HealthError naming their steps and the last good checkpoint; so does a trigger with `rollback` False.
+rollbacks so far (`<step>/health/health.json`: step, rule, loss, restored step, skipped stream positions, the
+names of the checkpoints moved aside), so a resume goes on exactly. More than `max_rollbacks` rollbacks within
+`max_rollbacks_window` steps stop the run with a HealthError naming their steps and the last good checkpoint; so
+does a trigger with `rollback` False.
+
+Rolling back past data assumes the data caused the trigger. A resume that changed something is the likelier
+cause of a trigger soon after it: a schedule or optimiser field (`resume.allow_changes`), the process count, the
+jax or jaxlib version, the device kind (the record keeps the launch's, `environment`). Such a resume is kept in
+the record (`changes`), and no later trigger rolls back past its checkpoint: a checkpoint trained before a change
+is never moved aside for a divergence after it. A trigger within `window` steps of the change rolls back to that
+checkpoint at most; if one fires again within that window, the run stops with a HealthError naming the change
+and the checkpoint to resume from with the old settings, having moved aside what it trained since.
+
+Each rollback's row in `metrics.jsonl` (`health/set_aside`) and every HealthError list the checkpoints moved
+aside so far, with the one-line command that brings the newest of them back.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
+import shlex
 
 import flax.struct
 import jax
 import jax.numpy as jnp
+import jaxlib
 import ml_collections
 import numpy as np
 from absl import logging
@@ -163,12 +178,37 @@ def read_trigger(state) -> Trigger | None:
   return Trigger(step, RULES[code], loss) if code else None
 
 
-class Rollbacks:
-  """The rollbacks of this run so far (`history`, saved with every checkpoint) and the rollback itself."""
+def environment() -> dict:
+  """What a run computes on besides its config: compared at a resume, saved in the record."""
+  return {"processes": jax.process_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
+          "device_kind": jax.devices()[0].device_kind}
 
-  def __init__(self, config, history: list[dict] | None = None):
+
+def environment_changes(saved: dict | None, now: dict) -> list[str]:
+  """'<what> <old> -> <new>' for each field of `now` that the checkpoint's record (`saved`) holds otherwise."""
+  return [f"{key} {saved[key]} -> {value}" for key, value in now.items()
+          if saved is not None and key in saved and saved[key] != value]
+
+
+class Rollbacks:
+  """The rollbacks of this run so far (`history`, saved with every checkpoint), the resumes that changed
+  something (`changes`), and the rollback itself."""
+
+  def __init__(self, config, saved: dict | None = None, start_step: int = 0, changes: list[str] = ()):
+    """`saved`: the health record of the checkpoint resumed from (step `start_step`); `changes`: the config
+    changes this launch made to it ('config.<path> <old> -> <new>')."""
     self.cfg, self.config = config.health, config
-    self.history = list(history or [])
+    saved = saved or {}
+    self.history = list(saved.get("rollbacks", []))
+    self.changes = list(saved.get("changes", []))
+    self.environment = environment()
+    changed = list(changes) + environment_changes(saved.get("environment"), self.environment)
+    if start_step and changed:
+      self.changes.append({"step": start_step, "what": changed})
+      logging.warning("health: resumed at step %d with %s: no rollback goes past checkpoint %d, and a trigger "
+                      "repeated within %d steps stops the run naming the change", start_step, "; ".join(changed),
+                      start_step, self.cfg.window)
+    self.moved_at_stop: list[str] = []
     self._skipped_seen = None
 
   def note_skips(self, step: int, skipped: float) -> None:
@@ -181,32 +221,66 @@ class Rollbacks:
     self._skipped_seen = skipped
 
   def record(self) -> dict:
-    return {"rollbacks": self.history}
+    return {"rollbacks": self.history, "changes": self.changes, "environment": self.environment}
 
   def counts(self) -> dict[str, float]:
     return {"health/rollbacks": float(len(self.history)),
             "health/skipped_examples": float(sum(r["skipped_examples"] for r in self.history))}
 
+  def set_aside(self, directory) -> list[str]:
+    """The paths of every checkpoint in `directory` that the rollbacks so far (and a stop for a change) moved
+    aside, oldest first."""
+    names = [name for r in self.history for name in r.get("set_aside", [])] + self.moved_at_stop
+    return [os.path.join(directory, name) for name in names]
+
+  def _change_before(self, step: int) -> dict | None:
+    """The newest resume before `step` that changed something, None when there was none."""
+    before = [c for c in self.changes if c["step"] < step]
+    return max(before, key=lambda c: c["step"]) if before else None
+
   def restore_step(self, trigger: Trigger, steps: list[int], directory) -> int:
-    """The newest of the checkpoint `steps` at least `restore_before` steps before the trigger; HealthError
-    when rolling back is off, when there is none, or when it would be one rollback too many."""
+    """The newest of the checkpoint `steps` at least `restore_before` steps before the trigger and not before
+    the last resume that changed something (that resume's own checkpoint, within `window` steps of it);
+    HealthError when rolling back is off, when there is none, when it would be one rollback too many, or when
+    the trigger repeats within `window` steps of a change."""
     what = trigger.describe(self.cfg, self.config.precision.max_consecutive_skips)
-    good = [s for s in steps if s <= trigger.step - self.cfg.restore_before]
+    change = self._change_before(trigger.step)
+    floor = change["step"] if change else 0
+    good = [s for s in steps if floor <= s <= trigger.step - self.cfg.restore_before]
+    if change and not good and trigger.step <= floor + self.cfg.window and floor in steps:
+      good = [floor]
     last_good = f"{directory}/{max(good)}" if good else "none"
     if not self.cfg.rollback:
       raise HealthError(f"health: {what}; stopping (config.health.rollback=False). The last good checkpoint: "
-                        f"{last_good}; lower config.optim.lr or check the data.")
+                        f"{last_good}; lower config.optim.lr or check the data.{self._set_aside_note(directory)}")
+    if change and trigger.step <= floor + self.cfg.window and any(r["step"] > floor for r in self.history):
+      raise ChangeError(self._blame(what, change, directory), floor)
     if not good:
       raise HealthError(f"health: {what}; no checkpoint at least config.health.restore_before="
-                        f"{self.cfg.restore_before} steps before it to roll back to (checkpoints: {steps or 'none'}); "
-                        f"stopping.")
+                        f"{self.cfg.restore_before} steps before it{f' and not before step {floor}' if change else ''} "
+                        f"to roll back to (checkpoints: {steps or 'none'}); stopping."
+                        f"{self._set_aside_note(directory)}")
     recent = [r["step"] for r in self.history if r["step"] > trigger.step - self.cfg.max_rollbacks_window]
     if len(recent) >= self.cfg.max_rollbacks:
       raise HealthError(
           f"health: {what}: {len(recent) + 1} rollbacks within {self.cfg.max_rollbacks_window} steps (at steps "
           f"{', '.join(map(str, recent + [trigger.step]))}; config.health.max_rollbacks={self.cfg.max_rollbacks}); "
-          f"stopping. The last good checkpoint: {last_good}; lower config.optim.lr or check the data.")
+          f"stopping. The last good checkpoint: {last_good}; lower config.optim.lr or check the data."
+          f"{self._set_aside_note(directory)}")
     return max(good)
+
+  def _blame(self, what: str, change: dict, directory) -> str:
+    return (f"health: {what}, within {self.cfg.window} steps of the resume from {directory}/{change['step']} "
+            f"that changed {'; '.join(change['what'])}, after a rollback to it: the likely cause is that change, "
+            f"not the data; stopping. {directory}/{change['step']} was trained before it: resume from it with the "
+            f"old settings (the checkpoints trained since are moved aside).")
+
+  def _set_aside_note(self, directory) -> str:
+    paths = self.set_aside(directory)
+    if not paths:
+      return ""
+    return (f" Moved aside: {', '.join(paths)}; to resume from the newest of them instead: "
+            f"{bring_back_command(paths[-1], directory)}")
 
   def roll_back(self, trigger: Trigger, state, checkpointer, data_iterator, position_now: int):
     """Restores the checkpoint of `restore_step` into `state`'s layout and `data_iterator` (the loader, not its
@@ -214,8 +288,13 @@ class Rollbacks:
     past `position_now` (`agreed_position` of the data handed out up to now). Returns (the restored
     step, its state); every process calls it at the same step."""
     checkpointer.wait()
-    restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory)
-    checkpointer.set_aside_after(restored, "rolled_back")
+    try:
+      restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory)
+    except ChangeError as stop:
+      self.moved_at_stop = [os.path.basename(p) for p in checkpointer.set_aside_after(stop.resume_from,
+                                                                                       "after_change")]
+      raise HealthError(f"{stop}{self._set_aside_note(checkpointer.directory)}") from None
+    moved = [os.path.basename(p) for p in checkpointer.set_aside_after(restored, "rolled_back")]
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     for leaf in jax.tree.leaves(state):  # its memory, before the restored state takes as much again
       leaf.delete()
@@ -223,12 +302,29 @@ class Rollbacks:
     start = agreed_position(data_iterator.get_state())
     end = data_iterator.skip_to(position_now + self.cfg.skip_margin * self.config.global_batch_size)
     entry = {"step": trigger.step, "rule": trigger.rule, "loss": trigger.loss, "restored": restored,
-             "skipped_positions": [start, end], "skipped_examples": end - start}
+             "skipped_positions": [start, end], "skipped_examples": end - start, "set_aside": moved}
     self.history.append(entry)
     logging.warning("health: rolling back at %s: restored %s/%d, skipping data stream positions %d-%d (%d examples; "
                     "rollback %d)", trigger.describe(self.cfg, self.config.precision.max_consecutive_skips),
                     checkpointer.directory, restored, start, end - 1, end - start, len(self.history))
     return restored, state
+
+
+class ChangeError(Exception):
+  """A trigger repeated within the window after a resume that changed something (`resume_from`: its step)."""
+
+  def __init__(self, message: str, resume_from: int):
+    super().__init__(message)
+    self.resume_from = resume_from
+
+
+def bring_back_command(set_aside_path: str, directory) -> str:
+  """The shell line that makes the checkpoint moved aside to `set_aside_path` the newest again: the ones of its
+  step and after move aside (`.superseded`), it takes its step's name back; the next launch resumes from it."""
+  step = int(os.path.basename(set_aside_path).split(".", 1)[0])
+  folder = shlex.quote(str(directory))
+  return (f'for c in {folder}/*; do s=${{c##*/}}; case $s in *[!0-9]*) ;; *) [ "$s" -ge {step} ] && '
+          f'mv -T "$c" "$c.superseded";; esac; done; mv -T {shlex.quote(set_aside_path)} {folder}/{step}')
 
 
 def agreed_position(data_state) -> int:

@@ -51,6 +51,15 @@ class MetricWriter:
       self._jsonl.flush()
       self._tb.scalars(int(step), clean)
 
+  def note(self, step: int, record: dict) -> None:
+    """Appends `{"step": step, **record}` to metrics.jsonl alone: values that are not scalars (the checkpoints
+    a rollback moved aside), which TensorBoard does not take."""
+    if not self.enabled or self.failure is not None:
+      return
+    with self._storage_faults_named():
+      self._jsonl.write(json.dumps({"step": int(step), **record}) + "\n")
+      self._jsonl.flush()
+
   def rewind(self, step: int, why: str) -> None:
     """Drops the rows of steps after `step` (a rollback to it: those steps are trained again)."""
     if not self.enabled or self.failure is not None:

@@ -29,23 +29,29 @@ def as_json(config: ml_collections.ConfigDict) -> dict:
   return json.loads(config.to_json_best_effort())
 
 
+def _described(changes) -> list[str]:
+  return [f"config.{path} {old!r} -> {new!r}" for path, old, new in changes]
+
+
 def _listed(changes) -> str:
-  return ", ".join(f"config.{path} {old!r} -> {new!r}" for path, old, new in changes)
+  return ", ".join(_described(changes))
 
 
-def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> None:
+def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> list[str]:
   """ConfigError when `config` may not resume the newest checkpoint in `checkpoint_dir` (module docstring);
   logs the accepted changes and sets config.optim.resumed_at / resumed_lr so that the learning rate goes on
-  from where it was. Nothing to compare without a checkpoint, or with one saved without its config."""
+  from where it was. Returns the accepted schedule and optimiser changes ('config.<path> <old> -> <new>'), which
+  health (training/health.py) takes as the likely cause of a divergence soon after. Nothing to compare without
+  a checkpoint, or with one saved without its config."""
   step = checkpoint.newest_committed_step(checkpoint_dir)
   if step is None:
-    return
+    return []
   where = f"{checkpoint_dir}/{step}"
   saved = checkpoint.saved_config(checkpoint_dir, step)
   if saved is None:
     logging.warning("%s carries no config (saved by an older version): this run's config is not compared with it",
                     where)
-    return
+    return []
   changes = config_lib.resume_changes(saved, as_json(config))
   if changes[config_lib.REFUSED]:
     raise ConfigError(f"cannot resume {where}: it was trained with another model, task, precision or data: "
@@ -64,6 +70,7 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> Non
   if schedule:
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
                     _listed(schedule), step, _lr_at(saved, step), _lr_at(as_json(config), step))
+  return _described(schedule)
 
 
 def _continue_the_rate(config: ml_collections.ConfigDict, saved: dict, step: int, changed: set[str]) -> None:

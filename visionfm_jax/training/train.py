@@ -240,7 +240,7 @@ def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
 
 def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
   checkpoint_dir = os.path.join(workdir, "checkpoints")
-  resume.check_changes(config, checkpoint_dir)  # before anything is built: it may also anchor the schedule
+  changes = resume.check_changes(config, checkpoint_dir)  # before anything is built: it may anchor the schedule
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
@@ -269,9 +269,10 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
     writer = metrics.MetricWriter(workdir, resume_step=start_step)
+    rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, changes)
     try:
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
-                   writer, task)
+                   writer, task, rollbacks)
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
@@ -375,7 +376,7 @@ def data_counts(train_iter) -> dict[str, float]:
 
 
 def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer, writer,
-          task) -> dict[str, float]:
+          task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
   total = config.total_steps
   flops_per_example = task.train_flops_per_example()
   peak = flops.device_peak_flops(config.precision.compute_dtype)
@@ -386,7 +387,6 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   step = start_step
-  rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter)
   try:
     while step < total:
       # Between logging steps the host only feeds the device: any read of a device value here would stall
@@ -413,10 +413,16 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         if trigger is not None:  # before a save: the steps since it fired applied nothing
           watchdog.phase("a rollback", step)
           position = health.agreed_position(batches.get_state())
-          step, state = rollbacks.roll_back(trigger, state, checkpointer, train_iter, position)
+          try:
+            step, state = rollbacks.roll_back(trigger, state, checkpointer, train_iter, position)
+          except health.HealthError:
+            if rollbacks.set_aside(checkpointer.directory):
+              writer.note(step, {"health/set_aside": rollbacks.set_aside(checkpointer.directory)})
+            raise
           batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
           writer.rewind(step, "trained again after a rollback")
           writer.write(step, rollbacks.counts())
+          writer.note(step, {"health/set_aside": rollbacks.set_aside(checkpointer.directory)})  # all so far
           window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
           if preempted:  # the rerun resumes from the same checkpoint and takes the same rollback
             logging.warning("preemption notice at a rollback: exiting at step %d without a save", step)
@@ -477,14 +483,16 @@ def _stop_on_workdir_faults(checkpointer, writer) -> None:
                                      f"error line says why)"))
 
 
-def _rollbacks(config, state, checkpointer, start_step: int, train_iter) -> health.Rollbacks | None:
-  """The run's rollbacks so far (from the checkpoint it resumed), None when health is off."""
+def _rollbacks(config, state, checkpointer, start_step: int, train_iter, changes: list[str]
+               ) -> health.Rollbacks | None:
+  """The run's rollbacks so far (from the checkpoint it resumed; `changes`: the config changes this launch made to
+  it), None when health is off."""
   if state.health is None:
     return None
   if config.health.rollback:
     health.check_iterator(train_iter)
   saved = checkpoint.saved_health(checkpointer.directory, start_step) if start_step else None
-  return health.Rollbacks(config, (saved or {}).get("rollbacks"))
+  return health.Rollbacks(config, saved, start_step, changes)
 
 
 def _committed(checkpointer, step: int) -> str:
