@@ -372,7 +372,7 @@ def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint
 
 
 def test_a_change_keeps_rollbacks_from_going_past_its_resume_and_a_repeat_in_its_window_stops():
-  config = health_config("unused")
+  config = health_config("unused", **{"health.max_rollbacks": 10})
   saved = {"environment": {**health.environment(), "processes": 4}, "rollbacks": []}
   rollbacks = health.Rollbacks(config, saved, start_step=40, changes=["config.optim.lr 0.003 -> 0.9"])
   assert rollbacks.changes == [{"step": 40, "what": ["config.optim.lr 0.003 -> 0.9",
@@ -381,12 +381,14 @@ def test_a_change_keeps_rollbacks_from_going_past_its_resume_and_a_repeat_in_its
   steps = [20, 30, 40, 50, 60]
   assert rollbacks.restore_step(trigger(43), steps, "ck") == 40  # within restore_before of it: the resume itself
   assert rollbacks.restore_step(trigger(80), steps, "ck") == 60
+  rollbacks.history.append({"step": 90, "restored": 70, "skipped_examples": 0, "set_aside": []})
+  assert rollbacks.restore_step(trigger(45), [20, 30, 40], "ck") == 40  # a rollback past the window: no repeat
   rollbacks.history.append({"step": 43, "restored": 40, "skipped_examples": 0, "set_aside": ["50.rolled_back"]})
   with pytest.raises(health.ChangeError, match="within 16 steps of the resume from ck/40 that changed "
                      f"config.optim.lr 0.003 -> 0.9; processes 4 -> {jax.process_count()}"):
     rollbacks.restore_step(trigger(50), [20, 30, 40], "ck")
   assert rollbacks.restore_step(trigger(90), [20, 30, 40, 70], "ck") == 70  # past its window: data again
-  assert rollbacks.restore_step(trigger(90), [20, 30, 40, 88], "ck") == 40
+  assert rollbacks.restore_step(trigger(90), [20, 30, 40, 88], "ck") == 40  # ... but never past the change
   with pytest.raises(health.HealthError, match="not before step 40"):
     rollbacks.restore_step(trigger(90), [20, 30, 88], "ck")  # never past the change, whatever the window
   unchanged = health.Rollbacks(config, {"environment": health.environment()}, start_step=40)

@@ -240,20 +240,21 @@ class Rollbacks:
 
   def restore_step(self, trigger: Trigger, steps: list[int], directory) -> int:
     """The newest of the checkpoint `steps` at least `restore_before` steps before the trigger and not before
-    the last resume that changed something (that resume's own checkpoint, within `window` steps of it);
-    HealthError when rolling back is off, when there is none, when it would be one rollback too many, or when
-    the trigger repeats within `window` steps of a change."""
+    the last resume that changed something (else that resume's own checkpoint); HealthError when rolling back
+    is off, when there is none, when it would be one rollback too many, or when the trigger repeats within
+    `window` steps of a change."""
     what = trigger.describe(self.cfg, self.config.precision.max_consecutive_skips)
     change = self._change_before(trigger.step)
     floor = change["step"] if change else 0
     good = [s for s in steps if floor <= s <= trigger.step - self.cfg.restore_before]
-    if change and not good and trigger.step <= floor + self.cfg.window and floor in steps:
+    if change and not good and floor in steps:  # the change's own checkpoint, however recent
       good = [floor]
+    in_window = change is not None and trigger.step <= floor + self.cfg.window
     last_good = f"{directory}/{max(good)}" if good else "none"
     if not self.cfg.rollback:
       raise HealthError(f"health: {what}; stopping (config.health.rollback=False). The last good checkpoint: "
                         f"{last_good}; lower config.optim.lr or check the data.{self._set_aside_note(directory)}")
-    if change and trigger.step <= floor + self.cfg.window and any(r["step"] > floor for r in self.history):
+    if in_window and any(floor < r["step"] <= floor + self.cfg.window for r in self.history):
       raise ChangeError(self._blame(what, change, directory), floor)
     if not good:
       raise HealthError(f"health: {what}; no checkpoint at least config.health.restore_before="
