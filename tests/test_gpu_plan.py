@@ -179,7 +179,8 @@ def test_each_target_names_launch_flags_this_xla_parses():
 
 @pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
 def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
-  """BENCHMARKS.md session 11 measured 14.5 GiB for ViT-H/14 at batch 128 (nothing_saveable, cuDNN) on an H100."""
+  """BENCHMARKS.md ("GPU (H100 / H200): MFU") measured 14.5 GiB for ViT-H/14 at batch 128 (nothing_saveable, cuDNN)
+  on an H100."""
   proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
                          "--target=h100", "--config.global_batch_size=128", "--config.strategy=ddp",
                          "--config.model.remat_policy=nothing_saveable", "--config.model.attention=cudnn"],

@@ -10,14 +10,14 @@ part of every jit's cache key, so a function traced under one choice is traced a
 jit cache never holds both paths (a module-level flag read at trace time could not promise that; and
 `jax.lax.platform_dependent` traces both branches into the program and cannot force a path).
 
-The CPU tricks, each measured where it was introduced (BENCHMARKS.md sessions 5-8) and again in session 10
-(the whole set against 'plain', and one at a time; three tricks that no longer paid were dropped there: a matmul
-gradient for dense biases, norm params and ViT's position embedding, an erf-written GELU, and a diagonal-sum
-gradient for SwinV2's position-bias gather). A dense layer's multi-axis contraction as one 2-D matmul
-(`contract_trailing`, 1.65x on the CPU for qkv's forward + backward) is no longer a trick but the one form: the
-deviceless GPU compile (bench/roofline.py) makes the same cuBLAS GEMMs of both forms, and with the bias added to
-the 2-D product (`flat_dense`) cuBLASLt adds it in its epilogue. What stays behind the choice compiles to another
-GPU program (session 15: the patch embedding as a GEMM instead of one cuDNN convolution):
+The CPU tricks are measured against 'plain' on the train step, as a set and one at a time (BENCHMARKS.md, "The
+CPU forms against the plain path"); three that did not pay there are not among them: a matmul gradient for dense
+biases, norm params and ViT's position embedding, an erf-written GELU, and a diagonal-sum gradient for SwinV2's
+position-bias gather. A dense layer's multi-axis contraction as one 2-D matmul (`contract_trailing`, 1.65x on the
+CPU for qkv's forward + backward) is not a trick but the one form: the deviceless GPU compile (bench/roofline.py)
+makes the same cuBLAS GEMMs of both forms, and with the bias added to the 2-D product (`flat_dense`) cuBLASLt adds
+it in its epilogue. What stays behind the choice compiles to another GPU program (the patch embedding as a GEMM
+instead of one cuDNN convolution):
   patch_conv             the stride = kernel patch embedding as patches @ kernel (its gradient 2.4x faster)
   broadcast_leading      SwinV2's position bias broadcast over windows, whose gradient (like the attention
   sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
@@ -26,8 +26,8 @@ GPU program (session 15: the patch embedding as a GEMM instead of one cuDNN conv
 `softmax_attention` (attention='softmax') has a hand-written backward on every backend. It is not a backend
 trick but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where
 autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan
-from 95.5 to 60.6 GiB (BENCHMARKS.md, memory plans), which decides whether it fits an 80 GB GPU at all. The
-forms only pick how its bias gradient is summed.
+from 95.5 to 60.6 GiB (BENCHMARKS.md, "The attention backward's memory"), which decides whether it fits an
+80 GB GPU at all. The forms only pick how its bias gradient is summed.
 """
 
 from __future__ import annotations
