@@ -297,11 +297,11 @@ class Checkpointer:
 
   def set_aside_after(self, step: int, why: str) -> list[str]:
     """Moves every checkpoint after `step` aside to `<step>.<why>` (kept, out of the way of the steps the run
-    saves again); every process calls it. Returns where they went."""
+    saves again); every process calls it. Returns their new names."""
     return [self._set_aside(later, why) for later in sorted(s for s in self.all_steps() if s > step)]
 
   def _set_aside(self, step: int, why: str = "unreadable") -> str:
-    """Moves checkpoint `step` to `<step>.<why>` (`.<n>` added when taken) and returns that path, the same on
+    """Moves checkpoint `step` to `<step>.<why>` (`.<n>` added when taken) and returns that name, the same on
     every process: each names it before process 0 renames."""
     source = self.directory / str(step)
     target = self.directory / f"{step}.{why}"
@@ -316,7 +316,7 @@ class Checkpointer:
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
     self._manager.reload()
-    return str(target)
+    return target.name
 
   def wait(self) -> None:
     with self._storage_faults_named():

@@ -292,10 +292,9 @@ class Rollbacks:
     try:
       restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory)
     except ChangeError as stop:
-      self.moved_at_stop = [os.path.basename(p) for p in checkpointer.set_aside_after(stop.resume_from,
-                                                                                       "after_change")]
+      self.moved_at_stop = checkpointer.set_aside_after(stop.resume_from, "after_change")
       raise HealthError(f"{stop}{self._set_aside_note(checkpointer.directory)}") from None
-    moved = [os.path.basename(p) for p in checkpointer.set_aside_after(restored, "rolled_back")]
+    moved = checkpointer.set_aside_after(restored, "rolled_back")
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), state)
     for leaf in jax.tree.leaves(state):  # its memory, before the restored state takes as much again
       leaf.delete()

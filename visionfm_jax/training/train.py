@@ -416,8 +416,9 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
           try:
             step, state = rollbacks.roll_back(trigger, state, checkpointer, train_iter, position)
           except health.HealthError:
-            if rollbacks.set_aside(checkpointer.directory):
-              writer.note(step, {"health/set_aside": rollbacks.set_aside(checkpointer.directory)})
+            moved = rollbacks.set_aside(checkpointer.directory)
+            if moved:
+              writer.note(step, {"health/set_aside": moved})
             raise
           batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
           writer.rewind(step, "trained again after a rollback")
