@@ -232,3 +232,30 @@ def test_a_loop_without_a_known_trip_count_is_counted_from_its_condition():
   assert program.total_flops() == 6 * 2 * 64 ** 3 and not program.uncounted_loops
   unreadable = hlo_cost.Program(PEELED_LOOP.replace("direction=LT", "direction=NE"))
   assert unreadable.total_flops() == 2 * 64 ** 3 and unreadable.uncounted_loops == ["loop"]
+
+
+SLICED_THROUGH_A_BITCAST = """
+HloModule sliced
+
+%fused_slice (param_0: bf16[21,1,64,128], param_1: s32[]) -> bf16[128,1,1,64] {
+  %param_0 = bf16[21,1,64,128]{2,1,0,3} parameter(0)
+  %bitcast = bf16[128,21,1,64]{3,2,1,0} bitcast(%param_0)
+  %zero = s32[] constant(0)
+  %param_1 = s32[] parameter(1)
+  ROOT %slice = bf16[128,1,1,64]{3,2,1,0} dynamic-slice(%bitcast, %zero, %param_1, %zero, %zero), dynamic_slice_sizes={128,1,1,64}
+}
+
+ENTRY %main (stack: bf16[21,1,64,128], i: s32[]) -> bf16[128,1,1,64] {
+  %stack = bf16[21,1,64,128]{2,1,0,3} parameter(0)
+  %i = s32[] parameter(1)
+  ROOT %layer = bf16[128,1,1,64]{3,2,1,0} fusion(%stack, %i), kind=kLoop, calls=%fused_slice
+}
+"""
+
+
+def test_a_layer_sliced_from_a_stack_through_a_bitcast_reads_the_layer_only():
+  """A scanned stack's saved activations in a transposed layout reach their dynamic-slice through a bitcast
+  (Aurora's hybrid-mesh program): the kernel reads one layer (and writes it), not the 21-layer stack."""
+  layer = 128 * 64 * 2
+  [kernel] = [k for k in hlo_cost.Program(SLICED_THROUGH_A_BITCAST).kernels if k.name == "layer"]
+  assert kernel.bytes == 2 * layer + 4

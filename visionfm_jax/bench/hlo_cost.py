@@ -392,15 +392,22 @@ class Program:
     for i in body:
       for name in i.operands:
         users.setdefault(name, []).append(i)
+    def uses_of(name: str) -> list[tuple[Instruction, str]]:
+      """(user, the name it reads) of `name`, seen through bitcasts (a layout's reinterpretation: no bytes)."""
+      found = []
+      for user in users.get(name, []):
+        found.extend(uses_of(user.name) if user.op == "bitcast" else [(user, name)])
+      return found
+
     read = 0.0
     by_index = {index: name for name, index in params.items()}
     for position, operand in enumerate(ins.operands):
       full = nbytes(self._type(operand))
       param = by_index.get(position)
-      uses = users.get(param, []) if param else []
-      if uses and all(u.op == "dynamic-slice" and u.operands[0] == param for u in uses):
-        full = min(full, sum(nbytes(u.type) for u in uses))
-      elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] == param for u in uses):
+      uses = uses_of(param) if param else []
+      if uses and all(u.op == "dynamic-slice" and u.operands[0] == read_as for u, read_as in uses):
+        full = min(full, sum(nbytes(u.type) for u, _ in uses))
+      elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] == param for u, _ in uses):
         full = 0.0  # updated in place: only the update is written, counted with the result below
       read += full
     written = nbytes(ins.type)
