@@ -44,6 +44,8 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   | master weights   | fp32 params and optimizer state                       | ours: standard mixed precision         |
   | parallelism      | ZeRO-2: optimizer state and gradients sharded over    | paper (DDP + ZeRO-2)                   |
   |                  | the data-parallel devices                             |                                        |
+  | accumulation     | each GPU sums its micro-batches' gradients, reduced   | ours: 1 reduction a step, not 8;       |
+  |                  | once a step (accumulate_unreduced)                    | +32.6 GiB of the A100's 80 GB          |
   | remat            | dots_with_no_batch_dims_saveable                      | ours: bench.memory_plan's pick at 90%  |
   |                  |                                                       | of 80 GB (CPU compiler: 46.1 GiB)      |
   | cluster          | 64 A100 80GB                                          | paper                                  |
@@ -59,7 +61,7 @@ equal depth, decoder memory of 256 queries), the weights are CoCa's public defau
 MIM, and the sizes were chosen to make the total the paper's 3.7B with the encoder holding 81% of it.
 
 Wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours"). For this
-config on 64 A100s BENCHMARKS.md predicts 38.5 days (13.29 s a step at MFU 0.191), a roofline prediction rather
+config on 64 A100s BENCHMARKS.md predicts 32.4 days (11.21 s a step at MFU 0.226), a roofline prediction rather
 than a measurement. The step count was sized for the paper's 4 weeks at an assumed 26% MFU, with 2.47e13
 training FLOPs per sample (two encoder passes at 448 px).
 
@@ -119,7 +121,8 @@ def get_config(arg: str | None = None):
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
   # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
   # headroom (46.1 GiB per device in the CPU compiler's plan, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md,
-  # "ViT-H/14 and Aurora-XL planned on the plain path"; XLA's GPU plan for 64 A100s: 44.1 GiB)
+  # "ViT-H/14 and Aurora-XL planned on the plain path"; XLA's GPU plan for 64 A100s: 42.1 GiB, 74.7 GiB with the
+  # unreduced accumulation below)
   set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
   # poolers and decoder: a 1024-d contrastive embedding, 256 caption queries, 16 decoder layers
@@ -151,8 +154,12 @@ def get_config(arg: str | None = None):
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
   set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
              clip_norm=1.0)
-  # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps
-  set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000)
+  # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps; each GPU sums its own gradients
+  # over the 8 micro-batches (a whole fp32 copy) and the step reduce-scatters them once, not in every micro-batch:
+  # predicted 11.21 s a step instead of 14.30 (1.15 s of collectives exposed instead of 5.65) for 74.7 GiB per
+  # A100 instead of 42.1 (BENCHMARKS.md, "The seeds' recipes on their clusters")
+  set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000,
+             accumulate_unreduced=True)
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)

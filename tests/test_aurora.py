@@ -13,6 +13,7 @@ import test_train_step
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.bench import hlo_cost
 from visionfm_jax.tools import summary
 from visionfm_jax.training import param_rules
 
@@ -96,30 +97,48 @@ def test_uncaptioned_images_train_mim_only():
 # Two steps on 8 devices (zero2), in one step and accumulated over 4 micro-batches of 8 (one example per
 # device). Not square: with 64 = 8 x 8 the split's reshape to (B / steps, steps) and one to (steps, B / steps)
 # are the same, so mixing the two up could not show. The count is a scan's length (4 proves what the recipe's 8
-# would), and a batch of 32 compiles ~25% faster than one of 64.
+# would), and a batch of 32 compiles ~25% faster than one of 64. The accumulated run sums each device's gradients
+# unreduced and reduces them once (config.accumulate_unreduced, the recipe's setting).
 ACCUM_BATCH, ACCUM_STEPS = 32, 4
+GPUS_PER_NODE = 4  # the HLO check below reads the 8 devices as 2 nodes of 4
 
 
 @pytest.fixture(scope="module")
 def accumulation_runs():
   """((params, metrics history) of two steps of the batch of 32 in one step, the same accumulated over 4
-  micro-batches of 8): the 'separate' view (the 'shared' view goes through the same two passes; its pass-1
-  features are checked below)."""
-  def config(accum):
+  micro-batches of 8, and the accumulated step's partitioned HLO): the 'separate' view (the 'shared' view goes
+  through the same two passes; its pass-1 features are checked below)."""
+  def config(accum, **fields):
     return tiny_aurora_config(global_batch_size=ACCUM_BATCH, strategy="zero2", grad_accum_steps=accum,
-                              **{"model.mim_view": "separate"})
+                              **{"model.mim_view": "separate"}, **fields)
   batches = _pair_batches(config(1), 2)
-  return _train(config(1), batches), _train(config(ACCUM_STEPS), batches)
+  state, _, history, hlo = test_train_step._train(config(ACCUM_STEPS, accumulate_unreduced=True), batches,
+                                                  with_hlo=True)
+  return _train(config(1), batches), (jax.device_get(state.params), history), hlo
 
 
 @pytest.mark.xdist_group("aurora_accumulation")
 def test_four_accumulation_steps_equal_one_step_of_four_times_the_batch(accumulation_runs):
   """Two-pass accumulation: the contrastive loss spans the whole batch of 32 (8 devices, zero2), not 8, and
-  its captioned examples only (a quarter are uncaptioned images)."""
-  (ref, ref_hist), (got, hist) = accumulation_runs
+  its captioned examples only (a quarter are uncaptioned images); the devices' unreduced sums, reduced once a
+  step, are the whole batch's gradient."""
+  (ref, ref_hist), (got, hist), _ = accumulation_runs
   for key in ("train/loss", "train/contrastive_loss", "train/caption_loss", "train/mim_loss", "train/grad_norm"):
     np.testing.assert_allclose(hist[-1][key], ref_hist[-1][key], rtol=2e-5, err_msg=key)
   chex.assert_trees_all_close(_without_key_biases(got), _without_key_biases(ref), atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.xdist_group("aurora_accumulation")
+def test_unreduced_accumulation_communicates_once_a_step(accumulation_runs):
+  """No collective runs inside the micro-batch loops (each device sums its own gradients); after them the fp32
+  gradients, a whole copy per device, are reduced across all 8 devices (both "nodes") once."""
+  _, (params, _), hlo = accumulation_runs
+  collectives = [k for k in hlo_cost.Program(hlo, devices_per_node=GPUS_PER_NODE).kernels if k.kind == "collective"]
+  assert not [(k.collective, k.label) for k in collectives if k.count > 1]
+  reductions = [k for k in collectives if k.collective in ("all-reduce", "reduce-scatter")]
+  across = sum(k.bytes for k in reductions if k.group_spans_nodes and k.group_size == 8)
+  whole = 4 * sum(np.size(x) for x in jax.tree.leaves(params))
+  assert whole < across < 1.5 * whole, (across, whole)
 
 
 def _without_key_biases(params):
@@ -213,7 +232,7 @@ def test_train_metrics_log_every_loss_term(accumulation_runs):
   """The first step's metrics, in one step and accumulated: the loss is the weighted sum of the logged terms."""
   config = tiny_aurora_config()
   weights = config.loss
-  for _, hist in accumulation_runs:
+  for _, hist in accumulation_runs[:2]:
     m = hist[0]
     total = (weights.mim_weight * m["train/mim_loss"] + weights.contrastive_weight * m["train/contrastive_loss"]
              + weights.caption_weight * m["train/caption_loss"])

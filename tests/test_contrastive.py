@@ -230,12 +230,14 @@ def _initial_params(model_json):
   return jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))()
 
 
-@pytest.mark.parametrize("mixup_alpha", [0.0, 0.4])
-def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_of_the_whole_batch(mixup_alpha):
+@pytest.mark.parametrize("mixup_alpha,per_device", [(0.0, False), (0.4, True)])
+def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_of_the_whole_batch(mixup_alpha,
+                                                                                                  per_device):
   """On a (data 2, fsdp 4) mesh the sharded loss (B_local x B_global logits) equals the single-device loss; with
   two-pass accumulation CLIP's negatives and Mixup partners span the whole batch of 32, not each micro-batch of
   8 (the partner of a micro-batch's first row sits in another micro-batch): the loss and the gradients of 4
-  micro-batches are those of the whole batch, unlike the mean of the micro-batches' own losses."""
+  micro-batches are those of the whole batch, unlike the mean of the micro-batches' own losses; also with each
+  device accumulating its own gradients, summed once (`per_device`)."""
   config = _tiny(global_batch_size=32, **{"data.augment.mixup_alpha": mixup_alpha, "mesh.data": 2, "mesh.fsdp": 4})
   mesh = parallel.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
@@ -248,7 +250,8 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   with mesh, parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
-    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated))(params)
+    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated,
+                                                          mesh if per_device else None))(params)
   np.testing.assert_allclose(want_loss, single_device_loss(params, batch), rtol=1e-5)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)

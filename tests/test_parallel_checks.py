@@ -1,5 +1,7 @@
 """parallel/checks.py: the global batch against its micro-batches, the mesh and the processes."""
 
+import re
+
 import pytest
 
 from visionfm_jax import config_lib
@@ -35,3 +37,14 @@ def test_batch_axes_must_divide_over_the_processes():
     checks.check_mesh(config, num_devices=2, num_processes=2)  # launch/local.sh 2 --config.mesh.tensor=2
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   checks.check_mesh(config, num_devices=2, num_processes=2)
+
+
+@pytest.mark.parametrize("fields,culprit", [({"strategy": "zero3"}, "config.strategy='zero3'"),
+                                           ({"strategy": "fsdp"}, "config.strategy='fsdp'"),
+                                           ({"strategy": "zero2", "mesh.tensor": 2}, "config.mesh.tensor=2")])
+def test_unreduced_accumulation_needs_whole_params_and_whole_rows_on_each_device(fields, culprit):
+  config = config_lib.set_paths(config_lib.base_config(), {"accumulate_unreduced": True, **fields})
+  with pytest.raises(ConfigError, match=re.escape(culprit)):
+    checks.check_batch(config)
+  config.strategy, config.mesh.tensor = "zero2", 1
+  checks.check_batch(config)

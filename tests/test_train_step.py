@@ -69,15 +69,24 @@ def _setup(config, task=None):
     with mesh, parallel.activation_sharding(mesh):
       state, metrics = jitted(state, jax.device_put(batch, batch_sharding))
     return state, jax.device_get(metrics)
+
+  def compiled_text(state, batch):
+    """The partitioned HLO of the step just run on `state` and `batch` (jit's cache: no second compile)."""
+    with mesh, parallel.activation_sharding(mesh):
+      return jitted.lower(state, jax.device_put(batch, batch_sharding)).compile().as_text()
+  step.compiled_text = compiled_text
   return state, step, specs
 
 
-def _train(config, batches):
+def _train(config, batches, with_hlo=False):
+  """(final state, state specs, metrics per step[, the step's partitioned HLO])."""
   state, step, specs = _setup(config)
   history = []
   for b in batches:
     state, m = step(state, b)
     history.append(m)
+  if with_hlo:
+    return state, specs, history, step.compiled_text(state, batches[-1])
   return state, specs, history
 
 
@@ -105,10 +114,13 @@ def test_ddp_state_is_replicated():
   assert all(all(a is None for a in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
 
-def test_gradient_accumulation_equals_one_big_batch():
+@pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}],
+                         ids=["reduced", "unreduced"])
+def test_gradient_accumulation_equals_one_big_batch(unreduced):
+  """Also with each device's gradients summed unreduced over the micro-batches and reduced once a step."""
   batches = _random_batches(tiny_vit_config(), 2)
   ref, _, ref_hist = _train(tiny_vit_config(), batches)
-  got, _, hist = _train(tiny_vit_config(grad_accum_steps=2), batches)
+  got, _, hist = _train(tiny_vit_config(grad_accum_steps=2, **unreduced), batches)
   chex.assert_trees_all_close(jax.device_get(got.params), jax.device_get(ref.params), atol=1e-5, rtol=1e-4)
   np.testing.assert_allclose(hist[-1]["train/loss"], ref_hist[-1]["train/loss"], rtol=1e-5)
 

@@ -145,6 +145,10 @@ def run_fields() -> dict:
       total_steps=1000,
       global_batch_size=256,
       grad_accum_steps=1,  # the global batch is split into this many micro-batches, scanned in one step
+      # With micro-batches: each device sums its own gradients over them, unreduced (a whole fp32 copy of the
+      # params per device), and the step reduces them once, after the last, instead of once per micro-batch
+      # (ddp / zero1 / zero2, mesh.tensor 1; training/train.py `per_device`).
+      accumulate_unreduced=False,
   )
 
 
@@ -647,7 +651,7 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|compile_cache|"
      r"progress_bar", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
-    (r"strategy|mesh\..+|grad_accum_steps|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
+    (r"strategy|mesh\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
     # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
     (r"optim\.ema_decay", FREE),

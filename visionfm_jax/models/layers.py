@@ -51,8 +51,8 @@ def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
   def wrapped(rng, shape, dtype=jnp.float32):
     flat = (math.prod(shape[:num_in]), math.prod(shape[num_in:])) if num_in else (math.prod(shape),)
     value = init(rng, flat, dtype)
-    if isinstance(value, meta.AxisMetadata):
-      return meta.replace_boxed(value, jnp.reshape(value.unbox(), shape))
+    if isinstance(value, meta.AxisMetadata):  # reshaped before its names (and their constraint) apply
+      return value.replace_boxed(jnp.reshape(value.unbox(apply_constraint=False), shape))
     return jnp.reshape(value, shape)
   return wrapped
 

@@ -3,16 +3,25 @@ batch against its micro-batches, and, once the device and process counts are kno
 
 from __future__ import annotations
 
+from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel.batch import data_parallel_size
 from visionfm_jax.parallel.mesh import mesh_shape
 
 
 def check_batch(config) -> None:
-  """ConfigError when config.global_batch_size does not split into config.grad_accum_steps micro-batches."""
+  """ConfigError when config.global_batch_size does not split into config.grad_accum_steps micro-batches, or
+  config.accumulate_unreduced asks for what its strategy or mesh cannot give."""
   if config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")
+  if config.accumulate_unreduced:
+    if config_lib.STRATEGY_ALIASES.get(config.strategy, config.strategy) == "zero3":
+      raise ConfigError(f"config.accumulate_unreduced=True needs each device to hold the whole params; "
+                        f"config.strategy={config.strategy!r} shards them (use zero2, zero1 or ddp)")
+    if config.mesh.tensor != 1:
+      raise ConfigError(f"config.accumulate_unreduced=True computes each device's rows alone; "
+                        f"config.mesh.tensor={config.mesh.tensor} splits them (set it to 1)")
 
 
 def check_mesh(config, num_devices: int, num_processes: int = 1) -> dict[str, int]:

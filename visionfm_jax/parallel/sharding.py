@@ -105,6 +105,17 @@ def activation_sharding(mesh):
     _ACTIVATION_MESH.reset(token)
 
 
+@contextlib.contextmanager
+def device_local():
+  """Within it (a shard_map manual over the whole mesh), code sees one device's rows: activation constraints
+  are off (`activation_mesh` is None)."""
+  token = _ACTIVATION_MESH.set(None)
+  try:
+    yield
+  finally:
+    _ACTIVATION_MESH.reset(token)
+
+
 def activation_mesh():
   """The mesh of the innermost `activation_sharding`, else None."""
   return _ACTIVATION_MESH.get()

@@ -77,44 +77,92 @@ def split_microbatches(batch, steps: int):
 
 
 def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
-  """(gradient of `scale` x the task's loss on `batch`, constrained to `grad_shardings`; the loss; its aux)."""
+  """(gradient of `scale` x the task's loss on `batch`, constrained to `grad_shardings` (None: left as it is); the
+  loss; its aux)."""
   def scaled_loss(p):
     loss, aux = task.loss(p, batch, rng)
     return loss * scale, (loss, aux)
   grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
-  return jax.lax.with_sharding_constraint(grads, grad_shardings), loss, aux
+  return _constrained(grads, grad_shardings), loss, aux
 
 
-def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings):
-  """`grads_of` averaged over `accum` micro-batches (micro-batch i's rng: `rng` folded with i), scanned."""
+def _constrained(tree, shardings):
+  return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
+
+
+def accumulates_per_device(task: tasks.Task, config) -> bool:
+  """Whether the step sums each device's gradients over the micro-batches unreduced and reduces them once
+  (`config.accumulate_unreduced`, with micro-batches, for a loss that per-device sums give exactly: a split
+  loss, or one that does not couple examples)."""
+  return (config.accumulate_unreduced and config.grad_accum_steps > 1
+          and (task.splits_loss or not task.couples_examples))
+
+
+def per_device(fn, mesh):
+  """fn(rows, rng, *row_args) run by each device of `mesh` on its own rows (a shard_map manual over the whole
+  mesh: no collective inside, so each device's gradient stays its own), device d drawing from `rng` folded with
+  d; results stacked on a leading device axis that `sum_devices` reduces. mesh None: fn itself."""
+  if mesh is None:
+    return fn
+  rows_spec = P(parallel.BATCH_AXES)
+
+  def local(rows, rngs, row_args):
+    with parallel.device_local():
+      return jax.tree.map(lambda x: x[None], fn(rows, rngs[0], *row_args))
+
+  def run(rows, rng, *row_args):
+    rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(mesh.size))
+    one_device = lambda x: jax.ShapeDtypeStruct((x.shape[0] // mesh.size,) + x.shape[1:], x.dtype)
+    with parallel.device_local():
+      out = jax.eval_shape(fn, jax.tree.map(one_device, rows), rng, *jax.tree.map(one_device, row_args))
+    in_specs = jax.tree.map(lambda _: rows_spec, (rows, rngs, row_args))
+    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=jax.tree.map(lambda _: rows_spec, out),
+                         check_vma=False)(rows, rngs, row_args)
+  return run
+
+
+def sum_devices(tree, mesh):
+  """The sum over `per_device`'s device axis: the step's one gradient reduction (identity for mesh None)."""
+  return tree if mesh is None else jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
+
+
+def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
+  """`grads_of` averaged over `accum` micro-batches (micro-batch i's rng: `rng` folded with i), scanned;
+  `device_mesh`: each device's own (`per_device`), averaged over the devices after the scan."""
   micro_batches = split_microbatches(batch, accum)
+  inner_shardings = None if device_mesh is not None else grad_shardings
+  micro_grads = per_device(lambda rows, r: grads_of(task, params, rows, r, scale, inner_shardings), device_mesh)
 
   def body(carry, xs):
     micro, i = xs
-    g, l, a = grads_of(task, params, micro, jax.random.fold_in(rng, i), scale, grad_shardings)
-    return jax.tree.map(jnp.add, carry, (g, l, a)), None
+    return jax.tree.map(jnp.add, carry, micro_grads(micro, jax.random.fold_in(rng, i))), None
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  zeros = jax.eval_shape(lambda: grads_of(task, params, first, rng, scale, grad_shardings))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), zeros)
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(micro_grads, first, rng))
   (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
-  return jax.tree.map(lambda x: x / accum, (grads, loss, aux))
+  devices = 1 if device_mesh is None else device_mesh.size
+  grads, loss, aux = jax.tree.map(lambda x: x / (accum * devices), sum_devices((grads, loss, aux), device_mesh))
+  return _constrained(grads, grad_shardings), loss, aux
 
 
-def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings):
+def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
   """Gradient of a `splits_loss` task's whole-batch loss, accumulated over `accum` micro-batches.
 
   Pass 1 computes every micro-batch's features (forward only) and reassembles them in batch order; the global
   term (e.g. the contrastive loss over all B examples) and its gradient w.r.t. params and features are taken
   on the whole batch; pass 2 backpropagates each micro-batch's local terms plus <features, their gradient>.
   Costs one extra forward of the feature path; equals the unaccumulated gradient up to float reordering.
+  `device_mesh`: both passes run per device (`per_device`, the same draws in each), whose gradients are summed
+  once, after the scan.
   """
   batch, context = task.whole_batch(batch, rng)
   micro_batches = split_microbatches(batch, accum)
   micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
 
-  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs, context)),
-                         (micro_batches, micro_rngs))
+  features_of = per_device(
+      lambda rows, r: jax.lax.stop_gradient(task.batch_features(params, rows, r, context)), device_mesh)
+  rows_of = lambda f: f if device_mesh is None else f.reshape((-1,) + f.shape[2:])
+  features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(*xs)), (micro_batches, micro_rngs))
   to_batch_order = lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:])  # row r of micro j: r*accum + j
   whole = jax.tree.map(to_batch_order, features)
   whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
@@ -122,15 +170,17 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
       task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
   to_micro = lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
   feature_grads = jax.tree.map(to_micro, feature_grads)
+  inner_shardings = None if device_mesh is not None else grad_shardings
 
-  def micro_grads(micro, micro_rng, feature_grad):
+  def one_micro_batch(micro, micro_rng, feature_grad):
     def local(p):
       loss, feats, aux = task.local_loss(p, micro, micro_rng, context)
       return (loss, feats), aux
     (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
     cotangent = (jnp.asarray(scale, loss.dtype),
                  jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
-    return jax.lax.with_sharding_constraint(vjp(cotangent)[0], grad_shardings), loss, aux
+    return _constrained(vjp(cotangent)[0], inner_shardings), loss, aux
+  micro_grads = per_device(one_micro_batch, device_mesh)
 
   def body(carry, xs):
     return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
@@ -138,11 +188,14 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
   first = jax.tree.map(lambda x: x[0], (micro_batches, micro_rngs, feature_grads))
   zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, *first))
   (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, micro_rngs, feature_grads))
+  grads, loss, aux = sum_devices((grads, loss, aux), device_mesh)
   grads = jax.tree.map(lambda g, gg: g + gg * scale, grads, global_grads)
-  return grads, loss + global_loss, {**aux, **global_aux}
+  return _constrained(grads, grad_shardings), loss + global_loss, {**aux, **global_aux}
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings):
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, device_mesh=None):
+  """The train step; `device_mesh`: the mesh when each device accumulates its own gradients
+  (`accumulates_per_device`)."""
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
@@ -155,9 +208,9 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     if accum == 1:
       grads, loss, aux = grads_of(task, state.params, batch, rng, scale, grad_shardings)
     elif task.splits_loss:
-      grads, loss, aux = two_pass_grads(task, state.params, batch, accum, rng, scale, grad_shardings)
+      grads, loss, aux = two_pass_grads(task, state.params, batch, accum, rng, scale, grad_shardings, device_mesh)
     else:
-      grads, loss, aux = accumulated_grads(task, state.params, batch, accum, rng, scale, grad_shardings)
+      grads, loss, aux = accumulated_grads(task, state.params, batch, accum, rng, scale, grad_shardings, device_mesh)
 
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.global_norm(grads)
@@ -197,7 +250,8 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
   boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
   specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  return jax.jit(make_train_step(task, tx, config, grad_shardings),
+  device_mesh = mesh if accumulates_per_device(task, config) else None
+  return jax.jit(make_train_step(task, tx, config, grad_shardings, device_mesh),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
                  donate_argnums=0)
 
