@@ -45,12 +45,27 @@ LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", 
 
 @pytest.fixture
 def initialize_calls(monkeypatch):
-  """Records jax.distributed.initialize calls instead of joining anything; a clean launch environment."""
+  """Records jax.distributed.initialize calls (but the heartbeat timeout, tested below) instead of joining
+  anything; a clean launch environment."""
   for name in LAUNCH_ENV:
     monkeypatch.delenv(name, raising=False)
   calls = []
-  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: calls.append(kwargs))
+  record = lambda **kwargs: calls.append({k: v for k, v in kwargs.items() if k != "heartbeat_timeout_seconds"})
+  monkeypatch.setattr(jax.distributed, "initialize", record)
   return calls
+
+
+def test_jax_heartbeat_outlasts_the_peer_watch(monkeypatch):
+  """JAX's heartbeat timeout (which aborts with no name) is at least 3x config.peer_timeout_s and never under its
+  default 100 s, so PeerWatch names a dead peer first."""
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12345")
+  timeouts = []
+  record = lambda **kwargs: timeouts.append(kwargs["heartbeat_timeout_seconds"])
+  monkeypatch.setattr(jax.distributed, "initialize", record)
+  distributed.initialize("auto", peer_timeout_s=30)
+  distributed.initialize("auto", peer_timeout_s=60)
+  distributed.initialize("auto")
+  assert timeouts == [100, 180, 100]
 
 
 def test_initialize_is_skipped_without_a_launch_environment(initialize_calls):
@@ -387,6 +402,27 @@ def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path):
   assert any(f"is in use by another run (host {socket.gethostname()}, pid {holder};" in e for e in errors), errors
   assert any("process 0 could not take the lock" in e for e in errors), errors
   assert not (workdir / "checkpoints").exists()
+
+
+def test_a_killed_process_ends_the_job_in_seconds_with_a_line_naming_it(tmp_path):
+  """Process 1 is killed outright (SIGKILL: no chance to save or to say anything, as the OOM killer or a lost node
+  does). Process 0, waiting on it, prints one error line naming it and exits 75 (requeue) within
+  config.peer_timeout_s and a beat or two, not after JAX's own heartbeat timeout (100 s) with pages of C++ logs;
+  the checkpoint committed before the kill stays."""
+  timeout_s = 5
+  job = _Job(tmp_path / "run", "--config.total_steps=100000", f"--config.peer_timeout_s={timeout_s}")
+  job.wait_for_checkpoint(10)
+  first, second = job.trainers()
+  os.kill(second, signal.SIGKILL)
+  waited = _wait_gone(first, timeout=90)
+  code, out = job.finish(timeout=60)
+  assert waited is not None and waited < timeout_s + 15, (waited, out[-6000:])
+  assert code != 0
+  assert re.search(rf"error: process 1 of 2 \(last seen: host \S+, pid {second}\) has sent no heartbeat for \d+s "
+                   rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 0 exits with code "
+                   rf"{faults.HUNG_EXIT_CODE}", out), out[-6000:]
+  assert "Terminating process because the JAX distributed service" not in out
+  assert (tmp_path / "run" / "checkpoints" / "10").is_dir()
 
 
 def test_a_stalled_process_ends_the_whole_job(tmp_path):

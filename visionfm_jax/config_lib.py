@@ -349,6 +349,10 @@ def loop_fields() -> dict:
       # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,
+      # In a job of several processes, one whose peer has sent no heartbeat for this long (killed outright, its
+      # node lost) prints an error line naming it and exits so the job can be requeued (training/faults.py
+      # PeerWatch); 0: never (JAX's own heartbeat then aborts the job after 100 s, naming no one).
+      peer_timeout_s=30.0,
       # A run of the same SLURM job (a requeue) waits this long for its predecessor to release the workdir's
       # lock (training/workdir.py); any other holder is refused at once.
       lock_wait_s=60.0,
@@ -540,7 +544,7 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"model\.remat_policy", Choices(REMAT_POLICIES)),
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
-    (r"step_timeout_s", Domain(0, note="0: no timeout")),
+    (r"step_timeout_s|peer_timeout_s", Domain(0, note="0: no timeout")),
     (r"checkpoint_keep_period", Domain(0, integer=True, note="0: none")),
     (r"lock_wait_s", NON_NEGATIVE),
     (r"mesh\.(data|fsdp|tensor)", Domain(1, integer=True, extra=(-1,), note="-1: the devices left")),
@@ -649,8 +653,8 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"model\.(\w+\.)?(attention|remat_policy)", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
-    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|lock_wait_s|compile_cache|"
-     r"progress_bar", FREE),
+    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|peer_timeout_s|lock_wait_s|"
+     r"compile_cache|progress_bar", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself

@@ -84,12 +84,22 @@ def main(argv):
       return
     _check_no_dry_run_flags()
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
-    distributed.initialize(_DISTRIBUTED.value)
+    distributed.initialize(_DISTRIBUTED.value, _CONFIG.value.peer_timeout_s)
     import jax  # pylint: disable=g-import-not-at-top
-    from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
+    from visionfm_jax.training import faults, train  # pylint: disable=g-import-not-at-top
     logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
-    train.run(_CONFIG.value, _WORKDIR.value)
+    peers = faults.PeerWatch(_CONFIG.value.peer_timeout_s)
+    try:
+      train.run(_CONFIG.value, _WORKDIR.value)
+    except UserError:
+      peers.close(failed=True)
+      raise
+    except Exception:  # a collective that failed because a peer died (gloo) names that peer, else it is ours
+      peers.name_a_lost_peer()
+      peers.close(failed=True)
+      raise
+    peers.close()
   except UserError as e:
     _exit_with(e)
 

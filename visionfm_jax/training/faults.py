@@ -21,6 +21,7 @@ from __future__ import annotations
 import faulthandler
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -139,3 +140,88 @@ class Watchdog:
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
     os._exit(HUNG_EXIT_CODE)  # the main thread is blocked in native code: only a hard exit ends the process
+
+
+class PeerWatch:
+  """Ends this process within `timeout_s` of another process of the job dying, with one `error:` line naming it.
+
+  A process killed outright (the OOM killer, a failed node: no chance to save or say anything) leaves the others
+  waiting in their next collective. JAX's coordination service notices only after its own heartbeat timeout
+  (set longer than this one by `parallel.distributed.initialize`), and then aborts every process with pages of
+  C++ logs that name no one. Here each process beats (a counter under `visionfm/alive/<index>` in the service's
+  key-value store) every `timeout_s` / 10 seconds (0.2 to 5) from a daemon thread, and watches the others' beats:
+  a peer whose counter has not moved for `timeout_s` is gone, and this process exits with `HUNG_EXIT_CODE` so
+  the scheduler requeues the job, which resumes from the newest complete checkpoint. A process that ends says
+  so (`close`): 'done' lets the others finish alone; 'failed' (an error it has printed) ends those that are still
+  running `timeout_s` later (an error all processes agree on ends each of them on its own, with its own line).
+  The coordinator itself (process 0) gone: the beat cannot be written, and that names it.
+  """
+
+  PREFIX = "visionfm/alive/"
+
+  def __init__(self, timeout_s: float):
+    from jax._src import distributed  # pylint: disable=g-import-not-at-top
+    self.timeout_s = float(timeout_s)
+    self._client = distributed.global_state.client
+    self._me, self._count = jax.process_index(), jax.process_count()
+    self._stop = threading.Event()
+    self._thread = None
+    if self.timeout_s > 0 and self._count > 1 and self._client is not None:
+      self._thread = threading.Thread(target=self._watch, name="visionfm-peer-watch", daemon=True)
+      self._thread.start()
+
+  def name_a_lost_peer(self) -> None:
+    """Keeps watching for `timeout_s` and a beat (an error this process hit may be a dead peer's doing: a
+    collective whose peer is gone fails at once on the CPU): a peer found gone ends this process naming it."""
+    if self._thread is not None:
+      logging.warning("an error stopped this process: watching its peers for %gs before reporting it",
+                      self.timeout_s)
+      self._thread.join(self.timeout_s + 2 * min(max(self.timeout_s / 10, 0.2), 5.0))
+
+  def close(self, failed: bool = False) -> None:
+    """Stops beating and tells the others this process ended ('failed': with an error of its own)."""
+    if self._thread is None:
+      return
+    self._stop.set()
+    self._thread.join()
+    try:
+      self._client.key_value_set(f"{self.PREFIX}{self._me}", "failed" if failed else "done", allow_overwrite=True)
+    except Exception:  # pylint: disable=broad-except  # the service is gone: there is no one left to tell
+      pass
+
+  def _watch(self) -> None:
+    interval = min(max(self.timeout_s / 10, 0.2), 5.0)
+    host, beats = socket.gethostname(), 0
+    last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
+    while not self._stop.wait(interval):
+      beats += 1
+      try:
+        self._client.key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
+                                   allow_overwrite=True)
+      except Exception as e:  # pylint: disable=broad-except
+        if not self._stop.is_set():
+          self._abort(f"the coordinator, process 0 of {self._count}, is gone (its key-value store refused this "
+                      f"process's heartbeat: {str(e).splitlines()[0][:200]})")
+        return
+      now = time.monotonic()
+      for peer, (value, since) in list(last_seen.items()):
+        try:
+          current = self._client.key_value_try_get(f"{self.PREFIX}{peer}")
+        except Exception:  # pylint: disable=broad-except  # no beat yet
+          current = None
+        if current == "done":
+          del last_seen[peer]
+        elif current != value:
+          last_seen[peer] = (current, now)
+        elif current == "failed" and now - since > self.timeout_s:  # its error did not end this process too
+          self._abort(f"process {peer} of {self._count} stopped {now - since:.0f}s ago with an error (its own error "
+                      f"line says which)")
+        elif now - since > self.timeout_s:
+          where = f" (last seen: host {value.split()[1]}, pid {value.split()[2]})" if value else ""
+          self._abort(f"process {peer} of {self._count}{where} has sent no heartbeat for {now - since:.0f}s "
+                      f"(config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
+
+  def _abort(self, what: str) -> None:
+    print(f"error: {what}. Process {self._me} exits with code {HUNG_EXIT_CODE} so that the job is requeued; it "
+          f"resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
+    os._exit(HUNG_EXIT_CODE)  # the main thread may be blocked in a collective: only a hard exit ends the process
