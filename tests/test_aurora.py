@@ -11,9 +11,9 @@ import pytest
 from conftest import random_params, tiny_aurora_config
 import test_train_step
 from visionfm_jax import config_lib, tasks
+from visionfm_jax.bench import hlo_cost
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.bench import hlo_cost
 from visionfm_jax.tools import summary
 from visionfm_jax.training import param_rules
 

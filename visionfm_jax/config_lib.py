@@ -145,10 +145,9 @@ def run_fields() -> dict:
       total_steps=1000,
       global_batch_size=256,
       grad_accum_steps=1,  # the global batch is split into this many micro-batches, scanned in one step
-      # With micro-batches: each device sums its own gradients over them, unreduced (two fp32 copies of the
-      # params per device: the sum and the micro-batch's), and the step reduces them once, after the last, instead
-      # of once per micro-batch
-      # (ddp / zero1 / zero2, mesh.tensor 1; training/train.py `per_device`).
+      # With micro-batches: each device sums its own gradients over them, unreduced, and the step reduces them
+      # once, after the last, instead of once per micro-batch; costs two fp32 copies of the params per device (the
+      # sum and the micro-batch's). ddp / zero1 / zero2 with mesh.tensor 1 (training/train.py `per_device`).
       accumulate_unreduced=False,
   )
 

@@ -164,6 +164,7 @@ class PeerWatch:
     self.timeout_s = float(timeout_s)
     self._client = distributed.global_state.client
     self._me, self._count = jax.process_index(), jax.process_count()
+    self._interval = min(max(self.timeout_s / 10, 0.2), 5.0)
     self._stop = threading.Event()
     self._thread = None
     if self.timeout_s > 0 and self._count > 1 and self._client is not None:
@@ -176,7 +177,7 @@ class PeerWatch:
     if self._thread is not None:
       logging.warning("an error stopped this process: watching its peers for %gs before reporting it",
                       self.timeout_s)
-      self._thread.join(self.timeout_s + 2 * min(max(self.timeout_s / 10, 0.2), 5.0))
+      self._thread.join(self.timeout_s + 2 * self._interval)
 
   def close(self, failed: bool = False) -> None:
     """Stops beating and tells the others this process ended ('failed': with an error of its own)."""
@@ -190,10 +191,9 @@ class PeerWatch:
       pass
 
   def _watch(self) -> None:
-    interval = min(max(self.timeout_s / 10, 0.2), 5.0)
     host, beats = socket.gethostname(), 0
     last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
-    while not self._stop.wait(interval):
+    while not self._stop.wait(self._interval):
       beats += 1
       try:
         self._client.key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
