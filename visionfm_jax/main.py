@@ -45,8 +45,11 @@ _DRY_RUN_PROCESSES = flags.DEFINE_integer(
 flags.mark_flags_as_required(["config", "workdir"])
 
 
-def _exit_with(error: UserError) -> None:
+def _exit_with(error: UserError, peers=None) -> None:
+  """Prints the error line, then tells the job's other processes (`peers`: faults.PeerWatch) and exits 2."""
   print(cli.error_line(error), file=sys.stderr, flush=True)
+  if peers is not None:
+    peers.close(failed=True)
   if isinstance(error, WorkdirError):
     # A failed save leaves Orbax's threads and asyncio tasks behind, each of whose errors the interpreter's
     # shutdown would print again after this line: the run has stopped, so end the process here.
@@ -92,9 +95,8 @@ def main(argv):
     peers = faults.PeerWatch(_CONFIG.value.peer_timeout_s)
     try:
       train.run(_CONFIG.value, _WORKDIR.value)
-    except UserError:
-      peers.close(failed=True)
-      raise
+    except UserError as e:
+      _exit_with(e, peers)
     except Exception:  # a collective that failed because a peer died (gloo) names that peer, else it is ours
       peers.name_a_lost_peer()
       peers.close(failed=True)

@@ -180,13 +180,18 @@ class PeerWatch:
       self._thread.join(self.timeout_s + 2 * self._interval)
 
   def close(self, failed: bool = False) -> None:
-    """Stops beating and tells the others this process ended ('failed': with an error of its own)."""
+    """Stops beating and tells the others this process ended ('failed': with an error of its own), waiting at most
+    a second: the process is about to exit, and a call to a coordinator that is gone may hang."""
     if self._thread is None:
       return
     self._stop.set()
-    self._thread.join()
+    tell = threading.Thread(target=self._tell, args=("failed" if failed else "done",), daemon=True)
+    tell.start()
+    tell.join(timeout=1.0)
+
+  def _tell(self, state: str) -> None:
     try:
-      self._client.key_value_set(f"{self.PREFIX}{self._me}", "failed" if failed else "done", allow_overwrite=True)
+      self._client.key_value_set(f"{self.PREFIX}{self._me}", state, allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except  # the service is gone: there is no one left to tell
       pass
 
@@ -222,6 +227,8 @@ class PeerWatch:
                       f"(config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
 
   def _abort(self, what: str) -> None:
+    if self._stop.is_set():  # this process is ending on its own, with its own line
+      return
     print(f"error: {what}. Process {self._me} exits with code {HUNG_EXIT_CODE} so that the job is requeued; it "
           f"resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
     os._exit(HUNG_EXIT_CODE)  # the main thread may be blocked in a collective: only a hard exit ends the process
