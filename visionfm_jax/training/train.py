@@ -112,11 +112,8 @@ def per_device(fn, mesh):
 
   def run(rows, rng, *row_args):
     rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(mesh.size))
-    one_device = lambda x: jax.ShapeDtypeStruct((x.shape[0] // mesh.size,) + x.shape[1:], x.dtype)
-    with parallel.device_local():
-      out = jax.eval_shape(fn, jax.tree.map(one_device, rows), rng, *jax.tree.map(one_device, row_args))
-    in_specs = jax.tree.map(lambda _: rows_spec, (rows, rngs, row_args))
-    return jax.shard_map(local, mesh=mesh, in_specs=in_specs, out_specs=jax.tree.map(lambda _: rows_spec, out),
+    # one spec for every leaf of each argument and of the result (shard_map takes tree prefixes)
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 3, out_specs=rows_spec,
                          check_vma=False)(rows, rngs, row_args)
   return run
 
