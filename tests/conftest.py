@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 
 
 def _known_to_xla(flags: str) -> bool:
@@ -41,6 +42,12 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # cut the two slowest tests from 214 to 157 s. Set in the environment so that the multi-process tests' children
 # inherit it; export it as 0 to test the optimised code.
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
+# The trackers' runs stay on disk (no test reaches a network): W&B offline, its settings and caches under a temporary
+# folder; MLflow in each workdir's own database.
+os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", **{
+    f"WANDB_{kind}_DIR": os.path.join(tempfile.gettempdir(), f"visionfm_tests_wandb_{kind.lower()}")
+    for kind in ("CONFIG", "CACHE", "DATA", "ARTIFACT")})
+os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -156,6 +163,15 @@ def randomize_hf_params(model, seed: int) -> None:
         p.copy_(0.3 * noise)
       else:
         p.copy_(noise / math.sqrt(p[0].numel()))
+
+
+@pytest.fixture(autouse=True)
+def no_shared_wandb_service():
+  """W&B's in-process runs (the trackers' tests) export WANDB_SERVICE, the address of this process's W&B service:
+  a training subprocess that inherited it would join that service, where a killed run's id stays in use."""
+  os.environ.pop("WANDB_SERVICE", None)
+  yield
+  os.environ.pop("WANDB_SERVICE", None)
 
 
 @pytest.fixture(scope="module")

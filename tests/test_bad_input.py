@@ -83,6 +83,8 @@ CASES = [
     ("resume_with_another_schedule", [*TINY, "--workdir=<good>"],
      ["config.total_steps 2 -> 4", "--config.resume.allow_changes=total_steps"]),
     ("unknown_allowed_change", [DEMO, "--config.resume.allow_changes=lr"], ["config.resume.allow_changes='lr'"]),
+    ("unknown_tracker", [DEMO, "--config.report_to=tensorboard,comet"],
+     ["config.report_to='tensorboard,comet'", "tensorboard, wandb, mlflow, or 'none'"]),
     ("workdir_under_a_file", [*TINY, "--workdir=README.md/run"], ["README.md/run", "errno ENOTDIR"]),
     # --dry_run: the same checks, for the planned devices and processes, with nothing written
     ("dry_run_devices_without_dry_run", [*TINY, "--dry_run_devices=8"], ["--dry_run_devices", "--dry_run"]),

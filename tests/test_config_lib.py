@@ -16,7 +16,7 @@ DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_cls.py:B,640,demo", "
 def test_base_config_is_its_sections():
   config = config_lib.base_config("swinv2")
   sections = [*config_lib.run_fields(), *config_lib.parallel_fields(), "model", "optim", "precision", "health", "data",
-              *config_lib.init_from_fields(), "probe", *config_lib.loop_fields(), "resume"]
+              *config_lib.init_from_fields(), "probe", *config_lib.loop_fields(), *config_lib.tracking_fields(), "resume"]
   assert len(set(sections)) == len(sections) and set(config.keys()) == set(sections)
   assert config.model.name == "swinv2" and config.data.augment == config_lib.augment_config()
 

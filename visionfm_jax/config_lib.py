@@ -133,6 +133,7 @@ def base_config(model: str = "vit") -> ml_collections.ConfigDict:
       **init_from_fields(),
       probe=probe_config(),
       **loop_fields(),
+      **tracking_fields(),
       resume=resume_config(),
   ))
 
@@ -361,6 +362,35 @@ def loop_fields() -> dict:
       compile_cache="",
       progress_bar=True,
   )
+
+
+TRACKERS = ("tensorboard", "wandb", "mlflow")
+
+
+def tracking_fields() -> dict:
+  """Where the metrics go besides metrics.jsonl, which is always written (training/trackers.py)."""
+  return dict(
+      # Comma-separated trackers: tensorboard, wandb, mlflow (each but tensorboard an extra: pip install -e
+      # '.[wandb]'); 'none': metrics.jsonl alone.
+      report_to="tensorboard",
+      # W&B's project, entity, run name ('' = the workdir's name) and tags; WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME
+      # and WANDB_TAGS win, WANDB_MODE=offline keeps the run on disk for `wandb sync`.
+      wandb=ml_collections.ConfigDict(dict(project="visionfm_jax", entity="", name="", tags=())),
+      # The MLflow experiment; the tracking URI is MLFLOW_TRACKING_URI, else sqlite:///<workdir>/mlflow.db.
+      mlflow=ml_collections.ConfigDict(dict(experiment="visionfm_jax")),
+  )
+
+
+def report_to(config: ml_collections.ConfigDict) -> tuple[str, ...]:
+  """config.report_to as tracker names (() for 'none'); ConfigError naming an unknown one."""
+  names = tuple(dict.fromkeys(name.strip() for name in config.report_to.split(",") if name.strip()))
+  if names == ("none",):
+    return ()
+  unknown = [name for name in names if name not in TRACKERS]
+  if unknown or not names:
+    raise ConfigError(f"config.report_to={config.report_to!r}: expected a comma-separated list of "
+                      f"{', '.join(TRACKERS)}, or 'none'")
+  return names
 
 
 def resume_config() -> ml_collections.ConfigDict:
@@ -637,6 +667,7 @@ def check(config: ml_collections.ConfigDict) -> None:
   allow_changes naming fields. ConfigError naming the field."""
   check_domains(config)
   allowed_changes(config)
+  report_to(config)
 
 
 # ------------------------------------------------------------------------------------------ resuming
@@ -653,7 +684,7 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|peer_timeout_s|lock_wait_s|"
-     r"compile_cache|progress_bar", FREE),
+     r"compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself

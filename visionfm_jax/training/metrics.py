@@ -1,4 +1,5 @@
-"""Metric sinks: `metrics.jsonl` and TensorBoard events. Process 0 writes. (The console: `console.py`.)"""
+"""The run's metric writer: `metrics.jsonl` and the trackers (training/trackers.py). Process 0 writes. (The console:
+`console.py`.)"""
 
 from __future__ import annotations
 
@@ -11,36 +12,36 @@ from absl import logging
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import WorkdirError
-from visionfm_jax.training import tensorboard, workdir as workdir_lib
+from visionfm_jax.training import trackers, workdir as workdir_lib
 
 
 class MetricWriter:
-  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and the same scalars to
-  `<workdir>/tensorboard/`.
+  """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and the same scalars to each tracker of
+  `config.report_to` (training/trackers.py; TensorBoard alone without a config).
 
   A run resumed at `resume_step` first drops the rows of later steps: a run that stopped after its last
-  checkpoint logged them, and this one logs those steps again. TensorBoard drops them too (`EventFile.restart`).
+  checkpoint logged them, and this one logs those steps again; the trackers rewind with it.
 
   A write the storage refuses (a full disk, a lost mount) does not raise: it becomes `failure`, a WorkdirError
   naming the workdir and the errno, which the loop raises on every process at its next agreed point (process 0
   alone writes, so raising at once would leave the others waiting in the next step), and nothing more is
-  written."""
+  written. A tracker outside the workdir (W&B, MLflow) that fails is dropped with a warning."""
 
-  def __init__(self, workdir: str, resume_step: int = 0):
+  def __init__(self, workdir: str, resume_step: int = 0, config=None):
     self.enabled = jax.process_index() == 0
     self.failure: WorkdirError | None = None
     if not self.enabled:
       return
     self._workdir = workdir
     self._path = os.path.join(workdir, "metrics.jsonl")
-    self._jsonl = self._tb = None
+    self._jsonl = None
+    self._sinks = []
     with self._storage_faults_named():
       os.makedirs(workdir, exist_ok=True)
-      _drop_rows_after(self._path, resume_step)
+      dropped = _drop_rows_after(self._path, resume_step)
       self._jsonl = open(self._path, "a", encoding="utf-8")
-      self._tb = tensorboard.EventFile(os.path.join(workdir, "tensorboard"))
-      if resume_step:
-        self._tb.restart(resume_step + 1)
+      kept = tuple(_rows(self._path)) if resume_step else ()
+      self._sinks = trackers.open_sinks(config, workdir, trackers.Start(resume_step, kept, dropped > 0))
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled or not metrics or self.failure is not None:
@@ -49,11 +50,11 @@ class MetricWriter:
     with self._storage_faults_named():
       self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
       self._jsonl.flush()
-      self._tb.scalars(int(step), clean)
+    self._each_sink(lambda sink: sink.scalars(int(step), clean))
 
   def note(self, step: int, record: dict) -> None:
     """Appends `{"step": step, **record}` to metrics.jsonl alone: values that are not scalars (the checkpoints
-    a rollback moved aside), which TensorBoard does not take."""
+    a rollback moved aside), which the trackers do not take."""
     if not self.enabled or self.failure is not None:
       return
     with self._storage_faults_named():
@@ -68,17 +69,34 @@ class MetricWriter:
       self._jsonl.close()
       _drop_rows_after(self._path, step, why)
       self._jsonl = open(self._path, "a", encoding="utf-8")
-      self._tb.restart(step + 1)
+      kept = [row for row in _rows(self._path) if row["step"] == step]
+    if self.failure is None:
+      self._each_sink(lambda sink: sink.rewind(step, kept))
 
-  def close(self) -> None:
+  def close(self, final: dict[str, float] | None = None) -> None:
+    """Closes metrics.jsonl and the trackers: `final` (the run's last metrics) ends their runs as finished, with
+    `final` as their summary; None (the run stopped on an error) as failed."""
     if not self.enabled:
       return
-    for file in (self._jsonl, self._tb):
-      if file is not None:
-        try:
-          file.close()
-        except OSError:  # the failure that stops the run was reported already, or is the next write's to report
-          pass
+    for sink in [s for s in self._sinks if s.in_workdir]:
+      self._sinks.remove(sink)
+      _close_quietly(sink, final)
+    self._each_sink(lambda sink: sink.close(final))
+    if self._jsonl is not None:
+      _close_quietly(self._jsonl)
+
+  def _each_sink(self, call) -> None:
+    for sink in list(self._sinks):
+      if sink.in_workdir:
+        with self._storage_faults_named():
+          call(sink)
+        continue
+      try:
+        call(sink)
+      except Exception as e:  # pylint: disable=broad-except
+        logging.warning("%s failed (%s: %s): no more metrics go to it this run; metrics.jsonl has them all",
+                        sink.name, type(e).__name__, e)
+        self._sinks.remove(sink)
 
   @contextlib.contextmanager
   def _storage_faults_named(self):
@@ -88,16 +106,37 @@ class MetricWriter:
       self.failure = workdir_lib.storage_error("cannot write metrics to", self._workdir, e)
 
 
+def _close_quietly(file, *args) -> None:
+  try:
+    file.close(*args)
+  except OSError:  # the failure that stops the run was reported already, or is the next write's to report
+    pass
+
+
 def _drop_rows_after(path: str, step: int,
-                     why: str = "logged by a run that stopped before its next checkpoint") -> None:
+                     why: str = "logged by a run that stopped before its next checkpoint") -> int:
+  """Drops the rows of steps after `step`; returns how many."""
   if not os.path.exists(path):
-    return
+    return 0
   with open(path, encoding="utf-8") as f:
     lines = f.readlines()
   kept = [line for line in lines if _step_of(line) <= step]
   if len(kept) < len(lines):
     atomic.write(path, "".join(kept))
     logging.info("metrics.jsonl: dropped %d rows after step %d, %s", len(lines) - len(kept), step, why)
+  return len(lines) - len(kept)
+
+
+def _rows(path: str):
+  """metrics.jsonl's rows (dicts with a step), in order."""
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      try:
+        row = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(row, dict) and "step" in row:
+        yield row
 
 
 def _step_of(line: str) -> float:

@@ -319,16 +319,18 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     _write_config(config, workdir, start_step)
 
     train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
-    writer = metrics.MetricWriter(workdir, resume_step=start_step)
+    writer = metrics.MetricWriter(workdir, resume_step=start_step, config=config)
     rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, changes)
+    final = None
     try:
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
                    writer, task, rollbacks)
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
-    finally:  # a run that stops on an error still closes its metric files
-      writer.close()
+      final = last
+    finally:  # a run that stops on an error still closes its metric files, and its tracker runs as failed
+      writer.close(final=final)
   return last
 
 

@@ -1,0 +1,119 @@
+"""Reading a workdir's tracker runs back with the trackers' own libraries, to compare with its metrics.jsonl.
+
+W&B: an offline run is a folder `wandb/offline-run-<time>-<id>[-n]/` per process (and per rewind) holding
+`run-<id>.wandb`, a transaction log that `wandb sync` uploads. No public reader of it ships, so `wandb_runs` reads
+its framing (LevelDB's log format: 32 KiB blocks of records, each a 7-byte header of CRC-32C, length and kind
+full/first/middle/last, after a 7-byte file header ':W&B', 0xBEE1, version 0) and parses each record with W&B's
+own protobuf class, `wandb.proto.wandb_internal_pb2.Record`. The segments of one run id apply in their start
+order, each rewind (a run record with a branch point) truncating the history after its step, as W&B does.
+MLflow: `MlflowClient().get_metric_history`, the latest value of each step by timestamp.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import json
+import os
+import struct
+
+_BLOCK = 32768
+_HEADER = 7
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def jsonl_scalars(workdir) -> dict[int, dict[str, float]]:
+  """{step: {key: value}} of metrics.jsonl, a later row's value of a key at a step replacing an earlier one."""
+  steps = collections.defaultdict(dict)
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    for line in f:
+      row = json.loads(line)
+      steps[row["step"]].update({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+  return dict(steps)
+
+
+def wandb_records(path: str):
+  """The `Record`s of one W&B transaction log."""
+  from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+  with open(path, "rb") as f:
+    data = f.read()
+  assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), path
+  pos, pending = _HEADER, b""
+  while pos + _HEADER <= len(data):
+    left = _BLOCK - pos % _BLOCK
+    if left < _HEADER:  # a block's tail too short for a header is padding
+      pos += left
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+    pos += _HEADER
+    if kind == 0:  # zeros: the rest of the block is padding
+      pos += left - _HEADER
+      continue
+    pending += data[pos:pos + length]
+    pos += length
+    if kind in (_FULL, _LAST):
+      record = wandb_internal_pb2.Record()
+      record.ParseFromString(pending)
+      yield record
+      pending = b""
+
+
+def wandb_runs(workdir) -> dict[str, dict]:
+  """{run id: {"history": {step: {key: value}}, "exit_codes": [one per segment that ended], "summary": {...},
+  "segments": n, "rewinds": [step, ...]}} of the offline W&B runs under `<workdir>/wandb/`."""
+  segments = []
+  for path in glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")):
+    records = list(wandb_records(path))
+    run = next((r.run for r in records if r.WhichOneof("record_type") == "run"), None)
+    if run is None:  # a process killed before W&B wrote anything of its run
+      continue
+    segments.append(((run.start_time.seconds, run.start_time.nanos, path), run, records))
+  runs = {}
+  for _, run, records in sorted(segments, key=lambda s: s[0]):
+    out = runs.setdefault(run.run_id, {"history": {}, "exit_codes": [], "summary": {}, "segments": 0, "rewinds": []})
+    out["segments"] += 1
+    if run.branch_point.run:
+      assert run.branch_point.run == run.run_id and run.branch_point.metric == "_step", run.branch_point
+      cut = run.branch_point.value
+      out["history"] = {step: row for step, row in out["history"].items() if step <= cut}
+      out["rewinds"].append(int(cut))
+    for record in records:
+      kind = record.WhichOneof("record_type")
+      if kind == "history":
+        row = {_key(item): json.loads(item.value_json) for item in record.history.item}
+        step = row.pop("_step")
+        out["history"].setdefault(step, {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+      elif kind == "summary":
+        out["summary"].update({_key(item): json.loads(item.value_json) for item in record.summary.update
+                               if not _key(item).startswith("_")})
+      elif kind == "exit":
+        out["exit_codes"].append(record.exit.exit_code)
+  return runs
+
+
+def _key(item) -> str:
+  return item.key or "/".join(item.nested_key)
+
+
+def mlflow_runs(workdir, tracking_uri: str | None = None) -> dict[str, dict]:
+  """{run id: {"status": ..., "history": {step: {key: latest value}}, "params": {...}, "artifacts": [...]}} of
+  every run in every experiment of the workdir's MLflow store (sqlite:///<workdir>/mlflow.db unless given)."""
+  from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+  client = MlflowClient(tracking_uri or f"sqlite:///{os.path.join(os.path.abspath(workdir), 'mlflow.db')}")
+  runs = {}
+  for experiment in client.search_experiments():
+    for run in client.search_runs([experiment.experiment_id]):
+      history = collections.defaultdict(dict)
+      for key in run.data.metrics:
+        latest = {}
+        for metric in client.get_metric_history(run.info.run_id, key):
+          if metric.step not in latest or metric.timestamp > latest[metric.step].timestamp:
+            latest[metric.step] = metric
+          else:
+            assert metric.timestamp != latest[metric.step].timestamp, (key, metric.step)  # no tie to break
+        for step, metric in latest.items():
+          history[step][key] = metric.value
+      runs[run.info.run_id] = {"status": run.info.status, "history": dict(history), "params": run.data.params,
+                               "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
+                               "experiment": experiment.name}
+  return runs
