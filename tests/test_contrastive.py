@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
+from PIL import Image
 
 from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
@@ -19,9 +20,9 @@ import test_real_data
 from visionfm_jax import data, parallel, tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checkpoint, optim, train
-from visionfm_jax.evaluate import retrieval, zeroshot
+from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.models import clip
-from visionfm_jax.tasks import contrastive
+from visionfm_jax.tasks import contrastive, image_text
 
 
 def _random_pairs(config, n, seed=0):
@@ -96,6 +97,11 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
                   "eval.zeroshot_source": "shapes", "eval.zeroshot_examples": -1, "data.shapes_eval_size": 40})
   second = train.run(high, str(tmp_path / "high"))
   assert second["step"] == 1
+  # Its panel: a row of the held-out images with their captions and zero-shot classes, then one row per caption of
+  # the images it retrieves.
+  panel = np.asarray(Image.open(tmp_path / "high" / "panels" / "step_1.png"))
+  assert panel.shape[0] >= (1 + image_text.PANEL_CAPTIONS) * panels.TILE
+  assert panel.shape[1] >= image_text.PANEL_IMAGES * panels.TILE
   # The image tower normalises its position bias by the windows of the run it starts from, read from its config.
   written = json.loads((tmp_path / "high" / "config.json").read_text())
   assert written["model"]["image"]["pretrained_window_sizes"] == [4, 4]

@@ -1,10 +1,13 @@
 """The TensorBoard event files, checked against tensorboardX's own protobuf classes, CRC and record writer."""
 
+import io
 import math
 import os
 import struct
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from visionfm_jax.training import metrics, tensorboard
 
@@ -37,7 +40,20 @@ def scalars_by_step(events) -> dict[int, dict[str, float]]:
   rows = {}
   for e in events:
     for value in e.summary.value:
-      rows.setdefault(e.step, {})[value.tag] = value.simple_value
+      if value.WhichOneof("value") == "simple_value":
+        rows.setdefault(e.step, {})[value.tag] = value.simple_value
+  return rows
+
+
+def images_by_step(events) -> dict[int, dict[str, np.ndarray]]:
+  """{step: {tag: the decoded RGB image}} of the image summaries."""
+  rows = {}
+  for e in events:
+    for value in e.summary.value:
+      if value.WhichOneof("value") == "image":
+        image = np.asarray(Image.open(io.BytesIO(value.image.encoded_image_string)))
+        assert image.shape == (value.image.height, value.image.width, value.image.colorspace)
+        rows.setdefault(e.step, {})[value.tag] = image
   return rows
 
 
@@ -64,6 +80,15 @@ def test_file_version_and_restart_records_equal_tensorboardXs(tmp_path):
   assert tensorboard.record(tensorboard.event(12.5, file_version="brain.Event:2")) == _tbx_record(tmp_path, theirs)
   theirs = event_pb2.Event(wall_time=12.5, step=41, session_log=event_pb2.SessionLog(status=event_pb2.SessionLog.START))
   assert tensorboard.record(tensorboard.event(12.5, 41, session_start=True)) == _tbx_record(tmp_path, theirs)
+
+
+def test_image_records_equal_tensorboardXs_byte_for_byte(tmp_path):
+  png = b"\x89PNG\r\n\x1a\n" + bytes(range(200))  # the bytes are carried, not decoded
+  image = summary_pb2.Summary.Image(height=300, width=2000, colorspace=3, encoded_image_string=png)
+  theirs = event_pb2.Event(wall_time=7.25, step=129, summary=summary_pb2.Summary(
+      value=[summary_pb2.Summary.Value(tag="panel", image=image)]))
+  ours = tensorboard.record(tensorboard.event(7.25, 129, image=("panel", 300, 2000, png)))
+  assert ours == _tbx_record(tmp_path, theirs)
 
 
 def test_crc32c_matches_tensorboardX_and_the_standard_check_value():

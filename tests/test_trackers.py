@@ -9,9 +9,12 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from conftest import ROOT, compilation_cache_env
+import test_tensorboard
 from test_bad_input import run_main_in_process
 from tracker_runs import jsonl_scalars, mlflow_runs, wandb_runs
 from visionfm_jax import config_lib
@@ -19,6 +22,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import metrics, trackers
 
 ALL = "tensorboard,wandb,mlflow"
+PICTURE = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4
 
 
 def _config(**fields):
@@ -40,9 +44,12 @@ def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_
   writer.rewind(20, "trained again after a rollback")
   writer.write(20, {"health/rollbacks": 1.0})
   _write(writer, range(21, 41), 2.0)
+  writer.panel(40, PICTURE)
   writer.close(final={"eval/val/top1": 0.5})
+  assert os.listdir(tmp_path / "run" / "panels") == ["step_40.png"]
   # A crash after step 40 with checkpoint 35 the newest: the rerun resumes at 35 with another lr, then fails.
   writer = metrics.MetricWriter(workdir, 35, _config(optim__lr=0.25))
+  assert os.listdir(tmp_path / "run" / "panels") == []  # step 40 is trained again
   _write(writer, range(36, 51), 3.0)
   writer.close(final=None)
   (failed,) = mlflow_runs(workdir).values()
@@ -50,7 +57,11 @@ def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_
   # A preemption saved step 50, the last logged: the rerun continues the runs without a rewind.
   writer = metrics.MetricWriter(workdir, 50, _config())
   _write(writer, range(51, 56), 4.0)
+  writer.panel(55, PICTURE)
   writer.close(final={"eval/val/top1": 0.75, "train/loss": 220.0})
+  np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "run" / "panels" / "step_55.png")), PICTURE)
+  *_, last_file = test_tensorboard.read_event_files(tmp_path / "run" / "tensorboard")
+  np.testing.assert_array_equal(test_tensorboard.images_by_step(last_file)[55]["panel"], PICTURE)
 
   want = jsonl_scalars(workdir)
   assert sorted(want) == list(range(1, 56))
@@ -64,13 +75,14 @@ def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_
   assert run["exit_codes"] == [0, 0, 1, 0]
   assert run["history"] == want
   assert run["summary"]["eval/val/top1"] == 0.75
+  assert [key for key in run["images"]] == [(55, "panel")] and run["images"][55, "panel"]["width"] == 5
 
   (mlflow_id, run), = mlflow_runs(workdir).items()
   assert mlflow_id == ids["mlflow"]["run_id"]
   assert run["status"] == "FINISHED" and run["experiment"] == "visionfm_jax"
   assert run["history"] == want
   assert run["params"]["optim.lr"] == "0.001" and run["params"]["optim.lr from step 35"] == "0.25"
-  assert run["artifacts"] == ["summary.json"]
+  assert sorted(run["artifacts"]) == ["panels", "summary.json"]
 
 
 def test_a_refused_wandb_rewind_continues_the_run_without_sending_its_steps_again(tmp_path, monkeypatch, caplog):
@@ -167,7 +179,8 @@ def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run
   (mlflow_id, run), = mlflow_runs(workdir).items()
   assert mlflow_id == ids["mlflow"]["run_id"] and run["status"] == "FINISHED"
   assert run["history"] == want
-  assert sorted(run["artifacts"]) == ["config.json", "summary.json"]
+  assert sorted(run["artifacts"]) == ["config.json", "panels", "summary.json"]
+  assert sorted(wandb_runs(workdir)[run_id]["images"]) == [(20, "panel"), (40, "panel")]  # step 20's sent again
   assert run["params"]["model.variant"] == "pico/4"
   assert f"MLflow run {mlflow_id} in sqlite:///{workdir}/mlflow.db" in rerun.stderr
 

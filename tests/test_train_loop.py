@@ -16,9 +16,11 @@ import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
+from PIL import Image
 
 from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax import tasks
+from visionfm_jax.evaluate import panels
 from visionfm_jax.training import metrics, train
 from visionfm_jax.errors import ConfigError, DataError
 
@@ -98,6 +100,12 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   for step, row in jsonl_by_step.items():
     np.testing.assert_allclose([tensorboard_by_step[step][k] for k in row], list(row.values()), rtol=2e-7)
   assert [e.step for e in rerun if e.session_log.status] == [7]
+  # At each evaluation a panel of the first validation images: a PNG in the workdir, the same in TensorBoard.
+  assert sorted(os.listdir(tmp_path / "panels")) == ["step_3.png", "step_6.png"]
+  images = test_tensorboard.images_by_step(first)
+  assert sorted(images) == [3, 6]
+  np.testing.assert_array_equal(images[6]["panel"], np.asarray(Image.open(tmp_path / "panels" / "step_6.png")))
+  assert images[6]["panel"].shape[1] >= 8 * panels.TILE  # a column per example
 
 
 def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache, monkeypatch):

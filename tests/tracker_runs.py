@@ -59,8 +59,9 @@ def wandb_records(path: str):
 
 
 def wandb_runs(workdir) -> dict[str, dict]:
-  """{run id: {"history": {step: {key: value}}, "exit_codes": [one per segment that ended], "summary": {...},
-  "segments": n, "rewinds": [step, ...]}} of the offline W&B runs under `<workdir>/wandb/`."""
+  """{run id: {"history": {step: {key: value}}, "images": {(step, key): W&B's record of a logged image},
+  "exit_codes": [one per segment that ended], "summary": {...}, "segments": n, "rewinds": [step, ...]}} of the
+  offline W&B runs under `<workdir>/wandb/`."""
   segments = []
   for path in glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")):
     records = list(wandb_records(path))
@@ -70,25 +71,41 @@ def wandb_runs(workdir) -> dict[str, dict]:
     segments.append(((run.start_time.seconds, run.start_time.nanos, path), run, records))
   runs = {}
   for _, run, records in sorted(segments, key=lambda s: s[0]):
-    out = runs.setdefault(run.run_id, {"history": {}, "exit_codes": [], "summary": {}, "segments": 0, "rewinds": []})
+    out = runs.setdefault(run.run_id, {"history": {}, "images": {}, "exit_codes": [], "summary": {}, "segments": 0,
+                                       "rewinds": []})
     out["segments"] += 1
     if run.branch_point.run:
       assert run.branch_point.run == run.run_id and run.branch_point.metric == "_step", run.branch_point
       cut = run.branch_point.value
       out["history"] = {step: row for step, row in out["history"].items() if step <= cut}
+      out["images"] = {key: image for key, image in out["images"].items() if key[0] <= cut}
       out["rewinds"].append(int(cut))
     for record in records:
       kind = record.WhichOneof("record_type")
       if kind == "history":
-        row = {_key(item): json.loads(item.value_json) for item in record.history.item}
+        row = _nested({tuple(item.nested_key) or (item.key,): json.loads(item.value_json)
+                       for item in record.history.item})
         step = row.pop("_step")
-        out["history"].setdefault(step, {}).update({k: v for k, v in row.items() if not k.startswith("_")})
+        out["history"].setdefault(step, {}).update(
+            {k: v for k, v in row.items() if not k.startswith("_") and isinstance(v, (int, float))})
+        out["images"].update({(step, k): v for k, v in row.items() if isinstance(v, dict) and v.get("_type")})
       elif kind == "summary":
         out["summary"].update({_key(item): json.loads(item.value_json) for item in record.summary.update
                                if not _key(item).startswith("_")})
       elif kind == "exit":
         out["exit_codes"].append(record.exit.exit_code)
   return runs
+
+
+def _nested(items: dict[tuple, object]) -> dict:
+  """W&B's flattened keys (('panel', 'width'): 5) as nested dicts ({'panel': {'width': 5}})."""
+  out = {}
+  for path, value in items.items():
+    node = out
+    for part in path[:-1]:
+      node = node.setdefault(part, {})
+    node[path[-1]] = value
+  return out
 
 
 def _key(item) -> str:

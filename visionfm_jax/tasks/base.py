@@ -10,6 +10,8 @@ Every task answers (abstract: `loss`, `train_loader`, `evaluators`; the others h
   post_update(params)            -> params after each optimizer update (e.g. clamping CLIP's temperature)
   train_loader(batch_size, ...)  -> a checkpointable iterator of host-local numpy batches
   evaluators(ctx)                -> {name: fn(params) -> {metric: float}}, logged as eval/<name>/<metric>
+  panel(ctx)                     -> fn(params) -> an HxWx3 uint8 picture of the model on fixed validation
+                                    examples, drawn at every evaluation (evaluate/panels.py), or None
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
   synthetic_batch(size, rng)     -> a random host batch in the train loader's layout (benchmarks, AOT plans)
   normalize(images)              -> uint8 images as the model's evaluation input (evaluate/probe, generate)
@@ -132,6 +134,11 @@ class Task(abc.ABC):
   @abc.abstractmethod
   def evaluators(self, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
     """{name: params -> {metric: float}}; a missing dataset fails here, at start-up."""
+
+  def panel(self, ctx: EvalContext) -> Callable[[Any], np.ndarray] | None:
+    """What the model sees and says on fixed validation examples, as a picture; None: the task draws none."""
+    del ctx
+    return None
 
   def init_variables(self, rng: jax.Array) -> Any:
     size = self.config.model.image_size

@@ -3,14 +3,17 @@ config.probe, k-NN and linear-probe top-1 of the frozen pooled features (evaluat
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
 from visionfm_jax import data
 
-from visionfm_jax.evaluate import classification as classification_eval, probe
+from visionfm_jax.evaluate import classification as classification_eval, panels, probe
 from visionfm_jax.tasks.base import EvalContext, Task
+
+PANEL_EXAMPLES = 8
 
 
 class ClassificationTask(Task):
@@ -50,6 +53,24 @@ class ClassificationTask(Task):
       return top1(params, batches)
 
     return {"val": run_val, **probe.evaluators(self, ctx)}
+
+  def panel(self, ctx: EvalContext):
+    """PANEL_EXAMPLES validation images, each with its true class and the 3 most probable ones."""
+    source = data.open_eval_source(self.config.data)
+    names = panels.class_names_or_numbers(lambda: data.train_class_names(self.config.data),
+                                          self.config.model.num_classes)
+    probabilities = jax.jit(lambda params, batch: jax.nn.softmax(
+        self.logits(params, self.normalize(batch["image"]), train=False), -1))
+
+    def draw(params):
+      batches = data.make_eval_iterator(self.config.data, batch_size=ctx.local_batch_size,
+                                        process_index=ctx.process_index, process_count=ctx.process_count,
+                                        source=source)
+      rows = panels.first_rows(probabilities, params, next(iter(batches)), ctx, PANEL_EXAMPLES)
+      cells = [panels.Cell(image, (f"true: {names[label]}", *panels.top_k(p, names)))
+               for image, label, p, valid in zip(rows["image"], rows["label"], rows["out"], rows["mask"]) if valid]
+      return panels.render([cells], "true class; top-3 predicted")
+    return draw
 
   def synthetic_batch(self, batch_size, rng):
     labels = rng.integers(0, self.config.model.num_classes, (batch_size,), dtype=np.int32)

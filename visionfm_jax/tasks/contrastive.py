@@ -123,6 +123,16 @@ class ContrastiveTask(SplitLossTask):
     out.update(image_text.benchmark_evaluators(self, ctx))
     return out
 
+  def panel(self, ctx: EvalContext):
+    """The first held-out pairs: each image with its 3 nearest zero-shot classes (config.eval.zeroshot_classes), and
+    4 captions with the 3 images that they retrieve among them."""
+    eval_cfg = self.config.eval
+    classes = None
+    if eval_cfg.zeroshot_classes:
+      names, templates = zeroshot.class_names_and_templates(eval_cfg.zeroshot_classes)
+      classes = (names, self.tokenizer.encode_batch(zeroshot.prompts(names, templates)), jax.jit(self.embed_texts))
+    return image_text.pairs_panel(self, image_text.held_out_pairs(self, ctx), ctx, classes)
+
   def synthetic_batch(self, batch_size, rng):
     captions = image_text.synthetic_captions(self.config.model.text, batch_size, rng)
     return {**super().synthetic_batch(batch_size, rng), **captions}

@@ -1,6 +1,6 @@
 """What the image-text tasks (contrastive.py's CLIP, aurora.py) share, as functions of a task rather than a base
 class: the tokenizer, the contrastive term of their split losses, the held-out pairs and the evaluators over them
-(retrieval, the retrieval benchmarks), synthetic captions. A task passed here answers `config`, `tokenizer`,
+(retrieval, the retrieval benchmarks), their panel, synthetic captions. A task passed here answers `config`, `tokenizer`,
 `embed_images(params, uint8 images)` and `embed_texts(params, tokens)` (unit embeddings).
 """
 
@@ -16,7 +16,7 @@ import numpy as np
 from visionfm_jax import data
 from visionfm_jax.data import caption_sets, tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.evaluate import retrieval, zeroshot
+from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.tasks import losses
 from visionfm_jax.tasks.base import EvalContext
 
@@ -66,6 +66,43 @@ def retrieval_evaluator(task, pairs: Callable[[], Iterator], ctx: EvalContext) -
     return task.embed_images(params, images), task.embed_texts(params, texts)
   ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
   return lambda params: ret(params, pairs())
+
+
+PANEL_IMAGES, PANEL_CAPTIONS, PANEL_TOP = 8, 4, 3
+
+
+def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=None) -> Callable[[Any], np.ndarray]:
+  """The panel of an image-text model (evaluate/panels.py) on the first PANEL_IMAGES held-out `pairs`: a row of the
+  images, each with its caption's start and, with `classes` ((names, prompt tokens, jitted embed_texts)), its
+  PANEL_TOP nearest zero-shot classes by cosine; then PANEL_CAPTIONS rows of a caption and the images it retrieves
+  among them (cosine; '= its own' marks the caption's image)."""
+  embed = jax.jit(lambda params, batch: (task.embed_images(params, batch["image"]),
+                                         task.embed_texts(params, batch["text"])))
+
+  def draw(params):
+    rows = panels.first_rows(embed, params, next(iter(pairs())), ctx, PANEL_IMAGES)
+    valid = np.flatnonzero(rows["mask"])
+    images, captions = rows["image"][valid], task.tokenizer.decode(rows["text"][valid])
+    image_emb, text_emb = (np.asarray(e, np.float32)[valid] for e in rows["out"])
+    lines = [(_clipped(caption),) for caption in captions]
+    if classes is not None:
+      names, tokens, embed_texts = classes
+      class_emb = np.asarray(zeroshot.class_embeddings(embed_texts, params, tokens, len(names)))
+      lines = [line + panels.top_k(cosines, names, PANEL_TOP) for line, cosines in zip(lines, image_emb @ class_emb.T)]
+    grid = [[panels.Cell(image, line) for image, line in zip(images, lines)]]
+    for i in range(min(PANEL_CAPTIONS, len(valid))):
+      cosines = image_emb @ text_emb[i]
+      best = np.argsort(-cosines)[:PANEL_TOP]
+      grid.append([panels.Cell(images[j], ((_clipped(captions[i]),) if rank == 0 else ("",)) + (
+          f"#{rank + 1} {cosines[j]:.2f}{' = its own' if j == i else ''}",)) for rank, j in enumerate(best)])
+    title = "caption (start)" + ("; nearest zero-shot classes (cosine)" if classes is not None else "") + \
+        "; below: captions and the images they retrieve"
+    return panels.render(grid, title)
+  return draw
+
+
+def _clipped(text: str, width: int = 24) -> str:
+  return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:

@@ -4,11 +4,15 @@
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
+import re
 
 import jax
+import numpy as np
 from absl import logging
+from PIL import Image
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import WorkdirError
@@ -39,9 +43,11 @@ class MetricWriter:
     with self._storage_faults_named():
       os.makedirs(workdir, exist_ok=True)
       dropped = _drop_rows_after(self._path, resume_step)
+      _drop_panels_after(workdir, resume_step)
       self._jsonl = open(self._path, "a", encoding="utf-8")
       kept = tuple(_rows(self._path)) if resume_step else ()
-      self._sinks = trackers.open_sinks(config, workdir, trackers.Start(resume_step, kept, dropped > 0))
+      start = trackers.Start(resume_step, kept, tuple(_panels(workdir)), dropped > 0)
+      self._sinks = trackers.open_sinks(config, workdir, start)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled or not metrics or self.failure is not None:
@@ -51,6 +57,20 @@ class MetricWriter:
       self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
       self._jsonl.flush()
     self._each_sink(lambda sink: sink.scalars(int(step), clean))
+
+  def panel(self, step: int, array: np.ndarray) -> None:
+    """The panel of `step` (an HxWx3 uint8 picture: evaluate/panels.py): `<workdir>/panels/step_<step>.png` and
+    each tracker's image."""
+    if not self.enabled or self.failure is not None:
+      return
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    path = _panel_path(self._workdir, step)
+    with self._storage_faults_named():
+      os.makedirs(os.path.dirname(path), exist_ok=True)
+      atomic.write(path, buffer.getvalue())
+    picture = trackers.Picture(array, buffer.getvalue(), path)
+    self._each_sink(lambda sink: sink.panel(int(step), picture))
 
   def note(self, step: int, record: dict) -> None:
     """Appends `{"step": step, **record}` to metrics.jsonl alone: values that are not scalars (the checkpoints
@@ -68,10 +88,12 @@ class MetricWriter:
     with self._storage_faults_named():
       self._jsonl.close()
       _drop_rows_after(self._path, step, why)
+      _drop_panels_after(self._workdir, step)
       self._jsonl = open(self._path, "a", encoding="utf-8")
       kept = [row for row in _rows(self._path) if row["step"] == step]
+      kept_panels = [panel for panel in _panels(self._workdir) if panel[0] == step]
     if self.failure is None:
-      self._each_sink(lambda sink: sink.rewind(step, kept))
+      self._each_sink(lambda sink: sink.rewind(step, kept, kept_panels))
 
   def close(self, final: dict[str, float] | None = None) -> None:
     """Closes metrics.jsonl and the trackers: `final` (the run's last metrics) ends their runs as finished, with
@@ -125,6 +147,24 @@ def _drop_rows_after(path: str, step: int,
     atomic.write(path, "".join(kept))
     logging.info("metrics.jsonl: dropped %d rows after step %d, %s", len(lines) - len(kept), step, why)
   return len(lines) - len(kept)
+
+
+def _panel_path(workdir: str, step: int) -> str:
+  return os.path.join(workdir, "panels", f"step_{int(step)}.png")
+
+
+def _panels(workdir: str) -> list[tuple[int, str]]:
+  """(step, file) of the workdir's panels, in step order."""
+  folder = os.path.join(workdir, "panels")
+  matches = [re.fullmatch(r"step_(\d+)\.png", name) for name in (os.listdir(folder) if os.path.isdir(folder) else ())]
+  return sorted((int(m.group(1)), os.path.join(folder, m.group(0))) for m in matches if m)
+
+
+def _drop_panels_after(workdir: str, step: int) -> None:
+  """Deletes the panels of steps after `step` (trained again: their evaluations draw them anew)."""
+  for at, path in _panels(workdir):
+    if at > step:
+      os.remove(path)
 
 
 def _rows(path: str):

@@ -2,7 +2,8 @@
 
 A file is a sequence of TFRecords (length, masked CRC-32C of the length, payload, masked CRC-32C of the payload),
 each payload one serialised `tensorflow.Event`. Only the fields the metric writer needs are encoded: wall_time (1),
-step (2), file_version (3), summary (5) of `Value{tag (1), simple_value (2)}`, session_log (7) of `{status (1)}`.
+step (2), file_version (3), summary (5) of `Value{tag (1), simple_value (2) | image (4)}` (an image: `{height (1),
+width (2), colorspace (3), encoded_image_string (4)}`), session_log (7) of `{status (1)}`.
 (tensorboardX imports torch when it finds it, seconds of start-up for every training process of a test suite.)"""
 
 from __future__ import annotations
@@ -61,8 +62,10 @@ def _length_delimited(field: int, payload: bytes) -> bytes:
 
 
 def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-          scalars: dict[str, float] | None = None, session_start: bool = False) -> bytes:
-  """A serialised `tensorflow.Event` (fields in number order, as protobuf writes them)."""
+          scalars: dict[str, float] | None = None, image: tuple[str, int, int, bytes] | None = None,
+          session_start: bool = False) -> bytes:
+  """A serialised `tensorflow.Event` (fields in number order, as protobuf writes them); `image`: (tag, height,
+  width, PNG bytes) of one RGB image."""
   out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
   if step:
     out += _varint(2 << 3) + _varint(step)
@@ -73,6 +76,11 @@ def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
         _length_delimited(1, _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
         for tag, value in scalars.items())
     out += _length_delimited(5, values)
+  if image is not None:
+    tag, height, width, png = image
+    encoded = (_varint(1 << 3) + _varint(height) + _varint(2 << 3) + _varint(width) + _varint(3 << 3) + _varint(3)
+               + _length_delimited(4, png))
+    out += _length_delimited(5, _length_delimited(1, _length_delimited(1, tag.encode()) + _length_delimited(4, encoded)))
   if session_start:
     out += _length_delimited(7, _varint(1 << 3) + _varint(_SESSION_START))
   return out
@@ -94,6 +102,9 @@ class EventFile:
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     self._write(event(time.time(), step, scalars=values))
+
+  def image(self, step: int, tag: str, height: int, width: int, png: bytes) -> None:
+    self._write(event(time.time(), step, image=(tag, height, width, png)))
 
   def restart(self, step: int) -> None:
     self._write(event(time.time(), step, session_start=True))

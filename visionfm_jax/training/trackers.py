@@ -1,6 +1,7 @@
 """Where a run's scalars go besides `metrics.jsonl` (`config.report_to`): TensorBoard event files, Weights & Biases,
-MLflow. Each is a sink of `metrics.MetricWriter` with its three verbs: `scalars`, `rewind` (the steps after one are
-trained again: a resume from an earlier checkpoint, a health rollback) and `close`. Process 0 writes.
+MLflow. Each is a sink of `metrics.MetricWriter` with its verbs: `scalars`, `panel`, `rewind` (the
+steps after one are trained again: a resume from an earlier checkpoint, a health rollback) and `close`. Process 0
+writes.
 
 One tracker run per workdir: the trackers' run ids are kept in `<workdir>/trackers.json`, so a resumed, requeued
 or rolled-back run continues the same tracker run. After a rewind to step s, each tracker's history holds every
@@ -47,12 +48,25 @@ def check_installed(config) -> None:
                         f"{missing[0]!r}): pip install -e '.[{name}]'")
 
 
+PANEL = "panel"  # the trackers' name of the panels (evaluate/panels.py)
+
+
+@dataclasses.dataclass(frozen=True)
+class Picture:
+  """A panel: its HxWx3 uint8 array, PNG bytes and file (`<workdir>/panels/step_<N>.png`)."""
+  array: object
+  png: bytes
+  path: str
+
+
 @dataclasses.dataclass(frozen=True)
 class Start:
   """Where a run's metrics begin: at `step` (0, or the checkpoint it resumed from), with metrics.jsonl's `kept` rows
-  (all of steps <= step); `dropped`: rows of later steps were dropped (those steps are trained again)."""
+  and the `panels` ((step, PNG file)) of steps <= step; `dropped`: rows of later steps were dropped (those steps
+  are trained again)."""
   step: int = 0
   kept: tuple = ()
+  panels: tuple = ()
   dropped: bool = False
 
 
@@ -109,8 +123,11 @@ class TensorBoardSink:
   def scalars(self, step: int, values: dict[str, float]) -> None:
     self._events.scalars(step, values)
 
-  def rewind(self, step: int, kept_rows: list[dict]) -> None:
-    del kept_rows
+  def panel(self, step: int, picture: Picture) -> None:
+    self._events.image(step, PANEL, *picture.array.shape[:2], picture.png)
+
+  def rewind(self, step: int, kept_rows: list[dict], kept_panels: list) -> None:
+    del kept_rows, kept_panels
     self._events.restart(step + 1)
 
   def close(self, final: dict | None) -> None:
@@ -141,9 +158,10 @@ class WandbSink:
     self._skip_through = 0  # steps W&B holds from an abandoned trajectory, where it refused to rewind
     ids.set("wandb", {"id": self._id, "closed": False})
     if saved and not saved.get("closed"):
-      self._rewind_to(0, start.kept, last_sent=None)
+      self._rewind_to(0, start.kept, start.panels, last_sent=None)
     elif saved and start.dropped:
-      self._rewind_to(start.step, [row for row in start.kept if row["step"] == start.step], last_sent=None)
+      self._rewind_to(start.step, [row for row in start.kept if row["step"] == start.step],
+                      [panel for panel in start.panels if panel[0] == start.step], last_sent=None)
     else:
       self._run = self._init(id=self._id, resume="allow" if saved else None)
     where = self._run.url if not self._run.offline else os.path.dirname(self._run.dir)
@@ -158,13 +176,20 @@ class WandbSink:
       self._run.log(values, step=step)
       self._sent_through = max(self._sent_through, step)
 
-  def rewind(self, step: int, kept_rows: list[dict]) -> None:
-    self._run.finish(exit_code=0)
-    self._rewind_to(step, kept_rows, last_sent=self._sent_through)
+  def panel(self, step: int, picture: Picture) -> None:
+    self._image(step, picture.array)
 
-  def _rewind_to(self, step: int, rows: list[dict], last_sent: int | None) -> None:
-    """Truncates the W&B history after step - 1 and sends `rows` (metrics.jsonl's, of steps >= step) again; a later
-    write at `step` joins them (W&B takes no step below its last)."""
+  def _image(self, step: int, image) -> None:
+    if step > self._skip_through:
+      self._run.log({PANEL: self._wandb.Image(image)}, step=step)
+
+  def rewind(self, step: int, kept_rows: list[dict], kept_panels: list) -> None:
+    self._run.finish(exit_code=0)
+    self._rewind_to(step, kept_rows, kept_panels, last_sent=self._sent_through)
+
+  def _rewind_to(self, step: int, rows: list[dict], panels: list, last_sent: int | None) -> None:
+    """Truncates the W&B history after step - 1 and sends `rows` (metrics.jsonl's, of steps >= step) and `panels`
+    ((step, PNG file)) again; a later write at `step` joins them (W&B takes no step below its last)."""
     try:
       self._run = self._init(resume_from=f"{self._id}?_step={max(step - 1, 0)}")
     except Exception as e:  # pylint: disable=broad-except
@@ -174,8 +199,12 @@ class WandbSink:
                       e, step)
       self._run = self._init(id=self._id, resume="allow")
       self._skip_through = max(self._run.starting_step - 1, last_sent or 0, step)
-    for row in rows:
-      self.scalars(row["step"], _scalars_of(row))
+    for at in sorted({row["step"] for row in rows} | {at for at, _ in panels}):
+      for row in rows:
+        if row["step"] == at:
+          self.scalars(at, _scalars_of(row))
+      for _, path in [panel for panel in panels if panel[0] == at]:
+        self._image(at, path)
 
   def close(self, final: dict | None) -> None:
     if final is not None:
@@ -254,8 +283,12 @@ class MlflowSink:
     self._client.log_batch(self._run_id, metrics=[Metric(key, value, self._last_ms, step)
                                                   for key, value in values.items()])
 
-  def rewind(self, step: int, kept_rows: list[dict]) -> None:
-    del step, kept_rows
+  def panel(self, step: int, picture: Picture) -> None:
+    del step
+    self._client.log_artifact(self._run_id, picture.path, "panels")  # step_<N>.png: a step trained again replaces it
+
+  def rewind(self, step: int, kept_rows: list[dict], kept_panels: list) -> None:
+    del step, kept_rows, kept_panels
 
   def close(self, final: dict | None) -> None:
     if final is not None:

@@ -301,8 +301,10 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
   train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                                       process_index=jax.process_index(), process_count=jax.process_count()))
   # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
-  evaluators = task.evaluators(EvalContext(mesh, config.global_batch_size // config.grad_accum_steps,
-                                           jax.process_index(), jax.process_count()))
+  eval_context = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
+                             jax.process_count())
+  evaluators = task.evaluators(eval_context)
+  panel = task.panel(eval_context)
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
   init_fn = make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
@@ -323,8 +325,8 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, changes)
     final = None
     try:
-      last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer,
-                   writer, task, rollbacks)
+      last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel,
+                   checkpointer, writer, task, rollbacks)
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
@@ -428,8 +430,8 @@ def data_counts(train_iter) -> dict[str, float]:
   return {"data/skipped": float(counts[0]), "data/skipped_fraction": float(counts[0] / max(counts[1], 1))}
 
 
-def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, checkpointer, writer,
-          task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
+def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel, checkpointer,
+          writer, task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
   total = config.total_steps
   flops_per_example = task.train_flops_per_example()
   peak = flops.device_peak_flops(config.precision.compute_dtype)
@@ -510,6 +512,8 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         watchdog.phase("an evaluation", step)
         results = _evaluate_state(evaluators, state, step)
         writer.write(step, results)
+        if panel is not None:
+          writer.panel(step, panel(state.params))
         last.update(results)
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
       if preempted:
