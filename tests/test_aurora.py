@@ -10,10 +10,13 @@ import pytest
 
 from conftest import random_params, tiny_aurora_config
 import test_train_step
-from visionfm_jax import config_lib, tasks
+from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.bench import hlo_cost
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.evaluate import panels
+from visionfm_jax.tasks import aurora, image_text
+from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import summary
 from visionfm_jax.training import param_rules
 
@@ -265,3 +268,32 @@ def test_flops_count_the_second_encoder_pass_of_the_separate_view():
   encoder = separate.model.encoder.train_flops_per_example()
   assert separate.train_flops_per_example() - shared.train_flops_per_example() == pytest.approx(encoder)
   assert shared.train_flops_per_example() > encoder
+
+
+def test_the_panel_shows_the_masked_input_the_reconstruction_and_the_original():
+  """The panel of random params on the first held-out pairs: rows of (masked input, reconstruction, original), each
+  image scaled to at least TILE px; the first row's masked input is grey exactly where its mask is, its
+  reconstruction is the original outside the mask, its original is the image."""
+  config = tiny_aurora_config()
+  mesh = parallel.make_mesh(config.mesh)
+  task = tasks.build(config, mesh)
+  ctx = EvalContext(mesh, config.global_batch_size, 0, 1)
+  with mesh, parallel.activation_sharding(mesh):
+    picture = task.panel(ctx)(random_params(task))
+  first = next(iter(image_text.held_out_pairs(task, ctx, mim=config.data.mim)()))
+  image, grid = first["image"][0], first["mim_mask"][0]
+  scale = -(-panels.TILE // image.shape[0])
+  cell_width = picture.shape[1] // 3  # three columns of equal width
+  top = panels.LINE + 3 * panels.MARGIN  # the title's line, then the first row's margin
+
+  def shown(column):
+    left = column * cell_width + panels.MARGIN
+    return picture[top:top + image.shape[0] * scale:scale, left:left + image.shape[1] * scale:scale]
+
+  masked = np.kron(grid, np.ones((image.shape[0] // grid.shape[0],) * 2, np.uint8))[..., None] > 0
+  assert masked.any() and not masked.all()
+  np.testing.assert_array_equal(shown(0), np.where(masked, np.uint8(128), image))
+  np.testing.assert_array_equal(np.where(masked, 0, shown(1)), np.where(masked, 0, image))
+  assert not np.array_equal(shown(1), image)  # the masked patches hold the model's pixels
+  np.testing.assert_array_equal(shown(2), image)
+  assert picture.shape[0] >= aurora.PANEL_ROWS * image.shape[0] * scale

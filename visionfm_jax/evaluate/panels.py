@@ -74,6 +74,11 @@ def _tile(cell: Cell) -> np.ndarray:
   return np.repeat(np.repeat(image, scale, 0), scale, 1)
 
 
+def clipped(text: str, width: int = 24) -> str:
+  """`text`, cut to `width` characters with '...' when longer (a line under a TILE-wide image)."""
+  return text if len(text) <= width else text[:width - 3] + "..."
+
+
 def top_k(probabilities: np.ndarray, names, k: int = 3) -> tuple[str, ...]:
   """'name 0.87' lines of the k most probable classes."""
   best = np.argsort(-probabilities)[:k]

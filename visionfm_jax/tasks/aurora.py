@@ -28,12 +28,14 @@ import numpy as np
 
 from visionfm_jax import data
 from visionfm_jax.data import transforms
-from visionfm_jax.evaluate import sums
+from visionfm_jax.evaluate import panels, sums
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import clip
+from visionfm_jax.models import clip, generate
 from visionfm_jax.tasks import image_text, losses
 from visionfm_jax.tasks.base import EvalContext, SplitLossTask
 from visionfm_jax.token_ids import PAD_ID
+
+PANEL_ROWS = 4
 
 
 class AuroraTask(SplitLossTask):
@@ -131,6 +133,35 @@ class AuroraTask(SplitLossTask):
     out["mim"] = lambda params: mim(params, pairs())
     out.update(image_text.benchmark_evaluators(self, ctx))
     return out
+
+  def panel(self, ctx: EvalContext):
+    """PANEL_ROWS held-out images, each as the MIM input (masked patches grey), the reconstruction (the model's
+    pixels in the masked patches, the image's elsewhere) and the original, with its greedy caption beside the
+    true one."""
+    pairs = image_text.held_out_pairs(self, ctx, mim=self.config.data.mim)
+
+    def outputs(params, batch):
+      images = self.normalize(batch["image"])
+      recon = self.model.apply({"params": params}, images, batch["mim_mask"], method="reconstruct_masked")
+      return recon, generate.caption_memory(self.model, params, images)
+    outputs = jax.jit(outputs)
+
+    def draw(params):
+      rows = panels.first_rows(outputs, params, next(iter(pairs())), ctx, PANEL_ROWS)
+      valid = np.flatnonzero(rows["mask"])
+      recon, memory = (np.asarray(x)[valid] for x in rows["out"])
+      tokens = generate.greedy(self.model, params, memory, max_len=self.model.text.max_len,
+                               pieces=self.tokenizer.vocab_size)
+      said = generate.tokens_to_text(self.tokenizer, jax.device_get(tokens))
+      true = self.tokenizer.decode(rows["text"][valid])
+      images, grid = rows["image"][valid], rows["mim_mask"][valid]
+      masked = np.kron(grid, np.ones((images.shape[1] // grid.shape[1],) * 2))[..., None] > 0
+      cells = [[panels.Cell(np.where(m, np.uint8(128), image), ("masked input",)),
+                panels.Cell(np.where(m, self.denormalize(r), image), ("reconstruction",)),
+                panels.Cell(image, (panels.clipped(f"generated: {s}", 48), panels.clipped(f"true: {t}", 48)))]
+               for image, m, r, s, t in zip(images, masked, recon, said, true)]
+      return panels.render(cells, "MIM input, reconstruction, original; the greedy caption and the true one")
+    return draw
 
   def synthetic_batch(self, batch_size, rng):
     """Full-length captions (image_text.synthetic_captions) and SimMIM masks."""

@@ -112,6 +112,10 @@ class Task(abc.ABC):
     """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches)."""
     return device_augment.normalize(images, self._mean, self._std)
 
+  def denormalize(self, images) -> np.ndarray:
+    """`normalize`'s inverse on the host: normalised NHWC -> uint8 (clipped), for pictures of model outputs."""
+    return np.clip(np.asarray(images, np.float32) * self._std + self._mean, 0, 255).round().astype(np.uint8)
+
   def train_images(self, batch, dtype=None) -> jax.Array:
     """A training batch's uint8 images, colour-jittered and flipped as its per-example parameters say and
     normalised, in `dtype` (the compute dtype by default): the model's training input."""

@@ -84,7 +84,7 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
     valid = np.flatnonzero(rows["mask"])
     images, captions = rows["image"][valid], task.tokenizer.decode(rows["text"][valid])
     image_emb, text_emb = (np.asarray(e, np.float32)[valid] for e in rows["out"])
-    lines = [(_clipped(caption),) for caption in captions]
+    lines = [(panels.clipped(caption),) for caption in captions]
     if classes is not None:
       names, tokens, embed_texts = classes
       class_emb = np.asarray(zeroshot.class_embeddings(embed_texts, params, tokens, len(names)))
@@ -93,16 +93,12 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
     for i in range(min(PANEL_CAPTIONS, len(valid))):
       cosines = image_emb @ text_emb[i]
       best = np.argsort(-cosines)[:PANEL_TOP]
-      grid.append([panels.Cell(images[j], ((_clipped(captions[i]),) if rank == 0 else ("",)) + (
+      grid.append([panels.Cell(images[j], ((panels.clipped(captions[i]),) if rank == 0 else ("",)) + (
           f"#{rank + 1} {cosines[j]:.2f}{' = its own' if j == i else ''}",)) for rank, j in enumerate(best)])
     title = "caption (start)" + ("; nearest zero-shot classes (cosine)" if classes is not None else "") + \
         "; below: captions and the images they retrieve"
     return panels.render(grid, title)
   return draw
-
-
-def _clipped(text: str, width: int = 24) -> str:
-  return text if len(text) <= width else text[:width - 3] + "..."
 
 
 def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
