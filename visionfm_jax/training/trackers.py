@@ -20,6 +20,7 @@ A W&B or MLflow call that fails (a lost server) warns once and drops that tracke
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import importlib.util
 import json
@@ -199,11 +200,15 @@ class WandbSink:
                       e, step)
       self._run = self._init(id=self._id, resume="allow")
       self._skip_through = max(self._run.starting_step - 1, last_sent or 0, step)
-    for at in sorted({row["step"] for row in rows} | {at for at, _ in panels}):
-      for row in rows:
-        if row["step"] == at:
-          self.scalars(at, _scalars_of(row))
-      for _, path in [panel for panel in panels if panel[0] == at]:
+    by_step = collections.defaultdict(lambda: ([], []))
+    for row in rows:
+      by_step[row["step"]][0].append(_scalars_of(row))
+    for at, path in panels:
+      by_step[at][1].append(path)
+    for at in sorted(by_step):
+      for values in by_step[at][0]:
+        self.scalars(at, values)
+      for path in by_step[at][1]:
         self._image(at, path)
 
   def close(self, final: dict | None) -> None:
@@ -240,7 +245,7 @@ class MlflowSink:
     if run_id is not None:
       self._client.update_run(run_id, status="RUNNING")
     else:
-      run_id = self._client.create_run(self._experiment(config, uri),
+      run_id = self._client.create_run(self._experiment(config.mlflow.experiment),
                                        run_name=os.path.basename(os.path.normpath(workdir))).info.run_id
     ids.set("mlflow", {"run_id": run_id, "tracking_uri": uri})
     self._run_id = run_id
@@ -251,13 +256,12 @@ class MlflowSink:
       self._client.log_artifact(run_id, config_json)
     logging.info("MLflow run %s in %s", run_id, uri)
 
-  def _experiment(self, config, uri: str) -> str:
-    name = config.mlflow.experiment
+  def _experiment(self, name: str) -> str:
+    """The experiment's id, created if new (with the workdir's store: its artifacts in the workdir)."""
     found = self._client.get_experiment_by_name(name)
     if found is not None:
       return found.experiment_id
     artifacts = None if "MLFLOW_TRACKING_URI" in os.environ else os.path.join(self._workdir, "mlflow_artifacts")
-    del uri
     return self._client.create_experiment(name, artifact_location=artifacts)
 
   def _log_params(self, config, resume_step: int) -> None:

@@ -389,6 +389,12 @@ def _evaluate_state(evaluators, state, step) -> dict[str, float]:
   return results
 
 
+def _draw_panel(panel, params, step: int, writer) -> None:
+  t0 = time.perf_counter()
+  writer.panel(step, panel(params))
+  logging.info("step %d panel: panels/step_%d.png (%.1fs)", step, step, time.perf_counter() - t0)
+
+
 def _check_finite(step_metrics, state, step, checkpointer, max_consecutive_skips: int) -> None:
   """Raises NonFiniteLossError when the step's loss or gradient norm is not finite (without loss scaling: an
   fp16 run skips such steps instead). A non-finite gradient leaves NaN params, so the run stops before it
@@ -513,7 +519,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
         results = _evaluate_state(evaluators, state, step)
         writer.write(step, results)
         if panel is not None:
-          writer.panel(step, panel(state.params))
+          _draw_panel(panel, state.params, step, writer)
         last.update(results)
         window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
       if preempted:
