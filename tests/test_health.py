@@ -124,7 +124,7 @@ def bursts_run(data, tmp_path_factory):
   handler = _Capture()
   logging.getLogger().addHandler(handler)
   try:
-    train.run(health_config(data["bursts"], report_to="tensorboard,wandb,mlflow"), str(workdir))
+    train.run(health_config(data["bursts"], report_to=tracker_runs.REPORT_TO), str(workdir))
   finally:
     logging.getLogger().removeHandler(handler)
   return workdir, handler.text()
@@ -260,10 +260,7 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
   assert [r["step"] for r in rows] == list(range(1, TOTAL + 1))  # the rolled-back steps' rows are dropped
   # The trackers hold the final trajectory too: W&B rewound to the step before each restored checkpoint (whose
   # kept rows it was given again), MLflow's latest value of each step.
-  (wandb_run,), (mlflow_run,) = tracker_runs.wandb_runs(workdir).values(), tracker_runs.mlflow_runs(workdir).values()
-  assert wandb_run["rewinds"] == [29, 49] and wandb_run["exit_codes"] == [0, 0, 0]
-  assert wandb_run["history"] == tracker_runs.jsonl_scalars(workdir) == mlflow_run["history"]
-  assert mlflow_run["status"] == "FINISHED"
+  tracker_runs.check_trackers(workdir, wandb_exit_codes=[0, 0, 0], rewinds=[29, 49])
   assert rows[-1]["health/rollbacks"] == 2 and rows[-1]["health/skipped_examples"] == 272 + 272
   assert rows[-1]["health/skipped_steps"] == 0  # no poisoned record was trained on after the rollbacks
   data_state = json.loads((workdir / "checkpoints" / str(TOTAL) / "data" / "process_0-of-1.json").read_text())
@@ -306,14 +303,13 @@ def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoi
   its checkpoint carries) stops at the second trigger instead of rolling back again."""
   workdir = copy_of(stopped_after_rollback_a[0], tmp_path)
   checkpoints = workdir / "checkpoints"
-  config = health_config(data["bursts"], report_to="wandb,mlflow", **{"health.max_rollbacks": 1})
+  config = health_config(data["bursts"], report_to=tracker_runs.REPORT_TO, **{"health.max_rollbacks": 1})
   with pytest.raises(health.HealthError, match=re.escape(
       f"2 rollbacks within 1000 steps (at steps 43, 63; config.health.max_rollbacks=1); stopping. The last good "
       f"checkpoint: {checkpoints}/50; lower config.optim.lr or check the data. Moved aside: "
       f"{checkpoints}/40.rolled_back; to resume from the newest of them instead: ")) as stop:
     train.run(config, str(workdir))
-  (wandb_run,), (mlflow_run,) = tracker_runs.wandb_runs(workdir).values(), tracker_runs.mlflow_runs(workdir).values()
-  assert wandb_run["exit_codes"] == [1] and mlflow_run["status"] == "FAILED"  # a run stopped by an error
+  tracker_runs.check_trackers(workdir, status="FAILED", wandb_exit_codes=[1])  # a run stopped by an error
   # Nothing good is hidden: the line the error gives brings checkpoint 40 (moved aside by rollback A) back as
   # the newest, the one the next launch resumes from.
   bring_back = str(stop.value).split("to resume from the newest of them instead: ")[1]

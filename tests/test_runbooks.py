@@ -272,7 +272,23 @@ def test_every_command_of_the_runbook_runs_in_order(runbook, tmp_path, compilati
   result = run_runbook(runbook, tmp_path, compilation_cache)
   assert result.returncode == 0, failure_report(result)
   assert MARKER.findall(result.stderr)[-1][0] == "end", "the script stopped before its end"
+  assert_each_evaluation_drew_its_panel(tmp_path)
   print("\n".join(f"{seconds:6.1f} s  {where}" for where, seconds in command_seconds(result.stderr)))
+
+
+# The tasks that draw a panel at each evaluation (their `panel`: evaluate/panels.py); the dense fine-tunes do not.
+PANEL_TASKS = ("classification", "contrastive", "aurora")
+
+
+def assert_each_evaluation_drew_its_panel(root) -> None:
+  """Every workdir that the rehearsal trained a panel-drawing task in holds the panel of each step it evaluated."""
+  for metrics in pathlib.Path(root).rglob("metrics.jsonl"):
+    if json.loads((metrics.parent / "config.json").read_text())["task"] not in PANEL_TASKS:
+      continue
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    evaluated = {row["step"] for row in rows if any(key.startswith("eval/") for key in row)}
+    drawn = set(os.listdir(metrics.parent / "panels")) if (metrics.parent / "panels").is_dir() else set()
+    assert {f"step_{step}.png" for step in evaluated} <= drawn, (metrics.parent, sorted(evaluated), sorted(drawn))
 
 
 # ---- the rehearsal machinery itself ----

@@ -16,12 +16,13 @@ from PIL import Image
 from conftest import ROOT, compilation_cache_env
 import test_tensorboard
 from test_bad_input import run_main_in_process
-from tracker_runs import jsonl_scalars, mlflow_runs, wandb_runs
+from tracker_runs import INSTALLED, jsonl_scalars, mlflow_runs, wandb_runs
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import metrics, trackers
 
 ALL = "tensorboard,wandb,mlflow"
+needs_both = pytest.mark.skipif(INSTALLED != ("wandb", "mlflow"), reason="pip install -e '.[wandb,mlflow]'")
 PICTURE = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4
 
 
@@ -36,6 +37,7 @@ def _write(writer, steps, scale):
     writer.write(step, {"train/loss": step * scale, "train/lr": 0.5})
 
 
+@needs_both
 def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_a_preemption(tmp_path):
   workdir = str(tmp_path / "run")
   # Steps 1-30; a rollback to 20 (its kept row, then the rollback's counts at 20); steps 21-40 trained again.
@@ -85,6 +87,7 @@ def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_
   assert sorted(run["artifacts"]) == ["panels", "summary.json"]
 
 
+@needs_both
 def test_a_refused_wandb_rewind_continues_the_run_without_sending_its_steps_again(tmp_path, monkeypatch, caplog):
   """A W&B server without run rewind (a preview feature): the run continues under its id, the steps it already
   holds are not sent again (W&B would drop them), and a warning says their values are the abandoned ones."""
@@ -149,6 +152,7 @@ app.run(entry.main, flags_parser=entry._parse_flags)
 """
 
 
+@needs_both
 def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run_per_tracker(tmp_path,
                                                                                              compilation_cache):
   """Killed after logging step 25 (checkpoint 20 the newest), rerun to 40: one W&B run, which the kill left

@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import collections
 import glob
+import importlib.util
 import json
 import os
 import struct
+
+from visionfm_jax.training import trackers
+
+# The trackers this machine has (the README's test command installs both; a GPU image may have neither), and
+# config.report_to for every tracker it has.
+INSTALLED = tuple(name for name in ("wandb", "mlflow")
+                  if all(importlib.util.find_spec(module) for module in trackers.NEEDS[name]))
+REPORT_TO = ",".join(("tensorboard", *INSTALLED))
 
 _BLOCK = 32768
 _HEADER = 7
@@ -134,3 +143,17 @@ def mlflow_runs(workdir, tracking_uri: str | None = None) -> dict[str, dict]:
                                "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
                                "experiment": experiment.name}
   return runs
+
+
+def check_trackers(workdir, *, status: str = "FINISHED", wandb_exit_codes=None, rewinds=None) -> None:
+  """The installed trackers hold metrics.jsonl's values: one W&B run (with these exit codes and rewinds, when
+  given) and one MLflow run, ended with `status`."""
+  want = jsonl_scalars(workdir)
+  if "wandb" in INSTALLED:
+    (run,) = wandb_runs(workdir).values()
+    assert run["history"] == want
+    assert wandb_exit_codes is None or run["exit_codes"] == wandb_exit_codes, run["exit_codes"]
+    assert rewinds is None or run["rewinds"] == rewinds, run["rewinds"]
+  if "mlflow" in INSTALLED:
+    (run,) = mlflow_runs(workdir).values()
+    assert run["status"] == status and run["history"] == want, run["status"]
