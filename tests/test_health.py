@@ -309,7 +309,8 @@ def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoi
       f"checkpoint: {checkpoints}/50; lower config.optim.lr or check the data. Moved aside: "
       f"{checkpoints}/40.rolled_back; to resume from the newest of them instead: ")) as stop:
     train.run(config, str(workdir))
-  tracker_runs.check_trackers(workdir, status="FAILED", wandb_exit_codes=[1])  # a run stopped by an error
+  # The trackers, added at this resume, hold the whole run (given metrics.jsonl's rows first) and end failed.
+  tracker_runs.check_trackers(workdir, status="FAILED", wandb_exit_codes=[1])
   # Nothing good is hidden: the line the error gives brings checkpoint 40 (moved aside by rollback A) back as
   # the newest, the one the next launch resumes from.
   bring_back = str(stop.value).split("to resume from the newest of them instead: ")[1]

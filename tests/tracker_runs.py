@@ -37,7 +37,9 @@ def jsonl_scalars(workdir) -> dict[int, dict[str, float]]:
   with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
     for line in f:
       row = json.loads(line)
-      steps[row["step"]].update({k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))})
+      scalars = {k: v for k, v in row.items() if k != "step" and isinstance(v, (int, float))}
+      if scalars:  # not a note of values the trackers do not take (the checkpoints a rollback moved aside)
+        steps[row["step"]].update(scalars)
   return dict(steps)
 
 

@@ -143,7 +143,8 @@ class WandbSink:
 
   A process killed outright (SIGKILL, a lost node) takes with it what W&B had not yet written. trackers.json says
   whether the last process closed its run: when it did not, the resumed run is rewound to its start and given
-  metrics.jsonl's kept rows again."""
+  metrics.jsonl's kept rows and panels again. A W&B run that starts at a resume (W&B added to a run) is given
+  them too."""
   name = "wandb"
   in_workdir = False
 
@@ -165,6 +166,8 @@ class WandbSink:
                       [panel for panel in start.panels if panel[0] == start.step], last_sent=None)
     else:
       self._run = self._init(id=self._id, resume="allow" if saved else None)
+      if not saved:  # a tracker added at a resume: it gets the run's history so far
+        self._send_again(start.kept, start.panels)
     where = self._run.url if not self._run.offline else os.path.dirname(self._run.dir)
     logging.info("W&B run %s: %s", self._id, where)
 
@@ -200,6 +203,10 @@ class WandbSink:
                       e, step)
       self._run = self._init(id=self._id, resume="allow")
       self._skip_through = max(self._run.starting_step - 1, last_sent or 0, step)
+    self._send_again(rows, panels)
+
+  def _send_again(self, rows: list[dict], panels: list) -> None:
+    """metrics.jsonl's `rows` and the `panels` ((step, PNG file)), in step order."""
     by_step = collections.defaultdict(lambda: ([], []))
     for row in rows:
       by_step[row["step"]][0].append(_scalars_of(row))
@@ -230,7 +237,8 @@ def _unless_set_in_env(config, workdir: str) -> dict:
 class MlflowSink:
   """An MLflow run in config.mlflow.experiment: tracking URI from MLFLOW_TRACKING_URI, else
   `sqlite:///<workdir>/mlflow.db` (artifacts under `<workdir>/mlflow_artifacts/`); the run's config as params
-  (dotted names); config.json and the final metrics (summary.json) as artifacts; FINISHED or FAILED at the end."""
+  (dotted names); config.json and the final metrics (summary.json) as artifacts; FINISHED or FAILED at the end. A
+  run that starts at a resume (MLflow added to a run) is given metrics.jsonl's kept rows and the panels first."""
   name = "mlflow"
   in_workdir = False
 
@@ -242,15 +250,20 @@ class MlflowSink:
     self._client = MlflowClient(tracking_uri=uri)
     saved = ids.get("mlflow")
     run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
-    if run_id is not None:
-      self._client.update_run(run_id, status="RUNNING")
-    else:
+    new = run_id is None
+    if new:
       run_id = self._client.create_run(self._experiment(config.mlflow.experiment),
                                        run_name=os.path.basename(os.path.normpath(workdir))).info.run_id
+    else:
+      self._client.update_run(run_id, status="RUNNING")
     ids.set("mlflow", {"run_id": run_id, "tracking_uri": uri})
     self._run_id = run_id
     self._last_ms = 0  # MLflow keeps every value: those of the steps trained again are logged later
     self._log_params(config, start.step)
+    if new:  # a tracker added at a resume: it gets the run's history so far
+      self._log_metrics([(row["step"], _scalars_of(row)) for row in start.kept])
+      for _, path in start.panels:
+        self._client.log_artifact(run_id, path, "panels")
     config_json = os.path.join(workdir, "config.json")
     if os.path.exists(config_json):
       self._client.log_artifact(run_id, config_json)
@@ -282,10 +295,18 @@ class MlflowSink:
       self._client.log_batch(self._run_id, params=params[start:start + validation.MAX_PARAMS_TAGS_PER_BATCH])
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
+    self._log_metrics([(step, values)])
+
+  def _log_metrics(self, rows: list[tuple[int, dict[str, float]]]) -> None:
+    """Each row's values at its step, a later timestamp for each row, in batches of MLflow's limit."""
     from mlflow.entities import Metric  # pylint: disable=g-import-not-at-top
-    self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
-    self._client.log_batch(self._run_id, metrics=[Metric(key, value, self._last_ms, step)
-                                                  for key, value in values.items()])
+    from mlflow.utils import validation  # pylint: disable=g-import-not-at-top
+    metrics = []
+    for step, values in rows:
+      self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
+      metrics += [Metric(key, value, self._last_ms, step) for key, value in values.items()]
+    for start in range(0, len(metrics), validation.MAX_METRICS_PER_BATCH):
+      self._client.log_batch(self._run_id, metrics=metrics[start:start + validation.MAX_METRICS_PER_BATCH])
 
   def panel(self, step: int, picture: Picture) -> None:
     del step
