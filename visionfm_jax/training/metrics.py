@@ -42,11 +42,9 @@ class MetricWriter:
     self._sinks = []
     with self._storage_faults_named():
       os.makedirs(workdir, exist_ok=True)
-      dropped = _drop_rows_after(self._path, resume_step)
-      _drop_panels_after(workdir, resume_step)
+      dropped, kept, kept_panels = _drop_after(self._path, resume_step)
       self._jsonl = open(self._path, "a", encoding="utf-8")
-      kept = tuple(_rows(self._path)) if resume_step else ()
-      start = trackers.Start(resume_step, kept, tuple(_panels(workdir)), dropped > 0)
+      start = trackers.Start(resume_step, tuple(kept), tuple(kept_panels), dropped > 0)
       self._sinks = trackers.open_sinks(config, workdir, start)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
@@ -87,13 +85,11 @@ class MetricWriter:
       return
     with self._storage_faults_named():
       self._jsonl.close()
-      _drop_rows_after(self._path, step, why)
-      _drop_panels_after(self._workdir, step)
+      _, kept, kept_panels = _drop_after(self._path, step, why)
       self._jsonl = open(self._path, "a", encoding="utf-8")
-      kept = [row for row in _rows(self._path) if row["step"] == step]
-      kept_panels = [panel for panel in _panels(self._workdir) if panel[0] == step]
     if self.failure is None:
-      self._each_sink(lambda sink: sink.rewind(step, kept, kept_panels))
+      self._each_sink(lambda sink: sink.rewind(step, [row for row in kept if row["step"] == step],
+                                               [panel for panel in kept_panels if panel[0] == step]))
 
   def close(self, final: dict[str, float] | None = None) -> None:
     """Closes metrics.jsonl and the trackers: `final` (the run's last metrics) ends their runs as finished, with
@@ -135,18 +131,26 @@ def _close_quietly(file, *args) -> None:
     pass
 
 
-def _drop_rows_after(path: str, step: int,
-                     why: str = "logged by a run that stopped before its next checkpoint") -> int:
-  """Drops the rows of steps after `step`; returns how many."""
-  if not os.path.exists(path):
-    return 0
-  with open(path, encoding="utf-8") as f:
-    lines = f.readlines()
-  kept = [line for line in lines if _step_of(line) <= step]
-  if len(kept) < len(lines):
-    atomic.write(path, "".join(kept))
-    logging.info("metrics.jsonl: dropped %d rows after step %d, %s", len(lines) - len(kept), step, why)
-  return len(lines) - len(kept)
+def _drop_after(path: str, step: int, why: str = "logged by a run that stopped before its next checkpoint"
+                ) -> tuple[int, list[dict], list[tuple[int, str]]]:
+  """Drops metrics.jsonl's rows (at `path`) and the panels beside it of steps after `step`; returns how many rows
+  it dropped, the rows kept and the panels kept ((step, file))."""
+  lines = []
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      lines = f.readlines()
+  rows = [_row_of(line) for line in lines]
+  keep = [row is not None and row["step"] <= step for row in rows]
+  if not all(keep):
+    atomic.write(path, "".join(line for line, kept in zip(lines, keep) if kept))
+    logging.info("metrics.jsonl: dropped %d rows after step %d, %s", keep.count(False), step, why)
+  kept_panels = []
+  for at, panel in _panels(os.path.dirname(path)):
+    if at > step:  # trained again: its evaluation draws it anew
+      os.remove(panel)
+    else:
+      kept_panels.append((at, panel))
+  return keep.count(False), [row for row, kept in zip(rows, keep) if kept], kept_panels
 
 
 def _panel_path(workdir: str, step: int) -> str:
@@ -160,28 +164,10 @@ def _panels(workdir: str) -> list[tuple[int, str]]:
   return sorted((int(m.group(1)), os.path.join(folder, m.group(0))) for m in matches if m)
 
 
-def _drop_panels_after(workdir: str, step: int) -> None:
-  """Deletes the panels of steps after `step` (trained again: their evaluations draw them anew)."""
-  for at, path in _panels(workdir):
-    if at > step:
-      os.remove(path)
-
-
-def _rows(path: str):
-  """metrics.jsonl's rows (dicts with a step), in order."""
-  with open(path, encoding="utf-8") as f:
-    for line in f:
-      try:
-        row = json.loads(line)
-      except ValueError:
-        continue
-      if isinstance(row, dict) and "step" in row:
-        yield row
-
-
-def _step_of(line: str) -> float:
-  """The row's step; a line that is not a row (a write cut short) counts as after every step."""
+def _row_of(line: str) -> dict | None:
+  """The row of a metrics.jsonl line; None for a line that is not one (a write cut short: after every step)."""
   try:
-    return json.loads(line)["step"]
-  except (ValueError, KeyError, TypeError):
-    return float("inf")
+    row = json.loads(line)
+  except ValueError:
+    return None
+  return row if isinstance(row, dict) and isinstance(row.get("step"), (int, float)) else None
