@@ -16,17 +16,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import hostile
 from conftest import ROOT, tiny_aurora_config, tiny_clip_config
 from visionfm_jax import tasks
 from visionfm_jax.training import checkpoint
-from visionfm_jax.data import records, shapes, transforms
+from visionfm_jax.data import limits, records, shapes, transforms
 from visionfm_jax.tools import filter_clip_score as fcs
 
 STEP = 3
 BATCH = 8  # one row per simulated device
 FILE_SIZES = (11, 6, 9)  # pairs per input file: each file's last batch is padded
-BAD = ("corrupt", "bad-image", "no-caption")  # the records file 0 adds: none scored, all counted
-UNDECODABLE, UNCAPTIONED = 2, 1  # of BAD
+# The records file 0 adds: none scored, all counted. "bomb": a PNG of 400 megapixels (tests/hostile.py), "long":
+# a caption over data/limits.py's MAX_TEXT_BYTES; both are refused before any decoding or tokenizing.
+BAD = ("corrupt", "bad-image", "bomb", "long", "no-caption")
+UNDECODABLE, UNCAPTIONED = 4, 1  # of BAD
 # The reference embeddings compile quickly (XLA CPU without its expensive optimisations): they run in ms.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
@@ -91,9 +94,12 @@ def inputs(tmp_path_factory):
       if f == 0:
         writer.write(b"\x93not a record")
         writer.write(records.pack_record(b"not an image", caption="a small red circle", key="bad-image"))
+        writer.write(records.pack_record(hostile.png_bomb(20_000, 20_000), caption="a circle", key="bomb"))
+        writer.write(records.pack_record(records.encode_jpeg(source[0]["image"]), key="long",
+                                         caption="a circle " * (limits.MAX_TEXT_BYTES // 9 + 1)))
         writer.write(records.pack_record(source[0]["image"], key="no-caption"))
   names = [records.shard_name("train", f, len(FILE_SIZES)) for f in range(len(FILE_SIZES))]
-  records.write_metadata(directory, kind="pairs", splits={"train": {"records": index + 3, "shards": names,
+  records.write_metadata(directory, kind="pairs", splits={"train": {"records": index + len(BAD), "shards": names,
                                                                     "source": "shapes"}})
   return str(directory), pairs
 

@@ -117,7 +117,7 @@ def test_three_tasks_prepare_what_one_task_prepares(tmp_path, capsys, monkeypatc
   for name, value in {"SLURM_ARRAY_TASK_ID": "11", "SLURM_ARRAY_TASK_MIN": "10", "SLURM_ARRAY_TASK_COUNT": "3"}.items():
     monkeypatch.setenv(name, value)
   assert prepare_data.main(["prog", *common, f"--output={many}"]) == 0
-  assert "train 29 records, 1 skipped, 6 shards" in capsys.readouterr().out
+  assert "train 29 records, 1 skipped (undecodable 1), 6 shards" in capsys.readouterr().out
   assert (many / "dataset.json").read_text() == (tmp_path / "one" / "dataset.json").read_text()
   assert shards_and_sidecars(many) == shards_and_sidecars(tmp_path / "one")
   assert read_split(many) == read_split(tmp_path / "one")
@@ -157,7 +157,7 @@ def test_score_filters_keep_exactly_the_expected_keys(tmp_path, capsys, limits):
   entry = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
   assert entry["filtered"] == filtered and entry["records"] == len(kept)
   sidecars = [json.loads((tmp_path / "out" / (shard + ".json")).read_text()) for shard in entry["shards"]]
-  assert all(set(c) == {"records", "skipped", "uncaptioned", "filtered", "fingerprint"} for c in sidecars)
+  assert all(set(c) == {"records", "skipped", "skipped_by", "uncaptioned", "filtered", "fingerprint"} for c in sidecars)
   assert {r: sum(c["filtered"][r] for c in sidecars) for r in filtered} == filtered
   assert {r["key"] for r in read_split(tmp_path / "out")} == kept
 

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import transforms
+from visionfm_jax.data import limits, transforms
 from visionfm_jax.data.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
 
@@ -52,6 +52,7 @@ _LABELS = _label_table()
 def decode_annotation(data: bytes) -> np.ndarray:
   """ADE label PNG bytes -> uint8 (H, W) class ids (see the module docstring); ValueError if not single-channel."""
   with Image.open(io.BytesIO(data)) as image:
+    limits.check_pixels(*image.size)
     labels = np.asarray(image)
   if labels.ndim != 2 or labels.dtype.kind not in "ui":
     raise ValueError(f"expected a single-channel integer label image, got {labels.dtype} {labels.shape}")

@@ -17,7 +17,7 @@ import grain
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import transforms
+from visionfm_jax.data import limits, transforms
 
 # The mask label of pixels that count for nothing in the segmentation loss and mIoU: unlabelled or uncertain
 # pixels of the sources (scenes, ADE20K) and canvas padding.
@@ -32,12 +32,14 @@ def truncated_boxes() -> int:
 
 def decode_with_size(data: bytes, min_side: int = 0) -> tuple[np.ndarray, tuple[int, int]]:
   """(uint8 HWC RGB, (h, w) of the stored image): JPEGs decode at the smallest DCT scale keeping both sides
-  >= `min_side` (see transforms.decode_image), so the array may be smaller than the original."""
+  >= `min_side` (see transforms.decode_image), so the array may be smaller than the original. The EXIF
+  orientation is not applied: boxes and masks are given in the stored image's pixels."""
   with Image.open(io.BytesIO(data)) as image:
+    limits.check_pixels(*image.size)
     size = (image.height, image.width)
     if min_side and image.format == "JPEG":
       image.draft("RGB", (min_side, min_side))
-    return np.asarray(image.convert("RGB")), size
+    return np.asarray(transforms.on_white(image)), size
 
 
 class DecodeDense(grain.transforms.Map):

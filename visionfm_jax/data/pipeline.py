@@ -265,6 +265,8 @@ class EvalReader:
     if element["image"] is None:  # undecodable: a padding row
       return None
     element = self.example.map(element)
+    if not element.pop("valid", True):  # refused by the example op, e.g. a caption over data/limits.py's limit
+      return None
     if self.extras:
       rng = np.random.default_rng(index)
       for op in self.extras:

@@ -11,12 +11,13 @@ from __future__ import annotations
 import io
 import logging
 import math
+import warnings
 
 import grain
 import numpy as np
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
-from visionfm_jax.data import randaugment, tokenizer as tokenizer_lib
+from visionfm_jax.data import limits, randaugment, tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
@@ -41,32 +42,63 @@ def count_failure(what: str, error: Exception) -> None:
   logging.warning("skipping an undecodable %s (%d so far in this process): %s", what, _decode_failures, error)
 
 
+def failure_reason(error: Exception) -> str:
+  """The data/limits.py reason a decode error counts under."""
+  if isinstance(error, (limits.ImageTooLarge, Image.DecompressionBombError)):
+    return limits.TOO_MANY_PIXELS
+  return limits.UNDECODABLE
+
+
 def _to_rgb_array(image) -> np.ndarray:
-  """A decoded image (HW, HW1, HW3 or HW4 array) as uint8 HWC RGB."""
+  """A decoded image (HW, HW1, HW3 or HW4 array) as uint8 HWC RGB; a fourth channel is alpha, composited onto
+  white (`on_white`)."""
   image = np.asarray(image)
   if image.ndim == 2:
     image = image[:, :, None]
   if image.shape[-1] == 1:
     image = np.repeat(image, 3, axis=-1)
   elif image.shape[-1] == 4:
-    image = image[:, :, :3]
+    alpha = image[:, :, 3:].astype(np.float32) / 255.0
+    image = np.round(image[:, :, :3] * alpha + 255.0 * (1.0 - alpha))
   if image.dtype != np.uint8:
     image = np.clip(image, 0, 255).astype(np.uint8)
   return image
 
 
 def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
-  """JPEG/PNG/... bytes -> uint8 HWC RGB.
+  """JPEG/PNG/... bytes -> uint8 HWC RGB, upright as its EXIF orientation says, transparency composited onto
+  white (as `transformers`' image processors do); limits.ImageTooLarge, before any pixel is decoded, for an image
+  of more than limits.MAX_IMAGE_PIXELS.
 
   With `min_side`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
   least `min_side` pixels (Pillow's draft mode), which is several times faster for large photos.
   """
-  with Image.open(io.BytesIO(data)) as image:
+  with warnings.catch_warnings():
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, from the same header
+    image = Image.open(io.BytesIO(data))
+  with image:
+    limits.check_pixels(*image.size)
     if min_side and image.format == "JPEG":
       image.draft("RGB", (min_side, min_side))
+    image = upright(image)
     if image.mode in HIGH_DEPTH_MODES:
       return _to_rgb_array(to_8_bits(np.asarray(image), image.mode))
-    return _to_rgb_array(image.convert("RGB"))
+    return np.asarray(on_white(image))
+
+
+def upright(image: Image.Image) -> Image.Image:
+  """`image` turned as its EXIF orientation tag says (a phone's portrait photo is stored sideways)."""
+  if image.getexif().get(ExifTags.Base.Orientation, 1) in (1, None):
+    return image
+  return ImageOps.exif_transpose(image)
+
+
+def on_white(image: Image.Image) -> Image.Image:
+  """`image` as RGB; an alpha channel or a palette's transparent entry composited onto white."""
+  if "A" in image.getbands() or image.info.get("transparency") is not None:
+    rgba = image.convert("RGBA")
+    return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+  return image.convert("RGB")
 
 
 # Pillow's single-channel modes deeper than 8 bits: its convert("RGB") clips them at 255 (a 16-bit PNG comes out
@@ -338,7 +370,8 @@ class SelectPair(grain.transforms.Map):
   """The record -> example op of image-text pairs and image-only records: uint8 'image', int32 'text'
   (max_len,) tokens of record['caption'], bool 'has_text', and int32 'label' when `with_label` (sources with
   labels: zero-shot evaluation). A record without a caption (or with an empty one) is image-only: its 'text' is
-  all PAD (tokenizer.PAD_ID) and 'has_text' False.
+  all PAD (tokenizer.PAD_ID) and 'has_text' False. A caption over limits.MAX_TEXT_BYTES is never tokenized: the
+  record is counted (`count_failure`) and marked 'valid' False, as an undecodable one.
   """
 
   def __init__(self, tokenizer, with_label: bool):
@@ -348,6 +381,9 @@ class SelectPair(grain.transforms.Map):
     if not element.get("valid", True):  # a placeholder (see MarkUndecodable): its fields may be missing
       element = {"label": 0, **element}
     caption = element.get("caption")
+    if caption and limits.text_too_large(caption):
+      count_failure("caption", limits.TextTooLarge(len(caption.encode("utf-8", "surrogatepass"))))
+      element, caption = {**element, "valid": False}, None
     if caption:
       text, has_text = self.tokenizer.encode(caption), True
     else:

@@ -33,12 +33,13 @@ from typing import Iterator
 
 import numpy as np
 
-from visionfm_jax.data import transforms
+from visionfm_jax.data import limits, transforms
 from visionfm_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several
+TEXT_EXTENSIONS = ("txt", "json")  # the caption and the metadata
 INDEX_SUFFIX = ".index.npz"
-INDEX_FORMAT = "visionfm_jax.wds_index/1"
+INDEX_FORMAT = "visionfm_jax.wds_index/2"
 SCORES = ("similarity", "pwatermark", "punsafe")  # the index's score columns, NaN where a sample has none
 MEMBERS = ("image", "caption", "meta")  # the index's (offset, size) columns; (-1, 0): no such member
 INDEX_HINT = "index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB (see docs/data_preparation.md)"
@@ -125,14 +126,36 @@ def split_member_name(name: str) -> tuple[str, str]:
   return os.path.join(directory, stem) if directory else stem, extension.lower()
 
 
-def members_by_key(archive: tarfile.TarFile) -> dict[str, dict[str, tarfile.TarInfo]]:
-  """key -> {extension: member}, keys in archive order."""
-  by_key = collections.defaultdict(dict)
+def tar_listing(archive: tarfile.TarFile) -> tuple[dict[str, dict[str, tarfile.TarInfo]], collections.Counter]:
+  """(key -> {extension: member}, keys in archive order; {limits reason: samples left out}). A sample is left out
+  whole when one of its members is a link, a device or a FIFO, has an absolute or '..' name, or is an image over
+  limits.MAX_IMAGE_BYTES or a caption or metadata over limits.MAX_TEXT_BYTES (read from the headers only)."""
+  by_key, refused = collections.defaultdict(dict), {}
   for member in archive.getmembers():
-    if member.isfile():
-      key, extension = split_member_name(member.name)
+    if member.isdir():
+      continue
+    key, extension = split_member_name(member.name)
+    reason = _refusal(member, extension)
+    if reason:
+      refused.setdefault(key, reason)
+    else:
       by_key[key][extension] = member
-  return by_key
+  for key in refused:
+    by_key.pop(key, None)
+  return by_key, collections.Counter(refused.values())
+
+
+def _refusal(member: tarfile.TarInfo, extension: str) -> str | None:
+  """The limits reason `member` makes its sample unreadable for, None when it is fine."""
+  if limits.unsafe_name(member.name):
+    return limits.UNSAFE_NAME
+  if member.islnk() or member.issym():
+    return limits.LINK
+  if not member.isfile():
+    return limits.NOT_A_FILE
+  limit = (limits.MAX_IMAGE_BYTES if extension in IMAGE_EXTENSIONS
+           else limits.MAX_TEXT_BYTES if extension in TEXT_EXTENSIONS else None)
+  return limits.TOO_LARGE if limit is not None and member.size > limit else None
 
 
 def image_member(members: dict) -> tarfile.TarInfo | None:
@@ -152,13 +175,21 @@ def _text(archive: tarfile.TarFile, member: tarfile.TarInfo | None) -> str | Non
   return None if member is None else archive.extractfile(member).read().decode("utf-8", errors="replace")
 
 
-def tar_samples(path: str, images: bool = True) -> Iterator[dict]:
+def reasons_text(counts: dict) -> str:
+  """{reason: n} -> 'link 2, unsafe_name 1' (limits.REASONS order)."""
+  return ", ".join(f"{reason} {counts[reason]}" for reason in limits.REASONS if counts.get(reason))
+
+
+def tar_samples(path: str, images: bool = True, left_out: collections.Counter | None = None) -> Iterator[dict]:
   """The samples of the tar `path` in archive order, as {key, image (bytes, None when the sample has none; left
   out when not `images`), caption (stripped; '' when none), meta (the .json text, None when none)}; DataError
-  for an unreadable tar."""
+  for an unreadable tar. The samples `tar_listing` leaves out are added to `left_out` by reason."""
   with _open_tar(path) as archive:
     try:
-      for key, members in members_by_key(archive).items():
+      samples, refused = tar_listing(archive)
+      if left_out is not None:
+        left_out.update(refused)
+      for key, members in samples.items():
         sample = {"key": key, "caption": (_text(archive, members.get("txt")) or "").strip(),
                   "meta": _text(archive, members.get("json"))}
         if images:
@@ -169,10 +200,10 @@ def tar_samples(path: str, images: bool = True) -> Iterator[dict]:
       raise DataError(f"{path}: unreadable tar file ({e})") from e
 
 
-def tar_captions(path: str) -> Iterator[tuple[str, str]]:
+def tar_captions(path: str, left_out: collections.Counter | None = None) -> Iterator[tuple[str, str]]:
   """(key, caption) of every sample of the tar `path` with a non-empty caption, in archive order; the image
   members are never read."""
-  for sample in tar_samples(path, images=False):
+  for sample in tar_samples(path, images=False, left_out=left_out):
     if sample["caption"]:
       yield sample["key"], sample["caption"]
 
@@ -186,10 +217,11 @@ def index_path(tar: str) -> str:
 def index_tar(path: str) -> dict:
   """The index of the tar `path`: {keys (str array), image/caption/meta (int64 (n, 2): offset, size; (-1, 0)
   absent), scores (float64 (n, 3), SCORES order: the .json values exactly), incomplete (samples without an
-  image, left out), tar_size}."""
+  image, left out), left_out (JSON {limits reason: samples}: those `tar_listing` refuses), tar_size}."""
   keys, spans, scores, incomplete = [], [], [], 0
   with _open_tar(path) as archive:
-    for key, members in members_by_key(archive).items():
+    samples, refused = tar_listing(archive)
+    for key, members in samples.items():
       image = image_member(members)
       if image is None:
         incomplete += 1
@@ -201,18 +233,19 @@ def index_tar(path: str) -> dict:
   spans = np.asarray(spans, np.int64).reshape(-1, len(MEMBERS), 2)
   return {"keys": np.asarray(keys, dtype=str), **{m: spans[:, i] for i, m in enumerate(MEMBERS)},
           "scores": np.asarray(scores, np.float64).reshape(-1, len(SCORES)), "incomplete": incomplete,
-          "tar_size": os.path.getsize(path)}
+          "left_out": np.asarray(json.dumps(dict(sorted(refused.items())))), "tar_size": os.path.getsize(path)}
 
 
 def write_index(path: str) -> dict:
   """Indexes the tar `path` into `index_path(path)` (via a temporary file, renamed when complete); returns
-  {samples, incomplete}."""
+  {samples, incomplete, left_out ({reason: samples})}."""
   index = index_tar(path)
   tmp = index_path(path) + ".tmp"
   with open(tmp, "wb") as f:
     np.savez(f, format=np.asarray(INDEX_FORMAT), **index)
   os.replace(tmp, index_path(path))
-  return {"samples": len(index["keys"]), "incomplete": index["incomplete"]}
+  return {"samples": len(index["keys"]), "incomplete": index["incomplete"],
+          "left_out": json.loads(str(index["left_out"]))}
 
 
 def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores")) -> dict | None:
@@ -220,7 +253,7 @@ def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores")) -> dict |
   was written for this tar's size, else None."""
   try:
     with np.load(index_path(tar), allow_pickle=False) as data:
-      index = {name: data[name] for name in ("format", "tar_size", "incomplete", *fields)}
+      index = {name: data[name] for name in ("format", "tar_size", "incomplete", "left_out", *fields)}
   except (OSError, ValueError, KeyError, EOFError):
     return None
   if str(index.get("format")) != INDEX_FORMAT or int(index.get("tar_size", -1)) != _size(tar):
@@ -258,6 +291,7 @@ class WdsSource:
     self.pattern, self.score_filter = pattern, score_filter
     self.tars = matching_tars(pattern)
     counts, self.filtered, self.incomplete, missing = [], collections.Counter(), 0, []
+    self.left_out = collections.Counter()  # limits reason -> samples the indexes left out
     for tar in self.tars:
       index = read_index(tar, fields=("scores",))
       if index is None:
@@ -266,11 +300,15 @@ class WdsSource:
       reasons = score_filter.reasons(index["scores"])
       self.filtered.update(score_filter.count(reasons))
       self.incomplete += int(index["incomplete"])
+      self.left_out.update(json.loads(str(index["left_out"])))
       counts.append(int(np.sum(reasons < 0)))
     if missing:
       raise DataError(f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
                       f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {INDEX_HINT}")
     self._ends = np.cumsum(counts).tolist()
+    if self.left_out:
+      logging.warning("wds source %s: %d samples left out by their tars' indexes (%s; data/limits.py)", pattern,
+                      sum(self.left_out.values()), reasons_text(self.left_out))
     if score_filter:
       logging.info("wds source %s: %d samples of %d tars kept, filtered out by %s", pattern, len(self),
                    len(self.tars), ", ".join(f"{reason} {n}" for reason, n in self.filtered.items()))

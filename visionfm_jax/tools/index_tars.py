@@ -93,7 +93,7 @@ def _matching_tars(pattern: str) -> list[str]:
 
 def index_tars(pattern: str, *, task: cluster_task.Task = cluster_task.Task(), num_workers: int = 0) -> dict:
   """Indexes `task`'s share of the tars matching `pattern` that have no current index; {tars (this task's),
-  indexed (written now), samples and incomplete (of those written now)}."""
+  indexed (written now), samples, incomplete and left_out ({limits reason: samples}) (of those written now)}."""
   tars = task.share(_matching_tars(pattern))
   pending = [tar for tar in tars if wds.read_index(tar, fields=()) is None]
   if num_workers <= 1 or len(pending) <= 1:
@@ -101,8 +101,11 @@ def index_tars(pattern: str, *, task: cluster_task.Task = cluster_task.Task(), n
   else:
     with multiprocessing.get_context("spawn").Pool(min(num_workers, len(pending))) as pool:
       results = pool.map(_index_one, pending)
+  left_out = collections.Counter()
+  for result in results:
+    left_out.update(result["left_out"])
   return {"tars": len(tars), "indexed": len(pending), "samples": sum(r["samples"] for r in results),
-          "incomplete": sum(r["incomplete"] for r in results)}
+          "incomplete": sum(r["incomplete"] for r in results), "left_out": dict(left_out)}
 
 
 # ---------------------------------------------------------------------------------- ordered score keys
@@ -324,6 +327,10 @@ def _select_main(fv) -> None:
   print(selection.line(time.monotonic() - start))
 
 
+def _refused_text(left_out: dict) -> str:
+  return f", {sum(left_out.values())} refused: {wds.reasons_text(left_out)}" if left_out else ""
+
+
 def _index_main(fv) -> None:
   misplaced = [f"--{name}" for name in SELECT_FLAGS if fv[name].present]
   if misplaced:
@@ -333,7 +340,7 @@ def _index_main(fv) -> None:
   workers = (os.cpu_count() or 1) if fv.num_workers is None else fv.num_workers
   done = index_tars(fv.input, task=task, num_workers=workers)
   print(f"index_tars: {task}: {done['indexed']} of its {done['tars']} tars indexed now ({done['samples']} samples, "
-        f"{done['incomplete']} without an image left out), the others were already, "
+        f"{done['incomplete']} without an image left out{_refused_text(done['left_out'])}), the others were already, "
         f"{time.monotonic() - start:.1f} s")
 
 

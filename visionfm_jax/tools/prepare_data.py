@@ -47,7 +47,9 @@ count of 'uncaptioned' records among them) or 'images' (image-only).
 
 Images pass through as stored. --verify decodes each one and drops (counts, names) the undecodable ones;
 --resize_shorter=N (implies --verify) shrinks images whose shorter side exceeds N to N and stores them as
-JPEG quality 95. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
+JPEG quality 95 (turned upright first, as their EXIF orientation says). Samples past data/limits.py's limits
+(decompression bombs, oversized files and captions, tar links, FIFOs and absolute or '..' member names) are
+left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
 `DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
 `DIR/dataset.json` describes the data set (`records.write_metadata`); train with
 `--config.data.source='arrayrecord:DIR/{split}-*.array_record'`.
@@ -78,6 +80,7 @@ import math
 import multiprocessing
 import os
 import re
+import stat
 import sys
 import tarfile
 import time
@@ -89,7 +92,7 @@ from absl import flags
 from PIL import Image
 
 from visionfm_jax import atomic
-from visionfm_jax.data import pair_corpora, records, transforms, wds
+from visionfm_jax.data import limits, pair_corpora, records, transforms, wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli, cluster_task, image_tree
 
@@ -132,9 +135,14 @@ class ShardJob:
 
 class Example(NamedTuple):
   name: str  # for messages: the file, or tar:key
-  image: bytes | None  # None: incomplete (no image), skipped
+  image: bytes | None  # None: skipped, for the reason `refused`
   fields: dict  # the `records.pack_record` fields
   rejected: str = ""  # the score (wds.SCORES) it failed the filter on; '' when it passed
+  refused: str = ""  # why it is left out (a data/limits.py reason); '' when it is not
+
+
+def _refused(name: str, reason: str) -> Example:
+  return Example(name, None, {}, refused=reason)
 
 
 # ---------------------------------------------------------------------------------------------------- images
@@ -149,19 +157,20 @@ def shrink_to_shorter_side(image: Image.Image, size: int) -> Image.Image:
   return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=RESIZE_REDUCING_GAP)
 
 
-def prepare_image(data: bytes, options: ImageOptions, name: str) -> bytes | None:
-  """The bytes to store for one image, None (with a warning naming `name`) when it must be dropped."""
+def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes | None, str]:
+  """(the bytes to store for one image, ''), or (None, the data/limits.py reason) with a warning naming `name`
+  when it must be dropped."""
   if not options.verify:
-    return data
+    return data, ""
   try:
     pixels = transforms.decode_image(data)
   except transforms.DECODE_ERRORS as e:
     logging.warning("prepare_data: skipping %s: undecodable image: %s", name, e)
-    return None
+    return None, transforms.failure_reason(e)
   if options.resize_shorter and min(pixels.shape[:2]) > options.resize_shorter:
     resized = shrink_to_shorter_side(Image.fromarray(pixels), options.resize_shorter)
-    return records.encode_jpeg(np.asarray(resized))
-  return data  # small enough: the original bytes, no second lossy encoding
+    return records.encode_jpeg(np.asarray(resized)), ""
+  return data, ""  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
 
 
 # ------------------------------------------------------------------------------------------- shard writing
@@ -187,50 +196,60 @@ def finished_counts(path: str, shard_fingerprint: str) -> dict | None:
 def _folder_examples(job: ShardJob) -> Iterator[Example]:
   for relpath, label in job.items:
     path = os.path.join(job.root, relpath)
-    try:
-      with open(path, "rb") as f:
-        data = f.read()
-    except OSError as e:
-      raise DataError(f"cannot read {path}: {e.strerror or e}") from e
-    yield Example(path, data, {"label": label, "key": relpath})
+    data, reason = _read_image_file(path)
+    yield _refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
 
 
 def _pair_examples(job: ShardJob) -> Iterator[Example]:
   """The job's pairs: the image file as stored, or (with a box) its region cropped and encoded once (shrunk first
   to --resize_shorter); each file read, and decoded, once for its consecutive pairs."""
   current = data = pixels = None
-  decoded = False
+  decoded, why = False, ""
   for item in job.items:
     if item.path != current:
       current, decoded = item.path, False
-      data = _read_file(os.path.join(job.root, item.path))
+      data, reason = _read_image_file(os.path.join(job.root, item.path))
     name, fields = f"{os.path.join(job.root, item.path)}#{item.key}", {"caption": item.caption, "key": item.key}
+    if data is None:
+      yield _refused(name, reason)
+      continue
     if item.box is None:
       yield Example(name, data, fields)
       continue
     if not decoded:
-      pixels, decoded = _decode_or_warn(data, current), True
+      (pixels, why), decoded = _decode_or_warn(data, current), True
     crop = None if pixels is None else pair_corpora.crop_box(pixels, item.box)
     if crop is None or not crop.size:
-      yield Example(name, None, {})
+      yield _refused(name, why or limits.NO_IMAGE)
       continue
     if job.options.resize_shorter:
       crop = np.asarray(shrink_to_shorter_side(Image.fromarray(crop), job.options.resize_shorter))
     yield Example(name, records.encode_jpeg(crop), fields)
 
 
-def _decode_or_warn(data: bytes, name: str) -> np.ndarray | None:
+def _decode_or_warn(data: bytes, name: str) -> tuple[np.ndarray | None, str]:
+  """(the decoded image, ''), or (None, the data/limits.py reason)."""
   try:
-    return transforms.decode_image(data)
+    return transforms.decode_image(data), ""
   except transforms.DECODE_ERRORS as e:
     logging.warning("prepare_data: skipping the regions of %s: undecodable image: %s", name, e)
-    return None
+    return None, transforms.failure_reason(e)
 
 
-def _read_file(path: str) -> bytes:
+def _read_image_file(path: str) -> tuple[bytes | None, str]:
+  """(the bytes of the image file `path`, ''), or (None, the data/limits.py reason) for a device, a FIFO or a file
+  over limits.MAX_IMAGE_BYTES (a link is followed); DataError when it cannot be read."""
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    # Non-blocking: opening a FIFO for reading would wait for a writer.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as f:
+      status = os.fstat(f.fileno())
+      if not stat.S_ISREG(status.st_mode):
+        logging.warning("prepare_data: skipping %s: not a regular file", path)
+        return None, limits.NOT_A_FILE
+      if status.st_size > limits.MAX_IMAGE_BYTES:
+        logging.warning("prepare_data: skipping %s: %d bytes, over limits.MAX_IMAGE_BYTES", path, status.st_size)
+        return None, limits.TOO_LARGE
+      return f.read(), ""
   except OSError as e:
     raise DataError(f"cannot read {path}: {e.strerror or e}") from e
 
@@ -248,13 +267,17 @@ def _tar_examples(job: ShardJob) -> Iterator[Example]:
 def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset = frozenset(),
                       only_held: bool = False, score_filter: wds.ScoreFilter = wds.ScoreFilter()
                       ) -> Iterator[Example]:
-  for key, members in wds.members_by_key(archive).items():
+  samples, refused = wds.tar_listing(archive)
+  if not only_held:  # counted once, with the tar's main shard
+    for reason, n in refused.items():
+      yield from (_refused(f"{tar_name} ({reason})", reason) for _ in range(n))
+  for key, members in samples.items():
     if (key in held) != only_held:
       continue
     image = wds.image_member(members)
     name = f"{tar_name}:{key}"
     if image is None:
-      yield Example(name, None, {})
+      yield _refused(name, limits.NO_IMAGE)
       continue
     caption = _read_text(archive, members["txt"]).strip() if "txt" in members else ""
     meta = _read_text(archive, members["json"]) if "json" in members else None
@@ -270,7 +293,7 @@ def tar_keys(path: str) -> list[str]:
   """The keys of the examples with an image in the tar `path`, in archive order (reads its headers only)."""
   try:
     with tarfile.open(path) as archive:
-      return [key for key, members in wds.members_by_key(archive).items() if wds.image_member(members) is not None]
+      return [key for key, members in wds.tar_listing(archive)[0].items() if wds.image_member(members) is not None]
   except tarfile.TarError as e:
     raise DataError(f"{path}: unreadable tar file ({str(e).splitlines()[0].rstrip(':')})") from e
 
@@ -282,8 +305,8 @@ def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
 def write_shard(job: ShardJob) -> dict:
   """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
   finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
-  class_counts (folders: {label: count}) or uncaptioned (webdataset: image-only records), filtered (with a
-  score filter: {score: samples it rejected}), fingerprint}."""
+  skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders: {label: count}) or uncaptioned
+  (webdataset: image-only records), filtered (with a score filter: {score: samples it rejected}), fingerprint}."""
   # The shard first: without it, a stale sidecar counts for nothing.
   for stale in (job.path, records.sidecar_path(job.path)):
     if os.path.exists(stale):
@@ -291,17 +314,19 @@ def write_shard(job: ShardJob) -> dict:
   examples = _tar_examples(job) if job.tar else _pair_examples(job) if job.pairs else _folder_examples(job)
   class_counts = collections.Counter()
   incomplete = []
-  skipped = uncaptioned = 0
+  skipped_by = collections.Counter()
+  uncaptioned = 0
   filtered = collections.Counter()
   with records.RecordWriter(job.path) as writer:
     for example in examples:
       if example.rejected:
         filtered[example.rejected] += 1
         continue
-      image = None if example.image is None else prepare_image(example.image, job.options, example.name)
+      image, reason = (None, example.refused) if example.refused else prepare_image(example.image, job.options,
+                                                                                   example.name)
       if image is None:
-        skipped += 1
-        if example.image is None:
+        skipped_by[reason] += 1
+        if reason == limits.NO_IMAGE:
           incomplete.append(example.name)
         continue
       writer.write(records.pack_record(image, **example.fields))
@@ -309,7 +334,8 @@ def write_shard(job: ShardJob) -> dict:
         class_counts[example.fields["label"]] += 1
       if job.captioned and not example.fields.get("caption"):
         uncaptioned += 1
-    counts = {"records": writer.count, "skipped": skipped, "fingerprint": job.fingerprint}
+    counts = {"records": writer.count, "skipped": sum(skipped_by.values()),
+              "skipped_by": ordered_reasons(skipped_by), "fingerprint": job.fingerprint}
     if job.captioned:
       counts["uncaptioned"] = uncaptioned
     else:
@@ -320,6 +346,11 @@ def write_shard(job: ShardJob) -> dict:
   if incomplete:
     logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
   return counts
+
+
+def ordered_reasons(counts: dict) -> dict[str, int]:
+  """The nonzero counts of `counts` ({data/limits.py reason: n}) in limits.REASONS order."""
+  return {reason: int(counts[reason]) for reason in limits.REASONS if counts.get(reason)}
 
 
 def _write_numbered(numbered_job: tuple[int, ShardJob]) -> tuple[int, dict]:
@@ -483,7 +514,10 @@ def _split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num
       for label, n in c["class_counts"].items():
         class_counts[int(label)] += n
     entry["class_counts"] = class_counts
-  entry.update(skipped=sum(c["skipped"] for c in counts), source=source)
+  skipped_by = collections.Counter()
+  for c in counts:
+    skipped_by.update(c.get("skipped_by", {}))
+  entry.update(skipped=sum(c["skipped"] for c in counts), skipped_by=ordered_reasons(skipped_by), source=source)
   if counts and "filtered" in counts[0]:
     entry["filtered"] = {reason: sum(c["filtered"][reason] for c in counts) for reason in counts[0]["filtered"]}
   return entry
@@ -939,7 +973,12 @@ def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds
   for entry in entries:
     filtered.update(entry.get("filtered", {}))
   by_reason = ", ".join(f"{n} by {reason}" for reason, n in filtered.items())
-  return (f"prepare_data: {per_split} records, {sum(e['skipped'] for e in entries)} skipped, "
+  skipped_by = collections.Counter()
+  for entry in entries:
+    skipped_by.update(entry.get("skipped_by", {}))
+  skipped = sum(e["skipped"] for e in entries)
+  return (f"prepare_data: {per_split} records, {skipped} skipped"
+          + (f" ({wds.reasons_text(skipped_by)})" if skipped_by else "") + ", "
           + (f"{sum(filtered.values())} filtered ({by_reason}), " if filtered else "")
           + f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
 

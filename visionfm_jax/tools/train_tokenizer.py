@@ -16,14 +16,17 @@ captions (stripped, empty ones left out) a uniform sample of --max_sentences is 
 --seed; all of them, in order, when there are fewer), so memory holds the sample only, whatever the corpus:
 about (mean caption bytes + 60) per sentence in Python, and SentencePiece's trainer several times the sample's
 text (docs/data_preparation.md has the measured figures). SentencePiece trains on --num_threads threads.
+A caption (or line) over data/limits.py's MAX_TEXT_BYTES is never read whole: it is left out and counted, as
+are the tar samples `data.wds.tar_listing` refuses (links, unsafe names, oversized members).
 
 Writes PATH.model (a trailing '.model' on PATH is accepted) and prints how many captions it sampled from how
-many, and the vocabulary size. Deterministic: the same captions, --max_sentences, --seed and --num_threads
+many, how many it left out and why, and the vocabulary size. Deterministic: the same captions, --max_sentences, --seed and --num_threads
 give the same file. Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
 
+import collections
 import glob
 import os
 import sys
@@ -33,7 +36,7 @@ from absl import flags
 from array_record.python import array_record_module
 import msgpack
 
-from visionfm_jax.data import tokenizer, wds
+from visionfm_jax.data import limits, tokenizer, wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli
 
@@ -65,10 +68,19 @@ def make_flags() -> flags.FlagValues:
   return fv
 
 
-def stream_lines(path: str) -> Iterator[str]:
+def stream_lines(path: str, left_out: collections.Counter | None = None) -> Iterator[str]:
+  """The lines of the text file `path`; one over limits.MAX_TEXT_BYTES is read no further than that, left out
+  and counted in `left_out`."""
+  left_out = collections.Counter() if left_out is None else left_out
   try:
     with open(path, encoding="utf-8") as f:
-      yield from f
+      while line := f.readline(limits.MAX_TEXT_BYTES + 1):
+        if len(line) <= limits.MAX_TEXT_BYTES and not limits.text_too_large(line):
+          yield line
+          continue
+        left_out[limits.TOO_LARGE] += 1
+        while line and not line.endswith("\n"):  # the rest of the long line
+          line = f.readline(limits.MAX_TEXT_BYTES)
   except OSError as e:
     raise UserError(f"--input={path}: cannot read: {e.strerror or e}") from e
   except UnicodeDecodeError as e:
@@ -102,8 +114,10 @@ def record_caption(data: bytes) -> str | None:
   return None
 
 
-def stream_record_captions(pattern: str) -> Iterator[str]:
-  """The captions of the ArrayRecord files matching `pattern`, files in name order, READ_CHUNK records at a time."""
+def stream_record_captions(pattern: str, left_out: collections.Counter | None = None) -> Iterator[str]:
+  """The captions of the ArrayRecord files matching `pattern`, files in name order, READ_CHUNK records at a time;
+  one over limits.MAX_TEXT_BYTES is left out, and counted in `left_out`."""
+  left_out = collections.Counter() if left_out is None else left_out
   for path in _matching("records", pattern):
     try:
       reader = array_record_module.ArrayRecordReader(path)
@@ -113,18 +127,20 @@ def stream_record_captions(pattern: str) -> Iterator[str]:
       for begin in range(0, reader.num_records(), READ_CHUNK):
         for data in reader.read(begin, min(begin + READ_CHUNK, reader.num_records())):
           caption = record_caption(data)
-          if caption is not None:
+          if caption is not None and limits.text_too_large(caption):
+            left_out[limits.TOO_LARGE] += 1
+          elif caption is not None:
             yield caption
     finally:
       reader.close()
 
 
-def stream_tar_captions(pattern: str) -> Iterator[str]:
+def stream_tar_captions(pattern: str, left_out: collections.Counter | None = None) -> Iterator[str]:
   """The captions (`.txt` members) of the tars matching `pattern`, names in order, each tar read once front to
-  back, its images never read (`data.wds.tar_captions`)."""
+  back, its images never read (`data.wds.tar_captions`); the samples it leaves out are counted in `left_out`."""
   for path in _matching("tars", pattern):
     try:
-      for _, caption in wds.tar_captions(path):
+      for _, caption in wds.tar_captions(path, left_out):
         yield caption
     except DataError as e:
       raise UserError(f"--tars: cannot read {path}: {e}") from e
@@ -149,18 +165,20 @@ def read_record_captions(pattern: str) -> list[str]:
   return list(stream_record_captions(pattern))
 
 
-def caption_stream(input_path: str | None, shapes_records: int, records: str | None, tars: str | None):
-  """(the captions of the one given input, the flag that names it)."""
+def caption_stream(input_path: str | None, shapes_records: int, records: str | None, tars: str | None,
+                   left_out: collections.Counter | None = None):
+  """(the captions of the one given input, the flag that names it); those the readers leave out (data/limits.py)
+  are counted in `left_out`."""
   given = [name for name, value in (("input", input_path), ("shapes_records", shapes_records > 0),
                                     ("records", records), ("tars", tars)) if value]
   if len(given) != 1:
     raise UserError("give exactly one of --input=TEXT, --records=GLOB, --tars=GLOB and --shapes_records=N")
   if records:
-    return stream_record_captions(records), f"--records={records}"
+    return stream_record_captions(records, left_out), f"--records={records}"
   if tars:
-    return stream_tar_captions(tars), f"--tars={tars}"
+    return stream_tar_captions(tars, left_out), f"--tars={tars}"
   if input_path:
-    return stream_lines(input_path), f"--input={input_path}"
+    return stream_lines(input_path, left_out), f"--input={input_path}"
   return iter(tokenizer.shapes_captions(shapes_records)), f"--shapes_records={shapes_records}"
 
 
@@ -169,10 +187,11 @@ def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, 
         max_sentences: int = DEFAULT_MAX_SENTENCES, seed: int = 0,
         num_threads: int = DEFAULT_NUM_THREADS) -> tokenizer.Tokenizer:
   """Samples the captions, trains and writes the tokenizer; returns it loaded, with `sampled` and `captions`
-  (how many of how many) set on it."""
+  (how many of how many) and `left_out` ({data/limits.py reason: captions or samples}) set on it."""
   if num_threads < 1:
     raise UserError(f"--num_threads={num_threads}: expected >= 1")
-  lines, what = caption_stream(input_path, shapes_records, records, tars)
+  left_out = collections.Counter()
+  lines, what = caption_stream(input_path, shapes_records, records, tars, left_out)
   sample, count = sample_captions(lines, max_sentences, seed)
   if not sample:
     raise UserError(f"{what}: no captions (none of its records or lines has non-empty text)")
@@ -180,7 +199,7 @@ def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, 
   path = tokenizer.train_tokenizer(sample, vocab_size, prefix, model_type=model_type, normalization=normalization,
                                    num_threads=num_threads)
   tok = tokenizer.Tokenizer(path, max_len=2)
-  tok.sampled, tok.captions = len(sample), count
+  tok.sampled, tok.captions, tok.left_out = len(sample), count, dict(left_out)
   return tok
 
 
@@ -188,7 +207,9 @@ def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("vocab_size", "out"))
   tok = run(fv.input, fv.shapes_records, fv.vocab_size, fv.out, fv.model_type, fv.normalization, fv.records,
             tars=fv.tars, max_sentences=fv.max_sentences, seed=fv.seed, num_threads=fv.num_threads)
-  print(f"sampled {tok.sampled} of {tok.captions} captions; wrote {tok.model_file}: {tok.vocab_size} pieces")
+  left_out = f"; left out {sum(tok.left_out.values())} ({wds.reasons_text(tok.left_out)})" if tok.left_out else ""
+  print(f"sampled {tok.sampled} of {tok.captions} captions{left_out}; wrote {tok.model_file}: {tok.vocab_size} "
+        "pieces")
 
 
 def main(argv: Sequence[str]) -> int:
