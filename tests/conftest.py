@@ -22,9 +22,12 @@ def _known_to_xla(flags: str) -> bool:
 # one core: a pico CLIP's train step compiles in 4.2 s split, 3.6 s whole (one core, 3 runs each). Flags come and
 # go between releases (jaxlib 0.11 removed the fusion emitters' flag), so each is kept only where this XLA knows
 # it. Decided once, by the first process of the session (xdist's workers and the tests' subprocesses inherit the
-# decision); an XLA_FLAGS of your own is taken as it is.
+# decision); an XLA_FLAGS of your own is taken as it is. LLVM's expensive passes (vectorisers, loop unrolling)
+# make code that runs faster, and the tests barely run their code: test_swinv2, test_contrastive and test_aurora
+# took 221 s with them, 183 s without (`-n 2`, 2 cores).
 if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
-  _WANTED = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1")
+  _WANTED = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1",
+             "--xla_llvm_disable_expensive_passes=true")
   os.environ["VISIONFM_TEST_XLA_FLAGS"] = (
       " ".join(f for f in _WANTED if _known_to_xla(f)) if "XLA_FLAGS" not in os.environ else "")
 FAST_COMPILE_FLAGS = os.environ["VISIONFM_TEST_XLA_FLAGS"]
