@@ -46,6 +46,25 @@ for ((i = 0; i < n; i++)); do
   fi
   pids+=($!)
 done
+# The first process to end by a signal is named: killed outright (SIGKILL: the OOM killer, a lost node) it says
+# nothing itself, and a survivor that JAX aborts when the coordinator is gone names no one.
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+named=""
+remaining=("${pids[@]}")
+while ((${#remaining[@]})); do
+  code=0
+  if ((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))); then
+    wait -n -p ended "${remaining[@]}" || code=$?
+  else  # no `wait -p`: in launch order
+    ended=${remaining[0]}
+    wait "$ended" || code=$?
+  fi
+  remaining=(${remaining[@]/#$ended/})
+  (( code == 0 )) || status=$code
+  if (( code > 128 )) && [ -z "$named" ]; then
+    for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$ended" ] && named=$i; done
+    echo "error: process $named of $n (pid $ended) ended first, by signal $(kill -l $((code - 128))) (status $code)," \
+         "at $(date +%H:%M:%S): it died, or its node did; the other processes ended after it" >&2
+  fi
+done
 exit $status
