@@ -3,8 +3,8 @@ entry points down to the leaves, and the folders form no cycle.
 
 LAYERS lists the top-level folders and modules of visionfm_jax from the top down. A module imports from the layers
 below its own only: never from a layer above, nor from another unit of its own layer (the units of a layer know
-nothing of each other: models no data, data no model). And the folders' import graph has no cycle. Every import
-counts, those inside functions too.
+nothing of each other: models no data, data no model). And neither the folders' import graph nor the files' has a
+cycle. Every import counts, those inside functions too.
 """
 
 from __future__ import annotations
@@ -129,6 +129,45 @@ def test_the_folders_form_no_cycle():
   report = [f"{' <-> '.join(c)}:\n  " + "\n  ".join(line for (s, t), where in sorted(edges.items())
                                                    if s in c and t in c for line in where) for c in cycles]
   assert not cycles, "import cycles among the package's folders:\n" + "\n".join(report)
+
+
+def _module_of(name: str, modules: set[str]) -> str | None:
+  """The module of the package a dotted import name lands in: the longest prefix that is a file or a folder's
+  __init__ ('visionfm_jax.data.shapes.SEED' -> 'visionfm_jax.data.shapes')."""
+  parts = name.split(".")
+  while parts and ".".join(parts) not in modules:
+    parts.pop()
+  return ".".join(parts) or None
+
+
+@functools.cache
+def file_edges() -> dict[tuple[str, str], list[str]]:
+  """{(importing module, imported module): ['path:line', ...]} over the package's files; a module's import of a
+  folder that holds it (its own package's __init__) is left out, as Python runs that first anyway."""
+  files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+           for f in PACKAGE.rglob("*.py")}
+  edges = {}
+  for module, file in sorted(files.items()):
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+      for name in _imported(node, file):
+        target = _module_of(name, set(files))
+        if target and target != module and not module.startswith(target + "."):
+          edges.setdefault((module, target), []).append(f"{file.relative_to(ROOT)}:{node.lineno}")
+  return edges
+
+
+def test_the_files_form_no_cycle():
+  """No file imports, through any chain, a file that imports it: a lazy import inside a function that closes a
+  loop counts too (a constant of one file read by another, moved where both can import it)."""
+  graph = collections.defaultdict(set)
+  for source, target in file_edges():
+    graph[source].add(target)
+  cycles = _cycles(graph)
+  report = [f"{' <-> '.join(c)}:\n  " + "\n  ".join(f"{s} -> {t}: {', '.join(where)}" for (s, t), where
+                                                   in sorted(file_edges().items()) if s in c and t in c)
+            for c in cycles]
+  assert not cycles, "import cycles among the package's files:\n" + "\n".join(report)
+  assert ("visionfm_jax.data.sources", "visionfm_jax.data.shapes") in file_edges()  # the graph sees files
 
 
 def test_the_loop_reaches_a_model_only_through_its_task():

@@ -24,6 +24,8 @@ COLOUR_NAMES = ("red", "green", "blue", "yellow", "magenta", "cyan")
 COLOURS = ((220, 40, 40), (40, 180, 60), (40, 80, 230), (235, 205, 30), (210, 50, 200), (30, 200, 215))
 BACKGROUND_NAMES = ("plain dark", "plain light", "gradient", "striped", "noisy")
 SPLIT_IDS = {"train": 0, "validation": 1, "test": 2}
+SEED = 0  # the random seed of the embedded 'shapes' set (and of the demo tokenizer's corpus, its captions)
+IMAGES_SEED = 1  # 'shapes:images': other images than 'shapes'
 
 SMALL_RANGE = (0.45, 0.56)  # shape extent as a fraction of the image side
 LARGE_RANGE = (0.64, 0.78)

@@ -1,7 +1,7 @@
 """Random-access sources of dict records, named by `config.data.source`.
 
   shapes                      the embedded procedural set (`shapes.ShapesSource`), no download
-  shapes:images               the same drawing, other images (seed SHAPES_IMAGES_SEED), records with only an
+  shapes:images               the same drawing, other images (seed shapes.IMAGES_SEED), records with only an
                               'image': the embedded uncaptioned, unlabelled set (image-only data in a mixture)
   tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our
                               Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
@@ -37,7 +37,7 @@ import os
 import re
 from pathlib import Path
 
-from visionfm_jax.data import ade20k, coco, imagenet_variants, records, wds
+from visionfm_jax.data import ade20k, coco, imagenet_variants, records, shapes, wds
 from visionfm_jax.data.ade20k import ADE20KSource
 from visionfm_jax.data.coco import CocoSource
 from visionfm_jax.data.records import ArrayRecordSource, split_pattern
@@ -45,8 +45,6 @@ from visionfm_jax.data.scenes import ScenesSource
 from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
 from visionfm_jax.errors import ConfigError, DataError
 
-SHAPES_SEED = 0
-SHAPES_IMAGES_SEED = 1  # 'shapes:images': other images than 'shapes'
 PREPARE_HINT = "see docs/data_preparation.md"
 VARIANTS_HINT = "see docs/data_preparation.md, 'Zero-shot benchmarks: ImageNet variants'"
 FOLDER_KINDS = ("arrayrecord", "wds", "ade20k", "coco", *imagenet_variants.KINDS)  # '<kind>:<path>'
@@ -191,11 +189,11 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
   if kind in ("shapes", "scenes"):
     size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
     if kind == "scenes":
-      return ScenesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED,
+      return ScenesSource(split, size, data_cfg.image_size, seed=shapes.SEED,
                           max_objects=data_cfg.scenes_max_objects)
     if name == "images":
-      return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_IMAGES_SEED, annotated=False)
-    return ShapesSource(split, size, data_cfg.image_size, seed=SHAPES_SEED, caption_style=data_cfg.shapes_captions)
+      return ShapesSource(split, size, data_cfg.image_size, seed=shapes.IMAGES_SEED, annotated=False)
+    return ShapesSource(split, size, data_cfg.image_size, seed=shapes.SEED, caption_style=data_cfg.shapes_captions)
   if kind == "arrayrecord":
     return _arrayrecord_source(what, name, split)
   if kind in imagenet_variants.KINDS:

@@ -21,6 +21,7 @@ import sentencepiece as spm
 import tokenizers
 
 from visionfm_jax import atomic
+from visionfm_jax.data import shapes
 from visionfm_jax.errors import DataError
 from visionfm_jax.token_ids import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, eos_positions  # pylint: disable=unused-import
 
@@ -41,9 +42,7 @@ def shapes_tokenizer_path() -> str:
 
 def shapes_captions(num_records: int = SHAPES_RECORDS, image_size: int = SHAPES_IMAGE_SIZE) -> list[str]:
   """The captions of the first `num_records` shapes train records: the demo tokenizer's corpus."""
-  from visionfm_jax.data.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.data.sources import SHAPES_SEED  # pylint: disable=g-import-not-at-top
-  source = ShapesSource("train", num_records, image_size, seed=SHAPES_SEED)
+  source = shapes.ShapesSource("train", num_records, image_size, seed=shapes.SEED)
   return [source[i]["caption"] for i in range(num_records)]
 
 

@@ -23,7 +23,7 @@ from absl import flags
 from visionfm_jax import tasks
 
 from visionfm_jax.models import generate
-from visionfm_jax.data import shapes, sources, transforms
+from visionfm_jax.data import shapes, transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
@@ -83,7 +83,7 @@ def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndar
   for entry in entries:
     if entry.startswith(SHAPES_PREFIX):
       records = parse_shapes_range(entry)
-      source = shapes.ShapesSource(SHAPES_SPLIT, records.stop, size, seed=sources.SHAPES_SEED,
+      source = shapes.ShapesSource(SHAPES_SPLIT, records.stop, size, seed=shapes.SEED,
                                    caption_style=config.data.get("shapes_captions", "full"))
       for i in records:
         names.append(f"{SHAPES_PREFIX}{i}")
