@@ -20,7 +20,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as P
-from scipy import optimize
 
 from visionfm_jax import parallel
 from visionfm_jax.detection import boxes as box_lib
@@ -54,6 +53,9 @@ def match_cost(logits: jax.Array, pred_boxes: jax.Array, target_classes: jax.Arr
 
 def _assign(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
   """Host side: (..., Q, M) costs, (..., M) validity -> (..., M) int32 prediction index per target, -1 if none."""
+  # Imported here, at the first match: scipy.optimize takes 0.45 s to import, which every process that imports
+  # the task registry (each training and tool start) would otherwise pay for detection alone.
+  from scipy import optimize  # pylint: disable=g-import-not-at-top
   cost = np.nan_to_num(np.asarray(cost, np.float64), nan=_INVALID_COST, posinf=_INVALID_COST, neginf=-_INVALID_COST)
   valid = np.asarray(valid, bool)
   out = np.full(valid.shape, -1, np.int32)
