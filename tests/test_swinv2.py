@@ -314,39 +314,3 @@ def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
   grads = {a: jax.jit(jax.grad(lambda p, m=m: jnp.sum(jnp.sin(m.apply(p, windows, regions)))))(params)
            for a, m in modules.items()}
   chex.assert_trees_all_close(grads["jax"], grads["softmax"], rtol=1e-4, atol=1e-5)
-
-
-def _one_block_stacks(params: dict) -> dict:
-  """The layout of scanned stages before the (plain, shifted) pairs: each stage's blocks one stack, block 2j
-  being pair j's plain block and 2j + 1 its shifted one."""
-  def merge(stage):
-    pairs = stage.get("blocks")
-    if not isinstance(pairs, dict) or set(pairs) != set(swinv2.PAIR):
-      return stage
-    interleave = lambda plain, shifted: jnp.stack([plain, shifted], axis=1).reshape((-1,) + plain.shape[1:])
-    return {**stage, "blocks": jax.tree.map(interleave, pairs["plain"], pairs["shifted"])}
-  return {name: merge(value) if name.startswith("stage_") else value for name, value in params.items()}
-
-
-def test_a_checkpoint_of_one_block_stacks_initialises_the_paired_stages(tmp_path):
-  """A scanned SwinV2 saved before its stages scanned (plain, shifted) pairs still initialises a model, through
-  init_from (block 2j -> pair j's plain, 2j + 1 -> its shifted): from a directory, and as CLIP's image tower with
-  two pairs in a stage."""
-  config = _demo_config(**{"init_from": str(tmp_path / "old"), "model.scan": True})
-  model = models.build(config.model, jnp.float32)
-  params = _params(model, config.model.image_size)
-  old = _one_block_stacks(params)
-  assert jax.tree.structure(old) != jax.tree.structure(params)
-  checkpoint.save_params(str(tmp_path / "old"), old)
-  fresh = jax.tree.map(jnp.zeros_like, params)
-  chex.assert_trees_all_equal(init_from.load(config, fresh, model), params)
-
-  deeper = swinv2.SwinV2(embed_dim=8, depths=(4, 2), num_heads=(1, 2), window_size=4, patch_size=2, image_size=16)
-  params = _params(deeper, 16)
-  flat = lambda tree: {f"image/{path_str(p)}": v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-  flat_old, flat_new = flat(_one_block_stacks(params)), flat(params)
-  assert flat_old["image/stage_0/blocks/norm1/ln/scale"].shape[0] == 4
-  clip = models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32).clone(image=deeper)
-  adapted = init_from.adapt({**flat_old, "text/x": np.ones(3)}, {n: v.shape for n, v in flat_new.items()}, clip)
-  assert set(adapted) == set(flat_new) | {"text/x"}
-  chex.assert_trees_all_equal({n: adapted[n] for n in flat_new}, flat_new)

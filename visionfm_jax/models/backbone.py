@@ -13,9 +13,9 @@ tools ask an image backbone (ViT, SwinV2) instead of dispatching on its class.
                             one leaf with a leading depth axis, its id a vector; `path` is '/'-joined below
                             the backbone's own params
   adapt_checkpoint(params, shapes)
-                            {path: array} of a checkpoint (another resolution, an older layout) -> the same,
-                            carried to this model's {path: shape} where the model knows how (ViT: pos_embed
-                            resized; SwinV2: one-block stacks regrouped into pairs); what it cannot carry is
+                            {path: array} of a checkpoint (another resolution) -> the same, carried to this
+                            model's {path: shape} where the model knows how (ViT: pos_embed resized; SwinV2:
+                            nothing depends on the resolution); what it cannot carry is
                             returned as given, for the caller to report
   description(), checkpoint_fields(), hf_converter
                             for import/export tools: one line about the architecture, the config fields

@@ -519,20 +519,9 @@ class SwinV2(nn.Module):
     return first + self.depths[s] - 1 if block is None else block
 
   def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """No param depends on the image or window size (see `windows_from_checkpoint`). A scanned stage saved as one
-    stack of blocks (`stage_s/blocks/...` with a leading depth axis, the layout before the (plain, shifted)
-    pairs) is regrouped where this model scans pairs: block 2j becomes pair j's `plain`, block 2j + 1 its
-    `shifted`."""
-    out = {}
-    for name, value in params.items():
-      parts = name.split("/")
-      if len(parts) > 2 and parts[1] == "blocks" and parts[2] not in PAIR:
-        paired = ["/".join(parts[:2] + [member] + parts[2:]) for member in PAIR]
-        if all(p in shapes for p in paired) and np.shape(value)[:1] == (2 * shapes[paired[0]][0],):
-          out[paired[0]], out[paired[1]] = value[0::2], value[1::2]
-          continue
-      out[name] = value
-    return out
+    """As they are: no param depends on the image or window size (see `windows_from_checkpoint`)."""
+    del shapes
+    return dict(params)
 
   def description(self) -> str:
     return (f"SwinV2 embed_dim {self.embed_dim}, depths {tuple(self.depths)}, heads {tuple(self.num_heads)}, "

@@ -17,7 +17,6 @@ What changes with the resolution is the model's to say (`adapt_checkpoint`, mode
            by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with: left at (),
            `derive_model_config` takes them from the checkpoint's model fields (model.json or config.json); an
            explicit value that differs from them gets a warning.
-           A checkpoint of the one-block scanned stages (before the (plain, shifted) pairs) is regrouped.
 The checkpoint's pretraining-only params, its classification `head` and a SimMIM `mask_token`, are dropped when
 the model has no such param. Any other shape mismatch is a ConfigError naming the param and both shapes.
 """
@@ -84,15 +83,11 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
 
 
 def _adapted(model, params: dict[str, Any], target: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`model.adapt_checkpoint` over all of `params`, logging what it resized or regrouped."""
+  """`model.adapt_checkpoint` over all of `params`, logging what it resized."""
   adapted = model.adapt_checkpoint(params, {n: tuple(s) for n, s in target.items()})
   for name, value in adapted.items():
     if name in params and np.shape(value) != np.shape(params[name]):
       logging.info("init_from: %s resized %s -> %s", name, tuple(np.shape(params[name])), tuple(np.shape(value)))
-  regrouped = sorted(set(params) - set(adapted))
-  if regrouped:
-    logging.info("init_from: %d params of an older layout regrouped into %d (%s, ...)", len(regrouped),
-                 len(set(adapted) - set(params)), regrouped[0])
   return adapted
 
 
