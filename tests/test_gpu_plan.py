@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import pytest
 
 from visionfm_jax import config_lib, models
+from visionfm_jax.models import vit
 from visionfm_jax.bench import gpu_target, hlo_cost, roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -151,6 +152,16 @@ def test_auto_attention_resolves_for_the_mesh_platform_in_every_tower(platform, 
   explicit = config_lib.model_config("vit")
   explicit.attention = "softmax"
   assert models.for_platform(explicit, platform, dtype).attention == "softmax"
+
+
+def test_a_module_reads_its_attention_and_never_resolves_auto_itself():
+  """The backend is asked once, at build: a module given 'auto' (built around models.build) says so."""
+  images = jnp.zeros((1, 8, 8, 3))
+  model = vit.ViT(width=8, depth=1, mlp_dim=16, num_heads=1, patch_size=4, image_size=8, attention="auto")
+  with pytest.raises(ValueError, match="models.build resolves it"):
+    model.init(jax.random.key(0), images)
+  built = models.build(config_lib.model_config("vit"), jnp.float32, platform="cpu")
+  assert built.attention == "softmax"
 
 
 @pytest.mark.skipif(HAS_GPU_COMPILER, reason="checks the error printed where XLA's CUDA compiler is absent")

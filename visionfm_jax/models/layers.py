@@ -176,6 +176,16 @@ def check_attention(implementation: str, field: str = "attention") -> None:
   raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}{renamed}")
 
 
+def resolved_attention(implementation: str) -> str:
+  """`implementation` as a module runs it: one of ATTENTION but 'auto', which models.build resolves for the devices
+  the model will run on (`resolve_attention`) before any module sees it."""
+  check_attention(implementation)
+  if implementation == "auto":
+    raise ValueError("attention='auto' reached a module: models.build resolves it for the devices the model runs "
+                     "on (layers.resolve_attention); a module takes softmax, cudnn or jax")
+  return implementation
+
+
 def resolve_attention(implementation: str, platform: str, dtype) -> str:
   """'auto' as it runs on `platform` ('gpu', 'cpu', ...) in compute `dtype`: cuDNN on a GPU in bf16 / fp16 (it
   has no fp32 kernel), the softmax path elsewhere; any other implementation as it is."""
@@ -210,13 +220,12 @@ def dot_product_attention(q, k, v, *, bias=None, mask=None, causal: bool = False
 
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i;
   `kv_length`: only the first kv_length keys are real (the rest is `pad_tokens`' padding).
-  `implementation` (ATTENTION): 'auto' resolves for this process's backend (`resolve_attention`; models.build
-  resolves it for the mesh's devices beforehand); 'softmax' runs `kernels.softmax_attention`;
+  `implementation` (`resolved_attention`: models.build has resolved 'auto' for the devices): 'softmax' runs
+  `kernels.softmax_attention`;
   'cudnn' routes to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
   choose (cuDNN where it applies, else XLA).
   """
-  check_attention(implementation)
-  implementation = resolve_attention(implementation, jax.default_backend(), q.dtype)
+  implementation = resolved_attention(implementation)
   if implementation != "softmax":
     return fused_attention(q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation,
                            kv_length=kv_length)

@@ -238,11 +238,11 @@ class WindowAttention(nn.Module):
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
-    if layers.resolve_attention(self.attention, jax.default_backend(), self.dtype) == "softmax":
+    attention = layers.resolved_attention(self.attention)
+    if attention == "softmax":
       out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask)
     else:
-      out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask,
-                                   layers.resolve_attention(self.attention, jax.default_backend(), self.dtype))
+      out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask, attention)
     return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
 
 

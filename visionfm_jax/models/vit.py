@@ -139,7 +139,7 @@ class ViT(nn.Module):
     if self.pre_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    attention = layers.resolve_attention(self.attention, jax.default_backend(), self.dtype)
+    attention = layers.resolved_attention(self.attention)
     x, tokens = layers.pad_tokens(x, layers.token_multiple(attention))  # once, not around every layer's kernel
 
     run_blocks = layers.stack_blocks(
