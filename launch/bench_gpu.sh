@@ -54,6 +54,9 @@ if [[ $mode == leads ]]; then  # ~40 s a row; each bounded to 240 s (RUN_TIMEOUT
   lead cuda_graphs_while --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,WHILE
   lead cublaslt --xla_gpu_enable_cublaslt=true
   lead no_latency_hiding --xla_gpu_enable_latency_hiding_scheduler=false
+  lead gelu_tanh "" --config.model.act=gelu_pytorch_tanh  # changes the math: GELU's tanh approximation
+  lead pipelined_reduce_scatter --xla_gpu_enable_pipelined_reduce_scatter=true
+  lead while_double_buffering --xla_gpu_enable_while_loop_double_buffering=true
   lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound
 elif [[ $mode == quick ]]; then
   run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64

@@ -290,7 +290,8 @@ exec {sys.executable} "$@"
   assert proc.returncode == 0, proc.stderr
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt", "no_latency_hiding",
-                        "unrolled"]
+                        "gelu_tanh", "pipelined_reduce_scatter", "while_double_buffering", "unrolled"]
+  assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert rows["unrolled"]["failed"] == "out of memory"
   flags = rows["triton_gemm"]["xla_flags"].split()
   assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
@@ -298,7 +299,7 @@ exec {sys.executable} "$@"
   assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
           "--config.model.attention=cudnn"} <= set(rows["planned"]["argv"])
   table = proc.stdout.splitlines()
-  assert len(table) == 8 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  assert len(table) == 11 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   assert all(r.get("model") == "vit_h14" for r in rows.values())
 
 

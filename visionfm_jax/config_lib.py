@@ -54,7 +54,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True,  # pool: cls | gap
                   # CLIP's image tower: a LayerNorm before the blocks, a bias-free patch embedding; the MLP
-                  # activation: gelu (exact) | quick_gelu (OpenAI's CLIP)
+                  # activation: gelu (exact) | quick_gelu (OpenAI's CLIP) | gelu_pytorch_tanh (a GPU candidate)
                   pre_norm=False, patch_bias=True, act="gelu")
   elif name == "swinv2":
     family = dict(

@@ -379,8 +379,12 @@ def quick_gelu(x: jax.Array) -> jax.Array:
 
 
 # The MLPs' activations by config name ('gelu' is exact, erf; transformers calls the others the same).
+# 'gelu_pytorch_tanh', GELU's tanh approximation, changes the math (by up to ~1e-3 per activation): an opt-in GPU
+# speed candidate (a cheaper epilogue for XLA's GEMM fusions; launch/bench_gpu.sh leads measures it), never a
+# default.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu}
+    "gelu": lambda x: nn.gelu(x, approximate=False), "quick_gelu": quick_gelu,
+    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True)}
 
 
 def check_activation(act: str, field: str = "act") -> str:
