@@ -50,21 +50,6 @@ def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> 
   return init
 
 
-# XLA's CPU backend spends most of an init program's compile optimising its random-number code with LLVM (a tiny
-# CLIP's sharded init: 14.1 s at the default level, 3.1 s at level 0; a tiny ViT's: 4.8 s, 0.5 s), for a program
-# that runs once. The draws are the same to the last bit of a few normal samples (32 of a tiny CLIP's 327 leaves
-# differ, by at most 1.2e-7).
-INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 0}}
-
-
-def initial_state(init_fn, shardings, rng) -> TrainState:
-  """The unboxed state `init_fn(rng)` placed as `shardings` say, compiled with INIT_COMPILER_OPTIONS for the
-  devices it lands on."""
-  platform = jax.tree.leaves(shardings)[0].mesh.devices.flat[0].platform
-  return jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings,
-                 compiler_options=INIT_COMPILER_OPTIONS.get(platform))(rng)
-
-
 def state_shardings(init_fn, mesh, config):
   """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
   abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
@@ -372,7 +357,7 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
     state = ema.adopt(state, config.optim.ema_decay, shardings, f"{checkpointer.directory}/{step}")
     return health.afresh(state, config) if health_afresh else state
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
-  state = initial_state(init_fn, shardings, jax.random.key(config.seed))
+  state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
     params = init_from.load(config, state.params, model)
