@@ -59,7 +59,9 @@ while ((${#remaining[@]})); do
     ended=${remaining[0]}
     wait "$ended" || code=$?
   fi
-  remaining=(${remaining[@]/#$ended/})
+  left=()
+  for pid in "${remaining[@]}"; do [ "$pid" = "$ended" ] || left+=("$pid"); done
+  remaining=("${left[@]}")
   (( code == 0 )) || status=$code
   if (( code > 128 )) && [ -z "$named" ]; then
     for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$ended" ] && named=$i; done

@@ -75,7 +75,7 @@ def stream_lines(path: str, left_out: collections.Counter | None = None) -> Iter
   try:
     with open(path, encoding="utf-8") as f:
       while line := f.readline(limits.MAX_TEXT_BYTES + 1):
-        if len(line) <= limits.MAX_TEXT_BYTES and not limits.text_too_large(line):
+        if not limits.text_too_large(line):
           yield line
           continue
         left_out[limits.TOO_LARGE] += 1
