@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The GPU step benchmark (BENCHMARKS.md, "GPU"): ViT-H/14 and SwinV2-G at 224 px, bf16, one GPU, over remat policy
+# The GPU step benchmark (BENCHMARKS.md, "GPU (H100 / H200): MFU"): ViT-H/14 and SwinV2-G at 224 px, bf16, one GPU, over remat policy
 # x attention implementation x per-GPU batch. One JSON line per setup in OUT (a failed setup gets a line naming
 # why), then one table on stdout: img/s, MFU, peak memory, compile time, best MFU per model first.
 #

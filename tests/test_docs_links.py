@@ -54,3 +54,52 @@ def test_readme_is_a_front_door():
   linked = {link.partition("#")[0] for link in links_of(ROOT / "README.md")}
   for doc in (ROOT / "docs").glob("*.md"):
     assert f"docs/{doc.name}" in linked, f"README.md does not link docs/{doc.name}"
+
+
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+# A citation of a section: BENCHMARKS.md, then a comma, a space or an opening parenthesis, then the heading in
+# double or single quotes.
+CITATION = re.compile(r"BENCHMARKS(?:\.md)?(?:,\s*|\s+\(?|\s*\()(?:\"([^\"\n]{1,120})\"|'([^'\n]{1,120}?)'(?=[\s),.;:]))")
+
+
+def _heading_key(text: str) -> str:
+  return " ".join(re.sub(r"[`*]", "", text).split()).lower()
+
+
+def cited_headings() -> list[tuple[str, str]]:
+  """(file, heading) for every quoted BENCHMARKS.md section citation in a tracked text file; a citation broken over
+  lines (a docstring, or comment lines whose `#` or `//` markers are dropped) is read joined."""
+  import subprocess
+  listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
+  if listed.returncode != 0:
+    pytest.skip("not a git checkout")
+  found = []
+  for name in filter(None, listed.stdout.decode().split("\0")):
+    path = ROOT / name
+    if name == "BENCHMARKS.md" or not path.is_file():
+      continue
+    try:
+      text = path.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, OSError):
+      continue
+    if "BENCHMARKS" not in text:
+      continue
+    joined = re.sub(r"\s*\n\s*(?:#+|//)?\s*", " ", text)
+    found += [(name, m.group(1) or m.group(2)) for m in CITATION.finditer(joined)]
+  return found
+
+
+def test_every_cited_benchmarks_heading_exists():
+  headings = {_heading_key(m.group(1)) for m in re.finditer(r"^#+ (.+)$", FENCE.sub("", BENCHMARKS.read_text()), re.M)}
+  cited = cited_headings()
+  assert cited, "no BENCHMARKS.md citation found: the pattern has drifted from how the code cites it"
+  missing = sorted({f"{name}: \"{heading}\"" for name, heading in cited if _heading_key(heading) not in headings})
+  assert not missing, "BENCHMARKS.md has no such heading:\n" + "\n".join(missing)
+
+
+def test_benchmarks_lists_every_lead_of_bench_gpu():
+  """The next GPU call runs `launch/bench_gpu.sh leads`: BENCHMARKS.md's table of leads names every row it runs."""
+  leads = re.findall(r"^\s*lead (\w+)", (ROOT / "launch" / "bench_gpu.sh").read_text(), re.M)
+  assert leads
+  listed = set(re.findall(r"^\s*\| `(\w+)` \|", BENCHMARKS.read_text(), re.M))
+  assert not [lead for lead in leads if lead not in listed], sorted(set(leads) - listed)
