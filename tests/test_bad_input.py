@@ -22,7 +22,7 @@ from absl import logging as absl_logging
 
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import config_lib, tasks
-from visionfm_jax.training import checkpoint, checks, init_from, optim, resume, train
+from visionfm_jax.training import checkpoint, checks, optim, resume, train
 
 DEMO = "--config=configs/vit_huge.py:demo"
 TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
@@ -125,7 +125,6 @@ def workdirs(tmp_path_factory):
   config.data.num_workers = 0
   config.data.eval_examples = 16
   checks.validate(config, jax.device_count(), 1)
-  init_from.derive_model_config(config)
   good = root / "good"
   state, loader = _tiny_state_at_step_2(config)
   saver = checkpoint.Checkpointer(str(good / "checkpoints"), async_save=False, run_config=resume.as_json(config))

@@ -173,14 +173,13 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   warnings = []
   monkeypatch.setattr(init_from.logging, "warning", lambda msg, *args: warnings.append(msg % args))
   # Left at (), the windows come from the checkpoint; an explicit value stays, with a warning when it differs.
-  init_from.derive_model_config(config)
-  assert tuple(config.model.pretrained_window_sizes) == (4, 4) and not warnings
-  init_from.derive_model_config(config)
-  assert tuple(config.model.pretrained_window_sizes) == (4, 4) and not warnings
+  assert init_from.derived_model_fields(config) == {"model.pretrained_window_sizes": (4, 4)} and not warnings
+  assert tuple(config.model.pretrained_window_sizes) == ()  # only read: the run plan applies what is derived
+  config.model.pretrained_window_sizes = (4, 4)
+  assert init_from.derived_model_fields(config) == {} and not warnings
   config.model.pretrained_window_sizes = (8, 8)
-  init_from.derive_model_config(config)
+  assert init_from.derived_model_fields(config) == {}
   assert len(warnings) == 1 and "pretrained_window_sizes='(4, 4)'" in warnings[0]
-  assert tuple(config.model.pretrained_window_sizes) == (8, 8)
 
   # A CLIP workdir's image tower into a dense model's backbone: the towers take image_size from their parents.
   clip_dir = tmp_path / "clip"
@@ -190,8 +189,8 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   dense = ml_collections.ConfigDict({"name": "segmenter", "image_size": 64, "backbone": {**tower, "window_size": 8}})
   config = ml_collections.ConfigDict(dict(task="segmentation", model=dense, init_from=str(clip_dir),
                                           init_from_subtree="image", init_from_prefix="backbone"))
-  init_from.derive_model_config(config)
-  assert tuple(dense.backbone.pretrained_window_sizes) == (4, 4) and len(warnings) == 1
+  assert init_from.derived_model_fields(config) == {"model.backbone.pretrained_window_sizes": (4, 4)}
+  assert len(warnings) == 1
   dense.backbone.pretrained_window_sizes = (8, 8)
-  init_from.derive_model_config(config)
+  assert init_from.derived_model_fields(config) == {}
   assert len(warnings) == 2 and "--config.model.backbone.pretrained_window_sizes='(4, 4)'" in warnings[1]

@@ -83,7 +83,8 @@ def test_a_longer_run_continues_the_rate_it_had_reached(workdir, caplog):
   assert "train/lr at step 4: 0.0005 -> 0.0005" in caplog.text
   assert after[5] == pytest.approx(before[5])  # the rate at step 4 (row 5 logs the rate its step applied)
   assert after[5] > after[6] > after[8] > after[10] > 0 and after[6] > before[6]
-  assert json.loads((workdir / "config.4.json").read_text())["optim"]["resumed_at"] == 4
+  assert json.loads((workdir / "plan.json").read_text())["schedule_anchor"] == {"step": 4, "lr": pytest.approx(5e-4)}
+  assert json.loads((workdir / "config.4.json").read_text()) == json.loads(config.to_json_best_effort())
 
   shutil.rmtree(workdir / "checkpoints" / "10")  # resumed again at 8, unchanged: the same rates
   train.run(_tiny_config(**{"total_steps": 10}), str(workdir))

@@ -79,8 +79,8 @@ def test_windows_per_stage_match_the_reference_table(tmp_path):
   (tmp_path / "config.json").write_text(swinv2_cls.get_config("G").to_json())
   config = override(swinv2_cls.get_config("G,640"), init_from=str(tmp_path))
   assert config.model.pretrained_window_sizes == ()
-  init_from.derive_model_config(config)
-  assert config.model.pretrained_window_sizes == (14, 14, 14, 7)
+  assert init_from.derived_model_fields(config) == {"model.pretrained_window_sizes": (14, 14, 14, 7)}
+  assert config.model.pretrained_window_sizes == ()  # the config is only read: the run plan applies them
 
 
 def test_extra_norm_positions_per_stage_and_global():

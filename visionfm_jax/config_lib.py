@@ -177,10 +177,6 @@ def optim_config() -> ml_collections.ConfigDict:
       no_decay=("cpb_mlp",),
       warmup_steps=1000,
       end_lr=0.0,
-      # Set by a resume that changed total_steps, warmup_steps or end_lr (training/resume.py): from step
-      # resumed_at the rate decays from resumed_lr, the one reached there, to end_lr (optim.schedule); -1: none.
-      resumed_at=-1,
-      resumed_lr=0.0,
       clip_norm=1.0,  # global norm; 0 disables
       # Fine-tuning (optim.py): layer-wise lr decay (lr of layer i: lr * layer_decay^(L + 1 - i); 1.0 = off,
       # ~0.65 for ViT-B), lr multipliers ((regex, multiplier), ...; the first matching rule wins) and frozen
@@ -583,8 +579,6 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"optim\.(weight_decay|end_lr)", NON_NEGATIVE),
     (r"optim\.clip_norm", Domain(0, note="0: no clipping")),
     (r"optim\.warmup_steps", NON_NEGATIVE_INT),
-    (r"optim\.resumed_at", Domain(0, integer=True, extra=(-1,), note="-1: not resumed")),
-    (r"optim\.resumed_lr", NON_NEGATIVE),
     (r"optim\.layer_decay", Domain(0, 1, low_open=True, note="1: off")),
     (r"optim\.ema_decay", Domain(0, 1, high_open=True, note="0: no EMA")),
     (r"precision\.(loss_scale_init|loss_scale_min)", POSITIVE),
@@ -687,7 +681,6 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
      r"compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
-    (r"optim\.resumed_(at|lr)", FREE),  # set by the resume itself
     # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
     (r"optim\.ema_decay", FREE),
     (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),

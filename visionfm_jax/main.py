@@ -22,7 +22,6 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from visionfm_jax import config_lib
 from visionfm_jax.errors import UserError, WorkdirError
 from visionfm_jax.tools import cli
 
@@ -79,9 +78,8 @@ def main(argv):
   console.configure(verbose=_VERBOSE.value)
   sys.unraisablehook = _ignore_closed_event_loops
   try:
-    config_lib.check(_CONFIG.value)  # the fields' domains, before jax is imported
     from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
-    checks.validate(_CONFIG.value)  # between fields, before joining the other processes and setting up the devices
+    checks.validate(_CONFIG.value)  # once, before joining the other processes and setting up the devices
     if _DRY_RUN.value:
       _dry_run()
       return
@@ -94,7 +92,7 @@ def main(argv):
                  jax.devices()[0].device_kind)
     peers = faults.PeerWatch(_CONFIG.value.peer_timeout_s)
     try:
-      train.run(_CONFIG.value, _WORKDIR.value)
+      train.run(_CONFIG.value, _WORKDIR.value, validated=True)
     except UserError as e:
       _exit_with(e, peers)
     except Exception:  # a collective that failed because a peer died (gloo) names that peer, else it is ours

@@ -1,7 +1,9 @@
 """Every check of a config before a run builds anything: the config's own (config_lib.check: each field in its
 domain), then each owner's between fields: the data section (data/checks.py), the schedule
 (training/optim.py), the batch and the mesh (parallel/checks.py). What only a model or a task knows is checked
-when it is built (tasks.build). `main` calls config_lib.check before jax is imported, then `validate`."""
+when it is built (tasks.build). A run checks its config once: `main` calls `validate` before joining the other
+processes, and the run plan (training/plan.py) only `check_devices` once it knows them; a run started from
+Python (`train.run`) has its plan call `validate`."""
 
 from __future__ import annotations
 
@@ -22,7 +24,13 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   check_checkpoint_cadence(config)
   parallel_checks.check_batch(config)
   if num_devices is not None:
-    parallel_checks.check_mesh(config, num_devices, num_processes)
+    check_devices(config, num_devices, num_processes)
+
+
+def check_devices(config, num_devices: int, num_processes: int) -> None:
+  """ConfigError unless the batch divides over the mesh of `num_devices` devices and its batch axes over the
+  `num_processes` processes."""
+  parallel_checks.check_mesh(config, num_devices, num_processes)
 
 
 def check_checkpoint_cadence(config) -> None:

@@ -1,9 +1,9 @@
 """`python -m visionfm_jax.main --dry_run ...`: everything a run checks before its first step, and its plan, with
 nothing trained, allocated or written.
 
-The config is validated for the planned devices and processes (training/checks.py), the model is derived from
-init_from as `train.run` does and init_from must exist, the workdir's newest checkpoint must accept this config
-(training/resume.py), the task is built and opens its data as a run does at start-up (the training data, every
+The config (validated by main.py) is checked against the planned devices and processes (training/checks.py),
+init_from must exist, and the run plan is made as `train.run` makes it (training/plan.py: the model fields
+init_from implies; the workdir's newest checkpoint must accept this config, training/resume.py); the task is built and opens its data as a run does at start-up (the training data, every
 mixture entry, and every evaluator's sources: a missing or empty one is a DataError naming it). The train state
 is planned from shapes only (`jax.eval_shape`): its bytes per device under the strategy on the mesh of the
 planned devices (parallel/memory.py); the activations are left to bench/memory_plan.py, which compiles the step.
@@ -25,20 +25,20 @@ from visionfm_jax import parallel, tasks
 from visionfm_jax.data import mixture as mixture_lib
 from visionfm_jax.errors import CheckpointError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.training import checkpoint, checks, init_from, optim, resume, train
+from visionfm_jax.training import checkpoint, checks, optim, plan as plan_lib, train
 from visionfm_jax.training import workdir as workdir_lib
 
 
 def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
-  """The run's plan (see `report`); a UserError naming the culprit when it could not start."""
-  checks.validate(config, num_devices, num_processes)
-  mesh = parallel.mesh_shape(config.mesh, num_devices)
-  init_from.derive_model_config(config)
+  """The run's plan (see `report`) for a `config` that main.py has validated but for the devices; a UserError
+  naming the culprit when it could not start."""
+  checks.check_devices(config, num_devices, num_processes)
   if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
     raise CheckpointError(f"init_from={config.init_from!r}: no such directory")
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   _check_workdir(workdir)
-  resume.check_changes(config, checkpoint_dir)
+  run_plan = plan_lib.make(config, checkpoint_dir, num_devices, num_processes)
+  config, mesh = run_plan.trains_with, run_plan.mesh
   start_step = checkpoint.newest_committed_step(checkpoint_dir) or 0
 
   task = tasks.build(config)
@@ -48,7 +48,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   evaluators = task.evaluators(EvalContext(_one_device_mesh(), micro, 0, num_processes))
   examples = mixture_lib.open_train(config.data, config.data.train_split).records
 
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
   abstract = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
   per_device = parallel.bytes_per_device(abstract, mesh, config.strategy)
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize

@@ -15,7 +15,7 @@ What changes with the resolution is the model's to say (`adapt_checkpoint`, mode
   SwinV2   no param: the continuous position bias is an MLP over a table of offsets computed from the window
            size (not a param), the shift masks and relative indices are computed too. Offsets are normalised
            by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with: left at (),
-           `derive_model_config` takes them from the checkpoint's model fields (model.json or config.json); an
+           the run plan takes them from the checkpoint's model fields (model.json or config.json); an
            explicit value that differs from them gets a warning.
 The checkpoint's pretraining-only params, its classification `head` and a SimMIM `mask_token`, are dropped when
 the model has no such param. Any other shape mismatch is a ConfigError naming the param and both shapes.
@@ -147,24 +147,26 @@ def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree
   return [(key, ours, theirs) for key, ours, theirs in pairs if ours is not None and theirs is not None]
 
 
-def derive_model_config(config) -> None:
-  """Completes config.model, before the task is built, from config.init_from's model fields as the task's class
-  answers for them (`fields_from_checkpoint`: a SwinV2's pretrained windows): a field left empty takes the
-  checkpoint's value; an explicit value that differs stays and gets a warning naming the checkpoint's."""
+def derived_model_fields(config) -> dict[str, Any]:
+  """{'model.<field>': value} of the model fields config.init_from's checkpoint implies as the task's class
+  answers for them (`fields_from_checkpoint`: a SwinV2's pretrained windows), for the run plan
+  (training/plan.py) to apply: a field left empty takes the checkpoint's value; an explicit value that differs
+  stays and gets a warning naming the checkpoint's. `config` is only read."""
   if not config.init_from:
-    return
+    return {}
   source = source_model_fields(config.init_from)
   if not isinstance(source, dict):
-    return
+    return {}
   task_class = tasks.task_class(config)
+  derived = {}
   for key, ours, theirs in _paired_fields(config.model.to_dict(), source, config.init_from_subtree,
                                           config.init_from_prefix):
-    model_cfg = config.model[key] if key else config.model
     for field, value in task_class.fields_from_checkpoint(ours, theirs).items():
-      name = f"config.model.{key + '.' if key else ''}{field}"
-      if not model_cfg[field]:
-        model_cfg[field] = value
-        logging.info("init_from: %s=%s, as the checkpoint was trained", name, value)
+      path = f"model.{key + '.' if key else ''}{field}"
+      if not ours[field]:
+        derived[path] = value
+        logging.info("init_from: config.%s=%s, as the checkpoint was trained", path, value)
       else:
-        logging.warning("init_from: the checkpoint's %s is %s, this model's %s; set --%s='%s' to transfer it as "
-                        "trained", field, value, model_cfg[field], name, value)
+        logging.warning("init_from: the checkpoint's %s is %s, this model's %s; set --config.%s='%s' to transfer "
+                        "it as trained", field, value, ours[field], path, value)
+  return derived

@@ -18,7 +18,7 @@ With none of the three set, the optimizer (and its state) is the plain one, so o
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import flax.linen as nn
 import jax
@@ -40,18 +40,24 @@ def check_schedule(optim_cfg, total_steps: int) -> None:
     raise ConfigError(f"config.optim.warmup_steps={optim_cfg.warmup_steps} exceeds config.total_steps={total_steps}")
 
 
-def schedule(optim_cfg, total_steps: int) -> optax.Schedule:
+class Anchor(NamedTuple):
+  """Where the schedule of a resumed run decays from: the step and the rate the run had reached there
+  (training/resume.py sets one when a resume changes the schedule's length)."""
+  step: int
+  lr: float
+
+
+def schedule(optim_cfg, total_steps: int, anchor: Anchor | None = None) -> optax.Schedule:
   """0 -> lr linearly over warmup_steps, then cosine from lr to end_lr at total_steps.
 
-  From optim_cfg.resumed_at on (>= 0: a resume that changed the schedule's length, training/resume.py), a
-  cosine from optim_cfg.resumed_lr, the rate the run had reached there, to end_lr at total_steps: the rate goes
-  on from where it was instead of jumping to the new schedule's value at that step."""
+  From `anchor.step` on, a cosine from `anchor.lr` to end_lr at total_steps: the rate goes on from where it was
+  instead of jumping to the new schedule's value at that step."""
   base = optax.warmup_cosine_decay_schedule(
       init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
       decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.end_lr)
-  if optim_cfg.resumed_at < 0:
+  if anchor is None:
     return base
-  start, start_lr, end_lr = optim_cfg.resumed_at, optim_cfg.resumed_lr, optim_cfg.end_lr
+  start, start_lr, end_lr = anchor.step, anchor.lr, optim_cfg.end_lr
   length = max(total_steps - start, 1)
 
   def resumed(count):
@@ -166,19 +172,20 @@ def zero_frozen_grads_fn(freeze: tuple[str, ...]):
 
 # ---------------------------------------------------------------------------------------- the optimizer
 
-def make_optimizer(optim_cfg, total_steps: int, model=None) -> optax.GradientTransformation:
-  """clip -> AdamW (masked weight decay) -> lr schedule; with fine-tuning rules: clip -> Adam -> weight decay
-  (frozen params: zero instead, via optax.partition) -> per-param multipliers -> lr schedule. `model` (the
-  task's) numbers the layers of layer-wise decay."""
+def make_optimizer(optim_cfg, total_steps: int, model=None, anchor: Anchor | None = None
+                   ) -> optax.GradientTransformation:
+  """clip -> AdamW (masked weight decay) -> lr schedule (`schedule` with `anchor`); with fine-tuning rules: clip
+  -> Adam -> weight decay (frozen params: zero instead, via optax.partition) -> per-param multipliers -> lr
+  schedule. `model` (the task's) numbers the layers of layer-wise decay."""
   fine_tuning = optim_cfg.layer_decay != 1.0 or optim_cfg.lr_mults or optim_cfg.freeze
   clip = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm else []
   mask = decay_mask_fn(tuple(optim_cfg.no_decay))
   if not fine_tuning:
-    return optax.chain(*clip, optax.adamw(schedule(optim_cfg, total_steps), b1=optim_cfg.b1, b2=optim_cfg.b2,
+    return optax.chain(*clip, optax.adamw(schedule(optim_cfg, total_steps, anchor), b1=optim_cfg.b1, b2=optim_cfg.b2,
                                           eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=mask))
   step = optax.chain(*clip, optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
                      optax.add_decayed_weights(optim_cfg.weight_decay, mask))
   if optim_cfg.freeze:
     step = optax.partition({"train": step, "frozen": optax.set_to_zero()}, freeze_labels_fn(tuple(optim_cfg.freeze)))
   return optax.chain(step, scale_by_multipliers(lambda shapes: lr_multipliers(optim_cfg, shapes, model)),
-                     optax.scale_by_learning_rate(schedule(optim_cfg, total_steps)))
+                     optax.scale_by_learning_rate(schedule(optim_cfg, total_steps, anchor)))

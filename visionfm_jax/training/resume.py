@@ -6,9 +6,13 @@ another model, task, compute dtype or data is refused, naming each field old -> 
 continue such a run: a new workdir does, or `init_from`); a changed schedule or optimiser field needs its name
 in `config.resume.allow_changes`, and is then logged with the learning rate before and after: a new length
 (total_steps, warmup_steps, end_lr) continues from the rate reached, decaying to end_lr over the new length
-(`optim.resumed_at`), while a new optim.lr takes the new schedule as it is (the jump asked for); how the run is
+(the run plan's schedule anchor, `optim.Anchor`), while a new optim.lr takes the new schedule as it is (the jump asked for); how the run is
 laid out, logged and evaluated may change freely. Each launch's config is kept as `config.<step>.json` (the
 step it started from), never overwritten; `config.json` is the latest.
+
+A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's
+with the model fields derived from init_from, and the schedule's anchor as `optim.resumed_at` / `resumed_lr`,
+which the next resume carries on.
 """
 
 from __future__ import annotations
@@ -37,22 +41,24 @@ def _listed(changes) -> str:
   return ", ".join(_described(changes))
 
 
-def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> list[str]:
-  """ConfigError when `config` may not resume the newest checkpoint in `checkpoint_dir` (module docstring);
-  logs the accepted changes and sets config.optim.resumed_at / resumed_lr so that the learning rate goes on
-  from where it was. Returns the accepted schedule and optimiser changes ('config.<path> <old> -> <new>'), which
-  health (training/health.py) takes as the likely cause of a divergence soon after. Nothing to compare without
-  a checkpoint, or with one saved without its config."""
+def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tuple[list[str], optim.Anchor | None]:
+  """ConfigError when a run of `config` (the config it trains with, read only) may not resume the newest
+  checkpoint in `checkpoint_dir` (module docstring); logs the accepted changes. Returns (the accepted schedule
+  and optimiser changes, 'config.<path> <old> -> <new>', which health (training/health.py) takes as the likely
+  cause of a divergence soon after; the schedule's anchor, so that the learning rate goes on from where it
+  was, None for the schedule as it is). Nothing to compare without a checkpoint, or with one saved without its
+  config."""
   step = checkpoint.newest_committed_step(checkpoint_dir)
   if step is None:
-    return []
+    return [], None
   where = f"{checkpoint_dir}/{step}"
   saved = checkpoint.saved_config(checkpoint_dir, step)
   if saved is None:
     logging.warning("%s carries no config (saved by an older version): this run's config is not compared with it",
                     where)
-    return []
-  changes = config_lib.resume_changes(saved, as_json(config))
+    return [], None
+  config_json = as_json(config)
+  changes = config_lib.resume_changes(saved, config_json)
   if changes[config_lib.REFUSED]:
     raise ConfigError(f"cannot resume {where}: it was trained with another model, task, precision or data: "
                       f"{_listed(changes[config_lib.REFUSED])}; give this run another --workdir (with "
@@ -66,29 +72,39 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> lis
   if config.total_steps <= step and "total_steps" in changed:
     raise ConfigError(f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing "
                       f"would be trained")
-  _continue_the_rate(config, saved, step, changed)
+  anchor = _anchor(config_json, saved, step, changed)
   if schedule:
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
-                    _listed(schedule), step, _lr_at(saved, step), _lr_at(as_json(config), step))
-  return _described(schedule)
+                    _listed(schedule), step, _lr_at(saved, step, saved_anchor(saved)), _lr_at(config_json, step, anchor))
+  return _described(schedule), anchor
 
 
-def _continue_the_rate(config: ml_collections.ConfigDict, saved: dict, step: int, changed: set[str]) -> None:
-  """Anchors the schedule at the rate the checkpoint's run had reached at `step` when the schedule's length
-  changed (total_steps, warmup_steps, end_lr) past the warmup; a new optim.lr asks for the new schedule as it
-  is; otherwise the checkpoint's own anchor, if any, carries on."""
+def _anchor(config_json: dict, saved: dict, step: int, changed: set[str]) -> optim.Anchor | None:
+  """The rate the checkpoint's run had reached at `step` when the schedule's length changed (total_steps,
+  warmup_steps, end_lr) past the warmup; None when a new optim.lr asks for the new schedule as it is;
+  otherwise the checkpoint's own anchor, if any, carries on."""
   if "optim.lr" in changed:
-    config.optim.resumed_at, config.optim.resumed_lr = -1, 0.0
-  elif changed & {"total_steps", "optim.warmup_steps", "optim.end_lr"} and step >= config.optim.warmup_steps:
-    config.optim.resumed_at, config.optim.resumed_lr = step, _lr_at(saved, step)
-  else:
-    config.optim.resumed_at = saved["optim"].get("resumed_at", -1)
-    config.optim.resumed_lr = saved["optim"].get("resumed_lr", 0.0)
+    return None
+  if changed & {"total_steps", "optim.warmup_steps", "optim.end_lr"} and step >= config_json["optim"]["warmup_steps"]:
+    return optim.Anchor(step, _lr_at(saved, step, saved_anchor(saved)))
+  return saved_anchor(saved)
 
 
-def _lr_at(config_json: dict, step: int) -> float:
-  optim_cfg = ml_collections.ConfigDict({"resumed_at": -1, "resumed_lr": 0.0, **config_json["optim"]})
-  return float(optim.schedule(optim_cfg, config_json["total_steps"])(step))
+def saved_anchor(config_json: dict) -> optim.Anchor | None:
+  """The schedule's anchor a checkpoint's config carries (`optim.resumed_at` >= 0), None when it has none."""
+  at = config_json["optim"].get("resumed_at", -1)
+  return optim.Anchor(at, config_json["optim"].get("resumed_lr", 0.0)) if at >= 0 else None
+
+
+def anchor_json(anchor: optim.Anchor | None) -> dict:
+  """The fields a checkpoint's config holds `anchor` in (read back by `saved_anchor`)."""
+  return {"resumed_at": anchor.step, "resumed_lr": anchor.lr} if anchor else {"resumed_at": -1, "resumed_lr": 0.0}
+
+
+def _lr_at(config_json: dict, step: int, anchor: optim.Anchor | None) -> float:
+  """The learning rate at `step` of the schedule `config_json` describes, anchored at `anchor`."""
+  optim_cfg = ml_collections.ConfigDict(config_json["optim"])
+  return float(optim.schedule(optim_cfg, config_json["total_steps"], anchor)(step))
 
 
 def keep_launch_config(config: ml_collections.ConfigDict, workdir: str, start_step: int) -> str:

@@ -26,7 +26,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from visionfm_jax import atomic, parallel, tasks
 
 from visionfm_jax.training import checkpoint, compile_cache, console, ema, faults, flops, health, init_from, metrics
-from visionfm_jax.training import checks, optim, precision, prefetch, resume, workdir as workdir_lib
+from visionfm_jax.training import checks, optim, plan as plan_lib, precision, prefetch, resume
+from visionfm_jax.training import workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState
@@ -190,12 +191,13 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
   return _constrained(grads, grad_shardings), loss + global_loss, {**aux, **global_aux}
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, device_mesh=None):
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, device_mesh=None,
+                    anchor: optim.Anchor | None = None):
   """The train step; `device_mesh`: the mesh when each device accumulates its own gradients
-  (`accumulates_per_device`)."""
+  (`accumulates_per_device`); `anchor`: the schedule's (the run plan's), for the logged train/lr."""
   accum = config.grad_accum_steps
   base_rng = jax.random.key(config.seed)
-  lr_schedule = optim.schedule(config.optim, config.total_steps)
+  lr_schedule = optim.schedule(config.optim, config.total_steps, anchor)
   zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
   ema_decay = config.optim.ema_decay
 
@@ -241,14 +243,15 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   return train_step
 
 
-def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings):
+def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings,
+                   anchor: optim.Anchor | None = None):
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
   boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
   specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   device_mesh = mesh if accumulates_per_device(task, config) else None
-  return jax.jit(make_train_step(task, tx, config, grad_shardings, device_mesh),
+  return jax.jit(make_train_step(task, tx, config, grad_shardings, device_mesh, anchor),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
                  donate_argnums=0)
 
@@ -268,30 +271,38 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
 
 # -------------------------------------------------------------------------------------------------- run
 
-def _write_config(config, workdir, start_step: int) -> None:
-  """config.json (the latest launch's) and config.<start_step>.json (this launch's, kept), once the resume
-  check has accepted the config."""
+def _write_config(run_plan: plan_lib.RunPlan, workdir, start_step: int) -> None:
+  """config.json (the latest launch's config as the user gave it), config.<start_step>.json (this launch's,
+  kept) and plan.json (what the run derived), once the resume check has accepted the config."""
   if jax.process_index() == 0:
-    atomic.write(os.path.join(workdir, "config.json"), config.to_json_best_effort(indent=2))
-    resume.keep_launch_config(config, workdir, start_step)
+    atomic.write(os.path.join(workdir, "config.json"), run_plan.config.to_json_best_effort(indent=2))
+    resume.keep_launch_config(run_plan.config, workdir, start_step)
+    run_plan.write(workdir)
 
 
-def run(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's lock (a
-  WorkdirError when another run holds it). Returns the last metrics."""
-  checks.validate(config, jax.device_count(), jax.process_count())
-  init_from.derive_model_config(config)
+  WorkdirError when another run holds it). Returns the last metrics. `config` is only read; it is checked here
+  (training/checks.py), or only against the devices when `validated` says the caller has checked the rest
+  (main.py, before joining the other processes)."""
+  devices, processes = jax.device_count(), jax.process_count()
+  if validated:
+    checks.check_devices(config, devices, processes)
+  else:
+    checks.validate(config, devices, processes)
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
-    last = _train_in(config, workdir)
+    # before anything is built: a resume may refuse the config, or anchor the schedule
+    run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)
+    last = _train_in(run_plan, workdir)
   if jax.process_index() == 0:
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
     logging.info("done at step %d: %s", last["step"], console.format_metrics(shown))
   return last
 
 
-def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
+  config = run_plan.trains_with
   checkpoint_dir = os.path.join(workdir, "checkpoints")
-  changes = resume.check_changes(config, checkpoint_dir)  # before anything is built: it may anchor the schedule
   mesh = parallel.make_mesh(config.mesh)
   mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
   logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
@@ -305,7 +316,7 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
                              jax.process_count())
   evaluators = task.evaluators(eval_context)
   panel = task.panel(eval_context)
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
   init_fn = make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
 
@@ -315,14 +326,14 @@ def _train_in(config: ml_collections.ConfigDict, workdir: str) -> dict[str, floa
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
     checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
                                            keep_period=config.checkpoint_keep_period,
-                                           run_config=resume.as_json(config))
+                                           run_config=run_plan.trained_config())
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
-    _write_config(config, workdir, start_step)
+    _write_config(run_plan, workdir, start_step)
 
-    train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings)
+    train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.anchor)
     writer = metrics.MetricWriter(workdir, resume_step=start_step, config=config)
-    rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, changes)
+    rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, list(run_plan.resume_changes))
     final = None
     try:
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel,

@@ -1,0 +1,67 @@
+"""The run plan: what a run derives from the user's config, computed once by `make` and passed down. The user's
+config is only read: `config.json` holds what was asked, `plan.json` beside it what the run derived.
+
+  config          the user's config, as parsed from the command line
+  trains_with     the config the task, the optimizer and the checkpoints read: `config` with the model fields
+                  init_from's checkpoint implies (training/init_from.py, e.g. a SwinV2's pretrained windows)
+  anchor          where the schedule decays from after a resume that changed its length (training/resume.py,
+                  `optim.Anchor`); None: the schedule as drawn
+  resume_changes  the schedule and optimiser changes the resume accepted, 'config.<path> <old> -> <new>'
+  mesh            the mesh's axis sizes on the run's devices
+
+A checkpoint carries `trained_config()`: `trains_with` as JSON with the anchor as `optim.resumed_at` /
+`resumed_lr`, the layout every checkpoint has had, so the next resume reads its anchor back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import ml_collections
+
+from visionfm_jax import atomic, config_lib, parallel
+from visionfm_jax.training import init_from, optim, resume
+
+PLAN_FILE = "plan.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+  config: ml_collections.ConfigDict
+  trains_with: ml_collections.ConfigDict
+  derived: dict[str, Any]
+  anchor: optim.Anchor | None
+  resume_changes: tuple[str, ...]
+  mesh: dict[str, int]
+  num_devices: int
+  num_processes: int
+
+  def trained_config(self) -> dict:
+    """What a checkpoint carries: `trains_with` as JSON, the schedule's anchor in its optim section."""
+    record = resume.as_json(self.trains_with)
+    record["optim"].update(resume.anchor_json(self.anchor))
+    return record
+
+  def as_json(self) -> dict:
+    """plan.json: the fields the run derived and from what, the anchor, the accepted changes, the mesh."""
+    return dict(derived=self.derived, schedule_anchor=self.anchor._asdict() if self.anchor else None,
+                resume_changes=list(self.resume_changes), mesh=self.mesh, devices=self.num_devices,
+                processes=self.num_processes)
+
+  def write(self, workdir: str) -> None:
+    atomic.write(os.path.join(workdir, PLAN_FILE), json.dumps(self.as_json(), indent=2))
+
+
+def make(config: ml_collections.ConfigDict, checkpoint_dir: str, num_devices: int, num_processes: int) -> RunPlan:
+  """The plan of a run of `config` (validated: training/checks.py) on `num_devices` devices in `num_processes`
+  processes, resuming the newest checkpoint in `checkpoint_dir` if there is one (a ConfigError when that
+  checkpoint does not take this config: training/resume.py)."""
+  derived = init_from.derived_model_fields(config)
+  trains_with = config_lib.set_paths(config.copy_and_resolve_references(), derived)
+  changes, anchor = resume.check_changes(trains_with, checkpoint_dir)
+  return RunPlan(config=config, trains_with=trains_with, derived=derived, anchor=anchor,
+                 resume_changes=tuple(changes), mesh=parallel.mesh_shape(config.mesh, num_devices),
+                 num_devices=num_devices, num_processes=num_processes)
