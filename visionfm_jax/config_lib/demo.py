@@ -1,0 +1,52 @@
+"""The CPU demo of a recipe: what every demo shares (`cpu_demo`); the config file then picks its tiny model."""
+
+from __future__ import annotations
+
+import ml_collections
+
+from visionfm_jax.config_lib.schema import set_fields
+from visionfm_jax.errors import ConfigError
+
+# Per embedded set: (global batch, eval examples). Scenes feed dense heads that cost more per image.
+DEMO_DATA = {"shapes": (64, 1000), "scenes": (32, 500)}
+
+
+def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps: int, eval_every: int,
+             source: str = "shapes", lr: float = 1e-3, warmup_steps: int = 100) -> None:
+  """Turns a recipe into a CPU demo in place: what every demo shares; the caller then picks its tiny model.
+
+  Every demo trains from scratch (no init_from) on an embedded set (`source`: shapes, or scenes for the dense
+  tasks) at `image_size` px, rendered in the main process (cheaper than a worker for such small images), with
+  the batch and eval examples of DEMO_DATA in one micro-batch; fp32 compute, ddp, no remat, no stochastic
+  depth; no health guard (`config.health`: a demo runs minutes, watched); AdamW with weight decay 0.05,
+  global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`, cosine to 0
+  at `total_steps`; a log line every 50 steps and an evaluation and a checkpoint every `eval_every` (no kept
+  history beyond the newest checkpoints). The
+  procedural shapes never repeat, so a demo on them needs no crop, colour jitter, RandAugment or Mixup to
+  generalise (flips stay as the recipe has them).
+  """
+  if source not in DEMO_DATA:
+    raise ConfigError(f"cpu_demo source={source!r}: expected one of {list(DEMO_DATA)}")
+  config.model.image_size = config.data.image_size = image_size
+  for node in (config.model, *(v for v in config.model.values() if isinstance(v, ml_collections.ConfigDict))):
+    if "drop_path" in node:  # the backbone's, at the top (vit, swinv2) or in its tower (clip, aurora)
+      node.drop_path = 0.0
+  config.model.remat_policy = "none"
+
+  config.data.source = source
+  config.data.num_workers = 0
+  config.global_batch_size, config.data.eval_examples = DEMO_DATA[source]
+  config.grad_accum_steps = 1
+  if source == "shapes":
+    set_fields(config.data.augment, random_resized_crop=False, color_jitter=0.0, randaugment_ops=0, mixup_alpha=0.0)
+  config.init_from = config.init_from_prefix = ""
+
+  config.total_steps = total_steps
+  set_fields(config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
+             clip_norm=1.0)
+  config.precision.compute_dtype = "float32"
+  config.health.enabled = False
+  config.strategy = "ddp"
+  config.log_every = 50
+  config.eval_every = config.checkpoint_every = eval_every
+  config.checkpoint_keep_period = 0
