@@ -10,7 +10,9 @@ import numpy as np
 import pytest
 
 from visionfm_jax.data import pair_corpora, records, transforms
-from visionfm_jax.tools import prepare_data
+from visionfm_jax.errors import UserError
+from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+from visionfm_jax.tools.prepare_data.captioned import list_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -154,5 +156,5 @@ def test_bad_layouts_are_one_line_errors(tmp_path, coco_root, capsys):
     assert len(stderr.strip().splitlines()) == 1
   _write_json(root / "annotations" / "captions_broken.json", {"images": [{"id": 1}], "annotations": []})
   (root / "broken").mkdir()
-  with pytest.raises(prepare_data.UserError, match="file_name"):
-    prepare_data.list_pairs("coco", str(root), coco_folder="broken")
+  with pytest.raises(UserError, match="file_name"):
+    list_pairs("coco", str(root), coco_folder="broken")

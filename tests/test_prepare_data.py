@@ -17,7 +17,10 @@ from PIL import Image
 from visionfm_jax import config_lib
 from visionfm_jax.data import pipeline, records, sources, tokenizer
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cluster_task, image_tree, prepare_data
+from visionfm_jax.tools import cluster_task, image_tree
+from visionfm_jax.tools.prepare_data import __main__ as prepare_data, shards
+from visionfm_jax.tools.prepare_data.folders import convert_folders
+from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
 CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
@@ -75,7 +78,7 @@ def tree(tmp_path_factory):
 def converted(tree, tmp_path_factory):
   """The tree converted inline with 4 records per shard: (output dir, metadata)."""
   out = str(tmp_path_factory.mktemp("converted"))
-  return out, prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
+  return out, convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
 
 
 def test_folders_round_trip(tree, converted):
@@ -99,17 +102,17 @@ def test_folders_round_trip(tree, converted):
 
 
 def test_folders_deterministic_by_seed(tree, converted, tmp_path):
-  again = prepare_data.convert_folders(tree[0], str(tmp_path / "a"), records_per_shard=4, num_workers=1)
+  again = convert_folders(tree[0], str(tmp_path / "a"), records_per_shard=4, num_workers=1)
   assert again["splits"] == converted[1]["splits"]
   assert shard_bytes(tmp_path / "a") == shard_bytes(converted[0])
-  prepare_data.convert_folders(tree[0], str(tmp_path / "b"), records_per_shard=4, num_workers=1, seed=1)
+  convert_folders(tree[0], str(tmp_path / "b"), records_per_shard=4, num_workers=1, seed=1)
   assert [e["key"] for e in read_split(tmp_path / "b")] != [e["key"] for e in read_split(converted[0])]
 
 
 def test_folders_holdout(tree, tmp_path):
   root, files = tree
-  metadata = prepare_data.convert_folders(root, str(tmp_path), records_per_shard=4, num_workers=0,
-                                          holdout_per_class=2, holdout_split_name="val")
+  metadata = convert_folders(root, str(tmp_path), records_per_shard=4, num_workers=0,
+                             holdout_per_class=2, holdout_split_name="val")
   train, val = read_split(tmp_path, "train"), read_split(tmp_path, "val")
   assert sorted(e["key"] for e in train + val) == sorted(files)  # disjoint and complete
   assert len(train) + len(val) == len({e["key"] for e in train + val})
@@ -118,7 +121,7 @@ def test_folders_holdout(tree, tmp_path):
   assert metadata["splits"]["train"]["class_counts"] == [1, 1, 2]
   assert metadata["splits"]["val"]["shards"] == ["val-00000-of-00002.array_record", "val-00001-of-00002.array_record"]
   # A class keeps at least one training image: a 3-image class holds out 2 of --holdout_per_class=5.
-  big = prepare_data.convert_folders(root, str(tmp_path / "big"), num_workers=0, holdout_per_class=5)
+  big = convert_folders(root, str(tmp_path / "big"), num_workers=0, holdout_per_class=5)
   assert big["splits"]["validation"]["class_counts"] == [2, 2, 3]
   assert big["splits"]["train"]["class_counts"] == [1, 1, 1]
 
@@ -146,7 +149,7 @@ def test_webdataset_pairs(tmp_path):
   os.makedirs(tmp_path / "in")
   tars = make_tars(tmp_path / "in")
   out = str(tmp_path / "out")
-  metadata = prepare_data.convert_webdataset(str(tmp_path / "in" / "*.tar"), out, num_workers=0)
+  metadata = convert_webdataset(str(tmp_path / "in" / "*.tar"), out, num_workers=0)
   entry = metadata["splits"]["train"]
   assert metadata["kind"] == "pairs" and "classes" not in metadata
   assert entry["shards"] == ["train-00000-of-00002.array_record", "train-00001-of-00002.array_record"]
@@ -178,7 +181,7 @@ def test_webdataset_of_images_only_trains_in_a_mixture(tmp_path):
   os.makedirs(tmp_path / "in")
   make_uncaptioned_tars(tmp_path / "in", tars=2, per_tar=6)
   out = tmp_path / "out"
-  metadata = prepare_data.convert_webdataset(str(tmp_path / "in" / "*.tar"), str(out), num_workers=0)
+  metadata = convert_webdataset(str(tmp_path / "in" / "*.tar"), str(out), num_workers=0)
   entry = metadata["splits"]["train"]
   assert (entry["records"], entry["uncaptioned"], entry["kind"]) == (12, 12, "images")
   assert all(set(e) == {"image", "key", "meta"} for e in read_split(out))
@@ -198,7 +201,7 @@ def test_webdataset_holdout(tmp_path):
 
   def convert(name, **kwargs):
     out = str(tmp_path / name)
-    metadata = prepare_data.convert_webdataset(pattern, out, num_workers=0, holdout_split_name="val", **kwargs)
+    metadata = convert_webdataset(pattern, out, num_workers=0, holdout_split_name="val", **kwargs)
     return metadata, {split: [e["key"] for e in read_split(out, split)] for split in metadata["splits"]}
 
   metadata, keys = convert("a", holdout_examples=4, seed=3)
@@ -217,8 +220,8 @@ def test_unlabelled_folders(tmp_path):
                      encoded(seed=3), "notes.txt": b"not an image", "x4.jpeg": encoded(seed=4)}.items():
     write_file(str(tmp_path / "in" / name), data)
   out = str(tmp_path / "out")
-  metadata = prepare_data.convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_examples=1,
-                                          num_workers=0, records_per_shard=2)
+  metadata = convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_examples=1,
+                             num_workers=0, records_per_shard=2)
   assert metadata["kind"] == "images" and "classes" not in metadata
   assert {s: (e["records"], e["kind"]) for s, e in metadata["splits"].items()} == {"train": (3, "images"),
                                                                                  "validation": (1, "images")}
@@ -230,9 +233,9 @@ def test_unlabelled_folders(tmp_path):
     records.class_names(f"{out}/train-*.array_record")
   assert source.metadata["kind"] == "images"
   with pytest.raises(UserError, match="different data set"):  # labelled folders into the same directory
-    prepare_data.convert_folders(str(tmp_path / "in"), out, num_workers=0)
+    convert_folders(str(tmp_path / "in"), out, num_workers=0)
   with pytest.raises(UserError, match="--holdout_per_class=1, --holdout_examples=0"):
-    prepare_data.convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_per_class=1)
+    convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_per_class=1)
 
 
 def test_resize_and_verify(tmp_path, caplog):
@@ -243,7 +246,7 @@ def test_resize_and_verify(tmp_path, caplog):
     write_file(os.path.join(root, relpath), data)
 
   with caplog.at_level(logging.WARNING):
-    metadata = prepare_data.convert_folders(str(root), str(tmp_path / "r"), resize_shorter=16, num_workers=0)
+    metadata = convert_folders(str(root), str(tmp_path / "r"), resize_shorter=16, num_workers=0)
   assert "b/bad.jpg" in caplog.text
   assert (metadata["splits"]["train"]["records"], metadata["splits"]["train"]["skipped"]) == (3, 1)
   assert metadata["splits"]["train"]["class_counts"] == [2, 1]
@@ -253,42 +256,42 @@ def test_resize_and_verify(tmp_path, caplog):
   assert Image.open(io.BytesIO(resized["b/tall.jpg"])).size == (16, 72)
   assert resized["a/small.png"] == small  # never enlarged, not re-encoded
 
-  metadata = prepare_data.convert_folders(str(root), str(tmp_path / "v"), verify=True, num_workers=0)
+  metadata = convert_folders(str(root), str(tmp_path / "v"), verify=True, num_workers=0)
   assert metadata["splits"]["train"]["skipped"] == 1
   assert {e["key"]: e["image"] for e in read_split(tmp_path / "v")}["a/big.jpg"] == big
 
-  metadata = prepare_data.convert_folders(str(root), str(tmp_path / "raw"), num_workers=0)
+  metadata = convert_folders(str(root), str(tmp_path / "raw"), num_workers=0)
   assert metadata["splits"]["train"]["skipped"] == 0
   assert {e["key"]: e["image"] for e in read_split(tmp_path / "raw")}["b/bad.jpg"] == corrupt
 
 
 def test_resume_rewrites_only_missing_shards(tree, converted, tmp_path, monkeypatch):
   out = str(tmp_path / "out")
-  prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
+  convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
   before = shard_bytes(out)
   middle = os.path.join(out, records.shard_name("train", 1, 3))
   os.remove(middle)
   write_file(middle + ".tmp", b"partial")  # an interrupted write
   os.remove(os.path.join(out, records.shard_name("train", 2, 3) + ".json"))  # crashed before its sidecar
   written = []
-  write_shard = prepare_data.write_shard
-  monkeypatch.setattr(prepare_data, "write_shard", lambda job: written.append(job.path) or write_shard(job))
+  write_shard = shards.write_shard
+  monkeypatch.setattr(shards, "write_shard", lambda job: written.append(job.path) or write_shard(job))
 
-  metadata = prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
+  metadata = convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
   assert sorted(written) == [middle, os.path.join(out, records.shard_name("train", 2, 3))]
   assert shard_bytes(out) == before and not os.path.exists(middle + ".tmp")
   assert metadata == converted[1]
 
   written.clear()  # finished: nothing to do
-  assert prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0) == metadata
+  assert convert_folders(tree[0], out, records_per_shard=4, num_workers=0) == metadata
   assert not written
   # Other options: every shard is stale, so all are rewritten.
-  prepare_data.convert_folders(tree[0], out, records_per_shard=4, num_workers=0, verify=True)
+  convert_folders(tree[0], out, records_per_shard=4, num_workers=0, verify=True)
   assert len(written) == 3 and shard_bytes(out) != before
 
 
 def test_parallel_matches_inline(tree, converted, tmp_path):
-  metadata = prepare_data.convert_folders(tree[0], str(tmp_path), records_per_shard=4, num_workers=2)
+  metadata = convert_folders(tree[0], str(tmp_path), records_per_shard=4, num_workers=2)
   assert metadata == converted[1]
   assert shard_bytes(tmp_path) == shard_bytes(converted[0])
 
@@ -383,8 +386,8 @@ def test_an_unlabelled_task_walks_only_its_folders(tmp_path, monkeypatch):
   folder_images = image_tree.folder_images
   monkeypatch.setattr(image_tree, "folder_images", lambda root, folder: walked.append(folder) or
                       folder_images(root, folder))
-  report = prepare_data.convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), unlabelled=True,
-                                        num_workers=0, records_per_shard=2, task=cluster_task.Task(1, 3))
+  report = convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), unlabelled=True,
+                           num_workers=0, records_per_shard=2, task=cluster_task.Task(1, 3))
   assert walked == ["a", "c"]  # folders 1 and 4 of ['', 'a', 'a-b', 'b', 'c', 'd', 'empty']
   assert report == {"unfinished": "5 of 7 folders", "task": "task 1 of 3"}
   assert sorted(os.listdir(tmp_path / "out" / "train-folders")) == ["00001.json", "00004.json"]
@@ -397,7 +400,7 @@ def test_unlabelled_tasks_write_what_one_run_writes(tmp_path, monkeypatch):
   paths = make_image_tree(tmp_path / "in")
   common = dict(unlabelled=True, num_workers=0, records_per_shard=2, holdout_examples=3, holdout_split_name="val",
                 seed=1)
-  one = prepare_data.convert_folders(str(tmp_path / "in"), str(tmp_path / "one"), **common)
+  one = convert_folders(str(tmp_path / "in"), str(tmp_path / "one"), **common)
   held = [e["key"] for e in read_split(tmp_path / "one", "val")]
   assert held == sorted(held) and len(held) == 3 and one["splits"]["val"]["holdout_examples"] == 3
   kept = collections.Counter(p.split("/")[0] if "/" in p else "" for p in paths if p not in held)
@@ -409,30 +412,30 @@ def test_unlabelled_tasks_write_what_one_run_writes(tmp_path, monkeypatch):
       folders.index(p.split("/")[0] if "/" in p else ""), p))  # folder by folder, each in sorted order
   many = str(tmp_path / "many")
   for index in (2, 0):
-    report = prepare_data.convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(index, 3), **common)
+    report = convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(index, 3), **common)
     assert "unfinished" in report and not os.path.exists(os.path.join(many, "dataset.json"))
   with pytest.raises(UserError, match="--finalize: 2 of 7 folders are not written yet"):
-    prepare_data.convert_folders(str(tmp_path / "in"), many, task=None, **common)
-  assert prepare_data.convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(1, 3), **common) == one
+    convert_folders(str(tmp_path / "in"), many, task=None, **common)
+  assert convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(1, 3), **common) == one
   assert shard_bytes(many) == shard_bytes(tmp_path / "one")
   assert read_split(many) == read_split(tmp_path / "one") and read_split(many, "val") == read_split(tmp_path / "one",
                                                                                                    "val")
   train, val = ({e["key"] for e in read_split(many, split)} for split in ("train", "val"))
   assert not train & val and len(train | val) == 14
   os.remove(os.path.join(many, "dataset.json"))  # the final step writes it again from the lists and sidecars
-  assert prepare_data.convert_folders(str(tmp_path / "in"), many, task=None, **common) == one
+  assert convert_folders(str(tmp_path / "in"), many, task=None, **common) == one
 
   written = []  # a deleted shard is the only one a rerun writes
-  write_shard = prepare_data.write_shard
-  monkeypatch.setattr(prepare_data, "write_shard", lambda job: written.append(job.path) or write_shard(job))
+  write_shard = shards.write_shard
+  monkeypatch.setattr(shards, "write_shard", lambda job: written.append(job.path) or write_shard(job))
   os.remove(os.path.join(many, one["splits"]["train"]["shards"][3]))
-  assert prepare_data.convert_folders(str(tmp_path / "in"), many, **common) == one
+  assert convert_folders(str(tmp_path / "in"), many, **common) == one
   assert written == [os.path.join(many, one["splits"]["train"]["shards"][3])]
 
 
 def test_unlabelled_refuses_shards_of_another_conversion(tmp_path):
   make_image_tree(tmp_path / "in")
-  convert = functools.partial(prepare_data.convert_folders, str(tmp_path / "in"), str(tmp_path / "out"),
+  convert = functools.partial(convert_folders, str(tmp_path / "in"), str(tmp_path / "out"),
                               unlabelled=True, num_workers=0)
   convert(records_per_shard=2)
   with pytest.raises(UserError, match=r"holds 2 'train' shards this conversion does not write "
@@ -441,7 +444,7 @@ def test_unlabelled_refuses_shards_of_another_conversion(tmp_path):
   os.makedirs(tmp_path / "labelled")
   write_file(str(tmp_path / "labelled" / records.shard_name("train", 0, 1)), b"")
   with pytest.raises(UserError, match="train-00000-of-00001.array_record"):
-    prepare_data.convert_folders(str(tmp_path / "in"), str(tmp_path / "labelled"), unlabelled=True, num_workers=0)
+    convert_folders(str(tmp_path / "in"), str(tmp_path / "labelled"), unlabelled=True, num_workers=0)
 
 
 def test_unlabelled_parallel_matches_inline(tmp_path, capsys):

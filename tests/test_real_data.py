@@ -14,7 +14,8 @@ from conftest import tiny_clip_config, tiny_vit_config
 from visionfm_jax.training import train
 from visionfm_jax.data import pipeline, shapes, sources, tokenizer
 from visionfm_jax.errors import ConfigError, DataError
-from visionfm_jax.tools import prepare_data
+from visionfm_jax.tools.prepare_data.folders import convert_folders
+from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
 
 def png(image) -> bytes:
@@ -48,8 +49,7 @@ def metrics_rows(workdir):
 def test_image_folder_converts_trains_and_counts_corrupt_images(tmp_path):
   write_tree(tmp_path / "tree", n_good=48, n_corrupt=4)
   out = tmp_path / "records"
-  metadata = prepare_data.convert_folders(str(tmp_path / "tree"), str(out), records_per_shard=16,
-                                          holdout_per_class=1, num_workers=0)
+  metadata = convert_folders(str(tmp_path / "tree"), str(out), records_per_shard=16, holdout_per_class=1, num_workers=0)
   assert metadata["classes"] == sorted(shapes.SHAPE_NAMES)
   counts = {split: entry["records"] for split, entry in metadata["splits"].items()}
   assert counts["train"] + counts["validation"] == 52 and counts["validation"] >= 6  # 1 per class of 2+ images
@@ -74,7 +74,7 @@ def test_image_folder_converts_trains_and_counts_corrupt_images(tmp_path):
 def test_mostly_corrupt_data_stops_the_run(tmp_path):
   write_tree(tmp_path / "tree", n_good=8, n_corrupt=24)
   out = tmp_path / "records"
-  prepare_data.convert_folders(str(tmp_path / "tree"), str(out), num_workers=0)
+  convert_folders(str(tmp_path / "tree"), str(out), num_workers=0)
   config = tiny_vit_config(total_steps=3)
   config.data.source = f"arrayrecord:{out}/{{split}}-*.array_record"
   config.data.eval_source = "shapes"
@@ -108,15 +108,14 @@ def convert_shapes_tars(root, train: int, validation: int):
   write_tars(root / "tars" / "train", shapes_examples(train), per_tar=32)
   write_tars(root / "tars" / "validation", shapes_examples(validation, "validation"), per_tar=32)
   for split in ("train", "validation"):
-    prepare_data.convert_webdataset(str(root / "tars" / split / "*.tar"), str(root / "pairs"), split=split,
-                                    num_workers=0)
+    convert_webdataset(str(root / "tars" / split / "*.tar"), str(root / "pairs"), split=split, num_workers=0)
   return f"arrayrecord:{root / 'pairs'}/{{split}}-*.array_record"
 
 
 def test_processes_read_disjoint_shares_covering_the_shards(tmp_path):
   write_tars(tmp_path / "tars", shapes_examples(48), per_tar=12)
   out = tmp_path / "pairs"
-  prepare_data.convert_webdataset(str(tmp_path / "tars" / "*.tar"), str(out), num_workers=0)
+  convert_webdataset(str(tmp_path / "tars" / "*.tar"), str(out), num_workers=0)
   config = tiny_clip_config()
   config.data.source = f"arrayrecord:{out}/{{split}}-*.array_record"
   config.data.num_workers = 0

@@ -13,7 +13,8 @@ from PIL import Image
 
 from visionfm_jax.data import wds
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import index_tars, prepare_data
+from visionfm_jax.tools import index_tars
+from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 
 TARS, PER_TAR = 3, 40
 

@@ -14,7 +14,8 @@ import pytest
 import standins
 from visionfm_jax import convert
 from visionfm_jax.data import ade20k, caption_sets, coco, records, sources, tokenizer, wds
-from visionfm_jax.tools import clip_checkpoint, index_tars, prepare_data
+from visionfm_jax.tools import clip_checkpoint, index_tars
+from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation", "data_dir": ""})
 

@@ -21,7 +21,9 @@ from conftest import ROOT, cpu_env
 from visionfm_jax import config_lib
 from visionfm_jax.data import pipeline, sources, tokenizer, transforms, wds
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cluster_task, index_tars, prepare_data
+from visionfm_jax.tools import cluster_task, index_tars
+from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
 SHAPES = ("circle", "square", "triangle")
@@ -177,7 +179,7 @@ def test_wds_source_serves_the_prepared_records(tmp_path):
   assert (summary["tars"], summary["indexed"], summary["samples"]) == (1, 1, 4)  # task 1 of 2: the second tar
   assert index_tars.index_tars(pattern)["indexed"] == 2  # the rest; the indexed one is kept
   assert index_tars.index_tars(pattern)["indexed"] == 0
-  prepare_data.convert_webdataset(pattern, str(tmp_path / "out"), num_workers=0)
+  convert_webdataset(pattern, str(tmp_path / "out"), num_workers=0)
   source = sources.build_source(f"wds:{pattern}", "train", DATA_CFG)
   assert [source[i] for i in range(len(source))] == read_split(tmp_path / "out")
   assert "caption" not in source[1] and source[1]["key"] == "000000001"

@@ -1,0 +1,237 @@
+r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayRecord shards of `data.records`.
+
+  python -m visionfm_jax.tools.prepare_data --format=folders|webdataset|coco|visual_genome --input=... \
+      --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
+      [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
+      [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
+      [--progress] [--task_index=I --task_count=N | --finalize]
+      [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U | --selection=FILE]
+
+--format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
+image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
+the sorted folder names. The files, listed in sorted order, are shuffled by --seed (shards mix classes) and cut
+into shards of --records_per_shard records {image, label, key: the path under --input}.
+--holdout_per_class=K moves K files per class (chosen by --seed; a class keeps at least one training file)
+into a second split, --holdout_split.
+With --unlabelled, --input is a folder (or tree) of images without labels: every image file below it becomes an
+image-only record {image, key}. Such a tree (Aurora's 500M images) is never listed whole: each top-level folder
+(and the input's own files, as one more) is walked on its own, one directory at a time, in sorted path order, and
+cut into shards `<split>-<folder number>-<n>` of --records_per_shard images, with the folder's list of shards in
+`<split>-folders/` (tools/image_tree.py); --holdout_examples=N moves N images to --holdout_split, drawn by --seed
+from the first 10 N images of the folders taken in a --seed-shuffled order.
+
+--format=webdataset: --input is a glob of tars written by img2dataset: members `<key>.jpg|jpeg|png|webp`,
+`<key>.txt` (the caption) and `<key>.json` (metadata, kept verbatim). One output shard per tar, records
+{image, caption, key, meta}; an example without a caption (no or an empty .txt) becomes an image-only record
+{image, key, meta}, one without an image is skipped and counted. --holdout_examples=N moves N examples to
+--holdout_split (one shard per tar they come from): drawn by --seed from the first tars of a --seed-shuffled
+order that hold N examples (only those are listed ahead), e.g. a validation split of pairs.
+--min_similarity, --max_pwatermark, --max_punsafe keep only the samples whose .json has LAION's `similarity`
+(the CLIP ViT-B/32 image-text cosine) at least S, `pwatermark` at most W, `punsafe` at most U (a sample
+without a score a condition needs fails it: `data.wds.ScoreFilter`); the rejected ones are counted per score
+(the first condition they fail) under 'filtered' in each sidecar and in dataset.json. --selection=FILE takes the
+three from the JSON `index_tars --keep=K --selection_out=FILE` wrote (the thresholds that keep K samples).
+
+--format=coco and --format=visual_genome: --input is the data set's root in its released layout (COCO:
+annotations/captions_<--coco_folder>.json and <--coco_folder>/; Visual Genome: region_descriptions.json,
+image_data.json, VG_100K/ and VG_100K_2/). Every caption (COCO's five per image) or region phrase becomes one
+pair record {image, caption, key}; Visual Genome's image is the phrase's region cropped (--vg_regions=crop,
+regions under --min_region_size px left out) or the whole image (--vg_regions=image); see data/pair_corpora.py
+for why. --exclude_karpathy=dataset_coco.json leaves out the images of Karpathy's val and test splits (Visual
+Genome's by their coco_id), so that COCO 5k retrieval is not evaluated on training images. Shards of
+--records_per_shard pairs in listing order; dataset.json's split entry adds the listing's counts (images,
+excluded_images, missing_images, and for Visual Genome small_regions, empty_phrases).
+
+dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
+count of 'uncaptioned' records among them) or 'images' (image-only).
+
+Images pass through as stored. --verify decodes each one and drops (counts, names) the undecodable ones;
+--resize_shorter=N (implies --verify) shrinks images whose shorter side exceeds N to N and stores them as
+JPEG quality 95 (turned upright first, as their EXIF orientation says). Samples past data/limits.py's limits
+(decompression bombs, oversized files and captions, tar links, FIFOs and absolute or '..' member names) are
+left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
+`DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
+`DIR/dataset.json` describes the data set (`records.write_metadata`); train with
+`--config.data.source='arrayrecord:DIR/{split}-*.array_record'`.
+
+Rerunning resumes: a shard whose file and `.json` exist and were written from the same inputs and options is
+kept. Prints one summary line; errors print one line naming the culprit and exit with status 2.
+
+Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `tools.cluster_task`)
+writes only the shards I, I + N, I + 2N, ... of the full list (--unlabelled: those of the top-level folders
+I, I + N, ..., the only ones it walks, and of the held-out shards), under the same names a single run writes,
+so the tasks' shard sets are disjoint and a task run twice resumes its own share and touches no other task's
+files. After its shards, a task reads every sidecar (--unlabelled: every folder's list first); the one that
+finds them all written (the last to finish) writes dataset.json, the others report what other tasks still
+owe. `--finalize` writes no shard, only dataset.json from the sidecars (an error while some are missing).
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Sequence
+
+from absl import flags
+
+from visionfm_jax.data import pair_corpora, wds
+from visionfm_jax.errors import UserError
+from visionfm_jax.tools import cli, cluster_task
+from visionfm_jax.tools.prepare_data.captioned import PAIR_FORMATS, convert_pairs
+from visionfm_jax.tools.prepare_data.folders import convert_folders
+from visionfm_jax.tools.prepare_data.shards import DEFAULT_RECORDS_PER_SHARD
+from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
+
+FORMATS = ("folders", "webdataset", *PAIR_FORMATS)
+
+
+def make_flags() -> flags.FlagValues:
+  """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
+  fv = flags.FlagValues()
+  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree, img2dataset tars, COCO captions or "
+                    "Visual Genome region descriptions.", flag_values=fv)
+  flags.DEFINE_string("input", None, "folders: the class tree; webdataset: a glob of .tar files; coco, "
+                      "visual_genome: the data set's root folder.", flag_values=fv)
+  flags.DEFINE_string("output", None, "Directory for the shards and dataset.json (created).", flag_values=fv)
+  flags.DEFINE_string("split", "train", "Split name of the shards.", flag_values=fv)
+  flags.DEFINE_integer("resize_shorter", 0, "Shrink images to this shorter side (JPEG q95); 0: keep.",
+                       flag_values=fv)
+  flags.DEFINE_bool("verify", False, "Decode every image; drop and count undecodable ones.", flag_values=fv)
+  flags.DEFINE_integer("num_workers", None, "Processes writing shards; 0 or 1: inline. Default: the CPU count.",
+                       flag_values=fv)
+  flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD, "folders, coco, visual_genome: records per "
+                       "output shard.",
+                       flag_values=fv)
+  flags.DEFINE_bool("unlabelled", False, "folders: --input is a folder of images without labels (image-only "
+                    "records).", flag_values=fv)
+  flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split; 0: none.",
+                       flag_values=fv)
+  flags.DEFINE_integer("holdout_examples", 0, "webdataset, --unlabelled folders: examples moved to "
+                       "--holdout_split; 0: none.", flag_values=fv)
+  flags.DEFINE_string("holdout_split", "validation", "Split name of the held-out examples.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "Seed of the holdout choice (and of the folders' shuffle).", flag_values=fv)
+  flags.DEFINE_string("coco_folder", "train2017", "coco: the image folder, and captions_<it>.json under "
+                      "annotations/.", flag_values=fv)
+  flags.DEFINE_enum("vg_regions", "crop", pair_corpora.VG_REGION_MODES, "visual_genome: pair a phrase with its "
+                    "region's crop or with the whole image.", flag_values=fv)
+  flags.DEFINE_integer("min_region_size", pair_corpora.DEFAULT_MIN_REGION_SIZE, "visual_genome, crop: leave out "
+                       "regions whose shorter side is under this many pixels.", flag_values=fv)
+  flags.DEFINE_string("exclude_karpathy", "", "coco, visual_genome: Karpathy's dataset_coco.json; leaves out the "
+                      "images of its val and test splits (the COCO 5k retrieval benchmark).", flag_values=fv)
+  flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.",
+                    flag_values=fv)
+  cluster_task.define_flags(fv)
+  flags.DEFINE_bool("finalize", False, "Write no shard: only dataset.json, from every shard's sidecar (all must be "
+                    "written).", flag_values=fv)
+  flags.DEFINE_float("min_similarity", None, "webdataset: keep samples whose .json 'similarity' (LAION's CLIP "
+                     "score) is at least this.", flag_values=fv)
+  flags.DEFINE_float("max_pwatermark", None, "webdataset: keep samples whose .json 'pwatermark' is at most this.",
+                     flag_values=fv)
+  flags.DEFINE_float("max_punsafe", None, "webdataset: keep samples whose .json 'punsafe' is at most this.",
+                     flag_values=fv)
+  flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
+                      "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.", flag_values=fv)
+  return fv
+
+
+def score_filter_of(fv: flags.FlagValues) -> wds.ScoreFilter:
+  """The LAION score conditions: --min_similarity / --max_pwatermark / --max_punsafe, or those of --selection."""
+  given = wds.ScoreFilter(fv.min_similarity, fv.max_pwatermark, fv.max_punsafe)
+  if not fv.selection:
+    return given
+  if given:
+    raise UserError(f"--selection={fv.selection} and --{', --'.join(given.names)}: give one or the other")
+  try:
+    selection = json.loads(Path(fv.selection).expanduser().read_text())
+    return wds.ScoreFilter(*(selection[f"{limit}_{name}"] for limit, name in zip(("min", "max", "max"), wds.SCORES)))
+  except OSError as e:
+    raise UserError(f"--selection={fv.selection}: cannot read ({e.strerror or e})") from e
+  except (ValueError, KeyError, TypeError) as e:
+    raise UserError(f"--selection={fv.selection}: not a selection written by `index_tars --keep "
+                    f"--selection_out` ({type(e).__name__}: {e})") from e
+
+
+def run(fv: flags.FlagValues) -> dict:
+  """Runs the conversion the parsed flags describe; the written dataset.json dict."""
+  if not fv.format or not fv.input:
+    raise UserError(f"--format ({' | '.join(FORMATS)}) and --input are required")
+  common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
+                progress=fv.progress or None)
+  common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
+                task=None if fv.finalize else cluster_task.from_flags(fv))
+  score_filter = score_filter_of(fv)
+  pair_only = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy")
+               if fv[name].present]
+  if fv.format in PAIR_FORMATS:
+    other = [f"--{name}" for name in ("holdout_per_class", "holdout_examples", "unlabelled") if fv[name].present]
+    if other:
+      raise UserError(f"{', '.join(other)}: not for --format={fv.format} (its pairs train; the held-out pairs "
+                      f"of a mixture come from another source)")
+    foreign = [flag for flag in pair_only if flag in (("--vg_regions", "--min_region_size") if fv.format == "coco"
+                                                      else ("--coco_folder",))]
+    if foreign:
+      raise UserError(f"{', '.join(foreign)}: not for --format={fv.format}")
+    if score_filter or common["task"] is None or common["task"].count > 1:
+      raise UserError(f"--min_similarity, --max_pwatermark, --max_punsafe, --task_index/--task_count, --finalize: "
+                      f"not for --format={fv.format} (one process converts a data set of its size)")
+    listing = dict(exclude_karpathy=fv.exclude_karpathy)
+    listing.update(dict(coco_folder=fv.coco_folder) if fv.format == "coco" else
+                   dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size))
+    return convert_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
+                         verify=fv.verify, num_workers=fv.num_workers, records_per_shard=fv.records_per_shard,
+                         progress=fv.progress or None, **listing)
+  if pair_only:
+    raise UserError(f"{', '.join(pair_only)}: only for --format=coco or visual_genome")
+  if fv.format == "folders":
+    if score_filter:
+      raise UserError("--min_similarity, --max_pwatermark, --max_punsafe: only for --format=webdataset (they read "
+                      "each sample's .json)")
+    return convert_folders(fv.input, fv.output, records_per_shard=fv.records_per_shard,
+                           holdout_per_class=fv.holdout_per_class, unlabelled=fv.unlabelled, **common)
+  folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "unlabelled") if fv[name].present]
+  if folder_only:
+    raise UserError(f"{', '.join(folder_only)}: only for --format=folders (webdataset: one shard per input tar)")
+  return convert_webdataset(fv.input, fv.output, score_filter=score_filter, **common)
+
+
+def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds: float) -> str:
+  """The line a run prints: records per split of `splits`, skipped (per reason), filtered (per score), shards,
+  `seconds` and `output_dir`; or, from a task that did not write dataset.json, what other tasks still owe."""
+  if "unfinished" in metadata:
+    return (f"prepare_data: {metadata['task']} done, {metadata['unfinished']} still to be written by other tasks "
+            f"(the last one writes dataset.json), {seconds:.1f} s -> {output_dir}")
+  entries = [metadata["splits"][s] for s in splits]
+  per_split = ", ".join(f"{s} {e['records']}" for s, e in zip(splits, entries))
+  filtered = collections.Counter()
+  for entry in entries:
+    filtered.update(entry.get("filtered", {}))
+  by_reason = ", ".join(f"{n} by {reason}" for reason, n in filtered.items())
+  skipped_by = collections.Counter()
+  for entry in entries:
+    skipped_by.update(entry.get("skipped_by", {}))
+  skipped = sum(e["skipped"] for e in entries)
+  return (f"prepare_data: {per_split} records, {skipped} skipped"
+          + (f" ({wds.reasons_text(skipped_by)})" if skipped_by else "") + ", "
+          + (f"{sum(filtered.values())} filtered ({by_reason}), " if filtered else "")
+          + f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
+
+
+def _main(fv, rest: list[str]) -> None:
+  start = time.monotonic()
+  if rest:
+    raise UserError(f"unexpected arguments {rest}; all options are --flags")
+  metadata = run(fv)
+  splits = [fv.split] + ([fv.holdout_split] if fv.holdout_per_class or fv.holdout_examples else [])
+  print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
+
+
+def main(argv: Sequence[str]) -> int:
+  """Parses `argv` (program name first), converts, prints the summary line; returns the exit status."""
+  return cli.run(argv, make_flags(), __doc__, _main)
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv))

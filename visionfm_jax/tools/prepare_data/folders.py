@@ -1,0 +1,79 @@
+"""--format=folders: a class tree (one folder per class, ImageNet's layout) into labelled shards of its files in a
+--seed-shuffled order, --holdout_per_class of each class in a second split; with --unlabelled, any tree of
+images into image-only shards (unlabelled.py)."""
+
+from __future__ import annotations
+
+import math
+import os
+
+import numpy as np
+
+from visionfm_jax.data import records
+from visionfm_jax.errors import UserError
+from visionfm_jax.tools import cluster_task, image_tree
+from visionfm_jax.tools.prepare_data import shards
+from visionfm_jax.tools.prepare_data.images import ImageOptions, image_options
+from visionfm_jax.tools.prepare_data.shards import ShardJob
+from visionfm_jax.tools.prepare_data.unlabelled import convert_image_tree
+
+
+def _folder_jobs(tree: image_tree.ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,
+                 records_per_shard: int, options: ImageOptions) -> list[ShardJob]:
+  count = math.ceil(len(indices) / records_per_shard)
+  jobs = []
+  for i in range(count):
+    chunk = indices[i * records_per_shard:(i + 1) * records_per_shard].tolist()
+    items = tuple((tree.paths[j], int(tree.labels[j])) for j in chunk)
+    jobs.append(shards.image_files_job(os.path.join(output_dir, records.shard_name(split, i, count)), options,
+                                       input_dir, items))
+  return jobs
+
+
+def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
+                    verify: bool = False, num_workers: int | None = None,
+                    records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
+                    holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None,
+                    unlabelled: bool = False, holdout_examples: int = 0,
+                    task: cluster_task.Task | None = cluster_task.Task()) -> dict:
+  """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records:
+  `convert_image_tree`) into shards in `output_dir`, `task`'s share of them (see `shards.run_jobs`);
+  returns the written dataset.json dict, or `shards.unfinished`'s report when other tasks' shards are still
+  missing (the last task to finish writes it)."""
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  shards.check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
+  if holdout_per_class and unlabelled or holdout_examples and not unlabelled:
+    raise UserError(f"--holdout_per_class={holdout_per_class}, --holdout_examples={holdout_examples}: the first for "
+                    f"class folders, the second for --unlabelled images")
+  shards.check_holdout("--holdout_per_class", holdout_per_class, holdout_split_name, split)
+  shards.check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
+  input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
+  options = image_options(resize_shorter, verify)
+  if unlabelled:
+    return convert_image_tree(input_dir, output_dir, split=split, options=options, num_workers=num_workers,
+                              records_per_shard=records_per_shard, holdout_examples=holdout_examples,
+                              holdout_split_name=holdout_split_name, seed=seed, progress=progress, task=task)
+  tree = image_tree.list_class_tree(input_dir)
+  order = np.random.default_rng(seed).permutation(len(tree.paths))
+  splits = {split: order}
+  if holdout_per_class:
+    splits[split], splits[holdout_split_name] = image_tree.carve_holdout(tree.labels, order, holdout_per_class)
+    if not len(splits[holdout_split_name]):
+      raise UserError(f"--holdout_per_class={holdout_per_class}: no class of {input_dir} has more than one image")
+  jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options)
+          for name, indices in splits.items()}
+  shards.check_output(output_dir, "classification", tree.classes,
+                      {name: shards.shard_names(split_jobs) for name, split_jobs in jobs.items()})
+  all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
+  all_counts = shards.run_jobs(all_jobs, num_workers, progress, task)
+  report = shards.unfinished(all_counts, task)
+  if report:
+    return report
+  counts = iter(all_counts)
+  entries = {}
+  for name, split_jobs in jobs.items():
+    entries[name] = shards.split_entry(shards.shard_names(split_jobs), [next(counts) for _ in split_jobs],
+                                       input_dir, len(tree.classes))
+  if holdout_per_class:
+    entries[holdout_split_name]["holdout_per_class"] = holdout_per_class
+  return records.write_metadata(output_dir, kind="classification", classes=tree.classes, splits=entries)

@@ -1,0 +1,71 @@
+"""The image bytes a shard stores: an image file read within data/limits.py's bounds, then kept as stored, verified
+or shrunk to a shorter side, as `ImageOptions` say."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import stat
+
+import numpy as np
+from PIL import Image
+
+from visionfm_jax.data import limits, records, transforms
+from visionfm_jax.errors import DataError
+
+RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageOptions:
+  resize_shorter: int = 0  # 0: keep the size
+  verify: bool = False  # decode and drop undecodable images (always, when resizing: see `image_options`)
+
+
+def image_options(resize_shorter: int, verify: bool) -> ImageOptions:
+  return ImageOptions(resize_shorter, verify or resize_shorter > 0)
+
+
+def shrink_to_shorter_side(image: Image.Image, size: int) -> Image.Image:
+  """`image` with its shorter side scaled down to `size`; as it is when that side is `size` or less."""
+  width, height = image.size
+  scale = size / min(width, height)
+  if scale >= 1:
+    return image
+  new_size = (max(1, round(width * scale)), max(1, round(height * scale)))
+  return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=RESIZE_REDUCING_GAP)
+
+
+def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes | None, str]:
+  """(the bytes to store for one image, ''), or (None, the data/limits.py reason) with a warning naming `name`
+  when it must be dropped."""
+  if not options.verify:
+    return data, ""
+  try:
+    pixels = transforms.decode_image(data)
+  except transforms.DECODE_ERRORS as e:
+    logging.warning("prepare_data: skipping %s: undecodable image: %s", name, e)
+    return None, transforms.failure_reason(e)
+  if options.resize_shorter and min(pixels.shape[:2]) > options.resize_shorter:
+    resized = shrink_to_shorter_side(Image.fromarray(pixels), options.resize_shorter)
+    return records.encode_jpeg(np.asarray(resized)), ""
+  return data, ""  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
+
+
+def read_image_file(path: str) -> tuple[bytes | None, str]:
+  """(the bytes of the image file `path`, ''), or (None, the data/limits.py reason) for a device, a FIFO or a file
+  over limits.MAX_IMAGE_BYTES (a link is followed); DataError when it cannot be read."""
+  try:
+    # Non-blocking: opening a FIFO for reading would wait for a writer.
+    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as f:
+      status = os.fstat(f.fileno())
+      if not stat.S_ISREG(status.st_mode):
+        logging.warning("prepare_data: skipping %s: not a regular file", path)
+        return None, limits.NOT_A_FILE
+      if status.st_size > limits.MAX_IMAGE_BYTES:
+        logging.warning("prepare_data: skipping %s: %d bytes, over limits.MAX_IMAGE_BYTES", path, status.st_size)
+        return None, limits.TOO_LARGE
+      return f.read(), ""
+  except OSError as e:
+    raise DataError(f"cannot read {path}: {e.strerror or e}") from e

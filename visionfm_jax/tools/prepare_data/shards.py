@@ -1,0 +1,333 @@
+"""What the formats share: a shard's job (`ShardJob`, whose examples its format's reader yields), its writing with
+a sidecar of its counts (records, skipped per data/limits.py reason, class counts or uncaptioned, filtered), the
+resuming of shards already written, their writing on worker processes in a cluster task's share, the checks of
+the output directory, and dataset.json's split entries."""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import glob
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import re
+import sys
+import time
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
+
+from visionfm_jax import atomic
+from visionfm_jax.data import limits, records, wds
+from visionfm_jax.errors import UserError
+from visionfm_jax.tools import cluster_task
+from visionfm_jax.tools.prepare_data.images import ImageOptions, prepare_image, read_image_file
+
+DEFAULT_RECORDS_PER_SHARD = 1000
+QUEUED_PER_WORKER = 4  # shards of a stream handed to each worker process ahead (write_stream)
+_SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
+
+class Example(NamedTuple):
+  name: str  # for messages: the file, or tar:key
+  image: bytes | None  # None: skipped, for the reason `refused`
+  fields: dict  # the `records.pack_record` fields
+  rejected: str = ""  # the score (wds.SCORES) it failed the filter on; '' when it passed
+  refused: str = ""  # why it is left out (a data/limits.py reason); '' when it is not
+
+
+def refused(name: str, reason: str) -> Example:
+  """The Example of one left out for `reason` (a data/limits.py reason)."""
+  return Example(name, None, {}, refused=reason)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardJob:
+  """One output shard: what goes into it and how. Picklable, for the worker processes."""
+  path: str
+  fingerprint: str  # the inputs and options it is written from; a shard on disk counts only when they match
+  options: ImageOptions
+  read: Callable[[ShardJob], Iterator[Example]]  # its format's reader of its examples (module-level: picklable)
+  root: str = ""  # folders: the class tree, and `items` (path under `root`, label)
+  items: tuple = ()  # coco, visual_genome: pair_corpora.PairItems under `root`
+  tar: str = ""  # webdataset: the input tar
+  held: tuple = ()  # webdataset: keys of the tar held out (--holdout_examples), sorted
+  only_held: bool = False  # webdataset: the holdout shard (only the `held` keys), else all but them
+  score_filter: wds.ScoreFilter = wds.ScoreFilter()  # webdataset: LAION's scores a sample must pass
+  captioned: bool = False  # webdataset, coco, visual_genome: counts its uncaptioned records, not its classes
+
+
+def read_image_files(job: ShardJob) -> Iterator[Example]:
+  """The examples of a folders job: its image files `items` (path under `root`, label or None)."""
+  for relpath, label in job.items:
+    path = os.path.join(job.root, relpath)
+    data, reason = read_image_file(path)
+    yield refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
+
+
+def image_files_job(path: str, options: ImageOptions, root: str, items: tuple) -> ShardJob:
+  """The job of the shard `path` of the image files `items` (path under `root`, label or None)."""
+  return ShardJob(path, fingerprint("folders", options, root, items), options, read_image_files, root=root,
+                  items=items)
+
+
+def fingerprint(*parts) -> str:
+  return hashlib.sha256(json.dumps(parts, default=str).encode()).hexdigest()[:24]
+
+
+# ------------------------------------------------------------------------------------------- shard writing
+
+def read_finished(job: ShardJob) -> dict | None:
+  """The counts of `job`'s shard when it is already written from the same inputs and options, else None."""
+  return finished_counts(job.path, job.fingerprint)
+
+
+def finished_counts(path: str, shard_fingerprint: str) -> dict | None:
+  """The sidecar counts of the shard `path` when it is written from the inputs and options `shard_fingerprint`
+  stands for, else None."""
+  if not os.path.exists(path):
+    return None
+  try:
+    with open(records.sidecar_path(path), encoding="utf-8") as f:
+      counts = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return counts if isinstance(counts, dict) and counts.get("fingerprint") == shard_fingerprint else None
+
+
+def write_shard(job: ShardJob) -> dict:
+  """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
+  finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
+  skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders: {label: count}) or uncaptioned
+  (webdataset: image-only records), filtered (with a score filter: {score: samples it rejected}), fingerprint}."""
+  # The shard first: without it, a stale sidecar counts for nothing.
+  for stale in (job.path, records.sidecar_path(job.path)):
+    if os.path.exists(stale):
+      os.remove(stale)
+  examples = job.read(job)
+  class_counts = collections.Counter()
+  incomplete = []
+  skipped_by = collections.Counter()
+  uncaptioned = 0
+  filtered = collections.Counter()
+  with records.RecordWriter(job.path) as writer:
+    for example in examples:
+      if example.rejected:
+        filtered[example.rejected] += 1
+        continue
+      image, reason = (None, example.refused) if example.refused else prepare_image(example.image, job.options,
+                                                                                   example.name)
+      if image is None:
+        skipped_by[reason] += 1
+        if reason == limits.NO_IMAGE:
+          incomplete.append(example.name)
+        continue
+      writer.write(records.pack_record(image, **example.fields))
+      if example.fields.get("label") is not None:
+        class_counts[example.fields["label"]] += 1
+      if job.captioned and not example.fields.get("caption"):
+        uncaptioned += 1
+    counts = {"records": writer.count, "skipped": sum(skipped_by.values()),
+              "skipped_by": ordered_reasons(skipped_by), "fingerprint": job.fingerprint}
+    if job.captioned:
+      counts["uncaptioned"] = uncaptioned
+    else:
+      counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
+    if job.score_filter:
+      counts["filtered"] = {name: filtered[name] for name in job.score_filter.names}
+    atomic.write_json(records.sidecar_path(job.path), counts)
+  if incomplete:
+    logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
+  return counts
+
+
+def ordered_reasons(counts: dict) -> dict[str, int]:
+  """The nonzero counts of `counts` ({data/limits.py reason: n}) in limits.REASONS order."""
+  return {reason: int(counts[reason]) for reason in limits.REASONS if counts.get(reason)}
+
+
+def _write_numbered(numbered_job: tuple[int, ShardJob]) -> tuple[int, dict]:
+  number, job = numbered_job
+  return number, write_shard(job)
+
+
+class Progress:
+  """An in-place stderr line: shards done/total (done, when the total is not known ahead), records, records/s
+  (of the shards written in this run)."""
+
+  def __init__(self, total: int | None, done: int, enabled: bool):
+    self.total, self.done, self.enabled = total, done, enabled
+    self.records = 0
+    self.start = time.monotonic()
+    self._show()
+
+  def add(self, counts: dict | None) -> None:
+    """One more shard done: written now (its `counts`) or before (None)."""
+    self.done += 1
+    self.records += counts["records"] if counts else 0
+    self._show()
+
+  def _show(self) -> None:
+    if self.enabled:
+      rate = self.records / max(time.monotonic() - self.start, 1e-6)
+      total = "" if self.total is None else f"/{self.total}"
+      print(f"\rshards {self.done}{total}, {self.records} records written, {rate:.0f} records/s",
+            end="", file=sys.stderr, flush=True)
+
+  def close(self) -> None:
+    if self.enabled:
+      print(file=sys.stderr, flush=True)
+
+
+def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None = None,
+             task: cluster_task.Task | None = cluster_task.Task()) -> list[dict | None]:
+  """Writes `task`'s share of the shards (`cluster_task`; None: none, only read) not yet finished, on
+  `num_workers` processes (<= 1: here); the counts of every job, read again after this task's writes, None for
+  a shard of another task not finished yet."""
+  mine = task.share(range(len(jobs))) if task is not None else []
+  results = [read_finished(job) for job in jobs]
+  pending = [(i, jobs[i]) for i in mine if results[i] is None]
+  if len(pending) < len(mine):
+    logging.info("prepare_data: %d of %d shards already written", len(mine) - len(pending), len(mine))
+  meter = Progress(len(mine), len(mine) - len(pending), sys.stderr.isatty() if progress is None else progress)
+  try:
+    if num_workers <= 1 or len(pending) <= 1:
+      _collect(map(_write_numbered, pending), results, meter)
+    else:
+      # spawn, not fork: the parent has imported JAX (via grain), which is multithreaded.
+      with multiprocessing.get_context("spawn").Pool(min(num_workers, len(pending))) as pool:
+        _collect(pool.imap_unordered(_write_numbered, pending), results, meter)
+  finally:
+    meter.close()
+  return [counts if counts is not None else read_finished(job) for job, counts in zip(jobs, results)]
+
+
+def _collect(finished, results: list, meter: Progress) -> None:
+  for number, counts in finished:
+    results[number] = counts
+    meter.add(counts)
+
+
+def write_stream(jobs: Iterable[ShardJob], num_workers: int, progress: bool | None = None) -> None:
+  """Writes the shards of a stream of jobs that are not finished yet, on `num_workers` processes (<= 1: here),
+  each handed at most QUEUED_PER_WORKER of them ahead: the stream is never held whole."""
+  meter = Progress(None, 0, sys.stderr.isatty() if progress is None else progress)
+  try:
+    if num_workers <= 1:
+      for job in jobs:
+        meter.add(write_shard(job) if read_finished(job) is None else None)
+      return
+    with multiprocessing.get_context("spawn").Pool(num_workers) as pool:  # spawn: see run_jobs
+      queued = collections.deque()
+      for job in jobs:
+        if read_finished(job) is not None:
+          meter.add(None)
+          continue
+        queued.append(pool.apply_async(write_shard, (job,)))
+        if len(queued) >= QUEUED_PER_WORKER * num_workers:
+          meter.add(queued.popleft().get())
+      while queued:
+        meter.add(queued.popleft().get())
+  finally:
+    meter.close()
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+def check_split_name(split: str, flag: str = "--split") -> None:
+  if not _SPLIT_NAME.match(split):
+    raise UserError(f"{flag}={split!r}: use letters, digits and '_' only (the shards are '<split>-*', so a '-' "
+                    f"would let one split's glob match another's)")
+
+
+def check_output(output_dir: str, kind: str, classes: list[str] | None, expected: dict[str, list[str]]) -> None:
+  """UserError when `output_dir` holds another data set: a dataset.json of another kind or classes, or shards of
+  a split we write that this conversion would not write (another shard count), which its glob would mix in."""
+  if os.path.exists(output_dir) and not os.path.isdir(output_dir):
+    raise UserError(f"--output={output_dir}: exists and is not a directory")
+  metadata = records.read_metadata(output_dir) if os.path.isdir(output_dir) else None
+  if metadata and (metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in
+                                                    (None, list(classes)))):
+    what = (f"kind {metadata.get('kind')!r}" if metadata.get("kind") != kind else
+            f"{len(metadata.get('classes'))} other classes")
+    raise UserError(f"--output={output_dir}: its {records.METADATA_FILE} describes a different data set ({what}); "
+                    f"choose another directory")
+  for split, names in expected.items():
+    refuse_foreign(output_dir, split, lambda name, names=frozenset(names): name not in names)
+
+
+def refuse_foreign(output_dir: str, split: str, is_foreign: Callable[[str], bool]) -> None:
+  """UserError when `output_dir` holds `split` shards that `is_foreign` says this conversion does not write."""
+  present = (os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir), f"{split}-*.array_record")))
+  foreign = sorted(name for name in present if is_foreign(name))
+  if foreign:
+    raise UserError(f"--output={output_dir}: holds {len(foreign)} {split!r} shards this conversion does not "
+                    f"write ({foreign[0]}, ...: another shard count?); remove them or choose another directory")
+
+
+def check_common(output_dir: str, split: str, records_per_shard: int, resize_shorter: int, num_workers: int):
+  """UserError for a missing --output, a bad --split name, or a shard size, image size or worker count out of
+  range."""
+  if not output_dir:
+    raise UserError("--output: required (the directory for the shards)")
+  check_split_name(split)
+  if records_per_shard < 1 or resize_shorter < 0 or num_workers < 0:
+    raise UserError(f"--records_per_shard={records_per_shard}, --resize_shorter={resize_shorter}, --num_workers="
+                    f"{num_workers}: the shard size must be positive, the others >= 0")
+
+
+def check_holdout(flag: str, count: int, holdout_split_name: str, split: str) -> None:
+  """UserError for a negative holdout `count` (`flag`'s) or, with one, a bad or the training split's name."""
+  if count < 0:
+    raise UserError(f"{flag}={count}: expected >= 0 (0: no holdout split)")
+  if count:
+    check_split_name(holdout_split_name, "--holdout_split")
+    if holdout_split_name == split:
+      raise UserError(f"--holdout_split={holdout_split_name!r}: must differ from --split")
+
+
+# ------------------------------------------------------------------------------------------- dataset.json
+
+def split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
+  """dataset.json's entry of one split (`shards`: its file names): records, shards, kind (labelled, pairs or
+  images), class_counts (labelled) or uncaptioned (webdataset), skipped, source."""
+  entry = {"records": sum(c["records"] for c in counts), "shards": list(shards)}
+  if counts and "uncaptioned" in counts[0]:
+    entry["uncaptioned"] = sum(c["uncaptioned"] for c in counts)
+    entry["kind"] = "images" if entry["uncaptioned"] == entry["records"] else "pairs"
+  else:
+    entry["kind"] = "labelled" if num_classes else "images"
+  if num_classes:
+    class_counts = [0] * num_classes
+    for c in counts:
+      for label, n in c["class_counts"].items():
+        class_counts[int(label)] += n
+    entry["class_counts"] = class_counts
+  skipped_by = collections.Counter()
+  for c in counts:
+    skipped_by.update(c.get("skipped_by", {}))
+  entry.update(skipped=sum(c["skipped"] for c in counts), skipped_by=ordered_reasons(skipped_by), source=source)
+  if counts and "filtered" in counts[0]:
+    entry["filtered"] = {reason: sum(c["filtered"][reason] for c in counts) for reason in counts[0]["filtered"]}
+  return entry
+
+
+def shard_names(jobs: Sequence[ShardJob]) -> list[str]:
+  """The file names of the jobs' shards."""
+  return [os.path.basename(j.path) for j in jobs]
+
+
+def unfinished(counts: Sequence[dict | None], task: cluster_task.Task | None) -> dict | None:
+  """None when every shard is finished (dataset.json can be written), else `unfinished_report`'s."""
+  missing = sum(c is None for c in counts)
+  return unfinished_report(f"{missing} of {len(counts)} shards", task) if missing else None
+
+
+def unfinished_report(what: str, task: cluster_task.Task | None) -> dict:
+  """What a task reports while other tasks still owe `what` ("2 of 6 shards"): {'unfinished': what, 'task'};
+  UserError for the final step (`task` None), which needs them all."""
+  if task is None:
+    raise UserError(f"--finalize: {what} are not written yet; run the tasks that write them (or rerun without "
+                    f"--finalize) first")
+  return {"unfinished": what, "task": str(task)}

@@ -1,0 +1,146 @@
+"""--format=webdataset: img2dataset tars into one shard each of pair records (image-only without a caption), kept
+by LAION's scores (`wds.ScoreFilter`), --holdout_examples drawn from the first tars of a shuffled order into a
+second split."""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import tarfile
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from visionfm_jax.data import limits, records, wds
+from visionfm_jax.errors import DataError, UserError
+from visionfm_jax.tools import cluster_task
+from visionfm_jax.tools.prepare_data import shards
+from visionfm_jax.tools.prepare_data.images import ImageOptions, image_options
+from visionfm_jax.tools.prepare_data.shards import Example, ShardJob, refused
+
+
+def read_tar(job: ShardJob) -> Iterator[Example]:
+  """The examples of a webdataset job: those of its tar (its held-out ones, or all but them), or DataError
+  naming the tar when it cannot be read."""
+  try:
+    with tarfile.open(job.tar) as archive:
+      yield from _archive_examples(archive, job.tar, frozenset(job.held), job.only_held, job.score_filter)
+  except tarfile.TarError as e:  # not a tar, or a truncated one
+    raise _unreadable(job.tar, e) from e
+  except OSError as e:
+    raise DataError(f"cannot read {job.tar}: {e.strerror or e}") from e
+
+
+def _unreadable(path: str, error: tarfile.TarError) -> DataError:
+  """The DataError of a file that is not a tar, or a truncated one."""
+  return DataError(f"{path}: unreadable tar file ({str(error).splitlines()[0].rstrip(':')})")
+
+
+def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset = frozenset(),
+                      only_held: bool = False, score_filter: wds.ScoreFilter = wds.ScoreFilter()
+                      ) -> Iterator[Example]:
+  samples, refused_by = wds.tar_listing(archive)
+  if not only_held:  # counted once, with the tar's main shard
+    for reason, n in refused_by.items():
+      yield from (refused(f"{tar_name} ({reason})", reason) for _ in range(n))
+  for key, members in samples.items():
+    if (key in held) != only_held:
+      continue
+    image = wds.image_member(members)
+    name = f"{tar_name}:{key}"
+    if image is None:
+      yield refused(name, limits.NO_IMAGE)
+      continue
+    caption = _read_text(archive, members["txt"]).strip() if "txt" in members else ""
+    meta = _read_text(archive, members["json"]) if "json" in members else None
+    if score_filter:
+      reason = int(score_filter.reasons(wds.scores_of(meta))[0])
+      if reason >= 0:
+        yield Example(name, None, {}, rejected=wds.SCORES[reason])
+        continue
+    yield Example(name, archive.extractfile(image).read(), {"caption": caption or None, "key": key, "meta": meta})
+
+
+def tar_keys(path: str) -> list[str]:
+  """The keys of the examples with an image in the tar `path`, in archive order (reads its headers only)."""
+  try:
+    with tarfile.open(path) as archive:
+      return [key for key, members in wds.tar_listing(archive)[0].items() if wds.image_member(members) is not None]
+  except tarfile.TarError as e:
+    raise _unreadable(path, e) from e
+
+
+def _read_text(archive: tarfile.TarFile, member: tarfile.TarInfo) -> str:
+  return archive.extractfile(member).read().decode("utf-8", errors="replace")
+
+
+def choose_holdout(tars: Sequence[str], count: int, seed: int) -> dict[str, list[str]]:
+  """{tar: its held-out keys, sorted}: `count` examples (with an image) drawn by `seed` from the first tars of a
+  `seed`-shuffled order of `tars` that hold `count` of them (only those tars are listed); UserError when all
+  of them together hold no more than `count`."""
+  rng = np.random.default_rng(seed)
+  pool, listed = [], 0
+  for index in rng.permutation(len(tars)).tolist():
+    pool += [(tars[index], key) for key in tar_keys(tars[index])]
+    listed += 1
+    if len(pool) >= count:
+      break
+  if len(pool) < count or (listed == len(tars) and len(pool) == count):  # (none left to train on)
+    raise UserError(f"--holdout_examples={count}: the tars hold only {len(pool)} examples with an image")
+  held = collections.defaultdict(list)
+  for position in sorted(rng.choice(len(pool), count, replace=False).tolist()):
+    tar, key = pool[position]
+    held[tar].append(key)
+  return {tar: sorted(keys) for tar, keys in held.items()}
+
+
+def _tar_job(output_dir: str, split: str, number: int, count: int, tar: str, options: ImageOptions,
+             held: Sequence[str] = (), only_held: bool = False,
+             score_filter: wds.ScoreFilter = wds.ScoreFilter()) -> ShardJob:
+  return ShardJob(os.path.join(output_dir, records.shard_name(split, number, count)),
+                  shards.fingerprint("webdataset", options, tar, os.path.getsize(tar),
+                                     *([held, only_held] if held else []), *([score_filter] if score_filter else [])),
+                  options, read_tar, tar=tar, held=tuple(held), only_held=only_held, score_filter=score_filter,
+                  captioned=True)
+
+
+def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
+                       verify: bool = False, num_workers: int | None = None, progress: bool | None = None,
+                       holdout_examples: int = 0, holdout_split_name: str = "validation", seed: int = 0,
+                       task: cluster_task.Task | None = cluster_task.Task(),
+                       score_filter: wds.ScoreFilter = wds.ScoreFilter()) -> dict:
+  """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir` (with
+  `holdout_examples`, also `holdout_split_name`: see `choose_holdout`), `task`'s share of them (see
+  `shards.run_jobs`), keeping the samples that pass `score_filter`; returns the written dataset.json dict, or
+  `shards.unfinished`'s report when other tasks' shards are still missing (the last task to finish writes it)."""
+  num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
+  shards.check_common(output_dir, split, 1, resize_shorter, num_workers)
+  shards.check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
+  pattern, output_dir = os.path.abspath(os.path.expanduser(pattern)), os.path.expanduser(output_dir)
+  tars = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  if not tars:
+    raise UserError(f"--input={pattern}: no files match (expected a glob of .tar shards)")
+  options = image_options(resize_shorter, verify)
+  held = choose_holdout(tars, holdout_examples, seed) if holdout_examples else {}
+  jobs = {split: [_tar_job(output_dir, split, i, len(tars), tar, options, held.get(tar, ()),
+                           score_filter=score_filter) for i, tar in enumerate(tars)]}
+  if held:
+    holdout_tars = [tar for tar in tars if tar in held]
+    jobs[holdout_split_name] = [_tar_job(output_dir, holdout_split_name, i, len(holdout_tars), tar, options,
+                                         held[tar], only_held=True, score_filter=score_filter)
+                                for i, tar in enumerate(holdout_tars)]
+  shards.check_output(output_dir, "pairs", None,
+                      {name: shards.shard_names(split_jobs) for name, split_jobs in jobs.items()})
+  all_counts = shards.run_jobs([job for split_jobs in jobs.values() for job in split_jobs], num_workers, progress,
+                               task)
+  report = shards.unfinished(all_counts, task)
+  if report:
+    return report
+  counts = iter(all_counts)
+  entries = {name: shards.split_entry(shards.shard_names(split_jobs), [next(counts) for _ in split_jobs], pattern,
+                                      None)
+             for name, split_jobs in jobs.items()}
+  if held:
+    entries[holdout_split_name]["holdout_examples"] = holdout_examples
+  return records.write_metadata(output_dir, kind="pairs", splits=entries)
