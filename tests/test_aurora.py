@@ -10,7 +10,7 @@ import pytest
 
 from conftest import random_params, tiny_aurora_config
 import test_train_step
-from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax import config_lib, models, parallel, tasks
 from visionfm_jax.bench import hlo_cost
 from visionfm_jax.data import transforms
 from visionfm_jax.errors import ConfigError
@@ -265,7 +265,7 @@ def test_model_config_knows_aurora():
 
 def test_flops_count_the_second_encoder_pass_of_the_separate_view():
   separate, shared = (tasks.build(tiny_aurora_config(**{"model.mim_view": v})) for v in ("separate", "shared"))
-  encoder = separate.model.encoder.train_flops_per_example()
+  encoder = models.train_flops_per_example(separate.model.encoder)
   assert separate.train_flops_per_example() - shared.train_flops_per_example() == pytest.approx(encoder)
   assert shared.train_flops_per_example() > encoder
 

@@ -1,7 +1,12 @@
-"""The backbone interface (models/backbone.py): ViT and SwinV2 answer FLOPs, layer ids, feature strides and
-checkpoint adaptation with the numbers the callers computed before the interface existed (recorded from that
-code), the models of towers ask their towers, and nothing outside models/ dispatches on the backbone class."""
+"""The backbone interface (models/backbone.py): the ViT and SwinV2 families answer FLOPs, layer ids and checkpoint
+adaptation, their classes feature strides, with the numbers the callers computed before the interface existed
+(recorded from that code); the models of towers ask their towers; no Linen class of models/ carries the
+families' answers; and nothing outside models/ dispatches on the backbone class."""
 
+import dataclasses
+import functools
+import importlib
+import inspect
 import pathlib
 import re
 
@@ -12,7 +17,7 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib, models
-from visionfm_jax.models import backbone, segmenter, swinv2, vit
+from visionfm_jax.models import backbone, dense_heads, segmenter, swinv2, vit
 from visionfm_jax.training import optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -36,7 +41,7 @@ RECORDED_FLOPS = [
 
 @pytest.mark.parametrize("build, flops", RECORDED_FLOPS)
 def test_flops_per_example_are_the_recorded_counts(build, flops):
-  assert build().train_flops_per_example() == flops
+  assert models.train_flops_per_example(build()) == flops
 
 
 def _shapes(module, image_size):
@@ -69,23 +74,29 @@ def test_layer_ids_are_the_recorded_ones(scan):
            (swinv2.SwinV2(embed_dim=16, depths=(2, 4), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
                           scan=scan, mask_token=True), 8, SWIN_IDS[scan], 8)]
   for model, image_size, table, num_ids in cases:
-    assert model.num_layer_ids == num_ids
-    for name in _shapes(model, image_size):
+    family = models.family_of(model)
+    assert family.num_layer_ids(model) == num_ids
+    ids, num_blocks = models.layer_ids(model, _shapes(model, image_size))
+    assert num_blocks == num_ids - 2
+    for name, layer in ids.items():
       expected = _recorded_id(table, name)
       if expected is None:  # an unrolled ViT block: blocks_i is layer i + 1
         expected = int(re.match(r"blocks_(\d)/", name).group(1)) + 1
-      np.testing.assert_array_equal(model.layer_id(name), expected, err_msg=name)
+      np.testing.assert_array_equal(layer, expected, err_msg=name)
+      np.testing.assert_array_equal(family.layer_id(model, name), expected, err_msg=name)
 
 
 def test_a_dense_model_numbers_its_backbone_and_puts_neck_and_head_last():
   backbone_vit = vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4)
   model = segmenter.Segmenter(backbone=backbone_vit, num_classes=3)
-  assert model.num_layer_ids == 5
-  assert model.layer_id("backbone/pos_embed") == 0 and model.layer_id("backbone/norm/ln/scale") == 4
-  np.testing.assert_array_equal(model.layer_id("backbone/blocks/mlp/fc1/kernel"), [1, 2, 3])
-  assert model.layer_id("neck/s4_up_0/kernel") == model.layer_id("head/classifier/kernel") == 4
-  assert model.layer_id("pos_embed") == 4  # outside the backbone
-  assert model.train_flops_per_example() is None  # no analytic count for the neck and head: no train/mfu
+  family = models.family_of(model)  # a Segmenter is a DenseModel
+  assert family is dense_heads.FAMILY and family.num_layer_ids(model) == 5
+  layer_id = functools.partial(family.layer_id, model)
+  assert layer_id("backbone/pos_embed") == 0 and layer_id("backbone/norm/ln/scale") == 4
+  np.testing.assert_array_equal(layer_id("backbone/blocks/mlp/fc1/kernel"), [1, 2, 3])
+  assert layer_id("neck/s4_up_0/kernel") == layer_id("head/classifier/kernel") == 4
+  assert layer_id("pos_embed") == 4  # outside the backbone
+  assert models.train_flops_per_example(model) is None  # no analytic count for the neck and head: no train/mfu
 
 
 def test_feature_strides_and_aurora_stride():
@@ -98,23 +109,49 @@ def test_feature_strides_and_aurora_stride():
 
 
 def test_an_image_backbone_has_every_member_the_interface_lists():
-  methods = ("feature_maps", "feature_strides", "train_flops_per_example", "layer_id", "adapt_checkpoint",
-             "description", "checkpoint_fields")
-  attributes = ("num_features", "num_layer_ids", "hf_converter")
+  methods = ("feature_maps", "feature_strides")
+  attributes = ("num_features",)
   members = {**{name: lambda self, *args: None for name in methods}, **{name: 1 for name in attributes}}
   assert isinstance(type("Complete", (), members)(), backbone.ImageBackbone)
-  for name in attributes:
+  for name in methods + attributes:
     lacking = type(f"Without_{name}", (), {k: v for k, v in members.items() if k != name})()
     assert not isinstance(lacking, backbone.ImageBackbone), name
   assert isinstance(vit.ViT(**vit.parse_variant("H/14")), backbone.ImageBackbone)
+
+
+# The family's answers (backbone.Family): what no Linen class carries.
+ANSWERS = tuple(f.name for f in dataclasses.fields(backbone.Family) if f.name not in ("module", "name", "build"))
+
+
+def test_the_backbone_families_answer_everything_and_the_registry_finds_them():
+  for family, model in ((vit.FAMILY, vit.ViT(**vit.parse_variant("H/14"))),
+                        (swinv2.FAMILY, swinv2.SwinV2(**swinv2.parse_variant("T")))):
+    assert models.family_of(model) is family and models.FAMILIES[type(model)] is family
+    assert all(getattr(family, answer) is not None for answer in ANSWERS), family.name
+    assert models.from_checkpoint_fields(models.checkpoint_fields(model)) == model
+    assert models.hf_converter(model) == f"hf_{family.name}" and models.description(model)
+  assert models.family_of(models.build(config_lib.model_config("clip"), jnp.float32).text) is None
+  assert models.layer_ids(models.build(config_lib.model_config("aurora"), jnp.float32), ["encoder/norm"]) is None
+
+
+def test_no_linen_class_of_models_carries_a_family_answer():
+  """The classes hold the math: FLOPs, layer ids, checkpoint adaptation, descriptions, checkpoint fields and
+  converters are their families' (module functions)."""
+  carrying = []
+  for path in sorted((ROOT / "visionfm_jax" / "models").glob("*.py")):
+    module = importlib.import_module(f"visionfm_jax.models.{path.stem}".removesuffix(".__init__"))
+    for name, cls in inspect.getmembers(module, inspect.isclass):
+      if issubclass(cls, nn.Module) and cls.__module__ == module.__name__:
+        carrying += [f"{name}.{answer}" for answer in ANSWERS if hasattr(cls, answer)]
+  assert not carrying
 
 
 def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
   pos = np.sin(np.arange(17 * 4, dtype=np.float32)).reshape(1, 17, 4)
   model = vit.ViT(width=4, depth=1, mlp_dim=8, num_heads=1, patch_size=4, image_size=32)
   head = np.ones((4, 5), np.float32)
-  out = model.adapt_checkpoint({"pos_embed": pos, "head/kernel": head}, {"pos_embed": (1, 65, 4),
-                                                                          "head/kernel": (4, 7)})
+  out = models.adapt_checkpoint(model, {"pos_embed": pos, "head/kernel": head}, {"pos_embed": (1, 65, 4),
+                                                                                "head/kernel": (4, 7)})
   # Recorded from training/init_from.py's resize before it moved to models/vit.py.
   assert out["pos_embed"].shape == (1, 65, 4)
   np.testing.assert_allclose(out["pos_embed"].sum(), -2.055453062057495, rtol=1e-6)
@@ -126,8 +163,8 @@ def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
   assert out["head/kernel"] is head  # not the model's to carry: init_from reports it
   clip = models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32).clone(
       image=model.clone(num_classes=0))
-  adapted = clip.adapt_checkpoint({"image/pos_embed": pos, "text/pos_embed": pos},
-                                  {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)})
+  adapted = models.adapt_checkpoint(clip, {"image/pos_embed": pos, "text/pos_embed": pos},
+                                    {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)})
   np.testing.assert_array_equal(adapted["image/pos_embed"], out["pos_embed"])
   assert adapted["text/pos_embed"] is pos
 

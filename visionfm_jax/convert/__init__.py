@@ -9,7 +9,7 @@ with a ViT image tower, see `hf_clip`).
 tower has CLIP's pre-norm -> a `save_pretrained`-style directory (config.json + model.safetensors) of the
 transformers model that computes the same outputs: ViTModel, ViTForImageClassification, Swinv2Model,
 Swinv2ForImageClassification (with a head) or CLIPModel; `from_hf` reads it back.
-A model exports when it names its converter here (`hf_converter`, models/backbone.py; `converter`).
+A model exports when its family names its converter here (`hf_converter`, models/backbone.py; `converter`).
 `stack_layers` / `unstack_layers`: unrolled `blocks_<i>` <-> scanned `blocks` param layouts.
 """
 
@@ -22,6 +22,7 @@ from typing import Any, Sequence
 
 import jax.numpy as jnp
 
+from visionfm_jax import models
 from visionfm_jax.convert import hf_clip, hf_clip_text, hf_files, hf_swinv2, hf_vit
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError, ConfigError
@@ -45,10 +46,10 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):
 
 
 def converter(model) -> ModuleType | None:
-  """The module here that writes `model` for transformers, as the model names it (`hf_converter`): its
+  """The module here that writes `model` for transformers, as its family names it (`models.hf_converter`): its
   `to_hf(model, params, labels) -> (config.json, tensors, notes)` and `hf_config(model, labels)`; None when
   the model names none."""
-  name = getattr(model, "hf_converter", None)
+  name = models.hf_converter(model)
   return importlib.import_module(f"{__name__}.{name}") if name else None
 
 

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionfm_jax import models
 from visionfm_jax.convert import hf_clip_text, hf_files
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
@@ -146,7 +147,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
 def unexportable(model) -> str | None:
   """Why transformers' CLIPModel cannot compute what `model` computes (a field to name), None when it can."""
   image, text = getattr(model, "image", None), getattr(model, "text", None)
-  if getattr(image, "hf_converter", None) != "hf_vit":  # the tower says what it is (models/backbone.py)
+  if models.hf_converter(image) != "hf_vit":  # the tower's family says what it is (models/backbone.py)
     return f"image: a {type(image).__name__} tower (CLIPModel's is a ViT)"
   wanted = dict(pre_norm=True, patch_bias=False, pool="cls", qkv_bias=True)
   for name, value in wanted.items():

@@ -1,35 +1,92 @@
-"""Model builders: the one explicit registry, `config.model.name` -> builder(model_cfg, dtype); a model's registry
-name (`name_of`); the backbone a tools.import_hf model.json describes (`from_checkpoint_fields`); and the config
-fields a model takes from the checkpoint it starts from (`fields_from_checkpoint`)."""
+"""The model registry: every family of models (models/backbone.py's `Family`) by its Linen class, and what the
+tasks, converters and tools ask of a model through it: the model of `config.model` (`build`), a model's registry
+name (`name_of`) and family (`family_of`), its training FLOPs, layer ids, checkpoint adaptation, description,
+checkpoint fields and converter (backbone.py's contract), the backbone a tools.import_hf model.json describes
+(`from_checkpoint_fields`), and the config fields a model takes from the checkpoint it starts from
+(`fields_from_checkpoint`)."""
 
 import copy
+from typing import Any
 
 import jax
+import numpy as np
 
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import aurora, clip, layers, swinv2, vit
+from visionfm_jax.models import aurora, backbone, clip, dense_heads, layers, swinv2, vit
 
-BUILDERS = {
-    "vit": vit.build,
-    "swinv2": swinv2.build,
-    "clip": clip.build,
-    "aurora": aurora.build,
-}
-CLASSES = {"vit": vit.ViT, "swinv2": swinv2.SwinV2, "clip": clip.CLIP, "aurora": aurora.Aurora}  # BUILDERS' names
+# The one registry: each family under its Linen class (subclasses, such as the dense models, share their base's).
+FAMILIES: dict[type, backbone.Family] = {family.module: family for family in (
+    vit.FAMILY, swinv2.FAMILY, clip.FAMILY, aurora.FAMILY, dense_heads.FAMILY)}
+# config.model.name -> builder(model_cfg, dtype): the families a config builds by name.
+BUILDERS = {family.name: family.build for family in FAMILIES.values() if family.name}
 
 
 def name_of(model) -> str | None:
   """`model`'s key in the registry (`config.model.name`), None for a module that is not a whole model."""
-  return next((name for name, cls in CLASSES.items() if type(model) is cls), None)
+  family = FAMILIES.get(type(model))
+  return family.name if family else None
+
+
+def family_of(model) -> backbone.Family | None:
+  """The family of `model`'s class or of its nearest registered base; None for a module outside the registry (a
+  text tower)."""
+  return next((FAMILIES[cls] for cls in type(model).__mro__ if cls in FAMILIES), None)
+
+
+def _answer(model, question: str):
+  """What `model`'s family gives for `question` (a `backbone.Family` field): its function (its converter's name);
+  None when it gives none."""
+  return getattr(family_of(model), question, None)
+
+
+def train_flops_per_example(model) -> float | None:
+  """`model`'s analytic training FLOPs per example (backbone.py); None for a model without a count."""
+  count = _answer(model, "train_flops_per_example")
+  return count(model) if count else None
+
+
+def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int] | None:
+  """({name: layer id} of the params `names` as `model` numbers them, L, its number of blocks) (backbone.py:
+  BEiT's numbering, embeddings 0, block i i + 1, final norm and heads L + 1); None for a model without layer ids
+  (one that has no backbone, or several towers of blocks: CLIP, Aurora)."""
+  family = family_of(model)
+  if family is None or family.layer_id is None:
+    return None
+  return {name: family.layer_id(model, name) for name in names}, family.num_layer_ids(model) - 2
+
+
+def adapt_checkpoint(model, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """A checkpoint's {path: array} carried to `model`'s {path: shape} where the model knows how (backbone.py);
+  what it cannot carry, and everything of a model that adapts nothing, as given."""
+  adapt = _answer(model, "adapt_checkpoint")
+  return adapt(model, params, shapes) if adapt else dict(params)
+
+
+def description(model) -> str | None:
+  """One line about `model`'s architecture; None for a family that gives none."""
+  describe = _answer(model, "description")
+  return describe(model) if describe else None
+
+
+def checkpoint_fields(model) -> dict[str, Any] | None:
+  """The fields that rebuild `model` (tools.import_hf's model.json; `from_checkpoint_fields`); None for a
+  model that does not rebuild from fields alone."""
+  fields = _answer(model, "checkpoint_fields")
+  return fields(model) if fields else None
+
+
+def hf_converter(model) -> str | None:
+  """The module under visionfm_jax.convert that writes `model` for transformers; None for a model without one."""
+  return _answer(model, "hf_converter")
 
 
 def from_checkpoint_fields(fields: dict):
   """The backbone that `fields` (its `checkpoint_fields`, e.g. a tools.import_hf model.json) describe; KeyError
   naming a missing field, or 'name' when it names no model that rebuilds from its fields alone (a ViT, a SwinV2)."""
-  model_class = CLASSES.get(fields.get("name"))
-  if not hasattr(model_class, "from_checkpoint_fields"):
+  family = next((f for f in FAMILIES.values() if f.name == fields.get("name") and f.from_checkpoint_fields), None)
+  if family is None:
     raise KeyError("name")
-  return model_class.from_checkpoint_fields(fields)
+  return family.from_checkpoint_fields(fields)
 
 
 def build(model_cfg, dtype, platform: str | None = None):

@@ -174,31 +174,6 @@ class Aurora(nn.Module):
     """Pixels per final-stage token along each side: the encoder's output stride (32 for 4 stages of patch 4)."""
     return self.encoder.output_stride
 
-  def train_flops_per_example(self) -> float:
-    """The encoder (twice with mim_view='separate': clean and masked passes), poolers, MIM head, text encoder
-    (max_len + CLS positions), decoder (self + cross attention, two MLPs), vocabulary projection; x 3.
-    Recomputation (remat, the feature pass of accumulation) is not counted, as MFU conventionally does not."""
-    encoder, text, decoder = self.encoder, self.text, self.decoder
-    encoder_flops = encoder.train_flops_per_example() * (2 if self.mim_view == "separate" else 1)
-    tokens = (encoder.image_size // self.stride) ** 2
-    final, width, memory, text_len = encoder.num_features, text.width, self.caption_queries, text.max_len
-
-    def pooler(queries):
-      return 2 * 2 * tokens * final * width + 2 * 2 * queries * width * width + 4 * queries * tokens * width
-
-    forward = (pooler(1) + pooler(memory) + 2 * tokens * final * self.stride ** 2 * 3 + 2 * width * self.embed_dim
-               + backbone.transformer_forward_flops(text_len + 1, width, text.depth, text.mlp_dim)
-               + 2 * width * text.embed_dim
-               + backbone.transformer_forward_flops(text_len, width, decoder.depth, decoder.mlp_dim)
-               + decoder.depth * (2 * text_len * width * (2 * width + 2 * decoder.mlp_dim)  # cross q/out, 2nd MLP
-                                  + 4 * memory * width * width + 4 * text_len * memory * width)
-               + 2 * text_len * width * decoder.vocab_size)
-    return encoder_flops + 3.0 * forward
-
-  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """The encoder adapts its params (backbone.py); the heads' do not depend on the resolution."""
-    return backbone.tower_adapt_checkpoint("encoder", self.encoder, params, shapes)
-
   # ------------------------------------------------------------------------------------------- image side
   def encode(self, images, mim_mask=None, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images [and (B, gh, gw) 0/1 masks] -> (B, N, 8C) final tokens."""
@@ -308,3 +283,36 @@ def build(model_cfg, dtype) -> Aurora:
                 mim_view=model_cfg.mim_view, dtype=dtype)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(Aurora)}
   return Aurora(**kwargs)
+
+
+# --------------------------------------------------------------------------- the family (backbone.py)
+
+def train_flops_per_example(model: Aurora) -> float:
+  """The encoder (twice with mim_view='separate': clean and masked passes), poolers, MIM head, text encoder
+  (max_len + CLS positions), decoder (self + cross attention, two MLPs), vocabulary projection; x 3.
+  Recomputation (remat, the feature pass of accumulation) is not counted, as MFU conventionally does not."""
+  encoder, text, decoder = model.encoder, model.text, model.decoder
+  encoder_flops = swinv2.train_flops_per_example(encoder) * (2 if model.mim_view == "separate" else 1)
+  tokens = (encoder.image_size // model.stride) ** 2
+  final, width, memory, text_len = encoder.num_features, text.width, model.caption_queries, text.max_len
+
+  def pooler(queries):
+    return 2 * 2 * tokens * final * width + 2 * 2 * queries * width * width + 4 * queries * tokens * width
+
+  forward = (pooler(1) + pooler(memory) + 2 * tokens * final * model.stride ** 2 * 3 + 2 * width * model.embed_dim
+             + backbone.transformer_forward_flops(text_len + 1, width, text.depth, text.mlp_dim)
+             + 2 * width * text.embed_dim
+             + backbone.transformer_forward_flops(text_len, width, decoder.depth, decoder.mlp_dim)
+             + decoder.depth * (2 * text_len * width * (2 * width + 2 * decoder.mlp_dim)  # cross q/out, 2nd MLP
+                                + 4 * memory * width * width + 4 * text_len * memory * width)
+             + 2 * text_len * width * decoder.vocab_size)
+  return encoder_flops + 3.0 * forward
+
+
+def adapt_checkpoint(model: Aurora, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`params` with the encoder's adapted by it (backbone.py); the heads' do not depend on the resolution."""
+  return backbone.tower_adapt_checkpoint("encoder", model.encoder, params, shapes)
+
+
+FAMILY = backbone.Family(module=Aurora, name="aurora", build=build, train_flops_per_example=train_flops_per_example,
+                         adapt_checkpoint=adapt_checkpoint)

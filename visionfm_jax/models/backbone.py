@@ -1,37 +1,47 @@
-"""The backbone interface: what the loop, the optimizer, `init_from`, the evaluators, the dense heads and the
-tools ask an image backbone (ViT, SwinV2) instead of dispatching on its class.
+"""The backbone interface: what the loop (through its task), the optimizer, `init_from`, the evaluators, the
+dense heads and the tools ask of an image backbone (ViT, SwinV2) and of the models built around one, instead of
+dispatching on their class.
 
+A backbone's Linen class holds the math (`ImageBackbone`):
   pooled features           __call__(images, train)['pooled'], (B, num_features)
   feature_maps(images, train) -> [(B, H_i, W_i, C_i)], finest first, at `feature_strides()` pixels per cell;
                             one map: a plain backbone (dense models add ViTDet's simple pyramid), several: a
                             hierarchy of un-normalised stage outputs (dense models add a norm per level)
-  train_flops_per_example() analytic training FLOPs of one image: 3 x forward matmul FLOPs (a multiply-add is
+
+Everything else is its family's (`Family`): module functions in the family's own file, gathered in one
+instance there (`vit.FAMILY`, `swinv2.FAMILY`, `clip.FAMILY`, ...), which the registry (`models.FAMILIES`)
+files under the Linen class. Callers ask `models.<question>(model)` (the loop through its task: tasks.layer_ids,
+tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `tower_family`:
+  train_flops_per_example(model)
+                            analytic training FLOPs of one image: 3 x forward matmul FLOPs (a multiply-add is
                             2), recomputation (remat) not counted
-  layer_id(path), num_layer_ids
+  layer_id(model, path), num_layer_ids(model)
                             BEiT's numbering for layer-wise lr decay: embeddings 0, block i (0-based, counted
                             across stages) i + 1, final norm and heads num_layer_ids - 1; a scanned stack is
                             one leaf with a leading depth axis, its id a vector; `path` is '/'-joined below
                             the backbone's own params
-  adapt_checkpoint(params, shapes)
+  adapt_checkpoint(model, params, shapes)
                             {path: array} of a checkpoint (another resolution) -> the same, carried to this
                             model's {path: shape} where the model knows how (ViT: pos_embed resized; SwinV2:
                             nothing depends on the resolution); what it cannot carry is
                             returned as given, for the caller to report
-  description(), checkpoint_fields(), hf_converter
+  description(model), checkpoint_fields(model), from_checkpoint_fields(fields), hf_converter
                             for import/export tools: one line about the architecture, the config fields
-                            that rebuild it (model.json), the module under visionfm_jax.convert that writes it
-                            for transformers (its `to_hf` and `hf_config`)
+                            that rebuild it (model.json) and the model they describe, the module under
+                            visionfm_jax.convert that writes it for transformers (its `to_hf` and `hf_config`)
+A family leaves out (None) what it does not answer; the registry then answers None (FLOPs, layer ids,
+description, fields, converter) or the params as given (`adapt_checkpoint`).
 
 Models that hold a backbone answer part of this by asking it (`tower_*` helpers below; `image_tower` finds
-it): the dense models (dense_heads.DenseModel) their layer ids and checkpoint adaptation; CLIP and Aurora only
-`adapt_checkpoint` (and count their own `train_flops_per_example`). They have no layer ids, so
-`config.optim.layer_decay` is not available for them (optim.layer_ids says so).
+it, `tower_family` its family): the dense models (dense_heads.DenseModel) their layer ids and checkpoint
+adaptation; CLIP and Aurora only `adapt_checkpoint` (and count their own `train_flops_per_example`). They have
+no layer ids, so `config.optim.layer_decay` is not available for them (optim.layer_ids says so).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import numpy as np
@@ -39,29 +49,32 @@ import numpy as np
 
 @runtime_checkable
 class ImageBackbone(Protocol):
-  """A ViT or SwinV2 (see the module docstring for the contract of each member)."""
-
-  hf_converter: str
+  """A ViT or SwinV2 module: the computation a backbone offers (see the module docstring)."""
 
   @property
   def num_features(self) -> int: ...
-
-  @property
-  def num_layer_ids(self) -> int: ...
 
   def feature_maps(self, images: jax.Array, train: bool = False) -> list[jax.Array]: ...
 
   def feature_strides(self) -> tuple[float, ...]: ...
 
-  def train_flops_per_example(self) -> float: ...
 
-  def layer_id(self, param_path: str) -> int | np.ndarray: ...
-
-  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]: ...
-
-  def description(self) -> str: ...
-
-  def checkpoint_fields(self) -> dict[str, Any]: ...
+@dataclasses.dataclass(frozen=True)
+class Family:
+  """What a family of models answers besides its math (the module docstring's contract): one instance per
+  family, in its own file. `name` and `build` are its `config.model.name` and builder(model_cfg, dtype) for a
+  model a config builds by name (None: its task builds it)."""
+  module: type
+  name: str | None = None
+  build: Callable[[Any, Any], Any] | None = None
+  hf_converter: str | None = None
+  train_flops_per_example: Callable[[Any], float | None] | None = None
+  num_layer_ids: Callable[[Any], int] | None = None
+  layer_id: Callable[[Any, str], int | np.ndarray] | None = None
+  adapt_checkpoint: Callable[[Any, dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None
+  description: Callable[[Any], str] | None = None
+  checkpoint_fields: Callable[[Any], dict[str, Any]] | None = None
+  from_checkpoint_fields: Callable[[dict[str, Any]], Any] | None = None
 
 
 def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:
@@ -93,6 +106,13 @@ def image_tower(model) -> tuple[ImageBackbone, str | None] | None:
   return (getattr(model, names[0]), names[0]) if len(names) == 1 else None
 
 
+def tower_family(tower) -> Family:
+  """The family of `tower`, the backbone another model holds (CLIP's image tower, Aurora's encoder, a dense
+  model's backbone), as the registry files it."""
+  from visionfm_jax import models  # pylint: disable=g-import-not-at-top  (the registry imports this module)
+  return models.family_of(tower)
+
+
 def _under(prefix: str, flat: dict[str, Any]) -> dict[str, Any]:
   start = prefix + "/"
   return {name[len(start):]: value for name, value in flat.items() if name.startswith(start)}
@@ -101,16 +121,16 @@ def _under(prefix: str, flat: dict[str, Any]) -> dict[str, Any]:
 def tower_layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
   """The layer id of a param of a model holding one backbone `tower` under `prefix`: the tower's own id for its
   params, the last id (with the heads) for the model's others."""
-  start = prefix + "/"
+  family, start = tower_family(tower), prefix + "/"
   if param_path.startswith(start):
-    return tower.layer_id(param_path[len(start):])
-  return tower.num_layer_ids - 1
+    return family.layer_id(tower, param_path[len(start):])
+  return family.num_layer_ids(tower) - 1
 
 
 def tower_adapt_checkpoint(prefix: str, tower, params: dict[str, Any],
                            shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params
   (and may rename them), the others are returned as given."""
-  adapted = tower.adapt_checkpoint(_under(prefix, params), _under(prefix, shapes))
+  adapted = tower_family(tower).adapt_checkpoint(tower, _under(prefix, params), _under(prefix, shapes))
   others = {name: value for name, value in params.items() if not name.startswith(prefix + "/")}
   return {**others, **{f"{prefix}/{name}": value for name, value in adapted.items()}}

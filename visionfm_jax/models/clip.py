@@ -66,26 +66,9 @@ class CLIP(nn.Module):
     return {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
             "logit_scale": self.logit_scale.astype(jnp.float32)}
 
-  hf_converter = "hf_clip"  # convert/hf_clip.py: a ViT-tower CLIP with CLIP's pre-norm exports as a CLIPModel
-
   @property
   def image_size(self) -> int:
     return self.image.image_size
-
-  def description(self) -> str:
-    return (f"CLIP, {self.embed_dim}-d embeddings; image: {self.image.description()}; text: width "
-            f"{self.text.width}, depth {self.text.depth}, {self.text.max_len} tokens")
-
-  def train_flops_per_example(self) -> float:
-    """The image tower's, the text tower's (all max_len positions) and both projections', x 3."""
-    text = self.text
-    text_forward = (backbone.transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
-                    + 2 * text.width * text.embed_dim)
-    return self.image.train_flops_per_example() + 3.0 * (text_forward + 2 * self.image.num_features * self.embed_dim)
-
-  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """The image tower adapts its params (backbone.py); the text tower's do not depend on the resolution."""
-    return backbone.tower_adapt_checkpoint("image", self.image, params, shapes)
 
 
 def image_tower_config(model_cfg) -> ml_collections.ConfigDict:
@@ -110,3 +93,33 @@ def build(model_cfg, dtype) -> CLIP:
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
                         remat_policy=model_cfg.remat_policy)
   return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init)
+
+
+# --------------------------------------------------------------------------- the family (backbone.py)
+
+def train_flops_per_example(model: CLIP) -> float:
+  """The image tower's, the text tower's (all max_len positions) and both projections', x 3."""
+  image, text = model.image, model.text
+  text_forward = (backbone.transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
+                  + 2 * text.width * text.embed_dim)
+  image_flops = backbone.tower_family(image).train_flops_per_example(image)
+  return image_flops + 3.0 * (text_forward + 2 * image.num_features * model.embed_dim)
+
+
+def adapt_checkpoint(model: CLIP, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`params` with the image tower's adapted by it (backbone.py); the text tower's do not depend on the
+  resolution."""
+  return backbone.tower_adapt_checkpoint("image", model.image, params, shapes)
+
+
+def description(model: CLIP) -> str:
+  """One line naming the embedding width and both towers."""
+  image, text = model.image, model.text
+  return (f"CLIP, {model.embed_dim}-d embeddings; image: {backbone.tower_family(image).description(image)}; "
+          f"text: width {text.width}, depth {text.depth}, {text.max_len} tokens")
+
+
+# convert/hf_clip.py: a ViT-tower CLIP with CLIP's pre-norm exports as a CLIPModel.
+FAMILY = backbone.Family(module=CLIP, name="clip", build=build, hf_converter="hf_clip",
+                         train_flops_per_example=train_flops_per_example, adapt_checkpoint=adapt_checkpoint,
+                         description=description)

@@ -112,24 +112,31 @@ def backbone_maps(backbone: nn.Module, images: jax.Array, train: bool) -> tuple[
 
 class DenseModel(nn.Module):
   """Base of the dense models (segmenter.py, detector.py): an image backbone under `backbone` (params named as
-  in pretraining) plus a neck and a head. Layer ids and checkpoint adaptation are the backbone's; the neck and
-  head take the last layer id."""
+  in pretraining) plus a neck and a head. Their family (`FAMILY`) answers layer ids and checkpoint adaptation
+  through the backbone; the neck and head take the last layer id."""
   backbone: nn.Module  # a backbone.ImageBackbone with num_classes=0
 
-  @property
-  def num_layer_ids(self) -> int:
-    return self.backbone.num_layer_ids
 
-  def layer_id(self, param_path: str):
-    return backbone_lib.tower_layer_id("backbone", self.backbone, param_path)
+def num_layer_ids(model: DenseModel) -> int:
+  """The backbone's: the neck and head share its last id."""
+  return backbone_lib.tower_family(model.backbone).num_layer_ids(model.backbone)
 
-  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    return backbone_lib.tower_adapt_checkpoint("backbone", self.backbone, params, shapes)
 
-  def train_flops_per_example(self) -> None:
-    """None: the backbone's count would leave out the neck and head, a large share of the FLOPs (UPerNet's
-    convolutions: about a third for ViT-H at 512 px) that no analytic counter covers; no `train/mfu` is logged."""
-    return None
+def layer_id(model: DenseModel, param_path: str) -> int | np.ndarray:
+  """The backbone's id of a param under 'backbone', the last id for the neck's and head's."""
+  return backbone_lib.tower_layer_id("backbone", model.backbone, param_path)
+
+
+def adapt_checkpoint(model: DenseModel, params: dict[str, Any],
+                     shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`params` with the backbone's adapted by it; the neck's and head's as given."""
+  return backbone_lib.tower_adapt_checkpoint("backbone", model.backbone, params, shapes)
+
+
+# No FLOP count: the backbone's would leave out the neck and head, a large share of the FLOPs (UPerNet's
+# convolutions: about a third for ViT-H at 512 px) that no analytic counter covers; no `train/mfu` is logged.
+FAMILY = backbone_lib.Family(module=DenseModel, num_layer_ids=num_layer_ids, layer_id=layer_id,
+                             adapt_checkpoint=adapt_checkpoint)
 
 
 class ConvNorm(nn.Module):

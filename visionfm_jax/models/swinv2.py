@@ -21,9 +21,10 @@ MLP over normalised offsets), so a model trained at 224 px / window 14 loads int
 (14, 14, 14, 7)) so that offsets are normalised as in training. Left at () in the config, a fine-tuning run
 takes them from the checkpoint's model fields (`windows_from_checkpoint`, applied by training/init_from.py).
 
-As a backbone (models/backbone.py): feature maps are the stages' outputs at strides patch * 2**s; layer ids
-patch embedding / patch norm / mask token 0, block i (counted across stages) i + 1, a patch merging the id of
-the block before it, the rest sum(depths) + 1; checkpoints of another resolution load unchanged.
+As a backbone (models/backbone.py): feature maps are the stages' outputs at strides patch * 2**s. The class
+holds the math; its family (`FAMILY`, the module functions at the end) numbers the layers patch embedding /
+patch norm / mask token 0, block i (counted across stages) i + 1, a patch merging the id of the block before
+it, the rest sum(depths) + 1, and loads checkpoints of another resolution unchanged.
 
 The shift mask adds -100 once, as the official code and REFERENCE.md specify. transformers'
 `Swinv2SelfAttention` adds its mask twice (-200): the outputs differ only when a masked pair would score
@@ -461,9 +462,7 @@ class SwinV2(nn.Module):
       out["stages"] = stages
     return out
 
-  # ------------------------------------------------------------------- the backbone interface (backbone.py)
-  hf_converter = "hf_swinv2"
-
+  # ------------------------------------------------------------- the backbone's computation (backbone.py)
   @property
   def num_features(self) -> int:
     return self.embed_dim * 2 ** (len(self.depths) - 1)
@@ -479,74 +478,6 @@ class SwinV2(nn.Module):
 
   def feature_strides(self) -> tuple[float, ...]:
     return tuple(float(self.patch_size * 2 ** s) for s in range(len(self.depths)))
-
-  def train_flops_per_example(self) -> float:
-    """3 x (patch embedding + window attention blocks + merging + head). Per block on n tokens of width C in
-    windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2, scores and mixing 4nNC.
-    Padding to whole windows counts as the model computes it."""
-    stages = stage_windows(self.image_size, self.window_size, len(self.depths), self.patch_size)
-    width = self.embed_dim
-    forward = 2.0 * (self.image_size // self.patch_size) ** 2 * self.patch_size ** 2 * 3 * width
-    for s, ((feature, window, _), depth) in enumerate(zip(stages, self.depths)):
-      padded = -(-feature // window) * window
-      tokens = padded * padded
-      per_block = (8 + 4 * self.mlp_ratio) * tokens * width * width + 4 * tokens * window * window * width
-      forward += depth * per_block
-      if s < len(self.depths) - 1:
-        half = -(-feature // 2)
-        forward += 2 * half * half * (4 * width) * (2 * width)
-        width *= 2
-    forward += 2 * width * self.num_classes
-    return 3.0 * forward
-
-  @property
-  def num_layer_ids(self) -> int:
-    return sum(self.depths) + 2
-
-  def layer_id(self, param_path: str) -> int | np.ndarray:
-    parts = param_path.split("/")
-    if parts[0] in EMBEDDING_PARAMS:
-      return 0
-    stage = parts[0][len("stage_"):] if parts[0].startswith("stage_") else ""
-    if not stage.isdigit() or len(parts) < 2:
-      return self.num_layer_ids - 1
-    s = int(stage)
-    first = sum(self.depths[:s]) + 1
-    if parts[1] == "blocks" and len(parts) > 2 and parts[2] in PAIR:  # scanned pairs: blocks 2j, 2j + 1
-      return first + PAIR.index(parts[2]) + 2 * np.arange(self.depths[s] // 2)
-    block = backbone.block_layer_ids(parts[1], first, self.depths[s])
-    # A patch merging takes the id of its stage's last block, as the official SimMIM/Swin fine-tuning code.
-    return first + self.depths[s] - 1 if block is None else block
-
-  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """As they are: no param depends on the image or window size (see `windows_from_checkpoint`)."""
-    del shapes
-    return dict(params)
-
-  def description(self) -> str:
-    return (f"SwinV2 embed_dim {self.embed_dim}, depths {tuple(self.depths)}, heads {tuple(self.num_heads)}, "
-            f"window {self.window_size}, patch {self.patch_size}, {self.image_size} px, "
-            f"{self.num_classes or 'no'} classes")
-
-  def checkpoint_fields(self) -> dict[str, Any]:
-    """What rebuilds this SwinV2's params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
-    dims = (self.embed_dim, tuple(self.depths), tuple(self.num_heads))
-    names = [size for size, sizes in SIZES.items() if sizes == dims]
-    return dict(name="swinv2", variant=names[0] if names else None, embed_dim=self.embed_dim,
-                depths=list(self.depths), heads=list(self.num_heads), window_size=self.window_size,
-                pretrained_window_sizes=list(self.pretrained_window_sizes or ()), mlp_ratio=self.mlp_ratio,
-                patch=self.patch_size, image_size=self.image_size, num_classes=self.num_classes,
-                layer_norm_eps=self.layer_norm_eps, scan=self.scan)
-
-  @classmethod
-  def from_checkpoint_fields(cls, fields: dict[str, Any]) -> "SwinV2":
-    """The SwinV2 that `checkpoint_fields` describes (KeyError naming a missing field)."""
-    window = fields["window_size"]
-    return cls(embed_dim=fields["embed_dim"], depths=tuple(fields["depths"]), num_heads=tuple(fields["heads"]),
-               window_size=tuple(window) if isinstance(window, list) else window,
-               pretrained_window_sizes=tuple(fields["pretrained_window_sizes"]) or None,
-               mlp_ratio=fields["mlp_ratio"], patch_size=fields["patch"], image_size=fields["image_size"],
-               num_classes=fields["num_classes"] or 0, layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"])
 
 
 class SwinStage(nn.Module):
@@ -592,3 +523,88 @@ def build(model_cfg, dtype) -> SwinV2:
   model = SwinV2(**kwargs)
   model.stage_settings()  # config errors at build time, not at the first trace
   return model
+
+
+# --------------------------------------------------------------------------- the family (backbone.py)
+
+def train_flops_per_example(model: SwinV2) -> float:
+  """3 x (patch embedding + window attention blocks + merging + head). Per block on n tokens of width C in
+  windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2, scores and mixing 4nNC.
+  Padding to whole windows counts as the model computes it."""
+  stages = stage_windows(model.image_size, model.window_size, len(model.depths), model.patch_size)
+  width = model.embed_dim
+  forward = 2.0 * (model.image_size // model.patch_size) ** 2 * model.patch_size ** 2 * 3 * width
+  for s, ((feature, window, _), depth) in enumerate(zip(stages, model.depths)):
+    padded = -(-feature // window) * window
+    tokens = padded * padded
+    per_block = (8 + 4 * model.mlp_ratio) * tokens * width * width + 4 * tokens * window * window * width
+    forward += depth * per_block
+    if s < len(model.depths) - 1:
+      half = -(-feature // 2)
+      forward += 2 * half * half * (4 * width) * (2 * width)
+      width *= 2
+  forward += 2 * width * model.num_classes
+  return 3.0 * forward
+
+
+def num_layer_ids(model: SwinV2) -> int:
+  """sum(depths) + 2: the embeddings, the blocks of every stage, then the final norm and the head."""
+  return sum(model.depths) + 2
+
+
+def layer_id(model: SwinV2, param_path: str) -> int | np.ndarray:
+  """The layer id of the param at `param_path` (the module docstring's numbering)."""
+  parts = param_path.split("/")
+  if parts[0] in EMBEDDING_PARAMS:
+    return 0
+  stage = parts[0][len("stage_"):] if parts[0].startswith("stage_") else ""
+  if not stage.isdigit() or len(parts) < 2:
+    return num_layer_ids(model) - 1
+  s = int(stage)
+  first = sum(model.depths[:s]) + 1
+  if parts[1] == "blocks" and len(parts) > 2 and parts[2] in PAIR:  # scanned pairs: blocks 2j, 2j + 1
+    return first + PAIR.index(parts[2]) + 2 * np.arange(model.depths[s] // 2)
+  block = backbone.block_layer_ids(parts[1], first, model.depths[s])
+  # A patch merging takes the id of its stage's last block, as the official SimMIM/Swin fine-tuning code.
+  return first + model.depths[s] - 1 if block is None else block
+
+
+def adapt_checkpoint(model: SwinV2, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`params` as they are: no param depends on the image or window size (see `windows_from_checkpoint`)."""
+  del model, shapes
+  return dict(params)
+
+
+def description(model: SwinV2) -> str:
+  """One line naming `model`'s stages, window, patch, resolution and classes."""
+  return (f"SwinV2 embed_dim {model.embed_dim}, depths {tuple(model.depths)}, heads {tuple(model.num_heads)}, "
+          f"window {model.window_size}, patch {model.patch_size}, {model.image_size} px, "
+          f"{model.num_classes or 'no'} classes")
+
+
+def checkpoint_fields(model: SwinV2) -> dict[str, Any]:
+  """What rebuilds `model`'s params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
+  dims = (model.embed_dim, tuple(model.depths), tuple(model.num_heads))
+  names = [size for size, sizes in SIZES.items() if sizes == dims]
+  return dict(name="swinv2", variant=names[0] if names else None, embed_dim=model.embed_dim,
+              depths=list(model.depths), heads=list(model.num_heads), window_size=model.window_size,
+              pretrained_window_sizes=list(model.pretrained_window_sizes or ()), mlp_ratio=model.mlp_ratio,
+              patch=model.patch_size, image_size=model.image_size, num_classes=model.num_classes,
+              layer_norm_eps=model.layer_norm_eps, scan=model.scan)
+
+
+def from_checkpoint_fields(fields: dict[str, Any]) -> SwinV2:
+  """The SwinV2 that `checkpoint_fields` describes (KeyError naming a missing field)."""
+  window = fields["window_size"]
+  return SwinV2(embed_dim=fields["embed_dim"], depths=tuple(fields["depths"]), num_heads=tuple(fields["heads"]),
+                window_size=tuple(window) if isinstance(window, list) else window,
+                pretrained_window_sizes=tuple(fields["pretrained_window_sizes"]) or None,
+                mlp_ratio=fields["mlp_ratio"], patch_size=fields["patch"], image_size=fields["image_size"],
+                num_classes=fields["num_classes"] or 0, layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"])
+
+
+FAMILY = backbone.Family(
+    module=SwinV2, name="swinv2", build=build, hf_converter="hf_swinv2",
+    train_flops_per_example=train_flops_per_example, num_layer_ids=num_layer_ids, layer_id=layer_id,
+    adapt_checkpoint=adapt_checkpoint, description=description, checkpoint_fields=checkpoint_fields,
+    from_checkpoint_fields=from_checkpoint_fields)

@@ -6,9 +6,10 @@ is this ViT with `pre_norm` (a LayerNorm on the embedded tokens before the block
 OpenAI's checkpoints, `act='quick_gelu'`; its post-LayerNorm on the class token is our final norm. `__call__` returns a dict with
 `tokens` (after the final norm), `pooled` and, with a head, `logits`.
 
-As a backbone (models/backbone.py): one feature map, the patch tokens at stride `patch_size`; layer ids
-patch embedding / class token / position embedding 0, block i i + 1, the rest depth + 1; a checkpoint of
-another resolution has its position embedding resized (`resize_pos_embed`).
+As a backbone (models/backbone.py): one feature map, the patch tokens at stride `patch_size`. The class holds
+the math; its family (`FAMILY`, the module functions at the end) numbers the layers patch embedding / class token /
+position embedding 0, block i i + 1, the rest depth + 1, and resizes the position embedding of a checkpoint of
+another resolution (`resize_pos_embed`).
 """
 
 from __future__ import annotations
@@ -157,9 +158,7 @@ class ViT(nn.Module):
       out["logits"] = layers.classifier_head(pooled, self.num_classes, self.head_bias_init)
     return out
 
-  # ------------------------------------------------------------------- the backbone interface (backbone.py)
-  hf_converter = "hf_vit"
-
+  # ------------------------------------------------------------- the backbone's computation (backbone.py)
   @property
   def num_features(self) -> int:
     return self.width
@@ -172,63 +171,6 @@ class ViT(nn.Module):
 
   def feature_strides(self) -> tuple[float, ...]:
     return (float(self.patch_size),)
-
-  def train_flops_per_example(self) -> float:
-    """3 x (patch embedding + the encoder on patches + class token + the head)."""
-    patches = (self.image_size // self.patch_size) ** 2
-    forward = (2 * patches * self.patch_size ** 2 * 3 * self.width
-               + backbone.transformer_forward_flops(patches + NUM_PREFIX_TOKENS, self.width, self.depth, self.mlp_dim)
-               + 2 * self.width * self.num_classes)
-    return 3.0 * forward
-
-  @property
-  def num_layer_ids(self) -> int:
-    return self.depth + 2
-
-  def layer_id(self, param_path: str) -> int | np.ndarray:
-    top = param_path.split("/")[0]
-    if top in EMBEDDING_PARAMS:
-      return 0
-    block = backbone.block_layer_ids(top, 1, self.depth)
-    return self.num_layer_ids - 1 if block is None else block
-
-  def adapt_checkpoint(self, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-    """A (1, 1 + g*g, width) `pos_embed` of another grid is resized bicubically to this model's grid."""
-    out = dict(params)
-    pos, target = params.get("pos_embed"), shapes.get("pos_embed")
-    if pos is None or target is None or np.shape(pos) == tuple(target):
-      return out
-    if len(target) == np.ndim(pos) == 3 and np.shape(pos)[::2] == tuple(target)[::2] == (1, self.width):
-      try:
-        out["pos_embed"] = resize_pos_embed(np.asarray(pos), target[1])
-      except ValueError:
-        pass
-    return out
-
-  def description(self) -> str:
-    return (f"ViT width {self.width}, depth {self.depth}, MLP {self.mlp_dim}, {self.num_heads} heads, "
-            f"patch {self.patch_size}, {self.image_size} px, {self.num_classes or 'no'} classes")
-
-  def size_name(self) -> str:
-    """The key of SIZES with this ViT's dims, else they spelled out ('32x2x64x2', `parse_variant`)."""
-    dims = (self.width, self.depth, self.mlp_dim, self.num_heads)
-    return next((size for size, named in SIZES.items() if named == dims), layers.size_spec(*dims))
-
-  def checkpoint_fields(self) -> dict[str, Any]:
-    """What rebuilds this ViT's params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
-    return dict(name="vit", variant=f"{self.size_name()}/{self.patch_size}", width=self.width,
-                depth=self.depth, mlp_dim=self.mlp_dim, heads=self.num_heads, qkv_bias=self.qkv_bias, pool=self.pool,
-                pre_norm=self.pre_norm, patch_bias=self.patch_bias, act=self.act, patch=self.patch_size,
-                image_size=self.image_size, num_classes=self.num_classes, layer_norm_eps=self.layer_norm_eps,
-                scan=self.scan)
-
-  @classmethod
-  def from_checkpoint_fields(cls, fields: dict[str, Any]) -> "ViT":
-    """The ViT that `checkpoint_fields` describes (KeyError naming a missing field)."""
-    return cls(width=fields["width"], depth=fields["depth"], mlp_dim=fields["mlp_dim"], num_heads=fields["heads"],
-               patch_size=fields["patch"], image_size=fields["image_size"], num_classes=fields["num_classes"] or 0,
-               layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"], qkv_bias=fields["qkv_bias"],
-               pool=fields["pool"], **{k: fields[k] for k in ("pre_norm", "patch_bias", "act") if k in fields})
 
 
 def build(model_cfg, dtype) -> ViT:
@@ -243,3 +185,78 @@ def build(model_cfg, dtype) -> ViT:
   assert set(kwargs) <= fields
   layers.check_attention(model_cfg.attention)
   return ViT(**kwargs)
+
+
+# --------------------------------------------------------------------------- the family (backbone.py)
+
+def train_flops_per_example(model: ViT) -> float:
+  """3 x (patch embedding + the encoder on patches + class token + the head)."""
+  patches = (model.image_size // model.patch_size) ** 2
+  forward = (2 * patches * model.patch_size ** 2 * 3 * model.width
+             + backbone.transformer_forward_flops(patches + NUM_PREFIX_TOKENS, model.width, model.depth,
+                                                  model.mlp_dim)
+             + 2 * model.width * model.num_classes)
+  return 3.0 * forward
+
+
+def num_layer_ids(model: ViT) -> int:
+  """depth + 2: the embeddings, the blocks, then the final norm and the head."""
+  return model.depth + 2
+
+
+def layer_id(model: ViT, param_path: str) -> int | np.ndarray:
+  """The layer id of the param at `param_path` (the module docstring's numbering)."""
+  top = param_path.split("/")[0]
+  if top in EMBEDDING_PARAMS:
+    return 0
+  block = backbone.block_layer_ids(top, 1, model.depth)
+  return num_layer_ids(model) - 1 if block is None else block
+
+
+def adapt_checkpoint(model: ViT, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+  """`params` with a (1, 1 + g*g, width) `pos_embed` of another grid resized bicubically to `model`'s grid."""
+  out = dict(params)
+  pos, target = params.get("pos_embed"), shapes.get("pos_embed")
+  if pos is None or target is None or np.shape(pos) == tuple(target):
+    return out
+  if len(target) == np.ndim(pos) == 3 and np.shape(pos)[::2] == tuple(target)[::2] == (1, model.width):
+    try:
+      out["pos_embed"] = resize_pos_embed(np.asarray(pos), target[1])
+    except ValueError:
+      pass
+  return out
+
+
+def description(model: ViT) -> str:
+  """One line naming `model`'s dims, patch, resolution and classes."""
+  return (f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
+          f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes")
+
+
+def size_name(model: ViT) -> str:
+  """The key of SIZES with `model`'s dims, else they spelled out ('32x2x64x2', `parse_variant`)."""
+  dims = (model.width, model.depth, model.mlp_dim, model.num_heads)
+  return next((size for size, named in SIZES.items() if named == dims), layers.size_spec(*dims))
+
+
+def checkpoint_fields(model: ViT) -> dict[str, Any]:
+  """What rebuilds `model`'s params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
+  return dict(name="vit", variant=f"{size_name(model)}/{model.patch_size}", width=model.width,
+              depth=model.depth, mlp_dim=model.mlp_dim, heads=model.num_heads, qkv_bias=model.qkv_bias,
+              pool=model.pool, pre_norm=model.pre_norm, patch_bias=model.patch_bias, act=model.act,
+              patch=model.patch_size, image_size=model.image_size, num_classes=model.num_classes,
+              layer_norm_eps=model.layer_norm_eps, scan=model.scan)
+
+
+def from_checkpoint_fields(fields: dict[str, Any]) -> ViT:
+  """The ViT that `checkpoint_fields` describes (KeyError naming a missing field)."""
+  return ViT(width=fields["width"], depth=fields["depth"], mlp_dim=fields["mlp_dim"], num_heads=fields["heads"],
+             patch_size=fields["patch"], image_size=fields["image_size"], num_classes=fields["num_classes"] or 0,
+             layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"], qkv_bias=fields["qkv_bias"],
+             pool=fields["pool"], **{k: fields[k] for k in ("pre_norm", "patch_bias", "act") if k in fields})
+
+
+FAMILY = backbone.Family(
+    module=ViT, name="vit", build=build, hf_converter="hf_vit", train_flops_per_example=train_flops_per_example,
+    num_layer_ids=num_layer_ids, layer_id=layer_id, adapt_checkpoint=adapt_checkpoint, description=description,
+    checkpoint_fields=checkpoint_fields, from_checkpoint_fields=from_checkpoint_fields)

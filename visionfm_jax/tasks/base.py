@@ -171,9 +171,8 @@ class Task(abc.ABC):
                         f"{len(names)} {what}; set --{field}={len(names)}")
 
   def train_flops_per_example(self) -> float | None:
-    """The model's analytic count (models/backbone.py); None for a model without one."""
-    count = getattr(self.model, "train_flops_per_example", None)
-    return count() if count else None
+    """The model's analytic count (`models.train_flops_per_example`); None for a model without one."""
+    return models.train_flops_per_example(self.model)
 
   def synthetic_batch(self, batch_size: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Random data in the layout of `train_loader`'s batches: here uint8 images and the device augmentation's

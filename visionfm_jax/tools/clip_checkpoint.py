@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax import config_lib, convert, tasks
+from visionfm_jax import config_lib, convert, models, tasks
 from visionfm_jax.convert import hf_clip, hf_files
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.training import checkpoint
@@ -51,7 +51,7 @@ def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
   image, text = model.image, model.text
   norm = hf_files.read_normalisation(src)
   return {"model.image_size": image.image_size, "model.embed_dim": model.embed_dim, "model.scan": image.scan,
-          "model.image.variant": f"{image.size_name()}/{image.patch_size}", "model.image.pool": image.pool,
+          "model.image.variant": models.checkpoint_fields(image)["variant"], "model.image.pool": image.pool,
           "model.image.layer_norm_eps": image.layer_norm_eps, "model.image.qkv_bias": image.qkv_bias,
           "model.image.pre_norm": image.pre_norm, "model.image.patch_bias": image.patch_bias,
           "model.image.act": image.act,

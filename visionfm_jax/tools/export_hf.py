@@ -206,7 +206,7 @@ def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("checkpoint", "out"))
   arch, source = export(fv.checkpoint, fv.out, fv.step, fv.ema)
   auto = "AutoModelForImageClassification" if arch.endswith("ForImageClassification") else "AutoModel"
-  print(f"wrote {fv.out}: {arch} ({source.model.description()}) from {source.origin}")
+  print(f"wrote {fv.out}: {arch} ({models.description(source.model)}) from {source.origin}")
   print(f"load it with transformers.{auto}.from_pretrained({fv.out!r})")
   for note in source.notes:
     print(f"note: {note}")

@@ -40,8 +40,8 @@ def make_flags() -> flags.FlagValues:
 def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
   """What a config needs to build `model` (its `checkpoint_fields`, models/backbone.py), plus the HF image
   normalisation when the directory has it."""
-  meta = model.checkpoint_fields()
-  meta.update(description=model.description(), source=os.path.abspath(src))
+  meta = models.checkpoint_fields(model)
+  meta.update(description=models.description(model), source=os.path.abspath(src))
   meta.update(hf_files.read_normalisation(src))
   return meta
 
@@ -89,7 +89,8 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
 def clip_metadata(model, src: str, out: str) -> dict[str, Any]:
   """model.json of an imported CLIP: the config fields that build and feed it (tools/clip_checkpoint.py)."""
   tokenizer = os.path.join(out, clip_checkpoint.TOKENIZER)
-  return dict(name="clip", description=model.description(), source=os.path.abspath(src), config=clip_checkpoint.clip_fields(model, tokenizer, src))
+  return dict(name="clip", description=models.description(model), source=os.path.abspath(src),
+              config=clip_checkpoint.clip_fields(model, tokenizer, src))
 
 
 def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:

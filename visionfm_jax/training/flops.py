@@ -1,8 +1,8 @@
 """Device peaks, for `train/mfu` = examples/s x FLOPs per example / (peak x devices).
 
-The FLOPs per example are the model's own analytic count (`model.train_flops_per_example()`, models/backbone.py,
-asked through the task): 3 x forward (the backward pass costs two forwards), one multiply-add counts 2 FLOPs,
-recomputation from remat not counted (MFU, not hardware utilisation).
+The FLOPs per example are the model's own analytic count (its family's `train_flops_per_example`,
+models/backbone.py, asked through the task): 3 x forward (the backward pass costs two forwards), one multiply-add
+counts 2 FLOPs, recomputation from remat not counted (MFU, not hardware utilisation).
 """
 
 from __future__ import annotations

@@ -56,7 +56,7 @@ def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dic
 def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, subtree: str = "",
           prefix: str = "", skip: str | Sequence[str] = (), origin: str = "the checkpoint") -> dict[str, Any]:
   """Maps the checkpoint's flat params ({path: array}) onto the model's ({path: shape}): `place`, drop the
-  pretraining-only params the model lacks, let `model.adapt_checkpoint` carry params of another resolution;
+  pretraining-only params the model lacks, let the model carry params of another resolution (`adapt_checkpoint`);
   ConfigError for other mismatches (`origin` names the checkpoint in it). Params matching a `skip` regex
   (`param_rules`) are left as they are."""
   placed = place(source, subtree=subtree, prefix=prefix)
@@ -69,8 +69,7 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
   if dropped:
     logging.info("init_from: dropping the checkpoint's pretraining-only params %s", dropped)
   out = {n: v for n, v in placed.items() if n not in dropped}
-  if hasattr(model, "adapt_checkpoint"):
-    out = _adapted(model, out, target)
+  out = _adapted(model, out, target)
   fresh = ParamRules.of_patterns(skip, field="config.init_from_skip")
   differ = {n: v for n, v in out.items()
             if n in target and tuple(np.shape(v)) != tuple(target[n]) and not fresh.matches(n)}
@@ -83,8 +82,9 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
 
 
 def _adapted(model, params: dict[str, Any], target: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`model.adapt_checkpoint` over all of `params`, logging what it resized."""
-  adapted = model.adapt_checkpoint(params, {n: tuple(s) for n, s in target.items()})
+  """`params` carried to `target` where the model knows how (`tasks.adapt_checkpoint`, models/backbone.py),
+  logging what it resized."""
+  adapted = tasks.adapt_checkpoint(model, params, {n: tuple(s) for n, s in target.items()})
   for name, value in adapted.items():
     if name in params and np.shape(value) != np.shape(params[name]):
       logging.info("init_from: %s resized %s -> %s", name, tuple(np.shape(params[name])), tuple(np.shape(value)))

@@ -26,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from visionfm_jax import tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
 
@@ -90,10 +91,11 @@ def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
   """{name: layer id} of the params `names` as the model numbers them (models/backbone.py: BEiT's numbering,
   embeddings 0, block i i + 1, final norm and heads L + 1) and L, the number of blocks. ConfigError for a model
   without layer ids (one that has no backbone, or several towers of blocks: CLIP, Aurora)."""
-  if not callable(getattr(model, "layer_id", None)):
+  numbered = tasks.layer_ids(model, names)
+  if numbered is None:
     raise ConfigError(f"config.optim.layer_decay needs a model with one ViT or SwinV2 backbone; a "
                       f"{type(model).__name__} has no layer ids")
-  return {name: model.layer_id(name) for name in names}, model.num_layer_ids - 2
+  return numbered
 
 
 # ------------------------------------------------------------------------------------ rules per param
