@@ -102,9 +102,11 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   panel = np.asarray(Image.open(tmp_path / "high" / "panels" / "step_1.png"))
   assert panel.shape[0] >= (1 + image_text.PANEL_CAPTIONS) * panels.TILE
   assert panel.shape[1] >= image_text.PANEL_IMAGES * panels.TILE
-  # The image tower normalises its position bias by the windows of the run it starts from, read from its config.
-  written = json.loads((tmp_path / "high" / "config.json").read_text())
-  assert written["model"]["image"]["pretrained_window_sizes"] == [4, 4]
+  # The image tower normalises its position bias by the windows of the run it starts from, read from its config:
+  # the run plan holds them; config.json is the config as given.
+  derived = json.loads((tmp_path / "high" / "plan.json").read_text())["derived"]
+  assert derived == {"model.image.pretrained_window_sizes": [4, 4]}
+  assert json.loads((tmp_path / "high" / "config.json").read_text())["model"]["image"]["pretrained_window_sizes"] == []
   # At lr 0 (the first warmup step) the new run's params are the old run's, all of them.
   abstract = jax.eval_shape(lambda: nn.unbox(tasks.build(high).init_variables(jax.random.key(0))["params"]))
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
