@@ -25,7 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, parallel, tasks
 
-from visionfm_jax.training import checkpoint, compile_cache, console, ema, faults, flops, health, init_from, metrics
+from visionfm_jax.training import checkpoint, compile_cache, console, ema, faults, flops, guards, health, init_from
+from visionfm_jax.training import metrics
 from visionfm_jax.training import checks, optim, plan as plan_lib, precision, prefetch, resume
 from visionfm_jax.training import workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
@@ -199,7 +200,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   base_rng = jax.random.key(config.seed)
   lr_schedule = optim.schedule(config.optim, config.total_steps, anchor)
   zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
-  ema_decay = config.optim.ema_decay
+  apply_guards = guards.guarded(config)
 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
@@ -214,30 +215,15 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.global_norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = task.post_update(optax.apply_updates(state.params, updates))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
+    proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
+                             opt_state=opt_state)
+    new_state, guard_metrics = apply_guards(state, proposed, guards.Signals(loss, grad_norm, grads))
     # The schedule advances with the optimizer's own count, which a skipped step (an fp16 overflow, a spike)
     # leaves where it was.
     applied_steps = (state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
                      - (state.health.skipped if state.health is not None else 0))
-    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux}
-
-    apply = jnp.asarray(True)  # False: the update is not applied (params and optimizer state stay)
-    if state.loss_scale is not None:
-      apply = precision.all_finite(grads)
-      new_state = new_state.replace(loss_scale=state.loss_scale.update(apply))
-      out["train/loss_scale"] = state.loss_scale.scale
-      out["train/skipped_steps"] = new_state.loss_scale.skipped
-      out["train/skips_at_min_scale"] = new_state.loss_scale.skips_at_min
-    if state.health is not None:
-      new_state, apply, health_metrics = health.guard_step(state, new_state, loss, grad_norm, apply)
-      out.update(health_metrics)
-    if state.loss_scale is not None or state.health is not None:
-      keep_old = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
-      new_state = new_state.replace(params=keep_old(params, state.params),
-                                    opt_state=keep_old(opt_state, state.opt_state))
-    if state.ema_params is not None:
-      new_state = new_state.replace(ema_params=ema.update(state.ema_params, params, ema_decay, apply))
+    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux,
+           **guard_metrics}
     return new_state, out
 
   return train_step
