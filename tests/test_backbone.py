@@ -33,9 +33,9 @@ RECORDED_FLOPS = [
     (lambda: swinv2.SwinV2(**swinv2.parse_variant("B"), window_size=16, image_size=512), 524053118976.0),
     (lambda: swinv2.SwinV2(**swinv2.parse_variant("pico"), window_size=4, patch_size=2, image_size=20,
                            num_classes=3, mlp_ratio=2.0), 11924544.0),
-    (lambda: models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32), 47209555968.0),
-    (lambda: models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32), 123259342848.0),
-    (lambda: models.build(config_lib.model_config("aurora"), jnp.float32), 129917011968.0),
+    (lambda: models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32, "cpu"), 47209555968.0),
+    (lambda: models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32, "cpu"), 123259342848.0),
+    (lambda: models.build(config_lib.model_config("aurora"), jnp.float32, "cpu"), 129917011968.0),
 ]
 
 
@@ -103,7 +103,7 @@ def test_feature_strides_and_aurora_stride():
   assert vit.ViT(**vit.parse_variant("H/14")).feature_strides() == (14.0,)
   swin = swinv2.SwinV2(**swinv2.parse_variant("T"))
   assert swin.feature_strides() == (4.0, 8.0, 16.0, 32.0) and swin.output_stride == 32
-  aurora = models.build(config_lib.model_config("aurora"), jnp.float32)
+  aurora = models.build(config_lib.model_config("aurora"), jnp.float32, "cpu")
   assert aurora.stride == aurora.encoder.output_stride == aurora.encoder.feature_strides()[-1]
   assert isinstance(swin, backbone.ImageBackbone) and not isinstance(aurora, backbone.ImageBackbone)
 
@@ -130,8 +130,8 @@ def test_the_backbone_families_answer_everything_and_the_registry_finds_them():
     assert all(getattr(family, answer) is not None for answer in ANSWERS), family.name
     assert models.from_checkpoint_fields(models.checkpoint_fields(model)) == model
     assert models.hf_converter(model) == f"hf_{family.name}" and models.description(model)
-  assert models.family_of(models.build(config_lib.model_config("clip"), jnp.float32).text) is None
-  assert models.layer_ids(models.build(config_lib.model_config("aurora"), jnp.float32), ["encoder/norm"]) is None
+  assert models.family_of(models.build(config_lib.model_config("clip"), jnp.float32, "cpu").text) is None
+  assert models.layer_ids(models.build(config_lib.model_config("aurora"), jnp.float32, "cpu"), ["encoder/norm"]) is None
 
 
 def test_no_linen_class_of_models_carries_a_family_answer():
@@ -161,7 +161,7 @@ def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
                                                       0.07174760848283768, -1.0926183462142944], rtol=1e-6)
   np.testing.assert_array_equal(out["pos_embed"][:, 0], pos[:, 0])  # the class token's entry is kept
   assert out["head/kernel"] is head  # not the model's to carry: init_from reports it
-  clip = models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32).clone(
+  clip = models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32, "cpu").clone(
       image=model.clone(num_classes=0))
   adapted = models.adapt_checkpoint(clip, {"image/pos_embed": pos, "text/pos_embed": pos},
                                     {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)})
@@ -184,8 +184,8 @@ def test_image_tower_is_the_model_or_its_one_backbone_field():
   encoder, a dense model's backbone; nothing for a text tower."""
   small = vit.ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4)
   assert backbone.image_tower(small) == (small, None)
-  clip = models.build(config_lib.model_config("clip"), jnp.float32)
-  aurora = models.build(config_lib.model_config("aurora"), jnp.float32)
+  clip = models.build(config_lib.model_config("clip"), jnp.float32, "cpu")
+  aurora = models.build(config_lib.model_config("aurora"), jnp.float32, "cpu")
   dense = segmenter.Segmenter(backbone=small, num_classes=3)
   for model, name in ((clip, "image"), (aurora, "encoder"), (dense, "backbone")):
     assert backbone.image_tower(model) == (getattr(model, name), name)

@@ -258,7 +258,7 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
 
   # What a training run does with these flags: build config.model, initialise, load init_from.
   config = _config_from_flags(flag_line)
-  model = models.build(config.model, jnp.float32)
+  model = models.build(config.model, jnp.float32, "cpu")
   converted, variables = _from_hf(path, False)
   # The same function: remat only changes what a backward pass recomputes, and no pretrained windows (None)
   # means each stage's own window, as zeros do.

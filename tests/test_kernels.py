@@ -26,11 +26,16 @@ def _value_and_grads(f, args, argnums):
   return f(*args), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=argnums)(*args)
 
 
-def test_the_forms_are_the_backends_unless_forced_and_bad_forms_are_named():
-  assert kernels.cpu_forms() == (jax.default_backend() == "cpu")
-  for mode in MODES:
-    with kernels.forced(mode):
-      assert kernels.cpu_forms() == (mode == "cpu")
+def _grad_of_broadcast(b):
+  return jax.grad(lambda b: jnp.sum(jnp.cos(kernels.broadcast_leading(b, (4,) + b.shape))))(b)
+
+
+def test_the_forms_are_the_lowering_platforms_unless_forced_and_bad_forms_are_named():
+  """Unforced, a program lowered for the CPU takes the CPU form (the bias gradient as a ones-vector matmul) and
+  one lowered for a GPU the plain one (XLA's reduction), whatever backend this process has."""
+  traced = jax.jit(_grad_of_broadcast).trace(jnp.ones((3, 2)))
+  cpu, gpu = (traced.lower(lowering_platforms=(p,)).as_text() for p in ("cpu", "cuda"))
+  assert "dot_general" in cpu and "dot_general" not in gpu and "reduce" in gpu
   with pytest.raises(ValueError, match="'fast'.*plain.*cpu"):
     kernels.forced("fast")
 
@@ -42,8 +47,8 @@ def test_forcing_the_forms_retraces_a_jitted_function_instead_of_reusing_the_oth
 
   @jax.jit
   def grad_of_broadcast(b):
-    traces.append(kernels.cpu_forms())
-    return jax.grad(lambda b: jnp.sum(jnp.cos(kernels.broadcast_leading(b, (4,) + b.shape))))(b)
+    traces.append(kernels.forced_forms())
+    return _grad_of_broadcast(b)
 
   b = jnp.ones((3, 2))
   programs = {}
@@ -51,7 +56,7 @@ def test_forcing_the_forms_retraces_a_jitted_function_instead_of_reusing_the_oth
     with kernels.forced(mode):
       grad_of_broadcast(b)
       programs[mode] = grad_of_broadcast.lower(b).as_text()
-  assert traces == [True, False]
+  assert traces == ["cpu", "plain"]
   assert "dot_general" in programs["cpu"] and "dot_general" not in programs["plain"]
 
 
@@ -175,5 +180,5 @@ def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, fiel
     node = model_cfg.text if field.startswith("text.") else model_cfg
     node.attention = old
     with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):
-      models.build(model_cfg, jnp.float32)
+      models.build(model_cfg, jnp.float32, "cpu")
 

@@ -240,15 +240,15 @@ def test_bad_model_config_names_the_field():
   config = swinv2_cls.get_config("demo")
   config.model.variant = "XL"
   with pytest.raises(ConfigError, match="variant 'XL'"):
-    models.build(config.model, jnp.float32)
+    models.build(config.model, jnp.float32, "cpu")
   config = swinv2_cls.get_config("demo")
   config.model.pretrained_window_sizes = (4, 4)
   with pytest.raises(ConfigError, match=r"pretrained_window_sizes=\(4, 4\)"):
-    models.build(config.model, jnp.float32)
+    models.build(config.model, jnp.float32, "cpu")
   config = swinv2_cls.get_config("demo")
   config.model.extra_norm_scope = "block"
   with pytest.raises(ConfigError, match="extra_norm_scope='block'"):
-    models.build(config.model, jnp.float32)
+    models.build(config.model, jnp.float32, "cpu")
   with pytest.raises(ValueError, match="unknown parts"):
     swinv2_cls.get_config("T,320")
 
@@ -281,7 +281,7 @@ def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(
                          "total_steps": 1, "optim.warmup_steps": 1, "eval_every": 1, "checkpoint_every": 1})
   second = train.run(high, str(tmp_path / "w8"))
   assert second["step"] == 1 and np.isfinite(second["eval/val/top1"])
-  model = models.build(high.model, jnp.float32)
+  model = models.build(high.model, jnp.float32, "cpu")
   target = _params(model, 32)
   trained_low = checkpoint.load_params(str(tmp_path / "w4"), target)
   loaded_high = checkpoint.load_params(str(tmp_path / "w8"), target)

@@ -210,7 +210,7 @@ IMAGES = np.random.default_rng(0).standard_normal((4, 32, 32, 3)).astype(np.floa
 
 @pytest.mark.parametrize("tower", ["swinv2", "vit"])
 def test_clip_params_names_and_output_shapes(tower):
-  model = models.build(_clip_config(tower), jnp.float32)
+  model = models.build(_clip_config(tower), jnp.float32, "cpu")
   boxed = jax.eval_shape(model.init, jax.random.key(0), IMAGES)  # tokens default: every param from images alone
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
@@ -227,7 +227,7 @@ def test_clip_params_names_and_output_shapes(tower):
 
 
 def test_clip_embeddings_and_entry_points():
-  model = models.build(_clip_config("vit"), jnp.float32)  # the SwinV2 tower compiles slowly on CPU
+  model = models.build(_clip_config("vit"), jnp.float32, "cpu")  # the SwinV2 tower compiles slowly on CPU
   variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), IMAGES))
   out, image_emb, text_emb = jax.jit(lambda v: (
       model.apply(v, IMAGES, TOKENS), model.apply(v, IMAGES, method=clip.CLIP.embed_images),
@@ -256,7 +256,7 @@ def test_clip_default_config_builds_large_tower_shapes():
   c = config_lib.model_config("clip")
   assert (c.name, c.image.name, c.text.max_len, c.logit_scale_init) == ("clip", "swinv2", 77, pytest.approx(2.659260))
   c.text.variant = "H"
-  model = models.build(c, jnp.bfloat16)
+  model = models.build(c, jnp.bfloat16, "cpu")
   assert (model.text.width, model.text.depth, model.text.num_heads, model.text.max_len) == (1024, 24, 16, 77)
   assert model.image.image_size == 224 and model.image.num_classes == 0 and model.image.scan
 
@@ -274,7 +274,7 @@ def test_config_errors_name_the_field(field, value, match):
   parent, leaf = (c[field.split(".")[0]], field.split(".")[1]) if "." in field else (c, field)
   parent[leaf] = value
   with pytest.raises(ConfigError, match=f"config.model: {match}"):
-    models.build(c, jnp.float32)
+    models.build(c, jnp.float32, "cpu")
 
 
 def test_sizes_are_checked_by_their_domains_and_the_pool_by_the_tower():

@@ -56,7 +56,7 @@ def test_unknown_pool_is_a_config_error_naming_it(pool):
   """Anything but 'cls' used to pool by the mean silently."""
   config = tiny_vit_config(**{"model.pool": pool})
   with pytest.raises(ConfigError, match=f"config.model: pool={pool!r}: expected one of"):
-    models.build(config.model, jnp.float32)
+    models.build(config.model, jnp.float32, "cpu")
   with pytest.raises(ValueError, match=f"pool={pool!r}"):
     vit.ViT(**vit.parse_variant("pico/4"), pool=pool).init(jax.random.key(0), _images())
 

@@ -127,7 +127,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   checks.validate(config, len(mesh_devices))
   if compare == "torch":  # a config without a twin fails before anything compiles
     from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
-    torch_twin.twin_architecture(config, models.build(config.model, jnp.float32))
+    torch_twin.twin_architecture(config, models.build(config.model, jnp.float32, jax.default_backend()))
   ours = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots])
   runners = {"ours": ours}
   if compare == "torch":

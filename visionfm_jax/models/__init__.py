@@ -8,7 +8,6 @@ checkpoint fields and converter (backbone.py's contract), the backbone a tools.i
 import copy
 from typing import Any
 
-import jax
 import numpy as np
 
 from visionfm_jax.errors import ConfigError
@@ -89,14 +88,14 @@ def from_checkpoint_fields(fields: dict):
   return family.from_checkpoint_fields(fields)
 
 
-def build(model_cfg, dtype, platform: str | None = None):
+def build(model_cfg, dtype, platform: str):
   """The model of `model_cfg` computing in `dtype`, its 'auto' fields resolved for the devices it will run on
-  (`platform`: the mesh's, e.g. 'gpu' for a deviceless GPU compile on a CPU host; this process's backend when
-  None)."""
+  (`platform`: the mesh's, e.g. 'gpu' for a deviceless GPU compile on a CPU host): the one place a model's
+  backend choices are made."""
   if model_cfg.name not in BUILDERS:
     raise ConfigError(f"config.model.name={model_cfg.name!r}: known models are {sorted(BUILDERS)}")
   try:
-    return BUILDERS[model_cfg.name](for_platform(model_cfg, platform or jax.default_backend(), dtype), dtype)
+    return BUILDERS[model_cfg.name](for_platform(model_cfg, platform, dtype), dtype)
   except ValueError as e:
     raise ConfigError(f"config.model: {e}") from e
 

@@ -1,14 +1,14 @@
 """Backend speed tricks, decided here and nowhere else: each function below computes the same numbers in two
 forms. 'plain' is the textbook form (broadcasting, `dot_general`, a convolution, autodiff gradients): XLA's natural
 path, the one a GPU wants. 'cpu' swaps in forms that XLA's CPU backend (jaxlib 0.10) runs faster. Models call
-these functions and never choose: the forms are those of the backend the program is traced on (`cpu_forms`),
-'cpu' on the CPU backend and 'plain' on any other.
+these functions and never choose, and nothing here asks which backend the process has: both forms are traced
+into the program (`by_platform`, `jax.lax.platform_dependent`) and the platform it is lowered for keeps its own,
+'cpu' for the CPU and 'plain' for any other, so a deviceless GPU compile on a CPU host gets the GPU's program.
 
-`forced(forms)` overrides that choice for a test, a benchmark against the plain path (`bench --compare=plain`)
-or a deviceless GPU compile on a CPU host (bench/memory_plan.py). It is a `jax.make_user_context`: its value is
-part of every jit's cache key, so a function traced under one choice is traced again under the other and one
-jit cache never holds both paths (a module-level flag read at trace time could not promise that; and
-`jax.lax.platform_dependent` traces both branches into the program and cannot force a path).
+`forced(forms)` traces one form alone, for a test or a benchmark against the plain path (`bench
+--compare=plain`). It is a `jax.make_user_context`: its value is part of every jit's cache key, so a function
+traced under one choice is traced again under the other and one jit cache never holds both paths (a
+module-level flag read at trace time could not promise that).
 
 The CPU tricks are measured against 'plain' on the train step, as a set and one at a time (BENCHMARKS.md, "The
 CPU forms against the plain path"); three that did not pay there are not among them: a matmul gradient for dense
@@ -52,10 +52,19 @@ def forced(forms: str):
   return _FORCED(forms)
 
 
-def cpu_forms() -> bool:
-  """Whether what is being traced takes the CPU forms: those `forced`, else the default backend's."""
-  forms = _FORCED.value or ("cpu" if jax.default_backend() == "cpu" else "plain")
-  return forms == "cpu"
+def forced_forms() -> str | None:
+  """The forms `forced` on what is being traced; None: each lowering platform's own."""
+  return _FORCED.value
+
+
+def by_platform(cpu_form, plain_form, *args):
+  """cpu_form(*args) in a program lowered for the CPU, plain_form(*args) in one lowered for any other platform
+  (`jax.lax.platform_dependent`: both are traced, only the lowering platform's is compiled); under `forced`,
+  the forced one alone."""
+  forms = _FORCED.value
+  if forms is not None:
+    return (cpu_form if forms == "cpu" else plain_form)(*args)
+  return jax.lax.platform_dependent(*args, cpu=cpu_form, default=plain_form)
 
 
 # ----------------------------------------------------------------------------------------------- dense layers
@@ -103,13 +112,10 @@ def sum_leading_as_matmul(x: jax.Array, num_axes: int) -> jax.Array:
 def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
   """sum of `x` over its first `num_axes` axes: `jnp.sum` ('plain') or `sum_leading_as_matmul` ('cpu': XLA's
   CPU backend reduces over leading axes up to 50x slower than it multiplies by a ones vector)."""
-  return _sum_leading(x, num_axes, cpu_forms())
-
-
-def _sum_leading(x: jax.Array, num_axes: int, cpu: bool) -> jax.Array:
-  if cpu:
-    return sum_leading_as_matmul(x, num_axes)
-  return jnp.sum(x, axis=tuple(range(num_axes))) if num_axes else x
+  if num_axes == 0:
+    return x
+  return by_platform(functools.partial(sum_leading_as_matmul, num_axes=num_axes),
+                     functools.partial(jnp.sum, axis=tuple(range(num_axes))), x)
 
 
 def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
@@ -118,7 +124,7 @@ def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   shape = tuple(shape)
   if shape[len(shape) - x.ndim:] != tuple(x.shape):
     raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
-  if not cpu_forms():
+  if _FORCED.value == "plain":
     return jnp.broadcast_to(x, shape)
   return _broadcast_with_matmul_grad(x, shape, len(shape) - x.ndim)
 
@@ -135,7 +141,7 @@ def _broadcast_with_matmul_grad_fwd(x, shape, num_leading):
 
 def _broadcast_with_matmul_grad_bwd(shape, num_leading, _, grad):
   del shape
-  return (sum_leading_as_matmul(grad, num_leading),)
+  return (sum_leading(grad, num_leading),)
 
 
 _broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_with_matmul_grad_bwd)
@@ -146,8 +152,9 @@ _broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_w
 def patch_conv(lhs, rhs, window_strides, padding, **kwargs):
   """The `conv_general_dilated` of a patch embedding's `nn.Conv`: `jax.lax.conv_general_dilated` ('plain') or
   `patch_conv_as_matmul` ('cpu')."""
-  conv = patch_conv_as_matmul if cpu_forms() else jax.lax.conv_general_dilated
-  return conv(lhs, rhs, window_strides, padding, **kwargs)
+  return by_platform(functools.partial(patch_conv_as_matmul, window_strides=window_strides, padding=padding, **kwargs),
+                     functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+                                       **kwargs), lhs, rhs)
 
 
 def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
@@ -183,7 +190,7 @@ def softmax_attention(q, k, v, *, bias=None, mask=None):
   logits_shape = q.shape[:-2] + (q.shape[-2], k.shape[-2])
   if bias is not None and tuple(bias.shape) != tuple(logits_shape[len(logits_shape) - bias.ndim:]):
     raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape {logits_shape}")
-  return _softmax_attention(q, k, v, bias, mask, "cpu" if cpu_forms() else "plain")
+  return _softmax_attention(q, k, v, bias, mask, _FORCED.value)
 
 
 def _attention_probs(q, k, bias, mask):
@@ -218,8 +225,8 @@ def _softmax_attention_bwd(forms, residuals, grad_out):
   grad_k = jnp.einsum("...qk,...qd->...kd", grad_logits.astype(q.dtype), q)
   grad_bias = None
   if bias is not None:
-    # in the forms the forward was traced with
-    grad_bias = _sum_leading(grad_logits, grad_logits.ndim - bias.ndim, forms == "cpu").astype(bias.dtype)
+    with _FORCED(forms):  # the forms the forward was traced with (None: the lowering platform's)
+      grad_bias = sum_leading(grad_logits, grad_logits.ndim - bias.ndim).astype(bias.dtype)
   grad_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
   return grad_q, grad_k, grad_v, grad_bias, grad_mask
 

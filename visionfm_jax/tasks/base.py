@@ -104,7 +104,9 @@ class Task(abc.ABC):
     self.config = config
     self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
     self.dtype = compute_dtype(config.precision)
-    self.model = models.build(config.model, self.dtype, mesh.devices.flat[0].platform if mesh is not None else None)
+    # the devices the model runs on: the mesh's, else this process's (a task built outside a run: tools, dry run)
+    self.model = models.build(config.model, self.dtype, mesh.devices.flat[0].platform if mesh is not None else
+                              jax.default_backend())
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
 
