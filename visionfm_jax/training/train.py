@@ -8,6 +8,7 @@ run(config, workdir):
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import time
@@ -52,9 +53,16 @@ def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> 
   return init
 
 
+@functools.lru_cache(maxsize=4)
+def abstract_state(init_fn):
+  """The boxed state `init_fn` makes, from shapes only (`jax.eval_shape`): traced once per init_fn, and every
+  sharding of the run (the state's, the gradients') derives from it."""
+  return jax.eval_shape(init_fn, jax.random.key(0))
+
+
 def state_shardings(init_fn, mesh, config):
   """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
-  abstract_boxed = jax.eval_shape(init_fn, jax.random.key(0))
+  abstract_boxed = abstract_state(init_fn)
   shape = parallel.mesh_shape(config.mesh, mesh.size)
   specs = parallel.state_specs(abstract_boxed, shape, config.strategy)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
@@ -233,7 +241,7 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
                    anchor: optim.Anchor | None = None):
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
-  boxed_params = jax.eval_shape(init_fn, jax.random.key(0)).params
+  boxed_params = abstract_state(init_fn).params
   specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   device_mesh = mesh if accumulates_per_device(task, config) else None
