@@ -16,7 +16,7 @@ import pytest
 
 from conftest import override, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax.bench import step as step_lib
-from visionfm_jax.models import layers, swinv2, text, vit
+from visionfm_jax.models import kernels, swinv2, text, vit
 from visionfm_jax.training import train
 
 pytestmark = pytest.mark.gpu
@@ -57,7 +57,7 @@ def test_cudnn_attention_matches_the_softmax_path(dtype, tokens, causal, masked)
 
   def value_and_grads(implementation, compute, q, k, v):
     def f(q, k, v):
-      out = layers.dot_product_attention(q.astype(compute), k.astype(compute), v.astype(compute), mask=mask,
+      out = kernels.attention(q.astype(compute), k.astype(compute), v.astype(compute), mask=mask,
                                          causal=causal, implementation=implementation)
       return out.astype(jnp.float32)
     out, vjp = jax.vjp(f, q, k, v)

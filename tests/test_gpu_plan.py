@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import pytest
 
 from visionfm_jax import config_lib, models
-from visionfm_jax.models import vit
+from visionfm_jax.models import kernels, vit
 from visionfm_jax.bench import gpu_target, hlo_cost, roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -43,7 +43,7 @@ def _program(name: str) -> hlo_cost.Program:
 def _pico_forward_flops(batch: int) -> tuple[float, float]:
   """(dense matmul FLOPs, attention FLOPs) of the pico ViT/8's forward pass at 32 px on `batch` images: width 32,
   2 blocks of MLP 64 and 2 heads, 16 patches + 1 class token, 8 classes, 8x8x3 patches. cuDNN takes even token
-  counts, so the ViT pads its 17 tokens to 18 once before its blocks (layers.pad_tokens): the blocks' products
+  counts, so the ViT pads its 17 tokens to 18 once before its blocks (kernels.pad_tokens): the blocks' products
   run on 18 tokens."""
   tokens, width, mlp, depth, classes = 18, 32, 64, 2, 8
   per_block = 2 * tokens * width * (3 * width + width + 2 * mlp)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax.models import layers
+from visionfm_jax.models import kernels, layers
 
 
 def _normal(rng, shape):
@@ -18,7 +18,7 @@ def _normal(rng, shape):
 def test_dot_product_attention_causal_matches_jax():
   rng = np.random.default_rng(2)
   q, k, v = (_normal(rng, (2, 6, 3, 4)) for _ in range(3))
-  ours = layers.dot_product_attention(q, k, v, causal=True)
+  ours = kernels.attention(q, k, v, causal=True)
   theirs = jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="xla")
   chex.assert_trees_all_close(ours, theirs, atol=1e-6)
 
@@ -56,8 +56,8 @@ def test_attention_masks_keys_past_kv_length_as_if_they_were_not_there():
   rng = np.random.default_rng(6)
   q, k, v = (_normal(rng, (2, 8, 3, 4)) for _ in range(3))
   for implementation in ("softmax", "jax"):
-    padded = layers.dot_product_attention(q, k, v, implementation=implementation, kv_length=5)
-    real = layers.dot_product_attention(q[:, :5], k[:, :5], v[:, :5], implementation=implementation)
+    padded = kernels.attention(q, k, v, implementation=implementation, kv_length=5)
+    real = kernels.attention(q[:, :5], k[:, :5], v[:, :5], implementation=implementation)
     chex.assert_trees_all_close(padded[:, :5], real, atol=1e-6)
 
 
@@ -74,7 +74,7 @@ def test_vit_padded_once_for_its_attention_equals_the_unpadded_vit(monkeypatch):
     return jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))(params)
 
   expected = logits_and_grads()
-  monkeypatch.setattr(layers, "token_multiple", lambda implementation: 4)
+  monkeypatch.setattr(kernels, "token_multiple", lambda implementation: 4)
   chex.assert_trees_all_close(logits_and_grads(), expected, rtol=1e-5, atol=1e-6)
 
 

@@ -16,7 +16,7 @@ from visionfm_jax import config_lib, models
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import clip, layers, text
+from visionfm_jax.models import clip, kernels, text
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -138,7 +138,7 @@ def test_masked_attention_matches_jax_reference():
 
   @jax.jit
   def both(q, k, v):
-    return (layers.dot_product_attention(q, k, v, mask=pad, causal=True),
+    return (kernels.attention(q, k, v, mask=pad, causal=True),
             jax.nn.dot_product_attention(q, k, v, mask=pad, is_causal=True, implementation="xla"))
   ours, ref = both(q, k, v)
   np.testing.assert_allclose(ours, ref, atol=1e-6)

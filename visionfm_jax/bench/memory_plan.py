@@ -74,7 +74,7 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_list("remat", ",".join(REMAT_BY_RECOMPUTE), "config.model.remat_policy values to plan.",
                     flag_values=fv)
   flags.DEFINE_list("micro_batches", "1,2,4,8", "config.grad_accum_steps values to plan.", flag_values=fv)
-  flags.DEFINE_list("attention", "softmax,jax,cudnn", "Attention implementations to plan (models/layers.py "
+  flags.DEFINE_list("attention", "softmax,jax,cudnn", "Attention implementations to plan (models/kernels.py "
                     "ATTENTION), set in every attention field of config.model.", flag_values=fv)
   flags.DEFINE_string("target", "", "Compile for this GPU, deviceless (bench/gpu_target.py: " +
                       ", ".join(sorted(gpu_target.TARGETS)) + "; needs the gpu-aot extra); empty: simulated CPU "
@@ -143,18 +143,18 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
   {flag: why}: attention implementations this backend lacks, micro-batch counts the config rejects."""
   import jax  # pylint: disable=g-import-not-at-top
 
-  from visionfm_jax.models import layers  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
   checks.validate(config)  # what the sweep does not vary must hold already
   unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]
   if unknown:
     raise ConfigError(f"--remat={','.join(remats)}: {unknown} not in {config_lib.REMAT_POLICIES}")
-  unknown = [a for a in attentions if a not in layers.ATTENTION]
+  unknown = [a for a in attentions if a not in kernels.ATTENTION]
   if unknown:
-    raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {layers.ATTENTION}")
+    raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {kernels.ATTENTION}")
   skipped = {}
   if not target and jax.default_backend() != "gpu":
-    for name in dict.fromkeys(a for a in attentions if a in layers.GPU_ONLY_ATTENTION):
+    for name in dict.fromkeys(a for a in attentions if a in kernels.GPU_ONLY_ATTENTION):
       skipped[f"--attention={name}"] = (f"GPU only, not planned on simulated {jax.default_backend()} devices "
                                         f"(--target=h100 plans it with the GPU compiler)")
   counts = []

@@ -39,7 +39,7 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   common = dict(name=name, num_classes=1000, image_size=224, drop_path=0.0, dropout=0.0, head_bias_init=0.0,
                 scan=True, remat_policy="nothing_saveable",
                 # auto (cuDNN on GPUs in bf16/fp16, else softmax) | softmax (einsums, hand-written backward) |
-                # cudnn (cuDNN flash attention, GPU) | jax (jax.nn.dot_product_attention choosing); layers.ATTENTION
+                # cudnn (cuDNN flash attention, GPU) | jax (jax.nn.dot_product_attention choosing); kernels.ATTENTION
                 attention="auto")
   if name == "vit":
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True,  # pool: cls | gap

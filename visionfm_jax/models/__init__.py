@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import aurora, backbone, clip, dense_heads, layers, swinv2, vit
+from visionfm_jax.models import aurora, backbone, clip, dense_heads, kernels, swinv2, vit
 
 # The one registry: each family under its Linen class (subclasses, such as the dense models, share their base's).
 FAMILIES: dict[type, backbone.Family] = {family.module: family for family in (
@@ -102,7 +102,7 @@ def build(model_cfg, dtype, platform: str):
 
 def for_platform(model_cfg, platform: str, dtype):
   """A copy of `model_cfg` whose 'auto' attention fields (every tower's) name what runs on `platform` in `dtype`
-  (layers.resolve_attention)."""
+  (kernels.resolve_attention)."""
   resolved = copy.deepcopy(model_cfg)
   nodes = [resolved]
   while nodes:
@@ -111,7 +111,7 @@ def for_platform(model_cfg, platform: str, dtype):
       if hasattr(value, "items"):
         nodes.append(value)
       elif key == "attention" and value == "auto":
-        node[key] = layers.resolve_attention(value, platform, dtype)
+        node[key] = kernels.resolve_attention(value, platform, dtype)
   return resolved
 
 

@@ -23,6 +23,10 @@ instead of one cuDNN convolution):
   sum_leading            bias's) is a ones-vector matmul: XLA's CPU reduction over leading axes ran 64x slower
                          on a SwinV2-T stage-0 block's (128, 3, 196, 196) bias gradient (216 vs 3.4 ms)
 
+Attention comes in through one entry point, `attention` (what each `config.model.attention` name runs, 'auto'
+resolved by models.build for the devices, `resolve_attention`): the softmax path below, or
+`jax.nn.dot_product_attention` with cuDNN (`fused_attention`: its even-token padding) or JAX's choice.
+
 `softmax_attention` (attention='softmax') has a hand-written backward on every backend. It is not a backend
 trick but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where
 autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan
@@ -232,3 +236,125 @@ def _softmax_attention_bwd(forms, residuals, grad_out):
 
 
 _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
+
+
+# ------------------------------------------------------------------------------- attention implementations
+
+# attention=...: 'auto' (cuDNN flash attention where the platform has it and the compute dtype is 16-bit, else
+# 'softmax'); einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
+# `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA).
+ATTENTION = ("auto", "softmax", "cudnn", "jax")
+GPU_ONLY_ATTENTION = ("cudnn",)  # no kernel on other backends: bench.memory_plan does not plan these off GPU
+RENAMED_ATTENTION = {"xla": "softmax"}
+SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
+
+
+def check_attention(implementation: str, field: str = "attention") -> None:
+  """ValueError naming `field` unless `implementation` is one of ATTENTION (the old names say what they became)."""
+  if implementation in ATTENTION:
+    return
+  renamed = (f" ({implementation!r} was renamed {RENAMED_ATTENTION[implementation]!r})"
+             if implementation in RENAMED_ATTENTION else "")
+  raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}{renamed}")
+
+
+def resolved_attention(implementation: str) -> str:
+  """`implementation` as a module runs it: one of ATTENTION but 'auto', which models.build resolves for the devices
+  the model will run on (`resolve_attention`) before any module sees it."""
+  check_attention(implementation)
+  if implementation == "auto":
+    raise ValueError("attention='auto' reached a module: models.build resolves it for the devices the model runs "
+                     "on (kernels.resolve_attention); a module takes softmax, cudnn or jax")
+  return implementation
+
+
+def resolve_attention(implementation: str, platform: str, dtype) -> str:
+  """'auto' as it runs on `platform` ('gpu', 'cpu', ...) in compute `dtype`: cuDNN on a GPU in bf16 / fp16 (it
+  has no fp32 kernel), the softmax path elsewhere; any other implementation as it is."""
+  if implementation != "auto":
+    return implementation
+  return "cudnn" if platform in ("gpu", "cuda") and jnp.dtype(dtype) in SIXTEEN_BIT else "softmax"
+
+
+def token_multiple(implementation: str) -> int:
+  """What a token count must be a multiple of for `implementation` to take it as it is: cuDNN's training kernels
+  take only even counts (jax 0.11); any count for the others."""
+  return 2 if implementation == "cudnn" else 1
+
+
+def pad_tokens(x: jax.Array, multiple: int) -> tuple[jax.Array, int]:
+  """(B, T, C) zero-padded along T to a multiple of `multiple`, and T. A model pads once before its blocks and
+  slices after them, its attention masking the padded keys (`kv_length`), instead of every layer padding and
+  slicing q, k, v and the output around the kernel: per-token layers (norms, MLPs) leave real tokens exact."""
+  tokens = x.shape[1]
+  extra = -tokens % multiple
+  return (jnp.pad(x, [(0, 0), (0, extra), (0, 0)]) if extra else x), tokens
+
+
+def heads_first(x: jax.Array) -> jax.Array:
+  """(..., T, H, D) -> (..., H, T, D) (and back): the head axis before the token axis."""
+  return einops.rearrange(x, "... t h d -> ... h t d")
+
+
+def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax",
+                          kv_length: int | None = None):
+  """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
+
+  `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i;
+  `kv_length`: only the first kv_length keys are real (the rest is `pad_tokens`' padding).
+  `implementation` (`resolved_attention`: models.build has resolved 'auto' for the devices): 'softmax' runs
+  `kernels.softmax_attention`;
+  'cudnn' routes to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
+  choose (cuDNN where it applies, else XLA).
+  """
+  implementation = resolved_attention(implementation)
+  if implementation != "softmax":
+    return fused_attention(q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation,
+                           kv_length=kv_length)
+  if kv_length is not None and kv_length < k.shape[1]:
+    real = jnp.arange(k.shape[1]) < kv_length
+    mask = real if mask is None else jnp.logical_and(mask, real)
+  if causal:
+    below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
+    mask = below if mask is None else jnp.logical_and(mask, below)
+  scale = q.shape[-1] ** -0.5
+  out = softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
+                                      bias=bias, mask=mask)
+  return heads_first(out)
+
+
+def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "jax",
+                    scale: float | None = None, kv_length: int | None = None):
+  """`jax.nn.dot_product_attention` over (B, T, H, D): 'cudnn' forces cuDNN flash attention, 'jax' lets JAX choose.
+
+  For cuDNN (as of jax 0.11) a bias or mask must come at its full (T, S) size, and its training kernels take
+  only even token counts whenever a bias is present, which jax always reports: an odd T or S (ViT-H/14's 257
+  tokens, SwinV2's 7x7 windows, 77-token captions) is padded by one token that cuDNN's sequence lengths hide,
+  and the padded query row is sliced off. `kv_length` masks keys from that position on (a model's own padding,
+  `pad_tokens`), through cuDNN's sequence lengths.
+  """
+  if implementation != "cudnn":
+    if kv_length is not None and kv_length < k.shape[1]:
+      real = jnp.arange(k.shape[1]) < kv_length
+      mask = real if mask is None else jnp.logical_and(mask, real)
+    return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale)
+  batch, t, s = q.shape[0], q.shape[1], k.shape[1]
+  full = lambda x: None if x is None else jnp.broadcast_to(x.reshape((1,) * (4 - x.ndim) + x.shape),
+                                                            (1,) * (4 - x.ndim) + x.shape[:-2] + (t, s))
+  bias, mask = full(bias), full(mask)
+  pad_t, pad_s = t % 2, s % 2
+  lengths = {}
+  if kv_length is not None and kv_length < s:
+    lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+                   key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32))
+  if pad_t or pad_s:
+    pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
+    q, k, v = pad(q, pad_t), pad(k, pad_s), pad(v, pad_s)
+    pad_ts = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, pad_t), (0, pad_s)], constant_values=value)
+    bias = None if bias is None else pad_ts(bias, 0)
+    mask = None if mask is None else pad_ts(mask, True)
+    lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+                   key_value_seq_lengths=jnp.full((batch,), min(s, kv_length or s), jnp.int32))
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale,
+                                     implementation="cudnn", **lengths)
+  return out[:, :t]

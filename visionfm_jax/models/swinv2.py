@@ -213,7 +213,7 @@ class WindowAttention(nn.Module):
   window: int
   pretrained_window: int
   dtype: Any = jnp.float32
-  attention: str = "softmax"  # layers.ATTENTION; cudnn and jax: see `fused_window_attention`
+  attention: str = "softmax"  # kernels.ATTENTION; cudnn and jax: see `fused_window_attention`
 
   @nn.compact
   def __call__(self, windows, regions=None):
@@ -239,7 +239,7 @@ class WindowAttention(nn.Module):
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
-    attention = layers.resolved_attention(self.attention)
+    attention = kernels.resolved_attention(self.attention)
     if attention == "softmax":
       out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask)
     else:
@@ -255,9 +255,9 @@ def window_attention(q, k, v, scale, bias, mask):
   full_bias = bias
   if mask is not None:
     full_bias = kernels.broadcast_leading(bias, (mask.shape[0],) + bias.shape) + mask[:, None]
-  out = kernels.softmax_attention(layers.heads_first(q), layers.heads_first(k), layers.heads_first(v),
+  out = kernels.softmax_attention(kernels.heads_first(q), kernels.heads_first(k), kernels.heads_first(v),
                                   bias=full_bias)
-  return layers.heads_first(out)
+  return kernels.heads_first(out)
 
 
 def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
@@ -275,7 +275,7 @@ def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
   full_bias = bias[None] if mask is None else bias[None] + mask[:, None]
   full_bias = einops.rearrange(jnp.broadcast_to(full_bias, (windows, heads, tokens, tokens)), "w h q k -> 1 (w h) q k")
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
-  out = layers.fused_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
+  out = kernels.fused_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
                                implementation=attention)
   return einops.rearrange(out, "b n (w h) d -> b w n h d", w=windows)
 
@@ -519,7 +519,7 @@ def build(model_cfg, dtype) -> SwinV2:
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
-  layers.check_attention(model_cfg.attention)
+  kernels.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)
   model.stage_settings()  # config errors at build time, not at the first trace
   return model

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
-from visionfm_jax.models import layers
+from visionfm_jax.models import kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
 
@@ -104,7 +104,7 @@ class TextTransformer(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
-  attention: str = "softmax"  # layers.ATTENTION
+  attention: str = "softmax"  # kernels.ATTENTION
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
   act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
 
@@ -174,7 +174,7 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> 
   if text_cfg.vocab_size <= special:
     raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
-  layers.check_attention(text_cfg.attention, "text.attention")
+  kernels.check_attention(text_cfg.attention, "text.attention")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
                 remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool,

@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone, layers
+from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import BATCH, EMBED, LENGTH, ACT_EMBED
 
 # name: (width, depth, mlp_dim, heads)
@@ -82,11 +82,11 @@ class EncoderBlock(nn.Module):
   layer_norm_eps: float = 1e-6
   dropout: float = 0.0
   qkv_bias: bool = True
-  attention: str = "softmax"  # layers.ATTENTION
+  attention: str = "softmax"  # kernels.ATTENTION
   stochastic_depth: bool = False
   deterministic: bool = True
   act: str = "gelu"  # layers.ACTIVATIONS
-  real_tokens: int | None = None  # tokens before `layers.pad_tokens`' padding, when padded
+  real_tokens: int | None = None  # tokens before `kernels.pad_tokens`' padding, when padded
 
   @nn.compact
   def __call__(self, x, drop_rate):
@@ -121,7 +121,7 @@ class ViT(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   remat_policy: str = "none"
-  attention: str = "softmax"  # layers.ATTENTION
+  attention: str = "softmax"  # kernels.ATTENTION
   pre_norm: bool = False  # a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)
   patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
   act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
@@ -140,8 +140,8 @@ class ViT(nn.Module):
     if self.pre_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
-    attention = layers.resolved_attention(self.attention)
-    x, tokens = layers.pad_tokens(x, layers.token_multiple(attention))  # once, not around every layer's kernel
+    attention = kernels.resolved_attention(self.attention)
+    x, tokens = kernels.pad_tokens(x, kernels.token_multiple(attention))  # once, not around every layer's kernel
 
     run_blocks = layers.stack_blocks(
         EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
@@ -183,7 +183,7 @@ def build(model_cfg, dtype) -> ViT:
                 pre_norm=model_cfg.pre_norm,
                 patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act))
   assert set(kwargs) <= fields
-  layers.check_attention(model_cfg.attention)
+  kernels.check_attention(model_cfg.attention)
   return ViT(**kwargs)
 
 
