@@ -131,7 +131,7 @@ def get_config(arg: str | None = None):
   set_fields(config.model.text, variant="XL", vocab_size=32000, max_len=77)
   # loss: 1.0 * SimMIM L1 + 1.0 * contrastive + 2.0 * captioning CE
   config.loss = ml_collections.ConfigDict(dict(mim_weight=1.0, contrastive_weight=1.0, caption_weight=2.0))
-  # data: 1.5B image-text pairs and 0.5B uncaptioned images, sampled 0.75 / 0.25 (data/mixture.py; the
+  # data: 1.5B image-text pairs and 0.5B uncaptioned images, sampled 0.75 / 0.25 (data/loader/mixture.py; the
   # uncaptioned ones train MIM only), at 448 px, random crop + horizontal flip; held-out pairs for evaluation;
   # the tokenizer from tools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14
   # grid, 118 masked). The paper names LAION-5B, COCO and Visual Genome among the pairs without proportions: by

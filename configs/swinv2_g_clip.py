@@ -86,8 +86,8 @@ before the peak rate. Every weight carries over; the position bias is recomputed
   | data order       | config.seed 1                                           | ours: a stream of its own (below)    |
   | micro-batches    | 8 of 1,024, remat dots_with_no_batch_dims_saveable      | ours: the GPU compiler's A100 plan   |
 
-Data order: the stream's order and its augmentations are a pure function of config.seed (data/mixture.py,
-data/pipeline.py; there is no separate data seed), so at the 224 px run's seed 0 this stage would begin with
+Data order: the stream's order and its augmentations are a pure function of config.seed (data/loader/mixture.py,
+data/loader/pipeline.py; there is no separate data seed), so at the 224 px run's seed 0 this stage would begin with
 the very pairs that run began with. Seed 1 gives it a fresh order of the same pairs (and fresh stochastic depth
 and Mixup draws); a 224 px run launched with `--config.seed=1` needs another seed here.
 

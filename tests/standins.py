@@ -614,7 +614,7 @@ def write_imagenet_variants(root: Path) -> dict:
   """ImageNetV2 (matched-frequency), ImageNet-Sketch, ImageNet-R and ImageNet-A as their archives unpack under
   `root`: every class folder of each set (their readers require all of them), one small JPEG in each, named as
   the release names its files. Returns {set folder: images}."""
-  from visionfm_jax.data import imagenet_variants  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.sources import imagenet_variants  # pylint: disable=g-import-not-at-top
   wnids = imagenet_variants.imagenet_wnids()
   folders = {
       "imagenetv2-matched-frequency-format-val": {f"{i}/{i:04x}a1b2c3.jpeg": i for i in range(len(wnids))},

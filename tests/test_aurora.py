@@ -12,7 +12,7 @@ from conftest import random_params, tiny_aurora_config
 import test_train_step
 from visionfm_jax import config_lib, models, parallel, tasks
 from visionfm_jax.bench import hlo_cost
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels
 from visionfm_jax.tasks import aurora, image_text

@@ -27,7 +27,7 @@ import pytest
 
 from visionfm_jax import config_lib
 from visionfm_jax.convert import stack_layers
-from visionfm_jax.data.tokenizer import BOS_ID, EOS_ID, PAD_ID
+from visionfm_jax.data.text.tokenizer import BOS_ID, EOS_ID, PAD_ID
 from visionfm_jax.models import aurora, layers, swinv2, text
 
 torch = pytest.importorskip("torch")

@@ -5,7 +5,7 @@ import sys
 import ml_collections
 
 import standins
-from visionfm_jax.data import sources
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.tools import build_tfds
 
 DATA_CFG = dict(train_split="train", eval_split="validation")

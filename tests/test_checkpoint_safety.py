@@ -26,7 +26,7 @@ from conftest import ROOT, cpu_env, tiny_vit_config
 from test_data import RangeSource
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import checkpoint, optim, train
-from visionfm_jax.data import pipeline
+from visionfm_jax.data.loader import pipeline
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpoint-tmp, renamed to S when complete
 SHAPE = (2048, 8192)  # 64 MiB of float32; three of them take a good fraction of a second to write

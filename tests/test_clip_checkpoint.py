@@ -15,7 +15,10 @@ import pytest
 from PIL import Image, ImageDraw
 
 from conftest import randomize_hf_params
-from visionfm_jax.data import records, shapes, tokenizer as tokenizer_lib, transforms
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.text import tokenizer as tokenizer_lib
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import clip_checkpoint, filter_clip_score as fcs, import_hf
 

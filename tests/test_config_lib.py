@@ -54,7 +54,7 @@ def test_cpu_demo_names_an_unknown_source():
 def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
   config = config_lib.load(os.path.join(ROOT, "configs", spec))
   checks.validate(config, num_devices=1)
-  from visionfm_jax.data import sources  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.sources import registry as sources  # pylint: disable=g-import-not-at-top
   assert all(sources.source_kind(spec) in config_lib.DEMO_DATA for _, spec, _ in sources.train_specs(config.data))
   assert config.data.num_workers == 0
   assert (config.precision.compute_dtype, config.strategy, config.model.remat_policy) == ("float32", "ddp", "none")

@@ -18,6 +18,7 @@ from conftest import tiny_clip_config as _tiny
 from test_train_step import _setup
 import test_real_data
 from visionfm_jax import data, parallel, tasks
+from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
@@ -222,7 +223,7 @@ def test_zeroshot_prompt_ensembling():
 def test_short_shapes_captions_name_size_colour_and_shape_only():
   config = _tiny()
   source = tasks.contrastive.data.build_source("shapes", "train", config.data)
-  full = tasks.contrastive.data.shapes.ShapesSource("train", 5, 16)
+  full = shapes.ShapesSource("train", 5, 16)
   for i in range(5):
     short, long = source[i]["caption"], full[i]["caption"]
     assert long.startswith(short + " ") and "background" in long and "background" not in short

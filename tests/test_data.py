@@ -14,7 +14,10 @@ import pytest
 from PIL import Image
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import pipeline, shapes, sources, transforms
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 

@@ -1,5 +1,5 @@
 """Tests of the dense-task data: the scenes set, the ADE20K and COCO readers, the segmentation and detection
-batch contracts (data/dense.py) and the COCO ground truth."""
+batch contracts (data/loader/dense.py) and the COCO ground truth."""
 
 import io
 import json
@@ -9,7 +9,10 @@ from PIL import Image
 import pytest
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import ade20k, dense, dense_transforms, scenes, shapes, sources, transforms
+from visionfm_jax.data.embedded import scenes, shapes
+from visionfm_jax.data.loader import dense
+from visionfm_jax.data.sources import ade20k, registry as sources
+from visionfm_jax.data.transforms import dense_transforms, host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 S = 32

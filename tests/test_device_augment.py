@@ -1,4 +1,4 @@
-"""The host + device split of the training augmentation (data/device_augment.py): the device's colour jitter,
+"""The host + device split of the training augmentation (data/transforms/device_augment.py): the device's colour jitter,
 flip and normalisation reproduce the host-only chain they replaced, to float rounding."""
 
 import jax
@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib, tasks
-from visionfm_jax.data import device_augment, pipeline, randaugment, transforms
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.transforms import device_augment, host as transforms, randaugment
 from tests.test_data import data_config
 
 MEAN = np.asarray((0.485, 0.456, 0.406), np.float32) * 255.0

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT
 from test_bad_input import run_main_in_process
 from visionfm_jax import config_lib
-from visionfm_jax.data import records
+from visionfm_jax.data.sources import records
 from visionfm_jax.errors import DataError
 from visionfm_jax.training import dry_run
 
@@ -118,7 +118,7 @@ def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, m
 
 def test_an_empty_eval_source_stops_a_run_at_start_up(tmp_path):
   """open_eval_source, which every evaluator opens when built, refuses an empty split as a missing one."""
-  from visionfm_jax.data import pipeline  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.loader import pipeline  # pylint: disable=g-import-not-at-top
   _empty_split(tmp_path, "validation")
   config = config_lib.base_config()
   config.data.source = f"arrayrecord:{tmp_path}/{{split}}-*.array_record"

@@ -22,7 +22,7 @@ from conftest import tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: di
 from visionfm_jax import convert, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.training import checkpoint
 from visionfm_jax.convert import hf_files, hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.data import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.data.embedded import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import swinv2, text, vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.tools import export_hf, import_hf  # noqa: E402  pylint: disable=g-import-not-at-top

@@ -20,7 +20,10 @@ import hostile
 from conftest import ROOT, tiny_aurora_config, tiny_clip_config
 from visionfm_jax import tasks
 from visionfm_jax.training import checkpoint
-from visionfm_jax.data import limits, records, shapes, transforms
+from visionfm_jax.data import limits
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.tools import filter_clip_score as fcs
 
 STEP = 3

@@ -18,7 +18,8 @@ from PIL import Image
 from conftest import ROOT, cpu_env, random_params, tiny_aurora_config
 from visionfm_jax import tasks
 from visionfm_jax.models import generate
-from visionfm_jax.data import shapes, tokenizer as tokenizer_lib
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.text import tokenizer as tokenizer_lib
 from visionfm_jax.tools import caption
 
 # One xdist worker runs the module: the tests on the trained model share one training run (a module fixture is
@@ -344,7 +345,7 @@ def test_length_penalty_factor():
 
 def test_caption_images_take_the_runs_evaluation_view(tmp_path):
   """An image file is cropped as the run's evaluation crops (config.data.eval_preprocess: Aurora's is CLIP's)."""
-  from visionfm_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.transforms import host as transforms  # pylint: disable=g-import-not-at-top
   image = np.random.default_rng(0).integers(0, 256, (30, 47, 3), dtype=np.uint8)
   png = tmp_path / "wide.png"
   Image.fromarray(image).save(png)

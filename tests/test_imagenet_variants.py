@@ -17,7 +17,8 @@ from PIL import Image
 
 from conftest import tiny_clip_config
 from visionfm_jax import parallel, tasks
-from visionfm_jax.data import imagenet_variants, sources, transforms
+from visionfm_jax.data.sources import imagenet_variants, registry as sources
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.tasks import image_text

@@ -133,7 +133,7 @@ def test_the_folders_form_no_cycle():
 
 def _module_of(name: str, modules: set[str]) -> str | None:
   """The module of the package a dotted import name lands in: the longest prefix that is a file or a folder's
-  __init__ ('visionfm_jax.data.shapes.SEED' -> 'visionfm_jax.data.shapes')."""
+  __init__ ('visionfm_jax.data.embedded.shapes.SEED' -> 'visionfm_jax.data.embedded.shapes')."""
   parts = name.split(".")
   while parts and ".".join(parts) not in modules:
     parts.pop()
@@ -167,7 +167,37 @@ def test_the_files_form_no_cycle():
                                                    in sorted(file_edges().items()) if s in c and t in c)
             for c in cycles]
   assert not cycles, "import cycles among the package's files:\n" + "\n".join(report)
-  assert ("visionfm_jax.data.sources", "visionfm_jax.data.shapes") in file_edges()  # the graph sees files
+  assert ("visionfm_jax.data.sources.registry", "visionfm_jax.data.embedded.shapes") in file_edges()  # sees files
+
+
+# The folders of data/ (and its own modules) from the top down, as LAYERS for the package: a module of data/ imports
+# from its own folder or from one below it, never from one above. The captions' side sits on top (caption_sets
+# builds its eval batches with the loader), the readers under the loader, the transforms and the limits under the
+# readers. data/__init__ re-exports the loaders and the source registry.
+DATA_LAYERS = ("__init__", "text", "loader", "sources", "embedded", "transforms", "limits")
+DATA_RANK = {name: rank for rank, name in enumerate(DATA_LAYERS)}
+
+
+def _data_unit(module: str) -> str | None:
+  """The folder or module of visionfm_jax/data that a module lies in ('__init__' for the package itself)."""
+  parts = module.split(".")
+  if parts[:2] != ["visionfm_jax", "data"]:
+    return None
+  return parts[2] if len(parts) > 2 else "__init__"
+
+
+def test_every_folder_and_module_of_data_has_a_layer():
+  units = {_data_unit(".".join(f.relative_to(ROOT).with_suffix("").parts)) for f in (PACKAGE / "data").rglob("*.py")}
+  assert units == set(DATA_RANK), f"DATA_LAYERS lacks {sorted(units - set(DATA_RANK))}, names what data/ lacks: " \
+                                  f"{sorted(set(DATA_RANK) - units)}"
+
+
+def test_no_import_in_data_runs_upward():
+  upward = [f"{source} -> {target}: {', '.join(where)}" for (source, target), where in sorted(file_edges().items())
+            if _data_unit(source) and _data_unit(target) and _data_unit(source) != _data_unit(target)
+            and DATA_RANK[_data_unit(target)] < DATA_RANK[_data_unit(source)]]
+  assert not upward, "imports upward among data/'s folders (DATA_LAYERS):\n" + "\n".join(upward)
+  assert ("visionfm_jax.data.text.caption_sets", "visionfm_jax.data.loader.pipeline") in file_edges()
 
 
 def test_the_loop_reaches_a_model_only_through_its_task():
@@ -213,9 +243,9 @@ def test_the_checks_see_what_they_should():
   edges = import_edges()
   assert any("main.py" in line and "training" in line for line in edges[("main", "training")])  # inside run()
   assert ("tasks", "models") in edges and ("training", "tasks") in edges
-  tree = ast.parse("from ..data import tokenizer\nfrom . import layers\n")
+  tree = ast.parse("from ..data.text import tokenizer\nfrom . import layers\n")
   names = [n for node in tree.body for n in _imported(node, PACKAGE / "models" / "text.py")]
-  assert names == ["visionfm_jax.data.tokenizer", "visionfm_jax.models.layers"]
+  assert names == ["visionfm_jax.data.text.tokenizer", "visionfm_jax.models.layers"]
   assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
   tree = ast.parse("from visionfm_jax.models import clip, backbone\n")
   names = [n for node in tree.body for n in _imported(node, PACKAGE / "tools" / "x.py")]

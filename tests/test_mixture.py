@@ -1,4 +1,4 @@
-"""Tests of data mixtures (config.data.mixture, data/mixture.py) and image-only records in the pair pipelines
+"""Tests of data mixtures (config.data.mixture, data/loader/mixture.py) and image-only records in the pair pipelines
 (CPU, host-only)."""
 
 import collections
@@ -11,7 +11,11 @@ import test_data  # tests/ is on sys.path under pytest
 
 from conftest import tiny_vit_config
 from visionfm_jax import tasks
-from visionfm_jax.data import checks as data_checks, mixture, pipeline, records, shapes, skipping, sources, tokenizer, transforms
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.loader import checks as data_checks, mixture, pipeline, skipping
+from visionfm_jax.data.sources import records, registry as sources
+from visionfm_jax.data.text import tokenizer
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 MAX_LEN = 16

@@ -9,7 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visionfm_jax.data import pair_corpora, records, transforms
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.text import pair_corpora
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 from visionfm_jax.tools.prepare_data.captioned import list_pairs

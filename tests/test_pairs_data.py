@@ -10,7 +10,11 @@ import pytest
 import test_data  # tests/ is on sys.path under pytest
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import records as pairs, pipeline, randaugment, shapes, sources, tokenizer, transforms
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import records as pairs, registry as sources
+from visionfm_jax.data.text import tokenizer
+from visionfm_jax.data.transforms import host as transforms, randaugment
 from visionfm_jax.errors import ConfigError, DataError
 
 MAX_LEN = 24

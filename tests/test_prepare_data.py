@@ -15,7 +15,9 @@ import pytest
 from PIL import Image
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import pipeline, records, sources, tokenizer
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import records, registry as sources
+from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cluster_task, image_tree
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data, shards

@@ -12,7 +12,10 @@ import pytest
 
 from conftest import tiny_clip_config, tiny_vit_config
 from visionfm_jax.training import train
-from visionfm_jax.data import pipeline, shapes, sources, tokenizer
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.tools.prepare_data.folders import convert_folders
 from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset

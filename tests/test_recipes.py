@@ -8,7 +8,7 @@ import re
 import pytest
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import mixture as mixture_lib
+from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checks
 

@@ -16,7 +16,9 @@ from PIL import Image
 
 from conftest import tiny_aurora_config, tiny_clip_config
 from visionfm_jax import parallel, tasks
-from visionfm_jax.data import caption_sets, shapes, transforms
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.text import caption_sets
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import retrieval
 from visionfm_jax.tasks import image_text

@@ -16,7 +16,7 @@ import pytest
 
 from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session
 from visionfm_jax import config_lib
-from visionfm_jax.data import pipeline
+from visionfm_jax.data.loader import pipeline
 from visionfm_jax.errors import ConfigError
 
 FAKE_SLURM = os.path.join(ROOT, "tests", "fake_slurm")

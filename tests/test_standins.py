@@ -13,7 +13,8 @@ import pytest
 
 import standins
 from visionfm_jax import convert
-from visionfm_jax.data import ade20k, caption_sets, coco, records, sources, tokenizer, wds
+from visionfm_jax.data.sources import ade20k, coco, records, registry as sources, wds
+from visionfm_jax.data.text import caption_sets, tokenizer
 from visionfm_jax.tools import clip_checkpoint, index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 
@@ -203,7 +204,7 @@ def test_model_repositories_have_the_published_files_and_load(tmp_path):
 
 
 def test_imagenet_variants_open_with_every_class_folder(placed):
-  from visionfm_jax.data import imagenet_variants  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.sources import imagenet_variants  # pylint: disable=g-import-not-at-top
   root, written = placed
   folders = {"imagenetv2": "imagenetv2-matched-frequency-format-val", "imagenet_sketch": "sketch",
              "imagenet_r": "imagenet-r", "imagenet_a": "imagenet-a"}

@@ -1,4 +1,4 @@
-"""Tests of visionfm_jax.data.tokenizer and tools.train_tokenizer (CPU, no network)."""
+"""Tests of visionfm_jax.data.text.tokenizer and tools.train_tokenizer (CPU, no network)."""
 
 import os
 import pickle
@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 
-from visionfm_jax.data import records, tokenizer
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import DataError
 from visionfm_jax.tools import train_tokenizer as tool
 
@@ -102,7 +103,7 @@ def test_bad_model_files(tmp_path):
 
 def test_shipped_shapes_tokenizer_rebuilds_identically(tmp_path):
   shipped = tokenizer.shapes_tokenizer_path()
-  assert shipped.endswith(os.path.join("data", "assets", "shapes_tokenizer.model"))
+  assert shipped.endswith(os.path.join("data", "text", "assets", "shapes_tokenizer.model"))
   rebuilt = tool.run(None, tokenizer.SHAPES_RECORDS, tokenizer.SHAPES_VOCAB_SIZE, str(tmp_path / "shapes.model"),
                      normalization=tokenizer.SHAPES_NORMALIZATION, num_threads=1)
   assert rebuilt.model_file == str(tmp_path / "shapes.model")
@@ -110,7 +111,7 @@ def test_shipped_shapes_tokenizer_rebuilds_identically(tmp_path):
 
 
 def test_shipped_tokenizer_covers_fresh_captions():
-  from visionfm_jax.data.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.embedded.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
   tok = tokenizer.Tokenizer(tokenizer.shapes_tokenizer_path(), max_len=32)
   source = ShapesSource("validation", 1000, 48)
   captions = [source[i]["caption"] for i in range(1000)]

@@ -19,7 +19,10 @@ from PIL import Image
 
 from conftest import ROOT, cpu_env
 from visionfm_jax import config_lib
-from visionfm_jax.data import pipeline, sources, tokenizer, transforms, wds
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import registry as sources, wds
+from visionfm_jax.data.text import tokenizer
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cluster_task, index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data

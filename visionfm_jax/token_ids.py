@@ -1,5 +1,5 @@
 """The token ids every tokenizer of this project reserves, and where a row of tokens ends: shared by the tokenizers
-(data/tokenizer.py) and the text models (models/text.py, models/generate.py) without either importing the other.
+(data/text/tokenizer.py) and the text models (models/text.py, models/generate.py) without either importing the other.
 A leaf: no imports."""
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3

@@ -4,7 +4,7 @@ names below, from this package.
 
 Configs are `ml_collections.ConfigDict`s. Every field with a domain (a numeric range, or a set of names) has it in
 one table, `DOMAINS`, which `check` checks. The package is data: it imports nothing of visionfm_jax but its
-errors. The checks between fields live with their owners (data/checks.py, parallel/checks.py,
+errors. The checks between fields live with their owners (data/loader/checks.py, parallel/checks.py,
 training/optim.py), and training/checks.py `validate` runs them all.
 """
 

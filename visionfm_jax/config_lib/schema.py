@@ -26,7 +26,7 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.6592
 # once for all towers, and no classification head. A tower's config has neither.
 TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy")
 TOWER_HEADLESS = {"num_classes": 0, "head_bias_init": 0.0}
-# RandAugment's largest magnitude M (data/randaugment.py): here, without Pillow and grain, for DOMAINS.
+# RandAugment's largest magnitude M (data/transforms/randaugment.py): here, without Pillow and grain, for DOMAINS.
 RANDAUGMENT_MAX_MAGNITUDE = 30
 
 
@@ -218,10 +218,10 @@ def data_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       # shapes | shapes:images (uncaptioned) | tfds:<name>[:<version>][:<split>]
       # | arrayrecord:<glob, '{split}' = the split> (tools.prepare_data)
-      # | wds:<glob of indexed img2dataset tars>[;min_similarity=X;max_pwatermark=X;max_punsafe=X] (data/wds.py)
+      # | wds:<glob of indexed img2dataset tars>[;min_similarity=X;max_pwatermark=X;max_punsafe=X] (data/sources/wds.py)
       # | dense tasks: scenes | ade20k:<ADEChallengeData2016 dir> | coco:<dir with train2017/ val2017/ annotations/>
       source="shapes",
-      # ((spec, weight), ...): train on a weighted mixture of sources instead (data/mixture.py; source must be
+      # ((spec, weight), ...): train on a weighted mixture of sources instead (data/loader/mixture.py; source must be
       # ''), e.g. (("arrayrecord:/d/pairs/{split}-*", 3.0), ("shapes:images", 1.0)); () = source alone
       mixture=(),
       eval_source="",  # the same forms; '' = source (with eval_split), else the mixture's first entry
@@ -231,13 +231,13 @@ def data_config() -> ml_collections.ConfigDict:
       eval_split="validation",
       image_size=224,
       # grain worker processes per training process (one per node under launch/slurm.sbatch); 0 reads in the main
-      # process; -1: one per CPU the process may run on, less one for the trainer, at most 32 (data/pipeline.py)
+      # process; -1: one per CPU the process may run on, less one for the trainer, at most 32 (data/loader/pipeline.py)
       num_workers=-1,
       prefetch=2,  # batches buffered per worker
       device_prefetch=2,  # batches copied to the devices ahead of the step (training/prefetch.py); 0: none
       shuffle=True,
       eval_examples=-1,  # -1: the whole eval split
-      # evaluation's resize + central crop (data/transforms.py EvalTransform): 'inception' = shorter side to
+      # evaluation's resize + central crop (data/transforms/host.py EvalTransform): 'inception' = shorter side to
       # size / 0.875, bilinear (ImageNet classification); 'clip' = shorter side to size, bicubic (CLIP zero-shot)
       eval_preprocess="inception",
       max_skipped_fraction=0.02,  # stop when more of the training records read are corrupt/undecodable
@@ -245,7 +245,7 @@ def data_config() -> ml_collections.ConfigDict:
       shapes_train_size=1_000_000,
       shapes_eval_size=10_000,
       shapes_captions="full",  # full: size, colour, shape, position, background | short: size, colour, shape
-      # Dense tasks (data/dense.py). 'scenes' (split sizes: shapes_train_size / shapes_eval_size) paints
+      # Dense tasks (data/loader/dense.py). 'scenes' (split sizes: shapes_train_size / shapes_eval_size) paints
       # 1..scenes_max_objects shapes per image.
       scenes_max_objects=4,
       seg_scale_range=(0.5, 2.0),  # segmentation training: short side to image_size * r, r ~ U(range); crop
@@ -259,7 +259,7 @@ def data_config() -> ml_collections.ConfigDict:
 
 
 def augment_config() -> ml_collections.ConfigDict:
-  """`config.data.augment`: training-time augmentations (data/transforms.py, data/randaugment.py)."""
+  """`config.data.augment`: training-time augmentations (data/transforms/host.py, data/transforms/randaugment.py)."""
   return ml_collections.ConfigDict(dict(
       random_resized_crop=True,
       crop_scale=(0.08, 1.0),
@@ -268,7 +268,7 @@ def augment_config() -> ml_collections.ConfigDict:
       color_jitter=0.0,  # brightness/contrast/saturation strength; 0 disables
       randaugment_ops=0,  # RandAugment N (operations per image); 0 disables
       randaugment_magnitude=9,  # RandAugment M, 0..30 (M / 10 of AutoAugment's maximum strength)
-      # RandAugment operations to leave out (data/randaugment.py OPS), e.g. GEOMETRIC_OPS for captions
+      # RandAugment operations to leave out (data/transforms/randaugment.py OPS), e.g. GEOMETRIC_OPS for captions
       # that name positions
       randaugment_exclude=(),
       mixup_alpha=0.0,  # image-text Mixup (contrastive task): lam ~ Beta(alpha, alpha); 0 disables
@@ -309,12 +309,12 @@ def eval_config(**family_fields) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(
       retrieval=True,  # R@1/5/10 on the first data.eval_examples pairs of data.eval_split
       # ((name, spec), ...): retrieval with every caption of each image, e.g. (('coco', 'coco_karpathy:/data/coco'),
-      # ('flickr30k', 'flickr30k:/data/flickr30k')); specs in data/caption_sets.py, metrics
+      # ('flickr30k', 'flickr30k:/data/flickr30k')); specs in data/text/caption_sets.py, metrics
       # eval/<name>_retrieval/i2t_r1, ...; () = none
       retrieval_benchmarks=(),
       # ((name, spec), ...): zero-shot classification on further labelled sets with OpenAI's names and templates,
       # e.g. (('imagenet_r', 'imagenet_r:/data/imagenet-r'), ('imagenetv2', 'imagenetv2:/data/imagenetv2')); specs
-      # of ImageNet's variants in data/imagenet_variants.py, metrics eval/zeroshot_<name>/top1, ...; () = none
+      # of ImageNet's variants in data/sources/imagenet_variants.py, metrics eval/zeroshot_<name>/top1, ...; () = none
       zeroshot_benchmarks=(),
       zeroshot_benchmark_templates="imagenet",  # their prompts: OpenAI's 80; 'imagenet_simple': 8 of them
       **family_fields,

@@ -89,7 +89,7 @@ def coco_detections(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, 
 
   `to_pixels` (B,) multiplies normalised coordinates into original pixels (S / scale for the dense eval
   batches); boxes are clipped to `orig_size` (B, 2) (h, w) when given; rows with `valid` False are skipped.
-  Category ids are the classes, as the ground truth of the dense sources has them (data/dense.py
+  Category ids are the classes, as the ground truth of the dense sources has them (data/loader/dense.py
   `coco_ground_truth`: COCO's ids in its categories' 'coco_id').
   """
   scores, classes, boxes = np.asarray(scores), np.asarray(classes), np.asarray(boxes, np.float64)
@@ -109,7 +109,7 @@ def coco_detections(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, 
 
 class DetectionEvaluator:
   """COCO mAP of `predict(params, images) -> {"logits", "boxes"}` over the dense eval batches ('image',
-  'image_id', 'orig_size', 'scale', 'valid'; see data/dense.py) against `ground_truth` (the COCO dict of
+  'image_id', 'orig_size', 'scale', 'valid'; see data/loader/dense.py) against `ground_truth` (the COCO dict of
   exactly those examples). Keeps the `top_k` best (location, class) pairs per image. Every process gathers
   all processes' detections and gets the same numbers."""
 

@@ -31,7 +31,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 
 from visionfm_jax import data
-from visionfm_jax.data.sources import eval_source_spec
+from visionfm_jax.data.sources.registry import eval_source_spec
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models.backbone import image_tower
 

@@ -1,7 +1,7 @@
 """Image-text retrieval: recall@k in both directions, with any number of captions per image.
 
 Caption c describes image caption_image[c]; held-out pairs are the case of one caption each (caption_image =
-0..N-1), COCO and Flickr30k the case of about five (data/caption_sets.py), as papers report them.
+0..N-1), COCO and Flickr30k the case of about five (data/text/caption_sets.py), as papers report them.
 
 A query's candidates are ordered by decreasing score, ties in index order (ties favour the lower index, so a
 constant scorer gets chance, not 100%); its rank is the position of its first true candidate in that order:
@@ -89,7 +89,7 @@ class RetrievalEvaluator:
 
 
 class CaptionRetrievalEvaluator:
-  """A retrieval benchmark with several captions per image (data/caption_sets.py): images and captions are
+  """A retrieval benchmark with several captions per image (data/text/caption_sets.py): images and captions are
   embedded separately, each in batches sharded over the processes, gathered to every host by their index.
 
   `embed_images(params, images)` / `embed_texts(params, tokens)` -> unit embeddings, called as given (pass jitted

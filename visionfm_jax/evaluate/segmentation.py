@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from visionfm_jax.data.dense_transforms import IGNORE
+from visionfm_jax.data.transforms.dense_transforms import IGNORE
 
 
 def confusion_matrix(pred: jax.Array, labels: jax.Array, num_classes: int, ignore_label: int = IGNORE) -> jax.Array:

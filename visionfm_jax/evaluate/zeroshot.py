@@ -6,7 +6,7 @@ padding rows, ties) is `classification.TopKEvaluator`'s.
 
 Besides config.eval.zeroshot_classes on config.eval.zeroshot_source, config.eval.zeroshot_benchmarks names
 further sets, ((name, source spec), ...), each logged as `eval/zeroshot_<name>/top1`, `top5`, `count`
-(`benchmark_evaluators`): ImageNet's variants as papers report them (data/imagenet_variants.py:
+(`benchmark_evaluators`): ImageNet's variants as papers report them (data/sources/imagenet_variants.py:
 `imagenet_r:<root>` etc.), or any labelled source whose label names are ImageNet WordNet ids. Their classes get
 OpenAI's curated names of those ImageNet classes and the templates of config.eval.zeroshot_benchmark_templates
 ('imagenet': OpenAI's 80, as papers report; 'imagenet_simple': 8 of them); every image of the set is scored
@@ -24,7 +24,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax import data
-from visionfm_jax.data import imagenet_variants, shapes, sources
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.sources import imagenet_variants, registry as sources
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate.classification import TopKEvaluator
 

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax import data
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.evaluate import panels, sums
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, generate

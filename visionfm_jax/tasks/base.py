@@ -44,7 +44,8 @@ import numpy as np
 from jax.sharding import Mesh
 
 from visionfm_jax import models, parallel
-from visionfm_jax.data import device_augment, sources, transforms
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.transforms import device_augment, host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 
@@ -93,8 +94,8 @@ def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: 
 
 class Task(abc.ABC):
   """The contract of a task (module docstring); builds the model and normalises uint8 images on the device, where
-  training images also get their per-pixel augmentation (data/device_augment.py) when the task's loader leaves it
-  to the device."""
+  training images also get their per-pixel augmentation (data/transforms/device_augment.py) when the task's loader
+  leaves it to the device."""
 
   # Whether train_loader's batches carry the per-example parameters of transforms.train_transforms' device part
   # (transforms.device_params_spec); tasks whose loaders augment on the host (dense tasks) set False.

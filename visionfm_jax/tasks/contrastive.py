@@ -10,7 +10,7 @@ still the whole global batch's. After every update the temperature parameter is 
 Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split,
 `retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs, and `<name>_retrieval` for
 each (name, spec) of config.eval.retrieval_benchmarks: COCO / Flickr30k with every caption of each image
-(data/caption_sets.py; `eval/coco_retrieval/i2t_r1`, ..., `count` images, `captions`).
+(data/text/caption_sets.py; `eval/coco_retrieval/i2t_r1`, ..., `count` images, `captions`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax import data
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.models import clip
 from visionfm_jax.tasks import image_text

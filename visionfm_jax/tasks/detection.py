@@ -23,7 +23,7 @@ pretraining checkpoint), `neck/` and `head/` from config.head:
   class_weight, l1_weight, giou_weight, focal_alpha, focal_gamma   matching cost = loss weights
   top_k           detections kept per image at evaluation
 
-Batches: data/dense.py's detection layout. Metrics: train/loss_class, train/loss_l1, train/loss_giou (unweighted
+Batches: data/loader/dense.py's detection layout. Metrics: train/loss_class, train/loss_l1, train/loss_giou (unweighted
 parts), eval/det/{map, ap50, ap75, ap_small, ap_medium, ap_large, ar100} (pycocotools, evaluate/detection.py).
 `train_flops_per_example` is None: there is no analytic counter for the neck, the head and the matching, so the
 loop logs no train/mfu for detection runs.
@@ -37,7 +37,7 @@ from visionfm_jax import data
 
 
 from visionfm_jax.detection import losses as detection_losses, matching
-from visionfm_jax.data import dense as dense_data
+from visionfm_jax.data.loader import dense as dense_data
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import detector
@@ -55,7 +55,7 @@ def check_config(config) -> None:
 
 
 class DetectionTask(Task):
-  augments_on_device = False  # data/dense_transforms.py flips on the host, with the labels
+  augments_on_device = False  # data/transforms/dense_transforms.py flips on the host, with the labels
 
   def __init__(self, config, mesh=None):
     check_config(config)

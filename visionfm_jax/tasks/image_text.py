@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax import data
-from visionfm_jax.data import caption_sets, tokenizer as tokenizer_lib
+from visionfm_jax.data.text import caption_sets, tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.tasks import losses

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec as P
 
 from visionfm_jax import parallel
-from visionfm_jax.data.dense_transforms import IGNORE
+from visionfm_jax.data.transforms.dense_transforms import IGNORE
 
 
 

@@ -8,7 +8,7 @@ the rest:
   head_channels   UPerNet's width; ppm_scales its pyramid-pooling bins; dropout before the classifier
   eval_window     inference window (0: config.model.image_size, the training crop); eval_stride its step
 Evaluation (evaluator 'seg': eval/seg/miou, eval/seg/pixel_acc, eval/seg/mean_acc) runs on the eval canvas of
-data/dense.py (image_size x (seg_eval_width or image_size)): one whole-image pass when the canvas equals the
+data/loader/dense.py (image_size x (seg_eval_width or image_size)): one whole-image pass when the canvas equals the
 window, else mmseg's sliding-window inference (windows every eval_stride pixels, logits averaged on overlaps).
 
 With gradient accumulation each micro-batch's loss is the mean over its own labelled pixels (as mmseg's
@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.tasks import losses
-from visionfm_jax.data import dense as dense_data
-from visionfm_jax.data.dense_transforms import IGNORE
+from visionfm_jax.data.loader import dense as dense_data
+from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator
 from visionfm_jax.models import segmenter
@@ -47,7 +47,7 @@ def check_config(config) -> None:
 
 
 class SegmentationTask(Task):
-  augments_on_device = False  # data/dense_transforms.py flips on the host, with the labels
+  augments_on_device = False  # data/transforms/dense_transforms.py flips on the host, with the labels
 
   def __init__(self, config, mesh=None):
     check_config(config)

@@ -23,8 +23,8 @@ brackets, images per CPU second (above 1: ours faster). Pillow decodes and resiz
 even with 0 workers: the cpu/wall column (process CPU time over wall time, this process only, so ~0 for loaders
 with workers) shows whether a one-core figure really used one core, and below 1 that the process waited for a
 core. On a shared machine, run it a few times: other load lowers every figure.
-Then, for reference, the device part (data/device_augment.augment under jit, on this process's jax backend) on
---batch_size images: milliseconds per image.
+Then, for reference, the device part (data/transforms/device_augment.augment under jit, on this process's jax
+backend) on --batch_size images: milliseconds per image.
 Prints a table, then, as the last line, one JSON object with every figure and the machine. Bad input
 (config, source, flags) prints one line and exits with status 2.
 """
@@ -53,7 +53,9 @@ from ml_collections import config_flags
 from PIL import Image
 
 from visionfm_jax import config_lib
-from visionfm_jax.data import device_augment, pipeline, records, sources, transforms, wds
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import records, registry as sources, wds
+from visionfm_jax.data.transforms import device_augment, host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 

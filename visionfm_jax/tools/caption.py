@@ -23,7 +23,8 @@ from absl import flags
 from visionfm_jax import tasks
 
 from visionfm_jax.models import generate
-from visionfm_jax.data import shapes, transforms
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib

@@ -60,7 +60,9 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic
-from visionfm_jax.data import pipeline, records, transforms
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tools import cli

@@ -5,7 +5,7 @@ LAION score threshold that keeps a given number of samples.
   python -m visionfm_jax.tools.index_tars --input=GLOB --keep=K [--max_pwatermark=W] [--max_punsafe=U]
       [--selection_out=FILE]
 
-Writes next to each tar matching GLOB its `<tar>.index.npz` (`data.wds.index_tar`: per sample with an image
+Writes next to each tar matching GLOB its `<tar>.index.npz` (`data.sources.wds.index_tar`: per sample with an image
 its key, the offsets and sizes of its image, caption and .json members and LAION's scores from the .json;
 about 1.1 MB per 10,000 samples, a fraction of a percent of the tar), via a temporary file renamed when
 complete. Reads each tar's headers, captions and .json members once, decoding no image (about 10,000 samples
@@ -23,7 +23,7 @@ given, on one line, e.g.:
   for 1,200,000,000); rejected: similarity 1,033,120,421, punsafe 88,336,381; 4 passes over 232,146 indexes, 1390.2 s
 
 Those flags, given to prepare_data (or as options of the `wds:` source), keep exactly the printed count: it is
-counted on the printed value with their comparison (`data.wds.ScoreFilter`: similarity >= S in float64; a sample
+counted on the printed value with their comparison (`data.sources.wds.ScoreFilter`: similarity >= S in float64; a sample
 without a score a condition needs fails it), before prepare_data drops undecodable images. Samples with equal
 scores are kept or left out together, so a tie at the boundary keeps fewer than K. The printed value is the one
 with the fewest digits that keeps that count. --selection_out=FILE writes the same as JSON (`flags`: the flags
@@ -52,7 +52,7 @@ import numpy as np
 from absl import flags
 
 from visionfm_jax import atomic
-from visionfm_jax.data import wds
+from visionfm_jax.data.sources import wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli, cluster_task
 
@@ -233,7 +233,7 @@ def shortest_decimal(low: float, high: float) -> str:
 class Selection:
   keep: int  # the count asked for
   threshold: str  # the printed --min_similarity
-  kept: int  # what it keeps, counted by data.wds.ScoreFilter
+  kept: int  # what it keeps, counted by data.sources.wds.ScoreFilter
   samples: int  # indexed samples
   eligible: int  # samples with a similarity that pass the other filters
   filtered: dict  # {score: samples it rejects}, as prepare_data counts them

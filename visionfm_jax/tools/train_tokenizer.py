@@ -5,7 +5,7 @@ r"""Trains a SentencePiece tokenizer (pad=0, unk=1, bos=2, eos=3) for the text t
       --vocab_size=32000 --out=/data/laion_filtered/tokenizer_32k [--max_sentences=10000000] [--seed=0]
   python -m visionfm_jax.tools.train_tokenizer --tars='/raw/laion/*.tar' --vocab_size=32000 --out=PATH
   python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
-      --normalization=identity --num_threads=1 --out=visionfm_jax/data/assets/shapes_tokenizer   # the demo's
+      --normalization=identity --num_threads=1 --out=visionfm_jax/data/text/assets/shapes_tokenizer   # the demo's
 
 The captions are streamed, never the images decoded: TEXT holds one caption per line; --records reads the
 `caption` field of the ArrayRecord files matching GLOB (as tools.prepare_data and tools.filter_clip_score write
@@ -17,7 +17,7 @@ captions (stripped, empty ones left out) a uniform sample of --max_sentences is 
 about (mean caption bytes + 60) per sentence in Python, and SentencePiece's trainer several times the sample's
 text (docs/data_preparation.md has the measured figures). SentencePiece trains on --num_threads threads.
 A caption (or line) over data/limits.py's MAX_TEXT_BYTES is never read whole: it is left out and counted, as
-are the tar samples `data.wds.tar_listing` refuses (links, unsafe names, oversized members).
+are the tar samples `data.sources.wds.tar_listing` refuses (links, unsafe names, oversized members).
 
 Writes PATH.model (a trailing '.model' on PATH is accepted) and prints how many captions it sampled from how
 many, how many it left out and why, and the vocabulary size. Deterministic: the same captions, --max_sentences, --seed and --num_threads
@@ -36,7 +36,9 @@ from absl import flags
 from array_record.python import array_record_module
 import msgpack
 
-from visionfm_jax.data import limits, tokenizer, wds
+from visionfm_jax.data import limits
+from visionfm_jax.data.sources import wds
+from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli
 
@@ -137,7 +139,7 @@ def stream_record_captions(pattern: str, left_out: collections.Counter | None = 
 
 def stream_tar_captions(pattern: str, left_out: collections.Counter | None = None) -> Iterator[str]:
   """The captions (`.txt` members) of the tars matching `pattern`, names in order, each tar read once front to
-  back, its images never read (`data.wds.tar_captions`); the samples it leaves out are counted in `left_out`."""
+  back, its images never read (`data.sources.wds.tar_captions`); the samples it leaves out are counted in `left_out`."""
   for path in _matching("tars", pattern):
     try:
       for _, caption in wds.tar_captions(path, left_out):

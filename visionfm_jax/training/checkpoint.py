@@ -7,7 +7,7 @@ complete ones; opening the directory again deletes such leftover `<step>.orbax-c
 data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
 per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
 the data iterator replays its batches bitwise with the same number of processes, and with another number it
-continues the global stream after every old process's position (`data/resume.py`). An unreadable newest
+continues the global stream after every old process's position (`data/loader/resume.py`). An unreadable newest
 checkpoint is skipped for the newest readable one (`restore_newest_readable`). `config/config.json` is what a
 resume compares its config with (`saved_config`, training/resume.py).
 

@@ -1,5 +1,5 @@
 """Every check of a config before a run builds anything: the config's own (config_lib.check: each field in its
-domain), then each owner's between fields: the data section (data/checks.py), the schedule
+domain), then each owner's between fields: the data section (data/loader/checks.py), the schedule
 (training/optim.py), the batch and the mesh (parallel/checks.py). What only a model or a task knows is checked
 when it is built (tasks.build). A run checks its config once: `main` calls `validate` before joining the other
 processes, and the run plan (training/plan.py) only `check_devices` once it knows them; a run started from
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.data import checks as data_checks
+from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.parallel import checks as parallel_checks
 from visionfm_jax.training import optim, trackers
 

@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from visionfm_jax import parallel, tasks
-from visionfm_jax.data import mixture as mixture_lib
+from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.errors import CheckpointError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import checkpoint, checks, optim, plan as plan_lib, train

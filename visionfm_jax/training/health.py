@@ -48,7 +48,7 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from visionfm_jax.data import skipping
+from visionfm_jax.data.loader import skipping
 from visionfm_jax.errors import UserError
 
 RULES = {1: "burst", 2: "rise", 3: "nonfinite", 4: "stall"}

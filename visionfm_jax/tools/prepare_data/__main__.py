@@ -1,4 +1,4 @@
-r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayRecord shards of `data.records`.
+r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayRecord shards of `data.sources.records`.
 
   python -m visionfm_jax.tools.prepare_data --format=folders|webdataset|coco|visual_genome --input=... \
       --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
@@ -28,7 +28,7 @@ from the first 10 N images of the folders taken in a --seed-shuffled order.
 order that hold N examples (only those are listed ahead), e.g. a validation split of pairs.
 --min_similarity, --max_pwatermark, --max_punsafe keep only the samples whose .json has LAION's `similarity`
 (the CLIP ViT-B/32 image-text cosine) at least S, `pwatermark` at most W, `punsafe` at most U (a sample
-without a score a condition needs fails it: `data.wds.ScoreFilter`); the rejected ones are counted per score
+without a score a condition needs fails it: `data.sources.wds.ScoreFilter`); the rejected ones are counted per score
 (the first condition they fail) under 'filtered' in each sidecar and in dataset.json. --selection=FILE takes the
 three from the JSON `index_tars --keep=K --selection_out=FILE` wrote (the thresholds that keep K samples).
 
@@ -36,7 +36,7 @@ three from the JSON `index_tars --keep=K --selection_out=FILE` wrote (the thresh
 annotations/captions_<--coco_folder>.json and <--coco_folder>/; Visual Genome: region_descriptions.json,
 image_data.json, VG_100K/ and VG_100K_2/). Every caption (COCO's five per image) or region phrase becomes one
 pair record {image, caption, key}; Visual Genome's image is the phrase's region cropped (--vg_regions=crop,
-regions under --min_region_size px left out) or the whole image (--vg_regions=image); see data/pair_corpora.py
+regions under --min_region_size px left out) or the whole image (--vg_regions=image); see data/text/pair_corpora.py
 for why. --exclude_karpathy=dataset_coco.json leaves out the images of Karpathy's val and test splits (Visual
 Genome's by their coco_id), so that COCO 5k retrieval is not evaluated on training images. Shards of
 --records_per_shard pairs in listing order; dataset.json's split entry adds the listing's counts (images,
@@ -77,7 +77,8 @@ from typing import Sequence
 
 from absl import flags
 
-from visionfm_jax.data import pair_corpora, wds
+from visionfm_jax.data.sources import wds
+from visionfm_jax.data.text import pair_corpora
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli, cluster_task
 from visionfm_jax.tools.prepare_data.captioned import PAIR_FORMATS, convert_pairs

@@ -1,5 +1,5 @@
 """--format=coco and --format=visual_genome: captioned data sets in their released layouts (listed by
-data/pair_corpora.py) into shards of pair records in listing order, an image per caption or region phrase (the
+data/text/pair_corpora.py) into shards of pair records in listing order, an image per caption or region phrase (the
 region cropped, for Visual Genome's --vg_regions=crop)."""
 
 from __future__ import annotations
@@ -12,13 +12,16 @@ from typing import Iterator
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import limits, pair_corpora, records, transforms
+from visionfm_jax.data import limits
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.text import pair_corpora
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools.prepare_data import shards
 from visionfm_jax.tools.prepare_data.images import image_options, read_image_file, shrink_to_shorter_side
 from visionfm_jax.tools.prepare_data.shards import Example, ShardJob, refused
 
-PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their released layouts (data/pair_corpora.py)
+PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their released layouts (data/text/pair_corpora.py)
 
 
 def read_pairs(job: ShardJob) -> Iterator[Example]:
@@ -60,7 +63,7 @@ def _decode_or_warn(data: bytes, name: str) -> tuple[np.ndarray | None, str]:
 def list_pairs(input_format: str, input_dir: str, *, coco_folder: str = "train2017", vg_regions: str = "crop",
                min_region_size: int = pair_corpora.DEFAULT_MIN_REGION_SIZE,
                exclude_karpathy: str = "") -> tuple[list, dict]:
-  """(pairs, counts) of a captioned data set (`PAIR_FORMATS`; data/pair_corpora.py); UserError naming --input
+  """(pairs, counts) of a captioned data set (`PAIR_FORMATS`; data/text/pair_corpora.py); UserError naming --input
   or --exclude_karpathy when its files are missing or malformed."""
   try:
     excluded = pair_corpora.karpathy_eval_ids(exclude_karpathy) if exclude_karpathy else frozenset()

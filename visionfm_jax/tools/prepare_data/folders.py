@@ -9,7 +9,7 @@ import os
 
 import numpy as np
 
-from visionfm_jax.data import records
+from visionfm_jax.data.sources import records
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cluster_task, image_tree
 from visionfm_jax.tools.prepare_data import shards

@@ -11,7 +11,9 @@ import stat
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import limits, records, transforms
+from visionfm_jax.data import limits
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 RESIZE_REDUCING_GAP = 3.0  # box-reduce first, then Lanczos: per Pillow, near-identical to plain Lanczos, faster

@@ -19,7 +19,8 @@ import time
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from visionfm_jax import atomic
-from visionfm_jax.data import limits, records, wds
+from visionfm_jax.data import limits
+from visionfm_jax.data.sources import records, wds
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cluster_task
 from visionfm_jax.tools.prepare_data.images import ImageOptions, prepare_image, read_image_file

@@ -14,7 +14,7 @@ import re
 from typing import Iterator
 
 from visionfm_jax import atomic
-from visionfm_jax.data import records
+from visionfm_jax.data.sources import records
 from visionfm_jax.tools import cluster_task, image_tree
 from visionfm_jax.tools.prepare_data import shards
 from visionfm_jax.tools.prepare_data.images import ImageOptions

@@ -12,7 +12,8 @@ from typing import Iterator, Sequence
 
 import numpy as np
 
-from visionfm_jax.data import limits, records, wds
+from visionfm_jax.data import limits
+from visionfm_jax.data.sources import records, wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cluster_task
 from visionfm_jax.tools.prepare_data import shards

@@ -1,7 +1,7 @@
 """Host-side image transforms as grain transforms: numpy and Pillow only, uint8 HWC in and out.
 
 The host decodes and does the geometric work (crops, resizes, RandAugment); the per-pixel work (flip, colour
-jitter, normalisation) happens on the device (data/device_augment.py, called by the task), from per-example
+jitter, normalisation) happens on the device (data/transforms/device_augment.py, called by the task), from per-example
 parameters that the host draws (DEVICE_KEYS). `RandomMap`s draw from grain's
 per-record generator, so an augmented batch is a pure function of (seed, record index).
 """
@@ -17,7 +17,9 @@ import grain
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
-from visionfm_jax.data import limits, randaugment, tokenizer as tokenizer_lib
+from visionfm_jax import token_ids
+from visionfm_jax.data import limits
+from visionfm_jax.data.transforms import randaugment
 from visionfm_jax.errors import ConfigError
 
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
@@ -209,7 +211,7 @@ class RandomResizedCrop(grain.transforms.RandomMap):
     return {**element, "image": resize_box(image, (left, top, left + w, top + h), self.size)}
 
 
-# Per-pixel augmentations run on the device (data/device_augment.py): the host draws their per-example
+# Per-pixel augmentations run on the device (data/transforms/device_augment.py): the host draws their per-example
 # parameters from grain's per-record generator, at the same points of its stream as when the host applied them
 # (so an example and its augmentation stay a pure function of (seed, record position)), and the example ops
 # carry them into the batch under these keys.
@@ -370,7 +372,7 @@ class SelectPair(grain.transforms.Map):
   """The record -> example op of image-text pairs and image-only records: uint8 'image', int32 'text'
   (max_len,) tokens of record['caption'], bool 'has_text', and int32 'label' when `with_label` (sources with
   labels: zero-shot evaluation). A record without a caption (or with an empty one) is image-only: its 'text' is
-  all PAD (tokenizer.PAD_ID) and 'has_text' False. A caption over limits.MAX_TEXT_BYTES is never tokenized: the
+  all PAD (token_ids.PAD_ID) and 'has_text' False. A caption over limits.MAX_TEXT_BYTES is never tokenized: the
   record is counted (`count_failure`) and marked 'valid' False, as an undecodable one.
   """
 
@@ -387,7 +389,7 @@ class SelectPair(grain.transforms.Map):
     if caption:
       text, has_text = self.tokenizer.encode(caption), True
     else:
-      text, has_text = np.full((self.tokenizer.max_len,), tokenizer_lib.PAD_ID, np.int32), False
+      text, has_text = np.full((self.tokenizer.max_len,), token_ids.PAD_ID, np.int32), False
     example = {"image": element["image"], "text": text, "has_text": np.bool_(has_text)}
     if self.with_label:
       example["label"] = np.int32(element["label"])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 SPLIT_FOLDERS = {"train": "train2017", "validation": "val2017", "train2017": "train2017", "val2017": "val2017"}

@@ -17,7 +17,8 @@ import grain
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import limits, transforms
+from visionfm_jax.data import limits
+from visionfm_jax.data.transforms import host as transforms
 
 # The mask label of pixels that count for nothing in the segmentation loss and mIoU: unlabelled or uncertain
 # pixels of the sources (scenes, ADE20K) and canvas padding.

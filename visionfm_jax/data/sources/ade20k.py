@@ -5,7 +5,7 @@
 
 Splits 'train' and 'validation' map to the folders 'training' and 'validation'. Labels follow mmseg's
 reduce_zero_label: 0 ('other') becomes IGNORE (255), 1..150 become class ids 0..149, anything above 150
-IGNORE. The 150 class names (`class_names`, from data/assets/ade20k_classes.txt) are the first names of
+IGNORE. The 150 class names (`class_names`, from data/sources/assets/ade20k_classes.txt) are the first names of
 objectInfo150.csv, in label order.
 
 Records: {'image': the encoded image bytes (decoded by the pipeline, which counts undecodable ones), 'mask':
@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from visionfm_jax.data import limits, transforms
-from visionfm_jax.data.dense_transforms import IGNORE
+from visionfm_jax.data import limits
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
 
 NUM_CLASSES = 150
@@ -34,7 +35,8 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 
 @functools.lru_cache(maxsize=1)
 def class_names() -> tuple[str, ...]:
-  text = importlib.resources.files("visionfm_jax.data").joinpath("assets", "ade20k_classes.txt").read_text("utf-8")
+  asset = importlib.resources.files("visionfm_jax.data.sources").joinpath("assets", "ade20k_classes.txt")
+  text = asset.read_text("utf-8")
   names = tuple(line.strip() for line in text.splitlines() if line.strip())
   assert len(names) == NUM_CLASSES, len(names)
   return names

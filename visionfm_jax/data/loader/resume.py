@@ -6,7 +6,7 @@ processes), and within a process by worker (g div P) mod W (W = max(1, data work
 worker owns a residue class of positions modulo P * W, and grain's DataLoader state records, per worker, the
 last position it read ('last_seen_indices').
 
-The stream is a mixture's (data/mixture.py): one source's records, or several sources' interleaved, each
+The stream is a mixture's (data/loader/mixture.py): one source's records, or several sources' interleaved, each
 shuffled per its own epoch; positions are stream positions either way.
 
 So a saved iterator state is a set of consumed positions, whatever P and W were. Restoring onto other P or W

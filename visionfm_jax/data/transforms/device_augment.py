@@ -13,7 +13,7 @@ from typing import Mapping
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 
 LUMA = (0.299, 0.587, 0.114)  # ITU-R 601, as torchvision's rgb_to_grayscale
 

@@ -10,9 +10,9 @@ benchmarks: config.eval.zeroshot_benchmarks):
   |                         | imagenetv2-matched-frequency-format-val/<0..999>/*.jpeg|         |        |
 
 <root> is the folder holding the class folders (e.g. /data/imagenet-r). A set's classes are ImageNet-1k classes
-in ImageNet's class-index order (WordNet ids sorted, data/assets/imagenet_wnids.txt); a record's label is the
+in ImageNet's class-index order (WordNet ids sorted, data/sources/assets/imagenet_wnids.txt); a record's label is the
 index within the set's own class list (0..199 for ImageNet-A and -R, whose 200 classes are
-data/assets/imagenet_{a,r}_wnids.txt), and `class_wnids` names them, so a reader of the labels maps them back to
+data/sources/assets/imagenet_{a,r}_wnids.txt), and `class_wnids` names them, so a reader of the labels maps them back to
 ImageNet classes by WordNet id. ImageNetV2 names its folders by ImageNet class index instead of WordNet id.
 
 Images of a class are read in file-name order, classes in label order. Files ending in .jpg, .jpeg or .png (any
@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -43,7 +43,7 @@ KINDS = {"imagenet_a": ("imagenet_a_wnids.txt", False), "imagenet_r": ("imagenet
 
 @functools.lru_cache(maxsize=None)
 def _read_wnids(asset: str) -> tuple[str, ...]:
-  text = importlib.resources.files("visionfm_jax.data").joinpath("assets", asset).read_text(encoding="utf-8")
+  text = importlib.resources.files("visionfm_jax.data.sources").joinpath("assets", asset).read_text(encoding="utf-8")
   return tuple(line.strip() for line in text.splitlines() if line.strip())
 
 

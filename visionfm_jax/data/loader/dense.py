@@ -1,6 +1,6 @@
 """Input pipelines of the dense tasks: semantic segmentation and object detection.
 
-Sources: 'scenes' (both tasks), 'ade20k:<root>' (segmentation), 'coco:<root>' (detection); see sources.py.
+Sources: 'scenes' (both tasks), 'ade20k:<root>' (segmentation), 'coco:<root>' (detection); see sources/registry.py.
 The machinery is pipeline.py's: per-process shards, (seed, epoch) shuffles, per-record random streams, a
 checkpointable iterator that skips and counts undecodable records, and padded eval batches. S is
 config.data.image_size. Batches (numpy, host-local, B the per-process batch size):
@@ -30,9 +30,11 @@ import math
 
 import numpy as np
 
-from visionfm_jax.data import dense_transforms, pipeline, scenes
-from visionfm_jax.data.sources import build_source, eval_source_spec, eval_source_what, source_kind
-from visionfm_jax.data.sources import class_names as source_class_names
+from visionfm_jax.data.embedded import scenes
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what, source_kind
+from visionfm_jax.data.sources.registry import class_names as source_class_names
+from visionfm_jax.data.transforms import dense_transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 KINDS = ("segmentation", "detection")

@@ -41,7 +41,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visionfm_jax.data import pipeline, transforms
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -77,7 +78,7 @@ class CaptionSet:
 
 
 class SelectImage:
-  """The record -> example op of a CaptionSet in the eval pipeline (data/pipeline.py EvalReader): the
+  """The record -> example op of a CaptionSet in the eval pipeline (data/loader/pipeline.py EvalReader): the
   decoded, cropped 'image' and the record's 'index' (-1 in padding rows)."""
 
   def map(self, element: dict) -> dict:

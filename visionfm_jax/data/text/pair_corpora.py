@@ -32,7 +32,7 @@ import os
 from pathlib import Path
 from typing import NamedTuple
 
-from visionfm_jax.data import caption_sets
+from visionfm_jax.data.text import caption_sets
 from visionfm_jax.errors import DataError
 
 VG_IMAGE_FOLDERS = ("VG_100K", "VG_100K_2")

@@ -9,7 +9,7 @@ position in proportion to the weights (deterministically: position g of the stre
 in the entry), and every position of every entry is reached once). `MixtureSource` serves that stream by
 position, and the training loaders read it in order (pipeline.grain_train_loader): process p of P takes positions
 p, p + P, ..., so the processes' shares of each entry are disjoint, each entry's records appear once per its
-own epoch, and saving, restoring and re-sharding a loader's position (data/resume.py) work on the mixture as on
+own epoch, and saving, restoring and re-sharding a loader's position (data/loader/resume.py) work on the mixture as on
 one source.
 
 A single source is a mixture of one whose seed is the loader's: its stream is exactly the one the loaders read
@@ -28,7 +28,7 @@ import sys
 import grain
 import numpy as np
 
-from visionfm_jax.data import sources
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.errors import DataError
 
 

@@ -4,7 +4,7 @@ Batches are numpy dicts with B, the per-process batch size, leading: classificat
 (B, S, S, 3), 'label': int32 (B,)}; image-text pairs {'image', 'text': int32 (B, L) tokens (all PAD for an
 image-only record), 'has_text': bool (B,), 'label' when every source has labels, 'mim_mask': uint8 (B, g, g)
 SimMIM masks when asked for}; eval batches add 'mask'. Training reads config.data.source or the weighted
-mixture config.data.mixture (data/mixture.py), evaluation one source (`sources.eval_source_spec`). One
+mixture config.data.mixture (data/loader/mixture.py), evaluation one source (`sources.eval_source_spec`). One
 mechanism serves both: a record -> example op (transforms.SelectKeys or transforms.SelectPair), then optional
 extra ops (transforms.AddMimMask), end the same decode/augment chain. The training loop turns the batches into
 global arrays. Nothing here touches jax.
@@ -21,8 +21,9 @@ from absl import flags, logging
 import grain
 import numpy as np
 
-from visionfm_jax.data import mixture as mixture_lib, skipping, transforms
-from visionfm_jax.data.sources import build_source, eval_source_spec, eval_source_what
+from visionfm_jax.data.loader import mixture as mixture_lib, skipping
+from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 
@@ -64,7 +65,7 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   """An infinite, shuffled, augmented loader over this process's shard of the train split.
 
   All processes read one global stream, every record of a source once per its epoch in an order that is a pure
-  function of (seed, epoch) (a mixture: each entry's, see data/mixture.py); process i of P takes the positions
+  function of (seed, epoch) (a mixture: each entry's, see data/loader/mixture.py); process i of P takes the positions
   i, i + P, i + 2P, ... (disjoint shares of each epoch). A mixture's labels are remapped into the union of its
   entries' classes (`sources.train_class_names`).
   `iter(loader)` has get_state/set_state and saves with Orbax through grain.checkpoint.CheckpointSave. The
@@ -217,7 +218,7 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   if mixture.records // process_count < batch_size:
     raise DataError(f"{what} has {mixture.records} records: fewer than one batch of {batch_size} for each of "
                     f"{process_count} processes")
-  # One global stream for all processes (data/resume.py): the mixture orders every entry's records per its
+  # One global stream for all processes (data/loader/resume.py): the mixture orders every entry's records per its
   # epoch and interleaves the entries, the sampler reads that stream in order (its seed: the augmentations'
   # per-position generators), and the loader's shard options give process i the positions i, i + P, i + 2P, ...
   seed = int(seed) % 2**32  # grain takes 32-bit seeds

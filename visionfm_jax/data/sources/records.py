@@ -35,7 +35,7 @@ import numpy as np
 from PIL import Image
 
 from visionfm_jax import atomic
-from visionfm_jax.data import transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 JPEG_QUALITY = 95  # for images given as arrays

@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from visionfm_jax.data import resume
+from visionfm_jax.data.loader import resume
 from visionfm_jax.errors import DataError
 
 VALID = "valid"

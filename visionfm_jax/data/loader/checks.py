@@ -4,7 +4,8 @@ preprocessing's name. Opening the sources is the loaders' (and the dry run's) jo
 
 from __future__ import annotations
 
-from visionfm_jax.data import sources, transforms
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.transforms import host as transforms
 
 
 def check(data_cfg) -> None:

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from visionfm_jax.data import shapes
-from visionfm_jax.data.dense_transforms import IGNORE
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
 
 SCENES_STREAM = 1  # an extra seed word: scenes never share a random stream with shapes records

@@ -21,7 +21,7 @@ import sentencepiece as spm
 import tokenizers
 
 from visionfm_jax import atomic
-from visionfm_jax.data import shapes
+from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import DataError
 from visionfm_jax.token_ids import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, eos_positions  # pylint: disable=unused-import
 
@@ -31,12 +31,12 @@ MODEL_TYPES = ("bpe", "unigram")
 # records at SHAPES_IMAGE_SIZE px (the position words depend slightly on the size). Identity normalisation
 # (no case folding): the captions are lower-case ASCII, and it keeps the file at ~3 KB instead of ~250 KB.
 # Rebuild: python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
-#   --normalization=identity --num_threads=1 --out=visionfm_jax/data/assets/shapes_tokenizer
+#   --normalization=identity --num_threads=1 --out=visionfm_jax/data/text/assets/shapes_tokenizer
 SHAPES_RECORDS, SHAPES_IMAGE_SIZE, SHAPES_VOCAB_SIZE, SHAPES_NORMALIZATION = 20_000, 32, 256, "identity"
 
 
 def shapes_tokenizer_path() -> str:
-  """The demo tokenizer for the shapes captions (package data `data/assets/shapes_tokenizer.model`)."""
+  """The demo tokenizer for the shapes captions (package data `data/text/assets/shapes_tokenizer.model`)."""
   return str(Path(__file__).parent / "assets" / "shapes_tokenizer.model")
 
 

@@ -33,7 +33,8 @@ from typing import Iterator
 
 import numpy as np
 
-from visionfm_jax.data import limits, transforms
+from visionfm_jax.data import limits
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")  # preference order when a key has several

@@ -23,7 +23,7 @@
                               names are ImageNet WordNet ids
 
 Training reads config.data.source, or with `config.data.mixture` = ((spec, weight), ...) and config.data.source
-'' a weighted mixture of such sources (`train_specs`; data/mixture.py reads it). Evaluation reads
+'' a weighted mixture of such sources (`train_specs`; data/loader/mixture.py reads it). Evaluation reads
 config.data.eval_source, else config.data.source, else the mixture's first entry (`eval_source_spec`).
 
 TensorFlow is never imported: TFDS reads ArrayRecord files itself, and nothing is ever downloaded here. A
@@ -37,12 +37,13 @@ import os
 import re
 from pathlib import Path
 
-from visionfm_jax.data import ade20k, coco, imagenet_variants, records, shapes, wds
-from visionfm_jax.data.ade20k import ADE20KSource
-from visionfm_jax.data.coco import CocoSource
-from visionfm_jax.data.records import ArrayRecordSource, split_pattern
-from visionfm_jax.data.scenes import ScenesSource
-from visionfm_jax.data.shapes import SHAPE_NAMES, ShapesSource
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.embedded.scenes import ScenesSource
+from visionfm_jax.data.embedded.shapes import SHAPE_NAMES, ShapesSource
+from visionfm_jax.data.sources import ade20k, coco, imagenet_variants, records, wds
+from visionfm_jax.data.sources.ade20k import ADE20KSource
+from visionfm_jax.data.sources.coco import CocoSource
+from visionfm_jax.data.sources.records import ArrayRecordSource, split_pattern
 from visionfm_jax.errors import ConfigError, DataError
 
 PREPARE_HINT = "see docs/data_preparation.md"
