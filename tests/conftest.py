@@ -209,7 +209,7 @@ def compilation_cache_env(directory):
 def stop_after_writing(monkeypatch, step, times=1):
   """Sends the in-process run a SIGTERM (a preemption notice) once it has written its train metrics of `step`
   for the `times`-th time (log_every 1): it saves the next step and exits, with no change to its config."""
-  from visionfm_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training.infra import metrics  # pylint: disable=g-import-not-at-top
   write, seen = metrics.MetricWriter.write, []
 
   def write_then_signal(self, at, values):

@@ -8,14 +8,18 @@ import sys
 from absl import logging
 import pytest
 
-from visionfm_jax.training import console
+import visionfm_jax
+from visionfm_jax.training.infra import console
 
 
 def _record(pathname: str, level: int = py_logging.INFO) -> py_logging.LogRecord:
   return py_logging.LogRecord("absl", level, pathname, 1, "hello %s", ("there",), None)
 
 
-OURS = os.path.join(os.path.dirname(console.__file__), "train.py")
+# every module of the package is ours, wherever it sits: the entry point and a model as well as the loop
+PACKAGE = os.path.dirname(visionfm_jax.__file__)
+OURS = os.path.join(PACKAGE, "training", "train.py")
+OURS_ELSEWHERE = [os.path.join(PACKAGE, "main.py"), os.path.join(PACKAGE, "models", "vit.py")]
 THEIRS = "/usr/lib/python3/site-packages/orbax/checkpoint/checkpoint_manager.py"
 
 
@@ -34,6 +38,7 @@ def test_filter_keeps_ours_and_warnings_and_theirs_only_when_verbose(console_han
   console.configure(verbose=verbose)  # idempotent: one filter
   assert sum(isinstance(f, console._ConsoleFilter) for f in console_handler.filters) == 1
   assert console_handler.filter(_record(OURS))
+  assert all(console_handler.filter(_record(path)) for path in OURS_ELSEWHERE)
   assert console_handler.filter(_record(THEIRS, py_logging.WARNING))
   assert bool(console_handler.filter(_record(THEIRS))) == verbose
 

@@ -25,7 +25,8 @@ from conftest import FAST_COMPILE_FLAGS, ROOT, tiny_vit_config
 from test_workdir import held_by_another_process
 import tracker_runs
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, faults, optim, train
+from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training.infra import faults
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from visionfm_jax.training import metrics, tensorboard
+from visionfm_jax.training.infra import metrics, tensorboard
 
 record_writer = pytest.importorskip("tensorboardX.record_writer")
 from tensorboardX import crc32c as tbx_crc  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position

@@ -1,4 +1,4 @@
-"""Trackers (training/trackers.py, config.report_to): W&B (offline) and MLflow (sqlite in the workdir) hold, per
+"""Trackers (training/infra/trackers.py, config.report_to): W&B (offline) and MLflow (sqlite in the workdir) hold, per
 step, metrics.jsonl's values through rewinds, resumes and failures, read back with their own libraries
 (tests/tracker_runs.py). The rollback through the loop: test_health; two processes: test_multiprocess."""
 
@@ -19,7 +19,7 @@ from test_bad_input import run_main_in_process
 from tracker_runs import INSTALLED, jsonl_scalars, mlflow_runs, wandb_runs
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import metrics, trackers
+from visionfm_jax.training.infra import metrics, trackers
 
 ALL = "tensorboard,wandb,mlflow"
 needs_both = pytest.mark.skipif(INSTALLED != ("wandb", "mlflow"), reason="pip install -e '.[wandb,mlflow]'")
@@ -140,7 +140,7 @@ _KILLED_MAIN = """
 import os, signal, sys
 from absl import app
 from visionfm_jax import main as entry
-from visionfm_jax.training import metrics
+from visionfm_jax.training.infra import metrics
 write = metrics.MetricWriter.write
 def write_then_die(self, step, values):
   write(self, step, values)

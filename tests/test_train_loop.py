@@ -21,7 +21,8 @@ from PIL import Image
 from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.evaluate import panels
-from visionfm_jax.training import metrics, train
+from visionfm_jax.training import train
+from visionfm_jax.training.infra import metrics
 from visionfm_jax.errors import ConfigError, DataError
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
@@ -312,7 +313,7 @@ def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp
 def test_compile_cache_settings(tmp_path):
   """'' is JAX's own setting when one is made, else the workdir's folder; 'off' none; a path itself. The run's
   setting holds inside `in_use` only."""
-  from visionfm_jax.training import compile_cache  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training.infra import compile_cache  # pylint: disable=g-import-not-at-top
   before = jax.config.jax_compilation_cache_dir
   try:
     jax.config.update("jax_compilation_cache_dir", None)

@@ -21,7 +21,8 @@ import pytest
 
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax.errors import WorkdirError
-from visionfm_jax.training import train, workdir
+from visionfm_jax.training import train
+from visionfm_jax.training.infra import workdir
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
               "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
@@ -207,7 +208,7 @@ def test_metrics_the_disk_refuses_stop_the_run_at_the_next_step_and_the_rerun_re
   """Process 0's metric write fails (ENOSPC) at step 3: the run does not raise there, alone (the other
   processes would wait in the next step), but at step 4's agreed point, before its save, naming the workdir and
   errno; step 2 stays committed and the rerun fills in metrics.jsonl and TensorBoard from step 3."""
-  from visionfm_jax.training import tensorboard  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training.infra import tensorboard  # pylint: disable=g-import-not-at-top
   scalars = tensorboard.EventFile.scalars
 
   def full_at_step_3(self, step, values):

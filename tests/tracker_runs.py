@@ -18,7 +18,7 @@ import json
 import os
 import struct
 
-from visionfm_jax.training import trackers
+from visionfm_jax.training.infra import trackers
 
 # The trackers this machine has (the README's test command installs both; a GPU image may have neither), and
 # config.report_to for every tracker it has.

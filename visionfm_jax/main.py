@@ -74,7 +74,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  from visionfm_jax.training import console  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training.infra import console  # pylint: disable=g-import-not-at-top
   console.configure(verbose=_VERBOSE.value)
   sys.unraisablehook = _ignore_closed_event_loops
   try:
@@ -87,7 +87,8 @@ def main(argv):
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_DISTRIBUTED.value, _CONFIG.value.peer_timeout_s)
     import jax  # pylint: disable=g-import-not-at-top
-    from visionfm_jax.training import faults, train  # pylint: disable=g-import-not-at-top
+    from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
+    from visionfm_jax.training.infra import faults
     logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
                  jax.devices()[0].device_kind)
     peers = faults.PeerWatch(_CONFIG.value.peer_timeout_s)

@@ -336,13 +336,13 @@ def loop_fields() -> dict:
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,
       # In a job of several processes, one whose peer has sent no heartbeat for this long (killed outright, its
-      # node lost) prints an error line naming it and exits so the job can be requeued (training/faults.py
+      # node lost) prints an error line naming it and exits so the job can be requeued (training/infra/faults.py
       # PeerWatch); 0: never (JAX's own heartbeat then aborts the job after 100 s, naming no one).
       peer_timeout_s=30.0,
       # A run of the same SLURM job (a requeue) waits this long for its predecessor to release the workdir's
-      # lock (training/workdir.py); any other holder is refused at once.
+      # lock (training/infra/workdir.py); any other holder is refused at once.
       lock_wait_s=60.0,
-      # JAX's persistent cache of compiled programs (training/compile_cache.py): a requeued or resumed run loads
+      # JAX's persistent cache of compiled programs (training/infra/compile_cache.py): a requeued or resumed run loads
       # its programs instead of compiling them. '': JAX_COMPILATION_CACHE_DIR when set, else
       # <workdir>/compile_cache; 'off': none; else a folder, which runs may share.
       compile_cache="",
@@ -354,7 +354,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow")
 
 
 def tracking_fields() -> dict:
-  """Where the metrics go besides metrics.jsonl, which is always written (training/trackers.py)."""
+  """Where the metrics go besides metrics.jsonl, which is always written (training/infra/trackers.py)."""
   return dict(
       # Comma-separated trackers: tensorboard, wandb, mlflow (each but tensorboard an extra: pip install -e
       # '.[wandb]'); 'none': metrics.jsonl alone.

@@ -3,7 +3,7 @@ examples (the first rows of the first eval batch), so that one panel reads again
 
 A task's `panel(ctx)` (tasks/base.py) returns a function of the params that runs the model on those examples and
 lays out `Cell`s (an image and the lines under it) with `render`. The loop writes the picture to
-`<workdir>/panels/step_<N>.png` and to the trackers (training/metrics.py)."""
+`<workdir>/panels/step_<N>.png` and to the trackers (training/infra/metrics.py)."""
 
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ def initialize_kwargs() -> dict:
 def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
   """Calls jax.distributed.initialize(**initialize_kwargs()) when `mode` is 'on', or 'auto' and
   `launched_distributed()`, with JAX's heartbeat timeout (100 s) at least 3x `peer_timeout_s`, so that the
-  training loop's own watch on its peers (training/faults.py PeerWatch) speaks first."""
+  training loop's own watch on its peers (training/infra/faults.py PeerWatch) speaks first."""
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"mode={mode!r}: expected 'auto', 'on' or 'off'")
   if mode == "off" or (mode == "auto" and not launched_distributed()):

@@ -33,7 +33,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.training import faults, workdir
+from visionfm_jax.training.infra import faults, workdir
 from visionfm_jax.training.param_rules import ParamRules, path_str
 
 

@@ -11,7 +11,8 @@ from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.parallel import checks as parallel_checks
-from visionfm_jax.training import optim, trackers
+from visionfm_jax.training import optim
+from visionfm_jax.training.infra import trackers
 
 
 def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:

@@ -3,8 +3,9 @@ nothing trained, allocated or written.
 
 The config (validated by main.py) is checked against the planned devices and processes (training/checks.py),
 init_from must exist, and the run plan is made as `train.run` makes it (training/plan.py: the model fields
-init_from implies; the workdir's newest checkpoint must accept this config, training/resume.py); the task is built and opens its data as a run does at start-up (the training data, every
-mixture entry, and every evaluator's sources: a missing or empty one is a DataError naming it). The train state
+init_from implies; the workdir's newest checkpoint must accept this config, training/resume.py); the task is
+built and opens its data as a run does at start-up (the training data, every mixture entry, and every
+evaluator's sources: a missing or empty one is a DataError naming it). The train state
 is planned from shapes only (`jax.eval_shape`): its bytes per device under the strategy on the mesh of the
 planned devices (parallel/memory.py); the activations are left to bench/memory_plan.py, which compiles the step.
 
@@ -26,7 +27,7 @@ from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.errors import CheckpointError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import checkpoint, checks, optim, plan as plan_lib, train
-from visionfm_jax.training import workdir as workdir_lib
+from visionfm_jax.training.infra import workdir as workdir_lib
 
 
 def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:

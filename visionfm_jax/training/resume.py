@@ -6,8 +6,8 @@ another model, task, compute dtype or data is refused, naming each field old -> 
 continue such a run: a new workdir does, or `init_from`); a changed schedule or optimiser field needs its name
 in `config.resume.allow_changes`, and is then logged with the learning rate before and after: a new length
 (total_steps, warmup_steps, end_lr) continues from the rate reached, decaying to end_lr over the new length
-(the run plan's schedule anchor, `optim.Anchor`), while a new optim.lr takes the new schedule as it is (the jump asked for); how the run is
-laid out, logged and evaluated may change freely. Each launch's config is kept as `config.<step>.json` (the
+(the run plan's schedule anchor, `optim.Anchor`), while a new optim.lr takes the new schedule as it is (the
+jump asked for); how the run is laid out, logged and evaluated may change freely. Each launch's config is kept as `config.<step>.json` (the
 step it started from), never overwritten; `config.json` is the latest.
 
 A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's
@@ -75,7 +75,8 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
   anchor = _anchor(config_json, saved, step, changed)
   if schedule:
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
-                    _listed(schedule), step, _lr_at(saved, step, saved_anchor(saved)), _lr_at(config_json, step, anchor))
+                    _listed(schedule), step, _lr_at(saved, step, saved_anchor(saved)),
+                    _lr_at(config_json, step, anchor))
   return _described(schedule), anchor
 
 

@@ -26,10 +26,11 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, parallel, tasks
 
-from visionfm_jax.training import checkpoint, compile_cache, console, ema, faults, flops, guards, health, init_from
-from visionfm_jax.training import metrics
+from visionfm_jax.training import checkpoint, ema, flops, guards, health, init_from
+from visionfm_jax.training.infra import compile_cache, console, faults
+from visionfm_jax.training.infra import metrics
 from visionfm_jax.training import checks, optim, plan as plan_lib, precision, prefetch, resume
-from visionfm_jax.training import workdir as workdir_lib
+from visionfm_jax.training.infra import workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training.state import TrainState

@@ -1,5 +1,5 @@
-"""The run's metric writer: `metrics.jsonl` and the trackers (training/trackers.py). Process 0 writes. (The console:
-`console.py`.)"""
+"""The run's metric writer: `metrics.jsonl` and the trackers (training/infra/trackers.py). Process 0 writes.
+(The console: `console.py`.)"""
 
 from __future__ import annotations
 
@@ -16,12 +16,12 @@ from PIL import Image
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import WorkdirError
-from visionfm_jax.training import trackers, workdir as workdir_lib
+from visionfm_jax.training.infra import trackers, workdir as workdir_lib
 
 
 class MetricWriter:
   """Appends `{"step": s, **metrics}` to `<workdir>/metrics.jsonl` and the same scalars to each tracker of
-  `config.report_to` (training/trackers.py; TensorBoard alone without a config).
+  `config.report_to` (training/infra/trackers.py; TensorBoard alone without a config).
 
   A run resumed at `resume_step` first drops the rows of later steps: a run that stopped after its last
   checkpoint logged them, and this one logs those steps again; the trackers rewind with it.

@@ -33,7 +33,7 @@ from absl import logging
 
 from visionfm_jax import atomic, config_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import tensorboard
+from visionfm_jax.training.infra import tensorboard
 
 IDS_FILE = "trackers.json"
 # The modules each tracker imports; the extra of the same name installs them.

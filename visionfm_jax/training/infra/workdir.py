@@ -28,7 +28,7 @@ import jax
 from absl import logging
 
 from visionfm_jax.errors import WorkdirError
-from visionfm_jax.training import faults
+from visionfm_jax.training.infra import faults
 
 LOCK_FILE = "lock"
 _HELD = (errno.EACCES, errno.EAGAIN)  # lockf: another process holds the lock
