@@ -28,8 +28,8 @@ We have not tuned these values or run this recipe at scale; BEiT-L + UPerNet rep
 
 Variant `swinv2`: UPerNet on the four stages of a SwinV2-B (a LayerNorm on each stage output), 512 px crops,
 window 16 (maps 128, 64, 32, 16), the position bias carried over from a 224 px / window-14 classification run
-(configs/swinv2_cls.py:B; pretrained_window_sizes 14, 14, 14, 7, which init_from reads from its config.json),
-with Swin's UPerNet recipe: AdamW lr 6e-5, wd 0.01, drop_path 0.3, 1500 warmup steps, 160k steps at batch 16;
+(configs/swinv2_cls.py:B; pretrained_window_sizes 14, 14, 14, 7, which init_from reads from its config.json and
+plan.json), with Swin's UPerNet recipe: AdamW lr 6e-5, wd 0.01, drop_path 0.3, 1500 warmup steps, 160k steps at batch 16;
 layer decay 0.9 over its 24 blocks (ours).
 Sliding 512 windows at stride 341 on a 512 x 1024 canvas. SwinV2-G (the SwinV2-G-CLIP image tower):
 --config.model.variant=G --config.init_from_subtree=image --config.init_from=<configs/swinv2_g_clip.py workdir>.

@@ -26,7 +26,7 @@ pretraining) reports about 60 box AP; we have not run this recipe and expect les
 Variant `swinv2`: the same detector on a SwinV2-B FPN over the stages of strides 8, 16, 32 (LayerNorm on each
 stage output), 1024 px, window 16 with the position bias carried over from a 224 px / window-14
 classification run (configs/swinv2_cls.py:B; `pretrained_window_sizes` 14, 14, 14, 7, which init_from reads
-from its config.json), drop_path 0.5, layer decay 0.9 over its 24 blocks; the rest as above. Another size:
+from its config.json and plan.json), drop_path 0.5, layer decay 0.9 over its 24 blocks; the rest as above. Another size:
 --config.model.variant=L; or G from the SwinV2-G CLIP run's image tower (--config.init_from_subtree=image;
 init_from takes that tower's pretrained windows).
 

@@ -74,7 +74,7 @@ the fp16 loss scale at 2^16. The stage is a new run with another resolution, bat
 the 224 px run's moments track that run's gradients (224 px, 32,768 pairs) at the end of its decay to 0, and the
 loss scale must find its level for 640 px activations afresh; the 1,000 warmup steps let the new moments settle
 before the peak rate. Every weight carries over; the position bias is recomputed through pretrained_window_sizes
-(14, 14, 14, 7), which init_from reads from that workdir's config.json.
+(14, 14, 14, 7), which init_from reads from that workdir's config.json and plan.json.
 
   | setting          | value                                                   | source                               |
   | ---------------- | ------------------------------------------------------- | ------------------------------------ |

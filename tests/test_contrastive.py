@@ -20,6 +20,7 @@ import test_real_data
 from visionfm_jax import data, parallel, tasks
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.tools import workdir as workdir_lib
 from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.models import clip
@@ -116,7 +117,10 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   chex.assert_trees_all_equal(params, checkpoint.load_params(str(tmp_path / "high"), target))
   # Its evaluation (after that step: of those params) at 32 px; the counts are the sets' own (zero-shot: -1,
   # every example of its 40, not data.eval_examples).
-  want = _eval_metrics_by_numpy(high, params)
+  # rebuilt as the tools rebuild a workdir's model: its config.json with what its run derived (plan.json)
+  trained = workdir_lib.load_config(str(tmp_path / "high"), (high.task,), "a CLIP model")
+  assert tuple(trained.model.image.pretrained_window_sizes) == (4, 4)
+  want = _eval_metrics_by_numpy(trained, params)
   assert (want["eval/retrieval/count"], want["eval/zeroshot/count"]) == (48, 40)
   assert {k: second[k] for k in want} == pytest.approx(want, abs=1e-9)
   # train/logit_scale is the temperature applied: exp of the params' (the step-1 forward ran on the old run's).

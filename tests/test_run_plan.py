@@ -7,7 +7,8 @@ import json
 
 from test_bad_input import TINY, run_main_in_process
 from visionfm_jax import config_lib
-from visionfm_jax.training import checkpoint, plan, train
+from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.training import checkpoint, init_from, plan, train
 
 
 def _launch(workdir, monkeypatch, capsys, *overrides):
@@ -71,3 +72,12 @@ def test_fields_init_from_implies_go_to_the_plan_not_the_config(tmp_path):
   assert made.trained_config()["model"]["pretrained_window_sizes"] == [4, 4]
   assert made.anchor is None and made.resume_changes == ()
   assert config.to_json_best_effort() == asked
+  # What rebuilds the run's model from its workdir reads the plan too: a later init_from, and the tools.
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  (workdir / "config.json").write_text(config.to_json_best_effort())
+  assert init_from.source_model_fields(str(workdir))["pretrained_window_sizes"] == []
+  made.write(str(workdir))
+  assert init_from.source_model_fields(str(workdir))["pretrained_window_sizes"] == [4, 4]
+  loaded = workdir_lib.load_config(str(workdir), (config.task,), "a SwinV2")
+  assert tuple(loaded.model.pretrained_window_sizes) == (4, 4)

@@ -12,8 +12,8 @@ model a jit-able function of fixed shapes, and its matching is one host call per
 data-parallel devices with `matching.sharded_hungarian_match` under a mesh). The cost is accuracy: published
 OneNet numbers are a few AP below a Cascade R-CNN on the same backbone.
 
-Model: `Detector(backbone=models.build(config.model), ...)`, config.model the backbone family's config with
-num_classes=0 (its params under `backbone/`, named as in pretraining, so `init_from_prefix='backbone'` loads a
+Model: `Detector(backbone=models.build(config.model, dtype, platform), ...)`, config.model the backbone family's
+config with num_classes=0 (its params under `backbone/`, named as in pretraining, so `init_from_prefix='backbone'` loads a
 pretraining checkpoint), `neck/` and `head/` from config.head:
 
   num_classes     detection classes (no background class)

@@ -33,7 +33,7 @@ import numpy as np
 from absl import logging
 
 from visionfm_jax import tasks
-from visionfm_jax.training import checkpoint, ema
+from visionfm_jax.training import checkpoint, ema, plan_record
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training.param_rules import ParamRules, named_leaves
 
@@ -112,7 +112,8 @@ def load(config, target_params, model):
 # ---------------------------------------------------------------------------- model fields of the checkpoint
 
 def source_model_fields(path: str) -> dict[str, Any] | None:
-  """The checkpoint's model fields: `model.json` (tools.import_hf) or the workdir's config.json `model`."""
+  """The checkpoint's model fields: `model.json` (tools.import_hf) or the workdir's config.json `model` with the
+  fields its run derived (plan.json: e.g. the windows of the run it started from in turn)."""
   path = os.path.expanduser(path)
   for file, key in (("model.json", None), ("config.json", "model"), (os.path.join("..", "config.json"), "model")):
     try:
@@ -120,7 +121,9 @@ def source_model_fields(path: str) -> dict[str, Any] | None:
         fields = json.load(f)
     except (OSError, json.JSONDecodeError):
       continue
-    return fields.get(key) if key else fields
+    if not key or not isinstance(fields, dict):
+      return fields
+    return plan_record.as_trained(fields, os.path.dirname(os.path.join(path, file))).get(key)
   return None
 
 

@@ -23,9 +23,7 @@ from typing import Any
 import ml_collections
 
 from visionfm_jax import atomic, config_lib, parallel
-from visionfm_jax.training import init_from, optim, resume
-
-PLAN_FILE = "plan.json"
+from visionfm_jax.training import init_from, optim, plan_record, resume
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +50,7 @@ class RunPlan:
                 processes=self.num_processes)
 
   def write(self, workdir: str) -> None:
-    atomic.write(os.path.join(workdir, PLAN_FILE), json.dumps(self.as_json(), indent=2))
+    atomic.write(os.path.join(workdir, plan_record.PLAN_FILE), json.dumps(self.as_json(), indent=2))
 
 
 def make(config: ml_collections.ConfigDict, checkpoint_dir: str, num_devices: int, num_processes: int) -> RunPlan:
