@@ -14,6 +14,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import optim, precision, train
+from visionfm_jax.training.state import TrainState
 
 
 def _random_batches(config, n, seed=0):
@@ -174,3 +175,14 @@ def test_the_loss_scale_takes_every_setting_from_the_config():
   scale = precision.maybe_loss_scale(config.precision)
   assert (float(scale.scale), scale.period, scale.min_scale) == (8.0, 7, 0.5)
   assert precision.maybe_loss_scale(tiny_vit_config().precision) is None
+
+
+def test_a_restored_state_without_a_loss_scale_gets_a_fresh_one_in_fp16_only(caplog):
+  """A checkpoint saved without its config (its compute dtype never compared) restores no loss scale: an fp16 run
+  starts one, which the step's loss-scale guard reads; a bf16 / fp32 run leaves the state as it is."""
+  fp16 = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 8.0})
+  state = TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state=(), loss_scale=None)
+  adopted = precision.adopt(state, fp16.precision, None, "ckpt/4")
+  assert float(adopted.loss_scale.scale) == 8.0 and "ckpt/4 has no fp16 loss scale" in caplog.text
+  assert precision.adopt(state, tiny_vit_config().precision, None, "ckpt/4") is state
+  assert precision.adopt(adopted, fp16.precision, None, "ckpt/4") is adopted

@@ -11,6 +11,7 @@ from __future__ import annotations
 import flax.struct
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 
 class DynamicScale(flax.struct.PyTreeNode):
@@ -43,6 +44,18 @@ def maybe_loss_scale(precision_cfg) -> DynamicScale | None:
     return None
   return DynamicScale.create(precision_cfg.loss_scale_init, precision_cfg.loss_scale_period,
                              precision_cfg.loss_scale_min)
+
+
+def adopt(state, precision_cfg, sharding, where: str):
+  """The restored `state` fitted to this run's precision: a fresh loss scale (laid out by `sharding`) when the run
+  computes in fp16 and the checkpoint (`where`) has none, which only one saved without its config can be (its
+  compute dtype was never compared); the step's loss-scale guard reads it."""
+  fresh = maybe_loss_scale(precision_cfg)
+  if fresh is None or state.loss_scale is not None:
+    return state
+  logging.warning("%s has no fp16 loss scale: config.precision.compute_dtype=float16 starts one at %g", where,
+                  precision_cfg.loss_scale_init)
+  return state.replace(loss_scale=jax.device_put(fresh, sharding))
 
 
 def all_finite(tree) -> jax.Array:

@@ -361,6 +361,7 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
     step, state = restored
     logging.info("resuming from %s/%d", checkpointer.directory, step)
     state = ema.adopt(state, config.optim.ema_decay, shardings, f"{checkpointer.directory}/{step}")
+    state = precision.adopt(state, config.precision, shardings.loss_scale, f"{checkpointer.directory}/{step}")
     return health.afresh(state, config) if health_afresh else state
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
   state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
