@@ -170,6 +170,22 @@ def test_the_files_form_no_cycle():
   assert ("visionfm_jax.data.sources.registry", "visionfm_jax.data.embedded.shapes") in file_edges()  # sees files
 
 
+def test_no_file_imports_a_package_that_holds_it():
+  """`file_edges` leaves out a file's import of its own package's __init__ (Python runs that first): made inside a
+  function, such an import closes a loop the cycle test cannot see (the registry in models/__init__ importing
+  clip, clip importing the registry), so none is made anywhere (the package root's bare __init__ aside)."""
+  files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
+           for f in PACKAGE.rglob("*.py")}
+  upward = []
+  for module, file in sorted(files.items()):
+    for node in ast.walk(ast.parse(file.read_text(), str(file))):
+      for name in _imported(node, file):
+        target = _module_of(name, set(files))
+        if target and target != "visionfm_jax" and target != module and module.startswith(target + "."):
+          upward.append(f"{file.relative_to(ROOT)}:{node.lineno} imports {target}")
+  assert not upward, "files importing a package that holds them:\n" + "\n".join(upward)
+
+
 # The folders of data/ (and its own modules) from the top down, as LAYERS for the package: a module of data/ imports
 # from its own folder or from one below it, never from one above. The captions' side sits on top (caption_sets
 # builds its eval batches with the loader), the readers under the loader, the transforms and the limits under the

@@ -311,7 +311,7 @@ def train_flops_per_example(model: Aurora) -> float:
 
 def adapt_checkpoint(model: Aurora, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`params` with the encoder's adapted by it (backbone.py); the heads' do not depend on the resolution."""
-  return backbone.tower_adapt_checkpoint("encoder", model.encoder, params, shapes)
+  return towers.adapt_checkpoint("encoder", model.encoder, params, shapes)
 
 
 FAMILY = backbone.Family(module=Aurora, name="aurora", build=build, train_flops_per_example=train_flops_per_example,

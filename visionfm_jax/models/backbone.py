@@ -11,7 +11,7 @@ A backbone's Linen class holds the math (`ImageBackbone`):
 Everything else is its family's (`Family`): module functions in the family's own file, gathered in one
 instance there (`vit.FAMILY`, `swinv2.FAMILY`, `clip.FAMILY`, ...), which the registry (`models.FAMILIES`)
 files under the Linen class. Callers ask `models.<question>(model)` (the loop through its task: tasks.layer_ids,
-tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `tower_family`:
+tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `towers.family`:
   train_flops_per_example(model)
                             analytic training FLOPs of one image: 3 x forward matmul FLOPs (a multiply-add is
                             2), recomputation (remat) not counted
@@ -32,8 +32,8 @@ tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `tow
 A family leaves out (None) what it does not answer; the registry then answers None (FLOPs, layer ids,
 description, fields, converter) or the params as given (`adapt_checkpoint`).
 
-Models that hold a backbone answer part of this by asking it (`tower_*` helpers below; `image_tower` finds
-it, `tower_family` its family): the dense models (dense_heads.DenseModel) their layer ids and checkpoint
+Models that hold a backbone answer part of this by asking it (models/towers.py: `family`, `layer_id`,
+`adapt_checkpoint`; `image_tower` below finds it): the dense models (dense_heads.DenseModel) their layer ids and checkpoint
 adaptation; CLIP and Aurora only `adapt_checkpoint` (and count their own `train_flops_per_example`). They have
 no layer ids, so `config.optim.layer_decay` is not available for them (optim.layer_ids says so).
 """
@@ -104,33 +104,3 @@ def image_tower(model) -> tuple[ImageBackbone, str | None] | None:
     return model, None
   names = [f.name for f in dataclasses.fields(model) if isinstance(getattr(model, f.name, None), ImageBackbone)]
   return (getattr(model, names[0]), names[0]) if len(names) == 1 else None
-
-
-def tower_family(tower) -> Family:
-  """The family of `tower`, the backbone another model holds (CLIP's image tower, Aurora's encoder, a dense
-  model's backbone), as the registry files it."""
-  from visionfm_jax import models  # pylint: disable=g-import-not-at-top  (the registry imports this module)
-  return models.family_of(tower)
-
-
-def _under(prefix: str, flat: dict[str, Any]) -> dict[str, Any]:
-  start = prefix + "/"
-  return {name[len(start):]: value for name, value in flat.items() if name.startswith(start)}
-
-
-def tower_layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
-  """The layer id of a param of a model holding one backbone `tower` under `prefix`: the tower's own id for its
-  params, the last id (with the heads) for the model's others."""
-  family, start = tower_family(tower), prefix + "/"
-  if param_path.startswith(start):
-    return family.layer_id(tower, param_path[len(start):])
-  return family.num_layer_ids(tower) - 1
-
-
-def tower_adapt_checkpoint(prefix: str, tower, params: dict[str, Any],
-                           shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params
-  (and may rename them), the others are returned as given."""
-  adapted = tower_family(tower).adapt_checkpoint(tower, _under(prefix, params), _under(prefix, shapes))
-  others = {name: value for name, value in params.items() if not name.startswith(prefix + "/")}
-  return {**others, **{f"{prefix}/{name}": value for name, value in adapted.items()}}

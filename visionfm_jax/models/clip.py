@@ -28,7 +28,7 @@ from visionfm_jax.models import backbone, layers, text as text_lib, towers
 from visionfm_jax.models.layers import EMBED
 
 MAX_LOGIT_SCALE = math.log(100.0)
-IMAGE_TOWERS = ("swinv2", "vit")
+IMAGE_TOWERS = tuple(towers.IMAGE_BUILDERS)
 
 
 def clamp_logit_scale(params: dict[str, Any]) -> dict[str, Any]:
@@ -81,10 +81,9 @@ def image_tower_config(model_cfg) -> ml_collections.ConfigDict:
 
 def build(model_cfg, dtype) -> CLIP:
   """Builds CLIP from `config.model` (config_lib.model_config('clip')); ValueErrors name the field."""
-  from visionfm_jax.models import BUILDERS  # pylint: disable=g-import-not-at-top  (the registry imports us)
   image_cfg = image_tower_config(model_cfg)
   try:
-    image = BUILDERS[image_cfg.name](image_cfg, dtype)
+    image = towers.IMAGE_BUILDERS[image_cfg.name](image_cfg, dtype)
   except (AttributeError, KeyError) as e:
     raise ValueError(f"image: a {image_cfg.name} tower needs field {e} (start from "
                      f"config_lib.model_config('clip', image_tower={image_cfg.name!r}))") from e
@@ -102,20 +101,20 @@ def train_flops_per_example(model: CLIP) -> float:
   image, text = model.image, model.text
   text_forward = (backbone.transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
                   + 2 * text.width * text.embed_dim)
-  image_flops = backbone.tower_family(image).train_flops_per_example(image)
+  image_flops = towers.family(image).train_flops_per_example(image)
   return image_flops + 3.0 * (text_forward + 2 * image.num_features * model.embed_dim)
 
 
 def adapt_checkpoint(model: CLIP, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`params` with the image tower's adapted by it (backbone.py); the text tower's do not depend on the
   resolution."""
-  return backbone.tower_adapt_checkpoint("image", model.image, params, shapes)
+  return towers.adapt_checkpoint("image", model.image, params, shapes)
 
 
 def description(model: CLIP) -> str:
   """One line naming the embedding width and both towers."""
   image, text = model.image, model.text
-  return (f"CLIP, {model.embed_dim}-d embeddings; image: {backbone.tower_family(image).description(image)}; "
+  return (f"CLIP, {model.embed_dim}-d embeddings; image: {towers.family(image).description(image)}; "
           f"text: width {text.width}, depth {text.depth}, {text.max_len} tokens")
 
 

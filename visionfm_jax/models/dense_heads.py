@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone as backbone_lib, layers
+from visionfm_jax.models import backbone as backbone_lib, layers, towers
 from visionfm_jax.models.layers import CLASSES, EMBED
 
 # mmseg / detectron2 initialise convs feeding ReLUs with He normal over the fan-out.
@@ -119,18 +119,18 @@ class DenseModel(nn.Module):
 
 def num_layer_ids(model: DenseModel) -> int:
   """The backbone's: the neck and head share its last id."""
-  return backbone_lib.tower_family(model.backbone).num_layer_ids(model.backbone)
+  return towers.family(model.backbone).num_layer_ids(model.backbone)
 
 
 def layer_id(model: DenseModel, param_path: str) -> int | np.ndarray:
   """The backbone's id of a param under 'backbone', the last id for the neck's and head's."""
-  return backbone_lib.tower_layer_id("backbone", model.backbone, param_path)
+  return towers.layer_id("backbone", model.backbone, param_path)
 
 
 def adapt_checkpoint(model: DenseModel, params: dict[str, Any],
                      shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`params` with the backbone's adapted by it; the neck's and head's as given."""
-  return backbone_lib.tower_adapt_checkpoint("backbone", model.backbone, params, shapes)
+  return towers.adapt_checkpoint("backbone", model.backbone, params, shapes)
 
 
 # No FLOP count: the backbone's would leave out the neck and head, a large share of the FLOPs (UPerNet's
