@@ -188,6 +188,23 @@ class PeerWatch:
     tell = threading.Thread(target=self._tell, args=("failed" if failed else "done",), daemon=True)
     tell.start()
     tell.join(timeout=1.0)
+    if failed and self._me == 0:
+      self._outlive_peers()
+
+  def _outlive_peers(self, wait_s: float = 2.0, grace_s: float = 0.25) -> None:
+    """The coordinator, failing, waits (at most `wait_s`) until the others have said they ended, and `grace_s`
+    more for them to exit: the service ends with it, and JAX's client aborts a process that is still connected
+    (status 134, after its own error line) where that process would have exited with its own status."""
+    deadline = time.monotonic() + wait_s
+    peers = [p for p in range(self._count) if p != self._me]
+    while peers and time.monotonic() < deadline:
+      try:
+        peers = [p for p in peers if self._client.key_value_try_get(f"{self.PREFIX}{p}") not in ("failed", "done")]
+      except Exception:  # pylint: disable=broad-except  # a peer's key not there yet
+        pass
+      if peers:
+        time.sleep(0.05)
+    time.sleep(grace_s)
 
   def _tell(self, state: str) -> None:
     try:
