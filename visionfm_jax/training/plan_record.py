@@ -11,6 +11,8 @@ import json
 import os
 from typing import Any
 
+from visionfm_jax import config_lib
+
 PLAN_FILE = "plan.json"
 
 
@@ -26,11 +28,4 @@ def derived_in(workdir: str) -> dict[str, Any]:
 
 def as_trained(config_json: dict, workdir: str) -> dict:
   """A copy of `config_json` (the workdir's config.json) with the fields its run derived, as it trained."""
-  trained = copy.deepcopy(config_json)
-  for path, value in derived_in(workdir).items():
-    node = trained
-    *parents, leaf = path.split(".")
-    for parent in parents:
-      node = node.setdefault(parent, {})
-    node[leaf] = value
-  return trained
+  return config_lib.set_paths(copy.deepcopy(config_json), derived_in(workdir))
