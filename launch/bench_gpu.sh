@@ -7,7 +7,8 @@
 #
 # core: the six setups of BENCHMARKS.md's first GPU table; quick: one per model, a smoke test of the whole path;
 # leads: ViT-H/14's planned setup (dots_saveable, cuDNN, batch 64) once as it is and once per MFU lead of
-# BENCHMARKS.md (unrolled layers, XLA flag changes), each row labelled with what it changes.
+# BENCHMARKS.md (unrolled layers, XLA flag changes, kernel candidates, remat and batch), each row labelled with what
+# it changes; LEADS="planned pallas_layer_norm ..." runs only the leads named (the rows of one 10-minute call).
 # RUN_TIMEOUT (seconds, default 900) bounds each setup, compile included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -40,13 +41,15 @@ remat='$remat', attention='$attention', batch=$batch, lead='$lead'); print(json.
   rm -f "$log"
 }
 
-lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...]
+lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...];
+          # REMAT / BATCH: another remat policy / per-GPU batch than the planned setup's
   local label=$1 flags=$2
   shift 2
-  LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py dots_saveable cudnn 64 "$@"
+  [[ -z ${LEADS:-} || " $LEADS " == *" $label "* ]] || return 0
+  LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py "${REMAT:-dots_saveable}" cudnn "${BATCH:-64}" "$@"
 }
 
-if [[ $mode == leads ]]; then  # ~40 s a row; each bounded to 240 s (RUN_TIMEOUT), to fit one 10-minute device call
+if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT): two 10-minute calls (LEADS)
   RUN_TIMEOUT=${RUN_TIMEOUT:-240}
   lead planned ""
   lead triton_gemm --xla_gpu_enable_triton_gemm=true
@@ -55,6 +58,9 @@ if [[ $mode == leads ]]; then  # ~40 s a row; each bounded to 240 s (RUN_TIMEOUT
   lead cublaslt --xla_gpu_enable_cublaslt=true
   lead no_latency_hiding --xla_gpu_enable_latency_hiding_scheduler=false
   lead gelu_tanh "" --config.model.act=gelu_pytorch_tanh  # changes the math: GELU's tanh approximation
+  lead pallas_layer_norm "" --try_kernels=pallas_layer_norm  # JAX's Pallas Triton LayerNorm (models/kernels.py)
+  REMAT=none BATCH=64 lead no_remat_b64 ""  # nothing recomputed: the forward's FLOPs once, activations all kept
+  REMAT=nothing_saveable BATCH=256 lead nothing_saveable_b256 ""  # the 0.31 row's policy at the batch it fits best
   lead pipelined_reduce_scatter --xla_gpu_enable_pipelined_reduce_scatter=true
   lead while_double_buffering --xla_gpu_enable_while_loop_double_buffering=true
   lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound

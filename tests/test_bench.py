@@ -16,6 +16,7 @@ import pytest
 from visionfm_jax.bench import __main__ as bench
 from visionfm_jax.bench import primitives
 from visionfm_jax.bench import step as step_lib
+from visionfm_jax.models import kernels
 from visionfm_jax.training import flops
 
 TINY = ["--config.global_batch_size=4", "--devices=1", "--config.precision.compute_dtype=float32", "--config.strategy=ddp",
@@ -97,6 +98,21 @@ def test_bench_compares_the_kernels_with_the_plain_path(pico_runs):
   # The same model, init and batch down either path: the same loss.
   assert result["plain"]["loss"] == pytest.approx(result["loss"], rel=1e-4)
   assert result["verdict"] in ("faster", "slower", "within noise") and "plain:" in out
+
+
+@SHARED
+def test_bench_traces_the_step_with_a_kernel_candidate_and_names_a_wrong_one(pico_runs, capsys):
+  """--try_kernels=pallas_layer_norm (Pallas's interpreter on the CPU) trains the pico ViT to the loss of the run
+  without it; a name that is no candidate is one error line naming the candidates, before anything compiles."""
+  code, out, err = _run(capsys, PICO, *TINY, "--try_kernels=pallas_layer_norm")
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert result["try_kernels"] == ["pallas_layer_norm"]
+  assert result["loss"] == pytest.approx(json.loads(pico_runs["plain"][1].strip().splitlines()[-1])["loss"], rel=1e-4)
+  code, out, err = _run(capsys, PICO, *TINY, "--try_kernels=pallas_layer_nrm")
+  assert code != 0 and err.strip().splitlines()[-1] == (
+      "error: --try_kernels=pallas_layer_nrm: pallas_layer_nrm is not a kernel candidate; the candidates: "
+      f"pallas_layer_norm ({kernels.CANDIDATES['pallas_layer_norm']})")
 
 
 def test_paired_ratio_calls_a_side_faster_only_when_the_interval_excludes_1():
@@ -290,8 +306,12 @@ exec {sys.executable} "$@"
   assert proc.returncode == 0, proc.stderr
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt", "no_latency_hiding",
-                        "gelu_tanh", "pipelined_reduce_scatter", "while_double_buffering", "unrolled"]
+                        "gelu_tanh", "pallas_layer_norm", "no_remat_b64", "nothing_saveable_b256",
+                        "pipelined_reduce_scatter", "while_double_buffering", "unrolled"]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
+  assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
+  assert {"--config.model.remat_policy=none", "--config.global_batch_size=64"} <= set(rows["no_remat_b64"]["argv"])
+  assert rows["nothing_saveable_b256"]["remat"] == "nothing_saveable" and rows["nothing_saveable_b256"]["batch"] == 256
   assert rows["unrolled"]["failed"] == "out of memory"
   flags = rows["triton_gemm"]["xla_flags"].split()
   assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
@@ -299,8 +319,14 @@ exec {sys.executable} "$@"
   assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
           "--config.model.attention=cudnn"} <= set(rows["planned"]["argv"])
   table = proc.stdout.splitlines()
-  assert len(table) == 11 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  assert len(table) == 14 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   assert all(r.get("model") == "vit_h14" for r in rows.values())
+  out.unlink()
+  proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
+                                                     "LEADS": "planned no_remat_b64"})
+  assert proc.returncode == 0, proc.stderr
+  assert [json.loads(r)["lead"] for r in out.read_text().splitlines()] == ["planned", "no_remat_b64"]
 
 
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),

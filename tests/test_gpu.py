@@ -150,6 +150,24 @@ def test_one_bf16_train_step_of_each_seed_model(name, micro_batches):
   assert any(not np.array_equal(a, b) for a, b in zip(_params(bench), before))
 
 
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_the_pallas_layer_norm_candidate_on_the_gpu_matches_the_plain_layer_norm(dtype):
+  """The Triton kernels of kernels.trying('pallas_layer_norm') against XLA's LayerNorm on ViT-H's width, values
+  and gradients, each relative to an fp32 reference: the kernel's error at most twice XLA's plus bf16's step
+  (it keeps the backward's statistics in bf16)."""
+  x = _normal(0, (4, 257, 1280), 2.0) + 1.0
+  scale, bias = _normal(1, (1280,), 0.3) + 1.0, _normal(2, (1280,), 0.3)
+
+  def value_and_grads(d, *args):
+    f = lambda x, s, b: jnp.sum(jnp.sin(kernels.layer_norm(x.astype(d), s, b, 1e-6, d).astype(jnp.float32)))
+    return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(*args)
+  reference = value_and_grads(jnp.float32, x, scale, bias)
+  xla = value_and_grads(DTYPES.get(dtype, jnp.float32), x, scale, bias)
+  with kernels.trying([kernels.PALLAS_LAYER_NORM]):
+    tried = value_and_grads(DTYPES.get(dtype, jnp.float32), x, scale, bias)
+  assert _max_error(tried, reference) <= 2 * _max_error(xla, reference) + (2 ** -8 if dtype == "bfloat16" else 1e-5)
+
+
 def test_fp16_loss_scaling_meets_a_real_overflow():
   """Two steps at the default scale move the zero-initialised head (else no gradient reaches the fp16 body); at
   a scale of 2^40 the fp16 activations' gradients overflow: the step is skipped (params unchanged) and the scale

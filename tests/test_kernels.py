@@ -1,6 +1,7 @@
 """models/kernels.py: every CPU trick against the plain path (values and gradients), the hand-written attention
 backward against autodiff of JAX's attention, the choice of forms and its override (one jit cache never holds
-both), whole models in both forms, and the config errors of the attention names."""
+both), whole models in both forms, the config errors of the attention names, and the kernel candidates (Pallas's
+interpreter on the CPU against the plain path; the Triton kernels a GPU's program gets)."""
 
 import chex
 import flax.linen as nn
@@ -12,7 +13,7 @@ from jax.test_util import check_grads
 
 from visionfm_jax import config_lib, models
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import kernels, swinv2, vit
+from visionfm_jax.models import kernels, layers, swinv2, vit
 
 MODES = ("plain", "cpu")
 
@@ -182,3 +183,48 @@ def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, fiel
     with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):
       models.build(model_cfg, jnp.float32, "cpu")
 
+
+
+# ------------------------------------------------------------------------------------------ kernel candidates
+
+def _layer_norm_loss_and_grads(ln, params, x):
+  def loss(p, x):
+    return jnp.sum(jnp.sin(ln.apply(p, x).astype(jnp.float32)))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
+
+
+@pytest.mark.parametrize("dtype,shape,tol", [(jnp.float32, (2, 3, 4, 40), 2e-5), (jnp.bfloat16, (3, 5, 40), 2e-2)],
+                         ids=["fp32_maps", "bf16_tokens"])
+def test_the_pallas_layer_norm_candidate_computes_the_layer_norm(dtype, shape, tol):
+  """layers.LayerNorm under kernels.trying('pallas_layer_norm'), run by Pallas's interpreter here, against the
+  plain path: its value and the gradients of its params and input (bf16: to bf16's rounding, as the kernel keeps
+  its statistics for the backward in bf16)."""
+  rng = np.random.default_rng(0)
+  ln = layers.LayerNorm(1e-6, dtype)
+  x = jnp.asarray(rng.normal(1.0, 2.0, shape), dtype)
+  params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype),
+                        ln.init(jax.random.key(0), x))
+  plain = _layer_norm_loss_and_grads(ln, params, x)
+  with kernels.trying([kernels.PALLAS_LAYER_NORM]):
+    assert "pallas_call" in str(jax.make_jaxpr(ln.apply)(params, x))
+    tried = _layer_norm_loss_and_grads(ln, params, x)
+  for got, want in zip(jax.tree.leaves(tried), jax.tree.leaves(plain)):
+    got, want = np.asarray(got, np.float32), np.asarray(want, np.float32)
+    np.testing.assert_allclose(got, want, atol=tol * max(1.0, np.abs(want).max()), rtol=0)
+
+
+def test_a_gpu_program_gets_the_candidates_triton_kernels_and_bad_candidates_are_named():
+  """Lowered for a GPU, the tried LayerNorm is three Triton kernels (forward; dx; dscale and dbias) and none in
+  a CPU program or untried; an output dtype other than the input's keeps the plain form."""
+  def grads(x, s, b, dtype=jnp.bfloat16):
+    return jax.grad(lambda *a: jnp.sum(kernels.layer_norm(*a, 1e-6, dtype).astype(jnp.float32)), (0, 1, 2))(x, s, b)
+  args = (jnp.ones((2, 3, 64), jnp.bfloat16), jnp.ones(64), jnp.zeros(64))
+
+  def triton_calls(fn, platform):
+    return fn.trace(*args).lower(lowering_platforms=(platform,)).as_text().count("custom_call @__gpu$xla.gpu.triton")
+  with kernels.trying([kernels.PALLAS_LAYER_NORM]):
+    assert triton_calls(jax.jit(grads), "cuda") == 3 and triton_calls(jax.jit(grads), "cpu") == 0
+    assert "pallas_call" not in str(jax.make_jaxpr(lambda *a: grads(*a, dtype=jnp.float32))(*args))
+  assert triton_calls(jax.jit(grads), "cuda") == 0
+  with pytest.raises(ValueError, match="fused_adamw is not a kernel candidate; the candidates: pallas_layer_norm"):
+    kernels.trying(["fused_adamw"])

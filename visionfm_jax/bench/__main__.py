@@ -52,6 +52,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from visionfm_jax import models
+from visionfm_jax.models import kernels
 from visionfm_jax.bench import primitives
 from visionfm_jax.bench import profile as profile_lib
 from visionfm_jax.bench import step as step_lib
@@ -75,6 +76,8 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_enum("compare", "", ["", "torch", "plain"],
                     "Also time the PyTorch twin (classification with ViT or SwinV2), or our step with "
                     "the plain forms of models/kernels.py.", flag_values=fv)
+  flags.DEFINE_list("try_kernels", [], "Kernel candidates to trace the step with (models/kernels.py CANDIDATES: "
+                    + ", ".join(kernels.CANDIDATES) + "), in place of XLA's own kernels.", flag_values=fv)
   return fv
 
 def versions() -> dict[str, str]:
@@ -113,7 +116,7 @@ def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 200
 
 
 def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0,
-              cpu_dots: str = "default", profile: str = "", profile_steps: int = 3) -> dict:
+              cpu_dots: str = "default", profile: str = "", profile_steps: int = 3, try_kernels=()) -> dict:
   """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line (with
   `profile`, a directory: 'profile' holds the trace file and its summary, bench/profile.py)."""
   if steps < 1 or warmup < 0 or profile_steps < 1:
@@ -121,6 +124,10 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
                       f">= 0")
   if devices and (jax.process_count() > 1 or not 0 < devices <= jax.device_count()):
     raise ConfigError(f"--devices={devices}: a single process has {jax.device_count()} devices")
+  try:
+    kernels.check_candidates(try_kernels, "--try_kernels")
+  except ValueError as e:
+    raise ConfigError(str(e)) from e
   if cpu_dots != "default" and jax.default_backend() != "cpu":
     raise ConfigError(f"--cpu_dots={cpu_dots} selects an XLA CPU library; this backend is {jax.default_backend()}")
   mesh_devices = jax.devices()[:devices] if devices else jax.devices()
@@ -128,7 +135,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   if compare == "torch":  # a config without a twin fails before anything compiles
     from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
     torch_twin.twin_architecture(config, models.build(config.model, jnp.float32, jax.default_backend()))
-  ours = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots])
+  ours = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots], try_kernels=try_kernels)
   runners = {"ours": ours}
   if compare == "torch":
     runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
@@ -147,7 +154,7 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
 
   result = {"config": name, "device": device_name(), "devices": len(mesh_devices),
             "global_batch": config.global_batch_size, "dtype": config.precision.compute_dtype, "steps": steps,
-            "cpu_dots": cpu_dots,
+            "cpu_dots": cpu_dots, "try_kernels": sorted(try_kernels),
             **summarize(times["ours"])}
   result["img_per_sec"] = config.global_batch_size / result["step_s"]
   flops_per_step = ours.flops_per_step()
@@ -194,7 +201,8 @@ def _body(name: str, fv, rest):
   if fv.config is None:
     raise ConfigError("--config is required, e.g. --config=configs/vit_huge.py:S/16")
   result = benchmark(fv.config, steps=fv.steps, warmup=fv.warmup, compare=fv.compare, name=name,
-                     devices=fv.devices, cpu_dots=fv.cpu_dots, profile=fv.profile, profile_steps=fv.profile_steps)
+                     devices=fv.devices, cpu_dots=fv.cpu_dots, profile=fv.profile, profile_steps=fv.profile_steps,
+                     try_kernels=fv.try_kernels)
   if jax.process_index() == 0:
     _print_table(result)
     if "profile" in result:

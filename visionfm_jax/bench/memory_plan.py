@@ -265,7 +265,7 @@ def loop_flops(hlo_text: str, client) -> float:
 
 # ---------------------------------------------------------------------------------------------------- plan
 
-def compile_step(config, devices: int, target: str = ""):
+def compile_step(config, devices: int, target: str = "", try_kernels=()):
   """`config`'s train step compiled for its mesh over the first `devices` devices of this process, or over
   `devices` abstract GPUs of `target` (bench/gpu_target.py; deviceless). Returns (compiled, its task, the mesh's
   devices)."""
@@ -287,7 +287,8 @@ def compile_step(config, devices: int, target: str = ""):
   task = tasks.build(config, mesh)
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
-  with kernels.forced("plain"):  # plan the program the accelerators run, not the simulating CPU's tricks
+  # plan the program the accelerators run, not the simulating CPU's tricks; `try_kernels`: kernels.trying's
+  with kernels.forced("plain"), kernels.trying(try_kernels):
     return train.compile_train_step(config, mesh, batch, task), task, mesh_devices
 
 

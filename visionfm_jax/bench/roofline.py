@@ -165,8 +165,8 @@ class Compiled:
   hlo_text: str = dataclasses.field(repr=False, default="")
 
 
-def compile_setup(config, target: gpu_target.Target, devices: int) -> Compiled:
-  compiled, task, _ = memory_plan.compile_step(config, devices, target.name)
+def compile_setup(config, target: gpu_target.Target, devices: int, try_kernels=()) -> Compiled:
+  compiled, task, _ = memory_plan.compile_step(config, devices, target.name, try_kernels)
   per_example = task.train_flops_per_example()
   text = compiled.as_text()
   return Compiled(hlo_cost.Program(text, target.gpus_per_node), memory_plan.plan_bytes(compiled.memory_analysis()),
@@ -369,6 +369,8 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_bool("calibrate", False, "Fit the kernel prices to --rows and write gpu_targets/calibration.json.",
                     flag_values=fv)
   flags.DEFINE_string("rows", MEASURED, "Measured rows to calibrate on.", flag_values=fv)
+  flags.DEFINE_list("try_kernels", [], "Kernel candidates to compile the step with (models/kernels.py "
+                    "CANDIDATES, e.g. pallas_layer_norm).", flag_values=fv)
   flags.DEFINE_string("hlo", "", "Price this dumped program (--dump_hlo's file) instead of compiling --config's step; "
                       "with --config too, MFU counts that config's model FLOPs.", flag_values=fv)
   return fv
@@ -393,7 +395,12 @@ def _body(fv, rest):
   else:
     gpu_target.require_compiler(target)
     config_lib.check_domains(fv.config)
-    setup = compile_setup(fv.config, target, fv.devices)
+    from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top  (after ensure_devices)
+    try:
+      kernels.check_candidates(fv.try_kernels, "--try_kernels")
+    except ValueError as e:
+      raise UserError(str(e)) from e
+    setup = compile_setup(fv.config, target, fv.devices, fv.try_kernels)
     if fv.dump_hlo:
       write_text(fv.dump_hlo, setup.hlo_text)
   prices, record = load_prices()

@@ -1,7 +1,8 @@
 """Times train.py's own train step (same jit, shardings, donation, optimizer) on synthetic batches.
 
 `JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures; `compiler_options` are
-XLA options for this executable alone; `kernel_forms` forces models/kernels.py's forms, e.g. 'plain'), then
+XLA options for this executable alone; `kernel_forms` forces models/kernels.py's forms, e.g. 'plain'; `try_kernels` traces it with those kernel
+candidates, `kernels.trying`), then
 `timed_step()` runs one step to completion and returns (wall seconds, CPU seconds of this process).
 """
 
@@ -22,7 +23,8 @@ from visionfm_jax.training import optim, train
 
 class JaxStep:
 
-  def __init__(self, config, devices=None, compiler_options=None, kernel_forms: str | None = None):
+  def __init__(self, config, devices=None, compiler_options=None, kernel_forms: str | None = None,
+               try_kernels=()):
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
@@ -36,7 +38,7 @@ class JaxStep:
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
       step = train.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
-      with kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext():
+      with (kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext()), kernels.trying(try_kernels):
         self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
       self.compile_seconds = time.perf_counter() - start
 

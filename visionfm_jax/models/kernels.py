@@ -27,6 +27,10 @@ Attention comes in through one entry point, `attention` (what each `config.model
 resolved by models.build for the devices, `resolve_attention`): the softmax path below, or
 `jax.nn.dot_product_attention` with cuDNN (`fused_attention`: its even-token padding) or JAX's choice.
 
+Kernel candidates (`CANDIDATES`, traced under `trying(names)`) are GPU kernels kept off by default until a GPU
+measures them against XLA's (`bench --try_kernels`, the leads of `launch/bench_gpu.sh`): a program lowered for a
+GPU gets the kernel, one lowered for the CPU Pallas's interpreter of it (the tests' check of its numbers).
+
 `softmax_attention` (attention='softmax') has a hand-written backward on every backend. It is not a backend
 trick but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where
 autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan
@@ -149,6 +153,64 @@ def _broadcast_with_matmul_grad_bwd(shape, num_leading, _, grad):
 
 
 _broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_with_matmul_grad_bwd)
+
+
+# ------------------------------------------------------------------------------------------------ LayerNorm
+
+def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype) -> jax.Array:
+  """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, computed in fp32, returned in `dtype`.
+  Under `trying('pallas_layer_norm')`, where `dtype` is x's own, JAX's Pallas Triton kernel instead
+  (`pallas_layer_norm`)."""
+  if PALLAS_LAYER_NORM in _TRYING.value and jnp.dtype(x.dtype) == jnp.dtype(dtype) and x.ndim >= 2:
+    kernel = functools.partial(pallas_layer_norm, epsilon=epsilon)
+    return jax.lax.platform_dependent(x, scale, bias, cpu=functools.partial(kernel, interpret=True), cuda=kernel,
+                                      default=lambda *a: plain_layer_norm(*a, epsilon).astype(dtype))
+  return plain_layer_norm(x, scale, bias, epsilon).astype(dtype)
+
+
+def plain_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  x = x.astype(jnp.float32)
+  centered = x - jnp.mean(x, axis=-1, keepdims=True)
+  normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
+  return normed * scale + bias
+
+
+def pallas_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
+                      interpret: bool = False) -> jax.Array:
+  """JAX's Pallas Triton LayerNorm (`jax.experimental.pallas.ops.gpu.layer_norm`): one forward kernel, and two
+  backward ones (dx; dscale and dbias), where XLA makes seven fusions of autodiff's backward. Statistics in fp32,
+  output in x's dtype; unlike `plain_layer_norm` it keeps the mean and 1/std for the backward in x's dtype (bf16:
+  a relative error of 2^-9 in the gradient's scaling). `interpret`: Pallas's interpreter (any backend; the CPU
+  tests). The kernel has no sharding rule: XLA's partitioner gathers its input, so it is a one-device candidate."""
+  from jax.experimental.pallas.ops.gpu import layer_norm as pallas_ln  # pylint: disable=g-import-not-at-top
+  rows = x.reshape((x.shape[0], -1, x.shape[-1]))  # the kernel takes (batch, tokens, channels)
+  return pallas_ln.layer_norm(rows, scale, bias, eps=epsilon, interpret=interpret).reshape(x.shape)
+
+
+# ------------------------------------------------------------------------------------------------ candidates
+
+PALLAS_LAYER_NORM = "pallas_layer_norm"
+CANDIDATES = {
+    PALLAS_LAYER_NORM: "JAX's Pallas Triton LayerNorm on a GPU where XLA fuses autodiff's (layer_norm)",
+}
+_TRYING = jax.make_user_context(frozenset())
+
+
+def check_candidates(names, field: str = "try_kernels") -> None:
+  """ValueError naming `field` unless every one of `names` is a kernel candidate."""
+  unknown = sorted(set(names) - set(CANDIDATES))
+  if unknown:
+    raise ValueError(f"{field}={','.join(names)}: {', '.join(unknown)} is not a kernel candidate; the candidates: "
+                     + "; ".join(f"{name} ({what})" for name, what in CANDIDATES.items()))
+
+
+def trying(names):
+  """A context manager under which programs are traced with the kernel candidates `names` (of `CANDIDATES`) in
+  place of XLA's own, on the GPU (Pallas's interpreter on the CPU): for a GPU to measure one against the
+  default (`python -m visionfm_jax.bench --try_kernels=...`, `launch/bench_gpu.sh leads`) before it becomes
+  one. Part of jit's cache key, like `forced`."""
+  check_candidates(names, "kernel candidates")
+  return _TRYING(frozenset(names))
 
 
 # ------------------------------------------------------------------------------------------- patch embedding

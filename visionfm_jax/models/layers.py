@@ -138,24 +138,22 @@ class LayerNorm(nn.Module):
   @nn.compact
   def __call__(self, x):
     scale_init = nn.initializers.zeros if self.zero_init else nn.initializers.ones
-    return _Normalize(self.epsilon, scale_init, self.axis_name, name="ln")(x).astype(self.dtype)
+    return _Normalize(self.epsilon, scale_init, self.axis_name, self.dtype, name="ln")(x)
 
 
 class _Normalize(nn.Module):
-  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in fp32."""
+  """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in fp32, returned in `dtype`."""
   epsilon: float
   scale_init: Callable[..., Any]
   axis_name: str
+  dtype: Dtype
 
   @nn.compact
   def __call__(self, x):
-    x = x.astype(jnp.float32)
     width = x.shape[-1]
     scale = self.param("scale", logical(self.scale_init, (self.axis_name,)), (width,), jnp.float32)
     bias = self.param("bias", logical(nn.initializers.zeros, (self.axis_name,)), (width,), jnp.float32)
-    centered = x - jnp.mean(x, axis=-1, keepdims=True)
-    normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + self.epsilon)
-    return normed * scale + bias
+    return kernels_lib.layer_norm(x, scale, bias, self.epsilon, self.dtype)
 
 
 class SelfAttention(nn.Module):
