@@ -47,7 +47,7 @@ chose it (`ours:` and the reason):
   | health           | loss / gradient-norm spike skipping (6 std over 128     | ours: guards a 3B fp16 run beyond    |
   |                  | steps), rollback past bad data (training/health.py)     | the paper's clipping and scaling     |
 
-Memory: 4 micro-batches plan 55.0 GiB per GPU in XLA's GPU compiler for 128 A100 80GB with cuDNN attention
+Memory: 4 micro-batches plan 54.5 GiB per GPU in XLA's GPU compiler for 128 A100 80GB with cuDNN attention
 (`python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --target=a100 --devices=128
 --micro_batches=4 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md); 2 micro-batches
 planned 80.4 GiB, over the 79.2 GiB an A100 80GB reports.
@@ -55,7 +55,7 @@ planned 80.4 GiB, over the 79.2 GiB an A100 80GB reports.
 Wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this config's 224 px
 stage alone on 128 A100s BENCHMARKS.md predicts 46.7 days at its 4 micro-batches, a roofline prediction rather
 than a measurement (11.03 s a step at MFU 0.237, `python -m visionfm_jax.bench.roofline
---config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px stage's 8.7, 55.4 days. The step
+--config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px stage's 7.4, 54.1 days. The step
 count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip
@@ -91,10 +91,10 @@ data/loader/pipeline.py; there is no separate data seed), so at the 224 px run's
 the very pairs that run began with. Seed 1 gives it a fresh order of the same pairs (and fresh stochastic depth
 and Mixup draws); a 224 px run launched with `--config.seed=1` needs another seed here.
 
-Memory: 53.7 GiB per device in XLA's GPU plan for 128 A100 80GB with cuDNN attention (`python -m
+Memory: 53.8 GiB per device in XLA's GPU plan for 128 A100 80GB with cuDNN attention (`python -m
 visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py:ft640 --target=a100 --devices=128
 --micro_batches=8 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md). Wall clock:
-37.4 s a step predicted (MFU 0.15), 8.7 days for the 20,000 steps, a roofline prediction rather than a
+32.1 s a step predicted (MFU 0.18), 7.4 days for the 20,000 steps, a roofline prediction rather than a
 measurement.
 
 Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CPU:
@@ -127,7 +127,7 @@ def get_config(arg: str | None = None):
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
   # remat keeping the weight matmuls' outputs, and 4 micro-batches of 8,192 (the loss still spans all 32,768):
-  # 55.0 GiB per GPU in XLA's GPU plan for 128 A100 80GB with cuDNN attention (2 micro-batches: 80.4 GiB, over the
+  # 54.5 GiB per GPU in XLA's GPU plan for 128 A100 80GB with cuDNN attention (2 micro-batches: 80.4 GiB, over the
   # 79.2 the device reports), from python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py
   # --target=a100 --devices=128 --micro_batches=4 --remat=dots_with_no_batch_dims_saveable (BENCHMARKS.md)
   set_fields(config.model, image_size=224, embed_dim=1024, remat_policy="dots_with_no_batch_dims_saveable")
@@ -214,7 +214,7 @@ def _ft640(config, demo: bool):
     image.window_size = 40
     config.global_batch_size = 8192
     # 8 micro-batches of 1024 (8 images per device; the contrastive loss and Mixup still span all 8192,
-    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 53.7 GiB per A100 in the GPU
+    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 53.8 GiB per A100 in the GPU
     # compiler's plan with cuDNN attention (the module docstring gives the command), against 357 GiB unsplit in
     # the CPU compiler's
     config.grad_accum_steps = 8

@@ -5,6 +5,7 @@ Parity with Hugging Face's Swinv2Model lives in test_convert_swinv2.py.
 """
 
 import math
+import re
 
 import chex
 import flax.linen as nn
@@ -12,10 +13,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import swinv2_cls
-from conftest import override
-from visionfm_jax import config_lib, models
+from conftest import override, tiny_vit_config
+from visionfm_jax import config_lib, models, parallel
 from visionfm_jax.training import checkpoint, init_from, optim, train
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
@@ -190,15 +192,42 @@ def test_position_bias_transfers_to_a_larger_window():
   large = swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=14)
   variables = small.init(jax.random.key(0))
   variables = _jittered(variables, 1.0, seed=3)
-  b14, b40 = small.apply(variables), large.apply(variables)
+  b14, b40 = swinv2.bias_of_offsets(small.apply(variables), 14), swinv2.bias_of_offsets(large.apply(variables), 40)
   assert b14.shape == (3, 196, 196) and b40.shape == (3, 1600, 1600)
   # Query (0, 0) against keys (i, j), i, j < 14: the offsets -i, -j exist in both windows.
   keys14 = np.arange(14)[:, None] * 14 + np.arange(14)[None, :]
   keys40 = np.arange(14)[:, None] * 40 + np.arange(14)[None, :]
   np.testing.assert_allclose(b40[:, 0, keys40.ravel()], b14[:, 0, keys14.ravel()], rtol=1e-6)
   # Without pretrained_window the large window spreads the same offsets differently.
-  spread = swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=0).apply(variables)
+  spread = swinv2.bias_of_offsets(
+      swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=0).apply(variables), 40)
   assert not np.allclose(spread[:, 0, keys40.ravel()], b14[:, 0, keys14.ravel()], atol=1e-3)
+
+
+def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_table():
+  """On 8 devices (batch-sharded, under the activation mesh), window attention equals the one-device result,
+  values and gradients, and its position bias's gradient crosses devices as the (heads, (2W-1)^2) table that the
+  bias is gathered from, never as a (..., N, N) bias: at 640 px in SwinV2-G the difference between 0.8 MB and
+  up to 1.31 GB per block and micro-batch across 128 GPUs (BENCHMARKS.md, "The recipes on their clusters")."""
+  attention = swinv2.WindowAttention(num_heads=2, window=4, pretrained_window=0)
+  windows = jax.random.normal(jax.random.key(0), (8, 4, 16, 8))
+  regions = swinv2.shift_regions(8, 8, 4, 2)
+  variables = _jittered(attention.init(jax.random.key(1), windows[:1], regions), 0.1, seed=2)
+
+  def loss(v, x):
+    return jnp.sum(jnp.sin(attention.apply(v, x, regions)))
+  step = jax.value_and_grad(loss, argnums=(0, 1))
+  want = jax.jit(step)(variables, windows)
+  mesh = parallel.make_mesh(tiny_vit_config(strategy="zero3").mesh)
+  with mesh, parallel.activation_sharding(mesh):
+    sharded = jax.device_put(windows, NamedSharding(mesh, P(parallel.BATCH_AXES)))
+    got = jax.jit(step)(variables, sharded)
+    program = jax.jit(step).lower(variables, sharded).compile().as_text()
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
+  summed = {tuple(int(d) for d in shape.split(",") if d) for line in program.splitlines() if " all-reduce(" in line
+            for shape in re.findall(r"f32\[([\d,]*)\]", line.split(" all-reduce(")[0])}
+  assert (2, 49) in summed and not [s for s in summed if s[-2:] == (16, 16)], summed
 
 
 def test_224_window_14_weights_run_at_640_window_40():

@@ -50,6 +50,7 @@ import numpy as np
 
 from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import BATCH, EMBED, HEADS, KV, ACT_EMBED
+from visionfm_jax.parallel import sharding
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
 SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
@@ -189,7 +190,8 @@ def merge_windows(x: jax.Array, window: int, height: int, width: int) -> jax.Arr
 
 
 class ContinuousPositionBias(nn.Module):
-  """(heads, N, N) bias 16 * sigmoid(MLP(offset table)) for one window size; fp32."""
+  """16 * sigmoid(MLP(offset table)) for one window size, per head and offset: (heads, (2W-1)^2), fp32;
+  `bias_of_offsets` makes it the (heads, N, N) bias."""
   num_heads: int
   window: int
   pretrained_window: int
@@ -202,9 +204,13 @@ class ContinuousPositionBias(nn.Module):
     per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
                               kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
     # The sigmoid runs on the (2W-1)^2 offsets before the gather, not on the N^2 pairs after it.
-    per_offset = 16.0 * jax.nn.sigmoid(per_offset.T)  # (heads, (2W-1)^2)
-    n = self.window * self.window
-    return per_offset[:, relative_position_index(self.window).reshape(-1)].reshape(-1, n, n)
+    return 16.0 * jax.nn.sigmoid(per_offset.T)
+
+
+def bias_of_offsets(per_offset: jax.Array, window: int) -> jax.Array:
+  """(heads, (2W-1)^2) per offset -> (heads, N, N) per pair of a window's tokens."""
+  n = window * window
+  return per_offset[:, relative_position_index(window).reshape(-1)].reshape(-1, n, n)
 
 
 class WindowAttention(nn.Module):
@@ -237,13 +243,19 @@ class WindowAttention(nn.Module):
     logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
                              (self.num_heads,))
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    bias = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
+    per_offset = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
     attention = kernels.resolved_attention(self.attention)
-    if attention == "softmax":
-      out = window_attention(q, k, v.astype(self.dtype), scale, bias, mask)
-    else:
-      out = fused_window_attention(q, k, v.astype(self.dtype), scale, bias, mask, attention)
+
+    def attend(q, k, v, scale, per_offset, *mask):
+      bias, mask = bias_of_offsets(per_offset, self.window), (mask[0] if mask else None)
+      if attention == "softmax":
+        return window_attention(q, k, v, scale, bias, mask)
+      return fused_window_attention(q, k, v, scale, bias, mask, attention)
+    # Each device's rows: the position bias's gradient crosses devices as the (heads, (2W-1)^2) table, not as
+    # the (windows x heads, N, N) bias (sharding.batch_local).
+    shared = (scale, per_offset) + (() if mask is None else (mask,))
+    out = sharding.batch_local(attend, (q, k, v.astype(self.dtype)), shared)
     return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
 
 

@@ -121,6 +121,32 @@ def activation_mesh():
   return _ACTIVATION_MESH.get()
 
 
+def batch_local(fn, rows, shared):
+  """fn(*rows, *shared), run by each device on its own rows of `rows` (arrays whose leading axis is the batch)
+  with the whole of `shared` (arrays of no batch axis), in a shard_map over the batch axes of the
+  `activation_sharding` mesh; its result is rows again.
+
+  What it is for: the gradient of a `shared` input reaches the other devices once, at the size of that input,
+  after `fn`'s backward has reduced each device's rows into it. Under GSPMD the reduction goes where the
+  program's batch axis ends, which for SwinV2's position bias is the (windows x heads, N, N) bias that the
+  attention kernel takes (1.31 GB in SwinV2-G's first stage at 640 px) rather than the (heads, (2W-1)^2) table
+  it is gathered from. Outside an `activation_sharding`, inside `device_local`, on a mesh with a tensor axis
+  (which splits heads, not rows) or for rows that do not divide over the batch devices: fn itself."""
+  mesh = activation_mesh()
+  if mesh is None or mesh.shape.get("tensor", 1) != 1:
+    return fn(*rows, *shared)
+  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  devices = math.prod(mesh.shape[a] for a in batch_axes)
+  if devices == 1 or any(r.shape[0] % devices for r in rows):
+    return fn(*rows, *shared)
+
+  def local(rows, shared):
+    with device_local():
+      return fn(*rows, *shared)
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P()), out_specs=P(batch_axes),
+                       check_vma=False)(tuple(rows), tuple(shared))
+
+
 def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: dict[str, int],
                    shard_fsdp: bool) -> P:
   """PartitionSpec for one parameter with logical axis `names` and `shape`: `LOGICAL_AXIS_RULES`, then
