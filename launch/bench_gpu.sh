@@ -42,15 +42,20 @@ remat='$remat', attention='$attention', batch=$batch, lead='$lead'); print(json.
 }
 
 lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...];
-          # REMAT / BATCH: another remat policy / per-GPU batch than the planned setup's
+          # LEAD_REMAT / LEAD_BATCH: another remat policy / per-GPU batch than the planned setup's
   local label=$1 flags=$2
   shift 2
   [[ -z ${LEADS:-} || " $LEADS " == *" $label "* ]] || return 0
-  LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py "${REMAT:-dots_saveable}" cudnn "${BATCH:-64}" "$@"
+  LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py "${LEAD_REMAT:-dots_saveable}" cudnn \
+    "${LEAD_BATCH:-64}" "$@"
 }
 
 if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT): two 10-minute calls (LEADS)
   RUN_TIMEOUT=${RUN_TIMEOUT:-240}
+  known=$(grep -oE '^ *(LEAD_[A-Z]+=[^ ]+ +)*lead [a-z0-9_]+' launch/bench_gpu.sh | awk '{print $NF}')
+  for name in ${LEADS:-}; do
+    grep -qx "$name" <<<"$known" || { echo "bench_gpu.sh: LEADS names $name; the leads: $(echo $known)" >&2; exit 2; }
+  done
   lead planned ""
   lead triton_gemm --xla_gpu_enable_triton_gemm=true
   lead cuda_graphs --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL
@@ -59,8 +64,8 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   lead no_latency_hiding --xla_gpu_enable_latency_hiding_scheduler=false
   lead gelu_tanh "" --config.model.act=gelu_pytorch_tanh  # changes the math: GELU's tanh approximation
   lead pallas_layer_norm "" --try_kernels=pallas_layer_norm  # JAX's Pallas Triton LayerNorm (models/kernels.py)
-  REMAT=none BATCH=64 lead no_remat_b64 ""  # nothing recomputed: the forward's FLOPs once, activations all kept
-  REMAT=nothing_saveable BATCH=256 lead nothing_saveable_b256 ""  # the 0.31 row's policy at the batch it fits best
+  LEAD_REMAT=none LEAD_BATCH=64 lead no_remat_b64 ""  # nothing recomputed, every activation kept
+  LEAD_REMAT=nothing_saveable LEAD_BATCH=256 lead nothing_saveable_b256 ""  # the 0.31 row's setup, today's code
   lead pipelined_reduce_scatter --xla_gpu_enable_pipelined_reduce_scatter=true
   lead while_double_buffering --xla_gpu_enable_while_loop_double_buffering=true
   lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound

@@ -324,9 +324,15 @@ exec {sys.executable} "$@"
   out.unlink()
   proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
-                                                     "LEADS": "planned no_remat_b64"})
+                                                     "LEADS": "planned no_remat_b64", "BATCH": "8", "REMAT": "none"})
   assert proc.returncode == 0, proc.stderr
-  assert [json.loads(r)["lead"] for r in out.read_text().splitlines()] == ["planned", "no_remat_b64"]
+  picked = [json.loads(r) for r in out.read_text().splitlines()]
+  assert [(r["lead"], r["remat"], r["batch"]) for r in picked] == [("planned", "dots_saveable", 64),
+                                                                   ("no_remat_b64", "none", 64)]
+  proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
+                        text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
+                                                     "LEADS": "planned no_remat_b46", "LEAD_BATCH": "8"})
+  assert proc.returncode == 2 and "LEADS names no_remat_b46; the leads: planned triton_gemm" in proc.stderr
 
 
 @pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),

@@ -273,12 +273,16 @@ def source_digest() -> str:
   return digest.hexdigest()
 
 
-def cached_setup(config, target: gpu_target.Target, devices: int, label: str) -> Compiled:
+def cached_setup(config, target: gpu_target.Target, devices: int, label: str, try_kernels=()) -> Compiled:
   """`compile_setup`, kept in `cache_dir()` under a key of everything that decides the program (the config, the
-  target and its devices, jax's version, XLA_FLAGS), so that a recalibration recompiles only new rows."""
+  target's description and its devices, the kernel candidates, jax's version, XLA_FLAGS, the package's code), so
+  that a recalibration recompiles only new rows."""
   import jax  # pylint: disable=g-import-not-at-top
-  key = hashlib.sha256(json.dumps([config.to_json_best_effort(sort_keys=True), target.name, devices, jax.__version__,
-                                   os.environ.get("XLA_FLAGS", ""), source_digest()]).encode()).hexdigest()[:20]
+  with open(target.spec_file, encoding="utf-8") as f:
+    spec = f.read()
+  key = hashlib.sha256(json.dumps([config.to_json_best_effort(sort_keys=True), target.name, spec, devices,
+                                   sorted(try_kernels), jax.__version__, os.environ.get("XLA_FLAGS", ""),
+                                   source_digest()]).encode()).hexdigest()[:20]
   path = os.path.join(cache_dir(), key)
   if os.path.exists(path + ".json"):
     with open(path + ".json", encoding="utf-8") as f:
@@ -289,7 +293,7 @@ def cached_setup(config, target: gpu_target.Target, devices: int, label: str) ->
     return Compiled(hlo_cost.Program(text, target.gpus_per_node), meta["plan_bytes"], meta["model_flops"], devices,
                     target, text)
   print(f"{label}: compiling ...", flush=True)
-  setup = compile_setup(config, target, devices)
+  setup = compile_setup(config, target, devices, try_kernels)
   os.makedirs(cache_dir(), exist_ok=True)
   write_text(path + ".hlo.gz", setup.hlo_text)
   with open(path + ".json", "w", encoding="utf-8") as f:
@@ -330,7 +334,9 @@ def calibrate(rows_path: str) -> dict:
   target = gpu_target.get(next(iter(targets)))
   setups, measured = [], []
   for row in rows:
-    setups.append(cached_setup(row_config(row, common), target, row["devices"], row["label"]))
+    # a row measured with kernel candidates (a `bench --try_kernels` lead) names them
+    setups.append(cached_setup(row_config(row, common), target, row["devices"], row["label"],
+                               row.get("try_kernels", ())))
     measured.append(row["step_ms"] / 1e3)
   prices = fit(setups, measured, Prices())
   results = []

@@ -1,9 +1,9 @@
 """Times train.py's own train step (same jit, shardings, donation, optimizer) on synthetic batches.
 
 `JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures; `compiler_options` are
-XLA options for this executable alone; `kernel_forms` forces models/kernels.py's forms, e.g. 'plain'; `try_kernels` traces it with those kernel
-candidates, `kernels.trying`), then
-`timed_step()` runs one step to completion and returns (wall seconds, CPU seconds of this process).
+XLA options for this executable alone; `kernel_forms` forces models/kernels.py's forms, e.g. 'plain';
+`try_kernels` traces it with those kernel candidates, `kernels.trying`), then `timed_step()` runs one step to
+completion and returns (wall seconds, CPU seconds of this process).
 """
 
 from __future__ import annotations

@@ -197,7 +197,9 @@ _TRYING = jax.make_user_context(frozenset())
 
 
 def check_candidates(names, field: str = "try_kernels") -> None:
-  """ValueError naming `field` unless every one of `names` is a kernel candidate."""
+  """ValueError naming `field` unless every one of `names` (a list, not one string) is a kernel candidate."""
+  if isinstance(names, str):
+    raise ValueError(f"{field}={names!r}: a list of candidate names, not one string")
   unknown = sorted(set(names) - set(CANDIDATES))
   if unknown:
     raise ValueError(f"{field}={','.join(names)}: {', '.join(unknown)} is not a kernel candidate; the candidates: "

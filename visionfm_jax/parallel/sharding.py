@@ -28,7 +28,7 @@ import jax
 from jax.sharding import PartitionSpec as P
 
 from visionfm_jax import config_lib
-from visionfm_jax.parallel.batch import BATCH_AXES
+from visionfm_jax.parallel.batch import BATCH_AXES, batch_axes_of
 
 # ZeRO stage k shards the first k of these over fsdp (Rajbhandari et al. 2020): stage 1 the optimizer state,
 # stage 2 the gradients too, stage 3 the parameters too.
@@ -135,7 +135,7 @@ def batch_local(fn, rows, shared):
   mesh = activation_mesh()
   if mesh is None or mesh.shape.get("tensor", 1) != 1:
     return fn(*rows, *shared)
-  batch_axes = tuple(a for a in BATCH_AXES if a in mesh.shape)
+  batch_axes = batch_axes_of(mesh)
   devices = math.prod(mesh.shape[a] for a in batch_axes)
   if devices == 1 or any(r.shape[0] % devices for r in rows):
     return fn(*rows, *shared)
