@@ -5,6 +5,5 @@ from visionfm_jax.parallel.batch import (BATCH_AXES, BATCH_SPEC, batch_axes_of, 
 from visionfm_jax.parallel.memory import bytes_per_device, tree_bytes_per_device
 from visionfm_jax.parallel.mesh import AXES, make_mesh, mesh_shape
 from visionfm_jax.parallel.sharding import (STRATEGY_SHARDS, activation_mesh, activation_rules, activation_sharding,
-                                            batch_local,
-                                            device_local, grad_specs, map_with_names, partition_spec, shard_shape,
-                                            state_specs, tree_specs)
+                                            batch_local, device_local, grad_specs, map_with_names, partition_spec,
+                                            shard_shape, state_specs, tree_specs)
