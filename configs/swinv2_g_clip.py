@@ -55,7 +55,10 @@ planned 80.4 GiB, over the 79.2 GiB an A100 80GB reports.
 Wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this config's 224 px
 stage alone on 128 A100s BENCHMARKS.md predicts 46.7 days at its 4 micro-batches, a roofline prediction rather
 than a measurement (11.03 s a step at MFU 0.237, `python -m visionfm_jax.bench.roofline
---config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px stage's 7.4, 54.1 days. The step
+--config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px stage's 7.4, 54.1 days. ZeRO-3
+within each node and the nodes data-parallel (`--config.mesh.fsdp=8 --config.mesh.data=-1`, what the runbook
+launches) keeps the weight gathers and gradient reduce-scatters on NVLink: 9.24 s a step, 63.8 GiB, 39.1 days at
+224 px and 45.8 for both stages (docs/runbooks/swinv2_g_clip.md, "Parallelism"). The step
 count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip
@@ -95,7 +98,8 @@ Memory: 53.8 GiB per device in XLA's GPU plan for 128 A100 80GB with cuDNN atten
 visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py:ft640 --target=a100 --devices=128
 --micro_batches=8 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md). Wall clock:
 32.1 s a step predicted (MFU 0.18), 7.4 days for the 20,000 steps, a roofline prediction rather than a
-measurement.
+measurement; ZeRO-3 within each node (`--config.mesh.fsdp=8 --config.mesh.data=-1`, the runbook's): 63.0 GiB,
+28.65 s a step, 6.6 days.
 
 Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CPU:
 

@@ -27,7 +27,7 @@ import pytest
 
 from visionfm_jax import config_lib, models
 from visionfm_jax.models import kernels, vit
-from visionfm_jax.bench import gpu_target, hlo_cost, roofline
+from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan, roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DATA = os.path.join(ROOT, "tests", "data")
@@ -88,11 +88,34 @@ def test_collectives_of_a_two_node_zero3_program_span_nodes_and_overlap_compute(
   assert any(k.overlap for k in gathers)
 
 
+def test_the_planner_prices_a_gpu_program_with_the_roofline():
+  """memory_plan ranks a GPU target's candidates by this prediction: the two-node zero3 program's gathers and
+  reduce-scatters cross the network, so some of them stay exposed."""
+  predicted = memory_plan.predicted_step(_program("pico_vit_zero3_16xh100.hlo.gz"), "h100")
+  assert predicted["predicted_step_s"] > predicted["exposed_collective_s"] > 0
+
+
 def test_mesh_replica_groups_name_their_devices():
   spans = lambda axes, grouped, per_node=8: hlo_cost._mesh_group(axes, grouped, per_node)  # pylint: disable=protected-access
   assert spans("'a'=2,'b'=8", "'b'") == (8, False)  # within a node
   assert spans("'a'=2,'b'=8", "'a'") == (2, True)  # devices 0 and 8
   assert spans("'a'=16", "'a'") == (16, True)
+
+
+# As XLA's GPU compiler writes a (data 16 across nodes, fsdp 8 within) mesh's collectives: its mesh positions are the
+# devices of a transposed iota, so fsdp's groups are 8 neighbours on one node and data's 16 devices 8 apart.
+HYBRID_GROUPS = ("replica_groups=mesh['axis_0'=8,'axis_1'=1,'axis_2'=16], device_ids=([16,8]T(1,0)) {{'{axis}'}}, "
+                 "use_global_device_ids=true, to_apply=%add.4")
+
+
+def test_mesh_replica_groups_over_reordered_devices_name_their_devices():
+  group = lambda attrs: hlo_cost._group(attrs, 8)  # pylint: disable=protected-access
+  assert group(HYBRID_GROUPS.format(axis="axis_0")) == (8, False)
+  assert group(HYBRID_GROUPS.format(axis="axis_2")) == (16, True)
+  assert hlo_cost._device_order("[16,8]T(1,0)", 128)[:3] == [0, 8, 16]  # pylint: disable=protected-access
+  assert hlo_cost._device_order("[4,2]", 8) == list(range(8))  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="replica groups this reader does not know"):
+    group("replica_groups=mesh['a'=8], devices=(?) {'a'}")
 
 
 def test_a_collective_hidden_by_the_kernels_between_its_start_and_done_adds_nothing():

@@ -138,3 +138,25 @@ def test_bad_sweep_values_name_the_flag(capsys):
   for flag in ("--remat=nothing", "--micro_batches=0", "--attention=flash", "--fit=lots"):
     code = memory_plan.main(["memory_plan", *TINY, flag])
     assert code == 2 and f"error: {flag}" in capsys.readouterr().err
+
+
+def test_layouts_are_planned_as_meshes_and_those_the_devices_refuse_skipped(capsys):
+  code, out, err, result = run_plan(capsys, "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=1",
+                                    "--attention=softmax", "--fsdp=all,2,3", "--config.strategy=zero3")
+  assert code == 0, err
+  assert "skipped --fsdp=3: config.mesh=" in out  # 3 does not divide the 8 devices
+  every, hybrid = result["candidates"]
+  assert every["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1}
+  assert hybrid["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+  assert hybrid["flags"].endswith("--config.mesh.fsdp=2 --config.mesh.data=-1")
+  # the state is split 2 ways instead of 8: four times the shard
+  assert hybrid["state_opt_bytes"] == pytest.approx(4 * every["state_opt_bytes"], rel=0.05)
+  assert "fsdp 2 x data" in out and "fsdp all" in out
+  assert result["chosen"] == every  # no GPU target: the fewest FLOPs, then bytes
+
+
+def test_on_a_gpu_target_the_shortest_predicted_step_is_chosen():
+  def row(step, flops, fits=True):
+    return {"predicted_step_s": step, "flops": flops, "grad_accum_steps": 4, "total_bytes": 1, "fits": fits}
+  fast, cheap, too_big = row(9.2, 2.0), row(11.0, 1.0), row(5.0, 1.0, fits=False)
+  assert memory_plan.choose([cheap, too_big, fast]) is fast

@@ -169,9 +169,11 @@ def _group(attrs: str, devices_per_node: int) -> tuple[int, bool]:
     if iota.group(4):  # transposed iota: members are strided, so a group of more than one spans its stride
       return size, size > 1 and size * _iota_stride(iota) > devices_per_node
     return size, size > devices_per_node
-  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs)
+  mesh = re.search(r"replica_groups=mesh\[([^\]]*)\](?:,\s*device_ids=\(([^)]*\)?)\))?\s*\{([^}]*)\}", attrs)
   if mesh:
-    return _mesh_group(mesh.group(1), mesh.group(2), devices_per_node)
+    return _mesh_group(mesh.group(1), mesh.group(3), devices_per_node, mesh.group(2))
+  if "replica_groups=mesh[" in attrs:
+    raise ValueError(f"a collective's mesh replica groups this reader does not know: {attrs[:200]}")
   listed = re.search(r"replica_groups=\{\{([\d,]+)\}", attrs)
   if listed:
     members = [int(d) for d in listed.group(1).split(",")]
@@ -183,20 +185,49 @@ def _group(attrs: str, devices_per_node: int) -> tuple[int, bool]:
   return 1, False
 
 
-def _mesh_group(axes_text: str, group_axes_text: str, devices_per_node: int) -> tuple[int, bool]:
-  """`replica_groups=mesh['a'=16,'b'=1] {'a'}`: the devices (row-major over the mesh's axes) that differ only in
-  the listed axes form a group; the one holding device 0 says whether groups cross nodes."""
+def _mesh_group(axes_text: str, group_axes_text: str, devices_per_node: int,
+                device_ids: str | None = None) -> tuple[int, bool]:
+  """`replica_groups=mesh['a'=16,'b'=1] {'a'}`: the mesh positions (row-major over its axes) that differ only in
+  the listed axes form a group; the one holding position 0 says whether groups cross nodes. Position p is device
+  p, or with `device_ids=([16,8]T(1,0))` (an iota of those dims, transposed) the p-th of that order."""
   axes = [(name, int(size)) for name, size in re.findall(r"'([^']+)'=(\d+)", axes_text)]
   grouped = set(re.findall(r"'([^']+)'", group_axes_text))
   strides, stride = {}, 1
   for name, size in reversed(axes):
     strides[name] = stride
     stride *= size
-  members = [0]
+  positions = [0]
   for name, size in axes:
     if name in grouped:
-      members = [m + i * strides[name] for m in members for i in range(size)]
+      positions = [m + i * strides[name] for m in positions for i in range(size)]
+  order = _device_order(device_ids, stride) if device_ids else None
+  members = [order[p] for p in positions] if order else positions
   return len(members), len({m // devices_per_node for m in members}) > 1
+
+
+def _device_order(device_ids: str, count: int) -> list[int]:
+  """The devices of `device_ids=([d0,d1,..]T(p0,p1,..))` in mesh order: iota(count) shaped as dims, transposed."""
+  iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", device_ids.strip())
+  if not iota:
+    listed = [int(d) for d in re.findall(r"\d+", device_ids)]
+    if len(listed) != count:
+      raise ValueError(f"a collective's device_ids this reader does not know: ({device_ids})")
+    return listed
+  dims = [int(d) for d in iota.group(1).split(",")]
+  perm = [int(d) for d in iota.group(2).split(",")] if iota.group(2) else list(range(len(dims)))
+  if math.prod(dims) != count or sorted(perm) != list(range(len(dims))):
+    raise ValueError(f"device_ids=({device_ids}) do not fit a mesh of {count} devices")
+  strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
+  shape = [dims[i] for i in perm]
+  order = []
+  for flat in range(count):  # row-major over the transposed shape; each index read back in the original dims
+    index, rest = [], flat
+    for size in reversed(shape):
+      index.append(rest % size)
+      rest //= size
+    index.reverse()
+    order.append(sum(index[k] * strides[perm[k]] for k in range(len(perm))))
+  return order
 
 
 def _iota_stride(iota) -> int:

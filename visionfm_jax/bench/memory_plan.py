@@ -3,7 +3,8 @@ its train step on a simulated mesh, over remat policies x micro-batch counts x a
 the cheapest setup that fits the devices' memory:
 
   python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --devices=128 --fit=80GB \
-      [--remat=nothing_saveable,dots_saveable] [--micro_batches=1,2] [--attention=softmax] [--first_fit]
+      [--remat=nothing_saveable,dots_saveable] [--micro_batches=1,2] [--attention=softmax] [--fsdp=all,8] \
+      [--first_fit]
 
 Each candidate is the config with `config.model.remat_policy`, `config.grad_accum_steps` (micro-batches) and
 every `attention` field under `config.model` (all towers alike) set; its step is train.py's, lowered for
@@ -15,11 +16,18 @@ the remat policy, gathered parameters, gradients, collectives' buffers). The CPU
 differently from the GPU one, so read the temporaries as an estimate (within tens of percent); the state bytes
 are exact.
 
+`--fsdp` adds the layout to the sweep: `all` is FSDP / ZeRO over every device (`config.mesh.fsdp=-1`, data 1);
+a number N shards over groups of N devices, a node's GPUs for N = 8, with the groups data-parallel
+(`config.mesh.fsdp=N`, `config.mesh.data=-1`: hybrid sharding). Without it the config's own mesh is planned.
+
 The cost of a candidate is XLA's cost-model FLOPs of one step on one device, remat's recomputation included.
 XLA counts a while loop's body once; the tool multiplies each loop body (the scanned layers, the micro-batch
 loop) by its known trip count, costing each body with the same cost model (`flops`; `xla_flops` is XLA's
 figure as it comes). The cheapest setup is the one of fewest FLOPs among those that fit, then of fewer
-micro-batches, then of fewer bytes. Candidates are compiled in the order expected cheapest first (remat
+micro-batches, then of fewer bytes. Compiled for a GPU `--target`, each candidate is also priced by the calibrated
+roofline (bench/roofline.py: its kernels and collectives over NVLink within a node of 8 and the network across
+nodes), and the fitting candidate of the shortest predicted step is chosen: layouts of equal FLOPs differ in
+what their collectives leave exposed. Candidates are compiled in the order expected cheapest first (remat
 policies from least to most recomputation, then fewer micro-batches); `--first_fit` stops at the first that
 fits, which then is the choice, without compiling the rest. Attention implementations this backend cannot
 compile (cuDNN off GPU: the simulated mesh is CPU) and micro-batch counts the config rejects (a micro-batch
@@ -33,7 +41,7 @@ Prints one table row per candidate as it finishes (candidate, bytes per device, 
 setup as the `--config.*` flags to pass to train, then one JSON object: devices, fit, fit_bytes, first_fit,
 `candidates` (each with its setting and flags, mesh, strategy, global batch, state_params/state_opt bytes (analytic, parallel.memory),
 argument/output/alias/temp bytes as compiled, total_bytes = arguments + outputs - aliased + temporaries, flops,
-xla_flops, fits), `skipped` (flag: why) and `chosen` (the chosen candidate, or null). When no candidate fits it
+xla_flops, fits; with a target predicted_step_s and exposed_collective_s), `skipped` (flag: why) and `chosen` (the chosen candidate, or null). When no candidate fits it
 says so on stderr and exits with status 2.
 """
 
@@ -79,6 +87,9 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_string("target", "", "Compile for this GPU, deviceless (bench/gpu_target.py: " +
                       ", ".join(sorted(gpu_target.TARGETS)) + "; needs the gpu-aot extra); empty: simulated CPU "
                       "devices.", flag_values=fv)
+  flags.DEFINE_list("fsdp", "", "Layouts to plan: 'all' (config.mesh.fsdp=-1, data 1) or N (config.mesh.fsdp=N, "
+                    "data=-1: sharded within groups of N, e.g. a node's 8 GPUs, the groups data-parallel); empty: "
+                    "the config's mesh.", flag_values=fv)
   flags.DEFINE_bool("first_fit", False, "Stop at the first candidate that fits (in the expected-cheapest order) "
                     "and choose it.", flag_values=fv)
   return fv
@@ -138,9 +149,29 @@ def parse_counts(values: list[str]) -> list[int]:
   return counts
 
 
-def candidate_settings(config, devices: int, remats, micro_batches, attentions, target: str = ""):
+def layout_settings(config, devices: int, layouts) -> tuple[list[dict], dict[str, str]]:
+  """`--fsdp` values as mesh settings ([{}]: the config's mesh), and those the config rejects as {flag: why}."""
+  from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+  settings, skipped = [], {}
+  for value in dict.fromkeys(v.strip() for v in layouts):
+    if value == "all":
+      setting = {"mesh.fsdp": -1, "mesh.data": 1}
+    elif value.isdigit() and int(value) > 0:
+      setting = {"mesh.fsdp": int(value), "mesh.data": -1}
+    else:
+      raise ConfigError(f"--fsdp={','.join(layouts)}: {value!r} is neither 'all' nor a positive number of devices")
+    try:
+      checks.validate(apply(config, setting), devices)
+    except ConfigError as e:
+      skipped[f"--fsdp={value}"] = str(e)
+      continue
+    settings.append(setting)
+  return (settings if layouts else [{}]), skipped
+
+
+def candidate_settings(config, devices: int, remats, micro_batches, attentions, target: str = "", layouts=()):
   """The grid as {dotted config field: value}, expected cheapest first, and the values left out of it as
-  {flag: why}: attention implementations this backend lacks, micro-batch counts the config rejects."""
+  {flag: why}: attention implementations this backend lacks, micro-batch counts or layouts the config rejects."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
@@ -166,12 +197,14 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
       counts.append(count)
   fields = attention_fields(config.model)
   planned = [a for a in dict.fromkeys(attentions) if f"--attention={a}" not in skipped] if fields else [None]
+  meshes, skipped_layouts = layout_settings(config, devices, layouts)
+  skipped.update(skipped_layouts)
   grid = []
-  for remat, count, attention in itertools.product(sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts,
-                                                   planned):
+  for remat, count, attention, mesh in itertools.product(sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts,
+                                                         planned, meshes):
     setting = {"model.remat_policy": remat, "grad_accum_steps": count}
     setting.update({path: attention for path in fields if attention is not None})
-    grid.append(setting)
+    grid.append({**setting, **mesh})
   return grid, skipped
 
 
@@ -305,8 +338,11 @@ def plan(config, devices: int, target: str = "") -> dict:
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)
   analysis = compiled.memory_analysis()
+  predicted = {}
   if target:  # no cost analysis for a deviceless GPU compile: the kernels' own FLOPs, loops by their trip counts
-    step, xla = hlo_cost.Program(compiled.as_text()).total_flops(), None
+    program = hlo_cost.Program(compiled.as_text(), gpu_target.get(target).gpus_per_node)
+    step, xla = program.total_flops(), None
+    predicted = predicted_step(program, target)
   else:
     step, xla = step_flops(compiled), xla_flops(compiled)
   out = {"devices": devices, "target": target or "cpu", "mesh": mesh_shape, "strategy": config.strategy,
@@ -315,9 +351,17 @@ def plan(config, devices: int, target: str = "") -> dict:
          "state_params_bytes": state["params"], "state_opt_bytes": state["opt_state"],
          "argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
          "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-         "xla_flops": xla, "flops": step}
+         "xla_flops": xla, "flops": step, **predicted}
   out["total_bytes"] = plan_bytes(analysis)
   return out
+
+
+def predicted_step(program: hlo_cost.Program, target: str) -> dict[str, float]:
+  """The calibrated roofline's step and exposed collectives of a program compiled for `target` (predictions)."""
+  from visionfm_jax.bench import roofline  # pylint: disable=g-import-not-at-top  (roofline plans through this module)
+  prices, _ = roofline.load_prices()
+  prediction = roofline.predict(program, gpu_target.get(target), prices)
+  return {"predicted_step_s": prediction["step_s"], "exposed_collective_s": prediction["exposed_collective_s"]}
 
 
 def plan_bytes(analysis) -> int:
@@ -332,26 +376,33 @@ def plan_candidate(config, setting: dict[str, object], devices: int, fit_bytes: 
 
 
 def choose(rows: list[dict]) -> dict | None:
-  """The fitting candidate of fewest FLOPs, then fewest micro-batches, then fewest bytes; None if none fits."""
+  """The fitting candidate of the shortest predicted step (GPU targets) or else of fewest FLOPs, then fewest
+  micro-batches, then fewest bytes; None if none fits."""
   fitting = [r for r in rows if r.get("fits")]
-  return min(fitting, key=lambda r: (r["flops"], r["grad_accum_steps"], r["total_bytes"]), default=None)
+  return min(fitting, key=lambda r: (r.get("predicted_step_s", 0.0), r["flops"], r["grad_accum_steps"],
+                                     r["total_bytes"]), default=None)
 
 
 def describe(setting: dict[str, object]) -> str:
   attention = sorted({str(v) for k, v in setting.items() if k.endswith("attention")})
-  return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + attention)
+  layout = []
+  if "mesh.fsdp" in setting:
+    layout = ["fsdp all" if setting["mesh.fsdp"] == -1 else f"fsdp {setting['mesh.fsdp']} x data"]
+  return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + attention + layout)
 
 
 def print_row(row: dict) -> None:
+  predicted = f" {row['predicted_step_s']:14.4g}" if "predicted_step_s" in row else ""
   print(f"{describe(row['setting']):<56} {row['total_bytes'] / GIB:10.3f} {'yes' if row['fits'] else 'no':>5} "
-        f"{row['flops'] / 1e9:14.6g}", flush=True)
+        f"{row['flops'] / 1e9:14.6g}{predicted}", flush=True)
 
 
 def sweep(config, grid, devices: int, fit_bytes: int, first_fit: bool,
           target: str = "") -> tuple[list[dict], dict | None]:
   """Plans the candidates in order, printing each row; returns the rows and the chosen one."""
-  print(f"{'candidate (remat, micro-batches, attention)':<56} {'GiB/device':>10} {'fits':>5} {'GFLOPs/device':>14}",
-        flush=True)
+  predicted = f" {'step s (pred.)':>14}" if target else ""
+  print(f"{'candidate (remat, micro-batches, attention, layout)':<56} {'GiB/device':>10} {'fits':>5} "
+        f"{'GFLOPs/device':>14}{predicted}", flush=True)
   rows = []
   for setting in grid:
     rows.append(plan_candidate(config, setting, devices, fit_bytes, target))
@@ -368,7 +419,8 @@ def _body(fv, rest):
   fit_bytes = parse_size(fv.fit)
   if fv.target:
     gpu_target.require_compiler(gpu_target.get(fv.target))
-  grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target)
+  grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target,
+                                     fv.fsdp)
   for flag, reason in skipped.items():
     print(f"skipped {flag}: {reason}")
   rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit, fv.target)
@@ -376,8 +428,10 @@ def _body(fv, rest):
              "first_fit": fv.first_fit,
              "candidates": rows, "skipped": skipped, "chosen": chosen}
   if chosen is not None:
+    step = (f", {chosen['predicted_step_s']:.4g} s a step predicted" if "predicted_step_s" in chosen else "")
     print(f"chosen: {chosen['total_bytes'] / GIB:.3f} of {fit_bytes / GIB:.3f} GiB and {chosen['flops'] / 1e9:.6g} "
-          f"GFLOPs per device and step (mesh {chosen['mesh']}, {chosen['strategy']}, batch {chosen['global_batch']}):")
+          f"GFLOPs per device and step{step} (mesh {chosen['mesh']}, {chosen['strategy']}, batch "
+          f"{chosen['global_batch']}):")
     print(f"  {chosen['flags']}")
   print(json.dumps(summary, sort_keys=True), flush=True)
   if chosen is None:
