@@ -46,6 +46,8 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   |                  | the data-parallel devices                             |                                        |
   | accumulation     | each GPU sums its micro-batches' gradients, reduced   | ours: 1 reduction a step, not 8;       |
   |                  | once a step (accumulate_unreduced)                    | +32.6 GiB of the A100's 80 GB          |
+  | layout (runbook) | ZeRO-2 within each node, nodes data-parallel          | ours: a node sums its gradient shards  |
+  |                  | (--config.mesh.fsdp=8 --config.mesh.data=-1)          | over NVLink; 61.0 GiB, 10.00 s a step  |
   | remat            | dots_with_no_batch_dims_saveable                      | ours: bench.memory_plan's pick at 90%  |
   |                  |                                                       | of 80 GB (CPU compiler: 46.1 GiB)      |
   | cluster          | 64 A100 80GB                                          | paper                                  |
@@ -62,7 +64,9 @@ MIM, and the sizes were chosen to make the total the paper's 3.7B with the encod
 
 Wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours"). For this
 config on 64 A100s BENCHMARKS.md predicts 32.4 days (11.21 s a step at MFU 0.226), a roofline prediction rather
-than a measurement. The step count was sized for the paper's 4 weeks at an assumed 26% MFU, with 2.47e13
+than a measurement; with ZeRO-2 within each node and the nodes data-parallel (`--config.mesh.fsdp=8
+--config.mesh.data=-1`, what docs/runbooks/aurora_xl.md launches) 28.9 days (10.00 s a step at MFU 0.253, 61.0
+GiB a GPU). The step count was sized for the paper's 4 weeks at an assumed 26% MFU, with 2.47e13
 training FLOPs per sample (two encoder passes at 448 px).
 
   python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/aurora_xl

@@ -13,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
+from visionfm_jax.bench import hlo_cost
 from visionfm_jax.training import optim, precision, train
 from visionfm_jax.training.state import TrainState
 
@@ -115,15 +116,26 @@ def test_ddp_state_is_replicated():
   assert all(all(a is None for a in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
 
-@pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}],
-                         ids=["reduced", "unreduced"])
+NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2, "mesh.fsdp": 4}
+
+
+@pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}, NODE_LOCAL],
+                         ids=["reduced", "unreduced", "node_local"])
 def test_gradient_accumulation_equals_one_big_batch(unreduced):
-  """Also with each device's gradients summed unreduced over the micro-batches and reduced once a step."""
+  """Also with each device's gradients summed unreduced over the micro-batches and reduced once a step, and with
+  each fsdp group (a node) reducing its micro-batches' gradients within and the groups once a step."""
   batches = _random_batches(tiny_vit_config(), 2)
   ref, _, ref_hist = _train(tiny_vit_config(), batches)
-  got, _, hist = _train(tiny_vit_config(grad_accum_steps=2, **unreduced), batches)
+  got, _, hist, hlo = _train(tiny_vit_config(grad_accum_steps=2, **unreduced), batches, with_hlo=True)
   chex.assert_trees_all_close(jax.device_get(got.params), jax.device_get(ref.params), atol=1e-5, rtol=1e-4)
   np.testing.assert_allclose(hist[-1]["train/loss"], ref_hist[-1]["train/loss"], rtol=1e-5)
+  if unreduced is NODE_LOCAL:  # 8 devices read as 2 nodes of 4: only the fsdp groups of 4 reduce inside the loop
+    collectives = [k for k in hlo_cost.Program(hlo, devices_per_node=4).kernels if k.kind == "collective"]
+    inside = {(k.collective, k.group_size, k.group_spans_nodes) for k in collectives if k.count > 1}
+    assert inside == {("reduce-scatter", 4, False)}, inside
+    across = [k for k in collectives if k.group_spans_nodes and k.collective in ("all-reduce", "reduce-scatter")]
+    shard = 4 * sum(np.size(x) for x in jax.tree.leaves(got.params)) / 4  # fp32, a quarter per device
+    assert shard <= sum(k.bytes for k in across) < 1.5 * shard  # across the nodes once, the shard only
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():

@@ -25,7 +25,7 @@ XLA counts a while loop's body once; the tool multiplies each loop body (the sca
 loop) by its known trip count, costing each body with the same cost model (`flops`; `xla_flops` is XLA's
 figure as it comes). The cheapest setup is the one of fewest FLOPs among those that fit, then of fewer
 micro-batches, then of fewer bytes. Compiled for a GPU `--target`, each candidate is also priced by the calibrated
-roofline (bench/roofline.py: its kernels and collectives over NVLink within a node of 8 and the network across
+roofline (bench/pricing.py: its kernels and collectives over NVLink within a node of 8 and the network across
 nodes), and the fitting candidate of the shortest predicted step is chosen: layouts of equal FLOPs differ in
 what their collectives leave exposed. Candidates are compiled in the order expected cheapest first (remat
 policies from least to most recomputation, then fewer micro-batches); `--first_fit` stops at the first that
@@ -58,7 +58,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from visionfm_jax import config_lib
-from visionfm_jax.bench import gpu_target, hlo_cost
+from visionfm_jax.bench import gpu_target, hlo_cost, pricing
 from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.tools import cli
 
@@ -358,9 +358,8 @@ def plan(config, devices: int, target: str = "") -> dict:
 
 def predicted_step(program: hlo_cost.Program, target: str) -> dict[str, float]:
   """The calibrated roofline's step and exposed collectives of a program compiled for `target` (predictions)."""
-  from visionfm_jax.bench import roofline  # pylint: disable=g-import-not-at-top  (roofline plans through this module)
-  prices, _ = roofline.load_prices()
-  prediction = roofline.predict(program, gpu_target.get(target), prices)
+  prices, _ = pricing.load_prices()
+  prediction = pricing.predict(program, gpu_target.get(target), prices)
   return {"predicted_step_s": prediction["step_s"], "exposed_collective_s": prediction["exposed_collective_s"]}
 
 

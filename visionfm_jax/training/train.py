@@ -109,24 +109,57 @@ def accumulates_per_device(task: tasks.Task, config) -> bool:
           and (task.splits_loss or not task.couples_examples))
 
 
-def per_device(fn, mesh):
+def per_device(fn, mesh, node_grad_specs=None):
   """fn(rows, rng, *row_args) run by each device of `mesh` on its own rows (a shard_map manual over the whole
   mesh: no collective inside, so each device's gradient stays its own), device d drawing from `rng` folded with
-  d; results stacked on a leading device axis that `sum_devices` reduces. mesh None: fn itself."""
+  d; results stacked on a leading device axis that `sum_devices` reduces. mesh None: fn itself.
+
+  `node_grad_specs` (the gradients' PartitionSpecs; `node_local_specs`): the first result, the gradients, is
+  reduce-scattered over `fsdp` inside (a node's GPUs when fsdp is the node) to each device's shard of its spec,
+  and stacked over `data` only: what each node accumulates, with one reduction across nodes left for the step."""
   if mesh is None:
     return fn
   rows_spec = P(parallel.BATCH_AXES)
+  out_specs = rows_spec
+  if node_grad_specs is not None:
+    out_specs = (jax.tree.map(lambda spec: P("data", *spec), node_grad_specs, is_leaf=_is_spec),) + (rows_spec,) * 2
 
   def local(rows, rngs, row_args):
     with parallel.device_local():
-      return jax.tree.map(lambda x: x[None], fn(rows, rngs[0], *row_args))
+      out = fn(rows, rngs[0], *row_args)
+    if node_grad_specs is not None:
+      out = (jax.tree.map(_sum_within_fsdp, out[0], node_grad_specs), *out[1:])
+    return jax.tree.map(lambda x: x[None], out)
 
   def run(rows, rng, *row_args):
     rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(mesh.size))
     # one spec for every leaf of each argument and of the result (shard_map takes tree prefixes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 3, out_specs=rows_spec,
+    return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 3, out_specs=out_specs,
                          check_vma=False)(rows, rngs, row_args)
   return run
+
+
+def _is_spec(x) -> bool:
+  return isinstance(x, P)
+
+
+def _sum_within_fsdp(grad, spec: P):
+  """This device's share of `grad` summed over its fsdp group: the shard of `spec`'s fsdp dimension
+  (reduce-scatter), or the whole sum where the spec does not shard over fsdp (all-reduce)."""
+  for dim, axes in enumerate(spec):
+    if axes == "fsdp" or (isinstance(axes, tuple) and "fsdp" in axes):
+      return jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=dim, tiled=True)
+  return jax.lax.psum(grad, "fsdp")
+
+
+def node_local_specs(mesh, grad_shardings):
+  """The gradients' PartitionSpecs when per-device accumulation should reduce within fsdp in every micro-batch
+  (`per_device`'s node_grad_specs): on a mesh with both data > 1 and fsdp > 1, the hybrid layout of fsdp within
+  a node and data across nodes, where a node's GPUs reduce over NVLink and only the nodes' shards wait for the
+  step's one cross-node reduction. None otherwise (every device accumulates its whole gradient)."""
+  if mesh is None or mesh.shape["data"] == 1 or mesh.shape["fsdp"] == 1:
+    return None
+  return jax.tree.map(lambda s: s.spec, grad_shardings)
 
 
 def sum_devices(tree, mesh):
@@ -139,7 +172,8 @@ def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, g
   `device_mesh`: each device's own (`per_device`), averaged over the devices after the scan."""
   micro_batches = split_microbatches(batch, accum)
   inner_shardings = None if device_mesh is not None else grad_shardings
-  micro_grads = per_device(lambda rows, r: grads_of(task, params, rows, r, scale, inner_shardings), device_mesh)
+  micro_grads = per_device(lambda rows, r: grads_of(task, params, rows, r, scale, inner_shardings), device_mesh,
+                           node_local_specs(device_mesh, grad_shardings))
 
   def body(carry, xs):
     micro, i = xs
@@ -188,7 +222,7 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
     cotangent = (jnp.asarray(scale, loss.dtype),
                  jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
     return _constrained(vjp(cotangent)[0], inner_shardings), loss, aux
-  micro_grads = per_device(one_micro_batch, device_mesh)
+  micro_grads = per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings))
 
   def body(carry, xs):
     return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
