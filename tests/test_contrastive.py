@@ -222,6 +222,12 @@ def test_zeroshot_prompt_ensembling():
   tokens = np.array([[1, 1, 0], [1, -1, 0], [0, 1, 1], [0, 1, -1]], np.float32)
   classes = zeroshot.class_embeddings(embed, None, tokens, 2)
   np.testing.assert_allclose(classes, [[1, 0, 0], [0, 1, 0]], atol=1e-6)
+  # in chunks of 3 rows, the last padded: every call has one shape, and the padding is dropped
+  shapes_seen = []
+  chunked = zeroshot.class_embeddings(lambda p, t: (shapes_seen.append(t.shape), embed(p, t))[1], None, tokens, 2,
+                                      chunk=3)
+  assert shapes_seen == [(3, 3), (3, 3)]
+  np.testing.assert_allclose(chunked, classes, atol=1e-6)
 
 
 def test_short_shapes_captions_name_size_colour_and_shape_only():

@@ -109,18 +109,14 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   assert images[6]["panel"].shape[1] >= 8 * panels.TILE  # a column per example
 
 
-def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_cache, monkeypatch):
+def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch):
   """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
   the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters
   bitwise, so the data order resumed exactly too. The interrupted run keeps its programs in its workdir's
-  compile cache and the rerun loads its train step from there: a loaded program computes bitwise what the
-  reference compiled."""
+  compile cache and the rerun loads its train step from there: a loaded program computes bitwise what a compiled
+  one does. (The uninterrupted run, last, loads them too instead of compiling them a third time.)"""
   flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=1",
            "--config.data.num_workers=1", "--config.strategy=zero3"]
-  reference = _main(tmp_path / "ref", *flags, cache=compilation_cache)
-  out, _ = reference.communicate(timeout=600)
-  assert reference.returncode == 0, out
-
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # JAX keeps programs of 1 s and more
   preempted = _main(tmp_path / "run", *flags)  # config.compile_cache '': <workdir>/compile_cache
   first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
@@ -147,6 +143,9 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, compilation_
   is_step = lambda name: name.startswith("jit_train_step-")  # JAX names a cache file after its program
   assert any(map(is_step, kept)) and not any(map(is_step, set(os.listdir(cache)) - kept)), (kept, out)
 
+  reference = _main(tmp_path / "ref", *flags, f"--config.compile_cache={cache}")
+  out, _ = reference.communicate(timeout=600)
+  assert reference.returncode == 0, out
   for got, want in zip(_final_state(tmp_path / "run", 12), _final_state(tmp_path / "ref", 12)):
     np.testing.assert_array_equal(got, want)
   rows = [r for r in _read_metrics(tmp_path / "run") if r["step"] == 12 and "eval/val/top1" in r]

@@ -63,8 +63,15 @@ def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
 
 def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_classes: int,
                      chunk: int = 1024) -> jax.Array:
-  """(num_classes, D) unit class embeddings from (num_classes * T, L) prompt tokens."""
-  parts = [embed_texts(params, jnp.asarray(tokens[i:i + chunk])) for i in range(0, len(tokens), chunk)]
+  """(num_classes, D) unit class embeddings from (num_classes * T, L) prompt tokens, embedded `chunk` rows at a
+  time; the last chunk is padded with copies of its last row (embedded, then dropped), so that every call has one
+  shape and the text tower compiles once."""
+  chunk = min(chunk, len(tokens))
+  parts = []
+  for i in range(0, len(tokens), chunk):
+    rows = tokens[i:i + chunk]
+    padded = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows), axis=0)])
+    parts.append(embed_texts(params, jnp.asarray(padded))[:len(rows)])
   emb = jnp.concatenate(parts).astype(jnp.float32)
   emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
   emb = emb.reshape(num_classes, -1, emb.shape[-1]).mean(axis=1)
