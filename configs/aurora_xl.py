@@ -160,7 +160,7 @@ def get_config(arg: str | None = None):
              clip_norm=1.0)
   # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps; each GPU sums its own gradients
   # over the 8 micro-batches (fp32, unreduced) and the step reduce-scatters them once, not in every micro-batch:
-  # predicted 11.21 s a step instead of 14.30 (1.15 s of collectives exposed instead of 5.65) for 74.7 GiB per
+  # predicted 11.21 s a step instead of 13.33 (1.15 s of collectives exposed instead of 4.73) for 74.7 GiB per
   # A100 instead of 42.1 (BENCHMARKS.md, "The recipes on their clusters")
   set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000,
              accumulate_unreduced=True)

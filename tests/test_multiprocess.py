@@ -426,9 +426,9 @@ def _saving(workdir, step) -> bool:
   return folder.is_dir() and any(n.startswith(f"{step}.") and "tmp" in n for n in os.listdir(folder))
 
 
-def _killed(job, which: int, timeout_s: int) -> str:
+def _killed(job, which: int, timeout_s: int) -> tuple[str, int]:
   """SIGKILLs trainer `which` of the job; asserts the other one is gone within the bound, the job failed and
-  launch/local.sh named the killed one; returns the output."""
+  launch/local.sh named the killed one; returns the output and the killed pid."""
   pids = job.trainers()
   os.kill(pids[which], signal.SIGKILL)
   waited = _wait_gone(pids[1 - which], timeout=90)
@@ -436,7 +436,7 @@ def _killed(job, which: int, timeout_s: int) -> str:
   assert waited is not None and waited < timeout_s + 15, (waited, out[-6000:])
   assert code != 0, out[-6000:]
   assert f"error: process {which} of 2 (pid {pids[which]}) ended first, by signal KILL (status 137)" in out, out[-6000:]
-  return out
+  return out, pids[which]
 
 
 @MULTIPROCESS
@@ -458,10 +458,10 @@ def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then
   job = _Job(workdir, *flags)
   _wait_for(lambda: _trained_a_step(workdir), job, "a train step")
   assert checkpoint.newest_committed_step(workdir / "checkpoints") is None
-  out = _killed(job, 1, timeout_s)
+  out, killed = _killed(job, 1, timeout_s)
   # process 0, waiting on it, names it in one line and exits 75 (requeue), not after JAX's own heartbeat timeout
   # (100 s) with pages of C++ logs
-  assert re.search(rf"error: process 1 of 2 \(last seen: host \S+, pid \d+\) has sent no heartbeat for \d+s "
+  assert re.search(rf"error: process 1 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
                    rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 0 exits with code "
                    rf"{faults.HUNG_EXIT_CODE}", out), out[-6000:]
   assert "Terminating process because the JAX distributed service" not in out
@@ -469,7 +469,7 @@ def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then
 
   job = _Job(workdir, *flags)
   _wait_for(lambda: _saving(workdir, 20), job, "the save of checkpoint 20")
-  out = _killed(job, 0, timeout_s)  # the survivor: JAX aborts it (below) within a second
+  out, _ = _killed(job, 0, timeout_s)  # the survivor: JAX aborts it (below) within a second
   assert "resuming from" not in out
   assert checkpoint.newest_committed_step(workdir / "checkpoints") == 10
 

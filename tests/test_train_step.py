@@ -198,3 +198,15 @@ def test_a_restored_state_without_a_loss_scale_gets_a_fresh_one_in_fp16_only(cap
   assert float(adopted.loss_scale.scale) == 8.0 and "ckpt/4 has no fp16 loss scale" in caplog.text
   assert precision.adopt(state, tiny_vit_config().precision, None, "ckpt/4") is state
   assert precision.adopt(adopted, fp16.precision, None, "ckpt/4") is adopted
+
+
+def test_a_node_sums_only_gradients_its_strategy_shards():
+  """ddp / zero1 keep gradients whole: their devices accumulate whole sums (no collective in the loop), on any mesh."""
+  from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+  hybrid = Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
+  flat = Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
+  sharded = {"w": NamedSharding(hybrid, P(None, "fsdp")), "b": NamedSharding(hybrid, P())}
+  whole = {"w": NamedSharding(hybrid, P()), "b": NamedSharding(hybrid, P())}
+  assert train.node_local_specs(hybrid, sharded) == {"w": P(None, "fsdp"), "b": P()}
+  assert train.node_local_specs(hybrid, whole) is None
+  assert train.node_local_specs(flat, sharded) is None

@@ -18,7 +18,7 @@ their `known_trip_count`, and costed from its shapes:
 
 Bytes are operands read plus results written, at their HLO sizes, except where a kernel touches part of a
 buffer: a dynamic-slice reads its slice, a dynamic-update-slice writes its update in place. Only the schedule's
-order is used; nothing here knows a kernel's speed (bench/roofline.py prices them).
+order is used; nothing here knows a kernel's speed (bench/pricing.py prices them).
 """
 
 from __future__ import annotations

@@ -66,6 +66,8 @@ def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_clas
   """(num_classes, D) unit class embeddings from (num_classes * T, L) prompt tokens, embedded `chunk` rows at a
   time; the last chunk is padded with copies of its last row (embedded, then dropped), so that every call has one
   shape and the text tower compiles once."""
+  if not len(tokens):
+    raise ValueError("class_embeddings: no prompt tokens (a zero-shot set with no classes or no templates)")
   chunk = min(chunk, len(tokens))
   parts = []
   for i in range(0, len(tokens), chunk):

@@ -146,10 +146,18 @@ def _is_spec(x) -> bool:
 def _sum_within_fsdp(grad, spec: P):
   """This device's share of `grad` summed over its fsdp group: the shard of `spec`'s fsdp dimension
   (reduce-scatter), or the whole sum where the spec does not shard over fsdp (all-reduce)."""
+  dim = _fsdp_dim(spec)
+  if dim is None:
+    return jax.lax.psum(grad, "fsdp")
+  return jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=dim, tiled=True)
+
+
+def _fsdp_dim(spec: P) -> int | None:
+  """The dimension `spec` shards over fsdp (alone or with tensor, which accumulate_unreduced keeps at 1)."""
   for dim, axes in enumerate(spec):
     if axes == "fsdp" or (isinstance(axes, tuple) and "fsdp" in axes):
-      return jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=dim, tiled=True)
-  return jax.lax.psum(grad, "fsdp")
+      return dim
+  return None
 
 
 def node_local_specs(mesh, grad_shardings):
@@ -159,7 +167,10 @@ def node_local_specs(mesh, grad_shardings):
   step's one cross-node reduction. None otherwise (every device accumulates its whole gradient)."""
   if mesh is None or mesh.shape["data"] == 1 or mesh.shape["fsdp"] == 1:
     return None
-  return jax.tree.map(lambda s: s.spec, grad_shardings)
+  specs = jax.tree.map(lambda s: s.spec, grad_shardings)
+  # ddp / zero1 keep gradients whole: a node's sum would be an all-reduce in every micro-batch for no memory
+  sharded = any(_fsdp_dim(spec) is not None for spec in jax.tree.leaves(specs, is_leaf=_is_spec))
+  return specs if sharded else None
 
 
 def sum_devices(tree, mesh):
