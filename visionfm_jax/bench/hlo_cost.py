@@ -207,6 +207,7 @@ def _mesh_group(axes_text: str, group_axes_text: str, devices_per_node: int,
 
 def _device_order(device_ids: str, count: int) -> list[int]:
   """The devices of `device_ids=([d0,d1,..]T(p0,p1,..))` in mesh order: iota(count) shaped as dims, transposed."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
   iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", device_ids.strip())
   if not iota:
     listed = [int(d) for d in re.findall(r"\d+", device_ids)]
@@ -217,17 +218,7 @@ def _device_order(device_ids: str, count: int) -> list[int]:
   perm = [int(d) for d in iota.group(2).split(",")] if iota.group(2) else list(range(len(dims)))
   if math.prod(dims) != count or sorted(perm) != list(range(len(dims))):
     raise ValueError(f"device_ids=({device_ids}) do not fit a mesh of {count} devices")
-  strides = [math.prod(dims[i + 1:]) for i in range(len(dims))]
-  shape = [dims[i] for i in perm]
-  order = []
-  for flat in range(count):  # row-major over the transposed shape; each index read back in the original dims
-    index, rest = [], flat
-    for size in reversed(shape):
-      index.append(rest % size)
-      rest //= size
-    index.reverse()
-    order.append(sum(index[k] * strides[perm[k]] for k in range(len(perm))))
-  return order
+  return np.arange(count).reshape(dims).transpose(perm).ravel().tolist()
 
 
 def _iota_stride(iota) -> int:
