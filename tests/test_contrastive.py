@@ -256,7 +256,9 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   two-pass accumulation CLIP's negatives and Mixup partners span the whole batch of 32, not each micro-batch of
   8 (the partner of a micro-batch's first row sits in another micro-batch): the loss and the gradients of 4
   micro-batches are those of the whole batch, unlike the mean of the micro-batches' own losses; also with each
-  device accumulating its own gradients, summed once (`per_device`)."""
+  device accumulating its own gradients, summed once (`per_device`). The model runs 7 forwards for the 4
+  micro-batches, not 8: pass 2's forward of the last one also completes the batch for the contrastive term (per
+  device, each micro-batch runs twice)."""
   config = _tiny(global_batch_size=32, **{"data.augment.mixup_alpha": mixup_alpha, "mesh.data": 2, "mesh.fsdp": 4})
   mesh = parallel.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
@@ -267,10 +269,18 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   single_device_loss = jax.jit(lambda p, b: plain.loss(p, b, rng)[0])
   micro_batches = [jax.tree.map(lambda x, j=j: x[j::4], batch) for j in range(4)]
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  forwards = []  # CLIP's forward is its batch_features, in both passes
+  features = task.batch_features
+  def counted_features(*args):
+    jax.debug.callback(lambda: forwards.append(1))
+    return features(*args)
   with mesh, parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
+    task.batch_features = counted_features
     got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated,
                                                           mesh if per_device else None))(params)
+  jax.effects_barrier()
+  assert len(forwards) == (2 * 4 * mesh.size if per_device else 4 + 3)
   np.testing.assert_allclose(want_loss, single_device_loss(params, batch), rtol=1e-5)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)

@@ -27,9 +27,10 @@ each micro-batch would only see its own negatives. Such tasks are `SplitLossTask
   local_loss(params, batch, rng, context)  -> (sum of per-example terms / the context's counts, features, aux)
   batch_features(params, batch, rng, context) -> the same features, forward only
   global_loss(params, features, context)   -> (the cross-example term over the whole batch's features, aux)
-and `train.py` accumulates in two passes (features of every micro-batch, then the global term's gradient
-w.r.t. them, then one backward per micro-batch), so that N micro-batches of B give the gradient of one
-batch of N * B exactly (GradCache, Gao et al. 2021). Their `loss` is the same terms unsplit.
+and `train.py` accumulates in two passes (features of the micro-batches, then the global term's gradient
+w.r.t. them, then one backward per micro-batch, whose forward of the last micro-batch serves both passes), so
+that N micro-batches of B give the gradient of one batch of N * B exactly (GradCache, Gao et al. 2021). Their
+`loss` is the same terms unsplit.
 """
 
 from __future__ import annotations

@@ -201,38 +201,112 @@ def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, g
 def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
   """Gradient of a `splits_loss` task's whole-batch loss, accumulated over `accum` micro-batches.
 
-  Pass 1 computes every micro-batch's features (forward only) and reassembles them in batch order; the global
-  term (e.g. the contrastive loss over all B examples) and its gradient w.r.t. params and features are taken
-  on the whole batch; pass 2 backpropagates each micro-batch's local terms plus <features, their gradient>.
-  Costs one extra forward of the feature path; equals the unaccumulated gradient up to float reordering.
+  Pass 1 computes micro-batches' features (forward only); the global term (e.g. the contrastive loss over all
+  B examples) and its gradient w.r.t. params and features are taken on the whole batch, its features in batch
+  order; pass 2 backpropagates each micro-batch's local terms plus <features, their gradient>. Equals the
+  unaccumulated gradient up to float reordering.
+
+  Pass 1 leaves out the last micro-batch: pass 2 takes it first, and its forward there, which keeps what the
+  backward needs, also completes the batch for the global term, whose gradient w.r.t. the features is taken in
+  the loop's first iteration (so that the micro-batch's saved activations live in the loop's own buffers, where
+  a forward outside the loop would add a second set) and w.r.t. params after the loop (the temperature: a
+  param-sized tree inside the loop would hold 0.8 GiB more in SwinV2-G-CLIP's plan). The extra forward is of
+  `accum - 1` micro-batches.
   `device_mesh`: both passes run per device (`per_device`, the same draws in each), whose gradients are summed
-  once, after the scan.
+  once, after the scan; there pass 1 computes every micro-batch's features (a device's saved activations cannot
+  leave its shard_map for the global term without a copy of the weights they refer to).
   """
   batch, context = task.whole_batch(batch, rng)
   micro_batches = split_microbatches(batch, accum)
   micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
+  if device_mesh is not None:
+    return _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings,
+                                device_mesh)
 
+  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs, context)),
+                         jax.tree.map(lambda x: x[:-1], (micro_batches, micro_rngs)))
+
+  def global_term(last_features):
+    whole = _in_batch_order(jax.tree.map(lambda f, g: jnp.concatenate([f, g.astype(f.dtype)[None]]), features,
+                                         jax.lax.stop_gradient(last_features)))
+    whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
+    (loss, aux), feature_grads = jax.value_and_grad(
+        lambda f: task.global_loss(params, f, context), has_aux=True)(whole)
+    return whole, jax.tree.map(_to_micro(accum), feature_grads), (loss, aux)
+
+  def body(carry, xs):
+    grads, loss, aux, whole, feature_grads, global_out = carry
+    micro, micro_rng, index = xs
+    micro_loss, feats, vjp, micro_aux = _local_vjp(task, params, micro, micro_rng, context)
+    # the first iteration's micro-batch is the last: with it the global term has the whole batch
+    whole, feature_grads, global_out = jax.lax.cond(
+        index == accum - 1, lambda: global_term(feats), lambda: (whole, feature_grads, global_out))
+    micro_grads = _backward(vjp, micro_loss, feats, jax.tree.map(lambda g: g[index], feature_grads), scale,
+                            grad_shardings)
+    grads = jax.tree.map(jnp.add, grads, micro_grads)
+    return (grads, loss + micro_loss, jax.tree.map(jnp.add, aux, micro_aux), whole, feature_grads, global_out), None
+
+  last_first = jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), (micro_batches, micro_rngs, jnp.arange(accum)))
+  first = jax.tree.map(lambda x: x[0], last_first)
+  start = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                       jax.eval_shape(lambda: _start_shapes(task, params, first, context, global_term)))
+  (grads, loss, aux, whole, _, (global_loss, global_aux)), _ = jax.lax.scan(body, start, last_first)
+  global_grads = jax.grad(lambda p: task.global_loss(p, whole, context)[0])(params)
+  grads = jax.tree.map(lambda a, g: a + g * scale, grads, global_grads)
+  return _constrained(grads, grad_shardings), loss + global_loss, {**aux, **global_aux}
+
+
+def _start_shapes(task, params, first, context, global_term):
+  """two_pass_grads' loop carry (traced for its shapes): (grads, local loss, local metrics, the whole batch's
+  features, their gradients, (the global term's loss, metrics))."""
+  loss, feats, vjp, aux = _local_vjp(task, params, *first[:2], context)
+  whole, feature_grads, global_out = global_term(feats)
+  return vjp((loss, feats))[0], loss, aux, whole, feature_grads, global_out
+
+
+def _in_batch_order(features):
+  """(accum, rows, ...) micro-batch features -> (accum * rows, ...) in batch order: row r of micro j is r*accum + j."""
+  return jax.tree.map(lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:]), features)
+
+
+def _to_micro(accum: int):
+  """The inverse of `_in_batch_order` for one array."""
+  return lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
+
+
+def _local_vjp(task, params, micro, micro_rng, context):
+  """(local loss, features, the vjp of both w.r.t. params, metrics) of one micro-batch."""
+  def local(p):
+    loss, feats, aux = task.local_loss(p, micro, micro_rng, context)
+    return (loss, feats), aux
+  (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
+  return loss, feats, vjp, aux
+
+
+def _backward(vjp, loss, feats, feature_grad, scale, grad_shardings):
+  """A micro-batch's param gradients: its local loss plus <features, the global term's gradient>, scaled."""
+  cotangent = (jnp.asarray(scale, loss.dtype),
+               jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
+  return _constrained(vjp(cotangent)[0], grad_shardings)
+
+
+def _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings, device_mesh):
+  """two_pass_grads with each device accumulating its own gradients: pass 1 gives every micro-batch's features,
+  the global term runs on the whole batch between the passes, pass 2 recomputes every micro-batch."""
+  accum = jax.tree.leaves(micro_rngs)[0].shape[0]
   features_of = per_device(
       lambda rows, r: jax.lax.stop_gradient(task.batch_features(params, rows, r, context)), device_mesh)
-  rows_of = lambda f: f if device_mesh is None else f.reshape((-1,) + f.shape[2:])
+  rows_of = lambda f: f.reshape((-1,) + f.shape[2:])
   features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(*xs)), (micro_batches, micro_rngs))
-  to_batch_order = lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:])  # row r of micro j: r*accum + j
-  whole = jax.tree.map(to_batch_order, features)
+  whole = _in_batch_order(features)
   whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
   (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
       task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
-  to_micro = lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
-  feature_grads = jax.tree.map(to_micro, feature_grads)
-  inner_shardings = None if device_mesh is not None else grad_shardings
+  feature_grads = jax.tree.map(_to_micro(accum), feature_grads)
 
   def one_micro_batch(micro, micro_rng, feature_grad):
-    def local(p):
-      loss, feats, aux = task.local_loss(p, micro, micro_rng, context)
-      return (loss, feats), aux
-    (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
-    cotangent = (jnp.asarray(scale, loss.dtype),
-                 jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
-    return _constrained(vjp(cotangent)[0], inner_shardings), loss, aux
+    loss, feats, vjp, aux = _local_vjp(task, params, micro, micro_rng, context)
+    return _backward(vjp, loss, feats, feature_grad, scale, None), loss, aux
   micro_grads = per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings))
 
   def body(carry, xs):
