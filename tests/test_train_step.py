@@ -210,3 +210,61 @@ def test_a_node_sums_only_gradients_its_strategy_shards():
   assert train.node_local_specs(hybrid, sharded) == {"w": P(None, "fsdp"), "b": P()}
   assert train.node_local_specs(hybrid, whole) is None
   assert train.node_local_specs(flat, sharded) is None
+
+
+class ToySplitLoss:
+  """A split loss with every part `two_pass_grads` must carry: per-example local terms and metrics, features that
+  depend on the micro-batch's rng and on partners rolled across the whole batch, and a global term over the
+  captioned rows only, with a param of its own (a temperature)."""
+
+  splits_loss = True
+
+  def whole_batch(self, batch, rng):
+    context = {"has_text": batch["has_text"], "rows": jnp.float32(batch["x"].shape[0]),
+               "mix": jax.random.uniform(jax.random.fold_in(rng, 1))}
+    return {**batch, "partner": jnp.roll(batch["x"], 1, axis=0)}, context
+
+  def batch_features(self, params, batch, rng, context):
+    mixed = context["mix"] * batch["x"] + (1 - context["mix"]) * batch["partner"]
+    noise = 0.1 * jax.random.normal(rng, (batch["x"].shape[0], params["w"].shape[1]))
+    return jnp.tanh(mixed @ params["w"]) + noise, mixed @ params["u"]
+
+  def local_loss(self, params, batch, rng, context):
+    local = jnp.sum((batch["x"] @ params["v"]) ** 2) / context["rows"]
+    return local, self.batch_features(params, batch, rng, context), {"train/local": local}
+
+  def global_loss(self, params, features, context):
+    a, b = features
+    logits = a @ b.T * jnp.exp(params["t"])
+    captioned = context["has_text"]
+    lse = jax.nn.logsumexp(jnp.where(captioned[None], logits, -1e9), axis=1)
+    loss = jnp.sum(jnp.where(captioned, lse - jnp.diag(logits), 0)) / jnp.sum(captioned)
+    return loss, {"train/global": loss}
+
+
+def test_two_pass_accumulation_of_a_split_loss_equals_the_whole_batch():
+  """4 micro-batches of a split loss, loss-scaled: the local terms, their metrics and the global term's loss and
+  gradients are those of the whole batch (its features gathered with each micro-batch's own rng)."""
+  task, accum, scale = ToySplitLoss(), 4, 8.0
+  keys = jax.random.split(jax.random.key(0), 6)
+  params = {"w": jax.random.normal(keys[0], (5, 3)), "u": jax.random.normal(keys[1], (5, 3)),
+            "v": jax.random.normal(keys[2], (5,)), "t": jnp.float32(0.3)}
+  batch = {"x": jax.random.normal(keys[3], (24, 5)), "has_text": jax.random.uniform(keys[4], (24,)) > 0.3}
+  rng = keys[5]
+
+  def whole_batch_loss(p):
+    rows, context = task.whole_batch(batch, rng)
+    micro_batches = train.split_microbatches(rows, accum)
+    outs = [task.local_loss(p, jax.tree.map(lambda x, j=j: x[j], micro_batches), jax.random.fold_in(rng, j), context)
+            for j in range(accum)]
+    features = jax.tree.map(lambda *f: jnp.stack(f), *[features for _, features, _ in outs])
+    whole = jax.tree.map(lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:]), features)
+    return sum(local for local, _, _ in outs) + task.global_loss(p, whole, context)[0]
+
+  mesh = parallel.make_mesh(tiny_vit_config(**{"mesh.data": 1, "mesh.fsdp": 1}).mesh, jax.devices()[:1])
+  with mesh:
+    want_loss, want = jax.jit(jax.value_and_grad(whole_batch_loss))(params)
+    got, got_loss, aux = jax.jit(lambda p: train.two_pass_grads(task, p, batch, accum, rng, scale, None))(params)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  np.testing.assert_allclose(aux["train/local"] + aux["train/global"], want_loss, rtol=1e-6)
+  chex.assert_trees_all_close(jax.tree.map(lambda g: g / scale, got), want, atol=1e-6, rtol=1e-5)

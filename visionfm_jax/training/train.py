@@ -210,8 +210,8 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
   backward needs, also completes the batch for the global term, whose gradient w.r.t. the features is taken in
   the loop's first iteration (so that the micro-batch's saved activations live in the loop's own buffers, where
   a forward outside the loop would add a second set) and w.r.t. params after the loop (the temperature: a
-  param-sized tree inside the loop would hold 0.8 GiB more in SwinV2-G-CLIP's plan). The extra forward is of
-  `accum - 1` micro-batches.
+  param-sized tree inside the loop would hold 0.8 GiB more in SwinV2-G-CLIP's plan; the second evaluation of the
+  global term costs its gathers of the features). The extra forward is of `accum - 1` micro-batches.
   `device_mesh`: both passes run per device (`per_device`, the same draws in each), whose gradients are summed
   once, after the scan; there pass 1 computes every micro-batch's features (a device's saved activations cannot
   leave its shard_map for the global term without a copy of the weights they refer to).
@@ -227,8 +227,7 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
                          jax.tree.map(lambda x: x[:-1], (micro_batches, micro_rngs)))
 
   def global_term(last_features):
-    whole = _in_batch_order(jax.tree.map(lambda f, g: jnp.concatenate([f, g.astype(f.dtype)[None]]), features,
-                                         jax.lax.stop_gradient(last_features)))
+    whole = _in_batch_order(jax.tree.map(_append_micro_batch, features, jax.lax.stop_gradient(last_features)))
     whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
     (loss, aux), feature_grads = jax.value_and_grad(
         lambda f: task.global_loss(params, f, context), has_aux=True)(whole)
@@ -262,6 +261,15 @@ def _start_shapes(task, params, first, context, global_term):
   loss, feats, vjp, aux = _local_vjp(task, params, *first[:2], context)
   whole, feature_grads, global_out = global_term(feats)
   return vjp((loss, feats))[0], loss, aux, whole, feature_grads, global_out
+
+
+def _append_micro_batch(features, last):
+  """(accum - 1, rows, ...) pass-1 features and the last micro-batch's (rows, ...) from `local_loss`, which the
+  task contract makes `batch_features`' own (a TypeError where their dtypes differ, instead of a silent cast)."""
+  if last.dtype != features.dtype:
+    raise TypeError(f"local_loss's features are {last.dtype}, batch_features' {features.dtype}: a split loss's two "
+                    "must be the same")
+  return jnp.concatenate([features, last[None]])
 
 
 def _in_batch_order(features):
