@@ -6,8 +6,8 @@ import pytest
 from conftest import tiny_aurora_config, tiny_clip_config
 
 from visionfm_jax import tasks
-from visionfm_jax.bench import memory_plan
-from visionfm_jax.errors import ConfigError
+from visionfm_jax.bench import gpu_target, memory_plan
+from visionfm_jax.errors import ConfigError, UserError
 
 TINY = ["--config=configs/vit_huge.py:demo", "--devices=8", "--config.model.variant=pico/4",
         "--config.model.image_size=16", "--config.data.image_size=16", "--config.global_batch_size=16"]
@@ -160,3 +160,20 @@ def test_on_a_gpu_target_the_shortest_predicted_step_is_chosen():
     return {"predicted_step_s": step, "flops": flops, "grad_accum_steps": 4, "total_bytes": 1, "fits": fits}
   fast, cheap, too_big = row(9.2, 2.0), row(11.0, 1.0), row(5.0, 1.0, fits=False)
   assert memory_plan.choose([cheap, too_big, fast]) is fast
+
+
+def test_on_a_gpu_target_the_default_fit_is_what_the_launch_flags_let_a_job_allocate(tmp_path, monkeypatch):
+  """XLA_PYTHON_CLIENT_MEM_FRACTION in the target's launch script (or one it sources) scales what the GPU reports;
+  a script that sets it twice or never is refused by name."""
+  a100 = gpu_target.get("a100")
+  assert memory_plan.default_fit_bytes("a100") == int(0.92 * a100.memory_bytes)
+  assert memory_plan.default_fit_bytes("") == memory_plan.parse_size("80GB")
+  monkeypatch.setattr(gpu_target, "REPO", str(tmp_path))
+  (tmp_path / "launch").mkdir()
+  fraction = "export XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.5}\n"
+  (tmp_path / "launch" / "xla_flags_h100.sh").write_text(fraction)
+  (tmp_path / "launch" / "xla_flags_a100.sh").write_text('source "$(dirname "$0")/xla_flags_h100.sh"\n')
+  assert memory_plan.default_fit_bytes("a100") == int(0.5 * a100.memory_bytes)
+  (tmp_path / "launch" / "xla_flags_h100.sh").write_text("export NCCL_IB_SL=1\n")
+  with pytest.raises(UserError, match="xla_flags_a100.sh and the scripts it sources set .* default 0 times"):
+    memory_plan.default_fit_bytes("a100")

@@ -75,17 +75,34 @@ def launch_flags(target: Target) -> list[str]:
   return _script_flags(os.path.join(REPO, target.flags_script), target)
 
 
+def launch_memory_bytes(target: Target) -> int:
+  """The device memory a job launched with `target.flags_script` may allocate: what the GPU reports times the
+  script's default XLA_PYTHON_CLIENT_MEM_FRACTION (the rest is left to NCCL and the CUDA libraries)."""
+  fractions = [float(f) for text in _script_texts(os.path.join(REPO, target.flags_script), target)
+               for f in re.findall(r"XLA_PYTHON_CLIENT_MEM_FRACTION:-([0-9.]+)", text)]
+  if len(fractions) != 1:
+    raise UserError(f"--target={target.name}: {target.flags_script} and the scripts it sources set "
+                    f"XLA_PYTHON_CLIENT_MEM_FRACTION's default {len(fractions)} times, expected once")
+  return int(target.memory_bytes * fractions[0])
+
+
 def _script_flags(path: str, target: Target) -> list[str]:
+  return [flag for text in _script_texts(path, target)
+          for flag in re.findall(r"(?<![\w$])--xla_[a-z0-9_]+=[^\s\"')]*", text)]
+
+
+def _script_texts(path: str, target: Target) -> list[str]:
+  """The text of a launch script and of the xla_flags scripts it sources, sourced ones first."""
   try:
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except OSError as e:
     raise UserError(f"--target={target.name}: cannot read its XLA flags from {path} ({e.strerror}); run from a "
                     f"source checkout (pip install -e .)") from e
-  flags = []
+  texts = []
   for sourced in re.findall(r"^source .*?(xla_flags_\w+\.sh)", text, re.M):
-    flags += _script_flags(os.path.join(os.path.dirname(path), sourced), target)
-  return flags + re.findall(r"(?<![\w$])--xla_[a-z0-9_]+=[^\s\"')]*", text)
+    texts += _script_texts(os.path.join(os.path.dirname(path), sourced), target)
+  return texts + [text]
 
 
 def environment(target: Target, env: dict[str, str]) -> dict[str, str] | None:

@@ -35,7 +35,9 @@ that does not divide over the mesh) or that would change the loss (a contrastive
 over micro-batches, tasks/base.py `couples_examples`) are not planned; a `skipped` line says why.
 
 `--fit` is the memory of one device: `80GB` (GB = 1e9 bytes; also kB, MB, TB), `80GiB` (GiB = 2^30 bytes;
-also KiB, MiB, TiB), or a number of bytes (`40e9`).
+also KiB, MiB, TiB), or a number of bytes (`40e9`). Its default with `--target` is what a job launched with the
+target's launch/ flags may allocate: the GPU's reported memory times their XLA_PYTHON_CLIENT_MEM_FRACTION (0.92 of
+an A100 80GB's 79.2 GiB: 72.9 GiB; the rest is NCCL's and the CUDA libraries'); without a target, 80GB.
 
 Prints one table row per candidate as it finishes (candidate, bytes per device, fits, GFLOPs), then the chosen
 setup as the `--config.*` flags to pass to train, then one JSON object: devices, fit, fit_bytes, first_fit,
@@ -77,8 +79,10 @@ def make_flags(argv) -> flags.FlagValues:
                                   flag_values=fv, sys_argv=list(argv))
   flags.DEFINE_integer("devices", 8, "Simulated devices of the mesh (config.mesh resolves against them).",
                        flag_values=fv)
-  flags.DEFINE_string("fit", "80GB", "Memory of one device: 80GB (1e9 bytes per GB), 80GiB (2^30 per GiB), or "
-                      "bytes (40e9).", flag_values=fv)
+  flags.DEFINE_string("fit", "", "Memory of one device: 80GB (1e9 bytes per GB), 80GiB (2^30 per GiB), or "
+                      "bytes (40e9); empty: with --target, what a job launched with the target's launch/ flags may "
+                      "allocate (the GPU's memory times their XLA_PYTHON_CLIENT_MEM_FRACTION), else 80GB.",
+                      flag_values=fv)
   flags.DEFINE_list("remat", ",".join(REMAT_BY_RECOMPUTE), "config.model.remat_policy values to plan.",
                     flag_values=fv)
   flags.DEFINE_list("micro_batches", "1,2,4,8", "config.grad_accum_steps values to plan.", flag_values=fv)
@@ -126,6 +130,11 @@ def parse_size(text: str, flag: str = "--fit") -> int:
 
 
 # ---------------------------------------------------------------------------------------------- candidates
+
+def default_fit_bytes(target: str) -> int:
+  """--fit's default: a job's share of the target GPU under its launch flags; 80 GB without a target."""
+  return gpu_target.launch_memory_bytes(gpu_target.get(target)) if target else parse_size("80GB")
+
 
 def attention_fields(node, prefix: str = "model") -> list[str]:
   """Dotted paths of every `attention` field under config.model, nested towers included."""
@@ -415,9 +424,9 @@ def _body(fv, rest):
   del rest
   if fv.config is None:
     raise ConfigError("--config is required")
-  fit_bytes = parse_size(fv.fit)
   if fv.target:
     gpu_target.require_compiler(gpu_target.get(fv.target))
+  fit_bytes = parse_size(fv.fit) if fv.fit else default_fit_bytes(fv.target)
   grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target,
                                      fv.fsdp)
   for flag, reason in skipped.items():
@@ -437,7 +446,8 @@ def _body(fv, rest):
     smallest = min(rows, key=lambda r: r["total_bytes"], default=None)
     detail = (f"; the smallest is {describe(smallest['setting'])} at {smallest['total_bytes'] / GIB:.3f} GiB"
               if smallest else "; no candidate could be planned (see the skipped lines)")
-    raise UserError(f"no candidate fits --fit={fv.fit} ({fit_bytes / GIB:.3f} GiB per device) on "
+    fit = f"--fit={fv.fit}" if fv.fit else "the default --fit"
+    raise UserError(f"no candidate fits {fit} ({fit_bytes / GIB:.3f} GiB per device) on "
                     f"{fv.devices} devices{detail}")
 
 
