@@ -45,7 +45,7 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   | parallelism      | ZeRO-2: optimizer state and gradients sharded over    | paper (DDP + ZeRO-2)                   |
   |                  | the data-parallel devices                             |                                        |
   | accumulation     | each GPU sums its micro-batches' gradients, reduced   | ours: 1 reduction a step, not 8;       |
-  |                  | once a step (accumulate_unreduced)                    | +32.6 GiB of the A100's 80 GB          |
+  |                  | once a step (accumulate_unreduced)                    | +32.7 GiB of the A100's 80 GB          |
   | layout (runbook) | ZeRO-2 within each node, nodes data-parallel          | ours: a node sums its gradient shards  |
   |                  | (--config.mesh.fsdp=8 --config.mesh.data=-1)          | over NVLink; 61.0 GiB, 10.00 s a step  |
   | remat            | dots_with_no_batch_dims_saveable                      | ours: bench.memory_plan's pick at 90%  |
@@ -64,7 +64,8 @@ MIM, and the sizes were chosen to make the total the paper's 3.7B with the encod
 
 Wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours"). For this
 config on 64 A100s BENCHMARKS.md predicts 32.4 days (11.21 s a step at MFU 0.226), a roofline prediction rather
-than a measurement; with ZeRO-2 within each node and the nodes data-parallel (`--config.mesh.fsdp=8
+than a measurement, and plans 74.7 GiB a GPU: over the 72.9 GiB a job launched with launch/xla_flags_a100.sh may
+allocate (its XLA_PYTHON_CLIENT_MEM_FRACTION, 0.92 of the 79.2 GiB an A100 80GB reports); with ZeRO-2 within each node and the nodes data-parallel (`--config.mesh.fsdp=8
 --config.mesh.data=-1`, what docs/runbooks/aurora_xl.md launches) 28.9 days (10.00 s a step at MFU 0.253, 61.0
 GiB a GPU). The step count was sized for the paper's 4 weeks at an assumed 26% MFU, with 2.47e13
 training FLOPs per sample (two encoder passes at 448 px).
@@ -125,7 +126,7 @@ def get_config(arg: str | None = None):
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
   # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
   # headroom (46.1 GiB per device in the CPU compiler's plan, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md,
-  # "ViT-H/14 and Aurora-XL planned on the plain path"; XLA's GPU plan for 64 A100s: 42.1 GiB, 74.7 GiB with the
+  # "ViT-H/14 and Aurora-XL planned on the plain path"; XLA's GPU plan for 64 A100s: 42.0 GiB, 74.7 GiB with the
   # unreduced accumulation below)
   set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
@@ -160,8 +161,8 @@ def get_config(arg: str | None = None):
              clip_norm=1.0)
   # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps; each GPU sums its own gradients
   # over the 8 micro-batches (fp32, unreduced) and the step reduce-scatters them once, not in every micro-batch:
-  # predicted 11.21 s a step instead of 13.33 (1.15 s of collectives exposed instead of 4.73) for 74.7 GiB per
-  # A100 instead of 42.1 (BENCHMARKS.md, "The recipes on their clusters")
+  # predicted 11.21 s a step instead of 13.20 (1.15 s of collectives exposed instead of 4.74) for 74.7 GiB per
+  # A100 instead of 42.0 (BENCHMARKS.md, "The recipes on their clusters")
   set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000,
              accumulate_unreduced=True)
   config.precision.compute_dtype = "bfloat16"

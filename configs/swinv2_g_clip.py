@@ -34,7 +34,7 @@ chose it (`ours:` and the reason):
   | loss scale       | from 2^16, doubled after 2,000 good steps               | ours: PyTorch GradScaler's defaults  |
   | master weights   | fp32 params and optimizer state                         | ours: standard mixed precision       |
   | batch            | 32,768 pairs; the contrastive loss spans all of them    | ours: CLIP's; the paper states none  |
-  | micro-batches    | 4 of 8,192, remat dots_with_no_batch_dims_saveable      | ours: fits A100 80GB (below)         |
+  | micro-batches    | 2 of 16,384, remat dots_with_no_batch_dims_saveable     | ours: fits A100 80GB (below)         |
   | parallelism      | ZeRO-3 over all devices                                 | paper                                |
   | cluster          | 128 A100 80GB                                           | paper                                |
   | schedule         | 366,000 steps = 10 passes over the 1.2B pairs           | ours: the paper gives no step count; |
@@ -47,18 +47,21 @@ chose it (`ours:` and the reason):
   | health           | loss / gradient-norm spike skipping (6 std over 128     | ours: guards a 3B fp16 run beyond    |
   |                  | steps), rollback past bad data (training/health.py)     | the paper's clipping and scaling     |
 
-Memory: 4 micro-batches plan 54.5 GiB per GPU in XLA's GPU compiler for 128 A100 80GB with cuDNN attention
-(`python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --target=a100 --devices=128
---micro_batches=4 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md); 2 micro-batches
-planned 80.4 GiB, over the 79.2 GiB an A100 80GB reports.
+Memory: 2 micro-batches plan 64.0 GiB per GPU in XLA's GPU compiler for 128 A100 80GB with cuDNN attention, of
+the 72.9 GiB a job launched with launch/xla_flags_a100.sh may allocate (`python -m visionfm_jax.bench.memory_plan
+--config=configs/swinv2_g_clip.py --target=a100 --devices=128 --micro_batches=2,4
+--remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md); 4 plan 56.4 GiB and take 10.56 s a step
+instead of 8.83 (half the weight gathers from all 16 nodes).
 
 Wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this config's 224 px
-stage alone on 128 A100s BENCHMARKS.md predicts 46.7 days at its 4 micro-batches, a roofline prediction rather
-than a measurement (11.03 s a step at MFU 0.237, `python -m visionfm_jax.bench.roofline
---config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px stage's 7.4, 54.1 days. ZeRO-3
-within each node and the nodes data-parallel (`--config.mesh.fsdp=8 --config.mesh.data=-1`, what the runbook
-launches) keeps the weight gathers and gradient reduce-scatters on NVLink: 9.24 s a step, 63.8 GiB, 39.1 days at
-224 px and 45.8 for both stages (docs/runbooks/swinv2_g_clip.md, "Parallelism"). The step
+stage alone on 128 A100s BENCHMARKS.md predicts 37.4 days at its 2 micro-batches, a roofline prediction rather
+than a measurement (8.83 s a step at MFU 0.296, 1.24 s of it exposed collectives, `python -m
+visionfm_jax.bench.roofline --config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px
+stage's 7.3, 44.7 days. ZeRO-3 within each node and the nodes data-parallel (`--config.mesh.fsdp=8
+--config.mesh.data=-1 --config.grad_accum_steps=4`, what the runbook launches; 2 micro-batches plan 72.9 GiB there,
+over what the launch lets a job allocate) keeps the weight gathers and gradient reduce-scatters on NVLink: 8.82 s a
+step, 0.45 s exposed, 65.5 GiB, 37.4 days at 224 px and 43.9 for both stages (docs/runbooks/swinv2_g_clip.md,
+"Parallelism"). The step
 count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip
@@ -94,12 +97,12 @@ data/loader/pipeline.py; there is no separate data seed), so at the 224 px run's
 the very pairs that run began with. Seed 1 gives it a fresh order of the same pairs (and fresh stochastic depth
 and Mixup draws); a 224 px run launched with `--config.seed=1` needs another seed here.
 
-Memory: 53.8 GiB per device in XLA's GPU plan for 128 A100 80GB with cuDNN attention (`python -m
+Memory: 53.9 GiB per device in XLA's GPU plan for 128 A100 80GB with cuDNN attention (`python -m
 visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py:ft640 --target=a100 --devices=128
 --micro_batches=8 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md). Wall clock:
-32.1 s a step predicted (MFU 0.18), 7.4 days for the 20,000 steps, a roofline prediction rather than a
-measurement; ZeRO-3 within each node (`--config.mesh.fsdp=8 --config.mesh.data=-1`, the runbook's): 63.0 GiB,
-28.65 s a step, 6.6 days.
+31.4 s a step predicted (MFU 0.18), 7.3 days for the 20,000 steps, a roofline prediction rather than a
+measurement; ZeRO-3 within each node (`--config.mesh.fsdp=8 --config.mesh.data=-1`, the runbook's): 63.3 GiB,
+27.97 s a step, 6.5 days.
 
 Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CPU:
 
@@ -130,10 +133,8 @@ def get_config(arg: str | None = None):
   config.task = "contrastive"
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
-  # remat keeping the weight matmuls' outputs, and 4 micro-batches of 8,192 (the loss still spans all 32,768):
-  # 54.5 GiB per GPU in XLA's GPU plan for 128 A100 80GB with cuDNN attention (2 micro-batches: 80.4 GiB, over the
-  # 79.2 the device reports), from python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py
-  # --target=a100 --devices=128 --micro_batches=4 --remat=dots_with_no_batch_dims_saveable (BENCHMARKS.md)
+  # remat keeping the weight matmuls' outputs, and 2 micro-batches of 16,384 (the loss still spans all 32,768):
+  # 64.0 GiB per GPU in XLA's GPU plan for 128 A100 80GB with cuDNN attention (the module docstring's command)
   set_fields(config.model, image_size=224, embed_dim=1024, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.image, variant="G", window_size=14, drop_path=0.2)
   # text tower: 'H' (24 layers, width 1024, 16 heads), 77 tokens, SentencePiece 32k
@@ -163,8 +164,8 @@ def get_config(arg: str | None = None):
              clip_norm=1.0)
   # precision: FP16 compute with dynamic loss scaling
   set_fields(config.precision, compute_dtype="float16", loss_scale_init=2.0**16, loss_scale_period=2000)
-  # batch 32,768 pairs in 4 micro-batches (above), ZeRO-3, 366k steps (10 passes over the 1.2B pairs)
-  set_fields(config, global_batch_size=32768, grad_accum_steps=4, strategy="zero3", total_steps=366_000)
+  # batch 32,768 pairs in 2 micro-batches (above), ZeRO-3, 366k steps (10 passes over the 1.2B pairs)
+  set_fields(config, global_batch_size=32768, grad_accum_steps=2, strategy="zero3", total_steps=366_000)
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
   # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
@@ -218,7 +219,7 @@ def _ft640(config, demo: bool):
     image.window_size = 40
     config.global_batch_size = 8192
     # 8 micro-batches of 1024 (8 images per device; the contrastive loss and Mixup still span all 8192,
-    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 53.8 GiB per A100 in the GPU
+    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 53.9 GiB per A100 in the GPU
     # compiler's plan with cuDNN attention (the module docstring gives the command), against 357 GiB unsplit in
     # the CPU compiler's
     config.grad_accum_steps = 8

@@ -135,10 +135,10 @@ def test_imagenet21k_variant_takes_a_size_only(variant):
     _load(f"swinv2_cls.py:{variant}")
 
 
-def test_clip_default_takes_the_4_micro_batches_planned_for_an_a100_and_validates_on_128_devices():
+def test_clip_default_takes_the_2_micro_batches_planned_for_an_a100_and_validates_on_128_devices():
   config = _load("swinv2_g_clip.py")
   checks.validate(config, num_devices=128, num_processes=16)
-  assert config.grad_accum_steps == 4 and config.global_batch_size == 32768
+  assert config.grad_accum_steps == 2 and config.global_batch_size == 32768
 
 
 class _KeyedRecords:
