@@ -51,7 +51,7 @@ Memory: 2 micro-batches plan 64.0 GiB per GPU in XLA's GPU compiler for 128 A100
 the 72.9 GiB a job launched with launch/xla_flags_a100.sh may allocate (`python -m visionfm_jax.bench.memory_plan
 --config=configs/swinv2_g_clip.py --target=a100 --devices=128 --micro_batches=2,4
 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md); 4 plan 56.4 GiB and take 10.56 s a step
-instead of 8.83 (half the weight gathers from all 16 nodes).
+instead of 8.83 (twice the gathers of every block's weights from all 16 nodes).
 
 Wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this config's 224 px
 stage alone on 128 A100s BENCHMARKS.md predicts 37.4 days at its 2 micro-batches, a roofline prediction rather
