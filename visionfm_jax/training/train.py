@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import atomic, parallel, tasks
 
-from visionfm_jax.training import checkpoint, ema, flops, guards, health, init_from
+from visionfm_jax.training import checkpoint, data_record, ema, flops, guards, health, init_from
 from visionfm_jax.training.infra import compile_cache, console, faults
 from visionfm_jax.training.infra import metrics
 from visionfm_jax.training import checks, optim, plan as plan_lib, precision, prefetch, resume
@@ -431,8 +431,11 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
                "es" if jax.process_count() > 1 else "")
   task = tasks.build(config, mesh)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
-  train_iter = iter(task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
-                                      process_index=jax.process_index(), process_count=jax.process_count()))
+  loader = task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
+                             process_index=jax.process_index(), process_count=jax.process_count())
+  train_iter = iter(loader)
+  if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir) is not None):
+    train_iter.follow_changed_data()
   # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
   eval_context = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
                              jax.process_count())

@@ -21,7 +21,7 @@ from absl import flags, logging
 import grain
 import numpy as np
 
-from visionfm_jax.data.loader import mixture as mixture_lib, skipping
+from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files, skipping
 from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
@@ -234,11 +234,14 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   if workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
     flags.FLAGS.mark_as_parsed()
+  need = open_files.needed(mixture, workers)
+  open_files.ensure(need)  # before grain starts its workers, which inherit the limit
   loader = grain.DataLoader(data_source=stream, sampler=sampler, operations=operations, shard_options=shard,
                             worker_count=workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
                                  check_after=data_cfg.skip_check_after, what=what, process_index=process_index,
-                                 process_count=process_count, legacy=stream.legacy_reprs())
+                                 process_count=process_count, legacy=stream.legacy_reprs(), open_files=need,
+                                 identity=identity.of_mixture(mixture))
 
 
 def eval_shares(total: int, batch_size: int, process_index: int, process_count: int) -> tuple[range, int]:

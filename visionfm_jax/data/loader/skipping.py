@@ -37,8 +37,11 @@ class SkippingLoader:
   """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
 
   def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1, legacy: tuple[str, str] | None = None):
+               process_index: int = 0, process_count: int = 1, legacy: tuple[str, str] | None = None,
+               open_files: int = 0, identity: dict | None = None):
     self.loader, self.batch_size = loader, int(batch_size)
+    self.open_files = int(open_files)  # descriptors the pipeline may hold (data/loader/open_files.py)
+    self.identity = identity or {}  # what names the data (data/loader/identity.py)
     self.max_fraction, self.check_after, self.what = float(max_fraction), int(check_after), what
     self.process_index, self.process_count = int(process_index), int(process_count)
     self.legacy = legacy
@@ -65,6 +68,7 @@ class SkippingIterator:
     self.read = self.skipped = 0
     self._raw = self._valid = self._raw_state = None
     self._offset = 0
+    self.replays = True  # False: a saved state continues at its stream position (`follow_changed_data`)
 
   def __iter__(self):
     return self
@@ -118,7 +122,7 @@ class SkippingIterator:
     state = resume.parse(state)
     fresh = resume.parse(self._it.get_state())
     loader_state = resume.adopt_legacy(resume.parse(state["loader"]), fresh, self.legacy)
-    replay = loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]
+    replay = self.replays and loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]
     if replay:
       self._it.set_state(json.dumps(loader_state).encode())
     else:
@@ -127,6 +131,11 @@ class SkippingIterator:
     if replay and state["offset"]:
       self._next_raw()
       self._offset = int(state["offset"])
+
+  def follow_changed_data(self) -> None:
+    """A state saved over other data (a resume that allows it) continues at its global stream position in the
+    data read now, instead of replaying batches of records that may no longer be there."""
+    self.replays = False
 
   def continue_from(self, states) -> None:
     """Continues the global stream after the states of all processes of a run with another number of

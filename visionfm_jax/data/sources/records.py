@@ -22,19 +22,22 @@ always means a complete file, and an interrupted conversion resumes by skipping 
 
 from __future__ import annotations
 
+import concurrent.futures
 import fnmatch
 import glob
+import hashlib
 import io
 import json
 import os
 from typing import Iterable
 
-from array_record.python import array_record_data_source, array_record_module
+from array_record.python import array_record_module
 import msgpack
 import numpy as np
 from PIL import Image
 
 from visionfm_jax import atomic
+from visionfm_jax.data.sources import open_shards
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -199,34 +202,6 @@ def class_names(pattern: str) -> list[str]:
   return list(metadata["classes"])
 
 
-def _open_shards(pattern: str, files: list[str]):
-  """The ArrayRecordDataSource of `files`; DataError naming the files that cannot be opened (a truncated shard
-  has no footer)."""
-  try:
-    return array_record_data_source.ArrayRecordDataSource(files)
-  except (RuntimeError, OSError, ValueError) as e:
-    unreadable = [f for f in files if not _opens(f)]
-    raise DataError(f"arrayrecord source {pattern!r}: cannot read {_some(unreadable or files)} as ArrayRecord "
-                    f"(truncated or not written by tools.prepare_data?): {e or type(e).__name__}; {REPREPARE}") from e
-
-
-def _opens(path: str) -> bool:
-  try:
-    array_record_data_source.ArrayRecordDataSource([path])
-    return True
-  except (RuntimeError, OSError, ValueError):
-    return False
-
-
-def _records_per_file(source) -> dict[str, int] | None:
-  """{file: records} from the source's index (read from every file's footer when it opened them); None when
-  this array_record version keeps it elsewhere."""
-  instructions = getattr(source, "_read_instructions", None)
-  if instructions is None:
-    return None
-  return {os.fspath(i.filename): int(i.num_records) for i in instructions}
-
-
 def _some(names: list[str], shown: int = 5) -> str:
   return ", ".join(names[:shown]) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
@@ -287,33 +262,143 @@ def _sidecar_count(path: str) -> int | None:
 class ArrayRecordSource:
   """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
 
-  `metadata` is the `dataset.json` next to the first file (None without one). Records come back as
-  `unpack_record` dicts; a corrupt one as {'image': None, 'caption': ''}, {'image': None, 'label': 0} when
-  dataset.json says the records are labelled, {'image': None} when it says they are images only (counted; the
-  pipelines skip it).
+  `metadata` is the `dataset.json` next to the first file (None without one). Opening reads every file's footer
+  once, on threads, for its record count and what identifies its contents (a file that cannot be read as ArrayRecord
+  is a DataError naming it); reads go through a bounded set of open shards (`open_shards.OpenShards`: at most
+  `open_shards.LIMIT` idle ones per process, the least recently used closed first), so a globally shuffled
+  stream over 232,000 shards holds a handful of descriptors, not one per shard it has touched.
+
+  Records come back as `unpack_record` dicts; a corrupt one (a chunk whose checksum fails, bytes that are no
+  record) as {'image': None, 'caption': ''}, {'image': None, 'label': 0} when dataset.json says the records are
+  labelled, {'image': None} when it says they are images only (counted; the pipelines skip it). A shard that
+  can no longer be opened while training is a DataError naming it.
   """
+
+  max_open_files = open_shards.bound()  # per process (data/loader/open_files.py)
 
   def __init__(self, pattern: str):
     self.pattern = pattern
-    self.files = matching_files(pattern)
-    self.metadata = read_metadata(os.path.dirname(self.files[0]))
-    check_shards_present(pattern, self.files, self.metadata)
-    self._source = _open_shards(pattern, self.files)
-    check_record_counts(pattern, self.files, _records_per_file(self._source), self.metadata)
+    files = matching_files(pattern)
+    self.metadata = read_metadata(os.path.dirname(files[0]))
+    check_shards_present(pattern, files, self.metadata)
+    self._root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
+    self._names = [os.path.relpath(f, self._root) for f in files]
+    footers = read_footers(pattern, files)
+    self._footers = [footer[1:] for footer in footers]  # (bytes, digest): what identifies the shard's contents
+    counts = [footer[0] for footer in footers]
+    check_record_counts(pattern, files, dict(zip(files, counts)), self.metadata)
+    self._ends = np.cumsum(counts, dtype=np.int64)
     kind = (self.metadata or {}).get("kind")
     self._placeholder = {"classification": {"image": None, "label": 0}, "images": {"image": None}}.get(
         kind, {"image": None, "caption": ""})
+    self._metadata_digest = _file_digest(os.path.join(os.path.dirname(files[0]), METADATA_FILE))
+    self._shards = open_shards.OpenShards(_open_reader)
+
+  @property
+  def files(self) -> list[str]:
+    return [os.path.join(self._root, name) for name in self._names]
 
   def __len__(self) -> int:
-    return len(self._source)
+    return int(self._ends[-1]) if len(self._ends) else 0
+
+  def __getstate__(self):
+    # What a grain worker needs to read: no metadata (dataset.json lists every shard), no open readers.
+    return {k: v for k, v in self.__dict__.items() if k not in ("metadata", "_shards")}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state, metadata=None, _shards=open_shards.OpenShards(_open_reader))
+
+  def _locate(self, index: int) -> tuple[str, int]:
+    if not 0 <= index < len(self):
+      raise IndexError(f"record {index} of {self.pattern}: the source holds {len(self)}")
+    number = int(np.searchsorted(self._ends, index, side="right"))
+    return os.path.join(self._root, self._names[number]), index - (int(self._ends[number - 1]) if number else 0)
 
   def __getitem__(self, index) -> dict:
+    path, position = self._locate(int(index))
     try:
-      return unpack_record(self._source[int(index)])
-    except ValueError as e:
-      transforms.count_failure(f"record {int(index)} of {self.pattern}", e)
+      with self._shards.use(path) as reader:
+        data = reader.read([position])[0]
+      return unpack_record(data)
+    except open_shards.Unopenable as e:
+      raise DataError(f"arrayrecord source {self.pattern!r}: {path} cannot be opened any more ({e.__cause__}); it "
+                      f"changed or vanished while training; {REPREPARE}") from e
+    except (ValueError, RuntimeError) as e:  # RuntimeError: riegeli's chunk checksum, a truncated chunk
+      transforms.count_failure(f"record {position} of {path}", e)
       return dict(self._placeholder)
+
+  def identity(self) -> dict:
+    """What names this data (data/loader/identity.py): every shard's name, records, bytes and footer digest, and a
+    digest of dataset.json."""
+    counts = np.diff(self._ends, prepend=0).tolist()
+    return {"source": self.pattern, "records": len(self), "metadata_sha256": self._metadata_digest,
+            "shards": [[name, count, *footer] for name, count, footer in zip(self._names, counts, self._footers)]}
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
-    return f"ArrayRecordSource({self.pattern!r}, files={len(self.files)}, records={len(self)})"
+    return f"ArrayRecordSource({self.pattern!r}, files={len(self._names)}, records={len(self)})"
+
+
+FOOTER_THREADS = 32  # files whose footers are read at once when a source opens (I/O bound on shared file systems)
+_READER_OPTIONS = "readahead_buffer_size:0"  # random access: read a record's chunk, nothing ahead
+_READER_BUFFER = 32768
+
+
+def _open_reader(path: str):
+  """An ArrayRecordReader of `path`; OSError with the reader's own reason when it could not open it (the reader is
+  made in a failed state, and says why only when closed)."""
+  reader = array_record_module.ArrayRecordReader(path, options=_READER_OPTIONS, file_reader_buffer_size=_READER_BUFFER)
+  if reader.ok():
+    return reader
+  try:
+    reader.close()
+  except RuntimeError as e:
+    raise OSError(str(e)) from None
+  raise OSError(f"{path}: not an ArrayRecord file")
+
+
+# Riegeli ends a file with a block of 64 KiB holding its postscript; the record index (the footer, the offsets of every
+# record's chunk) ends just before it. Its last bytes change with the size of any record (the offsets are cumulative).
+_BLOCK = 1 << 16
+_FOOTER_TAIL = 4096
+
+
+def _footer(path: str) -> tuple[int, int, str]:
+  """(records, bytes, a digest of the end of the record index and the postscript) of the ArrayRecord file `path`."""
+  reader = _open_reader(path)
+  try:
+    records = int(reader.num_records())
+  finally:
+    reader.close()
+  with open(path, "rb") as f:
+    size = os.fstat(f.fileno()).st_size
+    f.seek(max(0, size - _BLOCK - _FOOTER_TAIL))
+    tail = f.read(_FOOTER_TAIL + 512)
+  return records, size, hashlib.blake2b(tail, digest_size=8).hexdigest()
+
+
+def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, str]]:
+  """`_footer` of every file, read on FOOTER_THREADS threads; DataError naming the files that cannot be
+  read as ArrayRecord (a truncated shard has no footer)."""
+  def attempt(path):
+    try:
+      return _footer(path)
+    except (RuntimeError, OSError, ValueError) as e:
+      return e
+  with concurrent.futures.ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
+    results = list(pool.map(attempt, files))
+  unreadable = [(path, result) for path, result in zip(files, results) if isinstance(result, Exception)]
+  if unreadable:
+    reason = unreadable[0][1]
+    raise DataError(f"arrayrecord source {pattern!r}: cannot read {_some([p for p, _ in unreadable])} as ArrayRecord "
+                    f"(truncated or not written by tools.prepare_data?): {reason or type(reason).__name__}; "
+                    f"{REPREPARE}")
+  return results
+
+
+def _file_digest(path: str) -> str | None:
+  try:
+    with open(path, "rb") as f:
+      return hashlib.sha256(f.read()).hexdigest()
+  except FileNotFoundError:
+    return None

@@ -1,0 +1,216 @@
+"""Stored data at the seeds' cardinalities and at rest: the shard readers hold a bounded number of open files whatever
+they have touched, the run raises its open-file limit to what its pipeline needs (or says it cannot), a corrupt chunk
+is a skipped record, a shard that vanishes is an error naming it, and a resume on replaced data is refused naming what
+changed unless allowed."""
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, cpu_env, tiny_vit_config
+from test_bad_input import run_main_in_process
+from visionfm_jax.data.loader import open_files
+from visionfm_jax.data.sources import open_shards, records
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.errors import ConfigError, DataError, UserError
+from visionfm_jax.training import data_record, train
+
+SHARDS, PER_SHARD = 300, 2
+
+
+def _write_set(directory, shards=SHARDS, per_shard=PER_SHARD, shade=0):
+  """A labelled set of `shards` tiny shards and its dataset.json, as tools.prepare_data leaves it."""
+  names = [records.shard_name("train", i, shards) for i in range(shards)]
+  for i, name in enumerate(names):
+    records.write_records(str(directory / name), ({"image": np.full((16, 16, 3), (shade + 7 * i + j) % 256, np.uint8),
+                                                   "label": (i + j) % 8} for j in range(per_shard)))
+  records.write_metadata(directory, kind="classification", classes=[f"c{k}" for k in range(8)],
+                         splits={"train": {"records": shards * per_shard, "shards": names, "kind": "labelled"}})
+  return names
+
+
+@pytest.fixture(scope="module")
+def many_shards(tmp_path_factory):
+  directory = tmp_path_factory.mktemp("many_shards")
+  return directory, _write_set(directory)
+
+
+def _open_fds() -> int:
+  return len(os.listdir("/proc/self/fd"))
+
+
+def _handles():
+  """A handle class counting its open instances (`Handle.opened`)."""
+
+  class Handle:
+    opened = 0
+
+    def __init__(self, path):
+      Handle.opened += 1
+      self.path, self.closed = path, False
+
+    def close(self):
+      Handle.opened -= 1
+      self.closed = True
+
+  return Handle
+
+
+def test_open_shards_keeps_at_most_its_limit_and_never_closes_one_in_use():
+  handle_class = _handles()
+  shards = open_shards.OpenShards(handle_class, limit=4)
+  with shards.use("held") as held:
+    for i in range(100):
+      with shards.use(f"s{i}"):
+        assert len(shards) <= 4
+    assert not held.closed  # the least recently used, but in use
+  assert len(shards) == handle_class.opened == 4
+  with pytest.raises(open_shards.Unopenable):
+    with open_shards.OpenShards(lambda path: open(path, "rb")).use("/nonexistent/shard"):
+      pass
+
+
+def test_open_shards_under_threads_stay_within_the_threads_and_the_limit():
+  handle_class = _handles()
+  shards, peak, lock = open_shards.OpenShards(handle_class, limit=3), [0], threading.Lock()
+
+  def read(seed):
+    rng = np.random.default_rng(seed)
+    for _ in range(300):
+      with shards.use(f"s{rng.integers(50)}") as handle:
+        assert not handle.closed
+        with lock:
+          peak[0] = max(peak[0], handle_class.opened)
+
+  threads = [threading.Thread(target=read, args=(k,)) for k in range(6)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join()
+  assert peak[0] <= open_shards.bound(threads=6, limit=3) and len(shards) <= 3
+
+
+def test_globally_shuffled_reads_of_many_shards_hold_a_bounded_number_of_files(many_shards):
+  directory, _ = many_shards
+  before = _open_fds()
+  source = records.ArrayRecordSource(str(directory / "train-*.array_record"))
+  assert _open_fds() == before  # the footers are read and closed
+  for index in np.random.default_rng(0).permutation(len(source)):
+    assert source[index]["image"] is not None
+  assert _open_fds() - before <= open_shards.LIMIT  # one reading thread: the idle ones
+
+
+def _corrupt_one_chunk(path) -> int:
+  """Flips 16 bytes of the shard at `path` inside one record's chunk (as bit rot would); returns that record."""
+  original = open(path, "rb").read()
+  for at in range(0, 4096, 32):
+    damaged = original[:at] + bytes(b ^ 0xFF for b in original[at:at + 16]) + original[at + 16:]
+    with open(path, "wb") as f:
+      f.write(damaged)
+    reader = records.array_record_module.ArrayRecordReader(path)
+    failing = []
+    for record in range(reader.num_records()):
+      try:
+        reader.read([record])
+      except RuntimeError:
+        failing.append(record)
+    reader.close()
+    if len(failing) == 1:
+      return failing[0]
+  raise AssertionError(f"no 16 bytes of {path}'s first 4 KiB spoil exactly one record")
+
+
+def test_a_corrupt_chunk_is_a_skipped_and_counted_record(tmp_path):
+  names = _write_set(tmp_path, shards=2, per_shard=3)
+  spoilt = 3 + _corrupt_one_chunk(str(tmp_path / names[1]))
+  source = records.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
+  failures = transforms.decode_failures()
+  assert source[spoilt] == {"image": None, "label": 0}  # dataset.json says the records are labelled
+  assert transforms.decode_failures() == failures + 1
+  assert all(source[i]["image"] is not None for i in range(6) if i != spoilt)
+
+
+def test_a_shard_that_vanishes_while_training_is_an_error_naming_it(tmp_path):
+  names = _write_set(tmp_path, shards=3, per_shard=2)
+  source = records.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
+  os.remove(tmp_path / names[2])
+  with pytest.raises(DataError, match=rf"{tmp_path / names[2]} cannot be opened any more .*changed or vanished"):
+    source[5]
+
+
+def test_the_soft_open_file_limit_is_raised_to_the_need():
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard))
+  try:
+    open_files.ensure(300)
+    assert resource.getrlimit(resource.RLIMIT_NOFILE) == (300, hard)
+    open_files.ensure(200)  # never lowered
+    assert resource.getrlimit(resource.RLIMIT_NOFILE)[0] == 300
+  finally:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_hard_limit_below_the_need_is_one_line_before_training(tmp_path, many_shards):
+  """--dry_run with 4 data workers over the shards: the need, 5 x open_shards.bound() + RUN_FILES, is over a hard
+  limit of 256."""
+  directory, _ = many_shards
+  need = 5 * open_shards.bound() + open_files.RUN_FILES
+  args = ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+          f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
+          "--config.data.num_workers=4"]
+  command = f"ulimit -n 256 && exec {sys.executable} -m visionfm_jax.main " + " ".join(f"'{a}'" for a in args)
+  proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.strip().splitlines()[-1] == (
+      f"error: the input pipeline may hold {need} open files (config.data.num_workers and the sources, "
+      f"data/loader/open_files.py) but this process may open at most 256 (hard RLIMIT_NOFILE): raise it "
+      f"('ulimit -Hn {need}' where allowed, or the cluster's limits.conf), or use fewer data workers")
+
+
+def test_the_dry_run_reports_the_need(tmp_path, many_shards, monkeypatch, capsys):
+  directory, _ = many_shards
+  status, out, _ = run_main_in_process(
+      ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+       f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
+       "--config.data.num_workers=2"], monkeypatch, capsys)
+  assert status == 0
+  assert f"open files: the input pipeline needs up to {3 * open_shards.bound() + open_files.RUN_FILES}; this shell's " \
+         f"RLIMIT_NOFILE soft" in out
+
+
+def _tiny_run_config(directory, **overrides):
+  return tiny_vit_config(**{"data.source": f"arrayrecord:{directory}/{{split}}-*.array_record",
+                            "data.eval_source": "shapes", "data.num_workers": 0, "model.num_classes": 8,
+                            "total_steps": 2, "checkpoint_every": 2, "eval_every": 100, **overrides})
+
+
+def test_a_resume_on_replaced_data_is_refused_naming_it_unless_allowed(tmp_path):
+  data, workdir = tmp_path / "data", tmp_path / "run"
+  data.mkdir()
+  names = _write_set(data, shards=8, per_shard=4)
+  train.run(_tiny_run_config(data), str(workdir))
+  recorded = json.loads((workdir / data_record.FILE).read_text())
+  assert recorded["entries"][0]["records"] == 32 and len(recorded["entries"][0]["shards"]) == 8
+
+  records.write_records(str(data / names[3]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1}
+                                               for _ in range(4)))  # re-prepared: same count, other bytes
+  size = os.path.getsize(data / names[3])
+  with pytest.raises(ConfigError, match=rf"^cannot resume {workdir}: its training data changed since the checkpoints "
+                                        rf"were saved: config.data.source='arrayrecord:{data}/{{split}}-\*.array_record'"
+                                        rf": 1 shard\(s\) changed \({names[3]} \(4 records, {size:,} bytes, \w+ -> 4 "
+                                        rf"records, {size:,} bytes, \w+\)\); restore the data, or pass"):
+    train.run(_tiny_run_config(data), str(workdir))
+  with pytest.raises(ConfigError, match=r"--config.resume.allow_changes=data.source to go on with this data"):
+    train.run(_tiny_run_config(data), str(workdir))
+
+  allowed = {"total_steps": 4, "resume.allow_changes": "total_steps,data.source"}
+  last = train.run(_tiny_run_config(data, **allowed), str(workdir))
+  assert last["step"] == 4
+  assert json.loads((workdir / data_record.FILE).read_text())["entries"][0]["shards"][3][2] == \
+      os.path.getsize(data / names[3])
