@@ -128,7 +128,7 @@ def _reference_scores(task, params, pairs) -> dict[str, float]:
 
 def _read(path) -> list[dict]:
   source = records.ArrayRecordSource(str(path))
-  return [records.unpack_record(source._source[i]) for i in range(len(source))]  # pylint: disable=protected-access
+  return [source[i] for i in range(len(source))]
 
 
 def _outputs(directory) -> dict[str, list[dict]]:
