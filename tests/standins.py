@@ -7,6 +7,7 @@ assertions. `write_all(root)` places every one as the runbooks do:
 
   root/raw/imagenet21k/fall11_whole.tar, winter21_whole.tar.gz   ImageNet-21K (fall 2011, winter 2021)
   root/raw/laion/00000.tar, .parquet, _stats.json, ...           img2dataset's output of LAION
+  root/raw/laion2B-en-joined/part-00000.parquet                   LAION-2B-en's metadata, img2dataset's input
   root/raw/vg/                                                   Visual Genome 1.2
   root/raw/images/                                               uncaptioned images, a folder tree
   root/data/tfds/downloads/manual/ILSVRC2012_img_{train,val}.tar ImageNet-1K for TFDS
@@ -192,9 +193,14 @@ def _laion_meta(shard: int, index: int, image: bytes | None, size: tuple[int, in
   }
 
 
+def _laion_size(index: int) -> tuple[int, int]:
+  """(width, height) of a downloaded sample's image (a quarter of the original's)."""
+  return 64 + 16 * (index % 3), 64 + 8 * (index % 4)
+
+
 def _laion_sample(shard: int, index: int) -> tuple[dict[str, bytes], dict]:
   """(tar members, metadata) of one downloaded sample; sorted members as webdataset's TarWriter writes them."""
-  size = (64 + 16 * (index % 3), 64 + 8 * (index % 4))
+  size = _laion_size(index)
   image = jpeg(7000 + 100 * shard + index, *size)
   meta = _laion_meta(shard, index, image, size)
   key = meta["key"]
@@ -246,6 +252,24 @@ def write_laion(root: Path) -> dict:
     tars.append(str(root / f"{name}.tar"))
   return {"tars": tars, "samples": len(metas), "metas": metas, "parquet": parquet,
           "uncaptioned": LAION_UNCAPTIONED + LAION_EMPTY_CAPTION, "corrupt": LAION_CORRUPT}
+
+
+def write_laion_metadata(root: Path) -> dict:
+  """LAION-2B-en's metadata with its scores (columns URL, TEXT, WIDTH, HEIGHT, similarity, hash, punsafe,
+  pwatermark) of the pairs `write_laion` holds downloaded, as the parquet img2dataset reads (`--url_list`); the
+  folder, without the file, where pyarrow is missing. Returns {rows, parquet}."""
+  root = Path(root)
+  root.mkdir(parents=True, exist_ok=True)
+  rows = []
+  for shard in range(LAION_SHARDS):
+    for index in range(LAION_SAMPLES_PER_SHARD + 1):
+      meta = _laion_meta(shard, index, None, (0, 0))
+      width, height = _laion_size(index)
+      digest = int(hashlib.md5(meta["url"].encode()).hexdigest()[:15], 16)
+      rows.append({"URL": meta["url"], "TEXT": meta["caption"], "WIDTH": 4 * width, "HEIGHT": 4 * height,
+                   "similarity": meta["similarity"], "hash": digest, "punsafe": meta["punsafe"],
+                   "pwatermark": meta["pwatermark"]})
+  return {"rows": len(rows), "parquet": _write_parquet(root / "part-00000.parquet", rows)}
 
 
 # ------------------------------------------------------------------------------------------ ImageNet-1K (TFDS)
@@ -638,6 +662,7 @@ def write_all(root: Path, models: bool = True) -> dict:
       "imagenet21k_fall11": write_imagenet21k_fall11(raw / "imagenet21k"),
       "imagenet21k_winter21": write_imagenet21k_winter21(raw / "imagenet21k"),
       "laion": write_laion(raw / "laion"),
+      "laion_metadata": write_laion_metadata(raw / "laion2B-en-joined"),
       "visual_genome": write_visual_genome(raw / "vg"),
       "images": write_image_tree(raw / "images"),
       "imagenet2012_manual": write_imagenet2012_manual(data / "tfds"),

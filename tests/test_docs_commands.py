@@ -38,7 +38,7 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCS = [ROOT / "README.md", ROOT / "BUILD.md", *sorted((ROOT / "docs").rglob("*.md"))]
 RUNBOOKS = sorted((ROOT / "docs" / "runbooks").glob("*.md"))
 # Programs of other projects the docs may call; their arguments are theirs to check.
-EXTERNAL = {"hf", "nvidia-smi", "tensorboard", "tar", "rm"}
+EXTERNAL = {"hf", "img2dataset", "nvidia-smi", "tensorboard", "tar", "rm"}
 # Where the docs keep data, checkpoints and models: a path under one of these that a command reads must have
 # been written by an earlier command of the same document, unless the document places it by hand (below).
 ROOTS = ("/data/", "/ckpt/", "/models/")

@@ -267,6 +267,47 @@ def test_resize_and_verify(tmp_path, caplog):
   assert {e["key"]: e["image"] for e in read_split(tmp_path / "raw")}["b/bad.jpg"] == corrupt
 
 
+def test_images_below_min_side_are_counted_and_warned_about(tree, tmp_path, capsys):
+  """Each sidecar and dataset.json count the images whose shorter side as given (decoded, or read from the header)
+  is below --min_side (default: --resize_shorter); the console says how many."""
+  sizes = [(40, 30), (20, 50), (64, 64), (33, 32), (31, 90)]  # shorter sides 30, 20, 64, 32, 31
+  os.makedirs(tmp_path / "in")
+  with tarfile.open(tmp_path / "in" / "00000.tar", "w") as archive:
+    for i, (width, height) in enumerate(sizes):
+      for member, data in ((f"k{i}.jpg", encoded(width, height, seed=i)), (f"k{i}.txt", b"a caption")):
+        info = tarfile.TarInfo(member)
+        info.size = len(data)
+        archive.addfile(info, io.BytesIO(data))
+  def convert(name, *flags):
+    assert prepare_data.main(["prog", "--format=webdataset", f"--input={tmp_path / 'in' / '*.tar'}",
+                              f"--output={tmp_path / name}", "--num_workers=0", *flags]) == 0
+    entry = json.loads((tmp_path / name / "dataset.json").read_text())["splits"]["train"]
+    sidecar = json.loads((tmp_path / name / (entry["shards"][0] + ".json")).read_text())
+    return entry, sidecar, capsys.readouterr().err
+  entry, sidecar, err = convert("resized", "--resize_shorter=32")
+  assert entry["small_images"] == sidecar["small_images"] == {"min_side": 32, "count": 3}
+  assert err.splitlines() == ["warning: 3 of the 5 train images have a shorter side below 32 px (--min_side): a "
+                              "recipe that reads them at 32 px upsamples them (download larger: img2dataset "
+                              "--resize_mode=keep_ratio --image_size=...)"]
+  entry, sidecar, err = convert("as_stored", "--min_side=64")  # not decoded: the sides from the headers
+  assert entry["small_images"] == sidecar["small_images"] == {"min_side": 64, "count": 4}
+  assert "warning: 4 of the 5 train images" in err
+  # the option is no part of the fingerprint: the finished shard is kept, its images unmeasured at another size
+  entry, _, err = convert("as_stored", "--min_side=31")
+  assert entry["small_images"] == {"min_side": 31, "count": 0, "unmeasured": 5}
+  assert err.strip().endswith("; 5 more, in shards written without this --min_side, are not measured")
+  entry, sidecar, err = convert("uncounted", "--resize_shorter=32", "--min_side=0")
+  assert "small_images" not in entry and "small_images" not in sidecar and not err
+  entry, _, err = convert("enough", "--min_side=20")
+  assert entry["small_images"] == {"min_side": 20, "count": 0} and not err
+  assert prepare_data.main(["prog", "--format=webdataset", f"--input={tmp_path / 'in' / '*.tar'}",
+                            f"--output={tmp_path / 'bad'}", "--min_side=-1"]) == 2
+  assert "--min_side=-1: expected a size in px, or 0 (no count)" in capsys.readouterr().err
+  # every format: the class tree's images are 32x24
+  metadata = convert_folders(tree[0], str(tmp_path / "folders"), num_workers=0, min_side=25)
+  assert metadata["splits"]["train"]["small_images"] == {"min_side": 25, "count": 10}
+
+
 def test_resume_rewrites_only_missing_shards(tree, converted, tmp_path, monkeypatch):
   out = str(tmp_path / "out")
   convert_folders(tree[0], out, records_per_shard=4, num_workers=0)
@@ -391,7 +432,7 @@ def test_an_unlabelled_task_walks_only_its_folders(tmp_path, monkeypatch):
   report = convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), unlabelled=True,
                            num_workers=0, records_per_shard=2, task=cluster_task.Task(1, 3))
   assert walked == ["a", "c"]  # folders 1 and 4 of ['', 'a', 'a-b', 'b', 'c', 'd', 'empty']
-  assert report == {"unfinished": "5 of 7 folders", "task": "task 1 of 3"}
+  assert report == {"unfinished": "2 of 3 tasks' shares", "task": "task 1 of 3"}
   assert sorted(os.listdir(tmp_path / "out" / "train-folders")) == ["00001.json", "00004.json"]
   assert sorted(n for n in os.listdir(tmp_path / "out") if n.endswith(".array_record")) == [
       "train-00001-00000.array_record", "train-00001-00001.array_record", "train-00004-00000.array_record",

@@ -8,7 +8,9 @@ The script is the runbook's ```bash blocks as written, with three changes and no
   `--x=A => --x=B` on an option the command holds, set in its place (an array's size before sbatch's script);
 - programs that need a cluster or the network are local stand-ins on PATH: `sbatch`, `srun` and `scontrol` from
   tests/fake_slurm/ (a job runs in the foreground on one node of NODE_DEVICES CPU devices, an array's tasks one
-  after another) and `hf`, which copies a miniature of the named model from the test's hub folder.
+  after another), `hf`, which copies a miniature of the named model from the test's hub folder, and `img2dataset`,
+  which copies the miniature of its LAION output (`test_the_laion_download_keeps_what_the_recipes_need` checks
+  the options the real one is given).
 The releases the runbooks start from are written as miniatures of their published layouts by tests/standins.py; a
 runbook gets only those its ```inputs block lists, where it lists them.
 A command that fails, reads what nothing wrote, or writes what the next command cannot read fails the test with
@@ -193,6 +195,19 @@ def fake_hub_program(bin_dir: pathlib.Path, hub: pathlib.Path) -> None:
   program.chmod(program.stat().st_mode | stat.S_IXUSR)
 
 
+def fake_img2dataset_program(bin_dir: pathlib.Path, output: pathlib.Path) -> None:
+  """`img2dataset --url_list=PATH ... --output_folder=DIR`: copies the stand-in of img2dataset's LAION output
+  (`output`) to DIR, keeping the files there (img2dataset's incremental mode: a rerun resumes); PATH must exist."""
+  program = bin_dir / "img2dataset"
+  program.write_text(
+      "#!/usr/bin/env bash\nset -euo pipefail\nurls=''; out=''\n"
+      'for a in "$@"; do case $a in\n'
+      "  --url_list=*) urls=${a#--url_list=};;\n  --output_folder=*) out=${a#--output_folder=};;\nesac; done\n"
+      '[ -e "$urls" ] || { echo "img2dataset: no url list $urls" >&2; exit 1; }\n'
+      f'mkdir -p "$out" && cp -rn "{output}/." "$out/"\n')
+  program.chmod(program.stat().st_mode | stat.S_IXUSR)
+
+
 def script_of(runbook: pathlib.Path, root: pathlib.Path, label: str | None = None) -> str:
   """The runbook as one bash script; before each command, and at the end, a `>>> file:line time` marker on
   stderr."""
@@ -235,6 +250,7 @@ def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subpro
   bin_dir = root / "bin"
   bin_dir.mkdir()
   fake_hub_program(bin_dir, hub)
+  fake_img2dataset_program(bin_dir, hub.parent / "raw" / "laion")
   script = root / f"{runbook.stem}.sh"
   script.write_text(script_of(runbook, root))
   env = cpu_env(NODE_DEVICES, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
@@ -330,3 +346,34 @@ def test_a_rule_setting_an_option_the_command_holds_sets_it_in_place(tmp_path):
                    rules, tmp_path)
   assert text == "MODULE=m sbatch --wait --array=0-2 launch/tool.sbatch --num_workers=0 --y=2 --x=1"
   assert rehearsed(Command(1, "run --array=0-9999"), rules, tmp_path) == "run --array=0-9999"
+
+
+# ---- the LAION download ----
+
+LAION_RUNBOOKS = ("swinv2_g_clip", "aurora_xl")  # the runbooks that train on LAION
+
+
+def largest_image_size(markdown: str) -> int:
+  """The largest data.image_size of the configs the runbook's commands name (`--config=configs/<file>[:variant]`)."""
+  specs = set(re.findall(r"--config=(configs/[\w./:]+)", markdown))
+  return max(config_lib.load(str(ROOT / spec)).data.image_size for spec in specs)
+
+
+@pytest.mark.parametrize("name", LAION_RUNBOOKS)
+def test_the_laion_download_keeps_what_the_recipes_need(name):
+  """img2dataset's defaults (256x256 with white borders, no LAION scores) would train the largest stage on
+  letterboxed, upsampled squares and leave `index_tars --keep` no score to select by, after a weeks-long download;
+  the rehearsal's stand-in copies a miniature, so the options are checked here."""
+  markdown = (ROOT / "docs" / "runbooks" / f"{name}.md").read_text()
+  downloads = [c for c in bash_commands(markdown) if c.text.startswith("img2dataset ")]
+  assert len(downloads) == 1, f"{name}.md: expected one img2dataset command, found {len(downloads)}"
+  options = dict(arg.partition("=")[::2] for arg in shlex.split(downloads[0].text)[1:])
+  assert options["--output_format"] == "webdataset"
+  assert options["--resize_mode"] == "keep_ratio"  # the shorter side becomes --image_size, the aspect ratio kept
+  assert options["--resize_only_if_bigger"] == "True"  # never enlarged
+  assert int(options["--image_size"]) >= largest_image_size(markdown) >= 448
+  assert {"similarity", "pwatermark", "punsafe"} <= set(json.loads(options["--save_additional_columns"]))
+  assert options["--url_list"] in inputs_of(markdown)
+  selections = [c.text for c in bash_commands(markdown) if "index_tars" in c.text and "--keep=" in c.text]
+  assert selections and all(f"--input='{options['--output_folder']}/*.tar'" in text and "--expect_samples=" in text
+                            for text in selections), selections

@@ -132,6 +132,28 @@ def test_keep_as_a_fraction_and_above_every_eligible_sample(laion, capsys):
   assert f"keeps {len(values):,} of {len(metas):,} samples" in line and f"only {len(values):,} have a" in line
 
 
+def test_a_partial_download_is_a_warning_naming_the_share_kept(laion, capsys):
+  """--expect_samples: the count the --keep value was chosen for; fewer indexed samples keep a larger share."""
+  pattern, metas = laion
+  samples = len(metas)
+  assert index_tars.main(["prog", f"--input={pattern}", "--keep=20", f"--expect_samples={samples}"]) == 0
+  assert capsys.readouterr().err == ""
+  assert index_tars.main(["prog", f"--input={pattern}", "--keep=20", f"--expect_samples={4 * samples}"]) == 0
+  out, err = capsys.readouterr()
+  kept = int(out.split(" keeps ")[1].split()[0])
+  assert err == (f"warning: {samples:,} samples indexed, fewer than the {4 * samples:,} of --expect_samples (a partial "
+                 f"download?): --keep=20 keeps {kept / samples:.2%} of them, not {20 / (4 * samples):.2%}\n")
+  assert index_tars.main(["prog", f"--input={pattern}", "--keep=0.5", f"--expect_samples={2 * samples}"]) == 0
+  out, err = capsys.readouterr()
+  kept = int(out.split(" keeps ")[1].split()[0])
+  assert err.endswith(f"--keep=0.5 keeps {kept:,} samples, not {samples:,}\n"), err
+  for expect in ("0", "2.5", "inf"):
+    assert index_tars.main(["prog", f"--input={pattern}", "--keep=20", f"--expect_samples={expect}"]) == 2
+    assert f"--expect_samples={expect}: expected a whole count" in capsys.readouterr().err
+  assert index_tars.main(["prog", f"--input={pattern}", "--expect_samples=10"]) == 2
+  assert "--expect_samples: only with --keep" in capsys.readouterr().err
+
+
 def test_selection_is_exact_at_every_refinement_level(tmp_path):
   """Scores a few ulps apart, negative ones, -0.0 == 0.0 and ties; collect_limit=1 makes the selection split
   bins down to single 64-bit keys."""

@@ -1,10 +1,12 @@
 """img2dataset tars at scale: preparation shared by cluster tasks, LAION-score filters, and the `wds:` source that
 trains from indexed tars in place (tars written by the webdataset library; small fixtures, CPU)."""
 
+import errno
 import glob
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -195,6 +197,86 @@ def test_wds_source_serves_the_prepared_records(tmp_path):
     sources.build_source(f"wds:{pattern}", "train", DATA_CFG)
   with pytest.raises(DataError, match="unknown or repeated wds option 'min_sim'"):
     sources.build_source(f"wds:{pattern};min_sim=0.3", "train", DATA_CFG)
+
+
+def _index_files(folder) -> list[str]:
+  return sorted(glob.glob(os.path.join(folder, "**", "*.index.npz*"), recursive=True))
+
+
+def test_index_dir_reads_a_read_only_corpus_in_place(tmp_path, capsys):
+  """--index_dir: the indexes go under another folder at each tar's absolute path (tars of the same name in two
+  folders keep apart), nothing is written next to the tars; the `wds:` source and --keep read them there."""
+  corpus = tmp_path / "corpus"
+  for folder in ("a", "b"):
+    metas = write_tars(corpus / folder, tars=2, per_tar=5)  # a/00000.tar and b/00000.tar, ...: the same samples
+  pattern, index_dir = str(corpus / "*" / "*.tar"), tmp_path / "index"
+  for folder in (corpus / "a", corpus / "b", corpus):
+    os.chmod(folder, 0o555)  # read-only (where this test does not run as root, which writes regardless)
+  try:
+    assert index_tars.main(["prog", f"--input={pattern}", f"--index_dir={index_dir}", "--num_workers=0"]) == 0
+  finally:
+    for folder in (corpus, corpus / "a", corpus / "b"):
+      os.chmod(folder, 0o755)
+  assert "4 of its 4 tars indexed now (20 samples" in capsys.readouterr().out
+  assert not _index_files(corpus)
+  assert _index_files(index_dir) == sorted(f"{index_dir}{corpus}/{folder}/0000{t}.tar.index.npz" for folder in "ab"
+                                           for t in (0, 1))
+  source = sources.build_source(f"wds:{pattern};min_similarity=0.3;index_dir={index_dir}", "train", DATA_CFG)
+  kept = [key for key, meta in metas.items() if meta["similarity"] >= 0.3]
+  assert sorted(source[i]["key"] for i in range(len(source))) == sorted(kept * 2)
+  with pytest.raises(DataError, match=f"4 of 4 tars have no current index .*looked for {corpus}/a/00000.tar"):
+    sources.build_source(f"wds:{pattern}", "train", DATA_CFG)
+  with pytest.raises(DataError, match=f"looked for {index_dir / 'elsewhere'}{corpus}/a/00000.tar.index.npz"):
+    sources.build_source(f"wds:{pattern};index_dir={index_dir / 'elsewhere'}", "train", DATA_CFG)
+  assert index_tars.main(["prog", f"--input={pattern}", f"--index_dir={index_dir}", "--keep=10"]) == 0
+  assert "of 20 samples" in capsys.readouterr().out
+  assert index_tars.main(["prog", f"--input={pattern}", "--keep=10"]) == 2
+  assert f"looked for {corpus}/a/00000.tar.index.npz" in capsys.readouterr().err
+
+
+def _one_error_line(capsys, argv) -> str:
+  assert index_tars.main(argv) == 2
+  out, err = capsys.readouterr()
+  lines = err.strip().splitlines()
+  assert len(lines) == 1 and lines[0].startswith("error: ") and not out, (out, err)
+  return lines[0]
+
+
+@pytest.mark.parametrize("code", [errno.EROFS, errno.EACCES, errno.ENOSPC])
+def test_an_index_that_cannot_be_written_is_one_error_line(tmp_path, capsys, monkeypatch, code):
+  write_tars(tmp_path / "in", tars=2, per_tar=2)
+  pattern = str(tmp_path / "in" / "*.tar")
+  def failing(file, **arrays):
+    file.write(b"part of an index")
+    raise OSError(code, os.strerror(code))
+  monkeypatch.setattr(wds.np, "savez", failing)
+  line = _one_error_line(capsys, ["prog", f"--input={pattern}", "--num_workers=0"])
+  assert line == (f"error: cannot write the index {tmp_path}/in/00000.tar.index.npz ({os.strerror(code)}); write the "
+                  f"indexes to a writable folder with --index_dir=DIR (then train with 'wds:GLOB;index_dir=DIR')")
+  assert not _index_files(tmp_path / "in")  # the partial file is removed
+  line = _one_error_line(capsys, ["prog", f"--input={pattern}", f"--index_dir={tmp_path / 'index'}", "--num_workers=0"])
+  assert line.endswith(f"({os.strerror(code)}); write the indexes to another folder with --index_dir")
+  assert not _index_files(tmp_path / "index")
+
+
+def test_an_index_dir_that_is_not_a_folder_is_one_error_line(tmp_path, capsys):
+  write_tars(tmp_path / "in", tars=2, per_tar=2)
+  (tmp_path / "file").write_bytes(b"")
+  line = _one_error_line(capsys, ["prog", f"--input={tmp_path / 'in' / '*.tar'}", f"--index_dir={tmp_path / 'file'}",
+                                  "--num_workers=2"])  # a worker process's error, too
+  assert re.fullmatch(rf"error: cannot write the index {tmp_path}/file{tmp_path}/in/0000[01].tar.index.npz \(.+\); "
+                      r"write the indexes to another folder with --index_dir", line), line
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
+def test_a_read_only_corpus_without_index_dir_is_one_error_line(tmp_path, capsys):
+  write_tars(tmp_path / "in", tars=1, per_tar=2)
+  os.chmod(tmp_path / "in", 0o555)
+  try:
+    line = _one_error_line(capsys, ["prog", f"--input={tmp_path / 'in' / '*.tar'}", "--num_workers=0"])
+  finally:
+    os.chmod(tmp_path / "in", 0o755)
+  assert line.startswith(f"error: cannot write the index {tmp_path}/in/00000.tar.index.npz (Permission denied)")
 
 
 def test_wds_source_in_a_mixture_counts_a_bad_jpeg(tmp_path):

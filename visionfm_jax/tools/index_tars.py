@@ -1,18 +1,24 @@
 r"""Indexes img2dataset WebDataset tars for the `wds:` source, which trains from them in place, and picks the
 LAION score threshold that keeps a given number of samples.
 
-  python -m visionfm_jax.tools.index_tars --input=GLOB [--num_workers=P] [--task_index=I --task_count=N]
-  python -m visionfm_jax.tools.index_tars --input=GLOB --keep=K [--max_pwatermark=W] [--max_punsafe=U]
-      [--selection_out=FILE]
+  python -m visionfm_jax.tools.index_tars --input=GLOB [--index_dir=DIR] [--num_workers=P]
+      [--task_index=I --task_count=N]
+  python -m visionfm_jax.tools.index_tars --input=GLOB [--index_dir=DIR] --keep=K [--max_pwatermark=W]
+      [--max_punsafe=U] [--selection_out=FILE] [--expect_samples=E]
 
 Writes next to each tar matching GLOB its `<tar>.index.npz` (`data.sources.wds.index_tar`: per sample with an image
 its key, the offsets and sizes of its image, caption and .json members and LAION's scores from the .json;
 about 1.1 MB per 10,000 samples, a fraction of a percent of the tar), via a temporary file renamed when
-complete. Reads each tar's headers, captions and .json members once, decoding no image (about 10,000 samples
-per CPU-second). A tar whose index was written for its current size is skipped, so a rerun resumes.
-Across a cluster, task I of N indexes the tars I, I + N, ... of the sorted list (`tools.cluster_task`;
-default: from a SLURM job array). Then train with `--config.data.source='wds:GLOB'`.
-Prints one summary line; errors print one line naming the culprit and exit with status 2.
+complete. With --index_dir=DIR the indexes go under DIR instead, at each tar's absolute path (/raw/laion/00000.tar:
+DIR/raw/laion/00000.tar.index.npz), so that a read-only corpus is indexed and read in place; the `wds:` source
+then takes the option `;index_dir=DIR`. An index that cannot be written (a read-only folder, no permission, a full
+disk) is one error line naming it. Reads each tar's headers, captions and .json members once, decoding no image
+(about 10,000 samples per CPU-second). A tar whose index was written for its current size is skipped, so a rerun
+resumes. Across a cluster, task I of N indexes the tars I, I + N, ... of the sorted list of names matching GLOB
+(`tools.cluster_task`; default: from a SLURM job array), and stats, checks and writes only those: a task's load on
+the file system's metadata is its share's, besides the one listing of GLOB. Then train with
+`--config.data.source='wds:GLOB'`. Prints one summary line; errors print one line naming the culprit and exit with
+status 2.
 
 With --keep (after every tar is indexed; one process, no task flags), nothing is indexed: it reads the
 `similarity` column of every index (never a tar) and prints the smallest `--min_similarity` that keeps at most K
@@ -21,6 +27,10 @@ given, on one line, e.g.:
 
   keep: --min_similarity=0.3127 --max_punsafe=0.5 keeps 1,199,999,987 of 2,321,456,789 samples (51.69%; asked
   for 1,200,000,000); rejected: similarity 1,033,120,421, punsafe 88,336,381; 4 passes over 232,146 indexes, 1390.2 s
+
+--expect_samples=E states how many indexed samples the --keep count was chosen for (a runbook's complete
+download): with fewer, a warning line says so and what share of them K now keeps, since a partial download
+otherwise changes the selection silently (a count keeps a larger share of fewer samples, at a lower threshold).
 
 Those flags, given to prepare_data (or as options of the `wds:` source), keep exactly the printed count: it is
 counted on the printed value with their comparison (`data.sources.wds.ScoreFilter`: similarity >= S in float64; a sample
@@ -56,7 +66,7 @@ from visionfm_jax.data.sources import wds
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cli, cluster_task
 
-SELECT_FLAGS = ("max_pwatermark", "max_punsafe", "selection_out")
+SELECT_FLAGS = ("max_pwatermark", "max_punsafe", "selection_out", "expect_samples")
 DIGIT_BITS = 16  # bits of the ordered score keys that one histogram pass resolves
 COLLECT_LIMIT = 1 << 22  # scores the final pass holds in memory (32 MiB of keys)
 _SIGN = np.uint64(1 << 63)
@@ -65,6 +75,8 @@ _SIGN = np.uint64(1 << 63)
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_string("input", None, "A glob of img2dataset .tar files.", flag_values=fv)
+  flags.DEFINE_string("index_dir", None, "Write (and read) the indexes under this folder, at each tar's absolute "
+                      "path, instead of next to the tars (a read-only corpus).", flag_values=fv)
   flags.DEFINE_integer("num_workers", None, "Processes indexing tars; 0 or 1: inline. Default: the CPU count.",
                        flag_values=fv)
   cluster_task.define_flags(fv)
@@ -75,13 +87,24 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_float("max_punsafe", None, "--keep: count only samples whose 'punsafe' is at most this (as "
                      "prepare_data's flag).", flag_values=fv)
   flags.DEFINE_string("selection_out", None, "--keep: also write the selection to this JSON file.", flag_values=fv)
+  flags.DEFINE_float("expect_samples", None, "--keep: warn when fewer samples than this are indexed (the count "
+                     "the --keep count was chosen for; fewer: a partial download).", flag_values=fv)
   return fv
 
 
 # --------------------------------------------------------------------------------------------- indexing
 
-def _index_one(tar: str) -> dict:
-  return wds.write_index(tar)
+def _index_one(tar_and_dir: tuple[str, str | None]) -> dict:
+  """Indexes one tar (`wds.write_index`); an index that cannot be written is a UserError naming it and the
+  remedy."""
+  tar, index_dir = tar_and_dir
+  try:
+    return wds.write_index(tar, index_dir)
+  except OSError as e:
+    remedy = ("another folder with --index_dir" if index_dir else
+              "a writable folder with --index_dir=DIR (then train with 'wds:GLOB;index_dir=DIR')")
+    raise UserError(f"cannot write the index {wds.index_path(tar, index_dir)} ({e.strerror or e}); write the "
+                    f"indexes to {remedy}") from None
 
 
 def _matching_tars(pattern: str) -> list[str]:
@@ -91,11 +114,22 @@ def _matching_tars(pattern: str) -> list[str]:
     raise UserError(f"--input={pattern}: {e}") from e
 
 
-def index_tars(pattern: str, *, task: cluster_task.Task = cluster_task.Task(), num_workers: int = 0) -> dict:
-  """Indexes `task`'s share of the tars matching `pattern` that have no current index; {tars (this task's),
-  indexed (written now), samples, incomplete and left_out ({limits reason: samples}) (of those written now)}."""
-  tars = task.share(_matching_tars(pattern))
-  pending = [tar for tar in tars if wds.read_index(tar, fields=()) is None]
+def task_tars(pattern: str, task: cluster_task.Task) -> list[str]:
+  """`task`'s share of the .tar names matching `pattern` (their one listing), of which only these are stat'ed."""
+  try:
+    names = wds.tar_names(pattern)
+  except DataError as e:
+    raise UserError(f"--input={pattern}: {e}") from e
+  return [tar for tar in task.share(names) if os.path.isfile(tar)]
+
+
+def index_tars(pattern: str, *, task: cluster_task.Task = cluster_task.Task(), num_workers: int = 0,
+               index_dir: str | None = None) -> dict:
+  """Indexes `task`'s share of the tars matching `pattern` that have no current index (next to them, or under
+  `index_dir`); {tars (this task's), indexed (written now), samples, incomplete and left_out ({limits reason:
+  samples}) (of those written now)}. UserError naming an index that cannot be written."""
+  tars = task_tars(pattern, task)
+  pending = [(tar, index_dir) for tar in tars if wds.read_index(tar, fields=(), index_dir=index_dir) is None]
   if num_workers <= 1 or len(pending) <= 1:
     results = list(map(_index_one, pending))
   else:
@@ -124,12 +158,12 @@ def key_value(key: int) -> float:
 
 
 class ScoreScan:
-  """Passes over the indexes of `tars`: each reads every index's score column again, so that memory stays that
-  of one index. `samples` counts the indexed samples of the last pass; a tar without a current index is a
-  UserError naming `pattern`."""
+  """Passes over the indexes of `tars` (next to them, or under `index_dir`): each reads every index's score column
+  again, so that memory stays that of one index. `samples` counts the indexed samples of the last pass; a tar
+  without a current index is a UserError naming `pattern`."""
 
-  def __init__(self, pattern: str, tars: Sequence[str], others: wds.ScoreFilter):
-    self.pattern, self.tars, self.others = pattern, list(tars), others
+  def __init__(self, pattern: str, tars: Sequence[str], others: wds.ScoreFilter, index_dir: str | None = None):
+    self.pattern, self.tars, self.others, self.index_dir = pattern, list(tars), others, index_dir
     self.passes = self.samples = 0
 
   def scores(self) -> Iterator[np.ndarray]:
@@ -137,7 +171,7 @@ class ScoreScan:
     self.passes += 1
     self.samples, missing = 0, []
     for tar in self.tars:
-      index = wds.read_index(tar, fields=("scores",))
+      index = wds.read_index(tar, fields=("scores",), index_dir=self.index_dir)
       if index is None:
         missing.append(tar)
         continue
@@ -145,7 +179,8 @@ class ScoreScan:
       yield index["scores"]
     if missing:
       raise UserError(f"--input={self.pattern}: {len(missing)} of {len(self.tars)} tars have no current index "
-                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {wds.INDEX_HINT}")
+                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
+                      f"{wds.index_path(missing[0], self.index_dir)}); {wds.INDEX_HINT}")
 
   def keys(self) -> Iterator[np.ndarray]:
     """One pass: per tar the ordered keys of the similarities of the samples that have one and pass `others`."""
@@ -290,12 +325,13 @@ def _count_kept(scan: ScoreScan, score_filter: wds.ScoreFilter) -> tuple[int, di
 
 
 def select(pattern: str, keep: float, others: wds.ScoreFilter = wds.ScoreFilter(),
-           collect_limit: int = COLLECT_LIMIT) -> Selection:
-  """The --min_similarity that keeps the most samples of the indexed tars matching `pattern` not above `keep`
-  (a count, or a fraction when <= 1), with `others`' pwatermark / punsafe conditions (its min_similarity unset)."""
+           collect_limit: int = COLLECT_LIMIT, index_dir: str | None = None) -> Selection:
+  """The --min_similarity that keeps the most samples of the indexed tars matching `pattern` (their indexes next
+  to them, or under `index_dir`) not above `keep` (a count, or a fraction when <= 1), with `others`' pwatermark /
+  punsafe conditions (its min_similarity unset)."""
   _check_keep(keep)
   tars = _matching_tars(pattern)
-  scan = ScoreScan(pattern, tars, others)
+  scan = ScoreScan(pattern, tars, others, index_dir)
   counts = digit_counts(scan)
   count, eligible = keep_count(keep, scan.samples), int(counts.sum())
   if not eligible:
@@ -313,18 +349,41 @@ def select(pattern: str, keep: float, others: wds.ScoreFilter = wds.ScoreFilter(
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
+def shortfall_warning(selection: Selection, keep: float, expect: float) -> str | None:
+  """The warning line when fewer samples are indexed than the `expect` the --keep value was chosen for: what
+  share (or count) of them it keeps now, against what it would keep of `expect`; None when enough are."""
+  if selection.samples >= expect:
+    return None
+  if keep <= 1:
+    now, planned = f"{selection.kept:,} samples", f"{math.floor(keep * expect):,}"
+  else:
+    now, planned = f"{selection.kept / selection.samples:.2%} of them", f"{keep / expect:.2%}"
+  return (f"warning: {selection.samples:,} samples indexed, fewer than the {int(expect):,} of --expect_samples (a "
+          f"partial download?): --keep={keep:g} keeps {now}, not {planned}")
+
+
+def _check_expect(expect: float | None) -> None:
+  if expect is not None and not (expect >= 1 and math.isfinite(expect) and expect == int(expect)):
+    raise UserError(f"--expect_samples={expect:g}: expected a whole count of samples")
+
+
 def _select_main(fv) -> None:
   explicit = [f"--{name}" for name in ("num_workers", "task_index", "task_count") if fv[name].present]
   if explicit:
     raise UserError(f"{', '.join(explicit)}: not with --keep (one process reads every index)")
+  _check_expect(fv.expect_samples)
   start = time.monotonic()
-  selection = select(fv.input, fv.keep, wds.ScoreFilter(None, fv.max_pwatermark, fv.max_punsafe))
+  selection = select(fv.input, fv.keep, wds.ScoreFilter(None, fv.max_pwatermark, fv.max_punsafe),
+                     index_dir=fv.index_dir)
   if fv.selection_out:
     try:
       atomic.write_json(os.path.expanduser(fv.selection_out), {"input": fv.input, **selection.to_json()}, indent=1)
     except OSError as e:
       raise UserError(f"--selection_out={fv.selection_out}: cannot write ({e.strerror or e})") from e
   print(selection.line(time.monotonic() - start))
+  warning = shortfall_warning(selection, fv.keep, fv.expect_samples) if fv.expect_samples else None
+  if warning:
+    print(warning, file=sys.stderr)
 
 
 def _refused_text(left_out: dict) -> str:
@@ -338,7 +397,7 @@ def _index_main(fv) -> None:
   start = time.monotonic()
   task = cluster_task.from_flags(fv)
   workers = (os.cpu_count() or 1) if fv.num_workers is None else fv.num_workers
-  done = index_tars(fv.input, task=task, num_workers=workers)
+  done = index_tars(fv.input, task=task, num_workers=workers, index_dir=fv.index_dir)
   print(f"index_tars: {task}: {done['indexed']} of its {done['tars']} tars indexed now ({done['samples']} samples, "
         f"{done['incomplete']} without an image left out{_refused_text(done['left_out'])}), the others were already, "
         f"{time.monotonic() - start:.1f} s")

@@ -12,7 +12,8 @@
                               split
   wds:<glob>[;option=value]   img2dataset WebDataset tars read in place through their indexes (`wds.WdsSource`):
                               the same records as `arrayrecord:` of the tars prepared; options min_similarity,
-                              max_pwatermark, max_punsafe filter by LAION's scores; '{split}' as for arrayrecord
+                              max_pwatermark, max_punsafe filter by LAION's scores, index_dir names where
+                              `index_tars --index_dir` put the indexes; '{split}' as for arrayrecord
   scenes                      the embedded multi-object set for segmentation and detection
                               (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
   ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
@@ -220,9 +221,9 @@ def _arrayrecord_source(what: str, pattern: str, split: str) -> ArrayRecordSourc
 
 
 def _wds_source(what: str, spec: str, split: str) -> wds.WdsSource:
-  pattern, score_filter = wds.parse_spec(spec, what)
+  pattern, score_filter, index_dir = wds.parse_spec(spec, what)
   try:
-    return wds.WdsSource(split_pattern(pattern, split), score_filter)
+    return wds.WdsSource(split_pattern(pattern, split), score_filter, index_dir)
   except DataError as e:
     raise DataError(f"{what} split {split!r}: {e}") from e
 

@@ -2,8 +2,9 @@
 
 An img2dataset tar holds per sample `<key>.jpg|jpeg|png|webp` (the image), `<key>.txt` (the caption) and
 `<key>.json` (metadata: LAION's `similarity`, and where present `pwatermark` and `punsafe`). Grain's global
-shuffle and exact resume need random access, so each tar gets a small index next to it, `<tar>.index.npz`
-(`index_tar`; written for a glob, shardable over a cluster, by `python -m visionfm_jax.tools.index_tars`):
+shuffle and exact resume need random access, so each tar gets a small index, `<tar>.index.npz` next to it or,
+for a corpus that is read-only, under another folder that mirrors the tars' absolute paths (`index_path`; written
+for a glob, shardable over a cluster, by `python -m visionfm_jax.tools.index_tars [--index_dir=DIR]`):
 per sample with an image its key, the (offset, size) of its image, caption and metadata members, and its three
 scores. `WdsSource` serves sample i as the record dict `tools.prepare_data` would have written for it
 ({image, caption (when non-empty), key, meta}), reading the bytes at the indexed offsets, so the pipelines
@@ -11,8 +12,9 @@ decode, crop, skip and count, mix and resume exactly as for `arrayrecord:` (a co
 counted by the decoder; a member that cannot be read is counted here and served as an undecodable record).
 
 Options after the glob, ';'-separated (not glob characters): min_similarity, max_pwatermark, max_punsafe
-(`ScoreFilter`), e.g. `wds:/data/laion/{split}/*.tar;min_similarity=0.28;max_punsafe=0.5`. '{split}' in the
-glob becomes the split name, as for `arrayrecord:`.
+(`ScoreFilter`), and index_dir (the folder `index_tars --index_dir` wrote the indexes under), e.g.
+`wds:/data/laion/{split}/*.tar;min_similarity=0.28;max_punsafe=0.5;index_dir=/scratch/laion_index`. '{split}' in
+the glob becomes the split name, as for `arrayrecord:`.
 
 `tar_samples` and `tar_captions` stream one tar's samples without an index (captions: never the images).
 """
@@ -43,7 +45,8 @@ INDEX_SUFFIX = ".index.npz"
 INDEX_FORMAT = "visionfm_jax.wds_index/2"
 SCORES = ("similarity", "pwatermark", "punsafe")  # the index's score columns, NaN where a sample has none
 MEMBERS = ("image", "caption", "meta")  # the index's (offset, size) columns; (-1, 0): no such member
-INDEX_HINT = "index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB (see docs/data_preparation.md)"
+INDEX_HINT = ("index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB [--index_dir=DIR] (see "
+              "docs/data_preparation.md)")
 
 
 # ------------------------------------------------------------------------------------------ score filter
@@ -99,22 +102,31 @@ def scores_of(meta: str | bytes | None) -> tuple[float, float, float]:
   return tuple(number(name) for name in SCORES)
 
 
-def parse_spec(spec: str, what: str) -> tuple[str, ScoreFilter]:
-  """'GLOB;min_similarity=0.28' -> (GLOB, ScoreFilter(0.28)); DataError naming `what` for a bad option."""
+SCORE_OPTIONS = ("min_similarity", "max_pwatermark", "max_punsafe")  # ScoreFilter's fields, the spec's options
+
+
+def parse_spec(spec: str, what: str) -> tuple[str, ScoreFilter, str | None]:
+  """'GLOB;min_similarity=0.28;index_dir=DIR' -> (GLOB, ScoreFilter(0.28), DIR); DataError naming `what` for a bad
+  option. The index folder is None when the spec names none (the indexes lie next to the tars)."""
   pattern, *options = spec.split(";")
-  values = {}
+  values, index_dir = {}, None
   for option in options:
     name, _, value = option.partition("=")
-    if name not in ("min_similarity", "max_pwatermark", "max_punsafe") or name in values:
-      raise DataError(f"{what}: unknown or repeated wds option {name!r}; options: min_similarity, max_pwatermark, "
-                      f"max_punsafe (e.g. 'wds:/data/*.tar;min_similarity=0.28')")
+    if name not in (*SCORE_OPTIONS, "index_dir") or name in values or (name == "index_dir" and index_dir):
+      raise DataError(f"{what}: unknown or repeated wds option {name!r}; options: {', '.join(SCORE_OPTIONS)}, "
+                      f"index_dir (e.g. 'wds:/data/*.tar;min_similarity=0.28;index_dir=/scratch/index')")
+    if name == "index_dir":
+      if not value:
+        raise DataError(f"{what}: wds option {option!r}: expected a folder")
+      index_dir = value
+      continue
     try:
       values[name] = float(value)
     except ValueError:
       raise DataError(f"{what}: wds option {option!r}: expected a number") from None
   if not pattern:
     raise DataError(f"{what}: expected 'wds:<glob of .tar files>[;option=value...]'")
-  return pattern, ScoreFilter(**values)
+  return pattern, ScoreFilter(**values), index_dir
 
 
 # ----------------------------------------------------------------------------------------- tar members
@@ -211,8 +223,12 @@ def tar_captions(path: str, left_out: collections.Counter | None = None) -> Iter
 
 # ------------------------------------------------------------------------------------------------ index
 
-def index_path(tar: str) -> str:
-  return tar + INDEX_SUFFIX
+def index_path(tar: str, index_dir: str | None = None) -> str:
+  """Where the index of `tar` lies: next to it, or under `index_dir` at the tar's absolute path (so that tars of
+  the same name in different folders keep apart: /raw/a/0.tar -> DIR/raw/a/0.tar.index.npz)."""
+  if not index_dir:
+    return tar + INDEX_SUFFIX
+  return os.path.join(os.path.expanduser(index_dir), os.path.abspath(tar).lstrip(os.sep)) + INDEX_SUFFIX
 
 
 def index_tar(path: str) -> dict:
@@ -237,23 +253,32 @@ def index_tar(path: str) -> dict:
           "left_out": np.asarray(json.dumps(dict(sorted(refused.items())))), "tar_size": os.path.getsize(path)}
 
 
-def write_index(path: str) -> dict:
-  """Indexes the tar `path` into `index_path(path)` (via a temporary file, renamed when complete); returns
-  {samples, incomplete, left_out ({reason: samples})}."""
+def write_index(path: str, index_dir: str | None = None) -> dict:
+  """Indexes the tar `path` into `index_path(path, index_dir)` (its folder created; via a temporary file, renamed
+  when complete, removed when the write fails); returns {samples, incomplete, left_out ({reason: samples})}.
+  OSError when the index cannot be written."""
   index = index_tar(path)
-  tmp = index_path(path) + ".tmp"
-  with open(tmp, "wb") as f:
-    np.savez(f, format=np.asarray(INDEX_FORMAT), **index)
-  os.replace(tmp, index_path(path))
+  target = index_path(path, index_dir)
+  tmp = target + ".tmp"
+  if index_dir:
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+  try:
+    with open(tmp, "wb") as f:
+      np.savez(f, format=np.asarray(INDEX_FORMAT), **index)
+    os.replace(tmp, target)
+  except OSError:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
   return {"samples": len(index["keys"]), "incomplete": index["incomplete"],
           "left_out": json.loads(str(index["left_out"]))}
 
 
-def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores")) -> dict | None:
-  """The index of `tar` (its `fields`, and incomplete; only those are read from the file) when it is there and
-  was written for this tar's size, else None."""
+def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores"), index_dir: str | None = None) -> dict | None:
+  """The index of `tar` (its `fields`, and incomplete; only those are read from the file) when it is there (next to
+  the tar, or under `index_dir`: `index_path`) and was written for this tar's size, else None."""
   try:
-    with np.load(index_path(tar), allow_pickle=False) as data:
+    with np.load(index_path(tar, index_dir), allow_pickle=False) as data:
       index = {name: data[name] for name in ("format", "tar_size", "incomplete", "left_out", *fields)}
   except (OSError, ValueError, KeyError, EOFError):
     return None
@@ -271,9 +296,18 @@ def _size(path: str) -> int:
 
 # ----------------------------------------------------------------------------------------------- source
 
+def tar_names(pattern: str) -> list[str]:
+  """The names ending in .tar that match `pattern`, sorted, from the listing alone (nothing is stat'ed: a cluster
+  task checks only its own share); DataError when there is none."""
+  tars = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True) if p.endswith(".tar"))
+  if not tars:
+    raise DataError(f"wds source: no .tar files match {pattern!r}")
+  return tars
+
+
 def matching_tars(pattern: str) -> list[str]:
-  tars = sorted(p for p in glob.glob(os.path.expanduser(pattern), recursive=True)
-                if os.path.isfile(p) and p.endswith(".tar"))
+  """The .tar files matching `pattern`, sorted; DataError when there is none."""
+  tars = [p for p in tar_names(pattern) if os.path.isfile(p)]
   if not tars:
     raise DataError(f"wds source: no .tar files match {pattern!r}")
   return tars
@@ -281,20 +315,20 @@ def matching_tars(pattern: str) -> list[str]:
 
 class WdsSource:
   """grain RandomAccessDataSource over the samples with an image of every tar matching `pattern` (sorted by
-  name, archive order within a tar) that pass `score_filter`, through the tars' indexes (DataError naming the
-  tars without a current one). Opening reads every index once and keeps only per-tar counts; a read loads its
-  tar's index again (the last few, and their open files, are kept per process; grain and the eval reader read
-  on threads, so a lock guards them)."""
+  name, archive order within a tar) that pass `score_filter`, through the tars' indexes (next to the tars, or under
+  `index_dir`: `index_path`; DataError naming the tars without a current one). Opening reads every index once and
+  keeps only per-tar counts; a read loads its tar's index again (the last few, and their open files, are kept per
+  process; grain and the eval reader read on threads, so a lock guards them)."""
 
   CACHED_INDEXES = 8
 
-  def __init__(self, pattern: str, score_filter: ScoreFilter = ScoreFilter()):
-    self.pattern, self.score_filter = pattern, score_filter
+  def __init__(self, pattern: str, score_filter: ScoreFilter = ScoreFilter(), index_dir: str | None = None):
+    self.pattern, self.score_filter, self.index_dir = pattern, score_filter, index_dir
     self.tars = matching_tars(pattern)
     counts, self.filtered, self.incomplete, missing = [], collections.Counter(), 0, []
     self.left_out = collections.Counter()  # limits reason -> samples the indexes left out
     for tar in self.tars:
-      index = read_index(tar, fields=("scores",))
+      index = read_index(tar, fields=("scores",), index_dir=index_dir)
       if index is None:
         missing.append(tar)
         continue
@@ -305,7 +339,8 @@ class WdsSource:
       counts.append(int(np.sum(reasons < 0)))
     if missing:
       raise DataError(f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
-                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}); {INDEX_HINT}")
+                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
+                      f"{index_path(missing[0], index_dir)}); {INDEX_HINT}")
     self._ends = np.cumsum(counts).tolist()
     if self.left_out:
       logging.warning("wds source %s: %d samples left out by their tars' indexes (%s; data/limits.py)", pattern,
@@ -330,7 +365,7 @@ class WdsSource:
     if number in self._cache:
       self._cache.move_to_end(number)
       return self._cache[number]
-    index = read_index(self.tars[number])
+    index = read_index(self.tars[number], index_dir=self.index_dir)
     if index is None:
       raise DataError(f"wds source {self.pattern!r}: the index of {self.tars[number]} changed or vanished while "
                       f"training; {INDEX_HINT}")

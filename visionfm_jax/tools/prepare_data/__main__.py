@@ -4,7 +4,7 @@ r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayR
       --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
       [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
       [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
-      [--progress] [--task_index=I --task_count=N | --finalize]
+      [--progress] [--task_index=I --task_count=N | --finalize] [--min_side=M]
       [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U | --selection=FILE]
 
 --format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
@@ -47,7 +47,12 @@ count of 'uncaptioned' records among them) or 'images' (image-only).
 
 Images pass through as stored. --verify decodes each one and drops (counts, names) the undecodable ones;
 --resize_shorter=N (implies --verify) shrinks images whose shorter side exceeds N to N and stores them as
-JPEG quality 95 (turned upright first, as their EXIF orientation says). Samples past data/limits.py's limits
+JPEG quality 95 (turned upright first, as their EXIF orientation says); nothing is ever enlarged. Each shard's
+sidecar and each split of dataset.json count, under `small_images`, the images whose shorter side as given (read
+from the header when they are not decoded) is below --min_side=M px (default: --resize_shorter; 0: no count); a
+nonzero count is also a warning line on the console: a recipe that reads them at M px upsamples them (e.g. LAION
+downloaded at img2dataset's default 256 px, for a 640 px stage). --min_side is not part of a shard's fingerprint:
+shards finished under another value are kept, and their images counted as `unmeasured`. Samples past data/limits.py's limits
 (decompression bombs, oversized files and captions, tar links, FIFOs and absolute or '..' member names) are
 left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
 `DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
@@ -61,9 +66,11 @@ Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job arr
 writes only the shards I, I + N, I + 2N, ... of the full list (--unlabelled: those of the top-level folders
 I, I + N, ..., the only ones it walks, and of the held-out shards), under the same names a single run writes,
 so the tasks' shard sets are disjoint and a task run twice resumes its own share and touches no other task's
-files. After its shards, a task reads every sidecar (--unlabelled: every folder's list first); the one that
-finds them all written (the last to finish) writes dataset.json, the others report what other tasks still
-owe. `--finalize` writes no shard, only dataset.json from the sidecars (an error while some are missing).
+files. A task stats, checks and reads only its own share's inputs and shards (the input's listing aside: the glob,
+or the tree's top level; a labelled tree is listed whole, since its shards mix all classes); when its shards are
+written it leaves a summary of their counts in DIR/tasks/, and the task that finds every task's summary there (the
+last to finish) writes dataset.json from them, the others report what other tasks still owe. `--finalize` writes
+no shard, only dataset.json from every shard's sidecar (an error while some are missing).
 """
 
 from __future__ import annotations
@@ -133,6 +140,8 @@ def make_flags() -> flags.FlagValues:
                      flag_values=fv)
   flags.DEFINE_float("max_punsafe", None, "webdataset: keep samples whose .json 'punsafe' is at most this.",
                      flag_values=fv)
+  flags.DEFINE_integer("min_side", None, "Count (dataset.json) and warn about the images whose shorter side is "
+                       "below this many px; default: --resize_shorter; 0: none.", flag_values=fv)
   flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
                       "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.", flag_values=fv)
   return fv
@@ -155,12 +164,37 @@ def score_filter_of(fv: flags.FlagValues) -> wds.ScoreFilter:
                     f"--selection_out` ({type(e).__name__}: {e})") from e
 
 
+def min_side_of(fv: flags.FlagValues) -> int:
+  """--min_side, by default --resize_shorter (the size the shards are meant for); UserError out of range."""
+  min_side = fv.resize_shorter if fv.min_side is None else fv.min_side
+  if min_side < 0:
+    raise UserError(f"--min_side={min_side}: expected a size in px, or 0 (no count)")
+  return min_side
+
+
+def small_image_warnings(metadata: dict, splits: Sequence[str]) -> list[str]:
+  """A warning line per split of `splits` in which dataset.json counts images below --min_side (or some left
+  unmeasured)."""
+  lines = []
+  for split in splits:
+    entry = metadata.get("splits", {}).get(split, {})
+    small = entry.get("small_images", {})
+    if small.get("count") or small.get("unmeasured"):
+      unmeasured = (f"; {small['unmeasured']:,} more, in shards written without this --min_side, are not measured"
+                    if small.get("unmeasured") else "")
+      lines.append(f"warning: {small['count']:,} of the {entry['records']:,} {split} images have a shorter side "
+                   f"below {small['min_side']} px (--min_side): a recipe that reads them at {small['min_side']} px "
+                   f"upsamples them (download larger: img2dataset --resize_mode=keep_ratio --image_size=...)"
+                   f"{unmeasured}")
+  return lines
+
+
 def run(fv: flags.FlagValues) -> dict:
   """Runs the conversion the parsed flags describe; the written dataset.json dict."""
   if not fv.format or not fv.input:
     raise UserError(f"--format ({' | '.join(FORMATS)}) and --input are required")
   common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
-                progress=fv.progress or None)
+                progress=fv.progress or None, min_side=min_side_of(fv))
   common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
                 task=None if fv.finalize else cluster_task.from_flags(fv))
   score_filter = score_filter_of(fv)
@@ -183,7 +217,7 @@ def run(fv: flags.FlagValues) -> dict:
                    dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size))
     return convert_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
                          verify=fv.verify, num_workers=fv.num_workers, records_per_shard=fv.records_per_shard,
-                         progress=fv.progress or None, **listing)
+                         progress=fv.progress or None, min_side=common["min_side"], **listing)
   if pair_only:
     raise UserError(f"{', '.join(pair_only)}: only for --format=coco or visual_genome")
   if fv.format == "folders":
@@ -227,6 +261,8 @@ def _main(fv, rest: list[str]) -> None:
   metadata = run(fv)
   splits = [fv.split] + ([fv.holdout_split] if fv.holdout_per_class or fv.holdout_examples else [])
   print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
+  for line in small_image_warnings(metadata, splits):
+    print(line, file=sys.stderr)
 
 
 def main(argv: Sequence[str]) -> int:

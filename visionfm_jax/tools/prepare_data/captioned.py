@@ -82,10 +82,10 @@ def list_pairs(input_format: str, input_dir: str, *, coco_folder: str = "train20
 def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: str = "train",
                   resize_shorter: int = 0, verify: bool = False, num_workers: int | None = None,
                   records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, progress: bool | None = None,
-                  **listing) -> dict:
+                  min_side: int = 0, **listing) -> dict:
   """Converts a captioned data set (`list_pairs`; `listing` its options) into shards of `records_per_shard`
   pairs, in the listing's order (training shuffles globally); returns the written dataset.json dict, whose
-  split entry also holds the listing's counts."""
+  split entry also holds the listing's counts (and with `min_side`, the count of images smaller)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   shards.check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
   input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
@@ -99,8 +99,9 @@ def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: 
     items = tuple(pairs[i * records_per_shard:(i + 1) * records_per_shard])
     jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
                          shards.fingerprint(input_format, options, input_dir, items), options, read_pairs,
-                         root=input_dir, items=items, captioned=True))
+                         root=input_dir, items=items, captioned=True, min_side=min_side))
   shards.check_output(output_dir, "pairs", None, {split: shards.shard_names(jobs)})
-  entry = shards.split_entry(shards.shard_names(jobs), shards.run_jobs(jobs, num_workers, progress), input_dir, None)
+  entry = shards.split_entry(shards.shard_names(jobs), shards.run_jobs(jobs, num_workers, progress), input_dir, None,
+                             min_side)
   entry.update(listed, format=input_format, **{k: v for k, v in listing.items() if v not in ("", None)})
   return records.write_metadata(output_dir, kind="pairs", splits={split: entry})

@@ -19,14 +19,14 @@ from visionfm_jax.tools.prepare_data.unlabelled import convert_image_tree
 
 
 def _folder_jobs(tree: image_tree.ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,
-                 records_per_shard: int, options: ImageOptions) -> list[ShardJob]:
+                 records_per_shard: int, options: ImageOptions, min_side: int) -> list[ShardJob]:
   count = math.ceil(len(indices) / records_per_shard)
   jobs = []
   for i in range(count):
     chunk = indices[i * records_per_shard:(i + 1) * records_per_shard].tolist()
     items = tuple((tree.paths[j], int(tree.labels[j])) for j in chunk)
     jobs.append(shards.image_files_job(os.path.join(output_dir, records.shard_name(split, i, count)), options,
-                                       input_dir, items))
+                                       input_dir, items, min_side))
   return jobs
 
 
@@ -35,11 +35,13 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                     records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
                     holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None,
                     unlabelled: bool = False, holdout_examples: int = 0,
-                    task: cluster_task.Task | None = cluster_task.Task()) -> dict:
+                    task: cluster_task.Task | None = cluster_task.Task(), min_side: int = 0) -> dict:
   """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records:
-  `convert_image_tree`) into shards in `output_dir`, `task`'s share of them (see `shards.run_jobs`);
-  returns the written dataset.json dict, or `shards.unfinished`'s report when other tasks' shards are still
-  missing (the last task to finish writes it)."""
+  `convert_image_tree`) into shards in `output_dir`, `task`'s share of them (see `shards.convert_share`);
+  returns the written dataset.json dict (with `min_side`, counting the images smaller), or the report of what
+  other tasks still owe (the last task to finish writes dataset.json). Every task lists the whole class tree
+  (one listing per folder, no file stat'ed): its shards mix all classes in one shuffled order, numbered out of
+  the whole."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   shards.check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
   if holdout_per_class and unlabelled or holdout_examples and not unlabelled:
@@ -52,7 +54,8 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
   if unlabelled:
     return convert_image_tree(input_dir, output_dir, split=split, options=options, num_workers=num_workers,
                               records_per_shard=records_per_shard, holdout_examples=holdout_examples,
-                              holdout_split_name=holdout_split_name, seed=seed, progress=progress, task=task)
+                              holdout_split_name=holdout_split_name, seed=seed, progress=progress, task=task,
+                              min_side=min_side)
   tree = image_tree.list_class_tree(input_dir)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
@@ -60,20 +63,21 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
     splits[split], splits[holdout_split_name] = image_tree.carve_holdout(tree.labels, order, holdout_per_class)
     if not len(splits[holdout_split_name]):
       raise UserError(f"--holdout_per_class={holdout_per_class}: no class of {input_dir} has more than one image")
-  jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options)
+  jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options, min_side)
           for name, indices in splits.items()}
   shards.check_output(output_dir, "classification", tree.classes,
                       {name: shards.shard_names(split_jobs) for name, split_jobs in jobs.items()})
   all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
-  all_counts = shards.run_jobs(all_jobs, num_workers, progress, task)
-  report = shards.unfinished(all_counts, task)
-  if report:
-    return report
+  conversion = shards.fingerprint("folders", *(job.fingerprint for job in all_jobs))
+  all_counts = shards.convert_share(shards.shard_names(all_jobs), all_jobs.__getitem__, output_dir, conversion,
+                                    num_workers, progress, task)
+  if isinstance(all_counts, dict):
+    return all_counts
   counts = iter(all_counts)
   entries = {}
   for name, split_jobs in jobs.items():
     entries[name] = shards.split_entry(shards.shard_names(split_jobs), [next(counts) for _ in split_jobs],
-                                       input_dir, len(tree.classes))
+                                       input_dir, len(tree.classes), min_side)
   if holdout_per_class:
     entries[holdout_split_name]["holdout_per_class"] = holdout_per_class
   return records.write_metadata(output_dir, kind="classification", classes=tree.classes, splits=entries)

@@ -1,12 +1,15 @@
 """The image bytes a shard stores: an image file read within data/limits.py's bounds, then kept as stored, verified
-or shrunk to a shorter side, as `ImageOptions` say."""
+or shrunk to a shorter side, as `ImageOptions` say; and the shorter side it had (`header_side` when it is not
+decoded), so that a shard can count the images smaller than a recipe reads them."""
 
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import stat
+import warnings
 
 import numpy as np
 from PIL import Image
@@ -39,20 +42,32 @@ def shrink_to_shorter_side(image: Image.Image, size: int) -> Image.Image:
   return image.resize(new_size, Image.Resampling.LANCZOS, reducing_gap=RESIZE_REDUCING_GAP)
 
 
-def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes | None, str]:
-  """(the bytes to store for one image, ''), or (None, the data/limits.py reason) with a warning naming `name`
-  when it must be dropped."""
+def header_side(data: bytes) -> int:
+  """The shorter side of the image `data`, from its header alone (no pixel decoded); 0 when it has none."""
+  try:
+    with warnings.catch_warnings():
+      warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+      with Image.open(io.BytesIO(data)) as image:
+        return min(image.size)
+  except transforms.DECODE_ERRORS:
+    return 0
+
+
+def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes | None, str, int]:
+  """(the bytes to store for one image, '', its shorter side as given (0: not decoded)), or (None, the
+  data/limits.py reason, 0) with a warning naming `name` when it must be dropped."""
   if not options.verify:
-    return data, ""
+    return data, "", 0
   try:
     pixels = transforms.decode_image(data)
   except transforms.DECODE_ERRORS as e:
     logging.warning("prepare_data: skipping %s: undecodable image: %s", name, e)
-    return None, transforms.failure_reason(e)
-  if options.resize_shorter and min(pixels.shape[:2]) > options.resize_shorter:
+    return None, transforms.failure_reason(e), 0
+  side = min(pixels.shape[:2])
+  if options.resize_shorter and side > options.resize_shorter:
     resized = shrink_to_shorter_side(Image.fromarray(pixels), options.resize_shorter)
-    return records.encode_jpeg(np.asarray(resized)), ""
-  return data, ""  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
+    return records.encode_jpeg(np.asarray(resized)), "", side
+  return data, "", side  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
 
 
 def read_image_file(path: str) -> tuple[bytes | None, str]:

@@ -1,7 +1,8 @@
 """What the formats share: a shard's job (`ShardJob`, whose examples its format's reader yields), its writing with
-a sidecar of its counts (records, skipped per data/limits.py reason, class counts or uncaptioned, filtered), the
-resuming of shards already written, their writing on worker processes in a cluster task's share, the checks of
-the output directory, and dataset.json's split entries."""
+a sidecar of its counts (records, skipped per data/limits.py reason, class counts or uncaptioned, filtered, images
+below a size), the resuming of shards already written, their writing on worker processes in a cluster
+task's share (which touches no other task's shards: `TaskSummaries`), the checks of the output directory, and
+dataset.json's split entries."""
 
 from __future__ import annotations
 
@@ -23,10 +24,11 @@ from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records, wds
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cluster_task
-from visionfm_jax.tools.prepare_data.images import ImageOptions, prepare_image, read_image_file
+from visionfm_jax.tools.prepare_data.images import ImageOptions, header_side, prepare_image, read_image_file
 
 DEFAULT_RECORDS_PER_SHARD = 1000
 QUEUED_PER_WORKER = 4  # shards of a stream handed to each worker process ahead (write_stream)
+TASKS_DIR = "tasks"  # the output folder of a cluster job's task summaries (`TaskSummaries`)
 _SPLIT_NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
@@ -57,6 +59,7 @@ class ShardJob:
   only_held: bool = False  # webdataset: the holdout shard (only the `held` keys), else all but them
   score_filter: wds.ScoreFilter = wds.ScoreFilter()  # webdataset: LAION's scores a sample must pass
   captioned: bool = False  # webdataset, coco, visual_genome: counts its uncaptioned records, not its classes
+  min_side: int = 0  # counts its images whose shorter side (as given) is below this; not part of the fingerprint
 
 
 def read_image_files(job: ShardJob) -> Iterator[Example]:
@@ -67,10 +70,10 @@ def read_image_files(job: ShardJob) -> Iterator[Example]:
     yield refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
 
 
-def image_files_job(path: str, options: ImageOptions, root: str, items: tuple) -> ShardJob:
+def image_files_job(path: str, options: ImageOptions, root: str, items: tuple, min_side: int = 0) -> ShardJob:
   """The job of the shard `path` of the image files `items` (path under `root`, label or None)."""
   return ShardJob(path, fingerprint("folders", options, root, items), options, read_image_files, root=root,
-                  items=items)
+                  items=items, min_side=min_side)
 
 
 def fingerprint(*parts) -> str:
@@ -101,7 +104,9 @@ def write_shard(job: ShardJob) -> dict:
   """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
   finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
   skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders: {label: count}) or uncaptioned
-  (webdataset: image-only records), filtered (with a score filter: {score: samples it rejected}), fingerprint}."""
+  (webdataset: image-only records), filtered (with a score filter: {score: samples it rejected}), small_images
+  (with a min_side: {min_side, count: the stored images whose shorter side as given is below it}),
+  fingerprint}."""
   # The shard first: without it, a stale sidecar counts for nothing.
   for stale in (job.path, records.sidecar_path(job.path)):
     if os.path.exists(stale):
@@ -112,19 +117,22 @@ def write_shard(job: ShardJob) -> dict:
   skipped_by = collections.Counter()
   uncaptioned = 0
   filtered = collections.Counter()
+  small = 0
   with records.RecordWriter(job.path) as writer:
     for example in examples:
       if example.rejected:
         filtered[example.rejected] += 1
         continue
-      image, reason = (None, example.refused) if example.refused else prepare_image(example.image, job.options,
-                                                                                   example.name)
+      image, reason, side = ((None, example.refused, 0) if example.refused else
+                             prepare_image(example.image, job.options, example.name))
       if image is None:
         skipped_by[reason] += 1
         if reason == limits.NO_IMAGE:
           incomplete.append(example.name)
         continue
       writer.write(records.pack_record(image, **example.fields))
+      if job.min_side and 0 < (side or header_side(example.image)) < job.min_side:
+        small += 1
       if example.fields.get("label") is not None:
         class_counts[example.fields["label"]] += 1
       if job.captioned and not example.fields.get("caption"):
@@ -137,6 +145,8 @@ def write_shard(job: ShardJob) -> dict:
       counts["class_counts"] = {str(label): n for label, n in sorted(class_counts.items())}
     if job.score_filter:
       counts["filtered"] = {name: filtered[name] for name in job.score_filter.names}
+    if job.min_side:
+      counts["small_images"] = {"min_side": job.min_side, "count": small}
     atomic.write_json(records.sidecar_path(job.path), counts)
   if incomplete:
     logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
@@ -181,17 +191,14 @@ class Progress:
       print(file=sys.stderr, flush=True)
 
 
-def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None = None,
-             task: cluster_task.Task | None = cluster_task.Task()) -> list[dict | None]:
-  """Writes `task`'s share of the shards (`cluster_task`; None: none, only read) not yet finished, on
-  `num_workers` processes (<= 1: here); the counts of every job, read again after this task's writes, None for
-  a shard of another task not finished yet."""
-  mine = task.share(range(len(jobs))) if task is not None else []
+def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None = None) -> list[dict]:
+  """Writes the shards of `jobs` not finished yet, on `num_workers` processes (<= 1: here); the counts of every
+  job (of those finished before, from their sidecars)."""
   results = [read_finished(job) for job in jobs]
-  pending = [(i, jobs[i]) for i in mine if results[i] is None]
-  if len(pending) < len(mine):
-    logging.info("prepare_data: %d of %d shards already written", len(mine) - len(pending), len(mine))
-  meter = Progress(len(mine), len(mine) - len(pending), sys.stderr.isatty() if progress is None else progress)
+  pending = [(i, job) for i, job in enumerate(jobs) if results[i] is None]
+  if len(pending) < len(jobs):
+    logging.info("prepare_data: %d of %d shards already written", len(jobs) - len(pending), len(jobs))
+  meter = Progress(len(jobs), len(jobs) - len(pending), sys.stderr.isatty() if progress is None else progress)
   try:
     if num_workers <= 1 or len(pending) <= 1:
       _collect(map(_write_numbered, pending), results, meter)
@@ -201,7 +208,7 @@ def run_jobs(jobs: Sequence[ShardJob], num_workers: int, progress: bool | None =
         _collect(pool.imap_unordered(_write_numbered, pending), results, meter)
   finally:
     meter.close()
-  return [counts if counts is not None else read_finished(job) for job, counts in zip(jobs, results)]
+  return results
 
 
 def _collect(finished, results: list, meter: Progress) -> None:
@@ -210,28 +217,109 @@ def _collect(finished, results: list, meter: Progress) -> None:
     meter.add(counts)
 
 
-def write_stream(jobs: Iterable[ShardJob], num_workers: int, progress: bool | None = None) -> None:
+def write_stream(jobs: Iterable[ShardJob], num_workers: int, progress: bool | None = None) -> dict[str, dict]:
   """Writes the shards of a stream of jobs that are not finished yet, on `num_workers` processes (<= 1: here),
-  each handed at most QUEUED_PER_WORKER of them ahead: the stream is never held whole."""
+  each handed at most QUEUED_PER_WORKER of them ahead: the stream is never held whole. Returns {shard path: its
+  counts} of every job."""
   meter = Progress(None, 0, sys.stderr.isatty() if progress is None else progress)
+  done = {}
   try:
     if num_workers <= 1:
       for job in jobs:
-        meter.add(write_shard(job) if read_finished(job) is None else None)
-      return
+        finished = read_finished(job)
+        done[job.path] = finished or write_shard(job)
+        meter.add(None if finished else done[job.path])
+      return done
     with multiprocessing.get_context("spawn").Pool(num_workers) as pool:  # spawn: see run_jobs
       queued = collections.deque()
       for job in jobs:
-        if read_finished(job) is not None:
+        finished = read_finished(job)
+        if finished is not None:
+          done[job.path] = finished
           meter.add(None)
           continue
-        queued.append(pool.apply_async(write_shard, (job,)))
+        queued.append((job.path, pool.apply_async(write_shard, (job,))))
         if len(queued) >= QUEUED_PER_WORKER * num_workers:
-          meter.add(queued.popleft().get())
+          _take_oldest(queued, done, meter)
       while queued:
-        meter.add(queued.popleft().get())
+        _take_oldest(queued, done, meter)
   finally:
     meter.close()
+  return done
+
+
+def _take_oldest(queued: collections.deque, done: dict, meter: Progress) -> None:
+  path, result = queued.popleft()
+  done[path] = result.get()
+  meter.add(done[path])
+
+
+# ------------------------------------------------------------------------------------ a cluster job's tasks
+
+@dataclasses.dataclass(frozen=True)
+class TaskSummaries:
+  """What the `count` tasks of a cluster job leave for each other: each writes, once its share is done, one summary
+  `<output_dir>/tasks/<index>-of-<count>.json` {conversion, share} holding what dataset.json needs of its shards;
+  the task that then finds every summary (one listing, then `count` files) writes dataset.json. So no task reads
+  another task's sidecars (a thousand tasks of a LAION conversion would read every one of 232,000 each). A summary
+  of another `conversion` (the fingerprint of the whole conversion's inputs and options) counts as missing."""
+  output_dir: str
+  count: int
+  conversion: str
+
+  def _path(self, index: int) -> str:
+    return os.path.join(self.output_dir, TASKS_DIR, f"{index:05d}-of-{self.count:05d}.json")
+
+  def write(self, index: int, share) -> None:
+    """Task `index`'s summary: `share` (JSON)."""
+    os.makedirs(os.path.join(self.output_dir, TASKS_DIR), exist_ok=True)
+    atomic.write_json(self._path(index), {"conversion": self.conversion, "share": share})
+
+  def gather(self) -> tuple[list | None, int]:
+    """(every task's share, in task order; 0) once all are written for this conversion, else (None, how many
+    are missing)."""
+    suffix = f"-of-{self.count:05d}.json"
+    present = sum(name.endswith(suffix) for name in os.listdir(os.path.join(self.output_dir, TASKS_DIR)))
+    if present < self.count:
+      return None, self.count - present
+    shares = [self._read(index) for index in range(self.count)]
+    missing = sum(share is None for share in shares)
+    return (None, missing) if missing else (shares, 0)
+
+  def _read(self, index: int):
+    try:
+      with open(self._path(index), encoding="utf-8") as f:
+        summary = json.load(f)
+    except (OSError, ValueError):
+      return None
+    return summary.get("share") if isinstance(summary, dict) and summary.get("conversion") == self.conversion else None
+
+
+def convert_share(names: Sequence[str], job_of: Callable[[int], ShardJob], output_dir: str, conversion: str,
+                  num_workers: int, progress: bool | None,
+                  task: cluster_task.Task | None) -> list[dict] | dict:
+  """The counts of every shard of a conversion (`names`: their file names; `job_of(i)`: shard i's job, made only
+  for the shards this task touches), or `unfinished_report`'s dict while other tasks still owe theirs. `task`
+  writes its share (`cluster_task`) of the shards not finished yet, reading and stat'ing no other shard's files:
+  the other tasks' counts come from their `TaskSummaries` for `conversion`. `task` None (--finalize) writes no
+  shard and reads every shard's sidecar."""
+  if task is None:
+    counts = [read_finished(job_of(i)) for i in range(len(names))]
+    missing = sum(c is None for c in counts)
+    return unfinished_report(f"{missing} of {len(counts)} shards", task) if missing else counts
+  mine = task.share(range(len(names)))
+  counts = run_jobs([job_of(i) for i in mine], num_workers, progress)
+  if task.count == 1:
+    return counts
+  summaries = TaskSummaries(output_dir, task.count, conversion)
+  summaries.write(task.index, counts)
+  shares, missing = summaries.gather()
+  if shares is None:
+    return unfinished_report(f"{missing} of {task.count} tasks' shares", task)
+  every = [None] * len(names)
+  for index, share in enumerate(shares):
+    every[index::task.count] = share
+  return every
 
 
 # ------------------------------------------------------------------------------------------------ checks
@@ -290,9 +378,11 @@ def check_holdout(flag: str, count: int, holdout_split_name: str, split: str) ->
 
 # ------------------------------------------------------------------------------------------- dataset.json
 
-def split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num_classes: int | None) -> dict:
+def split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num_classes: int | None,
+                min_side: int = 0) -> dict:
   """dataset.json's entry of one split (`shards`: its file names): records, shards, kind (labelled, pairs or
-  images), class_counts (labelled) or uncaptioned (webdataset), skipped, source."""
+  images), class_counts (labelled) or uncaptioned (webdataset), skipped, source, filtered (with a score filter),
+  and with `min_side` small_images (`small_images`)."""
   entry = {"records": sum(c["records"] for c in counts), "shards": list(shards)}
   if counts and "uncaptioned" in counts[0]:
     entry["uncaptioned"] = sum(c["uncaptioned"] for c in counts)
@@ -311,18 +401,27 @@ def split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num_
   entry.update(skipped=sum(c["skipped"] for c in counts), skipped_by=ordered_reasons(skipped_by), source=source)
   if counts and "filtered" in counts[0]:
     entry["filtered"] = {reason: sum(c["filtered"][reason] for c in counts) for reason in counts[0]["filtered"]}
+  if min_side:
+    entry["small_images"] = small_images(counts, min_side)
   return entry
+
+
+def small_images(counts: Sequence[dict], min_side: int) -> dict:
+  """{min_side, count: the stored images whose shorter side (as given, before any shrinking) is below `min_side`},
+  from the sidecars' counts; and unmeasured, the records of shards written without that count (before it, or with
+  another --min_side: the option is not part of a shard's fingerprint), when there are any."""
+  below = unmeasured = 0
+  for c in counts:
+    if c.get("small_images", {}).get("min_side") == min_side:
+      below += c["small_images"]["count"]
+    else:
+      unmeasured += c["records"]
+  return {"min_side": min_side, "count": below, **({"unmeasured": unmeasured} if unmeasured else {})}
 
 
 def shard_names(jobs: Sequence[ShardJob]) -> list[str]:
   """The file names of the jobs' shards."""
   return [os.path.basename(j.path) for j in jobs]
-
-
-def unfinished(counts: Sequence[dict | None], task: cluster_task.Task | None) -> dict | None:
-  """None when every shard is finished (dataset.json can be written), else `unfinished_report`'s."""
-  missing = sum(c is None for c in counts)
-  return unfinished_report(f"{missing} of {len(counts)} shards", task) if missing else None
 
 
 def unfinished_report(what: str, task: cluster_task.Task | None) -> dict:

@@ -35,6 +35,7 @@ class ImageTreeLayout:
   options: ImageOptions
   held: tuple[str, ...] = ()
   holdout_split: str = ""
+  min_side: int = 0  # the shards count their images below it (not part of any fingerprint)
 
   @functools.cached_property
   def _held_set(self) -> frozenset:
@@ -43,6 +44,12 @@ class ImageTreeLayout:
   @functools.cached_property
   def _held_fingerprint(self) -> str:
     return shards.fingerprint(*self.held)
+
+  @functools.cached_property
+  def fingerprint(self) -> str:
+    """The whole conversion's (what its cluster tasks' summaries are checked against)."""
+    return shards.fingerprint("image tree", self.options, self.input_dir, self.folders, self.split,
+                              self.records_per_shard, self._held_fingerprint, self.holdout_split)
 
   def shard_jobs(self, index: int) -> Iterator[ShardJob]:
     """Folder `index`'s shards, as its walk reaches them."""
@@ -61,7 +68,8 @@ class ImageTreeLayout:
             for i in range(count)]
 
   def _job(self, name: str, items: tuple) -> ShardJob:
-    return shards.image_files_job(os.path.join(self.output_dir, name), self.options, self.input_dir, items)
+    return shards.image_files_job(os.path.join(self.output_dir, name), self.options, self.input_dir, items,
+                                  self.min_side)
 
   def is_train_shard(self, name: str) -> bool:
     """Whether `name` is a shard name this layout can write for `split` (another folder count's is not)."""
@@ -97,58 +105,82 @@ class ImageTreeLayout:
 
 def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: ImageOptions, num_workers: int,
                        records_per_shard: int, holdout_examples: int, holdout_split_name: str, seed: int,
-                       progress: bool | None, task: cluster_task.Task | None) -> dict:
+                       progress: bool | None, task: cluster_task.Task | None, min_side: int = 0) -> dict:
   """convert_folders' `unlabelled` conversion (`ImageTreeLayout`), never holding the tree's list: `task` converts
   the folders task.share(folders) and its share of the held-out shards, walking only those folders (and the
-  few that `image_tree.sample_holdout` lists ahead); then, once every folder's list of shards and every shard
-  is written, the task writes dataset.json (else it returns `shards.unfinished_report`'s report)."""
+  few that `image_tree.sample_holdout` lists ahead) and reading no other task's lists or sidecars; then, once every
+  task's summary (`shards.TaskSummaries`: its folders' lists of shards and their counts) is written, the task
+  writes dataset.json (with `min_side`, counting the images smaller), else it returns the report of what other
+  tasks still owe. `task` None (--finalize) writes no shard: dataset.json from every folder's list and sidecar."""
   folders = tuple(image_tree.top_level_folders(input_dir))
   held = image_tree.sample_holdout(input_dir, folders, holdout_examples, seed) if holdout_examples else []
   layout = ImageTreeLayout(input_dir, output_dir, split, folders, records_per_shard, options, tuple(held),
-                           holdout_split_name if held else "")
+                           holdout_split_name if held else "", min_side)
   shards.check_output(output_dir, "images", None, {})
   expected_holdout = shards.shard_names(layout.holdout_jobs())
   shards.refuse_foreign(output_dir, split, lambda name: not layout.is_train_shard(name))
   if held:
     shards.refuse_foreign(output_dir, holdout_split_name, lambda name: name not in expected_holdout)
-  if task is not None:
-    shards.write_stream(_image_tree_jobs(layout, task), num_workers, progress)
-  return _finish_image_tree(layout, task, holdout_examples)
+  if task is None:
+    return _finalize_image_tree(layout, holdout_examples, min_side)
+  listed = {}
+  written = shards.write_stream(_image_tree_jobs(layout, task, listed), num_workers, progress)
+  counts = {os.path.basename(path): c for path, c in written.items()}
+  if task.count > 1:
+    summaries = shards.TaskSummaries(output_dir, task.count, layout.fingerprint)
+    summaries.write(task.index, {"folders": {str(i): shard_list for i, shard_list in listed.items()},
+                                 "counts": counts})
+    shares, missing = summaries.gather()
+    if shares is None:
+      return shards.unfinished_report(f"{missing} of {task.count} tasks' shares", task)
+    listed = {int(i): [tuple(shard) for shard in shard_list] for share in shares
+              for i, shard_list in share["folders"].items()}
+    counts = {name: c for share in shares for name, c in share["counts"].items()}
+  return _write_image_tree_metadata(layout, [listed[i] for i in range(len(folders))], counts, holdout_examples,
+                                    min_side)
 
 
-def _image_tree_jobs(layout: ImageTreeLayout, task: cluster_task.Task) -> Iterator[ShardJob]:
-  """`task`'s shards: those of its folders, each folder's list written when its walk ends, then its held-out
-  ones."""
+def _image_tree_jobs(layout: ImageTreeLayout, task: cluster_task.Task, listed: dict) -> Iterator[ShardJob]:
+  """`task`'s shards: those of its folders, each folder's list written (and added to `listed`: {folder index:
+  [(name, fingerprint)]}) when its walk ends, then its held-out ones."""
   for index in task.share(range(len(layout.folders))):
-    listed = []
+    folder_shards = []
     for job in layout.shard_jobs(index):
-      listed.append((os.path.basename(job.path), job.fingerprint))
+      folder_shards.append((os.path.basename(job.path), job.fingerprint))
       yield job
-    layout.write_folder_list(index, listed)
+    layout.write_folder_list(index, folder_shards)
+    listed[index] = folder_shards
   yield from task.share(layout.holdout_jobs())
 
 
-def _finish_image_tree(layout: ImageTreeLayout, task: cluster_task.Task | None, holdout_examples: int) -> dict:
-  """dataset.json from the folders' lists and the shards' sidecars, or the report of what other tasks still owe."""
+def _finalize_image_tree(layout: ImageTreeLayout, holdout_examples: int, min_side: int) -> dict:
+  """--finalize: dataset.json from every folder's list and every shard's sidecar; UserError while some are
+  missing."""
   lists = [layout.read_folder_list(i) for i in range(len(layout.folders))]
   missing = sum(listed is None for listed in lists)
   if missing:
-    return shards.unfinished_report(f"{missing} of {len(lists)} folders", task)
-  listed_shards = {layout.split: [shard for listed in lists for shard in listed]}
-  if layout.held:
-    listed_shards[layout.holdout_split] = [(os.path.basename(j.path), j.fingerprint) for j in layout.holdout_jobs()]
-  counts = {split: [shards.finished_counts(os.path.join(layout.output_dir, name), fp) for name, fp in listed]
-            for split, listed in listed_shards.items()}
-  missing = sum(c is None for split_counts in counts.values() for c in split_counts)
+    return shards.unfinished_report(f"{missing} of {len(lists)} folders", None)
+  named = [shard for listed in lists for shard in listed]
+  named += [(os.path.basename(j.path), j.fingerprint) for j in layout.holdout_jobs()]
+  counts = {name: shards.finished_counts(os.path.join(layout.output_dir, name), fp) for name, fp in named}
+  missing = sum(c is None for c in counts.values())
   if missing:
-    return shards.unfinished_report(f"{missing} of {sum(map(len, counts.values()))} shards", task)
+    return shards.unfinished_report(f"{missing} of {len(counts)} shards", None)
+  return _write_image_tree_metadata(layout, lists, counts, holdout_examples, min_side)
+
+
+def _write_image_tree_metadata(layout: ImageTreeLayout, lists: list, counts: dict, holdout_examples: int,
+                               min_side: int) -> dict:
+  """dataset.json from every folder's list of shards `lists` and every shard's `counts` ({name: sidecar
+  counts})."""
+  listed_shards = {layout.split: [name for listed in lists for name, _ in listed]}
+  if layout.held:
+    listed_shards[layout.holdout_split] = shards.shard_names(layout.holdout_jobs())
   if not listed_shards[layout.split]:
     raise image_tree.no_images(layout.input_dir)
-  shards.check_output(layout.output_dir, "images", None, {split: [name for name, _ in listed]
-                                                          for split, listed in listed_shards.items()})
-  entries = {split: shards.split_entry([name for name, _ in listed_shards[split]], counts[split], layout.input_dir,
-                                       None)
-             for split in listed_shards}
+  shards.check_output(layout.output_dir, "images", None, listed_shards)
+  entries = {split: shards.split_entry(names, [counts[name] for name in names], layout.input_dir, None, min_side)
+             for split, names in listed_shards.items()}
   if layout.held:
     entries[layout.holdout_split]["holdout_examples"] = holdout_examples
   return records.write_metadata(layout.output_dir, kind="images", splits=entries)

@@ -5,8 +5,10 @@ second split."""
 from __future__ import annotations
 
 import collections
+import dataclasses
 import glob
 import os
+import stat
 import tarfile
 from typing import Iterator, Sequence
 
@@ -96,52 +98,84 @@ def choose_holdout(tars: Sequence[str], count: int, seed: int) -> dict[str, list
   return {tar: sorted(keys) for tar, keys in held.items()}
 
 
-def _tar_job(output_dir: str, split: str, number: int, count: int, tar: str, options: ImageOptions,
-             held: Sequence[str] = (), only_held: bool = False,
-             score_filter: wds.ScoreFilter = wds.ScoreFilter()) -> ShardJob:
-  return ShardJob(os.path.join(output_dir, records.shard_name(split, number, count)),
-                  shards.fingerprint("webdataset", options, tar, os.path.getsize(tar),
-                                     *([held, only_held] if held else []), *([score_filter] if score_filter else [])),
-                  options, read_tar, tar=tar, held=tuple(held), only_held=only_held, score_filter=score_filter,
-                  captioned=True)
+def _tar_size(tar: str) -> int:
+  """The size of the input `tar` (a fingerprint's part); UserError when it is not a file."""
+  try:
+    status = os.stat(tar)
+  except OSError as e:
+    raise UserError(f"--input: cannot read {tar} ({e.strerror or e})") from e
+  if not stat.S_ISREG(status.st_mode):
+    raise UserError(f"--input: {tar} is not a file (expected a glob of .tar files)")
+  return status.st_size
+
+
+@dataclasses.dataclass(frozen=True)
+class TarShard:
+  """One output shard of a tar, before its job is made (which stats the tar: only a task's own shards are)."""
+  split: str
+  number: int
+  count: int
+  tar: str
+  held: tuple = ()  # the tar's held-out keys
+  only_held: bool = False  # the holdout split's shard (only the `held` keys), else all but them
+
+  @property
+  def name(self) -> str:
+    return records.shard_name(self.split, self.number, self.count)
+
+  def job(self, output_dir: str, options: ImageOptions, score_filter: wds.ScoreFilter, min_side: int) -> ShardJob:
+    return ShardJob(os.path.join(output_dir, self.name),
+                    shards.fingerprint("webdataset", options, self.tar, _tar_size(self.tar),
+                                       *([list(self.held), self.only_held] if self.held else []),
+                                       *([score_filter] if score_filter else [])),
+                    options, read_tar, tar=self.tar, held=self.held, only_held=self.only_held,
+                    score_filter=score_filter, captioned=True, min_side=min_side)
+
+
+def tar_shards(tars: Sequence[str], split: str, held: dict[str, list[str]], holdout_split_name: str
+               ) -> dict[str, list[TarShard]]:
+  """{split: its shards}: one per tar, without its `held` keys; with `held`, the holdout split's shards of the tars
+  that hold them."""
+  plan = {split: [TarShard(split, i, len(tars), tar, tuple(held.get(tar, ()))) for i, tar in enumerate(tars)]}
+  if held:
+    holdout_tars = [tar for tar in tars if tar in held]
+    plan[holdout_split_name] = [TarShard(holdout_split_name, i, len(holdout_tars), tar, tuple(held[tar]), True)
+                                for i, tar in enumerate(holdout_tars)]
+  return plan
 
 
 def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
                        verify: bool = False, num_workers: int | None = None, progress: bool | None = None,
                        holdout_examples: int = 0, holdout_split_name: str = "validation", seed: int = 0,
                        task: cluster_task.Task | None = cluster_task.Task(),
-                       score_filter: wds.ScoreFilter = wds.ScoreFilter()) -> dict:
+                       score_filter: wds.ScoreFilter = wds.ScoreFilter(), min_side: int = 0) -> dict:
   """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir` (with
   `holdout_examples`, also `holdout_split_name`: see `choose_holdout`), `task`'s share of them (see
-  `shards.run_jobs`), keeping the samples that pass `score_filter`; returns the written dataset.json dict, or
-  `shards.unfinished`'s report when other tasks' shards are still missing (the last task to finish writes it)."""
+  `shards.convert_share`: only its own tars are stat'ed and read), keeping the samples that pass `score_filter`;
+  returns the written dataset.json dict (with `min_side`, counting the images smaller), or the report of what
+  other tasks still owe (the last task to finish writes dataset.json)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   shards.check_common(output_dir, split, 1, resize_shorter, num_workers)
   shards.check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
   pattern, output_dir = os.path.abspath(os.path.expanduser(pattern)), os.path.expanduser(output_dir)
-  tars = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+  tars = sorted(glob.glob(pattern, recursive=True))  # names only: a task stats its own share
   if not tars:
     raise UserError(f"--input={pattern}: no files match (expected a glob of .tar shards)")
   options = image_options(resize_shorter, verify)
   held = choose_holdout(tars, holdout_examples, seed) if holdout_examples else {}
-  jobs = {split: [_tar_job(output_dir, split, i, len(tars), tar, options, held.get(tar, ()),
-                           score_filter=score_filter) for i, tar in enumerate(tars)]}
-  if held:
-    holdout_tars = [tar for tar in tars if tar in held]
-    jobs[holdout_split_name] = [_tar_job(output_dir, holdout_split_name, i, len(holdout_tars), tar, options,
-                                         held[tar], only_held=True, score_filter=score_filter)
-                                for i, tar in enumerate(holdout_tars)]
-  shards.check_output(output_dir, "pairs", None,
-                      {name: shards.shard_names(split_jobs) for name, split_jobs in jobs.items()})
-  all_counts = shards.run_jobs([job for split_jobs in jobs.values() for job in split_jobs], num_workers, progress,
-                               task)
-  report = shards.unfinished(all_counts, task)
-  if report:
-    return report
+  plan = tar_shards(tars, split, held, holdout_split_name)
+  shards.check_output(output_dir, "pairs", None, {name: [s.name for s in planned] for name, planned in plan.items()})
+  every = [shard for planned in plan.values() for shard in planned]
+  conversion = shards.fingerprint("webdataset", options, tars, held, score_filter, list(plan))
+  all_counts = shards.convert_share([s.name for s in every],
+                                    lambda i: every[i].job(output_dir, options, score_filter, min_side), output_dir,
+                                    conversion, num_workers, progress, task)
+  if isinstance(all_counts, dict):
+    return all_counts
   counts = iter(all_counts)
-  entries = {name: shards.split_entry(shards.shard_names(split_jobs), [next(counts) for _ in split_jobs], pattern,
-                                      None)
-             for name, split_jobs in jobs.items()}
+  entries = {name: shards.split_entry([s.name for s in planned], [next(counts) for _ in planned], pattern, None,
+                                      min_side)
+             for name, planned in plan.items()}
   if held:
     entries[holdout_split_name]["holdout_examples"] = holdout_examples
   return records.write_metadata(output_dir, kind="pairs", splits=entries)
