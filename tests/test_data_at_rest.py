@@ -5,6 +5,7 @@ changed unless allowed."""
 
 import json
 import os
+import re
 import resource
 import subprocess
 import sys
@@ -15,10 +16,12 @@ import pytest
 
 from conftest import ROOT, cpu_env, tiny_vit_config
 from test_bad_input import run_main_in_process
-from visionfm_jax.data.loader import open_files
-from visionfm_jax.data.sources import open_shards, records
+from test_wds import write_tars
+from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files
+from visionfm_jax.data.sources import open_shards, records, wds
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError, UserError
+from visionfm_jax.tools import index_tars
 from visionfm_jax.training import data_record, train
 
 SHARDS, PER_SHARD = 300, 2
@@ -214,3 +217,21 @@ def test_a_resume_on_replaced_data_is_refused_naming_it_unless_allowed(tmp_path)
   assert last["step"] == 4
   assert json.loads((workdir / data_record.FILE).read_text())["entries"][0]["shards"][3][2] == \
       os.path.getsize(data / names[3])
+
+
+def test_the_identity_of_tars_in_place_names_a_tar_rewritten_and_reindexed(tmp_path):
+  pattern = str(tmp_path / "in" / "*.tar")
+  write_tars(tmp_path / "in", tars=3, per_tar=4)
+  index_tars.index_tars(pattern)
+  before = identity.of_mixture(_mixture_of(wds.WdsSource(pattern)))
+  write_tars(tmp_path / "in", tars=3, per_tar=4, image_size=40)  # the same keys, other images
+  index_tars.index_tars(pattern)
+  source = wds.WdsSource(pattern)
+  changed = identity.differences(before, identity.of_mixture(_mixture_of(source)))
+  assert len(changed) == 1 and re.search(r"3 shard\(s\) changed \(.*00000\.tar \(4 records, [\d,]+ bytes -> 4 records",
+                                         changed[0])
+  assert source.max_open_files == source.CACHED_INDEXES
+
+
+def _mixture_of(source):
+  return mixture_lib.Mixture((mixture_lib.Entry("config.data.source='wds:...'", source),), "config.data.source")

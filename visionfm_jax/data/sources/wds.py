@@ -321,11 +321,12 @@ class WdsSource:
   process; grain and the eval reader read on threads, so a lock guards them)."""
 
   CACHED_INDEXES = 8
+  max_open_files = CACHED_INDEXES  # per process: reads hold the lock (data/loader/open_files.py)
 
   def __init__(self, pattern: str, score_filter: ScoreFilter = ScoreFilter(), index_dir: str | None = None):
     self.pattern, self.score_filter, self.index_dir = pattern, score_filter, index_dir
     self.tars = matching_tars(pattern)
-    counts, self.filtered, self.incomplete, missing = [], collections.Counter(), 0, []
+    counts, self.filtered, self.incomplete, missing, self._sizes = [], collections.Counter(), 0, [], []
     self.left_out = collections.Counter()  # limits reason -> samples the indexes left out
     for tar in self.tars:
       index = read_index(tar, fields=("scores",), index_dir=index_dir)
@@ -337,6 +338,7 @@ class WdsSource:
       self.incomplete += int(index["incomplete"])
       self.left_out.update(json.loads(str(index["left_out"])))
       counts.append(int(np.sum(reasons < 0)))
+      self._sizes.append(int(index["tar_size"]))
     if missing:
       raise DataError(f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
                       f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
@@ -356,7 +358,7 @@ class WdsSource:
     return self._ends[-1] if self._ends else 0
 
   def __getstate__(self):
-    return {name: value for name, value in self.__dict__.items() if name not in ("_cache", "_files", "_lock")}
+    return {name: value for name, value in self.__dict__.items() if name not in ("_cache", "_files", "_lock", "_sizes")}
 
   def __setstate__(self, state):
     self.__dict__.update(state, _cache=collections.OrderedDict(), _files={}, _lock=threading.Lock())
@@ -410,6 +412,13 @@ class WdsSource:
     if meta is not None:
       record["meta"] = meta.decode("utf-8", errors="replace")
     return record
+
+  def identity(self) -> dict:
+    """What names this data (data/loader/identity.py): every tar's name, samples kept and bytes (its index is
+    written for that size)."""
+    kept = np.diff(self._ends, prepend=0).tolist()
+    return {"source": f"{self.pattern};{self.score_filter}", "records": len(self),
+            "shards": [[tar, n, size] for tar, n, size in zip(self.tars, kept, self._sizes)]}
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
