@@ -8,6 +8,7 @@ import collections
 import io
 import json
 import os
+import re
 import tarfile
 
 import numpy as np
@@ -26,6 +27,9 @@ CALLS = ((os, "stat"), (os, "lstat"), (os, "open"), (os, "scandir"), (os, "listd
          (tarfile, "bltn_open"))
 
 
+_ATOMIC_TMP = re.compile(r"\.\d+\.tmp$")  # atomic.write's '<path>.<pid>.tmp', counted as '<path>.tmp'
+
+
 class Touched:
   """The paths under `root` that the file system calls reach (relative to `root`, with their call count)."""
 
@@ -38,7 +42,7 @@ class Touched:
     def counted(*args, **kwargs):
       path = args[0] if args else kwargs.get("path", kwargs.get("file", "."))
       if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(self.root):
-        self.paths[os.fspath(path)[len(self.root):]] += 1
+        self.paths[_ATOMIC_TMP.sub(".tmp", os.fspath(path)[len(self.root):])] += 1
       return call(*args, **kwargs)
     return counted
 

@@ -8,9 +8,10 @@ from typing import Any
 
 
 def write(path: str, data: str | bytes) -> None:
-  """Writes `data` (text as UTF-8) to `path` + '.tmp', then renames that over `path` (os.replace, atomic on
-  POSIX file systems). A crash leaves at most a stale '.tmp' next to the old file."""
-  tmp = path + ".tmp"
+  """Writes `data` (text as UTF-8) to `path` + '.<pid>.tmp', then renames that over `path` (os.replace, atomic
+  on POSIX file systems): writers of the same file in several processes (the tasks of a cluster job) each replace
+  it whole. A crash leaves at most a stale '.tmp' next to the old file."""
+  tmp = f"{path}.{os.getpid()}.tmp"
   if isinstance(data, bytes):
     with open(tmp, "wb") as f:
       f.write(data)

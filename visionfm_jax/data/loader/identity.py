@@ -1,10 +1,10 @@
 """What names a run's training data, so that a resume notices data replaced under the same paths.
 
 A source that reads stored shards answers `identity()`: its spec, record count, every shard's [name, records, bytes,
-...] (`arrayrecord:` adds a digest of the shard's record index, which moves with any record's size) and a digest of
-its dataset.json (`records.ArrayRecordSource`, `wds.WdsSource`); any other source is named
+...] (`arrayrecord:` adds a digest of the shard's postscript, which moves with its total encoded bytes) and a digest
+of what its dataset.json says of those shards (`records.ArrayRecordSource`, `wds.WdsSource`); any other source is named
 by its repr (the embedded sets: their sizes and seeds). Shard contents are not hashed: reading 100 TB at every start
-is no option, and a re-prepared shard changes its record index in practice; bit rot inside a shard is caught per record by
+is no option, and a re-prepared shard of JPEGs changes its encoded bytes in practice; bit rot inside a shard is caught per record by
 its checksums (the `arrayrecord:` reader counts such records as corrupt).
 """
 

@@ -75,7 +75,11 @@ class OpenShards:
         self._busy[path][1] += 1
         handle, spare = self._busy[path][0], handle
       else:
-        self._busy[path], spare = [handle, 1], None
+        if path in self._idle:  # another thread opened, read and released it meanwhile: take that one
+          handle, spare = self._idle.pop(path), handle
+        else:
+          spare = None
+        self._busy[path] = [handle, 1]
         self._trim()
     if spare is not None:
       spare.close()

@@ -291,7 +291,7 @@ class ArrayRecordSource:
     kind = (self.metadata or {}).get("kind")
     self._placeholder = {"classification": {"image": None, "label": 0}, "images": {"image": None}}.get(
         kind, {"image": None, "caption": ""})
-    self._metadata_digest = _file_digest(os.path.join(os.path.dirname(files[0]), METADATA_FILE))
+    self._metadata_digest = _metadata_digest(pattern, self.metadata)
     self._shards = open_shards.OpenShards(_open_reader)
 
   @property
@@ -341,7 +341,9 @@ class ArrayRecordSource:
 
 
 FOOTER_THREADS = 32  # files whose footers are read at once when a source opens (I/O bound on shared file systems)
-_READER_OPTIONS = "readahead_buffer_size:0"  # random access: read a record's chunk, nothing ahead
+# Random access: read a record's chunk, nothing ahead, and of the footer only what the index needs (array_record's
+# default prefetches the last 1 MiB of the file at every open, and at 232,000 shards nearly every read opens one).
+_READER_OPTIONS = "readahead_buffer_size:0,footer_prefetch_bytes:0"
 _READER_BUFFER = 32768
 
 
@@ -358,14 +360,14 @@ def _open_reader(path: str):
   raise OSError(f"{path}: not an ArrayRecord file")
 
 
-# Riegeli ends a file with a block of 64 KiB holding its postscript; the record index (the footer, the offsets of every
-# record's chunk) ends just before it. Its last bytes change with the size of any record (the offsets are cumulative).
+# Riegeli pads a file to its blocks of 64 KiB and starts the last one with the postscript, which holds the offset of
+# the record index (the footer): a digest of the postscript moves with the shard's total encoded bytes.
 _BLOCK = 1 << 16
-_FOOTER_TAIL = 4096
+_POSTSCRIPT = 512
 
 
 def _footer(path: str) -> tuple[int, int, str]:
-  """(records, bytes, a digest of the end of the record index and the postscript) of the ArrayRecord file `path`."""
+  """(records, bytes, a digest of the postscript) of the ArrayRecord file `path`."""
   reader = _open_reader(path)
   try:
     records = int(reader.num_records())
@@ -373,9 +375,9 @@ def _footer(path: str) -> tuple[int, int, str]:
     reader.close()
   with open(path, "rb") as f:
     size = os.fstat(f.fileno()).st_size
-    f.seek(max(0, size - _BLOCK - _FOOTER_TAIL))
-    tail = f.read(_FOOTER_TAIL + 512)
-  return records, size, hashlib.blake2b(tail, digest_size=8).hexdigest()
+    f.seek(max(0, size - _BLOCK))
+    postscript = f.read(_POSTSCRIPT)
+  return records, size, hashlib.blake2b(postscript, digest_size=8).hexdigest()
 
 
 def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, str]]:
@@ -397,9 +399,13 @@ def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, str]]:
   return results
 
 
-def _file_digest(path: str) -> str | None:
-  try:
-    with open(path, "rb") as f:
-      return hashlib.sha256(f.read()).hexdigest()
-  except FileNotFoundError:
+def _metadata_digest(pattern: str, metadata: dict | None) -> str | None:
+  """A digest of what dataset.json says of the shards `pattern` reads (kind, classes, their splits' entries but for
+  the counts of small images, which a rerun with another --min_side changes): another split prepared beside them
+  leaves it as it is."""
+  if not metadata:
     return None
+  splits = {split: {k: v for k, v in entry.items() if k != "small_images"}
+            for split, entry in _listed_shards(pattern, metadata).items()}
+  described = {"kind": metadata.get("kind"), "classes": metadata.get("classes"), "splits": splits}
+  return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
