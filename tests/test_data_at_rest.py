@@ -20,7 +20,7 @@ from test_wds import write_tars
 from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files
 from visionfm_jax.data.sources import open_shards, records, wds
 from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.errors import ConfigError, DataError, UserError
+from visionfm_jax.errors import ConfigError, DataError, UserError, WorkdirError
 from visionfm_jax.tools import index_tars
 from visionfm_jax.training import data_record, train
 
@@ -160,10 +160,10 @@ def test_the_soft_open_file_limit_is_raised_to_the_need():
 
 
 def test_a_hard_limit_below_the_need_is_one_line_before_training(tmp_path, many_shards):
-  """--dry_run with 4 data workers over the shards: the need, 5 x open_shards.bound() + RUN_FILES, is over a hard
-  limit of 256."""
+  """--dry_run with 4 data workers over the shards: the main process's need (one source's open shards, 4 workers'
+  pipes, the run's own files) is over a hard limit of 256."""
   directory, _ = many_shards
-  need = 5 * open_shards.bound() + open_files.RUN_FILES
+  need = open_shards.bound() + 4 * open_files.PER_WORKER + open_files.RUN_FILES
   args = ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
           f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
           "--config.data.num_workers=4"]
@@ -171,9 +171,9 @@ def test_a_hard_limit_below_the_need_is_one_line_before_training(tmp_path, many_
   proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"error: the input pipeline may hold {need} open files (config.data.num_workers and the sources, "
+      f"error: the input pipeline may hold {need} open files (its sources and config.data.num_workers, "
       f"data/loader/open_files.py) but this process may open at most 256 (hard RLIMIT_NOFILE): raise it "
-      f"('ulimit -Hn {need}' where allowed, or the cluster's limits.conf), or use fewer data workers")
+      f"('ulimit -Hn {need}' where allowed, or the cluster's limits.conf)")
 
 
 def test_the_dry_run_reports_the_need(tmp_path, many_shards, monkeypatch, capsys):
@@ -183,8 +183,9 @@ def test_the_dry_run_reports_the_need(tmp_path, many_shards, monkeypatch, capsys
        f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
        "--config.data.num_workers=2"], monkeypatch, capsys)
   assert status == 0
-  assert f"open files: the input pipeline needs up to {3 * open_shards.bound() + open_files.RUN_FILES}; this shell's " \
-         f"RLIMIT_NOFILE soft" in out
+  need = open_shards.bound() + 2 * open_files.PER_WORKER + open_files.RUN_FILES
+  soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+  assert f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard}" in out
 
 
 def _tiny_run_config(directory, **overrides):
@@ -215,8 +216,23 @@ def test_a_resume_on_replaced_data_is_refused_naming_it_unless_allowed(tmp_path)
   allowed = {"total_steps": 4, "resume.allow_changes": "total_steps,data.source"}
   last = train.run(_tiny_run_config(data, **allowed), str(workdir))
   assert last["step"] == 4
-  assert json.loads((workdir / data_record.FILE).read_text())["entries"][0]["shards"][3][2] == \
-      os.path.getsize(data / names[3])
+  record = json.loads((workdir / data_record.FILE).read_text())
+  assert record["entries"][0]["shards"][3][2] == os.path.getsize(data / names[3]) and record["changed_after"] == 2
+
+
+def test_a_resume_follows_changed_data_until_a_checkpoint_is_saved_on_it(tmp_path):
+  """The record keeps the step after which the data changed: a resume from that step again (the run stopped before
+  its next save) still continues by position, one from a later checkpoint replays."""
+  config = tiny_vit_config(**{"data.source": "arrayrecord:/d/{split}-*", "resume.allow_changes": "data.source"})
+  old, new = {"entries": [{"what": "x", "source": "a", "records": 4}]}, {"entries": [{"what": "x", "source": "a",
+                                                                                        "records": 5}]}
+  assert not data_record.check(config, str(tmp_path), old, None)  # a fresh run records its data
+  assert data_record.check(config, str(tmp_path), new, 10)  # changed (allowed): follow
+  assert data_record.check(config, str(tmp_path), new, 10)  # no save on the new data yet: follow again
+  assert not data_record.check(config, str(tmp_path), new, 20)  # a checkpoint of the new data: replay
+  (tmp_path / data_record.FILE).write_text("{garbled")
+  with pytest.raises(WorkdirError, match=r"data.json: unreadable record of the run's training data"):
+    data_record.check(config, str(tmp_path), new, 20)
 
 
 def test_the_identity_of_tars_in_place_names_a_tar_rewritten_and_reindexed(tmp_path):

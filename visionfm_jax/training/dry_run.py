@@ -45,6 +45,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   task = tasks.build(config)
   micro = config.global_batch_size // config.grad_accum_steps
   local_batch = config.global_batch_size // num_processes
+  shell_limits = open_files.limits()  # before the loader raises them
   loader = task.train_loader(batch_size=local_batch, seed=config.seed, process_index=0, process_count=num_processes)
   evaluators = task.evaluators(EvalContext(_one_device_mesh(), micro, 0, num_processes))
   examples = mixture_lib.open_train(config.data, config.data.train_split).records
@@ -64,7 +65,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
       keep_period=config.checkpoint_keep_period,
       checkpoint_bytes=workdir_lib.tree_bytes(unboxed), eval_every=config.eval_every, evaluators=sorted(evaluators),
-      workdir=workdir, open_files=loader.open_files)
+      workdir=workdir, open_files=loader.open_files, shell_limits=shell_limits)
 
 
 def mesh_devices(mesh_cfg) -> int | None:
@@ -116,7 +117,7 @@ def report(p: dict) -> list[str]:
       + (f"resuming at step {p['start_step']:,}, {steps_left:,} to go" if p["start_step"] else "starting at step 0"),
       f"examples per epoch: {p['examples_per_epoch']:,} (an epoch is {epoch_steps:,.0f} steps; the run is "
       f"{p['total_steps'] / epoch_steps:,.2f} epochs)",
-      open_files.describe(p["open_files"]),
+      open_files.describe(p["open_files"], p["shell_limits"]),
       f"checkpoints: every {p['checkpoint_every']:,} steps in {os.path.join(p['workdir'], 'checkpoints')}, keeping "
       f"{p['keep_checkpoints']}" + (f" and every {p['keep_period']:,} for good" if p["keep_period"] else "")
       + f", {_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "

@@ -434,7 +434,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   loader = task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(loader)
-  if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir) is not None):
+  if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
     train_iter.follow_changed_data()
   # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
   eval_context = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
