@@ -132,7 +132,7 @@ def workdirs(tmp_path_factory):
   saver.close()
   (good / "config.json").write_text(config.to_json_best_effort(indent=2))
   shutil.copytree(good, root / "resumed")
-  assert train.run(config.copy_and_resolve_references(), str(root / "resumed")) == {"step": 2}
+  assert train.run(config.copy_and_resolve_references(), str(root / "resumed"))["step"] == 2  # and evaluates step 2
   shutil.copytree(good, root / "garbled")
   (root / "garbled" / "checkpoints" / "2" / "state" / "_METADATA").write_text("{garbled")
   return root

@@ -19,6 +19,7 @@ import pytest
 from PIL import Image
 
 from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_every_step, tiny_vit_config
+from test_bad_input import run_main_in_process
 from visionfm_jax import tasks
 from visionfm_jax.evaluate import panels
 from visionfm_jax.training import train
@@ -58,6 +59,12 @@ def _zero3_config():
   config.data.num_workers = 0
   config.data.eval_examples = 40
   return config
+
+
+# `_zero3_config` as main's flags.
+ZERO3_FLAGS = [*TINY_FLAGS, "--config.total_steps=6", "--config.log_every=2", "--config.eval_every=3",
+               "--config.checkpoint_every=3", "--config.strategy=zero3", "--config.data.num_workers=0",
+               "--config.data.eval_examples=40"]
 
 
 @pytest.fixture(scope="module")
@@ -107,6 +114,59 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   assert sorted(images) == [3, 6]
   np.testing.assert_array_equal(images[6]["panel"], np.asarray(Image.open(tmp_path / "panels" / "step_6.png")))
   assert images[6]["panel"].shape[1] >= 8 * panels.TILE  # a column per example
+
+
+@ZERO3_RUN
+def test_a_rerun_after_a_kill_before_the_final_evaluation_completes_the_record(zero3_run, tmp_path, monkeypatch,
+                                                                               capsys, caplog):
+  """Killed after its last checkpoint, while writing step 6's train row (left without its newline), before the final
+  evaluation: the rerun through main keeps the row, says the run was already complete, makes the evaluation and the
+  panel of step 6 as the uninterrupted run did, closes the trackers with the final metrics and prints them on its
+  `done` line. Killed again while writing a row (cut short): the next rerun drops that line, saying so, and prints
+  the final metrics from metrics.jsonl without evaluating again."""
+  reference_dir, reference = zero3_run
+  shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
+  rows = _read_metrics(tmp_path)
+  final_eval = rows.pop()
+  assert final_eval["step"] == 6 and "eval/val/top1" in final_eval
+  (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)))
+  (tmp_path / "panels" / "step_6.png").unlink()
+  finals = []
+  close = metrics.MetricWriter.close
+  def close_noting_final(self, final=None):
+    finals.append(final)
+    close(self, final)
+  monkeypatch.setattr(metrics.MetricWriter, "close", close_noting_final)
+
+  status, err = _rerun_main(tmp_path, monkeypatch, capsys, caplog)
+  assert status == 0, err
+  assert _read_metrics(tmp_path) == rows + [final_eval]
+  assert f"{tmp_path / 'metrics.jsonl'}: its last line (a row of step 6) lacked its newline" in err
+  assert "step 6: the run was already complete; making its final evaluation and panel" in err
+  assert re.search(r"step 6 eval val: top1 [\d.]+", err), err
+  assert (tmp_path / "panels" / "step_6.png").read_bytes() == (reference_dir / "panels" / "step_6.png").read_bytes()
+  done = re.search(r"done at step 6: train/loss [\d.]+, .*eval/val/top1 [\d.]+.*", err)
+  assert done, err
+  for key in ("train/loss", "eval/val/top1", "eval/val/top5"):
+    assert finals[-1][key] == reference[key]
+
+  with open(tmp_path / "metrics.jsonl", "a", encoding="utf-8") as f:
+    f.write('{"step": 6, "eval/va')
+  status, err = _rerun_main(tmp_path, monkeypatch, capsys, caplog)
+  assert status == 0, err
+  assert f"{tmp_path / 'metrics.jsonl'}: dropped its last line, 20 bytes without a newline" in err
+  assert "step 6: the run was already complete\n" in err and "eval val" not in err, err
+  assert re.search(r"done at step 6: .*", err).group(0) == done.group(0)
+  assert _read_metrics(tmp_path) == rows + [final_eval]
+  assert finals[-1]["eval/val/top1"] == reference["eval/val/top1"]
+
+
+def _rerun_main(workdir, monkeypatch, capsys, caplog) -> tuple[int, str]:
+  """(exit status, log lines) of main run in this process on `workdir` with `ZERO3_FLAGS`."""
+  caplog.clear()
+  with caplog.at_level(logging.INFO):
+    status, _, err = run_main_in_process([f"--workdir={workdir}", *ZERO3_FLAGS], monkeypatch, capsys)
+  return status, err + "\n".join(caplog.messages)
 
 
 def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch):

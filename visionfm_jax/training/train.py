@@ -586,6 +586,8 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   step = start_step
   try:
+    if step == total:
+      last.update(_complete(state, step, evaluators, panel, writer, watchdog))
     while step < total:
       # Between logging steps the host only feeds the device: any read of a device value here would stall
       # the pipeline, and is an error on accelerators (the guard does not act on the CPU backend).
@@ -673,6 +675,28 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       progress.close()
       preemption.close()
   last["step"] = step
+  return last
+
+
+def _complete(state, step: int, evaluators, panel, writer, watchdog) -> dict[str, float]:
+  """The last metrics of a run found at its last step (a rerun, or a requeue after a process stopped between its last
+  checkpoint and its final evaluation): metrics.jsonl's, the latest value of each, with the final evaluation and
+  panel that the last step makes where the workdir lacks them. Process 0 reads metrics.jsonl and decides for all."""
+  logged = {k for row in writer.start.kept if row["step"] == step for k in row}
+  evaluated = not evaluators or faults.agreed(not writer.enabled or any(k.startswith("eval/") for k in logged))
+  drawn = panel is None or faults.agreed(not writer.enabled or any(at == step for at, _ in writer.start.panels))
+  missing = " and ".join(what for what, made in (("evaluation", evaluated), ("panel", drawn)) if not made)
+  logging.info("step %d: the run was already complete%s", step, f"; making its final {missing}" if missing else "")
+  last = {k: float(v) for row in writer.start.kept for k, v in row.items()
+          if k != "step" and isinstance(v, (int, float))}
+  if missing:
+    watchdog.phase("an evaluation", step)
+  if not evaluated:
+    results = _evaluate_state(evaluators, state, step)
+    writer.write(step, results)
+    last.update(results)
+  if not drawn:
+    _draw_panel(panel, state.params, step, writer)
   return last
 
 

@@ -24,7 +24,9 @@ class MetricWriter:
   `config.report_to` (training/infra/trackers.py; TensorBoard alone without a config).
 
   A run resumed at `resume_step` first drops the rows of later steps: a run that stopped after its last
-  checkpoint logged them, and this one logs those steps again; the trackers rewind with it.
+  checkpoint logged them, and this one logs those steps again; the trackers rewind with it. A last line without its
+  newline (a write cut short by a crash) is made whole first: kept when it holds a whole row, else dropped, with a
+  warning naming the file. `start` (trackers.Start) holds the rows and panels kept.
 
   A write the storage refuses (a full disk, a lost mount) does not raise: it becomes `failure`, a WorkdirError
   naming the workdir and the errno, which the loop raises on every process at its next agreed point (process 0
@@ -34,6 +36,7 @@ class MetricWriter:
   def __init__(self, workdir: str, resume_step: int = 0, config=None):
     self.enabled = jax.process_index() == 0
     self.failure: WorkdirError | None = None
+    self.start = trackers.Start(resume_step)
     if not self.enabled:
       return
     self._workdir = workdir
@@ -44,8 +47,8 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       dropped, kept, kept_panels = _drop_after(self._path, resume_step)
       self._jsonl = open(self._path, "a", encoding="utf-8")
-      start = trackers.Start(resume_step, tuple(kept), tuple(kept_panels), dropped > 0)
-      self._sinks = trackers.open_sinks(config, workdir, start)
+      self.start = trackers.Start(resume_step, tuple(kept), tuple(kept_panels), dropped > 0)
+      self._sinks = trackers.open_sinks(config, workdir, self.start)
 
   def write(self, step: int, metrics: dict[str, float]) -> None:
     if not self.enabled or not metrics or self.failure is not None:
@@ -133,16 +136,19 @@ def _close_quietly(file, *args) -> None:
 
 def _drop_after(path: str, step: int, why: str = "logged by a run that stopped before its next checkpoint"
                 ) -> tuple[int, list[dict], list[tuple[int, str]]]:
-  """Drops metrics.jsonl's rows (at `path`) and the panels beside it of steps after `step`; returns how many rows
-  it dropped, the rows kept and the panels kept ((step, file))."""
+  """Drops metrics.jsonl's rows (at `path`) and the panels beside it of steps after `step`, and a last line cut
+  short (`_whole_lines`); returns how many rows it dropped after `step`, the rows kept and the panels kept ((step,
+  file))."""
   lines = []
   if os.path.exists(path):
     with open(path, encoding="utf-8") as f:
       lines = f.readlines()
-  rows = [_row_of(line) for line in lines]
+  whole = _whole_lines(path, lines)
+  rows = [_row_of(line) for line in whole]
   keep = [row is not None and row["step"] <= step for row in rows]
+  if whole != lines or not all(keep):
+    atomic.write(path, "".join(line for line, kept in zip(whole, keep) if kept))
   if not all(keep):
-    atomic.write(path, "".join(line for line, kept in zip(lines, keep) if kept))
     logging.info("metrics.jsonl: dropped %d rows after step %d, %s", keep.count(False), step, why)
   kept_panels = []
   for at, panel in _panels(os.path.dirname(path)):
@@ -151,6 +157,23 @@ def _drop_after(path: str, step: int, why: str = "logged by a run that stopped b
     else:
       kept_panels.append((at, panel))
   return keep.count(False), [row for row, kept in zip(rows, keep) if kept], kept_panels
+
+
+def _whole_lines(path: str, lines: list[str]) -> list[str]:
+  """metrics.jsonl's `lines` (of the file at `path`), each ending in its newline: a last line without one is a write
+  cut short (a crash mid-write), which the next write would join into one unparseable line. It is kept, its newline
+  added, when it holds a whole row, and dropped otherwise; a warning says which."""
+  if not lines or lines[-1].endswith("\n"):
+    return lines
+  cut = lines[-1]
+  row = _row_of(cut)
+  if row is not None:
+    logging.warning("%s: its last line (a row of step %s) lacked its newline, a write cut short: kept, newline added",
+                    path, row["step"])
+    return lines[:-1] + [cut + "\n"]
+  logging.warning("%s: dropped its last line, %d bytes without a newline (a write cut short): %.60r", path,
+                  len(cut.encode("utf-8")), cut)
+  return lines[:-1]
 
 
 def _panel_path(workdir: str, step: int) -> str:
