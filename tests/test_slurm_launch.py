@@ -192,16 +192,39 @@ def test_sbatch_requeues_a_job_whose_process_gave_up_on_a_dead_peer(slurm, tmp_p
   shim.write_text(SRUN_REPORTING_THE_KILLED_TASK)
   shim.chmod(0o755)
   code, out = slurm.run("sbatch", "--nodes=2", "launch/slurm.sbatch", f"--exit={status}", "--only_task=1",
-                        MODULE="probe_task", PATH=os.pathsep.join([str(shim.parent), slurm.env["PATH"]]))
+                        f"--workdir={tmp_path}", MODULE="probe_task",
+                        PATH=os.pathsep.join([str(shim.parent), slurm.env["PATH"]]))
   assert code == 137, out
   assert slurm.requeued() == ([job_id(out)] if requeued else []), out
+
+
+def test_sbatch_caps_the_requeues_after_a_hang_and_no_others(slurm, tmp_path):
+  """MAX_REQUEUES caps the attempts that ended on exit 75, counted in <workdir>/requeues, not every requeue
+  (SLURM_RESTART_COUNT also counts preemptions and time limits): a job requeued 7 times at its time limit is requeued
+  after a hang; the tasks of one attempt count once; the hang after MAX_REQUEUES such requeues ends the job with one
+  error line; a new job on the workdir counts afresh."""
+  def attempt(job, restarts):
+    return slurm.run("sbatch", "--nodes=1", "launch/slurm.sbatch", "--exit=75", f"--workdir={tmp_path}",
+                     MODULE="probe_task", MAX_REQUEUES="2", FAKE_SLURM_JOB_ID=job,
+                     FAKE_SLURM_RESTART_COUNT=str(restarts))
+  record = tmp_path / "requeues"
+  assert attempt("1001", 7)[0] == 75 and slurm.requeued() == ["1001"]
+  with open(record, "a", encoding="utf-8") as f:
+    f.write("1001 7\n")  # the attempt's other task, which exited 75 too
+  assert attempt("1001", 8)[0] == 75 and slurm.requeued() == ["1001"] * 2
+  code, out = attempt("1001", 9)
+  assert code == 75 and slurm.requeued() == ["1001"] * 2, out
+  assert (f"error: job 1001: 3 attempts ended on a hang or a lost peer ({record}), more than MAX_REQUEUES=2: not "
+          f"requeueing it") in out
+  assert attempt("1002", 0)[0] == 75 and slurm.requeued() == ["1001"] * 2 + ["1002"]
+  assert record.read_text().splitlines() == ["1001 7", "1001 7", "1001 8", "1001 9", "1002 0"]
 
 
 def test_sbatch_passes_a_preemption_notice_on_then_requeues(slurm, tmp_path):
   """SIGTERM to the batch script reaches every process; once they have saved and exited 0 the job is requeued and
   ends with their status."""
   proc = slurm.start("sbatch", "--nodes=2", "launch/slurm.sbatch", f"--wait_for_term={tmp_path}",
-                     MODULE="probe_task")
+                     f"--workdir={tmp_path}", MODULE="probe_task")
   deadline = time.monotonic() + 60
   while not all((tmp_path / str(i)).exists() for i in range(2)) and time.monotonic() < deadline:
     assert proc.poll() is None, proc.communicate()[0]
@@ -211,6 +234,7 @@ def test_sbatch_passes_a_preemption_notice_on_then_requeues(slurm, tmp_path):
   assert code == 0, out
   assert out.count("probe got TERM") == 2, out
   assert slurm.requeued() == [job_id(out)]
+  assert not (tmp_path / "requeues").exists()  # not a requeue after a hang: MAX_REQUEUES does not count it
 
 
 def test_sbatch_trains_the_documented_line_in_two_processes(slurm, tmp_path):

@@ -9,7 +9,9 @@ sbatch [--nodes=N] [--array=SPEC] [options] SCRIPT ARGS... | sbatch [options] --
   SLURM_ARRAY_TASK_MAX, and a SLURM_JOB_ID of its own. The allocation's environment: SLURM_JOB_ID (unique),
   SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N, $FAKE_SLURM_MAX_NODES, default 2), SLURM_GPUS_ON_NODE =
   $FAKE_SLURM_DEVICES_PER_NODE (default 4), SLURM_CPUS_PER_TASK (--cpus-per-task, capped to the CPUs here; only when
-  asked for), SLURM_NTASKS_PER_NODE and SLURM_NTASKS when asked for, SLURM_SUBMIT_DIR = the current directory.
+  asked for), SLURM_NTASKS_PER_NODE and SLURM_NTASKS when asked for, SLURM_SUBMIT_DIR = the current directory; a
+  requeued job's attempt with $FAKE_SLURM_JOB_ID and $FAKE_SLURM_RESTART_COUNT: that SLURM_JOB_ID and
+  SLURM_RESTART_COUNT (which Slurm sets from a job's first requeue on).
   Options come from the script's #SBATCH lines and the command line (which wins); the others are accepted and ignored
   (no queue, no output file: the job writes to this terminal). The caller's environment passes through, less its
   SLURM_* and SRUN_* variables. Its exit status is the script's, and signals sent to it reach the script (it is the
@@ -181,7 +183,9 @@ def run_array(command: list[str], env: dict, task_ids: list[int]) -> int:
 def allocation_env(options: dict, job_name: str) -> dict:
   env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_"))}
   nodes = min(count(options, "nodes", 1), int(os.environ.get("FAKE_SLURM_MAX_NODES", "2")))
-  job_id = new_job_id()
+  job_id = os.environ.get("FAKE_SLURM_JOB_ID") or new_job_id()
+  if "FAKE_SLURM_RESTART_COUNT" in os.environ:
+    env["SLURM_RESTART_COUNT"] = os.environ["FAKE_SLURM_RESTART_COUNT"]
   env.update(SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=job_name, SLURM_JOB_NUM_NODES=str(nodes),
              SLURM_NNODES=str(nodes), SLURM_GPUS_ON_NODE=str(devices_per_node()), SLURM_SUBMIT_DIR=os.getcwd())
   if "cpus-per-task" in options:
