@@ -186,13 +186,13 @@ def test_prepare_data_reads_only_regular_files_of_a_class_tree(tmp_path):
     (tree / name / "plain.jpg").write_bytes(hostile.jpeg(hostile.gradient()))
   elsewhere = tmp_path / "elsewhere.jpg"
   elsewhere.write_bytes(hostile.exif_rotated_jpeg())
-  (tree / "cat" / "linked.jpg").symlink_to(elsewhere)  # a link to an image: followed
-  (tree / "cat" / "zeros.jpg").symlink_to("/dev/zero")  # endless: never read
+  (tree / "cat" / "linked.jpg").symlink_to(elsewhere)  # a link out of the tree: refused (link)
+  (tree / "cat" / "zeros.jpg").symlink_to("/dev/zero")  # endless: never read (link)
   os.mkfifo(tree / "dog" / "fifo.jpg")  # opening it for reading would wait for a writer
   result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.prepare_data", "--format=folders",
                            f"--input={tree}", f"--output={tmp_path / 'out'}", "--records_per_shard=10"],
                           cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]
-  assert "train 3 records, 2 skipped (not_a_file 2), " in result.stdout
+  assert "train 2 records, 3 skipped (link 2, not_a_file 1), " in result.stdout
   entry = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
-  assert entry["skipped_by"] == {limits.NOT_A_FILE: 2} and entry["class_counts"] == [2, 1]
+  assert entry["skipped_by"] == {limits.LINK: 2, limits.NOT_A_FILE: 1} and entry["class_counts"] == [1, 1]

@@ -500,3 +500,31 @@ def test_unlabelled_parallel_matches_inline(tmp_path, capsys):
   assert out.count("prepare_data: train 12, validation 2 records, 0 skipped, 8 shards") == 2, out
   assert "shards 8, 14 records written" in err
   assert shard_bytes(tmp_path / "pool") == shard_bytes(tmp_path / "inline")
+
+
+def test_folders_refuse_links_and_follow_only_those_inside_with_follow_links(tmp_path, capsys):
+  """A tree's link to a private file outside it (a key) never reaches the shards: every link is counted as `link`,
+  and --follow_links follows only the one that resolves inside --input."""
+  root = tmp_path / "tree"
+  write_file(str(root / "cat" / "plain.jpg"), encoded(seed=1))
+  write_file(str(root / "dog" / "plain.jpg"), encoded(seed=2))
+  secret = tmp_path / "id_rsa"
+  secret.write_bytes(b"-----BEGIN OPENSSH PRIVATE KEY-----\n")
+  secret.chmod(0o600)
+  (root / "cat" / "key.jpg").symlink_to(secret)
+  (root / "dog" / "again.jpg").symlink_to(root / "cat" / "plain.jpg")
+  (root / "mole").symlink_to(tmp_path)  # a class folder out of the tree: not entered
+  args = ["prepare_data", "--format=folders", f"--input={root}", "--num_workers=0"]
+  assert prepare_data.main([*args, f"--output={tmp_path / 'out'}"]) == 0
+  assert "train 2 records, 2 skipped (link 2), " in capsys.readouterr().out
+  entry = records.read_metadata(str(tmp_path / "out"))["splits"]["train"]
+  assert entry["skipped_by"] == {"link": 2} and entry["class_counts"] == [1, 1, 0]
+  assert all(b"PRIVATE KEY" not in data for data in shard_bytes(str(tmp_path / "out")).values())
+  assert prepare_data.main([*args, f"--output={tmp_path / 'followed'}", "--follow_links"]) == 0
+  assert "train 3 records, 1 skipped (link 1), " in capsys.readouterr().out
+  examples = read_split(str(tmp_path / "followed"))
+  assert sorted(e["key"] for e in examples) == ["cat/plain.jpg", "dog/again.jpg", "dog/plain.jpg"]
+  assert not any(b"PRIVATE KEY" in e["image"] for e in examples)
+  assert all(b"PRIVATE KEY" not in data for data in shard_bytes(str(tmp_path / "followed")).values())
+  assert "--follow_links: only for --format=folders" in _error(["--format=webdataset", "--input=x.tar", "--output=o",
+                                                                 "--follow_links"], capsys)

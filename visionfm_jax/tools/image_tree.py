@@ -4,7 +4,8 @@ A class tree (`list_class_tree`) is listed whole: its labels follow the sorted c
 shuffled across shards. A tree of unlabelled images (500M files) is never listed whole: it is cut into folders
 (`top_level_folders`: the input's subfolders, plus its own files as one more), each walked on its own as a
 stream in sorted path order (`folder_images`), so that a task of a cluster job walks only the folders it
-converts and memory holds the listings of the directories on the walk's current path, never the tree's.
+converts and memory holds the listings of the directories on the walk's current path, never the tree's. A file
+that is a link is listed, and refused or followed when read (`prepare_data.images.read_image_file`).
 """
 
 from __future__ import annotations
@@ -47,14 +48,23 @@ class ClassTree:
   labels: np.ndarray  # int, one per path
 
 
-def list_class_tree(input_dir: str) -> ClassTree:
-  """The class folders of `input_dir` (sorted) and the image files below each, sorted; UserError when none."""
+def list_class_tree(input_dir: str, follow_links: bool = False) -> ClassTree:
+  """The class folders of `input_dir` (sorted) and the image files below each, sorted; UserError when none. A class
+  folder that is a link is a class, entered only with `follow_links` and when it resolves inside `input_dir` (else
+  named in a warning), so that no link reads a folder from outside the tree."""
   _check_directory(input_dir)
-  classes = sorted(e.name for e in os.scandir(input_dir) if e.is_dir() and not e.name.startswith("."))
+  with os.scandir(input_dir) as entries:
+    found_classes = {e.name: e.is_symlink() for e in entries if e.is_dir() and not e.name.startswith(".")}
+  classes = sorted(found_classes)
   if not classes:
     raise UserError(f"--input={input_dir}: no class folders (expected one folder of images per class)")
+  inside = os.path.realpath(input_dir)
   paths, labels = [], []
   for label, name in enumerate(classes):
+    if found_classes[name] and not (follow_links and _resolves_inside(os.path.join(input_dir, name), inside)):
+      logging.warning("prepare_data: class folder %s of %s is a link%s: not entered", name, input_dir,
+                      " out of the tree" if follow_links else " (--follow_links follows those inside --input)")
+      continue
     found = list(walk_images(input_dir, name))
     paths += found
     labels += [label] * len(found)
@@ -66,6 +76,11 @@ def list_class_tree(input_dir: str) -> ClassTree:
     logging.warning("prepare_data: %d of the %d class folders of %s hold no images", empty, len(classes), input_dir)
   order = sorted(range(len(paths)), key=paths.__getitem__)
   return ClassTree(classes, [paths[i] for i in order], np.asarray(labels, np.int64)[order])
+
+
+def _resolves_inside(path: str, inside: str) -> bool:
+  """Whether `path` resolves to `inside` (a resolved folder) or below it."""
+  return os.path.commonpath((os.path.realpath(path), inside)) == inside
 
 
 def carve_holdout(labels: np.ndarray, order: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:

@@ -2,7 +2,8 @@ r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayR
 
   python -m visionfm_jax.tools.prepare_data --format=folders|webdataset|coco|visual_genome --input=... \
       --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
-      [--unlabelled] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation] [--seed=0]
+      [--unlabelled] [--follow_links] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation]
+      [--seed=0]
       [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
       [--progress] [--task_index=I --task_count=N | --finalize] [--min_side=M]
       [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U | --selection=FILE]
@@ -19,6 +20,9 @@ image-only record {image, key}. Such a tree (Aurora's 500M images) is never list
 cut into shards `<split>-<folder number>-<n>` of --records_per_shard images, with the folder's list of shards in
 `<split>-folders/` (tools/image_tree.py); --holdout_examples=N moves N images to --holdout_split, drawn by --seed
 from the first 10 N images of the folders taken in a --seed-shuffled order.
+A symbolic link to a file is not followed: it is left out and counted as `link` (like a tar's link members), so a
+tree's link to a private file never copies it into the shards; --follow_links follows the links that resolve inside
+--input (a file or a class folder), never one that leaves it. Linked subfolders are never entered.
 
 --format=webdataset: --input is a glob of tars written by img2dataset: members `<key>.jpg|jpeg|png|webp`,
 `<key>.txt` (the caption) and `<key>.json` (metadata, kept verbatim). One output shard per tar, records
@@ -53,7 +57,7 @@ from the header when they are not decoded) is below --min_side=M px (default: --
 nonzero count is also a warning line on the console: a recipe that reads them at M px upsamples them (e.g. LAION
 downloaded at img2dataset's default 256 px, for a 640 px stage). --min_side is not part of a shard's fingerprint:
 shards finished under another value are kept, and their images counted as `unmeasured`. Samples past data/limits.py's limits
-(decompression bombs, oversized files and captions, tar links, FIFOs and absolute or '..' member names) are
+(decompression bombs, oversized files and captions, links (tar members, a tree's files), FIFOs and absolute or '..' member names) are
 left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
 `DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
 `DIR/dataset.json` describes the data set (`records.write_metadata`); train with
@@ -115,6 +119,9 @@ def make_flags() -> flags.FlagValues:
                        flag_values=fv)
   flags.DEFINE_bool("unlabelled", False, "folders: --input is a folder of images without labels (image-only "
                     "records).", flag_values=fv)
+  flags.DEFINE_bool("follow_links", False, "folders: follow the symbolic links that resolve inside --input (else "
+                    "every link is left out and counted as `link`); a link out of --input is never followed.",
+                    flag_values=fv)
   flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split; 0: none.",
                        flag_values=fv)
   flags.DEFINE_integer("holdout_examples", 0, "webdataset, --unlabelled folders: examples moved to "
@@ -198,6 +205,8 @@ def run(fv: flags.FlagValues) -> dict:
   common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
                 task=None if fv.finalize else cluster_task.from_flags(fv))
   score_filter = score_filter_of(fv)
+  if fv.follow_links and fv.format != "folders":
+    raise UserError(f"--follow_links: only for --format=folders (--format={fv.format} does not walk a tree)")
   pair_only = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy")
                if fv[name].present]
   if fv.format in PAIR_FORMATS:
@@ -225,7 +234,8 @@ def run(fv: flags.FlagValues) -> dict:
       raise UserError("--min_similarity, --max_pwatermark, --max_punsafe: only for --format=webdataset (they read "
                       "each sample's .json)")
     return convert_folders(fv.input, fv.output, records_per_shard=fv.records_per_shard,
-                           holdout_per_class=fv.holdout_per_class, unlabelled=fv.unlabelled, **common)
+                           holdout_per_class=fv.holdout_per_class, unlabelled=fv.unlabelled,
+                           follow_links=fv.follow_links, **common)
   folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "unlabelled") if fv[name].present]
   if folder_only:
     raise UserError(f"{', '.join(folder_only)}: only for --format=folders (webdataset: one shard per input tar)")

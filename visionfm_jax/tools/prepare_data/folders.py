@@ -19,14 +19,14 @@ from visionfm_jax.tools.prepare_data.unlabelled import convert_image_tree
 
 
 def _folder_jobs(tree: image_tree.ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,
-                 records_per_shard: int, options: ImageOptions, min_side: int) -> list[ShardJob]:
+                 records_per_shard: int, options: ImageOptions, min_side: int, follow_links: bool) -> list[ShardJob]:
   count = math.ceil(len(indices) / records_per_shard)
   jobs = []
   for i in range(count):
     chunk = indices[i * records_per_shard:(i + 1) * records_per_shard].tolist()
     items = tuple((tree.paths[j], int(tree.labels[j])) for j in chunk)
     jobs.append(shards.image_files_job(os.path.join(output_dir, records.shard_name(split, i, count)), options,
-                                       input_dir, items, min_side))
+                                       input_dir, items, min_side, follow_links))
   return jobs
 
 
@@ -35,13 +35,16 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                     records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
                     holdout_split_name: str = "validation", seed: int = 0, progress: bool | None = None,
                     unlabelled: bool = False, holdout_examples: int = 0,
-                    task: cluster_task.Task | None = cluster_task.Task(), min_side: int = 0) -> dict:
+                    task: cluster_task.Task | None = cluster_task.Task(), min_side: int = 0,
+                    follow_links: bool = False) -> dict:
   """Converts the class tree `input_dir` (with `unlabelled`: any folder of images, into image-only records:
   `convert_image_tree`) into shards in `output_dir`, `task`'s share of them (see `shards.convert_share`);
   returns the written dataset.json dict (with `min_side`, counting the images smaller), or the report of what
   other tasks still owe (the last task to finish writes dataset.json). Every task lists the whole class tree
   (one listing per folder, no file stat'ed): its shards mix all classes in one shuffled order, numbered out of
-  the whole."""
+  the whole. A symbolic link in the tree is not followed, and its file counted under limits.LINK; with
+  `follow_links`, only one that resolves outside `input_dir` (a file read from elsewhere, e.g. a private key,
+  would land in the shards)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   shards.check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
   if holdout_per_class and unlabelled or holdout_examples and not unlabelled:
@@ -55,15 +58,16 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
     return convert_image_tree(input_dir, output_dir, split=split, options=options, num_workers=num_workers,
                               records_per_shard=records_per_shard, holdout_examples=holdout_examples,
                               holdout_split_name=holdout_split_name, seed=seed, progress=progress, task=task,
-                              min_side=min_side)
-  tree = image_tree.list_class_tree(input_dir)
+                              min_side=min_side, follow_links=follow_links)
+  tree = image_tree.list_class_tree(input_dir, follow_links)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
   if holdout_per_class:
     splits[split], splits[holdout_split_name] = image_tree.carve_holdout(tree.labels, order, holdout_per_class)
     if not len(splits[holdout_split_name]):
       raise UserError(f"--holdout_per_class={holdout_per_class}: no class of {input_dir} has more than one image")
-  jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options, min_side)
+  jobs = {name: _folder_jobs(tree, input_dir, output_dir, name, indices, records_per_shard, options, min_side,
+                             follow_links)
           for name, indices in splits.items()}
   shards.check_output(output_dir, "classification", tree.classes,
                       {name: shards.shard_names(split_jobs) for name, split_jobs in jobs.items()})

@@ -5,6 +5,7 @@ decoded), so that a shard can count the images smaller than a recipe reads them.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import io
 import logging
 import os
@@ -70,12 +71,26 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes 
   return data, "", side  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
 
 
-def read_image_file(path: str) -> tuple[bytes | None, str]:
+def read_image_file(path: str, refuse_links: bool = False, inside: str = "") -> tuple[bytes | None, str]:
   """(the bytes of the image file `path`, ''), or (None, the data/limits.py reason) for a device, a FIFO or a file
-  over limits.MAX_IMAGE_BYTES (a link is followed); DataError when it cannot be read."""
+  over limits.MAX_IMAGE_BYTES; DataError when it cannot be read. A symbolic link is followed, or with
+  `refuse_links` (folders) refused as limits.LINK, found without a stat of its own (O_NOFOLLOW), unless the
+  resolved folder `inside` (--follow_links: the input tree) holds the file it resolves to: so a tree's link never
+  reads a file from outside it (a private key, say)."""
   try:
-    # Non-blocking: opening a FIFO for reading would wait for a writer.
-    with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK), "rb", buffering=0) as f:
+    try:
+      # Non-blocking: opening a FIFO for reading would wait for a writer.
+      descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if refuse_links else 0))
+    except OSError as e:
+      if not refuse_links or e.errno != errno.ELOOP:
+        raise
+      target = os.path.realpath(path) if inside else ""
+      if not target or os.path.commonpath((target, inside)) != inside:
+        logging.warning("prepare_data: skipping %s: a symbolic link%s", path,
+                        f" out of {inside}" if inside else " (--follow_links follows those inside --input)")
+        return None, limits.LINK
+      descriptor = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
+    with open(descriptor, "rb", buffering=0) as f:
       status = os.fstat(f.fileno())
       if not stat.S_ISREG(status.st_mode):
         logging.warning("prepare_data: skipping %s: not a regular file", path)

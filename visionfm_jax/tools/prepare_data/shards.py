@@ -60,20 +60,26 @@ class ShardJob:
   score_filter: wds.ScoreFilter = wds.ScoreFilter()  # webdataset: LAION's scores a sample must pass
   captioned: bool = False  # webdataset, coco, visual_genome: counts its uncaptioned records, not its classes
   min_side: int = 0  # counts its images whose shorter side (as given) is below this; not part of the fingerprint
+  follow_links: bool = False  # folders: follows the links that resolve inside `root` (else refuses every link)
 
 
 def read_image_files(job: ShardJob) -> Iterator[Example]:
-  """The examples of a folders job: its image files `items` (path under `root`, label or None)."""
+  """The examples of a folders job: its image files `items` (path under `root`, label or None); a symbolic link
+  is refused (limits.LINK), or with `follow_links` only one that resolves outside `root`."""
+  inside = os.path.realpath(job.root) if job.follow_links else ""
   for relpath, label in job.items:
     path = os.path.join(job.root, relpath)
-    data, reason = read_image_file(path)
+    data, reason = read_image_file(path, refuse_links=True, inside=inside)
     yield refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
 
 
-def image_files_job(path: str, options: ImageOptions, root: str, items: tuple, min_side: int = 0) -> ShardJob:
-  """The job of the shard `path` of the image files `items` (path under `root`, label or None)."""
-  return ShardJob(path, fingerprint("folders", options, root, items), options, read_image_files, root=root,
-                  items=items, min_side=min_side)
+def image_files_job(path: str, options: ImageOptions, root: str, items: tuple, min_side: int = 0,
+                    follow_links: bool = False) -> ShardJob:
+  """The job of the shard `path` of the image files `items` (path under `root`, label or None); `follow_links`
+  (--follow_links) is part of its fingerprint only when set, so shards written without it keep theirs."""
+  parts = ("folders", options, root, items) + (("follow_links",) if follow_links else ())
+  return ShardJob(path, fingerprint(*parts), options, read_image_files, root=root, items=items, min_side=min_side,
+                  follow_links=follow_links)
 
 
 def fingerprint(*parts) -> str:

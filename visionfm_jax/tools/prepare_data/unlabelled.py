@@ -36,6 +36,7 @@ class ImageTreeLayout:
   held: tuple[str, ...] = ()
   holdout_split: str = ""
   min_side: int = 0  # the shards count their images below it (not part of any fingerprint)
+  follow_links: bool = False  # --follow_links: links that resolve inside `input_dir` are followed (shards.ShardJob)
 
   @functools.cached_property
   def _held_set(self) -> frozenset:
@@ -49,7 +50,8 @@ class ImageTreeLayout:
   def fingerprint(self) -> str:
     """The whole conversion's (what its cluster tasks' summaries are checked against)."""
     return shards.fingerprint("image tree", self.options, self.input_dir, self.folders, self.split,
-                              self.records_per_shard, self._held_fingerprint, self.holdout_split)
+                              self.records_per_shard, self._held_fingerprint, self.holdout_split,
+                              *(("follow_links",) if self.follow_links else ()))
 
   def shard_jobs(self, index: int) -> Iterator[ShardJob]:
     """Folder `index`'s shards, as its walk reaches them."""
@@ -69,7 +71,7 @@ class ImageTreeLayout:
 
   def _job(self, name: str, items: tuple) -> ShardJob:
     return shards.image_files_job(os.path.join(self.output_dir, name), self.options, self.input_dir, items,
-                                  self.min_side)
+                                  self.min_side, self.follow_links)
 
   def is_train_shard(self, name: str) -> bool:
     """Whether `name` is a shard name this layout can write for `split` (another folder count's is not)."""
@@ -105,7 +107,8 @@ class ImageTreeLayout:
 
 def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: ImageOptions, num_workers: int,
                        records_per_shard: int, holdout_examples: int, holdout_split_name: str, seed: int,
-                       progress: bool | None, task: cluster_task.Task | None, min_side: int = 0) -> dict:
+                       progress: bool | None, task: cluster_task.Task | None, min_side: int = 0,
+                       follow_links: bool = False) -> dict:
   """convert_folders' `unlabelled` conversion (`ImageTreeLayout`), never holding the tree's list: `task` converts
   the folders task.share(folders) and its share of the held-out shards, walking only those folders (and the
   few that `image_tree.sample_holdout` lists ahead) and reading no other task's lists or sidecars; then, once every
@@ -115,7 +118,7 @@ def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: 
   folders = tuple(image_tree.top_level_folders(input_dir))
   held = image_tree.sample_holdout(input_dir, folders, holdout_examples, seed) if holdout_examples else []
   layout = ImageTreeLayout(input_dir, output_dir, split, folders, records_per_shard, options, tuple(held),
-                           holdout_split_name if held else "", min_side)
+                           holdout_split_name if held else "", min_side, follow_links)
   shards.check_output(output_dir, "images", None, {})
   expected_holdout = shards.shard_names(layout.holdout_jobs())
   shards.refuse_foreign(output_dir, split, lambda name: not layout.is_train_shard(name))
