@@ -3,7 +3,8 @@ config they were trained with.
 
 Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a temporary directory
 and renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
-complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp` directories. The
+complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp*` directories, with a
+warning naming them (`_warn_of_unfinished_saves`). The
 data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
 per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
 the data iterator replays its batches bitwise with the same number of processes, and with another number it
@@ -113,6 +114,19 @@ class _CapturedIteratorState:
     return self._state
 
 
+def _warn_of_unfinished_saves(directory: epath.Path) -> None:
+  """Names, on process 0, the temporary directories of saves that never committed (a crash, a full disk): the
+  CheckpointManager about to open `directory` deletes them (cleanup_tmp_directories, in the background, done
+  before its first save), as it takes every non-link directory with Orbax's temporary suffix in its name."""
+  if jax.process_index() != 0 or not directory.exists():
+    return
+  unfinished = sorted(p.name for p in directory.iterdir()
+                      if ocp.path.atomicity_types.TMP_DIR_SUFFIX in p.name and p.is_dir() and not os.path.islink(p))
+  if unfinished:
+    logging.warning("removing %d unfinished save(s) from %s, left by a run that stopped while saving: %s",
+                    len(unfinished), directory, ", ".join(unfinished))
+
+
 # Orbax's replica-parallel save has each replica of a replicated array write a slice of it. That spreads the writes
 # of replicated state over the hosts of a multi-host job, but each slice is an XLA program compiled for its device:
 # about 100 compiles (2.3 CPU s) for the first save of a pico ViT on 8 CPU devices, nothing gained within one
@@ -144,6 +158,7 @@ class Checkpointer:
     (`saved_config`)."""
     self.directory = epath.Path(directory)
     self._run_config = run_config
+    _warn_of_unfinished_saves(self.directory)
     _write_replicated_arrays_in_parallel_only_across_hosts()
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if keep_period:
@@ -193,7 +208,8 @@ class Checkpointer:
   def _storage_faults_named(self):
     """Turns an exception of Orbax caused by the storage (an OSError, or tensorstore's message carrying an
     os_error_code) into a WorkdirError naming the path and the errno; others pass unchanged. The save's
-    temporary directory is left for the next run to clean: the committed checkpoints are untouched."""
+    temporary directory is left for the next run to clean (`_warn_of_unfinished_saves`): the committed checkpoints
+    are untouched."""
     try:
       yield
     except Exception as e:  # pylint: disable=broad-except

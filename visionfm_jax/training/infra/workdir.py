@@ -9,8 +9,8 @@ decision through `faults.agreed`.
 A holder of the same SLURM job id is this job's previous incarnation (a requeue keeps the id), perhaps still
 saving: the run waits up to `wait_s` for it. Any other holder is refused at once.
 
-`check_writable` and `check_room` probe a directory before the run (and every save) relies on it; storage
-faults are `WorkdirError`s naming the path and the errno.
+`check_writable` and `check_room` probe a directory before the run (and every save) relies on it: bytes and
+inodes; storage faults are `WorkdirError`s naming the path and the errno, and a disk full by inodes as such.
 """
 
 from __future__ import annotations
@@ -36,12 +36,22 @@ _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system m
 # Room a save needs beyond the state's bytes: Orbax's metadata, the data iterator's state, file system slack.
 ROOM_FACTOR = 1.1
 ROOM_MARGIN_BYTES = 16 << 20
+# Files (inodes) a save creates: 27 for a pico state on one process (the step's, items' and Orbax's metadata and
+# commit markers; the data, config and health items; the state's OCDBT manifests and 9 data files); a large state
+# writes more data files per process.
+ROOM_INODES_BASE = 64
+ROOM_INODES_PER_PROCESS = 64
 
 
 def storage_error(what: str, path, error: OSError) -> WorkdirError:
-  """'<what> <path>: <strerror> (errno ENOSPC)' as a WorkdirError."""
+  """'<what> <path>: <strerror> (errno ENOSPC)' as a WorkdirError; an ENOSPC on a file system without a free
+  inode says 'no free inodes on <mount point> (df -i)' instead of the strerror, which only speaks of space."""
   code = errno.errorcode.get(error.errno, str(error.errno)) if error.errno else type(error).__name__
   reason = error.strerror or str(error)
+  if error.errno == errno.ENOSPC:
+    inodes = free_inodes(error.filename or path)
+    if inodes is not None and inodes[1] == 0:
+      reason = f"no free inodes on {inodes[0]} (df -i)"
   file = f", writing {error.filename}" if error.filename and error.filename != os.fspath(path) else ""
   return WorkdirError(f"{what} {os.fspath(path)}: {reason} (errno {code}{file})")
 
@@ -63,6 +73,8 @@ def check_writable(directory) -> None:
       os.fsync(f.fileno())
     os.remove(probe)
   except OSError as e:
+    with contextlib.suppress(OSError):
+      os.remove(probe)  # created, then the write failed: nothing of the probe stays
     raise storage_error("cannot write to", directory, e) from e
 
 
@@ -85,15 +97,42 @@ def room_needed(state_bytes: int) -> int:
   return int(state_bytes * ROOM_FACTOR) + ROOM_MARGIN_BYTES
 
 
+def inodes_needed() -> int:
+  return ROOM_INODES_BASE + ROOM_INODES_PER_PROCESS * jax.process_count()
+
+
 def check_room(directory, state_bytes: int) -> None:
   """WorkdirError (errno ENOSPC) when `directory`'s file system has less room than one checkpoint of a state of
-  `state_bytes` bytes plus margin (`room_needed`)."""
+  `state_bytes` bytes plus margin (`room_needed`), or fewer free inodes than its files (`inodes_needed`)."""
   stats = os.statvfs(os.fspath(directory))
   free = stats.f_bavail * stats.f_frsize
   needed = room_needed(state_bytes)
   if free < needed:
     raise WorkdirError(f"no room for a checkpoint in {os.fspath(directory)}: {_size(free)} free, one checkpoint "
                        f"needs about {_size(needed)} ({_size(state_bytes)} of state plus margin) (errno ENOSPC)")
+  inodes = free_inodes(directory)
+  if inodes is not None and inodes[1] < inodes_needed():
+    mount, left = inodes
+    raise WorkdirError(f"no room for a checkpoint in {os.fspath(directory)}: {left or 'no'} free inodes on {mount} "
+                       f"(df -i), one checkpoint writes up to about {inodes_needed()} files (errno ENOSPC)")
+
+
+def free_inodes(path) -> tuple[str, int] | None:
+  """(mount point, inodes free to this user) of the file system holding `path` (or its nearest existing
+  parent); None where it keeps no inode count (f_files 0: btrfs, some network file systems) or cannot say."""
+  existing = os.path.abspath(os.fspath(path))
+  while not os.path.exists(existing) and os.path.dirname(existing) != existing:
+    existing = os.path.dirname(existing)
+  try:
+    stats = os.statvfs(existing)
+  except OSError:
+    return None
+  if not stats.f_files:
+    return None
+  mount = os.path.realpath(existing)
+  while not os.path.ismount(mount):
+    mount = os.path.dirname(mount)
+  return mount, min(stats.f_favail, stats.f_ffree)
 
 
 def _size(n: int) -> str:
