@@ -2,17 +2,13 @@
 
 A source that reads stored shards answers `identity()`: its spec, record count, every shard's [name, records, bytes,
 ...] (`arrayrecord:` adds a digest of the shard's postscript, which moves with its total encoded bytes) and a digest
-of what its dataset.json says of those shards (`records.ArrayRecordSource`, `wds.WdsSource`); any other source is named
-by its repr (the embedded sets: their sizes and seeds). Shard contents are not hashed: reading 100 TB at every start
-is no option, and a re-prepared shard of JPEGs changes its encoded bytes in practice; bit rot inside a shard is caught per record by
-its checksums (the `arrayrecord:` reader counts such records as corrupt).
+of what its dataset.json says of those shards (`records.ArrayRecordSource`, `wds.WdsSource`); any other source is
+named by its repr (the embedded sets: their sizes and seeds). Shard contents are not hashed: reading 100 TB at every
+start is no option, and a re-prepared shard of JPEGs changes its encoded bytes in practice; bit rot inside a shard is
+caught per record by its checksums (the `arrayrecord:` reader counts such records as corrupt).
 """
 
 from __future__ import annotations
-
-import hashlib
-import json
-
 
 def of_mixture(mixture) -> dict:
   """{'entries': [{'what', 'weight', **the source's identity}]} of a data/loader/mixture.py Mixture."""
@@ -23,10 +19,6 @@ def of_mixture(mixture) -> dict:
 def _of_source(source) -> dict:
   identity = getattr(source, "identity", None)
   return identity() if callable(identity) else {"source": repr(source)}
-
-
-def digest(identity: dict) -> str:
-  return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()
 
 
 def differences(old: dict, new: dict) -> list[str]:

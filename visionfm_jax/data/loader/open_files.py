@@ -74,4 +74,5 @@ def describe(need: int, current: tuple[int, int] | None) -> str:
     return f"open files: the input pipeline needs up to {need}"
   soft, hard = (("unlimited" if v == resource.RLIM_INFINITY else v) for v in current)
   verdict = "fits" if _fits(need, current[0]) else "raised at start-up"
-  return f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard} ({verdict})"
+  return (f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard} "
+          f"({verdict})")

@@ -99,9 +99,3 @@ class OpenShards:
     while self._idle and len(self._idle) + len(self._busy) > self._limit:
       _, handle = self._idle.popitem(last=False)
       handle.close()
-
-  def close(self) -> None:
-    """Closes the idle handles (those in use close when released)."""
-    with self._lock:
-      self._limit = 0
-      self._trim()
