@@ -42,12 +42,13 @@ remat='$remat', attention='$attention', batch=$batch, lead='$lead'); print(json.
 }
 
 lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...];
-          # LEAD_REMAT / LEAD_BATCH: another remat policy / per-GPU batch than the planned setup's
-  local label=$1 flags=$2
+          # LEAD_REMAT / LEAD_BATCH / LEAD_MODEL: another remat policy / per-GPU batch / model (swinv2_g) than the
+          # planned setup's
+  local label=$1 flags=$2 model=${LEAD_MODEL:-vit_h14} config=configs/vit_huge.py
   shift 2
   [[ -z ${LEADS:-} || " $LEADS " == *" $label "* ]] || return 0
-  LEAD=$label LEAD_XLA_FLAGS=$flags run vit_h14 configs/vit_huge.py "${LEAD_REMAT:-dots_saveable}" cudnn \
-    "${LEAD_BATCH:-64}" "$@"
+  [[ $model == swinv2_g ]] && config=configs/swinv2_cls.py:G
+  LEAD=$label LEAD_XLA_FLAGS=$flags run "$model" "$config" "${LEAD_REMAT:-dots_saveable}" cudnn "${LEAD_BATCH:-64}" "$@"
 }
 
 if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT): two 10-minute calls (LEADS)
@@ -69,6 +70,9 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   lead pipelined_reduce_scatter --xla_gpu_enable_pipelined_reduce_scatter=true
   lead while_double_buffering --xla_gpu_enable_while_loop_double_buffering=true
   lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound
+  lead unrolled_triton_gemm --xla_gpu_enable_triton_gemm=true --config.model.scan=False  # the two best leads together
+  LEAD_REMAT=nothing_saveable LEAD_BATCH=128 lead unrolled_nothing_saveable_b128 "" --config.model.scan=False
+  LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unrolled "" --config.model.scan=False
 elif [[ $mode == quick ]]; then
   run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64
   run swinv2_g configs/swinv2_cls.py:G nothing_saveable cudnn 32

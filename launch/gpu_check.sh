@@ -3,7 +3,7 @@
 # the GPU tests, the step benchmark sweep; a summary of what passed, and a non-zero exit on any failure.
 #
 #   launch/gpu_check.sh [--wheels=DIR] [--out=DIR] [--bench=full|core|quick|leads|none] [--no_profile] [--skip_cpu_suite]
-#                       [--skip_gpu_tests]
+#                       [--skip_gpu_tests] [--gpu_tests=EXPR]
 #
 #   --wheels=DIR   install offline: missing dependencies come from DIR (BUILD.md, "A GPU machine without network",
 #                  says how to fill it on another machine); without it pip uses the package index
@@ -15,13 +15,14 @@
 #                  device timeline in OUT/profile_<model>.txt, the traces under OUT/profile_<model>/
 #   --skip_cpu_suite  leave out the CPU suite (e.g. when it already passed on this image)
 #   --skip_gpu_tests  leave out the GPU tests (e.g. a call that only benchmarks, when they passed in an earlier one)
+#   --gpu_tests=EXPR  only the GPU tests pytest's `-k EXPR` selects (the 26 take longer than one 10-minute call)
 #
 # The CPU suite runs beside the GPU tests (it uses no GPU: JAX_PLATFORMS=cpu); the benchmark runs alone, after
 # both, so that its timings see an idle machine.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-wheels="" out="gpu_check_out" bench="full" cpu_suite=1 gpu_tests=1 profile=1
+wheels="" out="gpu_check_out" bench="full" cpu_suite=1 gpu_tests=1 profile=1 gpu_select=()
 for arg in "$@"; do
   case $arg in
     --wheels=*) wheels=${arg#*=} ;;
@@ -29,6 +30,7 @@ for arg in "$@"; do
     --bench=*) bench=${arg#*=} ;;
     --skip_cpu_suite) cpu_suite=0 ;;
     --skip_gpu_tests) gpu_tests=0 ;;
+    --gpu_tests=*) gpu_select=(-k "${arg#*=}") ;;
     --no_profile) profile=0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -76,7 +78,7 @@ fi
 # The GPU tests compile with XLA's full optimisations (conftest lowers them for the CPU suite's tiny models).
 if (( gpu_tests )); then
   if JAX_PLATFORMS=cuda JAX_DISABLE_MOST_OPTIMIZATIONS=0 $python -m pytest -n 0 -m gpu tests/test_gpu.py \
-      -p no:cacheprovider -rA >"$out/gpu_tests.log" 2>&1; then
+      "${gpu_select[@]}" -o faulthandler_timeout=300 -p no:cacheprovider -rA >"$out/gpu_tests.log" 2>&1; then
     stage gpu_tests ok "$(tail -n 1 "$out/gpu_tests.log")"
   else
     stage gpu_tests FAIL "$(tail -n 1 "$out/gpu_tests.log") (see $out/gpu_tests.log)"; tail_of "$out/gpu_tests.log"

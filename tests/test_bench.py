@@ -307,20 +307,22 @@ exec {sys.executable} "$@"
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt", "no_latency_hiding",
                         "gelu_tanh", "pallas_layer_norm", "no_remat_b64", "nothing_saveable_b256",
-                        "pipelined_reduce_scatter", "while_double_buffering", "unrolled"]
+                        "pipelined_reduce_scatter", "while_double_buffering", "unrolled", "unrolled_triton_gemm",
+                        "unrolled_nothing_saveable_b128", "swinv2_g_unrolled"]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
   assert {"--config.model.remat_policy=none", "--config.global_batch_size=64"} <= set(rows["no_remat_b64"]["argv"])
   assert rows["nothing_saveable_b256"]["remat"] == "nothing_saveable" and rows["nothing_saveable_b256"]["batch"] == 256
-  assert rows["unrolled"]["failed"] == "out of memory"
+  assert rows["unrolled"]["failed"] == rows["swinv2_g_unrolled"]["failed"] == "out of memory"
+  assert (rows["swinv2_g_unrolled"]["model"], rows["swinv2_g_unrolled"]["batch"]) == ("swinv2_g", 32)
   flags = rows["triton_gemm"]["xla_flags"].split()
   assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
   assert "--xla_gpu_enable_triton_gemm=true" not in rows["planned"]["xla_flags"]
   assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
           "--config.model.attention=cudnn"} <= set(rows["planned"]["argv"])
   table = proc.stdout.splitlines()
-  assert len(table) == 14 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
-  assert all(r.get("model") == "vit_h14" for r in rows.values())
+  assert len(table) == 17 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  assert all(r.get("model") == "vit_h14" for lead, r in rows.items() if lead != "swinv2_g_unrolled")
   out.unlink()
   proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
