@@ -53,6 +53,7 @@ os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", **{
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
+import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import pytest  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -150,6 +151,17 @@ def pytest_collection_modifyitems(config, items):
   for item in items:
     if "gpu" in item.keywords:
       item.add_marker(skip)
+
+
+def assert_trees_close_to_scale(actual, expected, rtol: float) -> None:
+  """Every entry within `rtol` of the largest magnitude in `expected` (pass logits and gradients apart). Two float
+  orders of one sum (padded and unpadded tokens, sharded and plain reductions) differ by about eps x the sum of
+  |terms|, so an entry that cancels to near zero (one entry, or a whole leaf such as the gradient of a bias ahead of
+  a LayerNorm) carries the error of its terms, not of its value: a bound tuned to one machine's order fails on
+  another's."""
+  scale = max(float(np.max(np.abs(np.asarray(e, np.float64)), initial=0.0)) for e in jax.tree.leaves(expected))
+  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
+                                                       rtol=rtol, atol=rtol * scale), actual, expected)
 
 
 def randomize_hf_params(model, seed: int) -> None:
