@@ -82,8 +82,9 @@ def test_progress_is_silent_off_process_zero(caplog):
 
 
 def test_format_metrics_drops_the_prefix():
-  assert console.format_metrics({"eval/val/top1": 0.95213, "eval/val/top5": 1.0, "train/loss": 2.0},
-                                "eval/val/") == "top1 0.9521, top5 1"
+  assert console.format_metrics({"eval/val/top1": 0.95213, "eval/val/top5": 1.0, "eval/val/count": 50000.0,
+                                 "eval/val/loss": 2.5e-5, "train/loss": 2.0},
+                                "eval/val/") == "top1 0.9521, top5 1.000, count 50,000, loss 2.500e-05"
 
 
 def test_a_tool_run_in_process_leaves_absls_logger_level_as_it_was(tmp_path):

@@ -22,6 +22,7 @@ from ml_collections import config_flags
 from visionfm_jax import config_lib, parallel, tasks
 
 from visionfm_jax.training import checks, optim, train
+from visionfm_jax.training.dry_run import human_bytes
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 
@@ -71,7 +72,7 @@ def summarize(config, devices: int, strategy: str) -> dict:
 def bytes_table(per_device: dict[str, dict[str, int]]) -> list[str]:
   """One row per strategy: bytes per device of params, gradients, optimizer state and their total."""
   columns = ("params", "grads", "opt_state", "total")
-  rows = [("strategy",) + columns] + [(s,) + tuple(f"{b[c]:,}" for c in columns) for s, b in per_device.items()]
+  rows = [("strategy",) + columns] + [(s,) + tuple(human_bytes(b[c]) for c in columns) for s, b in per_device.items()]
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
   return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
           for row in rows]
@@ -92,12 +93,12 @@ def _main(fv, rest: list[str]) -> None:
     print(f"{name:<{width}}  {count:>15,}")
   print(f"total_params={s['total_params']}")
   print(f"mesh={s['mesh']} strategy={strategy}")
-  print(f"state_bytes_total={s['state_bytes']}")
+  print(f"state_bytes_total={s['state_bytes']}  ({human_bytes(s['state_bytes'])})")
   print("bytes per device (gradients as the train step lays them out):")
   for line in bytes_table(s["per_device"]):
     print(f"  {line}")
   if "state_bytes_per_device" in s:
-    print(f"state_bytes_per_device={s['state_bytes_per_device']}")
+    print(f"state_bytes_per_device={s['state_bytes_per_device']}  ({human_bytes(s['state_bytes_per_device'])})")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -92,7 +92,7 @@ def _one_device_mesh():
   return parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
 
 
-def _bytes(n: int) -> str:
+def human_bytes(n: int) -> str:
   for unit, size in (("GiB", 2**30), ("MiB", 2**20)):
     if n >= size:
       return f"{n / size:.{3 if unit == 'GiB' else 1}f} {unit}"
@@ -109,9 +109,10 @@ def report(p: dict) -> list[str]:
       f"task {p['task']}, model {p['model']}: {p['params']:,} params",
       f"mesh {mesh} over {p['devices']} devices in {p['processes']} process{'es' if p['processes'] > 1 else ''}, "
       f"strategy {p['strategy']}",
-      f"bytes per device: params {_bytes(b['params'])}, grads {_bytes(b['grads'])}, optimizer "
-      f"{_bytes(b['opt_state'])}, state {_bytes(b['total'])}; input {_bytes(p['batch_bytes_per_device'])} per "
-      f"micro-batch; activations not planned (python -m visionfm_jax.bench.memory_plan compiles the step)",
+      f"bytes per device: params {human_bytes(b['params'])}, grads {human_bytes(b['grads'])}, optimizer "
+      f"{human_bytes(b['opt_state'])}, state {human_bytes(b['total'])}; "
+      f"input {human_bytes(p['batch_bytes_per_device'])} per micro-batch; activations not planned "
+      f"(python -m visionfm_jax.bench.memory_plan compiles the step)",
       f"steps: {p['total_steps']:,} of {p['global_batch']:,} examples ({p['grad_accum_steps']} micro-batch"
       f"{'es' if p['grad_accum_steps'] > 1 else ''} of {p['micro_batch']:,}); "
       + (f"resuming at step {p['start_step']:,}, {steps_left:,} to go" if p["start_step"] else "starting at step 0"),
@@ -120,6 +121,6 @@ def report(p: dict) -> list[str]:
       open_files.describe(p["open_files"], p["shell_limits"]),
       f"checkpoints: every {p['checkpoint_every']:,} steps in {os.path.join(p['workdir'], 'checkpoints')}, keeping "
       f"{p['keep_checkpoints']}" + (f" and every {p['keep_period']:,} for good" if p["keep_period"] else "")
-      + f", {_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
+      + f", {human_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
       f"{', '.join(p['evaluators']) or 'none'}",
   ]

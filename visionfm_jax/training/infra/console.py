@@ -91,8 +91,15 @@ def duration(seconds: float) -> str:
 
 
 def format_metrics(values: Mapping[str, float], prefix: str = "") -> str:
-  """'top1 0.952, top5 1' for the keys under `prefix` (which is dropped from the names)."""
-  return ", ".join(f"{k[len(prefix):]} {v:.4g}" for k, v in values.items() if k.startswith(prefix))
+  """'top1 0.9521, top5 1.000, count 50,000' for the keys under `prefix` (which is dropped from the names): four
+  significant digits with the point kept, so a perfect score reads as a score; counts as whole numbers."""
+  return ", ".join(f"{k[len(prefix):]} {_metric(k, v)}" for k, v in values.items() if k.startswith(prefix))
+
+
+def _metric(name: str, value: float) -> str:
+  if name.rpartition("/")[2] == "count" and float(value).is_integer():
+    return f"{int(value):,}"
+  return f"{value:#.4g}"
 
 
 class Progress:
