@@ -6,6 +6,7 @@ import os
 import sys
 
 from absl import logging
+import orbax.checkpoint
 import pytest
 
 import visionfm_jax
@@ -94,3 +95,25 @@ def test_a_tool_run_in_process_leaves_absls_logger_level_as_it_was(tmp_path):
   before = logging.get_absl_logger().level
   assert import_hf.main(["import_hf", f"--src={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"]) == 2
   assert logging.get_absl_logger().level == before
+
+
+def _orbax_error(message: str) -> py_logging.LogRecord:
+  return py_logging.LogRecord("absl", py_logging.ERROR, os.path.join(os.path.dirname(orbax.checkpoint.__file__),
+                                                                      "future.py"), 1, message, None, None)
+
+
+def test_orbax_error_lines_are_held_back_for_the_runs_own_error_line(capsys):
+  """A failed save makes Orbax log an error from each of its threads before our line names the fault: the console
+  holds them back and the run's error line counts them; verbose shows them as they come; any the run went on
+  after are said at exit."""
+  quiet, verbose = console._ConsoleFilter(False), console._ConsoleFilter(True)
+  assert not quiet.filter(_orbax_error("[Errno 28] No space left on device\ntraceback"))
+  assert not quiet.filter(_orbax_error("again"))
+  assert console.held_back_note() == " (Orbax logged 2 error lines about it; --verbose shows them)"
+  assert console.held_back_note() == ""
+  assert verbose.filter(_orbax_error("shown")) and console.held_back_note() == ""
+  assert quiet.filter(py_logging.LogRecord("absl", py_logging.ERROR, "/elsewhere/lib.py", 1, "kept", None, None))
+  quiet.filter(_orbax_error("[Errno 5] Input/output error\ndetail"))
+  console._say_held_back()
+  assert capsys.readouterr().err == ("warning: Orbax logged 1 error that the run went on after, the first: [Errno 5] "
+                                     "Input/output error (--verbose shows them as they come)\n")

@@ -46,7 +46,8 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def _exit_with(error: UserError, peers=None) -> None:
   """Prints the error line, then tells the job's other processes (`peers`: faults.PeerWatch) and exits 2."""
-  print(cli.error_line(error), file=sys.stderr, flush=True)
+  from visionfm_jax.training.infra import console  # pylint: disable=g-import-not-at-top
+  print(cli.error_line(error) + console.held_back_note(), file=sys.stderr, flush=True)
   if peers is not None:
     peers.close(failed=True)
   if isinstance(error, WorkdirError):

@@ -13,6 +13,7 @@ becomes a plain line at the first logged step, then at most every `PLAIN_LINE_EV
 
 from __future__ import annotations
 
+import atexit
 import logging as py_logging
 import math
 import os
@@ -33,18 +34,49 @@ def is_ours(record: py_logging.LogRecord) -> bool:
   return os.path.abspath(record.pathname).startswith(_PACKAGE_DIR + os.sep)
 
 
+def _is_orbax_error(record: py_logging.LogRecord) -> bool:
+  return record.levelno >= py_logging.ERROR and f"{os.sep}orbax{os.sep}" in record.pathname
+
+
 class _ConsoleFilter(py_logging.Filter):
-  """Passes our records and every warning; other libraries' INFO only when verbose."""
+  """Passes our records and every warning; other libraries' INFO only when verbose. Orbax's error records are
+  held back unless verbose: a failed save logs one from each of its threads before our own line names the fault,
+  and that line carries them (`held_back_note`)."""
 
   def __init__(self, verbose: bool):
     super().__init__()
     self.verbose = verbose
 
   def filter(self, record: py_logging.LogRecord) -> bool:
+    if not self.verbose and _is_orbax_error(record):
+      _held_back.append(record.getMessage().partition("\n")[0])
+      return False
     keep = self.verbose or record.levelno >= py_logging.WARNING or is_ours(record)
     if keep:
       _clear_bar()
     return keep
+
+
+_held_back: list[str] = []  # Orbax's error lines, not yet said
+
+
+def held_back_note() -> str:
+  """' (Orbax logged N error lines about it; --verbose shows them)' for the error line that ends a run, or ''.
+  Said once: the note empties the list."""
+  count = len(_held_back)
+  _held_back.clear()
+  if not count:
+    return ""
+  return f" (Orbax logged {count} error line{'s' if count > 1 else ''} about it; --verbose shows {'them' if count > 1 else 'it'})"
+
+
+def _say_held_back() -> None:
+  """At exit: Orbax's errors that no error line carried (a run that went on after them), the first in full."""
+  if _held_back:
+    count, first = len(_held_back), _held_back[0]
+    _held_back.clear()
+    print(f"warning: Orbax logged {count} error{'s' if count > 1 else ''} that the run went on after, the first: "
+          f"{first} (--verbose shows them as they come)", file=sys.stderr, flush=True)
 
 
 class _ConsoleFormatter(py_logging.Formatter):
@@ -72,6 +104,8 @@ def configure(verbose: bool = False) -> None:
     handler.removeFilter(old)
   handler.addFilter(_ConsoleFilter(verbose))
   handler.setFormatter(_ConsoleFormatter(verbose))
+  atexit.unregister(_say_held_back)
+  atexit.register(_say_held_back)
 
 
 def _clear_bar() -> None:
