@@ -154,7 +154,11 @@ class PeerWatch:
   the scheduler requeues the job, which resumes from the newest complete checkpoint. A process that ends says
   so (`close`): 'done' lets the others finish alone; 'failed' (an error it has printed) ends those that are still
   running `timeout_s` later (an error all processes agree on ends each of them on its own, with its own line).
-  The coordinator itself (process 0) gone: the beat cannot be written, and that names it.
+  The coordinator (process 0) hosts the service itself: stopped or cut off, it takes the others' beats and their
+  view of one another with it, and a call to it just waits (JAX's client aborts at its heartbeat deadline, 3x
+  `timeout_s`). A second thread, which never calls the service, names it once the service has not answered this
+  process's beat for `timeout_s`. Killed outright, it refuses the beat; JAX's client then aborts this process
+  itself at once (its handler for that cannot be replaced from Python), and the launcher names the dead process.
   """
 
   PREFIX = "visionfm/alive/"
@@ -167,9 +171,14 @@ class PeerWatch:
     self._interval = min(max(self.timeout_s / 10, 0.2), 5.0)
     self._stop = threading.Event()
     self._thread = None
+    # peer -> (its beat as last read, when this process first read that beat)
+    self._last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
+    self._answered = time.monotonic()  # when the service last took this process's beat
     if self.timeout_s > 0 and self._count > 1 and self._client is not None:
       self._thread = threading.Thread(target=self._watch, name="visionfm-peer-watch", daemon=True)
       self._thread.start()
+      if self._me != 0:
+        threading.Thread(target=self._watch_coordinator, name="visionfm-coordinator-watch", daemon=True).start()
 
   def name_a_lost_peer(self) -> None:
     """Keeps watching for `timeout_s` and a beat (an error this process hit may be a dead peer's doing: a
@@ -214,7 +223,7 @@ class PeerWatch:
 
   def _watch(self) -> None:
     host, beats = socket.gethostname(), 0
-    last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
+    last_seen = self._last_seen
     while not self._stop.wait(self._interval):
       beats += 1
       try:
@@ -225,7 +234,7 @@ class PeerWatch:
           self._abort(f"the coordinator, process 0 of {self._count}, is gone (its key-value store refused this "
                       f"process's heartbeat: {str(e).splitlines()[0][:200]})")
         return
-      now = time.monotonic()
+      now = self._answered = time.monotonic()
       for peer, (value, since) in list(last_seen.items()):
         try:
           current = self._client.key_value_try_get(f"{self.PREFIX}{peer}")
@@ -239,9 +248,33 @@ class PeerWatch:
           self._abort(f"process {peer} of {self._count} stopped {now - since:.0f}s ago with an error (its own error "
                       f"line says which)")
         elif now - since > self.timeout_s:
-          where = f" (last seen: host {value.split()[1]}, pid {value.split()[2]})" if value else ""
-          self._abort(f"process {peer} of {self._count}{where} has sent no heartbeat for {now - since:.0f}s "
-                      f"(config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
+          self._abort(f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat for "
+                      f"{now - since:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
+
+  def _watch_coordinator(self) -> None:
+    """Ends this process once the service has not taken its beat for `timeout_s`: the beat's call waits on a
+    coordinator that is stopped or cut off, so this thread keeps the time. A gap in its own ticks longer than half
+    of that is this process having been stopped or starved: it counts afresh instead of blaming the coordinator."""
+    ticked = time.monotonic()
+    while not self._stop.wait(self._interval):
+      now = time.monotonic()
+      if now - ticked > self.timeout_s / 2:
+        self._answered = now
+      ticked = now
+      silent = now - self._answered
+      if silent > self.timeout_s:
+        value = self._last_seen.get(0, (None, 0.0))[0]
+        self._abort(f"the coordinator, process 0 of {self._count}{self._where(value)}, has not answered for "
+                    f"{silent:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it is stopped, or its node is lost "
+                    f"or cut off from this one")
+
+  @staticmethod
+  def _where(beat: str | None) -> str:
+    """' (last seen: host H, pid P)' from a peer's last beat ('<count> <host> <pid>'), or '' before its first."""
+    if not beat or len(beat.split()) != 3:
+      return ""
+    _, host, pid = beat.split()
+    return f" (last seen: host {host}, pid {pid})"
 
   def _abort(self, what: str) -> None:
     if self._stop.is_set():  # this process is ending on its own, with its own line

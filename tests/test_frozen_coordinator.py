@@ -1,0 +1,78 @@
+"""The coordinator (process 0, which hosts JAX's coordination service) stops answering mid-run (SIGSTOP, as a
+wedged host or a node cut off from the others would): the job's other process ends within config.peer_timeout_s
+and a beat or two, with one `error:` line naming process 0 and exit 75, before JAX's own heartbeat deadline
+(100 s) would abort it with a stack dump (status 134).
+
+The two trainers are started as launch/local.sh starts them on the CPU, each with an output of its own, so that
+the survivor's status and stderr are its own.
+"""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import FAST_COMPILE_FLAGS, ROOT
+from test_multiprocess import DEVICES_PER_PROCESS, FLAGS, LAUNCH_ENV, PROCESSES, _free_port, _trained_a_step
+from visionfm_jax.training.infra import faults
+
+ABORT_SIGNS = ("Fatal Python error", "Check failed", "Check failure stack trace", "Terminating process",
+               "most recent call first", "Traceback")
+
+
+def _start_trainers(tmp_path, *flags) -> list[subprocess.Popen]:
+  """The job's trainer processes (their stdout and stderr in tmp_path / 'out<i>', 'err<i>'), in process order."""
+  port, trainers = _free_port(), []
+  for i in range(PROCESSES):
+    env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(i),
+               JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+               XLA_FLAGS=f"{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
+    with open(tmp_path / f"out{i}", "w", encoding="utf-8") as out, open(tmp_path / f"err{i}", "w",
+                                                                         encoding="utf-8") as err:
+      trainers.append(subprocess.Popen(
+          [sys.executable, "-m", "visionfm_jax.main", "--distributed=on", f"--workdir={tmp_path / 'run'}", *FLAGS,
+           *flags], cwd=ROOT, env=env, stdout=out, stderr=err))
+  return trainers
+
+
+def _wait_for_a_train_step(trainers, tmp_path) -> None:
+  deadline = time.monotonic() + 300
+  while not _trained_a_step(tmp_path / "run"):
+    if time.monotonic() > deadline or any(t.poll() is not None for t in trainers):
+      pytest.fail(f"no train step was logged:\n{(tmp_path / 'err0').read_text()[-4000:]}\n"
+                  f"{(tmp_path / 'err1').read_text()[-4000:]}")
+    time.sleep(0.05)
+
+
+def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and_exit_75(tmp_path):
+  timeout_s = 5
+  coordinator, other = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
+                                                  f"--config.peer_timeout_s={timeout_s}")
+  try:
+    _wait_for_a_train_step(trainers, tmp_path)
+    os.kill(coordinator.pid, signal.SIGSTOP)
+    stopped = time.monotonic()
+    try:
+      code = other.wait(timeout=timeout_s + 30)
+    except subprocess.TimeoutExpired:
+      code = None
+    waited = time.monotonic() - stopped
+  finally:
+    for trainer in trainers:
+      trainer.kill()  # SIGKILL ends the stopped coordinator too, and it says nothing more
+      trainer.wait()
+  err = (tmp_path / "err1").read_text()
+  assert code == faults.HUNG_EXIT_CODE, (code, waited, err[-6000:])
+  assert waited < timeout_s + 10, waited
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1, errors
+  assert re.fullmatch(rf"error: the coordinator, process 0 of 2 \(last seen: host \S+, pid {coordinator.pid}\), has "
+                      rf"not answered for \d+s \(config.peer_timeout_s={timeout_s}\): it is stopped, or its node is "
+                      rf"lost or cut off from this one. Process 1 exits with code {faults.HUNG_EXIT_CODE} so that the "
+                      rf"job is requeued; it resumes from the newest complete checkpoint.", errors[0]), errors[0]
+  assert not [sign for sign in ABORT_SIGNS if sign in err], err[-6000:]
