@@ -21,7 +21,7 @@ from absl import flags, logging
 import grain
 import numpy as np
 
-from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files, skipping
+from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files, reaping, skipping
 from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
@@ -212,7 +212,9 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
                        process_count: int) -> skipping.SkippingLoader:
   """The sharded, shuffled, checkpointable grain loader of make_train_loader over `source` (a source: the
   mixture of one, or a mixture_lib.Mixture), with the record -> example `operations` (they end in examples with
-  'valid', see transforms.MarkUndecodable) then batching."""
+  'valid', see transforms.MarkUndecodable) then batching. First removes what runs that died on this node left in
+  /dev/shm; its worker processes end with this one (data/loader/reaping.py)."""
+  reaping.remove_what_dead_runs_left()
   mixture = mixture_lib.as_mixture(source, data_cfg, data_cfg.train_split)
   what = f"{mixture.what} split {data_cfg.train_split!r}"
   if mixture.records // process_count < batch_size:
@@ -236,6 +238,8 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
     flags.FLAGS.mark_as_parsed()
   need = open_files.needed(mixture, workers)
   open_files.ensure(need)  # before grain starts its workers, which inherit the limit
+  if workers:  # they end with this process, and what they leave in /dev/shm is named after it
+    operations = [*reaping.tie_workers_to_this_process(), *operations]
   loader = grain.DataLoader(data_source=stream, sampler=sampler, operations=operations, shard_options=shard,
                             worker_count=workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
