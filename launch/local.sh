@@ -46,27 +46,47 @@ for ((i = 0; i < n; i++)); do
   fi
   pids+=($!)
 done
-# The first process to end by a signal is named: killed outright (SIGKILL: the OOM killer, a lost node) it says
-# nothing itself, and a survivor that JAX aborts when the coordinator is gone names no one.
+# The first process to fail is named: killed outright (SIGKILL: the OOM killer, a lost node) it says nothing
+# itself; one that gives up on its peers (exit 75) has its own error line naming the peer that stopped answering.
+# A process still running GRACE_S seconds after the first failure (frozen, or waiting on a peer that is gone) is
+# killed and named: the launcher never waits on a process that cannot finish. Polled each second.
+grace=${GRACE_S:-120}
 status=0
-named=""
+failed_at=""
+index_of() { for i in "${!pids[@]}"; do if [ "${pids[$i]}" = "$1" ]; then echo "$i"; fi; done; }
+say_failed() {  # pid, status: the line for the job's first failure
+  local i code=$2
+  i=$(index_of "$1")
+  if (( code > 128 )); then
+    echo "error: process $i of $n (pid $1) ended first, by signal $(kill -l $((code - 128))) (status $code), at" \
+         "$(date +%H:%M:%S): it died, or its node did; the other processes ended after it" >&2
+  elif (( code == 75 )); then
+    echo "error: process $i of $n (pid $1) ended first, giving up on its peers (status 75) at" \
+         "$(date +%H:%M:%S): its own error line names the one that stopped answering" >&2
+  fi
+}
 remaining=("${pids[@]}")
 while ((${#remaining[@]})); do
-  code=0
-  if ((BASH_VERSINFO[0] > 5 || (BASH_VERSINFO[0] == 5 && BASH_VERSINFO[1] >= 1))); then
-    wait -n -p ended "${remaining[@]}" || code=$?
-  else  # no `wait -p`: in launch order
-    ended=${remaining[0]}
-    wait "$ended" || code=$?
-  fi
   left=()
-  for pid in "${remaining[@]}"; do [ "$pid" = "$ended" ] || left+=("$pid"); done
+  for pid in "${remaining[@]}"; do
+    if kill -0 "$pid" 2>/dev/null; then left+=("$pid"); continue; fi
+    code=0
+    wait "$pid" || code=$?
+    (( code == 0 )) && continue
+    (( status == 0 )) && status=$code
+    [ -z "$failed_at" ] && { failed_at=$SECONDS; say_failed "$pid" "$code"; }
+  done
   remaining=("${left[@]}")
-  (( code == 0 )) || status=$code
-  if (( code > 128 )) && [ -z "$named" ]; then
-    for i in "${!pids[@]}"; do [ "${pids[$i]}" = "$ended" ] && named=$i; done
-    echo "error: process $named of $n (pid $ended) ended first, by signal $(kill -l $((code - 128))) (status $code)," \
-         "at $(date +%H:%M:%S): it died, or its node did; the other processes ended after it" >&2
+  ((${#remaining[@]})) || break
+  if [ -n "$failed_at" ] && (( SECONDS - failed_at >= grace )); then
+    for pid in "${remaining[@]}"; do
+      echo "error: process $(index_of "$pid") of $n (pid $pid) still ran $grace s (GRACE_S) after the first" \
+           "failure: killed; it was frozen, or waiting on a peer that is gone" >&2
+      kill -KILL "$pid" 2>/dev/null || true
+    done
+    wait "${remaining[@]}" 2>/dev/null || true
+    break
   fi
+  sleep 1
 done
 exit $status

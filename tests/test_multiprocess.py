@@ -196,8 +196,9 @@ class _Job:
   def trainers(self) -> list[int]:
     """The pids of the two `python -m visionfm_jax.main` processes (local.sh's children), in launch order."""
     with open(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children", encoding="utf-8") as f:
-      pids = [int(p) for p in f.read().split()]
-    assert len(pids) == PROCESSES, pids
+      children = [int(p) for p in f.read().split()]
+    pids = [pid for pid in children if _is_trainer(pid)]  # not the launcher's `sleep 1` between its polls
+    assert len(pids) == PROCESSES, children
     return pids
 
   def wait_for_checkpoint(self, step):
@@ -405,6 +406,14 @@ def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path):
   assert any(f"is in use by another run (host {socket.gethostname()}, pid {holder};" in e for e in errors), errors
   assert any("process 0 could not take the lock" in e for e in errors), errors
   assert not (workdir / "checkpoints").exists()
+
+
+def _is_trainer(pid: int) -> bool:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return b"visionfm_jax.main" in f.read()
+  except FileNotFoundError:
+    return False
 
 
 def _wait_for(condition, job, what, timeout=300, poll=0.005):
