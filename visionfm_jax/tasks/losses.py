@@ -1,4 +1,4 @@
-"""Losses: contrastive (CLIP, plain and sharded), captioning (token cross-entropy), SimMIM's masked L1, and the
+"""Losses: contrastive (CLIP's softmax and SigLIP's sigmoid, plain and sharded), captioning (token cross-entropy), SimMIM's masked L1, and the
 segmentation's per-pixel cross-entropy with an ignore label (detection's losses live in `detection/losses.py`).
 
 Contrastive: the plain B x B form and the sharded form that never builds B x B on one device.
@@ -10,6 +10,13 @@ lam * image_i + (1 - lam) * image_{i-1}, so its text targets are lam on text i a
 and text j's image targets are lam on image j and 1 - lam on image j+1. A `valid` mask (the captioned examples of
 a batch that mixes in uncaptioned images) takes the other examples out of both the rows and the columns.
 
+SigLIP (Zhai et al. 2023): every (image i, text j) pair of the global batch is a binary problem of its own,
+loss = -(1/|B|) sum_i sum_j log sigmoid(z_ij (s x_i . y_j + b)), z_ij = 1 on the diagonal and -1 elsewhere, with a
+learnable bias b. Written as a cross-entropy against labels y = (z + 1) / 2, a pair costs softplus(l) - y * l,
+which also takes Mixup's soft labels (lam on text i, 1 - lam on text i-1, nothing renormalised: the pairs are
+independent). Its sharded form passes the texts around a ring of the data-parallel devices, so that a device
+holds its own rows against one other device's columns at a time, never B_local x B_global.
+
 Captioning and MIM losses take an optional `normalizer`: Aurora's split loss (tasks/aurora.py) divides each
 micro-batch's sum by the whole batch's count (non-pad tokens, masked pixels), so under gradient accumulation the
 micro-batch losses add up to the loss of the whole batch. Segmentation (and detection, `detection/losses.py`)
@@ -17,6 +24,8 @@ divide by the micro-batch's own count, and the loop averages the micro-batch los
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -120,6 +129,93 @@ def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, me
                                              axes),
       mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(axes)), out_specs=P(), check_vma=False)
   return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), mix_arg, valid_arg)
+
+
+def _sigmoid_labels(rows: int, cols: int, row_offset, col_offset, total: int, mix) -> jax.Array:
+  """(rows, cols) labels of images row_offset.. against texts col_offset.. of a global batch of `total`: 1 on the
+  diagonal, 0 elsewhere; with Mixup lam on the diagonal and 1 - lam on the image's partner's text (i - 1, wrapping
+  around the global batch)."""
+  row = row_offset + jnp.arange(rows)[:, None]
+  col = col_offset + jnp.arange(cols)[None, :]
+  labels = (col == row).astype(jnp.float32)
+  if mix is not None:
+    labels = mix * labels + (1.0 - mix) * (col == (row - 1) % total).astype(jnp.float32)
+  return labels
+
+
+def _siglip_block_sum(images, texts, logit_scale, logit_bias, labels, valid_rows, valid_cols) -> jax.Array:
+  """sum over the block's valid pairs of -log sigmoid(z_ij l_ij) = softplus(l_ij) - y_ij l_ij; fp32."""
+  logits = logit_scale * images @ texts.T + logit_bias
+  pairs = jax.nn.softplus(logits) - labels * logits
+  return jnp.sum(pairs * (valid_rows[:, None] * valid_cols[None, :]))
+
+
+def _as_mask(valid, n: int) -> jax.Array:
+  return jnp.ones((n,), jnp.float32) if valid is None else jnp.asarray(valid).astype(jnp.float32)
+
+
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bias, mix=None,
+                valid=None) -> jax.Array:
+  """SigLIP's sigmoid loss over a (B, D) batch of L2-normalised embeddings, summed over all B x B pairs and
+  divided by the number of images; fp32.
+
+  `logit_scale` is s = exp(t'), `logit_bias` b (both scalars). `mix`: the Mixup lambda (soft labels, module
+  docstring). `valid` (B,) bool: the captioned examples (None: all); the others are neither rows nor columns and
+  do not count in |B|. 0 when no example is valid.
+  """
+  image_emb, text_emb = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
+  n = image_emb.shape[0]
+  mask = _as_mask(valid, n)
+  total = _siglip_block_sum(image_emb, text_emb, logit_scale, logit_bias, _sigmoid_labels(n, n, 0, 0, n, mix),
+                            mask, mask)
+  return total / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def _ring_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, mix, valid, axes: tuple[str, ...],
+                      devices: int):
+  """Inside shard_map: this device's rows against each device's texts in turn, the texts (and their mask)
+  passed one device along the ring per hop; returns the global loss.
+
+  Each hop's block is recomputed in the backward pass (`jax.checkpoint`), so that no hop's rows x columns
+  logits are kept for it: what the scan saves are the texts each hop received (B_global x D in all).
+  """
+  image_emb, text_emb = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
+  rows = image_emb.shape[0]
+  total = rows * devices
+  me = jax.lax.axis_index(axes)
+  to_next = [(d, (d + 1) % devices) for d in range(devices)]
+
+  @jax.checkpoint
+  def block(texts, valid_cols, source):
+    labels = _sigmoid_labels(rows, rows, me * rows, source * rows, total, mix)
+    return _siglip_block_sum(image_emb, texts, logit_scale, logit_bias, labels, valid, valid_cols)
+
+  def hop(carry, h):
+    texts, valid_cols, loss_sum = carry
+    texts, valid_cols = jax.lax.ppermute((texts, valid_cols), axes, to_next)
+    source = (me - h) % devices  # after h hops the texts are those device me - h started with
+    return (texts, valid_cols, loss_sum + block(texts, valid_cols, source)), None
+
+  (_, _, loss_sum), _ = jax.lax.scan(hop, (text_emb, valid, block(text_emb, valid, me)), jnp.arange(1, devices))
+  return jax.lax.psum(loss_sum, axes) / jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
+
+
+def sharded_siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bias, mesh: Mesh, mix=None,
+                        valid=None) -> jax.Array:
+  """`siglip_loss` on global arrays whose batch is split over the data-parallel axes of `mesh`
+  (`parallel.batch_axes_of`), as a ring: B_local x B_local logits per hop, one hop per device.
+
+  Equal in value and gradient to `siglip_loss` on the same global batch (autodiff transposes each ppermute
+  into the reverse hop). Call it under `jit` on arrays sharded (or shardable) as the batch is.
+  """
+  axes = parallel.batch_axes_of(mesh)
+  devices = math.prod(mesh.shape[a] for a in axes)
+  mix_arg = jnp.float32(1.0) if mix is None else jnp.asarray(mix, jnp.float32)
+  fn = jax.shard_map(
+      lambda i, t, s, b, m, v: _ring_siglip_loss(i, t, s, b, None if mix is None else m, v, axes, devices),
+      mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(), P(axes)), out_specs=P(), check_vma=False)
+  return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32),
+            mix_arg, _as_mask(valid, image_emb.shape[0]))
 
 
 def caption_loss_terms(logits: jax.Array, labels: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
