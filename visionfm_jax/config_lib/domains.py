@@ -97,7 +97,7 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"health\.(burst_skips|restore_before|skip_margin|max_rollbacks)", NON_NEGATIVE_INT),
     (r"health\.z", POSITIVE),
     (r"health\.rise", Domain(1, low_open=True, extra=(0,), note="0: off")),
-    (r"(.+\.)?(drop_path|dropout)", RATE),
+    (r"(.+\.)?(drop_path|dropout|token_drop)", RATE),
     (r"(.+\.)?layer_norm_eps", POSITIVE),
     (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size)", COUNT),
     (r"(.+\.)?pretrained_window_sizes", Domain(0, integer=True, note="0: the stage's own window")),

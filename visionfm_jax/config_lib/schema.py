@@ -45,7 +45,8 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
     family = dict(variant="B/16", pool="cls", layer_norm_eps=1e-6, qkv_bias=True,  # pool: cls | gap
                   # CLIP's image tower: a LayerNorm before the blocks, a bias-free patch embedding; the MLP
                   # activation: gelu (exact) | quick_gelu (OpenAI's CLIP) | gelu_pytorch_tanh (a GPU candidate)
-                  pre_norm=False, patch_bias=True, act="gelu")
+                  pre_norm=False, patch_bias=True, act="gelu",
+                  token_drop=0.0)  # in training, the fraction of each image's patch tokens dropped (FLIP); none at eval
   elif name == "swinv2":
     family = dict(
         variant="T",  # T | S | B | L | H | G (models/swinv2.py SIZES)

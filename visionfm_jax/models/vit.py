@@ -125,6 +125,7 @@ class ViT(nn.Module):
   pre_norm: bool = False  # a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)
   patch_bias: bool = True  # the patch embedding's bias (CLIP's has none)
   act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
+  token_drop: float = 0.0  # in training, this fraction of each image's patch tokens is dropped (FLIP)
 
   @nn.compact
   def __call__(self, images, train: bool = False):
@@ -137,6 +138,8 @@ class ViT(nn.Module):
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
                      (1, x.shape[1], self.width))
     x = x + pos.astype(x.dtype)
+    if train and self.token_drop > 0:
+      x = keep_random_patches(x, self.token_drop, self.make_rng("dropout"))
     if self.pre_norm:
       x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="pre_norm")(x)
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
@@ -165,12 +168,35 @@ class ViT(nn.Module):
 
   def feature_maps(self, images, train: bool = False) -> list[jax.Array]:
     """The patch tokens after the final norm (class token dropped) as one (B, H/p, W/p, width) map."""
+    if train and self.token_drop > 0:
+      raise ValueError(f"token_drop={self.token_drop}: a ViT that drops patch tokens in training has no feature "
+                       "map there (dense heads need token_drop=0)")
     tokens = self(images, train=train)["tokens"]
     grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
     return [tokens[:, NUM_PREFIX_TOKENS:].reshape(tokens.shape[0], *grid, tokens.shape[-1])]
 
   def feature_strides(self) -> tuple[float, ...]:
     return (float(self.patch_size),)
+
+
+def keep_random_patches(x: jax.Array, drop: float, rng: jax.Array) -> jax.Array:
+  """FLIP's masked image tower (Li et al. 2023): the class token and, per image, a uniformly random subset of
+  round((1 - drop) x N) of its N patch tokens (position embeddings already added), in their order; the dropped
+  ones are never computed."""
+  prefix, patches = x[:, :NUM_PREFIX_TOKENS], x[:, NUM_PREFIX_TOKENS:]
+  keep = kept_patches(patches.shape[1], drop)
+  chosen = jnp.sort(jnp.argsort(jax.random.uniform(rng, patches.shape[:2]), axis=1)[:, :keep], axis=1)
+  return jnp.concatenate([prefix, jnp.take_along_axis(patches, chosen[..., None], axis=1)], axis=1)
+
+
+def kept_patches(patches: int, drop: float) -> int:
+  return max(1, round((1.0 - drop) * patches))
+
+
+def check_token_drop(drop: float) -> float:
+  if not 0.0 <= drop < 1.0:
+    raise ValueError(f"token_drop={drop}: expected a fraction in [0, 1) of the patch tokens to drop in training")
+  return float(drop)
 
 
 def build(model_cfg, dtype) -> ViT:
@@ -181,7 +207,8 @@ def build(model_cfg, dtype) -> ViT:
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
                 pre_norm=model_cfg.pre_norm,
-                patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act))
+                patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act),
+                token_drop=check_token_drop(model_cfg.token_drop))
   assert set(kwargs) <= fields
   kernels.check_attention(model_cfg.attention)
   return ViT(**kwargs)
@@ -190,10 +217,11 @@ def build(model_cfg, dtype) -> ViT:
 # --------------------------------------------------------------------------- the family (backbone.py)
 
 def train_flops_per_example(model: ViT) -> float:
-  """3 x (patch embedding + the encoder on patches + class token + the head)."""
+  """3 x (patch embedding + the encoder on the patches it keeps (token_drop) + class token + the head)."""
   patches = (model.image_size // model.patch_size) ** 2
+  encoded = kept_patches(patches, model.token_drop)
   forward = (2 * patches * model.patch_size ** 2 * 3 * model.width
-             + backbone.transformer_forward_flops(patches + NUM_PREFIX_TOKENS, model.width, model.depth,
+             + backbone.transformer_forward_flops(encoded + NUM_PREFIX_TOKENS, model.width, model.depth,
                                                   model.mlp_dim)
              + 2 * model.width * model.num_classes)
   return 3.0 * forward
