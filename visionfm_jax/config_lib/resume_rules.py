@@ -21,8 +21,8 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"model\.(\w+\.)?(attention|remat_policy)", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
-    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|step_timeout_s|peer_timeout_s|lock_wait_s|"
-     r"compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+", FREE),
+    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|checkpoint_digests|step_timeout_s|peer_timeout_s|"
+     r"lock_wait_s|compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
     (r"strategy|mesh\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|probe\..+|eval\..+", FREE),
     # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)

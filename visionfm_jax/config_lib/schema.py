@@ -335,6 +335,7 @@ def loop_fields() -> dict:
       # history to roll back to and to analyse; a multiple of checkpoint_every). 0: none. A resume that changes it
       # needs resume.allow_changes: the kept checkpoints off the new period would be deleted.
       checkpoint_keep_period=0,
+      checkpoint_digests=True,  # save the arrays' digests with each checkpoint, check them at restore; False: neither
       # A process that waits longer than this in one train step, checkpoint save or evaluation (a collective
       # that another process abandoned) dumps its threads' stacks and exits so the job can be requeued; 0: never.
       step_timeout_s=1800.0,

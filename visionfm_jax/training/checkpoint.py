@@ -10,7 +10,9 @@ per process by grain's handler (`data/process_<i>-of-<n>.json`). The state resto
 the data iterator replays its batches bitwise with the same number of processes, and with another number it
 continues the global stream after every old process's position (`data/loader/resume.py`). An unreadable newest
 checkpoint is skipped for the newest readable one (`restore_newest_readable`). `config/config.json` is what a
-resume compares its config with (`saved_config`, training/resume.py).
+resume compares its config with (`saved_config`, training/resume.py). `digests/process_<i>-of-<n>.json`: the
+digests of the state's arrays (training/checkpoint_digests.py), written before the step commits and compared at
+every restore and `load_params`; an array whose bytes changed on disk makes the checkpoint unreadable.
 
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
@@ -34,6 +36,7 @@ from etils import epath
 from jax.experimental import multihost_utils
 
 from visionfm_jax.errors import CheckpointError
+from visionfm_jax.training import checkpoint_digests as digests
 from visionfm_jax.training.infra import faults, workdir
 from visionfm_jax.training.param_rules import ParamRules, path_str
 
@@ -152,12 +155,15 @@ class Checkpointer:
   CheckpointManager; storage faults are WorkdirErrors naming the path and errno."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_period: int = 0, async_save: bool = True,
-               run_config: dict | None = None):
+               run_config: dict | None = None, with_digests: bool | None = None):
     """Keeps the newest `keep` checkpoints and, when `keep_period` > 0, every one whose step is a multiple of it
     (Orbax's keep_period). `run_config`: the run's config as a JSON dict, saved with every checkpoint
-    (`saved_config`)."""
+    (`saved_config`). `with_digests`: save the arrays' digests with every checkpoint and check them at every
+    restore; None: as the run_config's checkpoint_digests says (on without one)."""
     self.directory = epath.Path(directory)
     self._run_config = run_config
+    self._with_digests = (with_digests if with_digests is not None
+                          else bool((run_config or {}).get("checkpoint_digests", True)))
     _warn_of_unfinished_saves(self.directory)
     _write_replicated_arrays_in_parallel_only_across_hosts()
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
@@ -170,7 +176,8 @@ class Checkpointer:
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                        _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE),
-                       _HEALTH_ITEM: ocp.JsonCheckpointHandler(filename=_HEALTH_FILE)})
+                       _HEALTH_ITEM: ocp.JsonCheckpointHandler(filename=_HEALTH_FILE),
+                       digests.ITEM: digests.DigestHandler()})
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -191,6 +198,8 @@ class Checkpointer:
       items[_CONFIG_ITEM] = ocp.args.JsonSave(self._run_config)
     if health is not None:
       items[_HEALTH_ITEM] = ocp.args.JsonSave(health)
+    if self._with_digests:
+      items[digests.ITEM] = digests.DigestSave(state)
     with self._storage_faults_named():
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
 
@@ -227,7 +236,8 @@ class Checkpointer:
   def restore(self, step: int, abstract_state, data_iterator=None):
     """Restores the state into `abstract_state`'s shapes and shardings, and the iterator in place: from this
     process's saved state, or, when the checkpoint was saved by another number of processes, by continuing
-    the global data stream after all of theirs (`data_iterator.continue_from`)."""
+    the global data stream after all of theirs (`data_iterator.continue_from`). The state's arrays are checked
+    against the digests saved with them: a CheckpointError names the first that differs."""
     target, absent = self._saved_fields_of(step, abstract_state)
     items = {"state": ocp.args.StandardRestore(target)}
     other_processes = None
@@ -241,6 +251,8 @@ class Checkpointer:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
+    if self._with_digests:
+      _check_digests(self.directory / str(step), restored["state"], f"cannot restore {self.directory / str(step)}")
     if target is abstract_state:
       return restored["state"]
     return abstract_state.replace(**restored["state"], **{name: None for name in absent})
@@ -343,6 +355,24 @@ class Checkpointer:
     self._manager.close()
 
 
+def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") -> None:
+  """Compares `tree` (restored from `step_dir`'s state, or its `subtree`) with the digests saved in `step_dir`: a
+  CheckpointError '<failure>: <the slices that differ>'; a checkpoint without digests, or slices this process cannot
+  rebuild after a reshard, get one warning line."""
+  saved = digests.read(step_dir / digests.ITEM)
+  if saved is None:
+    logging.warning("checkpoint %s carries no digests (saved before checkpoints had them, or with "
+                    "config.checkpoint_digests=False): read unverified", step_dir)
+    return
+  verdict = digests.verify(saved, tree, prefix=subtree)
+  if verdict.mismatched:
+    raise CheckpointError(f"{failure}: {digests.mismatch_text(verdict)}")
+  if verdict.unverified:
+    logging.warning("checkpoint %s: %s", step_dir, digests.unverified_text(verdict))
+  logging.info("checkpoint %s: %d slices of %d arrays match their digests", step_dir, verdict.matched,
+               verdict.arrays)
+
+
 # ---------------------------------------------------------------------------------------------- init_from
 
 def save_params(directory: str, params, metadata: dict[str, Any] | None = None) -> None:
@@ -391,6 +421,8 @@ def _raw_params(path: epath.Path, step: int | None = None, weights: str = "param
       raise CheckpointError(f"{str(ckpt_dir / str(step))!r} holds no EMA of the params ({weights}): its run "
                             f"trained with config.optim.ema_decay=0")
     raise CheckpointError(f"init_from={str(path)!r}: step {step} holds no 'params'")
+  step_dir = ckpt_dir / str(step)
+  _check_digests(step_dir, params, f"checkpoint {step_dir} is corrupt", subtree=weights)
   return params
 
 
