@@ -15,6 +15,7 @@ chose it (`ours:` and the reason):
   | tokenizer        | SentencePiece, 32k pieces trained on the captions       | ours: the paper names none           |
   |                  | (tools.train_tokenizer)                                 |                                      |
   | embedding        | 1024-d; learned temperature from 1/0.07, clamped at 100 | ours: CLIP's                         |
+  | contrastive loss | CLIP's softmax over the global batch (`siglip`: below)  | ours: CLIP's; the paper names none   |
   | data             | LAION-5B filtered by CLIP score to 1.2B pairs           | paper                                |
   | filter           | the 1.2B LAION-2B-en pairs of highest OpenAI CLIP       | ours: the score LAION filtered with; |
   |                  | ViT-B/32 cosine (index_tars --keep=1.2e9)               | threshold from the scores            |
@@ -74,6 +75,20 @@ them under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="
 Variant `vit`: a ViT image tower in place of SwinV2-G (B/16; tools.import_hf prints the fields of an imported
 OpenAI or LAION CLIP over it, with `--config.init_from=` the imported directory).
 
+Variant `siglip`: SigLIP's sigmoid loss (Zhai et al. 2023, "Sigmoid Loss for Language Image Pre-Training") in place
+of CLIP's softmax, the rest of the recipe unchanged; composes with the others (`demo,siglip`, `vit,siglip`).
+
+  | setting          | value                                                   | source                               |
+  | ---------------- | ------------------------------------------------------- | ------------------------------------ |
+  | loss             | -1/|B| sum_ij log sigmoid(z_ij (t x_i . y_j + b)) over   | SigLIP paper                         |
+  |                  | every pair of the global batch, z_ij = +1 / -1          |                                      |
+  | scale and bias   | learned, t = exp(t'), t' from log 10, b from -10        | SigLIP paper                         |
+  | scale clamp      | t <= 100 after every update, as CLIP's                  | ours: open_clip clamps its SigLIP    |
+  | many devices     | a ring: texts pass device to device, B_local x B_local  | SigLIP paper (its chunked form)      |
+  |                  | logits a hop; exact under micro-batches                 |                                      |
+  | Mixup            | kept (0.8): a mixed image's pairs get labels lam and    | ours: the SwinV2-G paper's; SigLIP's |
+  |                  | 1 - lam, binary cross-entropy                           | has none (big_vision refuses it)     |
+
 Variant `ft640`: the paper's final stage at 640 px, window 40, from a 224 px run (`--config.init_from=` its
 workdir). It takes that run's params only: init_from loads no train state, so the AdamW moments start at zero and
 the fp16 loss scale at 2^16. The stage is a new run with another resolution, batch and learning-rate schedule:
@@ -118,6 +133,8 @@ share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
 the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
 """
 
+import math
+
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
@@ -127,8 +144,9 @@ FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
-  if set(parts) - {"demo", "ft640", "vit"}:
-    raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, demo,ft640, vit")
+  if set(parts) - {"demo", "ft640", "vit", "siglip"}:
+    raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, vit, siglip and "
+                      "their combinations (demo,ft640, demo,siglip, ...)")
   config = config_lib.base_config("clip")
   config.task = "contrastive"
 
@@ -176,11 +194,18 @@ def get_config(arg: str | None = None):
   if "vit" in parts:
     # a ViT image tower (B/16 unless overridden): what tools.import_hf's flags for a published CLIP start from
     config.model.image = config_lib.model_config("clip", image_tower="vit").image
+  if "siglip" in parts:
+    _siglip(config)
   if "demo" in parts:
     _demo(config)
   if "ft640" in parts:
     _ft640(config, demo="demo" in parts)
   return config
+
+
+def _siglip(config):
+  # the sigmoid loss per pair with a learnable bias; the paper's init: t' = log 10, b = -10
+  set_fields(config.model, contrastive_loss="siglip", logit_scale_init=math.log(10.0), logit_bias_init=-10.0)
 
 
 def _demo(config):

@@ -1,16 +1,26 @@
 """SigLIP's sigmoid loss (Zhai et al. 2023): the dense form against the paper's formula in NumPy, the ring form
 over 8 devices against the dense one (values and gradients, with and without a mask, with Mixup), the ring's
-compiled program without a global B x B (or B_local x B_global) block."""
+compiled program without a global B x B (or B_local x B_global) block; the contrastive task with
+config.model.contrastive_loss='siglip' (configs/swinv2_g_clip.py:siglip): its params, its loss exact under
+two-pass accumulation, and a run through the loop whose 4 micro-batches give the first step of 1, then evaluate."""
 
+import math
 import re
 
+import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from conftest import tiny_clip_config
+from test_contrastive import _random_pairs
+from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks import losses
+from visionfm_jax.training import train
 
 B, D = 32, 24  # 8 devices: blocks of 4 x 4; D differs from every batch size so that shapes name one thing
 
@@ -116,3 +126,61 @@ def test_ring_program_holds_per_hop_blocks_only():
   assert "f32[4,4]" in shapes
   assert not shapes & {"f32[32,32]", "f32[4,32]", "f32[32,4]", "f32[7,4,4]", "f32[8,4,4]"}, shapes
   assert "collective-permute" in hlo and "all-gather" not in hlo
+
+
+def test_siglip_variant_adds_the_bias_at_the_papers_init_and_composes():
+  config = tiny_clip_config("siglip")
+  assert config.model.contrastive_loss == "siglip" and config.eval.zeroshot_classes == "shapes"  # the demo's
+  params = jax.eval_shape(lambda: nn.unbox(tasks.build(config).init_variables(jax.random.key(0))["params"]))
+  assert params["logit_bias"].shape == () and "logit_bias" not in jax.eval_shape(
+      lambda: nn.unbox(tasks.build(tiny_clip_config()).init_variables(jax.random.key(0))["params"]))
+  init = jax.jit(lambda: nn.unbox(tasks.build(config).init_variables(jax.random.key(0))["params"]))()
+  assert float(init["logit_scale"]) == pytest.approx(math.log(10.0)) and float(init["logit_bias"]) == -10.0
+  from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
+  assert swinv2_g_clip.get_config("vit,siglip").model.image.pool == "cls"
+  with pytest.raises(ConfigError, match="contrastive_loss"):
+    config_lib.check(config_lib.set_paths(tiny_clip_config(), {"model.contrastive_loss": "sigmoid"}))
+
+
+def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mixup():
+  """On a (data 2, fsdp 4) mesh: the ring loss of the task equals the single-device one, and two-pass
+  accumulation over 4 micro-batches gives the whole batch's loss and gradients (bias and scale included), unlike
+  the mean of the micro-batches' own losses; with Mixup, whose partners cross the micro-batches (without it: the
+  run below)."""
+  config = tiny_clip_config("siglip", global_batch_size=32,
+                            **{"data.augment.mixup_alpha": 0.4, "mesh.data": 2, "mesh.fsdp": 4})
+  mesh = parallel.make_mesh(config.mesh)
+  plain, task = tasks.build(config), tasks.build(config, mesh)
+  params = jax.jit(lambda: nn.unbox(plain.init_variables(jax.random.key(0))["params"]))()
+  params = {**params, "logit_bias": jnp.float32(-3.0)}  # off the init, where the loss is near its floor
+  batch = _random_pairs(config, 1)[0]
+  rng = jax.random.key(7)
+  single_device_loss = jax.jit(lambda p, b: plain.loss(p, b, rng)[0])
+  replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
+  with mesh, parallel.activation_sharding(mesh):
+    (want_loss, aux), want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng), has_aux=True))(params)
+    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, None))(params)
+  assert float(aux["train/logit_bias"]) == -3.0
+  np.testing.assert_allclose(want_loss, single_device_loss(params, batch), rtol=1e-5)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)
+  chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
+  assert abs(float(want["logit_bias"])) > 1e-3
+  micro_batches = [jax.tree.map(lambda x, j=j: x[j::4], batch) for j in range(4)]
+  naive = sum(float(single_device_loss(params, micro)) for micro in micro_batches) / 4
+  assert abs(naive - float(want_loss)) > 0.1  # the equalities above mean something
+
+
+def test_run_with_four_micro_batches_starts_as_one_batch_and_evaluates(tmp_path):
+  """Through the loop on 8 devices: the first step's loss and gradient norm with 4 micro-batches of 8 are those
+  of one batch of 32; zero-shot and retrieval run and report."""
+  def first_step(accum):
+    config = tiny_clip_config("siglip", global_batch_size=32, total_steps=1, log_every=1, eval_every=1,
+                              checkpoint_every=1, grad_accum_steps=accum)
+    return train.run(config, str(tmp_path / f"accum{accum}"))
+  whole, split = first_step(1), first_step(4)
+  assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
+  assert split["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-5)
+  assert whole["train/logit_bias"] == pytest.approx(-10.0)
+  for metrics in (whole, split):
+    assert metrics["eval/zeroshot/count"] == 48 and 0 <= metrics["eval/zeroshot/top1"] <= 1
+    assert metrics["eval/retrieval/count"] == 48 and 0 <= metrics["eval/retrieval/i2t_r1"] <= 1

@@ -10,8 +10,8 @@ import re
 import ml_collections
 
 from visionfm_jax.config_lib.resume_rules import allowed_changes
-from visionfm_jax.config_lib.schema import (COMPUTE_DTYPES, RANDAUGMENT_MAX_MAGNITUDE, REMAT_POLICIES, STRATEGIES, fields,
-                                           report_to)
+from visionfm_jax.config_lib.schema import (COMPUTE_DTYPES, CONTRASTIVE_LOSSES, RANDAUGMENT_MAX_MAGNITUDE, REMAT_POLICIES,
+                                           STRATEGIES, fields, report_to)
 from visionfm_jax.errors import ConfigError
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,7 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"strategy", Choices(STRATEGIES)),
     (r"precision\.compute_dtype", Choices(COMPUTE_DTYPES)),
     (r"model\.remat_policy", Choices(REMAT_POLICIES)),
+    (r"model\.contrastive_loss", Choices(CONTRASTIVE_LOSSES)),
     (r"total_steps|global_batch_size|grad_accum_steps|log_every|eval_every|checkpoint_every|keep_checkpoints",
      COUNT),
     (r"step_timeout_s|peer_timeout_s", Domain(0, note="0: no timeout")),

@@ -22,6 +22,8 @@ COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
 # so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
+# The contrastive losses of a CLIP model (tasks/losses.py): CLIP's softmax over the batch, SigLIP's sigmoid per pair.
+CONTRASTIVE_LOSSES = ("clip", "siglip")
 # What a composite model (clip, aurora) sets for its towers (models/towers.py): its own value of these fields,
 # once for all towers, and no classification head. A tower's config has neither.
 TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy")
@@ -67,6 +69,10 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
     family = dict(
         embed_dim=512,  # the joint embedding both towers project to
         logit_scale_init=LOGIT_SCALE_INIT,  # log(1 / 0.07); the task clamps it to [0, log 100] after every update
+        # clip: softmax over the batch | siglip: a sigmoid per pair, with a learnable bias (SigLIP; its paper starts
+        # logit_scale_init at log 10, as configs/swinv2_g_clip.py:siglip does)
+        contrastive_loss="clip",
+        logit_bias_init=-10.0,  # siglip's learnable logit bias at init (the SigLIP paper's); clip has none
         image=image,  # the image tower's own fields (drop_path, variant, ...); its pooled features are projected
         text=ml_collections.ConfigDict(dict(
             variant="B",  # a key of models/text.py SIZES (B: width 512, 12 layers, 8 heads)

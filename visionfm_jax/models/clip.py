@@ -7,8 +7,10 @@
 SwinV2's `pooled` is the mean of its final tokens; ViT's is its class token (or mean, per `pool`), both after
 the tower's final LayerNorm. `logit_scale` is a learnable scalar, init log(1/0.07); the task clamps it to
 [0, log 100] after every update with `clamp_logit_scale`. Params: 'image', 'image_proj', 'text', 'logit_scale'.
+Trained with SigLIP's sigmoid loss (Zhai et al. 2023; config.model.contrastive_loss='siglip') the logits get a
+learnable bias too, `logit_bias` (init -10): logits = exp(logit_scale) * image_emb @ text_emb.T + logit_bias.
 
-Entry points: `model.apply(v, images, tokens)` -> {'image_emb', 'text_emb', 'logit_scale'};
+Entry points: `model.apply(v, images, tokens)` -> {'image_emb', 'text_emb', 'logit_scale'} (and 'logit_bias');
 `model.apply(v, images, method=CLIP.embed_images)` and `model.apply(v, tokens, method=CLIP.embed_texts)` for
 zero-shot and retrieval. Embeddings are L2-normalised fp32.
 """
@@ -41,6 +43,7 @@ class CLIP(nn.Module):
   text: text_lib.TextTransformer  # its embed_dim must equal embed_dim
   embed_dim: int
   logit_scale_init: float = LOGIT_SCALE_INIT
+  logit_bias_init: float | None = None  # SigLIP's bias; None: no bias (CLIP's softmax loss)
 
   def setup(self):
     if self.text.embed_dim != self.embed_dim:
@@ -49,6 +52,9 @@ class CLIP(nn.Module):
                                    kernel_init=nn.initializers.lecun_normal())
     self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
                                   ())
+    if self.logit_bias_init is not None:
+      self.logit_bias = self.param("logit_bias", layers.logical(nn.initializers.constant(self.logit_bias_init), ()),
+                                   ())
 
   def embed_images(self, images, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, embed_dim) unit-norm fp32 embeddings."""
@@ -63,8 +69,11 @@ class CLIP(nn.Module):
     """`tokens=None` stands in a batch of padding (max_len long): `init` from images alone makes every param."""
     if tokens is None:
       tokens = jnp.zeros((images.shape[0], self.text.max_len), jnp.int32)
-    return {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
-            "logit_scale": self.logit_scale.astype(jnp.float32)}
+    out = {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
+           "logit_scale": self.logit_scale.astype(jnp.float32)}
+    if self.logit_bias_init is not None:
+      out["logit_bias"] = self.logit_bias.astype(jnp.float32)
+    return out
 
   @property
   def image_size(self) -> int:
@@ -91,7 +100,14 @@ def build(model_cfg, dtype) -> CLIP:
     raise ValueError(f"image: {e}") from e
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
                         remat_policy=model_cfg.remat_policy)
-  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init)
+  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init,
+              logit_bias_init=model_cfg.logit_bias_init if uses_siglip(model_cfg) else None)
+
+
+def uses_siglip(model_cfg) -> bool:
+  """Whether `config.model` trains with SigLIP's loss (and so has a logit bias); a workdir written before the
+  field existed trained CLIP's."""
+  return model_cfg.get("contrastive_loss", "clip") == "siglip"
 
 
 # --------------------------------------------------------------------------- the family (backbone.py)

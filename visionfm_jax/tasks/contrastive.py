@@ -7,6 +7,10 @@ predecessor in the global batch by lam ~ Beta(alpha, alpha) and the targets beco
 is split (`SplitLossTask`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
 still the whole global batch's. After every update the temperature parameter is clamped to [0, log 100].
 
+With config.model.contrastive_loss='siglip' the loss is SigLIP's instead (Zhai et al. 2023): a sigmoid per
+(image, text) pair of the global batch with a learnable bias, computed on a mesh as a ring that passes the texts
+from device to device (B_local x B_local logits a hop); split and clamped as CLIP's.
+
 Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split,
 `retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs, and `<name>_retrieval` for
 each (name, spec) of config.eval.retrieval_benchmarks: COCO / Flickr30k with every caption of each image
@@ -84,8 +88,10 @@ class ContrastiveTask(SplitLossTask):
     return out["image_emb"], out["text_emb"]
 
   def global_loss(self, params, features, context):
-    """The symmetric InfoNCE over the whole batch's captioned examples (sharded over the mesh in training)."""
-    return image_text.contrastive_loss(params, features, context, self.mesh)
+    """The symmetric InfoNCE (or SigLIP's sigmoid loss) over the whole batch's captioned examples (sharded over
+    the mesh in training)."""
+    return image_text.contrastive_loss(params, features, context, self.mesh,
+                                       siglip=clip.uses_siglip(self.config.model))
 
   def post_update(self, params):
     return clip.clamp_logit_scale(params)

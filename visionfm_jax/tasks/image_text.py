@@ -36,13 +36,21 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer | tokenizer_lib.HFTokenize
   return tok
 
 
-def contrastive_loss(params, features, context, mesh) -> tuple[jax.Array, dict[str, jax.Array]]:
-  """The symmetric InfoNCE of the whole batch's (image_emb, text_emb) `features` over its captioned examples
-  (context['has_text']; a Mixup context['mix'] makes the targets soft), sharded over `mesh` in training; with
-  the metrics train/contrastive_loss and train/logit_scale."""
+def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """The symmetric InfoNCE (or with `siglip`, SigLIP's sigmoid loss with params['logit_bias']) of the whole batch's
+  (image_emb, text_emb) `features` over its captioned examples (context['has_text']; a Mixup context['mix'] makes
+  the targets soft), sharded over `mesh` in training; with the metrics train/contrastive_loss and
+  train/logit_scale (and train/logit_bias)."""
   image_emb, text_emb = features
   scale = jnp.exp(params["logit_scale"].astype(jnp.float32))
   terms = dict(mix=context.get("mix"), valid=context["has_text"])
+  if siglip:
+    bias = params["logit_bias"].astype(jnp.float32)
+    if mesh is not None:
+      contrastive = losses.sharded_siglip_loss(image_emb, text_emb, scale, bias, mesh, **terms)
+    else:
+      contrastive = losses.siglip_loss(image_emb, text_emb, scale, bias, **terms)
+    return contrastive, {"train/contrastive_loss": contrastive, "train/logit_scale": scale, "train/logit_bias": bias}
   if mesh is not None:
     contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, mesh, **terms)
   else:

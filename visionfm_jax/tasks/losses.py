@@ -190,13 +190,18 @@ def _ring_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, mix, valid, 
     labels = _sigmoid_labels(rows, rows, me * rows, source * rows, total, mix)
     return _siglip_block_sum(image_emb, texts, logit_scale, logit_bias, labels, valid, valid_cols)
 
+  def source(h):
+    return (me - h) % devices  # after h hops a device holds the texts that device me - h started with
+
   def hop(carry, h):
     texts, valid_cols, loss_sum = carry
+    loss_sum = loss_sum + block(texts, valid_cols, source(h))
+    # the next texts do not depend on this block: their transfer can overlap its compute
     texts, valid_cols = jax.lax.ppermute((texts, valid_cols), axes, to_next)
-    source = (me - h) % devices  # after h hops the texts are those device me - h started with
-    return (texts, valid_cols, loss_sum + block(texts, valid_cols, source)), None
+    return (texts, valid_cols, loss_sum), None
 
-  (_, _, loss_sum), _ = jax.lax.scan(hop, (text_emb, valid, block(text_emb, valid, me)), jnp.arange(1, devices))
+  (texts, valid_cols, loss_sum), _ = jax.lax.scan(hop, (text_emb, valid, jnp.float32(0.0)), jnp.arange(devices - 1))
+  loss_sum = loss_sum + block(texts, valid_cols, source(devices - 1))
   return jax.lax.psum(loss_sum, axes) / jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
 
 
