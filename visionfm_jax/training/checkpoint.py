@@ -14,6 +14,13 @@ resume compares its config with (`saved_config`, training/resume.py). `digests/p
 digests of the state's arrays (training/checkpoint_digests.py), written before the step commits and compared at
 every restore and `load_params`; an array whose bytes changed on disk makes the checkpoint unreadable.
 
+A step's folder is named by its number alone (Orbax's standard name, `committed_steps`). Anything else in the
+directory that the run did not put there (a renamed step such as `120.bad`, a `best` folder, a file) is named in
+one warning at start-up and ignored (`_warn_of_strays`); the run's own set-asides (`<step>.<why>`, `SET_ASIDE_AS`)
+are not. A save never meets a folder of its step's name: one there (a renamed or copied-in step brought back while
+this run restored an older one) is moved aside to `<step>.replaced` first, as Orbax refuses to save a step it
+lists (`_make_way_for`).
+
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
 """
@@ -25,7 +32,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import grain
 import jax
@@ -78,12 +85,49 @@ def _first_line(error: BaseException) -> str:
   return line if len(line) <= 300 else line[:300] + " ..."
 
 
-def newest_committed_step(directory) -> int | None:
-  """The newest step saved under `directory` (a checkpoints folder), None when none is: Orbax renames a step's
-  directory to its number once the save has committed."""
+_STEP_NAME = re.compile(r"0|[1-9][0-9]*")  # Orbax's standard step name: the number alone, no padding
+# What the run moves aside to `<step>.<why>[.<n>]`: unreadable at a restore, rolled back or trained after a change
+# (training/health.py), superseded (health's line that brings a set-aside checkpoint back), replaced by a save of
+# the same step, and foreign (a step of another run, as resume.py's refusal says to move it)
+SET_ASIDE_AS = ("unreadable", "rolled_back", "after_change", "superseded", "replaced", "foreign")
+_SET_ASIDE_NAME = re.compile(rf"[0-9]+\.(?:{'|'.join(SET_ASIDE_AS)})(?:\.[0-9]+)?")
+
+
+def _is_step_dir(path: epath.Path) -> bool:
+  return bool(_STEP_NAME.fullmatch(path.name)) and path.is_dir()
+
+
+def committed_steps(directory) -> list[int]:
+  """The steps saved under `directory` (a checkpoints folder), oldest first: Orbax renames a step's directory to
+  its number once the save has committed, and lists those."""
   directory = epath.Path(directory)
-  steps = [int(p.name) for p in directory.iterdir() if p.name.isdigit()] if directory.exists() else []
-  return max(steps, default=None)
+  return sorted(int(p.name) for p in directory.iterdir() if _is_step_dir(p)) if directory.exists() else []
+
+
+def newest_committed_step(directory) -> int | None:
+  """The newest step saved under `directory` (a checkpoints folder), None when none is."""
+  return max(committed_steps(directory), default=None)
+
+
+def _strays(directory: epath.Path) -> list[str]:
+  """The entries of `directory` that are neither a step, nor one the run set aside, nor an unfinished save."""
+  return sorted(p.name for p in directory.iterdir()
+                if not (_is_step_dir(p) or _SET_ASIDE_NAME.fullmatch(p.name)
+                        or ocp.path.atomicity_types.TMP_DIR_SUFFIX in p.name))
+
+
+def _warn_of_strays(directory: epath.Path) -> None:
+  """Names, on process 0, what in `directory` is no checkpoint the run knows (`_strays`): Orbax and the resume
+  ignore it, so a renamed step is not resumed from, and a person should know that."""
+  if jax.process_index() != 0 or not directory.exists():
+    return
+  strays = _strays(directory)
+  if strays:
+    example = next((name for name in strays if re.search(r"[0-9]", name)), strays[0])
+    logging.warning("%s holds %d entr%s that no resume reads, ignored: %s (a checkpoint's folder is named by its "
+                    "step number alone); to resume from one, rename it to its step, newer than any step there "
+                    "(mv -T %s %s/<step>)", directory, len(strays), "y" if len(strays) == 1 else "ies",
+                    ", ".join(strays), directory / example, directory)
 
 
 def saved_config(directory, step: int) -> dict | None:
@@ -164,7 +208,9 @@ class Checkpointer:
     self._run_config = run_config
     self._with_digests = (with_digests if with_digests is not None
                           else bool((run_config or {}).get("checkpoint_digests", True)))
+    self._vouched: set[int] = set()  # steps this run saved with digests, or restored with its digests matching
     _warn_of_unfinished_saves(self.directory)
+    _warn_of_strays(self.directory)
     _write_replicated_arrays_in_parallel_only_across_hosts()
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if keep_period:
@@ -191,6 +237,7 @@ class Checkpointer:
     in flight is a WorkdirError naming the path and the errno when the storage caused it. `health`: the run's
     health record (`saved_health`)."""
     workdir.check_storage(self.directory, workdir.tree_bytes(state))
+    self._make_way_for(step)
     items = {"state": ocp.args.StandardSave(state)}
     if data_iterator is not None:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
@@ -202,6 +249,28 @@ class Checkpointer:
       items[digests.ITEM] = digests.DigestSave(state)
     with self._storage_faults_named():
       self._manager.save(step, args=ocp.args.Composite(**items), force=True)  # the loop decides when, not Orbax
+    if self._with_digests:
+      self._vouched.add(step)
+
+  def _make_way_for(self, step: int) -> None:
+    """Moves aside to `<step>.replaced` whatever holds `step`'s name already (a step folder renamed back or copied
+    in while this run restored an older one, a folder without its commit marker, a file): Orbax refuses to save a
+    step it lists (StepAlreadyExistsError) and cannot rename its new folder onto another, so every requeue would
+    stop at this step. Every process calls it at the same save."""
+    path = self.directory / str(step)
+    if faults.agreed(not os.path.lexists(path) and step not in self.all_steps()):
+      return
+    if not os.path.lexists(path):  # listed, but gone from the disk since Orbax last looked
+      self._manager.reload()
+      return
+    self._set_aside(step, "replaced", f"; this run saves step {step} again, and Orbax never overwrites a step")
+
+  def vouched_steps(self) -> set[int]:
+    """The committed steps this run saved itself with their digests, or restored with their digests matching,
+    after the saves in flight commit: the ones a stop line may call good (`last_good_text`). None without
+    digests: a restore of such a checkpoint reads whatever bytes are there."""
+    self.wait()
+    return self._vouched & set(self.all_steps())
 
   def failed_save(self) -> Exception | None:
     """The error of a save in flight that has failed on this process (a WorkdirError for a storage fault): a
@@ -251,8 +320,9 @@ class Checkpointer:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
-    if self._with_digests:
-      _check_digests(self.directory / str(step), restored["state"], f"cannot restore {self.directory / str(step)}")
+    if self._with_digests and _check_digests(self.directory / str(step), restored["state"],
+                                             f"cannot restore {self.directory / str(step)}"):
+      self._vouched.add(step)
     if target is abstract_state:
       return restored["state"]
     return abstract_state.replace(**restored["state"], **{name: None for name in absent})
@@ -328,9 +398,9 @@ class Checkpointer:
     saves again); every process calls it. Returns their new names."""
     return [self._set_aside(later, why) for later in sorted(s for s in self.all_steps() if s > step)]
 
-  def _set_aside(self, step: int, why: str = "unreadable") -> str:
-    """Moves checkpoint `step` to `<step>.<why>` (`.<n>` added when taken) and returns that name, the same on
-    every process: each names it before process 0 renames."""
+  def _set_aside(self, step: int, why: str = "unreadable", because: str = "") -> str:
+    """Moves checkpoint `step` to `<step>.<why>` (`.<n>` added when taken; `why` one of SET_ASIDE_AS) and returns
+    that name, the same on every process: each names it before process 0 renames. `because` ends the warning."""
     source = self.directory / str(step)
     target = self.directory / f"{step}.{why}"
     n = 1
@@ -340,10 +410,11 @@ class Checkpointer:
       multihost_utils.sync_global_devices(f"checkpoint named aside {step}")
     if jax.process_index() == 0:
       source.rename(target)
-      logging.warning("moved the %s checkpoint %s to %s", why.replace("_", " "), source, target)
+      logging.warning("moved the %s checkpoint %s to %s%s", why.replace("_", " "), source, target, because)
     if jax.process_count() > 1:
       multihost_utils.sync_global_devices(f"checkpoint set aside {step}")
     self._manager.reload()
+    self._vouched.discard(step)
     return target.name
 
   def wait(self) -> None:
@@ -355,15 +426,27 @@ class Checkpointer:
     self._manager.close()
 
 
-def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") -> None:
+def last_good_text(directory, steps: Sequence[int], vouched: Collection[int]) -> str:
+  """What a stop line names as the last good checkpoint among the committed `steps` under `directory`: the newest
+  one verified (`Checkpointer.vouched_steps`), with the newest committed one, when newer, named as unverified;
+  'none' when there are no `steps`."""
+  good = max((s for s in steps if s in vouched), default=None)
+  newest = max(steps, default=None)
+  if good is None:
+    return f"none verified (the newest committed, unverified: {directory}/{newest})" if steps else "none"
+  newer = f" (a newer one, unverified: {directory}/{newest})" if newest > good else ""
+  return f"{directory}/{good}{newer}"
+
+
+def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") -> bool:
   """Compares `tree` (restored from `step_dir`'s state, or its `subtree`) with the digests saved in `step_dir`: a
   CheckpointError '<failure>: <the slices that differ>'; a checkpoint without digests, or slices this process cannot
-  rebuild after a reshard, get one warning line."""
+  rebuild after a reshard, get one warning line. True when it was checked against digests."""
   saved = digests.read(step_dir / digests.ITEM)
   if saved is None:
     logging.warning("checkpoint %s carries no digests (saved before checkpoints had them, or with "
                     "config.checkpoint_digests=False): read unverified", step_dir)
-    return
+    return False
   verdict = digests.verify(saved, tree, prefix=subtree)
   if verdict.mismatched:
     raise CheckpointError(f"{failure}: {digests.mismatch_text(verdict)}")
@@ -371,6 +454,7 @@ def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") 
     logging.warning("checkpoint %s: %s", step_dir, digests.unverified_text(verdict))
   logging.info("checkpoint %s: %d slices of %d arrays match their digests", step_dir, verdict.matched,
                verdict.arrays)
+  return True
 
 
 # ---------------------------------------------------------------------------------------------- init_from
@@ -408,7 +492,7 @@ def _raw_params(path: epath.Path, step: int | None = None, weights: str = "param
                             f"EMA of them ({weights})")
     return restore_on_host(path / "params")
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
-  steps = sorted(int(p.name) for p in ckpt_dir.iterdir() if p.name.isdigit()) if ckpt_dir.exists() else []
+  steps = committed_steps(ckpt_dir)
   if not steps:
     raise CheckpointError(f"init_from={str(path)!r}: no 'params' directory (tools.import_hf) and no training "
                           f"checkpoints (numbered step directories) found there")

@@ -38,6 +38,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
+from typing import Collection
 
 import flax.struct
 import jax
@@ -50,6 +51,7 @@ from jax.experimental import multihost_utils
 
 from visionfm_jax.data.loader import skipping
 from visionfm_jax.errors import UserError
+from visionfm_jax.training import checkpoint
 
 RULES = {1: "burst", 2: "rise", 3: "nonfinite", 4: "stall"}
 _NEVER = -(2**30)  # the step of a skip that has not happened
@@ -238,11 +240,12 @@ class Rollbacks:
     before = [c for c in self.changes if c["step"] < step]
     return max(before, key=lambda c: c["step"]) if before else None
 
-  def restore_step(self, trigger: Trigger, steps: list[int], directory) -> int:
+  def restore_step(self, trigger: Trigger, steps: list[int], directory, vouched: Collection[int] = ()) -> int:
     """The newest of the checkpoint `steps` at least `restore_before` steps before the trigger and not before
     the last resume that changed something (else that resume's own checkpoint); HealthError when rolling back
     is off, when there is none, when it would be one rollback too many, or when the trigger repeats within
-    `window` steps of a change."""
+    `window` steps of a change. `vouched`: the steps this run verified (`Checkpointer.vouched_steps`), the only ones
+    its stop lines call good."""
     what = trigger.describe(self.cfg, self.config.precision.max_consecutive_skips)
     change = self._change_before(trigger.step)
     floor = change["step"] if change else 0
@@ -250,7 +253,7 @@ class Rollbacks:
     if change and not good and floor in steps:  # the change's own checkpoint, however recent
       good = [floor]
     in_window = change is not None and trigger.step <= floor + self.cfg.window
-    last_good = f"{directory}/{max(good)}" if good else "none"
+    last_good = checkpoint.last_good_text(directory, good, vouched)
     if not self.cfg.rollback:
       raise HealthError(f"health: {what}; stopping (config.health.rollback=False). The last good checkpoint: "
                         f"{last_good}; lower config.optim.lr or check the data.{self._set_aside_note(directory)}")
@@ -290,7 +293,8 @@ class Rollbacks:
     step, its state); every process calls it at the same step."""
     checkpointer.wait()
     try:
-      restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory)
+      restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory,
+                                   checkpointer.vouched_steps())
     except ChangeError as stop:
       self.moved_at_stop = checkpointer.set_aside_after(stop.resume_from, "after_change")
       raise HealthError(f"{stop}{self._set_aside_note(checkpointer.directory)}") from None

@@ -7,8 +7,10 @@ continue such a run: a new workdir does, or `init_from`); a changed schedule or 
 in `config.resume.allow_changes`, and is then logged with the learning rate before and after: a new length
 (total_steps, warmup_steps, end_lr) continues from the rate reached, decaying to end_lr over the new length
 (the run plan's schedule anchor, `optim.Anchor`), while a new optim.lr takes the new schedule as it is (the
-jump asked for); how the run is laid out, logged and evaluated may change freely. Each launch's config is kept as `config.<step>.json` (the
-step it started from), never overwritten; `config.json` is the latest.
+jump asked for); how the run is laid out, logged and evaluated may change freely. A newest checkpoint refused so
+while the one before it matches the run is named as another run's step folder copied in, to be moved aside. Each
+launch's config is kept as `config.<step>.json` (the step it started from), never overwritten; `config.json` is
+the latest.
 
 A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's
 with the model fields derived from init_from, and the schedule's anchor as `optim.resumed_at` / `resumed_lr`,
@@ -60,7 +62,8 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
   config_json = as_json(config)
   changes = config_lib.resume_changes(saved, config_json)
   if changes[config_lib.REFUSED]:
-    raise ConfigError(f"cannot resume {where}: it was trained with another model, task, precision or data: "
+    raise ConfigError(_foreign_step_refusal(checkpoint_dir, step, config_json, changes[config_lib.REFUSED]) or
+                      f"cannot resume {where}: it was trained with another model, task, precision or data: "
                       f"{_listed(changes[config_lib.REFUSED])}; give this run another --workdir (with "
                       f"config.init_from=<this workdir> to start from its weights)")
   schedule = changes[config_lib.OPT_IN]
@@ -78,6 +81,20 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
                     _listed(schedule), step, _lr_at(saved, step, saved_anchor(saved)),
                     _lr_at(config_json, step, anchor))
   return _described(schedule), anchor
+
+
+def _foreign_step_refusal(checkpoint_dir: str, step: int, config_json: dict, refused) -> str | None:
+  """The refusal of a newest checkpoint `step` that another run saved (a step folder copied in): the step before
+  it was trained as this run is (no refused change), so the workdir is this run's and that folder is not. None
+  when there is no such earlier step."""
+  earlier = [s for s in checkpoint.committed_steps(checkpoint_dir) if s < step]
+  before = checkpoint.saved_config(checkpoint_dir, earlier[-1]) if earlier else None
+  if before is None or config_lib.resume_changes(before, config_json)[config_lib.REFUSED]:
+    return None
+  where, previous = f"{checkpoint_dir}/{step}", f"{checkpoint_dir}/{earlier[-1]}"
+  return (f"cannot resume {where}: another run saved it, with another model, task, precision or data than this "
+          f"run and {previous} before it: {_listed(refused)}; move it aside (mv -T {where} {where}.foreign) to "
+          f"resume from {previous}")
 
 
 def _anchor(config_json: dict, saved: dict, step: int, changed: set[str]) -> optim.Anchor | None:

@@ -555,10 +555,10 @@ def _check_finite(step_metrics, state, step, checkpointer, max_consecutive_skips
 
 
 def _last_checkpoint(checkpointer) -> str:
-  """The newest committed checkpoint's directory (after the saves in flight commit), or 'none yet'."""
-  checkpointer.wait()
-  latest = checkpointer.latest_step()
-  return f"{checkpointer.directory}/{latest}" if latest is not None else "none yet"
+  """The newest committed checkpoint (after the saves in flight commit) that this run verified
+  (`checkpoint.last_good_text`)."""
+  vouched = checkpointer.vouched_steps()
+  return checkpoint.last_good_text(checkpointer.directory, checkpointer.all_steps(), vouched)
 
 
 def data_counts(train_iter) -> dict[str, float]:
