@@ -96,6 +96,16 @@ def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_prints_one_error_lin
 
 
 @SHARED_RUNS
+def test_evaluate_reads_a_step_without_orbaxs_missing_metadata_warning(zero3_run, tmp_path, caplog):
+  """Reading `<step>/state` alone made Orbax warn that its _CHECKPOINT_METADATA (kept in the step folder) is
+  missing: nothing is wrong, and the line is not shown."""
+  workdir = _copy(zero3_run, tmp_path)
+  with caplog.at_level(logging.WARNING):
+    assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8"]) == 0
+  assert "Metadata file does not exist" not in caplog.text
+
+
+@SHARED_RUNS
 def test_with_digests_off_none_are_written_and_a_restore_checks_none(zero3_run, tmp_path, caplog):
   """The flipped bytes of step 2 restore without a word when nothing checks them (what every checkpoint did before
   digests); the run's new checkpoints carry none. The field changes across a resume without allow_changes."""

@@ -475,14 +475,29 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
   """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
   a restore without a target would place arrays by the saved shardings, which fails on another device count."""
   checkpointer = ocp.PyTreeCheckpointer()
-  tree = checkpointer.metadata(directory).item_metadata.tree
-  if subtree is not None and subtree not in tree:
-    return None
-  item = tree if subtree is None else {k: v if k == subtree else jax.tree.map(lambda _: ocp.PLACEHOLDER, v)
-                                       for k, v in tree.items()}
-  restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
-  restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
+  with _quiet_about_the_steps_own_metadata():
+    tree = checkpointer.metadata(directory).item_metadata.tree
+    if subtree is not None and subtree not in tree:
+      return None
+    item = tree if subtree is None else {k: v if k == subtree else jax.tree.map(lambda _: ocp.PLACEHOLDER, v)
+                                         for k, v in tree.items()}
+    restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
+    restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return restored if subtree is None else restored[subtree]
+
+
+@contextlib.contextmanager
+def _quiet_about_the_steps_own_metadata():
+  """Orbax warns 'Metadata file does not exist: <step>/state/_CHECKPOINT_METADATA' when one item of a step is read
+  as a checkpoint of its own, as here: that file lives in the step folder, and nothing is wrong."""
+  def keep(record) -> bool:
+    return not record.getMessage().startswith("Metadata file does not exist")
+  logger = logging.get_absl_logger()
+  logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    logger.removeFilter(keep)
 
 
 def _raw_params(path: epath.Path, step: int | None = None, weights: str = "params"):
