@@ -256,7 +256,8 @@ def test_every_config_shipped_is_valid_and_every_domain_rule_is_used():
   """The shipped configs and their variants pass validation, and every DOMAINS rule matches some field of
   them (a rule that matches nothing is a typo)."""
   specs = ["vit_huge.py", "vit_huge.py:demo", "swinv2_cls.py", "swinv2_cls.py:demo", "swinv2_g_clip.py",
-           "swinv2_g_clip.py:demo,ft640", "aurora_xl.py", "aurora_xl.py:demo", "finetune_ade20k.py",
+           "swinv2_g_clip.py:demo,ft640", "swinv2_g_clip.py:vit,siglip,flip", "swinv2_g_clip.py:demo,vit,flip_tune",
+           "aurora_xl.py", "aurora_xl.py:demo", "finetune_ade20k.py",
            "finetune_ade20k.py:demo", "finetune_coco.py", "finetune_coco.py:swinv2"]
   used = set()
   for spec in specs:

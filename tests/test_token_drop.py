@@ -57,24 +57,32 @@ def test_gradients_flow_through_the_kept_tokens_and_flops_count_them():
     model.apply(params, IMAGES, train=True, rngs={"dropout": jax.random.key(2)}, method="feature_maps")
 
 
-def _tiny_vit_clip(token_drop):
+def _tiny_vit_clip(*variants, **overrides):
   """The CLIP demo with a pico ViT tower (16 px images, 4 px patches: 16 patch tokens)."""
-  config = tiny_clip_config("vit")
+  config = tiny_clip_config("vit", *variants, **overrides)
   for swin_only in ("patch_size", "window_size"):
     if swin_only in config.model.image:
       del config.model.image[swin_only]
   config.model.image.variant = "pico/4"
-  config.model.image.token_drop = token_drop
   return config
 
 
-def test_a_clip_with_a_masked_vit_tower_trains_through_main_and_evaluates_on_whole_images(tmp_path):
-  config = _tiny_vit_clip(0.5)
+def test_flip_then_its_unmasked_tuning_train_through_main_and_evaluate_on_whole_images(tmp_path):
+  """`vit,flip` masks half of the patches in training; `vit,flip_tune` goes on from its params unmasked."""
+  config = _tiny_vit_clip("flip")
   assert clip.build(config.model, jnp.float32).image.token_drop == 0.5
-  result = train.run(config, str(tmp_path))
-  assert result["step"] == config.total_steps and np.isfinite(result["train/loss"])
-  rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-  evaluated = {k for r in rows for k in r if k.startswith("eval/")}
-  assert "eval/zeroshot/top1" in evaluated and any("r1" in k for k in evaluated), evaluated
+  masked = train.run(config, str(tmp_path / "flip"))
+  assert masked["step"] == config.total_steps and np.isfinite(masked["train/loss"])
+  tune = _tiny_vit_clip("flip_tune", **{"init_from": str(tmp_path / "flip"), "total_steps": 2,
+                                        "eval_every": 2, "checkpoint_every": 2})
+  assert tune.model.image.token_drop == 0.0
+  tuned = train.run(tune, str(tmp_path / "tune"))
+  assert tuned["step"] == 2
+  for workdir in ("flip", "tune"):
+    rows = [json.loads(line) for line in (tmp_path / workdir / "metrics.jsonl").read_text().splitlines()]
+    evaluated = {k for r in rows for k in r if k.startswith("eval/")}
+    assert "eval/zeroshot/top1" in evaluated and any("r1" in k for k in evaluated), evaluated
   with pytest.raises(ConfigError, match="token_drop"):
-    train.run(_tiny_vit_clip(1.0), str(tmp_path / "refused"))
+    train.run(_tiny_vit_clip(**{"model.image.token_drop": 1.0}), str(tmp_path / "refused"))
+  with pytest.raises(ConfigError, match="mask a ViT image tower"):
+    tiny_clip_config("flip")
