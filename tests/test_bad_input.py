@@ -208,6 +208,8 @@ def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp
   assert len(errors) == 1 and stderr.strip().splitlines()[-1] == errors[0], stderr[-4000:]
   for text in culprit:
     assert text in errors[0], errors[0]
+  run = tmp_path / "run"  # a workdir this run created holds more than its lock, or is gone
+  assert not run.exists() or os.listdir(run) != ["lock"], f"{run} holds only its lock"
 
 
 # The tools beside main: (id, module and arguments, what the error line must name).

@@ -291,6 +291,7 @@ def claimed(workdir, wait_s: float):
   """Creates `workdir` and holds its lock for the block (process 0 takes it; every process fails together when
   it cannot)."""
   lock, error = None, None
+  created = jax.process_index() == 0 and not os.path.exists(workdir)
   if jax.process_index() == 0:
     try:
       make_dirs(workdir)
@@ -302,6 +303,26 @@ def claimed(workdir, wait_s: float):
                                             f"(its error line says why)"))
   try:
     yield
+  except BaseException:
+    if lock is not None and created:
+      lock.release()
+      lock = None
+      _remove_if_nothing_was_written(workdir)
+    raise
   finally:
     if lock is not None:
       lock.release()
+
+
+def _remove_if_nothing_was_written(workdir) -> None:
+  """Removes a workdir this run created and left holding only its lock file (and empty folders): a run that stopped
+  at start-up (missing data, a bad override) leaves no workdir behind. No run waits on that lock: only a requeue of
+  the same SLURM job waits, and its first attempt is this one."""
+  root = os.fspath(workdir)
+  for folder, _, files in os.walk(root):
+    if [f for f in files if not (folder == root and f == LOCK_FILE)]:
+      return
+  with contextlib.suppress(OSError):
+    os.unlink(os.path.join(root, LOCK_FILE))
+    for folder, _, _ in sorted(os.walk(root), key=lambda entry: -len(entry[0])):
+      os.rmdir(folder)
