@@ -147,14 +147,17 @@ def checkpoint_config(path: str, task_names=CLIP_TASKS) -> ml_collections.Config
 
 
 def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, *,
-         config: ml_collections.ConfigDict | None = None, mesh=None) -> Loaded:
+         config: ml_collections.ConfigDict | None = None, mesh=None, use_ema: bool = False) -> Loaded:
   """The task and params of the CLIP at `path` (any of the three layouts); params placed by `sharding`
-  (default: this process's first device). `step` is a workdir's checkpoint; UserError for the others. `config`
-  (default: `checkpoint_config(path)`, e.g. with overrides) builds the task, on `mesh` when given."""
+  (default: this process's first device). `step` is a workdir's checkpoint, `use_ema` its EMA of the params;
+  UserError for the others. `config` (default: `checkpoint_config(path)`, e.g. with overrides) builds the task,
+  on `mesh` when given. The one loader of a model from a path: the tools and `visionfm_jax.load`
+  (tools/trained_model.py) call it."""
   path = os.path.abspath(os.path.expanduser(path))
   kind = layout(path)
-  if kind != "workdir" and step is not None:
-    raise UserError(f"--step={step}: {path} is not a training workdir (it has one set of params, no steps)")
+  if kind != "workdir" and (step is not None or use_ema):
+    what = f"--step={step}" if step is not None else "--ema"
+    raise UserError(f"{what}: {path} is not a training workdir (it has one set of params, no steps and no EMA)")
   task = tasks.build(config if config is not None else checkpoint_config(path), mesh)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if kind == "import":
@@ -162,4 +165,4 @@ def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | N
   if kind == "hf":
     return Loaded(task, _hf_params(path, task, sharding), path, None)
   step = workdir_lib.checkpoint_step(path, step)
-  return Loaded(task, workdir_lib.load_params(task, path, step, sharding), path, step)
+  return Loaded(task, workdir_lib.load_params(task, path, step, sharding, use_ema=use_ema), path, step)

@@ -1,0 +1,195 @@
+"""`visionfm_jax.load(path)` (tools/trained_model.py): a CLIP workdir's image and text embeddings equal the task's
+own (as the tools compute them) on images of another size, viewed as its evaluation views them; zero-shot ranks the
+given class names by those embeddings; a classifier's classes are its logits' argmax as tools.evaluate computes
+them; EMA params on request; one clear error for a bad path or a question the task cannot answer; the module's
+notebook example runs as written."""
+
+import re
+import subprocess
+import sys
+
+import flax.linen as nn
+import jax
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import ROOT, tiny_aurora_config, tiny_clip_config, tiny_vit_config
+from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
+from visionfm_jax import tasks
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.errors import UserError
+from visionfm_jax.models import generate
+from visionfm_jax.tools import clip_checkpoint, trained_model
+from visionfm_jax.training import checkpoint, ema
+
+import visionfm_jax
+
+STEP = 2
+
+
+def _random_params(task, seed):
+  """Random numpy params in the model's shapes (no init compile): kernels N(0, 1 / first dim), the rest N(0, 0.1^2)."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, leaf):
+    std = leaf.shape[0] ** -0.5 if path[-1].key == "kernel" else 0.1
+    return rng.normal(0.0, std, leaf.shape).astype(leaf.dtype)
+  shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+  return jax.tree_util.tree_map_with_path(draw, shapes_only)
+
+
+def _workdir(directory, config, with_ema=False):
+  """(workdir, task, params, ema params or None): a training workdir of `config` whose checkpoint STEP holds random
+  params (and a random EMA of them)."""
+  task = tasks.build(config)
+  params, ema_params = _random_params(task, 0), _random_params(task, 1) if with_ema else None
+  ckpt = checkpoint.Checkpointer(str(directory / "checkpoints"), async_save=False)
+  ckpt.save(STEP, {"params": params, **({ema.SUBTREE: ema_params} if with_ema else {})})
+  ckpt.close()
+  (directory / "config.json").write_text(config.to_json_best_effort(indent=2))
+  return str(directory), task, params, ema_params
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+  return _workdir(tmp_path_factory.mktemp("clip"), tiny_clip_config())
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+  return _workdir(tmp_path_factory.mktemp("vit"), tiny_vit_config(), with_ema=True)
+
+
+def _shapes_images(count, size=24):
+  source = shapes.ShapesSource("validation", count, size, seed=shapes.SEED)
+  return [source[i]["image"] for i in range(count)]
+
+
+def _eval_view(task, images):
+  """The images as the tools view them (tools/caption.py's load_images): the run's EvalTransform."""
+  data_cfg = task.config.data
+  transform = transforms.EvalTransform(data_cfg.image_size, data_cfg.get("eval_preprocess", "inception"))
+  return np.stack([transform.map({"image": image})["image"] for image in images])
+
+
+def test_clip_embeddings_equal_the_tasks_own(clip):
+  path, task, params, _ = clip
+  model = visionfm_jax.load(path, batch_size=4)  # 8 devices: batches of 8, the last of the 11 images padded
+  assert (model.step, model.path, model.batch_size) == (STEP, path, 8)
+  images = _shapes_images(11)
+  expected = jax.jit(task.embed_images)(params, _eval_view(task, images))
+  image_emb = model.encode_image(images)
+  np.testing.assert_allclose(image_emb, expected, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(np.linalg.norm(image_emb, axis=-1), 1.0, rtol=1e-5)
+  # one array, an NHWC batch and PIL images are the same images
+  np.testing.assert_allclose(model.encode_image(images[0]), expected[:1], rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.encode_image(np.stack(images[:3])), expected[:3], rtol=1e-5, atol=1e-5)
+  pil = [Image.fromarray(image) for image in images[:2]]
+  np.testing.assert_allclose(model.encode_image(pil), expected[:2], rtol=1e-5, atol=1e-5)
+
+  texts = ["a large red circle", "a small blue square", "a green triangle"]
+  expected_text = jax.jit(task.embed_texts)(params, task.tokenizer.encode_batch(texts))
+  np.testing.assert_allclose(model.encode_text(texts), expected_text, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(model.encode_text(texts[1]), expected_text[1:2], rtol=1e-5, atol=1e-5)
+
+
+def test_zero_shot_ranks_the_given_class_names(clip):
+  path, _, _, _ = clip
+  model = visionfm_jax.load(path)
+  images, names = _shapes_images(5), ["circle", "square", "triangle", "star"]
+  image_emb, text_emb = model.encode_image(images), model.encode_text(names)
+  cosines = image_emb @ text_emb.T  # one template '{}': each class is its name's embedding
+  ranked = model.zero_shot(images, names, templates=["{}"], top_k=3)
+  for row, top in zip(cosines, ranked):
+    assert [name for name, _ in top] == [names[j] for j in np.argsort(-row)[:3]]
+    np.testing.assert_allclose([c for _, c in top], np.sort(row)[::-1][:3], rtol=1e-5, atol=1e-5)
+  default = model.zero_shot(images, names)  # OpenAI's 80 templates
+  assert [len(top) for top in default] == [4] * 5 and {n for n, _ in default[0]} == set(names)
+  with pytest.raises(UserError, match="classify: the model at .* is a 'contrastive' model"):
+    model.classify(images)
+  with pytest.raises(UserError, match="templates with '{}'"):
+    model.zero_shot(images, names, templates=["a photo"])
+
+
+def test_a_classifier_classifies_as_tools_evaluate_scores(vit):
+  path, task, params, ema_params = vit
+  model = visionfm_jax.load(path, batch_size=8)
+  images = _shapes_images(6)
+  logits = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))(params, _eval_view(task, images))
+  top = model.classify(images, top_k=3)
+  assert model.class_names == list(shapes.SHAPE_NAMES)[:len(model.class_names)]
+  assert [row[0][0] for row in top] == [model.class_names[i] for i in np.argmax(logits, -1)]
+  np.testing.assert_allclose([row[0][1] for row in top], np.max(jax.nn.softmax(logits, -1), -1), rtol=1e-5)
+  features = model.encode_image(images)  # pooled backbone features, before the head
+  assert features.ndim == 2 and len(features) == 6
+  with pytest.raises(UserError, match="encode_text: .* is a 'classification' model"):
+    model.encode_text(["a circle"])
+
+  averaged = visionfm_jax.load(path, ema=True, batch_size=8)
+  expected = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))(ema_params,
+                                                                                   _eval_view(task, images))
+  assert [row[0][0] for row in averaged.classify(images)] == [averaged.class_names[i]
+                                                                for i in np.argmax(expected, -1)]
+
+
+def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # noqa: F811
+  src, _ = hf_dir
+  model, loaded = visionfm_jax.load(src), clip_checkpoint.load(src)
+  assert model.step is None and model.config.model.to_dict() == loaded.task.config.model.to_dict()
+  images = _shapes_images(3, size=40)
+  expected = jax.jit(loaded.task.embed_images)(loaded.params, _eval_view(loaded.task, images))
+  np.testing.assert_allclose(model.encode_image(images), expected, rtol=1e-5, atol=1e-5)
+  with pytest.raises(UserError, match="--ema: .* is not a training workdir"):
+    visionfm_jax.load(src, ema=True)
+
+
+def test_aurora_captions_as_tools_caption(tmp_path):
+  path, task, params, _ = _workdir(tmp_path, tiny_aurora_config())
+  model = visionfm_jax.load(path, batch_size=8)
+  images = _shapes_images(3)
+  expected = generate.caption_images(task, params, _eval_view(task, images), max_len=6)
+  assert model.caption(images, max_len=6) == expected
+  assert model.encode_image(images).shape[0] == 3 and model.encode_text(["a circle"]).shape[0] == 1
+
+
+def test_bad_paths_give_one_error_naming_them(tmp_path, clip):
+  missing = tmp_path / "nowhere"
+  with pytest.raises(UserError, match=re.escape(str(missing))):
+    visionfm_jax.load(str(missing))
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(UserError, match=re.escape(str(tmp_path / "empty"))):
+    visionfm_jax.load(str(tmp_path / "empty"))
+  with pytest.raises(UserError, match="--step=7: no such checkpoint"):
+    visionfm_jax.load(clip[0], step=7)
+  with pytest.raises(UserError, match="--ema: .*"):
+    visionfm_jax.load(clip[0], ema=True)
+  model = visionfm_jax.load(clip[0])
+  with pytest.raises(UserError, match="expected uint8 HxWx3"):
+    model.encode_image(np.zeros((4, 16, 16), np.float32))
+  image = _shapes_images(1)[0]
+  Image.fromarray(image).save(tmp_path / "shape.png")
+  np.testing.assert_allclose(model.encode_image(str(tmp_path / "shape.png")), model.encode_image(image), atol=1e-6)
+  (tmp_path / "notes.png").write_text("not an image")
+  with pytest.raises(UserError, match=f"cannot decode {re.escape(str(tmp_path / 'notes.png'))}"):
+    model.encode_image([str(tmp_path / "notes.png")])
+
+
+def _example_lines() -> str:
+  """The module docstring's example, dedented."""
+  doc = trained_model.__doc__
+  block = doc[doc.index("Example"):].split("\n\n", 1)[1]
+  return "\n".join(line[2:] for line in block.splitlines())
+
+
+def test_the_docstring_example_runs(clip, capsys):
+  exec(compile(_example_lines(), "trained_model example", "exec"), {"WORKDIR": clip[0]})  # pylint: disable=exec-used
+  printed = capsys.readouterr().out
+  assert printed.count("[('") == 4, printed
+
+
+def test_importing_the_package_stays_cheap():
+  """`import visionfm_jax` loads no JAX: `load` is imported on first use."""
+  code = "import sys, visionfm_jax; assert 'jax' not in sys.modules; assert callable(visionfm_jax.load)"
+  subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)

@@ -1,0 +1,229 @@
+"""A trained model from Python: `visionfm_jax.load(path)` over a training workdir (its newest checkpoint, or
+`step`; the EMA of its params with `ema=True`), a tools.import_hf directory of a CLIP or a transformers CLIPModel
+directory (tools/clip_checkpoint.py reads all three), with what its task supports:
+
+  encode_image(images)                   unit embeddings (CLIP, Aurora) or pooled backbone features (the others)
+  encode_text(texts)                     unit embeddings, by the run's own tokenizer (CLIP, Aurora)
+  classify(images, top_k=5)              [(class name, probability), ...] per image (a classifier)
+  zero_shot(images, names, templates)    [(class name, cosine), ...] per image; OpenAI's 80 templates by default
+  caption(images, beam_size=1)           one caption per image (Aurora)
+
+Images are uint8 HxWx3 arrays (one, a list, or an NHWC batch), PIL images or image files, viewed as the run's
+evaluation views them (config.data.eval_preprocess, data/transforms/host.py's EvalTransform). Every call runs
+jitted in fixed batches (`batch_size`, the last padded) split over all of JAX's devices, with the params
+replicated (the model must fit on one device). The embeddings, zero-shot classes and captions are the tasks' and
+evaluators' own code (evaluate/zeroshot.py, models/generate.py), so they equal what the tools compute.
+
+Example (a notebook; WORKDIR is a CLIP's training workdir):
+
+  import numpy as np
+  import visionfm_jax
+  from visionfm_jax.data.embedded import shapes
+
+  model = visionfm_jax.load(WORKDIR)  # or ema=True, step=N; or an import_hf / transformers CLIP directory
+  source = shapes.ShapesSource("validation", 4, 64)
+  images = [source[i]["image"] for i in range(4)]  # uint8 HxWx3 arrays, PIL images or file paths
+  image_emb = model.encode_image(images)  # (4, D), unit norm
+  text_emb = model.encode_text(["a large red circle", "a small blue square"])
+  print(np.round(image_emb @ text_emb.T, 3))  # cosine similarities
+  for top in model.zero_shot(images, ["circle", "square", "triangle"], top_k=2):
+    print(top)  # [(class name, cosine), ...], best first
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Callable, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from PIL import Image
+
+from visionfm_jax import data, parallel, tasks
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.errors import UserError
+from visionfm_jax.evaluate import panels, probe, zeroshot
+from visionfm_jax.models import generate
+from visionfm_jax.tools import clip_checkpoint
+
+IMAGE_TEXT_TASKS = ("contrastive", "aurora")
+
+
+def _all_devices_mesh() -> Mesh:
+  """Every device on the data axis: each batch split across them, the params replicated."""
+  devices = np.array(jax.devices())
+  return Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)
+
+
+def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64) -> TrainedModel:
+  """The model at `path` (module docstring): a training workdir of any task, a tools.import_hf CLIP directory or a
+  transformers CLIPModel directory. UserError naming the path for anything else, CheckpointError for a damaged
+  checkpoint."""
+  if batch_size < 1:
+    raise UserError(f"batch_size={batch_size}: must be positive")
+  path = os.path.abspath(os.path.expanduser(os.fspath(path)))
+  mesh = _all_devices_mesh()
+  config = clip_checkpoint.checkpoint_config(path, tuple(tasks.TASKS))
+  loaded = clip_checkpoint.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh, use_ema=ema)
+  return TrainedModel(loaded, mesh, batch_size)
+
+
+class TrainedModel:
+  """A task and its params, answering what the task supports (module docstring); `task`, `params`, `config`,
+  `path` and `step` (a workdir's checkpoint, else None) are the loaded model's."""
+
+  def __init__(self, loaded: clip_checkpoint.Loaded, mesh: Mesh, batch_size: int):
+    self.task, self.params, self.path, self.step = loaded.task, loaded.params, loaded.origin, loaded.step
+    self.config = self.task.config
+    self.batch_size = -(-batch_size // mesh.size) * mesh.size
+    self._batch_sharding = parallel.batch_sharding(mesh)
+    self._jitted: dict[str, Callable] = {}
+
+  def __repr__(self) -> str:
+    step = f", step={self.step}" if self.step is not None else ""
+    return f"TrainedModel(task={self.config.task!r}, model={self.config.model.name!r}, path={self.path!r}{step})"
+
+  # ------------------------------------------------------------------------------------------ what it answers
+
+  def encode_image(self, images) -> np.ndarray:
+    """(N, D) float32: unit embeddings of an image-text model, the pooled backbone features of the others."""
+    name = "embed_images" if self._is_image_text else "pooled_features"
+    return self._run_batched(name, self.preprocess(images))
+
+  def encode_text(self, texts: str | Sequence[str]) -> np.ndarray:
+    """(N, D) float32 unit embeddings of `texts`, tokenised by the run's tokenizer (an image-text model)."""
+    self._require(IMAGE_TEXT_TASKS, "encode_text")
+    return self._run_batched("embed_texts", self.task.tokenizer.encode_batch(_as_list(texts)))
+
+  def classify(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Per image, the `top_k` most probable classes of the model's head as (name, probability), best first; names
+    from the training data (its dataset.json, a folder's classes) when it has them, else 'class <i>'."""
+    self._require(("classification",), "classify")
+    probabilities = self._run_batched("probabilities", self.preprocess(images))
+    return _top_k(probabilities, self.class_names, top_k)
+
+  def zero_shot(self, images, class_names: Sequence[str], templates: Sequence[str] | None = None,
+                top_k: int = 5) -> list[list[tuple[str, float]]]:
+    """Per image, the `top_k` nearest of `class_names` as (name, cosine), best first: each class the mean of its
+    prompts' embeddings (`templates`, '{}' for the name; OpenAI's 80 ImageNet templates by default)."""
+    self._require(IMAGE_TEXT_TASKS, "zero_shot")
+    class_names = _as_list(class_names)
+    if templates is None:
+      templates = zeroshot.class_names_and_templates("imagenet")[1]
+    if not class_names or not templates or not all("{}" in t for t in templates):
+      raise UserError(f"zero_shot: give class names and templates with '{{}}' for the name; got {len(class_names)} "
+                      f"names, templates {list(templates)[:3]}")
+    tokens = self.task.tokenizer.encode_batch(zeroshot.prompts(class_names, templates))
+    classes = np.asarray(zeroshot.class_embeddings(self._jit("embed_texts"), self.params, tokens, len(class_names)))
+    return _top_k(self.encode_image(images) @ classes.T, class_names, top_k)
+
+  def caption(self, images, *, beam_size: int = 1, max_len: int = 0, length_penalty: float = 0.0) -> list[str]:
+    """One caption per image (an Aurora model): greedy, or beam search with `beam_size` > 1, as tools.caption."""
+    self._require(("aurora",), "caption")
+    pixels = self.preprocess(images)
+    captions = []
+    for start in range(0, len(pixels), self.batch_size):
+      rows = pixels[start:start + self.batch_size]
+      captions += generate.caption_images(self.task, self.params, _pad(rows, self.batch_size), beam_size=beam_size,
+                                          max_len=max_len or None, length_penalty=length_penalty)[:len(rows)]
+    return captions
+
+  def preprocess(self, images) -> np.ndarray:
+    """(N, S, S, 3) uint8: `images` (module docstring) as the run's evaluation views them."""
+    size, view = self.config.data.image_size, self.config.data.get("eval_preprocess", "inception")
+    transform = transforms.EvalTransform(size, view)
+    return np.stack([transform.map({"image": _rgb(image, transforms.eval_decode_side(size, view))})["image"]
+                     for image in _image_list(images)])
+
+  @property
+  def class_names(self) -> list[str]:
+    """The head's class names (a classifier): the training data's, else 'class <i>'."""
+    self._require(("classification",), "class_names")
+    return panels.class_names_or_numbers(lambda: data.train_class_names(self.config.data),
+                                         self.config.model.num_classes)
+
+  # ------------------------------------------------------------------------------------------------- running
+
+  @property
+  def _is_image_text(self) -> bool:
+    return self.config.task in IMAGE_TEXT_TASKS
+
+  def _require(self, task_names: Sequence[str], what: str) -> None:
+    if self.config.task not in task_names:
+      raise UserError(f"{what}: the model at {self.path} is a {self.config.task!r} model; {what} needs a "
+                      f"{' or '.join(map(repr, task_names))} one")
+
+  def _forward(self, name: str) -> Callable:
+    task = self.task
+    if name == "pooled_features":
+      return probe.pooled_features(task)
+    if name == "probabilities":
+      return lambda params, images: jax.nn.softmax(task.logits(params, task.normalize(images), train=False), -1)
+    return getattr(task, name)  # embed_images, embed_texts
+
+  def _jit(self, name: str) -> Callable:
+    if name not in self._jitted:
+      self._jitted[name] = jax.jit(self._forward(name))
+    return self._jitted[name]
+
+  def _run_batched(self, name: str, rows: np.ndarray) -> np.ndarray:
+    """`name`'s forward over `rows` in batches of `batch_size` (the last padded), as float32 numpy."""
+    if not len(rows):
+      raise UserError(f"{name}: no inputs given")
+    fn, out = self._jit(name), []
+    for start in range(0, len(rows), self.batch_size):
+      chunk = rows[start:start + self.batch_size]
+      batch = jax.device_put(_pad(chunk, self.batch_size), self._batch_sharding)
+      out.append(np.asarray(fn(self.params, batch), np.float32)[:len(chunk)])
+    return np.concatenate(out)
+
+
+# ------------------------------------------------------------------------------------------------------ inputs
+
+def _as_list(items) -> list:
+  return [items] if isinstance(items, str) else list(items)
+
+
+def _pad(rows: np.ndarray, size: int) -> np.ndarray:
+  """`rows` filled up to `size` with copies of its last row (dropped after the forward: one compiled shape)."""
+  return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)]) if len(rows) < size else rows
+
+
+def _image_list(images) -> list:
+  """One image, a sequence of them or an NHWC batch -> a list of single images; UserError for none."""
+  if isinstance(images, (Image.Image, str, os.PathLike)) or (isinstance(images, np.ndarray) and images.ndim < 4):
+    images = [images]
+  images = list(images)
+  if not images:
+    raise UserError("images: none given (uint8 HxWx3 arrays, an NHWC batch, PIL images or image files)")
+  return images
+
+
+def _rgb(image: Any, decode_side: int) -> np.ndarray:
+  """A uint8 HxWx3 RGB array of a PIL image (upright, transparency on white, as decoding does), an image file
+  (decoded at no less than `decode_side`) or an array."""
+  if isinstance(image, (str, os.PathLike)):
+    try:
+      with open(image, "rb") as f:
+        encoded = f.read()
+    except OSError as e:
+      raise UserError(f"images: cannot read {os.fspath(image)}: {e.strerror or e}") from e
+    try:
+      return transforms.decode_image(encoded, decode_side)
+    except transforms.DECODE_ERRORS as e:  # Pillow's UnidentifiedImageError is an OSError
+      raise UserError(f"images: cannot decode {os.fspath(image)}: {e}") from e
+  if isinstance(image, Image.Image):
+    return np.asarray(transforms.on_white(transforms.upright(image)))
+  array = np.asarray(image)
+  if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+    raise UserError(f"images: expected uint8 HxWx3 RGB arrays (or PIL images, image files); got {array.dtype} of "
+                    f"shape {array.shape}")
+  return array
+
+
+def _top_k(scores: np.ndarray, names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
+  if k < 1:
+    raise UserError(f"top_k={k}: must be positive")
+  best = np.argsort(-scores, axis=-1, kind="stable")[:, :k]
+  return [[(names[j], float(row[j])) for j in order] for row, order in zip(scores, best)]
