@@ -13,6 +13,7 @@ import ast
 import collections
 import functools
 import pathlib
+import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "visionfm_jax"
@@ -108,6 +109,14 @@ def test_every_folder_and_module_of_the_package_has_a_layer():
   units = {_unit(".".join(f.relative_to(ROOT).with_suffix("").parts)) for f in PACKAGE.rglob("*.py")}
   assert not units - set(RANK), f"add to LAYERS: {sorted(units - set(RANK))}"
   assert not set(RANK) - units, f"LAYERS names what the package lacks: {sorted(set(RANK) - units)}"
+
+
+def test_the_package_root_reaches_up_only_for_its_load_api():
+  """`visionfm_jax.load` is the one name the bottom layer hands out from the top (tools/trained_model.py), by a lazy
+  import the edges above cannot see: it is the only one, so importing the package stays cheap and acyclic."""
+  text = (PACKAGE / "__init__.py").read_text()
+  assert re.findall(r"import_module\(\"([\w.]+)\"\)", text) == ["visionfm_jax.tools.trained_model"]
+  assert not re.findall(r"^\s*(?:from|import) visionfm_jax", text, re.M)
 
 
 def test_no_import_runs_upward():
