@@ -356,3 +356,15 @@ def test_caption_images_take_the_runs_evaluation_view(tmp_path):
     want = transforms.EvalTransform(16, preprocess).map({"image": image})["image"]
     np.testing.assert_array_equal(views[preprocess], want)
   assert not np.array_equal(views["inception"], views["clip"])
+
+
+def test_caption_names_an_image_it_cannot_decode_apart_from_one_it_cannot_read(tmp_path):
+  """Pillow's UnidentifiedImageError is an OSError: it is a decode failure, not a read failure."""
+  from visionfm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.tools import caption  # pylint: disable=g-import-not-at-top
+  garbage = tmp_path / "garbage.jpg"
+  garbage.write_bytes(b"not an image at all")
+  with pytest.raises(UserError, match=rf"--images: cannot decode {garbage}: "):
+    caption.read_image(str(garbage), 16)
+  with pytest.raises(UserError, match=rf"--images: cannot read {tmp_path / 'missing.jpg'}: No such file"):
+    caption.read_image(str(tmp_path / "missing.jpg"), 16)

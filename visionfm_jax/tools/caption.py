@@ -68,10 +68,11 @@ def read_image(path: str, size: int, preprocess: str = "inception") -> np.ndarra
   try:
     with open(path, "rb") as f:
       data = f.read()
-    image = transforms.decode_image(data, transforms.eval_decode_side(size, preprocess))
   except OSError as e:
     raise UserError(f"--images: cannot read {path}: {e.strerror or e}") from e
-  except transforms.DECODE_ERRORS as e:  # OSError: caught above
+  try:  # apart from the read: Pillow's UnidentifiedImageError is an OSError too
+    image = transforms.decode_image(data, transforms.eval_decode_side(size, preprocess))
+  except transforms.DECODE_ERRORS as e:
     raise UserError(f"--images: cannot decode {path}: {e}") from e
   return transforms.EvalTransform(size, preprocess).map({"image": image})["image"]
 
