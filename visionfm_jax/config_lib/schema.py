@@ -326,8 +326,17 @@ def eval_config(**family_fields) -> ml_collections.ConfigDict:
       # of ImageNet's variants in data/sources/imagenet_variants.py, metrics eval/zeroshot_<name>/top1, ...; () = none
       zeroshot_benchmarks=(),
       zeroshot_benchmark_templates="imagenet",  # their prompts: OpenAI's 80; 'imagenet_simple': 8 of them
-      **family_fields,
+      **zeroshot_prompt_fields(family_fields),
   ))
+
+
+def zeroshot_prompt_fields(family_fields: dict) -> dict:
+  """A family with zero-shot (zeroshot_classes) also takes config.eval.zeroshot_templates."""
+  if "zeroshot_classes" not in family_fields:
+    return family_fields
+  # a text file of prompt templates, one per line with '{}' for the class name; '' = the zeroshot_classes set's
+  # own (OpenAI's 80 for a file of class names or 'data')
+  return {"zeroshot_templates": "", **family_fields}
 
 
 def loop_fields() -> dict:

@@ -11,12 +11,20 @@ further sets, ((name, source spec), ...), each logged as `eval/zeroshot_<name>/t
 OpenAI's curated names of those ImageNet classes and the templates of config.eval.zeroshot_benchmark_templates
 ('imagenet': OpenAI's 80, as papers report; 'imagenet_simple': 8 of them); every image of the set is scored
 (ImageNet-A and -R against their own 200 classes only, as in their papers and CLIP's).
+
+config.eval.zeroshot_classes names a shipped set (ZEROSHOT_SETS), a text file of the user's class names (one per
+line, in label order), or 'data': the class names in the zero-shot data's own dataset.json (`zeroshot_classes`);
+config.eval.zeroshot_templates, a text file of prompt templates (one per line, each with one '{}'), replaces the
+set's templates ('' : a set's own, OpenAI's 80 for names from a file or the data). The zero-shot images are checked
+for labels when the evaluator is built (`open_zeroshot_source`), so that unlabelled data stops a run at start-up,
+not at its first evaluation.
 """
 
 from __future__ import annotations
 
 import functools
 import importlib.resources
+import os
 from typing import Callable, Sequence
 
 import jax
@@ -25,11 +33,15 @@ import numpy as np
 
 from visionfm_jax import data
 from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.loader.pipeline import first_readable_record
 from visionfm_jax.data.sources import imagenet_variants, registry as sources
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate.classification import TopKEvaluator
 
 ZEROSHOT_SETS = ("imagenet", "imagenet_simple", "shapes")
+CLASSES_FIELD, TEMPLATES_FIELD, SOURCE_FIELD = (f"config.eval.zeroshot_{name}" for name in ("classes", "templates",
+                                                                                          "source"))
+FROM_DATA = "data"  # config.eval.zeroshot_classes: the class names of the zero-shot data's dataset.json
 
 
 def read_lines(name: str) -> list[str]:
@@ -54,6 +66,88 @@ def class_names_and_templates(name: str) -> tuple[list[str], list[str]]:
     templates = [f"a {size} {colour} {{}}" for size in ("large", "small") for colour in shapes.COLOUR_NAMES]
     return list(shapes.SHAPE_NAMES), templates
   raise ConfigError(f"config.eval.zeroshot_classes={name!r}: expected one of {ZEROSHOT_SETS}")
+
+
+def read_text_lines(path: str, field: str) -> list[str]:
+  """The non-blank lines of the user's text file `path`, stripped; ConfigError naming `field` and the file when it
+  cannot be read or has none."""
+  try:
+    with open(os.path.expanduser(path), encoding="utf-8") as f:
+      lines = [line.strip() for line in f if line.strip()]
+  except (OSError, UnicodeDecodeError) as e:
+    raise ConfigError(f"{field}={path!r}: cannot read it ({getattr(e, 'strerror', None) or e})") from e
+  if not lines:
+    raise ConfigError(f"{field}={path!r}: the file has no lines; expected one entry per line")
+  return lines
+
+
+def read_templates(path: str) -> list[str]:
+  """The prompt templates of the file config.eval.zeroshot_templates, each with one '{}' for the class name."""
+  templates = read_text_lines(path, TEMPLATES_FIELD)
+  for number, template in enumerate(templates, 1):
+    rest = template.replace("{}", "", 1)
+    if "{}" not in template or "{" in rest or "}" in rest:
+      raise ConfigError(f"{TEMPLATES_FIELD}={path!r}: line {number} {template!r} must hold exactly one '{{}}' "
+                        f"(where the class name goes) and no other braces")
+  return templates
+
+
+def data_class_names(data_cfg, what: str) -> list[str]:
+  """The class names (label order) of the zero-shot data (`data_cfg`'s eval source): its dataset.json's, OpenAI's
+  names for ImageNet's WordNet ids."""
+  spec = sources.eval_source_spec(data_cfg)
+  try:
+    names = data.class_names(spec, data_cfg, what=what)
+  except DataError as e:
+    raise ConfigError(f"{CLASSES_FIELD}={FROM_DATA!r}: {e}; name a file of class names instead") from e
+  if sources.source_kind(spec) in imagenet_variants.KINDS:
+    names = imagenet_class_names(names, what)
+  return names
+
+
+def zeroshot_classes(eval_cfg, data_cfg) -> tuple[list[str], list[str]] | None:
+  """(class names, prompt templates) of config.eval.zeroshot_classes (`eval_cfg`) on the zero-shot data
+  (`data_cfg`, contrastive.zeroshot_data_config); None when it is '' (no zero-shot). ConfigError naming the field or
+  file when they cannot be read."""
+  value = eval_cfg.zeroshot_classes
+  if not value:
+    return None
+  if value in ZEROSHOT_SETS:
+    names, templates = class_names_and_templates(value)
+  elif value == FROM_DATA:
+    names, templates = data_class_names(data_cfg, zeroshot_source_what(eval_cfg, data_cfg)), None
+  elif os.path.isfile(os.path.expanduser(value)):
+    names, templates = read_text_lines(value, CLASSES_FIELD), None
+  else:
+    raise ConfigError(f"{CLASSES_FIELD}={value!r}: no such file; expected one of {', '.join(ZEROSHOT_SETS)}, "
+                      f"{FROM_DATA!r} (the class names of the labelled eval data) or a text file of class names, "
+                      f"one per line")
+  templates_path = eval_cfg.get("zeroshot_templates", "")  # absent in older configs: the set's own
+  if templates_path:
+    templates = read_templates(templates_path)
+  return names, templates or class_names_and_templates("imagenet")[1]
+
+
+def zeroshot_source_what(eval_cfg, data_cfg) -> str:
+  """How errors name the zero-shot images: config.eval.zeroshot_source when set, else the eval source's field."""
+  if eval_cfg.zeroshot_source:
+    return f"{SOURCE_FIELD}={eval_cfg.zeroshot_source!r}"
+  return sources.eval_source_what(data_cfg)
+
+
+def open_zeroshot_source(eval_cfg, data_cfg):
+  """The zero-shot images (`data_cfg`, contrastive.zeroshot_data_config), opened and checked: ConfigError naming the
+  fields to change when its records have no labels, so that the run stops at start-up, not at its first
+  evaluation."""
+  check_zeroshot_source(data_cfg)
+  what = zeroshot_source_what(eval_cfg, data_cfg)
+  source = data.open_eval_source(data_cfg, what=what)
+  record = first_readable_record(source)
+  if record is not None and "label" not in record:
+    raise ConfigError(f"{CLASSES_FIELD}={eval_cfg.zeroshot_classes!r} needs labelled eval images; the eval data "
+                      f"{what} split {data_cfg.eval_split!r} has none (keys {sorted(record)}): set "
+                      f"--{CLASSES_FIELD}= (no zero-shot) or name labelled images with --{SOURCE_FIELD}=")
+  return source
 
 
 def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:

@@ -11,7 +11,8 @@ With config.model.contrastive_loss='siglip' the loss is SigLIP's instead (Zhai e
 (image, text) pair of the global batch with a learnable bias, computed on a mesh as a ring that passes the texts
 from device to device (B_local x B_local logits a hop); split and clamped as CLIP's.
 
-Evaluators: `zeroshot` (class names x prompt templates; `eval/zeroshot/top1`, `top5`) on a labelled split,
+Evaluators: `zeroshot` (class names x prompt templates: a shipped set, the user's file or the data's own names,
+evaluate/zeroshot.py; `eval/zeroshot/top1`, `top5`) on a labelled split, checked for labels when built,
 `retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs, and `<name>_retrieval` for
 each (name, spec) of config.eval.retrieval_benchmarks: COCO / Flickr30k with every caption of each image
 (data/text/caption_sets.py; `eval/coco_retrieval/i2t_r1`, ..., `count` images, `captions`).
@@ -110,12 +111,11 @@ class ContrastiveTask(SplitLossTask):
     eval_cfg = self.config.eval
     out = {}
     if eval_cfg.zeroshot_classes:
-      names, templates = zeroshot.class_names_and_templates(eval_cfg.zeroshot_classes)
+      data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
+      source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg)  # labelled, or the run stops now
+      names, templates = zeroshot.zeroshot_classes(eval_cfg, data_cfg)
       tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
       zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
-      data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
-      zeroshot.check_zeroshot_source(data_cfg)
-      source = data.open_eval_source(data_cfg)
 
       def run_zeroshot(params):
         batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size,
@@ -135,7 +135,7 @@ class ContrastiveTask(SplitLossTask):
     eval_cfg = self.config.eval
     classes = None
     if eval_cfg.zeroshot_classes:
-      names, templates = zeroshot.class_names_and_templates(eval_cfg.zeroshot_classes)
+      names, templates = zeroshot.zeroshot_classes(eval_cfg, zeroshot_data_config(self.config.data, eval_cfg))
       classes = (names, self.tokenizer.encode_batch(zeroshot.prompts(names, templates)), jax.jit(self.embed_texts))
     return image_text.pairs_panel(self, image_text.held_out_pairs(self, ctx), ctx, classes)
 

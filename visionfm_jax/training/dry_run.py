@@ -5,7 +5,9 @@ The config (validated by main.py) is checked against the planned devices and pro
 init_from must exist, and the run plan is made as `train.run` makes it (training/plan.py: the model fields
 init_from implies; the workdir's newest checkpoint must accept this config, training/resume.py); the task is
 built and opens its data as a run does at start-up (the training data, every mixture entry, and every
-evaluator's sources: a missing or empty one is a DataError naming it). The train state
+evaluator's sources: a missing or empty one is a DataError naming it, zero-shot on images without labels or with
+an unreadable class-names file a ConfigError naming the field, as the run would meet them at its first evaluation).
+The train state
 is planned from shapes only (`jax.eval_shape`): its bytes per device under the strategy on the mesh of the
 planned devices (parallel/memory.py); the activations are left to bench/memory_plan.py, which compiles the step.
 
