@@ -57,7 +57,7 @@ def test_zeroshot_on_unlabelled_pairs_stops_before_the_first_step(dry_run, unlab
   error = _one_error_line(status, stderr)
   assert error.startswith(LABEL_ERROR + repr(unlabelled)), error
   assert "--config.eval.zeroshot_classes= (no zero-shot)" in error and "--config.eval.zeroshot_source=" in error
-  assert not (tmp_path / "run" / "metrics.jsonl").exists() or not (tmp_path / "run" / "metrics.jsonl").read_text()
+  assert not (tmp_path / "run").exists()  # stopped before it wrote anything: the new workdir is gone
 
 
 def test_without_zeroshot_unlabelled_pairs_train_and_report_retrieval(unlabelled, tmp_path):

@@ -434,13 +434,14 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   loader = task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(loader)
-  if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
-    train_iter.follow_changed_data()
-  # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too.
+  # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too, before the
+  # workdir records the data (a run stopped here leaves a new workdir empty, and so removed).
   eval_context = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
                              jax.process_count())
   evaluators = task.evaluators(eval_context)
   panel = task.panel(eval_context)
+  if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
+    train_iter.follow_changed_data()
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
   init_fn = make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
