@@ -11,7 +11,7 @@ import pytest
 
 from conftest import randomize_hf_params
 from visionfm_jax import convert
-from visionfm_jax.convert import hf_clip, hf_files
+from visionfm_jax.convert import hf_files
 from visionfm_jax.errors import CheckpointError, ConfigError
 
 ATOL = 1e-4

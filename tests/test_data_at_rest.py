@@ -20,7 +20,7 @@ from test_wds import write_tars
 from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files
 from visionfm_jax.data.sources import open_shards, records, wds
 from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.errors import ConfigError, DataError, UserError, WorkdirError
+from visionfm_jax.errors import ConfigError, DataError, WorkdirError
 from visionfm_jax.tools import index_tars
 from visionfm_jax.training import data_record, train
 

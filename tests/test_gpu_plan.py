@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import pytest
 
 from visionfm_jax import config_lib, models
-from visionfm_jax.models import kernels, vit
+from visionfm_jax.models import vit
 from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan, roofline
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -4,7 +4,6 @@ and SimMIM's masked L1."""
 import math
 import re
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np

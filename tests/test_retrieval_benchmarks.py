@@ -1,7 +1,6 @@
 """Retrieval with several captions per image (COCO, Flickr30k as papers report them): the metric against a
 brute-force reference, the readers of the released layouts, and the evaluator end to end with a tiny CLIP."""
 
-import io
 import itertools
 import json
 import pathlib

@@ -25,7 +25,6 @@ import re
 import shlex
 import stat
 import subprocess
-import sys
 
 import pytest
 

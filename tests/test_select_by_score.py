@@ -12,7 +12,6 @@ import pytest
 from PIL import Image
 
 from visionfm_jax.data.sources import wds
-from visionfm_jax.errors import UserError
 from visionfm_jax.tools import index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 

@@ -3,7 +3,6 @@ tool as the runbooks use it: cheap, deterministic, and in the layouts those read
 
 import hashlib
 import json
-import sys
 import tarfile
 import time
 

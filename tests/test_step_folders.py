@@ -3,7 +3,6 @@ file under a step's name are named in one warning and ignored, a save moves what
 aside, a requeue completes; a step copied in from a run of another model is refused naming it and the field; and
 a stop line calls good only a checkpoint this run saved or read."""
 
-import json
 import logging
 import os
 import shutil

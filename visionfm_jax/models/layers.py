@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import einops
 import flax.linen as nn
 from flax.core import meta
 import jax
