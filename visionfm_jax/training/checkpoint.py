@@ -50,11 +50,6 @@ from visionfm_jax.training.param_rules import ParamRules, path_str
 
 _CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
 _HEALTH_ITEM, _HEALTH_FILE = "health", "health.json"  # <step>/health/health.json: its rollbacks (training/health.py)
-_DATA_FILE = re.compile(r"process_\d+-of-(\d+)\.json")  # grain's per-process iterator state files
-
-
-def _data_file(index: int, count: int) -> str:
-  return f"process_{index}-of-{count}.json"
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports the errno of a failed write
@@ -351,20 +346,13 @@ class Checkpointer:
     """The data-iterator states of all processes when `step` was saved by another number of them than run
     now; None when this process's own state is there (or no data state at all)."""
     data_dir = self.directory / str(step) / "data"
-    if not data_dir.exists() or (data_dir / _data_file(jax.process_index(), jax.process_count())).exists():
+    own = digests.process_file_name(jax.process_index(), jax.process_count())
+    if not data_dir.exists() or (data_dir / own).exists():
       return None
-    names = sorted(p.name for p in data_dir.glob("process_*-of-*.json"))
-    counts = {int(m.group(1)) for m in map(_DATA_FILE.fullmatch, names) if m}
-    if len(counts) != 1:
-      raise CheckpointError(f"cannot restore {data_dir}: expected process_<i>-of-<n>.json files of one process "
-                            f"count, found {names or 'none'}")
-    count = counts.pop()
-    missing = [_data_file(i, count) for i in range(count) if _data_file(i, count) not in names]
-    if missing:
-      raise CheckpointError(f"cannot restore {data_dir}: missing {', '.join(missing)}")
+    files = digests.every_process_file(data_dir, f"cannot restore {data_dir}")
     logging.info("%s was saved by %d processes and %d run now: the data stream continues after all of their "
-                 "positions", data_dir, count, jax.process_count())
-    return [(data_dir / _data_file(i, count)).read_bytes() for i in range(count)]
+                 "positions", data_dir, len(files), jax.process_count())
+    return [path.read_bytes() for path in files]
 
   def restore_newest_readable(self, abstract_state, data_iterator=None):
     """(step, state) of the newest checkpoint that every process can restore, or None when there are none.

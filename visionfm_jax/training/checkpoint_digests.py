@@ -45,8 +45,23 @@ HASH_THREADS = max(1, min(4, os.cpu_count() or 1))
 Bounds = tuple[tuple[int, int], ...]  # a slice of an array: (start, stop) per dimension
 
 
-def _file_name(index: int, count: int) -> str:
+def process_file_name(index: int, count: int) -> str:
   return f"process_{index}-of-{count}.json"
+
+
+def every_process_file(directory: epath.Path, culprit: str) -> list[epath.Path]:
+  """The per-process files `process_<i>-of-<n>.json` of `directory` (digests, grain's iterator states), in process
+  order: all n of one process count n, else a CheckpointError that starts with `culprit`."""
+  names = sorted(p.name for p in directory.glob("process_*-of-*.json"))
+  counts = {int(m.group(2)) for m in map(_FILE.fullmatch, names) if m}
+  if len(counts) != 1:
+    raise CheckpointError(f"{culprit}: expected process_<i>-of-<n>.json files of one process count, found "
+                          f"{names or 'none'}")
+  count = counts.pop()
+  missing = [process_file_name(i, count) for i in range(count) if process_file_name(i, count) not in names]
+  if missing:
+    raise CheckpointError(f"{culprit}: missing {', '.join(missing)}")
+  return [directory / process_file_name(i, count) for i in range(count)]
 
 
 def _key_name(key) -> str:
@@ -146,7 +161,7 @@ def record(arrays: dict[str, HostArray]) -> dict:
 # ------------------------------------------------------------------------------------------------- saving
 
 def _write(directory: epath.Path, arrays: dict[str, HostArray]) -> None:
-  (directory / _file_name(jax.process_index(), jax.process_count())).write_text(json.dumps(record(arrays)))
+  (directory / process_file_name(jax.process_index(), jax.process_count())).write_text(json.dumps(record(arrays)))
 
 
 class DigestHandler(ocp.handlers.AsyncCheckpointHandler):
@@ -198,18 +213,8 @@ def read(directory) -> dict | None:
   directory = epath.Path(directory)
   if not directory.exists():
     return None
-  names = sorted(p.name for p in directory.glob("process_*-of-*.json"))
-  counts = {int(m.group(2)) for m in map(_FILE.fullmatch, names) if m}
-  if len(counts) != 1:
-    raise CheckpointError(f"{directory}: expected the digests of one process count (process_<i>-of-<n>.json), "
-                          f"found {names or 'none'}")
-  count = counts.pop()
-  missing = [_file_name(i, count) for i in range(count) if _file_name(i, count) not in names]
-  if missing:
-    raise CheckpointError(f"{directory}: missing {', '.join(missing)}")
   arrays = {}
-  for i in range(count):
-    path = directory / _file_name(i, count)
+  for path in every_process_file(directory, str(directory)):
     try:
       saved = json.loads(path.read_text())
       if saved.get("hash") != HASH:

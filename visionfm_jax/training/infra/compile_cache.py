@@ -11,9 +11,9 @@ processes, process 0 writes it and every process reads it (on a workdir that the
 What is trusted: JAX names an entry `<program>-<key>-cache` and loads whatever bytes that file holds, so an entry
 changed after it was written (another run's program copied under its name, a write cut short by a kill, a
 truncated copy) would run as the program asked for. Here, before JAX writes an entry, the digest of its key and
-bytes goes in `<program>-<key>-digest` beside it (xxh3-128 when xxhash is installed, else BLAKE2b-128; the
-record names which), and an entry is loaded only when its bytes match it. An entry that does not, or that has
-no digest (one written by JAX outside a run, or by a version before this check), is a one-line warning, removed
+bytes goes in `<program>-<key>-digest` beside it (xxh3-128, named in the record), and an entry is loaded only
+when its bytes match it. An entry that does not, or that has no digest (one written by JAX outside a run), is a
+one-line warning, removed
 (by process 0, the writer; JAX's `-atime` file of it too) and its program compiled and written again: a cache is
 only a speed-up. The digest is written first so that an entry cut short by a SIGKILL fails its check instead of
 lacking one. It guards against accidents, not against someone who can write the folder: they can write a
@@ -22,7 +22,6 @@ digest as well, and JAX's own warning holds (whoever writes a cache folder runs 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 from typing import Iterator
 
@@ -30,19 +29,11 @@ import jax
 from absl import logging
 from jax._src import compilation_cache as jax_cache_internals  # the seam: the factory of JAX's file cache
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
-
-try:
-  import xxhash
-except ImportError:
-  xxhash = None
+import xxhash
 
 OFF = "off"
 _HIT = "/jax/compilation_cache/cache_hits"
 _JAX_FILE_CACHE = jax_cache_internals.get_file_cache
-_HASHES = {"blake2b": lambda: hashlib.blake2b(digest_size=16)}
-if xxhash is not None:
-  _HASHES["xxh3_128"] = xxhash.xxh3_128
-_HASH = "xxh3_128" if xxhash is not None else "blake2b"
 
 
 def directory(setting: str, workdir: str) -> str | None:
@@ -104,7 +95,7 @@ class _CheckedEntries:
 
   def put(self, key: str, entry: bytes) -> None:
     if not self._file(key, "cache").exists():  # JAX keeps the first entry written under a key, and so its digest
-      self._file(key, "digest").write_text(_digest(key, entry, _HASH))
+      self._file(key, "digest").write_text(_digest(key, entry))
     self._files.put(key, entry)
 
   def _problem(self, key: str, entry: bytes) -> str | None:
@@ -112,8 +103,7 @@ class _CheckedEntries:
       recorded = self._file(key, "digest").read_text()
     except OSError:
       return "has no recorded digest"
-    algorithm = recorded.partition(":")[0]
-    if algorithm not in _HASHES or recorded != _digest(key, entry, algorithm):
+    if recorded != _digest(key, entry):
       return "does not match the digest recorded when it was written"
     return None
 
@@ -129,8 +119,8 @@ class _CheckedEntries:
     return self._path / f"{key}-{suffix}"
 
 
-def _digest(key: str, entry: bytes, algorithm: str) -> str:
-  digest = _HASHES[algorithm]()
+def _digest(key: str, entry: bytes) -> str:
+  digest = xxhash.xxh3_128()
   digest.update(key.encode())
   digest.update(entry)
-  return f"{algorithm}:{digest.hexdigest()}"
+  return f"xxh3_128:{digest.hexdigest()}"
