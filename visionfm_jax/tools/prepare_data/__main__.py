@@ -1,12 +1,15 @@
-r"""Converts an image-folder tree or img2dataset WebDataset tars into the ArrayRecord shards of `data.sources.records`.
+r"""Converts an image-folder tree, img2dataset WebDataset tars or image-text pairs into the ArrayRecord shards of
+`data.sources.records`.
 
-  python -m visionfm_jax.tools.prepare_data --format=folders|webdataset|coco|visual_genome --input=... \
+  python -m visionfm_jax.tools.prepare_data \
+      --format=folders|webdataset|coco|visual_genome|caption_files|caption_table --input=... \
       --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
       [--unlabelled] [--follow_links] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation]
       [--seed=0]
       [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
       [--progress] [--task_index=I --task_count=N | --finalize] [--min_side=M]
       [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U | --selection=FILE]
+      [--path_column=path] [--caption_column=caption]
 
 --format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
 image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
@@ -45,6 +48,17 @@ for why. --exclude_karpathy=dataset_coco.json leaves out the images of Karpathy'
 Genome's by their coco_id), so that COCO 5k retrieval is not evaluated on training images. Shards of
 --records_per_shard pairs in listing order; dataset.json's split entry adds the listing's counts (images,
 excluded_images, missing_images, and for Visual Genome small_regions, empty_phrases).
+
+--format=caption_files and --format=caption_table: a researcher's own image-text pairs. caption_files: --input is
+a folder whose images (below it, as --unlabelled lists them) each have a caption file of the same name and `.txt`
+beside them (`photo.jpg` + `photo.txt`: img2dataset's "files" output, many scrapers'). caption_table: --input is
+a table (.csv, .tsv, .jsonl; .parquet through pyarrow) with a row per pair, the image's path (relative ones resolve
+against the table's folder) in --path_column and its caption in --caption_column. Shards of --records_per_shard
+pairs {image, caption, key: the path under the folder, or as the table gives it} in listing order;
+--holdout_examples=N moves N pairs drawn by --seed to --holdout_split. An image without a caption (no caption file,
+an empty one, an empty cell: `no_caption`), a table row without a path (`bad_row`), a missing or unreadable image
+(`no_image`) is skipped and counted; links are treated as --format=folders treats them (--follow_links follows
+those inside the folder, or the table's folder). No usable pair at all is an error naming --input.
 
 dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
 count of 'uncaptioned' records among them) or 'images' (image-only).
@@ -94,19 +108,22 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli, cluster_task
 from visionfm_jax.tools.prepare_data.captioned import PAIR_FORMATS, convert_pairs
 from visionfm_jax.tools.prepare_data.folders import convert_folders
+from visionfm_jax.tools.prepare_data.own_pairs import LISTING_REASONS, OWN_PAIR_FORMATS, convert_own_pairs
 from visionfm_jax.tools.prepare_data.shards import DEFAULT_RECORDS_PER_SHARD
 from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
-FORMATS = ("folders", "webdataset", *PAIR_FORMATS)
+FORMATS = ("folders", "webdataset", *PAIR_FORMATS, *OWN_PAIR_FORMATS)
 
 
 def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
-  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree, img2dataset tars, COCO captions or "
-                    "Visual Genome region descriptions.", flag_values=fv)
-  flags.DEFINE_string("input", None, "folders: the class tree; webdataset: a glob of .tar files; coco, "
-                      "visual_genome: the data set's root folder.", flag_values=fv)
+  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree, img2dataset tars, COCO captions, "
+                    "Visual Genome region descriptions, a folder of images with caption files or a table of path + "
+                    "caption.", flag_values=fv)
+  flags.DEFINE_string("input", None, "folders, caption_files: the folder; webdataset: a glob of .tar files; coco, "
+                      "visual_genome: the data set's root folder; caption_table: the .csv, .tsv, .jsonl or .parquet "
+                      "file.", flag_values=fv)
   flags.DEFINE_string("output", None, "Directory for the shards and dataset.json (created).", flag_values=fv)
   flags.DEFINE_string("split", "train", "Split name of the shards.", flag_values=fv)
   flags.DEFINE_integer("resize_shorter", 0, "Shrink images to this shorter side (JPEG q95); 0: keep.",
@@ -149,6 +166,8 @@ def make_flags() -> flags.FlagValues:
                      flag_values=fv)
   flags.DEFINE_integer("min_side", None, "Count (dataset.json) and warn about the images whose shorter side is "
                        "below this many px; default: --resize_shorter; 0: none.", flag_values=fv)
+  flags.DEFINE_string("path_column", "path", "caption_table: the column of the image paths.", flag_values=fv)
+  flags.DEFINE_string("caption_column", "caption", "caption_table: the column of the captions.", flag_values=fv)
   flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
                       "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.", flag_values=fv)
   return fv
@@ -205,8 +224,14 @@ def run(fv: flags.FlagValues) -> dict:
   common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
                 task=None if fv.finalize else cluster_task.from_flags(fv))
   score_filter = score_filter_of(fv)
-  if fv.follow_links and fv.format != "folders":
-    raise UserError(f"--follow_links: only for --format=folders (--format={fv.format} does not walk a tree)")
+  if fv.follow_links and fv.format not in ("folders", *OWN_PAIR_FORMATS):
+    raise UserError(f"--follow_links: only for --format=folders, caption_files or caption_table (--format="
+                    f"{fv.format} does not walk a tree)")
+  table_only = [f"--{name}" for name in ("path_column", "caption_column") if fv[name].present]
+  if table_only and fv.format != "caption_table":
+    raise UserError(f"{', '.join(table_only)}: only for --format=caption_table")
+  if fv.format in OWN_PAIR_FORMATS:
+    return _convert_own_pairs(fv, common, score_filter)
   pair_only = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy")
                if fv[name].present]
   if fv.format in PAIR_FORMATS:
@@ -242,6 +267,30 @@ def run(fv: flags.FlagValues) -> dict:
   return convert_webdataset(fv.input, fv.output, score_filter=score_filter, **common)
 
 
+def _convert_own_pairs(fv: flags.FlagValues, common: dict, score_filter: wds.ScoreFilter) -> dict:
+  """--format=caption_files or caption_table; UserError for the options of other formats, or a cluster task."""
+  foreign = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy",
+                                      "holdout_per_class", "unlabelled", "task_index", "task_count", "finalize")
+             if fv[name].present]
+  if common["task"] is not None and common["task"].count > 1 and not foreign:
+    foreign = ["--task_count (a SLURM job array)"]
+  if foreign or score_filter:
+    raise UserError(f"{', '.join(foreign + [f'--{n}' for n in score_filter.names])}: not for --format={fv.format} "
+                    f"(one process converts a data set of its size; --holdout_examples holds pairs out)")
+  return convert_own_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
+                           verify=fv.verify, num_workers=fv.num_workers, records_per_shard=fv.records_per_shard,
+                           progress=fv.progress or None, min_side=common["min_side"],
+                           holdout_examples=fv.holdout_examples,
+                           holdout_split_name=fv.holdout_split, seed=fv.seed, follow_links=fv.follow_links,
+                           path_column=fv.path_column, caption_column=fv.caption_column)
+
+
+def _reasons_text(counts: dict) -> str:
+  """data/limits.py's reasons (wds.reasons_text), then the listing's of the own-pair formats."""
+  listing = ", ".join(f"{reason} {counts[reason]}" for reason in LISTING_REASONS if counts.get(reason))
+  return ", ".join(part for part in (wds.reasons_text(counts), listing) if part)
+
+
 def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds: float) -> str:
   """The line a run prints: records per split of `splits`, skipped (per reason), filtered (per score), shards,
   `seconds` and `output_dir`; or, from a task that did not write dataset.json, what other tasks still owe."""
@@ -259,7 +308,7 @@ def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds
     skipped_by.update(entry.get("skipped_by", {}))
   skipped = sum(e["skipped"] for e in entries)
   return (f"prepare_data: {per_split} records, {skipped} skipped"
-          + (f" ({wds.reasons_text(skipped_by)})" if skipped_by else "") + ", "
+          + (f" ({_reasons_text(skipped_by)})" if skipped_by else "") + ", "
           + (f"{sum(filtered.values())} filtered ({by_reason}), " if filtered else "")
           + f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
 
