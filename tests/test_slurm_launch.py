@@ -41,6 +41,8 @@ PROBE = textwrap.dedent("""\
     if "wait_for_term" in args or args.get("only_task", task) != task:
         while True:
             signal.pause()
+    if "signal" in args:
+        os.kill(os.getpid(), getattr(signal, "SIG" + args["signal"]))
     sys.exit(int(args.get("exit", 0)))
     """)
 # srun as a cluster's reports a job whose task 0 it had to kill (SIGKILL) after another task failed: by the signal,
@@ -182,20 +184,23 @@ def test_sbatch_gives_each_task_the_cpus_of_the_job_and_runs_another_module(slur
   assert not slurm.requeued()
 
 
-@pytest.mark.parametrize("status, requeued", [(75, True), (3, False)])
-def test_sbatch_requeues_a_job_whose_process_gave_up_on_a_dead_peer(slurm, tmp_path, status, requeued):
-  """Task 1 exits 75 (faults.HUNG_EXIT_CODE: it gave up waiting on task 0, which hangs) and requeues the job,
-  although srun then kills task 0 and reports its signal; the job's status stays srun's. Another failure is not
-  requeued."""
+@pytest.mark.parametrize("ending, requeued", [("--exit=75", True), ("--signal=KILL", True), ("--signal=ABRT", True),
+                                             ("--exit=3", False), ("--signal=TERM", False)])
+def test_sbatch_requeues_a_job_whose_process_gave_up_on_a_dead_peer_or_died(slurm, tmp_path, ending, requeued):
+  """Task 1 exits 75 (faults.HUNG_EXIT_CODE: it gave up waiting on task 0, which hangs), or its python alone is
+  killed (the OOM killer) or aborts (JAX's client when the coordinator died), and requeues the job, although srun
+  then kills task 0 and reports its signal; the job's status stays srun's. Another failure is not requeued, nor a
+  TERM (the preemption path requeues those)."""
   shim = tmp_path / "bin" / "srun"
   shim.parent.mkdir()
   shim.write_text(SRUN_REPORTING_THE_KILLED_TASK)
   shim.chmod(0o755)
-  code, out = slurm.run("sbatch", "--nodes=2", "launch/slurm.sbatch", f"--exit={status}", "--only_task=1",
+  code, out = slurm.run("sbatch", "--nodes=2", "launch/slurm.sbatch", ending, "--only_task=1",
                         f"--workdir={tmp_path}", MODULE="probe_task",
                         PATH=os.pathsep.join([str(shim.parent), slurm.env["PATH"]]))
   assert code == 137, out
   assert slurm.requeued() == ([job_id(out)] if requeued else []), out
+  assert ("python died by SIG" in out) == (ending.startswith("--signal=") and ending != "--signal=TERM"), out
 
 
 def test_sbatch_caps_the_requeues_after_a_hang_and_no_others(slurm, tmp_path):
@@ -214,8 +219,8 @@ def test_sbatch_caps_the_requeues_after_a_hang_and_no_others(slurm, tmp_path):
   assert attempt("1001", 8)[0] == 75 and slurm.requeued() == ["1001"] * 2
   code, out = attempt("1001", 9)
   assert code == 75 and slurm.requeued() == ["1001"] * 2, out
-  assert (f"error: job 1001: 3 attempts ended on a hang or a lost peer ({record}), more than MAX_REQUEUES=2: not "
-          f"requeueing it") in out
+  assert (f"error: job 1001: 3 attempts ended on a hang, a lost peer or a dead process ({record}), more than "
+          f"MAX_REQUEUES=2: not requeueing it") in out
   assert attempt("1002", 0)[0] == 75 and slurm.requeued() == ["1001"] * 2 + ["1002"]
   assert record.read_text().splitlines() == ["1001 7", "1001 7", "1001 8", "1001 9", "1002 0"]
 
