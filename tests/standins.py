@@ -10,11 +10,15 @@ assertions. `write_all(root)` places every one as the runbooks do:
   root/raw/laion2B-en-joined/part-00000.parquet                   LAION-2B-en's metadata, img2dataset's input
   root/raw/vg/                                                   Visual Genome 1.2
   root/raw/images/                                               uncaptioned images, a folder tree
+  root/raw/my_photos/, my_captioned/, my_table/                  a researcher's own photos: class folders, images
+                                                                 with caption files, a CSV of path + caption;
+                                                                 my_class_names.txt (docs/your_data.md)
   root/data/tfds/downloads/manual/ILSVRC2012_img_{train,val}.tar ImageNet-1K for TFDS
   root/data/coco/                                                COCO 2017 + val2014 + Karpathy's dataset_coco.json
   root/data/flickr30k/                                           Flickr30k images + Karpathy's dataset_flickr30k.json
   root/data/ADEChallengeData2016/                                ADE20K (SceneParsing)
-  root/hub/openai/clip-vit-base-patch32, root/hub/google/vit-huge-patch14-224-in21k
+  root/hub/openai/clip-vit-base-patch32, root/hub/google/vit-huge-patch14-224-in21k,
+  root/hub/google/vit-base-patch16-224-in21k
                                                                  Hugging Face repositories, for a stand-in of
                                                                  `hf download <repo> --local-dir=...` to copy
   root/models/                                                   empty: where the runbooks download models to
@@ -532,9 +536,58 @@ def write_image_tree(root: Path) -> dict:
   return {"images": list(IMAGE_TREE)}
 
 
+# ------------------------------------------------------------------------------------------- your own photos
+
+MY_CLASSES = ("beach", "forest", "kitchen", "street")
+MY_PHOTOS_PER_CLASS = 8
+MY_CAPTIONED = 24
+
+
+def write_my_photos(root: Path) -> dict:
+  """A researcher's photos in class folders, `root/<class>/IMG_<n>.jpg` (MY_CLASSES, 8 photos each, 40 to 60 px;
+  one PNG per class), and beside the folder `my_class_names.txt`, the names they give the classes for zero-shot, one
+  per line in label order. Returns {classes, images_per_class}."""
+  root = Path(root)
+  for c, name in enumerate(MY_CLASSES):
+    for i in range(MY_PHOTOS_PER_CLASS):
+      data = jpeg(7000 + 10 * c + i, 40 + 4 * (i % 6), 40 + 2 * (i % 11))
+      suffix = "png" if i == 0 else "jpg"
+      if suffix == "png":
+        data = png(np.asarray(Image.open(io.BytesIO(data)).convert("RGB")))
+      _write(root / name / f"IMG_{1000 + i}.{suffix}", data)
+  _write(root.parent / "my_class_names.txt", "".join(f"a {name}\n" for name in MY_CLASSES).encode("utf-8"))
+  return {"classes": list(MY_CLASSES), "images_per_class": MY_PHOTOS_PER_CLASS}
+
+
+def write_my_captioned(root: Path) -> dict:
+  """Images each with a caption file of its name (`root/<n>.jpg` + `<n>.txt`, img2dataset's "files" layout, in
+  subfolders of 10), one image without its caption file. Returns {pairs, uncaptioned}."""
+  root = Path(root)
+  for i in range(MY_CAPTIONED + 1):
+    stem = root / f"{i // 10:05d}" / f"{i:09d}"
+    _write(stem.with_suffix(".jpg"), jpeg(7100 + i, 48 + 2 * (i % 5), 40 + 3 * (i % 4)))
+    if i < MY_CAPTIONED:
+      _write(stem.with_suffix(".txt"), (caption(7100 + i) + "\n").encode("utf-8"))
+  return {"pairs": MY_CAPTIONED, "uncaptioned": 1}
+
+
+def write_my_table(root: Path) -> dict:
+  """A CSV of path + caption, `root/captions.csv`, its paths relative to its folder (`images/<n>.jpg`); one row
+  names an image that is not there. Returns {rows, missing}."""
+  root = Path(root)
+  rows = ["path,caption"]
+  for i in range(MY_CAPTIONED):
+    _write(root / "images" / f"{i:04d}.jpg", jpeg(7200 + i, 44 + 3 * (i % 5), 40 + 2 * (i % 3)))
+    rows.append(f'images/{i:04d}.jpg,"{caption(7200 + i)}"')
+  rows.append('images/missing.jpg,"A photo that was never downloaded."')
+  _write(root / "captions.csv", ("\n".join(rows) + "\n").encode("utf-8"))
+  return {"rows": MY_CAPTIONED + 1, "missing": 1}
+
+
 # ------------------------------------------------------------------------------------------------------ models
 
 CLIP_REPO, VIT_REPO = "openai/clip-vit-base-patch32", "google/vit-huge-patch14-224-in21k"
+VIT_B16_REPO = "google/vit-base-patch16-224-in21k"
 CLIP_FILES = ("config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
               "tokenizer.json", "tokenizer_config.json", "vocab.json")
 VIT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
@@ -588,15 +641,18 @@ def _build_clip(path: Path) -> None:
   processor.save_pretrained(path)
 
 
-def _build_vit(path: Path) -> None:
+def _build_vit(path: Path, patch_size: int = 14) -> None:
+  """A miniature ViTModel of `patch_size` px patches at twice that size."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(1)
+  size = 2 * patch_size
   config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  image_size=28, patch_size=14, hidden_act="gelu", layer_norm_eps=1e-12, qkv_bias=True)
+                                  image_size=size, patch_size=patch_size, hidden_act="gelu", layer_norm_eps=1e-12,
+                                  qkv_bias=True)
   transformers.ViTModel(config, add_pooling_layer=True).save_pretrained(path)
-  transformers.ViTImageProcessor(size={"height": 28, "width": 28}, image_mean=[0.5] * 3,
+  transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
                                  image_std=[0.5] * 3).save_pretrained(path)
 
 
@@ -608,6 +664,7 @@ def built_models() -> Path:
   atexit.register(shutil.rmtree, folder, True)
   _build_clip(folder / CLIP_REPO)
   _build_vit(folder / VIT_REPO)
+  _build_vit(folder / VIT_B16_REPO, patch_size=16)
   return folder
 
 
@@ -627,6 +684,12 @@ def write_vit_huge_in21k(root: Path) -> dict:
   """A tiny transformers ViTModel repository with the files of `google/vit-huge-patch14-224-in21k` (VIT_FILES):
   14 px patches at 28 px, the pooler kept, mean / std 0.5."""
   return _copy_repo(VIT_REPO, root)
+
+
+def write_vit_base_in21k(root: Path) -> dict:
+  """A tiny transformers ViTModel repository with the files of `google/vit-base-patch16-224-in21k` (VIT_FILES):
+  16 px patches at 32 px, the pooler kept, mean / std 0.5."""
+  return _copy_repo(VIT_B16_REPO, root)
 
 
 # ---------------------------------------------------------------------------------------------------------- all
@@ -665,6 +728,9 @@ def write_all(root: Path, models: bool = True) -> dict:
       "laion_metadata": write_laion_metadata(raw / "laion2B-en-joined"),
       "visual_genome": write_visual_genome(raw / "vg"),
       "images": write_image_tree(raw / "images"),
+      "my_photos": write_my_photos(raw / "my_photos"),
+      "my_captioned": write_my_captioned(raw / "my_captioned"),
+      "my_table": write_my_table(raw / "my_table"),
       "imagenet2012_manual": write_imagenet2012_manual(data / "tfds"),
       "coco": write_coco(data / "coco"),
       "flickr30k": write_flickr30k(data / "flickr30k"),
@@ -675,4 +741,5 @@ def write_all(root: Path, models: bool = True) -> dict:
   if models:
     written["clip"] = write_clip_vit_b32(root / "hub" / CLIP_REPO)
     written["vit"] = write_vit_huge_in21k(root / "hub" / VIT_REPO)
+    written["vit_b16"] = write_vit_base_in21k(root / "hub" / VIT_B16_REPO)
   return written

@@ -8,7 +8,7 @@ errors. The checks between fields live with their owners (data/loader/checks.py,
 training/optim.py), and training/checks.py `validate` runs them all.
 """
 
-from visionfm_jax.config_lib.demo import DEMO_DATA, cpu_demo
+from visionfm_jax.config_lib.demo import DEMO_DATA, cpu_demo, small_data
 from visionfm_jax.config_lib.domains import (ALL_OR_COUNT, COUNT, DOMAINS, FRACTION, NON_NEGATIVE, NON_NEGATIVE_INT,
                                              ORDERED_PAIRS, POSITIVE, RATE, Choices, Domain, check, check_domains,
                                              rule_of)
