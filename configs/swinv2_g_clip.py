@@ -154,6 +154,13 @@ The demo with SigLIP's loss, at the CLIP demo's learning rate. Measured 2026-11-
 each beside a CLIP demo run the same day: zero-shot top-1 0.245 / 0.616 / 0.705 at steps 400 / 800 / 1200 (CLIP
 0.284 / 0.637 / 0.744), top-5 0.980 (0.996); retrieval i2t R@1/5/10 0.083 / 0.436 / 0.784 (0.087 / 0.443 / 0.793);
 459 s wall; the learned t rose from 10 to 11.2 and b went from -10 to -10.6.
+
+Variant `small`: your own few thousand image-text pairs (`tools.prepare_data --format=caption_files` or
+`caption_table` with --holdout_examples, into /data/my_pairs with a tokenizer trained on them, or
+`--config.data.source=` and `--config.data.tokenizer=` elsewhere): SwinV2-T at 224 px (window 7) and CLIP's text
+tower, augmentation on, 3,000 steps of 128 (config_lib.small_data says what and why), retrieval on the held-out
+pairs, zero-shot only on a class-names file given (`--config.eval.zeroshot_classes=`). `small,vit` fine-tunes an
+imported CLIP (`--config.init_from=` it, with the fields tools.import_hf prints). docs/your_data.md runs both.
 """
 
 import math
@@ -167,9 +174,9 @@ FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
-  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune"}:
+  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune", "small"}:
     raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, vit, siglip, flip, "
-                      "flip_tune and their combinations (demo,ft640, demo,siglip, vit,flip, ...)")
+                      "flip_tune, small and their combinations (demo,ft640, demo,siglip, vit,flip, ...)")
   if {"flip", "flip_tune"} & set(parts) and "vit" not in parts:
     raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: flip and flip_tune mask a ViT image tower (model.token_drop); "
                       f"add vit ({','.join(['vit', *parts])})")
@@ -224,6 +231,8 @@ def get_config(arg: str | None = None):
     _siglip(config)
   if "flip" in parts:
     config.model.image.token_drop = 0.5  # FLIP: half of each image's patch tokens dropped in training
+  if "small" in parts:
+    _small(config)
   if "demo" in parts:
     _demo(config)
   if "flip_tune" in parts:
@@ -261,6 +270,18 @@ def _demo(config):
   config.eval.retrieval_benchmarks = ()  # no COCO / Flickr30k on a laptop
   config.eval.zeroshot_source = config.eval.zeroshot_split = ""  # the eval source and split
   config.eval.zeroshot_examples = config.data.get_ref("eval_examples")  # the demo's eval count, as overridden
+
+
+def _small(config):
+  # your own few thousand pairs (docs/your_data.md): SwinV2-T (or the vit variant's B/16) and CLIP's text tower,
+  # the tokenizer trained on the captions, retrieval on the held-out pairs; zero-shot only on named classes
+  config_lib.small_data(config, source="arrayrecord:/data/my_pairs/{split}-*.array_record", lr=5e-4)
+  config.model.embed_dim = 512
+  if config.model.image.name == "swinv2":
+    set_fields(config.model.image, variant="T", window_size=7)
+  set_fields(config.model.text, variant="B", vocab_size=8192)
+  config.data.tokenizer = "/data/my_pairs/tokenizer.model"
+  set_fields(config.eval, zeroshot_classes="", zeroshot_source="", zeroshot_split="", retrieval_benchmarks=())
 
 
 def _flip_tune(config, demo: bool):
