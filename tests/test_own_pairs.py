@@ -166,3 +166,36 @@ def test_a_parquet_table_without_pyarrow_is_one_line_naming_the_package(tmp_path
   monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # an import of it raises ImportError
   assert "needs the package pyarrow" in _error("--format=caption_table", f"--input={table}",
                                                f"--output={tmp_path / 'out'}")
+
+
+# ---- a tokenizer trained on other text (issue 64: the demos' shapes tokenizer kept for your captions) ----
+
+OWN_CAPTIONS = ["an astronaut riding a horse on the moon", "a photograph of the old harbour at dusk",
+                "two cyclists crossing a bridge in the rain"]
+
+
+def _shapes_tokenizer():
+  from visionfm_jax.data.text import tokenizer  # pylint: disable=g-import-not-at-top
+  return tokenizer.load(tokenizer.shapes_tokenizer_path(), max_len=77)
+
+
+def test_a_tokenizer_that_spells_out_the_captions_words_gets_a_warning_naming_the_tool():
+  from visionfm_jax.tasks import image_text  # pylint: disable=g-import-not-at-top
+  shapes_tokenizer = _shapes_tokenizer()
+  message = image_text.pieces_per_word_warning(shapes_tokenizer, OWN_CAPTIONS, "")
+  assert "tools.train_tokenizer --records='<your pair shards>'" in message and "shapes demos' tokenizer" in message
+  assert not image_text.pieces_per_word_warning(shapes_tokenizer, ["a small red circle in the centre"] * 3, "")
+
+
+def test_the_check_reads_the_held_out_captions_at_start_up(caplog):
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.tasks import image_text  # pylint: disable=g-import-not-at-top
+  config = ml_collections.ConfigDict({"data": {"source": "arrayrecord:/d/{split}-*", "eval_source": "",
+                                               "mixture": (), "tokenizer": "/d/other_tokenizer.model",
+                                               "train_split": "train"}})
+  task = type("Task", (), {"config": config, "tokenizer": _shapes_tokenizer()})()
+  held_out = [{"image": b"", "caption": caption} for caption in OWN_CAPTIONS] + [{"image": b""}]
+  with caplog.at_level("WARNING"):
+    image_text.check_tokenizer_fits_captions(task, held_out)
+  assert "'/d/other_tokenizer.model' splits the data's captions" in caplog.text and "on 3 held-out" in caplog.text
+  assert "--records='/d/train-*'" in caplog.text

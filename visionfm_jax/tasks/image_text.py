@@ -7,13 +7,15 @@ class: the tokenizer, the contrastive term of their split losses, the held-out p
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from absl import logging
 
 from visionfm_jax import data
+from visionfm_jax.data.sources.registry import eval_source_spec
 from visionfm_jax.data.text import caption_sets, tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
@@ -34,6 +36,59 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer | tokenizer_lib.HFTokenize
     raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
                       f"config.model.text.vocab_size={text_cfg.vocab_size}")
   return tok
+
+
+# A tokenizer trained on captions of the data's language splits them into about 1.1 to 1.4 pieces a word (BPE or
+# SentencePiece on English); one trained on other text (the demos' shapes tokenizer) spells the words it never saw
+# letter by letter, 2.5 to 3 pieces a word on English captions. Above this bound, on a sample of the held-out
+# captions, a run warns.
+PIECES_PER_WORD_BOUND = 2.0
+PIECES_SAMPLE = 256  # held-out captions the bound is measured on: the first ones, read at start-up
+
+
+def pieces_per_word_warning(tokenizer, captions: Sequence[str], path: str, records: str = "") -> str:
+  """The warning for a tokenizer (`path`: config.data.tokenizer, '' the demos') that splits `captions` into more
+  than PIECES_PER_WORD_BOUND pieces per word (words: split at white space), else ''; `records`, the glob of the
+  training shards, goes into the command it gives."""
+  words = sum(len(caption.split()) for caption in captions)
+  pieces = sum(len(tokenizer.pieces(caption)) for caption in captions)
+  if not words or pieces <= PIECES_PER_WORD_BOUND * words:
+    return ""
+  name = f"{path!r}" if path else "'' (the shapes demos' tokenizer)"
+  return (f"config.data.tokenizer={name} splits the data's captions into {pieces / words:.1f} pieces a word (on "
+          f"{len(captions)} held-out captions; above {PIECES_PER_WORD_BOUND}): it was trained on other text. Train "
+          f"one on these captions: python -m visionfm_jax.tools.train_tokenizer "
+          f"--records='{records or '<your pair shards>'}' --vocab_size=8000 --out=PATH, then "
+          f"--config.data.tokenizer=PATH.model")
+
+
+def _sample_captions(source, count: int) -> list[str]:
+  """The captions of the first `count` records of `source` (images not decoded)."""
+  captions = []
+  for i in range(min(count, len(source))):
+    caption = source[i].get("caption")
+    if isinstance(caption, str) and caption.strip():
+      captions.append(caption)
+  return captions
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+  logging.warning("%s", message)
+
+
+def check_tokenizer_fits_captions(task, source) -> None:
+  """Warns (once a process) when task.tokenizer splits the first PIECES_SAMPLE captions of the held-out `source`
+  into more than PIECES_PER_WORD_BOUND pieces a word; the embedded shapes are the demos' tokenizer's own."""
+  data_cfg = task.config.data
+  spec = eval_source_spec(data_cfg)
+  if spec.startswith("shapes"):
+    return
+  records = spec.removeprefix("arrayrecord:").replace("{split}", data_cfg.get("train_split", "train"))
+  message = pieces_per_word_warning(task.tokenizer, _sample_captions(source, PIECES_SAMPLE), data_cfg.tokenizer,
+                                    records if spec.startswith("arrayrecord:") else "")
+  if message:
+    _warn_once(message)
 
 
 def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -61,8 +116,9 @@ def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> t
 def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
   """() -> this process's batches of the held-out pairs (data.eval_source or data.source, data.eval_split, the
   first data.eval_examples; SimMIM masks with `mim`). The source is opened now, so that a missing dataset stops
-  the run at start-up."""
+  the run at start-up, and its first captions checked against the tokenizer (`check_tokenizer_fits_captions`)."""
   source = data.open_eval_source(task.config.data)
+  check_tokenizer_fits_captions(task, source)
   return lambda: data.make_pair_eval_iterator(task.config.data, task.tokenizer, batch_size=ctx.local_batch_size,
                                               process_index=ctx.process_index, process_count=ctx.process_count,
                                               mim=mim, source=source)
