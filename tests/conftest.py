@@ -129,8 +129,8 @@ def tiny_clip_config(*variant, **overrides):
 def read_the_loss_after_every_step(monkeypatch):
   """Makes train.run's step read its loss back after every step: the host stall the loop's transfer guard
   exists to catch (tests of the guard, emulated on CPU in test_train_loop, real in test_gpu)."""
-  from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
-  jit_train_step = train.jit_train_step
+  from visionfm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+  jit_train_step = step_lib.jit_train_step
 
   def stalling(*args, **kwargs):
     step = jit_train_step(*args, **kwargs)
@@ -139,7 +139,7 @@ def read_the_loss_after_every_step(monkeypatch):
       float(metrics["train/loss"])
       return state, metrics
     return run_and_read
-  monkeypatch.setattr(train, "jit_train_step", stalling)
+  monkeypatch.setattr(step_lib, "jit_train_step", stalling)
 
 
 def pytest_collection_modifyitems(config, items):

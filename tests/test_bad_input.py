@@ -22,7 +22,7 @@ from absl import logging as absl_logging
 
 from conftest import ROOT, tiny_vit_config
 from visionfm_jax import config_lib, tasks
-from visionfm_jax.training import checkpoint, checks, optim, resume, train
+from visionfm_jax.training import checkpoint, checks, optim, resume, step as step_lib, train
 
 DEMO = "--config=configs/vit_huge.py:demo"
 TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
@@ -108,7 +108,7 @@ def _tiny_state_at_step_2(config):
   compiled), and a fresh data iterator."""
   task = tasks.build(config)
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
-  abstract = nn.unbox(jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0)))
+  abstract = nn.unbox(jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0)))
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract).replace(step=np.int32(2))
   loader = iter(task.train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,
                                   process_count=1))

@@ -25,7 +25,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from conftest import ROOT, cpu_env, tiny_vit_config
 from test_data import RangeSource
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training import checkpoint, optim, step as step_lib, train
 from visionfm_jax.data.loader import pipeline
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpoint-tmp, renamed to S when complete
@@ -187,9 +187,9 @@ def _restore_on(workdir, devices, strategy):
   config = _tiny_config(2, strategy)
   mesh = parallel.make_mesh(config.mesh, devices)
   task = tasks.build(config, mesh)
-  init_fn = train.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps), config)
+  init_fn = step_lib.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps), config)
   with mesh, parallel.activation_sharding(mesh):
-    abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
+    abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))
   state = ckpt.restore(ckpt.latest_step(), target)

@@ -21,7 +21,7 @@ from visionfm_jax import data, parallel, tasks
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tools import workdir as workdir_lib
-from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training import checkpoint, grads as grads_lib, optim, train
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.models import clip
 from visionfm_jax.tasks import contrastive, image_text
@@ -277,7 +277,7 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   with mesh, parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
     task.batch_features = counted_features
-    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated,
+    got, got_loss, _ = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated,
                                                           mesh if per_device else None))(params)
   jax.effects_barrier()
   assert len(forwards) == (2 * 4 * mesh.size if per_device else 4 + 3)

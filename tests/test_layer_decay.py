@@ -14,7 +14,7 @@ from conftest import override, tiny_vit_config
 
 from visionfm_jax import config_lib, models, parallel, tasks
 
-from visionfm_jax.training import optim, param_rules, train
+from visionfm_jax.training import optim, param_rules, step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import segmenter, swinv2, vit
 
@@ -166,9 +166,9 @@ def test_frozen_state_shards_and_checkpoints(tmp_path):
   """The boxed init of the train loop, its shardings and an Orbax round trip of a state with absent moments."""
   config = tiny_vit_config(strategy="zero1", **{"optim.freeze": (r"^(?!head/)",), "optim.layer_decay": 0.7})
   task = tasks.build(config)
-  init_fn = train.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps, task.model), config)
+  init_fn = step_lib.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps, task.model), config)
   mesh = parallel.make_mesh(config.mesh)
-  abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
+  abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
   rng = np.random.default_rng(0)
   state = jax.tree.map(lambda a: rng.normal(size=a.shape).astype(a.dtype), abstract)  # host arrays save fastest
   ckpt = ocp.StandardCheckpointer()  # what checkpoint.Checkpointer writes the state with
@@ -189,7 +189,7 @@ def test_freeze_rules_are_checked():
                           (("head[",), "is not a regex")):
     with pytest.raises(ConfigError, match=message):
       tx = optim.make_optimizer(override(config.copy_and_resolve_references(), **{"optim.freeze": freeze}).optim, 10)
-      jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
+      jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
 
 
 def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
@@ -202,7 +202,7 @@ def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
     mesh = parallel.make_mesh(config.mesh)
     task = tasks.build(config, mesh)
     batch = task.synthetic_batch(config.global_batch_size, np.random.default_rng(0))
-    cost = train.compile_train_step(config, mesh, batch, task).cost_analysis()
+    cost = step_lib.compile_train_step(config, mesh, batch, task).cost_analysis()
     flops[bool(freeze)] = (cost[0] if isinstance(cost, list) else cost)["flops"]
   assert flops[True] < 0.5 * flops[False], flops
 

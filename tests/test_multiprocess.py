@@ -25,7 +25,7 @@ from conftest import FAST_COMPILE_FLAGS, ROOT, tiny_vit_config
 from test_workdir import held_by_another_process
 import tracker_runs
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training import checkpoint, optim, step as step_lib
 from visionfm_jax.training.infra import faults
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
@@ -303,10 +303,10 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
   task = tasks.build(config, mesh)
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  init_fn = train.make_init_fn(task, tx, config)
+  init_fn = step_lib.make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
   with mesh, parallel.activation_sharding(mesh):
-    abstract, shardings, _ = train.state_shardings(init_fn, mesh, config)
+    abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))
     state = ckpt.restore(start, target)
@@ -317,7 +317,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
                                       process_index=i, process_count=PROCESSES))
       loader.set_state((workdir / "checkpoints" / str(start) / "data" / f"process_{i}-of-{PROCESSES}.json").read_bytes())
       loaders.append(loader)
-    step = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
+    step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings)
     for want in [r for r in _read_metrics(workdir) if "train/loss" in r and start < r["step"] <= start + 2]:
       parts = [next(loader) for loader in loaders]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
@@ -455,11 +455,9 @@ def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then
   moments, each ending the job within config.peer_timeout_s and a beat or two with a line naming the lost process:
   process 1 after its first train step, before any checkpoint (nothing to resume: the rerun starts over); then the
   coordinator, process 0, while checkpoint 20 is being written (the newest complete one, 10, stays the one a rerun
-  resumes from). The survivor of the coordinator is aborted by
-  JAX's own client at once ('Terminating process because the JAX distributed service detected fatal errors';
-  the missed-heartbeat callback that would replace it cannot be given from Python in jaxlib 0.10: its status
-  argument fails to convert, std::bad_cast), so the name comes from launch/local.sh. The last rerun ends bitwise
-  where the uninterrupted job does."""
+  resumes from). JAX's coordination service lives in local.sh's own process (parallel/coordination.py), so the
+  coordinator's survivor is not aborted by JAX's client but names it and exits 75 like any other. The last rerun
+  ends bitwise where the uninterrupted job does."""
   reference, _, cache = reference_run
   workdir, timeout_s = tmp_path / "run", 5
   flags = (cache, f"--config.peer_timeout_s={timeout_s}")
@@ -478,7 +476,11 @@ def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then
 
   job = _Job(workdir, *flags)
   _wait_for(lambda: _saving(workdir, 20), job, "the save of checkpoint 20")
-  out, _ = _killed(job, 0, timeout_s)  # the survivor: JAX aborts it (below) within a second
+  out, killed = _killed(job, 0, timeout_s)
+  assert re.search(rf"error: process 0 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
+                   rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 1 exits with code "
+                   rf"{faults.HUNG_EXIT_CODE}", out), out[-6000:]
+  assert "Terminating process because the JAX distributed service" not in out
   assert "resuming from" not in out
   assert checkpoint.newest_committed_step(workdir / "checkpoints") == 10
 

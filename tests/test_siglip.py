@@ -20,7 +20,7 @@ from test_contrastive import _random_pairs
 from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks import losses
-from visionfm_jax.training import train
+from visionfm_jax.training import grads as grads_lib, train
 
 B, D = 32, 24  # 8 devices: blocks of 4 x 4; D differs from every batch size so that shapes name one thing
 
@@ -159,7 +159,7 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   with mesh, parallel.activation_sharding(mesh):
     (want_loss, aux), want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng), has_aux=True))(params)
-    got, got_loss, _ = jax.jit(lambda p: train.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, None))(params)
+    got, got_loss, _ = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, None))(params)
   assert float(aux["train/logit_bias"]) == -3.0
   np.testing.assert_allclose(want_loss, single_device_loss(params, batch), rtol=1e-5)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)

@@ -22,7 +22,7 @@ from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_e
 from test_bad_input import run_main_in_process
 from visionfm_jax import tasks
 from visionfm_jax.evaluate import panels
-from visionfm_jax.training import train
+from visionfm_jax.training import step as step_lib, train
 from visionfm_jax.training.infra import metrics
 from visionfm_jax.errors import ConfigError, DataError
 
@@ -336,7 +336,7 @@ def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_ch
     value, aux = loss(self, params, batch, rng)
     return value * jnp.where(jnp.all(batch["label"] < 0), jnp.inf, 1.0), aux
   monkeypatch.setattr(tasks.ClassificationTask, "loss", overflowing_on_marked_labels)
-  jit_train_step = train.jit_train_step
+  jit_train_step = step_lib.jit_train_step
 
   def marking_after_two_steps(*args, **kwargs):
     step, calls = jit_train_step(*args, **kwargs), []
@@ -344,7 +344,7 @@ def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_ch
       calls.append(1)
       return step(state, batch if len(calls) <= 2 else dict(batch, label=batch["label"] - 1000))
     return run
-  monkeypatch.setattr(train, "jit_train_step", marking_after_two_steps)
+  monkeypatch.setattr(step_lib, "jit_train_step", marking_after_two_steps)
   with pytest.raises(train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*"
                                                f"{tmp_path / 'checkpoints'}/4"):
     train.run(config, str(tmp_path))
@@ -364,7 +364,7 @@ def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp
   from conftest import override, tiny_clip_config  # pylint: disable=g-import-not-at-top
   config = override(tiny_vit_config() if family == "vit" else tiny_clip_config(), **fields)
   config.data.num_workers = 0
-  monkeypatch.setattr(train, "make_init_fn", lambda *a: pytest.fail("the state was built"))
+  monkeypatch.setattr(step_lib, "make_init_fn", lambda *a: pytest.fail("the state was built"))
   with pytest.raises(DataError, match="/nonexistent/"):
     train.run(config, str(tmp_path))
 

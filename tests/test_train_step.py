@@ -14,7 +14,7 @@ from jax.sharding import PartitionSpec as P
 from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.bench import hlo_cost
-from visionfm_jax.training import optim, precision, train
+from visionfm_jax.training import grads as grads_lib, optim, precision, step as step_lib
 from visionfm_jax.training.state import TrainState
 
 
@@ -60,12 +60,12 @@ def _setup(config, task=None):
   mesh = parallel.make_mesh(config.mesh)
   task = task or tasks.build(config)
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  init_fn = train.make_init_fn(task, tx, config)
+  init_fn = step_lib.make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
-    abstract, shardings, specs = train.state_shardings(init_fn, mesh, config)
+    abstract, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
     state = _initial_state(config, init_fn, shardings)
   batch_sharding = parallel.batch_sharding(mesh)
-  jitted = train.jit_train_step(task, tx, config, mesh, init_fn, shardings)
+  jitted = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings)
 
   def step(state, batch):
     with mesh, parallel.activation_sharding(mesh):
@@ -207,9 +207,9 @@ def test_a_node_sums_only_gradients_its_strategy_shards():
   flat = Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
   sharded = {"w": NamedSharding(hybrid, P(None, "fsdp")), "b": NamedSharding(hybrid, P())}
   whole = {"w": NamedSharding(hybrid, P()), "b": NamedSharding(hybrid, P())}
-  assert train.node_local_specs(hybrid, sharded) == {"w": P(None, "fsdp"), "b": P()}
-  assert train.node_local_specs(hybrid, whole) is None
-  assert train.node_local_specs(flat, sharded) is None
+  assert grads_lib.node_local_specs(hybrid, sharded) == {"w": P(None, "fsdp"), "b": P()}
+  assert grads_lib.node_local_specs(hybrid, whole) is None
+  assert grads_lib.node_local_specs(flat, sharded) is None
 
 
 class ToySplitLoss:
@@ -254,7 +254,7 @@ def test_two_pass_accumulation_of_a_split_loss_equals_the_whole_batch():
 
   def whole_batch_loss(p):
     rows, context = task.whole_batch(batch, rng)
-    micro_batches = train.split_microbatches(rows, accum)
+    micro_batches = grads_lib.split_microbatches(rows, accum)
     outs = [task.local_loss(p, jax.tree.map(lambda x, j=j: x[j], micro_batches), jax.random.fold_in(rng, j), context)
             for j in range(accum)]
     features = jax.tree.map(lambda *f: jnp.stack(f), *[features for _, features, _ in outs])
@@ -264,7 +264,7 @@ def test_two_pass_accumulation_of_a_split_loss_equals_the_whole_batch():
   mesh = parallel.make_mesh(tiny_vit_config(**{"mesh.data": 1, "mesh.fsdp": 1}).mesh, jax.devices()[:1])
   with mesh:
     want_loss, want = jax.jit(jax.value_and_grad(whole_batch_loss))(params)
-    got, got_loss, aux = jax.jit(lambda p: train.two_pass_grads(task, p, batch, accum, rng, scale, None))(params)
+    got, got_loss, aux = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, accum, rng, scale, None))(params)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
   np.testing.assert_allclose(aux["train/local"] + aux["train/global"], want_loss, rtol=1e-6)
   chex.assert_trees_all_close(jax.tree.map(lambda g: g / scale, got), want, atol=1e-6, rtol=1e-5)

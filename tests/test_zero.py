@@ -28,7 +28,7 @@ import pytest
 from conftest import tiny_vit_config
 from test_train_step import _random_batches
 from visionfm_jax import config_lib, parallel, tasks
-from visionfm_jax.training import optim, train
+from visionfm_jax.training import optim, step as step_lib
 from visionfm_jax.training.dry_run import human_bytes
 from visionfm_jax.tools import summary
 from visionfm_jax.errors import ConfigError
@@ -131,22 +131,22 @@ def _abstract_state():
   """The tiny ViT's boxed train state, shapes only (the same for every strategy)."""
   config = tiny_vit_config()
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  return jax.eval_shape(train.make_init_fn(tasks.build(config), tx, config), jax.random.key(0))
+  return jax.eval_shape(step_lib.make_init_fn(tasks.build(config), tx, config), jax.random.key(0))
 
 
 @functools.cache
 def _lowered_and_compiled(strategy):
-  """The train step that `train.compile_train_step` compiles: its lowered text (StableHLO before partitioning,
+  """The train step that `step.compile_train_step` compiles: its lowered text (StableHLO before partitioning,
   where sharding constraints are still ops) and the compiled step."""
   config = tiny_vit_config(strategy=strategy)
   lowered = []
-  jit_train_step = train.jit_train_step
+  jit_train_step = step_lib.jit_train_step
 
   def lowering_recorded(*args, **kwargs):
     step = jit_train_step(*args, **kwargs)
     return types.SimpleNamespace(lower=lambda *a: lowered.append(step.lower(*a)) or lowered[-1])
-  with mock.patch.object(train, "jit_train_step", lowering_recorded):
-    compiled = train.compile_train_step(config, parallel.make_mesh(config.mesh), _random_batches(config, 1)[0])
+  with mock.patch.object(step_lib, "jit_train_step", lowering_recorded):
+    compiled = step_lib.compile_train_step(config, parallel.make_mesh(config.mesh), _random_batches(config, 1)[0])
   return lowered[0].as_text(), compiled
 
 
@@ -262,7 +262,7 @@ def test_bytes_per_device_match_the_real_arrays(strategy):
   config = tiny_vit_config(strategy=strategy)
   mesh = parallel.make_mesh(config.mesh)
   tx = optim.make_optimizer(config.optim, config.total_steps)
-  abstract, shardings, _ = train.state_shardings(train.make_init_fn(tasks.build(config), tx, config), mesh, config)
+  abstract, shardings, _ = step_lib.state_shardings(step_lib.make_init_fn(tasks.build(config), tx, config), mesh, config)
   # Zeros in the run's layout (initialising would cost a compile); what is checked is the step's output layout.
   state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
   batch = jax.device_put(_random_batches(config, 1)[0], parallel.batch_sharding(mesh))

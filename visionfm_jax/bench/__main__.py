@@ -1,5 +1,5 @@
 r"""Training-step benchmark: median step time, img/s, MFU, device memory and compile time of a config's real
-train step (train.py's jit, shardings, donation and optimizer) on synthetic batches of its layout.
+train step (training/step.py's jit, shardings, donation and optimizer) on synthetic batches of its layout.
 
   python -m visionfm_jax.bench --config=configs/vit_huge.py:S/16 --config.global_batch_size=8 \
       --config.precision.compute_dtype=float32 [--steps=10] [--warmup=2] [--compare=torch]

@@ -7,7 +7,7 @@ the cheapest setup that fits the devices' memory:
       [--first_fit]
 
 Each candidate is the config with `config.model.remat_policy`, `config.grad_accum_steps` (micro-batches) and
-every `attention` field under `config.model` (all towers alike) set; its step is train.py's, lowered for
+every `attention` field under `config.model` (all towers alike) set; its step is training/step.py's, lowered for
 `--devices` simulated CPU devices (XLA_FLAGS --xla_force_host_platform_device_count; the tool re-executes
 itself with it when the process has fewer devices) and compiled ahead of time. XLA's buffer assignment of the
 partitioned program then gives what one device holds: the train state's shard (arguments; the donated state is
@@ -316,7 +316,7 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
 
   from visionfm_jax import parallel, tasks  # pylint: disable=g-import-not-at-top
   from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.training import checks, train  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import checks, step as step_lib  # pylint: disable=g-import-not-at-top
 
   if target:
     mesh_devices = gpu_target.devices(gpu_target.get(target), devices)
@@ -331,7 +331,7 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   # plan the program the accelerators run, not the simulating CPU's tricks; `try_kernels`: kernels.trying's
   with kernels.forced("plain"), kernels.trying(try_kernels):
-    return train.compile_train_step(config, mesh, batch, task), task, mesh_devices
+    return step_lib.compile_train_step(config, mesh, batch, task), task, mesh_devices
 
 
 def plan(config, devices: int, target: str = "") -> dict:
@@ -339,11 +339,11 @@ def plan(config, devices: int, target: str = "") -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.training import optim, train  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
 
   compiled, task, _ = compile_step(config, devices, target)
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
-  abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
+  abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)
   analysis = compiled.memory_analysis()

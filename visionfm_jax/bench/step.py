@@ -1,4 +1,4 @@
-"""Times train.py's own train step (same jit, shardings, donation, optimizer) on synthetic batches.
+"""Times the run's own train step (training/step.py: same jit, shardings, donation, optimizer) on synthetic batches.
 
 `JaxStep(config)` compiles the step ahead of time (the compile time is one of the figures; `compiler_options` are
 XLA options for this executable alone; `kernel_forms` forces models/kernels.py's forms, e.g. 'plain';
@@ -18,7 +18,7 @@ import numpy as np
 from visionfm_jax import parallel, tasks
 from visionfm_jax.models import kernels
 
-from visionfm_jax.training import optim, train
+from visionfm_jax.training import optim, step as step_lib
 
 
 class JaxStep:
@@ -29,15 +29,15 @@ class JaxStep:
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
     tx = optim.make_optimizer(config.optim, config.total_steps, self.task.model)
-    init_fn = train.make_init_fn(self.task, tx, config)
+    init_fn = step_lib.make_init_fn(self.task, tx, config)
     local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
                                             np.random.default_rng(config.seed + jax.process_index()))
     with self.mesh, parallel.activation_sharding(self.mesh):  # what train.run traces the step under
-      _, shardings, _ = train.state_shardings(init_fn, self.mesh, config)
+      _, shardings, _ = step_lib.state_shardings(init_fn, self.mesh, config)
       self.state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
-      step = train.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
+      step = step_lib.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
       with (kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext()), kernels.trying(try_kernels):
         self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
       self.compile_seconds = time.perf_counter() - start

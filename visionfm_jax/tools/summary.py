@@ -14,6 +14,7 @@ import math
 import sys
 from typing import Sequence
 
+import flax.linen as nn
 import jax
 import numpy as np
 from absl import flags
@@ -21,7 +22,7 @@ from ml_collections import config_flags
 
 from visionfm_jax import config_lib, parallel, tasks
 
-from visionfm_jax.training import checks, optim, train
+from visionfm_jax.training import checks, optim, step as step_lib
 from visionfm_jax.training.dry_run import human_bytes
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
@@ -47,7 +48,7 @@ def params_by_module(abstract_params) -> dict[str, int]:
 def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str) -> int:
   """Bytes of one device's shard of every train-state leaf under `strategy`."""
   specs = parallel.state_specs(abstract_boxed_state, mesh_shape, strategy)
-  return parallel.tree_bytes_per_device(train.nn.unbox(abstract_boxed_state), specs, mesh_shape)
+  return parallel.tree_bytes_per_device(nn.unbox(abstract_boxed_state), specs, mesh_shape)
 
 
 def summarize(config, devices: int, strategy: str) -> dict:
@@ -56,11 +57,11 @@ def summarize(config, devices: int, strategy: str) -> dict:
   config_lib.check_domains(config)  # the --config.* overrides
   task = tasks.build(config)
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
-  abstract_boxed = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
-  params = train.nn.unbox(abstract_boxed.params)
+  abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
+  params = nn.unbox(abstract_boxed.params)
   modules = params_by_module(params)
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
-  total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(train.nn.unbox(abstract_boxed)))
+  total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nn.unbox(abstract_boxed)))
   strategies = ALL_STRATEGIES if strategy == "all" else (strategy,)
   out = dict(modules=modules, total_params=sum(modules.values()), mesh=mesh_shape, state_bytes=total_state,
              per_device={s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s) for s in strategies})

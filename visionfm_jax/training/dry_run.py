@@ -28,7 +28,7 @@ from visionfm_jax import parallel, tasks
 from visionfm_jax.data.loader import mixture as mixture_lib, open_files
 from visionfm_jax.errors import CheckpointError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.training import checkpoint, checks, optim, plan as plan_lib, train
+from visionfm_jax.training import checkpoint, checks, optim, plan as plan_lib, step as step_lib
 from visionfm_jax.training.infra import workdir as workdir_lib
 
 
@@ -53,7 +53,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   examples = mixture_lib.open_train(config.data, config.data.train_split).records
 
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
-  abstract = jax.eval_shape(train.make_init_fn(task, tx, config), jax.random.key(0))
+  abstract = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   per_device = parallel.bytes_per_device(abstract, mesh, config.strategy)
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize
                     for x in task.synthetic_batch(1, np.random.default_rng(0)).values())

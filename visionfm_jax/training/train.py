@@ -8,390 +8,29 @@ run(config, workdir):
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 import time
-from typing import Callable
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
-from jax.experimental import multihost_utils
-import numpy as np
 import ml_collections
-import optax
+import numpy as np
 from absl import logging
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.experimental import multihost_utils
 
 from visionfm_jax import atomic, parallel, tasks
-
-from visionfm_jax.training import checkpoint, data_record, ema, flops, guards, health, init_from
-from visionfm_jax.training.infra import compile_cache, console, faults
-from visionfm_jax.training.infra import metrics
-from visionfm_jax.training import checks, optim, plan as plan_lib, precision, prefetch, resume
-from visionfm_jax.training.infra import workdir as workdir_lib
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
+from visionfm_jax.training import checkpoint, checks, data_record, ema, flops, health, init_from, optim
+from visionfm_jax.training import plan as plan_lib, precision, prefetch, resume, step as step_lib
+from visionfm_jax.training.infra import compile_cache, console, faults, metrics, workdir as workdir_lib
 from visionfm_jax.training.state import TrainState
 
 
 class NonFiniteLossError(UserError):
   pass
 
-
-# ------------------------------------------------------------------------------------------------ state
-
-def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
-  """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names."""
-
-  def init(rng):
-    params = task.init_variables(rng)["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      loss_scale=precision.maybe_loss_scale(config.precision), health=health.maybe_create(config),
-                      ema_params=params if config.optim.ema_decay else None)
-
-  return init
-
-
-@functools.lru_cache(maxsize=4)
-def abstract_state(init_fn):
-  """The boxed state `init_fn` makes, from shapes only (`jax.eval_shape`): traced once per init_fn, and every
-  sharding of the run (the state's, the gradients') derives from it."""
-  return jax.eval_shape(init_fn, jax.random.key(0))
-
-
-def state_shardings(init_fn, mesh, config):
-  """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
-  abstract_boxed = abstract_state(init_fn)
-  shape = parallel.mesh_shape(config.mesh, mesh.size)
-  specs = parallel.state_specs(abstract_boxed, shape, config.strategy)
-  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  abstract = nn.unbox(abstract_boxed)
-  return abstract, shardings, specs
-
-
-# ------------------------------------------------------------------------------------------- train step
-
-def split_microbatches(batch, steps: int):
-  """(B, ...) -> (steps, B / steps, ...) taking rows i*steps + j into micro-batch j, each micro-batch split over
-  the data-parallel devices as the batch is.
-
-  Each device keeps its own rows (no communication) when B / steps divides over the data-parallel devices.
-  """
-  def split(x):
-    x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:])
-    return jnp.swapaxes(x, 0, 1)
-  micro_batches = jax.tree.map(split, batch)
-  micro_spec = P(None, *parallel.BATCH_SPEC)
-  return jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
-
-
-def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
-  """(gradient of `scale` x the task's loss on `batch`, constrained to `grad_shardings` (None: left as it is); the
-  loss; its aux)."""
-  def scaled_loss(p):
-    loss, aux = task.loss(p, batch, rng)
-    return loss * scale, (loss, aux)
-  grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
-  return _constrained(grads, grad_shardings), loss, aux
-
-
-def _constrained(tree, shardings):
-  return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
-
-
-def accumulates_per_device(task: tasks.Task, config) -> bool:
-  """Whether the step sums each device's gradients over the micro-batches unreduced and reduces them once
-  (`config.accumulate_unreduced`, with micro-batches, for a loss that per-device sums give exactly: a split
-  loss, or one that does not couple examples)."""
-  return (config.accumulate_unreduced and config.grad_accum_steps > 1
-          and (task.splits_loss or not task.couples_examples))
-
-
-def per_device(fn, mesh, node_grad_specs=None):
-  """fn(rows, rng, *row_args) run by each device of `mesh` on its own rows (a shard_map manual over the whole
-  mesh: no collective inside, so each device's gradient stays its own), device d drawing from `rng` folded with
-  d; results stacked on a leading device axis that `sum_devices` reduces. mesh None: fn itself.
-
-  `node_grad_specs` (the gradients' PartitionSpecs; `node_local_specs`): the first result, the gradients, is
-  reduce-scattered over `fsdp` inside (a node's GPUs when fsdp is the node) to each device's shard of its spec,
-  and stacked over `data` only: what each node accumulates, with one reduction across nodes left for the step."""
-  if mesh is None:
-    return fn
-  rows_spec = P(parallel.BATCH_AXES)
-  out_specs = rows_spec
-  if node_grad_specs is not None:
-    out_specs = (jax.tree.map(lambda spec: P("data", *spec), node_grad_specs, is_leaf=_is_spec),) + (rows_spec,) * 2
-
-  def local(rows, rngs, row_args):
-    with parallel.device_local():
-      out = fn(rows, rngs[0], *row_args)
-    if node_grad_specs is not None:
-      out = (jax.tree.map(_sum_within_fsdp, out[0], node_grad_specs), *out[1:])
-    return jax.tree.map(lambda x: x[None], out)
-
-  def run(rows, rng, *row_args):
-    rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(mesh.size))
-    # one spec for every leaf of each argument and of the result (shard_map takes tree prefixes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 3, out_specs=out_specs,
-                         check_vma=False)(rows, rngs, row_args)
-  return run
-
-
-def _is_spec(x) -> bool:
-  return isinstance(x, P)
-
-
-def _sum_within_fsdp(grad, spec: P):
-  """This device's share of `grad` summed over its fsdp group: the shard of `spec`'s fsdp dimension
-  (reduce-scatter), or the whole sum where the spec does not shard over fsdp (all-reduce)."""
-  dim = _fsdp_dim(spec)
-  if dim is None:
-    return jax.lax.psum(grad, "fsdp")
-  return jax.lax.psum_scatter(grad, "fsdp", scatter_dimension=dim, tiled=True)
-
-
-def _fsdp_dim(spec: P) -> int | None:
-  """The dimension `spec` shards over fsdp (alone or with tensor, which accumulate_unreduced keeps at 1)."""
-  for dim, axes in enumerate(spec):
-    if axes == "fsdp" or (isinstance(axes, tuple) and "fsdp" in axes):
-      return dim
-  return None
-
-
-def node_local_specs(mesh, grad_shardings):
-  """The gradients' PartitionSpecs when per-device accumulation should reduce within fsdp in every micro-batch
-  (`per_device`'s node_grad_specs): on a mesh with both data > 1 and fsdp > 1, the hybrid layout of fsdp within
-  a node and data across nodes, where a node's GPUs reduce over NVLink and only the nodes' shards wait for the
-  step's one cross-node reduction. None otherwise (every device accumulates its whole gradient)."""
-  if mesh is None or mesh.shape["data"] == 1 or mesh.shape["fsdp"] == 1:
-    return None
-  specs = jax.tree.map(lambda s: s.spec, grad_shardings)
-  # ddp / zero1 keep gradients whole: a node's sum would be an all-reduce in every micro-batch for no memory
-  sharded = any(_fsdp_dim(spec) is not None for spec in jax.tree.leaves(specs, is_leaf=_is_spec))
-  return specs if sharded else None
-
-
-def sum_devices(tree, mesh):
-  """The sum over `per_device`'s device axis: the step's one gradient reduction (identity for mesh None)."""
-  return tree if mesh is None else jax.tree.map(lambda x: jnp.sum(x, axis=0), tree)
-
-
-def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
-  """`grads_of` averaged over `accum` micro-batches (micro-batch i's rng: `rng` folded with i), scanned;
-  `device_mesh`: each device's own (`per_device`), averaged over the devices after the scan."""
-  micro_batches = split_microbatches(batch, accum)
-  inner_shardings = None if device_mesh is not None else grad_shardings
-  micro_grads = per_device(lambda rows, r: grads_of(task, params, rows, r, scale, inner_shardings), device_mesh,
-                           node_local_specs(device_mesh, grad_shardings))
-
-  def body(carry, xs):
-    micro, i = xs
-    return jax.tree.map(jnp.add, carry, micro_grads(micro, jax.random.fold_in(rng, i))), None
-
-  first = jax.tree.map(lambda x: x[0], micro_batches)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(micro_grads, first, rng))
-  (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
-  devices = 1 if device_mesh is None else device_mesh.size
-  grads, loss, aux = jax.tree.map(lambda x: x / (accum * devices), sum_devices((grads, loss, aux), device_mesh))
-  return _constrained(grads, grad_shardings), loss, aux
-
-
-def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
-  """Gradient of a `splits_loss` task's whole-batch loss, accumulated over `accum` micro-batches.
-
-  Pass 1 computes micro-batches' features (forward only); the global term (e.g. the contrastive loss over all
-  B examples) and its gradient w.r.t. params and features are taken on the whole batch, its features in batch
-  order; pass 2 backpropagates each micro-batch's local terms plus <features, their gradient>. Equals the
-  unaccumulated gradient up to float reordering.
-
-  Pass 1 leaves out the last micro-batch: pass 2 takes it first, and its forward there, which keeps what the
-  backward needs, also completes the batch for the global term, whose gradient w.r.t. the features is taken in
-  the loop's first iteration (so that the micro-batch's saved activations live in the loop's own buffers, where
-  a forward outside the loop would add a second set) and w.r.t. params after the loop (the temperature: a
-  param-sized tree inside the loop would hold 0.8 GiB more in SwinV2-G-CLIP's plan; the second evaluation of the
-  global term costs its gathers of the features). The extra forward is of `accum - 1` micro-batches.
-  `device_mesh`: both passes run per device (`per_device`, the same draws in each), whose gradients are summed
-  once, after the scan; there pass 1 computes every micro-batch's features (a device's saved activations cannot
-  leave its shard_map for the global term without a copy of the weights they refer to).
-  """
-  batch, context = task.whole_batch(batch, rng)
-  micro_batches = split_microbatches(batch, accum)
-  micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
-  if device_mesh is not None:
-    return _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings,
-                                device_mesh)
-
-  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs, context)),
-                         jax.tree.map(lambda x: x[:-1], (micro_batches, micro_rngs)))
-
-  def global_term(last_features):
-    whole = _in_batch_order(jax.tree.map(_append_micro_batch, features, jax.lax.stop_gradient(last_features)))
-    whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
-    (loss, aux), feature_grads = jax.value_and_grad(
-        lambda f: task.global_loss(params, f, context), has_aux=True)(whole)
-    return whole, jax.tree.map(_to_micro(accum), feature_grads), (loss, aux)
-
-  def body(carry, xs):
-    grads, loss, aux, whole, feature_grads, global_out = carry
-    micro, micro_rng, index = xs
-    micro_loss, feats, vjp, micro_aux = _local_vjp(task, params, micro, micro_rng, context)
-    # the first iteration's micro-batch is the last: with it the global term has the whole batch
-    whole, feature_grads, global_out = jax.lax.cond(
-        index == accum - 1, lambda: global_term(feats), lambda: (whole, feature_grads, global_out))
-    micro_grads = _backward(vjp, micro_loss, feats, jax.tree.map(lambda g: g[index], feature_grads), scale,
-                            grad_shardings)
-    grads = jax.tree.map(jnp.add, grads, micro_grads)
-    return (grads, loss + micro_loss, jax.tree.map(jnp.add, aux, micro_aux), whole, feature_grads, global_out), None
-
-  last_first = jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), (micro_batches, micro_rngs, jnp.arange(accum)))
-  first = jax.tree.map(lambda x: x[0], last_first)
-  start = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(lambda: _start_shapes(task, params, first, context, global_term)))
-  (grads, loss, aux, whole, _, (global_loss, global_aux)), _ = jax.lax.scan(body, start, last_first)
-  global_grads = jax.grad(lambda p: task.global_loss(p, whole, context)[0])(params)
-  grads = jax.tree.map(lambda a, g: a + g * scale, grads, global_grads)
-  return _constrained(grads, grad_shardings), loss + global_loss, {**aux, **global_aux}
-
-
-def _start_shapes(task, params, first, context, global_term):
-  """two_pass_grads' loop carry (traced for its shapes): (grads, local loss, local metrics, the whole batch's
-  features, their gradients, (the global term's loss, metrics))."""
-  loss, feats, vjp, aux = _local_vjp(task, params, *first[:2], context)
-  whole, feature_grads, global_out = global_term(feats)
-  return vjp((loss, feats))[0], loss, aux, whole, feature_grads, global_out
-
-
-def _append_micro_batch(features, last):
-  """(accum - 1, rows, ...) pass-1 features and the last micro-batch's (rows, ...) from `local_loss`, which the
-  task contract makes `batch_features`' own (a TypeError where their dtypes differ, instead of a silent cast)."""
-  if last.dtype != features.dtype:
-    raise TypeError(f"local_loss's features are {last.dtype}, batch_features' {features.dtype}: a split loss's two "
-                    "must be the same")
-  return jnp.concatenate([features, last[None]])
-
-
-def _in_batch_order(features):
-  """(accum, rows, ...) micro-batch features -> (accum * rows, ...) in batch order: row r of micro j is r*accum + j."""
-  return jax.tree.map(lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:]), features)
-
-
-def _to_micro(accum: int):
-  """The inverse of `_in_batch_order` for one array."""
-  return lambda g: jnp.swapaxes(g.reshape((-1, accum) + g.shape[1:]), 0, 1)
-
-
-def _local_vjp(task, params, micro, micro_rng, context):
-  """(local loss, features, the vjp of both w.r.t. params, metrics) of one micro-batch."""
-  def local(p):
-    loss, feats, aux = task.local_loss(p, micro, micro_rng, context)
-    return (loss, feats), aux
-  (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
-  return loss, feats, vjp, aux
-
-
-def _backward(vjp, loss, feats, feature_grad, scale, grad_shardings):
-  """A micro-batch's param gradients: its local loss plus <features, the global term's gradient>, scaled."""
-  cotangent = (jnp.asarray(scale, loss.dtype),
-               jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
-  return _constrained(vjp(cotangent)[0], grad_shardings)
-
-
-def _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings, device_mesh):
-  """two_pass_grads with each device accumulating its own gradients: pass 1 gives every micro-batch's features,
-  the global term runs on the whole batch between the passes, pass 2 recomputes every micro-batch."""
-  accum = jax.tree.leaves(micro_rngs)[0].shape[0]
-  features_of = per_device(
-      lambda rows, r: jax.lax.stop_gradient(task.batch_features(params, rows, r, context)), device_mesh)
-  rows_of = lambda f: f.reshape((-1,) + f.shape[2:])
-  features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(*xs)), (micro_batches, micro_rngs))
-  whole = _in_batch_order(features)
-  whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
-  (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
-      task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
-  feature_grads = jax.tree.map(_to_micro(accum), feature_grads)
-
-  def one_micro_batch(micro, micro_rng, feature_grad):
-    loss, feats, vjp, aux = _local_vjp(task, params, micro, micro_rng, context)
-    return _backward(vjp, loss, feats, feature_grad, scale, None), loss, aux
-  micro_grads = per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings))
-
-  def body(carry, xs):
-    return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
-
-  first = jax.tree.map(lambda x: x[0], (micro_batches, micro_rngs, feature_grads))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, *first))
-  (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, micro_rngs, feature_grads))
-  grads, loss, aux = sum_devices((grads, loss, aux), device_mesh)
-  grads = jax.tree.map(lambda g, gg: g + gg * scale, grads, global_grads)
-  return _constrained(grads, grad_shardings), loss + global_loss, {**aux, **global_aux}
-
-
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, device_mesh=None,
-                    anchor: optim.Anchor | None = None):
-  """The train step; `device_mesh`: the mesh when each device accumulates its own gradients
-  (`accumulates_per_device`); `anchor`: the schedule's (the run plan's), for the logged train/lr."""
-  accum = config.grad_accum_steps
-  base_rng = jax.random.key(config.seed)
-  lr_schedule = optim.schedule(config.optim, config.total_steps, anchor)
-  zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
-  apply_guards = guards.guarded(config)
-
-  def train_step(state: TrainState, batch):
-    rng = jax.random.fold_in(base_rng, state.step)
-    scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
-    if accum == 1:
-      grads, loss, aux = grads_of(task, state.params, batch, rng, scale, grad_shardings)
-    elif task.splits_loss:
-      grads, loss, aux = two_pass_grads(task, state.params, batch, accum, rng, scale, grad_shardings, device_mesh)
-    else:
-      grads, loss, aux = accumulated_grads(task, state.params, batch, accum, rng, scale, grad_shardings, device_mesh)
-
-    grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
-    grad_norm = optax.global_norm(grads)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
-                             opt_state=opt_state)
-    new_state, guard_metrics = apply_guards(state, proposed, guards.Signals(loss, grad_norm, grads))
-    # The schedule advances with the optimizer's own count, which a skipped step (an fp16 overflow, a spike)
-    # leaves where it was.
-    applied_steps = (state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
-                     - (state.health.skipped if state.health is not None else 0))
-    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux,
-           **guard_metrics}
-    return new_state, out
-
-  return train_step
-
-
-def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings,
-                   anchor: optim.Anchor | None = None):
-  """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
-  (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
-  boxed_params = abstract_state(init_fn).params
-  specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
-  grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  device_mesh = mesh if accumulates_per_device(task, config) else None
-  return jax.jit(make_train_step(task, tx, config, grad_shardings, device_mesh, anchor),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
-                 donate_argnums=0)
-
-
-def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
-  """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
-  of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
-  task = task or tasks.build(config, mesh)
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
-  init_fn = make_init_fn(task, tx, config)
-  with mesh, parallel.activation_sharding(mesh):
-    abstract, shardings, _ = state_shardings(init_fn, mesh, config)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
-    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    return jit_train_step(task, tx, config, mesh, init_fn, shardings).lower(state, batch).compile()
-
-
-# -------------------------------------------------------------------------------------------------- run
 
 def _write_config(run_plan: plan_lib.RunPlan, workdir, start_step: int) -> None:
   """config.json (the latest launch's config as the user gave it), config.<start_step>.json (this launch's,
@@ -443,11 +82,11 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
     train_iter.follow_changed_data()
   tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
-  init_fn = make_init_fn(task, tx, config)
+  init_fn = step_lib.make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
 
   with mesh, parallel.activation_sharding(mesh):
-    abstract, shardings, _ = state_shardings(init_fn, mesh, config)
+    abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
     checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
@@ -457,7 +96,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
     start_step = int(jax.device_get(state.step))
     _write_config(run_plan, workdir, start_step)
 
-    train_step = jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.anchor)
+    train_step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.anchor)
     writer = metrics.MetricWriter(workdir, resume_step=start_step, config=config)
     rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, list(run_plan.resume_changes))
     final = None

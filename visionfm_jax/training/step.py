@@ -1,0 +1,101 @@
+"""The train step and the state it steps: its init, its abstract shapes and shardings, the jitted step, and the
+step compiled from shapes only (for the benchmarks, planners and tools, which import this and not the loop)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from visionfm_jax import parallel, tasks
+from visionfm_jax.training import grads as grads_lib, guards, health, optim, precision
+from visionfm_jax.training.state import TrainState
+
+
+def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
+  """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names."""
+
+  def init(rng):
+    params = task.init_variables(rng)["params"]
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                      loss_scale=precision.maybe_loss_scale(config.precision), health=health.maybe_create(config),
+                      ema_params=params if config.optim.ema_decay else None)
+
+  return init
+
+
+@functools.lru_cache(maxsize=4)
+def abstract_state(init_fn):
+  """The boxed state `init_fn` makes, from shapes only (`jax.eval_shape`): traced once per init_fn, and every
+  sharding of the run (the state's, the gradients') derives from it."""
+  return jax.eval_shape(init_fn, jax.random.key(0))
+
+
+def state_shardings(init_fn, mesh, config):
+  """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
+  abstract_boxed = abstract_state(init_fn)
+  shape = parallel.mesh_shape(config.mesh, mesh.size)
+  specs = parallel.state_specs(abstract_boxed, shape, config.strategy)
+  shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  abstract = nn.unbox(abstract_boxed)
+  return abstract, shardings, specs
+
+
+def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, mesh,
+                    anchor: optim.Anchor | None = None):
+  """The train step; `mesh`: the run's, where each device may accumulate its own gradients (`grads.of_batch`);
+  `anchor`: the schedule's (the run plan's), for the logged train/lr."""
+  base_rng = jax.random.key(config.seed)
+  lr_schedule = optim.schedule(config.optim, config.total_steps, anchor)
+  zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
+  apply_guards = guards.guarded(config)
+
+  def train_step(state: TrainState, batch):
+    rng = jax.random.fold_in(base_rng, state.step)
+    scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
+    grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
+    grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
+    grad_norm = optax.global_norm(grads)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
+                             opt_state=opt_state)
+    new_state, guard_metrics = apply_guards(state, proposed, guards.Signals(loss, grad_norm, grads))
+    # The schedule advances with the optimizer's own count, which a skipped step (an fp16 overflow, a spike)
+    # leaves where it was.
+    applied_steps = (state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
+                     - (state.health.skipped if state.health is not None else 0))
+    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux,
+           **guard_metrics}
+    return new_state, out
+
+  return train_step
+
+
+def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings,
+                   anchor: optim.Anchor | None = None):
+  """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
+  (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
+  boxed_params = abstract_state(init_fn).params
+  specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
+  grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+  return jax.jit(make_train_step(task, tx, config, grad_shardings, mesh, anchor),
+                 in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
+                 donate_argnums=0)
+
+
+def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
+  """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
+  of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
+  task = task or tasks.build(config, mesh)
+  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  init_fn = make_init_fn(task, tx, config)
+  with mesh, parallel.activation_sharding(mesh):
+    abstract, shardings, _ = state_shardings(init_fn, mesh, config)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
+    return jit_train_step(task, tx, config, mesh, init_fn, shardings).lower(state, batch).compile()
