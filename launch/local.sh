@@ -8,8 +8,6 @@
 set -euo pipefail
 n=${1:?usage: launch/local.sh N [flags for visionfm_jax.main]}
 shift
-port=${PORT:-$((20000 + RANDOM % 20000))}
-export JAX_COORDINATOR_ADDRESS="localhost:${port}"
 export JAX_NUM_PROCESSES=$n
 gpus=$(command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L | wc -l || echo 0)
 if [ "${JAX_PLATFORMS:-}" = cpu ]; then gpus=0; fi
@@ -29,9 +27,28 @@ pin() {  # pin I: the taskset prefix binding process I to its slice, or nothing
     echo "taskset -c $(IFS=,; echo "${slice[*]}")"
   fi
 }
+# JAX's coordination service runs here, in a process of its own (visionfm_jax/parallel/coordination.py), not in
+# process 0: when process 0 dies the others then name it and exit 75 instead of aborting. Where this jax cannot,
+# process 0 hosts it.
+ready=$(mktemp -u "${TMPDIR:-/tmp}/visionfm_service.XXXXXX")
+JAX_PLATFORMS=cpu python -m visionfm_jax.parallel.coordination --processes="$n" --ready_file="$ready" \
+  --port="${PORT:-0}" &
+service=$!
+waited=0
+while [ ! -e "$ready" ] && kill -0 "$service" 2>/dev/null && ((waited++ < 600)); do sleep 0.1; done
+if [ -e "$ready" ]; then
+  port=$(cat "$ready") && rm -f "$ready"
+  export VISIONFM_COORDINATION_SERVICE=launcher
+else
+  kill -KILL "$service" 2>/dev/null && echo "warning: the coordination service did not start in 60 s:" \
+    "process 0 hosts it" >&2
+  port=${PORT:-$((20000 + RANDOM % 20000))}
+fi
+export JAX_COORDINATOR_ADDRESS="localhost:${port}"
+stop_service() { kill -TERM "$service" 2>/dev/null || true; wait "$service" 2>/dev/null || true; }
 pids=()
 # INT/TERM: pass TERM on (each process checkpoints at its next step and exits), wait for all, then exit.
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait; exit 143' INT TERM
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}"; stop_service; exit 143' INT TERM
 for ((i = 0; i < n; i++)); do
   if [ "$gpus" -gt 0 ]; then
     per=$((gpus / n))
@@ -89,4 +106,5 @@ while ((${#remaining[@]})); do
   fi
   sleep 1
 done
+stop_service
 exit $status

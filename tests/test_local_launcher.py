@@ -11,7 +11,8 @@ import time
 from conftest import ROOT
 
 STAND_IN = f"""#!/usr/bin/env bash
-[ "$1" = -c ] && exec {sys.executable} "$@"   # the launcher's own questions (the CPUs it may use)
+# the launcher's own questions (the CPUs it may use) and its coordination service
+[ "$1" = -c ] || [ "$2" = visionfm_jax.parallel.coordination ] && exec {sys.executable} "$@"
 echo "$$" >"$PIDS/$JAX_PROCESS_ID"
 if [ "$JAX_PROCESS_ID" = 1 ]; then
   echo "error: process 0 stopped answering" >&2

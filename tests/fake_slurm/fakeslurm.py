@@ -7,7 +7,8 @@ sbatch [--nodes=N] [--array=SPEC] [options] SCRIPT ARGS... | sbatch [options] --
   the script once per task, one after another, and exits with the highest status of them, as `sbatch --wait` does;
   each task gets SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_ID, SLURM_ARRAY_TASK_COUNT, SLURM_ARRAY_TASK_MIN and
   SLURM_ARRAY_TASK_MAX, and a SLURM_JOB_ID of its own. The allocation's environment: SLURM_JOB_ID (unique),
-  SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N, $FAKE_SLURM_MAX_NODES, default 2), SLURM_GPUS_ON_NODE =
+  SLURM_JOB_NUM_NODES = SLURM_NNODES = min(N, $FAKE_SLURM_MAX_NODES, default 2), SLURMD_NODENAME=localhost (the
+  node the script runs on), SLURM_GPUS_ON_NODE =
   $FAKE_SLURM_DEVICES_PER_NODE (default 4), SLURM_CPUS_PER_TASK (--cpus-per-task, capped to the CPUs here; only when
   asked for), SLURM_NTASKS_PER_NODE and SLURM_NTASKS when asked for, SLURM_SUBMIT_DIR = the current directory; a
   requeued job's attempt with $FAKE_SLURM_JOB_ID and $FAKE_SLURM_RESTART_COUNT: that SLURM_JOB_ID and
@@ -21,7 +22,8 @@ srun [-N/--nodes=N] [-n/--ntasks=T] [--ntasks-per-node=K] [-c/--cpus-per-task=C]
   starts T tasks (else N x K, else one per node: N, else the allocation's nodes, else 1) as local processes and
   waits for all. Each gets SLURM_PROCID, SLURM_LOCALID, SLURM_NODEID, SLURM_NTASKS, SLURM_NNODES,
   SLURM_STEP_NUM_TASKS, SLURM_STEP_NUM_NODES, and for jax.distributed: JAX_PLATFORMS=cpu,
-  JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo, JAX_COORDINATOR_ADDRESS=localhost:<free port>, JAX_NUM_PROCESSES,
+  JAX_CPU_COLLECTIVES_IMPLEMENTATION=gloo, JAX_COORDINATOR_ADDRESS (the caller's, else localhost:<free port>, as
+  jax picks the job's first node), JAX_NUM_PROCESSES,
   JAX_PROCESS_ID, no JAX_LOCAL_DEVICE_IDS, and XLA_FLAGS (the caller's) with
   --xla_force_host_platform_device_count=$FAKE_SLURM_DEVICES_PER_NODE. As Slurm 22.05 and later do, a task is
   bound to C CPUs (-c, else $SRUN_CPUS_PER_TASK, else 1; never the job's --cpus-per-task), task i to the CPUs
@@ -187,6 +189,7 @@ def allocation_env(options: dict, job_name: str) -> dict:
   if "FAKE_SLURM_RESTART_COUNT" in os.environ:
     env["SLURM_RESTART_COUNT"] = os.environ["FAKE_SLURM_RESTART_COUNT"]
   env.update(SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=job_name, SLURM_JOB_NUM_NODES=str(nodes),
+             SLURMD_NODENAME="localhost",
              SLURM_NNODES=str(nodes), SLURM_GPUS_ON_NODE=str(devices_per_node()), SLURM_SUBMIT_DIR=os.getcwd())
   if "cpus-per-task" in options:
     env["SLURM_CPUS_PER_TASK"] = str(min(count(options, "cpus-per-task"), len(usable_cpus())))
@@ -276,7 +279,8 @@ def step_env(nodes: int, tasks: int) -> dict:
   flags.append(f"--xla_force_host_platform_device_count={devices_per_node()}")
   env.update(SLURM_NTASKS=str(tasks), SLURM_NPROCS=str(tasks), SLURM_NNODES=str(nodes),
              SLURM_STEP_NUM_TASKS=str(tasks), SLURM_STEP_NUM_NODES=str(nodes), JAX_PLATFORMS="cpu",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo", JAX_COORDINATOR_ADDRESS=f"localhost:{free_port()}",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             JAX_COORDINATOR_ADDRESS=env.get("JAX_COORDINATOR_ADDRESS") or f"localhost:{free_port()}",
              JAX_NUM_PROCESSES=str(tasks), XLA_FLAGS=" ".join(flags))
   return env
 

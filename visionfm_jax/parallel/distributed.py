@@ -4,6 +4,8 @@ Environment read here (the rest, e.g. SLURM's, is auto-detected by jax):
   JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (launch/local.sh)
   JAX_NUM_PROCESSES, JAX_PROCESS_ID  explicit process count and id, both or neither; they win over cluster
                            auto-detection
+  VISIONFM_COORDINATION_SERVICE  "launcher": join the coordination service the launcher hosts
+                           (parallel/coordination.py), start none in process 0
   JAX_LOCAL_DEVICE_IDS     comma list of the accelerators this process drives, e.g. "0,1,2,3,4,5,6,7". Under SLURM
                            jax otherwise gives each task only the GPU numbered SLURM_LOCALID (one GPU per task);
                            launch/slurm.sbatch sets it to all of the node's GPUs (one task per node).
@@ -12,9 +14,11 @@ A malformed one is a UserError naming it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 from visionfm_jax.errors import UserError
+from visionfm_jax.parallel import coordination
 
 
 def _env_int(name: str, low: int, default: str | None = None) -> int:
@@ -68,10 +72,24 @@ def initialize_kwargs() -> dict:
 def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
   """Calls jax.distributed.initialize(**initialize_kwargs()) when `mode` is 'on', or 'auto' and
   `launched_distributed()`, with JAX's heartbeat timeout (100 s) at least 3x `peer_timeout_s`, so that the
-  training loop's own watch on its peers (training/infra/faults.py PeerWatch) speaks first."""
+  training loop's own watch on its peers (training/infra/faults.py PeerWatch) speaks first. Where the launcher
+  hosts the service (coordination.SERVICE_ENV), every process joins it as a client."""
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"mode={mode!r}: expected 'auto', 'on' or 'off'")
   if mode == "off" or (mode == "auto" and not launched_distributed()):
     return
   import jax  # pylint: disable=g-import-not-at-top
-  jax.distributed.initialize(**initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)))
+  kwargs = dict(initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)))
+  with _service_placement(jax.__version__):
+    jax.distributed.initialize(**kwargs)
+
+
+def _service_placement(jax_version: str):
+  """Where jax.distributed.initialize finds the coordination service: the launcher's, or its own in process 0."""
+  if not coordination.hosted_by_launcher():
+    return contextlib.nullcontext()
+  try:
+    return coordination.joining_launcher_service()
+  except ImportError as e:
+    raise UserError(f"{coordination.SERVICE_ENV}=launcher: this jax ({jax_version}) cannot join a coordination "
+                    f"service its launcher hosts (no {e.name or e}); unset it") from e
