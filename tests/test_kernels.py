@@ -175,13 +175,12 @@ def test_models_compute_the_same_in_both_forms(model, image_size):
 
 
 @pytest.mark.parametrize("family,field", [("vit", "attention"), ("swinv2", "attention"), ("clip", "text.attention")])
-def test_old_attention_names_get_a_config_error_naming_the_new_ones(family, field):
+def test_an_unknown_attention_gets_a_config_error_naming_the_field_and_the_choices(family, field):
   model_cfg = config_lib.model_config(family)
-  for old, new in (("xla", "softmax"),):
-    node = model_cfg.text if field.startswith("text.") else model_cfg
-    node.attention = old
-    with pytest.raises(ConfigError, match=f"{field}='{old}'.*softmax.*cudnn.*jax.*renamed '{new}'"):
-      models.build(model_cfg, jnp.float32, "cpu")
+  node = model_cfg.text if field.startswith("text.") else model_cfg
+  node.attention = "xla"
+  with pytest.raises(ConfigError, match=f"{field}='xla'.*auto.*softmax.*cudnn.*jax"):
+    models.build(model_cfg, jnp.float32, "cpu")
 
 
 

@@ -309,17 +309,13 @@ _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 # `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA).
 ATTENTION = ("auto", "softmax", "cudnn", "jax")
 GPU_ONLY_ATTENTION = ("cudnn",)  # no kernel on other backends: bench.memory_plan does not plan these off GPU
-RENAMED_ATTENTION = {"xla": "softmax"}
 SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
 
 
 def check_attention(implementation: str, field: str = "attention") -> None:
-  """ValueError naming `field` unless `implementation` is one of ATTENTION (the old names say what they became)."""
-  if implementation in ATTENTION:
-    return
-  renamed = (f" ({implementation!r} was renamed {RENAMED_ATTENTION[implementation]!r})"
-             if implementation in RENAMED_ATTENTION else "")
-  raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}{renamed}")
+  """ValueError naming `field` unless `implementation` is one of ATTENTION."""
+  if implementation not in ATTENTION:
+    raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}")
 
 
 def resolved_attention(implementation: str) -> str:

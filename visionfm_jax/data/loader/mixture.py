@@ -12,9 +12,8 @@ p, p + P, ..., so the processes' shares of each entry are disjoint, each entry's
 own epoch, and saving, restoring and re-sharding a loader's position (data/loader/resume.py) work on the mixture as on
 one source.
 
-A single source is a mixture of one whose seed is the loader's: its stream is exactly the one the loaders read
-before mixtures (grain's IndexSampler shuffles with the same index_shuffle and per-epoch seeds), and
-`MixtureSource.legacy_reprs` lets their saved iterator states restore.
+A single source is a mixture of one whose seed is the loader's: its stream is exactly the one grain's IndexSampler
+gives (it shuffles with the same index_shuffle and per-epoch seeds).
 
 Labels: the classes of a mixture are the ordered union of its entries' class names (`sources.union_classes`),
 and `with_union_labels` remaps each entry's labels into it (the first entry's labels stay as they are).
@@ -153,16 +152,6 @@ class MixtureSource:
     entries = ", ".join(f"({_source_repr(e.source)}, weight={e.weight}, seed={s}, labels={e.label_map})"
                         for e, s in zip(self.entries, self.seeds))
     return f"MixtureSource([{entries}], shuffle={self.shuffle})"
-
-  def legacy_reprs(self) -> tuple[str, str] | None:
-    """(sampler, data source) as the loader of a single source described them in its iterator states before
-    mixtures (the same stream: see the module docstring); None for a mixture of several."""
-    if len(self.entries) != 1:
-      return None
-    source = self.entries[0].source
-    sampler = grain.samplers.IndexSampler(num_records=len(source), shard_options=grain.sharding.NoSharding(),
-                                          shuffle=self.shuffle, num_epochs=None, seed=self.seed)
-    return repr(sampler), _source_repr(source)
 
 
 def _source_repr(source) -> str:

@@ -244,7 +244,7 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
                             worker_count=workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
                                  check_after=data_cfg.skip_check_after, what=what, process_index=process_index,
-                                 process_count=process_count, legacy=stream.legacy_reprs(), open_files=need,
+                                 process_count=process_count, open_files=need,
                                  identity=identity.of_mixture(mixture))
 
 

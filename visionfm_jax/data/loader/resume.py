@@ -63,15 +63,6 @@ def loader_state_at(template: dict, position: int, process_index: int, process_c
   return {**template, LAST_SEEN: last_seen, LAST_WORKER: workers - 1, WORKER_COUNT: int(worker_count)}
 
 
-def adopt_legacy(loader_state: dict, fresh: dict, legacy: tuple[str, str] | None) -> dict:
-  """`loader_state` with the (sampler, data source) descriptions of `fresh` (the restoring loader's state) when
-  it carries `legacy` ones: those of the loader that read the same stream before mixtures, whose states grain
-  would otherwise refuse (it compares the descriptions). Any other state as it is."""
-  if legacy and (loader_state.get(SAMPLER), loader_state.get(DATA_SOURCE)) == tuple(legacy):
-    return {**loader_state, SAMPLER: fresh[SAMPLER], DATA_SOURCE: fresh[DATA_SOURCE]}
-  return loader_state
-
-
 def parse(state: bytes | str | dict) -> dict:
   if isinstance(state, dict):
     return state

@@ -37,32 +37,28 @@ class SkippingLoader:
   """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
 
   def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1, legacy: tuple[str, str] | None = None,
-               open_files: int = 0, identity: dict | None = None):
+               process_index: int = 0, process_count: int = 1, open_files: int = 0, identity: dict | None = None):
     self.loader, self.batch_size = loader, int(batch_size)
     self.open_files = int(open_files)  # descriptors the pipeline may hold (data/loader/open_files.py)
     self.identity = identity or {}  # what names the data (data/loader/identity.py)
     self.max_fraction, self.check_after, self.what = float(max_fraction), int(check_after), what
     self.process_index, self.process_count = int(process_index), int(process_count)
-    self.legacy = legacy
 
   def __iter__(self) -> "SkippingIterator":
     return SkippingIterator(iter(self.loader), self.batch_size, max_fraction=self.max_fraction,
                             check_after=self.check_after, what=self.what, process_index=self.process_index,
-                            process_count=self.process_count, legacy=self.legacy)
+                            process_count=self.process_count)
 
 
 class SkippingIterator:
   """Full batches of valid rows; `read` and `skipped` count the records this process has consumed and dropped.
 
-  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`. `legacy`: the
-  (sampler, data source) descriptions with which an older loader of the same stream saved its states
-  (`resume.adopt_legacy`).
+  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`.
   """
 
   def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1, legacy: tuple[str, str] | None = None):
-    self._it, self.batch_size, self.legacy = iterator, batch_size, legacy
+               process_index: int = 0, process_count: int = 1):
+    self._it, self.batch_size = iterator, batch_size
     self.process_index, self.process_count = process_index, process_count
     self.max_fraction, self.check_after, self.what = max_fraction, check_after, what
     self.read = self.skipped = 0
@@ -121,7 +117,7 @@ class SkippingIterator:
     at its global stream position instead (`resume`): its batches cannot be replayed by other workers."""
     state = resume.parse(state)
     fresh = resume.parse(self._it.get_state())
-    loader_state = resume.adopt_legacy(resume.parse(state["loader"]), fresh, self.legacy)
+    loader_state = resume.parse(state["loader"])
     replay = self.replays and loader_state[resume.WORKER_COUNT] == fresh[resume.WORKER_COUNT]
     if replay:
       self._it.set_state(json.dumps(loader_state).encode())
