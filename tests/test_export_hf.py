@@ -152,7 +152,7 @@ def test_a_vit_head_on_mean_pooled_tokens_is_left_out(exported, tmp_path):
   params, path = exported("vit_classifier")
   arch, notes = convert.to_hf(MODELS["vit_classifier"].clone(pool="gap"), params, str(tmp_path))
   assert arch == "ViTModel" and len(notes) == 2 and all(n.startswith("pool='gap': ") for n in notes)
-  assert "5-class head is not exported" in notes[1]
+  assert "5-class head is not exported" in notes[1] and "--config.model.pool=cls" in notes[1]
   tensors = load_file(str(tmp_path / "model.safetensors"))
   classifier = load_file(os.path.join(path, "model.safetensors"))
   pooler = {"pooler.dense.weight": np.eye(24, dtype=np.float32), "pooler.dense.bias": np.zeros(24, np.float32)}

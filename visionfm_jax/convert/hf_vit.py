@@ -122,7 +122,8 @@ def export_notes(model: vit.ViT) -> list[str]:
            f"last_hidden_state[:, 1:].mean(1)"]
   if model.num_classes:
     notes.append(f"pool={model.pool!r}: transformers has no ViT classifier on mean-pooled tokens: the "
-                 f"{model.num_classes}-class head is not exported (ViTModel)")
+                 f"{model.num_classes}-class head is not exported (ViTModel); a ViT trained with "
+                 f"--config.model.pool=cls exports its head as a ViTForImageClassification")
   return notes
 
 
