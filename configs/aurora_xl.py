@@ -1,5 +1,4 @@
-r"""Aurora-Vision-XL: SwinV2-G encoder + CoCa-style text encoder/decoder, MIM + contrastive + captioning
-(specification 003_f006f89ee8e46501).
+r"""Aurora-Vision-XL: SwinV2-G encoder + CoCa-style text encoder/decoder, MIM + contrastive + captioning.
 
 The default is the paper's recipe. `source` says, for every setting, whether the paper states it or we chose it
 (`ours:` and the reason):
@@ -44,16 +43,16 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   | master weights   | fp32 params and optimizer state                       | ours: standard mixed precision         |
   | parallelism      | ZeRO-2: optimizer state and gradients sharded over    | paper (DDP + ZeRO-2)                   |
   |                  | the data-parallel devices                             |                                        |
-  | accumulation     | each GPU sums its micro-batches' gradients, reduced   | ours: 1 reduction a step, not 8;       |
-  |                  | once a step (accumulate_unreduced)                    | +32.7 GiB of the A100's 80 GB          |
+  | accumulation     | each GPU sums its micro-batches' gradients, reduced   | ours: 1 reduction a step, not 8, for   |
+  |                  | once a step (accumulate_unreduced)                    | more memory (BENCHMARKS.md)            |
   | layout (runbook) | ZeRO-2 within each node, nodes data-parallel          | ours: a node sums its gradient shards  |
-  |                  | (--config.mesh.fsdp=8 --config.mesh.data=-1)          | over NVLink; 61.0 GiB, 10.00 s a step  |
+  |                  | (--config.mesh.fsdp=8 --config.mesh.data=-1)          | over NVLink: faster, in less memory    |
   | remat            | dots_with_no_batch_dims_saveable                      | ours: bench.memory_plan's pick at 90%  |
-  |                  |                                                       | of 80 GB (CPU compiler: 46.1 GiB)      |
+  |                  |                                                       | of 80 GB (BENCHMARKS.md)               |
   | cluster          | 64 A100 80GB                                          | paper                                  |
   | schedule         | 250,000 steps = 512M samples                          | ours: the paper gives no step count;   |
   |                  |                                                       | sized for its 4 weeks at an assumed    |
-  |                  |                                                       | 26% MFU (see "Wall clock")             |
+  |                  |                                                       | 26% MFU (below)                        |
   | evaluation       | retrieval R@K, held-out perplexity                    | paper; what perplexity: below          |
   | health           | loss / gradient-norm spike skipping (6 std over 128   | ours: guards a long run; the paper     |
   |                  | steps), rollback past bad data (training/health.py)   | names no such guard                    |
@@ -62,13 +61,12 @@ The paper names neither the text side nor the loss weights: the widths follow Co
 equal depth, decoder memory of 256 queries), the weights are CoCa's public defaults (1.0, 2.0) plus 1.0 for
 MIM, and the sizes were chosen to make the total the paper's 3.7B with the encoder holding 81% of it.
 
-Wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours"). For this
-config on 64 A100s BENCHMARKS.md predicts 32.4 days (11.21 s a step at MFU 0.226), a roofline prediction rather
-than a measurement, and plans 74.7 GiB a GPU: over the 72.9 GiB a job launched with launch/xla_flags_a100.sh may
-allocate (its XLA_PYTHON_CLIENT_MEM_FRACTION, 0.92 of the 79.2 GiB an A100 80GB reports); with ZeRO-2 within each node and the nodes data-parallel (`--config.mesh.fsdp=8
---config.mesh.data=-1`, what docs/runbooks/aurora_xl.md launches) 28.9 days (10.00 s a step at MFU 0.253, 61.0
-GiB a GPU). The step count was sized for the paper's 4 weeks at an assumed 26% MFU, with 2.47e13
-training FLOPs per sample (two encoder passes at 448 px).
+Memory and wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours").
+For this config on 64 A100s BENCHMARKS.md ("The recipes on their clusters") predicts 32.4 days, a roofline
+prediction; its plan per GPU is over what a job launched with launch/xla_flags_a100.sh may allocate, and ZeRO-2
+within each node with the nodes data-parallel (`--config.mesh.fsdp=8 --config.mesh.data=-1`, what
+docs/runbooks/aurora_xl.md launches) fits and is faster (the table's rows). The step count was sized for the
+paper's 4 weeks at an assumed 26% MFU, with 2.47e13 training FLOPs per sample (two encoder passes at 448 px).
 
   python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/aurora_xl
 
@@ -92,10 +90,9 @@ on average, as the 64 of the pairs-only demo), on a CPU; metrics `eval/retrieval
 
 Expected at the end: caption perplexity far below the unigram perplexity of the training captions (12.4, from
 `evaluate.sums.unigram_perplexity` over 3,200 of them), retrieval R@5 far above chance (0.005 for 1000 pairs;
-the short captions repeat, ~10 eval pairs share each, so R@1 cannot exceed ~0.1), held-out MIM loss falling.
-Measured 2026-11-22 (2 CPU cores shared with a compiling job, jax 0.10.2), 1000 steps, 14.5 min wall; in
-brackets the same code on pairs only (`--config.data.mixture="()" --config.data.source=shapes
---config.global_batch_size=64`, 9 min):
+the short captions repeat, ~10 eval pairs share each, so R@1 cannot exceed ~0.1), held-out MIM loss falling,
+in about 15 minutes on 2 CPU cores; in brackets the same code on pairs only (`--config.data.mixture="()"
+--config.data.source=shapes --config.global_batch_size=64`):
 
   | step | caption perplexity | i2t R@5       | t2i R@5       | i2t R@10      | MIM loss      |
   | 250  | 1.520 (1.546)      | 0.119 (0.110) | 0.136 (0.122) | 0.234 (0.213) | 0.461 (0.425) |

@@ -45,10 +45,9 @@ on a laptop CPU:
       --config.progress_bar=False
 
 Expected: eval/seg/miou ~0.5 at step 1000 on the first 500 eval scenes; predicting background everywhere gives
-mIoU 0.097 and pixel accuracy 0.877 (background is 88% of the labelled pixels at 32 px).
-Measured 2026-11-21 (jax 0.10.2, 2 CPU cores shared with other jobs, load 6-9): eval/seg/miou 0.316 / 0.528,
-pixel_acc 0.928 / 0.956, mean_acc 0.438 / 0.663 at steps 500 / 1000; 28.5 min wall at 10-40 img/s under that
-load (an idle 2-core machine is several times faster).
+mIoU 0.097 and pixel accuracy 0.877 (background is 88% of the labelled pixels at 32 px). A run gives about
+eval/seg/miou 0.316 / 0.528, pixel_acc 0.928 / 0.956, mean_acc 0.438 / 0.663 at steps 500 / 1000; its time on
+2 CPU cores: BENCHMARKS.md, "Time outside the step and trackers (CPU demo)".
 """
 
 import ml_collections

@@ -39,13 +39,12 @@ Variant `demo`: from scratch on the embedded 'scenes' (8 shape kinds, 1-4 per im
   python -m visionfm_jax.main --config=configs/finetune_coco.py:demo --workdir=/tmp/det_demo \
       --config.progress_bar=False
 
-Measured 2026-11-21 (jax 0.10.2, 2 CPU cores shared with other jobs: load average 7-10, 17-73 img/s, 20m10s
-wall; an estimated 9-13 minutes at the 50-73 img/s it reached when the load dropped): `eval/det/map` 0.220 /
-0.357 / 0.408 at steps 400 / 800 / 1200 (ap50 0.398 / 0.552 / 0.602; ap75 0.469 and ar100 0.667 at the end) on
+Expected: `eval/det/map` about 0.220 / 0.357 / 0.408 at steps 400 / 800 / 1200 (ap50 0.398 / 0.552 / 0.602; ap75 0.469 and ar100 0.667 at the end) on
 the first 500 validation scenes; train/loss 3.63 (step 25) -> 1.24. Trivial predictors scored by the same
 evaluate.detection.coco_map on those 500 images: one whole-image box per class at a constant score: map 0.000
 (no object covers > 25% of the image, so no IoU reaches 0.5); 100 random object-sized boxes per image with
-random classes and scores: map 0.0007, ap50 0.004.
+random classes and scores: map 0.0007, ap50 0.004. Its time on 2 CPU cores: BENCHMARKS.md, "Time outside the
+step and trackers (CPU demo)".
 """
 
 import ml_collections

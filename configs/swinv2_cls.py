@@ -44,8 +44,8 @@ rates are per 512 images, scaled linearly to the batch), except where a row says
 
 Swin (v1)'s released ImageNet-22K configs (224 px, window 7) take weight decay 0.05 instead of 0.1.
 
-Demo, measured 2026-11-23 on 2 CPU cores shared with other jobs (jax 0.10.2): `eval/val/top1` 0.515 / 0.892 /
-0.945 at steps 300 / 600 / 900 (chance 0.125), in 5m13s.
+Demo, expected: `eval/val/top1` about 0.515 / 0.892 / 0.945 at steps 300 / 600 / 900 (chance 0.125), in about
+5 minutes on 2 CPU cores.
 
 Parameters (`python -m visionfm_jax.tools.summary --config=configs/swinv2_cls.py:<size>`): T 28,347,154 and
 H 657,883,256 with the 1000-class head; G 2,997,815,008 without it (`--config.model.num_classes=0`).

@@ -1,4 +1,4 @@
-r"""ViT-Huge-Pretrain: ViT-H/14 supervised on ImageNet-21K (specification 002_c5e31c45bff2761c).
+r"""ViT-Huge-Pretrain: ViT-H/14 supervised on ImageNet-21K.
 
 The default is the paper's recipe. `source` says, for every setting, whether the paper states it or we chose it
 (`ours:` and the reason); the ViT paper is Dosovitskiy et al. 2021 (Table 3 and section 4.1):
@@ -36,7 +36,7 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   |                |                                                    | `--config.model.dropout=0.1`)            |
   | parallelism    | FSDP over all devices                              | paper                                    |
   | remat          | dots_saveable                                      | ours: bench.memory_plan's pick for       |
-  |                |                                                    | 64 x 80 GB (CPU compiler: 19.4 GiB)      |
+  |                |                                                    | 64 x 80 GB (BENCHMARKS.md)               |
   | cluster        | H100s                                              | paper                                    |
   | GPU count      | 64 (docs/runbooks/vit_h14.md)                      | ours: the paper states none              |
   | health         | loss / gradient-norm spike skipping (6 std over    | ours: guards a long run                  |
@@ -44,8 +44,9 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   |                | (training/health.py)                               |                                          |
 
 Wall clock: the paper trained for approximately 3 weeks on H100s without saying how many. For this config on 64
-H100s BENCHMARKS.md predicts 1.1 days (1.0 with `--config.mesh.fsdp=8 --config.mesh.data=-1`), a roofline
-prediction rather than a measurement.
+H100s BENCHMARKS.md ("The recipes on their clusters") predicts 1.1 days, a roofline prediction, and less with the
+runbook's `--config.mesh.fsdp=8 --config.mesh.data=-1`; its memory plans: "ViT-H/14 and Aurora-XL planned on the
+plain path".
 
   python -m visionfm_jax.main --config=configs/vit_huge.py --workdir=/ckpt/vit_huge
 
@@ -57,9 +58,8 @@ Variant `demo`: a ViT on the embedded procedural shapes data, on a laptop CPU:
 
   python -m visionfm_jax.main --config=configs/vit_huge.py:demo --workdir=/tmp/vit_demo
 
-Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 minutes on 2 CPU cores.
-Measured 2026-11-23 (2 cores, jax 0.10.2): 0.548 / 0.874 / 0.959 at steps 600 / 1200 / 1800, 5m58s wall with the
-test suite running beside it (about 3 minutes alone).
+Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 minutes on 2 CPU cores: about
+0.548 / 0.874 / 0.959 at steps 600 / 1200 / 1800.
 
 Variant `small`: your own few thousand labelled photos (`tools.prepare_data --format=folders --holdout_per_class=K`
 into /data/my_photos, or `--config.data.source=` elsewhere), ViT-S/16 at 224 px with augmentation on, 3,000 steps
