@@ -1,4 +1,4 @@
-r"""SwinV2-G-CLIP: a 3B SwinV2-G image tower trained with CLIP on filtered LAION (specification 000_56f9bf2bb09a4641).
+r"""SwinV2-G-CLIP: a 3B SwinV2-G image tower trained with CLIP on filtered LAION.
 
 The default is the paper's recipe at 224 px. `source` says, for every setting, whether the paper states it or we
 chose it (`ours:` and the reason):
@@ -35,12 +35,12 @@ chose it (`ours:` and the reason):
   | loss scale       | from 2^16, doubled after 2,000 good steps               | ours: PyTorch GradScaler's defaults  |
   | master weights   | fp32 params and optimizer state                         | ours: standard mixed precision       |
   | batch            | 32,768 pairs; the contrastive loss spans all of them    | ours: CLIP's; the paper states none  |
-  | micro-batches    | 2 of 16,384, remat dots_with_no_batch_dims_saveable     | ours: fits A100 80GB (below)         |
+  | micro-batches    | 2 of 16,384, remat dots_with_no_batch_dims_saveable     | ours: fits A100 80GB (BENCHMARKS.md) |
   | parallelism      | ZeRO-3 over all devices                                 | paper                                |
   | cluster          | 128 A100 80GB                                           | paper                                |
   | schedule         | 366,000 steps = 10 passes over the 1.2B pairs           | ours: the paper gives no step count; |
   |                  |                                                         | sized for its 4 weeks at an assumed  |
-  |                  |                                                         | 40% MFU (see "Wall clock")           |
+  |                  |                                                         | 40% MFU (below)                      |
   | final stage      | 640 px                                                  | paper; its settings: `ft640` below   |
   | evaluation       | ImageNet-1K zero-shot top-1 (the paper: 78.4%)          | paper                                |
   | prompts          | OpenAI's 1000 class names and 80 templates              | ours: OpenAI's protocol              |
@@ -48,21 +48,10 @@ chose it (`ours:` and the reason):
   | health           | loss / gradient-norm spike skipping (6 std over 128     | ours: guards a 3B fp16 run beyond    |
   |                  | steps), rollback past bad data (training/health.py)     | the paper's clipping and scaling     |
 
-Memory: 2 micro-batches plan 64.0 GiB per GPU in XLA's GPU compiler for 128 A100 80GB with cuDNN attention, of
-the 72.9 GiB a job launched with launch/xla_flags_a100.sh may allocate (`python -m visionfm_jax.bench.memory_plan
---config=configs/swinv2_g_clip.py --target=a100 --devices=128 --micro_batches=2,4
---remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md); 4 plan 56.4 GiB and take 10.56 s a step
-instead of 8.83 (twice the gathers of every block's weights from all 16 nodes).
-
-Wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this config's 224 px
-stage alone on 128 A100s BENCHMARKS.md predicts 37.4 days at its 2 micro-batches, a roofline prediction rather
-than a measurement (8.83 s a step at MFU 0.296, 1.24 s of it exposed collectives, `python -m
-visionfm_jax.bench.roofline --config=configs/swinv2_g_clip.py --target=a100 --devices=128`); with the 640 px
-stage's 7.3, 44.7 days. ZeRO-3 within each node and the nodes data-parallel (`--config.mesh.fsdp=8
---config.mesh.data=-1 --config.grad_accum_steps=4`, what the runbook launches; 2 micro-batches plan 72.9 GiB there,
-over what the launch lets a job allocate) keeps the weight gathers and gradient reduce-scatters on NVLink: 8.82 s a
-step, 0.45 s exposed, 65.5 GiB, 37.4 days at 224 px and 43.9 for both stages (docs/runbooks/swinv2_g_clip.md,
-"Parallelism"). The step
+Memory and wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this
+config's 224 px stage BENCHMARKS.md ("The recipes on their clusters") predicts 37.4 days, a roofline prediction,
+and gives the plan per GPU, the step and the runbook's layout (ZeRO-3 within each node, the nodes data-parallel:
+`--config.mesh.fsdp=8 --config.mesh.data=-1 --config.grad_accum_steps=4`; docs/runbooks/swinv2_g_clip.md). The step
 count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip
@@ -100,10 +89,9 @@ whole maps). The demo pair and its unmasked baseline at the same steps:
       --config.init_from=/tmp/flip_demo
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,vit --workdir=/tmp/vit_clip_demo
 
-Measured 2026-11-25 (2 cores shared with other work, jax 0.10.2): masked, 1200 steps at 179 img/s (median) against
-the unmasked tower's 122: zero-shot top-1 0.204 / 0.214 / 0.328 at steps 400 / 800 / 1200 (unmasked 0.185 / 0.354 /
-0.411), t2i R@10 0.503 (0.687); after 200 unmasked tuning steps 0.406 and 0.586: the unmasked run's zero-shot in
-about 0.85 of its training time (by img/s), its retrieval not reached.
+Expected: masked, zero-shot top-1 0.204 / 0.214 / 0.328 at steps 400 / 800 / 1200 (unmasked 0.185 / 0.354 /
+0.411), t2i R@10 0.503 (0.687); after 200 unmasked tuning steps 0.406 and 0.586: the unmasked run's zero-shot,
+its retrieval not reached (the time each takes: BENCHMARKS.md, "Time outside the step and trackers (CPU demo)").
 
 Variant `ft640`: the paper's final stage at 640 px, window 40, from a 224 px run (`--config.init_from=` its
 workdir). It takes that run's params only: init_from loads no train state, so the AdamW moments start at zero and
@@ -128,12 +116,7 @@ data/loader/pipeline.py; there is no separate data seed), so at the 224 px run's
 the very pairs that run began with. Seed 1 gives it a fresh order of the same pairs (and fresh stochastic depth
 and Mixup draws); a 224 px run launched with `--config.seed=1` needs another seed here.
 
-Memory: 53.9 GiB per device in XLA's GPU plan for 128 A100 80GB with cuDNN attention (`python -m
-visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py:ft640 --target=a100 --devices=128
---micro_batches=8 --remat=dots_with_no_batch_dims_saveable --attention=cudnn`, BENCHMARKS.md). Wall clock:
-31.4 s a step predicted (MFU 0.18), 7.3 days for the 20,000 steps, a roofline prediction rather than a
-measurement; ZeRO-3 within each node (`--config.mesh.fsdp=8 --config.mesh.data=-1`, the runbook's): 63.3 GiB,
-27.97 s a step, 6.5 days.
+Memory and days, in both layouts: BENCHMARKS.md ("The recipes on their clusters"), the SwinV2-G-CLIP 640 rows.
 
 Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CPU:
 
@@ -142,18 +125,17 @@ Variant `demo`: a small SwinV2 + text tower on the embedded shapes pairs on a CP
       --config.init_from=/tmp/clip_demo
 
 Expected: `eval/zeroshot/top1` >= 0.5 on the 8 shape classes (chance 0.125) and the retrieval metrics
-(`eval/retrieval/i2t_r1`, ...) at the end, in under 10 minutes on 2 CPU cores. Measured 2026-11-21 (2 cores,
-jax 0.10.2): zero-shot top-1 0.324 / 0.678 / 0.765 at steps 400 / 800 / 1200, top-5 0.995, 393 s wall;
-retrieval over 1000 pairs i2t R@1/5/10 0.092 / 0.449 / 0.807 (the short captions repeat: ~10 eval pairs
-share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
+(`eval/retrieval/i2t_r1`, ...) at the end, in under 10 minutes on 2 CPU cores: zero-shot top-1 0.324 / 0.678 /
+0.765 at steps 400 / 800 / 1200, top-5 0.995; retrieval over 1000 pairs i2t R@1/5/10 0.092 / 0.449 / 0.807 (the
+short captions repeat: ~10 eval pairs share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
 the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,siglip --workdir=/tmp/siglip_demo
 
-The demo with SigLIP's loss, at the CLIP demo's learning rate. Measured 2026-11-25 (2 shared cores, jax 0.10.2),
-each beside a CLIP demo run the same day: zero-shot top-1 0.245 / 0.616 / 0.705 at steps 400 / 800 / 1200 (CLIP
-0.284 / 0.637 / 0.744), top-5 0.980 (0.996); retrieval i2t R@1/5/10 0.083 / 0.436 / 0.784 (0.087 / 0.443 / 0.793);
-459 s wall; the learned t rose from 10 to 11.2 and b went from -10 to -10.6.
+The demo with SigLIP's loss, at the CLIP demo's learning rate. Expected, beside a CLIP demo run on the same
+machine: zero-shot top-1 0.245 / 0.616 / 0.705 at steps 400 / 800 / 1200 (CLIP 0.284 / 0.637 / 0.744), top-5
+0.980 (0.996); retrieval i2t R@1/5/10 0.083 / 0.436 / 0.784 (0.087 / 0.443 / 0.793); the learned t rises from 10
+to about 11.2 and b from -10 to about -10.6.
 
 Variant `small`: your own few thousand image-text pairs (`tools.prepare_data --format=caption_files` or
 `caption_table` with --holdout_examples, into /data/my_pairs with a tokenizer trained on them, or
