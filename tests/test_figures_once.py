@@ -1,0 +1,122 @@
+"""Each measured or predicted figure is said once, in BENCHMARKS.md: README.md, docs/**/*.md and the module
+docstrings of configs/*.py point at its section instead of restating it, so that a re-plan edits one file.
+
+A figure, narrowly (so that no plain number is one):
+- a number with a decimal point or a thousands separator followed by a unit: ms, s, GiB, GB, MiB, MB, TB, img/s
+  (images/s), days (day) or %: `8.83 s`, `64.0 GiB`, `1,369 MB`, `37.4 days`; or such a number after `MFU`: `MFU 0.31`;
+- in a BENCHMARKS.md table, such a number in a cell of a column whose header ends in one of those units or is
+  `MFU` (`step ms`, `plan GiB`, `predicted days`): `| 838.7 |` under `step ms` is the figure `838.7 ms`.
+Numbers compare by value (`0.310` is `0.31`, `1,369` is `1369`); `images/s` is `img/s`.
+
+Allowed elsewhere: a figure BENCHMARKS.md does not hold (a demo's expected output, the paper's own result), and in
+a recipe docstring the `predicts N days` citation that tests/test_recipes.py requires and checks against
+BENCHMARKS.md's table.
+"""
+
+import ast
+import decimal
+import pathlib
+import re
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+BENCHMARKS = ROOT / "BENCHMARKS.md"
+
+UNITS = r"ms|s|GiB|GB|MiB|MB|TB|img/s|images/s|days?|%"
+NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+"
+FIGURE = re.compile(rf"(?<![\w.,/-])(?:MFU\s+(?P<mfu>\d+\.\d+)|(?P<num>{NUMBER})\s?(?P<unit>{UNITS}))(?![\w/])")
+HEADER_UNIT = re.compile(rf"(?:^|\s)({UNITS}|MFU)$")
+CELL_NUMBER = re.compile(rf"^\**({NUMBER})\**$")
+# tests/test_recipes.py requires a recipe's docstring to cite BENCHMARKS.md's predicted days in these words
+RECIPE_DAYS_CITATION = re.compile(r"predicts (\d+\.\d+) days")
+
+
+def _key(number: str, unit: str) -> tuple[str, str]:
+  value = decimal.Decimal(number.replace(",", "")).normalize()
+  return format(value, "f"), {"images/s": "img/s", "day": "days"}.get(unit, unit)
+
+
+def figures_of(text: str, first_line: int = 1) -> list[tuple[int, tuple[str, str], str]]:
+  """(line number, (value, unit), as written) for every figure in prose `text`."""
+  found = []
+  for number, line in enumerate(text.splitlines(), first_line):
+    for m in FIGURE.finditer(line):
+      key = _key(m["mfu"], "MFU") if m["mfu"] else _key(m["num"], m["unit"])
+      found.append((number, key, m.group(0)))
+  return found
+
+
+def _cells(line: str) -> list[str]:
+  return [cell.strip() for cell in line.strip().strip("|").split("|")]
+
+
+def table_figures(text: str) -> set[tuple[str, str]]:
+  """The figures of `text`'s tables: numeric cells under a column whose header names a unit."""
+  found, units = set(), None
+  for line in text.splitlines():
+    if not line.lstrip().startswith("|"):
+      units = None
+      continue
+    cells = _cells(line)
+    if units is None:
+      units = [m.group(1) if (m := HEADER_UNIT.search(cell)) else None for cell in cells]
+      continue
+    for unit, cell in zip(units, cells):
+      if unit and (m := CELL_NUMBER.match(cell)):
+        found.add(_key(m.group(1), unit))
+  return found
+
+
+def benchmark_figures() -> set[tuple[str, str]]:
+  text = BENCHMARKS.read_text(encoding="utf-8")
+  return {key for _, key, _ in figures_of(text)} | table_figures(text)
+
+
+def docstring_of(path: pathlib.Path) -> tuple[str, int]:
+  """A module's docstring and the line it starts on."""
+  tree = ast.parse(path.read_text(encoding="utf-8"))
+  node = tree.body[0] if tree.body else None
+  if not (isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)):
+    return "", 1
+  return node.value.value, node.lineno
+
+
+def documents() -> list[tuple[pathlib.Path, str, int, bool]]:
+  """(path, text, first line, is a recipe docstring) for every place that points at BENCHMARKS.md."""
+  found = [(path, path.read_text(encoding="utf-8"), 1, False)
+           for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]]
+  for path in sorted((ROOT / "configs").glob("*.py")):
+    text, line = docstring_of(path)
+    found.append((path, text, line, True))
+  return found
+
+
+def restatements(held: set[tuple[str, str]]) -> list[str]:
+  found = []
+  for path, text, first_line, is_config in documents():
+    lines = text.splitlines()
+    for number, key, written in figures_of(text, first_line):
+      if key not in held:
+        continue
+      line = lines[number - first_line]
+      if is_config and key[1] == "days" and any(m.group(1) == written.split()[0]
+                                               for m in RECIPE_DAYS_CITATION.finditer(line)):
+        continue
+      found.append(f"{path.relative_to(ROOT)}:{number}: {written}")
+  return found
+
+
+def test_no_figure_of_benchmarks_is_restated():
+  found = restatements(benchmark_figures())
+  assert not found, ("figures BENCHMARKS.md holds, restated (cite its section by heading instead):\n"
+                     + "\n".join(found))
+
+
+def test_the_definition_sees_figures_and_only_figures():
+  assert [key for _, key, _ in figures_of("8.83 s a step, 64.0 GiB, MFU 0.310, 1,369 MB, 37.4 days, 62.9 images/s")] == [
+      ("8.83", "s"), ("64", "GiB"), ("0.31", "MFU"), ("1369", "MB"), ("37.4", "days"),
+      ("62.9", "img/s")]
+  # plain numbers, versions, ratios, sizes and bare integers with a unit are not figures
+  assert not figures_of("jax 0.10.2, 8 GPUs, 30 s, 1.2x, lr 5e-4, 0.125 chance, v1.5s, 16 MiB, 3.3.2 s, 0.5sec")
+  table = "| model | step ms | img/s | MFU | predicted days | wall |\n| --- | ---: | ---: | ---: | ---: | ---: |\n" \
+          "| ViT | 838.7 | 305.2 | **0.310** | 1.1 | 17.5 |\n"
+  assert table_figures(table) == {("838.7", "ms"), ("305.2", "img/s"), ("0.31", "MFU"), ("1.1", "days")}
