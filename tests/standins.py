@@ -23,7 +23,7 @@ assertions. `write_all(root)` places every one as the runbooks do:
                                                                  `hf download <repo> --local-dir=...` to copy
   root/models/                                                   empty: where the runbooks download models to
 
-The data stand-ins cost about 0.1 CPU s together. The two model repositories are built once per process with
+The data stand-ins cost about 0.1 CPU s together. The three model repositories are built once per process with
 torch and transformers (about 4 CPU s, mostly importing them) into a temporary folder, then copied.
 
 `unpack_synset_tars` unpacks an ImageNet tar of per-synset tars into class folders (as the release is unpacked
