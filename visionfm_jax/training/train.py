@@ -2,12 +2,15 @@
 
 run(config, workdir):
   mesh -> task -> sharded state (restored from the newest checkpoint, else created sharded and optionally
-  initialised from `init_from`) -> loop of jitted train steps over global batches -> metrics, evaluators,
-  async checkpoints of state + data iterator.
+  initialised from `init_from`) -> loop of jitted train steps (training/step.py) over global batches, each
+  followed by the periodic actions that are due (`_periodic_actions`: checks, metrics, async checkpoints of
+  state + data iterator, evaluations).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import os
 import time
@@ -112,6 +115,232 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   return last
 
 
+def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel, checkpointer,
+          writer, task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
+  """Trains from `start_step` to config.total_steps, running after each step the periodic actions that are due
+  (`_periodic_actions`, in their order; an action that returns False skips the step's later ones)."""
+  total = config.total_steps
+  progress = console.Progress(total, start_step, enabled=config.progress_bar, process_index=jax.process_index())
+  preemption = faults.Preemption()
+  batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
+  loop = _Loop(config, state, start_step, batches, _Window(config, task), checkpointer, writer,
+               faults.Watchdog(config.step_timeout_s), rollbacks)
+  actions = _periodic_actions(config, rollbacks, progress, evaluators, panel, train_iter, batch_sharding)
+  try:
+    if loop.step == total:
+      loop.last.update(_complete(state, loop.step, evaluators, panel, writer, loop.watchdog))
+    while loop.step < total and not loop.stopped:
+      loop.train_one_step(train_step, preemption, start_step)
+      for every, action in actions:
+        if every.due(loop.step, loop.preempted) and not action(loop):
+          break
+  finally:
+    loop.watchdog.phase("committing the last checkpoint", loop.step)
+    try:
+      checkpointer.wait()  # also after an error: the saves in flight are of good steps
+    finally:
+      loop.watchdog.close()
+      progress.close()
+      preemption.close()
+  loop.last["step"] = loop.step
+  return loop.last
+
+
+def _periodic_actions(config, rollbacks, progress, evaluators, panel, train_iter, batch_sharding):
+  """((when, action(loop) -> whether the step's later actions run), ...) in the order they run after a step:
+  before a log or save the checks that keep a bad state out of checkpoints (a rollback where health fired, else
+  a stop on a non-finite loss) and a stop on workdir faults; then log, save, evaluate, and exit at a preemption."""
+  total = config.total_steps
+  before_save = _Every((config.log_every, config.checkpoint_every), total, at_preemption=True)
+  if rollbacks is not None:
+    check_state = functools.partial(_roll_back_where_fired, train_iter=train_iter, batch_sharding=batch_sharding)
+  else:
+    check_state = _stop_if_not_finite
+  return ((before_save, check_state),
+          (before_save, _stop_on_workdir_faults),
+          (_Every((config.log_every,), total, at_preemption=True), functools.partial(_log, progress=progress)),
+          (_Every((config.checkpoint_every,), total, at_preemption=True), _save),
+          (_Every((config.eval_every,), total), functools.partial(_evaluate_and_draw, evaluators=evaluators,
+                                                                   panel=panel)),
+          (_Every((), at_preemption=True), _exit_at_preemption))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Every:
+  """When a periodic action is due: at the multiples of any of `periods`, at step `last`, and at a preemption's
+  step when `at_preemption`."""
+  periods: tuple[int, ...]
+  last: int | None = None
+  at_preemption: bool = False
+
+  def due(self, step: int, preempted: bool) -> bool:
+    return any(step % p == 0 for p in self.periods) or step == self.last or (preempted and self.at_preemption)
+
+
+@dataclasses.dataclass
+class _Loop:
+  """What the loop's periodic actions read and change: the state at `step`, the device batches, the step's
+  metrics (on the device), the last metrics of each name, the timing window, and whether it stops."""
+  config: ml_collections.ConfigDict
+  state: TrainState
+  step: int
+  batches: prefetch.DevicePrefetch
+  window: _Window
+  checkpointer: checkpoint.Checkpointer
+  writer: metrics.MetricWriter
+  watchdog: faults.Watchdog
+  rollbacks: health.Rollbacks | None
+  metrics: dict = dataclasses.field(default_factory=dict)
+  last: dict[str, float] = dataclasses.field(default_factory=dict)
+  preempted: bool = False
+  stopped: bool = False
+
+  def train_one_step(self, train_step, preemption: faults.Preemption, first_step: int) -> None:
+    # Between logging steps the host only feeds the device: any read of a device value here would stall
+    # the pipeline, and is an error on accelerators (the guard does not act on the CPU backend).
+    with jax.transfer_guard_device_to_host("disallow"):
+      if self.step == first_step:
+        self.watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
+      else:
+        self.watchdog.phase("a train step", self.step + 1)
+      self.state, self.metrics = train_step(self.state, self.window.next_batch(self.batches))
+      self.step += 1
+      self.window.steps += 1
+      # The one read of the stop flag: every process gets the same answer for the same step, so all of
+      # them log, save and stop together.
+      self.preempted = preemption.reached(self.step)
+
+
+class _Window:
+  """The span the logged throughput covers: the steps trained and the time spent waiting for data since it
+  (re)started (at the loop's start and after each log, evaluation and rollback)."""
+
+  def __init__(self, config, task):
+    self.batch_size = config.global_batch_size
+    self.flops_per_example = task.train_flops_per_example()
+    self.peak = flops.device_peak_flops(config.precision.compute_dtype)
+    self.restart()
+
+  def restart(self) -> None:
+    self.start, self.steps, self.data_wait = time.perf_counter(), 0, 0.0
+
+  def next_batch(self, batches):
+    wait_start = time.perf_counter()
+    batch = next(batches)
+    self.data_wait += time.perf_counter() - wait_start
+    return batch
+
+  def metrics(self) -> dict[str, float]:
+    """train/img_per_sec, train/data_wait_fraction and, where the device's peak is known, train/mfu."""
+    elapsed = max(time.perf_counter() - self.start, 1e-9)
+    img_per_sec = self.steps * self.batch_size / elapsed
+    values = {"train/img_per_sec": img_per_sec, "train/data_wait_fraction": self.data_wait / elapsed}
+    if self.flops_per_example and self.peak:
+      values["train/mfu"] = img_per_sec * self.flops_per_example / (self.peak * jax.device_count())
+    return values
+
+
+def _roll_back_where_fired(loop: _Loop, train_iter, batch_sharding) -> bool:
+  """Rolls back where the health trigger fired, before a save (the steps since it fired applied nothing); the
+  step's later actions follow where it did not."""
+  trigger = health.read_trigger(loop.state)
+  if trigger is None:
+    return True
+  loop.watchdog.phase("a rollback", loop.step)
+  position = health.agreed_position(loop.batches.get_state())
+  try:
+    loop.step, loop.state = loop.rollbacks.roll_back(trigger, loop.state, loop.checkpointer, train_iter, position)
+  except health.HealthError:
+    moved = loop.rollbacks.set_aside(loop.checkpointer.directory)
+    if moved:
+      loop.writer.note(loop.step, {"health/set_aside": moved})
+    raise
+  loop.batches = prefetch.DevicePrefetch(train_iter, batch_sharding, loop.config.data.device_prefetch)
+  loop.writer.rewind(loop.step, "trained again after a rollback")
+  loop.writer.write(loop.step, loop.rollbacks.counts())
+  loop.writer.note(loop.step, {"health/set_aside": loop.rollbacks.set_aside(loop.checkpointer.directory)})  # all so far
+  loop.window.restart()
+  if loop.preempted:  # the rerun resumes from the same checkpoint and takes the same rollback
+    logging.warning("preemption notice at a rollback: exiting at step %d without a save", loop.step)
+    loop.stopped = True
+  return False
+
+
+def _stop_if_not_finite(loop: _Loop) -> bool:
+  """Raises NonFiniteLossError when the step's loss or gradient norm is not finite (without loss scaling: an
+  fp16 run skips such steps instead). A non-finite gradient leaves NaN params, so the run stops before it
+  can save them; the checkpoints already written are all from good steps. With loss scaling, raises it once
+  `max_consecutive_skips` steps in a row overflowed at the minimum scale: such a run would skip forever."""
+  step, max_consecutive_skips = loop.step, loop.config.precision.max_consecutive_skips
+  if loop.state.loss_scale is not None:
+    skips = int(jax.device_get(loop.metrics["train/skips_at_min_scale"]))
+    if skips >= max_consecutive_skips:
+      raise NonFiniteLossError(
+          f"{skips} consecutive fp16 steps overflowed at the minimum loss scale (precision.loss_scale_min="
+          f"{loop.state.loss_scale.min_scale}) up to step {step}; stopping "
+          f"(precision.max_consecutive_skips={max_consecutive_skips}). The last good checkpoint: "
+          f"{_last_checkpoint(loop.checkpointer)}; lower config.optim.lr, train in bfloat16, or check the data.")
+    return True
+  loss, grad_norm = (float(v) for v in jax.device_get((loop.metrics["train/loss"],
+                                                       loop.metrics.get("train/grad_norm", 0.0))))
+  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    raise NonFiniteLossError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping. The "
+                             f"last good checkpoint: {_last_checkpoint(loop.checkpointer)}; lower config.optim.lr "
+                             f"or check the data.")
+  return True
+
+
+def _stop_on_workdir_faults(loop: _Loop) -> bool:
+  """Every process raises here when a save failed in the background on any of them, or process 0 could not
+  write its metrics: a run that cannot keep its checkpoints or its record stops now, not at its end."""
+  faults.raise_together(loop.checkpointer.failed_save() or loop.writer.failure,
+                        WorkdirError(f"another process could not write to {loop.checkpointer.directory.parent} (its "
+                                     f"error line says why)"))
+  return True
+
+
+def _log(loop: _Loop, progress: console.Progress) -> bool:
+  values = {k: float(v) for k, v in jax.device_get(loop.metrics).items()}
+  values.update(loop.window.metrics())
+  values.update(data_counts(loop.batches))
+  if loop.rollbacks is not None:
+    values.update(loop.rollbacks.counts())
+    loop.rollbacks.note_skips(loop.step, values["health/skipped_steps"])
+  loop.writer.write(loop.step, values)
+  progress.update(loop.step, values["train/loss"], values["train/img_per_sec"])
+  loop.last.update(values)
+  loop.window.restart()
+  return True
+
+
+def _save(loop: _Loop) -> bool:
+  loop.watchdog.phase("a checkpoint save", loop.step)
+  loop.checkpointer.save(loop.step, loop.state, loop.batches,
+                         health=loop.rollbacks.record() if loop.rollbacks is not None else None)
+  if jax.process_index() == 0 and not loop.preempted:
+    logging.info("step %d: saving a checkpoint to %s", loop.step, loop.checkpointer.directory / str(loop.step))
+  return True
+
+
+def _evaluate_and_draw(loop: _Loop, evaluators, panel) -> bool:
+  loop.watchdog.phase("an evaluation", loop.step)
+  results = _evaluate_state(evaluators, loop.state, loop.step)
+  loop.writer.write(loop.step, results)
+  if panel is not None:
+    _draw_panel(panel, loop.state.params, loop.step, loop.writer)
+  loop.last.update(results)
+  loop.window.restart()
+  return True
+
+
+def _exit_at_preemption(loop: _Loop) -> bool:
+  loop.watchdog.phase("committing the preemption checkpoint", loop.step)
+  where = _committed(loop.checkpointer, loop.step)
+  logging.warning("preemption notice: saved step %d (%s); exiting so the job can be requeued", loop.step, where)
+  loop.stopped = True
+  return False
+
+
 def _log_plan(config, abstract: TrainState, workdir: str) -> None:
   params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
   logging.info("model %s: %s params; %d steps of %d examples (%s)", config.model.name, f"{params:,}",
@@ -172,28 +401,6 @@ def _draw_panel(panel, params, step: int, writer) -> None:
   logging.info("step %d panel: panels/step_%d.png (%.1fs)", step, step, time.perf_counter() - t0)
 
 
-def _check_finite(step_metrics, state, step, checkpointer, max_consecutive_skips: int) -> None:
-  """Raises NonFiniteLossError when the step's loss or gradient norm is not finite (without loss scaling: an
-  fp16 run skips such steps instead). A non-finite gradient leaves NaN params, so the run stops before it
-  can save them; the checkpoints already written are all from good steps. With loss scaling, raises it once
-  `max_consecutive_skips` steps in a row overflowed at the minimum scale: such a run would skip forever."""
-  if state.loss_scale is not None:
-    skips = int(jax.device_get(step_metrics["train/skips_at_min_scale"]))
-    if skips >= max_consecutive_skips:
-      raise NonFiniteLossError(
-          f"{skips} consecutive fp16 steps overflowed at the minimum loss scale (precision.loss_scale_min="
-          f"{state.loss_scale.min_scale}) up to step {step}; stopping "
-          f"(precision.max_consecutive_skips={max_consecutive_skips}). The last good checkpoint: "
-          f"{_last_checkpoint(checkpointer)}; lower config.optim.lr, train in bfloat16, or check the data.")
-    return
-  loss, grad_norm = (float(v) for v in jax.device_get((step_metrics["train/loss"],
-                                                       step_metrics.get("train/grad_norm", 0.0))))
-  if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-    raise NonFiniteLossError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping. The "
-                             f"last good checkpoint: {_last_checkpoint(checkpointer)}; lower config.optim.lr or "
-                             f"check the data.")
-
-
 def _last_checkpoint(checkpointer) -> str:
   """The newest committed checkpoint (after the saves in flight commit) that this run verified
   (`checkpoint.last_good_text`)."""
@@ -211,111 +418,6 @@ def data_counts(train_iter) -> dict[str, float]:
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
   return {"data/skipped": float(counts[0]), "data/skipped_fraction": float(counts[0] / max(counts[1], 1))}
-
-
-def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel, checkpointer,
-          writer, task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
-  total = config.total_steps
-  flops_per_example = task.train_flops_per_example()
-  peak = flops.device_peak_flops(config.precision.compute_dtype)
-  progress = console.Progress(total, start_step, enabled=config.progress_bar, process_index=jax.process_index())
-  preemption = faults.Preemption()
-  watchdog = faults.Watchdog(config.step_timeout_s)
-  last: dict[str, float] = {}
-  window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-  batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
-  step = start_step
-  try:
-    if step == total:
-      last.update(_complete(state, step, evaluators, panel, writer, watchdog))
-    while step < total:
-      # Between logging steps the host only feeds the device: any read of a device value here would stall
-      # the pipeline, and is an error on accelerators (the guard does not act on the CPU backend).
-      with jax.transfer_guard_device_to_host("disallow"):
-        if step == start_step:
-          watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
-        else:
-          watchdog.phase("a train step", step + 1)
-        wait_start = time.perf_counter()
-        batch = next(batches)
-        data_wait += time.perf_counter() - wait_start
-        state, step_metrics = train_step(state, batch)
-        step += 1
-        window_steps += 1
-        # The one read of the stop flag: every process gets the same answer for the same step, so all of
-        # them log, save and stop together.
-        preempted = preemption.reached(step)
-      is_last = step == total
-      will_save = step % config.checkpoint_every == 0 or is_last or preempted
-      will_log = step % config.log_every == 0 or is_last or preempted
-      if will_log or will_save:
-        trigger = health.read_trigger(state) if rollbacks is not None else None
-        if trigger is not None:  # before a save: the steps since it fired applied nothing
-          watchdog.phase("a rollback", step)
-          position = health.agreed_position(batches.get_state())
-          try:
-            step, state = rollbacks.roll_back(trigger, state, checkpointer, train_iter, position)
-          except health.HealthError:
-            moved = rollbacks.set_aside(checkpointer.directory)
-            if moved:
-              writer.note(step, {"health/set_aside": moved})
-            raise
-          batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
-          writer.rewind(step, "trained again after a rollback")
-          writer.write(step, rollbacks.counts())
-          writer.note(step, {"health/set_aside": rollbacks.set_aside(checkpointer.directory)})  # all so far
-          window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-          if preempted:  # the rerun resumes from the same checkpoint and takes the same rollback
-            logging.warning("preemption notice at a rollback: exiting at step %d without a save", step)
-            break
-          continue
-        if rollbacks is None:  # before a save: never checkpoint NaN params (health skips such steps instead)
-          _check_finite(step_metrics, state, step, checkpointer, config.precision.max_consecutive_skips)
-        _stop_on_workdir_faults(checkpointer, writer)
-      if will_log:
-        values = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-        elapsed = time.perf_counter() - window_start
-        img_per_sec = window_steps * config.global_batch_size / max(elapsed, 1e-9)
-        values["train/img_per_sec"] = img_per_sec
-        values["train/data_wait_fraction"] = data_wait / max(elapsed, 1e-9)
-        if flops_per_example and peak:
-          values["train/mfu"] = img_per_sec * flops_per_example / (peak * jax.device_count())
-        values.update(data_counts(batches))
-        if rollbacks is not None:
-          values.update(rollbacks.counts())
-          rollbacks.note_skips(step, values["health/skipped_steps"])
-        writer.write(step, values)
-        progress.update(step, values["train/loss"], img_per_sec)
-        last.update(values)
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-      if will_save:
-        watchdog.phase("a checkpoint save", step)
-        checkpointer.save(step, state, batches, health=rollbacks.record() if rollbacks is not None else None)
-        if jax.process_index() == 0 and not preempted:
-          logging.info("step %d: saving a checkpoint to %s", step, checkpointer.directory / str(step))
-      if step % config.eval_every == 0 or is_last:
-        watchdog.phase("an evaluation", step)
-        results = _evaluate_state(evaluators, state, step)
-        writer.write(step, results)
-        if panel is not None:
-          _draw_panel(panel, state.params, step, writer)
-        last.update(results)
-        window_start, window_steps, data_wait = time.perf_counter(), 0, 0.0
-      if preempted:
-        watchdog.phase("committing the preemption checkpoint", step)
-        where = _committed(checkpointer, step)
-        logging.warning("preemption notice: saved step %d (%s); exiting so the job can be requeued", step, where)
-        break
-  finally:
-    watchdog.phase("committing the last checkpoint", step)
-    try:
-      checkpointer.wait()  # also after an error: the saves in flight are of good steps
-    finally:
-      watchdog.close()
-      progress.close()
-      preemption.close()
-  last["step"] = step
-  return last
 
 
 def _complete(state, step: int, evaluators, panel, writer, watchdog) -> dict[str, float]:
@@ -338,14 +440,6 @@ def _complete(state, step: int, evaluators, panel, writer, watchdog) -> dict[str
   if not drawn:
     _draw_panel(panel, state.params, step, writer)
   return last
-
-
-def _stop_on_workdir_faults(checkpointer, writer) -> None:
-  """Every process raises here when a save failed in the background on any of them, or process 0 could not
-  write its metrics: a run that cannot keep its checkpoints or its record stops now, not at its end."""
-  faults.raise_together(checkpointer.failed_save() or writer.failure,
-                        WorkdirError(f"another process could not write to {checkpointer.directory.parent} (its "
-                                     f"error line says why)"))
 
 
 def _rollbacks(config, state, checkpointer, start_step: int, train_iter, changes: list[str]
