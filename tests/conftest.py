@@ -28,8 +28,10 @@ def _known_to_xla(flags: str) -> bool:
 if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
   _WANTED = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1",
              "--xla_llvm_disable_expensive_passes=true")
+  # One probe (a start-up of JAX, seconds before any worker starts) where this XLA knows them all; else one each.
   os.environ["VISIONFM_TEST_XLA_FLAGS"] = (
-      " ".join(f for f in _WANTED if _known_to_xla(f)) if "XLA_FLAGS" not in os.environ else "")
+      "" if "XLA_FLAGS" in os.environ else " ".join(_WANTED) if _known_to_xla(" ".join(_WANTED))
+      else " ".join(f for f in _WANTED if _known_to_xla(f)))
 FAST_COMPILE_FLAGS = os.environ["VISIONFM_TEST_XLA_FLAGS"]
 
 
@@ -143,8 +145,11 @@ def read_the_loss_after_every_step(monkeypatch):
 
 
 def pytest_collection_modifyitems(config, items):
-  """Tests marked `gpu` (tests/test_gpu.py) run only where JAX's default backend is a GPU; elsewhere they skip."""
+  """Tests marked `slow` run first (xdist hands them out before the rest, so that the two workers finish together
+  instead of one running a long test while the other is idle); tests marked `gpu` (tests/test_gpu.py) run only
+  where JAX's default backend is a GPU; elsewhere they skip."""
   del config
+  items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the order within each kind is kept
   if jax.default_backend() == "gpu":
     return
   skip = pytest.mark.skip(reason=f"needs a GPU (JAX backend: {jax.default_backend()})")

@@ -120,6 +120,7 @@ def accumulation_runs():
   return _train(config(1), batches), (jax.device_get(state.params), history), hlo
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("aurora_accumulation")
 def test_four_accumulation_steps_equal_one_step_of_four_times_the_batch(accumulation_runs):
   """Two-pass accumulation: the contrastive loss spans the whole batch of 32 (8 devices, zero2), not 8, and
@@ -131,6 +132,7 @@ def test_four_accumulation_steps_equal_one_step_of_four_times_the_batch(accumula
   chex.assert_trees_all_close(_without_key_biases(got), _without_key_biases(ref), atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("aurora_accumulation")
 def test_unreduced_accumulation_communicates_once_a_step(accumulation_runs):
   """No collective runs inside the micro-batch loops (each device sums its own gradients); after them the fp32
@@ -230,6 +232,7 @@ def test_views_decide_which_heads_see_the_masked_image():
   assert not np.allclose(image_emb("shared", 0), image_emb("shared", 1), atol=1e-4)
 
 
+@pytest.mark.slow
 @pytest.mark.xdist_group("aurora_accumulation")
 def test_train_metrics_log_every_loss_term(accumulation_runs):
   """The first step's metrics, in one step and accumulated: the loss is the weighted sum of the logged terms."""

@@ -60,6 +60,7 @@ def pico_runs(tmp_path_factory):
   return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config,size", [("configs/vit_huge.py:pico/8", []),
                                          ("configs/swinv2_cls.py:demo", ["--config.model.variant=pico"])],
                          ids=["vit_pico", "swinv2_pico"])

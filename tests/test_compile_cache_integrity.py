@@ -40,6 +40,7 @@ def _train_steps(cache):
   return set(cache.glob("jit_train_step-*-cache"))
 
 
+@pytest.mark.slow
 def test_another_runs_program_under_an_entrys_name_is_removed_and_compiled_again(tmp_path, caplog):
   """Run B's train step (another learning rate) copied over run A's under A's file name: A's rerun warns, naming
   the entry, compiles its train step again and trains as A did (today's JAX loads B's step: B's learning rate)."""

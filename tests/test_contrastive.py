@@ -83,6 +83,7 @@ def _eval_metrics_by_numpy(config, params):
   return out
 
 
+@pytest.mark.slow
 def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   """From img2dataset tars converted by tools.prepare_data: 4 steps at 16 px (ZeRO-3), then the ft640 variant at
   32 px from them (init_from) evaluates zero-shot on the labelled shapes set and retrieval on the held-out
@@ -130,6 +131,7 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   assert abs(math.log(first["train/logit_scale"]) - ls) <= 3 * config.optim.lr
 
 
+@pytest.mark.slow
 def test_fp16_overflow_skips_exactly_that_step_and_the_temperature_is_clamped_after_every_update():
   """An overflowing step changes nothing (params, schedule), the loss scale halves after it; the temperature
   (train/logit_scale = exp of the param) is clamped into [0, log 100] after every applied update: set out of
@@ -249,6 +251,7 @@ def _initial_params(model_json):
   return jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mixup_alpha,per_device", [(0.0, False), (0.4, True)])
 def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_of_the_whole_batch(mixup_alpha,
                                                                                                   per_device):

@@ -257,6 +257,7 @@ def _range_loader(cfg, records, batch_size, index, count):
                                          source=RangeSource(records)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("old_workers,new_workers", [(0, 0), (2, 0), (0, 2)])
 def test_two_processes_to_one_continue_the_epoch_without_repeating_a_record(old_workers, new_workers):
   """2 processes read 3 batches of 4 each (24 of the 64 records) and save their iterator states; 1 process

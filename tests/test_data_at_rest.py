@@ -194,6 +194,7 @@ def _tiny_run_config(directory, **overrides):
                             "total_steps": 2, "checkpoint_every": 2, "eval_every": 100, **overrides})
 
 
+@pytest.mark.slow
 def test_a_resume_on_replaced_data_is_refused_naming_it_unless_allowed(tmp_path):
   data, workdir = tmp_path / "data", tmp_path / "run"
   data.mkdir()

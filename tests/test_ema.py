@@ -166,6 +166,7 @@ def test_init_from_the_ema_weights(ema_run, tmp_path):
   assert max(jax.tree.leaves(apart)) > 1e-4  # the raw params lie 100x further away than the tolerance
 
 
+@pytest.mark.slow
 def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_and_a_missing_one_is_an_error(
     tmp_path, capsys):
   """One 5-step config, stopped (SIGTERM) after steps 2 and 4: without an EMA to step 2, with one to step 4,

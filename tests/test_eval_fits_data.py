@@ -60,6 +60,7 @@ def test_zeroshot_on_unlabelled_pairs_stops_before_the_first_step(dry_run, unlab
   assert not (tmp_path / "run").exists()  # stopped before it wrote anything: the new workdir is gone
 
 
+@pytest.mark.slow
 def test_without_zeroshot_unlabelled_pairs_train_and_report_retrieval(unlabelled, tmp_path):
   config = tiny_clip_config(**{"data.source": unlabelled, "data.num_workers": 0, "eval.zeroshot_classes": ""})
   final = train.run(config, str(tmp_path / "run"))
@@ -67,6 +68,7 @@ def test_without_zeroshot_unlabelled_pairs_train_and_report_retrieval(unlabelled
   assert not any(key.startswith("eval/zeroshot") for key in final)
 
 
+@pytest.mark.slow
 def test_zeroshot_on_the_users_class_names_and_templates(tmp_path):
   (tmp_path / "classes.txt").write_text("\n".join(shapes.SHAPE_NAMES) + "\n\n")
   (tmp_path / "templates.txt").write_text("a photo of a {}\na drawing of a {}.\n")

@@ -127,6 +127,7 @@ def _rows(workdir):
     return [json.loads(line) for line in f]
 
 
+@pytest.mark.slow
 def test_run_from_pretrained_backbone_learns_and_logs_coco_map(tmp_path, pretrained_workdir, monkeypatch):
   config = tiny_detection_config(init_from=str(pretrained_workdir[0]), init_from_prefix="backbone")
   scored = []  # (ground truth, detections) of each evaluation, as the evaluator hands them to pycocotools

@@ -49,6 +49,7 @@ def _wait_for_a_train_step(trainers, tmp_path) -> None:
     time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and_exit_75(tmp_path):
   timeout_s = 5
   coordinator, other = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",

@@ -281,6 +281,7 @@ def trained(_training):
   return str(workdir)
 
 
+@pytest.mark.slow
 def test_captions_of_held_out_images_name_the_shape_or_colour(trained):
   lines = caption.run(trained, [f"shapes:0-{HELD_OUT - 1}"], batch_size=5)
   source = shapes.ShapesSource("validation", HELD_OUT, 16, caption_style="short")
@@ -298,6 +299,7 @@ def test_captions_of_held_out_images_name_the_shape_or_colour(trained):
   assert colour_hits / HELD_OUT > 3 / len(shapes.COLOUR_NAMES), report
 
 
+@pytest.mark.slow
 def test_caption_cli(trained, tmp_path, capsys):
   png = tmp_path / "shape.png"
   Image.fromarray(shapes.ShapesSource("validation", 200, 40)[150]["image"]).save(png)  # resized to 16 px
@@ -312,6 +314,7 @@ def test_caption_cli(trained, tmp_path, capsys):
   assert len(lines) == 5 and all(len(line.split("\t")[1].split()) <= 5 for line in lines), lines
 
 
+@pytest.mark.slow
 def test_caption_cli_errors(trained, tmp_path, capsys):
   def error(*args):
     assert caption.main(["caption", *args]) == 2

@@ -217,6 +217,7 @@ def test_non_finite_numbers_trigger_without_loss_scaling_and_are_overflows_with_
 
 # --------------------------------------------------------------------------------------------- end to end
 
+@pytest.mark.slow
 @END_TO_END
 def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_keeping_the_optimizer_count(
     data, tmp_path, monkeypatch):
@@ -240,6 +241,7 @@ def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_k
   assert rows[46]["health/rollbacks"] == 0 and rows[46]["health/skipped_examples"] == 0
 
 
+@pytest.mark.slow
 @END_TO_END
 def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(data, bursts_run, tmp_path):
   workdir, log = bursts_run
@@ -278,6 +280,7 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
   assert abs(evals[-1] - last["eval/val/top1"]) <= 0.1, (evals, last["eval/val/top1"])
 
 
+@pytest.mark.slow
 @END_TO_END
 def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, bursts_run, stopped_after_rollback_a,
                                                                          tmp_path):
@@ -296,6 +299,7 @@ def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, b
   assert train_rows(workdir)[-1]["health/rollbacks"] == 2
 
 
+@pytest.mark.slow
 @END_TO_END
 def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoint(data, stopped_after_rollback_a,
                                                                                    tmp_path):
@@ -320,6 +324,7 @@ def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoi
   assert saved_rollbacks(workdir, 40) == []  # the first run's step 40, trained before any rollback
 
 
+@pytest.mark.slow
 @END_TO_END
 def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
   """launch/local.sh 2 (each process reads 8 rows of every batch of 16): both processes log the same two
@@ -348,6 +353,7 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
     assert state["read"] == TOTAL * BATCH // PROCESSES
 
 
+@pytest.mark.slow
 @END_TO_END
 def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(data, tmp_path,
                                                                                          monkeypatch):

@@ -155,6 +155,7 @@ def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
     kernels.softmax_attention(q, q, q, bias=jnp.zeros((3, 5, 4)))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("model,image_size", [
     (vit.ViT(**vit.parse_variant("pico/4"), num_classes=5), 16),
     (swinv2.SwinV2(16, (2, 2), (2, 4), window_size=2, patch_size=2, image_size=8, num_classes=5, scan=False), 8)],

@@ -192,6 +192,7 @@ def test_freeze_rules_are_checked():
       jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
   """Frozen gradients are zeroed where they are made: XLA drops the frozen backbone's backward, and
   train/grad_norm is the norm clipping sees (the head's), not the whole model's."""

@@ -145,6 +145,7 @@ def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # no
     visionfm_jax.load(src, ema=True)
 
 
+@pytest.mark.slow
 def test_aurora_captions_as_tools_caption(tmp_path):
   path, task, params, _ = _workdir(tmp_path, tiny_aurora_config())
   model = visionfm_jax.load(path, batch_size=8)

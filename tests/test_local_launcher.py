@@ -8,6 +8,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from conftest import ROOT
 
 STAND_IN = f"""#!/usr/bin/env bash
@@ -22,6 +24,7 @@ exec sleep 300   # process 0: frozen
 """
 
 
+@pytest.mark.slow
 def test_a_process_still_running_after_the_first_failure_is_killed_and_named(tmp_path):
   bin_dir, pids = tmp_path / "bin", tmp_path / "pids"
   bin_dir.mkdir()

@@ -260,6 +260,7 @@ def reference_run(tmp_path_factory):
   return root / "reference", out, cache
 
 
+@pytest.mark.slow
 @MULTIPROCESS
 def test_two_processes_train_and_checkpoint(reference_run):
   workdir, out, _ = reference_run
@@ -290,6 +291,7 @@ def test_two_processes_train_and_checkpoint(reference_run):
     assert {f"ocdbt.process_{i}" for i in range(PROCESSES)} <= set(state_dir)  # both wrote their shards
 
 
+@pytest.mark.slow
 @MULTIPROCESS
 def test_two_processes_match_one_process_fed_the_same_global_batches(reference_run):
   """One process on 4 devices restores the 2-process checkpoint of step 50 (state and both processes' iterator
@@ -351,6 +353,7 @@ def _step_saved_on_notice(job, after):
   return step, out
 
 
+@pytest.mark.slow
 @MULTIPROCESS
 def test_preemption_of_one_process_then_of_both_0_5s_apart_saves_one_agreed_step_and_the_reruns_resume_bitwise(
     reference_run, tmp_path):
@@ -395,6 +398,7 @@ def _wait_gone(pid, timeout):
   return None
 
 
+@pytest.mark.slow
 def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path):
   """Process 0 finds the workdir's lock held (as a running job holds it): both processes exit 2 without
   waiting on each other, process 0 naming the holder, process 1 pointing at process 0's line; nothing written."""
@@ -448,6 +452,7 @@ def _killed(job, which: int, timeout_s: int) -> tuple[str, int]:
   return out, pids[which]
 
 
+@pytest.mark.slow
 @MULTIPROCESS
 def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then_the_rerun_ends_bitwise(
     reference_run, tmp_path):
@@ -492,6 +497,7 @@ def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then
   assert _final_eval(workdir) == _final_eval(reference)
 
 
+@pytest.mark.slow
 def test_a_stalled_process_ends_the_whole_job(tmp_path):
   """Process 1 stops (SIGSTOP, as a wedged host would): process 0, waiting on it in a collective, dumps its
   stacks, names the step and phase and exits 75 within config.step_timeout_s; process 1, once it runs again,

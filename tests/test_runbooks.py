@@ -282,6 +282,7 @@ def failure_report(result: subprocess.CompletedProcess) -> str:
   return f"{where} failed (exit {result.returncode}):\n{tail}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runbook", RUNBOOKS, ids=lambda p: p.stem)
 def test_every_command_of_the_runbook_runs_in_order(runbook, tmp_path, compilation_cache):
   result = run_runbook(runbook, tmp_path, compilation_cache)

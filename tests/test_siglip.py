@@ -142,6 +142,7 @@ def test_siglip_variant_adds_the_bias_at_the_papers_init_and_composes():
     config_lib.check(config_lib.set_paths(tiny_clip_config(), {"model.contrastive_loss": "sigmoid"}))
 
 
+@pytest.mark.slow
 def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mixup():
   """On a (data 2, fsdp 4) mesh: the ring loss of the task equals the single-device one, and two-pass
   accumulation over 4 micro-batches gives the whole batch's loss and gradients (bias and scale included), unlike
@@ -170,6 +171,7 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
   assert abs(naive - float(want_loss)) > 0.1  # the equalities above mean something
 
 
+@pytest.mark.slow
 def test_run_with_four_micro_batches_starts_as_one_batch_and_evaluates(tmp_path):
   """Through the loop on 8 devices: the first step's loss and gradient norm with 4 micro-batches of 8 are those
   of one batch of 32; zero-shot and retrieval run and report."""

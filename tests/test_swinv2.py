@@ -119,6 +119,7 @@ def _small(**kw):
   return swinv2.SwinV2(**{**base, **kw})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("policy", ["none", "nothing_saveable"])
 def test_scanned_and_unrolled_stages_agree(policy):
   # 20 px, patch 2: a 10x10 map padded to 12 for window 4, shifted blocks 1 and 3, an extra norm after block 2
@@ -232,6 +233,7 @@ def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_tabl
   assert (2, 49) in summed and not [s for s in summed if s[-2:] == (16, 16)], summed
 
 
+@pytest.mark.slow
 def test_224_window_14_weights_run_at_640_window_40():
   kw = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=3)
   low = swinv2.SwinV2(**kw, window_size=14, image_size=224)
@@ -300,6 +302,7 @@ def _demo_config(**overrides):
   return override(config, **overrides)
 
 
+@pytest.mark.slow
 def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(tmp_path):
   low = _demo_config(strategy="zero3")
   first = train.run(low, str(tmp_path / "w4"))

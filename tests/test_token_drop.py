@@ -67,6 +67,7 @@ def _tiny_vit_clip(*variants, **overrides):
   return config
 
 
+@pytest.mark.slow
 def test_flip_then_its_unmasked_tuning_train_through_main_and_evaluate_on_whole_images(tmp_path):
   """`vit,flip` masks half of the patches in training; `vit,flip_tune` goes on from its params unmasked."""
   config = _tiny_vit_clip("flip")

@@ -152,6 +152,7 @@ app.run(entry.main, flags_parser=entry._parse_flags)
 """
 
 
+@pytest.mark.slow
 @needs_both
 def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run_per_tracker(tmp_path,
                                                                                              compilation_cache):

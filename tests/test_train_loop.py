@@ -169,6 +169,7 @@ def _rerun_main(workdir, monkeypatch, capsys, caplog) -> tuple[int, str]:
   return status, err + "\n".join(caplog.messages)
 
 
+@pytest.mark.slow
 def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch):
   """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
   the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters

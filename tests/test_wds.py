@@ -319,6 +319,7 @@ def _params(workdir, step):
   return jax.tree.leaves({"params": state["params"], "opt_state": state["opt_state"]})
 
 
+@pytest.mark.slow
 def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
   write_tars(tmp_path / "in", tars=3, per_tar=12, bad={(1, 4)}, uncaptioned={(2, 7)}, image_size=40)
   pattern = str(tmp_path / "in" / "*.tar")
