@@ -136,7 +136,7 @@ def _params(bench):
 @pytest.mark.parametrize("micro_batches", [1, 2])
 @pytest.mark.parametrize("name", list(ATTENTION_FIELDS))
 def test_one_bf16_train_step_of_each_seed_model(name, micro_batches):
-  """train.py's step (bench/step.py: same jit, shardings, donation) of each demo model in bf16 with cuDNN
+  """training/step.py's step (bench/step.py: same jit, shardings, donation) of each demo model in bf16 with cuDNN
   attention: finite loss and gradient norm, and the params move (at the second step: warmup starts at lr 0).
   With 2 micro-batches, as the SwinV2-G-CLIP and Aurora-XL defaults run: CLIP's and Aurora's two-pass split of
   the whole-batch loss (a feature pass, then each micro-batch's backward), ViT's plain accumulation."""

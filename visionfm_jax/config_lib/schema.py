@@ -145,7 +145,7 @@ def run_fields() -> dict:
       grad_accum_steps=1,  # the global batch is split into this many micro-batches, scanned in one step
       # With micro-batches: each device sums its own gradients over them, unreduced, and the step reduces them
       # once, after the last, instead of once per micro-batch; costs two fp32 copies of the params per device (the
-      # sum and the micro-batch's). ddp / zero1 / zero2 with mesh.tensor 1 (training/train.py `per_device`). zero2
+      # sum and the micro-batch's). ddp / zero1 / zero2 with mesh.tensor 1 (training/grads.py `per_device`). zero2
       # on a mesh with data and fsdp both above 1: each fsdp group (a node) reduce-scatters its gradients in every
       # micro-batch and each device sums its shard; the groups' sums are reduced once, after the last.
       accumulate_unreduced=False,

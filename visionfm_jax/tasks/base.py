@@ -27,7 +27,7 @@ each micro-batch would only see its own negatives. Such tasks are `SplitLossTask
   local_loss(params, batch, rng, context)  -> (sum of per-example terms / the context's counts, features, aux)
   batch_features(params, batch, rng, context) -> the same features (values, shapes, dtypes), forward only
   global_loss(params, features, context)   -> (the cross-example term over the whole batch's features, aux)
-and `train.py` accumulates in two passes (features of the micro-batches, then the global term's gradient
+and `training/grads.py` accumulates in two passes (features of the micro-batches, then the global term's gradient
 w.r.t. them, then one backward per micro-batch, whose forward of the last micro-batch serves both passes
 unless each device accumulates its own gradients), so that N micro-batches of B give the gradient of one batch
 of N * B exactly (GradCache, Gao et al. 2021). Their `loss` is the same terms unsplit.

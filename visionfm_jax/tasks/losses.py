@@ -20,7 +20,7 @@ holds its own rows against one other device's columns at a time, never B_local x
 Captioning and MIM losses take an optional `normalizer`: Aurora's split loss (tasks/aurora.py) divides each
 micro-batch's sum by the whole batch's count (non-pad tokens, masked pixels), so under gradient accumulation the
 micro-batch losses add up to the loss of the whole batch. Segmentation (and detection, `detection/losses.py`)
-divide by the micro-batch's own count, and the loop averages the micro-batch losses (training/train.py).
+divide by the micro-batch's own count, and the loop averages the micro-batch losses (training/grads.py).
 """
 
 from __future__ import annotations
