@@ -1,7 +1,7 @@
 """Detection losses: sigmoid focal loss and the set loss of dense detections given a one-to-one matching.
 
 The set loss is normalised by the batch's own number of target boxes: with gradient accumulation the loop
-averages the micro-batch losses (training/train.py).
+averages the micro-batch losses (training/grads.py).
 """
 
 from __future__ import annotations
