@@ -81,8 +81,7 @@ of CLIP's softmax, the rest of the recipe unchanged; composes with the others (`
 Variants `flip` and `flip_tune` (with `vit`): FLIP's masked image tower (Li et al. 2023, "Scaling Language-Image
 Pre-training via Masking"): `vit,flip` drops half of each image's patch tokens while training
 (`model.image.token_drop=0.5`; evaluation sees whole images), `vit,flip_tune` is its unmasked tuning stage, a short
-run from the masked run's params (`--config.init_from=`). For a SwinV2 tower no form is offered (its windows need
-whole maps). The demo pair and its unmasked baseline at the same steps:
+run from the masked run's params (`--config.init_from=`). The demo pair and its unmasked baseline at the same steps:
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,vit,flip --workdir=/tmp/flip_demo
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,vit,flip_tune --workdir=/tmp/flip_tune \
@@ -92,6 +91,17 @@ whole maps). The demo pair and its unmasked baseline at the same steps:
 Expected: masked, zero-shot top-1 0.204 / 0.214 / 0.328 at steps 400 / 800 / 1200 (unmasked 0.185 / 0.354 /
 0.411), t2i R@10 0.503 (0.687); after 200 unmasked tuning steps 0.406 and 0.586: the unmasked run's zero-shot,
 its retrieval not reached (the time each takes: BENCHMARKS.md, "Time outside the step and trackers (CPU demo)").
+
+Variants `swin_mask` and `swin_mask_tune` (SwinV2 tower): the masked form that keeps the windows whole. `swin_mask`
+trains on every 2nd patch along each axis of each image, from a random phase of its own (`model.image.token_subgrid=2`,
+3/4 of the tokens dropped; models/swinv2.py): the tower sees a smaller whole map, with the full map's windows holding
+a quarter of their tokens and the position bias at the kept tokens' true offsets, and evaluation sees whole images.
+`swin_mask_tune` is its unmasked tuning stage, as `flip_tune`. Measured on the demo it falls far short of the
+unmasked run at the same steps, tuning included (BENCHMARKS.md, "Tried and dropped"), so no recipe uses it:
+
+  python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,swin_mask --workdir=/tmp/swin_mask
+  python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,swin_mask_tune --workdir=/tmp/swin_mask_tune \
+      --config.init_from=/tmp/swin_mask
 
 Variant `ft640`: the paper's final stage at 640 px, window 40, from a 224 px run (`--config.init_from=` its
 workdir). It takes that run's params only: init_from loads no train state, so the AdamW moments start at zero and
@@ -156,12 +166,16 @@ FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
-  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune", "small"}:
+  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune", "swin_mask", "swin_mask_tune", "small"}:
     raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, vit, siglip, flip, "
-                      "flip_tune, small and their combinations (demo,ft640, demo,siglip, vit,flip, ...)")
+                      "flip_tune, swin_mask, swin_mask_tune, small and their combinations (demo,ft640, demo,siglip, "
+                      "vit,flip, demo,swin_mask, ...)")
   if {"flip", "flip_tune"} & set(parts) and "vit" not in parts:
     raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: flip and flip_tune mask a ViT image tower (model.token_drop); "
                       f"add vit ({','.join(['vit', *parts])})")
+  if {"swin_mask", "swin_mask_tune"} & set(parts) and "vit" in parts:
+    raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: swin_mask and swin_mask_tune mask the SwinV2 image tower "
+                      "(model.image.token_subgrid); a ViT tower's form is flip")
   config = config_lib.base_config("clip")
   config.task = "contrastive"
 
@@ -213,11 +227,13 @@ def get_config(arg: str | None = None):
     _siglip(config)
   if "flip" in parts:
     config.model.image.token_drop = 0.5  # FLIP: half of each image's patch tokens dropped in training
+  if "swin_mask" in parts:
+    config.model.image.token_subgrid = 2  # every 2nd patch per axis in training: 3/4 of the tokens dropped
   if "small" in parts:
     _small(config)
   if "demo" in parts:
     _demo(config)
-  if "flip_tune" in parts:
+  if {"flip_tune", "swin_mask_tune"} & set(parts):
     _flip_tune(config, demo="demo" in parts)
   if "ft640" in parts:
     _ft640(config, demo="demo" in parts)
@@ -268,7 +284,10 @@ def _small(config):
 
 def _flip_tune(config, demo: bool):
   # FLIP's last stage: the masked run's params (--config.init_from=) trained a little with every token
-  config.model.image.token_drop = 0.0
+  if config.model.image.name == "vit":
+    config.model.image.token_drop = 0.0
+  else:
+    config.model.image.token_subgrid = 1
   if demo:
     set_fields(config, total_steps=200, eval_every=200, checkpoint_every=200)
     set_fields(config.optim, lr=5e-4, warmup_steps=20)

@@ -101,6 +101,7 @@ DOMAINS: tuple[tuple[str, Domain | Choices], ...] = (
     (r"(.+\.)?(drop_path|dropout|token_drop)", RATE),
     (r"(.+\.)?layer_norm_eps", POSITIVE),
     (r"(.+\.)?(image_size|patch_size|window_size|mask_patch_size)", COUNT),
+    (r"(.+\.)?token_subgrid", Domain(1, integer=True, note="1: off")),
     (r"(.+\.)?pretrained_window_sizes", Domain(0, integer=True, note="0: the stage's own window")),
     (r"model\.num_classes", Domain(0, integer=True, note="0: no head")),
     (r"model\.(embed_dim|caption_queries|decoder_depth)|model\.text\.(max_len|vocab_size)", COUNT),

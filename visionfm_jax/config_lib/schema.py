@@ -61,6 +61,9 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
         layer_norm_eps=1e-5,
         extra_norm_period=-1,  # main-branch LayerNorm every N blocks; 0: none; -1: the size's default (6 for H and G)
         extra_norm_scope="stage",  # stage | global: count blocks within each stage or across the network
+        # k > 1: in training every k-th patch per axis (1 - 1/k^2 dropped, a random phase per image), windows whole;
+        # none at eval (models/swinv2.py; a ViT's token_drop, open_clip's patch_dropout, in a form Swin keeps)
+        token_subgrid=1,
     )
   elif name == "clip":
     if image_tower not in ("swinv2", "vit"):

@@ -21,6 +21,16 @@ MLP over normalised offsets), so a model trained at 224 px / window 14 loads int
 (14, 14, 14, 7)) so that offsets are normalised as in training. Left at () in the config, a fine-tuning run
 takes them from the checkpoint's model fields (`windows_from_checkpoint`, applied by training/init_from.py).
 
+Masked training (`token_subgrid` = k > 1; FLIP's masked tower, Li et al. 2023, in a form that keeps windows
+whole): in training each image keeps every k-th patch along both axes, from a random phase (dy, dx) of its own,
+i.e. 1 / k^2 of its patches, and the tower runs on that smaller whole map; evaluation sees every patch. A kept
+token at (i, j) is patch (k i + dy, k j + dx) of the image, so two kept tokens Delta apart sit k Delta apart on
+the full map: a stage whose full map has windows of W keeps windows of W / k kept tokens (the same windows of the
+image, each with 1 / k^2 of its tokens; shifted by (W / k) // 2), and the position bias is the MLP at the offsets
+k Delta normalised by W (or its pretrained window), the values the unmasked tower gives those pairs. A stage whose
+full map is one window keeps one window. Patch merging joins 2x2 kept tokens, so every later stage's map is again
+every k-th token of the full one. The parameters are those of the unmasked tower.
+
 As a backbone (models/backbone.py): feature maps are the stages' outputs at strides patch * 2**s. The class
 holds the math; its family (`FAMILY`, the module functions at the end) numbers the layers patch embedding /
 patch norm / mask token 0, block i (counted across stages) i + 1, a patch merging the id of the block before
@@ -100,6 +110,33 @@ def stage_window(feature: tuple[int, int], window: int) -> tuple[int, int]:
   return window, window // 2
 
 
+def subgrid_window(feature: tuple[int, int], full_feature: tuple[int, int], window: int,
+                   stride: int) -> tuple[int, int]:
+  """(window, shift) of a stage seeing every `stride`-th token of a `full_feature` map (`token_subgrid`): the full
+  map's windows with 1 / stride^2 of their tokens, shifted by half of that; one window where the full map is."""
+  full_window, _ = stage_window(full_feature, window)
+  if max(full_feature) <= window:
+    return stage_window(feature, max(feature))
+  if full_window % stride:
+    raise ValueError(f"window {full_window} of a {full_feature} map does not split into every {stride}-th token "
+                     f"(token_subgrid={stride} needs windows divisible by it)")
+  kept = full_window // stride
+  return kept, kept // 2
+
+
+def keep_patch_subgrid(images: jax.Array, patch: int, stride: int, rng: jax.Array) -> jax.Array:
+  """(B, H, W, c) -> (B, H / stride, W / stride, c): per image the patches (stride i + dy, stride j + dx) for a
+  random phase (dy, dx) of its own, as one smaller image (`token_subgrid`); the others are never embedded."""
+  batch, height, width, _ = images.shape
+  if (height // patch) % stride or (width // patch) % stride:
+    raise ValueError(f"a {height // patch}x{width // patch} patch map does not split into every {stride}-th patch "
+                     f"(token_subgrid={stride})")
+  phases = einops.rearrange(images, "b (h dh p) (w dw q) c -> b (dh dw) (h p) (w q) c", dh=stride, dw=stride,
+                            p=patch, q=patch)
+  phase = jax.random.randint(rng, (batch,), 0, stride * stride)
+  return jnp.take_along_axis(phases, phase[:, None, None, None, None], axis=1)[:, 0]
+
+
 def stage_features(image_hw: tuple[int, int], patch_size: int, num_stages: int) -> list[tuple[int, int]]:
   """Feature map size of every stage (merging pads odd sizes by one)."""
   h, w = image_hw[0] // patch_size, image_hw[1] // patch_size
@@ -149,9 +186,10 @@ def windows_from_checkpoint(fields: dict[str, Any], checkpoint: dict[str, Any]) 
   return had if had and has and had != has else None
 
 
-def relative_coords_table(window: int, pretrained_window: int) -> np.ndarray:
-  """((2W-1)^2, 2) log-spaced offsets (dh, dw): /(pretrained or own window - 1), *8, sign * log2(|t|+1) / 3."""
-  offsets = np.arange(-(window - 1), window, dtype=np.float64)
+def relative_coords_table(window: int, pretrained_window: int, stride: int = 1) -> np.ndarray:
+  """((2W-1)^2, 2) log-spaced offsets (dh, dw): *stride (the kept tokens' spacing on the full map,
+  `token_subgrid`), /(pretrained or own window - 1), *8, sign * log2(|t|+1) / 3."""
+  offsets = np.arange(-(window - 1), window, dtype=np.float64) * stride
   table = np.stack(np.meshgrid(offsets, offsets, indexing="ij"), axis=-1).reshape(-1, 2)
   base = pretrained_window if pretrained_window > 0 else window
   if base > 1:  # a 1x1 window has only the zero offset: nothing to normalise
@@ -191,14 +229,15 @@ def merge_windows(x: jax.Array, window: int, height: int, width: int) -> jax.Arr
 
 class ContinuousPositionBias(nn.Module):
   """16 * sigmoid(MLP(offset table)) for one window size, per head and offset: (heads, (2W-1)^2), fp32;
-  `bias_of_offsets` makes it the (heads, N, N) bias."""
+  `bias_of_offsets` makes it the (heads, N, N) bias. `stride`: the offsets' spacing on the full map."""
   num_heads: int
   window: int
   pretrained_window: int
+  stride: int = 1
 
   @nn.compact
   def __call__(self):
-    table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window))
+    table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window, self.stride))
     hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1",
                           kernel_init=nn.initializers.truncated_normal(0.02))(table)
     per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
@@ -220,6 +259,7 @@ class WindowAttention(nn.Module):
   pretrained_window: int
   dtype: Any = jnp.float32
   attention: str = "softmax"  # kernels.ATTENTION; cudnn and jax: see `fused_window_attention`
+  stride: int = 1  # the tokens' spacing on the full map (`token_subgrid` in training)
 
   @nn.compact
   def __call__(self, windows, regions=None):
@@ -243,7 +283,8 @@ class WindowAttention(nn.Module):
     logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
                              (self.num_heads,))
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    per_offset = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, name="cpb_mlp")()
+    per_offset = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, self.stride,
+                                        name="cpb_mlp")()
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
     attention = kernels.resolved_attention(self.attention)
 
@@ -308,6 +349,7 @@ class SwinBlock(nn.Module):
   deterministic: bool = True
   dtype: Any = jnp.float32
   attention: str = "softmax"
+  stride: int = 1  # the tokens' spacing on the full map (`token_subgrid` in training)
 
   @nn.compact
   def __call__(self, x, per_block):
@@ -337,7 +379,7 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
       regions = shift_regions(y.shape[1], y.shape[2], w, shift)
-    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, name="attn")(
+    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, self.stride, name="attn")(
         partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
     if shift:
@@ -399,6 +441,7 @@ class SwinV2(nn.Module):
   remat_policy: str = "none"
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
   attention: str = "softmax"  # softmax (einsums) | cudnn | jax (jax.nn.dot_product_attention, `fused_window_attention`)
+  token_subgrid: int = 1  # k > 1: in training every k-th patch along each axis, a random phase per image (docstring)
 
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
@@ -409,6 +452,8 @@ class SwinV2(nn.Module):
       raise ValueError(f"extra_norm_scope={self.extra_norm_scope!r}: expected one of {EXTRA_NORM_SCOPES}")
     if self.extra_norm_period < 0:
       raise ValueError(f"extra_norm_period={self.extra_norm_period}: expected >= 0")
+    if self.token_subgrid < 1:
+      raise ValueError(f"token_subgrid={self.token_subgrid}: expected k >= 1 (every k-th patch per axis in training)")
     if self.scan and any(depth % 2 for depth in self.depths):
       raise ValueError(f"depths {tuple(self.depths)}: a scanned stage repeats a (plain, shifted) pair of blocks, "
                        f"so every depth must be even (or scan=False)")
@@ -435,6 +480,12 @@ class SwinV2(nn.Module):
     the final norm). Off by default so that the output matches transformers' `Swinv2Model` key for key."""
     deterministic = not train
     windows, pretrained = self.stage_settings()
+    full = stage_features(images.shape[1:3], self.patch_size, len(self.depths))
+    stride = self.token_subgrid if train else 1
+    if stride > 1:
+      if mask is not None:
+        raise ValueError(f"token_subgrid={self.token_subgrid} and a SimMIM mask: a tower trains with one or the other")
+      images = keep_patch_subgrid(images, self.patch_size, stride, self.make_rng("dropout"))
     x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
     x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
     if self.mask_token:
@@ -451,12 +502,16 @@ class SwinV2(nn.Module):
     extra = self.extra_norm_flags()
     start, stages = 0, []
     for s, depth in enumerate(self.depths):
-      window, shift = stage_window(tuple(x.shape[1:3]), windows[s])
+      window, shift = stage_window(full[s], windows[s])
+      base = pretrained[s]
+      if stride > 1:  # the full map's windows, each with every stride-th token (the module docstring)
+        base = base or window
+        window, shift = subgrid_window(tuple(x.shape[1:3]), full[s], windows[s], stride)
       per_block = (rates[start:start + depth], extra[s])
       x, stage_out = SwinStage(
           depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, remat_policy=self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
-                            pretrained_window=pretrained[s], mlp_ratio=self.mlp_ratio,
+                            pretrained_window=base, stride=stride, mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
                             stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype,
                             attention=self.attention),
@@ -486,6 +541,9 @@ class SwinV2(nn.Module):
 
   def feature_maps(self, images, train: bool = False) -> list[jax.Array]:
     """Every stage's output before the next patch merging, without a norm (`return_stages`)."""
+    if train and self.token_subgrid > 1:
+      raise ValueError(f"token_subgrid={self.token_subgrid}: a SwinV2 that keeps a subgrid of tokens in training "
+                       "has no full feature map there (dense heads need token_subgrid=1)")
     return list(self(images, train=train, return_stages=True)["stages"])
 
   def feature_strides(self) -> tuple[float, ...]:
@@ -529,7 +587,8 @@ def build(model_cfg, dtype) -> SwinV2:
                 patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention)
+                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
+                token_subgrid=model_cfg.token_subgrid)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
   kernels.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)
@@ -542,11 +601,11 @@ def build(model_cfg, dtype) -> SwinV2:
 def train_flops_per_example(model: SwinV2) -> float:
   """3 x (patch embedding + window attention blocks + merging + head). Per block on n tokens of width C in
   windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2, scores and mixing 4nNC.
-  Padding to whole windows counts as the model computes it."""
-  stages = stage_windows(model.image_size, model.window_size, len(model.depths), model.patch_size)
+  Padding to whole windows counts as the model computes it; with `token_subgrid` k, the kept maps and windows."""
+  stages = training_stages(model)
   width = model.embed_dim
-  forward = 2.0 * (model.image_size // model.patch_size) ** 2 * model.patch_size ** 2 * 3 * width
-  for s, ((feature, window, _), depth) in enumerate(zip(stages, model.depths)):
+  forward = 2.0 * stages[0][0] ** 2 * model.patch_size ** 2 * 3 * width
+  for s, ((feature, window), depth) in enumerate(zip(stages, model.depths)):
     padded = -(-feature // window) * window
     tokens = padded * padded
     per_block = (8 + 4 * model.mlp_ratio) * tokens * width * width + 4 * tokens * window * window * width
@@ -557,6 +616,17 @@ def train_flops_per_example(model: SwinV2) -> float:
       width *= 2
   forward += 2 * width * model.num_classes
   return 3.0 * forward
+
+
+def training_stages(model: SwinV2) -> list[tuple[int, int]]:
+  """(feature size, window) of every stage in training (`token_subgrid`: the kept maps and their windows)."""
+  stages, k = len(model.depths), model.token_subgrid
+  full = stage_features((model.image_size, model.image_size), model.patch_size, stages)
+  windows = per_stage(model.window_size, stages, "window_size")
+  if k == 1:
+    return [(f[0], stage_window(f, w)[0]) for f, w in zip(full, windows)]
+  kept = stage_features((model.image_size // k, model.image_size // k), model.patch_size, stages)
+  return [(f[0], subgrid_window(f, g, w, k)[0]) for f, g, w in zip(kept, full, windows)]
 
 
 def num_layer_ids(model: SwinV2) -> int:
