@@ -107,7 +107,7 @@ def _tiny_state_at_step_2(config):
   """The tiny ViT's TrainState as train.run lays it out, at step 2, its values zeros (from shapes: nothing is
   compiled), and a fresh data iterator."""
   task = tasks.build(config)
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)
   abstract = nn.unbox(jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0)))
   state = jax.tree.map(lambda a: np.zeros(a.shape, a.dtype), abstract).replace(step=np.int32(2))
   loader = iter(task.train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,

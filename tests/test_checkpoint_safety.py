@@ -187,7 +187,8 @@ def _restore_on(workdir, devices, strategy):
   config = _tiny_config(2, strategy)
   mesh = parallel.make_mesh(config.mesh, devices)
   task = tasks.build(config, mesh)
-  init_fn = step_lib.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps), config)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
+  init_fn = step_lib.make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)

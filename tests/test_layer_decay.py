@@ -124,8 +124,9 @@ def test_multipliers_scale_the_whole_adamw_step():
   included: the kernels here decay)."""
   shapes = _shapes(_vit(True))
   params, grads = _random_tree(shapes, 0), _random_tree(shapes, 1)
-  plain_tx = optim.make_optimizer(_optim(**BASE), 10)
-  decayed_tx = optim.make_optimizer(_optim(layer_decay=0.5, **BASE), 10, _vit(True))
+  lr_schedule = optim.schedule(_optim(**BASE), 10)
+  plain_tx = optim.make_optimizer(_optim(**BASE), lr_schedule)
+  decayed_tx = optim.make_optimizer(_optim(layer_decay=0.5, **BASE), lr_schedule, _vit(True))
   steps = jax.jit(lambda p, g: tuple(tx.update(g, tx.init(p), p)[0] for tx in (plain_tx, decayed_tx)))
   plain, decayed = (_flat(u) for u in steps(params, grads))
   mults = optim.lr_multipliers(_optim(layer_decay=0.5), shapes, _vit(True))
@@ -135,7 +136,8 @@ def test_multipliers_scale_the_whole_adamw_step():
 
 def test_frozen_backbone_stays_bitwise_while_the_head_trains():
   shapes = _shapes(_vit(True))
-  tx = optim.make_optimizer(_optim(freeze=(r"^(?!head/)",), layer_decay=0.7, **BASE), 10, _vit(True))
+  tx = optim.make_optimizer(_optim(freeze=(r"^(?!head/)",), layer_decay=0.7, **BASE),
+                            optim.schedule(_optim(**BASE), 10), _vit(True))
   params = _random_tree(shapes, 0)
   moments = _flat(tx.init(params)[0].inner_states["train"].inner_state[1].mu)  # (clip, adam, decay) of 'train'
   assert sorted(moments) == ["head/bias", "head/kernel"]  # none for the frozen params
@@ -166,7 +168,8 @@ def test_frozen_state_shards_and_checkpoints(tmp_path):
   """The boxed init of the train loop, its shardings and an Orbax round trip of a state with absent moments."""
   config = tiny_vit_config(strategy="zero1", **{"optim.freeze": (r"^(?!head/)",), "optim.layer_decay": 0.7})
   task = tasks.build(config)
-  init_fn = step_lib.make_init_fn(task, optim.make_optimizer(config.optim, config.total_steps, task.model), config)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)
+  init_fn = step_lib.make_init_fn(task, tx, config)
   mesh = parallel.make_mesh(config.mesh)
   abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
   rng = np.random.default_rng(0)
@@ -188,7 +191,8 @@ def test_freeze_rules_are_checked():
   for freeze, message in (((".",), "freezes every param"), (("backbone/",), "'backbone/' matches no param"),
                           (("head[",), "is not a regex")):
     with pytest.raises(ConfigError, match=message):
-      tx = optim.make_optimizer(override(config.copy_and_resolve_references(), **{"optim.freeze": freeze}).optim, 10)
+      optim_cfg = override(config.copy_and_resolve_references(), **{"optim.freeze": freeze}).optim
+      tx = optim.make_optimizer(optim_cfg, optim.schedule(optim_cfg, 10))
       jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
 
 

@@ -304,7 +304,8 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
   config.data.num_workers = 0
   mesh = parallel.make_mesh(config.mesh, jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
   task = tasks.build(config, mesh)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  lr_schedule = optim.schedule(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, lr_schedule)
   init_fn = step_lib.make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
   with mesh, parallel.activation_sharding(mesh):
@@ -319,7 +320,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
                                       process_index=i, process_count=PROCESSES))
       loader.set_state((workdir / "checkpoints" / str(start) / "data" / f"process_{i}-of-{PROCESSES}.json").read_bytes())
       loaders.append(loader)
-    step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings)
+    step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule)
     for want in [r for r in _read_metrics(workdir) if "train/loss" in r and start < r["step"] <= start + 2]:
       parts = [next(loader) for loader in loaders]
       batch = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -59,13 +59,14 @@ def _setup(config, task=None):
   """The real train step (shardings, donation, jit) and a fresh sharded state for `config`."""
   mesh = parallel.make_mesh(config.mesh)
   task = task or tasks.build(config)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  lr_schedule = optim.schedule(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, lr_schedule)
   init_fn = step_lib.make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
     state = _initial_state(config, init_fn, shardings)
   batch_sharding = parallel.batch_sharding(mesh)
-  jitted = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings)
+  jitted = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule)
 
   def step(state, batch):
     with mesh, parallel.activation_sharding(mesh):

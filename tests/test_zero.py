@@ -130,7 +130,7 @@ def _mesh_shape():
 def _abstract_state():
   """The tiny ViT's boxed train state, shapes only (the same for every strategy)."""
   config = tiny_vit_config()
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
   return jax.eval_shape(step_lib.make_init_fn(tasks.build(config), tx, config), jax.random.key(0))
 
 
@@ -261,7 +261,7 @@ def test_bytes_per_device_match_the_real_arrays(strategy):
   """The state that the compiled step puts out holds on device 0 what the shapes say."""
   config = tiny_vit_config(strategy=strategy)
   mesh = parallel.make_mesh(config.mesh)
-  tx = optim.make_optimizer(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
   abstract, shardings, _ = step_lib.state_shardings(step_lib.make_init_fn(tasks.build(config), tx, config), mesh, config)
   # Zeros in the run's layout (initialising would cost a compile); what is checked is the step's output layout.
   state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)

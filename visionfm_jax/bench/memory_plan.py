@@ -342,7 +342,7 @@ def plan(config, devices: int, target: str = "") -> dict:
   from visionfm_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
 
   compiled, task, _ = compile_step(config, devices, target)
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)

@@ -28,7 +28,8 @@ class JaxStep:
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
-    tx = optim.make_optimizer(config.optim, config.total_steps, self.task.model)
+    lr_schedule = optim.schedule(config.optim, config.total_steps)
+    tx = optim.make_optimizer(config.optim, lr_schedule, self.task.model)
     init_fn = step_lib.make_init_fn(self.task, tx, config)
     local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
                                             np.random.default_rng(config.seed + jax.process_index()))
@@ -37,7 +38,7 @@ class JaxStep:
       self.state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
-      step = step_lib.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings)
+      step = step_lib.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings, lr_schedule)
       with (kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext()), kernels.trying(try_kernels):
         self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
       self.compile_seconds = time.perf_counter() - start

@@ -52,7 +52,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   evaluators = task.evaluators(EvalContext(_one_device_mesh(), micro, 0, num_processes))
   examples = mixture_lib.open_train(config.data, config.data.train_split).records
 
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
+  tx = optim.make_optimizer(config.optim, run_plan.lr_schedule, task.model)
   abstract = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   per_device = parallel.bytes_per_device(abstract, mesh, config.strategy)
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize

@@ -174,20 +174,27 @@ def zero_frozen_grads_fn(freeze: tuple[str, ...]):
 
 # ---------------------------------------------------------------------------------------- the optimizer
 
-def make_optimizer(optim_cfg, total_steps: int, model=None, anchor: Anchor | None = None
-                   ) -> optax.GradientTransformation:
-  """clip -> AdamW (masked weight decay) -> lr schedule (`schedule` with `anchor`); with fine-tuning rules: clip
-  -> Adam -> weight decay (frozen params: zero instead, via optax.partition) -> per-param multipliers -> lr
-  schedule. `model` (the task's) numbers the layers of layer-wise decay."""
+def make_optimizer(optim_cfg, lr_schedule: optax.Schedule, model=None) -> optax.GradientTransformation:
+  """clip -> AdamW (masked weight decay) -> `lr_schedule` (`schedule`'s); with fine-tuning rules: clip -> Adam ->
+  weight decay (frozen params: zero instead, via optax.partition) -> per-param multipliers -> `lr_schedule`.
+  `model` (the task's) numbers the layers of layer-wise decay."""
   fine_tuning = optim_cfg.layer_decay != 1.0 or optim_cfg.lr_mults or optim_cfg.freeze
   clip = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm else []
   mask = decay_mask_fn(tuple(optim_cfg.no_decay))
   if not fine_tuning:
-    return optax.chain(*clip, optax.adamw(schedule(optim_cfg, total_steps, anchor), b1=optim_cfg.b1, b2=optim_cfg.b2,
+    return optax.chain(*clip, optax.adamw(lr_schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
                                           eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=mask))
   step = optax.chain(*clip, optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
                      optax.add_decayed_weights(optim_cfg.weight_decay, mask))
   if optim_cfg.freeze:
     step = optax.partition({"train": step, "frozen": optax.set_to_zero()}, freeze_labels_fn(tuple(optim_cfg.freeze)))
   return optax.chain(step, scale_by_multipliers(lambda shapes: lr_multipliers(optim_cfg, shapes, model)),
-                     optax.scale_by_learning_rate(schedule(optim_cfg, total_steps, anchor)))
+                     optax.scale_by_learning_rate(lr_schedule))
+
+
+def learning_rate(lr_schedule: optax.Schedule, opt_state) -> jax.Array:
+  """The rate the optimizer's next update applies: `lr_schedule` at the count its schedule state keeps (a step
+  that the guards skip leaves the optimizer state, and so the count, where it was)."""
+  is_schedule_state = lambda x: isinstance(x, optax.ScaleByScheduleState)
+  (schedule_state,) = [s for s in jax.tree.leaves(opt_state, is_leaf=is_schedule_state) if is_schedule_state(s)]
+  return lr_schedule(schedule_state.count)

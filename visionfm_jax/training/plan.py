@@ -6,6 +6,8 @@ config is only read: `config.json` holds what was asked, `plan.json` beside it w
                   init_from's checkpoint implies (training/init_from.py, e.g. a SwinV2's pretrained windows)
   anchor          where the schedule decays from after a resume that changed its length (training/resume.py,
                   `optim.Anchor`); None: the schedule as drawn
+  lr_schedule     the learning-rate schedule of `trains_with` from `anchor` (`optim.schedule`): the optimizer
+                  applies it and the train step logs it
   resume_changes  the schedule and optimiser changes the resume accepted, 'config.<path> <old> -> <new>'
   mesh            the mesh's axis sizes on the run's devices
 
@@ -21,6 +23,7 @@ import os
 from typing import Any
 
 import ml_collections
+import optax
 
 from visionfm_jax import atomic, config_lib, parallel
 from visionfm_jax.training import init_from, optim, plan_record, resume
@@ -32,6 +35,7 @@ class RunPlan:
   trains_with: ml_collections.ConfigDict
   derived: dict[str, Any]
   anchor: optim.Anchor | None
+  lr_schedule: optax.Schedule
   resume_changes: tuple[str, ...]
   mesh: dict[str, int]
   num_devices: int
@@ -61,5 +65,6 @@ def make(config: ml_collections.ConfigDict, checkpoint_dir: str, num_devices: in
   trains_with = config_lib.set_paths(config.copy_and_resolve_references(), derived)
   changes, anchor = resume.check_changes(trains_with, checkpoint_dir)
   return RunPlan(config=config, trains_with=trains_with, derived=derived, anchor=anchor,
+                 lr_schedule=optim.schedule(trains_with.optim, trains_with.total_steps, anchor),
                  resume_changes=tuple(changes), mesh=parallel.mesh_shape(config.mesh, num_devices),
                  num_devices=num_devices, num_processes=num_processes)

@@ -47,11 +47,10 @@ def state_shardings(init_fn, mesh, config):
 
 
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, mesh,
-                    anchor: optim.Anchor | None = None):
+                    lr_schedule: optax.Schedule):
   """The train step; `mesh`: the run's, where each device may accumulate its own gradients (`grads.of_batch`);
-  `anchor`: the schedule's (the run plan's), for the logged train/lr."""
+  `lr_schedule`: the one `tx` applies, read at the optimizer's count for the logged train/lr."""
   base_rng = jax.random.key(config.seed)
-  lr_schedule = optim.schedule(config.optim, config.total_steps, anchor)
   zero_frozen = optim.zero_frozen_grads_fn(config.optim.freeze)
   apply_guards = guards.guarded(config)
 
@@ -65,25 +64,21 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
                              opt_state=opt_state)
     new_state, guard_metrics = apply_guards(state, proposed, guards.Signals(loss, grad_norm, grads))
-    # The schedule advances with the optimizer's own count, which a skipped step (an fp16 overflow, a spike)
-    # leaves where it was.
-    applied_steps = (state.step - (state.loss_scale.skipped if state.loss_scale is not None else 0)
-                     - (state.health.skipped if state.health is not None else 0))
-    out = {"train/loss": loss, "train/grad_norm": grad_norm, "train/lr": lr_schedule(applied_steps), **aux,
-           **guard_metrics}
+    out = {"train/loss": loss, "train/grad_norm": grad_norm,
+           "train/lr": optim.learning_rate(lr_schedule, state.opt_state), **aux, **guard_metrics}
     return new_state, out
 
   return train_step
 
 
 def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings,
-                   anchor: optim.Anchor | None = None):
+                   lr_schedule: optax.Schedule):
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
   boxed_params = abstract_state(init_fn).params
   specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  return jax.jit(make_train_step(task, tx, config, grad_shardings, mesh, anchor),
+  return jax.jit(make_train_step(task, tx, config, grad_shardings, mesh, lr_schedule),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
                  donate_argnums=0)
 
@@ -92,10 +87,11 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
   of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
   task = task or tasks.build(config, mesh)
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model)
+  lr_schedule = optim.schedule(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, lr_schedule, task.model)
   init_fn = make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)
-    return jit_train_step(task, tx, config, mesh, init_fn, shardings).lower(state, batch).compile()
+    return jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule).lower(state, batch).compile()

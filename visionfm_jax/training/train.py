@@ -84,7 +84,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   panel = task.panel(eval_context)
   if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
     train_iter.follow_changed_data()
-  tx = optim.make_optimizer(config.optim, config.total_steps, task.model, run_plan.anchor)
+  tx = optim.make_optimizer(config.optim, run_plan.lr_schedule, task.model)
   init_fn = step_lib.make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
 
@@ -99,7 +99,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
     start_step = int(jax.device_get(state.step))
     _write_config(run_plan, workdir, start_step)
 
-    train_step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.anchor)
+    train_step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.lr_schedule)
     writer = metrics.MetricWriter(workdir, resume_step=start_step, config=config)
     rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, list(run_plan.resume_changes))
     final = None
