@@ -309,8 +309,8 @@ def loop_flops(hlo_text: str, client) -> float:
 
 def compile_step(config, devices: int, target: str = "", try_kernels=()):
   """`config`'s train step compiled for its mesh over the first `devices` devices of this process, or over
-  `devices` abstract GPUs of `target` (bench/gpu_target.py; deviceless). Returns (compiled, its task, the mesh's
-  devices)."""
+  `devices` abstract GPUs of `target` (bench/gpu_target.py; deviceless). Returns (compiled, its task, the
+  mesh)."""
   import jax  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
 
@@ -331,7 +331,7 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   # plan the program the accelerators run, not the simulating CPU's tricks; `try_kernels`: kernels.trying's
   with kernels.forced("plain"), kernels.trying(try_kernels):
-    return step_lib.compile_train_step(config, mesh, batch, task), task, mesh_devices
+    return step_lib.compile_train_step(config, mesh, batch, task), task, mesh
 
 
 def plan(config, devices: int, target: str = "") -> dict:
@@ -341,10 +341,10 @@ def plan(config, devices: int, target: str = "") -> dict:
   from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
 
-  compiled, task, _ = compile_step(config, devices, target)
+  compiled, task, mesh = compile_step(config, devices, target)
   tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
-  mesh_shape = parallel.mesh_shape(config.mesh, devices)
+  mesh_shape = dict(mesh.shape)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)
   analysis = compiled.memory_analysis()
   predicted = {}

@@ -38,12 +38,9 @@ def abstract_state(init_fn):
 
 def state_shardings(init_fn, mesh, config):
   """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
-  abstract_boxed = abstract_state(init_fn)
-  shape = parallel.mesh_shape(config.mesh, mesh.size)
-  specs = parallel.state_specs(abstract_boxed, shape, config.strategy)
+  specs = parallel.state_specs(abstract_state(init_fn), dict(mesh.shape), config.strategy)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  abstract = nn.unbox(abstract_boxed)
-  return abstract, shardings, specs
+  return nn.unbox(abstract_state(init_fn)), shardings, specs
 
 
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, mesh,
@@ -76,7 +73,7 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
   boxed_params = abstract_state(init_fn).params
-  specs = parallel.grad_specs(boxed_params, parallel.mesh_shape(config.mesh, mesh.size), config.strategy)
+  specs = parallel.grad_specs(boxed_params, dict(mesh.shape), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return jax.jit(make_train_step(task, tx, config, grad_shardings, mesh, lr_schedule),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),

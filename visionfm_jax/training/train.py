@@ -67,9 +67,8 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
 def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   config = run_plan.trains_with
   checkpoint_dir = os.path.join(workdir, "checkpoints")
-  mesh = parallel.make_mesh(config.mesh)
-  mesh_shape = parallel.mesh_shape(config.mesh, mesh.size)
-  logging.info("mesh %s, strategy %s, %d process%s", mesh_shape, config.strategy, jax.process_count(),
+  mesh = parallel.make_mesh(run_plan.mesh)
+  logging.info("mesh %s, strategy %s, %d process%s", run_plan.mesh, config.strategy, jax.process_count(),
                "es" if jax.process_count() > 1 else "")
   task = tasks.build(config, mesh)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
