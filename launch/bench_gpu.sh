@@ -9,6 +9,9 @@
 # leads: ViT-H/14's planned setup (dots_saveable, cuDNN, batch 64) once as it is and once per MFU lead of
 # BENCHMARKS.md (unrolled layers, XLA flag changes, kernel candidates, remat and batch), each row labelled with what
 # it changes; LEADS="planned pallas_layer_norm ..." runs only the leads named (the rows of one 10-minute call).
+# The image-text options (issue 63) run as leads too, each beside its unmasked CLIP row on the same tower: SigLIP's
+# loss and FLIP's token_drop 0.5 on configs/swinv2_g_clip.py's ViT-B/16 tower (clip_vit_b16, siglip_vit_b16,
+# flip_vit_b16), and the SwinV2 tower's token_subgrid 2 (clip_swinv2_g, swin_mask_swinv2_g).
 # RUN_TIMEOUT (seconds, default 900) bounds each setup, compile included.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -23,10 +26,13 @@ run() {  # model name, config, remat, attention, batch, [bench arguments...]; LE
   local name=$1 config=$2 remat=$3 attention=$4 batch=$5 lead=${LEAD:-} log
   shift 5
   log=$(mktemp)
+  local attention_args=(--config.model.attention="$attention")
+  [[ $config == *_clip.py* ]] && attention_args=(--config.model.image.attention="$attention"
+                                                 --config.model.text.attention="$attention")  # a tower each
   echo "== $name remat=$remat attention=$attention batch=$batch${lead:+ lead=$lead}" >&2
   XLA_FLAGS="$XLA_FLAGS ${LEAD_XLA_FLAGS:-}" timeout "${RUN_TIMEOUT:-900}" $python -m visionfm_jax.bench \
     --config="$config" "${common[@]}" --config.global_batch_size="$batch" --config.model.remat_policy="$remat" \
-    --config.model.attention="$attention" "$@" >"$log" 2>&1
+    "${attention_args[@]}" "$@" >"$log" 2>&1
   local rc=$?
   if (( rc == 0 )); then
     tail -n 1 "$log" | $python -c "import json, sys; r = json.loads(sys.stdin.read()); r.update(model='$name', \
@@ -43,11 +49,12 @@ remat='$remat', attention='$attention', batch=$batch, lead='$lead'); print(json.
 
 lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...];
           # LEAD_REMAT / LEAD_BATCH / LEAD_MODEL: another remat policy / per-GPU batch / model (swinv2_g) than the
-          # planned setup's
+          # planned setup's; LEAD_CONFIG: the config (with its variants) of a LEAD_MODEL named for the row
   local label=$1 flags=$2 model=${LEAD_MODEL:-vit_h14} config=configs/vit_huge.py
   shift 2
   [[ -z ${LEADS:-} || " $LEADS " == *" $label "* ]] || return 0
   [[ $model == swinv2_g ]] && config=configs/swinv2_cls.py:G
+  config=${LEAD_CONFIG:-$config}
   LEAD=$label LEAD_XLA_FLAGS=$flags run "$model" "$config" "${LEAD_REMAT:-dots_saveable}" cudnn "${LEAD_BATCH:-64}" "$@"
 }
 
@@ -73,6 +80,15 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   lead unrolled_triton_gemm --xla_gpu_enable_triton_gemm=true --config.model.scan=False  # the two best leads together
   LEAD_REMAT=nothing_saveable LEAD_BATCH=128 lead unrolled_nothing_saveable_b128 "" --config.model.scan=False
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unrolled "" --config.model.scan=False
+  # image-text: CLIP (one micro-batch) against SigLIP, FLIP and the SwinV2 subgrid on the same tower and batch
+  clip=configs/swinv2_g_clip.py
+  LEAD_MODEL=vit_b16_clip LEAD_CONFIG=$clip:vit LEAD_BATCH=256 lead clip_vit_b16 "" --config.grad_accum_steps=1
+  LEAD_MODEL=vit_b16_clip LEAD_CONFIG=$clip:vit,siglip LEAD_BATCH=256 lead siglip_vit_b16 "" --config.grad_accum_steps=1
+  LEAD_MODEL=vit_b16_clip LEAD_CONFIG=$clip:vit,flip LEAD_BATCH=256 lead flip_vit_b16 "" --config.grad_accum_steps=1
+  LEAD_MODEL=swinv2_g_clip LEAD_CONFIG=$clip LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead clip_swinv2_g "" \
+      --config.grad_accum_steps=1
+  LEAD_MODEL=swinv2_g_clip LEAD_CONFIG=$clip:swin_mask LEAD_REMAT=nothing_saveable LEAD_BATCH=32 \
+      lead swin_mask_swinv2_g "" --config.grad_accum_steps=1
 elif [[ $mode == quick ]]; then
   run vit_h14 configs/vit_huge.py dots_with_no_batch_dims_saveable cudnn 64
   run swinv2_g configs/swinv2_cls.py:G nothing_saveable cudnn 32
