@@ -1,18 +1,19 @@
 """Orbax checkpoints: the train state and the data-iterator state, saved together, asynchronously, with the
 config they were trained with.
 
-Layout: `<workdir>/checkpoints/<step>/{state,data,config}`. Orbax writes each step into a temporary directory
-and renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only sees
-complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp*` directories, with a
-warning naming them (`_warn_of_unfinished_saves`). The
-data-iterator state is captured synchronously at save time (before training moves the iterator on) and written
-per process by grain's handler (`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy;
-the data iterator replays its batches bitwise with the same number of processes, and with another number it
-continues the global stream after every old process's position (`data/loader/resume.py`). An unreadable newest
-checkpoint is skipped for the newest readable one (`restore_newest_readable`). `config/config.json` is what a
-resume compares its config with (`saved_config`, training/resume.py). `digests/process_<i>-of-<n>.json`: the
-digests of the state's arrays (training/checkpoint_digests.py), written before the step commits and compared at
-every restore and `load_params`; an array whose bytes changed on disk makes the checkpoint unreadable.
+Layout: `<workdir>/checkpoints/<step>/{state,data,config,schedule_anchor}`. Orbax writes each step into a temporary
+directory and renames it when complete, so a crash mid-save leaves the previous steps intact and `latest_step` only
+sees complete ones; opening the directory again deletes such leftover `<step>.orbax-checkpoint-tmp*` directories,
+with a warning naming them (`_warn_of_unfinished_saves`). The data-iterator state is captured synchronously at save
+time (before training moves the iterator on) and written per process by grain's handler
+(`data/process_<i>-of-<n>.json`). The state restores onto any mesh and strategy; the data iterator replays its
+batches bitwise with the same number of processes, and with another number it continues the global stream after
+every old process's position (`data/loader/resume.py`). An unreadable newest checkpoint is skipped for the newest
+readable one (`restore_newest_readable`). `config/config.json` is what a resume compares its config with
+(`saved_config`, training/resume.py), `schedule_anchor/schedule_anchor.json` where its learning-rate schedule decays
+from, when a resume anchored it (`saved_schedule_anchor`). `digests/process_<i>-of-<n>.json`: the digests of the
+state's arrays (training/checkpoint_digests.py), written before the step commits and compared at every restore and
+`load_params`; an array whose bytes changed on disk makes the checkpoint unreadable.
 
 A step's folder is named by its number alone (Orbax's standard name, `committed_steps`). Anything else in the
 directory that the run did not put there (a renamed step such as `120.bad`, a `best` folder, a file) is named in
@@ -50,6 +51,7 @@ from visionfm_jax.training.param_rules import ParamRules, path_str
 
 _CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
 _HEALTH_ITEM, _HEALTH_FILE = "health", "health.json"  # <step>/health/health.json: its rollbacks (training/health.py)
+_ANCHOR_ITEM, _ANCHOR_FILE = "schedule_anchor", "schedule_anchor.json"  # its schedule's anchor (training/resume.py)
 
 
 _OS_ERROR_CODE = re.compile(r"os_error_code='?(\d+)")  # how tensorstore reports the errno of a failed write
@@ -131,6 +133,11 @@ def saved_config(directory, step: int) -> dict | None:
   return _saved_json(epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE)
 
 
+def saved_schedule_anchor(directory, step: int) -> dict | None:
+  """The schedule anchor ({'step', 'lr'}) saved with `step` under `directory`, None when it has none."""
+  return _saved_json(epath.Path(directory) / str(step) / _ANCHOR_ITEM / _ANCHOR_FILE)
+
+
 def saved_health(directory, step: int) -> dict | None:
   """The health record (rollbacks so far) saved with `step` under `directory`, None when it has none."""
   return _saved_json(epath.Path(directory) / str(step) / _HEALTH_ITEM / _HEALTH_FILE)
@@ -194,13 +201,16 @@ class Checkpointer:
   CheckpointManager; storage faults are WorkdirErrors naming the path and errno."""
 
   def __init__(self, directory: str, *, keep: int = 3, keep_period: int = 0, async_save: bool = True,
-               run_config: dict | None = None, with_digests: bool | None = None):
+               run_config: dict | None = None, schedule_anchor: dict | None = None,
+               with_digests: bool | None = None):
     """Keeps the newest `keep` checkpoints and, when `keep_period` > 0, every one whose step is a multiple of it
     (Orbax's keep_period). `run_config`: the run's config as a JSON dict, saved with every checkpoint
-    (`saved_config`). `with_digests`: save the arrays' digests with every checkpoint and check them at every
-    restore; None: as the run_config's checkpoint_digests says (on without one)."""
+    (`saved_config`). `schedule_anchor`: the run's schedule anchor as a JSON dict, saved with every checkpoint
+    when the run has one (`saved_schedule_anchor`). `with_digests`: save the arrays' digests with every
+    checkpoint and check them at every restore; None: as the run_config's checkpoint_digests says (on without one)."""
     self.directory = epath.Path(directory)
     self._run_config = run_config
+    self._schedule_anchor = schedule_anchor
     self._with_digests = (with_digests if with_digests is not None
                           else bool((run_config or {}).get("checkpoint_digests", True)))
     self._vouched: set[int] = set()  # steps this run saved with digests, or restored with its digests matching
@@ -218,6 +228,7 @@ class Checkpointer:
         item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
                        _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE),
                        _HEALTH_ITEM: ocp.JsonCheckpointHandler(filename=_HEALTH_FILE),
+                       _ANCHOR_ITEM: ocp.JsonCheckpointHandler(filename=_ANCHOR_FILE),
                        digests.ITEM: digests.DigestHandler()})
 
   def latest_step(self) -> int | None:
@@ -238,6 +249,8 @@ class Checkpointer:
       items["data"] = grain.checkpoint.CheckpointSave(_CapturedIteratorState(data_iterator))
     if self._run_config is not None:
       items[_CONFIG_ITEM] = ocp.args.JsonSave(self._run_config)
+    if self._schedule_anchor is not None:
+      items[_ANCHOR_ITEM] = ocp.args.JsonSave(self._schedule_anchor)
     if health is not None:
       items[_HEALTH_ITEM] = ocp.args.JsonSave(health)
     if self._with_digests:

@@ -11,8 +11,8 @@ config is only read: `config.json` holds what was asked, `plan.json` beside it w
   resume_changes  the schedule and optimiser changes the resume accepted, 'config.<path> <old> -> <new>'
   mesh            the mesh's axis sizes on the run's devices
 
-A checkpoint carries `trained_config()`: `trains_with` as JSON with the anchor as `optim.resumed_at` /
-`resumed_lr`, the layout every checkpoint has had, so the next resume reads its anchor back.
+A checkpoint carries `trained_config()`, `trains_with` as JSON, and `anchor_record()`, the anchor as its own
+record, so that the next resume reads its anchor back.
 """
 
 from __future__ import annotations
@@ -42,14 +42,16 @@ class RunPlan:
   num_processes: int
 
   def trained_config(self) -> dict:
-    """What a checkpoint carries: `trains_with` as JSON, the schedule's anchor in its optim section."""
-    record = resume.as_json(self.trains_with)
-    record["optim"].update(resume.anchor_json(self.anchor))
-    return record
+    """The config a checkpoint carries: `trains_with` as JSON."""
+    return resume.as_json(self.trains_with)
+
+  def anchor_record(self) -> dict | None:
+    """The schedule's anchor as a checkpoint and plan.json carry it ({'step', 'lr'}), None without one."""
+    return self.anchor._asdict() if self.anchor else None
 
   def as_json(self) -> dict:
     """plan.json: the fields the run derived and from what, the anchor, the accepted changes, the mesh."""
-    return dict(derived=self.derived, schedule_anchor=self.anchor._asdict() if self.anchor else None,
+    return dict(derived=self.derived, schedule_anchor=self.anchor_record(),
                 resume_changes=list(self.resume_changes), mesh=self.mesh, devices=self.num_devices,
                 processes=self.num_processes)
 

@@ -13,8 +13,9 @@ launch's config is kept as `config.<step>.json` (the step it started from), neve
 the latest.
 
 A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's
-with the model fields derived from init_from, and the schedule's anchor as `optim.resumed_at` / `resumed_lr`,
-which the next resume carries on.
+with the model fields derived from init_from; the schedule's anchor is a record of its own beside it
+(`checkpoint.saved_schedule_anchor`; a checkpoint saved before it had one holds it as `optim.resumed_at` /
+`resumed_lr` of its config), which the next resume carries on.
 """
 
 from __future__ import annotations
@@ -75,11 +76,11 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
   if config.total_steps <= step and "total_steps" in changed:
     raise ConfigError(f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing "
                       f"would be trained")
-  anchor = _anchor(config_json, saved, step, changed)
+  saved_anchor = _saved_anchor(checkpoint_dir, step, saved)
+  anchor = _anchor(config_json, saved, saved_anchor, step, changed)
   if schedule:
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
-                    _listed(schedule), step, _lr_at(saved, step, saved_anchor(saved)),
-                    _lr_at(config_json, step, anchor))
+                    _listed(schedule), step, _lr_at(saved, step, saved_anchor), _lr_at(config_json, step, anchor))
   return _described(schedule), anchor
 
 
@@ -97,26 +98,26 @@ def _foreign_step_refusal(checkpoint_dir: str, step: int, config_json: dict, ref
           f"resume from {previous}")
 
 
-def _anchor(config_json: dict, saved: dict, step: int, changed: set[str]) -> optim.Anchor | None:
+def _anchor(config_json: dict, saved: dict, saved_anchor: optim.Anchor | None, step: int, changed: set[str]
+            ) -> optim.Anchor | None:
   """The rate the checkpoint's run had reached at `step` when the schedule's length changed (total_steps,
   warmup_steps, end_lr) past the warmup; None when a new optim.lr asks for the new schedule as it is;
-  otherwise the checkpoint's own anchor, if any, carries on."""
+  otherwise the checkpoint's own anchor (`saved_anchor`), if any, carries on."""
   if "optim.lr" in changed:
     return None
   if changed & {"total_steps", "optim.warmup_steps", "optim.end_lr"} and step >= config_json["optim"]["warmup_steps"]:
-    return optim.Anchor(step, _lr_at(saved, step, saved_anchor(saved)))
-  return saved_anchor(saved)
+    return optim.Anchor(step, _lr_at(saved, step, saved_anchor))
+  return saved_anchor
 
 
-def saved_anchor(config_json: dict) -> optim.Anchor | None:
-  """The schedule's anchor a checkpoint's config carries (`optim.resumed_at` >= 0), None when it has none."""
-  at = config_json["optim"].get("resumed_at", -1)
-  return optim.Anchor(at, config_json["optim"].get("resumed_lr", 0.0)) if at >= 0 else None
-
-
-def anchor_json(anchor: optim.Anchor | None) -> dict:
-  """The fields a checkpoint's config holds `anchor` in (read back by `saved_anchor`)."""
-  return {"resumed_at": anchor.step, "resumed_lr": anchor.lr} if anchor else {"resumed_at": -1, "resumed_lr": 0.0}
+def _saved_anchor(checkpoint_dir: str, step: int, saved: dict) -> optim.Anchor | None:
+  """The schedule's anchor the checkpoint of `step` carries: its record, or, in a checkpoint saved before the
+  anchor had one, `optim.resumed_at` (>= 0) / `resumed_lr` of its config `saved`; None when it has none."""
+  record = checkpoint.saved_schedule_anchor(checkpoint_dir, step)
+  if record is not None:
+    return optim.Anchor(record["step"], record["lr"])
+  at = saved["optim"].get("resumed_at", -1)
+  return optim.Anchor(at, saved["optim"].get("resumed_lr", 0.0)) if at >= 0 else None
 
 
 def _lr_at(config_json: dict, step: int, anchor: optim.Anchor | None) -> float:

@@ -93,7 +93,8 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
     checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
                                            keep_period=config.checkpoint_keep_period,
-                                           run_config=run_plan.trained_config())
+                                           run_config=run_plan.trained_config(),
+                                           schedule_anchor=run_plan.anchor_record())
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
     _write_config(run_plan, workdir, start_step)
