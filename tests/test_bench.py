@@ -309,7 +309,8 @@ exec {sys.executable} "$@"
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt", "no_latency_hiding",
                         "gelu_tanh", "pallas_layer_norm", "no_remat_b64", "nothing_saveable_b256",
                         "pipelined_reduce_scatter", "while_double_buffering", "unrolled", "unrolled_triton_gemm",
-                        "unrolled_nothing_saveable_b128", "swinv2_g_unrolled"]
+                        "unrolled_nothing_saveable_b128", "swinv2_g_unrolled", "clip_vit_b16", "siglip_vit_b16",
+                        "flip_vit_b16", "clip_swinv2_g", "swin_mask_swinv2_g"]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
   assert {"--config.model.remat_policy=none", "--config.global_batch_size=64"} <= set(rows["no_remat_b64"]["argv"])
@@ -322,8 +323,13 @@ exec {sys.executable} "$@"
   assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
           "--config.model.attention=cudnn"} <= set(rows["planned"]["argv"])
   table = proc.stdout.splitlines()
-  assert len(table) == 17 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
-  assert all(r.get("model") == "vit_h14" for lead, r in rows.items() if lead != "swinv2_g_unrolled")
+  assert len(table) == 22 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  models = {lead: r.get("model") for lead, r in rows.items()}
+  assert {models[lead] for lead in list(rows)[:15]} == {"vit_h14"}
+  assert [models[lead] for lead in list(rows)[15:]] == ["swinv2_g", "vit_b16_clip", "vit_b16_clip", "vit_b16_clip",
+                                                        "swinv2_g_clip", "swinv2_g_clip"]
+  assert "--config.model.image.attention=cudnn" in rows["siglip_vit_b16"]["argv"]
+  assert any(a.startswith("--config=configs/swinv2_g_clip.py:vit,flip") for a in rows["flip_vit_b16"]["argv"])
   out.unlink()
   proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
