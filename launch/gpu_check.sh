@@ -77,7 +77,7 @@ if (( cpu_suite )); then
 fi
 # The GPU tests compile with XLA's full optimisations (conftest lowers them for the CPU suite's tiny models).
 if (( gpu_tests )); then
-  if JAX_PLATFORMS=cuda JAX_DISABLE_MOST_OPTIMIZATIONS=0 $python -m pytest -n 0 -m gpu tests/test_gpu.py \
+  if JAX_PLATFORMS=cuda JAX_DISABLE_MOST_OPTIMIZATIONS=0 $python -m pytest -n 0 -m gpu tests/gpu/test_gpu.py \
       "${gpu_select[@]}" -o faulthandler_timeout=300 -p no:cacheprovider -rA >"$out/gpu_tests.log" 2>&1; then
     stage gpu_tests ok "$(tail -n 1 "$out/gpu_tests.log")"
   else

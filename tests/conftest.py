@@ -146,7 +146,7 @@ def read_the_loss_after_every_step(monkeypatch):
 
 def pytest_collection_modifyitems(config, items):
   """Tests marked `slow` run first (xdist hands them out before the rest, so that the two workers finish together
-  instead of one running a long test while the other is idle); tests marked `gpu` (tests/test_gpu.py) run only
+  instead of one running a long test while the other is idle); tests marked `gpu` (tests/gpu/test_gpu.py) run only
   where JAX's default backend is a GPU; elsewhere they skip."""
   del config
   items.sort(key=lambda item: "slow" not in item.keywords)  # stable: the order within each kind is kept

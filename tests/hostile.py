@@ -1,4 +1,4 @@
-"""Real files of the kinds that attack a data reader (for tests/test_hostile_data.py and the tool tests).
+"""Real files of the kinds that attack a data reader (for tests/integration/test_hostile_data.py and the tool tests).
 
 `hostile_tar` writes one img2dataset-style tar holding, beside two plain samples, every hostile sample kind, and
 returns what a reader must make of it: which keys it keeps (with the pixels they must decode to) and how many

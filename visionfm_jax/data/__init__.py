@@ -1,4 +1,4 @@
-"""The input pipeline, a folder per idea; imports run down this list (tests/test_layering.py, DATA_LAYERS):
+"""The input pipeline, a folder per idea; imports run down this list (tests/unit/test_layering.py, DATA_LAYERS):
 
   text/        captions and tokens: the tokenizer, the retrieval benchmarks with several captions per image
                (caption_sets: COCO, Flickr30k) and the captioned corpora tools.prepare_data lists (pair_corpora)

@@ -16,7 +16,7 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 from visionfm_jax.tools.prepare_data.captioned import list_pairs
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def _jpeg(path: Path, width: int, height: int, colour=(200, 30, 30)) -> None:
@@ -141,7 +141,7 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
 
 
 def test_bad_layouts_are_one_line_errors(tmp_path, coco_root, capsys):
-  """The tool's main in this process (the subprocess path of `error:` lines is tests/test_bad_input.py's)."""
+  """The tool's main in this process (the subprocess path of `error:` lines is tests/integration/test_bad_input.py's)."""
   root, _ = coco_root
   (tmp_path / "vg").mkdir()
   for args, message in [

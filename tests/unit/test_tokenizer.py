@@ -15,7 +15,7 @@ from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import DataError
 from visionfm_jax.tools import train_tokenizer as tool
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CORPUS = [f"{size} {colour} {shape} on the {side}" for size in ("a small", "a large", "one tiny")
           for colour in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "star")
           for side in ("left", "right", "top", "bottom")]

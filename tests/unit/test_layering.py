@@ -15,7 +15,7 @@ import functools
 import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "visionfm_jax"
 
 LAYERS = (

@@ -301,7 +301,7 @@ exec {sys.executable} "$@"
 """)
   stub.chmod(0o755)
   out = tmp_path / "leads.jsonl"
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
                         text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stderr

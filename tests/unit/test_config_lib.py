@@ -9,7 +9,7 @@ from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_cls.py:B,640,demo", "swinv2_g_clip.py:demo",
          "swinv2_g_clip.py:demo,ft640", "aurora_xl.py:demo", "finetune_ade20k.py:demo", "finetune_coco.py:demo"]
 

@@ -20,7 +20,7 @@ from visionfm_jax import config_lib, models
 from visionfm_jax.models import backbone, dense_heads, segmenter, swinv2, vit
 from visionfm_jax.training import optim
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Training FLOPs per example, recorded from training/flops.py before the counters moved into the models.
 RECORDED_FLOPS = [

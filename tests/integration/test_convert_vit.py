@@ -27,7 +27,7 @@ from visionfm_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 BACKBONE, CLASSIFIER = "ViTModel", "ViTForImageClassification"
 ATOL = 1e-4
 

@@ -12,7 +12,7 @@ from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checks
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = ["vit_huge.py", "swinv2_g_clip.py", "aurora_xl.py"]
 TABLE_HEADER = ["setting", "value", "source"]
 SOURCE_MARKER = re.compile(r"paper\b.*|ours: \S.*")

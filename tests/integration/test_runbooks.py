@@ -31,7 +31,7 @@ import pytest
 from conftest import compilation_cache_env, cpu_env, kill_session
 from visionfm_jax import config_lib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNBOOKS = [*sorted((ROOT / "docs" / "runbooks").glob("*.md")), ROOT / "docs" / "your_data.md"]
 DOCUMENTED_ROOTS = ("raw", "data", "models", "ckpt")
 # A documented root at the start of a path: after a quote, '=', ':', '(', ',' or a space, or at the start.

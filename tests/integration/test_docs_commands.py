@@ -1,6 +1,6 @@
 """Every command in README.md, BUILD.md and docs/ parses against the code it calls, so the docs cannot drift.
 
-The runbooks (docs/runbooks/) are also executed, command by command, by tests/test_runbooks.py; here their
+The runbooks (docs/runbooks/) are also executed, command by command, by tests/integration/test_runbooks.py; here their
 commands are checked at the size they launch (the full recipe at its cluster's device and process count), which
 the rehearsal, running them at a tiny size, does not.
 
@@ -15,7 +15,7 @@ Each shell command of a ```bash block is classified by what it runs:
 - anything else must be one of the external programs the docs are allowed to name.
 Every training command (direct, `launch/local.sh`, `sbatch`) is also validated as `main --dry_run` first validates
 it, at the device and process count of the job it launches (16 nodes of 8 GPUs for `sbatch --nodes=16`).
-`tests/test_dry_run.py` runs the dry run itself on every demo config.
+`tests/integration/test_dry_run.py` runs the dry run itself on every demo config.
 """
 import dataclasses
 import functools
@@ -34,7 +34,7 @@ import pytest
 
 from visionfm_jax import config_lib
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "BUILD.md", *sorted((ROOT / "docs").rglob("*.md"))]
 RUNBOOKS = sorted((ROOT / "docs" / "runbooks").glob("*.md"))
 # Programs of other projects the docs may call; their arguments are theirs to check.
@@ -274,7 +274,7 @@ def check_command(command: Command, checkpoint_configs: dict | None = None) -> l
     return [] if argv[1] in ("-c", "-m") else [f"{shlex.join(argv)}: a bare python call"]
   if argv[0] in EXTERNAL or argv[0] in ("sbatch", "srun", "cd", "export", "mkdir", "source", "for"):
     return []
-  return [f"{argv[0]}: not a program the docs may call (tests/test_docs_commands.py EXTERNAL)"]
+  return [f"{argv[0]}: not a program the docs may call (tests/integration/test_docs_commands.py EXTERNAL)"]
 
 
 @functools.cache
@@ -362,7 +362,7 @@ def _written(path: str, written: list[str]) -> bool:
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if commands_of(d) and d not in RUNBOOKS], ids=lambda d: d.name)
 def test_every_path_read_was_written_by_an_earlier_command(doc):
-  # Each runbook is a path from raw data, run for real by tests/test_runbooks.py; the other documents may read
+  # Each runbook is a path from raw data, run for real by tests/integration/test_runbooks.py; the other documents may read
   # what any runbook writes.
   written = [w for book in RUNBOOKS for c in commands_of(book) for w in reads_and_writes(c)[1]]
   missing = []

@@ -9,7 +9,7 @@ A figure, narrowly (so that no plain number is one):
 Numbers compare by value (`0.310` is `0.31`, `1,369` is `1369`); `images/s` is `img/s`.
 
 Allowed elsewhere: a figure BENCHMARKS.md does not hold (a demo's expected output, the paper's own result), and in
-a recipe docstring the `predicts N days` citation that tests/test_recipes.py requires and checks against
+a recipe docstring the `predicts N days` citation that tests/unit/test_recipes.py requires and checks against
 BENCHMARKS.md's table.
 """
 
@@ -18,7 +18,7 @@ import decimal
 import pathlib
 import re
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
 UNITS = r"ms|s|GiB|GB|MiB|MB|TB|img/s|images/s|days?|%"
@@ -26,7 +26,7 @@ NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+"
 FIGURE = re.compile(rf"(?<![\w.,/-])(?:MFU\s+(?P<mfu>\d+\.\d+)|(?P<num>{NUMBER})\s?(?P<unit>{UNITS}))(?![\w/])")
 HEADER_UNIT = re.compile(rf"(?:^|\s)({UNITS}|MFU)$")
 CELL_NUMBER = re.compile(rf"^\**({NUMBER})\**$")
-# tests/test_recipes.py requires a recipe's docstring to cite BENCHMARKS.md's predicted days in these words
+# tests/unit/test_recipes.py requires a recipe's docstring to cite BENCHMARKS.md's predicted days in these words
 RECIPE_DAYS_CITATION = re.compile(r"predicts (\d+\.\d+) days")
 
 

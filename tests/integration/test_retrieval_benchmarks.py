@@ -178,7 +178,7 @@ def test_a_missing_or_malformed_benchmark_is_a_data_error_naming_it(tmp_path):
   with pytest.raises(DataError) as info:
     caption_sets.open_caption_set(cases[0][0])
   section = re.search(r"see docs/data_preparation.md, '([^']+)'", str(info.value)).group(1)
-  doc = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "data_preparation.md").read_text()
+  doc = (pathlib.Path(__file__).resolve().parents[2] / "docs" / "data_preparation.md").read_text()
   assert f"\n## {section}\n" in doc, section  # the hint names a heading that exists
   missing = tmp_path / "coco" / "val2014" / "COCO_val2014_test000003.png"
   missing.unlink()

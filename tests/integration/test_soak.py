@@ -15,7 +15,7 @@ import pytest
 
 from visionfm_jax.bench import proc_probe, soak, synthetic_shards, trends
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_the_pipeline_over_thousands_of_shards_grows_nothing_under_256_open_files(tmp_path):

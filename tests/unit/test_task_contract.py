@@ -12,7 +12,7 @@ import pytest
 from visionfm_jax import tasks
 from visionfm_jax.tasks import base
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 INSTANCE_FIELDS = {"config", "mesh", "dtype", "model"}  # set by Task.__init__
 
 

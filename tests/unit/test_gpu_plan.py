@@ -29,7 +29,7 @@ from visionfm_jax import config_lib, models
 from visionfm_jax.models import vit
 from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan, roofline
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data")
 HAS_GPU_COMPILER = any(importlib.util.find_spec(p.split(".")[0]) and importlib.util.find_spec(p)
                        for p in gpu_target.PLUGINS)

@@ -5,7 +5,7 @@ import pathlib
 import re
 import subprocess
 
-ROOT = pathlib.Path(__file__).resolve().parent.parent
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 NARRATION = re.compile(r"\b[Ss]ession \d")
 
 
