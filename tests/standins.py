@@ -39,10 +39,10 @@ import hashlib
 import io
 import json
 import os
+from pathlib import Path
 import shutil
 import tarfile
 import tempfile
-from pathlib import Path
 
 import numpy as np
 from PIL import Image

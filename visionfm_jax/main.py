@@ -88,6 +88,7 @@ def main(argv):
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
     distributed.initialize(_DISTRIBUTED.value, _CONFIG.value.peer_timeout_s)
     import jax  # pylint: disable=g-import-not-at-top
+
     from visionfm_jax.training import train  # pylint: disable=g-import-not-at-top
     from visionfm_jax.training.infra import faults
     logging.info("jax %s, %d processes, %d devices (%s)", jax.__version__, jax.process_count(), jax.device_count(),
@@ -114,6 +115,7 @@ def _dry_run() -> None:
                     f"expected devices >= 0 (0: this process's) and processes >= 1")
   os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
   import jax  # pylint: disable=g-import-not-at-top
+
   from visionfm_jax.training import dry_run  # pylint: disable=g-import-not-at-top
   devices = _DRY_RUN_DEVICES.value or dry_run.mesh_devices(_CONFIG.value.mesh)
   if devices:

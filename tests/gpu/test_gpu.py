@@ -14,10 +14,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import override, read_the_loss_after_every_step, tiny_vit_config
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.models import kernels, swinv2, text, vit
 from visionfm_jax.training import train
+
+from conftest import override, read_the_loss_after_every_step, tiny_vit_config
 
 pytestmark = pytest.mark.gpu
 DTYPES = {"bfloat16": jnp.bfloat16, "float16": jnp.float16}

@@ -8,8 +8,6 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import random_params, tiny_aurora_config
-import test_train_step
 from visionfm_jax import config_lib, models, parallel, tasks
 from visionfm_jax.bench import hlo_cost
 from visionfm_jax.data.transforms import host as transforms
@@ -19,6 +17,9 @@ from visionfm_jax.tasks import aurora, image_text
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import summary
 from visionfm_jax.training import param_rules
+
+from conftest import random_params, tiny_aurora_config
+import test_train_step
 
 
 def _pair_batches(config, n, seed=0, uncaptioned=0.25):

@@ -13,16 +13,18 @@ import shutil
 import subprocess
 import sys
 
+from absl import flags
+from absl import logging as absl_logging
 import flax.linen as nn
 import jax
 import numpy as np
 import pytest
-from absl import flags
-from absl import logging as absl_logging
+
+from visionfm_jax import config_lib, tasks
+from visionfm_jax.training import checkpoint, checks, optim, resume, train
+from visionfm_jax.training import step as step_lib
 
 from conftest import ROOT, tiny_vit_config
-from visionfm_jax import config_lib, tasks
-from visionfm_jax.training import checkpoint, checks, optim, resume, step as step_lib, train
 
 DEMO = "--config=configs/vit_huge.py:demo"
 TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",

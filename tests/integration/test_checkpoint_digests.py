@@ -11,14 +11,16 @@ import re
 import shutil
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from visionfm_jax.tools import evaluate
+from visionfm_jax.training import checkpoint, checkpoint_digests, train
 
 from conftest import tiny_vit_config
 from test_checkpoint_safety import _FakeIterator, _restore_on, _train_steps
-from visionfm_jax.tools import evaluate
-from visionfm_jax.training import checkpoint, checkpoint_digests, train
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 SHARED_RUNS = pytest.mark.xdist_group("checkpoint_digests_runs")

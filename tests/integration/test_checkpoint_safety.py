@@ -18,15 +18,18 @@ import sys
 import time
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from visionfm_jax import parallel, tasks
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training import step as step_lib
 
 from conftest import ROOT, cpu_env, tiny_vit_config
 from test_data import RangeSource
-from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, optim, step as step_lib, train
-from visionfm_jax.data.loader import pipeline
 
 TMP_SUFFIX = ".orbax-checkpoint-tmp"  # Orbax writes step S into S.orbax-checkpoint-tmp, renamed to S when complete
 SHAPE = (2048, 8192)  # 64 MiB of float32; three of them take a good fraction of a second to write

@@ -11,16 +11,18 @@ import pickle
 
 import jax
 import numpy as np
-import pytest
 from PIL import Image, ImageDraw
+import pytest
 
-from conftest import randomize_hf_params
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import tokenizer as tokenizer_lib
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import clip_checkpoint, filter_clip_score as fcs, import_hf
+from visionfm_jax.tools import clip_checkpoint, import_hf
+from visionfm_jax.tools import filter_clip_score as fcs
+
+from conftest import randomize_hf_params
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB, MAX_LEN, IMAGE_SIZE = 64, 32, 24
@@ -240,6 +242,7 @@ def _transformers_zeroshot(model, task) -> tuple[float, float]:
   """top-1 / top-5 of transformers' CLIPModel on the first 16 shapes validation images: class embeddings are
   the renormalised means of the prompts' (tokenised by the tokenizers library)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   from visionfm_jax import data  # pylint: disable=g-import-not-at-top
   from visionfm_jax.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
   from visionfm_jax.tasks import contrastive  # pylint: disable=g-import-not-at-top

@@ -8,9 +8,10 @@ import shutil
 import jax
 import pytest
 
-from conftest import tiny_vit_config
 from visionfm_jax.training import train
 from visionfm_jax.training.infra import compile_cache
+
+from conftest import tiny_vit_config
 
 
 @pytest.fixture(autouse=True)

@@ -9,22 +9,25 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
+import pytest
 
-from conftest import tiny_clip_config as _tiny
-from test_train_step import _setup
-import test_real_data
 from visionfm_jax import data, parallel, tasks
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.tools import workdir as workdir_lib
-from visionfm_jax.training import checkpoint, grads as grads_lib, optim, train
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.models import clip
 from visionfm_jax.tasks import contrastive, image_text
+from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.training import checkpoint, optim, train
+from visionfm_jax.training import grads as grads_lib
+
+from conftest import tiny_clip_config as _tiny
+import test_real_data
+from test_train_step import _setup
 
 
 def _random_pairs(config, n, seed=0):

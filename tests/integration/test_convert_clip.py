@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import randomize_hf_params
 from visionfm_jax import convert
 from visionfm_jax.convert import hf_files
 from visionfm_jax.errors import CheckpointError, ConfigError
+
+from conftest import randomize_hf_params
 
 ATOL = 1e-4
 # Two sizes, both activations; 'legacy' has eos_token_id=2 (OpenAI's configs: HF pools the largest id, the

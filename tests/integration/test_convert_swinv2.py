@@ -8,26 +8,25 @@ import os
 import re
 import shlex
 
+from absl import flags
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from ml_collections import config_flags
 import numpy as np
 import pytest
-from absl import flags
-from ml_collections import config_flags
+
+from visionfm_jax import config_lib, convert, models
+from visionfm_jax.errors import CheckpointError
+from visionfm_jax.models import swinv2
+from visionfm_jax.tools import import_hf
+from visionfm_jax.training import checkpoint, checks
 
 # The HF-directory helpers of the ViT importer's tests (importing them skips this module, as that one, without
 # torch or transformers): images as torch NCHW and our NHWC, edited copies of save_pretrained directories,
 # running tools.import_hf.
 from test_convert_vit import ATOL, _edited_copy, _images, _import_hf, torch, transformers
-
-from visionfm_jax import config_lib, convert, models
-
-from visionfm_jax.training import checkpoint, checks
-from visionfm_jax.errors import CheckpointError
-from visionfm_jax.models import swinv2
-from visionfm_jax.tools import import_hf
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

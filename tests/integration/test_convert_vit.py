@@ -20,10 +20,9 @@ transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
 from visionfm_jax import convert, models  # noqa: E402  pylint: disable=g-import-not-at-top
-
-from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import CheckpointError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.training import checkpoint
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

@@ -9,8 +9,9 @@ import subprocess
 import sys
 import time
 
-from conftest import ROOT
 from visionfm_jax.parallel import coordination
+
+from conftest import ROOT
 
 JOIN = """
 import jax

@@ -10,8 +10,8 @@ import time
 import grain
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from PIL import Image
+import pytest
 
 from visionfm_jax import config_lib
 from visionfm_jax.data.embedded import shapes

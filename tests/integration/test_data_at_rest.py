@@ -14,15 +14,17 @@ import threading
 import numpy as np
 import pytest
 
-from conftest import ROOT, cpu_env, tiny_vit_config
-from test_bad_input import run_main_in_process
-from test_wds import write_tars
-from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files
+from visionfm_jax.data.loader import identity, open_files
+from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources import open_shards, records, wds
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError, WorkdirError
 from visionfm_jax.tools import index_tars
 from visionfm_jax.training import data_record, train
+
+from conftest import ROOT, cpu_env, tiny_vit_config
+from test_bad_input import run_main_in_process
+from test_wds import write_tars
 
 SHARDS, PER_SHARD = 300, 2
 

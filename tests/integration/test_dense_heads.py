@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax.tasks import losses
-
-from visionfm_jax.detection import losses as detection_losses, matching
+from visionfm_jax.detection import losses as detection_losses
+from visionfm_jax.detection import matching
 from visionfm_jax.evaluate import detection as evaluate_detection
 from visionfm_jax.models import dense_heads, detector, segmenter, swinv2, vit
+from visionfm_jax.tasks import losses
 
 # Tiny backbones on 32 px images: ViT 2x2 tokens (the simple pyramid upsamples twice for stride 4); SwinV2
 # 16x16, 8x8, 4x4 stages (strides 2, 4, 8).

@@ -9,12 +9,13 @@ import time
 
 import pytest
 
-from conftest import ROOT
-from test_bad_input import run_main_in_process
 from visionfm_jax import config_lib
 from visionfm_jax.data.sources import records
 from visionfm_jax.errors import DataError
 from visionfm_jax.training import dry_run
+
+from conftest import ROOT
+from test_bad_input import run_main_in_process
 
 DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_g_clip.py:demo", "aurora_xl.py:demo",
          "finetune_ade20k.py:demo", "finetune_coco.py:demo"]

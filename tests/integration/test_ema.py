@@ -16,13 +16,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, compilation_cache_env, cpu_env, stop_after_writing, tiny_vit_config
-from test_train_step import OverflowingTask, _batches_poisoned_at, _setup
 from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError
 from visionfm_jax.tools import export_hf
 from visionfm_jax.tools import probe as probe_tool
 from visionfm_jax.training import checks, train
+
+from conftest import ROOT, compilation_cache_env, cpu_env, stop_after_writing, tiny_vit_config
+from test_train_step import OverflowingTask, _batches_poisoned_at, _setup
 
 DECAY = 0.5  # large steps of the average, so that it stands well apart from the params in a few steps
 
@@ -216,7 +217,8 @@ def test_keep_period_must_be_a_multiple_of_the_checkpoint_interval():
 
 def test_a_checkpoint_saved_before_the_ema_field_restores(tmp_path):
   """A state saved by a version whose TrainState had no ema_params field restores into today's TrainState."""
-  from visionfm_jax.training import checkpoint, state as state_lib  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import state as state_lib
   params = {"w": np.arange(3, dtype=np.float32)}
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(5, {"step": np.int32(5), "params": params, "opt_state": {"mu": params}, "loss_scale": None})

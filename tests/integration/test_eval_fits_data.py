@@ -4,14 +4,15 @@ run and at start-up, before its first step, by one line naming the fields to cha
 
 import pytest
 
-from conftest import tiny_clip_config
-from test_bad_input import run_main_in_process
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.sources import records
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.tasks import contrastive
 from visionfm_jax.training import train
+
+from conftest import tiny_clip_config
+from test_bad_input import run_main_in_process
 
 LABEL_ERROR = ("error: config.eval.zeroshot_classes='shapes' needs labelled eval images; the eval data "
                "config.data.source=")

@@ -13,18 +13,19 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-import hostile
-from conftest import ROOT, tiny_aurora_config, tiny_clip_config
 from visionfm_jax import tasks
-from visionfm_jax.training import checkpoint
 from visionfm_jax.data import limits
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.tools import filter_clip_score as fcs
+from visionfm_jax.training import checkpoint
+
+from conftest import ROOT, tiny_aurora_config, tiny_clip_config
+import hostile
 
 STEP = 3
 BATCH = 8  # one row per simulated device

@@ -12,13 +12,14 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import override, tiny_vit_config
 from configs import finetune_coco
 from visionfm_jax import config_lib, tasks
-from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import vit
+from visionfm_jax.training import checkpoint, init_from, train
+
+from conftest import override, tiny_vit_config
 
 
 def tiny_detection_config(**overrides):

@@ -12,10 +12,9 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib
-
-from visionfm_jax.training import checkpoint, init_from
 from visionfm_jax.errors import CheckpointError, ConfigError
 from visionfm_jax.models import dense_heads, swinv2, vit
+from visionfm_jax.training import checkpoint, init_from
 
 
 def _vit(image_size=16, num_classes=5, **kwargs):

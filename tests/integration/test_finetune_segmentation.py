@@ -11,13 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import override, tiny_vit_config
 from visionfm_jax import tasks
-from visionfm_jax.tasks import losses
-from visionfm_jax.training import checkpoint, init_from, train
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import segmentation as seg_eval
 from visionfm_jax.models import vit
+from visionfm_jax.tasks import losses
+from visionfm_jax.training import checkpoint, init_from, train
+
+from conftest import override, tiny_vit_config
 
 
 def tiny_seg_config(**overrides):

@@ -16,9 +16,10 @@ import time
 
 import pytest
 
+from visionfm_jax.training.infra import faults
+
 from conftest import FAST_COMPILE_FLAGS, ROOT
 from test_multiprocess import DEVICES_PER_PROCESS, FLAGS, LAUNCH_ENV, PROCESSES, _free_port, _trained_a_step
-from visionfm_jax.training.infra import faults
 
 ABORT_SIGNS = ("Fatal Python error", "Check failed", "Check failure stack trace", "Terminating process",
                "most recent call first", "Traceback")

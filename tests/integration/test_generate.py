@@ -12,15 +12,16 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from conftest import ROOT, cpu_env, random_params, tiny_aurora_config
 from visionfm_jax import tasks
-from visionfm_jax.models import generate
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.text import tokenizer as tokenizer_lib
+from visionfm_jax.models import generate
 from visionfm_jax.tools import caption
+
+from conftest import ROOT, cpu_env, random_params, tiny_aurora_config
 
 # One xdist worker runs the module: the tests on the trained model share one training run (a module fixture is
 # per worker), and a worker that ran only the other tests would start the training for nothing.

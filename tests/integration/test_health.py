@@ -28,11 +28,12 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import override, stop_after_writing, tiny_vit_config
-import tracker_runs
 from visionfm_jax import config_lib
 from visionfm_jax.data.sources import records
 from visionfm_jax.training import checkpoint, health, train
+
+from conftest import override, stop_after_writing, tiny_vit_config
+import tracker_runs
 
 COLOURS = np.array([[r, g, b] for r in (0, 255) for g in (0, 255) for b in (0, 255)], np.float32)
 RECORDS = 2000

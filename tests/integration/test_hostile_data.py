@@ -14,18 +14,19 @@ import tarfile
 import time
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 from transformers.image_transforms import convert_to_rgb
 from transformers.image_utils import load_image
 
-import hostile
-from conftest import ROOT, cpu_env
 from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records, wds
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.tools import index_tars, train_tokenizer
+
+from conftest import ROOT, cpu_env
+import hostile
 
 REFUSED_TEXT = "too_large 1, unsafe_name 2, link 2, not_a_file 1"  # limits.REASONS order
 

@@ -12,18 +12,20 @@ import json
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from conftest import tiny_clip_config
 from visionfm_jax import parallel, tasks
-from visionfm_jax.data.sources import imagenet_variants, registry as sources
+from visionfm_jax.data.sources import imagenet_variants
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import checkpoint, param_rules
+
+from conftest import tiny_clip_config
 
 BUILDER, CLASSNAMES, TEMPLATES = ("clip_benchmark/datasets/builder.py", "clip_benchmark/datasets/en_classnames.json",
                                   "clip_benchmark/datasets/en_zeroshot_classification_templates.json")

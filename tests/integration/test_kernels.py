@@ -7,9 +7,9 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.test_util import check_grads
 import numpy as np
 import pytest
-from jax.test_util import check_grads
 
 from visionfm_jax import config_lib, models
 from visionfm_jax.errors import ConfigError

@@ -10,13 +10,13 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import override, tiny_vit_config
-
 from visionfm_jax import config_lib, models, parallel, tasks
-
-from visionfm_jax.training import optim, param_rules, step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import segmenter, swinv2, vit
+from visionfm_jax.training import optim, param_rules
+from visionfm_jax.training import step as step_lib
+
+from conftest import override, tiny_vit_config
 
 
 def _shapes(module, image_size=16):

@@ -5,6 +5,7 @@ with its tracker left there goes at the next start, with one line, and what a li
 from __future__ import annotations
 
 import logging
+from multiprocessing import shared_memory
 import os
 import re
 import secrets
@@ -13,8 +14,6 @@ import subprocess
 import sys
 import textwrap
 import time
-
-from multiprocessing import shared_memory
 
 from conftest import ROOT, cpu_env, tiny_vit_config
 

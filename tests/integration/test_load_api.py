@@ -11,11 +11,10 @@ import sys
 import flax.linen as nn
 import jax
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from conftest import ROOT, tiny_aurora_config, tiny_clip_config, tiny_vit_config
-from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
+import visionfm_jax
 from visionfm_jax import tasks
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
@@ -24,7 +23,8 @@ from visionfm_jax.models import generate
 from visionfm_jax.tools import clip_checkpoint, trained_model
 from visionfm_jax.training import checkpoint, ema
 
-import visionfm_jax
+from conftest import ROOT, tiny_aurora_config, tiny_clip_config, tiny_vit_config
+from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
 
 STEP = 2
 

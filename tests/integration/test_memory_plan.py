@@ -3,11 +3,12 @@
 import json
 
 import pytest
-from conftest import tiny_aurora_config, tiny_clip_config
 
 from visionfm_jax import tasks
 from visionfm_jax.bench import gpu_target, memory_plan
 from visionfm_jax.errors import ConfigError, UserError
+
+from conftest import tiny_aurora_config, tiny_clip_config
 
 TINY = ["--config=configs/vit_huge.py:demo", "--devices=8", "--config.model.variant=pico/4",
         "--config.model.image_size=16", "--config.data.image_size=16", "--config.global_batch_size=16"]

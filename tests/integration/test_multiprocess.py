@@ -21,14 +21,16 @@ import jax
 import numpy as np
 import pytest
 
+from visionfm_jax import parallel, tasks
+from visionfm_jax.errors import UserError
+from visionfm_jax.parallel import distributed
+from visionfm_jax.training import checkpoint, optim
+from visionfm_jax.training import step as step_lib
+from visionfm_jax.training.infra import faults
+
 from conftest import FAST_COMPILE_FLAGS, ROOT, tiny_vit_config
 from test_workdir import held_by_another_process
 import tracker_runs
-from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, optim, step as step_lib
-from visionfm_jax.training.infra import faults
-from visionfm_jax.errors import UserError
-from visionfm_jax.parallel import distributed
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
 # Long enough that a preemption notice sent at the first checkpoint (step 10) is acted on well before the end:

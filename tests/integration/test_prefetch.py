@@ -1,9 +1,9 @@
 """training/prefetch.py: batches copied ahead, while the data state and counts stay those of the step."""
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
-import ml_collections
 
 from visionfm_jax import parallel
 from visionfm_jax.training import prefetch

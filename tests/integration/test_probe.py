@@ -6,18 +6,20 @@ import json
 
 import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 import scipy.optimize
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import checkpoint, param_rules
 from visionfm_jax.errors import DataError
 from visionfm_jax.evaluate import probe
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import probe as probe_tool
+from visionfm_jax.training import checkpoint, param_rules
+
+from conftest import tiny_vit_config
 
 
 def _clusters(n, dim=16, classes=4, spread=0.3, seed=0):

@@ -10,8 +10,6 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from conftest import tiny_clip_config, tiny_vit_config
-from visionfm_jax.training import train
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import registry as sources
@@ -19,6 +17,9 @@ from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.tools.prepare_data.folders import convert_folders
 from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
+from visionfm_jax.training import train
+
+from conftest import tiny_clip_config, tiny_vit_config
 
 
 def png(image) -> bytes:

@@ -11,10 +11,11 @@ import shutil
 
 import pytest
 
-from conftest import tiny_vit_config
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import train
+
+from conftest import tiny_vit_config
 
 
 def _tiny_config(**overrides):

@@ -8,12 +8,12 @@ import re
 
 import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 from PIL import Image
+import pytest
 
-from conftest import tiny_aurora_config, tiny_clip_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.text import caption_sets
@@ -22,6 +22,8 @@ from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import retrieval
 from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext
+
+from conftest import tiny_aurora_config, tiny_clip_config
 
 KS = (1, 5, 10)
 

@@ -28,8 +28,9 @@ import subprocess
 
 import pytest
 
-from conftest import compilation_cache_env, cpu_env, kill_session
 from visionfm_jax import config_lib
+
+from conftest import compilation_cache_env, cpu_env, kill_session
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 RUNBOOKS = [*sorted((ROOT / "docs" / "runbooks").glob("*.md")), ROOT / "docs" / "your_data.md"]

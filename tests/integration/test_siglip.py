@@ -11,16 +11,19 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from conftest import tiny_clip_config
-from test_contrastive import _random_pairs
 from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks import losses
-from visionfm_jax.training import grads as grads_lib, train
+from visionfm_jax.training import grads as grads_lib
+from visionfm_jax.training import train
+
+from conftest import tiny_clip_config
+from test_contrastive import _random_pairs
 
 B, D = 32, 24  # 8 devices: blocks of 4 x 4; D differs from every batch size so that shapes name one thing
 

@@ -14,10 +14,11 @@ import time
 
 import pytest
 
-from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session
 from visionfm_jax import config_lib
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.errors import ConfigError
+
+from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session
 
 FAKE_SLURM = os.path.join(ROOT, "tests", "fake_slurm")
 CPUS = len(os.sched_getaffinity(0))

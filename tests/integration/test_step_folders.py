@@ -11,9 +11,10 @@ import jax
 import numpy as np
 import pytest
 
-from conftest import tiny_vit_config
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checkpoint, train
+
+from conftest import tiny_vit_config
 
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 

@@ -13,11 +13,12 @@ import numpy as np
 import pytest
 
 from configs import swinv2_g_clip
-from conftest import tiny_clip_config
 from visionfm_jax.convert import unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, swinv2
 from visionfm_jax.training import train
+
+from conftest import tiny_clip_config
 
 IMAGES = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)  # patch 2: an 8x8 map
 

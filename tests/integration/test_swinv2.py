@@ -11,19 +11,21 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from configs import swinv2_cls
-from conftest import override, tiny_vit_config
 from visionfm_jax import config_lib, models, parallel
-from visionfm_jax.training import checkpoint, init_from, optim, train
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
-from visionfm_jax.training.param_rules import path_str
 from visionfm_jax.tools import summary
+from visionfm_jax.training import checkpoint, init_from, optim, train
+from visionfm_jax.training.param_rules import path_str
+
+from conftest import override, tiny_vit_config
 
 
 def _jittered(tree, scale, seed):

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import tiny_clip_config
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, vit
 from visionfm_jax.training import train
+
+from conftest import tiny_clip_config
 
 IMAGES = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)  # 16 patches of 8 px
 

@@ -10,16 +10,17 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
-from conftest import ROOT, compilation_cache_env
-import test_tensorboard
-from test_bad_input import run_main_in_process
-from tracker_runs import INSTALLED, jsonl_scalars, mlflow_runs, wandb_runs
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training.infra import metrics, trackers
+
+from conftest import ROOT, compilation_cache_env
+from test_bad_input import run_main_in_process
+import test_tensorboard
+from tracker_runs import INSTALLED, jsonl_scalars, mlflow_runs, wandb_runs
 
 ALL = "tensorboard,wandb,mlflow"
 needs_both = pytest.mark.skipif(INSTALLED != ("wandb", "mlflow"), reason="pip install -e '.[wandb,mlflow]'")

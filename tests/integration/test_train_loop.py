@@ -15,16 +15,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
-import pytest
 from PIL import Image
+import pytest
+
+from visionfm_jax import tasks
+from visionfm_jax.errors import ConfigError, DataError
+from visionfm_jax.evaluate import panels
+from visionfm_jax.training import step as step_lib
+from visionfm_jax.training import train
+from visionfm_jax.training.infra import metrics
 
 from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_every_step, tiny_vit_config
 from test_bad_input import run_main_in_process
-from visionfm_jax import tasks
-from visionfm_jax.evaluate import panels
-from visionfm_jax.training import step as step_lib, train
-from visionfm_jax.training.infra import metrics
-from visionfm_jax.errors import ConfigError, DataError
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
               "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",

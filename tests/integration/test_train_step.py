@@ -7,15 +7,18 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import PartitionSpec as P
 
-from conftest import tiny_vit_config
 from visionfm_jax import parallel, tasks
 from visionfm_jax.bench import hlo_cost
-from visionfm_jax.training import grads as grads_lib, optim, precision, step as step_lib
+from visionfm_jax.training import grads as grads_lib
+from visionfm_jax.training import optim, precision
+from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.state import TrainState
+
+from conftest import tiny_vit_config
 
 
 def _random_batches(config, n, seed=0):

@@ -15,20 +15,22 @@ import jax
 import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
+from PIL import Image
 import pytest
 import webdataset
-from PIL import Image
 
-from conftest import ROOT, cpu_env
 from visionfm_jax import config_lib
 from visionfm_jax.data.loader import pipeline
-from visionfm_jax.data.sources import registry as sources, wds
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.sources import wds
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cluster_task, index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
+
+from conftest import ROOT, cpu_env
 
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
 SHAPES = ("circle", "square", "triangle")

@@ -20,10 +20,11 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from conftest import ROOT, tiny_vit_config
 from visionfm_jax.errors import WorkdirError
 from visionfm_jax.training import train
 from visionfm_jax.training.infra import workdir
+
+from conftest import ROOT, tiny_vit_config
 
 TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
               "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",

@@ -4,9 +4,10 @@ import sys
 
 import ml_collections
 
-import standins
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.tools import build_tfds
+
+import standins
 
 DATA_CFG = dict(train_split="train", eval_split="validation")
 

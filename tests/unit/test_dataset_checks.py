@@ -8,17 +8,19 @@ import os
 import re
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
+
+from visionfm_jax import config_lib, tasks
+from visionfm_jax.data.loader import pipeline
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.errors import ConfigError, DataError
 
 from conftest import tiny_vit_config
 from test_bad_input import run_main_in_process
 from test_data import RangeSource, data_config
-from visionfm_jax import config_lib, tasks
-from visionfm_jax.data.loader import pipeline
-from visionfm_jax.data.sources import records, registry as sources
-from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.errors import ConfigError, DataError
 
 SHARD_SIZES = (6, 5, 7)
 

@@ -11,8 +11,10 @@ import pytest
 from visionfm_jax import config_lib
 from visionfm_jax.data.embedded import scenes, shapes
 from visionfm_jax.data.loader import dense
-from visionfm_jax.data.sources import ade20k, registry as sources
-from visionfm_jax.data.transforms import dense_transforms, host as transforms
+from visionfm_jax.data.sources import ade20k
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.transforms import dense_transforms
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 S = 32

@@ -6,9 +6,9 @@ import io
 import json
 
 import jax
+from jax.sharding import Mesh
 import numpy as np
 import pytest
-from jax.sharding import Mesh
 
 from visionfm_jax.errors import DataError
 from visionfm_jax.evaluate import detection, segmentation

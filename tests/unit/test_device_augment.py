@@ -8,7 +8,9 @@ import pytest
 
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.data.loader import pipeline
-from visionfm_jax.data.transforms import device_augment, host as transforms, randaugment
+from visionfm_jax.data.transforms import device_augment, randaugment
+from visionfm_jax.data.transforms import host as transforms
+
 from test_data import data_config
 
 MEAN = np.asarray((0.485, 0.456, 0.406), np.float32) * 255.0

@@ -4,10 +4,11 @@ retrieval on held-out pairs unless the command asks; a training workdir keeps it
 
 import json
 
-from conftest import tiny_clip_config
-from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
 from visionfm_jax import tasks
 from visionfm_jax.tools import clip_checkpoint, evaluate
+
+from conftest import tiny_clip_config
+from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
 
 ZEROSHOT_ON_SHAPES = ("--config.eval.zeroshot_classes=shapes", "--config.eval.zeroshot_source=shapes",
                       "--config.eval.zeroshot_split=validation", "--config.eval.zeroshot_examples=16",

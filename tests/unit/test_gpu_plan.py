@@ -26,8 +26,8 @@ import jax.numpy as jnp
 import pytest
 
 from visionfm_jax import config_lib, models
-from visionfm_jax.models import vit
 from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan, roofline
+from visionfm_jax.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data")

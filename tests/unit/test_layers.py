@@ -8,8 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_trees_close_to_scale
 from visionfm_jax.models import kernels, layers
+
+from conftest import assert_trees_close_to_scale
 
 
 def _normal(rng, shape):

@@ -6,12 +6,14 @@ import re
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from visionfm_jax.tasks import losses
 
 from conftest import assert_trees_close_to_scale
-from visionfm_jax.tasks import losses
 
 
 def _normalised(x):

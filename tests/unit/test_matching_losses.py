@@ -7,14 +7,14 @@ import math
 import chex
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from visionfm_jax.detection import boxes, losses as detection_losses, matching
-
+from visionfm_jax.detection import boxes, matching
+from visionfm_jax.detection import losses as detection_losses
 from visionfm_jax.tasks import losses
-
 
 # ---------------------------------------------------------------------------------------------------- boxes
 

@@ -6,12 +6,13 @@ import pickle
 import ml_collections
 import numpy as np
 import pytest
-import test_data  # tests/ is on sys.path under pytest
-from test_pairs_data import MAX_LEN, PairRange, data_config
 
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.data.transforms import host as transforms
+
+import test_data  # tests/ is on sys.path under pytest
+from test_pairs_data import MAX_LEN, PairRange, data_config
 
 MIM = ml_collections.ConfigDict({"mask_patch_size": 4, "mask_ratio": 0.6})  # 32 px images: an 8 x 8 grid
 GRID, ONES = 8, 39  # ceil(64 * 0.6)

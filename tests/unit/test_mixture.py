@@ -7,16 +7,19 @@ import json
 import grain
 import numpy as np
 import pytest
-import test_data  # tests/ is on sys.path under pytest
 
-from conftest import tiny_vit_config
 from visionfm_jax import tasks
 from visionfm_jax.data.embedded import shapes
-from visionfm_jax.data.loader import checks as data_checks, mixture, pipeline, skipping
-from visionfm_jax.data.sources import records, registry as sources
+from visionfm_jax.data.loader import checks as data_checks
+from visionfm_jax.data.loader import mixture, pipeline, skipping
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
+
+from conftest import tiny_vit_config
+import test_data  # tests/ is on sys.path under pytest
 
 MAX_LEN = 16
 

@@ -4,11 +4,11 @@ import csv
 import io
 import json
 import os
-import sys
 from pathlib import Path
+import sys
 
-import pytest
 from PIL import Image
+import pytest
 
 from visionfm_jax.data.sources import records
 from visionfm_jax.errors import UserError
@@ -189,6 +189,7 @@ def test_a_tokenizer_that_spells_out_the_captions_words_gets_a_warning_naming_th
 
 def test_the_check_reads_the_held_out_captions_at_start_up(caplog):
   import ml_collections  # pylint: disable=g-import-not-at-top
+
   from visionfm_jax.tasks import image_text  # pylint: disable=g-import-not-at-top
   config = ml_collections.ConfigDict({"data": {"source": "arrayrecord:/d/{split}-*", "eval_source": "",
                                                "mixture": (), "tokenizer": "/d/other_tokenizer.model",

@@ -2,9 +2,9 @@
 `python -m visionfm_jax.tools.prepare_data --format=coco|visual_genome` and read back (CPU, no network)."""
 
 import json
+from pathlib import Path
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

@@ -7,15 +7,18 @@ from array_record.python import array_record_module
 import numpy as np
 from PIL import Image
 import pytest
-import test_data  # tests/ is on sys.path under pytest
 
 from visionfm_jax import config_lib
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.loader import pipeline
-from visionfm_jax.data.sources import records as pairs, registry as sources
+from visionfm_jax.data.sources import records as pairs
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import tokenizer
-from visionfm_jax.data.transforms import host as transforms, randaugment
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.data.transforms import randaugment
 from visionfm_jax.errors import ConfigError, DataError
+
+import test_data  # tests/ is on sys.path under pytest
 
 MAX_LEN = 24
 

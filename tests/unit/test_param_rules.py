@@ -8,13 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import override
-
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
 from visionfm_jax.training import checkpoint, init_from, optim
 from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
+
+from conftest import override
 
 NAMES = ["backbone/pos_embed", "backbone/blocks/attn/qkv/kernel", "backbone/blocks/attn/qkv/bias", "head/kernel"]
 

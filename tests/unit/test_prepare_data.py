@@ -11,16 +11,18 @@ import tarfile
 
 import ml_collections
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from visionfm_jax import config_lib
 from visionfm_jax.data.loader import pipeline
-from visionfm_jax.data.sources import records, registry as sources
+from visionfm_jax.data.sources import records
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import DataError, UserError
 from visionfm_jax.tools import cluster_task, image_tree
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data, shards
+from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+from visionfm_jax.tools.prepare_data import shards
 from visionfm_jax.tools.prepare_data.folders import convert_folders
 from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 

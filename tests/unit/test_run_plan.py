@@ -5,10 +5,11 @@ written as plan.json beside config.json, which holds what the command line asked
 import copy
 import json
 
-from test_bad_input import TINY, run_main_in_process
 from visionfm_jax import config_lib
 from visionfm_jax.tools import workdir as workdir_lib
 from visionfm_jax.training import checkpoint, init_from, plan, train
+
+from test_bad_input import TINY, run_main_in_process
 
 
 def _launch(workdir, monkeypatch, capsys, *overrides):

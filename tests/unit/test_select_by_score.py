@@ -8,8 +8,8 @@ import math
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from visionfm_jax.data.sources import wds
 from visionfm_jax.tools import index_tars

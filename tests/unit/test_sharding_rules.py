@@ -3,9 +3,10 @@ fsdp fallback, and the activation rules flax gets from it."""
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
-from jax.sharding import Mesh, PartitionSpec as P
 
 from visionfm_jax import parallel
 from visionfm_jax.models import layers

@@ -10,12 +10,14 @@ import ml_collections
 import numpy as np
 import pytest
 
-import standins
 from visionfm_jax import convert
-from visionfm_jax.data.sources import ade20k, coco, records, registry as sources, wds
+from visionfm_jax.data.sources import ade20k, coco, records, wds
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import caption_sets, tokenizer
 from visionfm_jax.tools import clip_checkpoint, index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+
+import standins
 
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation", "data_dir": ""})
 

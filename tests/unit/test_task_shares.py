@@ -12,8 +12,8 @@ import re
 import tarfile
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from visionfm_jax.data.sources import records
 from visionfm_jax.tools import cluster_task, index_tars

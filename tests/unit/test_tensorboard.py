@@ -6,8 +6,8 @@ import os
 import struct
 
 import numpy as np
-import pytest
 from PIL import Image
+import pytest
 
 from visionfm_jax.training.infra import metrics, tensorboard
 

@@ -11,12 +11,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import randomize_hf_params
 from visionfm_jax import config_lib, models
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.data.text.tokenizer import BOS_ID, EOS_ID
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, kernels, text
+
+from conftest import randomize_hf_params
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

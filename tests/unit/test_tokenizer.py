@@ -1,10 +1,10 @@
 """Tests of visionfm_jax.data.text.tokenizer and tools.train_tokenizer (CPU, no network)."""
 
 import os
+from pathlib import Path
 import pickle
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest

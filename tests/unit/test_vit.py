@@ -11,11 +11,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import ROOT, tiny_vit_config
 from visionfm_jax import models
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
+
+from conftest import ROOT, tiny_vit_config
 
 
 def _count(model, size):

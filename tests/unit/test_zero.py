@@ -25,13 +25,15 @@ import jax
 import numpy as np
 import pytest
 
+from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.tools import summary
+from visionfm_jax.training import optim
+from visionfm_jax.training import step as step_lib
+from visionfm_jax.training.dry_run import human_bytes
+
 from conftest import tiny_vit_config
 from test_train_step import _random_batches
-from visionfm_jax import config_lib, parallel, tasks
-from visionfm_jax.training import optim, step as step_lib
-from visionfm_jax.training.dry_run import human_bytes
-from visionfm_jax.tools import summary
-from visionfm_jax.errors import ConfigError
 
 STRATEGIES = config_lib.ZERO_STAGES
 DEVICES = 8

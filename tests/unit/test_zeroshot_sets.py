@@ -3,8 +3,9 @@
 
 import pytest
 
-import openai_zeroshot
 from visionfm_jax.evaluate import zeroshot
+
+import openai_zeroshot
 
 
 @pytest.fixture(scope="module")

@@ -29,9 +29,9 @@ import shutil
 import sys
 import time
 
+from absl import flags
 import jax
 import numpy as np
-from absl import flags
 
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli

@@ -316,7 +316,8 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
 
   from visionfm_jax import parallel, tasks  # pylint: disable=g-import-not-at-top
   from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.training import checks, step as step_lib  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import step as step_lib
 
   if target:
     mesh_devices = gpu_target.devices(gpu_target.get(target), devices)
@@ -339,7 +340,8 @@ def plan(config, devices: int, target: str = "") -> dict:
   import jax  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax import parallel  # pylint: disable=g-import-not-at-top
-  from visionfm_jax.training import optim, step as step_lib  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import optim  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.training import step as step_lib
 
   compiled, task, mesh = compile_step(config, devices, target)
   tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)

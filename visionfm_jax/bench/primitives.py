@@ -25,8 +25,8 @@ import os
 import sys
 import time
 
-import numpy as np
 from absl import flags
+import numpy as np
 
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
@@ -139,6 +139,7 @@ def time_gemms(gemms, repeats: int, backends=("default",), train: bool = False) 
 
 def time_reductions(reductions, repeats: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
+
   from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
   rng = np.random.default_rng(0)
   rows = []

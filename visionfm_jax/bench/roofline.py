@@ -46,7 +46,7 @@ from ml_collections import config_flags
 
 from visionfm_jax import config_lib
 from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan
-from visionfm_jax.bench.pricing import CALIBRATION, Prices, Priced, load_prices, predict
+from visionfm_jax.bench.pricing import CALIBRATION, Priced, Prices, load_prices, predict
 from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.tools import cli
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from visionfm_jax import parallel, tasks
 from visionfm_jax.models import kernels
-
-from visionfm_jax.training import optim, step as step_lib
+from visionfm_jax.training import optim
+from visionfm_jax.training import step as step_lib
 
 
 class JaxStep:

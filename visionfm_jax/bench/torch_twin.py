@@ -16,8 +16,8 @@ import jax
 import numpy as np
 
 from visionfm_jax import convert
-from visionfm_jax.training import optim as optim_lib
 from visionfm_jax.errors import ConfigError, UserError
+from visionfm_jax.training import optim as optim_lib
 
 
 def hf_config_dict(model) -> dict:

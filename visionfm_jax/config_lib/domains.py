@@ -10,9 +10,17 @@ import re
 import ml_collections
 
 from visionfm_jax.config_lib.resume_rules import allowed_changes
-from visionfm_jax.config_lib.schema import (COMPUTE_DTYPES, CONTRASTIVE_LOSSES, RANDAUGMENT_MAX_MAGNITUDE, REMAT_POLICIES,
-                                           STRATEGIES, fields, report_to)
+from visionfm_jax.config_lib.schema import (
+  COMPUTE_DTYPES,
+  CONTRASTIVE_LOSSES,
+  RANDAUGMENT_MAX_MAGNITUDE,
+  REMAT_POLICIES,
+  STRATEGIES,
+  fields,
+  report_to,
+)
 from visionfm_jax.errors import ConfigError
+
 
 @dataclasses.dataclass(frozen=True)
 class Domain:

@@ -10,6 +10,7 @@ import ml_collections
 
 from visionfm_jax.errors import ConfigError
 
+
 def load(spec: str) -> ml_collections.ConfigDict:
   """The config of `spec` = 'path/to/config.py[:variant]': the file's get_config(variant), as
   `--config=spec` loads it. ConfigError when the file does not exist, has no get_config, or rejects the

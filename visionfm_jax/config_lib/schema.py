@@ -11,7 +11,6 @@ import ml_collections
 
 from visionfm_jax.errors import ConfigError
 
-
 # The ZeRO stages 0 (ddp) to 3, each sharding more of the train state (parallel/sharding.py), and other names
 # for them: `fsdp` is zero3.
 ZERO_STAGES = ("ddp", "zero1", "zero2", "zero3")

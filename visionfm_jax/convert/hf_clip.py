@@ -29,7 +29,8 @@ from visionfm_jax.convert import hf_clip_text, hf_files
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.errors import CheckpointError, ConfigError
-from visionfm_jax.models import clip, text as text_lib, vit
+from visionfm_jax.models import clip, vit
+from visionfm_jax.models import text as text_lib
 
 ARCH = "CLIPModel"
 VISION = "vision_model."

@@ -27,10 +27,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.convert import hf_files
-from visionfm_jax.convert.tensors import Reader, check_tensors, show, tree_shapes
 from visionfm_jax.convert.layout import stack_layers
+from visionfm_jax.convert.tensors import Reader, check_tensors, show, tree_shapes
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.models import layers, text as text_lib
+from visionfm_jax.models import layers
+from visionfm_jax.models import text as text_lib
 
 PREFIX = "text_model."
 ARCH = "CLIPTextModelWithProjection"

@@ -25,15 +25,16 @@ from __future__ import annotations
 import os
 from typing import Any
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
-from visionfm_jax.convert import hf_files, hf_swinv2_config as hfc
+from visionfm_jax.convert import hf_files
+from visionfm_jax.convert import hf_swinv2_config as hfc
 from visionfm_jax.convert.hf_swinv2_config import hf_config
-from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
+from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import swinv2
 

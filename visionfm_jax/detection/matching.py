@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as P
 
 from visionfm_jax import parallel
 from visionfm_jax.detection import boxes as box_lib

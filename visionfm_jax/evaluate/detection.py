@@ -17,8 +17,9 @@ from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax.errors import DataError
 

@@ -11,8 +11,8 @@ import dataclasses
 from typing import Callable
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from visionfm_jax.errors import DataError

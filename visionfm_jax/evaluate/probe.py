@@ -23,12 +23,12 @@ import functools
 import time
 from typing import Any, Callable
 
+from absl import logging
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import numpy as np
 import optax
-from absl import logging
-from jax.experimental import multihost_utils
 
 from visionfm_jax import data
 from visionfm_jax.data.sources.registry import eval_source_spec

@@ -16,8 +16,8 @@ from __future__ import annotations
 from typing import Callable, Iterable
 
 import jax
-import numpy as np
 from jax.experimental import multihost_utils
+import numpy as np
 
 KS = (1, 5, 10)
 CHUNK = 1024  # query rows scored at once: CHUNK x candidates float64 (200 MB for COCO's 25k captions)

@@ -12,8 +12,9 @@ from typing import Callable, Iterable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax.data.transforms.dense_transforms import IGNORE
 

@@ -34,7 +34,8 @@ import numpy as np
 from visionfm_jax import data
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.loader.pipeline import first_readable_record
-from visionfm_jax.data.sources import imagenet_variants, registry as sources
+from visionfm_jax.data.sources import imagenet_variants
+from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate.classification import TopKEvaluator
 

@@ -37,7 +37,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from visionfm_jax.config_lib import LOGIT_SCALE_INIT
-from visionfm_jax.models import backbone, layers, swinv2, text as text_lib, towers
+from visionfm_jax.models import backbone, layers, swinv2, towers
+from visionfm_jax.models import text as text_lib
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
 MIM_VIEWS = ("separate", "shared")

@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import ml_collections
 
 from visionfm_jax.config_lib import LOGIT_SCALE_INIT
-from visionfm_jax.models import backbone, layers, text as text_lib, towers
+from visionfm_jax.models import backbone, layers, towers
+from visionfm_jax.models import text as text_lib
 from visionfm_jax.models.layers import EMBED
 
 MAX_LOGIT_SCALE = math.log(100.0)

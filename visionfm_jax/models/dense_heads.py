@@ -33,7 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.models import backbone as backbone_lib, layers, towers
+from visionfm_jax.models import backbone as backbone_lib
+from visionfm_jax.models import layers, towers
 from visionfm_jax.models.layers import CLASSES, EMBED
 
 # mmseg / detectron2 initialise convs feeding ReLUs with He normal over the fan-out.

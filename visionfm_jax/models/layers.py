@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 from typing import Any, Callable
 
-import flax.linen as nn
 from flax.core import meta
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 

@@ -59,7 +59,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.models import backbone, kernels, layers
-from visionfm_jax.models.layers import BATCH, EMBED, HEADS, KV, ACT_EMBED
+from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, HEADS, KV
 from visionfm_jax.parallel import sharding
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.

@@ -29,10 +29,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
 from visionfm_jax.models import kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
-
+from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
 
 POOLS = ("eos", "cls")
 # name: (width, depth, heads); the MLP is 4 x width.

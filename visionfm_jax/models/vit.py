@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.models import backbone, kernels, layers
-from visionfm_jax.models.layers import BATCH, EMBED, LENGTH, ACT_EMBED
+from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH
 
 # name: (width, depth, mlp_dim, heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {

@@ -6,8 +6,9 @@ from __future__ import annotations
 import math
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 BATCH_SPEC = P(BATCH_AXES)

@@ -6,8 +6,8 @@ import math
 
 import flax.linen as nn
 import jax
-import numpy as np
 from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from visionfm_jax.parallel.sharding import STRATEGY_SHARDS, grad_specs, shard_shape, tree_specs
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import math
 
 import jax
-import numpy as np
 from jax.sharding import Mesh
+import numpy as np
 
 from visionfm_jax.errors import ConfigError
 

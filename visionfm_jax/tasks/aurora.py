@@ -28,8 +28,8 @@ import numpy as np
 
 from visionfm_jax import data
 from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.evaluate import panels, sums
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.evaluate import panels, sums
 from visionfm_jax.models import clip, generate
 from visionfm_jax.tasks import image_text, losses
 from visionfm_jax.tasks.base import EvalContext, SplitLossTask

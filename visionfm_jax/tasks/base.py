@@ -41,12 +41,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax.sharding import Mesh
+import numpy as np
 
 from visionfm_jax import models, parallel
 from visionfm_jax.data.sources import registry as sources
-from visionfm_jax.data.transforms import device_augment, host as transforms
+from visionfm_jax.data.transforms import device_augment
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
 
 

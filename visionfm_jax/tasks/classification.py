@@ -9,8 +9,8 @@ import numpy as np
 import optax
 
 from visionfm_jax import data
-
-from visionfm_jax.evaluate import classification as classification_eval, panels, probe
+from visionfm_jax.evaluate import classification as classification_eval
+from visionfm_jax.evaluate import panels, probe
 from visionfm_jax.tasks.base import EvalContext, Task
 
 PANEL_EXAMPLES = 8

@@ -32,7 +32,6 @@ from visionfm_jax.models import clip
 from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext, SplitLossTask
 
-
 MIXUP_PARTNER = "mixup_partner"  # the batch field (added by whole_batch) of each example's Mixup partner
 
 

@@ -9,14 +9,15 @@ from __future__ import annotations
 import functools
 from typing import Any, Callable, Iterator, Sequence
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from visionfm_jax import data
 from visionfm_jax.data.sources.registry import eval_source_spec
-from visionfm_jax.data.text import caption_sets, tokenizer as tokenizer_lib
+from visionfm_jax.data.text import caption_sets
+from visionfm_jax.data.text import tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.tasks import losses

@@ -29,12 +29,11 @@ import math
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
 
 from visionfm_jax import parallel
 from visionfm_jax.data.transforms.dense_transforms import IGNORE
-
-
 
 MASKED_LOGIT = -1e9  # an uncaptioned example's logit: exp underflows to 0 against |logits| <= 100
 

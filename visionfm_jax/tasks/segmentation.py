@@ -21,12 +21,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.tasks import losses
 from visionfm_jax.data.loader import dense as dense_data
 from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator
 from visionfm_jax.models import segmenter
+from visionfm_jax.tasks import losses
 from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
 KIND = "segmentation"

@@ -44,18 +44,20 @@ import tempfile
 import time
 from typing import Sequence
 
+from absl import flags
 import grain
 import jax
+from ml_collections import config_flags
 import numpy as np
 import PIL
-from absl import flags
-from ml_collections import config_flags
 from PIL import Image
 
 from visionfm_jax import config_lib
 from visionfm_jax.data.loader import pipeline
-from visionfm_jax.data.sources import records, registry as sources, wds
-from visionfm_jax.data.transforms import device_augment, host as transforms
+from visionfm_jax.data.sources import records, wds
+from visionfm_jax.data.sources import registry as sources
+from visionfm_jax.data.transforms import device_augment
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
 

@@ -20,10 +20,10 @@ looked for in.
 from __future__ import annotations
 
 import io
+from pathlib import Path
 import re
 import sys
 import tarfile
-from pathlib import Path
 from typing import Iterator, Sequence
 
 from absl import flags

@@ -17,15 +17,14 @@ import os
 import sys
 from typing import Sequence
 
-import numpy as np
 from absl import flags
+import numpy as np
 
 from visionfm_jax import tasks
-
-from visionfm_jax.models import generate
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
+from visionfm_jax.models import generate
 from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 

@@ -24,8 +24,8 @@ import ml_collections
 from visionfm_jax import config_lib, convert, models, tasks
 from visionfm_jax.convert import hf_clip, hf_files
 from visionfm_jax.errors import CheckpointError, UserError
-from visionfm_jax.training import checkpoint
 from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.training import checkpoint
 
 CLIP_TASKS = ("contrastive", "aurora")
 TOKENIZER = "tokenizer.json"

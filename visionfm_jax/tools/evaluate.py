@@ -27,11 +27,12 @@ import os
 import sys
 from typing import Sequence
 
-import jax
-import numpy as np
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
+import numpy as np
 
 from visionfm_jax import atomic, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError

@@ -29,18 +29,17 @@ import shutil
 import sys
 from typing import Any, Sequence
 
+from absl import flags
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from absl import flags
 
 from visionfm_jax import convert, data, models, tasks
-
-from visionfm_jax.training import checkpoint
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
 from visionfm_jax.tools import cli, clip_checkpoint
 from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.training import checkpoint
 
 LAYOUTS = ("a training workdir (config.json + checkpoints/<step>) or a tools.import_hf directory (params/ + "
            "model.json)")

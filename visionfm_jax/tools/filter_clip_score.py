@@ -52,12 +52,13 @@ import sys
 import time
 from typing import Callable, Sequence
 
-import jax
-import jax.numpy as jnp
-import numpy as np
 from absl import flags
+import jax
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+import numpy as np
 
 from visionfm_jax import atomic
 from visionfm_jax.data.loader import pipeline
@@ -65,8 +66,7 @@ from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tools import cli
-from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.tools import cli, clip_checkpoint
 
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
 BINS = 200

@@ -58,8 +58,8 @@ import sys
 import time
 from typing import Iterator, Sequence
 
-import numpy as np
 from absl import flags
+import numpy as np
 
 from visionfm_jax import atomic
 from visionfm_jax.data.sources import wds

@@ -24,11 +24,12 @@ import os
 import sys
 from typing import Sequence
 
-import jax
-import numpy as np
 from absl import flags
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
+import numpy as np
 
 from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
@@ -37,6 +38,7 @@ from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
+
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
   """This tool's flags, on their own FlagValues; `config` (the run's) adds the `--config.<field>` overrides that

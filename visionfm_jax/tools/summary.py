@@ -14,18 +14,18 @@ import math
 import sys
 from typing import Sequence
 
+from absl import flags
 import flax.linen as nn
 import jax
-import numpy as np
-from absl import flags
 from ml_collections import config_flags
+import numpy as np
 
 from visionfm_jax import config_lib, parallel, tasks
-
-from visionfm_jax.training import checks, optim, step as step_lib
-from visionfm_jax.training.dry_run import human_bytes
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cli
+from visionfm_jax.training import checks, optim
+from visionfm_jax.training import step as step_lib
+from visionfm_jax.training.dry_run import human_bytes
 
 ALL_STRATEGIES = config_lib.ZERO_STAGES  # each stage once, not its aliases
 

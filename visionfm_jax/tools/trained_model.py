@@ -36,8 +36,9 @@ import os
 from typing import Any, Callable, Sequence
 
 import jax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from PIL import Image
 
 from visionfm_jax import data, parallel, tasks

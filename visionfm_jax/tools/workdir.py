@@ -11,8 +11,8 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from visionfm_jax.training import checkpoint, ema, plan_record
 from visionfm_jax.errors import CheckpointError, UserError
+from visionfm_jax.training import checkpoint, ema, plan_record
 
 
 def _listify(value: Any) -> Any:

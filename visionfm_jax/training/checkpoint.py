@@ -35,19 +35,18 @@ import os
 import re
 from typing import Any, Callable, Collection, Sequence
 
-import grain
-import jax
-import numpy as np
-import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
+import grain
+import jax
 from jax.experimental import multihost_utils
+import numpy as np
+import orbax.checkpoint as ocp
 
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.training import checkpoint_digests as digests
 from visionfm_jax.training.infra import faults, workdir
 from visionfm_jax.training.param_rules import ParamRules, path_str
-
 
 _CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
 _HEALTH_ITEM, _HEALTH_FILE = "health", "health.json"  # <step>/health/health.json: its rollbacks (training/health.py)

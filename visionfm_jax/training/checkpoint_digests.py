@@ -27,11 +27,11 @@ import os
 import re
 from typing import Any, Callable
 
+from etils import epath
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 import xxhash
-from etils import epath
 
 from visionfm_jax.errors import CheckpointError
 

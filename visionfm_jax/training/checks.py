@@ -8,8 +8,8 @@ Python (`train.run`) has its plan call `validate`."""
 from __future__ import annotations
 
 from visionfm_jax import config_lib
-from visionfm_jax.errors import ConfigError
 from visionfm_jax.data.loader import checks as data_checks
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel import checks as parallel_checks
 from visionfm_jax.training import optim
 from visionfm_jax.training.infra import trackers

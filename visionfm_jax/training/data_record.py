@@ -14,8 +14,8 @@ from __future__ import annotations
 import json
 import os
 
-import jax
 from absl import logging
+import jax
 
 from visionfm_jax import atomic, config_lib
 from visionfm_jax.data.loader import identity as identity_lib

@@ -25,10 +25,13 @@ import jax
 import numpy as np
 
 from visionfm_jax import parallel, tasks
-from visionfm_jax.data.loader import mixture as mixture_lib, open_files
+from visionfm_jax.data.loader import mixture as mixture_lib
+from visionfm_jax.data.loader import open_files
 from visionfm_jax.errors import CheckpointError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.training import checkpoint, checks, optim, plan as plan_lib, step as step_lib
+from visionfm_jax.training import checkpoint, checks, optim
+from visionfm_jax.training import plan as plan_lib
+from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.infra import workdir as workdir_lib
 
 

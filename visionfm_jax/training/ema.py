@@ -19,9 +19,9 @@ to add it to a long run. A resume with ema_decay 0 from a checkpoint with an EMA
 
 from __future__ import annotations
 
+from absl import logging
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 # The name of the EMA's subtree in a checkpoint's `state` item (the TrainState field).
 SUBTREE = "ema_params"

@@ -40,14 +40,14 @@ import os
 import shlex
 from typing import Collection
 
+from absl import logging
 import flax.struct
 import jax
+from jax.experimental import multihost_utils
 import jax.numpy as jnp
 import jaxlib
 import ml_collections
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
 from visionfm_jax.data.loader import skipping
 from visionfm_jax.errors import UserError

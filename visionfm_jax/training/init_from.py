@@ -29,12 +29,12 @@ import os
 import re
 from typing import Any, Sequence
 
-import numpy as np
 from absl import logging
+import numpy as np
 
 from visionfm_jax import tasks
-from visionfm_jax.training import checkpoint, ema, plan_record
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.training import checkpoint, ema, plan_record
 from visionfm_jax.training.param_rules import ParamRules, named_leaves
 
 # Checkpoint params a fine-tuned model may lack: a classification head, SimMIM's mask token.

@@ -8,10 +8,10 @@ steps in a row it doubles.
 
 from __future__ import annotations
 
+from absl import logging
 import flax.struct
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 
 class DynamicScale(flax.struct.PyTreeNode):

@@ -23,8 +23,8 @@ from __future__ import annotations
 import json
 import os
 
-import ml_collections
 from absl import logging
+import ml_collections
 
 from visionfm_jax import atomic, config_lib
 from visionfm_jax.errors import ConfigError

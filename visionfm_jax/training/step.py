@@ -9,11 +9,13 @@ from typing import Callable
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 import optax
-from jax.sharding import NamedSharding, PartitionSpec as P
 
 from visionfm_jax import parallel, tasks
-from visionfm_jax.training import grads as grads_lib, guards, health, optim, precision
+from visionfm_jax.training import grads as grads_lib
+from visionfm_jax.training import guards, health, optim, precision
 from visionfm_jax.training.state import TrainState
 
 

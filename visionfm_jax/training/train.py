@@ -15,19 +15,33 @@ import math
 import os
 import time
 
+from absl import logging
 import flax.linen as nn
 import jax
+from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
-from absl import logging
-from jax.experimental import multihost_utils
 
 from visionfm_jax import atomic, parallel, tasks
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.training import checkpoint, checks, data_record, ema, flops, health, init_from, optim
-from visionfm_jax.training import plan as plan_lib, precision, prefetch, resume, step as step_lib
-from visionfm_jax.training.infra import compile_cache, console, faults, metrics, workdir as workdir_lib
+from visionfm_jax.training import (
+  checkpoint,
+  checks,
+  data_record,
+  ema,
+  flops,
+  health,
+  init_from,
+  optim,
+  precision,
+  prefetch,
+  resume,
+)
+from visionfm_jax.training import plan as plan_lib
+from visionfm_jax.training import step as step_lib
+from visionfm_jax.training.infra import compile_cache, console, faults, metrics
+from visionfm_jax.training.infra import workdir as workdir_lib
 from visionfm_jax.training.state import TrainState
 
 

@@ -10,6 +10,7 @@ caught per record by its checksums (the `arrayrecord:` reader counts such record
 
 from __future__ import annotations
 
+
 def of_mixture(mixture) -> dict:
   """{'entries': [{'what', 'weight', **the source's identity}]} of a data/loader/mixture.py Mixture."""
   return {"entries": [{"what": entry.field, "weight": float(entry.weight), **_of_source(entry.source)}

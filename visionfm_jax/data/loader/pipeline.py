@@ -21,11 +21,11 @@ from absl import flags, logging
 import grain
 import numpy as np
 
-from visionfm_jax.data.loader import identity, mixture as mixture_lib, open_files, reaping, skipping
+from visionfm_jax.data.loader import identity, open_files, reaping, skipping
+from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
-
 
 # config.data.num_workers=-1 takes one worker per CPU beyond the trainer's, up to this many: past it a node's share
 # of the step rarely needs more, and each worker holds its own copy of the source's index and buffers.

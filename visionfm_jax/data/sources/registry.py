@@ -35,8 +35,8 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from pathlib import Path
+import re
 
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.embedded.scenes import ScenesSource

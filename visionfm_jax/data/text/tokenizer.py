@@ -12,8 +12,8 @@ from __future__ import annotations
 import io
 import math
 import os
-import random
 from pathlib import Path
+import random
 from typing import Iterable, Sequence
 
 import numpy as np

@@ -95,9 +95,9 @@ from __future__ import annotations
 
 import collections
 import json
+from pathlib import Path
 import sys
 import time
-from pathlib import Path
 from typing import Sequence
 
 from absl import flags

@@ -25,8 +25,8 @@ import contextlib
 import os
 from typing import Iterator
 
-import jax
 from absl import logging
+import jax
 from jax._src import compilation_cache as jax_cache_internals  # the seam: the factory of JAX's file cache
 from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import xxhash

@@ -26,10 +26,10 @@ import sys
 import threading
 import time
 
-import jax
-import numpy as np
 from absl import logging
+import jax
 from jax.experimental import multihost_utils
+import numpy as np
 
 HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the job may succeed if requeued
 

@@ -9,14 +9,15 @@ import json
 import os
 import re
 
+from absl import logging
 import jax
 import numpy as np
-from absl import logging
 from PIL import Image
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import WorkdirError
-from visionfm_jax.training.infra import trackers, workdir as workdir_lib
+from visionfm_jax.training.infra import trackers
+from visionfm_jax.training.infra import workdir as workdir_lib
 
 
 class MetricWriter:

@@ -24,8 +24,8 @@ import os
 import socket
 import time
 
-import jax
 from absl import logging
+import jax
 
 from visionfm_jax.errors import WorkdirError
 from visionfm_jax.training.infra import faults
