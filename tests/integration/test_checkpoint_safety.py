@@ -102,6 +102,7 @@ def killed_mid_save(tmp_path_factory):
   """A checkpoint directory as `save_then_die` leaves it (read-only: copy it to change it)."""
   directory = tmp_path_factory.mktemp("killed") / "checkpoints"
   env = cpu_env(8)
+  env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])  # its conftest
   proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(directory)], cwd=ROOT, env=env,
                         capture_output=True, text=True, timeout=300)
   assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
