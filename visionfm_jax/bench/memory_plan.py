@@ -344,7 +344,7 @@ def plan(config, devices: int, target: str = "") -> dict:
   from visionfm_jax.training import step as step_lib
 
   compiled, task, mesh = compile_step(config, devices, target)
-  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)
+  tx, _ = optim.fresh_optimizer(config, task.model)
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = dict(mesh.shape)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy)

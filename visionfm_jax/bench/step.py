@@ -28,8 +28,7 @@ class JaxStep:
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
-    lr_schedule = optim.schedule(config.optim, config.total_steps)
-    tx = optim.make_optimizer(config.optim, lr_schedule, self.task.model)
+    tx, lr_schedule = optim.fresh_optimizer(config, self.task.model)
     init_fn = step_lib.make_init_fn(self.task, tx, config)
     local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
                                             np.random.default_rng(config.seed + jax.process_index()))

@@ -56,7 +56,7 @@ def summarize(config, devices: int, strategy: str) -> dict:
   strategy when it is 'all' (then there is no `state_bytes_per_device`)."""
   config_lib.check_domains(config)  # the --config.* overrides
   task = tasks.build(config)
-  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps), task.model)
+  tx, _ = optim.fresh_optimizer(config, task.model)
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   params = nn.unbox(abstract_boxed.params)
   modules = params_by_module(params)

@@ -174,6 +174,13 @@ def zero_frozen_grads_fn(freeze: tuple[str, ...]):
 
 # ---------------------------------------------------------------------------------------- the optimizer
 
+def fresh_optimizer(config, model=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """(optimizer, its schedule) of a run from step 0, without a resume anchor: what the benchmarks, plans and
+  summaries compile (a training run takes its schedule from its run plan)."""
+  lr_schedule = schedule(config.optim, config.total_steps)
+  return make_optimizer(config.optim, lr_schedule, model), lr_schedule
+
+
 def make_optimizer(optim_cfg, lr_schedule: optax.Schedule, model=None) -> optax.GradientTransformation:
   """clip -> AdamW (masked weight decay) -> `lr_schedule` (`schedule`'s); with fine-tuning rules: clip -> Adam ->
   weight decay (frozen params: zero instead, via optax.partition) -> per-param multipliers -> `lr_schedule`.

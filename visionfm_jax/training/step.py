@@ -86,8 +86,7 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   """The train step of `run` lowered and compiled from shapes only (no state is allocated), for a global `batch`
   of arrays or ShapeDtypeStructs: `.as_text()` is the partitioned HLO, `.memory_analysis()` its buffer sizes."""
   task = task or tasks.build(config, mesh)
-  lr_schedule = optim.schedule(config.optim, config.total_steps)
-  tx = optim.make_optimizer(config.optim, lr_schedule, task.model)
+  tx, lr_schedule = optim.fresh_optimizer(config, task.model)
   init_fn = make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
