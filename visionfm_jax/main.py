@@ -22,8 +22,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from visionfm_jax import cli
 from visionfm_jax.errors import UserError, WorkdirError
-from visionfm_jax.tools import cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard events.")

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax import config_lib, models, parallel, tasks
+from visionfm_jax import config_lib, models, parallel, param_rules, tasks
 from visionfm_jax.bench import hlo_cost
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError
@@ -16,7 +16,6 @@ from visionfm_jax.evaluate import panels
 from visionfm_jax.tasks import aurora, image_text
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import summary
-from visionfm_jax.training import param_rules
 
 from conftest import random_params, tiny_aurora_config
 import test_train_step

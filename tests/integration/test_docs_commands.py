@@ -190,10 +190,10 @@ PUBLISHED_CLIP_CONFIG = "configs/swinv2_g_clip.py:vit"
 
 
 def check_tool_flags(module: str, args: list[str], checkpoint_configs: dict | None = None) -> list[str]:
-  """The tool's own parse (`make_flags` + `tools.cli.parse`): flag names, values, the config and its overrides.
+  """The tool's own parse (`make_flags` + `cli.parse`): flag names, values, the config and its overrides.
   A tool whose config comes from its --checkpoint gets the config of the command that wrote that workdir."""
+  from visionfm_jax import cli
   from visionfm_jax.errors import UserError
-  from visionfm_jax.tools import cli
   if _is_package(module):
     module += ".__main__"
   tool = importlib.import_module(module)

@@ -15,7 +15,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import parallel, param_rules, tasks
 from visionfm_jax.data.sources import imagenet_variants
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.transforms import host as transforms
@@ -23,7 +23,7 @@ from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.training import checkpoint, param_rules
+from visionfm_jax.training import checkpoint
 
 from conftest import tiny_clip_config
 

@@ -10,10 +10,10 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from visionfm_jax import config_lib, models, parallel, tasks
+from visionfm_jax import config_lib, models, parallel, param_rules, tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import segmenter, swinv2, vit
-from visionfm_jax.training import optim, param_rules
+from visionfm_jax.training import optim
 from visionfm_jax.training import step as step_lib
 
 from conftest import override, tiny_vit_config
@@ -91,7 +91,7 @@ def test_backbone_under_a_prefix_and_rules_first_match_wins():
     optim.lr_multipliers(_optim(lr_mults=(("decoder", 2.0),)), shapes)
   with pytest.raises(ConfigError, match="layer_decay needs a model with one ViT or SwinV2 backbone; a CLIP"):
     optim.layer_ids(models.build(config_lib.model_config("clip"), jnp.float32, "cpu"), ["image/blocks/k", "text/blocks/k"])
-  for decay in (0.0, 1.5):  # one rule, config_lib's DOMAINS: (0, 1]
+  for decay in (0.0, 1.5):  # one rule, its row's domain in config_lib: (0, 1]
     with pytest.raises(ConfigError, match=rf"config.optim.layer_decay={decay}: must be a number in \(0, 1\]"):
       config_lib.check(tiny_vit_config(**{"optim.layer_decay": decay}))
 

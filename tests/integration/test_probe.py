@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import scipy.optimize
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import parallel, param_rules, tasks
 from visionfm_jax.errors import DataError
 from visionfm_jax.evaluate import probe
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import probe as probe_tool
-from visionfm_jax.training import checkpoint, param_rules
+from visionfm_jax.training import checkpoint
 
 from conftest import tiny_vit_config
 
@@ -188,7 +188,7 @@ def test_probe_tool_on_a_workdir(tmp_path, capsys, monkeypatch):
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.nope=1"]) == 2
   assert "nope" in capsys.readouterr().err
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.knn_k=0"]) == 2
-  assert "error: config.probe.knn_k=0: must be an integer >= 1" in capsys.readouterr().err  # config_lib.DOMAINS
+  assert "error: config.probe.knn_k=0: must be an integer >= 1" in capsys.readouterr().err  # its row's domain
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path / 'missing'}"]) == 2
   assert "no such directory" in capsys.readouterr().err
 

@@ -1,4 +1,4 @@
-"""tools.bench_input on a tiny synthetic set: the report's last line is JSON with positive figures; bad input
+"""bench.input on a tiny synthetic set: the report's last line is JSON with positive figures; bad input
 exits with status 2 and one error line."""
 
 import json
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from visionfm_jax.tools import bench_input
+from visionfm_jax.bench import input as bench_input
 
 CONFIG = "--config=configs/vit_huge.py:demo"  # 32 px
 TINY = ["--synthetic=16", "--synthetic_size=64x48", "--images=16", "--batch_size=8", "--workers=0"]
@@ -46,4 +46,4 @@ def test_bad_input_exits_2(capsys, tmp_path, monkeypatch):
     assert bench_input.main(["bench_input", *args]) == 2, args
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err, err
-  assert "config.data.augment.randaugment_magnitude=31: must be a number in [0, 30]" in err  # config_lib.DOMAINS
+  assert "config.data.augment.randaugment_magnitude=31: must be a number in [0, 30]" in err  # its row's domain

@@ -20,14 +20,15 @@ PACKAGE = ROOT / "visionfm_jax"
 
 LAYERS = (
     ("main", "bench"),  # entry points: the training CLI, the benchmarks and planners
-    ("tools",),  # the small CLIs (main and bench share tools.cli)
-    ("convert",),  # Hugging Face weights to and from the models, for tools and bench (reuses the loop's param paths)
+    ("tools",),  # the small CLIs
+    ("convert",),  # Hugging Face weights to and from the models, for tools and bench (over models and the leaves)
     ("training",),  # the one loop: checkpoints, optimiser, init_from
     ("tasks",),  # what differs per objective: model, loss, loaders, evaluators
     ("evaluate", "detection"),  # metrics and detection's matching and losses, over models and data
     ("models", "data"),  # the networks; the input pipeline
     ("parallel",),  # mesh, sharding rules, distributed start-up
-    ("config_lib", "token_ids", "atomic"),  # leaves but for errors
+    ("cli",),  # the shared main of main, bench and tools: help, flag parsing, one `error:` line (over config_lib)
+    ("config_lib", "token_ids", "atomic", "param_rules"),  # leaves but for errors (param_rules: over param paths)
     ("errors", "__init__"),
 )
 

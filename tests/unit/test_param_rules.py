@@ -11,8 +11,8 @@ import pytest
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
+from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
 from visionfm_jax.training import checkpoint, init_from, optim
-from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
 
 from conftest import override
 

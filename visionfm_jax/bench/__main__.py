@@ -51,13 +51,12 @@ import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
-from visionfm_jax import models
+from visionfm_jax import cli, models
 from visionfm_jax.bench import primitives
 from visionfm_jax.bench import profile as profile_lib
 from visionfm_jax.bench import step as step_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import kernels
-from visionfm_jax.tools import cli
 from visionfm_jax.training import checks, flops
 
 

@@ -33,8 +33,8 @@ from absl import flags
 import jax
 import numpy as np
 
+from visionfm_jax import cli
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cli
 from visionfm_jax.training import checkpoint, checkpoint_digests
 
 WIDTH, MLP, PATCH_INPUTS, TOKENS = 1280, 5120, 14 * 14 * 3, 257  # ViT-H/14 at 224 px

@@ -59,10 +59,9 @@ import sys
 from absl import flags, logging
 from ml_collections import config_flags
 
-from visionfm_jax import config_lib
+from visionfm_jax import cli, config_lib
 from visionfm_jax.bench import gpu_target, hlo_cost, pricing
 from visionfm_jax.errors import ConfigError, UserError
-from visionfm_jax.tools import cli
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
 GIB = 2 ** 30

@@ -28,8 +28,8 @@ import time
 from absl import flags
 import numpy as np
 
+from visionfm_jax import cli
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cli
 
 DEFAULT_GEMMS = "1576x384x1152,1576x384x1536,1576x1536x384,1576x384x384"
 DEFAULT_REDUCTIONS = "8x16x3x196x196:2"

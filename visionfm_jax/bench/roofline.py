@@ -44,11 +44,10 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from visionfm_jax import config_lib
+from visionfm_jax import cli, config_lib
 from visionfm_jax.bench import gpu_target, hlo_cost, memory_plan
 from visionfm_jax.bench.pricing import CALIBRATION, Priced, Prices, load_prices, predict
 from visionfm_jax.errors import ConfigError, UserError
-from visionfm_jax.tools import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 MEASURED = os.path.join(HERE, "gpu_targets", "measured.json")

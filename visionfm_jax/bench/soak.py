@@ -75,12 +75,12 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
+from visionfm_jax import cli
 from visionfm_jax.bench.proc_probe import Probe, Sample
 from visionfm_jax.bench.synthetic_shards import PRESETS, Preset, prepare_sources, scaled
 from visionfm_jax.bench.trends import MIN_JUDGED, Findings, assess
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.errors import ConfigError, UserError
-from visionfm_jax.tools import cli
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(os.path.dirname(HERE))

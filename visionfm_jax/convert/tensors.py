@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.training.param_rules import path_str
+from visionfm_jax.param_rules import path_str
 
 
 def show(names: list[str], limit: int = 10) -> str:

@@ -28,8 +28,8 @@ from typing import Iterator, Sequence
 
 from absl import flags
 
+from visionfm_jax import cli
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cli
 
 NAMES = ("imagenet2012",)
 TRAIN_TAR = "ILSVRC2012_img_train.tar"

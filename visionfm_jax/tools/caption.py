@@ -20,12 +20,11 @@ from typing import Sequence
 from absl import flags
 import numpy as np
 
-from visionfm_jax import tasks
+from visionfm_jax import cli, tasks
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.models import generate
-from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
 SHAPES_PREFIX = "shapes:"

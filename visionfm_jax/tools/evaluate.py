@@ -34,11 +34,11 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
-from visionfm_jax import atomic, config_lib, parallel, tasks
+from visionfm_jax import atomic, cli, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.tools import cli, clip_checkpoint
+from visionfm_jax.tools import clip_checkpoint
 
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:

@@ -34,10 +34,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax import convert, data, models, tasks
+from visionfm_jax import cli, convert, data, models, tasks
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
-from visionfm_jax.tools import cli, clip_checkpoint
+from visionfm_jax.tools import clip_checkpoint
 from visionfm_jax.tools import workdir as workdir_lib
 from visionfm_jax.training import checkpoint
 

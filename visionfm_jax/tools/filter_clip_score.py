@@ -60,13 +60,13 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from visionfm_jax import atomic
+from visionfm_jax import atomic, cli
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tools import cli, clip_checkpoint
+from visionfm_jax.tools import clip_checkpoint
 
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
 BINS = 200

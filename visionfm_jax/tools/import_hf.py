@@ -20,11 +20,11 @@ from typing import Any, Sequence
 
 from absl import flags, logging
 
-from visionfm_jax import models
+from visionfm_jax import cli, models
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
-from visionfm_jax.tools import cli, clip_checkpoint
+from visionfm_jax.tools import clip_checkpoint
 from visionfm_jax.training import checkpoint
 
 

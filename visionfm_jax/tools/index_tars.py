@@ -61,10 +61,10 @@ from typing import Iterator, Sequence
 from absl import flags
 import numpy as np
 
-from visionfm_jax import atomic
+from visionfm_jax import atomic, cli
 from visionfm_jax.data.sources import wds
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cli, cluster_task
+from visionfm_jax.tools import cluster_task
 
 SELECT_FLAGS = ("max_pwatermark", "max_punsafe", "selection_out", "expect_samples")
 DIGIT_BITS = 16  # bits of the ordered score keys that one histogram pass resolves

@@ -31,12 +31,11 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
-from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax import cli, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
 from visionfm_jax.evaluate import probe
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.tools import cli
 from visionfm_jax.tools import workdir as workdir_lib
 
 

@@ -20,9 +20,8 @@ import jax
 from ml_collections import config_flags
 import numpy as np
 
-from visionfm_jax import config_lib, parallel, tasks
+from visionfm_jax import cli, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cli
 from visionfm_jax.training import checks, optim
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.dry_run import human_bytes

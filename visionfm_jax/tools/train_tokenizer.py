@@ -36,11 +36,11 @@ from absl import flags
 from array_record.python import array_record_module
 import msgpack
 
+from visionfm_jax import cli
 from visionfm_jax.data import limits
 from visionfm_jax.data.sources import wds
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cli
 
 DEFAULT_MAX_SENTENCES = 10_000_000
 DEFAULT_NUM_THREADS = 16

@@ -44,9 +44,9 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from visionfm_jax.errors import CheckpointError
+from visionfm_jax.param_rules import ParamRules, path_str
 from visionfm_jax.training import checkpoint_digests as digests
 from visionfm_jax.training.infra import faults, workdir
-from visionfm_jax.training.param_rules import ParamRules, path_str
 
 _CONFIG_ITEM, _CONFIG_FILE = "config", "config.json"  # <step>/config/config.json: the config it was trained with
 _HEALTH_ITEM, _HEALTH_FILE = "health", "health.json"  # <step>/health/health.json: its rollbacks (training/health.py)

@@ -28,7 +28,7 @@ import optax
 
 from visionfm_jax import tasks
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training.param_rules import ParamRules, named_leaves, path_str
+from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
 
 
 def check_schedule(optim_cfg, total_steps: int) -> None:

@@ -102,10 +102,11 @@ from typing import Sequence
 
 from absl import flags
 
+from visionfm_jax import cli
 from visionfm_jax.data.sources import wds
 from visionfm_jax.data.text import pair_corpora
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cli, cluster_task
+from visionfm_jax.tools import cluster_task
 from visionfm_jax.tools.prepare_data.captioned import PAIR_FORMATS, convert_pairs
 from visionfm_jax.tools.prepare_data.folders import convert_folders
 from visionfm_jax.tools.prepare_data.own_pairs import LISTING_REASONS, OWN_PAIR_FORMATS, convert_own_pairs

@@ -1,6 +1,6 @@
 r"""Input-pipeline benchmark: images/s per CPU core of our host decode + augment path against a bare decode + resize.
 
-  python -m visionfm_jax.tools.bench_input --config=configs/vit_huge.py[:variant] [--source=arrayrecord:GLOB]
+  python -m visionfm_jax.bench.input --config=configs/vit_huge.py[:variant] [--source=arrayrecord:GLOB]
       [--synthetic=512] [--synthetic_size=500x375] [--images=512] [--workers=0,2] [--batch_size=32]
 
 Without --source it writes --synthetic JPEGs (smooth colour fields + noise, ~ImageNet file sizes) to a temp
@@ -52,14 +52,13 @@ import numpy as np
 import PIL
 from PIL import Image
 
-from visionfm_jax import config_lib
+from visionfm_jax import cli, config_lib
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import records, wds
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.transforms import device_augment
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cli
 
 WARMUP = 16  # images (ops) or batches-worth of images (loader) before the clock starts
 

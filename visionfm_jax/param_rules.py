@@ -17,6 +17,9 @@ A rule a config gives that matches no param is a typo or a wrong prefix: `requir
 naming it, and lr_mults, freeze and init_from_skip ask for that check. no_decay does not: its default serves
 every model family ('cpb_mlp' is SwinV2's; a ViT has none), so a rule of it may legitimately match nothing in
 a given model.
+
+A leaf (jax, flax and errors only): training's optim, init_from and checkpoint apply the rules, and convert names
+params by the same paths (`path_str`).
 """
 
 from __future__ import annotations
