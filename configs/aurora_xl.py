@@ -106,8 +106,6 @@ captioned pairs per step, so the batch grows with the uncaptioned share. Greedy 
 0-7 ('a small yellow crescent', 'a large green diamond', ...) match the true captions exactly for 7 of 8.
 """
 
-import ml_collections
-
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
@@ -117,8 +115,7 @@ def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
   if set(parts) - {"demo"}:
     raise ConfigError(f"configs/aurora_xl.py: unknown variant {arg!r}; known: demo")
-  config = config_lib.base_config("aurora")
-  config.task = "aurora"
+  config = config_lib.base_config("aurora", task="aurora")
 
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
   # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
@@ -132,7 +129,7 @@ def get_config(arg: str | None = None):
   # text encoder: 'XL' (16 layers, width 1024, 16 heads), 77 tokens + CLS, SentencePiece 32k
   set_fields(config.model.text, variant="XL", vocab_size=32000, max_len=77)
   # loss: 1.0 * SimMIM L1 + 1.0 * contrastive + 2.0 * captioning CE
-  config.loss = ml_collections.ConfigDict(dict(mim_weight=1.0, contrastive_weight=1.0, caption_weight=2.0))
+  set_fields(config.loss, mim_weight=1.0, contrastive_weight=1.0, caption_weight=2.0)
   # data: 1.5B image-text pairs and 0.5B uncaptioned images, sampled 0.75 / 0.25 (data/loader/mixture.py; the
   # uncaptioned ones train MIM only), at 448 px, random crop + horizontal flip; held-out pairs for evaluation;
   # the tokenizer from tools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14
@@ -148,10 +145,9 @@ def get_config(arg: str | None = None):
              eval_split="validation", tokenizer="/data/aurora_pairs/tokenizer_32k.model", image_size=448,
              eval_examples=5000, eval_preprocess="clip")
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)
-  config.data.mim = ml_collections.ConfigDict(dict(mask_patch_size=32, mask_ratio=0.6))
+  set_fields(config.data.mim, mask_patch_size=32, mask_ratio=0.6)
   # evaluation: retrieval on held-out pairs and, the papers' protocol, COCO Karpathy 5k test and Flickr30k 1k
   # test with every caption (docs/data_preparation.md); caption perplexity, MIM loss
-  config.eval = config_lib.eval_config()
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
   set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
@@ -165,10 +161,8 @@ def get_config(arg: str | None = None):
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)
-  # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
-  config.health.enabled = True
-  # checkpoint history: the newest 3 plus one every 20k steps for good (docs/launching.md, "Checkpoint history", for the disk)
-  config.checkpoint_keep_period = 20_000
+  # health guard and a checkpoint kept every 20k steps
+  config_lib.full_scale_run(config)
 
   if "demo" in parts:
     _demo(config)

@@ -93,10 +93,8 @@ def get_config(arg: str | None = None):
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
-  # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
-  config.health.enabled = True
-  # checkpoint history: the newest 3 plus one every 20k steps for good (docs/launching.md, "Checkpoint history", for the disk)
-  config.checkpoint_keep_period = 20_000
+  # health guard and a checkpoint kept every 20k steps
+  config_lib.full_scale_run(config)
 
   if arg == "demo":
     config_lib.cpu_demo(config, image_size=32, total_steps=1800, eval_every=600, warmup_steps=200)

@@ -186,7 +186,8 @@ def test_config_errors_name_the_field():
     tasks.build(tiny_detection_config(**{"model.name": "clip"}))
   config = tiny_detection_config()
   del config.head
-  with pytest.raises(ConfigError, match="config.head: the detection task needs it .*configs/finetune_coco.py"):
+  with pytest.raises(ConfigError, match=r"config.head: the detection task needs it .*config_lib.base_config\(model, "
+                                        r"task='detection'\) has it"):
     tasks.build(config)
   with pytest.raises(ConfigError, match="config.head.top_k=0: must be positive"):
     tasks.build(tiny_detection_config(**{"head.top_k": 0}))

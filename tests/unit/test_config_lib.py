@@ -81,3 +81,59 @@ def test_a_name_outside_its_choices_is_a_domain_error(field, value):
   config = config_lib.set_paths(config_lib.base_config(), {field: value})
   with pytest.raises(ConfigError, match=rf"config.{field}='{value}': must be one of "):
     config_lib.check(config)
+
+
+def test_a_fields_domain_is_its_familys_wherever_the_section_sits():
+  """The same SwinV2 rows at model., model.image. (CLIP) and model.encoder. (Aurora); a ViT tower has its own."""
+  swin, clip, aurora = (config_lib.base_config(name) for name in ("swinv2", "clip", "aurora"))
+  for field in ("window_size", "token_subgrid", "drop_path", "pretrained_window_sizes", "layer_norm_eps"):
+    domain = config_lib.domain_of(swin, f"model.{field}")
+    assert domain is not None
+    assert config_lib.domain_of(clip, f"model.image.{field}") == domain == config_lib.domain_of(
+        aurora, f"model.encoder.{field}")
+  clip.model.image = config_lib.model_config("clip", image_tower="vit").image
+  assert config_lib.domain_of(clip, "model.image.token_drop") == config_lib.RATE
+  assert config_lib.row_at(config_lib.schema_of(clip), "model.image.window_size") is None  # a ViT has no windows
+
+
+@pytest.mark.parametrize("task", sorted(config_lib.TASK_SECTIONS))
+def test_a_task_adds_its_sections_with_their_defaults(task):
+  config = config_lib.base_config("vit", task=task)
+  assert config.task == task
+  for path, rows in config_lib.TASK_SECTIONS[task].items():
+    node = config
+    for key in path.split("."):
+      node = node[key]
+    assert node == config_lib.defaults(rows)
+  config_lib.check(config)
+
+
+def test_a_head_field_outside_its_domain_is_named_and_the_head_follows_the_task():
+  config = config_lib.set_paths(config_lib.base_config("vit", task="detection"), {"head.focal_alpha": 1.5})
+  with pytest.raises(ConfigError, match=r"config.head.focal_alpha=1.5: must be a number in \[0, 1\]"):
+    config_lib.check(config)
+  assert config_lib.domain_of(config_lib.base_config("vit", task="segmentation"), "head.dropout") == config_lib.RATE
+  with pytest.raises(ConfigError, match="'classification' has no head"):
+    config_lib.head_config("classification")
+
+
+def test_every_row_says_what_its_field_means():
+  def rows_of(rows, prefix=""):
+    for key, row in rows.items():
+      yield from rows_of(row, f"{prefix}{key}.") if isinstance(row, dict) else [(prefix + key, row)]
+  for model, tower, task in [("vit", "swinv2", "detection"), ("swinv2", "swinv2", "segmentation"),
+                             ("clip", "vit", "contrastive"), ("clip", "swinv2", "contrastive"),
+                             ("aurora", "swinv2", "aurora")]:
+    rows = config_lib.config_rows(config_lib.model_rows(model, image_tower=tower), task)
+    assert [path for path, row in rows_of(rows) if not row.doc] == [], (model, tower, task)
+
+
+def test_finetune_backbone_puts_a_headless_backbone_at_the_crop_under_backbone():
+  config = config_lib.base_config("vit", task="segmentation")
+  config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/b", variant="B", image_size=512, drop_path=0.3,
+                               window_size=16)
+  assert (config.model.name, config.model.variant, config.model.num_classes, config.model.window_size) == (
+      "swinv2", "B", 0, 16)
+  assert config.model.image_size == config.data.image_size == 512 and config.model.drop_path == 0.3
+  assert (config.init_from, config.init_from_prefix, config.model.remat_policy) == (
+      "/ckpt/b", "backbone", "nothing_saveable")

@@ -286,7 +286,7 @@ def test_bad_configs():
   with pytest.raises(ConfigError, match="kind"):
     dense.make_dense_train_loader(data_config(), "panoptic", batch_size=2, seed=0, process_index=0, process_count=1)
   config = config_lib.base_config()
-  config.data.seg_scale_range = (2.0, 1.0)  # config_lib.check's ORDERED_PAIRS check (main runs it before any loader)
+  config.data.seg_scale_range = (2.0, 1.0)  # config_lib.check's ordered-pair check (main runs it before any loader)
   with pytest.raises(ConfigError, match=r"config.data.seg_scale_range=\(2.0, 1.0\): expected \(low, high\)"):
     config_lib.check_domains(config)
   with pytest.raises(ConfigError, match=r"config.data.mixture \(1 entries\): segmentation trains on one source"):

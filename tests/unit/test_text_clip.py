@@ -279,8 +279,8 @@ def test_config_errors_name_the_field(field, value, match):
 
 
 def test_sizes_are_checked_by_their_domains_and_the_pool_by_the_tower():
-  """A size out of its domain is validate's error (config_lib.DOMAINS), not the builder's; an unknown pool is the
-  tower's own error, when it is made (a config or not)."""
+  """A size out of its domain (its row's, config_lib) is validate's error, not the builder's; an unknown pool is
+  the tower's own error, when it is made (a config or not)."""
   config = config_lib.base_config("clip")
   config.model.embed_dim = 0
   with pytest.raises(ConfigError, match=r"config.model.embed_dim=0: must be an integer >= 1"):

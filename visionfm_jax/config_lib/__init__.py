@@ -1,31 +1,38 @@
-"""The config: its sections and defaults (schema.py), the CPU demo helper (demo.py), loading a config file
-(loading.py), the fields' domains (domains.py) and what a resume may change (resume_rules.py). Callers use the
-names below, from this package.
+"""The config: its schema, one row per field with its default, domain and doc (rows.py; the sections in schema.py,
+the model families in model_schema.py, what a task adds in task_schema.py), the domains (domains.py), the checks
+of a config alone (checks.py), what a resume may change (resume_rules.py), loading a config file (loading.py) and
+the lines recipes share (recipes.py; the CPU demo and small data sets: demo.py). Callers use the names below, from
+this package.
 
-Configs are `ml_collections.ConfigDict`s. Every field with a domain (a numeric range, or a set of names) has it in
-one table, `DOMAINS`, which `check` checks. The package is data: it imports nothing of visionfm_jax but its
-errors. The checks between fields live with their owners (data/loader/checks.py, parallel/checks.py,
-training/optim.py), and training/checks.py `validate` runs them all.
+Configs are `ml_collections.ConfigDict`s. A field's domain (a numeric range, or a set of names) sits on its row,
+found by the config's own model family and task, and `check` checks it. The package is data: it imports nothing of
+visionfm_jax but its errors. The checks between fields live with their owners (data/loader/checks.py,
+parallel/checks.py, training/optim.py), and training/checks.py `validate` runs them all.
 """
 
+from visionfm_jax.config_lib.checks import check, check_domains, domain_of
 from visionfm_jax.config_lib.demo import DEMO_DATA, cpu_demo, small_data
 from visionfm_jax.config_lib.domains import (
                                              ALL_OR_COUNT,
                                              COUNT,
-                                             DOMAINS,
                                              FRACTION,
                                              NON_NEGATIVE,
                                              NON_NEGATIVE_INT,
-                                             ORDERED_PAIRS,
+                                             OPEN_FRACTION,
                                              POSITIVE,
                                              RATE,
                                              Choices,
                                              Domain,
-                                             check,
-                                             check_domains,
-                                             rule_of,
 )
 from visionfm_jax.config_lib.loading import check_override, load
+from visionfm_jax.config_lib.model_schema import (
+                                             LOGIT_SCALE_INIT,
+                                             REMAT_POLICIES,
+                                             TOWER_HEADLESS,
+                                             TOWER_SHARED_FIELDS,
+                                             model_rows,
+)
+from visionfm_jax.config_lib.recipes import finetune_backbone, full_scale_run
 from visionfm_jax.config_lib.resume_rules import (
                                              FREE,
                                              OPT_IN,
@@ -35,22 +42,21 @@ from visionfm_jax.config_lib.resume_rules import (
                                              resume_changes,
                                              resume_kind,
 )
+from visionfm_jax.config_lib.rows import Field, defaults, row_at
 from visionfm_jax.config_lib.schema import (
                                              COMPUTE_DTYPES,
-                                             LOGIT_SCALE_INIT,
                                              RANDAUGMENT_MAX_MAGNITUDE,
-                                             REMAT_POLICIES,
                                              STRATEGIES,
                                              STRATEGY_ALIASES,
-                                             TOWER_HEADLESS,
-                                             TOWER_SHARED_FIELDS,
                                              TRACKERS,
                                              ZERO_STAGES,
                                              augment_config,
                                              base_config,
+                                             config_rows,
                                              data_config,
                                              eval_config,
                                              fields,
+                                             head_config,
                                              health_config,
                                              init_from_fields,
                                              loop_fields,
@@ -62,7 +68,9 @@ from visionfm_jax.config_lib.schema import (
                                              report_to,
                                              resume_config,
                                              run_fields,
+                                             schema_of,
                                              set_fields,
                                              set_paths,
                                              tracking_fields,
 )
+from visionfm_jax.config_lib.task_schema import TASK_SECTIONS

@@ -42,13 +42,10 @@ from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.models import detector
 from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
-HEAD_FIELDS = ("num_classes", "levels", "neck_channels", "head_channels", "num_convs", "prior_prob", "class_weight",
-               "l1_weight", "giou_weight", "focal_alpha", "focal_gamma", "top_k")
-
 
 def check_config(config) -> None:
   """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
-  check_dense_config(config, "detection", HEAD_FIELDS, "configs/finetune_coco.py")
+  check_dense_config(config, "detection")
   if config.head.top_k < 1:
     raise ConfigError(f"config.head.top_k={config.head.top_k}: must be positive")
 

@@ -30,13 +30,11 @@ from visionfm_jax.tasks import losses
 from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
 KIND = "segmentation"
-HEAD_FIELDS = ("num_classes", "neck_channels", "head_channels", "ppm_scales", "neck_strides", "dropout",
-               "eval_window", "eval_stride")
 
 
 def check_config(config) -> None:
   """ConfigError for a missing or inconsistent `config.head` / backbone setting."""
-  check_dense_config(config, KIND, HEAD_FIELDS, "configs/finetune_ade20k.py")
+  check_dense_config(config, KIND)
   window = config.head.eval_window or config.model.image_size
   if config.model.name == "vit" and window != config.model.image_size:
     raise ConfigError(f"config.head.eval_window={config.head.eval_window}: a ViT's position embeddings fix its "
