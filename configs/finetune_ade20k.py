@@ -28,8 +28,8 @@ We have not tuned these values or run this recipe at scale; BEiT-L + UPerNet rep
 
 Variant `swinv2`: UPerNet on the four stages of a SwinV2-B (a LayerNorm on each stage output), 512 px crops,
 window 16 (maps 128, 64, 32, 16), the position bias carried over from a 224 px / window-14 classification run
-(configs/swinv2_cls.py:B; pretrained_window_sizes 14, 14, 14, 7, which init_from reads from its config.json and
-plan.json), with Swin's UPerNet recipe: AdamW lr 6e-5, wd 0.01, drop_path 0.3, 1500 warmup steps, 160k steps at batch 16;
+(configs/swinv2_cls.py:B; pretrained_window_sizes 14, 14, 14, 7, which init_from checks against its config.json),
+with Swin's UPerNet recipe: AdamW lr 6e-5, wd 0.01, drop_path 0.3, 1500 warmup steps, 160k steps at batch 16;
 layer decay 0.9 over its 24 blocks (ours).
 Sliding 512 windows at stride 341 on a 512 x 1024 canvas. SwinV2-G (the SwinV2-G-CLIP image tower):
 --config.model.variant=G --config.init_from_subtree=image --config.init_from=<configs/swinv2_g_clip.py workdir>.
@@ -50,49 +50,24 @@ eval/seg/miou 0.316 / 0.528, pixel_acc 0.928 / 0.956, mean_acc 0.438 / 0.663 at 
 2 CPU cores: BENCHMARKS.md, "Time outside the step and trackers (CPU demo)".
 """
 
-import ml_collections
-
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import swinv2
 
 ADE20K_CLASSES = 150
 
 
-def head_config(num_classes: int) -> ml_collections.ConfigDict:
-  """config.head of a segmentation run (tasks/segmentation.py)."""
-  return ml_collections.ConfigDict(dict(
-      num_classes=num_classes,
-      neck_channels=256,  # ViT: the simple feature pyramid's width
-      neck_strides=(4, 8, 16, 32),  # ViT: nominal strides of the pyramid levels
-      head_channels=512,  # UPerNet
-      ppm_scales=(1, 2, 3, 6),  # UPerNet's pyramid-pooling bins
-      dropout=0.1,  # before the per-pixel classifier
-      eval_window=0,  # sliding-window inference: window (0: the training crop) ...
-      eval_stride=341,  # ... and step; a canvas equal to the window is one whole-image pass
-  ))
-
-
 def _vit_h(config):
-  config.model = config_lib.model_config("vit")
-  config.model.variant = "H/14"
-  config.model.num_classes = 0
-  config.model.image_size = 518
-  config.model.drop_path = 0.3
-  config.model.remat_policy = "nothing_saveable"
-  config.data.image_size = 518
+  config_lib.finetune_backbone(config, "vit", init_from="/ckpt/vit_huge", variant="H/14", image_size=518,
+                               drop_path=0.3)
   config.data.seg_eval_width = 1036
 
 
 def _swinv2(config):
-  config.model = config_lib.model_config("swinv2")
-  config.model.variant = "B"
-  config.model.num_classes = 0
-  config.model.image_size = 512
-  config.model.window_size = 16  # maps 128, 64, 32, 16
-  config.model.drop_path = 0.3
-  config.model.remat_policy = "nothing_saveable"
-  config.data.image_size = 512
+  config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=512,
+                               drop_path=0.3, window_size=16)  # maps 128, 64, 32, 16
+  config.model.pretrained_window_sizes = swinv2.pretrained_windows(224, 14)  # the 224 px run's: (14, 14, 14, 7)
   config.data.seg_eval_width = 1024
 
 
@@ -101,26 +76,21 @@ def _demo(config):
   config.model.variant = "mu/4"
   config.data.seg_eval_width = 0
   config.data.seg_scale_range = (0.75, 1.5)
-  config.head = head_config(9)
-  config.head.neck_channels = 64
-  config.head.neck_strides = (2, 4, 8, 16)  # from the stride-4 tokens: 16 x 16 down to 2 x 2
-  config.head.head_channels = 64
-  config.head.dropout = 0.0
+  config.head = config_lib.head_config("segmentation")
+  # 9 classes; a small neck and head from the stride-4 tokens: 16 x 16 down to 2 x 2
+  set_fields(config.head, num_classes=9, neck_channels=64, neck_strides=(2, 4, 8, 16), head_channels=64, dropout=0.0)
 
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "swinv2", "demo"):
     raise ConfigError(f"configs/finetune_ade20k.py: unknown variant {arg!r}; known: swinv2, demo")
-  config = config_lib.base_config("vit")
-  config.task = "segmentation"
+  config = config_lib.base_config("vit", task="segmentation")
   _swinv2(config) if arg == "swinv2" else _vit_h(config)
 
   # data: ADEChallengeData2016, short side to crop * U(0.5, 2.0), random crop, flip; all 2000 validation images
   set_fields(config.data, source="ade20k:/data/ADEChallengeData2016", train_split="train",
              eval_split="validation", seg_scale_range=(0.5, 2.0), eval_examples=-1)
   config.data.augment.flip = True
-  # backbone: a workdir of configs/vit_huge.py (or a tools.import_hf directory), under 'backbone'
-  set_fields(config, init_from="/ckpt/vit_huge", init_from_prefix="backbone")
   # optimiser: AdamW b1 0.9 b2 0.999, lr 1e-4, wd 0.05, layer decay 0.9, 1500 warmup steps, cosine to 0, clip 1.0
   set_fields(config.optim, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.9, warmup_steps=1500,
              end_lr=0.0, clip_norm=1.0)
@@ -129,12 +99,12 @@ def get_config(arg: str | None = None):
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=16_000, checkpoint_every=4_000)
-  # neck, head: UPerNet, 150 classes; sliding windows at 2/3 of the 518 window, as mmseg's 341 of 512
-  config.head = head_config(ADE20K_CLASSES)
-  config.head.eval_stride = 345
+  # neck, head: a simple feature pyramid of 256 channels, UPerNet of 512 (pooling 1, 2, 3, 6), dropout 0.1, 150
+  # classes; sliding windows at 2/3 of the 518 window, as mmseg's 341 of 512
+  set_fields(config.head, num_classes=ADE20K_CLASSES, neck_channels=256, neck_strides=(4, 8, 16, 32),
+             head_channels=512, ppm_scales=(1, 2, 3, 6), dropout=0.1, eval_stride=345)
 
   if arg == "swinv2":
-    config.init_from = "/ckpt/swinv2_b_224"
     set_fields(config.optim, lr=6e-5, weight_decay=0.01)
     config.head.eval_stride = 341
   if arg == "demo":

@@ -25,10 +25,10 @@ pretraining) reports about 60 box AP; we have not run this recipe and expect les
 
 Variant `swinv2`: the same detector on a SwinV2-B FPN over the stages of strides 8, 16, 32 (LayerNorm on each
 stage output), 1024 px, window 16 with the position bias carried over from a 224 px / window-14
-classification run (configs/swinv2_cls.py:B; `pretrained_window_sizes` 14, 14, 14, 7, which init_from reads
-from its config.json and plan.json), drop_path 0.5, layer decay 0.9 over its 24 blocks; the rest as above. Another size:
---config.model.variant=L; or G from the SwinV2-G CLIP run's image tower (--config.init_from_subtree=image;
-init_from takes that tower's pretrained windows).
+classification run (configs/swinv2_cls.py:B; `pretrained_window_sizes` 14, 14, 14, 7, which init_from checks
+against its config.json), drop_path 0.5, layer decay 0.9 over its 24 blocks; the rest as above. Another size:
+--config.model.variant=L; or G from the SwinV2-G CLIP run's image tower (--config.init_from_subtree=image; its
+224 px windows are the same).
 
   python -m visionfm_jax.main --config=configs/finetune_coco.py:swinv2 --workdir=/ckpt/coco_swinv2 \
       --config.data.source=coco:/data/coco --config.init_from=/ckpt/swinv2_b_224
@@ -47,67 +47,35 @@ random classes and scores: map 0.0007, ap50 0.004. Its time on 2 CPU cores: BENC
 step and trackers (CPU demo)".
 """
 
-import ml_collections
-
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import swinv2
 
 COCO_CLASSES = 80
 
 
-def head_config(num_classes: int) -> ml_collections.ConfigDict:
-  """config.head of a detection run (tasks/detection.py)."""
-  return ml_collections.ConfigDict(dict(
-      num_classes=num_classes,
-      levels=(8, 16, 32),  # nominal strides of the predicting pyramid levels
-      neck_channels=256,
-      head_channels=256,
-      num_convs=2,  # 3x3 conv + LayerNorm + ReLU blocks in the shared head tower
-      prior_prob=0.01,  # initial sigmoid score of every class (RetinaNet's focal-loss prior)
-      class_weight=2.0,  # matching cost and loss weights (OneNet)
-      l1_weight=5.0,
-      giou_weight=2.0,
-      focal_alpha=0.25,
-      focal_gamma=2.0,
-      top_k=100,  # detections per image at evaluation (COCO's maxDets)
-  ))
-
-
 def _vit_h(config):
-  config.model = config_lib.model_config("vit")
-  config.model.variant = "H/14"
-  config.model.num_classes = 0
-  config.model.image_size = 1008
-  config.model.drop_path = 0.5
-  config.model.remat_policy = "nothing_saveable"
-  config.data.image_size = 1008
+  config_lib.finetune_backbone(config, "vit", init_from="/ckpt/vit_huge", variant="H/14", image_size=1008,
+                               drop_path=0.5)
 
 
 def _swinv2(config):
-  config.model = config_lib.model_config("swinv2")
-  config.model.variant = "B"
-  config.model.num_classes = 0
-  config.model.image_size = 1024
-  config.model.window_size = 16  # maps 256, 128, 64, 32
-  config.model.drop_path = 0.5
-  config.model.remat_policy = "nothing_saveable"
-  config.data.image_size = 1024
+  config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=1024,
+                               drop_path=0.5, window_size=16)  # maps 256, 128, 64, 32
+  config.model.pretrained_window_sizes = swinv2.pretrained_windows(224, 14)  # the 224 px run's: (14, 14, 14, 7)
 
 
 def get_config(arg: str | None = None):
   if arg not in (None, "", "swinv2", "demo"):
     raise ConfigError(f"configs/finetune_coco.py: unknown variant {arg!r}; known: swinv2, demo")
-  config = config_lib.base_config("vit")
-  config.task = "detection"
+  config = config_lib.base_config("vit", task="detection")
   _swinv2(config) if arg == "swinv2" else _vit_h(config)
 
   # data: COCO train2017 / val2017, ViTDet's large-scale jitter (long side to size * U(0.1, 2.0)), flip
   set_fields(config.data, source="coco:/data/coco", train_split="train", eval_split="validation",
              det_scale_range=(0.1, 2.0), max_boxes=100, eval_examples=-1)
   config.data.augment.flip = True
-  # backbone: a workdir of configs/vit_huge.py (or a tools.import_hf directory), under 'backbone'
-  set_fields(config, init_from="/ckpt/vit_huge", init_from_prefix="backbone")
   # optimiser: AdamW b1 0.9 b2 0.999, lr 1e-4, wd 0.1, layer decay 0.9, 250 warmup steps, cosine to 0, clip 1.0
   set_fields(config.optim, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.1, layer_decay=0.9, warmup_steps=250,
              end_lr=0.0, clip_norm=1.0)
@@ -116,17 +84,16 @@ def get_config(arg: str | None = None):
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
-  # neck, head: 80 classes; matching cost = loss weights
-  head = head_config(COCO_CLASSES)
-  if arg == "swinv2":
-    config.init_from = "/ckpt/swinv2_b_224"
+  # neck, head: 80 classes, levels at strides 8, 16, 32 of 256 channels, a 2-conv tower from the focal-loss prior;
+  # matching cost = loss weights (OneNet: focal x 2 with alpha 0.25, gamma 2; L1 x 5; GIoU x 2); 100 kept per image
+  set_fields(config.head, num_classes=COCO_CLASSES, levels=(8, 16, 32), neck_channels=256, head_channels=256,
+             num_convs=2, prior_prob=0.01, class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25,
+             focal_gamma=2.0, top_k=100)
 
   if arg == "demo":
     config_lib.cpu_demo(config, source="scenes", image_size=64, total_steps=1200, eval_every=400)
     config.model.variant = "mu/8"
     config.data.det_scale_range = (0.75, 1.25)
     config.data.max_boxes = 8
-    head = head_config(8)
-    head.neck_channels = head.head_channels = 64
-  config.head = head
+    set_fields(config.head, num_classes=8, neck_channels=64, head_channels=64)
   return config

@@ -8,7 +8,7 @@ The argument after ':' is a comma-separated list: a size (T, S, B, L, H, G; defa
   | `<size>,640`   | resolution transfer: 640 px, window 40, initialised from a 224/window-14 run                |
   |                | (`--config.init_from=<workdir or tools.import_hf dir>`); every weight carries over and the  |
   |                | position bias is recomputed for the new windows through pretrained_window_sizes             |
-  |                | (14,14,14,7), which init_from reads from the checkpoint's model fields;                     |
+  |                | (14,14,14,7), which init_from checks against the checkpoint's model fields;                 |
   |                | 30 epochs, lr 2e-5, wd 1e-8, 5 warmup epochs                                                |
   | `<size>,in21k` | ImageNet-21K pretraining at 224 px, window 14, 21,841 classes: what                         |
   |                | `configs/finetune_ade20k.py:swinv2` starts from; see "ImageNet-21K" below                   |
@@ -98,6 +98,10 @@ def get_config(arg: str | None = None):
     _imagenet21k(config)
 
   if "640" in parts:
+    # the position bias normalised as in the 224 px / window 14 run: (14, 14, 14, 7)
+    stages = len(swinv2.parse_variant(size)["depths"])
+    config.model.pretrained_window_sizes = swinv2.pretrained_windows(config.model.image_size, config.model.window_size,
+                                                                     stages)
     config.model.image_size = 640
     config.data.image_size = 640
     config.model.window_size = 40
@@ -112,6 +116,7 @@ def get_config(arg: str | None = None):
     config.model.num_classes = 8
     config.model.window_size = 4  # maps 8, 4, 2: windows (4, shift 2), then one unshifted window per stage
     config.model.scan = False  # three 2-block stages: unrolled runs faster on CPU
+    config.model.pretrained_window_sizes = ()  # `640,demo` stays at the demo's size and windows
   return config
 
 

@@ -97,7 +97,7 @@ trains on every 2nd patch along each axis of each image, from a random phase of 
 3/4 of the tokens dropped; models/swinv2.py): the tower sees a smaller whole map, with the full map's windows holding
 a quarter of their tokens and the position bias at the kept tokens' true offsets, and evaluation sees whole images.
 `swin_mask_tune` is its unmasked tuning stage, as `flip_tune`. Measured on the demo it falls far short of the
-unmasked run at the same steps, tuning included (BENCHMARKS.md, "Tried and dropped"), so no recipe uses it:
+unmasked run at the same steps, tuning included (docs/tried_and_dropped.md), so no recipe uses it:
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,swin_mask --workdir=/tmp/swin_mask
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,swin_mask_tune --workdir=/tmp/swin_mask_tune \
@@ -109,12 +109,15 @@ the fp16 loss scale at 2^16. The stage is a new run with another resolution, bat
 the 224 px run's moments track that run's gradients (224 px, 32,768 pairs) at the end of its decay to 0, and the
 loss scale must find its level for 640 px activations afresh; the 1,000 warmup steps let the new moments settle
 before the peak rate. Every weight carries over; the position bias is recomputed through pretrained_window_sizes
-(14, 14, 14, 7), which init_from reads from that workdir's config.json and plan.json.
+(14, 14, 14, 7), the 224 px run's windows, which the variant states and init_from checks against that workdir's
+config.json (a run from a 224 px run of other windows is refused, naming the value to set).
 
   | setting          | value                                                   | source                               |
   | ---------------- | ------------------------------------------------------- | ------------------------------------ |
   | resolution       | 640 px                                                  | paper                                |
   | window           | 40 (maps 160, 80, 40, 20)                               | ours: the SwinV2 paper's at 640 px   |
+  | position bias    | offsets normalised by the 224 px run's windows (14, 14, | ours: the SwinV2 paper's transfer    |
+  |                  | 14, 7): pretrained_window_sizes                         |                                      |
   | batch            | 8,192 pairs                                             | ours: the paper states none          |
   | learning rate    | peak 5e-5, 1,000 warmup steps, cosine to 0              | ours: the paper states none          |
   | schedule         | 20,000 steps (164M pairs, 14% of one pass)              | ours: the paper states none          |
@@ -138,7 +141,8 @@ Expected: `eval/zeroshot/top1` >= 0.5 on the 8 shape classes (chance 0.125) and 
 (`eval/retrieval/i2t_r1`, ...) at the end, in under 10 minutes on 2 CPU cores: zero-shot top-1 0.324 / 0.678 /
 0.765 at steps 400 / 800 / 1200, top-5 0.995; retrieval over 1000 pairs i2t R@1/5/10 0.092 / 0.449 / 0.807 (the
 short captions repeat: ~10 eval pairs share each caption, so R@1 cannot exceed ~0.1). The demo's `ft640` doubles
-the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale.
+the resolution (32 -> 64 px, window 4 -> 8), as 224 -> 640 does at full scale, with the demo's windows (4, 4, 2)
+as pretrained_window_sizes.
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,siglip --workdir=/tmp/siglip_demo
 
@@ -160,6 +164,7 @@ import math
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import swinv2
 
 FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
 
@@ -176,8 +181,7 @@ def get_config(arg: str | None = None):
   if {"swin_mask", "swin_mask_tune"} & set(parts) and "vit" in parts:
     raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: swin_mask and swin_mask_tune mask the SwinV2 image tower "
                       "(model.image.token_subgrid); a ViT tower's form is flip")
-  config = config_lib.base_config("clip")
-  config.task = "contrastive"
+  config = config_lib.base_config("clip", task="contrastive")
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
   # remat keeping the weight matmuls' outputs, and 2 micro-batches of 16,384 (the loss still spans all 32,768):
@@ -195,13 +199,10 @@ def get_config(arg: str | None = None):
              eval_examples=5000, eval_preprocess="clip")
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=False, randaugment_ops=2,
              randaugment_magnitude=9, mixup_alpha=0.8)
-  # evaluation: ImageNet zero-shot top-1, retrieval on held-out pairs and on the papers' benchmarks
-  config.eval = config_lib.eval_config(
-      zeroshot_classes="imagenet",  # evaluate.zeroshot.class_names_and_templates: 1000 names x 80 templates
-      zeroshot_source="tfds:imagenet2012",  # labelled images for zero-shot top-1; '' = the eval source
-      zeroshot_split="validation",  # of zeroshot_source, or of the eval source; '' = config.data.eval_split
-      zeroshot_examples=-1,  # -1: the whole split (ImageNet's 50,000, the protocol of the paper's 78.4%)
-  )
+  # evaluation: ImageNet zero-shot top-1 on the whole validation split (1000 names x 80 templates), retrieval on
+  # held-out pairs and on the papers' benchmarks
+  set_fields(config.eval, zeroshot_classes="imagenet", zeroshot_source="tfds:imagenet2012",
+             zeroshot_split="validation", zeroshot_examples=-1)
   # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (docs/data_preparation.md)
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand (docs/data_preparation.md, "Zero-shot
@@ -215,10 +216,8 @@ def get_config(arg: str | None = None):
   set_fields(config, global_batch_size=32768, grad_accum_steps=2, strategy="zero3", total_steps=366_000)
   # cadence
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
-  # health: skip loss / gradient-norm spikes (6 std over 128 steps) and roll back past bad data (training/health.py)
-  config.health.enabled = True
-  # checkpoint history: the newest 3 plus one every 20k steps for good (docs/launching.md, "Checkpoint history", for the disk)
-  config.checkpoint_keep_period = 20_000
+  # health guard and a checkpoint kept every 20k steps
+  config_lib.full_scale_run(config)
 
   if "vit" in parts:
     # a ViT image tower (B/16 unless overridden): what tools.import_hf's flags for a published CLIP start from
@@ -293,8 +292,18 @@ def _flip_tune(config, demo: bool):
     set_fields(config.optim, lr=5e-4, warmup_steps=20)
 
 
+def _trained_windows(config) -> tuple[int, ...]:
+  """The per-stage windows of the SwinV2 image tower as configured so far: those of the run ft640 starts from."""
+  image = config.model.image
+  stages = len(swinv2.parse_variant(image.variant)["depths"])
+  return swinv2.pretrained_windows(config.model.image_size, image.window_size, stages, image.patch_size)
+
+
 def _ft640(config, demo: bool):
   image = config.model.image
+  if image.name == "swinv2":
+    # the position bias normalised as in the 224 px run: (14, 14, 14, 7); the demo's 32 px run: (4, 4, 2)
+    image.pretrained_window_sizes = _trained_windows(config)
   if demo:
     config.model.image_size = config.data.image_size = 64
     image.window_size = 8

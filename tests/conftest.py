@@ -115,7 +115,9 @@ def tiny_clip_config(*variant, **overrides):
   config.model.image_size = config.data.image_size = image
   config.model.image.variant = "pico"
   config.model.image.patch_size = 2
-  config.model.image.window_size = 8 if "ft640" in variant else 4  # ft640 takes its pretrained windows from init_from
+  config.model.image.window_size = 8 if "ft640" in variant else 4
+  if "ft640" in variant:
+    config.model.image.pretrained_window_sizes = (4, 4)  # the windows of the 16 px run it starts from
   config.model.text.variant = "pico"
   config.model.embed_dim = 32
   config.global_batch_size = 16

@@ -108,11 +108,9 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   panel = np.asarray(Image.open(tmp_path / "high" / "panels" / "step_1.png"))
   assert panel.shape[0] >= (1 + image_text.PANEL_CAPTIONS) * panels.TILE
   assert panel.shape[1] >= image_text.PANEL_IMAGES * panels.TILE
-  # The image tower normalises its position bias by the windows of the run it starts from, read from its config:
-  # the run plan holds them; config.json is the config as given.
-  derived = json.loads((tmp_path / "high" / "plan.json").read_text())["derived"]
-  assert derived == {"model.image.pretrained_window_sizes": [4, 4]}
-  assert json.loads((tmp_path / "high" / "config.json").read_text())["model"]["image"]["pretrained_window_sizes"] == []
+  # The image tower normalises its position bias by the windows of the run it starts from, as its config states.
+  written = json.loads((tmp_path / "high" / "config.json").read_text())
+  assert written["model"]["image"]["pretrained_window_sizes"] == [4, 4]
   # At lr 0 (the first warmup step) the new run's params are the old run's, all of them.
   abstract = jax.eval_shape(lambda: nn.unbox(tasks.build(high).init_variables(jax.random.key(0))["params"]))
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -121,7 +119,7 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   chex.assert_trees_all_equal(params, checkpoint.load_params(str(tmp_path / "high"), target))
   # Its evaluation (after that step: of those params) at 32 px; the counts are the sets' own (zero-shot: -1,
   # every example of its 40, not data.eval_examples).
-  # rebuilt as the tools rebuild a workdir's model: its config.json with what its run derived (plan.json)
+  # rebuilt as the tools rebuild a workdir's model: from its config.json
   trained = workdir_lib.load_config(str(tmp_path / "high"), (high.task,), "a CLIP model")
   assert tuple(trained.model.image.pretrained_window_sizes) == (4, 4)
   want = _eval_metrics_by_numpy(trained, params)

@@ -155,7 +155,7 @@ def test_shapes_that_cannot_be_resized_name_the_param_and_both_shapes(pretrained
     init_from.load(_config(path, init_from_skip="head["), target, model)
 
 
-def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_checked(tmp_path, monkeypatch):
+def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_checked(tmp_path):
   def shapes(image_size, window):
     model = swinv2.SwinV2(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=window, image_size=image_size,
                           patch_size=2, num_classes=3)
@@ -169,16 +169,18 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
           "pretrained_window_sizes": []}
   (tmp_path / "model.json").write_text(json.dumps(meta))
   config.init_from = str(tmp_path)
-  warnings = []
-  monkeypatch.setattr(init_from.logging, "warning", lambda msg, *args: warnings.append(msg % args))
-  # Left at (), the windows come from the checkpoint; an explicit value stays, with a warning when it differs.
-  assert init_from.derived_model_fields(config) == {"model.pretrained_window_sizes": (4, 4)} and not warnings
-  assert tuple(config.model.pretrained_window_sizes) == ()  # only read: the run plan applies what is derived
-  config.model.pretrained_window_sizes = (4, 4)
-  assert init_from.derived_model_fields(config) == {} and not warnings
+  # The config states the windows the checkpoint trained with; any other value, () included, is an error naming
+  # the flag and the value to set.
+  with pytest.raises(ConfigError, match=r'^config.model.pretrained_window_sizes=\(\) but the init_from checkpoint '
+                                        r'trained with \(4, 4\): set --config.model.pretrained_window_sizes="\(4, 4\)"$'):
+    init_from.check_model_fields(config)
   config.model.pretrained_window_sizes = (8, 8)
-  assert init_from.derived_model_fields(config) == {}
-  assert len(warnings) == 1 and "pretrained_window_sizes='(4, 4)'" in warnings[0]
+  with pytest.raises(ConfigError, match=r"pretrained_window_sizes=\(8, 8\) but"):
+    init_from.check_model_fields(config)
+  config.model.pretrained_window_sizes = (4, 4)
+  init_from.check_model_fields(config)
+  config.model.update(dict(image_size=16, window_size=4, pretrained_window_sizes=()))  # the checkpoint's own windows
+  init_from.check_model_fields(config)
 
   # A CLIP workdir's image tower into a dense model's backbone: the towers take image_size from their parents.
   clip_dir = tmp_path / "clip"
@@ -188,8 +190,7 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   dense = ml_collections.ConfigDict({"name": "segmenter", "image_size": 64, "backbone": {**tower, "window_size": 8}})
   config = ml_collections.ConfigDict(dict(task="segmentation", model=dense, init_from=str(clip_dir),
                                           init_from_subtree="image", init_from_prefix="backbone"))
-  assert init_from.derived_model_fields(config) == {"model.backbone.pretrained_window_sizes": (4, 4)}
-  assert len(warnings) == 1
-  dense.backbone.pretrained_window_sizes = (8, 8)
-  assert init_from.derived_model_fields(config) == {}
-  assert len(warnings) == 2 and "--config.model.backbone.pretrained_window_sizes='(4, 4)'" in warnings[1]
+  with pytest.raises(ConfigError, match=r'set --config.model.backbone.pretrained_window_sizes="\(4, 4\)"'):
+    init_from.check_model_fields(config)
+  dense.backbone.pretrained_window_sizes = (4, 4)
+  init_from.check_model_fields(config)

@@ -21,9 +21,9 @@ from visionfm_jax import config_lib, models, parallel
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
+from visionfm_jax.param_rules import path_str
 from visionfm_jax.tools import summary
 from visionfm_jax.training import checkpoint, init_from, optim, train
-from visionfm_jax.training.param_rules import path_str
 
 from conftest import override, tiny_vit_config
 
@@ -79,12 +79,13 @@ def test_windows_per_stage_match_the_reference_table(tmp_path):
   assert swinv2.stage_windows(448, 14) == [(112, 14, 7), (56, 14, 7), (28, 14, 7), (14, 14, 0)]
   assert swinv2.stage_windows(640, 40) == [(160, 40, 20), (80, 40, 20), (40, 40, 0), (20, 20, 0)]
   assert swinv2.pretrained_windows(224, 14) == (14, 14, 14, 7)
-  # The 640 px config takes its pretrained windows from the 224 px run it is initialised from.
+  # The 640 px config states the windows of the 224 px run it is initialised from, which init_from checks.
   (tmp_path / "config.json").write_text(swinv2_cls.get_config("G").to_json())
   config = override(swinv2_cls.get_config("G,640"), init_from=str(tmp_path))
-  assert config.model.pretrained_window_sizes == ()
-  assert init_from.derived_model_fields(config) == {"model.pretrained_window_sizes": (14, 14, 14, 7)}
-  assert config.model.pretrained_window_sizes == ()  # the config is only read: the run plan applies them
+  assert tuple(config.model.pretrained_window_sizes) == (14, 14, 14, 7)
+  init_from.check_model_fields(config)
+  with pytest.raises(ConfigError, match=r'set --config.model.pretrained_window_sizes="\(14, 14, 14, 7\)"'):
+    init_from.check_model_fields(override(config, **{"model.pretrained_window_sizes": ()}))
 
 
 def test_extra_norm_positions_per_stage_and_global():
@@ -213,7 +214,8 @@ def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_tabl
   whose bias takes the shift mask folded over the windows, through XLA here) equals the one-device result,
   values and gradients, and its position bias's gradient crosses devices as the (heads, (2W-1)^2) table that the
   bias is gathered from, never as a (..., N, N) bias: at 640 px in SwinV2-G the difference between 0.8 MB and
-  up to 1.31 GB per block and micro-batch across 128 GPUs (BENCHMARKS.md, "The recipes on their clusters")."""
+  up to 1.31 GB per block and micro-batch across 128 GPUs (BENCHMARKS.md, "The recipes on their clusters";
+  docs/tried_and_dropped.md, the window-attention bias left to GSPMD)."""
   attention = swinv2.WindowAttention(num_heads=2, window=4, pretrained_window=0, attention=implementation)
   windows = jax.random.normal(jax.random.key(0), (8, 4, 16, 8))
   regions = swinv2.shift_regions(8, 8, 4, 2)

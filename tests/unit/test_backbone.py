@@ -169,14 +169,14 @@ def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
   assert adapted["text/pos_embed"] is pos
 
 
-def test_swinv2_windows_come_from_the_checkpoint_fields():
+def test_a_swinv2_conflicts_with_a_checkpoint_of_other_windows_on_its_pretrained_windows():
   trained = {"name": "swinv2", "variant": "G", "patch_size": 4, "image_size": 224, "window_size": 14,
              "pretrained_window_sizes": ()}
   fine_tuned = {**trained, "image_size": 640, "window_size": 40}
-  assert models.fields_from_checkpoint(fine_tuned, trained) == {"pretrained_window_sizes": (14, 14, 14, 7)}
-  assert models.fields_from_checkpoint({**fine_tuned, "pretrained_window_sizes": (14, 14, 14, 7)}, trained) == {}
-  assert models.fields_from_checkpoint(trained, trained) == {}
-  assert models.fields_from_checkpoint({"name": "vit"}, trained) == {}
+  assert models.checkpoint_conflicts(fine_tuned, trained) == {"pretrained_window_sizes": (14, 14, 14, 7)}
+  assert models.checkpoint_conflicts({**fine_tuned, "pretrained_window_sizes": (14, 14, 14, 7)}, trained) == {}
+  assert models.checkpoint_conflicts(trained, trained) == {}
+  assert models.checkpoint_conflicts({"name": "vit"}, trained) == {}
 
 
 def test_image_tower_is_the_model_or_its_one_backbone_field():

@@ -1,10 +1,11 @@
-"""The run plan: a run checks the user's config once and never writes into it; what it derives (model fields an
-init_from checkpoint implies, the schedule's anchor after a resume that changed its length) lives in the plan,
-written as plan.json beside config.json, which holds what the command line asked."""
+"""The run plan: a run checks the user's config once and never writes into it; what it derives (the schedule's
+anchor after a resume that changed its length, the mesh) lives in the plan, written as plan.json beside
+config.json, which holds what the command line asked and alone rebuilds the model."""
 
 import copy
 import json
 
+from configs import swinv2_cls
 from visionfm_jax import config_lib
 from visionfm_jax.tools import workdir as workdir_lib
 from visionfm_jax.training import checkpoint, init_from, plan, train
@@ -57,28 +58,28 @@ def test_config_json_is_the_command_line_and_the_resume_anchor_is_in_plan_json(t
   assert saved["total_steps"] == 6 and checkpoint.saved_schedule_anchor(str(workdir / "checkpoints"), 6)["step"] == 4
 
 
-def test_fields_init_from_implies_go_to_the_plan_not_the_config(tmp_path):
-  """A SwinV2 started from a checkpoint of smaller windows normalises its position bias by them: the plan's
-  config carries them (and the checkpoint it writes), the user's keeps its ()."""
-  meta = {"name": "swinv2", "depths": [2, 2], "patch": 2, "image_size": 16, "window_size": 4,
-          "pretrained_window_sizes": []}
-  (tmp_path / "model.json").write_text(json.dumps(meta))
-  config = config_lib.base_config("swinv2")
-  config.model.update(dict(variant="pico", patch_size=2, image_size=32, window_size=8))
-  config.init_from = str(tmp_path)
-  asked = config.to_json_best_effort()
-  made = plan.make(config, str(tmp_path / "checkpoints"), num_devices=1, num_processes=1)
-  assert made.derived == {"model.pretrained_window_sizes": (4, 4)}
-  assert tuple(made.trains_with.model.pretrained_window_sizes) == (4, 4)
-  assert made.trained_config()["model"]["pretrained_window_sizes"] == [4, 4]
-  assert made.anchor is None and made.resume_changes == ()
-  assert config.to_json_best_effort() == asked
-  # What rebuilds the run's model from its workdir reads the plan too: a later init_from, and the tools.
-  workdir = tmp_path / "run"
-  workdir.mkdir()
-  (workdir / "config.json").write_text(config.to_json_best_effort())
-  assert init_from.source_model_fields(str(workdir))["pretrained_window_sizes"] == []
-  made.write(str(workdir))
-  assert init_from.source_model_fields(str(workdir))["pretrained_window_sizes"] == [4, 4]
-  loaded = workdir_lib.load_config(str(workdir), (config.task,), "a SwinV2")
-  assert tuple(loaded.model.pretrained_window_sizes) == (4, 4)
+def test_init_from_a_checkpoint_of_other_windows_is_one_error_line_naming_the_flag(tmp_path, monkeypatch, capsys):
+  """The SwinV2 demo at twice its size from a checkpoint of the demo's windows (a tools.import_hf model.json): left
+  at (), its pretrained windows are refused before anything is built, naming the flag and the value; stated, the
+  plan's config is the config as given, and config.json alone rebuilds the model as trained."""
+  (tmp_path / "w4").mkdir()
+  (tmp_path / "w4" / "model.json").write_text(json.dumps(
+      {"name": "swinv2", "depths": [2, 2, 2], "patch": 4, "image_size": 32, "window_size": 4}))
+  args = ["--config=configs/swinv2_cls.py:demo", "--config.model.image_size=64", "--config.data.image_size=64",
+          "--config.model.window_size=8", f"--config.init_from={tmp_path / 'w4'}", f"--workdir={tmp_path / 'run'}"]
+  status, _, err = run_main_in_process(args, monkeypatch, capsys)
+  assert status == 2 and err.strip().splitlines()[-1] == (
+      "error: config.model.pretrained_window_sizes=() but the init_from checkpoint trained with (4, 4, 2): "
+      'set --config.model.pretrained_window_sizes="(4, 4, 2)"'), err[-4000:]
+
+  config = config_lib.set_paths(swinv2_cls.get_config("demo"), {
+      "model.image_size": 64, "model.window_size": 8, "init_from": str(tmp_path / "w4"),
+      "model.pretrained_window_sizes": (4, 4, 2)})
+  made = plan.make(config, str(tmp_path / "run" / "checkpoints"), num_devices=1, num_processes=1)
+  assert made.config is config and made.trained_config()["model"]["pretrained_window_sizes"] == [4, 4, 2]
+  assert set(made.as_json()) == {"schedule_anchor", "resume_changes", "mesh", "devices", "processes"}
+  (tmp_path / "run").mkdir(exist_ok=True)
+  (tmp_path / "run" / "config.json").write_text(config.to_json_best_effort())
+  assert init_from.source_model_fields(str(tmp_path / "run"))["pretrained_window_sizes"] == [4, 4, 2]
+  loaded = workdir_lib.load_config(str(tmp_path / "run"), (config.task,), "a SwinV2")
+  assert tuple(loaded.model.pretrained_window_sizes) == (4, 4, 2)

@@ -2,8 +2,8 @@
 tasks, converters and tools ask of a model through it: the model of `config.model` (`build`), a model's registry
 name (`name_of`) and family (`family_of`), its training FLOPs, layer ids, checkpoint adaptation, description,
 checkpoint fields and converter (backbone.py's contract), the backbone a tools.import_hf model.json describes
-(`from_checkpoint_fields`), and the config fields a model takes from the checkpoint it starts from
-(`fields_from_checkpoint`)."""
+(`from_checkpoint_fields`), and the config fields on which a model and the checkpoint it starts from disagree
+(`checkpoint_conflicts`)."""
 
 import copy
 from typing import Any
@@ -115,9 +115,9 @@ def for_platform(model_cfg, platform: str, dtype):
   return resolved
 
 
-def fields_from_checkpoint(model_fields: dict, checkpoint_fields: dict) -> dict:
-  """Fields of a model config (a dict) whose value the checkpoint it is initialised from implies, where that
-  differs from what the config gives: {'pretrained_window_sizes': the windows a SwinV2 checkpoint normalised its
-  position bias by} (swinv2.windows_from_checkpoint); {} for the others (training/init_from.py applies them)."""
-  windows = swinv2.windows_from_checkpoint(model_fields, checkpoint_fields)
-  return {"pretrained_window_sizes": windows} if windows else {}
+def checkpoint_conflicts(model_fields: dict, checkpoint_fields: dict) -> dict[str, Any]:
+  """{field: the value it needs} of a model config (a dict) initialised from a checkpoint described by its config
+  fields, where the two disagree (backbone.py; SwinV2: `pretrained_window_sizes`); {} for a family that names none."""
+  family = next((f for f in FAMILIES.values() if f.name and f.name == model_fields.get("name")), None)
+  conflicts = family.checkpoint_conflicts if family else None
+  return conflicts(model_fields, checkpoint_fields) if conflicts else {}

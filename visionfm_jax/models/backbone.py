@@ -29,8 +29,12 @@ tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `tow
                             for import/export tools: one line about the architecture, the config fields
                             that rebuild it (model.json) and the model they describe, the module under
                             visionfm_jax.convert that writes it for transformers (its `to_hf` and `hf_config`)
+  checkpoint_conflicts(fields, checkpoint_fields)
+                            {field: the value it needs} of a model config (a dict) whose weights come from a
+                            checkpoint described by its own config fields, where the two disagree (SwinV2: the
+                            windows its position bias was trained with); init_from names them in its error
 A family leaves out (None) what it does not answer; the registry then answers None (FLOPs, layer ids,
-description, fields, converter) or the params as given (`adapt_checkpoint`).
+description, fields, converter), the params as given (`adapt_checkpoint`) or no conflict.
 
 Models that hold a backbone answer part of this by asking it (models/towers.py: `family`, `layer_id`,
 `adapt_checkpoint`; `image_tower` below finds it): the dense models (dense_heads.DenseModel) their layer ids and checkpoint
@@ -75,6 +79,7 @@ class Family:
   description: Callable[[Any], str] | None = None
   checkpoint_fields: Callable[[Any], dict[str, Any]] | None = None
   from_checkpoint_fields: Callable[[dict[str, Any]], Any] | None = None
+  checkpoint_conflicts: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
 
 
 def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:

@@ -18,8 +18,8 @@ across the network (`'global'`).
 Resolution transfer: the parameters do not depend on the image or window size (the position bias is an
 MLP over normalised offsets), so a model trained at 224 px / window 14 loads into 640 px / window 40 as is;
 `pretrained_window_sizes` names the windows it was trained with (`pretrained_windows(224, 14)` ->
-(14, 14, 14, 7)) so that offsets are normalised as in training. Left at () in the config, a fine-tuning run
-takes them from the checkpoint's model fields (`windows_from_checkpoint`, applied by training/init_from.py).
+(14, 14, 14, 7)) so that offsets are normalised as in training. A fine-tuning config states them; init_from
+refuses a checkpoint trained with other windows, naming the value to set (`checkpoint_conflicts`).
 
 Masked training (`token_subgrid` = k > 1; FLIP's masked tower, Li et al. 2023, in a form that keeps windows
 whole): in training each image keeps every k-th patch along both axes, from a random phase (dy, dx) of its own,
@@ -178,12 +178,12 @@ def normalising_windows(fields: dict[str, Any]) -> tuple[int, ...] | None:
     return None
 
 
-def windows_from_checkpoint(fields: dict[str, Any], checkpoint: dict[str, Any]) -> tuple[int, ...] | None:
-  """The `pretrained_window_sizes` a SwinV2 configured by `fields` needs to use a checkpoint (described by
-  `checkpoint`) as trained: the windows the checkpoint normalised by, when `fields` normalise by others; None
-  when they agree or either is not a SwinV2."""
+def checkpoint_conflicts(fields: dict[str, Any], checkpoint: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+  """{'pretrained_window_sizes': the windows the checkpoint (described by its config fields `checkpoint`) normalised
+  its position bias by} when the SwinV2 configured by `fields` normalises by others; {} when they agree or either
+  is not a SwinV2."""
   had, has = normalising_windows(checkpoint), normalising_windows(fields)
-  return had if had and has and had != has else None
+  return {"pretrained_window_sizes": had} if had and has and had != has else {}
 
 
 def relative_coords_table(window: int, pretrained_window: int, stride: int = 1) -> np.ndarray:
@@ -652,7 +652,7 @@ def layer_id(model: SwinV2, param_path: str) -> int | np.ndarray:
 
 
 def adapt_checkpoint(model: SwinV2, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`params` as they are: no param depends on the image or window size (see `windows_from_checkpoint`)."""
+  """`params` as they are: no param depends on the image or window size (see `checkpoint_conflicts`)."""
   del model, shapes
   return dict(params)
 
@@ -689,4 +689,4 @@ FAMILY = backbone.Family(
     module=SwinV2, name="swinv2", build=build, hf_converter="hf_swinv2",
     train_flops_per_example=train_flops_per_example, num_layer_ids=num_layer_ids, layer_id=layer_id,
     adapt_checkpoint=adapt_checkpoint, description=description, checkpoint_fields=checkpoint_fields,
-    from_checkpoint_fields=from_checkpoint_fields)
+    from_checkpoint_fields=from_checkpoint_fields, checkpoint_conflicts=checkpoint_conflicts)

@@ -15,7 +15,6 @@ Every task answers (abstract: `loss`, `train_loader`, `evaluators`; the others h
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
   synthetic_batch(size, rng)     -> a random host batch in the train loader's layout (benchmarks, AOT plans)
   normalize(images)              -> uint8 images as the model's evaluation input (evaluate/probe, generate)
-  fields_from_checkpoint(m, c)   -> (class method) model config fields a checkpoint implies (training/init_from)
   couples_examples, splits_loss  whether the loss couples examples, and whether it is split (below)
 
 A loss that couples examples (a contrastive term over the batch) would change with gradient accumulation:
@@ -44,7 +43,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from visionfm_jax import models, parallel
+from visionfm_jax import config_lib, models, parallel
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.transforms import device_augment
 from visionfm_jax.data.transforms import host as transforms
@@ -73,15 +72,17 @@ class EvalContext:
     return parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
 
 
-def check_dense_config(config, kind: str, head_fields: tuple[str, ...], recipe: str) -> None:
-  """ConfigError unless a dense task's config (`kind`: segmentation, detection) has a `config.head` with
-  `head_fields` and at least one class, a ViT or SwinV2 backbone without a classification head, and a model size
-  equal to the training crop (`recipe`: the config file that shows the fields)."""
+def check_dense_config(config, kind: str) -> None:
+  """ConfigError unless a dense task's config (`kind`: segmentation, detection) has a `config.head` with the
+  fields of config_lib.head_config(kind) and at least one class, a ViT or SwinV2 backbone without a classification
+  head, and a model size equal to the training crop."""
+  head_fields = tuple(config_lib.head_config(kind))
+  where = f"config_lib.base_config(model, task={kind!r}) has it, with its defaults"
   if "head" not in config:
-    raise ConfigError(f"config.head: the {kind} task needs it (fields {', '.join(head_fields)}); see {recipe}")
+    raise ConfigError(f"config.head: the {kind} task needs it (fields {', '.join(head_fields)}); {where}")
   missing = [f for f in head_fields if f not in config.head]
   if missing:
-    raise ConfigError(f"config.head lacks {missing}; see {recipe}")
+    raise ConfigError(f"config.head lacks {missing}; {where}")
   if config.model.num_classes:
     raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the backbone of a {kind} model has no "
                       f"classification head; set it to 0 (classes: config.head.num_classes)")
@@ -125,12 +126,6 @@ class Task(abc.ABC):
     """A training batch's uint8 images, colour-jittered and flipped as its per-example parameters say and
     normalised, in `dtype` (the compute dtype by default): the model's training input."""
     return device_augment.augment(batch["image"], batch, self._mean, self._std, dtype or self.dtype)
-
-  @classmethod
-  def fields_from_checkpoint(cls, model_fields: dict, checkpoint_fields: dict) -> dict:
-    """The fields of this task's model config (a dict) that the checkpoint it starts from implies (the model's
-    answer, `models.fields_from_checkpoint`); training/init_from.py applies them before the task is built."""
-    return models.fields_from_checkpoint(model_fields, checkpoint_fields)
 
   @abc.abstractmethod
   def loss(self, params, batch, rng) -> tuple[jax.Array, dict[str, jax.Array]]:

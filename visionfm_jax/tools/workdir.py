@@ -12,7 +12,7 @@ import jax
 import ml_collections
 
 from visionfm_jax.errors import CheckpointError, UserError
-from visionfm_jax.training import checkpoint, ema, plan_record
+from visionfm_jax.training import checkpoint, ema
 
 
 def _listify(value: Any) -> Any:
@@ -25,9 +25,8 @@ def _listify(value: Any) -> Any:
 
 
 def load_config(workdir: str, task_names: Sequence[str], model: str) -> ml_collections.ConfigDict:
-  """The config a training run wrote to `workdir`/config.json, with the fields the run derived (plan.json) as it
-  trained; UserError unless its task is one of `task_names` (`model` names what they train in the message, e.g.
-  'an Aurora model')."""
+  """The config a training run wrote to `workdir`/config.json; UserError unless its task is one of `task_names`
+  (`model` names what they train in the message, e.g. 'an Aurora model')."""
   if not os.path.isdir(workdir):
     raise UserError(f"--checkpoint={workdir}: no such directory")
   path = os.path.join(workdir, "config.json")
@@ -43,7 +42,7 @@ def load_config(workdir: str, task_names: Sequence[str], model: str) -> ml_colle
     task = fields.get("task") if isinstance(fields, dict) else None
     names = " or ".join(repr(n) for n in task_names)
     raise UserError(f"--checkpoint={workdir}: config.task={task!r} is not {model} (task {names})")
-  return ml_collections.ConfigDict(_listify(plan_record.as_trained(fields, workdir)))
+  return ml_collections.ConfigDict(_listify(fields))
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:

@@ -2,8 +2,9 @@
 nothing trained, allocated or written.
 
 The config (validated by main.py) is checked against the planned devices and processes (training/checks.py),
-init_from must exist, and the run plan is made as `train.run` makes it (training/plan.py: the model fields
-init_from implies; the workdir's newest checkpoint must accept this config, training/resume.py); the task is
+init_from must exist, and the run plan is made as `train.run` makes it (training/plan.py: init_from's checkpoint
+must agree with the model fields the config states; the workdir's newest checkpoint must accept this config,
+training/resume.py); the task is
 built and opens its data as a run does at start-up (the training data, every mixture entry, and every
 evaluator's sources: a missing or empty one is a DataError naming it, zero-shot on images without labels or with
 an unreadable class-names file a ConfigError naming the field, as the run would meet them at its first evaluation).
@@ -44,7 +45,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   _check_workdir(workdir)
   run_plan = plan_lib.make(config, checkpoint_dir, num_devices, num_processes)
-  config, mesh = run_plan.trains_with, run_plan.mesh
+  mesh = run_plan.mesh
   start_step = checkpoint.newest_committed_step(checkpoint_dir) or 0
 
   task = tasks.build(config)

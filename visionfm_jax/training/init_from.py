@@ -14,9 +14,10 @@ What changes with the resolution is the model's to say (`adapt_checkpoint`, mode
            (jax.image.resize) to the model's grid. Nothing else depends on the image size.
   SwinV2   no param: the continuous position bias is an MLP over a table of offsets computed from the window
            size (not a param), the shift masks and relative indices are computed too. Offsets are normalised
-           by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with: left at (),
-           the run plan takes them from the checkpoint's model fields (model.json or config.json); an
-           explicit value that differs from them gets a warning.
+           by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with, which the
+           config states (e.g. configs/swinv2_g_clip.py:ft640); the run plan compares them with the windows of
+           the checkpoint's model fields (model.json or config.json, `check_model_fields`) and a mismatch is a
+           ConfigError naming the flag and the value to set.
 The checkpoint's pretraining-only params, its classification `head` and a SimMIM `mask_token`, are dropped when
 the model has no such param. Any other shape mismatch is a ConfigError naming the param and both shapes.
 """
@@ -34,8 +35,8 @@ import numpy as np
 
 from visionfm_jax import tasks
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import checkpoint, ema, plan_record
-from visionfm_jax.training.param_rules import ParamRules, named_leaves
+from visionfm_jax.param_rules import ParamRules, named_leaves
+from visionfm_jax.training import checkpoint, ema
 
 # Checkpoint params a fine-tuned model may lack: a classification head, SimMIM's mask token.
 PRETRAINING_ONLY = ParamRules.of_patterns((r"^head(/|$)", r"^mask_token$"), field="init_from.PRETRAINING_ONLY")
@@ -112,8 +113,7 @@ def load(config, target_params, model):
 # ---------------------------------------------------------------------------- model fields of the checkpoint
 
 def source_model_fields(path: str) -> dict[str, Any] | None:
-  """The checkpoint's model fields: `model.json` (tools.import_hf) or the workdir's config.json `model` with the
-  fields its run derived (plan.json: e.g. the windows of the run it started from in turn)."""
+  """The checkpoint's model fields: `model.json` (tools.import_hf) or the workdir's config.json `model`."""
   path = os.path.expanduser(path)
   for file, key in (("model.json", None), ("config.json", "model"), (os.path.join("..", "config.json"), "model")):
     try:
@@ -121,9 +121,7 @@ def source_model_fields(path: str) -> dict[str, Any] | None:
         fields = json.load(f)
     except (OSError, json.JSONDecodeError):
       continue
-    if not key or not isinstance(fields, dict):
-      return fields
-    return plan_record.as_trained(fields, os.path.dirname(os.path.join(path, file))).get(key)
+    return fields.get(key) if key and isinstance(fields, dict) else fields
   return None
 
 
@@ -150,26 +148,24 @@ def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree
   return [(key, ours, theirs) for key, ours, theirs in pairs if ours is not None and theirs is not None]
 
 
-def derived_model_fields(config) -> dict[str, Any]:
-  """{'model.<field>': value} of the model fields config.init_from's checkpoint implies as the task's class
-  answers for them (`fields_from_checkpoint`: a SwinV2's pretrained windows), for the run plan
-  (training/plan.py) to apply: a field left empty takes the checkpoint's value; an explicit value that differs
-  stays and gets a warning naming the checkpoint's. `config` is only read."""
-  if not config.init_from:
-    return {}
-  source = source_model_fields(config.init_from)
+def check_model_fields(config) -> None:
+  """ConfigError, one line naming each flag and the value to set, when config.model disagrees with the config of
+  config.init_from's checkpoint on a field its model answers for (`tasks.checkpoint_conflicts`: a SwinV2's
+  pretrained windows); nothing for a checkpoint that describes no model."""
+  source = source_model_fields(config.init_from) if config.init_from else None
   if not isinstance(source, dict):
-    return {}
-  task_class = tasks.task_class(config)
-  derived = {}
+    return
+  mismatches = []
   for key, ours, theirs in _paired_fields(config.model.to_dict(), source, config.init_from_subtree,
                                           config.init_from_prefix):
-    for field, value in task_class.fields_from_checkpoint(ours, theirs).items():
-      path = f"model.{key + '.' if key else ''}{field}"
-      if not ours[field]:
-        derived[path] = value
-        logging.info("init_from: config.%s=%s, as the checkpoint was trained", path, value)
-      else:
-        logging.warning("init_from: the checkpoint's %s is %s, this model's %s; set --config.%s='%s' to transfer "
-                        "it as trained", field, value, ours[field], path, value)
-  return derived
+    for field, needed in tasks.checkpoint_conflicts(ours, theirs).items():
+      path = f"config.model.{key + '.' if key else ''}{field}"
+      mismatches.append(f"{path}={_shown(ours.get(field))} but the init_from checkpoint trained with "
+                        f"{_shown(needed)}: set --{path}=\"{_shown(needed)}\"")
+  if mismatches:
+    raise ConfigError("; ".join(mismatches))
+
+
+def _shown(value: Any) -> Any:
+  """A config value as a flag takes it: sequences (JSON lists among them) as tuples."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value

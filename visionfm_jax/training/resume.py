@@ -12,8 +12,8 @@ while the one before it matches the run is named as another run's step folder co
 launch's config is kept as `config.<step>.json` (the step it started from), never overwritten; `config.json` is
 the latest.
 
-A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's
-with the model fields derived from init_from; the schedule's anchor is a record of its own beside it
+A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's;
+the schedule's anchor is a record of its own beside it
 (`checkpoint.saved_schedule_anchor`; a checkpoint saved before it had one holds it as `optim.resumed_at` /
 `resumed_lr` of its config), which the next resume carries on.
 """

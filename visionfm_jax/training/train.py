@@ -51,7 +51,8 @@ class NonFiniteLossError(UserError):
 
 def _write_config(run_plan: plan_lib.RunPlan, workdir, start_step: int) -> None:
   """config.json (the latest launch's config as the user gave it), config.<start_step>.json (this launch's,
-  kept) and plan.json (what the run derived), once the resume check has accepted the config."""
+  kept) and plan.json (the mesh, the schedule's anchor, the accepted changes), once the resume check has accepted
+  the config."""
   if jax.process_index() == 0:
     atomic.write(os.path.join(workdir, "config.json"), run_plan.config.to_json_best_effort(indent=2))
     resume.keep_launch_config(run_plan.config, workdir, start_step)
@@ -79,7 +80,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
 
 
 def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
-  config = run_plan.trains_with
+  config = run_plan.config
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   mesh = parallel.make_mesh(run_plan.mesh)
   logging.info("mesh %s, strategy %s, %d process%s", run_plan.mesh, config.strategy, jax.process_count(),
