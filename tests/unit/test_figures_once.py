@@ -1,16 +1,18 @@
-"""Each measured or predicted figure is said once, in BENCHMARKS.md: README.md, docs/**/*.md and the module
-docstrings of configs/*.py point at its section instead of restating it, so that a re-plan edits one file.
+"""Each measured or predicted figure is said once, in a ledger: BENCHMARKS.md (the current figures, at most 300 lines:
+what a newer run supersedes is git's history), docs/tried_and_dropped.md (the options measured and not adopted) or
+BUILD.md's "Tested" (the test suite's runs). README.md, the other docs/**/*.md and the module docstrings of
+configs/*.py point at a ledger's section instead of restating its figure, so that a re-plan edits one file.
 
 A figure, narrowly (so that no plain number is one):
 - a number with a decimal point or a thousands separator followed by a unit: ms, s, GiB, GB, MiB, MB, TB, img/s
   (images/s), days (day) or %: `8.83 s`, `64.0 GiB`, `1,369 MB`, `37.4 days`; or such a number after `MFU`: `MFU 0.31`;
-- in a BENCHMARKS.md table, such a number in a cell of a column whose header ends in one of those units or is
+- in a ledger's table, such a number in a cell of a column whose header ends in one of those units or is
   `MFU` (`step ms`, `plan GiB`, `predicted days`): `| 838.7 |` under `step ms` is the figure `838.7 ms`.
 Numbers compare by value (`0.310` is `0.31`, `1,369` is `1369`); `images/s` is `img/s`.
 
-Allowed elsewhere: a figure BENCHMARKS.md does not hold (a demo's expected output, the paper's own result), and in
-a recipe docstring the `predicts N days` citation that tests/unit/test_recipes.py requires and checks against
-BENCHMARKS.md's table.
+Allowed elsewhere: a figure no ledger holds (a demo's expected output, the paper's own result), and in a recipe
+docstring the `predicts N days` citation that tests/unit/test_recipes.py requires and checks against BENCHMARKS.md's
+table.
 """
 
 import ast
@@ -20,6 +22,8 @@ import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
+LEDGERS = (BENCHMARKS, ROOT / "docs" / "tried_and_dropped.md", ROOT / "BUILD.md")
+BENCHMARKS_MAX_LINES = 300
 
 UNITS = r"ms|s|GiB|GB|MiB|MB|TB|img/s|images/s|days?|%"
 NUMBER = r"\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+\.\d+"
@@ -66,9 +70,14 @@ def table_figures(text: str) -> set[tuple[str, str]]:
   return found
 
 
-def benchmark_figures() -> set[tuple[str, str]]:
-  text = BENCHMARKS.read_text(encoding="utf-8")
-  return {key for _, key, _ in figures_of(text)} | table_figures(text)
+def ledger_figures() -> dict[tuple[str, str], list[str]]:
+  """{figure: the ledgers that hold it}."""
+  held = {}
+  for ledger in LEDGERS:
+    text = ledger.read_text(encoding="utf-8")
+    for key in {key for _, key, _ in figures_of(text)} | table_figures(text):
+      held.setdefault(key, []).append(ledger.relative_to(ROOT).as_posix())
+  return held
 
 
 def docstring_of(path: pathlib.Path) -> tuple[str, int]:
@@ -81,16 +90,16 @@ def docstring_of(path: pathlib.Path) -> tuple[str, int]:
 
 
 def documents() -> list[tuple[pathlib.Path, str, int, bool]]:
-  """(path, text, first line, is a recipe docstring) for every place that points at BENCHMARKS.md."""
+  """(path, text, first line, is a recipe docstring) for every place that points at a ledger."""
   found = [(path, path.read_text(encoding="utf-8"), 1, False)
-           for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]]
+           for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))] if path not in LEDGERS]
   for path in sorted((ROOT / "configs").glob("*.py")):
     text, line = docstring_of(path)
     found.append((path, text, line, True))
   return found
 
 
-def restatements(held: set[tuple[str, str]]) -> list[str]:
+def restatements(held: dict[tuple[str, str], list[str]]) -> list[str]:
   found = []
   for path, text, first_line, is_config in documents():
     lines = text.splitlines()
@@ -101,14 +110,21 @@ def restatements(held: set[tuple[str, str]]) -> list[str]:
       if is_config and key[1] == "days" and any(m.group(1) == written.split()[0]
                                                for m in RECIPE_DAYS_CITATION.finditer(line)):
         continue
-      found.append(f"{path.relative_to(ROOT)}:{number}: {written}")
+      found.append(f"{path.relative_to(ROOT)}:{number}: {written} (held by {', '.join(held[key])})")
   return found
 
 
-def test_no_figure_of_benchmarks_is_restated():
-  found = restatements(benchmark_figures())
-  assert not found, ("figures BENCHMARKS.md holds, restated (cite its section by heading instead):\n"
+def test_no_figure_of_a_ledger_is_restated():
+  found = restatements(ledger_figures())
+  assert not found, ("figures a ledger holds, restated (cite its section by heading instead):\n"
                      + "\n".join(found))
+
+
+def test_benchmarks_holds_current_figures_only():
+  lines = BENCHMARKS.read_text(encoding="utf-8").splitlines()
+  assert len(lines) <= BENCHMARKS_MAX_LINES, (
+      f"BENCHMARKS.md has {len(lines)} lines, over {BENCHMARKS_MAX_LINES}: drop what a newer figure supersedes (git "
+      "keeps it), and move an option measured and not adopted to docs/tried_and_dropped.md")
 
 
 def test_the_definition_sees_figures_and_only_figures():
