@@ -53,7 +53,6 @@ eval/seg/miou 0.316 / 0.528, pixel_acc 0.928 / 0.956, mean_acc 0.438 / 0.663 at 
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2
 
 ADE20K_CLASSES = 150
 
@@ -67,7 +66,7 @@ def _vit_h(config):
 def _swinv2(config):
   config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=512,
                                drop_path=0.3, window_size=16)  # maps 128, 64, 32, 16
-  config.model.pretrained_window_sizes = swinv2.pretrained_windows(224, 14)  # the 224 px run's: (14, 14, 14, 7)
+  config.model.pretrained_window_sizes = (14, 14, 14, 7)  # the 224 px / window-14 run's (maps 56, 28, 14, 7)
   config.data.seg_eval_width = 1024
 
 

@@ -50,7 +50,6 @@ step and trackers (CPU demo)".
 from visionfm_jax import config_lib
 from visionfm_jax.config_lib import set_fields
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2
 
 COCO_CLASSES = 80
 
@@ -63,7 +62,7 @@ def _vit_h(config):
 def _swinv2(config):
   config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=1024,
                                drop_path=0.5, window_size=16)  # maps 256, 128, 64, 32
-  config.model.pretrained_window_sizes = swinv2.pretrained_windows(224, 14)  # the 224 px run's: (14, 14, 14, 7)
+  config.model.pretrained_window_sizes = (14, 14, 14, 7)  # the 224 px / window-14 run's (maps 56, 28, 14, 7)
 
 
 def get_config(arg: str | None = None):

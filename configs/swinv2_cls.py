@@ -78,7 +78,6 @@ def get_config(arg: str | None = None):
   size = next((p for p in parts if p in swinv2.SIZES), "T")
 
   config = config_lib.base_config("swinv2")
-  config.task = "classification"
 
   # model: SwinV2-<size>, 224 px, window 14, 1000 classes, stochastic depth by size
   set_fields(config.model, variant=size, num_classes=1000, image_size=224, window_size=14,

@@ -300,20 +300,17 @@ def _trained_windows(config) -> tuple[int, ...]:
 
 
 def _ft640(config, demo: bool):
-  image = config.model.image
-  if image.name == "swinv2":
+  if config.model.image.name == "swinv2":
     # the position bias normalised as in the 224 px run: (14, 14, 14, 7); the demo's 32 px run: (4, 4, 2)
-    image.pretrained_window_sizes = _trained_windows(config)
+    set_fields(config.model.image, pretrained_window_sizes=_trained_windows(config), window_size=8 if demo else 40)
   if demo:
     config.model.image_size = config.data.image_size = 64
-    image.window_size = 8
     config.total_steps = 200
     config.optim.lr = 2e-4
     config.optim.warmup_steps = 20
     config.eval_every = config.checkpoint_every = 100
   else:
     config.model.image_size = config.data.image_size = 640
-    image.window_size = 40
     config.global_batch_size = 8192
     # 8 micro-batches of 1024 (8 images per device; the contrastive loss and Mixup still span all 8192,
     # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 53.9 GiB per A100 in the GPU

@@ -74,7 +74,6 @@ from visionfm_jax.errors import ConfigError
 
 def get_config(arg: str | None = None):
   config = config_lib.base_config("vit")
-  config.task = "classification"
 
   # model: ViT-H/14, 224 px, 21,841 classes; remat dots_saveable: bench.memory_plan's pick for 64 x 80 GB (19.4 GiB
   # per device, the fewest FLOPs of those that fit; BENCHMARKS.md, "the planner picks the cheapest setup that fits")

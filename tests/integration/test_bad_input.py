@@ -257,14 +257,11 @@ def test_tools_bad_input_is_one_error_line_naming_the_culprit(name, args, culpri
 
 
 def test_every_config_shipped_is_valid_and_every_field_has_a_row():
-  """The shipped configs and their variants pass validation, and every field of them has its row in the schema of
+  """The shipped configs and their variants pass validation, which refuses a field without its row in the schema of
   the config's family and task (its default, domain and doc): none is defined in a recipe alone."""
   specs = ["vit_huge.py", "vit_huge.py:demo", "swinv2_cls.py", "swinv2_cls.py:demo", "swinv2_g_clip.py",
-           "swinv2_g_clip.py:demo,ft640", "swinv2_g_clip.py:vit,siglip,flip", "swinv2_g_clip.py:demo,vit,flip_tune",
-           "aurora_xl.py", "aurora_xl.py:demo", "finetune_ade20k.py",
+           "swinv2_g_clip.py:demo,ft640", "swinv2_g_clip.py:demo,vit,ft640", "swinv2_g_clip.py:vit,siglip,flip",
+           "swinv2_g_clip.py:demo,vit,flip_tune", "aurora_xl.py", "aurora_xl.py:demo", "finetune_ade20k.py",
            "finetune_ade20k.py:demo", "finetune_coco.py", "finetune_coco.py:swinv2"]
   for spec in specs:
-    config = config_lib.load(os.path.join(ROOT, "configs", spec))
-    checks.validate(config)
-    rows = config_lib.schema_of(config)
-    assert [path for path, _ in config_lib.fields(config) if config_lib.row_at(rows, path) is None] == [], spec
+    checks.validate(config_lib.load(os.path.join(ROOT, "configs", spec)))

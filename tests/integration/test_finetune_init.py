@@ -7,7 +7,6 @@ import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -182,15 +181,15 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   config.model.update(dict(image_size=16, window_size=4, pretrained_window_sizes=()))  # the checkpoint's own windows
   init_from.check_model_fields(config)
 
-  # A CLIP workdir's image tower into a dense model's backbone: the towers take image_size from their parents.
+  # A CLIP workdir's image tower into a dense model's backbone: the tower takes image_size from its parent.
   clip_dir = tmp_path / "clip"
   clip_dir.mkdir()
   tower = {"name": "swinv2", "variant": "pico", "patch_size": 2, "window_size": 4, "pretrained_window_sizes": []}
   (clip_dir / "config.json").write_text(json.dumps({"model": {"name": "clip", "image_size": 16, "image": tower}}))
-  dense = ml_collections.ConfigDict({"name": "segmenter", "image_size": 64, "backbone": {**tower, "window_size": 8}})
-  config = ml_collections.ConfigDict(dict(task="segmentation", model=dense, init_from=str(clip_dir),
-                                          init_from_subtree="image", init_from_prefix="backbone"))
-  with pytest.raises(ConfigError, match=r'set --config.model.backbone.pretrained_window_sizes="\(4, 4\)"'):
+  config = config_lib.base_config("swinv2", task="segmentation")
+  config.model.update(dict(variant="pico", patch_size=2, image_size=64, window_size=8))
+  config_lib.set_fields(config, init_from=str(clip_dir), init_from_subtree="image", init_from_prefix="backbone")
+  with pytest.raises(ConfigError, match=r'set --config.model.pretrained_window_sizes="\(4, 4\)"'):
     init_from.check_model_fields(config)
-  dense.backbone.pretrained_window_sizes = (4, 4)
+  config.model.pretrained_window_sizes = (4, 4)
   init_from.check_model_fields(config)

@@ -6,6 +6,7 @@ import pathlib
 import pytest
 
 from visionfm_jax import config_lib
+from visionfm_jax.config_lib import schema
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checks
 
@@ -16,14 +17,17 @@ DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_cls.py:B,640,demo", "
 
 def test_base_config_is_its_sections():
   config = config_lib.base_config("swinv2")
-  sections = [*config_lib.run_fields(), *config_lib.parallel_fields(), "model", "optim", "precision", "health", "data",
-              *config_lib.init_from_fields(), "probe", *config_lib.loop_fields(), *config_lib.tracking_fields(), "resume"]
+  sections = [*schema.RUN, *schema.PARALLEL, "model", "optim", "precision", "health", "data", *schema.INIT_FROM,
+              "probe", *schema.LOOP, *schema.TRACKING, "resume"]
   assert len(set(sections)) == len(sections) and set(config.keys()) == set(sections)
-  assert config.model.name == "swinv2" and config.data.augment == config_lib.augment_config()
+  assert config.model.name == "swinv2" and config.data.augment == config_lib.defaults(schema.AUGMENT)
+  for section, rows in [("optim", schema.OPTIM), ("precision", schema.PRECISION), ("health", schema.HEALTH),
+                        ("data", schema.DATA), ("probe", schema.PROBE), ("resume", schema.RESUME)]:
+    assert config[section] == config_lib.defaults(rows), section
 
 
 def test_set_fields_sets_known_fields_and_names_an_unknown_one():
-  optim = config_lib.optim_config()
+  optim = config_lib.defaults(schema.OPTIM)
   config_lib.set_fields(optim, lr=2e-4, warmup_steps=7)
   assert (optim.lr, optim.warmup_steps) == (2e-4, 7)
   with pytest.raises(ConfigError, match="no field 'warmup'.*warmup_steps"):
@@ -94,6 +98,27 @@ def test_a_fields_domain_is_its_familys_wherever_the_section_sits():
   clip.model.image = config_lib.model_config("clip", image_tower="vit").image
   assert config_lib.domain_of(clip, "model.image.token_drop") == config_lib.RATE
   assert config_lib.row_at(config_lib.schema_of(clip), "model.image.window_size") is None  # a ViT has no windows
+
+
+def _vit_clip():
+  config = config_lib.base_config("clip", task="contrastive")
+  config.model.image = config_lib.model_config("clip", image_tower="vit").image
+  return config
+
+
+@pytest.mark.parametrize("config, path, owner", [
+    (_vit_clip, "model.image.window_size", "a vit image tower"),
+    (lambda: config_lib.base_config("aurora", task="aurora"), "model.encoder.window", "Aurora's SwinV2 encoder"),
+    (_vit_clip, "model.embed_dims", "a clip model"),
+    (_vit_clip, "head", "a contrastive run"),
+    (config_lib.base_config, "optim.lrr", "config.optim"),
+])
+def test_a_field_without_a_row_in_its_configs_own_schema_is_refused(config, path, owner):
+  """Nothing reads such a field, nor checks it (a window size on a ViT tower, a head on a task without one): the
+  check names it, as ml_collections names an unknown override of a locked config."""
+  config = config_lib.set_paths(config(), {path: 8})
+  with pytest.raises(ConfigError, match=rf"^config\.{path}: {owner} has no such field$"):
+    config_lib.check(config)
 
 
 @pytest.mark.parametrize("task", sorted(config_lib.TASK_SECTIONS))

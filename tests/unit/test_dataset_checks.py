@@ -12,6 +12,7 @@ from PIL import Image
 import pytest
 
 from visionfm_jax import config_lib, tasks
+from visionfm_jax.config_lib import schema
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.sources import registry as sources
@@ -40,7 +41,7 @@ def prepared(tmp_path):
 
 def _open(directory):
   return sources.build_source(f"arrayrecord:{directory}/{{split}}-*.array_record", "train",
-                              config_lib.data_config())
+                              config_lib.defaults(schema.DATA))
 
 
 def test_an_intact_set_opens(prepared):

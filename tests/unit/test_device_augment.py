@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib, tasks
+from visionfm_jax.config_lib import schema
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.transforms import device_augment, randaugment
 from visionfm_jax.data.transforms import host as transforms
@@ -74,7 +75,7 @@ def photo(rng, height=60, width=80):
 
 @pytest.mark.parametrize("strength", [0.4, 1.0])
 def test_host_plus_device_equals_the_old_host_chain(strength):
-  augment = config_lib.augment_config()
+  augment = config_lib.defaults(schema.AUGMENT)
   augment.color_jitter = strength
   size, count = 48, 24
   ops = [op for op in transforms.train_transforms(size, augment)[2:]]  # after Decode and MarkUndecodable
@@ -119,7 +120,7 @@ def test_without_parameters_it_only_normalises():
 
 
 def test_flip_stays_on_the_host_before_geometric_randaugment():
-  augment = config_lib.augment_config()
+  augment = config_lib.defaults(schema.AUGMENT)
   assert transforms.flip_on_device(augment)
   augment.randaugment_ops = 2
   assert not transforms.flip_on_device(augment)

@@ -11,7 +11,7 @@ nodes, written by
   (and --devices=16 --config.strategy=zero3 --config.global_batch_size=16 for the second)
 
 with jax 0.10.2 and its CUDA plugin (`pip install -e '.[gpu-aot]'`). Tests that compile for a GPU themselves
-skip where that plugin is absent (CI); BENCHMARKS.md records their run where it is present.
+skip where that plugin is absent (CI); BUILD.md ("Tested") records their run where it is present.
 """
 
 import dataclasses

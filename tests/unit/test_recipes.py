@@ -1,5 +1,6 @@
 """The recipe configs: each says which of its values the paper states and which are ours, states wall-clock
-figures as the paper's or as BENCHMARKS.md's predictions, and its variants load and validate for their clusters."""
+figures as the paper's or as BENCHMARKS.md's predictions, its variants load and validate for their clusters, and
+the windows a fine-tuning recipe states are those of the run its docstring starts it from."""
 
 import ast
 import os
@@ -10,7 +11,7 @@ import pytest
 from visionfm_jax import config_lib
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import checks
+from visionfm_jax.training import checks, init_from
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 RECIPES = ["vit_huge.py", "swinv2_g_clip.py", "aurora_xl.py"]
@@ -169,3 +170,51 @@ def test_the_640_stage_does_not_begin_with_the_pairs_the_224_run_began_with():
   # with the 224 run's seed the two would be equal; with another seed ~1,024 of the 8,192 (8,192 / 2^16 of them)
   # are shared by chance
   assert len(set(first_640) & set(start_224)) < len(first_640) // 4
+
+
+def _workdir_of(spec: str, directory) -> str:
+  """`directory` as the workdir of a run of `spec`: its config.json."""
+  directory.mkdir()
+  (directory / "config.json").write_text(_load(spec).to_json_best_effort(indent=2))
+  return str(directory)
+
+
+# (the run a recipe starts from as its docstring names it, the recipe, its init_from fields, the windows' field)
+STATED_WINDOWS = [
+    ("swinv2_g_clip.py", "swinv2_g_clip.py:ft640", {}, "model.image"),
+    ("swinv2_g_clip.py:demo", "swinv2_g_clip.py:demo,ft640", {}, "model.image"),
+    ("swinv2_g_clip.py:small", "swinv2_g_clip.py:small,ft640", {}, "model.image"),
+    ("swinv2_cls.py:B", "swinv2_cls.py:B,640", {}, "model"),
+    ("swinv2_cls.py:B", "finetune_ade20k.py:swinv2", {}, "model"),
+    ("swinv2_cls.py:B", "finetune_coco.py:swinv2", {}, "model"),
+    ("swinv2_g_clip.py", "finetune_ade20k.py:swinv2", {"model.variant": "G", "init_from_subtree": "image"}, "model"),
+    ("swinv2_g_clip.py", "finetune_coco.py:swinv2", {"model.variant": "G", "init_from_subtree": "image"}, "model"),
+]
+
+
+@pytest.mark.parametrize("source, spec, fields, model", STATED_WINDOWS,
+                         ids=[f"{source}->{spec}" for source, spec, _, _ in STATED_WINDOWS])
+def test_a_recipes_stated_windows_are_those_of_the_run_it_starts_from(source, spec, fields, model, tmp_path):
+  """What init_from checks at every launch of the recipe, on the config.json of the run its docstring names; left
+  at (), the windows are refused."""
+  config = config_lib.set_paths(_load(spec), {**fields, "init_from": _workdir_of(source, tmp_path / "source")})
+  init_from.check_model_fields(config)
+  with pytest.raises(ConfigError, match=rf"set --config.{model}.pretrained_window_sizes="):
+    init_from.check_model_fields(config_lib.set_paths(config, {f"{model}.pretrained_window_sizes": ()}))
+
+
+def test_aurora_encoders_windows_are_checked_from_its_config_json(tmp_path):
+  """Aurora's encoder has no name field (always a SwinV2) and takes image_size from the model: completed as
+  Aurora's builder completes it, its 448 px / window 14 windows are (14, 14, 14, 14), not the (14, 14, 14, 7) of a
+  224 px run that finetune_ade20k.py:swinv2 states."""
+  aurora = _workdir_of("aurora_xl.py", tmp_path / "aurora")
+  config = config_lib.set_paths(_load("finetune_ade20k.py:swinv2"), {"init_from": aurora,
+                                                                     "init_from_subtree": "encoder"})
+  with pytest.raises(ConfigError, match=re.escape(
+      'config.model.pretrained_window_sizes=(14, 14, 14, 7) but the init_from checkpoint trained with '
+      '(14, 14, 14, 14): set --config.model.pretrained_window_sizes="(14, 14, 14, 14)"')):
+    init_from.check_model_fields(config)
+  config = config_lib.set_paths(_load("aurora_xl.py"), {"init_from": aurora, "model.encoder.window_size": 28})
+  with pytest.raises(ConfigError, match=re.escape('set --config.model.encoder.pretrained_window_sizes="(14, 14, 14, '
+                                                  '14)"')):
+    init_from.check_model_fields(config)

@@ -5,9 +5,10 @@ the lines recipes share (recipes.py; the CPU demo and small data sets: demo.py).
 this package.
 
 Configs are `ml_collections.ConfigDict`s. A field's domain (a numeric range, or a set of names) sits on its row,
-found by the config's own model family and task, and `check` checks it. The package is data: it imports nothing of
-visionfm_jax but its errors. The checks between fields live with their owners (data/loader/checks.py,
-parallel/checks.py, training/optim.py), and training/checks.py `validate` runs them all.
+found by the config's own model family and task, and `check` checks it (and refuses a field without a row). The
+package is data: it imports nothing of visionfm_jax but its errors. The checks between fields live with their owners
+(data/loader/checks.py, parallel/checks.py, training/optim.py, training/init_from.py), and training/checks.py
+`validate` runs them all.
 """
 
 from visionfm_jax.config_lib.checks import check, check_domains, domain_of
@@ -50,27 +51,14 @@ from visionfm_jax.config_lib.schema import (
                                              STRATEGY_ALIASES,
                                              TRACKERS,
                                              ZERO_STAGES,
-                                             augment_config,
                                              base_config,
                                              config_rows,
-                                             data_config,
-                                             eval_config,
                                              fields,
                                              head_config,
-                                             health_config,
-                                             init_from_fields,
-                                             loop_fields,
                                              model_config,
-                                             optim_config,
-                                             parallel_fields,
-                                             precision_config,
-                                             probe_config,
                                              report_to,
-                                             resume_config,
-                                             run_fields,
                                              schema_of,
                                              set_fields,
                                              set_paths,
-                                             tracking_fields,
 )
 from visionfm_jax.config_lib.task_schema import TASK_SECTIONS

@@ -1,7 +1,9 @@
-"""What the config checks alone, without jax: every field in the domain of its row (the schema of the config's own
-family and task), the resume's allow_changes naming fields, the trackers known."""
+"""What the config checks alone, without jax: every field a row of the schema of the config's own family and task,
+in that row's domain; the resume's allow_changes naming fields; the trackers known."""
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import ml_collections
 
@@ -35,9 +37,51 @@ def check_domains(config: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"config.{path}={value!r}: expected (low, high) with low <= high")
 
 
+def check_rows(config: ml_collections.ConfigDict) -> None:
+  """ConfigError naming the first field without a row in the schema of `config`'s own family and task (e.g. a
+  window size on a ViT tower), which nothing would read or check. A model of an unknown family is its builder's
+  to name."""
+  rows = schema_of(config)
+  known_model = bool(rows["model"])
+  for path, _ in fields(config):
+    keys = path.split(".")
+    depth = _unknown_at(rows, keys)
+    if depth is not None and (known_model or keys[0] != "model"):
+      raise ConfigError(f"config.{'.'.join(keys[:depth + 1])}: {_owner(config, keys[:depth])} has no such field")
+
+
+def _unknown_at(rows, keys: list[str]) -> int | None:
+  """The index of the first of `keys` that `rows` holds no row or section for; None when they lead to one."""
+  node = rows
+  for depth, key in enumerate(keys):
+    if not isinstance(node, Mapping):
+      return None
+    if key not in node:
+      return depth
+    node = node[key]
+  return None
+
+
+def _owner(config: ml_collections.ConfigDict, keys: list[str]) -> str:
+  """What the section at `keys` of `config` is, in words."""
+  task = config.get("task")
+  if not keys:
+    return f"a {task} run"
+  if keys == ["model"]:
+    return f"a {config.model.name} model"
+  if keys == ["model", "image"]:
+    return f"a {config.model.image.get('name', 'swinv2')} image tower"
+  if keys == ["model", "encoder"]:
+    return "Aurora's SwinV2 encoder"
+  if keys == ["head"]:
+    return f"a {task} head"
+  return f"config.{'.'.join(keys)}"
+
+
 def check(config: ml_collections.ConfigDict) -> None:
-  """What the config checks alone, without jax: every field in its row's domain, and the resume's allow_changes
-  naming fields. ConfigError naming the field."""
+  """What the config checks alone, without jax: every field a row of its schema and in that row's domain, and the
+  resume's allow_changes naming fields. ConfigError naming the field."""
+  check_rows(config)
   check_domains(config)
   allowed_changes(config)
   report_to(config)

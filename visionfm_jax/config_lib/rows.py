@@ -24,14 +24,10 @@ class Field:
 Rows = Mapping[str, Union[Field, "Rows"]]
 
 
-def default_values(rows: Rows) -> dict:
-  """{field: default} of `rows`, in their order, a ConfigDict for each nested mapping."""
-  return {key: defaults(row) if isinstance(row, Mapping) else row.default for key, row in rows.items()}
-
-
 def defaults(rows: Rows) -> ml_collections.ConfigDict:
-  """The ConfigDict of `rows`' defaults, a subsection for each nested mapping."""
-  return ml_collections.ConfigDict(default_values(rows))
+  """The ConfigDict of `rows`' defaults, in their order, a subsection for each nested mapping."""
+  return ml_collections.ConfigDict({key: defaults(row) if isinstance(row, Mapping) else row.default
+                                    for key, row in rows.items()})
 
 
 def row_at(rows: Rows, path: str) -> Field | None:

@@ -19,8 +19,8 @@ from visionfm_jax.config_lib.domains import (
   Domain,
 )
 from visionfm_jax.config_lib.model_schema import model_rows, rows_of_model
-from visionfm_jax.config_lib.rows import Field, default_values, defaults, nest
-from visionfm_jax.config_lib.task_schema import EVAL, TASK_SECTIONS, ZEROSHOT
+from visionfm_jax.config_lib.rows import Field, defaults, nest
+from visionfm_jax.config_lib.task_schema import TASK_SECTIONS
 from visionfm_jax.errors import ConfigError
 
 # The ZeRO stages 0 (ddp) to 3, each sharding more of the train state (parallel/sharding.py), and other names
@@ -286,69 +286,13 @@ def model_config(name: str, *, image_tower: str = "swinv2") -> ml_collections.Co
   return defaults(model_rows(name, image_tower=image_tower))
 
 
-def run_fields() -> dict:
-  return default_values(RUN)
-
-
-def parallel_fields() -> dict:
-  return default_values(PARALLEL)
-
-
-def optim_config() -> ml_collections.ConfigDict:
-  return defaults(OPTIM)
-
-
-def precision_config() -> ml_collections.ConfigDict:
-  return defaults(PRECISION)
-
-
-def health_config() -> ml_collections.ConfigDict:
-  return defaults(HEALTH)
-
-
-def data_config() -> ml_collections.ConfigDict:
-  return defaults(DATA)
-
-
-def augment_config() -> ml_collections.ConfigDict:
-  return defaults(AUGMENT)
-
-
-def init_from_fields() -> dict:
-  return default_values(INIT_FROM)
-
-
-def probe_config() -> ml_collections.ConfigDict:
-  return defaults(PROBE)
-
-
-def loop_fields() -> dict:
-  return default_values(LOOP)
-
-
-def tracking_fields() -> dict:
-  return default_values(TRACKING)
-
-
-def resume_config() -> ml_collections.ConfigDict:
-  return defaults(RESUME)
-
-
 def head_config(task: str) -> ml_collections.ConfigDict:
-  """`config.head` of a dense task (detection | segmentation) with its defaults; base_config(model, task) has it."""
-  if task not in ("detection", "segmentation"):
-    raise ConfigError(f"head_config: {task!r} has no head; expected detection or segmentation")
+  """`config.head` of a dense task (detection | segmentation) with its defaults (TASK_SECTIONS);
+  base_config(model, task) has it."""
+  headed = [name for name, sections in TASK_SECTIONS.items() if "head" in sections]
+  if task not in headed:
+    raise ConfigError(f"head_config: {task!r} has no head; expected {' or '.join(headed)}")
   return defaults(TASK_SECTIONS[task]["head"])
-
-
-def eval_config(**zeroshot) -> ml_collections.ConfigDict:
-  """`config.eval` of the image-text tasks: the retrieval evaluators both run, and with `zeroshot` values the
-  contrastive task's zero-shot fields (ZEROSHOT) set to them."""
-  if not zeroshot:
-    return defaults(EVAL)
-  config = defaults({**EVAL, **ZEROSHOT})
-  set_fields(config, **zeroshot)
-  return config
 
 
 def report_to(config: ml_collections.ConfigDict) -> tuple[str, ...]:

@@ -11,6 +11,7 @@ from visionfm_jax.config_lib.domains import (
   NON_NEGATIVE_INT,
   OPEN_FRACTION,
   RATE,
+  Domain,
 )
 from visionfm_jax.config_lib.rows import Field
 
@@ -39,7 +40,8 @@ SEGMENTATION_HEAD = dict(
     head_channels=Field(512, COUNT, "UPerNet's width"),
     ppm_scales=Field((1, 2, 3, 6), COUNT, "UPerNet's pyramid-pooling bins"),
     dropout=Field(0.1, RATE, "before the per-pixel classifier"),
-    eval_window=Field(0, doc="sliding-window inference: the window (0: the training crop) ..."),
+    eval_window=Field(0, Domain(0, integer=True, note="0: the training crop"),
+                      "sliding-window inference: the window's side in px ..."),
     eval_stride=Field(341, COUNT, "... and its step; a canvas equal to the window is one whole-image pass"),
 )
 

@@ -2,8 +2,8 @@
 tasks, converters and tools ask of a model through it: the model of `config.model` (`build`), a model's registry
 name (`name_of`) and family (`family_of`), its training FLOPs, layer ids, checkpoint adaptation, description,
 checkpoint fields and converter (backbone.py's contract), the backbone a tools.import_hf model.json describes
-(`from_checkpoint_fields`), and the config fields on which a model and the checkpoint it starts from disagree
-(`checkpoint_conflicts`)."""
+(`from_checkpoint_fields`), the config fields on which a model and the checkpoint it starts from disagree
+(`checkpoint_conflicts`) and a composite model's tower config completed (`tower_fields`)."""
 
 import copy
 from typing import Any
@@ -115,9 +115,21 @@ def for_platform(model_cfg, platform: str, dtype):
   return resolved
 
 
+def _named(model_fields: dict) -> backbone.Family | None:
+  """The family a model config (a dict) names; None for an unknown name."""
+  return next((f for f in FAMILIES.values() if f.name and f.name == model_fields.get("name")), None)
+
+
 def checkpoint_conflicts(model_fields: dict, checkpoint_fields: dict) -> dict[str, Any]:
   """{field: the value it needs} of a model config (a dict) initialised from a checkpoint described by its config
   fields, where the two disagree (backbone.py; SwinV2: `pretrained_window_sizes`); {} for a family that names none."""
-  family = next((f for f in FAMILIES.values() if f.name and f.name == model_fields.get("name")), None)
-  conflicts = family.checkpoint_conflicts if family else None
+  conflicts = getattr(_named(model_fields), "checkpoint_conflicts", None)
   return conflicts(model_fields, checkpoint_fields) if conflicts else {}
+
+
+def tower_fields(model_fields: dict, key: str) -> dict[str, Any] | None:
+  """The config fields (a dict) of the image tower `key` of a model config (a dict), completed as the model's
+  builder completes them (backbone.py; Aurora's encoder: its name swinv2, the model's image_size); None when the
+  model has no such tower."""
+  complete = getattr(_named(model_fields), "tower_fields", None)
+  return complete(model_fields, key) if complete else None

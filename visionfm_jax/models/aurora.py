@@ -257,9 +257,12 @@ class Aurora(nn.Module):
     return logits, {"text": text_out["cache"], "decoder": decoder_cache}
 
 
+ENCODER = "swinv2"  # config.model.encoder has no name: the encoder is always a SwinV2
+
+
 def encoder_config(model_cfg) -> ml_collections.ConfigDict:
-  """`config.model.encoder` plus the fields Aurora sets for it (`towers.tower_config`); always a SwinV2."""
-  return towers.tower_config(model_cfg, "encoder", name="swinv2")
+  """`config.model.encoder` plus the fields Aurora sets for it (`towers.tower_config`)."""
+  return towers.tower_config(model_cfg, "encoder", name=ENCODER)
 
 
 def build(model_cfg, dtype) -> Aurora:
@@ -315,5 +318,11 @@ def adapt_checkpoint(model: Aurora, params: dict[str, Any], shapes: dict[str, tu
   return towers.adapt_checkpoint("encoder", model.encoder, params, shapes)
 
 
+def tower_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
+  """The encoder's config fields in an Aurora config (a dict), completed as `encoder_config` completes them; None
+  for another key (the text tower is no family's)."""
+  return towers.tower_fields(fields, key, name=ENCODER) if key == "encoder" else None
+
+
 FAMILY = backbone.Family(module=Aurora, name="aurora", build=build, train_flops_per_example=train_flops_per_example,
-                         adapt_checkpoint=adapt_checkpoint)
+                         adapt_checkpoint=adapt_checkpoint, tower_fields=tower_fields)

@@ -31,10 +31,17 @@ tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `tow
                             visionfm_jax.convert that writes it for transformers (its `to_hf` and `hf_config`)
   checkpoint_conflicts(fields, checkpoint_fields)
                             {field: the value it needs} of a model config (a dict) whose weights come from a
-                            checkpoint described by its own config fields, where the two disagree (SwinV2: the
-                            windows its position bias was trained with); init_from names them in its error
+                            checkpoint described by its own config fields, where the two disagree; only a family
+                            whose config states something of the checkpoint that its weights do not carry answers
+                            it (SwinV2: the windows its position bias was trained with; a ViT carries another
+                            resolution in its weights, and another patch or width is a shape mismatch that
+                            init_from names); init_from names them in its error
+  tower_fields(fields, key)
+                            a composite model's (CLIP, Aurora): the config fields (a dict) of its image tower
+                            `key` in the model config `fields`, completed as its builder completes them
+                            (towers.tower_config), so that init_from compares a tower's windows
 A family leaves out (None) what it does not answer; the registry then answers None (FLOPs, layer ids,
-description, fields, converter), the params as given (`adapt_checkpoint`) or no conflict.
+description, fields, converter, a tower's fields), the params as given (`adapt_checkpoint`) or no conflict.
 
 Models that hold a backbone answer part of this by asking it (models/towers.py: `family`, `layer_id`,
 `adapt_checkpoint`; `image_tower` below finds it): the dense models (dense_heads.DenseModel) their layer ids and checkpoint
@@ -80,6 +87,7 @@ class Family:
   checkpoint_fields: Callable[[Any], dict[str, Any]] | None = None
   from_checkpoint_fields: Callable[[dict[str, Any]], Any] | None = None
   checkpoint_conflicts: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
+  tower_fields: Callable[[dict[str, Any], str], dict[str, Any] | None] | None = None
 
 
 def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:

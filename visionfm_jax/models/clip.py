@@ -135,7 +135,13 @@ def description(model: CLIP) -> str:
           f"text: width {text.width}, depth {text.depth}, {text.max_len} tokens")
 
 
+def tower_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
+  """The image tower's config fields in a CLIP config (a dict), completed as `image_tower_config` completes them;
+  None for another key (the text tower is no family's)."""
+  return towers.tower_fields(fields, key) if key == "image" else None
+
+
 # convert/hf_clip.py: a ViT-tower CLIP with CLIP's pre-norm exports as a CLIPModel.
 FAMILY = backbone.Family(module=CLIP, name="clip", build=build, hf_converter="hf_clip",
                          train_flops_per_example=train_flops_per_example, adapt_checkpoint=adapt_checkpoint,
-                         description=description)
+                         description=description, tower_fields=tower_fields)

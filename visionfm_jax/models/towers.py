@@ -1,7 +1,7 @@
 """The image towers of the composite models (CLIP's image tower, Aurora's SwinV2 encoder, a dense model's
 backbone): the backbones they may hold (`IMAGE_BUILDERS`, `IMAGE_FAMILIES`), a tower's config (its own fields plus
-the ones the composite model sets for all its towers at once: `tower_config`), and the family questions a
-composite answers through its tower (`family`, `layer_id`, `adapt_checkpoint`)."""
+the ones the composite model sets for all its towers at once: `tower_config`; over a dict, `tower_fields`), and the
+family questions a composite answers through its tower (`family`, `layer_id`, `adapt_checkpoint`)."""
 
 from __future__ import annotations
 
@@ -18,16 +18,25 @@ IMAGE_FAMILIES: dict[type, backbone.Family] = {vit.ViT: vit.FAMILY, swinv2.SwinV
 
 
 def tower_config(model_cfg, key: str, **fixed) -> ml_collections.ConfigDict:
-  """`model_cfg[key]` completed by what its parent sets: the TOWER_SHARED_FIELDS of `model_cfg`, no head
-  (TOWER_HEADLESS) and `fixed` (e.g. name='swinv2'). ValueError naming the field when the tower sets a shared
-  field to another value than `model_cfg`."""
-  fields = model_cfg[key].to_dict()
+  """`model_cfg[key]` completed by what its parent sets (`tower_fields`). ValueError naming the field when the
+  tower sets a shared field to another value than `model_cfg`."""
+  tower = model_cfg[key]
   for name in TOWER_SHARED_FIELDS:
-    if name in fields and fields[name] != model_cfg[name]:
-      raise ValueError(f"{key}.{name}={fields[name]!r} differs from {name}={model_cfg[name]!r}: set {name} "
+    if name in tower and tower[name] != model_cfg[name]:
+      raise ValueError(f"{key}.{name}={tower[name]!r} differs from {name}={model_cfg[name]!r}: set {name} "
                        f"(it applies to every tower)")
-  fields.update({name: model_cfg[name] for name in TOWER_SHARED_FIELDS}, **TOWER_HEADLESS, **fixed)
-  return ml_collections.ConfigDict(fields)
+  return ml_collections.ConfigDict(tower_fields(model_cfg.to_dict(), key, **fixed))
+
+
+def tower_fields(model_fields: dict[str, Any], key: str, **fixed) -> dict[str, Any] | None:
+  """The tower `key` of a composite model's config (a dict, e.g. a workdir's config.json `model`) completed by
+  what the model sets for it: the TOWER_SHARED_FIELDS of `model_fields`, no head (TOWER_HEADLESS) and `fixed`
+  (e.g. name='swinv2'); None when it has no such tower."""
+  tower = model_fields.get(key)
+  if not isinstance(tower, dict):
+    return None
+  shared = {name: model_fields[name] for name in TOWER_SHARED_FIELDS if name in model_fields}
+  return {**tower, **shared, **TOWER_HEADLESS, **fixed}
 
 
 def family(tower) -> backbone.Family:

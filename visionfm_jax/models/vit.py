@@ -255,13 +255,6 @@ def adapt_checkpoint(model: ViT, params: dict[str, Any], shapes: dict[str, tuple
   return out
 
 
-def checkpoint_conflicts(fields: dict[str, Any], checkpoint: dict[str, Any]) -> dict[str, Any]:
-  """{}: no ViT config field must repeat its checkpoint's. Another resolution is carried (`adapt_checkpoint`);
-  another patch or width is a shape mismatch, which init_from names param by param."""
-  del fields, checkpoint
-  return {}
-
-
 def description(model: ViT) -> str:
   """One line naming `model`'s dims, patch, resolution and classes."""
   return (f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
@@ -294,5 +287,4 @@ def from_checkpoint_fields(fields: dict[str, Any]) -> ViT:
 FAMILY = backbone.Family(
     module=ViT, name="vit", build=build, hf_converter="hf_vit", train_flops_per_example=train_flops_per_example,
     num_layer_ids=num_layer_ids, layer_id=layer_id, adapt_checkpoint=adapt_checkpoint, description=description,
-    checkpoint_fields=checkpoint_fields, from_checkpoint_fields=from_checkpoint_fields,
-    checkpoint_conflicts=checkpoint_conflicts)
+    checkpoint_fields=checkpoint_fields, from_checkpoint_fields=from_checkpoint_fields)

@@ -14,10 +14,11 @@ TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "
          "segmentation": SegmentationTask, "detection": DetectionTask}
 
 # What the loop asks of a task's model, through the tasks as it reaches no model directly: the layer ids of
-# layer-wise lr decay (training/optim.py), a checkpoint's params carried to the model and the config fields on
-# which the model and that checkpoint disagree (training/init_from.py).
+# layer-wise lr decay (training/optim.py), a checkpoint's params carried to the model, a tower's config completed
+# and the config fields on which the model and that checkpoint disagree (training/init_from.py).
 layer_ids = models.layer_ids
 adapt_checkpoint = models.adapt_checkpoint
+tower_fields = models.tower_fields
 checkpoint_conflicts = models.checkpoint_conflicts
 
 

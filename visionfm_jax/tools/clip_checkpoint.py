@@ -67,11 +67,8 @@ def task_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
   zero-shot set, overridden by `fields` (`clip_fields`). No retrieval on held-out pairs: a published CLIP names
   none (its data.eval_source would be the embedded shapes); `--config.eval.retrieval=true` with an eval source
   asks for it."""
-  config = config_lib.base_config("clip")
-  config.task = "contrastive"
+  config = config_lib.base_config("clip", task="contrastive")
   config.model = config_lib.model_config("clip", image_tower="vit")
-  config.eval = config_lib.eval_config(zeroshot_classes="imagenet", zeroshot_source="tfds:imagenet2012",
-                                       zeroshot_split="validation", zeroshot_examples=-1)
   config.eval.retrieval = False
   config.precision.compute_dtype = "float32"
   config.data.eval_preprocess = "clip"

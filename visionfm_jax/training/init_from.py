@@ -15,9 +15,9 @@ What changes with the resolution is the model's to say (`adapt_checkpoint`, mode
   SwinV2   no param: the continuous position bias is an MLP over a table of offsets computed from the window
            size (not a param), the shift masks and relative indices are computed too. Offsets are normalised
            by `config.model.pretrained_window_sizes`, the windows the checkpoint was trained with, which the
-           config states (e.g. configs/swinv2_g_clip.py:ft640); the run plan compares them with the windows of
-           the checkpoint's model fields (model.json or config.json, `check_model_fields`) and a mismatch is a
-           ConfigError naming the flag and the value to set.
+           config states (e.g. configs/swinv2_g_clip.py:ft640); the config's checks (training/checks.py) compare
+           them with the windows of the checkpoint's model fields (model.json or config.json,
+           `check_model_fields`) and a mismatch is a ConfigError naming the flag and the value to set.
 The checkpoint's pretraining-only params, its classification `head` and a SimMIM `mask_token`, are dropped when
 the model has no such param. Any other shape mismatch is a ConfigError naming the param and both shapes.
 """
@@ -126,12 +126,9 @@ def source_model_fields(path: str) -> dict[str, Any] | None:
 
 
 def _sub_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
-  """`fields` (a model's config) or its sub-config `key` (a tower, a backbone) completed by the fields its parent
-  sets for it (image_size, ...); None when there is no such sub-config."""
-  if not key:
-    return fields
-  sub = fields.get(key)
-  return {**fields, **sub, "name": sub.get("name")} if isinstance(sub, dict) else None
+  """`fields` (a model's config) or its tower `key` completed as the model's builder completes it (image_size,
+  Aurora's encoder's name: `tasks.tower_fields`); None when the model has no such tower."""
+  return tasks.tower_fields(fields, key) if key else fields
 
 
 def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree: str, prefix: str):

@@ -12,7 +12,8 @@ config is only read: `config.json` holds what was asked, `plan.json` beside it w
 
 A checkpoint carries `trained_config()`, `config` as JSON, and `anchor_record()`, the anchor as its own record, so
 that the next resume reads its anchor back. config.json alone rebuilds the run's model: init_from's checkpoint
-must agree with the model fields the config states (training/init_from.py, `check_model_fields`).
+must agree with the model fields the config states (training/checks.py runs training/init_from.py's
+`check_model_fields`).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import ml_collections
 import optax
 
 from visionfm_jax import atomic, parallel
-from visionfm_jax.training import init_from, optim, resume
+from visionfm_jax.training import optim, resume
 
 PLAN_FILE = "plan.json"
 
@@ -53,16 +54,18 @@ class RunPlan:
     return dict(schedule_anchor=self.anchor_record(), resume_changes=list(self.resume_changes), mesh=self.mesh,
                 devices=self.num_devices, processes=self.num_processes)
 
-  def write(self, workdir: str) -> None:
+  def write(self, workdir: str, start_step: int) -> None:
+    """config.json (the latest launch's config as the user gave it), config.<start_step>.json (this launch's,
+    kept) and plan.json (`as_json`)."""
+    atomic.write(os.path.join(workdir, "config.json"), self.config.to_json_best_effort(indent=2))
+    resume.keep_launch_config(self.config, workdir, start_step)
     atomic.write(os.path.join(workdir, PLAN_FILE), json.dumps(self.as_json(), indent=2))
 
 
 def make(config: ml_collections.ConfigDict, checkpoint_dir: str, num_devices: int, num_processes: int) -> RunPlan:
   """The plan of a run of `config` (validated: training/checks.py) on `num_devices` devices in `num_processes`
   processes, resuming the newest checkpoint in `checkpoint_dir` if there is one (a ConfigError when that
-  checkpoint does not take this config: training/resume.py, or when config.init_from's checkpoint was trained
-  with other model fields than the config states: training/init_from.py)."""
-  init_from.check_model_fields(config)
+  checkpoint does not take this config: training/resume.py)."""
   changes, anchor = resume.check_changes(config, checkpoint_dir)
   return RunPlan(config=config, anchor=anchor, lr_schedule=optim.schedule(config.optim, config.total_steps, anchor),
                  resume_changes=tuple(changes), mesh=parallel.mesh_shape(config.mesh, num_devices),

@@ -22,7 +22,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from visionfm_jax import atomic, parallel, tasks
+from visionfm_jax import parallel, tasks
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import (
@@ -36,7 +36,6 @@ from visionfm_jax.training import (
   optim,
   precision,
   prefetch,
-  resume,
 )
 from visionfm_jax.training import plan as plan_lib
 from visionfm_jax.training import step as step_lib
@@ -47,16 +46,6 @@ from visionfm_jax.training.state import TrainState
 
 class NonFiniteLossError(UserError):
   pass
-
-
-def _write_config(run_plan: plan_lib.RunPlan, workdir, start_step: int) -> None:
-  """config.json (the latest launch's config as the user gave it), config.<start_step>.json (this launch's,
-  kept) and plan.json (the mesh, the schedule's anchor, the accepted changes), once the resume check has accepted
-  the config."""
-  if jax.process_index() == 0:
-    atomic.write(os.path.join(workdir, "config.json"), run_plan.config.to_json_best_effort(indent=2))
-    resume.keep_launch_config(run_plan.config, workdir, start_step)
-    run_plan.write(workdir)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False) -> dict[str, float]:
@@ -112,7 +101,8 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
                                            schedule_anchor=run_plan.anchor_record())
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = int(jax.device_get(state.step))
-    _write_config(run_plan, workdir, start_step)
+    if jax.process_index() == 0:  # once the resume check has accepted the config
+      run_plan.write(workdir, start_step)
 
     train_step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.lr_schedule)
     writer = metrics.MetricWriter(workdir, resume_step=start_step, config=config)
