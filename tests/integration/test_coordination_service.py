@@ -1,7 +1,7 @@
 """JAX's coordination service hosted by the launcher (visionfm_jax/parallel/coordination.py): process 0 joins it as
 a client instead of starting its own, and the service ends with the process that started it. The coordinator's
 death in a two-process job through launch/local.sh is tests/integration/test_multiprocess.py's
-`test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then_the_rerun_ends_bitwise`."""
+`test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise`."""
 
 import os
 import signal

@@ -142,9 +142,21 @@ def stopped_after_rollback_a(data, tmp_path_factory):
   return workdir, stopped
 
 
-def copy_of(workdir, tmp_path):
-  shutil.copytree(workdir, tmp_path / "run")
-  return tmp_path / "run"
+@pytest.fixture(scope="module")
+def clean_stopped_at_40(data, tmp_path_factory):
+  """The run on the data without the poisoned records, stopped by a SIGTERM after step 39: it saves step 40 and
+  exits. (its workdir, read-only: copy it to change it; the run's last metrics). Its rerun is the clean run the
+  bursts' run is compared with, and the start of the diverging change."""
+  workdir = tmp_path_factory.mktemp("clean") / "run"
+  with pytest.MonkeyPatch.context() as patch:
+    stop_after_writing(patch, 39)
+    stopped = train.run(health_config(data["removed"]), str(workdir))
+  return workdir, stopped
+
+
+def copy_of(workdir, tmp_path, name="run"):
+  shutil.copytree(workdir, tmp_path / name)
+  return tmp_path / name
 
 
 class _Capture(logging.Handler):
@@ -244,7 +256,8 @@ def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_k
 
 @pytest.mark.slow
 @END_TO_END
-def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(data, bursts_run, tmp_path):
+def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(data, bursts_run,
+                                                                                      clean_stopped_at_40, tmp_path):
   workdir, log = bursts_run
   lines = re.findall(r"health: rolling back at (.*)", log)
   assert lines == [
@@ -269,9 +282,10 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
   data_state = json.loads((workdir / "checkpoints" / str(TOTAL) / "data" / "process_0-of-1.json").read_text())
   assert data_state["read"] == TOTAL * BATCH  # records trained on; the skipped ones are not counted as read
 
-  # The same run on the data with the poisoned records removed: nothing skipped, and the same place within
-  # the stated tolerance (mean training loss of the last 10 steps within 0.05, eval top-1 within 0.1).
-  clean = tmp_path / "clean"
+  # The same run on the data with the poisoned records removed (resumed from its step 40, as bitwise as running
+  # on): nothing skipped, and the same place within the stated tolerance (mean training loss of the last 10 steps
+  # within 0.05, eval top-1 within 0.1).
+  clean = copy_of(clean_stopped_at_40[0], tmp_path, "clean")
   last = train.run(health_config(data["removed"]), str(clean))
   clean_rows = train_rows(clean)
   assert clean_rows[-1]["health/skipped_steps"] == 0 and clean_rows[-1]["health/rollbacks"] == 0
@@ -356,15 +370,15 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
 
 @pytest.mark.slow
 @END_TO_END
-def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(data, tmp_path,
-                                                                                         monkeypatch):
+def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(data,
+                                                                                         clean_stopped_at_40,
+                                                                                         tmp_path):
   """Clean data to step 40 (a SIGTERM after step 39 saves 40), resumed with a 300x learning rate: the run does
   not roll back past checkpoint 40 (trained before the change) and, the trigger repeating from there, stops
   within one window naming the change; a plain rerun resumes from 40 and ends as the run never changed."""
-  workdir = tmp_path / "run"
-  stop_after_writing(monkeypatch, 39)
-  assert train.run(health_config(data["removed"]), str(workdir))["step"] == 40
-  monkeypatch.undo()
+  stopped_dir, stopped = clean_stopped_at_40
+  assert stopped["step"] == 40
+  workdir = copy_of(stopped_dir, tmp_path)
 
   changed = health_config(data["removed"], **{"optim.lr": 0.9, "resume.allow_changes": "optim.lr"})
   checkpoints = workdir / "checkpoints"

@@ -2,9 +2,10 @@
 
 launch/local.sh runs 2 processes x 2 CPU devices joined by jax.distributed (gloo collectives): the tiny ViT
 trains with zero3 (state sharded across the processes), checkpoints, and matches one process fed the same global
-batches; a preemption notice to one or both processes saves one agreed step that the rerun resumes bitwise; a
-stalled process ends the whole job; a held workdir stops both processes of a second job. Also: the
-jax.distributed.initialize arguments taken from the environment, and the launch scripts' syntax.
+batches; a process killed outright ends the job with a line naming it, and a preemption notice to one or both
+processes saves one agreed step, along one chain of reruns that ends bitwise; a stalled process ends the whole job; a
+held workdir stops both processes of a second job. Also: the jax.distributed.initialize arguments taken from the
+environment, and the launch scripts' syntax.
 """
 
 import json
@@ -33,8 +34,10 @@ from test_workdir import held_by_another_process
 import tracker_runs
 
 PROCESSES, DEVICES_PER_PROCESS = 2, 2
-# Long enough that a preemption notice sent at the first checkpoint (step 10) is acted on well before the end:
-# JAX's notifier polls for SIGTERM once a second, and the tiny job runs ~10 steps a second.
+# Long enough that a preemption notice sent at the first checkpoint (step 10), and the second one its rerun gets a
+# step after resuming, are acted on well before the end, with a checkpoint after the second to kill a save of: JAX's
+# notifier polls for SIGTERM once a second, and the tiny job runs ~10 steps a second (~3 on a busy machine), so each
+# notice is acted on up to ~15 steps after it is sent.
 TOTAL_STEPS = 60
 # The tiny ViT (conftest.tiny_vit_config) as flags; global batch 16 = 8 rows on each process.
 FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
@@ -189,7 +192,10 @@ class _Job:
   def __init__(self, workdir, *flags, base=tuple(FLAGS)):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=FAST_COMPILE_FLAGS)  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
+               XLA_FLAGS=FAST_COMPILE_FLAGS,  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
+               # every program in the compile cache, as conftest's compilation_cache does: the tiny ViT's compile
+               # in well under JAX's default threshold of 1 s, so a rerun would load 2 of its 13 programs
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
     self.workdir = workdir
     self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -214,7 +220,8 @@ class _Job:
     """Blocks until the job has logged a train step after `step` (it has resumed and trains); returns that step."""
     path, deadline = self.workdir / "metrics.jsonl", time.monotonic() + 300
     while self.proc.poll() is None and time.monotonic() < deadline:
-      rows = [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
+      text = path.read_text() if path.exists() else ""  # process 0 makes it once the run has started
+      rows = [json.loads(line) for line in text.splitlines() if line.endswith("}")]
       logged = [r["step"] for r in rows if "train/loss" in r and r["step"] > step]
       if logged:
         return logged[-1]
@@ -253,8 +260,8 @@ MULTIPROCESS = pytest.mark.xdist_group("two_process_reference_run")
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
   """(workdir, output, compile cache flag) of the 2-process job trained to TOTAL_STEPS without interruption. Its
-  compile cache is a folder of its own (config.compile_cache), which the preempted jobs of the same config share:
-  they load its programs instead of compiling them again."""
+  compile cache is a folder of its own (config.compile_cache), which the killed and preempted jobs of the same
+  config share: they load its programs instead of compiling them again."""
   root = tmp_path_factory.mktemp("mp")
   cache = f"--config.compile_cache={root / 'compile_cache'}"
   code, out = _Job(root / "reference", cache, f"--config.report_to={tracker_runs.REPORT_TO}").finish()
@@ -356,37 +363,6 @@ def _step_saved_on_notice(job, after):
   return step, out
 
 
-@pytest.mark.slow
-@MULTIPROCESS
-def test_preemption_of_one_process_then_of_both_0_5s_apart_saves_one_agreed_step_and_the_reruns_resume_bitwise(
-    reference_run, tmp_path):
-  """SIGTERM reaches only one process (after the first checkpoint); then, once the rerun has resumed and trained a
-  step, both processes 0.5 s apart. Each time both agree on one step after the notice, save it, log it once it
-  has committed and exit 0; each rerun resumes from it, and the last one ends bitwise where the uninterrupted job
-  does (params, optimizer state, eval metric). One chain of reruns serves both notices: the second job is the
-  first one's rerun."""
-  reference, _, cache = reference_run
-  workdir = tmp_path / "run"
-  job = _Job(workdir, cache)
-  job.wait_for_checkpoint(10)
-  _preempt(job, "one_only")
-  step, _ = _step_saved_on_notice(job, after=10)
-
-  job = _Job(workdir, cache)
-  after = job.wait_for_a_step_after(step)
-  _preempt(job, "both_0.5s_apart")
-  resumed = step
-  step, out = _step_saved_on_notice(job, after=after)
-  assert out.count(f"resuming from {workdir}/checkpoints/{resumed}") == PROCESSES
-
-  code, out = _Job(workdir, cache).finish()
-  assert code == 0, out[-6000:]
-  assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
-  for got, want in zip(_final(workdir), _final(reference)):
-    np.testing.assert_array_equal(got, want)
-  assert _final_eval(workdir) == _final_eval(reference)
-
-
 def _wait_gone(pid, timeout):
   """Seconds until process `pid` (not a child of ours) exited, or None after `timeout`."""
   start = time.monotonic()
@@ -457,21 +433,28 @@ def _killed(job, which: int, timeout_s: int) -> tuple[str, int]:
 
 @pytest.mark.slow
 @MULTIPROCESS
-def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then_the_rerun_ends_bitwise(
-    reference_run, tmp_path):
-  """Kills outright (SIGKILL: no chance to save or to say anything, as the OOM killer or a lost node does) at two
-  moments, each ending the job within config.peer_timeout_s and a beat or two with a line naming the lost process:
-  process 1 after its first train step, before any checkpoint (nothing to resume: the rerun starts over); then the
-  coordinator, process 0, while checkpoint 20 is being written (the newest complete one, 10, stays the one a rerun
-  resumes from). JAX's coordination service lives in local.sh's own process (parallel/coordination.py), so the
-  coordinator's survivor is not aborted by JAX's client but names it and exits 75 like any other. The last rerun
-  ends bitwise where the uninterrupted job does."""
+def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise(reference_run, tmp_path):
+  """Five jobs in one workdir, each the rerun of the one before: two kills, two preemption notices, and the last
+  rerun, which ends bitwise where the uninterrupted job does (params, optimizer state, eval metric). (One chain
+  serves every fault: a rerun to the end costs a job and up to TOTAL_STEPS steps.)
+
+  Kills outright (SIGKILL: no chance to save or to say anything, as the OOM killer or a lost node does) end the job
+  within config.peer_timeout_s and a beat or two with a line naming the lost process: (1) process 1 after its first
+  train step, before any checkpoint (nothing to resume: the rerun starts over); (4) the coordinator, process 0,
+  while the checkpoint after the second notice's is being written (the newest complete one, the notice's, stays the
+  one the rerun resumes from). JAX's coordination service lives in local.sh's own process
+  (parallel/coordination.py), so the coordinator's survivor is not aborted by JAX's client but names it and exits
+  75 like any other.
+
+  Preemption notices: SIGTERM reaches (2) only one process, after the first checkpoint; (3) both, 0.5 s apart, once
+  the rerun has resumed and trained a step. Each time both agree on one step after the notice, save it, log it once
+  it has committed and exit 0; the rerun resumes from it."""
   reference, _, cache = reference_run
   workdir, timeout_s = tmp_path / "run", 5
-  flags = (cache, f"--config.peer_timeout_s={timeout_s}")
+  killing = (cache, f"--config.peer_timeout_s={timeout_s}")
 
-  job = _Job(workdir, *flags)
-  _wait_for(lambda: _trained_a_step(workdir), job, "a train step")
+  job = _Job(workdir, *killing)  # (1)
+  _wait_for(lambda: _trained_a_step(workdir), job, "a train step", poll=0.05)
   assert checkpoint.newest_committed_step(workdir / "checkpoints") is None
   out, killed = _killed(job, 1, timeout_s)
   # process 0, waiting on it, names it in one line and exits 75 (requeue), not after JAX's own heartbeat timeout
@@ -482,19 +465,33 @@ def test_sigkill_before_the_first_save_and_of_the_coordinator_during_a_save_then
   assert "Terminating process because the JAX distributed service" not in out
   assert checkpoint.newest_committed_step(workdir / "checkpoints") is None
 
-  job = _Job(workdir, *flags)
-  _wait_for(lambda: _saving(workdir, 20), job, "the save of checkpoint 20")
+  job = _Job(workdir, cache)  # (2)
+  job.wait_for_checkpoint(10)
+  _preempt(job, "one_only")
+  step, out = _step_saved_on_notice(job, after=10)
+  assert "resuming from" not in out
+
+  job = _Job(workdir, cache)  # (3)
+  after = job.wait_for_a_step_after(step)
+  _preempt(job, "both_0.5s_apart")
+  resumed = step
+  step, out = _step_saved_on_notice(job, after=after)
+  assert out.count(f"resuming from {workdir}/checkpoints/{resumed}") == PROCESSES
+
+  job = _Job(workdir, *killing)  # (4)
+  saving = (step // 10 + 1) * 10  # checkpoint_every 10; at most TOTAL_STEPS
+  _wait_for(lambda: _saving(workdir, saving), job, f"the save of checkpoint {saving}")
   out, killed = _killed(job, 0, timeout_s)
   assert re.search(rf"error: process 0 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
                    rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 1 exits with code "
                    rf"{faults.HUNG_EXIT_CODE}", out), out[-6000:]
   assert "Terminating process because the JAX distributed service" not in out
-  assert "resuming from" not in out
-  assert checkpoint.newest_committed_step(workdir / "checkpoints") == 10
+  assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
+  assert checkpoint.newest_committed_step(workdir / "checkpoints") == step
 
-  code, out = _Job(workdir, *flags).finish()
+  code, out = _Job(workdir, cache).finish()  # (5)
   assert code == 0, out[-6000:]
-  assert out.count(f"resuming from {workdir}/checkpoints/10") == PROCESSES
+  assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
   for got, want in zip(_final(workdir), _final(reference)):
     np.testing.assert_array_equal(got, want)
   assert _final_eval(workdir) == _final_eval(reference)
@@ -505,9 +502,11 @@ def test_a_stalled_process_ends_the_whole_job(tmp_path):
   """Process 1 stops (SIGSTOP, as a wedged host would): process 0, waiting on it in a collective, dumps its
   stacks, names the step and phase and exits 75 within config.step_timeout_s; process 1, once it runs again,
   finds its own step overdue and exits too, so nothing is left waiting."""
-  timeout_s = 8
+  timeout_s = 5  # over 10x a train step's time, and below config.peer_timeout_s (30 s), whose line would differ
   job = _Job(tmp_path / "run", "--config.total_steps=100000", f"--config.step_timeout_s={timeout_s}")
-  job.wait_for_checkpoint(10)
+  # Step 2 logged: both processes are past their first step (whose call compiles, unwatched) and its periodic
+  # actions (collectives, as unwatched), so from here on every wait of the loop is watched.
+  job.wait_for_a_step_after(1)
   first, second = job.trainers()
   os.kill(second, signal.SIGSTOP)
   waited = _wait_gone(first, timeout=timeout_s + 60)
