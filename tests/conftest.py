@@ -246,23 +246,30 @@ def random_params(task, seed: int = 0):
   Kernels N(0, 1/fan_in) (fan_in from the logical axis names), LayerNorm scales 1 + N(0, 0.1^2), everything
   else N(0, 0.1^2): unlike the init (zero biases, identity-like blocks), every param changes the outputs.
   """
+  return params_drawn_by_shape(lambda: task.init_variables(jax.random.key(0))["params"], seed)
+
+
+def params_drawn_by_shape(init, seed: int = 0):
+  """`random_params` of any init: `init()` returns boxed (logically named) params, as a Linen module's
+  `init(...)["params"]` does; only its shapes are read (jax.eval_shape: no init compile)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
-  boxed = jax.eval_shape(lambda: task.init_variables(jax.random.key(0))["params"])
+  boxed = jax.eval_shape(init)
   rng = np.random.default_rng(seed)
 
   def draw(path, leaf):
     shape, names = leaf.value.shape, leaf.names
     name = path[-1].key
+    # Cast by numpy (the same rounding): jnp.asarray(x, float32) of a float64 array compiles a conversion per shape.
     if name == "scale":
-      return jnp.asarray(1.0 + rng.normal(0.0, 0.1, shape), jnp.float32)
+      return jnp.asarray((1.0 + rng.normal(0.0, 0.1, shape)).astype(np.float32))
     std = 0.1
     if name == "kernel":
       axes = [i for i, n in enumerate(names) if n != "layers"]
       inputs = axes[:-1] if names[-1] == "embed" and len(axes) > 1 else axes[:1]
       std = math.prod(shape[i] for i in inputs) ** -0.5
-    return jnp.asarray(rng.normal(0.0, std, shape), jnp.float32)
+    return jnp.asarray(rng.normal(0.0, std, shape).astype(np.float32))
 
   return jax.tree_util.tree_map_with_path(draw, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 

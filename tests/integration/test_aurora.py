@@ -58,8 +58,8 @@ def _params(task):
   return _PARAMS[key]
 
 
-def _train(config, batches):
-  state, _, history = test_train_step._train(config, batches)
+def _train(config, batches, devices=None, params=None):
+  state, _, history = test_train_step._train(config, batches, devices=devices, params=params)
   return jax.device_get(state.params), history
 
 
@@ -97,10 +97,11 @@ def test_uncaptioned_images_train_mim_only():
   assert abs(mixed["train/mim_loss"] - alone["train/mim_loss"]) > 1e-4  # MIM: every image, not the subset
 
 
-# Two steps on 8 devices (zero2), in one step and accumulated over 4 micro-batches of 8 (one example per
-# device). Not square: with 64 = 8 x 8 the split's reshape to (B / steps, steps) and one to (steps, B / steps)
-# are the same, so mixing the two up could not show. The count is a scan's length (4 proves what the recipe's 8
-# would), and a batch of 32 compiles ~25% faster than one of 64. The accumulated run sums each device's gradients
+# Two steps (zero2) accumulated over 4 micro-batches of 8 on 8 devices (one example per device), and the same
+# in one step on one device (the reference: no partitioning, and it compiles in ~60% of the time 8 devices take).
+# Not square: with 64 = 8 x 8 the split's reshape to (B / steps, steps) and one to (steps, B / steps) are the
+# same, so mixing the two up could not show. The count is a scan's length (4 proves what the recipe's 8 would),
+# and a batch of 32 compiles ~25% faster than one of 64. The accumulated run sums each device's gradients
 # unreduced and reduces them once (config.accumulate_unreduced, the recipe's setting).
 ACCUM_BATCH, ACCUM_STEPS = 32, 4
 GPUS_PER_NODE = 4  # the HLO check below reads the 8 devices as 2 nodes of 4
@@ -108,16 +109,19 @@ GPUS_PER_NODE = 4  # the HLO check below reads the 8 devices as 2 nodes of 4
 
 @pytest.fixture(scope="module")
 def accumulation_runs():
-  """((params, metrics history) of two steps of the batch of 32 in one step, the same accumulated over 4
-  micro-batches of 8, and the accumulated step's partitioned HLO): the 'separate' view (the 'shared' view goes
-  through the same two passes; its pass-1 features are checked below)."""
+  """((params, metrics history) of two steps of the batch of 32 in one step on one device, the same accumulated
+  over 4 micro-batches of 8 on 8 devices, and the accumulated step's partitioned HLO), from one initial state (the
+  module's random params: no init compile, and no identity-like blocks), in the 'separate' view (the 'shared' view
+  goes through the same two passes; its pass-1 features are checked below)."""
   def config(accum, **fields):
     return tiny_aurora_config(global_batch_size=ACCUM_BATCH, strategy="zero2", grad_accum_steps=accum,
                               **{"model.mim_view": "separate"}, **fields)
   batches = _pair_batches(config(1), 2)
+  params = _params(tasks.build(config(1)))
   state, _, history, hlo = test_train_step._train(config(ACCUM_STEPS, accumulate_unreduced=True), batches,
-                                                  with_hlo=True)
-  return _train(config(1), batches), (jax.device_get(state.params), history), hlo
+                                                  with_hlo=True, params=params)
+  return (_train(config(1), batches, devices=jax.devices()[:1], params=params),
+          (jax.device_get(state.params), history), hlo)
 
 
 @pytest.mark.slow
@@ -125,7 +129,7 @@ def accumulation_runs():
 def test_four_accumulation_steps_equal_one_step_of_four_times_the_batch(accumulation_runs):
   """Two-pass accumulation: the contrastive loss spans the whole batch of 32 (8 devices, zero2), not 8, and
   its captioned examples only (a quarter are uncaptioned images); the devices' unreduced sums, reduced once a
-  step, are the whole batch's gradient."""
+  step, are the whole batch's gradient (that of one step of the batch of 32 on one device)."""
   (ref, ref_hist), (got, hist), _ = accumulation_runs
   for key in ("train/loss", "train/contrastive_loss", "train/caption_loss", "train/mim_loss", "train/grad_norm"):
     np.testing.assert_allclose(hist[-1][key], ref_hist[-1][key], rtol=2e-5, err_msg=key)
@@ -282,7 +286,7 @@ def test_the_panel_shows_the_masked_input_the_reconstruction_and_the_original():
   task = tasks.build(config, mesh)
   ctx = EvalContext(mesh, config.global_batch_size, 0, 1)
   with mesh, parallel.activation_sharding(mesh):
-    picture = task.panel(ctx)(random_params(task))
+    picture = task.panel(ctx)(_params(task))
   first = next(iter(image_text.held_out_pairs(task, ctx, mim=config.data.mim)()))
   image, grid = first["image"][0], first["mim_mask"][0]
   scale = -(-panels.TILE // image.shape[0])

@@ -25,6 +25,7 @@ from visionfm_jax.tools import workdir as workdir_lib
 from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.training import grads as grads_lib
 
+from conftest import random_params
 from conftest import tiny_clip_config as _tiny
 import test_real_data
 from test_train_step import _setup
@@ -244,12 +245,13 @@ def test_short_shapes_captions_name_size_colour_and_shape_only():
 
 
 @functools.lru_cache(maxsize=1)
-def _initial_params(model_json):
-  """The tiny CLIP's initial params (the tests below differ only in what does not shape them)."""
+def _random_params(model_json):
+  """The tiny CLIP's params drawn at random by shape (conftest.random_params: no init compile; unlike the init's
+  identity-like blocks, every param changes the loss), the temperature at the init's 1/0.07. The tests below
+  differ only in what does not shape them."""
   config = _tiny()
   assert json.dumps(config.model.to_dict(), sort_keys=True) == model_json
-  task = tasks.build(config)
-  return jax.jit(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))()
+  return {**random_params(tasks.build(config)), "logit_scale": jnp.float32(math.log(1 / 0.07))}
 
 
 @pytest.mark.slow
@@ -267,7 +269,7 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   mesh = parallel.make_mesh(config.mesh)
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
   plain, task = tasks.build(config), tasks.build(config, mesh)
-  params = _initial_params(json.dumps(config.model.to_dict(), sort_keys=True))
+  params = _random_params(json.dumps(config.model.to_dict(), sort_keys=True))
   batch = _random_pairs(config, 1)[0]
   rng = jax.random.key(7)
   single_device_loss = jax.jit(lambda p, b: plain.loss(p, b, rng)[0])

@@ -61,7 +61,14 @@ def test_zeroshot_on_unlabelled_pairs_stops_before_the_first_step(dry_run, unlab
   assert not (tmp_path / "run").exists()  # stopped before it wrote anything: the new workdir is gone
 
 
+# The two runs below train the same config on the same pairs (they differ in what they evaluate): the second
+# loads the init and the train step that the first compiled (the module's compilation cache, in one xdist worker).
+SAME_TRAINING = pytest.mark.xdist_group("eval_fits_data_training")
+
+
 @pytest.mark.slow
+@pytest.mark.usefixtures("compilation_cache")
+@SAME_TRAINING
 def test_without_zeroshot_unlabelled_pairs_train_and_report_retrieval(unlabelled, tmp_path):
   config = tiny_clip_config(**{"data.source": unlabelled, "data.num_workers": 0, "eval.zeroshot_classes": ""})
   final = train.run(config, str(tmp_path / "run"))
@@ -70,11 +77,16 @@ def test_without_zeroshot_unlabelled_pairs_train_and_report_retrieval(unlabelled
 
 
 @pytest.mark.slow
-def test_zeroshot_on_the_users_class_names_and_templates(tmp_path):
+@pytest.mark.usefixtures("compilation_cache")
+@SAME_TRAINING
+def test_zeroshot_on_the_users_class_names_and_templates(unlabelled, tmp_path):
+  """Trained on the user's unlabelled pairs, evaluated zero-shot on labelled images (the shapes) with the user's
+  class names and templates."""
   (tmp_path / "classes.txt").write_text("\n".join(shapes.SHAPE_NAMES) + "\n\n")
   (tmp_path / "templates.txt").write_text("a photo of a {}\na drawing of a {}.\n")
   config = tiny_clip_config(**{"eval.zeroshot_classes": str(tmp_path / "classes.txt"), "eval.retrieval": False,
-                               "eval.zeroshot_templates": str(tmp_path / "templates.txt"), "data.num_workers": 0})
+                               "eval.zeroshot_templates": str(tmp_path / "templates.txt"), "data.num_workers": 0,
+                               "data.source": unlabelled, "data.eval_source": "shapes"})
   final = train.run(config, str(tmp_path / "run"))
   assert 0 <= final["eval/zeroshot/top1"] <= final["eval/zeroshot/top5"] <= 1
   assert final["eval/zeroshot/count"] == config.eval.zeroshot_examples

@@ -33,8 +33,13 @@ BOS, EOS, PAD = tokenizer_lib.BOS_ID, tokenizer_lib.EOS_ID, tokenizer_lib.PAD_ID
 
 def _random_params(overrides=None, seed=0):
   """(model, params) of the tiny Aurora with random params by shape (conftest.random_params: no init compile;
-  logits that vary with the tokens and the memory, unlike all-equal scales)."""
-  task = tasks.build(tiny_aurora_config(**(overrides or {})))
+  logits that vary with the tokens and the memory, unlike all-equal scales); drawn once per config and seed."""
+  return _drawn(tuple(sorted((overrides or {}).items())), seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _drawn(overrides, seed):
+  task = tasks.build(tiny_aurora_config(**dict(overrides)))
   return task.model, random_params(task, seed)
 
 

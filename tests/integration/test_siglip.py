@@ -22,7 +22,7 @@ from visionfm_jax.tasks import losses
 from visionfm_jax.training import grads as grads_lib
 from visionfm_jax.training import train
 
-from conftest import tiny_clip_config
+from conftest import random_params, tiny_clip_config
 from test_contrastive import _random_pairs
 
 B, D = 32, 24  # 8 devices: blocks of 4 x 4; D differs from every batch size so that shapes name one thing
@@ -155,8 +155,8 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
                             **{"data.augment.mixup_alpha": 0.4, "mesh.data": 2, "mesh.fsdp": 4})
   mesh = parallel.make_mesh(config.mesh)
   plain, task = tasks.build(config), tasks.build(config, mesh)
-  params = jax.jit(lambda: nn.unbox(plain.init_variables(jax.random.key(0))["params"]))()
-  params = {**params, "logit_bias": jnp.float32(-3.0)}  # off the init, where the loss is near its floor
+  params = random_params(plain)  # by shape, no init compile; unlike the init, every param changes the loss
+  params = {**params, "logit_bias": jnp.float32(-3.0)}  # off the init's -10, where the loss is near its floor
   batch = _random_pairs(config, 1)[0]
   rng = jax.random.key(7)
   single_device_loss = jax.jit(lambda p, b: plain.loss(p, b, rng)[0])
@@ -175,9 +175,11 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
 
 
 @pytest.mark.slow
-def test_run_with_four_micro_batches_starts_as_one_batch_and_evaluates(tmp_path):
+def test_run_with_four_micro_batches_starts_as_one_batch_and_evaluates(tmp_path, compilation_cache):
   """Through the loop on 8 devices: the first step's loss and gradient norm with 4 micro-batches of 8 are those
-  of one batch of 32; zero-shot and retrieval run and report."""
+  of one batch of 32; zero-shot and retrieval run and report. The runs share a compilation cache: the second
+  loads the state's init (the same model and optimizer) instead of compiling it."""
+  del compilation_cache
   def first_step(accum, **evaluation):
     config = tiny_clip_config("siglip", global_batch_size=32, total_steps=1, log_every=1, eval_every=1,
                               checkpoint_every=1, grad_accum_steps=accum, **evaluation)

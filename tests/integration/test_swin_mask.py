@@ -3,6 +3,7 @@ every k-th patch along both axes from a random phase of its own and the tower ru
 the full map's windows (W / k kept tokens a side) and the position bias at the kept tokens' offsets on the full map;
 evaluation sees every patch; through `main` a CLIP with the masked tower trains and evaluates on whole images."""
 
+import functools
 import json
 
 import chex
@@ -18,7 +19,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, swinv2
 from visionfm_jax.training import train
 
-from conftest import tiny_clip_config
+from conftest import params_drawn_by_shape, tiny_clip_config
 
 IMAGES = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)  # patch 2: an 8x8 map
 
@@ -29,21 +30,31 @@ def _swin(token_subgrid=2, **kw):
                                  image_size=16, num_classes=3, token_subgrid=token_subgrid), **kw})
 
 
+def _init(model):
+  return lambda: model.init(jax.random.key(0), IMAGES)["params"]
+
+
 def _params(model):
-  """Initial params with noise: the res-post-norms start at zero, which would hide the attention branches."""
-  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), IMAGES))["params"]
-  rng = np.random.default_rng(0)
-  return jax.tree.map(lambda x: np.asarray(x) + 0.1 * rng.standard_normal(x.shape).astype(np.float32), params)
+  """Params drawn at random by shape (conftest.params_drawn_by_shape: no init compile), as host arrays (unstacked
+  with numpy, not op by op on the device). Not the init: its res-post-norms start at zero, which would hide the
+  attention branches."""
+  return jax.device_get(params_drawn_by_shape(_init(model)))
 
 
 def _train(model, params, rng=1):
-  # Jitted, as every apply here: eager, each primitive compiles on its own.
-  return jax.jit(lambda p, key: model.apply({"params": p}, IMAGES, train=True, rngs={"dropout": key}))(
-      params, jax.random.key(rng))
+  return _train_apply(model, params, jax.random.key(rng))
 
 
+# Jitted, as every apply here (eager, each primitive compiles on its own), with the model static: one compile per
+# model, whatever the params and key.
+@functools.partial(jax.jit, static_argnums=0)
+def _train_apply(model, params, key):
+  return model.apply({"params": params}, IMAGES, train=True, rngs={"dropout": key})
+
+
+@functools.partial(jax.jit, static_argnums=0)
 def _eval(model, params):
-  return jax.jit(lambda p: model.apply({"params": p}, IMAGES))(params)
+  return model.apply({"params": params}, IMAGES)
 
 
 def test_each_image_keeps_every_kth_patch_from_a_random_phase_of_its_own():
@@ -77,7 +88,7 @@ def test_kept_windows_see_the_position_bias_of_their_offsets_on_the_full_map():
 def test_training_sees_a_quarter_of_the_tokens_evaluation_all_with_the_unmasked_params():
   model = _swin()
   params = _params(model)
-  chex.assert_trees_all_equal_shapes(params, _params(_swin(1)))
+  chex.assert_trees_all_equal_shapes(params, nn.unbox(jax.eval_shape(_init(_swin(1)))))
   assert _train(model, params)["tokens"].shape == (2, 2 * 2, 32)  # 4x4 kept map, merged to 2x2
   evaluated = _eval(model, params)
   assert evaluated["tokens"].shape == (2, 4 * 4, 32)
@@ -102,7 +113,7 @@ def test_scanned_and_unrolled_masked_towers_agree_and_gradients_reach_every_para
   g_scan = jax.jit(jax.grad(lambda p: loss(scanned, p)))(params)
   g_unrolled = jax.jit(jax.grad(lambda p: loss(unrolled, p)))(flat)
   g_scan = {k: (unstack_layers(v, name="blocks", members=swinv2.PAIR) if k.startswith("stage_") else v)
-            for k, v in g_scan.items()}
+            for k, v in jax.device_get(g_scan).items()}
   chex.assert_trees_all_close(g_scan, g_unrolled, atol=1e-4, rtol=1e-4)
   for path, grad in jax.tree_util.tree_leaves_with_path(g_unrolled):
     assert np.all(np.isfinite(grad)), path

@@ -2,6 +2,7 @@
 token and a random subset of round((1 - token_drop) x N) patch tokens; evaluation sees every token; through `main`
 a CLIP with a masked ViT tower trains and reports zero-shot and retrieval on whole images."""
 
+import functools
 import json
 
 import jax
@@ -13,7 +14,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import clip, vit
 from visionfm_jax.training import train
 
-from conftest import tiny_clip_config
+from conftest import params_drawn_by_shape, tiny_clip_config
 
 IMAGES = np.random.default_rng(0).normal(size=(3, 32, 32, 3)).astype(np.float32)  # 16 patches of 8 px
 
@@ -22,13 +23,31 @@ def _vit(token_drop, pool="cls"):
   return vit.ViT(**vit.parse_variant("pico/8"), image_size=32, num_classes=4, pool=pool, token_drop=token_drop)
 
 
+def _variables(model):
+  """{'params': drawn at random by shape} (conftest.params_drawn_by_shape), unboxed: no init (run eagerly, it
+  compiles every primitive on its own), and unlike the init's zero head (zero logits, zero gradients below it),
+  every param changes the outputs."""
+  return {"params": params_drawn_by_shape(lambda: model.init(jax.random.key(0), IMAGES)["params"])}
+
+
+# Jitted, with the model static (eager, every primitive compiles on its own): one compile per model and mode.
+@functools.partial(jax.jit, static_argnums=0)
+def _train(model, variables, key):
+  return model.apply(variables, IMAGES, train=True, rngs={"dropout": key})
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _eval(model, variables):
+  return model.apply(variables, IMAGES)
+
+
 def test_training_keeps_the_class_token_and_a_random_subset_of_patches_evaluation_sees_all():
   model = _vit(0.75)
-  params = model.init(jax.random.key(0), IMAGES)
-  train_out = model.apply(params, IMAGES, train=True, rngs={"dropout": jax.random.key(1)})
+  params = _variables(model)
+  train_out = _train(model, params, jax.random.key(1))
   assert train_out["tokens"].shape == (3, 1 + 4, 32)  # 16 patches, 4 kept
   unmasked = _vit(0.0)
-  np.testing.assert_array_equal(model.apply(params, IMAGES)["logits"], unmasked.apply(params, IMAGES)["logits"])
+  np.testing.assert_array_equal(_eval(model, params)["logits"], _eval(unmasked, params)["logits"])
 
 
 def test_the_kept_tokens_are_those_of_the_unmasked_embedding_each_image_its_own():
@@ -48,9 +67,9 @@ def test_the_kept_tokens_are_those_of_the_unmasked_embedding_each_image_its_own(
 
 def test_gradients_flow_through_the_kept_tokens_and_flops_count_them():
   model = _vit(0.5, pool="gap")
-  params = model.init(jax.random.key(0), IMAGES)
-  loss = lambda p: jnp.sum(model.apply(p, IMAGES, train=True, rngs={"dropout": jax.random.key(2)})["logits"] ** 2)
-  grads = jax.grad(loss)(params)
+  params = _variables(model)
+  loss = lambda p: jnp.sum(_train(model, p, jax.random.key(2))["logits"] ** 2)
+  grads = jax.jit(jax.grad(loss))(params)
   assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
   assert np.any(grads["params"]["pos_embed"] != 0)
   assert vit.train_flops_per_example(model) < vit.train_flops_per_example(_vit(0.0))
@@ -69,8 +88,11 @@ def _tiny_vit_clip(*variants, **overrides):
 
 
 @pytest.mark.slow
-def test_flip_then_its_unmasked_tuning_train_through_main_and_evaluate_on_whole_images(tmp_path):
-  """`vit,flip` masks half of the patches in training; `vit,flip_tune` goes on from its params unmasked."""
+def test_flip_then_its_unmasked_tuning_train_through_main_and_evaluate_on_whole_images(tmp_path, compilation_cache):
+  """`vit,flip` masks half of the patches in training; `vit,flip_tune` goes on from its params unmasked. The two
+  runs share a compilation cache: the tuning run compiles its own train step (no tokens dropped) and loads the
+  rest (state init, evaluations, panel: the same programs, since token_drop acts in training only)."""
+  del compilation_cache
   config = _tiny_vit_clip("flip")
   assert clip.build(config.model, jnp.float32).image.token_drop == 0.5
   masked = train.run(config, str(tmp_path / "flip"))

@@ -49,25 +49,44 @@ _INITIAL_STATES = {}
 
 
 def _initial_state(config, init_fn, shardings):
-  """A fresh copy of the initial state (the train step donates it); configs that differ only in what does not
-  shape or seed the state (batch, accumulation, steps) share one init compile, the slowest part of a test."""
-  key = json.dumps([config.model.to_dict(), config.optim.to_dict(), config.precision.to_dict(),
-                    config.mesh.to_dict(), config.strategy, config.seed], sort_keys=True, default=str)
+  """A fresh copy of the initial state (the train step donates it), laid out by `shardings`. The init draws the same
+  values under any layout (partitionable threefry), so configs that differ only in what does not shape or seed the
+  state (batch, accumulation, steps, strategy, mesh, devices) share one init compile, the slowest part of a test:
+  it runs once, unsharded, and its host copy is laid out for each run."""
+  key = json.dumps([config.model.to_dict(), config.optim.to_dict(), config.precision.to_dict(), config.seed],
+                   sort_keys=True, default=str)
   if key not in _INITIAL_STATES:
-    _INITIAL_STATES[key] = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
-  return jax.jit(lambda s: jax.tree.map(jnp.copy, s), out_shardings=shardings)(_INITIAL_STATES[key])
+    _INITIAL_STATES[key] = jax.device_get(jax.jit(lambda r: nn.unbox(init_fn(r)))(jax.random.key(config.seed)))
+  return jax.device_put(_INITIAL_STATES[key], shardings)
 
 
-def _setup(config, task=None):
-  """The real train step (shardings, donation, jit) and a fresh sharded state for `config`."""
-  mesh = parallel.make_mesh(config.mesh)
+class _GivenParams:
+  """A task whose init draws nothing: its params are the ones given."""
+
+  def __init__(self, params):
+    self.params = params
+
+  def init_variables(self, rng):
+    del rng
+    return {"params": self.params}
+
+
+def _setup(config, task=None, devices=None, params=None):
+  """The real train step (shardings, donation, jit) and a fresh sharded state for `config` on `devices` (all of
+  them by default); `params`: the state's params instead of the init's (the state around them, its optimizer
+  state, loss scale and EMA, is the init's), e.g. conftest.random_params: no compile of the init's draws."""
+  mesh = parallel.make_mesh(config.mesh, devices)
   task = task or tasks.build(config)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   tx = optim.make_optimizer(config.optim, lr_schedule)
   init_fn = step_lib.make_init_fn(task, tx, config)
   with mesh, parallel.activation_sharding(mesh):
     abstract, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
-    state = _initial_state(config, init_fn, shardings)
+    if params is None:
+      state = _initial_state(config, init_fn, shardings)
+    else:
+      around = lambda p: nn.unbox(step_lib.make_init_fn(_GivenParams(p), tx, config)(jax.random.key(config.seed)))
+      state = jax.jit(around, out_shardings=shardings)(params)
   batch_sharding = parallel.batch_sharding(mesh)
   jitted = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule)
 
@@ -84,28 +103,35 @@ def _setup(config, task=None):
   return state, step, specs
 
 
-def _train(config, batches, with_hlo=False):
-  """(final state, state specs, metrics per step[, the step's partitioned HLO])."""
-  state, step, specs = _setup(config)
+def _train(config, batches, with_hlo=False, devices=None, params=None, params_after=None):
+  """(final state, state specs, metrics per step[, the step's partitioned HLO]) from `_setup`'s state; `params_after`:
+  a list that receives the params (host copies) after each step."""
+  state, step, specs = _setup(config, devices=devices, params=params)
   history = []
   for b in batches:
     state, m = step(state, b)
     history.append(m)
+    if params_after is not None:
+      params_after.append(jax.device_get(state.params))
   if with_hlo:
     return state, specs, history, step.compiled_text(state, batches[-1])
   return state, specs, history
 
 
 @functools.lru_cache(maxsize=1)
-def _ddp_params_after_three_steps():
-  ref, _, _ = _train(tiny_vit_config(strategy="ddp"), _random_batches(tiny_vit_config(), 3))
-  return jax.device_get(ref.params)
+def _ddp_run():
+  """(params after each step, metrics per step, state specs) of three ddp steps on `_random_batches`: the reference
+  of the ZeRO strategies (three steps) and of accumulation (the first two), one run and one compile for all."""
+  params = []
+  _, specs, history = _train(tiny_vit_config(strategy="ddp"), _random_batches(tiny_vit_config(), 3),
+                             params_after=params)
+  return params, history, specs
 
 
 @pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
 def test_zero_strategies_match_ddp(strategy):
   got, specs, _ = _train(tiny_vit_config(strategy=strategy), _random_batches(tiny_vit_config(), 3))
-  chex.assert_trees_all_close(jax.device_get(got.params), _ddp_params_after_three_steps(), atol=1e-5, rtol=1e-4)
+  chex.assert_trees_all_close(jax.device_get(got.params), _ddp_run()[0][2], atol=1e-5, rtol=1e-4)
   kernel = specs.params["blocks"]["mlp"]["fc1"]["kernel"]
   mu_kernel = specs.opt_state[1][0].mu["blocks"]["mlp"]["fc1"]["kernel"]
   assert ("fsdp" in tuple(kernel)) == (strategy == "zero3")
@@ -116,7 +142,7 @@ def test_zero_strategies_match_ddp(strategy):
 
 
 def test_ddp_state_is_replicated():
-  _, specs, _ = _train(tiny_vit_config(strategy="ddp"), _random_batches(tiny_vit_config(), 1))
+  _, _, specs = _ddp_run()
   assert all(all(a is None for a in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
 
@@ -128,11 +154,12 @@ NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2,
 def test_gradient_accumulation_equals_one_big_batch(unreduced):
   """Also with each device's gradients summed unreduced over the micro-batches and reduced once a step, and with
   each fsdp group (a node) reducing its micro-batches' gradients within and the groups once a step."""
-  batches = _random_batches(tiny_vit_config(), 2)
-  ref, _, ref_hist = _train(tiny_vit_config(), batches)
-  got, _, hist, hlo = _train(tiny_vit_config(grad_accum_steps=2, **unreduced), batches, with_hlo=True)
-  chex.assert_trees_all_close(jax.device_get(got.params), jax.device_get(ref.params), atol=1e-5, rtol=1e-4)
-  np.testing.assert_allclose(hist[-1]["train/loss"], ref_hist[-1]["train/loss"], rtol=1e-5)
+  assert tiny_vit_config().strategy == "ddp"  # the reference: the first two steps of `_ddp_run`
+  ref_params, ref_hist, _ = _ddp_run()
+  got, _, hist, hlo = _train(tiny_vit_config(grad_accum_steps=2, **unreduced), _random_batches(tiny_vit_config(), 2),
+                             with_hlo=True)
+  chex.assert_trees_all_close(jax.device_get(got.params), ref_params[1], atol=1e-5, rtol=1e-4)
+  np.testing.assert_allclose(hist[-1]["train/loss"], ref_hist[1]["train/loss"], rtol=1e-5)
   if unreduced is NODE_LOCAL:  # 8 devices read as 2 nodes of 4: only the fsdp groups of 4 reduce inside the loop
     collectives = [k for k in hlo_cost.Program(hlo, devices_per_node=4).kernels if k.kind == "collective"]
     inside = {(k.collective, k.group_size, k.group_spans_nodes) for k in collectives if k.count > 1}
