@@ -5,6 +5,7 @@ step, metrics.jsonl's values through rewinds, resumes and failures, read back wi
 import importlib.util
 import json
 import os
+import pathlib
 import signal
 import subprocess
 import sys
@@ -107,9 +108,11 @@ def test_a_refused_wandb_rewind_continues_the_run_without_sending_its_steps_agai
   _write(writer, range(6, 13), 2.0)
   writer.close(final={})
   (run,) = wandb_runs(workdir).values()
-  assert run["segments"] == 2 and run["rewinds"] == []
+  # W&B's files, named in a failure: the segment count has been seen at 1 (about 1 run in 30 on the VM).
+  files = sorted(str(p.relative_to(workdir)) for p in pathlib.Path(workdir, "wandb").rglob("*.wandb"))
+  assert run["segments"] == 2 and run["rewinds"] == [], (run["segments"], run["exit_codes"], files)
   assert {step: row["train/loss"] for step, row in run["history"].items()} == {
-      **{s: float(s) for s in range(1, 11)}, 11: 22.0, 12: 24.0}
+      **{s: float(s) for s in range(1, 11)}, 11: 22.0, 12: 24.0}, files
   assert "W&B did not rewind run" in caplog.text and "preview feature" in caplog.text
 
 
