@@ -1,6 +1,7 @@
 """Test session setup: 8 simulated CPU devices (multi-device sharding is tested on them), fp32 matmuls, and XLA's
 CPU compiler set to compile fast (`FAST_COMPILE_FLAGS`)."""
 
+import gc
 import math
 import os
 import signal
@@ -144,6 +145,19 @@ def read_the_loss_after_every_step(monkeypatch):
       return state, metrics
     return run_and_read
   monkeypatch.setattr(step_lib, "jit_train_step", stalling)
+
+
+# A test worker's heap grows with every test it runs (the suite's imports, JAX's caches of traced and compiled
+# programs), and each of Python's full collections rescans all of it; tracing a model allocates enough to set one
+# off every few seconds. The heap is frozen once the tests are collected (their modules imported), and collections
+# wait for 50,000 net allocations instead of 700.
+gc.set_threshold(50_000, 20, 100)
+
+
+def pytest_collection_finish(session):
+  del session
+  gc.collect()
+  gc.freeze()
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@ they have touched, the run raises its open-file limit to what its pipeline needs
 is a skipped record, a shard that vanishes is an error naming it, and a resume on replaced data is refused naming what
 changed unless allowed."""
 
+import gc
 import json
 import os
 import re
@@ -103,6 +104,7 @@ def test_open_shards_under_threads_stay_within_the_threads_and_the_limit():
 
 def test_globally_shuffled_reads_of_many_shards_hold_a_bounded_number_of_files(many_shards):
   directory, _ = many_shards
+  gc.collect()  # the files that earlier tests' garbage still holds close now, not while this one counts
   before = _open_fds()
   source = records.ArrayRecordSource(str(directory / "train-*.array_record"))
   assert _open_fds() == before  # the footers are read and closed

@@ -280,14 +280,15 @@ def test_auto_is_the_default_and_the_only_negative_worker_count():
 
 def test_local_sh_gives_each_gpu_process_its_slice_of_the_cpus(tmp_path):
   """launch/local.sh N on a GPU machine binds process i to the i-th N-th of the CPUs, so that num_workers=-1 counts
-  its share (here: a fake nvidia-smi with 2 GPUs, and a `python` that reports each process's CPUs)."""
+  its share (here: a fake nvidia-smi with 2 GPUs, and a `python` that reports each process's CPUs in one write, which
+  the other process's line cannot split)."""
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\necho 'GPU 1: fake'\n")
   (bin_dir / "python").write_text(textwrap.dedent(f"""\
       #!/bin/sh
       if [ "$1" = -m ]; then
-        exec {sys.executable} -c 'import os; print("cpus", os.environ["JAX_PROCESS_ID"], sorted(os.sched_getaffinity(0)))'
+        exec {sys.executable} -c 'import os; os.write(1, ("cpus %s %s\\n" % (os.environ["JAX_PROCESS_ID"], sorted(os.sched_getaffinity(0)))).encode())'
       fi
       exec {sys.executable} "$@"
       """))
