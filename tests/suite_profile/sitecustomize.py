@@ -1,0 +1,58 @@
+"""Where a test run's CPU time goes, per Python process: with this folder on PYTHONPATH and VISIONFM_SUITE_PROFILE
+set to a folder, every Python process of the run (test workers, and the training jobs, tools and launchers they
+start) writes `<pid>.json` there at exit: its CPU seconds, and the seconds JAX spent tracing, lowering to MLIR and
+compiling (JAX's own monitoring events), with the test that was running. `summarize.py` adds them up.
+
+The listeners are registered when JAX's monitoring module is first imported, not here: importing JAX at start-up
+would read its environment (JAX_DISABLE_MOST_OPTIMIZATIONS, set by tests/conftest.py) before the tests set it."""
+
+import os
+
+if os.environ.get("VISIONFM_SUITE_PROFILE"):
+  import atexit
+  import importlib.abc
+  import importlib.machinery
+  import json
+  import resource
+  import sys
+
+  _EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
+             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+             "/jax/core/compile/backend_compile_duration": "compile_s"}
+  _totals = dict.fromkeys(_EVENTS.values(), 0.0) | {"programs": 0, "cache_hits": 0}
+
+  def _duration(event, seconds, **_):
+    if event in _EVENTS:
+      _totals[_EVENTS[event]] += seconds
+      _totals["programs"] += event.endswith("backend_compile_duration")
+
+  def _event(event, **_):
+    _totals["cache_hits"] += event == "/jax/compilation_cache/cache_hits"
+
+  class _ListenOnImport(importlib.abc.MetaPathFinder):
+    """Registers the listeners as jax._src.monitoring finishes loading."""
+
+    def find_spec(self, name, path, target=None):
+      if name != "jax._src.monitoring":
+        return None
+      sys.meta_path.remove(self)
+      spec = importlib.machinery.PathFinder.find_spec(name, path)
+      load = spec.loader.exec_module
+
+      def exec_module(module):
+        load(module)
+        module.register_event_duration_secs_listener(_duration)
+        module.register_event_listener(_event)
+      spec.loader.exec_module = exec_module
+      return spec
+
+  def _write():
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    record = dict(_totals, cpu_s=usage.ru_utime + usage.ru_stime, argv=sys.argv[:4],
+                  test=os.environ.get("PYTEST_CURRENT_TEST", ""))
+    record["runner"] = not record["test"] and "_pytest" in sys.modules  # pytest or a worker, not a test's child
+    with open(os.path.join(os.environ["VISIONFM_SUITE_PROFILE"], f"{os.getpid()}.json"), "w") as f:
+      json.dump(record, f)
+
+  sys.meta_path.insert(0, _ListenOnImport())
+  atexit.register(_write)
