@@ -29,8 +29,7 @@ def _row(name: str, sums: dict) -> str:
 
 
 def report(records: list[dict], top: int = 15) -> str:
-  workers = [r for r in records if r["runner"]]
-  started = [r for r in records if r not in workers]
+  workers, started = [r for r in records if r["runner"]], [r for r in records if not r["runner"]]
   by_file = collections.defaultdict(list)
   for r in started:
     by_file[r["test"].split("::")[0] or "(outside a test)"].append(r)
