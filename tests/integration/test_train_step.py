@@ -146,6 +146,22 @@ def test_ddp_state_is_replicated():
   assert all(all(a is None for a in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))
 
 
+def test_the_init_is_traced_once_for_its_shapes_and_its_values():
+  """`init_state` reuses the trace that `state_shardings` made of the init (the model's whole init, traced again per
+  run otherwise) and lays the state out as planned, with the values of a plain jit of the init."""
+  config = tiny_vit_config(strategy="zero3")
+  mesh, task = parallel.make_mesh(config.mesh), tasks.build(config)
+  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
+  make_state, traces = step_lib.make_init_fn(task, tx, config), []
+  init_fn = lambda rng: traces.append(rng) or make_state(rng)
+  with mesh, parallel.activation_sharding(mesh):
+    _, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
+    state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))
+  assert len(traces) == 1
+  assert all(jax.tree.leaves(jax.tree.map(lambda x, s: x.sharding.is_equivalent_to(s, x.ndim), state, shardings)))
+  chex.assert_trees_all_equal(state, _initial_state(config, make_state, shardings))
+
+
 NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2, "mesh.fsdp": 4}
 
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import time
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -34,7 +33,7 @@ class JaxStep:
                                             np.random.default_rng(config.seed + jax.process_index()))
     with self.mesh, parallel.activation_sharding(self.mesh):  # what train.run traces the step under
       _, shardings, _ = step_lib.state_shardings(init_fn, self.mesh, config)
-      self.state = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(jax.random.key(config.seed))
+      self.state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
       step = step_lib.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings, lr_schedule)

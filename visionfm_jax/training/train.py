@@ -16,7 +16,6 @@ import os
 import time
 
 from absl import logging
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 import ml_collections
@@ -368,7 +367,7 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
     state = precision.adopt(state, config.precision, shardings.loss_scale, f"{checkpointer.directory}/{step}")
     return health.afresh(state, config) if health_afresh else state
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
-  state = jax.jit(lambda rng: nn.unbox(init_fn(rng)), out_shardings=shardings)(jax.random.key(config.seed))
+  state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
     params = init_from.load(config, state.params, model)
