@@ -186,12 +186,12 @@ def _free_port():
 
 
 class _Job:
-  """launch/local.sh 2 (2 CPU devices each) in a session of its own, with its two trainer processes' pids; `base`:
-  the config flags before `flags` (the tiny ViT's)."""
+  """launch/local.sh 2 (`devices` CPU devices each) in a session of its own, with its two trainer processes' pids;
+  `base`: the config flags before `flags` (the tiny ViT's)."""
 
-  def __init__(self, workdir, *flags, base=tuple(FLAGS)):
+  def __init__(self, workdir, *flags, base=tuple(FLAGS), devices=DEVICES_PER_PROCESS):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update(DEVICES_PER_PROCESS=str(DEVICES_PER_PROCESS), PORT=str(_free_port()), JAX_PLATFORMS="cpu",
+    env.update(DEVICES_PER_PROCESS=str(devices), PORT=str(_free_port()), JAX_PLATFORMS="cpu",
                XLA_FLAGS=FAST_COMPILE_FLAGS,  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
                # every program in the compile cache, as conftest's compilation_cache does: the tiny ViT's compile
                # in well under JAX's default threshold of 1 s, so a rerun would load 2 of its 13 programs
