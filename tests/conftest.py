@@ -267,7 +267,6 @@ def params_drawn_by_shape(init, seed: int = 0):
   """`random_params` of any init: `init()` returns boxed (logically named) params, as a Linen module's
   `init(...)["params"]` does; only its shapes are read (jax.eval_shape: no init compile)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   boxed = jax.eval_shape(init)
   rng = np.random.default_rng(seed)
@@ -275,15 +274,16 @@ def params_drawn_by_shape(init, seed: int = 0):
   def draw(path, leaf):
     shape, names = leaf.value.shape, leaf.names
     name = path[-1].key
-    # Cast by numpy (the same rounding): jnp.asarray(x, float32) of a float64 array compiles a conversion per shape.
+    # Cast by numpy and placed by device_put: jnp.asarray compiles a program per shape (a conversion, or JAX's
+    # `stage` of a host array).
     if name == "scale":
-      return jnp.asarray((1.0 + rng.normal(0.0, 0.1, shape)).astype(np.float32))
+      return jax.device_put((1.0 + rng.normal(0.0, 0.1, shape)).astype(np.float32))
     std = 0.1
     if name == "kernel":
       axes = [i for i, n in enumerate(names) if n != "layers"]
       inputs = axes[:-1] if names[-1] == "embed" and len(axes) > 1 else axes[:1]
       std = math.prod(shape[i] for i in inputs) ** -0.5
-    return jnp.asarray(rng.normal(0.0, std, shape).astype(np.float32))
+    return jax.device_put(rng.normal(0.0, std, shape).astype(np.float32))
 
   return jax.tree_util.tree_map_with_path(draw, boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 

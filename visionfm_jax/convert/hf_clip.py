@@ -140,7 +140,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
               "text": stack_layers(params["text"], text_kw["depth"])}
   model = build_model(image_kw, text_kw, embed_dim, scan=scan, dtype=dtype)
   check_model(path, model, params)
-  return model, {"params": jax.tree.map(jnp.asarray, params)}
+  return model, {"params": jax.device_put(params)}
 
 
 # ------------------------------------------------------------------------------------------------ export

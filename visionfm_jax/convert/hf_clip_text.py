@@ -149,4 +149,4 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32
   want = tree_shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"])
   if want != tree_shapes(params):
     raise CheckpointError(f"{path}: converted params do not fit our TextTransformer")
-  return model, {"params": jax.tree.map(jnp.asarray, params)}
+  return model, {"params": jax.device_put(params)}

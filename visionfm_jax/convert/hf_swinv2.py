@@ -118,7 +118,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
               if k.startswith("stage_") else v for k, v in params.items()}
   model = swinv2.SwinV2(**kw, dtype=dtype, scan=scan)
   check_model(path, model, params)
-  return model, {"params": jax.tree.map(jnp.asarray, params)}
+  return model, {"params": jax.device_put(params)}
 
 
 def _attention_to_hf(write: Writer, pre: str, attn: dict[str, Any]) -> None:

@@ -94,12 +94,12 @@ def knn_top1(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: floa
   normalise = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   num_classes = num_classes or int(max(np.max(train_y), np.max(test_y))) + 1
   n = len(train_y)
-  train = [jnp.asarray(_pad_rows(a, ROW_BUCKET)) for a in (normalise(np.asarray(train_x, np.float32)),
+  train = [jax.device_put(_pad_rows(a, ROW_BUCKET)) for a in (normalise(np.asarray(train_x, np.float32)),
                                                          np.asarray(train_y, np.int32), np.ones(n, bool))]
   test_x, test_y = normalise(np.asarray(test_x, np.float32)), np.asarray(test_y)
   correct = 0
   for start in range(0, len(test_y), CHUNK):
-    queries = jnp.asarray(_pad_rows(test_x[start:start + CHUNK], CHUNK))
+    queries = jax.device_put(_pad_rows(test_x[start:start + CHUNK], CHUNK))
     votes = np.asarray(_knn_votes(*train, queries, jnp.float32(temperature), k=min(k, n), num_classes=num_classes))
     labels = test_y[start:start + CHUNK]
     correct += int(np.sum(np.argmax(votes[:len(labels)], axis=1) == labels))
@@ -138,7 +138,7 @@ def linear_probe_top1(train_x, train_y, test_x, test_y, *, steps: int = 100, l2:
   num_classes = num_classes or int(max(np.max(train_y), np.max(test_y))) + 1
   rows = [_pad_rows(a, ROW_BUCKET) for a in ((train_x - mean) / std, np.asarray(train_y, np.int32),
                                              np.ones(len(train_y), np.float32))]
-  w, objective = _fit_linear(*map(jnp.asarray, rows), jnp.float32(l2), num_classes=num_classes, steps=int(steps))
+  w, objective = _fit_linear(*map(jax.device_put, rows), jnp.float32(l2), num_classes=num_classes, steps=int(steps))
   logits = np.asarray((test_x - mean) / std, np.float64) @ np.asarray(w["kernel"], np.float64) + np.asarray(w["bias"])
   return float(np.mean(np.argmax(logits, axis=1) == test_y)), float(objective)
 

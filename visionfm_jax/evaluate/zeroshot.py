@@ -168,7 +168,7 @@ def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_clas
   for i in range(0, len(tokens), chunk):
     rows = tokens[i:i + chunk]
     padded = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows), axis=0)])
-    parts.append(embed_texts(params, jnp.asarray(padded))[:len(rows)])
+    parts.append(embed_texts(params, jax.device_put(padded))[:len(rows)])
   emb = jnp.concatenate(parts).astype(jnp.float32)
   emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
   emb = emb.reshape(num_classes, -1, emb.shape[-1]).mean(axis=1)

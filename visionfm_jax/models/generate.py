@@ -173,7 +173,7 @@ def caption_images(task, params: Params, images: np.ndarray | Sequence[np.ndarra
                    max_len: int | None = None, length_penalty: float = 0.0) -> list[str]:
   """uint8 (B, H, W, 3) images at the model's size -> one caption each (greedy when beam_size is 1)."""
   model = task.model
-  images = jnp.asarray(np.stack(images) if not isinstance(images, np.ndarray) else images)
+  images = jax.device_put(np.stack(images) if not isinstance(images, np.ndarray) else images)
   memory = caption_memory(model, params, task.normalize(images))
   max_len = max_len or model.text.max_len
   pieces = task.tokenizer.vocab_size
