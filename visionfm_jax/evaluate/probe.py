@@ -95,7 +95,7 @@ def knn_top1(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: floa
   num_classes = num_classes or int(max(np.max(train_y), np.max(test_y))) + 1
   n = len(train_y)
   train = [jax.device_put(_pad_rows(a, ROW_BUCKET)) for a in (normalise(np.asarray(train_x, np.float32)),
-                                                         np.asarray(train_y, np.int32), np.ones(n, bool))]
+                                                             np.asarray(train_y, np.int32), np.ones(n, bool))]
   test_x, test_y = normalise(np.asarray(test_x, np.float32)), np.asarray(test_y)
   correct = 0
   for start in range(0, len(test_y), CHUNK):
