@@ -17,6 +17,7 @@ import importlib.util
 import json
 import os
 import struct
+import sys
 
 from visionfm_jax.training.infra import trackers
 
@@ -72,7 +73,11 @@ def wandb_records(path: str):
 def wandb_runs(workdir) -> dict[str, dict]:
   """{run id: {"history": {step: {key: value}}, "images": {(step, key): W&B's record of a logged image},
   "exit_codes": [one per segment that ended], "summary": {...}, "segments": n, "rewinds": [step, ...]}} of the
-  offline W&B runs under `<workdir>/wandb/`."""
+  offline W&B runs under `<workdir>/wandb/`. W&B's service writes a run's log as it closes the run's stream, which
+  `finish` does not wait for (a log read just after it can still be empty): this process's W&B is torn down first,
+  as it is at exit."""
+  if "wandb" in sys.modules:
+    sys.modules["wandb"].teardown()
   segments = []
   for path in glob.glob(os.path.join(workdir, "wandb", "offline-run-*", "run-*.wandb")):
     records = list(wandb_records(path))
