@@ -25,10 +25,13 @@ def _known_to_xla(flags: str) -> bool:
 # it. Decided once, by the first process of the session (xdist's workers and the tests' subprocesses inherit the
 # decision); an XLA_FLAGS of your own is taken as it is. LLVM's expensive passes (vectorisers, loop unrolling)
 # make code that runs faster, and the tests barely run their code: test_swinv2, test_contrastive and test_aurora
-# took 221 s with them, 183 s without (`-n 2`, 2 cores).
+# took 221 s with them, 183 s without (`-n 2`, 2 cores). XLA hands some fp32 dots to YNNPACK, whose kernels are
+# planned by the Slinky pipeline library (10.5% of a SwinV2 training test's CPU samples in `perf`); XLA's own dots
+# cost test_contrastive and test_aurora 98.0 CPU s against 107.4 with YNNPACK.
+YNNPACK_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
   _WANTED = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1",
-             "--xla_llvm_disable_expensive_passes=true")
+             "--xla_llvm_disable_expensive_passes=true", YNNPACK_OFF)
   # One probe (a start-up of JAX, seconds before any worker starts) where this XLA knows them all; else one each.
   os.environ["VISIONFM_TEST_XLA_FLAGS"] = (
       "" if "XLA_FLAGS" in os.environ else " ".join(_WANTED) if _known_to_xla(" ".join(_WANTED))
@@ -36,9 +39,11 @@ if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
 FAST_COMPILE_FLAGS = os.environ["VISIONFM_TEST_XLA_FLAGS"]
 
 
-def cpu_env(devices: int, **extra) -> dict[str, str]:
-  """The environment of a subprocess on `devices` simulated CPU devices, compiling as this suite does."""
-  flags = f"--xla_force_host_platform_device_count={devices} {FAST_COMPILE_FLAGS}".strip()
+def cpu_env(devices: int, *, xla_dot_routing: bool = False, **extra) -> dict[str, str]:
+  """The environment of a subprocess on `devices` simulated CPU devices, compiling as this suite does;
+  `xla_dot_routing`: with the libraries XLA itself picks for dots (YNNPACK on)."""
+  fast = FAST_COMPILE_FLAGS.replace(YNNPACK_OFF, "") if xla_dot_routing else FAST_COMPILE_FLAGS
+  flags = f"--xla_force_host_platform_device_count={devices} {fast}".strip()
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
 
 
