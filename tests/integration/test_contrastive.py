@@ -1,7 +1,6 @@
 """The contrastive (CLIP) task: training through the loop with zero-shot and retrieval evaluation, resolution
 transfer, fp16 overflow handling, the temperature clamp, Mixup, and the evaluators' arithmetic."""
 
-import contextlib
 import functools
 import json
 import math
@@ -89,23 +88,6 @@ def _eval_metrics_by_numpy(config, params):
 
 
 @pytest.mark.slow
-@contextlib.contextmanager
-def traced_functions():
-  """The names of the functions JAX traces for jit within the block, in order."""
-  names = []
-
-  def record(event, duration_secs, fun_name="", **_):
-    del duration_secs
-    if event == "/jax/core/compile/jaxpr_trace_duration":
-      names.append(fun_name)
-
-  jax.monitoring.register_event_duration_secs_listener(record)
-  try:
-    yield names
-  finally:
-    jax.monitoring.unregister_event_duration_listener(record)
-
-
 def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   """From img2dataset tars converted by tools.prepare_data: 4 steps at 16 px (ZeRO-3), then the ft640 variant at
   32 px from them (init_from) evaluates zero-shot on the labelled shapes set and retrieval on the held-out
@@ -120,12 +102,8 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   high = _tiny("ft640", init_from=str(tmp_path / "low"), total_steps=1, strategy="zero3",
                **{"optim.warmup_steps": 1, "data.num_workers": 0, "data.source": source,
                   "eval.zeroshot_source": "shapes", "eval.zeroshot_examples": -1, "data.shapes_eval_size": 40})
-  with traced_functions() as traced:
-    second = train.run(high, str(tmp_path / "high"))
+  second = train.run(high, str(tmp_path / "high"))
   assert second["step"] == 1
-  # Zero-shot, retrieval and the panel run the image tower through one jitted function (Task.jitted): one trace
-  # (and compile) for the run's one eval batch shape, not one per evaluator.
-  assert traced.count("embed_images") == 1, traced
   # Its panel: a row of the held-out images with their captions and zero-shot classes, then one row per caption of
   # the images it retrieves.
   panel = np.asarray(Image.open(tmp_path / "high" / "panels" / "step_1.png"))

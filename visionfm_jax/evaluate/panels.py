@@ -31,10 +31,10 @@ class Cell:
 def first_rows(fn: Callable, params, local_batch: dict[str, np.ndarray], ctx, rows: int) -> dict[str, np.ndarray]:
   """`fn(params, batch)` on the global batch that every process's `local_batch` forms (a collective: every
   process calls it), gathered to the host: {**the batch's fields, "out": fn's output}, the first `rows` rows of
-  each. `fn` is jitted, or calls jitted functions (a task's `jitted` ones, shared with its evaluators); it runs in
-  the caller's mesh context, as the evaluators do, so that those functions' traces serve both."""
+  each. `fn` is jitted by the caller."""
   batch = ctx.to_global(local_batch)
-  out = fn(params, batch)
+  with ctx.mesh:
+    out = fn(params, batch)
   gathered = multihost_utils.process_allgather({**batch, "out": out}, tiled=True)
   return jax.tree.map(lambda x: np.asarray(x)[:rows], gathered)
 
@@ -77,13 +77,6 @@ def _tile(cell: Cell) -> np.ndarray:
 def clipped(text: str, width: int = 24) -> str:
   """`text`, cut to `width` characters with '...' when longer (a line under a TILE-wide image)."""
   return text if len(text) <= width else text[:width - 3] + "..."
-
-
-def softmax(logits: np.ndarray) -> np.ndarray:
-  """The probabilities of each row of `logits`, on the host."""
-  z = np.asarray(logits, np.float64)
-  e = np.exp(z - z.max(-1, keepdims=True))
-  return e / e.sum(-1, keepdims=True)
 
 
 def top_k(probabilities: np.ndarray, names, k: int = 3) -> tuple[str, ...]:

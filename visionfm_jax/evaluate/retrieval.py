@@ -69,19 +69,17 @@ def _gathered(tree):
 
 class RetrievalEvaluator:
   """Held-out pairs: embeds every eval pair on device, gathers the embeddings to every host, scores recall@k
-  there (one caption per image). `embed_images(params, images)` / `embed_texts(params, tokens)` -> unit
-  embeddings are called as given: pass jitted functions, shared with the task's other evaluators (`Task.jitted`)."""
+  there (one caption per image)."""
 
-  def __init__(self, embed_images: Callable, embed_texts: Callable, ctx, ks=KS):
-    self.embed_images, self.embed_texts = embed_images, embed_texts
+  def __init__(self, embed_pairs: Callable, ctx, ks=KS):
     self.ctx, self.ks = ctx, ks
+    self._embed = jax.jit(lambda params, batch: embed_pairs(params, batch["image"], batch["text"]))
 
   def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
     images, texts = [], []
     for local in local_batches:
       batch = self.ctx.to_global(local)
-      img, txt, mask = _gathered((self.embed_images(params, batch["image"]), self.embed_texts(params, batch["text"]),
-                                  batch["mask"]))
+      img, txt, mask = _gathered((*self._embed(params, batch), batch["mask"]))
       images.append(img[mask.astype(bool)])
       texts.append(txt[mask.astype(bool)])
     if not images:

@@ -1,8 +1,7 @@
 """Held-out losses: sum per-batch statistics over a split on device, then finish them into metrics.
 
-`stats(params, global_batch) -> {name: scalar sum}` runs jitted (`totals` adds up any function of the global
-batch); the sums are global (every process gets the same numbers); `finish(totals) -> {metric: float}` turns them
-into means, perplexities, ...
+`stats(params, global_batch) -> {name: scalar sum}` runs jitted; the sums are global (every process gets the
+same numbers); `finish(totals) -> {metric: float}` turns them into means, perplexities, ...
 """
 
 from __future__ import annotations
@@ -22,19 +21,13 @@ class SumsEvaluator:
     self._stats = jax.jit(stats)
 
   def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-    return self.finish(totals(lambda batch: self._stats(params, batch), local_batches, self.ctx))
-
-
-def totals(stats: Callable[[dict[str, jax.Array]], dict[str, jax.Array]],
-           local_batches: Iterable[dict[str, np.ndarray]], ctx) -> dict[str, float]:
-  """The sums `stats(global batch)` over the global batches that `local_batches` form, added on device."""
-  out = None
-  for local in local_batches:
-    s = stats(ctx.to_global(local))
-    out = s if out is None else jax.tree.map(jnp.add, out, s)
-  if out is None:
-    raise ValueError("the evaluation split yielded no batches")
-  return {k: float(v) for k, v in jax.device_get(out).items()}
+    totals = None
+    for local in local_batches:
+      s = self._stats(params, self.ctx.to_global(local))
+      totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
+    if totals is None:
+      raise ValueError("the evaluation split yielded no batches")
+    return self.finish({k: float(v) for k, v in jax.device_get(totals).items()})
 
 
 def perplexity(sum_nll: float, count: float) -> float:

@@ -176,30 +176,24 @@ def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_clas
 
 
 class ZeroShotEvaluator:
-  """top-1 / top-5 of images against text embeddings of their class names. `embed_images(params, images)` and
-  `embed_texts(params, tokens)` -> unit embeddings are called as given: pass jitted functions, which the task's
-  other evaluators and its panel share (`Task.jitted`)."""
+  """top-1 / top-5 of images against text embeddings of their class names."""
 
   def __init__(self, embed_images: Callable, embed_texts: Callable, prompt_tokens: np.ndarray, num_classes: int,
                ctx, ks=(1, 5)):
-    self.embed_images, self.embed_texts = embed_images, embed_texts
     self.prompt_tokens, self.num_classes = prompt_tokens, num_classes
-    self._topk = TopKEvaluator(self._cosines, ctx, ks)
+    self._embed_texts = jax.jit(embed_texts)
 
-  def _cosines(self, params_and_classes, images):
-    params, classes = params_and_classes
-    return _cosines(self.embed_images(params, images), classes)
+    def predict(params_and_classes, images):
+      params, classes = params_and_classes
+      return embed_images(params, images).astype(jnp.float32) @ classes.T
+
+    self._topk = TopKEvaluator(predict, ctx, ks)
 
   def __call__(self, params, local_batches) -> dict[str, float]:
     """{'top1', 'top5', 'count'}: 'count' is the number of images scored, to check a protocol's coverage (the
     50,000 of ImageNet's validation split)."""
-    classes = class_embeddings(self.embed_texts, params, self.prompt_tokens, self.num_classes)
+    classes = class_embeddings(self._embed_texts, params, self.prompt_tokens, self.num_classes)
     return self._topk((params, classes), local_batches, with_count=True)
-
-
-@jax.jit
-def _cosines(image_emb, class_emb):
-  return image_emb.astype(jnp.float32) @ class_emb.T
 
 
 BENCHMARKS_FIELD = "config.eval.zeroshot_benchmarks"

@@ -15,8 +15,6 @@ Every task answers (abstract: `loss`, `train_loader`, `evaluators`; the others h
   train_flops_per_example()      -> analytic FLOPs of one training example (for MFU), or None
   synthetic_batch(size, rng)     -> a random host batch in the train loader's layout (benchmarks, AOT plans)
   normalize(images)              -> uint8 images as the model's evaluation input (evaluate/probe, generate)
-  jitted(name)                   -> the task's function `name` (of params and arrays) jitted once per task, which
-                                    the evaluators and the panel share: one trace and one compile per shape
   couples_examples, splits_loss  whether the loss couples examples, and whether it is split (below)
 
 A loss that couples examples (a contrastive term over the batch) would change with gradient accumulation:
@@ -115,15 +113,6 @@ class Task(abc.ABC):
                               jax.default_backend())
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
-
-  def jitted(self, name: str) -> Callable:
-    """`getattr(self, name)` jitted once for this task. The evaluators and the panel that run the same forward
-    (an image tower: zero-shot, retrieval, the benchmarks, the panel) call this one function, so that a run traces
-    and compiles it once per input shape instead of once per evaluator (a large model's tower compiles for minutes)."""
-    cache = self.__dict__.setdefault("_jitted", {})
-    if name not in cache:
-      cache[name] = jax.jit(getattr(self, name))
-    return cache[name]
 
   def normalize(self, images: jax.Array) -> jax.Array:
     """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches)."""

@@ -3,6 +3,7 @@ config.probe, k-NN and linear-probe top-1 of the frozen pooled features (evaluat
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
@@ -23,11 +24,6 @@ class ClassificationTask(Task):
     out = self.model.apply({"params": params}, inputs, train=train, rngs=rngs)
     return out["logits"].astype(jnp.float32)
 
-  def eval_logits(self, params, images):
-    """fp32 logits of uint8 `images` as evaluated (normalised, no dropout): what the evaluator and the panel run,
-    through `jitted("eval_logits")`."""
-    return self.logits(params, self.normalize(images), train=False)
-
   def loss(self, params, batch, rng):
     logits = self.logits(params, self.train_images(batch), train=True, rng=rng)
     loss = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
@@ -44,7 +40,10 @@ class ClassificationTask(Task):
                                   num_classes=self.config.model.num_classes)
 
   def evaluators(self, ctx: EvalContext):
-    top1 = classification_eval.TopKEvaluator(self.jitted("eval_logits"), ctx, ks=(1, 5))
+    def predict(params, images):
+      return self.logits(params, self.normalize(images), train=False)
+
+    top1 = classification_eval.TopKEvaluator(predict, ctx, ks=(1, 5))
     source = data.open_eval_source(self.config.data)
 
     def run_val(params):
@@ -60,17 +59,16 @@ class ClassificationTask(Task):
     source = data.open_eval_source(self.config.data)
     names = panels.class_names_or_numbers(lambda: data.train_class_names(self.config.data),
                                           self.config.model.num_classes)
-    logits = self.jitted("eval_logits")
+    probabilities = jax.jit(lambda params, batch: jax.nn.softmax(
+        self.logits(params, self.normalize(batch["image"]), train=False), -1))
 
     def draw(params):
       batches = data.make_eval_iterator(self.config.data, batch_size=ctx.local_batch_size,
                                         process_index=ctx.process_index, process_count=ctx.process_count,
                                         source=source)
-      rows = panels.first_rows(lambda params, batch: logits(params, batch["image"]), params, next(iter(batches)), ctx,
-                               PANEL_EXAMPLES)
+      rows = panels.first_rows(probabilities, params, next(iter(batches)), ctx, PANEL_EXAMPLES)
       cells = [panels.Cell(image, (f"true: {names[label]}", *panels.top_k(p, names)))
-               for image, label, p, valid in zip(rows["image"], rows["label"], panels.softmax(rows["out"]), rows["mask"])
-               if valid]
+               for image, label, p, valid in zip(rows["image"], rows["label"], rows["out"], rows["mask"]) if valid]
       return panels.render([cells], "true class; top-3 predicted")
     return draw
 

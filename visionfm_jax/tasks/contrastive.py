@@ -114,7 +114,7 @@ class ContrastiveTask(SplitLossTask):
       source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg)  # labelled, or the run stops now
       names, templates = zeroshot.zeroshot_classes(eval_cfg, data_cfg)
       tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
-      zs = zeroshot.ZeroShotEvaluator(self.jitted("embed_images"), self.jitted("embed_texts"), tokens, len(names), ctx)
+      zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
 
       def run_zeroshot(params):
         batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size,
@@ -135,7 +135,7 @@ class ContrastiveTask(SplitLossTask):
     classes = None
     if eval_cfg.zeroshot_classes:
       names, templates = zeroshot.zeroshot_classes(eval_cfg, zeroshot_data_config(self.config.data, eval_cfg))
-      classes = (names, self.tokenizer.encode_batch(zeroshot.prompts(names, templates)))
+      classes = (names, self.tokenizer.encode_batch(zeroshot.prompts(names, templates)), jax.jit(self.embed_texts))
     return image_text.pairs_panel(self, image_text.held_out_pairs(self, ctx), ctx, classes)
 
   def synthetic_batch(self, batch_size, rng):

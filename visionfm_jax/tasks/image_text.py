@@ -127,7 +127,9 @@ def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[di
 
 def retrieval_evaluator(task, pairs: Callable[[], Iterator], ctx: EvalContext) -> Callable[[Any], dict[str, float]]:
   """R@1/5/10 both ways over the held-out `pairs` (`held_out_pairs`)."""
-  ret = retrieval.RetrievalEvaluator(task.jitted("embed_images"), task.jitted("embed_texts"), ctx)
+  def embed_pairs(params, images, texts):
+    return task.embed_images(params, images), task.embed_texts(params, texts)
+  ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
   return lambda params: ret(params, pairs())
 
 
@@ -136,13 +138,11 @@ PANEL_IMAGES, PANEL_CAPTIONS, PANEL_TOP = 8, 4, 3
 
 def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=None) -> Callable[[Any], np.ndarray]:
   """The panel of an image-text model (evaluate/panels.py) on the first PANEL_IMAGES held-out `pairs`: a row of the
-  images, each with its caption's start and, with `classes` ((names, prompt tokens)), its PANEL_TOP nearest
-  zero-shot classes by cosine; then PANEL_CAPTIONS rows of a caption and the images it retrieves among them (cosine;
-  '= its own' marks the caption's image)."""
-  embed_images, embed_texts = task.jitted("embed_images"), task.jitted("embed_texts")
-
-  def embed(params, batch):
-    return embed_images(params, batch["image"]), embed_texts(params, batch["text"])
+  images, each with its caption's start and, with `classes` ((names, prompt tokens, jitted embed_texts)), its
+  PANEL_TOP nearest zero-shot classes by cosine; then PANEL_CAPTIONS rows of a caption and the images it retrieves
+  among them (cosine; '= its own' marks the caption's image)."""
+  embed = jax.jit(lambda params, batch: (task.embed_images(params, batch["image"]),
+                                         task.embed_texts(params, batch["text"])))
 
   def draw(params):
     rows = panels.first_rows(embed, params, next(iter(pairs())), ctx, PANEL_IMAGES)
@@ -151,7 +151,7 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
     image_emb, text_emb = (np.asarray(e, np.float32)[valid] for e in rows["out"])
     lines = [(panels.clipped(caption),) for caption in captions]
     if classes is not None:
-      names, tokens = classes
+      names, tokens, embed_texts = classes
       class_emb = np.asarray(zeroshot.class_embeddings(embed_texts, params, tokens, len(names)))
       lines = [line + panels.top_k(cosines, names, PANEL_TOP) for line, cosines in zip(lines, image_emb @ class_emb.T)]
     grid = [[panels.Cell(image, line) for image, line in zip(images, lines)]]
@@ -180,7 +180,7 @@ def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], di
   if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
     raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
   shards = dict(batch_size=ctx.local_batch_size, process_index=ctx.process_index, process_count=ctx.process_count)
-  embed_images, embed_texts = task.jitted("embed_images"), task.jitted("embed_texts")
+  embed_images, embed_texts = jax.jit(task.embed_images), jax.jit(task.embed_texts)  # shared by the benchmarks
   out = {}
   for name, spec in benchmarks:
     captioned = caption_sets.open_caption_set(spec)

@@ -160,7 +160,7 @@ class TrainedModel:
     if name == "pooled_features":
       return probe.pooled_features(task)
     if name == "probabilities":
-      return lambda params, images: jax.nn.softmax(task.eval_logits(params, images), -1)
+      return lambda params, images: jax.nn.softmax(task.logits(params, task.normalize(images), train=False), -1)
     return getattr(task, name)  # embed_images, embed_texts
 
   def _jit(self, name: str) -> Callable:
