@@ -42,8 +42,8 @@ FAST_COMPILE_FLAGS = os.environ["VISIONFM_TEST_XLA_FLAGS"]
 def cpu_env(devices: int, *, xla_dot_routing: bool = False, **extra) -> dict[str, str]:
   """The environment of a subprocess on `devices` simulated CPU devices, compiling as this suite does;
   `xla_dot_routing`: with the libraries XLA itself picks for dots (YNNPACK on)."""
-  fast = FAST_COMPILE_FLAGS.replace(YNNPACK_OFF, "") if xla_dot_routing else FAST_COMPILE_FLAGS
-  flags = f"--xla_force_host_platform_device_count={devices} {fast}".strip()
+  fast = [f for f in FAST_COMPILE_FLAGS.split() if not (xla_dot_routing and f == YNNPACK_OFF)]
+  flags = " ".join([f"--xla_force_host_platform_device_count={devices}", *fast])
   return dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", **extra)
 
 
