@@ -1,5 +1,7 @@
 """Adds up the records sitecustomize.py wrote: `python tests/suite_profile/summarize.py FOLDER`. Prints the
-totals, the test workers against the processes they started, and the test files whose processes took most CPU."""
+totals, the test workers against the processes they started, the test files whose processes took most CPU, and the
+programs (by JAX's name for the jitted function) whose tracing, lowering and compiling took most, with the test
+files that made them."""
 
 import collections
 import json
@@ -38,7 +40,34 @@ def report(records: list[dict], top: int = 15) -> str:
            _row("processes the tests started", _sums(started))]
   ranked = sorted(by_file.items(), key=lambda item: -_sums(item[1])["cpu_s"])[:top]
   lines += [_row(f"  {name}", _sums(group)) for name, group in ranked]
-  return "\n".join(lines)
+  return "\n".join(lines + ["", *programs_report(records, top)])
+
+
+def _program_sums(records) -> dict[str, dict]:
+  """{program: its seconds and compiles in all, and {"files": {test file: seconds}}}."""
+  sums = collections.defaultdict(lambda: collections.Counter())
+  for record in records:
+    for test_file, programs in record.get("by_program", {}).items():
+      for name, seconds in programs.items():
+        sums[name].update(seconds)
+        sums[name]["file:" + (test_file or "(outside a test)")] += _jax_seconds(seconds)
+  return sums
+
+
+def _jax_seconds(sums) -> float:
+  return sums["trace_s"] + sums["lower_s"] + sums["compile_s"]
+
+
+def programs_report(records: list[dict], top: int = 15) -> list[str]:
+  ranked = sorted(_program_sums(records).items(), key=lambda item: -_jax_seconds(item[1]))[:top]
+  lines = [f"{'program':30s} {'seconds':>8s} {'compiles':>8s} {'trace':>7s} {'lower':>7s} {'compile':>8s}  "
+           "test files (seconds)"]
+  for name, sums in ranked:
+    files = sorted(((k[len("file:"):], v) for k, v in sums.items() if k.startswith("file:")), key=lambda kv: -kv[1])
+    where = ", ".join(f"{path.rsplit('/', 1)[-1]} {seconds:.1f}" for path, seconds in files[:3])
+    lines.append(f"{name:30.30s} {_jax_seconds(sums):8.1f} {sums['programs']:8d} {sums['trace_s']:7.1f} "
+                 f"{sums['lower_s']:7.1f} {sums['compile_s']:8.1f}  {where}")
+  return lines
 
 
 if __name__ == "__main__":
