@@ -234,6 +234,40 @@ def test_zeroshot_prompt_ensembling():
   np.testing.assert_allclose(chunked, classes, atol=1e-6)
 
 
+
+def test_class_embeddings_embed_each_set_once_per_weights_and_read_subsets_from_it():
+  """A run's zero-shot evaluators and panel share one ClassEmbeddings: the same set (ImageNet's 1000 classes for the
+  zero-shot set, ImageNet-V2, -Sketch and the panel) goes through the text tower once per evaluation, a subset of
+  a held set under the same templates (ImageNet-R's and -A's 200) is read from it, and new weights embed anew."""
+  words = {"cat": [1.0, 0.0, 0.0], "dog": [0.0, 1.0, 0.0], "owl": [0.0, 0.0, 1.0]}
+  encoded, embedded = [], []
+
+  def encode(prompts):  # "a cat" -> the cat's axis; "the cat" -> the cat's axis tilted to the next one
+    encoded.append(list(prompts))
+    rows = [np.roll(words[p.split()[-1]], 1) * (p.startswith("the ")) * 0.5 + words[p.split()[-1]] for p in prompts]
+    return np.asarray(rows, np.float32)
+
+  def embed(params, tokens):
+    embedded.append(len(tokens))
+    return jnp.asarray(tokens) * params["scale"]
+
+  shared = zeroshot.ClassEmbeddings(embed, encode)
+  templates = ["a {}", "the {}"]
+  params = {"scale": jnp.float32(2.0)}
+  full = shared(params, ["cat", "dog", "owl"], templates)
+  want = zeroshot.class_embeddings(embed, params, encode(zeroshot.prompts(["cat", "dog", "owl"], templates)), 3)
+  encoded.clear(), embedded.clear()
+  np.testing.assert_allclose(full, want, atol=1e-6)
+  assert shared(params, ["cat", "dog", "owl"], templates) is full  # the same set: held
+  np.testing.assert_array_equal(shared(params, ["owl", "cat"], templates), np.asarray(full)[[2, 0]])  # a subset
+  assert encoded == embedded == []
+  shared(params, ["cat"], ["a {}"])  # other templates: embedded
+  assert encoded == [["a cat"]] and embedded == [1]
+  new_params = {"scale": jnp.float32(3.0)}
+  np.testing.assert_allclose(shared(new_params, ["owl", "cat"], templates), np.asarray(full)[[2, 0]],
+                             atol=1e-6)  # unit embeddings: the scale cancels, but the set is embedded again
+  assert embedded == [1, 4]
+
 def test_short_shapes_captions_name_size_colour_and_shape_only():
   config = _tiny()
   source = tasks.contrastive.data.build_source("shapes", "train", config.data)

@@ -26,6 +26,7 @@ import functools
 import importlib.resources
 import os
 from typing import Callable, Sequence
+import weakref
 
 import jax
 import jax.numpy as jnp
@@ -175,13 +176,46 @@ def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_clas
   return emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
 
 
+class ClassEmbeddings:
+  """The unit class embeddings of zero-shot class sets, for one set of weights at a time: a run's zero-shot
+  evaluators and its panel share one, so that each set's prompts go through the text tower once per evaluation,
+  and a set whose classes another set of the same templates holds is read from it (ImageNet-V2's and -Sketch's
+  1000 classes are the ImageNet zero-shot set's, -R's and -A's 200 are among them, the panel's are the zero-shot
+  set's). For 1000 classes and OpenAI's 80 templates, each such set is 80,000 prompts."""
+
+  def __init__(self, embed_texts: Callable, encode_texts: Callable):
+    """`embed_texts(params, tokens)`: jitted; `encode_texts(prompts)`: their token rows."""
+    self._embed_texts, self._encode_texts = embed_texts, encode_texts
+    self._weights = lambda: None  # a weak reference to a leaf of the params the held embeddings are of
+    self._held: dict[tuple, jax.Array] = {}  # (names, templates) -> (len(names), D)
+
+  def __call__(self, params, names: Sequence[str], templates: Sequence[str]) -> jax.Array:
+    """(len(names), D) unit embeddings of the classes `names` under `templates`, by `params`."""
+    leaf = jax.tree.leaves(params)[0]
+    if self._weights() is not leaf:
+      self._held, self._weights = {}, weakref.ref(leaf)
+    key = (tuple(names), tuple(templates))
+    if key not in self._held:
+      self._held[key] = self._from_held(*key)
+      if self._held[key] is None:
+        tokens = self._encode_texts(prompts(names, templates))
+        self._held[key] = class_embeddings(self._embed_texts, params, tokens, len(names))
+    return self._held[key]
+
+  def _from_held(self, names: tuple, templates: tuple) -> jax.Array | None:
+    for (held_names, held_templates), embeddings in self._held.items():
+      if held_templates == templates and set(names) <= set(held_names):
+        row = {name: i for i, name in enumerate(held_names)}
+        return embeddings[np.asarray([row[name] for name in names])]
+    return None
+
+
 class ZeroShotEvaluator:
   """top-1 / top-5 of images against text embeddings of their class names."""
 
-  def __init__(self, embed_images: Callable, embed_texts: Callable, prompt_tokens: np.ndarray, num_classes: int,
-               ctx, ks=(1, 5)):
-    self.prompt_tokens, self.num_classes = prompt_tokens, num_classes
-    self._embed_texts = jax.jit(embed_texts)
+  def __init__(self, embed_images: Callable, embeddings: ClassEmbeddings, names: Sequence[str],
+               templates: Sequence[str], ctx, ks=(1, 5)):
+    self.embeddings, self.names, self.templates = embeddings, list(names), list(templates)
 
     def predict(params_and_classes, images):
       params, classes = params_and_classes
@@ -192,7 +226,7 @@ class ZeroShotEvaluator:
   def __call__(self, params, local_batches) -> dict[str, float]:
     """{'top1', 'top5', 'count'}: 'count' is the number of images scored, to check a protocol's coverage (the
     50,000 of ImageNet's validation split)."""
-    classes = class_embeddings(self._embed_texts, params, self.prompt_tokens, self.num_classes)
+    classes = self.embeddings(params, self.names, self.templates)
     return self._topk((params, classes), local_batches, with_count=True)
 
 
@@ -243,11 +277,11 @@ def check_benchmarks(benchmarks) -> None:
                       f"eval/zeroshot_<name>/...)")
 
 
-def benchmark_evaluators(eval_cfg, data_cfg, encode_texts: Callable, embed_images: Callable,
-                         embed_texts: Callable, ctx) -> dict[str, Callable]:
+def benchmark_evaluators(eval_cfg, data_cfg, embed_images: Callable, embeddings: ClassEmbeddings,
+                         ctx) -> dict[str, Callable]:
   """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`; absent
-  in older configs: none); `encode_texts` tokenises a list of prompts. The sources are opened and the prompts
-  tokenised now, so that a missing set stops a run at start-up."""
+  in older configs: none), their class embeddings from `embeddings`. The sources are opened now, so that a missing
+  set stops a run at start-up."""
   benchmarks = eval_cfg.get("zeroshot_benchmarks", ())
   check_benchmarks(benchmarks)
   if not benchmarks:
@@ -263,8 +297,7 @@ def benchmark_evaluators(eval_cfg, data_cfg, encode_texts: Callable, embed_image
     bench_cfg = benchmark_data_config(data_cfg, spec)
     source = data.open_eval_source(bench_cfg, what=what)
     names = imagenet_class_names(data.class_names(spec, bench_cfg, what=what), what)
-    evaluator = ZeroShotEvaluator(embed_images, embed_texts, encode_texts(prompts(names, templates)), len(names),
-                                  ctx)
+    evaluator = ZeroShotEvaluator(embed_images, embeddings, names, templates, ctx)
     batches = functools.partial(data.make_eval_iterator, bench_cfg, batch_size=ctx.local_batch_size,
                                 process_index=ctx.process_index, process_count=ctx.process_count, source=source)
     out[f"zeroshot_{name}"] = lambda params, evaluator=evaluator, batches=batches: evaluator(params, batches())

@@ -29,7 +29,7 @@ import numpy as np
 from visionfm_jax import data
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.evaluate import panels, sums
+from visionfm_jax.evaluate import panels, sums, zeroshot
 from visionfm_jax.models import clip, generate
 from visionfm_jax.tasks import image_text, losses
 from visionfm_jax.tasks.base import EvalContext, SplitLossTask
@@ -50,6 +50,11 @@ class AuroraTask(SplitLossTask):
   def tokenizer(self):
     """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file."""
     return image_text.load_tokenizer(self.config)
+
+  @functools.cached_property
+  def class_embeddings(self) -> zeroshot.ClassEmbeddings:
+    """The zero-shot benchmarks' class embeddings: one text-tower pass per class set and evaluation."""
+    return zeroshot.ClassEmbeddings(jax.jit(self.embed_texts), self.tokenizer.encode_batch)
 
   def init_variables(self, rng):
     size = self.config.model.image_size

@@ -58,6 +58,11 @@ class ContrastiveTask(SplitLossTask):
     """Loaded on first use (the data side), so that model-only tools (summary) need no tokenizer file."""
     return image_text.load_tokenizer(self.config)
 
+  @functools.cached_property
+  def class_embeddings(self) -> zeroshot.ClassEmbeddings:
+    """Shared by the zero-shot evaluators and the panel: one text-tower pass per class set and evaluation."""
+    return zeroshot.ClassEmbeddings(jax.jit(self.embed_texts), self.tokenizer.encode_batch)
+
   def whole_batch(self, batch, rng):
     """The captioned mask ('has_text'; None: all captioned) and, with Mixup, its lambda ~ Beta(alpha, alpha)
     and each example's partner, its predecessor in the global batch (rolled before the batch is split, so that
@@ -113,8 +118,7 @@ class ContrastiveTask(SplitLossTask):
       data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
       source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg)  # labelled, or the run stops now
       names, templates = zeroshot.zeroshot_classes(eval_cfg, data_cfg)
-      tokens = self.tokenizer.encode_batch(zeroshot.prompts(names, templates))
-      zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.embed_texts, tokens, len(names), ctx)
+      zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.class_embeddings, names, templates, ctx)
 
       def run_zeroshot(params):
         batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size,
@@ -134,8 +138,7 @@ class ContrastiveTask(SplitLossTask):
     eval_cfg = self.config.eval
     classes = None
     if eval_cfg.zeroshot_classes:
-      names, templates = zeroshot.zeroshot_classes(eval_cfg, zeroshot_data_config(self.config.data, eval_cfg))
-      classes = (names, self.tokenizer.encode_batch(zeroshot.prompts(names, templates)), jax.jit(self.embed_texts))
+      classes = zeroshot.zeroshot_classes(eval_cfg, zeroshot_data_config(self.config.data, eval_cfg))
     return image_text.pairs_panel(self, image_text.held_out_pairs(self, ctx), ctx, classes)
 
   def synthetic_batch(self, batch_size, rng):

@@ -138,7 +138,7 @@ PANEL_IMAGES, PANEL_CAPTIONS, PANEL_TOP = 8, 4, 3
 
 def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=None) -> Callable[[Any], np.ndarray]:
   """The panel of an image-text model (evaluate/panels.py) on the first PANEL_IMAGES held-out `pairs`: a row of the
-  images, each with its caption's start and, with `classes` ((names, prompt tokens, jitted embed_texts)), its
+  images, each with its caption's start and, with `classes` ((names, templates): the zero-shot set), its
   PANEL_TOP nearest zero-shot classes by cosine; then PANEL_CAPTIONS rows of a caption and the images it retrieves
   among them (cosine; '= its own' marks the caption's image)."""
   embed = jax.jit(lambda params, batch: (task.embed_images(params, batch["image"]),
@@ -151,8 +151,8 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
     image_emb, text_emb = (np.asarray(e, np.float32)[valid] for e in rows["out"])
     lines = [(panels.clipped(caption),) for caption in captions]
     if classes is not None:
-      names, tokens, embed_texts = classes
-      class_emb = np.asarray(zeroshot.class_embeddings(embed_texts, params, tokens, len(names)))
+      names, templates = classes
+      class_emb = np.asarray(task.class_embeddings(params, names, templates))
       lines = [line + panels.top_k(cosines, names, PANEL_TOP) for line, cosines in zip(lines, image_emb @ class_emb.T)]
     grid = [[panels.Cell(image, line) for image, line in zip(images, lines)]]
     for i in range(min(PANEL_CAPTIONS, len(valid))):
@@ -189,8 +189,8 @@ def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], di
         embed_images, embed_texts, captioned.caption_image,
         functools.partial(caption_sets.image_batches, captioned, task.config.data, **shards),
         functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
-  out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, task.tokenizer.encode_batch,
-                                           embed_images, embed_texts, ctx))
+  out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, embed_images,
+                                           task.class_embeddings, ctx))
   return out
 
 
