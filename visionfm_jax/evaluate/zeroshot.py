@@ -210,24 +210,30 @@ class ClassEmbeddings:
     return None
 
 
+def scorer(embed_images: Callable, ctx, ks=(1, 5)) -> TopKEvaluator:
+  """Top-k counts of images against the class embeddings passed with the params: one program for the zero-shot
+  sets of one class count, whichever their classes (ImageNet's, ImageNet-V2's and -Sketch's 1000 share it)."""
+
+  def predict(params_and_classes, images):
+    params, classes = params_and_classes
+    return embed_images(params, images).astype(jnp.float32) @ classes.T
+
+  return TopKEvaluator(predict, ctx, ks)
+
+
 class ZeroShotEvaluator:
   """top-1 / top-5 of images against text embeddings of their class names."""
 
-  def __init__(self, embed_images: Callable, embeddings: ClassEmbeddings, names: Sequence[str],
-               templates: Sequence[str], ctx, ks=(1, 5)):
-    self.embeddings, self.names, self.templates = embeddings, list(names), list(templates)
-
-    def predict(params_and_classes, images):
-      params, classes = params_and_classes
-      return embed_images(params, images).astype(jnp.float32) @ classes.T
-
-    self._topk = TopKEvaluator(predict, ctx, ks)
+  def __init__(self, score: TopKEvaluator, embeddings: ClassEmbeddings, names: Sequence[str],
+               templates: Sequence[str]):
+    """`score`: `scorer`'s; `embeddings`: the run's ClassEmbeddings."""
+    self.score, self.embeddings, self.names, self.templates = score, embeddings, list(names), list(templates)
 
   def __call__(self, params, local_batches) -> dict[str, float]:
     """{'top1', 'top5', 'count'}: 'count' is the number of images scored, to check a protocol's coverage (the
     50,000 of ImageNet's validation split)."""
     classes = self.embeddings(params, self.names, self.templates)
-    return self._topk((params, classes), local_batches, with_count=True)
+    return self.score((params, classes), local_batches, with_count=True)
 
 
 BENCHMARKS_FIELD = "config.eval.zeroshot_benchmarks"
@@ -277,11 +283,11 @@ def check_benchmarks(benchmarks) -> None:
                       f"eval/zeroshot_<name>/...)")
 
 
-def benchmark_evaluators(eval_cfg, data_cfg, embed_images: Callable, embeddings: ClassEmbeddings,
+def benchmark_evaluators(eval_cfg, data_cfg, score: TopKEvaluator, embeddings: ClassEmbeddings,
                          ctx) -> dict[str, Callable]:
   """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`; absent
-  in older configs: none), their class embeddings from `embeddings`. The sources are opened now, so that a missing
-  set stops a run at start-up."""
+  in older configs: none), scored by `score` (`scorer`'s) against class embeddings from `embeddings`. The
+  sources are opened now, so that a missing set stops a run at start-up."""
   benchmarks = eval_cfg.get("zeroshot_benchmarks", ())
   check_benchmarks(benchmarks)
   if not benchmarks:
@@ -297,7 +303,7 @@ def benchmark_evaluators(eval_cfg, data_cfg, embed_images: Callable, embeddings:
     bench_cfg = benchmark_data_config(data_cfg, spec)
     source = data.open_eval_source(bench_cfg, what=what)
     names = imagenet_class_names(data.class_names(spec, bench_cfg, what=what), what)
-    evaluator = ZeroShotEvaluator(embed_images, embeddings, names, templates, ctx)
+    evaluator = ZeroShotEvaluator(score, embeddings, names, templates)
     batches = functools.partial(data.make_eval_iterator, bench_cfg, batch_size=ctx.local_batch_size,
                                 process_index=ctx.process_index, process_count=ctx.process_count, source=source)
     out[f"zeroshot_{name}"] = lambda params, evaluator=evaluator, batches=batches: evaluator(params, batches())

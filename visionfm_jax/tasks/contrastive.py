@@ -113,12 +113,12 @@ class ContrastiveTask(SplitLossTask):
 
   def evaluators(self, ctx: EvalContext):
     eval_cfg = self.config.eval
-    out = {}
+    out, score = {}, zeroshot.scorer(self.embed_images, ctx)  # one program for the zero-shot sets of a class count
     if eval_cfg.zeroshot_classes:
       data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
       source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg)  # labelled, or the run stops now
       names, templates = zeroshot.zeroshot_classes(eval_cfg, data_cfg)
-      zs = zeroshot.ZeroShotEvaluator(self.embed_images, self.class_embeddings, names, templates, ctx)
+      zs = zeroshot.ZeroShotEvaluator(score, self.class_embeddings, names, templates)
 
       def run_zeroshot(params):
         batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size,
@@ -129,7 +129,7 @@ class ContrastiveTask(SplitLossTask):
 
     if eval_cfg.retrieval:
       out["retrieval"] = image_text.retrieval_evaluator(self, image_text.held_out_pairs(self, ctx), ctx)
-    out.update(image_text.benchmark_evaluators(self, ctx))
+    out.update(image_text.benchmark_evaluators(self, ctx, score))
     return out
 
   def panel(self, ctx: EvalContext):

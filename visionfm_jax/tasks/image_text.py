@@ -166,10 +166,11 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
   return draw
 
 
-def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], dict[str, float]]]:
+def benchmark_evaluators(task, ctx: EvalContext, zeroshot_score=None) -> dict[str, Callable[[Any], dict[str, float]]]:
   """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks and
-  {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py); the sets are
-  opened (and their texts tokenised) now, so that a missing dataset stops the run at start-up."""
+  {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py), these scored
+  by `zeroshot_score` (`zeroshot.scorer`'s; one of their own when None); the sets are opened (and their texts
+  tokenised) now, so that a missing dataset stops the run at start-up."""
   benchmarks = task.config.eval.retrieval_benchmarks
   field = "config.eval.retrieval_benchmarks"
   if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
@@ -189,8 +190,8 @@ def benchmark_evaluators(task, ctx: EvalContext) -> dict[str, Callable[[Any], di
         embed_images, embed_texts, captioned.caption_image,
         functools.partial(caption_sets.image_batches, captioned, task.config.data, **shards),
         functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
-  out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, embed_images,
-                                           task.class_embeddings, ctx))
+  score = zeroshot_score or zeroshot.scorer(embed_images, ctx)
+  out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, score, task.class_embeddings, ctx))
   return out
 
 
