@@ -25,7 +25,7 @@ from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import checkpoint
 
-from conftest import tiny_clip_config
+from conftest import random_params, tiny_aurora_config, tiny_clip_config
 
 BUILDER, CLASSNAMES, TEMPLATES = ("clip_benchmark/datasets/builder.py", "clip_benchmark/datasets/en_classnames.json",
                                   "clip_benchmark/datasets/en_zeroshot_classification_templates.json")
@@ -253,6 +253,20 @@ def test_evaluate_tool_runs_the_zeroshot_benchmarks(tmp_path, capsys):
   assert len(err) == 1 and err[0].startswith("error: config.eval.zeroshot_benchmarks 'imagenet_a'=") and \
       f"no folder {missing}" in err[0]
 
+
+
+def test_aurora_scores_the_zeroshot_benchmarks_as_written_plainly(tmp_path):
+  """Aurora's contrastive towers score config.eval.zeroshot_benchmarks through the same evaluators as CLIP's: the
+  top-1 equals the plain computation's, with random params."""
+  root = write_release(tmp_path, "imagenet_r", extra=range(0, 1000, 7))
+  config = tiny_aurora_config(**{"eval.zeroshot_benchmarks": (("imagenet_r", f"imagenet_r:{root}"),),
+                                 "eval.zeroshot_benchmark_templates": "imagenet_simple", "data.num_workers": 0})
+  task = tasks.build(config)
+  params = random_params(task)
+  evaluators = image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(config.mesh), 64, 0, 1))
+  results = evaluators["zeroshot_imagenet_r"](params)
+  top1, count = _reference_top1(task, params, root)
+  assert results["count"] == count and results["top1"] == pytest.approx(top1, abs=1e-6)
 
 def test_zeroshot_benchmarks_field_is_checked():
   for bad in (("r", "imagenet_r:/x"), (("r", "imagenet_r:/x", 1),), (("r", "a"), ("r", "b")), (("r r", "a"),)):
