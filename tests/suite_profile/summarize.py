@@ -43,15 +43,15 @@ def report(records: list[dict], top: int = 15) -> str:
   return "\n".join(lines + ["", *programs_report(records, top)])
 
 
-def _program_sums(records) -> dict[str, dict]:
-  """{program: its seconds and compiles in all, and {"files": {test file: seconds}}}."""
-  sums = collections.defaultdict(lambda: collections.Counter())
+def _program_sums(records) -> tuple[dict[str, collections.Counter], dict[str, collections.Counter]]:
+  """({program: its seconds and compiles in all}, {program: {test file: its seconds}})."""
+  sums, files = collections.defaultdict(collections.Counter), collections.defaultdict(collections.Counter)
   for record in records:
     for test_file, programs in record.get("by_program", {}).items():
       for name, seconds in programs.items():
         sums[name].update(seconds)
-        sums[name]["file:" + (test_file or "(outside a test)")] += _jax_seconds(seconds)
-  return sums
+        files[name][test_file or "(outside a test)"] += _jax_seconds(seconds)
+  return sums, files
 
 
 def _jax_seconds(sums) -> float:
@@ -59,16 +59,15 @@ def _jax_seconds(sums) -> float:
 
 
 def programs_report(records: list[dict], top: int = 15) -> list[str]:
-  ranked = sorted(_program_sums(records).items(), key=lambda item: -_jax_seconds(item[1]))[:top]
+  sums, files = _program_sums(records)
+  ranked = sorted(sums.items(), key=lambda item: -_jax_seconds(item[1]))[:top]
   lines = [f"{'program':30s} {'seconds':>8s} {'compiles':>8s} {'trace':>7s} {'lower':>7s} {'compile':>8s}  "
            "test files (seconds)"]
-  for name, sums in ranked:
-    files = sorted(((k[len("file:"):], v) for k, v in sums.items() if k.startswith("file:")), key=lambda kv: -kv[1])
-    where = ", ".join(f"{path.rsplit('/', 1)[-1]} {seconds:.1f}" for path, seconds in files[:3])
-    lines.append(f"{name:30.30s} {_jax_seconds(sums):8.1f} {sums['programs']:8d} {sums['trace_s']:7.1f} "
-                 f"{sums['lower_s']:7.1f} {sums['compile_s']:8.1f}  {where}")
+  for name, program in ranked:
+    where = ", ".join(f"{path.rsplit('/', 1)[-1]} {seconds:.1f}" for path, seconds in files[name].most_common(3))
+    lines.append(f"{name:30.30s} {_jax_seconds(program):8.1f} {program['programs']:8d} {program['trace_s']:7.1f} "
+                 f"{program['lower_s']:7.1f} {program['compile_s']:8.1f}  {where}")
   return lines
-
 
 if __name__ == "__main__":
   print(report(read(sys.argv[1])))

@@ -187,7 +187,8 @@ class ClassEmbeddings:
     """`embed_texts(params, tokens)`: jitted; `encode_texts(prompts)`: their token rows."""
     self._embed_texts, self._encode_texts = embed_texts, encode_texts
     self._weights = lambda: None  # a weak reference to a leaf of the params the held embeddings are of
-    self._held: dict[tuple, jax.Array] = {}  # (names, templates) -> (len(names), D)
+    self._held: dict[tuple, jax.Array] = {}  # (names, templates) -> (len(names), D), for those params
+    self._tokens: dict[tuple, np.ndarray] = {}  # (names, templates) -> prompt tokens, for every evaluation
 
   def __call__(self, params, names: Sequence[str], templates: Sequence[str]) -> jax.Array:
     """(len(names), D) unit embeddings of the classes `names` under `templates`, by `params`."""
@@ -196,11 +197,15 @@ class ClassEmbeddings:
       self._held, self._weights = {}, weakref.ref(leaf)
     key = (tuple(names), tuple(templates))
     if key not in self._held:
-      self._held[key] = self._from_held(*key)
-      if self._held[key] is None:
-        tokens = self._encode_texts(prompts(names, templates))
-        self._held[key] = class_embeddings(self._embed_texts, params, tokens, len(names))
+      held = self._from_held(*key)
+      self._held[key] = held if held is not None else class_embeddings(
+          self._embed_texts, params, self._prompt_tokens(key), len(names))
     return self._held[key]
+
+  def _prompt_tokens(self, key: tuple) -> np.ndarray:
+    if key not in self._tokens:
+      self._tokens[key] = self._encode_texts(prompts(*key))
+    return self._tokens[key]
 
   def _from_held(self, names: tuple, templates: tuple) -> jax.Array | None:
     for (held_names, held_templates), embeddings in self._held.items():

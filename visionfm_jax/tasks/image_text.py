@@ -169,8 +169,8 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
 def benchmark_evaluators(task, ctx: EvalContext, zeroshot_score=None) -> dict[str, Callable[[Any], dict[str, float]]]:
   """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks and
   {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py), these scored
-  by `zeroshot_score` (`zeroshot.scorer`'s; one of their own when None); the sets are opened (and their texts
-  tokenised) now, so that a missing dataset stops the run at start-up."""
+  by `zeroshot_score` (`zeroshot.scorer`'s; one of their own when None); the sets are opened (and the retrieval
+  captions tokenised) now, so that a missing dataset stops the run at start-up."""
   benchmarks = task.config.eval.retrieval_benchmarks
   field = "config.eval.retrieval_benchmarks"
   if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
