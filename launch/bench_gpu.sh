@@ -79,6 +79,10 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound
   lead unrolled_triton_gemm --xla_gpu_enable_triton_gemm=true --config.model.scan=False  # the two best leads together
   LEAD_REMAT=nothing_saveable LEAD_BATCH=128 lead unrolled_nothing_saveable_b128 "" --config.model.scan=False
+  graphs=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL  # the unrolled step's launches
+  lead unrolled_cuda_graphs $graphs --config.model.scan=False
+  LEAD_REMAT=nothing_saveable LEAD_BATCH=128 lead unrolled_nothing_saveable_b128_cuda_graphs $graphs \
+      --config.model.scan=False
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unrolled "" --config.model.scan=False
   # image-text: CLIP (one micro-batch) against SigLIP, FLIP and the SwinV2 subgrid on the same tower and batch
   clip=configs/swinv2_g_clip.py
