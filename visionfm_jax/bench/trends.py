@@ -43,7 +43,7 @@ class Verdict:
   quantity: str
   first: float  # the judged samples' first and last values
   last: float
-  slope_per_1000: float  # least squares, per 1000 steps
+  slope_per_1000: float  # Theil-Sen (`slope`), per 1000 steps
   rise: float  # the fitted line's, from the first judged step to the last
   allowed: float
   growing: bool
@@ -55,10 +55,15 @@ class Verdict:
 
 
 def slope(xs, ys) -> float:
-  """The least-squares slope of ys over xs (0 for fewer than two distinct xs)."""
+  """The Theil-Sen slope of ys over xs: the median of the slopes between every two samples of distinct xs (0 for
+  fewer than two). One interval's outlier, such as a prefetch buffer refilling after the consumer stalled on a
+  loaded machine, moves it by one pair's rank where it would tilt a least-squares line; a steady rise is a line's
+  slope either way."""
   x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
-  spread = float(((x - x.mean()) ** 2).sum())
-  return float(((x - x.mean()) * (y - y.mean())).sum() / spread) if spread else 0.0
+  first, second = np.triu_indices(len(x), k=1)
+  dx = x[second] - x[first]
+  distinct = dx != 0
+  return float(np.median((y[second] - y[first])[distinct] / dx[distinct])) if distinct.any() else 0.0
 
 
 def judge(quantity: str, steps, values, tolerance: Tolerance, processes: int = 1) -> Verdict:
