@@ -165,6 +165,14 @@ def pytest_collection_finish(session):
   gc.freeze()
 
 
+def pytest_unconfigure(config):
+  """Under tests/suite_profile, the worker's record is written here too: xdist may kill a worker slow to exit."""
+  del config
+  write_record = getattr(sys.modules.get("sitecustomize"), "write_record", None)
+  if write_record is not None:
+    write_record()
+
+
 def pytest_collection_modifyitems(config, items):
   """Tests marked `slow` run first (xdist hands them out before the rest, so that the two workers finish together
   instead of one running a long test while the other is idle); tests marked `gpu` (tests/gpu/test_gpu.py) run only

@@ -56,7 +56,9 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
       spec.loader.exec_module = exec_module
       return spec
 
-  def _write():
+  def write_record():
+    """Writes this process's record (again: a later call writes the fuller one). At exit, and from a test
+    worker's pytest_unconfigure (tests/conftest.py): xdist may kill a worker slow to exit before its atexit runs."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
     record = dict(_totals, by_program=_by_program, cpu_s=usage.ru_utime + usage.ru_stime, argv=sys.argv[:4],
                   test=os.environ.get("PYTEST_CURRENT_TEST", ""))
@@ -65,4 +67,4 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
       json.dump(record, f)
 
   sys.meta_path.insert(0, _ListenOnImport())
-  atexit.register(_write)
+  atexit.register(write_record)
