@@ -29,7 +29,7 @@ from visionfm_jax.training import checkpoint, optim
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.infra import faults
 
-from conftest import FAST_COMPILE_FLAGS, ROOT, tiny_vit_config
+from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session, tiny_vit_config
 from test_workdir import held_by_another_process
 import tracker_runs
 
@@ -185,6 +185,21 @@ def _free_port():
     return s.getsockname()[1]
 
 
+_RUNNING_JOBS = []
+
+
+@pytest.fixture(autouse=True)
+def _no_job_outlives_its_test():
+  """A test that fails before its job ends would leave the job training (some run 100,000 steps), holding the
+  cores for the rest of the suite: its session is killed at the test's end."""
+  yield
+  while _RUNNING_JOBS:
+    job = _RUNNING_JOBS.pop()
+    if job.proc.poll() is None:
+      kill_session(job.proc.pid)
+      job.proc.communicate()
+
+
 class _Job:
   """launch/local.sh 2 (`devices` CPU devices each) in a session of its own, with its two trainer processes' pids;
   `base`: the config flags before `flags` (the tiny ViT's)."""
@@ -200,6 +215,7 @@ class _Job:
     self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                  start_new_session=True)
+    _RUNNING_JOBS.append(self)
 
   def trainers(self) -> list[int]:
     """The pids of the two `python -m visionfm_jax.main` processes (local.sh's children), in launch order."""
