@@ -166,7 +166,7 @@ def pytest_collection_finish(session):
 
 
 def pytest_unconfigure(config):
-  """Under tests/suite_profile, the worker's record is written here too: xdist may kill a worker slow to exit."""
+  """Under tests/suite_profile, this process's record is written here too: xdist may kill a worker slow to exit."""
   del config
   write_record = getattr(sys.modules.get("sitecustomize"), "write_record", None)
   if write_record is not None:

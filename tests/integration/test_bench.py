@@ -308,7 +308,8 @@ def test_bench_gpu_script_runs_each_lead_with_its_flags_and_tabulates_failures(t
   stub = tmp_path / "python"
   stub.write_text(f"""#!/usr/bin/env bash
 if [[ $1 == -m && $2 == visionfm_jax.bench ]]; then
-  [[ " $* " == *scan=False* ]] && {{ echo "RESOURCE_EXHAUSTED: out of memory" >&2; exit 1; }}
+  [[ " $* " == *scan=False* ]] && {{ echo "XLA_FLAGS=$XLA_FLAGS" >&2
+                                     echo "RESOURCE_EXHAUSTED: out of memory" >&2; exit 1; }}
   exec {sys.executable} -c 'import json, os, sys; print(json.dumps(dict(img_per_sec=280.0, mfu=0.28, compile_s=9.0, \\
 peak_bytes_in_use=2**34, xla_flags=os.environ["XLA_FLAGS"], argv=sys.argv[1:])))' "$@"
 fi
@@ -325,8 +326,8 @@ exec {sys.executable} "$@"
                         "gelu_tanh", "pallas_layer_norm", "no_remat_b64", "nothing_saveable_b256",
                         "pipelined_reduce_scatter", "while_double_buffering", "unrolled", "unrolled_triton_gemm",
                         "unrolled_nothing_saveable_b128", "unrolled_cuda_graphs",
-                        "unrolled_nothing_saveable_b128_cuda_graphs", "swinv2_g_unrolled", "clip_vit_b16", "siglip_vit_b16",
-                        "flip_vit_b16", "clip_swinv2_g", "swin_mask_swinv2_g"]
+                        "unrolled_nothing_saveable_b128_cuda_graphs", "swinv2_g_unrolled", "clip_vit_b16",
+                        "siglip_vit_b16", "flip_vit_b16", "clip_swinv2_g", "swin_mask_swinv2_g"]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
   assert {"--config.model.remat_policy=none", "--config.global_batch_size=64"} <= set(rows["no_remat_b64"]["argv"])
@@ -341,6 +342,10 @@ exec {sys.executable} "$@"
   table = proc.stdout.splitlines()
   graphs = rows["unrolled_nothing_saveable_b128_cuda_graphs"]  # the stand-in runs no scan=False setup
   assert (graphs["remat"], graphs["batch"], graphs["failed"]) == ("nothing_saveable", 128, "out of memory")
+  failed_runs = {block.split("\n", 1)[0]: block for block in proc.stderr.split("== ")}  # header: its log's tail
+  graphs_log = next(b for h, b in failed_runs.items() if h.endswith(" lead=unrolled_nothing_saveable_b128_cuda_graphs"))
+  assert "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" in graphs_log
+  assert "command_buffer=FUSION" not in next(b for h, b in failed_runs.items() if h.endswith(" lead=unrolled"))
   assert len(table) == 24 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   models = {lead: r.get("model") for lead, r in rows.items()}
   assert {models[lead] for lead in list(rows)[:17]} == {"vit_h14"}

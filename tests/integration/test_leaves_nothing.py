@@ -104,6 +104,7 @@ def test_a_trainer_killed_mid_save_leaves_no_process_and_nothing_in_dev_shm(tmp_
     assert not alive and not files, f"alive after the trainer's SIGKILL: {alive}; left in {SHM}: {len(files)}"
   finally:
     if trainer.poll() is None:  # the test failed before its kill: its 100,000 steps would hold a core
+      run |= _descendants(trainer.pid)  # workers it started since the last poll
       trainer.kill()
       trainer.wait()
     _end_left_over(run)

@@ -87,6 +87,10 @@ def test_the_verdicts_call_growth_growing_and_noise_flat():
   long_run = np.arange(1000, 100_001, 1000)
   assert trends.judge("RSS MB (main)", long_run, 300 + long_run * 0.005, trends.TOLERANCES["RSS MB"]).growing
   assert trends.judge("processes", steps, np.where(steps > 1000, 3, 2), trends.TOLERANCES["processes"]).growing
+  # a leak that begins late is a leak: a level's slope is least squares' (most pairs of a late step rise by 0)
+  assert trends.judge("processes", steps, np.where(steps > 1600, 3, 2), trends.TOLERANCES["processes"]).growing
+  late = np.where(steps > 1600, 40 + (steps - 1600) * 0.2, 40)  # 80 descriptors kept over the last 400 steps
+  assert trends.judge("descriptors (children)", steps, late, trends.TOLERANCES["descriptors"]).growing
 
 
 def test_bytes_read_per_record_may_rise_a_tenth_of_their_mean():
@@ -98,7 +102,7 @@ def test_bytes_read_per_record_may_rise_a_tenth_of_their_mean():
   assert verdict.growing and verdict.allowed == pytest.approx(0.1 * rereading.mean())
   assert not trends.judge("bytes read per record", steps, 900 + steps * 0.5, tolerance).growing  # under 1 KiB
   # the worker refilling its prefetch buffer in the last interval after the consumer stalled on a loaded machine:
-  # 325 records' reads charged to 200 drawn. A least-squares line through it rises two thirds of the mean.
+  # 325 more records' reads charged to its 200. A least-squares line through it rises two thirds of the mean.
   steps = np.arange(50, 301, 25)
   refill = np.where(steps == 300, 423_634, noisy[:len(steps)])
   assert not trends.judge("bytes read per record", steps, refill, tolerance).growing

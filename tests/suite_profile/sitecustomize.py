@@ -63,8 +63,10 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
     record = dict(_totals, by_program=_by_program, cpu_s=usage.ru_utime + usage.ru_stime, argv=sys.argv[:4],
                   test=os.environ.get("PYTEST_CURRENT_TEST", ""))
     record["runner"] = not record["test"] and "_pytest" in sys.modules  # pytest or a worker, not a test's child
-    with open(os.path.join(os.environ["VISIONFM_SUITE_PROFILE"], f"{os.getpid()}.json"), "w") as f:
+    path = os.path.join(os.environ["VISIONFM_SUITE_PROFILE"], f"{os.getpid()}.json")
+    with open(path + ".tmp", "w") as f:  # a process killed mid-write keeps its earlier record
       json.dump(record, f)
+    os.replace(path + ".tmp", path)
 
   sys.meta_path.insert(0, _ListenOnImport())
   atexit.register(write_record)

@@ -45,10 +45,12 @@ batch, every `--every` steps and after the last, from /proc (no other dependency
 
 descriptors, RSS and threads for the main process and summed over its descendants (the JSON line has every process).
 The samples of the first `--warmup` steps (default a tenth of --steps; the reading caches fill) are shown but not
-judged. After them each quantity's Theil-Sen slope (the median of its samples' pairwise slopes, which one interval's
-outlier does not tilt) is its slope per 1000 steps; a quantity grows when the line's rise over the judged steps exceeds its tolerance (bench/trends.py's `TOLERANCES`): descriptors 32 per process,
-threads 4 per process, processes 0.5, /dev/shm 16 entries, RSS 16 MB per process or 4 MB per process per 1000 steps,
-whichever is more, and bytes read per record 1 KiB or a tenth of the judged samples' mean, whichever is more.
+judged. After them each quantity's least-squares line gives its slope per 1000 steps (bytes per record, a rate over
+each interval, the median of its samples' pairwise slopes, which one interval's outlier does not tilt); a quantity
+grows when the slope's rise over the judged steps exceeds its tolerance (bench/trends.py's `TOLERANCES`): descriptors
+32 per process, threads 4 per process, processes 0.5, /dev/shm 16 entries, RSS 16 MB per process or 4 MB per process
+per 1000 steps, whichever is more, and bytes read per record 1 KiB or a tenth of the judged samples' mean, whichever
+is more.
 Throughput falls when the rate of the last `--window_s` seconds (default a minute; a third of the judged time in a
 shorter run) is below the first's by more than `--throughput_tolerance` (10%), and so are its records per CPU second
 of the process tree: other jobs' load on a shared machine moves the wall-clock rate alone (the table's last column

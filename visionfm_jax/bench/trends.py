@@ -15,11 +15,14 @@ from visionfm_jax.bench.proc_probe import Sample
 class Tolerance:
   """What a quantity may rise over the judged steps: the most of `fixed`, `per_1000_steps` x steps / 1000 and
   `fraction` of the judged values' mean, per process when `per_process` (the main process: one; the children: as
-  many as there are)."""
+  many as there are). `per_interval`: the quantity is a rate over each interval between samples, not a level, so
+  one interval's spike is noise and its slope the robust one (`robust_slope`); a level keeps least squares, under
+  which a step late in the run, a leak that began there, still counts."""
   fixed: float
   per_1000_steps: float = 0.0
   per_process: bool = True
   fraction: float = 0.0
+  per_interval: bool = False
 
   def allowed(self, steps: float, processes: int, level: float = 0.0) -> float:
     scale = max(1, processes) if self.per_process else 1
@@ -31,7 +34,7 @@ class Tolerance:
 # 3,000 tiny shards scatter by some 3% about their mean.
 TOLERANCES = {"descriptors": Tolerance(32), "RSS MB": Tolerance(16, per_1000_steps=4), "threads": Tolerance(4),
               "processes": Tolerance(0.5, per_process=False), "/dev/shm entries": Tolerance(16, per_process=False),
-              "bytes read per record": Tolerance(1024, per_process=False, fraction=0.1)}
+              "bytes read per record": Tolerance(1024, per_process=False, fraction=0.1, per_interval=True)}
 
 
 def tolerance_of(quantity: str) -> Tolerance:
@@ -43,7 +46,7 @@ class Verdict:
   quantity: str
   first: float  # the judged samples' first and last values
   last: float
-  slope_per_1000: float  # Theil-Sen (`slope`), per 1000 steps
+  slope_per_1000: float  # `slope`'s, or `robust_slope`'s for a per-interval rate, per 1000 steps
   rise: float  # the fitted line's, from the first judged step to the last
   allowed: float
   growing: bool
@@ -55,10 +58,17 @@ class Verdict:
 
 
 def slope(xs, ys) -> float:
+  """The least-squares slope of ys over xs (0 for fewer than two distinct xs)."""
+  x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
+  spread = float(((x - x.mean()) ** 2).sum())
+  return float(((x - x.mean()) * (y - y.mean())).sum() / spread) if spread else 0.0
+
+
+def robust_slope(xs, ys) -> float:
   """The Theil-Sen slope of ys over xs: the median of the slopes between every two samples of distinct xs (0 for
-  fewer than two). One interval's outlier, such as a prefetch buffer refilling after the consumer stalled on a
-  loaded machine, moves it by one pair's rank where it would tilt a least-squares line; a steady rise is a line's
-  slope either way."""
+  fewer than two). It holds while under about 29% of the samples are outliers, such as an interval in which a
+  prefetch buffer refilled after the consumer stalled on a loaded machine, which would tilt a least-squares line;
+  a steady rise is a line's slope either way."""
   x, y = np.asarray(xs, np.float64), np.asarray(ys, np.float64)
   first, second = np.triu_indices(len(x), k=1)
   dx = x[second] - x[first]
@@ -68,7 +78,7 @@ def slope(xs, ys) -> float:
 
 def judge(quantity: str, steps, values, tolerance: Tolerance, processes: int = 1) -> Verdict:
   """Whether `values` (sampled at `steps`) grow: their fitted rise over the steps beyond `tolerance`."""
-  per_step = slope(steps, values)
+  per_step = (robust_slope if tolerance.per_interval else slope)(steps, values)
   span = float(steps[-1] - steps[0])
   allowed = tolerance.allowed(span, processes, float(np.mean(np.asarray(values, np.float64))))
   return Verdict(quantity, float(values[0]), float(values[-1]), per_step * 1000, per_step * span, allowed,
