@@ -106,6 +106,9 @@ def test_bytes_read_per_record_may_rise_a_tenth_of_their_mean():
   steps = np.arange(50, 301, 25)
   refill = np.where(steps == 300, 423_634, noisy[:len(steps)])
   assert not trends.judge("bytes read per record", steps, refill, tolerance).growing
+  week = np.arange(10, 1_000_001, 10)  # a soak sampled every 10 steps: the robust slope reads 1,000 of its samples
+  assert trends.robust_slope(week, 160_000 + week * 0.25) == pytest.approx(0.25)
+  assert trends.judge("bytes read per record", week, 160_000 + week * 0.25, tolerance).growing
 
 
 def test_the_probe_charges_an_interval_with_what_the_tree_read_in_it_and_not_with_its_own_reads(tmp_path):
