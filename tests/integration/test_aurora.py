@@ -285,7 +285,7 @@ def test_the_panel_shows_the_masked_input_the_reconstruction_and_the_original():
   mesh = parallel.make_mesh(config.mesh)
   task = tasks.build(config, mesh)
   ctx = EvalContext(mesh, config.global_batch_size, 0, 1)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     picture = task.panel(ctx)(_params(task))
   first = next(iter(image_text.held_out_pairs(task, ctx, mim=config.data.mim)()))
   image, grid = first["image"][0], first["mim_mask"][0]

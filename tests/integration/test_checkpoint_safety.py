@@ -193,7 +193,7 @@ def _restore_on(workdir, devices, strategy):
   task = tasks.build(config, mesh)
   tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
   init_fn = step_lib.make_init_fn(task, tx, config)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   ckpt = checkpoint.Checkpointer(os.path.join(workdir, "checkpoints"))

@@ -314,7 +314,7 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   def counted_features(*args):
     jax.debug.callback(lambda: forwards.append(1))
     return features(*args)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
     task.batch_features = counted_features
     got, got_loss, _ = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated,

@@ -333,7 +333,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
   tx = optim.make_optimizer(config.optim, lr_schedule)
   init_fn = step_lib.make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     ckpt = checkpoint.Checkpointer(str(workdir / "checkpoints"))

@@ -161,7 +161,7 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
   rng = jax.random.key(7)
   single_device_loss = jax.jit(lambda p, b: plain.loss(p, b, rng)[0])
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     (want_loss, aux), want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng), has_aux=True))(params)
     got, got_loss, _ = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, None))(params)
   assert float(aux["train/logit_bias"]) == -3.0

@@ -245,7 +245,7 @@ def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_tabl
   step = jax.value_and_grad(loss, argnums=(0, 1))
   want = jax.jit(step)(variables, windows)
   mesh = parallel.make_mesh(tiny_vit_config(strategy="zero3").mesh)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     sharded = jax.device_put(windows, NamedSharding(mesh, P(parallel.BATCH_AXES)))
     got = jax.jit(step)(variables, sharded)
     program = jax.jit(step).lower(variables, sharded).compile().as_text()

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -71,17 +72,30 @@ ZERO3_FLAGS = [*TINY_FLAGS, "--config.total_steps=6", "--config.log_every=2", "-
 
 @pytest.fixture(scope="module")
 def zero3_run(tmp_path_factory):
-  """(the workdir of `_zero3_config` trained uninterrupted (read-only: copy it to change it), its last metrics)."""
+  """(the workdir of `_zero3_config` trained uninterrupted (read-only: copy it to change it), its last metrics, the
+  DeprecationWarnings it raised)."""
   workdir = tmp_path_factory.mktemp("zero3") / "run"
-  return workdir, train.run(_zero3_config(), str(workdir))
+  with warnings.catch_warnings(record=True) as raised:
+    warnings.simplefilter("always", DeprecationWarning)
+    last = train.run(_zero3_config(), str(workdir))
+  return workdir, last, [w for w in raised if issubclass(w.category, DeprecationWarning)]
 
 
 ZERO3_RUN = pytest.mark.xdist_group("train_loop_zero3_run")  # its tests share it in one xdist worker
 
 
 @ZERO3_RUN
+def test_the_run_calls_nothing_deprecated(zero3_run):
+  """JAX, flax and optax announce an API's removal with a DeprecationWarning at the line that calls it (the
+  suite's settings hide them): none of the run's is at a line of this package."""
+  package = os.path.join(ROOT, "visionfm_jax") + os.sep
+  ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in zero3_run[2] if w.filename.startswith(package)]
+  assert not ours, ours
+
+
+@ZERO3_RUN
 def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
-  workdir, last = zero3_run
+  workdir, last, _ = zero3_run
   shutil.copytree(workdir, tmp_path, dirs_exist_ok=True)
   config = _zero3_config()
   rows = _read_metrics(tmp_path)
@@ -126,7 +140,7 @@ def test_a_rerun_after_a_kill_before_the_final_evaluation_completes_the_record(z
   panel of step 6 as the uninterrupted run did, closes the trackers with the final metrics and prints them on its
   `done` line. Killed again while writing a row (cut short): the next rerun drops that line, saying so, and prints
   the final metrics from metrics.jsonl without evaluating again."""
-  reference_dir, reference = zero3_run
+  reference_dir, reference, _ = zero3_run
   shutil.copytree(reference_dir, tmp_path, dirs_exist_ok=True)
   rows = _read_metrics(tmp_path)
   final_eval = rows.pop()
@@ -222,7 +236,7 @@ def test_signal_during_a_logging_steps_wait_saves_the_step_it_names(zero3_run, t
   skipping the save yet logging it): the next step boundary saves step 3, the log names it only once it has
   committed, and the rerun from it ends bitwise where an uninterrupted run (`zero3_run`: the same training, other
   evaluation and checkpoint steps) ends."""
-  reference_dir, reference = zero3_run
+  reference_dir, reference, _ = zero3_run
   config = _zero3_config()
   config.eval_every, config.checkpoint_every = 6, 100
 

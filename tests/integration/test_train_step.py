@@ -80,7 +80,7 @@ def _setup(config, task=None, devices=None, params=None):
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   tx = optim.make_optimizer(config.optim, lr_schedule)
   init_fn = step_lib.make_init_fn(task, tx, config)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     abstract, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
     if params is None:
       state = _initial_state(config, init_fn, shardings)
@@ -91,13 +91,13 @@ def _setup(config, task=None, devices=None, params=None):
   jitted = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule)
 
   def step(state, batch):
-    with mesh, parallel.activation_sharding(mesh):
+    with parallel.activation_sharding(mesh):
       state, metrics = jitted(state, jax.device_put(batch, batch_sharding))
     return state, jax.device_get(metrics)
 
   def compiled_text(state, batch):
     """The partitioned HLO of the step just run on `state` and `batch` (jit's cache: no second compile)."""
-    with mesh, parallel.activation_sharding(mesh):
+    with parallel.activation_sharding(mesh):
       return jitted.lower(state, jax.device_put(batch, batch_sharding)).compile().as_text()
   step.compiled_text = compiled_text
   return state, step, specs
@@ -154,7 +154,7 @@ def test_the_init_is_traced_once_for_its_shapes_and_its_values():
   tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
   make_state, traces = step_lib.make_init_fn(task, tx, config), []
   init_fn = lambda rng: traces.append(rng) or make_state(rng)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     _, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))
   assert len(traces) == 1
@@ -309,7 +309,7 @@ def test_two_pass_accumulation_of_a_split_loss_equals_the_whole_batch():
     return sum(local for local, _, _ in outs) + task.global_loss(p, whole, context)[0]
 
   mesh = parallel.make_mesh(tiny_vit_config(**{"mesh.data": 1, "mesh.fsdp": 1}).mesh, jax.devices()[:1])
-  with mesh:
+  with parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(whole_batch_loss))(params)
     got, got_loss, aux = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, accum, rng, scale, None))(params)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)

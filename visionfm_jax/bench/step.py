@@ -31,7 +31,7 @@ class JaxStep:
     init_fn = step_lib.make_init_fn(self.task, tx, config)
     local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
                                             np.random.default_rng(config.seed + jax.process_index()))
-    with self.mesh, parallel.activation_sharding(self.mesh):  # what train.run traces the step under
+    with parallel.activation_sharding(self.mesh):  # what train.run traces the step under
       _, shardings, _ = step_lib.state_shardings(init_fn, self.mesh, config)
       self.state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))

@@ -16,6 +16,7 @@ from visionfm_jax.parallel.sharding import (
                                          activation_rules,
                                          activation_sharding,
                                          batch_local,
+                                         constrain_to,
                                          device_local,
                                          grad_specs,
                                          map_with_names,

@@ -25,6 +25,7 @@ import math
 
 import flax.linen as nn
 import jax
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from visionfm_jax import config_lib
@@ -91,11 +92,14 @@ _ACTIVATION_MESH = contextvars.ContextVar("activation_mesh", default=None)
 
 @contextlib.contextmanager
 def activation_sharding(mesh):
-  """Within it, `models.layers.constrain` shards activations over `mesh` by `activation_rules()`.
+  """Within it, `models.layers.constrain` shards activations over `mesh` by `activation_rules()`, and
+  `constrain_to` lays out the step's batches: the one mesh context the step is traced under.
 
-  The mesh is passed to flax explicitly: under jax 0.10 / flax 0.12 `nn.with_logical_constraint` looks only
-  at the abstract mesh that `jax.set_mesh` sets, so inside a plain `with mesh:` it constrains nothing, and
-  XLA is free to shard a scanned zero3 model over its embedding instead of gathering weights per layer.
+  The mesh is passed to flax and JAX explicitly, not through a context of theirs: `with mesh:` is deprecated,
+  and under `jax.set_mesh` flax would also constrain every boxed parameter it unboxes. (flax 0.12's
+  `nn.with_logical_constraint` looks only at the abstract mesh that `jax.set_mesh` sets, so inside a plain
+  `with mesh:` it constrained nothing, and XLA was free to shard a scanned zero3 model over its embedding
+  instead of gathering weights per layer.)
   """
   token = _ACTIVATION_MESH.set(mesh)
   try:
@@ -119,6 +123,15 @@ def device_local():
 def activation_mesh():
   """The mesh of the innermost `activation_sharding`, else None."""
   return _ACTIVATION_MESH.get()
+
+
+def constrain_to(tree, spec: P):
+  """`tree`'s leaves laid out by `spec` on the `activation_sharding` mesh (an XLA sharding constraint); a no-op
+  outside one, as `models.layers.constrain` is."""
+  mesh = activation_mesh()
+  if mesh is None:
+    return tree
+  return jax.lax.with_sharding_constraint(tree, jax.tree.map(lambda _: NamedSharding(mesh, spec), tree))
 
 
 def batch_local(fn, rows, shared):

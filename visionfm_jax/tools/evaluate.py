@@ -72,7 +72,7 @@ def run(config, path: str, *, step: int | None = None, batch_size: int = 256) ->
   results = {}
   # Run as the training loop runs them (training/train.py): the same programs, which a persistent compile cache
   # the run wrote (JAX_COMPILATION_CACHE_DIR) then serves on the same devices instead of compiling them again.
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     for name, evaluate in evaluators.items():
       results.update({f"eval/{name}/{metric}": float(value) for metric, value in evaluate(loaded.params).items()})
   return {**results, "step": loaded.step}

@@ -36,8 +36,7 @@ def split_microbatches(batch, steps: int):
     x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
   micro_batches = jax.tree.map(split, batch)
-  micro_spec = P(None, *parallel.BATCH_SPEC)
-  return jax.lax.with_sharding_constraint(micro_batches, jax.tree.map(lambda _: micro_spec, micro_batches))
+  return parallel.constrain_to(micro_batches, P(None, *parallel.BATCH_SPEC))
 
 
 def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
@@ -181,7 +180,7 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
 
   def global_term(last_features):
     whole = _in_batch_order(jax.tree.map(_append_micro_batch, features, jax.lax.stop_gradient(last_features)))
-    whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
+    whole = parallel.constrain_to(whole, parallel.BATCH_SPEC)
     (loss, aux), feature_grads = jax.value_and_grad(
         lambda f: task.global_loss(params, f, context), has_aux=True)(whole)
     return whole, jax.tree.map(_to_micro(accum), feature_grads), (loss, aux)
@@ -260,7 +259,7 @@ def _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale
   rows_of = lambda f: f.reshape((-1,) + f.shape[2:])
   features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(*xs)), (micro_batches, micro_rngs))
   whole = _in_batch_order(features)
-  whole = jax.lax.with_sharding_constraint(whole, jax.tree.map(lambda _: parallel.BATCH_SPEC, whole))
+  whole = parallel.constrain_to(whole, parallel.BATCH_SPEC)
   (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
       task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
   feature_grads = jax.tree.map(_to_micro(accum), feature_grads)

@@ -67,7 +67,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
     scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
     grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
                              opt_state=opt_state)
@@ -97,7 +97,7 @@ def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):
   task = task or tasks.build(config, mesh)
   tx, lr_schedule = optim.fresh_optimizer(config, task.model)
   init_fn = make_init_fn(task, tx, config)
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     abstract, shardings, _ = state_shardings(init_fn, mesh, config)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     batch = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), batch)

@@ -90,7 +90,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   init_fn = step_lib.make_init_fn(task, tx, config)
   batch_sharding = parallel.batch_sharding(mesh)
 
-  with mesh, parallel.activation_sharding(mesh):
+  with parallel.activation_sharding(mesh):
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
