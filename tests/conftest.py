@@ -9,6 +9,13 @@ import subprocess
 import sys
 import tempfile
 
+# Where the environment sets PYTHONDONTWRITEBYTECODE (as this project's VM does), each of the suite's ~250 Python
+# processes (workers, training jobs, tools, the runbooks' commands) compiles this package's sources again. The
+# suite lets Python keep them in the checkout's __pycache__ folders (git-ignored), written once and read by every
+# later process: the four runbook rehearsals took 206.5 / 213.8 CPU s with it against 215.6 / 226.1 without.
+os.environ.pop("PYTHONDONTWRITEBYTECODE", None)
+sys.dont_write_bytecode = False
+
 
 def _known_to_xla(flags: str) -> bool:
   """XLA aborts a process that names a flag it does not know, and flags come and go between releases."""
