@@ -89,6 +89,7 @@ def test_the_run_calls_nothing_deprecated(zero3_run):
   """JAX, flax and optax announce an API's removal with a DeprecationWarning at the line that calls it (the
   suite's settings hide them): none of the run's is at a line of this package."""
   package = os.path.join(ROOT, "visionfm_jax") + os.sep
+  assert train.__file__.startswith(package), train.__file__  # else no warning could be told ours
   ours = [f"{w.filename}:{w.lineno}: {w.message}" for w in zero3_run[2] if w.filename.startswith(package)]
   assert not ours, ours
 

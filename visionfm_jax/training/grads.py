@@ -28,7 +28,7 @@ def of_batch(task: tasks.Task, params, batch, rng, scale, grad_shardings, config
 
 def split_microbatches(batch, steps: int):
   """(B, ...) -> (steps, B / steps, ...) taking rows i*steps + j into micro-batch j, each micro-batch split over
-  the data-parallel devices as the batch is.
+  the data-parallel devices as the batch is (under `parallel.activation_sharding`; elsewhere left to XLA).
 
   Each device keeps its own rows (no communication) when B / steps divides over the data-parallel devices.
   """

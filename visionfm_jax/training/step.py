@@ -82,7 +82,7 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
 def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings,
                    lr_schedule: optax.Schedule):
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
-  (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under the mesh and activation rules."""
+  (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under `parallel.activation_sharding(mesh)`."""
   boxed_params = abstract_state(init_fn).params
   specs = parallel.grad_specs(boxed_params, dict(mesh.shape), config.strategy)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
