@@ -111,7 +111,7 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   assert panel.shape[1] >= image_text.PANEL_IMAGES * panels.TILE
   # The image tower normalises its position bias by the windows of the run it starts from, as its config states.
   written = json.loads((tmp_path / "high" / "config.json").read_text())
-  assert written["model"]["image"]["pretrained_window_sizes"] == [4, 4]
+  assert written["model"]["image"]["pretrained_window_sizes"] == [4]
   # At lr 0 (the first warmup step) the new run's params are the old run's, all of them.
   abstract = jax.eval_shape(lambda: nn.unbox(tasks.build(high).init_variables(jax.random.key(0))["params"]))
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -122,7 +122,7 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   # every example of its 40, not data.eval_examples).
   # rebuilt as the tools rebuild a workdir's model: from its config.json
   trained = workdir_lib.load_config(str(tmp_path / "high"), (high.task,), "a CLIP model")
-  assert tuple(trained.model.image.pretrained_window_sizes) == (4, 4)
+  assert tuple(trained.model.image.pretrained_window_sizes) == (4,)
   want = _eval_metrics_by_numpy(trained, params)
   assert (want["eval/retrieval/count"], want["eval/zeroshot/count"]) == (48, 40)
   assert {k: second[k] for k in want} == pytest.approx(want, abs=1e-9)

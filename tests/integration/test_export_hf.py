@@ -218,7 +218,7 @@ def test_cli_exports_a_training_workdir(tmp_path, capsys):
 
 @pytest.fixture(scope="module")
 def clip_workdir(tmp_path_factory):
-  """(workdir, config, params) of the tiny CLIP (pico SwinV2 image tower, unrolled)."""
+  """(workdir, config, params) of the tiny CLIP (femto SwinV2 image tower, unrolled)."""
   config, directory = tiny_clip_config(), tmp_path_factory.mktemp("clip")
   return directory, config, _workdir(directory, config)[1]
 

@@ -298,10 +298,10 @@ def test_wds_source_in_a_mixture_counts_a_bad_jpeg(tmp_path):
     assert (b["text"][~b["has_text"]] == tokenizer.PAD_ID).all()
 
 
-# The demo's towers shrunk to pico (as conftest.tiny_clip_config): the test is of the data path and the resume.
-PICO_CLIP = ["--config.model.image.variant=pico", "--config.model.image.patch_size=2",
-             "--config.model.image.window_size=4", "--config.model.text.variant=pico", "--config.model.embed_dim=32",
-             "--config.model.image_size=16", "--config.data.image_size=16"]
+# The demo's towers shrunk (as conftest.tiny_clip_config): the test is of the data path and the resume.
+TINY_CLIP = ["--config.model.image.variant=femto", "--config.model.image.patch_size=2",
+             "--config.model.image.window_size=4", "--config.model.text.variant=32x1x128x2",
+             "--config.model.embed_dim=32", "--config.model.image_size=16", "--config.data.image_size=16"]
 
 
 def _main(workdir, *flags, compilation_cache=None):
@@ -328,7 +328,7 @@ def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
   assert index_tars.main(["prog", f"--input={pattern}", "--num_workers=0"]) == 0
   flags = [f"--config.data.source=wds:{pattern}", "--config.eval.zeroshot_classes=", "--config.eval.retrieval=false",
            "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=1",
-           "--config.global_batch_size=8", "--config.optim.warmup_steps=2", "--config.progress_bar=False", *PICO_CLIP]
+           "--config.global_batch_size=8", "--config.optim.warmup_steps=2", "--config.progress_bar=False", *TINY_CLIP]
   run = _main(tmp_path / "run", *flags, compilation_cache=tmp_path / "xla_cache")
   assert run.returncode == 0, run.stdout
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

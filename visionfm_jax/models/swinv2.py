@@ -65,6 +65,7 @@ from visionfm_jax.parallel import sharding
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
 SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
     "pico": (16, (2, 2), (2, 4)),  # unit tests
+    "femto": (16, (2,), (2,)),  # the tests' image-text towers: pico's first stage alone
     "mu": (48, (2, 2, 2), (3, 6, 12)),  # CPU demos
     "T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
     "S": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
