@@ -120,20 +120,22 @@ def tiny_aurora_config(**overrides):
   return override(config, **overrides)
 
 
+# The towers of `tiny_clip_config` at 16 px, as dotted config fields (test_wds passes them to main as flags): a femto
+# SwinV2 (pico's first stage alone, a plain and a shifted block: 8x8 map, patch 2, window 4) and a text tower of
+# pico's width, MLP and heads, one layer.
+TINY_CLIP_TOWERS = {"model.image.variant": "femto", "model.image.patch_size": 2, "model.image.window_size": 4,
+                    "model.text.variant": "32x1x128x2", "model.embed_dim": 32, "model.image_size": 16,
+                    "data.image_size": 16}
+
+
 def tiny_clip_config(*variant, **overrides):
-  """The CLIP demo shrunk: a femto SwinV2 (pico's first stage alone, a plain and a shifted block: 8x8 map at 16 px,
-  patch 2, window 4) + a one-layer text tower, batch 16."""
+  """The CLIP demo shrunk to `TINY_CLIP_TOWERS`, batch 16; `ft640`: at 32 px, window 8."""
   from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
-  config = swinv2_g_clip.get_config(",".join(("demo",) + variant))
-  image = 32 if "ft640" in variant else 16
-  config.model.image_size = config.data.image_size = image
-  config.model.image.variant = "femto"
-  config.model.image.patch_size = 2
-  config.model.image.window_size = 8 if "ft640" in variant else 4
+  config = override(swinv2_g_clip.get_config(",".join(("demo",) + variant)), **TINY_CLIP_TOWERS)
   if "ft640" in variant:
+    config.model.image_size = config.data.image_size = 32
+    config.model.image.window_size = 8
     config.model.image.pretrained_window_sizes = (4,)  # the window of the 16 px run it starts from
-  config.model.text.variant = "32x1x128x2"  # pico's width, MLP and heads, one layer
-  config.model.embed_dim = 32
   config.global_batch_size = 16
   config.total_steps = 4
   config.optim.warmup_steps = 1

@@ -30,7 +30,7 @@ from visionfm_jax.tools import cluster_task, index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
-from conftest import ROOT, cpu_env
+from conftest import ROOT, TINY_CLIP_TOWERS, cpu_env
 
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
 SHAPES = ("circle", "square", "triangle")
@@ -298,10 +298,8 @@ def test_wds_source_in_a_mixture_counts_a_bad_jpeg(tmp_path):
     assert (b["text"][~b["has_text"]] == tokenizer.PAD_ID).all()
 
 
-# The demo's towers shrunk (as conftest.tiny_clip_config): the test is of the data path and the resume.
-TINY_CLIP = ["--config.model.image.variant=femto", "--config.model.image.patch_size=2",
-             "--config.model.image.window_size=4", "--config.model.text.variant=32x1x128x2",
-             "--config.model.embed_dim=32", "--config.model.image_size=16", "--config.data.image_size=16"]
+# The demo's towers shrunk as conftest.tiny_clip_config shrinks them: the test is of the data path and the resume.
+TINY_CLIP = [f"--config.{field}={value}" for field, value in TINY_CLIP_TOWERS.items()]
 
 
 def _main(workdir, *flags, compilation_cache=None):

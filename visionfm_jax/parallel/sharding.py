@@ -98,7 +98,7 @@ def activation_sharding(mesh):
   The mesh is passed to flax and JAX explicitly, not through a context of theirs: `with mesh:` is deprecated,
   and under `jax.set_mesh` flax would also constrain every boxed parameter it unboxes. (flax 0.12's
   `nn.with_logical_constraint` looks only at the abstract mesh that `jax.set_mesh` sets, so inside a plain
-  `with mesh:` it constrained nothing, and XLA was free to shard a scanned zero3 model over its embedding
+  `with mesh:` it constrains nothing, and XLA is free to shard a scanned zero3 model over its embedding
   instead of gathering weights per layer.)
   """
   token = _ACTIVATION_MESH.set(mesh)
