@@ -6,6 +6,7 @@ launch's config is kept."""
 
 import json
 import logging
+import math
 import os
 import shutil
 
@@ -55,6 +56,17 @@ def test_another_model_or_precision_is_refused_naming_each_field(workdir):
 def _train_lr(workdir):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   return {r["step"]: r["train/lr"] for r in rows if "train/lr" in r}
+
+
+def test_fp8_gemms_and_the_stack_form_switch_at_a_resume(workdir):
+  """precision.gemm and model.scan_unroll change how the step computes, not its params or state: a resume may turn
+  FP8 on and unroll the stack without allow_changes, and the run goes on from the checkpoint's step."""
+  config = _tiny_config(**{"total_steps": 8, "resume.allow_changes": "total_steps", "precision.gemm": "fp8",
+                           "model.scan_unroll": 0})
+  last = train.run(config, str(workdir))
+  assert last["step"] == 8 and math.isfinite(last["train/loss"])
+  rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+  assert [r["step"] for r in rows if "train/loss" in r][-2:] == [7, 8]
 
 
 def test_a_new_lr_needs_allow_changes_and_then_takes_the_new_schedule(workdir, caplog):
@@ -125,7 +137,8 @@ def test_a_finished_run_rerun_unchanged_trains_nothing_and_keeps_both_launch_con
 
 
 def test_resume_rules_classify_fields():
-  for path in ("model.attention", "model.text.attention", "model.image.remat_policy"):
+  for path in ("model.attention", "model.text.attention", "model.image.remat_policy", "model.scan_unroll",
+               "precision.gemm"):
     assert config_lib.resume_kind(path) == config_lib.FREE, path
   assert config_lib.resume_kind("model.text.variant") == config_lib.REFUSED
   assert [config_lib.resume_kind(p) for p in ("model.variant", "data.source", "task", "optim.freeze")] == [

@@ -141,6 +141,21 @@ def test_zero_strategies_match_ddp(strategy):
   assert leaf.addressable_shards[0].data.size * 8 == leaf.size
 
 
+def test_fp8_gemms_step_within_an_e4m3_roundoff_of_the_compute_dtype_and_keep_the_state():
+  """precision.gemm=fp8 through the real step: the same state (params, optimizer state: shapes and dtypes), losses and
+  gradient norms that differ from the compute dtype's (the blocks' GEMMs are quantized) by less than one e4m3
+  roundoff (2^-4) of their size over three steps."""
+  config = tiny_vit_config(strategy="ddp", **{"precision.gemm": "fp8"})
+  state, _, history = _train(config, _random_batches(config, 3))
+  reference = _ddp_run()[1]
+  chex.assert_trees_all_equal_shapes_and_dtypes(jax.device_get(state), jax.device_get(_setup(tiny_vit_config(
+      strategy="ddp"))[0]))
+  for name in ("train/loss", "train/grad_norm"):
+    got, want = np.array([h[name] for h in history]), np.array([h[name] for h in reference])
+    assert np.all(np.abs(got - want) <= 2.0 ** -4 * np.abs(want)), name
+  assert any(h["train/grad_norm"] != r["train/grad_norm"] for h, r in zip(history, reference))
+
+
 def test_ddp_state_is_replicated():
   _, _, specs = _ddp_run()
   assert all(all(a is None for a in s) for s in jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))

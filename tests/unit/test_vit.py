@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax import models
+from visionfm_jax import config_lib, models
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
@@ -125,3 +125,40 @@ def test_summary_tool_full_size_config():
   values = dict(line.split()[0].split("=", 1) for line in run.stdout.splitlines()
                 if line.startswith(("total_", "state_")))
   assert int(values["state_bytes_per_device"]) == int(values["state_bytes_total"])
+
+
+@pytest.mark.parametrize("unroll", [2, 3, 0])
+def test_every_stack_form_computes_the_rolled_scan_on_the_same_params(unroll):
+  """scan_unroll changes the program, not the params or the numbers: 4 blocks rolled (1), 2 an iteration, 3 (a loop
+  of one trip plus a remainder block) and straight-line (0)."""
+  kwargs = dict(vit.parse_variant("pico/4"), depth=4, num_classes=5, remat_policy="nothing_saveable")
+  rolled, formed = vit.ViT(**kwargs), vit.ViT(**kwargs, scan_unroll=unroll)
+  params = nn.unbox(jax.jit(rolled.init)(jax.random.key(0), _images()))["params"]
+  chex.assert_trees_all_equal_shapes_and_dtypes(nn.unbox(jax.eval_shape(formed.init, jax.random.key(0),
+                                                                        _images()))["params"], params)
+
+  def loss(model, p):
+    return jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
+  chex.assert_trees_all_close(jax.jit(jax.value_and_grad(lambda p: loss(formed, p)))(params),
+                              jax.jit(jax.value_and_grad(lambda p: loss(rolled, p)))(params), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("scan, unroll, barriers", [(True, 1, False), (True, 2, False), (True, 3, True),
+                                                    (True, 0, True), (False, 1, True)])
+def test_blocks_outside_a_loop_keep_their_remat_from_cse(scan, unroll, barriers):
+  """A block whose recomputation lands in straight-line code (unrolled, scanned whole, a loop's remainder) is
+  checkpointed with prevent_cse: its lowering carries the optimization barriers that keep XLA's GPU CSE from
+  merging the recomputation into the forward (models/layers.py straight_line_blocks); blocks in a loop do not."""
+  model = vit.ViT(**dict(vit.parse_variant("pico/4"), depth=4), scan=scan, scan_unroll=unroll,
+                  remat_policy="nothing_saveable")
+  params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), _images()))["params"]
+  lowered = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, _images())["tokens"]))).lower(params)
+  assert ("optimization_barrier" in lowered.as_text()) == barriers
+
+
+def test_scan_unroll_is_checked():
+  with pytest.raises(ValueError, match="scan_unroll=-1"):
+    vit.ViT(**vit.parse_variant("pico/4"), scan_unroll=-1).init(jax.random.key(0), _images())
+  config = tiny_vit_config(**{"model.scan_unroll": -2})
+  with pytest.raises(ConfigError, match="model.scan_unroll"):
+    config_lib.check(config)

@@ -33,6 +33,7 @@ class Target:
   description: str
   peak_flops_16bit: float  # dense bf16 / fp16 tensor-core peak
   peak_flops_tf32: float  # fp32 products on tensor cores (XLA's default precision for fp32 dots on GPUs)
+  peak_flops_fp8: float  # dense FP8 (e4m3 / e5m2) tensor-core peak; 0: no FP8 tensor cores
   memory_bandwidth: float  # HBM
   nvlink_bandwidth: float  # within a node
   network_bandwidth: float  # across nodes, per GPU (one NIC per GPU)
@@ -46,11 +47,11 @@ class Target:
 
 
 TARGETS = {
-    "h100": Target("h100", "NVIDIA H100 SXM 80GB", 989e12, 494e12, 3.35e12, 450e9, 50e9, 84929347584, 8,
+    "h100": Target("h100", "NVIDIA H100 SXM 80GB", 989e12, 494e12, 1979e12, 3.35e12, 450e9, 50e9, 84929347584, 8,
                    "launch/xla_flags_h100.sh"),
-    "h200": Target("h200", "NVIDIA H200 SXM 141GB", 989e12, 494e12, 4.8e12, 450e9, 50e9, 150110011392, 8,
+    "h200": Target("h200", "NVIDIA H200 SXM 141GB", 989e12, 494e12, 1979e12, 4.8e12, 450e9, 50e9, 150110011392, 8,
                    "launch/xla_flags_h100.sh"),
-    "a100": Target("a100", "NVIDIA A100 SXM 80GB", 312e12, 156e12, 2.039e12, 300e9, 25e9, 85051572224, 8,
+    "a100": Target("a100", "NVIDIA A100 SXM 80GB", 312e12, 156e12, 0.0, 2.039e12, 300e9, 25e9, 85051572224, 8,
                    "launch/xla_flags_a100.sh"),
 }
 

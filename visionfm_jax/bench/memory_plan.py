@@ -4,7 +4,7 @@ the cheapest setup that fits the devices' memory:
 
   python -m visionfm_jax.bench.memory_plan --config=configs/swinv2_g_clip.py --devices=128 --fit=80GB \
       [--remat=nothing_saveable,dots_saveable] [--micro_batches=1,2] [--attention=softmax] [--fsdp=all,8] \
-      [--first_fit]
+      [--unroll=1,0] [--first_fit]
 
 Each candidate is the config with `config.model.remat_policy`, `config.grad_accum_steps` (micro-batches) and
 every `attention` field under `config.model` (all towers alike) set; its step is training/step.py's, lowered for
@@ -15,6 +15,10 @@ reused for the new one), the batch shard, and the temporaries (activations saved
 the remat policy, gathered parameters, gradients, collectives' buffers). The CPU compiler schedules and fuses
 differently from the GPU one, so read the temporaries as an estimate (within tens of percent); the state bytes
 are exact.
+
+`--unroll` adds the block stacks' form to the sweep (`config.model.scan_unroll`: 1 a rolled loop, k blocks an
+iteration, 0 straight-line code with each block's remat policy kept; models/layers.py `stack_blocks`): the params
+are the same in every form, so it is a choice of program alone. Without it the config's own form is planned.
 
 `--fsdp` adds the layout to the sweep: `all` is FSDP / ZeRO over every device (`config.mesh.fsdp=-1`, data 1);
 a number N shards over groups of N devices, a node's GPUs for N = 8, with the groups data-parallel
@@ -93,6 +97,8 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_list("fsdp", "", "Layouts to plan: 'all' (config.mesh.fsdp=-1, data 1) or N (config.mesh.fsdp=N, "
                     "data=-1: sharded within groups of N, e.g. a node's 8 GPUs, the groups data-parallel); empty: "
                     "the config's mesh.", flag_values=fv)
+  flags.DEFINE_list("unroll", "", "config.model.scan_unroll values to plan (blocks per iteration of the scanned "
+                    "stacks; 0: straight-line); empty: the config's.", flag_values=fv)
   flags.DEFINE_bool("first_fit", False, "Stop at the first candidate that fits (in the expected-cheapest order) "
                     "and choose it.", flag_values=fv)
   return fv
@@ -177,7 +183,8 @@ def layout_settings(config, devices: int, layouts) -> tuple[list[dict], dict[str
   return (settings if layouts else [{}]), skipped
 
 
-def candidate_settings(config, devices: int, remats, micro_batches, attentions, target: str = "", layouts=()):
+def candidate_settings(config, devices: int, remats, micro_batches, attentions, target: str = "", layouts=(),
+                       unrolls=()):
   """The grid as {dotted config field: value}, expected cheapest first, and the values left out of it as
   {flag: why}: attention implementations this backend lacks, micro-batch counts or layouts the config rejects."""
   import jax  # pylint: disable=g-import-not-at-top
@@ -208,12 +215,27 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
   meshes, skipped_layouts = layout_settings(config, devices, layouts)
   skipped.update(skipped_layouts)
   grid = []
-  for remat, count, attention, mesh in itertools.product(sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts,
-                                                         planned, meshes):
+  for remat, count, unroll, attention, mesh in itertools.product(
+      sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts, parse_unrolls(unrolls), planned, meshes):
     setting = {"model.remat_policy": remat, "grad_accum_steps": count}
+    if unroll is not None:
+      setting["model.scan_unroll"] = unroll
     setting.update({path: attention for path in fields if attention is not None})
     grid.append({**setting, **mesh})
   return grid, skipped
+
+
+def parse_unrolls(values) -> list[int | None]:
+  """`--unroll` values as scan_unroll settings ([None]: the config's own)."""
+  if not values:
+    return [None]
+  try:
+    unrolls = list(dict.fromkeys(int(v) for v in values))
+  except ValueError:
+    unrolls = [-1]
+  if any(u < 0 for u in unrolls):
+    raise ConfigError(f"--unroll={','.join(values)}: expected blocks per loop iteration >= 1, or 0 (straight-line)")
+  return unrolls
 
 
 def why_not_micro_batches(config, count: int, devices: int) -> str | None:
@@ -397,7 +419,11 @@ def describe(setting: dict[str, object]) -> str:
   layout = []
   if "mesh.fsdp" in setting:
     layout = ["fsdp all" if setting["mesh.fsdp"] == -1 else f"fsdp {setting['mesh.fsdp']} x data"]
-  return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + attention + layout)
+  unroll = []
+  if "model.scan_unroll" in setting:
+    unroll = [f"unroll {setting['model.scan_unroll'] or 'all'}"]
+  return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + unroll + attention
+                   + layout)
 
 
 def print_row(row: dict) -> None:
@@ -410,7 +436,7 @@ def sweep(config, grid, devices: int, fit_bytes: int, first_fit: bool,
           target: str = "") -> tuple[list[dict], dict | None]:
   """Plans the candidates in order, printing each row; returns the rows and the chosen one."""
   predicted = f" {'step s (pred.)':>14}" if target else ""
-  print(f"{'candidate (remat, micro-batches, attention, layout)':<56} {'GiB/device':>10} {'fits':>5} "
+  print(f"{'candidate (remat, micro-batches, unroll, attention, layout)':<56} {'GiB/device':>10} {'fits':>5} "
         f"{'GFLOPs/device':>14}{predicted}", flush=True)
   rows = []
   for setting in grid:
@@ -429,7 +455,7 @@ def _body(fv, rest):
     gpu_target.require_compiler(gpu_target.get(fv.target))
   fit_bytes = parse_size(fv.fit) if fv.fit else default_fit_bytes(fv.target)
   grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target,
-                                     fv.fsdp)
+                                     fv.fsdp, fv.unroll)
   for flag, reason in skipped.items():
     print(f"skipped {flag}: {reason}")
   rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit, fv.target)

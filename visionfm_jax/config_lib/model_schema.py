@@ -18,7 +18,7 @@ LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.6592
 CONTRASTIVE_LOSSES = ("clip", "siglip")
 # What a composite model (clip, aurora) sets for its towers (models/towers.py): its own value of these fields,
 # once for all towers, and no classification head. A tower's config has neither.
-TOWER_SHARED_FIELDS = ("image_size", "scan", "remat_policy")
+TOWER_SHARED_FIELDS = ("image_size", "scan", "scan_unroll", "remat_policy")
 TOWER_HEADLESS = {"num_classes": 0, "head_bias_init": 0.0}
 FAMILIES = ("vit", "swinv2", "clip", "aurora")
 IMAGE_TOWERS = ("swinv2", "vit")
@@ -31,6 +31,9 @@ BACKBONE = dict(
     dropout=Field(0.0, RATE, "dropout in the blocks"),
     head_bias_init=Field(0.0, doc="initial bias of the classification head's logits"),
     scan=Field(True, doc="the repeated blocks as one nn.scan (compile time independent of depth); False unrolls them"),
+    scan_unroll=Field(1, NON_NEGATIVE_INT, "with scan: blocks (SwinV2: block pairs) per iteration of the scanned "
+                      "loop, 0 for the whole stack (straight-line code, each block's remat policy kept); the params "
+                      "stay stacked, so a run may change it at a resume (docs/performance.md)"),
     remat_policy=Field("nothing_saveable", Choices(REMAT_POLICIES),
                        "what the blocks' backward pass keeps (models/layers.py); none: no remat"),
     attention=Field("auto", doc="auto (cuDNN on GPUs in bf16/fp16, else softmax) | softmax (einsums, hand-written "
@@ -85,7 +88,7 @@ BACKBONES = {"vit": VIT, "swinv2": SWINV2}
 
 def model_rows(name: str, *, image_tower: str = "swinv2") -> dict:
   """The rows of `config.model` of family `name`. 'clip' nests the image tower's (`image_tower`: swinv2 | vit)
-  under `image` and the text tower's under `text`; its top-level image_size, scan and remat_policy apply to both
+  under `image` and the text tower's under `text`; its top-level image_size, scan, scan_unroll and remat_policy apply to both
   towers (models/clip.py)."""
   rows = {"name": Field(name, doc=f"the model family: {' | '.join(FAMILIES)} (models/<name>.py build)")}
   if name in BACKBONES:

@@ -18,7 +18,9 @@ REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
 RESUME_RULES: tuple[tuple[str, str], ...] = (
     # how a model computes, not what: its attention implementation and remat policy (same params, same numbers
     # up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
-    (r"model\.(\w+\.)?(attention|remat_policy)", FREE),
+    (r"model\.(\w+\.)?(attention|remat_policy|scan_unroll)", FREE),
+    # the blocks' GEMMs in FP8 or not: the same params and state, another rounding of the products
+    (r"precision\.gemm", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
     (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|checkpoint_digests|step_timeout_s|peer_timeout_s|"

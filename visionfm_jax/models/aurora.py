@@ -89,7 +89,7 @@ class DecoderBlock(nn.Module):
       x = x + y
     x = x + mlp("mlp")(norm("norm2")(x))
 
-    cross = layers.CrossAttention(width, self.num_heads, self.dtype, name="cross_attn")
+    cross = layers.CrossAttention(width, self.num_heads, self.dtype, fp8=True, name="cross_attn")
     if cache is None:
       x = x + cross(norm("norm3")(x), memory)
     else:
@@ -111,13 +111,15 @@ class MultimodalDecoder(nn.Module):
   attention: str = "softmax"
   dtype: Any = jnp.float32
   scan: bool = True
+  scan_unroll: int = 1  # blocks per iteration of the scanned loop; 0: all (layers.stack_blocks)
   remat_policy: str = "none"
 
   @nn.compact
   def __call__(self, x, memory, cache=None, index=None):
     """-> (fp32 logits (B, L, vocab), new cache or None)."""
     run_blocks = layers.stack_blocks(
-        DecoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
+        DecoderBlock, depth=self.depth, scan=self.scan, unroll=self.scan_unroll, remat_policy=self.remat_policy,
+        name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype)
     x, cache = run_blocks(x, cache, memory, index)
@@ -276,12 +278,13 @@ def build(model_cfg, dtype) -> Aurora:
     raise ValueError(f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride "
                      f"{encoder.output_stride} "
                      "(the MIM head predicts stride x stride pixels per final token)")
+  unroll = model_cfg.get("scan_unroll", 1)
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy)
+                        remat_policy=model_cfg.remat_policy, scan_unroll=unroll)
   decoder = MultimodalDecoder(depth=model_cfg.decoder_depth, num_heads=text.num_heads, mlp_dim=text.mlp_dim,
                               vocab_size=text.vocab_size, layer_norm_eps=text.layer_norm_eps,
                               attention=text.attention, dtype=dtype, scan=model_cfg.scan,
-                              remat_policy=model_cfg.remat_policy)
+                              scan_unroll=unroll, remat_policy=model_cfg.remat_policy)
   kwargs = dict(encoder=encoder, text=text, decoder=decoder, embed_dim=model_cfg.embed_dim,
                 caption_queries=model_cfg.caption_queries, logit_scale_init=model_cfg.logit_scale_init,
                 mim_view=model_cfg.mim_view, dtype=dtype)

@@ -100,7 +100,7 @@ def build(model_cfg, dtype) -> CLIP:
   except ValueError as e:
     raise ValueError(f"image: {e}") from e
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy)
+                        remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.get("scan_unroll", 1))
   return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init,
               logit_bias_init=model_cfg.logit_bias_init if uses_siglip(model_cfg) else None)
 

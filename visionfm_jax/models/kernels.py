@@ -78,27 +78,31 @@ def by_platform(cpu_form, plain_form, *args):
 # ----------------------------------------------------------------------------------------------- dense layers
 
 def contract_trailing(x: jax.Array, kernel: jax.Array, num_axes: int, precision=None,
-                      preferred_element_type=None) -> jax.Array:
+                      preferred_element_type=None, matmul=None) -> jax.Array:
   """y[..., out...] = sum over k of x[..., k...] kernel[k..., out...]: x's last `num_axes` axes against the
   kernel's first `num_axes`, in order, as one (prod ..., K) @ (K, N) matmul. XLA's CPU backend differentiates that
   ~1.6x faster than the multi-axis `dot_general`; XLA's GPU compiler makes the same cuBLAS GEMMs of both (the
-  deviceless H100 compile of ViT-H/14: identical kernels and bytes), so every backend takes this form."""
+  deviceless H100 compile of ViT-H/14: identical kernels and bytes), so every backend takes this form. `matmul`
+  (a, b) -> a @ b replaces the 2-D product (fp8.matmul)."""
   if x.shape[x.ndim - num_axes:] != kernel.shape[:num_axes]:
     raise ValueError(f"contract_trailing: trailing axes {x.shape[x.ndim - num_axes:]} of the input do not match "
                      f"the kernel's leading axes {kernel.shape[:num_axes]}")
   free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
   contracted = math.prod(kernel.shape[:num_axes])
-  out = jax.lax.dot_general(x.reshape(-1, contracted), kernel.reshape(contracted, -1), (((1,), (0,)), ((), ())),
-                            precision=precision, preferred_element_type=preferred_element_type)
+  if matmul is not None:
+    out = matmul(x.reshape(-1, contracted), kernel.reshape(contracted, -1))
+  else:
+    out = jax.lax.dot_general(x.reshape(-1, contracted), kernel.reshape(contracted, -1), (((1,), (0,)), ((), ())),
+                              precision=precision, preferred_element_type=preferred_element_type)
   return out.reshape(free_x + free_kernel)
 
 
-def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, num_axes: int) -> jax.Array:
+def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, num_axes: int, matmul=None) -> jax.Array:
   """`contract_trailing` plus a bias over the kernel's output axes, added to the 2-D product before it takes its
   output shape: XLA's GPU compiler then folds the add into the cuBLASLt GEMM (its BIAS epilogue), where a bias of
   several axes (qkv's (3, heads, head_dim)) is a separate broadcast pass over the output."""
   free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
-  flat = contract_trailing(x, kernel, num_axes).reshape(-1, math.prod(free_kernel))
+  flat = contract_trailing(x, kernel, num_axes, matmul=matmul).reshape(-1, math.prod(free_kernel))
   if bias is not None:
     flat = flat + bias.reshape(-1)
   return flat.reshape(free_x + free_kernel)

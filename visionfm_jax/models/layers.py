@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax import config_lib
+from visionfm_jax.models import fp8 as fp8_lib
 from visionfm_jax.models import kernels as kernels_lib
 from visionfm_jax.parallel import sharding
 
@@ -69,6 +70,7 @@ class Dense(nn.Module):
   # The first feature axis indexes separate projections (q, k, v of one kernel): a tuple of one product each,
   # so each lands contiguous, where slicing one fused output would copy them (cuDNN attention takes them apart).
   separate: bool = False
+  fp8: bool = False  # a block's GEMM: FP8 where the program is traced under fp8.gemms('fp8') (models/fp8.py)
 
   @nn.compact
   def __call__(self, x):
@@ -82,21 +84,23 @@ class Dense(nn.Module):
     bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype) if self.use_bias else None
     x = x.astype(self.dtype)
     cast = lambda a: None if a is None else a.astype(self.dtype)
+    matmul = fp8_lib.matmul if self.fp8 and fp8_lib.active() else None
     if not self.separate:
-      return kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes))
+      return kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes), matmul)
     pick = lambda i: (slice(None),) * len(axes) + (i,)
-    return tuple(kernels_lib.flat_dense(x, cast(kernel[pick(i)]), None if bias is None else cast(bias[i]), len(axes))
-                 for i in range(features[0]))
+    return tuple(kernels_lib.flat_dense(x, cast(kernel[pick(i)]), None if bias is None else cast(bias[i]), len(axes),
+                                        matmul) for i in range(features[0]))
 
 
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
           use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
-          separate: bool = False, name: str | None = None) -> Dense:
-  """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes."""
+          separate: bool = False, name: str | None = None, fp8: bool = False) -> Dense:
+  """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes; `fp8`: one of
+  a block's GEMMs (models/fp8.py)."""
   out_ndim = 1 if isinstance(features, int) else len(features)
   return Dense(features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]),
-               separate=separate, name=name)
+               separate=separate, name=name, fp8=fp8)
 
 
 def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
@@ -177,8 +181,8 @@ class SelfAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     q, k, v = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias,
-                    separate=True, name="qkv")(x)
-    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")
+                    separate=True, name="qkv", fp8=True)(x)
+    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out", fp8=True)
     if cache is not None:
       out, cache = cached_attention(q, k, v, cache, index)
       return project(out), cache
@@ -213,14 +217,15 @@ class CrossAttention(nn.Module):
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
+  fp8: bool = False  # a block's (a decoder's), whose projections may run in FP8 (models/fp8.py)
 
   def setup(self):
     if self.width % self.num_heads:
       raise ValueError(f"width {self.width} is not divisible by num_heads {self.num_heads}")
     head_dim = self.width // self.num_heads
-    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype)
-    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype)
-    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1))
+    self.q = dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype, fp8=self.fp8)
+    self.kv = dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, fp8=self.fp8)
+    self.out = dense(self.width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), fp8=self.fp8)
 
   def project_kv(self, memory):
     kv = self.kv(memory)
@@ -282,11 +287,11 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x):
     width = x.shape[-1]
-    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6))(x)
+    y = dense(self.hidden, (EMBED, MLP), self.dtype, name="fc1", bias_init=nn.initializers.normal(1e-6), fp8=True)(x)
     y = ACTIVATIONS[self.act](y)
     y = constrain(y, (BATCH, LENGTH, ACT_MLP))
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
-    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6))(y)
+    y = dense(width, (MLP, EMBED), self.dtype, name="fc2", bias_init=nn.initializers.normal(1e-6), fp8=True)(y)
     return nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
 
 
@@ -317,8 +322,24 @@ def remat(block: type[nn.Module], policy: str, prevent_cse: bool = False) -> typ
   return nn.remat(block, policy=REMAT_POLICIES[policy], prevent_cse=prevent_cse)
 
 
+def check_scan_unroll(unroll: int) -> int:
+  if isinstance(unroll, bool) or not isinstance(unroll, int) or unroll < 0:
+    raise ValueError(f"scan_unroll={unroll!r}: expected blocks per loop iteration >= 1, or 0 for the whole stack")
+  return unroll
+
+
+def straight_line_blocks(depth: int, scan: bool, unroll: int) -> bool:
+  """Whether some block of a stack runs outside a loop: unrolled, a scan unrolled whole (`unroll` 0 or >= depth,
+  which includes a one-block stack: XLA inlines a loop of one trip), or the remainder of depth / unroll (lax.scan
+  runs it after the loop). Such a block's recomputation sits in the same straight-line program as its forward,
+  where XLA's CSE merges the two and the remat policy is lost (the deviceless H100 compile of two 1024-wide blocks
+  at batch 8192: 216 MiB of temporaries as without remat, 120 MiB with CSE prevented), so its checkpoint
+  prevents CSE; inside a loop the loop boundary does."""
+  return not scan or unroll == 0 or unroll >= depth or depth % unroll != 0
+
+
 def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str,
-                 num_broadcast: int = 0, with_outputs: bool = False, **block_kwargs):
+                 num_broadcast: int = 0, with_outputs: bool = False, unroll: int = 1, **block_kwargs):
   """Returns a function (x, per_block, *broadcast) -> x that runs `depth` blocks, scanned (one compiled body)
   or unrolled.
 
@@ -328,11 +349,16 @@ def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy
   Each block returns (x, output); with `with_outputs` the runner returns (x, outputs stacked over blocks).
   Scanned params have a leading `layers` axis under `name`; unrolled params live under `{name}_{i}`. Both
   layouts hold the same numbers (`convert.stack_layers` / `unstack_layers` move between them).
+
+  `unroll` (scanned only) is lax.scan's: blocks per iteration of the loop, 0 for all of them. It changes the
+  program, never the params: `unroll=0` is straight-line code over the stacked params (no per-layer dynamic
+  slices of weights or gradients), with each block's remat policy kept (`straight_line_blocks`).
   """
-  block = remat(block, remat_policy)
+  check_scan_unroll(unroll)
+  block = remat(block, remat_policy, prevent_cse=straight_line_blocks(depth, scan, unroll))
   if scan:
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
-                      in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=depth,
+                      in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=depth, unroll=min(unroll, depth),
                       metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
 
     def run_scanned(x, per_block, *broadcast):

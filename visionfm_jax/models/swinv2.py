@@ -271,7 +271,7 @@ class WindowAttention(nn.Module):
     head_dim = width // self.num_heads
     init = nn.initializers.truncated_normal(0.02)
     qkv = layers.dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=False,
-                       kernel_init=init, name="qkv")(windows)
+                       kernel_init=init, name="qkv", fp8=True)(windows)
     q_bias = self.param("q_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     v_bias = self.param("v_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     q = qkv[..., 0, :, :] + q_bias.astype(qkv.dtype)
@@ -298,7 +298,8 @@ class WindowAttention(nn.Module):
     # the (windows x heads, N, N) bias (sharding.batch_local).
     shared = (scale, per_offset) + (() if mask is None else (mask,))
     out = sharding.batch_local(attend, (q, k, v.astype(self.dtype)), shared)
-    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out")(out)
+    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out",
+                        fp8=True)(out)
 
 
 def window_attention(q, k, v, scale, bias, mask):
@@ -439,6 +440,7 @@ class SwinV2(nn.Module):
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
   scan: bool = True
+  scan_unroll: int = 1  # block pairs per iteration of a stage's scanned loop; 0: all (layers.stack_blocks)
   remat_policy: str = "none"
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
   attention: str = "softmax"  # softmax (einsums) | cudnn | jax (jax.nn.dot_product_attention, `fused_window_attention`)
@@ -510,7 +512,8 @@ class SwinV2(nn.Module):
         window, shift = subgrid_window(tuple(x.shape[1:3]), full[s], windows[s], stride)
       per_block = (rates[start:start + depth], extra[s])
       x, stage_out = SwinStage(
-          depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, remat_policy=self.remat_policy,
+          depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, unroll=self.scan_unroll,
+          remat_policy=self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
                             pretrained_window=base, stride=stride, mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
@@ -560,11 +563,13 @@ class SwinStage(nn.Module):
   scan: bool
   remat_policy: str
   block_kwargs: dict
+  unroll: int = 1
 
   @nn.compact
   def __call__(self, x, per_block):
     if self.scan:
-      run_pairs = layers.stack_blocks(SwinBlockPair, depth=self.depth // 2, scan=True, remat_policy="none",
+      run_pairs = layers.stack_blocks(SwinBlockPair, depth=self.depth // 2, scan=True, unroll=self.unroll,
+                                      remat_policy="none",
                                       name="blocks", block_kwargs=self.block_kwargs, block_remat=self.remat_policy)
       x = run_pairs(x, jax.tree.map(lambda a: a.reshape(self.depth // 2, 2), per_block))
     else:
@@ -588,8 +593,8 @@ def build(model_cfg, dtype) -> SwinV2:
                 patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                token_subgrid=model_cfg.token_subgrid)
+                scan=model_cfg.scan, scan_unroll=model_cfg.get("scan_unroll", 1),
+                remat_policy=model_cfg.remat_policy, attention=model_cfg.attention, token_subgrid=model_cfg.token_subgrid)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
   kernels.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)

@@ -102,6 +102,7 @@ class TextTransformer(nn.Module):
   layer_norm_eps: float = 1e-5
   dtype: Any = jnp.float32
   scan: bool = True
+  scan_unroll: int = 1  # blocks per iteration of the scanned loop; 0: all (layers.stack_blocks)
   remat_policy: str = "none"
   attention: str = "softmax"  # kernels.ATTENTION
   pool: str = "eos"  # eos: the first EOS token (CLIP) | cls: a learned token appended after the caption (CoCa)
@@ -132,7 +133,8 @@ class TextTransformer(nn.Module):
     pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.01), (None, EMBED)),
                      (positions, self.width))
     run_blocks = layers.stack_blocks(
-        CausalBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
+        CausalBlock, depth=self.depth, scan=self.scan, unroll=self.scan_unroll, remat_policy=self.remat_policy,
+        name="blocks",
         num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
         layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, act=self.act)
     final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
@@ -166,7 +168,7 @@ class TextTransformer(nn.Module):
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
-def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> TextTransformer:
+def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, scan_unroll: int = 1) -> TextTransformer:
   """Builds the text tower from `config.model.text` (variant: a key of SIZES); raises ValueError naming the field."""
   sizes = parse_variant(text_cfg.variant)
   special = max(*SPECIAL_IDS, int(text_cfg.eos_id))
@@ -176,7 +178,7 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str) -> 
   kernels.check_attention(text_cfg.attention, "text.attention")
   kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
                 eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
-                remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool,
+                scan_unroll=scan_unroll, remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool,
                 act=layers.check_activation(text_cfg.act, "text.act"))
   assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
   try:

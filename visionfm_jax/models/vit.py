@@ -120,6 +120,7 @@ class ViT(nn.Module):
   head_bias_init: float = 0.0
   dtype: Any = jnp.float32
   scan: bool = True
+  scan_unroll: int = 1  # blocks per iteration of the scanned loop; 0: all (layers.stack_blocks)
   remat_policy: str = "none"
   attention: str = "softmax"  # kernels.ATTENTION
   pre_norm: bool = False  # a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)
@@ -147,8 +148,8 @@ class ViT(nn.Module):
     x, tokens = kernels.pad_tokens(x, kernels.token_multiple(attention))  # once, not around every layer's kernel
 
     run_blocks = layers.stack_blocks(
-        EncoderBlock, depth=self.depth, scan=self.scan, remat_policy=self.remat_policy, name="blocks",
-        num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
+        EncoderBlock, depth=self.depth, scan=self.scan, unroll=self.scan_unroll, remat_policy=self.remat_policy,
+        name="blocks", num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype, layer_norm_eps=self.layer_norm_eps,
         dropout=self.dropout, qkv_bias=self.qkv_bias, attention=attention, stochastic_depth=self.drop_path > 0,
         deterministic=deterministic, act=self.act,
         real_tokens=tokens if x.shape[1] > tokens else None)
@@ -205,8 +206,8 @@ def build(model_cfg, dtype) -> ViT:
   kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 pool=check_pool(model_cfg.pool), drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
                 layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                pre_norm=model_cfg.pre_norm,
+                scan=model_cfg.scan, scan_unroll=model_cfg.get("scan_unroll", 1),
+                remat_policy=model_cfg.remat_policy, attention=model_cfg.attention, pre_norm=model_cfg.pre_norm,
                 patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act),
                 token_drop=check_token_drop(model_cfg.token_drop))
   assert set(kwargs) <= fields

@@ -48,6 +48,7 @@ from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.transforms import device_augment
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
+from visionfm_jax.models import fp8
 
 
 def compute_dtype(precision_cfg):
@@ -109,10 +110,16 @@ class Task(abc.ABC):
     self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
     self.dtype = compute_dtype(config.precision)
     # the devices the model runs on: the mesh's, else this process's (a task built outside a run: tools, dry run)
-    self.model = models.build(config.model, self.dtype, mesh.devices.flat[0].platform if mesh is not None else
-                              jax.default_backend())
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    self.model = models.build(config.model, self.dtype, device.platform)
+    fp8.check_device(config.precision.get("gemm", "compute_dtype"), device)
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
+
+  def training_gemms(self):
+    """The context the train step's loss and gradients are traced in: the blocks' GEMMs in FP8 when
+    config.precision.gemm says so (models/fp8.py); evaluation traces outside it."""
+    return fp8.gemms(self.config.precision.get("gemm", "compute_dtype"))
 
   def normalize(self, images: jax.Array) -> jax.Array:
     """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches)."""

@@ -65,7 +65,8 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
-    grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
+    with task.training_gemms():
+      grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)

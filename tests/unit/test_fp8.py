@@ -1,0 +1,118 @@
+"""FP8 GEMMs (models/fp8.py): the products within bounds derived from e4m3's and e5m2's precision, the weight
+gradient unquantized, power-of-two per-tensor scales, only the blocks' GEMMs quantized, GPUs without FP8 refused."""
+
+import types
+
+import chex
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import fp8, layers, vit
+
+# Unit roundoff (half the spacing of the significands) and the smallest subnormal's half: a value v quantized with
+# scale s is off by at most U * |v| + s * TINY / 2, the second term for values that land among the subnormals.
+E4M3_U, E4M3_TINY = 2.0 ** -4, 2.0 ** -9
+E5M2_U, E5M2_TINY = 2.0 ** -3, 2.0 ** -16
+
+
+def _operands(seed=0, m=48, k=160, n=96):
+  rng = np.random.default_rng(seed)
+  x = rng.standard_normal((m, k)) * np.exp(rng.uniform(-3, 3, (m, 1)))  # rows of very different magnitudes
+  w = rng.standard_normal((k, n)) * 0.05
+  return jnp.asarray(x, jnp.float32), jnp.asarray(w, jnp.float32)
+
+
+def _error_bound(a, a_scale, a_format, b, b_scale, b_format):
+  """|q(a) @ q(b) - a @ b| <= sum_k (e_a |b| + |a| e_b + e_a e_b), e the per-element quantization error bound."""
+  def err(v, s, fmt):
+    u, tiny = fmt
+    return u * jnp.abs(v) + s * tiny / 2
+  ea, eb = err(a, a_scale, a_format), err(b, b_scale, b_format)
+  return ea @ jnp.abs(b) + jnp.abs(a) @ eb + ea @ eb
+
+
+def test_the_forward_product_is_within_the_e4m3_bound():
+  x, w = _operands()
+  y = fp8.matmul(x, w)
+  bound = _error_bound(x, fp8.scale(x, fp8.E4M3), (E4M3_U, E4M3_TINY), w, fp8.scale(w, fp8.E4M3),
+                       (E4M3_U, E4M3_TINY))
+  error = jnp.abs(y - x @ w)
+  assert bool(jnp.all(error <= bound * (1 + 1e-5) + 1e-6))
+  assert float(jnp.max(error)) > 0  # it does quantize
+
+
+def test_the_input_gradient_is_e5m2_and_the_weight_gradient_is_unquantized():
+  x, w = _operands(1)
+  g = jnp.asarray(np.random.default_rng(2).standard_normal((x.shape[0], w.shape[1])), jnp.float32)
+  _, vjp = jax.vjp(fp8.matmul, x, w)
+  dx, dw = vjp(g)
+  np.testing.assert_array_equal(dw, x.T @ g)
+  bound = _error_bound(g, fp8.scale(g, fp8.E5M2), (E5M2_U, E5M2_TINY), w.T, fp8.scale(w, fp8.E4M3),
+                       (E4M3_U, E4M3_TINY))
+  assert bool(jnp.all(jnp.abs(dx - g @ w.T) <= bound * (1 + 1e-5) + 1e-6))
+
+
+def test_scales_are_powers_of_two_that_fit_the_range():
+  x = jnp.asarray([[3.0, -1000.0], [0.5, 2.0]])
+  s = float(fp8.scale(x, fp8.E4M3))
+  assert s == 4.0  # 1000 / 448 = 2.23 -> 2^2
+  q, _ = fp8.quantize(x, fp8.E4M3)
+  assert q.dtype == jnp.float8_e4m3fn and float(jnp.max(jnp.abs(q.astype(jnp.float32)))) <= 448
+  assert float(fp8.scale(jnp.zeros((3, 3)), fp8.E4M3)) == 1.0
+  np.testing.assert_array_equal(fp8.matmul(jnp.zeros((2, 16)), jnp.ones((16, 4))), jnp.zeros((2, 4)))
+
+
+def test_only_the_blocks_gemms_run_in_fp8_and_only_under_the_switch():
+  """Every Dense of a ViT's blocks (qkv, out, fc1, fc2) multiplies in FP8 under fp8.gemms('fp8'); the patch
+  embedding and the head do not, and nothing does outside the switch (evaluation)."""
+  model = vit.ViT(**vit.parse_variant("pico/4"), num_classes=3)
+  images = jnp.ones((2, 16, 16, 3))
+  variables = jax.eval_shape(model.init, jax.random.key(0), images)
+  quantized = []
+
+  def record(next_fun, args, kwargs, context):
+    if isinstance(context.module, layers.Dense) and context.method_name == "__call__":
+      quantized.append((context.module.path, context.module.fp8 and fp8.active()))
+    return next_fun(*args, **kwargs)
+
+  with nn.intercept_methods(record), fp8.gemms("fp8"):
+    jax.eval_shape(model.apply, variables, images)
+  in_fp8 = {"/".join(path) for path, on in quantized if on}
+  assert in_fp8 == {f"blocks/{name}" for name in ("attn/qkv", "attn/out", "mlp/fc1", "mlp/fc2")}
+  assert {"/".join(path) for path, on in quantized if not on} == {"head"}
+  quantized.clear()
+  with nn.intercept_methods(record):
+    jax.eval_shape(model.apply, variables, images)
+  assert quantized and not any(on for _, on in quantized)
+
+
+def test_the_switch_takes_only_known_formats():
+  with pytest.raises(ValueError, match="precision.gemm='int4'"):
+    fp8.gemms("int4")
+
+
+@pytest.mark.parametrize("capability, refused", [("8.0", True), ("8.6", True), ("8.9", False), ("9.0", False)])
+def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(capability, refused):
+  device = types.SimpleNamespace(platform="gpu", compute_capability=capability, device_kind="NVIDIA X")
+  if refused:
+    with pytest.raises(ConfigError, match=rf"precision.gemm=fp8: NVIDIA X \(compute capability {capability}\)") as e:
+      fp8.check_device("fp8", device)
+    assert "\n" not in str(e.value)
+  else:
+    fp8.check_device("fp8", device)
+  fp8.check_device("compute_dtype", device)
+  fp8.check_device("fp8", types.SimpleNamespace(platform="cpu"))
+
+
+def test_bf16_operands_give_bf16_products_of_the_same_quantized_values():
+  x, w = _operands(3)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  y = fp8.matmul(xb, wb)
+  chex.assert_type(y, jnp.bfloat16)
+  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(fp8.matmul(xb.astype(jnp.float32),
+                                                                           wb.astype(jnp.float32))),
+                             rtol=2 ** -7, atol=1e-2)
