@@ -120,7 +120,7 @@ def get_config(arg: str | None = None):
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
   # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
   # headroom (46.1 GiB per device in the CPU compiler's plan, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md,
-  # "ViT-H/14 and Aurora-XL planned on the plain path"; XLA's GPU plan for 64 A100s: 42.0 GiB, 74.7 GiB with the
+  # "The planner picks the cheapest setup that fits"; XLA's GPU plan for 64 A100s: 42.0 GiB, 74.7 GiB with the
   # unreduced accumulation below)
   set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)

@@ -35,8 +35,11 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   |                |                                                    | paper's ImageNet-21k rows: dropout 0.1,  |
   |                |                                                    | `--config.model.dropout=0.1`)            |
   | parallelism    | FSDP over all devices                              | paper                                    |
-  | remat          | dots_saveable                                      | ours: bench.memory_plan's pick for       |
-  |                |                                                    | 64 x 80 GB (BENCHMARKS.md)               |
+  | remat          | none                                               | ours: bench.memory_plan's pick for 64    |
+  |                |                                                    | H100s with the stack straight-line       |
+  |                |                                                    | (BENCHMARKS.md)                          |
+  | stack form     | straight-line (`model.scan_unroll=0`): no loop     | ours: the same pick; the params stay     |
+  |                | over the 32 blocks                                 | stacked as a scan stacks them            |
   | cluster        | H100s                                              | paper                                    |
   | GPU count      | 64 (docs/runbooks/vit_h14.md)                      | ours: the paper states none              |
   | health         | loss / gradient-norm spike skipping (6 std over    | ours: guards a long run                  |
@@ -44,9 +47,9 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   |                | (training/health.py)                               |                                          |
 
 Wall clock: the paper trained for approximately 3 weeks on H100s without saying how many. For this config on 64
-H100s BENCHMARKS.md ("The recipes on their clusters") predicts 1.1 days, a roofline prediction, and less with the
-runbook's `--config.mesh.fsdp=8 --config.mesh.data=-1`; its memory plans: "ViT-H/14 and Aurora-XL planned on the
-plain path".
+H100s BENCHMARKS.md ("The recipes on their clusters") predicts 0.9 days, a roofline prediction, and less with the
+runbook's `--config.mesh.fsdp=8 --config.mesh.data=-1`; its stack's form and memory plans: "The stack's form and
+FP8, planned".
 
   python -m visionfm_jax.main --config=configs/vit_huge.py --workdir=/ckpt/vit_huge
 
@@ -75,10 +78,11 @@ from visionfm_jax.errors import ConfigError
 def get_config(arg: str | None = None):
   config = config_lib.base_config("vit")
 
-  # model: ViT-H/14, 224 px, 21,841 classes; remat dots_saveable: bench.memory_plan's pick for 64 x 80 GB (19.4 GiB
-  # per device, the fewest FLOPs of those that fit; BENCHMARKS.md, "the planner picks the cheapest setup that fits")
-  set_fields(config.model, variant="H/14", num_classes=21841, image_size=224, drop_path=0.0,
-             remat_policy="dots_saveable")
+  # model: ViT-H/14, 224 px, 21,841 classes; no remat and the blocks as straight-line code: bench.memory_plan's
+  # pick for the runbook's 64 H100s (the shortest predicted step of those that fit; BENCHMARKS.md, "The stack's
+  # form and FP8, planned")
+  set_fields(config.model, variant="H/14", num_classes=21841, image_size=224, drop_path=0.0, remat_policy="none",
+             scan_unroll=0)
   # data: ImageNet-21K (fall11), random resized crop + flip + colour jitter, IN mean/std (the base's). Prepared by
   # tools.prepare_data --format=folders --input=<fall11 class tree> --output=/data/imagenet21k --holdout_per_class=5
   set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",

@@ -20,7 +20,9 @@ out=${1:-bench_gpu.jsonl}
 mode=${2:-full}
 steps=${3:-10}
 python=${PYTHON:-python3}
-common=(--devices=1 --steps="$steps" --warmup=2 --config.strategy=ddp --config.precision.compute_dtype=bfloat16)
+# scan_unroll=1: the rolled loop every table's rows were measured with; a lead that changes it says so after
+common=(--devices=1 --steps="$steps" --warmup=2 --config.strategy=ddp --config.precision.compute_dtype=bfloat16
+        --config.model.scan_unroll=1)
 
 run() {  # model name, config, remat, attention, batch, [bench arguments...]; LEAD / LEAD_XLA_FLAGS: a labelled variant
   local name=$1 config=$2 remat=$3 attention=$4 batch=$5 lead=${LEAD:-} log
@@ -67,23 +69,23 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   lead planned ""
   lead triton_gemm --xla_gpu_enable_triton_gemm=true
   lead cuda_graphs --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL
-  lead cuda_graphs_while --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL,WHILE
-  lead cublaslt --xla_gpu_enable_cublaslt=true
-  lead no_latency_hiding --xla_gpu_enable_latency_hiding_scheduler=false
   lead gelu_tanh "" --config.model.act=gelu_pytorch_tanh  # changes the math: GELU's tanh approximation
   lead pallas_layer_norm "" --try_kernels=pallas_layer_norm  # JAX's Pallas Triton LayerNorm (models/kernels.py)
   LEAD_REMAT=none LEAD_BATCH=64 lead no_remat_b64 ""  # nothing recomputed, every activation kept
   LEAD_REMAT=nothing_saveable LEAD_BATCH=256 lead nothing_saveable_b256 ""  # the 0.31 row's setup, today's code
-  lead pipelined_reduce_scatter --xla_gpu_enable_pipelined_reduce_scatter=true
-  lead while_double_buffering --xla_gpu_enable_while_loop_double_buffering=true
-  lead unrolled "" --config.model.scan=False  # last: 32 layers compiled one by one may use its whole bound
-  lead unrolled_triton_gemm --xla_gpu_enable_triton_gemm=true --config.model.scan=False  # the two best leads together
-  LEAD_REMAT=nothing_saveable LEAD_BATCH=128 lead unrolled_nothing_saveable_b128 "" --config.model.scan=False
   graphs=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL  # the unrolled step's launches
-  lead unrolled_cuda_graphs $graphs --config.model.scan=False
-  LEAD_REMAT=nothing_saveable LEAD_BATCH=128 lead unrolled_nothing_saveable_b128_cuda_graphs $graphs \
-      --config.model.scan=False
-  LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unrolled "" --config.model.scan=False
+  # The stack's form (model.scan_unroll, 0: straight-line with each block's remat kept) and FP8 GEMMs at the ViT-H/14
+  # recipe's per-GPU share (2048 images over 64 GPUs: 32), and SwinV2-G's stage 2 in loops of 7 pairs and in FP8
+  LEAD_BATCH=32 lead scanned_dots_b32 ""  # the recipe's form before the planner's straight-line pick
+  LEAD_BATCH=32 lead straight_dots_b32 "" --config.model.scan_unroll=0
+  LEAD_REMAT=none LEAD_BATCH=32 lead recipe_b32 "" --config.model.scan_unroll=0  # configs/vit_huge.py's form
+  LEAD_REMAT=none LEAD_BATCH=32 lead recipe_b32_cuda_graphs $graphs --config.model.scan_unroll=0
+  LEAD_REMAT=none LEAD_BATCH=32 lead fp8_recipe_b32 "" --config.model.scan_unroll=0 --config.precision.gemm=fp8
+  LEAD_REMAT=none LEAD_BATCH=32 lead fp8_bf16_wgrad_recipe_b32 "" --config.model.scan_unroll=0 \
+      --config.precision.gemm=fp8_bf16_wgrad
+  LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_b32 ""
+  LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unroll7 "" --config.model.scan_unroll=7
+  LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_fp8 "" --config.precision.gemm=fp8
   # image-text: CLIP (one micro-batch) against SigLIP, FLIP and the SwinV2 subgrid on the same tower and batch
   clip=configs/swinv2_g_clip.py
   LEAD_MODEL=vit_b16_clip LEAD_CONFIG=$clip:vit LEAD_BATCH=256 lead clip_vit_b16 "" --config.grad_accum_steps=1

@@ -322,11 +322,11 @@ exec {sys.executable} "$@"
                         text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": ""})
   assert proc.returncode == 0, proc.stderr
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
-  assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "cuda_graphs_while", "cublaslt", "no_latency_hiding",
-                        "gelu_tanh", "pallas_layer_norm", "no_remat_b64", "nothing_saveable_b256",
-                        "pipelined_reduce_scatter", "while_double_buffering", "unrolled", "unrolled_triton_gemm",
-                        "unrolled_nothing_saveable_b128", "unrolled_cuda_graphs",
-                        "unrolled_nothing_saveable_b128_cuda_graphs", "swinv2_g_unrolled", "clip_vit_b16",
+  assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "gelu_tanh", "pallas_layer_norm", "no_remat_b64",
+                        "nothing_saveable_b256", "unrolled", "unrolled_nothing_saveable_b128", "unrolled_cuda_graphs",
+                        "unrolled_nothing_saveable_b128_cuda_graphs", "swinv2_g_unrolled", "scanned_dots_b32",
+                        "straight_dots_b32", "recipe_b32", "recipe_b32_cuda_graphs", "fp8_recipe_b32",
+                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_unroll7", "swinv2_g_fp8", "clip_vit_b16",
                         "siglip_vit_b16", "flip_vit_b16", "clip_swinv2_g", "swin_mask_swinv2_g"]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
@@ -346,11 +346,18 @@ exec {sys.executable} "$@"
   graphs_log = next(b for h, b in failed_runs.items() if h.endswith(" lead=unrolled_nothing_saveable_b128_cuda_graphs"))
   assert "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" in graphs_log
   assert "command_buffer=FUSION" not in next(b for h, b in failed_runs.items() if h.endswith(" lead=unrolled"))
-  assert len(table) == 24 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  assert {"--config.model.scan_unroll=0", "--config.precision.gemm=fp8", "--config.model.remat_policy=none",
+          "--config.global_batch_size=32"} <= set(rows["fp8_recipe_b32"]["argv"])
+  argv = rows["straight_dots_b32"]["argv"]  # every row the rolled loop unless it says otherwise (later flags win)
+  assert argv.index("--config.model.scan_unroll=0") > argv.index("--config.model.scan_unroll=1")
+  assert "--config.model.scan_unroll=1" in rows["planned"]["argv"]
+  assert "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" in rows[
+      "recipe_b32_cuda_graphs"]["xla_flags"]
+  assert len(table) == 27 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   models = {lead: r.get("model") for lead, r in rows.items()}
-  assert {models[lead] for lead in list(rows)[:17]} == {"vit_h14"}
-  assert [models[lead] for lead in list(rows)[17:]] == ["swinv2_g", "vit_b16_clip", "vit_b16_clip", "vit_b16_clip",
-                                                        "swinv2_g_clip", "swinv2_g_clip"]
+  assert {models[lead] for lead in list(rows)[:11]} == {"vit_h14"}
+  assert [models[lead] for lead in list(rows)[11:]] == ["swinv2_g"] + ["vit_h14"] * 6 + ["swinv2_g"] * 3 + [
+      "vit_b16_clip", "vit_b16_clip", "vit_b16_clip", "swinv2_g_clip", "swinv2_g_clip"]
   assert "--config.model.image.attention=cudnn" in rows["siglip_vit_b16"]["argv"]
   assert any(a.startswith("--config=configs/swinv2_g_clip.py:vit,flip") for a in rows["flip_vit_b16"]["argv"])
   out.unlink()

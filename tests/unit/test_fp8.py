@@ -45,15 +45,23 @@ def test_the_forward_product_is_within_the_e4m3_bound():
   assert float(jnp.max(error)) > 0  # it does quantize
 
 
-def test_the_input_gradient_is_e5m2_and_the_weight_gradient_is_unquantized():
+@pytest.mark.parametrize("bf16_wgrad", [False, True])
+def test_the_gradients_are_within_the_e5m2_bounds_and_the_bf16_weight_gradient_is_unquantized(bf16_wgrad):
+  """dx = q5(g) @ q4(w)^T in both recipes; dw = q4(x)^T @ q5(g) in 'fp8', x^T @ g itself in 'fp8_bf16_wgrad'."""
   x, w = _operands(1)
   g = jnp.asarray(np.random.default_rng(2).standard_normal((x.shape[0], w.shape[1])), jnp.float32)
-  _, vjp = jax.vjp(fp8.matmul, x, w)
+  _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, bf16_wgrad), x, w)
   dx, dw = vjp(g)
-  np.testing.assert_array_equal(dw, x.T @ g)
-  bound = _error_bound(g, fp8.scale(g, fp8.E5M2), (E5M2_U, E5M2_TINY), w.T, fp8.scale(w, fp8.E4M3),
-                       (E4M3_U, E4M3_TINY))
+  e4m3, e5m2 = (E4M3_U, E4M3_TINY), (E5M2_U, E5M2_TINY)
+  g_scale = fp8.scale(g, fp8.E5M2)
+  bound = _error_bound(g, g_scale, e5m2, w.T, fp8.scale(w, fp8.E4M3), e4m3)
   assert bool(jnp.all(jnp.abs(dx - g @ w.T) <= bound * (1 + 1e-5) + 1e-6))
+  if bf16_wgrad:
+    np.testing.assert_allclose(dw, x.T @ g, rtol=1e-6, atol=1e-5)
+  else:
+    bound = _error_bound(x.T, fp8.scale(x, fp8.E4M3), e4m3, g, g_scale, e5m2)
+    error = jnp.abs(dw - x.T @ g)
+    assert bool(jnp.all(error <= bound * (1 + 1e-5) + 1e-6)) and float(jnp.max(error)) > 0
 
 
 def test_scales_are_powers_of_two_that_fit_the_range():
@@ -76,7 +84,7 @@ def test_only_the_blocks_gemms_run_in_fp8_and_only_under_the_switch():
 
   def record(next_fun, args, kwargs, context):
     if isinstance(context.module, layers.Dense) and context.method_name == "__call__":
-      quantized.append((context.module.path, context.module.fp8 and fp8.active()))
+      quantized.append((context.module.path, context.module.fp8 and fp8.active() == "fp8"))
     return next_fun(*args, **kwargs)
 
   with nn.intercept_methods(record), fp8.gemms("fp8"):
@@ -95,15 +103,16 @@ def test_the_switch_takes_only_known_formats():
     fp8.gemms("int4")
 
 
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
 @pytest.mark.parametrize("capability, refused", [("8.0", True), ("8.6", True), ("8.9", False), ("9.0", False)])
-def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(capability, refused):
+def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(capability, refused, recipe):
   device = types.SimpleNamespace(platform="gpu", compute_capability=capability, device_kind="NVIDIA X")
   if refused:
-    with pytest.raises(ConfigError, match=rf"precision.gemm=fp8: NVIDIA X \(compute capability {capability}\)") as e:
-      fp8.check_device("fp8", device)
+    with pytest.raises(ConfigError, match=rf"precision.gemm={recipe}: NVIDIA X \(compute capability {capability}\)") as e:
+      fp8.check_device(recipe, device)
     assert "\n" not in str(e.value)
   else:
-    fp8.check_device("fp8", device)
+    fp8.check_device(recipe, device)
   fp8.check_device("compute_dtype", device)
   fp8.check_device("fp8", types.SimpleNamespace(platform="cpu"))
 

@@ -293,3 +293,35 @@ def test_a_layer_sliced_from_a_stack_through_a_bitcast_reads_the_layer_only():
   layer = 128 * 64 * 2
   [kernel] = [k for k in hlo_cost.Program(SLICED_THROUGH_A_BITCAST).kernels if k.name == "layer"]
   assert kernel.bytes == 2 * layer + 4
+
+
+CAST_THEN_SLICED = """
+HloModule cast_then_sliced
+
+%fused_quantize (param_0: f32[32,64,128]) -> (f8e4m3fn[64,128], f8e4m3fn[64,128]) {
+  %param_0 = f32[32,64,128]{2,1,0} parameter(0)
+  %convert = bf16[32,64,128]{2,1,0} convert(%param_0)
+  %abs = bf16[32,64,128]{2,1,0} abs(%convert)
+  %first = bf16[1,64,128]{2,1,0} slice(%abs), slice={[3:4], [0:64], [0:128]}
+  %second = bf16[1,64,128]{2,1,0} slice(%abs), slice={[4:5], [0:64], [0:128]}
+  %a = f8e4m3fn[1,64,128]{2,1,0} convert(%first)
+  %b = f8e4m3fn[1,64,128]{2,1,0} convert(%second)
+  %a2 = f8e4m3fn[64,128]{1,0} bitcast(%a)
+  %b2 = f8e4m3fn[64,128]{1,0} bitcast(%b)
+  ROOT %out = (f8e4m3fn[64,128]{1,0}, f8e4m3fn[64,128]{1,0}) tuple(%a2, %b2)
+}
+
+ENTRY %main (stack: f32[32,64,128]) -> (f8e4m3fn[64,128], f8e4m3fn[64,128]) {
+  %stack = f32[32,64,128]{2,1,0} parameter(0)
+  ROOT %layers = (f8e4m3fn[64,128]{1,0}, f8e4m3fn[64,128]{1,0}) fusion(%stack), kind=kLoop, calls=%fused_quantize
+}
+"""
+
+
+def test_layers_statically_sliced_after_a_cast_of_the_stack_read_those_layers_only():
+  """A straight-line stack (scan_unroll=0) quantizes each layer's weights from the stacked fp32 params: XLA writes
+  the fusion as casts of the whole stack then static slices, and computes only the sliced elements. Two of 32
+  layers read (fp32) and written (f8), not the stack."""
+  layer = 64 * 128
+  [kernel] = [k for k in hlo_cost.Program(CAST_THEN_SLICED).kernels if k.name == "layers"]
+  assert kernel.bytes == 2 * layer * 4 + 2 * layer

@@ -41,6 +41,9 @@ COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute
                "ragged-all-to-all")
 COPY_OPS = {"copy", "copy-start", "transpose", "pad", "slice", "dynamic-slice", "dynamic-update-slice",
             "concatenate", "broadcast", "reshape", "reverse", "gather", "scatter", "select-and-scatter"}
+# Elementwise maps of one operand that keep its shape: XLA computes them only at the elements a slice of their
+# result reads (`_fusion_bytes`).
+SLICED_ELEMENTWISE = ("bitcast", "convert", "abs", "negate", "copy")
 CLASSES = ("gemm", "attention", "convolution", "reduction", "elementwise", "copy", "collective")
 
 
@@ -407,18 +410,21 @@ class Program:
     return 2.0 * math.prod(shapes(dot.type)[0][1]) * contracted
 
   def _fusion_bytes(self, ins: Instruction, body: list[Instruction]) -> float:
-    """Operands read plus results written, where a parameter read only through dynamic-slices counts its
-    slices, and a dynamic-update-slice root writes its update into its (aliased) buffer."""
+    """Operands read plus results written, where a parameter read only through slices (dynamic or static: a
+    straight-line stack reads each layer of its stacked weights so), alone or after casts and other elementwise
+    maps of the whole parameter that XLA computes only where sliced, counts its slices' elements; and a
+    dynamic-update-slice root writes its update into its (aliased) buffer."""
     params = {i.name: int(i.args) for i in body if i.op == "parameter"}
     users = {}
     for i in body:
       for name in i.operands:
         users.setdefault(name, []).append(i)
-    def uses_of(name: str) -> list[tuple[Instruction, str]]:
-      """(user, the name it reads) of `name`, seen through bitcasts (a layout's reinterpretation: no bytes)."""
+    def uses_of(name: str, through=("bitcast",)) -> list[tuple[Instruction, str]]:
+      """(user, the name it reads) of `name`, seen through the ops of `through` (a bitcast is a layout's
+      reinterpretation: no bytes)."""
       found = []
       for user in users.get(name, []):
-        found.extend(uses_of(user.name) if user.op == "bitcast" else [(user, name)])
+        found.extend(uses_of(user.name, through) if user.op in through else [(user, name)])
       return found
 
     read = 0.0
@@ -427,10 +433,12 @@ class Program:
       full = nbytes(self._type(operand))
       param = by_index.get(position)
       uses = uses_of(param) if param else []
-      if uses and all(u.op == "dynamic-slice" and u.operands[0] == read_as for u, read_as in uses):
-        full = min(full, sum(nbytes(u.type) for u, _ in uses))
-      elif uses and all(u.op == "dynamic-update-slice" and u.operands[0] == param for u, _ in uses):
+      mapped = uses_of(param, SLICED_ELEMENTWISE) if param else []
+      if uses and all(u.op == "dynamic-update-slice" and u.operands[0] == param for u, _ in uses):
         full = 0.0  # updated in place: only the update is written, counted with the result below
+      elif mapped and all(u.op in ("dynamic-slice", "slice") and u.operands[0] == read_as for u, read_as in mapped):
+        elements = math.prod(shapes(self._type(operand))[0][1])
+        full = min(full, full * sum(math.prod(shapes(u.type)[0][1]) for u, _ in mapped) / max(elements, 1))
       read += full
     written = nbytes(ins.type)
     updates = [i for i in body if i.op == "dynamic-update-slice" and i.operands and i.operands[0] in params]

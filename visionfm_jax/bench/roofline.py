@@ -3,6 +3,7 @@ r"""A per-kernel roofline of a config's train step as XLA compiles it for a GPU,
   python -m visionfm_jax.bench.roofline --config=configs/vit_huge.py --target=h100 [--devices=N] [--top=15] \
       [--config.global_batch_size=128 ...]
   python -m visionfm_jax.bench.roofline --calibrate [--rows=ROWS.json]
+  python -m visionfm_jax.bench.roofline --hlo=DUMP.hlo.gz --config=... --group='stage_\d'
 
 The step is compiled deviceless for `--target` (bench/gpu_target.py; `pip install -e '.[gpu-aot]'`) over N GPUs
 on nodes of 8, and its optimised program read kernel by kernel (bench/hlo_cost.py: loop bodies by their trip
@@ -22,6 +23,11 @@ times (least squares on log(estimate / measured)) and writes `gpu_targets/calibr
 estimate / measured per row, also leaving each row out of its own fit, so the spread says how far a prediction
 can be trusted. Recalibrate whenever a row is added. A target without measured rows of its own (a100, h200)
 uses the efficiencies fitted on the others: a prediction, labelled as one.
+
+`--group=REGEX` adds an account of the step by the part of each kernel's framework op (its label, e.g.
+`bwd: SwinV2/stage_2/blocks/plain/mlp/fc1/dot_general`) that REGEX matches first (its first group, if it has
+one), the kernels it does not match under `other`: `stage_\d` gives SwinV2's stages, `(attn/qkv|mlp/fc\d|cpb_mlp)`
+a block's parts.
 
 Prints the top kernels by predicted time, the share of each class, the plan's bytes per device, and a last line
 of JSON: predicted_step_ms, predicted_mfu (analytic model FLOPs, training/flops.py, over the predicted step and
@@ -117,7 +123,27 @@ def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
   return sorted(rows, key=lambda r: -r["ms"])[:top]
 
 
-def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Prices, record: dict) -> dict:
+def grouped_ms(setup: Compiled, prediction: dict, pattern: str) -> dict[str, float]:
+  """Predicted milliseconds by the part of each kernel's label that `pattern` matches (`--group`), largest first;
+  the collectives by their exposed time only, under `collectives (exposed)`."""
+  import re  # pylint: disable=g-import-not-at-top
+  try:
+    compiled = re.compile(pattern)
+  except re.error as e:
+    raise UserError(f"--group={pattern}: not a regular expression ({e})") from e
+  groups = collections.Counter()
+  for kernel, seconds in zip(setup.program.kernels, prediction["per_kernel_s"]):
+    if kernel.kind == "collective":
+      continue
+    match = compiled.search(kernel.label or kernel.name)
+    key = (match.group(1) if compiled.groups else match.group(0)) if match else "other"
+    groups[key] += seconds * 1e3
+  groups["collectives (exposed)"] = prediction["exposed_collective_s"] * 1e3
+  return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
+
+
+def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Prices, record: dict,
+                 group: str = "") -> dict:
   step_ms = prediction["step_s"] * 1e3
   print(f"{'class':<12} {'ms':>9} {'share':>7}  {'launches':>8} {'TFLOP':>8} {'GB':>8}  op")
   for row in top_kernels(setup, prediction, top):
@@ -126,6 +152,11 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Pr
   print()
   for kind, seconds in sorted(prediction["by_class_s"].items(), key=lambda kv: -kv[1]):
     print(f"{kind:<20} {seconds * 1e3:9.2f} ms {seconds / prediction['step_s']:7.1%}")
+  groups = grouped_ms(setup, prediction, group) if group else {}
+  if groups:
+    print(f"\nby --group={group}:")
+    for name, ms in groups.items():
+      print(f"{name[:40]:<40} {ms:9.2f} ms {ms / step_ms:7.1%}")
   if setup.program.uncounted_loops:
     print(f"note: {len(setup.program.uncounted_loops)} loops of unknown trip count are counted once "
           f"({', '.join(setup.program.uncounted_loops[:5])}): data-dependent loops (random sampling's rejection "
@@ -147,7 +178,7 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Pr
              "gemm_tflops": sum(k.flops * k.count for k in setup.program.kernels if k.kind == "gemm") / 1e12,
              "model_tflops": setup.model_flops / 1e12 if setup.model_flops else None,
              "prices": dataclasses.asdict(prices),
-             "calibration": basis}
+             "calibration": basis, **({"group_ms": groups} if groups else {})}
   print(json.dumps(summary, sort_keys=True), flush=True)
   return summary
 
@@ -278,6 +309,8 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_string("rows", MEASURED, "Measured rows to calibrate on.", flag_values=fv)
   flags.DEFINE_list("try_kernels", [], "Kernel candidates to compile the step with (models/kernels.py "
                     "CANDIDATES, e.g. pallas_layer_norm).", flag_values=fv)
+  flags.DEFINE_string("group", "", "Also account for the step by the part of each kernel's op name this regular "
+                      "expression matches (its first group if any), e.g. 'stage_\\d'.", flag_values=fv)
   flags.DEFINE_string("hlo", "", "Price this dumped program (--dump_hlo's file) instead of compiling --config's step; "
                       "with --config too, MFU counts that config's model FLOPs.", flag_values=fv)
   return fv
@@ -311,7 +344,7 @@ def _body(fv, rest):
     if fv.dump_hlo:
       write_text(fv.dump_hlo, setup.hlo_text)
   prices, record = load_prices()
-  print_report(setup, predict(setup.program, target, prices), fv.config, fv.top, prices, record)
+  print_report(setup, predict(setup.program, target, prices), fv.config, fv.top, prices, record, fv.group)
 
 
 def main(argv) -> int:

@@ -33,6 +33,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
     if "drop_path" in node:  # the backbone's, at the top (vit, swinv2) or in its tower (clip, aurora)
       node.drop_path = 0.0
   config.model.remat_policy = "none"
+  config.model.scan_unroll = 1  # a GPU recipe's stack form; the demos' figures are of the rolled loop
 
   config.data.source = source
   config.data.num_workers = 0

@@ -84,7 +84,7 @@ class Dense(nn.Module):
     bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype) if self.use_bias else None
     x = x.astype(self.dtype)
     cast = lambda a: None if a is None else a.astype(self.dtype)
-    matmul = fp8_lib.matmul if self.fp8 and fp8_lib.active() else None
+    matmul = fp8_lib.matmul_of(fp8_lib.active() if self.fp8 else None)
     if not self.separate:
       return kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes), matmul)
     pick = lambda i: (slice(None),) * len(axes) + (i,)
