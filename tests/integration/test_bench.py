@@ -308,7 +308,7 @@ def test_bench_gpu_script_runs_each_lead_with_its_flags_and_tabulates_failures(t
   stub = tmp_path / "python"
   stub.write_text(f"""#!/usr/bin/env bash
 if [[ $1 == -m && $2 == visionfm_jax.bench ]]; then
-  [[ " $* " == *scan=False* ]] && {{ echo "XLA_FLAGS=$XLA_FLAGS" >&2
+  [[ " $* " == *scan_unroll=0* ]] && {{ echo "XLA_FLAGS=$XLA_FLAGS" >&2
                                      echo "RESOURCE_EXHAUSTED: out of memory" >&2; exit 1; }}
   exec {sys.executable} -c 'import json, os, sys; print(json.dumps(dict(img_per_sec=280.0, mfu=0.28, compile_s=9.0, \\
 peak_bytes_in_use=2**34, xla_flags=os.environ["XLA_FLAGS"], argv=sys.argv[1:])))' "$@"
@@ -323,40 +323,34 @@ exec {sys.executable} "$@"
   assert proc.returncode == 0, proc.stderr
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "gelu_tanh", "pallas_layer_norm", "no_remat_b64",
-                        "nothing_saveable_b256", "unrolled", "unrolled_nothing_saveable_b128", "unrolled_cuda_graphs",
-                        "unrolled_nothing_saveable_b128_cuda_graphs", "swinv2_g_unrolled", "scanned_dots_b32",
-                        "straight_dots_b32", "recipe_b32", "recipe_b32_cuda_graphs", "fp8_recipe_b32",
-                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_unroll7", "swinv2_g_fp8", "clip_vit_b16",
-                        "siglip_vit_b16", "flip_vit_b16", "clip_swinv2_g", "swin_mask_swinv2_g"]
+                        "nothing_saveable_b256", "scanned_dots_b32", "straight_dots_b32", "recipe_b32",
+                        "recipe_b32_cuda_graphs", "fp8_recipe_b32", "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32",
+                        "swinv2_g_unroll7", "swinv2_g_fp8", "clip_vit_b16", "siglip_vit_b16", "flip_vit_b16",
+                        "clip_swinv2_g", "swin_mask_swinv2_g"]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
   assert {"--config.model.remat_policy=none", "--config.global_batch_size=64"} <= set(rows["no_remat_b64"]["argv"])
   assert rows["nothing_saveable_b256"]["remat"] == "nothing_saveable" and rows["nothing_saveable_b256"]["batch"] == 256
-  assert rows["unrolled"]["failed"] == rows["swinv2_g_unrolled"]["failed"] == "out of memory"
-  assert (rows["swinv2_g_unrolled"]["model"], rows["swinv2_g_unrolled"]["batch"]) == ("swinv2_g", 32)
+  assert rows["recipe_b32"]["failed"] == rows["straight_dots_b32"]["failed"] == "out of memory"
+  assert (rows["swinv2_g_unroll7"]["model"], rows["swinv2_g_unroll7"]["batch"]) == ("swinv2_g", 32)
+  assert "--config.model.scan_unroll=7" in rows["swinv2_g_unroll7"]["argv"]
   flags = rows["triton_gemm"]["xla_flags"].split()
   assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
   assert "--xla_gpu_enable_triton_gemm=true" not in rows["planned"]["xla_flags"]
   assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
-          "--config.model.attention=cudnn"} <= set(rows["planned"]["argv"])
+          "--config.model.attention=cudnn", "--config.model.scan_unroll=1"} <= set(rows["planned"]["argv"])
   table = proc.stdout.splitlines()
-  graphs = rows["unrolled_nothing_saveable_b128_cuda_graphs"]  # the stand-in runs no scan=False setup
-  assert (graphs["remat"], graphs["batch"], graphs["failed"]) == ("nothing_saveable", 128, "out of memory")
+  graphs = rows["recipe_b32_cuda_graphs"]  # the stand-in runs no straight-line setup
+  assert (graphs["remat"], graphs["batch"], graphs["failed"]) == ("none", 32, "out of memory")
   failed_runs = {block.split("\n", 1)[0]: block for block in proc.stderr.split("== ")}  # header: its log's tail
-  graphs_log = next(b for h, b in failed_runs.items() if h.endswith(" lead=unrolled_nothing_saveable_b128_cuda_graphs"))
+  graphs_log = next(b for h, b in failed_runs.items() if h.endswith(" lead=recipe_b32_cuda_graphs"))
   assert "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" in graphs_log
-  assert "command_buffer=FUSION" not in next(b for h, b in failed_runs.items() if h.endswith(" lead=unrolled"))
-  assert {"--config.model.scan_unroll=0", "--config.precision.gemm=fp8", "--config.model.remat_policy=none",
-          "--config.global_batch_size=32"} <= set(rows["fp8_recipe_b32"]["argv"])
-  argv = rows["straight_dots_b32"]["argv"]  # every row the rolled loop unless it says otherwise (later flags win)
-  assert argv.index("--config.model.scan_unroll=0") > argv.index("--config.model.scan_unroll=1")
-  assert "--config.model.scan_unroll=1" in rows["planned"]["argv"]
-  assert "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL" in rows[
-      "recipe_b32_cuda_graphs"]["xla_flags"]
-  assert len(table) == 27 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  assert "command_buffer=FUSION" not in next(b for h, b in failed_runs.items() if h.endswith(" lead=recipe_b32"))
+  assert rows["fp8_recipe_b32"]["failed"] == "out of memory"
+  assert "failed" not in rows["swinv2_g_fp8"] and "--config.precision.gemm=fp8" in rows["swinv2_g_fp8"]["argv"]
+  assert len(table) == 22 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   models = {lead: r.get("model") for lead, r in rows.items()}
-  assert {models[lead] for lead in list(rows)[:11]} == {"vit_h14"}
-  assert [models[lead] for lead in list(rows)[11:]] == ["swinv2_g"] + ["vit_h14"] * 6 + ["swinv2_g"] * 3 + [
+  assert [models[lead] for lead in rows] == ["vit_h14"] * 13 + ["swinv2_g"] * 3 + [
       "vit_b16_clip", "vit_b16_clip", "vit_b16_clip", "swinv2_g_clip", "swinv2_g_clip"]
   assert "--config.model.image.attention=cudnn" in rows["siglip_vit_b16"]["argv"]
   assert any(a.startswith("--config=configs/swinv2_g_clip.py:vit,flip") for a in rows["flip_vit_b16"]["argv"])

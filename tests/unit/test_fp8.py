@@ -10,8 +10,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from visionfm_jax import tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import fp8, layers, vit
+
+from conftest import tiny_vit_config
 
 # Unit roundoff (half the spacing of the significands) and the smallest subnormal's half: a value v quantized with
 # scale s is off by at most U * |v| + s * TINY / 2, the second term for values that land among the subnormals.
@@ -125,3 +128,14 @@ def test_bf16_operands_give_bf16_products_of_the_same_quantized_values():
   np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(fp8.matmul(xb.astype(jnp.float32),
                                                                            wb.astype(jnp.float32))),
                              rtol=2 ** -7, atol=1e-2)
+
+
+def test_a_task_that_trains_in_fp8_checks_its_mesh_device_and_evaluation_does_not_ask(monkeypatch):
+  """The train loop, `bench` and the planners call task.check_training_devices() once the mesh is known: on an A100
+  an FP8 config is one error line naming the GPU; a task built without FP8 there, or for evaluation, builds."""
+  a100 = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100-SXM4-80GB")
+  monkeypatch.setattr(tasks.Task, "device", lambda self: a100)
+  task = tasks.build(tiny_vit_config(**{"precision.gemm": "fp8"}))
+  with pytest.raises(ConfigError, match=r"^config.precision.gemm=fp8: NVIDIA A100-SXM4-80GB \(compute capability 8.0\)"):
+    task.check_training_devices()
+  tasks.build(tiny_vit_config()).check_training_devices()

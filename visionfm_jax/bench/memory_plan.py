@@ -349,6 +349,7 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
   checks.validate(config, devices)
   mesh = parallel.make_mesh(config.mesh, mesh_devices)
   task = tasks.build(config, mesh)
+  task.check_training_devices()
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   # plan the program the accelerators run, not the simulating CPU's tricks; `try_kernels`: kernels.trying's

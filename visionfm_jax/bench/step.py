@@ -27,6 +27,7 @@ class JaxStep:
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
+    self.task.check_training_devices()
     tx, lr_schedule = optim.fresh_optimizer(config, self.task.model)
     init_fn = step_lib.make_init_fn(self.task, tx, config)
     local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),

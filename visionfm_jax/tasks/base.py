@@ -109,12 +109,19 @@ class Task(abc.ABC):
     self.config = config
     self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
     self.dtype = compute_dtype(config.precision)
-    # the devices the model runs on: the mesh's, else this process's (a task built outside a run: tools, dry run)
-    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
-    self.model = models.build(config.model, self.dtype, device.platform)
-    fp8.check_device(config.precision.get("gemm", "compute_dtype"), device)
+    self.model = models.build(config.model, self.dtype, self.device().platform)
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
+
+  def device(self):
+    """The first device the model runs on: the mesh's, else this process's (a task built outside a run: tools, dry
+    run)."""
+    return self.mesh.devices.flat[0] if self.mesh is not None else jax.devices()[0]
+
+  def check_training_devices(self) -> None:
+    """ConfigError when training as configured needs what the devices lack: FP8 GEMMs on a GPU older than Hopper
+    (models/fp8.py). Evaluation computes in the compute dtype, so only what trains asks."""
+    fp8.check_device(self.config.precision.get("gemm", "compute_dtype"), self.device())
 
   def training_gemms(self):
     """The context the train step's loss and gradients are traced in: the blocks' GEMMs in FP8 when

@@ -74,6 +74,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   logging.info("mesh %s, strategy %s, %d process%s", run_plan.mesh, config.strategy, jax.process_count(),
                "es" if jax.process_count() > 1 else "")
   task = tasks.build(config, mesh)
+  task.check_training_devices()
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   loader = task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
