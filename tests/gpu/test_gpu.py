@@ -151,6 +151,23 @@ def test_one_bf16_train_step_of_each_seed_model(name, micro_batches):
   assert any(not np.array_equal(a, b) for a, b in zip(_params(bench), before))
 
 
+@pytest.mark.parametrize("recipe", ["fp8", "fp8_bf16_wgrad"])
+def test_fp8_steps_run_cublaslt_fp8_gemms_near_the_bf16_step(recipe):
+  """precision.gemm on a GPU with FP8 tensor cores: the compiled step calls cuBLASLt's FP8 GEMMs (the forward and
+  input-gradient products; with 'fp8' the weight gradient too), and two steps from the same state give losses and
+  gradient norms within an e4m3 roundoff (2^-4) of the bf16 step's."""
+  base = {"precision.compute_dtype": "bfloat16", "model.attention": "cudnn"}
+  runs = {}
+  for gemm in ("compute_dtype", recipe):
+    bench = step_lib.JaxStep(_demo("vit_huge", **base, **{"precision.gemm": gemm}), jax.devices()[:1])
+    runs[gemm] = [_step(bench), _step(bench)]
+    text = bench.compiled.as_text()
+    assert ("__cublas$lt$matmul$f8" in text) == (gemm != "compute_dtype"), gemm
+  for name in ("train/loss", "train/grad_norm"):
+    for got, want in zip(runs[recipe], runs["compute_dtype"]):
+      assert abs(got[name] - want[name]) <= 2.0 ** -4 * abs(want[name]), (name, got[name], want[name])
+
+
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_the_pallas_layer_norm_candidate_on_the_gpu_matches_the_plain_layer_norm(dtype):
   """The Triton kernels of kernels.trying('pallas_layer_norm') against XLA's LayerNorm on ViT-H's width, values
