@@ -70,7 +70,7 @@ class Dense(nn.Module):
   # The first feature axis indexes separate projections (q, k, v of one kernel): a tuple of one product each,
   # so each lands contiguous, where slicing one fused output would copy them (cuDNN attention takes them apart).
   separate: bool = False
-  fp8: bool = False  # a block's GEMM: FP8 where the program is traced under fp8.gemms('fp8') (models/fp8.py)
+  fp8: bool = False  # a block's GEMM: FP8 where the program is traced under an FP8 recipe (models/fp8.py)
 
   @nn.compact
   def __call__(self, x):
