@@ -77,6 +77,19 @@ def test_scales_are_powers_of_two_that_fit_the_range():
   np.testing.assert_array_equal(fp8.matmul(jnp.zeros((2, 16)), jnp.ones((16, 4))), jnp.zeros((2, 4)))
 
 
+@pytest.mark.parametrize("bad", [np.inf, np.nan])
+@pytest.mark.parametrize("bf16_wgrad", [False, True])
+def test_an_overflowing_gradient_stays_non_finite_through_the_fp8_gemms(bad, bf16_wgrad):
+  """An fp16 overflow (an inf in the output gradient) must not be clipped to e5m2's largest value: the step's
+  overflow check (training/precision.py) and the health guard read it from the gradients."""
+  x, w = _operands(4)
+  g = jnp.zeros((x.shape[0], w.shape[1])).at[3, 5].set(bad)
+  _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, bf16_wgrad), x, w)
+  dx, dw = vjp(g)
+  assert not bool(jnp.all(jnp.isfinite(dx))) and not bool(jnp.all(jnp.isfinite(dw)))
+  assert bool(jnp.all(jnp.isfinite(fp8.matmul(x, w, bf16_wgrad))))
+
+
 def test_only_the_blocks_gemms_run_in_fp8_and_only_under_the_switch():
   """Every Dense of a ViT's blocks (qkv, out, fc1, fc2) multiplies in FP8 under fp8.gemms('fp8'); the patch
   embedding and the head do not, and nothing does outside the switch (evaluation)."""

@@ -62,10 +62,12 @@ def matmul_of(recipe: str | None):
 
 
 def scale(x: jax.Array, dtype) -> jax.Array:
-  """The fp32 power of two that maps max |x| into `dtype`'s range; 1 for an all-zero (or non-finite) x."""
+  """The fp32 power of two that maps max |x| into `dtype`'s range; 1 for an all-zero x. A non-finite x keeps a
+  non-finite scale, so that its infinities and NaNs reach the product as NaNs instead of being clipped to the
+  format's largest value: fp16's loss scaling and the health guard see an overflow through an FP8 GEMM."""
   amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
   exponent = jnp.ceil(jnp.log2(amax / jnp.finfo(dtype).max.astype(jnp.float32)))
-  return jnp.where((amax > 0) & jnp.isfinite(amax), jnp.exp2(exponent), jnp.float32(1.0))
+  return jnp.where(amax > 0, jnp.exp2(exponent), jnp.float32(1.0))
 
 
 def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
