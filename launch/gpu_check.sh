@@ -109,7 +109,7 @@ if (( profile )); then
     read -r name config batch <<<"$setup"
     if $python -m visionfm_jax.bench --config="$config" --devices=1 --steps=3 --warmup=2 --config.strategy=ddp \
         --config.precision.compute_dtype=bfloat16 --config.global_batch_size="$batch" \
-        --config.model.remat_policy=nothing_saveable --config.model.attention=cudnn \
+        --config.model.remat_policy=nothing_saveable --config.model.attention=cudnn --config.model.scan_unroll=1 \
         --profile="$out/profile_$name" >"$out/profile_$name.txt" 2>"$out/profile_$name.log"; then
       stage "profile_$name" ok "busiest operations in $out/profile_$name.txt"
     else

@@ -217,7 +217,8 @@ def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
   on an H100."""
   proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
                          "--target=h100", "--config.global_batch_size=128", "--config.strategy=ddp",
-                         "--config.model.remat_policy=nothing_saveable", "--config.model.attention=cudnn"],
+                         "--config.model.remat_policy=nothing_saveable", "--config.model.attention=cudnn",
+                         "--config.model.scan_unroll=1"],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = __import__("json").loads(proc.stdout.strip().splitlines()[-1])
@@ -325,3 +326,19 @@ def test_layers_statically_sliced_after_a_cast_of_the_stack_read_those_layers_on
   layer = 64 * 128
   [kernel] = [k for k in hlo_cost.Program(CAST_THEN_SLICED).kernels if k.name == "layers"]
   assert kernel.bytes == 2 * layer * 4 + 2 * layer
+
+
+def test_group_accounts_for_every_kernel_once_by_the_part_of_its_op_the_pattern_matches():
+  """`bench.roofline --group=REGEX`: each compute kernel's predicted time under the first match of REGEX in its op
+  (here the kernel's name: the program has no op metadata), the rest under `other`; the groups add up to the step's
+  kernels, the exposed collectives beside them; a pattern that is no regular expression is one error line."""
+  program = hlo_cost.Program(CAST_THEN_SLICED)
+  target = gpu_target.get("h100")
+  setup = roofline.Compiled(program, 0, None, 1, target, CAST_THEN_SLICED)
+  prediction = roofline.predict(program, target, roofline.load_prices()[0])
+  groups = roofline.grouped_ms(setup, prediction, r"(lay)ers")
+  assert set(groups) == {"lay", "collectives (exposed)"}
+  assert sum(groups.values()) == pytest.approx(prediction["step_s"] * 1e3)
+  assert set(roofline.grouped_ms(setup, prediction, "nothing matches this")) == {"other", "collectives (exposed)"}
+  with pytest.raises(roofline.UserError, match=r"--group=\(: not a regular expression"):
+    roofline.grouped_ms(setup, prediction, "(")

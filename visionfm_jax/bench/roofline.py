@@ -45,6 +45,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import sys
 
 from absl import flags
@@ -126,7 +127,6 @@ def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
 def grouped_ms(setup: Compiled, prediction: dict, pattern: str) -> dict[str, float]:
   """Predicted milliseconds by the part of each kernel's label that `pattern` matches (`--group`), largest first;
   the collectives by their exposed time only, under `collectives (exposed)`."""
-  import re  # pylint: disable=g-import-not-at-top
   try:
     compiled = re.compile(pattern)
   except re.error as e:
