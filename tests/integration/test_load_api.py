@@ -1,9 +1,12 @@
 """`visionfm_jax.load(path)` (tools/trained_model.py): a CLIP workdir's image and text embeddings equal the task's
 own (as the tools compute them) on images of another size, viewed as its evaluation views them; zero-shot ranks the
-given class names by those embeddings; a classifier's classes are its logits' argmax as tools.evaluate computes
-them; EMA params on request; one clear error for a bad path or a question the task cannot answer; the module's
-notebook example runs as written."""
+given class names by those embeddings, embedding a class set once; a classifier's classes are its logits' argmax as
+tools.evaluate computes them, and its logits the task's; a call is padded to the smallest batch bucket that holds
+it; EMA params on request; one clear error for a bad path or a question the task cannot answer; the module's
+notebook example runs as written; `dir(visionfm_jax)` offers `load` before JAX is imported; bench.notebook times
+it."""
 
+import json
 import re
 import subprocess
 import sys
@@ -16,9 +19,11 @@ import pytest
 
 import visionfm_jax
 from visionfm_jax import tasks
+from visionfm_jax.bench import notebook
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
+from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.models import generate
 from visionfm_jax.tools import clip_checkpoint, trained_model
 from visionfm_jax.training import checkpoint, ema
@@ -95,9 +100,12 @@ def test_clip_embeddings_equal_the_tasks_own(clip):
   np.testing.assert_allclose(model.encode_text(texts[1]), expected_text[1:2], rtol=1e-5, atol=1e-5)
 
 
-def test_zero_shot_ranks_the_given_class_names(clip):
-  path, _, _, _ = clip
+def test_zero_shot_ranks_the_given_class_names(clip, monkeypatch):
+  path, _, params, _ = clip
   model = visionfm_jax.load(path)
+  embedded = []  # the class sets that went through the text tower
+  monkeypatch.setattr(zeroshot, "class_embeddings",
+                      lambda *args, real=zeroshot.class_embeddings: embedded.append(args[3]) or real(*args))
   images, names = _shapes_images(5), ["circle", "square", "triangle", "star"]
   image_emb, text_emb = model.encode_image(images), model.encode_text(names)
   cosines = image_emb @ text_emb.T  # one template '{}': each class is its name's embedding
@@ -105,27 +113,45 @@ def test_zero_shot_ranks_the_given_class_names(clip):
   for row, top in zip(cosines, ranked):
     assert [name for name, _ in top] == [names[j] for j in np.argsort(-row)[:3]]
     np.testing.assert_allclose([c for _, c in top], np.sort(row)[::-1][:3], rtol=1e-5, atol=1e-5)
+  # the class embeddings are held: the same set again, or a subset of it, is not embedded again
+  assert model.zero_shot(images, names, templates=["{}"], top_k=3) == ranked
+  np.testing.assert_allclose(model.class_embeddings(names[:2], "{}"), text_emb[:2], rtol=1e-5, atol=1e-5)
+  logits = model.logits(images, names, ["{}"])  # as the loss scores pairs: exp(logit_scale) * cosine
+  np.testing.assert_allclose(logits, np.exp(params["logit_scale"]) * cosines, rtol=1e-5, atol=1e-5)
+  assert embedded == [4]
   default = model.zero_shot(images, names)  # OpenAI's 80 templates
   assert [len(top) for top in default] == [4] * 5 and {n for n, _ in default[0]} == set(names)
+  assert model.class_embeddings(names).shape == (4, text_emb.shape[1]) and embedded == [4, 4]
+  assert model.features(images).shape[0] == 5  # the image tower's pooled features, before its projection
   with pytest.raises(UserError, match="classify: the model at .* is a 'contrastive' model"):
     model.classify(images)
   with pytest.raises(UserError, match="templates with '{}'"):
     model.zero_shot(images, names, templates=["a photo"])
+  with pytest.raises(UserError, match="logits: .* give class_names"):
+    model.logits(images)
 
 
-def test_a_classifier_classifies_as_tools_evaluate_scores(vit):
+def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
   path, task, params, ema_params = vit
-  model = visionfm_jax.load(path, batch_size=8)
-  images = _shapes_images(6)
+  model = visionfm_jax.load(path, batch_size=16)  # 8 devices: batches of 8 or 16
+  traced = []  # the batch sizes the head compiles for
+  monkeypatch.setattr(model.task, "logits", lambda p, x, real=model.task.logits, **kw: traced.append(len(x))
+                      or real(p, x, **kw))
+  images = _shapes_images(9)
   logits = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))(params, _eval_view(task, images))
-  top = model.classify(images, top_k=3)
+  top = model.classify(images[:6], top_k=3)
   assert model.class_names == list(shapes.SHAPE_NAMES)[:len(model.class_names)]
-  assert [row[0][0] for row in top] == [model.class_names[i] for i in np.argmax(logits, -1)]
-  np.testing.assert_allclose([row[0][1] for row in top], np.max(jax.nn.softmax(logits, -1), -1), rtol=1e-5)
+  assert [row[0][0] for row in top] == [model.class_names[i] for i in np.argmax(logits[:6], -1)]
+  np.testing.assert_allclose([row[0][1] for row in top], np.max(jax.nn.softmax(logits[:6], -1), -1), rtol=1e-5)
+  np.testing.assert_allclose(model.logits(images), logits, rtol=1e-5, atol=1e-5)
+  assert (model.buckets, traced) == ((8, 16), [8, 16])  # 6 images run a batch of 8, 9 one of 16
   features = model.encode_image(images)  # pooled backbone features, before the head
-  assert features.ndim == 2 and len(features) == 6
+  assert features.ndim == 2 and len(features) == 9
+  np.testing.assert_array_equal(model.features(images), features)
   with pytest.raises(UserError, match="encode_text: .* is a 'classification' model"):
     model.encode_text(["a circle"])
+  with pytest.raises(UserError, match="logits: a classifier's logits are over its own classes"):
+    model.logits(images, ["a circle"])
 
   averaged = visionfm_jax.load(path, ema=True, batch_size=8)
   expected = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))(ema_params,
@@ -191,6 +217,19 @@ def test_the_docstring_example_runs(clip, capsys):
 
 
 def test_importing_the_package_stays_cheap():
-  """`import visionfm_jax` loads no JAX: `load` is imported on first use."""
-  code = "import sys, visionfm_jax; assert 'jax' not in sys.modules; assert callable(visionfm_jax.load)"
+  """`import visionfm_jax` loads no JAX, yet completion offers `load`: it is imported on first use."""
+  code = ("import sys, visionfm_jax; assert 'load' in dir(visionfm_jax) and visionfm_jax.__all__ == ['load']; "
+          "assert 'jax' not in sys.modules; assert callable(visionfm_jax.load)")
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
+
+
+def test_the_notebook_benchmark_times_each_size(vit, capsys):
+  """bench.notebook: a first call and the next ones per size, and one `error:` line for bad sizes."""
+  assert notebook.main(["notebook", f"--workdir={vit[0]}", "--sizes=3,5", "--repeats=2", "--image_side=20"]) == 0
+  printed = capsys.readouterr().out
+  result = json.loads(printed.splitlines()[-1])[0]
+  assert (result["task"], result["buckets"], [row["images"] for row in result["sizes"]]) == ("classification",
+                                                                                            [8, 64], [3, 5])
+  assert all(row["next_s"] > 0 and row["img_per_s"] > 0 for row in result["sizes"]), printed
+  assert notebook.main(["notebook", f"--workdir={vit[0]}", "--sizes=0"]) == 2
+  assert capsys.readouterr().err.strip() == "error: --sizes=0: expected positive integers"

@@ -4,15 +4,22 @@ directory (tools/clip_checkpoint.py reads all three), with what its task support
 
   encode_image(images)                   unit embeddings (CLIP, Aurora) or pooled backbone features (the others)
   encode_text(texts)                     unit embeddings, by the run's own tokenizer (CLIP, Aurora)
+  features(images)                       pooled backbone features, before any head or projection (every task)
   classify(images, top_k=5)              [(class name, probability), ...] per image (a classifier)
   zero_shot(images, names, templates)    [(class name, cosine), ...] per image; OpenAI's 80 templates by default
+  class_embeddings(names, templates)     the unit class embeddings zero_shot ranks by, held for the next call
+  logits(images[, names, templates])     a classifier's head logits; an image-text model's scaled class cosines
   caption(images, beam_size=1)           one caption per image (Aurora)
 
 Images are uint8 HxWx3 arrays (one, a list, or an NHWC batch), PIL images or image files, viewed as the run's
 evaluation views them (config.data.eval_preprocess, data/transforms/host.py's EvalTransform). Every call runs
-jitted in fixed batches (`batch_size`, the last padded) split over all of JAX's devices, with the params
-replicated (the model must fit on one device). The embeddings, zero-shot classes and captions are the tasks' and
-evaluators' own code (evaluate/zeroshot.py, models/generate.py), so they equal what the tools compute.
+jitted, split over all of JAX's devices with the params replicated (the model must fit on one device), in batches
+of `batch_size`; a smaller call (or the rest of a larger one) is padded up to the smallest of BATCH_BUCKETS that
+holds it, so that one image runs a batch of one (of one per device) and each bucket compiles once, on its first
+use. The embeddings, zero-shot classes and captions are the tasks' and evaluators' own code (evaluate/zeroshot.py,
+models/generate.py), so they equal what the tools compute; the class embeddings are the evaluators' cache
+(zeroshot.ClassEmbeddings), so a class set goes through the text tower once per model. The time of a first call
+and of the next ones: BENCHMARKS.md, "The notebook API (CPU)" (`python -m visionfm_jax.bench.notebook`).
 
 Example (a notebook; WORKDIR is a CLIP's training workdir):
 
@@ -32,6 +39,7 @@ Example (a notebook; WORKDIR is a CLIP's training workdir):
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Any, Callable, Sequence
 
@@ -49,6 +57,8 @@ from visionfm_jax.models import generate
 from visionfm_jax.tools import clip_checkpoint
 
 IMAGE_TEXT_TASKS = ("contrastive", "aurora")
+BATCH_BUCKETS = (1, 8, 64)  # the batch sizes below `batch_size` that a call is padded up to (each rounded up to a
+# multiple of the device count): one compile each, so that one image costs a batch of one, not of `batch_size`
 
 
 def _all_devices_mesh() -> Mesh:
@@ -58,9 +68,11 @@ def _all_devices_mesh() -> Mesh:
 
 
 def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64) -> TrainedModel:
-  """The model at `path` (module docstring): a training workdir of any task, a tools.import_hf CLIP directory or a
-  transformers CLIPModel directory. UserError naming the path for anything else, CheckpointError for a damaged
-  checkpoint."""
+  """The model at `path` (module docstring) as a TrainedModel: a training workdir of any task (its newest
+  checkpoint, or `step`; the EMA of its params with `ema=True`), a tools.import_hf CLIP directory or a
+  transformers CLIPModel directory. `batch_size`: the most images (or texts) run at once; smaller calls run in
+  the smallest of BATCH_BUCKETS that holds them. UserError naming the path for anything else, CheckpointError for
+  a damaged checkpoint."""
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
@@ -70,14 +82,23 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
   return TrainedModel(loaded, mesh, batch_size)
 
 
+def batch_buckets(batch_size: int, devices: int) -> tuple[int, ...]:
+  """The padded batch sizes of a model loaded with `batch_size` on `devices`: BATCH_BUCKETS below it and
+  `batch_size` itself, each rounded up to a multiple of `devices`."""
+  round_up = lambda n: -(-n // devices) * devices
+  return tuple(sorted({round_up(min(b, batch_size)) for b in BATCH_BUCKETS + (batch_size,)}))
+
+
 class TrainedModel:
   """A task and its params, answering what the task supports (module docstring); `task`, `params`, `config`,
-  `path` and `step` (a workdir's checkpoint, else None) are the loaded model's."""
+  `path` and `step` (a workdir's checkpoint, else None) are the loaded model's, `buckets` the batch sizes its calls
+  are padded to and `batch_size` the largest."""
 
   def __init__(self, loaded: clip_checkpoint.Loaded, mesh: Mesh, batch_size: int):
     self.task, self.params, self.path, self.step = loaded.task, loaded.params, loaded.origin, loaded.step
     self.config = self.task.config
-    self.batch_size = -(-batch_size // mesh.size) * mesh.size
+    self.buckets = batch_buckets(batch_size, mesh.size)
+    self.batch_size = self.buckets[-1]
     self._batch_sharding = parallel.batch_sharding(mesh)
     self._jitted: dict[str, Callable] = {}
 
@@ -88,56 +109,88 @@ class TrainedModel:
   # ------------------------------------------------------------------------------------------ what it answers
 
   def encode_image(self, images) -> np.ndarray:
-    """(N, D) float32: unit embeddings of an image-text model, the pooled backbone features of the others."""
+    """`images` (module docstring) -> (N, D) float32: unit embeddings of an image-text model, the pooled backbone
+    features of the others (`features`)."""
     name = "embed_images" if self._is_image_text else "pooled_features"
     return self._run_batched(name, self.preprocess(images))
 
   def encode_text(self, texts: str | Sequence[str]) -> np.ndarray:
-    """(N, D) float32 unit embeddings of `texts`, tokenised by the run's tokenizer (an image-text model)."""
+    """A text or a list of them -> (N, D) float32 unit embeddings, tokenised by the run's tokenizer (an image-text
+    model)."""
     self._require(IMAGE_TEXT_TASKS, "encode_text")
     return self._run_batched("embed_texts", self.task.tokenizer.encode_batch(_as_list(texts)))
 
+  def features(self, images) -> np.ndarray:
+    """`images` -> (N, D) float32 pooled features of the image backbone, before any head or projection (the
+    linear probe's features; a CLIP's image tower before its projection)."""
+    return self._run_batched("pooled_features", self.preprocess(images))
+
+  def logits(self, images, class_names: Sequence[str] | None = None,
+             templates: Sequence[str] | None = None) -> np.ndarray:
+    """`images` -> (N, C) float32 logits. A classifier: its head's, over `class_names` (the property); give no
+    names. An image-text model: exp(logit_scale) * cosine (+ logit_bias, SigLIP) against the embeddings of the
+    given `class_names` under `templates` (`class_embeddings`), as its training loss scores pairs."""
+    if not self._is_image_text:
+      self._require(("classification",), "logits")
+      if class_names is not None or templates is not None:
+        raise UserError("logits: a classifier's logits are over its own classes (`class_names`); give no names or "
+                        "templates")
+      return self._run_batched("logits", self.preprocess(images))
+    if class_names is None:
+      raise UserError("logits: an image-text model scores images against class names; give class_names")
+    cosines = self.encode_image(images) @ self.class_embeddings(class_names, templates).T
+    scale = float(np.exp(self.params["logit_scale"]))
+    return cosines * scale + float(self.params.get("logit_bias", 0.0))
+
   def classify(self, images, top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """Per image, the `top_k` most probable classes of the model's head as (name, probability), best first; names
-    from the training data (its dataset.json, a folder's classes) when it has them, else 'class <i>'."""
+    """`images` -> per image, the `top_k` most probable classes of the model's head as (name, probability), best
+    first; names from the training data (its dataset.json, a folder's classes) when it has them, else
+    'class <i>'."""
     self._require(("classification",), "classify")
-    probabilities = self._run_batched("probabilities", self.preprocess(images))
-    return _top_k(probabilities, self.class_names, top_k)
+    return _top_k(_softmax(self.logits(images)), self.class_names, top_k)
 
   def zero_shot(self, images, class_names: Sequence[str], templates: Sequence[str] | None = None,
                 top_k: int = 5) -> list[list[tuple[str, float]]]:
-    """Per image, the `top_k` nearest of `class_names` as (name, cosine), best first: each class the mean of its
-    prompts' embeddings (`templates`, '{}' for the name; OpenAI's 80 ImageNet templates by default)."""
+    """`images` -> per image, the `top_k` nearest of `class_names` as (name, cosine), best first, against
+    `class_embeddings(class_names, templates)` (computed once, then held)."""
     self._require(IMAGE_TEXT_TASKS, "zero_shot")
+    classes = self.class_embeddings(class_names, templates)
+    return _top_k(self.encode_image(images) @ classes.T, _as_list(class_names), top_k)
+
+  def class_embeddings(self, class_names: Sequence[str], templates: Sequence[str] | None = None) -> np.ndarray:
+    """(len(class_names), D) float32 unit class embeddings (an image-text model): each class the normalised mean
+    of its prompts' unit embeddings, the prompts `templates` with '{}' for the name (OpenAI's 80 ImageNet templates
+    by default). Held per (names, templates): a repeated set, or a subset of one held under the same templates,
+    is not embedded again."""
+    self._require(IMAGE_TEXT_TASKS, "class_embeddings")
     class_names = _as_list(class_names)
-    if templates is None:
-      templates = zeroshot.class_names_and_templates("imagenet")[1]
+    templates = _as_list(_openai_templates() if templates is None else templates)
     if not class_names or not templates or not all("{}" in t for t in templates):
-      raise UserError(f"zero_shot: give class names and templates with '{{}}' for the name; got {len(class_names)} "
-                      f"names, templates {list(templates)[:3]}")
-    tokens = self.task.tokenizer.encode_batch(zeroshot.prompts(class_names, templates))
-    classes = np.asarray(zeroshot.class_embeddings(self._jit("embed_texts"), self.params, tokens, len(class_names)))
-    return _top_k(self.encode_image(images) @ classes.T, class_names, top_k)
+      raise UserError(f"class_names, templates: give class names, and templates with '{{}}' for the name; got "
+                      f"{len(class_names)} names, templates {templates[:3]}")
+    return np.asarray(self.task.class_embeddings(self.params, class_names, templates), np.float32)
 
   def caption(self, images, *, beam_size: int = 1, max_len: int = 0, length_penalty: float = 0.0) -> list[str]:
-    """One caption per image (an Aurora model): greedy, or beam search with `beam_size` > 1, as tools.caption."""
+    """`images` -> one caption (str) per image (an Aurora model): greedy, or beam search with `beam_size` > 1, as
+    tools.caption; `max_len` tokens at most (0: the model's)."""
     self._require(("aurora",), "caption")
     pixels = self.preprocess(images)
     captions = []
     for start in range(0, len(pixels), self.batch_size):
       rows = pixels[start:start + self.batch_size]
-      captions += generate.caption_images(self.task, self.params, _pad(rows, self.batch_size), beam_size=beam_size,
-                                          max_len=max_len or None, length_penalty=length_penalty)[:len(rows)]
+      captions += generate.caption_images(self.task, self.params, _pad(rows, self._bucket(len(rows))),
+                                          beam_size=beam_size, max_len=max_len or None,
+                                          length_penalty=length_penalty)[:len(rows)]
     return captions
 
   def preprocess(self, images) -> np.ndarray:
-    """(N, S, S, 3) uint8: `images` (module docstring) as the run's evaluation views them."""
+    """`images` (module docstring) -> (N, S, S, 3) uint8, as the run's evaluation views them."""
     size, view = self.config.data.image_size, self.config.data.get("eval_preprocess", "inception")
     transform = transforms.EvalTransform(size, view)
     return np.stack([transform.map({"image": _rgb(image, transforms.eval_decode_side(size, view))})["image"]
                      for image in _image_list(images)])
 
-  @property
+  @functools.cached_property
   def class_names(self) -> list[str]:
     """The head's class names (a classifier): the training data's, else 'class <i>'."""
     self._require(("classification",), "class_names")
@@ -159,8 +212,8 @@ class TrainedModel:
     task = self.task
     if name == "pooled_features":
       return probe.pooled_features(task)
-    if name == "probabilities":
-      return lambda params, images: jax.nn.softmax(task.logits(params, task.normalize(images), train=False), -1)
+    if name == "logits":
+      return lambda params, images: task.logits(params, task.normalize(images), train=False)
     return getattr(task, name)  # embed_images, embed_texts
 
   def _jit(self, name: str) -> Callable:
@@ -168,14 +221,18 @@ class TrainedModel:
       self._jitted[name] = jax.jit(self._forward(name))
     return self._jitted[name]
 
+  def _bucket(self, rows: int) -> int:
+    """The smallest padded batch size that holds `rows` (at most `batch_size`)."""
+    return next(size for size in self.buckets if size >= rows)
+
   def _run_batched(self, name: str, rows: np.ndarray) -> np.ndarray:
-    """`name`'s forward over `rows` in batches of `batch_size` (the last padded), as float32 numpy."""
+    """`name`'s forward over `rows` in batches of `batch_size`, the last padded to its bucket, as float32 numpy."""
     if not len(rows):
       raise UserError(f"{name}: no inputs given")
     fn, out = self._jit(name), []
     for start in range(0, len(rows), self.batch_size):
       chunk = rows[start:start + self.batch_size]
-      batch = jax.device_put(_pad(chunk, self.batch_size), self._batch_sharding)
+      batch = jax.device_put(_pad(chunk, self._bucket(len(chunk))), self._batch_sharding)
       out.append(np.asarray(fn(self.params, batch), np.float32)[:len(chunk)])
     return np.concatenate(out)
 
@@ -187,7 +244,7 @@ def _as_list(items) -> list:
 
 
 def _pad(rows: np.ndarray, size: int) -> np.ndarray:
-  """`rows` filled up to `size` with copies of its last row (dropped after the forward: one compiled shape)."""
+  """`rows` filled up to `size` with copies of its last row (dropped after the forward: one compile per size)."""
   return np.concatenate([rows, np.repeat(rows[-1:], size - len(rows), axis=0)]) if len(rows) < size else rows
 
 
@@ -221,6 +278,17 @@ def _rgb(image: Any, decode_side: int) -> np.ndarray:
     raise UserError(f"images: expected uint8 HxWx3 RGB arrays (or PIL images, image files); got {array.dtype} of "
                     f"shape {array.shape}")
   return array
+
+
+@functools.cache
+def _openai_templates() -> tuple[str, ...]:
+  """OpenAI's 80 ImageNet prompt templates, read once."""
+  return tuple(zeroshot.class_names_and_templates("imagenet")[1])
+
+
+def _softmax(logits: np.ndarray) -> np.ndarray:
+  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
+  return shifted / shifted.sum(axis=-1, keepdims=True)
 
 
 def _top_k(scores: np.ndarray, names: Sequence[str], k: int) -> list[list[tuple[str, float]]]:
