@@ -66,8 +66,9 @@ Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 min
 
 Variant `small`: your own few thousand labelled photos (`tools.prepare_data --format=folders --holdout_per_class=K`
 into /data/my_photos, or `--config.data.source=` elsewhere), ViT-S/16 at 224 px with augmentation on, 3,000 steps
-of 128 (config_lib.small_data says what and why); `--config.model.num_classes=` the number of class folders.
-docs/your_data.md runs it, from scratch and fine-tuned from a Hugging Face ViT.
+of 128 (config_lib.small_data says what and why); as many classes as the data's dataset.json names, warmup and
+cadence in proportion to `--config.total_steps` (config_lib/sizing.py). docs/your_data.md runs it, from scratch
+and fine-tuned from a Hugging Face ViT.
 """
 
 from visionfm_jax import config_lib
@@ -104,9 +105,10 @@ def get_config(arg: str | None = None):
     config.model.variant = "mu/8"  # width 96, depth 4, 3 heads, MLP 384: 17 tokens at 32 px
     config.model.num_classes = 8
     config.model.pool = "gap"
-  elif arg == "small":  # your own few thousand photos (docs/your_data.md); --config.model.num_classes= theirs
+  elif arg == "small":  # your own few thousand photos (docs/your_data.md), as many classes as they have
     config_lib.small_data(config, source="arrayrecord:/data/my_photos/{split}-*.array_record", lr=5e-4)
     config.model.variant = "S/16"  # width 384, depth 12, 6 heads: 22M parameters
+    config.model.num_classes = config_lib.SIZED  # the class folders' count, from the data's dataset.json
   elif arg and "/" in arg:  # another ViT size with the same recipe, e.g. 'S/16' for benchmarks
     config.model.variant = arg
   elif arg:

@@ -134,6 +134,22 @@ def test_cli(tmp_path):
                                                        num_threads=tool.DEFAULT_NUM_THREADS)).read_bytes()
 
 
+def test_a_vocabulary_smaller_than_asked_says_why(tmp_path, capsys):
+  """The 144 captions hold 18 distinct words: SentencePiece runs out of pieces to learn long before 8000."""
+  corpus = tmp_path / "captions.txt"
+  corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
+  argv = ["train_tokenizer", f"--input={corpus}", f"--out={tmp_path / 'tok'}", "--num_threads=1"]
+  assert tool.main([*argv, "--vocab_size=8000"]) == 0
+  out = capsys.readouterr().out.splitlines()
+  pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model")).get_piece_size()
+  assert pieces < 1000 and out[-1] == (
+      f"warning: {pieces} pieces, fewer than the 8000 asked: the 144 captions hold 18 distinct words, and a piece "
+      "never spans two words, so the words were whole before the vocabulary filled; more varied captions give more "
+      "pieces")
+  assert tool.main([*argv, f"--vocab_size={pieces}"]) == 0
+  assert "warning" not in capsys.readouterr().out
+
+
 def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
   """--records reads the caption field of ArrayRecord shards (files in name order), skipping image-only records."""
   image = np.zeros((4, 4, 3), np.uint8)

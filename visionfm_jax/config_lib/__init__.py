@@ -1,8 +1,8 @@
 """The config: its schema, one row per field with its default, domain and doc (rows.py; the sections in schema.py,
 the model families in model_schema.py, what a task adds in task_schema.py), the domains (domains.py), the checks
 of a config alone (checks.py), what a resume may change (resume_rules.py), loading a config file (loading.py) and
-the lines recipes share (recipes.py; the CPU demo and small data sets: demo.py). Callers use the names below, from
-this package.
+the lines recipes share (recipes.py; the CPU demo and small data sets: demo.py) and the fields a recipe leaves to
+the run (sizing.py). Callers use the names below, from this package.
 
 Configs are `ml_collections.ConfigDict`s. A field's domain (a numeric range, or a set of names) sits on its row,
 found by the config's own model family and task, and `check` checks it (and refuses a field without a row). The
@@ -22,6 +22,7 @@ from visionfm_jax.config_lib.domains import (
                                              OPEN_FRACTION,
                                              POSITIVE,
                                              RATE,
+                                             SIZED,
                                              Choices,
                                              Domain,
 )
@@ -61,4 +62,5 @@ from visionfm_jax.config_lib.schema import (
                                              set_fields,
                                              set_paths,
 )
+from visionfm_jax.config_lib.sizing import NUM_CLASSES, fill_steps, fill_value, fill_zeroshot, is_sized
 from visionfm_jax.config_lib.task_schema import TASK_SECTIONS

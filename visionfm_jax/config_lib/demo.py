@@ -1,10 +1,12 @@
 """The CPU demo of a recipe: what every demo shares (`cpu_demo`); the config file then picks its tiny model. And a
-recipe on a small real data set (`small_data`), its `:small` variant."""
+recipe on a small real data set (`small_data`), its `:small` variant, which leaves its warmup and cadence to the
+run (config_lib/sizing.py)."""
 
 from __future__ import annotations
 
 import ml_collections
 
+from visionfm_jax.config_lib.domains import SIZED
 from visionfm_jax.config_lib.schema import set_fields
 from visionfm_jax.errors import ConfigError
 
@@ -55,7 +57,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
 
 
 def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, total_steps: int = 3000,
-               warmup_steps: int = 300, batch: int = 128, eval_every: int = 500) -> None:
+               batch: int = 128) -> None:
   """Turns a recipe into a run on a researcher's own small data set in place: a few thousand real images or
   pairs, converted by tools.prepare_data with a held-out split (`source`, an `arrayrecord:...{split}...` spec;
   its `train` and `validation` splits), on one GPU or a CPU; the caller then picks its small model.
@@ -65,9 +67,11 @@ def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, tot
   memorises a few thousand repeated images without random resized crops (scale 0.25 to 1), colour jitter 0.4 and
   RandAugment (2 operations at magnitude 9); stochastic depth 0.1; flips and Mixup as the recipe has them. `batch`
   in one micro-batch, fp32 (`--config.precision.compute_dtype=bfloat16` on a GPU), ddp, no remat, no health guard;
-  AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise decay, `warmup_steps` of linear warmup to `lr`,
-  cosine to 0 at `total_steps`; an evaluation on the whole held-out split and a checkpoint every `eval_every`
-  steps, a log line every 50. Fine-tuning from a published checkpoint (`--config.init_from=`) takes a lower `lr`.
+  AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise decay, linear warmup to `lr` over a tenth of
+  `total_steps`, cosine to 0 at `total_steps`; an evaluation on the whole held-out split and a checkpoint every
+  sixth of `total_steps` (300 and 500 of 3,000), a log line every 50. Warmup and cadence are left to the run
+  (config_lib/sizing.py), so that `--config.total_steps=` alone keeps them in proportion. Fine-tuning from a
+  published checkpoint (`--config.init_from=`) takes a lower `lr`.
   """
   for node in (config.model, *(v for v in config.model.values() if isinstance(v, ml_collections.ConfigDict))):
     if "drop_path" in node:
@@ -78,8 +82,7 @@ def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, tot
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.25, 1.0), color_jitter=0.4,
              randaugment_ops=2, randaugment_magnitude=9)
   set_fields(config, global_batch_size=batch, grad_accum_steps=1, total_steps=total_steps, strategy="ddp",
-             log_every=50, eval_every=eval_every, checkpoint_every=eval_every, checkpoint_keep_period=0)
-  set_fields(config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
-             clip_norm=1.0)
+             log_every=50, eval_every=SIZED, checkpoint_every=SIZED, checkpoint_keep_period=0)
+  set_fields(config.optim, lr=lr, warmup_steps=SIZED, end_lr=0.0, weight_decay=0.05, layer_decay=1.0, clip_norm=1.0)
   config.precision.compute_dtype = "float32"
   config.health.enabled = False

@@ -67,3 +67,5 @@ FRACTION = Domain(0, 1)
 OPEN_FRACTION = Domain(0, 1, low_open=True, high_open=True)  # a probability that is never certain either way
 RATE = Domain(0, 1, high_open=True)  # drop rates, Adam betas
 ALL_OR_COUNT = Domain(1, integer=True, extra=(-1,), note="-1: all")
+SIZED = -1  # the value of a field the run fills from the data or from total_steps (config_lib/sizing.py)
+SIZED_COUNT = Domain(1, integer=True, extra=(SIZED,), note="-1: sized by the run, config_lib/sizing.py")

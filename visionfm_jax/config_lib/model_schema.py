@@ -6,7 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from visionfm_jax.config_lib.domains import COUNT, NON_NEGATIVE_INT, POSITIVE, RATE, Choices, Domain
+from visionfm_jax.config_lib.domains import COUNT, NON_NEGATIVE_INT, POSITIVE, RATE, SIZED, Choices, Domain
 from visionfm_jax.config_lib.rows import Field, without
 from visionfm_jax.errors import ConfigError
 
@@ -25,7 +25,8 @@ IMAGE_TOWERS = ("swinv2", "vit")
 
 # What every backbone reads; a composite model keeps the TOWER_SHARED_FIELDS of them.
 BACKBONE = dict(
-    num_classes=Field(1000, Domain(0, integer=True, note="0: no head"), "classes of the classification head"),
+    num_classes=Field(1000, Domain(0, integer=True, extra=(SIZED,), note="0: no head; -1: the training data's "
+                                   "class count, from its dataset.json"), "classes of the classification head"),
     image_size=Field(224, COUNT, "input side in px"),
     drop_path=Field(0.0, RATE, "stochastic depth: the drop rate of the last block, rising linearly from 0 at the first"),
     dropout=Field(0.0, RATE, "dropout in the blocks"),

@@ -15,6 +15,8 @@ from visionfm_jax.config_lib.domains import (
   NON_NEGATIVE_INT,
   POSITIVE,
   RATE,
+  SIZED,
+  SIZED_COUNT,
   Choices,
   Domain,
 )
@@ -72,7 +74,8 @@ OPTIM = dict(
                        "biases, norms, embeddings, tokens and logit scales never decay"),
     no_decay=Field(("cpb_mlp",), doc="regexes over '/'-joined param paths whose kernels do not decay either: "
                    "SwinV2's position-bias MLP ('cpb_mlp'), as the official recipe has it"),
-    warmup_steps=Field(1000, NON_NEGATIVE_INT, "linear warmup from 0 to lr"),
+    warmup_steps=Field(1000, Domain(0, integer=True, extra=(SIZED,), note=SIZED_COUNT.note),
+                       "linear warmup from 0 to lr"),
     end_lr=Field(0.0, NON_NEGATIVE, "the cosine decay's end, at total_steps"),
     clip_norm=Field(1.0, Domain(0, note="0: no clipping"), "global-norm gradient clipping"),
     layer_decay=Field(1.0, Domain(0, 1, low_open=True, note="1: off"),
@@ -212,8 +215,8 @@ PROBE = dict(
 # The loop's cadence (logging, evaluation, checkpoints), its watchdog and its console.
 LOOP = dict(
     log_every=Field(50, COUNT, "steps between metric lines"),
-    eval_every=Field(1000, COUNT, "steps between evaluations"),
-    checkpoint_every=Field(1000, COUNT, "steps between checkpoints"),
+    eval_every=Field(1000, SIZED_COUNT, "steps between evaluations"),
+    checkpoint_every=Field(1000, SIZED_COUNT, "steps between checkpoints"),
     keep_checkpoints=Field(3, COUNT, "the newest checkpoints kept"),
     checkpoint_keep_period=Field(0, Domain(0, integer=True, note="0: none"), (
         "Besides the newest keep_checkpoints, keep every checkpoint whose step is a multiple of this for good (a "

@@ -77,7 +77,8 @@ ZEROSHOT = dict(
                              "'' = the zeroshot_classes set's own (OpenAI's 80 for a file of class names or 'data')"),
     zeroshot_classes=Field("imagenet", doc="a shipped set (evaluate/zeroshot.py ZEROSHOT_SETS; imagenet: 1000 "
                            "names x 80 templates), a text file of class names, 'data' (the zero-shot data's own "
-                           "names); '' = no zero-shot"),
+                           "names); '' = no zero-shot, or with a zeroshot_source, 'data' (the run fills it: "
+                           "config_lib/sizing.py)"),
     zeroshot_source=Field("tfds:imagenet2012", doc="labelled images for zero-shot top-1; '' = the eval source"),
     zeroshot_split=Field("validation", doc="of zeroshot_source, or of the eval source; '' = config.data.eval_split"),
     zeroshot_examples=Field(-1, ALL_OR_COUNT, "-1: the whole split (ImageNet's 50,000, the protocol of the "

@@ -20,7 +20,8 @@ A caption (or line) over data/limits.py's MAX_TEXT_BYTES is never read whole: it
 are the tar samples `data.sources.wds.tar_listing` refuses (links, unsafe names, oversized members).
 
 Writes PATH.model (a trailing '.model' on PATH is accepted) and prints how many captions it sampled from how
-many, how many it left out and why, and the vocabulary size. Deterministic: the same captions, --max_sentences, --seed and --num_threads
+many, how many it left out and why, and the vocabulary size; a vocabulary smaller than --vocab_size (a small
+corpus) adds a warning line saying why. Deterministic: the same captions, --max_sentences, --seed and --num_threads
 give the same file. Errors print one line and exit with status 2.
 """
 
@@ -202,7 +203,21 @@ def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, 
                                    num_threads=num_threads)
   tok = tokenizer.Tokenizer(path, max_len=2)
   tok.sampled, tok.captions, tok.left_out = len(sample), count, dict(left_out)
+  tok.short_of = short_of(tok.vocab_size, vocab_size, sample, normalization)
   return tok
+
+
+def short_of(pieces: int, asked: int, sample: Sequence[str], normalization: str) -> str:
+  """Why the vocabulary holds fewer pieces than `asked`, in words ('' when it does not): SentencePiece learns
+  pieces within words only, so once every distinct word of the captions is whole pieces there is nothing left to
+  learn. Words are counted as the tokenizer sees them: split at whitespace, case-folded by a '_cf' rule."""
+  if pieces >= asked:
+    return ""
+  fold = str.casefold if normalization.endswith("_cf") else str
+  words = {fold(word) for caption in sample for word in caption.split()}
+  return (f"{pieces} pieces, fewer than the {asked} asked: the {len(sample)} captions hold {len(words)} distinct "
+          f"words, and a piece never spans two words, so the words were whole before the vocabulary filled; more "
+          f"varied captions give more pieces")
 
 
 def _main(fv, rest: list[str]) -> None:
@@ -212,6 +227,8 @@ def _main(fv, rest: list[str]) -> None:
   left_out = f"; left out {sum(tok.left_out.values())} ({wds.reasons_text(tok.left_out)})" if tok.left_out else ""
   print(f"sampled {tok.sampled} of {tok.captions} captions{left_out}; wrote {tok.model_file}: {tok.vocab_size} "
         "pieces")
+  if tok.short_of:
+    print(f"warning: {tok.short_of}")
 
 
 def main(argv: Sequence[str]) -> int:

@@ -12,13 +12,15 @@ from visionfm_jax import config_lib
 from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel import checks as parallel_checks
-from visionfm_jax.training import init_from, optim
+from visionfm_jax.training import init_from, optim, sizing
 from visionfm_jax.training.infra import trackers
 
 
 def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
   """ConfigError naming the field of the first check `config` fails. With `num_devices` (over `num_processes`
-  processes), also that the batch divides over the mesh and its batch axes over the processes."""
+  processes), also that the batch divides over the mesh and its batch axes over the processes. First fills, in
+  place, the fields the recipe leaves to the run (training/sizing.py)."""
+  sizing.fill(config)
   config_lib.check(config)
   trackers.check_installed(config)
   data_checks.check(config.data)
