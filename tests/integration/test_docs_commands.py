@@ -21,6 +21,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import itertools
 import json
 import os
 import pathlib
@@ -38,7 +39,7 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 DOCS = [ROOT / "README.md", ROOT / "BUILD.md", *sorted((ROOT / "docs").rglob("*.md"))]
 RUNBOOKS = sorted((ROOT / "docs" / "runbooks").glob("*.md"))
 # Programs of other projects the docs may call; their arguments are theirs to check.
-EXTERNAL = {"hf", "img2dataset", "nvidia-smi", "tensorboard", "tar", "rm"}
+EXTERNAL = {"hf", "img2dataset", "nvidia-smi", "tensorboard", "tar", "rm", "podman", "docker", "enroot"}
 # Where the docs keep data, checkpoints and models: a path under one of these that a command reads must have
 # been written by an earlier command of the same document, unless the document places it by hand (below).
 ROOTS = ("/data/", "/ckpt/", "/models/")
@@ -90,16 +91,23 @@ def commands_of(path: pathlib.Path) -> list[Command]:
       pending += line[:-1] + " "
       continue
     text, pending = (pending + line).strip(), ""
-    if not text:
-      continue
-    for part in re.split(r"\s&&\s", text):
-      argv = shlex.split(part)
-      env = {}
-      while argv and re.fullmatch(r"[A-Za-z_]\w*=.*", argv[0]):
-        key, _, value = argv.pop(0).partition("=")
-        env[key] = value
-      if argv and not argv[0].startswith("--"):  # a line of flags alone shows options of the command above
+    for env, argv in split_commands(text):
+      if not argv[0].startswith("--"):  # a line of flags alone shows options of the command above
         commands.append(Command(str(path.relative_to(ROOT)), start, env, argv))
+  return commands
+
+
+def split_commands(text: str) -> list[tuple[dict, list[str]]]:
+  """(environment, argv) of each `&&`-joined command of one shell line (launch/Dockerfile's RUN lines too)."""
+  commands = []
+  for part in re.split(r"\s&&\s", text.strip()):
+    argv = shlex.split(part)
+    env = {}
+    while argv and re.fullmatch(r"[A-Za-z_]\w*=.*", argv[0]):
+      key, _, value = argv.pop(0).partition("=")
+      env[key] = value
+    if argv:
+      commands.append((env, argv))
   return commands
 
 
@@ -107,7 +115,10 @@ ALL = [c for doc in DOCS for c in commands_of(doc)]
 
 
 def python_module(argv: list[str]) -> tuple[str, list[str]] | None:
-  """(module, its args) for `<some python> -m module args...`, else None."""
+  """(module, its args) for `<some python> -m module args...`, also as the task of `srun --option=value ...` (the
+  container launch of docs/launching.md), else None."""
+  if argv[:1] == ["srun"]:
+    argv = srun_task(argv)
   if len(argv) >= 3 and re.search(r"(^|/)python[0-9.]*$", argv[0]) and argv[1] == "-m":
     return argv[2], argv[3:]
   return None
@@ -127,6 +138,11 @@ def launched_args(command: Command) -> list[str] | None:
   if argv[0] == "launch/local.sh":
     return argv[2:]
   return None
+
+
+def srun_task(argv: list[str]) -> list[str]:
+  """The program and arguments an `srun --option=value ... program args` line runs on each task."""
+  return list(itertools.dropwhile(lambda arg: arg.startswith("-"), argv[1:]))
 
 
 def launched_module(command: Command) -> str:
@@ -156,6 +172,10 @@ def cluster_of(command: Command) -> tuple[int | None, int]:
     return nodes * int(env.get("GPUS_PER_NODE", 8)), nodes
   if argv[0] == "launch/local.sh":
     return int(argv[1]) * int(env.get("DEVICES_PER_PROCESS", 1)), int(argv[1])
+  if argv[0] == "srun":
+    options = dict(split_flags(argv[:len(argv) - len(srun_task(argv))]))
+    nodes = int(options.get("nodes", 1))
+    return nodes * int(options.get("gpus-per-node", 1)), nodes * int(options.get("ntasks-per-node", 1))
   flags_ = dict(split_flags(argv))
   if "dry_run_devices" in flags_:
     return int(flags_["dry_run_devices"]), int(flags_.get("dry_run_processes") or 1)
@@ -266,8 +286,9 @@ def check_command(command: Command, checkpoint_configs: dict | None = None) -> l
         return [f"python -m {name}: no such module"]
       return check_flags(name, args, checkpoint_configs)
     return [] if name in ("pip", "venv", "pytest") else [f"python -m {name}: not a module the docs may call"]
-  if argv[0].startswith("launch/"):
-    return [] if (ROOT / argv[0]).exists() else [f"{argv[0]}: no such script"]
+  script = (srun_task(argv) if argv[0] == "srun" else argv)[0]
+  if script.startswith("launch/"):
+    return [] if (ROOT / script).exists() else [f"{script}: no such script"]
   if re.search(r"(^|/)pip$", argv[0]):
     return check_pip(argv)
   if re.search(r"(^|/)python[0-9.]*$", argv[0]):
