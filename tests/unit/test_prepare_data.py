@@ -236,6 +236,7 @@ def test_unlabelled_folders(tmp_path):
   with pytest.raises(DataError, match="no class names"):
     records.class_names(f"{out}/train-*.array_record")
   assert source.metadata["kind"] == "images"
+  write_file(str(tmp_path / "in" / "other" / "x5.jpg"), encoded(seed=5))  # a second class folder
   with pytest.raises(UserError, match="different data set"):  # labelled folders into the same directory
     convert_folders(str(tmp_path / "in"), out, num_workers=0)
   with pytest.raises(UserError, match="--holdout_per_class=1, --holdout_examples=0"):

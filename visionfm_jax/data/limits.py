@@ -8,6 +8,8 @@ decodes it, so a hostile sample costs bounded memory and time: it is left out an
 
 from __future__ import annotations
 
+import os
+
 # Pillow's own decompression-bomb threshold (its default Image.MAX_IMAGE_PIXELS): 89.5 megapixels, 268 MB as RGB.
 # Pillow only warns between it and twice it, and decodes; the readers refuse anything above it, from the header.
 MAX_IMAGE_PIXELS = 89_478_485
@@ -23,7 +25,8 @@ UNSAFE_NAME = "unsafe_name"  # a tar member named by an absolute path or with a 
 LINK = "link"  # a tar member that is a symbolic or hard link
 NOT_A_FILE = "not_a_file"  # a device, a FIFO: a tar member or a listed file that is no regular file
 NO_IMAGE = "no_image"  # a sample without an image member
-REASONS = (UNDECODABLE, TOO_MANY_PIXELS, TOO_LARGE, UNSAFE_NAME, LINK, NOT_A_FILE, NO_IMAGE)
+OUTSIDE_ROOT = "outside_root"  # a path read out of a file (a table's row) that resolves outside the folder named
+REASONS = (UNDECODABLE, TOO_MANY_PIXELS, TOO_LARGE, UNSAFE_NAME, LINK, NOT_A_FILE, NO_IMAGE, OUTSIDE_ROOT)
 
 
 class ImageTooLarge(ValueError):
@@ -56,3 +59,20 @@ def text_too_large(text: str) -> bool:
 def unsafe_name(name: str) -> bool:
   """Whether an archive member's name could point outside the folder it would be extracted to."""
   return name.startswith("/") or ".." in name.replace("\\", "/").split("/")
+
+
+def resolve_inside(path: str, root: str, folders: dict[str, str] | None = None) -> str | None:
+  """`path` with its folders resolved (symbolic links and '..' at every component; its last component as named,
+  for the reader's own policy on a file that is a link), when that lies in the resolved folder `root` or below
+  it; None when it lies outside (OUTSIDE_ROOT): so a path that a table or an annotation file names reads no byte
+  outside the folder the user named. `folders` caches the resolved folders, for a listing of many files in few
+  folders."""
+  head, name = os.path.split(path)
+  if name in ("", ".", ".."):
+    resolved = os.path.realpath(path)
+  else:
+    folders = {} if folders is None else folders
+    if head not in folders:
+      folders[head] = os.path.realpath(head or ".")
+    resolved = os.path.join(folders[head], name)
+  return resolved if resolved == root or resolved.startswith(os.path.join(root, "")) else None

@@ -83,13 +83,14 @@ def unpack_record(data: bytes) -> dict:
 
 
 class RecordWriter:
-  """Writes packed records to `path` via `path.tmp`, renamed on a clean `close()` (use as a context manager;
-  an exception discards the partial file)."""
+  """Writes packed records to `path` via `tmp` (default `path.tmp`; a name of its own per writer when several
+  may write one path), renamed on a clean `close()` (use as a context manager; an exception discards the partial
+  file)."""
 
-  def __init__(self, path):
+  def __init__(self, path, tmp: str = ""):
     self.path = os.fspath(path)
     os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
-    self._tmp = self.path + ".tmp"
+    self._tmp = tmp or self.path + ".tmp"
     self._writer = array_record_module.ArrayRecordWriter(self._tmp, "group_size:1")  # random-access layout
     self.count = 0
 

@@ -25,7 +25,8 @@ list). Every caption an image has is kept, in file order: most have five, some C
 image with no caption at all cannot be retrieved from and is left out. Captions are stripped of surrounding
 whitespace, nothing else.
 
-Nothing is downloaded: a missing folder, file or image is a DataError naming the path, raised when the set is
+Nothing is downloaded: a missing folder, file or image, or an image name (from a captions or list file) that is
+absolute or climbs out with '..' (`limits.unsafe_name`), is a DataError naming the path, raised when the set is
 opened (at start-up: every image file's existence is checked then). An image that exists but cannot be read
 later is counted (`transforms.count_failure`) and served with image=None, which the evaluator leaves out.
 
@@ -41,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionfm_jax.data import limits
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
@@ -152,6 +154,15 @@ def _caption_set(spec: str, images: list[Path], captions: list[list[str]]) -> Ca
                     caption_image=np.repeat(np.arange(len(images), dtype=np.int32), counts))
 
 
+def _image(folder: Path, *names: str) -> Path:
+  """`folder` / `names`; DataError when a name (read out of a captions or list file) is absolute or has a '..'
+  component: the benchmark reads no image outside its folder."""
+  for name in names:
+    if limits.unsafe_name(str(name)):
+      raise DataError(f"names an image outside {folder}: {name!r}")
+  return folder.joinpath(*names)
+
+
 def _file(path: Path) -> Path:
   if not path.is_file():
     raise DataError(f"no file {path}")
@@ -193,12 +204,12 @@ def _karpathy(path: Path, split: str, image_path) -> tuple[list[Path], list[list
 
 def _coco_karpathy(root: Path, split: str):
   return _karpathy(root / "dataset_coco.json", split or "test",
-                   lambda entry: root / entry.get("filepath", "") / entry["filename"])
+                   lambda entry: _image(root, entry.get("filepath", ""), entry["filename"]))
 
 
 def _flickr30k(root: Path, split: str):
   folder = _folder(root / FLICKR_IMAGES)
-  return _karpathy(root / "dataset_flickr30k.json", split or "test", lambda entry: folder / entry["filename"])
+  return _karpathy(root / "dataset_flickr30k.json", split or "test", lambda entry: _image(folder, entry["filename"]))
 
 
 def read_coco_captions(path: Path) -> list[tuple[int, str, list[str]]]:
@@ -222,7 +233,7 @@ def _coco_captions(root: Path, folder: str):
   folder = folder or "val2017"
   entries = read_coco_captions(root / "annotations" / f"captions_{folder}.json")
   image_dir = _folder(root / folder)
-  return [image_dir / name for _, name, _ in entries], [captions for _, _, captions in entries]
+  return [_image(image_dir, name) for _, name, _ in entries], [captions for _, _, captions in entries]
 
 
 def _flickr30k_tokens(root: Path, test_list: str):
@@ -249,4 +260,4 @@ def _flickr30k_tokens(root: Path, test_list: str):
     if unknown:
       raise DataError(f"{list_path} names {len(unknown)} images that {path} has no captions for: "
                       f"{', '.join(unknown[:3])}{', ...' * (len(unknown) > 3)}")
-  return [folder / n for n in names], [captions[n] for n in names]
+  return [_image(folder, n) for n in names], [captions[n] for n in names]

@@ -9,7 +9,7 @@ r"""Converts an image-folder tree, img2dataset WebDataset tars or image-text pai
       [--coco_folder=train2017] [--vg_regions=crop|image] [--min_region_size=64] [--exclude_karpathy=JSON]
       [--progress] [--task_index=I --task_count=N | --finalize] [--min_side=M]
       [--min_similarity=S] [--max_pwatermark=W] [--max_punsafe=U | --selection=FILE]
-      [--path_column=path] [--caption_column=caption]
+      [--path_column=path] [--caption_column=caption] [--root=DIR]
 
 --format=folders: --input is a classification tree, one folder per class (ImageNet's `n01440764/*.JPEG`);
 image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
@@ -55,10 +55,15 @@ beside them (`photo.jpg` + `photo.txt`: img2dataset's "files" output, many scrap
 a table (.csv, .tsv, .jsonl; .parquet through pyarrow) with a row per pair, the image's path (relative ones resolve
 against the table's folder) in --path_column and its caption in --caption_column. Shards of --records_per_shard
 pairs {image, caption, key: the path under the folder, or as the table gives it} in listing order;
---holdout_examples=N moves N pairs drawn by --seed to --holdout_split. An image without a caption (no caption file,
-an empty one, an empty cell: `no_caption`), a table row without a path (`bad_row`), a missing or unreadable image
-(`no_image`) is skipped and counted; links are treated as --format=folders treats them (--follow_links follows
-those inside the folder, or the table's folder). No usable pair at all is an error naming --input.
+--holdout_examples=N moves the pairs of N images drawn by --seed to --holdout_split. An image without a caption (no
+caption file, an empty one, an empty cell: `no_caption`), a table row without a path (`bad_row`), a cell over
+data/limits.py's MAX_TEXT_BYTES (`too_large`), a missing or unreadable image (`no_image`) is skipped and counted;
+links are treated as --format=folders treats them (--follow_links follows those inside the folder, or the table's
+folder). A table's path whose folders resolve outside the table's folder (or --root=DIR: '..', an absolute path, a
+linked folder) is skipped as `outside_root`, as is a COCO or Visual Genome image outside --input (or --root). A
+pair listed before (the same file by any path, or with --holdout_examples one of equal bytes, with the same
+caption) is dropped and counted as `duplicate`, and every pair of one image lands in one split. No usable pair at all is an error naming
+--input.
 
 dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
 count of 'uncaptioned' records among them) or 'images' (image-only).
@@ -78,7 +83,9 @@ left out and counted per reason: `skipped_by` in each sidecar and split of datas
 `--config.data.source='arrayrecord:DIR/{split}-*.array_record'`.
 
 Rerunning resumes: a shard whose file and `.json` exist and were written from the same inputs and options is
-kept. Prints one summary line; errors print one line naming the culprit and exit with status 2.
+kept. One run writes into an --output at a time (a lock file, `.prepare_data.lock`; a cluster task's own one):
+a second is an error naming the holder; shards are written via `<shard>.<pid>.tmp`. --format=folders refuses a tree
+whose images lie in one class folder. Prints one summary line; errors print one line naming the culprit and exit with status 2.
 
 Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `tools.cluster_task`)
 writes only the shards I, I + N, I + 2N, ... of the full list (--unlabelled: those of the top-level folders
@@ -107,6 +114,7 @@ from visionfm_jax.data.sources import wds
 from visionfm_jax.data.text import pair_corpora
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cluster_task
+from visionfm_jax.tools.prepare_data import lock, shards
 from visionfm_jax.tools.prepare_data.captioned import PAIR_FORMATS, convert_pairs
 from visionfm_jax.tools.prepare_data.folders import convert_folders
 from visionfm_jax.tools.prepare_data.own_pairs import LISTING_REASONS, OWN_PAIR_FORMATS, convert_own_pairs
@@ -169,6 +177,9 @@ def make_flags() -> flags.FlagValues:
                        "below this many px; default: --resize_shorter; 0: none.", flag_values=fv)
   flags.DEFINE_string("path_column", "path", "caption_table: the column of the image paths.", flag_values=fv)
   flags.DEFINE_string("caption_column", "caption", "caption_table: the column of the captions.", flag_values=fv)
+  flags.DEFINE_string("root", "", "caption_table, coco, visual_genome: the folder every image path the table or "
+                      "annotations name must resolve into (links included); default: the table's folder, --input.",
+                      flag_values=fv)
   flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
                       "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.", flag_values=fv)
   return fv
@@ -199,9 +210,20 @@ def min_side_of(fv: flags.FlagValues) -> int:
   return min_side
 
 
-def small_image_warnings(metadata: dict, splits: Sequence[str]) -> list[str]:
+def larger_images_hint(input_format: str, input_path: str) -> str:
+  """Where larger images of `input_path` come from, by --format: img2dataset's download for its tars, the
+  user's own originals for their files."""
+  if input_format == "webdataset":
+    return "download larger: img2dataset --resize_mode=keep_ratio --image_size=..."
+  if input_format in PAIR_FORMATS:
+    return f"or train at a smaller --config.data.image_size on the images of {input_path}"
+  return (f"convert larger originals of the images of {input_path}, or train at a smaller "
+          f"--config.data.image_size")
+
+
+def small_image_warnings(metadata: dict, splits: Sequence[str], hint: str) -> list[str]:
   """A warning line per split of `splits` in which dataset.json counts images below --min_side (or some left
-  unmeasured)."""
+  unmeasured), ending in `hint` (`larger_images_hint`)."""
   lines = []
   for split in splits:
     entry = metadata.get("splits", {}).get(split, {})
@@ -211,19 +233,28 @@ def small_image_warnings(metadata: dict, splits: Sequence[str]) -> list[str]:
                     if small.get("unmeasured") else "")
       lines.append(f"warning: {small['count']:,} of the {entry['records']:,} {split} images have a shorter side "
                    f"below {small['min_side']} px (--min_side): a recipe that reads them at {small['min_side']} px "
-                   f"upsamples them (download larger: img2dataset --resize_mode=keep_ratio --image_size=...)"
-                   f"{unmeasured}")
+                   f"upsamples them ({hint}){unmeasured}")
   return lines
 
 
 def run(fv: flags.FlagValues) -> dict:
-  """Runs the conversion the parsed flags describe; the written dataset.json dict."""
+  """Runs the conversion the parsed flags describe, holding --output's lock (`lock.held`); the written
+  dataset.json dict."""
   if not fv.format or not fv.input:
     raise UserError(f"--format ({' | '.join(FORMATS)}) and --input are required")
+  shards.check_common(fv.output, fv.split, fv.records_per_shard, fv.resize_shorter, fv.num_workers or 0)
+  if fv.root and fv.format not in ("caption_table", *PAIR_FORMATS):
+    raise UserError(f"--root: only for --format=caption_table, coco or visual_genome (--format={fv.format} reads no "
+                    f"path out of a file)")
+  task = None if fv.finalize else cluster_task.from_flags(fv)
+  with lock.held(fv.output, task):
+    return _convert(fv, task)
+
+
+def _convert(fv: flags.FlagValues, task: cluster_task.Task | None) -> dict:
   common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
                 progress=fv.progress or None, min_side=min_side_of(fv))
-  common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed,
-                task=None if fv.finalize else cluster_task.from_flags(fv))
+  common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed, task=task)
   score_filter = score_filter_of(fv)
   if fv.follow_links and fv.format not in ("folders", *OWN_PAIR_FORMATS):
     raise UserError(f"--follow_links: only for --format=folders, caption_files or caption_table (--format="
@@ -247,7 +278,7 @@ def run(fv: flags.FlagValues) -> dict:
     if score_filter or common["task"] is None or common["task"].count > 1:
       raise UserError(f"--min_similarity, --max_pwatermark, --max_punsafe, --task_index/--task_count, --finalize: "
                       f"not for --format={fv.format} (one process converts a data set of its size)")
-    listing = dict(exclude_karpathy=fv.exclude_karpathy)
+    listing = dict(exclude_karpathy=fv.exclude_karpathy, root=fv.root)
     listing.update(dict(coco_folder=fv.coco_folder) if fv.format == "coco" else
                    dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size))
     return convert_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
@@ -283,7 +314,7 @@ def _convert_own_pairs(fv: flags.FlagValues, common: dict, score_filter: wds.Sco
                            progress=fv.progress or None, min_side=common["min_side"],
                            holdout_examples=fv.holdout_examples,
                            holdout_split_name=fv.holdout_split, seed=fv.seed, follow_links=fv.follow_links,
-                           path_column=fv.path_column, caption_column=fv.caption_column)
+                           path_column=fv.path_column, caption_column=fv.caption_column, root=fv.root)
 
 
 def _reasons_text(counts: dict) -> str:
@@ -321,7 +352,7 @@ def _main(fv, rest: list[str]) -> None:
   metadata = run(fv)
   splits = [fv.split] + ([fv.holdout_split] if fv.holdout_per_class or fv.holdout_examples else [])
   print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
-  for line in small_image_warnings(metadata, splits):
+  for line in small_image_warnings(metadata, splits, larger_images_hint(fv.format, fv.input)):
     print(line, file=sys.stderr)
 
 

@@ -26,13 +26,16 @@ PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their release
 
 def read_pairs(job: ShardJob) -> Iterator[Example]:
   """The job's pairs: the image file as stored, or (with a box) its region cropped and encoded once (shrunk first
-  to --resize_shorter); each file read, and decoded, once for its consecutive pairs."""
+  to --resize_shorter); each file read, and decoded, once for its consecutive pairs. A file name from the
+  annotations whose folders resolve outside `confine` is refused (limits.OUTSIDE_ROOT), and a link followed only
+  when its file lies inside it (else limits.LINK)."""
   current = data = pixels = None
   decoded, why = False, ""
   for item in job.items:
     if item.path != current:
       current, decoded = item.path, False
-      data, reason = read_image_file(os.path.join(job.root, item.path))
+      data, reason = read_image_file(os.path.join(job.root, item.path), refuse_links=True, inside=job.confine,
+                                     root=job.confine)
     name, fields = f"{os.path.join(job.root, item.path)}#{item.key}", {"caption": item.caption, "key": item.key}
     if data is None:
       yield refused(name, reason)
@@ -82,13 +85,15 @@ def list_pairs(input_format: str, input_dir: str, *, coco_folder: str = "train20
 def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: str = "train",
                   resize_shorter: int = 0, verify: bool = False, num_workers: int | None = None,
                   records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, progress: bool | None = None,
-                  min_side: int = 0, **listing) -> dict:
+                  min_side: int = 0, root: str = "", **listing) -> dict:
   """Converts a captioned data set (`list_pairs`; `listing` its options) into shards of `records_per_shard`
-  pairs, in the listing's order (training shuffles globally); returns the written dataset.json dict, whose
-  split entry also holds the listing's counts (and with `min_side`, the count of images smaller)."""
+  pairs, in the listing's order (training shuffles globally), each image file inside `root` (--root; default:
+  `input_dir`) or refused; returns the written dataset.json dict, whose split entry also holds the listing's
+  counts (and with `min_side`, the count of images smaller)."""
   num_workers = (os.cpu_count() or 1) if num_workers is None else num_workers
   shards.check_common(output_dir, split, records_per_shard, resize_shorter, num_workers)
   input_dir, output_dir = os.path.abspath(os.path.expanduser(input_dir)), os.path.expanduser(output_dir)
+  confine = shards.confine_to(input_dir, root)
   pairs, listed = list_pairs(input_format, input_dir, **listing)
   if not pairs:
     raise UserError(f"--input={input_dir}: no pairs to write ({listed})")
@@ -98,10 +103,14 @@ def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: 
   for i in range(count):
     items = tuple(pairs[i * records_per_shard:(i + 1) * records_per_shard])
     jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
-                         shards.fingerprint(input_format, options, input_dir, items), options, read_pairs,
-                         root=input_dir, items=items, captioned=True, min_side=min_side))
+                         shards.fingerprint(input_format, options, input_dir, items, *(("root", confine),) * bool(root)),
+                         options, read_pairs, root=input_dir, items=items, captioned=True, min_side=min_side,
+                         confine=confine))
   shards.check_output(output_dir, "pairs", None, {split: shards.shard_names(jobs)})
   entry = shards.split_entry(shards.shard_names(jobs), shards.run_jobs(jobs, num_workers, progress), input_dir, None,
                              min_side)
-  entry.update(listed, format=input_format, **{k: v for k, v in listing.items() if v not in ("", None)})
+  if not entry["records"]:
+    raise shards.none_read(input_dir, f"its {len(pairs)} pairs' images", entry["skipped_by"])
+  entry.update(listed, format=input_format, **{k: v for k, v in {**listing, "root": root}.items()
+                                               if v not in ("", None)})
   return records.write_metadata(output_dir, kind="pairs", splits={split: entry})

@@ -30,6 +30,15 @@ def _folder_jobs(tree: image_tree.ClassTree, input_dir: str, output_dir: str, sp
   return jobs
 
 
+def _check_classes(tree: image_tree.ClassTree, input_dir: str) -> None:
+  """UserError when the images of `tree` are in fewer than two class folders: nothing to classify."""
+  filled = np.unique(tree.labels)
+  if len(filled) < 2:
+    raise UserError(f"--input={input_dir}: images in one class folder only ({tree.classes[filled[0]]}), and "
+                    f"classification needs two or more (one folder of images per class); for images without labels, "
+                    f"add --unlabelled")
+
+
 def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
                     verify: bool = False, num_workers: int | None = None,
                     records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, holdout_per_class: int = 0,
@@ -60,6 +69,7 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                               holdout_split_name=holdout_split_name, seed=seed, progress=progress, task=task,
                               min_side=min_side, follow_links=follow_links)
   tree = image_tree.list_class_tree(input_dir, follow_links)
+  _check_classes(tree, input_dir)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
   if holdout_per_class:

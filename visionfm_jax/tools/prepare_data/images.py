@@ -71,12 +71,20 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes 
   return data, "", side  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
 
 
-def read_image_file(path: str, refuse_links: bool = False, inside: str = "") -> tuple[bytes | None, str]:
+def read_image_file(path: str, refuse_links: bool = False, inside: str = "",
+                    root: str = "") -> tuple[bytes | None, str]:
   """(the bytes of the image file `path`, ''), or (None, the data/limits.py reason) for a device, a FIFO or a file
   over limits.MAX_IMAGE_BYTES; DataError when it cannot be read. A symbolic link is followed, or with
   `refuse_links` (folders) refused as limits.LINK, found without a stat of its own (O_NOFOLLOW), unless the
   resolved folder `inside` (--follow_links: the input tree) holds the file it resolves to: so a tree's link never
-  reads a file from outside it (a private key, say)."""
+  reads a file from outside it (a private key, say). With `root` (a resolved folder: a path named by a table or
+  an annotation file), a path whose folders resolve outside it is refused as limits.OUTSIDE_ROOT."""
+  if root:
+    resolved = limits.resolve_inside(path, root)
+    if resolved is None:
+      logging.warning("prepare_data: skipping %s: outside %s, the folder its paths may name", path, root)
+      return None, limits.OUTSIDE_ROOT
+    path = resolved
   try:
     try:
       # Non-blocking: opening a FIFO for reading would wait for a writer.

@@ -61,6 +61,7 @@ class ShardJob:
   captioned: bool = False  # webdataset, coco, visual_genome: counts its uncaptioned records, not its classes
   min_side: int = 0  # counts its images whose shorter side (as given) is below this; not part of the fingerprint
   follow_links: bool = False  # folders: follows the links that resolve inside `root` (else refuses every link)
+  confine: str = ""  # caption_table, coco, visual_genome: the resolved folder its files must lie in (`confine_to`)
 
 
 def read_image_files(job: ShardJob) -> Iterator[Example]:
@@ -80,6 +81,30 @@ def image_files_job(path: str, options: ImageOptions, root: str, items: tuple, m
   parts = ("folders", options, root, items) + (("follow_links",) if follow_links else ())
   return ShardJob(path, fingerprint(*parts), options, read_image_files, root=root, items=items, min_side=min_side,
                   follow_links=follow_links)
+
+
+def confine_to(base: str, root: str) -> str:
+  """The resolved folder that the paths a file names (a table's rows, annotations) must lie in: `root` (--root)
+  when given, else `base` (the input's folder); UserError when --root is no folder."""
+  if root:
+    base = os.path.abspath(os.path.expanduser(root))
+    if not os.path.isdir(base):
+      raise UserError(f"--root={root}: no such directory (the folder the paths of --input may name)")
+  return os.path.realpath(base)
+
+
+def counts_text(skipped: dict) -> str:
+  """{reason: n} -> '2 no_caption, 1 link'."""
+  return ", ".join(f"{n} {reason}" for reason, n in skipped.items()) or "nothing listed"
+
+
+def none_read(input_path: str, what: str, skipped_by: dict) -> UserError:
+  """The error of a conversion that wrote no record: `what` ("its 12 pairs"), the reasons (`skipped_by`), and
+  --root when the paths led outside the input's folder."""
+  reasons = counts_text(skipped_by)
+  hint = ("; a folder the paths lead into through a link needs --root=DIR naming a folder that holds it"
+          if skipped_by.get(limits.OUTSIDE_ROOT) else "")
+  return UserError(f"--input={input_path}: none of {what} could be read ({reasons}){hint}")
 
 
 def fingerprint(*parts) -> str:
@@ -107,14 +132,14 @@ def finished_counts(path: str, shard_fingerprint: str) -> dict | None:
 
 
 def write_shard(job: ShardJob) -> dict:
-  """Writes `job`'s shard (via `.tmp`, replacing an older one) and its sidecar, before the shard's rename: a
-  finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
+  """Writes `job`'s shard (via `<shard>.<pid>.tmp`, a name no other writer shares; replacing an older shard) and
+  its sidecar, before the shard's rename: a finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
   skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders: {label: count}) or uncaptioned
   (webdataset: image-only records), filtered (with a score filter: {score: samples it rejected}), small_images
   (with a min_side: {min_side, count: the stored images whose shorter side as given is below it}),
   fingerprint}."""
   # The shard first: without it, a stale sidecar counts for nothing.
-  for stale in (job.path, records.sidecar_path(job.path)):
+  for stale in (job.path, records.sidecar_path(job.path), job.path + ".tmp"):
     if os.path.exists(stale):
       os.remove(stale)
   examples = job.read(job)
@@ -124,7 +149,7 @@ def write_shard(job: ShardJob) -> dict:
   uncaptioned = 0
   filtered = collections.Counter()
   small = 0
-  with records.RecordWriter(job.path) as writer:
+  with records.RecordWriter(job.path, f"{job.path}.{os.getpid()}.tmp") as writer:
     for example in examples:
       if example.rejected:
         filtered[example.rejected] += 1
