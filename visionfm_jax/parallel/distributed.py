@@ -1,6 +1,7 @@
 """Joining a multi-process run: `jax.distributed.initialize()` from the launch environment (see launch/).
 
-Environment read here (the rest, e.g. SLURM's, is auto-detected by jax):
+Environment read here (a Kubernetes JobSet's in parallel/cluster_env.py; the rest, e.g. SLURM's, is auto-detected
+by jax):
   JAX_COORDINATOR_ADDRESS  host:port of process 0's coordinator (launch/local.sh)
   JAX_NUM_PROCESSES, JAX_PROCESS_ID  explicit process count and id, both or neither; they win over cluster
                            auto-detection
@@ -18,7 +19,7 @@ import contextlib
 import os
 
 from visionfm_jax.errors import UserError
-from visionfm_jax.parallel import coordination
+from visionfm_jax.parallel import cluster_env, coordination
 
 
 def _env_int(name: str, low: int, default: str | None = None) -> int:
@@ -34,9 +35,10 @@ def _env_int(name: str, low: int, default: str | None = None) -> int:
 
 
 def launched_distributed() -> bool:
-  """True when the environment names a coordinator: JAX_COORDINATOR_ADDRESS (launch/local.sh), or SLURM with
-  more than one task."""
-  return bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or _env_int("SLURM_NTASKS", 1, default="1") > 1
+  """True when the environment names a coordinator: JAX_COORDINATOR_ADDRESS (launch/local.sh), SLURM with more
+  than one task, or a JobSet of more than one pod (parallel/cluster_env.py)."""
+  return (bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or _env_int("SLURM_NTASKS", 1, default="1") > 1
+          or cluster_env.jobset_kwargs().get("num_processes", 1) > 1)
 
 
 def local_device_ids() -> list[int] | None:
@@ -52,7 +54,7 @@ def local_device_ids() -> list[int] | None:
 
 def initialize_kwargs() -> dict:
   """The arguments for jax.distributed.initialize() taken from the environment (unset ones are auto-detected)."""
-  kwargs = {}
+  kwargs = cluster_env.jobset_kwargs()  # a JobSet's pod (parallel/cluster_env.py); the JAX_* variables win
   explicit = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if name in os.environ]
   if len(explicit) == 1:
     other = "JAX_PROCESS_ID" if explicit == ["JAX_NUM_PROCESSES"] else "JAX_NUM_PROCESSES"
