@@ -1,4 +1,5 @@
-"""Hugging Face ViT -> our ViT: fp32 parity with transformers, block layouts, bad weights, tools.import_hf."""
+"""Hugging Face ViT -> our ViT: fp32 parity with transformers, block layouts, bad weights, tools.import_hf (and the
+folders it writes)."""
 
 import json
 import math
@@ -22,7 +23,8 @@ from safetensors.numpy import load_file, save_file  # noqa: E402  pylint: disabl
 from visionfm_jax import convert, models  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.training import checkpoint
+from visionfm_jax.tools import import_hf, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.training import checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -266,3 +268,37 @@ def test_import_hf_error_is_one_line_and_exit_2(hf_dir, tmp_path):
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert len(lines) == 1 and "encoder.layer.0.output.dense.weight" in lines[0], result.stderr
   assert "Traceback" not in result.stderr
+
+
+def _import_in_process(capsys, *args) -> tuple[int, str, list[str]]:
+  """tools.import_hf's main in this process: (exit status, stdout, its error: lines)."""
+  status = import_hf.main(["import_hf", *args])
+  out, err = capsys.readouterr()
+  assert "Traceback" not in err
+  return status, out, [line for line in err.splitlines() if line.startswith("error:")]
+
+
+def test_import_hf_refuses_a_weight_that_is_not_floating_point(hf_dir, tmp_path, capsys):
+  key = "encoder.layer.0.output.dense.weight"
+  path = _edited_copy(hf_dir("backbone_pooler")[0], tmp_path / "bad",
+                      tensors=lambda t: t.update({key: t[key].astype(np.int32)}))
+  status, out, errors = _import_in_process(capsys, f"--src={path}", f"--out={tmp_path / 'out'}")
+  assert status == 2 and not out and len(errors) == 1 and f"{key} (int32)" in errors[0], errors
+  assert not (tmp_path / "out").exists()
+
+
+def test_import_hf_writes_only_into_a_folder_it_may_claim(hf_dir, tmp_path, capsys):
+  """A folder of the user's is refused unless --overwrite, its own is written again, its source never."""
+  path, out = hf_dir("backbone_pooler")[0], tmp_path / "out"
+  out.mkdir()
+  (out / "notes.txt").write_text("the user's notes")
+  status, _, errors = _import_in_process(capsys, f"--src={path}", f"--out={out}")
+  assert status == 2 and len(errors) == 1 and "notes.txt" in errors[0] and "--overwrite" in errors[0], errors
+  assert os.listdir(out) == ["notes.txt"]
+  assert _import_in_process(capsys, f"--src={path}", f"--out={out}", "--overwrite")[0] == 0
+  assert sorted(os.listdir(out)) == [output_folder.MARKER, "model.json", "params"]
+  assert _import_in_process(capsys, f"--src={path}", f"--out={out}")[0] == 0
+  src = shutil.copytree(path, tmp_path / "src")
+  status, _, errors = _import_in_process(capsys, f"--src={src}", f"--out={src}", "--overwrite")
+  assert status == 2 and len(errors) == 1 and "which import_hf reads" in errors[0], errors
+  assert sorted(os.listdir(tmp_path)) == ["out", "src"] and (src / "config.json").exists()

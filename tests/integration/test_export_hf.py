@@ -1,7 +1,9 @@
 """Our ViT / SwinV2 -> Hugging Face transformers (convert.to_hf, tools.export_hf): ours -> HF -> ours gives the
 same model and identical params in either block layout; transformers' from_pretrained loads every tensor and
 reproduces our tokens, pooled features and logits (fp32); the CLI exports a training workdir, a CLIP workdir's
-image tower and an import_hf directory (back to the tensors it was imported from); bad input is named."""
+image tower and an import_hf directory (back to the tensors it was imported from); photos of several sizes through
+the exported image processor and model give the run's evaluation logits (a ViT) and image embeddings (a CLIP); the
+CLI writes only into a folder it may claim, with the user's umask; bad input is named."""
 
 import json
 import os
@@ -12,21 +14,24 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 import pytest
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from visionfm_jax import convert, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import convert, data, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.convert import hf_files, hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.data.embedded import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import swinv2, text, vit  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.tools import export_hf, import_hf  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.tools import clip_checkpoint, export_hf, import_hf, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.training import checkpoint
 
-from conftest import tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from conftest import randomize_hf_params, tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_clip_checkpoint import CONFIG as HF_CLIP  # noqa: E402  pylint: disable=g-import-not-at-top
+from test_clip_checkpoint import _bpe_tokenizer
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -200,9 +205,49 @@ def _export(capsys, *args):
   return status, out, err
 
 
-def test_cli_exports_a_training_workdir(tmp_path, capsys):
+def _photos(sizes=((23, 41), (64, 37), (50, 50), (120, 90), (17, 150)), seed=0) -> list[np.ndarray]:
+  """Photo-like uint8 images of several sizes and aspects: colour noise with a natural image's 1/f spectrum, detail
+  at every scale, so that any difference of resampling, rounding or crop offset shows in the outputs."""
+  rng, photos = np.random.default_rng(seed), []
+  for height, width in sizes:
+    frequency = np.hypot(np.fft.fftfreq(height)[:, None], np.fft.rfftfreq(width)[None, :])
+    amplitude = 1.0 / np.maximum(frequency, 1.0 / max(height, width))
+    shape = (height, width // 2 + 1, 3)
+    noise = amplitude[..., None] * (rng.standard_normal(shape) + 1j * rng.standard_normal(shape))
+    image = np.fft.irfft2(noise, s=(height, width), axes=(0, 1))
+    photos.append(np.round(255 * (image - image.min()) / (image.max() - image.min())).astype(np.uint8))
+  return photos
+
+
+def _run_eval_view(data_cfg, photos) -> np.ndarray:
+  """The photos as the run's evaluation batches hold them (uint8, data/loader/pipeline.py's eval iterator)."""
+  records = [{"image": photo, "label": 0} for photo in photos]
+  batch = next(data.make_eval_iterator(data_cfg, batch_size=len(photos), process_index=0, process_count=1,
+                                       source=records))
+  assert batch["mask"].all()
+  return batch["image"]
+
+
+def _processor_pixels(out, photos):
+  """The photos through the exported image processor, as transformers' users call it (PIL images in)."""
+  processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+  pixels = processor(images=[Image.fromarray(p) for p in photos], return_tensors="pt")["pixel_values"]
+  return processor, pixels
+
+
+def _assert_close(ours, theirs, what: str, tolerance: float = RTOL) -> None:
+  """max |ours - theirs| within `tolerance` of max |theirs| (1 at least)."""
+  error = float(np.max(np.abs(np.asarray(ours) - np.asarray(theirs))))
+  print(f"{what}: max |ours - transformers| {error:.2e}, max |transformers| {float(np.max(np.abs(theirs))):.2f}")
+  assert error < tolerance * max(1.0, float(np.max(np.abs(theirs)))), (what, error)
+
+
+def test_cli_exports_a_training_workdir_that_sees_what_the_run_saw(tmp_path, capsys):
+  """The export's image processor reproduces the run's evaluation view (config.data.eval_preprocess 'inception':
+  the shorter side to round(16 / 0.875) = 18, bilinear, the central 16 x 16, mean / std), so that photos of any
+  size through AutoImageProcessor and AutoModelForImageClassification give the run's evaluation logits."""
   config = tiny_vit_config(**{"model.pool": "cls"})  # the demo's 'gap' would export without its head
-  _, params = _workdir(tmp_path / "run", config)
+  task, params = _workdir(tmp_path / "run", config)
   out = tmp_path / "hf"
   status, stdout, stderr = _export(capsys, f"--checkpoint={tmp_path / 'run'}", f"--out={out}")
   assert status == 0, stderr
@@ -214,6 +259,18 @@ def test_cli_exports_a_training_workdir(tmp_path, capsys):
   with open(out / "config.json") as f:
     assert list(json.load(f)["id2label"].values()) == list(shapes.SHAPE_NAMES)
   assert hf_files.read_normalisation(str(out)) == {"mean": list(config.data.mean), "std": list(config.data.std)}
+
+  photos = _photos()
+  images = _run_eval_view(config.data, photos)
+  predict = jax.jit(lambda p, x: (task.normalize(x), task.logits(p, task.normalize(x), train=False)),
+                    compiler_options=FAST_COMPILE)
+  pixels, logits = predict(params, images)
+  processor, hf_pixels = _processor_pixels(out, photos)
+  assert type(processor).__name__.startswith("BitImageProcessor")
+  _assert_close(pixels, hf_pixels.numpy().transpose(0, 2, 3, 1), "normalised pixels", 1e-6)
+  hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+  with torch.no_grad():
+    _assert_close(logits, hf(pixel_values=hf_pixels).logits.numpy(), "logits")
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +290,36 @@ def test_cli_exports_the_image_tower_of_a_clip_workdir(clip_workdir, tmp_path, c
   chex.assert_trees_all_equal(jax.device_get(variables["params"]), params["image"])
 
 
+def test_an_imported_clip_exports_whole_and_sees_what_the_run_saw(tmp_path, capsys):
+  """A transformers CLIPModel (with its tokenizer.json) through tools.import_hf and back through tools.export_hf:
+  AutoProcessor loads the export's CLIP view (the shorter side to 24, bicubic, the central crop, OpenAI's mean /
+  std) and its tokenizer, and photos of any size give the image embeddings that the run's evaluation computes."""
+  hf_config = transformers.CLIPConfig(text_config=HF_CLIP["text"], vision_config=HF_CLIP["vision"],
+                                      projection_dim=HF_CLIP["projection_dim"])
+  clip = transformers.CLIPModel(hf_config)
+  randomize_hf_params(clip, seed=5)
+  clip.save_pretrained(tmp_path / "hf")
+  _bpe_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+  imported, out = tmp_path / "imported", tmp_path / "exported"
+  assert import_hf.main(["import_hf", f"--src={tmp_path / 'hf'}", f"--out={imported}"]) == 0
+  status, stdout, stderr = _export(capsys, f"--checkpoint={imported}", f"--out={out}")
+  assert status == 0 and "CLIPModel" in stdout and "note:" not in stdout, stderr
+
+  loaded = clip_checkpoint.load(str(imported))
+  photos = _photos(seed=1)
+  images = _run_eval_view(loaded.task.config.data, photos)
+  embed = jax.jit(lambda p, x: (loaded.task.normalize(x), loaded.task.embed_images(p, x)),
+                  compiler_options=FAST_COMPILE)
+  pixels, embeddings = embed(loaded.params, images)
+  processor = transformers.AutoProcessor.from_pretrained(str(out))
+  assert type(processor.image_processor).__name__.startswith("CLIPImageProcessor")
+  inputs = processor(text=["a red circle"], images=[Image.fromarray(p) for p in photos], return_tensors="pt")
+  _assert_close(pixels, inputs["pixel_values"].numpy().transpose(0, 2, 3, 1), "normalised pixels", 1e-6)
+  hf = transformers.CLIPModel.from_pretrained(str(out)).eval()
+  with torch.no_grad():
+    _assert_close(embeddings, hf(**inputs).image_embeds.numpy(), "image embeddings")
+
+
 def test_cli_exports_an_import_hf_directory_back_to_its_tensors(exported, tmp_path, capsys):
   _, path = exported("vit_classifier")
   import_hf.convert(path, str(tmp_path / "imported"), scan=False)
@@ -243,6 +330,54 @@ def test_cli_exports_an_import_hf_directory_back_to_its_tensors(exported, tmp_pa
                               load_file(os.path.join(path, "model.safetensors")))
   with open(tmp_path / "hf" / "config.json") as f, open(os.path.join(path, "config.json")) as g:
     assert json.load(f) == json.load(g)
+
+
+def _one_error(status, stdout, stderr, *fragments) -> None:
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert status == 2 and len(errors) == 1 and not stdout and "Traceback" not in stderr, stderr
+  assert all(f in errors[0] for f in fragments), (fragments, errors[0])
+
+
+def _tree(folder) -> dict[str, bytes]:
+  return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_cli_writes_only_into_a_folder_it_may_claim(exported, tmp_path, capsys):
+  """--out is written whole: a user's folder or another model's is refused (one error line, nothing touched)
+  unless --overwrite, which leaves the export's files alone there; the tool's own folder is written again while
+  nobody added to it; files get the user's umask; no temporary folder stays beside."""
+  import_hf.convert(exported("vit_backbone")[1], str(tmp_path / "imported"))
+  source = f"--checkpoint={tmp_path / 'imported'}"
+  user, bert = tmp_path / "user", tmp_path / "bert"
+  user.mkdir()
+  (user / "model.safetensors").write_bytes(b"the user's weights")
+  (user / "preprocessor_config.json").write_text("{}")
+  bert.mkdir()
+  (bert / "config.json").write_text(json.dumps({"model_type": "bert", "architectures": ["BertModel"]}))
+  for name in ("model.safetensors", "tokenizer.json", "vocab.txt"):
+    (bert / name).write_text(f"BERT's {name}")
+  for folder, named in ((user, "model.safetensors"), (bert, "tokenizer.json")):
+    before = _tree(folder)
+    _one_error(*_export(capsys, source, f"--out={folder}"), f"--out={folder}", named, "--overwrite")
+    assert _tree(folder) == before
+
+  assert _export(capsys, source, f"--out={bert}", "--overwrite")[0] == 0
+  written = sorted(os.listdir(bert))
+  assert written == [output_folder.MARKER, "config.json", "model.safetensors"]
+  assert hf_files.read_config(str(bert))["model_type"] == "vit"
+  assert _export(capsys, source, f"--out={bert}")[0] == 0  # its own folder, as it left it
+  (bert / "README.md").write_text("the user's notes")
+  _one_error(*_export(capsys, source, f"--out={bert}"), "README.md")
+  assert sorted(os.listdir(bert)) == sorted(written + ["README.md"])
+
+  umask = os.umask(0o027)
+  try:
+    assert _export(capsys, source, f"--out={tmp_path / 'private' / 'vit'}")[0] == 0
+  finally:
+    os.umask(umask)
+  modes = {p.name: p.stat().st_mode & 0o777 for p in (tmp_path / "private" / "vit").iterdir()}
+  assert modes == dict.fromkeys(written, 0o640) and (tmp_path / "private" / "vit").stat().st_mode & 0o777 == 0o750
+  assert sorted(os.listdir(tmp_path)) == ["bert", "imported", "private", "user"]
 
 
 def test_bad_checkpoint_dirs_are_named(exported, clip_workdir, tmp_path, capsys):

@@ -3,7 +3,8 @@
 Weights are read with safetensors' numpy backend (single file or a sharded index). Pickled PyTorch files
 (`pytorch_model.bin`) are never opened: they can run code when loaded. `write_dir` writes one float32
 model.safetensors (tagged as PyTorch weights, which `from_pretrained` requires) and config.json;
-`write_preprocessor` an image processor config (resize, rescale to [0, 1], normalise).
+`write_preprocessor` an image processor config (the shorter side resized, the central crop, rescale to [0, 1],
+normalise). Files get the mode the user's umask gives.
 """
 
 from __future__ import annotations
@@ -107,15 +108,27 @@ def write_dir(path: str, config: dict[str, Any], tensors: dict[str, np.ndarray])
   if stale:  # transformers would load those instead of (or besides) the new weights
     raise CheckpointError(f"{path!r}: holds {', '.join(stale)} from another model; choose an empty directory")
   arrays = {k: np.array(v, np.float32, order="C") for k, v in tensors.items()}  # ascontiguousarray makes 0-d 1-d
-  save_file(arrays, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+  weights = os.path.join(path, WEIGHTS)
+  save_file(arrays, weights, metadata={"format": "pt"})
+  os.chmod(weights, 0o666 & ~_umask())  # safetensors writes through a temporary file of mode 0600
   _write_json(os.path.join(path, "config.json"), config)
 
 
-def write_preprocessor(path: str, image_size: int, mean, std) -> None:
-  """`path`/preprocessor_config.json: resize to image_size, scale to [0, 1], normalise by mean / std."""
+def _umask() -> int:
+  mask = os.umask(0o022)  # the only way to read it is to set it; set back at once
+  os.umask(mask)
+  return mask
+
+
+def write_preprocessor(path: str, processor: str, *, shortest_edge: int, crop_size: int, resample: int, mean,
+                       std) -> None:
+  """`path`/preprocessor_config.json of transformers' `processor` class (an image processor with a shorter-side
+  resize and a central crop: CLIPImageProcessor, BitImageProcessor): the shorter side to `shortest_edge` with
+  Pillow's `resample` filter, the central crop_size x crop_size, scale to [0, 1], normalise by mean / std."""
   _write_json(os.path.join(path, "preprocessor_config.json"), {
-      "image_processor_type": "ViTImageProcessor", "do_resize": True,
-      "size": {"height": image_size, "width": image_size}, "resample": 2, "do_rescale": True,
+      "image_processor_type": processor, "do_convert_rgb": True, "do_resize": True,
+      "size": {"shortest_edge": int(shortest_edge)}, "resample": int(resample), "do_center_crop": True,
+      "crop_size": {"height": int(crop_size), "width": int(crop_size)}, "do_rescale": True,
       "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in mean],
       "image_std": [float(x) for x in std]})
 

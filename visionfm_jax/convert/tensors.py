@@ -23,7 +23,13 @@ def show(names: list[str], limit: int = 10) -> str:
 
 def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
                   ignorable: set[str], family: str = "ViT") -> None:
-  """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors."""
+  """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors, or the weights that are not
+  floating point (an integer tensor would be converted to float32 without a word)."""
+  not_float = sorted(f"{k} ({tensors[k].dtype})" for k in expected
+                     if k in tensors and not np.issubdtype(tensors[k].dtype, np.floating))
+  if not_float:
+    raise CheckpointError(f"{path}: weights of the {family} must be floating point (float16, bfloat16, float32 or "
+                          f"float64): {show(not_float)}")
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected) - ignorable)
   mismatched = sorted(f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in expected.items()

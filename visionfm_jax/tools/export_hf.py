@@ -1,16 +1,25 @@
 r"""Exports a ViT or SwinV2 (with its classification head, if any) as a Hugging Face transformers directory.
 
-  python -m visionfm_jax.tools.export_hf --checkpoint=DIR --out=OUT_DIR [--step=N] [--ema]
+  python -m visionfm_jax.tools.export_hf --checkpoint=DIR --out=OUT_DIR [--step=N] [--ema] [--overwrite]
 
 DIR is a training workdir (config.json + checkpoints/<step>; the newest step unless --step; its EMA of the params
 with --ema, for a run with config.optim.ema_decay set) or a directory
 written by tools.import_hf (params/ + model.json). OUT_DIR gets config.json and model.safetensors (float32) of a
 ViTForImageClassification / Swinv2ForImageClassification when the model has a head, else of a ViTModel /
-Swinv2Model, plus preprocessor_config.json (image size, mean and std) when DIR says how images were normalised:
+Swinv2Model, plus preprocessor_config.json when DIR says how images were normalised: the run's evaluation view
+(config.data.eval_preprocess: the shorter side resized, the central crop, mean and std) as a BitImageProcessor
+('inception') or CLIPImageProcessor ('clip') computes it, so that
 
+  transformers.AutoImageProcessor.from_pretrained(OUT_DIR)  # backend="pil" where torchvision is installed
   transformers.AutoModelForImageClassification.from_pretrained(OUT_DIR)  # AutoModel for a backbone
 
-computes our `tokens`, `pooled` and `logits` as last_hidden_state, pooler_output and logits (fp32, same images).
+compute from the same decoded image (a PIL image or uint8 array) what the run's evaluation computes from it: our
+`tokens`, `pooled` and `logits` as last_hidden_state, pooler_output and logits (fp32). One image differs: one of
+exactly the model's size, which the run's 'inception' view takes as it is (data/transforms/host.py's EvalTransform)
+and the processor resizes and crops like any other.
+OUT_DIR is written whole: only a new or empty folder, or one this tool wrote before (its .visionfm_jax.json
+marker) that holds nothing else, unless --overwrite (which replaces the folder, a training workdir excepted); the
+export is written beside it and renamed into place.
 A ViTModel's pooler is the identity on the class token. A CLIP whose ViT tower has CLIP's pre-norm (an imported
 one, with its tokenizer.json) exports whole as a CLIPModel. Other CLIP and Aurora workdirs export their image tower
 (config.model.image) or SwinV2 encoder (config.model.encoder) as a backbone; projections, text towers and other
@@ -35,9 +44,10 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax import cli, convert, data, models, tasks
+from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
-from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.tools import clip_checkpoint, output_folder
 from visionfm_jax.tools import workdir as workdir_lib
 from visionfm_jax.training import checkpoint
 
@@ -55,6 +65,8 @@ class Source:
   notes: list[str]
   mean: Sequence[float] | None = None
   std: Sequence[float] | None = None
+  image_size: int | None = None  # config.data.image_size: the evaluation crop
+  preprocess: str = "inception"  # config.data.eval_preprocess
   labels: list[str] | None = None
   tokenizer: str | None = None  # a CLIP's tokenizer.json, copied next to the weights
 
@@ -67,6 +79,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
   flags.DEFINE_bool("ema", False, "Export a training workdir's EMA of the params (config.optim.ema_decay) instead "
                     "of the params.", flag_values=fv)
+  flags.DEFINE_bool("overwrite", False, "Replace --out and everything in it (a training workdir excepted), whatever "
+                    "wrote it.", flag_values=fv)
   return fv
 
 
@@ -112,7 +126,8 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
   labels = _class_names(config) if model is task.model and getattr(model, "num_classes", 0) else None
   weights = "the EMA of the params of " if use_ema else ""
   return Source(model, params, fields, f"{weights}step {step} of {path}", notes, mean=config.data.mean,
-                std=config.data.std, labels=labels)
+                std=config.data.std, image_size=config.data.image_size,
+                preprocess=config.data.get("eval_preprocess", "inception"), labels=labels)
 
 
 def _from_import_dir(path: str, step: int | None) -> Source:
@@ -126,10 +141,9 @@ def _from_import_dir(path: str, step: int | None) -> Source:
       raise UserError(f"{file}: not valid JSON ({e})") from e
   if isinstance(meta, dict) and meta.get("name") == "clip":
     loaded = clip_checkpoint.load(path)
-    return Source(loaded.task.model, loaded.params, f"{file}: ", path, [
-        "no preprocessor_config.json: CLIP's image processor (shorter side to the size, bicubic, centre crop, "
-        f"mean {tuple(loaded.task.config.data.mean)}, std {tuple(loaded.task.config.data.std)}) is not written"],
-        tokenizer=loaded.task.config.data.tokenizer)
+    data_cfg = loaded.task.config.data
+    return Source(loaded.task.model, loaded.params, f"{file}: ", path, [], mean=data_cfg.mean, std=data_cfg.std,
+                  image_size=data_cfg.image_size, preprocess=data_cfg.eval_preprocess, tokenizer=data_cfg.tokenizer)
   try:
     model = models.from_checkpoint_fields(meta)
   except (KeyError, TypeError) as e:
@@ -140,7 +154,9 @@ def _from_import_dir(path: str, step: int | None) -> Source:
   shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images))["params"])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   params = checkpoint.load_params(path, target)
-  return Source(model, params, f"{file}: ", path, [], mean=meta.get("mean"), std=meta.get("std"))
+  # what the config import_hf prints evaluates with: the default view at the model's size
+  return Source(model, params, f"{file}: ", path, [], mean=meta.get("mean"), std=meta.get("std"),
+                image_size=model.image_size)
 
 
 def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:
@@ -167,43 +183,40 @@ def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:
   raise UserError(f"--checkpoint={path}: neither {LAYOUTS}")
 
 
-def _check_out(out: str) -> None:
-  """Refuses to write over a directory of another kind (a training workdir has a config.json too)."""
-  config_file = os.path.join(out, "config.json")
-  ours = ("checkpoints", "params", "model.json")
-  if any(os.path.exists(os.path.join(out, name)) for name in ours):
-    raise UserError(f"--out={out}: holds a training workdir or an import_hf directory; choose another directory")
-  if os.path.exists(config_file):
-    try:
-      with open(config_file, encoding="utf-8") as f:
-        is_hf = "model_type" in json.load(f)
-    except (ValueError, TypeError, OSError):
-      is_hf = False
-    if not is_hf:
-      raise UserError(f"--out={out}: holds a config.json that is not a transformers one; choose another directory")
+# config.data.eval_preprocess -> the transformers image processor whose defaults are that view
+PROCESSORS = {"inception": "BitImageProcessor", "clip": "CLIPImageProcessor"}
 
 
-def export(path: str, out: str, step: int | None = None, use_ema: bool = False) -> tuple[str, Source]:
-  """Writes the model of `path` to `out` (the EMA of a workdir's params with `use_ema`); returns (its transformers
-  architecture, what was exported)."""
+def write_preprocessor(out: str, source: Source) -> None:
+  """`out`/preprocessor_config.json: the evaluation view of `source`'s run (transforms.EvalTransform), exactly."""
+  view = transforms.check_eval_preprocess(source.preprocess)
+  convert.hf_files.write_preprocessor(
+      out, PROCESSORS[view], shortest_edge=transforms.eval_decode_side(source.image_size, view),
+      crop_size=source.image_size, resample=transforms.EVAL_FILTERS[view], mean=source.mean, std=source.std)
+
+
+def export(path: str, out: str, step: int | None = None, use_ema: bool = False,
+           overwrite: bool = False) -> tuple[str, Source]:
+  """Writes the model of `path` to the folder `out` (module docstring; the EMA of a workdir's params with
+  `use_ema`); returns (its transformers architecture, what was exported)."""
   out = os.path.expanduser(out)
-  _check_out(out)
-  source = load(path, step, use_ema)
-  try:
-    arch, notes = convert.to_hf(source.model, source.params, out, labels=source.labels)
-  except ConfigError as e:
-    raise ConfigError(f"--checkpoint={path}: {source.fields}{e}") from e
-  source.notes += [f"{source.fields}{note}" for note in notes]
-  if source.mean is not None and source.std is not None:
-    convert.hf_files.write_preprocessor(out, source.model.image_size, source.mean, source.std)
-  if source.tokenizer:
-    shutil.copyfile(source.tokenizer, os.path.join(out, clip_checkpoint.TOKENIZER))
+  with output_folder.claim(out, "export_hf", overwrite, reads=(os.path.expanduser(path),)) as tmp:
+    source = load(path, step, use_ema)
+    try:
+      arch, notes = convert.to_hf(source.model, source.params, tmp, labels=source.labels)
+    except ConfigError as e:
+      raise ConfigError(f"--checkpoint={path}: {source.fields}{e}") from e
+    source.notes += [f"{source.fields}{note}" for note in notes]
+    if source.mean is not None and source.std is not None:
+      write_preprocessor(tmp, source)
+    if source.tokenizer:
+      shutil.copyfile(source.tokenizer, os.path.join(tmp, clip_checkpoint.TOKENIZER))
   return arch, source
 
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("checkpoint", "out"))
-  arch, source = export(fv.checkpoint, fv.out, fv.step, fv.ema)
+  arch, source = export(fv.checkpoint, fv.out, fv.step, fv.ema, fv.overwrite)
   auto = "AutoModelForImageClassification" if arch.endswith("ForImageClassification") else "AutoModel"
   print(f"wrote {fv.out}: {arch} ({models.description(source.model)}) from {source.origin}")
   print(f"load it with transformers.{auto}.from_pretrained({fv.out!r})")

@@ -1,6 +1,6 @@
 r"""Converts a Hugging Face ViT, SwinV2 or CLIP into an `init_from` directory.
 
-  python -m visionfm_jax.tools.import_hf --src=HF_DIR --out=OUT_DIR [--scan=false]
+  python -m visionfm_jax.tools.import_hf --src=HF_DIR --out=OUT_DIR [--scan=false] [--overwrite]
 
 HF_DIR is what transformers' `save_pretrained` writes for a `ViTModel`, `ViTForImageClassification`,
 `Swinv2Model`, `Swinv2ForImageClassification` or `CLIPModel` (config.json + model.safetensors; a CLIP also
@@ -8,7 +8,9 @@ needs its tokenizer.json, which `CLIPTokenizerFast.save_pretrained` writes). Wri
 and `OUT_DIR/model.json` (a CLIP's also `OUT_DIR/tokenizer.json`), then prints the `--config...` overrides that
 build the matching model (a CLIP's start from `configs/swinv2_g_clip.py:vit`). An imported CLIP is a
 `--checkpoint` of tools.filter_clip_score and tools.export_hf as it is.
-`--scan` must match `config.model.scan` (the layout of the blocks). Errors print one line and exit with status 2.
+`--scan` must match `config.model.scan` (the layout of the blocks). A weight that is not floating point is refused.
+OUT_DIR is written whole, as tools.export_hf writes its own (tools/output_folder.py): a new or empty folder, or one
+this tool wrote before that holds nothing else, unless --overwrite. Errors print one line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from visionfm_jax import cli, models
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
-from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.tools import clip_checkpoint, output_folder
 from visionfm_jax.training import checkpoint
 
 
@@ -34,6 +36,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory for params + model.json.", flag_values=fv)
   flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.scan=True) or unrolled.", flag_values=fv)
+  flags.DEFINE_boolean("overwrite", False, "Replace --out and everything in it (a training workdir excepted), "
+                       "whatever wrote it.", flag_values=fv)
   return fv
 
 
@@ -93,23 +97,23 @@ def clip_metadata(model, src: str, out: str) -> dict[str, Any]:
               config=clip_checkpoint.clip_fields(model, tokenizer, src))
 
 
-def convert(src: str, out: str, scan: bool = True) -> dict[str, Any]:
-  """Converts `src` into `out`; returns the metadata written to `out/model.json`."""
-  model, variables = from_hf(src, scan=scan)
-  if models.name_of(model) == "clip":
+def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> dict[str, Any]:
+  """Converts `src` into the folder `out` (module docstring); returns the metadata written to `out/model.json`."""
+  out = os.path.expanduser(out)
+  with output_folder.claim(out, "import_hf", overwrite, reads=(os.path.expanduser(src),)) as tmp:
+    model, variables = from_hf(src, scan=scan)
+    is_clip = models.name_of(model) == "clip"
     tokenizer = os.path.join(src, clip_checkpoint.TOKENIZER)
-    if not os.path.exists(tokenizer):
+    if is_clip and not os.path.exists(tokenizer):
       raise UserError(f"{src}: no {clip_checkpoint.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
                       "transformers' CLIPTokenizerFast.save_pretrained)")
-    meta = clip_metadata(model, src, out)
-    checkpoint.save_params(out, variables["params"], meta)
-    shutil.copyfile(tokenizer, os.path.join(out, clip_checkpoint.TOKENIZER))
-    return meta
-  if not isinstance(model, ImageBackbone):
-    raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
-                    "SwinV2 and CLIP directories (use visionfm_jax.convert.from_hf for the others)")
-  meta = metadata(model, src)
-  checkpoint.save_params(out, variables["params"], meta)
+    if not is_clip and not isinstance(model, ImageBackbone):
+      raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
+                      "SwinV2 and CLIP directories (use visionfm_jax.convert.from_hf for the others)")
+    meta = clip_metadata(model, src, out) if is_clip else metadata(model, src)
+    checkpoint.save_params(tmp, variables["params"], meta)
+    if is_clip:
+      shutil.copyfile(tokenizer, os.path.join(tmp, clip_checkpoint.TOKENIZER))
   return meta
 
 
@@ -130,7 +134,7 @@ def _main(fv, rest: list[str]) -> None:
   level = absl_logger.level  # not get_verbosity(): before absl's flags are parsed it says WARNING for NOTSET
   logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
   try:
-    meta = convert(fv.src, fv.out, fv.scan)
+    meta = convert(fv.src, fv.out, fv.scan, fv.overwrite)
   finally:  # called in-process (tests, notebooks), it must not silence the caller's INFO lines for good
     absl_logger.setLevel(level)
   flags_, notes = (clip_overrides(meta, fv.out), []) if meta["name"] == "clip" else overrides(meta, fv.out)

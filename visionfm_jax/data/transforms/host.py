@@ -23,9 +23,11 @@ from visionfm_jax.data.transforms import randaugment
 from visionfm_jax.errors import ConfigError
 
 EVAL_CROP_FRACTION = 0.875  # resize the shorter side to size / 0.875, then take the central size x size
-# config.data.eval_preprocess: 'inception' = ImageNet classification's shorter side to size / 0.875, bilinear,
-# central crop; 'clip' = CLIP's shorter side to size, bicubic, central crop (zero-shot and retrieval).
-EVAL_PREPROCESS = ("inception", "clip")
+# config.data.eval_preprocess -> its resampling filter: 'inception' = ImageNet classification's shorter side to
+# size / 0.875, bilinear, central crop; 'clip' = CLIP's shorter side to size, bicubic, central crop (zero-shot and
+# retrieval). Both are `resize_shorter_side_and_crop`, which transformers' image processors compute exactly.
+EVAL_FILTERS = {"inception": Image.Resampling.BILINEAR, "clip": Image.Resampling.BICUBIC}
+EVAL_PREPROCESS = tuple(EVAL_FILTERS)
 # What Pillow raises on bytes that are not an image it can decode (and OSError for files that cannot be read).
 DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -300,34 +302,25 @@ def eval_decode_side(size: int, preprocess: str = "inception") -> int:
   return round(size / EVAL_CROP_FRACTION) if check_eval_preprocess(preprocess) == "inception" else size
 
 
-def central_crop_box(height: int, width: int, size: int) -> tuple[float, float, float, float]:
-  """The region (left, top, right, bottom) that becomes the 'inception' eval crop.
-
-  Resizing the shorter side to size / 0.875 and then cropping size x size centrally is the same as
-  resizing this central square (side 0.875 * shorter side) to size x size.
-  """
-  side = min(height, width) * size / eval_decode_side(size)
-  top, left = (height - side) / 2, (width - side) / 2
-  return left, top, left + side, top + side
-
-
-def clip_resize_crop(image: np.ndarray, size: int) -> np.ndarray:
-  """CLIP's evaluation view: the shorter side to `size` (the longer to int(size * longer / shorter)), bicubic,
-  then the central size x size at whole-pixel offsets (new - size) // 2, as HF's CLIPImageProcessor does."""
+def resize_shorter_side_and_crop(image: np.ndarray, side: int, size: int, resample) -> np.ndarray:
+  """The shorter side to `side` (the longer to int(side * longer / shorter)) with Pillow's `resample` filter,
+  then the central size x size at whole-pixel offsets (new - size) // 2: what transformers' image processors
+  compute for size={'shortest_edge': side}, crop_size={'height': size, 'width': size} (and torchvision's
+  Resize(side) + CenterCrop(size) but for its offsets' rounding)."""
   height, width = image.shape[:2]
   if height <= width:
-    new_height, new_width = size, int(size * width / height)
+    new_height, new_width = side, int(side * width / height)
   else:
-    new_height, new_width = int(size * height / width), size
-  resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), Image.BICUBIC))
+    new_height, new_width = int(side * height / width), side
+  resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), resample))
   top, left = (new_height - size) // 2, (new_width - size) // 2
   return resized[top:top + size, left:left + size]
 
 
 class EvalTransform(grain.transforms.Map):
-  """The central size x size view of evaluation, as `preprocess` (EVAL_PREPROCESS) says: 'inception' (the
-  shorter side to size / 0.875, bilinear, `central_crop_box`) or 'clip' (`clip_resize_crop`); a no-op on
-  size x size images."""
+  """The central size x size view of evaluation, as `preprocess` (EVAL_PREPROCESS) says: the shorter side to
+  `eval_decode_side` with its EVAL_FILTERS filter, then the central crop (`resize_shorter_side_and_crop`); a
+  no-op on size x size images."""
 
   def __init__(self, size: int, preprocess: str = "inception"):
     self.size, self.preprocess = size, check_eval_preprocess(preprocess)
@@ -336,10 +329,9 @@ class EvalTransform(grain.transforms.Map):
     image = element["image"]
     if image is None or image.shape[:2] == (self.size, self.size):
       return element
-    if self.preprocess == "clip":
-      return {**element, "image": clip_resize_crop(image, self.size)}
-    box = central_crop_box(image.shape[0], image.shape[1], self.size)
-    return {**element, "image": resize_box(image, box, self.size)}
+    side = eval_decode_side(self.size, self.preprocess)
+    view = resize_shorter_side_and_crop(image, side, self.size, EVAL_FILTERS[self.preprocess])
+    return {**element, "image": view}
 
 
 class SelectKeys(grain.transforms.Map):

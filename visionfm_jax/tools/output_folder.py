@@ -1,0 +1,105 @@
+"""The folder a tool writes whole (export_hf's and import_hf's --out): claimed only when it is new, empty, or one
+the same tool wrote before and nobody added to since, unless the user says --overwrite; written atomically.
+
+`claim(out, tool, overwrite, reads)` checks `out` first (before any slow work), then yields a fresh folder beside
+it (`.<name>.<pid>.<random>.tmp`, created with the user's umask) for the tool to fill; on success it adds MARKER
+(the tool and the names it wrote) and renames the folder into place, the old one (empty, the tool's own, or
+replaced by --overwrite) set aside first and deleted after. A failure or an interrupt removes the temporary folder
+and leaves `out` as it was. A training workdir (checkpoints/) is never replaced, nor a folder holding what the tool
+reads (`reads`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+from typing import Iterator, Sequence
+
+from visionfm_jax import atomic
+from visionfm_jax.errors import UserError
+
+MARKER = ".visionfm_jax.json"
+
+
+def _show(names: Sequence[str], limit: int = 5) -> str:
+  return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "")
+
+
+def _own_names(out: str, tool: str) -> set[str]:
+  """The names MARKER in `out` says `tool` wrote there; empty when there is no such marker of this tool."""
+  try:
+    with open(os.path.join(out, MARKER), encoding="utf-8") as f:
+      marker = json.load(f)
+  except (OSError, ValueError):
+    return set()
+  if not isinstance(marker, dict) or marker.get("tool") != tool or not isinstance(marker.get("files"), list):
+    return set()
+  return {name for name in marker["files"] if isinstance(name, str)} | {MARKER}
+
+
+def _inside(path: str, folder: str) -> bool:
+  path, folder = os.path.realpath(path), os.path.realpath(folder)
+  return path == folder or path.startswith(folder + os.sep)
+
+
+def check(out: str, tool: str, overwrite: bool = False, reads: Sequence[str] = ()) -> None:
+  """UserError, naming the culprit, unless `tool` may write the folder `out` (module docstring)."""
+  for source in reads:
+    if _inside(source, out):
+      raise UserError(f"--out={out}: holds {source}, which {tool} reads; choose another folder")
+  if not os.path.lexists(out):
+    return
+  if os.path.islink(out):
+    raise UserError(f"--out={out}: a symbolic link; name the folder itself")
+  if not os.path.isdir(out):
+    raise UserError(f"--out={out}: a file, not a folder; choose a new or empty folder")
+  names = sorted(os.listdir(out))
+  if "checkpoints" in names:
+    raise UserError(f"--out={out}: holds a training workdir (checkpoints/), which {tool} never replaces; "
+                    "choose another folder")
+  foreign = sorted(set(names) - _own_names(out, tool))
+  if foreign and not overwrite:
+    raise UserError(f"--out={out}: holds {_show(foreign)}, which {tool} did not write; choose a new or empty "
+                    f"folder, or give --overwrite to replace the folder and everything in it")
+
+
+def _temporary_beside(out: str, kind: str) -> str:
+  parent, name = os.path.split(os.path.abspath(out))
+  return os.path.join(parent, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
+
+
+def _move_into_place(tmp: str, out: str) -> None:
+  if not os.path.lexists(out):
+    os.rename(tmp, out)
+    return
+  old = _temporary_beside(out, "old")
+  os.rename(out, old)
+  try:
+    os.rename(tmp, out)
+  except OSError:
+    os.rename(old, out)
+    raise
+  shutil.rmtree(old)
+
+
+@contextlib.contextmanager
+def claim(out: str, tool: str, overwrite: bool = False, reads: Sequence[str] = ()) -> Iterator[str]:
+  """Checks `out` (`check`), yields the temporary folder to write, then puts it in place (module docstring)."""
+  check(out, tool, overwrite, reads)
+  tmp = _temporary_beside(out, "tmp")
+  try:
+    os.makedirs(os.path.dirname(tmp), exist_ok=True)
+    os.mkdir(tmp)  # mode 0o777 less the umask, as every file written into it
+  except OSError as e:
+    raise UserError(f"--out={out}: cannot create {tmp} beside it ({e.strerror}); {tool} writes there first, then "
+                    "renames it into place") from e
+  try:
+    yield tmp
+    atomic.write_json(os.path.join(tmp, MARKER), {"tool": tool, "files": sorted(os.listdir(tmp))}, indent=2)
+    check(out, tool, overwrite, reads)  # again: something may have been written into `out` meanwhile
+    _move_into_place(tmp, out)
+  finally:
+    shutil.rmtree(tmp, ignore_errors=True)
