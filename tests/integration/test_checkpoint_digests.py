@@ -4,6 +4,7 @@ alone restores them without a word; config.checkpoint_digests=False writes and c
 without digests restores with a note; with zero3 on the 8 simulated devices each shard has its digest, and a restore
 onto another mesh and strategy checks the saved slices it rebuilds from its own."""
 
+import json
 import logging
 import math
 import os
@@ -123,6 +124,25 @@ def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_prints_one_error_lin
   assert len(errors) == 1, errors
   assert errors[0].startswith(f"error: checkpoint {workdir / 'checkpoints'}/2 is corrupt: ")
   assert re.search(ARRAY_NAMED, errors[0]), errors[0]
+
+
+@SHARED_RUNS
+def test_evaluate_warns_naming_the_optimiser_state_that_fails_its_digests(zero3_run, tmp_path, caplog):
+  """The params intact, the tool evaluates them, and one warning names the part a resume would find changed."""
+  workdir = _copy(zero3_run, tmp_path)
+  step_dir = workdir / "checkpoints" / "2"
+  digests_file = step_dir / checkpoint_digests.ITEM / "process_0-of-1.json"
+  saved = json.loads(digests_file.read_text())
+  name = "opt_state/1/0/mu/head/kernel"
+  bounds = next(iter(saved["arrays"][name]["slices"]))
+  saved["arrays"][name]["slices"][bounds] = "0" * 32
+  digests_file.write_text(json.dumps(saved))
+  with caplog.at_level(logging.WARNING):
+    assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8"]) == 0
+  warnings = [r.getMessage() for r in caplog.records if "digest" in r.getMessage()]
+  assert warnings == [f"checkpoint {step_dir}: its params are intact, not its opt_state (the bytes of {name}[{bounds}] "
+                      f"differ from the digest (xxh3_128) saved with it: changed at rest since the save); a resume "
+                      f"skips this checkpoint as unreadable"]
 
 
 @SHARED_RUNS

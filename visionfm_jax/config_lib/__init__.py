@@ -37,6 +37,7 @@ from visionfm_jax.config_lib.model_schema import (
 from visionfm_jax.config_lib.recipes import finetune_backbone, full_scale_run
 from visionfm_jax.config_lib.resume_rules import (
                                              FREE,
+                                             MISSING_CONFIG,
                                              OPT_IN,
                                              REFUSED,
                                              RESUME_RULES,

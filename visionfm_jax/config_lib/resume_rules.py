@@ -32,6 +32,9 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
     (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
 )
+# Not a field: in config.resume.allow_changes, it accepts a checkpoint that carries no config to compare with
+# (its file deleted or emptied, or saved by a version before checkpoints carried one), resumed unchecked.
+MISSING_CONFIG = "missing_config"
 _COMPILED_RESUME_RULES = tuple((re.compile(pattern), kind) for pattern, kind in RESUME_RULES)
 
 
@@ -54,9 +57,10 @@ def resume_changes(saved: dict, current: dict) -> dict[str, list[tuple[str, obje
 
 
 def allowed_changes(config: ml_collections.ConfigDict) -> list[str]:
-  """config.resume.allow_changes as dotted paths; ConfigError naming one that is no field of `config`."""
+  """config.resume.allow_changes as dotted paths (and MISSING_CONFIG); ConfigError naming one that is no field of
+  `config`."""
   names = [name.strip() for name in config.resume.allow_changes.split(",") if name.strip()]
-  known = {path for path, _ in fields(config)}
+  known = {path for path, _ in fields(config)} | {MISSING_CONFIG}
   for name in names:
     if name not in known:
       close = difflib.get_close_matches(name, sorted(known), n=3)

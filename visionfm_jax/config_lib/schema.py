@@ -261,7 +261,7 @@ TRACKING = dict(
 RESUME = dict(
     allow_changes=Field("", doc="comma-separated dotted fields ('total_steps,optim.lr') whose change from the "
                         "checkpoint's config a resume accepts; other schedule and optimiser changes stop it, naming "
-                        "them"),
+                        "them; 'missing_config' resumes a checkpoint without its config, unchecked"),
 )
 
 

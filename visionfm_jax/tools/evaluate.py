@@ -17,7 +17,9 @@ unless the command names one, e.g. `--config.eval.zeroshot_source=...
 
 Prints one line per metric (`eval/<name>/<metric>=value`, as training logs them), then one JSON line; --out
 also writes that JSON to FILE. The params are replicated on every device (the model must fit on one), each
-batch split across all devices. Errors print one line naming the culprit and exit with status 2.
+batch split across all devices. Errors print one line naming the culprit and exit with status 2. A workdir's
+checkpoint whose other parts (the optimiser state, the step, the EMA) fail their digests is evaluated with one
+warning naming them: a resume would skip it.
 """
 
 from __future__ import annotations
@@ -39,6 +41,7 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.training import checkpoint
 
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
@@ -66,6 +69,8 @@ def run(config, path: str, *, step: int | None = None, batch_size: int = 256) ->
   mesh = Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)  # all on data
   batch_size = -(-batch_size // len(devices)) * len(devices)
   loaded = clip_checkpoint.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh)
+  if loaded.step is not None and jax.process_index() == 0:  # its params checked; the rest of the state too
+    checkpoint.warn_of_damaged_parts(loaded.origin, loaded.step)
   evaluators = loaded.task.evaluators(EvalContext(mesh, batch_size, jax.process_index(), jax.process_count()))
   if not evaluators:
     raise UserError(f"--checkpoint={path}: its config runs no evaluators (see config.eval)")

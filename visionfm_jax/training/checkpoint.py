@@ -13,14 +13,16 @@ readable one (`restore_newest_readable`). `config/config.json` is what a resume 
 (`saved_config`, training/resume.py), `schedule_anchor/schedule_anchor.json` where its learning-rate schedule decays
 from, when a resume anchored it (`saved_schedule_anchor`). `digests/process_<i>-of-<n>.json`: the digests of the
 state's arrays (training/checkpoint_digests.py), written before the step commits and compared at every restore and
-`load_params`; an array whose bytes changed on disk makes the checkpoint unreadable.
+`load_params`; an array whose bytes changed on disk makes the checkpoint unreadable. A config file deleted or
+emptied reads as none (`missing_config` says why), which a resume refuses unless told.
 
 A step's folder is named by its number alone (Orbax's standard name, `committed_steps`). Anything else in the
 directory that the run did not put there (a renamed step such as `120.bad`, a `best` folder, a file) is named in
 one warning at start-up and ignored (`_warn_of_strays`); the run's own set-asides (`<step>.<why>`, `SET_ASIDE_AS`)
-are not. A save never meets a folder of its step's name: one there (a renamed or copied-in step brought back while
-this run restored an older one) is moved aside to `<step>.replaced` first, as Orbax refuses to save a step it
-lists (`_make_way_for`).
+are not. A step's folder whose state holds another step (renamed to another number) is refused at its restore,
+naming both (`_check_step_name`). A save never meets a folder of its step's name: one there (a renamed or
+copied-in step brought back while this run restored an older one) is moved aside to `<step>.replaced` first, as
+Orbax refuses to save a step it lists (`_make_way_for`).
 
 `load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
 a training workdir / its `checkpoints` folder (newest step).
@@ -105,6 +107,33 @@ def newest_committed_step(directory) -> int | None:
   return max(committed_steps(directory), default=None)
 
 
+class MisnamedStepError(CheckpointError):
+  """A step's folder whose state was saved at another step (`_check_step_name`)."""
+
+
+def _check_step_name(directory, step: int, saved: int | None) -> None:
+  """MisnamedStepError when the folder of `step` under `directory` holds a state saved at step `saved`. Orbax
+  orders, keeps and deletes steps by their folders' numbers, and a resume reads the schedule's anchor and the
+  health record by it, while training goes on from the state's own step: renamed, the folder resumes neither as
+  the step it holds nor as the one it is called. Which of the two was meant is the user's to say, so nothing is
+  moved."""
+  if saved is None or saved == step:
+    return
+  where, named = f"{directory}/{step}", f"{directory}/{saved}"
+  fix = (f"move it out of {directory} ({named} is there already)" if os.path.lexists(named) else
+         f"rename it to its step (mv -T {where} {named}) or move it out of {directory}")
+  raise MisnamedStepError(f"checkpoint {where} holds step {saved} (the step saved in its state), not {step}: a "
+                          f"step's folder renamed or copied in under another number; {fix}")
+
+
+def _state_step(state) -> int | None:
+  """The step counter of a restored state (a TrainState, or a dict of its fields); None when it has none."""
+  value = state.get("step") if isinstance(state, dict) else getattr(state, "step", None)
+  if value is None:
+    return None
+  return int(np.asarray(value.addressable_data(0) if isinstance(value, jax.Array) else value))
+
+
 def _strays(directory: epath.Path) -> list[str]:
   """The entries of `directory` that are neither a step, nor one the run set aside, nor an unfinished save."""
   return sorted(p.name for p in directory.iterdir()
@@ -127,9 +156,29 @@ def _warn_of_strays(directory: epath.Path) -> None:
 
 
 def saved_config(directory, step: int) -> dict | None:
-  """The config the run that saved `step` under `directory` was trained with (a JSON dict), None for a
-  checkpoint saved without one; CheckpointError when it cannot be read."""
-  return _saved_json(epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE)
+  """The config the run that saved `step` under `directory` was trained with (a JSON dict), None when the
+  checkpoint holds none to compare with (`missing_config` says why)."""
+  return _read_config(epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE)[0]
+
+
+def missing_config(directory, step: int) -> str | None:
+  """Why the checkpoint of `step` under `directory` holds no config to compare with, naming its file ('<file> is
+  missing', '<file> holds no config ('{}')', ...); None when it holds one."""
+  return _read_config(epath.Path(directory) / str(step) / _CONFIG_ITEM / _CONFIG_FILE)[1]
+
+
+def _read_config(path: epath.Path) -> tuple[dict | None, str | None]:
+  """(the saved config, None) or (None, why there is none)."""
+  if not path.exists():
+    return None, f"{path} is missing"
+  try:
+    text = path.read_text()
+    saved = json.loads(text) if text.strip() else None
+  except (OSError, ValueError) as e:
+    return None, f"{path} cannot be read ({e})"
+  if not saved or not isinstance(saved, dict):  # emptied: '', '{}', 'null'
+    return None, f"{path} holds no config ({text.strip()[:20]!r})"
+  return saved, None
 
 
 def saved_schedule_anchor(directory, step: int) -> dict | None:
@@ -148,7 +197,7 @@ def _saved_json(path: epath.Path) -> dict | None:
   try:
     return json.loads(path.read_text())
   except (OSError, ValueError) as e:
-    raise CheckpointError(f"cannot read the config saved with {path.parent.parent}: {e}") from e
+    raise CheckpointError(f"cannot read {path}, saved with {path.parent.parent}: {e}") from e
 
 
 class _CapturedIteratorState:
@@ -327,8 +376,10 @@ class Checkpointer:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
-    if self._with_digests and _check_digests(self.directory / str(step), restored["state"],
-                                             f"cannot restore {self.directory / str(step)}"):
+    verified = self._with_digests and _check_digests(self.directory / str(step), restored["state"],
+                                                     f"cannot restore {self.directory / str(step)}")
+    _check_step_name(self.directory, step, _state_step(restored["state"]))  # readable, and so named?
+    if verified:
       self._vouched.add(step)
     if target is abstract_state:
       return restored["state"]
@@ -378,6 +429,8 @@ class Checkpointer:
     for step in sorted(self.all_steps(), reverse=True):
       try:
         state, error = self.restore(step, abstract_state, data_iterator), None
+      except MisnamedStepError:
+        raise  # readable, under the wrong name: the user's to put right, not to be set aside
       except CheckpointError as e:
         state, error = None, e
       if faults.agreed(error is None):
@@ -523,6 +576,31 @@ def _raw_params(path: epath.Path, step: int | None = None, weights: str = "param
   step_dir = ckpt_dir / str(step)
   _check_digests(step_dir, params, f"checkpoint {step_dir} is corrupt", subtree=weights)
   return params
+
+
+def warn_of_damaged_parts(path: str, step: int, read: str = "params") -> list[str]:
+  """Checks the parts of the train state saved at `step` in the workdir `path` (or its checkpoints folder) other
+  than `read`, which `load_params` checks, against their digests, and warns in one line naming each that fails:
+  a tool that reads the params alone tells a user deciding what to keep that a resume would skip this checkpoint.
+  Each part is read onto the host in turn (the largest, AdamW's moments, twice the params). Returns the failures,
+  '<part> (<why>)'."""
+  path = epath.Path(os.path.expanduser(path))
+  step_dir = (path / "checkpoints" if (path / "checkpoints").exists() else path) / str(step)
+  saved = digests.read(step_dir / digests.ITEM)
+  parts = sorted({name.split("/", 1)[0] for name in saved or {}} - {read})
+  failures = []
+  for part in parts:
+    try:
+      verdict = digests.verify(saved, restore_on_host(step_dir / "state", part), prefix=part)
+      why = digests.mismatch_text(verdict) if verdict.mismatched else None
+    except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
+      why = f"unreadable: {_first_line(e)}"
+    if why:
+      failures.append(f"{part} ({why})")
+  if failures:
+    logging.warning("checkpoint %s: its %s are intact, not its %s; a resume skips this checkpoint as unreadable",
+                    step_dir, read, "; ".join(failures))
+  return failures
 
 
 def _flatten(tree) -> dict[str, Any]:

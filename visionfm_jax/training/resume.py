@@ -10,7 +10,8 @@ in `config.resume.allow_changes`, and is then logged with the learning rate befo
 jump asked for); how the run is laid out, logged and evaluated may change freely. A newest checkpoint refused so
 while the one before it matches the run is named as another run's step folder copied in, to be moved aside. Each
 launch's config is kept as `config.<step>.json` (the step it started from), never overwritten; `config.json` is
-the latest.
+the latest. A checkpoint without its config (deleted, emptied) is refused naming the file: nothing could be
+compared; `missing_config` in `config.resume.allow_changes` resumes it unchecked.
 
 A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's;
 the schedule's anchor is a record of its own beside it
@@ -49,16 +50,15 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
   checkpoint in `checkpoint_dir` (module docstring); logs the accepted changes. Returns (the accepted schedule
   and optimiser changes, 'config.<path> <old> -> <new>', which health (training/health.py) takes as the likely
   cause of a divergence soon after; the schedule's anchor, so that the learning rate goes on from where it
-  was, None for the schedule as it is). Nothing to compare without a checkpoint, or with one saved without its
-  config."""
+  was, None for the schedule as it is). Nothing to compare without a checkpoint; one without its config is refused
+  unless config.resume.allow_changes names MISSING_CONFIG."""
   step = checkpoint.newest_committed_step(checkpoint_dir)
   if step is None:
     return [], None
   where = f"{checkpoint_dir}/{step}"
   saved = checkpoint.saved_config(checkpoint_dir, step)
   if saved is None:
-    logging.warning("%s carries no config (saved by an older version): this run's config is not compared with it",
-                    where)
+    _accept_missing_config(config, checkpoint_dir, step)
     return [], None
   config_json = as_json(config)
   changes = config_lib.resume_changes(saved, config_json)
@@ -82,6 +82,20 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
                     _listed(schedule), step, _lr_at(saved, step, saved_anchor), _lr_at(config_json, step, anchor))
   return _described(schedule), anchor
+
+
+def _accept_missing_config(config: ml_collections.ConfigDict, checkpoint_dir: str, step: int) -> None:
+  """ConfigError naming the checkpoint's config file, unless config.resume.allow_changes names MISSING_CONFIG:
+  without that file no change of this run is compared, refused or anchored, and every later resume compares with
+  what this one saves."""
+  where, why = f"{checkpoint_dir}/{step}", checkpoint.missing_config(checkpoint_dir, step)
+  allowed = config_lib.allowed_changes(config)
+  if config_lib.MISSING_CONFIG not in allowed:
+    raise ConfigError(f"cannot resume {where}: {why}, so this run's config cannot be compared with the one it "
+                      f"trained with; restore that file, or pass --config.resume.allow_changes="
+                      f"{','.join([*allowed, config_lib.MISSING_CONFIG])} to resume it unchecked")
+  logging.warning("resuming %s, which carries no config (%s), unchecked (config.resume.allow_changes=%s): this "
+                  "run's config is not compared with it", where, why, config_lib.MISSING_CONFIG)
 
 
 def _foreign_step_refusal(checkpoint_dir: str, step: int, config_json: dict, refused) -> str | None:
