@@ -28,8 +28,8 @@ pin() {  # pin I: the taskset prefix binding process I to its slice, or nothing
   fi
 }
 # JAX's coordination service runs here, in a process of its own (visionfm_jax/parallel/coordination.py), not in
-# process 0: when process 0 dies the others then name it and exit 75 instead of aborting. Where this jax cannot,
-# process 0 hosts it.
+# process 0: when process 0 dies the others then name it and exit 75 instead of aborting; when the service dies, each
+# process names it and exits 75, and so does this launcher. Where this jax cannot, process 0 hosts it.
 ready=$(mktemp -u "${TMPDIR:-/tmp}/visionfm_service.XXXXXX")
 JAX_PLATFORMS=cpu python -m visionfm_jax.parallel.coordination --processes="$n" --ready_file="$ready" \
   --port="${PORT:-0}" &
@@ -38,7 +38,7 @@ waited=0
 while [ ! -e "$ready" ] && kill -0 "$service" 2>/dev/null && ((waited++ < 600)); do sleep 0.1; done
 if [ -e "$ready" ]; then
   port=$(cat "$ready") && rm -f "$ready"
-  export VISIONFM_COORDINATION_SERVICE=launcher
+  export VISIONFM_COORDINATION_SERVICE=launcher VISIONFM_COORDINATION_SERVICE_PID=$service
 else
   kill -KILL "$service" 2>/dev/null && echo "warning: the coordination service did not start in 60 s:" \
     "process 0 hosts it" >&2
@@ -82,8 +82,21 @@ say_failed() {  # pid, status: the line for the job's first failure
          "$(date +%H:%M:%S): its own error line names the one that stopped answering" >&2
   fi
 }
+service_ended() {  # the line and status 75 when the launcher's service has ended before the job
+  [ -n "${VISIONFM_COORDINATION_SERVICE:-}" ] && [ -z "$failed_at" ] && ! kill -0 "$service" 2>/dev/null || return 0
+  local code=0 how
+  wait "$service" || code=$?
+  how="with status $code"
+  if (( code > 128 )); then how="by signal $(kill -l $((code - 128))) (status $code)"; fi
+  failed_at=$SECONDS
+  status=75
+  echo "error: JAX's coordination service (pid $service, $JAX_COORDINATOR_ADDRESS) ended first, $how, at" \
+    "$(date +%H:%M:%S): every process lost its peers with it (exit 75: requeue the job; it resumes from the newest" \
+    "complete checkpoint)" >&2
+}
 remaining=("${pids[@]}")
 while ((${#remaining[@]})); do
+  service_ended
   left=()
   for pid in "${remaining[@]}"; do
     if kill -0 "$pid" 2>/dev/null; then left+=("$pid"); continue; fi

@@ -1,17 +1,28 @@
 """JAX's coordination service hosted by the launcher (visionfm_jax/parallel/coordination.py): process 0 joins it as
-a client instead of starting its own, and the service ends with the process that started it. The coordinator's
-death in a two-process job through launch/local.sh is tests/integration/test_multiprocess.py's
+a client instead of starting its own, and the service ends with the process that started it. Its death in a
+two-process job through launch/local.sh is one line in each trainer and one in the launcher, exit 75; the relay the
+trainers join it through (parallel/relay.py) tells its death from a dropped connection. Process 0's death in such a
+job is tests/integration/test_multiprocess.py's
 `test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise`."""
 
+import contextlib
 import os
+import re
 import signal
+import socket
 import subprocess
 import sys
+import threading
 import time
 
-from visionfm_jax.parallel import coordination
+import pytest
+
+from visionfm_jax.parallel import coordination, relay
+from visionfm_jax.training.infra import faults
 
 from conftest import ROOT
+from test_frozen_coordinator import ABORT_SIGNS
+from test_multiprocess import _Job, _no_job_outlives_its_test, _trained_a_step, _wait_for  # noqa: F401  (a fixture)
 
 JOIN = """
 import jax
@@ -72,3 +83,95 @@ def _zombie(pid: int) -> bool:
       return f.read().split(")")[-1].split()[0] == "Z"
   except FileNotFoundError:
     return True
+
+
+def _children(pid: int) -> list[int]:
+  with open(f"/proc/{pid}/task/{pid}/children", encoding="utf-8") as f:
+    return [int(p) for p in f.read().split()]
+
+
+def _cmdline(pid: int) -> str:
+  try:
+    with open(f"/proc/{pid}/cmdline", "rb") as f:
+      return f.read().decode(errors="replace")
+  except FileNotFoundError:
+    return ""
+
+
+@pytest.mark.slow
+def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_exit_75(tmp_path):
+  """SIGKILL of the service local.sh hosts, mid-run: JAX's client would abort both trainers with a fatal C++ line
+  and a stack dump (status 134), and the launcher would blame process 0."""
+  job = _Job(tmp_path / "run", "--config.total_steps=100000")
+  _wait_for(lambda: _trained_a_step(job.workdir), job, "a train step", poll=0.05)
+  service, = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
+  os.kill(service, signal.SIGKILL)
+  killed = time.monotonic()
+  code, out = job.finish(timeout=60)
+  assert time.monotonic() - killed < 10
+  assert code == faults.HUNG_EXIT_CODE, out[-6000:]
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  trainer_line = (rf"error: JAX's coordination service at localhost:\d+ \(pid {service}, started by the launcher\) is "
+                  rf"gone: its connection closed and a new one fails \(connection refused\). Process {{}} exits with "
+                  rf"code {faults.HUNG_EXIT_CODE} so that the job is requeued; it resumes from the newest complete "
+                  rf"checkpoint.")
+  for i in range(2):
+    assert sum(bool(re.fullmatch(trainer_line.format(i), line)) for line in errors) == 1, errors
+  launcher = [line for line in errors if line.startswith("error: JAX's coordination service (pid")]
+  assert len(launcher) == 1 and re.match(rf"error: JAX's coordination service \(pid {service}, localhost:\d+\) ended "
+                                         rf"first, by signal KILL \(status 137\)", launcher[0]), errors
+  assert len(errors) == 3, errors
+  assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
+
+
+class _Service:
+  """A TCP server standing in for the service: answers each byte it reads with the same byte."""
+
+  def __init__(self):
+    self.listener = socket.create_server(("127.0.0.1", 0))
+    self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+    self.connections = []
+    threading.Thread(target=self._serve, daemon=True).start()
+
+  def _serve(self):
+    while True:
+      try:
+        connection, _ = self.listener.accept()
+      except OSError:
+        return
+      self.connections.append(connection)
+      threading.Thread(target=self._echo, args=(connection,), daemon=True).start()
+
+  @staticmethod
+  def _echo(connection):
+    while data := connection.recv(4096):
+      connection.sendall(data)
+
+
+def _through(link) -> socket.socket:
+  client = socket.create_connection(("127.0.0.1", int(link.address.rsplit(":", 1)[1])), timeout=10)
+  client.sendall(b"ping")
+  assert client.recv(4) == b"ping"
+  return client
+
+
+def test_the_relay_tells_the_services_death_from_a_dropped_connection():
+  service, gone = _Service(), []
+  link = relay.Link(service.address, gone.append)
+  client = _through(link)
+  service.connections[0].shutdown(socket.SHUT_RDWR)  # one connection dropped; the service still serves
+  assert client.recv(4) == b"" and not gone  # closed, as the network would have
+  client = _through(link)
+  service.listener.shutdown(socket.SHUT_RDWR)  # stops listening (close alone waits for the blocked accept)
+  service.listener.close()
+  for connection in service.connections:
+    with contextlib.suppress(OSError):  # the relay's probe, which it closed itself
+      connection.shutdown(socket.SHUT_RDWR)
+  deadline = time.monotonic() + 10
+  while not gone and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert gone == ["its connection closed and a new one fails (connection refused)"]
+  client.settimeout(0.3)
+  with pytest.raises(TimeoutError):  # the client's connection stays open, silent, while the trainer exits
+    client.recv(4)
+  link.ending()

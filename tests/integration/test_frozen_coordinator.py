@@ -1,7 +1,8 @@
 """The coordinator (process 0, which hosts JAX's coordination service) stops answering mid-run (SIGSTOP, as a
 wedged host or a node cut off from the others would): the job's other process ends within config.peer_timeout_s
 and a beat or two, with one `error:` line naming process 0 and exit 75, before JAX's own heartbeat deadline
-(100 s) would abort it with a stack dump (status 134).
+(100 s) would abort it with a stack dump (status 134). Continued after that, the coordinator ends too, naming the
+peer it lost.
 
 The two trainers are started as launch/local.sh starts them on the CPU, each with an output of its own, so that
 the survivor's status and stderr are its own.
@@ -50,20 +51,30 @@ def _wait_for_a_train_step(trainers, tmp_path) -> None:
     time.sleep(0.05)
 
 
+def _exit_of(process: subprocess.Popen, timeout_s: float) -> tuple[int | None, float]:
+  """(its exit status, or None after `timeout_s`; the seconds waited)."""
+  start = time.monotonic()
+  try:
+    code = process.wait(timeout=timeout_s)
+  except subprocess.TimeoutExpired:
+    code = None
+  return code, time.monotonic() - start
+
+
 @pytest.mark.slow
 def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and_exit_75(tmp_path):
+  """... and once it runs again, longer than the peer timeout later, the coordinator finds its peer gone and exits
+  too, within a few beats, with one line: it does not wait out a peer timeout of its own, or linger."""
   timeout_s = 5
   coordinator, other = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
                                                   f"--config.peer_timeout_s={timeout_s}")
   try:
     _wait_for_a_train_step(trainers, tmp_path)
     os.kill(coordinator.pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
-      code = other.wait(timeout=timeout_s + 30)
-    except subprocess.TimeoutExpired:
-      code = None
-    waited = time.monotonic() - stopped
+    code, waited = _exit_of(other, timeout_s + 30)
+    time.sleep(max(0.0, timeout_s + 1 - waited))
+    os.kill(coordinator.pid, signal.SIGCONT)
+    thawed_code, lingered = _exit_of(coordinator, timeout_s + 30)
   finally:
     for trainer in trainers:
       trainer.kill()  # SIGKILL ends the stopped coordinator too, and it says nothing more
@@ -78,3 +89,11 @@ def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and
                       rf"lost or cut off from this one. Process 1 exits with code {faults.HUNG_EXIT_CODE} so that the "
                       rf"job is requeued; it resumes from the newest complete checkpoint.", errors[0]), errors[0]
   assert not [sign for sign in ABORT_SIGNS if sign in err], err[-6000:]
+  thawed_err = (tmp_path / "err0").read_text()
+  assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s, (thawed_code, lingered, thawed_err[-6000:])
+  errors = [line for line in thawed_err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and re.fullmatch(
+      rf"error: process 1 of 2 \(last seen: host \S+, pid {other.pid}\) has sent no heartbeat in the \d+s since this "
+      rf"process resumed after being stopped for \d+s \(longer than config.peer_timeout_s={timeout_s}, after which "
+      rf"its peers give up on it\): it gave up on this process, or died. Process 0 exits with code "
+      rf"{faults.HUNG_EXIT_CODE} .*", errors[0]), errors

@@ -15,6 +15,8 @@ import sys
 import textwrap
 import time
 
+import pytest
+
 from conftest import ROOT, cpu_env, tiny_vit_config
 
 SHM = "/dev/shm"
@@ -172,3 +174,17 @@ def test_the_next_start_removes_what_a_dead_run_left_with_one_line_and_keeps_a_l
     live.close()
     live.unlink()
     untagged.unlink()
+
+
+@pytest.mark.slow
+def test_a_run_that_ends_leaves_nothing_in_dev_shm_and_no_leak_warning(tmp_path):
+  """Batches the workers made that the loop never took are removed at exit by the trainer itself: multiprocessing's
+  resource tracker would remove them and print 'There appear to be N leaked shared_memory objects'."""
+  args = [a for a in RUN_ARGS if not a.startswith(("--config.total_steps=", "--config.checkpoint_every="))]
+  trainer = subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={tmp_path / 'run'}", *args,
+                              "--config.total_steps=3", "--config.checkpoint_every=100"], cwd=ROOT, env=cpu_env(1),
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  out, _ = trainer.communicate(timeout=300)
+  assert trainer.returncode == 0, out[-3000:]
+  assert "leaked" not in out, out[-3000:]
+  assert not [name for name in os.listdir(SHM) if f"-{trainer.pid}-" in name]

@@ -1,15 +1,18 @@
-"""JAX's coordination service in a process of its own, which the launcher starts beside the trainers.
+"""JAX's coordination service in a process of its own, which the launcher starts beside the trainers, and the
+trainers' way of joining it.
 
-jax.distributed.initialize() hosts the service inside process 0, so it dies with that process, and JAX's client in
-every other process then aborts at once with a stack dump (status 134) whatever the loop does. Hosted by the
+jax.distributed.initialize() hosts the service inside process 0, so it dies with that process. Hosted by the
 launcher (launch/local.sh, launch/slurm.sbatch), it outlives every trainer: a dead process 0 is a lost peer like
 any other, which the others' PeerWatch (training/infra/faults.py) names in one `error:` line before they exit 75.
+Wherever the service runs, a process that does not host it joins it through a relay (parallel/relay.py): JAX's
+client would abort the process with a stack dump (status 134) the moment the service died; the relay notices first,
+and the process prints one `error:` line naming the service and exits 75, so that the job is requeued.
 
   python -m visionfm_jax.parallel.coordination --processes=N --ready_file=F [--port=P]
 
 serves until SIGTERM or SIGINT, or until the process that started it ends; once it serves it writes the port (P, or
-a free one) to F, and exits 3 without writing it where this jax cannot host or join the service this way (the launcher then leaves the service
-to process 0, as jax.distributed.initialize does).
+a free one) to F, and exits 3 without writing it where this jax cannot host or join the service this way (the
+launcher then leaves the service to process 0, as jax.distributed.initialize does).
 """
 
 from __future__ import annotations
@@ -21,10 +24,17 @@ import signal
 import socket
 import sys
 
-from visionfm_jax import atomic
+from absl import logging
 
-# Set by the launcher for the trainers: "launcher" = join the service the launcher hosts, start none.
+from visionfm_jax import atomic
+from visionfm_jax.parallel import relay
+
+# Set by the launcher for the trainers: "launcher" = join the service the launcher hosts, start none; and the
+# service's pid, which a trainer's line names when the service dies.
 SERVICE_ENV = "VISIONFM_COORDINATION_SERVICE"
+SERVICE_PID_ENV = "VISIONFM_COORDINATION_SERVICE_PID"
+# EX_TEMPFAIL: a process that lost its peers or its service; the job may succeed if requeued.
+REQUEUE_EXIT_CODE = 75
 # How long the service waits on a silent trainer before it fails the job: above any sensible
 # config.peer_timeout_s, so that the trainers' own watch names a lost peer first.
 HEARTBEAT_TIMEOUT_S = 300
@@ -43,30 +53,80 @@ def hosted_by_launcher() -> bool:
   return os.environ.get(SERVICE_ENV) == "launcher"
 
 
-class _NativeWithoutService:
-  """The native library as jax.distributed.initialize calls it, but starting no service: the launcher's serves."""
+def describe_service(address: str) -> str:
+  """The service at `address` as an error line names it: where it runs, and its process where that is known."""
+  if not hosted_by_launcher():
+    return f"JAX's coordination service at {address} (in process 0)"
+  pid = os.environ.get(SERVICE_PID_ENV)
+  return f"JAX's coordination service at {address} ({f'pid {pid}, ' if pid else ''}started by the launcher)"
 
-  def __init__(self, native):
-    self._native = native
 
-  def get_distributed_runtime_service(self, *args, **kwargs):  # pylint: disable=unused-argument
-    return None
+def exit_for_requeue(what: str, process_index: int):
+  """Prints `what` as the process's one error line and ends it with REQUEUE_EXIT_CODE, at once: its other threads
+  may be blocked in native code, where only a hard exit ends the process."""
+  print(f"error: {what}. Process {process_index} exits with code {REQUEUE_EXIT_CODE} so that the job is requeued; "
+        f"it resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
+  os._exit(REQUEUE_EXIT_CODE)
+
+
+class _Native:
+  """The native library as jax.distributed.initialize calls it, with the client joining the service through a relay
+  (parallel/relay.py) where this process does not host the service, and starting no service where
+  `start_service` is False (the launcher's serves)."""
+
+  def __init__(self, native, distributed, start_service: bool):
+    self._native, self._distributed, self._start_service = native, distributed, start_service
+    self._hosts_service = False
+
+  def get_distributed_runtime_service(self, *args, **kwargs):
+    if not self._start_service:
+      return None
+    self._hosts_service = True
+    return self._native.get_distributed_runtime_service(*args, **kwargs)
+
+  def get_distributed_runtime_client(self, address, *args, **kwargs):
+    if not self._hosts_service:
+      address = _relay_to(address, self._distributed)
+    return self._native.get_distributed_runtime_client(address, *args, **kwargs)
 
   def __getattr__(self, name):
     return getattr(self._native, name)
 
 
-def joining_launcher_service():
-  """A context within which jax.distributed.initialize() joins the service at JAX_COORDINATOR_ADDRESS as a client
-  only, in process 0 too; everything else it does (device visibility, the preemption manager, shutdown at exit) is
-  its own. ImportError where this jax cannot."""
-  return _starting_no_service(_jax_distributed_module())
+_links: list[relay.Link] = []
+
+
+def _relay_to(address: str, distributed) -> str:
+  """The local address of a relay to the service at `address`, whose death ends this process with one line."""
+  def gone(why: str) -> None:
+    exit_for_requeue(f"{describe_service(address)} is gone: {why}", distributed.global_state.process_id)
+  try:
+    link = relay.Link(address, gone)
+  except OSError as e:
+    logging.warning("no relay to JAX's coordination service (%s): this process's client joins it directly, and "
+                    "aborts with a stack dump if the service dies", e)
+    return address
+  _links.append(link)
+  return link.address
+
+
+def ending() -> None:
+  """This process shuts down: the service may close from now on (call before jax.distributed.shutdown)."""
+  for link in _links:
+    link.ending()
+
+
+def joining_service():
+  """A context within which jax.distributed.initialize() joins the service through a relay, as a client only where
+  the launcher hosts it (in process 0 too); everything else it does (device visibility, the preemption manager,
+  shutdown at exit) is its own. ImportError where this jax cannot."""
+  return _native_replaced(_jax_distributed_module(), start_service=not hosted_by_launcher())
 
 
 @contextlib.contextmanager
-def _starting_no_service(distributed):
+def _native_replaced(distributed, start_service: bool):
   native = distributed._jax  # pylint: disable=protected-access
-  distributed._jax = _NativeWithoutService(native)  # pylint: disable=protected-access
+  distributed._jax = _Native(native, distributed, start_service)  # pylint: disable=protected-access
   try:
     yield
   finally:

@@ -7,6 +7,7 @@ by jax):
                            auto-detection
   VISIONFM_COORDINATION_SERVICE  "launcher": join the coordination service the launcher hosts
                            (parallel/coordination.py), start none in process 0
+  VISIONFM_COORDINATION_SERVICE_PID  that service's pid, named when it dies
   JAX_LOCAL_DEVICE_IDS     comma list of the accelerators this process drives, e.g. "0,1,2,3,4,5,6,7". Under SLURM
                            jax otherwise gives each task only the GPU numbered SLURM_LOCALID (one GPU per task);
                            launch/slurm.sbatch sets it to all of the node's GPUs (one task per node).
@@ -15,6 +16,7 @@ A malformed one is a UserError naming it.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 
@@ -74,8 +76,9 @@ def initialize_kwargs() -> dict:
 def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
   """Calls jax.distributed.initialize(**initialize_kwargs()) when `mode` is 'on', or 'auto' and
   `launched_distributed()`, with JAX's heartbeat timeout (100 s) at least 3x `peer_timeout_s`, so that the
-  training loop's own watch on its peers (training/infra/faults.py PeerWatch) speaks first. Where the launcher
-  hosts the service (coordination.SERVICE_ENV), every process joins it as a client."""
+  training loop's own watch on its peers (training/infra/faults.py PeerWatch) speaks first. A process that does not
+  host the coordination service joins it through a relay (parallel/coordination.py); where the launcher hosts it
+  (coordination.SERVICE_ENV), every process does."""
   if mode not in ("auto", "on", "off"):
     raise ValueError(f"mode={mode!r}: expected 'auto', 'on' or 'off'")
   if mode == "off" or (mode == "auto" and not launched_distributed()):
@@ -84,14 +87,16 @@ def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
   kwargs = dict(initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)))
   with _service_placement(jax.__version__):
     jax.distributed.initialize(**kwargs)
+  atexit.register(coordination.ending)  # after jax's own shutdown at exit was registered: runs before it
 
 
 def _service_placement(jax_version: str):
-  """Where jax.distributed.initialize finds the coordination service: the launcher's, or its own in process 0."""
-  if not coordination.hosted_by_launcher():
-    return contextlib.nullcontext()
+  """How jax.distributed.initialize joins the coordination service: through a relay, and the launcher's service
+  where there is one; as jax does by itself where this jax cannot."""
   try:
-    return coordination.joining_launcher_service()
+    return coordination.joining_service()
   except ImportError as e:
+    if not coordination.hosted_by_launcher():
+      return contextlib.nullcontext()
     raise UserError(f"{coordination.SERVICE_ENV}=launcher: this jax ({jax_version}) cannot join a coordination "
                     f"service its launcher hosts (no {e.name or e}); unset it") from e

@@ -24,8 +24,10 @@ Linux only (/proc, /dev/shm): elsewhere nothing is tagged, watched or removed.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
-from multiprocessing import shared_memory
+from multiprocessing import resource_tracker, shared_memory
+import multiprocessing.util
 import os
 import re
 import secrets
@@ -41,6 +43,7 @@ WATCH_INTERVAL_S = 0.2
 # The names multiprocessing gives segments (psm_<random>) and semaphores (sem.mp-<random>), with a run tag between.
 _TAGGED = re.compile(r"(?:psm_|sem\.mp-)vfm-(\d+)-(\d+)-(\d+)-\w+")
 _watching = False
+_unlinking_at_exit = False
 
 
 def supported() -> bool:
@@ -119,12 +122,31 @@ def _exit_after(trainer: int, trainer_start: int) -> None:
 
 def tie_workers_to_this_process() -> list:
   """The ops to put first in a pipeline whose workers this process starts: [EndWithTrainer] ([] where unsupported);
-  names this process's own segments and semaphores after it."""
+  names this process's own segments and semaphores after it, and removes those left at its exit."""
+  global _unlinking_at_exit
   if not supported():
     return []
   op = EndWithTrainer()
   name_after(op.tag)
+  if not _unlinking_at_exit:
+    # Negative priority: multiprocessing runs it at exit after it has joined the workers, which make no more.
+    multiprocessing.util.Finalize(None, unlink_segments_of, args=(op.tag,), exitpriority=-1)
+    _unlinking_at_exit = True
   return [op]
+
+
+def unlink_segments_of(tag: str, directory: str = SHM_DIR) -> int:
+  """Unlinks the segments named after `tag` that are still in `directory` (batches the workers made that the loop
+  never took) and takes them off the resource tracker's list, which would otherwise remove them itself with a
+  'leaked shared_memory objects' warning. Returns how many."""
+  count = 0
+  for name in os.listdir(directory):
+    if name.startswith(f"psm_{tag}-"):
+      with contextlib.suppress(FileNotFoundError):
+        os.unlink(os.path.join(directory, name))
+        count += 1
+      resource_tracker.unregister(f"/{name}", "shared_memory")
+  return count
 
 
 def remove_what_dead_runs_left(directory: str = SHM_DIR) -> tuple[int, int]:

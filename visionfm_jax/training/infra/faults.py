@@ -31,7 +31,9 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-HUNG_EXIT_CODE = 75  # EX_TEMPFAIL: the job may succeed if requeued
+from visionfm_jax.parallel import coordination
+
+HUNG_EXIT_CODE = coordination.REQUEUE_EXIT_CODE  # EX_TEMPFAIL: the job may succeed if requeued
 
 
 def agreed(ok: bool) -> bool:
@@ -154,14 +156,20 @@ class PeerWatch:
   the scheduler requeues the job, which resumes from the newest complete checkpoint. A process that ends says
   so (`close`): 'done' lets the others finish alone; 'failed' (an error it has printed) ends those that are still
   running `timeout_s` later (an error all processes agree on ends each of them on its own, with its own line).
-  The coordinator (process 0) hosts the service itself: stopped or cut off, it takes the others' beats and their
-  view of one another with it, and a call to it just waits (JAX's client aborts at its heartbeat deadline, 3x
-  `timeout_s`). A second thread, which never calls the service, names it once the service has not answered this
-  process's beat for `timeout_s`. Killed outright, it refuses the beat; JAX's client then aborts this process
-  itself at once (its handler for that cannot be replaced from Python), and the launcher names the dead process.
+  The service (in process 0, or in a process the launcher started) holds the others' beats and their view of one
+  another: stopped or cut off, a call to it just waits (JAX's client aborts at its heartbeat deadline, 3x
+  `timeout_s`), so a second thread, which never calls the service, names it once the service has not answered this
+  process's beat for `timeout_s`. Killed outright, it is named at once by the relay this process joins it through
+  (parallel/relay.py).
+
+  A process stopped for longer than `timeout_s` (SIGSTOP, a suspended VM) and then continued has been given up by
+  its peers: it judges each peer afresh once it runs again, and a peer whose beat has not moved within
+  `THAW_GRACE_BEATS` beats of that is gone. (Stopped and continued together, as a suspended job is, the peers beat
+  again within one.)
   """
 
   PREFIX = "visionfm/alive/"
+  THAW_GRACE_BEATS = 3
 
   def __init__(self, timeout_s: float):
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
@@ -174,10 +182,12 @@ class PeerWatch:
     # peer -> (its beat as last read, when this process first read that beat)
     self._last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
     self._answered = time.monotonic()  # when the service last took this process's beat
+    self._service = "" if distributed.global_state.service is not None else coordination.describe_service(
+        distributed.global_state.coordinator_address)
     if self.timeout_s > 0 and self._count > 1 and self._client is not None:
       self._thread = threading.Thread(target=self._watch, name="visionfm-peer-watch", daemon=True)
       self._thread.start()
-      if self._me != 0:
+      if self._service:
         threading.Thread(target=self._watch_coordinator, name="visionfm-coordinator-watch", daemon=True).start()
 
   def name_a_lost_peer(self) -> None:
@@ -223,33 +233,53 @@ class PeerWatch:
 
   def _watch(self) -> None:
     host, beats = socket.gethostname(), 0
-    last_seen = self._last_seen
+    last_seen, ticked, thawed = self._last_seen, time.monotonic(), None
     while not self._stop.wait(self._interval):
+      stopped_s = time.monotonic() - ticked  # over timeout_s: this process was stopped longer than its peers wait
       beats += 1
       try:
         self._client.key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
                                    allow_overwrite=True)
       except Exception as e:  # pylint: disable=broad-except
         if not self._stop.is_set():
-          self._abort(f"the coordinator, process 0 of {self._count}, is gone (its key-value store refused this "
-                      f"process's heartbeat: {str(e).splitlines()[0][:200]})")
+          self._abort(f"{self._service or f'the coordinator, process 0 of {self._count},'} is gone (its key-value "
+                      f"store refused this process's heartbeat: {str(e).splitlines()[0][:200]})")
         return
-      now = self._answered = time.monotonic()
-      for peer, (value, since) in list(last_seen.items()):
-        try:
-          current = self._client.key_value_try_get(f"{self.PREFIX}{peer}")
-        except Exception:  # pylint: disable=broad-except  # no beat yet
-          current = None
-        if current == "done":
-          del last_seen[peer]
-        elif current != value:
-          last_seen[peer] = (current, now)
-        elif current == "failed" and now - since > self.timeout_s:  # its error did not end this process too
-          self._abort(f"process {peer} of {self._count} stopped {now - since:.0f}s ago with an error (its own error "
-                      f"line says which)")
-        elif now - since > self.timeout_s:
-          self._abort(f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat for "
-                      f"{now - since:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
+      now = ticked = self._answered = time.monotonic()
+      self._read_beats(last_seen, now)
+      if stopped_s > self.timeout_s:
+        thawed = (stopped_s, now, {peer: value for peer, (value, _) in last_seen.items()})
+      elif thawed and now - thawed[1] > self.THAW_GRACE_BEATS * self._interval:
+        self._judge_after_thaw(last_seen, *thawed)
+        thawed = None
+
+  def _read_beats(self, last_seen: dict, now: float) -> None:
+    """Reads each peer's beat into `last_seen`; ends this process naming a peer silent for `timeout_s`."""
+    for peer, (value, since) in list(last_seen.items()):
+      try:
+        current = self._client.key_value_try_get(f"{self.PREFIX}{peer}")
+      except Exception:  # pylint: disable=broad-except  # no beat yet
+        current = None
+      if current == "done":
+        del last_seen[peer]
+      elif current != value:
+        last_seen[peer] = (current, now)
+      elif current == "failed" and now - since > self.timeout_s:  # its error did not end this process too
+        self._abort(f"process {peer} of {self._count} stopped {now - since:.0f}s ago with an error (its own error "
+                    f"line says which)")
+      elif now - since > self.timeout_s:
+        self._abort(f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat for "
+                    f"{now - since:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
+
+  def _judge_after_thaw(self, last_seen: dict, stopped_s: float, resumed: float, beats: dict) -> None:
+    """After this process was stopped `stopped_s` seconds and resumed at `resumed`: a peer whose beat is still the
+    one it read first (`beats`) is gone."""
+    for peer, (value, _) in last_seen.items():
+      if value == beats.get(peer) and value != "failed":
+        self._abort(f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat in the "
+                    f"{time.monotonic() - resumed:.0f}s since this process resumed after being stopped for "
+                    f"{stopped_s:.0f}s (longer than config.peer_timeout_s={self.timeout_s:g}, after which its peers "
+                    f"give up on it): it gave up on this process, or died")
 
   def _watch_coordinator(self) -> None:
     """Ends this process once the service has not taken its beat for `timeout_s`: the beat's call waits on a
@@ -263,10 +293,14 @@ class PeerWatch:
       ticked = now
       silent = now - self._answered
       if silent > self.timeout_s:
-        value = self._last_seen.get(0, (None, 0.0))[0]
-        self._abort(f"the coordinator, process 0 of {self._count}{self._where(value)}, has not answered for "
-                    f"{silent:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it is stopped, or its node is lost "
-                    f"or cut off from this one")
+        self._abort(f"{self._coordinator()} has not answered for {silent:.0f}s (config.peer_timeout_s="
+                    f"{self.timeout_s:g}): it is stopped, or its node is lost or cut off from this one")
+
+  def _coordinator(self) -> str:
+    """The service as the lines name it: process 0 (as last seen) where it hosts it, else the service itself."""
+    if not coordination.hosted_by_launcher():
+      return f"the coordinator, process 0 of {self._count}{self._where(self._last_seen.get(0, (None, 0.0))[0])},"
+    return self._service
 
   @staticmethod
   def _where(beat: str | None) -> str:
@@ -279,6 +313,4 @@ class PeerWatch:
   def _abort(self, what: str) -> None:
     if self._stop.is_set():  # this process is ending on its own, with its own line
       return
-    print(f"error: {what}. Process {self._me} exits with code {HUNG_EXIT_CODE} so that the job is requeued; it "
-          f"resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
-    os._exit(HUNG_EXIT_CODE)  # the main thread may be blocked in a collective: only a hard exit ends the process
+    coordination.exit_for_requeue(what, self._me)  # the main thread may be blocked in a collective
