@@ -8,6 +8,7 @@ Most cases run main in this process, through the parser and `main` that `python 
 processes, one for each way a run fails (a flag, a config field, data, a checkpoint, a workdir, a tool's
 flag), so the process-level contract (one line on stderr, exit status 2, nothing after it) is tested too."""
 
+import functools
 import os
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib, tasks
-from visionfm_jax.training import checkpoint, checks, optim, resume, train
+from visionfm_jax.training import checkpoint, checks, data_record, optim, resume, train
 from visionfm_jax.training import step as step_lib
 
 from conftest import ROOT, tiny_vit_config
@@ -32,7 +33,9 @@ TINY = [DEMO, "--config.model.variant=pico/4", "--config.model.image_size=16", "
         "--config.data.num_workers=0", "--config.progress_bar=False", "--config.total_steps=4"]
 
 # (id, arguments, what the error line must name). <good>: a workdir of the tiny ViT with a
-# checkpoint at step 2; <garbled>: the same with that checkpoint's _METADATA garbled.
+# checkpoint at step 2; <garbled>: the same with that checkpoint's _METADATA garbled; <no_data_record>: the same
+# without its data.json.
+WORKDIRS = ("good", "garbled", "no_data_record")
 CASES = [
     ("unknown_key", [DEMO, "--config.optim.lrr=1"], ["--config.optim.lrr", "'lr'"]),
     ("unknown_group", [DEMO, "--config.nosuch.x=1"], ["'nosuch'"]),
@@ -84,6 +87,8 @@ CASES = [
      ["cannot resume", "config.model.pool 'gap' -> 'cls'"]),
     ("resume_with_another_schedule", [*TINY, "--workdir=<good>"],
      ["config.total_steps 2 -> 4", "--config.resume.allow_changes=total_steps"]),
+    ("resume_without_its_data_record", [*TINY, "--workdir=<no_data_record>", "--config.total_steps=2"],
+     ["no_data_record/data.json is missing", "--config.resume.allow_changes=data.source"]),
     ("unknown_allowed_change", [DEMO, "--config.resume.allow_changes=lr"], ["config.resume.allow_changes='lr'"]),
     ("unknown_tracker", [DEMO, "--config.report_to=tensorboard,comet"],
      ["config.report_to='tensorboard,comet'", "tensorboard, wandb, mlflow, or 'none'"]),
@@ -121,7 +126,8 @@ def _tiny_state_at_step_2(config):
 def workdirs(tmp_path_factory):
   """<good>: the workdir train.run leaves after 2 steps of the tiny ViT (TINY with total_steps=2): config.json and a
   checkpoint at step 2 of the state, its data iterator and the run's config, written without training; that
-  train.run resumes it is checked here. <garbled>: the same with that checkpoint's _METADATA garbled."""
+  train.run resumes it is checked here. <garbled>: the same with that checkpoint's _METADATA garbled;
+  <no_data_record>: without its data.json."""
   root = tmp_path_factory.mktemp("bad_input")
   config = tiny_vit_config(total_steps=2, checkpoint_every=2, eval_every=100)
   config.data.num_workers = 0
@@ -133,6 +139,11 @@ def workdirs(tmp_path_factory):
   saver.save(2, state, loader)
   saver.close()
   (good / "config.json").write_text(config.to_json_best_effort(indent=2))
+  data = tasks.build(config).train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,
+                                          process_count=1)
+  data_record.check(config, str(good), data.identity, None)  # the record of its training data, as train.run's
+  shutil.copytree(good, root / "no_data_record")
+  (root / "no_data_record" / data_record.FILE).unlink()
   shutil.copytree(good, root / "resumed")
   assert train.run(config.copy_and_resolve_references(), str(root / "resumed"))["step"] == 2  # and evaluates step 2
   shutil.copytree(good, root / "garbled")
@@ -192,9 +203,9 @@ def _main_in_a_process(args, env) -> tuple[int, str, str]:
 @pytest.mark.parametrize("name,args,culprit", CASES,
                          ids=[c[0] + ("-subprocess" if c[0] in SUBPROCESS_CASES else "") for c in CASES])
 def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp_path, request, monkeypatch, capsys):
-  if any("<good>" in a or "<garbled>" in a for a in args):
+  if any(f"<{name}>" in a for a in args for name in WORKDIRS):
     root = request.getfixturevalue("workdirs")
-    args = [a.replace("<good>", str(root / "good")).replace("<garbled>", str(root / "garbled")) for a in args]
+    args = [functools.reduce(lambda a, name: a.replace(f"<{name}>", str(root / name)), WORKDIRS, a) for a in args]
   if not any(a.startswith("--workdir=") for a in args):
     args = [*args, f"--workdir={tmp_path / 'run'}"]
   if name in SUBPROCESS_CASES:

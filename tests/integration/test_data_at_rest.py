@@ -15,6 +15,7 @@ import threading
 import numpy as np
 import pytest
 
+from visionfm_jax.bench import file_opens
 from visionfm_jax.data.loader import identity, open_files
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources import open_shards, records, wds
@@ -43,8 +44,11 @@ def _write_set(directory, shards=SHARDS, per_shard=PER_SHARD, shade=0):
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
+  """300 shards with their shard index, as tools.prepare_data leaves them."""
   directory = tmp_path_factory.mktemp("many_shards")
-  return directory, _write_set(directory)
+  names = _write_set(directory)
+  records.write_index(directory, "train")
+  return directory, names
 
 
 def _open_fds() -> int:
@@ -143,6 +147,43 @@ def test_a_corrupt_chunk_is_a_skipped_and_counted_record(tmp_path):
   assert all(source[i]["image"] is not None for i in range(6) if i != spoilt)
 
 
+@pytest.mark.parametrize("indexed", [True, False], ids=["indexed", "footers"])
+def test_a_shard_truncated_while_training_is_named_as_such_not_counted_as_corrupt(tmp_path, indexed):
+  """Read, truncated, then opened again once the bounded set of open shards has closed it: checked against its
+  index row (or the footer read at start-up)."""
+  names = _write_set(tmp_path, shards=open_shards.LIMIT + 2, per_shard=2)
+  if indexed:
+    records.write_index(tmp_path, "train")
+  source = records.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
+  assert source[0]["image"] is not None
+  size = os.path.getsize(tmp_path / names[0])
+  os.truncate(tmp_path / names[0], size // 2)
+  for shard in range(1, len(names)):
+    assert source[2 * shard]["image"] is not None
+  against = r"its index .*train\.shards\.npy" if indexed else "the footer read when the source opened"
+  with pytest.raises(records.ShardChanged, match=rf"{tmp_path / names[0]} is not the shard {against} describes: "
+                                                 rf"{size // 2:,} bytes, {size:,} when indexed \(truncated or "
+                                                 rf"replaced\); prepare it again"):
+    source[1]
+
+
+def test_a_shard_replaced_since_it_was_indexed_is_one_error_line_naming_it(tmp_path, monkeypatch, capsys):
+  """Re-prepared under the same name with as many records: its bytes differ from its index row when the run first
+  opens it (here the dry run, which reads its first record)."""
+  names = _write_set(tmp_path, shards=4, per_shard=2)
+  records.write_index(tmp_path, "train")
+  records.write_records(str(tmp_path / names[0]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1}
+                                                   for _ in range(2)))
+  status, _, err = run_main_in_process(
+      ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+       f"--config.data.source=arrayrecord:{tmp_path}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
+       "--config.data.num_workers=0"], monkeypatch, capsys)
+  assert status == 2
+  assert re.fullmatch(rf"error: arrayrecord source '{tmp_path}/train-\*\.array_record': {tmp_path / names[0]} is "
+                      rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, \w+ "
+                      rf"when indexed \(truncated or replaced\); prepare it again .*", err.strip().splitlines()[-1])
+
+
 def test_a_shard_that_vanishes_while_training_is_an_error_naming_it(tmp_path):
   names = _write_set(tmp_path, shards=3, per_shard=2)
   source = records.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
@@ -180,13 +221,17 @@ def test_a_hard_limit_below_the_need_is_one_line_before_training(tmp_path, many_
       f"('ulimit -Hn {need}' where allowed, or the cluster's limits.conf)")
 
 
-def test_the_dry_run_reports_the_need(tmp_path, many_shards, monkeypatch, capsys):
+def test_the_dry_run_reports_the_need_and_opens_only_the_shard_it_reads(tmp_path, many_shards, monkeypatch, capsys):
+  """The loader over 300 indexed shards learns their records from the index: of the shards it opens only the first,
+  whose first record it reads (checked against its row, then read)."""
   directory, _ = many_shards
-  status, out, _ = run_main_in_process(
-      ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-       f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
-       "--config.data.num_workers=2"], monkeypatch, capsys)
-  assert status == 0
+  with file_opens.FileOpens([directory], ".array_record") as opens:
+    status, out, _ = run_main_in_process(
+        ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+         f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
+         "--config.data.num_workers=2"], monkeypatch, capsys)
+    assert status == 0
+    assert opens.value() == 2 and not opens.overflowed
   need = open_shards.bound() + 2 * open_files.PER_WORKER + open_files.RUN_FILES
   soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
   assert f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard}" in out
@@ -235,9 +280,28 @@ def test_a_resume_follows_changed_data_until_a_checkpoint_is_saved_on_it(tmp_pat
   assert data_record.check(config, str(tmp_path), new, 10)  # changed (allowed): follow
   assert data_record.check(config, str(tmp_path), new, 10)  # no save on the new data yet: follow again
   assert not data_record.check(config, str(tmp_path), new, 20)  # a checkpoint of the new data: replay
-  (tmp_path / data_record.FILE).write_text("{garbled")
-  with pytest.raises(WorkdirError, match=r"data.json: unreadable record of the run's training data"):
-    data_record.check(config, str(tmp_path), new, 20)
+
+
+@pytest.mark.parametrize("content,why", [(None, "is missing"), ("{}", "is empty"), ("{garbled", "cannot be read"),
+                                         ('{"changed_after": null}', r"holds no record of training data")],
+                         ids=["missing", "empty", "garbled", "no_entries"])
+def test_a_lost_data_record_stops_a_resume_until_allowed_then_is_rebuilt(tmp_path, content, why):
+  """Missing, emptied or garbled, data.json guards nothing: a resume says so and names the override; with it, the
+  record is rebuilt from this run's data, which is read from the saved stream position as changed data is."""
+  config = tiny_vit_config(**{"data.source": "arrayrecord:/d/{split}-*", "resume.allow_changes": "total_steps"})
+  data = {"entries": [{"what": "x", "source": "a", "records": 4}]}
+  path = tmp_path / data_record.FILE
+  if content is not None:
+    path.write_text(content)
+  with pytest.raises(WorkdirError, match=rf"^cannot resume {tmp_path}: {path} {why}.*; restore it, or pass "
+                                         rf"--config.resume.allow_changes=total_steps,data.source to record this "
+                                         rf"run's data anew"):
+    data_record.check(config, str(tmp_path), data, 10)
+  assert (path.read_text() if content is not None else not path.exists())  # left as it was
+  config.resume.allow_changes = "data.source"
+  assert data_record.check(config, str(tmp_path), data, 10)  # rebuilt; read by position
+  assert json.loads(path.read_text()) == {**data, "changed_after": 10}
+  assert not data_record.check(config, str(tmp_path), data, 20)  # a checkpoint saved on it: compared again
 
 
 def test_the_identity_of_tars_in_place_names_a_tar_rewritten_and_reindexed(tmp_path):

@@ -31,6 +31,9 @@ def test_the_pipeline_over_thousands_of_shards_grows_nothing_under_256_open_file
   report = json.loads(result.stdout.strip().splitlines()[-1])
   assert report["sources"] == [{"name": "laion", "kind": "pairs", "shards": 3000, "classes": 0}]
   assert report["failure"] is None and report["workers"] == 1
+  # the shard index tells the records per shard: building the loader reads the first record alone (its shard
+  # checked against its row, then opened)
+  assert report["start_up"]["shard_opens"] == 2 and not report["start_up"]["overflowed"]
   verdicts = {v["quantity"]: v for v in report["verdicts"]}
   assert set(verdicts) == {"descriptors (main)", "descriptors (children)", "RSS MB (main)", "RSS MB (children)",
                            "threads (main)", "threads (children)", "processes", "/dev/shm entries",
@@ -55,9 +58,12 @@ def test_the_shards_are_written_once_and_reused(tmp_path):
   (folder / "train-00007-of-00100.array_record").unlink()
   _, _, reused = synthetic_shards.prepare_sources(str(tmp_path), [layout], 3, links=True)
   assert not reused and (folder / "train-00007-of-00100.array_record").exists()
-  from visionfm_jax.data.sources import records  # pylint: disable=g-import-not-at-top
+  from visionfm_jax.data.sources import records, shard_index  # pylint: disable=g-import-not-at-top
   source = records.ArrayRecordSource(str(folder / "train-*.array_record"))
   assert len(source) == 300 and source[299]["caption"].startswith("a synthetic photo")
+  name = "train-00005-of-00100.array_record"  # its index row is its template's: what its footer says
+  count, size, digest = shard_index.measure(str(folder / name))
+  assert source.identity()["shards"][5] == [name, count, size, shard_index.hex_digest(digest)]
 
 
 def test_a_mixture_preset_scales_every_source_to_the_shards_asked_for():

@@ -15,6 +15,7 @@ from PIL import Image
 import pytest
 
 from visionfm_jax import config_lib
+from visionfm_jax.bench import file_opens
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.sources import registry as sources
@@ -351,6 +352,8 @@ def test_cli(tree, tmp_path, capsys):
   assert captured.out.startswith("prepare_data: train 7, validation 3 records, 0 skipped, 3 shards, ")
   assert "shards 3/3, 10 records written" in captured.err
   assert records.read_metadata(out)["splits"]["validation"]["records"] == 3
+  with file_opens.FileOpens([out], ".array_record") as opens:  # each split's shard index says what they hold
+    assert len(records.ArrayRecordSource(f"{out}/*.array_record")) == 10 and opens.value() == 0
 
   os.makedirs(tmp_path / "tars")
   make_uncaptioned_tars(tmp_path / "tars", tars=2, per_tar=4)

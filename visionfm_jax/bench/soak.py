@@ -56,6 +56,10 @@ shorter run) is below the first's by more than `--throughput_tolerance` (10%), a
 of the process tree: other jobs' load on a shared machine moves the wall-clock rate alone (the table's last column
 is the machine's load average).
 
+Before the table, the start-up: the time the loader takes to build, the shard files any process opened meanwhile
+(inotify's IN_OPEN on the sources' folders, bench/file_opens.py) and the main process's peak RSS; the JSON line adds
+`ready_s` (the build and the first batch: ready to train) and the shard opens until the first batch.
+
 Prints a table over time, one verdict line per quantity and, last, one JSON object with every figure. Exit status
 0 when every quantity is flat; 1, after one `error:` line naming what grew (or the pipeline's failure, say
 "Too many open files"), when one grows or the pipeline fails; 2 for bad input.
@@ -78,6 +82,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from visionfm_jax import cli
+from visionfm_jax.bench import file_opens
 from visionfm_jax.bench.proc_probe import Probe, Sample
 from visionfm_jax.bench.synthetic_shards import PRESETS, Preset, prepare_sources, scaled
 from visionfm_jax.bench.trends import MIN_JUDGED, Findings, assess
@@ -138,6 +143,29 @@ class Run:
   failure: str | None  # the pipeline's exception, one line
   failed_at: int | None
   at_failure: Sample | None = None  # what the processes held after it (a dead worker holds nothing)
+
+
+@dataclasses.dataclass
+class StartUp:
+  """What building the loader cost beside its wall time: its CPU seconds (a shared machine's load moves the wall
+  time alone), the shard files opened (by any process; a lower bound when inotify's queue overflowed), the main
+  process's peak RSS; and the opens until the first batch was drawn."""
+  cpu_s: float
+  shard_opens: int
+  overflowed: bool
+  peak_rss_mb: float
+  first_batch_opens: int | None = None
+
+  def line(self) -> str:
+    at_least = "at least " if self.overflowed else ""
+    return (f"{self.cpu_s:.1f} CPU s, {at_least}{self.shard_opens:,} shard files opened, peak RSS "
+            f"{self.peak_rss_mb:,.0f} MB")
+
+
+def _peak_rss_mb() -> float:
+  """VmHWM of this process, in MB."""
+  with open("/proc/self/status", encoding="utf-8") as f:
+    return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
 
 
 def soak(iterator, steps: int, every: int, batch_size: int, progress=None) -> Run:
@@ -298,17 +326,27 @@ def _body(result: dict, fv, rest) -> None:
   specs, write_s, reused = prepare_sources(os.path.expanduser(fv.data_dir), layouts, fv.records_per_shard, fv.links)
   point_at(config, specs, fv.num_workers)
   limits = resource.getrlimit(resource.RLIMIT_NOFILE)
-  start = time.perf_counter()
-  iterator = iter(build_loader(config, fv.batch_size))
-  open_s = time.perf_counter() - start
-  raised = resource.getrlimit(resource.RLIMIT_NOFILE)  # the loader may raise the soft limit to what it needs
-  workers = pipeline.worker_count(config.data.num_workers)
-  print(f"soak: preset {fv.preset} ({', '.join(f'{s.name} {s.shards:,} shards' for s in layouts)}; "
-        f"{fv.records_per_shard} records each), {'reused' if reused else 'written'} in {write_s:.1f} s under "
-        f"{fv.data_dir}; loader built in {open_s:.1f} s; {workers} workers, batch {fv.batch_size}, {fv.steps} steps, "
-        f"image size {config.data.image_size}; RLIMIT_NOFILE {_limit(limits, raised)}", flush=True)
-  print(table_header(), flush=True)
-  run = soak(iterator, fv.steps, fv.every, fv.batch_size, progress=lambda s: print(table_row(s), flush=True))
+  opens = file_opens.FileOpens([os.path.dirname(spec.split(":", 1)[1]) for spec in specs], ".array_record")
+  with opens:
+    start, cpu = time.perf_counter(), time.process_time()
+    iterator = iter(build_loader(config, fv.batch_size))
+    open_s = time.perf_counter() - start
+    start_up = StartUp(round(time.process_time() - cpu, 2), opens.value(), opens.overflowed, _peak_rss_mb())
+    raised = resource.getrlimit(resource.RLIMIT_NOFILE)  # the loader may raise the soft limit to what it needs
+    workers = pipeline.worker_count(config.data.num_workers)
+    print(f"soak: preset {fv.preset} ({', '.join(f'{s.name} {s.shards:,} shards' for s in layouts)}; "
+          f"{fv.records_per_shard} records each), {'reused' if reused else 'written'} in {write_s:.1f} s under "
+          f"{fv.data_dir}; loader built in {open_s:.1f} s, {start_up.line()}; {workers} workers, batch "
+          f"{fv.batch_size}, {fv.steps} steps, image size {config.data.image_size}; RLIMIT_NOFILE "
+          f"{_limit(limits, raised)}", flush=True)
+    print(table_header(), flush=True)
+
+    def progress(sample):
+      if sample.step == 1:
+        start_up.first_batch_opens = opens.value()
+      print(table_row(sample), flush=True)
+
+    run = soak(iterator, fv.steps, fv.every, fv.batch_size, progress=progress)
   if run.at_failure is not None:
     print(table_row(run.at_failure) + f"  after the failure: {run.failure}", flush=True)
   del iterator  # grain's workers stop
@@ -319,7 +357,8 @@ def _body(result: dict, fv, rest) -> None:
       date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device(),
       versions=versions(), preset=fv.preset, config=preset.config, sources=[dataclasses.asdict(s) for s in layouts],
       records_per_shard=fv.records_per_shard, links=fv.links, data=specs, write_s=round(write_s, 2), reused=reused,
-      open_s=round(open_s, 2), first_batch_s=round(run.first_batch_s, 2), workers=workers,
+      open_s=round(open_s, 2), first_batch_s=round(run.first_batch_s, 2),
+      ready_s=round(open_s + run.first_batch_s, 2), start_up=dataclasses.asdict(start_up), workers=workers,
       batch_size=fv.batch_size, steps=fv.steps, every=fv.every, warmup=warmup, image_size=config.data.image_size,
       rlimit_nofile=list(limits), rlimit_nofile_loader=list(raised), failure=run.failure, failed_at=run.failed_at,
       verdicts=[dataclasses.asdict(v) for v in findings.verdicts],

@@ -4,7 +4,8 @@ once under a folder per source and layout and reused when its dataset.json says 
 Each shard holds a few records of a 16x16 JPEG (with a caption, a label or neither, as its source's kind says). A
 shard is a hard link to one of TEMPLATES distinct ArrayRecord files (an ArrayRecord file takes 128 KiB whatever it
 holds; 232,000 links take seconds and no space), so every shard name is a file of its own to open; without links
-every shard is written as its own file (128 KiB each).
+every shard is written as its own file (128 KiB each). dataset.json names the shards' index (shard_index.py), as
+tools.prepare_data leaves it.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import time
 
 import numpy as np
 
-from visionfm_jax.data.sources import records
+from visionfm_jax.data.sources import records, shard_index
 from visionfm_jax.errors import UserError
 
 TEMPLATES = 64  # distinct shard files the shards link to
@@ -105,6 +106,8 @@ def is_complete(directory: str, layout: SourceLayout, records_per_shard: int, li
     return False
   if not metadata or metadata.get("soak") != _soak_entry(layout, records_per_shard, links):
     return False
+  if shard_index.KEY not in metadata.get("splits", {}).get(SPLIT, {}):
+    return False
   prefix = f"{SPLIT}-"
   with os.scandir(directory) as entries:
     present = sum(1 for e in entries if e.name.startswith(prefix) and e.name.endswith(".array_record"))
@@ -144,10 +147,14 @@ def write_source(directory: str, layout: SourceLayout, records_per_shard: int, l
     else:
       records.write_records(path, _template_records(layout, records_per_shard, i % count, jpegs))
   classes = [f"n{c:08d}" for c in range(layout.classes)] if layout.kind == "labelled" else None
-  records.write_metadata(directory, kind=DATASET_KINDS[layout.kind], classes=classes,
-                         splits={SPLIT: {"records": layout.shards * records_per_shard, "shards": names,
-                                         "kind": layout.kind}},
+  split = {"records": layout.shards * records_per_shard, "shards": names, "kind": layout.kind}
+  if links:  # every shard is its template: the index repeats the templates' rows
+    rows = np.array([shard_index.measure(path) for path in templates], shard_index.DTYPE)
+    split[shard_index.KEY] = shard_index.save(directory, SPLIT, rows[np.arange(layout.shards) % count])
+  records.write_metadata(directory, kind=DATASET_KINDS[layout.kind], classes=classes, splits={SPLIT: split},
                          soak=_soak_entry(layout, records_per_shard, links))
+  if not links:
+    records.write_index(directory, SPLIT)
 
 
 def prepare_sources(data_dir: str, layouts, records_per_shard: int, links: bool) -> tuple[list[str], float, bool]:

@@ -11,10 +11,11 @@ Each record is a msgpack map with an encoded image and its annotation:
   score    float   the CLIP score `tools.filter_clip_score` kept the pair for; optional
 
 `dataset.json`, next to the shards, describes them (see `write_metadata`): the kind, the class names in label
-order, and per split its shards, counts and kind (labelled, pairs, or images: image-only). `ArrayRecordSource`
-reads every file matching a glob as one random-access source, once the shards `dataset.json` lists are all
-there with the records it counts (a deleted or truncated shard is a DataError naming it); a record that is not
-such a map is counted (`transforms.count_failure`) and served as an undecodable image, which the pipelines skip.
+order, and per split its shards, counts, kind (labelled, pairs, or images: image-only) and shard index (each
+shard's records, bytes and postscript digest: shard_index.py, `write_index`). `ArrayRecordSource` reads every file
+matching a glob as one random-access source, once the shards `dataset.json` lists are all there with the records
+it counts (a deleted, truncated or replaced shard is a DataError naming it); a record that is not such a map is
+counted (`transforms.count_failure`) and served as an undecodable image, which the pipelines skip.
 
 Shards are written to `<name>.tmp` and renamed when complete (`RecordWriter`), so a finished shard name
 always means a complete file, and an interrupted conversion resumes by skipping the shards that exist.
@@ -23,12 +24,17 @@ always means a complete file, and an interrupted conversion resumes by skipping 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import fnmatch
+import gc
 import glob
 import hashlib
 import io
+import itertools
 import json
+import logging
 import os
+import re
 from typing import Iterable
 
 from array_record.python import array_record_module
@@ -37,7 +43,7 @@ import numpy as np
 from PIL import Image
 
 from visionfm_jax import atomic
-from visionfm_jax.data.sources import open_shards
+from visionfm_jax.data.sources import open_shards, shard_index
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -186,10 +192,39 @@ def split_pattern(pattern: str, split: str) -> str:
 def matching_files(pattern: str) -> list[str]:
   """The record files matching `pattern`, sorted (temporary `.tmp` files of unfinished writes left out);
   DataError when there are none."""
-  files = sorted(f for f in glob.glob(pattern, recursive=True) if not f.endswith(".tmp"))
-  if not files:
+  root, names = listing(pattern)
+  return [os.path.join(root, name) for name in names]
+
+
+def listing(pattern: str) -> tuple[str, list[str]]:
+  """(the folder the files matching `pattern` have in common, their paths under it, sorted): `matching_files` in
+  parts. A pattern whose folder holds no wildcard lists that folder once (no path is joined or split per file: at
+  232,000 shards glob's per-file work takes seconds). DataError when no file matches."""
+  directory, name_glob = os.path.split(pattern)
+  if glob.has_magic(directory) or "**" in name_glob:
+    files = sorted(f for f in glob.glob(pattern, recursive=True) if not f.endswith(".tmp"))
+    root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0]) if files else ""
+    names = [os.path.relpath(f, root) for f in files]
+  else:
+    try:
+      listed = os.listdir(directory or ".")
+    except OSError:
+      listed = []
+    # As glob: a name starting with '.' only for a pattern that does; and no unfinished write (.tmp).
+    visible = "" if name_glob.startswith(".") else r"(?!\.)"
+    matches = re.compile(visible + r"(?!.*\.tmp\Z)" + fnmatch.translate(name_glob)).match
+    root, names = directory, sorted(filter(matches, listed))
+  if not names:
     raise DataError(f"arrayrecord source: no files match {pattern!r}; see docs/data_preparation.md")
-  return files
+  return root, names
+
+
+def numbers_in(directory: str, root: str, names: list[str]) -> dict[str, int]:
+  """{file name: its number in `names`} of the files of `listing`'s (`root`, `names`) that lie in `directory`."""
+  if root == directory:  # a name under a subfolder holds a separator: no dataset.json lists it
+    return dict(zip(names, range(len(names))))
+  files = (os.path.join(root, name) for name in names)
+  return {os.path.basename(f): number for number, f in enumerate(files) if os.path.dirname(f) == directory}
 
 
 def class_names(pattern: str) -> list[str]:
@@ -212,33 +247,30 @@ REPREPARE = "prepare it again (tools.prepare_data rewrites only the shards that 
 
 def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:
   """{split: its dataset.json entry} of the splits whose shards the file-name part of `pattern` matches."""
-  name_glob = os.path.basename(pattern)
+  matches = re.compile(fnmatch.translate(os.path.basename(pattern))).match
   return {split: entry for split, entry in metadata.get("splits", {}).items()
-          if any(fnmatch.fnmatch(name, name_glob) for name in entry.get("shards") or ())}
+          if any(map(matches, entry.get("shards") or ()))}
 
 
-def check_shards_present(pattern: str, files: list[str], metadata: dict | None) -> None:
-  """DataError naming the shards that `dataset.json` lists for `pattern` and that are not on disk (a set
-  difference of names: cheap at 100k shards)."""
+def check_shards_present(pattern: str, directory: str, present: dict[str, int], metadata: dict | None) -> None:
+  """DataError naming the shards that `dataset.json` in `directory` lists for `pattern` and that are not on disk
+  (`present`: the names `numbers_in` found there; a set difference of names: cheap at 100k shards)."""
   if not metadata:
     return
-  directory = os.path.dirname(files[0])
-  present = {os.path.basename(f) for f in files if os.path.dirname(f) == directory}
-  name_glob = os.path.basename(pattern)
-  missing = sorted(name for entry in _listed_shards(pattern, metadata).values() for name in entry["shards"]
-                   if fnmatch.fnmatch(name, name_glob) and name not in present)
+  matches = re.compile(fnmatch.translate(os.path.basename(pattern))).match
+  missing = sorted(name for entry in _listed_shards(pattern, metadata).values()
+                   for name in set(filter(matches, entry["shards"])).difference(present))
   if missing:
     raise DataError(f"arrayrecord source {pattern!r}: {os.path.join(directory, METADATA_FILE)} lists shards that "
                     f"are not in {directory}: {_some(missing)}; {REPREPARE}")
 
 
-def check_record_counts(pattern: str, files: list[str], per_file: dict[str, int] | None,
+def check_record_counts(pattern: str, directory: str, per_file: dict[str, int] | None,
                         metadata: dict | None) -> None:
-  """DataError when a split's shards hold another number of records than `dataset.json` counts, naming the
-  shards whose sidecar (`sidecar_path`) counts differ from their files."""
+  """DataError when a split's shards hold another number of records than `dataset.json` in `directory` counts
+  (`per_file`: {path: records}), naming the shards whose sidecar (`sidecar_path`) counts differ from their files."""
   if not metadata or per_file is None:
     return
-  directory = os.path.dirname(files[0])
   for split, entry in _listed_shards(pattern, metadata).items():
     paths = [os.path.join(directory, name) for name in entry["shards"]]
     if "records" not in entry or not all(p in per_file for p in paths):
@@ -260,14 +292,21 @@ def _sidecar_count(path: str) -> int | None:
     return None
 
 
+class ShardChanged(DataError):
+  """A shard that disagrees with its index (or, unindexed, with the footer read when its source opened)."""
+
+
 class ArrayRecordSource:
   """grain RandomAccessDataSource over the records of every file matching `pattern` (sorted by name).
 
-  `metadata` is the `dataset.json` next to the first file (None without one). Opening reads every file's footer
-  once, on threads, for its record count and what identifies its contents (a file that cannot be read as ArrayRecord
-  is a DataError naming it); reads go through a bounded set of open shards (`open_shards.OpenShards`: at most
-  `open_shards.LIMIT` idle ones per process, the least recently used closed first), so a globally shuffled
-  stream over 232,000 shards holds a handful of descriptors, not one per shard it has touched.
+  `metadata` is the `dataset.json` next to the first file (None without one). The records per shard come from the
+  shard index of each split that dataset.json lists them in (shard_index.py): opening the source lists the folder,
+  reads dataset.json and the index, and opens no shard. Only the files no index covers have their footers read, on
+  threads (a file that cannot be read as ArrayRecord is a DataError naming it). Reads go through a bounded set of
+  open shards (`open_shards.OpenShards`: at most `open_shards.LIMIT` idle ones per process, the least recently used
+  closed first), so a globally shuffled stream over 232,000 shards holds a handful of descriptors, not one per shard
+  it has touched. A process checks a shard against its index row when it first opens it, its records at every open,
+  and its size again when a read fails: a shard truncated or replaced is a `ShardChanged` naming it.
 
   Records come back as `unpack_record` dicts; a corrupt one (a chunk whose checksum fails, bytes that are no
   record) as {'image': None, 'caption': ''}, {'image': None, 'label': 0} when dataset.json says the records are
@@ -279,21 +318,23 @@ class ArrayRecordSource:
 
   def __init__(self, pattern: str):
     self.pattern = pattern
-    files = matching_files(pattern)
-    self.metadata = read_metadata(os.path.dirname(files[0]))
-    check_shards_present(pattern, files, self.metadata)
-    self._root = os.path.commonpath(files) if len(files) > 1 else os.path.dirname(files[0])
-    self._names = [os.path.relpath(f, self._root) for f in files]
-    footers = read_footers(pattern, files)
-    self._footers = [footer[1:] for footer in footers]  # (bytes, digest): what identifies the shard's contents
-    counts = [footer[0] for footer in footers]
-    check_record_counts(pattern, files, dict(zip(files, counts)), self.metadata)
-    self._ends = np.cumsum(counts, dtype=np.int64)
+    self._root, self._names = listing(pattern)
+    directory = os.path.dirname(os.path.join(self._root, self._names[0]))
+    self.metadata = read_metadata(directory)
+    here = numbers_in(directory, self._root, self._names) if self.metadata else {}
+    check_shards_present(pattern, directory, here, self.metadata)
+    self._table, self._index_of, self._index_paths = shard_table(pattern, self._root, self._names, directory, here,
+                                                                 self.metadata)
+    self._ends = np.cumsum(self._table["records"], dtype=np.int64)
     kind = (self.metadata or {}).get("kind")
     self._placeholder = {"classification": {"image": None, "label": 0}, "images": {"image": None}}.get(
         kind, {"image": None, "caption": ""})
     self._metadata_digest = _metadata_digest(pattern, self.metadata)
-    self._shards = open_shards.OpenShards(_open_reader)
+    self._reset_process_state()
+
+  def _reset_process_state(self) -> None:
+    self._shards = open_shards.OpenShards(self._open_shard)
+    self._checked = np.zeros(len(self._names), bool)  # the shards this process has checked against their rows
 
   @property
   def files(self) -> list[str]:
@@ -303,90 +344,136 @@ class ArrayRecordSource:
     return int(self._ends[-1]) if len(self._ends) else 0
 
   def __getstate__(self):
-    # What a grain worker needs to read: not the metadata (dataset.json lists every shard) nor the footers' digests
-    # (some 35 MB at 232,000 shards, in every worker), no open readers.
-    return {k: v for k, v in self.__dict__.items() if k not in ("metadata", "_footers", "_shards")}
+    # What a grain worker needs to read: not the metadata (dataset.json lists every shard), no open readers.
+    return {k: v for k, v in self.__dict__.items() if k not in ("metadata", "_shards", "_checked")}
 
   def __setstate__(self, state):
-    self.__dict__.update(state, metadata=None, _footers=None, _shards=open_shards.OpenShards(_open_reader))
+    self.__dict__.update(state, metadata=None)
+    self._reset_process_state()
 
-  def _locate(self, index: int) -> tuple[str, int]:
+  def _locate(self, index: int) -> tuple[int, int]:
     if not 0 <= index < len(self):
       raise IndexError(f"record {index} of {self.pattern}: the source holds {len(self)}")
     number = int(np.searchsorted(self._ends, index, side="right"))
-    return os.path.join(self._root, self._names[number]), index - (int(self._ends[number - 1]) if number else 0)
+    return number, index - (int(self._ends[number - 1]) if number else 0)
+
+  def _path(self, number: int) -> str:
+    return os.path.join(self._root, self._names[number])
+
+  def _changed(self, number: int, how: str) -> ShardChanged:
+    index = int(self._index_of[number])
+    against = f"its index {self._index_paths[index]}" if index >= 0 else "the footer read when the source opened"
+    return ShardChanged(f"arrayrecord source {self.pattern!r}: {self._path(number)} is not the shard {against} "
+                        f"describes: {how} (truncated or replaced); {REPREPARE}")
+
+  def _open_shard(self, number: int):
+    """The reader of shard `number`, checked against its row: its size and postscript at this process's first
+    open, its records at every one."""
+    row = self._table[number]
+    if not self._checked[number]:
+      how = shard_index.differs(self._path(number), row)
+      if how:
+        raise self._changed(number, how)
+    reader = shard_index.open_reader(self._path(number))
+    records = int(reader.num_records())
+    if records != int(row["records"]):
+      reader.close()
+      raise self._changed(number, f"{records:,} records, {int(row['records']):,} when indexed")
+    self._checked[number] = True
+    return reader
 
   def __getitem__(self, index) -> dict:
-    path, position = self._locate(int(index))
+    number, position = self._locate(int(index))
     try:
-      with self._shards.use(path) as reader:
+      with self._shards.use(number) as reader:
         data = reader.read([position])[0]
       return unpack_record(data)
     except open_shards.Unopenable as e:
-      raise DataError(f"arrayrecord source {self.pattern!r}: {path} cannot be opened any more ({e.__cause__}); it "
-                      f"changed or vanished while training; {REPREPARE}") from e
+      if isinstance(e.__cause__, ShardChanged):
+        raise e.__cause__ from None
+      how = self._differs(number, vanished=None)
+      if how:
+        raise self._changed(number, how) from e
+      raise DataError(f"arrayrecord source {self.pattern!r}: {self._path(number)} cannot be opened any more "
+                      f"({e.__cause__}); it changed or vanished while training; {REPREPARE}") from e
     except (ValueError, RuntimeError) as e:  # RuntimeError: riegeli's chunk checksum, a truncated chunk
-      transforms.count_failure(f"record {position} of {path}", e)
+      how = self._differs(number) if isinstance(e, RuntimeError) else None
+      if how:
+        raise self._changed(number, how) from e
+      transforms.count_failure(f"record {position} of {self._path(number)}", e)
       return dict(self._placeholder)
 
+  def _differs(self, number: int, vanished: str | None = "it cannot be read") -> str | None:
+    """How shard `number` differs from its row (shard_index.differs); `vanished` when it cannot be read."""
+    try:
+      return shard_index.differs(self._path(number), self._table[number])
+    except OSError as e:
+      return vanished and f"{vanished} ({e.strerror or e})"
+
   def identity(self) -> dict:
-    """What names this data (data/loader/identity.py): every shard's name, records, bytes and footer digest, and a
-    digest of dataset.json."""
-    counts = np.diff(self._ends, prepend=0).tolist()
-    return {"source": self.pattern, "records": len(self), "metadata_sha256": self._metadata_digest,
-            "shards": [[name, count, *footer] for name, count, footer in zip(self._names, counts, self._footers)]}
+    """What names this data (data/loader/identity.py): every shard's name, records, bytes and postscript digest,
+    and a digest of dataset.json."""
+    table = self._table
+    digests = map(shard_index.hex_digest, table["digest"].tolist())
+    with gc_paused():
+      shards = list(map(list, zip(self._names, table["records"].tolist(), table["bytes"].tolist(), digests)))
+    return {"source": self.pattern, "records": len(self), "metadata_sha256": self._metadata_digest, "shards": shards}
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return f"ArrayRecordSource({self.pattern!r}, files={len(self._names)}, records={len(self)})"
 
 
-FOOTER_THREADS = 32  # files whose footers are read at once when a source opens (I/O bound on shared file systems)
-# Random access: read a record's chunk, nothing ahead, and of the footer only what the index needs (array_record's
-# default prefetches the last 1 MiB of the file at every open, and at 232,000 shards nearly every read opens one).
-_READER_OPTIONS = "readahead_buffer_size:0,footer_prefetch_bytes:0"
-_READER_BUFFER = 32768
-
-
-def _open_reader(path: str):
-  """An ArrayRecordReader of `path`; OSError with the reader's own reason when it could not open it (the reader is
-  made in a failed state, and says why only when closed)."""
-  reader = array_record_module.ArrayRecordReader(path, options=_READER_OPTIONS, file_reader_buffer_size=_READER_BUFFER)
-  if reader.ok():
-    return reader
+@contextlib.contextmanager
+def gc_paused():
+  """Pauses the cyclic garbage collector: building a list per shard (232,000) would otherwise run it over every
+  object of the process many times, which triples the time it takes."""
+  enabled = gc.isenabled()
+  gc.disable()
   try:
-    reader.close()
-  except RuntimeError as e:
-    raise OSError(str(e)) from None
-  raise OSError(f"{path}: not an ArrayRecord file")
-
-
-# Riegeli pads a file to its blocks of 64 KiB and starts the last one with the postscript, which holds the offset of
-# the record index (the footer): a digest of the postscript moves with the shard's total encoded bytes.
-_BLOCK = 1 << 16
-_POSTSCRIPT = 512
-
-
-def _footer(path: str) -> tuple[int, int, str]:
-  """(records, bytes, a digest of the postscript) of the ArrayRecord file `path`."""
-  reader = _open_reader(path)
-  try:
-    records = int(reader.num_records())
+    yield
   finally:
-    reader.close()
-  with open(path, "rb") as f:
-    size = os.fstat(f.fileno()).st_size
-    f.seek(max(0, size - _BLOCK))
-    postscript = f.read(_POSTSCRIPT)
-  return records, size, hashlib.blake2b(postscript, digest_size=8).hexdigest()
+    if enabled:
+      gc.enable()
 
 
-def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, str]]:
-  """`_footer` of every file, read on FOOTER_THREADS threads; DataError naming the files that cannot be
-  read as ArrayRecord (a truncated shard has no footer)."""
+FOOTER_THREADS = 32  # files whose footers are read at once when a source opens (I/O bound on shared file systems)
+
+
+def shard_table(pattern: str, root: str, names: list[str], directory: str, here: dict[str, int],
+                metadata: dict | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+  """(a shard_index.DTYPE row per file of `listing`'s (`root`, `names`), per file the number in the third, the paths of the indexes
+  read, of the index its row comes from: -1 for a file no index covers, whose footer is read (and checked against
+  dataset.json's counts)). `here`: `numbers_in` `directory`, whose dataset.json `metadata` is. DataError for an
+  index that disagrees with dataset.json (shard_index.load)."""
+  table = np.zeros(len(names), shard_index.DTYPE)
+  index_of, index_paths = np.full(len(names), -1, np.int32), []
+  for split, entry in _listed_shards(pattern, metadata).items() if metadata else ():
+    loaded = shard_index.load(directory, split, entry)
+    if loaded is None:
+      continue
+    rows, path = loaded
+    numbers = np.fromiter(map(here.get, entry["shards"], itertools.repeat(-1)), np.int64, len(rows))
+    at = np.flatnonzero(numbers >= 0)
+    table[numbers[at]], index_of[numbers[at]] = rows[at], len(index_paths)
+    index_paths.append(path)
+  rest = np.flatnonzero(index_of < 0)
+  if len(rest):
+    if metadata:
+      logging.info("arrayrecord source %r: %d of %d shards have no shard index; their footers are read (rerun "
+                   "tools.prepare_data to write it)", pattern, len(rest), len(names))
+    paths = [os.path.join(root, names[number]) for number in rest]
+    table[rest] = np.array(read_footers(pattern, paths), shard_index.DTYPE)
+    check_record_counts(pattern, directory, dict(zip(paths, table["records"][rest].tolist())), metadata)
+  return table, index_of, index_paths
+
+
+def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, int]]:
+  """`shard_index.measure` of every file, read on FOOTER_THREADS threads; DataError naming the files that cannot
+  be read as ArrayRecord (a truncated shard has no footer)."""
   def attempt(path):
     try:
-      return _footer(path)
+      return shard_index.measure(path)
     except (RuntimeError, OSError, ValueError) as e:
       return e
   with concurrent.futures.ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
@@ -400,13 +487,31 @@ def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, str]]:
   return results
 
 
+def write_index(directory, split: str) -> dict:
+  """Writes the shard index of split `split` of the data set in `directory` (shard_index.py) from its shards'
+  footers and names it in dataset.json; returns the written dataset.json dict. DataError when a shard cannot be
+  read or the split's records differ from dataset.json's count."""
+  directory = os.fspath(directory)
+  metadata = read_metadata(directory)
+  entry = dict(metadata["splits"][split])
+  files = [os.path.join(directory, name) for name in entry["shards"]]
+  table = np.array(read_footers(os.path.join(directory, f"{split}-*"), files) if files else [], shard_index.DTYPE)
+  if int(table["records"].sum()) != entry.get("records"):
+    raise DataError(f"{os.path.join(directory, METADATA_FILE)}: split {split!r} counts {entry.get('records')} records, "
+                    f"its shards hold {int(table['records'].sum())}; {REPREPARE}")
+  entry[shard_index.KEY] = shard_index.save(directory, split, table)
+  metadata["splits"][split] = entry
+  atomic.write_json(os.path.join(directory, METADATA_FILE), metadata, indent=1)
+  return metadata
+
+
 def _metadata_digest(pattern: str, metadata: dict | None) -> str | None:
   """A digest of what dataset.json says of the shards `pattern` reads (kind, classes, their splits' entries but for
   the counts of small images, which a rerun with another --min_side changes): another split prepared beside them
   leaves it as it is."""
   if not metadata:
     return None
-  splits = {split: {k: v for k, v in entry.items() if k != "small_images"}
+  splits = {split: {k: v for k, v in entry.items() if k not in ("small_images", shard_index.KEY)}
             for split, entry in _listed_shards(pattern, metadata).items()}
   described = {"kind": metadata.get("kind"), "classes": metadata.get("classes"), "splits": splits}
   return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()

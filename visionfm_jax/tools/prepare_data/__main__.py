@@ -79,7 +79,9 @@ shards finished under another value are kept, and their images counted as `unmea
 (decompression bombs, oversized files and captions, links (tar members, a tree's files), FIFOs and absolute or '..' member names) are
 left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
 `DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
-`DIR/dataset.json` describes the data set (`records.write_metadata`); train with
+`DIR/dataset.json` describes the data set (`records.write_metadata`), with per split written its shard index
+`DIR/<split>.shards.npy` (each shard's records, bytes and postscript digest: a training process opens no shard
+before it reads from it, and names one that changed since; data/sources/shard_index.py); train with
 `--config.data.source='arrayrecord:DIR/{split}-*.array_record'`.
 
 Rerunning resumes: a shard whose file and `.json` exist and were written from the same inputs and options is
@@ -102,6 +104,7 @@ from __future__ import annotations
 
 import collections
 import json
+import os
 from pathlib import Path
 import sys
 import time
@@ -110,7 +113,7 @@ from typing import Sequence
 from absl import flags
 
 from visionfm_jax import cli
-from visionfm_jax.data.sources import wds
+from visionfm_jax.data.sources import records, wds
 from visionfm_jax.data.text import pair_corpora
 from visionfm_jax.errors import UserError
 from visionfm_jax.tools import cluster_task
@@ -248,7 +251,17 @@ def run(fv: flags.FlagValues) -> dict:
                     f"path out of a file)")
   task = None if fv.finalize else cluster_task.from_flags(fv)
   with lock.held(fv.output, task):
-    return _convert(fv, task)
+    metadata = _convert(fv, task)
+    if "unfinished" in metadata:  # the last task to finish writes dataset.json, and the index
+      return metadata
+    for split in written_splits(fv):
+      metadata = records.write_index(os.path.expanduser(fv.output), split)
+    return metadata
+
+
+def written_splits(fv: flags.FlagValues) -> list[str]:
+  """The splits a run of these flags writes: --split, and --holdout_split with a holdout."""
+  return [fv.split] + ([fv.holdout_split] if fv.holdout_per_class or fv.holdout_examples else [])
 
 
 def _convert(fv: flags.FlagValues, task: cluster_task.Task | None) -> dict:
@@ -350,7 +363,7 @@ def _main(fv, rest: list[str]) -> None:
   if rest:
     raise UserError(f"unexpected arguments {rest}; all options are --flags")
   metadata = run(fv)
-  splits = [fv.split] + ([fv.holdout_split] if fv.holdout_per_class or fv.holdout_examples else [])
+  splits = written_splits(fv)
   print(summary_line(metadata, splits, fv.output, time.monotonic() - start))
   for line in small_image_warnings(metadata, splits, larger_images_hint(fv.format, fv.input)):
     print(line, file=sys.stderr)
