@@ -342,10 +342,10 @@ def _tree(folder) -> dict[str, bytes]:
   return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
 
 
-def test_cli_writes_only_into_a_folder_it_may_claim(exported, tmp_path, capsys):
+def test_cli_writes_only_into_a_folder_it_may_claim(exported, tmp_path, capsys, monkeypatch):
   """--out is written whole: a user's folder or another model's is refused (one error line, nothing touched)
-  unless --overwrite, which leaves the export's files alone there; the tool's own folder is written again while
-  nobody added to it; files get the user's umask; no temporary folder stays beside."""
+  unless --overwrite, which leaves the export's files alone there (never the folder one works in); the tool's own
+  folder is written again while nobody added to it; files get the user's umask; no temporary folder stays beside."""
   import_hf.convert(exported("vit_backbone")[1], str(tmp_path / "imported"))
   source = f"--checkpoint={tmp_path / 'imported'}"
   user, bert = tmp_path / "user", tmp_path / "bert"
@@ -360,6 +360,9 @@ def test_cli_writes_only_into_a_folder_it_may_claim(exported, tmp_path, capsys):
     before = _tree(folder)
     _one_error(*_export(capsys, source, f"--out={folder}"), f"--out={folder}", named, "--overwrite")
     assert _tree(folder) == before
+  monkeypatch.chdir(user)
+  _one_error(*_export(capsys, source, f"--out={user}", "--overwrite"), f"holds the working directory ({user})")
+  monkeypatch.undo()
 
   assert _export(capsys, source, f"--out={bert}", "--overwrite")[0] == 0
   written = sorted(os.listdir(bert))

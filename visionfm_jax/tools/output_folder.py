@@ -6,7 +6,7 @@ it (`.<name>.<pid>.<random>.tmp`, created with the user's umask) for the tool to
 (the tool and the names it wrote) and renames the folder into place, the old one (empty, the tool's own, or
 replaced by --overwrite) set aside first and deleted after. A failure or an interrupt removes the temporary folder
 and leaves `out` as it was. A training workdir (checkpoints/) is never replaced, nor a folder holding what the tool
-reads (`reads`).
+reads (`reads`), the working directory or the home directory.
 """
 
 from __future__ import annotations
@@ -50,6 +50,9 @@ def check(out: str, tool: str, overwrite: bool = False, reads: Sequence[str] = (
   for source in reads:
     if _inside(source, out):
       raise UserError(f"--out={out}: holds {source}, which {tool} reads; choose another folder")
+  for place, what in ((os.getcwd(), "the working directory"), (os.path.expanduser("~"), "the home directory")):
+    if _inside(place, out):
+      raise UserError(f"--out={out}: holds {what} ({place}); choose a folder of its own")
   if not os.path.lexists(out):
     return
   if os.path.islink(out):
