@@ -33,7 +33,7 @@ def test_the_pipeline_over_thousands_of_shards_grows_nothing_under_256_open_file
   assert report["failure"] is None and report["workers"] == 1
   # the shard index tells the records per shard: building the loader reads the first record alone (its shard
   # checked against its row, then opened)
-  assert report["start_up"]["shard_opens"] == 2 and not report["start_up"]["overflowed"]
+  assert report["start_up"]["shards_opened"] == 1 and not report["start_up"]["overflowed"]
   verdicts = {v["quantity"]: v for v in report["verdicts"]}
   assert set(verdicts) == {"descriptors (main)", "descriptors (children)", "RSS MB (main)", "RSS MB (children)",
                            "threads (main)", "threads (children)", "processes", "/dev/shm entries",

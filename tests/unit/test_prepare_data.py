@@ -353,7 +353,7 @@ def test_cli(tree, tmp_path, capsys):
   assert "shards 3/3, 10 records written" in captured.err
   assert records.read_metadata(out)["splits"]["validation"]["records"] == 3
   with file_opens.FileOpens([out], ".array_record") as opens:  # each split's shard index says what they hold
-    assert len(records.ArrayRecordSource(f"{out}/*.array_record")) == 10 and opens.value() == 0
+    assert len(records.ArrayRecordSource(f"{out}/*.array_record")) == 10 and opens.opened() == 0
 
   os.makedirs(tmp_path / "tars")
   make_uncaptioned_tars(tmp_path / "tars", tars=2, per_tar=4)

@@ -1,8 +1,9 @@
-"""How many times the files in some folders are opened, by any process, while a block runs: inotify's IN_OPEN
-events on the folders, read on a thread as they come (Linux only; no dependency but libc).
+"""Which files in some folders are opened, by any process, while a block runs: inotify's IN_OPEN events on the
+folders, read on a thread as they come (Linux only; no dependency but libc).
 
-The kernel queues at most /proc/sys/fs/inotify/max_queued_events events (16,384 by default); a burst faster than
-the thread reads them overflows it, and the count is then a lower bound (`overflowed`).
+The kernel merges an event with an identical one still queued before it (the same file opened twice in a row), and
+queues at most /proc/sys/fs/inotify/max_queued_events (16,384 by default): a burst faster than the thread reads them
+overflows it (`overflowed`). So the opens counted are a lower bound, the files opened exact unless it overflowed.
 """
 
 from __future__ import annotations
@@ -19,12 +20,12 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then `len` bytes of the
 
 
 class FileOpens:
-  """A context manager counting the opens of files whose names end in `suffix` in `directories` (not below them):
-  `count` so far, `overflowed` when some events were lost."""
+  """A context manager noting the opens of files whose names end in `suffix` in `directories` (not below them):
+  `count` of opens so far, the `files` opened (names), `overflowed` when some events were lost."""
 
   def __init__(self, directories, suffix: str = ""):
     self.directories, self.suffix = [os.fspath(d) for d in directories], suffix.encode()
-    self.count, self.overflowed = 0, False
+    self.count, self.files, self.overflowed = 0, set(), False
     self._lock, self._stop = threading.Lock(), threading.Event()
     self._fd, self._thread = -1, None
 
@@ -51,6 +52,11 @@ class FileOpens:
     self._drain()
     return self.count
 
+  def opened(self) -> int:
+    """How many of the files have been opened so far (as `value`)."""
+    self._drain()
+    return len(self.files)
+
   def _read_events(self) -> None:
     while not self._stop.is_set():
       select.select([self._fd], [], [], 0.05)
@@ -76,3 +82,4 @@ class FileOpens:
         self.overflowed = True
       elif mask & _IN_OPEN and name.endswith(self.suffix):
         self.count += 1
+        self.files.add(name)

@@ -58,7 +58,7 @@ is the machine's load average).
 
 Before the table, the start-up: the time the loader takes to build, the shard files any process opened meanwhile
 (inotify's IN_OPEN on the sources' folders, bench/file_opens.py) and the main process's peak RSS; the JSON line adds
-`ready_s` (the build and the first batch: ready to train) and the shard opens until the first batch.
+`ready_s` (the build and the first batch: ready to train) and the shard files opened until the first batch.
 
 Prints a table over time, one verdict line per quantity and, last, one JSON object with every figure. Exit status
 0 when every quantity is flat; 1, after one `error:` line naming what grew (or the pipeline's failure, say
@@ -149,16 +149,16 @@ class Run:
 class StartUp:
   """What building the loader cost beside its wall time: its CPU seconds (a shared machine's load moves the wall
   time alone), the shard files opened (by any process; a lower bound when inotify's queue overflowed), the main
-  process's peak RSS; and the opens until the first batch was drawn."""
+  process's peak RSS; and the shard files opened until the first batch was drawn."""
   cpu_s: float
-  shard_opens: int
+  shards_opened: int
   overflowed: bool
   peak_rss_mb: float
-  first_batch_opens: int | None = None
+  first_batch_shards: int | None = None
 
   def line(self) -> str:
     at_least = "at least " if self.overflowed else ""
-    return (f"{self.cpu_s:.1f} CPU s, {at_least}{self.shard_opens:,} shard files opened, peak RSS "
+    return (f"{self.cpu_s:.1f} CPU s, {at_least}{self.shards_opened:,} shard files opened, peak RSS "
             f"{self.peak_rss_mb:,.0f} MB")
 
 
@@ -331,7 +331,7 @@ def _body(result: dict, fv, rest) -> None:
     start, cpu = time.perf_counter(), time.process_time()
     iterator = iter(build_loader(config, fv.batch_size))
     open_s = time.perf_counter() - start
-    start_up = StartUp(round(time.process_time() - cpu, 2), opens.value(), opens.overflowed, _peak_rss_mb())
+    start_up = StartUp(round(time.process_time() - cpu, 2), opens.opened(), opens.overflowed, _peak_rss_mb())
     raised = resource.getrlimit(resource.RLIMIT_NOFILE)  # the loader may raise the soft limit to what it needs
     workers = pipeline.worker_count(config.data.num_workers)
     print(f"soak: preset {fv.preset} ({', '.join(f'{s.name} {s.shards:,} shards' for s in layouts)}; "
@@ -343,7 +343,7 @@ def _body(result: dict, fv, rest) -> None:
 
     def progress(sample):
       if sample.step == 1:
-        start_up.first_batch_opens = opens.value()
+        start_up.first_batch_shards = opens.opened()
       print(table_row(sample), flush=True)
 
     run = soak(iterator, fv.steps, fv.every, fv.batch_size, progress=progress)

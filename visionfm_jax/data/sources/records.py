@@ -219,7 +219,23 @@ def listing(pattern: str) -> tuple[str, list[str]]:
   return root, names
 
 
-def numbers_in(directory: str, root: str, names: list[str]) -> dict[str, int]:
+def listed_numbers(pattern: str, metadata: dict | None, directory: str, root: str,
+                   names: list[str]) -> dict[str, np.ndarray]:
+  """{split: per shard its dataset.json entry lists, its number in `listing`'s (`root`, `names`), -1 for one not
+  among them} of the splits of `metadata` (dataset.json in `directory`) whose shards `pattern` matches."""
+  numbers, number_of = {}, None
+  for split, entry in _listed_shards(pattern, metadata).items() if metadata else ():
+    shards = entry["shards"]
+    if root == directory and shards == names:  # as prepare_data writes them: one split, every shard in its order
+      numbers[split] = np.arange(len(names))
+      continue
+    if number_of is None:
+      number_of = _numbers_in(directory, root, names)
+    numbers[split] = np.fromiter(map(number_of.get, shards, itertools.repeat(-1)), np.int64, len(shards))
+  return numbers
+
+
+def _numbers_in(directory: str, root: str, names: list[str]) -> dict[str, int]:
   """{file name: its number in `names`} of the files of `listing`'s (`root`, `names`) that lie in `directory`."""
   if root == directory:  # a name under a subfolder holds a separator: no dataset.json lists it
     return dict(zip(names, range(len(names))))
@@ -252,14 +268,15 @@ def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:
           if any(map(matches, entry.get("shards") or ()))}
 
 
-def check_shards_present(pattern: str, directory: str, present: dict[str, int], metadata: dict | None) -> None:
+def check_shards_present(pattern: str, directory: str, numbers: dict[str, np.ndarray], metadata: dict | None) -> None:
   """DataError naming the shards that `dataset.json` in `directory` lists for `pattern` and that are not on disk
-  (`present`: the names `numbers_in` found there; a set difference of names: cheap at 100k shards)."""
+  (`numbers`: `listed_numbers`)."""
   if not metadata:
     return
   matches = re.compile(fnmatch.translate(os.path.basename(pattern))).match
-  missing = sorted(name for entry in _listed_shards(pattern, metadata).values()
-                   for name in set(filter(matches, entry["shards"])).difference(present))
+  splits = metadata["splits"]
+  missing = sorted(name for split, of_split in numbers.items() for at in np.flatnonzero(of_split < 0)
+                   for name in [splits[split]["shards"][at]] if matches(name))
   if missing:
     raise DataError(f"arrayrecord source {pattern!r}: {os.path.join(directory, METADATA_FILE)} lists shards that "
                     f"are not in {directory}: {_some(missing)}; {REPREPARE}")
@@ -321,9 +338,9 @@ class ArrayRecordSource:
     self._root, self._names = listing(pattern)
     directory = os.path.dirname(os.path.join(self._root, self._names[0]))
     self.metadata = read_metadata(directory)
-    here = numbers_in(directory, self._root, self._names) if self.metadata else {}
-    check_shards_present(pattern, directory, here, self.metadata)
-    self._table, self._index_of, self._index_paths = shard_table(pattern, self._root, self._names, directory, here,
+    numbers = listed_numbers(pattern, self.metadata, directory, self._root, self._names)
+    check_shards_present(pattern, directory, numbers, self.metadata)
+    self._table, self._index_of, self._index_paths = shard_table(pattern, self._root, self._names, directory, numbers,
                                                                  self.metadata)
     self._ends = np.cumsum(self._table["records"], dtype=np.int64)
     kind = (self.metadata or {}).get("kind")
@@ -440,22 +457,21 @@ def gc_paused():
 FOOTER_THREADS = 32  # files whose footers are read at once when a source opens (I/O bound on shared file systems)
 
 
-def shard_table(pattern: str, root: str, names: list[str], directory: str, here: dict[str, int],
+def shard_table(pattern: str, root: str, names: list[str], directory: str, numbers: dict[str, np.ndarray],
                 metadata: dict | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
-  """(a shard_index.DTYPE row per file of `listing`'s (`root`, `names`), per file the number in the third, the paths of the indexes
-  read, of the index its row comes from: -1 for a file no index covers, whose footer is read (and checked against
-  dataset.json's counts)). `here`: `numbers_in` `directory`, whose dataset.json `metadata` is. DataError for an
-  index that disagrees with dataset.json (shard_index.load)."""
+  """(a shard_index.DTYPE row per file of `listing`'s (`root`, `names`), per file the number in the third, the
+  paths of the indexes read, of the index its row comes from: -1 for a file no index covers, whose footer is read
+  (and checked against dataset.json's counts)). `numbers`: `listed_numbers` of `directory`, whose dataset.json
+  `metadata` is. DataError for an index that disagrees with dataset.json (shard_index.load)."""
   table = np.zeros(len(names), shard_index.DTYPE)
   index_of, index_paths = np.full(len(names), -1, np.int32), []
-  for split, entry in _listed_shards(pattern, metadata).items() if metadata else ():
-    loaded = shard_index.load(directory, split, entry)
+  for split, of_split in numbers.items():
+    loaded = shard_index.load(directory, split, metadata["splits"][split])
     if loaded is None:
       continue
     rows, path = loaded
-    numbers = np.fromiter(map(here.get, entry["shards"], itertools.repeat(-1)), np.int64, len(rows))
-    at = np.flatnonzero(numbers >= 0)
-    table[numbers[at]], index_of[numbers[at]] = rows[at], len(index_paths)
+    at = np.flatnonzero(of_split >= 0)
+    table[of_split[at]], index_of[of_split[at]] = rows[at], len(index_paths)
     index_paths.append(path)
   rest = np.flatnonzero(index_of < 0)
   if len(rest):

@@ -52,9 +52,12 @@ def open_reader(path: str):
 
 def _size_and_digest(path: str) -> tuple[int, int]:
   """(bytes, the digest of the postscript as an integer) of the file `path`."""
-  with open(path, "rb") as f:
-    size = os.fstat(f.fileno()).st_size
-    postscript = os.pread(f.fileno(), _POSTSCRIPT, max(0, size - _BLOCK))
+  fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # not a Python file object: a third of the time, at every first open
+  try:
+    size = os.fstat(fd).st_size
+    postscript = os.pread(fd, _POSTSCRIPT, max(0, size - _BLOCK))
+  finally:
+    os.close(fd)
   return size, int.from_bytes(hashlib.blake2b(postscript, digest_size=8).digest(), "big")
 
 
