@@ -8,7 +8,8 @@ plus the threads reading at once (`bound`).
 
 What it costs: at 232,000 shards nearly every read opens its shard (the hit rate is LIMIT / shards); opening an
 ArrayRecord shard reads its footer, some hundreds of microseconds beside the milliseconds an image's decoding and
-augmentation take (BENCHMARKS.md, "Input pipeline at the seeds' cardinalities").
+augmentation take, and a process's first open of a shard checks it against its index row, a few microseconds more
+(BENCHMARKS.md, "Input pipeline at the seeds' cardinalities").
 """
 
 from __future__ import annotations
