@@ -1,7 +1,8 @@
 """Stored data at the seeds' cardinalities and at rest: the shard readers hold a bounded number of open files whatever
-they have touched, the run raises its open-file limit to what its pipeline needs (or says it cannot), a corrupt chunk
-is a skipped record, a shard that vanishes is an error naming it, and a resume on replaced data is refused naming what
-changed unless allowed."""
+they have touched, and open none at start-up but those they read (the shard index); the run raises its open-file
+limit to what its pipeline needs (or says it cannot), a corrupt chunk is a skipped record, a shard that vanishes,
+is truncated or replaced is an error naming it, and a resume on replaced data, or without its data.json, is refused
+naming what changed unless allowed."""
 
 import gc
 import json
@@ -162,9 +163,23 @@ def test_a_shard_truncated_while_training_is_named_as_such_not_counted_as_corrup
     assert source[2 * shard]["image"] is not None
   against = r"its index .*train\.shards\.npy" if indexed else "the footer read when the source opened"
   with pytest.raises(records.ShardChanged, match=rf"{tmp_path / names[0]} is not the shard {against} describes: "
-                                                 rf"{size // 2:,} bytes, {size:,} when indexed \(truncated or "
+                                                 rf"{size // 2:,} bytes, not {size:,} \(truncated or "
                                                  rf"replaced\); prepare it again"):
     source[1]
+
+
+def test_a_shard_index_that_is_not_the_one_dataset_json_names_stops_the_source_naming_it(tmp_path):
+  _write_set(tmp_path, shards=3, per_shard=2)
+  records.write_index(tmp_path, "train")
+  index = tmp_path / "train.shards.npy"
+  rows = np.load(index)
+  rows["records"][0] += 1
+  np.save(index, rows)  # another index: of other shards, or damaged
+  with pytest.raises(DataError, match=rf"^{index}: not the shard index dataset.json records \(another digest\)"):
+    records.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
+  index.unlink()
+  with pytest.raises(DataError, match=rf"^{index}: the shard index .*dataset.json names cannot be read"):
+    records.ArrayRecordSource(str(tmp_path / "train-*.array_record"))
 
 
 def test_a_shard_replaced_since_it_was_indexed_is_one_error_line_naming_it(tmp_path, monkeypatch, capsys):
@@ -180,8 +195,8 @@ def test_a_shard_replaced_since_it_was_indexed_is_one_error_line_naming_it(tmp_p
        "--config.data.num_workers=0"], monkeypatch, capsys)
   assert status == 2
   assert re.fullmatch(rf"error: arrayrecord source '{tmp_path}/train-\*\.array_record': {tmp_path / names[0]} is "
-                      rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, \w+ "
-                      rf"when indexed \(truncated or replaced\); prepare it again .*", err.strip().splitlines()[-1])
+                      rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, not \w+ "
+                      rf"\(truncated or replaced\); prepare it again .*", err.strip().splitlines()[-1])
 
 
 def test_a_shard_that_vanishes_while_training_is_an_error_naming_it(tmp_path):

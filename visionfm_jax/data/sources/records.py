@@ -395,7 +395,7 @@ class ArrayRecordSource:
     records = int(reader.num_records())
     if records != int(row["records"]):
       reader.close()
-      raise self._changed(number, f"{records:,} records, {int(row['records']):,} when indexed")
+      raise self._changed(number, f"{records:,} records, not {int(row['records']):,}")
     self._checked[number] = True
     return reader
 

@@ -79,9 +79,9 @@ def differs(path: str, row) -> str | None:
   (OSError when it cannot be read)."""
   size, digest = _size_and_digest(path)
   if size != int(row["bytes"]):
-    return f"{size:,} bytes, {int(row['bytes']):,} when indexed"
+    return f"{size:,} bytes, not {int(row['bytes']):,}"
   if digest != int(row["digest"]):
-    return f"its postscript {hex_digest(digest)}, {hex_digest(int(row['digest']))} when indexed"
+    return f"its postscript {hex_digest(digest)}, not {hex_digest(int(row['digest']))}"
   return None
 
 
