@@ -1,6 +1,6 @@
 """visionfm_jax: pretraining vision foundation models with JAX/Flax on GPU meshes.
 
-`visionfm_jax.load(path)` gives a trained model to use from Python (tools/trained_model.py); it is imported on first
+`visionfm_jax.load(path)` gives a trained model to use from Python (trained/model.py); it is imported on first
 use, so that importing the package stays cheap (no JAX until then)."""
 
 __version__ = "0.1.0"
@@ -8,10 +8,11 @@ __all__ = ["load"]
 
 
 def __getattr__(name: str):
-  # By name, on first use: the API sits at the top (with the tools) and pulls in JAX, the models and the data.
+  # On first use: the API pulls in JAX, the models and the data. The package root is the top layer (the
+  # package's face), so this import runs downward like every other.
   if name == "load":
-    import importlib  # pylint: disable=g-import-not-at-top
-    return importlib.import_module("visionfm_jax.tools.trained_model").load
+    from visionfm_jax.trained import model  # pylint: disable=g-import-not-at-top
+    return model.load
   raise AttributeError(f"module 'visionfm_jax' has no attribute {name!r}")
 
 

@@ -1,6 +1,6 @@
 """A published CLIP in: a transformers CLIPModel directory with its own BPE tokenizer.json (built here with
 `tokenizers`, random weights, nothing downloaded) is imported by tools.import_hf, loaded from either directory
-by tools/clip_checkpoint.py, and filters pairs by scores equal to transformers' cosine similarities, on small
+by trained/loader.py, and filters pairs by scores equal to transformers' cosine similarities, on small
 images and on photo-like JPEGs many times the model's size."""
 
 import copy
@@ -19,8 +19,9 @@ from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import tokenizer as tokenizer_lib
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import clip_checkpoint, import_hf
 from visionfm_jax.tools import filter_clip_score as fcs
+from visionfm_jax.tools import import_hf
+from visionfm_jax.trained import loader
 
 from conftest import randomize_hf_params
 
@@ -98,15 +99,15 @@ def test_import_hf_clip_writes_a_loadable_directory(hf_dir, tmp_path, capsys):
   assert "--config=configs/swinv2_g_clip.py:vit" in printed and "--config.model.image.pre_norm=True" in printed
   assert f"--config.init_from={out}" in printed and "--config.model.text.eos_id=63" in printed
   assert os.path.exists(out / "tokenizer.json")
-  imported, raw = clip_checkpoint.load(str(out)), clip_checkpoint.load(src)
+  imported, raw = loader.load(str(out)), loader.load(src)
   assert imported.task.config.model.to_dict() == raw.task.config.model.to_dict()
   assert (imported.step, raw.step, raw.origin) == (None, None, src)
   jax.tree.map(np.testing.assert_array_equal, imported.params, raw.params)
   with pytest.raises(UserError, match="--step=3: .* is not a training workdir"):
-    clip_checkpoint.load(src, step=3)
+    loader.load(src, step=3)
   os.remove(os.path.join(out, "tokenizer.json"))
   with pytest.raises(UserError, match="no tokenizer.json"):
-    clip_checkpoint.load(str(out))
+    loader.load(str(out))
 
 
 def _shapes_pairs(count=6) -> dict[str, tuple[bytes, str]]:
@@ -213,10 +214,10 @@ def test_filter_scores_equal_transformers_cosines_on_large_jpegs(hf_dir, tmp_pat
 
 def test_other_directories_are_refused(tmp_path):
   with pytest.raises(UserError, match="neither a training workdir"):
-    clip_checkpoint.load(str(tmp_path))
+    loader.load(str(tmp_path))
   (tmp_path / "config.json").write_text('{"model_type": "vit"}')
   with pytest.raises(UserError, match="a transformers 'vit' directory, not a CLIPModel"):
-    clip_checkpoint.load(str(tmp_path))
+    loader.load(str(tmp_path))
 
 
 def test_import_then_export_hf_round_trips_bitwise(hf_dir, tmp_path, capsys):
@@ -271,7 +272,7 @@ def test_evaluate_runs_the_zeroshot_evaluator_as_transformers_scores(hf_dir, tmp
   results = json.loads(out.read_text())
   assert json.loads(printed[-1]) == results and "eval/zeroshot/count=16" in printed
   assert (results["eval/zeroshot/count"], results["step"]) == (16, None)
-  task = clip_checkpoint.load(src).task
+  task = loader.load(src).task
   task.config.eval.zeroshot_classes, task.config.eval.zeroshot_source = "shapes", "shapes"
   task.config.eval.zeroshot_split, task.config.eval.zeroshot_examples = "validation", 16
   assert (results["eval/zeroshot/top1"], results["eval/zeroshot/top5"]) == pytest.approx(

@@ -21,7 +21,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.models import clip
 from visionfm_jax.tasks import contrastive, image_text
-from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.training import grads as grads_lib
 

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax.detection import losses as detection_losses
 from visionfm_jax.detection import matching
 from visionfm_jax.evaluate import detection as evaluate_detection
+from visionfm_jax.losses import detection as detection_losses
+from visionfm_jax.losses import pixels
 from visionfm_jax.models import dense_heads, detector, segmenter, swinv2, vit
-from visionfm_jax.tasks import losses
 
 # Tiny backbones on 32 px images: ViT 2x2 tokens (the simple pyramid upsamples twice for stride 4); SwinV2
 # 16x16, 8x8, 4x4 stages (strides 2, 4, 8).
@@ -157,7 +157,7 @@ def _segmenter_step(params, images):
   """(loss, grads, logits) of the ViT segmenter: one compile shared by the gradient and sliding-window tests."""
   def loss_fn(p):
     logits = SEGMENTER.apply({"params": p}, images)
-    return losses.segmentation_cross_entropy(logits, LABELS), logits
+    return pixels.segmentation_cross_entropy(logits, LABELS), logits
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, grads, logits
 

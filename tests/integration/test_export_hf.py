@@ -26,7 +26,8 @@ from visionfm_jax.convert import hf_files, hf_swinv2, hf_vit  # noqa: E402  pyli
 from visionfm_jax.data.embedded import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import swinv2, text, vit  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.tools import clip_checkpoint, export_hf, import_hf, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.tools import export_hf, import_hf, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.trained import loader  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.training import checkpoint
 
 from conftest import randomize_hf_params, tiny_clip_config, tiny_vit_config  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -305,7 +306,7 @@ def test_an_imported_clip_exports_whole_and_sees_what_the_run_saw(tmp_path, caps
   status, stdout, stderr = _export(capsys, f"--checkpoint={imported}", f"--out={out}")
   assert status == 0 and "CLIPModel" in stdout and "note:" not in stdout, stderr
 
-  loaded = clip_checkpoint.load(str(imported))
+  loaded = loader.load(str(imported))
   photos = _photos(seed=1)
   images = _run_eval_view(loaded.task.config.data, photos)
   embed = jax.jit(lambda p, x: (loaded.task.normalize(x), loaded.task.embed_images(p, x)),

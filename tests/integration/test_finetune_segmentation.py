@@ -14,8 +14,8 @@ import pytest
 from visionfm_jax import tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import segmentation as seg_eval
+from visionfm_jax.losses import pixels
 from visionfm_jax.models import vit
-from visionfm_jax.tasks import losses
 from visionfm_jax.training import checkpoint, init_from, train
 
 from conftest import override, tiny_vit_config
@@ -88,8 +88,8 @@ def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp
                            init_from=pretrained[0], init_from_prefix="backbone")
   num_classes = config.head.num_classes
   trained, evaluated, eval_batches = [], [], []  # (predicted classes, labels) per step / per eval batch; raw batches
-  monkeypatch.setattr(losses, "segmentation_cross_entropy", _record_to_host(
-      trained, losses.segmentation_cross_entropy, lambda logits, labels, *_: jnp.argmax(logits, -1),
+  monkeypatch.setattr(pixels, "segmentation_cross_entropy", _record_to_host(
+      trained, pixels.segmentation_cross_entropy, lambda logits, labels, *_: jnp.argmax(logits, -1),
       lambda logits, labels, *_: labels))
   monkeypatch.setattr(seg_eval, "confusion_matrix", _record_to_host(
       evaluated, seg_eval.confusion_matrix, lambda pred, *_: pred))

@@ -1,4 +1,4 @@
-"""`visionfm_jax.load(path)` (tools/trained_model.py): a CLIP workdir's image and text embeddings equal the task's
+"""`visionfm_jax.load(path)` (trained/model.py): a CLIP workdir's image and text embeddings equal the task's
 own (as the tools compute them) on images of another size, viewed as its evaluation views them; zero-shot ranks the
 given class names by those embeddings, embedding a class set once; a classifier's classes are its logits' argmax as
 tools.evaluate computes them, and its logits the task's; a call is padded to the smallest batch bucket that holds
@@ -25,7 +25,8 @@ from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.models import generate
-from visionfm_jax.tools import clip_checkpoint, trained_model
+from visionfm_jax.trained import loader
+from visionfm_jax.trained import model as trained_model
 from visionfm_jax.training import checkpoint, ema
 
 from conftest import ROOT, tiny_aurora_config, tiny_clip_config, tiny_vit_config
@@ -162,7 +163,7 @@ def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
 
 def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # noqa: F811
   src, _ = hf_dir
-  model, loaded = visionfm_jax.load(src), clip_checkpoint.load(src)
+  model, loaded = visionfm_jax.load(src), loader.load(src)
   assert model.step is None and model.config.model.to_dict() == loaded.task.config.model.to_dict()
   images = _shapes_images(3, size=40)
   expected = jax.jit(loaded.task.embed_images)(loaded.params, _eval_view(loaded.task, images))

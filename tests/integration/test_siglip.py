@@ -18,7 +18,7 @@ import pytest
 
 from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.tasks import losses
+from visionfm_jax.losses import image_text as losses
 from visionfm_jax.training import grads as grads_lib
 from visionfm_jax.training import train
 

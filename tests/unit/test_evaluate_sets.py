@@ -5,7 +5,8 @@ retrieval on held-out pairs unless the command asks; a training workdir keeps it
 import json
 
 from visionfm_jax import tasks
-from visionfm_jax.tools import clip_checkpoint, evaluate
+from visionfm_jax.tools import evaluate
+from visionfm_jax.trained import loader
 
 from conftest import tiny_clip_config
 from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
@@ -33,7 +34,7 @@ def test_a_workdir_keeps_the_sets_its_config_names(tmp_path):
   config = tiny_clip_config()
   assert config.eval.retrieval
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  assert clip_checkpoint.checkpoint_config(str(tmp_path), tuple(tasks.TASKS)).eval.retrieval
+  assert loader.checkpoint_config(str(tmp_path), tuple(tasks.TASKS)).eval.retrieval
   config.eval.retrieval = False
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
-  assert not clip_checkpoint.checkpoint_config(str(tmp_path), tuple(tasks.TASKS)).eval.retrieval
+  assert not loader.checkpoint_config(str(tmp_path), tuple(tasks.TASKS)).eval.retrieval

@@ -11,7 +11,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from visionfm_jax.tasks import losses
+from visionfm_jax.losses import image_text as losses
+from visionfm_jax.losses import pixels
 
 from conftest import assert_trees_close_to_scale
 
@@ -203,7 +204,7 @@ def test_caption_normalizer_splits_the_sum():
 
 def test_upsample_mask():
   mask = jnp.asarray([[[1, 0], [0, 1]]], jnp.uint8)
-  up = losses.upsample_mask(mask, 3)
+  up = pixels.upsample_mask(mask, 3)
   assert up.shape == (1, 6, 6) and up.dtype == jnp.uint8
   np.testing.assert_array_equal(up[0], np.kron(np.asarray(mask[0]), np.ones((3, 3), np.uint8)))
 
@@ -211,22 +212,22 @@ def test_upsample_mask():
 def test_mim_l1_loss():
   rng = np.random.default_rng(5)
   pred, target = rng.standard_normal((2, 2, 8, 8, 3)).astype(np.float32)
-  mask = np.asarray(losses.upsample_mask(jnp.asarray(rng.integers(0, 2, (2, 2, 2))), 4), np.float32)
+  mask = np.asarray(pixels.upsample_mask(jnp.asarray(rng.integers(0, 2, (2, 2, 2))), 4), np.float32)
   want = np.sum(np.abs(target - pred) * mask[..., None]) / (mask.sum() + 1e-5) / 3
-  got = losses.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
+  got = pixels.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.asarray(mask))
   np.testing.assert_allclose(got, want, rtol=1e-6)
   # Only masked pixels count.
   changed = np.where(mask[..., None] > 0, pred, pred + 10 * rng.standard_normal(pred.shape).astype(np.float32))
   assert not np.array_equal(changed, pred)
-  np.testing.assert_allclose(losses.mim_l1_loss(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask)),
+  np.testing.assert_allclose(pixels.mim_l1_loss(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask)),
                              got, rtol=1e-6)
   # bf16 predictions are computed in fp32.
-  assert losses.mim_l1_loss(jnp.asarray(pred, jnp.bfloat16), jnp.asarray(target), jnp.asarray(mask)).dtype == (
+  assert pixels.mim_l1_loss(jnp.asarray(pred, jnp.bfloat16), jnp.asarray(target), jnp.asarray(mask)).dtype == (
       jnp.float32)
   # The global normalizer splits the sum over the batch exactly.
   normalizer = mask.sum() + 1e-5
-  halves = [losses.mim_l1_loss(jnp.asarray(pred[i:i + 1]), jnp.asarray(target[i:i + 1]), jnp.asarray(mask[i:i + 1]),
+  halves = [pixels.mim_l1_loss(jnp.asarray(pred[i:i + 1]), jnp.asarray(target[i:i + 1]), jnp.asarray(mask[i:i + 1]),
                                normalizer=normalizer) for i in range(2)]
   np.testing.assert_allclose(halves[0] + halves[1], got, rtol=1e-6)
   # Nothing masked: 0.
-  assert float(losses.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.zeros(mask.shape))) == 0.0
+  assert float(pixels.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.zeros(mask.shape))) == 0.0

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from visionfm_jax.detection import boxes, matching
-from visionfm_jax.detection import losses as detection_losses
-from visionfm_jax.tasks import losses
+from visionfm_jax.losses import detection as detection_losses
+from visionfm_jax.losses import pixels
 
 # ---------------------------------------------------------------------------------------------------- boxes
 
@@ -185,8 +185,8 @@ def test_segmentation_cross_entropy_ignores_label_255():
 
   @jax.jit
   def run(logits, labels):
-    return (losses.segmentation_cross_entropy(logits, labels), losses.segmentation_ce_terms(logits, labels),
-            jax.grad(losses.segmentation_cross_entropy)(logits, labels))
+    return (pixels.segmentation_cross_entropy(logits, labels), pixels.segmentation_ce_terms(logits, labels),
+            jax.grad(pixels.segmentation_cross_entropy)(logits, labels))
 
   loss, (total, count), _ = run(logits, labels)
   expected = np.mean([math.log(1 + math.exp(-2) + math.exp(-3)), math.log(3)])

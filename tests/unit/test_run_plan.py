@@ -8,7 +8,7 @@ import json
 from configs import swinv2_cls
 from visionfm_jax import config_lib, tasks
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import checkpoint, checks, plan, train
 
 from test_bad_input import TINY, run_main_in_process

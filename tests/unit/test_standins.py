@@ -14,8 +14,9 @@ from visionfm_jax import convert
 from visionfm_jax.data.sources import ade20k, coco, records, wds
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import caption_sets, tokenizer
-from visionfm_jax.tools import clip_checkpoint, index_tars
+from visionfm_jax.tools import index_tars
 from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+from visionfm_jax.trained import loader
 
 import standins
 
@@ -194,7 +195,7 @@ def test_model_repositories_have_the_published_files_and_load(tmp_path):
   clip_dir, vit_dir = tmp_path / "hub" / standins.CLIP_REPO, tmp_path / "hub" / standins.VIT_REPO
   assert written["clip"]["files"] == sorted(standins.CLIP_FILES)
   assert written["vit"]["files"] == sorted(standins.VIT_FILES)
-  config = clip_checkpoint.checkpoint_config(str(clip_dir))
+  config = loader.checkpoint_config(str(clip_dir))
   tok = tokenizer.load(config.data.tokenizer, config.model.text.max_len)
   vocab = json.loads((clip_dir / "vocab.json").read_text())
   assert (tok.bos_id, tok.eos_id) == (vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (len(vocab) - 2,

@@ -1,4 +1,4 @@
-r"""How fast `visionfm_jax.load` answers in a notebook (tools/trained_model.py): the time of the first call of a
+r"""How fast `visionfm_jax.load` answers in a notebook (trained/model.py): the time of the first call of a
 size (its bucket's compile included) and of the next ones, and images/s, for each trained workdir given.
 
   python -m visionfm_jax.bench.notebook --workdir=/tmp/vit_demo,/tmp/clip_demo [--sizes=1,8,64] [--repeats=5]
@@ -29,7 +29,7 @@ import jax
 from visionfm_jax import cli
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import trained_model
+from visionfm_jax.trained import model as trained_model
 
 
 def _seconds(call: Callable[[], object]) -> float:

@@ -14,7 +14,8 @@ from visionfm_jax.errors import ConfigError
 # so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
-# The contrastive losses of a CLIP model (tasks/losses.py): CLIP's softmax over the batch, SigLIP's sigmoid per pair.
+# The contrastive losses of a CLIP model (losses/image_text.py): CLIP's softmax over the batch, SigLIP's sigmoid
+# per pair.
 CONTRASTIVE_LOSSES = ("clip", "siglip")
 # What a composite model (clip, aurora) sets for its towers (models/towers.py): its own value of these fields,
 # once for all towers, and no classification head. A tower's config has neither.

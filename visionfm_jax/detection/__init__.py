@@ -1,2 +1,2 @@
-"""Detection's geometry and objectives: box ops (`boxes`), Hungarian matching (`matching`) and the set losses
-(`losses`)."""
+"""Detection's geometry: box ops (`boxes`) and the Hungarian matching (`matching`) that its set losses
+(losses/detection.py) are taken over."""

@@ -30,8 +30,10 @@ from visionfm_jax import data
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, sums, zeroshot
+from visionfm_jax.losses import image_text as image_text_losses
+from visionfm_jax.losses import pixels
 from visionfm_jax.models import clip, generate
-from visionfm_jax.tasks import image_text, losses
+from visionfm_jax.tasks import image_text
 from visionfm_jax.tasks.base import EvalContext, SplitLossTask
 from visionfm_jax.token_ids import PAD_ID
 
@@ -66,7 +68,7 @@ class AuroraTask(SplitLossTask):
   def pixel_mask(self, batch) -> jax.Array:
     """(B, H, W) 0/1 masked pixels from the (B, gh, gw) mask-patch grid."""
     mask = batch["mim_mask"].astype(jnp.float32)
-    return losses.upsample_mask(mask, batch["image"].shape[1] // mask.shape[1])
+    return pixels.upsample_mask(mask, batch["image"].shape[1] // mask.shape[1])
 
   # -------------------------------------------------------------------------------- the split loss
   def whole_batch(self, batch, rng):
@@ -74,16 +76,16 @@ class AuroraTask(SplitLossTask):
     (uncaptioned images have none) and masked pixels."""
     context = {"has_text": batch.get("has_text"),
                "tokens": jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
-               "masked_pixels": jnp.sum(self.pixel_mask(batch)) + losses.MIM_EPS}
+               "masked_pixels": jnp.sum(self.pixel_mask(batch)) + pixels.MIM_EPS}
     return batch, context
 
   def local_loss(self, params, batch, rng, context):
     images = self.train_images(batch, jnp.float32)  # also the MIM target, kept in fp32
     out = self.model.apply({"params": params}, images, batch["text"], batch["mim_mask"], train=True,
                            rngs={"dropout": rng})
-    caption = losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID,
-                                  normalizer=context["tokens"])
-    mim = losses.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch),
+    caption = image_text_losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID,
+                                             normalizer=context["tokens"])
+    mim = pixels.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch),
                              normalizer=context["masked_pixels"])
     loss = self.weights.caption_weight * caption + self.weights.mim_weight * mim
     return loss, (out["image_emb"], out["text_emb"]), {"train/caption_loss": caption, "train/mim_loss": mim}
@@ -116,7 +118,7 @@ class AuroraTask(SplitLossTask):
     """Sums over one eval batch (padding rows have no tokens): caption NLL and token count."""
     logits = self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"],
                               method="describe")
-    nll, count = losses.caption_loss_terms(logits[:, :-1], batch["text"][:, 1:], PAD_ID)
+    nll, count = image_text_losses.caption_loss_terms(logits[:, :-1], batch["text"][:, 1:], PAD_ID)
     return {"nll": nll, "tokens": count}
 
   def mim_stats(self, params, batch):
@@ -133,7 +135,7 @@ class AuroraTask(SplitLossTask):
       out["retrieval"] = image_text.retrieval_evaluator(self, pairs, ctx)
     caption = sums.SumsEvaluator(self.caption_stats, lambda t: {
         "perplexity": sums.perplexity(t["nll"], t["tokens"]), "loss": t["nll"] / max(t["tokens"], 1.0)}, ctx)
-    mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + losses.MIM_EPS)}, ctx)
+    mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + pixels.MIM_EPS)}, ctx)
     out["caption"] = lambda params: caption(params, pairs())
     out["mim"] = lambda params: mim(params, pairs())
     out.update(image_text.benchmark_evaluators(self, ctx))

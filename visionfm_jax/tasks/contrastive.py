@@ -3,8 +3,8 @@
 loss: both towers embed the batch (L2-normalised), logits = s * I @ T^T with s = exp(logit_scale), the
 symmetric cross-entropy over the global batch's captioned examples, computed sharded (each device's rows against
 the gathered columns) when training on a mesh. Optional Mixup of the pairs: images are mixed with their
-predecessor in the global batch by lam ~ Beta(alpha, alpha) and the targets become soft (losses.py). The loss
-is split (`SplitLossTask`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
+predecessor in the global batch by lam ~ Beta(alpha, alpha) and the targets become soft (losses/image_text.py).
+The loss is split (`SplitLossTask`, tasks/base.py), so with `grad_accum_steps` the negatives and the Mixup partners are
 still the whole global batch's. After every update the temperature parameter is clamped to [0, log 100].
 
 With config.model.contrastive_loss='siglip' the loss is SigLIP's instead (Zhai et al. 2023): a sigmoid per

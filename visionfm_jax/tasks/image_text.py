@@ -20,7 +20,7 @@ from visionfm_jax.data.text import caption_sets
 from visionfm_jax.data.text import tokenizer as tokenizer_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
-from visionfm_jax.tasks import losses
+from visionfm_jax.losses import image_text as image_text_losses
 from visionfm_jax.tasks.base import EvalContext
 
 
@@ -103,14 +103,14 @@ def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> t
   if siglip:
     bias = params["logit_bias"].astype(jnp.float32)
     if mesh is not None:
-      contrastive = losses.sharded_siglip_loss(image_emb, text_emb, scale, bias, mesh, **terms)
+      contrastive = image_text_losses.sharded_siglip_loss(image_emb, text_emb, scale, bias, mesh, **terms)
     else:
-      contrastive = losses.siglip_loss(image_emb, text_emb, scale, bias, **terms)
+      contrastive = image_text_losses.siglip_loss(image_emb, text_emb, scale, bias, **terms)
     return contrastive, {"train/contrastive_loss": contrastive, "train/logit_scale": scale, "train/logit_bias": bias}
   if mesh is not None:
-    contrastive = losses.sharded_clip_loss(image_emb, text_emb, scale, mesh, **terms)
+    contrastive = image_text_losses.sharded_clip_loss(image_emb, text_emb, scale, mesh, **terms)
   else:
-    contrastive = losses.clip_loss(image_emb, text_emb, scale, **terms)
+    contrastive = image_text_losses.clip_loss(image_emb, text_emb, scale, **terms)
   return contrastive, {"train/contrastive_loss": contrastive, "train/logit_scale": scale}
 
 

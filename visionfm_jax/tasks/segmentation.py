@@ -25,8 +25,8 @@ from visionfm_jax.data.loader import dense as dense_data
 from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate.segmentation import SegmentationEvaluator
+from visionfm_jax.losses import pixels
 from visionfm_jax.models import segmenter
-from visionfm_jax.tasks import losses
 from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 
 KIND = "segmentation"
@@ -67,7 +67,7 @@ class SegmentationTask(Task):
   def loss(self, params, batch, rng):
     labels = batch["mask"]
     logits = self.logits(params, batch["image"], train=True, rng=rng)
-    loss = losses.segmentation_cross_entropy(logits, labels, IGNORE)
+    loss = pixels.segmentation_cross_entropy(logits, labels, IGNORE)
     labelled = (labels != IGNORE) & (labels >= 0) & (labels < self.num_classes)
     correct = jnp.sum((jnp.argmax(logits, -1) == labels) & labelled)
     pixel_acc = correct / jnp.maximum(jnp.sum(labelled), 1)

@@ -25,7 +25,7 @@ from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.models import generate
-from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.trained import workdir as workdir_lib
 
 SHAPES_PREFIX = "shapes:"
 SHAPES_SPLIT = "validation"

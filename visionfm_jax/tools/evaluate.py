@@ -5,12 +5,12 @@ r"""Runs a checkpoint's evaluators without training: the ones the training loop 
 
 DIR is a training workdir (config.json + checkpoints/<step>; the newest unless --step) of any task, a
 tools.import_hf directory of a CLIP, or a transformers CLIPModel directory (config.json + model.safetensors +
-tokenizer.json; tools/clip_checkpoint.py). The evaluators are the task's (`task.evaluators`): for a CLIP
+tokenizer.json; trained/loader.py). The evaluators are the task's (`task.evaluators`): for a CLIP
 ImageNet zero-shot top-1 / top-5 with OpenAI's names and templates, retrieval on held-out pairs, the
 config.eval.retrieval_benchmarks and the config.eval.zeroshot_benchmarks (ImageNet-V2, -Sketch, -R, -A:
 `eval/zeroshot_<name>/top1`); for a classifier top-1 on its eval split and the probes; and so on: the sets the
 checkpoint's config names, and those the command adds. An imported or raw CLIP's config is the contrastive
-defaults (`clip_checkpoint.task_config`): zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
+defaults (`trained.clip_config.task_config`): zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
 unless the command names one, e.g. `--config.eval.zeroshot_source=...
 --config.eval.retrieval_benchmarks="(('coco', 'coco_karpathy:/data/coco'),)"`, or held-out pairs with
 `--config.eval.retrieval=true --config.data.eval_source=arrayrecord:/data/pairs/{split}-*.array_record`.
@@ -36,11 +36,11 @@ from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
 import numpy as np
 
-from visionfm_jax import atomic, cli, config_lib, parallel, tasks
+from visionfm_jax import atomic, cli, config_lib, parallel
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.trained import loader
 from visionfm_jax.training import checkpoint
 
 
@@ -48,7 +48,7 @@ def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
   """This tool's flags, on their own FlagValues; `config` (the checkpoint's) adds the `--config.<field>`
   overrides that `argv` names."""
   fv = flags.FlagValues()
-  flags.DEFINE_string("checkpoint", None, f"The model to evaluate: {clip_checkpoint.LAYOUTS}.", flag_values=fv)
+  flags.DEFINE_string("checkpoint", None, f"The model to evaluate: {loader.LAYOUTS}.", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 256, "Examples per eval batch, over all devices (rounded up to a multiple of "
                        "the device count).", flag_values=fv)
@@ -68,7 +68,7 @@ def run(config, path: str, *, step: int | None = None, batch_size: int = 256) ->
   devices = np.array(jax.devices())
   mesh = Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)  # all on data
   batch_size = -(-batch_size // len(devices)) * len(devices)
-  loaded = clip_checkpoint.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh)
+  loaded = loader.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh)
   if loaded.step is not None and jax.process_index() == 0:  # its params checked; the rest of the state too
     checkpoint.warn_of_damaged_parts(loaded.origin, loaded.step)
   evaluators = loaded.task.evaluators(EvalContext(mesh, batch_size, jax.process_index(), jax.process_count()))
@@ -99,8 +99,7 @@ def _main(fv, rest: list[str]) -> None:
 def main(argv: Sequence[str]) -> int:
   """Parses `argv` (program name first), evaluates, prints the results; returns the exit status."""
   distributed.initialize()
-  return cli.run_with_config(argv, lambda path: clip_checkpoint.checkpoint_config(path, tuple(tasks.TASKS)),
-                             make_flags, __doc__, _main)
+  return cli.run_with_config(argv, loader.checkpoint_config, make_flags, __doc__, _main)
 
 
 if __name__ == "__main__":

@@ -47,8 +47,9 @@ from visionfm_jax import cli, convert, data, models, tasks
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
-from visionfm_jax.tools import clip_checkpoint, output_folder
-from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.tools import output_folder
+from visionfm_jax.trained import clip_config, loader
+from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import checkpoint
 
 LAYOUTS = ("a training workdir (config.json + checkpoints/<step>) or a tools.import_hf directory (params/ + "
@@ -140,7 +141,7 @@ def _from_import_dir(path: str, step: int | None) -> Source:
     except ValueError as e:
       raise UserError(f"{file}: not valid JSON ({e})") from e
   if isinstance(meta, dict) and meta.get("name") == "clip":
-    loaded = clip_checkpoint.load(path)
+    loaded = loader.load(path)
     data_cfg = loaded.task.config.data
     return Source(loaded.task.model, loaded.params, f"{file}: ", path, [], mean=data_cfg.mean, std=data_cfg.std,
                   image_size=data_cfg.image_size, preprocess=data_cfg.eval_preprocess, tokenizer=data_cfg.tokenizer)
@@ -210,7 +211,7 @@ def export(path: str, out: str, step: int | None = None, use_ema: bool = False,
     if source.mean is not None and source.std is not None:
       write_preprocessor(tmp, source)
     if source.tokenizer:
-      shutil.copyfile(source.tokenizer, os.path.join(tmp, clip_checkpoint.TOKENIZER))
+      shutil.copyfile(source.tokenizer, os.path.join(tmp, clip_config.TOKENIZER))
   return arch, source
 
 

@@ -7,7 +7,7 @@ embeddings under a trained CLIP (or Aurora) have a cosine similarity >= --thresh
 WORKDIR is the training workdir of a 'contrastive' or 'aurora' run (config.json + checkpoints/<step>; the newest
 checkpoint unless --step), or a published CLIP: a transformers CLIPModel directory (config.json +
 model.safetensors + tokenizer.json, e.g. OpenAI's ViT-B/32, with which LAION filtered at 0.28) or what
-tools.import_hf made of one (tools/clip_checkpoint.py). The score is the dot product of the L2-normalised embeddings the contrastive loss
+tools.import_hf made of one (trained/loader.py). The score is the dot product of the L2-normalised embeddings the contrastive loss
 uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size (config.data.eval_preprocess) as in
 evaluation, captions tokenised with the run's tokenizer. Images are decoded at full size, so a published CLIP's
 scores equal transformers' on its own preprocessing; --draft_decode decodes large JPEGs at a reduced DCT scale
@@ -66,7 +66,7 @@ from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.trained import clip_config, loader
 
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
 BINS = 200
@@ -125,9 +125,10 @@ class ClipScorer:
 
 
 def load_scorer(path: str, step: int | None, batch_size: int, draft_decode: bool = False) -> ClipScorer:
-  """The ClipScorer of the CLIP at `path` (tools/clip_checkpoint.py: a workdir's checkpoint `step`, None: the
+  """The ClipScorer of the CLIP at `path` (trained/loader.py: a workdir's checkpoint `step`, None: the
   newest; an import_hf or transformers CLIPModel directory); UserError for anything else."""
-  loaded = clip_checkpoint.load(path, step, NamedSharding(_local_mesh(), P()))
+  config = loader.checkpoint_config(path, clip_config.CLIP_TASKS)
+  loaded = loader.load(path, step, NamedSharding(_local_mesh(), P()), config=config)
   loaded.task.tokenizer  # pylint: disable=pointless-statement  (a bad config.data.tokenizer fails here)
   return ClipScorer(loaded.task, loaded.params, batch_size, checkpoint=loaded.origin, step=loaded.step,
                     draft_decode=draft_decode)

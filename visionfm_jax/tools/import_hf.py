@@ -26,7 +26,8 @@ from visionfm_jax import cli, models
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
-from visionfm_jax.tools import clip_checkpoint, output_folder
+from visionfm_jax.tools import output_folder
+from visionfm_jax.trained import clip_config
 from visionfm_jax.training import checkpoint
 
 
@@ -91,10 +92,10 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
 
 
 def clip_metadata(model, src: str, out: str) -> dict[str, Any]:
-  """model.json of an imported CLIP: the config fields that build and feed it (tools/clip_checkpoint.py)."""
-  tokenizer = os.path.join(out, clip_checkpoint.TOKENIZER)
+  """model.json of an imported CLIP: the config fields that build and feed it (trained/clip_config.py)."""
+  tokenizer = os.path.join(out, clip_config.TOKENIZER)
   return dict(name="clip", description=models.description(model), source=os.path.abspath(src),
-              config=clip_checkpoint.clip_fields(model, tokenizer, src))
+              config=clip_config.clip_fields(model, tokenizer, src))
 
 
 def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -103,9 +104,9 @@ def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> d
   with output_folder.claim(out, "import_hf", overwrite, reads=(os.path.expanduser(src),)) as tmp:
     model, variables = from_hf(src, scan=scan)
     is_clip = models.name_of(model) == "clip"
-    tokenizer = os.path.join(src, clip_checkpoint.TOKENIZER)
+    tokenizer = os.path.join(src, clip_config.TOKENIZER)
     if is_clip and not os.path.exists(tokenizer):
-      raise UserError(f"{src}: no {clip_checkpoint.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
+      raise UserError(f"{src}: no {clip_config.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
                       "transformers' CLIPTokenizerFast.save_pretrained)")
     if not is_clip and not isinstance(model, ImageBackbone):
       raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
@@ -113,7 +114,7 @@ def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> d
     meta = clip_metadata(model, src, out) if is_clip else metadata(model, src)
     checkpoint.save_params(tmp, variables["params"], meta)
     if is_clip:
-      shutil.copyfile(tokenizer, os.path.join(tmp, clip_checkpoint.TOKENIZER))
+      shutil.copyfile(tokenizer, os.path.join(tmp, clip_config.TOKENIZER))
   return meta
 
 

@@ -36,7 +36,7 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.evaluate import probe
 from visionfm_jax.parallel import distributed
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.tools import workdir as workdir_lib
+from visionfm_jax.trained import workdir as workdir_lib
 
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:

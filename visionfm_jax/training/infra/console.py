@@ -23,10 +23,8 @@ from typing import Callable, Mapping
 
 from absl import logging
 
-import visionfm_jax
-
 PLAIN_LINE_EVERY_S = 30.0
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(visionfm_jax.__file__))
+_PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # visionfm_jax/
 _bar_on_screen = False  # a terminal progress bar is drawn without a newline; the next log line clears it
 
 

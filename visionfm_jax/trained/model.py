@@ -1,6 +1,6 @@
 """A trained model from Python: `visionfm_jax.load(path)` over a training workdir (its newest checkpoint, or
 `step`; the EMA of its params with `ema=True`), a tools.import_hf directory of a CLIP or a transformers CLIPModel
-directory (tools/clip_checkpoint.py reads all three), with what its task supports:
+directory (trained/loader.py reads all three), with what its task supports:
 
   encode_image(images)                   unit embeddings (CLIP, Aurora) or pooled backbone features (the others)
   encode_text(texts)                     unit embeddings, by the run's own tokenizer (CLIP, Aurora)
@@ -49,12 +49,12 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 from PIL import Image
 
-from visionfm_jax import data, parallel, tasks
+from visionfm_jax import data, parallel
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.evaluate import panels, probe, zeroshot
 from visionfm_jax.models import generate
-from visionfm_jax.tools import clip_checkpoint
+from visionfm_jax.trained import loader
 
 IMAGE_TEXT_TASKS = ("contrastive", "aurora")
 BATCH_BUCKETS = (1, 8, 64)  # the batch sizes below `batch_size` that a call is padded up to (each rounded up to a
@@ -77,8 +77,7 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
     raise UserError(f"batch_size={batch_size}: must be positive")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   mesh = _all_devices_mesh()
-  config = clip_checkpoint.checkpoint_config(path, tuple(tasks.TASKS))
-  loaded = clip_checkpoint.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh, use_ema=ema)
+  loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema)
   return TrainedModel(loaded, mesh, batch_size)
 
 
@@ -94,7 +93,7 @@ class TrainedModel:
   `path` and `step` (a workdir's checkpoint, else None) are the loaded model's, `buckets` the batch sizes its calls
   are padded to and `batch_size` the largest."""
 
-  def __init__(self, loaded: clip_checkpoint.Loaded, mesh: Mesh, batch_size: int):
+  def __init__(self, loaded: loader.Loaded, mesh: Mesh, batch_size: int):
     self.task, self.params, self.path, self.step = loaded.task, loaded.params, loaded.origin, loaded.step
     self.config = self.task.config
     self.buckets = batch_buckets(batch_size, mesh.size)

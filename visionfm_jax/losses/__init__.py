@@ -1,0 +1,3 @@
+"""The training objectives, one module per kind of target: image-text pairs (`image_text`: CLIP, SigLIP,
+captioning), pixels (`pixels`: SimMIM, segmentation) and boxes (`detection`: focal and set losses over a
+matching), each a function of arrays that the tasks call."""

@@ -1,0 +1,83 @@
+"""The task config of a CLIP that no training run of this project wrote: a tools.import_hf directory of a CLIPModel
+(params/ + model.json + tokenizer.json) or a raw transformers CLIPModel directory (config.json with model_type
+'clip' + model.safetensors + tokenizer.json).
+
+Either becomes the contrastive task that would train it (the config builds the same model; its tokenizer, image
+size, mean / std and CLIP's evaluation view feed it): `task_config(fields)`, the contrastive defaults with a ViT
+image tower (`configs/swinv2_g_clip.py:vit` for training from it), overridden by the dotted `fields` that
+`clip_fields` derives from the model, stored in model.json.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax.numpy as jnp
+import ml_collections
+
+from visionfm_jax import config_lib, models
+from visionfm_jax.convert import hf_clip, hf_files
+from visionfm_jax.errors import UserError
+
+CLIP_TASKS = ("contrastive", "aurora")
+TOKENIZER = "tokenizer.json"
+# OpenAI's CLIP image normalisation, which its and LAION's published models use: the default when a
+# directory has no preprocessor_config.json.
+CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)
+
+
+def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
+  """The dotted config fields (over `task_config`'s defaults) that build `model` as the contrastive task's CLIP
+  and feed it: its tokenizer file, image size, and the mean / std of `src`'s image processor (OpenAI's when it
+  has none)."""
+  image, text = model.image, model.text
+  norm = hf_files.read_normalisation(src)
+  return {"model.image_size": image.image_size, "model.embed_dim": model.embed_dim, "model.scan": image.scan,
+          "model.image.variant": models.checkpoint_fields(image)["variant"], "model.image.pool": image.pool,
+          "model.image.layer_norm_eps": image.layer_norm_eps, "model.image.qkv_bias": image.qkv_bias,
+          "model.image.pre_norm": image.pre_norm, "model.image.patch_bias": image.patch_bias,
+          "model.image.act": image.act,
+          "model.text.variant": text.size_name(), "model.text.vocab_size": text.vocab_size,
+          "model.text.max_len": text.max_len, "model.text.eos_id": text.eos_id,
+          "model.text.layer_norm_eps": text.layer_norm_eps, "model.text.act": text.act,
+          "data.image_size": image.image_size, "data.tokenizer": os.path.abspath(tokenizer),
+          "data.mean": tuple(norm.get("mean", CLIP_MEAN)), "data.std": tuple(norm.get("std", CLIP_STD))}
+
+
+def task_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
+  """The contrastive task's config with a ViT image tower, fp32, CLIP's evaluation view and OpenAI's ImageNet
+  zero-shot set, overridden by `fields` (`clip_fields`). No retrieval on held-out pairs: a published CLIP names
+  none (its data.eval_source would be the embedded shapes); `--config.eval.retrieval=true` with an eval source
+  asks for it."""
+  config = config_lib.base_config("clip", task="contrastive")
+  config.model = config_lib.model_config("clip", image_tower="vit")
+  config.eval.retrieval = False
+  config.precision.compute_dtype = "float32"
+  config.data.eval_preprocess = "clip"
+  return config_lib.set_paths(config, {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+
+
+def _tokenizer_file(path: str) -> str:
+  file = os.path.join(path, TOKENIZER)
+  if not os.path.exists(file):
+    raise UserError(f"--checkpoint={path}: no {TOKENIZER} (the checkpoint's own BPE tokenizer, which transformers' "
+                    f"CLIPTokenizerFast.save_pretrained writes)")
+  return file
+
+
+def hf_config(path: str) -> ml_collections.ConfigDict:
+  """The task config of a transformers CLIPModel directory, from its config.json alone (no weights read)."""
+  cfg = hf_files.read_config(path)
+  if cfg.get("model_type") != "clip":
+    raise UserError(f"--checkpoint={path}: a transformers {cfg.get('model_type')!r} directory, not a CLIPModel")
+  model = hf_clip.build_model(*hf_clip.model_kwargs(path, cfg), scan=True, dtype=jnp.float32)
+  return task_config(clip_fields(model, _tokenizer_file(path), path))
+
+
+def import_config(path: str) -> ml_collections.ConfigDict:
+  """The task config of a tools.import_hf directory of a CLIP, from its model.json (UserError for another model)."""
+  meta = hf_files.read_json(os.path.join(path, "model.json"))
+  if meta.get("name") != "clip" or not isinstance(meta.get("config"), dict):
+    raise UserError(f"--checkpoint={path}: a tools.import_hf directory of a {meta.get('name')!r} model, not a CLIP")
+  return task_config({**meta["config"], "data.tokenizer": _tokenizer_file(path)})  # the directory may have moved
