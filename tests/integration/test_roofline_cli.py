@@ -1,0 +1,33 @@
+"""`python -m visionfm_jax.bench.roofline` with a GPU target, in a process of its own as a user runs it: one error
+line without XLA's CUDA compiler, and the deviceless H100 plan of ViT-H/14 against its measured peak with it."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from test_gpu_plan import HAS_GPU_COMPILER, ROOT
+
+
+@pytest.mark.skipif(HAS_GPU_COMPILER, reason="checks the error printed where XLA's CUDA compiler is absent")
+def test_a_gpu_target_without_the_cuda_compiler_is_one_error_line():
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py:demo",
+                         "--target=h100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(lines) == 1 and "pip install -e '.[gpu-aot]'" in lines[0], proc.stderr[-2000:]
+
+
+@pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
+def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
+  """BENCHMARKS.md ("GPU (H100 / H200): MFU") measured 14.5 GiB for ViT-H/14 at batch 128 (nothing_saveable, cuDNN)
+  on an H100."""
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
+                         "--target=h100", "--config.global_batch_size=128", "--config.strategy=ddp",
+                         "--config.model.remat_policy=nothing_saveable", "--config.model.attention=cudnn",
+                         "--config.model.scan_unroll=1"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  summary = json.loads(proc.stdout.strip().splitlines()[-1])
+  assert summary["plan_gib"] == pytest.approx(14.5, rel=0.02)
