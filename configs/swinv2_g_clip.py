@@ -103,6 +103,28 @@ unmasked run at the same steps, tuning included (docs/tried_and_dropped.md), so 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,swin_mask_tune --workdir=/tmp/swin_mask_tune \
       --config.init_from=/tmp/swin_mask
 
+Variant `naflex` (implies `vit` and `siglip`; composes with `demo`): SigLIP 2's NaFlex tower (Tschannen et al.
+2025, "SigLIP 2"): every image at its own aspect ratio, a patch grid within a token budget, the position
+embeddings resized per image (docs/models.md, "NaFlex"); zero-shot at native aspect at the training budget and at
+further ones.
+
+  | setting          | value                                                   | source                               |
+  | ---------------- | ------------------------------------------------------- | ------------------------------------ |
+  | image tower      | ViT-B/16, no class token, MAP head, tanh GELU           | ours: SigLIP 2's B/16 tower          |
+  | position grid    | 16 x 16 learned, resized bilinearly (antialiased) to    | SigLIP 2's NaFlex                    |
+  |                  | each image's grid                                       |                                      |
+  | token budget     | 256 patches an image in training; zero-shot also at 64  | SigLIP 2 reports 64, 256, 576        |
+  |                  | and 576                                                 |                                      |
+  | resize           | the largest grid of the image's aspect within the       | SigLIP 2's rule                      |
+  |                  | budget, bilinear; no crop, no RandAugment, no Mixup     |                                      |
+  | loss             | SigLIP's sigmoid loss (the `siglip` variant)            | SigLIP 2's                           |
+
+  python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,naflex --workdir=/tmp/naflex_demo
+
+The demo: the `vit` demo's mu/4 tower at 32 px (an 8 x 8 position grid), 64 patches of 4 px an image, on the
+shapes widened or heightened to aspects from 1:2 to 2:1 (`shapes:mixed_aspect`), zero-shot at 64 and at 16 patches
+an image (`eval/zeroshot_16tok/top1`).
+
 Variant `ft640`: the paper's final stage at 640 px, window 40, from a 224 px run (`--config.init_from=` its
 workdir). It takes that run's params only: init_from loads no train state, so the AdamW moments start at zero and
 the fp16 loss scale at 2^16. The stage is a new run with another resolution, batch and learning-rate schedule:
@@ -172,10 +194,14 @@ FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
-  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune", "swin_mask", "swin_mask_tune", "small"}:
+  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune", "swin_mask", "swin_mask_tune", "small",
+                   "naflex"}:
     raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, vit, siglip, flip, "
-                      "flip_tune, swin_mask, swin_mask_tune, small and their combinations (demo,ft640, demo,siglip, "
-                      "vit,flip, demo,swin_mask, ...)")
+                      "flip_tune, swin_mask, swin_mask_tune, small, naflex and their combinations (demo,ft640, "
+                      "demo,siglip, vit,flip, demo,swin_mask, demo,naflex, ...)")
+  if "naflex" in parts and set(parts) - {"demo", "naflex", "vit", "siglip"}:
+    raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: naflex is SigLIP 2's NaFlex ViT tower (vit and siglip "
+                      "implied); it composes with demo only")
   if {"flip", "flip_tune"} & set(parts) and "vit" not in parts:
     raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: flip and flip_tune mask a ViT image tower (model.token_drop); "
                       f"add vit ({','.join(['vit', *parts])})")
@@ -220,10 +246,10 @@ def get_config(arg: str | None = None):
   # health guard and a checkpoint kept every 20k steps
   config_lib.full_scale_run(config)
 
-  if "vit" in parts:
+  if "vit" in parts or "naflex" in parts:
     # a ViT image tower (B/16 unless overridden): what tools.import_hf's flags for a published CLIP start from
     config.model.image = config_lib.model_config("clip", image_tower="vit").image
-  if "siglip" in parts:
+  if "siglip" in parts or "naflex" in parts:
     _siglip(config)
   if "flip" in parts:
     config.model.image.token_drop = 0.5  # FLIP: half of each image's patch tokens dropped in training
@@ -237,7 +263,26 @@ def get_config(arg: str | None = None):
     _flip_tune(config, demo="demo" in parts)
   if "ft640" in parts:
     _ft640(config, demo="demo" in parts)
+  if "naflex" in parts:
+    _naflex(config, demo="demo" in parts)
   return config
+
+
+def _naflex(config, demo: bool):
+  # SigLIP 2's NaFlex B/16: no class token, a MAP head, tanh GELU, a 16 x 16 grid of position embeddings resized
+  # to each image's grid; 256 patches an image at its own aspect in training, zero-shot also at 64 and 576
+  set_fields(config.model.image, class_token=False, pool="map", act="gelu_pytorch_tanh")
+  config.model.image_size = 256
+  set_fields(config.data.augment, random_resized_crop=False, randaugment_ops=0, mixup_alpha=0.0)
+  set_fields(config.data.naflex, max_tokens=256, patch_size=16)
+  config.eval.zeroshot_naflex_tokens = (64, 576)
+  if demo:
+    # the demo's mu/4 at 32 px: an 8 x 8 grid; 64 patches of 4 px an image, zero-shot also at 16; the shapes
+    # widened or heightened to aspects from 1:2 to 2:1
+    config.model.image_size = config.data.image_size = 32
+    set_fields(config.data.naflex, max_tokens=64, patch_size=4)
+    config.data.source = "shapes:mixed_aspect"
+    config.eval.zeroshot_naflex_tokens = (16,)
 
 
 def _siglip(config):

@@ -45,7 +45,9 @@ BACKBONE = dict(
 
 VIT = dict(
     variant=Field("B/16", doc="<size>/<patch>, a size of models/vit.py SIZES"),
-    pool=Field("cls", doc="cls | gap: the class token's features or the tokens' mean"),
+    pool=Field("cls", doc="cls | gap | map: the class token's features, the tokens' mean, or a MAP head (SigLIP's "
+               "attention pooling)"),
+    class_token=Field(True, doc="a learned class token before the patches; SigLIP's towers have none"),
     layer_norm_eps=Field(1e-6, POSITIVE, "the LayerNorms' epsilon"),
     qkv_bias=Field(True, doc="biases on the query, key and value projections"),
     pre_norm=Field(False, doc="a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)"),

@@ -141,6 +141,14 @@ AUGMENT = dict(
     mixup_alpha=Field(0.0, NON_NEGATIVE, "image-text Mixup (contrastive task): lam ~ Beta(alpha, alpha); 0 disables"),
 )
 
+# config.data.naflex: images at their own aspect ratio, as patch grids within a token budget (SigLIP 2's NaFlex;
+# data/transforms/naflex.py): a contrastive run's ViT tower (models/vit.py) takes them in training and evaluation.
+NAFLEX = dict(
+    max_tokens=Field(0, NON_NEGATIVE_INT, "patches an image may take: each image resized to the largest grid of "
+                     "its aspect within it; 0: square images of image_size (no NaFlex)"),
+    patch_size=Field(16, COUNT, "the side in px of a patch: the image tower's"),
+)
+
 # config.data: sources and splits, the input pipeline, the embedded sets and the augmentations.
 DATA = dict(
     source=Field("shapes", doc=(
@@ -185,6 +193,7 @@ DATA = dict(
     mean=Field((0.485, 0.456, 0.406), FRACTION, "per-channel mean of the pixels in [0, 1] (ImageNet's)"),
     std=Field((0.229, 0.224, 0.225), POSITIVE, "per-channel standard deviation (ImageNet's)"),
     augment=AUGMENT,
+    naflex=NAFLEX,
 )
 
 # Initialising a fresh run from another run's (or an imported) checkpoint.

@@ -83,6 +83,8 @@ ZEROSHOT = dict(
     zeroshot_split=Field("validation", doc="of zeroshot_source, or of the eval source; '' = config.data.eval_split"),
     zeroshot_examples=Field(-1, ALL_OR_COUNT, "-1: the whole split (ImageNet's 50,000, the protocol of the "
                             "SwinV2-G paper's 78.4%)"),
+    zeroshot_naflex_tokens=Field((), COUNT, "with config.data.naflex: further token budgets at which zero-shot "
+                                 "also runs at native aspect, metrics eval/zeroshot_<n>tok/top1, ...; () = none"),
 )
 
 # task -> {dotted path of a section the task adds: its rows}

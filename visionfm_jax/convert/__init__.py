@@ -4,7 +4,8 @@
 by config.json's `model_type`: 'vit' (ViTModel / ViTForImageClassification -> `vit.ViT`, see `hf_vit`) or
 'swinv2' (Swinv2Model / Swinv2ForImageClassification -> `swinv2.SwinV2`, see `hf_swinv2`) or 'clip_text_model'
 (CLIPTextModelWithProjection -> `text.TextTransformer`, see `hf_clip_text`) or 'clip' (CLIPModel -> `clip.CLIP`
-with a ViT image tower, see `hf_clip`).
+with a ViT image tower, see `hf_clip`) or 'siglip2_vision_model' (Siglip2VisionModel, SigLIP 2's NaFlex tower ->
+`vit.ViT` without a class token, with a MAP head, see `hf_siglip2`).
 `to_hf(model, params, path)`: our `vit.ViT` / `swinv2.SwinV2` (either block layout), or a `clip.CLIP` whose ViT
 tower has CLIP's pre-norm -> a `save_pretrained`-style directory (config.json + model.safetensors) of the
 transformers model that computes the same outputs: ViTModel, ViTForImageClassification, Swinv2Model,
@@ -23,13 +24,13 @@ from typing import Any, Sequence
 import jax.numpy as jnp
 
 from visionfm_jax import models
-from visionfm_jax.convert import hf_clip, hf_clip_text, hf_files, hf_swinv2, hf_vit
+from visionfm_jax.convert import hf_clip, hf_clip_text, hf_files, hf_siglip2, hf_swinv2, hf_vit
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError, ConfigError
 
 # config.json model_type -> converter; a config without model_type is taken as a ViT (hand-written configs).
 CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf,
-              "clip": hf_clip.from_hf}
+              "clip": hf_clip.from_hf, hf_siglip2.MODEL_TYPE: hf_siglip2.from_hf}
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):

@@ -28,7 +28,7 @@ import numpy as np
 
 from visionfm_jax.convert import hf_files
 from visionfm_jax.convert.layout import stack_layers
-from visionfm_jax.convert.tensors import Reader, check_tensors, show, tree_shapes
+from visionfm_jax.convert.tensors import Reader, converted, tree_shapes
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import layers
 from visionfm_jax.models import text as text_lib
@@ -137,11 +137,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32
   path = os.fspath(path)
   kw = model_kwargs(path, hf_files.read_config(path))
   tensors = hf_files.read_tensors(path)
-  check_tensors(path, tensors, expected_shapes(kw), set(), family="CLIP text tower")
-  params, taken = convert_params(tensors, kw)
-  leftover = sorted(set(tensors) - taken)
-  if leftover:
-    raise CheckpointError(f"{path}: tensors not converted: {show(leftover)}")
+  params = converted(path, tensors, expected_shapes(kw), lambda t: convert_params(t, kw), "CLIP text tower")
   if scan:
     params = stack_layers(params, kw["depth"])
   model = text_lib.TextTransformer(**kw, dtype=dtype, scan=scan)

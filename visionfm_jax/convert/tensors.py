@@ -40,6 +40,18 @@ def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str,
         f"unexpected {show(unexpected)}; shape mismatch {show(mismatched)}")
 
 
+def converted(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], convert,
+              family: str) -> dict[str, Any]:
+  """The unrolled params `convert(tensors)` -> (params, names taken) makes of a file's tensors, after
+  `check_tensors` against `expected`; CheckpointError naming the tensors it left over."""
+  check_tensors(path, tensors, expected, set(), family=family)
+  params, taken = convert(tensors)
+  leftover = sorted(set(tensors) - taken)
+  if leftover:
+    raise CheckpointError(f"{path}: tensors not converted: {show(leftover)}")
+  return params
+
+
 class Reader:
   """Hands out tensors as float32 by name and remembers which were taken."""
 

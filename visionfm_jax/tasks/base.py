@@ -45,10 +45,10 @@ import numpy as np
 
 from visionfm_jax import config_lib, models, parallel
 from visionfm_jax.data.sources import registry as sources
-from visionfm_jax.data.transforms import device_augment
+from visionfm_jax.data.transforms import device_augment, naflex
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import ConfigError, DataError
-from visionfm_jax.models import fp8
+from visionfm_jax.models import fp8, vit
 
 
 def compute_dtype(precision_cfg):
@@ -96,6 +96,39 @@ def check_dense_config(config, kind: str) -> None:
     raise ConfigError(f"config.model.name={config.model.name!r}: {kind} takes a 'vit' or 'swinv2' backbone")
 
 
+def check_naflex_config(config) -> None:
+  """ConfigError naming the field when config.data.naflex is on where it does not apply: another task than the
+  contrastive one, an image tower other than a ViT of its patch size, or an augmentation of square images."""
+  settings = naflex.settings(config.data)
+  budgets = config.get("eval", {}).get("zeroshot_naflex_tokens", ())
+  if settings is None:
+    if budgets:
+      raise ConfigError(f"config.eval.zeroshot_naflex_tokens={tuple(budgets)}: token budgets of NaFlex inputs; set "
+                        "config.data.naflex.max_tokens (configs/swinv2_g_clip.py:naflex), or ()")
+    return
+  field = f"config.data.naflex.max_tokens={settings[1]}"
+  if config.task != "contrastive" or config.model.name != "clip":
+    raise ConfigError(f"{field}: NaFlex inputs train a contrastive (CLIP or SigLIP) model's ViT tower; this is a "
+                      f"{config.task} run of a {config.model.name} model")
+  image = config.model.image
+  if image.name != "vit":
+    raise ConfigError(f"{field}: a {image.name} tower's windows tile a fixed square; NaFlex takes a ViT image tower "
+                      f"(config.model.image = config_lib.model_config('clip', image_tower='vit').image)")
+  patch = vit.parse_variant(image.variant)["patch_size"]
+  if patch != settings[0]:
+    raise ConfigError(f"config.data.naflex.patch_size={settings[0]} differs from the tower's patch {patch} "
+                      f"(config.model.image.variant={image.variant!r})")
+  augment = config.data.augment
+  for name, off in (("random_resized_crop", False), ("color_jitter", 0.0), ("randaugment_ops", 0),
+                    ("mixup_alpha", 0.0)):
+    if augment[name] != off:
+      raise ConfigError(f"config.data.augment.{name}={augment[name]!r}: NaFlex inputs take the whole image at its "
+                        f"aspect, resized and flipped on the host; set it to {off!r}")
+  if image.token_drop:
+    raise ConfigError(f"config.model.image.token_drop={image.token_drop}: NaFlex inputs vary their tokens already; "
+                      "set it to 0")
+
+
 class Task(abc.ABC):
   """The contract of a task (module docstring); builds the model and normalises uint8 images on the device, where
   training images also get their per-pixel augmentation (data/transforms/device_augment.py) when the task's loader
@@ -109,6 +142,8 @@ class Task(abc.ABC):
     self.config = config
     self.mesh = mesh  # the training mesh, for losses that shard_map over it; None outside a run
     self.dtype = compute_dtype(config.precision)
+    check_naflex_config(config)
+    self.naflex = naflex.settings(config.data)  # (patch size, token budget) of NaFlex inputs, else None
     self.model = models.build(config.model, self.dtype, self.device().platform)
     self._mean = np.asarray(config.data.mean, np.float32) * 255.0
     self._std = np.asarray(config.data.std, np.float32) * 255.0
@@ -129,7 +164,10 @@ class Task(abc.ABC):
     return fp8.gemms(self.config.precision.get("gemm", "compute_dtype"))
 
   def normalize(self, images: jax.Array) -> jax.Array:
-    """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches)."""
+    """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches); with
+    NaFlex, packed images -> the model's {'patches', 'grid'} (data/transforms/naflex.py)."""
+    if self.naflex:
+      return naflex.normalized(images, self._mean, self._std)
     return device_augment.normalize(images, self._mean, self._std)
 
   def denormalize(self, images) -> np.ndarray:
@@ -138,7 +176,10 @@ class Task(abc.ABC):
 
   def train_images(self, batch, dtype=None) -> jax.Array:
     """A training batch's uint8 images, colour-jittered and flipped as its per-example parameters say and
-    normalised, in `dtype` (the compute dtype by default): the model's training input."""
+    normalised, in `dtype` (the compute dtype by default): the model's training input (NaFlex: `normalize`'s, in
+    `dtype`; the host flipped them)."""
+    if self.naflex:
+      return naflex.normalized(batch["image"], self._mean, self._std, dtype or self.dtype)
     return device_augment.augment(batch["image"], batch, self._mean, self._std, dtype or self.dtype)
 
   @abc.abstractmethod
@@ -192,6 +233,8 @@ class Task(abc.ABC):
     """Random data in the layout of `train_loader`'s batches: here uint8 images and the device augmentation's
     parameters; tasks add their fields."""
     size = self.config.data.image_size
+    if self.naflex:
+      return {"image": naflex.synthetic(batch_size, *self.naflex, rng)}
     batch = {"image": rng.integers(0, 256, (batch_size, size, size, 3), dtype=np.uint8)}
     if self.augments_on_device:
       batch.update(transforms.random_device_params(self.config.data.augment, batch_size, rng))

@@ -12,7 +12,8 @@ With config.model.contrastive_loss='siglip' the loss is SigLIP's instead (Zhai e
 from device to device (B_local x B_local logits a hop); split and clamped as CLIP's.
 
 Evaluators: `zeroshot` (class names x prompt templates: a shipped set, the user's file or the data's own names,
-evaluate/zeroshot.py; `eval/zeroshot/top1`, `top5`) on a labelled split, checked for labels when built,
+evaluate/zeroshot.py; `eval/zeroshot/top1`, `top5`) on a labelled split, checked for labels when built (with
+NaFlex inputs also `zeroshot_<n>tok` at each further token budget n of config.eval.zeroshot_naflex_tokens),
 `retrieval` (R@1/5/10 both ways: `eval/retrieval/i2t_r1`, ...) on held-out pairs, and `<name>_retrieval` for
 each (name, spec) of config.eval.retrieval_benchmarks: COCO / Flickr30k with every caption of each image
 (data/text/caption_sets.py; `eval/coco_retrieval/i2t_r1`, ..., `count` images, `captions`).
@@ -47,6 +48,23 @@ def zeroshot_data_config(data_cfg, eval_cfg):
       data_cfg.eval_split = eval_cfg.zeroshot_split
     data_cfg.eval_examples = eval_cfg.zeroshot_examples
   return data_cfg
+
+
+def naflex_budget(data_cfg, tokens: int):
+  """A copy of config.data whose NaFlex images take `tokens` patches."""
+  data_cfg = data_cfg.copy_and_resolve_references()
+  with data_cfg.unlocked():
+    data_cfg.naflex.max_tokens = tokens
+  return data_cfg
+
+
+def _zeroshot_run(evaluator, data_cfg, source, ctx):
+  """params -> `evaluator`'s metrics over this process's share of `source`'s batches as `data_cfg` makes them."""
+  def run(params):
+    batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size, process_index=ctx.process_index,
+                                      process_count=ctx.process_count, source=source)
+    return evaluator(params, batches)
+  return run
 
 
 class ContrastiveTask(SplitLossTask):
@@ -119,13 +137,12 @@ class ContrastiveTask(SplitLossTask):
       source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg)  # labelled, or the run stops now
       names, templates = zeroshot.zeroshot_classes(eval_cfg, data_cfg)
       zs = zeroshot.ZeroShotEvaluator(score, self.class_embeddings, names, templates)
-
-      def run_zeroshot(params):
-        batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size,
-                                          process_index=ctx.process_index, process_count=ctx.process_count,
-                                          source=source)
-        return zs(params, batches)
-      out["zeroshot"] = run_zeroshot
+      out["zeroshot"] = _zeroshot_run(zs, data_cfg, source, ctx)
+      for tokens in eval_cfg.get("zeroshot_naflex_tokens", ()) if self.naflex else ():
+        # the same images at native aspect within another token budget: one program of their own
+        out[f"zeroshot_{tokens}tok"] = _zeroshot_run(
+            zeroshot.ZeroShotEvaluator(zeroshot.scorer(self.embed_images, ctx), self.class_embeddings, names,
+                                       templates), naflex_budget(data_cfg, tokens), source, ctx)
 
     if eval_cfg.retrieval:
       out["retrieval"] = image_text.retrieval_evaluator(self, image_text.held_out_pairs(self, ctx), ctx)

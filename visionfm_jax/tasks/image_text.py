@@ -18,6 +18,7 @@ from visionfm_jax import data
 from visionfm_jax.data.sources.registry import eval_source_spec
 from visionfm_jax.data.text import caption_sets
 from visionfm_jax.data.text import tokenizer as tokenizer_lib
+from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.losses import image_text as image_text_losses
@@ -148,6 +149,8 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
     rows = panels.first_rows(embed, params, next(iter(pairs())), ctx, PANEL_IMAGES)
     valid = np.flatnonzero(rows["mask"])
     images, captions = rows["image"][valid], task.tokenizer.decode(rows["text"][valid])
+    if task.naflex:  # packed: each image at its grid, as the model saw it
+      images = [naflex.unpacked_image(image, task.naflex[0]) for image in images]
     image_emb, text_emb = (np.asarray(e, np.float32)[valid] for e in rows["out"])
     lines = [(panels.clipped(caption),) for caption in captions]
     if classes is not None:

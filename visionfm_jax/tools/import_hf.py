@@ -54,7 +54,10 @@ def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
 def _family_overrides(meta: dict[str, Any]) -> tuple[list[str], list[str]]:
   """The flags and notes specific to the model family."""
   if meta["name"] == "vit":
-    return [f"--config.model.pool={meta['pool']}"], []
+    flags_ = [f"--config.model.pool={meta['pool']}"]
+    if not meta.get("class_token", True):  # SigLIP 2's tower (convert/hf_siglip2.py)
+      flags_ += ["--config.model.class_token=False", f"--config.model.act={meta['act']}"]
+    return flags_, []
   # SwinV2: HF models have no extra main-branch norms (the H and G sizes default to them here).
   flags_ = [f"--config.model.patch_size={meta['patch']}", f"--config.model.window_size={meta['window_size']}",
             "--config.model.extra_norm_period=0"]

@@ -5,6 +5,10 @@ Needs no download and is deterministic per (seed, split, index): record `i` is d
 The class is the shape kind; every record also has a colour index, a caption and a bounding box, so the
 same set serves classification, contrastive and captioning demos.
 
+With `mixed_aspect`, each record's square image is widened or heightened to an aspect of its own (ASPECTS, drawn
+from the record's generator after the drawing), its edge pixels repeated on both sides of the square (the shape's
+position along the long side drawn too): images as they come, for NaFlex towers.
+
 Shapes are signed distance fields (unit = the shape's half extent) evaluated on the pixel centres of a
 window around the shape, with a one-pixel antialiased edge. Backgrounds are low-saturation greys so
 they are never confused with the saturated shape colours.
@@ -203,6 +207,19 @@ def _tight_box(alpha, y0: int, x0: int, size: int) -> np.ndarray:
 
 
 CAPTION_STYLES = ("full", "short")
+ASPECTS = (1 / 2, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 2.0)  # width / height of the 'shapes:mixed_aspect' images
+
+
+def widened(image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  """A square image extended along one side to an aspect of ASPECTS drawn with `rng`, by repeating its edge
+  pixels, the square at a random place along the long side."""
+  aspect = ASPECTS[int(rng.integers(len(ASPECTS)))]
+  side = image.shape[0]
+  extra = round(side * max(aspect, 1 / aspect)) - side
+  before = int(rng.integers(extra + 1))
+  pad = (before, extra - before)
+  widths = ((0, 0), pad, (0, 0)) if aspect > 1 else (pad, (0, 0), (0, 0))
+  return np.pad(image, widths, mode="edge")
 
 
 def render(rng: np.random.Generator, image_size: int, caption_style: str = "full") -> dict:
@@ -236,7 +253,7 @@ class ShapesSource:
   with the 'image' only (image-only data: no caption, no label)."""
 
   def __init__(self, split: str, size: int, image_size: int, seed: int = 0, caption_style: str = "full",
-               annotated: bool = True):
+               annotated: bool = True, mixed_aspect: bool = False):
     if split not in SPLIT_IDS:
       raise DataError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_IDS)}")
     if caption_style not in CAPTION_STYLES:
@@ -245,7 +262,7 @@ class ShapesSource:
     if size <= 0 or image_size < 8:
       raise DataError(f"shapes: size={size} must be positive and image_size={image_size} at least 8")
     self.split, self.size, self.image_size, self.seed = split, int(size), int(image_size), int(seed)
-    self.annotated = bool(annotated)
+    self.annotated, self.mixed_aspect = bool(annotated), bool(mixed_aspect)
 
   def __len__(self) -> int:
     return self.size
@@ -256,10 +273,13 @@ class ShapesSource:
       raise IndexError(f"{self!r}: index {index} out of range")
     rng = np.random.default_rng([self.seed, SPLIT_IDS[self.split], index])
     record = render(rng, self.image_size, self.caption_style)
+    if self.mixed_aspect:  # its box would be the square's: left out
+      record = {**record, "image": widened(record["image"], rng)}
+      del record["box"]
     return record if self.annotated else {"image": record["image"]}
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return (f"ShapesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
             f"seed={self.seed}, caption_style={self.caption_style!r}"
-            f"{'' if self.annotated else ', annotated=False'})")
+            f"{'' if self.annotated else ', annotated=False'}{', mixed_aspect=True' if self.mixed_aspect else ''})")

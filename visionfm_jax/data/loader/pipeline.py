@@ -25,6 +25,7 @@ from visionfm_jax.data.loader import identity, open_files, reaping, skipping
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import DataError
 
 # config.data.num_workers=-1 takes one worker per CPU beyond the trainer's, up to this many: past it a node's share
@@ -201,8 +202,11 @@ def _pair_example(mixture: mixture_lib.Mixture, tokenizer, split: str) -> transf
 
 def _train_loader(data_cfg, mixture, example, *, batch_size: int, seed: int, process_index: int,
                   process_count: int, extras=()) -> skipping.SkippingLoader:
-  operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
-                                           example)
+  if naflex.settings(data_cfg):
+    operations = naflex.train_transforms(data_cfg, example)
+  else:
+    operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
+                                             example)
   operations.extend(extras)
   return grain_train_loader(data_cfg, mixture, operations, batch_size=batch_size, seed=seed,
                             process_index=process_index, process_count=process_count)
@@ -259,12 +263,18 @@ class EvalReader:
   """Reads one eval record into an example dict (None when undecodable): decode + central crop (`preprocess`:
   config.data.eval_preprocess, transforms.EvalTransform) + `example`, then the `extras` (RandomMaps with `spec`,
   e.g. AddMimMask), which draw from np.random.default_rng(index): an eval example is a pure function of its
-  record index, whatever the batch size or process count."""
+  record index, whatever the batch size or process count. With `naflex` ((patch size, token budget):
+  naflex.settings) the image is the whole one at its aspect, packed (data/transforms/naflex.py), not a crop."""
 
-  def __init__(self, source, image_size: int, example, extras=(), preprocess: str = "inception"):
+  def __init__(self, source, image_size: int, example, extras=(), preprocess: str = "inception",
+               naflex_budget: tuple[int, int] | None = None):
     self.source, self.image_size, self.example, self.extras = source, image_size, example, tuple(extras)
-    self.ops = [transforms.Decode(transforms.eval_decode_side(image_size, preprocess)),
-                transforms.EvalTransform(image_size, preprocess)]
+    self.naflex_budget = naflex_budget
+    if naflex_budget:
+      self.ops = [transforms.Decode(), naflex.Patches(*naflex_budget)]
+    else:
+      self.ops = [transforms.Decode(transforms.eval_decode_side(image_size, preprocess)),
+                  transforms.EvalTransform(image_size, preprocess)]
 
   def __call__(self, index: int):
     element = self.source[index]
@@ -284,6 +294,8 @@ class EvalReader:
   def spec(self) -> dict:
     """{key: (shape, dtype)} of one example: the example op's spec and the extras'."""
     spec = dict(self.example.spec(self.image_size))
+    if self.naflex_budget:
+      spec["image"] = (naflex.packed_shape(*self.naflex_budget), np.uint8)
     for op in self.extras:
       spec.update(op.spec(self.image_size))
     return spec
@@ -373,5 +385,6 @@ def eval_total(data_cfg, num_records: int) -> int:
 def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,
                    extras=()):
   share, num_batches = eval_shares(eval_total(data_cfg, len(source)), batch_size, process_index, process_count)
-  reader = EvalReader(source, data_cfg.image_size, example, extras, data_cfg.eval_preprocess)
+  reader = EvalReader(source, data_cfg.image_size, example, extras, data_cfg.eval_preprocess,
+                      naflex.settings(data_cfg))
   return eval_batches(reader, share, num_batches, batch_size, threads=eval_threads(data_cfg))

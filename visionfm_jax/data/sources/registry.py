@@ -3,6 +3,8 @@
   shapes                      the embedded procedural set (`shapes.ShapesSource`), no download
   shapes:images               the same drawing, other images (seed shapes.IMAGES_SEED), records with only an
                               'image': the embedded uncaptioned, unlabelled set (image-only data in a mixture)
+  shapes:mixed_aspect         the 'shapes' records, each widened or heightened to an aspect of its own
+                              (shapes.ASPECTS; NaFlex demos)
   tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our
                               Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
                               config.data.train_split / eval_split
@@ -62,7 +64,7 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
   A malformed spec is a DataError naming `what` (the field and spec, "config.data.eval_source='x'"; default
   config.data.source)."""
   kind, _, name = spec.partition(":")
-  if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name == "images"):
+  if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name in ("images", "mixed_aspect")):
     return kind, name, ""
   if kind in FOLDER_KINDS and name:
     return kind, name, ""
@@ -72,7 +74,7 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
     if version and not _VERSION.match(version):  # no version: the whole rest is the split
       version, split = "", rest
     return kind, f"{name}:{version}" if version else name, split
-  raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'scenes', "
+  raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'shapes:mixed_aspect', 'scenes', "
                   f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'wds:<glob>', 'ade20k:<root>', "
                   f"'coco:<root>' or one of {', '.join(k + ':<root>' for k in imagenet_variants.KINDS)}")
 
@@ -195,7 +197,8 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
                           max_objects=data_cfg.scenes_max_objects)
     if name == "images":
       return ShapesSource(split, size, data_cfg.image_size, seed=shapes.IMAGES_SEED, annotated=False)
-    return ShapesSource(split, size, data_cfg.image_size, seed=shapes.SEED, caption_style=data_cfg.shapes_captions)
+    return ShapesSource(split, size, data_cfg.image_size, seed=shapes.SEED, caption_style=data_cfg.shapes_captions,
+                        mixed_aspect=name == "mixed_aspect")
   if kind == "arrayrecord":
     return _arrayrecord_source(what, name, split)
   if kind in imagenet_variants.KINDS:

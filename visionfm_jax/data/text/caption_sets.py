@@ -45,6 +45,7 @@ import numpy as np
 from visionfm_jax.data import limits
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import DataError
 
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
@@ -108,7 +109,8 @@ def image_batches(caption_set: CaptionSet, data_cfg, *, batch_size: int, process
   shares and padding (pipeline.eval_shares, eval_batches) and its image preprocessing for `data_cfg`
   (pipeline.EvalReader). An undecodable image is a padding row (mask False)."""
   share, num_batches = pipeline.eval_shares(len(caption_set), batch_size, process_index, process_count)
-  reader = pipeline.EvalReader(caption_set, data_cfg.image_size, SelectImage(), preprocess=data_cfg.eval_preprocess)
+  reader = pipeline.EvalReader(caption_set, data_cfg.image_size, SelectImage(), preprocess=data_cfg.eval_preprocess,
+                               naflex_budget=naflex.settings(data_cfg))
   return pipeline.eval_batches(reader, share, num_batches, batch_size, threads=pipeline.eval_threads(data_cfg))
 
 
