@@ -15,6 +15,7 @@ from visionfm_jax import parallel, tasks
 from visionfm_jax.bench import hlo_cost
 from visionfm_jax.training import grads as grads_lib
 from visionfm_jax.training import optim, precision
+from visionfm_jax.training import state as state_lib
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.state import TrainState
 
@@ -256,10 +257,12 @@ def test_a_restored_state_without_a_loss_scale_gets_a_fresh_one_in_fp16_only(cap
   starts one, which the step's loss-scale guard reads; a bf16 / fp32 run leaves the state as it is."""
   fp16 = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 8.0})
   state = TrainState(step=jnp.zeros((), jnp.int32), params={}, opt_state=(), loss_scale=None)
-  adopted = precision.adopt(state, fp16.precision, None, "ckpt/4")
+  shardings = TrainState(step=None, params=None, opt_state=None, loss_scale=None)
+  resumed = lambda config: state_lib.Resumed(config, None, shardings, "ckpt/4")
+  adopted = state_lib.adopted(state, resumed(fp16))
   assert float(adopted.loss_scale.scale) == 8.0 and "ckpt/4 has no fp16 loss scale" in caplog.text
-  assert precision.adopt(state, tiny_vit_config().precision, None, "ckpt/4") is state
-  assert precision.adopt(adopted, fp16.precision, None, "ckpt/4") is adopted
+  assert state_lib.adopted(state, resumed(tiny_vit_config())).loss_scale is None
+  assert precision.adopt(adopted, resumed(fp16)) is adopted.loss_scale
 
 
 def test_a_node_sums_only_gradients_its_strategy_shards():

@@ -44,23 +44,36 @@ def saved_has_ema(saved_config: dict | None) -> bool:
   return bool(((saved_config or {}).get("optim") or {}).get("ema_decay", 0.0))
 
 
-def checkpoint_target(target, saved_config: dict | None):
-  """The restore target `target` (the TrainState of this run's config) for a checkpoint trained with
-  `saved_config`: with an EMA in the params' shapes when the checkpoint has one and this run none (a checkpoint
+def create(config, params):
+  """The EMA of a fresh state (training/state.py, `StatePart`): the params themselves when
+  config.optim.ema_decay is set (the init's output, never its input), else None."""
+  return params if config.optim.ema_decay else None
+
+
+def checkpoint_target(target, config, saved_config: dict | None):
+  """The EMA of the restore target `target` (the TrainState of this run's config) for a checkpoint trained with
+  `saved_config`: one in the params' shapes when the checkpoint has one and this run none (a checkpoint
   without one restores into a target with one: `Checkpointer.restore` leaves it None)."""
+  del config
   if saved_has_ema(saved_config) and target.ema_params is None:
-    return target.replace(ema_params=target.params)
-  return target
+    return target.params
+  return target.ema_params
 
 
-def adopt(state, decay: float, shardings, where: str):
-  """The restored `state` made to fit this run: an EMA started from the params when `decay` is set and the
-  checkpoint (`where`) had none, dropped when `decay` is 0; `shardings` the run's state shardings."""
+def adopt(state, resumed):
+  """The restored EMA fitted to this run: started from the params when config.optim.ema_decay is set and the
+  checkpoint had none, dropped when it is 0."""
+  decay = resumed.config.optim.ema_decay
   if decay and state.ema_params is None:
     logging.warning("%s has no EMA of the params: config.optim.ema_decay=%g starts it from the restored params",
-                    where, decay)
-    return state.replace(ema_params=start(state.params, shardings.ema_params))
+                    resumed.where, decay)
+    return start(state.params, resumed.shardings.ema_params)
   if not decay and state.ema_params is not None:
-    logging.warning("%s has an EMA of the params and config.optim.ema_decay=0: this run drops it", where)
-    return state.replace(ema_params=None)
-  return state
+    logging.warning("%s has an EMA of the params and config.optim.ema_decay=0: this run drops it", resumed.where)
+    return None
+  return state.ema_params
+
+
+def follow_params(state, shardings):
+  """The EMA once `init_from` replaced the params: started from them (ema_0 = params_0), None without one."""
+  return start(state.params, shardings.ema_params) if state.ema_params is not None else None

@@ -134,7 +134,9 @@ class HealthState(flax.struct.PyTreeNode):
         trigger_loss=jnp.where(new_trigger, loss, self.trigger_loss)), apply
 
 
-def maybe_create(config) -> HealthState | None:
+def create(config, params=None) -> HealthState | None:
+  """The health statistics of a fresh state (training/state.py, `StatePart`), None when health is off."""
+  del params
   if not config.health.enabled:
     return None
   return HealthState.create(config.health, config.precision.max_consecutive_skips)
@@ -346,24 +348,37 @@ def check_iterator(data_iterator) -> None:
                       f"skip ahead in its stream, which a rollback needs; set config.health.rollback=False")
 
 
-def checkpoint_layout(target, config, saved_config: dict | None):
-  """(`target` with the health part that a checkpoint saved with `saved_config` holds, whether the restored
-  state's health statistics must then start afresh): a run that turns health on or off, or changes the
-  window, resumes a checkpoint of the other layout."""
-  saved = (saved_config or {}).get("health") or {}
-  layout = lambda cfg: (int(cfg["window"]), max(int(cfg["burst_skips"]), 1)) if cfg.get("enabled") else None
-  old, new = layout(saved), layout(config.health.to_dict())
-  if old == new:
-    return target, False
-  abstract = None
-  if old is not None:
-    shapes = jax.eval_shape(lambda: HealthState.create(ml_collections.ConfigDict(saved), 1))
-    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target.step.sharding), shapes)
-  return target.replace(health=abstract), True
+def checkpoint_target(target, config, saved_config: dict | None) -> HealthState | None:
+  """The health part of the restore target for a checkpoint trained with `saved_config` (`target`: the state of
+  this run's config): that checkpoint's layout, which a run that turns health on or off, or changes the window,
+  resumes (`adopt` then starts the statistics afresh)."""
+  saved = _saved_health_config(saved_config)
+  if not _layout_changed(config, saved):
+    return target.health
+  if _layout(saved) is None:
+    return None
+  shapes = jax.eval_shape(lambda: HealthState.create(ml_collections.ConfigDict(saved), 1))
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=target.step.sharding), shapes)
 
 
-def afresh(state, config):
-  """`state` with new health statistics per `config` (None when off), laid out as its step."""
+def adopt(state, resumed) -> HealthState | None:
+  """The restored health statistics, or new ones per this run's config (None when off, laid out as the step)
+  where its layout differs from the checkpoint's."""
+  if not _layout_changed(resumed.config, _saved_health_config(resumed.saved_config)):
+    return state.health
   logging.info("health statistics start afresh (config.health changed since the checkpoint)")
-  fresh = maybe_create(config)
-  return state.replace(health=None if fresh is None else jax.device_put(fresh, state.step.sharding))
+  fresh = create(resumed.config)
+  return None if fresh is None else jax.device_put(fresh, state.step.sharding)
+
+
+def _saved_health_config(saved_config: dict | None) -> dict:
+  return (saved_config or {}).get("health") or {}
+
+
+def _layout(health_cfg: dict):
+  """The shapes of the health statistics of `health_cfg` (a dict), None when it is off."""
+  return (int(health_cfg["window"]), max(int(health_cfg["burst_skips"]), 1)) if health_cfg.get("enabled") else None
+
+
+def _layout_changed(config, saved: dict) -> bool:
+  return _layout(saved) != _layout(config.health.to_dict())

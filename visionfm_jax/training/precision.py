@@ -46,16 +46,30 @@ def maybe_loss_scale(precision_cfg) -> DynamicScale | None:
                              precision_cfg.loss_scale_min)
 
 
-def adopt(state, precision_cfg, sharding, where: str):
-  """The restored `state` fitted to this run's precision: a fresh loss scale (laid out by `sharding`) when the run
-  computes in fp16 and the checkpoint (`where`) has none, which only one saved without its config can be (its
-  compute dtype was never compared); the step's loss-scale guard reads it."""
+def create(config, params) -> DynamicScale | None:
+  """The loss scale of a fresh state (training/state.py, `StatePart`): one in fp16, else None."""
+  del params
+  return maybe_loss_scale(config.precision)
+
+
+def checkpoint_target(target, config, saved_config: dict | None) -> DynamicScale | None:
+  """This run's loss scale: a checkpoint of another compute dtype is refused before the restore
+  (training/resume.py)."""
+  del config, saved_config
+  return target.loss_scale
+
+
+def adopt(state, resumed) -> DynamicScale | None:
+  """The restored loss scale fitted to this run's precision: a fresh one (laid out as the run's) when the run
+  computes in fp16 and the checkpoint has none, which only one saved without its config can be (its compute
+  dtype was never compared); the step's loss-scale guard reads it."""
+  precision_cfg = resumed.config.precision
   fresh = maybe_loss_scale(precision_cfg)
   if fresh is None or state.loss_scale is not None:
-    return state
-  logging.warning("%s has no fp16 loss scale: config.precision.compute_dtype=float16 starts one at %g", where,
-                  precision_cfg.loss_scale_init)
-  return state.replace(loss_scale=jax.device_put(fresh, sharding))
+    return state.loss_scale
+  logging.warning("%s has no fp16 loss scale: config.precision.compute_dtype=float16 starts one at %g",
+                  resumed.where, precision_cfg.loss_scale_init)
+  return jax.device_put(fresh, resumed.shardings.loss_scale)
 
 
 def all_finite(tree) -> jax.Array:

@@ -1,13 +1,23 @@
-"""The train state: step, fp32 params, optimizer state, the fp16 loss scale when there is one, the health
-statistics (when on) and the EMA of the params when config.optim.ema_decay is set (training/ema.py)."""
+"""The train state: step, fp32 params, optimizer state, and the optional parts the config turns on, each one
+`StatePart` of `PARTS`: the fp16 loss scale (training/precision.py), the health statistics (training/health.py)
+and the EMA of the params (training/ema.py).
+
+A part is created with the state (`created`, in `step.make_init_fn`), restored in the layout its checkpoint
+holds (`checkpoint_target`) and then fitted to this run's config (`adopted`); the EMA also follows params
+that `init_from` replaced (`follow_params`). Init and restore loop over `PARTS` in order: a further part is a
+field here, a row of `PARTS` and its own module's four functions.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from typing import Any, Callable, NamedTuple
 
 import flax.struct
 import jax
+import ml_collections
 
+from visionfm_jax.training import ema, health, precision
 from visionfm_jax.training.health import HealthState
 from visionfm_jax.training.precision import DynamicScale
 
@@ -23,3 +33,63 @@ class TrainState(flax.struct.PyTreeNode):
   @staticmethod
   def non_param_fields() -> tuple[str, ...]:
     return ("step", "loss_scale", "health")
+
+
+class Resumed(NamedTuple):
+  """What a restored part is fitted to: this run's config, the config its checkpoint trained with (the JSON dict;
+  None: one saved without it), the run's state shardings and the checkpoint's path (for the log lines)."""
+  config: ml_collections.ConfigDict
+  saved_config: dict | None
+  shardings: Any
+  where: str
+
+
+@dataclasses.dataclass(frozen=True)
+class StatePart:
+  """An optional field of the train state (None where the config leaves it off).
+
+  create(config, params)                       its value in a fresh state, traced inside the state's init
+  checkpoint_target(target, config, saved)     its restore target in the layout of a checkpoint trained with
+                                               the config `saved` (`target`: the state of this run's config)
+  adopt(state, resumed: Resumed)               its value in the restored `state` fitted to this run's config
+  follow_params(state, shardings)              its value once `init_from` replaced the params; None: it keeps it
+  """
+  field: str
+  create: Callable[[ml_collections.ConfigDict, Any], Any]
+  checkpoint_target: Callable[[Any, ml_collections.ConfigDict, dict | None], Any]
+  adopt: Callable[[Any, Resumed], Any]
+  follow_params: Callable[[Any, Any], Any] | None = None
+
+
+PARTS: tuple[StatePart, ...] = (
+    StatePart("loss_scale", precision.create, precision.checkpoint_target, precision.adopt),
+    StatePart("health", health.create, health.checkpoint_target, health.adopt),
+    StatePart("ema_params", ema.create, ema.checkpoint_target, ema.adopt, ema.follow_params),
+)
+
+
+def created(config, params) -> dict[str, Any]:
+  """{field: value} of each part in a fresh state of `params`."""
+  return {part.field: part.create(config, params) for part in PARTS}
+
+
+def checkpoint_target(target, config, saved_config: dict | None):
+  """`target` (the state of this run's config) with each part in the layout of a checkpoint trained with
+  `saved_config`."""
+  return target.replace(**{part.field: part.checkpoint_target(target, config, saved_config)
+                           for part in PARTS})
+
+
+def adopted(state, resumed: Resumed):
+  """The restored `state` with each part, in order, fitted to this run's config."""
+  for part in PARTS:
+    state = state.replace(**{part.field: part.adopt(state, resumed)})
+  return state
+
+
+def follow_params(state, shardings):
+  """`state`, whose params `init_from` replaced, with the parts that derive from the params following them."""
+  for part in PARTS:
+    if part.follow_params is not None:
+      state = state.replace(**{part.field: part.follow_params(state, shardings)})
+  return state

@@ -15,18 +15,19 @@ import optax
 
 from visionfm_jax import parallel, tasks
 from visionfm_jax.training import grads as grads_lib
-from visionfm_jax.training import guards, health, optim, precision
+from visionfm_jax.training import guards, optim
+from visionfm_jax.training import state as state_lib
 from visionfm_jax.training.state import TrainState
 
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
-  """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names."""
+  """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names, with the
+  optional parts its config turns on (training/state.py, `PARTS`)."""
 
   def init(rng):
     params = task.init_variables(rng)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      loss_scale=precision.maybe_loss_scale(config.precision), health=health.maybe_create(config),
-                      ema_params=params if config.optim.ema_decay else None)
+                      **state_lib.created(config, params))
 
   return init
 

@@ -28,15 +28,14 @@ from visionfm_jax.training import (
   checkpoint,
   checks,
   data_record,
-  ema,
   flops,
   health,
   init_from,
   optim,
-  precision,
   prefetch,
 )
 from visionfm_jax.training import plan as plan_lib
+from visionfm_jax.training import state as state_lib
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.infra import compile_cache, console, faults, metrics
 from visionfm_jax.training.infra import workdir as workdir_lib
@@ -356,24 +355,21 @@ def _log_plan(config, abstract: TrainState, workdir: str) -> None:
 
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
+  """The newest readable checkpoint restored with each optional part of the state (training/state.py, `PARTS`)
+  in its layout and fitted to this run, else a fresh state (its params from `init_from` when set)."""
   target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
   newest = checkpointer.latest_step()
   saved = checkpoint.saved_config(checkpointer.directory, newest) if newest is not None else None
-  target, health_afresh = health.checkpoint_layout(target, config, saved)
-  restored = checkpointer.restore_newest_readable(ema.checkpoint_target(target, saved), train_iter)
+  restored = checkpointer.restore_newest_readable(state_lib.checkpoint_target(target, config, saved), train_iter)
   if restored is not None:
     step, state = restored
     logging.info("resuming from %s/%d", checkpointer.directory, step)
-    state = ema.adopt(state, config.optim.ema_decay, shardings, f"{checkpointer.directory}/{step}")
-    state = precision.adopt(state, config.precision, shardings.loss_scale, f"{checkpointer.directory}/{step}")
-    return health.afresh(state, config) if health_afresh else state
+    return state_lib.adopted(state, state_lib.Resumed(config, saved, shardings, f"{checkpointer.directory}/{step}"))
   logging.info("no checkpoint in %s: starting from step 0", checkpointer.directory)
   state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))
   if config.init_from:
     logging.info("initialising params from %s", config.init_from)
-    params = init_from.load(config, state.params, model)
-    state = state.replace(params=params, ema_params=ema.start(params, shardings.ema_params)
-                          if state.ema_params is not None else None)
+    state = state_lib.follow_params(state.replace(params=init_from.load(config, state.params, model)), shardings)
   return state
 
 
