@@ -1,6 +1,6 @@
 """The optional parts of the train state (training/state.py, `PARTS`) drive its init and its restore: a part added to
 the list alone is created with the state, checkpointed, restored in its checkpoint's layout and adopted, with no
-edit to the loop (training/train.py)."""
+edit to the loop (training/train.py). The batch's sizes are derived once (`parallel.BatchGeometry`)."""
 
 import dataclasses
 from typing import Any
@@ -78,3 +78,8 @@ def test_each_optional_field_of_the_state_is_one_part_in_field_order():
   optional = [f.name for f in dataclasses.fields(TrainState) if f.default is None]
   assert [part.field for part in state_lib.PARTS] == optional == ["loss_scale", "health", "ema_params"]
 
+
+def test_the_batch_geometry_splits_the_global_batch_once():
+  config = tiny_vit_config(global_batch_size=32, grad_accum_steps=2)
+  batch = parallel.BatchGeometry.of(config, {"data": 2, "fsdp": 4, "tensor": 1}, 2)
+  assert dataclasses.astuple(batch) == (32, 16, 16, 2, 8) and batch.micro_batch_per_device == 2

@@ -30,8 +30,8 @@ class JaxStep:
     self.task.check_training_devices()
     tx, lr_schedule = optim.fresh_optimizer(config, self.task.model)
     init_fn = step_lib.make_init_fn(self.task, tx, config)
-    local_batch = self.task.synthetic_batch(config.global_batch_size // jax.process_count(),
-                                            np.random.default_rng(config.seed + jax.process_index()))
+    batch = parallel.BatchGeometry.of(config, dict(self.mesh.shape), jax.process_count())
+    local_batch = self.task.synthetic_batch(batch.per_process, np.random.default_rng(config.seed + jax.process_index()))
     with parallel.activation_sharding(self.mesh):  # what train.run traces the step under
       _, shardings, _ = step_lib.state_shardings(init_fn, self.mesh, config)
       self.state = step_lib.init_state(init_fn, shardings, jax.random.key(config.seed))

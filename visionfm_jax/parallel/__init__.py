@@ -3,6 +3,7 @@
 from visionfm_jax.parallel.batch import (
                                          BATCH_AXES,
                                          BATCH_SPEC,
+                                         BatchGeometry,
                                          batch_axes_of,
                                          batch_sharding,
                                          data_parallel_size,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.parallel.batch import data_parallel_size
+from visionfm_jax.parallel.batch import BatchGeometry
 from visionfm_jax.parallel.mesh import mesh_shape
 
 
@@ -29,18 +29,17 @@ def check_mesh(config, num_devices: int, num_processes: int = 1) -> dict[str, in
   mesh does not fit them, a micro-batch does not divide over its data-parallel devices, or its batch axes do
   not split over the processes."""
   shape = mesh_shape(config.mesh, num_devices)
-  data_parallel = data_parallel_size(shape)
-  micro = config.global_batch_size // config.grad_accum_steps
-  if micro % data_parallel:
+  batch = BatchGeometry.of(config, shape, num_processes)
+  if batch.micro_batch % batch.data_parallel:
     raise ConfigError(
         f"config.global_batch_size={config.global_batch_size} / config.grad_accum_steps={config.grad_accum_steps} "
-        f"= {micro} examples per micro-batch do not divide over the {data_parallel} data-parallel devices "
-        f"(mesh {shape})")
+        f"= {batch.micro_batch} examples per micro-batch do not divide over the {batch.data_parallel} "
+        f"data-parallel devices (mesh {shape})")
   # Each process loads its 1/P of the batch (training/train.py), which is its devices' rows only when the batch
   # axes split over the processes: a tensor axis wider than a process would put one row on several of them.
-  if data_parallel % num_processes:
+  if batch.data_parallel % num_processes:
     raise ConfigError(
-        f"config.mesh={shape}: the data x fsdp = {data_parallel} batch shards do not divide over the "
+        f"config.mesh={shape}: the data x fsdp = {batch.data_parallel} batch shards do not divide over the "
         f"{num_processes} processes (each loads its own share of the batch); keep config.mesh.tensor within a "
         f"process ({num_devices // num_processes} devices)")
   return shape

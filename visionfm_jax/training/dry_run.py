@@ -49,11 +49,11 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   start_step = checkpoint.newest_committed_step(checkpoint_dir) or 0
 
   task = tasks.build(config)
-  micro = config.global_batch_size // config.grad_accum_steps
-  local_batch = config.global_batch_size // num_processes
+  batch = run_plan.batch
   shell_limits = open_files.limits()  # before the loader raises them
-  loader = task.train_loader(batch_size=local_batch, seed=config.seed, process_index=0, process_count=num_processes)
-  evaluators = task.evaluators(EvalContext(_one_device_mesh(), micro, 0, num_processes))
+  loader = task.train_loader(batch_size=batch.per_process, seed=config.seed, process_index=0,
+                             process_count=num_processes)
+  evaluators = task.evaluators(EvalContext(_one_device_mesh(), batch.micro_batch, 0, num_processes))
   examples = mixture_lib.open_train(config.data, config.data.train_split).records
 
   tx = optim.make_optimizer(config.optim, run_plan.lr_schedule, task.model)
@@ -65,9 +65,9 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   return dict(
       task=config.task, model=config.model.name, strategy=config.strategy, mesh=mesh, devices=num_devices,
       processes=num_processes, params=sum(math.prod(x.shape) for x in jax.tree.leaves(unboxed.params)),
-      bytes_per_device=per_device, batch_bytes_per_device=micro // parallel.data_parallel_size(mesh) * per_example,
-      micro_batch=micro, total_steps=config.total_steps, start_step=start_step,
-      global_batch=config.global_batch_size, grad_accum_steps=config.grad_accum_steps, examples_per_epoch=examples,
+      bytes_per_device=per_device, batch_bytes_per_device=batch.micro_batch_per_device * per_example,
+      micro_batch=batch.micro_batch, total_steps=config.total_steps, start_step=start_step,
+      global_batch=batch.global_batch, grad_accum_steps=batch.accum_steps, examples_per_epoch=examples,
       checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
       keep_period=config.checkpoint_keep_period,
       checkpoint_bytes=workdir_lib.tree_bytes(unboxed), eval_every=config.eval_every, evaluators=sorted(evaluators),

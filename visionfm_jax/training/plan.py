@@ -9,6 +9,7 @@ config is only read: `config.json` holds what was asked, `plan.json` beside it w
                   applies it and the train step logs it
   resume_changes  the schedule and optimiser changes the resume accepted, 'config.<path> <old> -> <new>'
   mesh            the mesh's axis sizes on the run's devices
+  batch           the batch's sizes on that mesh (`parallel.BatchGeometry`): per process, per micro-batch, ...
 
 A checkpoint carries `trained_config()`, `config` as JSON, and `anchor_record()`, the anchor as its own record, so
 that the next resume reads its anchor back. config.json alone rebuilds the run's model: init_from's checkpoint
@@ -38,6 +39,7 @@ class RunPlan:
   lr_schedule: optax.Schedule
   resume_changes: tuple[str, ...]
   mesh: dict[str, int]
+  batch: parallel.BatchGeometry
   num_devices: int
   num_processes: int
 
@@ -67,6 +69,7 @@ def make(config: ml_collections.ConfigDict, checkpoint_dir: str, num_devices: in
   processes, resuming the newest checkpoint in `checkpoint_dir` if there is one (a ConfigError when that
   checkpoint does not take this config: training/resume.py)."""
   changes, anchor = resume.check_changes(config, checkpoint_dir)
+  mesh = parallel.mesh_shape(config.mesh, num_devices)
   return RunPlan(config=config, anchor=anchor, lr_schedule=optim.schedule(config.optim, config.total_steps, anchor),
-                 resume_changes=tuple(changes), mesh=parallel.mesh_shape(config.mesh, num_devices),
+                 resume_changes=tuple(changes), mesh=mesh, batch=parallel.BatchGeometry.of(config, mesh, num_processes),
                  num_devices=num_devices, num_processes=num_processes)

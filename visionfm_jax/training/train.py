@@ -75,13 +75,12 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   task = tasks.build(config, mesh)
   task.check_training_devices()
   # Open the data first: a missing dataset fails in seconds, before any state is built.
-  loader = task.train_loader(batch_size=config.global_batch_size // jax.process_count(), seed=config.seed,
+  loader = task.train_loader(batch_size=run_plan.batch.per_process, seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())
   train_iter = iter(loader)
   # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too, before the
   # workdir records the data (a run stopped here leaves a new workdir empty, and so removed).
-  eval_context = EvalContext(mesh, config.global_batch_size // config.grad_accum_steps, jax.process_index(),
-                             jax.process_count())
+  eval_context = EvalContext(mesh, run_plan.batch.micro_batch, jax.process_index(), jax.process_count())
   evaluators = task.evaluators(eval_context)
   panel = task.panel(eval_context)
   if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
