@@ -1,5 +1,5 @@
 """The optional parts of the train state (training/state.py, `PARTS`) drive its init and its restore: a part added to
-the list alone is created with the state, checkpointed, restored in its checkpoint's layout and adopted, with no
+the list alone is created with the state, laid out, checkpointed, restored in its checkpoint's layout and adopted, with no
 edit to the loop (training/train.py). The batch's sizes are derived once (`parallel.BatchGeometry`)."""
 
 import dataclasses
@@ -7,12 +7,12 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from visionfm_jax import parallel
 from visionfm_jax.training import checkpoint, resume, train
 from visionfm_jax.training import state as state_lib
+from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.state import TrainState
 
 from conftest import tiny_vit_config
@@ -46,7 +46,7 @@ def _restore_or_init(config, directory, init_fn, shardings):
   return checkpointer, train._restore_or_init(config, checkpointer, init_fn, abstract, shardings, None, None)
 
 
-def test_a_fourth_part_in_the_list_is_created_checkpointed_restored_and_adopted(tmp_path, monkeypatch):
+def test_a_fourth_part_in_the_list_is_created_laid_out_checkpointed_restored_and_adopted(tmp_path, monkeypatch):
   calls = []
   monkeypatch.setattr(state_lib, "PARTS", (*state_lib.PARTS, _launches_part(calls)))
   config = tiny_vit_config()
@@ -56,8 +56,9 @@ def test_a_fourth_part_in_the_list_is_created_checkpointed_restored_and_adopted(
     return _FourParts(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
                       **state_lib.created(config, params))
 
-  replicated = NamedSharding(parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1]), P())
-  shardings = jax.tree.map(lambda _: replicated, jax.eval_shape(init_fn, jax.random.key(0)))
+  mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  _, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
+  assert specs.launches == P() and specs.health is None  # laid out whole on every device, as the step
   directory = str(tmp_path / "checkpoints")
 
   checkpointer, state = _restore_or_init(config, directory, init_fn, shardings)

@@ -211,14 +211,16 @@ def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool):
 
 def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str):
   """PartitionSpecs for a (boxed, abstract) TrainState under `strategy`: params and opt_state per the table; the
-  params' EMA as the optimizer state (sharded from zero1 on: only the step's elementwise update and the
-  evaluations read it, so it need not be replicated where the params are)."""
+  state's parts laid out as the optimizer state (the params' EMA: sharded from zero1 on, as only the step's
+  elementwise update and the evaluations read it, so it need not be replicated where the params are), the rest
+  replicated."""
   shards = STRATEGY_SHARDS[strategy]
   unboxed = nn.unbox(abstract_boxed_state)
   return unboxed.replace(
       params=tree_specs(abstract_boxed_state.params, mesh_shape, shards["params"]),
       opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"]),
-      ema_params=tree_specs(abstract_boxed_state.ema_params, mesh_shape, shards["opt_state"]),
+      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"])
+         for k in unboxed.opt_state_like_fields()},
       **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()})
 
 

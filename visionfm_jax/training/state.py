@@ -4,8 +4,8 @@ and the EMA of the params (training/ema.py).
 
 A part is created with the state (`created`, in `step.make_init_fn`), restored in the layout its checkpoint
 holds (`checkpoint_target`) and then fitted to this run's config (`adopted`); the EMA also follows params
-that `init_from` replaced (`follow_params`). Init and restore loop over `PARTS` in order: a further part is a
-field here, a row of `PARTS` and its own module's four functions.
+that `init_from` replaced (`follow_params`). Init, layout (`TrainState.non_param_fields`) and restore loop over
+`PARTS` in order: a further part is a field here, a row of `PARTS` and its own module's functions.
 """
 
 from __future__ import annotations
@@ -32,7 +32,14 @@ class TrainState(flax.struct.PyTreeNode):
 
   @staticmethod
   def non_param_fields() -> tuple[str, ...]:
-    return ("step", "loss_scale", "health")
+    """The fields every device holds whole (parallel/sharding.py): the step and the parts not laid out as the
+    optimizer state."""
+    return ("step", *(part.field for part in PARTS if not part.as_opt_state))
+
+  @staticmethod
+  def opt_state_like_fields() -> tuple[str, ...]:
+    """The parts laid out as the optimizer state (trees in the params' shapes)."""
+    return tuple(part.field for part in PARTS if part.as_opt_state)
 
 
 class Resumed(NamedTuple):
@@ -53,18 +60,21 @@ class StatePart:
                                                the config `saved` (`target`: the state of this run's config)
   adopt(state, resumed: Resumed)               its value in the restored `state` fitted to this run's config
   follow_params(state, shardings)              its value once `init_from` replaced the params; None: it keeps it
+  as_opt_state                                 laid out as the optimizer state (a tree in the params' shapes,
+                                               parallel/sharding.py), else whole on every device
   """
   field: str
   create: Callable[[ml_collections.ConfigDict, Any], Any]
   checkpoint_target: Callable[[Any, ml_collections.ConfigDict, dict | None], Any]
   adopt: Callable[[Any, Resumed], Any]
   follow_params: Callable[[Any, Any], Any] | None = None
+  as_opt_state: bool = False
 
 
 PARTS: tuple[StatePart, ...] = (
     StatePart("loss_scale", precision.create, precision.checkpoint_target, precision.adopt),
     StatePart("health", health.create, health.checkpoint_target, health.adopt),
-    StatePart("ema_params", ema.create, ema.checkpoint_target, ema.adopt, ema.follow_params),
+    StatePart("ema_params", ema.create, ema.checkpoint_target, ema.adopt, ema.follow_params, as_opt_state=True),
 )
 
 
