@@ -21,7 +21,7 @@ from absl import flags, logging
 import grain
 import numpy as np
 
-from visionfm_jax.data.loader import identity, open_files, reaping, skipping
+from visionfm_jax.data.loader import identity, open_files, reaping, shm_room, skipping
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
 from visionfm_jax.data.transforms import host as transforms
@@ -217,7 +217,8 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   """The sharded, shuffled, checkpointable grain loader of make_train_loader over `source` (a source: the
   mixture of one, or a mixture_lib.Mixture), with the record -> example `operations` (they end in examples with
   'valid', see transforms.MarkUndecodable) then batching. First removes what runs that died on this node left in
-  /dev/shm; its worker processes end with this one (data/loader/reaping.py)."""
+  /dev/shm; its worker processes end with this one (data/loader/reaping.py); a /dev/shm without room for their
+  batches stops it here (data/loader/shm_room.py)."""
   reaping.remove_what_dead_runs_left()
   mixture = mixture_lib.as_mixture(source, data_cfg, data_cfg.train_split)
   what = f"{mixture.what} split {data_cfg.train_split!r}"
@@ -232,7 +233,6 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   sampler = grain.samplers.IndexSampler(num_records=len(stream), shard_options=grain.sharding.NoSharding(),
                                         shuffle=False, num_epochs=None, seed=seed)
   shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
-  operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
   workers = worker_count(data_cfg.num_workers)
   if data_cfg.num_workers < 0:
     logging.info("input: %d grain worker processes (config.data.num_workers=-1, %d CPUs for this process)", workers,
@@ -242,14 +242,27 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
     flags.FLAGS.mark_as_parsed()
   need = open_files.needed(mixture, workers)
   open_files.ensure(need)  # before grain starts its workers, which inherit the limit
+  shm_need = _check_shm_room(data_cfg, mixture, operations, batch_size, workers)
+  operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
   if workers:  # they end with this process, and what they leave in /dev/shm is named after it
     operations = [*reaping.tie_workers_to_this_process(), *operations]
   loader = grain.DataLoader(data_source=stream, sampler=sampler, operations=operations, shard_options=shard,
                             worker_count=workers, worker_buffer_size=data_cfg.prefetch)
   return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
                                  check_after=data_cfg.skip_check_after, what=what, process_index=process_index,
-                                 process_count=process_count, open_files=need,
+                                 process_count=process_count, open_files=need, shm_need=shm_need,
                                  identity=identity.of_mixture(mixture))
+
+
+def _check_shm_room(data_cfg, mixture, operations: list, batch_size: int, workers: int) -> str:
+  """shm_room.ensure for the batches of `operations` (record -> example); returns what the pipeline holds in
+  /dev/shm, in words ('' without workers, or without a readable record among the first ones to size a batch by)."""
+  record = first_readable_record(mixture.entries[0].source) if workers else None
+  if record is None:
+    return ""
+  one_batch = shm_room.batch_bytes(record, operations, batch_size)
+  shm_room.ensure(data_cfg, workers, one_batch)
+  return shm_room.describe_need(data_cfg, workers, one_batch)
 
 
 def eval_shares(total: int, batch_size: int, process_index: int, process_count: int) -> tuple[range, int]:

@@ -20,7 +20,7 @@ import logging
 
 import numpy as np
 
-from visionfm_jax.data.loader import resume
+from visionfm_jax.data.loader import resume, shm_room
 from visionfm_jax.errors import DataError
 
 VALID = "valid"
@@ -37,9 +37,11 @@ class SkippingLoader:
   """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
 
   def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1, open_files: int = 0, identity: dict | None = None):
+               process_index: int = 0, process_count: int = 1, open_files: int = 0, shm_need: str = "",
+               identity: dict | None = None):
     self.loader, self.batch_size = loader, int(batch_size)
     self.open_files = int(open_files)  # descriptors the pipeline may hold (data/loader/open_files.py)
+    self.shm_need = shm_need  # what its workers hold in /dev/shm, in words (data/loader/shm_room.py)
     self.identity = identity or {}  # what names the data (data/loader/identity.py)
     self.max_fraction, self.check_after, self.what = float(max_fraction), int(check_after), what
     self.process_index, self.process_count = int(process_index), int(process_count)
@@ -47,18 +49,50 @@ class SkippingLoader:
   def __iter__(self) -> "SkippingIterator":
     return SkippingIterator(iter(self.loader), self.batch_size, max_fraction=self.max_fraction,
                             check_after=self.check_after, what=self.what, process_index=self.process_index,
-                            process_count=self.process_count)
+                            process_count=self.process_count, shm_need=self.shm_need)
+
+
+class _WorkersNamed:
+  """A grain iterator whose calls re-raise a failure of its data workers' shared memory, or a worker's death, as
+  one line (`shm_room.explained`; `shm_need` says what the workers hold there). The workers start at its first
+  call (grain makes its queues and processes then)."""
+
+  def __init__(self, iterator, shm_need: str):
+    self._it, self._shm_need = iterator, shm_need or "the data workers hand their batches over there"
+
+  def __next__(self):
+    return self._named(next, self._it)
+
+  def get_state(self):
+    return self._named(self._it.get_state)
+
+  def set_state(self, state):
+    return self._named(self._it.set_state, state)
+
+  def start_prefetch(self):
+    if hasattr(self._it, "start_prefetch"):
+      self._named(self._it.start_prefetch)
+
+  def _named(self, call, *args):
+    try:
+      return call(*args)
+    except (OSError, RuntimeError) as e:
+      line = shm_room.explained(e, self._shm_need)
+      if line is None:
+        raise
+      raise line from None
 
 
 class SkippingIterator:
   """Full batches of valid rows; `read` and `skipped` count the records this process has consumed and dropped.
 
-  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`.
+  Raises DataError once `read` >= `check_after` and `skipped` > `max_fraction` * `read`, and a UserError naming
+  /dev/shm when the data workers run out of it, or naming the signal that killed a worker (`shm_room.explained`).
   """
 
   def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1):
-    self._it, self.batch_size = iterator, batch_size
+               process_index: int = 0, process_count: int = 1, shm_need: str = ""):
+    self._it, self.batch_size = _WorkersNamed(iterator, shm_need), batch_size
     self.process_index, self.process_count = process_index, process_count
     self.max_fraction, self.check_after, self.what = max_fraction, check_after, what
     self.read = self.skipped = 0
@@ -173,5 +207,4 @@ class SkippingIterator:
       logging.info("%s: %d of %d records read so far were skipped", self.what, self.skipped, self.read)
 
   def start_prefetch(self) -> None:
-    if hasattr(self._it, "start_prefetch"):
-      self._it.start_prefetch()
+    self._it.start_prefetch()
