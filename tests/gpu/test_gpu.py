@@ -93,6 +93,16 @@ def test_vit_with_cudnn_attention_matches_softmax(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_naflex_vit_with_cudnn_attention_matches_softmax(dtype):
+  # SigLIP 2's tower on NaFlex inputs: each image's patches, the rest of the 64 rows masked in cuDNN's mask form
+  inputs = {"patches": _normal(4, (4, 64, 8 * 8 * 3)), "grid": jnp.array([[3, 9], [8, 8], [11, 2], [1, 5]])}
+  make = lambda attention, dt: vit.ViT(width=256, depth=2, mlp_dim=512, num_heads=4, patch_size=8, image_size=64,
+                                      num_classes=10, dtype=dt, attention=attention, class_token=False, pool="map")
+  run, params = _model_value_and_grads(make, inputs)
+  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "NaFlex ViT")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 def test_swinv2_window_attention_with_position_bias_and_shift_mask_on_cudnn(dtype):
   """An 8x8 map with 4x4 windows: the second block of stage 1 is shifted, so the shift mask and the continuous
   position bias both go through cuDNN's bias input."""

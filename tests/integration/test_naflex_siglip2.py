@@ -1,7 +1,9 @@
 """NaFlex ViT towers (SigLIP 2): transformers' Siglip2VisionModel imported through tools.import_hf matches ours on
 images of several aspect ratios (the processor's patches against our data path, the pooled MAP-head features and
-the tokens, fp32); a NaFlex SigLIP (configs/swinv2_g_clip.py:demo,naflex shrunk) trains through main on 8 devices
-on mixed-aspect images and evaluates zero-shot at native aspect at two token budgets; a SwinV2 tower refuses."""
+the tokens, fp32) and tools.export_hf writes its tensors back unchanged; a NaFlex SigLIP
+(configs/swinv2_g_clip.py:demo,naflex shrunk) trains through main on 8 devices on mixed-aspect images, evaluates
+zero-shot at native aspect at two token budgets, and exports its tower with the processor of its inputs; NaFlex
+where it does not apply (a SwinV2 tower) is one error line."""
 
 import json
 import os
@@ -11,13 +13,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from safetensors.numpy import load_file
 import torch
-from transformers import Siglip2VisionConfig, Siglip2VisionModel
+from transformers import AutoImageProcessor, Siglip2VisionConfig, Siglip2VisionModel
 from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2ImageProcessorPil
 
 from visionfm_jax import models
 from visionfm_jax.data.transforms import naflex
-from visionfm_jax.tools import import_hf
+from visionfm_jax.tools import export_hf, import_hf
 from visionfm_jax.training import checkpoint
 
 from test_bad_input import run_main_in_process
@@ -59,6 +62,14 @@ def test_imported_siglip2_matches_transformers_at_several_aspects(tmp_path, caps
   valid = processed["pixel_attention_mask"].numpy().astype(bool)
   np.testing.assert_allclose(np.asarray(got["tokens"])[valid], want.last_hidden_state.numpy()[valid], atol=1e-5)
 
+  back = str(tmp_path / "exported")
+  assert export_hf.main(["export_hf", f"--checkpoint={out}", f"--out={back}"]) == 0
+  original, exported = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(back,
+                                                                                              "model.safetensors"))
+  assert sorted(original) == sorted(exported)
+  for name, value in original.items():
+    np.testing.assert_array_equal(exported[name], value, err_msg=name)
+
 
 def _naflex_flags(workdir):
   return ["--config=configs/swinv2_g_clip.py:demo,naflex", f"--workdir={workdir}",
@@ -81,6 +92,20 @@ def test_naflex_siglip_trains_on_mixed_aspects_and_evaluates_at_two_budgets(tmp_
   for name in ("zeroshot", "zeroshot_6tok"):  # the training budget, and 6 patches an image
     assert final[f"eval/{name}/count"] == 16 and 0.0 <= final[f"eval/{name}/top1"] <= 1.0
   assert "train/logit_bias" in rows[0]  # SigLIP's loss
+
+  out = str(tmp_path / "exported")
+  assert export_hf.main(["export_hf", f"--checkpoint={tmp_path / 'run'}", f"--out={out}"]) == 0
+  processor = AutoImageProcessor.from_pretrained(out, backend="pil")
+  rng = np.random.default_rng(3)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 50), (44, 17))]
+  inputs = processor(images=images, return_tensors="pt", input_data_format="channels_last")
+  with torch.no_grad():
+    want = Siglip2VisionModel.from_pretrained(out).eval()(**inputs).pooler_output.numpy()
+  source = export_hf.load(str(tmp_path / "run"))
+  packed = np.stack([naflex.pack(image, PATCH, BUDGET) for image in images])
+  mean, std = (np.asarray(x, np.float32) * 255 for x in (source.mean, source.std))
+  got = source.model.apply({"params": source.params}, naflex.normalized(packed, mean, std))["pooled"]
+  np.testing.assert_allclose(got, want, atol=1e-5)
 
 
 @pytest.mark.parametrize("variant, flags, culprit", [

@@ -133,6 +133,17 @@ def write_preprocessor(path: str, processor: str, *, shortest_edge: int, crop_si
       "image_std": [float(x) for x in std]})
 
 
+def write_naflex_preprocessor(path: str, *, patch_size: int, max_num_patches: int, mean, std) -> None:
+  """`path`/preprocessor_config.json of transformers' Siglip2ImageProcessor: each image resized bilinearly to its
+  largest patch grid within `max_num_patches` (SigLIP 2's NaFlex, data/transforms/naflex.py), scaled to [0, 1],
+  normalised by mean / std, its patches padded to the budget."""
+  _write_json(os.path.join(path, "preprocessor_config.json"), {
+      "image_processor_type": "Siglip2ImageProcessor", "do_convert_rgb": True, "do_resize": True,
+      "resample": 2, "patch_size": int(patch_size), "max_num_patches": int(max_num_patches), "do_rescale": True,
+      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in mean],
+      "image_std": [float(x) for x in std]})
+
+
 def read_normalisation(path: str) -> dict[str, list[float]]:
   """{'mean', 'std'}: image_mean / image_std of `path`'s image processor (preprocessor_config.json); {} when it
   has none or does not normalise."""

@@ -1,4 +1,4 @@
-"""Hugging Face `Siglip2VisionModel` (SigLIP 2's NaFlex image tower) weights -> our `vit.ViT` params.
+"""Hugging Face `Siglip2VisionModel` (SigLIP 2's NaFlex image tower) weights <-> our `vit.ViT` params.
 
 The tower is our ViT without a class token (`class_token=False`), with a MAP head (`pool='map'`), the activation
 of its config (SigLIP 2's: gelu_pytorch_tanh) and image_size = sqrt(num_patches) x patch_size: its square grid of
@@ -13,7 +13,8 @@ ours are (in, out) kernels):
   post_layernorm                           -> norm
   head.probe, head.attention (torch's MultiheadAttention: in_proj rows q, k, v), head.layernorm, head.mlp
                                            -> map_head/probe, q, kv, out, norm, mlp
-Its pooler_output is our `pooled`, its last_hidden_state our `tokens` at each image's patches.
+Its pooler_output is our `pooled`, its last_hidden_state our `tokens` at each image's patches. `to_hf` is the
+inverse (the export of a ViT without a class token, models/vit.py's family routes it here through hf_vit).
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.convert import hf_files
-from visionfm_jax.convert.layout import stack_layers
-from visionfm_jax.convert.tensors import Reader, check_model, converted
+from visionfm_jax.convert.layout import stack_layers, unstack_layers
+from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, converted, numpy_params
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import layers, vit
 
 MODEL_TYPE = "siglip2_vision_model"
@@ -138,3 +140,80 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   model = vit.ViT(**kw, dtype=dtype, scan=scan)
   check_model(path, model, params)
   return model, {"params": jax.device_put(params)}
+
+
+def hf_config(model: vit.ViT, labels=None) -> dict[str, Any]:
+  """config.json of the Siglip2VisionModel that computes `model` (a ViT without a class token); ConfigError naming
+  a field it cannot express."""
+  del labels  # a head is not exported (to_hf's notes)
+  if model.class_token or model.pre_norm:
+    field = "class_token=True" if model.class_token else "pre_norm=True"
+    raise ConfigError(f"{field}: a Siglip2VisionModel has no class token and no LayerNorm before its blocks")
+  grid = model.image_size // model.patch_size
+  return {"architectures": ["Siglip2VisionModel"], "model_type": MODEL_TYPE, "hidden_size": model.width,
+          "intermediate_size": model.mlp_dim, "num_hidden_layers": model.depth,
+          "num_attention_heads": model.num_heads, "num_channels": 3, "patch_size": model.patch_size,
+          "num_patches": grid * grid, "hidden_act": model.act, "layer_norm_eps": model.layer_norm_eps,
+          "attention_dropout": 0.0, "vision_use_head": model.pool == "map", "torch_dtype": "float32"}
+
+
+def _heads_to_hf(kernel: np.ndarray) -> np.ndarray:
+  """(in, heads, head_dim) kernel -> (out, in) Linear weight."""
+  return kernel.reshape(kernel.shape[0], -1).T
+
+
+def _block_to_hf(write: Writer, i: int, block: dict[str, Any], width: int) -> None:
+  pre = f"encoder.layers.{i}."
+  qkv, out = block["attn"]["qkv"], block["attn"]["out"]
+  for n, name in enumerate(("q_proj", "k_proj", "v_proj")):
+    write(f"{pre}self_attn.{name}.weight", _heads_to_hf(qkv["kernel"][:, n]))
+    write(f"{pre}self_attn.{name}.bias", qkv["bias"][n].reshape(-1) if "bias" in qkv else np.zeros(width))
+  write.dense(f"{pre}self_attn.out_proj", {"kernel": out["kernel"].reshape(-1, width), "bias": out["bias"]})
+  write.norm(f"{pre}layer_norm1", block["norm1"])
+  write.norm(f"{pre}layer_norm2", block["norm2"])
+  write.dense(f"{pre}mlp.fc1", block["mlp"]["fc1"])
+  write.dense(f"{pre}mlp.fc2", block["mlp"]["fc2"])
+
+
+def _map_head_to_hf(write: Writer, head: dict[str, Any], width: int) -> None:
+  write("head.probe", head["probe"])
+  kv = head["kv"]["kernel"]
+  write("head.attention.in_proj_weight", np.concatenate(
+      [_heads_to_hf(head["q"]["kernel"]), _heads_to_hf(kv[:, 0]), _heads_to_hf(kv[:, 1])]))
+  write("head.attention.in_proj_bias", np.concatenate([head["q"]["bias"].reshape(-1),
+                                                       head["kv"]["bias"].reshape(-1)]))
+  write.dense("head.attention.out_proj", {"kernel": head["out"]["kernel"].reshape(-1, width),
+                                          "bias": head["out"]["bias"]})
+  write.norm("head.layernorm", head["norm"])
+  write.dense("head.mlp.fc1", head["mlp"]["fc1"])
+  write.dense("head.mlp.fc2", head["mlp"]["fc2"])
+
+
+def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
+          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+  """(config.json, tensors, notes) of the Siglip2VisionModel that computes what `model` (no class token) with
+  `params` (scanned or unrolled) does: the inverse of `from_hf`; a bias-free patch embedding or qkv is written
+  as zero biases."""
+  cfg = hf_config(model, labels)
+  params = numpy_params(model, params)
+  if model.scan:
+    params = unstack_layers(params, model.depth)
+  tensors: dict[str, np.ndarray] = {}
+  write, width, patch = Writer(tensors, ""), model.width, model.patch_size
+  embed = params["patch_embed"]
+  write("embeddings.patch_embedding.weight", embed["kernel"].reshape(patch * patch * 3, width).T)
+  write("embeddings.patch_embedding.bias", embed.get("bias", np.zeros(width)))
+  write("embeddings.position_embedding.weight", params["pos_embed"][0])
+  for i in range(model.depth):
+    _block_to_hf(write, i, params[f"blocks_{i}"], width)
+  write.norm("post_layernorm", params["norm"])
+  notes = []
+  if model.pool == "map":
+    _map_head_to_hf(write, params["map_head"], width)
+  else:
+    notes.append(f"pool={model.pool!r}: a Siglip2VisionModel without its head has no pooler_output; our pooled "
+                 "features are the mean of last_hidden_state over each image's patches")
+  if model.num_classes:
+    notes.append(f"the {model.num_classes}-class head is not exported (Siglip2VisionModel)")
+  check_tensors("export", tensors, expected_shapes(model_kwargs("export", cfg)), set(), family="Siglip2VisionModel")
+  return cfg, tensors, notes

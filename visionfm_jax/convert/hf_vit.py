@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.convert import hf_files
+from visionfm_jax.convert import hf_files, hf_siglip2
 from visionfm_jax.convert import hf_vit_config as hfc
 from visionfm_jax.convert.hf_vit_config import hf_config
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
@@ -131,8 +131,10 @@ def export_notes(model: vit.ViT) -> list[str]:
 def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
-  or unrolled) does: `hf_config` picks the architecture; `labels` names the classes of a head; the notes
+  or unrolled) does (a ViT without a class token: a Siglip2VisionModel, hf_siglip2.to_hf): `hf_config` picks the architecture; `labels` names the classes of a head; the notes
   say what it leaves out (`export_notes`)."""
+  if not model.class_token:  # SigLIP's tower
+    return hf_siglip2.to_hf(model, params, labels)
   cfg = hf_config(model, labels)
   arch = cfg["architectures"][0]
   params = numpy_params(model, params)

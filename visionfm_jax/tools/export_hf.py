@@ -45,6 +45,7 @@ import jax.numpy as jnp
 
 from visionfm_jax import cli, convert, data, models, tasks
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
 from visionfm_jax.tools import output_folder
@@ -70,6 +71,7 @@ class Source:
   preprocess: str = "inception"  # config.data.eval_preprocess
   labels: list[str] | None = None
   tokenizer: str | None = None  # a CLIP's tokenizer.json, copied next to the weights
+  naflex: tuple[int, int] | None = None  # config.data.naflex's (patch size, token budget) when on
 
 
 def make_flags() -> flags.FlagValues:
@@ -128,7 +130,8 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
   weights = "the EMA of the params of " if use_ema else ""
   return Source(model, params, fields, f"{weights}step {step} of {path}", notes, mean=config.data.mean,
                 std=config.data.std, image_size=config.data.image_size,
-                preprocess=config.data.get("eval_preprocess", "inception"), labels=labels)
+                preprocess=config.data.get("eval_preprocess", "inception"), labels=labels,
+                naflex=naflex.settings(config.data))
 
 
 def _from_import_dir(path: str, step: int | None) -> Source:
@@ -189,7 +192,13 @@ PROCESSORS = {"inception": "BitImageProcessor", "clip": "CLIPImageProcessor"}
 
 
 def write_preprocessor(out: str, source: Source) -> None:
-  """`out`/preprocessor_config.json: the evaluation view of `source`'s run (transforms.EvalTransform), exactly."""
+  """`out`/preprocessor_config.json: the evaluation view of `source`'s run (transforms.EvalTransform, or with NaFlex
+  inputs the whole image at its grid, naflex.Patches), exactly."""
+  if source.naflex:
+    patch, budget = source.naflex
+    convert.hf_files.write_naflex_preprocessor(out, patch_size=patch, max_num_patches=budget, mean=source.mean,
+                                               std=source.std)
+    return
   view = transforms.check_eval_preprocess(source.preprocess)
   convert.hf_files.write_preprocessor(
       out, PROCESSORS[view], shortest_edge=transforms.eval_decode_side(source.image_size, view),
