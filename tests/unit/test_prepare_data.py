@@ -532,5 +532,7 @@ def test_folders_refuse_links_and_follow_only_those_inside_with_follow_links(tmp
   assert sorted(e["key"] for e in examples) == ["cat/plain.jpg", "dog/again.jpg", "dog/plain.jpg"]
   assert not any(b"PRIVATE KEY" in e["image"] for e in examples)
   assert all(b"PRIVATE KEY" not in data for data in shard_bytes(str(tmp_path / "followed")).values())
-  assert "--follow_links: only for --format=folders" in _error(["--format=webdataset", "--input=x.tar", "--output=o",
-                                                                 "--follow_links"], capsys)
+  refused = tmp_path / "refused"
+  assert "--follow_links: only for --format=folders" in _error(["--format=webdataset", "--input=x.tar",
+                                                                 f"--output={refused}", "--follow_links"], capsys)
+  assert not refused.exists()  # a refused run leaves no folder of its own behind

@@ -48,6 +48,7 @@ def held(output_dir: str, task: cluster_task.Task | None) -> Iterator[None]:
   output_dir = os.path.expanduser(output_dir)
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise UserError(f"--output={output_dir}: exists and is not a directory")
+  created = not os.path.exists(output_dir)
   try:
     os.makedirs(output_dir, exist_ok=True)
   except OSError as e:
@@ -56,5 +57,17 @@ def held(output_dir: str, task: cluster_task.Task | None) -> Iterator[None]:
   lock.acquire(0)
   try:
     yield
-  finally:
+  except BaseException:
     lock.release()
+    if created:
+      _remove_if_unwritten(output_dir, lock.path)
+    raise
+  lock.release()
+
+
+def _remove_if_unwritten(output_dir: str, lock_path: str) -> None:
+  """Removes a folder this run created and wrote nothing into but its lock (a refused flag): a failed run leaves
+  no trace of itself where it wrote nothing."""
+  if os.listdir(output_dir) == [os.path.basename(lock_path)]:
+    os.remove(lock_path)
+    os.rmdir(output_dir)
