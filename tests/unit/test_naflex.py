@@ -63,6 +63,8 @@ def test_position_embeddings_are_torchs_antialiased_bilinear_resize(square):
     want = F.interpolate(torch.from_numpy(table).permute(2, 0, 1)[None], size=(int(rows), int(columns)),
                          mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got[:rows * columns], want.reshape(rows * columns, -1), atol=1e-5)
+  # an evaluation batch's padding row (all zeros: grid (0, 0)) stays finite
+  assert np.all(np.isfinite(vit.naflex_position_weights(jnp.zeros((1, 2), jnp.int32), tokens, square)))
 
 
 def test_mixed_aspect_demo_batches_keep_each_images_aspect():

@@ -78,9 +78,10 @@ def naflex_position_weights(grid: jax.Array, tokens: int, square: int) -> jax.Ar
   embedding as these weights of the square x square grid's, the grid resized bilinearly with antialiasing to
   rows x columns (torch's interpolate(mode='bilinear', align_corners=False, antialias=True)): along an axis of n
   outputs from `square` inputs, output i weighs input j by max(0, 1 - |j - c_i| / max(s, 1)), normalised,
-  with s = square / n and c_i = (i + 0.5) s - 0.5. Tokens past rows * columns take position (0, 0)'s."""
+  with s = square / n and c_i = (i + 0.5) s - 0.5. Tokens past rows * columns take position (0, 0)'s, and so do
+  those of an empty grid."""
   t = jnp.arange(tokens)[None, :]
-  rows, columns = grid[:, :1], grid[:, 1:]
+  rows, columns = jnp.maximum(grid[:, :1], 1), jnp.maximum(grid[:, 1:], 1)  # (0, 0): an evaluation batch's padding
   inside = t < rows * columns
   row, column = jnp.where(inside, t // columns, 0), jnp.where(inside, t % columns, 0)
 
