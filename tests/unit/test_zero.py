@@ -254,8 +254,8 @@ def test_summary_tool_prints_a_row_per_strategy():
   # The whole train state: params + optimizer state + the int32 step (no loss scale in fp32).
   zero2 = one["per_device"]["zero2"]
   assert one["state_bytes_per_device"] == zero2["params"] + zero2["opt_state"] + 4
-  with pytest.raises(ConfigError, match=r"config.model.num_classes=-1: must be an integer >= 0"):  # an override
-    summary.summarize(tiny_vit_config(**{"model.num_classes": -1}), DEVICES, "all")
+  with pytest.raises(ConfigError, match=r"config.model.num_classes=-2: must be an integer >= 0"):  # an override
+    summary.summarize(tiny_vit_config(**{"model.num_classes": -2}), DEVICES, "all")
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)

@@ -22,7 +22,7 @@ import numpy as np
 
 from visionfm_jax import cli, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
-from visionfm_jax.training import checks, optim
+from visionfm_jax.training import checks, optim, sizing
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.dry_run import human_bytes
 
@@ -53,6 +53,7 @@ def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], str
 def summarize(config, devices: int, strategy: str) -> dict:
   """Sizes from shapes only. `per_device`: {strategy: parallel.bytes_per_device} for `strategy`, or for every
   strategy when it is 'all' (then there is no `state_bytes_per_device`)."""
+  sizing.fill(config)  # the fields the recipe leaves to the run
   config_lib.check_domains(config)  # the --config.* overrides
   task = tasks.build(config)
   tx, _ = optim.fresh_optimizer(config, task.model)
