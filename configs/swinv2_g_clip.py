@@ -111,13 +111,13 @@ further ones.
   | setting          | value                                                   | source                               |
   | ---------------- | ------------------------------------------------------- | ------------------------------------ |
   | image tower      | ViT-B/16, no class token, MAP head, tanh GELU           | ours: SigLIP 2's B/16 tower          |
-  | position grid    | 16 x 16 learned, resized bilinearly (antialiased) to    | SigLIP 2's NaFlex                    |
+  | position grid    | 16 x 16 learned, resized bilinearly (antialiased) to    | ours: SigLIP 2's NaFlex              |
   |                  | each image's grid                                       |                                      |
-  | token budget     | 256 patches an image in training; zero-shot also at 64  | SigLIP 2 reports 64, 256, 576        |
+  | token budget     | 256 patches an image in training; zero-shot also at 64  | ours: SigLIP 2 reports 64, 256, 576  |
   |                  | and 576                                                 |                                      |
-  | resize           | the largest grid of the image's aspect within the       | SigLIP 2's rule                      |
+  | resize           | the largest grid of the image's aspect within the       | ours: SigLIP 2's rule                |
   |                  | budget, bilinear; no crop, no RandAugment, no Mixup     |                                      |
-  | loss             | SigLIP's sigmoid loss (the `siglip` variant)            | SigLIP 2's                           |
+  | loss             | SigLIP's sigmoid loss (the `siglip` variant)            | ours: SigLIP 2's                     |
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py:demo,naflex --workdir=/tmp/naflex_demo
 
