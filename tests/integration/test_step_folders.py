@@ -66,7 +66,7 @@ def test_a_file_under_a_steps_name_is_moved_aside_before_that_step_is_saved(fini
   (checkpoints / "4").write_text("not a checkpoint")
   with caplog.at_level(logging.INFO):
     last = train.run(_config(), str(workdir))
-  assert f"ignored: 4, 4.bad (" in caplog.text
+  assert "ignored: 4, 4.bad (" in caplog.text
   assert "carries no config" not in caplog.text  # the file is no step: the resume compares step 3's config
   assert f"moved the replaced checkpoint {checkpoints}/4 to {checkpoints}/4.replaced; this run saves step 4 again" \
       in caplog.text

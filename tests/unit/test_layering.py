@@ -13,7 +13,6 @@ import ast
 import collections
 import functools
 import pathlib
-import re
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "visionfm_jax"

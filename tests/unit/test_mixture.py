@@ -2,7 +2,6 @@
 (CPU, host-only)."""
 
 import collections
-import json
 
 import grain
 import numpy as np

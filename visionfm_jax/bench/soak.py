@@ -176,7 +176,7 @@ def soak(iterator, steps: int, every: int, batch_size: int, progress=None) -> Ru
   last_step, last_time, first_batch_s, at = 0, start, None, set(sample_steps(steps, every))
   for step in range(1, steps + 1):
     try:
-      batch = next(iterator)  # held while sampling, as a training step holds it
+      batch = next(iterator)  # noqa: F841 (held while sampling, as a training step holds it)
     except Exception as e:  # pylint: disable=broad-except; the report names it
       failure, failed_at = f"{type(e).__name__}: {cli.last_line(e)}", step
       break

@@ -23,7 +23,7 @@ import tokenizers
 from visionfm_jax import atomic
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.errors import DataError
-from visionfm_jax.token_ids import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, eos_positions  # pylint: disable=unused-import
+from visionfm_jax.token_ids import BOS_ID, EOS_ID, PAD_ID, SPECIAL_IDS, UNK_ID, eos_positions  # noqa: F401
 
 MODEL_TYPES = ("bpe", "unigram")
 
