@@ -407,6 +407,27 @@ def write_coco(root, split_dir="val2017"):
       {"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
 
 
+def test_coco_reads_no_image_outside_its_folder(tmp_path):
+  """An annotation file naming '../secret.jpg', an absolute path, or a path through a linked folder reads no byte
+  outside the image folder: the record is skipped and counted as outside_root."""
+  write_coco(tmp_path / "coco", "val2017")
+  secret = tmp_path / "private"
+  secret.mkdir()
+  (secret / "key.jpg").write_bytes(encode(np.full((50, 50, 3), 9, np.uint8), "JPEG"))
+  (tmp_path / "coco" / "val2017" / "linked").symlink_to(secret)
+  path = tmp_path / "coco" / "annotations" / "instances_val2017.json"
+  table = json.loads(path.read_text())
+  names = ["../../private/key.jpg", str(secret / "key.jpg"), "linked/key.jpg"]
+  for image, name in zip(table["images"][1:], names):
+    image["file_name"] = name
+  path.write_text(json.dumps(table))
+  source = sources.build_source(f"coco:{tmp_path / 'coco'}", "validation", data_config(source=""))
+  failures = transforms.decode_failures()
+  records = [source[i] for i in range(len(source))]
+  assert [r["image"] is None for r in records] == [True, True, False, True]  # ids 10, 20, 30, 40
+  assert transforms.decode_failures() == failures + 3
+
+
 def test_coco_reader_and_pipelines(tmp_path):
   write_coco(tmp_path / "coco", "val2017")
   write_coco(tmp_path / "coco", "train2017")

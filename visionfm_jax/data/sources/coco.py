@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionfm_jax.data import limits
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -123,6 +124,7 @@ class CocoSource:
     self.image_dir = Path(self.root) / SPLIT_FOLDERS[split]
     if not self.image_dir.is_dir():
       raise DataError(f"COCO: no image folder {self.image_dir}")
+    self._real_image_dir, self._resolved_folders = os.path.realpath(self.image_dir), {}
     counts = np.diff(self.index.offsets)
     if skip_empty:  # images with at least one non-crowd annotation (clipping may still empty a few)
       image_of = np.repeat(np.arange(len(counts)), counts)
@@ -140,6 +142,10 @@ class CocoSource:
     boxes, classes = self.index.train_targets(row)
     record = {"image": None, "boxes": boxes, "classes": classes, "image_id": int(self.index.image_ids[row])}
     path = self.image_dir / self.index.file_names[row]
+    if limits.resolve_inside(str(path), self._real_image_dir, self._resolved_folders) is None:
+      transforms.count_failure(f"COCO image {path}", DataError(
+          f"{limits.OUTSIDE_ROOT}: the annotation file names a path outside {self.image_dir}"))
+      return record
     try:
       record["image"] = path.read_bytes()
     except OSError as e:
