@@ -77,8 +77,8 @@ decoder, conditioned on the image (`eval/caption/perplexity`, teacher-forced, pa
 the language-modelling loss the model trains. The figure is therefore not comparable with a BERT-style MLM
 perplexity, which predicts masked tokens from both sides. Retrieval R@1/5/10 is also reported as papers do, on
 COCO's Karpathy 5k test split and Flickr30k's 1k test split with every caption of each image
-(`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as docs/data_preparation.md places them under /data/coco and
-/data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
+(`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as docs/data_preparation.md places them under
+/data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
 
 Variant `demo`: a small SwinV2 + text encoder/decoder on the recipe's mixture in small: the embedded shapes pairs
 ('a small red circle') 0.75 and uncaptioned shapes images (`shapes:images`) 0.25, in batches of 84 (63 captioned

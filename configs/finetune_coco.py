@@ -19,9 +19,9 @@ our detector head in place of Mask R-CNN:
   python -m visionfm_jax.main --config=configs/finetune_coco.py --workdir=/ckpt/coco_vith \
       --config.data.source=coco:/data/coco --config.init_from=/ckpt/vit_huge
 
-`coco:<root>` needs <root>/train2017/, val2017/ and annotations/instances_{train,val}2017.json (docs/data_preparation.md).
-`eval/det/map` is COCO box AP@[.5:.95] on val2017 (pycocotools); ViTDet-H (Cascade Mask R-CNN, MAE ImageNet-1K
-pretraining) reports about 60 box AP; we have not run this recipe and expect less with this head.
+`coco:<root>` needs <root>/train2017/, val2017/ and annotations/instances_{train,val}2017.json
+(docs/data_preparation.md). `eval/det/map` is COCO box AP@[.5:.95] on val2017 (pycocotools); ViTDet-H (Cascade Mask
+R-CNN, MAE ImageNet-1K pretraining) reports about 60 box AP; we have not run this recipe and expect less with this head.
 
 Variant `swinv2`: the same detector on a SwinV2-B FPN over the stages of strides 8, 16, 32 (LayerNorm on each
 stage output), 1024 px, window 16 with the position bias carried over from a 224 px / window-14
@@ -39,10 +39,10 @@ Variant `demo`: from scratch on the embedded 'scenes' (8 shape kinds, 1-4 per im
   python -m visionfm_jax.main --config=configs/finetune_coco.py:demo --workdir=/tmp/det_demo \
       --config.progress_bar=False
 
-Expected: `eval/det/map` about 0.220 / 0.357 / 0.408 at steps 400 / 800 / 1200 (ap50 0.398 / 0.552 / 0.602; ap75 0.469 and ar100 0.667 at the end) on
-the first 500 validation scenes; train/loss 3.63 (step 25) -> 1.24. Trivial predictors scored by the same
-evaluate.detection.coco_map on those 500 images: one whole-image box per class at a constant score: map 0.000
-(no object covers > 25% of the image, so no IoU reaches 0.5); 100 random object-sized boxes per image with
+Expected: `eval/det/map` about 0.220 / 0.357 / 0.408 at steps 400 / 800 / 1200 (ap50 0.398 / 0.552 / 0.602; ap75 0.469
+and ar100 0.667 at the end) on the first 500 validation scenes; train/loss 3.63 (step 25) -> 1.24. Trivial predictors
+scored by the same evaluate.detection.coco_map on those 500 images: one whole-image box per class at a constant score:
+map 0.000 (no object covers > 25% of the image, so no IoU reaches 0.5); 100 random object-sized boxes per image with
 random classes and scores: map 0.0007, ap50 0.004. Its time on 2 CPU cores: BENCHMARKS.md, "Time outside the
 step and trackers (CPU demo)".
 """

@@ -123,7 +123,8 @@ def _imagenet21k(config):
   """The ImageNet-21K pretraining recipe (the module docstring's table says where each value comes from)."""
   config.model.num_classes = 21841
   config.model.drop_path = 0.2
-  # prepared by tools.prepare_data --format=folders --output=/data/imagenet21k --holdout_per_class=5 (docs/runbooks/vit_h14.md)
+  # prepared by tools.prepare_data --format=folders --output=/data/imagenet21k --holdout_per_class=5
+  # (docs/runbooks/vit_h14.md)
   set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",
              eval_split="validation")
   # the released rate 1.25e-4 and floor 1.25e-6 per 512 images, scaled to the batch of 4096

@@ -131,7 +131,8 @@ def _demo(name: str, **fields):
   return override(config, **{"global_batch_size": 16, "grad_accum_steps": 1, **fields})
 
 
-ATTENTION_FIELDS = {"vit_huge": ("model.attention",), "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
+ATTENTION_FIELDS = {"vit_huge": ("model.attention",),
+                    "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
                     "aurora_xl": ("model.encoder.attention", "model.text.attention")}
 
 

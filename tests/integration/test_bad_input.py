@@ -227,7 +227,8 @@ def test_bad_input_is_one_error_line_naming_the_culprit(name, args, culprit, tmp
 
 # The tools beside main: (id, module and arguments, what the error line must name).
 TOOL_CASES = [
-    ("summary_unknown_key", ["visionfm_jax.tools.summary", DEMO, "--config.optim.lrr=1"], ["--config.optim.lrr", "'lr'"]),
+    ("summary_unknown_key", ["visionfm_jax.tools.summary", DEMO, "--config.optim.lrr=1"],
+     ["--config.optim.lrr", "'lr'"]),
     ("summary_bad_value", ["visionfm_jax.tools.summary", DEMO, "--config.optim.lr=-1"], ["config.optim.lr=-1.0"]),
     ("summary_bad_flag", ["visionfm_jax.tools.summary", DEMO, "--devices=x"], ["--devices=x"]),
     ("summary_no_config", ["visionfm_jax.tools.summary"], ["--config"]),

@@ -3,8 +3,8 @@ restores bitwise on another mesh (8 -> 4 devices) and another strategy (zero3 ->
 process count restores the state and continues the data stream; an unreadable newest checkpoint gives way to the
 newest readable one.
 
-`python tests/integration/test_checkpoint_safety.py DIR` is the process that is killed: it saves step 1, then SIGKILLs itself
-while the asynchronous save of step 2 is being written.
+`python tests/integration/test_checkpoint_safety.py DIR` is the process that is killed: it saves step 1, then SIGKILLs
+itself while the asynchronous save of step 2 is being written.
 """
 
 import json

@@ -128,7 +128,8 @@ def _assert_matches(ours, ref, label: str) -> None:
   chex.assert_trees_all_close({k: np.asarray(v) for k, v in ours.items()}, ref, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize("name, scan", [(n, True) for n in CONFIGS if n not in UNROLLED] + [(n, False) for n in UNROLLED])
+@pytest.mark.parametrize("name, scan",
+                         [(n, True) for n in CONFIGS if n not in UNROLLED] + [(n, False) for n in UNROLLED])
 def test_matches_transformers(hf_dir, name, scan):
   path, hf = hf_dir(name)
   spec = CONFIGS[name]

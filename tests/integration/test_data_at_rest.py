@@ -195,8 +195,8 @@ def test_a_shard_replaced_since_it_was_indexed_is_one_error_line_naming_it(tmp_p
        "--config.data.num_workers=0"], monkeypatch, capsys)
   assert status == 2
   assert re.fullmatch(rf"error: arrayrecord source '{tmp_path}/train-\*\.array_record': {tmp_path / names[0]} is "
-                      rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, not \w+ "
-                      rf"\(truncated or replaced\); prepare it again .*", err.strip().splitlines()[-1])
+                      rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, "
+                      rf"not \w+ \(truncated or replaced\); prepare it again .*", err.strip().splitlines()[-1])
 
 
 def test_a_shard_that_vanishes_while_training_is_an_error_naming_it(tmp_path):
@@ -249,7 +249,8 @@ def test_the_dry_run_reports_the_need_and_opens_only_the_shard_it_reads(tmp_path
     assert opens.opened() == 1 and opens.files == {b"train-00000-of-00300.array_record"} and not opens.overflowed
   need = open_shards.bound() + 2 * open_files.PER_WORKER + open_files.RUN_FILES
   soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-  assert f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard}" in out
+  assert (f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, "
+          f"hard {hard}") in out
 
 
 def _tiny_run_config(directory, **overrides):
@@ -270,10 +271,11 @@ def test_a_resume_on_replaced_data_is_refused_naming_it_unless_allowed(tmp_path)
   records.write_records(str(data / names[3]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1}
                                                for _ in range(4)))  # re-prepared: same count, other bytes
   size = os.path.getsize(data / names[3])
-  with pytest.raises(ConfigError, match=rf"^cannot resume {workdir}: its training data changed since the checkpoints "
-                                        rf"were saved: config.data.source='arrayrecord:{data}/{{split}}-\*.array_record'"
-                                        rf": 1 shard\(s\) changed \({names[3]} \(4 records, {size:,} bytes, \w+ -> 4 "
-                                        rf"records, {size:,} bytes, \w+\)\); restore the data, or pass"):
+  with pytest.raises(ConfigError, match=rf"^cannot resume {workdir}: its training data changed since the "
+                                        rf"checkpoints were saved: "
+                                        rf"config.data.source='arrayrecord:{data}/{{split}}-\*.array_record': "
+                                        rf"1 shard\(s\) changed \({names[3]} \(4 records, {size:,} bytes, \w+ -> "
+                                        rf"4 records, {size:,} bytes, \w+\)\); restore the data, or pass"):
     train.run(_tiny_run_config(data), str(workdir))
   with pytest.raises(ConfigError, match=r"--config.resume.allow_changes=data.source to go on with this data"):
     train.run(_tiny_run_config(data), str(workdir))

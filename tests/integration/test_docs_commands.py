@@ -383,8 +383,8 @@ def _written(path: str, written: list[str]) -> bool:
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if commands_of(d) and d not in RUNBOOKS], ids=lambda d: d.name)
 def test_every_path_read_was_written_by_an_earlier_command(doc):
-  # Each runbook is a path from raw data, run for real by tests/integration/test_runbooks.py; the other documents may read
-  # what any runbook writes.
+  # Each runbook is a path from raw data, run for real by tests/integration/test_runbooks.py; the other documents may
+  # read what any runbook writes.
   written = [w for book in RUNBOOKS for c in commands_of(book) for w in reads_and_writes(c)[1]]
   missing = []
   for command in commands_of(doc):

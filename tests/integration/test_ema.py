@@ -207,7 +207,8 @@ def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_an
 
 def test_keep_period_must_be_a_multiple_of_the_checkpoint_interval():
   config = tiny_vit_config(**{"checkpoint_every": 3, "checkpoint_keep_period": 10})
-  with pytest.raises(ConfigError, match="config.checkpoint_keep_period=10 is not a multiple of config.checkpoint_every=3"):
+  with pytest.raises(ConfigError,
+                     match="config.checkpoint_keep_period=10 is not a multiple of config.checkpoint_every=3"):
     checks.validate(config)
   with pytest.raises(ConfigError, match=r"config.optim.ema_decay=1.0: must be a number in \[0, 1\)"):
     checks.validate(tiny_vit_config(**{"optim.ema_decay": 1.0}))

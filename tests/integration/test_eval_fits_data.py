@@ -52,8 +52,8 @@ def _one_error_line(status, stderr) -> str:
 @pytest.mark.parametrize("dry_run", [True, False])
 def test_zeroshot_on_unlabelled_pairs_stops_before_the_first_step(dry_run, unlabelled, tmp_path, monkeypatch, capsys):
   """The user's case: the demo's zeroshot_classes='shapes' on their own pairs used to die at the first evaluation."""
-  args = ["--config=configs/swinv2_g_clip.py:demo", f"--workdir={tmp_path / 'run'}", f"--config.data.source={unlabelled}",
-          "--config.data.num_workers=0"] + (["--dry_run"] if dry_run else [])
+  args = ["--config=configs/swinv2_g_clip.py:demo", f"--workdir={tmp_path / 'run'}",
+          f"--config.data.source={unlabelled}", "--config.data.num_workers=0"] + (["--dry_run"] if dry_run else [])
   status, _, stderr = run_main_in_process(args, monkeypatch, capsys)
   error = _one_error_line(status, stderr)
   assert error.startswith(LABEL_ERROR + repr(unlabelled)), error

@@ -171,7 +171,8 @@ def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_che
   # The config states the windows the checkpoint trained with; any other value, () included, is an error naming
   # the flag and the value to set.
   with pytest.raises(ConfigError, match=r'^config.model.pretrained_window_sizes=\(\) but the init_from checkpoint '
-                                        r'trained with \(4, 4\): set --config.model.pretrained_window_sizes="\(4, 4\)"$'):
+                                        r'trained with \(4, 4\): set '
+                                        r'--config.model.pretrained_window_sizes="\(4, 4\)"$'):
     init_from.check_model_fields(config)
   config.model.pretrained_window_sizes = (8, 8)
   with pytest.raises(ConfigError, match=r"pretrained_window_sizes=\(8, 8\) but"):

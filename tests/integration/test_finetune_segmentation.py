@@ -54,7 +54,8 @@ def _random_params(task, seed=0):
   """Random params in the shapes of the task's model, on a device (traced, never compiled: cheap)."""
   abstract = nn.unbox(jax.eval_shape(task.init_variables, jax.random.key(0))["params"])
   rng = np.random.default_rng(seed)
-  return jax.tree.map(lambda a: jax.device_put((0.1 * rng.normal(size=a.shape)).astype(a.dtype), jax.devices()[0]), abstract)
+  device = jax.devices()[0]
+  return jax.tree.map(lambda a: jax.device_put((0.1 * rng.normal(size=a.shape)).astype(a.dtype), device), abstract)
 
 
 def _miou_by_class(pred: np.ndarray, labels: np.ndarray, labelled: np.ndarray, num_classes: int) -> dict[str, float]:
@@ -94,8 +95,9 @@ def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp
   monkeypatch.setattr(seg_eval, "confusion_matrix", _record_to_host(
       evaluated, seg_eval.confusion_matrix, lambda pred, *_: pred))
   evaluate = seg_eval.SegmentationEvaluator.__call__
-  monkeypatch.setattr(seg_eval.SegmentationEvaluator, "__call__",
-                      lambda self, params, batches: evaluate(self, params, eval_batches.extend(batches) or eval_batches))
+  monkeypatch.setattr(
+      seg_eval.SegmentationEvaluator, "__call__",
+      lambda self, params, batches: evaluate(self, params, eval_batches.extend(batches) or eval_batches))
   last = train.run(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]

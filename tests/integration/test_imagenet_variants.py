@@ -241,7 +241,8 @@ def test_evaluate_tool_runs_the_zeroshot_benchmarks(tmp_path, capsys):
                                             "eval/zeroshot_imagenet_r_again/top1",
                                             "eval/zeroshot_imagenet_r_again/top5", "step"]
   top1, count = _reference_top1(task, params, root)
-  sevens = sum(imagenet_variants.imagenet_wnids().index(w) % 7 == 0 for w in imagenet_variants.class_wnids("imagenet_r"))
+  sevens = sum(imagenet_variants.imagenet_wnids().index(w) % 7 == 0
+               for w in imagenet_variants.class_wnids("imagenet_r"))
   assert count == 200 + sevens == results["eval/zeroshot_imagenet_r/count"] and sevens > 10
   assert f"eval/zeroshot_imagenet_r/count={count}" in printed and results["step"] == 4
   assert results["eval/zeroshot_imagenet_r/top1"] == pytest.approx(top1, abs=1e-6)

@@ -90,7 +90,8 @@ def test_backbone_under_a_prefix_and_rules_first_match_wins():
   with pytest.raises(ConfigError, match="'decoder' matches no param"):
     optim.lr_multipliers(_optim(lr_mults=(("decoder", 2.0),)), shapes)
   with pytest.raises(ConfigError, match="layer_decay needs a model with one ViT or SwinV2 backbone; a CLIP"):
-    optim.layer_ids(models.build(config_lib.model_config("clip"), jnp.float32, "cpu"), ["image/blocks/k", "text/blocks/k"])
+    optim.layer_ids(models.build(config_lib.model_config("clip"), jnp.float32, "cpu"),
+                    ["image/blocks/k", "text/blocks/k"])
   for decay in (0.0, 1.5):  # one rule, its row's domain in config_lib: (0, 1]
     with pytest.raises(ConfigError, match=rf"config.optim.layer_decay={decay}: must be a number in \(0, 1\]"):
       config_lib.check(tiny_vit_config(**{"optim.layer_decay": decay}))

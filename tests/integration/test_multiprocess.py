@@ -343,7 +343,8 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
     for i in range(PROCESSES):
       loader = iter(task.train_loader(batch_size=config.global_batch_size // PROCESSES, seed=config.seed,
                                       process_index=i, process_count=PROCESSES))
-      loader.set_state((workdir / "checkpoints" / str(start) / "data" / f"process_{i}-of-{PROCESSES}.json").read_bytes())
+      state_file = workdir / "checkpoints" / str(start) / "data" / f"process_{i}-of-{PROCESSES}.json"
+      loader.set_state(state_file.read_bytes())
       loaders.append(loader)
     step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule)
     for want in [r for r in _read_metrics(workdir) if "train/loss" in r and start < r["step"] <= start + 2]:

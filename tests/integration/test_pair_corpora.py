@@ -141,7 +141,8 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
 
 
 def test_bad_layouts_are_one_line_errors(tmp_path, coco_root, capsys):
-  """The tool's main in this process (the subprocess path of `error:` lines is tests/integration/test_bad_input.py's)."""
+  """The tool's main in this process (the subprocess path of `error:` lines is
+  tests/integration/test_bad_input.py's)."""
   root, _ = coco_root
   (tmp_path / "vg").mkdir()
   for args, message in [

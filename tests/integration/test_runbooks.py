@@ -312,15 +312,17 @@ def assert_each_evaluation_drew_its_panel(root) -> None:
 
 def test_roots_move_in_commands_and_in_config_defaults(tmp_path):
   rules = [("configs/vit_huge.py", "--config.total_steps=2")]
-  text = rehearsed(Command(1, "sbatch --nodes=8 launch/slurm.sbatch --config=configs/vit_huge.py "
-                              "--workdir=/ckpt/vit_huge --config.data.eval_source=arrayrecord:/data/x"), rules, tmp_path)
+  command = Command(1, "sbatch --nodes=8 launch/slurm.sbatch --config=configs/vit_huge.py "
+                       "--workdir=/ckpt/vit_huge --config.data.eval_source=arrayrecord:/data/x")
+  text = rehearsed(command, rules, tmp_path)
   argv = shlex.split(text)
   assert f"--workdir={tmp_path}/ckpt/vit_huge" in argv
   assert f"--config.data.eval_source=arrayrecord:{tmp_path}/data/x" in argv
   # the config's default source moves; the field the command sets is left as the command sets it
   assert f"--config.data.source=arrayrecord:{tmp_path}/data/imagenet21k/{{split}}-*.array_record" in argv
   assert argv[-1] == "--config.total_steps=2"
-  assert moved("cp /rawfile /raw/a:/data/b x/data/c", tmp_path) == f"cp /rawfile {tmp_path}/raw/a:{tmp_path}/data/b x/data/c"
+  assert (moved("cp /rawfile /raw/a:/data/b x/data/c", tmp_path)
+          == f"cp /rawfile {tmp_path}/raw/a:{tmp_path}/data/b x/data/c")
 
 
 def test_tuple_fields_move_as_python_literals(tmp_path):

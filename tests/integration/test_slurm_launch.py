@@ -285,10 +285,12 @@ def test_local_sh_gives_each_gpu_process_its_slice_of_the_cpus(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\necho 'GPU 1: fake'\n")
+  report = ('import os; os.write(1, ("cpus %s %s\\n" % (os.environ["JAX_PROCESS_ID"], '
+            'sorted(os.sched_getaffinity(0)))).encode())')
   (bin_dir / "python").write_text(textwrap.dedent(f"""\
       #!/bin/sh
       if [ "$1" = -m ]; then
-        exec {sys.executable} -c 'import os; os.write(1, ("cpus %s %s\\n" % (os.environ["JAX_PROCESS_ID"], sorted(os.sched_getaffinity(0)))).encode())'
+        exec {sys.executable} -c '{report}'
       fi
       exec {sys.executable} "$@"
       """))

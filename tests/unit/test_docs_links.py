@@ -59,7 +59,8 @@ def test_readme_is_a_front_door():
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 # A citation of a section: BENCHMARKS.md, then a comma, a space or an opening parenthesis, then the heading in
 # double or single quotes.
-CITATION = re.compile(r"BENCHMARKS(?:\.md)?(?:,\s*|\s+\(?|\s*\()(?:\"([^\"\n]{1,120})\"|'([^'\n]{1,120}?)'(?=[\s),.;:]))")
+CITATION = re.compile(r"BENCHMARKS(?:\.md)?(?:,\s*|\s+\(?|\s*\()"
+                      r"(?:\"([^\"\n]{1,120})\"|'([^'\n]{1,120}?)'(?=[\s),.;:]))")
 
 
 def _heading_key(text: str) -> str:

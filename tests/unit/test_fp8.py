@@ -124,7 +124,8 @@ def test_the_switch_takes_only_known_formats():
 def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(capability, refused, recipe):
   device = types.SimpleNamespace(platform="gpu", compute_capability=capability, device_kind="NVIDIA X")
   if refused:
-    with pytest.raises(ConfigError, match=rf"precision.gemm={recipe}: NVIDIA X \(compute capability {capability}\)") as e:
+    with pytest.raises(ConfigError,
+                       match=rf"precision.gemm={recipe}: NVIDIA X \(compute capability {capability}\)") as e:
       fp8.check_device(recipe, device)
     assert "\n" not in str(e.value)
   else:
@@ -149,6 +150,7 @@ def test_a_task_that_trains_in_fp8_checks_its_mesh_device_and_evaluation_does_no
   a100 = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100-SXM4-80GB")
   monkeypatch.setattr(tasks.Task, "device", lambda self: a100)
   task = tasks.build(tiny_vit_config(**{"precision.gemm": "fp8"}))
-  with pytest.raises(ConfigError, match=r"^config.precision.gemm=fp8: NVIDIA A100-SXM4-80GB \(compute capability 8.0\)"):
+  with pytest.raises(ConfigError,
+                     match=r"^config.precision.gemm=fp8: NVIDIA A100-SXM4-80GB \(compute capability 8.0\)"):
     task.check_training_devices()
   tasks.build(tiny_vit_config()).check_training_devices()

@@ -252,7 +252,8 @@ HloModule sliced
   %bitcast = bf16[128,21,1,64]{3,2,1,0} bitcast(%param_0)
   %zero = s32[] constant(0)
   %param_1 = s32[] parameter(1)
-  ROOT %slice = bf16[128,1,1,64]{3,2,1,0} dynamic-slice(%bitcast, %zero, %param_1, %zero, %zero), dynamic_slice_sizes={128,1,1,64}
+  ROOT %slice = bf16[128,1,1,64]{3,2,1,0} dynamic-slice(%bitcast, %zero, %param_1, %zero, %zero), \
+dynamic_slice_sizes={128,1,1,64}
 }
 
 ENTRY %main (stack: bf16[21,1,64,128], i: s32[]) -> bf16[128,1,1,64] {

@@ -262,7 +262,8 @@ def concrete_model_imports() -> list[str]:
 
 def test_tools_the_loop_and_evaluators_ask_a_model_and_import_no_concrete_one():
   found = concrete_model_imports()
-  assert not found, "a concrete model imported where only the registry or a model's methods belong:\n" + "\n".join(found)
+  assert not found, ("a concrete model imported where only the registry or a model's methods belong:\n"
+                     + "\n".join(found))
 
 
 def test_the_checks_see_what_they_should():

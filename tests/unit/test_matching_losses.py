@@ -166,8 +166,8 @@ def _np_focal(x, t, alpha=0.25, gamma=2.0):
 
 def test_sigmoid_focal_loss_by_hand_and_against_numpy():
   # x = 0, t = 1: p = 1/2, alpha 0.25 * (1/2)^2 * log 2.
-  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(jnp.float32(0.0), jnp.float32(1.0)), 0.0625 * math.log(2),
-                             rtol=1e-6)
+  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(jnp.float32(0.0), jnp.float32(1.0)),
+                             0.0625 * math.log(2), rtol=1e-6)
   x = np.linspace(-6, 6, 13, dtype=np.float32)
   x64 = x.astype(np.float64)
   for t in (0.0, 1.0):
@@ -175,7 +175,8 @@ def test_sigmoid_focal_loss_by_hand_and_against_numpy():
                                atol=1e-7)
   # gamma 0 without alpha weighting is plain binary cross-entropy; stable at large logits.
   bce = -np.log(_np_sigmoid(x64))
-  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(x, np.ones_like(x), alpha=-1, gamma=0.0), bce, rtol=1e-5)
+  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(x, np.ones_like(x), alpha=-1, gamma=0.0), bce,
+                             rtol=1e-5)
   assert np.isfinite(detection_losses.sigmoid_focal_loss(jnp.float32(-200.0), jnp.float32(1.0)))
 
 

@@ -152,8 +152,8 @@ def test_bad_input_is_one_line_naming_it(tmp_path, captioned_folder):
   assert _error("--format=caption_table", f"--input={table}", out).startswith(
       f"--input={table}: none of its 1 captioned images could be read (1 no_image)")
   assert "not a table" in _error("--format=caption_table", f"--input={tmp_path / 't.xlsx'}", out)
-  assert "only 12 distinct images (12 usable pairs)" in _error("--format=caption_files", f"--input={captioned_folder}", out,
-                                          "--holdout_examples=12")
+  assert "only 12 distinct images (12 usable pairs)" in _error("--format=caption_files", f"--input={captioned_folder}",
+                                                               out, "--holdout_examples=12")
   assert "--unlabelled: not for" in _error("--format=caption_files", f"--input={captioned_folder}", out,
                                            "--unlabelled")
   assert "only for --format=caption_table" in _error("--format=caption_files", f"--input={captioned_folder}", out,

@@ -104,7 +104,8 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   good = shapes_pairs(12)
   path = str(tmp_path / "mixed.array_record")
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-  corrupt = {0: b"\xc1 record 0 is checked for labels", 3: b"\xc1 not msgpack", 7: pairs.pack_record(b"\xff\xd8 truncated jpeg", caption="a red star"),
+  corrupt = {0: b"\xc1 record 0 is checked for labels", 3: b"\xc1 not msgpack",
+             7: pairs.pack_record(b"\xff\xd8 truncated jpeg", caption="a red star"),
              9: b"\x81\xa5image\x01"}  # a map without bytes image or caption
   for i, (image, caption) in enumerate(good):
     writer.write(corrupt.get(i) or pairs.pack_record(image, caption=caption))

@@ -97,7 +97,8 @@ def test_laion_tars_are_indexed_filtered_and_converted_as_img2dataset_output(pla
   metas = written["laion"]["metas"].values()
   assert len(wds.WdsSource(pattern)) == written["laion"]["samples"] == len(metas)
   filtered = wds.WdsSource(pattern, wds.ScoreFilter(min_similarity=0.30, max_pwatermark=0.8, max_punsafe=0.5))
-  first_failed = [next((name for name, ok in (("similarity", m["similarity"] >= 0.30), ("pwatermark", m["pwatermark"] <= 0.8),
+  first_failed = [next((name for name, ok in (("similarity", m["similarity"] >= 0.30),
+                                             ("pwatermark", m["pwatermark"] <= 0.8),
                                              ("punsafe", m["punsafe"] <= 0.5)) if not ok), None) for m in metas]
   assert len(filtered) == first_failed.count(None) > 0
   assert filtered.filtered == {k: first_failed.count(k) for k in ("similarity", "pwatermark", "punsafe")}
@@ -107,7 +108,8 @@ def test_laion_tars_are_indexed_filtered_and_converted_as_img2dataset_output(pla
   metadata = prepare("--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'laion'}",
                      "--resize_shorter=640", "--holdout_examples=3", "--holdout_split=validation")
   train, held = metadata["splits"]["train"], metadata["splits"]["validation"]
-  assert train["records"] + held["records"] == len(metas) - 1 and train["skipped"] + held["skipped"] == 1  # the bad JPEG
+  assert train["records"] + held["records"] == len(metas) - 1
+  assert train["skipped"] + held["skipped"] == 1  # the bad JPEG
   assert train["uncaptioned"] + held["uncaptioned"] == 2  # no .txt, and an empty one
   source = records.ArrayRecordSource(str(tmp_path / "laion" / "*.array_record"))
   stored = {r["key"]: r for r in (source[i] for i in range(len(source)))}

@@ -1,6 +1,6 @@
 """The optional parts of the train state (training/state.py, `PARTS`) drive its init and its restore: a part added to
-the list alone is created with the state, laid out, checkpointed, restored in its checkpoint's layout and adopted, with no
-edit to the loop (training/train.py). The batch's sizes are derived once (`parallel.BatchGeometry`)."""
+the list alone is created with the state, laid out, checkpointed, restored in its checkpoint's layout and adopted, with
+no edit to the loop (training/train.py). The batch's sizes are derived once (`parallel.BatchGeometry`)."""
 
 import dataclasses
 from typing import Any

@@ -264,7 +264,8 @@ def test_bytes_per_device_match_the_real_arrays(strategy):
   config = tiny_vit_config(strategy=strategy)
   mesh = parallel.make_mesh(config.mesh)
   tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
-  abstract, shardings, _ = step_lib.state_shardings(step_lib.make_init_fn(tasks.build(config), tx, config), mesh, config)
+  init_fn = step_lib.make_init_fn(tasks.build(config), tx, config)
+  abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
   # Zeros in the run's layout (initialising would cost a compile); what is checked is the step's output layout.
   state = jax.tree.map(lambda a, s: jax.device_put(np.zeros(a.shape, a.dtype), s), abstract, shardings)
   batch = jax.device_put(_random_batches(config, 1)[0], parallel.batch_sharding(mesh))

@@ -19,10 +19,10 @@ Every measurement reads the same records (record bytes included) after a warm-up
 
 baseline, baseline_draft and ours_ops run interleaved, record by record (who goes first rotating), so that load
 from other jobs falls on all three alike; the ratios ours_ops / baseline compare images/s (wall) and, in
-brackets, images per CPU second (above 1: ours faster). Pillow decodes and resizes on the calling thread, and grain reads records on threads
-even with 0 workers: the cpu/wall column (process CPU time over wall time, this process only, so ~0 for loaders
-with workers) shows whether a one-core figure really used one core, and below 1 that the process waited for a
-core. On a shared machine, run it a few times: other load lowers every figure.
+brackets, images per CPU second (above 1: ours faster). Pillow decodes and resizes on the calling thread, and grain
+reads records on threads even with 0 workers: the cpu/wall column (process CPU time over wall time, this process only,
+so ~0 for loaders with workers) shows whether a one-core figure really used one core, and below 1 that the process
+waited for a core. On a shared machine, run it a few times: other load lowers every figure.
 Then, for reference, the device part (data/transforms/device_augment.augment under jit, on this process's jax
 backend) on --batch_size images: milliseconds per image.
 Prints a table, then, as the last line, one JSON object with every figure and the machine. Bad input

@@ -45,10 +45,10 @@ an A100 80GB's 79.2 GiB: 72.9 GiB; the rest is NCCL's and the CUDA libraries'); 
 
 Prints one table row per candidate as it finishes (candidate, bytes per device, fits, GFLOPs), then the chosen
 setup as the `--config.*` flags to pass to train, then one JSON object: devices, fit, fit_bytes, first_fit,
-`candidates` (each with its setting and flags, mesh, strategy, global batch, state_params/state_opt bytes (analytic, parallel.memory),
-argument/output/alias/temp bytes as compiled, total_bytes = arguments + outputs - aliased + temporaries, flops,
-xla_flops, fits; with a target predicted_step_s and exposed_collective_s), `skipped` (flag: why) and `chosen` (the chosen candidate, or null). When no candidate fits it
-says so on stderr and exits with status 2.
+`candidates` (each with its setting and flags, mesh, strategy, global batch, state_params/state_opt bytes (analytic,
+parallel.memory), argument/output/alias/temp bytes as compiled, total_bytes = arguments + outputs - aliased +
+temporaries, flops, xla_flops, fits; with a target predicted_step_s and exposed_collective_s), `skipped` (flag: why) and
+`chosen` (the chosen candidate, or null). When no candidate fits it says so on stderr and exits with status 2.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ defaults are ViT-S/16's dense layers at batch 8 (M = 8 x 197 tokens): qkv, fc1, 
   xnn      XNNPACK for the dots it takes, Eigen otherwise (YNNPACK off)
   eigen    Eigen (YNNPACK off)
 `--reduce=SHAPE:AXES`: the sum over the leading AXES axes of an fp32 array, as `jnp.sum` and as
-`kernels.sum_leading_as_matmul` (the CPU path of `kernels.sum_leading`), in ms. The default is SwinV2-T stage 0's position-bias gradient
-(batch 8, 16 windows, 3 heads, 196 x 196).
+`kernels.sum_leading_as_matmul` (the CPU path of `kernels.sum_leading`), in ms. The default is SwinV2-T stage 0's
+position-bias gradient (batch 8, 16 windows, 3 heads, 196 x 196).
 The last line is one JSON object with every figure.
 """
 

@@ -285,7 +285,8 @@ def calibrate(rows_path: str) -> dict:
   print(f"\n{'row':<46} {'measured':>9} {'estimate':>9} {'ratio':>6} {'held out':>9} {'ratio':>6} "
         f"{'plan GiB':>9} {'peak GiB':>9}")
   for r in results:
-    print(f"{r['label']:<46} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} {r['estimate_ms'] / r['measured_ms']:6.3f} "
+    print(f"{r['label']:<46} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} "
+          f"{r['estimate_ms'] / r['measured_ms']:6.3f} "
           f"{r['held_out_estimate_ms']:9.1f} {r['held_out_estimate_ms'] / r['measured_ms']:6.3f} "
           f"{r['plan_gib']:9.3f} {r['measured_peak_gib'] or float('nan'):9.1f}")
   print(f"prices: {dataclasses.asdict(prices)}")

@@ -58,8 +58,9 @@ def class_names_and_templates(name: str) -> tuple[list[str], list[str]]:
   'imagenet': OpenAI's curated names of the 1000 ImageNet classes and its 80 prompt templates (CLIP, Radford et
   al. 2021) in OpenAI's order, the protocol behind published zero-shot figures (the assets are generated from
   open_clip's zero_shot_metadata.py; OpenAI names two classes 'missile' and two 'sunglasses'); 'imagenet_simple':
-  the same names with 8 of those templates (faster, about a point lower); 'shapes': the embedded set's 8 shapes, with prompts in the grammar
-  of its captions ('a large red {}'), every size and colour, so that the ensemble averages them out.
+  the same names with 8 of those templates (faster, about a point lower); 'shapes': the embedded set's 8 shapes, with
+  prompts in the grammar of its captions ('a large red {}'), every size and colour, so that the ensemble averages
+  them out.
   """
   if name in ("imagenet", "imagenet_simple"):
     names = [line.split("\t", 1)[1] for line in read_lines("imagenet_classes.txt")]

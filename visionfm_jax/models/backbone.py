@@ -44,9 +44,9 @@ A family leaves out (None) what it does not answer; the registry then answers No
 description, fields, converter, a tower's fields), the params as given (`adapt_checkpoint`) or no conflict.
 
 Models that hold a backbone answer part of this by asking it (models/towers.py: `family`, `layer_id`,
-`adapt_checkpoint`; `image_tower` below finds it): the dense models (dense_heads.DenseModel) their layer ids and checkpoint
-adaptation; CLIP and Aurora only `adapt_checkpoint` (and count their own `train_flops_per_example`). They have
-no layer ids, so `config.optim.layer_decay` is not available for them (optim.layer_ids says so).
+`adapt_checkpoint`; `image_tower` below finds it): the dense models (dense_heads.DenseModel) their layer ids and
+checkpoint adaptation; CLIP and Aurora only `adapt_checkpoint` (and count their own `train_flops_per_example`). They
+have no layer ids, so `config.optim.layer_decay` is not available for them (optim.layer_ids says so).
 """
 
 from __future__ import annotations

@@ -235,7 +235,8 @@ def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, r
   kernel size, VALID, undilated, sizes divisible) is patches @ kernel: XLA's CPU backend differentiates that
   ~2x faster than the strided convolution. Any other convolution goes to `conv_general_dilated`."""
   patch = tuple(rhs.shape[:-2])
-  nhwc = dimension_numbers is None or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1))
+  nhwc = (dimension_numbers is None
+          or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1)))
   undilated = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   no_padding = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
   divisible = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
@@ -368,8 +369,8 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementa
   `kv_length`: only the first kv_length keys are real (the rest is `pad_tokens`' padding).
   `implementation` (`resolved_attention`: models.build has resolved 'auto' for the devices): 'softmax' runs
   `kernels.softmax_attention`;
-  'cudnn' routes to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting JAX
-  choose (cuDNN where it applies, else XLA).
+  'cudnn' routes to `jax.nn.dot_product_attention` with cuDNN flash attention (GPU), 'jax' to the same function letting
+  JAX choose (cuDNN where it applies, else XLA).
   """
   implementation = resolved_attention(implementation)
   if implementation != "softmax":

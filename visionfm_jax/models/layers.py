@@ -23,8 +23,8 @@ from visionfm_jax.parallel import sharding
 Dtype = Any
 
 # Logical axis names used by parameters and activations.
-BATCH, LENGTH, EMBED, MLP, HEADS, KV, LAYERS, CLASSES = "batch", "length", "embed", "mlp", "heads", "kv", "layers", "classes"
-VOCAB = "vocab"
+BATCH, LENGTH, EMBED, MLP, HEADS, KV = "batch", "length", "embed", "mlp", "heads", "kv"
+LAYERS, CLASSES, VOCAB = "layers", "classes", "vocab"
 ACT_EMBED, ACT_MLP, ACT_HEADS = "act_embed", "act_mlp", "act_heads"
 
 # The remat policy of each name config_lib.REMAT_POLICIES allows (the one list); 'none' (no remat) has none.
@@ -92,8 +92,9 @@ class Dense(nn.Module):
                                         matmul) for i in range(features[0]))
 
 
-def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *, axis: int | tuple[int, ...] = -1,
-          use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(), bias_init=nn.initializers.zeros,
+def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *,
+          axis: int | tuple[int, ...] = -1, use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(),
+          bias_init=nn.initializers.zeros,
           separate: bool = False, name: str | None = None, fp8: bool = False) -> Dense:
   """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes; `fp8`: one of
   a block's GEMMs (models/fp8.py)."""

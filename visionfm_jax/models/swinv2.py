@@ -366,7 +366,8 @@ class SwinBlock(nn.Module):
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm2")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     if self.extra_norm:
-      normed = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, use_bias=False, use_scale=False)(x.astype(jnp.float32))
+      normed = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, use_bias=False, use_scale=False)(
+          x.astype(jnp.float32))
       static = isinstance(extra_norm, (bool, np.bool_))  # unrolled blocks know theirs
       x = (normed.astype(x.dtype) if extra_norm else x) if static else jnp.where(extra_norm, normed.astype(x.dtype), x)
     return x, None
@@ -381,8 +382,9 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
       regions = shift_regions(y.shape[1], y.shape[2], w, shift)
-    y = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention, self.stride, name="attn")(
-        partition_windows(y, w), regions)
+    window_attention = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention,
+                                       self.stride, name="attn")
+    y = window_attention(partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
     if shift:
       y = jnp.roll(y, (shift, shift), axis=(1, 2))
@@ -594,7 +596,8 @@ def build(model_cfg, dtype) -> SwinV2:
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, scan_unroll=model_cfg.get("scan_unroll", 1),
-                remat_policy=model_cfg.remat_policy, attention=model_cfg.attention, token_subgrid=model_cfg.token_subgrid)
+                remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
+                token_subgrid=model_cfg.token_subgrid)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
   kernels.check_attention(model_cfg.attention)
   model = SwinV2(**kwargs)

@@ -13,8 +13,8 @@ data-parallel devices with `matching.sharded_hungarian_match` under a mesh). The
 OneNet numbers are a few AP below a Cascade R-CNN on the same backbone.
 
 Model: `Detector(backbone=models.build(config.model, dtype, platform), ...)`, config.model the backbone family's
-config with num_classes=0 (its params under `backbone/`, named as in pretraining, so `init_from_prefix='backbone'` loads a
-pretraining checkpoint), `neck/` and `head/` from config.head:
+config with num_classes=0 (its params under `backbone/`, named as in pretraining, so `init_from_prefix='backbone'` loads
+a pretraining checkpoint), `neck/` and `head/` from config.head:
 
   num_classes     detection classes (no background class)
   levels          nominal strides of the predicting levels (ViT: pyramid steps from the patch stride; SwinV2:
@@ -84,8 +84,8 @@ class DetectionTask(Task):
   def loss(self, params, batch, rng):
     out = self.predict(params, batch["image"], train=True, rng=rng)
     index = self.match(out["logits"], out["boxes"], batch["classes"], batch["boxes"])
-    loss, parts = detection_losses.detection_set_loss(out["logits"], out["boxes"], batch["classes"], batch["boxes"], index,
-                                            **self.weights)
+    loss, parts = detection_losses.detection_set_loss(out["logits"], out["boxes"], batch["classes"], batch["boxes"],
+                                                      index, **self.weights)
     return loss, {f"train/loss_{name}": value for name, value in parts.items()}
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):

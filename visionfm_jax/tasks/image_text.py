@@ -1,7 +1,7 @@
 """What the image-text tasks (contrastive.py's CLIP, aurora.py) share, as functions of a task rather than a base
 class: the tokenizer, the contrastive term of their split losses, the held-out pairs and the evaluators over them
-(retrieval, the retrieval benchmarks), their panel, synthetic captions. A task passed here answers `config`, `tokenizer`,
-`embed_images(params, uint8 images)` and `embed_texts(params, tokens)` (unit embeddings).
+(retrieval, the retrieval benchmarks), their panel, synthetic captions. A task passed here answers `config`,
+`tokenizer`, `embed_images(params, uint8 images)` and `embed_texts(params, tokens)` (unit embeddings).
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ The tools that write one output per input file (prepare_data's shards, index_tar
 the inputs i, i + n, i + 2n, ... of their sorted list: the tasks' shares are disjoint and cover every input,
 and each task stats, reads and writes only its own inputs and outputs (the sorted list comes from the input's one
 listing), so tasks never touch each other's files, a task's load on a shared file system's metadata is its
-share's, and a task rerun resumes its own share. Without the flags, a SLURM job array's environment gives them: the task's
-SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT (`sbatch --array=0-99`); outside an
+share's, and a task rerun resumes its own share. Without the flags, a SLURM job array's environment gives them: the
+task's SLURM_ARRAY_TASK_ID minus SLURM_ARRAY_TASK_MIN and SLURM_ARRAY_TASK_COUNT (`sbatch --array=0-99`); outside an
 array, one task does everything.
 """
 

@@ -10,8 +10,8 @@ ImageNet zero-shot top-1 / top-5 with OpenAI's names and templates, retrieval on
 config.eval.retrieval_benchmarks and the config.eval.zeroshot_benchmarks (ImageNet-V2, -Sketch, -R, -A:
 `eval/zeroshot_<name>/top1`); for a classifier top-1 on its eval split and the probes; and so on: the sets the
 checkpoint's config names, and those the command adds. An imported or raw CLIP's config is the contrastive
-defaults (`trained.clip_config.task_config`): zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval set
-unless the command names one, e.g. `--config.eval.zeroshot_source=...
+defaults (`trained.clip_config.task_config`): zero-shot on `tfds:imagenet2012` validation (all 50,000) and no retrieval
+set unless the command names one, e.g. `--config.eval.zeroshot_source=...
 --config.eval.retrieval_benchmarks="(('coco', 'coco_karpathy:/data/coco'),)"`, or held-out pairs with
 `--config.eval.retrieval=true --config.data.eval_source=arrayrecord:/data/pairs/{split}-*.array_record`.
 

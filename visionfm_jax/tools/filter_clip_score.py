@@ -7,11 +7,11 @@ embeddings under a trained CLIP (or Aurora) have a cosine similarity >= --thresh
 WORKDIR is the training workdir of a 'contrastive' or 'aurora' run (config.json + checkpoints/<step>; the newest
 checkpoint unless --step), or a published CLIP: a transformers CLIPModel directory (config.json +
 model.safetensors + tokenizer.json, e.g. OpenAI's ViT-B/32, with which LAION filtered at 0.28) or what
-tools.import_hf made of one (trained/loader.py). The score is the dot product of the L2-normalised embeddings the contrastive loss
-uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size (config.data.eval_preprocess) as in
-evaluation, captions tokenised with the run's tokenizer. Images are decoded at full size, so a published CLIP's
-scores equal transformers' on its own preprocessing; --draft_decode decodes large JPEGs at a reduced DCT scale
-(Pillow's draft mode, as evaluation does: at least the crop size across), faster and slightly off.
+tools.import_hf made of one (trained/loader.py). The score is the dot product of the L2-normalised embeddings the
+contrastive loss uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size
+(config.data.eval_preprocess) as in evaluation, captions tokenised with the run's tokenizer. Images are decoded at full
+size, so a published CLIP's scores equal transformers' on its own preprocessing; --draft_decode decodes large JPEGs at a
+reduced DCT scale (Pillow's draft mode, as evaluation does: at least the crop size across), faster and slightly off.
 
 Input: the ArrayRecord files matching GLOB (records.py's format; .json files are passed over), in name
 order. With several processes (jax.distributed, joined from the environment as visionfm_jax.main does), process

@@ -4,10 +4,11 @@ r"""k-NN and linear-probe top-1 of a trained backbone's frozen features (evaluat
       [--config.<field>=V ...]
 
 WORKDIR (`--workdir` is the same flag) is a training workdir (config.json + checkpoints/<step>; the newest
-checkpoint unless --step; its EMA of the params with --ema) of a run with a ViT or SwinV2: a classifier, a CLIP (its image tower is probed),
-Aurora (its encoder) or a dense model (its backbone). The splits and the probes' settings are the run's `config.probe` and `config.data`; any field
-can be overridden, e.g. `--config.probe.train_examples=50000 --config.probe.source=tfds:imagenet2012`. Runs
-of configs from before `config.probe` existed get its defaults.
+checkpoint unless --step; its EMA of the params with --ema) of a run with a ViT or SwinV2: a classifier, a CLIP (its
+image tower is probed), Aurora (its encoder) or a dense model (its backbone). The splits and the probes' settings are
+the run's `config.probe` and `config.data`; any field can be overridden, e.g.
+`--config.probe.train_examples=50000 --config.probe.source=tfds:imagenet2012`. Runs of configs from before
+`config.probe` existed get its defaults.
 
 Prints one line per metric, then one JSON line: {"knn/top1", "linear_probe/top1",
 "linear_probe/train_objective", "train_examples", "eval_examples", "feature_dim", "step"}. With several

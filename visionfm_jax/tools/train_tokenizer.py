@@ -52,10 +52,10 @@ def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
   flags.DEFINE_string("input", None, "Text file, one caption per line.", flag_values=fv)
-  flags.DEFINE_string("records", None, "Instead of --input: a glob (or a comma-separated list of globs) of ArrayRecord files "
-                      "of image-text pairs; trains on their captions.", flag_values=fv)
-  flags.DEFINE_string("tars", None, "Instead of --input: a glob (or a comma-separated list of globs) of img2dataset tars; "
-                      "trains on their .txt captions.", flag_values=fv)
+  flags.DEFINE_string("records", None, "Instead of --input: a glob (or a comma-separated list of globs) of "
+                      "ArrayRecord files of image-text pairs; trains on their captions.", flag_values=fv)
+  flags.DEFINE_string("tars", None, "Instead of --input: a glob (or a comma-separated list of globs) of img2dataset "
+                      "tars; trains on their .txt captions.", flag_values=fv)
   flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
                        "(at 32 px).", flag_values=fv)
   flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).", flag_values=fv)

@@ -619,8 +619,8 @@ def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), ste
   {path: model shape}) -> {path: array}` maps the checkpoint's params onto the model's first (init_from.adapt:
   prefixes, resized position embeddings).
 
-  Params whose path matches a `skip` regex (`param_rules`) keep their value in `target_params` (e.g. a new head). Missing,
-  unexpected or mis-shaped params are a CheckpointError that lists them.
+  Params whose path matches a `skip` regex (`param_rules`) keep their value in `target_params` (e.g. a new head).
+  Missing, unexpected or mis-shaped params are a CheckpointError that lists them.
   """
   path = epath.Path(os.path.expanduser(path))
   if not path.exists():

@@ -5,9 +5,9 @@
 over the steps whose update is applied: a step that applies none (an fp16 overflow, a skipped spike) leaves
 the EMA where it was, as it leaves the params. The plain decay, as NeMo's CLIP recipe (0.9999): no bias
 correction, because the average starts at the params, not at zero, so its weights sum to 1 from the first
-step (Adam's correction undoes a zero start); and no decay warmup, so that the average's horizon, 1 / (1 - d) steps, is the one configured
-(for the first ~1 / (1 - d) steps it still leans on the initial params; pick d with that horizon much shorter
-than the run). The EMA lives in fp32 in the train state, laid out as the optimizer state (as the params under
+step (Adam's correction undoes a zero start); and no decay warmup, so that the average's horizon, 1 / (1 - d) steps, is
+the one configured (for the first ~1 / (1 - d) steps it still leans on the initial params; pick d with that horizon much
+shorter than the run). The EMA lives in fp32 in the train state, laid out as the optimizer state (as the params under
 zero3, sharded over fsdp where zero1/zero2 replicate the params), is checkpointed with it, evaluated beside the params
 (`eval/ema/...`) and read by `init_from` (`config.init_from_ema`) and the tools (`--ema`).
 

@@ -243,8 +243,8 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, m
 
   Deterministic: every line used in order (no sampling or shuffling inside SentencePiece), and the file does
   not record where it was written, so the same lines and `num_threads` give the same bytes (SentencePiece's
-  threads split its work in fixed chunks: another thread count gives another, equally good, file). `vocab_size` is an upper bound
-  (a small corpus gives fewer pieces). `normalization` is a SentencePiece rule: nmt_nfkc_cf (NFKC + case
+  threads split its work in fixed chunks: another thread count gives another, equally good, file). `vocab_size` is an
+  upper bound (a small corpus gives fewer pieces). `normalization` is a SentencePiece rule: nmt_nfkc_cf (NFKC + case
   folding, the default), nmt_nfkc, nfkc, identity.
   """
   if model_type not in MODEL_TYPES:

@@ -62,8 +62,8 @@ links are treated as --format=folders treats them (--follow_links follows those 
 folder). A table's path whose folders resolve outside the table's folder (or --root=DIR: '..', an absolute path, a
 linked folder) is skipped as `outside_root`, as is a COCO or Visual Genome image outside --input (or --root). A
 pair listed before (the same file by any path, or with --holdout_examples one of equal bytes, with the same
-caption) is dropped and counted as `duplicate`, and every pair of one image lands in one split. No usable pair at all is an error naming
---input.
+caption) is dropped and counted as `duplicate`, and every pair of one image lands in one split. No usable pair at all is
+an error naming --input.
 
 dataset.json says per split which kind its records are: 'labelled' (folders), 'pairs' (captions; with the
 count of 'uncaptioned' records among them) or 'images' (image-only).
@@ -75,19 +75,21 @@ sidecar and each split of dataset.json count, under `small_images`, the images w
 from the header when they are not decoded) is below --min_side=M px (default: --resize_shorter; 0: no count); a
 nonzero count is also a warning line on the console: a recipe that reads them at M px upsamples them (e.g. LAION
 downloaded at img2dataset's default 256 px, for a 640 px stage). --min_side is not part of a shard's fingerprint:
-shards finished under another value are kept, and their images counted as `unmeasured`. Samples past data/limits.py's limits
-(decompression bombs, oversized files and captions, links (tar members, a tree's files), FIFOs and absolute or '..' member names) are
-left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
-`DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and
-`DIR/dataset.json` describes the data set (`records.write_metadata`), with per split written its shard index
-`DIR/<split>.shards.npy` (each shard's records, bytes and postscript digest: a training process opens no shard
-before it reads from it, and names one that changed since; data/sources/shard_index.py); train with
+shards finished under another value are kept, and their images counted as `unmeasured`. Samples past data/limits.py's
+limits (decompression bombs, oversized files and captions, links (tar members, a tree's files), FIFOs and absolute or
+'..' member names) are left out and counted per reason: `skipped_by` in each sidecar and split of dataset.json, and the
+summary line. Shards are written in parallel by --num_workers processes (0 or 1: in this process), as
+`DIR/<split>-NNNNN-of-NNNNN.array_record`, each with a small `<shard>.json` of its counts, and `DIR/dataset.json`
+describes the data set (`records.write_metadata`), with per split written its shard index `DIR/<split>.shards.npy` (each
+shard's records, bytes and postscript digest: a training process opens no shard before it reads from it, and names one
+that changed since; data/sources/shard_index.py); train with
 `--config.data.source='arrayrecord:DIR/{split}-*.array_record'`.
 
 Rerunning resumes: a shard whose file and `.json` exist and were written from the same inputs and options is
 kept. One run writes into an --output at a time (a lock file, `.prepare_data.lock`; a cluster task's own one):
 a second is an error naming the holder; shards are written via `<shard>.<pid>.tmp`. --format=folders refuses a tree
-whose images lie in one class folder. Prints one summary line; errors print one line naming the culprit and exit with status 2.
+whose images lie in one class folder. Prints one summary line; errors print one line naming the culprit and exit with
+status 2.
 
 Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `tools.cluster_task`)
 writes only the shards I, I + N, I + 2N, ... of the full list (--unlabelled: those of the top-level folders
@@ -184,7 +186,8 @@ def make_flags() -> flags.FlagValues:
                       "annotations name must resolve into (links included); default: the table's folder, --input.",
                       flag_values=fv)
   flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
-                      "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.", flag_values=fv)
+                      "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.",
+                      flag_values=fv)
   return fv
 
 

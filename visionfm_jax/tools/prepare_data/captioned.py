@@ -102,10 +102,9 @@ def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: 
   jobs = []
   for i in range(count):
     items = tuple(pairs[i * records_per_shard:(i + 1) * records_per_shard])
-    jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)),
-                         shards.fingerprint(input_format, options, input_dir, items, *(("root", confine),) * bool(root)),
-                         options, read_pairs, root=input_dir, items=items, captioned=True, min_side=min_side,
-                         confine=confine))
+    fingerprint = shards.fingerprint(input_format, options, input_dir, items, *(("root", confine),) * bool(root))
+    jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)), fingerprint, options,
+                         read_pairs, root=input_dir, items=items, captioned=True, min_side=min_side, confine=confine))
   shards.check_output(output_dir, "pairs", None, {split: shards.shard_names(jobs)})
   entry = shards.split_entry(shards.shard_names(jobs), shards.run_jobs(jobs, num_workers, progress), input_dir, None,
                              min_side)

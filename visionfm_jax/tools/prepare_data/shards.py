@@ -133,11 +133,11 @@ def finished_counts(path: str, shard_fingerprint: str) -> dict | None:
 
 def write_shard(job: ShardJob) -> dict:
   """Writes `job`'s shard (via `<shard>.<pid>.tmp`, a name no other writer shares; replacing an older shard) and
-  its sidecar, before the shard's rename: a finished shard always has the sidecar of its own write. Returns the sidecar's counts {records, skipped,
-  skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders: {label: count}) or uncaptioned
-  (webdataset: image-only records), filtered (with a score filter: {score: samples it rejected}), small_images
-  (with a min_side: {min_side, count: the stored images whose shorter side as given is below it}),
-  fingerprint}."""
+  its sidecar, before the shard's rename: a finished shard always has the sidecar of its own write. Returns the
+  sidecar's counts {records, skipped, skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders:
+  {label: count}) or uncaptioned (webdataset: image-only records), filtered (with a score filter: {score: samples it
+  rejected}), small_images (with a min_side: {min_side, count: the stored images whose shorter side as given is below
+  it}), fingerprint}."""
   # The shard first: without it, a stale sidecar counts for nothing.
   for stale in (job.path, records.sidecar_path(job.path), job.path + ".tmp"):
     if os.path.exists(stale):

@@ -65,7 +65,8 @@ def held_back_note() -> str:
   _held_back.clear()
   if not count:
     return ""
-  return f" (Orbax logged {count} error line{'s' if count > 1 else ''} about it; --verbose shows {'them' if count > 1 else 'it'})"
+  return (f" (Orbax logged {count} error line{'s' if count > 1 else ''} about it; "
+          f"--verbose shows {'them' if count > 1 else 'it'})")
 
 
 def _say_held_back() -> None:

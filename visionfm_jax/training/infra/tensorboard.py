@@ -80,7 +80,8 @@ def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
     tag, height, width, png = image
     encoded = (_varint(1 << 3) + _varint(height) + _varint(2 << 3) + _varint(width) + _varint(3 << 3) + _varint(3)
                + _length_delimited(4, png))
-    out += _length_delimited(5, _length_delimited(1, _length_delimited(1, tag.encode()) + _length_delimited(4, encoded)))
+    image_value = _length_delimited(1, tag.encode()) + _length_delimited(4, encoded)
+    out += _length_delimited(5, _length_delimited(1, image_value))
   if session_start:
     out += _length_delimited(7, _varint(1 << 3) + _varint(_SESSION_START))
   return out
