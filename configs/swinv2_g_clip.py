@@ -123,7 +123,14 @@ further ones.
 
 The demo: the `vit` demo's mu/4 tower at 32 px (an 8 x 8 position grid), 64 patches of 4 px an image, on the
 shapes widened or heightened to aspects from 1:2 to 2:1 (`shapes:mixed_aspect`), zero-shot at 64 and at 16 patches
-an image (`eval/zeroshot_16tok/top1`).
+an image (`eval/zeroshot_16tok/top1`). Expected (time: BENCHMARKS.md, "Time outside the step and trackers (CPU
+demo)"): zero-shot top-1 0.125 / 0.212 / 0.212 at steps 400 / 800 / 1200, 0.188 at 16 patches; i2t R@10 0.198. A ViT
+tower learns slowly with SigLIP's loss on this demo whatever its input: `demo,vit,siglip` on square shapes reaches
+0.152 at step 1200; at lr 1e-3 the mixed-aspect shapes cropped to central squares (`demo,vit,siglip
+--config.data.source=shapes:mixed_aspect`) reach 0.240 and NaFlex 0.191. With CLIP's loss
+(`--config.model.contrastive_loss=clip --config.model.logit_scale_init=2.659`) NaFlex reaches 0.334 and the cropped
+squares' ViT (`demo,vit` on shapes:mixed_aspect, a class token) 0.430: on shapes that a central square mostly holds
+whole, native aspect does not pay in 1200 steps; the demo shows the mechanism, not its gain.
 
 Variant `ft640`: the paper's final stage at 640 px, window 40, from a 224 px run (`--config.init_from=` its
 workdir). It takes that run's params only: init_from loads no train state, so the AdamW moments start at zero and
