@@ -77,6 +77,7 @@ def test_mixed_aspect_demo_batches_keep_each_images_aspect():
                                        process_count=1)
   batch = next(iter(loader))
   assert batch["image"].shape == (16, 65, 48)
+  assert config.data.augment.flip and "flip" not in batch  # flipped on the host, before the patches
   grids = naflex.grids(batch["image"])
   assert len({tuple(g) for g in grids}) >= 3 and np.all(np.prod(grids, axis=1) <= 64)
   for rows, columns in grids:  # each the aspect of a drawn image, within the rounding up to whole patches

@@ -59,14 +59,12 @@ def packed_shape(patch: int, max_tokens: int) -> tuple[int, int]:
   return (HEADER_ROWS + max_tokens, patch * patch * 3)
 
 
-def pack(image: np.ndarray, patch: int, max_tokens: int, flip: bool = False) -> np.ndarray:
+def pack(image: np.ndarray, patch: int, max_tokens: int) -> np.ndarray:
   """A uint8 (H, W, 3) image -> its packed NaFlex form (module docstring): resized bilinearly to its grid's
-  pixels (`grid_for_budget`), mirrored left-right with `flip`."""
+  pixels (`grid_for_budget`)."""
   rows, columns = grid_for_budget(image.shape[0], image.shape[1], patch, max_tokens)
   size = (columns * patch, rows * patch)
   resized = image if image.shape[1::-1] == size else np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
-  if flip:
-    resized = resized[:, ::-1]
   out = np.zeros(packed_shape(patch, max_tokens), np.uint8)
   out[0, :4] = (rows & 255, rows >> 8, columns & 255, columns >> 8)
   out[HEADER_ROWS:HEADER_ROWS + rows * columns] = patchify(np.ascontiguousarray(resized), patch)
@@ -113,7 +111,7 @@ def _jnp():
 
 
 class Patches(grain.transforms.Map):
-  """record['image'] (uint8 H x W x 3, any size) -> its packed NaFlex form (`pack`): evaluation, at native aspect."""
+  """record['image'] (uint8 H x W x 3, any size) -> its packed NaFlex form (`pack`), at native aspect."""
 
   def __init__(self, patch: int, max_tokens: int):
     self.patch, self.max_tokens = check(patch, max_tokens)
@@ -121,19 +119,6 @@ class Patches(grain.transforms.Map):
   def map(self, element: dict) -> dict:
     image = element["image"]
     return element if image is None else {**element, "image": pack(image, self.patch, self.max_tokens)}
-
-
-class RandomPatches(grain.transforms.RandomMap):
-  """`Patches` in training, with a left-right flip of probability 1/2 when `flip` (on the host: a flip of a packed
-  image is not a flip of its rows)."""
-
-  def __init__(self, patch: int, max_tokens: int, flip: bool):
-    self.patch, self.max_tokens = check(patch, max_tokens)
-    self.flip = bool(flip)
-
-  def random_map(self, element: dict, rng: np.random.Generator) -> dict:
-    flip = self.flip and bool(rng.integers(0, 2))
-    return {**element, "image": pack(element["image"], self.patch, self.max_tokens, flip)}
 
 
 def settings(data_cfg) -> tuple[int, int] | None:
@@ -148,8 +133,8 @@ def train_transforms(data_cfg, example) -> list:
   """The training ops of NaFlex inputs: decode, the packed image at native aspect (flipped on the host when
   config.data.augment.flip), then `example` (the record -> example op)."""
   patch, max_tokens = settings(data_cfg)
-  return [host.Decode(), host.MarkUndecodable(patch), RandomPatches(patch, max_tokens, data_cfg.augment.flip),
-          example]
+  flip = [host.RandomFlip(on_device=False)] if data_cfg.augment.flip else []  # a packed image has no rows to mirror
+  return [host.Decode(), host.MarkUndecodable(patch), *flip, Patches(patch, max_tokens), example]
 
 
 def check(patch: int, max_tokens: int) -> tuple[int, int]:
