@@ -58,8 +58,9 @@ count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples o
 
 Evaluation: ImageNet zero-shot top-1 (`eval/zeroshot/top1`, all 50,000 validation images, 80 templates), and
 retrieval R@1/5/10 as papers report it, on COCO's Karpathy 5k test split and Flickr30k's 1k test split with every
-caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as docs/data_preparation.md places
-them under /data/coco and /data/flickr30k; `--config.eval.retrieval_benchmarks="()"` leaves them out).
+caption of each image (`eval/coco_retrieval/*`, `eval/flickr30k_retrieval/*`; the files as
+docs/data_preparation.md places them under /data/coco and /data/flickr30k;
+`--config.eval.retrieval_benchmarks="()"` leaves them out).
 
 Variant `vit`: a ViT image tower in place of SwinV2-G (B/16; tools.import_hf prints the fields of an imported
 OpenAI or LAION CLIP over it, with `--config.init_from=` the imported directory).
@@ -237,10 +238,11 @@ def get_config(arg: str | None = None):
   # held-out pairs and on the papers' benchmarks
   set_fields(config.eval, zeroshot_classes="imagenet", zeroshot_source="tfds:imagenet2012",
              zeroshot_split="validation", zeroshot_examples=-1)
-  # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption (docs/data_preparation.md)
+  # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption
+  # (docs/data_preparation.md)
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
-  # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand (docs/data_preparation.md, "Zero-shot
-  # benchmarks"), a missing folder would stop the run at start-up
+  # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand
+  # (docs/data_preparation.md, "Zero-shot benchmarks"), a missing folder would stop the run at start-up
   # optimiser: AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0
   set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0,
              clip_norm=1.0)

@@ -163,7 +163,8 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   with parallel.activation_sharding(mesh):
     (want_loss, aux), want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng), has_aux=True))(params)
-    got, got_loss, _ = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, None))(params)
+    two_pass = lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, None)  # noqa: E731
+    got, got_loss, _ = jax.jit(two_pass)(params)
   assert float(aux["train/logit_bias"]) == -3.0
   np.testing.assert_allclose(want_loss, single_device_loss(params, batch), rtol=1e-5)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-5)

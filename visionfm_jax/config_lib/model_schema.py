@@ -12,7 +12,8 @@ from visionfm_jax.errors import ConfigError
 
 # Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
 # so that config_lib itself needs no jax.
-REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable", "everything_saveable")
+REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
+                  "everything_saveable")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
 # The contrastive losses of a CLIP model (losses/image_text.py): CLIP's softmax over the batch, SigLIP's sigmoid
 # per pair.
@@ -29,7 +30,8 @@ BACKBONE = dict(
     num_classes=Field(1000, Domain(0, integer=True, extra=(SIZED,), note="0: no head; -1: the training data's "
                                    "class count, from its dataset.json"), "classes of the classification head"),
     image_size=Field(224, COUNT, "input side in px"),
-    drop_path=Field(0.0, RATE, "stochastic depth: the drop rate of the last block, rising linearly from 0 at the first"),
+    drop_path=Field(0.0, RATE, "stochastic depth: the drop rate of the last block, rising linearly from 0 at the "
+                               "first"),
     dropout=Field(0.0, RATE, "dropout in the blocks"),
     head_bias_init=Field(0.0, doc="initial bias of the classification head's logits"),
     scan=Field(True, doc="the repeated blocks as one nn.scan (compile time independent of depth); False unrolls them"),
@@ -92,8 +94,8 @@ BACKBONES = {"vit": VIT, "swinv2": SWINV2}
 
 def model_rows(name: str, *, image_tower: str = "swinv2") -> dict:
   """The rows of `config.model` of family `name`. 'clip' nests the image tower's (`image_tower`: swinv2 | vit)
-  under `image` and the text tower's under `text`; its top-level image_size, scan, scan_unroll and remat_policy apply to both
-  towers (models/clip.py)."""
+  under `image` and the text tower's under `text`; its top-level image_size, scan, scan_unroll and remat_policy
+  apply to both towers (models/clip.py)."""
   rows = {"name": Field(name, doc=f"the model family: {' | '.join(FAMILIES)} (models/<name>.py build)")}
   if name in BACKBONES:
     return {**rows, **BACKBONE, **BACKBONES[name]}

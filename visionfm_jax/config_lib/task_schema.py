@@ -63,7 +63,8 @@ EVAL = dict(
     retrieval=Field(True, doc="R@1/5/10 on the first data.eval_examples pairs of data.eval_split"),
     retrieval_benchmarks=Field((), doc="((name, spec), ...): retrieval with every caption of each image, e.g. "
                                "(('coco', 'coco_karpathy:/data/coco'), ('flickr30k', 'flickr30k:/data/flickr30k')); "
-                               "specs in data/text/caption_sets.py, metrics eval/<name>_retrieval/i2t_r1, ...; () = none"),
+                               "specs in data/text/caption_sets.py, metrics eval/<name>_retrieval/i2t_r1, ...; "
+                               "() = none"),
     zeroshot_benchmarks=Field((), doc="((name, spec), ...): zero-shot classification on further labelled sets with "
                               "OpenAI's names and templates, e.g. (('imagenet_r', 'imagenet_r:/data/imagenet-r'), "
                               "('imagenetv2', 'imagenetv2:/data/imagenetv2')); specs of ImageNet's variants in "

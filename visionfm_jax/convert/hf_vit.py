@@ -131,8 +131,8 @@ def export_notes(model: vit.ViT) -> list[str]:
 def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
-  or unrolled) does (a ViT without a class token: a Siglip2VisionModel, hf_siglip2.to_hf): `hf_config` picks the architecture; `labels` names the classes of a head; the notes
-  say what it leaves out (`export_notes`)."""
+  or unrolled) does (a ViT without a class token: a Siglip2VisionModel, hf_siglip2.to_hf): `hf_config` picks the
+  architecture; `labels` names the classes of a head; the notes say what it leaves out (`export_notes`)."""
   if not model.class_token:  # SigLIP's tower
     return hf_siglip2.to_hf(model, params, labels)
   cfg = hf_config(model, labels)

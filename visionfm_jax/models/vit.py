@@ -1,11 +1,11 @@
 """Vision Transformer (Dosovitskiy et al. 2021): the ViT family Ti..G with any patch size.
 
-Pre-norm blocks `x + attn(LN(x))`, `x + mlp(LN(x))`, a learned class token and position embedding, a final
-LayerNorm, class-token (or mean, or SigLIP's attention-pooling MAP head) pooling and an optional linear head. CLIP's image tower (Radford et al. 2021)
-is this ViT with `pre_norm` (a LayerNorm on the embedded tokens before the blocks), `patch_bias=False` and, in
-OpenAI's checkpoints, `act='quick_gelu'`; its post-LayerNorm on the class token is our final norm. `__call__` returns a dict with
-`tokens` (after the final norm), `pooled` and, with a head, `logits`. SigLIP's tower (Zhai et al. 2023) has no class
-token (`class_token=False`) and pools with a MAP head (`pool='map'`).
+Pre-norm blocks `x + attn(LN(x))`, `x + mlp(LN(x))`, a learned class token and position embedding, a final LayerNorm,
+class-token (or mean, or SigLIP's attention-pooling MAP head) pooling and an optional linear head. CLIP's image tower
+(Radford et al. 2021) is this ViT with `pre_norm` (a LayerNorm on the embedded tokens before the blocks),
+`patch_bias=False` and, in OpenAI's checkpoints, `act='quick_gelu'`; its post-LayerNorm on the class token is our final
+norm. `__call__` returns a dict with `tokens` (after the final norm), `pooled` and, with a head, `logits`. SigLIP's
+tower (Zhai et al. 2023) has no class token (`class_token=False`) and pools with a MAP head (`pool='map'`).
 
 NaFlex (SigLIP 2, Tschannen et al. 2025): given {'patches': (B, N, p*p*3), 'grid': int32 (B, 2)} in place of images
 (data/transforms/naflex.py makes them), each image is its grid's first rows * columns patch rows, row-major; the
@@ -310,8 +310,9 @@ def build(model_cfg, dtype) -> ViT:
   fields = {f.name for f in dataclasses.fields(ViT)}
   kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 pool=check_pool(model_cfg.pool, model_cfg.get("class_token", True)),
-                class_token=model_cfg.get("class_token", True), drop_path=model_cfg.drop_path, dropout=model_cfg.dropout,
-                layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
+                class_token=model_cfg.get("class_token", True), drop_path=model_cfg.drop_path,
+                dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias,
+                head_bias_init=model_cfg.head_bias_init, dtype=dtype,
                 scan=model_cfg.scan, scan_unroll=model_cfg.get("scan_unroll", 1),
                 remat_policy=model_cfg.remat_policy, attention=model_cfg.attention, pre_norm=model_cfg.pre_norm,
                 patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act),
@@ -389,7 +390,8 @@ def from_checkpoint_fields(fields: dict[str, Any]) -> ViT:
   return ViT(width=fields["width"], depth=fields["depth"], mlp_dim=fields["mlp_dim"], num_heads=fields["heads"],
              patch_size=fields["patch"], image_size=fields["image_size"], num_classes=fields["num_classes"] or 0,
              layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"], qkv_bias=fields["qkv_bias"],
-             pool=fields["pool"], **{k: fields[k] for k in ("pre_norm", "patch_bias", "act", "class_token") if k in fields})
+             pool=fields["pool"],
+             **{k: fields[k] for k in ("pre_norm", "patch_bias", "act", "class_token") if k in fields})
 
 
 FAMILY = backbone.Family(
