@@ -2,9 +2,10 @@
 own (as the tools compute them) on images of another size, viewed as its evaluation views them; zero-shot ranks the
 given class names by those embeddings, embedding a class set once; a classifier's classes are its logits' argmax as
 tools.evaluate computes them, and its logits the task's; a call is padded to the smallest batch bucket that holds
-it; EMA params on request; one clear error for a bad path or a question the task cannot answer; the module's
-notebook example runs as written; `dir(visionfm_jax)` offers `load` before JAX is imported; bench.notebook times
-it."""
+it; a NaFlex SigLIP's images go in as its evaluation packs them, at native aspect within its training token budget
+or the one given to `load`; EMA params on request; one clear error for a bad path or a question the task cannot
+answer; the module's notebook example runs as written; `dir(visionfm_jax)` offers `load` before JAX is imported;
+bench.notebook times it."""
 
 import json
 import re
@@ -22,6 +23,7 @@ from visionfm_jax import tasks
 from visionfm_jax.bench import notebook
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import UserError
 from visionfm_jax.evaluate import zeroshot
 from visionfm_jax.models import generate
@@ -29,7 +31,7 @@ from visionfm_jax.trained import loader
 from visionfm_jax.trained import model as trained_model
 from visionfm_jax.training import checkpoint, ema
 
-from conftest import ROOT, tiny_aurora_config, tiny_clip_config, tiny_vit_config
+from conftest import ROOT, override, tiny_aurora_config, tiny_clip_config, tiny_vit_config
 from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
 
 STEP = 2
@@ -66,6 +68,16 @@ def clip(tmp_path_factory):
 @pytest.fixture(scope="module")
 def vit(tmp_path_factory):
   return _workdir(tmp_path_factory.mktemp("vit"), tiny_vit_config(), with_ema=True)
+
+
+@pytest.fixture(scope="module")
+def naflex_siglip(tmp_path_factory):
+  """A SigLIP of a NaFlex ViT tower (configs/swinv2_g_clip.py:demo,naflex) at test_naflex_siglip2's size."""
+  from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
+  config = override(swinv2_g_clip.get_config("demo,naflex"), **{
+      "model.image.variant": "32x1x64x2/4", "model.text.variant": "32x1x128x2", "model.embed_dim": 32,
+      "model.image_size": 16, "data.image_size": 16, "data.naflex.max_tokens": 24})
+  return _workdir(tmp_path_factory.mktemp("naflex"), config)
 
 
 def _shapes_images(count, size=24):
@@ -159,6 +171,35 @@ def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
                                                                                    _eval_view(task, images))
   assert [row[0][0] for row in averaged.classify(images)] == [averaged.class_names[i]
                                                                 for i in np.argmax(expected, -1)]
+
+
+def test_a_naflex_siglip_sees_images_at_their_aspect_within_a_token_budget(naflex_siglip, clip):
+  path, task, params, _ = naflex_siglip
+  rng = np.random.default_rng(0)
+  images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((20, 50), (44, 17), (16, 16))]
+  model = visionfm_jax.load(path, batch_size=8)
+  assert model.max_tokens == 24  # the run's training budget
+  packed = np.stack([naflex.pack(image, 4, 24) for image in images])  # as its zero-shot evaluation packs them
+  np.testing.assert_array_equal(model.preprocess(images), packed)
+  expected = jax.jit(task.embed_images)(params, packed)
+  np.testing.assert_allclose(model.encode_image(images), expected, rtol=1e-5, atol=1e-5)
+  names = ["circle", "square"]
+  cosines = expected @ model.class_embeddings(names, ["{}"]).T
+  top = model.zero_shot(images, names, templates=["{}"], top_k=1)
+  assert [row[0][0] for row in top] == [names[j] for j in np.argmax(cosines, -1)]
+  scale, bias = float(np.exp(params["logit_scale"])), float(params["logit_bias"])
+  np.testing.assert_allclose(model.logits(images, names, ["{}"]), cosines * scale + bias, rtol=1e-5, atol=1e-5)
+  assert model.features(images).shape == (3, 32)
+
+  small = visionfm_jax.load(path, max_tokens=6)  # another budget: fewer patches, each image still at its aspect
+  assert naflex.grids(small.preprocess(images)).tolist() == [[2, 3], [3, 2], [2, 2]]
+  np.testing.assert_allclose(small.encode_image(images[:1]),
+                             jax.jit(task.embed_images)(params, naflex.pack(images[0], 4, 6)[None]), atol=1e-5)
+  for budget in (0, 2 ** 16):
+    with pytest.raises(UserError, match=f"^max_tokens={budget}: expected 1 .. 65535"):
+      visionfm_jax.load(path, max_tokens=budget)
+  with pytest.raises(UserError, match="max_tokens=6: .* takes square images"):
+    visionfm_jax.load(clip[0], max_tokens=6)
 
 
 def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # noqa: F811

@@ -12,7 +12,10 @@ directory (trained/loader.py reads all three), with what its task supports:
   caption(images, beam_size=1)           one caption per image (Aurora)
 
 Images are uint8 HxWx3 arrays (one, a list, or an NHWC batch), PIL images or image files, viewed as the run's
-evaluation views them (config.data.eval_preprocess, data/transforms/host.py's EvalTransform). Every call runs
+evaluation views them (config.data.eval_preprocess, data/transforms/host.py's EvalTransform); a NaFlex run's
+(config.data.naflex) as its zero-shot evaluation packs them: each whole, at its aspect, as the largest patch grid
+within `max_tokens` patches (data/transforms/naflex.py), the run's training budget unless `load` is given another
+(`load(path, max_tokens=64)`; a model per budget, each compiling its own). Every call runs
 jitted, split over all of JAX's devices with the params replicated (the model must fit on one device), in batches
 of `batch_size`; a smaller call (or the rest of a larger one) is padded up to the smallest of BATCH_BUCKETS that
 holds it, so that one image runs a batch of one (of one per device) and each bucket compiles once, on its first
@@ -51,7 +54,8 @@ from PIL import Image
 
 from visionfm_jax import data, parallel
 from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.errors import UserError
+from visionfm_jax.data.transforms import naflex
+from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.evaluate import panels, probe, zeroshot
 from visionfm_jax.models import generate
 from visionfm_jax.trained import loader
@@ -67,18 +71,35 @@ def _all_devices_mesh() -> Mesh:
   return Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)
 
 
-def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64) -> TrainedModel:
+def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64,
+         max_tokens: int | None = None) -> TrainedModel:
   """The model at `path` (module docstring) as a TrainedModel: a training workdir of any task (its newest
   checkpoint, or `step`; the EMA of its params with `ema=True`), a tools.import_hf CLIP directory or a
   transformers CLIPModel directory. `batch_size`: the most images (or texts) run at once; smaller calls run in
-  the smallest of BATCH_BUCKETS that holds them. UserError naming the path for anything else, CheckpointError for
-  a damaged checkpoint."""
+  the smallest of BATCH_BUCKETS that holds them. `max_tokens`: a NaFlex model's patches an image (its training
+  budget, config.data.naflex.max_tokens, by default). UserError naming the path for anything else (or the
+  argument: `max_tokens` for a model of square images), CheckpointError for a damaged checkpoint."""
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   mesh = _all_devices_mesh()
   loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema)
-  return TrainedModel(loaded, mesh, batch_size)
+  return TrainedModel(loaded, mesh, batch_size, _token_budget(loaded, max_tokens))
+
+
+def _token_budget(loaded: loader.Loaded, max_tokens: int | None) -> int | None:
+  """The patches an image of a NaFlex model (`max_tokens`, else its training budget); None for square images."""
+  if loaded.task.naflex is None:
+    if max_tokens is not None:
+      raise UserError(f"max_tokens={max_tokens}: the model at {loaded.origin} takes square images (its config has "
+                      "no data.naflex); give no max_tokens")
+    return None
+  if max_tokens is None:
+    return loaded.task.naflex[1]
+  try:
+    return naflex.check(loaded.task.naflex[0], max_tokens)[1]
+  except ConfigError as e:  # naflex.check's range, said of the argument rather than of the config field
+    raise UserError(str(e).replace("config.data.naflex.max_tokens", "max_tokens", 1)) from e
 
 
 def batch_buckets(batch_size: int, devices: int) -> tuple[int, ...]:
@@ -91,11 +112,13 @@ def batch_buckets(batch_size: int, devices: int) -> tuple[int, ...]:
 class TrainedModel:
   """A task and its params, answering what the task supports (module docstring); `task`, `params`, `config`,
   `path` and `step` (a workdir's checkpoint, else None) are the loaded model's, `buckets` the batch sizes its calls
-  are padded to and `batch_size` the largest."""
+  are padded to and `batch_size` the largest; `max_tokens` a NaFlex model's patches an image (None: square
+  images)."""
 
-  def __init__(self, loaded: loader.Loaded, mesh: Mesh, batch_size: int):
+  def __init__(self, loaded: loader.Loaded, mesh: Mesh, batch_size: int, max_tokens: int | None = None):
     self.task, self.params, self.path, self.step = loaded.task, loaded.params, loaded.origin, loaded.step
     self.config = self.task.config
+    self.max_tokens = max_tokens
     self.buckets = batch_buckets(batch_size, mesh.size)
     self.batch_size = self.buckets[-1]
     self._batch_sharding = parallel.batch_sharding(mesh)
@@ -103,7 +126,9 @@ class TrainedModel:
 
   def __repr__(self) -> str:
     step = f", step={self.step}" if self.step is not None else ""
-    return f"TrainedModel(task={self.config.task!r}, model={self.config.model.name!r}, path={self.path!r}{step})"
+    tokens = f", max_tokens={self.max_tokens}" if self.max_tokens else ""
+    return (f"TrainedModel(task={self.config.task!r}, model={self.config.model.name!r}, path={self.path!r}{step}"
+            f"{tokens})")
 
   # ------------------------------------------------------------------------------------------ what it answers
 
@@ -183,7 +208,11 @@ class TrainedModel:
     return captions
 
   def preprocess(self, images) -> np.ndarray:
-    """`images` (module docstring) -> (N, S, S, 3) uint8, as the run's evaluation views them."""
+    """`images` (module docstring) -> (N, S, S, 3) uint8, as the run's evaluation views them; a NaFlex model's
+    packed, (N, 1 + max_tokens, p*p*3) uint8 (naflex.pack), each decoded whole as its evaluation decodes it."""
+    if self.max_tokens:
+      patches = naflex.Patches(self.task.naflex[0], self.max_tokens)
+      return np.stack([patches.map({"image": _rgb(image, 0)})["image"] for image in _image_list(images)])
     size, view = self.config.data.image_size, self.config.data.get("eval_preprocess", "inception")
     transform = transforms.EvalTransform(size, view)
     return np.stack([transform.map({"image": _rgb(image, transforms.eval_decode_side(size, view))})["image"]
