@@ -344,6 +344,12 @@ def test_cli_errors(clip, inputs, tmp_path, capsys):
   assert "--threshold: required" in error(threshold=None)
   assert "holds input files" in error(output=directory)
   assert not os.path.exists(tmp_path / "out")
+  theirs = tmp_path / "theirs"  # a folder of the user's: nothing in it is replaced
+  theirs.mkdir()
+  (theirs / "dataset.json").write_text("mine")
+  assert "--output=" + str(theirs) + ": holds dataset.json, which filter_clip_score did not write" in error(
+      output=theirs)
+  assert os.listdir(theirs) == ["dataset.json"] and (theirs / "dataset.json").read_text() == "mine"
   # As a program: a missing workdir is one line on stderr and status 2.
   missing = tmp_path / "no_such_workdir"
   result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.filter_clip_score", f"--checkpoint={missing}",

@@ -66,6 +66,7 @@ from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
+from visionfm_jax.tools import output_folder
 from visionfm_jax.trained import clip_config, loader
 
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
@@ -373,6 +374,9 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
+TOOL = "filter_clip_score"  # its name in the output folder's marker (tools/output_folder.py)
+
+
 def input_files(pattern: str, output: str) -> list[str]:
   """The sorted files matching --input; UserError when none do, or when their outputs would collide with
   each other or overwrite them."""
@@ -402,7 +406,9 @@ def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size
     raise UserError(f"--batch_size={batch_size}: must be positive")
   output = os.path.expanduser(output)
   files = input_files(pattern, output)
+  output_folder.check(output, TOOL, None, files, "--output")  # before the slow work; created once it succeeds
   scorer = load_scorer(workdir, step, batch_size, draft_decode)
+  output_folder.claim_in_place(output, TOOL, reads=files, flag="--output")
   filter_files(scorer, files, output, threshold, process_index=jax.process_index(),
                process_count=jax.process_count(), progress=progress)
   if jax.process_count() > 1:
