@@ -119,9 +119,9 @@ def get_config(arg: str | None = None):
 
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
   # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
-  # headroom (46.1 GiB per device in the CPU compiler's plan, 21% fewer FLOPs than nothing_saveable; BENCHMARKS.md,
-  # "The planner picks the cheapest setup that fits"; XLA's GPU plan for 64 A100s: 42.0 GiB, 74.7 GiB with the
-  # unreduced accumulation below)
+  # headroom, of fewer FLOPs than nothing_saveable (the CPU compiler's plan: BENCHMARKS.md, "The planner picks the
+  # cheapest setup that fits"; XLA's GPU plan for 64 A100s, with and without the unreduced accumulation below: "The
+  # recipes on their clusters")
   set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
   # poolers and decoder: a 1024-d contrastive embedding, 256 caption queries, 16 decoder layers
@@ -154,8 +154,8 @@ def get_config(arg: str | None = None):
              clip_norm=1.0)
   # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps; each GPU sums its own gradients
   # over the 8 micro-batches (fp32, unreduced) and the step reduce-scatters them once, not in every micro-batch:
-  # predicted 11.21 s a step instead of 13.20 (1.15 s of collectives exposed instead of 4.74) for 74.7 GiB per
-  # A100 instead of 42.0 (BENCHMARKS.md, "The recipes on their clusters")
+  # a shorter predicted step and fewer exposed collectives for more memory per A100 (BENCHMARKS.md, "The recipes on
+  # their clusters", the rows with and without --config.accumulate_unreduced=False)
   set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000,
              accumulate_unreduced=True)
   config.precision.compute_dtype = "bfloat16"

@@ -220,7 +220,7 @@ def get_config(arg: str | None = None):
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
   # remat keeping the weight matmuls' outputs, and 2 micro-batches of 16,384 (the loss still spans all 32,768):
-  # 64.0 GiB per GPU in XLA's GPU plan for 128 A100 80GB with cuDNN attention (the module docstring's command)
+  # it fits 128 A100 80GB in XLA's GPU plan with cuDNN attention (BENCHMARKS.md, "The recipes on their clusters")
   set_fields(config.model, image_size=224, embed_dim=1024, remat_policy="dots_with_no_batch_dims_saveable")
   set_fields(config.model.image, variant="G", window_size=14, drop_path=0.2)
   # text tower: 'H' (24 layers, width 1024, 16 heads), 77 tokens, SentencePiece 32k
@@ -369,9 +369,9 @@ def _ft640(config, demo: bool):
     config.model.image_size = config.data.image_size = 640
     config.global_batch_size = 8192
     # 8 micro-batches of 1024 (8 images per device; the contrastive loss and Mixup still span all 8192,
-    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: 53.9 GiB per A100 in the GPU
-    # compiler's plan with cuDNN attention (the module docstring gives the command), against 357 GiB unsplit in
-    # the CPU compiler's
+    # tasks/contrastive.py) and remat keeping the weight matmuls' outputs: it fits an A100 in the GPU compiler's
+    # plan with cuDNN attention (BENCHMARKS.md, "The recipes on their clusters"), against 357 GiB unsplit in the
+    # CPU compiler's
     config.grad_accum_steps = 8
     config.model.remat_policy = "dots_with_no_batch_dims_saveable"
     config.total_steps = 20_000

@@ -1,7 +1,8 @@
 """Each measured or predicted figure is said once, in a ledger: BENCHMARKS.md (the current figures, at most 300 lines:
 what a newer run supersedes is git's history), docs/tried_and_dropped.md (the options measured and not adopted) or
-BUILD.md's "Tested" (the test suite's runs). README.md, the other docs/**/*.md and the module docstrings of
-configs/*.py point at a ledger's section instead of restating its figure, so that a re-plan edits one file.
+BUILD.md's "Tested" (the test suite's runs). README.md, the other docs/**/*.md and the module docstrings and
+comments of configs/*.py point at a ledger's section instead of restating its figure, so that a re-plan edits one
+file.
 
 A figure, narrowly (so that no plain number is one):
 - a number with a decimal point or a thousands separator followed by a unit: ms, s, GiB, GB, MiB, MB, TB, img/s
@@ -19,6 +20,7 @@ import ast
 import decimal
 import pathlib
 import re
+import tokenize
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BENCHMARKS = ROOT / "BENCHMARKS.md"
@@ -89,6 +91,13 @@ def docstring_of(path: pathlib.Path) -> tuple[str, int]:
   return node.value.value, node.lineno
 
 
+def comments_of(path: pathlib.Path) -> list[tuple[str, int]]:
+  """Each `# ...` comment of a module and its line."""
+  with tokenize.open(path) as source:
+    return [(token.string, token.start[0]) for token in tokenize.generate_tokens(source.readline)
+            if token.type == tokenize.COMMENT]
+
+
 def documents() -> list[tuple[pathlib.Path, str, int, bool]]:
   """(path, text, first line, is a recipe docstring) for every place that points at a ledger."""
   found = [(path, path.read_text(encoding="utf-8"), 1, False)
@@ -96,6 +105,7 @@ def documents() -> list[tuple[pathlib.Path, str, int, bool]]:
   for path in sorted((ROOT / "configs").glob("*.py")):
     text, line = docstring_of(path)
     found.append((path, text, line, True))
+    found.extend((path, comment, line, False) for comment, line in comments_of(path))
   return found
 
 
