@@ -8,7 +8,9 @@ answer; the module's notebook example runs as written; `dir(visionfm_jax)` offer
 bench.notebook times it."""
 
 import json
+import logging
 import re
+import shutil
 import subprocess
 import sys
 
@@ -243,6 +245,34 @@ def test_bad_paths_give_one_error_naming_them(tmp_path, clip):
   (tmp_path / "notes.png").write_text("not an image")
   with pytest.raises(UserError, match=f"cannot decode {re.escape(str(tmp_path / 'notes.png'))}"):
     model.encode_image([str(tmp_path / "notes.png")])
+
+
+def _with_fields_dropped(workdir, directory, *paths):
+  """A copy of `workdir` in `directory` whose config.json lacks the dotted `paths`."""
+  shutil.copytree(workdir, directory)
+  fields = json.loads((directory / "config.json").read_text())
+  for path in paths:
+    *parents, leaf = path.split(".")
+    node = fields
+    for parent in parents:
+      node = node[parent]
+    del node[leaf]
+  (directory / "config.json").write_text(json.dumps(fields))
+  return str(directory)
+
+
+def test_a_config_saved_before_its_fields_existed_loads_at_their_defaults(tmp_path, clip, caplog):
+  dropped = ("model.scan_unroll", "model.contrastive_loss", "eval.zeroshot_templates", "data.naflex")
+  old = _with_fields_dropped(clip[0], tmp_path / "old", *dropped)
+  caplog.set_level(logging.INFO)
+  image = _shapes_images(1)[0]
+  np.testing.assert_allclose(visionfm_jax.load(old).encode_image(image),
+                             visionfm_jax.load(clip[0]).encode_image(image), atol=1e-6)
+  filled = [r.getMessage() for r in caplog.records if "written before they existed" in r.getMessage()]
+  assert len(filled) == 1 and all(path in filled[0] for path in dropped), filled
+  nameless = _with_fields_dropped(clip[0], tmp_path / "nameless", "model.name")
+  with pytest.raises(UserError, match=re.escape(f"{nameless}/config.json: no model.name")):
+    visionfm_jax.load(nameless)
 
 
 def _example_lines() -> str:

@@ -54,6 +54,7 @@ from visionfm_jax.config_lib.schema import (
                                              TRACKERS,
                                              ZERO_STAGES,
                                              base_config,
+                                             complete,
                                              config_rows,
                                              fields,
                                              head_config,

@@ -289,6 +289,23 @@ def schema_of(config) -> dict:
   return config_rows(rows_of_model(config["model"]), config.get("task", RUN["task"].default))
 
 
+def complete(config: ml_collections.ConfigDict) -> list[str]:
+  """Fills, in place, every field of `config`'s schema (`schema_of`) that `config` lacks (a config saved before the
+  field existed) with its row's default; the dotted paths filled, a whole missing section by its own path."""
+  return _fill(config, defaults(schema_of(config)), "")
+
+
+def _fill(node: ml_collections.ConfigDict, default: ml_collections.ConfigDict, prefix: str) -> list[str]:
+  filled = []
+  for key, value in default.items():
+    if key not in node:
+      node[key] = value
+      filled.append(prefix + key)
+    elif isinstance(value, ml_collections.ConfigDict) and isinstance(node[key], ml_collections.ConfigDict):
+      filled += _fill(node[key], value, f"{prefix}{key}.")
+  return filled
+
+
 def base_config(model: str = "vit", task: str = RUN["task"].default) -> ml_collections.ConfigDict:
   """Defaults shared by every recipe, one section after another; `model` picks the family whose `config.model`
   fields it carries, `task` the task and the sections it adds (TASK_SECTIONS: a dense task's head, Aurora's loss

@@ -125,7 +125,7 @@ def zeroshot_classes(eval_cfg, data_cfg) -> tuple[list[str], list[str]] | None:
     raise ConfigError(f"{CLASSES_FIELD}={value!r}: no such file; expected one of {', '.join(ZEROSHOT_SETS)}, "
                       f"{FROM_DATA!r} (the class names of the labelled eval data) or a text file of class names, "
                       f"one per line")
-  templates_path = eval_cfg.get("zeroshot_templates", "")  # absent in older configs: the set's own
+  templates_path = eval_cfg.zeroshot_templates
   if templates_path:
     templates = read_templates(templates_path)
   return names, templates or class_names_and_templates("imagenet")[1]
@@ -291,14 +291,14 @@ def check_benchmarks(benchmarks) -> None:
 
 def benchmark_evaluators(eval_cfg, data_cfg, score: TopKEvaluator, embeddings: ClassEmbeddings,
                          ctx) -> dict[str, Callable]:
-  """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`; absent
-  in older configs: none), scored by `score` (`scorer`'s) against class embeddings from `embeddings`. The
-  sources are opened now, so that a missing set stops a run at start-up."""
-  benchmarks = eval_cfg.get("zeroshot_benchmarks", ())
+  """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`), scored
+  by `score` (`scorer`'s) against class embeddings from `embeddings`. The sources are opened now, so that a missing
+  set stops a run at start-up."""
+  benchmarks = eval_cfg.zeroshot_benchmarks
   check_benchmarks(benchmarks)
   if not benchmarks:
     return {}
-  template_set = eval_cfg.get("zeroshot_benchmark_templates", "imagenet")
+  template_set = eval_cfg.zeroshot_benchmark_templates
   if template_set not in ("imagenet", "imagenet_simple"):
     raise ConfigError(f"config.eval.zeroshot_benchmark_templates={template_set!r}: expected 'imagenet' (OpenAI's "
                       f"80 templates) or 'imagenet_simple' (8 of them)")

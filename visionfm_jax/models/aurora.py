@@ -278,7 +278,7 @@ def build(model_cfg, dtype) -> Aurora:
     raise ValueError(f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride "
                      f"{encoder.output_stride} "
                      "(the MIM head predicts stride x stride pixels per final token)")
-  unroll = model_cfg.get("scan_unroll", 1)
+  unroll = model_cfg.scan_unroll
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
                         remat_policy=model_cfg.remat_policy, scan_unroll=unroll)
   decoder = MultimodalDecoder(depth=model_cfg.decoder_depth, num_heads=text.num_heads, mlp_dim=text.mlp_dim,

@@ -100,15 +100,14 @@ def build(model_cfg, dtype) -> CLIP:
   except ValueError as e:
     raise ValueError(f"image: {e}") from e
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.get("scan_unroll", 1))
+                        remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.scan_unroll)
   return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init,
               logit_bias_init=model_cfg.logit_bias_init if uses_siglip(model_cfg) else None)
 
 
 def uses_siglip(model_cfg) -> bool:
-  """Whether `config.model` trains with SigLIP's loss (and so has a logit bias); a workdir written before the
-  field existed trained CLIP's."""
-  return model_cfg.get("contrastive_loss", "clip") == "siglip"
+  """Whether `config.model` trains with SigLIP's loss (and so has a logit bias)."""
+  return model_cfg.contrastive_loss == "siglip"
 
 
 # --------------------------------------------------------------------------- the family (backbone.py)

@@ -595,7 +595,7 @@ def build(model_cfg, dtype) -> SwinV2:
                 patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
                 drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
                 extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, scan_unroll=model_cfg.get("scan_unroll", 1),
+                scan=model_cfg.scan, scan_unroll=model_cfg.scan_unroll,
                 remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
                 token_subgrid=model_cfg.token_subgrid)
   assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}

@@ -313,7 +313,7 @@ def build(model_cfg, dtype) -> ViT:
                 class_token=model_cfg.get("class_token", True), drop_path=model_cfg.drop_path,
                 dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias,
                 head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, scan_unroll=model_cfg.get("scan_unroll", 1),
+                scan=model_cfg.scan, scan_unroll=model_cfg.scan_unroll,
                 remat_policy=model_cfg.remat_policy, attention=model_cfg.attention, pre_norm=model_cfg.pre_norm,
                 patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act),
                 token_drop=check_token_drop(model_cfg.token_drop))

@@ -156,12 +156,12 @@ class Task(abc.ABC):
   def check_training_devices(self) -> None:
     """ConfigError when training as configured needs what the devices lack: FP8 GEMMs on a GPU older than Hopper
     (models/fp8.py). Evaluation computes in the compute dtype, so only what trains asks."""
-    fp8.check_device(self.config.precision.get("gemm", "compute_dtype"), self.device())
+    fp8.check_device(self.config.precision.gemm, self.device())
 
   def training_gemms(self):
     """The context the train step's loss and gradients are traced in: the blocks' GEMMs in FP8 when
     config.precision.gemm says so (models/fp8.py); evaluation traces outside it."""
-    return fp8.gemms(self.config.precision.get("gemm", "compute_dtype"))
+    return fp8.gemms(self.config.precision.gemm)
 
   def normalize(self, images: jax.Array) -> jax.Array:
     """uint8 (or float in [0, 255]) NHWC -> (x - mean) / std in fp32 (evaluation, and host-augmented batches); with

@@ -78,7 +78,7 @@ def read_image(path: str, size: int, preprocess: str = "inception") -> np.ndarra
 def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndarray]]:
   """(names, uint8 images at the model's size, viewed as the run's evaluation views them) of the --images
   entries, in order."""
-  size, preprocess = config.data.image_size, config.data.get("eval_preprocess", "inception")
+  size, preprocess = config.data.image_size, config.data.eval_preprocess
   names, images = [], []
   for entry in entries:
     if entry.startswith(SHAPES_PREFIX):

@@ -130,7 +130,7 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
   weights = "the EMA of the params of " if use_ema else ""
   return Source(model, params, fields, f"{weights}step {step} of {path}", notes, mean=config.data.mean,
                 std=config.data.std, image_size=config.data.image_size,
-                preprocess=config.data.get("eval_preprocess", "inception"), labels=labels,
+                preprocess=config.data.eval_preprocess, labels=labels,
                 naflex=naflex.settings(config.data))
 
 

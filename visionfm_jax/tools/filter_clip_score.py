@@ -109,7 +109,7 @@ class ClipScorer:
     self.task, self.checkpoint, self.step, self.draft_decode = task, checkpoint, step, draft_decode
     self.tokenizer = task.tokenizer
     self.image_size = task.config.data.image_size
-    self.preprocess = task.config.data.get("eval_preprocess", "inception")  # configs written before it: inception
+    self.preprocess = task.config.data.eval_preprocess
     self.batch_size = -(-batch_size // mesh.size) * mesh.size
     replicated, self._rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     self.params = jax.device_put(params, replicated)

@@ -213,7 +213,7 @@ class TrainedModel:
     if self.max_tokens:
       patches = naflex.Patches(self.task.naflex[0], self.max_tokens)
       return np.stack([patches.map({"image": _rgb(image, 0)})["image"] for image in _image_list(images)])
-    size, view = self.config.data.image_size, self.config.data.get("eval_preprocess", "inception")
+    size, view = self.config.data.image_size, self.config.data.eval_preprocess
     transform = transforms.EvalTransform(size, view)
     return np.stack([transform.map({"image": _rgb(image, transforms.eval_decode_side(size, view))})["image"]
                      for image in _image_list(images)])

@@ -7,11 +7,13 @@ import json
 import os
 from typing import Any, Sequence
 
+from absl import logging
 import flax.linen as nn
 import jax
 import ml_collections
 
-from visionfm_jax.errors import CheckpointError, UserError
+from visionfm_jax import config_lib
+from visionfm_jax.errors import CheckpointError, ConfigError, UserError
 from visionfm_jax.training import checkpoint, ema
 
 
@@ -42,7 +44,18 @@ def load_config(workdir: str, task_names: Sequence[str], model: str) -> ml_colle
     task = fields.get("task") if isinstance(fields, dict) else None
     names = " or ".join(repr(n) for n in task_names)
     raise UserError(f"--checkpoint={workdir}: config.task={task!r} is not {model} (task {names})")
-  return ml_collections.ConfigDict(_listify(fields))
+  return _completed(ml_collections.ConfigDict(_listify(fields)), path)
+
+
+def _completed(config: ml_collections.ConfigDict, path: str) -> ml_collections.ConfigDict:
+  """`config` with the fields its schema has and it lacks (written before they existed) at their defaults, named
+  in one log line. The model's family has no default: the schema and the params follow from it."""
+  if not isinstance(config.get("model"), ml_collections.ConfigDict) or "name" not in config.model:
+    raise ConfigError(f"{path}: no model.name; the model family cannot be defaulted")
+  filled = config_lib.complete(config)
+  if filled:
+    logging.info("%s: fields at their defaults (written before they existed): %s", path, ", ".join(filled))
+  return config
 
 
 def checkpoint_step(workdir: str, step: int | None = None) -> int:
