@@ -122,6 +122,25 @@ def _tiny_state_at_step_2(config):
   return state, loader
 
 
+def write_tiny_workdir(workdir):
+  """Writes into `workdir` what train.run leaves after 2 steps of the tiny ViT (TINY with total_steps=2), without
+  training: config.json, a checkpoint at step 2 (`_tiny_state_at_step_2`, its data iterator, the run's config)
+  and data.json, the record of its training data as train.run writes it; returns the config."""
+  config = tiny_vit_config(total_steps=2, checkpoint_every=2, eval_every=100)
+  config.data.num_workers = 0
+  config.data.eval_examples = 16
+  checks.validate(config, jax.device_count(), 1)
+  state, loader = _tiny_state_at_step_2(config)
+  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False, run_config=resume.as_json(config))
+  saver.save(2, state, loader)
+  saver.close()
+  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+  data = tasks.build(config).train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,
+                                          process_count=1)
+  data_record.check(config, str(workdir), data.identity, None)
+  return config
+
+
 @pytest.fixture(scope="module")
 def workdirs(tmp_path_factory):
   """<good>: the workdir train.run leaves after 2 steps of the tiny ViT (TINY with total_steps=2): config.json and a
@@ -129,19 +148,8 @@ def workdirs(tmp_path_factory):
   train.run resumes it is checked here. <garbled>: the same with that checkpoint's _METADATA garbled;
   <no_data_record>: without its data.json."""
   root = tmp_path_factory.mktemp("bad_input")
-  config = tiny_vit_config(total_steps=2, checkpoint_every=2, eval_every=100)
-  config.data.num_workers = 0
-  config.data.eval_examples = 16
-  checks.validate(config, jax.device_count(), 1)
   good = root / "good"
-  state, loader = _tiny_state_at_step_2(config)
-  saver = checkpoint.Checkpointer(str(good / "checkpoints"), async_save=False, run_config=resume.as_json(config))
-  saver.save(2, state, loader)
-  saver.close()
-  (good / "config.json").write_text(config.to_json_best_effort(indent=2))
-  data = tasks.build(config).train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,
-                                          process_count=1)
-  data_record.check(config, str(good), data.identity, None)  # the record of its training data, as train.run's
+  config = write_tiny_workdir(good)
   shutil.copytree(good, root / "no_data_record")
   (root / "no_data_record" / data_record.FILE).unlink()
   shutil.copytree(good, root / "resumed")

@@ -5,33 +5,17 @@ number is refused naming the step its state holds, whether it is the newest or t
 
 import shutil
 
-import jax
 import pytest
 
-from visionfm_jax import tasks
-from visionfm_jax.training import checkpoint, checks, data_record, resume
-
-from conftest import tiny_vit_config
-from test_bad_input import TINY, _tiny_state_at_step_2, run_main_in_process
+from test_bad_input import TINY, run_main_in_process, write_tiny_workdir
 
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
   """A workdir of TINY's model with one checkpoint, step 2 (zeros, its data iterator and config), and its data's
   record, written without training (read-only: copy it)."""
-  config = tiny_vit_config(total_steps=2, checkpoint_every=2, eval_every=100)
-  config.data.num_workers = 0
-  config.data.eval_examples = 16
-  checks.validate(config, jax.device_count(), 1)
   workdir = tmp_path_factory.mktemp("saved") / "run"
-  state, loader = _tiny_state_at_step_2(config)
-  saver = checkpoint.Checkpointer(str(workdir / "checkpoints"), async_save=False, run_config=resume.as_json(config))
-  saver.save(2, state, loader)
-  saver.close()
-  (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
-  loader = tasks.build(config).train_loader(batch_size=config.global_batch_size, seed=config.seed, process_index=0,
-                                            process_count=1)
-  data_record.check(config, str(workdir), loader.identity, None)  # data.json, as the run records it
+  write_tiny_workdir(workdir)
   return workdir
 
 
