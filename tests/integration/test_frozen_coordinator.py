@@ -90,7 +90,10 @@ def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and
                       rf"job is requeued; it resumes from the newest complete checkpoint.", errors[0]), errors[0]
   assert not [sign for sign in ABORT_SIGNS if sign in err], err[-6000:]
   thawed_err = (tmp_path / "err0").read_text()
-  assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s, (thawed_code, lingered, thawed_err[-6000:])
+  # Within its peer timeout, plus a margin for a loaded 2-core machine (5.08 s seen on CI): the fault is a thawed
+  # process still running minutes later.
+  assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s + 5, (thawed_code, lingered,
+                                                                            thawed_err[-6000:])
   errors = [line for line in thawed_err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and re.fullmatch(
       rf"error: process 1 of 2 \(last seen: host \S+, pid {other.pid}\) has sent no heartbeat in the \d+s since this "
