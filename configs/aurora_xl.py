@@ -132,7 +132,7 @@ def get_config(arg: str | None = None):
   set_fields(config.loss, mim_weight=1.0, contrastive_weight=1.0, caption_weight=2.0)
   # data: 1.5B image-text pairs and 0.5B uncaptioned images, sampled 0.75 / 0.25 (data/loader/mixture.py; the
   # uncaptioned ones train MIM only), at 448 px, random crop + horizontal flip; held-out pairs for evaluation;
-  # the tokenizer from tools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14
+  # the tokenizer from datatools.train_tokenizer --vocab_size=32000; SimMIM masks 60% of 32 px patches (14x14
   # grid, 118 masked). The paper names LAION-5B, COCO and Visual Genome among the pairs without proportions: by
   # size COCO (0.6M pairs) and VG (at most 5.4M region crops) would be under 0.4% of 1.5B; at 0.02 each the 512M
   # samples of the schedule see each COCO caption 17-19 times and each VG region ~2 or more (BLIP-style

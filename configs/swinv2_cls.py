@@ -57,7 +57,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 IMAGENET_TRAIN = 1_281_167
-IMAGENET21K_IMAGES = 14_197_122  # fall11, before tools.prepare_data holds out 5 per class
+IMAGENET21K_IMAGES = 14_197_122  # fall11, before datatools.prepare_data holds out 5 per class
 DROP_PATH = {"T": 0.2, "S": 0.3, "B": 0.5, "L": 0.2, "H": 0.2, "G": 0.2}
 IN21K_BATCH = 4096
 
@@ -123,7 +123,7 @@ def _imagenet21k(config):
   """The ImageNet-21K pretraining recipe (the module docstring's table says where each value comes from)."""
   config.model.num_classes = 21841
   config.model.drop_path = 0.2
-  # prepared by tools.prepare_data --format=folders --output=/data/imagenet21k --holdout_per_class=5
+  # prepared by datatools.prepare_data --format=folders --output=/data/imagenet21k --holdout_per_class=5
   # (docs/runbooks/vit_h14.md)
   set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",
              eval_split="validation")

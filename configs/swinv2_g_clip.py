@@ -13,7 +13,7 @@ chose it (`ours:` and the reason):
   | text tower       | 24 layers, width 1024, 16 heads, 77 tokens, EOS pooling | ours: the paper names none; the size |
   |                  |                                                         | of OpenCLIP ViT-H/14's text tower    |
   | tokenizer        | SentencePiece, 32k pieces trained on the captions       | ours: the paper names none           |
-  |                  | (tools.train_tokenizer)                                 |                                      |
+  |                  | (datatools.train_tokenizer)                             |                                      |
   | embedding        | 1024-d; learned temperature from 1/0.07, clamped at 100 | ours: CLIP's                         |
   | contrastive loss | CLIP's softmax over the global batch (`siglip`: below)  | paper: CLIP's                        |
   | data             | LAION-5B filtered by CLIP score to 1.2B pairs           | paper                                |
@@ -181,7 +181,7 @@ machine: zero-shot top-1 0.245 / 0.616 / 0.705 at steps 400 / 800 / 1200 (CLIP 0
 0.980 (0.996); retrieval i2t R@1/5/10 0.083 / 0.436 / 0.784 (0.087 / 0.443 / 0.793); the learned t rises from 10
 to about 11.2 and b from -10 to about -10.6.
 
-Variant `small`: your own few thousand image-text pairs (`tools.prepare_data --format=caption_files` or
+Variant `small`: your own few thousand image-text pairs (`datatools.prepare_data --format=caption_files` or
 `caption_table` with --holdout_examples, into /data/my_pairs with a tokenizer trained on them, or
 `--config.data.source=` and `--config.data.tokenizer=` elsewhere): SwinV2-T at 224 px (window 7) and CLIP's text
 tower, augmentation on, 3,000 steps of 128 (config_lib.small_data says what and why), retrieval on the held-out

@@ -64,7 +64,7 @@ Variant `demo`: a ViT on the embedded procedural shapes data, on a laptop CPU:
 Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 minutes on 2 CPU cores: about
 0.548 / 0.874 / 0.959 at steps 600 / 1200 / 1800.
 
-Variant `small`: your own few thousand labelled photos (`tools.prepare_data --format=folders --holdout_per_class=K`
+Variant `small`: your own few thousand labelled photos (`datatools.prepare_data --format=folders --holdout_per_class=K`
 into /data/my_photos, or `--config.data.source=` elsewhere), ViT-S/16 at 224 px with augmentation on, 3,000 steps
 of 128 (config_lib.small_data says what and why); as many classes as the data's dataset.json names, warmup and
 cadence in proportion to `--config.total_steps` (config_lib/sizing.py). docs/your_data.md runs it, from scratch
@@ -85,7 +85,7 @@ def get_config(arg: str | None = None):
   set_fields(config.model, variant="H/14", num_classes=21841, image_size=224, drop_path=0.0, remat_policy="none",
              scan_unroll=0)
   # data: ImageNet-21K (fall11), random resized crop + flip + colour jitter, IN mean/std (the base's). Prepared by
-  # tools.prepare_data --format=folders --input=<fall11 class tree> --output=/data/imagenet21k --holdout_per_class=5
+  # datatools.prepare_data --format=folders --input=<fall11 class tree> --output=/data/imagenet21k --holdout_per_class=5
   set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",
              eval_split="validation", image_size=224)
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.08, 1.0), flip=True, color_jitter=0.4)

@@ -8,7 +8,7 @@
 #   launch/gpu_recipe_check.sh [--out=DIR] [--images=N] [--budget=S] [--rehearse]
 #
 #   --out=DIR     everything it writes (default gpu_recipe_check_out/; ~0.5 GB): photos/ (N synthetic 500x375
-#                 JPEGs, bench/input.py's, in 10 class folders), shards/ (tools.prepare_data --format=folders, 5 per
+#                 JPEGs, bench/input.py's, in 10 class folders), shards/ (datatools.prepare_data --format=folders, 5 per
 #                 class held out), run_<gemm>/ (main's workdirs; the final checkpoint, ~7.6 GB of params and AdamW
 #                 state, is deleted once written), logs/ (each stage's stdout and stderr), summary.json
 #   --images=N    photos to write (default 2560; 40 with --rehearse)
@@ -126,7 +126,7 @@ for c in range(classes):
 with multiprocessing.get_context("fork").Pool() as pool:
   pool.map(write, range(count))
 PY
-stage shards 30 "$python" -m visionfm_jax.tools.prepare_data --format=folders --input="$out/photos" \
+stage shards 30 "$python" -m visionfm_jax.datatools.prepare_data --format=folders --input="$out/photos" \
   --output="$out/shards" --holdout_per_class="$holdout"
 [[ -f $out/shards/dataset.json ]] && have_shards=1 || have_shards=0
 

@@ -1,5 +1,5 @@
-"""The shared `main` of the CLIs (main, bench, tools): help, flag parsing, and one `error:` line with exit status 2
-for bad input."""
+"""The shared `main` of the CLIs (main, bench, tools, datatools): help, flag parsing, and one `error:` line with exit
+status 2 for bad input."""
 
 from __future__ import annotations
 

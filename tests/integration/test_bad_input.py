@@ -243,9 +243,9 @@ TOOL_CASES = [
     ("import_hf_bad_flag", ["visionfm_jax.tools.import_hf", "--src=/nonexistent", "--out=/tmp/x", "--scan=maybe"],
      ["--scan=maybe"]),
     ("import_hf_no_out", ["visionfm_jax.tools.import_hf", "--src=/nonexistent"], ["--out"]),
-    ("train_tokenizer_bad_flag", ["visionfm_jax.tools.train_tokenizer", "--vocab_size=abc", "--out=/tmp/x"],
+    ("train_tokenizer_bad_flag", ["visionfm_jax.datatools.train_tokenizer", "--vocab_size=abc", "--out=/tmp/x"],
      ["--vocab_size=abc"]),
-    ("train_tokenizer_unknown_flag", ["visionfm_jax.tools.train_tokenizer", "--vocab=64", "--out=/tmp/x"],
+    ("train_tokenizer_unknown_flag", ["visionfm_jax.datatools.train_tokenizer", "--vocab=64", "--out=/tmp/x"],
      ["vocab"]),
 ]
 

@@ -18,8 +18,8 @@ from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import tokenizer as tokenizer_lib
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.datatools import filter_clip_score as fcs
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import filter_clip_score as fcs
 from visionfm_jax.tools import import_hf
 from visionfm_jax.trained import loader
 

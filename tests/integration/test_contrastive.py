@@ -89,7 +89,7 @@ def _eval_metrics_by_numpy(config, params):
 
 @pytest.mark.slow
 def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
-  """From img2dataset tars converted by tools.prepare_data: 4 steps at 16 px (ZeRO-3), then the ft640 variant at
+  """From img2dataset tars converted by datatools.prepare_data: 4 steps at 16 px (ZeRO-3), then the ft640 variant at
   32 px from them (init_from) evaluates zero-shot on the labelled shapes set and retrieval on the held-out
   pairs; every metric equals its numpy recomputation from the model's embeddings."""
   source = test_real_data.convert_shapes_tars(tmp_path, train=64, validation=48)

@@ -20,10 +20,10 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file, save_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from visionfm_jax import convert, models  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import convert, models, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.tools import import_hf, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.tools import import_hf  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.training import checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_default_matmul_precision", "highest")

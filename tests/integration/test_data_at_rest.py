@@ -21,8 +21,8 @@ from visionfm_jax.data.loader import identity, open_files
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources import open_shards, records, wds
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.datatools import index_tars
 from visionfm_jax.errors import ConfigError, DataError, WorkdirError
-from visionfm_jax.tools import index_tars
 from visionfm_jax.training import data_record, train
 
 from conftest import ROOT, cpu_env, tiny_vit_config
@@ -33,7 +33,7 @@ SHARDS, PER_SHARD = 300, 2
 
 
 def _write_set(directory, shards=SHARDS, per_shard=PER_SHARD, shade=0):
-  """A labelled set of `shards` tiny shards and its dataset.json, as tools.prepare_data leaves it."""
+  """A labelled set of `shards` tiny shards and its dataset.json, as datatools.prepare_data leaves it."""
   names = [records.shard_name("train", i, shards) for i in range(shards)]
   for i, name in enumerate(names):
     records.write_records(str(directory / name), ({"image": np.full((16, 16, 3), (shade + 7 * i + j) % 256, np.uint8),
@@ -45,7 +45,7 @@ def _write_set(directory, shards=SHARDS, per_shard=PER_SHARD, shade=0):
 
 @pytest.fixture(scope="module")
 def many_shards(tmp_path_factory):
-  """300 shards with their shard index, as tools.prepare_data leaves them."""
+  """300 shards with their shard index, as datatools.prepare_data leaves them."""
   directory = tmp_path_factory.mktemp("many_shards")
   names = _write_set(directory)
   records.write_index(directory, "train")

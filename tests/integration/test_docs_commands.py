@@ -333,7 +333,7 @@ def test_command_parses_against_the_code(command):
 
 def test_the_docs_have_the_commands_this_test_reads():
   modules = {python_module(c.argv)[0] for c in ALL if python_module(c.argv)}
-  assert "visionfm_jax.main" in modules and "visionfm_jax.tools.prepare_data" in modules, modules
+  assert "visionfm_jax.main" in modules and "visionfm_jax.datatools.prepare_data" in modules, modules
   assert any(main_args(c) is not None and c.argv[0] == "sbatch" for c in ALL), "no SLURM launch line"
 
 

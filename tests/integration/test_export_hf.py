@@ -21,12 +21,12 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.numpy import load_file  # noqa: E402  pylint: disable=g-import-not-at-top
 
-from visionfm_jax import convert, data, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax import convert, data, output_folder, tasks  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.convert import hf_files, hf_swinv2, hf_vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.data.embedded import shapes  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import swinv2, text, vit  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.tools import export_hf, import_hf, output_folder  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.tools import export_hf, import_hf  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.trained import loader  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.training import checkpoint
 

@@ -1,4 +1,4 @@
-"""tools/filter_clip_score: keeps exactly the pairs scoring >= the threshold (the scores checked against the
+"""datatools/filter_clip_score: keeps exactly the pairs scoring >= the threshold (the scores checked against the
 model's embeddings of one pair at a time), counts corrupt records and undecodable images, splits the files over
 processes, resumes, and its CLI. The models: the tiny CLIP (and Aurora) of conftest with random params."""
 
@@ -21,7 +21,7 @@ from visionfm_jax.data import limits
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.tools import filter_clip_score as fcs
+from visionfm_jax.datatools import filter_clip_score as fcs
 from visionfm_jax.training import checkpoint
 
 from conftest import ROOT, tiny_aurora_config, tiny_clip_config
@@ -352,7 +352,7 @@ def test_cli_errors(clip, inputs, tmp_path, capsys):
   assert os.listdir(theirs) == ["dataset.json"] and (theirs / "dataset.json").read_text() == "mine"
   # As a program: a missing workdir is one line on stderr and status 2.
   missing = tmp_path / "no_such_workdir"
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.filter_clip_score", f"--checkpoint={missing}",
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.filter_clip_score", f"--checkpoint={missing}",
                            f"--input={directory}/*", f"--output={tmp_path / 'out'}", "--threshold=0.3"], cwd=ROOT,
                           env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
                           check=False)

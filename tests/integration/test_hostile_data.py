@@ -23,7 +23,7 @@ from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records, wds
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.data.transforms import host as transforms
-from visionfm_jax.tools import index_tars, train_tokenizer
+from visionfm_jax.datatools import index_tars, train_tokenizer
 
 from conftest import ROOT, cpu_env
 import hostile
@@ -116,11 +116,11 @@ def test_prepare_data_converts_the_hostile_tar_in_bounded_memory_counting_what_i
   plain = tmp_path / "plain"
   plain.mkdir()
   hostile.plain_tar(plain / "00000.tar")
-  baseline, _, baseline_mb = run_tool(["visionfm_jax.tools.prepare_data", "--format=webdataset", "--verify",
+  baseline, _, baseline_mb = run_tool(["visionfm_jax.datatools.prepare_data", "--format=webdataset", "--verify",
                                        f"--input={plain}/*.tar", f"--output={tmp_path / 'plain_out'}"], ROOT)
   assert baseline.returncode == 0, baseline.stderr[-2000:]
   output = tmp_path / "out"
-  result, seconds, peak_mb = run_tool(["visionfm_jax.tools.prepare_data", "--format=webdataset", "--verify",
+  result, seconds, peak_mb = run_tool(["visionfm_jax.datatools.prepare_data", "--format=webdataset", "--verify",
                                        f"--input={folder}/*.tar", f"--output={output}"], ROOT)
   assert result.returncode == 0, result.stderr[-2000:]
   decodable, skipped = len(hostile.DECODABLE), {**made["undecodable"], **made["refused"]}
@@ -156,7 +156,7 @@ def test_train_tokenizer_leaves_out_the_hostile_samples_and_long_lines(tar, tmp_
   plain = tmp_path / "plain"
   plain.mkdir()
   hostile.plain_tar(plain / "00000.tar")
-  runs = {name: run_tool(["visionfm_jax.tools.train_tokenizer", f"--tars={tars}/*.tar", "--vocab_size=40",
+  runs = {name: run_tool(["visionfm_jax.datatools.train_tokenizer", f"--tars={tars}/*.tar", "--vocab_size=40",
                           f"--out={tmp_path / name}", "--num_threads=1"], ROOT) for name, tars in
           (("plain", plain), ("hostile", folder))}
   assert all(result.returncode == 0 for result, _, _ in runs.values()), runs
@@ -190,7 +190,7 @@ def test_prepare_data_reads_only_regular_files_of_a_class_tree(tmp_path):
   (tree / "cat" / "linked.jpg").symlink_to(elsewhere)  # a link out of the tree: refused (link)
   (tree / "cat" / "zeros.jpg").symlink_to("/dev/zero")  # endless: never read (link)
   os.mkfifo(tree / "dog" / "fifo.jpg")  # opening it for reading would wait for a writer
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.prepare_data", "--format=folders",
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", "--format=folders",
                            f"--input={tree}", f"--output={tmp_path / 'out'}", "--records_per_shard=10"],
                           cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr[-2000:]

@@ -1,5 +1,5 @@
 """COCO captions and Visual Genome region descriptions, in their released layouts, prepared as pair records by
-`python -m visionfm_jax.tools.prepare_data --format=coco|visual_genome` and read back (CPU, no network)."""
+`python -m visionfm_jax.datatools.prepare_data --format=coco|visual_genome` and read back (CPU, no network)."""
 
 import json
 from pathlib import Path
@@ -12,9 +12,9 @@ import pytest
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import pair_corpora
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
+from visionfm_jax.datatools.prepare_data.captioned import list_pairs
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
-from visionfm_jax.tools.prepare_data.captioned import list_pairs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +39,7 @@ def _karpathy(path: Path, test_ids, train_ids) -> str:
 
 
 def _prepare(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "visionfm_jax.tools.prepare_data", *args], cwd=ROOT,
+  return subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", *args], cwd=ROOT,
                         capture_output=True, text=True, timeout=120, check=False)
 
 

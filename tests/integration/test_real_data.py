@@ -1,4 +1,4 @@
-"""Real-data layouts end to end: an image-folder tree and img2dataset tars, converted by tools.prepare_data,
+"""Real-data layouts end to end: an image-folder tree and img2dataset tars, converted by datatools.prepare_data,
 then trained on; corrupt images skipped, counted and bounded; disjoint per-process shares of the shards."""
 
 import io
@@ -14,9 +14,9 @@ from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import tokenizer
+from visionfm_jax.datatools.prepare_data.folders import convert_folders
+from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import ConfigError, DataError
-from visionfm_jax.tools.prepare_data.folders import convert_folders
-from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.training import train
 
 from conftest import tiny_clip_config, tiny_vit_config

@@ -20,7 +20,7 @@ CLASSES = ["beach", "forest", "kitchen"]
 
 @pytest.fixture
 def photos(tmp_path):
-  """The spec of a 3-class folder as tools.prepare_data writes it: 6 tiny photos to train on, 3 held out."""
+  """The spec of a 3-class folder as datatools.prepare_data writes it: 6 tiny photos to train on, 3 held out."""
   directory = tmp_path / "my_photos"
   rng = np.random.default_rng(0)
   splits = {}

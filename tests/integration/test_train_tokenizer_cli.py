@@ -1,4 +1,4 @@
-"""`python -m visionfm_jax.tools.train_tokenizer` in a process of its own as a user runs it: from a text corpus and
+"""`python -m visionfm_jax.datatools.train_tokenizer` in a process of its own as a user runs it: from a text corpus and
 from pair records, the same model file as the API's, and one `error:` line for bad input."""
 
 from pathlib import Path
@@ -10,7 +10,7 @@ import pytest
 
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import tokenizer
-from visionfm_jax.tools import train_tokenizer as tool
+from visionfm_jax.datatools import train_tokenizer as tool
 
 from test_tokenizer import CORPUS, ROOT
 
@@ -18,7 +18,7 @@ from test_tokenizer import CORPUS, ROOT
 def test_cli(tmp_path):
   corpus = tmp_path / "captions.txt"
   corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", f"--input={corpus}",
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer", f"--input={corpus}",
                            "--vocab_size=64", f"--out={tmp_path / 'cli.model'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
@@ -40,7 +40,7 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
   tok = tool.run(None, 0, 64, str(tmp_path / "records.model"), records=pattern)
   assert Path(tok.model_file).read_bytes() == Path(tokenizer.train_tokenizer(
       CORPUS, 64, str(tmp_path / "api"), num_threads=tool.DEFAULT_NUM_THREADS)).read_bytes()
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", f"--records={pattern}",
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer", f"--records={pattern}",
                            "--vocab_size=64", f"--out={tmp_path / 'cli'}"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
@@ -60,7 +60,7 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
 
 
 def test_cli_error_is_one_line(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer",
+  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer",
                            f"--input={tmp_path / 'missing.txt'}", "--vocab_size=64", f"--out={tmp_path / 'x'}"],
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
@@ -89,7 +89,7 @@ def test_tars_and_sampled_records_through_the_cli(tmp_path):
   expected, _ = tokenizer.reservoir_sample(iter(lines), k, 5)
   reference = tokenizer.train_tokenizer(expected, 64, str(tmp_path / "api"), num_threads=2)
   for flag in (f"--tars={tmp_path / '*.tar'}", f"--records={tmp_path / 'train-*.array_record'}"):
-    result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.train_tokenizer", flag, "--vocab_size=64",
+    result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer", flag, "--vocab_size=64",
                              f"--max_sentences={k}", "--seed=5", "--num_threads=2", f"--out={tmp_path / 'cli'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr

@@ -25,10 +25,10 @@ from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.sources import wds
 from visionfm_jax.data.text import tokenizer
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.datatools import cluster_task, index_tars
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
+from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cluster_task, index_tars
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
-from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
 from conftest import ROOT, TINY_CLIP_TOWERS, cpu_env
 
@@ -180,7 +180,7 @@ def test_score_filters_keep_exactly_the_expected_keys(tmp_path, capsys, limits):
 def test_wds_source_serves_the_prepared_records(tmp_path):
   write_tars(tmp_path / "in", tars=3, per_tar=4, bad={(1, 2)}, uncaptioned={(0, 1)})
   pattern = str(tmp_path / "in" / "*.tar")
-  with pytest.raises(DataError, match=r"3 of 3 tars have no current index .*tools.index_tars"):
+  with pytest.raises(DataError, match=r"3 of 3 tars have no current index .*datatools.index_tars"):
     sources.build_source(f"wds:{pattern}", "train", DATA_CFG)
   summary = index_tars.index_tars(pattern, task=cluster_task.Task(1, 2))
   assert (summary["tars"], summary["indexed"], summary["samples"]) == (1, 1, 4)  # task 1 of 2: the second tar

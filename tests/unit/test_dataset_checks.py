@@ -28,7 +28,7 @@ SHARD_SIZES = (6, 5, 7)
 
 @pytest.fixture
 def prepared(tmp_path):
-  """A labelled set of three train shards with their sidecars and dataset.json, as tools.prepare_data leaves it."""
+  """A labelled set of three train shards with their sidecars and dataset.json, as datatools.prepare_data leaves it."""
   names = [records.shard_name("train", i, len(SHARD_SIZES)) for i in range(len(SHARD_SIZES))]
   for name, size in zip(names, SHARD_SIZES):
     path = str(tmp_path / name)

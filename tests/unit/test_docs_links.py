@@ -28,8 +28,8 @@ def links_of(path: pathlib.Path) -> list[str]:
 
 def test_github_anchor_matches_githubs_rule():
   assert github_anchor("Preparing data") == "preparing-data"
-  assert github_anchor("Converting image folders and WebDataset shards: `tools.prepare_data`") == (
-      "converting-image-folders-and-webdataset-shards-toolsprepare_data")
+  assert github_anchor("Converting image folders and WebDataset shards: `datatools.prepare_data`") == (
+      "converting-image-folders-and-webdataset-shards-datatoolsprepare_data")
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))

@@ -20,7 +20,7 @@ PACKAGE = ROOT / "visionfm_jax"
 LAYERS = (
     ("__init__",),  # the package root, its face: `visionfm_jax.load` (trained/model.py), imported on first use
     ("main", "bench"),  # entry points: the training CLI, the benchmarks and planners
-    ("tools",),  # the small CLIs
+    ("tools", "datatools"),  # the small CLIs: of trained models; of data preparation (shards, indexes, tokenizer)
     ("trained",),  # trained models from a path (workdir, import_hf, transformers) and the `load` API behind them
     ("convert",),  # Hugging Face weights to and from the models, for tools and bench (over models and the leaves)
     ("training",),  # the one loop: checkpoints, optimiser, init_from
@@ -29,7 +29,9 @@ LAYERS = (
     ("evaluate", "detection"),  # metrics and detection's boxes and matching, over models and data
     ("models", "data"),  # the networks; the input pipeline
     ("parallel",),  # mesh, sharding rules, distributed start-up
-    ("cli",),  # the shared main of main, bench and tools: help, flag parsing, one `error:` line (over config_lib)
+    # the shared main of main, bench and the CLIs: help, flag parsing, one `error:` line (over config_lib); the folder
+    # a CLI writes whole (over atomic)
+    ("cli", "output_folder"),
     ("config_lib", "token_ids", "atomic", "param_rules"),  # leaves but for errors (param_rules: over param paths)
     ("errors",),
 )
@@ -238,7 +240,7 @@ def test_the_loop_reaches_a_model_only_through_its_task():
 # What the entry points, tools, loop and evaluators may import of models/: the registry (`visionfm_jax.models`)
 # and the model-independent modules. A concrete model (vit, swinv2, clip, ...) is for its task and its converter.
 MODEL_GENERIC = ("backbone", "layers", "kernels", "generate")
-ASKS_NOT_IMPORTS = ("main", "bench", "tools", "trained", "training", "evaluate")
+ASKS_NOT_IMPORTS = ("main", "bench", "tools", "datatools", "trained", "training", "evaluate")
 
 
 def _is_concrete_model(name: str) -> bool:

@@ -11,8 +11,8 @@ from PIL import Image
 import pytest
 
 from visionfm_jax.data.sources import records
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 
 CAPTIONS = [f"photo {i} of a {colour} kite" for i, colour in enumerate(["red", "green", "blue"] * 4)]
 
@@ -183,7 +183,7 @@ def test_a_tokenizer_that_spells_out_the_captions_words_gets_a_warning_naming_th
   from visionfm_jax.tasks import image_text  # pylint: disable=g-import-not-at-top
   shapes_tokenizer = _shapes_tokenizer()
   message = image_text.pieces_per_word_warning(shapes_tokenizer, OWN_CAPTIONS, "")
-  assert "tools.train_tokenizer --records='<your pair shards>'" in message and "shapes demos' tokenizer" in message
+  assert "datatools.train_tokenizer --records='<your pair shards>'" in message and "shapes demos' tokenizer" in message
   assert not image_text.pieces_per_word_warning(shapes_tokenizer, ["a small red circle in the centre"] * 3, "")
 
 

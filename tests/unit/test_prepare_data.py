@@ -1,4 +1,5 @@
-"""tools.prepare_data: class trees and img2dataset tars -> ArrayRecord shards + dataset.json (small fixtures, CPU)."""
+"""datatools.prepare_data: class trees and img2dataset tars -> ArrayRecord shards + dataset.json (small fixtures,
+CPU)."""
 
 import collections
 import functools
@@ -20,12 +21,12 @@ from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import tokenizer
+from visionfm_jax.datatools import cluster_task
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
+from visionfm_jax.datatools.prepare_data import image_tree, shards
+from visionfm_jax.datatools.prepare_data.folders import convert_folders
+from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cluster_task, image_tree
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
-from visionfm_jax.tools.prepare_data import shards
-from visionfm_jax.tools.prepare_data.folders import convert_folders
-from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
 CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})

@@ -12,8 +12,8 @@ from PIL import Image
 import pytest
 
 from visionfm_jax.data.sources import wds
-from visionfm_jax.tools import index_tars
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+from visionfm_jax.datatools import index_tars
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
 
 TARS, PER_TAR = 3, 40
 

@@ -14,8 +14,8 @@ from visionfm_jax import convert
 from visionfm_jax.data.sources import ade20k, coco, records, wds
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.text import caption_sets, tokenizer
-from visionfm_jax.tools import index_tars
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
+from visionfm_jax.datatools import index_tars
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
 from visionfm_jax.trained import loader
 
 import standins
@@ -36,7 +36,7 @@ def digests(root) -> dict[str, str]:
 
 
 def prepare(*args) -> dict:
-  """Runs tools.prepare_data in this process (one worker) and returns the dataset.json it wrote."""
+  """Runs datatools.prepare_data in this process (one worker) and returns the dataset.json it wrote."""
   output = next(a.split("=", 1)[1] for a in args if a.startswith("--output="))
   assert prepare_data.main(["prepare_data", *args, "--num_workers=0"]) == 0
   return records.read_metadata(output)

@@ -16,9 +16,9 @@ from PIL import Image
 import pytest
 
 from visionfm_jax.data.sources import records
-from visionfm_jax.tools import cluster_task, index_tars
-from visionfm_jax.tools.prepare_data.folders import convert_folders
-from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
+from visionfm_jax.datatools import cluster_task, index_tars
+from visionfm_jax.datatools.prepare_data.folders import convert_folders
+from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 
 ITEMS, TASKS = 200, 10
 # The calls that reach a file's metadata: stat (os.path.exists, isfile, getsize), open (np.load, json, tarfile's

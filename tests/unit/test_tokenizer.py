@@ -1,4 +1,4 @@
-"""Tests of visionfm_jax.data.text.tokenizer and tools.train_tokenizer (CPU, no network)."""
+"""Tests of visionfm_jax.data.text.tokenizer and datatools.train_tokenizer (CPU, no network)."""
 
 import os
 from pathlib import Path
@@ -9,8 +9,8 @@ import pytest
 import sentencepiece as spm
 
 from visionfm_jax.data.text import tokenizer
+from visionfm_jax.datatools import train_tokenizer as tool
 from visionfm_jax.errors import DataError
-from visionfm_jax.tools import train_tokenizer as tool
 
 ROOT = Path(__file__).resolve().parents[2]
 CORPUS = [f"{size} {colour} {shape} on the {side}" for size in ("a small", "a large", "one tiny")

@@ -16,8 +16,8 @@ import pytest
 from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import caption_sets
+from visionfm_jax.datatools.prepare_data import __main__ as prepare_data
 from visionfm_jax.errors import DataError
-from visionfm_jax.tools.prepare_data import __main__ as prepare_data
 
 
 def _jpeg(seed: int, size=(12, 10)) -> bytes:

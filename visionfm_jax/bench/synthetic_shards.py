@@ -5,7 +5,7 @@ Each shard holds a few records of a 16x16 JPEG (with a caption, a label or neith
 shard is a hard link to one of TEMPLATES distinct ArrayRecord files (an ArrayRecord file takes 128 KiB whatever it
 holds; 232,000 links take seconds and no space), so every shard name is a file of its own to open; without links
 every shard is written as its own file (128 KiB each). dataset.json names the shards' index (shard_index.py), as
-tools.prepare_data leaves it.
+datatools.prepare_data leaves it.
 """
 
 from __future__ import annotations

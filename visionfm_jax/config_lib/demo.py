@@ -59,7 +59,7 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
 def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, total_steps: int = 3000,
                batch: int = 128) -> None:
   """Turns a recipe into a run on a researcher's own small data set in place: a few thousand real images or
-  pairs, converted by tools.prepare_data with a held-out split (`source`, an `arrayrecord:...{split}...` spec;
+  pairs, converted by datatools.prepare_data with a held-out split (`source`, an `arrayrecord:...{split}...` spec;
   its `train` and `validation` splits), on one GPU or a CPU; the caller then picks its small model.
 
   Augmentation is on, where the demos switch it off: the demos' procedural shapes are drawn afresh at every

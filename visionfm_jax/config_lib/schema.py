@@ -153,14 +153,15 @@ NAFLEX = dict(
 DATA = dict(
     source=Field("shapes", doc=(
         "shapes | shapes:images (uncaptioned) | tfds:<name>[:<version>][:<split>] | arrayrecord:<glob, '{split}' = "
-        "the split> (tools.prepare_data) | wds:<glob of indexed img2dataset tars>[;min_similarity=X;"
+        "the split> (datatools.prepare_data) | wds:<glob of indexed img2dataset tars>[;min_similarity=X;"
         "max_pwatermark=X;max_punsafe=X] (data/sources/wds.py) | dense tasks: scenes | ade20k:<ADEChallengeData2016 "
         "dir> | coco:<dir with train2017/ val2017/ annotations/>")),
     mixture=Field((), doc="((spec, weight), ...): train on a weighted mixture of sources instead "
                   "(data/loader/mixture.py; source must be ''), e.g. ((\"arrayrecord:/d/pairs/{split}-*\", 3.0), "
                   "(\"shapes:images\", 1.0)); () = source alone"),
     eval_source=Field("", doc="the same forms; '' = source (with eval_split), else the mixture's first entry"),
-    tokenizer=Field("", doc="SentencePiece model for captions (tools.train_tokenizer); '' = the shipped shapes one"),
+    tokenizer=Field("", doc="SentencePiece model for captions (datatools.train_tokenizer); '' = the shipped "
+                            "shapes one"),
     data_dir=Field("", doc="TFDS data dir; '' means $TFDS_DATA_DIR, else ~/tensorflow_datasets"),
     train_split=Field("train", doc="the split of source (or of each mixture entry) that trains"),
     eval_split=Field("validation", doc="the split of eval_source that evaluates"),

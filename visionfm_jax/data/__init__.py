@@ -1,7 +1,7 @@
 """The input pipeline, a folder per idea; imports run down this list (tests/unit/test_layering.py, DATA_LAYERS):
 
   text/        captions and tokens: the tokenizer, the retrieval benchmarks with several captions per image
-               (caption_sets: COCO, Flickr30k) and the captioned corpora tools.prepare_data lists (pair_corpora)
+               (caption_sets: COCO, Flickr30k) and the captioned corpora datatools.prepare_data lists (pair_corpora)
   loader/      the grain pipelines: pipeline (classification and pairs), dense (segmentation, detection), the
                weighted mixture of sources, skipping undecodable records, resume on another process or worker
                count, and the data section's config checks

@@ -1,7 +1,7 @@
 """What the readers take from data they do not trust, and the names of what they leave out.
 
-Every reader of stored data (`tools.prepare_data`, the `arrayrecord:` and `wds:` sources, `tools.index_tars`,
-`tools.filter_clip_score`, `tools.train_tokenizer`) holds an image or a text to these limits before it reads or
+Every reader of stored data (`datatools.prepare_data`, the `arrayrecord:` and `wds:` sources, `datatools.index_tars`,
+`datatools.filter_clip_score`, `datatools.train_tokenizer`) holds an image or a text to these limits before it reads or
 decodes it, so a hostile sample costs bounded memory and time: it is left out and counted under one of
 `REASONS`, and the counts reach dataset.json (prepare_data), the index (index_tars) and the console.
 """

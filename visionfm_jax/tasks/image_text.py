@@ -59,7 +59,7 @@ def pieces_per_word_warning(tokenizer, captions: Sequence[str], path: str, recor
   name = f"{path!r}" if path else "'' (the shapes demos' tokenizer)"
   return (f"config.data.tokenizer={name} splits the data's captions into {pieces / words:.1f} pieces a word (on "
           f"{len(captions)} held-out captions; above {PIECES_PER_WORD_BOUND}): it was trained on other text. Train "
-          f"one on these captions: python -m visionfm_jax.tools.train_tokenizer "
+          f"one on these captions: python -m visionfm_jax.datatools.train_tokenizer "
           f"--records='{records or '<your pair shards>'}' --vocab_size=8000 --out=PATH, then "
           f"--config.data.tokenizer=PATH.model")
 

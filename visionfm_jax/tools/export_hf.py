@@ -43,12 +43,11 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax import cli, convert, data, models, tasks
+from visionfm_jax import cli, convert, data, models, output_folder, tasks
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
-from visionfm_jax.tools import output_folder
 from visionfm_jax.trained import clip_config, loader
 from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import checkpoint

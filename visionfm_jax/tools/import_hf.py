@@ -7,9 +7,9 @@ HF_DIR is what transformers' `save_pretrained` writes for a `ViTModel`, `ViTForI
 needs its tokenizer.json, which `CLIPTokenizerFast.save_pretrained` writes). Writes `OUT_DIR/params` (Orbax)
 and `OUT_DIR/model.json` (a CLIP's also `OUT_DIR/tokenizer.json`), then prints the `--config...` overrides that
 build the matching model (a CLIP's start from `configs/swinv2_g_clip.py:vit`). An imported CLIP is a
-`--checkpoint` of tools.filter_clip_score and tools.export_hf as it is.
+`--checkpoint` of datatools.filter_clip_score and tools.export_hf as it is.
 `--scan` must match `config.model.scan` (the layout of the blocks). A weight that is not floating point is refused.
-OUT_DIR is written whole, as tools.export_hf writes its own (tools/output_folder.py): a new or empty folder, or one
+OUT_DIR is written whole, as tools.export_hf writes its own (output_folder.py): a new or empty folder, or one
 this tool wrote before that holds nothing else, unless --overwrite. Errors print one line and exit with status 2.
 """
 
@@ -22,11 +22,10 @@ from typing import Any, Sequence
 
 from absl import flags, logging
 
-from visionfm_jax import cli, models
+from visionfm_jax import cli, models, output_folder
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
-from visionfm_jax.tools import output_folder
 from visionfm_jax.trained import clip_config
 from visionfm_jax.training import checkpoint
 

@@ -1,4 +1,4 @@
-"""Examples in ArrayRecord files (`config.data.source='arrayrecord:<glob>'`), the format `tools.prepare_data`
+"""Examples in ArrayRecord files (`config.data.source='arrayrecord:<glob>'`), the format `datatools.prepare_data`
 writes.
 
 Each record is a msgpack map with an encoded image and its annotation:
@@ -8,7 +8,7 @@ Each record is a msgpack map with an encoded image and its annotation:
   label    int     classification; the class names are in the folder's `dataset.json`
   key      str     where the example came from (file name, WebDataset key); optional
   meta     str     the WebDataset `.json` sidecar, verbatim; optional
-  score    float   the CLIP score `tools.filter_clip_score` kept the pair for; optional
+  score    float   the CLIP score `datatools.filter_clip_score` kept the pair for; optional
 
 `dataset.json`, next to the shards, describes them (see `write_metadata`): the kind, the class names in label
 order, and per split its shards, counts, kind (labelled, pairs, or images: image-only) and shard index (each
@@ -142,8 +142,8 @@ def shard_name(split: str, index: int, count: int) -> str:
 
 
 def sidecar_path(records_path: str) -> str:
-  """The JSON file next to a records file in which the tool that wrote it (tools.prepare_data,
-  tools.filter_clip_score) keeps its counts: a rerun takes a records file with its sidecar as finished."""
+  """The JSON file next to a records file in which the tool that wrote it (datatools.prepare_data,
+  datatools.filter_clip_score) keeps its counts: a rerun takes a records file with its sidecar as finished."""
   return records_path + ".json"
 
 
@@ -258,7 +258,7 @@ def _some(names: list[str], shown: int = 5) -> str:
   return ", ".join(names[:shown]) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-REPREPARE = "prepare it again (tools.prepare_data rewrites only the shards that are missing)"
+REPREPARE = "prepare it again (datatools.prepare_data rewrites only the shards that are missing)"
 
 
 def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:
@@ -477,7 +477,7 @@ def shard_table(pattern: str, root: str, names: list[str], directory: str, numbe
   if len(rest):
     if metadata:
       logging.info("arrayrecord source %r: %d of %d shards have no shard index; their footers are read (rerun "
-                   "tools.prepare_data to write it)", pattern, len(rest), len(names))
+                   "datatools.prepare_data to write it)", pattern, len(rest), len(names))
     paths = [os.path.join(root, names[number]) for number in rest]
     table[rest] = np.array(read_footers(pattern, paths), shard_index.DTYPE)
     check_record_counts(pattern, directory, dict(zip(paths, table["records"][rest].tolist())), metadata)
@@ -498,7 +498,7 @@ def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, int]]:
   if unreadable:
     reason = unreadable[0][1]
     raise DataError(f"arrayrecord source {pattern!r}: cannot read {_some([p for p, _ in unreadable])} as ArrayRecord "
-                    f"(truncated or not written by tools.prepare_data?): {reason or type(reason).__name__}; "
+                    f"(truncated or not written by datatools.prepare_data?): {reason or type(reason).__name__}; "
                     f"{REPREPARE}")
   return results
 

@@ -8,7 +8,7 @@
   tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our
                               Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
                               config.data.train_split / eval_split
-  arrayrecord:<glob>          files written by `tools.prepare_data` (`records.ArrayRecordSource`): labelled
+  arrayrecord:<glob>          files written by `datatools.prepare_data` (`records.ArrayRecordSource`): labelled
                               images, image-text pairs or image-only records; '{split}' in the glob becomes the
                               split name (config.data.train_split / eval_split), a glob without it serves every
                               split

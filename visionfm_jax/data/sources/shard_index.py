@@ -3,7 +3,7 @@ that a process opens no shard before it reads from it.
 
 The index of split S is `<directory>/S.shards.npy` (DTYPE: one row per shard, in the order dataset.json lists them;
 24 bytes a shard, 5.6 MB at LAION's 232,000), named in S's dataset.json entry with its digest:
-{'shard_index': {'file': 'S.shards.npy', 'sha256': ...}} (`records.write_index`, which tools.prepare_data calls).
+{'shard_index': {'file': 'S.shards.npy', 'sha256': ...}} (`records.write_index`, which datatools.prepare_data calls).
 A conversion that rewrites S's entry without one leaves S unindexed: its shards' footers are read at every start.
 
 The index is checked whole when a source loads it (its digest, its rows against the entry's shards and records), and
@@ -103,7 +103,7 @@ def load(directory: str, split: str, entry: dict) -> tuple[np.ndarray, str] | No
   if not named:
     return None
   path = os.path.join(directory, os.path.basename(str(named.get("file", ""))))
-  hint = f"prepare split {split!r} again (tools.prepare_data writes the index)"
+  hint = f"prepare split {split!r} again (datatools.prepare_data writes the index)"
   try:
     with open(path, "rb") as f:
       data = f.read()

@@ -4,9 +4,9 @@ An img2dataset tar holds per sample `<key>.jpg|jpeg|png|webp` (the image), `<key
 `<key>.json` (metadata: LAION's `similarity`, and where present `pwatermark` and `punsafe`). Grain's global
 shuffle and exact resume need random access, so each tar gets a small index, `<tar>.index.npz` next to it or,
 for a corpus that is read-only, under another folder that mirrors the tars' absolute paths (`index_path`; written
-for a glob, shardable over a cluster, by `python -m visionfm_jax.tools.index_tars [--index_dir=DIR]`):
+for a glob, shardable over a cluster, by `python -m visionfm_jax.datatools.index_tars [--index_dir=DIR]`):
 per sample with an image its key, the (offset, size) of its image, caption and metadata members, and its three
-scores. `WdsSource` serves sample i as the record dict `tools.prepare_data` would have written for it
+scores. `WdsSource` serves sample i as the record dict `datatools.prepare_data` would have written for it
 ({image, caption (when non-empty), key, meta}), reading the bytes at the indexed offsets, so the pipelines
 decode, crop, skip and count, mix and resume exactly as for `arrayrecord:` (a corrupt image is skipped and
 counted by the decoder; a member that cannot be read is counted here and served as an undecodable record).
@@ -45,7 +45,7 @@ INDEX_SUFFIX = ".index.npz"
 INDEX_FORMAT = "visionfm_jax.wds_index/2"
 SCORES = ("similarity", "pwatermark", "punsafe")  # the index's score columns, NaN where a sample has none
 MEMBERS = ("image", "caption", "meta")  # the index's (offset, size) columns; (-1, 0): no such member
-INDEX_HINT = ("index the tars with python -m visionfm_jax.tools.index_tars --input=GLOB [--index_dir=DIR] (see "
+INDEX_HINT = ("index the tars with python -m visionfm_jax.datatools.index_tars --input=GLOB [--index_dir=DIR] (see "
               "docs/data_preparation.md)")
 
 

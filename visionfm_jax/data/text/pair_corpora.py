@@ -1,4 +1,4 @@
-"""Image-text pairs from captioned data sets in their released layouts, listed for `tools.prepare_data`.
+"""Image-text pairs from captioned data sets in their released layouts, listed for `datatools.prepare_data`.
 
   coco_pairs(root, folder)   <root>/annotations/captions_<folder>.json (`caption_sets.read_coco_captions`),
                              images <root>/<folder>/<file_name>; e.g. train2017: 118,287 images, 591,753 captions

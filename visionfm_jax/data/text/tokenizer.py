@@ -30,7 +30,7 @@ MODEL_TYPES = ("bpe", "unigram")
 # The demo tokenizer shipped as package data: BPE on the captions of the first SHAPES_RECORDS shapes train
 # records at SHAPES_IMAGE_SIZE px (the position words depend slightly on the size). Identity normalisation
 # (no case folding): the captions are lower-case ASCII, and it keeps the file at ~3 KB instead of ~250 KB.
-# Rebuild: python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
+# Rebuild: python -m visionfm_jax.datatools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
 #   --normalization=identity --num_threads=1 --out=visionfm_jax/data/text/assets/shapes_tokenizer
 SHAPES_RECORDS, SHAPES_IMAGE_SIZE, SHAPES_VOCAB_SIZE, SHAPES_NORMALIZATION = 20_000, 32, 256, "identity"
 
@@ -71,7 +71,7 @@ class Tokenizer:
     ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
     if ids != SPECIAL_IDS:
       raise DataError(f"tokenizer model {model_file} has (pad, unk, bos, eos) ids {ids}; expected "
-                      f"{SPECIAL_IDS} (train it with visionfm_jax.tools.train_tokenizer)")
+                      f"{SPECIAL_IDS} (train it with visionfm_jax.datatools.train_tokenizer)")
 
   def __getstate__(self):
     return {"model_file": self.model_file, "proto": self._proto, "max_len": self.max_len}

@@ -1,4 +1,4 @@
-"""The image files of a folder tree, for tools.prepare_data --format=folders.
+"""The image files of a folder tree, for datatools.prepare_data --format=folders.
 
 A class tree (`list_class_tree`) is listed whole: its labels follow the sorted class folders, and its files are
 shuffled across shards. A tree of unlabelled images (500M files) is never listed whole: it is cut into folders

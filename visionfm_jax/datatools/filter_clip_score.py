@@ -1,7 +1,7 @@
 r"""Filters image-text pairs by CLIP score, as LAION's filter did: keeps the pairs whose image and caption
 embeddings under a trained CLIP (or Aurora) have a cosine similarity >= --threshold.
 
-  python -m visionfm_jax.tools.filter_clip_score --checkpoint=WORKDIR --input=GLOB --output=DIR --threshold=T
+  python -m visionfm_jax.datatools.filter_clip_score --checkpoint=WORKDIR --input=GLOB --output=DIR --threshold=T
       [--batch_size=256] [--step=N] [--draft_decode]
 
 WORKDIR is the training workdir of a 'contrastive' or 'aurora' run (config.json + checkpoints/<step>; the newest
@@ -21,7 +21,7 @@ Written to DIR, which every process must see:
   <input basename>   the kept records of that input file, every field as read plus 'score' (via <name>.tmp)
   <input basename>.json
                      that file's counts and score histogram, written before its records file is renamed into
-                     place (as tools.prepare_data's sidecars): a records file in DIR is finished, and a rerun
+                     place (as datatools.prepare_data's sidecars): a records file in DIR is finished, and a rerun
                      skips it (resuming an interrupted run) but still has its counts
   histogram.json     (process 0, once all are done) the counts of all scored pairs in 200 bins over [-1, 1]
                      ('bin_edges', 'counts'), 'kept', 'total' (pairs scored), 'undecodable', 'uncaptioned',
@@ -60,13 +60,12 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from visionfm_jax import atomic, cli
+from visionfm_jax import atomic, cli, output_folder
 from visionfm_jax.data.loader import pipeline
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tools import output_folder
 from visionfm_jax.trained import clip_config, loader
 
 FILTERED_COUNTS = ("records", "shards", "class_counts")  # split entry fields that filtering changes
@@ -374,7 +373,7 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
-TOOL = "filter_clip_score"  # its name in the output folder's marker (tools/output_folder.py)
+TOOL = "filter_clip_score"  # its name in the output folder's marker (output_folder.py)
 
 
 def input_files(pattern: str, output: str) -> list[str]:

@@ -22,9 +22,9 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 from visionfm_jax import atomic
 from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records, wds
+from visionfm_jax.datatools import cluster_task
+from visionfm_jax.datatools.prepare_data.images import ImageOptions, header_side, prepare_image, read_image_file
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cluster_task
-from visionfm_jax.tools.prepare_data.images import ImageOptions, header_side, prepare_image, read_image_file
 
 DEFAULT_RECORDS_PER_SHARD = 1000
 QUEUED_PER_WORKER = 4  # shards of a stream handed to each worker process ahead (write_stream)

@@ -1,7 +1,7 @@
 r"""Converts an image-folder tree, img2dataset WebDataset tars or image-text pairs into the ArrayRecord shards of
 `data.sources.records`.
 
-  python -m visionfm_jax.tools.prepare_data \
+  python -m visionfm_jax.datatools.prepare_data \
       --format=folders|webdataset|coco|visual_genome|caption_files|caption_table --input=... \
       --output=DIR [--split=train] [--resize_shorter=N] [--verify] [--num_workers=P] [--records_per_shard=1000]
       [--unlabelled] [--follow_links] [--holdout_per_class=K | --holdout_examples=N] [--holdout_split=validation]
@@ -21,7 +21,7 @@ With --unlabelled, --input is a folder (or tree) of images without labels: every
 image-only record {image, key}. Such a tree (Aurora's 500M images) is never listed whole: each top-level folder
 (and the input's own files, as one more) is walked on its own, one directory at a time, in sorted path order, and
 cut into shards `<split>-<folder number>-<n>` of --records_per_shard images, with the folder's list of shards in
-`<split>-folders/` (tools/image_tree.py); --holdout_examples=N moves N images to --holdout_split, drawn by --seed
+`<split>-folders/` (image_tree.py); --holdout_examples=N moves N images to --holdout_split, drawn by --seed
 from the first 10 N images of the folders taken in a --seed-shuffled order.
 A symbolic link to a file is not followed: it is left out and counted as `link` (like a tar's link members), so a
 tree's link to a private file never copies it into the shards; --follow_links follows the links that resolve inside
@@ -91,7 +91,7 @@ a second is an error naming the holder; shards are written via `<shard>.<pid>.tm
 whose images lie in one class folder. Prints one summary line; errors print one line naming the culprit and exit with
 status 2.
 
-Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `tools.cluster_task`)
+Across a cluster: `--task_index=I --task_count=N` (default: from a SLURM job array, `datatools.cluster_task`)
 writes only the shards I, I + N, I + 2N, ... of the full list (--unlabelled: those of the top-level folders
 I, I + N, ..., the only ones it walks, and of the held-out shards), under the same names a single run writes,
 so the tasks' shard sets are disjoint and a task run twice resumes its own share and touches no other task's
@@ -117,14 +117,14 @@ from absl import flags
 from visionfm_jax import cli
 from visionfm_jax.data.sources import records, wds
 from visionfm_jax.data.text import pair_corpora
+from visionfm_jax.datatools import cluster_task
+from visionfm_jax.datatools.prepare_data import lock, shards
+from visionfm_jax.datatools.prepare_data.captioned import PAIR_FORMATS, convert_pairs
+from visionfm_jax.datatools.prepare_data.folders import convert_folders
+from visionfm_jax.datatools.prepare_data.own_pairs import LISTING_REASONS, OWN_PAIR_FORMATS, convert_own_pairs
+from visionfm_jax.datatools.prepare_data.shards import DEFAULT_RECORDS_PER_SHARD
+from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cluster_task
-from visionfm_jax.tools.prepare_data import lock, shards
-from visionfm_jax.tools.prepare_data.captioned import PAIR_FORMATS, convert_pairs
-from visionfm_jax.tools.prepare_data.folders import convert_folders
-from visionfm_jax.tools.prepare_data.own_pairs import LISTING_REASONS, OWN_PAIR_FORMATS, convert_own_pairs
-from visionfm_jax.tools.prepare_data.shards import DEFAULT_RECORDS_PER_SHARD
-from visionfm_jax.tools.prepare_data.webdataset import convert_webdataset
 
 FORMATS = ("folders", "webdataset", *PAIR_FORMATS, *OWN_PAIR_FORMATS)
 

@@ -13,8 +13,8 @@ import contextlib
 import os
 from typing import Iterator
 
+from visionfm_jax.datatools import cluster_task
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cluster_task
 from visionfm_jax.training.infra import workdir
 
 

@@ -10,12 +10,12 @@ import os
 import numpy as np
 
 from visionfm_jax.data.sources import records
+from visionfm_jax.datatools import cluster_task
+from visionfm_jax.datatools.prepare_data import image_tree, shards
+from visionfm_jax.datatools.prepare_data.images import ImageOptions, image_options
+from visionfm_jax.datatools.prepare_data.shards import ShardJob
+from visionfm_jax.datatools.prepare_data.unlabelled import convert_image_tree
 from visionfm_jax.errors import UserError
-from visionfm_jax.tools import cluster_task, image_tree
-from visionfm_jax.tools.prepare_data import shards
-from visionfm_jax.tools.prepare_data.images import ImageOptions, image_options
-from visionfm_jax.tools.prepare_data.shards import ShardJob
-from visionfm_jax.tools.prepare_data.unlabelled import convert_image_tree
 
 
 def _folder_jobs(tree: image_tree.ClassTree, input_dir: str, output_dir: str, split: str, indices: np.ndarray,

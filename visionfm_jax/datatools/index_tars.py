@@ -1,9 +1,9 @@
 r"""Indexes img2dataset WebDataset tars for the `wds:` source, which trains from them in place, and picks the
 LAION score threshold that keeps a given number of samples.
 
-  python -m visionfm_jax.tools.index_tars --input=GLOB [--index_dir=DIR] [--num_workers=P]
+  python -m visionfm_jax.datatools.index_tars --input=GLOB [--index_dir=DIR] [--num_workers=P]
       [--task_index=I --task_count=N]
-  python -m visionfm_jax.tools.index_tars --input=GLOB [--index_dir=DIR] --keep=K [--max_pwatermark=W]
+  python -m visionfm_jax.datatools.index_tars --input=GLOB [--index_dir=DIR] --keep=K [--max_pwatermark=W]
       [--max_punsafe=U] [--selection_out=FILE] [--expect_samples=E]
 
 Writes next to each tar matching GLOB its `<tar>.index.npz` (`data.sources.wds.index_tar`: per sample with an image
@@ -15,7 +15,7 @@ then takes the option `;index_dir=DIR`. An index that cannot be written (a read-
 disk) is one error line naming it. Reads each tar's headers, captions and .json members once, decoding no image
 (about 10,000 samples per CPU-second). A tar whose index was written for its current size is skipped, so a rerun
 resumes. Across a cluster, task I of N indexes the tars I, I + N, ... of the sorted list of names matching GLOB
-(`tools.cluster_task`; default: from a SLURM job array), and stats, checks and writes only those: a task's load on
+(`datatools.cluster_task`; default: from a SLURM job array), and stats, checks and writes only those: a task's load on
 the file system's metadata is its share's, besides the one listing of GLOB. Then train with
 `--config.data.source='wds:GLOB'`. Prints one summary line; errors print one line naming the culprit and exit with
 status 2.
@@ -63,8 +63,8 @@ import numpy as np
 
 from visionfm_jax import atomic, cli
 from visionfm_jax.data.sources import wds
+from visionfm_jax.datatools import cluster_task
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cluster_task
 
 SELECT_FLAGS = ("max_pwatermark", "max_punsafe", "selection_out", "expect_samples")
 DIGIT_BITS = 16  # bits of the ordered score keys that one histogram pass resolves

@@ -15,10 +15,10 @@ from typing import Iterator
 
 from visionfm_jax import atomic
 from visionfm_jax.data.sources import records
-from visionfm_jax.tools import cluster_task, image_tree
-from visionfm_jax.tools.prepare_data import shards
-from visionfm_jax.tools.prepare_data.images import ImageOptions
-from visionfm_jax.tools.prepare_data.shards import ShardJob
+from visionfm_jax.datatools import cluster_task
+from visionfm_jax.datatools.prepare_data import image_tree, shards
+from visionfm_jax.datatools.prepare_data.images import ImageOptions
+from visionfm_jax.datatools.prepare_data.shards import ShardJob
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,11 +31,10 @@ import numpy as np
 
 from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records
+from visionfm_jax.datatools.prepare_data import image_tree, shards
+from visionfm_jax.datatools.prepare_data.images import image_options, read_image_file
+from visionfm_jax.datatools.prepare_data.shards import Example, ShardJob, refused
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import image_tree
-from visionfm_jax.tools.prepare_data import shards
-from visionfm_jax.tools.prepare_data.images import image_options, read_image_file
-from visionfm_jax.tools.prepare_data.shards import Example, ShardJob, refused
 
 OWN_PAIR_FORMATS = ("caption_files", "caption_table")
 CAPTION_SUFFIX = ".txt"

@@ -1,14 +1,14 @@
 r"""Trains a SentencePiece tokenizer (pad=0, unk=1, bos=2, eos=3) for the text towers.
 
-  python -m visionfm_jax.tools.train_tokenizer --input=TEXT --vocab_size=N --out=PATH
-  python -m visionfm_jax.tools.train_tokenizer --records='/data/laion_filtered/train-*.array_record' \
+  python -m visionfm_jax.datatools.train_tokenizer --input=TEXT --vocab_size=N --out=PATH
+  python -m visionfm_jax.datatools.train_tokenizer --records='/data/laion_filtered/train-*.array_record' \
       --vocab_size=32000 --out=/data/laion_filtered/tokenizer_32k [--max_sentences=10000000] [--seed=0]
-  python -m visionfm_jax.tools.train_tokenizer --tars='/raw/laion/*.tar' --vocab_size=32000 --out=PATH
-  python -m visionfm_jax.tools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
+  python -m visionfm_jax.datatools.train_tokenizer --tars='/raw/laion/*.tar' --vocab_size=32000 --out=PATH
+  python -m visionfm_jax.datatools.train_tokenizer --shapes_records=20000 --vocab_size=256 \
       --normalization=identity --num_threads=1 --out=visionfm_jax/data/text/assets/shapes_tokenizer   # the demo's
 
 The captions are streamed, never the images decoded: TEXT holds one caption per line; --records reads the
-`caption` field of the ArrayRecord files matching GLOB (as tools.prepare_data and tools.filter_clip_score write
+`caption` field of the ArrayRecord files matching GLOB (as datatools.prepare_data and datatools.filter_clip_score write
 them; files in name order, records without a caption or unreadable skipped: only the caption of each msgpack
 map is built, its image bytes are skipped over); --tars reads the `.txt` members of the img2dataset tars
 matching GLOB (names in order, each tar read front to back once, other members skipped over). Of all the

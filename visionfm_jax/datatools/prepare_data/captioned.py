@@ -16,10 +16,10 @@ from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records
 from visionfm_jax.data.text import pair_corpora
 from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.datatools.prepare_data import shards
+from visionfm_jax.datatools.prepare_data.images import image_options, read_image_file, shrink_to_shorter_side
+from visionfm_jax.datatools.prepare_data.shards import Example, ShardJob, refused
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools.prepare_data import shards
-from visionfm_jax.tools.prepare_data.images import image_options, read_image_file, shrink_to_shorter_side
-from visionfm_jax.tools.prepare_data.shards import Example, ShardJob, refused
 
 PAIR_FORMATS = ("coco", "visual_genome")  # captioned data sets in their released layouts (data/text/pair_corpora.py)
 

@@ -1,6 +1,6 @@
 r"""Prepares TFDS' `imagenet2012` in ArrayRecord format from ImageNet's own tars, without TensorFlow.
 
-  python -m visionfm_jax.tools.build_tfds --name=imagenet2012 --data_dir=/data/tfds [--splits=validation]
+  python -m visionfm_jax.datatools.build_tfds --name=imagenet2012 --data_dir=/data/tfds [--splits=validation]
 
 reads `<data_dir>/downloads/manual/ILSVRC2012_img_train.tar` (a tar of one tar per synset) and
 `ILSVRC2012_img_val.tar` (50,000 flat JPEGs), or only the one of each split --splits names (zero-shot evaluation

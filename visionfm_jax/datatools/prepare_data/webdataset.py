@@ -16,11 +16,11 @@ import numpy as np
 
 from visionfm_jax.data import limits
 from visionfm_jax.data.sources import records, wds
+from visionfm_jax.datatools import cluster_task
+from visionfm_jax.datatools.prepare_data import shards
+from visionfm_jax.datatools.prepare_data.images import ImageOptions, image_options
+from visionfm_jax.datatools.prepare_data.shards import Example, ShardJob, refused
 from visionfm_jax.errors import DataError, UserError
-from visionfm_jax.tools import cluster_task
-from visionfm_jax.tools.prepare_data import shards
-from visionfm_jax.tools.prepare_data.images import ImageOptions, image_options
-from visionfm_jax.tools.prepare_data.shards import Example, ShardJob, refused
 
 
 def read_tar(job: ShardJob) -> Iterator[Example]:
