@@ -168,7 +168,7 @@ class FeatureProbe:
     self._features = jax.jit(features)
     self._splits = {w: split_config(probe_cfg, data_cfg, w) for w in ("train", "eval")}
     what = f"config.probe.source={probe_cfg.source!r}" if probe_cfg.source else None
-    self._sources = {w: data.open_eval_source(cfg, what) for w, cfg in self._splits.items()}  # fail at start-up
+    self._sources = {w: ctx.open_eval_source(cfg, what) for w, cfg in self._splits.items()}  # fail at start-up
 
   def features(self, params, which: str) -> tuple[np.ndarray, np.ndarray]:
     batches = data.make_eval_iterator(self._splits[which], batch_size=self.ctx.local_batch_size,

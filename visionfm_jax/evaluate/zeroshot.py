@@ -138,13 +138,13 @@ def zeroshot_source_what(eval_cfg, data_cfg) -> str:
   return sources.eval_source_what(data_cfg)
 
 
-def open_zeroshot_source(eval_cfg, data_cfg):
-  """The zero-shot images (`data_cfg`, contrastive.zeroshot_data_config), opened and checked: ConfigError naming the
-  fields to change when its records have no labels, so that the run stops at start-up, not at its first
-  evaluation."""
+def open_zeroshot_source(eval_cfg, data_cfg, open_source=data.open_eval_source):
+  """The zero-shot images (`data_cfg`, contrastive.zeroshot_data_config), opened by `open_source` (an
+  EvalContext's: shared with the other evaluators) and checked: ConfigError naming the fields to change when its
+  records have no labels, so that the run stops at start-up, not at its first evaluation."""
   check_zeroshot_source(data_cfg)
   what = zeroshot_source_what(eval_cfg, data_cfg)
-  source = data.open_eval_source(data_cfg, what=what)
+  source = open_source(data_cfg, what=what)
   record = first_readable_record(source)
   if record is not None and "label" not in record:
     raise ConfigError(f"{CLASSES_FIELD}={eval_cfg.zeroshot_classes!r} needs labelled eval images; the eval data "
@@ -307,7 +307,7 @@ def benchmark_evaluators(eval_cfg, data_cfg, score: TopKEvaluator, embeddings: C
   for name, spec in benchmarks:
     what = f"{BENCHMARKS_FIELD} {name!r}={spec!r}"
     bench_cfg = benchmark_data_config(data_cfg, spec)
-    source = data.open_eval_source(bench_cfg, what=what)
+    source = ctx.open_eval_source(bench_cfg, what=what)
     names = imagenet_class_names(data.class_names(spec, bench_cfg, what=what), what)
     evaluator = ZeroShotEvaluator(score, embeddings, names, templates)
     batches = functools.partial(data.make_eval_iterator, bench_cfg, batch_size=ctx.local_batch_size,

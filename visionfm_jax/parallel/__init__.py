@@ -10,7 +10,7 @@ from visionfm_jax.parallel.batch import (
                                          host_to_global,
 )
 from visionfm_jax.parallel.memory import bytes_per_device, tree_bytes_per_device
-from visionfm_jax.parallel.mesh import AXES, make_mesh, mesh_shape
+from visionfm_jax.parallel.mesh import AXES, data_mesh, make_mesh, mesh_shape
 from visionfm_jax.parallel.sharding import (
                                          STRATEGY_SHARDS,
                                          activation_mesh,

@@ -42,3 +42,9 @@ def make_mesh(mesh_cfg, devices=None) -> Mesh:
   devices.sort(key=lambda d: (d.process_index, d.id))
   shape = mesh_shape(mesh_cfg, len(devices))
   return Mesh(np.array(devices, dtype=object).reshape([shape[a] for a in AXES]), AXES)
+
+
+def data_mesh(devices=None) -> Mesh:
+  """Every device (or those of `devices`) on the data axis: each batch split across them, the params replicated;
+  the mesh of the tools that run a trained model."""
+  return make_mesh({"data": -1, "fsdp": 1, "tensor": 1}, devices)

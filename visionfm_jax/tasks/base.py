@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -43,7 +44,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
-from visionfm_jax import config_lib, models, parallel
+from visionfm_jax import config_lib, data, models, parallel
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.data.transforms import device_augment, naflex
 from visionfm_jax.data.transforms import host as transforms
@@ -58,11 +59,21 @@ def compute_dtype(precision_cfg):
 
 @dataclasses.dataclass
 class EvalContext:
-  """What an evaluator needs from the loop: the mesh and how to place host batches on it."""
+  """What an evaluator needs from the loop: the mesh, how to place host batches on it, and the eval sources that
+  the evaluators and the panel built with it share (`open_eval_source`)."""
   mesh: Mesh
   batch_size: int  # global examples per eval batch
   process_index: int
   process_count: int
+  opened: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+  def open_eval_source(self, data_cfg, what: str | None = None):
+    """`data.open_eval_source`, opened once per (source spec, split) for all who share this context: the copies
+    of config.data that evaluators read differ from it in their eval source, split and counts only."""
+    key = (sources.eval_source_spec(data_cfg), data_cfg.eval_split)
+    if key not in self.opened:
+      self.opened[key] = data.open_eval_source(data_cfg, what)
+    return self.opened[key]
 
   @property
   def local_batch_size(self) -> int:
@@ -211,14 +222,19 @@ class Task(abc.ABC):
   couples_examples = False
   splits_loss = False
 
-  def check_class_count(self, class_names: Callable[[], list[str]], field: str, num_classes: int,
-                        what: str = "classes", *, exact: bool = False) -> None:
+  @functools.cached_property
+  def class_names(self) -> list[str]:
+    """The training data's class names in label order, derived once (the loader's check, the panel); DataError
+    when it has none."""
+    return data.train_class_names(self.config.data)
+
+  def check_class_count(self, field: str, num_classes: int, what: str = "classes", *, exact: bool = False) -> None:
     """ConfigError when the data source names more classes than the head has (labels would index past it), or,
     `exact`, any other number than the head has (a larger head trains outputs that no label names: ImageNet-21K
     winter21's 19,167 classes under fall11's 21,841-way head); nothing when the source has no class names (or no
     data: the loader says so next). The dense tasks' heads may add classes (segmentation's background)."""
     try:
-      names = class_names()
+      names = self.class_names
     except DataError:
       return
     if len(names) > num_classes or exact and len(names) != num_classes:

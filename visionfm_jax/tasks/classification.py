@@ -33,8 +33,7 @@ class ClassificationTask(Task):
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
     # Exact: the loaders label by the data's class names (a mixture's union of them), so a larger head only adds
     # outputs no label names; a new set of classes gets a fresh head (config.init_from_skip='head').
-    self.check_class_count(lambda: data.train_class_names(self.config.data),
-                           "config.model.num_classes", self.config.model.num_classes, exact=True)
+    self.check_class_count("config.model.num_classes", self.config.model.num_classes, exact=True)
     return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
                                   process_index=process_index, process_count=process_count,
                                   num_classes=self.config.model.num_classes)
@@ -44,7 +43,7 @@ class ClassificationTask(Task):
       return self.logits(params, self.normalize(images), train=False)
 
     top1 = classification_eval.TopKEvaluator(predict, ctx, ks=(1, 5))
-    source = data.open_eval_source(self.config.data)
+    source = ctx.open_eval_source(self.config.data)
 
     def run_val(params):
       batches = data.make_eval_iterator(self.config.data, batch_size=ctx.local_batch_size,
@@ -56,9 +55,8 @@ class ClassificationTask(Task):
 
   def panel(self, ctx: EvalContext):
     """PANEL_EXAMPLES validation images, each with its true class and the 3 most probable ones."""
-    source = data.open_eval_source(self.config.data)
-    names = panels.class_names_or_numbers(lambda: data.train_class_names(self.config.data),
-                                          self.config.model.num_classes)
+    source = ctx.open_eval_source(self.config.data)
+    names = panels.class_names_or_numbers(lambda: self.class_names, self.config.model.num_classes)
     probabilities = jax.jit(lambda params, batch: jax.nn.softmax(
         self.logits(params, self.normalize(batch["image"]), train=False), -1))
 

@@ -77,6 +77,11 @@ class ContrastiveTask(SplitLossTask):
     return image_text.load_tokenizer(self.config)
 
   @functools.cached_property
+  def zeroshot_classes(self) -> tuple[list[str], list[str]] | None:
+    """(class names, prompt templates) of config.eval.zeroshot_classes, shared by the evaluator and the panel."""
+    return zeroshot.zeroshot_classes(self.config.eval, zeroshot_data_config(self.config.data, self.config.eval))
+
+  @functools.cached_property
   def class_embeddings(self) -> zeroshot.ClassEmbeddings:
     """Shared by the zero-shot evaluators and the panel: one text-tower pass per class set and evaluation."""
     return zeroshot.ClassEmbeddings(jax.jit(self.embed_texts), self.tokenizer.encode_batch)
@@ -134,8 +139,8 @@ class ContrastiveTask(SplitLossTask):
     out, score = {}, zeroshot.scorer(self.embed_images, ctx)  # one program for the zero-shot sets of a class count
     if eval_cfg.zeroshot_classes:
       data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
-      source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg)  # labelled, or the run stops now
-      names, templates = zeroshot.zeroshot_classes(eval_cfg, data_cfg)
+      source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg, ctx.open_eval_source)  # labelled, or it stops
+      names, templates = self.zeroshot_classes
       zs = zeroshot.ZeroShotEvaluator(score, self.class_embeddings, names, templates)
       out["zeroshot"] = _zeroshot_run(zs, data_cfg, source, ctx)
       for tokens in eval_cfg.get("zeroshot_naflex_tokens", ()) if self.naflex else ():
@@ -152,11 +157,7 @@ class ContrastiveTask(SplitLossTask):
   def panel(self, ctx: EvalContext):
     """The first held-out pairs: each image with its 3 nearest zero-shot classes (config.eval.zeroshot_classes), and
     4 captions with the 3 images that they retrieve among them."""
-    eval_cfg = self.config.eval
-    classes = None
-    if eval_cfg.zeroshot_classes:
-      classes = zeroshot.zeroshot_classes(eval_cfg, zeroshot_data_config(self.config.data, eval_cfg))
-    return image_text.pairs_panel(self, image_text.held_out_pairs(self, ctx), ctx, classes)
+    return image_text.pairs_panel(self, image_text.held_out_pairs(self, ctx), ctx, self.zeroshot_classes)
 
   def synthetic_batch(self, batch_size, rng):
     captions = image_text.synthetic_captions(self.config.model.text, batch_size, rng)

@@ -31,6 +31,8 @@ loop logs no train/mfu for detection runs.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from visionfm_jax import data
@@ -88,14 +90,18 @@ class DetectionTask(Task):
                                                       index, **self.weights)
     return loss, {f"train/loss_{name}": value for name, value in parts.items()}
 
+  @functools.cached_property
+  def class_names(self) -> list[str]:
+    return dense_data.class_names(self.config.data, "detection")
+
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    self.check_class_count(lambda: dense_data.class_names(self.config.data, "detection"), "config.head.num_classes",
-                           self.config.head.num_classes)
+    self.check_class_count("config.head.num_classes", self.config.head.num_classes)
     return data.make_dense_train_loader(self.config.data, "detection", batch_size=batch_size, seed=seed,
                                         process_index=process_index, process_count=process_count)
 
   def evaluators(self, ctx: EvalContext):
-    ground_truth = data.coco_ground_truth(self.config.data, self.config.data.eval_split)
+    source = ctx.open_eval_source(self.config.data)
+    ground_truth = data.coco_ground_truth(self.config.data, source=source)
 
     def predict(params, images):
       return self.predict(params, images, train=False)
@@ -104,7 +110,8 @@ class DetectionTask(Task):
 
     def run_det(params):
       batches = data.make_dense_eval_iterator(self.config.data, "detection", batch_size=ctx.local_batch_size,
-                                              process_index=ctx.process_index, process_count=ctx.process_count)
+                                              process_index=ctx.process_index, process_count=ctx.process_count,
+                                              source=source)
       return evaluator(params, batches)
 
     return {"det": run_det}

@@ -119,7 +119,7 @@ def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[di
   """() -> this process's batches of the held-out pairs (data.eval_source or data.source, data.eval_split, the
   first data.eval_examples; SimMIM masks with `mim`). The source is opened now, so that a missing dataset stops
   the run at start-up, and its first captions checked against the tokenizer (`check_tokenizer_fits_captions`)."""
-  source = data.open_eval_source(task.config.data)
+  source = ctx.open_eval_source(task.config.data)
   check_tokenizer_fits_captions(task, source)
   return lambda: data.make_pair_eval_iterator(task.config.data, task.tokenizer, batch_size=ctx.local_batch_size,
                                               process_index=ctx.process_index, process_count=ctx.process_count,

@@ -18,6 +18,8 @@ FLOPs (about a third for ViT-H at 512 px) and no analytic counter covers them, s
 
 from __future__ import annotations
 
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 
@@ -80,19 +82,23 @@ class SegmentationTask(Task):
     return segmenter.sliding_window_logits(lambda crops: self.logits(params, crops, train=False), images,
                                            self.eval_window, self.eval_stride, self.num_classes)
 
+  @functools.cached_property
+  def class_names(self) -> list[str]:
+    return dense_data.class_names(self.config.data, KIND)
+
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    self.check_class_count(lambda: dense_data.class_names(self.config.data, KIND), "config.head.num_classes",
-                           self.num_classes, what="segmentation classes")
+    self.check_class_count("config.head.num_classes", self.num_classes, what="segmentation classes")
     return dense_data.make_dense_train_loader(self.config.data, KIND, batch_size=batch_size, seed=seed,
                                               process_index=process_index, process_count=process_count)
 
   def evaluators(self, ctx: EvalContext):
     evaluator = SegmentationEvaluator(self.predict, ctx, self.num_classes, IGNORE)
+    source = ctx.open_eval_source(self.config.data)
 
     def run_seg(params):
       batches = dense_data.make_dense_eval_iterator(
           self.config.data, KIND, batch_size=ctx.local_batch_size, process_index=ctx.process_index,
-          process_count=ctx.process_count)
+          process_count=ctx.process_count, source=source)
       return evaluator(params, batches)
 
     return {"seg": run_seg}

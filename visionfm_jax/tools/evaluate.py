@@ -31,17 +31,16 @@ from typing import Sequence
 
 from absl import flags
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
-import numpy as np
 
 from visionfm_jax import atomic, cli, config_lib, parallel
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
-from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.trained import loader
 from visionfm_jax.training import checkpoint
+from visionfm_jax.training import evaluation as evaluation_lib
 
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
@@ -65,22 +64,19 @@ def run(config, path: str, *, step: int | None = None, batch_size: int = 256) ->
   if batch_size < 1:
     raise UserError(f"--batch_size={batch_size}: must be positive")
   config_lib.check_domains(config)  # the --config.* overrides
-  devices = np.array(jax.devices())
-  mesh = Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)  # all on data
-  batch_size = -(-batch_size // len(devices)) * len(devices)
+  mesh = parallel.data_mesh()
+  batch_size = -(-batch_size // mesh.size) * mesh.size
   loaded = loader.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh)
   if loaded.step is not None and jax.process_index() == 0:  # its params checked; the rest of the state too
     checkpoint.warn_of_damaged_parts(loaded.origin, loaded.step)
-  evaluators = loaded.task.evaluators(EvalContext(mesh, batch_size, jax.process_index(), jax.process_count()))
-  if not evaluators:
+  evaluation = evaluation_lib.build(loaded.task, mesh, batch_size, panel=False)
+  if not evaluation.evaluators:
     raise UserError(f"--checkpoint={path}: its config runs no evaluators (see config.eval)")
-  results = {}
-  # Run as the training loop runs them (training/train.py): the same programs, which a persistent compile cache
-  # the run wrote (JAX_COMPILATION_CACHE_DIR) then serves on the same devices instead of compiling them again.
+  # Run as the training loop runs them: the same programs, which a persistent compile cache the run wrote
+  # (JAX_COMPILATION_CACHE_DIR) then serves on the same devices instead of compiling them again.
   with parallel.activation_sharding(mesh):
-    for name, evaluate in evaluators.items():
-      results.update({f"eval/{name}/{metric}": float(value) for metric, value in evaluate(loaded.params).items()})
-  return {**results, "step": loaded.step}
+    results = evaluation.of_params(loaded.params, loaded.step)
+  return {**{name: float(value) for name, value in results.items()}, "step": loaded.step}
 
 
 def _main(fv, rest: list[str]) -> None:

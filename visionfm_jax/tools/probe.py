@@ -27,10 +27,9 @@ from typing import Sequence
 
 from absl import flags
 import jax
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from ml_collections import config_flags
-import numpy as np
 
 from visionfm_jax import cli, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
@@ -72,9 +71,8 @@ def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256,
     raise UserError(f"--batch_size={batch_size}: must be positive")
   config_lib.check_domains(config)  # the --config.* overrides
   workdir = os.path.expanduser(workdir)
-  devices = np.array(jax.devices())
-  mesh = Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)  # all on data
-  batch_size = -(-batch_size // len(devices)) * len(devices)
+  mesh = parallel.data_mesh()
+  batch_size = -(-batch_size // mesh.size) * mesh.size
   task = tasks.build(config, mesh)
   step = workdir_lib.checkpoint_step(workdir, step)
   params = workdir_lib.load_params(task, workdir, step, sharding=NamedSharding(mesh, P()), use_ema=use_ema)

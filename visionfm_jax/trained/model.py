@@ -65,12 +65,6 @@ BATCH_BUCKETS = (1, 8, 64)  # the batch sizes below `batch_size` that a call is 
 # multiple of the device count): one compile each, so that one image costs a batch of one, not of `batch_size`
 
 
-def _all_devices_mesh() -> Mesh:
-  """Every device on the data axis: each batch split across them, the params replicated."""
-  devices = np.array(jax.devices())
-  return Mesh(devices.reshape((len(devices),) + (1,) * (len(parallel.AXES) - 1)), parallel.AXES)
-
-
 def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64,
          max_tokens: int | None = None) -> TrainedModel:
   """The model at `path` (module docstring) as a TrainedModel: a training workdir of any task (its newest
@@ -82,7 +76,7 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-  mesh = _all_devices_mesh()
+  mesh = parallel.data_mesh()
   loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema)
   return TrainedModel(loaded, mesh, batch_size, _token_budget(loaded, max_tokens))
 

@@ -23,7 +23,6 @@ import numpy as np
 
 from visionfm_jax import parallel, tasks
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
-from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import (
   checkpoint,
   checks,
@@ -34,6 +33,7 @@ from visionfm_jax.training import (
   optim,
   prefetch,
 )
+from visionfm_jax.training import evaluation as evaluation_lib
 from visionfm_jax.training import plan as plan_lib
 from visionfm_jax.training import state as state_lib
 from visionfm_jax.training import step as step_lib
@@ -80,9 +80,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   train_iter = iter(loader)
   # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too, before the
   # workdir records the data (a run stopped here leaves a new workdir empty, and so removed).
-  eval_context = EvalContext(mesh, run_plan.batch.micro_batch, jax.process_index(), jax.process_count())
-  evaluators = task.evaluators(eval_context)
-  panel = task.panel(eval_context)
+  evaluation = evaluation_lib.build(task, mesh, run_plan.batch.micro_batch)
   if data_record.check(config, workdir, loader.identity, checkpoint.newest_committed_step(checkpoint_dir)):
     train_iter.follow_changed_data()
   tx = optim.make_optimizer(config.optim, run_plan.lr_schedule, task.model)
@@ -107,8 +105,8 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
     rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, list(run_plan.resume_changes))
     final = None
     try:
-      last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel,
-                   checkpointer, writer, task, rollbacks)
+      last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer,
+                   writer, task, rollbacks)
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
@@ -118,8 +116,8 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
   return last
 
 
-def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluators, panel, checkpointer,
-          writer, task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
+def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer, writer,
+          task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
   """Trains from `start_step` to config.total_steps, running after each step the periodic actions that are due
   (`_periodic_actions`, in their order; an action that returns False skips the step's later ones)."""
   total = config.total_steps
@@ -128,10 +126,10 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   loop = _Loop(config, state, start_step, batches, _Window(config, task), checkpointer, writer,
                faults.Watchdog(config.step_timeout_s), rollbacks)
-  actions = _periodic_actions(config, rollbacks, progress, evaluators, panel, train_iter, batch_sharding)
+  actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding)
   try:
     if loop.step == total:
-      loop.last.update(_complete(state, loop.step, evaluators, panel, writer, loop.watchdog))
+      loop.last.update(evaluation.complete(state, loop.step, writer, loop.watchdog))
     while loop.step < total and not loop.stopped:
       loop.train_one_step(train_step, preemption, start_step)
       for every, action in actions:
@@ -149,7 +147,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   return loop.last
 
 
-def _periodic_actions(config, rollbacks, progress, evaluators, panel, train_iter, batch_sharding):
+def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding):
   """((when, action(loop) -> whether the step's later actions run), ...) in the order they run after a step:
   before a log or save the checks that keep a bad state out of checkpoints (a rollback where health fired, else
   a stop on a non-finite loss) and a stop on workdir faults; then log, save, evaluate, and exit at a preemption."""
@@ -163,8 +161,7 @@ def _periodic_actions(config, rollbacks, progress, evaluators, panel, train_iter
           (before_save, _stop_on_workdir_faults),
           (_Every((config.log_every,), total, at_preemption=True), functools.partial(_log, progress=progress)),
           (_Every((config.checkpoint_every,), total, at_preemption=True), _save),
-          (_Every((config.eval_every,), total), functools.partial(_evaluate_and_draw, evaluators=evaluators,
-                                                                   panel=panel)),
+          (_Every((config.eval_every,), total), functools.partial(_evaluate, evaluation=evaluation)),
           (_Every((), at_preemption=True), _exit_at_preemption))
 
 
@@ -325,13 +322,9 @@ def _save(loop: _Loop) -> bool:
   return True
 
 
-def _evaluate_and_draw(loop: _Loop, evaluators, panel) -> bool:
+def _evaluate(loop: _Loop, evaluation: evaluation_lib.Evaluation) -> bool:
   loop.watchdog.phase("an evaluation", loop.step)
-  results = _evaluate_state(evaluators, loop.state, loop.step)
-  loop.writer.write(loop.step, results)
-  if panel is not None:
-    _draw_panel(panel, loop.state.params, loop.step, loop.writer)
-  loop.last.update(results)
+  loop.last.update(evaluation.write(loop.state, loop.step, loop.writer))
   loop.window.restart()
   return True
 
@@ -372,35 +365,6 @@ def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_i
   return state
 
 
-def _evaluate(evaluators, params, step, weights: str = "") -> dict[str, float]:
-  """{eval/<weights/><evaluator>/<metric>: value} of `params`; `weights` names other weights than the params
-  ('ema')."""
-  results = {}
-  for name, evaluate in evaluators.items():
-    t0 = time.perf_counter()
-    prefix = f"eval/{weights + '/' if weights else ''}{name}/"
-    for metric, value in evaluate(params).items():
-      results[f"{prefix}{metric}"] = value
-    logging.info("step %d eval %s%s: %s (%.1fs)", step, weights + " " if weights else "", name,
-                 console.format_metrics(results, prefix), time.perf_counter() - t0)
-  return results
-
-
-def _evaluate_state(evaluators, state, step) -> dict[str, float]:
-  """The evaluations of the params and, when the state has one, of their EMA (laid out as the params)."""
-  results = _evaluate(evaluators, state.params, step)
-  if state.ema_params is not None:
-    ema_params = jax.device_put(state.ema_params, jax.tree.map(lambda p: p.sharding, state.params))
-    results.update(_evaluate(evaluators, ema_params, step, "ema"))
-  return results
-
-
-def _draw_panel(panel, params, step: int, writer) -> None:
-  t0 = time.perf_counter()
-  writer.panel(step, panel(params))
-  logging.info("step %d panel: panels/step_%d.png (%.1fs)", step, step, time.perf_counter() - t0)
-
-
 def _last_checkpoint(checkpointer) -> str:
   """The newest committed checkpoint (after the saves in flight commit) that this run verified
   (`checkpoint.last_good_text`)."""
@@ -418,28 +382,6 @@ def data_counts(train_iter) -> dict[str, float]:
   if jax.process_count() > 1:
     counts = np.asarray(multihost_utils.process_allgather(counts)).reshape(-1, 2).sum(0)
   return {"data/skipped": float(counts[0]), "data/skipped_fraction": float(counts[0] / max(counts[1], 1))}
-
-
-def _complete(state, step: int, evaluators, panel, writer, watchdog) -> dict[str, float]:
-  """The last metrics of a run found at its last step (a rerun, or a requeue after a process stopped between its last
-  checkpoint and its final evaluation): metrics.jsonl's, the latest value of each, with the final evaluation and
-  panel that the last step makes where the workdir lacks them. Process 0 reads metrics.jsonl and decides for all."""
-  logged = {k for row in writer.start.kept if row["step"] == step for k in row}
-  evaluated = not evaluators or faults.agreed(not writer.enabled or any(k.startswith("eval/") for k in logged))
-  drawn = panel is None or faults.agreed(not writer.enabled or any(at == step for at, _ in writer.start.panels))
-  missing = " and ".join(what for what, made in (("evaluation", evaluated), ("panel", drawn)) if not made)
-  logging.info("step %d: the run was already complete%s", step, f"; making its final {missing}" if missing else "")
-  last = {k: float(v) for row in writer.start.kept for k, v in row.items()
-          if k != "step" and isinstance(v, (int, float))}
-  if missing:
-    watchdog.phase("an evaluation", step)
-  if not evaluated:
-    results = _evaluate_state(evaluators, state, step)
-    writer.write(step, results)
-    last.update(results)
-  if not drawn:
-    _draw_panel(panel, state.params, step, writer)
-  return last
 
 
 def _rollbacks(config, state, checkpointer, start_step: int, train_iter, changes: list[str]
