@@ -57,6 +57,8 @@ CASES = [
     ("negative_weight_decay", [DEMO, "--config.optim.weight_decay=-0.01"], ["config.optim.weight_decay"]),
     ("negative_clip", [DEMO, "--config.optim.clip_norm=-1"], ["config.optim.clip_norm"]),
     ("drop_path_one", [DEMO, "--config.model.drop_path=1.0"], ["config.model.drop_path=1.0", "[0, 1)"]),
+    ("unknown_text_act", ["--config=configs/swinv2_g_clip.py:demo", "--config.model.text.act=relu"],
+     ["config.model.text.act='relu'", "one of gelu, quick_gelu, gelu_pytorch_tanh"]),
     ("zero_batch", [DEMO, "--config.global_batch_size=0"], ["config.global_batch_size=0"]),
     ("zero_steps", [DEMO, "--config.total_steps=0"], ["config.total_steps=0"]),
     ("warmup_past_end", [DEMO, "--config.optim.warmup_steps=5000"], ["config.optim.warmup_steps=5000"]),

@@ -260,9 +260,9 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
   config = _config_from_flags(flag_line)
   model = models.build(config.model, jnp.float32, "cpu")
   converted, variables = _from_hf(path, False)
-  # The same function: remat only changes what a backward pass recomputes, and no pretrained windows (None)
+  # The same function: remat only changes what a backward pass recomputes, and no pretrained windows (())
   # means each stage's own window, as zeros do.
-  assert model.remat_policy != "none" and model.pretrained_window_sizes is None
+  assert model.remat_policy != "none" and model.pretrained_window_sizes == ()
   assert model.clone(remat_policy="none", pretrained_window_sizes=(0, 0)) == converted
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"]

@@ -7,6 +7,7 @@ import dataclasses
 import functools
 import importlib
 import inspect
+import json
 import pathlib
 import re
 
@@ -17,7 +18,8 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib, models
-from visionfm_jax.models import backbone, dense_heads, segmenter, swinv2, vit
+from visionfm_jax.models import backbone, dense_heads, layers, segmenter, swinv2, text, vit
+from visionfm_jax.trained import clip_config
 from visionfm_jax.training import optim
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
@@ -135,6 +137,74 @@ def test_the_backbone_families_answer_everything_and_the_registry_finds_them():
     assert models.hf_converter(model) == f"hf_{family.name}" and models.description(model)
   assert models.family_of(models.build(config_lib.model_config("clip"), jnp.float32, "cpu").text) is None
   assert models.layer_ids(models.build(config_lib.model_config("aurora"), jnp.float32, "cpu"), ["encoder/norm"]) is None
+
+
+def _another_value(row: config_lib.Field):
+  """A value of `row`'s domain other than its default, so that a config may set every field to one at once."""
+  default = row.default
+  if isinstance(default, bool):
+    return not default
+  if isinstance(row.domain, config_lib.Choices):
+    return next(name for name in reversed(row.domain.names) if name != default)
+  if isinstance(default, tuple):
+    return (2,) * 4  # per stage of the default SwinV2 ('T')
+  return default + 1 if isinstance(default, int) else default + 0.125
+
+
+def _varied(rows, module: type) -> dict:
+  """Another value of each row of `rows` that is a field of `module`."""
+  fields = backbone.module_fields(module)
+  return {name: _another_value(row) for name, row in rows.items() if name in fields}
+
+
+def _fields(model, names) -> dict:
+  return {name: getattr(model, name) for name in names}
+
+
+def _run_defaults(model):
+  """`model` with its RUN_FIELDS at their defaults: what it keeps of model.json or an imported config."""
+  fields = backbone.module_fields(type(model))
+  return model.clone(**{name: fields[name].default for name in backbone.RUN_FIELDS if name in fields})
+
+
+@pytest.mark.parametrize("family", ["vit", "swinv2"])
+def test_a_model_field_costs_its_row_and_its_math(family):
+  """A row that is a field of the module reaches it through the builder, and every field but the run's
+  (backbone.RUN_FIELDS) round-trips through model.json's fields: a new row and field need nothing else. A row
+  that is no field is the builder's to read: the variant, nothing else."""
+  module = {"vit": vit.ViT, "swinv2": swinv2.SwinV2}[family]
+  rows = config_lib.model_rows(family)
+  assert set(rows) - set(backbone.module_fields(module)) == {"name", "variant"}
+  config = config_lib.base_config(family)
+  varied = _varied(rows, module)
+  config.model.update(varied)
+  config_lib.check_domains(config)
+  model = models.BUILDERS[family](config.model, jnp.float32)
+  assert _fields(model, varied) == varied
+  assert models.from_checkpoint_fields(json.loads(json.dumps(models.checkpoint_fields(model)))) == _run_defaults(
+      model)
+
+
+def test_an_imported_clip_config_carries_every_field_of_its_towers(tmp_path):
+  """The config of a CLIP that no run trained (trained/clip_config.py) builds its towers whatever their fields
+  (but the run's); a row of the text tower is a field of it or its variant."""
+  text_rows = config_lib.model_rows("clip")["text"]
+  assert set(text_rows) - set(backbone.module_fields(text.TextTransformer)) == {"variant"}
+  config = config_lib.model_config("clip", image_tower="vit")
+  image = _varied(config_lib.model_rows("clip", image_tower="vit")["image"], vit.ViT)
+  words = _varied(text_rows, text.TextTransformer)
+  config.image.update(image)
+  config.text.update(words)
+  model = models.BUILDERS["clip"](config, jnp.float32)
+  assert (_fields(model.image, image), _fields(model.text, words)) == (image, words)
+  fields = clip_config.clip_fields(model, "tokenizer.json", str(tmp_path))
+  rebuilt = models.build(clip_config.task_config(fields).model, jnp.float32, "cpu")
+  assert _run_defaults(rebuilt.image) == _run_defaults(model.image)
+  assert _run_defaults(rebuilt.text) == _run_defaults(model.text)
+
+
+def test_the_activation_rows_name_the_activations_the_models_have():
+  assert config_lib.ACTIVATIONS == tuple(layers.ACTIVATIONS)
 
 
 def test_no_linen_class_of_models_carries_a_family_answer():

@@ -28,10 +28,16 @@ from visionfm_jax.config_lib.domains import (
 )
 from visionfm_jax.config_lib.loading import check_override, load
 from visionfm_jax.config_lib.model_schema import (
+                                             ACTIVATIONS,
+                                             ATTENTION,
+                                             EXTRA_NORM_SCOPES,
                                              LOGIT_SCALE_INIT,
+                                             MIM_VIEWS,
                                              REMAT_POLICIES,
+                                             TEXT_POOLS,
                                              TOWER_HEADLESS,
                                              TOWER_SHARED_FIELDS,
+                                             VIT_POOLS,
                                              model_rows,
 )
 from visionfm_jax.config_lib.recipes import finetune_backbone, full_scale_run

@@ -14,6 +14,10 @@ from visionfm_jax.errors import ConfigError
 # so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "everything_saveable")
+# The names of the models' other choices (their rows' domains), which models/ maps to its math.
+ATTENTION, ACTIVATIONS = ("auto", "softmax", "cudnn", "jax"), ("gelu", "quick_gelu", "gelu_pytorch_tanh")
+VIT_POOLS, TEXT_POOLS = ("cls", "gap", "map"), ("eos", "cls")
+EXTRA_NORM_SCOPES, MIM_VIEWS = ("stage", "global"), ("separate", "shared")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
 # The contrastive losses of a CLIP model (losses/image_text.py): CLIP's softmax over the batch, SigLIP's sigmoid
 # per pair.
@@ -40,22 +44,22 @@ BACKBONE = dict(
                       "stay stacked, so a run may change it at a resume (docs/performance.md)"),
     remat_policy=Field("nothing_saveable", Choices(REMAT_POLICIES),
                        "what the blocks' backward pass keeps (models/layers.py); none: no remat"),
-    attention=Field("auto", doc="auto (cuDNN on GPUs in bf16/fp16, else softmax) | softmax (einsums, hand-written "
-                    "backward) | cudnn (cuDNN flash attention, GPU) | jax (jax.nn.dot_product_attention choosing); "
-                    "kernels.ATTENTION"),
+    attention=Field("auto", Choices(ATTENTION), "auto (cuDNN on GPUs in bf16/fp16, else softmax) | softmax "
+                    "(einsums, hand-written backward) | cudnn (cuDNN flash attention, GPU) | jax "
+                    "(jax.nn.dot_product_attention choosing)"),
 )
 
 VIT = dict(
     variant=Field("B/16", doc="<size>/<patch>, a size of models/vit.py SIZES"),
-    pool=Field("cls", doc="cls | gap | map: the class token's features, the tokens' mean, or a MAP head (SigLIP's "
+    pool=Field("cls", Choices(VIT_POOLS), "the class token's features, the tokens' mean, or a MAP head (SigLIP's "
                "attention pooling)"),
     class_token=Field(True, doc="a learned class token before the patches; SigLIP's towers have none"),
     layer_norm_eps=Field(1e-6, POSITIVE, "the LayerNorms' epsilon"),
     qkv_bias=Field(True, doc="biases on the query, key and value projections"),
     pre_norm=Field(False, doc="a LayerNorm on the embedded tokens before the blocks (CLIP's image tower)"),
     patch_bias=Field(True, doc="the patch embedding's bias (CLIP's image tower has none)"),
-    act=Field("gelu", doc="the MLP activation: gelu (exact) | quick_gelu (OpenAI's CLIP) | gelu_pytorch_tanh "
-              "(a GPU candidate)"),
+    act=Field("gelu", Choices(ACTIVATIONS), "the MLP activation: gelu (exact) | quick_gelu (OpenAI's CLIP) | "
+              "gelu_pytorch_tanh (a GPU candidate)"),
     token_drop=Field(0.0, RATE, "in training, the fraction of each image's patch tokens dropped (FLIP); none at eval"),
 )
 
@@ -71,7 +75,8 @@ SWINV2 = dict(
     layer_norm_eps=Field(1e-5, POSITIVE, "the LayerNorms' epsilon"),
     extra_norm_period=Field(-1, Domain(0, integer=True, extra=(-1,), note="0: none; -1: the size's default"),
                             "main-branch LayerNorm every N blocks (6 for H and G by default)"),
-    extra_norm_scope=Field("stage", doc="stage | global: count blocks within each stage or across the network"),
+    extra_norm_scope=Field("stage", Choices(EXTRA_NORM_SCOPES), "count blocks within each stage or across the "
+                           "network"),
     token_subgrid=Field(1, Domain(1, integer=True, note="1: off"),
                         "k > 1: in training every k-th patch per axis (1 - 1/k^2 dropped, a random phase per image), "
                         "windows whole; none at eval (models/swinv2.py; a ViT's token_drop, open_clip's "
@@ -83,10 +88,11 @@ TEXT = dict(
     vocab_size=Field(32000, COUNT, "at least the tokenizer's pieces (pad 0, unk 1, bos 2, eos 3)"),
     max_len=Field(77, COUNT, "tokens per caption, BOS and EOS included"),
     eos_id=Field(3, NON_NEGATIVE_INT, "pooled position: the first eos_id of each row (pool='eos')"),
-    pool=Field("eos", doc="eos: EOS features (CLIP) | cls: a learned token appended after the caption (CoCa)"),
+    pool=Field("eos", Choices(TEXT_POOLS), "eos: EOS features (CLIP) | cls: a learned token appended after the "
+               "caption (CoCa)"),
     layer_norm_eps=Field(1e-5, POSITIVE, "the LayerNorms' epsilon"),
-    attention=Field("auto", doc="auto | softmax | cudnn | jax (causal)"),
-    act=Field("gelu", doc="the MLP activation: gelu (exact) | quick_gelu (OpenAI's CLIP)"),
+    attention=Field("auto", Choices(ATTENTION), "as the image's, causal"),
+    act=Field("gelu", Choices(ACTIVATIONS), "the MLP activation: gelu (exact) | quick_gelu (OpenAI's CLIP)"),
 )
 
 BACKBONES = {"vit": VIT, "swinv2": SWINV2}
@@ -140,8 +146,8 @@ def _aurora() -> dict:
       caption_queries=Field(256, COUNT, "learned queries of the captioning pooler: the decoder's cross-attention "
                             "memory"),
       decoder_depth=Field(12, COUNT, "multimodal decoder layers (width, heads and MLP of the text encoder)"),
-      mim_view=Field("separate", doc="separate: contrastive + captioning see the clean image, a second encoder pass "
-                     "the masked one (MIM); shared: one masked pass feeds all heads (models/aurora.py)"),
+      mim_view=Field("separate", Choices(MIM_VIEWS), "separate: contrastive + captioning see the clean image, a "
+                     "second encoder pass the masked one (MIM); shared: one masked pass feeds all heads"),
       encoder=tower_rows("swinv2", "name"),  # always a SwinV2; a mask token is added
       # the unimodal causal text encoder; the decoder shares its width
       text={**TEXT, "pool": dataclasses.replace(TEXT["pool"], default="cls")},

@@ -68,10 +68,10 @@ def description(model) -> str | None:
 
 
 def checkpoint_fields(model) -> dict[str, Any] | None:
-  """The fields that rebuild `model` (tools.import_hf's model.json; `from_checkpoint_fields`); None for a
-  model that does not rebuild from fields alone."""
-  fields = _answer(model, "checkpoint_fields")
-  return fields(model) if fields else None
+  """The fields that rebuild `model` (tools.import_hf's model.json; `from_checkpoint_fields`, backbone.py); None
+  for a model that does not rebuild from fields alone (its family names no variant)."""
+  family = family_of(model)
+  return backbone.checkpoint_fields(model, family.name, family.variant(model)) if family and family.variant else None
 
 
 def hf_converter(model) -> str | None:
@@ -82,10 +82,10 @@ def hf_converter(model) -> str | None:
 def from_checkpoint_fields(fields: dict):
   """The backbone that `fields` (its `checkpoint_fields`, e.g. a tools.import_hf model.json) describe; KeyError
   naming a missing field, or 'name' when it names no model that rebuilds from its fields alone (a ViT, a SwinV2)."""
-  family = next((f for f in FAMILIES.values() if f.name == fields.get("name") and f.from_checkpoint_fields), None)
+  family = next((f for f in FAMILIES.values() if f.name == fields.get("name") and f.variant), None)
   if family is None:
     raise KeyError("name")
-  return family.from_checkpoint_fields(fields)
+  return backbone.from_checkpoint_fields(family.module, fields)
 
 
 def build(model_cfg, dtype, platform: str):

@@ -27,7 +27,6 @@ key/value caches; the cross-attention keys and values of the memory are computed
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import einops
@@ -36,12 +35,10 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax.config_lib import LOGIT_SCALE_INIT
+from visionfm_jax.config_lib import LOGIT_SCALE_INIT, MIM_VIEWS, model_rows
 from visionfm_jax.models import backbone, layers, swinv2, towers
 from visionfm_jax.models import text as text_lib
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
-
-MIM_VIEWS = ("separate", "shared")
 
 
 class AttentionalPooler(nn.Module):
@@ -285,11 +282,8 @@ def build(model_cfg, dtype) -> Aurora:
                               vocab_size=text.vocab_size, layer_norm_eps=text.layer_norm_eps,
                               attention=text.attention, dtype=dtype, scan=model_cfg.scan,
                               scan_unroll=unroll, remat_policy=model_cfg.remat_policy)
-  kwargs = dict(encoder=encoder, text=text, decoder=decoder, embed_dim=model_cfg.embed_dim,
-                caption_queries=model_cfg.caption_queries, logit_scale_init=model_cfg.logit_scale_init,
-                mim_view=model_cfg.mim_view, dtype=dtype)
-  assert set(kwargs) <= {f.name for f in dataclasses.fields(Aurora)}
-  return Aurora(**kwargs)
+  return Aurora(**backbone.config_kwargs(Aurora, model_rows("aurora"), model_cfg), encoder=encoder, text=text,
+                decoder=decoder, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- the family (backbone.py)

@@ -25,10 +25,11 @@ tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `tow
                             model's {path: shape} where the model knows how (ViT: pos_embed resized; SwinV2:
                             nothing depends on the resolution); what it cannot carry is
                             returned as given, for the caller to report
-  description(model), checkpoint_fields(model), from_checkpoint_fields(fields), hf_converter
-                            for import/export tools: one line about the architecture, the config fields
-                            that rebuild it (model.json) and the model they describe, the module under
-                            visionfm_jax.convert that writes it for transformers (its `to_hf` and `hf_config`)
+  description(model), variant(model), hf_converter
+                            for import/export tools: one line about the architecture, the config's name of its
+                            size (model.json's `variant`, for a family that rebuilds from its fields alone:
+                            `checkpoint_fields` below), the module under visionfm_jax.convert that writes it for
+                            transformers (its `to_hf` and `hf_config`)
   checkpoint_conflicts(fields, checkpoint_fields)
                             {field: the value it needs} of a model config (a dict) whose weights come from a
                             checkpoint described by its own config fields, where the two disagree; only a family
@@ -51,11 +52,14 @@ have no layer ids, so `config.optim.layer_decay` is not available for them (opti
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 import dataclasses
 from typing import Any, Callable, Protocol, runtime_checkable
 
 import jax
 import numpy as np
+
+from visionfm_jax.config_lib import Field
 
 
 @runtime_checkable
@@ -84,10 +88,58 @@ class Family:
   layer_id: Callable[[Any, str], int | np.ndarray] | None = None
   adapt_checkpoint: Callable[[Any, dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None
   description: Callable[[Any], str] | None = None
-  checkpoint_fields: Callable[[Any], dict[str, Any]] | None = None
-  from_checkpoint_fields: Callable[[dict[str, Any]], Any] | None = None
+  variant: Callable[[Any], str | None] | None = None
   checkpoint_conflicts: Callable[[dict[str, Any], dict[str, Any]], dict[str, Any]] | None = None
   tower_fields: Callable[[dict[str, Any], str], dict[str, Any] | None] | None = None
+
+
+# A module's fields of how it trains, initialises or runs, not of the model its params hold: model.json and an
+# imported CLIP's config leave them to the run.
+RUN_FIELDS = ("dtype", "drop_path", "dropout", "head_bias_init", "logit_scale_init", "logit_bias_init", "scan_unroll",
+              "remat_policy", "attention", "token_drop", "token_subgrid")
+SAVED_AS = {"num_heads": "heads", "patch_size": "patch"}  # model.json's keys of two fields, as tools.import_hf writes
+
+
+def module_fields(module: type) -> dict[str, dataclasses.Field]:
+  """The fields that configure a Linen class (flax's `parent` and `name` aside)."""
+  return {f.name: f for f in dataclasses.fields(module) if f.name not in ("parent", "name")}
+
+
+def attribute(value):
+  """A config's or a JSON file's value as a module field holds it: a list as a tuple."""
+  return tuple(value) if isinstance(value, (list, tuple)) else value
+
+
+def row_fields(module: type, rows: Mapping) -> list[str]:
+  """The fields of `module` that are `rows` (config_lib's)."""
+  fields = module_fields(module)
+  return [name for name, row in rows.items() if name in fields and isinstance(row, Field)]
+
+
+def config_kwargs(module: type, rows: Mapping, model_cfg) -> dict[str, Any]:
+  """The values `model_cfg` sets of `row_fields`; a builder adds what it derives (the variant's sizes, the dtype)."""
+  return {name: attribute(model_cfg[name]) for name in row_fields(module, rows)}
+
+
+def config_fields(model, rows: Mapping) -> dict[str, Any]:
+  """`config_kwargs` inverted, RUN_FIELDS aside."""
+  return {name: getattr(model, name) for name in row_fields(type(model), rows) if name not in RUN_FIELDS}
+
+
+def checkpoint_fields(model, name: str, variant: str | None) -> dict[str, Any]:
+  """What rebuilds `model`'s params (tools.import_hf's model.json; `from_checkpoint_fields` reads it): its family
+  `name`, its `variant` and every field of its module but RUN_FIELDS, under its key in SAVED_AS."""
+  saved = {SAVED_AS.get(field, field): getattr(model, field) for field in module_fields(type(model))
+           if field not in RUN_FIELDS}
+  return {"name": name, "variant": variant, **{k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}}
+
+
+def from_checkpoint_fields(module: type, fields: dict[str, Any]):
+  """The `module` that `checkpoint_fields` describe; a field they lack takes its default (a model.json of an older
+  release), KeyError naming one without a default."""
+  keys = {name: (SAVED_AS.get(name, name), field.default is dataclasses.MISSING)
+          for name, field in module_fields(module).items() if name not in RUN_FIELDS}
+  return module(**{name: attribute(fields[key]) for name, (key, required) in keys.items() if key in fields or required})
 
 
 def transformer_forward_flops(tokens: int, width: int, depth: int, mlp_dim: int) -> float:

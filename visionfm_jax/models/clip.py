@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from visionfm_jax.config_lib import LOGIT_SCALE_INIT
+from visionfm_jax.config_lib import LOGIT_SCALE_INIT, model_rows
 from visionfm_jax.models import backbone, layers, towers
 from visionfm_jax.models import text as text_lib
 from visionfm_jax.models.layers import EMBED
@@ -101,8 +101,9 @@ def build(model_cfg, dtype) -> CLIP:
     raise ValueError(f"image: {e}") from e
   text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
                         remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.scan_unroll)
-  return CLIP(image=image, text=text, embed_dim=model_cfg.embed_dim, logit_scale_init=model_cfg.logit_scale_init,
-              logit_bias_init=model_cfg.logit_bias_init if uses_siglip(model_cfg) else None)
+  bias = model_cfg.logit_bias_init if uses_siglip(model_cfg) else None
+  return CLIP(**{**backbone.config_kwargs(CLIP, model_rows("clip"), model_cfg), "logit_bias_init": bias}, image=image,
+              text=text)
 
 
 def uses_siglip(model_cfg) -> bool:

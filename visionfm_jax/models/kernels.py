@@ -48,6 +48,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionfm_jax import config_lib
+
 FORMS = ("plain", "cpu")
 _FORCED = jax.make_user_context(None)  # None: the backend's forms
 
@@ -311,8 +313,8 @@ _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 
 # attention=...: 'auto' (cuDNN flash attention where the platform has it and the compute dtype is 16-bit, else
 # 'softmax'); einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
-# `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA).
-ATTENTION = ("auto", "softmax", "cudnn", "jax")
+# `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA). The names: config_lib's, the rows' domain.
+ATTENTION = config_lib.ATTENTION
 GPU_ONLY_ATTENTION = ("cudnn",)  # no kernel on other backends: bench.memory_plan does not plan these off GPU
 SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
 

@@ -48,7 +48,6 @@ reference). Cosine normalisation, norms, the position bias and softmax run in fp
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any, Sequence
 
@@ -58,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionfm_jax.config_lib import EXTRA_NORM_SCOPES, model_rows
 from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, HEADS, KV
 from visionfm_jax.parallel import sharding
@@ -76,7 +76,6 @@ SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
 }
 # Sizes that add a main-branch LayerNorm every 6 blocks (the paper's recipe for H and G).
 EXTRA_NORM_PERIOD = {"H": 6, "G": 6}
-EXTRA_NORM_SCOPES = ("stage", "global")
 CPB_HIDDEN = 512
 PATCH_NORM_EPS = 1e-5
 MASK_VALUE = -100.0
@@ -429,7 +428,7 @@ class SwinV2(nn.Module):
   depths: tuple[int, ...]
   num_heads: tuple[int, ...]
   window_size: int | tuple[int, ...] = 8
-  pretrained_window_sizes: tuple[int, ...] | None = None  # per stage; 0 or None: the window itself
+  pretrained_window_sizes: tuple[int, ...] = ()  # per stage; 0 or (): the window itself
   patch_size: int = 4
   image_size: int = 224
   num_classes: int = 0  # 0: no head
@@ -585,22 +584,13 @@ class SwinStage(nn.Module):
 
 
 def build(model_cfg, dtype) -> SwinV2:
-  """Builds a SwinV2 from `config.model` (variant 'T' ... 'G')."""
+  """Builds a SwinV2 from `config.model`: its rows' fields as they are, the stages of its variant ('T' ... 'G') and,
+  at extra_norm_period=-1, the variant's period."""
   sizes = parse_variant(model_cfg.variant)
   if model_cfg.extra_norm_period >= 0:
     sizes["extra_norm_period"] = model_cfg.extra_norm_period
-  kwargs = dict(sizes, window_size=tuple(model_cfg.window_size) if not isinstance(model_cfg.window_size, int)
-                else model_cfg.window_size,
-                pretrained_window_sizes=tuple(model_cfg.pretrained_window_sizes) or None,
-                patch_size=model_cfg.patch_size, image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
-                drop_path=model_cfg.drop_path, dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps,
-                extra_norm_scope=model_cfg.extra_norm_scope, head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, scan_unroll=model_cfg.scan_unroll,
-                remat_policy=model_cfg.remat_policy, attention=model_cfg.attention,
-                token_subgrid=model_cfg.token_subgrid)
-  assert set(kwargs) <= {f.name for f in dataclasses.fields(SwinV2)}
   kernels.check_attention(model_cfg.attention)
-  model = SwinV2(**kwargs)
+  model = SwinV2(**{**backbone.config_kwargs(SwinV2, model_rows("swinv2"), model_cfg), **sizes}, dtype=dtype)
   model.stage_settings()  # config errors at build time, not at the first trace
   return model
 
@@ -673,29 +663,14 @@ def description(model: SwinV2) -> str:
           f"{model.num_classes or 'no'} classes")
 
 
-def checkpoint_fields(model: SwinV2) -> dict[str, Any]:
-  """What rebuilds `model`'s params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
+def variant(model: SwinV2) -> str | None:
+  """The key of SIZES with `model`'s stages; None when no size has them."""
   dims = (model.embed_dim, tuple(model.depths), tuple(model.num_heads))
-  names = [size for size, sizes in SIZES.items() if sizes == dims]
-  return dict(name="swinv2", variant=names[0] if names else None, embed_dim=model.embed_dim,
-              depths=list(model.depths), heads=list(model.num_heads), window_size=model.window_size,
-              pretrained_window_sizes=list(model.pretrained_window_sizes or ()), mlp_ratio=model.mlp_ratio,
-              patch=model.patch_size, image_size=model.image_size, num_classes=model.num_classes,
-              layer_norm_eps=model.layer_norm_eps, scan=model.scan)
-
-
-def from_checkpoint_fields(fields: dict[str, Any]) -> SwinV2:
-  """The SwinV2 that `checkpoint_fields` describes (KeyError naming a missing field)."""
-  window = fields["window_size"]
-  return SwinV2(embed_dim=fields["embed_dim"], depths=tuple(fields["depths"]), num_heads=tuple(fields["heads"]),
-                window_size=tuple(window) if isinstance(window, list) else window,
-                pretrained_window_sizes=tuple(fields["pretrained_window_sizes"]) or None,
-                mlp_ratio=fields["mlp_ratio"], patch_size=fields["patch"], image_size=fields["image_size"],
-                num_classes=fields["num_classes"] or 0, layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"])
+  return next((size for size, sizes in SIZES.items() if sizes == dims), None)
 
 
 FAMILY = backbone.Family(
     module=SwinV2, name="swinv2", build=build, hf_converter="hf_swinv2",
     train_flops_per_example=train_flops_per_example, num_layer_ids=num_layer_ids, layer_id=layer_id,
-    adapt_checkpoint=adapt_checkpoint, description=description, checkpoint_fields=checkpoint_fields,
-    from_checkpoint_fields=from_checkpoint_fields, checkpoint_conflicts=checkpoint_conflicts)
+    adapt_checkpoint=adapt_checkpoint, description=description, variant=variant,
+    checkpoint_conflicts=checkpoint_conflicts)

@@ -22,18 +22,17 @@ run in fp32; the blocks in `dtype`.
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.models import kernels, layers
+from visionfm_jax.config_lib import TEXT_POOLS, model_rows
+from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
 
-POOLS = ("eos", "cls")
 # name: (width, depth, heads); the MLP is 4 x width.
 SIZES: dict[str, tuple[int, int, int]] = {
     "pico": (32, 2, 2),  # unit tests
@@ -109,7 +108,7 @@ class TextTransformer(nn.Module):
   act: str = "gelu"  # the MLPs' activation, layers.ACTIVATIONS (OpenAI's CLIP: quick_gelu)
 
   def __post_init__(self):
-    if self.pool not in POOLS:
+    if self.pool not in TEXT_POOLS:
       raise ValueError(f"pool={self.pool!r}: expected 'eos' (CLIP) or 'cls' (CoCa)")
     super().__post_init__()
 
@@ -176,12 +175,10 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, sca
     raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
                      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
   kernels.check_attention(text_cfg.attention, "text.attention")
-  kwargs = dict(sizes, embed_dim=embed_dim, vocab_size=text_cfg.vocab_size, max_len=text_cfg.max_len,
-                eos_id=text_cfg.eos_id, layer_norm_eps=text_cfg.layer_norm_eps, dtype=dtype, scan=scan,
-                scan_unroll=scan_unroll, remat_policy=remat_policy, attention=text_cfg.attention, pool=text_cfg.pool,
-                act=layers.check_activation(text_cfg.act, "text.act"))
-  assert set(kwargs) <= {f.name for f in dataclasses.fields(TextTransformer)}
+  layers.check_activation(text_cfg.act, "text.act")
   try:
-    return TextTransformer(**kwargs)
+    return TextTransformer(**backbone.config_kwargs(TextTransformer, model_rows("clip")["text"], text_cfg), **sizes,
+                           embed_dim=embed_dim, dtype=dtype, scan=scan, scan_unroll=scan_unroll,
+                           remat_policy=remat_policy)
   except ValueError as e:  # its message starts with the field's name
     raise ValueError(f"text.{e}") from e

@@ -21,7 +21,6 @@ another resolution (`resize_pos_embed`).
 from __future__ import annotations
 
 from collections.abc import Mapping
-import dataclasses
 import math
 from typing import Any
 
@@ -31,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from visionfm_jax.config_lib import VIT_POOLS, model_rows
 from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, HEADS, KV, LENGTH
 
@@ -47,7 +47,6 @@ SIZES: dict[str, tuple[int, int, int, int]] = {
     "G": (1664, 48, 8192, 16),
 }
 NUM_PREFIX_TOKENS = 1  # the class token precedes the patch grid in pos_embed
-POOLS = ("cls", "gap", "map")  # the class token's features | the mean of the patch tokens' | a MAP head's
 EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "pre_norm")  # layer 0 of the layer-wise decay
 
 
@@ -64,9 +63,9 @@ def parse_variant(variant: str) -> dict[str, int]:
 
 
 def check_pool(pool: str, class_token: bool = True) -> str:
-  """`pool` when it is one of POOLS (and, for 'cls', the tower has a class token), else a ValueError naming it."""
-  if pool not in POOLS:
-    raise ValueError(f"pool={pool!r}: expected one of {POOLS} (the class token, the mean of the patch tokens, or "
+  """`pool` when it is one of VIT_POOLS (and, for 'cls', the tower has a class token), else a ValueError naming it."""
+  if pool not in VIT_POOLS:
+    raise ValueError(f"pool={pool!r}: expected one of {VIT_POOLS} (the class token, the mean of the patch tokens, or "
                      "a MAP head)")
   if pool == "cls" and not class_token:
     raise ValueError("pool='cls' needs class_token=True: a tower without a class token pools with gap or map")
@@ -168,7 +167,7 @@ class ViT(nn.Module):
   patch_size: int
   image_size: int = 224
   num_classes: int = 0  # 0: no head
-  pool: str = "cls"  # POOLS
+  pool: str = "cls"  # VIT_POOLS
   drop_path: float = 0.0
   dropout: float = 0.0
   layer_norm_eps: float = 1e-6
@@ -299,27 +298,14 @@ def kept_patches(patches: int, drop: float) -> int:
   return max(1, round((1.0 - drop) * patches))
 
 
-def check_token_drop(drop: float) -> float:
-  if not 0.0 <= drop < 1.0:
-    raise ValueError(f"token_drop={drop}: expected a fraction in [0, 1) of the patch tokens to drop in training")
-  return float(drop)
-
-
 def build(model_cfg, dtype) -> ViT:
-  """Builds a ViT from `config.model` (variant like 'H/14')."""
-  fields = {f.name for f in dataclasses.fields(ViT)}
-  kwargs = dict(parse_variant(model_cfg.variant), image_size=model_cfg.image_size, num_classes=model_cfg.num_classes,
-                pool=check_pool(model_cfg.pool, model_cfg.get("class_token", True)),
-                class_token=model_cfg.get("class_token", True), drop_path=model_cfg.drop_path,
-                dropout=model_cfg.dropout, layer_norm_eps=model_cfg.layer_norm_eps, qkv_bias=model_cfg.qkv_bias,
-                head_bias_init=model_cfg.head_bias_init, dtype=dtype,
-                scan=model_cfg.scan, scan_unroll=model_cfg.scan_unroll,
-                remat_policy=model_cfg.remat_policy, attention=model_cfg.attention, pre_norm=model_cfg.pre_norm,
-                patch_bias=model_cfg.patch_bias, act=layers.check_activation(model_cfg.act),
-                token_drop=check_token_drop(model_cfg.token_drop))
-  assert set(kwargs) <= fields
+  """Builds a ViT from `config.model`: its rows' fields as they are (token_drop's domain is its row's), the sizes
+  of its variant (like 'H/14')."""
+  check_pool(model_cfg.pool, model_cfg.class_token)
+  layers.check_activation(model_cfg.act)
   kernels.check_attention(model_cfg.attention)
-  return ViT(**kwargs)
+  return ViT(**backbone.config_kwargs(ViT, model_rows("vit"), model_cfg), **parse_variant(model_cfg.variant),
+             dtype=dtype)
 
 
 # --------------------------------------------------------------------------- the family (backbone.py)
@@ -370,31 +356,14 @@ def description(model: ViT) -> str:
           f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes")
 
 
-def size_name(model: ViT) -> str:
-  """The key of SIZES with `model`'s dims, else they spelled out ('32x2x64x2', `parse_variant`)."""
+def variant(model: ViT) -> str:
+  """`parse_variant`'s spelling of `model`'s sizes: '<size>/<patch>', the size a key of SIZES or spelled out."""
   dims = (model.width, model.depth, model.mlp_dim, model.num_heads)
-  return next((size for size, named in SIZES.items() if named == dims), layers.size_spec(*dims))
-
-
-def checkpoint_fields(model: ViT) -> dict[str, Any]:
-  """What rebuilds `model`'s params (tools.import_hf's model.json; `from_checkpoint_fields` reads it)."""
-  return dict(name="vit", variant=f"{size_name(model)}/{model.patch_size}", width=model.width,
-              depth=model.depth, mlp_dim=model.mlp_dim, heads=model.num_heads, qkv_bias=model.qkv_bias,
-              pool=model.pool, pre_norm=model.pre_norm, patch_bias=model.patch_bias, act=model.act,
-              patch=model.patch_size, image_size=model.image_size, num_classes=model.num_classes,
-              layer_norm_eps=model.layer_norm_eps, scan=model.scan, class_token=model.class_token)
-
-
-def from_checkpoint_fields(fields: dict[str, Any]) -> ViT:
-  """The ViT that `checkpoint_fields` describes (KeyError naming a missing field)."""
-  return ViT(width=fields["width"], depth=fields["depth"], mlp_dim=fields["mlp_dim"], num_heads=fields["heads"],
-             patch_size=fields["patch"], image_size=fields["image_size"], num_classes=fields["num_classes"] or 0,
-             layer_norm_eps=fields["layer_norm_eps"], scan=fields["scan"], qkv_bias=fields["qkv_bias"],
-             pool=fields["pool"],
-             **{k: fields[k] for k in ("pre_norm", "patch_bias", "act", "class_token") if k in fields})
+  size = next((size for size, named in SIZES.items() if named == dims), layers.size_spec(*dims))
+  return f"{size}/{model.patch_size}"
 
 
 FAMILY = backbone.Family(
     module=ViT, name="vit", build=build, hf_converter="hf_vit", train_flops_per_example=train_flops_per_example,
     num_layer_ids=num_layer_ids, layer_id=layer_id, adapt_checkpoint=adapt_checkpoint, description=description,
-    checkpoint_fields=checkpoint_fields, from_checkpoint_fields=from_checkpoint_fields)
+    variant=variant)

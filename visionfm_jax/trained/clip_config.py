@@ -19,6 +19,7 @@ import ml_collections
 from visionfm_jax import config_lib, models
 from visionfm_jax.convert import hf_clip, hf_files
 from visionfm_jax.errors import UserError
+from visionfm_jax.models import backbone
 
 CLIP_TASKS = ("contrastive", "aurora")
 TOKENIZER = "tokenizer.json"
@@ -29,18 +30,17 @@ CLIP_MEAN, CLIP_STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.261302
 
 def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
   """The dotted config fields (over `task_config`'s defaults) that build `model` as the contrastive task's CLIP
-  and feed it: its tokenizer file, image size, and the mean / std of `src`'s image processor (OpenAI's when it
-  has none)."""
+  and feed it: each tower's fields (backbone.config_fields) and variant, the fields CLIP sets for its towers, its
+  tokenizer file, image size, and the mean / std of `src`'s image processor (OpenAI's when it has none)."""
   image, text = model.image, model.text
+  rows = config_lib.model_rows("clip", image_tower=models.name_of(image))
+  shared = {name: rows[name] for name in config_lib.TOWER_SHARED_FIELDS}  # the image tower's, as it is CLIP's
+  towers = {"image": (image, models.checkpoint_fields(image)["variant"]), "text": (text, text.size_name())}
+  fields = {**backbone.config_fields(image, shared), **backbone.config_fields(model, rows),
+            **{f"{key}.{k}": v for key, (tower, variant) in towers.items()
+               for k, v in {**backbone.config_fields(tower, rows[key]), "variant": variant}.items()}}
   norm = hf_files.read_normalisation(src)
-  return {"model.image_size": image.image_size, "model.embed_dim": model.embed_dim, "model.scan": image.scan,
-          "model.image.variant": models.checkpoint_fields(image)["variant"], "model.image.pool": image.pool,
-          "model.image.layer_norm_eps": image.layer_norm_eps, "model.image.qkv_bias": image.qkv_bias,
-          "model.image.pre_norm": image.pre_norm, "model.image.patch_bias": image.patch_bias,
-          "model.image.act": image.act,
-          "model.text.variant": text.size_name(), "model.text.vocab_size": text.vocab_size,
-          "model.text.max_len": text.max_len, "model.text.eos_id": text.eos_id,
-          "model.text.layer_norm_eps": text.layer_norm_eps, "model.text.act": text.act,
+  return {**{f"model.{k}": v for k, v in fields.items()},
           "data.image_size": image.image_size, "data.tokenizer": os.path.abspath(tokenizer),
           "data.mean": tuple(norm.get("mean", CLIP_MEAN)), "data.std": tuple(norm.get("std", CLIP_STD))}
 
