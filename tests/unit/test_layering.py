@@ -230,13 +230,6 @@ def test_no_import_in_data_runs_upward():
   assert ("visionfm_jax.data.text.caption_sets", "visionfm_jax.data.loader.pipeline") in file_edges()
 
 
-def test_the_loop_reaches_a_model_only_through_its_task():
-  """training/ imports nothing of models/ (init_from asks the task's class and the task's model)."""
-  reaching = [line for (source, target), where in import_edges().items()
-              if source == "training" and target == "models" for line in where]
-  assert not reaching, "\n".join(reaching)
-
-
 # What the entry points, tools, loop and evaluators may import of models/: the registry (`visionfm_jax.models`)
 # and the model-independent modules. A concrete model (vit, swinv2, clip, ...) is for its task and its converter.
 MODEL_GENERIC = ("backbone", "layers", "kernels", "generate")

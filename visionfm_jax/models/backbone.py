@@ -1,4 +1,4 @@
-"""The backbone interface: what the loop (through its task), the optimizer, `init_from`, the evaluators, the
+"""The backbone interface: what the loop, the optimizer, `init_from`, the evaluators, the
 dense heads and the tools ask of an image backbone (ViT, SwinV2) and of the models built around one, instead of
 dispatching on their class.
 
@@ -10,8 +10,9 @@ A backbone's Linen class holds the math (`ImageBackbone`):
 
 Everything else is its family's (`Family`): module functions in the family's own file, gathered in one
 instance there (`vit.FAMILY`, `swinv2.FAMILY`, `clip.FAMILY`, ...), which the registry (`models.FAMILIES`)
-files under the Linen class. Callers ask `models.<question>(model)` (the loop through its task: tasks.layer_ids,
-tasks.adapt_checkpoint, Task.train_flops_per_example), the models of towers `towers.family`:
+files under the Linen class. Callers ask the registry, `models.<question>(model)` (the optimizer:
+models.layer_ids; init_from: models.adapt_checkpoint; a task: Task.train_flops_per_example), the models of towers
+`towers.family`:
   train_flops_per_example(model)
                             analytic training FLOPs of one image: 3 x forward matmul FLOPs (a multiply-add is
                             2), recomputation (remat) not counted

@@ -1,7 +1,6 @@
 """Tasks: what differs per training objective. `build(config)` picks one by `config.task`; the contract they
 answer is tasks/base.py's `Task` (and `SplitLossTask`)."""
 
-from visionfm_jax import models
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.tasks.aurora import AuroraTask
 from visionfm_jax.tasks.base import EvalContext, SplitLossTask, Task
@@ -12,14 +11,6 @@ from visionfm_jax.tasks.segmentation import SegmentationTask
 
 TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "aurora": AuroraTask,
          "segmentation": SegmentationTask, "detection": DetectionTask}
-
-# What the loop asks of a task's model, through the tasks as it reaches no model directly: the layer ids of
-# layer-wise lr decay (training/optim.py), a checkpoint's params carried to the model, a tower's config completed
-# and the config fields on which the model and that checkpoint disagree (training/init_from.py).
-layer_ids = models.layer_ids
-adapt_checkpoint = models.adapt_checkpoint
-tower_fields = models.tower_fields
-checkpoint_conflicts = models.checkpoint_conflicts
 
 
 def task_class(config) -> type[Task]:

@@ -33,7 +33,7 @@ from typing import Any, Sequence
 from absl import logging
 import numpy as np
 
-from visionfm_jax import tasks
+from visionfm_jax import models
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.param_rules import ParamRules, named_leaves
 from visionfm_jax.training import checkpoint, ema
@@ -83,9 +83,9 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
 
 
 def _adapted(model, params: dict[str, Any], target: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`params` carried to `target` where the model knows how (`tasks.adapt_checkpoint`, models/backbone.py),
+  """`params` carried to `target` where the model knows how (`models.adapt_checkpoint`, models/backbone.py),
   logging what it resized."""
-  adapted = tasks.adapt_checkpoint(model, params, {n: tuple(s) for n, s in target.items()})
+  adapted = models.adapt_checkpoint(model, params, {n: tuple(s) for n, s in target.items()})
   for name, value in adapted.items():
     if name in params and np.shape(value) != np.shape(params[name]):
       logging.info("init_from: %s resized %s -> %s", name, tuple(np.shape(params[name])), tuple(np.shape(value)))
@@ -127,8 +127,8 @@ def source_model_fields(path: str) -> dict[str, Any] | None:
 
 def _sub_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
   """`fields` (a model's config) or its tower `key` completed as the model's builder completes it (image_size,
-  Aurora's encoder's name: `tasks.tower_fields`); None when the model has no such tower."""
-  return tasks.tower_fields(fields, key) if key else fields
+  Aurora's encoder's name: `models.tower_fields`); None when the model has no such tower."""
+  return models.tower_fields(fields, key) if key else fields
 
 
 def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree: str, prefix: str):
@@ -147,7 +147,7 @@ def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree
 
 def check_model_fields(config) -> None:
   """ConfigError, one line naming each flag and the value to set, when config.model disagrees with the config of
-  config.init_from's checkpoint on a field its model answers for (`tasks.checkpoint_conflicts`: a SwinV2's
+  config.init_from's checkpoint on a field its model answers for (`models.checkpoint_conflicts`: a SwinV2's
   pretrained windows); nothing for a checkpoint that describes no model."""
   source = source_model_fields(config.init_from) if config.init_from else None
   if not isinstance(source, dict):
@@ -155,7 +155,7 @@ def check_model_fields(config) -> None:
   mismatches = []
   for key, ours, theirs in _paired_fields(config.model.to_dict(), source, config.init_from_subtree,
                                           config.init_from_prefix):
-    for field, needed in tasks.checkpoint_conflicts(ours, theirs).items():
+    for field, needed in models.checkpoint_conflicts(ours, theirs).items():
       path = f"config.model.{key + '.' if key else ''}{field}"
       mismatches.append(f"{path}={_shown(ours.get(field))} but the init_from checkpoint trained with "
                         f"{_shown(needed)}: set --{path}=\"{_shown(needed)}\"")

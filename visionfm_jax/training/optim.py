@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from visionfm_jax import tasks
+from visionfm_jax import models
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
 
@@ -91,7 +91,7 @@ def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
   """{name: layer id} of the params `names` as the model numbers them (models/backbone.py: BEiT's numbering,
   embeddings 0, block i i + 1, final norm and heads L + 1) and L, the number of blocks. ConfigError for a model
   without layer ids (one that has no backbone, or several towers of blocks: CLIP, Aurora)."""
-  numbered = tasks.layer_ids(model, names)
+  numbered = models.layer_ids(model, names)
   if numbered is None:
     raise ConfigError(f"config.optim.layer_decay needs a model with one ViT or SwinV2 backbone; a "
                       f"{type(model).__name__} has no layer ids")
