@@ -15,7 +15,8 @@
 #   --budget=S    seconds for everything but the table (default 520: a 540 s call less `timeout`'s 15 s between
 #                 its TERM and KILL); a stage gets at most what is left of it, one with under 10 s left is skipped
 #   --rehearse    the same stages on a CPU in under a minute (2 cores): a pico ViT and a femto SwinV2 (one stage) at
-#                 16 px, 4 classes, batch 8, 6 steps, compiled with JAX_DISABLE_MOST_OPTIMIZATIONS=1
+#                 16 px, 4 classes, batch 8, 6 steps, main's input decoded in its own process (no data workers),
+#                 compiled with JAX_DISABLE_MOST_OPTIMIZATIONS=1
 #                 (tests/integration/test_gpu_recipe_check.py runs it, with the suite's fast-compile XLA flags too)
 #
 # The stages, in order, each under `timeout` with its bound (s); what each takes on an H100 is an estimate from
@@ -55,13 +56,14 @@ if (( rehearse )); then
   images=${images:-40} classes=4 holdout=2 batch=8 steps=6 warmup=1 log_every=2 warm_rows=1
   bench_steps=(--steps=3 --warmup=1) swin_attention=softmax  # the CPU has no cuDNN
   vit_size=(--config.model.variant=pico/4 --config.model.image_size=16 --config.data.image_size=16)
+  main_input=(--config.data.num_workers=0)  # 2 cores: the decoding in main's process, not a worker's start-up
   swin_size=(--config.model.variant=femto --config.model.image_size=16 --config.data.image_size=16
              --config.model.window_size=2)
   # tiny models compile far longer than they run
   export JAX_DISABLE_MOST_OPTIMIZATIONS=${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}
 else
   images=${images:-2560} classes=10 holdout=5 batch=32 steps=60 warmup=10 log_every=10 warm_rows=2
-  bench_steps=(--steps=10 --warmup=2) swin_attention=cudnn vit_size=() swin_size=()
+  bench_steps=(--steps=10 --warmup=2) swin_attention=cudnn vit_size=() swin_size=() main_input=()
 fi
 if ! [[ $images =~ ^[0-9]+$ ]] || (( images < classes * holdout + batch )); then
   echo "gpu_recipe_check.sh: --images=$images: expected an integer of at least $(( classes * holdout + batch ))" \
@@ -139,7 +141,7 @@ for gemm in compute_dtype fp8; do
     --config.data.source="arrayrecord:$out/shards/{split}-*.array_record" --config.model.num_classes="$classes" \
     --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
     --config.total_steps="$steps" --config.optim.warmup_steps="$warmup" --config.log_every="$log_every" \
-    --config.progress_bar=False --config.compile_cache=off "${vit_size[@]}"
+    --config.progress_bar=False --config.compile_cache=off "${vit_size[@]}" "${main_input[@]}"
   rm -rf "$out/run_$gemm/checkpoints"
 done
 for gemm in compute_dtype fp8; do
