@@ -179,12 +179,16 @@ def _state(**fields):
   return health.HealthState.create(cfg, max_consecutive_skips=5)
 
 
+# One jitted function for every case: a state of the same rule fields compiles once per `fp16`.
+_observe = jax.jit(lambda s, step, loss, overflowed, stalled, fp16: s.observe(step, loss, 1.0, overflowed, stalled,
+                                                                              fp16=fp16), static_argnames="fp16")
+
+
 def _feed(state, losses, fp16=False, overflowed=False, stalled=False):
-  observe = jax.jit(lambda s, step, loss: s.observe(step, loss, 1.0, jnp.asarray(overflowed), jnp.asarray(stalled),
-                                                    fp16=fp16))
   applied = []
   for loss in losses:
-    state, apply = observe(state, state.count + state.skipped + 1, jnp.float32(loss))
+    state, apply = _observe(state, state.count + state.skipped + 1, jnp.float32(loss), jnp.asarray(overflowed),
+                            jnp.asarray(stalled), fp16=fp16)
     applied.append(bool(apply))
   return state, applied
 
@@ -234,13 +238,15 @@ def test_non_finite_numbers_trigger_without_loss_scaling_and_are_overflows_with_
 @END_TO_END
 def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_keeping_the_optimizer_count(
     data, tmp_path, monkeypatch):
-  """Steps 1-4 without health (stopped by a SIGTERM after step 3), resumed with it: its statistics start at the
-  resume, and the one poisoned batch (step 41) is skipped, without a rollback."""
-  config = health_config(data["spike"], total_steps=46, **{"health.enabled": False})
+  """Steps 1-4 without health (stopped by a SIGTERM after step 3), resumed with it to step 46 (stopped by a
+  SIGTERM after step 45: the module's 80-step programs serve): its statistics start at the resume, and the one
+  poisoned batch (step 41) is skipped, without a rollback."""
+  config = health_config(data["spike"], **{"health.enabled": False})
   stop_after_writing(monkeypatch, 3)
   assert train.run(config, str(tmp_path))["step"] == 4
   monkeypatch.undo()
-  last = train.run(health_config(data["spike"], total_steps=46), str(tmp_path))
+  stop_after_writing(monkeypatch, 45)
+  last = train.run(health_config(data["spike"]), str(tmp_path))
   assert last["step"] == 46
   state = ocp.PyTreeCheckpointer().restore(tmp_path / "checkpoints" / "46" / "state")
   assert int(state["health"]["count"]) == 42 - 1  # the statistics of the steps applied since the resume
