@@ -15,6 +15,8 @@ from visionfm_jax import config_lib, models
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import kernels, layers, swinv2, vit
 
+from conftest import params_drawn_by_shape
+
 MODES = ("plain", "cpu")
 
 
@@ -23,8 +25,10 @@ def _normal(rng, shape):
 
 
 def _value_and_grads(f, args, argnums):
-  """f(*args) and the gradients of sum(sin(f(*args))) with respect to `argnums`."""
-  return f(*args), jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=argnums)(*args)
+  """f(*args) and the gradients of sum(sin(f(*args))) with respect to `argnums`, jitted, as every computation
+  here: run eagerly, each primitive of each shape would compile a program of its own."""
+  grads = jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=argnums)
+  return jax.jit(lambda *a: (f(*a), grads(*a)))(*args)
 
 
 def _grad_of_broadcast(b):
@@ -77,15 +81,17 @@ def test_contract_trailing_as_one_matmul_is_the_dot_general(x_shape, kernel_shap
 def test_broadcast_leading_gradient_is_the_sum():
   rng = np.random.default_rng(3)
   x, b = _normal(rng, (4, 6, 3)), _normal(rng, (6, 3))
-  expected = jax.grad(lambda b: jnp.sum(jnp.cos(jnp.broadcast_to(b, x.shape) * x)))(b)
+
+  def grad_and_sum(broadcast, sum_leading):
+    grad = jax.grad(lambda b, x: jnp.sum(jnp.cos(broadcast(b, x.shape) * x)))
+    return jax.jit(lambda b, x: (grad(b, x), sum_leading(x, 2)))(b, x)
+  expected = grad_and_sum(jnp.broadcast_to, lambda x, n: jnp.sum(x, axis=tuple(range(n))))
   for mode in MODES:
     with kernels.forced(mode):
-      grad = jax.grad(lambda b: jnp.sum(jnp.cos(kernels.broadcast_leading(b, x.shape) * x)))(b)
-      chex.assert_trees_all_close(grad, expected, atol=1e-5)
-      chex.assert_trees_all_close(kernels.sum_leading(x, 2), jnp.sum(x, axis=(0, 1)), atol=1e-5)
+      chex.assert_trees_all_close(grad_and_sum(kernels.broadcast_leading, kernels.sum_leading), expected, atol=1e-5)
       with pytest.raises(ValueError, match="not a suffix"):
         kernels.broadcast_leading(b, (6, 4))
-  chex.assert_trees_all_close(kernels.sum_leading_as_matmul(x, 2), jnp.sum(x, axis=(0, 1)), atol=1e-5)
+  chex.assert_trees_all_close(jax.jit(kernels.sum_leading_as_matmul, static_argnums=1)(x, 2), expected[1], atol=1e-5)
 
 
 @pytest.mark.parametrize("image_hw,patch", [((8, 12), 4), ((6, 6), 3)])
@@ -129,11 +135,10 @@ def test_softmax_attention_matches_jax_forward_and_gradients(mode):
   mask = jnp.asarray(rng.random((2, 1, 7, 7)) > 0.3).at[..., 0].set(True)
   ours = lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b, mask=mask)
   theirs = lambda q, k, v, b: _reference_attention(q, k, v, jnp.broadcast_to(b, (2, 3, 7, 7)), mask)
-  loss = lambda f: lambda *args: jnp.sum(jnp.sin(f(*args)))
   with kernels.forced(mode):
-    chex.assert_trees_all_close(ours(q, k, v, bias), theirs(q, k, v, bias), atol=1e-6)
-    grads = jax.grad(loss(ours), argnums=(0, 1, 2, 3))(q, k, v, bias)
-  expected = jax.grad(loss(theirs), argnums=(0, 1, 2, 3))(q, k, v, bias)
+    out, grads = _value_and_grads(ours, (q, k, v, bias), (0, 1, 2, 3))
+  expected_out, expected = _value_and_grads(theirs, (q, k, v, bias), (0, 1, 2, 3))
+  chex.assert_trees_all_close(out, expected_out, atol=1e-6)
   chex.assert_trees_all_close(grads, expected, atol=2e-6)
 
 
@@ -143,9 +148,9 @@ def test_softmax_attention_numerical_gradients(mode):
   q, k, v = (_normal(rng, (2, 2, 5, 3)) for _ in range(3))
   bias = _normal(rng, (2, 2, 5, 5))
   with kernels.forced(mode):
-    check_grads(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b), (q, k, v, bias), order=1,
+    check_grads(jax.jit(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b)), (q, k, v, bias), order=1,
                 modes=["rev"], atol=1e-2, rtol=1e-2)
-    check_grads(lambda q, k, v: kernels.softmax_attention(q, k, v), (q, k, v), order=1, modes=["rev"],
+    check_grads(jax.jit(lambda q, k, v: kernels.softmax_attention(q, k, v)), (q, k, v), order=1, modes=["rev"],
                 atol=1e-2, rtol=1e-2)
 
 
@@ -163,9 +168,8 @@ def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
 def test_models_compute_the_same_in_both_forms(model, image_size):
   """The forms change how, never what: same params, logits and gradients with every trick on or off."""
   images = _normal(np.random.default_rng(4), (2, image_size, image_size, 3))
-  params = jax.jit(model.init)(jax.random.key(0), images)
-  # The zero-initialised head would zero every gradient but its own: move every param off its init.
-  params = jax.tree.map(lambda a: a + 0.01, params)
+  # Drawn by shape (no init compile): the init's zero head would zero every gradient but its own.
+  params = {"params": params_drawn_by_shape(lambda: model.init(jax.random.key(0), images)["params"])}
   logits = lambda p: model.apply(p, images)["logits"]
   logits_and_grads = jax.jit(lambda p: (logits(p), jax.grad(lambda p: jnp.sum(jnp.sin(logits(p))))(p)))
   forms = {}
