@@ -145,8 +145,8 @@ def stopped_after_rollback_a(data, tmp_path_factory):
 @pytest.fixture(scope="module")
 def clean_stopped_at_40(data, tmp_path_factory):
   """The run on the data without the poisoned records, stopped by a SIGTERM after step 39: it saves step 40 and
-  exits. (its workdir, read-only: copy it to change it; the run's last metrics). Its rerun is the clean run the
-  bursts' run is compared with, and the start of the diverging change."""
+  exits. (its workdir, read-only: copy it to change it; the run's last metrics). The start of the diverging
+  change."""
   workdir = tmp_path_factory.mktemp("clean") / "run"
   with pytest.MonkeyPatch.context() as patch:
     stop_after_writing(patch, 39)
@@ -157,6 +157,20 @@ def clean_stopped_at_40(data, tmp_path_factory):
 def copy_of(workdir, tmp_path, name="run"):
   shutil.copytree(workdir, tmp_path / name)
   return tmp_path / name
+
+
+@pytest.fixture(scope="module")
+def diverged_then_rerun(data, clean_stopped_at_40, tmp_path_factory):
+  """`clean_stopped_at_40` resumed with a 300x learning rate, which stops, then rerun with the old settings to the
+  end: (its workdir, the HealthError, the checkpoints and checkpoint 40's health record as the stop left them, the
+  rerun's last metrics). The rerun is also the clean run the bursts' run is compared with."""
+  workdir = copy_of(clean_stopped_at_40[0], tmp_path_factory.mktemp("diverged"))
+  changed = health_config(data["removed"], **{"optim.lr": 0.9, "resume.allow_changes": "optim.lr"})
+  with pytest.raises(health.HealthError) as stop:
+    train.run(changed, str(workdir))
+  checkpoints = workdir / "checkpoints"
+  left = sorted(os.listdir(checkpoints)), json.loads((checkpoints / "40" / "health" / "health.json").read_text())
+  return workdir, stop.value, left, train.run(health_config(data["removed"]), str(workdir))
 
 
 class _Capture(logging.Handler):
@@ -262,8 +276,8 @@ def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_k
 
 @pytest.mark.slow
 @END_TO_END
-def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(data, bursts_run,
-                                                                                      clean_stopped_at_40, tmp_path):
+def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(bursts_run,
+                                                                                      diverged_then_rerun):
   workdir, log = bursts_run
   lines = re.findall(r"health: rolling back at (.*)", log)
   assert lines == [
@@ -289,10 +303,9 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
   assert data_state["read"] == TOTAL * BATCH  # records trained on; the skipped ones are not counted as read
 
   # The same run on the data with the poisoned records removed (resumed from its step 40, as bitwise as running
-  # on): nothing skipped, and the same place within the stated tolerance (mean training loss of the last 10 steps
-  # within 0.05, eval top-1 within 0.1).
-  clean = copy_of(clean_stopped_at_40[0], tmp_path, "clean")
-  last = train.run(health_config(data["removed"]), str(clean))
+  # on, after the diverging change's stop): nothing skipped, and the same place within the stated tolerance (mean
+  # training loss of the last 10 steps within 0.05, eval top-1 within 0.1).
+  clean, _, _, last = diverged_then_rerun
   clean_rows = train_rows(clean)
   assert clean_rows[-1]["health/skipped_steps"] == 0 and clean_rows[-1]["health/rollbacks"] == 0
   tail = lambda rs: np.mean([r["train/loss"] for r in rs[-10:]])
@@ -377,32 +390,23 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
 
 @pytest.mark.slow
 @END_TO_END
-def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(data,
-                                                                                         clean_stopped_at_40,
-                                                                                         tmp_path):
+def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(clean_stopped_at_40,
+                                                                                         diverged_then_rerun):
   """Clean data to step 40 (a SIGTERM after step 39 saves 40), resumed with a 300x learning rate: the run does
   not roll back past checkpoint 40 (trained before the change) and, the trigger repeating from there, stops
   within one window naming the change; a plain rerun resumes from 40 and ends as the run never changed."""
-  stopped_dir, stopped = clean_stopped_at_40
-  assert stopped["step"] == 40
-  workdir = copy_of(stopped_dir, tmp_path)
-
-  changed = health_config(data["removed"], **{"optim.lr": 0.9, "resume.allow_changes": "optim.lr"})
+  assert clean_stopped_at_40[1]["step"] == 40
+  workdir, stop, (left, record), last = diverged_then_rerun
   checkpoints = workdir / "checkpoints"
-  with pytest.raises(health.HealthError) as stop:
-    train.run(changed, str(workdir))
-  message = str(stop.value)
+  message = str(stop)
   step = int(re.match(r"health: step (\d+),", message).group(1))
-  assert 40 < step <= 40 + changed.health.window, message
+  assert 40 < step <= 40 + health_config("unused").health.window, message
   assert (f"within 16 steps of the resume from {checkpoints}/40 that changed config.optim.lr 0.003 -> 0.9, after a "
           f"rollback to it: the likely cause is that change, not the data; stopping. {checkpoints}/40 was trained "
           f"before it: resume from it with the old settings") in message
-  assert sorted(os.listdir(checkpoints)) == ["20", "30", "40"]  # nothing trained before the change moved aside
-  record = json.loads((checkpoints / "40" / "health" / "health.json").read_text())
+  assert left == ["20", "30", "40"]  # nothing trained before the change moved aside
   assert record["environment"] == health.environment() and record["changes"] == []
-
-  last = train.run(health_config(data["removed"]), str(workdir))
-  assert last["step"] == TOTAL and last["health/rollbacks"] == 0
+  assert last["step"] == TOTAL and last["health/rollbacks"] == 0  # the plain rerun
 
 
 def test_a_change_keeps_rollbacks_from_going_past_its_resume_and_a_repeat_in_its_window_stops():
