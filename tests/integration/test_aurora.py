@@ -43,6 +43,13 @@ def _pair_batches(config, n, seed=0, uncaptioned=0.25):
   return batches
 
 
+def _tiny(**overrides):
+  """The tiny Aurora on the femto encoder (pico's first stage alone: no patch merging), whose programs compile in
+  about three quarters of the time: what the tests below check is of the heads, the loss and the step, which see
+  the encoder's tokens whatever its stages."""
+  return tiny_aurora_config(**{"model.encoder.variant": "femto", **overrides})
+
+
 _PARAMS = {}
 
 
@@ -82,7 +89,7 @@ def test_every_no_decay_rule_exempts_a_kernel():
 
 def test_uncaptioned_images_train_mim_only():
   """Contrastive and caption losses are those of the captioned examples alone; MIM covers every image."""
-  config = tiny_aurora_config(global_batch_size=16)
+  config = _tiny(global_batch_size=16)
   task = tasks.build(config)
   params = _params(task)
   batch = _pair_batches(config, 1, uncaptioned=0.4)[0]
@@ -165,29 +172,36 @@ def _without_key_biases(params):
 
 def test_naive_accumulation_would_differ():
   """The check above can fail: contrastive losses over micro-batches of 8 are not the loss over 32."""
-  config = tiny_aurora_config(global_batch_size=ACCUM_BATCH)
+  config = _tiny(global_batch_size=ACCUM_BATCH)
   task = tasks.build(config)
   params = _params(task)
   batch = jax.tree.map(jnp.asarray, _pair_batches(config, 1)[0])
   batch, context = task.whole_batch(batch, jax.random.key(1))
-  feats = jax.jit(task.batch_features)(params, batch, jax.random.key(1), context)
-  contrastive = jax.jit(lambda p, f, has_text: task.global_loss(p, f, {**context, "has_text": has_text})[1])
-  whole = contrastive(params, feats, context["has_text"])["train/contrastive_loss"]
-  micro = np.mean([contrastive(params, jax.tree.map(lambda f, i=i: f[i::ACCUM_STEPS], feats),
-                               context["has_text"][i::ACCUM_STEPS])["train/contrastive_loss"]
-                   for i in range(ACCUM_STEPS)])
-  assert abs(whole - micro) > 0.1
+
+  @jax.jit
+  def whole_and_micro(params, batch):
+    """The contrastive loss of the whole batch and those of its micro-batches, in one program."""
+    feats = task.batch_features(params, batch, jax.random.key(1), context)
+    loss = lambda f, has_text: task.global_loss(params, f, {**context, "has_text": has_text})[1]
+    return loss(feats, context["has_text"]), [
+        loss(jax.tree.map(lambda f, i=i: f[i::ACCUM_STEPS], feats), context["has_text"][i::ACCUM_STEPS])
+        for i in range(ACCUM_STEPS)]
+  whole, micro = whole_and_micro(params, batch)
+  micro = np.mean([m["train/contrastive_loss"] for m in micro])
+  assert abs(whole["train/contrastive_loss"] - micro) > 0.1
 
 
 _DROPOUT = {}
 
 
 def _with_stochastic_depth(view):
-  """(task, params, jitted batch_features, jitted local_loss) of the tiny Aurora with drop_path 0.5 in `view`:
-  one compile of each per view, shared by the tests of the view's passes below."""
+  """(task, params, passes) of the tiny Aurora with drop_path 0.5 in `view`; passes: (params, batch, rng, context)
+  -> (the features of pass 1, batch_features; those of pass 2, the loss's), jitted: one compile per view, shared
+  by the tests of the view's passes below."""
   if view not in _DROPOUT:
-    task = tasks.build(tiny_aurora_config(**{"model.encoder.drop_path": 0.5, "model.mim_view": view}))
-    _DROPOUT[view] = task, _params(task), jax.jit(task.batch_features), jax.jit(task.local_loss)
+    task = tasks.build(_tiny(**{"model.encoder.drop_path": 0.5, "model.mim_view": view}))
+    passes = jax.jit(lambda *args: (task.batch_features(*args), task.local_loss(*args)[1]))
+    _DROPOUT[view] = task, _params(task), passes
   return _DROPOUT[view]
 
 
@@ -195,19 +209,18 @@ def _with_stochastic_depth(view):
 @pytest.mark.parametrize("view", ["separate", "shared"])
 def test_accumulation_features_match_the_loss_features_with_stochastic_depth(view):
   """Pass 1 (forward-only features) must see the same dropout draws as pass 2 (the loss)."""
-  task, params, batch_features, local_loss = _with_stochastic_depth(view)
+  task, params, passes = _with_stochastic_depth(view)
   batch = jax.tree.map(jnp.asarray, _pair_batches(task.config, 1)[0])
   rng = jax.random.key(3)
   batch, context = task.whole_batch(batch, rng)
-  feats = batch_features(params, batch, rng, context)
-  _, loss_feats, _ = local_loss(params, batch, rng, context)
+  feats, loss_feats = passes(params, batch, rng, context)
   chex.assert_trees_all_close(feats, loss_feats, atol=1e-6)
-  other = batch_features(params, batch, jax.random.key(4), context)
+  other, _ = passes(params, batch, jax.random.key(4), context)
   assert not np.allclose(other[0], feats[0], atol=1e-4)  # the draws matter, so equality above means something
 
 
 def test_masked_patches_do_not_reach_the_encoder():
-  config = tiny_aurora_config()
+  config = _tiny()
   task = tasks.build(config)
   params = _params(task)
   batch = _pair_batches(config, 1)[0]
@@ -226,12 +239,12 @@ def test_views_decide_which_heads_see_the_masked_image():
   """The loss's image embedding (the contrastive head's input) sees the mask in the 'shared' view only; the
   dropout draws are the same for both masks."""
   def image_emb(view, mask_value):
-    task, params, _, local_loss = _with_stochastic_depth(view)
+    task, params, passes = _with_stochastic_depth(view)
     batch = _pair_batches(task.config, 1)[0]
     batch = jax.tree.map(jnp.asarray, {**batch, "mim_mask": np.full_like(batch["mim_mask"], mask_value)})
     rng = jax.random.key(3)
     batch, context = task.whole_batch(batch, rng)
-    return local_loss(params, batch, rng, context)[1][0]
+    return passes(params, batch, rng, context)[1][0]
   np.testing.assert_allclose(image_emb("separate", 0), image_emb("separate", 1), atol=1e-6)
   assert not np.allclose(image_emb("shared", 0), image_emb("shared", 1), atol=1e-4)
 
@@ -281,7 +294,7 @@ def test_the_panel_shows_the_masked_input_the_reconstruction_and_the_original():
   """The panel of random params on the first held-out pairs: rows of (masked input, reconstruction, original), each
   image scaled to at least TILE px; the first row's masked input is grey exactly where its mask is, its
   reconstruction is the original outside the mask, its original is the image."""
-  config = tiny_aurora_config()
+  config = _tiny()
   mesh = parallel.make_mesh(config.mesh)
   task = tasks.build(config, mesh)
   ctx = EvalContext(mesh, config.global_batch_size, 0, 1)
