@@ -153,8 +153,14 @@ def test_fp16_overflow_skips_exactly_that_step_and_the_temperature_is_clamped_af
       return loss * jnp.where(jnp.any(batch["poison"]), jnp.inf, 1.0), aux
 
   mesh = parallel.make_mesh(config.mesh)
-  state, step, _ = _setup(config, OverflowingTask(config, mesh))
-  assert float(state.params["logit_scale"]) == pytest.approx(math.log(1 / 0.07), abs=1e-6)
+  task = OverflowingTask(config, mesh)
+  # The temperature's init alone; the state's params drawn at random around it (no init compile).
+  init = nn.unbox(task.model.init(jax.random.key(0), method=lambda m: m.logit_scale)["params"])
+  assert float(init["logit_scale"]) == pytest.approx(math.log(1 / 0.07), abs=1e-6)
+  params = _random_params(json.dumps(config.model.to_dict(), sort_keys=True))
+  # as host arrays: the state's init lays them out (from one device, each leaf would be resharded on its own)
+  state, step, _ = _setup(config, task, params=jax.device_get(params))
+  assert float(state.params["logit_scale"]) == float(init["logit_scale"])
   out_of_range = {1: math.log(100.0) + 0.05, 3: -0.05}  # step index -> the temperature param set before it
   history = []
   for i, b in enumerate(batches):

@@ -68,6 +68,12 @@ def clip(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def clip_model(clip):
+  """`load(clip)` at its defaults, shared: each load jits its forwards afresh (a compile per bucket)."""
+  return visionfm_jax.load(clip[0])
+
+
+@pytest.fixture(scope="module")
 def vit(tmp_path_factory):
   return _workdir(tmp_path_factory.mktemp("vit"), tiny_vit_config(), with_ema=True)
 
@@ -99,7 +105,7 @@ def test_clip_embeddings_equal_the_tasks_own(clip):
   model = visionfm_jax.load(path, batch_size=4)  # 8 devices: batches of 8, the last of the 11 images padded
   assert (model.step, model.path, model.batch_size) == (STEP, path, 8)
   images = _shapes_images(11)
-  expected = jax.jit(task.embed_images)(params, _eval_view(task, images))
+  expected = np.asarray(jax.jit(task.embed_images)(params, _eval_view(task, images)))
   image_emb = model.encode_image(images)
   np.testing.assert_allclose(image_emb, expected, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(np.linalg.norm(image_emb, axis=-1), 1.0, rtol=1e-5)
@@ -110,14 +116,14 @@ def test_clip_embeddings_equal_the_tasks_own(clip):
   np.testing.assert_allclose(model.encode_image(pil), expected[:2], rtol=1e-5, atol=1e-5)
 
   texts = ["a large red circle", "a small blue square", "a green triangle"]
-  expected_text = jax.jit(task.embed_texts)(params, task.tokenizer.encode_batch(texts))
+  expected_text = np.asarray(jax.jit(task.embed_texts)(params, task.tokenizer.encode_batch(texts)))
   np.testing.assert_allclose(model.encode_text(texts), expected_text, rtol=1e-5, atol=1e-5)
   np.testing.assert_allclose(model.encode_text(texts[1]), expected_text[1:2], rtol=1e-5, atol=1e-5)
 
 
-def test_zero_shot_ranks_the_given_class_names(clip, monkeypatch):
-  path, _, params, _ = clip
-  model = visionfm_jax.load(path)
+def test_zero_shot_ranks_the_given_class_names(clip, clip_model, monkeypatch):
+  _, _, params, _ = clip
+  model = clip_model
   embedded = []  # the class sets that went through the text tower
   monkeypatch.setattr(zeroshot, "class_embeddings",
                       lambda *args, real=zeroshot.class_embeddings: embedded.append(args[3]) or real(*args))
@@ -153,11 +159,14 @@ def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
   monkeypatch.setattr(model.task, "logits", lambda p, x, real=model.task.logits, **kw: traced.append(len(x))
                       or real(p, x, **kw))
   images = _shapes_images(9)
-  logits = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))(params, _eval_view(task, images))
+  reference = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))  # for the params and the EMA
+  view = _eval_view(task, images)
+  logits = np.asarray(reference(params, view))
   top = model.classify(images[:6], top_k=3)
   assert model.class_names == list(shapes.SHAPE_NAMES)[:len(model.class_names)]
   assert [row[0][0] for row in top] == [model.class_names[i] for i in np.argmax(logits[:6], -1)]
-  np.testing.assert_allclose([row[0][1] for row in top], np.max(jax.nn.softmax(logits[:6], -1), -1), rtol=1e-5)
+  shifted = np.exp(logits[:6] - np.max(logits[:6], -1, keepdims=True))  # the softmax's largest probability
+  np.testing.assert_allclose([row[0][1] for row in top], 1 / np.sum(shifted, -1), rtol=1e-5)
   np.testing.assert_allclose(model.logits(images), logits, rtol=1e-5, atol=1e-5)
   assert (model.buckets, traced) == ((8, 16), [8, 16])  # 6 images run a batch of 8, 9 one of 16
   features = model.encode_image(images)  # pooled backbone features, before the head
@@ -169,8 +178,7 @@ def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
     model.logits(images, ["a circle"])
 
   averaged = visionfm_jax.load(path, ema=True, batch_size=8)
-  expected = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))(ema_params,
-                                                                                   _eval_view(task, images))
+  expected = reference(ema_params, view)
   assert [row[0][0] for row in averaged.classify(images)] == [averaged.class_names[i]
                                                                 for i in np.argmax(expected, -1)]
 
@@ -219,13 +227,17 @@ def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # no
 def test_aurora_captions_as_tools_caption(tmp_path):
   path, task, params, _ = _workdir(tmp_path, tiny_aurora_config())
   model = visionfm_jax.load(path, batch_size=8)
+  jax.tree.map(np.testing.assert_array_equal, model.params, params)
   images = _shapes_images(3)
-  expected = generate.caption_images(task, params, _eval_view(task, images), max_len=6)
+  # The captions of the loaded params and of the images as the tools view them, padded as the model pads a call
+  # (a batch of 8 on 8 devices; each row's caption is its own): the same programs, compiled once.
+  view = np.concatenate([_eval_view(task, images), np.zeros((5, 16, 16, 3), np.uint8)])
+  expected = generate.caption_images(task, model.params, view, max_len=6)[:3]
   assert model.caption(images, max_len=6) == expected
   assert model.encode_image(images).shape[0] == 3 and model.encode_text(["a circle"]).shape[0] == 1
 
 
-def test_bad_paths_give_one_error_naming_them(tmp_path, clip):
+def test_bad_paths_give_one_error_naming_them(tmp_path, clip, clip_model):
   missing = tmp_path / "nowhere"
   with pytest.raises(UserError, match=re.escape(str(missing))):
     visionfm_jax.load(str(missing))
@@ -236,7 +248,7 @@ def test_bad_paths_give_one_error_naming_them(tmp_path, clip):
     visionfm_jax.load(clip[0], step=7)
   with pytest.raises(UserError, match="--ema: .*"):
     visionfm_jax.load(clip[0], ema=True)
-  model = visionfm_jax.load(clip[0])
+  model = clip_model
   with pytest.raises(UserError, match="expected uint8 HxWx3"):
     model.encode_image(np.zeros((4, 16, 16), np.float32))
   image = _shapes_images(1)[0]
@@ -261,13 +273,13 @@ def _with_fields_dropped(workdir, directory, *paths):
   return str(directory)
 
 
-def test_a_config_saved_before_its_fields_existed_loads_at_their_defaults(tmp_path, clip, caplog):
+def test_a_config_saved_before_its_fields_existed_loads_at_their_defaults(tmp_path, clip, clip_model, caplog):
   dropped = ("model.scan_unroll", "model.contrastive_loss", "eval.zeroshot_templates", "data.naflex")
   old = _with_fields_dropped(clip[0], tmp_path / "old", *dropped)
   caplog.set_level(logging.INFO)
   image = _shapes_images(1)[0]
   np.testing.assert_allclose(visionfm_jax.load(old).encode_image(image),
-                             visionfm_jax.load(clip[0]).encode_image(image), atol=1e-6)
+                             clip_model.encode_image(image), atol=1e-6)
   filled = [r.getMessage() for r in caplog.records if "written before they existed" in r.getMessage()]
   assert len(filled) == 1 and all(path in filled[0] for path in dropped), filled
   nameless = _with_fields_dropped(clip[0], tmp_path / "nameless", "model.name")

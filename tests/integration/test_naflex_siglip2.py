@@ -36,6 +36,13 @@ def _siglip2_dir(path) -> str:
   return str(path)
 
 
+def _params_target(model):
+  """The model's params as shapes on one device (jax.eval_shape: no init compiled, nor run op by op)."""
+  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"]))
+  one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), shapes)
+
+
 def test_imported_siglip2_matches_transformers_at_several_aspects(tmp_path, capsys):
   src, out = _siglip2_dir(tmp_path / "hf"), str(tmp_path / "imported")
   assert import_hf.main(["import_hf", f"--src={src}", f"--out={out}"]) == 0
@@ -43,8 +50,7 @@ def test_imported_siglip2_matches_transformers_at_several_aspects(tmp_path, caps
   assert "--config.model.class_token=False" in printed and "--config.model.pool=map" in printed
   with open(os.path.join(out, "model.json")) as f:
     model = models.from_checkpoint_fields(json.load(f))
-  fresh = nn.unbox(model.init(jax.random.key(1), jnp.zeros((1, 16, 16, 3)))["params"])
-  params = checkpoint.load_params(out, fresh)
+  params = checkpoint.load_params(out, _params_target(model))
 
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 90), (64, 64), (90, 25), (13, 30))]
@@ -104,7 +110,7 @@ def test_naflex_siglip_trains_on_mixed_aspects_and_evaluates_at_two_budgets(tmp_
   source = export_hf.load(str(tmp_path / "run"))
   packed = np.stack([naflex.pack(image, PATCH, BUDGET) for image in images])
   mean, std = (np.asarray(x, np.float32) * 255 for x in (source.mean, source.std))
-  got = source.model.apply({"params": source.params}, naflex.normalized(packed, mean, std))["pooled"]
+  got = jax.jit(source.model.apply)({"params": source.params}, naflex.normalized(packed, mean, std))["pooled"]
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 

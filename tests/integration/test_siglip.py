@@ -47,6 +47,10 @@ def _paper_loss(x, y, t, b, valid=None):
   return -np.sum(np.log(1.0 / (1.0 + np.exp(-z * logits)))) / max(len(x), 1)
 
 
+# Jitted: run op by op, each of the loss's primitives compiles on its own.
+_dense_loss = jax.jit(losses.siglip_loss, static_argnames="mix")
+
+
 def _mesh():
   return Mesh(np.array(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
 
@@ -54,12 +58,12 @@ def _mesh():
 def test_dense_loss_is_the_papers_formula_in_value_and_gradient():
   x, y = _pairs()
   t, b = 10.0, -10.0  # the paper's init
-  np.testing.assert_allclose(losses.siglip_loss(x, y, t, b), _paper_loss(x, y, t, b), rtol=1e-5)
+  np.testing.assert_allclose(_dense_loss(x, y, t, b), _paper_loss(x, y, t, b), rtol=1e-5)
   valid = np.arange(B) % 3 != 0
-  np.testing.assert_allclose(losses.siglip_loss(x, y, t, b, valid=valid), _paper_loss(x, y, t, b, valid), rtol=1e-5)
-  np.testing.assert_allclose(losses.siglip_loss(x, y, t, b, valid=np.zeros(B, bool)), 0.0)
+  np.testing.assert_allclose(_dense_loss(x, y, t, b, valid=valid), _paper_loss(x, y, t, b, valid), rtol=1e-5)
+  np.testing.assert_allclose(_dense_loss(x, y, t, b, valid=np.zeros(B, bool)), 0.0)
   # gradients w.r.t. both embeddings, the scale and the bias, by central differences of the float64 formula
-  grads = jax.grad(lambda *a: losses.siglip_loss(*a, valid=valid), argnums=(0, 1, 2, 3))(x, y, 3.0, -2.0)
+  grads = jax.jit(jax.grad(lambda *a: losses.siglip_loss(*a, valid=valid), argnums=(0, 1, 2, 3)))(x, y, 3.0, -2.0)
   eps = 1e-5
   def numeric(arg, index):
     args = [np.asarray(x, np.float64), np.asarray(y, np.float64), 3.0, -2.0]
@@ -85,7 +89,7 @@ def test_mixup_labels_are_soft_on_the_diagonal_and_the_partner():
   labels = lam * np.eye(8) + (1 - lam) * np.roll(np.eye(8), -1, axis=1)  # image i's partner is image i - 1
   assert labels[0, 7] == pytest.approx(1 - lam) and labels[3, 2] == pytest.approx(1 - lam)
   want = np.sum(labels * np.logaddexp(0, -logits) + (1 - labels) * np.logaddexp(0, logits)) / 8
-  np.testing.assert_allclose(losses.siglip_loss(x, y, t, b, mix=lam), want, rtol=1e-6)
+  np.testing.assert_allclose(_dense_loss(x, y, t, b, mix=lam), want, rtol=1e-6)
 
 
 @pytest.mark.parametrize("masked,mix", [(False, None), (True, None), (True, 0.6)])
@@ -134,10 +138,12 @@ def test_ring_program_holds_per_hop_blocks_only():
 def test_siglip_variant_adds_the_bias_at_the_papers_init_and_composes():
   config = tiny_clip_config("siglip")
   assert config.model.contrastive_loss == "siglip" and config.eval.zeroshot_classes == "shapes"  # the demo's
-  params = jax.eval_shape(lambda: nn.unbox(tasks.build(config).init_variables(jax.random.key(0))["params"]))
+  task = tasks.build(config)
+  params = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
   assert params["logit_bias"].shape == () and "logit_bias" not in jax.eval_shape(
       lambda: nn.unbox(tasks.build(tiny_clip_config()).init_variables(jax.random.key(0))["params"]))
-  init = jax.jit(lambda: nn.unbox(tasks.build(config).init_variables(jax.random.key(0))["params"]))()
+  # The two scalars' init alone (their values through the loop's init: the run below logs them at its first step).
+  init = nn.unbox(task.model.init(jax.random.key(0), method=lambda m: (m.logit_scale, m.logit_bias))["params"])
   assert float(init["logit_scale"]) == pytest.approx(math.log(10.0)) and float(init["logit_bias"]) == -10.0
   from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
   assert swinv2_g_clip.get_config("vit,siglip").model.image.pool == "cls"
@@ -189,6 +195,7 @@ def test_run_with_four_micro_batches_starts_as_one_batch_and_evaluates(tmp_path,
   split = first_step(4)
   assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)
   assert split["train/grad_norm"] == pytest.approx(whole["train/grad_norm"], rel=1e-5)
-  assert split["train/logit_bias"] == pytest.approx(-10.0)
+  # the first step's forward ran on the init's temperature (exp(log 10)) and bias
+  assert split["train/logit_scale"] == pytest.approx(10.0) and split["train/logit_bias"] == -10.0
   assert split["eval/zeroshot/count"] == 48 and 0 <= split["eval/zeroshot/top1"] <= 1
   assert split["eval/retrieval/count"] == 48 and 0 <= split["eval/retrieval/i2t_r1"] <= 1

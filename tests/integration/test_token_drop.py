@@ -78,12 +78,13 @@ def test_gradients_flow_through_the_kept_tokens_and_flops_count_them():
 
 
 def _tiny_vit_clip(*variants, **overrides):
-  """The CLIP demo with a pico ViT tower (16 px images, 4 px patches: 16 patch tokens)."""
+  """The CLIP demo with a one-block ViT tower of pico's width (16 px images, 4 px patches: 16 patch tokens; the
+  tokens are dropped before the blocks, whatever their number)."""
   config = tiny_clip_config("vit", *variants, **overrides)
   for swin_only in ("patch_size", "window_size"):
     if swin_only in config.model.image:
       del config.model.image[swin_only]
-  config.model.image.variant = "pico/4"
+  config.model.image.variant = "32x1x64x2/4"
   return config
 
 
