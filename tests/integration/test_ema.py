@@ -86,8 +86,7 @@ def _main(workdir, cache):
   return done.stdout
 
 
-# The module's runs share their compiled programs; the tests of `ema_run` and of `_five_steps` run in one xdist
-# worker, where `ema_run` and the programs are made once.
+# The module's runs share their compiled programs; the tests of `ema_run` share it in one xdist worker.
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 EMA_RUN = pytest.mark.xdist_group("ema_run")
 
@@ -151,23 +150,16 @@ def test_tools_export_and_probe_the_ema_weights(ema_run, tmp_path, capsys):
   assert with_ema["linear_probe/train_objective"] != raw["linear_probe/train_objective"]
 
 
-def _five_steps(**fields):
-  """5 steps of the tiny ViT with `ema_run`'s pooling, a checkpoint and a metrics row each, an evaluation at the
-  end: the config of the in-process runs below, which share their programs (the module's compilation cache)."""
-  return tiny_vit_config(**{"total_steps": 5, "checkpoint_every": 1, "log_every": 1, "eval_every": 5,
-                            "keep_checkpoints": 10, "data.eval_examples": 16, "model.pool": "cls", **fields})
-
-
 @EMA_RUN
 def test_init_from_the_ema_weights(ema_run, tmp_path):
   """A fresh run with init_from_ema starts from the source's EMA: its own EMA (decay 0.5) after one step is the
-  mean of its step-0 and step-1 params, so its step-0 params are 2 * ema_1 - params_1 (checkpoint 1; a SIGTERM
-  after step 1 ends the run at step 2)."""
+  mean of its step-0 and step-1 params, so its step-0 params are 2 * ema_1 - params_1."""
   source = _state(ema_run, 8)
-  config = _five_steps(**{"optim.ema_decay": DECAY, "init_from": str(ema_run), "init_from_ema": True})
-  with pytest.MonkeyPatch.context() as patch:
-    stop_after_writing(patch, 1)
-    assert train.run(config, str(tmp_path / "fine"))["step"] == 2
+  config = tiny_vit_config(**{"total_steps": 1, "optim.warmup_steps": 1, "checkpoint_every": 1, "eval_every": 1,
+                              "model.pool": "cls",
+                              "data.eval_examples": 16, "optim.ema_decay": DECAY, "init_from": str(ema_run),
+                              "init_from_ema": True})
+  train.run(config, str(tmp_path / "fine"))
   state = _state(tmp_path / "fine", 1)
   start = jax.tree.map(lambda e, p: 2 * e - p, state["ema_params"], state["params"])
   chex.assert_trees_all_close(start, source["ema_params"], atol=1e-6)
@@ -176,13 +168,13 @@ def test_init_from_the_ema_weights(ema_run, tmp_path):
 
 
 @pytest.mark.slow
-@EMA_RUN
 def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_and_a_missing_one_is_an_error(
     tmp_path, capsys):
   """One 5-step config, stopped (SIGTERM) after steps 2 and 4: without an EMA to step 2, with one to step 4,
   without one to the end (the program of the first part again)."""
   workdir = tmp_path / "run"
-  config = _five_steps()
+  config = tiny_vit_config(**{"total_steps": 5, "checkpoint_every": 1, "log_every": 1, "eval_every": 5,
+                              "keep_checkpoints": 10, "data.eval_examples": 16})
   with pytest.MonkeyPatch.context() as patch:
     stop_after_writing(patch, 1)
     assert train.run(config, str(workdir))["step"] == 2
