@@ -3,6 +3,7 @@
 import collections
 import contextlib
 import gzip
+import importlib.util
 import io
 import json
 import os
@@ -34,8 +35,10 @@ def _run(capsys, *args):
 
 PICO = "--config=configs/vit_huge.py:pico/8"
 # One bench run of the pico ViT serves several tests (each run compiles its steps anew): the kernels against the
-# plain path with a profile of the step (default CPU dots), and the same step with XNNPACK's dots.
+# plain path with a profile of the step (default CPU dots), and the same step with XNNPACK's dots against the
+# PyTorch twin (where torch and transformers are installed).
 SHARED = pytest.mark.xdist_group("bench_pico_runs")
+TORCH_TWIN = all(importlib.util.find_spec(name) for name in ("torch", "transformers"))
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +46,7 @@ def pico_runs(tmp_path_factory):
   """{"plain", "xnn"}: (status, stdout, stderr, the dot libraries of each step the run compiled, profile dir)."""
   profile_dir = str(tmp_path_factory.mktemp("profile"))
   runs = {"plain": [PICO, *TINY, "--compare=plain", f"--profile={profile_dir}", "--profile_steps=2"],
-          "xnn": [PICO, *TINY, "--cpu_dots=xnn"]}
+          "xnn": [PICO, *TINY, "--cpu_dots=xnn", *(["--compare=torch"] if TORCH_TWIN else [])]}
   out = {}
   for name, args in runs.items():
     compiled = []
@@ -63,13 +66,23 @@ def pico_runs(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("config,size", [("configs/vit_huge.py:pico/8", []),
-                                         ("configs/swinv2_cls.py:demo", ["--config.model.variant=pico"])],
-                         ids=["vit_pico", "swinv2_pico"])
-def test_bench_reports_figures_and_the_torch_ratio(capsys, config, size):
+@SHARED
+def test_bench_reports_figures_and_the_torch_ratio_of_the_vit(pico_runs):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  code, out, err = _run(capsys, f"--config={config}", *TINY, *size, "--compare=torch")
+  _check_the_torch_report(*pico_runs["xnn"][:3], "configs/vit_huge.py:pico/8")
+
+
+@pytest.mark.slow
+def test_bench_reports_figures_and_the_torch_ratio_of_the_swinv2(capsys):
+  pytest.importorskip("torch")
+  pytest.importorskip("transformers")
+  config = "configs/swinv2_cls.py:demo"
+  _check_the_torch_report(*_run(capsys, f"--config={config}", *TINY, "--config.model.variant=pico",
+                                "--compare=torch"), config)
+
+
+def _check_the_torch_report(code, out, err, config):
   assert code == 0, err
   result = json.loads(out.strip().splitlines()[-1])
   assert config in result["config"]
