@@ -122,7 +122,7 @@ def test_scanned_and_unrolled_masked_towers_agree_and_gradients_reach_every_para
   assert np.any(cpb != 0)  # the shifted kept windows' position bias learns
 
 
-def test_swin_mask_then_its_unmasked_tuning_train_through_main_and_evaluate_on_whole_images(tmp_path):
+def test_swin_mask_trains_through_the_loop_evaluates_on_whole_images_and_its_tuning_config_unmasks(tmp_path):
   assert clip.build(swinv2_g_clip.get_config("demo,swin_mask").model, jnp.float32).image.token_subgrid == 2
   assert swinv2_g_clip.get_config("demo,swin_mask_tune").model.image.token_subgrid == 1
   with pytest.raises(ConfigError, match="mask the SwinV2 image tower"):

@@ -20,7 +20,7 @@ from configs import swinv2_cls
 from visionfm_jax import config_lib, models, parallel
 from visionfm_jax.convert import stack_layers, unstack_layers
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import swinv2
+from visionfm_jax.models import layers, swinv2
 from visionfm_jax.param_rules import path_str
 from visionfm_jax.tools import summary
 from visionfm_jax.training import checkpoint, init_from, optim, train
@@ -200,7 +200,14 @@ def test_every_param_has_logical_axis_names_and_zero_post_norms():
     assert not np.any(ln["scale"]) and not np.any(ln["bias"])
 
 
-def test_stochastic_depth_rises_linearly_over_all_blocks_and_is_off_in_eval():
+def test_stochastic_depth_rises_linearly_over_all_blocks_and_is_off_in_eval(monkeypatch):
+  rates, drop_path = [], layers.drop_path
+
+  def recorded(module, x, rate, deterministic):  # each residual branch's rate, as the traced program sees it
+    jax.debug.callback(lambda r: rates.append(float(r)), rate)
+    return drop_path(module, x, rate, deterministic)
+
+  monkeypatch.setattr(layers, "drop_path", recorded)
   model = _small(drop_path=0.4)
   images = jax.random.normal(jax.random.key(1), (8, 16, 16, 3))
   params = _random_params(model, 16, seed=2)
@@ -208,8 +215,11 @@ def test_stochastic_depth_rises_linearly_over_all_blocks_and_is_off_in_eval():
   a = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
   b = apply({"params": params}, images, train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
   assert not np.allclose(a, b)
+  # 6 blocks, two branches each, two calls: 0 at the first block up to drop_path at the last, evenly spaced
+  values, counts = np.unique(np.round(rates, 6), return_counts=True)
+  np.testing.assert_allclose(values, np.linspace(0.0, 0.4, sum(model.depths)), atol=1e-6)
+  assert set(counts) == {4}, counts
   chex.assert_trees_all_close(apply({"params": params}, images), jax.jit(_small().apply)({"params": params}, images))
-  np.testing.assert_allclose(np.linspace(0.0, 0.4, 5), [0.0, 0.1, 0.2, 0.3, 0.4])
 
 
 def test_fp16_cosine_attention_normalises_in_fp32():
