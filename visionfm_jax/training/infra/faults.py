@@ -246,6 +246,8 @@ class PeerWatch:
                       f"store refused this process's heartbeat: {str(e).splitlines()[0][:200]})")
         return
       now = ticked = self._answered = time.monotonic()
+      if stopped_s > self.timeout_s:  # a peer's silence counts from the thaw, not across this process's own stop
+        last_seen.update({peer: (value, now) for peer, (value, _) in last_seen.items()})
       self._read_beats(last_seen, now)
       if stopped_s > self.timeout_s:
         thawed = (stopped_s, now, {peer: value for peer, (value, _) in last_seen.items()})
