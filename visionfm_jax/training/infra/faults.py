@@ -246,10 +246,11 @@ class PeerWatch:
                       f"store refused this process's heartbeat: {str(e).splitlines()[0][:200]})")
         return
       now = ticked = self._answered = time.monotonic()
-      if stopped_s > self.timeout_s:  # a peer's silence counts from the thaw, not across this process's own stop
+      thawing = stopped_s > self.timeout_s
+      if thawing:  # a peer's silence counts from the thaw, not across this process's own stop
         last_seen.update({peer: (value, now) for peer, (value, _) in last_seen.items()})
       self._read_beats(last_seen, now)
-      if stopped_s > self.timeout_s:
+      if thawing:
         thawed = (stopped_s, now, {peer: value for peer, (value, _) in last_seen.items()})
       elif thawed and now - thawed[1] > self.THAW_GRACE_BEATS * self._interval:
         self._judge_after_thaw(last_seen, *thawed)
