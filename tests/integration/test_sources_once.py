@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from configs import finetune_ade20k
-from visionfm_jax.data.sources import registry
+from visionfm_jax.data.embedded import shapes
+from visionfm_jax.data.sources import records, registry
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training import train
 
@@ -49,11 +50,34 @@ def test_classification_with_a_probe_opens_each_source_once_and_names_its_classe
   assert named == {"shapes": 1}  # the loader's class-count check and the panel's labels
 
 
-def test_contrastive_opens_its_held_out_pairs_once_and_names_its_zeroshot_classes_once(tmp_path, monkeypatch):
-  config = tiny_clip_config(**{"eval.zeroshot_classes": "data", "eval.retrieval": True})
-  opened, named = _opens_at_start_up(monkeypatch, tmp_path, config)
-  assert opened == {("shapes", "train", True): 1, ("shapes", "validation", False): 1}  # zero-shot, retrieval, panel
-  assert named == {"shapes": 1}  # the zero-shot evaluator's and the panel's
+def _labelled_pairs(directory) -> str:
+  """The spec of 16 training and 16 held-out shapes records with captions and labels (dataset.json names them)."""
+  splits = {}
+  for split in ("train", "validation"):
+    drawn = shapes.ShapesSource(split, 16, 16)
+    name = records.shard_name(split, 0, 1)
+    records.write_records(directory / name, ({k: drawn[i][k] for k in ("image", "caption", "label")}
+                                             for i in range(16)))
+    splits[split] = {"records": 16, "shards": [name]}
+  records.write_metadata(directory, kind="classification", classes=list(shapes.SHAPE_NAMES), splits=splits)
+  return f"arrayrecord:{directory}/{{split}}-*.array_record"
+
+
+def test_contrastive_opens_and_reads_its_held_out_pairs_once_and_names_its_zeroshot_classes_once(tmp_path,
+                                                                                                  monkeypatch):
+  spec = _labelled_pairs(tmp_path)
+  read = collections.Counter()
+  getitem = records.ArrayRecordSource.__getitem__
+  monkeypatch.setattr(records.ArrayRecordSource, "__getitem__",
+                      lambda self, i: read.update([(self.pattern, int(i))]) or getitem(self, i))
+  config = tiny_clip_config(**{"eval.zeroshot_classes": "data", "eval.retrieval": True, "data.source": spec})
+  opened, named = _opens_at_start_up(monkeypatch, tmp_path / "run", config)
+  assert opened == {(spec, "train", True): 1, (spec, "validation", False): 1}  # zero-shot, retrieval, panel
+  assert named == {spec: 1}  # the zero-shot evaluator's and the panel's
+  # the tokenizer's fit to the held-out captions (image_text.check_tokenizer_fits_captions) reads each once; the
+  # zero-shot check that they are labelled (zeroshot.open_zeroshot_source), the first again
+  held_out = {i: n for (pattern, i), n in read.items() if "validation" in pattern}
+  assert held_out == {0: 2, **dict.fromkeys(range(1, 16), 1)}, read
 
 
 def test_segmentation_opens_its_eval_source_at_start_up_once(tmp_path, monkeypatch):

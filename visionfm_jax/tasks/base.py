@@ -59,21 +59,25 @@ def compute_dtype(precision_cfg):
 
 @dataclasses.dataclass
 class EvalContext:
-  """What an evaluator needs from the loop: the mesh, how to place host batches on it, and the eval sources that
-  the evaluators and the panel built with it share (`open_eval_source`)."""
+  """What an evaluator needs from the loop: the mesh, how to place host batches on it, and what the evaluators and
+  the panel built with it share (`once`): the eval sources (`open_eval_source`), the checks made on them."""
   mesh: Mesh
   batch_size: int  # global examples per eval batch
   process_index: int
   process_count: int
-  opened: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+  made: dict = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+  def once(self, key, make: Callable[[], Any]):
+    """make()'s value, made at the first call with `key` and handed to every later caller of this context."""
+    if key not in self.made:
+      self.made[key] = make()
+    return self.made[key]
 
   def open_eval_source(self, data_cfg, what: str | None = None):
     """`data.open_eval_source`, opened once per (source spec, split) for all who share this context: the copies
     of config.data that evaluators read differ from it in their eval source, split and counts only."""
     key = (sources.eval_source_spec(data_cfg), data_cfg.eval_split)
-    if key not in self.opened:
-      self.opened[key] = data.open_eval_source(data_cfg, what)
-    return self.opened[key]
+    return self.once(key, lambda: data.open_eval_source(data_cfg, what))
 
   @property
   def local_batch_size(self) -> int:

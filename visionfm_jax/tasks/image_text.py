@@ -118,9 +118,10 @@ def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> t
 def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[dict[str, np.ndarray]]]:
   """() -> this process's batches of the held-out pairs (data.eval_source or data.source, data.eval_split, the
   first data.eval_examples; SimMIM masks with `mim`). The source is opened now, so that a missing dataset stops
-  the run at start-up, and its first captions checked against the tokenizer (`check_tokenizer_fits_captions`)."""
+  the run at start-up, and its first captions checked against the tokenizer (`check_tokenizer_fits_captions`),
+  each once for the evaluators and the panel of `ctx`."""
   source = ctx.open_eval_source(task.config.data)
-  check_tokenizer_fits_captions(task, source)
+  ctx.once(("tokenizer fits", id(source)), lambda: check_tokenizer_fits_captions(task, source))
   return lambda: data.make_pair_eval_iterator(task.config.data, task.tokenizer, batch_size=ctx.local_batch_size,
                                               process_index=ctx.process_index, process_count=ctx.process_count,
                                               mim=mim, source=source)
