@@ -80,9 +80,9 @@ def main(argv):
   sys.unraisablehook = _ignore_closed_event_loops
   try:
     from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
-    checks.validate(_CONFIG.value)  # once, before joining the other processes and setting up the devices
+    class_names = checks.validate(_CONFIG.value)  # once, before joining the other processes and setting up devices
     if _DRY_RUN.value:
-      _dry_run()
+      _dry_run(class_names)
       return
     _check_no_dry_run_flags()
     from visionfm_jax.parallel import distributed  # pylint: disable=g-import-not-at-top
@@ -95,7 +95,7 @@ def main(argv):
                  jax.devices()[0].device_kind)
     peers = faults.PeerWatch(_CONFIG.value.peer_timeout_s)
     try:
-      train.run(_CONFIG.value, _WORKDIR.value, validated=True)
+      train.run(_CONFIG.value, _WORKDIR.value, validated=True, class_names=class_names)
     except UserError as e:
       _exit_with(e, peers)
     except Exception:  # a collective that failed because a peer died (gloo) names that peer, else it is ours
@@ -107,9 +107,10 @@ def main(argv):
     _exit_with(e)
 
 
-def _dry_run() -> None:
-  """training/dry_run.py's checks and plan, printed. The backend is set up here, after jax's import: it holds no
-  accelerator memory, and none at all when the devices are planned as a number."""
+def _dry_run(class_names: list[str] | None) -> None:
+  """training/dry_run.py's checks and plan (of a task given the training `class_names` that sizing read), printed.
+  The backend is set up here, after jax's import: it holds no accelerator memory, and none at all when the devices
+  are planned as a number."""
   if _DRY_RUN_DEVICES.value < 0 or _DRY_RUN_PROCESSES.value < 1:
     raise UserError(f"--dry_run_devices={_DRY_RUN_DEVICES.value} --dry_run_processes={_DRY_RUN_PROCESSES.value}: "
                     f"expected devices >= 0 (0: this process's) and processes >= 1")
@@ -122,7 +123,7 @@ def _dry_run() -> None:
     jax.config.update("jax_platforms", "cpu")
   else:
     devices = jax.device_count()
-  plan = dry_run.plan(_CONFIG.value, _WORKDIR.value, devices, _DRY_RUN_PROCESSES.value)
+  plan = dry_run.plan(_CONFIG.value, _WORKDIR.value, devices, _DRY_RUN_PROCESSES.value, class_names)
   print(f"dry run: {config_flags.get_config_filename(flags.FLAGS['config'])} can start; nothing was trained or "
         f"written")
   for line in dry_run.report(plan):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from visionfm_jax import config_lib
-from visionfm_jax.data.sources import records
+from visionfm_jax.data.sources import records, registry
 from visionfm_jax.training import checks
 
 from conftest import ROOT
@@ -41,9 +41,13 @@ def _dry_run(tmp_path, monkeypatch, capsys, *flags):
 
 
 def test_a_small_run_shortened_by_total_steps_alone_starts(photos, tmp_path, monkeypatch, capsys, caplog):
+  named = []
+  class_names = registry.class_names
+  monkeypatch.setattr(registry, "class_names", lambda spec, *a, **k: named.append(spec) or class_names(spec, *a, **k))
   status, out, err = _dry_run(tmp_path, monkeypatch, capsys, f"--config.data.source={photos}",
                               "--config.total_steps=40")
   assert status == 0, err[-3000:]
+  assert named == [photos]  # read by the sizing for the head, and handed to the loader's class-count check
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.msg.startswith("%s")]
   assert warnings == [
       "config.optim.warmup_steps=-1 is 4: a tenth of config.total_steps=40",

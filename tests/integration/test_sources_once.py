@@ -44,10 +44,11 @@ def _opens_at_start_up(monkeypatch, tmp_path, config):
 
 
 def test_classification_with_a_probe_opens_each_source_once_and_names_its_classes_once(tmp_path, monkeypatch):
-  opened, named = _opens_at_start_up(monkeypatch, tmp_path, tiny_vit_config(**{"probe.knn": True}))
+  config = tiny_vit_config(**{"probe.knn": True, "model.num_classes": -1})  # the head sized by the data's classes
+  opened, named = _opens_at_start_up(monkeypatch, tmp_path, config)
   # the loader's training source, the probe's training split, the eval split (top-1, probe and panel)
   assert opened == {("shapes", "train", True): 1, ("shapes", "train", False): 1, ("shapes", "validation", False): 1}
-  assert named == {"shapes": 1}  # the loader's class-count check and the panel's labels
+  assert named == {"shapes": 1}  # the sizing's class count, the loader's class-count check and the panel's labels
 
 
 def _labelled_pairs(directory) -> str:

@@ -20,5 +20,10 @@ def task_class(config) -> type[Task]:
   return TASKS[config.task]
 
 
-def build(config, mesh=None) -> Task:
-  return task_class(config)(config, mesh)
+def build(config, mesh=None, class_names=None) -> Task:
+  """The task of `config.task` on `mesh`; `class_names`, the training data's as sizing read them
+  (training/sizing.py), are its `class_names`, not read again."""
+  task = task_class(config)(config, mesh)
+  if class_names is not None:
+    task.class_names = list(class_names)  # the cached property's value
+  return task

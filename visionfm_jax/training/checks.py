@@ -16,11 +16,12 @@ from visionfm_jax.training import init_from, optim, sizing
 from visionfm_jax.training.infra import trackers
 
 
-def validate(config, num_devices: int | None = None, num_processes: int = 1) -> None:
+def validate(config, num_devices: int | None = None, num_processes: int = 1) -> list[str] | None:
   """ConfigError naming the field of the first check `config` fails. With `num_devices` (over `num_processes`
   processes), also that the batch divides over the mesh and its batch axes over the processes. First fills, in
-  place, the fields the recipe leaves to the run (training/sizing.py)."""
-  sizing.fill(config)
+  place, the fields the recipe leaves to the run (training/sizing.py); returns the training class names that
+  this read (`sizing.fill`), else None."""
+  class_names = sizing.fill(config)
   config_lib.check(config)
   trackers.check_installed(config)
   data_checks.check(config.data)
@@ -30,6 +31,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1) -> 
   init_from.check_model_fields(config)
   if num_devices is not None:
     check_devices(config, num_devices, num_processes)
+  return class_names
 
 
 def check_devices(config, num_devices: int, num_processes: int) -> None:

@@ -36,9 +36,10 @@ from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.infra import workdir as workdir_lib
 
 
-def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
-  """The run's plan (see `report`) for a `config` that main.py has validated but for the devices; a UserError
-  naming the culprit when it could not start."""
+def plan(config, workdir: str, num_devices: int, num_processes: int, class_names: list[str] | None = None) -> dict:
+  """The run's plan (see `report`) for a `config` that main.py has validated but for the devices (that check
+  read the training data's `class_names` where it sized the head: the task takes them); a UserError naming the
+  culprit when it could not start."""
   checks.check_devices(config, num_devices, num_processes)
   if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
     raise CheckpointError(f"init_from={config.init_from!r}: no such directory")
@@ -48,7 +49,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int) -> dict:
   mesh = run_plan.mesh
   start_step = checkpoint.newest_committed_step(checkpoint_dir) or 0
 
-  task = tasks.build(config)
+  task = tasks.build(config, class_names=class_names)
   batch = run_plan.batch
   shell_limits = open_files.limits()  # before the loader raises them
   loader = task.train_loader(batch_size=batch.per_process, seed=config.seed, process_index=0,

@@ -12,22 +12,25 @@ from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.errors import ConfigError, DataError
 
 
-def fill(config) -> None:
-  """Replaces every field of `config` left to the run by its value, logging a line for each."""
-  lines = config_lib.fill_steps(config) + config_lib.fill_zeroshot(config)
+def fill(config) -> list[str] | None:
+  """Replaces every field of `config` left to the run by its value, logging a line for each. Returns the training
+  data's class names where it read them (to size config.model.num_classes), for the task to take rather than read
+  them again (`tasks.build`); else None."""
+  lines, names = config_lib.fill_steps(config) + config_lib.fill_zeroshot(config), None
   if config_lib.is_sized(config, config_lib.NUM_CLASSES):
-    lines.append(_fill_num_classes(config))
+    names = _class_names(config)
+    shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
+    lines.append(config_lib.fill_value(config, config_lib.NUM_CLASSES, len(names),
+                                       f"the classes of {sources.training_what(config.data)} ({shown})"))
   for line in lines:
     logging.warning("%s", line)
+  return names
 
 
-def _fill_num_classes(config) -> str:
-  """config.model.num_classes from the training data's class names; ConfigError when it names none."""
+def _class_names(config) -> list[str]:
+  """The training data's class names, which size config.model.num_classes; ConfigError when it names none."""
   try:
-    names = data.train_class_names(config.data)
+    return data.train_class_names(config.data)
   except DataError as e:
     raise ConfigError(f"config.model.num_classes={config_lib.SIZED} takes the class count from the training "
                       f"data's dataset.json, but {e}; set --config.model.num_classes=") from e
-  shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-  return config_lib.fill_value(config, config_lib.NUM_CLASSES, len(names),
-                               f"the classes of {sources.training_what(config.data)} ({shown})")

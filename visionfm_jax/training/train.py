@@ -46,33 +46,34 @@ class NonFiniteLossError(UserError):
   pass
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False) -> dict[str, float]:
+def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False,
+        class_names: list[str] | None = None) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's lock (a
   WorkdirError when another run holds it). Returns the last metrics. `config` is only read; it is checked here
   (training/checks.py), or only against the devices when `validated` says the caller has checked the rest
-  (main.py, before joining the other processes)."""
+  (main.py, before joining the other processes), handing down the `class_names` its check read."""
   devices, processes = jax.device_count(), jax.process_count()
   if validated:
     checks.check_devices(config, devices, processes)
   else:
-    checks.validate(config, devices, processes)
+    class_names = checks.validate(config, devices, processes)
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
     # before anything is built: a resume may refuse the config, or anchor the schedule
     run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)
-    last = _train_in(run_plan, workdir)
+    last = _train_in(run_plan, workdir, class_names)
   if jax.process_index() == 0:
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
     logging.info("done at step %d: %s", last["step"], console.format_metrics(shown))
   return last
 
 
-def _train_in(run_plan: plan_lib.RunPlan, workdir: str) -> dict[str, float]:
+def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None) -> dict[str, float]:
   config = run_plan.config
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   mesh = parallel.make_mesh(run_plan.mesh)
   logging.info("mesh %s, strategy %s, %d process%s", run_plan.mesh, config.strategy, jax.process_count(),
                "es" if jax.process_count() > 1 else "")
-  task = tasks.build(config, mesh)
+  task = tasks.build(config, mesh, class_names)
   task.check_training_devices()
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   loader = task.train_loader(batch_size=run_plan.batch.per_process, seed=config.seed,
