@@ -203,8 +203,9 @@ def test_an_imported_clip_config_carries_every_field_of_its_towers(tmp_path):
   assert _run_defaults(rebuilt.text) == _run_defaults(model.text)
 
 
-def test_the_activation_rows_name_the_activations_the_models_have():
+def test_the_activation_and_variant_rows_name_the_activations_and_sizes_the_models_have():
   assert config_lib.ACTIVATIONS == tuple(layers.ACTIVATIONS)
+  assert (config_lib.SWINV2_SIZES, config_lib.TEXT_SIZES) == (tuple(swinv2.SIZES), tuple(text.SIZES))
 
 
 def test_no_linen_class_of_models_carries_a_family_answer():

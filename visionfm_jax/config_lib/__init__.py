@@ -25,6 +25,8 @@ from visionfm_jax.config_lib.domains import (
                                              SIZED,
                                              Choices,
                                              Domain,
+                                             TransformerSize,
+                                             custom_size,
 )
 from visionfm_jax.config_lib.loading import check_override, load
 from visionfm_jax.config_lib.model_schema import (
@@ -34,7 +36,9 @@ from visionfm_jax.config_lib.model_schema import (
                                              LOGIT_SCALE_INIT,
                                              MIM_VIEWS,
                                              REMAT_POLICIES,
+                                             SWINV2_SIZES,
                                              TEXT_POOLS,
+                                             TEXT_SIZES,
                                              TOWER_HEADLESS,
                                              TOWER_SHARED_FIELDS,
                                              VIT_POOLS,

@@ -7,14 +7,14 @@ from collections.abc import Mapping
 
 import ml_collections
 
-from visionfm_jax.config_lib.domains import Choices, Domain
+from visionfm_jax.config_lib.domains import Choices, Domain, TransformerSize
 from visionfm_jax.config_lib.resume_rules import allowed_changes
 from visionfm_jax.config_lib.rows import row_at
 from visionfm_jax.config_lib.schema import fields, report_to, schema_of
 from visionfm_jax.errors import ConfigError
 
 
-def domain_of(config: ml_collections.ConfigDict, path: str) -> Domain | Choices | None:
+def domain_of(config: ml_collections.ConfigDict, path: str) -> Domain | Choices | TransformerSize | None:
   """The domain of a dotted field path of `config` (its row's); None for a field without one or without a row."""
   row = row_at(schema_of(config), path)
   return row.domain if row else None

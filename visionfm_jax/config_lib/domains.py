@@ -1,4 +1,5 @@
-"""The values a field may take: a numeric range (`Domain`) or a set of names (`Choices`), and the common ranges.
+"""The values a field may take: a numeric range (`Domain`), a set of names (`Choices`) or a transformer's size
+(`TransformerSize`: a named one or its sizes spelled out), and the common ranges.
 Every numeric domain is finite (inf is never a value). A field's domain sits on its row in the schema."""
 
 from __future__ import annotations
@@ -57,6 +58,28 @@ class Choices:
 
   def __str__(self) -> str:
     return "one of " + ", ".join(self.names)
+
+
+def custom_size(spec: str) -> tuple[int, int, int, int] | None:
+  """'<width>x<depth>x<mlp>x<heads>' (a transformer of no named size, e.g. an imported one) -> (width, depth,
+  mlp_dim, heads); None when `spec` is not spelled so."""
+  dims = spec.split("x")
+  if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims):
+    return None
+  width, depth, mlp_dim, heads = map(int, dims)
+  return width, depth, mlp_dim, heads
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformerSize:
+  """A transformer's size: one of its model's named `names`, or its sizes spelled out (`custom_size`)."""
+  names: tuple
+
+  def contains(self, value) -> bool:
+    return isinstance(value, str) and (value in self.names or custom_size(value) is not None)
+
+  def __str__(self) -> str:
+    return f"{Choices(self.names)}, or '<width>x<depth>x<mlp>x<heads>'"
 
 
 POSITIVE = Domain(0, low_open=True)

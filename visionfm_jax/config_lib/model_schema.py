@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from visionfm_jax.config_lib import domains
 from visionfm_jax.config_lib.domains import COUNT, NON_NEGATIVE_INT, POSITIVE, RATE, SIZED, Choices, Domain
 from visionfm_jax.config_lib.rows import Field, without
 from visionfm_jax.errors import ConfigError
@@ -18,6 +19,10 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
 ATTENTION, ACTIVATIONS = ("auto", "softmax", "cudnn", "jax"), ("gelu", "quick_gelu", "gelu_pytorch_tanh")
 VIT_POOLS, TEXT_POOLS = ("cls", "gap", "map"), ("eos", "cls")
 EXTRA_NORM_SCOPES, MIM_VIEWS = ("stage", "global"), ("separate", "shared")
+# The named sizes of the SwinV2 and text towers, in the order of their SIZES tables (models/swinv2.py,
+# models/text.py), which hold their widths and depths; tests/unit/test_backbone.py holds the names equal.
+SWINV2_SIZES = ("pico", "femto", "mu", "T", "S", "B", "L", "H", "G")
+TEXT_SIZES = ("pico", "mu", "B", "L", "H", "XL")
 LOGIT_SCALE_INIT = math.log(1 / 0.07)  # CLIP's initial temperature 0.07 (2.659260); Aurora's too
 # The contrastive losses of a CLIP model (losses/image_text.py): CLIP's softmax over the batch, SigLIP's sigmoid
 # per pair.
@@ -64,7 +69,7 @@ VIT = dict(
 )
 
 SWINV2 = dict(
-    variant=Field("T", doc="T | S | B | L | H | G (models/swinv2.py SIZES)"),
+    variant=Field("T", Choices(SWINV2_SIZES), "a size of models/swinv2.py SIZES: its width and depth per stage"),
     patch_size=Field(4, COUNT, "side in px of the patches the first stage embeds"),
     window_size=Field(14, COUNT, "every stage; a stage whose map is not larger becomes one unshifted window"),
     pretrained_window_sizes=Field((), Domain(0, integer=True, note="0: the stage's own window"),
@@ -84,7 +89,8 @@ SWINV2 = dict(
 )
 
 TEXT = dict(
-    variant=Field("B", doc="a key of models/text.py SIZES (B: width 512, 12 layers, 8 heads)"),
+    variant=Field("B", domains.TransformerSize(TEXT_SIZES), "a size of models/text.py SIZES (B: width 512, 12 "
+                  "layers, 8 heads), or the sizes spelled out"),
     vocab_size=Field(32000, COUNT, "at least the tokenizer's pieces (pad 0, unk 1, bos 2, eos 3)"),
     max_len=Field(77, COUNT, "tokens per caption, BOS and EOS included"),
     eos_id=Field(3, NON_NEGATIVE_INT, "pooled position: the first eos_id of each row (pool='eos')"),

@@ -9,7 +9,7 @@ from typing import Any, Union
 
 import ml_collections
 
-from visionfm_jax.config_lib.domains import Choices, Domain
+from visionfm_jax.config_lib.domains import Choices, Domain, TransformerSize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -17,7 +17,7 @@ class Field:
   """One config field: its default, the values it may take (None: any of the default's type, the owner checks
   what else it needs) and what it means."""
   default: Any
-  domain: Domain | Choices | None = None
+  domain: Domain | Choices | TransformerSize | None = None
   doc: str = ""
 
 

@@ -241,18 +241,8 @@ class CrossAttention(nn.Module):
     return self.out(out)
 
 
-def custom_size(spec: str) -> tuple[int, int, int, int] | None:
-  """'<width>x<depth>x<mlp>x<heads>' (a transformer of no named size, e.g. an imported one) -> (width, depth,
-  mlp_dim, heads); None when `spec` is not spelled so."""
-  dims = spec.split("x")
-  if len(dims) != 4 or not all(d.isdigit() and int(d) > 0 for d in dims):
-    return None
-  width, depth, mlp_dim, heads = map(int, dims)
-  return width, depth, mlp_dim, heads
-
-
 def size_spec(width: int, depth: int, mlp_dim: int, heads: int) -> str:
-  """The inverse of `custom_size`."""
+  """The inverse of `config_lib.custom_size`."""
   return f"{width}x{depth}x{mlp_dim}x{heads}"
 
 

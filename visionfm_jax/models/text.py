@@ -28,7 +28,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from visionfm_jax.config_lib import TEXT_POOLS, model_rows
+from visionfm_jax.config_lib import TEXT_POOLS, custom_size, model_rows
 from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
@@ -46,11 +46,11 @@ SIZES: dict[str, tuple[int, int, int]] = {
 
 def parse_variant(variant: str) -> dict[str, int]:
   """'H' -> width, depth, num_heads, mlp_dim; or the sizes spelled out, '<width>x<depth>x<mlp>x<heads>'
-  (`layers.custom_size`)."""
+  (`config_lib.custom_size`)."""
   if variant in SIZES:
     width, depth, heads = SIZES[variant]
     return dict(width=width, depth=depth, num_heads=heads, mlp_dim=4 * width)
-  dims = layers.custom_size(variant)
+  dims = custom_size(variant)
   if dims is None:
     raise ValueError(f"text.variant={variant!r}: expected one of {list(SIZES)} or '<width>x<depth>x<mlp>x<heads>'")
   width, depth, mlp_dim, heads = dims

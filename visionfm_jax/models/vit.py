@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.config_lib import VIT_POOLS, model_rows
+from visionfm_jax.config_lib import VIT_POOLS, custom_size, model_rows
 from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, HEADS, KV, LENGTH
 
@@ -52,9 +52,9 @@ EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "pre_norm")  # laye
 
 def parse_variant(variant: str) -> dict[str, int]:
   """'H/14' -> width, depth, mlp_dim, num_heads, patch_size; the size may be spelled out as
-  '<width>x<depth>x<mlp>x<heads>' ('32x2x64x2/4': `layers.custom_size`)."""
+  '<width>x<depth>x<mlp>x<heads>' ('32x2x64x2/4': `config_lib.custom_size`)."""
   size, sep, patch = variant.partition("/")
-  dims = SIZES.get(size) or layers.custom_size(size)
+  dims = SIZES.get(size) or custom_size(size)
   if dims is None or not sep or not patch.isdigit():
     raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)} or "
                      f"'<width>x<depth>x<mlp>x<heads>', e.g. 'H/14'")
