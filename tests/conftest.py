@@ -233,6 +233,15 @@ def no_shared_wandb_service():
   os.environ.pop("WANDB_SERVICE", None)
 
 
+@pytest.fixture(scope="session")
+def warm_python(tmp_path_factory):
+  """This worker's warm interpreter (tests/warm_python.py): `warm_python.env(env)` runs a command's `python -m
+  visionfm_jax.<module>` in a process forked from it, without importing the package again."""
+  import warm_python as warm  # pylint: disable=g-import-not-at-top
+  with warm.Server(dict(os.environ), folder=str(tmp_path_factory.mktemp("warm_python"))) as server:
+    yield server
+
+
 @pytest.fixture(scope="module")
 def compilation_cache(tmp_path_factory):
   """JAX's persistent compilation cache, on for one module's tests: a module whose runs compile the same programs

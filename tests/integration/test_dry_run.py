@@ -4,7 +4,6 @@ trained or written; the launch scripts run one process for it."""
 import os
 import re
 import subprocess
-import sys
 import time
 
 import pytest
@@ -22,10 +21,11 @@ DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_g_clip.py:demo", "aur
 FP32 = 4
 
 
-def _main(*args, launcher=(sys.executable, "-m", "visionfm_jax.main"), env=None):
+def _main(*args, warm, launcher=("python", "-m", "visionfm_jax.main"), env=None):
+  """(the finished command, its seconds): `launcher` (its `python` the warm interpreter `warm`) with `args`."""
   start = time.perf_counter()
   proc = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, JAX_PLATFORMS="cpu", **(env or {})))
+                        env=warm.env(dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))))
   return proc, time.perf_counter() - start
 
 
@@ -66,10 +66,11 @@ def test_the_plan_of_every_demo_from_shapes(spec, tmp_path):
   assert per_device["params"] / 2 <= sharded["bytes_per_device"]["params"] < per_device["params"] / 1.5
 
 
-def test_a_dry_run_through_main_prints_the_plan_and_exits_0_without_training(tmp_path):
+def test_a_dry_run_through_main_prints_the_plan_and_exits_0_without_training(tmp_path, warm_python):
   workdir = tmp_path / "run"
+  # planned for the 2 devices the mesh names; this process has 8
   proc, seconds = _main("--config=configs/vit_huge.py:demo", f"--workdir={workdir}", "--dry_run",
-                        "--config.mesh.fsdp=2")  # planned for the 2 devices the mesh names; this process has 8
+                        "--config.mesh.fsdp=2", warm=warm_python)
   assert proc.returncode == 0, proc.stderr[-3000:]
   figures = _figures(proc.stdout)
   config = config_lib.load(os.path.join(ROOT, "configs", "vit_huge.py:demo"))
@@ -94,7 +95,7 @@ def _pairs_split(directory, split, count=64):
 
 
 @pytest.mark.parametrize("case", ["missing-subprocess", "empty_train", "empty_eval"])
-def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, monkeypatch, capsys):
+def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, monkeypatch, capsys, warm_python):
   """`missing` runs main as a real process; the others in this process (test_bad_input.run_main_in_process)."""
   data = tmp_path / "data"
   data.mkdir()
@@ -105,7 +106,7 @@ def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, m
   args = ("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
           f"--config.data.source={spec}", "--config.model.num_classes=3")
   if case.endswith("subprocess"):
-    proc, _ = _main(*args)
+    proc, _ = _main(*args, warm=warm_python)
     status, stderr = proc.returncode, proc.stderr
   else:
     status, _, stderr = run_main_in_process(args, monkeypatch, capsys)
@@ -127,16 +128,17 @@ def test_an_empty_eval_source_stops_a_run_at_start_up(tmp_path):
     pipeline.open_eval_source(config.data)
 
 
-def test_local_sh_runs_one_process_for_the_whole_job(tmp_path):
+def test_local_sh_runs_one_process_for_the_whole_job(tmp_path, warm_python):
   proc, _ = _main("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-                  launcher=("bash", "launch/local.sh", "2"), env={"DEVICES_PER_PROCESS": "2"})
+                  launcher=("bash", "launch/local.sh", "2"), env={"DEVICES_PER_PROCESS": "2"}, warm=warm_python)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("dry run:") == 1 and _figures(proc.stdout)["mesh"] == (1, 4, 1, 4, 2)
 
 
-def test_slurm_sbatch_plans_the_allocation_from_one_process(tmp_path):
+def test_slurm_sbatch_plans_the_allocation_from_one_process(tmp_path, warm_python):
   """Run with bash on a login node: NODES x GPUS_PER_NODE devices, one process per node; no srun."""
   proc, _ = _main("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-                  launcher=("bash", "launch/slurm.sbatch"), env={"NODES": "4", "GPUS_PER_NODE": "8"})
+                  launcher=("bash", "launch/slurm.sbatch"), env={"NODES": "4", "GPUS_PER_NODE": "8"},
+                  warm=warm_python)
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("dry run:") == 1 and _figures(proc.stdout)["mesh"] == (1, 32, 1, 32, 4)

@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import chex
 import jax
@@ -69,10 +68,10 @@ def test_ema_follows_the_recurrence_and_stands_still_on_a_skipped_fp16_step():
   assert not np.allclose(expected["head"]["kernel"], jax.device_get(state.params)["head"]["kernel"])
 
 
-def _main(workdir, cache):
-  """`python -m visionfm_jax.main` on 2 CPU devices: 8 steps, a checkpoint every 2, the newest 1 kept plus every
-  multiple of 4, an EMA with decay 0.5, evaluations at 4 and 8; the compilation cache in `cache` (the resumed run
-  loads the programs the first one compiled)."""
+def _main(workdir, cache, warm):
+  """`python -m visionfm_jax.main` (run by the warm interpreter `warm`) on 2 CPU devices: 8 steps, a checkpoint
+  every 2, the newest 1 kept plus every multiple of 4, an EMA with decay 0.5, evaluations at 4 and 8; the
+  compilation cache in `cache` (the resumed run loads the programs the first one compiled)."""
   flags = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
            "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
            "--config.data.eval_examples=64", "--config.progress_bar=False", "--config.total_steps=8",
@@ -80,8 +79,8 @@ def _main(workdir, cache):
            "--config.eval_every=4", "--config.log_every=2", "--config.model.pool=cls",
            f"--config.optim.ema_decay={DECAY}"]
   env = cpu_env(2, **compilation_cache_env(cache))
-  done = subprocess.run([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
-                        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  done = subprocess.run([warm.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
+                        env=warm.env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
   assert done.returncode == 0, done.stdout[-3000:]
   return done.stdout
 
@@ -92,9 +91,9 @@ EMA_RUN = pytest.mark.xdist_group("ema_run")
 
 
 @pytest.fixture(scope="module")
-def ema_run(tmp_path_factory, compilation_cache):
+def ema_run(tmp_path_factory, compilation_cache, warm_python):
   workdir = tmp_path_factory.mktemp("ema") / "run"
-  _main(workdir, compilation_cache)
+  _main(workdir, compilation_cache, warm_python)
   return workdir
 
 
@@ -118,12 +117,12 @@ def test_ema_is_evaluated_beside_the_params_and_checkpointed(ema_run):
 
 
 @EMA_RUN
-def test_resume_keeps_the_ema_bitwise(ema_run, tmp_path, compilation_cache):
+def test_resume_keeps_the_ema_bitwise(ema_run, tmp_path, compilation_cache, warm_python):
   """The run resumed from its step 4 ends with the uninterrupted run's params and EMA, bitwise."""
   resumed = tmp_path / "resumed"
   shutil.copytree(ema_run, resumed)
   shutil.rmtree(resumed / "checkpoints" / "8")
-  assert "resuming from" in _main(resumed, compilation_cache)
+  assert "resuming from" in _main(resumed, compilation_cache, warm_python)
   got, want = _state(resumed, 8), _state(ema_run, 8)
   chex.assert_trees_all_equal(got["ema_params"], want["ema_params"])
   chex.assert_trees_all_equal(got["params"], want["params"])

@@ -262,7 +262,7 @@ def _fast_cpu_env():
 
 
 @pytest.fixture(scope="module", autouse=True)
-def _training(request, tmp_path_factory):
+def _training(request, tmp_path_factory, warm_python):
   """Starts training the shrunk demo (train.run through visionfm_jax.main, in a subprocess with one device and
   fast compilation) as the module starts when a selected test needs it: it runs beside the tests above."""
   if not any("trained" in item.fixturenames for item in request.session.items):
@@ -270,8 +270,8 @@ def _training(request, tmp_path_factory):
     return
   workdir = tmp_path_factory.mktemp("aurora_shapes")
   log = open(workdir.parent / "aurora_shapes.log", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
-  process = subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TRAIN_FLAGS],
-                             cwd=ROOT, env=_fast_cpu_env(), stdout=log, stderr=subprocess.STDOUT)
+  process = subprocess.Popen([warm_python.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TRAIN_FLAGS],
+                             cwd=ROOT, env=warm_python.env(_fast_cpu_env()), stdout=log, stderr=subprocess.STDOUT)
   yield process, workdir, log
   if process.poll() is None:
     process.kill()

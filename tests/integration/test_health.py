@@ -360,7 +360,7 @@ def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoi
 
 @pytest.mark.slow
 @END_TO_END
-def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
+def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path, warm_python):
   """launch/local.sh 2 (each process reads 8 rows of every batch of 16, on one device: the processes, not their
   devices, are what the rollbacks agree across): both processes log the same two rollbacks as the one-process run
   (steps, checkpoints, stream positions) and save the same record."""
@@ -374,7 +374,7 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path):
       f"--config.{path}={value}" for path, value in config_lib.fields(config)
       if path in changed or path.startswith("health.")]
   workdir = tmp_path / "run"
-  code, out = _Job(workdir, *flags, base=(), devices=1).finish()
+  code, out = _Job(workdir, *flags, base=(), devices=1, warm=warm_python).finish()
   assert code == 0, out[-6000:]
 
   def rollbacks_logged(text, where):

@@ -226,9 +226,10 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _start_pods(workdir) -> list[subprocess.Popen]:
+def _start_pods(workdir, warm) -> list[subprocess.Popen]:
   """The manifest's two pods as local processes with its entrypoint and environment, the coordinator's name
-  resolved to localhost, each on 2 CPU devices, training the tiny ViT of test_multiprocess in `workdir`."""
+  resolved to localhost, each on 2 CPU devices, training the tiny ViT of test_multiprocess in `workdir`; the
+  entrypoint's `python` is the warm interpreter `warm` (tests/warm_python.py)."""
   base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
   port = str(_free_port())
   pods = []
@@ -237,7 +238,7 @@ def _start_pods(workdir) -> list[subprocess.Popen]:
                JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS=f"--xla_force_host_platform_device_count=2 {FAST_COMPILE_FLAGS}",
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the restart loads the first start's programs
-    pods.append(_entrypoint([*FLAGS, f"--workdir={workdir}"], env))
+    pods.append(_entrypoint([*FLAGS, f"--workdir={workdir}"], warm.env(env)))
   return pods
 
 
@@ -266,11 +267,11 @@ def _first_logged_step(workdir, pods) -> None:
 
 
 @pytest.mark.slow
-def test_two_pods_train_are_preempted_restart_and_resume(tmp_path):
+def test_two_pods_train_are_preempted_restart_and_resume(tmp_path, warm_python):
   """Pod 0 gets the preemption notice once training runs: both save one agreed step; pod 0 exits 75, which the
   failure policy restarts the JobSet on, pod 1 exits 0. The restarted pods resume from that step and finish."""
   workdir = tmp_path / "run"
-  pods = _start_pods(workdir)
+  pods = _start_pods(workdir, warm_python)
   try:
     _first_logged_step(workdir, pods)
     os.kill(pods[0].pid, signal.SIGTERM)
@@ -284,7 +285,7 @@ def test_two_pods_train_are_preempted_restart_and_resume(tmp_path):
   assert len(saved) == 1 and 0 < min(saved) < TOTAL_STEPS, out0[-4000:]
   [step] = saved
 
-  restarted = _finish(_start_pods(workdir))
+  restarted = _finish(_start_pods(workdir, warm_python))
   assert [code for code, _ in restarted] == [0, 0], restarted[0][1][-4000:] + restarted[1][1][-4000:]
   assert f"resuming from {workdir / 'checkpoints'}/{step}" in restarted[0][1], restarted[0][1][-4000:]
   assert "2 processes, 4 devices (cpu)" in restarted[0][1]

@@ -202,15 +202,17 @@ def _no_job_outlives_its_test():
 
 class _Job:
   """launch/local.sh 2 (`devices` CPU devices each) in a session of its own, with its two trainer processes' pids;
-  `base`: the config flags before `flags` (the tiny ViT's)."""
+  `base`: the config flags before `flags` (the tiny ViT's); `warm`: a warm interpreter (tests/warm_python.py) that
+  runs the trainers, where the test does not look at their own pids or stop them."""
 
-  def __init__(self, workdir, *flags, base=tuple(FLAGS), devices=DEVICES_PER_PROCESS):
+  def __init__(self, workdir, *flags, base=tuple(FLAGS), devices=DEVICES_PER_PROCESS, warm=None):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
     env.update(DEVICES_PER_PROCESS=str(devices), PORT=str(_free_port()), JAX_PLATFORMS="cpu",
                XLA_FLAGS=FAST_COMPILE_FLAGS,  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
                # every program in the compile cache, as conftest's compilation_cache does: the tiny ViT's compile
                # in well under JAX's default threshold of 1 s, so a rerun would load 2 of its 13 programs
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env = warm.env(env) if warm else env
     self.workdir = workdir
     self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
                                  cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -274,13 +276,13 @@ MULTIPROCESS = pytest.mark.xdist_group("two_process_reference_run")
 
 
 @pytest.fixture(scope="module")
-def reference_run(tmp_path_factory):
+def reference_run(tmp_path_factory, warm_python):
   """(workdir, output, compile cache flag) of the 2-process job trained to TOTAL_STEPS without interruption. Its
   compile cache is a folder of its own (config.compile_cache), which the killed and preempted jobs of the same
   config share: they load its programs instead of compiling them again."""
   root = tmp_path_factory.mktemp("mp")
   cache = f"--config.compile_cache={root / 'compile_cache'}"
-  code, out = _Job(root / "reference", cache, f"--config.report_to={tracker_runs.REPORT_TO}").finish()
+  code, out = _Job(root / "reference", cache, f"--config.report_to={tracker_runs.REPORT_TO}", warm=warm_python).finish()
   assert code == 0, out[-6000:]
   return root / "reference", out, cache
 
@@ -395,12 +397,12 @@ def _wait_gone(pid, timeout):
 
 
 @pytest.mark.slow
-def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path):
+def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path, warm_python):
   """Process 0 finds the workdir's lock held (as a running job holds it): both processes exit 2 without
   waiting on each other, process 0 naming the holder, process 1 pointing at process 0's line; nothing written."""
   workdir = tmp_path / "run"
   with held_by_another_process(workdir) as holder:
-    code, out = _Job(workdir).finish(timeout=300)
+    code, out = _Job(workdir, warm=warm_python).finish(timeout=300)
   errors = [line for line in out.splitlines() if line.startswith("error:")]
   assert code == 2, out[-6000:]
   assert any(f"is in use by another run (host {socket.gethostname()}, pid {holder};" in e for e in errors), errors
@@ -450,7 +452,8 @@ def _killed(job, which: int, timeout_s: int) -> tuple[str, int]:
 
 @pytest.mark.slow
 @MULTIPROCESS
-def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise(reference_run, tmp_path):
+def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise(reference_run, tmp_path,
+                                                                                      warm_python):
   """Five jobs in one workdir, each the rerun of the one before: two kills, two preemption notices, and the last
   rerun, which ends bitwise where the uninterrupted job does (params, optimizer state, eval metric). (One chain
   serves every fault: a rerun to the end costs a job and up to TOTAL_STEPS steps.)
@@ -482,13 +485,13 @@ def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bit
   assert "Terminating process because the JAX distributed service" not in out
   assert checkpoint.newest_committed_step(workdir / "checkpoints") is None
 
-  job = _Job(workdir, cache)  # (2)
+  job = _Job(workdir, cache, warm=warm_python)  # (2); the kills, (1) and (4), name the killed process's own pid
   job.wait_for_checkpoint(10)
   _preempt(job, "one_only")
   step, out = _step_saved_on_notice(job, after=10)
   assert "resuming from" not in out
 
-  job = _Job(workdir, cache)  # (3)
+  job = _Job(workdir, cache, warm=warm_python)  # (3)
   after = job.wait_for_a_step_after(step)
   _preempt(job, "both_0.5s_apart")
   resumed = step
@@ -506,7 +509,7 @@ def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bit
   assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
   assert checkpoint.newest_committed_step(workdir / "checkpoints") == step
 
-  code, out = _Job(workdir, cache).finish()  # (5)
+  code, out = _Job(workdir, cache, warm=warm_python).finish()  # (5)
   assert code == 0, out[-6000:]
   assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
   for got, want in zip(_final(workdir), _final(reference)):

@@ -4,7 +4,6 @@
 import json
 from pathlib import Path
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -38,8 +37,9 @@ def _karpathy(path: Path, test_ids, train_ids) -> str:
   return str(path)
 
 
-def _prepare(*args) -> subprocess.CompletedProcess:
-  return subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", *args], cwd=ROOT,
+def _prepare(warm, *args) -> subprocess.CompletedProcess:
+  """`python -m visionfm_jax.datatools.prepare_data ARGS`, run by the warm interpreter `warm`."""
+  return subprocess.run([warm.python, "-m", "visionfm_jax.datatools.prepare_data", *args], cwd=ROOT, env=warm.env(),
                         capture_output=True, text=True, timeout=120, check=False)
 
 
@@ -67,11 +67,11 @@ def coco_root(tmp_path):
   return root, captions
 
 
-def test_coco_captions_become_one_pair_per_caption(tmp_path, coco_root):
+def test_coco_captions_become_one_pair_per_caption(tmp_path, coco_root, warm_python):
   root, captions = coco_root
   karpathy = _karpathy(tmp_path / "dataset_coco.json", test_ids=[5], train_ids=[3, 9])
   output = tmp_path / "coco_pairs"
-  result = _prepare("--format=coco", f"--input={root}", f"--output={output}", "--records_per_shard=4",
+  result = _prepare(warm_python, "--format=coco", f"--input={root}", f"--output={output}", "--records_per_shard=4",
                     f"--exclude_karpathy={karpathy}", "--num_workers=0")
   assert result.returncode == 0, result.stderr
   got = _read_back(output)
@@ -85,12 +85,12 @@ def test_coco_captions_become_one_pair_per_caption(tmp_path, coco_root):
   # without the exclusion the Karpathy test image's five captions are pairs too; resume keeps finished shards
   pairs, counts = pair_corpora.coco_pairs(root)
   assert len(pairs) == 15 and counts["excluded_images"] == 0
-  again = _prepare("--format=coco", f"--input={root}", f"--output={output}", "--records_per_shard=4",
+  again = _prepare(warm_python, "--format=coco", f"--input={root}", f"--output={output}", "--records_per_shard=4",
                    f"--exclude_karpathy={karpathy}", "--num_workers=0")
   assert again.returncode == 0 and "train 10 records" in again.stdout
 
 
-def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
+def test_visual_genome_regions_become_crops_or_whole_images(tmp_path, warm_python):
   root = tmp_path / "vg"
   _jpeg(root / "VG_100K" / "1.jpg", 80, 60, colour=(20, 200, 20))
   _jpeg(root / "VG_100K_2" / "2.jpg", 50, 40, colour=(20, 20, 200))
@@ -115,8 +115,8 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
       {"id": 5, "regions": [region(5, 50, "undecodable", 0, 0, 50, 40), region(5, 51, "also", 0, 0, 40, 40)]}])
   karpathy = _karpathy(tmp_path / "dataset_coco.json", test_ids=[77], train_ids=[41])
   output = tmp_path / "vg_crops"
-  result = _prepare("--format=visual_genome", f"--input={root}", f"--output={output}", "--min_region_size=8",
-                    f"--exclude_karpathy={karpathy}", "--num_workers=0")
+  result = _prepare(warm_python, "--format=visual_genome", f"--input={root}", f"--output={output}",
+                    "--min_region_size=8", f"--exclude_karpathy={karpathy}", "--num_workers=0")
   assert result.returncode == 0, result.stderr
   got = _read_back(output)
   assert [(r["caption"], r["key"]) for r in got] == [("a green field", "1#10"), ("the right edge", "1#13"),
@@ -132,7 +132,7 @@ def test_visual_genome_regions_become_crops_or_whole_images(tmp_path):
   assert split["vg_regions"] == "crop"
 
   whole = tmp_path / "vg_images"
-  result = _prepare("--format=visual_genome", f"--input={root}", f"--output={whole}", "--vg_regions=image",
+  result = _prepare(warm_python, "--format=visual_genome", f"--input={root}", f"--output={whole}", "--vg_regions=image",
                     "--resize_shorter=20", "--num_workers=0")
   assert result.returncode == 0, result.stderr
   got = _read_back(whole)

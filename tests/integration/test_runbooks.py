@@ -245,7 +245,7 @@ def place_inputs(runbook: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
   return releases / "hub"
 
 
-def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subprocess.CompletedProcess:
+def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str, warm_python) -> subprocess.CompletedProcess:
   hub = place_inputs(runbook, root)
   bin_dir = root / "bin"
   bin_dir.mkdir()
@@ -256,6 +256,7 @@ def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str) -> subpro
   env = cpu_env(NODE_DEVICES, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
                 FAKE_SLURM_DEVICES_PER_NODE=str(NODE_DEVICES), FAKE_SLURM_LOG=str(root / "slurm.log"),
                 PYTHONUNBUFFERED="1", **compilation_cache_env(cache))
+  env = warm_python.env(env)  # the runbook's `python -m visionfm_jax.*` commands start warm
   # its own session: a timeout kills every job of the fake cluster too (srun's tasks have process groups of their own)
   proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
                           start_new_session=True)
@@ -285,8 +286,8 @@ def failure_report(result: subprocess.CompletedProcess) -> str:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("runbook", RUNBOOKS, ids=lambda p: p.stem)
-def test_every_command_of_the_runbook_runs_in_order(runbook, tmp_path, compilation_cache):
-  result = run_runbook(runbook, tmp_path, compilation_cache)
+def test_every_command_of_the_runbook_runs_in_order(runbook, tmp_path, compilation_cache, warm_python):
+  result = run_runbook(runbook, tmp_path, compilation_cache, warm_python)
   assert result.returncode == 0, failure_report(result)
   assert MARKER.findall(result.stderr)[-1][0] == "end", "the script stopped before its end"
   assert_each_evaluation_drew_its_panel(tmp_path)

@@ -48,9 +48,11 @@ def _final_state(workdir, step):
 pytestmark = pytest.mark.usefixtures("compilation_cache")
 
 
-def _main(workdir, *flags, devices=8, cache=None):
+def _main(workdir, *flags, devices=8, cache=None, warm=None):
+  """`python -m visionfm_jax.main` on the tiny ViT; `warm`: run by that warm interpreter (tests/warm_python.py)."""
   env = cpu_env(devices, **(compilation_cache_env(cache) if cache else {}))
-  return subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
+  python, env = (warm.python, warm.env(env)) if warm else (sys.executable, env)
+  return subprocess.Popen([python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                           start_new_session=True)
 
@@ -187,7 +189,7 @@ def _rerun_main(workdir, monkeypatch, capsys, caplog) -> tuple[int, str]:
 
 
 @pytest.mark.slow
-def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch):
+def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch, warm_python):
   """SIGTERM (to the whole process group, data workers included, as a scheduler does) mid-run: the run saves
   the step it is at and exits 0; the rerun resumes there and ends with the uninterrupted run's parameters
   bitwise, so the data order resumed exactly too. The interrupted run keeps its programs in its workdir's
@@ -196,7 +198,7 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch)
   flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=1",
            "--config.data.num_workers=1", "--config.strategy=zero3"]
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # JAX keeps programs of 1 s and more
-  preempted = _main(tmp_path / "run", *flags)  # config.compile_cache '': <workdir>/compile_cache
+  preempted = _main(tmp_path / "run", *flags, warm=warm_python)  # config.compile_cache '': <workdir>/compile_cache
   first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
   deadline = time.monotonic() + 600
   while not first_checkpoint.exists() and preempted.poll() is None and time.monotonic() < deadline:
@@ -213,7 +215,7 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch)
 
   cache = tmp_path / "run" / "compile_cache"
   kept = set(os.listdir(cache))
-  resumed = _main(tmp_path / "run", *flags)
+  resumed = _main(tmp_path / "run", *flags, warm=warm_python)
   out, _ = resumed.communicate(timeout=600)
   assert resumed.returncode == 0, out
   assert f"resuming from {tmp_path / 'run' / 'checkpoints'}/{saved[-1]}" in out
@@ -221,7 +223,7 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch)
   is_step = lambda name: name.startswith("jit_train_step-")  # JAX names a cache file after its program
   assert any(map(is_step, kept)) and not any(map(is_step, set(os.listdir(cache)) - kept)), (kept, out)
 
-  reference = _main(tmp_path / "ref", *flags, f"--config.compile_cache={cache}")
+  reference = _main(tmp_path / "ref", *flags, f"--config.compile_cache={cache}", warm=warm_python)
   out, _ = reference.communicate(timeout=600)
   assert reference.returncode == 0, out
   for got, want in zip(_final_state(tmp_path / "run", 12), _final_state(tmp_path / "ref", 12)):
@@ -290,11 +292,11 @@ def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_
   assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(params))
 
 
-def test_console_shows_our_lines_only(tmp_path):
+def test_console_shows_our_lines_only(tmp_path, warm_python):
   """Not a terminal (as in a SLURM log): a handful of timestamped lines of ours (no Orbax or JAX internals),
   plain progress lines, one line per evaluation, where each checkpoint goes, and the final metrics."""
   proc = _main(tmp_path / "run", "--config.total_steps=4", "--config.log_every=1", "--config.eval_every=2",
-               "--config.checkpoint_every=2", "--config.progress_bar=True", devices=1)
+               "--config.checkpoint_every=2", "--config.progress_bar=True", devices=1, warm=warm_python)
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   lines = out.splitlines()

@@ -3,7 +3,6 @@ from pair records, the same model file as the API's, and one `error:` line for b
 
 from pathlib import Path
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -15,11 +14,17 @@ from visionfm_jax.datatools import train_tokenizer as tool
 from test_tokenizer import CORPUS, ROOT
 
 
-def test_cli(tmp_path):
+def _train_tokenizer(warm, *args, **kwargs) -> subprocess.CompletedProcess:
+  """`python -m visionfm_jax.datatools.train_tokenizer ARGS`, run by the warm interpreter `warm`."""
+  return subprocess.run([warm.python, "-m", "visionfm_jax.datatools.train_tokenizer", *args], env=warm.env(),
+                        **kwargs)
+
+
+def test_cli(tmp_path, warm_python):
   corpus = tmp_path / "captions.txt"
   corpus.write_text("\n".join(CORPUS) + "\n", encoding="utf-8")
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer", f"--input={corpus}",
-                           "--vocab_size=64", f"--out={tmp_path / 'cli.model'}"],
+  result = _train_tokenizer(warm_python, f"--input={corpus}",
+                           "--vocab_size=64", f"--out={tmp_path / 'cli.model'}",
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert f"wrote {tmp_path / 'cli.model'}" in result.stdout
@@ -28,7 +33,7 @@ def test_cli(tmp_path):
                                                        num_threads=tool.DEFAULT_NUM_THREADS)).read_bytes()
 
 
-def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
+def test_records_input_trains_on_the_captions_of_pair_records(tmp_path, warm_python):
   """--records reads the caption field of ArrayRecord shards (files in name order), skipping image-only records."""
   image = np.zeros((4, 4, 3), np.uint8)
   half = len(CORPUS) // 2
@@ -40,8 +45,8 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
   tok = tool.run(None, 0, 64, str(tmp_path / "records.model"), records=pattern)
   assert Path(tok.model_file).read_bytes() == Path(tokenizer.train_tokenizer(
       CORPUS, 64, str(tmp_path / "api"), num_threads=tool.DEFAULT_NUM_THREADS)).read_bytes()
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer", f"--records={pattern}",
-                           "--vocab_size=64", f"--out={tmp_path / 'cli'}"],
+  result = _train_tokenizer(warm_python, f"--records={pattern}",
+                           "--vocab_size=64", f"--out={tmp_path / 'cli'}",
                           cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
   assert result.returncode == 0, result.stderr
   assert (tmp_path / "cli.model").read_bytes() == Path(tok.model_file).read_bytes()
@@ -59,16 +64,16 @@ def test_records_input_trains_on_the_captions_of_pair_records(tmp_path):
     tool.run(None, 10, 64, str(tmp_path / "x"), records=pattern)
 
 
-def test_cli_error_is_one_line(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer",
-                           f"--input={tmp_path / 'missing.txt'}", "--vocab_size=64", f"--out={tmp_path / 'x'}"],
+def test_cli_error_is_one_line(tmp_path, warm_python):
+  result = _train_tokenizer(warm_python,
+                           f"--input={tmp_path / 'missing.txt'}", "--vocab_size=64", f"--out={tmp_path / 'x'}",
                           capture_output=True, text=True, timeout=120)
   assert result.returncode == 2
   assert result.stderr.startswith("error: ") and "missing.txt" in result.stderr
   assert len(result.stderr.strip().splitlines()) == 1
 
 
-def test_tars_and_sampled_records_through_the_cli(tmp_path):
+def test_tars_and_sampled_records_through_the_cli(tmp_path, warm_python):
   """--tars reads the .txt members of img2dataset tars (image members skipped), --max_sentences keeps that many
   captions: the seeded reservoir's, whether they come from tars or from records."""
   import io  # pylint: disable=g-import-not-at-top
@@ -89,8 +94,8 @@ def test_tars_and_sampled_records_through_the_cli(tmp_path):
   expected, _ = tokenizer.reservoir_sample(iter(lines), k, 5)
   reference = tokenizer.train_tokenizer(expected, 64, str(tmp_path / "api"), num_threads=2)
   for flag in (f"--tars={tmp_path / '*.tar'}", f"--records={tmp_path / 'train-*.array_record'}"):
-    result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.train_tokenizer", flag, "--vocab_size=64",
-                             f"--max_sentences={k}", "--seed=5", "--num_threads=2", f"--out={tmp_path / 'cli'}"],
+    result = _train_tokenizer(warm_python, flag, "--vocab_size=64",
+                             f"--max_sentences={k}", "--seed=5", "--num_threads=2", f"--out={tmp_path / 'cli'}",
                             cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
     assert result.returncode == 0, result.stderr
     assert f"sampled {k} of {len(lines)} captions" in result.stdout
