@@ -16,9 +16,11 @@ STAGES = ["photos", "shards", "vit_main_compute_dtype", "vit_main_fp8", "vit_ben
 GEMMS = ("compute_dtype", "fp8")
 
 
-def run_check(*args: str, python: str = sys.executable) -> subprocess.CompletedProcess:
-  return subprocess.run(["bash", "launch/gpu_recipe_check.sh", *args], cwd=ROOT, env=cpu_env(1, PYTHON=python),
-                        capture_output=True, text=True, timeout=300)
+def run_check(*args: str, python: str = sys.executable, warm=None) -> subprocess.CompletedProcess:
+  """launch/gpu_recipe_check.sh ARGS with PYTHON=`python`, or the warm interpreter `warm` (tests/warm_python.py)."""
+  env = warm.env(cpu_env(1, PYTHON=warm.python)) if warm else cpu_env(1, PYTHON=python)
+  return subprocess.run(["bash", "launch/gpu_recipe_check.sh", *args], cwd=ROOT, env=env, capture_output=True,
+                        text=True, timeout=300)
 
 
 def stand_in_python(tmp_path: pathlib.Path) -> str:
@@ -46,8 +48,8 @@ esac
 
 
 @pytest.mark.slow
-def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path):
-  proc = run_check("--rehearse", f"--out={tmp_path}")
+def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_python):
+  proc = run_check("--rehearse", f"--out={tmp_path}", warm=warm_python)
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   stages = summary["stages"]
