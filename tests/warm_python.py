@@ -17,6 +17,7 @@ are passed on to it."""
 import json
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -78,7 +79,9 @@ class Server:
 
   def __init__(self, env: dict, prefixes=("visionfm_jax.",), folder: str | None = None):
     self.folder = folder or tempfile.mkdtemp(prefix="visionfm_warm_")
-    self.socket = os.path.join(self.folder, "socket")
+    # A socket's path has at most 107 bytes: its own short folder, whatever the temporary folder's length.
+    self._socket_folder = tempfile.mkdtemp(prefix="vfm_warm_", dir="/tmp" if os.path.isdir("/tmp") else None)
+    self.socket = os.path.join(self._socket_folder, "socket")
     self.bin = os.path.join(self.folder, "bin")
     os.makedirs(self.bin, exist_ok=True)
     with open(self.python, "w", encoding="utf-8") as f:
@@ -109,6 +112,7 @@ class Server:
       self.process.terminate()
       self.process.wait(timeout=30)
     self.log.close()
+    shutil.rmtree(self._socket_folder, ignore_errors=True)
 
   def __enter__(self):
     return self
@@ -241,6 +245,7 @@ def serve(address: str, prefixes) -> None:
   listener.bind(address + ".binding")
   listener.listen(64)
   os.rename(address + ".binding", address)  # the socket appears once it accepts
+  signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # Server.close: exits through atexit (the suite profile)
   wake_r, wake_w = os.pipe()
   os.set_blocking(wake_w, False)
   signal.set_wakeup_fd(wake_w)
