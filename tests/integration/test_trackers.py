@@ -159,7 +159,8 @@ app.run(entry.main, flags_parser=entry._parse_flags)
 @pytest.mark.slow
 @needs_both
 def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run_per_tracker(tmp_path,
-                                                                                             compilation_cache):
+                                                                                             compilation_cache,
+                                                                                             warm_python):
   """Killed after logging step 25 (checkpoint 20 the newest), rerun to 40: one W&B run, which the kill left
   without what W&B had not yet written, rewound to its start and given metrics.jsonl's rows 1-20 again, then 21-40;
   one MLflow run, FINISHED; both hold metrics.jsonl's values, and the console names both."""
@@ -170,8 +171,8 @@ def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run
                           text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["10", "20"]
-  rerun = subprocess.run([sys.executable, "-m", "visionfm_jax.main", *args], cwd=ROOT, env=env, capture_output=True,
-                         text=True, timeout=300)
+  rerun = subprocess.run([warm_python.python, "-m", "visionfm_jax.main", *args], cwd=ROOT,
+                         env=warm_python.env(env), capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert "could not start" not in rerun.stderr and "no more metrics go to it" not in rerun.stderr, rerun.stderr[-4000:]
 
