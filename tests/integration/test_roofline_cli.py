@@ -31,3 +31,14 @@ def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["plan_gib"] == pytest.approx(14.5, rel=0.02)
+
+
+def test_the_account_of_a_dumped_program_names_its_optimizer_update_by_the_state_it_writes():
+  """`--hlo`: the pico ViT's AdamW updates (params, mu and nu of a tensor in one fusion each, its root an `add`)
+  are one row under the state they write; no compiler needed."""
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--hlo=tests/data/pico_vit_h100.hlo.gz",
+                         "--top=100"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  rows = [line.split(None, 6) for line in proc.stdout.splitlines() if line.startswith(("elementwise ", "reduction "))]
+  ops = {row[6] for row in rows if len(row) == 7}
+  assert "update: state.opt_state, state.params" in ops and "add" not in ops, proc.stdout[-3000:]

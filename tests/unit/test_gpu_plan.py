@@ -318,3 +318,47 @@ def test_group_accounts_for_every_kernel_once_by_the_part_of_its_op_the_pattern_
   assert set(roofline.grouped_ms(setup, prediction, "nothing matches this")) == {"other", "collectives (exposed)"}
   with pytest.raises(roofline.UserError, match=r"--group=\(: not a regular expression"):
     roofline.grouped_ms(setup, prediction, "(")
+
+
+GUARDED_UPDATE = """
+HloModule guarded_update, input_output_alias={ {0}: (0, {}, may-alias), {1}: (1, {}, may-alias) }
+
+%fused_update (param_0: f32[64], param_1: f32[64], param_2: f32[64], param_3: pred[]) -> (f32[64], f32[64]) {
+  %param_0 = f32[64]{0} parameter(0)
+  %param_1 = f32[64]{0} parameter(1)
+  %param_2 = f32[64]{0} parameter(2)
+  %param_3 = pred[] parameter(3)
+  %mu = f32[64]{0} add(%param_1, %param_2), metadata={op_name="jit(train_step)/add"}
+  %stepped = f32[64]{0} subtract(%param_0, %mu), metadata={op_name="jit(train_step)/sub"}
+  %ok = pred[64]{0} broadcast(%param_3), dimensions={}
+  %held = f32[64]{0} select(%ok, %stepped, %param_0), metadata={op_name="jit(train_step)/_where/select_n"}
+  ROOT %out = (f32[64]{0}, f32[64]{0}) tuple(%held, %mu)
+}
+
+ENTRY %main (w: f32[64], mu: f32[64], g: f32[64], ok: pred[]) -> (f32[64], f32[64]) {
+  %w = f32[64]{0} parameter(0), metadata={op_name="state.params[\\'fc\\'][\\'kernel\\']"}
+  %mu = f32[64]{0} parameter(1), metadata={op_name="state.opt_state[0].mu[\\'fc\\'][\\'kernel\\']"}
+  %g = f32[64]{0} parameter(2), metadata={op_name="grads"}
+  %ok = pred[] parameter(3), metadata={op_name="ok"}
+  %update = (f32[64]{0}, f32[64]{0}) fusion(%w, %mu, %g, %ok), kind=kLoop, calls=%fused_update, \
+metadata={op_name="jit(train_step)/_where/select_n"}
+  %new_w = f32[64]{0} get-tuple-element(%update), index=0
+  %new_mu = f32[64]{0} get-tuple-element(%update), index=1
+  %packed = (f32[64]{0}, f32[64]{0}) tuple(%new_mu, %new_w)
+  %w_out = f32[64]{0} get-tuple-element(%packed), index=1
+  %mu_out = f32[64]{0} get-tuple-element(%packed), index=0
+  ROOT %state = (f32[64]{0}, f32[64]{0}) tuple(%w_out, %mu_out)
+}
+"""
+
+
+def test_a_fusion_writing_the_donated_state_is_labelled_by_that_state_not_its_last_op():
+  """XLA names a multi-output fusion after its root: a whole optimizer update whose last op is a guard's hold
+  read as `_where/select_n`. A fusion whose results the step writes in place of its donated inputs is labelled
+  by those inputs' state parts (followed through a tuple taken apart again, as ViT-B/16's program writes its
+  state); its bytes are unchanged (3 reads of 64 f32 and a pred, 2 writes)."""
+  [kernel] = hlo_cost.Program(GUARDED_UPDATE).kernels
+  assert kernel.label == "update: state.opt_state, state.params"
+  assert kernel.bytes == 5 * 64 * 4 + 1
+  undonated = hlo_cost.Program(GUARDED_UPDATE.replace("input_output_alias=", "unaliased="))
+  assert undonated.kernels[0].label == "_where/select_n"

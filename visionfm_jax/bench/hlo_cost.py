@@ -55,7 +55,7 @@ class Kernel:
   flops: float  # per launch
   bytes: float  # per launch
   count: int
-  label: str  # the framework op it came from (metadata op_name, shortened)
+  label: str  # the framework op it came from (metadata op_name, shortened), or the step's state it updates
   dtype: str = ""  # gemm / attention: the inputs' element type
   collective: str = ""  # collective: all-gather, reduce-scatter, all-reduce, ...
   group_size: int = 1  # collective: devices in its group
@@ -239,6 +239,7 @@ class Program:
     self.devices_per_node = devices_per_node
     # instruction names are unique within an HLO module, across its computations
     self._by_name = {i.name: i for computation in self.computations.values() for i in computation}
+    self._state_updates = self._state_writers(hlo_text)
     self.kernels: list[Kernel] = []
     self.uncounted_loops: list[str] = []  # while loops whose trip count is neither annotated nor readable
     self._walk(self.entry, 1)
@@ -272,6 +273,38 @@ class Program:
       self.kernels.append(kernel)
       if kernel.kind == "collective" and (ins.op.endswith("-start") or ins.op == "async-start"):
         pending[ins.name] = (len(self.kernels) - 1, kernel)
+
+  def _state_writers(self, hlo_text: str) -> dict[str, str]:
+    """{entry fusion: 'update: <state parts>'} for each fusion whose results the step writes in place of its
+    donated inputs (the module's input_output_alias), the parts read off those inputs' argument paths
+    (`state.params['fc']['kernel']` -> `state.params`, `state.health.count` -> `state.health`). A fusion's
+    op_name is that of its root, its last op: a whole AdamW update read as a guard's hold (`select_n`) or `add`."""
+    header = next((line for line in hlo_text.splitlines() if line.startswith("HloModule")), "")
+    alias = re.search(r"input_output_alias=\{((?:\s*\{\d+\}: \(\d+, \{[\d,]*\}(?:, [\w-]+)?\),?)*)", header)
+    aliased = dict(re.findall(r"\{(\d+)\}: \((\d+),", alias.group(1))) if alias else {}  # output -> donated input
+    entry = self.computations[self.entry]
+    root = next((i for i in reversed(entry) if i.root), None)
+    if not aliased or root is None or root.op != "tuple":
+      return {}
+    inputs = {i.args.strip(): i for i in entry if i.op == "parameter"}
+    parts: dict[str, set[str]] = {}
+    for index, name in enumerate(root.operands):
+      donated = inputs.get(aliased.get(str(index), ""))
+      path = re.search(r'op_name="(\w+(?:\.\w+)?)', donated.attrs) if donated is not None else None
+      writer = self._producer(name)
+      if path and writer is not None and writer.op == "fusion":
+        parts.setdefault(writer.name, set()).add(path.group(1))
+    return {name: "update: " + ", ".join(sorted(paths)) for name, paths in parts.items()}
+
+  def _producer(self, name: str) -> Instruction | None:
+    """The instruction that computes `name`, seen through bitcasts and tuples taken apart."""
+    ins = self._by_name.get(name)
+    while ins is not None and ins.op in ("get-tuple-element", "bitcast"):
+      source = self._by_name.get(ins.operands[0])
+      if ins.op == "get-tuple-element" and source is not None and source.op == "tuple":
+        source = self._by_name.get(source.operands[int(_attr(ins.attrs, "index") or 0)])
+      ins = source
+    return ins
 
   def _trip_count(self, loop: Instruction) -> int:
     """XLA's `known_trip_count`, else read off the loop's condition: `i < N` (or <=, >, >=) of a counter against
@@ -323,7 +356,7 @@ class Program:
     if ins.op == "custom-call":
       return self._custom_call(ins, count, label)
     if ins.op == "fusion":
-      return self._fusion(ins, count, label)
+      return self._fusion(ins, count, self._state_updates.get(ins.name, label))
     io = self._operand_bytes(ins) + nbytes(ins.type)
     if ins.op == "dot":  # unfused (CPU programs; GPU programs call cuBLAS instead)
       return Kernel(ins.name, "gemm", self._dot_flops(ins), io, count, label,

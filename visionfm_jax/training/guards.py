@@ -46,7 +46,7 @@ def spike(before, after, signals: Signals, apply):
 
 def _hold(before, after, apply):
   # No pass of its own: XLA fuses each select into the optimizer's update of its leaf, which reads the old state
-  # anyway (docs/tried_and_dropped.md; the roofline lists those fusions as `_where/select_n`).
+  # anyway (docs/tried_and_dropped.md; the roofline lists those fusions as `update: state.opt_state, state.params`).
   keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(apply, n, o), new, old)
   return after.replace(params=keep(after.params, before.params), opt_state=keep(after.opt_state, before.opt_state))
 
