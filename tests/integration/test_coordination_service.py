@@ -115,8 +115,8 @@ def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_
                   rf"gone: its connection closed and a new one fails \(connection refused\). Process {{}} exits with "
                   rf"code {faults.HUNG_EXIT_CODE} so that the job is requeued; it resumes from the newest complete "
                   rf"checkpoint.")
-  for i in range(2):
-    assert sum(bool(re.fullmatch(trainer_line.format(i), line)) for line in errors) == 1, errors
+  for i in range(2):  # the lines in full where one differs (a list in the message would be cut to 240 characters)
+    assert sum(bool(re.fullmatch(trainer_line.format(i), line)) for line in errors) == 1, "\n".join(errors)
   launcher = [line for line in errors if line.startswith("error: JAX's coordination service (pid")]
   assert len(launcher) == 1 and re.match(rf"error: JAX's coordination service \(pid {service}, localhost:\d+\) ended "
                                          rf"first, by signal KILL \(status 137\)", launcher[0]), errors
