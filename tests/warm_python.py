@@ -3,7 +3,7 @@ server that has imported the package and its libraries already, instead of a fre
 again (about 1 CPU s a command: JAX, Flax, Orbax, Grain and this package). Each command still runs in a process of
 its own, with its own argv, environment, working directory, standard streams and exit status.
 
-`Server(env)` starts the server (`python tests/warm_python.py SOCKET MODULE_PREFIX...`) and writes a `python`
+`Server(env, folder)` starts the server (`python tests/warm_python.py SOCKET MODULE_PREFIX...`) and writes a `python`
 program into `server.bin`: put that folder first on a command's PATH, with VISIONFM_WARM_PYTHON=server.socket (its
 `env()`), and `python -m <module>` of a served module runs warm. Anything else (another module, `-c`, a script, a
 server that is gone or declines) runs in the real interpreter, as before.
@@ -77,8 +77,8 @@ class Server:
   """The server, started with `env` (the environment its commands share, less what each sets for itself) and
   serving the modules under `prefixes`; a context manager that stops it."""
 
-  def __init__(self, env: dict, prefixes=("visionfm_jax.",), folder: str | None = None):
-    self.folder = folder or tempfile.mkdtemp(prefix="visionfm_warm_")
+  def __init__(self, env: dict, folder: str, prefixes=("visionfm_jax.",)):
+    self.folder = folder
     # A socket's path has at most 107 bytes: its own short folder, whatever the temporary folder's length.
     self._socket_folder = tempfile.mkdtemp(prefix="vfm_warm_", dir="/tmp" if os.path.isdir("/tmp") else None)
     self.socket = os.path.join(self._socket_folder, "socket")
@@ -94,7 +94,8 @@ class Server:
     deadline = time.monotonic() + 120
     while not os.path.exists(self.socket):
       if self.process.poll() is not None or time.monotonic() > deadline:
-        raise RuntimeError(f"the warm interpreter did not start: {open(self.log.name).read()[-2000:]}")
+        with open(self.log.name, encoding="utf-8", errors="replace") as log:
+          raise RuntimeError(f"the warm interpreter did not start: {log.read()[-2000:]}")
       time.sleep(0.05)
 
   @property
@@ -177,7 +178,6 @@ def _die_with_caller(conn) -> None:
 def _run_command(request: dict, fds: list[int], conn) -> None:
   """In the forked process: becomes the command and exits with its status."""
   import runpy  # pylint: disable=g-import-not-at-top
-  signal.set_wakeup_fd(-1)
   for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
     signal.signal(number, signal.SIG_IGN if number == signal.SIGPIPE else signal.SIG_DFL)
   signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -253,49 +253,64 @@ def serve(address: str, prefixes) -> None:
   selector = selectors.DefaultSelector()
   selector.register(listener, selectors.EVENT_READ)
   selector.register(wake_r, selectors.EVENT_READ)
-  running, parent = {}, os.getppid()
+  running, parent = {}, os.getppid()  # {command's pid: its caller's connection}
   while os.getppid() == parent:
     for key, _ in selector.select(timeout=1.0):
       if key.fileobj is listener:
-        conn, _ = listener.accept()
-        try:
-          request, fds = _read_request(conn)
-        except (OSError, ValueError, struct.error):
-          conn.close()
-          continue
-        reason = _declined(request, prefixes)
-        if reason is not None:
-          conn.sendall(json.dumps({"declined": reason}).encode() + b"\n")
-          conn.close()
-          for fd in fds:
-            os.close(fd)
-          continue
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:
-          for other in (listener, *running.values()):
-            other.close()
-          os.close(wake_r)
-          os.close(wake_w)
-          _run_command(request, fds, conn)
-        for fd in fds:
-          os.close(fd)
-        conn.sendall(json.dumps({"pid": pid}).encode() + b"\n")
-        running[pid] = conn
+        _accept(listener, prefixes, running, (wake_r, wake_w))
       else:
         os.read(wake_r, 4096)
-    while running:
-      pid, wait_status = os.waitpid(-1, os.WNOHANG)
-      if pid == 0:
-        break
-      conn = running.pop(pid, None)
-      if conn is not None:
-        try:
-          conn.sendall(json.dumps(_status(wait_status)).encode() + b"\n")
-        except OSError:
-          pass
-        conn.close()
+    _reap(running)
+
+
+def _reply(conn, message: dict) -> None:
+  conn.sendall(json.dumps(message).encode() + b"\n")
+
+
+def _accept(listener, prefixes, running: dict, wake_pipe) -> None:
+  """Takes one request: declines it, or forks its command (which never returns here) and records it."""
+  conn, _ = listener.accept()
+  try:
+    request, fds = _read_request(conn)
+  except (OSError, ValueError, struct.error):
+    conn.close()
+    return
+  reason = _declined(request, prefixes)
+  if reason is not None:
+    for fd in fds:
+      os.close(fd)
+    _reply(conn, {"declined": reason})
+    conn.close()
+    return
+  sys.stdout.flush()
+  sys.stderr.flush()
+  pid = os.fork()
+  if pid == 0:
+    signal.set_wakeup_fd(-1)  # before its pipe closes: a signal would write to whatever reused the number
+    for other in (listener, *running.values()):
+      other.close()
+    for fd in wake_pipe:
+      os.close(fd)
+    _run_command(request, fds, conn)
+  for fd in fds:
+    os.close(fd)
+  _reply(conn, {"pid": pid})
+  running[pid] = conn
+
+
+def _reap(running: dict) -> None:
+  """Tells the caller of each command that has ended its status."""
+  while running:
+    pid, wait_status = os.waitpid(-1, os.WNOHANG)
+    if pid == 0:
+      return
+    conn = running.pop(pid, None)
+    if conn is not None:
+      try:
+        _reply(conn, _status(wait_status))
+      except OSError:
+        pass
+      conn.close()
 
 
 if __name__ == "__main__":

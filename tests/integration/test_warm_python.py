@@ -6,12 +6,12 @@ import json
 import os
 import signal
 import subprocess
-import time
 
 import pytest
 import warm_python
 
 from conftest import cpu_env
+from test_multiprocess import _wait_gone
 
 PROBE = '''
 import json, os, sys, time
@@ -75,30 +75,18 @@ def _sleeping(server, folder):
   return caller, json.loads(caller.stdout.readline())["pid"]
 
 
-def _ends(pid: int) -> bool:
-  deadline = time.monotonic() + 30
-  while time.monotonic() < deadline:
-    try:
-      with open(f"/proc/{pid}/stat", encoding="utf-8") as f:
-        if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-          return True
-    except FileNotFoundError:
-      return True
-    time.sleep(0.05)
-  return False
-
-
 def test_a_signal_to_the_caller_reaches_the_command_and_a_killed_caller_ends_it(served):
   server, folder = served
   caller, command = _sleeping(server, folder)
   assert command != caller.pid
   caller.send_signal(signal.SIGTERM)
-  assert caller.wait(timeout=30) == -signal.SIGTERM and _ends(command)  # died of the signal, as the caller reports
+  assert caller.wait(timeout=30) == -signal.SIGTERM  # died of the signal, as the caller reports
+  assert _wait_gone(command, 30) is not None
 
   caller, command = _sleeping(server, folder)
   caller.kill()
   caller.wait(timeout=30)
-  assert _ends(command), "the command outlived its SIGKILLed caller"
+  assert _wait_gone(command, 30) is not None, "the command outlived its SIGKILLed caller"
 
 
 def test_what_the_server_cannot_serve_runs_in_the_real_interpreter(served, tmp_path):

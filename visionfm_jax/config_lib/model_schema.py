@@ -6,8 +6,16 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from visionfm_jax.config_lib import domains
-from visionfm_jax.config_lib.domains import COUNT, NON_NEGATIVE_INT, POSITIVE, RATE, SIZED, Choices, Domain
+from visionfm_jax.config_lib.domains import (
+  COUNT,
+  NON_NEGATIVE_INT,
+  POSITIVE,
+  RATE,
+  SIZED,
+  Choices,
+  Domain,
+  TransformerSize,
+)
 from visionfm_jax.config_lib.rows import Field, without
 from visionfm_jax.errors import ConfigError
 
@@ -89,7 +97,7 @@ SWINV2 = dict(
 )
 
 TEXT = dict(
-    variant=Field("B", domains.TransformerSize(TEXT_SIZES), "a size of models/text.py SIZES (B: width 512, 12 "
+    variant=Field("B", TransformerSize(TEXT_SIZES), "a size of models/text.py SIZES (B: width 512, 12 "
                   "layers, 8 heads), or the sizes spelled out"),
     vocab_size=Field(32000, COUNT, "at least the tokenizer's pieces (pad 0, unk 1, bos 2, eos 3)"),
     max_len=Field(77, COUNT, "tokens per caption, BOS and EOS included"),
