@@ -7,6 +7,8 @@ import sys
 
 import pytest
 
+from visionfm_jax.bench import hlo_cost
+
 from test_gpu_plan import HAS_GPU_COMPILER, ROOT
 
 
@@ -31,6 +33,26 @@ def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
   assert proc.returncode == 0, proc.stderr[-3000:]
   summary = json.loads(proc.stdout.strip().splitlines()[-1])
   assert summary["plan_gib"] == pytest.approx(14.5, rel=0.02)
+
+
+@pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
+@pytest.mark.parametrize("recipe", ["fp8", "fp8_bf16_wgrad"])
+def test_every_block_gemm_of_an_fp8_vit_is_an_fp8_gemm_on_an_h100(recipe, tmp_path):
+  """XLA's GPU compiler turns each block product into a cuBLASLt FP8 GEMM, q, k and v's included: the forward and
+  the input gradient always, the weight gradient in 'fp8' only."""
+  dump = tmp_path / "step.hlo"
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py:demo",
+                         "--target=h100", "--config.model.variant=pico/8", "--config.precision.compute_dtype=bfloat16",
+                         f"--config.precision.gemm={recipe}", "--config.strategy=ddp",
+                         "--config.global_batch_size=4", f"--dump_hlo={dump}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  gemms = [k for k in hlo_cost.Program(dump.read_text()).kernels if k.kind == "gemm" and "blocks/" in k.label]
+  parts = ("attn/qkv", "attn/out", "mlp/fc1", "mlp/fc2")
+  for part in parts:
+    dtypes = sorted(k.dtype for k in gemms if part in k.label)
+    expected = ["f8e4m3fn", "f8e4m3fn", "f8e5m2"] if recipe == "fp8" else ["bf16", "f8e4m3fn", "f8e5m2"]
+    assert sorted(set(dtypes)) == sorted(set(expected)), (part, dtypes)
 
 
 def test_the_account_of_a_dumped_program_names_its_optimizer_update_by_the_state_it_writes():

@@ -114,6 +114,26 @@ def test_only_the_blocks_gemms_run_in_fp8_and_only_under_the_switch():
   assert quantized and not any(on for _, on in quantized)
 
 
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_separate_projections_in_fp8_are_the_fused_fp8_product_sliced(recipe):
+  """Under an FP8 recipe q, k and v are one FP8 product of the whole (C, 3, heads, head_dim) kernel under one scale,
+  sliced (values and gradients): three products sharing x are merged by XLA's GPU compiler into one dot of their
+  dequantized weights, which it then runs in the compute dtype."""
+  x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 5, 16)), jnp.float32)
+  fused, apart = (layers.dense((3, 2, 8), (layers.EMBED, None, layers.HEADS, layers.KV), jnp.float32, fp8=True,
+                               separate=separate, bias_init=nn.initializers.normal(0.5)) for separate in (False, True))
+  params = nn.unbox(fused.init(jax.random.key(0), x))
+  params["params"]["kernel"] *= jnp.asarray([1.0, 1e-5, 3.0])[:, None, None]  # alone, k would scale apart
+  split = lambda y: tuple(y[:, :, i] for i in range(3))
+  sliced = lambda p: split(fused.apply(p, x))
+  loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(f(p)))
+  with fp8.gemms(recipe):
+    chex.assert_trees_all_equal(apart.apply(params, x), sliced(params))
+    chex.assert_trees_all_equal(jax.grad(loss(lambda p: apart.apply(p, x)))(params), jax.grad(loss(sliced))(params))
+    in_fp8 = apart.apply(params, x)
+  assert not np.allclose(in_fp8[0], apart.apply(params, x)[0], rtol=0, atol=1e-6)  # it does quantize
+
+
 def test_the_switch_takes_only_known_formats():
   with pytest.raises(ValueError, match="precision.gemm='int4'"):
     fp8.gemms("int4")

@@ -84,9 +84,14 @@ class Dense(nn.Module):
     bias = self.param("bias", _flat_init(self.bias_init, 0), features, self.param_dtype) if self.use_bias else None
     x = x.astype(self.dtype)
     cast = lambda a: None if a is None else a.astype(self.dtype)
-    matmul = fp8_lib.matmul_of(fp8_lib.active() if self.fp8 else None)
+    recipe = fp8_lib.active() if self.fp8 else None
+    matmul = fp8_lib.matmul_of(recipe)
     if not self.separate:
       return kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes), matmul)
+    if recipe:  # one FP8 GEMM under one scale, then split: XLA merges separate products sharing x into one dot
+      # of their dequantized weights concatenated, which no FP8 GEMM takes, and runs it in the compute dtype
+      y = kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes), matmul)
+      return tuple(y[(Ellipsis, i) + (slice(None),) * (len(features) - 1)] for i in range(features[0]))
     pick = lambda i: (slice(None),) * len(axes) + (i,)
     return tuple(kernels_lib.flat_dense(x, cast(kernel[pick(i)]), None if bias is None else cast(bias[i]), len(axes),
                                         matmul) for i in range(features[0]))
