@@ -63,7 +63,9 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
     record = dict(_totals, by_program=_by_program, cpu_s=usage.ru_utime + usage.ru_stime, argv=sys.argv[:4],
                   test=os.environ.get("PYTEST_CURRENT_TEST", ""))
     record["runner"] = not record["test"] and "_pytest" in sys.modules  # pytest or a worker, not a test's child
-    path = os.path.join(os.environ["VISIONFM_SUITE_PROFILE"], f"{os.getpid()}.json")
+    folder = os.environ["VISIONFM_SUITE_PROFILE"]
+    os.makedirs(folder, exist_ok=True)
+    path = os.path.join(folder, f"{os.getpid()}.json")
     with open(path + ".tmp", "w") as f:  # a process killed mid-write keeps its earlier record
       json.dump(record, f)
     os.replace(path + ".tmp", path)
