@@ -49,9 +49,9 @@ chose it (`ours:` and the reason):
   |                  | steps), rollback past bad data (training/health.py)     | the paper's clipping and scaling     |
 
 Memory and wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this
-config's 224 px stage BENCHMARKS.md ("The recipes on their clusters") predicts 37.4 days, a roofline prediction,
+config's 224 px stage BENCHMARKS.md ("The recipes on their clusters") predicts the days, a roofline prediction,
 and gives the plan per GPU, the step and the runbook's layout (ZeRO-3 within each node, the nodes data-parallel:
-`--config.mesh.fsdp=8 --config.mesh.data=-1 --config.grad_accum_steps=4`; docs/runbooks/swinv2_g_clip.md). The step
+`--config.mesh.fsdp=8 --config.mesh.data=-1`; docs/runbooks/swinv2_g_clip.md). The step
 count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).
 
   python -m visionfm_jax.main --config=configs/swinv2_g_clip.py --workdir=/ckpt/swinv2_g_clip

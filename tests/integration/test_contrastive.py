@@ -332,3 +332,39 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   chex.assert_trees_all_close(got, want, atol=1e-5, rtol=1e-5)
   naive = sum(float(single_device_loss(params, micro)) for micro in micro_batches) / 4
   assert abs(naive - float(want_loss)) > 0.1  # the equalities above mean something
+
+
+@pytest.mark.parametrize("variant", [(), ("vit", "flip")])
+def test_the_towers_features_and_gradients_are_those_of_one_forward_of_both(variant):
+  """`batch_features` embeds the images, then the texts, so that in the backward the text tower comes first
+  (`image_text.backward_after`): the same numbers, bit for bit, as the model's one call of both towers, FLIP's token
+  drop (a dropout draw) included."""
+  config = _tiny(*variant, **({"model.image.variant": "pico/8"} if "vit" in variant else {}))
+  task = tasks.build(config)
+  params = random_params(task)
+  batch = jax.tree.map(jnp.asarray, task.synthetic_batch(config.global_batch_size, np.random.default_rng(0)))
+  rng = jax.random.key(1)
+  batch, context = task.whole_batch(batch, rng)
+
+  def both_at_once(p):
+    out = task.model.apply({"params": p}, task.mixed_images(batch, context), batch["text"], train=True,
+                           rngs={"dropout": rng})
+    return out["image_emb"], out["text_emb"]
+  ordered = lambda p: task.batch_features(p, batch, rng, context)
+  loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(3 * x) * (i + 1)) for i, x in enumerate(f(p)))
+  chex.assert_trees_all_equal(ordered(params), both_at_once(params))
+  chex.assert_trees_all_equal(jax.grad(loss(ordered))(params), jax.grad(loss(both_at_once))(params))
+  barriers = lambda f: str(jax.make_jaxpr(jax.grad(loss(f)))(params)).count("optimization_barrier")
+  assert barriers(ordered) == barriers(both_at_once) + 1  # the text tower's cotangents and the image embedding's
+
+
+def test_backward_after_releases_the_second_cotangent_with_the_first_in_one_barrier():
+  """Values and gradients pass through unchanged; the backward holds both cotangents in one optimization barrier, so
+  whatever consumes the second's runs after the first's is complete."""
+  first, then = {"w": jnp.arange(3.0)}, jnp.ones((2,))
+  f = lambda a, b: jnp.sum(jnp.sin(a["w"])) * jnp.sum(jnp.cos(b))
+  tied = lambda a, b: f(*image_text.backward_after(a, b))
+  chex.assert_trees_all_equal(jax.grad(tied, argnums=(0, 1))(first, then), jax.grad(f, argnums=(0, 1))(first, then))
+  barriers = [e for e in jax.make_jaxpr(jax.grad(tied, argnums=(0, 1)))(first, then).eqns
+              if e.primitive.name == "optimization_barrier"]
+  assert len(barriers) == 1 and [v.aval.shape for v in barriers[0].invars] == [(3,), (2,)]

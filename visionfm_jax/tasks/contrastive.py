@@ -111,9 +111,12 @@ class ContrastiveTask(SplitLossTask):
     return jnp.float32(0.0), self.batch_features(params, batch, rng, context), {}
 
   def batch_features(self, params, batch, rng, context):
-    out = self.model.apply({"params": params}, self.mixed_images(batch, context), batch["text"], train=True,
-                           rngs={"dropout": rng})
-    return out["image_emb"], out["text_emb"]
+    """The towers' embeddings; in the backward the text tower's comes first (`image_text.backward_after`)."""
+    def embed(p, method, inputs):
+      return self.model.apply({"params": p}, inputs, train=True, rngs={"dropout": rng}, method=method)
+    image_emb = embed(params, "embed_images", self.mixed_images(batch, context))
+    text_params, image_emb = image_text.backward_after(params["text"], image_emb)
+    return image_emb, embed({**params, "text": text_params}, "embed_texts", batch["text"])
 
   def global_loss(self, params, features, context):
     """The symmetric InfoNCE (or SigLIP's sigmoid loss) over the whole batch's captioned examples (sharded over
