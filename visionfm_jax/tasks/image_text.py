@@ -97,8 +97,8 @@ def backward_after(first, then):
   """(first, then) themselves, whose backward hands `then` its cotangent only once `first`'s is complete: passed
   a tower's params as `first` and another tower's output as `then`, the other tower's backward waits for this
   tower's whole backward, so the two towers' saved activations are not all held at once. XLA otherwise may run
-  the image tower's backward first while the text tower's activations wait (SwinV2-G-CLIP's plan on 128 A100s:
-  4.4 GB of them beside the image tower's deepest stage)."""
+  the image tower's backward first while the text tower's activations wait beside the image tower's deepest stage
+  (SwinV2-G-CLIP's plan: BENCHMARKS.md, "The recipes on their clusters")."""
   @jax.custom_vjp
   def tied(a, b):
     return a, b
