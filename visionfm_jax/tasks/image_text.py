@@ -93,17 +93,18 @@ def check_tokenizer_fits_captions(task, source) -> None:
     _warn_once(message)
 
 
+@jax.custom_vjp
 def backward_after(first, then):
   """(first, then) themselves, whose backward hands `then` its cotangent only once `first`'s is complete: passed
   a tower's params as `first` and another tower's output as `then`, the other tower's backward waits for this
   tower's whole backward, so the two towers' saved activations are not all held at once. XLA otherwise may run
   the image tower's backward first while the text tower's activations wait beside the image tower's deepest stage
   (SwinV2-G-CLIP's plan: BENCHMARKS.md, "The recipes on their clusters")."""
-  @jax.custom_vjp
-  def tied(a, b):
-    return a, b
-  tied.defvjp(lambda a, b: ((a, b), None), lambda _, cotangents: jax.lax.optimization_barrier(cotangents))
-  return tied(first, then)
+  return first, then
+
+
+backward_after.defvjp(lambda first, then: ((first, then), None),
+                      lambda _, cotangents: jax.lax.optimization_barrier(cotangents))
 
 
 def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
