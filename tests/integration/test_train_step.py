@@ -201,6 +201,17 @@ def test_gradient_accumulation_equals_one_big_batch(unreduced):
     assert shard <= sum(k.bytes for k in across) < 1.5 * shard  # across the nodes once, the shard only
 
 
+def test_per_device_accumulation_runs_a_stack_unrolled_k_blocks_at_a_time():
+  """scan_unroll=2 over 3 blocks (a loop of one 2-block trip, then the last block) in the node-local layout, each
+  device accumulating its own gradients in a shard_map: the rolled loop's step. (Closed over by the shard_map, the
+  params kept their automatic-sharding type inside it, and JAX 0.10 failed to lower the unrolled loop's gradient.)"""
+  three_blocks = {"model.variant": "32x3x64x2/4", "grad_accum_steps": 2, **NODE_LOCAL}
+  batches = _random_batches(tiny_vit_config(), 1)
+  rolled, _, _ = _train(tiny_vit_config(**three_blocks), batches)
+  unrolled, _, _ = _train(tiny_vit_config(**three_blocks, **{"model.scan_unroll": 2}), batches)
+  chex.assert_trees_all_close(jax.device_get(unrolled.params), jax.device_get(rolled.params), atol=1e-6, rtol=1e-5)
+
+
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():
   config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10,
                                "strategy": "ddp"})

@@ -62,9 +62,13 @@ def _accumulates_per_device(task: tasks.Task, config) -> bool:
 
 
 def per_device(fn, mesh, node_grad_specs=None):
-  """fn(rows, rng, *row_args) run by each device of `mesh` on its own rows (a shard_map manual over the whole
-  mesh: no collective inside, so each device's gradient stays its own), device d drawing from `rng` folded with
-  d; results stacked on a leading device axis that `sum_devices` reduces. mesh None: fn itself.
+  """fn(params, rows, rng, *row_args) run by each device of `mesh` on its own rows (a shard_map manual over the
+  whole mesh: no collective inside, so each device's gradient stays its own), device d drawing from `rng` folded
+  with d; results stacked on a leading device axis that `sum_devices` reduces. mesh None: fn itself.
+
+  `params` enter as an argument, replicated, as a closed-over array would: a closed-over array keeps its
+  automatic-sharding type inside, and the gradient of a loop unrolled k < depth blocks at a time (scan_unroll)
+  then fails to lower (JAX 0.10: "context mesh ... should match the aval mesh").
 
   `node_grad_specs` (the gradients' PartitionSpecs; `node_local_specs`): the first result, the gradients, is
   reduce-scattered over `fsdp` inside (a node's GPUs when fsdp is the node) to each device's shard of its spec,
@@ -76,18 +80,18 @@ def per_device(fn, mesh, node_grad_specs=None):
   if node_grad_specs is not None:
     out_specs = (jax.tree.map(lambda spec: P("data", *spec), node_grad_specs, is_leaf=_is_spec),) + (rows_spec,) * 2
 
-  def local(rows, rngs, row_args):
+  def local(params, rows, rngs, row_args):
     with parallel.device_local():
-      out = fn(rows, rngs[0], *row_args)
+      out = fn(params, rows, rngs[0], *row_args)
     if node_grad_specs is not None:
       out = (jax.tree.map(_sum_within_fsdp, out[0], node_grad_specs), *out[1:])
     return jax.tree.map(lambda x: x[None], out)
 
-  def run(rows, rng, *row_args):
+  def run(params, rows, rng, *row_args):
     rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(mesh.size))
     # one spec for every leaf of each argument and of the result (shard_map takes tree prefixes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(rows_spec,) * 3, out_specs=out_specs,
-                         check_vma=False)(rows, rngs, row_args)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + (rows_spec,) * 3, out_specs=out_specs,
+                         check_vma=False)(params, rows, rngs, row_args)
   return run
 
 
@@ -135,15 +139,15 @@ def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, g
   `device_mesh`: each device's own (`per_device`), averaged over the devices after the scan."""
   micro_batches = split_microbatches(batch, accum)
   inner_shardings = None if device_mesh is not None else grad_shardings
-  micro_grads = per_device(lambda rows, r: grads_of(task, params, rows, r, scale, inner_shardings), device_mesh,
+  micro_grads = per_device(lambda p, rows, r: grads_of(task, p, rows, r, scale, inner_shardings), device_mesh,
                            node_local_specs(device_mesh, grad_shardings))
 
   def body(carry, xs):
     micro, i = xs
-    return jax.tree.map(jnp.add, carry, micro_grads(micro, jax.random.fold_in(rng, i))), None
+    return jax.tree.map(jnp.add, carry, micro_grads(params, micro, jax.random.fold_in(rng, i))), None
 
   first = jax.tree.map(lambda x: x[0], micro_batches)
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(micro_grads, first, rng))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, jnp.float32), jax.eval_shape(micro_grads, params, first, rng))
   (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, jnp.arange(accum)))
   devices = 1 if device_mesh is None else device_mesh.size
   grads, loss, aux = jax.tree.map(lambda x: x / (accum * devices), sum_devices((grads, loss, aux), device_mesh))
@@ -255,25 +259,25 @@ def _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale
   the global term runs on the whole batch between the passes, pass 2 recomputes every micro-batch."""
   accum = jax.tree.leaves(micro_rngs)[0].shape[0]
   features_of = per_device(
-      lambda rows, r: jax.lax.stop_gradient(task.batch_features(params, rows, r, context)), device_mesh)
+      lambda p, rows, r: jax.lax.stop_gradient(task.batch_features(p, rows, r, context)), device_mesh)
   rows_of = lambda f: f.reshape((-1,) + f.shape[2:])
-  features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(*xs)), (micro_batches, micro_rngs))
+  features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(params, *xs)), (micro_batches, micro_rngs))
   whole = _in_batch_order(features)
   whole = parallel.constrain_to(whole, parallel.BATCH_SPEC)
   (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
       task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
   feature_grads = jax.tree.map(_to_micro(accum), feature_grads)
 
-  def one_micro_batch(micro, micro_rng, feature_grad):
-    loss, feats, vjp, aux = _local_vjp(task, params, micro, micro_rng, context)
+  def one_micro_batch(p, micro, micro_rng, feature_grad):
+    loss, feats, vjp, aux = _local_vjp(task, p, micro, micro_rng, context)
     return _backward(vjp, loss, feats, feature_grad, scale, None), loss, aux
   micro_grads = per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings))
 
   def body(carry, xs):
-    return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
+    return jax.tree.map(jnp.add, carry, micro_grads(params, *xs)), None
 
   first = jax.tree.map(lambda x: x[0], (micro_batches, micro_rngs, feature_grads))
-  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, *first))
+  zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(micro_grads, params, *first))
   (grads, loss, aux), _ = jax.lax.scan(body, zeros, (micro_batches, micro_rngs, feature_grads))
   grads, loss, aux = sum_devices((grads, loss, aux), device_mesh)
   grads = jax.tree.map(lambda g, gg: g + gg * scale, grads, global_grads)
