@@ -31,7 +31,7 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import cluster_env, distributed
 
 from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session
-from test_multiprocess import FLAGS, TOTAL_STEPS
+from test_multiprocess import DDP_FLAGS, TOTAL_STEPS
 
 MANIFEST = os.path.join(ROOT, "launch", "kubernetes", "jobset.yaml")
 CRD = os.path.join(ROOT, "tests", "data", "jobset_v0.9.1_crd.yaml.gz")
@@ -229,7 +229,8 @@ def _free_port() -> int:
 def _start_pods(workdir, warm) -> list[subprocess.Popen]:
   """The manifest's two pods as local processes with its entrypoint and environment, the coordinator's name
   resolved to localhost, each on one CPU device (test_multiprocess runs two a process), training the tiny ViT of
-  test_multiprocess in `workdir`; the entrypoint's `python` is the warm interpreter `warm` (tests/warm_python.py)."""
+  test_multiprocess with ddp (`DDP_FLAGS`: the claim is the pods' restart, not ZeRO) in `workdir`; the entrypoint's
+  `python` is the warm interpreter `warm` (tests/warm_python.py)."""
   base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
   port = str(_free_port())
   pods = []
@@ -238,7 +239,7 @@ def _start_pods(workdir, warm) -> list[subprocess.Popen]:
                JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}",
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the restart loads the first start's programs
-    pods.append(_entrypoint([*FLAGS, f"--workdir={workdir}"], warm.env(env)))
+    pods.append(_entrypoint([*DDP_FLAGS, f"--workdir={workdir}"], warm.env(env)))
   return pods
 
 
