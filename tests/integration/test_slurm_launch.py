@@ -243,9 +243,13 @@ def test_sbatch_passes_a_preemption_notice_on_then_requeues(slurm, tmp_path):
   assert not (tmp_path / "requeues").exists()  # not a requeue after a hang: MAX_REQUEUES does not count it
 
 
-def test_sbatch_trains_the_documented_line_in_two_processes(slurm, tmp_path):
+def test_sbatch_trains_the_documented_line_in_two_processes(slurm, tmp_path, warm_python):
   """`sbatch --nodes=2 launch/slurm.sbatch --config=... --workdir=...` (the tiny ViT): two processes, joined by
-  jax.distributed, each driving its node's 4 CPU devices, train 2 steps and write the checkpoint."""
+  jax.distributed, each driving its node's 4 CPU devices, train 2 steps and write the checkpoint. Their `python` is
+  the warm interpreter (tests/warm_python.py), which serves only a PYTHONPATH like its own (not the probe's) and
+  runs a command on its own CPUs: every CPU, as #SBATCH --cpus-per-task gives each task."""
+  slurm.env = warm_python.env({k: v for k, v in slurm.env.items() if k != "PYTHONPATH"} | {
+      k: v for k, v in os.environ.items() if k == "PYTHONPATH"})
   workdir = tmp_path / "run"
   code, out = slurm.run(
       "sbatch", "--nodes=2", "launch/slurm.sbatch", "--config=configs/vit_huge.py:demo", f"--workdir={workdir}",
