@@ -62,7 +62,7 @@ equal depth, decoder memory of 256 queries), the weights are CoCa's public defau
 MIM, and the sizes were chosen to make the total the paper's 3.7B with the encoder holding 81% of it.
 
 Memory and wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours").
-For this config on 64 A100s BENCHMARKS.md ("The recipes on their clusters") predicts 27.8 days, a roofline
+For this config on 64 A100s BENCHMARKS.md ("The recipes on their clusters") predicts 27.5 days, a roofline
 prediction; ZeRO-2 within each node with the nodes data-parallel (`--config.mesh.fsdp=8 --config.mesh.data=-1`,
 what docs/runbooks/aurora_xl.md launches) is faster (the table's rows). The step count was sized for the paper's 4
 weeks at an assumed 26% MFU, with 2.47e13 training FLOPs per sample (the encoder's two views at 448 px).

@@ -49,7 +49,7 @@ chose it (`ours:` and the reason):
   |                  | steps), rollback past bad data (training/health.py)     | the paper's clipping and scaling     |
 
 Memory and wall clock: the paper trained for 4 weeks on its 128 A100s, the 640 px stage included. For this
-config's 224 px stage BENCHMARKS.md ("The recipes on their clusters") predicts 36.6 days, a roofline prediction,
+config's 224 px stage BENCHMARKS.md ("The recipes on their clusters") predicts 36.4 days, a roofline prediction,
 and gives the plan per GPU, the step and the runbook's layout (ZeRO-3 within each node, the nodes data-parallel:
 `--config.mesh.fsdp=8 --config.mesh.data=-1`; docs/runbooks/swinv2_g_clip.md). The step
 count was sized for the paper's 4 weeks at an assumed 40% MFU (~1.2e10 samples of SwinV2-G and this text tower).

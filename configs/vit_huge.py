@@ -62,7 +62,7 @@ Variant `demo`: a ViT on the embedded procedural shapes data, on a laptop CPU:
   python -m visionfm_jax.main --config=configs/vit_huge.py:demo --workdir=/tmp/vit_demo
 
 Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 minutes on 2 CPU cores: about
-0.548 / 0.874 / 0.959 at steps 600 / 1200 / 1800.
+0.561 / 0.876 / 0.966 at steps 600 / 1200 / 1800.
 
 Variant `small`: your own few thousand labelled photos (`datatools.prepare_data --format=folders --holdout_per_class=K`
 into /data/my_photos, or `--config.data.source=` elsewhere), ViT-S/16 at 224 px with augmentation on, 3,000 steps

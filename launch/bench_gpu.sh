@@ -80,6 +80,8 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   LEAD_BATCH=32 lead straight_dots_b32 "" --config.model.scan_unroll=0
   LEAD_REMAT=none LEAD_BATCH=32 lead recipe_b32 "" --config.model.scan_unroll=0  # configs/vit_huge.py's form
   LEAD_REMAT=none LEAD_BATCH=32 lead recipe_b32_cuda_graphs $graphs --config.model.scan_unroll=0
+  LEAD_REMAT=none LEAD_BATCH=32 lead recipe_b32_triton_gemm --xla_gpu_enable_triton_gemm=true \
+      --config.model.scan_unroll=0
   LEAD_REMAT=none LEAD_BATCH=32 lead fp8_recipe_b32 "" --config.model.scan_unroll=0 --config.precision.gemm=fp8
   LEAD_REMAT=none LEAD_BATCH=32 lead fp8_bf16_wgrad_recipe_b32 "" --config.model.scan_unroll=0 \
       --config.precision.gemm=fp8_bf16_wgrad

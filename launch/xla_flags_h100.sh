@@ -3,7 +3,8 @@ xla_flags=(
   --xla_gpu_enable_latency_hiding_scheduler=true   # overlap FSDP all-gathers / reduce-scatters with compute
   --xla_gpu_enable_pipelined_all_gather=true       # zero3: gather layer i+1's params while layer i computes
                                                    # (deviceless ViT-H 8-GPU plan: exposed 6.6 -> 1.1 ms a step)
-  --xla_gpu_enable_triton_gemm=false               # cuBLAS GEMMs are faster for these shapes
+  --xla_gpu_enable_triton_gemm=false               # cuBLAS's GEMMs until the recipe's form runs faster with Triton's
+                                                   # (bench_gpu.sh's recipe_b32_triton_gemm lead; the scanned step did)
   --xla_gpu_enable_command_buffer=                 # CUDA graphs off: they fight with the async collectives
   --xla_gpu_all_reduce_combine_threshold_bytes=134217728      # fuse small all-reduces (128 MiB buckets)
   --xla_gpu_all_gather_combine_threshold_bytes=134217728      # fuse per-layer param gathers under zero3
