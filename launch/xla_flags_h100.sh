@@ -5,6 +5,10 @@ xla_flags=(
                                                    # (deviceless ViT-H 8-GPU plan: exposed 6.6 -> 1.1 ms a step)
   --xla_gpu_enable_triton_gemm=false               # cuBLAS's GEMMs until the recipe's form runs faster with Triton's
                                                    # (bench_gpu.sh's recipe_b32_triton_gemm lead; the scanned step did)
+  --xla_gpu_dot_merger_threshold_mb=8              # ViT-H/14's q, k, v (9.4 MiB merged) stay 3 GEMMs, each biased in its
+                                                   # epilogue; merged, XLA splits and biases the output in more passes.
+                                                   # At 0 smaller products unmerge too, and SwinV2-G-CLIP's ZeRO-3
+                                                   # default no longer fits an A100 (docs/tried_and_dropped.md)
   --xla_gpu_enable_command_buffer=                 # CUDA graphs off: they fight with the async collectives
   --xla_gpu_all_reduce_combine_threshold_bytes=134217728      # fuse small all-reduces (128 MiB buckets)
   --xla_gpu_all_gather_combine_threshold_bytes=134217728      # fuse per-layer param gathers under zero3
