@@ -3,12 +3,11 @@ status 2 for bad input."""
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
 
-from visionfm_jax import config_lib
+from visionfm_jax import config_lib, errors
 from visionfm_jax.errors import ConfigError, UserError
 
 HELP_FLAGS = ("-h", "--help", "--helpshort")
@@ -78,7 +77,7 @@ def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
     rest = parse(fv, argv)[1:]
     body(fv, rest)
   except UserError as e:
-    print(error_line(e), file=sys.stderr)
+    errors.say(error_line(e))
     return 2
   return 0
 
@@ -108,9 +107,9 @@ def run_with_config(argv: Sequence[str], load_config: Callable[[str], Any],
   try:
     fv = make_flags(load_config(path) if path else None, argv)
   except UserError as e:
-    print(error_line(e), file=sys.stderr)
+    errors.say(error_line(e))
     return 2
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a field the config does not have
-    print(f"error: --config: {last_line(e)}", file=sys.stderr)
+    errors.say(f"error: --config: {last_line(e)}")
     return 2
   return run(argv, fv, doc, body)

@@ -4,6 +4,15 @@ another run holds or that cannot be written.
 `main` prints these as one clear line (no traceback); everything else is a bug and keeps its traceback.
 """
 
+import sys
+
+
+def say(line: str) -> None:
+  """Writes `line` and its newline to stderr in one write: a job's processes share one stream, where print's two
+  writes (the text, then the newline) let another process's line in between when stderr is unbuffered."""
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
+
 
 class UserError(Exception):
   """Something the user supplied (config, data, checkpoint, weights) is wrong."""

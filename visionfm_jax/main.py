@@ -22,7 +22,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from visionfm_jax import cli
+from visionfm_jax import cli, errors
 from visionfm_jax.errors import UserError, WorkdirError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True)
@@ -47,7 +47,7 @@ flags.mark_flags_as_required(["config", "workdir"])
 def _exit_with(error: UserError, peers=None) -> None:
   """Prints the error line, then tells the job's other processes (`peers`: faults.PeerWatch) and exits 2."""
   from visionfm_jax.training.infra import console  # pylint: disable=g-import-not-at-top
-  print(cli.error_line(error) + console.held_back_note(), file=sys.stderr, flush=True)
+  errors.say(cli.error_line(error) + console.held_back_note())
   if peers is not None:
     peers.close(failed=True)
   if isinstance(error, WorkdirError):

@@ -176,3 +176,27 @@ def test_the_relay_tells_the_services_death_from_a_dropped_connection():
   with pytest.raises(TimeoutError):  # the client's connection stays open, silent, while the trainer exits
     client.recv(4)
   link.ending()
+
+
+WRITES = """
+import os, sys
+class Writes:  # each write to stderr as one line of stdout
+  def write(self, text):
+    os.write(1, (repr(text) + "\\n").encode())
+  def flush(self):
+    pass
+sys.stderr = Writes()
+from visionfm_jax.parallel import coordination
+coordination.exit_for_requeue("the service is gone", 1)
+"""
+
+
+def test_the_requeue_line_is_one_write_so_that_two_processes_lines_do_not_interleave():
+  """The trainers of a job share the launcher's stream, unbuffered under PYTHONUNBUFFERED: print's two writes (text,
+  then newline) let the other trainer's line in between, and the two lines became one."""
+  done = subprocess.run([sys.executable, "-c", WRITES], cwd=ROOT, capture_output=True, text=True, timeout=60,
+                        env=dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu"))
+  assert done.returncode == coordination.REQUEUE_EXIT_CODE, done.stderr[-2000:]
+  writes = done.stdout.splitlines()
+  assert len(writes) == 1 and writes[0].startswith("'error: the service is gone. Process 1 exits with code 75"), writes
+  assert writes[0].endswith("\\n'"), writes

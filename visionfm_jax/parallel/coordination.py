@@ -26,7 +26,7 @@ import sys
 
 from absl import logging
 
-from visionfm_jax import atomic
+from visionfm_jax import atomic, errors
 from visionfm_jax.parallel import relay
 
 # Set by the launcher for the trainers: "launcher" = join the service the launcher hosts, start none; and the
@@ -64,8 +64,8 @@ def describe_service(address: str) -> str:
 def exit_for_requeue(what: str, process_index: int):
   """Prints `what` as the process's one error line and ends it with REQUEUE_EXIT_CODE, at once: its other threads
   may be blocked in native code, where only a hard exit ends the process."""
-  print(f"error: {what}. Process {process_index} exits with code {REQUEUE_EXIT_CODE} so that the job is requeued; "
-        f"it resumes from the newest complete checkpoint.", file=sys.stderr, flush=True)
+  errors.say(f"error: {what}. Process {process_index} exits with code {REQUEUE_EXIT_CODE} so that the job is "
+             f"requeued; it resumes from the newest complete checkpoint.")
   os._exit(REQUEUE_EXIT_CODE)
 
 
