@@ -1,6 +1,7 @@
 """`python -m visionfm_jax.bench.roofline` with a GPU target, in a process of its own as a user runs it: one error
 line without XLA's CUDA compiler, and the deviceless H100 plan of ViT-H/14 against its measured peak with it."""
 
+import collections
 import json
 import subprocess
 import sys
@@ -37,22 +38,26 @@ def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
 
 @pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
 @pytest.mark.parametrize("recipe", ["fp8", "fp8_bf16_wgrad"])
-def test_every_block_gemm_of_an_fp8_vit_is_an_fp8_gemm_on_an_h100(recipe, tmp_path):
+@pytest.mark.parametrize("layout", [["--config.strategy=ddp", "--config.global_batch_size=4"],
+                                    ["--devices=8", "--config.mesh.fsdp=8", "--config.global_batch_size=8"]],
+                         ids=["one_gpu", "fsdp_over_8"])
+def test_every_block_gemm_of_an_fp8_vit_is_an_fp8_gemm_on_an_h100(recipe, layout, tmp_path):
   """XLA's GPU compiler turns each block product into a cuBLASLt FP8 GEMM, q, k and v's included: the forward and
-  the input gradient always, the weight gradient in 'fp8' only."""
+  the input gradient always, the weight gradient in 'fp8' only; in the recipe's straight-line form with the weights
+  sharded (fsdp) too, where XLA otherwise runs the input gradient in bf16 on a gathered dequantized shard."""
   dump = tmp_path / "step.hlo"
-  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py:demo",
-                         "--target=h100", "--config.model.variant=pico/8", "--config.precision.compute_dtype=bfloat16",
-                         f"--config.precision.gemm={recipe}", "--config.strategy=ddp",
-                         "--config.global_batch_size=4", f"--dump_hlo={dump}"],
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
+                         "--target=h100", "--config.model.variant=pico/8", f"--config.precision.gemm={recipe}",
+                         f"--dump_hlo={dump}", *layout],
                         cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert proc.returncode == 0, proc.stderr[-3000:]
   gemms = [k for k in hlo_cost.Program(dump.read_text()).kernels if k.kind == "gemm" and "blocks/" in k.label]
   parts = ("attn/qkv", "attn/out", "mlp/fc1", "mlp/fc2")
   for part in parts:
-    dtypes = sorted(k.dtype for k in gemms if part in k.label)
-    expected = ["f8e4m3fn", "f8e4m3fn", "f8e5m2"] if recipe == "fp8" else ["bf16", "f8e4m3fn", "f8e5m2"]
-    assert sorted(set(dtypes)) == sorted(set(expected)), (part, dtypes)
+    dtypes = collections.Counter(k.dtype for k in gemms if part in k.label)
+    per_layer = ["f8e4m3fn", "f8e4m3fn", "f8e5m2"] if recipe == "fp8" else ["bf16", "f8e4m3fn", "f8e5m2"]
+    layers = sum(dtypes.values()) // 3
+    assert layers and dtypes == collections.Counter(per_layer * layers), (part, dtypes)
 
 
 def test_the_account_of_a_dumped_program_names_its_optimizer_update_by_the_state_it_writes():

@@ -1,18 +1,22 @@
 """FP8 GEMMs (models/fp8.py): the products within bounds derived from e4m3's and e5m2's precision, the weight
 gradient unquantized, power-of-two per-tensor scales, only the blocks' GEMMs quantized, GPUs without FP8 refused."""
 
+import re
 import types
 
 import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
 from visionfm_jax import tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import fp8, layers, vit
+from visionfm_jax.parallel import sharding
 
 from conftest import tiny_vit_config
 
@@ -174,3 +178,30 @@ def test_a_task_that_trains_in_fp8_checks_its_mesh_device_and_evaluation_does_no
                      match=r"^config.precision.gemm=fp8: NVIDIA A100-SXM4-80GB \(compute capability 8.0\)"):
     task.check_training_devices()
   tasks.build(tiny_vit_config()).check_training_devices()
+
+
+def _fsdp_grads(mesh):
+  """The gradients of sum((x @ w)^2) through the FP8 GEMMs, x split over the batch's devices and w over fsdp, and
+  the lowered program's sharding constraints on FP8 tensors."""
+  x, w = (a.astype(jnp.bfloat16) for a in _operands(4, m=64, k=128, n=96))
+  loss = lambda x, w: jnp.sum(fp8.matmul(x, w).astype(jnp.float32) ** 2)
+  x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None)))
+  w = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
+  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
+  with sharding.activation_sharding(mesh):
+    constraints = [line for line in step.lower(x, w).as_text().splitlines()
+                   if "sharding" in line and "f8E4M3FN" in line]
+    return step(x, w), constraints, jax.grad(loss, argnums=(0, 1))(*(jax.device_get(a) for a in (x, w)))
+
+
+def test_under_fsdp_the_input_gradient_takes_the_fp8_weight_whole_and_the_values_are_one_devices():
+  """Where parameters shard over the batch's devices, the backward lays the kept FP8 weight out whole before
+  dequantizing it: XLA otherwise dequantizes the shard and gathers it in the compute dtype into an input-gradient
+  product no FP8 GEMM takes (bench.roofline's sharded FP8 test shows the GEMMs). A tensor axis keeps its layout."""
+  devices = np.array(jax.devices()[:8])
+  grads, constraints, single = _fsdp_grads(Mesh(devices.reshape(1, 8, 1), ("data", "fsdp", "tensor")))
+  assert len(constraints) == 1 and re.search(r"\[\{\}, \{\}\]|replicated", constraints[0]), constraints
+  for got, want in zip(grads, single):
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-2)
+  _, constraints, _ = _fsdp_grads(Mesh(devices.reshape(1, 4, 2), ("data", "fsdp", "tensor")))
+  assert not constraints

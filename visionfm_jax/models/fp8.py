@@ -35,6 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.parallel import sharding
 
 RECIPES = ("fp8", "fp8_bf16_wgrad")
 FORMATS = ("compute_dtype",) + RECIPES
@@ -103,8 +104,19 @@ def _matmul_fwd(x, w, bf16_wgrad):
   return _product(x_q, x_scale, w_q, w_scale, x.dtype), (kept_x, w_q, w_scale)
 
 
+def _whole(w_q: jax.Array) -> jax.Array:
+  """The FP8 weight laid out whole on each device before it is dequantized, where parameters shard only over the
+  batch's devices (fsdp): otherwise XLA dequantizes the kept shard and gathers it in the compute dtype, twice the
+  bytes, into a product no FP8 GEMM takes (the input gradient's). A mesh with a tensor axis keeps its own layout."""
+  mesh = sharding.activation_mesh()
+  if mesh is None or mesh.shape.get("tensor", 1) != 1:
+    return w_q
+  return sharding.constrain_to(w_q, sharding.P())
+
+
 def _matmul_bwd(bf16_wgrad, residuals, g):
   kept_x, w_q, w_scale = residuals
+  w_q = _whole(w_q)
   dtype = g.dtype  # y's, which is x's and w's
   g_q, g_scale = quantize(g, E5M2)
   dx = _product(g_q, g_scale, w_q.T, w_scale, dtype)
