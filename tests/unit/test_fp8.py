@@ -180,28 +180,40 @@ def test_a_task_that_trains_in_fp8_checks_its_mesh_device_and_evaluation_does_no
   tasks.build(tiny_vit_config()).check_training_devices()
 
 
-def _fsdp_grads(mesh):
-  """The gradients of sum((x @ w)^2) through the FP8 GEMMs, x split over the batch's devices and w over fsdp, and
-  the lowered program's sharding constraints on FP8 tensors."""
+def _sharded_grads(mesh, recipe):
+  """The gradients of sum((x @ w)^2) through `recipe`'s FP8 GEMMs, x split over the batch's devices and w over
+  fsdp, and how many scalars the compiled program all-reduces (the maxima of tensors split over devices)."""
   x, w = (a.astype(jnp.bfloat16) for a in _operands(4, m=64, k=128, n=96))
-  loss = lambda x, w: jnp.sum(fp8.matmul(x, w).astype(jnp.float32) ** 2)
+  loss = _square_loss(recipe)
   x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None)))
   w = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
   step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   with sharding.activation_sharding(mesh):
-    constraints = [line for line in step.lower(x, w).as_text().splitlines()
-                   if "sharding" in line and "f8E4M3FN" in line]
-    return step(x, w), constraints, jax.grad(loss, argnums=(0, 1))(*(jax.device_get(a) for a in (x, w)))
+    hlo = step.lower(x, w).compile().as_text()
+    types = re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", hlo)
+    return step(x, w), sum(len(re.findall(r"\w+\[\]", t)) for t in types)  # the scalars: maxima
 
 
-def test_under_fsdp_the_input_gradient_takes_the_fp8_weight_whole_and_the_values_are_one_devices():
-  """Where parameters shard over the batch's devices, the backward lays the kept FP8 weight out whole before
-  dequantizing it: XLA otherwise dequantizes the shard and gathers it in the compute dtype into an input-gradient
-  product no FP8 GEMM takes (bench.roofline's sharded FP8 test shows the GEMMs). A tensor axis keeps its layout."""
+def _square_loss(recipe):
+  matmul = fp8.matmul_of(recipe)
+  return lambda x, w: jnp.sum(matmul(x, w).astype(jnp.float32) ** 2)
+
+
+@pytest.mark.parametrize("recipe", fp8.RECIPES)
+def test_each_devices_rows_are_scaled_by_their_own_max_and_the_weight_whole(recipe):
+  """Over a batch split 8 ways, each device scales its rows of x and of the gradient by their own max, without an
+  all-reduce: the gradients are the sums of each device's rows' gradients computed alone, the only max reduced
+  across devices the weight's (sharded over fsdp). A mesh with a tensor axis scales the batch whole."""
   devices = np.array(jax.devices()[:8])
-  grads, constraints, single = _fsdp_grads(Mesh(devices.reshape(1, 8, 1), ("data", "fsdp", "tensor")))
-  assert len(constraints) == 1 and re.search(r"\[\{\}, \{\}\]|replicated", constraints[0]), constraints
-  for got, want in zip(grads, single):
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32), rtol=2 ** -7, atol=1e-2)
-  _, constraints, _ = _fsdp_grads(Mesh(devices.reshape(1, 4, 2), ("data", "fsdp", "tensor")))
-  assert not constraints
+  (dx, dw), maxima = _sharded_grads(Mesh(devices.reshape(1, 8, 1), ("data", "fsdp", "tensor")), recipe)
+  x, w = (a.astype(jnp.bfloat16) for a in _operands(4, m=64, k=128, n=96))
+  alone = [jax.grad(_square_loss(recipe), argnums=(0, 1))(rows, w) for rows in jnp.split(x, 8)]
+  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.concatenate([np.asarray(g, np.float32)
+                                                                            for g, _ in alone]))
+  shares = np.stack([np.asarray(g, np.float32) for _, g in alone])
+  # each share and the sum rounded to bf16 (8 significant bits) once
+  bound = 2.0 ** -8 * (np.abs(shares).sum(0) + np.abs(shares.sum(0)))
+  assert np.all(np.abs(np.asarray(dw, np.float32) - shares.sum(0)) <= bound)
+  assert maxima == 1
+  _, maxima = _sharded_grads(Mesh(devices.reshape(1, 4, 2), ("data", "fsdp", "tensor")), recipe)
+  assert maxima == 3

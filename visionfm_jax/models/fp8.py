@@ -11,9 +11,13 @@ Two recipes, per-tensor scaled (what Hopper's cuBLASLt FP8 GEMM takes and XLA em
 
 Scales are current (dynamic): each call scales a tensor by its own max |value|, so nothing is carried between steps:
 params, optimizer state and checkpoints are the same with or without FP8, and a run may switch recipes at a resume
-(flax's `Fp8DotGeneralOp` keeps amax histories as variables instead). Each scale is a power of two, 2^ceil(log2(amax
-/ fp8 max)), so that it is exact in bf16 and dividing by it loses nothing; the cost is at most one binade of the
-format's range left unused.
+(flax's `Fp8DotGeneralOp` keeps amax histories as variables instead). Activations and gradients are scaled by each
+device's rows (`parallel.sharding.batch_local`): a max over the whole batch would be an all-reduce over its devices
+before every cast, 256 a ViT-H/14 step, each on the critical path; each device's weight-gradient share is summed
+where the data-parallel gradients are. A weight is scaled whole, and each device takes its FP8 values whole (XLA
+would otherwise dequantize an fsdp shard and gather it in bf16 into a product no FP8 GEMM takes). Each scale is a
+power of two, 2^ceil(log2(amax / fp8 max)), so that it is exact in bf16 and dividing by it loses nothing; the cost
+is at most one binade of the format's range left unused.
 
 Quantization and dequantization are flax's (`flax.linen.fp8_ops.quantize` / `dequantize`); each product is a dot
 of dequantized operands, convert(f8) x scalar scale, the pattern XLA's GPU compiler rewrites into one cuBLASLt FP8
@@ -98,35 +102,42 @@ def matmul(x: jax.Array, w: jax.Array, bf16_wgrad: bool = False) -> jax.Array:
 def _matmul_fwd(x, w, bf16_wgrad):
   if x.dtype != w.dtype:
     raise ValueError(f"fp8.matmul: operands of one dtype expected, got {x.dtype} and {w.dtype}")
-  x_q, x_scale = quantize(x, E4M3)
   w_q, w_scale = quantize(w, E4M3)
+  y, x_q, x_scale = sharding.batch_local(_forward_rows, (x,), (w_q, w_scale))
   kept_x = (x,) if bf16_wgrad else (x_q, x_scale)
-  return _product(x_q, x_scale, w_q, w_scale, x.dtype), (kept_x, w_q, w_scale)
+  return y, (kept_x, w_q, w_scale)
 
 
-def _whole(w_q: jax.Array) -> jax.Array:
-  """The FP8 weight laid out whole on each device before it is dequantized, where parameters shard only over the
-  batch's devices (fsdp): otherwise XLA dequantizes the kept shard and gathers it in the compute dtype, twice the
-  bytes, into a product no FP8 GEMM takes (the input gradient's). A mesh with a tensor axis keeps its own layout."""
-  mesh = sharding.activation_mesh()
-  if mesh is None or mesh.shape.get("tensor", 1) != 1:
-    return w_q
-  return sharding.constrain_to(w_q, sharding.P())
+def _forward_rows(x, w_q, w_scale):
+  """One device's rows of the forward product, x scaled by its own max (no all-reduce over the batch's devices);
+  with x's FP8 values and scale, the latter as one row."""
+  x_q, x_scale = quantize(x, E4M3)
+  return _product(x_q, x_scale, w_q, w_scale, x.dtype), x_q, x_scale[None]
+
+
+def _input_gradient_rows(g, w_q, w_scale):
+  """One device's rows of the input gradient, g scaled by its own max; with g's FP8 values and scale."""
+  g_q, g_scale = quantize(g, E5M2)
+  return _product(g_q, g_scale, w_q.T, w_scale, g.dtype), g_q, g_scale[None]
 
 
 def _matmul_bwd(bf16_wgrad, residuals, g):
   kept_x, w_q, w_scale = residuals
-  w_q = _whole(w_q)
   dtype = g.dtype  # y's, which is x's and w's
-  g_q, g_scale = quantize(g, E5M2)
-  dx = _product(g_q, g_scale, w_q.T, w_scale, dtype)
+  dx, g_q, g_scale = sharding.batch_local(_input_gradient_rows, (g,), (w_q, w_scale))
   if bf16_wgrad:
     dw = jax.lax.dot_general(kept_x[0], g.astype(dtype), (((0,), (0,)), ((), ())),
-                             preferred_element_type=jnp.float32).astype(dtype)
+                             preferred_element_type=dtype)
   else:
     x_q, x_scale = kept_x
-    dw = _product(x_q.T, x_scale, g_q, g_scale, dtype)
+    dw = sharding.batch_local(functools.partial(_weight_gradient_share, dtype=dtype), (x_q, x_scale, g_q, g_scale),
+                              ()).sum(0, dtype=dtype)
   return dx, dw
+
+
+def _weight_gradient_share(x_q, x_scale, g_q, g_scale, dtype):
+  """One device's share of the weight gradient, x^T g over its rows under their own two scales, as one row."""
+  return _product(x_q.T, x_scale[0], g_q, g_scale[0], dtype)[None]
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
