@@ -94,9 +94,9 @@ PRECISION = dict(
     gemm=Field("compute_dtype", Choices(("compute_dtype", "fp8", "fp8_bf16_wgrad")),
                "the transformer blocks' GEMMs in training: in the compute dtype; fp8 (all three in FP8: e4m3 "
                "forward, e5m2 gradients, Transformer Engine's recipe); fp8_bf16_wgrad (the weight gradient in the "
-               "compute dtype, DINOv3's). Per-tensor scales from each call's values; GPUs of compute capability "
-               "8.9+, emulated on a CPU (models/fp8.py). Evaluation computes in the compute dtype; params and "
-               "checkpoints are the same either way"),
+               "compute dtype, the others e4m3 scaled row by row, DINOv3's). Scales from each call's values; GPUs "
+               "of compute capability 8.9+, emulated on a CPU (models/fp8.py). Evaluation computes in the compute "
+               "dtype; params and checkpoints are the same either way"),
     loss_scale_init=Field(2.0**15, POSITIVE, "fp16's first loss scale"),
     loss_scale_period=Field(2000, COUNT, "good steps before the scale doubles"),
     loss_scale_min=Field(1.0, POSITIVE, "the scale never halves below this"),

@@ -1,19 +1,21 @@
 """FP8 GEMMs for the transformer blocks (`config.precision.gemm`): the quantization switch.
 
-Two recipes, per-tensor scaled (what Hopper's cuBLASLt FP8 GEMM takes and XLA emits):
+Two recipes (scaled by powers of two that Hopper's cuBLASLt FP8 GEMM takes, or that multiply its output's rows):
 - 'fp8' (Transformer Engine's hybrid recipe, the one NeMo and Megatron train with): all three GEMMs of a dense layer
   in FP8. Forward y = x @ w with x and w in e4m3 (3 mantissa bits, range 448); input gradient dx = dy @ w^T and
   weight gradient dw = x^T @ dy with dy in e5m2 (2 mantissa bits, range 57344: a gradient's outliers need the range
   more than the bits). The backward reuses the forward's e4m3 x and w, so a layer keeps x in one byte, not two.
-- 'fp8_bf16_wgrad' (DINOv3's, which trained a ViT-7B so): the forward and input-gradient GEMMs as above, the weight
-  gradient in the compute dtype from the unquantized x and dy, so that the update the fp32 params accumulate sees
-  no FP8 rounding; a third of the GEMM FLOPs stay at the 16-bit rate and x is kept in the compute dtype.
+- 'fp8_bf16_wgrad' (DINOv3's, which trained a ViT-7B so): the forward and input-gradient GEMMs in e4m3 with x and dy
+  scaled row by row (each token's own max: its range is its own, so dy too takes e4m3's bits), each product's rows
+  multiplied by their scales; the weight gradient in the compute dtype from the unquantized x and dy, so that the
+  update the fp32 params accumulate sees no FP8 rounding; a third of the GEMM FLOPs stay at the 16-bit rate and x is
+  kept in the compute dtype.
 
 Scales are current (dynamic): each call scales a tensor by its own max |value|, so nothing is carried between steps:
 params, optimizer state and checkpoints are the same with or without FP8, and a run may switch recipes at a resume
-(flax's `Fp8DotGeneralOp` keeps amax histories as variables instead). Activations and gradients are scaled by each
-device's rows (`parallel.sharding.batch_local`): a max over the whole batch would be an all-reduce over its devices
-before every cast, 256 a ViT-H/14 step, each on the critical path; each device's weight-gradient share is summed
+(flax's `Fp8DotGeneralOp` keeps amax histories as variables instead). In 'fp8', activations and gradients are scaled
+by each device's rows (`parallel.sharding.batch_local`): a max over the whole batch would be an all-reduce over its
+devices before every cast, 256 a ViT-H/14 step, each on the critical path; each device's weight-gradient share is summed
 where the data-parallel gradients are. A weight is scaled whole, and each device takes its FP8 values whole (XLA
 would otherwise dequantize an fsdp shard and gather it in bf16 into a product no FP8 GEMM takes). Each scale is a
 power of two, 2^ceil(log2(amax / fp8 max)), so that it is exact in bf16 and dividing by it loses nothing; the cost
@@ -66,30 +68,35 @@ def matmul_of(recipe: str | None):
   return None if recipe is None else functools.partial(matmul, bf16_wgrad=recipe == "fp8_bf16_wgrad")
 
 
-def scale(x: jax.Array, dtype) -> jax.Array:
-  """The fp32 power of two that maps max |x| into `dtype`'s range; 1 for an all-zero x. A non-finite x keeps a
-  non-finite scale, so that its infinities and NaNs reach the product as NaNs instead of being clipped to the
-  format's largest value: fp16's loss scaling and the health guard see an overflow through an FP8 GEMM."""
-  amax = jnp.max(jnp.abs(x)).astype(jnp.float32)
+def scale(x: jax.Array, dtype, rows: bool = False) -> jax.Array:
+  """The fp32 power of two that maps max |x| into `dtype`'s range (`rows`: each row's max, an (M, 1) column); 1 for
+  an all-zero x. A non-finite x keeps a non-finite scale, so that its infinities and NaNs reach the product as NaNs
+  instead of being clipped to the format's largest value: fp16's loss scaling and the health guard see an overflow
+  through an FP8 GEMM."""
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) if rows else jnp.max(jnp.abs(x))
+  amax = amax.astype(jnp.float32)
   exponent = jnp.ceil(jnp.log2(amax / jnp.finfo(dtype).max.astype(jnp.float32)))
   return jnp.where(amax > 0, jnp.exp2(exponent), jnp.float32(1.0))
 
 
-def quantize(x: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
-  """(x / s in `dtype`, s) with s = `scale(x, dtype)`. A bf16 or fp32 x is divided in its own dtype: a power of two
-  divides exactly in either, so the values are the exact quotient's, and XLA does not write an fp32 copy of x for
-  the max and the cast to read (it did for the MLP's input gradient: 4 bytes an element written, read twice).
+def quantize(x: jax.Array, dtype, rows: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(x / s in `dtype`, s) with s = `scale(x, dtype, rows)`. A bf16 or fp32 x is divided in its own dtype: a power
+  of two divides exactly in either, so the values are the exact quotient's, and XLA does not write an fp32 copy of x
+  for the max and the cast to read (it did for the MLP's input gradient: 4 bytes an element written, read twice).
   fp16 goes through fp32, whose range holds every scale."""
-  s = jax.lax.stop_gradient(scale(x, dtype))
+  s = jax.lax.stop_gradient(scale(x, dtype, rows))
   compute = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32) else jnp.float32
   return fp8_ops.quantize(x.astype(compute), dtype, s, compute), s
 
 
 def _product(a_q, a_scale, b_q, b_scale, out_dtype) -> jax.Array:
-  """dequantized a @ dequantized b, (M, K) x (K, N): the form XLA rewrites into one FP8 GEMM."""
-  a = fp8_ops.dequantize(a_q, out_dtype, a_scale)
+  """dequantized a @ dequantized b, (M, K) x (K, N): the form XLA rewrites into one FP8 GEMM. An (M, 1) `a_scale`
+  (a's rows scaled) multiplies the product's rows instead, as no FP8 GEMM takes a scale per row."""
+  rows = a_scale.ndim == 2
+  a = a_q.astype(out_dtype) if rows else fp8_ops.dequantize(a_q, out_dtype, a_scale)
   b = fp8_ops.dequantize(b_q, out_dtype, b_scale)
-  return jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+  y = jax.lax.dot_general(a, b, (((1,), (0,)), ((), ())), preferred_element_type=out_dtype)
+  return y * a_scale.astype(out_dtype) if rows else y
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -103,28 +110,31 @@ def _matmul_fwd(x, w, bf16_wgrad):
   if x.dtype != w.dtype:
     raise ValueError(f"fp8.matmul: operands of one dtype expected, got {x.dtype} and {w.dtype}")
   w_q, w_scale = quantize(w, E4M3)
-  y, x_q, x_scale = sharding.batch_local(_forward_rows, (x,), (w_q, w_scale))
+  y, x_q, x_scale = sharding.batch_local(functools.partial(_forward_rows, rows=bf16_wgrad), (x,), (w_q, w_scale))
   kept_x = (x,) if bf16_wgrad else (x_q, x_scale)
   return y, (kept_x, w_q, w_scale)
 
 
-def _forward_rows(x, w_q, w_scale):
-  """One device's rows of the forward product, x scaled by its own max (no all-reduce over the batch's devices);
-  with x's FP8 values and scale, the latter as one row."""
-  x_q, x_scale = quantize(x, E4M3)
-  return _product(x_q, x_scale, w_q, w_scale, x.dtype), x_q, x_scale[None]
+def _forward_rows(x, w_q, w_scale, rows):
+  """One device's rows of the forward product, x scaled by its own max (no all-reduce over the batch's devices), or
+  each of its rows by their own (`rows`); with x's FP8 values and scale, the latter as one row."""
+  x_q, x_scale = quantize(x, E4M3, rows)
+  return _product(x_q, x_scale, w_q, w_scale, x.dtype), x_q, x_scale.reshape(1, -1)
 
 
-def _input_gradient_rows(g, w_q, w_scale):
-  """One device's rows of the input gradient, g scaled by its own max; with g's FP8 values and scale."""
-  g_q, g_scale = quantize(g, E5M2)
-  return _product(g_q, g_scale, w_q.T, w_scale, g.dtype), g_q, g_scale[None]
+def _input_gradient_rows(g, w_q, w_scale, rows):
+  """One device's rows of the input gradient, g scaled by its own max in e5m2, or each row by its own in e4m3
+  (`rows`: the range a row needs is its own, so the format can spend its bits on precision); with g's FP8 values and
+  scale."""
+  g_q, g_scale = quantize(g, E4M3, True) if rows else quantize(g, E5M2)
+  return _product(g_q, g_scale, w_q.T, w_scale, g.dtype), g_q, g_scale.reshape(1, -1)
 
 
 def _matmul_bwd(bf16_wgrad, residuals, g):
   kept_x, w_q, w_scale = residuals
   dtype = g.dtype  # y's, which is x's and w's
-  dx, g_q, g_scale = sharding.batch_local(_input_gradient_rows, (g,), (w_q, w_scale))
+  dx, g_q, g_scale = sharding.batch_local(functools.partial(_input_gradient_rows, rows=bf16_wgrad), (g,),
+                                          (w_q, w_scale))
   if bf16_wgrad:
     dw = jax.lax.dot_general(kept_x[0], g.astype(dtype), (((0,), (0,)), ((), ())),
                              preferred_element_type=dtype)
@@ -137,7 +147,7 @@ def _matmul_bwd(bf16_wgrad, residuals, g):
 
 def _weight_gradient_share(x_q, x_scale, g_q, g_scale, dtype):
   """One device's share of the weight gradient, x^T g over its rows under their own two scales, as one row."""
-  return _product(x_q.T, x_scale[0], g_q, g_scale[0], dtype)[None]
+  return _product(x_q.T, x_scale.reshape(()), g_q, g_scale.reshape(()), dtype)[None]
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
