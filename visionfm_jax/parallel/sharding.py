@@ -139,12 +139,14 @@ def batch_local(fn, rows, shared):
   with the whole of `shared` (arrays of no batch axis), in a shard_map over the batch axes of the
   `activation_sharding` mesh; its result is rows again.
 
-  What it is for: the gradient of a `shared` input reaches the other devices once, at the size of that input,
-  after `fn`'s backward has reduced each device's rows into it. Under GSPMD the reduction goes where the
-  program's batch axis ends, which for SwinV2's position bias is the (windows x heads, N, N) bias that the
-  attention kernel takes (1.31 GB in SwinV2-G's first stage at 640 px) rather than the (heads, (2W-1)^2) table
-  it is gathered from. Outside an `activation_sharding`, inside `device_local`, on a mesh with a tensor axis
-  (which splits heads, not rows) or for rows that do not divide over the batch devices: fn itself."""
+  What it is for: a reduction over `rows` stays on the device (models/fp8.py scales each device's rows by their own
+  max, where a max over the batch is an all-reduce before every cast). And the gradient of a `shared` input reaches
+  the other devices once, at the size of that input, after `fn`'s backward has reduced each device's rows into it.
+  Under GSPMD the reduction goes where the program's batch axis ends, which for SwinV2's position bias is the
+  (windows x heads, N, N) bias that the attention kernel takes (1.31 GB in SwinV2-G's first stage at 640 px) rather
+  than the (heads, (2W-1)^2) table it is gathered from. Outside an `activation_sharding`, inside `device_local`, on
+  a mesh with a tensor axis (which splits heads, not rows) or for rows that do not divide over the batch devices: fn
+  itself."""
   mesh = activation_mesh()
   if mesh is None or mesh.shape.get("tensor", 1) != 1:
     return fn(*rows, *shared)
