@@ -47,7 +47,7 @@ def test_the_forward_product_is_within_the_e4m3_bound(bf16_wgrad):
   """x scaled whole in 'fp8', each of its rows by its own max in 'fp8_bf16_wgrad'; w whole in both."""
   x, w = _operands()
   y = fp8.matmul(x, w, bf16_wgrad)
-  bound = _error_bound(x, fp8.scale(x, fp8.E4M3, rows=bf16_wgrad), (E4M3_U, E4M3_TINY), w, fp8.scale(w, fp8.E4M3),
+  bound = _error_bound(x, fp8.scale(x, fp8.E4M3, by_row=bf16_wgrad), (E4M3_U, E4M3_TINY), w, fp8.scale(w, fp8.E4M3),
                        (E4M3_U, E4M3_TINY))
   error = jnp.abs(y - x @ w)
   assert bool(jnp.all(error <= bound * (1 + 1e-5) + 1e-6))
@@ -63,7 +63,7 @@ def test_the_gradients_are_within_their_formats_bounds_and_the_bf16_weight_gradi
   _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, bf16_wgrad), x, w)
   dx, dw = vjp(g)
   e4m3, e5m2 = (E4M3_U, E4M3_TINY), (E5M2_U, E5M2_TINY)
-  g_scale = fp8.scale(g, fp8.E4M3, rows=True) if bf16_wgrad else fp8.scale(g, fp8.E5M2)
+  g_scale = fp8.scale(g, fp8.E4M3, by_row=True) if bf16_wgrad else fp8.scale(g, fp8.E5M2)
   bound = _error_bound(g, g_scale, e4m3 if bf16_wgrad else e5m2, w.T, fp8.scale(w, fp8.E4M3), e4m3)
   assert bool(jnp.all(jnp.abs(dx - g @ w.T) <= bound * (1 + 1e-5) + 1e-6))
   if bf16_wgrad:

@@ -68,23 +68,23 @@ def matmul_of(recipe: str | None):
   return None if recipe is None else functools.partial(matmul, bf16_wgrad=recipe == "fp8_bf16_wgrad")
 
 
-def scale(x: jax.Array, dtype, rows: bool = False) -> jax.Array:
-  """The fp32 power of two that maps max |x| into `dtype`'s range (`rows`: each row's max, an (M, 1) column); 1 for
+def scale(x: jax.Array, dtype, by_row: bool = False) -> jax.Array:
+  """The fp32 power of two that maps max |x| into `dtype`'s range (`by_row`: each row's max, an (M, 1) column); 1 for
   an all-zero x. A non-finite x keeps a non-finite scale, so that its infinities and NaNs reach the product as NaNs
   instead of being clipped to the format's largest value: fp16's loss scaling and the health guard see an overflow
   through an FP8 GEMM."""
-  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) if rows else jnp.max(jnp.abs(x))
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True) if by_row else jnp.max(jnp.abs(x))
   amax = amax.astype(jnp.float32)
   exponent = jnp.ceil(jnp.log2(amax / jnp.finfo(dtype).max.astype(jnp.float32)))
   return jnp.where(amax > 0, jnp.exp2(exponent), jnp.float32(1.0))
 
 
-def quantize(x: jax.Array, dtype, rows: bool = False) -> tuple[jax.Array, jax.Array]:
-  """(x / s in `dtype`, s) with s = `scale(x, dtype, rows)`. A bf16 or fp32 x is divided in its own dtype: a power
+def quantize(x: jax.Array, dtype, by_row: bool = False) -> tuple[jax.Array, jax.Array]:
+  """(x / s in `dtype`, s) with s = `scale(x, dtype, by_row)`. A bf16 or fp32 x is divided in its own dtype: a power
   of two divides exactly in either, so the values are the exact quotient's, and XLA does not write an fp32 copy of x
   for the max and the cast to read (it did for the MLP's input gradient: 4 bytes an element written, read twice).
   fp16 goes through fp32, whose range holds every scale."""
-  s = jax.lax.stop_gradient(scale(x, dtype, rows))
+  s = jax.lax.stop_gradient(scale(x, dtype, by_row))
   compute = x.dtype if x.dtype in (jnp.bfloat16, jnp.float32) else jnp.float32
   return fp8_ops.quantize(x.astype(compute), dtype, s, compute), s
 
@@ -110,30 +110,30 @@ def _matmul_fwd(x, w, bf16_wgrad):
   if x.dtype != w.dtype:
     raise ValueError(f"fp8.matmul: operands of one dtype expected, got {x.dtype} and {w.dtype}")
   w_q, w_scale = quantize(w, E4M3)
-  y, x_q, x_scale = sharding.batch_local(functools.partial(_forward_rows, rows=bf16_wgrad), (x,), (w_q, w_scale))
+  y, x_q, x_scale = sharding.batch_local(functools.partial(_forward_rows, by_row=bf16_wgrad), (x,), (w_q, w_scale))
   kept_x = (x,) if bf16_wgrad else (x_q, x_scale)
   return y, (kept_x, w_q, w_scale)
 
 
-def _forward_rows(x, w_q, w_scale, rows):
+def _forward_rows(x, w_q, w_scale, by_row):
   """One device's rows of the forward product, x scaled by its own max (no all-reduce over the batch's devices), or
-  each of its rows by their own (`rows`); with x's FP8 values and scale, the latter as one row."""
-  x_q, x_scale = quantize(x, E4M3, rows)
+  each of its rows by their own (`by_row`); with x's FP8 values and scale, the latter as one row."""
+  x_q, x_scale = quantize(x, E4M3, by_row)
   return _product(x_q, x_scale, w_q, w_scale, x.dtype), x_q, x_scale.reshape(1, -1)
 
 
-def _input_gradient_rows(g, w_q, w_scale, rows):
+def _input_gradient_rows(g, w_q, w_scale, by_row):
   """One device's rows of the input gradient, g scaled by its own max in e5m2, or each row by its own in e4m3
-  (`rows`: the range a row needs is its own, so the format can spend its bits on precision); with g's FP8 values and
-  scale."""
-  g_q, g_scale = quantize(g, E4M3, True) if rows else quantize(g, E5M2)
+  (`by_row`: the range a row needs is its own, so the format can spend its bits on precision); with g's FP8 values
+  and scale."""
+  g_q, g_scale = quantize(g, E4M3, by_row=True) if by_row else quantize(g, E5M2)
   return _product(g_q, g_scale, w_q.T, w_scale, g.dtype), g_q, g_scale.reshape(1, -1)
 
 
 def _matmul_bwd(bf16_wgrad, residuals, g):
   kept_x, w_q, w_scale = residuals
   dtype = g.dtype  # y's, which is x's and w's
-  dx, g_q, g_scale = sharding.batch_local(functools.partial(_input_gradient_rows, rows=bf16_wgrad), (g,),
+  dx, g_q, g_scale = sharding.batch_local(functools.partial(_input_gradient_rows, by_row=bf16_wgrad), (g,),
                                           (w_q, w_scale))
   if bf16_wgrad:
     dw = jax.lax.dot_general(kept_x[0], g.astype(dtype), (((0,), (0,)), ((), ())),
