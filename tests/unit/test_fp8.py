@@ -190,11 +190,10 @@ def _sharded_grads(mesh, recipe):
   loss = _square_loss(recipe)
   x = jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp"), None)))
   w = jax.device_put(w, NamedSharding(mesh, P("fsdp", None)))
-  step = jax.jit(jax.grad(loss, argnums=(0, 1)))
   with sharding.activation_sharding(mesh):
-    hlo = step.lower(x, w).compile().as_text()
-    types = re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", hlo)
-    return step(x, w), sum(len(re.findall(r"\w+\[\]", t)) for t in types)  # the scalars: maxima
+    step = jax.jit(jax.grad(loss, argnums=(0, 1))).lower(x, w).compile()
+  types = re.findall(r"= (\(.*?\)|\S+) all-reduce(?:-start)?\(", step.as_text())
+  return step(x, w), sum(len(re.findall(r"\w+\[\]", t)) for t in types)  # the scalars: maxima
 
 
 def _square_loss(recipe):

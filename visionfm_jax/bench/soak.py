@@ -81,7 +81,7 @@ import time
 from absl import flags
 from ml_collections import config_flags
 
-from visionfm_jax import cli
+from visionfm_jax import cli, errors
 from visionfm_jax.bench import file_opens
 from visionfm_jax.bench.proc_probe import Probe, Sample
 from visionfm_jax.bench.synthetic_shards import PRESETS, Preset, prepare_sources, scaled
@@ -367,14 +367,14 @@ def _body(result: dict, fv, rest) -> None:
       at_failure=dataclasses.asdict(run.at_failure) if run.at_failure is not None else None, error=error)
   print(json.dumps(result, sort_keys=True), flush=True)
   if error:
-    print(error, file=sys.stderr, flush=True)
+    errors.say(error)
 
 
 def main(argv) -> int:
   """Parses `argv` (program name first), writes or reuses the shards, soaks, prints the report; returns the exit
   status: 0 flat, 1 something grew or the pipeline failed, 2 bad input."""
   if _preset_name(argv) not in PRESETS:
-    print(f"error: --preset={_preset_name(argv)}: expected one of {', '.join(sorted(PRESETS))}", file=sys.stderr)
+    errors.say(f"error: --preset={_preset_name(argv)}: expected one of {', '.join(sorted(PRESETS))}")
     return 2
   result = {}
   status = cli.run(argv, make_flags(argv), __doc__, functools.partial(_body, result))
