@@ -1,40 +1,45 @@
 #!/usr/bin/env bash
-# ViT-H/14 at its recipe's per-GPU share (2048 images over 64 GPUs: 32), trained through `python -m
-# visionfm_jax.main` on photo-like JPEGs converted as a user converts theirs, against `python -m visionfm_jax.bench`
-# on the same config, each with the blocks' GEMMs in the compute dtype and in FP8; then SwinV2-G (nothing_saveable,
-# cuDNN attention, batch 32) through `bench`, both ways. One H100, one 9-minute call after the install (e.g.
-# `launch/gpu_check.sh --wheels=DIR --skip_cpu_suite --skip_gpu_tests --bench=none --no_profile`); no network.
+# ViT-H/14 at its recipe's per-GPU share (2048 images over 64 GPUs: 32), trained for 300 steps through `python -m
+# visionfm_jax.main` on photo-like JPEGs converted as a user converts theirs, with the blocks' GEMMs in the compute
+# dtype (seeds 0 and 1: the run-to-run spread of the loss) and in FP8 (seed 0); SwinV2-G in the CLIP tower's form
+# (dots_with_no_batch_dims_saveable, 7 blocks a loop iteration, cuDNN attention, batch 32) through `python -m
+# visionfm_jax.bench`, both ways; then ViT-H/14 through `bench`, both ways. One H100, one 9-minute call after the
+# install (e.g. `launch/gpu_check.sh --wheels=DIR --skip_cpu_suite --skip_gpu_tests --bench=none --no_profile`, or the
+# wheels unpacked onto PYTHONPATH); no network.
 #
 #   launch/gpu_recipe_check.sh [--out=DIR] [--images=N] [--budget=S] [--rehearse]
 #
 #   --out=DIR     everything it writes (default gpu_recipe_check_out/; ~0.5 GB): photos/ (N synthetic 500x375
-#                 JPEGs, bench/input.py's, in 10 class folders), shards/ (datatools.prepare_data --format=folders, 5 per
+#                 JPEGs, bench/input.py's, in 10 class folders, each class tinted its own colour), shards/ (datatools.prepare_data --format=folders, 5 per
 #                 class held out), run_<gemm>/ (main's workdirs; the final checkpoint, ~7.6 GB of params and AdamW
-#                 state, is deleted once written), logs/ (each stage's stdout and stderr), summary.json
+#                 state, is deleted once written), compile_cache/ (main's, which the second seed reuses), logs/ (each stage's stdout and stderr), summary.json
 #   --images=N    photos to write (default 2560; 40 with --rehearse)
 #   --budget=S    seconds for everything but the table (default 520: a 540 s call less `timeout`'s 15 s between
 #                 its TERM and KILL); a stage gets at most what is left of it, one with under 10 s left is skipped
-#   --rehearse    the same stages on a CPU in under a minute (2 cores): a pico ViT and a femto SwinV2 (one stage) at
+#   --rehearse    the same stages on a CPU in about a minute (2 cores): a pico ViT and a femto SwinV2 (one stage) at
 #                 16 px, 4 classes, batch 8, 6 steps, main's input decoded in its own process (no data workers),
 #                 compiled with JAX_DISABLE_MOST_OPTIMIZATIONS=1
 #                 (tests/integration/test_gpu_recipe_check.py runs it, with the suite's fast-compile XLA flags too)
 #
 # The stages, in order, each under `timeout` with its bound (s); what each takes on an H100 is an estimate from
 # BENCHMARKS.md's compile times (ViT-H/14 unrolled: 33 s, SwinV2-G: 72 s):
-#   photos                    30    ~5   N JPEGs, one process per core
-#   shards                    30    ~5   prepare_data --holdout_per_class=5
-#   vit_main_compute_dtype   150  ~100   start-up, the compile, 60 steps (10 of warmup, a metrics row every 10), the
-#   vit_main_fp8             150  ~100   final checkpoint and evaluation
-#   vit_bench_compute_dtype   75   ~45   --steps=10 --warmup=2
-#   vit_bench_fp8             75   ~45
-#   swin_bench_compute_dtype 120   ~95
-#   swin_bench_fp8           120   ~95
+#   photos                        30    ~5   N JPEGs, one process per core
+#   shards                        30    ~5   prepare_data --holdout_per_class=5
+#   vit_main_compute_dtype       170  ~110   start-up, the compile, 300 steps (10 of warmup, a metrics row every 10),
+#   vit_main_fp8                 170  ~110   the final checkpoint and evaluation
+#   vit_main_compute_dtype_seed1 150   ~70   the same with --config.seed=1, its programs from the compile cache
+#   swin_bench_compute_dtype     120   ~95   --steps=10 --warmup=2
+#   swin_bench_fp8               120   ~95
+#   vit_bench_compute_dtype       75   ~45
+#   vit_bench_fp8                 75   ~45
 # main's img/s is train/img_per_sec of metrics.jsonl over its rows after the first 2 (the first includes the
 # compile): their steps over their seconds; the rows come before the final checkpoint and evaluation, so a main that
 # times out in those still has its figures (its status stays FAIL). bench runs the same config with main's class
 # count (the head's 10 outputs, not 21,841), so that main / bench is the cost of the loop around the step: the input
 # pipeline, logging, the health guard. summary.json holds each stage's status, seconds and figures, main / bench
-# per GEMM setting and FP8 over the compute dtype per model; a table goes to stdout. A failed stage does not stop
+# per GEMM setting, FP8 over the compute dtype per model, and the loss's spread: the mean absolute difference, row by
+# row, of FP8's loss from the compute dtype's at seed 0, against that of seed 1's from seed 0's; a table goes to
+# stdout. A failed stage does not stop
 # the later ones; the exit status is 1 when any stage failed, 2 on bad arguments or (without --rehearse) when JAX
 # sees no GPU.
 set -uo pipefail
@@ -62,7 +67,7 @@ if (( rehearse )); then
   # tiny models compile far longer than they run
   export JAX_DISABLE_MOST_OPTIMIZATIONS=${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}
 else
-  images=${images:-2560} classes=10 holdout=5 batch=32 steps=60 warmup=10 log_every=10 warm_rows=2
+  images=${images:-2560} classes=10 holdout=5 batch=32 steps=300 warmup=10 log_every=10 warm_rows=2
   bench_steps=(--steps=10 --warmup=2) swin_attention=cudnn vit_size=() swin_size=() main_input=()
 fi
 if ! [[ $images =~ ^[0-9]+$ ]] || (( images < classes * holdout + batch )); then
@@ -81,7 +86,7 @@ if (( ! rehearse )) && [[ $device != gpu:* ]]; then
   echo "gpu_recipe_check.sh: JAX sees no GPU (${device:-jax failed to start}); --rehearse runs the stages on a CPU" >&2
   exit 2
 fi
-rm -rf "$out/photos" "$out/shards" "$out"/run_* "$out/logs" "$out/summary.json"
+rm -rf "$out/photos" "$out/shards" "$out"/run_* "$out/compile_cache" "$out/logs" "$out/summary.json"
 mkdir -p "$out/logs"
 
 record() {  # stage, status, seconds, why: one row of logs/stages.tsv
@@ -114,15 +119,17 @@ stage() {  # stage, bound (s), command...: the command under `timeout`, its stdo
   record "$name" FAIL $(( SECONDS - start )) "$why"; return 1
 }
 
-# 1. Data: photo-like JPEGs in class folders, converted as docs/your_data.md converts a user's photos.
+# 1. Data: photo-like JPEGs in class folders, converted as docs/your_data.md converts a user's photos. Each class has
+# its own tint, so that the loss falls and FP8's curve can be set against the compute dtype's.
 stage photos 30 "$python" - "$out/photos" "$images" "$classes" <<'PY'
 import multiprocessing, os, sys
 import numpy as np
 from visionfm_jax.bench.input import synthetic_jpeg
 folder, count, classes = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+tints = np.random.default_rng(classes).normal(0, 25, (classes, 3))
 def write(i):
   with open(os.path.join(folder, f"class_{i % classes:02d}", f"{i:06d}.jpg"), "wb") as f:
-    f.write(synthetic_jpeg(np.random.default_rng(i), 500, 375))
+    f.write(synthetic_jpeg(np.random.default_rng(i), 500, 375, tints[i % classes]))
 for c in range(classes):
   os.makedirs(os.path.join(folder, f"class_{c:02d}"), exist_ok=True)
 with multiprocessing.get_context("fork").Pool() as pool:
@@ -132,32 +139,39 @@ stage shards 30 "$python" -m visionfm_jax.datatools.prepare_data --format=folder
   --output="$out/shards" --holdout_per_class="$holdout"
 [[ -f $out/shards/dataset.json ]] && have_shards=1 || have_shards=0
 
-# 2. ViT-H/14 through main (the recipe's config, a short schedule) and through bench, per GEMM setting.
-for gemm in compute_dtype fp8; do
+# 2. ViT-H/14 through main (the recipe's config, a short schedule): the compute dtype and FP8 at seed 0, then the
+# compute dtype at seed 1, whose programs come from the compile cache the first run wrote.
+for run in vit_main_compute_dtype:compute_dtype:0:170 vit_main_fp8:fp8:0:170 \
+           vit_main_compute_dtype_seed1:compute_dtype:1:150; do
+  IFS=: read -r name gemm seed bound <<<"$run"
   if (( ! have_shards )); then
-    record "vit_main_$gemm" skipped 0 "no shards in $out/shards"; continue
+    record "$name" skipped 0 "no shards in $out/shards"; continue
   fi
-  stage "vit_main_$gemm" 150 "$python" -m visionfm_jax.main --config=configs/vit_huge.py --workdir="$out/run_$gemm" \
+  stage "$name" "$bound" "$python" -m visionfm_jax.main --config=configs/vit_huge.py \
+    --workdir="$out/run_${name#vit_main_}" --config.seed="$seed" \
     --config.data.source="arrayrecord:$out/shards/{split}-*.array_record" --config.model.num_classes="$classes" \
     --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
     --config.total_steps="$steps" --config.optim.warmup_steps="$warmup" --config.log_every="$log_every" \
-    --config.progress_bar=False --config.compile_cache=off "${vit_size[@]}" "${main_input[@]}"
-  rm -rf "$out/run_$gemm/checkpoints"
+    --config.progress_bar=False --config.compile_cache="$out/compile_cache" "${vit_size[@]}" "${main_input[@]}"
+  rm -rf "$out/run_${name#vit_main_}/checkpoints"
 done
+
+# 3. SwinV2-G through bench, per GEMM setting, in the CLIP tower's form (configs/swinv2_g_clip.py's remat policy).
+for gemm in compute_dtype fp8; do
+  stage "swin_bench_$gemm" 120 "$python" -m visionfm_jax.bench --config=configs/swinv2_cls.py:G --devices=1 \
+    "${bench_steps[@]}" --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
+    --config.model.remat_policy=dots_with_no_batch_dims_saveable --config.model.scan_unroll=7 \
+    --config.model.attention="$swin_attention" "${swin_size[@]}"
+done
+
+# 4. ViT-H/14 through bench, per GEMM setting: main / bench is the loop's cost.
 for gemm in compute_dtype fp8; do
   stage "vit_bench_$gemm" 75 "$python" -m visionfm_jax.bench --config=configs/vit_huge.py --devices=1 \
     "${bench_steps[@]}" --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
     --config.model.num_classes="$classes" "${vit_size[@]}"
 done
 
-# 3. SwinV2-G through bench, per GEMM setting.
-for gemm in compute_dtype fp8; do
-  stage "swin_bench_$gemm" 120 "$python" -m visionfm_jax.bench --config=configs/swinv2_cls.py:G --devices=1 \
-    "${bench_steps[@]}" --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
-    --config.model.remat_policy=nothing_saveable --config.model.attention="$swin_attention" "${swin_size[@]}"
-done
-
-# 4. summary.json and the table.
+# 5. summary.json and the table.
 $python - "$out" "$warm_rows" "$rehearse" "$device" "$classes" "$batch" <<'PY'
 import datetime, json, os, sys
 
@@ -186,7 +200,8 @@ def main_figures(workdir):
   wait = sum(r["train/data_wait_fraction"] * n / r["train/img_per_sec"] for r, n in timed) / seconds
   return dict(img_per_sec=round(steps / seconds, 2), mfu=None if mfu is None else round(mfu, 4), steps_timed=steps,
               rows=len(rows), rows_timed=len(timed), data_wait_fraction=round(wait, 4),
-              final_loss=round(rows[-1]["train/loss"], 4), workdir=workdir)
+              final_loss=round(rows[-1]["train/loss"], 4), workdir=workdir,
+              loss_by_step={str(r["step"]): round(r["train/loss"], 4) for r in rows})
 
 
 def bench_figures(path):
@@ -238,27 +253,40 @@ def ratio(a, b):
   return round(x / y, 4) if x and y else None
 
 
+def loss_gap(a, b):
+  """The mean absolute difference of two main runs' losses at the steps both logged, or None."""
+  x, y = (stages.get(s, {}).get("loss_by_step") for s in (a, b))
+  common = sorted(set(x or ()) & set(y or ()), key=int)
+  return round(sum(abs(x[s] - y[s]) for s in common) / len(common), 4) if common else None
+
+
+fp8_gap, seed_gap = (loss_gap(f"vit_main_{run}", "vit_main_compute_dtype") for run in ("fp8", "compute_dtype_seed1"))
 summary = dict(
     date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device,
     rehearse=rehearse, batch=batch, stages=stages,
     main_over_bench={g: ratio(f"vit_main_{g}", f"vit_bench_{g}") for g in GEMMS},
     fp8_over_compute_dtype={m: ratio(f"{m}_fp8", f"{m}_compute_dtype")
-                            for m in ("vit_main", "vit_bench", "swin_bench")})
+                            for m in ("vit_main", "vit_bench", "swin_bench")},
+    loss_spread=dict(fp8_from_compute_dtype=fp8_gap, seed1_from_seed0=seed_gap,
+                     fp8_within=None if None in (fp8_gap, seed_gap) else fp8_gap <= seed_gap))
 with open(os.path.join(out, "summary.json"), "w", encoding="utf-8") as f:
   json.dump(summary, f, indent=1)
 
 fmt = lambda v, spec: format("-", ">" + spec.split(".")[0]) if v is None else format(v, spec)
 print(f"\ngpu_recipe_check ({summary['date']}, {device}{', rehearsal' if rehearse else ''}, batch {batch}):")
-print(f"  {'stage':25} {'status':7} {'s':>4} {'img/s':>9} {'MFU':>6}  detail")
+print(f"  {'stage':29} {'status':7} {'s':>4} {'img/s':>9} {'MFU':>6}  detail")
 for name, s in stages.items():
-  detail = s.get("why") or (f"{s['rows_timed']} of {s['rows']} metric rows, data wait {s['data_wait_fraction']:.3f}"
+  detail = s.get("why") or (f"{s['rows_timed']} of {s['rows']} metric rows timed, data wait "
+                            f"{s['data_wait_fraction']:.3f}, final loss {s['final_loss']}"
                             if "rows" in s else f"compile {s['compile_s']:.1f} s" if "compile_s" in s
                             else ", ".join(f"{k} {v}" for k, v in s.items() if k not in ("status", "seconds")))
-  print(f"  {name:25} {s['status']:7} {s['seconds']:>4} {fmt(s.get('img_per_sec'), '9.1f')} "
+  print(f"  {name:29} {s['status']:7} {s['seconds']:>4} {fmt(s.get('img_per_sec'), '9.1f')} "
         f"{fmt(s.get('mfu'), '6.3f')}  {detail}")
 print("  ViT-H/14 main / bench: " + ", ".join(f"{g} {fmt(v, '.3f')}" for g, v in summary["main_over_bench"].items()))
 print("  fp8 / compute_dtype img/s: " + ", ".join(f"{m} {fmt(v, '.3f')}"
                                                  for m, v in summary["fp8_over_compute_dtype"].items()))
+print(f"  ViT-H/14 loss, mean |difference| row by row: fp8 from compute_dtype {fmt(fp8_gap, '.4f')}, seed 1 from "
+      f"seed 0 {fmt(seed_gap, '.4f')}")
 print(f"  {out}/summary.json")
 sys.exit(any(s["status"] != "ok" for s in stages.values()))
 PY

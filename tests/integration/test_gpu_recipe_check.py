@@ -1,6 +1,6 @@
 """launch/gpu_recipe_check.sh on the CPU: its rehearsal (`--rehearse`: tiny models, 40 photos, 6 steps) runs every
-stage and reports each one's figures; with stand-ins for main and bench, a failed stage leaves the later ones
-running, a spent budget skips the stages, and either makes the exit status 1."""
+stage and reports each one's figures and the loss's spread; with stand-ins for main and bench, a failed stage leaves
+the later ones running, a spent budget skips the stages, and either makes the exit status 1."""
 
 import json
 import pathlib
@@ -11,8 +11,9 @@ import pytest
 
 from conftest import ROOT, cpu_env
 
-STAGES = ["photos", "shards", "vit_main_compute_dtype", "vit_main_fp8", "vit_bench_compute_dtype", "vit_bench_fp8",
-          "swin_bench_compute_dtype", "swin_bench_fp8"]
+MAIN_RUNS = ["compute_dtype", "fp8", "compute_dtype_seed1"]
+STAGES = ["photos", "shards", *(f"vit_main_{run}" for run in MAIN_RUNS), "swin_bench_compute_dtype", "swin_bench_fp8",
+          "vit_bench_compute_dtype", "vit_bench_fp8"]
 GEMMS = ("compute_dtype", "fp8")
 
 
@@ -59,13 +60,23 @@ def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_p
     assert stages[name]["img_per_sec"] > 0 and stages[name]["gemm"] == ("fp8" if "fp8" in name else "compute_dtype")
   assert summary["rehearse"] and set(summary["main_over_bench"]) == set(GEMMS)
   assert all(r > 0 for r in [*summary["main_over_bench"].values(), *summary["fp8_over_compute_dtype"].values()])
-  for gemm in GEMMS:
-    workdir = tmp_path / f"run_{gemm}"
+  for run in MAIN_RUNS:
+    workdir = tmp_path / f"run_{run}"
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "train/img_per_sec" in r] == [2, 4, 6]  # the first one is not timed
-    assert stages[f"vit_main_{gemm}"]["rows_timed"] == 2 and any("eval/val/top1" in r for r in rows)
-    assert json.loads((workdir / "config.json").read_text())["precision"]["gemm"] == gemm
+    assert stages[f"vit_main_{run}"]["rows_timed"] == 2 and any("eval/val/top1" in r for r in rows)
+    config = json.loads((workdir / "config.json").read_text())
+    assert (config["precision"]["gemm"], config["seed"]) == (run.split("_seed")[0], int(run.endswith("seed1")))
     assert not (workdir / "checkpoints").exists()
+  assert (tmp_path / "compile_cache").is_dir()
+  # the loss's spread: FP8 against the compute dtype at seed 0, and seed 1 against seed 0, row by row
+  losses = {run: stages[f"vit_main_{run}"]["loss_by_step"] for run in MAIN_RUNS}
+  assert all(list(steps) == ["2", "4", "6"] for steps in losses.values()), losses
+  gap = lambda a, b: sum(abs(losses[a][s] - losses[b][s]) for s in losses[a]) / 3
+  spread = summary["loss_spread"]
+  assert spread["fp8_from_compute_dtype"] == pytest.approx(gap("fp8", "compute_dtype"), abs=1e-4)
+  assert spread["seed1_from_seed0"] == pytest.approx(gap("compute_dtype_seed1", "compute_dtype"), abs=1e-4)
+  assert spread["seed1_from_seed0"] > 0 and "loss, mean |difference| row by row: fp8 from compute_dtype" in proc.stdout
   assert "vit_main_fp8" in proc.stdout and "ViT-H/14 main / bench: compute_dtype " in proc.stdout
 
 
@@ -74,7 +85,7 @@ def test_a_failed_stage_leaves_the_later_ones_running(tmp_path):
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   status = {name: s["status"] for name, s in summary["stages"].items()}
-  assert status == dict(zip(STAGES, ["ok", "ok", "FAIL", "FAIL", "ok", "ok", "ok", "FAIL"]))
+  assert status == dict(zip(STAGES, ["ok", "ok", "FAIL", "FAIL", "FAIL", "ok", "FAIL", "ok", "ok"]))
   assert summary["stages"]["vit_main_compute_dtype"]["why"] == "exit 2: error: a stand-in failure"
   assert "img_per_sec" not in summary["stages"]["vit_main_compute_dtype"]
   assert summary["stages"]["swin_bench_fp8"]["why"] == "out of memory"
@@ -93,7 +104,7 @@ def test_a_spent_budget_skips_the_stages(tmp_path):
   stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
   assert list(stages) == STAGES and {s["status"] for s in stages.values()} == {"skipped"}
   assert {name: s["why"] for name, s in stages.items() if "--budget=1" not in s["why"]} == {
-      f"vit_main_{gemm}": f"no shards in {tmp_path}/shards" for gemm in GEMMS}
+      f"vit_main_{run}": f"no shards in {tmp_path}/shards" for run in MAIN_RUNS}
 
 
 @pytest.mark.parametrize("args, message", [

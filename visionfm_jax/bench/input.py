@@ -77,9 +77,10 @@ def make_flags() -> flags.FlagValues:
   return fv
 
 
-def synthetic_jpeg(rng: np.random.Generator, width: int, height: int) -> bytes:
-  """Three octaves of bicubically upsampled random colour grids plus pixel noise, JPEG quality 90."""
-  image = np.zeros((height, width, 3), np.float32)
+def synthetic_jpeg(rng: np.random.Generator, width: int, height: int, tint=(0.0, 0.0, 0.0)) -> bytes:
+  """Three octaves of bicubically upsampled random colour grids plus pixel noise, JPEG quality 90; `tint`, an RGB
+  offset added to every pixel, gives a class a colour a model can learn it by."""
+  image = np.broadcast_to(np.asarray(tint, np.float32), (height, width, 3)).copy()
   for cells, weight in ((4, 0.6), (16, 0.2), (64, 0.2)):
     grid = rng.integers(0, 256, (max(2, cells * height // width), cells, 3), dtype=np.uint8)
     image += weight * np.asarray(Image.fromarray(grid).resize((width, height), Image.BICUBIC), np.float32)
