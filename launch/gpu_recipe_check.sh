@@ -1,56 +1,67 @@
 #!/usr/bin/env bash
 # ViT-H/14 at its recipe's per-GPU share (2048 images over 64 GPUs: 32), trained for 300 steps through `python -m
 # visionfm_jax.main` on photo-like JPEGs converted as a user converts theirs, with the blocks' GEMMs in the compute
-# dtype (seeds 0 and 1: the run-to-run spread of the loss) and in FP8 (seed 0); SwinV2-G in the CLIP tower's form
-# (dots_with_no_batch_dims_saveable, 7 blocks a loop iteration, cuDNN attention, batch 32) through `python -m
-# visionfm_jax.bench`, both ways; then ViT-H/14 through `bench`, both ways. One H100, one 9-minute call after the
-# install (e.g. `launch/gpu_check.sh --wheels=DIR --skip_cpu_suite --skip_gpu_tests --bench=none --no_profile`, or the
-# wheels unpacked onto PYTHONPATH); no network.
+# dtype (seeds 0 and 1: the run-to-run spread of the loss) and in FP8 (seed 0); FP8's step profiled; SwinV2-G in the
+# CLIP tower's form (dots_with_no_batch_dims_saveable, 7 blocks a loop iteration, cuDNN attention, batch 32) through
+# `python -m visionfm_jax.bench`, both ways; then ViT-H/14 through `bench`, both ways. One H100 after the install
+# (e.g. `launch/gpu_check.sh --wheels=DIR --skip_cpu_suite --skip_gpu_tests --bench=none --no_profile`, or the wheels
+# unpacked onto PYTHONPATH); no network. All stages take more than one 9-minute call: --only picks a call's share.
 #
-#   launch/gpu_recipe_check.sh [--out=DIR] [--images=N] [--budget=S] [--rehearse]
+#   launch/gpu_recipe_check.sh [--out=DIR] [--images=N] [--budget=S] [--only=STAGE,...] [--rehearse]
 #
 #   --out=DIR     everything it writes (default gpu_recipe_check_out/; ~0.5 GB): photos/ (N synthetic 500x375
-#                 JPEGs, bench/input.py's, in 10 class folders, each class tinted its own colour), shards/ (datatools.prepare_data --format=folders, 5 per
-#                 class held out), run_<gemm>/ (main's workdirs; the final checkpoint, ~7.6 GB of params and AdamW
-#                 state, is deleted once written), compile_cache/ (main's, which the second seed reuses), logs/ (each stage's stdout and stderr), summary.json
+#                 JPEGs, bench/input.py's, in 10 class folders, each class tinted its own colour), shards/
+#                 (datatools.prepare_data --format=folders, 5 per class held out), run_<gemm>[_seed1]/ (main's
+#                 workdirs; the final checkpoint, ~7.6 GB of params and AdamW state, is deleted once written),
+#                 compile_cache/ (main's, which the second seed reuses), profile_fp8/ (the trace), logs/ (each
+#                 stage's stdout and stderr), summary.json
 #   --images=N    photos to write (default 2560; 40 with --rehearse)
 #   --budget=S    seconds for everything but the table (default 520: a 540 s call less `timeout`'s 15 s between
 #                 its TERM and KILL); a stage gets at most what is left of it, one with under 10 s left is skipped
+#   --only=LIST   run only these stages (comma-separated; photos and shards come with any vit_main stage), the
+#                 others recorded as skipped
 #   --rehearse    the same stages on a CPU in about a minute (2 cores): a pico ViT and a femto SwinV2 (one stage) at
 #                 16 px, 4 classes, batch 8, 6 steps, main's input decoded in its own process (no data workers),
 #                 compiled with JAX_DISABLE_MOST_OPTIMIZATIONS=1
 #                 (tests/integration/test_gpu_recipe_check.py runs it, with the suite's fast-compile XLA flags too)
 #
-# The stages, in order, each under `timeout` with its bound (s); what each takes on an H100 is an estimate from
-# BENCHMARKS.md's compile times (ViT-H/14 unrolled: 33 s, SwinV2-G: 72 s):
-#   photos                        30    ~5   N JPEGs, one process per core
-#   shards                        30    ~5   prepare_data --holdout_per_class=5
-#   vit_main_compute_dtype       170  ~110   start-up, the compile, 300 steps (10 of warmup, a metrics row every 10),
-#   vit_main_fp8                 170  ~110   the final checkpoint and evaluation
-#   vit_main_compute_dtype_seed1 150   ~70   the same with --config.seed=1, its programs from the compile cache
-#   swin_bench_compute_dtype     120   ~95   --steps=10 --warmup=2
-#   swin_bench_fp8               120   ~95
-#   vit_bench_compute_dtype       75   ~45
-#   vit_bench_fp8                 75   ~45
+# The stages, in order, each under `timeout` with its bound (s), and what each took on an H100 (2026-11-28, a fresh
+# machine: its first GPU process had run no step after 166 s, the same program from the compile cache ran its 10th
+# step at 40 s):
+#   warmup                        90        a cuBLAS GEMM and cuDNN attention: the CUDA libraries' first load, once
+#   photos                        30     9  N JPEGs, one process per core
+#   shards                        30     7  prepare_data --holdout_per_class=5
+#   vit_main_compute_dtype       200  >170  start-up, the compile, 300 steps at lr 1e-4 (30 of warmup, a metrics row
+#   vit_main_fp8                 170  ~150  every 10), the final checkpoint and evaluation
+#   vit_main_compute_dtype_seed1 130   ~95  the same with --config.seed=1, its programs from the compile cache
+#   vit_profile_fp8              150        bench's FP8 step, 2 steps traced: its busiest operations
+#   swin_bench_compute_dtype     180  >118  --steps=10 --warmup=2
+#   swin_bench_fp8               180
+#   vit_bench_compute_dtype      120
+#   vit_bench_fp8                120  >125  (the first process of its machine)
 # main's img/s is train/img_per_sec of metrics.jsonl over its rows after the first 2 (the first includes the
 # compile): their steps over their seconds; the rows come before the final checkpoint and evaluation, so a main that
 # times out in those still has its figures (its status stays FAIL). bench runs the same config with main's class
 # count (the head's 10 outputs, not 21,841), so that main / bench is the cost of the loop around the step: the input
-# pipeline, logging, the health guard. summary.json holds each stage's status, seconds and figures, main / bench
-# per GEMM setting, FP8 over the compute dtype per model, and the loss's spread: the mean absolute difference, row by
-# row, of FP8's loss from the compute dtype's at seed 0, against that of seed 1's from seed 0's; a table goes to
-# stdout. A failed stage does not stop
-# the later ones; the exit status is 1 when any stage failed, 2 on bad arguments or (without --rehearse) when JAX
-# sees no GPU.
+# pipeline, logging, the health guard. The recipe's own lr (1e-3, for batch 2048) made batch 32 spike until the
+# health guard stopped both the compute dtype's and FP8's runs near step 250, the loss still at ln 10.
+# summary.json holds each stage's status, seconds and figures, main / bench per GEMM setting, FP8 over the compute
+# dtype per model, and the loss's spread: the mean absolute difference, row by row, of FP8's loss from the compute
+# dtype's at seed 0, against that of seed 1's from seed 0's; a table goes to stdout. A failed stage does not stop
+# the later ones; the exit status is 1 when any stage failed or found its budget spent (not one --only left out), 2
+# on bad arguments or (without --rehearse) when JAX sees no GPU.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 
-out="gpu_recipe_check_out" images="" budget=520 rehearse=0
+out="gpu_recipe_check_out" images="" budget=520 rehearse=0 only=""
+stages=(warmup photos shards vit_main_compute_dtype vit_main_fp8 vit_main_compute_dtype_seed1 vit_profile_fp8
+        swin_bench_compute_dtype swin_bench_fp8 vit_bench_compute_dtype vit_bench_fp8)
 for arg in "$@"; do
   case $arg in
     --out=*) out=${arg#*=} ;;
     --images=*) images=${arg#*=} ;;
     --budget=*) budget=${arg#*=} ;;
+    --only=*) only=${arg#*=} ;;
     --rehearse) rehearse=1 ;;
     *) echo "gpu_recipe_check.sh: unknown argument $arg (see the header of $0)" >&2; exit 2 ;;
   esac
@@ -58,7 +69,7 @@ done
 python=${PYTHON:-python3}
 
 if (( rehearse )); then
-  images=${images:-40} classes=4 holdout=2 batch=8 steps=6 warmup=1 log_every=2 warm_rows=1
+  images=${images:-40} classes=4 holdout=2 batch=8 steps=6 warmup=1 log_every=2 warm_rows=1 lr=1e-4
   bench_steps=(--steps=3 --warmup=1) swin_attention=softmax  # the CPU has no cuDNN
   vit_size=(--config.model.variant=pico/4 --config.model.image_size=16 --config.data.image_size=16)
   main_input=(--config.data.num_workers=0)  # 2 cores: the decoding in main's process, not a worker's start-up
@@ -67,7 +78,7 @@ if (( rehearse )); then
   # tiny models compile far longer than they run
   export JAX_DISABLE_MOST_OPTIMIZATIONS=${JAX_DISABLE_MOST_OPTIMIZATIONS:-1}
 else
-  images=${images:-2560} classes=10 holdout=5 batch=32 steps=300 warmup=10 log_every=10 warm_rows=2
+  images=${images:-2560} classes=10 holdout=5 batch=32 steps=300 warmup=30 log_every=10 warm_rows=2 lr=1e-4
   bench_steps=(--steps=10 --warmup=2) swin_attention=cudnn vit_size=() swin_size=() main_input=()
 fi
 if ! [[ $images =~ ^[0-9]+$ ]] || (( images < classes * holdout + batch )); then
@@ -78,6 +89,12 @@ fi
 if ! [[ $budget =~ ^[0-9]+$ ]] || (( budget < 1 )); then
   echo "gpu_recipe_check.sh: --budget=$budget: expected a positive number of seconds" >&2; exit 2
 fi
+for name in ${only//,/ }; do
+  if [[ " ${stages[*]} " != *" $name "* ]]; then
+    echo "gpu_recipe_check.sh: --only: no stage $name (the stages: ${stages[*]})" >&2; exit 2
+  fi
+done
+[[ ,$only, == *,vit_main_* ]] && only="photos,shards,$only"
 
 deadline=$(( SECONDS + budget ))
 source launch/xla_flags_h100.sh
@@ -86,7 +103,8 @@ if (( ! rehearse )) && [[ $device != gpu:* ]]; then
   echo "gpu_recipe_check.sh: JAX sees no GPU (${device:-jax failed to start}); --rehearse runs the stages on a CPU" >&2
   exit 2
 fi
-rm -rf "$out/photos" "$out/shards" "$out"/run_* "$out/compile_cache" "$out/logs" "$out/summary.json"
+rm -rf "$out/photos" "$out/shards" "$out"/run_* "$out/compile_cache" "$out/profile_fp8" "$out/logs" \
+  "$out/summary.json"
 mkdir -p "$out/logs"
 
 record() {  # stage, status, seconds, why: one row of logs/stages.tsv
@@ -95,9 +113,14 @@ record() {  # stage, status, seconds, why: one row of logs/stages.tsv
   echo "== $1: $2 (${3} s)${4:+: $4}"
 }
 
+wanted() { [[ -z $only || ,$only, == *,$1,* ]]; }  # stage: is it one --only names (or is there no --only)
+
 stage() {  # stage, bound (s), command...: the command under `timeout`, its stdout and stderr in logs/<stage>.{out,log}
   local name=$1 bound=$2 left=$(( deadline - SECONDS )) start=$SECONDS rc why=""
   shift 2
+  if ! wanted "$name"; then
+    record "$name" skipped 0 "not in --only"; return 1
+  fi
   (( left < bound )) && bound=$left
   if (( bound < 10 )); then
     record "$name" skipped 0 "${left} s of --budget=$budget left"; return 1
@@ -118,6 +141,14 @@ stage() {  # stage, bound (s), command...: the command under `timeout`, its stdo
   tail -n 15 "$out/logs/$name.log" >&2
   record "$name" FAIL $(( SECONDS - start )) "$why"; return 1
 }
+
+# 0. The CUDA libraries' first load, which a fresh machine's first GPU process pays, measured on its own.
+stage warmup 90 "$python" - <<'PY'
+import jax, jax.numpy as jnp
+x = jnp.ones((2, 256, 8, 64), jnp.bfloat16)
+attention = jax.nn.dot_product_attention(x, x, x, implementation="cudnn" if jax.default_backend() == "gpu" else None)
+print(float(jax.jit(lambda a, b: (a @ b).sum())(x[0, :, 0], x[0, :, 0].T)), float(attention.sum()))
+PY
 
 # 1. Data: photo-like JPEGs in class folders, converted as docs/your_data.md converts a user's photos. Each class has
 # its own tint, so that the loss falls and FP8's curve can be set against the compute dtype's.
@@ -141,37 +172,42 @@ stage shards 30 "$python" -m visionfm_jax.datatools.prepare_data --format=folder
 
 # 2. ViT-H/14 through main (the recipe's config, a short schedule): the compute dtype and FP8 at seed 0, then the
 # compute dtype at seed 1, whose programs come from the compile cache the first run wrote.
-for run in vit_main_compute_dtype:compute_dtype:0:170 vit_main_fp8:fp8:0:170 \
-           vit_main_compute_dtype_seed1:compute_dtype:1:150; do
+for run in vit_main_compute_dtype:compute_dtype:0:200 vit_main_fp8:fp8:0:170 \
+           vit_main_compute_dtype_seed1:compute_dtype:1:130; do
   IFS=: read -r name gemm seed bound <<<"$run"
-  if (( ! have_shards )); then
+  if (( ! have_shards )) && wanted "$name"; then
     record "$name" skipped 0 "no shards in $out/shards"; continue
   fi
   stage "$name" "$bound" "$python" -m visionfm_jax.main --config=configs/vit_huge.py \
     --workdir="$out/run_${name#vit_main_}" --config.seed="$seed" \
     --config.data.source="arrayrecord:$out/shards/{split}-*.array_record" --config.model.num_classes="$classes" \
     --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
-    --config.total_steps="$steps" --config.optim.warmup_steps="$warmup" --config.log_every="$log_every" \
-    --config.progress_bar=False --config.compile_cache="$out/compile_cache" "${vit_size[@]}" "${main_input[@]}"
+    --config.total_steps="$steps" --config.optim.warmup_steps="$warmup" --config.optim.lr="$lr" \
+    --config.log_every="$log_every" --config.progress_bar=False --config.compile_cache="$out/compile_cache" "${vit_size[@]}" "${main_input[@]}"
   rm -rf "$out/run_${name#vit_main_}/checkpoints"
 done
 
-# 3. SwinV2-G through bench, per GEMM setting, in the CLIP tower's form (configs/swinv2_g_clip.py's remat policy).
+# 3. Where FP8's step goes: bench's step traced, its busiest operations (bench/profile.py).
+stage vit_profile_fp8 150 "$python" -m visionfm_jax.bench --config=configs/vit_huge.py --devices=1 \
+  "${bench_steps[@]}" --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm=fp8 \
+  --config.model.num_classes="$classes" --profile="$out/profile_fp8" --profile_steps=2 "${vit_size[@]}"
+
+# 4. SwinV2-G through bench, per GEMM setting, in the CLIP tower's form (configs/swinv2_g_clip.py's remat policy).
 for gemm in compute_dtype fp8; do
-  stage "swin_bench_$gemm" 120 "$python" -m visionfm_jax.bench --config=configs/swinv2_cls.py:G --devices=1 \
+  stage "swin_bench_$gemm" 180 "$python" -m visionfm_jax.bench --config=configs/swinv2_cls.py:G --devices=1 \
     "${bench_steps[@]}" --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
     --config.model.remat_policy=dots_with_no_batch_dims_saveable --config.model.scan_unroll=7 \
     --config.model.attention="$swin_attention" "${swin_size[@]}"
 done
 
-# 4. ViT-H/14 through bench, per GEMM setting: main / bench is the loop's cost.
+# 5. ViT-H/14 through bench, per GEMM setting: main / bench is the loop's cost.
 for gemm in compute_dtype fp8; do
-  stage "vit_bench_$gemm" 75 "$python" -m visionfm_jax.bench --config=configs/vit_huge.py --devices=1 \
+  stage "vit_bench_$gemm" 120 "$python" -m visionfm_jax.bench --config=configs/vit_huge.py --devices=1 \
     "${bench_steps[@]}" --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
     --config.model.num_classes="$classes" "${vit_size[@]}"
 done
 
-# 5. summary.json and the table.
+# 6. summary.json and the table.
 $python - "$out" "$warm_rows" "$rehearse" "$device" "$classes" "$batch" <<'PY'
 import datetime, json, os, sys
 
@@ -223,6 +259,8 @@ def figures(name, status):
   if name.startswith("vit_main_") and (status == "ok" or os.path.exists(os.path.join(workdir, "metrics.jsonl"))):
     return main_figures(workdir)
   if status != "ok":
+    return {}
+  if name == "warmup":
     return {}
   if name == "photos":
     written = sum(len(files) for _, _, files in os.walk(os.path.join(out, "photos")))
@@ -288,5 +326,5 @@ print("  fp8 / compute_dtype img/s: " + ", ".join(f"{m} {fmt(v, '.3f')}"
 print(f"  ViT-H/14 loss, mean |difference| row by row: fp8 from compute_dtype {fmt(fp8_gap, '.4f')}, seed 1 from "
       f"seed 0 {fmt(seed_gap, '.4f')}")
 print(f"  {out}/summary.json")
-sys.exit(any(s["status"] != "ok" for s in stages.values()))
+sys.exit(any(s["status"] != "ok" and s.get("why") != "not in --only" for s in stages.values()))
 PY

@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, cpu_env
 
 MAIN_RUNS = ["compute_dtype", "fp8", "compute_dtype_seed1"]
-STAGES = ["photos", "shards", *(f"vit_main_{run}" for run in MAIN_RUNS), "swin_bench_compute_dtype", "swin_bench_fp8",
-          "vit_bench_compute_dtype", "vit_bench_fp8"]
+STAGES = ["warmup", "photos", "shards", *(f"vit_main_{run}" for run in MAIN_RUNS), "vit_profile_fp8",
+          "swin_bench_compute_dtype", "swin_bench_fp8", "vit_bench_compute_dtype", "vit_bench_fp8"]
 GEMMS = ("compute_dtype", "fp8")
 
 
@@ -56,7 +56,7 @@ def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_p
   stages = summary["stages"]
   assert list(stages) == STAGES and {s["status"] for s in stages.values()} == {"ok"}, stages
   assert stages["photos"]["images"] == 40 and (stages["shards"]["train"], stages["shards"]["validation"]) == (32, 8)
-  for name in STAGES[2:]:
+  for name in STAGES[3:]:
     assert stages[name]["img_per_sec"] > 0 and stages[name]["gemm"] == ("fp8" if "fp8" in name else "compute_dtype")
   assert summary["rehearse"] and set(summary["main_over_bench"]) == set(GEMMS)
   assert all(r > 0 for r in [*summary["main_over_bench"].values(), *summary["fp8_over_compute_dtype"].values()])
@@ -78,6 +78,8 @@ def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_p
   assert spread["seed1_from_seed0"] == pytest.approx(gap("compute_dtype_seed1", "compute_dtype"), abs=1e-4)
   assert spread["seed1_from_seed0"] > 0 and "loss, mean |difference| row by row: fp8 from compute_dtype" in proc.stdout
   assert "vit_main_fp8" in proc.stdout and "ViT-H/14 main / bench: compute_dtype " in proc.stdout
+  profile = (tmp_path / "logs" / "vit_profile_fp8.out").read_text()
+  assert "ms busy per step" in profile and list((tmp_path / "profile_fp8").rglob("*.json.gz")), profile[-2000:]
 
 
 def test_a_failed_stage_leaves_the_later_ones_running(tmp_path):
@@ -85,7 +87,7 @@ def test_a_failed_stage_leaves_the_later_ones_running(tmp_path):
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   status = {name: s["status"] for name, s in summary["stages"].items()}
-  assert status == dict(zip(STAGES, ["ok", "ok", "FAIL", "FAIL", "FAIL", "ok", "FAIL", "ok", "ok"]))
+  assert status == dict(zip(STAGES, ["ok", "ok", "ok", "FAIL", "FAIL", "FAIL", "ok", "ok", "FAIL", "ok", "ok"]))
   assert summary["stages"]["vit_main_compute_dtype"]["why"] == "exit 2: error: a stand-in failure"
   assert "img_per_sec" not in summary["stages"]["vit_main_compute_dtype"]
   assert summary["stages"]["swin_bench_fp8"]["why"] == "out of memory"
@@ -107,11 +109,28 @@ def test_a_spent_budget_skips_the_stages(tmp_path):
       f"vit_main_{run}": f"no shards in {tmp_path}/shards" for run in MAIN_RUNS}
 
 
+def test_only_runs_the_stages_it_names_and_the_others_do_not_fail_the_check(tmp_path):
+  python = stand_in_python(tmp_path)
+  proc = run_check("--rehearse", "--only=vit_bench_fp8,vit_profile_fp8", f"--out={tmp_path}", python=python)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
+  ran = {"vit_bench_fp8", "vit_profile_fp8"}
+  assert {name for name, s in stages.items() if s["status"] == "ok"} == ran
+  assert {s["why"] for name, s in stages.items() if name not in ran} == {"not in --only"}
+  # a main stage brings the data it trains on; a failed stage still fails the check
+  proc = run_check("--rehearse", "--only=vit_main_fp8", f"--out={tmp_path}", python=python)
+  status = {name: s["status"] for name, s in json.loads((tmp_path / "summary.json").read_text())["stages"].items()}
+  assert proc.returncode == 1
+  assert {n for n, s in status.items() if s != "skipped"} == {"photos", "shards", "vit_main_fp8"}
+  assert status["vit_main_fp8"] == "FAIL"
+
+
 @pytest.mark.parametrize("args, message", [
     (["--images=15"], "--images=15: expected an integer of at least 16"),
     (["--images=many"], "--images=many: expected an integer"),
     (["--budget=0"], "--budget=0: expected a positive number of seconds"),
     (["--steps=3"], "unknown argument --steps=3"),
+    (["--only=vit_main"], "--only: no stage vit_main (the stages: warmup photos"),
 ])
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
   proc = run_check("--rehearse", f"--out={tmp_path}", *args)
