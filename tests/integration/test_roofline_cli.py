@@ -22,6 +22,13 @@ def test_a_gpu_target_without_the_cuda_compiler_is_one_error_line():
   assert len(lines) == 1 and "pip install -e '.[gpu-aot]'" in lines[0], proc.stderr[-2000:]
 
 
+def test_a_calibration_that_frees_an_unknown_price_is_one_error_line():
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--calibrate", "--free=gemm_fp8,gemm8"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120)
+  assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+      "error: --free: no price gemm8 (the prices: gemm, attention, memory, launch_us, gemm_fp8)"], proc.stderr
+
+
 @pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
 def test_the_deviceless_h100_plan_of_vit_h14_matches_the_measured_peak():
   """BENCHMARKS.md ("GPU (H100 / H200): MFU") measured 14.5 GiB for ViT-H/14 at batch 128 (nothing_saveable, cuDNN)

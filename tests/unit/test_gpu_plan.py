@@ -150,12 +150,37 @@ def test_the_fit_recovers_the_prices_that_made_the_measurements():
     assert roofline.predict(setup.program, target, fitted)["step_s"] == pytest.approx(step, rel=0.01)
 
 
+def test_fp8_gemms_get_their_own_price_once_a_row_has_them():
+  """Rows whose GEMMs run in FP8 beside rows in bf16 (scaled to be bound by their FLOPs): the fit finds FP8's own
+  efficiency (of the FP8 peak), and without FP8 rows FP8 GEMMs are priced as bf16 ones are."""
+  target = gpu_target.get("h100")
+  truth = roofline.Prices(gemm=0.6, attention=0.4, memory=0.8, launch_us=3.0, gemm_fp8=0.3)
+  program = _program("pico_vit_h100.hlo.gz")
+  setups = []
+  for scale, dtype in [(s, d) for s in (1.0, 3e4, 1e6) for d in ("bf16", "f8e4m3fn")]:
+    kernels = [dataclasses.replace(k, flops=k.flops * scale, bytes=k.bytes * scale ** 0.6,
+                                   dtype=dtype if k.kind == "gemm" else k.dtype) for k in program.kernels]
+    setups.append(roofline.Compiled(type("P", (), {"kernels": kernels})(), 0, None, 1, target))
+  measured = [roofline.predict(s.program, target, truth)["step_s"] for s in setups]
+  fitted = roofline.fit(setups, measured, roofline.Prices())
+  assert fitted.gemm_fp8 == pytest.approx(0.3, rel=0.05) and fitted.gemm == pytest.approx(0.6, rel=0.05)
+  # only gemm_fp8 free: the other prices stay as given
+  partial = roofline.fit(setups, measured, dataclasses.replace(truth, gemm_fp8=None), free=["gemm_fp8"])
+  assert partial.gemm_fp8 == pytest.approx(0.3, rel=0.02) and (partial.gemm, partial.memory) == (0.6, 0.8)
+  bf16_only = roofline.fit(setups[::2], measured[::2], roofline.Prices())
+  assert bf16_only.gemm_fp8 is None
+  as_bf16 = dataclasses.replace(bf16_only, gemm_fp8=bf16_only.gemm)
+  assert roofline.predict(setups[-1].program, target, bf16_only)["step_s"] == pytest.approx(
+      roofline.predict(setups[-1].program, target, as_bf16)["step_s"])
+
+
 def test_the_calibration_on_file_covers_every_measured_row():
   prices, record = roofline.load_prices()
   with open(roofline.MEASURED, encoding="utf-8") as f:
     rows = __import__("json").load(f)["rows"]
   assert record["target"] == "h100" and [r["label"] for r in record["rows"]] == [r["label"] for r in rows]
   assert 0 < prices.gemm <= 1 and 0 < prices.attention <= 1 and 0 < prices.memory <= 1
+  assert 0 < prices.gemm_fp8 <= 1  # an FP8 row is measured
   for row in record["rows"]:
     assert 0.5 < row["estimate_ms"] / row["measured_ms"] < 2.0
 

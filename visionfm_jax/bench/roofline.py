@@ -2,7 +2,7 @@ r"""A per-kernel roofline of a config's train step as XLA compiles it for a GPU,
 
   python -m visionfm_jax.bench.roofline --config=configs/vit_huge.py --target=h100 [--devices=N] [--top=15] \
       [--config.global_batch_size=128 ...]
-  python -m visionfm_jax.bench.roofline --calibrate [--rows=ROWS.json]
+  python -m visionfm_jax.bench.roofline --calibrate [--rows=ROWS.json] [--free=gemm_fp8]
   python -m visionfm_jax.bench.roofline --hlo=DUMP.hlo.gz --config=... --group='stage_\d'
 
 The step is compiled deviceless for `--target` (bench/gpu_target.py; `pip install -e '.[gpu-aot]'`) over N GPUs
@@ -11,18 +11,21 @@ counts). Each kernel is priced as
 
   max(FLOPs / (peak x efficiency of its class), bytes / (HBM bandwidth x memory efficiency)) + launch cost
 
-with the 16-bit tensor-core peak for bf16/fp16 products and the TF32 peak for fp32 ones. A collective costs its
+with the 16-bit tensor-core peak for bf16/fp16 products, the FP8 peak for FP8 ones (their own efficiency) and the
+TF32 peak for fp32 ones. A collective costs its
 payload over the link its group crosses (NVLink within a node, the network across nodes: ring all-gather and
 reduce-scatter send (n-1)/n of the gathered buffer, all-reduce twice that); an async collective is hidden by
 the kernels the schedule places between its start and its done, and only what they do not cover adds to the
 step. The predicted step is the sum over the compute stream plus that exposed time.
 
 The efficiencies and launch cost are not guesses: `--calibrate` compiles every on-device row of
-`gpu_targets/measured.json` (the GPU figures of BENCHMARKS.md), fits the four numbers to their measured step
-times (least squares on log(estimate / measured)) and writes `gpu_targets/calibration.json`; it prints
-estimate / measured per row, also leaving each row out of its own fit, so the spread says how far a prediction
-can be trusted. Recalibrate whenever a row is added. A target without measured rows of its own (a100, h200)
-uses the efficiencies fitted on the others: a prediction, labelled as one.
+`gpu_targets/measured.json` (the GPU figures of BENCHMARKS.md), fits the numbers to their measured step times
+(least squares on log(estimate / measured)) and writes `gpu_targets/calibration.json`; it prints estimate /
+measured per row, also leaving each row out of its own fit, so the spread says how far a prediction can be
+trusted. A row prices the program its code compiled: once the code has moved on, `--free=NAMES` fits only the
+prices a new row exercises (FP8 GEMMs' `gemm_fp8`) on the rows the file does not hold, the others held. A target
+without measured rows of its own (a100, h200) uses the efficiencies fitted on the others: a prediction, labelled as
+one.
 
 `--group=REGEX` adds an account of the step by the part of each kernel's framework op (its label, e.g.
 `bwd: SwinV2/stage_2/blocks/plain/mlp/fc1/dot_general`) that REGEX matches first (its first group, if it has
@@ -233,30 +236,49 @@ def cached_setup(config, target: gpu_target.Target, devices: int, label: str, tr
   return setup
 
 
-def fit(setups: list[Compiled], measured_s: list[float], start: Prices) -> Prices:
-  """Prices minimising the squared log-ratios of predicted to measured step times."""
+PRICE_NAMES = ("gemm", "attention", "memory", "launch_us", "gemm_fp8")
+
+
+def fit(setups: list[Compiled], measured_s: list[float], start: Prices, free=None) -> Prices:
+  """Prices minimising the squared log-ratios of predicted to measured step times. `free` names the prices fitted
+  (default: all, gemm_fp8 only where a row has FP8 GEMMs); the others stay at `start`'s."""
   import numpy as np  # pylint: disable=g-import-not-at-top
   from scipy import optimize  # pylint: disable=g-import-not-at-top
 
   priced = [Priced(s.program, s.target) for s in setups]
+  has_fp8 = any(p.is_fp8.any() for p in priced)
+  free = [n for n in (free or PRICE_NAMES) if n != "gemm_fp8" or has_fp8]
+  bound = {n: 20.0 if n == "launch_us" else 1.0 for n in PRICE_NAMES}  # efficiencies in [0.02, 1], launch [0, 20] us
+  low = {n: 0.0 if n == "launch_us" else 0.02 for n in PRICE_NAMES}
+  fixed = dataclasses.asdict(start)
+  if "gemm_fp8" not in free:
+    fixed["gemm_fp8"] = fixed["gemm_fp8"] if has_fp8 else None
 
-  def unpack(z):  # efficiencies in [0.02, 1] through a logistic; the launch cost in [0, 20] us
+  def unpack(z):  # each free price through a logistic between its bounds
     z = np.clip(z, -30.0, 30.0)
-    return Prices(*(0.02 + 0.98 / (1 + np.exp(-z[:3]))), 20 / (1 + np.exp(-z[3])))
+    values = {n: float(low[n] + (bound[n] - low[n]) / (1 + np.exp(-v))) for n, v in zip(free, z)}
+    return Prices(**{**fixed, **values})
 
   def loss(z):
     prices = unpack(z)
     return sum(math.log(p.step_seconds(prices) / m) ** 2 for p, m in zip(priced, measured_s))
 
-  logit = lambda p: math.log(p / (1 - p))
-  z0 = np.array([logit((start.gemm - 0.02) / 0.98), logit((start.attention - 0.02) / 0.98),
-                 logit((start.memory - 0.02) / 0.98), logit(start.launch_us / 20)])
-  result = optimize.minimize(loss, z0, method="Nelder-Mead", options={"xatol": 1e-5, "fatol": 1e-10,
-                                                                      "maxiter": 4000})
+  def logit(name):
+    value = fixed[name] if fixed[name] is not None else fixed["gemm"]
+    share = (value - low[name]) / (bound[name] - low[name])
+    return math.log(share / (1 - share))
+
+  if not free:  # nothing these rows could fit
+    return unpack(np.zeros(0))
+  result = optimize.minimize(loss, np.array([logit(n) for n in free]), method="Nelder-Mead",
+                             options={"xatol": 1e-5, "fatol": 1e-10, "maxiter": 4000})
   return unpack(result.x)
 
 
-def calibrate(rows_path: str) -> dict:
+def calibrate(rows_path: str, free=None) -> dict:
+  """Fits the prices to the measured rows, each compiled at this code. With `free`, only those prices are fitted,
+  the others held at the calibration on file, and only the rows it does not hold are compiled: rows measured
+  at older code price with the programs that code compiled (recorded there), not with today's."""
   with open(rows_path, encoding="utf-8") as f:
     spec = json.load(f)
   rows, common = spec["rows"], spec.get("common_overrides", {})
@@ -264,33 +286,45 @@ def calibrate(rows_path: str) -> dict:
   if len(targets) != 1:
     raise ConfigError(f"{rows_path}: rows of one target per calibration, found {sorted(targets)}")
   target = gpu_target.get(next(iter(targets)))
+  held, on_file = load_prices()
+  kept = {r["label"]: r for r in on_file.get("rows", [])} if free else {}
+  if free and on_file.get("target") != target.name:
+    raise ConfigError(f"--free: the calibration on file is for {on_file.get('target')}, the rows for {target.name}")
+  new = [row for row in rows if row["label"] not in kept]
   setups, measured = [], []
-  for row in rows:
+  for row in new:
     # a row measured with kernel candidates (a `bench --try_kernels` lead) names them
     setups.append(cached_setup(row_config(row, common), target, row["devices"], row["label"],
                                row.get("try_kernels", ())))
     measured.append(row["step_ms"] / 1e3)
-  prices = fit(setups, measured, Prices())
-  results = []
-  for i, (row, setup) in enumerate(zip(rows, setups)):
-    held_out = fit(setups[:i] + setups[i + 1:], measured[:i] + measured[i + 1:], prices)
-    results.append({"label": row["label"], "measured_ms": row["step_ms"],
-                    "estimate_ms": predict(setup.program, target, prices)["step_s"] * 1e3,
-                    "held_out_estimate_ms": predict(setup.program, target, held_out)["step_s"] * 1e3,
-                    "plan_gib": setup.plan_bytes / 2**30, "measured_peak_gib": row.get("peak_gib")})
+  prices = fit(setups, measured, held if free else Prices(), free)
+  results = dict(kept)
+  for i, (row, setup) in enumerate(zip(new, setups)):
+    held_out = fit(setups[:i] + setups[i + 1:], measured[:i] + measured[i + 1:], prices, free)
+    results[row["label"]] = {
+        "label": row["label"], "measured_ms": row["step_ms"],
+        "estimate_ms": predict(setup.program, target, prices)["step_s"] * 1e3,
+        "held_out_estimate_ms": predict(setup.program, target, held_out)["step_s"] * 1e3,
+        "plan_gib": setup.plan_bytes / 2**30, "measured_peak_gib": row.get("peak_gib")}
   import jax  # pylint: disable=g-import-not-at-top
-  record = {"target": target.name, "prices": dataclasses.asdict(prices), "rows": results,
-            "jax": jax.__version__, "date": datetime.date.today().isoformat(),
+  fitted = {**on_file.get("fitted", {on_file.get("date"): list(PRICE_NAMES[:4])}), date_today(): free} if free \
+      else {date_today(): list(PRICE_NAMES)}
+  record = {"target": target.name, "prices": dataclasses.asdict(prices), "rows": [results[r["label"]] for r in rows],
+            "jax": jax.__version__, "date": date_today(), "fitted": fitted,
             "xla_flags": gpu_target.launch_flags(target)}
-  print(f"\n{'row':<46} {'measured':>9} {'estimate':>9} {'ratio':>6} {'held out':>9} {'ratio':>6} "
+  print(f"\n{'row':<48} {'measured':>9} {'estimate':>9} {'ratio':>6} {'held out':>9} {'ratio':>6} "
         f"{'plan GiB':>9} {'peak GiB':>9}")
-  for r in results:
-    print(f"{r['label']:<46} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} "
+  for r in record["rows"]:
+    print(f"{r['label']:<48} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} "
           f"{r['estimate_ms'] / r['measured_ms']:6.3f} "
           f"{r['held_out_estimate_ms']:9.1f} {r['held_out_estimate_ms'] / r['measured_ms']:6.3f} "
           f"{r['plan_gib']:9.3f} {r['measured_peak_gib'] or float('nan'):9.1f}")
   print(f"prices: {dataclasses.asdict(prices)}")
   return record
+
+
+def date_today() -> str:
+  return datetime.date.today().isoformat()
 
 
 # ------------------------------------------------------------------------------------------------ entry
@@ -308,6 +342,9 @@ def make_flags(argv) -> flags.FlagValues:
   flags.DEFINE_bool("calibrate", False, "Fit the kernel prices to --rows and write gpu_targets/calibration.json.",
                     flag_values=fv)
   flags.DEFINE_string("rows", MEASURED, "Measured rows to calibrate on.", flag_values=fv)
+  flags.DEFINE_list("free", [], f"With --calibrate: fit only these prices ({', '.join(PRICE_NAMES)}) on the rows "
+                    "the calibration on file does not hold, the others held at its values; [] fits every price on "
+                    "every row, each compiled at this code.", flag_values=fv)
   flags.DEFINE_list("try_kernels", [], "Kernel candidates to compile the step with (models/kernels.py "
                     "CANDIDATES, e.g. pallas_layer_norm).", flag_values=fv)
   flags.DEFINE_string("group", "", "Also account for the step by the part of each kernel's op name this regular "
@@ -320,9 +357,12 @@ def make_flags(argv) -> flags.FlagValues:
 def _body(fv, rest):
   cli.check_args(fv, rest)
   if fv.calibrate:
+    unknown = sorted(set(fv.free) - set(PRICE_NAMES))
+    if unknown:
+      raise UserError(f"--free: no price {', '.join(unknown)} (the prices: {', '.join(PRICE_NAMES)})")
     target = gpu_target.get(fv.target)
     gpu_target.require_compiler(target)
-    record = calibrate(fv.rows)
+    record = calibrate(fv.rows, fv.free or None)
     with open(CALIBRATION, "w", encoding="utf-8") as f:
       json.dump(record, f, indent=1, sort_keys=True)
       f.write("\n")
