@@ -132,6 +132,27 @@ def test_a_collective_hidden_by_the_kernels_between_its_start_and_done_adds_noth
       max(0.0, transfer - compute))
 
 
+def test_collectives_in_flight_together_run_one_after_another():
+  """Two gathers started before one GEMM and done after it: the second transfers after the first (XLA's GPU runtime
+  issues collectives on one stream), whether they cross one link or NVLink and the network."""
+  target = gpu_target.get("h100")
+  prices = roofline.Prices(gemm=0.5, attention=0.5, memory=0.5, launch_us=0.0)
+  compute = 2e12 / (989e12 * 0.5)
+
+  def exposed(spans_first: bool, spans_second: bool) -> float:
+    gathers = [hlo_cost.Kernel(f"ag{i}", "collective", 0.0, 2e9, 1, "", collective="all-gather", group_size=8,
+                               group_spans_nodes=spans, overlap=[2], done=3)
+               for i, spans in enumerate((spans_first, spans_second))]
+    program = type("P", (), {"kernels": [*gathers, hlo_cost.Kernel("gemm", "gemm", 2e12, 0.0, 1, "", dtype="bf16")]})()
+    return roofline.predict(program, target, prices)["exposed_collective_s"]
+
+  nvlink, network = (2e9 * 7 / 8 / bandwidth for bandwidth in (target.nvlink_bandwidth, target.network_bandwidth))
+  assert nvlink < compute < 2 * nvlink  # hidden alone, not both one after the other
+  assert exposed(False, False) == pytest.approx(2 * nvlink - compute)
+  assert exposed(False, True) == pytest.approx(nvlink + network - compute)
+  assert exposed(True, True) == pytest.approx(2 * network - compute)
+
+
 def test_the_fit_recovers_the_prices_that_made_the_measurements():
   """Step times made with known prices from two real programs and scaled copies of their kernels: the fit returns
   prices that predict every one of them."""

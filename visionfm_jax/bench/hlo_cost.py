@@ -62,6 +62,7 @@ class Kernel:
   group_spans_nodes: bool = False
   # collective: the positions (in Program.kernels) of the kernels the schedule runs between its start and done
   overlap: list[int] = dataclasses.field(default_factory=list)
+  done: int = -1  # async collective: the position in Program.kernels its done precedes (-1: right after it)
 
 
 def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -266,6 +267,7 @@ class Program:
         if started is not None:
           position, kernel = started
           kernel.overlap = [i for i in range(position + 1, len(self.kernels)) if self.kernels[i].kind != "collective"]
+          kernel.done = len(self.kernels)
         continue
       kernel = self._kernel(ins, count)
       if kernel is None:

@@ -1,8 +1,9 @@
 """Prices a GPU program's kernels (bench/hlo_cost.py) with the calibrated roofline: each kernel the max of its FLOPs
-over the peak times its class's efficiency and its bytes over the memory bandwidth times the memory efficiency,
-plus a launch cost; each collective its payload over the link its group crosses, less what the kernels the
-schedule runs beside it hide. bench/roofline.py fits the prices (`--calibrate`) and reports; bench/memory_plan.py
-ranks candidates by the predicted step. Every figure is a prediction."""
+over the peak times its class's efficiency and its bytes over the memory bandwidth times the memory efficiency, plus
+a launch cost; each collective its payload over the link its group crosses (NVLink or the network), less what the
+kernels the schedule runs beside it hide. Collectives in flight together run one after another: XLA's GPU runtime
+issues them all on one stream (`Priced.collective_times`). bench/roofline.py fits the prices (`--calibrate`) and
+reports; bench/memory_plan.py ranks candidates by the predicted step. Every figure is a prediction."""
 
 from __future__ import annotations
 
@@ -65,6 +66,13 @@ def peak_flops(dtype: str, target: gpu_target.Target) -> float:
   return target.peak_flops_tf32
 
 
+def _done(position: int, kernel: hlo_cost.Kernel) -> int:
+  """The position in Program.kernels a collective's done precedes: after the kernels it overlaps, else at once."""
+  if kernel.done >= 0:
+    return kernel.done
+  return kernel.overlap[-1] + 1 if kernel.overlap else position + 1
+
+
 class Priced:
   """A program's kernels as arrays, so that a step is priced at once for any Prices (the fit prices each
   calibration row thousands of times)."""
@@ -84,6 +92,11 @@ class Priced:
     self.kinds = [k.kind for k in compute]
     self.collectives = [(i, k, [self.compute_index[o] for o in k.overlap])
                         for i, k in enumerate(program.kernels) if k.kind == "collective"]
+    # each collective's start and done as (position in Program.kernels, done first), in schedule order
+    self.events = sorted([(i, 1, c) for c, (i, _, _) in enumerate(self.collectives)]
+                         + [(_done(i, k), 0, c) for c, (i, k, _) in enumerate(self.collectives)])
+    is_compute = [k.kind != "collective" for k in program.kernels]
+    self.compute_before = np.cumsum([0] + is_compute)  # compute kernels before each position
     self.target = target
 
   def kernel_seconds(self, prices: Prices):
@@ -97,12 +110,29 @@ class Priced:
 
   def collective_times(self, prices: Prices, per_launch) -> list[tuple[float, float]]:
     """(seconds, exposed seconds) of each collective's launches: its transfer, and what of it the kernels
-    scheduled between its start and done (`per_launch`: `kernel_seconds`) do not hide."""
-    out = []
-    for _, kernel, overlapped in self.collectives:
-      seconds = collective_seconds(kernel, self.target, prices)
-      out.append((seconds * kernel.count, max(0.0, seconds - float(per_launch[overlapped].sum())) * kernel.count))
-    return out
+    scheduled between its start and done (`per_launch`: `kernel_seconds`) do not hide.
+
+    One launch of each kernel on a clock: a collective starts where its start sits among the compute kernels,
+    transfers once the collectives started before it are done (XLA's GPU runtime runs them on one stream, whatever
+    link each crosses), and its done waits for it; the wait is its exposed time, times its launches. With one
+    collective in flight at a time that is what the kernels between its start and done do not cover."""
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    clock = np.concatenate([[0.0], np.cumsum(per_launch)])  # compute time before the k-th compute kernel
+    seconds = [collective_seconds(k, self.target, prices) for _, k, _ in self.collectives]
+    end, exposed = [0.0] * len(seconds), [0.0] * len(seconds)
+    stream_free = 0.0  # when the collective stream has finished what it was given
+    stalls = 0.0  # the waits so far, which move every later point of the compute stream
+    for position, is_start, c in self.events:
+      now = clock[self.compute_before[position]] + stalls
+      kernel = self.collectives[c][1]
+      if not is_start:
+        exposed[c] = max(0.0, end[c] - now)
+        stalls += exposed[c]
+      elif kernel.group_size > 1:
+        end[c] = stream_free = max(now, stream_free) + seconds[c]
+      else:
+        end[c] = now + seconds[c]
+    return [(s * k.count, e * k.count) for s, e, (_, k, _) in zip(seconds, exposed, self.collectives)]
 
   def step_seconds(self, prices: Prices) -> float:
     """The predicted step alone (what the fit evaluates thousands of times)."""

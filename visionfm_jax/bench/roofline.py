@@ -16,7 +16,8 @@ TF32 peak for fp32 ones. A collective costs its
 payload over the link its group crosses (NVLink within a node, the network across nodes: ring all-gather and
 reduce-scatter send (n-1)/n of the gathered buffer, all-reduce twice that); an async collective is hidden by
 the kernels the schedule places between its start and its done, and only what they do not cover adds to the
-step. The predicted step is the sum over the compute stream plus that exposed time.
+step. Collectives in flight together run one after another, as XLA issues them on one stream. The predicted step
+is the sum over the compute stream plus that exposed time.
 
 The efficiencies and launch cost are not guesses: `--calibrate` compiles every on-device row of
 `gpu_targets/measured.json` (the GPU figures of BENCHMARKS.md), fits the numbers to their measured step times
