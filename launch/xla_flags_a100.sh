@@ -3,3 +3,8 @@
 # H100's third-generation NVSwitch).
 source "$(dirname "${BASH_SOURCE[0]}")/xla_flags_h100.sh"
 export NCCL_NVLS_ENABLE=0
+# The gradient collectives as they were before the H100 file's 16 MiB reduce-scatters and two collectives in flight,
+# which no A100 plan has priced yet: SwinV2-G-CLIP's and Aurora's predicted days are at these (XLA takes a flag's last
+# value).
+export XLA_FLAGS="$XLA_FLAGS --xla_gpu_reduce_scatter_combine_threshold_bytes=134217728"
+export XLA_FLAGS="$XLA_FLAGS --xla_gpu_experimental_parallel_collective_overlap_limit=1"
