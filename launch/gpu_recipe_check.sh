@@ -183,7 +183,8 @@ for run in vit_main_compute_dtype:compute_dtype:0:200 vit_main_fp8:fp8:0:170 \
     --config.data.source="arrayrecord:$out/shards/{split}-*.array_record" --config.model.num_classes="$classes" \
     --config.global_batch_size="$batch" --config.strategy=ddp --config.precision.gemm="$gemm" \
     --config.total_steps="$steps" --config.optim.warmup_steps="$warmup" --config.optim.lr="$lr" \
-    --config.log_every="$log_every" --config.progress_bar=False --config.compile_cache="$out/compile_cache" "${vit_size[@]}" "${main_input[@]}"
+    --config.log_every="$log_every" --config.progress_bar=False --config.compile_cache="$out/compile_cache" \
+    "${vit_size[@]}" "${main_input[@]}"
   rm -rf "$out/run_${name#vit_main_}/checkpoints"
 done
 
@@ -258,9 +259,7 @@ def figures(name, status):
   workdir = os.path.join(out, "run_" + name.removeprefix("vit_main_"))
   if name.startswith("vit_main_") and (status == "ok" or os.path.exists(os.path.join(workdir, "metrics.jsonl"))):
     return main_figures(workdir)
-  if status != "ok":
-    return {}
-  if name == "warmup":
+  if status != "ok" or name == "warmup":
     return {}
   if name == "photos":
     written = sum(len(files) for _, _, files in os.walk(os.path.join(out, "photos")))

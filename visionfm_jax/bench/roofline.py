@@ -237,7 +237,7 @@ def cached_setup(config, target: gpu_target.Target, devices: int, label: str, tr
   return setup
 
 
-PRICE_NAMES = ("gemm", "attention", "memory", "launch_us", "gemm_fp8")
+PRICE_NAMES = tuple(field.name for field in dataclasses.fields(Prices))
 
 
 def fit(setups: list[Compiled], measured_s: list[float], start: Prices, free=None) -> Prices:
@@ -249,15 +249,15 @@ def fit(setups: list[Compiled], measured_s: list[float], start: Prices, free=Non
   priced = [Priced(s.program, s.target) for s in setups]
   has_fp8 = any(p.is_fp8.any() for p in priced)
   free = [n for n in (free or PRICE_NAMES) if n != "gemm_fp8" or has_fp8]
-  bound = {n: 20.0 if n == "launch_us" else 1.0 for n in PRICE_NAMES}  # efficiencies in [0.02, 1], launch [0, 20] us
-  low = {n: 0.0 if n == "launch_us" else 0.02 for n in PRICE_NAMES}
+  # efficiencies in [0.02, 1], the launch cost in [0, 20] us
+  bounds = {n: (0.0, 20.0) if n == "launch_us" else (0.02, 1.0) for n in PRICE_NAMES}
   fixed = dataclasses.asdict(start)
   if "gemm_fp8" not in free:
     fixed["gemm_fp8"] = fixed["gemm_fp8"] if has_fp8 else None
 
   def unpack(z):  # each free price through a logistic between its bounds
     z = np.clip(z, -30.0, 30.0)
-    values = {n: float(low[n] + (bound[n] - low[n]) / (1 + np.exp(-v))) for n, v in zip(free, z)}
+    values = {n: float(bounds[n][0] + (bounds[n][1] - bounds[n][0]) / (1 + np.exp(-v))) for n, v in zip(free, z)}
     return Prices(**{**fixed, **values})
 
   def loss(z):
@@ -266,7 +266,8 @@ def fit(setups: list[Compiled], measured_s: list[float], start: Prices, free=Non
 
   def logit(name):
     value = fixed[name] if fixed[name] is not None else fixed["gemm"]
-    share = (value - low[name]) / (bound[name] - low[name])
+    low, high = bounds[name]
+    share = (value - low) / (high - low)
     return math.log(share / (1 - share))
 
   if not free:  # nothing these rows could fit

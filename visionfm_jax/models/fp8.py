@@ -110,31 +110,26 @@ def _matmul_fwd(x, w, bf16_wgrad):
   if x.dtype != w.dtype:
     raise ValueError(f"fp8.matmul: operands of one dtype expected, got {x.dtype} and {w.dtype}")
   w_q, w_scale = quantize(w, E4M3)
-  y, x_q, x_scale = sharding.batch_local(functools.partial(_forward_rows, by_row=bf16_wgrad), (x,), (w_q, w_scale))
+  y, x_q, x_scale = sharding.batch_local(functools.partial(_rows_times, dtype=E4M3, by_row=bf16_wgrad), (x,),
+                                         (w_q, w_scale))
   kept_x = (x,) if bf16_wgrad else (x_q, x_scale)
   return y, (kept_x, w_q, w_scale)
 
 
-def _forward_rows(x, w_q, w_scale, by_row):
-  """One device's rows of the forward product, x scaled by its own max (no all-reduce over the batch's devices), or
-  each of its rows by their own (`by_row`); with x's FP8 values and scale, the latter as one row."""
-  x_q, x_scale = quantize(x, E4M3, by_row)
-  return _product(x_q, x_scale, w_q, w_scale, x.dtype), x_q, x_scale.reshape(1, -1)
-
-
-def _input_gradient_rows(g, w_q, w_scale, by_row):
-  """One device's rows of the input gradient, g scaled by its own max in e5m2, or each row by its own in e4m3
-  (`by_row`: the range a row needs is its own, so the format can spend its bits on precision); with g's FP8 values
-  and scale."""
-  g_q, g_scale = quantize(g, E4M3, by_row=True) if by_row else quantize(g, E5M2)
-  return _product(g_q, g_scale, w_q.T, w_scale, g.dtype), g_q, g_scale.reshape(1, -1)
+def _rows_times(a, b_q, b_scale, dtype, by_row):
+  """One device's rows of a @ b: a quantized to `dtype` by its own max (no all-reduce over the batch's devices), or
+  each of its rows by their own (`by_row`); with a's FP8 values and scale, the latter as one row."""
+  a_q, a_scale = quantize(a, dtype, by_row)
+  return _product(a_q, a_scale, b_q, b_scale, a.dtype), a_q, a_scale.reshape(1, -1)
 
 
 def _matmul_bwd(bf16_wgrad, residuals, g):
   kept_x, w_q, w_scale = residuals
   dtype = g.dtype  # y's, which is x's and w's
-  dx, g_q, g_scale = sharding.batch_local(functools.partial(_input_gradient_rows, by_row=bf16_wgrad), (g,),
-                                          (w_q, w_scale))
+  # rows scaled by their own max take e4m3's bits: the range a row needs is its own
+  g_format = E4M3 if bf16_wgrad else E5M2
+  dx, g_q, g_scale = sharding.batch_local(functools.partial(_rows_times, dtype=g_format, by_row=bf16_wgrad), (g,),
+                                          (w_q.T, w_scale))
   if bf16_wgrad:
     dw = jax.lax.dot_general(kept_x[0], g.astype(dtype), (((0,), (0,)), ((), ())),
                              preferred_element_type=dtype)
