@@ -95,9 +95,36 @@ def test_layer_norm_matches_flax():
   params = jax.tree.map(lambda p: p + _normal(rng, p.shape), params)
   flax_ln = nn.LayerNorm(1e-6, use_fast_variance=False)
   chex.assert_trees_all_close(ours.apply(params, x), flax_ln.apply({"params": params["params"]["ln"]}, x), atol=1e-5)
-  grads = jax.grad(lambda p: jnp.sum(jnp.sin(ours.apply(p, x))))(params)
-  expected = jax.grad(lambda p: jnp.sum(jnp.sin(flax_ln.apply({"params": p["params"]["ln"]}, x))))(params)
+  grads = jax.grad(lambda p, t: jnp.sum(jnp.sin(ours.apply(p, t))), (0, 1))(params, x)
+  expected = jax.grad(lambda p, t: jnp.sum(jnp.sin(flax_ln.apply({"params": p["params"]["ln"]}, t))), (0, 1))(
+      params, x)
   chex.assert_trees_all_close(grads, expected, atol=1e-4)
+
+
+def test_layer_norms_written_backward_keeps_the_forwards_row_statistics():
+  """The backward (kernels._layer_norm_bwd) is autodiff's gradient of the textbook form in fp32, for x, scale
+  and bias, from a bf16 input too; it keeps x and two numbers a row, behind an optimization barrier in the
+  lowered program (without it XLA recomputes them inside the backward's fusions: kernels.py)."""
+  rng = np.random.default_rng(7)
+  x, scale, bias, w = (_normal(rng, shape) for shape in ((2, 3, 5, 16), (16,), (16,), (2, 3, 5, 16)))
+  x = x * 3 + 1
+
+  def textbook(t, s, b):
+    t = t.astype(jnp.float32)
+    centered = t - jnp.mean(t, axis=-1, keepdims=True)
+    return centered / jnp.sqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + 1e-6) * s + b
+  ours = lambda t, s, b: kernels.layer_norm(t, s, b, 1e-6, jnp.float32)
+  loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * w)
+  for t in (x, x.astype(jnp.bfloat16)):
+    chex.assert_trees_all_close(ours(t, scale, bias), textbook(t, scale, bias), atol=1e-5)
+    got, want = (jax.grad(loss(f), (0, 1, 2))(t, scale, bias) for f in (ours, textbook))
+    assert got[0].dtype == t.dtype
+    chex.assert_trees_all_close(jax.tree.map(lambda g: g.astype(jnp.float32), got),
+                                jax.tree.map(lambda g: g.astype(jnp.float32), want), atol=1e-4 if t is x else 1e-2)
+  residuals = [r.shape for r in jax.tree.leaves(jax.vjp(ours, x, scale, bias)[1])]
+  assert sorted(residuals) == sorted([x.shape, (2, 3, 5, 1), (2, 3, 5, 1), (16,), (16,)])
+  lowered = jax.jit(jax.grad(loss(ours), (0, 1, 2))).trace(x, scale, bias).lower(lowering_platforms=("cuda",))
+  assert "optimization_barrier" in lowered.as_text()
 
 
 def test_mlp_is_two_dense_layers_around_the_exact_gelu():

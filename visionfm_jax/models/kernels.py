@@ -35,7 +35,9 @@ GPU gets the kernel, one lowered for the CPU Pallas's interpreter of it (the tes
 trick but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where
 autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan
 from 95.5 to 60.6 GiB (BENCHMARKS.md, "The attention backward's memory"), which decides whether it fits an
-80 GB GPU at all. The forms only pick how its bias gradient is summed.
+80 GB GPU at all. The forms only pick how its bias gradient is summed. `layer_norm`'s written-out backward is
+the same kind of plan: it keeps the forward's row statistics, which XLA would otherwise recompute inside kernels
+that then cannot also sum the scale's gradient.
 """
 
 from __future__ import annotations
@@ -164,21 +166,60 @@ _broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_w
 # ------------------------------------------------------------------------------------------------ LayerNorm
 
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype) -> jax.Array:
-  """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, computed in fp32, returned in `dtype`.
-  Under `trying('pallas_layer_norm')`, where `dtype` is x's own, JAX's Pallas Triton kernel instead
-  (`pallas_layer_norm`)."""
+  """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, computed in fp32, returned in `dtype`,
+  with the backward written out (`_layer_norm_bwd`). Under `trying('pallas_layer_norm')`, where `dtype` is x's
+  own, JAX's Pallas Triton kernel instead (`pallas_layer_norm`)."""
   if PALLAS_LAYER_NORM in _TRYING.value and jnp.dtype(x.dtype) == jnp.dtype(dtype) and x.ndim >= 2:
     kernel = functools.partial(pallas_layer_norm, epsilon=epsilon)
     return jax.lax.platform_dependent(x, scale, bias, cpu=functools.partial(kernel, interpret=True), cuda=kernel,
                                       default=lambda *a: plain_layer_norm(*a, epsilon).astype(dtype))
-  return plain_layer_norm(x, scale, bias, epsilon).astype(dtype)
+  return _layer_norm(x, scale, bias, epsilon, jnp.dtype(dtype))
 
 
 def plain_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
+  _, mean, inv_std = _row_statistics(x, epsilon)
+  return (x.astype(jnp.float32) - mean) * inv_std * scale + bias
+
+
+def _row_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """x in fp32, its mean over the last axis and 1 / sqrt(var + epsilon), the two-pass way."""
   x = x.astype(jnp.float32)
-  centered = x - jnp.mean(x, axis=-1, keepdims=True)
-  normed = centered * jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
-  return normed * scale + bias
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  centered = x - mean
+  return x, mean, jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _layer_norm(x, scale, bias, epsilon, dtype):
+  return plain_layer_norm(x, scale, bias, epsilon).astype(dtype)
+
+
+def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
+  x32, mean, inv_std = _row_statistics(x, epsilon)
+  y = ((x32 - mean) * inv_std * scale + bias).astype(dtype)
+  # The barrier keeps the statistics (two floats a row) for the backward. Left to itself XLA recomputes them in
+  # each backward fusion that reads x, and a row reduction cannot share a kernel with the column reduction of
+  # the scale's gradient, so that product was written out in fp32 and read back: 14 passes over a ViT-H/14
+  # block's (tokens, width) tensor where 8 do (BENCHMARKS.md, "The stack's form and FP8, planned").
+  mean, inv_std = jax.lax.optimization_barrier((mean, inv_std))
+  return y, (x, mean, inv_std, scale, bias)
+
+
+def _layer_norm_bwd(epsilon, dtype, residuals, grad):
+  """dx = (g - mean(g) - normed * mean(g * normed)) / std with g = grad * scale; dscale = sum(grad * normed)
+  and dbias = sum(grad) over all leading axes; all in fp32."""
+  del epsilon, dtype
+  x, mean, inv_std, scale, bias = residuals
+  normed = (x.astype(jnp.float32) - mean) * inv_std
+  grad = grad.astype(jnp.float32)
+  g = grad * scale
+  dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
+  leading = tuple(range(x.ndim - 1))
+  return (dx.astype(x.dtype), jnp.sum(grad * normed, axis=leading).astype(scale.dtype),
+          jnp.sum(grad, axis=leading).astype(bias.dtype))
+
+
+_layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def pallas_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
