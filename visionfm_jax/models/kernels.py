@@ -177,8 +177,8 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, 
 
 
 def plain_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-  _, mean, inv_std = _row_statistics(x, epsilon)
-  return (x.astype(jnp.float32) - mean) * inv_std * scale + bias
+  x32, mean, inv_std = _row_statistics(x, epsilon)
+  return (x32 - mean) * inv_std * scale + bias
 
 
 def _row_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -199,8 +199,7 @@ def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   y = ((x32 - mean) * inv_std * scale + bias).astype(dtype)
   # The barrier keeps the statistics (two floats a row) for the backward. Left to itself XLA recomputes them in
   # each backward fusion that reads x, and a row reduction cannot share a kernel with the column reduction of
-  # the scale's gradient, so that product was written out in fp32 and read back: 14 passes over a ViT-H/14
-  # block's (tokens, width) tensor where 8 do (BENCHMARKS.md, "The stack's form and FP8, planned").
+  # the scale's gradient, so that product goes out to memory in fp32 and back (docs/performance.md).
   mean, inv_std = jax.lax.optimization_barrier((mean, inv_std))
   return y, (x, mean, inv_std, scale, bias)
 
