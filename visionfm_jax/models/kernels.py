@@ -177,8 +177,7 @@ def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, 
 
 
 def plain_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float) -> jax.Array:
-  x32, mean, inv_std = _row_statistics(x, epsilon)
-  return (x32 - mean) * inv_std * scale + bias
+  return _normalized(*_row_statistics(x, epsilon)) * scale + bias
 
 
 def _row_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -189,6 +188,10 @@ def _row_statistics(x: jax.Array, epsilon: float) -> tuple[jax.Array, jax.Array,
   return x, mean, jax.lax.rsqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + epsilon)
 
 
+def _normalized(x: jax.Array, mean: jax.Array, inv_std: jax.Array) -> jax.Array:
+  return (x.astype(jnp.float32) - mean) * inv_std
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
 def _layer_norm(x, scale, bias, epsilon, dtype):
   return plain_layer_norm(x, scale, bias, epsilon).astype(dtype)
@@ -196,7 +199,7 @@ def _layer_norm(x, scale, bias, epsilon, dtype):
 
 def _layer_norm_fwd(x, scale, bias, epsilon, dtype):
   x32, mean, inv_std = _row_statistics(x, epsilon)
-  y = ((x32 - mean) * inv_std * scale + bias).astype(dtype)
+  y = (_normalized(x32, mean, inv_std) * scale + bias).astype(dtype)
   # The barrier keeps the statistics (two floats a row) for the backward. Left to itself XLA recomputes them in
   # each backward fusion that reads x, and a row reduction cannot share a kernel with the column reduction of
   # the scale's gradient, so that product goes out to memory in fp32 and back (docs/performance.md).
@@ -209,7 +212,7 @@ def _layer_norm_bwd(epsilon, dtype, residuals, grad):
   and dbias = sum(grad) over all leading axes; all in fp32."""
   del epsilon, dtype
   x, mean, inv_std, scale, bias = residuals
-  normed = (x.astype(jnp.float32) - mean) * inv_std
+  normed = _normalized(x, mean, inv_std)
   grad = grad.astype(jnp.float32)
   g = grad * scale
   dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
