@@ -48,6 +48,7 @@ reference). Cosine normalisation, norms, the position bias and softmax run in fp
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Sequence
 
@@ -198,13 +199,17 @@ def relative_coords_table(window: int, pretrained_window: int, stride: int = 1) 
   return (np.sign(table) * np.log2(np.abs(table) + 1.0) / np.log2(8.0)).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def relative_position_index(window: int) -> np.ndarray:
-  """(N, N) index into the offset table for query i, key j of a window: (dh + W-1)(2W-1) + (dw + W-1)."""
+  """(N, N) index into the offset table for query i, key j of a window: (dh + W-1)(2W-1) + (dw + W-1). Made once
+  per window size (every block of a stage traces it; at a 640 px window of 40 it is 2.56M entries), read-only."""
   pos = np.arange(window * window)
   rows, cols = pos // window, pos % window
   dh = rows[:, None] - rows[None, :] + window - 1
   dw = cols[:, None] - cols[None, :] + window - 1
-  return dh * (2 * window - 1) + dw
+  index = (dh * (2 * window - 1) + dw).astype(np.int32)
+  index.flags.writeable = False
+  return index
 
 
 def shift_regions(height: int, width: int, window: int, shift: int) -> jax.Array:
