@@ -75,7 +75,8 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   LEAD_REMAT=nothing_saveable LEAD_BATCH=256 lead nothing_saveable_b256 ""  # the 0.31 row's setup, today's code
   graphs=--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUDNN,CUSTOM_CALL  # the unrolled step's launches
   # The stack's form (model.scan_unroll, 0: straight-line with each block's remat kept) and FP8 GEMMs at the ViT-H/14
-  # recipe's per-GPU share (2048 images over 64 GPUs: 32), and SwinV2-G's stage 2 in loops of 7 pairs and in FP8
+  # recipe's per-GPU share (2048 images over 64 GPUs: 32), and SwinV2-G's stage 2 in loops of 7 pairs, in FP8, and
+  # straight-line without remat (the planner's pick for SwinV2-G on one H100)
   LEAD_BATCH=32 lead scanned_dots_b32 ""  # the recipe's form before the planner's straight-line pick
   LEAD_BATCH=32 lead straight_dots_b32 "" --config.model.scan_unroll=0
   LEAD_REMAT=none LEAD_BATCH=32 lead recipe_b32 "" --config.model.scan_unroll=0  # configs/vit_huge.py's form
@@ -88,6 +89,7 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_b32 ""
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unroll7 "" --config.model.scan_unroll=7
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_fp8 "" --config.precision.gemm=fp8
+  LEAD_MODEL=swinv2_g LEAD_REMAT=none LEAD_BATCH=32 lead swinv2_g_straight "" --config.model.scan_unroll=0
   # image-text: CLIP (one micro-batch) against SigLIP, FLIP and the SwinV2 subgrid on the same tower and batch
   clip=configs/swinv2_g_clip.py
   LEAD_MODEL=vit_b16_clip LEAD_CONFIG=$clip:vit LEAD_BATCH=256 lead clip_vit_b16 "" --config.grad_accum_steps=1
