@@ -47,8 +47,8 @@ The default is the paper's recipe. `source` says, for every setting, whether the
   |                  | once a step (accumulate_unreduced)                    | more memory (BENCHMARKS.md)            |
   | layout (runbook) | ZeRO-2 within each node, nodes data-parallel          | ours: a node sums its gradient shards  |
   |                  | (--config.mesh.fsdp=8 --config.mesh.data=-1)          | over NVLink: faster, in less memory    |
-  | remat            | dots_with_no_batch_dims_saveable                      | ours: bench.memory_plan's pick at 90%  |
-  |                  |                                                       | of 80 GB (BENCHMARKS.md)               |
+  | remat            | dots_with_no_batch_dims_and_attention_saveable: the   | ours: bench.memory_plan's pick at 90%  |
+  |                  | weight matmuls' and cuDNN attention's outputs kept    | of 80 GB (BENCHMARKS.md)               |
   | cluster          | 64 A100 80GB                                          | paper                                  |
   | schedule         | 250,000 steps = 512M samples                          | ours: the paper gives no step count;   |
   |                  |                                                       | sized for its 4 weeks at an assumed    |
@@ -62,7 +62,7 @@ equal depth, decoder memory of 256 queries), the weights are CoCa's public defau
 MIM, and the sizes were chosen to make the total the paper's 3.7B with the encoder holding 81% of it.
 
 Memory and wall clock: the paper trained for approximately 4 weeks on its 64 A100s ("over 10,000 GPU-hours").
-For this config on 64 A100s BENCHMARKS.md ("The recipes on their clusters") predicts 27.5 days, a roofline
+For this config on 64 A100s BENCHMARKS.md ("The recipes on their clusters") predicts 27.2 days, a roofline
 prediction; ZeRO-2 within each node with the nodes data-parallel (`--config.mesh.fsdp=8 --config.mesh.data=-1`,
 what docs/runbooks/aurora_xl.md launches) is faster (the table's rows). The step count was sized for the paper's 4
 weeks at an assumed 26% MFU, with 2.47e13 training FLOPs per sample (the encoder's two views at 448 px).
@@ -117,11 +117,12 @@ def get_config(arg: str | None = None):
   config = config_lib.base_config("aurora", task="aurora")
 
   # encoder: SwinV2-G, 448 px, window 14 (stages 112/56/28/14 -> windows 14, 14, 14, 14, the last unshifted)
-  # remat dots_with_no_batch_dims_saveable with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with 10%
-  # headroom, of fewer FLOPs than nothing_saveable (the CPU compiler's plan: BENCHMARKS.md, "The planner picks the
-  # cheapest setup that fits"; XLA's GPU plan for 64 A100s, with and without the unreduced accumulation below: "The
-  # recipes on their clusters")
-  set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_saveable")
+  # remat keeping the weight matmuls' outputs, with 8 micro-batches: bench.memory_plan's pick for 64 x 80 GB with
+  # 10% headroom, of fewer FLOPs than nothing_saveable (the CPU compiler's plan: BENCHMARKS.md, "The planner picks
+  # the cheapest setup that fits"), and cuDNN attention's outputs, so that the backward does not run the attention
+  # again (XLA's GPU plan for 64 A100s, with and without the unreduced accumulation below: "The recipes on their
+  # clusters")
+  set_fields(config.model, image_size=448, remat_policy="dots_with_no_batch_dims_and_attention_saveable")
   set_fields(config.model.encoder, variant="G", window_size=14, drop_path=0.2)
   # poolers and decoder: a 1024-d contrastive embedding, 256 caption queries, 16 decoder layers
   set_fields(config.model, embed_dim=1024, caption_queries=256, decoder_depth=16, mim_view="separate")

@@ -3,6 +3,7 @@ line without XLA's CUDA compiler, and the deviceless H100 plan of ViT-H/14 again
 
 import collections
 import json
+import re
 import subprocess
 import sys
 
@@ -77,3 +78,22 @@ def test_the_account_of_a_dumped_program_names_its_optimizer_update_by_the_state
   rows = [line.split(None, 6) for line in proc.stdout.splitlines() if line.startswith(("elementwise ", "reduction "))]
   ops = {row[6] for row in rows if len(row) == 7}
   assert "update: state.opt_state, state.params" in ops and "add" not in ops, proc.stdout[-3000:]
+
+
+@pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")
+@pytest.mark.parametrize("policy,forwards_per_backward", [("dots_with_no_batch_dims_saveable", 2),
+                                                          ("dots_with_no_batch_dims_and_attention_saveable", 1)])
+def test_kept_cudnn_attention_outputs_spare_the_backward_a_second_forward(policy, forwards_per_backward, tmp_path):
+  """Under remat the backward of a cuDNN attention reads its forward's outputs: recomputed under
+  dots_with_no_batch_dims_saveable (a second forward kernel a block), kept under its attention-saving form."""
+  dump = tmp_path / "step.hlo"
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
+                         "--target=h100", "--config.model.variant=pico/8", "--config.strategy=ddp",
+                         "--config.global_batch_size=4", f"--config.model.remat_policy={policy}",
+                         "--config.model.attention=cudnn", f"--dump_hlo={dump}"],
+                        cwd=ROOT, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  targets = collections.Counter(re.findall(r'custom_call_target="__cudnn\$(fmha\w+)"', dump.read_text()))
+  forwards = sum(n for name, n in targets.items() if not name.endswith("Backward"))
+  backwards = sum(n for name, n in targets.items() if name.endswith("Backward"))
+  assert backwards and forwards == forwards_per_backward * backwards, targets

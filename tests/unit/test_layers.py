@@ -1,6 +1,8 @@
 """The building blocks of models/layers.py against JAX's and flax's own implementations: attention, Dense,
 LayerNorm. The kernels themselves are tested in test_kernels.py."""
 
+import re
+
 import chex
 import flax.linen as nn
 import jax
@@ -168,3 +170,27 @@ def test_each_activation_is_the_one_transformers_names_so(act):
   if act == "gelu_pytorch_tanh":
     exact = np.asarray(layers.ACTIVATIONS["gelu"](jnp.asarray(x)))
     assert 1e-4 < np.abs(want - exact).max() < 1e-2  # the math it changes
+
+
+def test_the_attention_saving_remat_policy_keeps_cudnns_forward_and_otherwise_is_its_base():
+  """cuDNN's forward primitives, as the installed jax names them (a renaming fails here, not silently in a GPU
+  plan), are kept; any other program (here a dense layer and the softmax path, as on a CPU) remats exactly as
+  under dots_with_no_batch_dims_saveable."""
+  from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+  saving = layers.REMAT_POLICIES["dots_with_no_batch_dims_and_attention_saveable"]
+  assert all(saving(p) for p in (cudnn._dot_product_attention_fwd_p_wrapper, cudnn._dot_product_attention_fwd_p))
+  assert not saving(cudnn._dot_product_attention_bwd_p_wrapper)
+  rng = np.random.default_rng(5)
+  x, w = _normal(rng, (2, 6, 8)), _normal(rng, (8, 24))
+
+  def block(x, w):
+    q, k, v = jnp.split(x @ w, 3, axis=-1)
+    heads = lambda t: t.reshape(2, 6, 2, 4)
+    return jnp.sum(jnp.tanh(kernels.attention(heads(q), heads(k), heads(v))) ** 2)
+
+  def backward(policy):  # the gradient's program, but the name of its remat policy
+    jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(block, policy=layers.REMAT_POLICIES[policy]), argnums=1))(x, w)
+    return re.sub(r"policy=.*", "", str(jaxpr))
+  assert str(backward("dots_with_no_batch_dims_and_attention_saveable")) == str(
+      backward("dots_with_no_batch_dims_saveable"))
+  assert str(backward("dots_with_no_batch_dims_saveable")) != str(backward("nothing_saveable"))

@@ -72,8 +72,8 @@ GIB = 2 ** 30
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 # jax.checkpoint policies from least to most recomputation in the backward pass: the order candidates compile in.
-REMAT_BY_RECOMPUTE = ("none", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                      "nothing_saveable")
+REMAT_BY_RECOMPUTE = ("none", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_and_attention_saveable",
+                      "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
 def make_flags(argv) -> flags.FlagValues:

@@ -21,8 +21,10 @@ from visionfm_jax.errors import ConfigError
 
 # Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
 # so that config_lib itself needs no jax.
+# jax.checkpoint_policies' names, and dots_with_no_batch_dims_and_attention_saveable: that policy keeping cuDNN
+# attention's outputs too (models/kernels.py saving_cudnn_attention)
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "everything_saveable")
+                  "dots_with_no_batch_dims_and_attention_saveable", "everything_saveable")
 # The names of the models' other choices (their rows' domains), which models/ maps to its math.
 ATTENTION, ACTIVATIONS = ("auto", "softmax", "cudnn", "jax"), ("gelu", "quick_gelu", "gelu_pytorch_tanh")
 VIT_POOLS, TEXT_POOLS = ("cls", "gap", "map"), ("eos", "cls")

@@ -37,13 +37,16 @@ autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took S
 from 95.5 to 60.6 GiB (BENCHMARKS.md, "The attention backward's memory"), which decides whether it fits an
 80 GB GPU at all. The forms only pick how its bias gradient is summed. `layer_norm`'s written-out backward is
 the same kind of plan: it keeps the forward's row statistics, which XLA would otherwise recompute inside kernels
-that then cannot also sum the scale's gradient.
+that then cannot also sum the scale's gradient. So is `saving_cudnn_attention`, the remat policy
+`dots_with_no_batch_dims_and_attention_saveable`: it names cuDNN's forward primitives, which remat cannot
+otherwise keep.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+from typing import Callable
 
 import einops
 import jax
@@ -431,6 +434,22 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementa
   out = softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
                                       bias=bias, mask=mask)
   return heads_first(out)
+
+
+# The primitives of cuDNN's attention forward as `jax.nn.dot_product_attention` binds them (jax 0.10-0.11): their
+# outputs, the attention output and the softmax's log-sum-exp per row, are what cuDNN's backward kernel reads.
+CUDNN_ATTENTION_FORWARD = ("dot_product_attention_fwd_wrapper", "dot_product_attention_fwd")
+
+
+def saving_cudnn_attention(policy: Callable[..., bool]) -> Callable[..., bool]:
+  """The remat policy `policy` that also keeps cuDNN attention's forward outputs for the backward.
+
+  Remat keeps no custom call's outputs by name, so under `dots_with_no_batch_dims_saveable` the backward runs each
+  block's attention forward again to get them; kept, they cost a (tokens, width) output and a (heads, tokens)
+  statistic a block. Other attention forms (`softmax_attention`, XLA's) are as under `policy`."""
+  def save(prim, *args, **params) -> bool:
+    return prim.name in CUDNN_ATTENTION_FORWARD or policy(prim, *args, **params)
+  return save
 
 
 def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "jax",

@@ -27,9 +27,18 @@ BATCH, LENGTH, EMBED, MLP, HEADS, KV = "batch", "length", "embed", "mlp", "heads
 LAYERS, CLASSES, VOCAB = "layers", "classes", "vocab"
 ACT_EMBED, ACT_MLP, ACT_HEADS = "act_embed", "act_mlp", "act_heads"
 
+
+def _remat_policy(name: str) -> Callable[..., bool] | None:
+  if name == "none":
+    return None
+  if name == "dots_with_no_batch_dims_and_attention_saveable":
+    return kernels_lib.saving_cudnn_attention(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return getattr(jax.checkpoint_policies, name)
+
+
 # The remat policy of each name config_lib.REMAT_POLICIES allows (the one list); 'none' (no remat) has none.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    name: None if name == "none" else getattr(jax.checkpoint_policies, name) for name in config_lib.REMAT_POLICIES}
+    name: _remat_policy(name) for name in config_lib.REMAT_POLICIES}
 
 
 def logical(init: Callable[..., Any], names: tuple[str | None, ...]) -> Callable[..., Any]:
