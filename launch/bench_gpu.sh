@@ -90,6 +90,11 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unroll7 "" --config.model.scan_unroll=7
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_fp8 "" --config.precision.gemm=fp8
   LEAD_MODEL=swinv2_g LEAD_REMAT=none LEAD_BATCH=32 lead swinv2_g_straight "" --config.model.scan_unroll=0
+  # remat keeping cuDNN attention's outputs against the same loops without them (SwinV2-G-CLIP 640's and Aurora's)
+  LEAD_MODEL=swinv2_g LEAD_REMAT=dots_with_no_batch_dims_saveable LEAD_BATCH=32 lead swinv2_g_dots_u7 "" \
+      --config.model.scan_unroll=7
+  LEAD_MODEL=swinv2_g LEAD_REMAT=dots_with_no_batch_dims_and_attention_saveable LEAD_BATCH=32 \
+      lead swinv2_g_attention_kept_u7 "" --config.model.scan_unroll=7
   # image-text: CLIP (one micro-batch) against SigLIP, FLIP and the SwinV2 subgrid on the same tower and batch
   clip=configs/swinv2_g_clip.py
   LEAD_MODEL=vit_b16_clip LEAD_CONFIG=$clip:vit LEAD_BATCH=256 lead clip_vit_b16 "" --config.grad_accum_steps=1
