@@ -19,10 +19,9 @@ from visionfm_jax.config_lib.domains import (
 from visionfm_jax.config_lib.rows import Field, without
 from visionfm_jax.errors import ConfigError
 
-# Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat); here,
-# so that config_lib itself needs no jax.
-# jax.checkpoint_policies' names, and dots_with_no_batch_dims_and_attention_saveable: that policy keeping cuDNN
-# attention's outputs too (models/kernels.py saving_cudnn_attention)
+# Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat) and
+# dots_with_no_batch_dims_and_attention_saveable (that policy keeping cuDNN attention's outputs too:
+# models/kernels.py saving_cudnn_attention); here, so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
                   "dots_with_no_batch_dims_and_attention_saveable", "everything_saveable")
 # The names of the models' other choices (their rows' domains), which models/ maps to its math.
