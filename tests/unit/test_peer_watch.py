@@ -15,8 +15,8 @@ class _Clock:
   """time.monotonic, moved on only by the watch's waits: each wait one beat, or the stop's length where one is
   scripted."""
 
-  def __init__(self, stops: dict[int, float]):
-    self.now, self.waits, self.stops = 100.0, 0, stops
+  def __init__(self, stops: dict[int, float], set_stops: dict[int, float] | None = None):
+    self.now, self.waits, self.stops, self.set_stops = 100.0, 0, stops, set_stops or {}
 
   def monotonic(self) -> float:
     return self.now
@@ -46,15 +46,17 @@ class _Store:
 
   def key_value_set(self, key, value, allow_overwrite):
     del key, value, allow_overwrite
+    self.clock.now += self.clock.set_stops.get(self.clock.waits, 0.0)
 
   def key_value_try_get(self, key):
     assert key == f"{faults.PeerWatch.PREFIX}1"
     return self.beats(self.clock.now)
 
 
-def _watch(monkeypatch, peer_beats, stops, beats=30) -> list[str]:
-  """The lines process 0 of 2 would exit with, watching a peer whose beat at time t is `peer_beats(t)`."""
-  clock = _Clock(stops)
+def _watch(monkeypatch, peer_beats, stops, beats=30, set_stops=None) -> list[str]:
+  """The lines process 0 of 2 would exit with, watching a peer whose beat at time t is `peer_beats(t)`; `stops`
+  stop the process in a wait, `set_stops` in the heartbeat's write after that wait."""
+  clock = _Clock(stops, set_stops)
   monkeypatch.setattr(faults.time, "monotonic", clock.monotonic)
   watch = object.__new__(faults.PeerWatch)
   watch.timeout_s, watch._interval, watch._me, watch._count, watch._service = TIMEOUT_S, INTERVAL_S, 0, 2, ""
@@ -83,6 +85,13 @@ def test_a_peer_gone_while_this_process_was_stopped_is_named_after_the_thaw_grac
   assert len(lines) == 1, lines
   assert lines[0].startswith("process 1 of 2 (last seen: host vm, pid 4242) has sent no heartbeat in the 2s since "
                              "this process resumed after being stopped for 6s"), lines
+
+
+def test_a_stop_during_the_heartbeats_write_is_a_stop_too(monkeypatch):
+  # stopped for 6 s inside the third beat's write to the store, not in a wait
+  lines = _watch(monkeypatch, _frozen_at(101.0), stops={}, set_stops={3: 6.0})
+  assert len(lines) == 1, lines
+  assert "since this process resumed after being stopped for 6s" in lines[0], lines
 
 
 def test_a_peer_that_beats_again_after_the_thaw_is_not_blamed(monkeypatch):

@@ -235,7 +235,6 @@ class PeerWatch:
     host, beats = socket.gethostname(), 0
     last_seen, ticked, thawed = self._last_seen, time.monotonic(), None
     while not self._stop.wait(self._interval):
-      stopped_s = time.monotonic() - ticked  # over timeout_s: this process was stopped longer than its peers wait
       beats += 1
       try:
         self._client.key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
@@ -245,7 +244,10 @@ class PeerWatch:
           self._abort(f"{self._service or f'the coordinator, process 0 of {self._count},'} is gone (its key-value "
                       f"store refused this process's heartbeat: {str(e).splitlines()[0][:200]})")
         return
-      now = ticked = self._answered = time.monotonic()
+      # over timeout_s since the last tick, the heartbeat's write included (a stop can land in either): this process
+      # was stopped longer than its peers wait
+      now = self._answered = time.monotonic()
+      stopped_s, ticked = now - ticked, now
       thawing = stopped_s > self.timeout_s
       if thawing:  # a peer's silence counts from the thaw, not across this process's own stop
         last_seen.update({peer: (value, now) for peer, (value, _) in last_seen.items()})
