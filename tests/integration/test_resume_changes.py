@@ -69,6 +69,15 @@ def test_fp8_gemms_and_the_stack_form_switch_at_a_resume(workdir):
   assert [r["step"] for r in rows if "train/loss" in r][-2:] == [7, 8]
 
 
+def test_the_optimizer_state_moves_over_data_at_a_resume(workdir):
+  """A ddp run's checkpoint resumes as zero3 on a data 2 x fsdp 4 mesh with the optimizer state over both
+  (config.optimizer_over_data): the restore lays the moments out anew, without allow_changes."""
+  config = _tiny_config(**{"total_steps": 8, "resume.allow_changes": "total_steps", "optimizer_over_data": True,
+                           "strategy": "zero3", "mesh.data": 2, "mesh.fsdp": 4})
+  last = train.run(config, str(workdir))
+  assert last["step"] == 8 and math.isfinite(last["train/loss"])
+
+
 def test_a_new_lr_needs_allow_changes_and_then_takes_the_new_schedule(workdir, caplog):
   config = _tiny_config(**{"total_steps": 8, "optim.lr": 2e-3})
   with pytest.raises(ConfigError, match=r"config.optim.lr 0.001 -> 0.002, config.total_steps 6 -> 8; to continue "
@@ -145,8 +154,8 @@ def test_resume_rules_classify_fields():
       config_lib.REFUSED] * 4
   assert [config_lib.resume_kind(p) for p in ("total_steps", "optim.lr", "global_batch_size", "seed")] == [
       config_lib.OPT_IN] * 4
-  free = ("log_every", "strategy", "mesh.fsdp", "data.num_workers", "health.window")
-  assert [config_lib.resume_kind(p) for p in free] == [config_lib.FREE] * 5
+  free = ("log_every", "strategy", "optimizer_over_data", "mesh.fsdp", "data.num_workers", "health.window")
+  assert [config_lib.resume_kind(p) for p in free] == [config_lib.FREE] * 6
 
 
 def test_allow_changes_names_fields():

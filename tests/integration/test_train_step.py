@@ -142,6 +142,20 @@ def test_zero_strategies_match_ddp(strategy):
   assert leaf.addressable_shards[0].data.size * 8 == leaf.size
 
 
+@pytest.mark.parametrize("strategy", ["zero1", "zero3"])
+def test_the_optimizer_state_over_data_matches_ddp(strategy):
+  """optimizer_over_data on a data 2 x fsdp 4 mesh: the same params as ddp's after three steps, the moments split
+  over all 8 devices, the params as the strategy lays them out (zero3: over the 4 of fsdp only)."""
+  config = tiny_vit_config(strategy=strategy, optimizer_over_data=True, **{"mesh.data": 2, "mesh.fsdp": 4})
+  got, specs, _ = _train(config, _random_batches(tiny_vit_config(), 3))
+  chex.assert_trees_all_close(jax.device_get(got.params), _ddp_run()[0][2], atol=1e-5, rtol=1e-4)
+  mu = got.opt_state[1][0].mu["blocks"]["mlp"]["fc1"]["kernel"]
+  kernel = got.params["blocks"]["mlp"]["fc1"]["kernel"]
+  assert ("data", "fsdp") in tuple(specs.opt_state[1][0].mu["blocks"]["mlp"]["fc1"]["kernel"])
+  assert mu.addressable_shards[0].data.size * 8 == mu.size
+  assert kernel.addressable_shards[0].data.size * (4 if strategy == "zero3" else 1) == kernel.size
+
+
 def test_fp8_gemms_step_within_an_e4m3_roundoff_of_the_compute_dtype_and_keep_the_state():
   """precision.gemm=fp8 through the real step: the same state (params, optimizer state: shapes and dtypes), losses and
   gradient norms that differ from the compute dtype's (the blocks' GEMMs are quantized) by less than one e4m3

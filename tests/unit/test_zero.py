@@ -27,6 +27,7 @@ import pytest
 
 from visionfm_jax import config_lib, parallel, tasks
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.parallel import checks as parallel_checks
 from visionfm_jax.tools import summary
 from visionfm_jax.training import optim
 from visionfm_jax.training import step as step_lib
@@ -236,6 +237,20 @@ def test_bytes_per_device_follow_the_strategy_table():
   counts = sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.opt_state)) if x.shape == ())
   assert zero3["params"] * DEVICES == ddp["params"]
   assert zero3["opt_state"] == (ddp["opt_state"] - counts) // DEVICES + counts
+
+
+@pytest.mark.parametrize("strategy", ["zero1", "zero2", "zero3"])
+def test_the_optimizer_state_over_data_keeps_a_data_th_of_it_and_nothing_else_moves(strategy):
+  """On a data 2 x fsdp 4 mesh, optimizer_over_data halves the optimizer state a device holds (up to the step
+  counts, which stay whole) and leaves the params and gradients as the strategy lays them out; ddp refuses it."""
+  state, mesh_shape = _abstract_state(), {"data": 2, "fsdp": 4, "tensor": 1}
+  plain = parallel.bytes_per_device(state, mesh_shape, strategy)
+  over = parallel.bytes_per_device(state, mesh_shape, strategy, optimizer_over_data=True)
+  counts = sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.opt_state)) if x.shape == ())
+  assert (over["params"], over["grads"]) == (plain["params"], plain["grads"])
+  assert over["opt_state"] - counts == (plain["opt_state"] - counts) // 2
+  with pytest.raises(ConfigError, match=r"optimizer_over_data=True .* config.strategy='ddp' keeps it whole"):
+    parallel_checks.check_batch(tiny_vit_config(strategy="ddp", optimizer_over_data=True))
 
 
 def test_summary_tool_prints_a_row_per_strategy():

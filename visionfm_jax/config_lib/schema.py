@@ -55,6 +55,10 @@ MESH_AXIS = Domain(1, integer=True, extra=(-1,), note="-1: the devices left")
 # The ZeRO strategy and the device mesh.
 PARALLEL = dict(
     strategy=Field("fsdp", Choices(STRATEGIES), "ddp | zero1 | zero2 | zero3 (= fsdp)"),
+    optimizer_over_data=Field(False, doc=(
+        "zero1-3 with mesh.data > 1: the optimizer state (and the params' EMA) split over data x fsdp, not fsdp "
+        "alone, as ZeRO-1 across the fsdp groups (the nodes) under the strategy within each; a device holds "
+        "1/data of the state it would, and each step all-gathers its updated params' shard over data")),
     # Mesh axis sizes; -1 takes the devices left. data x fsdp devices share the batch.
     mesh=dict(
         data=Field(1, MESH_AXIS, "data-parallel replicas of the sharded state"),

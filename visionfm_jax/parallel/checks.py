@@ -11,7 +11,10 @@ from visionfm_jax.parallel.mesh import mesh_shape
 
 def check_batch(config) -> None:
   """ConfigError when config.global_batch_size does not split into config.grad_accum_steps micro-batches, or
-  config.accumulate_unreduced asks for what its strategy or mesh cannot give."""
+  config.accumulate_unreduced or config.optimizer_over_data asks for what its strategy or mesh cannot give."""
+  if config.optimizer_over_data and config_lib.STRATEGY_ALIASES.get(config.strategy, config.strategy) == "ddp":
+    raise ConfigError(f"config.optimizer_over_data=True splits the optimizer state over data x fsdp; "
+                      f"config.strategy={config.strategy!r} keeps it whole (use zero1, zero2 or zero3)")
   if config.global_batch_size % config.grad_accum_steps:
     raise ConfigError(f"config.global_batch_size={config.global_batch_size} is not divisible by "
                       f"config.grad_accum_steps={config.grad_accum_steps}")

@@ -20,15 +20,18 @@ def tree_bytes_per_device(abstract_tree, specs, mesh_shape: dict[str, int]) -> i
              for leaf, spec in zip(leaves, spec_leaves, strict=True))
 
 
-def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str) -> dict[str, int]:
+def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
+                     optimizer_over_data: bool = False) -> dict[str, int]:
   """{'params', 'grads', 'opt_state', 'total'}: bytes on one device under `strategy` (gradients in the params'
-  dtypes, laid out as the train step constrains them); total is their sum."""
+  dtypes, laid out as the train step constrains them); total is their sum. `optimizer_over_data`: as
+  `state_specs`'."""
   shards = STRATEGY_SHARDS[strategy]
   boxed_params, boxed_opt = abstract_boxed_state.params, abstract_boxed_state.opt_state
   params, opt_state = nn.unbox(boxed_params), nn.unbox(boxed_opt)
   out = dict(params=tree_bytes_per_device(params, tree_specs(boxed_params, mesh_shape, shards["params"]), mesh_shape),
              grads=tree_bytes_per_device(params, grad_specs(boxed_params, mesh_shape, strategy), mesh_shape),
-             opt_state=tree_bytes_per_device(opt_state, tree_specs(boxed_opt, mesh_shape, shards["opt_state"]),
-                                             mesh_shape))
+             opt_state=tree_bytes_per_device(
+                 opt_state, tree_specs(boxed_opt, mesh_shape, shards["opt_state"],
+                                       optimizer_over_data and shards["opt_state"]), mesh_shape))
   out["total"] = sum(out.values())
   return out

@@ -8,13 +8,16 @@
 | zero3 / fsdp  | sharded (fsdp)     | reduce-scattered   | sharded (fsdp)  |
 
 "Sharded" means split over the `fsdp` mesh axis; `tensor` splits matmul widths under every strategy, and
-the batch splits over (data, fsdp). One table, `LOGICAL_AXIS_RULES`, says it for parameters and activations
-alike, MaxText style: a logical axis maps to the mesh axes to try, in order. A parameter dim takes the first of
-them that is enabled (`fsdp` only for the parts of the state the strategy shards), not yet taken by another dim
-of the same parameter, larger than 1 and a divisor of the dim; none of them: the dim stays replicated. Then the
-fallback, `FALLBACK`: `fsdp`, when no dim took it, goes to the parameter's largest free dim it divides, so
-odd-sized parameters (a 21,841-class head) still shard. Activations (`nn.with_logical_constraint`) use the same
-table through flax's rules, which try a name's entries in order as well.
+the batch splits over (data, fsdp). `config.optimizer_over_data` splits the optimizer state over (data, fsdp):
+ZeRO-1 across the fsdp groups (the nodes, where fsdp is a node) under the strategy within each, as ZeRO++'s
+hierarchical partitioning keeps the params' shards within a node and the optimizer's across all devices.
+One table, `LOGICAL_AXIS_RULES`, says it for parameters and activations alike, MaxText style: a logical axis
+maps to the mesh axes to try, in order. A parameter dim takes the first of them that is enabled (`fsdp` only for
+the parts of the state the strategy shards; (data, fsdp) first where that part is over data), not yet taken by
+another dim of the same parameter, larger than 1 and a divisor of the dim; none of them: the dim stays
+replicated. Then the fallback, `FALLBACK`: `fsdp`, when no dim took it, goes to the parameter's largest free dim
+it divides, so odd-sized parameters (a 21,841-class head) still shard. Activations (`nn.with_logical_constraint`)
+use the same table through flax's rules, which try a name's entries in order as well.
 """
 
 from __future__ import annotations
@@ -163,9 +166,10 @@ def batch_local(fn, rows, shared):
 
 
 def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: dict[str, int],
-                   shard_fsdp: bool) -> P:
+                   shard_fsdp: bool, over_data: bool = False) -> P:
   """PartitionSpec for one parameter with logical axis `names` and `shape`: `LOGICAL_AXIS_RULES`, then
-  `FALLBACK` (module docstring); `shard_fsdp` enables the fsdp axis."""
+  `FALLBACK` (module docstring); `shard_fsdp` enables the fsdp axis; `over_data` has a dim that takes fsdp take
+  (data, fsdp) where it divides over both."""
   if len(names) != len(shape):
     raise ValueError(f"logical names {names} do not match shape {shape}")
   check_axis_names(names, PARAM_AXES, "parameter")
@@ -182,15 +186,20 @@ def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_s
     spec[i] = axes
     used.update((axes,) if isinstance(axes, str) else axes)
 
+  def widened(rules: tuple[MeshAxes, ...]) -> tuple[MeshAxes, ...]:
+    return tuple(a for axes in rules for a in ((("data", "fsdp"), axes) if over_data and axes == "fsdp" else (axes,)))
+
   for i, name in enumerate(names):
     rules = LOGICAL_AXIS_RULES[name] if name is not None else ()
-    axes = next((a for a in rules if fits(a, shape[i])), None)
+    axes = next((a for a in widened(rules) if fits(a, shape[i])), None)
     if axes is not None:
       take(i, axes)
   for axis, excluded in FALLBACK.items():
-    free = [i for i in range(len(shape)) if spec[i] is None and names[i] not in excluded and fits(axis, shape[i])]
-    if free:
-      take(max(free, key=lambda i: shape[i]), axis)
+    for option in widened((axis,)):
+      free = [i for i in range(len(shape)) if spec[i] is None and names[i] not in excluded and fits(option, shape[i])]
+      if free:
+        take(max(free, key=lambda i: shape[i]), option)
+        break
   return P(*spec)
 
 
@@ -203,25 +212,28 @@ def map_with_names(fn, boxed_tree):
   return jax.tree.map(apply, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool):
+def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool, over_data: bool = False):
   """PartitionSpecs for every leaf of a (boxed, abstract) tree; unnamed leaves get only the fsdp fallback."""
   def spec(names, value):
     shape = tuple(value.shape)
-    return partition_spec(names if names is not None else (None,) * len(shape), shape, mesh_shape, shard_fsdp)
+    return partition_spec(names if names is not None else (None,) * len(shape), shape, mesh_shape, shard_fsdp,
+                          over_data)
   return map_with_names(spec, boxed_tree)
 
 
-def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str):
+def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str, optimizer_over_data: bool = False):
   """PartitionSpecs for a (boxed, abstract) TrainState under `strategy`: params and opt_state per the table; the
   state's parts laid out as the optimizer state (the params' EMA: sharded from zero1 on, as only the step's
   elementwise update and the evaluations read it, so it need not be replicated where the params are), the rest
-  replicated."""
+  replicated. `optimizer_over_data` (config.optimizer_over_data): the optimizer state's fsdp dims over
+  (data, fsdp)."""
   shards = STRATEGY_SHARDS[strategy]
   unboxed = nn.unbox(abstract_boxed_state)
+  over_data = optimizer_over_data and shards["opt_state"]
   return unboxed.replace(
       params=tree_specs(abstract_boxed_state.params, mesh_shape, shards["params"]),
-      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"]),
-      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"])
+      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], over_data),
+      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], over_data)
          for k in unboxed.opt_state_like_fields()},
       **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()})
 

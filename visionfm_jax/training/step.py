@@ -41,7 +41,8 @@ def abstract_state(init_fn):
 
 def state_shardings(init_fn, mesh, config):
   """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
-  specs = parallel.state_specs(abstract_state(init_fn), dict(mesh.shape), config.strategy)
+  specs = parallel.state_specs(abstract_state(init_fn), dict(mesh.shape), config.strategy,
+                               config.optimizer_over_data)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return nn.unbox(abstract_state(init_fn)), shardings, specs
 
