@@ -31,7 +31,6 @@ def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy:
   out = dict(params=tree_bytes_per_device(params, tree_specs(boxed_params, mesh_shape, shards["params"]), mesh_shape),
              grads=tree_bytes_per_device(params, grad_specs(boxed_params, mesh_shape, strategy), mesh_shape),
              opt_state=tree_bytes_per_device(
-                 opt_state, tree_specs(boxed_opt, mesh_shape, shards["opt_state"],
-                                       optimizer_over_data and shards["opt_state"]), mesh_shape))
+                 opt_state, tree_specs(boxed_opt, mesh_shape, shards["opt_state"], optimizer_over_data), mesh_shape))
   out["total"] = sum(out.values())
   return out

@@ -169,7 +169,7 @@ def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_s
                    shard_fsdp: bool, over_data: bool = False) -> P:
   """PartitionSpec for one parameter with logical axis `names` and `shape`: `LOGICAL_AXIS_RULES`, then
   `FALLBACK` (module docstring); `shard_fsdp` enables the fsdp axis; `over_data` has a dim that takes fsdp take
-  (data, fsdp) where it divides over both."""
+  (data, fsdp) where it divides over both (nothing where `shard_fsdp` is off)."""
   if len(names) != len(shape):
     raise ValueError(f"logical names {names} do not match shape {shape}")
   check_axis_names(names, PARAM_AXES, "parameter")
@@ -229,11 +229,10 @@ def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
   (data, fsdp)."""
   shards = STRATEGY_SHARDS[strategy]
   unboxed = nn.unbox(abstract_boxed_state)
-  over_data = optimizer_over_data and shards["opt_state"]
   return unboxed.replace(
       params=tree_specs(abstract_boxed_state.params, mesh_shape, shards["params"]),
-      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], over_data),
-      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], over_data)
+      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], optimizer_over_data),
+      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], optimizer_over_data)
          for k in unboxed.opt_state_like_fields()},
       **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()})
 
