@@ -153,57 +153,6 @@ def test_collectives_in_flight_together_run_one_after_another():
   assert exposed(True, True) == pytest.approx(2 * network - compute)
 
 
-HOST_COPIES = """HloModule offloaded
-
-ENTRY %main (p0: bf16[64,512]) -> bf16[64,512] {
-  %p0 = bf16[64,512]{1,0} parameter(0)
-  %copy-start.1 = (bf16[64,512]{1,0:S(5)}, bf16[64,512]{1,0}, u32[]) copy-start(%p0)
-  %fusion.1 = bf16[64,512]{1,0} fusion(%p0), kind=kLoop, calls=%fused_computation
-  %copy-done.1 = bf16[64,512]{1,0:S(5)} copy-done(%copy-start.1)
-  %copy-start.2 = (bf16[64,512]{1,0}, bf16[64,512]{1,0:S(5)}, u32[]) copy-start(%copy-done.1)
-  %copy-done.2 = bf16[64,512]{1,0} copy-done(%copy-start.2)
-  ROOT %copy.3 = bf16[64,512]{1,0} copy(%copy-done.2)
-}
-
-%fused_computation (param_0: bf16[64,512]) -> bf16[64,512] {
-  %param_0 = bf16[64,512]{1,0} parameter(0)
-  ROOT %negate.1 = bf16[64,512]{1,0} negate(%param_0)
-}
-"""
-
-
-def test_copies_to_and_from_the_hosts_memory_are_host_transfers_beside_the_compute():
-  """XLA's offloaded activations (a copy-start into or out of memory space S(5)): each a `host` kernel of the
-  buffer's bytes, overlapping what its start and done enclose; a copy on the device stays a copy."""
-  kinds = [(k.name, k.kind, k.bytes, k.overlap) for k in hlo_cost.Program(HOST_COPIES).kernels]
-  assert kinds == [("copy-start.1", "host", 64 * 512 * 2, [1]), ("fusion.1", "elementwise", 2 * 64 * 512 * 2, []),
-                   ("copy-start.2", "host", 64 * 512 * 2, []), ("copy.3", "copy", 2 * 64 * 512 * 2, [])]
-
-
-def test_host_copies_cross_pcie_on_a_stream_of_their_own():
-  """A host copy takes its bytes over the GPU's share of PCIe, is hidden by the compute its start and done enclose,
-  and runs beside a collective in flight at the same time (another stream), not after it."""
-  target = gpu_target.get("a100")
-  prices = roofline.Prices(gemm=0.5, attention=0.5, memory=0.5, launch_us=0.0)
-  compute = 2e12 / (312e12 * 0.5)
-  host_s, gather_s = 1.6e8 / target.host_bandwidth, 2e9 * 7 / 8 / target.nvlink_bandwidth
-  assert max(host_s, gather_s) < compute < host_s + gather_s
-
-  def predicted(*kinds: str) -> dict:
-    async_kernels = [hlo_cost.Kernel(f"{kind}{i}", kind, 0.0, 1.6e8 if kind == "host" else 2e9, 1, "",
-                                     collective="all-gather" if kind == "collective" else "", group_size=8,
-                                     overlap=[len(kinds)], done=len(kinds) + 1) for i, kind in enumerate(kinds)]
-    gemm = hlo_cost.Kernel("gemm", "gemm", 2e12, 0.0, 1, "", dtype="bf16")
-    return roofline.predict(type("P", (), {"kernels": [*async_kernels, gemm]})(), target, prices)
-
-  both = predicted("host", "collective")
-  assert both["exposed_host_s"] == both["exposed_collective_s"] == 0.0
-  assert both["by_class_s"]["host (total)"] == pytest.approx(host_s)
-  assert predicted("host", "host")["exposed_host_s"] == pytest.approx(2 * host_s - compute)
-  alone = hlo_cost.Kernel("h", "host", 0.0, 1.6e8, 1, "")  # nothing between its start and done
-  assert roofline.predict(type("P", (), {"kernels": [alone]})(), target, prices)["step_s"] == pytest.approx(host_s)
-
-
 def test_the_fit_recovers_the_prices_that_made_the_measurements():
   """Step times made with known prices from two real programs and scaled copies of their kernels: the fit returns
   prices that predict every one of them."""

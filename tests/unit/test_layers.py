@@ -193,26 +193,3 @@ def test_the_attention_saving_remat_policy_keeps_cudnns_forward_and_otherwise_is
     return re.sub(r"policy=.*", "", str(jaxpr))
   assert backward("dots_with_no_batch_dims_and_attention_saveable") == backward("dots_with_no_batch_dims_saveable")
   assert backward("dots_with_no_batch_dims_saveable") != backward("nothing_saveable")
-
-
-@pytest.mark.parametrize("saving, offloaded", [
-    ("dots_with_no_batch_dims_saveable", "dots_with_no_batch_dims_offloaded"),
-    ("dots_with_no_batch_dims_and_attention_saveable", "dots_with_no_batch_dims_offloaded_and_attention_saveable")])
-def test_an_offloaded_remat_policy_moves_its_saving_policys_values_to_the_host(saving, offloaded):
-  """The offloaded policy keeps the weight matmuls' outputs in the host's memory (out in the forward, back in the
-  backward) where its saving policy keeps them on the device: the same gradient, bit for bit on a CPU, and
-  the same recomputation."""
-  rng = np.random.default_rng(6)
-  x, w1, w2 = _normal(rng, (2, 6, 8)), _normal(rng, (8, 32)), _normal(rng, (32, 8))
-
-  def block(x, w1, w2):
-    return jnp.sum(jnp.tanh(jax.nn.gelu(x @ w1) @ w2) ** 2)
-
-  def grad_and_jaxpr(policy):
-    f = jax.grad(jax.checkpoint(block, policy=layers.REMAT_POLICIES[policy]), argnums=(1, 2))
-    return jax.jit(f)(x, w1, w2), str(jax.make_jaxpr(f)(x, w1, w2))
-  (grads, offloaded_jaxpr), (want, saving_jaxpr) = grad_and_jaxpr(offloaded), grad_and_jaxpr(saving)
-  chex.assert_trees_all_equal(grads, want)
-  to_host = lambda jaxpr: jaxpr.count("MemorySpace.Host")
-  assert to_host(offloaded_jaxpr) == 2 and to_host(saving_jaxpr) == 0  # both products' outputs
-  assert offloaded_jaxpr.count("dot_general") == saving_jaxpr.count("dot_general")

@@ -37,9 +37,6 @@ class Target:
   memory_bandwidth: float  # HBM
   nvlink_bandwidth: float  # within a node
   network_bandwidth: float  # across nodes, per GPU (one NIC per GPU)
-  # the host's pinned memory <-> the GPU (offloaded activations), with every GPU of the node copying at once: half
-  # a PCIe x16 link, since HGX boards pair two GPUs behind one switch with one x16 link to the CPU
-  host_bandwidth: float
   memory_bytes: int  # what the CUDA driver reports (the txtpb's device_memory_size)
   gpus_per_node: int
   flags_script: str  # launch/ script whose XLA flags a job on this GPU runs with
@@ -50,11 +47,11 @@ class Target:
 
 
 TARGETS = {
-    "h100": Target("h100", "NVIDIA H100 SXM 80GB", 989e12, 494e12, 1979e12, 3.35e12, 450e9, 50e9, 32e9, 84929347584, 8,
+    "h100": Target("h100", "NVIDIA H100 SXM 80GB", 989e12, 494e12, 1979e12, 3.35e12, 450e9, 50e9, 84929347584, 8,
                    "launch/xla_flags_h100.sh"),
-    "h200": Target("h200", "NVIDIA H200 SXM 141GB", 989e12, 494e12, 1979e12, 4.8e12, 450e9, 50e9, 32e9, 150110011392, 8,
+    "h200": Target("h200", "NVIDIA H200 SXM 141GB", 989e12, 494e12, 1979e12, 4.8e12, 450e9, 50e9, 150110011392, 8,
                    "launch/xla_flags_h100.sh"),
-    "a100": Target("a100", "NVIDIA A100 SXM 80GB", 312e12, 156e12, 0.0, 2.039e12, 300e9, 25e9, 16e9, 85051572224, 8,
+    "a100": Target("a100", "NVIDIA A100 SXM 80GB", 312e12, 156e12, 0.0, 2.039e12, 300e9, 25e9, 85051572224, 8,
                    "launch/xla_flags_a100.sh"),
 }
 

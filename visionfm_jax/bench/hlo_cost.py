@@ -15,9 +15,6 @@ their `known_trip_count`, and costed from its shapes:
   collective   all-gather, reduce-scatter, all-reduce, collective-permute, all-to-all: the payload one device
                sends, with its group size and whether the schedule overlaps it with compute (an async pair with
                kernels between start and done)
-  host         an async copy between the device and the host's pinned memory (XLA's memory space S(5): remat's
-               offloaded activations, out in the forward and back in the backward), over PCIe: its bytes, and
-               what the schedule runs beside it, as for a collective
 
 Bytes are operands read plus results written, at their HLO sizes, except where a kernel touches part of a
 buffer: a dynamic-slice reads its slice, a dynamic-update-slice writes its update in place. Only the schedule's
@@ -47,10 +44,7 @@ COPY_OPS = {"copy", "copy-start", "transpose", "pad", "slice", "dynamic-slice", 
 # Elementwise maps of one operand that keep its shape: XLA computes them only at the elements a slice of their
 # result reads (`_fusion_bytes`).
 SLICED_ELEMENTWISE = ("bitcast", "convert", "abs", "negate", "copy")
-CLASSES = ("gemm", "attention", "convolution", "reduction", "elementwise", "copy", "collective", "host")
-# Kernels that run beside the compute, each class on a stream of its own: what runs between start and done hides them.
-ASYNC = ("collective", "host")
-HOST_MEMORY_SPACE = "S(5)"  # XLA's memory-space annotation of a buffer in the host's pinned memory
+CLASSES = ("gemm", "attention", "convolution", "reduction", "elementwise", "copy", "collective")
 
 
 @dataclasses.dataclass
@@ -66,9 +60,9 @@ class Kernel:
   collective: str = ""  # collective: all-gather, reduce-scatter, all-reduce, ...
   group_size: int = 1  # collective: devices in its group
   group_spans_nodes: bool = False
-  # collective, host: the positions (in Program.kernels) of the kernels the schedule runs between start and done
+  # collective: the positions (in Program.kernels) of the kernels the schedule runs between its start and done
   overlap: list[int] = dataclasses.field(default_factory=list)
-  done: int = -1  # collective, host: the position in Program.kernels its done precedes (-1: right after it)
+  done: int = -1  # async collective: the position in Program.kernels its done precedes (-1: right after it)
 
 
 def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -272,14 +266,14 @@ class Program:
         started = pending.pop(ins.operands[0] if ins.operands else "", None)
         if started is not None:
           position, kernel = started
-          kernel.overlap = [i for i in range(position + 1, len(self.kernels)) if self.kernels[i].kind not in ASYNC]
+          kernel.overlap = [i for i in range(position + 1, len(self.kernels)) if self.kernels[i].kind != "collective"]
           kernel.done = len(self.kernels)
         continue
       kernel = self._kernel(ins, count)
       if kernel is None:
         continue
       self.kernels.append(kernel)
-      if kernel.kind in ASYNC and (ins.op.endswith("-start") or ins.op == "async-start"):
+      if kernel.kind == "collective" and (ins.op.endswith("-start") or ins.op == "async-start"):
         pending[ins.name] = (len(self.kernels) - 1, kernel)
 
   def _state_writers(self, hlo_text: str) -> dict[str, str]:
@@ -361,9 +355,6 @@ class Program:
       base = next((c for c in COLLECTIVES if self._calls_collective(ins, c)), "")
     if base in COLLECTIVES:
       return self._collective(ins, base, count, label)
-    if ins.op == "copy-start" and HOST_MEMORY_SPACE in ins.type:  # (destination, source, context)
-      dtype, dims = shapes(ins.type)[0]
-      return Kernel(ins.name, "host", 0.0, DTYPE_BYTES[dtype] * math.prod(dims), count, label)
     if ins.op == "custom-call":
       return self._custom_call(ins, count, label)
     if ins.op == "fusion":

@@ -72,10 +72,8 @@ GIB = 2 ** 30
 UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
          "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
 # jax.checkpoint policies from least to most recomputation in the backward pass: the order candidates compile in.
-# An offloaded policy recomputes what its saving one does, paying PCIe copies for the device memory it frees.
 REMAT_BY_RECOMPUTE = ("none", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_and_attention_saveable",
-                      "dots_with_no_batch_dims_offloaded_and_attention_saveable", "dots_with_no_batch_dims_saveable",
-                      "dots_with_no_batch_dims_offloaded", "nothing_saveable")
+                      "dots_with_no_batch_dims_saveable", "nothing_saveable")
 
 
 def make_flags(argv) -> flags.FlagValues:
@@ -388,7 +386,7 @@ def plan(config, devices: int, target: str = "") -> dict:
          "argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
          "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
          "xla_flops": xla, "flops": step, **predicted}
-  out["total_bytes"], out["host_bytes"] = plan_bytes(analysis), host_plan_bytes(analysis)
+  out["total_bytes"] = plan_bytes(analysis)
   return out
 
 
@@ -396,20 +394,13 @@ def predicted_step(program: hlo_cost.Program, target: str) -> dict[str, float]:
   """The calibrated roofline's step and exposed collectives of a program compiled for `target` (predictions)."""
   prices, _ = pricing.load_prices()
   prediction = pricing.predict(program, gpu_target.get(target), prices)
-  return {"predicted_step_s": prediction["step_s"], "exposed_collective_s": prediction["exposed_collective_s"],
-          "exposed_host_s": prediction["exposed_host_s"]}
+  return {"predicted_step_s": prediction["step_s"], "exposed_collective_s": prediction["exposed_collective_s"]}
 
 
 def plan_bytes(analysis) -> int:
   """What one device holds at the step's peak, as compiled: arguments + outputs - donated + temporaries."""
   return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
           + analysis.temp_size_in_bytes)
-
-
-def host_plan_bytes(analysis) -> int:
-  """What one device's program holds in the host's pinned memory (remat's offloaded activations), as compiled."""
-  part = lambda name: getattr(analysis, f"host_{name}_size_in_bytes", 0) or 0
-  return part("argument") + part("output") - part("alias") + part("temp")
 
 
 def plan_candidate(config, setting: dict[str, object], devices: int, fit_bytes: int, target: str = "") -> dict:

@@ -1,9 +1,8 @@
 """Prices a GPU program's kernels (bench/hlo_cost.py) with the calibrated roofline: each kernel the max of its FLOPs
 over the peak times its class's efficiency and its bytes over the memory bandwidth times the memory efficiency, plus
-a launch cost; each collective its payload over the link its group crosses (NVLink or the network), each host copy its
-bytes over PCIe, less what the kernels the schedule runs beside them hide. Collectives in flight together run one
-after another: XLA's GPU runtime issues them all on one stream, and host copies on another
-(`Priced.transfer_times`). bench/roofline.py fits the prices (`--calibrate`) and
+a launch cost; each collective its payload over the link its group crosses (NVLink or the network), less what the
+kernels the schedule runs beside it hide. Collectives in flight together run one after another: XLA's GPU runtime
+issues them all on one stream (`Priced.collective_times`). bench/roofline.py fits the prices (`--calibrate`) and
 reports; bench/memory_plan.py ranks candidates by the predicted step. Every figure is a prediction."""
 
 from __future__ import annotations
@@ -53,13 +52,6 @@ def collective_seconds(kernel: hlo_cost.Kernel, target: gpu_target.Target, price
   return kernel.bytes * factor / link + prices.launch_us * 1e-6
 
 
-def transfer_seconds(kernel: hlo_cost.Kernel, target: gpu_target.Target, prices: Prices) -> float:
-  """One async kernel: a collective over its links, a host copy over the GPU's share of PCIe."""
-  if kernel.kind == "host":
-    return kernel.bytes / target.host_bandwidth + prices.launch_us * 1e-6
-  return collective_seconds(kernel, target, prices)
-
-
 def is_fp8(dtype: str, target: gpu_target.Target) -> bool:
   return dtype.startswith(EIGHT_BIT_FLOAT) and bool(target.peak_flops_fp8)
 
@@ -88,7 +80,7 @@ class Priced:
   def __init__(self, program: hlo_cost.Program, target: gpu_target.Target):
     import numpy as np  # pylint: disable=g-import-not-at-top
     self.kernels = program.kernels
-    positions = [i for i, k in enumerate(program.kernels) if k.kind not in hlo_cost.ASYNC]
+    positions = [i for i, k in enumerate(program.kernels) if k.kind != "collective"]
     compute = [program.kernels[i] for i in positions]
     self.compute_index = {position: i for i, position in enumerate(positions)}
     self.flops = np.array([k.flops for k in compute], np.float64)
@@ -98,13 +90,12 @@ class Priced:
     self.is_attention = np.array([k.kind == "attention" for k in compute])
     self.is_fp8 = np.array([k.kind == "gemm" and is_fp8(k.dtype, target) for k in compute])
     self.kinds = [k.kind for k in compute]
-    # the async kernels (collectives, host copies), each with the compute kernels its start and done enclose
-    self.transfers = [(i, k, [self.compute_index[o] for o in k.overlap])
-                      for i, k in enumerate(program.kernels) if k.kind in hlo_cost.ASYNC]
-    # each one's start and done as (position in Program.kernels, done first), in schedule order
-    self.events = sorted([(i, 1, c) for c, (i, _, _) in enumerate(self.transfers)]
-                         + [(_done(i, k), 0, c) for c, (i, k, _) in enumerate(self.transfers)])
-    is_compute = [k.kind not in hlo_cost.ASYNC for k in program.kernels]
+    self.collectives = [(i, k, [self.compute_index[o] for o in k.overlap])
+                        for i, k in enumerate(program.kernels) if k.kind == "collective"]
+    # each collective's start and done as (position in Program.kernels, done first), in schedule order
+    self.events = sorted([(i, 1, c) for c, (i, _, _) in enumerate(self.collectives)]
+                         + [(_done(i, k), 0, c) for c, (i, k, _) in enumerate(self.collectives)])
+    is_compute = [k.kind != "collective" for k in program.kernels]
     self.compute_before = np.cumsum([0] + is_compute)  # compute kernels before each position
     self.target = target
 
@@ -117,57 +108,54 @@ class Priced:
     memory = self.bytes / (self.target.memory_bandwidth * prices.memory)
     return np.maximum(compute, memory) + prices.launch_us * 1e-6
 
-  def transfer_times(self, prices: Prices, per_launch) -> list[tuple[float, float]]:
-    """(seconds, exposed seconds) of each async kernel's launches: its transfer, and what of it the kernels
+  def collective_times(self, prices: Prices, per_launch) -> list[tuple[float, float]]:
+    """(seconds, exposed seconds) of each collective's launches: its transfer, and what of it the kernels
     scheduled between its start and done (`per_launch`: `kernel_seconds`) do not hide.
 
-    One launch of each kernel on a clock: a transfer starts where its start sits among the compute kernels, once
-    those of its class started before it are done (XLA's GPU runtime issues the collectives on one stream, whatever
-    link each crosses, and the host copies on another), and its done waits for it; the wait is its exposed time,
-    times its launches. With one transfer in flight at a time that is what the kernels between its start and done
-    do not cover."""
+    One launch of each kernel on a clock: a collective starts where its start sits among the compute kernels,
+    transfers once the collectives started before it are done (XLA's GPU runtime runs them on one stream, whatever
+    link each crosses), and its done waits for it; the wait is its exposed time, times its launches. With one
+    collective in flight at a time that is what the kernels between its start and done do not cover."""
     import numpy as np  # pylint: disable=g-import-not-at-top
     clock = np.concatenate([[0.0], np.cumsum(per_launch)])  # compute time before the k-th compute kernel
-    seconds = [transfer_seconds(k, self.target, prices) for _, k, _ in self.transfers]
+    seconds = [collective_seconds(k, self.target, prices) for _, k, _ in self.collectives]
     end, exposed = [0.0] * len(seconds), [0.0] * len(seconds)
-    stream_free = dict.fromkeys(hlo_cost.ASYNC, 0.0)  # when each stream has finished what it was given
+    stream_free = 0.0  # when the collective stream has finished what it was given
     stalls = 0.0  # the waits so far, which move every later point of the compute stream
     for position, is_start, c in self.events:
       now = clock[self.compute_before[position]] + stalls
-      kernel = self.transfers[c][1]
+      kernel = self.collectives[c][1]
       if not is_start:
         exposed[c] = max(0.0, end[c] - now)
         stalls += exposed[c]
-      elif kernel.kind == "host" or kernel.group_size > 1:
-        end[c] = stream_free[kernel.kind] = max(now, stream_free[kernel.kind]) + seconds[c]
+      elif kernel.group_size > 1:
+        end[c] = stream_free = max(now, stream_free) + seconds[c]
       else:
         end[c] = now + seconds[c]
-    return [(s * k.count, e * k.count) for s, e, (_, k, _) in zip(seconds, exposed, self.transfers)]
+    return [(s * k.count, e * k.count) for s, e, (_, k, _) in zip(seconds, exposed, self.collectives)]
 
   def step_seconds(self, prices: Prices) -> float:
     """The predicted step alone (what the fit evaluates thousands of times)."""
     per_launch = self.kernel_seconds(prices)
-    return float((per_launch * self.count).sum()) + sum(e for _, e in self.transfer_times(prices, per_launch))
+    return float((per_launch * self.count).sum()) + sum(e for _, e in self.collective_times(prices, per_launch))
 
   def predict(self, prices: Prices) -> dict:
     """Predicted seconds of one step: per class, per kernel (in Program.kernels' order), the exposed part of the
-    collectives and of the host copies, the total."""
+    collectives, the total."""
     per_launch = self.kernel_seconds(prices)
     per_kernel = per_launch * self.count
     by_class = collections.Counter()
     for kind, seconds in zip(self.kinds, per_kernel):
       by_class[kind] += float(seconds)
-    transfers = self.transfer_times(prices, per_launch)
-    exposed = dict.fromkeys(hlo_cost.ASYNC, 0.0)
-    for (_, kernel, _), (seconds, waited) in zip(self.transfers, transfers):
-      by_class[f"{kernel.kind} (total)"] += seconds
-      exposed[kernel.kind] += waited
+    collectives = self.collective_times(prices, per_launch)
+    if collectives:
+      by_class["collective (total)"] = sum(s for s, _ in collectives)
+    exposed = sum(e for _, e in collectives)
     compute = float(per_kernel.sum())
-    seconds_of = dict(zip((position for position, _, _ in self.transfers), (s for s, _ in transfers)))
-    ordered = [seconds_of[i] if k.kind in hlo_cost.ASYNC else float(per_kernel[self.compute_index[i]])
+    seconds_of = dict(zip((position for position, _, _ in self.collectives), (s for s, _ in collectives)))
+    ordered = [seconds_of[i] if k.kind == "collective" else float(per_kernel[self.compute_index[i]])
                for i, k in enumerate(self.kernels)]
-    return {"step_s": compute + sum(exposed.values()), "compute_s": compute,
-            "exposed_collective_s": exposed["collective"], "exposed_host_s": exposed["host"],
+    return {"step_s": compute + exposed, "compute_s": compute, "exposed_collective_s": exposed,
             "by_class_s": dict(by_class), "per_kernel_s": ordered}
 
 

@@ -75,16 +75,14 @@ class Compiled:
   devices: int
   target: gpu_target.Target
   hlo_text: str = dataclasses.field(repr=False, default="")
-  host_plan_bytes: int = 0  # offloaded activations in the host's pinned memory
 
 
 def compile_setup(config, target: gpu_target.Target, devices: int, try_kernels=()) -> Compiled:
   compiled, task, _ = memory_plan.compile_step(config, devices, target.name, try_kernels)
   per_example = task.train_flops_per_example()
-  text, analysis = compiled.as_text(), compiled.memory_analysis()
-  return Compiled(hlo_cost.Program(text, target.gpus_per_node), memory_plan.plan_bytes(analysis),
-                  per_example * config.global_batch_size if per_example else None, devices, target, text,
-                  memory_plan.host_plan_bytes(analysis))
+  text = compiled.as_text()
+  return Compiled(hlo_cost.Program(text, target.gpus_per_node), memory_plan.plan_bytes(compiled.memory_analysis()),
+                  per_example * config.global_batch_size if per_example else None, devices, target, text)
 
 
 def dumped_setup(path: str, config, target: gpu_target.Target, devices: int) -> Compiled:
@@ -132,22 +130,19 @@ def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
 
 def grouped_ms(setup: Compiled, prediction: dict, pattern: str) -> dict[str, float]:
   """Predicted milliseconds by the part of each kernel's label that `pattern` matches (`--group`), largest first;
-  the collectives and host copies by their exposed time only, under `collectives (exposed)`, `host copies
-  (exposed)`."""
+  the collectives by their exposed time only, under `collectives (exposed)`."""
   try:
     compiled = re.compile(pattern)
   except re.error as e:
     raise UserError(f"--group={pattern}: not a regular expression ({e})") from e
   groups = collections.Counter()
   for kernel, seconds in zip(setup.program.kernels, prediction["per_kernel_s"]):
-    if kernel.kind in hlo_cost.ASYNC:
+    if kernel.kind == "collective":
       continue
     match = compiled.search(kernel.label or kernel.name)
     key = (match.group(1) if compiled.groups else match.group(0)) if match else "other"
     groups[key] += seconds * 1e3
   groups["collectives (exposed)"] = prediction["exposed_collective_s"] * 1e3
-  if prediction["exposed_host_s"]:
-    groups["host copies (exposed)"] = prediction["exposed_host_s"] * 1e3
   return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
 
 
@@ -175,18 +170,14 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Pr
   basis = (f"calibrated on {len(record.get('rows', []))} {calibrated} rows" if calibrated == setup.target.name else
            f"efficiencies calibrated on {calibrated}, applied to {setup.target.name}" if calibrated else
            "uncalibrated default prices")
-  host_copies = (f", exposed host copies {prediction['exposed_host_s'] * 1e3:.1f} ms"
-                 if prediction["exposed_host_s"] else "")
-  host_plan = f" and {setup.host_plan_bytes / 2**30:.3f} GiB of host memory" if setup.host_plan_bytes else ""
   print(f"\npredicted (not measured) on {setup.devices} x {setup.target.description}: step {step_ms:.1f} ms "
-        f"(exposed collectives {prediction['exposed_collective_s'] * 1e3:.1f} ms{host_copies}), MFU "
+        f"(exposed collectives {prediction['exposed_collective_s'] * 1e3:.1f} ms), MFU "
         f"{'n/a' if predicted_mfu is None else f'{predicted_mfu:.3f}'}, plan {setup.plan_bytes / 2**30:.3f} GiB "
-        f"per device{host_plan}; {basis}")
+        f"per device; {basis}")
   summary = {"target": setup.target.name, "devices": setup.devices, "predicted_step_ms": step_ms,
              "uncounted_loops": len(setup.program.uncounted_loops),
              "predicted_mfu": predicted_mfu, "plan_gib": setup.plan_bytes / 2**30,
              "exposed_collective_ms": prediction["exposed_collective_s"] * 1e3,
-             "exposed_host_ms": prediction["exposed_host_s"] * 1e3, "host_plan_gib": setup.host_plan_bytes / 2**30,
              "class_ms": {k: v * 1e3 for k, v in prediction["by_class_s"].items()},
              "gemm_tflops": sum(k.flops * k.count for k in setup.program.kernels if k.kind == "gemm") / 1e12,
              "model_tflops": setup.model_flops / 1e12 if setup.model_flops else None,
@@ -236,14 +227,13 @@ def cached_setup(config, target: gpu_target.Target, devices: int, label: str, tr
       text = f.read()
     print(f"{label}: compiled program from {path}.hlo.gz", flush=True)
     return Compiled(hlo_cost.Program(text, target.gpus_per_node), meta["plan_bytes"], meta["model_flops"], devices,
-                    target, text, meta.get("host_plan_bytes", 0))
+                    target, text)
   print(f"{label}: compiling ...", flush=True)
   setup = compile_setup(config, target, devices, try_kernels)
   os.makedirs(cache_dir(), exist_ok=True)
   write_text(path + ".hlo.gz", setup.hlo_text)
   with open(path + ".json", "w", encoding="utf-8") as f:
-    json.dump({"plan_bytes": setup.plan_bytes, "host_plan_bytes": setup.host_plan_bytes,
-               "model_flops": setup.model_flops, "label": label}, f)
+    json.dump({"plan_bytes": setup.plan_bytes, "model_flops": setup.model_flops, "label": label}, f)
   return setup
 
 

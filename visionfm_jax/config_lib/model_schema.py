@@ -19,14 +19,11 @@ from visionfm_jax.config_lib.domains import (
 from visionfm_jax.config_lib.rows import Field, without
 from visionfm_jax.errors import ConfigError
 
-# Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat),
+# Names of jax.checkpoint_policies (models/layers.py maps them to the policies) plus 'none' (no remat) and
 # dots_with_no_batch_dims_and_attention_saveable (that policy keeping cuDNN attention's outputs too:
-# models/kernels.py saving_cudnn_attention) and dots_with_no_batch_dims_offloaded[_and_attention_saveable] (the weight
-# matmuls' outputs kept in the host's pinned memory rather than on the device); here, so that config_lib itself needs
-# no jax.
+# models/kernels.py saving_cudnn_attention); here, so that config_lib itself needs no jax.
 REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_batch_dims_saveable",
-                  "dots_with_no_batch_dims_and_attention_saveable", "dots_with_no_batch_dims_offloaded",
-                  "dots_with_no_batch_dims_offloaded_and_attention_saveable", "everything_saveable")
+                  "dots_with_no_batch_dims_and_attention_saveable", "everything_saveable")
 # The names of the models' other choices (their rows' domains), which models/ maps to its math.
 ATTENTION, ACTIVATIONS = ("auto", "softmax", "cudnn", "jax"), ("gelu", "quick_gelu", "gelu_pytorch_tanh")
 VIT_POOLS, TEXT_POOLS = ("cls", "gap", "map"), ("eos", "cls")

@@ -31,15 +31,9 @@ ACT_EMBED, ACT_MLP, ACT_HEADS = "act_embed", "act_mlp", "act_heads"
 def _remat_policy(name: str) -> Callable[..., bool] | None:
   if name == "none":
     return None
-  if name.startswith("dots_with_no_batch_dims_offloaded"):
-    # The backward reads the weight matmuls' outputs back from the host (pinned memory, copied beside the compute)
-    # instead of holding them in the device's memory; the rest is recomputed, as under the saving policy.
-    policy = jax.checkpoint_policies.offload_dot_with_no_batch_dims("device", "pinned_host")
-  elif name == "dots_with_no_batch_dims_and_attention_saveable":
-    policy = jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-  else:
-    return getattr(jax.checkpoint_policies, name)
-  return kernels_lib.saving_cudnn_attention(policy) if name.endswith("_attention_saveable") else policy
+  if name == "dots_with_no_batch_dims_and_attention_saveable":
+    return kernels_lib.saving_cudnn_attention(jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+  return getattr(jax.checkpoint_policies, name)
 
 
 # The remat policy of each name config_lib.REMAT_POLICIES allows (the one list); 'none' (no remat) has none.
