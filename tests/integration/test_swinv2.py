@@ -180,6 +180,30 @@ def test_scanned_unrolled_and_straight_line_stages_agree():
   straight = _small(remat_policy="nothing_saveable", scan_unroll=0)
   (l_straight, _), g_straight = _outputs_loss_and_grads(straight, images)(params)
   chex.assert_trees_all_close((l_straight, g_straight), (l_scan, g_rolled), atol=1e-5, rtol=1e-5)
+  by_stage = straight.clone(stage_remat_policies=("none", "dots_with_no_batch_dims_saveable"))
+  (l_by_stage, _), g_by_stage = _outputs_loss_and_grads(by_stage, images)(params)
+  chex.assert_trees_all_close((l_by_stage, g_by_stage), (l_straight, g_straight), atol=1e-5, rtol=1e-5)
+
+
+def test_each_stage_rematerialises_its_blocks_by_its_own_policy():
+  """stage_remat_policies: stage 0's blocks without remat, stage 1's under their policy; () is remat_policy in
+  every stage, and the field names a policy per stage or none."""
+  images = jnp.zeros((2, 20, 20, 3))
+  params = _random_params(_small(scan=True), 20)
+
+  def policies(**kw) -> list[str]:  # the policy of each rematerialised block the forward traces (one pair a stage)
+    jaxpr = str(jax.make_jaxpr(lambda p: _small(scan_unroll=0, **kw).apply({"params": p}, images))(params))
+    return re.findall(r"policy=(?:<function )?(\w+)", jaxpr)
+
+  def traced_as(name: str) -> str:  # a function's name, or (as in jax 0.10) the class of a callable policy
+    policy = layers.REMAT_POLICIES[name]
+    return getattr(policy, "__name__", type(policy).__name__)
+
+  assert policies(remat_policy="nothing_saveable") == [traced_as("nothing_saveable")] * 4
+  assert policies(remat_policy="nothing_saveable", stage_remat_policies=(
+      "none", "dots_with_no_batch_dims_saveable")) == [traced_as("dots_with_no_batch_dims_saveable")] * 2
+  with pytest.raises(ValueError, match=r"stage_remat_policies=\('none',\): expected one per stage \(2\)"):
+    policies(stage_remat_policies=("none",))
 
 
 def test_every_param_has_logical_axis_names_and_zero_post_norms():

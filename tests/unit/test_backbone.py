@@ -144,10 +144,10 @@ def _another_value(row: config_lib.Field):
   default = row.default
   if isinstance(default, bool):
     return not default
+  if isinstance(default, tuple):  # per stage of the default SwinV2 ('T')
+    return (row.domain.names[-1] if isinstance(row.domain, config_lib.Choices) else 2,) * 4
   if isinstance(row.domain, config_lib.Choices):
     return next(name for name in reversed(row.domain.names) if name != default)
-  if isinstance(default, tuple):
-    return (2,) * 4  # per stage of the default SwinV2 ('T')
   return default + 1 if isinstance(default, int) else default + 0.125
 
 

@@ -91,6 +91,10 @@ SWINV2 = dict(
                             "main-branch LayerNorm every N blocks (6 for H and G by default)"),
     extra_norm_scope=Field("stage", Choices(EXTRA_NORM_SCOPES), "count blocks within each stage or across the "
                            "network"),
+    stage_remat_policies=Field((), Choices(REMAT_POLICIES),
+                               "per stage, what its blocks' backward pass keeps, in place of remat_policy: e.g. "
+                               "nothing_saveable where many tokens make a stage's activations large and its FLOPs "
+                               "few (SwinV2-G-CLIP 224's runbook); (): remat_policy in every stage"),
     token_subgrid=Field(1, Domain(1, integer=True, note="1: off"),
                         "k > 1: in training every k-th patch per axis (1 - 1/k^2 dropped, a random phase per image), "
                         "windows whole; none at eval (models/swinv2.py; a ViT's token_drop, open_clip's "

@@ -448,6 +448,7 @@ class SwinV2(nn.Module):
   scan: bool = True
   scan_unroll: int = 1  # block pairs per iteration of a stage's scanned loop; 0: all (layers.stack_blocks)
   remat_policy: str = "none"
+  stage_remat_policies: tuple[str, ...] = ()  # per stage in place of remat_policy; (): remat_policy everywhere
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
   attention: str = "softmax"  # softmax (einsums) | cudnn | jax (jax.nn.dot_product_attention, `fused_window_attention`)
   token_subgrid: int = 1  # k > 1: in training every k-th patch along each axis, a random phase per image (docstring)
@@ -455,6 +456,9 @@ class SwinV2(nn.Module):
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
     stages = len(self.depths)
+    if self.stage_remat_policies and len(self.stage_remat_policies) != stages:
+      raise ValueError(f"stage_remat_policies={tuple(self.stage_remat_policies)}: expected one per stage "
+                       f"({stages}), or () for remat_policy in every stage")
     if len(self.num_heads) != stages:
       raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
     if self.extra_norm_scope not in EXTRA_NORM_SCOPES:
@@ -519,7 +523,7 @@ class SwinV2(nn.Module):
       per_block = (rates[start:start + depth], extra[s])
       x, stage_out = SwinStage(
           depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, unroll=self.scan_unroll,
-          remat_policy=self.remat_policy,
+          remat_policy=self.stage_remat_policies[s] if self.stage_remat_policies else self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
                             pretrained_window=base, stride=stride, mlp_ratio=self.mlp_ratio,
                             layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
