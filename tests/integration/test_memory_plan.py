@@ -121,6 +121,14 @@ def test_micro_batches_that_would_change_a_coupled_loss_are_not_planned(monkeypa
   assert "its loss couples the examples" in skipped["--micro_batches=2"]
 
 
+def test_a_tower_with_remat_by_stage_is_not_swept_by_remat():
+  """--remat sets model.remat_policy, which a tower's stage_remat_policies overrides: refused, naming the field."""
+  config = tiny_aurora_config(**{"model.encoder.stage_remat_policies": ("none", "nothing_saveable")})
+  field = r"config\.model\.encoder\.stage_remat_policies="
+  with pytest.raises(ConfigError, match=field + r"\('none', 'nothing_saveable'\): .* --" + field + r"\(\)"):
+    memory_plan.candidate_settings(config, 8, ["nothing_saveable"], ["1"], ["softmax"])
+
+
 def test_every_remat_policy_has_its_place_in_the_sweep_order():
   from visionfm_jax import config_lib  # pylint: disable=g-import-not-at-top
   assert sorted(memory_plan.REMAT_BY_RECOMPUTE) == sorted(config_lib.REMAT_POLICIES)
