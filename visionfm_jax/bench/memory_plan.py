@@ -54,7 +54,6 @@ temporaries, flops, xla_flops, fits; with a target predicted_step_s and exposed_
 from __future__ import annotations
 
 import copy
-import functools
 import itertools
 import json
 import os
@@ -142,20 +141,20 @@ def default_fit_bytes(target: str) -> int:
   return gpu_target.launch_memory_bytes(gpu_target.get(target)) if target else parse_size("80GB")
 
 
-def fields_named(node, name: str, prefix: str = "model") -> list[str]:
-  """Dotted paths of every `name` field under config.model, nested towers included."""
-  paths = []
+def fields_named(node, name: str, prefix: str = "model") -> dict[str, object]:
+  """{dotted path: value} of every `name` field under config.model, nested towers included."""
+  found = {}
   for key, value in node.items():
     path = f"{prefix}.{key}"
     if hasattr(value, "items"):
-      paths += fields_named(value, name, path)
+      found.update(fields_named(value, name, path))
     elif key == name:
-      paths.append(path)
-  return paths
+      found[path] = value
+  return found
 
 
 def attention_fields(node) -> list[str]:
-  return fields_named(node, "attention")
+  return list(fields_named(node, "attention"))
 
 
 def parse_counts(values: list[str]) -> list[int]:
@@ -200,12 +199,12 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
   unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]
   if unknown:
     raise ConfigError(f"--remat={','.join(remats)}: {unknown} not in {config_lib.REMAT_POLICIES}")
-  value_at = lambda path: functools.reduce(lambda node, key: node[key], path.split(".")[1:], config.model)
-  by_stage = [path for path in fields_named(config.model, "stage_remat_policies") if value_at(path)]
+  by_stage = [(path, tuple(value)) for path, value in fields_named(config.model, "stage_remat_policies").items()
+              if value]
   if by_stage:
-    raise ConfigError(f"config.{by_stage[0]}={tuple(value_at(by_stage[0]))}: its stages keep their own remat, which "
-                      f"--remat (model.remat_policy) would not change; price that form with bench.roofline, or plan "
-                      f"with --config.{by_stage[0]}=()")
+    path, value = by_stage[0]
+    raise ConfigError(f"config.{path}={value}: its stages keep their own remat, which --remat (model.remat_policy) "
+                      f"would not change; price that form with bench.roofline, or plan with --config.{path}=()")
   unknown = [a for a in attentions if a not in kernels.ATTENTION]
   if unknown:
     raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {kernels.ATTENTION}")
