@@ -246,6 +246,71 @@ def test_each_target_names_launch_flags_this_xla_parses():
     assert os.path.exists(target.spec_file)
 
 
+
+def _fields(message: bytes) -> dict[int, list]:
+  """A protobuf message's fields by number: varints as ints, length-delimited ones as bytes (the wire format)."""
+  def varint(at):
+    value, shift = 0, 0
+    while True:
+      byte = message[at]
+      value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
+      if byte < 0x80:
+        return value, at
+  fields, at = {}, 0
+  while at < len(message):
+    key, at = varint(at)
+    if key & 7 == 0:
+      value, at = varint(at)
+    elif key & 7 == 2:
+      length, at = varint(at)
+      value, at = message[at:at + length], at + length
+    else:
+      raise AssertionError(f"wire type {key & 7} is not expected in compile options")
+    fields.setdefault(key >> 3, []).append(value)
+  return fields
+
+
+def test_compile_options_carry_the_launch_memory_and_keep_their_other_fields():
+  from jax._src import compiler  # pylint: disable=g-import-not-at-top
+  options = compiler.get_compile_options(num_replicas=1, num_partitions=8)
+  size = gpu_target.launch_memory_bytes(gpu_target.get("a100"))
+  assert size == int(85051572224 * 0.92)
+  patched = gpu_target.with_device_memory_size(options, size)
+  assert patched.num_partitions == 8 and patched.executable_build_options.use_spmd_partitioning
+  build = _fields(patched.SerializeAsString())[3]
+  assert len(build) == 1 and _fields(build[0])[15] == [size]  # ExecutableBuildOptionsProto.device_memory_size
+  assert 15 not in _fields(_fields(options.SerializeAsString())[3][0])
+  with gpu_target.launch_memory(gpu_target.get("a100")):
+    inside = compiler.get_compile_options(num_replicas=1, num_partitions=8)
+  assert _fields(_fields(inside.SerializeAsString())[3][0])[15] == [size]
+  assert 15 not in _fields(_fields(compiler.get_compile_options(1, 8).SerializeAsString())[3][0])
+
+
+@pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler (pip install -e '.[gpu-aot]')")
+def test_a_deviceless_compile_plans_within_the_memory_its_launch_may_use():
+  """32 layers whose backward keeps 32 GiB-sized activations, 64 GiB on an H100: over the 80% of its memory XLA
+  assumes without a device, within the 92% the launch's allocator holds. Without the launch's figure XLA recomputes
+  matmuls in the backward that the job would not."""
+  device = jax.sharding.SingleDeviceSharding(gpu_target.devices(gpu_target.get("h100"), 1)[0])
+  rows, width, depth = 1 << 18, 4096, 32
+
+  def loss(x, weights):
+    for w in weights:
+      x = jnp.tanh(x @ w)
+    return x.sum()
+
+  lower = lambda: jax.jit(jax.grad(loss, argnums=1)).lower(  # lowered anew: JAX caches a lowering's executable
+      jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=device),
+      [jax.ShapeDtypeStruct((width, width), jnp.bfloat16, sharding=device)] * depth)
+  dots = lambda compiled: compiled.as_text().count(" dot(")
+  assumed = lower().compile()
+  with gpu_target.launch_memory(gpu_target.get("h100")):
+    launched = lower().compile()
+  assert dots(launched) == 3 * depth  # forward, input and weight gradients: nothing recomputed
+  assert dots(assumed) > dots(launched)
+  assert launched.memory_analysis().temp_size_in_bytes >= depth * rows * width * 2
+  assert assumed.memory_analysis().temp_size_in_bytes < launched.memory_analysis().temp_size_in_bytes
+
 PEELED_LOOP = """HloModule peeled, is_scheduled=true
 
 %fused_compare (param_0: s32[]) -> pred[] {

@@ -6,6 +6,11 @@ that `jit(...).lower(...).compile()` targets. The result is the program the GPU 
 collectives and their schedule, and the buffer assignment that decides its memory), minus autotuning: nothing is
 timed without a device, so each GEMM keeps XLA's default algorithm.
 
+XLA sizes its rematerialisation and its schedule to the memory the program may use: on a GPU, JAX passes the
+allocator's limit (the GPU's memory x XLA_PYTHON_CLIENT_MEM_FRACTION) as the compile's device memory size; without
+a device XLA would assume 80% of the GPU's memory. `launch_memory` passes the launch's figure, so that the
+deviceless program is the one the job compiles.
+
 This needs XLA's CUDA compiler, the `jax-cuda12-plugin` with its cuDNN and cuBLAS wheels matching the installed
 jaxlib (`pip install -e '.[gpu-aot]'`). The host stays a CPU machine: the process runs with JAX_PLATFORMS=cpu and
 the target's XLA flags (the launch script's, as a job on that GPU sets them), which `environment` supplies.
@@ -13,6 +18,7 @@ the target's XLA flags (the launch script's, as a job on that GPU sets them), wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import importlib.util
 import os
@@ -133,3 +139,39 @@ def devices(target: Target, count: int) -> list:
   topology = topologies.get_topology_desc(platform="cuda", target_config=spec,
                                           topology=topology_string(count, target.gpus_per_node))
   return list(topology.devices)
+
+
+@contextlib.contextmanager
+def launch_memory(target: Target):
+  """Within: JAX's compiles pass `launch_memory_bytes(target)` as the device memory size (module docstring), as JAX
+  does on a GPU from its allocator's limit."""
+  from jax._src import compiler  # pylint: disable=g-import-not-at-top  (the one place JAX builds compile options)
+  original = compiler.get_compile_options
+  size = launch_memory_bytes(target)
+  compiler.get_compile_options = lambda *a, **k: with_device_memory_size(original(*a, **k), size)
+  try:
+    yield
+  finally:
+    compiler.get_compile_options = original
+
+
+def with_device_memory_size(options, size: int):
+  """A copy of JAX's `CompileOptions` with `ExecutableBuildOptionsProto.device_memory_size` (field 15 of field 3 of
+  `CompileOptionsProto`, XLA's pjrt/proto/compile_options.proto) set, which its Python binding does not expose: a
+  serialized message parses the fields of a repeated sub-message into the one before, so appending the field sets
+  it."""
+  inner = _key(15, 0) + _varint(size)
+  return type(options).ParseFromString(options.SerializeAsString() + _key(3, 2) + _varint(len(inner)) + inner)
+
+
+def _key(field: int, wire_type: int) -> bytes:
+  return _varint(field << 3 | wire_type)
+
+
+def _varint(value: int) -> bytes:
+  out = bytearray()
+  while True:
+    byte, value = value & 0x7F, value >> 7
+    out.append(byte | (0x80 if value else 0))
+    if not value:
+      return bytes(out)

@@ -53,6 +53,7 @@ temporaries, flops, xla_flops, fits; with a target predicted_step_s and exposed_
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import json
@@ -363,7 +364,8 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   # plan the program the accelerators run, not the simulating CPU's tricks; `try_kernels`: kernels.trying's
-  with kernels.forced("plain"), kernels.trying(try_kernels):
+  memory = gpu_target.launch_memory(gpu_target.get(target)) if target else contextlib.nullcontext()
+  with kernels.forced("plain"), kernels.trying(try_kernels), memory:
     return step_lib.compile_train_step(config, mesh, batch, task), task, mesh
 
 
