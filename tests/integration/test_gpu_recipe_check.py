@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT, cpu_env
+from conftest import ROOT, compilation_cache_env, cpu_env
 
 MAIN_RUNS = ["compute_dtype", "fp8", "compute_dtype_seed1"]
 STAGES = ["warmup", "photos", "shards", *(f"vit_main_{run}" for run in MAIN_RUNS), "vit_profile_fp8",
@@ -17,9 +17,10 @@ STAGES = ["warmup", "photos", "shards", *(f"vit_main_{run}" for run in MAIN_RUNS
 GEMMS = ("compute_dtype", "fp8")
 
 
-def run_check(*args: str, python: str = sys.executable, warm=None) -> subprocess.CompletedProcess:
-  """launch/gpu_recipe_check.sh ARGS with PYTHON=`python`, or the warm interpreter `warm` (tests/warm_python.py)."""
-  env = warm.env(cpu_env(1, PYTHON=warm.python)) if warm else cpu_env(1, PYTHON=python)
+def run_check(*args: str, python: str = sys.executable, warm=None, **env) -> subprocess.CompletedProcess:
+  """launch/gpu_recipe_check.sh ARGS with PYTHON=`python`, or the warm interpreter `warm` (tests/warm_python.py),
+  and `env`."""
+  env = warm.env(cpu_env(1, PYTHON=warm.python, **env)) if warm else cpu_env(1, PYTHON=python, **env)
   return subprocess.run(["bash", "launch/gpu_recipe_check.sh", *args], cwd=ROOT, env=env, capture_output=True,
                         text=True, timeout=300)
 
@@ -49,8 +50,9 @@ esac
 
 
 @pytest.mark.slow
-def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_python):
-  proc = run_check("--rehearse", f"--out={tmp_path}", warm=warm_python)
+def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_python, compilation_cache):
+  # the FP8 profile and bench stages compile one program: the cache compiles it once
+  proc = run_check("--rehearse", f"--out={tmp_path}", warm=warm_python, **compilation_cache_env(compilation_cache))
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   summary = json.loads((tmp_path / "summary.json").read_text())
   stages = summary["stages"]

@@ -18,6 +18,9 @@ from visionfm_jax.training import train
 
 from conftest import tiny_vit_config
 
+# one worker trains the module's run (xdist would give each worker its own); resumes of one config compile once
+pytestmark = [pytest.mark.usefixtures("compilation_cache"), pytest.mark.xdist_group("resume_changes")]
+
 
 def _tiny_config(**overrides):
   config = tiny_vit_config(**{"total_steps": 6, "checkpoint_every": 2, "eval_every": 100, "log_every": 1,

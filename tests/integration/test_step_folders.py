@@ -16,7 +16,8 @@ from visionfm_jax.training import checkpoint, train
 
 from conftest import tiny_vit_config
 
-pytestmark = pytest.mark.usefixtures("compilation_cache")
+# one worker builds the module's run (xdist would give each worker its own)
+pytestmark = [pytest.mark.usefixtures("compilation_cache"), pytest.mark.xdist_group("step_folders")]
 
 
 def _config(**overrides):

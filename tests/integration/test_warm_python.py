@@ -30,6 +30,9 @@ if mode == "sleep":
 '''
 
 
+pytestmark = pytest.mark.xdist_group("warm_python")  # one worker starts the module's server
+
+
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
   """(a server of the `warm_probe` module, the probe's folder)."""
