@@ -31,8 +31,7 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import cluster_env, distributed
 
 from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session
-from test_multiprocess import DDP_FLAGS
-from test_multiprocess import TOTAL_STEPS as CHAIN_STEPS
+from test_multiprocess import DDP_FLAGS, TOTAL_STEPS
 
 MANIFEST = os.path.join(ROOT, "launch", "kubernetes", "jobset.yaml")
 CRD = os.path.join(ROOT, "tests", "data", "jobset_v0.9.1_crd.yaml.gz")
@@ -227,12 +226,6 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-# One notice a run, acted on within ~15 steps of the first logged one (test_multiprocess.TOTAL_STEPS's comment):
-# half of the chain's steps leave that margin and a checkpoint after the resume.
-TOTAL_STEPS = CHAIN_STEPS // 2
-POD_FLAGS = [f"--config.total_steps={TOTAL_STEPS}" if f.startswith("--config.total_steps=") else f for f in DDP_FLAGS]
-
-
 def _start_pods(workdir, warm) -> list[subprocess.Popen]:
   """The manifest's two pods as local processes with its entrypoint and environment, the coordinator's name
   resolved to localhost, each on one CPU device (test_multiprocess runs two a process), training the tiny ViT of
@@ -246,7 +239,7 @@ def _start_pods(workdir, warm) -> list[subprocess.Popen]:
                JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
                XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}",
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the restart loads the first start's programs
-    pods.append(_entrypoint([*POD_FLAGS, f"--workdir={workdir}"], warm.env(env)))
+    pods.append(_entrypoint([*DDP_FLAGS, f"--workdir={workdir}"], warm.env(env)))
   return pods
 
 

@@ -137,7 +137,7 @@ def test_a_tracker_that_is_not_installed_is_one_error_line_naming_its_extra(tmp_
 TINY = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
         "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
         "--config.data.eval_examples=16", "--config.data.num_workers=0", "--config.progress_bar=False",
-        "--config.checkpoint_every=2", "--config.log_every=1", "--config.eval_every=4", "--config.total_steps=8",
+        "--config.checkpoint_every=6", "--config.log_every=1", "--config.eval_every=12", "--config.total_steps=24",
         f"--config.report_to={ALL}"]
 # The run of `main` whose process is killed outright (SIGKILL: no cleanup) right after it has logged step KILL_AT.
 _KILLED_MAIN = """
@@ -161,36 +161,36 @@ app.run(entry.main, flags_parser=entry._parse_flags)
 def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run_per_tracker(tmp_path,
                                                                                              compilation_cache,
                                                                                              warm_python):
-  """Killed after logging step 5 (checkpoint 4 the newest), rerun to 8: one W&B run, which the kill left
-  without what W&B had not yet written, rewound to its start and given metrics.jsonl's rows 1-4 again, then 5-8;
-  one MLflow run, FINISHED; both hold metrics.jsonl's values, and the console names both."""
+  """Killed after logging step 17 (checkpoint 12 the newest, 5 steps for its save to commit), rerun to 24: one W&B
+  run, which the kill left without what W&B had not yet written, rewound to its start and given metrics.jsonl's rows
+  1-12 again, then 13-24; one MLflow run, FINISHED; both hold metrics.jsonl's values, and the console names both."""
   workdir = tmp_path / "run"
-  env = dict(os.environ, KILL_AT="5", **compilation_cache_env(compilation_cache))
+  env = dict(os.environ, KILL_AT="17", **compilation_cache_env(compilation_cache))
   args = [*TINY, f"--workdir={workdir}"]
   killed = subprocess.run([sys.executable, "-c", _KILLED_MAIN, *args], cwd=ROOT, env=env, capture_output=True,
                           text=True, timeout=300)
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
-  assert sorted(os.listdir(workdir / "checkpoints")) == ["2", "4"]
+  assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["6", "12"]
   rerun = subprocess.run([warm_python.python, "-m", "visionfm_jax.main", *args], cwd=ROOT,
                          env=warm_python.env(env), capture_output=True, text=True, timeout=300)
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert "could not start" not in rerun.stderr and "no more metrics go to it" not in rerun.stderr, rerun.stderr[-4000:]
 
   want = jsonl_scalars(workdir)
-  assert sorted(want) == list(range(1, 9))
+  assert sorted(want) == list(range(1, 25))
   ids = json.loads((workdir / trackers.IDS_FILE).read_text())
   (run_id, run), = wandb_runs(workdir).items()
   assert run_id == ids["wandb"]["id"] and run["rewinds"] == [0] and ids["wandb"]["closed"]
   assert run["history"] == want
   assert run["exit_codes"][-1] == 0
-  assert run["summary"]["eval/val/top1"] == want[8]["eval/val/top1"]
+  assert run["summary"]["eval/val/top1"] == want[24]["eval/val/top1"]
   assert f"W&B run {run_id}: {workdir / 'wandb'}/offline-run-" in rerun.stderr
 
   (mlflow_id, run), = mlflow_runs(workdir).items()
   assert mlflow_id == ids["mlflow"]["run_id"] and run["status"] == "FINISHED"
   assert run["history"] == want
   assert sorted(run["artifacts"]) == ["config.json", "panels", "summary.json"]
-  assert sorted(wandb_runs(workdir)[run_id]["images"]) == [(4, "panel"), (8, "panel")]  # step 4's sent again
+  assert sorted(wandb_runs(workdir)[run_id]["images"]) == [(12, "panel"), (24, "panel")]  # step 12's sent again
   assert run["params"]["model.variant"] == "pico/4"
   assert f"MLflow run {mlflow_id} in sqlite:///{workdir}/mlflow.db" in rerun.stderr
 

@@ -246,7 +246,6 @@ def test_each_target_names_launch_flags_this_xla_parses():
     assert os.path.exists(target.spec_file)
 
 
-
 def _fields(message: bytes) -> dict[int, list]:
   """A protobuf message's fields by number: varints as ints, length-delimited ones as bytes (the wire format)."""
   def varint(at):
@@ -264,8 +263,9 @@ def _fields(message: bytes) -> dict[int, list]:
     elif key & 7 == 2:
       length, at = varint(at)
       value, at = message[at:at + length], at + length
-    else:
-      raise AssertionError(f"wire type {key & 7} is not expected in compile options")
+    else:  # fixed 64 (1) or 32 (5) bits: doubles and floats
+      width = {1: 8, 5: 4}[key & 7]
+      value, at = message[at:at + width], at + width
     fields.setdefault(key >> 3, []).append(value)
   return fields
 
@@ -280,6 +280,8 @@ def test_compile_options_carry_the_launch_memory_and_keep_their_other_fields():
   build = _fields(patched.SerializeAsString())[3]
   assert len(build) == 1 and _fields(build[0])[15] == [size]  # ExecutableBuildOptionsProto.device_memory_size
   assert 15 not in _fields(_fields(options.SerializeAsString())[3][0])
+  with pytest.raises(ValueError, match="device memory size 0"):
+    gpu_target.with_device_memory_size(options, 0)
   with gpu_target.launch_memory(gpu_target.get("a100")):
     inside = compiler.get_compile_options(num_replicas=1, num_partitions=8)
   assert _fields(_fields(inside.SerializeAsString())[3][0])[15] == [size]
@@ -288,7 +290,7 @@ def test_compile_options_carry_the_launch_memory_and_keep_their_other_fields():
 
 @pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler (pip install -e '.[gpu-aot]')")
 def test_a_deviceless_compile_plans_within_the_memory_its_launch_may_use():
-  """32 layers whose backward keeps 32 GiB-sized activations, 64 GiB on an H100: over the 80% of its memory XLA
+  """32 layers whose backward keeps 32 activations of 2 GiB, 64 GiB on an H100: over the 80% of its memory XLA
   assumes without a device, within the 92% the launch's allocator holds. Without the launch's figure XLA recomputes
   matmuls in the backward that the job would not."""
   device = jax.sharding.SingleDeviceSharding(gpu_target.devices(gpu_target.get("h100"), 1)[0])
@@ -310,6 +312,7 @@ def test_a_deviceless_compile_plans_within_the_memory_its_launch_may_use():
   assert dots(assumed) > dots(launched)
   assert launched.memory_analysis().temp_size_in_bytes >= depth * rows * width * 2
   assert assumed.memory_analysis().temp_size_in_bytes < launched.memory_analysis().temp_size_in_bytes
+
 
 PEELED_LOOP = """HloModule peeled, is_scheduled=true
 

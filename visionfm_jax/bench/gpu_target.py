@@ -144,7 +144,8 @@ def devices(target: Target, count: int) -> list:
 @contextlib.contextmanager
 def launch_memory(target: Target):
   """Within: JAX's compiles pass `launch_memory_bytes(target)` as the device memory size (module docstring), as JAX
-  does on a GPU from its allocator's limit."""
+  does on a GPU from its allocator's limit. For programs lowered within it (JAX keeps a lowering's executable, which
+  a second compile outside would return), from one thread (it swaps a module function)."""
   from jax._src import compiler  # pylint: disable=g-import-not-at-top  (the one place JAX builds compile options)
   original = compiler.get_compile_options
   size = launch_memory_bytes(target)
@@ -158,8 +159,9 @@ def launch_memory(target: Target):
 def with_device_memory_size(options, size: int):
   """A copy of JAX's `CompileOptions` with `ExecutableBuildOptionsProto.device_memory_size` (field 15 of field 3 of
   `CompileOptionsProto`, XLA's pjrt/proto/compile_options.proto) set, which its Python binding does not expose: a
-  serialized message parses the fields of a repeated sub-message into the one before, so appending the field sets
-  it."""
+  message field given twice is merged into the first, so appending one that holds only this field sets it."""
+  if size <= 0:
+    raise ValueError(f"device memory size {size}: expected a positive byte count")
   inner = _key(15, 0) + _varint(size)
   return type(options).ParseFromString(options.SerializeAsString() + _key(3, 2) + _varint(len(inner)) + inner)
 
