@@ -32,7 +32,8 @@ LAYERS = (
     # the shared main of main, bench and the CLIs: help, flag parsing, one `error:` line (over config_lib); the folder
     # a CLI writes whole (over atomic)
     ("cli", "output_folder"),
-    ("config_lib", "token_ids", "atomic", "param_rules"),  # leaves but for errors (param_rules: over param paths)
+    # leaves but for errors (param_rules: over param paths); protowire: Protocol Buffers' wire format
+    ("config_lib", "token_ids", "atomic", "param_rules", "protowire"),
     ("errors",),
 )
 

@@ -24,6 +24,7 @@ import importlib.util
 import os
 import re
 
+from visionfm_jax import protowire
 from visionfm_jax.errors import ConfigError, UserError
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -162,18 +163,5 @@ def with_device_memory_size(options, size: int):
   message field given twice is merged into the first, so appending one that holds only this field sets it."""
   if size <= 0:
     raise ValueError(f"device memory size {size}: expected a positive byte count")
-  inner = _key(15, 0) + _varint(size)
-  return type(options).ParseFromString(options.SerializeAsString() + _key(3, 2) + _varint(len(inner)) + inner)
-
-
-def _key(field: int, wire_type: int) -> bytes:
-  return _varint(field << 3 | wire_type)
-
-
-def _varint(value: int) -> bytes:
-  out = bytearray()
-  while True:
-    byte, value = value & 0x7F, value >> 7
-    out.append(byte | (0x80 if value else 0))
-    if not value:
-      return bytes(out)
+  device_memory_size = protowire.varint(15 << 3) + protowire.varint(size)
+  return type(options).ParseFromString(options.SerializeAsString() + protowire.length_delimited(3, device_memory_size))

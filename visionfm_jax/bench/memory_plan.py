@@ -351,8 +351,9 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
   from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import step as step_lib
 
-  if target:
-    mesh_devices = gpu_target.devices(gpu_target.get(target), devices)
+  gpu = gpu_target.get(target) if target else None
+  if gpu:
+    mesh_devices = gpu_target.devices(gpu, devices)
   elif jax.device_count() < devices:
     raise ConfigError(f"--devices={devices}: this process has {jax.device_count()} devices")
   else:
@@ -364,7 +365,7 @@ def compile_step(config, devices: int, target: str = "", try_kernels=()):
   batch = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((config.global_batch_size,) + v.shape[1:], v.dtype) for k, v in batch.items()}
   # plan the program the accelerators run, not the simulating CPU's tricks; `try_kernels`: kernels.trying's
-  memory = gpu_target.launch_memory(gpu_target.get(target)) if target else contextlib.nullcontext()
+  memory = gpu_target.launch_memory(gpu) if gpu else contextlib.nullcontext()
   with kernels.forced("plain"), kernels.trying(try_kernels), memory:
     return step_lib.compile_train_step(config, mesh, batch, task), task, mesh
 

@@ -13,6 +13,9 @@ import socket
 import struct
 import time
 
+from visionfm_jax.protowire import length_delimited as _length_delimited
+from visionfm_jax.protowire import varint as _varint
+
 _SESSION_START = 1  # tensorflow.SessionLog.START: TensorBoard drops the events of steps >= this event's step
 
 
@@ -45,20 +48,6 @@ def record(payload: bytes) -> bytes:
   """One TFRecord."""
   length = struct.pack("<Q", len(payload))
   return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
-
-
-def _varint(value: int) -> bytes:
-  value &= (1 << 64) - 1  # int64 fields encode negatives as ten-byte two's complement
-  out = bytearray()
-  while value > 0x7F:
-    out.append((value & 0x7F) | 0x80)
-    value >>= 7
-  out.append(value)
-  return bytes(out)
-
-
-def _length_delimited(field: int, payload: bytes) -> bytes:
-  return _varint(field << 3 | 2) + _varint(len(payload)) + payload
 
 
 def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
