@@ -195,6 +195,27 @@ def test_the_init_is_traced_once_for_its_shapes_and_its_values():
 NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2, "mesh.fsdp": 4}
 
 
+@pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}],
+                         ids=["reduced", "unreduced"])
+def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, unreduced):
+  """The loop's carry is shaped from the same trace of a micro-batch's forward and backward that the loop body
+  runs (grads.traced_once): the model is traced once per step, not twice."""
+  config = tiny_vit_config(grad_accum_steps=2, **unreduced)
+  mesh, task = parallel.make_mesh(config.mesh), tasks.build(config)
+  traces, loss = [], task.loss
+  monkeypatch.setattr(task, "loss", lambda *args: traces.append(1) or loss(*args))
+  lr_schedule = optim.schedule(config.optim, config.total_steps)
+  tx = optim.make_optimizer(config.optim, lr_schedule)
+  init_fn = step_lib.make_init_fn(task, tx, config)
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _random_batches(config, 1)[0].items()}
+  with parallel.activation_sharding(mesh):
+    abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
+    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    traces.clear()  # counted from the step's trace on
+    step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, lr_schedule).trace(state, batch)
+  assert len(traces) == 1
+
+
 @pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}, NODE_LOCAL],
                          ids=["reduced", "unreduced", "node_local"])
 def test_gradient_accumulation_equals_one_big_batch(unreduced):

@@ -49,6 +49,13 @@ def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
   return _constrained(grads, grad_shardings), loss, aux
 
 
+def traced_once(fn):
+  """`fn` as its own inlined jit: the loop's carry, shaped by `jax.eval_shape(fn, ...)`, and the loop's body then
+  share one trace of the micro-batch's forward and backward (traces are cached by function and argument types),
+  where two calls of a plain function trace the model twice. Inlined, the step's program is the same."""
+  return jax.jit(fn, inline=True)
+
+
 def _constrained(tree, shardings):
   return tree if shardings is None else jax.lax.with_sharding_constraint(tree, shardings)
 
@@ -139,8 +146,8 @@ def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, g
   `device_mesh`: each device's own (`per_device`), averaged over the devices after the scan."""
   micro_batches = split_microbatches(batch, accum)
   inner_shardings = None if device_mesh is not None else grad_shardings
-  micro_grads = per_device(lambda p, rows, r: grads_of(task, p, rows, r, scale, inner_shardings), device_mesh,
-                           node_local_specs(device_mesh, grad_shardings))
+  micro_grads = traced_once(per_device(lambda p, rows, r: grads_of(task, p, rows, r, scale, inner_shardings),
+                                      device_mesh, node_local_specs(device_mesh, grad_shardings)))
 
   def body(carry, xs):
     micro, i = xs
@@ -271,7 +278,7 @@ def _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale
   def one_micro_batch(p, micro, micro_rng, feature_grad):
     loss, feats, vjp, aux = _local_vjp(task, p, micro, micro_rng, context)
     return _backward(vjp, loss, feats, feature_grad, scale, None), loss, aux
-  micro_grads = per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings))
+  micro_grads = traced_once(per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings)))
 
   def body(carry, xs):
     return jax.tree.map(jnp.add, carry, micro_grads(params, *xs)), None
