@@ -220,10 +220,11 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
 
 def _start_shapes(task, params, first, context, global_term):
   """two_pass_grads' loop carry (traced for its shapes): (grads, local loss, local metrics, the whole batch's
-  features, their gradients, (the global term's loss, metrics))."""
-  loss, feats, vjp, aux = _local_vjp(task, params, *first[:2], context)
+  features, their gradients, (the global term's loss, metrics)). The forward alone: gradients have their params'
+  shapes and dtypes, and the loop body traces the backward."""
+  loss, feats, aux = task.local_loss(params, *first[:2], context)
   whole, feature_grads, global_out = global_term(feats)
-  return vjp((loss, feats))[0], loss, aux, whole, feature_grads, global_out
+  return params, loss, aux, whole, feature_grads, global_out
 
 
 def _append_micro_batch(features, last):
