@@ -19,7 +19,7 @@ from visionfm_jax.training import state as state_lib
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.state import TrainState
 
-from conftest import tiny_vit_config
+from conftest import tiny_clip_config, tiny_vit_config
 
 
 def _random_batches(config, n, seed=0):
@@ -195,19 +195,25 @@ def test_the_init_is_traced_once_for_its_shapes_and_its_values():
 NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2, "mesh.fsdp": 4}
 
 
-@pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}],
-                         ids=["reduced", "unreduced"])
-def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, unreduced):
+UNREDUCED = {"accumulate_unreduced": True, "strategy": "zero2"}
+
+
+@pytest.mark.parametrize("make_config, loss_name, unreduced",
+                         [(tiny_vit_config, "loss", {}), (tiny_vit_config, "loss", UNREDUCED),
+                          (tiny_clip_config, "local_loss", UNREDUCED)],
+                         ids=["reduced", "unreduced", "split_loss_unreduced"])
+def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, make_config, loss_name, unreduced):
   """The loop's carry is shaped from the same trace of a micro-batch's forward and backward that the loop body
-  runs (grads.traced_once): the model is traced once per step, not twice."""
-  config = tiny_vit_config(grad_accum_steps=2, **unreduced)
+  runs (grads.traced_once): the model is traced once per step, not twice; a split loss's per-device pass 2 too."""
+  config = make_config(grad_accum_steps=2, **unreduced)
   mesh, task = parallel.make_mesh(config.mesh), tasks.build(config)
-  traces, loss = [], task.loss
-  monkeypatch.setattr(task, "loss", lambda *args: traces.append(1) or loss(*args))
+  traces, loss = [], getattr(task, loss_name)
+  monkeypatch.setattr(task, loss_name, lambda *args: traces.append(1) or loss(*args))
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   tx = optim.make_optimizer(config.optim, lr_schedule)
   init_fn = step_lib.make_init_fn(task, tx, config)
-  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in _random_batches(config, 1)[0].items()}
+  rows = task.synthetic_batch(config.global_batch_size, np.random.default_rng(0))
+  batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in rows.items()}
   with parallel.activation_sharding(mesh):
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
