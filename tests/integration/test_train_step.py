@@ -195,6 +195,18 @@ def test_the_init_is_traced_once_for_its_shapes_and_its_values():
 NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2, "mesh.fsdp": 4}
 
 
+def test_a_straight_line_stack_initialises_from_the_rolled_loops_program():
+  """scan_unroll changes the step's program, never the params: the state's init traces every stack as the rolled
+  loop (models.layers.rolled_stacks), one block's random draws in a loop body where straight-line code would compile
+  a copy per block, and so gives every form the same params."""
+  def lowered_init(unroll):
+    config = tiny_vit_config(**{"model.variant": "32x3x64x2/4", "model.scan_unroll": unroll})
+    tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
+    init_fn = step_lib.make_init_fn(tasks.build(config), tx, config)
+    return jax.jit(init_fn).lower(jax.random.key(0)).as_text()
+  assert lowered_init(0) == lowered_init(1)
+
+
 UNREDUCED = {"accumulate_unreduced": True, "strategy": "zero2"}
 
 

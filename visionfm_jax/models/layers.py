@@ -7,6 +7,8 @@ has a faster form on the CPU, models/kernels.py picks it; the modules here never
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
 from typing import Any, Callable
 
@@ -359,6 +361,21 @@ def check_scan_unroll(unroll: int) -> int:
   return unroll
 
 
+_ROLLED = contextvars.ContextVar("rolled_stacks", default=False)
+
+
+@contextlib.contextmanager
+def rolled_stacks():
+  """Within it every scanned stack runs as a rolled loop (lax.scan's unroll 1) whatever its `unroll`. The params
+  do not depend on the form (`stack_blocks`), so the state's init traces the rolled one: straight-line, a stack's
+  init would be one copy of a block's random draws per block for XLA to compile."""
+  token = _ROLLED.set(True)
+  try:
+    yield
+  finally:
+    _ROLLED.reset(token)
+
+
 def straight_line_blocks(depth: int, scan: bool, unroll: int) -> bool:
   """Whether some block of a stack runs outside a loop: unrolled, a scan unrolled whole (`unroll` 0 or >= depth,
   which includes a one-block stack: XLA inlines a loop of one trip), or the remainder of depth / unroll (lax.scan
@@ -386,6 +403,7 @@ def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy
   slices of weights or gradients), with each block's remat policy kept (`straight_line_blocks`).
   """
   check_scan_unroll(unroll)
+  unroll = 1 if _ROLLED.get() else unroll
   block = remat(block, remat_policy, prevent_cse=straight_line_blocks(depth, scan, unroll))
   if scan:
     scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},

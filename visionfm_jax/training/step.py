@@ -13,7 +13,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 import optax
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import models, parallel, tasks
 from visionfm_jax.training import grads as grads_lib
 from visionfm_jax.training import guards, optim
 from visionfm_jax.training import state as state_lib
@@ -25,7 +25,8 @@ def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> 
   optional parts its config turns on (training/state.py, `PARTS`)."""
 
   def init(rng):
-    params = task.init_variables(rng)["params"]
+    with models.layers.rolled_stacks():  # the same params as the run's form, from a program of one loop body
+      params = task.init_variables(rng)["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
                       **state_lib.created(config, params))
 
