@@ -192,7 +192,8 @@ def test_the_init_is_traced_once_for_its_shapes_and_its_values():
   chex.assert_trees_all_equal(state, _initial_state(config, make_state, shardings))
 
 
-NODE_LOCAL = {"accumulate_unreduced": True, "strategy": "zero2", "mesh.data": 2, "mesh.fsdp": 4}
+UNREDUCED = {"accumulate_unreduced": True, "strategy": "zero2"}
+NODE_LOCAL = {**UNREDUCED, "mesh.data": 2, "mesh.fsdp": 4}
 
 
 def test_a_straight_line_stack_initialises_from_the_rolled_loops_program():
@@ -205,9 +206,6 @@ def test_a_straight_line_stack_initialises_from_the_rolled_loops_program():
     init_fn = step_lib.make_init_fn(tasks.build(config), tx, config)
     return jax.jit(init_fn).lower(jax.random.key(0)).as_text()
   assert lowered_init(0) == lowered_init(1)
-
-
-UNREDUCED = {"accumulate_unreduced": True, "strategy": "zero2"}
 
 
 @pytest.mark.parametrize("make_config, loss_name, unreduced",
@@ -234,7 +232,7 @@ def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, make_confi
   assert len(traces) == 1
 
 
-@pytest.mark.parametrize("unreduced", [{}, {"accumulate_unreduced": True, "strategy": "zero2"}, NODE_LOCAL],
+@pytest.mark.parametrize("unreduced", [{}, UNREDUCED, NODE_LOCAL],
                          ids=["reduced", "unreduced", "node_local"])
 def test_gradient_accumulation_equals_one_big_batch(unreduced):
   """Also with each device's gradients summed unreduced over the micro-batches and reduced once a step, and with
