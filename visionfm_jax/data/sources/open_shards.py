@@ -22,7 +22,7 @@ from typing import Callable
 # Idle shards kept open per source and process: past the reading threads' working set nothing is gained (grain
 # reads with 16 threads per worker; the evaluation reader with as many as the loader has workers).
 LIMIT = 16
-# grain's reading threads per worker process (its ReadOptions.num_threads default, which the loaders keep).
+# grain's reading threads per worker process (its ReadOptions.num_threads default, which the loaders set).
 READ_THREADS = 16
 
 
