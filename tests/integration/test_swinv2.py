@@ -289,7 +289,7 @@ def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_tabl
   attention = swinv2.WindowAttention(num_heads=2, window=4, pretrained_window=0, attention=implementation)
   windows = jax.random.normal(jax.random.key(0), (8, 4, 16, 8))
   regions = swinv2.shift_regions(8, 8, 4, 2)
-  variables = _jittered(attention.init(jax.random.key(1), windows[:1], regions), 0.1, seed=2)
+  variables = _jittered(jax.jit(attention.init)(jax.random.key(1), windows[:1], regions), 0.1, seed=2)
 
   def loss(v, x):
     return jnp.sum(jnp.sin(attention.apply(v, x, regions)))

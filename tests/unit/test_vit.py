@@ -59,7 +59,7 @@ def test_unknown_pool_is_a_config_error_naming_it(pool):
   with pytest.raises(ConfigError, match=f"config.model: pool={pool!r}: expected one of"):
     models.build(config.model, jnp.float32, "cpu")
   with pytest.raises(ValueError, match=f"pool={pool!r}"):
-    vit.ViT(**vit.parse_variant("pico/4"), pool=pool).init(jax.random.key(0), _images())
+    jax.eval_shape(vit.ViT(**vit.parse_variant("pico/4"), pool=pool).init, jax.random.key(0), _images())
 
 
 def _images(n=2, size=16):
