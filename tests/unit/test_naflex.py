@@ -2,6 +2,7 @@
 transformers' SigLIP 2 processor and torch's antialiased bilinear interpolate: the grid rule, the patches, their
 mask and grid, and the resized position embeddings; the mixed-aspect demo data through the training loader."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -57,14 +58,15 @@ def test_position_embeddings_are_torchs_antialiased_bilinear_resize(square):
   table = rng.standard_normal((square, square, 5)).astype(np.float32)
   grids = np.array([[2, 9], [square, square], [11, 3], [1, 1], [5, 5]], np.int32)  # shrunk, kept, stretched
   tokens = 64
-  weights = np.asarray(vit.naflex_position_weights(jnp.asarray(grids), tokens, square))
+  position_weights = jax.jit(vit.naflex_position_weights, static_argnums=(1, 2))  # one program, not one per op
+  weights = np.asarray(position_weights(jnp.asarray(grids), tokens, square))
   resized = weights @ table.reshape(square * square, -1)
   for (rows, columns), got in zip(grids, resized):
     want = F.interpolate(torch.from_numpy(table).permute(2, 0, 1)[None], size=(int(rows), int(columns)),
                          mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0).numpy()
     np.testing.assert_allclose(got[:rows * columns], want.reshape(rows * columns, -1), atol=1e-5)
   # an evaluation batch's padding row (all zeros: grid (0, 0)) stays finite
-  assert np.all(np.isfinite(vit.naflex_position_weights(jnp.zeros((1, 2), jnp.int32), tokens, square)))
+  assert np.all(np.isfinite(position_weights(jnp.zeros((1, 2), jnp.int32), tokens, square)))
 
 
 def test_mixed_aspect_demo_batches_keep_each_images_aspect():

@@ -87,12 +87,12 @@ def test_scanned_and_unrolled_blocks_agree(policy):
 
 def test_stochastic_depth_is_random_in_training_and_off_in_eval():
   model = vit.ViT(**vit.parse_variant("pico/4"), drop_path=0.5)
-  variables = model.init(jax.random.key(0), _images())
-  a = model.apply(variables, _images(8), train=True, rngs={"dropout": jax.random.key(1)})["tokens"]
-  b = model.apply(variables, _images(8), train=True, rngs={"dropout": jax.random.key(2)})["tokens"]
+  variables = jax.jit(model.init)(jax.random.key(0), _images())
+  train = jax.jit(lambda v, key: model.apply(v, _images(8), train=True, rngs={"dropout": key})["tokens"])
+  a, b = train(variables, jax.random.key(1)), train(variables, jax.random.key(2))
   assert not np.allclose(a, b)
-  e1 = model.apply(variables, _images(8))["tokens"]
-  e2 = vit.ViT(**vit.parse_variant("pico/4")).apply(variables, _images(8))["tokens"]
+  e1 = jax.jit(model.apply)(variables, _images(8))["tokens"]
+  e2 = jax.jit(vit.ViT(**vit.parse_variant("pico/4")).apply)(variables, _images(8))["tokens"]
   chex.assert_trees_all_close(e1, e2)
   np.testing.assert_allclose(vit.layers.stochastic_depth_rates(0.2, 5), [0.0, 0.05, 0.1, 0.15, 0.2], atol=1e-7)
 
