@@ -177,22 +177,33 @@ _DEAD_RUN = textwrap.dedent("""
 """)
 
 
-def test_the_next_start_removes_what_a_dead_run_left_with_one_line_and_keeps_a_live_runs(caplog):
-  from visionfm_jax.data.loader import pipeline, reaping  # pylint: disable=import-outside-toplevel
+def _leave_a_dead_runs_files() -> list[str]:
   dead = subprocess.run([sys.executable, "-c", _DEAD_RUN], cwd=ROOT, env=cpu_env(1), start_new_session=True,
                         capture_output=True, text=True, timeout=60)
   assert dead.returncode == -signal.SIGKILL, dead.stderr[-2000:]
   dead_files = dead.stdout.split()
   assert all(os.path.exists(os.path.join(SHM, name)) for name in dead_files), dead_files
+  return dead_files
+
+
+def test_the_next_start_removes_what_a_dead_run_left_with_one_line_and_keeps_a_live_runs(caplog):
+  """Any start on the node removes a dead run's files: where another start (the suite's other worker) removes them
+  first, with its line, not ours, the scenario runs again."""
+  from visionfm_jax.data.loader import pipeline, reaping  # pylint: disable=import-outside-toplevel
   live = shared_memory.SharedMemory(name=f"psm_{reaping.run_tag()}-live", create=True, size=4096)
   untagged = shared_memory.SharedMemory(name=f"psm_{secrets.token_hex(4)}", create=True, size=4096)
   untagged.close()  # another program's: no live process has it open, but nothing says whose it was
   try:
-    with caplog.at_level(logging.INFO):
-      pipeline.make_train_loader(tiny_vit_config().data, batch_size=16, seed=0, process_index=0, process_count=1)
-    assert not any(os.path.exists(os.path.join(SHM, name)) for name in dead_files)
-    assert os.path.exists(os.path.join(SHM, live.name)) and os.path.exists(os.path.join(SHM, untagged.name))
-    lines = [r.getMessage() for r in caplog.records if "shared-memory files" in r.getMessage()]
+    for _ in range(3):
+      dead_files = _leave_a_dead_runs_files()
+      caplog.clear()
+      with caplog.at_level(logging.INFO):
+        pipeline.make_train_loader(tiny_vit_config().data, batch_size=16, seed=0, process_index=0, process_count=1)
+      assert not any(os.path.exists(os.path.join(SHM, name)) for name in dead_files)
+      assert os.path.exists(os.path.join(SHM, live.name)) and os.path.exists(os.path.join(SHM, untagged.name))
+      lines = [r.getMessage() for r in caplog.records if "shared-memory files" in r.getMessage()]
+      if lines:
+        break
     assert len(lines) == 1, lines
     line = re.fullmatch(rf"{SHM}: removed (\d+) shared-memory files \(([\d.]+) MiB\) that runs which died on this "
                         rf"node left", lines[0])
