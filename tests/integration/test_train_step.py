@@ -78,8 +78,7 @@ def _setup(config, task=None, devices=None, params=None):
   state, loss scale and EMA, is the init's), e.g. conftest.random_params: no compile of the init's draws."""
   mesh = parallel.make_mesh(config.mesh, devices)
   task = task or tasks.build(config)
-  lr_schedule = optim.schedule(config.optim, config.total_steps)
-  tx = optim.make_optimizer(config.optim, lr_schedule)
+  tx, lr_schedule = optim.fresh_optimizer(config)
   init_fn = step_lib.make_init_fn(task, tx, config)
   with parallel.activation_sharding(mesh):
     abstract, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
@@ -181,7 +180,7 @@ def test_the_init_is_traced_once_for_its_shapes_and_its_values():
   run otherwise) and lays the state out as planned, with the values of a plain jit of the init."""
   config = tiny_vit_config(strategy="zero3")
   mesh, task = parallel.make_mesh(config.mesh), tasks.build(config)
-  tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
+  tx, _ = optim.fresh_optimizer(config)
   make_state, traces = step_lib.make_init_fn(task, tx, config), []
   init_fn = lambda rng: traces.append(rng) or make_state(rng)
   with parallel.activation_sharding(mesh):
@@ -202,7 +201,7 @@ def test_a_straight_line_stack_initialises_from_the_rolled_loops_program():
   a copy per block, and so gives every form the same params."""
   def lowered_init(unroll):
     config = tiny_vit_config(**{"model.variant": "32x3x64x2/4", "model.scan_unroll": unroll})
-    tx = optim.make_optimizer(config.optim, optim.schedule(config.optim, config.total_steps))
+    tx, _ = optim.fresh_optimizer(config)
     init_fn = step_lib.make_init_fn(tasks.build(config), tx, config)
     return jax.jit(init_fn).lower(jax.random.key(0)).as_text()
   assert lowered_init(0) == lowered_init(1)
@@ -219,8 +218,7 @@ def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, make_confi
   mesh, task = parallel.make_mesh(config.mesh), tasks.build(config)
   traces, loss = [], getattr(task, loss_name)
   monkeypatch.setattr(task, loss_name, lambda *args: traces.append(1) or loss(*args))
-  lr_schedule = optim.schedule(config.optim, config.total_steps)
-  tx = optim.make_optimizer(config.optim, lr_schedule)
+  tx, lr_schedule = optim.fresh_optimizer(config)
   init_fn = step_lib.make_init_fn(task, tx, config)
   rows = task.synthetic_batch(config.global_batch_size, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in rows.items()}
