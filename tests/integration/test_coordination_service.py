@@ -64,6 +64,29 @@ def test_process_0_joins_the_launchers_service_instead_of_starting_one(tmp_path)
   assert "joined 0 1 6" in joined.stdout
 
 
+def test_the_service_starts_without_jax_and_logs_nothing_below_warning(tmp_path):
+  """The launcher's service needs JAX's native library only: its process imports neither JAX nor Flax
+  (`coordination._native_library`), and the library's C++ INFO lines stay off the console, as under JAX."""
+  ready, log = tmp_path / "ready", tmp_path / "stderr"
+  argv = [sys.executable, "-X", "importtime", "-m", "visionfm_jax.parallel.coordination", "--processes=1",
+          f"--ready_file={ready}"]
+  with open(log, "w", encoding="utf-8") as stderr:
+    service = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=stderr,
+                               start_new_session=True)
+    try:
+      deadline = time.monotonic() + 60
+      while not ready.exists():
+        assert service.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
+        time.sleep(0.05)
+    finally:
+      service.terminate()
+      assert service.wait(timeout=30) == 0
+  lines = log.read_text().splitlines()
+  imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
+  assert "jaxlib._jax" in imported and not imported & {"jax", "flax", "visionfm_jax.parallel.sharding"}
+  assert not [line for line in lines if not line.startswith("import time:")], lines[-20:]
+
+
 def test_the_service_ends_when_the_launcher_that_started_it_is_killed(tmp_path):
   launcher, _ = _serve(tmp_path, parent_argv=["bash", "-c"])
   with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children", encoding="utf-8") as f:
