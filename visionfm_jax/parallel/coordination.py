@@ -51,7 +51,7 @@ def _jax_distributed_module():
 
 def _native_library():
   """The native library that jax._src.distributed calls (jaxlib._jax), imported without JAX: all the launcher's
-  service needs (0.5 against 1.6 CPU s of imports). Its C++ logs at warning and above, as importing JAX sets."""
+  service needs (0.5 against 1.7 CPU s of imports). Its C++ logs at warning and above, as importing JAX sets."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   import jaxlib._jax as native  # pylint: disable=g-import-not-at-top
   if not hasattr(native, "get_distributed_runtime_service"):
