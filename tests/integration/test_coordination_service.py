@@ -34,14 +34,16 @@ print("joined", jax.process_index(), jax.process_count(), int(jax.numpy.arange(4
 """
 
 
-def _serve(tmp_path, parent_argv=None) -> tuple[subprocess.Popen, int]:
-  """Starts the service for one process (under a shell parent when `parent_argv`); returns (process, port)."""
+def _serve(tmp_path, parent_argv=None, python_options=(), stderr=None) -> tuple[subprocess.Popen, int]:
+  """Starts the service for one process (under a shell parent when `parent_argv`; with the interpreter's
+  `python_options`, its stderr to the file `stderr`); returns (process, port)."""
   ready = tmp_path / "ready"
-  argv = [sys.executable, "-m", "visionfm_jax.parallel.coordination", "--processes=1", f"--ready_file={ready}"]
+  argv = [sys.executable, *python_options, "-m", "visionfm_jax.parallel.coordination", "--processes=1",
+          f"--ready_file={ready}"]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # "; exit" keeps bash from becoming the service (exec) so that it stays its parent
   proc = subprocess.Popen(parent_argv + [" ".join(argv) + "; exit"] if parent_argv else argv, cwd=ROOT, env=env,
-                          start_new_session=True)
+                          stderr=stderr, start_new_session=True)
   deadline = time.monotonic() + 60
   while not ready.exists():
     assert proc.poll() is None and time.monotonic() < deadline, "the service did not start"
@@ -67,20 +69,11 @@ def test_process_0_joins_the_launchers_service_instead_of_starting_one(tmp_path)
 def test_the_service_starts_without_jax_and_logs_nothing_below_warning(tmp_path):
   """The launcher's service needs JAX's native library only: its process imports neither JAX nor Flax
   (`coordination._native_library`), and the library's C++ INFO lines stay off the console, as under JAX."""
-  ready, log = tmp_path / "ready", tmp_path / "stderr"
-  argv = [sys.executable, "-X", "importtime", "-m", "visionfm_jax.parallel.coordination", "--processes=1",
-          f"--ready_file={ready}"]
+  log = tmp_path / "stderr"
   with open(log, "w", encoding="utf-8") as stderr:
-    service = subprocess.Popen(argv, cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"), stderr=stderr,
-                               start_new_session=True)
-    try:
-      deadline = time.monotonic() + 60
-      while not ready.exists():
-        assert service.poll() is None and time.monotonic() < deadline, log.read_text()[-4000:]
-        time.sleep(0.05)
-    finally:
-      service.terminate()
-      assert service.wait(timeout=30) == 0
+    service, _ = _serve(tmp_path, python_options=("-X", "importtime"), stderr=stderr)
+  service.terminate()
+  assert service.wait(timeout=30) == 0
   lines = log.read_text().splitlines()
   imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
   assert "jaxlib._jax" in imported and not imported & {"jax", "flax", "visionfm_jax.parallel.sharding"}
