@@ -274,6 +274,45 @@ def test_cli_exports_a_training_workdir_that_sees_what_the_run_saw(tmp_path, cap
     _assert_close(logits, hf(pixel_values=hf_pixels).logits.numpy(), "logits")
 
 
+# Camera photos (the longer side 1,200 to 2,000 px, either orientation) and small files, JPEG and PNG: files whose
+# shorter side is many times the model's resize side are where Pillow's JPEG draft mode (a reduced-scale DCT
+# decode) would differ from a full decode.
+PHOTO_FILES = {"landscape.jpg": (1200, 1600), "portrait.jpg": (2000, 1500), "wide.jpg": (1224, 1632),
+               "small.jpg": (60, 90), "large.png": (900, 1300), "small.png": (40, 30)}
+
+
+def _photo_files(directory) -> list[str]:
+  """PHOTO_FILES written by Pillow (JPEG quality 90, as a camera or a browser saves them): their paths."""
+  directory.mkdir()
+  photos = _photos(list(PHOTO_FILES.values()), seed=3)
+  for name, photo in zip(PHOTO_FILES, photos):
+    Image.fromarray(photo).save(directory / name, **({"quality": 90} if name.endswith(".jpg") else {}))
+  return [str(directory / name) for name in PHOTO_FILES]
+
+
+def test_photo_files_give_the_runs_logits_through_transformers(tmp_path, capsys):
+  """Image files of camera sizes (JPEG, PNG): `visionfm_jax.load(...).logits(paths)`, the run's evaluation
+  iterator over the files' bytes and the export through AutoImageProcessor + AutoModelForImageClassification
+  (transformers decodes in full, load_image as its pipelines do) agree within 1e-5: no JPEG draft decode."""
+  import visionfm_jax  # pylint: disable=g-import-not-at-top
+  config = tiny_vit_config(**{"model.pool": "cls"})
+  _workdir(tmp_path / "run", config)
+  out = tmp_path / "hf"
+  assert _export(capsys, f"--checkpoint={tmp_path / 'run'}", f"--out={out}")[0] == 0
+  paths = _photo_files(tmp_path / "photos")
+  model = visionfm_jax.load(str(tmp_path / "run"), batch_size=8)
+  ours = model.logits(paths)
+  records = [{"image": open(path, "rb").read(), "label": 0} for path in paths]
+  batch = next(data.make_eval_iterator(config.data, batch_size=8, process_index=0, process_count=1, source=records))
+  np.testing.assert_array_equal(batch["image"][:len(paths)], model.preprocess(paths))  # evaluation's view, too
+  processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+  images = [transformers.image_utils.load_image(path) for path in paths]
+  hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+  with torch.no_grad():
+    theirs = hf(**processor(images=images, return_tensors="pt")).logits.numpy()
+  _assert_close(ours, theirs, "logits of photo files")
+
+
 @pytest.fixture(scope="module")
 def clip_workdir(tmp_path_factory):
   """(workdir, config, params) of the tiny CLIP (femto SwinV2 image tower, unrolled)."""

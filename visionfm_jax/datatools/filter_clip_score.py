@@ -11,7 +11,7 @@ tools.import_hf made of one (trained/loader.py). The score is the dot product of
 contrastive loss uses, without the logit scale; images are decoded and centrally cropped at config.data.image_size
 (config.data.eval_preprocess) as in evaluation, captions tokenised with the run's tokenizer. Images are decoded at full
 size, so a published CLIP's scores equal transformers' on its own preprocessing; --draft_decode decodes large JPEGs at a
-reduced DCT scale (Pillow's draft mode, as evaluation does: at least the crop size across), faster and slightly off.
+reduced DCT scale (Pillow's draft mode, at least the resize side across), faster and slightly off.
 
 Input: the ArrayRecord files matching GLOB (records.py's format; .json files are passed over), in name
 order. With several processes (jax.distributed, joined from the environment as visionfm_jax.main does), process
@@ -100,7 +100,7 @@ def _local_mesh() -> Mesh:
 class ClipScorer:
   """Cosine similarities of image-text pairs under a CLIP or Aurora task's params, by one jitted function on
   this process's devices: params replicated, each batch of `batch_size` rows split across the devices. Images
-  are decoded at full size, or with `draft_decode` at the reduced JPEG scale that evaluation decodes at."""
+  are decoded at full size (as evaluation decodes them), or with `draft_decode` at a reduced JPEG scale."""
 
   def __init__(self, task, params, batch_size: int, *, checkpoint: str = "", step: int | None = None,
                draft_decode: bool = False):
@@ -147,12 +147,13 @@ def score_histogram(scores) -> np.ndarray:
 
 class _RememberingSource:
   """One input file's records for pipeline.EvalReader, each record it reads kept in `read` (the fields of
-  the kept pairs go to the output). A record without a caption reads as an undecodable one. With `full_decode`
-  its image comes decoded at full size (EvalReader's decoder passes arrays on, and would draft a JPEG)."""
+  the kept pairs go to the output). A record without a caption reads as an undecodable one. Its image comes
+  decoded (EvalReader's decoder passes arrays on): in full, or with `draft_side` in Pillow's JPEG draft mode at
+  that side at least (transforms.decode_image)."""
 
-  def __init__(self, path: str, full_decode: bool = True):
+  def __init__(self, path: str, draft_side: int = 0):
     self.source = records.ArrayRecordSource(glob.escape(path))
-    self.full_decode = full_decode
+    self.decode = transforms.Decode(draft_side)
     self.read = {}
 
   def __len__(self) -> int:
@@ -162,7 +163,7 @@ class _RememberingSource:
     record = self.read[int(index)] = self.source[index]
     if "caption" not in record:
       return {"image": None}
-    return transforms.Decode().map(record) if self.full_decode else record
+    return self.decode.map(record)
 
 
 def _is_uncaptioned(record: dict) -> bool:
@@ -182,7 +183,8 @@ def _kept_record(record: dict, score: float) -> bytes:
 def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, stats_path: str) -> dict:
   """Writes the pairs of `path` scoring >= `threshold` to `out_path`, and its stats (see `file_stats`) to
   `stats_path` before `out_path` appears; returns the stats."""
-  source = _RememberingSource(path, full_decode=not scorer.draft_decode)
+  draft_side = transforms.eval_resize_side(scorer.image_size, scorer.preprocess) if scorer.draft_decode else 0
+  source = _RememberingSource(path, draft_side)
   example = transforms.SelectPair(scorer.tokenizer, with_label=False)
   reader = pipeline.EvalReader(source, scorer.image_size, example, preprocess=scorer.preprocess)
   total, size = len(source), scorer.batch_size

@@ -2,7 +2,7 @@
 
 Features: every example of a labelled split through the backbone (`pooled_features`: an image backbone of
 models/backbone.py, ViT or SwinV2, a CLIP's image tower, Aurora's encoder, a dense model's backbone), read by
-the eval pipeline (decode, central crop, no augmentation: deterministic), gathered to every process, which then
+the eval pipeline (full decode, central crop, no augmentation: deterministic), gathered to every process, which then
 all compute the same numbers.
 
   k-NN (Wu et al. 2018, as DINO evaluates, Caron et al. 2021): cosine similarity of L2-normalised features;

@@ -69,7 +69,7 @@ def read_image(path: str, size: int, preprocess: str = "inception") -> np.ndarra
   except OSError as e:
     raise UserError(f"--images: cannot read {path}: {e.strerror or e}") from e
   try:  # apart from the read: Pillow's UnidentifiedImageError is an OSError too
-    image = transforms.decode_image(data, transforms.eval_decode_side(size, preprocess))
+    image = transforms.decode_image(data)  # in full, as evaluation
   except transforms.DECODE_ERRORS as e:
     raise UserError(f"--images: cannot decode {path}: {e}") from e
   return transforms.EvalTransform(size, preprocess).map({"image": image})["image"]

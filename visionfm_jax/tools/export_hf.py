@@ -200,7 +200,7 @@ def write_preprocessor(out: str, source: Source) -> None:
     return
   view = transforms.check_eval_preprocess(source.preprocess)
   convert.hf_files.write_preprocessor(
-      out, PROCESSORS[view], shortest_edge=transforms.eval_decode_side(source.image_size, view),
+      out, PROCESSORS[view], shortest_edge=transforms.eval_resize_side(source.image_size, view),
       crop_size=source.image_size, resample=transforms.EVAL_FILTERS[view], mean=source.mean, std=source.std)
 
 

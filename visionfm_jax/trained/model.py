@@ -11,8 +11,9 @@ directory (trained/loader.py reads all three), with what its task supports:
   logits(images[, names, templates])     a classifier's head logits; an image-text model's scaled class cosines
   caption(images, beam_size=1)           one caption per image (Aurora)
 
-Images are uint8 HxWx3 arrays (one, a list, or an NHWC batch), PIL images or image files, viewed as the run's
-evaluation views them (config.data.eval_preprocess, data/transforms/host.py's EvalTransform); a NaFlex run's
+Images are uint8 HxWx3 arrays (one, a list, or an NHWC batch), PIL images or image files (decoded in full, as
+transformers' image processors decode them), viewed as the run's evaluation views them (config.data.eval_preprocess,
+data/transforms/host.py's EvalTransform); a NaFlex run's
 (config.data.naflex) as its zero-shot evaluation packs them: each whole, at its aspect, as the largest patch grid
 within `max_tokens` patches (data/transforms/naflex.py), the run's training budget unless `load` is given another
 (`load(path, max_tokens=64)`; a model per budget, each compiling its own). Every call runs
@@ -206,11 +207,9 @@ class TrainedModel:
     packed, (N, 1 + max_tokens, p*p*3) uint8 (naflex.pack), each decoded whole as its evaluation decodes it."""
     if self.max_tokens:
       patches = naflex.Patches(self.task.naflex[0], self.max_tokens)
-      return np.stack([patches.map({"image": _rgb(image, 0)})["image"] for image in _image_list(images)])
-    size, view = self.config.data.image_size, self.config.data.eval_preprocess
-    transform = transforms.EvalTransform(size, view)
-    return np.stack([transform.map({"image": _rgb(image, transforms.eval_decode_side(size, view))})["image"]
-                     for image in _image_list(images)])
+      return np.stack([patches.map({"image": _rgb(image)})["image"] for image in _image_list(images)])
+    transform = transforms.EvalTransform(self.config.data.image_size, self.config.data.eval_preprocess)
+    return np.stack([transform.map({"image": _rgb(image)})["image"] for image in _image_list(images)])
 
   @functools.cached_property
   def class_names(self) -> list[str]:
@@ -280,9 +279,9 @@ def _image_list(images) -> list:
   return images
 
 
-def _rgb(image: Any, decode_side: int) -> np.ndarray:
+def _rgb(image: Any) -> np.ndarray:
   """A uint8 HxWx3 RGB array of a PIL image (upright, transparency on white, as decoding does), an image file
-  (decoded at no less than `decode_side`) or an array."""
+  (decoded in full, as transformers' image processors decode it) or an array."""
   if isinstance(image, (str, os.PathLike)):
     try:
       with open(image, "rb") as f:
@@ -290,7 +289,7 @@ def _rgb(image: Any, decode_side: int) -> np.ndarray:
     except OSError as e:
       raise UserError(f"images: cannot read {os.fspath(image)}: {e.strerror or e}") from e
     try:
-      return transforms.decode_image(encoded, decode_side)
+      return transforms.decode_image(encoded)
     except transforms.DECODE_ERRORS as e:  # Pillow's UnidentifiedImageError is an OSError
       raise UserError(f"images: cannot decode {os.fspath(image)}: {e}") from e
   if isinstance(image, Image.Image):

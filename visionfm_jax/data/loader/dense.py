@@ -92,7 +92,7 @@ class DenseEvalReader:
 
   def __init__(self, data_cfg, kind: str, source):
     self.source, size = source, data_cfg.image_size
-    self.decode = dense_transforms.DecodeDense(size)
+    self.decode = dense_transforms.DecodeDense()  # in full: training alone decodes JPEGs in draft
     if kind == "segmentation":
       width = data_cfg.seg_eval_width or size
       self.transform = dense_transforms.SegmentationEval(size, width)

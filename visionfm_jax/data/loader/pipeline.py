@@ -59,10 +59,11 @@ def eval_threads(data_cfg) -> int:
 
 
 def train_decode_side(data_cfg) -> int:
-  """JPEG draft size for training: even the smallest random crop keeps ~image_size pixels across."""
+  """JPEG draft size for training (training alone decodes in draft: evaluation decodes in full, see
+  transforms.decode_image): even the smallest random crop keeps ~image_size pixels across."""
   aug = data_cfg.augment
   if not aug.random_resized_crop:
-    return transforms.eval_decode_side(data_cfg.image_size)
+    return transforms.eval_resize_side(data_cfg.image_size)
   return math.ceil(data_cfg.image_size / math.sqrt(aug.crop_scale[0]))
 
 
@@ -280,7 +281,7 @@ def eval_shares(total: int, batch_size: int, process_index: int, process_count: 
 
 
 class EvalReader:
-  """Reads one eval record into an example dict (None when undecodable): decode + central crop (`preprocess`:
+  """Reads one eval record into an example dict (None when undecodable): full decode + central crop (`preprocess`:
   config.data.eval_preprocess, transforms.EvalTransform) + `example`, then the `extras` (RandomMaps with `spec`,
   e.g. AddMimMask), which draw from np.random.default_rng(index): an eval example is a pure function of its
   record index, whatever the batch size or process count. With `naflex` ((patch size, token budget):
@@ -293,8 +294,7 @@ class EvalReader:
     if naflex_budget:
       self.ops = [transforms.Decode(), naflex.Patches(*naflex_budget)]
     else:
-      self.ops = [transforms.Decode(transforms.eval_decode_side(image_size, preprocess)),
-                  transforms.EvalTransform(image_size, preprocess)]
+      self.ops = [transforms.Decode(), transforms.EvalTransform(image_size, preprocess)]  # in full, as transformers
 
   def __call__(self, index: int):
     element = self.source[index]

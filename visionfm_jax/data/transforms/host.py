@@ -74,8 +74,12 @@ def decode_image(data: bytes, min_side: int = 0) -> np.ndarray:
   white (as `transformers`' image processors do); limits.ImageTooLarge, before any pixel is decoded, for an image
   of more than limits.MAX_IMAGE_PIXELS.
 
-  With `min_side`, JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at
-  least `min_side` pixels (Pillow's draft mode), which is several times faster for large photos.
+  Without `min_side` the image is decoded in full, as transformers' image processors, timm and published
+  evaluations decode it: evaluation, the probes, `visionfm_jax.load` and the tools decode so (then resize as the
+  exported image processor says). With `min_side` (training only: data/loader/pipeline.py's `train_decode_side`),
+  JPEGs are decoded at the smallest DCT scale (1/2, 1/4, 1/8) that keeps both sides at least `min_side` pixels
+  (Pillow's draft mode): up to twice as fast on camera-size photos (docs/data.md), but not the pixels a
+  full decode resized gives.
   """
   with warnings.catch_warnings():
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below, from the same header
@@ -122,7 +126,8 @@ def to_8_bits(pixels: np.ndarray, mode: str) -> np.ndarray:
 
 
 class Decode(grain.transforms.Map):
-  """Decodes record['image'] when it holds encoded bytes; arrays pass through as uint8 RGB.
+  """Decodes record['image'] when it holds encoded bytes (in full; with `min_side`, training's JPEG draft decode:
+  `decode_image`); arrays pass through as uint8 RGB.
 
   An undecodable image is logged, counted (see `decode_failures`) and marked with image=None, for
   `MarkUndecodable` (training) or the eval iterator's padding mask to handle. image=None (a record its
@@ -297,8 +302,9 @@ def check_eval_preprocess(name: str) -> str:
   return name
 
 
-def eval_decode_side(size: int, preprocess: str = "inception") -> int:
-  """The shorter side that evaluation resizes to before its central crop (the JPEG draft size)."""
+def eval_resize_side(size: int, preprocess: str = "inception") -> int:
+  """The shorter side that evaluation resizes a fully decoded image to before its central crop (the exported image
+  processor's shortest_edge)."""
   return round(size / EVAL_CROP_FRACTION) if check_eval_preprocess(preprocess) == "inception" else size
 
 
@@ -319,7 +325,7 @@ def resize_shorter_side_and_crop(image: np.ndarray, side: int, size: int, resamp
 
 class EvalTransform(grain.transforms.Map):
   """The central size x size view of evaluation, as `preprocess` (EVAL_PREPROCESS) says: the shorter side to
-  `eval_decode_side` with its EVAL_FILTERS filter, then the central crop (`resize_shorter_side_and_crop`); a
+  `eval_resize_side` with its EVAL_FILTERS filter, then the central crop (`resize_shorter_side_and_crop`); a
   no-op on size x size images."""
 
   def __init__(self, size: int, preprocess: str = "inception"):
@@ -329,7 +335,7 @@ class EvalTransform(grain.transforms.Map):
     image = element["image"]
     if image is None or image.shape[:2] == (self.size, self.size):
       return element
-    side = eval_decode_side(self.size, self.preprocess)
+    side = eval_resize_side(self.size, self.preprocess)
     view = resize_shorter_side_and_crop(image, side, self.size, EVAL_FILTERS[self.preprocess])
     return {**element, "image": view}
 
