@@ -155,17 +155,12 @@ def test_what_transformers_cannot_express_is_named(tmp_path, model, field):
   assert not os.listdir(tmp_path)
 
 
-def test_a_vit_head_on_mean_pooled_tokens_is_left_out(exported, tmp_path):
-  params, path = exported("vit_classifier")
-  arch, notes = convert.to_hf(MODELS["vit_classifier"].clone(pool="gap"), params, str(tmp_path))
-  assert arch == "ViTModel" and len(notes) == 2 and all(n.startswith("pool='gap': ") for n in notes)
-  assert "5-class head is not exported" in notes[1] and "--config.model.pool=cls" in notes[1]
-  tensors = load_file(str(tmp_path / "model.safetensors"))
-  classifier = load_file(os.path.join(path, "model.safetensors"))
-  pooler = {"pooler.dense.weight": np.eye(24, dtype=np.float32), "pooler.dense.bias": np.zeros(24, np.float32)}
-  # the classifier's tensors but the head, without their 'vit.' prefix, plus the identity pooler
-  expected = {k[len("vit."):]: v for k, v in classifier.items() if k.startswith("vit.")}
-  chex.assert_trees_all_equal(tensors, {**expected, **pooler})
+def test_a_vit_head_on_mean_pooled_tokens_needs_an_integer_mlp_ratio(exported, tmp_path):
+  """pool='gap' with a head exports as a Dinov2ForImageClassification (test_vit_demo_fields_export_exactly_or_are_
+  refused), whose MLP is an integer multiple of its width: 40 / 24 is refused, naming both."""
+  params, _ = exported("vit_classifier")
+  with pytest.raises(ConfigError, match="mlp_dim=40, width=24"):
+    convert.to_hf(MODELS["vit_classifier"].clone(pool="gap"), params, str(tmp_path))
 
 
 def test_per_stage_windows_that_transformers_also_uses_export(exported, tmp_path):
@@ -376,6 +371,42 @@ def _one_error(status, stdout, stderr, *fragments) -> None:
   errors = [line for line in stderr.splitlines() if line.startswith("error:")]
   assert status == 2 and len(errors) == 1 and not stdout and "Traceback" not in stderr, stderr
   assert all(f in errors[0] for f in fragments), (fragments, errors[0])
+
+# ViT demo runs (init-only checkpoints) whose fields a transformers ViT lacks or names otherwise: each exports so that
+# transformers computes the run's logits (a backbone: its pooled features, from what export_hf's last line says), or
+# export_hf refuses it in one line naming the field and its value.
+FIELD_RUNS = {
+    "act": ({"model.act": "gelu_pytorch_tanh", "model.pool": "cls"}, "ViTForImageClassification"),
+    "gap": ({}, "Dinov2ForImageClassification"),  # the demo's pool
+    "gap_backbone": ({"model.num_classes": 0}, "ViTModel"),
+    "pre_norm": ({"model.pre_norm": True}, "config.model.pre_norm=True"),
+    "map": ({"model.pool": "map"}, "config.model.pool='map'"),
+}
+
+
+@pytest.mark.parametrize("overrides, expected", FIELD_RUNS.values(), ids=list(FIELD_RUNS))
+def test_vit_demo_fields_export_exactly_or_are_refused(tmp_path, capsys, overrides, expected):
+  config = tiny_vit_config(**overrides)
+  task, params = _workdir(tmp_path / "run", config)
+  out = tmp_path / "hf"
+  status, stdout, stderr = _export(capsys, f"--checkpoint={tmp_path / 'run'}", f"--out={out}")
+  if expected.startswith("config."):
+    _one_error(status, stdout, stderr, expected)
+    assert not out.exists()
+    return
+  assert status == 0 and f": {expected} (" in stdout, stderr
+  images = np.random.default_rng(2).standard_normal((3, 16, 16, 3)).astype(np.float32)
+  ours = jax.jit(task.model.apply, compiler_options=FAST_COMPILE)({"params": params}, images)
+  pixels = torch.from_numpy(images.transpose(0, 3, 1, 2))
+  with torch.no_grad():
+    if config.model.num_classes:
+      hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+      _assert_close(ours["logits"], hf(pixel_values=pixels).logits.numpy(), f"{expected} logits")
+      return
+    tokens = transformers.AutoModel.from_pretrained(str(out)).eval()(pixel_values=pixels).last_hidden_state.numpy()
+  last = stdout.splitlines()[-1]
+  assert last.endswith("the run's pooled features are last_hidden_state[:, 1:].mean(1)"), last
+  _assert_close(ours["pooled"], tokens[:, 1:].mean(1), "pooled features")
 
 
 def _tree(folder) -> dict[str, bytes]:

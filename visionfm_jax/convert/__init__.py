@@ -9,8 +9,11 @@ with a ViT image tower, see `hf_clip`) or 'siglip2_vision_model' (Siglip2VisionM
 `to_hf(model, params, path)`: our `vit.ViT` / `swinv2.SwinV2` (either block layout), or a `clip.CLIP` whose ViT
 tower has CLIP's pre-norm -> a `save_pretrained`-style directory (config.json + model.safetensors) of the
 transformers model that computes the same outputs: ViTModel, ViTForImageClassification, Swinv2Model,
-Swinv2ForImageClassification (with a head) or CLIPModel; `from_hf` reads it back.
-A model exports when its family names its converter here (`hf_converter`, models/backbone.py; `converter`).
+Swinv2ForImageClassification (with a head) or CLIPModel, which `from_hf` reads back, or for a ViT head on mean-pooled
+tokens Dinov2ForImageClassification (`hf_dinov2`, export only).
+A model exports when its family names its converter here (`hf_converter`, models/backbone.py; `converter`); the
+converter names what it does with each of the model's fields (its EXPORT_FIELDS, `fields`), and refuses a value
+transformers cannot compute (a ConfigError naming the field and the value).
 `stack_layers` / `unstack_layers`: unrolled `blocks_<i>` <-> scanned `blocks` param layouts.
 """
 

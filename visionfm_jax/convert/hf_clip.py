@@ -26,6 +26,7 @@ import numpy as np
 
 from visionfm_jax import models
 from visionfm_jax.convert import hf_clip_text, hf_files
+from visionfm_jax.convert.fields import RUN, ExportFields
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.errors import CheckpointError, ConfigError
@@ -38,6 +39,21 @@ VISION = "vision_model."
 VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                        num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
 PROJECTION_DIM, LOGIT_SCALE_INIT = 512, 2.6592
+# What a CLIPModel export does with each field of our CLIP and of its towers (convert/fields.py); a model with a
+# field of `only` at another value exports its image tower alone (tools.export_hf), as that tower's converter does.
+FIELDS = ExportFields(expressed=("image", "text", "embed_dim"), only={"logit_bias_init": None},
+                      inert={"logit_scale_init": "the logit scale's initial value (the param itself is exported)"})
+VISION_FIELDS = ExportFields(
+    expressed=("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "layer_norm_eps", "act"),
+    only={"pre_norm": True, "patch_bias": False, "pool": "cls", "qkv_bias": True, "class_token": True,
+          "num_classes": 0},
+    inert={**RUN, "token_drop": "training only"})
+TEXT_FIELDS = ExportFields(
+    expressed=("width", "depth", "num_heads", "mlp_dim", "embed_dim", "vocab_size", "max_len", "eos_id",
+               "layer_norm_eps", "act"),
+    only={"pool": "eos"},
+    inert={name: RUN[name] for name in ("dtype", "scan", "scan_unroll", "remat_policy", "attention")})
+EXPORT_FIELDS = {clip.CLIP: FIELDS, vit.ViT: VISION_FIELDS, text_lib.TextTransformer: TEXT_FIELDS}
 
 
 def _section(path: str, cfg: dict[str, Any], key: str) -> dict[str, Any]:
@@ -150,13 +166,9 @@ def unexportable(model) -> str | None:
   image, text = getattr(model, "image", None), getattr(model, "text", None)
   if models.hf_converter(image) != "hf_vit":  # the tower's family says what it is (models/backbone.py)
     return f"image: a {type(image).__name__} tower (CLIPModel's is a ViT)"
-  wanted = dict(pre_norm=True, patch_bias=False, pool="cls", qkv_bias=True)
-  for name, value in wanted.items():
-    if getattr(image, name) != value:
-      return f"image.{name}={getattr(image, name)!r} (CLIPModel's vision tower has {name}={value!r})"
-  if text.pool != "eos":
-    return f"text.pool={text.pool!r} (CLIPModel pools the EOS token)"
-  return None
+  reasons = ((FIELDS.refusal(model, "a CLIPModel"), ""), (VISION_FIELDS.refusal(image, "CLIPModel's vision tower"),
+             "image."), (TEXT_FIELDS.refusal(text, "CLIPModel's text tower"), "text."))
+  return next((prefix + reason for reason, prefix in reasons if reason), None)
 
 
 def _block_to_hf(write: Writer, pre: str, block: dict[str, Any]) -> None:

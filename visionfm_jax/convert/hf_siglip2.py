@@ -145,10 +145,13 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
 def hf_config(model: vit.ViT, labels=None) -> dict[str, Any]:
   """config.json of the Siglip2VisionModel that computes `model` (a ViT without a class token); ConfigError naming
   a field it cannot express."""
-  del labels  # a head is not exported (to_hf's notes)
+  del labels  # a head is refused
   if model.class_token or model.pre_norm:
     field = "class_token=True" if model.class_token else "pre_norm=True"
     raise ConfigError(f"{field}: a Siglip2VisionModel has no class token and no LayerNorm before its blocks")
+  if model.num_classes:
+    raise ConfigError(f"num_classes={model.num_classes} with class_token=False: a Siglip2VisionModel has no "
+                      f"classifier (its tower exports without a head: num_classes=0)")
   grid = model.image_size // model.patch_size
   return {"architectures": ["Siglip2VisionModel"], "model_type": MODEL_TYPE, "hidden_size": model.width,
           "intermediate_size": model.mlp_dim, "num_hidden_layers": model.depth,
@@ -211,9 +214,7 @@ def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
   if model.pool == "map":
     _map_head_to_hf(write, params["map_head"], width)
   else:
-    notes.append(f"pool={model.pool!r}: a Siglip2VisionModel without its head has no pooler_output; our pooled "
-                 "features are the mean of last_hidden_state over each image's patches")
-  if model.num_classes:
-    notes.append(f"the {model.num_classes}-class head is not exported (Siglip2VisionModel)")
+    notes.append(f"pool={model.pool!r}: a Siglip2VisionModel without its head has no pooler_output; the run's "
+                 "pooled features are the mean of last_hidden_state over each image's patches")
   check_tensors("export", tensors, expected_shapes(model_kwargs("export", cfg)), set(), family="Siglip2VisionModel")
   return cfg, tensors, notes

@@ -38,6 +38,8 @@ from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tens
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import swinv2
 
+EXPORT_FIELDS = {swinv2.SwinV2: hfc.FIELDS}  # convert/fields.py
+
 
 def _heads(x: np.ndarray, heads: int) -> np.ndarray:
   """(..., heads * head_dim) -> (..., heads, head_dim)."""

@@ -10,13 +10,22 @@ from __future__ import annotations
 import numbers
 from typing import Any, Sequence
 
-# "<dir>/config.json: ..." errors; label count and names
-from visionfm_jax.convert.hf_files import config_error
-from visionfm_jax.convert.hf_vit_config import label_fields, num_labels
+from visionfm_jax.convert.fields import RUN, ExportFields
+from visionfm_jax.convert.hf_files import config_error  # "<dir>/config.json: ..." errors
+from visionfm_jax.convert.hf_vit_config import label_fields, num_labels  # a head's label count and names
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 BACKBONE, CLASSIFIER = "Swinv2Model", "Swinv2ForImageClassification"
+# What an export does with each field of our SwinV2 (convert/fields.py); window_size and pretrained_window_sizes
+# export where transformers' one window gives every stage ours (`hf_config`).
+FIELDS = ExportFields(
+    expressed=("embed_dim", "depths", "num_heads", "window_size", "pretrained_window_sizes", "patch_size",
+               "image_size", "num_classes", "mlp_ratio", "layer_norm_eps"),
+    only={"extra_norm_period": 0},
+    inert={**RUN, "stage_remat_policies": "the backward pass", "token_subgrid": "training only",
+           "extra_norm_scope": "where extra norms go: none (extra_norm_period=0)",
+           "mask_token": "it replaces masked patches (SimMIM): an exported model masks none"})
 
 # transformers' Swinv2Config defaults, for fields a hand-written config.json leaves out.
 DEFAULTS = dict(image_size=224, patch_size=4, num_channels=3, embed_dim=96, depths=[2, 2, 6, 2],
@@ -212,6 +221,7 @@ def hf_config(model: swinv2.SwinV2, labels: Sequence[str] | None = None) -> dict
   if model.extra_norm_period:
     raise ConfigError(f"extra_norm_period={model.extra_norm_period}: transformers' Swinv2 has no main-branch "
                       f"LayerNorm every N blocks (the H and G sizes add them unless extra_norm_period=0)")
+  FIELDS.refuse(model, "transformers' Swinv2")  # a field of `only` that the line above does not name
   _, pretrained = model.stage_settings()
   if 1 in pretrained:
     raise ConfigError(f"pretrained_window_sizes={model.pretrained_window_sizes}: transformers divides the offsets "

@@ -24,13 +24,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.convert import hf_files, hf_siglip2
+from visionfm_jax.convert import hf_dinov2, hf_files, hf_siglip2
 from visionfm_jax.convert import hf_vit_config as hfc
 from visionfm_jax.convert.hf_vit_config import hf_config
 from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.convert.tensors import Reader, Writer, check_model, check_tensors, numpy_params, show
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import vit
+
+EXPORT_FIELDS = {vit.ViT: hfc.FIELDS}  # convert/fields.py
 
 
 def _attention(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
@@ -116,25 +118,26 @@ def _block_to_hf(write: Writer, i: int, block: dict[str, Any]) -> None:
 
 
 def export_notes(model: vit.ViT) -> list[str]:
-  """What the transformers model of `model` leaves out or computes differently."""
+  """What to compute from the transformers model's outputs to get `model`'s pooled features, where its
+  pooler_output is not them (a backbone of pool='gap')."""
   if model.pool == "cls":
     return []
-  notes = [f"pool={model.pool!r}: pooler_output is the class token; our pooled features are "
-           f"last_hidden_state[:, 1:].mean(1)"]
-  if model.num_classes:
-    notes.append(f"pool={model.pool!r}: transformers has no ViT classifier on mean-pooled tokens: the "
-                 f"{model.num_classes}-class head is not exported (ViTModel); a ViT trained with "
-                 f"--config.model.pool=cls exports its head as a ViTForImageClassification")
-  return notes
+  return [f"pool={model.pool!r}: pooler_output is the class token; the run's pooled features are "
+          f"last_hidden_state[:, 1:].mean(1)"]
 
 
 def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
           ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
-  or unrolled) does (a ViT without a class token: a Siglip2VisionModel, hf_siglip2.to_hf): `hf_config` picks the
-  architecture; `labels` names the classes of a head; the notes say what it leaves out (`export_notes`)."""
+  or unrolled) does (a ViT without a class token: a Siglip2VisionModel, hf_siglip2.to_hf; a head on mean-pooled
+  tokens: a Dinov2ForImageClassification, hf_dinov2.to_hf): `hf_config` picks the architecture; `labels` names the
+  classes of a head; the notes say what to compute for the pooled features (`export_notes`). A field transformers
+  cannot express is a ConfigError naming it (hfc.FIELDS)."""
+  hfc.FIELDS.refuse(model, "a transformers ViT")
   if not model.class_token:  # SigLIP's tower
     return hf_siglip2.to_hf(model, params, labels)
+  if model.pool == "gap" and model.num_classes:
+    return hf_dinov2.to_hf(model, params, labels)
   cfg = hf_config(model, labels)
   arch = cfg["architectures"][0]
   params = numpy_params(model, params)
@@ -144,7 +147,7 @@ def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
   write = Writer(tensors, hfc.prefix(arch))
   conv = "embeddings.patch_embeddings.projection"
   write(f"{conv}.weight", params["patch_embed"]["kernel"].transpose(3, 2, 0, 1))
-  write(f"{conv}.bias", params["patch_embed"]["bias"])
+  write(f"{conv}.bias", params["patch_embed"].get("bias", np.zeros(model.width, np.float32)))  # patch_bias=False
   write("embeddings.cls_token", params["cls_token"])
   write("embeddings.position_embeddings", params["pos_embed"])
   for i in range(model.depth):

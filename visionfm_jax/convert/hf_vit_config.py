@@ -10,9 +10,21 @@ from __future__ import annotations
 import numbers
 from typing import Any, Sequence
 
+from visionfm_jax.convert.fields import RUN, ExportFields
 from visionfm_jax.convert.hf_files import config_error
+from visionfm_jax.errors import ConfigError
+from visionfm_jax.models import layers
 
 BACKBONE, CLASSIFIER = "ViTModel", "ViTForImageClassification"
+# What an export does with each field of our ViT (convert/fields.py). class_token picks the transformers model (a
+# ViT, or without one a Siglip2VisionModel); pool='gap' with a head exports as a Dinov2ForImageClassification.
+FIELDS = ExportFields(
+    expressed=("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "num_classes", "pool",
+               "layer_norm_eps", "qkv_bias", "patch_bias", "act", "class_token"),
+    only={"pre_norm": False},
+    inert={**RUN, "token_drop": "training only"})
+# transformers' hidden_act names of our activations (models/layers.py): the same functions.
+ACTIVATIONS = tuple(layers.ACTIVATIONS)
 
 # transformers' ViTConfig defaults, for fields a hand-written config.json leaves out.
 DEFAULTS = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, intermediate_size=3072,
@@ -60,8 +72,8 @@ def num_labels(cfg: dict[str, Any]) -> int:
 
 def model_kwargs(path: str, cfg: dict[str, Any], arch: str) -> dict[str, Any]:
   """Keyword arguments of `vit.ViT` (sizes, head, eps, qkv bias) that reproduce the HF model."""
-  if _field(cfg, "hidden_act") != "gelu":
-    raise config_error(path, f"hidden_act={cfg['hidden_act']!r}: only 'gelu' (exact, erf) is supported")
+  if _field(cfg, "hidden_act") not in ACTIVATIONS:
+    raise config_error(path, f"hidden_act={cfg['hidden_act']!r}: supported are {ACTIVATIONS}")
   if _field(cfg, "num_channels") != 3:
     raise config_error(path, f"num_channels={cfg['num_channels']!r}: only 3 (RGB) is supported")
   sizes = {k: _positive_int(path, cfg, k) for k in
@@ -79,7 +91,7 @@ def model_kwargs(path: str, cfg: dict[str, Any], arch: str) -> dict[str, Any]:
   return dict(width=sizes["hidden_size"], depth=sizes["num_hidden_layers"], mlp_dim=sizes["intermediate_size"],
               num_heads=sizes["num_attention_heads"], patch_size=sizes["patch_size"], image_size=sizes["image_size"],
               num_classes=num_labels(cfg) if arch == CLASSIFIER else 0, layer_norm_eps=float(eps),
-              qkv_bias=qkv_bias, pool="cls")
+              qkv_bias=qkv_bias, pool="cls", act=_field(cfg, "hidden_act"))
 
 
 def _layer_shapes(pre: str, width: int, mlp: int, qkv_bias: bool) -> dict[str, tuple[int, ...]]:
@@ -124,13 +136,20 @@ def label_fields(num_classes: int, labels: Sequence[str] | None = None) -> dict[
 
 
 def hf_config(model, labels: Sequence[str] | None = None) -> dict[str, Any]:
-  """config.json of the transformers model that computes what `model` (a `vit.ViT`) computes:
-  ViTForImageClassification with a head on the class token (pool='cls'), else a ViTModel whose pooler is the
+  """config.json of the transformers model that computes what `model` (a `vit.ViT` with a class token, pool 'cls',
+  or 'gap' without a head) computes: ViTForImageClassification with a head, else a ViTModel whose pooler is the
   identity on the class token (pooler_act 'linear'; `to_hf` writes an identity dense): with pool='cls' its
-  pooler_output is our `pooled`. transformers has no classifier on mean-pooled tokens (pool='gap')."""
-  arch = CLASSIFIER if model.num_classes and model.pool == "cls" else BACKBONE
+  pooler_output is our `pooled`. ConfigError naming a field (and its value) that a transformers ViT lacks."""
+  FIELDS.refuse(model, "a transformers ViT")
+  if model.pool == "map":
+    raise ConfigError("pool='map' with a class token: no transformers model has a MAP head after a class token "
+                      "(a Siglip2VisionModel's follows none: class_token=False); train with pool='cls' or 'gap'")
+  if model.num_classes and model.pool != "cls":
+    raise ConfigError(f"pool={model.pool!r}: a ViT classifier classifies the class token (a head on mean-pooled "
+                      f"tokens exports as a Dinov2ForImageClassification, convert/hf_dinov2.py)")
+  arch = CLASSIFIER if model.num_classes else BACKBONE
   cfg = dict(architectures=[arch], model_type="vit", hidden_size=model.width, num_hidden_layers=model.depth,
-             num_attention_heads=model.num_heads, intermediate_size=model.mlp_dim, hidden_act="gelu",
+             num_attention_heads=model.num_heads, intermediate_size=model.mlp_dim, hidden_act=model.act,
              hidden_dropout_prob=float(model.dropout), attention_probs_dropout_prob=0.0, initializer_range=0.02,
              layer_norm_eps=float(model.layer_norm_eps), image_size=model.image_size, patch_size=model.patch_size,
              num_channels=3, qkv_bias=bool(model.qkv_bias), encoder_stride=model.patch_size, dtype="float32")

@@ -5,27 +5,31 @@ r"""Exports a ViT or SwinV2 (with its classification head, if any) as a Hugging 
 DIR is a training workdir (config.json + checkpoints/<step>; the newest step unless --step; its EMA of the params
 with --ema, for a run with config.optim.ema_decay set) or a directory
 written by tools.import_hf (params/ + model.json). OUT_DIR gets config.json and model.safetensors (float32) of a
-ViTForImageClassification / Swinv2ForImageClassification when the model has a head, else of a ViTModel /
-Swinv2Model, plus preprocessor_config.json when DIR says how images were normalised: the run's evaluation view
+ViTForImageClassification / Swinv2ForImageClassification when the model has a head (a ViT's head on mean-pooled
+tokens, pool='gap': a Dinov2ForImageClassification), else of a ViTModel / Swinv2Model, plus
+preprocessor_config.json when DIR says how images were normalised: the run's evaluation view
 (config.data.eval_preprocess: the shorter side resized, the central crop, mean and std) as a BitImageProcessor
 ('inception') or CLIPImageProcessor ('clip') computes it, so that
 
   transformers.AutoImageProcessor.from_pretrained(OUT_DIR)  # backend="pil" where torchvision is installed
   transformers.AutoModelForImageClassification.from_pretrained(OUT_DIR)  # AutoModel for a backbone
 
-compute from the same decoded image (a PIL image or uint8 array) what the run's evaluation computes from it: our
-`tokens`, `pooled` and `logits` as last_hidden_state, pooler_output and logits (fp32). One image differs: one of
+compute from the same decoded image (a PIL image, a uint8 array, or an image file decoded in full, as the run's
+evaluation and visionfm_jax.load decode it) what the run's evaluation computes from it: our `tokens`, `pooled` and
+`logits` as last_hidden_state, pooler_output and logits (fp32). One image differs: one of
 exactly the model's size, which the run's 'inception' view takes as it is (data/transforms/host.py's EvalTransform)
 and the processor resizes and crops like any other.
 OUT_DIR is written whole: only a new or empty folder, or one this tool wrote before (its .visionfm_jax.json
 marker) that holds nothing else, unless --overwrite (which replaces the folder, a training workdir excepted); the
 export is written beside it and renamed into place.
-A ViTModel's pooler is the identity on the class token. A CLIP whose ViT tower has CLIP's pre-norm (an imported
-one, with its tokenizer.json) exports whole as a CLIPModel. Other CLIP and Aurora workdirs export their image tower
-(config.model.image) or SwinV2 encoder (config.model.encoder) as a backbone; projections, text towers and other
-heads stay behind. A ViT head on mean-pooled tokens (pool='gap') has no transformers class: such a ViT exports
-as a ViTModel without it (a printed note says so). What transformers cannot compute (SwinV2's extra main-branch
-norms of the H and G sizes, per-stage windows it would clamp otherwise) is an error naming the config field.
+A ViTModel's pooler is the identity on the class token; a backbone whose pooled features are not its pooler_output
+(pool='gap') gets, as the last line printed, what to compute from its outputs instead. A CLIP whose ViT tower has
+CLIP's pre-norm (an imported one, with its tokenizer.json) exports whole as a CLIPModel. Other CLIP and Aurora
+workdirs export their image tower (config.model.image) or SwinV2 encoder (config.model.encoder) as a backbone;
+projections, text towers and other heads stay behind. Every field of the model is one its converter writes, one
+that changes nothing the export computes, or one it exports at one value only (convert/fields.py): what
+transformers cannot compute (a ViT's pre_norm=True or MAP head after a class token, SwinV2's extra main-branch norms
+of the H and G sizes, per-stage windows it would clamp otherwise) is an error naming the config field and its value.
 Errors print one line and exit with status 2.
 """
 
