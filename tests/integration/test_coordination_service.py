@@ -80,6 +80,22 @@ def test_the_service_starts_without_jax_and_logs_nothing_below_warning(tmp_path)
   assert not [line for line in lines if not line.startswith("import time:")], lines[-20:]
 
 
+def test_a_stopped_and_continued_service_serves_on(tmp_path):
+  """A SLURM suspension stops and continues the job's processes: the service, stopped past its wait's 1 s deadline,
+  took the empty answer of the interrupted wait for a stop signal and exited 0, so that its trainers exited 75."""
+  service, port = _serve(tmp_path)
+  try:
+    os.kill(service.pid, signal.SIGSTOP)
+    time.sleep(1.5)
+    os.kill(service.pid, signal.SIGCONT)
+    time.sleep(1.0)  # the interrupted wait has answered
+    assert service.poll() is None, f"the service ended with status {service.returncode} when continued"
+    socket.create_connection(("localhost", port), timeout=10).close()
+  finally:
+    service.terminate()
+  assert service.wait(timeout=30) == 0
+
+
 def test_the_service_ends_when_the_launcher_that_started_it_is_killed(tmp_path):
   launcher, _ = _serve(tmp_path, parent_argv=["bash", "-c"])
   with open(f"/proc/{launcher.pid}/task/{launcher.pid}/children", encoding="utf-8") as f:

@@ -10,7 +10,8 @@ and the process prints one `error:` line naming the service and exits 75, so tha
 
   python -m visionfm_jax.parallel.coordination --processes=N --ready_file=F [--port=P]
 
-serves until SIGTERM or SIGINT, or until the process that started it ends; once it serves it writes the port (P, or
+serves until SIGTERM or SIGINT, or until the process that started it ends (stopped and continued, as a suspended
+job is, it serves on); once it serves it writes the port (P, or
 a free one) to F, and exits 3 without writing it where this jax cannot host or join the service this way (the
 launcher then leaves the service to process 0, as jax.distributed.initialize does).
 """
@@ -161,10 +162,16 @@ def serve(processes: int, ready_file: str, port: int = 0) -> None:
   signal.pthread_sigmask(signal.SIG_BLOCK, stops)
   atomic.write(ready_file, f"{port}\n")
   try:
-    while os.getppid() == parent and signal.sigtimedwait(stops, 1.0) is None:
+    while os.getppid() == parent and not _stop_signal(signal.sigtimedwait(stops, 1.0), stops):
       pass
   finally:
     service.shutdown()
+
+
+def _stop_signal(info, stops) -> bool:
+  """Whether sigtimedwait's answer `info` is one of `stops`. A wait that a SIGSTOP/SIGCONT interrupts past its
+  deadline answers an empty siginfo (signal 0) rather than None: a suspended job's service serves on."""
+  return info is not None and info.si_signo in stops
 
 
 def main(argv: list[str] | None = None) -> int:
