@@ -22,7 +22,7 @@ from visionfm_jax.training.infra import faults
 
 from conftest import ROOT
 from test_frozen_coordinator import ABORT_SIGNS
-from test_multiprocess import _Job, _no_job_outlives_its_test, _trained_a_step, _wait_for  # noqa: F401  (a fixture)
+from test_multiprocess import _Job, _no_job_outlives_its_test, _trained_a_step, _wait_for, _wait_gone  # noqa: F401 (a fixture)
 
 JOIN = """
 import jax
@@ -157,6 +157,36 @@ def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_
   assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
 
 
+@pytest.mark.slow
+def test_a_trainers_relay_that_dies_is_named_by_that_trainer_which_exits_75_within_seconds(tmp_path):
+  """SIGKILL of process 1's relay (parallel/relay.py), mid-run: JAX's client aborted the trainer within 0.2 s with a
+  fatal C++ line and a ~160-line stack dump (status 134), and the launcher blamed the trainer. Now the trainer names
+  the relay in one line and exits 75; its peer names it in turn after config.peer_timeout_s; the committed
+  checkpoint stays; nothing is left running."""
+  job = _Job(tmp_path / "run", "--config.total_steps=100000", "--config.peer_timeout_s=5")
+  job.wait_for_checkpoint(10)
+  trainers = job.trainers()
+  relays = {pid: [child for child in _children(pid) if "relay.py" in _cmdline(child)] for pid in trainers}
+  [relay_pid] = relays[trainers[1]]
+  os.kill(relay_pid, signal.SIGKILL)
+  waited = _wait_gone(trainers[1], timeout=30)
+  code, out = job.finish(timeout=60)
+  assert waited is not None and waited < 10, (waited, out[-6000:])
+  assert code == faults.HUNG_EXIT_CODE, out[-6000:]
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  assert re.fullmatch(rf"error: the relay \(pid {relay_pid}\) that joins this process to JAX's coordination service "
+                      rf"at localhost:\d+ \(pid \d+, started by the launcher\) ended, killed by signal KILL: the "
+                      rf"process cannot reach the service without it. Process 1 exits with code "
+                      rf"{faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+  launcher = f"error: process 1 of 2 (pid {trainers[1]}) ended first, with status 75 (requeue), at"
+  assert errors[1].startswith(launcher), errors
+  assert re.match(r"error: process 1 of 2 .* has sent no heartbeat", errors[2]) and len(errors) == 3, errors
+  assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
+  assert (tmp_path / "run" / "checkpoints" / "10" / "state").is_dir()
+  left = [pid for pid in [*trainers, *sum(relays.values(), [])] if _wait_gone(pid, timeout=5) is None]
+  assert not left, [_cmdline(pid) for pid in left]
+
+
 class _Service:
   """A TCP server standing in for the service: answers each byte it reads with the same byte."""
 
@@ -190,7 +220,7 @@ def _through(link) -> socket.socket:
 
 def test_the_relay_tells_the_services_death_from_a_dropped_connection():
   service, gone = _Service(), []
-  link = relay.Link(service.address, gone.append)
+  link = relay.Link(service.address, gone.append, lambda *lost: gone.append(lost))
   client = _through(link)
   service.connections[0].shutdown(socket.SHUT_RDWR)  # one connection dropped; the service still serves
   assert client.recv(4) == b"" and not gone  # closed, as the network would have
@@ -208,6 +238,22 @@ def test_the_relay_tells_the_services_death_from_a_dropped_connection():
   with pytest.raises(TimeoutError):  # the client's connection stays open, silent, while the trainer exits
     client.recv(4)
   link.ending()
+
+
+def test_a_relay_that_dies_leaves_the_clients_connections_open_and_is_named():
+  """SIGKILL of the relay closed the client's connections, and JAX's client aborted its trainer with a stack dump
+  (status 134) before anything named the relay."""
+  service, lost = _Service(), []
+  link = relay.Link(service.address, lambda why: lost.append(("gone", why)), lambda *args: lost.append(args))
+  client = _through(link)
+  os.kill(link.pid, signal.SIGKILL)
+  deadline = time.monotonic() + 10
+  while not lost and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert lost == [(link.pid, "killed by signal KILL")]
+  client.settimeout(0.3)
+  with pytest.raises(TimeoutError):  # open and silent: the trainer exits with its own line first
+    client.recv(4)
 
 
 WRITES = """

@@ -111,8 +111,12 @@ def _relay_to(address: str, distributed) -> str:
   """The local address of a relay to the service at `address`, whose death ends this process with one line."""
   def gone(why: str) -> None:
     exit_for_requeue(f"{describe_service(address)} is gone: {why}", distributed.global_state.process_id)
+
+  def lost(pid: int, how: str) -> None:
+    exit_for_requeue(f"the relay (pid {pid}) that joins this process to {describe_service(address)} ended, "
+                     f"{how}: the process cannot reach the service without it", distributed.global_state.process_id)
   try:
-    link = relay.Link(address, gone)
+    link = relay.Link(address, gone, lost)
   except OSError as e:
     logging.warning("no relay to JAX's coordination service (%s): this process's client joins it directly, and "
                     "aborts with a stack dump if the service dies", e)
