@@ -23,7 +23,7 @@ from conftest import FAST_COMPILE_FLAGS, ROOT
 from test_multiprocess import DEVICES_PER_PROCESS, FLAGS, LAUNCH_ENV, PROCESSES, _free_port, _trained_a_step
 
 ABORT_SIGNS = ("Fatal Python error", "Check failed", "Check failure stack trace", "Terminating process",
-               "most recent call first", "Traceback")
+               "most recent call first", "Traceback", "terminate called")
 
 
 def _start_trainers(tmp_path, *flags) -> list[subprocess.Popen]:

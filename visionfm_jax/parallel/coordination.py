@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from absl import logging
 
@@ -80,14 +81,32 @@ def exit_for_requeue(what: str, process_index: int):
   os._exit(REQUEUE_EXIT_CODE)
 
 
+class JoinFailed(Exception):
+  """jax.distributed.initialize's client did not join the service at `address` (its own address, not its relay's):
+  the service refused it, or did not let it in within its start-up bound; `after_s`: how long it tried."""
+
+  def __init__(self, address: str, after_s: float):
+    super().__init__(f"joining JAX's coordination service at {address} failed after {after_s:.0f}s")
+    self.address, self.after_s = address, after_s
+
+
 class _Native:
   """The native library as jax.distributed.initialize calls it, with the client joining the service through a relay
   (parallel/relay.py) where this process does not host the service, and starting no service where
-  `start_service` is False (the launcher's serves)."""
+  `start_service` is False (the launcher's serves).
+
+  The client gets a fatal-error callback of ours: JAX's own aborts the process with a fatal C++ line and a stack
+  dump, 300 s of silence after a join that nothing answers or at once when another process registers with the same
+  index, where ours makes the failed join an exception (JoinFailed, from joining_service) that the caller names in
+  one line. jaxlib 0.10 cannot pass the callback its status (std::bad_cast), which ends the join all the same. After
+  the join the callback stays (a client's callback is fixed): a fatal error then still aborts the process, with
+  'terminate called after throwing an instance of std::bad_cast' instead of JAX's line and stack dump; the watches
+  of training/infra/faults.py and the relay name every fault this repository knows of before that."""
 
   def __init__(self, native, distributed, start_service: bool):
     self._native, self._distributed, self._start_service = native, distributed, start_service
     self._hosts_service = False
+    self.address, self.joining_since, self.joined = "", None, False
 
   def get_distributed_runtime_service(self, *args, **kwargs):
     if not self._start_service:
@@ -96,9 +115,19 @@ class _Native:
     return self._native.get_distributed_runtime_service(*args, **kwargs)
 
   def get_distributed_runtime_client(self, address, *args, **kwargs):
+    self.address, self.joining_since = address, time.monotonic()
     if not self._hosts_service:
       address = _relay_to(address, self._distributed)
+    kwargs.setdefault("missed_heartbeat_callback", self._fatal)
     return self._native.get_distributed_runtime_client(address, *args, **kwargs)
+
+  def _fatal(self, status) -> None:
+    """The client's fatal error (where a jaxlib passes it): joining, it fails the join; joined, it ends the process
+    naming the status."""
+    if not self.joined:
+      raise RuntimeError(str(status))
+    exit_for_requeue(f"{describe_service(self.address)} reported a fatal error: {status}",
+                     self._distributed.global_state.process_id)
 
   def __getattr__(self, name):
     return getattr(self._native, name)
@@ -134,17 +163,22 @@ def ending() -> None:
 def joining_service():
   """A context within which jax.distributed.initialize() joins the service through a relay, as a client only where
   the launcher hosts it (in process 0 too); everything else it does (device visibility, the preemption manager,
-  shutdown at exit) is its own. ImportError where this jax cannot."""
+  shutdown at exit) is its own. A join that fails raises JoinFailed. ImportError where this jax cannot."""
   return _native_replaced(_jax_distributed_module(), start_service=not hosted_by_launcher())
 
 
 @contextlib.contextmanager
 def _native_replaced(distributed, start_service: bool):
   native = distributed._jax  # pylint: disable=protected-access
-  distributed._jax = _Native(native, distributed, start_service)  # pylint: disable=protected-access
+  distributed._jax = replaced = _Native(native, distributed, start_service)  # pylint: disable=protected-access
   try:
     yield
+  except RuntimeError as e:
+    if replaced.joining_since is None:  # before the client: jax's own checks
+      raise
+    raise JoinFailed(replaced.address, time.monotonic() - replaced.joining_since) from e
   finally:
+    replaced.joined = True
     distributed._jax = native  # pylint: disable=protected-access
 
 
