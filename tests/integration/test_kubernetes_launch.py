@@ -347,8 +347,8 @@ REQUEUED = rf"Process 1 exits with code {coordination.REQUEUE_EXIT_CODE} so that
 def test_a_bad_coordinator_port_is_one_line_and_exit_2(tmp_path, warm_python):
   """JAX_COORDINATOR_PORT=70000 was accepted: 300 s of silence, then SIGABRT with a fatal C++ line."""
   code, errors, out = _ended(_pod_main(1, tmp_path / "run", warm_python, JAX_COORDINATOR_PORT="70000"))
-  assert code == 2 and errors == ["error: JAX_COORDINATOR_PORT='70000': expected an integer from 1 to 65535 "
-                                  "(launch/kubernetes/jobset.yaml passes it from the pod's JobSet annotations)"], out
+  assert code == 2 and errors == ["error: JAX_COORDINATOR_PORT='70000': expected an integer from 1 to 65535 (the "
+                                  "coordinator's port; unset, 55527)"], out
 
 
 def test_a_coordinator_that_does_not_answer_is_one_line_naming_it_and_exit_75(tmp_path, warm_python):
