@@ -2,8 +2,9 @@
 from a dropped connection.
 
 JAX's client aborts its process (a fatal C++ log line, a stack dump, status 134) the moment a connection to the
-service closes, and the callback jaxlib offers for it (`missed_heartbeat_callback`) cannot be a Python function:
-jaxlib 0.10 and 0.11 fail to pass it the status (std::bad_cast) and abort all the same. So the client talks to the
+service closes, and the callback jaxlib offers for it (`missed_heartbeat_callback`) cannot be a Python function
+that handles it: jaxlib 0.10 and 0.11 fail to pass it the status (std::bad_cast) and abort all the same outside the
+join (within it the failure is an exception: parallel/coordination.py `_Native`). So the client talks to the
 service through this relay, which runs as a process of its own (forwarding needs no GIL, which a trainer's thread
 may hold while it waits on the service). When the service's side of a connection closes, the relay dials the
 service afresh, a few times: refused, the service is gone, and the relay tells the trainer over their control
