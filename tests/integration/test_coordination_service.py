@@ -158,13 +158,22 @@ def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_
 
 
 @pytest.mark.slow
-def test_a_trainers_relay_that_dies_is_named_by_that_trainer_which_exits_75_within_seconds(tmp_path):
-  """SIGKILL of process 1's relay (parallel/relay.py), mid-run: JAX's client aborted the trainer within 0.2 s with a
-  fatal C++ line and a ~160-line stack dump (status 134), and the launcher blamed the trainer. Now the trainer names
-  the relay in one line and exits 75; its peer names it in turn after config.peer_timeout_s; the committed
-  checkpoint stays; nothing is left running."""
+def test_a_suspended_service_serves_on_and_a_dead_relay_is_named_by_its_trainer_which_exits_75(tmp_path):
+  """Two faults along one job of launch/local.sh 2 (a job costs more than its faults):
+  - The service stopped past its wait's deadline and continued (as a SLURM suspension does) exited 0, and the job
+    with it (exit 75). Now the job trains on.
+  - SIGKILL of process 1's relay (parallel/relay.py): JAX's client aborted the trainer within 0.2 s with a fatal C++
+    line and a ~160-line stack dump (status 134), and the launcher blamed the trainer. Now the trainer names the
+    relay in one line and exits 75; its peer names it in turn after config.peer_timeout_s; the committed checkpoint
+    stays; nothing is left running."""
   job = _Job(tmp_path / "run", "--config.total_steps=100000", "--config.peer_timeout_s=5")
   job.wait_for_checkpoint(10)
+  service, = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
+  os.kill(service, signal.SIGSTOP)
+  time.sleep(1.5)  # past the service's 1 s wait, within the trainers' 5 s peer timeout
+  os.kill(service, signal.SIGCONT)
+  job.wait_for_a_step_after(job.wait_for_a_step_after(10) + 5)
+  assert _wait_gone(service, timeout=0.1) is None, "the service ended when continued"
   trainers = job.trainers()
   relays = {pid: [child for child in _children(pid) if "relay.py" in _cmdline(child)] for pid in trainers}
   [relay_pid] = relays[trainers[1]]
