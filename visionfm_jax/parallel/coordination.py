@@ -99,7 +99,8 @@ class _Native:
   dump, 300 s of silence after a join that nothing answers or at once when another process registers with the same
   index, where ours makes the failed join an exception (JoinFailed, from joining_service) that the caller names in
   one line. jaxlib 0.10 cannot pass the callback its status (std::bad_cast), which ends the join all the same. After
-  the join the callback stays (a client's callback is fixed): a fatal error then still aborts the process, with
+  the join the callback stays (a client's callback is fixed): a failed leave at exit is then an exception too, which
+  `_leave_reported` makes one warning line; a fatal error in the client's own threads still aborts the process, with
   'terminate called after throwing an instance of std::bad_cast' instead of JAX's line and stack dump; the watches
   of training/infra/faults.py and the relay name every fault this repository knows of before that."""
 
@@ -180,6 +181,28 @@ def _native_replaced(distributed, start_service: bool):
   finally:
     replaced.joined = True
     distributed._jax = native  # pylint: disable=protected-access
+  if replaced.joining_since is not None:
+    _leave_reported(distributed.global_state, replaced.address)
+
+
+def _leave_reported(state, address: str) -> None:
+  """jax's shutdown at exit (jax._src.api.clean_up, after the backends) leaves the service through the client, whose
+  failed leave (the shutdown barrier: another process did not leave with this one) comes back from `_Native`'s
+  callback as a RuntimeError, where JAX's own aborted the process: one warning line instead of a traceback, the
+  service this process hosts shut down all the same, and the process keeps its exit status."""
+  shutdown = state.shutdown
+
+  def reported() -> None:
+    try:
+      shutdown()
+    except RuntimeError:
+      errors.say(f"warning: leaving {describe_service(address)} failed: another process did not leave with this one "
+                 f"(it ended earlier or hangs, or the service is gone)")
+      state.client = None
+      if state.service is not None:
+        state.service.shutdown()
+        state.service = None
+  state.shutdown = reported
 
 
 def free_port() -> int:
