@@ -23,10 +23,9 @@ from __future__ import annotations
 import atexit
 import contextlib
 import os
-import socket
 
 from visionfm_jax.errors import UserError
-from visionfm_jax.parallel import cluster_env, coordination
+from visionfm_jax.parallel import cluster_env, coordination, relay
 
 
 def _env_int(name: str, low: int, default: str | None = None) -> int:
@@ -128,7 +127,7 @@ def _exit_for_failed_join(failed: coordination.JoinFailed, timeout_s: int) -> No
   if failed.after_s < 0.9 * timeout_s:  # an answer before the deadline: a refusal
     what = (f"{service} refused this process as process {index} of {count} after {failed.after_s:.0f}s: another "
             f"process registered with the same index, {index_name} (or the service runs a job of another size)")
-  elif why := _unreachable(failed.address):
+  elif why := relay.refused(relay.address(failed.address)):
     what = f"{service} did not answer within {timeout_s}s ({JOIN_TIMEOUT_ENV}): {why}"
   else:
     what = (f"not all {count} processes of the job joined {service} within {timeout_s}s ({JOIN_TIMEOUT_ENV}): one "
@@ -143,18 +142,6 @@ def _index_name(index: int) -> str:
   if cluster_env.in_jobset():
     return f"JOBSET_JOB_INDEX={index}"
   return f"process index {index}"
-
-
-def _unreachable(address: str) -> str | None:
-  """Why a connection to `address` (HOST:PORT) fails ('connection refused', ...), or None where it is accepted."""
-  host, _, port = address.rpartition(":")
-  try:
-    socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
-  except socket.gaierror as e:
-    return f"{host} does not resolve ({e.strerror})"
-  except OSError as e:
-    return os.strerror(e.errno).lower() if e.errno else str(e) or type(e).__name__
-  return None
 
 
 def _service_placement(jax_version: str):

@@ -40,18 +40,21 @@ PROBE_TIMEOUT_S = 2.0
 PROBE_TRIES, PROBE_GAP_S = 5, 0.1
 
 
-def _address(text: str) -> tuple[str, int]:
+def address(text: str) -> tuple[str, int]:
+  """'HOST:PORT' ('[::1]:PORT' too) as (host, port)."""
   host, _, port = text.rpartition(":")
   return host.strip("[]"), int(port)
 
 
-def _refused(upstream: tuple[str, int]) -> str | None:
+def refused(upstream: tuple[str, int]) -> str | None:
   """Why fresh connections to `upstream` fail ('connection refused', ...), or None where they are accepted for
   PROBE_TRIES tries PROBE_GAP_S apart: a process being killed closes its connections before its listening socket,
   which may accept the first try."""
   for _ in range(PROBE_TRIES):
     try:
       socket.create_connection(upstream, timeout=PROBE_TIMEOUT_S).close()
+    except socket.gaierror as e:
+      return f"{upstream[0]} does not resolve ({e.strerror})"
     except OSError as e:
       return os.strerror(e.errno).lower() if e.errno else str(e) or type(e).__name__
     time.sleep(PROBE_GAP_S)
@@ -125,7 +128,7 @@ class Relay:
       except OSError:
         pass
     if s not in self.client_side and not self.ending and not self.gone:
-      why = _refused(self.upstream)
+      why = refused(self.upstream)
       if why is not None:
         self._report_gone(why)
         return
@@ -242,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--control_fd", type=int, required=True, help="the trainer's control socket")
   args = parser.parse_args(argv)
   control = socket.socket(fileno=args.control_fd)
-  Relay(_address(args.upstream), control).serve()
+  Relay(address(args.upstream), control).serve()
   return 0
 
 
