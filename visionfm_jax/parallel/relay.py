@@ -184,7 +184,8 @@ class Link:
           [sys.executable, "-I", os.path.abspath(__file__), f"--upstream={upstream}",
            f"--control_fd={theirs.fileno()}"], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
     self.pid = self._process.pid
-    self._control, self._pending, self._fds = mine, b"", []
+    self._control, self._pending = mine, b""
+    self._fds: list[int] = []  # received, not yet named by their "conn" line
     self._held: dict[str, int] = {}  # the relay's ends of the client's connections, by the relay's id
     self._ending = False
     mine.settimeout(self.START_TIMEOUT_S)
