@@ -64,7 +64,8 @@ for ((i = 0; i < n; i++)); do
   pids+=($!)
 done
 # The first process to fail is named: killed outright (SIGKILL: the OOM killer, a lost node) it says nothing
-# itself; one that gives up on its peers (exit 75) has its own error line naming the peer that stopped answering.
+# itself; one that exits 75 (a peer, the coordination service or its relay to it stopped answering or ended) has
+# its own error line naming that first cause.
 # A process still running GRACE_S seconds after the first failure (frozen, or waiting on a peer that is gone) is
 # killed and named: the launcher never waits on a process that cannot finish. Polled each second.
 grace=${GRACE_S:-120}
@@ -78,8 +79,8 @@ say_failed() {  # pid, status: the line for the job's first failure
     echo "error: process $i of $n (pid $1) ended first, by signal $(kill -l $((code - 128))) (status $code), at" \
          "$(date +%H:%M:%S): it died, or its node did; the other processes ended after it" >&2
   elif (( code == 75 )); then
-    echo "error: process $i of $n (pid $1) ended first, giving up on its peers (status 75) at" \
-         "$(date +%H:%M:%S): its own error line names the one that stopped answering" >&2
+    echo "error: process $i of $n (pid $1) ended first, with status 75 (requeue), at $(date +%H:%M:%S): its own" \
+         "error line names the cause (a peer, the coordination service or its relay to it)" >&2
   fi
 }
 service_ended() {  # the line and status 75 when the launcher's service has ended before the job

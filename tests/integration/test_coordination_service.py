@@ -22,7 +22,7 @@ from visionfm_jax.training.infra import faults
 
 from conftest import ROOT
 from test_frozen_coordinator import ABORT_SIGNS
-from test_multiprocess import _Job, _no_job_outlives_its_test, _trained_a_step, _wait_for  # noqa: F401  (a fixture)
+from test_multiprocess import _Job, _no_job_outlives_its_test, _trained_a_step, _wait_for, _wait_gone  # noqa: F401 (a fixture)
 
 JOIN = """
 import jax
@@ -78,6 +78,22 @@ def test_the_service_starts_without_jax_and_logs_nothing_below_warning(tmp_path)
   imported = {line.split("|")[-1].strip() for line in lines if line.startswith("import time:")}
   assert "jaxlib._jax" in imported and not imported & {"jax", "flax", "visionfm_jax.parallel.sharding"}
   assert not [line for line in lines if not line.startswith("import time:")], lines[-20:]
+
+
+def test_a_stopped_and_continued_service_serves_on(tmp_path):
+  """A SLURM suspension stops and continues the job's processes: the service, stopped past its wait's 1 s deadline,
+  took the empty answer of the interrupted wait for a stop signal and exited 0, so that its trainers exited 75."""
+  service, port = _serve(tmp_path)
+  try:
+    os.kill(service.pid, signal.SIGSTOP)
+    time.sleep(1.5)
+    os.kill(service.pid, signal.SIGCONT)
+    time.sleep(1.0)  # the interrupted wait has answered
+    assert service.poll() is None, f"the service ended with status {service.returncode} when continued"
+    socket.create_connection(("localhost", port), timeout=10).close()
+  finally:
+    service.terminate()
+  assert service.wait(timeout=30) == 0
 
 
 def test_the_service_ends_when_the_launcher_that_started_it_is_killed(tmp_path):
@@ -141,6 +157,45 @@ def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_
   assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
 
 
+@pytest.mark.slow
+def test_a_suspended_service_serves_on_and_a_dead_relay_is_named_by_its_trainer_which_exits_75(tmp_path):
+  """Two faults along one job of launch/local.sh 2 (a job costs more than its faults):
+  - The service stopped past its wait's deadline and continued (as a SLURM suspension does) exited 0, and the job
+    with it (exit 75). Now the job trains on.
+  - SIGKILL of process 1's relay (parallel/relay.py): JAX's client aborted the trainer within 0.2 s with a fatal C++
+    line and a ~160-line stack dump (status 134), and the launcher blamed the trainer. Now the trainer names the
+    relay in one line and exits 75; its peer names it in turn after config.peer_timeout_s; the committed checkpoint
+    stays; nothing is left running."""
+  job = _Job(tmp_path / "run", "--config.total_steps=100000", "--config.peer_timeout_s=5")
+  job.wait_for_checkpoint(10)
+  service, = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
+  os.kill(service, signal.SIGSTOP)
+  time.sleep(1.5)  # past the service's 1 s wait, within the trainers' 5 s peer timeout
+  os.kill(service, signal.SIGCONT)
+  job.wait_for_a_step_after(job.wait_for_a_step_after(10) + 5)
+  assert _wait_gone(service, timeout=0.1) is None, "the service ended when continued"
+  trainers = job.trainers()
+  relays = {pid: [child for child in _children(pid) if "relay.py" in _cmdline(child)] for pid in trainers}
+  [relay_pid] = relays[trainers[1]]
+  os.kill(relay_pid, signal.SIGKILL)
+  waited = _wait_gone(trainers[1], timeout=30)
+  code, out = job.finish(timeout=60)
+  assert waited is not None and waited < 10, (waited, out[-6000:])
+  assert code == faults.HUNG_EXIT_CODE, out[-6000:]
+  errors = [line for line in out.splitlines() if line.startswith("error:")]
+  assert re.fullmatch(rf"error: the relay \(pid {relay_pid}\) that joins this process to JAX's coordination service "
+                      rf"at localhost:\d+ \(pid \d+, started by the launcher\) ended, killed by signal KILL: the "
+                      rf"process cannot reach the service without it. Process 1 exits with code "
+                      rf"{faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+  launcher = f"error: process 1 of 2 (pid {trainers[1]}) ended first, with status 75 (requeue), at"
+  assert errors[1].startswith(launcher), errors
+  assert re.match(r"error: process 1 of 2 .* has sent no heartbeat", errors[2]) and len(errors) == 3, errors
+  assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
+  assert (tmp_path / "run" / "checkpoints" / "10" / "state").is_dir()
+  left = [pid for pid in [*trainers, *sum(relays.values(), [])] if _wait_gone(pid, timeout=5) is None]
+  assert not left, [_cmdline(pid) for pid in left]
+
+
 class _Service:
   """A TCP server standing in for the service: answers each byte it reads with the same byte."""
 
@@ -174,7 +229,7 @@ def _through(link) -> socket.socket:
 
 def test_the_relay_tells_the_services_death_from_a_dropped_connection():
   service, gone = _Service(), []
-  link = relay.Link(service.address, gone.append)
+  link = relay.Link(service.address, gone.append, lambda *lost: gone.append(lost))
   client = _through(link)
   service.connections[0].shutdown(socket.SHUT_RDWR)  # one connection dropped; the service still serves
   assert client.recv(4) == b"" and not gone  # closed, as the network would have
@@ -192,6 +247,55 @@ def test_the_relay_tells_the_services_death_from_a_dropped_connection():
   with pytest.raises(TimeoutError):  # the client's connection stays open, silent, while the trainer exits
     client.recv(4)
   link.ending()
+
+
+def test_a_relay_that_dies_leaves_the_clients_connections_open_and_is_named():
+  """SIGKILL of the relay closed the client's connections, and JAX's client aborted its trainer with a stack dump
+  (status 134) before anything named the relay."""
+  service, lost = _Service(), []
+  link = relay.Link(service.address, lambda why: lost.append(("gone", why)), lambda *args: lost.append(args))
+  client = _through(link)
+  os.kill(link.pid, signal.SIGKILL)
+  deadline = time.monotonic() + 10
+  while not lost and time.monotonic() < deadline:
+    time.sleep(0.01)
+  assert lost == [(link.pid, "killed by signal KILL")]
+  client.settimeout(0.3)
+  with pytest.raises(TimeoutError):  # open and silent: the trainer exits with its own line first
+    client.recv(4)
+
+
+LEAVE = """
+import os, sys
+import jax
+from visionfm_jax.parallel import coordination
+index = int(sys.argv[1])
+with coordination.joining_service():
+  jax.distributed.initialize(f"localhost:{sys.argv[2]}", 2, index, shutdown_timeout_seconds=2)
+print("joined", flush=True)
+if index == 1:
+  os._exit(0)  # without leaving: process 0's leave at exit waits for it in vain
+"""
+
+
+def test_a_leave_that_fails_at_exit_is_one_warning_and_the_process_keeps_its_status():
+  """The client's fatal-error callback of coordination._Native (which makes a failed join one line) makes a failed
+  leave at exit a RuntimeError in jax's clean-up: a warning line, not a traceback; JAX's own callback aborted the
+  process there with a stack dump."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  port = str(coordination.free_port())
+  first = subprocess.Popen([sys.executable, "-c", LEAVE, "0", port], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.STDOUT, text=True)
+  second = subprocess.run([sys.executable, "-c", LEAVE, "1", port], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=120)
+  out, _ = first.communicate(timeout=120)
+  assert second.returncode == 0, second.stderr[-4000:]
+  assert first.returncode == 0 and "joined" in out, out[-6000:]
+  warnings = [line for line in out.splitlines() if line.startswith("warning: leaving")]
+  assert warnings == [f"warning: leaving JAX's coordination service at localhost:{port} (in process 0) failed: "
+                      "another process did not leave with this one (it ended earlier or hangs, or the service is "
+                      "gone)"], out[-6000:]
+  assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
 
 
 WRITES = """

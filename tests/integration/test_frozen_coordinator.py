@@ -23,7 +23,7 @@ from conftest import FAST_COMPILE_FLAGS, ROOT
 from test_multiprocess import DEVICES_PER_PROCESS, FLAGS, LAUNCH_ENV, PROCESSES, _free_port, _trained_a_step
 
 ABORT_SIGNS = ("Fatal Python error", "Check failed", "Check failure stack trace", "Terminating process",
-               "most recent call first", "Traceback")
+               "most recent call first", "Traceback", "terminate called")
 
 
 def _start_trainers(tmp_path, *flags) -> list[subprocess.Popen]:
@@ -100,3 +100,33 @@ def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and
       rf"process resumed after being stopped for \d+s \(longer than config.peer_timeout_s={timeout_s}, after which "
       rf"its peers give up on it\): it gave up on this process, or died. Process 0 exits with code "
       rf"{faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+
+
+@pytest.mark.slow
+def test_a_process_continued_after_the_coordinator_gave_up_on_it_ends_with_its_own_line(tmp_path):
+  """Process 1 stopped; process 0, which hosts JAX's coordination service, gives up on it (exit 75) and the service
+  ends with it; process 1 continued later than its relay's old 10 s grace: the relay had closed the client's
+  connections by then, and JAX's client aborted process 1 with a fatal C++ line and a stack dump the moment it ran.
+  Now it exits 75 with one line of its own."""
+  timeout_s = 5
+  coordinator, stopped = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
+                                                    f"--config.peer_timeout_s={timeout_s}")
+  try:
+    _wait_for_a_train_step(trainers, tmp_path)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    code, _ = _exit_of(coordinator, timeout_s + 30)
+    time.sleep(11)
+    os.kill(stopped.pid, signal.SIGCONT)
+    thawed_code, lingered = _exit_of(stopped, 30)
+  finally:
+    for trainer in trainers:
+      trainer.kill()
+      trainer.wait()
+  assert code == faults.HUNG_EXIT_CODE, (tmp_path / "err0").read_text()[-6000:]
+  err = (tmp_path / "err1").read_text()
+  assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s + 5, (thawed_code, lingered, err[-6000:])
+  errors = [line for line in err.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and re.fullmatch(
+      rf"error: (JAX's coordination service at localhost:\d+ \(in process 0\) is gone|process 0 of 2|the "
+      rf"coordinator, process 0 of 2).* Process 1 exits with code {faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+  assert not [sign for sign in ABORT_SIGNS if sign in err], err[-6000:]

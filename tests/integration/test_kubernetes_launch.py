@@ -20,6 +20,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import time
 
@@ -28,9 +29,10 @@ import pytest
 import yaml
 
 from visionfm_jax.errors import UserError
-from visionfm_jax.parallel import cluster_env, distributed
+from visionfm_jax.parallel import cluster_env, coordination, distributed
 
 from conftest import FAST_COMPILE_FLAGS, ROOT, kill_session
+from test_frozen_coordinator import ABORT_SIGNS
 from test_multiprocess import DDP_FLAGS, TOTAL_STEPS
 
 MANIFEST = os.path.join(ROOT, "launch", "kubernetes", "jobset.yaml")
@@ -171,7 +173,10 @@ def test_a_pods_environment_gives_jax_distributed_its_place(pod, monkeypatch):
 @pytest.mark.parametrize("annotations, env, named", [
     ({"job_index": "2"}, {}, "JOBSET_JOB_INDEX=2: expected below JOBSET_REPLICAS=2"),
     ({"replicatedjob_replicas": "two"}, {}, "JOBSET_REPLICAS='two': expected an integer >= 1"),
-    ({}, {"JOB_COMPLETION_INDEX": "1"}, "JOB_COMPLETION_INDEX=1: a Job of several pods")])
+    ({}, {"JOB_COMPLETION_INDEX": "1"}, "JOB_COMPLETION_INDEX=1: a Job of several pods"),
+    ({}, {"JAX_COORDINATOR_PORT": "0"}, "JAX_COORDINATOR_PORT='0': expected an integer from 1 to 65535"),
+    ({}, {"JAX_COORDINATOR_ADDRESS": "localhost:70000"},
+     "JAX_COORDINATOR_ADDRESS='localhost:70000': expected HOST:PORT with a port from 1 to 65535")])
 def test_a_malformed_pod_environment_is_a_user_error_naming_it(pod, monkeypatch, annotations, env, named):
   pod(1, **annotations)
   for name, value in env.items():
@@ -293,3 +298,101 @@ def test_two_pods_train_are_preempted_restart_and_resume(tmp_path, warm_python):
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
   assert [r["step"] for r in rows if "train/loss" in r][-1] == TOTAL_STEPS
   assert (workdir / "checkpoints" / str(TOTAL_STEPS)).is_dir()
+
+
+# ------------------------------------------------------------------------------------- joins that fail
+
+def _pod_main(index, workdir, warm, **env) -> subprocess.Popen:
+  """`python -m visionfm_jax.main` through the entrypoint with the environment of the manifest's pod `index` (its
+  coordinator's name resolved to localhost) and `env`, on one CPU device, in a session of its own."""
+  base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+  env = dict(base, **_pod_env(_manifest(), index, coordinator="localhost"), JAX_PLATFORMS="cpu",
+             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+             XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}", **env)
+  return _entrypoint([*DDP_FLAGS, f"--workdir={workdir}"], warm.env(env))
+
+
+def _ended(proc, timeout=120) -> tuple[int, list[str], str]:
+  """(exit status, `error:` lines, output) of a pod, once it and every process of its session have ended."""
+  try:
+    out, _ = proc.communicate(timeout=timeout)
+  except subprocess.TimeoutExpired:
+    kill_session(proc.pid)
+    pytest.fail(f"the pod did not end:\n{proc.communicate()[0][-6000:]}")
+  deadline = time.monotonic() + 10
+  while _in_session(proc.pid) and time.monotonic() < deadline:
+    time.sleep(0.05)
+  assert not _in_session(proc.pid), "a process of the pod outlived it"
+  assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
+  return proc.returncode, [line for line in out.splitlines() if line.startswith("error:")], out
+
+
+def _in_session(session: int) -> list[int]:
+  """The live (not zombie) processes of `session`."""
+  live = []
+  for entry in filter(str.isdigit, os.listdir("/proc")):
+    try:
+      with open(f"/proc/{entry}/stat", encoding="utf-8") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+      continue
+    if int(fields[3]) == session and fields[0] != "Z":
+      live.append(int(entry))
+  return live
+
+
+REQUEUED = rf"Process 1 exits with code {coordination.REQUEUE_EXIT_CODE} so that the job is requeued; .*"
+
+
+def test_a_bad_coordinator_port_is_one_line_and_exit_2(tmp_path, warm_python):
+  """JAX_COORDINATOR_PORT=70000 was accepted: 300 s of silence, then SIGABRT with a fatal C++ line."""
+  code, errors, out = _ended(_pod_main(1, tmp_path / "run", warm_python, JAX_COORDINATOR_PORT="70000"))
+  assert code == 2 and errors == ["error: JAX_COORDINATOR_PORT='70000': expected an integer from 1 to 65535 (the "
+                                  "coordinator's port; unset, 55527)"], out
+
+
+def test_a_coordinator_that_does_not_answer_is_one_line_naming_it_and_exit_75(tmp_path, warm_python):
+  """No process 0 at the coordinator's address: 300 s of silence, then SIGABRT with a fatal C++ line and a stack
+  dump. Now one line naming the address within VISIONFM_JOIN_TIMEOUT_S (2 s here) and the time jax's client takes
+  to give up."""
+  port = _free_port()
+  start = time.monotonic()
+  code, errors, out = _ended(_pod_main(1, tmp_path / "run", warm_python, JAX_COORDINATOR_PORT=str(port),
+                                       **{distributed.JOIN_TIMEOUT_ENV: "2"}))
+  assert code == coordination.REQUEUE_EXIT_CODE and len(errors) == 1, out[-6000:]
+  assert re.fullmatch(rf"error: JAX's coordination service at localhost:{port} \(in process 0\) did not answer "
+                      rf"within 2s \({distributed.JOIN_TIMEOUT_ENV}\): connection refused. {REQUEUED}",
+                      errors[0]), errors
+  assert time.monotonic() - start < 60
+
+
+@pytest.mark.slow
+def test_two_pods_with_the_same_job_index_are_one_line_each_and_exit_75(tmp_path, warm_python):
+  """Two pods with JOBSET_JOB_INDEX=1: the first to register aborted with a fatal C++ line (ALREADY_EXISTS) the moment
+  the second did, and the second after 300 s (DEADLINE_EXCEEDED). Now the first names the refusal and the index,
+  the second the index it waited on, each in one line."""
+  ready = tmp_path / "ready"
+  service = subprocess.Popen([sys.executable, "-m", "visionfm_jax.parallel.coordination", "--processes=2",
+                              f"--ready_file={ready}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  try:
+    deadline = time.monotonic() + 60
+    while not ready.exists():
+      assert service.poll() is None and time.monotonic() < deadline, "the service did not start"
+      time.sleep(0.05)
+    env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{int(ready.read_text())}", coordination.SERVICE_ENV: "launcher",
+           coordination.SERVICE_PID_ENV: str(service.pid), distributed.JOIN_TIMEOUT_ENV: "10"}
+    pods = [_pod_main(1, tmp_path / f"run{i}", warm_python, **env) for i in range(2)]
+    ended = [_ended(pod) for pod in pods]
+  finally:
+    service.terminate()
+    service.wait(timeout=30)
+  assert [code for code, _, _ in ended] == [coordination.REQUEUE_EXIT_CODE] * 2, [out[-3000:] for *_, out in ended]
+  lines = sorted(errors[0] for _, errors, _ in ended if len(errors) == 1)
+  service_name = rf"JAX's coordination service at localhost:\d+ \(pid {service.pid}, started by the launcher\)"
+  assert len(lines) == 2 and re.fullmatch(
+      rf"error: not all 2 processes of the job joined {service_name} within 10s \({distributed.JOIN_TIMEOUT_ENV}\): "
+      rf"one did not start or cannot reach it, or two have the same index \(this one's JOBSET_JOB_INDEX=1\). "
+      rf"{REQUEUED}", lines[1]), lines
+  assert re.fullmatch(rf"error: {service_name} refused this process as process 1 of 2 after \d+s: another process "
+                      rf"registered with the same index, JOBSET_JOB_INDEX=1 \(or the service runs a job of another "
+                      rf"size\). {REQUEUED}", lines[0]), lines

@@ -40,7 +40,7 @@ def test_a_process_still_running_after_the_first_failure_is_killed_and_named(tmp
   frozen, gave_up = ((pids / name).read_text().strip() for name in ("0", "1"))
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert lines[0] == "error: process 0 stopped answering"
-  assert lines[1].startswith(f"error: process 1 of 2 (pid {gave_up}) ended first, giving up on its peers (status 75)")
+  assert lines[1].startswith(f"error: process 1 of 2 (pid {gave_up}) ended first, with status 75 (requeue), at")
   assert lines[2] == (f"error: process 0 of 2 (pid {frozen}) still ran 2 s (GRACE_S) after the first failure: "
                       f"killed; it was frozen, or waiting on a peer that is gone")
   assert len(lines) == 3

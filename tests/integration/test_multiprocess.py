@@ -55,12 +55,13 @@ LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", 
 
 @pytest.fixture
 def initialize_calls(monkeypatch):
-  """Records jax.distributed.initialize calls (but the heartbeat timeout, tested below) instead of joining
+  """Records jax.distributed.initialize calls (but the heartbeat and join timeouts, tested below) instead of joining
   anything; a clean launch environment."""
   for name in LAUNCH_ENV:
     monkeypatch.delenv(name, raising=False)
   calls = []
-  record = lambda **kwargs: calls.append({k: v for k, v in kwargs.items() if k != "heartbeat_timeout_seconds"})
+  timeouts = ("heartbeat_timeout_seconds", "initialization_timeout")
+  record = lambda **kwargs: calls.append({k: v for k, v in kwargs.items() if k not in timeouts})
   monkeypatch.setattr(jax.distributed, "initialize", record)
   return calls
 
@@ -76,6 +77,20 @@ def test_jax_heartbeat_outlasts_the_peer_watch(monkeypatch):
   distributed.initialize("auto", peer_timeout_s=60)
   distributed.initialize("auto")
   assert timeouts == [100, 180, 100]
+
+
+def test_the_join_waits_visionfm_join_timeout_s(monkeypatch):
+  """jax's client aborts a join that waits past its initialization_timeout; VISIONFM_JOIN_TIMEOUT_S sets it."""
+  monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12345")
+  timeouts = []
+  monkeypatch.setattr(jax.distributed, "initialize", lambda **kwargs: timeouts.append(kwargs["initialization_timeout"]))
+  distributed.initialize("auto")
+  monkeypatch.setenv(distributed.JOIN_TIMEOUT_ENV, "20")
+  distributed.initialize("auto")
+  assert timeouts == [distributed.DEFAULT_JOIN_TIMEOUT_S, 20]
+  monkeypatch.setenv(distributed.JOIN_TIMEOUT_ENV, "0")
+  with pytest.raises(UserError, match=f"{distributed.JOIN_TIMEOUT_ENV}='0': expected an integer >= 1"):
+    distributed.initialize("auto")
 
 
 def test_initialize_is_skipped_without_a_launch_environment(initialize_calls):

@@ -31,15 +31,18 @@ from visionfm_jax.errors import UserError
 DEFAULT_PORT = 55527  # jax._src.clusters.k8s_cluster's: the same port whichever detection a pod uses
 
 
-def _index(name: str, low: int = 0) -> int:
+ANNOTATED = "launch/kubernetes/jobset.yaml passes it from the pod's JobSet annotations"
+
+
+def _index(name: str, low: int = 0, high: int | None = None, source: str = ANNOTATED) -> int:
   value = os.environ.get(name)
   try:
     number = int(value)
   except (TypeError, ValueError):
     number = None
-  if number is None or number < low:
-    raise UserError(f"{name}={value!r}: expected an integer >= {low} (launch/kubernetes/jobset.yaml passes it from "
-                    f"the pod's JobSet annotations)")
+  if number is None or number < low or (high is not None and number > high):
+    expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"
+    raise UserError(f"{name}={value!r}: expected {expected} ({source})")
   return number
 
 
@@ -73,6 +76,8 @@ def jobset_kwargs() -> dict:
     raise UserError(f"JOBSET_JOB_INDEX={index}: expected below JOBSET_REPLICAS={count}")
   address = os.environ.get("JAX_COORDINATOR_ADDRESS")
   if not address:
-    port = _index("JAX_COORDINATOR_PORT", low=1) if os.environ.get("JAX_COORDINATOR_PORT") else DEFAULT_PORT
+    port = DEFAULT_PORT
+    if os.environ.get("JAX_COORDINATOR_PORT"):
+      port = _index("JAX_COORDINATOR_PORT", low=1, high=65535, source=f"the coordinator's port; unset, {DEFAULT_PORT}")
     address = f"{coordinator_host()}:{port}"
   return dict(coordinator_address=address, num_processes=count, process_id=index)

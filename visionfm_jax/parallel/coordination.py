@@ -10,7 +10,8 @@ and the process prints one `error:` line naming the service and exits 75, so tha
 
   python -m visionfm_jax.parallel.coordination --processes=N --ready_file=F [--port=P]
 
-serves until SIGTERM or SIGINT, or until the process that started it ends; once it serves it writes the port (P, or
+serves until SIGTERM or SIGINT, or until the process that started it ends (stopped and continued, as a suspended
+job is, it serves on); once it serves it writes the port (P, or
 a free one) to F, and exits 3 without writing it where this jax cannot host or join the service this way (the
 launcher then leaves the service to process 0, as jax.distributed.initialize does).
 """
@@ -23,6 +24,7 @@ import os
 import signal
 import socket
 import sys
+import time
 
 from absl import logging
 
@@ -79,14 +81,33 @@ def exit_for_requeue(what: str, process_index: int):
   os._exit(REQUEUE_EXIT_CODE)
 
 
+class JoinFailed(Exception):
+  """jax.distributed.initialize's client did not join the service at `address` (its own address, not its relay's):
+  the service refused it, or did not let it in within its start-up bound; `after_s`: how long it tried."""
+
+  def __init__(self, address: str, after_s: float):
+    super().__init__(f"joining JAX's coordination service at {address} failed after {after_s:.0f}s")
+    self.address, self.after_s = address, after_s
+
+
 class _Native:
   """The native library as jax.distributed.initialize calls it, with the client joining the service through a relay
   (parallel/relay.py) where this process does not host the service, and starting no service where
-  `start_service` is False (the launcher's serves)."""
+  `start_service` is False (the launcher's serves).
+
+  The client gets a fatal-error callback of ours: JAX's own aborts the process with a fatal C++ line and a stack
+  dump, 300 s of silence after a join that nothing answers or at once when another process registers with the same
+  index, where ours makes the failed join an exception (JoinFailed, from joining_service) that the caller names in
+  one line. jaxlib 0.10 cannot pass the callback its status (std::bad_cast), which ends the join all the same. After
+  the join the callback stays (a client's callback is fixed): a failed leave at exit is then an exception too, which
+  `_leave_reported` makes one warning line; a fatal error in the client's own threads still aborts the process, with
+  'terminate called after throwing an instance of std::bad_cast' instead of JAX's line and stack dump; the watches
+  of training/infra/faults.py and the relay name every fault this repository knows of before that."""
 
   def __init__(self, native, distributed, start_service: bool):
     self._native, self._distributed, self._start_service = native, distributed, start_service
     self._hosts_service = False
+    self.address, self.joining_since, self.joined = "", None, False
 
   def get_distributed_runtime_service(self, *args, **kwargs):
     if not self._start_service:
@@ -95,9 +116,19 @@ class _Native:
     return self._native.get_distributed_runtime_service(*args, **kwargs)
 
   def get_distributed_runtime_client(self, address, *args, **kwargs):
+    self.address, self.joining_since = address, time.monotonic()
     if not self._hosts_service:
       address = _relay_to(address, self._distributed)
+    kwargs.setdefault("missed_heartbeat_callback", self._fatal)
     return self._native.get_distributed_runtime_client(address, *args, **kwargs)
+
+  def _fatal(self, status) -> None:
+    """The client's fatal error (where a jaxlib passes it): joining, it fails the join; joined, it ends the process
+    naming the status."""
+    if not self.joined:
+      raise RuntimeError(str(status))
+    exit_for_requeue(f"{describe_service(self.address)} reported a fatal error: {status}",
+                     self._distributed.global_state.process_id)
 
   def __getattr__(self, name):
     return getattr(self._native, name)
@@ -110,8 +141,12 @@ def _relay_to(address: str, distributed) -> str:
   """The local address of a relay to the service at `address`, whose death ends this process with one line."""
   def gone(why: str) -> None:
     exit_for_requeue(f"{describe_service(address)} is gone: {why}", distributed.global_state.process_id)
+
+  def lost(pid: int, how: str) -> None:
+    exit_for_requeue(f"the relay (pid {pid}) that joins this process to {describe_service(address)} ended, "
+                     f"{how}: the process cannot reach the service without it", distributed.global_state.process_id)
   try:
-    link = relay.Link(address, gone)
+    link = relay.Link(address, gone, lost)
   except OSError as e:
     logging.warning("no relay to JAX's coordination service (%s): this process's client joins it directly, and "
                     "aborts with a stack dump if the service dies", e)
@@ -129,18 +164,45 @@ def ending() -> None:
 def joining_service():
   """A context within which jax.distributed.initialize() joins the service through a relay, as a client only where
   the launcher hosts it (in process 0 too); everything else it does (device visibility, the preemption manager,
-  shutdown at exit) is its own. ImportError where this jax cannot."""
+  shutdown at exit) is its own. A join that fails raises JoinFailed. ImportError where this jax cannot."""
   return _native_replaced(_jax_distributed_module(), start_service=not hosted_by_launcher())
 
 
 @contextlib.contextmanager
 def _native_replaced(distributed, start_service: bool):
   native = distributed._jax  # pylint: disable=protected-access
-  distributed._jax = _Native(native, distributed, start_service)  # pylint: disable=protected-access
+  distributed._jax = replaced = _Native(native, distributed, start_service)  # pylint: disable=protected-access
   try:
     yield
+  except RuntimeError as e:
+    if replaced.joining_since is None:  # before the client: jax's own checks
+      raise
+    raise JoinFailed(replaced.address, time.monotonic() - replaced.joining_since) from e
   finally:
+    replaced.joined = True
     distributed._jax = native  # pylint: disable=protected-access
+  if replaced.joining_since is not None:
+    _leave_reported(distributed.global_state, replaced.address)
+
+
+def _leave_reported(state, address: str) -> None:
+  """jax's shutdown at exit (jax._src.api.clean_up, after the backends) leaves the service through the client, whose
+  failed leave (the shutdown barrier: another process did not leave with this one) comes back from `_Native`'s
+  callback as a RuntimeError, where JAX's own aborted the process: one warning line instead of a traceback, the
+  service this process hosts shut down all the same, and the process keeps its exit status."""
+  shutdown = state.shutdown
+
+  def reported() -> None:
+    try:
+      shutdown()
+    except RuntimeError:
+      errors.say(f"warning: leaving {describe_service(address)} failed: another process did not leave with this one "
+                 f"(it ended earlier or hangs, or the service is gone)")
+      state.client = None
+      if state.service is not None:
+        state.service.shutdown()
+        state.service = None
+  state.shutdown = reported
 
 
 def free_port() -> int:
@@ -161,10 +223,16 @@ def serve(processes: int, ready_file: str, port: int = 0) -> None:
   signal.pthread_sigmask(signal.SIG_BLOCK, stops)
   atomic.write(ready_file, f"{port}\n")
   try:
-    while os.getppid() == parent and signal.sigtimedwait(stops, 1.0) is None:
+    while os.getppid() == parent and not _stop_signal(signal.sigtimedwait(stops, 1.0), stops):
       pass
   finally:
     service.shutdown()
+
+
+def _stop_signal(info, stops) -> bool:
+  """Whether sigtimedwait's answer `info` is one of `stops`. A wait that a SIGSTOP/SIGCONT interrupts past its
+  deadline answers an empty siginfo (signal 0) rather than None: a suspended job's service serves on."""
+  return info is not None and info.si_signo in stops
 
 
 def main(argv: list[str] | None = None) -> int:

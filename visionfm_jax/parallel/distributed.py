@@ -11,7 +11,11 @@ by jax):
   JAX_LOCAL_DEVICE_IDS     comma list of the accelerators this process drives, e.g. "0,1,2,3,4,5,6,7". Under SLURM
                            jax otherwise gives each task only the GPU numbered SLURM_LOCALID (one GPU per task);
                            launch/slurm.sbatch sets it to all of the node's GPUs (one task per node).
-A malformed one is a UserError naming it.
+  VISIONFM_JOIN_TIMEOUT_S  how long a process waits for the whole job to join the coordination service (default
+                           300, jax's own: a JobSet's pods start as their nodes pull the image, minutes apart)
+A malformed one is a UserError naming it. A join that fails is one `error:` line and exit 75 (the job may succeed if
+requeued): the service did not answer within VISIONFM_JOIN_TIMEOUT_S (naming its address and why), not every
+process joined by then, or the service refused this process because another registered with its index.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ import contextlib
 import os
 
 from visionfm_jax.errors import UserError
-from visionfm_jax.parallel import cluster_env, coordination
+from visionfm_jax.parallel import cluster_env, coordination, relay
 
 
 def _env_int(name: str, low: int, default: str | None = None) -> int:
@@ -34,6 +38,25 @@ def _env_int(name: str, low: int, default: str | None = None) -> int:
   if number is None or number < low:
     raise UserError(f"{name}={value!r}: expected an integer >= {low}")
   return number
+
+
+JOIN_TIMEOUT_ENV = "VISIONFM_JOIN_TIMEOUT_S"
+DEFAULT_JOIN_TIMEOUT_S = 300
+
+
+def join_timeout_s() -> int:
+  return _env_int(JOIN_TIMEOUT_ENV, 1, default=str(DEFAULT_JOIN_TIMEOUT_S))
+
+
+def _check_coordinator_address() -> None:
+  """JAX_COORDINATOR_ADDRESS, where set, as HOST:PORT with a port jax can dial (jax would wait out its join
+  timeout on any other)."""
+  value = os.environ.get("JAX_COORDINATOR_ADDRESS")
+  if not value:
+    return
+  host, _, port = value.rpartition(":")
+  if not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+    raise UserError(f"JAX_COORDINATOR_ADDRESS={value!r}: expected HOST:PORT with a port from 1 to 65535")
 
 
 def launched_distributed() -> bool:
@@ -56,6 +79,7 @@ def local_device_ids() -> list[int] | None:
 
 def initialize_kwargs() -> dict:
   """The arguments for jax.distributed.initialize() taken from the environment (unset ones are auto-detected)."""
+  _check_coordinator_address()
   kwargs = cluster_env.jobset_kwargs()  # a JobSet's pod (parallel/cluster_env.py); the JAX_* variables win
   explicit = [name for name in ("JAX_NUM_PROCESSES", "JAX_PROCESS_ID") if name in os.environ]
   if len(explicit) == 1:
@@ -84,10 +108,40 @@ def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
   if mode == "off" or (mode == "auto" and not launched_distributed()):
     return
   import jax  # pylint: disable=g-import-not-at-top
-  kwargs = dict(initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)))
-  with _service_placement(jax.__version__):
-    jax.distributed.initialize(**kwargs)
+  timeout_s = join_timeout_s()
+  kwargs = dict(initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)),
+                initialization_timeout=timeout_s)
+  try:
+    with _service_placement(jax.__version__):
+      jax.distributed.initialize(**kwargs)
+  except coordination.JoinFailed as e:
+    _exit_for_failed_join(e, timeout_s)
   atexit.register(coordination.ending)  # after jax's own shutdown at exit was registered: runs before it
+
+
+def _exit_for_failed_join(failed: coordination.JoinFailed, timeout_s: int) -> None:
+  """Names why this process did not join the service (JAX's client says nothing that survives) and exits 75."""
+  from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+  index, count = jax_distributed.global_state.process_id, jax_distributed.global_state.num_processes
+  service, index_name = coordination.describe_service(failed.address), _index_name(index)
+  if failed.after_s < 0.9 * timeout_s:  # an answer before the deadline: a refusal
+    what = (f"{service} refused this process as process {index} of {count} after {failed.after_s:.0f}s: another "
+            f"process registered with the same index, {index_name} (or the service runs a job of another size)")
+  elif why := relay.refused(relay.address(failed.address)):
+    what = f"{service} did not answer within {timeout_s}s ({JOIN_TIMEOUT_ENV}): {why}"
+  else:
+    what = (f"not all {count} processes of the job joined {service} within {timeout_s}s ({JOIN_TIMEOUT_ENV}): one "
+            f"did not start or cannot reach it, or two have the same index (this one's {index_name})")
+  coordination.exit_for_requeue(what, index)
+
+
+def _index_name(index: int) -> str:
+  """Where this process's index came from, as a line names it."""
+  if "JAX_PROCESS_ID" in os.environ:
+    return f"JAX_PROCESS_ID={index}"
+  if cluster_env.in_jobset():
+    return f"JOBSET_JOB_INDEX={index}"
+  return f"process index {index}"
 
 
 def _service_placement(jax_version: str):
