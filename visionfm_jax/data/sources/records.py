@@ -281,7 +281,8 @@ def _some(names: list[str], shown: int = 5) -> str:
   return ", ".join(names[:shown]) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-REPREPARE = "prepare it again (datatools.prepare_data rewrites only the shards that are missing)"
+REPREPARE = ("prepare it again with the same command (datatools.prepare_data keeps only the shards it wrote, whole, "
+             "and rewrites the others)")
 
 
 def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:
