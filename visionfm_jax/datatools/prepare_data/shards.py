@@ -65,12 +65,13 @@ class ShardJob:
 
 
 def read_image_files(job: ShardJob) -> Iterator[Example]:
-  """The examples of a folders job: its image files `items` (path under `root`, label or None); a symbolic link
-  is refused (limits.LINK), or with `follow_links` only one that resolves outside `root`."""
-  inside = os.path.realpath(job.root) if job.follow_links else ""
+  """The examples of a folders job: its image files `items` (path under `root`, label or None), none read from
+  outside `root`; a symbolic link is refused (limits.LINK), or with `follow_links` only one that resolves outside
+  `root`."""
+  root = os.path.realpath(job.root)
   for relpath, label in job.items:
     path = os.path.join(job.root, relpath)
-    data, reason = read_image_file(path, refuse_links=True, inside=inside)
+    data, reason = read_image_file(path, root, job.follow_links)
     yield refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
 
 
