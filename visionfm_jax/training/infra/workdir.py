@@ -4,7 +4,8 @@
 (`fcntl.lockf`, which NFS and the cluster file systems that lock at all honour across hosts) that the kernel
 drops when the holder dies, so a lock left by a killed run is free again. The file names the holder (host,
 pid, SLURM job id) for the error line of a run that is refused. Only process 0 locks; the others learn its
-decision through `faults.agreed`.
+decision through `faults.agreed`. A stale record (its run gone) is taken over by one taker only: takers read and
+rewrite the record under a second lock, the guard (`WorkdirLock`).
 
 A holder of the same SLURM job id is this job's previous incarnation (a requeue keeps the id), perhaps still
 saving: the run waits up to `wait_s` for it. Any other holder is refused at once.
