@@ -14,6 +14,7 @@ import sys
 import threading
 
 import numpy as np
+from PIL import Image
 import pytest
 
 from visionfm_jax.bench import file_opens
@@ -337,3 +338,47 @@ def test_the_identity_of_tars_in_place_names_a_tar_rewritten_and_reindexed(tmp_p
 
 def _mixture_of(source):
   return mixture_lib.Mixture((mixture_lib.Entry("config.data.source='wds:...'", source),), "config.data.source")
+
+
+def _prepare(source, output, capsys) -> None:
+  """`datatools.prepare_data --format=folders` of the class tree `source` into one shard of `output`."""
+  from visionfm_jax.datatools.prepare_data import __main__ as prepare_data  # pylint: disable=g-import-not-at-top
+  assert prepare_data.main(["prepare_data", "--format=folders", f"--input={source}", f"--output={output}",
+                            "--num_workers=0", "--progress=false"]) == 0, capsys.readouterr().err
+  capsys.readouterr()
+
+
+def _dry_run(output, workdir, monkeypatch, capsys) -> tuple[int, str]:
+  status, _, err = run_main_in_process(
+      ["--config=configs/vit_huge.py:demo", f"--workdir={workdir}", "--dry_run", "--config.global_batch_size=8",
+       f"--config.data.source=arrayrecord:{output}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
+       "--config.model.num_classes=-1", "--config.data.num_workers=0"], monkeypatch, capsys)
+  return status, err
+
+
+@pytest.mark.parametrize("damage", ["foreign", "truncated"])
+def test_the_refusals_advice_rewrites_a_foreign_or_truncated_shard(damage, tmp_path, monkeypatch, capsys):
+  """A shard copied in from another preparation (as many records, other images), or truncated: the run refuses it
+  and says to prepare it again; doing so rewrites it (its sidecar still matched: the shard was kept and indexed as
+  found, and the next run trained on the other preparation's images, or the truncated one stayed refused)."""
+  for tree, shade in (("ours", 40), ("theirs", 200)):
+    for label in ("a", "b"):
+      (tmp_path / tree / label).mkdir(parents=True)
+      for i in range(8):
+        Image.fromarray(np.full((8, 8, 3), shade + 8 * (label == "b") + i, np.uint8)).save(
+            tmp_path / tree / label / f"{i}.png")
+  output, shard = tmp_path / "out", records.shard_name("train", 0, 1)
+  _prepare(tmp_path / "ours", output, capsys)
+  _prepare(tmp_path / "theirs", tmp_path / "their_out", capsys)
+  ours = (output / shard).read_bytes()
+  if damage == "foreign":
+    (output / shard).write_bytes((tmp_path / "their_out" / shard).read_bytes())
+  else:
+    os.truncate(output / shard, len(ours) // 2)
+  status, err = _dry_run(output, tmp_path / "run", monkeypatch, capsys)
+  assert status == 2 and err.strip().splitlines()[-1].startswith("error: "), err[-3000:]
+  assert f"{output / shard} is not the shard its index" in err and f"; {records.REPREPARE}" in err, err[-3000:]
+  _prepare(tmp_path / "ours", output, capsys)  # the advice: prepare it again with the same command
+  assert (output / shard).read_bytes() == ours
+  status, err = _dry_run(output, tmp_path / "run2", monkeypatch, capsys)
+  assert status == 0, err[-3000:]

@@ -166,7 +166,8 @@ def test_score_filters_keep_exactly_the_expected_keys(tmp_path, capsys, limits):
   entry = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
   assert entry["filtered"] == filtered and entry["records"] == len(kept)
   sidecars = [json.loads((tmp_path / "out" / (shard + ".json")).read_text()) for shard in entry["shards"]]
-  assert all(set(c) == {"records", "skipped", "skipped_by", "uncaptioned", "filtered", "fingerprint"} for c in sidecars)
+  assert all(set(c) == {"records", "skipped", "skipped_by", "uncaptioned", "filtered", "fingerprint", "bytes",
+                                   "postscript"} for c in sidecars)
   assert {r: sum(c["filtered"][r] for c in sidecars) for r in filtered} == filtered
   assert {r["key"] for r in read_split(tmp_path / "out")} == kept
 

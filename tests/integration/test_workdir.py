@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
+from visionfm_jax.bench import lock_race
 from visionfm_jax.errors import WorkdirError
 from visionfm_jax.training import train
 from visionfm_jax.training.infra import workdir
@@ -143,6 +144,38 @@ def test_a_stale_lock_is_taken_over_with_a_warning_and_released_empty(tmp_path, 
   assert json.loads((tmp_path / workdir.LOCK_FILE).read_text())["pid"] == os.getpid()
   lock.release()
   assert (tmp_path / workdir.LOCK_FILE).read_text() == ""
+
+
+def test_two_processes_taking_one_stale_lock_never_both_hold_it(tmp_path, capsys):
+  """The race benchmark (bench/lock_race.py) through its CLI: two processes at once on a lock file holding a dead
+  run's record, its writes slowed as on NFS. Both held it in every round when the loser read the stale record
+  (the winner not yet written), unlinked the file and locked a fresh one."""
+  rounds = 24
+  assert lock_race.main(["lock_race", f"--rounds={rounds}", "--write_delay_s=0.005", f"--dir={tmp_path / 'race'}"]) == 0
+  result = json.loads(capsys.readouterr().out.splitlines()[-1])
+  assert result == {**result, "rounds": rounds, "double_holds": 0, "none_held": 0, "taken_over": rounds}
+  assert os.listdir(tmp_path / "race") == []
+
+
+def test_a_lock_held_for_a_gone_process_is_taken_over_on_a_fresh_file(tmp_path, caplog):
+  """A lock that a lost NFS client keeps for a process gone from this host: no live run can take that file's lock,
+  so the taker replaces the file (under the guard, which every taker holds while it looks)."""
+  path = tmp_path / workdir.LOCK_FILE
+  path.write_text(json.dumps({**workdir.this_holder(), "pid": lock_race.dead_pid()}))
+  keeper = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+                             "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", path],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  try:
+    assert keeper.stdout.readline() == "locked\n"
+    kept = os.stat(path).st_ino
+    lock = workdir.WorkdirLock(tmp_path)
+    with caplog.at_level(logging.WARNING):
+      lock.acquire(wait_s=0)
+    assert "which is gone: taking it over" in caplog.text
+    assert os.stat(path).st_ino != kept and json.loads(path.read_text())["pid"] == os.getpid()
+    lock.release()
+  finally:
+    keeper.communicate("", timeout=30)
 
 
 def test_a_holder_counts_as_gone_only_when_its_pid_is_gone_from_this_hosts_numbering():

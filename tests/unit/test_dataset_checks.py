@@ -119,3 +119,32 @@ def test_a_16_bit_png_decodes_by_its_range():
   decoded = transforms.decode_image(buffer.getvalue())
   assert decoded.shape == (32, 32, 3) and decoded.dtype == np.uint8
   np.testing.assert_allclose(decoded.mean(), pixels.mean() / 257, atol=0.5)  # was 254: saturated
+
+
+@pytest.mark.parametrize("classes, culprit", [
+    ("abc", "'classes' is \"abc\", not a list of class names (strings)"),
+    (["a", 1], "'classes' is [\"a\", 1], not a list of class names (strings)"),
+    (["a", "b", "a"], "'classes' names 'a' more than once"),
+    (["only"], "split 'train' holds records of label 1 ('class_counts'), but 'classes' names 1 (labels 0 to 0)"),
+])
+def test_a_class_list_that_cannot_name_the_labels_stops_before_training(classes, culprit, tmp_path, monkeypatch,
+                                                                         capsys):
+  """dataset.json's `classes` edited by hand: a string (once a model of one class per letter), a repeated name, or
+  fewer names than the labels its records hold (once an IndexError in the panel after the first checkpoint)."""
+  splits = {}
+  for split in ("train", "validation"):
+    name = records.shard_name(split, 0, 1)
+    records.write_records(str(tmp_path / name), ({"image": np.zeros((4, 4, 3), np.uint8), "label": i % 2}
+                                                 for i in range(64)))  # the demo's batch
+    splits[split] = {"records": 64, "shards": [name], "kind": "labelled", "class_counts": [32, 32]}
+  records.write_metadata(tmp_path, kind="classification", classes=["x", "y"], splits=splits)
+  metadata = records.read_metadata(tmp_path)
+  records.atomic.write_json(tmp_path / records.METADATA_FILE, {**metadata, "classes": classes})
+  status, _, stderr = run_main_in_process(
+      ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
+       f"--config.data.source=arrayrecord:{tmp_path}/{{split}}-*.array_record",
+       "--config.model.num_classes=-1"], monkeypatch, capsys)  # sized from the classes, as configs/vit_huge.py:small
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
+  assert f"{tmp_path / records.METADATA_FILE}: {culprit}; prepare the data set again" in errors[0], errors[0]
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -41,6 +41,8 @@ class Touched:
   def _counted(self, call):
     def counted(*args, **kwargs):
       path = args[0] if args else kwargs.get("path", kwargs.get("file", "."))
+      if kwargs.get("dir_fd") is not None and isinstance(path, str):  # a name in an open folder (limits.open_inside)
+        path = os.path.join(os.readlink(f"/proc/self/fd/{kwargs['dir_fd']}"), path)
       if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(self.root):
         self.paths[_ATOMIC_TMP.sub(".tmp", os.fspath(path)[len(self.root):])] += 1
       return call(*args, **kwargs)

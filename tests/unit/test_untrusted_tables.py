@@ -5,10 +5,13 @@ into one folder; a one-class tree; warnings that name the user's input. Retrieva
 their folder."""
 
 import csv
+import ctypes
 import io
 import json
 import os
 from pathlib import Path
+import subprocess
+import sys
 
 from PIL import Image
 import pytest
@@ -53,7 +56,11 @@ def _records(output: Path, split: str = "train") -> dict[str, dict]:
 
 
 def _output_bytes(output: Path) -> bytes:
-  return b"".join(p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file())
+  """Every file of `output` and every stored image of its shards (ArrayRecord compresses its chunks: a file's bytes
+  need not hold the images it stores)."""
+  images = [record["image"] for split in ("train", "validation") if list(output.glob(f"{split}-*.array_record"))
+            for record in _records(output, split).values()]
+  return b"".join([p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()] + images)
 
 
 @pytest.fixture
@@ -204,3 +211,100 @@ def test_a_retrieval_benchmark_names_no_image_outside_its_folder(tmp_path):
     (tmp_path / "coco" / "dataset_coco.json").write_text(json.dumps({"images": images}))
     with pytest.raises(DataError, match="names an image outside"):
       caption_sets.open_caption_set(f"coco_karpathy:{tmp_path / 'coco'}")
+
+
+RENAME_EXCHANGE, AT_FDCWD = 2, -100  # linux/fs.h, fcntl.h
+# Exchanges two names (argv[1], argv[2]) atomically until the file argv[3] exists; prints the exchanges.
+SWAPPER = """
+import ctypes, os, sys
+first, second, stop = (os.fsencode(a) for a in sys.argv[1:])
+exchange, swaps = ctypes.CDLL(None, use_errno=True).renameat2, 0
+while not os.path.exists(stop):
+  if exchange(-100, first, -100, second, 2):  # AT_FDCWD, RENAME_EXCHANGE
+    raise OSError(ctypes.get_errno(), "renameat2")
+  swaps += 1
+print(swaps)
+"""
+
+
+def _exchange(first: Path, second: Path) -> None:
+  """Swaps the names `first` and `second` in one step (renameat2's RENAME_EXCHANGE): at no time is either missing."""
+  if ctypes.CDLL(None, use_errno=True).renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second),
+                                                 RENAME_EXCHANGE):
+    raise OSError(ctypes.get_errno(), "renameat2")
+
+
+@pytest.fixture
+def swappable(tmp_path) -> dict:
+  """A table of 40 images in a sub-folder, a link beside it to a private folder of same-named images (0600), and
+  the private images' bytes."""
+  private, data = tmp_path / "private", tmp_path / "data"
+  private.mkdir(mode=0o700)
+  (data / "sub").mkdir(parents=True)
+  names = [f"{i}.jpg" for i in range(40)]
+  for i, name in enumerate(names):
+    (data / "sub" / name).write_bytes(_jpeg(i % 8))
+    (private / name).write_bytes(_jpeg(100 + i % 8, size=(14, 9)))
+    (private / name).chmod(0o600)
+  os.symlink(private, data / "link")
+  return {"table": _write_csv(data / "pairs.csv", [(f"sub/{name}", f"photo {name}") for name in names]),
+          "sub": data / "sub", "link": data / "link", "secrets": [(private / name).read_bytes() for name in names[:8]]}
+
+
+def _convert_without_secrets(capsys, swappable, out: Path) -> None:
+  """Converts the table into `out`: exit 0, or one error line when no image could be read; no private byte in it."""
+  status, _, err = _main(capsys, "--format=caption_table", f"--input={swappable['table']}", f"--output={out}")
+  assert status == 0 or (status == 2 and err.count("\n") == 1 and err.startswith("error: ")), err[-3000:]
+  written = _output_bytes(out) if out.exists() else b""
+  assert not any(secret in written for secret in swappable["secrets"]), f"{out}: a private image in a shard"
+
+
+def test_a_folder_swapped_for_a_link_after_each_check_reads_no_private_byte(swappable, tmp_path, capsys, monkeypatch):
+  """The race at its worst, without a second thread: the sub-folder and the link change places right after each
+  resolution of the folder by name. When the folders were checked by name (os.path.realpath) and the file then
+  opened by name, every other image was read from the private folder."""
+  resolve = os.path.realpath
+
+  def realpath(path, *args, **kwargs):
+    resolved = resolve(path, *args, **kwargs)
+    if os.fspath(path) == str(swappable["sub"]):
+      _exchange(swappable["sub"], swappable["link"])
+    return resolved
+
+  monkeypatch.setattr(os.path, "realpath", realpath)
+  _convert_without_secrets(capsys, swappable, tmp_path / "out")
+
+
+def test_a_folder_swapped_for_a_link_while_a_table_is_read_copies_no_private_byte(swappable, tmp_path, capsys):
+  """Another process exchanges the sub-folder and the link, over and over, while prepare_data lists and reads, in
+  12 conversions: none copies a private image or crashes (os.path.realpath raised EINVAL when a link it had seen
+  became a folder)."""
+  stop = tmp_path / "stop"
+  swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, swappable["sub"], swappable["link"], stop],
+                             stdout=subprocess.PIPE, text=True)
+  try:
+    for attempt in range(12):
+      _convert_without_secrets(capsys, swappable, tmp_path / f"out{attempt}")
+  finally:
+    stop.touch()
+    swaps, _ = swapper.communicate(timeout=30)
+  assert int(swaps) > 0
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl"])
+def test_a_nul_byte_in_a_path_cell_is_a_bad_row(kind, tmp_path, capsys):
+  data = tmp_path / "data"
+  data.mkdir()
+  (data / "a.jpg").write_bytes(_jpeg(1))
+  (data / "b.jpg").write_bytes(_jpeg(2))
+  rows = [("a.jpg", "a photo"), ("b\0.jpg", "a path no file system takes"), ("b.jpg", "another photo")]
+  if kind == "csv":
+    table = _write_csv(data / "pairs.csv", rows)
+  else:
+    table = data / "pairs.jsonl"
+    table.write_text("".join(json.dumps({"path": path, "caption": caption}) + "\n" for path, caption in rows))
+  out = tmp_path / "out"
+  status, stdout, err = _main(capsys, "--format=caption_table", f"--input={table}", f"--output={out}")
+  assert status == 0 and "Traceback" not in err, err[-3000:]
+  assert "train 2 records, 1 skipped (bad_row 1)" in stdout, stdout
+  assert sorted(_records(out)) == ["a.jpg", "b.jpg"]

@@ -23,6 +23,7 @@ always means a complete file, and an interrupted conversion resumes by skipping 
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import contextlib
 import fnmatch
@@ -251,14 +252,37 @@ def class_names(pattern: str) -> list[str]:
   if not metadata or not metadata.get("classes"):
     raise DataError(f"arrayrecord source {pattern!r}: no class names (no {METADATA_FILE} with 'classes' "
                     f"next to {files[0]}); image-text pairs have no class labels")
+  path = os.path.join(os.path.dirname(files[0]), METADATA_FILE)
+  problem = classes_problem(metadata)
+  if problem:
+    raise DataError(f"{path}: {problem}; prepare the data set again (datatools.prepare_data writes its classes)")
   return list(metadata["classes"])
+
+
+def classes_problem(metadata: dict) -> str:
+  """Why dataset.json's `classes` (`metadata`) cannot name the labels, in words: not a list of distinct strings, or
+  fewer names than a split's `class_counts` count labels (a label without a name); '' when it can."""
+  classes = metadata["classes"]
+  if not isinstance(classes, list) or not all(isinstance(name, str) for name in classes):
+    return f"'classes' is {json.dumps(classes)[:80]}, not a list of class names (strings)"
+  repeated = [name for name, n in collections.Counter(classes).items() if n > 1]
+  if repeated:
+    return f"'classes' names {repeated[0]!r} more than once"
+  for split, entry in sorted((metadata.get("splits") or {}).items()):
+    counts = entry.get("class_counts") if isinstance(entry, dict) else None
+    labels = [label for label, n in enumerate(counts) if n] if isinstance(counts, list) else []
+    if labels and labels[-1] >= len(classes):
+      return (f"split {split!r} holds records of label {labels[-1]} ('class_counts'), but 'classes' names "
+              f"{len(classes)} (labels 0 to {len(classes) - 1})")
+  return ""
 
 
 def _some(names: list[str], shown: int = 5) -> str:
   return ", ".join(names[:shown]) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-REPREPARE = "prepare it again (datatools.prepare_data rewrites only the shards that are missing)"
+REPREPARE = ("prepare it again with the same command (datatools.prepare_data keeps only the shards it wrote, whole, "
+             "and rewrites the others)")
 
 
 def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:

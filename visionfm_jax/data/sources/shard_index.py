@@ -50,7 +50,7 @@ def open_reader(path: str):
   raise OSError(f"{path}: not an ArrayRecord file")
 
 
-def _size_and_digest(path: str) -> tuple[int, int]:
+def size_and_digest(path: str) -> tuple[int, int]:
   """(bytes, the digest of the postscript as an integer) of the file `path`."""
   fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)  # not a Python file object: a third of the time, at every first open
   try:
@@ -68,7 +68,7 @@ def measure(path: str) -> tuple[int, int, int]:
     records = int(reader.num_records())
   finally:
     reader.close()
-  return (records, *_size_and_digest(path))
+  return (records, *size_and_digest(path))
 
 
 hex_digest = "{:016x}".format  # a row's digest (an int) as identity records it (data/loader/identity.py)
@@ -77,7 +77,7 @@ hex_digest = "{:016x}".format  # a row's digest (an int) as identity records it 
 def differs(path: str, row) -> str | None:
   """How the shard at `path` differs from its DTYPE `row` in size or postscript, in words; None when it does not
   (OSError when it cannot be read)."""
-  size, digest = _size_and_digest(path)
+  size, digest = size_and_digest(path)
   if size != int(row["bytes"]):
     return f"{size:,} bytes, not {int(row['bytes']):,}"
   if digest != int(row["digest"]):

@@ -34,8 +34,7 @@ def read_pairs(job: ShardJob) -> Iterator[Example]:
   for item in job.items:
     if item.path != current:
       current, decoded = item.path, False
-      data, reason = read_image_file(os.path.join(job.root, item.path), refuse_links=True, inside=job.confine,
-                                     root=job.confine)
+      data, reason = read_image_file(os.path.join(job.root, item.path), job.confine, follow_links=True)
     name, fields = f"{os.path.join(job.root, item.path)}#{item.key}", {"caption": item.caption, "key": item.key}
     if data is None:
       yield refused(name, reason)

@@ -5,7 +5,6 @@ decoded), so that a shard can count the images smaller than a recipe reads them.
 from __future__ import annotations
 
 import dataclasses
-import errno
 import io
 import logging
 import os
@@ -71,34 +70,28 @@ def prepare_image(data: bytes, options: ImageOptions, name: str) -> tuple[bytes 
   return data, "", side  # small enough: the original bytes (and EXIF orientation), no second lossy encoding
 
 
-def read_image_file(path: str, refuse_links: bool = False, inside: str = "",
-                    root: str = "") -> tuple[bytes | None, str]:
-  """(the bytes of the image file `path`, ''), or (None, the data/limits.py reason) for a device, a FIFO or a file
-  over limits.MAX_IMAGE_BYTES; DataError when it cannot be read. A symbolic link is followed, or with
-  `refuse_links` (folders) refused as limits.LINK, found without a stat of its own (O_NOFOLLOW), unless the
-  resolved folder `inside` (--follow_links: the input tree) holds the file it resolves to: so a tree's link never
-  reads a file from outside it (a private key, say). With `root` (a resolved folder: a path named by a table or
-  an annotation file), a path whose folders resolve outside it is refused as limits.OUTSIDE_ROOT."""
-  if root:
-    resolved = limits.resolve_inside(path, root)
-    if resolved is None:
-      logging.warning("prepare_data: skipping %s: outside %s, the folder its paths may name", path, root)
-      return None, limits.OUTSIDE_ROOT
-    path = resolved
+def read_image_file(path: str, root: str, follow_links: bool = False) -> tuple[bytes | None, str]:
+  """(the bytes of the image file `path`, ''), or (None, the data/limits.py reason) for a path that leads outside the
+  resolved folder `root` (limits.OUTSIDE_ROOT: the input tree, or the folder a table's or annotation file's paths
+  may name), a symbolic link (limits.LINK; with `follow_links` (--follow_links), only one that leads outside
+  `root`), a device, a FIFO or a file over limits.MAX_IMAGE_BYTES; DataError when it cannot be read (missing, or a
+  path no file system takes). The file is opened by `limits.open_inside`, so its folders are the ones checked: a
+  folder swapped for a link to a private one while a conversion runs reads no byte of it."""
   try:
-    try:
-      # Non-blocking: opening a FIFO for reading would wait for a writer.
-      descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | (os.O_NOFOLLOW if refuse_links else 0))
-    except OSError as e:
-      if not refuse_links or e.errno != errno.ELOOP:
-        raise
-      target = os.path.realpath(path) if inside else ""
-      if not target or os.path.commonpath((target, inside)) != inside:
-        logging.warning("prepare_data: skipping %s: a symbolic link%s", path,
-                        f" out of {inside}" if inside else " (--follow_links follows those inside --input)")
-        return None, limits.LINK
-      descriptor = os.open(target, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW)
-    with open(descriptor, "rb", buffering=0) as f:
+    opened = limits.open_inside(path, root, follow_links)
+  except (OSError, ValueError) as e:
+    raise DataError(f"cannot read {path}: {getattr(e, 'strerror', None) or e}") from e
+  if opened == limits.OUTSIDE_ROOT:
+    logging.warning("prepare_data: skipping %s: outside %s, the folder its paths may name", path, root)
+  elif opened == limits.LINK:
+    logging.warning("prepare_data: skipping %s: a symbolic link%s", path,
+                    f" out of {root}" if follow_links else " (--follow_links follows those inside --input)")
+  elif opened == limits.NOT_A_FILE:
+    logging.warning("prepare_data: skipping %s: not a regular file", path)
+  if isinstance(opened, str):
+    return None, opened
+  try:
+    with open(opened, "rb", buffering=0) as f:
       status = os.fstat(f.fileno())
       if not stat.S_ISREG(status.st_mode):
         logging.warning("prepare_data: skipping %s: not a regular file", path)

@@ -64,23 +64,22 @@ def read_pair_files(job: ShardJob) -> Iterator[Example]:
   `follow_links`, only one that resolves outside `confine`), a path whose folders resolve outside `confine`
   (default: `root`) as limits.OUTSIDE_ROOT."""
   confine = job.confine or os.path.realpath(job.root)
-  inside = confine if job.follow_links else ""
   for path, caption in job.items:
     full = os.path.join(job.root, path)
     try:
-      data, reason = read_image_file(full, refuse_links=True, inside=inside, root=confine)
+      data, reason = read_image_file(full, confine, job.follow_links)
     except DataError as e:
       logging.warning("prepare_data: skipping %s: %s", full, e)
       data, reason = None, limits.NO_IMAGE
     yield refused(full, reason) if reason else Example(full, data, {"caption": caption, "key": path})
 
 
-def _read_caption(path: str, inside: str) -> tuple[str, str]:
+def _read_caption(path: str, root: str, follow_links: bool) -> tuple[str, str]:
   """(the stripped text of the caption file `path`, ''), or ('', why it gives no caption: NO_CAPTION when it is
   missing, unreadable or empty, limits.TOO_LARGE over limits.MAX_TEXT_BYTES, limits.LINK for a link not followed,
-  by the links policy of `read_pair_files`)."""
+  by the links policy of `read_pair_files`, limits.OUTSIDE_ROOT outside the resolved folder `root`)."""
   try:
-    data, reason = read_image_file(path, refuse_links=True, inside=inside)
+    data, reason = read_image_file(path, root, follow_links)
   except DataError:
     return "", NO_CAPTION
   if not reason and len(data) > limits.MAX_TEXT_BYTES:
@@ -97,10 +96,11 @@ def list_caption_files(input_dir: str, follow_links: bool) -> Listing:
   if not os.path.isdir(input_dir):
     raise UserError(f"--input={input_dir}: no such directory (--format=caption_files: a folder of images, each "
                     f"with a caption file of its name and {CAPTION_SUFFIX} beside it)")
-  inside = os.path.realpath(input_dir) if follow_links else ""
+  root = os.path.realpath(input_dir)
   pairs, skipped = [], collections.Counter()
   for path in image_tree.walk_images(input_dir, ""):
-    caption, reason = _read_caption(os.path.join(input_dir, os.path.splitext(path)[0] + CAPTION_SUFFIX), inside)
+    caption, reason = _read_caption(os.path.join(input_dir, os.path.splitext(path)[0] + CAPTION_SUFFIX), root,
+                                    follow_links)
     if reason:
       skipped[reason] += 1
     else:
@@ -273,8 +273,8 @@ def _row_pair(row: dict | str, columns: tuple[str, str]) -> tuple[tuple | None, 
   if isinstance(row, str):
     return None, row
   path, caption = (row.get(name) for name in columns)
-  if not isinstance(path, str) or not path.strip() or not isinstance(caption, (str, type(None))):
-    return None, BAD_ROW
+  if not isinstance(path, str) or not path.strip() or "\0" in path or not isinstance(caption, (str, type(None))):
+    return None, BAD_ROW  # a NUL byte: a path no file system takes
   caption = (caption or "").strip()
   if limits.text_too_large(caption):
     return None, limits.TOO_LARGE
@@ -301,7 +301,7 @@ def _file_size(path: str, follow_links: bool, real_root: str) -> int | None:
 def _digest(path: str, follow_links: bool, real_root: str) -> str | None:
   """The SHA-256 of the file `path` as the writers read it; None when they would not read it."""
   try:
-    data, _ = read_image_file(path, refuse_links=True, inside=real_root if follow_links else "", root=real_root)
+    data, _ = read_image_file(path, real_root, follow_links)
   except DataError:
     return None
   return None if data is None else "sha256:" + hashlib.sha256(data).hexdigest()

@@ -21,7 +21,7 @@ from typing import Callable, Iterable, Iterator, NamedTuple, Sequence
 
 from visionfm_jax import atomic
 from visionfm_jax.data import limits
-from visionfm_jax.data.sources import records, wds
+from visionfm_jax.data.sources import records, shard_index, wds
 from visionfm_jax.datatools import cluster_task
 from visionfm_jax.datatools.prepare_data.images import ImageOptions, header_side, prepare_image, read_image_file
 from visionfm_jax.errors import UserError
@@ -65,12 +65,13 @@ class ShardJob:
 
 
 def read_image_files(job: ShardJob) -> Iterator[Example]:
-  """The examples of a folders job: its image files `items` (path under `root`, label or None); a symbolic link
-  is refused (limits.LINK), or with `follow_links` only one that resolves outside `root`."""
-  inside = os.path.realpath(job.root) if job.follow_links else ""
+  """The examples of a folders job: its image files `items` (path under `root`, label or None), none read from
+  outside `root`; a symbolic link is refused (limits.LINK), or with `follow_links` only one that resolves outside
+  `root`."""
+  root = os.path.realpath(job.root)
   for relpath, label in job.items:
     path = os.path.join(job.root, relpath)
-    data, reason = read_image_file(path, refuse_links=True, inside=inside)
+    data, reason = read_image_file(path, root, job.follow_links)
     yield refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
 
 
@@ -120,24 +121,34 @@ def read_finished(job: ShardJob) -> dict | None:
 
 def finished_counts(path: str, shard_fingerprint: str) -> dict | None:
   """The sidecar counts of the shard `path` when it is written from the inputs and options `shard_fingerprint`
-  stands for, else None."""
-  if not os.path.exists(path):
-    return None
+  stands for and is still the file that write wrote (`written_as`: its bytes and postscript digest), else None: a
+  shard truncated, or put in its place by another preparation, is written again, never kept as finished."""
   try:
     with open(records.sidecar_path(path), encoding="utf-8") as f:
       counts = json.load(f)
+    on_disk = written_as(path)
   except (OSError, ValueError):
     return None
-  return counts if isinstance(counts, dict) and counts.get("fingerprint") == shard_fingerprint else None
+  if not isinstance(counts, dict) or counts.get("fingerprint") != shard_fingerprint:
+    return None
+  return counts if {key: counts.get(key) for key in on_disk} == on_disk else None
+
+
+def written_as(path: str) -> dict:
+  """What a sidecar records of the shard file `path` as written: {bytes, postscript (its digest)}, as its shard index
+  row holds them (data/sources/shard_index.py)."""
+  size, digest = shard_index.size_and_digest(path)
+  return {"bytes": size, "postscript": shard_index.hex_digest(digest)}
 
 
 def write_shard(job: ShardJob) -> dict:
-  """Writes `job`'s shard (via `<shard>.<pid>.tmp`, a name no other writer shares; replacing an older shard) and
-  its sidecar, before the shard's rename: a finished shard always has the sidecar of its own write. Returns the
+  """Writes `job`'s shard (via `<shard>.<pid>.tmp`, a name no other writer shares; replacing an older shard), then
+  its sidecar, which records the shard's bytes and digest (`written_as`): a shard without a sidecar, or whose file
+  is not the one its sidecar records, is not finished (`finished_counts`). Returns the
   sidecar's counts {records, skipped, skipped_by ({data/limits.py reason: n}, the nonzero ones), class_counts (folders:
   {label: count}) or uncaptioned (webdataset: image-only records), filtered (with a score filter: {score: samples it
   rejected}), small_images (with a min_side: {min_side, count: the stored images whose shorter side as given is below
-  it}), fingerprint}."""
+  it}), fingerprint, bytes and postscript (`written_as`)}."""
   # The shard first: without it, a stale sidecar counts for nothing.
   for stale in (job.path, records.sidecar_path(job.path), job.path + ".tmp"):
     if os.path.exists(stale):
@@ -178,7 +189,8 @@ def write_shard(job: ShardJob) -> dict:
       counts["filtered"] = {name: filtered[name] for name in job.score_filter.names}
     if job.min_side:
       counts["small_images"] = {"min_side": job.min_side, "count": small}
-    atomic.write_json(records.sidecar_path(job.path), counts)
+  counts.update(written_as(job.path))
+  atomic.write_json(records.sidecar_path(job.path), counts)
   if incomplete:
     logging.warning("prepare_data: %d examples without an image skipped, e.g. %s", len(incomplete), incomplete[0])
   return counts

@@ -4,7 +4,8 @@
 (`fcntl.lockf`, which NFS and the cluster file systems that lock at all honour across hosts) that the kernel
 drops when the holder dies, so a lock left by a killed run is free again. The file names the holder (host,
 pid, SLURM job id) for the error line of a run that is refused. Only process 0 locks; the others learn its
-decision through `faults.agreed`.
+decision through `faults.agreed`. A stale record (its run gone) is taken over by one taker only: takers read and
+rewrite the record under a second lock, the guard (`WorkdirLock`).
 
 A holder of the same SLURM job id is this job's previous incarnation (a requeue keeps the id), perhaps still
 saving: the run waits up to `wait_s` for it. Any other holder is refused at once.
@@ -22,6 +23,7 @@ import json
 import math
 import os
 import socket
+import struct
 import time
 
 from absl import logging
@@ -33,6 +35,11 @@ from visionfm_jax.training.infra import faults
 LOCK_FILE = "lock"
 _HELD = (errno.EACCES, errno.EAGAIN)  # lockf: another process holds the lock
 _UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system mounted without locking
+# The lock file's bytes whose record locks are the lock and its guard (WorkdirLock); apart, so that the kernel, which
+# merges the adjacent locks of one holder, keeps them two (`_other_lock` tells them from one over the file).
+_LOCK_BYTE, _GUARD_BYTE = 0, 2
+_FLOCK = "hhqqi"  # Linux's struct flock: l_type, l_whence, l_start, l_len, l_pid
+GUARD_WAIT_S = 10.0  # a taker holds the guard for a lock attempt and a record's write
 # Room a save needs beyond the state's bytes: Orbax's metadata, the data iterator's state, file system slack.
 ROOM_FACTOR = 1.1
 ROOM_MARGIN_BYTES = 16 << 20
@@ -191,13 +198,41 @@ def _gone_from_this_host(holder: dict | None) -> bool:
   return False
 
 
+def _other_lock(fd: int, byte: int) -> tuple[int, int] | None:
+  """(start, length; 0: to the end) of the record lock another process holds over `byte` of `fd`, None when none
+  does (F_GETLK, with Linux's struct flock). One lock over both the lock and the guard byte is the file locked whole,
+  as runs before the guard did: the kernel merges only adjacent locks of one holder, and the two bytes are apart."""
+  query = struct.pack(_FLOCK, fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+  try:
+    kind, _, start, length, _ = struct.unpack(_FLOCK, fcntl.fcntl(fd, fcntl.F_GETLK, query))
+  except OSError:
+    return None
+  return None if kind == fcntl.F_UNLCK else (start, length)
+
+
+def _unlinked(fd: int, path: str) -> bool:
+  """Whether the file open as `fd` is no longer the one at `path`."""
+  try:
+    status, named = os.fstat(fd), os.stat(path)
+  except FileNotFoundError:
+    return True
+  return (status.st_dev, status.st_ino) != (named.st_dev, named.st_ino)
+
+
 def _is_our_requeue(holder: dict | None) -> bool:
   job = os.environ.get("SLURM_JOB_ID", "")
   return bool(job) and bool(holder) and holder.get("job") == job
 
 
 class WorkdirLock:
-  """The exclusive lock of one workdir: `acquire(wait_s)`, then `release()`."""
+  """The exclusive lock of one workdir: `acquire(wait_s)`, then `release()`.
+
+  The lock is a POSIX record lock on the file's first byte, and its record (the holder's host and pid) is written
+  while holding it. A taker holds a second record lock, on the file's third byte (the guard), from its attempt to
+  lock through the writing of its record: so a process that finds the lock held reads, under the guard, the
+  record of the process that holds it, never the record of a run that ended before (which it would take for a gone
+  holder, and take over while a live run holds the lock). Record locks, not flock: NFS implements flock with them.
+  """
 
   def __init__(self, workdir):
     self.workdir = os.fspath(workdir)
@@ -213,39 +248,42 @@ class WorkdirLock:
   def acquire(self, wait_s: float) -> None:
     """Takes the lock, waiting up to `wait_s` for a holder of this SLURM job id; WorkdirError naming the holder
     otherwise. A stale record (its run ended without releasing) is taken over with a warning."""
-    fd = self._open_past_a_gone_holder()
+    fd, taken = self._open_past_a_gone_holder()
     try:
-      self._wait_for(fd, wait_s)
-      previous = _read_holder(fd)
-      if previous:
-        logging.warning("taking over the stale lock %s of %s (that run ended without releasing it)", self.path,
-                        describe(previous))
-      self._write_holder(fd)
+      if not taken:
+        self._wait_for(fd, wait_s)
     except BaseException:
       os.close(fd)
       raise
     self._fd = fd
 
-  def _open_past_a_gone_holder(self) -> int:
-    """The lock file's descriptor; a fresh file's when the lock is held for a process gone from this host."""
-    fd = self._open()
-    try:
-      if self._try_lock(fd) or not _gone_from_this_host(_read_holder(fd)):
-        return fd
-    except BaseException:
+  def _open_past_a_gone_holder(self) -> tuple[int, bool]:
+    """(the lock file's descriptor, whether this run took the lock); a fresh file's when the lock is held for a
+    process gone from this host, which no live process can take (a lock a lost NFS client kept)."""
+    while True:
+      fd = self._open()
+      try:
+        with self._guard(fd):
+          if _unlinked(fd, self.path):  # replaced by a taker of a gone holder's lock since it was opened
+            os.close(fd)
+            continue
+          if self._take(fd):
+            return fd, True
+          holder = _read_holder(fd)  # under the guard: the record of the process holding the lock
+          if not _gone_from_this_host(holder):
+            return fd, False
+          logging.warning("the lock %s is held for %s, which is gone: taking it over", self.path, describe(holder))
+          os.unlink(self.path)  # under the guard: a taker that opened this file sees it unlinked and opens anew
+      except BaseException:
+        os.close(fd)
+        raise
       os.close(fd)
-      raise
-    logging.warning("the lock %s is held for %s, which is gone: taking it over", self.path,
-                    describe(_read_holder(fd)))
-    os.close(fd)
-    os.unlink(self.path)  # a fresh file, which the gone holder has no lock on
-    return self._open()
 
   def _wait_for(self, fd: int, wait_s: float) -> None:
-    """Locks `fd`, waiting up to `wait_s` when the holder is this job's predecessor; WorkdirError naming the
-    holder when it stays held."""
+    """Takes the lock of `fd`, waiting up to `wait_s` when the holder is this job's predecessor; WorkdirError naming
+    the holder when it stays held."""
     deadline = time.monotonic() + wait_s
-    while not self._try_lock(fd):
+    while not self._take_guarded(fd):
       holder = _read_holder(fd)
       left = deadline - time.monotonic()
       if not _is_our_requeue(holder) or left <= 0:
@@ -254,16 +292,57 @@ class WorkdirLock:
                            f"{self.path}){waited}: wait for it to end, or give this run another --workdir")
       time.sleep(min(1.0, left))
 
-  def _try_lock(self, fd: int) -> bool:
+  def _take_guarded(self, fd: int) -> bool:
+    with self._guard(fd):
+      return self._take(fd)
+
+  def _take(self, fd: int) -> bool:
+    """Locks `fd` and writes this run's record into it (the caller holds the guard); False when another holds it.
+    A record found there is a stale one: its run ended without releasing."""
+    if not self._try_lock(fd, _LOCK_BYTE):
+      return False
+    previous = _read_holder(fd)
+    if previous:
+      logging.warning("taking over the stale lock %s of %s (that run ended without releasing it)", self.path,
+                      describe(previous))
+    self._write_holder(fd)
+    return True
+
+  @contextlib.contextmanager
+  def _guard(self, fd: int):
+    """Holds the guard byte of `fd` for the block. Its holders hold it for a lock attempt and a record's write (a
+    millisecond). Not waited for when no takeover can follow: the file locked whole (by a run of an earlier version,
+    which takes no guard), or the lock held by a run whose record names it alive (a refusal needs no guard). One held
+    past GUARD_WAIT_S otherwise is a taker stopped in between: WorkdirError naming the file."""
+    deadline = time.monotonic() + GUARD_WAIT_S
+    while not self._try_lock(fd, _GUARD_BYTE, quiet=True):
+      lock = _other_lock(fd, _LOCK_BYTE)
+      whole_file = lock is not None and _other_lock(fd, _GUARD_BYTE) == lock
+      holder = _read_holder(fd) if lock else None
+      if whole_file or (holder and not _gone_from_this_host(holder)):
+        yield
+        return
+      if time.monotonic() > deadline:
+        raise WorkdirError(f"{self.path}: another process has been taking this lock for over {GUARD_WAIT_S:g} s "
+                           f"(a run stopped while starting?); retry when it has ended")
+      time.sleep(0.005)
     try:
-      fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+      yield
+    finally:
+      with contextlib.suppress(OSError):
+        fcntl.lockf(fd, fcntl.LOCK_UN, 1, _GUARD_BYTE)
+
+  def _try_lock(self, fd: int, byte: int = 0, quiet: bool = False) -> bool:
+    try:
+      fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, byte)
       return True
     except OSError as e:
       if e.errno in _HELD:
         return False
       if e.errno in _UNSUPPORTED:
-        logging.warning("the file system of %s does not support locks: nothing stops a second run from using "
-                        "this workdir at the same time", self.workdir)
+        if not quiet:
+          logging.warning("the file system of %s does not support locks: nothing stops a second run from using "
+                          "this workdir at the same time", self.workdir)
         return True
       raise storage_error("cannot lock", self.path, e) from e
 
