@@ -2,7 +2,7 @@
 doc's `--holdout_per_class=50`, then `python -m visionfm_jax.main --config=configs/vit_huge.py:small`. Each thing
 to change is one line that names it: the holdout capped at half of each class, a batch larger than the data
 (with the flag to lower and the holdout that took the rest), a data path that matches nothing (before anything
-the data would size)."""
+the data would size), a folder of files of which none decodes."""
 
 import os
 import re
@@ -53,3 +53,17 @@ def test_a_few_photos_a_class_through_the_doc_s_commands(tmp_path, warm_python):
   assert _one_line(typo, "error") == (
       f"error: config.data.source={mistyped!r} split 'train': no files match "
       f"'{tmp_path}/my_fotos/train-*.array_record'; see docs/data_preparation.md")
+
+
+def test_a_folder_of_undecodable_files_is_one_error_line(tmp_path, warm_python):
+  for name in ("beach", "forest"):
+    for i in range(2):
+      (tmp_path / "raw" / name).mkdir(parents=True, exist_ok=True)
+      (tmp_path / "raw" / name / f"IMG_{i}.jpg").write_bytes(b"<html>a login page, saved as a photo</html>")
+  prepared = _run("visionfm_jax.datatools.prepare_data", "--format=folders", f"--input={tmp_path / 'raw'}",
+                  f"--output={tmp_path / 'out'}", "--holdout_per_class=50", "--resize_shorter=256", "--num_workers=0",
+                  warm=warm_python)
+  assert prepared.returncode == 2 and prepared.stdout == ""
+  assert _one_line(prepared, "error") == (
+      f"error: --input={tmp_path / 'raw'}: none of its 4 image files could be read (4 undecodable)")
+  assert not (tmp_path / "out").exists()
