@@ -31,6 +31,7 @@ from visionfm_jax.datatools.prepare_data.folders import convert_folders
 from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import DataError, UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
 
@@ -545,7 +546,7 @@ def test_folders_refuse_links_and_follow_only_those_inside_with_follow_links(tmp
 def _prepare_data_process(*args) -> subprocess.CompletedProcess:
   """`python -m visionfm_jax.datatools.prepare_data ARGS`, as a person runs it (its console set up as main's)."""
   return subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", "--num_workers=0", *args],
-                        capture_output=True, text=True, timeout=120, check=False)
+                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
 
 
 def test_a_holdout_larger_than_half_a_class_is_capped_on_one_warning_line(tmp_path):

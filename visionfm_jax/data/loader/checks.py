@@ -50,9 +50,10 @@ def check_one_batch(mixture, batch_size: int, process_count: int, what: str) -> 
     return
   per_process = f" ({batch_size} for each of {process_count} processes)" if process_count > 1 else ""
   largest = mixture.records // process_count * process_count
-  fix = (f"a --config.global_batch_size of at most {largest:,}" if largest else f"at least {process_count} records")
+  fix = (f"train with a --config.global_batch_size of at most {largest:,}, or on more data" if largest else
+         "train on more data: each process needs a record of its own")
   raise DataError(f"{what} has {mixture.records:,} records: fewer than one batch of --config.global_batch_size="
-                  f"{batch_size * process_count:,}{per_process}; train with {fix}, or on more data"
+                  f"{batch_size * process_count:,}{per_process}; {fix}"
                   + "".join(_holdout_note(entry.source) for entry in mixture.entries))
 
 

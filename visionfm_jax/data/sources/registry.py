@@ -239,7 +239,7 @@ def disk_path(spec: str, split: str, data_cfg, what: str | None = None) -> str |
   if kind in ("shapes", "scenes"):
     return None
   if kind == "tfds":
-    return str(tfds_data_dir(data_cfg) / name.split(":")[0])
+    return str(tfds_data_dir(data_cfg) / name.split("/")[0].split(":")[0])  # as _check_prepared looks
   if kind == "wds":
     name = wds.parse_spec(name, what or _source_what(spec))[0]
   if kind in ("arrayrecord", "wds"):
@@ -252,7 +252,7 @@ def fixed_folder(path: str) -> str:
   parts = path.split(os.sep)
   fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
   folder = os.sep.join(parts[:fixed]) if fixed < len(parts) else path
-  return folder or os.sep
+  return folder or (os.sep if path.startswith(os.sep) else os.curdir)
 
 
 def matches_nothing(path: str) -> bool:
