@@ -113,7 +113,7 @@ def _tokens(text: str) -> list[str]:
 FALL11_SYNSETS = ("n00004475", "n00005787", "n00006024", "n00006484", "n00007846", "n00015388")
 # winter21 removed 2,674 of fall11's 21,841 synsets (19,167 left); the stand-in drops two of its six.
 WINTER21_SYNSETS = ("n00004475", "n00005787", "n00006024", "n00015388")
-IMAGES_PER_SYNSET = 8  # prepare_data's --holdout_per_class=5 leaves 3 to train on
+IMAGES_PER_SYNSET = 8  # prepare_data's --holdout_per_class=5 holds out half of them, 4, and trains on 4
 
 
 def _synset_tar(wnid: str, count: int) -> bytes:

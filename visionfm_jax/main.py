@@ -80,7 +80,8 @@ def main(argv):
   sys.unraisablehook = _ignore_closed_event_loops
   try:
     from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
-    class_names = checks.validate(_CONFIG.value)  # once, before joining the other processes and setting up devices
+    # once, before joining the other processes and setting up devices; a dry run may plan before the data exists
+    class_names = checks.validate(_CONFIG.value, data=checks.DATA_PLANNED if _DRY_RUN.value else checks.DATA_PRESENT)
     if _DRY_RUN.value:
       _dry_run(class_names)
       return

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The trainer of a JobSet pod (launch/kubernetes/jobset.yaml): one process per node driving all of its GPUs, joined
 # by jax.distributed from the JobSet's annotations (visionfm_jax/parallel/cluster_env.py).
-#   bash launch/kubernetes/entrypoint.sh --config=configs/vit_huge.py --workdir=/ckpt/vit_huge
+#   bash launch/kubernetes/entrypoint.sh --config=configs/vit_huge.py --workdir=/ckpt/vit_huge \
+#       --config.mesh.fsdp=8 --config.mesh.data=-1
 # GPU (h100, the default, for H100 and H200 nodes; a100) picks launch/xla_flags_$GPU.sh. MODULE (default
 # visionfm_jax.main) runs another program the same way.
 # Exit status: python's, but 75 when a SIGTERM (the pod evicted, preempted or its node drained) reached this pod and

@@ -66,11 +66,25 @@ def test_a_field_given_keeps_its_value_and_the_default_length_keeps_the_recipe_s
 
 
 def test_a_class_count_the_data_does_not_name_is_one_error_line(tmp_path, monkeypatch, capsys):
-  status, _, err = _dry_run(tmp_path, monkeypatch, capsys, f"--config.data.source=arrayrecord:{tmp_path}/none-*")
+  rng = np.random.default_rng(0)
+  records.write_records(tmp_path / "unnamed-00000-of-00001.array_record",  # shards without a dataset.json
+                        ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": 0} for _ in range(2)))
+  status, _, err = _dry_run(tmp_path, monkeypatch, capsys, f"--config.data.source=arrayrecord:{tmp_path}/unnamed-*")
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert status == 2 and len(errors) == 1, err[-3000:]
   assert errors[0].startswith("error: config.model.num_classes=-1 takes the class count from the training data's "
                               "dataset.json, but ") and errors[0].endswith("set --config.model.num_classes="), errors
+
+
+def test_a_data_path_that_matches_nothing_is_the_first_error(tmp_path, monkeypatch, capsys):
+  """Before the class count that the data would size: the path, as the person typed it."""
+  for spec in (f"arrayrecord:{tmp_path}/none-*", f"arrayrecord:{tmp_path}/missing/{{split}}-*.array_record"):
+    status, _, err = _dry_run(tmp_path, monkeypatch, capsys, f"--config.data.source={spec}")
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert status == 2 and len(errors) == 1, err[-3000:]
+    path = spec.split(":", 1)[1].replace("{split}", "train")
+    assert errors[0] == (f"error: config.data.source={spec!r} split 'train': no files match {path!r}; see "
+                         f"docs/data_preparation.md"), errors
 
 
 def test_zero_shot_images_without_a_names_file_are_named_by_their_data(photos):

@@ -148,3 +148,33 @@ def test_a_class_list_that_cannot_name_the_labels_stops_before_training(classes,
   assert status == 2 and len(errors) == 1 and "Traceback" not in stderr, stderr[-3000:]
   assert f"{tmp_path / records.METADATA_FILE}: {culprit}; prepare the data set again" in errors[0], errors[0]
   assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_fewer_records_than_a_batch_name_the_flag_the_largest_batch_and_no_holdout_where_there_is_none():
+  from visionfm_jax.data.loader import checks, mixture  # pylint: disable=g-import-not-at-top
+  data = mixture.Mixture((mixture.Entry("config.data.source='x'", RangeSource(10), 1.0, "x"),), "x")
+  checks.check_one_batch(data, 5, 2, "x")  # 10 records: one batch of 5 for each of 2 processes
+  with pytest.raises(DataError) as error:
+    checks.check_one_batch(data, 4, 3, "x split 'train'")
+  assert str(error.value) == ("x split 'train' has 10 records: fewer than one batch of --config.global_batch_size=12 "
+                              "(4 for each of 3 processes); train with a --config.global_batch_size of at most 9, or "
+                              "on more data")
+  with pytest.raises(DataError, match="each process needs a record of its own"):
+    checks.check_one_batch(data, 1, 11, "x")
+
+
+def test_a_path_that_matches_nothing_is_found_before_anything_reads_the_data(tmp_path):
+  from visionfm_jax.data.loader import checks  # pylint: disable=g-import-not-at-top
+  (tmp_path / "here").mkdir()
+  (tmp_path / "here" / "train-00000-of-00001.array_record").write_bytes(b"")
+  found = data_config(source=f"arrayrecord:{tmp_path}/here/{{split}}-*.array_record")
+  assert checks.check_found(found) == []
+  typo = data_config(source=f"arrayrecord:{tmp_path}/here/{{split}}-*.arrayrecord")
+  for absent_ok in (False, True):  # a folder that exists without a match is a typo, also in a dry run's plan
+    with pytest.raises(DataError, match=re.escape(f"no files match '{tmp_path}/here/train-*.arrayrecord'")):
+      checks.check_found(typo, absent_ok)
+  later = data_config(mixture=(("shapes", 1.0), (f"arrayrecord:{tmp_path}/later/*", 1.0),
+                               (f"coco:{tmp_path}/coco", 1.0)), source="")
+  with pytest.raises(DataError, match=re.escape(r"config.data.mixture[1]=") + ".*no files match"):
+    checks.check_found(later)
+  assert checks.check_found(later, absent_ok=True) == [f"{tmp_path}/coco", f"{tmp_path}/later"]

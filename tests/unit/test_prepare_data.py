@@ -8,6 +8,9 @@ import io
 import json
 import logging
 import os
+import re
+import subprocess
+import sys
 import tarfile
 
 import ml_collections
@@ -28,6 +31,7 @@ from visionfm_jax.datatools.prepare_data.folders import convert_folders
 from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import DataError, UserError
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CLASSES = ["ant", "moth", "zebra"]  # created in another order: labels must follow the sorted names
 DATA_CFG = ml_collections.ConfigDict({"train_split": "train", "eval_split": "validation"})
 
@@ -122,14 +126,14 @@ def test_folders_holdout(tree, tmp_path):
   train, val = read_split(tmp_path, "train"), read_split(tmp_path, "val")
   assert sorted(e["key"] for e in train + val) == sorted(files)  # disjoint and complete
   assert len(train) + len(val) == len({e["key"] for e in train + val})
-  assert sorted(e["label"] for e in val) == [0, 0, 1, 1, 2, 2]
-  assert metadata["splits"]["val"]["class_counts"] == [2, 2, 2]
-  assert metadata["splits"]["train"]["class_counts"] == [1, 1, 2]
-  assert metadata["splits"]["val"]["shards"] == ["val-00000-of-00002.array_record", "val-00001-of-00002.array_record"]
-  # A class keeps at least one training image: a 3-image class holds out 2 of --holdout_per_class=5.
+  # No class trains on fewer images than it holds out: the 3-image classes hold out 1 of --holdout_per_class=2.
+  assert sorted(e["label"] for e in val) == [0, 1, 2, 2]
+  assert metadata["splits"]["val"]["class_counts"] == [1, 1, 2]
+  assert metadata["splits"]["train"]["class_counts"] == [2, 2, 2]
+  assert metadata["splits"]["val"]["shards"] == ["val-00000-of-00001.array_record"]
   big = convert_folders(root, str(tmp_path / "big"), num_workers=0, holdout_per_class=5)
-  assert big["splits"]["validation"]["class_counts"] == [2, 2, 3]
-  assert big["splits"]["train"]["class_counts"] == [1, 1, 1]
+  assert big["splits"]["validation"]["class_counts"] == [1, 1, 2]
+  assert big["splits"]["train"]["class_counts"] == [2, 2, 2]
 
 
 def make_tars(directory) -> list[str]:
@@ -537,3 +541,43 @@ def test_folders_refuse_links_and_follow_only_those_inside_with_follow_links(tmp
   assert "--follow_links: only for --format=folders" in _error(["--format=webdataset", "--input=x.tar",
                                                                  f"--output={refused}", "--follow_links"], capsys)
   assert not refused.exists()  # a refused run leaves no folder of its own behind
+
+
+def _prepare_data_process(*args) -> subprocess.CompletedProcess:
+  """`python -m visionfm_jax.datatools.prepare_data ARGS`, as a person runs it (its console set up as main's)."""
+  return subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", "--num_workers=0", *args],
+                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_a_holdout_larger_than_half_a_class_is_capped_on_one_warning_line(tmp_path):
+  for c, name in enumerate(["cat", "dog"]):
+    for i in range(6 + c):
+      write_file(str(tmp_path / "in" / name / f"{i}.jpg"), encoded(8, 8, seed=10 * c + i))
+  result = _prepare_data_process("--format=folders", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}",
+                                 "--holdout_per_class=50")
+  assert result.returncode == 0, result.stderr
+  assert result.stdout.startswith("prepare_data: train 7, validation 6 records, ")  # cat 3 + 3, dog 4 + 3
+  lines = result.stderr.splitlines()
+  assert len(lines) == 1, result.stderr
+  assert re.fullmatch(r"\d\d:\d\d:\d\d warning: prepare_data: --holdout_per_class=50: 2 of the 2 classes have fewer "
+                      r"than 100 images; each holds out half of its images, rounded down \(3\), so that no class "
+                      r"trains on fewer images than it holds out", lines[0]), lines[0]
+  metadata = records.read_metadata(tmp_path / "out")
+  assert metadata["splits"]["validation"]["class_counts"] == [3, 3]
+  assert metadata["splits"]["train"]["class_counts"] == [3, 4]
+
+
+@pytest.mark.parametrize("options", [[], ["--verify"], ["--unlabelled"], ["--unlabelled", "--resize_shorter=16"]],
+                         ids=lambda o: " ".join(o) or "as stored")
+def test_a_folder_without_one_decodable_image_is_exit_2_and_writes_nothing(tmp_path, capsys, options):
+  for name in ("cat", "dog"):
+    for i in range(3):
+      write_file(str(tmp_path / "in" / name / f"{i}.jpg"), b"not an image " * i)
+  err = _error(["--format=folders", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}", "--num_workers=0",
+                *options], capsys)
+  assert err == f"error: --input={tmp_path / 'in'}: none of its 6 image files could be read (6 undecodable)\n"
+  assert not os.path.exists(tmp_path / "out")
+  # One decodable image is enough: the rest are skipped (or, as stored, kept for the loader to skip and count).
+  write_file(str(tmp_path / "in" / "dog" / "3.jpg"), encoded(8, 8))
+  assert prepare_data.main(["prepare_data", "--format=folders", f"--input={tmp_path / 'in'}",
+                            f"--output={tmp_path / 'out'}", "--num_workers=0", *options]) == 0

@@ -80,13 +80,14 @@ def test_imagenet21k_releases_unpack_into_class_folders_that_prepare_data_conver
       standins.FALL11_SYNSETS)
   winter21 = standins.unpack_synset_tars(root / "raw/imagenet21k/winter21_whole.tar.gz", tmp_path / "winter21")
   assert len(winter21) < len(written["imagenet21k_fall11"]["classes"])
-  # The runbook's command: 5 images per class held out, shorter sides cut to 512 (these are smaller: kept).
+  # The runbook's command: 5 images per class held out, at most half of a class (here 4), shorter sides cut to 512
+  # (these are smaller: kept).
   metadata = prepare("--format=folders", f"--input={fall11_dir}", f"--output={tmp_path / 'in21k'}",
                      "--holdout_per_class=5", "--resize_shorter=512")
   assert metadata["classes"] == sorted(standins.FALL11_SYNSETS)
   per_class = standins.IMAGES_PER_SYNSET
-  assert metadata["splits"]["validation"]["class_counts"] == [5] * 6
-  assert metadata["splits"]["train"]["class_counts"] == [per_class - 5] * 6
+  assert metadata["splits"]["validation"]["class_counts"] == [per_class // 2] * 6
+  assert metadata["splits"]["train"]["class_counts"] == [per_class - per_class // 2] * 6
 
 
 def test_laion_tars_are_indexed_filtered_and_converted_as_img2dataset_output(placed, tmp_path):

@@ -15,12 +15,23 @@ from visionfm_jax.parallel import checks as parallel_checks
 from visionfm_jax.training import init_from, optim, sizing
 from visionfm_jax.training.infra import trackers
 
+# What `validate` asks of the training data's paths (`data=`).
+DATA_UNREAD = "unread"  # a config alone (a recipe checked for its cluster): not looked at, unless sizing reads them
+DATA_PRESENT = "present"  # a run (main, train.run): a path that matches nothing is the first error, naming it
+DATA_PLANNED = "planned"  # main --dry_run: as present, but a folder that does not exist yet is no error (the plan
+# goes without the data), unless a field is sized from the data
 
-def validate(config, num_devices: int | None = None, num_processes: int = 1) -> list[str] | None:
+
+def validate(config, num_devices: int | None = None, num_processes: int = 1, *,
+             data: str = DATA_UNREAD) -> list[str] | None:
   """ConfigError naming the field of the first check `config` fails. With `num_devices` (over `num_processes`
-  processes), also that the batch divides over the mesh and its batch axes over the processes. First fills, in
-  place, the fields the recipe leaves to the run (training/sizing.py); returns the training class names that
-  this read (`sizing.fill`), else None."""
+  processes), also that the batch divides over the mesh and its batch axes over the processes. First, as `data`
+  says (DATA_*), a training data path that matches nothing is a DataError naming it (data/loader/checks.py
+  `check_found`), before anything reads the data; then fills, in place, the fields the recipe leaves to the run
+  (training/sizing.py); returns the training class names that this read (`sizing.fill`), else None."""
+  sized_from_data = config_lib.is_sized(config, config_lib.NUM_CLASSES)
+  if data != DATA_UNREAD or sized_from_data:
+    data_checks.check_found(config.data, absent_ok=data == DATA_PLANNED and not sized_from_data)
   class_names = sizing.fill(config)
   config_lib.check(config)
   trackers.check_installed(config)

@@ -56,7 +56,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
   if validated:
     checks.check_devices(config, devices, processes)
   else:
-    class_names = checks.validate(config, devices, processes)
+    class_names = checks.validate(config, devices, processes, data=checks.DATA_PRESENT)
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
     # before anything is built: a resume may refuse the config, or anchor the schedule
     run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)

@@ -21,7 +21,7 @@ from absl import flags, logging
 import grain
 import numpy as np
 
-from visionfm_jax.data.loader import identity, open_files, reaping, shm_room, skipping
+from visionfm_jax.data.loader import checks, identity, open_files, reaping, shm_room, skipping
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.sources import open_shards
 from visionfm_jax.data.sources.registry import build_source, eval_source_spec, eval_source_what
@@ -228,9 +228,7 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   reaping.remove_what_dead_runs_left()
   mixture = mixture_lib.as_mixture(source, data_cfg, data_cfg.train_split)
   what = f"{mixture.what} split {data_cfg.train_split!r}"
-  if mixture.records // process_count < batch_size:
-    raise DataError(f"{what} has {mixture.records} records: fewer than one batch of {batch_size} for each of "
-                    f"{process_count} processes")
+  checks.check_one_batch(mixture, batch_size, process_count, what)
   # One global stream for all processes (data/loader/resume.py): the mixture orders every entry's records per its
   # epoch and interleaves the entries, the sampler reads that stream in order (its seed: the augmentations'
   # per-position generators), and the loader's shard options give process i the positions i, i + P, i + 2P, ...

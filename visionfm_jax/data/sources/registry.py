@@ -35,6 +35,7 @@ dataset that is not prepared fails at once with a `DataError` naming the dataset
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 from pathlib import Path
@@ -229,6 +230,34 @@ def _wds_source(what: str, spec: str, split: str) -> wds.WdsSource:
     return wds.WdsSource(split_pattern(pattern, split), score_filter, index_dir)
   except DataError as e:
     raise DataError(f"{what} split {split!r}: {e}") from e
+
+
+def disk_path(spec: str, split: str, data_cfg, what: str | None = None) -> str | None:
+  """What `spec` reads from disk in `split`: the glob of arrayrecord: and wds: ('{split}' filled in), the root
+  folder of the other folder kinds, TFDS' dataset folder in its data dir; None for the embedded sets."""
+  kind, name, spec_split = _parse(spec, what or _source_what(spec))
+  if kind in ("shapes", "scenes"):
+    return None
+  if kind == "tfds":
+    return str(tfds_data_dir(data_cfg) / name.split("/")[0].split(":")[0])  # as _check_prepared looks
+  if kind == "wds":
+    name = wds.parse_spec(name, what or _source_what(spec))[0]
+  if kind in ("arrayrecord", "wds"):
+    return split_pattern(name, spec_split or split)
+  return os.path.expanduser(name)
+
+
+def fixed_folder(path: str) -> str:
+  """The folder part of `path` before its first component with a wildcard: what must exist for it to match."""
+  parts = path.split(os.sep)
+  fixed = next((i for i, part in enumerate(parts) if glob.has_magic(part)), len(parts))
+  folder = os.sep.join(parts[:fixed]) if fixed < len(parts) else path
+  return folder or (os.sep if path.startswith(os.sep) else os.curdir)
+
+
+def matches_nothing(path: str) -> bool:
+  """Whether no file or folder matches `path` (a glob, or a plain path); stops at the first match."""
+  return next(glob.iglob(path, recursive=True), None) is None
 
 
 def class_names(spec: str, data_cfg, what: str | None = None) -> list[str]:

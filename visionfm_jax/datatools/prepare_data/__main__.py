@@ -15,8 +15,9 @@ r"""Converts an image-folder tree, img2dataset WebDataset tars or image-text pai
 image files (jpg jpeg png webp bmp, any case) anywhere below a class folder, other files ignored. Labels follow
 the sorted folder names. The files, listed in sorted order, are shuffled by --seed (shards mix classes) and cut
 into shards of --records_per_shard records {image, label, key: the path under --input}.
---holdout_per_class=K moves K files per class (chosen by --seed; a class keeps at least one training file)
-into a second split, --holdout_split.
+--holdout_per_class=K moves K files per class (chosen by --seed) into a second split, --holdout_split; a class
+of fewer than 2 K files holds out half of them, rounded down, so that no class trains on fewer files than it holds
+out (one warning line names how many classes).
 With --unlabelled, --input is a folder (or tree) of images without labels: every image file below it becomes an
 image-only record {image, key}. Such a tree (Aurora's 500M images) is never listed whole: each top-level folder
 (and the input's own files, as one more) is walked on its own, one directory at a time, in sorted path order, and
@@ -69,6 +70,7 @@ dataset.json says per split which kind its records are: 'labelled' (folders), 'p
 count of 'uncaptioned' records among them) or 'images' (image-only).
 
 Images pass through as stored. --verify decodes each one and drops (counts, names) the undecodable ones;
+a folder (--format=folders) of which not one image decodes is an error naming it, and writes nothing;
 --resize_shorter=N (implies --verify) shrinks images whose shorter side exceeds N to N and stores them as
 JPEG quality 95 (turned upright first, as their EXIF orientation says); nothing is ever enlarged. Each shard's
 sidecar and each split of dataset.json count, under `small_images`, the images whose shorter side as given (read
@@ -113,6 +115,7 @@ import time
 from typing import Sequence
 
 from absl import flags
+from absl import logging as absl_logging
 
 from visionfm_jax import cli
 from visionfm_jax.data.sources import records, wds
@@ -125,6 +128,7 @@ from visionfm_jax.datatools.prepare_data.own_pairs import LISTING_REASONS, OWN_P
 from visionfm_jax.datatools.prepare_data.shards import DEFAULT_RECORDS_PER_SHARD
 from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 from visionfm_jax.errors import UserError
+from visionfm_jax.training.infra import console
 
 FORMATS = ("folders", "webdataset", *PAIR_FORMATS, *OWN_PAIR_FORMATS)
 
@@ -153,8 +157,8 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_bool("follow_links", False, "folders: follow the symbolic links that resolve inside --input (else "
                     "every link is left out and counted as `link`); a link out of --input is never followed.",
                     flag_values=fv)
-  flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split; 0: none.",
-                       flag_values=fv)
+  flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split, at most half "
+                       "of a class; 0: none.", flag_values=fv)
   flags.DEFINE_integer("holdout_examples", 0, "webdataset, --unlabelled folders: examples moved to "
                        "--holdout_split; 0: none.", flag_values=fv)
   flags.DEFINE_string("holdout_split", "validation", "Split name of the held-out examples.", flag_values=fv)
@@ -373,8 +377,21 @@ def _main(fv, rest: list[str]) -> None:
 
 
 def main(argv: Sequence[str]) -> int:
-  """Parses `argv` (program name first), converts, prints the summary line; returns the exit status."""
+  """Parses `argv` (program name first), converts, prints the summary line; returns the exit status. Its log lines
+  (a skipped file, a capped holdout) reach the console as the trainer's do: `HH:MM:SS warning: ...`."""
+  _log_to_console()
   return cli.run(argv, make_flags(), __doc__, _main)
+
+
+def _log_to_console() -> None:
+  """This program's log lines through absl's handler in the console's format. It runs without absl.app, whose flag
+  parsing absl's handler waits for: marked parsed here (the program's flags are its own), with the lines on
+  stderr, or absl would prefix a notice."""
+  if not flags.FLAGS.is_parsed():
+    flags.FLAGS.mark_as_parsed()
+    flags.FLAGS.logtostderr = True
+  absl_logging.use_absl_handler()
+  console.configure()
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                               min_side=min_side, follow_links=follow_links)
   tree = image_tree.list_class_tree(input_dir, follow_links)
   _check_classes(tree, input_dir)
+  if task is not None:  # --finalize writes no shard
+    image_tree.require_decodable(input_dir, tree.paths, follow_links)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
   if holdout_per_class:

@@ -10,13 +10,17 @@ that is a link is listed, and refused or followed when read (`prepare_data.image
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import os
-from typing import Iterator, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from visionfm_jax.data.transforms import host as transforms
+from visionfm_jax.datatools.prepare_data import shards
+from visionfm_jax.datatools.prepare_data.images import read_image_file
 from visionfm_jax.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
@@ -37,6 +41,26 @@ def _check_directory(input_dir: str) -> None:
 
 def no_images(input_dir: str) -> UserError:
   return UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) below it")
+
+
+def require_decodable(input_dir: str, paths: Iterable[str], follow_links: bool = False) -> None:
+  """UserError naming `input_dir`, with the reasons, unless one of its image files `paths` (under it) is read as
+  the conversion reads it and decodes: a conversion that would write not one image. Stops at the first that
+  decodes (in a tree of images, the first), so it costs one decode, also where the shards keep the bytes as they
+  are and nothing else decodes them."""
+  inside = os.path.realpath(input_dir) if follow_links else ""
+  reasons, count = collections.Counter(), 0
+  for path in paths:
+    count += 1
+    data, reason = read_image_file(os.path.join(input_dir, path), refuse_links=True, inside=inside)
+    if data is not None:
+      try:
+        transforms.decode_image(data)
+        return
+      except transforms.DECODE_ERRORS as e:
+        reason = transforms.failure_reason(e)
+    reasons[reason] += 1
+  raise shards.none_read(input_dir, f"its {count} image files", shards.ordered_reasons(reasons))
 
 
 # ------------------------------------------------------------------------------------------- class trees
@@ -84,20 +108,31 @@ def _resolves_inside(path: str, inside: str) -> bool:
 
 
 def carve_holdout(labels: np.ndarray, order: np.ndarray, per_class: int) -> tuple[np.ndarray, np.ndarray]:
-  """(kept, held out): the first `per_class` items of each class in `order` are held out, at most all but one of
-  the class, so every class keeps a training item. Both keep `order`'s order."""
-  quota = np.minimum(per_class, np.maximum(np.bincount(labels) - 1, 0))
+  """(kept, held out): the first `per_class` items of each class in `order` are held out, at most half of the
+  class (rounded down), so that no class trains on fewer items than it holds out; a warning line says which
+  classes hold out fewer than `per_class`. Both keep `order`'s order."""
+  counts = np.bincount(labels)
+  quota = np.minimum(per_class, counts // 2)
   taken = np.zeros_like(quota)
   held = np.zeros(len(order), bool)
   for position, label in enumerate(labels[order].tolist()):
     if taken[label] < quota[label]:
       taken[label] += 1
       held[position] = True
-  short = int(np.sum(quota < per_class))
-  if short:
-    logging.warning("prepare_data: %d classes have %d images or fewer: they hold out fewer than %d", short,
-                    per_class, per_class)
+  capped = np.flatnonzero((quota < per_class) & (counts > 0))
+  if len(capped):
+    logging.warning("%s", capped_holdout_line(per_class, quota[capped], int(np.sum(counts > 0))))
   return order[~held], order[held]
+
+
+def capped_holdout_line(per_class: int, quotas: np.ndarray, classes: int) -> str:
+  """The line of a --holdout_per_class that some classes (their `quotas`, of `classes` with images) are too small
+  for."""
+  low, high = int(quotas.min()), int(quotas.max())
+  held = f"{low}" if low == high else f"{low} to {high}"
+  return (f"prepare_data: --holdout_per_class={per_class}: {len(quotas)} of the {classes} classes have fewer than "
+          f"{2 * per_class} images; each holds out half of its images, rounded down ({held}), so that no class "
+          f"trains on fewer images than it holds out")
 
 
 # -------------------------------------------------------------------------------------- streamed walking

@@ -126,6 +126,9 @@ def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: 
     shards.refuse_foreign(output_dir, holdout_split_name, lambda name: name not in expected_holdout)
   if task is None:
     return _finalize_image_tree(layout, holdout_examples, min_side)
+  if task.count == 1:  # a task of a job array walks its own folders only; the last one counts what all wrote
+    image_tree.require_decodable(input_dir, itertools.chain.from_iterable(
+        image_tree.folder_images(input_dir, folder) for folder in folders), follow_links)
   listed = {}
   written = shards.write_stream(_image_tree_jobs(layout, task, listed), num_workers, progress)
   counts = {os.path.basename(path): c for path, c in written.items()}
@@ -184,6 +187,9 @@ def _write_image_tree_metadata(layout: ImageTreeLayout, lists: list, counts: dic
   shards.check_output(layout.output_dir, "images", None, listed_shards)
   entries = {split: shards.split_entry(names, [counts[name] for name in names], layout.input_dir, None, min_side)
              for split, names in listed_shards.items()}
+  if not any(entry["records"] for entry in entries.values()):
+    read = sum(entry["skipped"] for entry in entries.values())
+    raise shards.none_read(layout.input_dir, f"its {read} image files", entries[layout.split]["skipped_by"])
   if layout.held:
     entries[layout.holdout_split]["holdout_examples"] = holdout_examples
   return records.write_metadata(layout.output_dir, kind="images", splits=entries)
