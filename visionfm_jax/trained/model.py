@@ -59,6 +59,7 @@ from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.evaluate import panels, probe, zeroshot
 from visionfm_jax.models import generate
 from visionfm_jax.trained import loader
+from visionfm_jax.trained import workdir as workdir_lib
 
 IMAGE_TEXT_TASKS = ("contrastive", "aurora")
 BATCH_BUCKETS = (1, 8, 64)  # the batch sizes below `batch_size` that a call is padded up to (each rounded up to a
@@ -71,13 +72,14 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
   checkpoint, or `step`; the EMA of its params with `ema=True`), a tools.import_hf CLIP directory or a
   transformers CLIPModel directory. `batch_size`: the most images (or texts) run at once; smaller calls run in
   the smallest of BATCH_BUCKETS that holds them. `max_tokens`: a NaFlex model's patches an image (its training
-  budget, config.data.naflex.max_tokens, by default). UserError naming the path for anything else (or the
-  argument: `max_tokens` for a model of square images), CheckpointError for a damaged checkpoint."""
+  budget, config.data.naflex.max_tokens, by default). UserError naming the argument (path, step, ema, max_tokens)
+  for anything else. A newest checkpoint whose params are damaged gives way to the newest intact one, with one
+  warning naming both; a damaged `step` is a CheckpointError naming it and the part."""
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   mesh = parallel.data_mesh()
-  loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema)
+  loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema, names=workdir_lib.PARAMETERS)
   return TrainedModel(loaded, mesh, batch_size, _token_budget(loaded, max_tokens))
 
 
