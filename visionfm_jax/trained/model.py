@@ -43,6 +43,7 @@ Example (a notebook; WORKDIR is a CLIP's training workdir):
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from typing import Any, Callable, Sequence
 
@@ -77,6 +78,9 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
   warning naming both; a damaged `step` is a CheckpointError naming it and the part."""
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
+  if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
+                                 or max_tokens < 1):
+    raise UserError(f"max_tokens={max_tokens!r}: expected a positive int, the patches an image may take")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   mesh = parallel.data_mesh()
   loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema, names=workdir_lib.PARAMETERS)
@@ -93,7 +97,7 @@ def _token_budget(loaded: loader.Loaded, max_tokens: int | None) -> int | None:
   if max_tokens is None:
     return loaded.task.naflex[1]
   try:
-    return naflex.check(loaded.task.naflex[0], max_tokens)[1]
+    return naflex.check(loaded.task.naflex[0], int(max_tokens))[1]
   except ConfigError as e:  # naflex.check's range, said of the argument rather than of the config field
     raise UserError(str(e).replace("config.data.naflex.max_tokens", "max_tokens", 1)) from e
 

@@ -35,7 +35,6 @@ import functools
 import json
 import os
 import re
-import sys
 from typing import Any, Callable, Collection, Sequence
 
 from absl import logging
@@ -46,6 +45,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from visionfm_jax import cli
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.param_rules import ParamRules, path_str
 from visionfm_jax.training import checkpoint_digests as digests
@@ -538,7 +538,7 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
   """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
   a restore without a target would place arrays by the saved shardings, which fails on another device count."""
   checkpointer = ocp.PyTreeCheckpointer()
-  _quiet_about_late_reads_after_a_failed_one()
+  cli.ignore_closed_event_loops()  # a failed read's late callbacks
   with _quiet_about_the_steps_own_metadata():
     metadata = checkpointer.metadata(directory).item_metadata
     if metadata is None:  # Orbax logs and returns None for a missing or unparsable _METADATA
@@ -565,26 +565,6 @@ def _quiet_about_the_steps_own_metadata():
     yield
   finally:
     logger.removeFilter(keep)
-
-
-def _is_a_closed_loops_late_callback(unraisable) -> bool:
-  """Whether `unraisable` is asyncio's 'Event loop is closed' of a callback scheduled onto a closed loop."""
-  error = unraisable.exc_value
-  return isinstance(error, RuntimeError) and str(error) == "Event loop is closed"
-
-
-@functools.cache
-def _quiet_about_late_reads_after_a_failed_one() -> None:
-  """A restore whose read of one chunk fails (a deleted or truncated file) ends its event loop while tensorstore's
-  other reads are still in flight; each of those, finishing, schedules its callback onto the closed loop and prints
-  an 'Event loop is closed' traceback from tensorstore's thread, under the error line that already named the
-  checkpoint. Those alone are dropped; every other unraisable exception goes to the hook there was."""
-  previous = sys.unraisablehook
-
-  def hook(unraisable) -> None:
-    if not _is_a_closed_loops_late_callback(unraisable):
-      previous(unraisable)
-  sys.unraisablehook = hook
 
 
 def _raw_params(path: epath.Path, step: int | None = None, weights: str = "params", argument: str = "init_from"):
