@@ -58,8 +58,8 @@ def load_config(workdir: str, task_names: Sequence[str], model: str,
     raise UserError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(fields, dict) or fields.get("task") not in task_names:
     task = fields.get("task") if isinstance(fields, dict) else None
-    names = " or ".join(repr(n) for n in task_names)
-    raise UserError(f"{names.path}={workdir}: config.task={task!r} is not {model} (task {names})")
+    expected = " or ".join(repr(n) for n in task_names)
+    raise UserError(f"{names.path}={workdir}: config.task={task!r} is not {model} (task {expected})")
   return _completed(ml_collections.ConfigDict(_listify(fields)), path)
 
 
