@@ -46,7 +46,7 @@ def test_the_demos_budget_fits_and_the_bound_is_its_attention_scores():
     checks.check_naflex_budget(config, 8, 2**30)
 
 
-@pytest.mark.parametrize("value", [1.5, True, "64", 0, -3])
+@pytest.mark.parametrize("value", [1.5, True, "64", 24.0])  # 0 or 65536: test_load_api's range
 def test_loads_max_tokens_takes_a_positive_int_only(naflex_siglip, value):  # noqa: F811
   with pytest.raises(UserError, match=rf"^max_tokens={re.escape(repr(value))}: expected a positive int"):
     visionfm_jax.load(naflex_siglip[0], max_tokens=value)

@@ -3,6 +3,7 @@ main process, and that line is the last: the workers are stopped before it is pr
 'skipping an undecodable' warnings lands under it."""
 
 import numpy as np
+import pytest
 
 from visionfm_jax.data.sources import records
 
@@ -21,6 +22,7 @@ def _half_undecodable(directory, shards=2, per_shard=64) -> str:
   return f"arrayrecord:{directory}/{{split}}-*.array_record"
 
 
+@pytest.mark.slow  # 22 s: the workers' start and the first compile
 def test_no_worker_warning_follows_the_main_processs_data_error(tmp_path, warm_python):
   source = _half_undecodable(tmp_path)
   run, _ = _main(*TINY, f"--workdir={tmp_path / 'run'}", f"--config.data.source={source}",

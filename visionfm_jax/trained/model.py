@@ -78,8 +78,7 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
   warning naming both; a damaged `step` is a CheckpointError naming it and the part."""
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
-  if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)
-                                 or max_tokens < 1):
+  if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)):
     raise UserError(f"max_tokens={max_tokens!r}: expected a positive int, the patches an image may take")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   mesh = parallel.data_mesh()
