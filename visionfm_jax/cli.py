@@ -3,6 +3,7 @@ status 2 for bad input."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -113,3 +114,19 @@ def run_with_config(argv: Sequence[str], load_config: Callable[[str], Any],
     errors.say(f"error: --config: {last_line(e)}")
     return 2
   return run(argv, fv, doc, body)
+
+
+def ignore_closed_event_loops() -> None:
+  """Wraps sys.unraisablehook (once) to drop asyncio's 'Event loop is closed': after an Orbax save or restore has
+  failed (a full disk, a deleted chunk), tensorstore's callbacks of the reads and writes still in flight post to the
+  event loop Orbax has closed, and each would print a traceback under the error line that already named the fault.
+  Every other unraisable error goes to the hook there was."""
+  previous = sys.unraisablehook
+  if getattr(previous, "ignores_closed_event_loops", False):
+    return
+
+  def hook(unraisable) -> None:
+    if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
+      previous(unraisable)
+  hook.ignores_closed_event_loops = True
+  sys.unraisablehook = hook

@@ -58,14 +58,6 @@ def _exit_with(error: UserError, peers=None) -> None:
   sys.exit(2)
 
 
-def _ignore_closed_event_loops(unraisable) -> None:
-  """sys.unraisablehook: after a save has failed, tensorstore's callbacks still post to the event loops Orbax has
-  closed, and each would print a traceback; other unraisable errors print as usual."""
-  if isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed":
-    return
-  sys.__unraisablehook__(unraisable)
-
-
 def _parse_flags(argv: list[str]) -> list[str]:
   try:
     return cli.parse(flags.FLAGS, argv)
@@ -77,7 +69,7 @@ def main(argv):
   del argv
   from visionfm_jax.training.infra import console  # pylint: disable=g-import-not-at-top
   console.configure(verbose=_VERBOSE.value)
-  sys.unraisablehook = _ignore_closed_event_loops
+  cli.ignore_closed_event_loops()
   try:
     from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
     # once, before joining the other processes and setting up devices; a dry run may plan before the data exists

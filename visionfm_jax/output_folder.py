@@ -10,6 +10,11 @@ reads (`reads`), the working directory or the home directory.
 
 A tool that fills its folder file by file over several runs or processes (filter_clip_score's --output) claims
 it in place instead (`claim_in_place`): the same check, then a marker that owns whatever the folder holds.
+
+MARKER is read only when it is a small regular file (`O_NOFOLLOW`, at most MARKER_BYTES): a link, a FIFO or a
+device under its name is no marker (and so a file the tool did not write), never a hang or a read without end. A
+temporary folder left beside `out` by a writer that was killed (SIGKILL, a lost node) is removed by the next claim
+of `out` on the same host once its process is gone, with one warning naming it (`_remove_stale_temporaries`).
 """
 
 from __future__ import annotations
@@ -17,15 +22,21 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
+import socket
+import stat
 from typing import Iterator, Sequence
+
+from absl import logging
 
 from visionfm_jax import atomic
 from visionfm_jax.errors import UserError
 
 MARKER = ".visionfm_jax.json"
 IN_PLACE = "*"  # MARKER's files of a folder claimed in place: everything in it is the tool's
+MARKER_BYTES = 1 << 20  # a marker lists the names of one folder: far below this
 
 
 def _show(names: Sequence[str], limit: int = 5) -> str:
@@ -34,11 +45,7 @@ def _show(names: Sequence[str], limit: int = 5) -> str:
 
 def _own_names(out: str, tool: str) -> set[str]:
   """The names MARKER in `out` says `tool` wrote there; empty when there is no such marker of this tool."""
-  try:
-    with open(os.path.join(out, MARKER), encoding="utf-8") as f:
-      marker = json.load(f)
-  except (OSError, ValueError):
-    return set()
+  marker = _read_marker(os.path.join(out, MARKER))
   if not isinstance(marker, dict) or marker.get("tool") != tool:
     return set()
   if marker.get("files") == IN_PLACE:
@@ -46,6 +53,25 @@ def _own_names(out: str, tool: str) -> set[str]:
   if not isinstance(marker.get("files"), list):
     return set()
   return {name for name in marker["files"] if isinstance(name, str)} | {MARKER}
+
+
+def _read_marker(path: str):
+  """The JSON in the regular file `path` of at most MARKER_BYTES; None for anything else (missing, a link, a FIFO,
+  a device, larger, not JSON). O_NONBLOCK: opening a FIFO would otherwise wait for a writer."""
+  try:
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+  except OSError:
+    return None
+  try:
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode) or info.st_size > MARKER_BYTES:
+      return None
+    text = os.read(fd, MARKER_BYTES + 1)
+    return json.loads(text) if len(text) <= MARKER_BYTES else None
+  except (OSError, ValueError):
+    return None
+  finally:
+    os.close(fd)
 
 
 def _inside(path: str, folder: str) -> bool:
@@ -80,9 +106,43 @@ def check(out: str, tool: str, overwrite: bool | None = False, reads: Sequence[s
                     f"folder{offer}")
 
 
+def _host() -> str:
+  """This host's name as a temporary folder's name carries it: a pid means nothing on another host."""
+  return re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
+
+
 def _temporary_beside(out: str, kind: str) -> str:
   parent, name = os.path.split(os.path.abspath(out))
-  return os.path.join(parent, f".{name}.{os.getpid()}.{secrets.token_hex(4)}.{kind}")
+  return os.path.join(parent, f".{name}.{os.getpid()}.{_host()}.{secrets.token_hex(4)}.{kind}")
+
+
+def _alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:  # another user's
+    return True
+  return True
+
+
+def _remove_stale_temporaries(out: str, tool: str) -> None:
+  """Removes the temporary folders beside `out` of writers on this host whose process is gone (killed mid-write:
+  nothing removed them), one warning naming them; a live writer's, or one of another host, stays."""
+  parent, name = os.path.split(os.path.abspath(out))
+  own = re.compile(rf"\.{re.escape(name)}\.([0-9]+)\.{re.escape(_host())}\.[0-9a-f]{{8}}\.tmp")
+  try:
+    entries = os.listdir(parent)
+  except OSError:
+    return
+  stale = [os.path.join(parent, entry) for entry in sorted(entries)
+           if (match := own.fullmatch(entry)) and not _alive(int(match.group(1)))
+           and os.path.isdir(os.path.join(parent, entry)) and not os.path.islink(os.path.join(parent, entry))]
+  for path in stale:
+    shutil.rmtree(path, ignore_errors=True)
+  if stale:
+    logging.warning("removed %s: left by %s, whose process is gone (killed while writing %s)", ", ".join(stale),
+                    tool, out)
 
 
 def _move_into_place(tmp: str, out: str) -> None:
@@ -103,6 +163,7 @@ def _move_into_place(tmp: str, out: str) -> None:
 def claim(out: str, tool: str, overwrite: bool = False, reads: Sequence[str] = ()) -> Iterator[str]:
   """Checks `out` (`check`), yields the temporary folder to write, then puts it in place (module docstring)."""
   check(out, tool, overwrite, reads)
+  _remove_stale_temporaries(out, tool)
   tmp = _temporary_beside(out, "tmp")
   try:
     os.makedirs(os.path.dirname(tmp), exist_ok=True)

@@ -115,14 +115,24 @@ def test_a_resume_sets_aside_a_checkpoint_whose_array_bytes_changed(zero3_run, t
 
 
 @SHARED_RUNS
-def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_prints_one_error_line(zero3_run, tmp_path, capsys):
+def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_takes_the_previous_one_or_names_it(zero3_run, tmp_path,
+                                                                                             capsys, caplog):
+  """As a resume does: the newest intact step, with one warning naming the changed one; asked for by --step, one
+  error line naming it."""
   workdir = _copy(zero3_run, tmp_path)
   _flip_array_bytes(workdir / "checkpoints" / "2")
   capsys.readouterr()
-  assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8"]) == 2
+  with caplog.at_level(logging.WARNING):
+    assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8"]) == 0
+  assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 1
+  warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+  assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint {workdir / 'checkpoints'}/2 is corrupt: ")
+  assert re.search(ARRAY_NAMED, warnings[0]) and warnings[0].endswith("taking step 1, the newest checkpoint whose "
+                                                                      "params are intact"), warnings
+  assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8", "--step=2"]) == 2
   errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, errors
-  assert errors[0].startswith(f"error: checkpoint {workdir / 'checkpoints'}/2 is corrupt: ")
+  assert errors[0].startswith(f"error: --step=2: checkpoint {workdir / 'checkpoints'}/2 is corrupt: ")
   assert re.search(ARRAY_NAMED, errors[0]), errors[0]
 
 

@@ -219,7 +219,7 @@ def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # no
   images = _shapes_images(3, size=40)
   expected = jax.jit(loaded.task.embed_images)(loaded.params, _eval_view(loaded.task, images))
   np.testing.assert_allclose(model.encode_image(images), expected, rtol=1e-5, atol=1e-5)
-  with pytest.raises(UserError, match="--ema: .* is not a training workdir"):
+  with pytest.raises(UserError, match="^ema: .* is not a training workdir"):
     visionfm_jax.load(src, ema=True)
 
 
@@ -244,9 +244,9 @@ def test_bad_paths_give_one_error_naming_them(tmp_path, clip, clip_model):
   (tmp_path / "empty").mkdir()
   with pytest.raises(UserError, match=re.escape(str(tmp_path / "empty"))):
     visionfm_jax.load(str(tmp_path / "empty"))
-  with pytest.raises(UserError, match="--step=7: no such checkpoint"):
+  with pytest.raises(UserError, match="^step=7: no such checkpoint"):
     visionfm_jax.load(clip[0], step=7)
-  with pytest.raises(UserError, match="--ema: .*"):
+  with pytest.raises(UserError, match="^ema: .*"):
     visionfm_jax.load(clip[0], ema=True)
   model = clip_model
   with pytest.raises(UserError, match="expected uint8 HxWx3"):

@@ -90,6 +90,27 @@ def test_coco_captions_become_one_pair_per_caption(tmp_path, coco_root, warm_pyt
   assert again.returncode == 0 and "train 10 records" in again.stdout
 
 
+def test_coco_file_names_outside_its_folder_are_skipped_as_outside_root_not_missing(tmp_path, coco_root,
+                                                                                    warm_python):
+  """As docs/data_preparation.md's table says: an annotation's '../' or absolute path is `outside_root`, and no byte
+  of the file it names reaches a shard."""
+  root, _ = coco_root
+  secret = tmp_path / "secret.jpg"
+  _jpeg(secret, 30, 20, colour=(1, 2, 3))
+  annotations_file = root / "annotations" / "captions_train2017.json"
+  listing = json.loads(annotations_file.read_text())
+  for image_id, name in ((11, "../../secret.jpg"), (13, str(secret))):
+    listing["images"].append({"id": image_id, "file_name": name, "height": 20, "width": 30, "license": 1})
+    listing["annotations"].append({"image_id": image_id, "caption": "a private photo", "id": 100 * image_id})
+  annotations_file.write_text(json.dumps(listing))
+  output = tmp_path / "coco_pairs"
+  result = _prepare(warm_python, "--format=coco", f"--input={root}", f"--output={output}", "--num_workers=0")
+  assert result.returncode == 0, result.stderr
+  split = json.loads((output / "dataset.json").read_text())["splits"]["train"]
+  assert split["skipped_by"] == {"outside_root": 2} and split["missing_images"] == 1, split
+  assert split["records"] == 15 and all(r["image"] != secret.read_bytes() for r in _read_back(output))
+
+
 def test_visual_genome_regions_become_crops_or_whole_images(tmp_path, warm_python):
   root = tmp_path / "vg"
   _jpeg(root / "VG_100K" / "1.jpg", 80, 60, colour=(20, 200, 20))

@@ -18,6 +18,8 @@ set unless the command names one, e.g. `--config.eval.zeroshot_source=...
 Prints one line per metric (`eval/<name>/<metric>=value`, as training logs them), then one JSON line; --out
 also writes that JSON to FILE. The params are replicated on every device (the model must fit on one), each
 batch split across all devices. Errors print one line naming the culprit and exit with status 2. A workdir's
+newest checkpoint whose params are damaged (unreadable, or failing their digests) gives way to the newest whose
+params are intact, with one warning naming the damaged part and the step taken; a damaged --step is an error. A
 checkpoint whose other parts (the optimiser state, the step, the EMA) fail their digests is evaluated with one
 warning naming them: a resume would skip it.
 """

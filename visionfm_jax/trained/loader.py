@@ -50,16 +50,16 @@ def _hf_params(path: str, task, sharding):
   return jax.device_put(variables["params"], sharding)
 
 
-def layout(path: str) -> str:
+def layout(path: str, names: workdir_lib.Arguments = workdir_lib.FLAGS) -> str:
   """'import' (a tools.import_hf directory), 'hf' (a transformers directory), 'workdir' (a training workdir);
-  UserError for none of them."""
+  UserError for none of them, naming `names.path`."""
   if not os.path.isdir(path):
-    raise UserError(f"--checkpoint={path}: no such directory (expected {LAYOUTS})")
+    raise UserError(f"{names.path}={path}: no such directory (expected {LAYOUTS})")
   if os.path.exists(os.path.join(path, "model.json")) and os.path.isdir(os.path.join(path, "params")):
     return "import"
   config_file = os.path.join(path, "config.json")
   if not os.path.exists(config_file):
-    raise UserError(f"--checkpoint={path}: neither {LAYOUTS}")
+    raise UserError(f"{names.path}={path}: neither {LAYOUTS}")
   try:
     with open(config_file, encoding="utf-8") as f:
       is_hf = "model_type" in json.load(f)
@@ -68,37 +68,40 @@ def layout(path: str) -> str:
   return "hf" if is_hf else "workdir"
 
 
-def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS)) -> ml_collections.ConfigDict:
+def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS),
+                      names: workdir_lib.Arguments = workdir_lib.FLAGS) -> ml_collections.ConfigDict:
   """The config of the model at `path` (any of the three layouts; a workdir's task one of `task_names`)."""
   path = os.path.abspath(os.path.expanduser(path))
-  kind = layout(path)
+  kind = layout(path, names)
   if kind == "import":
     return clip_config.import_config(path)
   if kind == "hf":
     return clip_config.hf_config(path)
   if tuple(task_names) == clip_config.CLIP_TASKS:
-    return workdir_lib.load_config(path, task_names, "a CLIP model")
-  names = " or ".join(repr(n) for n in task_names)
-  return workdir_lib.load_config(path, task_names, f"a {names} model")
+    return workdir_lib.load_config(path, task_names, "a CLIP model", names)
+  model = " or ".join(repr(n) for n in task_names)
+  return workdir_lib.load_config(path, task_names, f"a {model} model", names)
 
 
 def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, *,
-         config: ml_collections.ConfigDict | None = None, mesh=None, use_ema: bool = False) -> Loaded:
+         config: ml_collections.ConfigDict | None = None, mesh=None, use_ema: bool = False,
+         names: workdir_lib.Arguments = workdir_lib.FLAGS) -> Loaded:
   """The task and params of the model at `path` (any of the three layouts); params placed by `sharding`
   (default: this process's first device). `step` is a workdir's checkpoint, `use_ema` its EMA of the params;
   UserError for the others. `config` (default: `checkpoint_config(path)`, e.g. with overrides or for fewer tasks)
-  builds the task, on `mesh` when given. The one loader of a model from a path: the tools and `visionfm_jax.load`
-  (trained/model.py) call it."""
+  builds the task, on `mesh` when given. A workdir's checkpoint is `step`, else the newest whose params are intact
+  (`workdir.intact_params`); errors name the caller's arguments (`names`). The one loader of a model from a path:
+  the tools and `visionfm_jax.load` (trained/model.py) call it."""
   path = os.path.abspath(os.path.expanduser(path))
-  kind = layout(path)
+  kind = layout(path, names)
   if kind != "workdir" and (step is not None or use_ema):
-    what = f"--step={step}" if step is not None else "--ema"
+    what = f"{names.step}={step}" if step is not None else names.ema
     raise UserError(f"{what}: {path} is not a training workdir (it has one set of params, no steps and no EMA)")
-  task = tasks.build(config if config is not None else checkpoint_config(path), mesh)
+  task = tasks.build(config if config is not None else checkpoint_config(path, names=names), mesh)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if kind == "import":
-    return Loaded(task, checkpoint.load_params(path, _target(task, sharding)), path, None)
+    return Loaded(task, checkpoint.load_params(path, _target(task, sharding), argument=names.path), path, None)
   if kind == "hf":
     return Loaded(task, _hf_params(path, task, sharding), path, None)
-  step = workdir_lib.checkpoint_step(path, step)
-  return Loaded(task, workdir_lib.load_params(task, path, step, sharding, use_ema=use_ema), path, step)
+  step, params = workdir_lib.intact_params(task, path, step, sharding, use_ema=use_ema, names=names)
+  return Loaded(task, params, path, step)

@@ -44,6 +44,7 @@ Example (a notebook; WORKDIR is a CLIP's training workdir):
 from __future__ import annotations
 
 import functools
+import numbers
 import os
 from typing import Any, Callable, Sequence
 
@@ -60,6 +61,7 @@ from visionfm_jax.errors import ConfigError, UserError
 from visionfm_jax.evaluate import panels, probe, zeroshot
 from visionfm_jax.models import generate
 from visionfm_jax.trained import loader
+from visionfm_jax.trained import workdir as workdir_lib
 
 IMAGE_TEXT_TASKS = ("contrastive", "aurora")
 BATCH_BUCKETS = (1, 8, 64)  # the batch sizes below `batch_size` that a call is padded up to (each rounded up to a
@@ -72,13 +74,16 @@ def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: i
   checkpoint, or `step`; the EMA of its params with `ema=True`), a tools.import_hf CLIP directory or a
   transformers CLIPModel directory. `batch_size`: the most images (or texts) run at once; smaller calls run in
   the smallest of BATCH_BUCKETS that holds them. `max_tokens`: a NaFlex model's patches an image (its training
-  budget, config.data.naflex.max_tokens, by default). UserError naming the path for anything else (or the
-  argument: `max_tokens` for a model of square images), CheckpointError for a damaged checkpoint."""
+  budget, config.data.naflex.max_tokens, by default). UserError naming the argument (path, step, ema, max_tokens)
+  for anything else. A newest checkpoint whose params are damaged gives way to the newest intact one, with one
+  warning naming both; a damaged `step` is a CheckpointError naming it and the part."""
   if batch_size < 1:
     raise UserError(f"batch_size={batch_size}: must be positive")
+  if max_tokens is not None and (isinstance(max_tokens, bool) or not isinstance(max_tokens, numbers.Integral)):
+    raise UserError(f"max_tokens={max_tokens!r}: expected a positive int, the patches an image may take")
   path = os.path.abspath(os.path.expanduser(os.fspath(path)))
   mesh = parallel.data_mesh()
-  loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema)
+  loaded = loader.load(path, step, NamedSharding(mesh, P()), mesh=mesh, use_ema=ema, names=workdir_lib.PARAMETERS)
   return TrainedModel(loaded, mesh, batch_size, _token_budget(loaded, max_tokens))
 
 
@@ -92,7 +97,7 @@ def _token_budget(loaded: loader.Loaded, max_tokens: int | None) -> int | None:
   if max_tokens is None:
     return loaded.task.naflex[1]
   try:
-    return naflex.check(loaded.task.naflex[0], max_tokens)[1]
+    return naflex.check(loaded.task.naflex[0], int(max_tokens))[1]
   except ConfigError as e:  # naflex.check's range, said of the argument rather than of the config field
     raise UserError(str(e).replace("config.data.naflex.max_tokens", "max_tokens", 1)) from e
 

@@ -1,8 +1,11 @@
 """A training workdir as the tools load it: the config its run wrote (config.json) and the params of one of its
-checkpoints (checkpoints/<step>). Bad input is a UserError naming the flag (--checkpoint, --step)."""
+checkpoints (checkpoints/<step>): the newest whose params are intact, as a resume takes the newest it can restore.
+Bad input is a UserError naming the caller's argument (`Arguments`: a tool's --checkpoint, --step, --ema; or
+`visionfm_jax.load`'s path, step, ema)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Sequence
@@ -17,6 +20,18 @@ from visionfm_jax.errors import CheckpointError, ConfigError, UserError
 from visionfm_jax.training import checkpoint, ema
 
 
+@dataclasses.dataclass(frozen=True)
+class Arguments:
+  """The names of a caller's arguments, as its errors name them."""
+  path: str = "--checkpoint"
+  step: str = "--step"
+  ema: str = "--ema"
+
+
+FLAGS = Arguments()  # the tools'
+PARAMETERS = Arguments("path", "step", "ema")  # visionfm_jax.load's
+
+
 def _listify(value: Any) -> Any:
   """JSON lists back to the tuples configs hold (to_json writes tuples as lists)."""
   if isinstance(value, dict):
@@ -26,24 +41,25 @@ def _listify(value: Any) -> Any:
   return value
 
 
-def load_config(workdir: str, task_names: Sequence[str], model: str) -> ml_collections.ConfigDict:
+def load_config(workdir: str, task_names: Sequence[str], model: str,
+                names: Arguments = FLAGS) -> ml_collections.ConfigDict:
   """The config a training run wrote to `workdir`/config.json; UserError unless its task is one of `task_names`
   (`model` names what they train in the message, e.g. 'an Aurora model')."""
   if not os.path.isdir(workdir):
-    raise UserError(f"--checkpoint={workdir}: no such directory")
+    raise UserError(f"{names.path}={workdir}: no such directory")
   path = os.path.join(workdir, "config.json")
   try:
     with open(path, encoding="utf-8") as f:
       fields = json.load(f)
   except OSError as e:
-    raise UserError(f"--checkpoint={workdir}: cannot read config.json ({e.strerror or e}); expected a training "
+    raise UserError(f"{names.path}={workdir}: cannot read config.json ({e.strerror or e}); expected a training "
                     "workdir") from e
   except json.JSONDecodeError as e:
     raise UserError(f"{path}: not valid JSON ({e})") from e
   if not isinstance(fields, dict) or fields.get("task") not in task_names:
     task = fields.get("task") if isinstance(fields, dict) else None
-    names = " or ".join(repr(n) for n in task_names)
-    raise UserError(f"--checkpoint={workdir}: config.task={task!r} is not {model} (task {names})")
+    expected = " or ".join(repr(n) for n in task_names)
+    raise UserError(f"{names.path}={workdir}: config.task={task!r} is not {model} (task {expected})")
   return _completed(ml_collections.ConfigDict(_listify(fields)), path)
 
 
@@ -58,28 +74,55 @@ def _completed(config: ml_collections.ConfigDict, path: str) -> ml_collections.C
   return config
 
 
-def checkpoint_step(workdir: str, step: int | None = None) -> int:
+def checkpoint_step(workdir: str, step: int | None = None, names: Arguments = FLAGS) -> int:
   """`step` when `workdir` has that checkpoint, its newest step when `step` is None; UserError otherwise."""
+  return _steps(workdir, step, names)[-1] if step is None else step
+
+
+def _steps(workdir: str, step: int | None, names: Arguments) -> list[int]:
+  """The committed steps of `workdir`, oldest first; UserError when there are none or `step` is not one."""
   ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = sorted(int(p) for p in os.listdir(ckpt_dir) if p.isdigit()) if os.path.isdir(ckpt_dir) else []
+  steps = checkpoint.committed_steps(ckpt_dir)
   if not steps:
-    raise UserError(f"--checkpoint={workdir}: no checkpoints (checkpoints/<step>) there")
+    raise UserError(f"{names.path}={workdir}: no checkpoints (checkpoints/<step>) there")
   if step is not None and step not in steps:
-    raise UserError(f"--step={step}: no such checkpoint in {ckpt_dir}; steps there: {steps}")
-  return steps[-1] if step is None else step
+    raise UserError(f"{names.step}={step}: no such checkpoint in {ckpt_dir}; steps there: {steps}")
+  return steps
 
 
 def load_params(task, workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None,
-                use_ema: bool = False):
-  """The params of `workdir`'s newest checkpoint (or of `step`), or their EMA with `use_ema` (a UserError when the
-  checkpoint has none), placed by `sharding` (default: this process's first device)."""
+                use_ema: bool = False, names: Arguments = FLAGS):
+  """The params of `workdir`'s checkpoint `step` (default: the newest whose params are intact, `intact_params`), or
+  their EMA with `use_ema`, placed by `sharding` (default: this process's first device)."""
+  return intact_params(task, workdir, step, sharding, use_ema, names)[1]
+
+
+def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None,
+                  use_ema: bool = False, names: Arguments = FLAGS) -> tuple[int, Any]:
+  """(step, params) of `workdir`'s checkpoint `step`, or with `step` None of its newest checkpoint whose params (their
+  EMA with `use_ema`) read and match their digests, as a resume takes the newest it can restore: one warning names
+  each newer, damaged one and the step taken. A damaged `step`, or none intact, is a CheckpointError naming the
+  argument and the part; a checkpoint without an EMA of its params a UserError naming `names.ema`."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes_only)
-  try:
-    return checkpoint.load_params(workdir, target, step=checkpoint_step(workdir, step),
-                                  weights=ema.SUBTREE if use_ema else "params")
-  except CheckpointError as e:
-    if not use_ema:
-      raise
-    raise UserError(f"--ema: {e}") from e
+  steps = _steps(workdir, step, names)
+  damaged = []
+  for candidate in [step] if step is not None else reversed(steps):
+    try:
+      params = checkpoint.load_params(workdir, target, step=candidate, argument=names.path,
+                                      weights=ema.SUBTREE if use_ema else "params")
+    except checkpoint.DamagedCheckpointError as e:
+      if step is not None:
+        raise CheckpointError(f"{names.step}={step}: {e.damage}; steps there: {steps}") from e
+      damaged.append(e.damage)
+      continue
+    except CheckpointError as e:
+      if not use_ema:
+        raise
+      raise UserError(f"{names.ema}: {e}") from e
+    if damaged:
+      logging.warning("%s; taking step %d, the newest checkpoint whose %s are intact", "; ".join(damaged), candidate,
+                      "EMA params" if use_ema else "params")
+    return candidate, params
+  raise CheckpointError(f"{names.path}={workdir}: no checkpoint whose params are intact: {'; '.join(damaged)}")

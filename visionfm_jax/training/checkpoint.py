@@ -45,6 +45,7 @@ from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
 
+from visionfm_jax import cli
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.param_rules import ParamRules, path_str
 from visionfm_jax.training import checkpoint_digests as digests
@@ -105,6 +106,15 @@ def committed_steps(directory) -> list[int]:
 def newest_committed_step(directory) -> int | None:
   """The newest step saved under `directory` (a checkpoints folder), None when none is."""
   return max(committed_steps(directory), default=None)
+
+
+class DamagedCheckpointError(CheckpointError):
+  """A checkpoint whose files cannot be read or whose arrays' bytes differ from their digests: damaged at rest,
+  where an older step may be intact. `damage` says what, naming the step's folder and the part."""
+
+  def __init__(self, message: str, damage: str | None = None):
+    super().__init__(message)
+    self.damage = damage or message
 
 
 class MisnamedStepError(CheckpointError):
@@ -502,7 +512,7 @@ def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") 
     return False
   verdict = digests.verify(saved, tree, prefix=subtree)
   if verdict.mismatched:
-    raise CheckpointError(f"{failure}: {digests.mismatch_text(verdict)}")
+    raise DamagedCheckpointError(f"{failure}: {digests.mismatch_text(verdict)}")
   if verdict.unverified:
     logging.warning("checkpoint %s: %s", step_dir, digests.unverified_text(verdict))
   logging.info("checkpoint %s: %d slices of %d arrays match their digests", step_dir, verdict.matched,
@@ -528,8 +538,12 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
   """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
   a restore without a target would place arrays by the saved shardings, which fails on another device count."""
   checkpointer = ocp.PyTreeCheckpointer()
+  cli.ignore_closed_event_loops()  # a failed read's late callbacks
   with _quiet_about_the_steps_own_metadata():
-    tree = checkpointer.metadata(directory).item_metadata.tree
+    metadata = checkpointer.metadata(directory).item_metadata
+    if metadata is None:  # Orbax logs and returns None for a missing or unparsable _METADATA
+      raise DamagedCheckpointError(f"{directory.name}/_METADATA is missing or unreadable")
+    tree = metadata.tree
     if subtree is not None and subtree not in tree:
       return None
     item = tree if subtree is None else {k: v if k == subtree else jax.tree.map(lambda _: ocp.PLACEHOLDER, v)
@@ -543,8 +557,8 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
 def _quiet_about_the_steps_own_metadata():
   """Orbax warns 'Metadata file does not exist: <step>/state/_CHECKPOINT_METADATA' when one item of a step is read
   as a checkpoint of its own, as here: that file lives in the step folder, and nothing is wrong."""
-  def keep(record) -> bool:
-    return not record.getMessage().startswith("Metadata file does not exist")
+  def keep(record) -> bool:  # and its 'Failed to get item metadata' line, which restore_on_host says in its error
+    return not record.getMessage().startswith(("Metadata file does not exist", "Failed to get item metadata"))
   logger = logging.get_absl_logger()
   logger.addFilter(keep)
   try:
@@ -553,7 +567,7 @@ def _quiet_about_the_steps_own_metadata():
     logger.removeFilter(keep)
 
 
-def _raw_params(path: epath.Path, step: int | None = None, weights: str = "params"):
+def _raw_params(path: epath.Path, step: int | None = None, weights: str = "params", argument: str = "init_from"):
   if (path / "params").exists() and step is None:
     if weights != "params":
       raise CheckpointError(f"{str(path)!r} is a tools.import_hf directory: it holds one set of params and no "
@@ -562,18 +576,21 @@ def _raw_params(path: epath.Path, step: int | None = None, weights: str = "param
   ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
   steps = committed_steps(ckpt_dir)
   if not steps:
-    raise CheckpointError(f"init_from={str(path)!r}: no 'params' directory (tools.import_hf) and no training "
+    raise CheckpointError(f"{argument}={str(path)!r}: no 'params' directory (tools.import_hf) and no training "
                           f"checkpoints (numbered step directories) found there")
   if step is not None and step not in steps:
-    raise CheckpointError(f"init_from={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
+    raise CheckpointError(f"{argument}={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
   step = steps[-1] if step is None else step
-  params = restore_on_host(ckpt_dir / str(step) / "state", weights)
+  step_dir = ckpt_dir / str(step)
+  try:
+    params = restore_on_host(step_dir / "state", weights)
+  except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
+    raise DamagedCheckpointError(f"checkpoint {step_dir}: cannot read its {weights}: {_first_line(e)}") from e
   if params is None:
     if weights != "params":
-      raise CheckpointError(f"{str(ckpt_dir / str(step))!r} holds no EMA of the params ({weights}): its run "
+      raise CheckpointError(f"{str(step_dir)!r} holds no EMA of the params ({weights}): its run "
                             f"trained with config.optim.ema_decay=0")
-    raise CheckpointError(f"init_from={str(path)!r}: step {step} holds no 'params'")
-  step_dir = ckpt_dir / str(step)
+    raise CheckpointError(f"{argument}={str(path)!r}: step {step} holds no 'params'")
   _check_digests(step_dir, params, f"checkpoint {step_dir} is corrupt", subtree=weights)
   return params
 
@@ -609,11 +626,13 @@ def _flatten(tree) -> dict[str, Any]:
 
 def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
                 adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None,
-                weights: str = "params"):
+                weights: str = "params", argument: str = "init_from"):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
 
   `weights`: the train state's subtree to read from a training checkpoint, 'params' or 'ema_params' (their EMA,
-  training/ema.py; a CheckpointError when the checkpoint has none).
+  training/ema.py; a CheckpointError when the checkpoint has none). `argument`: what named `path`, as the errors
+  name it ('init_from', a tool's '--checkpoint', `visionfm_jax.load`'s 'path'); a checkpoint whose files cannot be
+  read or whose arrays fail their digests is a DamagedCheckpointError, its `damage` naming the step and the part.
 
   A training workdir gives its newest checkpoint, or the one of `step` when given. `adapt({path: array},
   {path: model shape}) -> {path: array}` maps the checkpoint's params onto the model's first (init_from.adapt:
@@ -624,13 +643,16 @@ def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), ste
   """
   path = epath.Path(os.path.expanduser(path))
   if not path.exists():
-    raise CheckpointError(f"init_from={str(path)!r}: no such directory")
+    raise CheckpointError(f"{argument}={str(path)!r}: no such directory")
   try:
-    source = _flatten(_raw_params(path, step, weights))
+    source = _flatten(_raw_params(path, step, weights, argument))
+  except DamagedCheckpointError as e:
+    raise DamagedCheckpointError(f"{argument}={str(path)!r}: {e.damage}", e.damage) from e
   except CheckpointError:
     raise
   except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
-    raise CheckpointError(f"init_from={str(path)!r}: cannot read its params: {_first_line(e)}") from e
+    damage = f"cannot read its params: {_first_line(e)}"
+    raise DamagedCheckpointError(f"{argument}={str(path)!r}: {damage}", f"{path}: {damage}") from e
   fresh = ParamRules.of_patterns(skip, field="skip")
   target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
   names = [path_str(p) for p, _ in target_flat]

@@ -4,11 +4,20 @@ schedule (training/optim.py), the batch and the mesh (parallel/checks.py), the m
 checkpoint was trained with (training/init_from.py). What only a model or a task knows is checked when it is
 built (tasks.build). A run checks its config once: `main` calls `validate` before joining the other
 processes and setting up the devices, and `train.run` then only `check_devices` once it knows them; a run started
-from Python (`train.run` without `validated`) calls `validate` there."""
+from Python (`train.run` without `validated`) calls `validate` there. A NaFlex token budget is checked against a
+device's memory once the task is built, before the first compile (`check_naflex_budget`: main's start-up and
+`--dry_run` alike)."""
 
 from __future__ import annotations
 
-from visionfm_jax import config_lib
+import math
+import os
+
+import flax.linen as nn
+import jax
+import numpy as np
+
+from visionfm_jax import config_lib, tasks
 from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel import checks as parallel_checks
@@ -56,3 +65,60 @@ def check_checkpoint_cadence(config) -> None:
   if config.checkpoint_keep_period % config.checkpoint_every:
     raise ConfigError(f"config.checkpoint_keep_period={config.checkpoint_keep_period} is not a multiple of "
                       f"config.checkpoint_every={config.checkpoint_every}: no checkpoint would be kept at those steps")
+
+
+def device_memory_bytes() -> int | None:
+  """What one local device may hold: its allocator's limit (a GPU's), else for CPU devices the host's physical
+  memory shared among them; None when neither is known."""
+  device = jax.local_devices()[0]
+  limit = (device.memory_stats() or {}).get("bytes_limit")
+  if limit:
+    return int(limit)
+  if device.platform == "cpu":
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // jax.local_device_count()
+  return None
+
+
+def largest_product(task, batch_size: int) -> jax.ShapeDtypeStruct:
+  """The largest matrix product's output in `task`'s loss of a micro-batch of `batch_size` (a softmax attention's
+  scores (batch, heads, tokens, tokens)), from the traced program alone (shapes; nothing compiled or allocated). An
+  XLA program holds every product's output at once at least, whatever it fuses around it, so its bytes are a lower
+  bound on one device's peak."""
+  params = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+  one = task.synthetic_batch(1, np.random.default_rng(0))
+  batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}
+  jaxpr = jax.make_jaxpr(lambda p, b: task.loss(p, b, jax.random.key(0)))(params, batch).jaxpr
+  products = [v.aval for e in _equations(jaxpr) if e.primitive.name == "dot_general" for v in e.outvars]
+  largest = max(products, key=lambda a: math.prod(a.shape) * a.dtype.itemsize)
+  return jax.ShapeDtypeStruct(largest.shape, largest.dtype)
+
+
+def _equations(jaxpr):
+  """Every equation of `jaxpr` and of the programs nested in it (scan and remat bodies, custom gradients)."""
+  for equation in jaxpr.eqns:
+    yield equation
+    for param in equation.params.values():
+      for inner in param if isinstance(param, (tuple, list)) else (param,):
+        if isinstance(inner, jax.extend.core.ClosedJaxpr):
+          yield from _equations(inner.jaxpr)
+        elif isinstance(inner, jax.extend.core.Jaxpr):
+          yield from _equations(inner)
+
+
+def check_naflex_budget(config, micro_batch_per_device: int, device_bytes: int | None,
+                        class_names: list[str] | None = None) -> None:
+  """ConfigError naming config.data.naflex.max_tokens when the largest product of a micro-batch's loss on one
+  device (`largest_product` of the task on no mesh: the attention scores, quadratic in the budget) alone exceeds
+  `device_bytes`: the first compile would otherwise end the run in an out-of-memory error. Nothing for images of a
+  fixed size, whose products bench/memory_plan.py plans."""
+  naflex = config.data.get("naflex")
+  if not naflex or not naflex.max_tokens or not device_bytes:
+    return
+  largest = largest_product(tasks.build(config, class_names=class_names), micro_batch_per_device)
+  need = math.prod(largest.shape) * largest.dtype.itemsize
+  if need > device_bytes:
+    raise ConfigError(
+        f"config.data.naflex.max_tokens={naflex.max_tokens}: one matrix product of the loss, {largest.dtype.name}"
+        f"{tuple(largest.shape)} for a micro-batch of {micro_batch_per_device} on one device, takes "
+        f"{need / 2**30:,.1f} GiB, over a device's {device_bytes / 2**30:,.1f} GiB; lower the token budget or "
+        f"the micro-batch (config.grad_accum_steps)")

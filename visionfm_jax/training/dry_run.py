@@ -10,7 +10,9 @@ evaluator's sources: a missing or empty one is a DataError naming it, zero-shot 
 an unreadable class-names file a ConfigError naming the field, as the run would meet them at its first evaluation).
 The train state
 is planned from shapes only (`jax.eval_shape`): its bytes per device under the strategy on the mesh of the
-planned devices (parallel/memory.py); the activations are left to bench/memory_plan.py, which compiles the step.
+planned devices (parallel/memory.py); the activations are left to bench/memory_plan.py, which compiles the step,
+but for a NaFlex token budget whose largest product alone outgrows this host's device (training/checks.py
+`check_naflex_budget`, as the run checks it).
 
 One process answers for a whole job: the checks depend on the device and process counts only (given as numbers),
 and no collective is joined. The launch scripts therefore run one process for `--dry_run` (launch/).
@@ -58,6 +60,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int, class_names
 
   task = tasks.build(config, class_names=class_names)
   batch = run_plan.batch
+  checks.check_naflex_budget(config, batch.micro_batch_per_device, checks.device_memory_bytes(), class_names)
   shell_limits = open_files.limits()  # before the loader raises them
   absent = data_checks.check_found(config.data, absent_ok=True)
   opened = _open_data(task, config, batch, num_processes) if not absent else dict(

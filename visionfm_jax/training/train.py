@@ -75,6 +75,8 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
                "es" if jax.process_count() > 1 else "")
   task = tasks.build(config, mesh, class_names)
   task.check_training_devices()
+  checks.check_naflex_budget(config, run_plan.batch.micro_batch_per_device, checks.device_memory_bytes(),
+                            class_names)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
   loader = task.train_loader(batch_size=run_plan.batch.per_process, seed=config.seed,
                              process_index=jax.process_index(), process_count=jax.process_count())

@@ -15,13 +15,14 @@ position instead (`resume`): the epoch goes on without repeating a record. A rol
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 
 import numpy as np
 
 from visionfm_jax.data.loader import resume, shm_room
-from visionfm_jax.errors import DataError
+from visionfm_jax.errors import DataError, UserError
 
 VALID = "valid"
 
@@ -73,13 +74,26 @@ class _WorkersNamed:
     if hasattr(self._it, "start_prefetch"):
       self._named(self._it.start_prefetch)
 
+  def stop_workers(self) -> None:
+    """Stops the data workers and waits for them (grain's close of the pipeline; its DataLoaderIterator keeps it
+    as `_iterator` and offers no close of its own): a stop that the main process is about to report leaves no
+    worker decoding, and warning, under its line."""
+    pipeline = getattr(self._it, "_iterator", self._it)
+    if hasattr(pipeline, "close"):
+      with contextlib.suppress(Exception):  # the report matters, not a failure of the clean-up
+        pipeline.close()
+
   def _named(self, call, *args):
     try:
       return call(*args)
+    except UserError:  # a worker's one-line data error: the others stop before it is reported
+      self.stop_workers()
+      raise
     except (OSError, RuntimeError) as e:
       line = shm_room.explained(e, self._shm_need)
       if line is None:
         raise
+      self.stop_workers()
       raise line from None
 
 
@@ -135,6 +149,7 @@ class SkippingIterator:
 
   def _check(self) -> None:
     if self.read >= self.check_after and self.skipped > self.max_fraction * self.read:
+      self._it.stop_workers()
       raise DataError(
           f"{self.what}: {self.skipped} of the {self.read} records read so far by this process are corrupt or "
           f"undecodable ({self.skipped / self.read:.1%} > config.data.max_skipped_fraction="

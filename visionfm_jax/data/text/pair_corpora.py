@@ -74,7 +74,10 @@ def coco_pairs(root: str | os.PathLike, folder: str = "train2017",
                exclude_ids: frozenset | set = frozenset()) -> tuple[list[PairItem], dict]:
   """(pairs, counts): every caption of every image of `folder` whose id is not in `exclude_ids`, images in
   increasing id, captions in file order; key '<file_name>#<n>' (n-th caption of the image). counts:
-  {'images', 'excluded_images', 'missing_images'} (a listed image without a file is left out)."""
+  {'images', 'excluded_images', 'missing_images'} (a listed file name that `folder` lacks is left out). A
+  file_name with folders ('../x.jpg', an absolute path, 'sub/x.jpg') is listed as it reads, for the reader
+  to confine to the folder the user named: one that leads outside it is skipped there as limits.OUTSIDE_ROOT, as
+  a table's path is, not taken for a missing file."""
   root = Path(root).expanduser()
   entries = caption_sets.read_coco_captions(root / "annotations" / f"captions_{folder}.json")
   if not (root / folder).is_dir():
@@ -84,13 +87,18 @@ def coco_pairs(root: str | os.PathLike, folder: str = "train2017",
   for image_id, name, captions in entries:
     if image_id in exclude_ids:
       counts["excluded_images"] += 1
-    elif name not in present:
+    elif name not in present and not _has_folders(name):
       counts["missing_images"] += 1
     else:
       counts["images"] += 1
-      pairs += [PairItem(f"{folder}/{name}", c, f"{name}#{n}") for n, c in enumerate(captions) if c]
+      pairs += [PairItem(os.path.join(folder, name), c, f"{name}#{n}") for n, c in enumerate(captions) if c]
   _warn_missing(counts, root / folder)
   return pairs, counts
+
+
+def _has_folders(name: str) -> bool:
+  """Whether the file name an annotation gives names folders too (or is one: '..'), not a file of the folder."""
+  return os.sep in name or name in (".", "..") or (os.altsep is not None and os.altsep in name)
 
 
 def _warn_missing(counts: dict, where) -> None:
