@@ -248,6 +248,10 @@ def test_bad_paths_give_one_error_naming_them(tmp_path, clip, clip_model):
     visionfm_jax.load(clip[0], step=7)
   with pytest.raises(UserError, match="^ema: .*"):
     visionfm_jax.load(clip[0], ema=True)
+  (tmp_path / "bert").mkdir()  # a transformers folder of another model: the error names load's own argument
+  (tmp_path / "bert" / "config.json").write_text(json.dumps({"model_type": "bert"}))
+  with pytest.raises(UserError, match=f"^path={re.escape(str(tmp_path / 'bert'))}: a transformers 'bert' directory"):
+    visionfm_jax.load(str(tmp_path / "bert"))
   model = clip_model
   with pytest.raises(UserError, match="expected uint8 HxWx3"):
     model.encode_image(np.zeros((4, 16, 16), np.float32))

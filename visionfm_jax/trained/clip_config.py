@@ -58,26 +58,29 @@ def task_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
   return config_lib.set_paths(config, {k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
 
 
-def _tokenizer_file(path: str) -> str:
+def _tokenizer_file(path: str, argument: str) -> str:
   file = os.path.join(path, TOKENIZER)
   if not os.path.exists(file):
-    raise UserError(f"--checkpoint={path}: no {TOKENIZER} (the checkpoint's own BPE tokenizer, which transformers' "
+    raise UserError(f"{argument}={path}: no {TOKENIZER} (the checkpoint's own BPE tokenizer, which transformers' "
                     f"CLIPTokenizerFast.save_pretrained writes)")
   return file
 
 
-def hf_config(path: str) -> ml_collections.ConfigDict:
-  """The task config of a transformers CLIPModel directory, from its config.json alone (no weights read)."""
+def hf_config(path: str, argument: str = "--checkpoint") -> ml_collections.ConfigDict:
+  """The task config of a transformers CLIPModel directory, from its config.json alone (no weights read); errors
+  name the caller's `argument`."""
   cfg = hf_files.read_config(path)
   if cfg.get("model_type") != "clip":
-    raise UserError(f"--checkpoint={path}: a transformers {cfg.get('model_type')!r} directory, not a CLIPModel")
+    raise UserError(f"{argument}={path}: a transformers {cfg.get('model_type')!r} directory, not a CLIPModel")
   model = hf_clip.build_model(*hf_clip.model_kwargs(path, cfg), scan=True, dtype=jnp.float32)
-  return task_config(clip_fields(model, _tokenizer_file(path), path))
+  return task_config(clip_fields(model, _tokenizer_file(path, argument), path))
 
 
-def import_config(path: str) -> ml_collections.ConfigDict:
-  """The task config of a tools.import_hf directory of a CLIP, from its model.json (UserError for another model)."""
+def import_config(path: str, argument: str = "--checkpoint") -> ml_collections.ConfigDict:
+  """The task config of a tools.import_hf directory of a CLIP, from its model.json (UserError for another model,
+  naming the caller's `argument`)."""
   meta = hf_files.read_json(os.path.join(path, "model.json"))
   if meta.get("name") != "clip" or not isinstance(meta.get("config"), dict):
-    raise UserError(f"--checkpoint={path}: a tools.import_hf directory of a {meta.get('name')!r} model, not a CLIP")
-  return task_config({**meta["config"], "data.tokenizer": _tokenizer_file(path)})  # the directory may have moved
+    raise UserError(f"{argument}={path}: a tools.import_hf directory of a {meta.get('name')!r} model, not a CLIP")
+  # The tokenizer from the directory as it is now: it may have moved since the import.
+  return task_config({**meta["config"], "data.tokenizer": _tokenizer_file(path, argument)})

@@ -74,9 +74,9 @@ def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS),
   path = os.path.abspath(os.path.expanduser(path))
   kind = layout(path, names)
   if kind == "import":
-    return clip_config.import_config(path)
+    return clip_config.import_config(path, names.path)
   if kind == "hf":
-    return clip_config.hf_config(path)
+    return clip_config.hf_config(path, names.path)
   if tuple(task_names) == clip_config.CLIP_TASKS:
     return workdir_lib.load_config(path, task_names, "a CLIP model", names)
   model = " or ".join(repr(n) for n in task_names)
