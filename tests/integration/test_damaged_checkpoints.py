@@ -113,3 +113,17 @@ def test_evaluate_after_a_deleted_chunk_takes_the_intact_step_with_one_warning_a
   assert run.returncode == 2, run.stderr[-3000:]
   assert run.stderr.startswith(f"error: --step=2: checkpoint {step_dir}: cannot read its params: "), run.stderr
   assert len(run.stderr.splitlines()) == 1 and "init_from" not in run.stderr, run.stderr
+
+
+def test_export_hf_takes_the_newest_step_whose_params_are_intact(two_steps, tmp_path, caplog):
+  """tools.export_hf (and tools.probe, through the same `workdir.intact_params`) choose a step as `load` does."""
+  from visionfm_jax.tools import export_hf  # pylint: disable=g-import-not-at-top
+  workdir = _copy(two_steps, tmp_path)
+  os.remove(workdir / "checkpoints" / "2" / "state" / "_METADATA")
+  with caplog.at_level(logging.WARNING):
+    source = export_hf.load(str(workdir))
+  assert source.origin == f"step 1 of {workdir}"
+  assert _warnings(caplog) == [f"checkpoint {workdir}/checkpoints/2: cannot read its params: state/_METADATA is "
+                               f"missing or unreadable; taking step 1, the newest checkpoint whose params are intact"]
+  with pytest.raises(CheckpointError, match=r"^--step=2: checkpoint .*/2: cannot read its params"):
+    export_hf.load(str(workdir), step=2)

@@ -114,7 +114,7 @@ def _class_names(config) -> list[str] | None:
 
 def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
   config = workdir_lib.load_config(path, tuple(tasks.TASKS), "a model of this project")
-  step = workdir_lib.checkpoint_step(path, step)
+  workdir_lib.checkpoint_step(path, step)  # no checkpoint, or no such step: said before the model is built
   try:
     task = tasks.build(config)
   except ValueError as e:  # ConfigError included
@@ -123,7 +123,7 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
     model, name = backbone(task.model)
   except UserError as e:
     raise UserError(f"--checkpoint={path}: config.model.name={config.model.name!r}: {e}") from e
-  params = workdir_lib.load_params(task, path, step, use_ema=use_ema)
+  step, params = workdir_lib.intact_params(task, path, step, use_ema=use_ema)  # as a resume takes it
   fields, notes = "config.model.", []
   if name:
     params, fields = params[name], f"config.model.{name}."

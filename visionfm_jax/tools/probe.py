@@ -74,8 +74,7 @@ def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256,
   mesh = parallel.data_mesh()
   batch_size = -(-batch_size // mesh.size) * mesh.size
   task = tasks.build(config, mesh)
-  step = workdir_lib.checkpoint_step(workdir, step)
-  params = workdir_lib.load_params(task, workdir, step, sharding=NamedSharding(mesh, P()), use_ema=use_ema)
+  step, params = workdir_lib.intact_params(task, workdir, step, sharding=NamedSharding(mesh, P()), use_ema=use_ema)
   ctx = EvalContext(mesh, batch_size, jax.process_index(), jax.process_count())
   feature_probe = probe.FeatureProbe(probe.pooled_features(task), config.probe, config.data, ctx)
   train, test = feature_probe.features(params, "train"), feature_probe.features(params, "eval")
