@@ -4,6 +4,8 @@ interpreter here, at the seeds' windows (7 at 224 px, 40 at 640 px) and SwinV2's
 not; the GPU program it lowers to (three Triton kernels, no per-window score gradient); the config's choice."""
 
 import re
+import subprocess
+import sys
 
 import chex
 import jax
@@ -15,7 +17,7 @@ from visionfm_jax import config_lib, models
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import kernels, swinv2
 
-from conftest import params_drawn_by_shape
+from conftest import ROOT, cpu_env, params_drawn_by_shape
 
 MAX_LOGIT_SCALE = float(np.log(100.0))
 
@@ -164,3 +166,16 @@ def test_the_window_kernel_is_a_swinv2_choice_refused_elsewhere_and_off_a_gpu():
     models.build(vit, jnp.float32, "gpu")
   with pytest.raises(ValueError, match="attention='pallas'"):
     kernels.attention(*(jnp.ones((1, 4, 2, 8)),) * 3, implementation=kernels.WINDOW_KERNEL)
+
+
+def test_a_cpu_run_of_the_window_kernel_ends_with_one_error_line(tmp_path):
+  """`python -m visionfm_jax.main` of the SwinV2 demo with attention=pallas on CPU devices: exit status 2, one
+  `error:` line naming the field and the way out, before any data is read or state built."""
+  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/swinv2_cls.py:demo",
+                         f"--workdir={tmp_path / 'run'}", "--config.model.attention=pallas"],
+                        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120, check=False)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert errors == ["error: config.model.attention='pallas': SwinV2's Pallas window kernel runs on a GPU, and these "
+                    "devices are cpu; set config.model.attention=auto"]
+  assert "Traceback" not in proc.stderr
