@@ -39,13 +39,13 @@ def _inputs(window: int, shifted: bool, batch: int = 1, windows: int = 2, heads:
 
 
 def _attention(window: int, regions, kernel: bool, **kwargs):
-  """SwinV2's attention of (q, k, v, logit scale, table): the scale and the gathered bias as WindowAttention makes
-  them, then the kernel or the softmax path (swinv2.window_attention)."""
+  """SwinV2's attention of (q, k, v, logit scale, table) as WindowAttention computes it: the kernel (which gathers
+  the bias from the table itself) or the softmax path (swinv2.window_attention) of the gathered bias."""
   def attend(q, k, v, logit_scale, table):
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    bias = swinv2.bias_of_offsets(table, window)
     if kernel:
-      return kernels.window_attention(q, k, v, scale, bias, regions, mask_value=swinv2.MASK_VALUE, **kwargs)
+      return kernels.window_attention(q, k, v, scale, table, regions, mask_value=swinv2.MASK_VALUE, **kwargs)
+    bias = swinv2.bias_of_offsets(table, window)
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, swinv2.MASK_VALUE)
     return swinv2.window_attention(q, k, v, scale, bias, mask)
   return attend

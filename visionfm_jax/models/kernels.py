@@ -519,23 +519,28 @@ WINDOW_PROGRAMS = 512
 _PADDED_KEY = -0.7 * float(np.finfo(np.float32).max)  # a padded key's logit: its exp is 0, and never inf - inf
 
 
-def window_attention(q, k, v, scale, bias, regions=None, *, mask_value: float, block: int = WINDOW_BLOCK):
+def window_attention(q, k, v, scale, table, regions=None, *, mask_value: float, block: int = WINDOW_BLOCK):
   """SwinV2's window attention as Pallas kernels: softmax(scale_h q k^T + bias + shift mask) v per window and head.
 
-  q, k (cosine-normalised) and v: (B, nW, N, H, D) in the compute dtype; scale (H,): the per-head logit scale;
-  bias (H, N, N): the position bias gathered from its table; regions (nW, N) int32: the region of every token of
-  a shifted map (pairs of different regions get `mask_value`), None for an unshifted one. The same numbers as the
-  softmax path (`softmax_attention` after SwinV2's `window_attention`), with its backward by kernels that keep
-  the bias gradient inside: a (H, N, N) sum over the batch's windows, never a per-window (B, nW, H, N, N) score
-  gradient in memory (`_window_attention_bwd`). Lowered for a GPU: Triton kernels; lowered for the CPU: Pallas's
-  interpreter of them (the tests' check; a run refuses it off a GPU, `check_platform`).
+  q, k (cosine-normalised) and v: (B, nW, N = W^2, H, D) in the compute dtype; scale (H,): the per-head logit
+  scale; table (H, (2W-1)^2): the position bias per offset (SwinV2's log-CPB MLP), which the kernels gather for
+  each pair of tokens by their offset as `swinv2.bias_of_offsets` does; regions (nW, N) int32: the region of every
+  token of a shifted map (pairs of different regions get `mask_value`), None for an unshifted one. The same numbers
+  as the softmax path (`softmax_attention` after SwinV2's `window_attention`), with its backward by kernels that
+  keep the bias gradient inside: a (H, N, N) sum over the batch's windows, mapped onto the table after them, never
+  a per-window (B, nW, H, N, N) score gradient in memory (`_window_attention_bwd`). Lowered for a GPU: Triton
+  kernels; lowered for the CPU: Pallas's interpreter of them (the tests' check; a run refuses it off a GPU,
+  `check_platform`).
   """
   if q.ndim != 5 or k.shape != q.shape or v.shape != q.shape:
     raise ValueError(f"window_attention: q, k, v of one (B, nW, N, H, D) shape; got {q.shape}, {k.shape}, {v.shape}")
   _, windows, tokens, heads, _ = q.shape
-  if bias.shape != (heads, tokens, tokens) or scale.shape != (heads,):
-    raise ValueError(f"window_attention: bias {bias.shape} and scale {scale.shape} for {heads} heads of {tokens} "
-                     f"tokens")
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f"window_attention: {tokens} tokens a window are not a square window's")
+  if table.shape != (heads, (2 * side - 1) ** 2) or scale.shape != (heads,):
+    raise ValueError(f"window_attention: table {table.shape} and scale {scale.shape} for {heads} heads of a "
+                     f"{side}x{side} window")
   if regions is not None and regions.shape != (windows, tokens):
     raise ValueError(f"window_attention: regions {regions.shape} for {windows} windows of {tokens} tokens")
   if block < 16 or block & (block - 1):
@@ -546,7 +551,7 @@ def window_attention(q, k, v, scale, bias, regions=None, *, mask_value: float, b
 
   def run(interpret, *args):
     return _window_attention(*args, dataclasses.replace(settings, interpret=interpret))
-  args = (q, k, v, scale.astype(jnp.float32), bias.astype(jnp.float32), regions)
+  args = (q, k, v, scale.astype(jnp.float32), table.astype(jnp.float32), regions)
   return jax.lax.platform_dependent(*args, cpu=functools.partial(run, True), cuda=functools.partial(run, False),
                                     rocm=functools.partial(run, False))
 
@@ -562,12 +567,17 @@ class _WindowSettings:
 
 @dataclasses.dataclass(frozen=True)
 class _WindowShape:
-  """The sizes a kernel's grid and tiles follow: windows (B x nW) of `tokens`, `heads` heads of `dim`."""
+  """The sizes a kernel's grid and tiles follow: windows (B x nW) of `tokens` (`side` x `side`), `heads` heads of
+  `dim`."""
   windows: int
   tokens: int
   heads: int
   dim: int
   block: int
+
+  @property
+  def side(self) -> int:
+    return math.isqrt(self.tokens)
 
   @property
   def tiles(self) -> int:
@@ -589,6 +599,15 @@ def _shape_of(q, block: int) -> _WindowShape:
 
 # Tiles of the kernels' refs: a (tokens, padded dim) ref of one window and head, read a tile of rows at a time, zero
 # past the real tokens and head dims.
+
+def relative_offsets(q_positions, k_positions, side: int):
+  """The index into a (2W-1)^2 offset table (W = `side`) of pairs of query and key positions (row-major in their
+  window): (dh + W-1)(2W-1) + (dw + W-1), as `swinv2.relative_position_index`; on numpy or jax arrays, in a kernel
+  too."""
+  rows = q_positions // side - k_positions // side + side - 1
+  cols = q_positions % side - k_positions % side + side - 1
+  return rows * (2 * side - 1) + cols
+
 
 def _token_tile(ref, tile, shape: _WindowShape, window=None):
   """Rows `tile` of the ref, or of its window `window` where it holds every window (one indexer: Triton's
@@ -613,17 +632,17 @@ def _scaled_queries(q_ref, scale_ref, head, tile, shape: _WindowShape, window=No
   return (q.astype(jnp.float32) * scale_ref[head]).astype(q.dtype)
 
 
-def _tile_logits(q, k, bias_ref, regions_ref, q_tile, k_tile, shape: _WindowShape, settings: _WindowSettings,
+def _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape: _WindowShape, settings: _WindowSettings,
                  region_row=None):
-  """(block, block) fp32 logits of a query tile against a key tile: scaled cosines + position bias (+ the shift
-  mask, from row `region_row` of a regions ref that holds every window's); keys past the window's tokens get
-  `_PADDED_KEY`."""
+  """(block, block) fp32 logits of a query tile against a key tile: scaled cosines + the position bias gathered
+  from the head's table by each pair's offset (+ the shift mask, from row `region_row` of a regions ref that holds
+  every window's); keys past the window's tokens get `_PADDED_KEY`."""
   block = shape.block
   q_rows, k_rows = q_tile * block + jnp.arange(block), k_tile * block + jnp.arange(block)
   q_real, k_real = q_rows < shape.tokens, k_rows < shape.tokens
-  bias = plgpu.load(bias_ref.at[pl.ds(q_tile * block, block), pl.ds(k_tile * block, block)],
-                    mask=q_real[:, None] & k_real[None, :], other=0.0)
-  logits = plgpu.dot(q, k, trans_b=True) + bias
+  last = shape.tokens - 1  # padded rows and columns read the table at a real pair's offset; their logits go unused
+  offsets = relative_offsets(jnp.minimum(q_rows, last)[:, None], jnp.minimum(k_rows, last)[None, :], shape.side)
+  logits = plgpu.dot(q, k, trans_b=True) + plgpu.load(table_ref.at[offsets])
   if settings.masked:
     at = lambda tile: regions_ref.at[(pl.ds(tile * block, block),) if region_row is None
                                      else (region_row, pl.ds(tile * block, block))]
@@ -633,15 +652,15 @@ def _tile_logits(q, k, bias_ref, regions_ref, q_tile, k_tile, shape: _WindowShap
   return jnp.where(k_real[None, :], logits, _PADDED_KEY)
 
 
-def _probs_and_grad_logits(q, k, v, grad_out, log_sums, deltas, bias_ref, regions_ref, q_tile, k_tile,
+def _probs_and_grad_logits(q, k, v, grad_out, log_sums, deltas, table_ref, regions_ref, q_tile, k_tile,
                            shape: _WindowShape, settings: _WindowSettings, region_row=None):
   """The tile's probabilities P = exp(logits - logsumexp) and dS = P * (dO V^T - rowsum(dO * O)), both fp32."""
-  logits = _tile_logits(q, k, bias_ref, regions_ref, q_tile, k_tile, shape, settings, region_row)
+  logits = _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape, settings, region_row)
   probs = jnp.exp(logits - log_sums[:, None])
   return probs, probs * (plgpu.dot(grad_out, v, trans_b=True) - deltas[:, None])
 
 
-def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shape: _WindowShape,
+def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
                            settings: _WindowSettings):
   """One (window, head, query tile): online softmax over the key tiles (FlashAttention's forward); writes the
   output rows and their log-sum-exp for the backward."""
@@ -652,7 +671,7 @@ def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shap
   def key_tile(k_tile, carry):
     out, row_max, row_sum = carry
     k, v = _token_tile(k_ref, k_tile, shape), _token_tile(v_ref, k_tile, shape)
-    logits = _tile_logits(q, k, bias_ref, regions_ref, q_tile, k_tile, shape, settings)
+    logits = _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape, settings)
     new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
     probs = jnp.exp(logits - new_max[:, None])
     rescale = jnp.exp(row_max - new_max)
@@ -666,7 +685,7 @@ def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shap
   log_sum_ref[pl.ds(q_tile * shape.block, shape.block)] = row_max + jnp.log(row_sum)
 
 
-def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shape: _WindowShape,
+def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
                            settings: _WindowSettings):
   """One (window, head, key tile): dK and dV summed over the query tiles."""
   regions_ref, grad_out_ref, log_sum_ref, delta_ref, grad_k_ref, grad_v_ref = (
@@ -679,7 +698,7 @@ def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shap
     q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape)
     grad_out = _token_tile(grad_out_ref, q_tile, shape)
     rows = pl.ds(q_tile * shape.block, shape.block)
-    probs, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[rows], delta_ref[rows], bias_ref,
+    probs, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[rows], delta_ref[rows], table_ref,
                                                 regions_ref, q_tile, k_tile, shape, settings)
     grad_v = grad_v + plgpu.dot(probs.astype(grad_out.dtype), grad_out, trans_a=True)
     return grad_k + plgpu.dot(grad_logits.astype(q.dtype), q, trans_a=True), grad_v
@@ -690,7 +709,7 @@ def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shap
   _store_token_tile(grad_v_ref, k_tile, grad_v, shape)
 
 
-def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, shape: _WindowShape,
+def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
                                settings: _WindowSettings, groups: int, windows_per_map: int):
   """One (head, query tile, group of windows): for each key tile, dS over the group's windows (windows g, g +
   groups, ...) summed in registers into that tile of the position bias's gradient, written once; dQ (of the scaled
@@ -708,7 +727,7 @@ def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, bias_ref, *refs, 
       q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape, w)
       k, v = _token_tile(k_ref, k_tile, shape, w), _token_tile(v_ref, k_tile, shape, w)
       grad_out = _token_tile(grad_out_ref, q_tile, shape, w)
-      _, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[w, rows], delta_ref[w, rows], bias_ref,
+      _, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[w, rows], delta_ref[w, rows], table_ref,
                                               regions_ref, q_tile, k_tile, shape, settings, w % windows_per_map)
       plgpu.atomic_add(grad_q_ref, (w, rows, slice(None)), plgpu.dot(grad_logits.astype(k.dtype), k))
       return grad_bias + grad_logits
@@ -726,34 +745,34 @@ def _window_call(kernel, grid, in_specs, out_specs, out_shape, settings: _Window
 
 
 def _window_specs(shape: _WindowShape, settings: _WindowSettings, windows_per_map: int, per_window: bool):
-  """The BlockSpecs of (scale, q, k, v, bias[, regions]) and of a per-row statistic (B x nW, H, padded N): one
+  """The BlockSpecs of (scale, q, k, v, table[, regions]) and of a per-row statistic (B x nW, H, padded N): one
   window's rows of a head (`per_window`, grids of (window, head, tile)) or every window's (grids of (head, tile,
-  group))."""
-  n, dim = shape.tokens, shape.padded_dim
+  group)); the head's row of the table."""
+  n, dim, offsets = shape.tokens, shape.padded_dim, (2 * shape.side - 1) ** 2
   whole_scale = pl.BlockSpec((shape.heads,), lambda *_: (0,))
   if per_window:
     rows = pl.BlockSpec((None, n, None, dim), lambda w, h, t: (w, 0, h, 0))
-    bias = pl.BlockSpec((None, n, n), lambda w, h, t: (h, 0, 0))
+    table = pl.BlockSpec((None, offsets), lambda w, h, t: (h, 0))
     regions = pl.BlockSpec((None, n), lambda w, h, t: (w % windows_per_map, 0))
     row_stats = pl.BlockSpec((None, None, shape.padded_tokens), lambda w, h, t: (w, h, 0))
   else:
     rows = pl.BlockSpec((shape.windows, n, None, dim), lambda h, t, g: (0, 0, h, 0))
-    bias = pl.BlockSpec((None, n, n), lambda h, t, g: (h, 0, 0))
+    table = pl.BlockSpec((None, offsets), lambda h, t, g: (h, 0))
     regions = pl.BlockSpec((windows_per_map, n), lambda *_: (0, 0))
     row_stats = pl.BlockSpec((shape.windows, None, shape.padded_tokens), lambda h, t, g: (0, h, 0))
-  return [whole_scale, rows, rows, rows, bias] + ([regions] if settings.masked else []), row_stats
+  return [whole_scale, rows, rows, rows, table] + ([regions] if settings.masked else []), row_stats
 
 
-def _window_operands(q, k, v, scale, bias, regions, shape: _WindowShape, settings: _WindowSettings):
-  """(scale, q, k, v, bias[, regions]) as the kernels take them: the batch's windows on one axis."""
-  return [scale] + [_flat_windows(x, shape) for x in (q, k, v)] + [bias] + ([regions] if settings.masked else [])
+def _window_operands(q, k, v, scale, table, regions, shape: _WindowShape, settings: _WindowSettings):
+  """(scale, q, k, v, table[, regions]) as the kernels take them: the batch's windows on one axis."""
+  return [scale] + [_flat_windows(x, shape) for x in (q, k, v)] + [table] + ([regions] if settings.masked else [])
 
 
 def _flat_windows(x, shape: _WindowShape):
   return x.reshape((shape.windows,) + x.shape[2:])
 
 
-def _window_forward(q, k, v, scale, bias, regions, settings: _WindowSettings):
+def _window_forward(q, k, v, scale, table, regions, settings: _WindowSettings):
   """(output (B, nW, N, H, D), log-sum-exp (B x nW, H, padded N) fp32)."""
   shape = _shape_of(q, settings.block)
   inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=True)
@@ -763,11 +782,11 @@ def _window_forward(q, k, v, scale, bias, regions, settings: _WindowSettings):
       [jax.ShapeDtypeStruct(_flat_windows(v, shape).shape, v.dtype),
        jax.ShapeDtypeStruct((shape.windows, shape.heads, shape.padded_tokens), jnp.float32)],
       settings, "swin_window_attention_fwd",
-  )(*_window_operands(q, k, v, scale, bias, regions, shape, settings))
+  )(*_window_operands(q, k, v, scale, table, regions, shape, settings))
   return out.reshape(v.shape), log_sums
 
 
-def _window_grad_kv(q, k, v, scale, bias, regions, grad_out, log_sums, deltas, settings: _WindowSettings):
+def _window_grad_kv(q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings: _WindowSettings):
   shape = _shape_of(q, settings.block)
   inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=True)
   grad_k, grad_v = _window_call(
@@ -775,12 +794,12 @@ def _window_grad_kv(q, k, v, scale, bias, regions, grad_out, log_sums, deltas, s
       (shape.windows, shape.heads, shape.tiles), inputs + [inputs[1], row_stats, row_stats], [inputs[1], inputs[1]],
       [jax.ShapeDtypeStruct(_flat_windows(x, shape).shape, x.dtype) for x in (k, v)],
       settings, "swin_window_attention_bwd_kv",
-  )(*_window_operands(q, k, v, scale, bias, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
+  )(*_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
     deltas)
   return grad_k.reshape(k.shape), grad_v.reshape(v.shape)
 
 
-def _window_grad_q_bias(q, k, v, scale, bias, regions, grad_out, log_sums, deltas, settings: _WindowSettings):
+def _window_grad_q_bias(q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings: _WindowSettings):
   """(dQ of the scaled queries (B x nW, H, padded N, padded D) fp32, the bias's gradient (H, N, N) fp32)."""
   shape = _shape_of(q, settings.block)
   groups = max(1, min(shape.windows, pl.cdiv(WINDOW_PROGRAMS, shape.heads * shape.tiles)))
@@ -796,39 +815,42 @@ def _window_grad_q_bias(q, k, v, scale, bias, regions, grad_out, log_sums, delta
       [jax.ShapeDtypeStruct(grad_q_zeros.shape, jnp.float32),
        jax.ShapeDtypeStruct((groups, shape.heads, n_pad, n_pad), jnp.float32)],
       settings, "swin_window_attention_bwd_q_bias", input_output_aliases={len(inputs) + 3: 0},
-  )(*_window_operands(q, k, v, scale, bias, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
+  )(*_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
     deltas, grad_q_zeros)
   n = shape.tokens
   return grad_q, jnp.sum(partial_grad_bias, axis=0)[:, :n, :n]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _window_attention(q, k, v, scale, bias, regions, settings: _WindowSettings):
-  return _window_forward(q, k, v, scale, bias, regions, settings)[0]
+def _window_attention(q, k, v, scale, table, regions, settings: _WindowSettings):
+  return _window_forward(q, k, v, scale, table, regions, settings)[0]
 
 
-def _window_attention_fwd(q, k, v, scale, bias, regions, settings: _WindowSettings):
-  out, log_sums = _window_forward(q, k, v, scale, bias, regions, settings)
-  return out, (q, k, v, scale, bias, regions, out, log_sums)
+def _window_attention_fwd(q, k, v, scale, table, regions, settings: _WindowSettings):
+  out, log_sums = _window_forward(q, k, v, scale, table, regions, settings)
+  return out, (q, k, v, scale, table, regions, out, log_sums)
 
 
 def _window_attention_bwd(settings: _WindowSettings, residuals, grad_out):
-  """dQ, dK, dV, the logit scale's and the bias's gradients: the kernels' dK and dV; dQ of the scaled queries
-  (fp32) times the scale, and the scale's gradient its sum against the queries; the bias's gradient summed over
-  the windows in the kernel (`_window_grad_q_bias_kernel`)."""
-  q, k, v, scale, bias, regions, out, log_sums = residuals
+  """dQ, dK, dV, the logit scale's and the table's gradients: the kernels' dK and dV; dQ of the scaled queries
+  (fp32) times the scale, and the scale's gradient its sum against the queries; the (H, N, N) bias gradient summed
+  over the windows in the kernel (`_window_grad_q_bias_kernel`), then added onto the table by each pair's offset."""
+  q, k, v, scale, table, regions, out, log_sums = residuals
   shape = _shape_of(q, settings.block)
   flat = lambda x: _flat_windows(x, shape).astype(jnp.float32)
   # Sums of products rather than einsums: an fp32 contraction may take TF32 on a GPU.
   deltas = jnp.swapaxes(jnp.sum(flat(grad_out) * flat(out), axis=-1), 1, 2)
   deltas = jnp.pad(deltas, [(0, 0), (0, 0), (0, shape.padded_tokens - shape.tokens)])
-  args = (q, k, v, scale, bias, regions, grad_out, log_sums, deltas, settings)
+  args = (q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings)
   grad_k, grad_v = _window_grad_kv(*args)
   grad_scaled_q, grad_bias = _window_grad_q_bias(*args)
   grad_scaled_q = grad_scaled_q[:, :, :shape.tokens, :shape.dim]
   grad_scale = jnp.sum(grad_scaled_q * jnp.swapaxes(flat(q), 1, 2), axis=(0, 2, 3))
   grad_q = jnp.einsum("whnd,h->wnhd", grad_scaled_q, scale).astype(q.dtype).reshape(q.shape)
-  return grad_q, grad_k, grad_v, grad_scale, grad_bias, None
+  positions = np.arange(shape.tokens)
+  offsets = relative_offsets(positions[:, None], positions[None, :], shape.side).reshape(-1)
+  grad_table = jnp.zeros(table.shape, jnp.float32).at[:, offsets].add(grad_bias.reshape(shape.heads, -1))
+  return grad_q, grad_k, grad_v, grad_scale, grad_table, None
 
 
 _window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)

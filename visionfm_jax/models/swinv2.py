@@ -297,11 +297,12 @@ class WindowAttention(nn.Module):
       mask = jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
 
     def attend(q, k, v, scale, per_offset, *mask):
-      bias, mask = bias_of_offsets(per_offset, self.window), (mask[0] if mask else None)
+      mask = mask[0] if mask else None
+      if attention == kernels.WINDOW_KERNEL:  # gathers the bias from the table itself
+        return kernels.window_attention(q, k, v, scale, per_offset, mask, mask_value=MASK_VALUE)
+      bias = bias_of_offsets(per_offset, self.window)
       if attention == "softmax":
         return window_attention(q, k, v, scale, bias, mask)
-      if attention == kernels.WINDOW_KERNEL:
-        return kernels.window_attention(q, k, v, scale, bias, mask, mask_value=MASK_VALUE)
       return fused_window_attention(q, k, v, scale, bias, mask, attention)
     # Each device's rows: the position bias's gradient crosses devices as the (heads, (2W-1)^2) table, not as
     # the (windows x heads, N, N) bias (sharding.batch_local).
