@@ -597,9 +597,6 @@ def _shape_of(q, block: int) -> _WindowShape:
   return _WindowShape(batch * windows, tokens, heads, dim, block)
 
 
-# Tiles of the kernels' refs: a (tokens, padded dim) ref of one window and head, read a tile of rows at a time, zero
-# past the real tokens and head dims.
-
 def relative_offsets(q_positions, k_positions, side: int):
   """The index into a (2W-1)^2 offset table (W = `side`) of pairs of query and key positions (row-major in their
   window): (dh + W-1)(2W-1) + (dw + W-1), as `swinv2.relative_position_index`; on numpy or jax arrays, in a kernel
@@ -608,6 +605,9 @@ def relative_offsets(q_positions, k_positions, side: int):
   cols = q_positions % side - k_positions % side + side - 1
   return rows * (2 * side - 1) + cols
 
+
+# Tiles of the kernels' refs: a (tokens, padded dim) ref of one window and head, read a tile of rows at a time, zero
+# past the real tokens and head dims.
 
 def _token_tile(ref, tile, shape: _WindowShape, window=None):
   """Rows `tile` of the ref, or of its window `window` where it holds every window (one indexer: Triton's
