@@ -1,6 +1,7 @@
 """GPU tests (`pytest -m gpu`; skipped where JAX has no GPU, as in CI): cuDNN flash attention against the softmax
-path in every place the models use it, one bf16 train step of each seed model, fp16 loss scaling meeting a real
-overflow, and a short run that checkpoints and resumes. launch/gpu_check.sh runs them.
+path in every place the models use it, SwinV2's Pallas window kernel (Triton) against it too, one bf16 train
+step of each seed model, fp16 loss scaling meeting a real overflow, and a short run that checkpoints and resumes.
+launch/gpu_check.sh runs them.
 
 Attention is compared through errors against an fp32 reference: in bf16/fp16 the cuDNN path may differ from our
 softmax path by rounding, but its error must stay of the order of the softmax path's own."""
@@ -35,16 +36,18 @@ def _max_error(got, want):
   return max(jax.tree.leaves(errors))
 
 
-def _assert_as_close_as_softmax(value_and_grads, args, dtype, name):
-  """`value_and_grads(attention, dtype, *args)` with cuDNN against an fp32 softmax reference: the cuDNN error is at
-  most twice the softmax path's own error in `dtype` (plus a little), values and gradients alike."""
+def _assert_as_close_as_softmax(value_and_grads, args, dtype, name, implementation="cudnn"):
+  """`value_and_grads(attention, dtype, *args)` with `implementation` (cuDNN; SwinV2's Pallas window kernel)
+  against an fp32 softmax reference: its error is at most twice the softmax path's own error in `dtype` (plus a
+  little), values and gradients alike."""
   reference = value_and_grads("softmax", jnp.float32, *args)
   ours = value_and_grads("softmax", dtype, *args)
-  cudnn = value_and_grads("cudnn", dtype, *args)
+  fused = value_and_grads(implementation, dtype, *args)
   for part, index in (("value", 0), ("gradients", 1)):
     bound = 2 * _max_error(ours[index], reference[index]) + 1e-2
-    error = _max_error(cudnn[index], reference[index])
-    assert error <= bound, f"{name} {part}: cuDNN error {error:.4f} > {bound:.4f} (softmax path in {dtype.__name__})"
+    error = _max_error(fused[index], reference[index])
+    assert error <= bound, (f"{name} {part}: {implementation} error {error:.4f} > {bound:.4f} (softmax path in "
+                            f"{dtype.__name__})")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -103,14 +106,53 @@ def test_naflex_vit_with_cudnn_attention_matches_softmax(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_swinv2_window_attention_with_position_bias_and_shift_mask_on_cudnn(dtype):
+@pytest.mark.parametrize("implementation", ["cudnn", kernels.WINDOW_KERNEL])
+def test_swinv2_window_attention_with_position_bias_and_shift_mask_on_cudnn(dtype, implementation):
   """An 8x8 map with 4x4 windows: the second block of stage 1 is shifted, so the shift mask and the continuous
-  position bias both go through cuDNN's bias input."""
+  position bias both go through cuDNN's bias input (or SwinV2's Pallas window kernel, run as Triton kernels)."""
   images = _normal(1, (2, 32, 32, 3))
   make = lambda attention, dt: swinv2.SwinV2(64, (2, 2), (2, 4), window_size=4, patch_size=4, image_size=32,
                                             num_classes=10, scan=False, dtype=dt, attention=attention)
   run, params = _model_value_and_grads(make, images)
-  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "SwinV2")
+  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "SwinV2",
+                              implementation)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("window", [7, 40])
+def test_swinv2_window_kernel_at_the_seeds_windows_matches_the_softmax_path(dtype, window):
+  """SwinV2's Pallas window kernel (three Triton kernels) at the seeds' windows, 7 (224 px) and 40 (640 px),
+  shifted: its output and the gradients of q, k, v and the position-bias table as close to fp32 as the softmax path
+  in `dtype`. The logit scale's gradient, sum(dS * logits), cancels along each row: FlashAttention's dS, which takes
+  rowsum(dO * O) from the output rounded to `dtype` (as cuDNN's does), leaves it within 10% of its largest head's
+  (bf16, window 7 on the CPU's interpreter: 6%; the softmax path: 1.5%)."""
+  heads, dim, windows = 4, 32, 4
+  n = window * window
+  q, k, v = (_normal(i, (2, windows, n, heads, dim)) for i in range(3))
+  logit_scale, table = _normal(3, (heads,), 0.3) + 2.5, 16 * jax.nn.sigmoid(_normal(4, (heads, (2 * window - 1) ** 2)))
+  regions = swinv2.shift_regions(windows * window, window, window, window // 2)
+  cotangent = _normal(5, q.shape)
+
+  def value_and_grads(implementation, compute, q, k, v, logit_scale, table):
+    def f(q, k, v, logit_scale, table):
+      q, k = (x / jnp.linalg.norm(x, axis=-1, keepdims=True) for x in (q, k))
+      q, k, v = (x.astype(compute) for x in (q, k, v))
+      scale = jnp.exp(jnp.minimum(logit_scale, swinv2.MAX_LOGIT_SCALE))
+      if implementation == kernels.WINDOW_KERNEL:
+        out = kernels.window_attention(q, k, v, scale, table, regions, mask_value=swinv2.MASK_VALUE)
+      else:
+        mask = jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, swinv2.MASK_VALUE)
+        out = swinv2.window_attention(q, k, v, scale, swinv2.bias_of_offsets(table, window), mask)
+      return out.astype(jnp.float32)
+    out, vjp = jax.vjp(f, q, k, v, logit_scale, table)
+    grads = vjp(cotangent)
+    return out, grads[:3] + grads[4:], grads[3]
+
+  run = jax.jit(value_and_grads, static_argnums=(0, 1))
+  args = (q, k, v, logit_scale, table)
+  _assert_as_close_as_softmax(run, args, DTYPES[dtype], f"window {window}", kernels.WINDOW_KERNEL)
+  scale_error = _max_error(run(kernels.WINDOW_KERNEL, DTYPES[dtype], *args)[2], run("softmax", jnp.float32, *args)[2])
+  assert scale_error < 0.1, f"window {window}: the logit scale's gradient is {scale_error:.3f} off"
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

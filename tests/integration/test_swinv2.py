@@ -278,10 +278,11 @@ def test_position_bias_transfers_to_a_larger_window():
   assert not np.allclose(spread[:, 0, keys40.ravel()], b14[:, 0, keys14.ravel()], atol=1e-3)
 
 
-@pytest.mark.parametrize("implementation", ["softmax", "jax"])
+@pytest.mark.parametrize("implementation", ["softmax", "jax", "pallas"])
 def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_table(implementation):
   """On 8 devices (batch-sharded, under the activation mesh), window attention (the softmax path; the fused one,
-  whose bias takes the shift mask folded over the windows, through XLA here) equals the one-device result,
+  whose bias takes the shift mask folded over the windows, through XLA here; the Pallas kernels, each device's
+  rows by Pallas's interpreter here) equals the one-device result,
   values and gradients, and its position bias's gradient crosses devices as the (heads, (2W-1)^2) table that the
   bias is gathered from, never as a (..., N, N) bias: at 640 px in SwinV2-G the difference between 0.8 MB and
   up to 1.31 GB per block and micro-batch across 128 GPUs (BENCHMARKS.md, "The recipes on their clusters";

@@ -42,6 +42,7 @@ from visionfm_jax.config_lib.model_schema import (
                                              TOWER_HEADLESS,
                                              TOWER_SHARED_FIELDS,
                                              VIT_POOLS,
+                                             WINDOW_ATTENTION,
                                              model_rows,
 )
 from visionfm_jax.config_lib.recipes import finetune_backbone, full_scale_run

@@ -26,6 +26,8 @@ REMAT_POLICIES = ("none", "nothing_saveable", "dots_saveable", "dots_with_no_bat
                   "dots_with_no_batch_dims_and_attention_saveable", "everything_saveable")
 # The names of the models' other choices (their rows' domains), which models/ maps to its math.
 ATTENTION, ACTIVATIONS = ("auto", "softmax", "cudnn", "jax"), ("gelu", "quick_gelu", "gelu_pytorch_tanh")
+# A SwinV2's attention takes one more: its window attention as Pallas kernels (models/kernels.py window_attention).
+WINDOW_ATTENTION = ATTENTION + ("pallas",)
 VIT_POOLS, TEXT_POOLS = ("cls", "gap", "map"), ("eos", "cls")
 EXTRA_NORM_SCOPES, MIM_VIEWS = ("stage", "global"), ("separate", "shared")
 # The named sizes of the SwinV2 and text towers, in the order of their SIZES tables (models/swinv2.py,
@@ -78,6 +80,9 @@ VIT = dict(
 )
 
 SWINV2 = dict(
+    attention=Field("auto", Choices(WINDOW_ATTENTION), "as a ViT's, or pallas: the window attention as Pallas "
+                    "kernels with the position bias's gradient summed inside them (GPU; models/kernels.py "
+                    "window_attention)"),
     variant=Field("T", Choices(SWINV2_SIZES), "a size of models/swinv2.py SIZES: its width and depth per stage"),
     patch_size=Field(4, COUNT, "side in px of the patches the first stage embeds"),
     window_size=Field(14, COUNT, "every stage; a stage whose map is not larger becomes one unshifted window"),

@@ -115,6 +115,22 @@ def for_platform(model_cfg, platform: str, dtype):
   return resolved
 
 
+def check_platform(model_cfg, platform: str) -> None:
+  """ConfigError naming the attention field of `model_cfg` (any tower's) that has no kernel for a run on
+  `platform` (kernels.check_platform: SwinV2's Pallas window kernel off a GPU)."""
+  nodes = [("", model_cfg)]
+  while nodes:
+    prefix, node = nodes.pop()
+    for key, value in node.items():
+      if hasattr(value, "items"):
+        nodes.append((f"{prefix}{key}.", value))
+      elif key == "attention":
+        try:
+          kernels.check_platform(value, platform, f"config.model.{prefix}{key}")
+        except ValueError as e:
+          raise ConfigError(str(e)) from e
+
+
 def _named(model_fields: dict) -> backbone.Family | None:
   """The family a model config (a dict) names; None for an unknown name."""
   return next((f for f in FAMILIES.values() if f.name and f.name == model_fields.get("name")), None)

@@ -25,7 +25,11 @@ instead of one cuDNN convolution):
 
 Attention comes in through one entry point, `attention` (what each `config.model.attention` name runs, 'auto'
 resolved by models.build for the devices, `resolve_attention`): the softmax path below, or
-`jax.nn.dot_product_attention` with cuDNN (`fused_attention`: its even-token padding) or JAX's choice.
+`jax.nn.dot_product_attention` with cuDNN (`fused_attention`: its even-token padding) or JAX's choice. A SwinV2's
+window attention has one more (attention='pallas', `window_attention`): Pallas Triton kernels that sum the position
+bias's gradient over the windows inside them, so that no per-window score gradient reaches memory; no recipe's
+default until a GPU measures it, refused by a run off a GPU (`check_platform`), run by Pallas's interpreter in a
+program lowered for the CPU (the tests' check of its numbers).
 
 Kernel candidates (`CANDIDATES`, traced under `trying(names)`) are GPU kernels kept off by default until a GPU
 measures them against XLA's (`bench --try_kernels`, the leads of `launch/bench_gpu.sh`): a program lowered for a
@@ -44,12 +48,15 @@ otherwise keep.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 from typing import Callable
 
 import einops
 import jax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 import jax.numpy as jnp
 import numpy as np
 
@@ -361,24 +368,38 @@ _softmax_attention.defvjp(_softmax_attention_fwd, _softmax_attention_bwd)
 # 'softmax'); einsum-softmax-einsum (`kernels.softmax_attention`); cuDNN flash attention; or
 # `jax.nn.dot_product_attention` choosing (cuDNN where it applies, else XLA). The names: config_lib's, the rows' domain.
 ATTENTION = config_lib.ATTENTION
-GPU_ONLY_ATTENTION = ("cudnn",)  # no kernel on other backends: bench.memory_plan does not plan these off GPU
+# A SwinV2's choices: ATTENTION and its window attention as Pallas kernels (`window_attention`, 'pallas').
+WINDOW_ATTENTION = config_lib.WINDOW_ATTENTION
+WINDOW_KERNEL = "pallas"  # the last of WINDOW_ATTENTION
+GPU_ONLY_ATTENTION = ("cudnn", WINDOW_KERNEL)  # no kernel on other backends: bench.memory_plan does not plan these
+GPU_PLATFORMS = ("gpu", "cuda", "rocm")
 SIXTEEN_BIT = (jnp.bfloat16, jnp.float16)
 
 
-def check_attention(implementation: str, field: str = "attention") -> None:
-  """ValueError naming `field` unless `implementation` is one of ATTENTION."""
-  if implementation not in ATTENTION:
-    raise ValueError(f"{field}={implementation!r}: expected one of {ATTENTION}")
+def check_attention(implementation: str, field: str = "attention", choices: tuple[str, ...] = ATTENTION) -> None:
+  """ValueError naming `field` unless `implementation` is one of `choices` (ATTENTION; a SwinV2's:
+  WINDOW_ATTENTION)."""
+  if implementation not in choices:
+    raise ValueError(f"{field}={implementation!r}: expected one of {choices}")
 
 
-def resolved_attention(implementation: str) -> str:
-  """`implementation` as a module runs it: one of ATTENTION but 'auto', which models.build resolves for the devices
+def resolved_attention(implementation: str, choices: tuple[str, ...] = ATTENTION) -> str:
+  """`implementation` as a module runs it: one of `choices` but 'auto', which models.build resolves for the devices
   the model will run on (`resolve_attention`) before any module sees it."""
-  check_attention(implementation)
+  check_attention(implementation, choices=choices)
   if implementation == "auto":
     raise ValueError("attention='auto' reached a module: models.build resolves it for the devices the model runs "
                      "on (kernels.resolve_attention); a module takes softmax, cudnn or jax")
   return implementation
+
+
+def check_platform(implementation: str, platform: str, field: str = "attention") -> None:
+  """ValueError naming `field` when `implementation` has no kernel on `platform` that a run should take: the
+  window kernel ('pallas') anywhere but a GPU, where the CPU would run Pallas's interpreter of it, made for the
+  tests' checks and orders of magnitude slower than the softmax path."""
+  if implementation == WINDOW_KERNEL and platform not in GPU_PLATFORMS:
+    raise ValueError(f"{field}={implementation!r}: SwinV2's Pallas window kernel runs on a GPU, and these devices "
+                     f"are {platform}; set {field}=auto")
 
 
 def resolve_attention(implementation: str, platform: str, dtype) -> str:
@@ -487,3 +508,349 @@ def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, impl
   out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale,
                                      implementation="cudnn", **lengths)
   return out[:, :t]
+
+
+# ------------------------------------------------------------------------------ SwinV2's window attention kernel
+
+WINDOW_BLOCK = 64  # tokens per query and per key tile of the window kernels
+# Programs that fill an H100/H200 twice over (132 SMs): the bias-gradient kernel splits its sum over the windows into
+# this many programs' worth of partial sums where heads x query tiles alone are fewer.
+WINDOW_PROGRAMS = 512
+_PADDED_KEY = -0.7 * float(np.finfo(np.float32).max)  # a padded key's logit: its exp is 0, and never inf - inf
+
+
+def window_attention(q, k, v, scale, table, regions=None, *, mask_value: float, block: int = WINDOW_BLOCK):
+  """SwinV2's window attention as Pallas kernels: softmax(scale_h q k^T + bias + shift mask) v per window and head.
+
+  q, k (cosine-normalised) and v: (B, nW, N = W^2, H, D) in the compute dtype; scale (H,): the per-head logit
+  scale; table (H, (2W-1)^2): the position bias per offset (SwinV2's log-CPB MLP), which the kernels gather for
+  each pair of tokens by their offset as `swinv2.bias_of_offsets` does; regions (nW, N) int32: the region of every
+  token of a shifted map (pairs of different regions get `mask_value`), None for an unshifted one. The same numbers
+  as the softmax path (`softmax_attention` after SwinV2's `window_attention`), with its backward by kernels that
+  keep the bias gradient inside: a (H, N, N) sum over the batch's windows, mapped onto the table after them, never
+  a per-window (B, nW, H, N, N) score gradient in memory (`_window_attention_bwd`). Lowered for a GPU: Triton
+  kernels; lowered for the CPU: Pallas's interpreter of them (the tests' check; a run refuses it off a GPU,
+  `check_platform`).
+  """
+  if q.ndim != 5 or k.shape != q.shape or v.shape != q.shape:
+    raise ValueError(f"window_attention: q, k, v of one (B, nW, N, H, D) shape; got {q.shape}, {k.shape}, {v.shape}")
+  _, windows, tokens, heads, _ = q.shape
+  side = math.isqrt(tokens)
+  if side * side != tokens:
+    raise ValueError(f"window_attention: {tokens} tokens a window are not a square window's")
+  if table.shape != (heads, (2 * side - 1) ** 2) or scale.shape != (heads,):
+    raise ValueError(f"window_attention: table {table.shape} and scale {scale.shape} for {heads} heads of a "
+                     f"{side}x{side} window")
+  if regions is not None and regions.shape != (windows, tokens):
+    raise ValueError(f"window_attention: regions {regions.shape} for {windows} windows of {tokens} tokens")
+  if block < 16 or block & (block - 1):
+    raise ValueError(f"window_attention: block={block}: a power of two >= 16 (Triton's tiles)")
+  masked = regions is not None
+  regions = regions.astype(jnp.int32) if masked else jnp.zeros((1, tokens), jnp.int32)
+  settings = _WindowSettings(masked, float(mask_value), block)
+
+  def run(interpret, *args):
+    return _window_attention(*args, dataclasses.replace(settings, interpret=interpret))
+  args = (q, k, v, scale.astype(jnp.float32), table.astype(jnp.float32), regions)
+  return jax.lax.platform_dependent(*args, cpu=functools.partial(run, True), cuda=functools.partial(run, False),
+                                    rocm=functools.partial(run, False))
+
+
+@dataclasses.dataclass(frozen=True)
+class _WindowSettings:
+  """What the window kernels are specialised on (hashable: custom_vjp's static argument)."""
+  masked: bool  # a shifted map: the kernel masks pairs of different regions
+  mask_value: float
+  block: int
+  interpret: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class _WindowShape:
+  """The sizes a kernel's grid and tiles follow: windows (B x nW) of `tokens` (`side` x `side`), `heads` heads of
+  `dim`."""
+  windows: int
+  tokens: int
+  heads: int
+  dim: int
+  block: int
+
+  @property
+  def side(self) -> int:
+    return math.isqrt(self.tokens)
+
+  @property
+  def tiles(self) -> int:
+    return pl.cdiv(self.tokens, self.block)
+
+  @property
+  def padded_tokens(self) -> int:
+    return self.tiles * self.block
+
+  @property
+  def padded_dim(self) -> int:  # Triton's dot takes operands of 16 and more along each axis, in powers of two
+    return max(16, pl.next_power_of_2(self.dim))
+
+
+def _shape_of(q, block: int) -> _WindowShape:
+  batch, windows, tokens, heads, dim = q.shape
+  return _WindowShape(batch * windows, tokens, heads, dim, block)
+
+
+def relative_offsets(q_positions, k_positions, side: int):
+  """The index into a (2W-1)^2 offset table (W = `side`) of pairs of query and key positions (row-major in their
+  window): (dh + W-1)(2W-1) + (dw + W-1), as `swinv2.relative_position_index`; on numpy or jax arrays, in a kernel
+  too."""
+  rows = q_positions // side - k_positions // side + side - 1
+  cols = q_positions % side - k_positions % side + side - 1
+  return rows * (2 * side - 1) + cols
+
+
+# Tiles of the kernels' refs: a (tokens, padded dim) ref of one window and head, read a tile of rows at a time, zero
+# past the real tokens and head dims.
+
+def _token_tile(ref, tile, shape: _WindowShape, window=None):
+  """Rows `tile` of the ref, or of its window `window` where it holds every window (one indexer: Triton's
+  lowering takes no indexer of an indexed ref)."""
+  rows = tile * shape.block + jnp.arange(shape.block)
+  cols = jnp.arange(ref.shape[-1])
+  mask = (rows < shape.tokens)[:, None] & (cols < shape.dim)[None, :]
+  index = (pl.ds(tile * shape.block, shape.block), slice(None))
+  return plgpu.load(ref.at[index if window is None else (window,) + index], mask=mask, other=0.0)
+
+
+def _store_token_tile(ref, tile, value, shape: _WindowShape):
+  rows = tile * shape.block + jnp.arange(shape.block)
+  cols = jnp.arange(ref.shape[-1])
+  mask = (rows < shape.tokens)[:, None] & (cols < shape.dim)[None, :]
+  plgpu.store(ref.at[pl.ds(tile * shape.block, shape.block), :], value.astype(ref.dtype), mask=mask)
+
+
+def _scaled_queries(q_ref, scale_ref, head, tile, shape: _WindowShape, window=None):
+  """The query tile times its head's logit scale, rounded to the compute dtype as the softmax path rounds it."""
+  q = _token_tile(q_ref, tile, shape, window)
+  return (q.astype(jnp.float32) * scale_ref[head]).astype(q.dtype)
+
+
+def _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape: _WindowShape, settings: _WindowSettings,
+                 region_row=None):
+  """(block, block) fp32 logits of a query tile against a key tile: scaled cosines + the position bias gathered
+  from the head's table by each pair's offset (+ the shift mask, from row `region_row` of a regions ref that holds
+  every window's); keys past the window's tokens get `_PADDED_KEY`."""
+  block = shape.block
+  q_rows, k_rows = q_tile * block + jnp.arange(block), k_tile * block + jnp.arange(block)
+  q_real, k_real = q_rows < shape.tokens, k_rows < shape.tokens
+  last = shape.tokens - 1  # padded rows and columns read the table at a real pair's offset; their logits go unused
+  offsets = relative_offsets(jnp.minimum(q_rows, last)[:, None], jnp.minimum(k_rows, last)[None, :], shape.side)
+  logits = plgpu.dot(q, k, trans_b=True) + plgpu.load(table_ref.at[offsets])
+  if settings.masked:
+    at = lambda tile: regions_ref.at[(pl.ds(tile * block, block),) if region_row is None
+                                     else (region_row, pl.ds(tile * block, block))]
+    q_regions = plgpu.load(at(q_tile), mask=q_real, other=0)
+    k_regions = plgpu.load(at(k_tile), mask=k_real, other=0)
+    logits = logits + jnp.where(q_regions[:, None] == k_regions[None, :], 0.0, settings.mask_value)
+  return jnp.where(k_real[None, :], logits, _PADDED_KEY)
+
+
+def _probs_and_grad_logits(q, k, v, grad_out, log_sums, deltas, table_ref, regions_ref, q_tile, k_tile,
+                           shape: _WindowShape, settings: _WindowSettings, region_row=None):
+  """The tile's probabilities P = exp(logits - logsumexp) and dS = P * (dO V^T - rowsum(dO * O)), both fp32."""
+  logits = _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape, settings, region_row)
+  probs = jnp.exp(logits - log_sums[:, None])
+  return probs, probs * (plgpu.dot(grad_out, v, trans_b=True) - deltas[:, None])
+
+
+def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
+                           settings: _WindowSettings):
+  """One (window, head, query tile): online softmax over the key tiles (FlashAttention's forward); writes the
+  output rows and their log-sum-exp for the backward."""
+  regions_ref, out_ref, log_sum_ref = refs if settings.masked else (None, *refs)
+  head, q_tile = pl.program_id(1), pl.program_id(2)
+  q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape)
+
+  def key_tile(k_tile, carry):
+    out, row_max, row_sum = carry
+    k, v = _token_tile(k_ref, k_tile, shape), _token_tile(v_ref, k_tile, shape)
+    logits = _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape, settings)
+    new_max = jnp.maximum(row_max, jnp.max(logits, axis=1))
+    probs = jnp.exp(logits - new_max[:, None])
+    rescale = jnp.exp(row_max - new_max)
+    out = out * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v)
+    return out, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
+
+  init = (jnp.zeros((shape.block, shape.padded_dim), jnp.float32), jnp.full((shape.block,), -jnp.inf, jnp.float32),
+          jnp.zeros((shape.block,), jnp.float32))
+  out, row_max, row_sum = jax.lax.fori_loop(0, shape.tiles, key_tile, init)
+  _store_token_tile(out_ref, q_tile, out / row_sum[:, None], shape)
+  log_sum_ref[pl.ds(q_tile * shape.block, shape.block)] = row_max + jnp.log(row_sum)
+
+
+def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
+                           settings: _WindowSettings):
+  """One (window, head, key tile): dK and dV summed over the query tiles."""
+  regions_ref, grad_out_ref, log_sum_ref, delta_ref, grad_k_ref, grad_v_ref = (
+      refs if settings.masked else (None, *refs))
+  head, k_tile = pl.program_id(1), pl.program_id(2)
+  k, v = _token_tile(k_ref, k_tile, shape), _token_tile(v_ref, k_tile, shape)
+
+  def query_tile(q_tile, carry):
+    grad_k, grad_v = carry
+    q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape)
+    grad_out = _token_tile(grad_out_ref, q_tile, shape)
+    rows = pl.ds(q_tile * shape.block, shape.block)
+    probs, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[rows], delta_ref[rows], table_ref,
+                                                regions_ref, q_tile, k_tile, shape, settings)
+    grad_v = grad_v + plgpu.dot(probs.astype(grad_out.dtype), grad_out, trans_a=True)
+    return grad_k + plgpu.dot(grad_logits.astype(q.dtype), q, trans_a=True), grad_v
+
+  zeros = jnp.zeros((shape.block, shape.padded_dim), jnp.float32)
+  grad_k, grad_v = jax.lax.fori_loop(0, shape.tiles, query_tile, (zeros, zeros))
+  _store_token_tile(grad_k_ref, k_tile, grad_k, shape)
+  _store_token_tile(grad_v_ref, k_tile, grad_v, shape)
+
+
+def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
+                               settings: _WindowSettings, groups: int, windows_per_map: int):
+  """One (head, query tile, group of windows): for each key tile, dS over the group's windows (windows g, g +
+  groups, ...) summed in registers into that tile of the position bias's gradient, written once; dQ (of the scaled
+  queries, fp32) added per key tile into its rows, atomically (the same rows again after a group's pass: a
+  pipelined load must not overtake the last store)."""
+  regions_ref, grad_out_ref, log_sum_ref, delta_ref, _, grad_q_ref, grad_bias_ref = (
+      refs if settings.masked else (None, *refs))
+  head, q_tile, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  rows = pl.ds(q_tile * shape.block, shape.block)
+  group_windows = (shape.windows - group + groups - 1) // groups
+
+  def key_tile(k_tile, carry):
+    def window(i, grad_bias):
+      w = group + i * groups
+      q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape, w)
+      k, v = _token_tile(k_ref, k_tile, shape, w), _token_tile(v_ref, k_tile, shape, w)
+      grad_out = _token_tile(grad_out_ref, q_tile, shape, w)
+      _, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[w, rows], delta_ref[w, rows], table_ref,
+                                              regions_ref, q_tile, k_tile, shape, settings, w % windows_per_map)
+      plgpu.atomic_add(grad_q_ref, (w, rows, slice(None)), plgpu.dot(grad_logits.astype(k.dtype), k))
+      return grad_bias + grad_logits
+    grad_bias = jax.lax.fori_loop(0, group_windows, window, jnp.zeros((shape.block, shape.block), jnp.float32))
+    grad_bias_ref[rows, pl.ds(k_tile * shape.block, shape.block)] = grad_bias
+    return carry
+
+  jax.lax.fori_loop(0, shape.tiles, key_tile, 0)
+
+
+def _window_call(kernel, grid, in_specs, out_specs, out_shape, settings: _WindowSettings, name: str, **kwargs):
+  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+                        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+                        interpret=settings.interpret, name=name, **kwargs)
+
+
+def _window_specs(shape: _WindowShape, settings: _WindowSettings, windows_per_map: int, per_window: bool):
+  """The BlockSpecs of (scale, q, k, v, table[, regions]) and of a per-row statistic (B x nW, H, padded N): one
+  window's rows of a head (`per_window`, grids of (window, head, tile)) or every window's (grids of (head, tile,
+  group)); the head's row of the table."""
+  n, dim, offsets = shape.tokens, shape.padded_dim, (2 * shape.side - 1) ** 2
+  whole_scale = pl.BlockSpec((shape.heads,), lambda *_: (0,))
+  if per_window:
+    rows = pl.BlockSpec((None, n, None, dim), lambda w, h, t: (w, 0, h, 0))
+    table = pl.BlockSpec((None, offsets), lambda w, h, t: (h, 0))
+    regions = pl.BlockSpec((None, n), lambda w, h, t: (w % windows_per_map, 0))
+    row_stats = pl.BlockSpec((None, None, shape.padded_tokens), lambda w, h, t: (w, h, 0))
+  else:
+    rows = pl.BlockSpec((shape.windows, n, None, dim), lambda h, t, g: (0, 0, h, 0))
+    table = pl.BlockSpec((None, offsets), lambda h, t, g: (h, 0))
+    regions = pl.BlockSpec((windows_per_map, n), lambda *_: (0, 0))
+    row_stats = pl.BlockSpec((shape.windows, None, shape.padded_tokens), lambda h, t, g: (0, h, 0))
+  return [whole_scale, rows, rows, rows, table] + ([regions] if settings.masked else []), row_stats
+
+
+def _window_operands(q, k, v, scale, table, regions, shape: _WindowShape, settings: _WindowSettings):
+  """(scale, q, k, v, table[, regions]) as the kernels take them: the batch's windows on one axis."""
+  return [scale] + [_flat_windows(x, shape) for x in (q, k, v)] + [table] + ([regions] if settings.masked else [])
+
+
+def _flat_windows(x, shape: _WindowShape):
+  return x.reshape((shape.windows,) + x.shape[2:])
+
+
+def _window_forward(q, k, v, scale, table, regions, settings: _WindowSettings):
+  """(output (B, nW, N, H, D), log-sum-exp (B x nW, H, padded N) fp32)."""
+  shape = _shape_of(q, settings.block)
+  inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=True)
+  out, log_sums = _window_call(
+      functools.partial(_window_forward_kernel, shape=shape, settings=settings),
+      (shape.windows, shape.heads, shape.tiles), inputs, [inputs[1], row_stats],
+      [jax.ShapeDtypeStruct(_flat_windows(v, shape).shape, v.dtype),
+       jax.ShapeDtypeStruct((shape.windows, shape.heads, shape.padded_tokens), jnp.float32)],
+      settings, "swin_window_attention_fwd",
+  )(*_window_operands(q, k, v, scale, table, regions, shape, settings))
+  return out.reshape(v.shape), log_sums
+
+
+def _window_grad_kv(q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings: _WindowSettings):
+  shape = _shape_of(q, settings.block)
+  inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=True)
+  grad_k, grad_v = _window_call(
+      functools.partial(_window_grad_kv_kernel, shape=shape, settings=settings),
+      (shape.windows, shape.heads, shape.tiles), inputs + [inputs[1], row_stats, row_stats], [inputs[1], inputs[1]],
+      [jax.ShapeDtypeStruct(_flat_windows(x, shape).shape, x.dtype) for x in (k, v)],
+      settings, "swin_window_attention_bwd_kv",
+  )(*_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
+    deltas)
+  return grad_k.reshape(k.shape), grad_v.reshape(v.shape)
+
+
+def _window_grad_q_bias(q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings: _WindowSettings):
+  """(dQ of the scaled queries (B x nW, H, padded N, padded D) fp32, the bias's gradient (H, N, N) fp32)."""
+  shape = _shape_of(q, settings.block)
+  groups = max(1, min(shape.windows, pl.cdiv(WINDOW_PROGRAMS, shape.heads * shape.tiles)))
+  n_pad = shape.padded_tokens
+  inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=False)
+  grad_q_spec = pl.BlockSpec((shape.windows, None, n_pad, shape.padded_dim), lambda h, t, g: (0, h, 0, 0))
+  grad_q_zeros = jnp.zeros((shape.windows, shape.heads, n_pad, shape.padded_dim), jnp.float32)
+  grad_q, partial_grad_bias = _window_call(
+      functools.partial(_window_grad_q_bias_kernel, shape=shape, settings=settings, groups=groups,
+                        windows_per_map=regions.shape[0]),
+      (shape.heads, shape.tiles, groups), inputs + [inputs[1], row_stats, row_stats, grad_q_spec],
+      [grad_q_spec, pl.BlockSpec((None, None, n_pad, n_pad), lambda h, t, g: (g, h, 0, 0))],
+      [jax.ShapeDtypeStruct(grad_q_zeros.shape, jnp.float32),
+       jax.ShapeDtypeStruct((groups, shape.heads, n_pad, n_pad), jnp.float32)],
+      settings, "swin_window_attention_bwd_q_bias", input_output_aliases={len(inputs) + 3: 0},
+  )(*_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
+    deltas, grad_q_zeros)
+  n = shape.tokens
+  return grad_q, jnp.sum(partial_grad_bias, axis=0)[:, :n, :n]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _window_attention(q, k, v, scale, table, regions, settings: _WindowSettings):
+  return _window_forward(q, k, v, scale, table, regions, settings)[0]
+
+
+def _window_attention_fwd(q, k, v, scale, table, regions, settings: _WindowSettings):
+  out, log_sums = _window_forward(q, k, v, scale, table, regions, settings)
+  return out, (q, k, v, scale, table, regions, out, log_sums)
+
+
+def _window_attention_bwd(settings: _WindowSettings, residuals, grad_out):
+  """dQ, dK, dV, the logit scale's and the table's gradients: the kernels' dK and dV; dQ of the scaled queries
+  (fp32) times the scale, and the scale's gradient its sum against the queries; the (H, N, N) bias gradient summed
+  over the windows in the kernel (`_window_grad_q_bias_kernel`), then added onto the table by each pair's offset."""
+  q, k, v, scale, table, regions, out, log_sums = residuals
+  shape = _shape_of(q, settings.block)
+  flat = lambda x: _flat_windows(x, shape).astype(jnp.float32)
+  # Sums of products rather than einsums: an fp32 contraction may take TF32 on a GPU.
+  deltas = jnp.swapaxes(jnp.sum(flat(grad_out) * flat(out), axis=-1), 1, 2)
+  deltas = jnp.pad(deltas, [(0, 0), (0, 0), (0, shape.padded_tokens - shape.tokens)])
+  args = (q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings)
+  grad_k, grad_v = _window_grad_kv(*args)
+  grad_scaled_q, grad_bias = _window_grad_q_bias(*args)
+  grad_scaled_q = grad_scaled_q[:, :, :shape.tokens, :shape.dim]
+  grad_scale = jnp.sum(grad_scaled_q * jnp.swapaxes(flat(q), 1, 2), axis=(0, 2, 3))
+  grad_q = jnp.einsum("whnd,h->wnhd", grad_scaled_q, scale).astype(q.dtype).reshape(q.shape)
+  positions = np.arange(shape.tokens)
+  offsets = relative_offsets(positions[:, None], positions[None, :], shape.side).reshape(-1)
+  grad_table = jnp.zeros(table.shape, jnp.float32).at[:, offsets].add(grad_bias.reshape(shape.heads, -1))
+  return grad_q, grad_k, grad_v, grad_scale, grad_table, None
+
+
+_window_attention.defvjp(_window_attention_fwd, _window_attention_bwd)

@@ -263,7 +263,7 @@ class WindowAttention(nn.Module):
   window: int
   pretrained_window: int
   dtype: Any = jnp.float32
-  attention: str = "softmax"  # kernels.ATTENTION; cudnn and jax: see `fused_window_attention`
+  attention: str = "softmax"  # kernels.WINDOW_ATTENTION; cudnn and jax: `fused_window_attention`
   stride: int = 1  # the tokens' spacing on the full map (`token_subgrid` in training)
 
   @nn.compact
@@ -290,11 +290,17 @@ class WindowAttention(nn.Module):
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     per_offset = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, self.stride,
                                         name="cpb_mlp")()
-    mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
-    attention = kernels.resolved_attention(self.attention)
+    attention = kernels.resolved_attention(self.attention, kernels.WINDOW_ATTENTION)
+    if attention == kernels.WINDOW_KERNEL or regions is None:  # the kernel masks by the regions itself
+      mask = regions
+    else:
+      mask = jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
 
     def attend(q, k, v, scale, per_offset, *mask):
-      bias, mask = bias_of_offsets(per_offset, self.window), (mask[0] if mask else None)
+      mask = mask[0] if mask else None
+      if attention == kernels.WINDOW_KERNEL:  # gathers the bias from the table itself
+        return kernels.window_attention(q, k, v, scale, per_offset, mask, mask_value=MASK_VALUE)
+      bias = bias_of_offsets(per_offset, self.window)
       if attention == "softmax":
         return window_attention(q, k, v, scale, bias, mask)
       return fused_window_attention(q, k, v, scale, bias, mask, attention)
@@ -450,7 +456,7 @@ class SwinV2(nn.Module):
   remat_policy: str = "none"
   stage_remat_policies: tuple[str, ...] = ()  # per stage in place of remat_policy; (): remat_policy everywhere
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
-  attention: str = "softmax"  # softmax (einsums) | cudnn | jax (jax.nn.dot_product_attention, `fused_window_attention`)
+  attention: str = "softmax"  # softmax (einsums) | cudnn | jax (`fused_window_attention`) | pallas (kernels)
   token_subgrid: int = 1  # k > 1: in training every k-th patch along each axis, a random phase per image (docstring)
 
   def stage_settings(self) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -598,7 +604,7 @@ def build(model_cfg, dtype) -> SwinV2:
   sizes = parse_variant(model_cfg.variant)
   if model_cfg.extra_norm_period >= 0:
     sizes["extra_norm_period"] = model_cfg.extra_norm_period
-  kernels.check_attention(model_cfg.attention)
+  kernels.check_attention(model_cfg.attention, choices=kernels.WINDOW_ATTENTION)
   model = SwinV2(**{**backbone.config_kwargs(SwinV2, model_rows("swinv2"), model_cfg), **sizes}, dtype=dtype)
   model.stage_settings()  # config errors at build time, not at the first trace
   return model

@@ -170,8 +170,10 @@ class Task(abc.ABC):
 
   def check_training_devices(self) -> None:
     """ConfigError when training as configured needs what the devices lack: FP8 GEMMs on a GPU older than Hopper
-    (models/fp8.py). Evaluation computes in the compute dtype, so only what trains asks."""
+    (models/fp8.py), SwinV2's Pallas window kernel off a GPU (models.check_platform). Evaluation computes in the
+    compute dtype, so only what trains asks."""
     fp8.check_device(self.config.precision.gemm, self.device())
+    models.check_platform(self.config.model, self.device().platform)
 
   def training_gemms(self):
     """The context the train step's loss and gradients are traced in: the blocks' GEMMs in FP8 when
