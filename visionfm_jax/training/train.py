@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import cli, parallel, tasks
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.training import (
   checkpoint,
@@ -57,17 +57,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
     checks.check_devices(config, devices, processes)
   else:
     class_names = checks.validate(config, devices, processes)
+  interrupt = faults.Interrupt(functools.partial(checkpoint.newest_committed_step,
+                                                 os.path.join(workdir, "checkpoints")))
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
     # before anything is built: a resume may refuse the config, or anchor the schedule
     run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)
-    last = _train_in(run_plan, workdir, class_names)
+    last = _train_in(run_plan, workdir, class_names, interrupt)
   if jax.process_index() == 0:
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
     logging.info("done at step %d: %s", last["step"], console.format_metrics(shown))
   return last
 
 
-def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None) -> dict[str, float]:
+def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None,
+              interrupt: faults.Interrupt) -> dict[str, float]:
   config = run_plan.config
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   mesh = parallel.make_mesh(run_plan.mesh)
@@ -97,7 +100,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
                                            run_config=run_plan.trained_config(),
                                            schedule_anchor=run_plan.anchor_record())
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
-    start_step = int(jax.device_get(state.step))
+    start_step = interrupt.step = int(jax.device_get(state.step))
     if jax.process_index() == 0:  # once the resume check has accepted the config
       run_plan.write(workdir, start_step)
 
@@ -107,7 +110,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
     final = None
     try:
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer,
-                   writer, task, rollbacks)
+                   writer, task, rollbacks, interrupt)
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
@@ -118,9 +121,11 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
 
 
 def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer, writer,
-          task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
+          task, rollbacks: health.Rollbacks | None, interrupt: faults.Interrupt) -> dict[str, float]:
   """Trains from `start_step` to config.total_steps, running after each step the periodic actions that are due
-  (`_periodic_actions`, in their order; an action that returns False skips the step's later ones)."""
+  (`_periodic_actions`, in their order; an action that returns False skips the step's later ones). A Ctrl-C stops it
+  after the step in progress, before that step's actions (cli.Interrupted): the checkpoints committed stay the
+  newest, and a save in flight commits first."""
   total = config.total_steps
   progress = console.Progress(total, start_step, enabled=config.progress_bar, process_index=jax.process_index())
   preemption = faults.Preemption()
@@ -128,15 +133,21 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   loop = _Loop(config, state, start_step, batches, _Window(config, task), checkpointer, writer,
                faults.Watchdog(config.step_timeout_s), rollbacks)
   actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding)
+  interrupt.step = start_step
+  interrupt.polling()
   try:
     if loop.step == total:
       loop.last.update(evaluation.complete(state, loop.step, writer, loop.watchdog))
     while loop.step < total and not loop.stopped:
       loop.train_one_step(train_step, preemption, start_step)
+      interrupt.step = loop.step
+      if interrupt.requested():  # the line is said once the saves in flight have committed
+        raise cli.Interrupted()
       for every, action in actions:
         if every.due(loop.step, loop.preempted) and not action(loop):
           break
   finally:
+    interrupt.polling(False)
     loop.watchdog.phase("committing the last checkpoint", loop.step)
     try:
       checkpointer.wait()  # also after an error: the saves in flight are of good steps
