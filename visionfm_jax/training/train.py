@@ -132,7 +132,7 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   loop = _Loop(config, state, start_step, batches, _Window(config, task), checkpointer, writer,
                faults.Watchdog(config.step_timeout_s), rollbacks)
-  actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding)
+  actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding, start_step)
   interrupt.step = start_step
   interrupt.polling()
   try:
@@ -140,6 +140,9 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
       loop.last.update(evaluation.complete(state, loop.step, writer, loop.watchdog))
     while loop.step < total and not loop.stopped:
       loop.train_one_step(train_step, preemption, start_step)
+      if loop.compile_s is not None:  # the first step's call returned: its compile is over
+        progress.compiled(loop.compile_s, start_step)
+        loop.compile_s = None
       interrupt.step = loop.step
       if interrupt.requested():  # the line is said once the saves in flight have committed
         raise cli.Interrupted()
@@ -159,10 +162,11 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   return loop.last
 
 
-def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding):
+def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding, start_step: int):
   """((when, action(loop) -> whether the step's later actions run), ...) in the order they run after a step:
   before a log or save the checks that keep a bad state out of checkpoints (a rollback where health fired, else
-  a stop on a non-finite loss) and a stop on workdir faults; then log, save, evaluate, and exit at a preemption."""
+  a stop on a non-finite loss) and a stop on workdir faults; then log (and the first progress line, a few steps
+  after the compile), save, evaluate, and exit at a preemption."""
   total = config.total_steps
   before_save = _Every((config.log_every, config.checkpoint_every), total, at_preemption=True)
   if rollbacks is not None:
@@ -172,6 +176,8 @@ def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch
   return ((before_save, check_state),
           (before_save, _stop_on_workdir_faults),
           (_Every((config.log_every,), total, at_preemption=True), functools.partial(_log, progress=progress)),
+          (_Every((), start_step + 1 + console.FIRST_LINE_AFTER), functools.partial(_first_progress,
+                                                                                   progress=progress)),
           (_Every((config.checkpoint_every,), total, at_preemption=True), _save),
           (_Every((config.eval_every,), total), functools.partial(_evaluate, evaluation=evaluation)),
           (_Every((), at_preemption=True), _exit_at_preemption))
@@ -206,6 +212,8 @@ class _Loop:
   last: dict[str, float] = dataclasses.field(default_factory=dict)
   preempted: bool = False
   stopped: bool = False
+  compile_s: float | None = None  # how long the first step's call took, until the progress line has it
+  timed_compile: bool = False
 
   def train_one_step(self, train_step, preemption: faults.Preemption, first_step: int) -> None:
     # Between logging steps the host only feeds the device: any read of a device value here would stall
@@ -215,7 +223,11 @@ class _Loop:
         self.watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
       else:
         self.watchdog.phase("a train step", self.step + 1)
-      self.state, self.metrics = train_step(self.state, self.window.next_batch(self.batches))
+      batch = self.window.next_batch(self.batches)
+      called = time.perf_counter()
+      self.state, self.metrics = train_step(self.state, batch)
+      if not self.timed_compile:
+        self.compile_s, self.timed_compile = time.perf_counter() - called, True
       self.step += 1
       self.window.steps += 1
       # The one read of the stop flag: every process gets the same answer for the same step, so all of
@@ -322,6 +334,15 @@ def _log(loop: _Loop, progress: console.Progress) -> bool:
   progress.update(loop.step, values["train/loss"], values["train/img_per_sec"])
   loop.last.update(values)
   loop.window.restart()
+  return True
+
+
+def _first_progress(loop: _Loop, progress: console.Progress) -> bool:
+  """The first progress line, a few steps after the compile, where no log step draws one: the step's loss (a wait
+  for the step) and the pace since the compile."""
+  if loop.step % loop.config.log_every:
+    loss = float(jax.device_get(loop.metrics["train/loss"]))
+    progress.update(loop.step, loss, loop.config.global_batch_size / progress.seconds_per_step(loop.step))
   return True
 
 
