@@ -77,15 +77,19 @@ def _parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   del argv
   cli.interrupts.start()  # first: the threads and processes started after it leave Ctrl-C to it
+  interrupted = False
   try:
     _main()
   except KeyboardInterrupt:  # Ctrl-C, with its one line (cli.Interrupts)
+    interrupted = True
     cli.interrupts.say()
-  else:
-    return
-  # Out of the handler, the stopped run's frames (its data loader among them) are let go here, so that they close
-  # as at a run's end, not at the interpreter's exit.
-  sys.exit(cli.INTERRUPTED_EXIT_CODE)
+  finally:
+    if not interrupted:  # an interrupted run keeps it: a second Ctrl-C ends its exit at once
+      cli.interrupts.close()
+  if interrupted:
+    # Out of the handler, the stopped run's frames (its data loader among them) are let go here, so that they
+    # close as at a run's end, not at the interpreter's exit.
+    sys.exit(cli.INTERRUPTED_EXIT_CODE)
 
 
 def _main():
