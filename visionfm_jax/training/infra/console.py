@@ -144,12 +144,14 @@ def _metric(name: str, value: float) -> str:
 
 
 class Progress:
-  """A progress line: step, loss, img/s and ETA. Process 0 only."""
+  """A progress line: step, loss, img/s, seconds a step and ETA (`enabled`: config.progress_bar), and the compile's
+  line. Process 0 only."""
 
   def __init__(self, total_steps: int, start_step: int, enabled: bool = True, *, process_index: int = 0,
                tty: bool | None = None, clock: Callable[[], float] = time.perf_counter):
     self.total = total_steps
     self.enabled = enabled and process_index == 0
+    self.says = process_index == 0  # the compile's line, bar or not
     self.tty = sys.stderr.isatty() if tty is None else tty
     self._clock = clock
     self._t0 = clock()
@@ -159,7 +161,7 @@ class Progress:
   def compiled(self, seconds: float, start_step: int) -> None:
     """The first step's call returned after `seconds` of tracing and compiling (or loading the compiled program):
     says so, and times the steps from `start_step` on from now (the first step runs after its compile)."""
-    if self.enabled:
+    if self.says:
       logging.info("compiled the train step in %s; step %d runs", seconds_text(seconds), start_step + 1)
     self._t0, self._start = self._clock(), start_step
 
