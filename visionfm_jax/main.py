@@ -76,7 +76,7 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
-  cli.interrupts.start()  # first: the threads and processes started after it leave Ctrl-C to it
+  cli.interrupts.start(block=True)  # first: the threads and processes started after it leave Ctrl-C to it
   interrupted = False
   try:
     _main()
