@@ -116,6 +116,9 @@ def _main():
       train.run(_CONFIG.value, _WORKDIR.value, validated=True, class_names=class_names)
     except UserError as e:
       _exit_with(e, peers)
+    except KeyboardInterrupt:  # Ctrl-C: the others learn it, and process 0 (the service's host) outlives them
+      peers.close(failed=True)
+      raise
     except Exception:  # a collective that failed because a peer died (gloo) names that peer, else it is ours
       peers.name_a_lost_peer()
       peers.close(failed=True)

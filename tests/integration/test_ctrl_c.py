@@ -2,7 +2,8 @@
 the trainer's whole process group, its grain workers and multiprocessing's resource tracker included. In the loop
 and during the first compile, the run ends within 10 s with one line naming its step and newest checkpoint, exit
 status 130, no traceback, no process or /dev/shm file left; a worker's own SIGINT changes nothing; the rerun resumes
-from the newest checkpoint, which is intact. (The tools' Ctrl-C, a second Ctrl-C: tests/unit/test_ctrl_c_tools.py.)"""
+from the newest checkpoint, which is intact. A two-process job's processes, each sent it, end each with its line.
+(The tools' Ctrl-C, a second Ctrl-C: tests/unit/test_ctrl_c_tools.py.)"""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import time
 import pytest
 
 from conftest import ROOT, cpu_env
+from test_frozen_coordinator import ABORT_SIGNS, _start_trainers, _wait_for_a_train_step
 from test_leaves_nothing import RUN_ARGS, SHM, _cmdline, _descendants, _running
 
 LINE = re.compile(r"interrupted at step (\d+); the newest checkpoint is step (\d+)")
@@ -100,3 +102,28 @@ def test_ctrl_c_in_the_loop_and_in_the_first_compile_stops_the_run_and_the_rerun
   assert resumed in open(log).read() and "stale lock" not in open(log).read(), open(log).read()[-3000:]
   step, _ = _ctrl_c(trainer, log)
   assert step > newest
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_a_two_process_job_ends_each_process_with_its_line(tmp_path):
+  """A terminal's Ctrl-C (or srun's) reaches every process of the job: each ends within 10 s with its one line and
+  exit 130, without a traceback or JAX's abort; the checkpoints it names are committed."""
+  trainers = _start_trainers(tmp_path, "--config.total_steps=100000", "--config.checkpoint_every=2")
+  try:
+    _wait_for_a_train_step(trainers, tmp_path)
+    _wait_for(trainers[0], str(tmp_path / "err0"), lambda: _last_step(str(tmp_path / "run")) >= 3, "steps")
+    for trainer in trainers:
+      trainer.send_signal(signal.SIGINT)
+    start = time.monotonic()
+    statuses = [trainer.wait(timeout=20) for trainer in trainers]
+    took = time.monotonic() - start
+  finally:
+    for trainer in trainers:
+      trainer.kill()
+  errs = [(tmp_path / f"err{i}").read_text() for i in range(len(trainers))]
+  assert statuses == [130, 130] and took < 10, (statuses, took, errs)
+  for err in errs:
+    lines = [line for line in err.splitlines() if "interrupted" in line]
+    assert len(lines) == 1 and not [sign for sign in ABORT_SIGNS if sign in err], err[-3000:]
+    newest = int(LINE.fullmatch(lines[0])[2])
+    assert (tmp_path / "run" / "checkpoints" / str(newest)).is_dir(), err[-3000:]
