@@ -67,3 +67,20 @@ def test_a_heavier_model_takes_a_smaller_cpu_batch_and_a_swin_tower_keeps_its_22
 
 def test_this_suite_runs_without_a_gpu():
   assert sizing.accelerator() is None
+
+
+@pytest.mark.parametrize("platforms, devices, plugin, expected", [
+    (None, ["/dev/nvidia0"], True, "gpu"),  # a CUDA device and jax's plugin for it
+    (None, ["/dev/nvidia0"], False, None),  # a GPU that this jax cannot use
+    ("cpu", ["/dev/nvidia0"], True, None),  # JAX_PLATFORMS=cpu
+    ("cuda,cpu", [], False, "gpu"),
+    (None, [], False, None),
+])
+def test_the_machine_is_told_without_starting_jaxs_backend(monkeypatch, platforms, devices, plugin, expected):
+  """main sizes the config before jax.distributed.initialize, which must come before the backend starts."""
+  monkeypatch.setattr(sizing.xla_bridge, "backends_are_initialized", lambda: False)
+  monkeypatch.setattr(sizing, "jax", type("Jax", (), {"config": type("Config", (), {"jax_platforms": platforms})}))
+  monkeypatch.setattr(sizing.glob, "glob", lambda pattern: devices if "nvidia" in pattern else [])
+  monkeypatch.setattr(sizing.os.path, "exists", lambda path: False)
+  monkeypatch.setattr(sizing, "_installed", lambda *modules: plugin)
+  assert sizing.accelerator() == expected
