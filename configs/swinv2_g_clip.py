@@ -186,7 +186,8 @@ to about 11.2 and b from -10 to about -10.6.
 Variant `small`: your own few thousand image-text pairs (`datatools.prepare_data --format=caption_files` or
 `caption_table` with --holdout_examples, into /data/my_pairs with a tokenizer trained on them, or
 `--config.data.source=` and `--config.data.tokenizer=` elsewhere): SwinV2-T at 224 px (window 7) and CLIP's text
-tower, augmentation on, 3,000 steps of 128 (config_lib.small_data says what and why), retrieval on the held-out
+tower, augmentation on, 3,000 steps of 128 with a GPU, a few minutes' batches and steps on a CPU (`small,vit`: at
+224 px or 64; config_lib.small_data says what and why), retrieval on the held-out
 pairs, zero-shot only on labelled images given (`--config.eval.zeroshot_source=`), with the class names of their
 dataset.json or of a file (`--config.eval.zeroshot_classes=`). `small,vit` fine-tunes an imported CLIP
 (`--config.init_from=` it, with the fields tools.import_hf prints). docs/your_data.md runs both.
@@ -330,7 +331,9 @@ def _small(config):
   # your own few thousand pairs (docs/your_data.md): SwinV2-T (or the vit variant's B/16) and CLIP's text tower,
   # the tokenizer trained on the captions, retrieval on the held-out pairs; zero-shot only on labelled images given
   # (zeroshot_source), named by their dataset.json unless zeroshot_classes names a file
-  config_lib.small_data(config, source="arrayrecord:/data/my_pairs/{split}-*.array_record", lr=5e-4)
+  # SwinV2-T's windows of 7 take 224 px (7 x 32) alone; a ViT tower takes the machine's size
+  config_lib.small_data(config, source="arrayrecord:/data/my_pairs/{split}-*.array_record", lr=5e-4,
+                        sized_image=config.model.image.name == "vit")
   config.model.embed_dim = 512
   if config.model.image.name == "swinv2":
     set_fields(config.model.image, variant="T", window_size=7)

@@ -65,9 +65,10 @@ Expected: `eval/val/top1` >= 0.9 at the end (chance 1/8 = 0.125), in under 5 min
 0.561 / 0.876 / 0.966 at steps 600 / 1200 / 1800.
 
 Variant `small`: your own few thousand labelled photos (`datatools.prepare_data --format=folders --holdout_per_class=K`
-into /data/my_photos, or `--config.data.source=` elsewhere), ViT-S/16 at 224 px with augmentation on, 3,000 steps
-of 128 (config_lib.small_data says what and why); as many classes as the data's dataset.json names, warmup and
-cadence in proportion to `--config.total_steps` (config_lib/sizing.py). docs/your_data.md runs it, from scratch
+into /data/my_photos, or `--config.data.source=` elsewhere), ViT-S/16 with augmentation on, at the machine's sizes:
+224 px and 3,000 steps of 128 with a GPU, 64 px and a few minutes' batches and steps on a CPU (config_lib.small_data
+says what and why); as many classes as the data's dataset.json names, warmup and cadence in proportion to
+`--config.total_steps` (config_lib/sizing.py). docs/your_data.md runs it, from scratch
 and fine-tuned from a Hugging Face ViT.
 """
 

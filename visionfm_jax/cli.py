@@ -1,9 +1,22 @@
-"""The shared `main` of the CLIs (main, bench, tools, datatools): help, flag parsing, and one `error:` line with exit
-status 2 for bad input."""
+"""The shared `main` of the CLIs (main, bench, tools, datatools): help, flag parsing, one `error:` line with exit
+status 2 for bad input, and Ctrl-C.
+
+Ctrl-C (SIGINT) ends a program with one line (`interrupted`, or what the program says: the trainer names its step
+and newest checkpoint) and exit status 130, without a traceback (`Interrupts`). A thread of its own takes it: it asks
+the main thread to stop (a KeyboardInterrupt at its next line of Python, or a flag that the training loop reads after
+each step), and ends the process itself, with the line, `INTERRUPT_GRACE_S` later or at a second Ctrl-C: the main
+thread may be in native code for minutes (a compile). The trainer blocks SIGINT in its main thread, so in every
+thread and process started after it: its grain workers receive a terminal's Ctrl-C too, and end with it instead.
+"""
 
 from __future__ import annotations
 
+import _thread
+import os
+import signal
+import socket
 import sys
+import threading
 from typing import Any, Callable, Sequence
 
 from absl import flags
@@ -12,6 +25,141 @@ from visionfm_jax import config_lib, errors
 from visionfm_jax.errors import ConfigError, UserError
 
 HELP_FLAGS = ("-h", "--help", "--helpshort")
+INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a program that Ctrl-C ended
+INTERRUPT_GRACE_S = 5.0
+
+
+class Interrupted(KeyboardInterrupt):
+  """A Ctrl-C carried out where the program reads `Interrupts.requested`: it stops there, and says its line."""
+
+
+class Interrupts:
+  """Ctrl-C for the process, from `start()` (in the main thread) to `close()`: see the module's docstring.
+
+  `requested`: set at the first SIGINT. `polled`: while True, the main thread reads `requested` itself (the training
+  loop, after each step) instead of being interrupted. `describe()`: the line to say. `before_end_now`: what to do
+  before an exit that runs no `finally` (release a workdir's lock).
+
+  Each SIGINT is taken once, whichever way it comes: pending, where every thread blocks it (the thread's
+  `sigtimedwait`), or as the byte Python's signal handler writes to its wakeup socket from the thread the kernel
+  picked, read by the thread or, first, by the main thread's handler (a blocking call there ends at once). With
+  `block` (the trainer) SIGINT is blocked in the main thread: the threads and processes started after it never
+  take it, its grain workers among them (multiprocessing unblocks it in the thread that starts its resource tracker:
+  `block_here` blocks it again). Without (the tools), the processes a tool starts take a terminal's Ctrl-C as
+  they always did.
+  """
+
+  def __init__(self, grace_s: float = INTERRUPT_GRACE_S):
+    self.grace_s = grace_s
+    self.requested = threading.Event()
+    self.polled = False
+    self.describe: Callable[[], str] = lambda: "interrupted"
+    self.before_end_now: list[Callable[[], None]] = []
+    self._said = threading.Lock()
+    self._taking = threading.RLock()  # one taker of the socket's bytes at a time (the handler may nest)
+    self._closed = threading.Event()
+    self._timer: threading.Timer | None = None
+    self._simulated = 0  # the wakeup bytes of our own interrupt_main calls, not a Ctrl-C
+    self._raised = False  # the KeyboardInterrupt of this Ctrl-C, raised once
+    self._reader: socket.socket | None = None
+    self._before: tuple | None = None  # (handler, mask, wakeup fd, writer) to give back at close
+
+  def start(self, block: bool = False) -> Interrupts:
+    """Takes SIGINT over; does nothing outside the main thread or where SIGINT is ignored (a shell's background
+    job: its launcher passes the signal on)."""
+    if (self._before is not None or threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
+      return self
+    self.requested, self.polled, self._closed = threading.Event(), False, threading.Event()
+    self._said, self._simulated, self._raised = threading.Lock(), 0, False
+    self._reader, writer = socket.socketpair()
+    self._reader.setblocking(False)
+    writer.setblocking(False)
+    handler = signal.signal(signal.SIGINT, self._in_main_thread)
+    wakeup = signal.set_wakeup_fd(writer.fileno(), warn_on_full_buffer=False)
+    mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # as it is
+    if block:
+      self.block_here()
+    self._before = (handler, mask, wakeup, writer)
+    threading.Thread(target=self._watch, args=(self._closed, self._reader), name="visionfm-ctrl-c",
+                     daemon=True).start()
+    return self
+
+  def block_here(self) -> None:
+    """Blocks SIGINT in the calling thread, and so in the threads and processes it starts, while this holds it."""
+    if self._reader is not None:
+      signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+
+  def close(self) -> None:
+    """Gives SIGINT back (a program that ends here keeps it: a Ctrl-C while it exits ends it at once)."""
+    if self._before is None:
+      return
+    self._closed.set()
+    if self._timer is not None:
+      self._timer.cancel()
+    handler, mask, wakeup, writer = self._before
+    signal.set_wakeup_fd(wakeup)
+    signal.pthread_sigmask(signal.SIG_SETMASK, mask)
+    signal.signal(signal.SIGINT, handler)
+    writer.close()
+    self._before = None
+
+  def say(self) -> int:
+    """Says the line, once whoever asks; returns the exit status."""
+    if self._said.acquire(blocking=False):
+      errors.say(self.describe())
+    return INTERRUPTED_EXIT_CODE
+
+  def end_now(self) -> None:
+    """Says the line where it is not said yet and exits at once: the workers and /dev/shm files follow their
+    trainer (data/loader/reaping.py); a checkpoint being saved is abandoned, the committed ones stay."""
+    self.say()
+    for action in list(self.before_end_now):
+      action()
+    sys.stdout.flush()
+    os._exit(INTERRUPTED_EXIT_CODE)
+
+  def _in_main_thread(self, signum, frame) -> None:
+    """Python's handler, run by the main thread at its next line: takes the Ctrl-C that reached it, and raises its
+    KeyboardInterrupt (once) where the main thread is not polling."""
+    del signum, frame
+    self._take(self._reader, in_main=True)
+    if self.requested.is_set() and not self.polled and not self._raised:
+      self._raised = True
+      raise KeyboardInterrupt
+
+  def _watch(self, closed: threading.Event, reader: socket.socket) -> None:
+    while not closed.is_set():
+      pending = signal.sigtimedwait({signal.SIGINT}, 0.1) is not None
+      self._take(reader, pending=pending)
+    reader.close()
+
+  def _take(self, reader: socket.socket | None, pending: bool = False, in_main: bool = False) -> None:
+    """Carries out the Ctrl-Cs on `reader` (less the bytes of our own interrupt_main calls), and one more where one
+    was `pending`."""
+    with self._taking:
+      try:
+        woken = reader.recv(64).count(signal.SIGINT) if reader is not None else 0
+      except (BlockingIOError, OSError):
+        woken = 0
+      own = min(woken, self._simulated)
+      self._simulated -= own
+      for _ in range(woken - own + pending):
+        self._request(in_main)
+
+  def _request(self, in_main: bool) -> None:
+    if self.requested.is_set():
+      self.end_now()
+    self.requested.set()
+    if not (self.polled or in_main):
+      self._simulated += 1
+      _thread.interrupt_main()  # runs `_in_main_thread` at the main thread's next line
+    self._timer = threading.Timer(self.grace_s, self.end_now)
+    self._timer.daemon = True
+    self._timer.start()
+
+
+interrupts = Interrupts()  # the process's: main and `run` start it, the training loop polls it
 
 
 def last_line(error: Exception) -> str:
@@ -68,18 +216,23 @@ def check_args(fv: flags.FlagValues, rest: Sequence[str], required: Sequence[str
 def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
         body: Callable[[flags.FlagValues, list[str]], None]) -> int:
   """Parses `argv` (program name first) into `fv` and calls `body(fv, positional arguments)`, which prints the
-  results. `--help` prints `doc` and the flags; a bad flag or a UserError prints one `error:` line. Returns the
-  exit status: 0, or 2 for bad input."""
+  results. `--help` prints `doc` and the flags; a bad flag or a UserError prints one `error:` line, a Ctrl-C the
+  line `interrupted` (`Interrupts`). Returns the exit status: 0, 2 for bad input, 130 when interrupted."""
   if any(a in HELP_FLAGS for a in argv[1:]):
     print(doc)
     print(fv.get_help())
     return 0
+  interrupts.start(block=False)
   try:
     rest = parse(fv, argv)[1:]
     body(fv, rest)
   except UserError as e:
     errors.say(error_line(e))
     return 2
+  except KeyboardInterrupt:
+    return interrupts.say()
+  finally:
+    interrupts.close()
   return 0
 
 

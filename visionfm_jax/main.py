@@ -11,7 +11,8 @@ process: launch/ runs one process for it.
 
 Bad input (a flag, the config file, a field's value, data, checkpoints, weights) ends the run with one
 `error: ...` line naming it and exit status 2; a process that hangs on its peers exits with
-`faults.HUNG_EXIT_CODE`.
+`faults.HUNG_EXIT_CODE`. Ctrl-C stops the run after the step in progress, without a save, with one line naming the
+step and the newest checkpoint, and exit status 130 (cli.Interrupts; a second Ctrl-C ends it at once).
 """
 
 from __future__ import annotations
@@ -67,6 +68,23 @@ def _parse_flags(argv: list[str]) -> list[str]:
 
 def main(argv):
   del argv
+  cli.interrupts.start(block=True)  # first: the threads and processes started after it leave Ctrl-C to it
+  interrupted = False
+  try:
+    _main()
+  except KeyboardInterrupt:  # Ctrl-C, with its one line (cli.Interrupts)
+    interrupted = True
+    cli.interrupts.say()
+  finally:
+    if not interrupted:  # an interrupted run keeps it: a second Ctrl-C ends its exit at once
+      cli.interrupts.close()
+  if interrupted:
+    # Out of the handler, the stopped run's frames (its data loader among them) are let go here, so that they
+    # close as at a run's end, not at the interpreter's exit.
+    sys.exit(cli.INTERRUPTED_EXIT_CODE)
+
+
+def _main():
   from visionfm_jax.training.infra import console  # pylint: disable=g-import-not-at-top
   console.configure(verbose=_VERBOSE.value)
   cli.ignore_closed_event_loops()
@@ -91,6 +109,9 @@ def main(argv):
       train.run(_CONFIG.value, _WORKDIR.value, validated=True, class_names=class_names)
     except UserError as e:
       _exit_with(e, peers)
+    except KeyboardInterrupt:  # Ctrl-C: the others learn it, and process 0 (the service's host) outlives them
+      peers.close(failed=True)
+      raise
     except Exception:  # a collective that failed because a peer died (gloo) names that peer, else it is ours
       peers.name_a_lost_peer()
       peers.close(failed=True)

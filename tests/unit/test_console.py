@@ -117,3 +117,17 @@ def test_orbax_error_lines_are_held_back_for_the_runs_own_error_line(capsys):
   console._say_held_back()
   assert capsys.readouterr().err == ("warning: Orbax logged 1 error that the run went on after, the first: [Errno 5] "
                                      "Input/output error (--verbose shows them as they come)\n")
+
+
+def test_the_progress_line_times_the_steps_from_the_end_of_the_compile(caplog):
+  """A 40 s compile, then 2 s a step: the line says 2 s a step and the ETA of the steps left at that pace."""
+  now = [0.0]
+  progress = console.Progress(100, 10, tty=False, clock=lambda: now[0])
+  now[0] = 40.0
+  with caplog.at_level(py_logging.INFO):
+    progress.compiled(40.0, 10)
+    now[0] = 48.0  # steps 11-14
+    progress.update(14, 1.5, 64.0)
+  compiled, line = (r.getMessage() for r in caplog.records)
+  assert compiled == "compiled the train step in 40s; step 11 runs", compiled
+  assert line.endswith("] 14/100 loss 1.5000 64 img/s 2s/step eta 2m52s"), line

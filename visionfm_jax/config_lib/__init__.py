@@ -75,5 +75,13 @@ from visionfm_jax.config_lib.schema import (
                                              set_fields,
                                              set_paths,
 )
-from visionfm_jax.config_lib.sizing import NUM_CLASSES, fill_steps, fill_value, fill_zeroshot, is_sized
+from visionfm_jax.config_lib.sizing import (
+                                             MACHINE_FIELDS,
+                                             NUM_CLASSES,
+                                             fill_machine,
+                                             fill_steps,
+                                             fill_value,
+                                             fill_zeroshot,
+                                             is_sized,
+)
 from visionfm_jax.config_lib.task_schema import TASK_SECTIONS

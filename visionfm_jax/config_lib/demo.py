@@ -56,23 +56,26 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.checkpoint_keep_period = 0
 
 
-def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, total_steps: int = 3000,
-               batch: int = 128) -> None:
+def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, sized_image: bool = True) -> None:
   """Turns a recipe into a run on a researcher's own small data set in place: a few thousand real images or
   pairs, converted by datatools.prepare_data with a held-out split (`source`, an `arrayrecord:...{split}...` spec;
   its `train` and `validation` splits), on one GPU or a CPU; the caller then picks its small model.
 
-  Augmentation is on, where the demos switch it off: the demos' procedural shapes are drawn afresh at every
-  step, real photos repeat every epoch (3,000 steps of 128 pass over 5,000 images about 75 times), and a model
-  memorises a few thousand repeated images without random resized crops (scale 0.25 to 1), colour jitter 0.4 and
-  RandAugment (2 operations at magnitude 9); stochastic depth 0.1; flips and Mixup as the recipe has them. `batch`
-  in one micro-batch, fp32 (`--config.precision.compute_dtype=bfloat16` on a GPU), ddp, no remat, no health guard;
-  AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise decay, linear warmup to `lr` over a tenth of
-  `total_steps`, cosine to 0 at `total_steps`; an evaluation on the whole held-out split and a checkpoint every
-  sixth of `total_steps` (300 and 500 of 3,000), a log line every 50. Warmup and cadence are left to the run
-  (config_lib/sizing.py), so that `--config.total_steps=` alone keeps them in proportion. Fine-tuning from a
-  published checkpoint (`--config.init_from=`) takes a lower `lr`.
+  The sizes are the machine's (config_lib/sizing.py, `fill_machine`): with a GPU, 224 px, 3,000 steps (1,000 from a
+  checkpoint) of 128; without one, 64 px and the batch and steps a CPU trains in a few minutes; the image size
+  only where `sized_image` (else the recipe's). Augmentation is on, where the demos switch it off: the demos'
+  procedural shapes are drawn afresh at every step, real photos repeat every epoch (3,000 steps of 128 pass over
+  5,000 images about 75 times), and a model memorises a few thousand repeated images without random resized crops
+  (scale 0.25 to 1), colour jitter 0.4 and RandAugment (2 operations at magnitude 9); stochastic depth 0.1; flips
+  and Mixup as the recipe has them. The batch in one micro-batch, fp32 (`--config.precision.compute_dtype=bfloat16`
+  on a GPU), ddp, no remat, no health guard; AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise
+  decay, linear warmup to `lr` over a tenth of the steps, cosine to 0 at the last; an evaluation on the whole
+  held-out split and a checkpoint every sixth of the steps (300 and 500 of 3,000), a log line every 50. Warmup and
+  cadence are left to the run too, so that `--config.total_steps=` alone keeps them in proportion. Fine-tuning
+  from a published checkpoint (`--config.init_from=`) takes a lower `lr`.
   """
+  if sized_image:
+    config.model.image_size = config.data.image_size = SIZED
   for node in (config.model, *(v for v in config.model.values() if isinstance(v, ml_collections.ConfigDict))):
     if "drop_path" in node:
       node.drop_path = 0.1
@@ -81,7 +84,7 @@ def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, tot
              eval_examples=-1)
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.25, 1.0), color_jitter=0.4,
              randaugment_ops=2, randaugment_magnitude=9)
-  set_fields(config, global_batch_size=batch, grad_accum_steps=1, total_steps=total_steps, strategy="ddp",
+  set_fields(config, global_batch_size=SIZED, grad_accum_steps=1, total_steps=SIZED, strategy="ddp",
              log_every=50, eval_every=SIZED, checkpoint_every=SIZED, checkpoint_keep_period=0)
   set_fields(config.optim, lr=lr, warmup_steps=SIZED, end_lr=0.0, weight_decay=0.05, layer_decay=1.0, clip_norm=1.0)
   config.precision.compute_dtype = "float32"

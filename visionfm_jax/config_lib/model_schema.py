@@ -12,6 +12,7 @@ from visionfm_jax.config_lib.domains import (
   POSITIVE,
   RATE,
   SIZED,
+  SIZED_COUNT,
   Choices,
   Domain,
   TransformerSize,
@@ -49,7 +50,7 @@ IMAGE_TOWERS = ("swinv2", "vit")
 BACKBONE = dict(
     num_classes=Field(1000, Domain(0, integer=True, extra=(SIZED,), note="0: no head; -1: the training data's "
                                    "class count, from its dataset.json"), "classes of the classification head"),
-    image_size=Field(224, COUNT, "input side in px"),
+    image_size=Field(224, SIZED_COUNT, "input side in px"),
     drop_path=Field(0.0, RATE, "stochastic depth: the drop rate of the last block, rising linearly from 0 at the "
                                "first"),
     dropout=Field(0.0, RATE, "dropout in the blocks"),

@@ -40,8 +40,8 @@ POSITIVE_PAIR = Domain(0, low_open=True, ordered=True)
 RUN = dict(
     seed=Field(0, doc="the params' init, the data order and the augmentations are a function of it"),
     task=Field("classification", doc="classification | contrastive | aurora | segmentation | detection (tasks/)"),
-    total_steps=Field(1000, COUNT, "optimizer steps of the run"),
-    global_batch_size=Field(256, COUNT, "examples per step, over all devices"),
+    total_steps=Field(1000, SIZED_COUNT, "optimizer steps of the run"),
+    global_batch_size=Field(256, SIZED_COUNT, "examples per step, over all devices"),
     grad_accum_steps=Field(1, COUNT, "the global batch is split into this many micro-batches, scanned in one step"),
     accumulate_unreduced=Field(False, doc=(
         "With micro-batches: each device sums its own gradients over them, unreduced, and the step reduces them "
@@ -169,7 +169,7 @@ DATA = dict(
     data_dir=Field("", doc="TFDS data dir; '' means $TFDS_DATA_DIR, else ~/tensorflow_datasets"),
     train_split=Field("train", doc="the split of source (or of each mixture entry) that trains"),
     eval_split=Field("validation", doc="the split of eval_source that evaluates"),
-    image_size=Field(224, COUNT, "the training crop's side in px"),
+    image_size=Field(224, SIZED_COUNT, "the training crop's side in px"),
     num_workers=Field(-1, Domain(0, integer=True, extra=(-1,), note="-1: from the CPUs of the process"),
                       "grain worker processes per training process (one per node under launch/slurm.sbatch); 0 reads "
                       "in the main process; -1: one per CPU the process may run on, less one for the trainer, at most "

@@ -21,7 +21,7 @@ from jax.experimental import multihost_utils
 import ml_collections
 import numpy as np
 
-from visionfm_jax import parallel, tasks
+from visionfm_jax import cli, parallel, tasks
 from visionfm_jax.errors import CheckpointError, UserError, WorkdirError
 from visionfm_jax.training import (
   checkpoint,
@@ -57,17 +57,20 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
     checks.check_devices(config, devices, processes)
   else:
     class_names = checks.validate(config, devices, processes, data=checks.DATA_PRESENT)
+  interrupt = faults.Interrupt(functools.partial(checkpoint.newest_committed_step,
+                                                 os.path.join(workdir, "checkpoints")))
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
     # before anything is built: a resume may refuse the config, or anchor the schedule
     run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)
-    last = _train_in(run_plan, workdir, class_names)
+    last = _train_in(run_plan, workdir, class_names, interrupt)
   if jax.process_index() == 0:
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
     logging.info("done at step %d: %s", last["step"], console.format_metrics(shown))
   return last
 
 
-def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None) -> dict[str, float]:
+def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None,
+              interrupt: faults.Interrupt) -> dict[str, float]:
   config = run_plan.config
   checkpoint_dir = os.path.join(workdir, "checkpoints")
   mesh = parallel.make_mesh(run_plan.mesh)
@@ -99,7 +102,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
                                            run_config=run_plan.trained_config(),
                                            schedule_anchor=run_plan.anchor_record())
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
-    start_step = int(jax.device_get(state.step))
+    start_step = interrupt.step = int(jax.device_get(state.step))
     if jax.process_index() == 0:  # once the resume check has accepted the config
       run_plan.write(workdir, start_step)
 
@@ -109,7 +112,7 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
     final = None
     try:
       last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer,
-                   writer, task, rollbacks)
+                   writer, task, rollbacks, interrupt)
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
@@ -120,25 +123,36 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
 
 
 def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer, writer,
-          task, rollbacks: health.Rollbacks | None) -> dict[str, float]:
+          task, rollbacks: health.Rollbacks | None, interrupt: faults.Interrupt) -> dict[str, float]:
   """Trains from `start_step` to config.total_steps, running after each step the periodic actions that are due
-  (`_periodic_actions`, in their order; an action that returns False skips the step's later ones)."""
+  (`_periodic_actions`, in their order; an action that returns False skips the step's later ones). A Ctrl-C stops it
+  after the step in progress, before that step's actions (cli.Interrupted): the checkpoints committed stay the
+  newest, and a save in flight commits first."""
   total = config.total_steps
   progress = console.Progress(total, start_step, enabled=config.progress_bar, process_index=jax.process_index())
   preemption = faults.Preemption()
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
   loop = _Loop(config, state, start_step, batches, _Window(config, task), checkpointer, writer,
                faults.Watchdog(config.step_timeout_s), rollbacks)
-  actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding)
+  actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding, start_step)
+  interrupt.step = start_step
+  interrupt.polling()
   try:
     if loop.step == total:
       loop.last.update(evaluation.complete(state, loop.step, writer, loop.watchdog))
     while loop.step < total and not loop.stopped:
       loop.train_one_step(train_step, preemption, start_step)
+      if loop.compile_s is not None:  # the first step's call returned: its compile is over
+        progress.compiled(loop.compile_s, start_step)
+        loop.compile_s = None
+      interrupt.step = loop.step
+      if interrupt.requested():  # the line is said once the saves in flight have committed
+        raise cli.Interrupted()
       for every, action in actions:
         if every.due(loop.step, loop.preempted) and not action(loop):
           break
   finally:
+    interrupt.polling(False)
     loop.watchdog.phase("committing the last checkpoint", loop.step)
     try:
       checkpointer.wait()  # also after an error: the saves in flight are of good steps
@@ -150,10 +164,11 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   return loop.last
 
 
-def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding):
+def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding, start_step: int):
   """((when, action(loop) -> whether the step's later actions run), ...) in the order they run after a step:
   before a log or save the checks that keep a bad state out of checkpoints (a rollback where health fired, else
-  a stop on a non-finite loss) and a stop on workdir faults; then log, save, evaluate, and exit at a preemption."""
+  a stop on a non-finite loss) and a stop on workdir faults; then log (and the first progress line, a few steps
+  after the compile), save, evaluate, and exit at a preemption."""
   total = config.total_steps
   before_save = _Every((config.log_every, config.checkpoint_every), total, at_preemption=True)
   if rollbacks is not None:
@@ -163,6 +178,8 @@ def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch
   return ((before_save, check_state),
           (before_save, _stop_on_workdir_faults),
           (_Every((config.log_every,), total, at_preemption=True), functools.partial(_log, progress=progress)),
+          (_Every((), start_step + 1 + console.FIRST_LINE_AFTER), functools.partial(_first_progress,
+                                                                                   progress=progress)),
           (_Every((config.checkpoint_every,), total, at_preemption=True), _save),
           (_Every((config.eval_every,), total), functools.partial(_evaluate, evaluation=evaluation)),
           (_Every((), at_preemption=True), _exit_at_preemption))
@@ -197,6 +214,8 @@ class _Loop:
   last: dict[str, float] = dataclasses.field(default_factory=dict)
   preempted: bool = False
   stopped: bool = False
+  compile_s: float | None = None  # how long the first step's call took, until the progress line has it
+  timed_compile: bool = False
 
   def train_one_step(self, train_step, preemption: faults.Preemption, first_step: int) -> None:
     # Between logging steps the host only feeds the device: any read of a device value here would stall
@@ -206,7 +225,11 @@ class _Loop:
         self.watchdog.idle()  # the first call compiles (minutes for a large model) and waits on no other process
       else:
         self.watchdog.phase("a train step", self.step + 1)
-      self.state, self.metrics = train_step(self.state, self.window.next_batch(self.batches))
+      batch = self.window.next_batch(self.batches)
+      called = time.perf_counter()
+      self.state, self.metrics = train_step(self.state, batch)
+      if not self.timed_compile:
+        self.compile_s, self.timed_compile = time.perf_counter() - called, True
       self.step += 1
       self.window.steps += 1
       # The one read of the stop flag: every process gets the same answer for the same step, so all of
@@ -313,6 +336,15 @@ def _log(loop: _Loop, progress: console.Progress) -> bool:
   progress.update(loop.step, values["train/loss"], values["train/img_per_sec"])
   loop.last.update(values)
   loop.window.restart()
+  return True
+
+
+def _first_progress(loop: _Loop, progress: console.Progress) -> bool:
+  """The first progress line, a few steps after the compile, where no log step draws one: the step's loss (a wait
+  for the step) and the pace since the compile."""
+  if loop.step % loop.config.log_every:
+    loss = float(jax.device_get(loop.metrics["train/loss"]))
+    progress.update(loop.step, loss, loop.config.global_batch_size / progress.seconds_per_step(loop.step))
   return True
 
 

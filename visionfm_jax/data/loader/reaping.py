@@ -15,6 +15,8 @@ and every segment alive with them.
   them off the tracker's list; the tracker then reads end-of-file and exits. Left to the tracker, they would go
   too, with a 'There appear to be N leaked shared_memory objects' warning per kind (50 semaphores and 61 segments
   for the demo's run killed mid-training).
+- A terminal's Ctrl-C reaches the workers too: they start with SIGINT blocked (`tie_workers_to_this_process`,
+  cli.Interrupts) and ignore it once unpickled; their trainer stops, and they end with it.
 - A trainer that ends on its own (done, an error, a preemption notice) unlinks what its workers made that it never
   took, once it has joined them (`tie_workers_to_this_process`).
 - /dev/shm after a death that took the tracker too (SLURM ending a job step, `kill -9` of a process group): what the
@@ -34,12 +36,15 @@ import multiprocessing.util
 import os
 import re
 import secrets
+import signal
 import stat
 import threading
 import time
 
 from absl import logging
 import grain
+
+from visionfm_jax import cli
 
 SHM_DIR = "/dev/shm"
 WATCH_INTERVAL_S = 0.2
@@ -112,10 +117,20 @@ def _end_with(trainer: int, trainer_start: int, tag: str) -> None:
     return
   _watching = True
   name_after(tag)
+  _leave_ctrl_c_to_the_trainer()
   # Polled rather than PR_SET_PDEATHSIG: that signal fires when the *thread* that started the worker ends, and grain
   # starts workers from its thread pools.
   threading.Thread(target=_exit_after, args=(trainer, trainer_start, tag), name="visionfm-trainer-watch",
                    daemon=True).start()
+
+
+def _leave_ctrl_c_to_the_trainer() -> None:
+  """A terminal's Ctrl-C reaches every process of its foreground group, the workers among them: a worker ignores it
+  (Python would raise KeyboardInterrupt in it, printing its traceback) and ends with its trainer, which stops."""
+  try:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+  except ValueError:  # not the main thread: grain unpickles the pipeline in the worker's main thread
+    pass
 
 
 def _exit_after(trainer: int, trainer_start: int, tag: str) -> None:
@@ -133,6 +148,10 @@ def tie_workers_to_this_process() -> list:
     return []
   op = EndWithTrainer()
   name_after(op.tag)
+  # Started now, before the workers: starting, multiprocessing's resource tracker unblocks SIGINT in this thread,
+  # which the workers and their threads would inherit (cli.Interrupts)
+  resource_tracker.ensure_running()
+  cli.interrupts.block_here()
   if not _unlinking_at_exit:
     # Negative priority: multiprocessing runs it at exit after it has joined the workers, which make no more.
     multiprocessing.util.Finalize(None, unlink_left_by, args=(op.tag,), exitpriority=-1)

@@ -9,6 +9,8 @@ Only the console is filtered: `logging` handlers added by others (pytest's caplo
 
 `Progress` is the bar: redrawn in place on a terminal; when stderr is not a terminal (SLURM logs, pipes) it
 becomes a plain line at the first logged step, then at most every `PLAIN_LINE_EVERY_S` seconds, and at the end.
+It says how long the first step took to compile, and times the steps, their seconds each and the ETA, from the end
+of that compile: the loop draws it first `FIRST_LINE_AFTER` steps after it, whatever config.log_every says.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from typing import Callable, Mapping
 from absl import logging
 
 PLAIN_LINE_EVERY_S = 30.0
+FIRST_LINE_AFTER = 3  # steps after the first (compiled) one
 _PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # visionfm_jax/
 _bar_on_screen = False  # a terminal progress bar is drawn without a newline; the next log line clears it
 
@@ -123,6 +126,11 @@ def duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
 
 
+def seconds_text(seconds: float) -> str:
+  """'0.042s', '3.51s', '12.3s', '95s': three significant digits below 100 s."""
+  return f"{seconds:.3g}s" if seconds < 100 else f"{seconds:.0f}s"
+
+
 def format_metrics(values: Mapping[str, float], prefix: str = "") -> str:
   """'top1 0.9521, top5 1.000, count 50,000' for the keys under `prefix` (which is dropped from the names): four
   significant digits with the point kept, so a perfect score reads as a score; counts as whole numbers."""
@@ -136,26 +144,37 @@ def _metric(name: str, value: float) -> str:
 
 
 class Progress:
-  """A progress line: step, loss, img/s and ETA. Process 0 only."""
+  """A progress line: step, loss, img/s, seconds a step and ETA (`enabled`: config.progress_bar), and the compile's
+  line. Process 0 only."""
 
   def __init__(self, total_steps: int, start_step: int, enabled: bool = True, *, process_index: int = 0,
                tty: bool | None = None, clock: Callable[[], float] = time.perf_counter):
     self.total = total_steps
     self.enabled = enabled and process_index == 0
+    self.says = process_index == 0  # the compile's line, bar or not
     self.tty = sys.stderr.isatty() if tty is None else tty
     self._clock = clock
     self._t0 = clock()
     self._start = start_step
     self._last_plain: float | None = None
 
+  def compiled(self, seconds: float, start_step: int) -> None:
+    """The first step's call returned after `seconds` of tracing and compiling (or loading the compiled program):
+    says so, and times the steps from `start_step` on from now (the first step runs after its compile)."""
+    if self.says:
+      logging.info("compiled the train step in %s; step %d runs", seconds_text(seconds), start_step + 1)
+    self._t0, self._start = self._clock(), start_step
+
+  def seconds_per_step(self, step: int) -> float:
+    return (self._clock() - self._t0) / max(step - self._start, 1)
+
   def line(self, step: int, loss: float, img_per_sec: float) -> str:
-    done = step - self._start
-    rate = done / max(self._clock() - self._t0, 1e-9)
-    eta = (self.total - step) / rate if rate > 0 else float("inf")
+    per_step = self.seconds_per_step(step)
+    eta = (self.total - step) * per_step
     width = 24
     filled = int(width * step / self.total)
     return (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
-            f"{img_per_sec:,.0f} img/s eta {duration(eta)}")
+            f"{img_per_sec:,.0f} img/s {seconds_text(per_step)}/step eta {duration(eta)}")
 
   def update(self, step: int, loss: float, img_per_sec: float) -> None:
     global _bar_on_screen

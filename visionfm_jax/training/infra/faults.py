@@ -12,6 +12,9 @@ typically on a collective that another process has abandoned. It dumps every thr
 step and phase, and exits with `HUNG_EXIT_CODE` so that the scheduler can requeue the job instead of
 holding the allocation until its time limit.
 
+`Interrupt` is Ctrl-C in the loop: the loop reads it after each step, where it reads a preemption notice, and stops
+there without a save; `cli.Interrupts` ends a start-up or a first compile that outlasts its grace.
+
 `agreed(ok)` is how the processes carry out one decision together (a workdir lock, a failed save, an
 unreadable checkpoint): every process calls it at the same point and all get the same answer.
 """
@@ -25,12 +28,14 @@ import socket
 import sys
 import threading
 import time
+from typing import Callable
 
 from absl import logging
 import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
+from visionfm_jax import cli
 from visionfm_jax.parallel import coordination
 
 HUNG_EXIT_CODE = coordination.REQUEUE_EXIT_CODE  # EX_TEMPFAIL: the job may succeed if requeued
@@ -93,6 +98,31 @@ class Preemption:
     if self._previous is not None:
       signal.signal(signal.SIGTERM, self._previous)
       self._previous = None
+
+
+class Interrupt:
+  """Ctrl-C (cli.Interrupts, which the entry point starts) as the loop sees it. Until `polling()` the main thread is
+  interrupted where it is; from then on the loop reads `requested()` after each step and stops there. `step` is the
+  step trained last (None while the run starts); `newest()` the newest committed checkpoint's step, or None. The
+  line said is 'interrupted at step N; the newest checkpoint is step M'."""
+
+  def __init__(self, newest: Callable[[], int | None]):
+    self.step: int | None = None
+    self._newest = newest
+    cli.interrupts.describe = self.line
+
+  def line(self) -> str:
+    where = "while starting" if self.step is None else f"at step {self.step}"
+    newest = self._newest()
+    saved = "there is no checkpoint yet" if newest is None else f"the newest checkpoint is step {newest}"
+    return f"interrupted {where}; {saved}"
+
+  def polling(self, on: bool = True) -> None:
+    cli.interrupts.polled = on
+
+  @staticmethod
+  def requested() -> bool:
+    return cli.interrupts.requested.is_set()
 
 
 class Watchdog:

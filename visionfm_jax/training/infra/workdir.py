@@ -29,6 +29,7 @@ import time
 from absl import logging
 import jax
 
+from visionfm_jax import cli
 from visionfm_jax.errors import WorkdirError
 from visionfm_jax.training.infra import faults
 
@@ -380,6 +381,9 @@ def claimed(workdir, wait_s: float):
       lock, error = None, e
   faults.raise_together(error, WorkdirError(f"process 0 could not take the lock of --workdir {os.fspath(workdir)} "
                                             f"(its error line says why)"))
+  held = lock
+  if held is not None:  # a Ctrl-C that ends the process at once leaves no stale holder either
+    cli.interrupts.before_end_now.append(held.release)
   try:
     yield
   except BaseException:
@@ -391,6 +395,8 @@ def claimed(workdir, wait_s: float):
   finally:
     if lock is not None:
       lock.release()
+    if held is not None:
+      cli.interrupts.before_end_now.remove(held.release)
 
 
 def _remove_if_nothing_was_written(workdir) -> None:
