@@ -130,7 +130,9 @@ class Interrupts:
 
   def _watch(self, closed: threading.Event, reader: socket.socket) -> None:
     while not closed.is_set():
-      pending = signal.sigtimedwait({signal.SIGINT}, 0.1) is not None
+      # A wait that a SIGSTOP/SIGCONT interrupts past its deadline answers an empty siginfo (signal 0), not None.
+      info = signal.sigtimedwait({signal.SIGINT}, 0.1)
+      pending = info is not None and info.si_signo == signal.SIGINT
       self._take(reader, pending=pending)
     reader.close()
 

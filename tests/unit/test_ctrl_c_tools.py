@@ -61,3 +61,24 @@ def test_ctrl_c_in_native_code_ends_a_tool_after_the_grace_and_a_second_at_once(
   assert (status, err) == (130, "interrupted\n") and 0.9 < took < 5, (status, err, took)
   status, err, took = _interrupt("native", grace_s=20.0, signals=2)
   assert (status, err) == (130, "interrupted\n") and took < 5, (status, err, took)
+
+
+def test_a_stop_and_continue_is_not_a_ctrl_c():
+  """A suspended job (SIGSTOP, then SIGCONT: SLURM's suspend, a shell's Ctrl-Z and fg) runs on: the watcher's wait,
+  interrupted past its deadline, answers an empty siginfo (signal 0), which is no SIGINT."""
+  tool = subprocess.Popen([sys.executable, "-c", _TOOL, "native", "20"], cwd=ROOT, env=cpu_env(1),
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  try:
+    assert tool.stdout.readline() == "ready\n", tool.stderr.read()
+    for _ in range(3):
+      tool.send_signal(signal.SIGSTOP)
+      time.sleep(0.7)
+      tool.send_signal(signal.SIGCONT)
+      time.sleep(0.3)
+    assert tool.poll() is None, tool.stderr.read()
+    tool.send_signal(signal.SIGINT)
+    assert tool.wait(timeout=30) == 130 and tool.stderr.read() == "interrupted\n"
+  finally:
+    if tool.poll() is None:
+      tool.kill()
+      tool.wait()
