@@ -47,8 +47,26 @@ fi
 export JAX_COORDINATOR_ADDRESS="localhost:${port}"
 stop_service() { kill -TERM "$service" 2>/dev/null || true; wait "$service" 2>/dev/null || true; }
 pids=()
-# INT/TERM: pass TERM on (each process checkpoints at its next step and exits), wait for all, then exit.
-trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}"; stop_service; exit 143' INT TERM
+# TERM: pass it on (a preemption: each process checkpoints at its next step and exits), wait for all, then exit.
+trap 'kill -TERM "${pids[@]}" 2>/dev/null || true; wait "${pids[@]}"; stop_service; exit 143' TERM
+# Ctrl-C: a terminal's SIGINT reaches every process of the foreground group, the trainers included (background jobs
+# ignore it, but VISIONFM_TAKE_SIGINT=1 has them take it: each ends with its one line and status 130); a SIGINT sent
+# to the launcher alone reaches them 12 s later, passed on. The service serves until they have ended.
+export VISIONFM_TAKE_SIGINT=1
+interrupted() {
+  local waited=0 pid running
+  while ((waited++ < 120)); do
+    running=0
+    for pid in "${pids[@]}"; do kill -0 "$pid" 2>/dev/null && running=1; done
+    ((running)) || break
+    sleep 0.1
+  done
+  kill -INT "${pids[@]}" 2>/dev/null || true
+  wait "${pids[@]}" 2>/dev/null || true
+  stop_service
+  exit 130
+}
+trap interrupted INT
 for ((i = 0; i < n; i++)); do
   if [ "$gpus" -gt 0 ]; then
     per=$((gpus / n))

@@ -27,6 +27,7 @@ from visionfm_jax.errors import ConfigError, UserError
 HELP_FLAGS = ("-h", "--help", "--helpshort")
 INTERRUPTED_EXIT_CODE = 130  # 128 + SIGINT: what a shell reports for a program that Ctrl-C ended
 INTERRUPT_GRACE_S = 5.0
+TAKE_SIGINT_ENV = "VISIONFM_TAKE_SIGINT"  # "1": take SIGINT over though it is ignored (a launcher's background job)
 
 
 class Interrupted(KeyboardInterrupt):
@@ -66,9 +67,10 @@ class Interrupts:
 
   def start(self, block: bool = False) -> Interrupts:
     """Takes SIGINT over; does nothing outside the main thread or where SIGINT is ignored (a shell's background
-    job: its launcher passes the signal on)."""
-    if (self._before is not None or threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) == signal.SIG_IGN):
+    job), unless the launcher that started it says its processes take a terminal's Ctrl-C themselves
+    (`TAKE_SIGINT_ENV`: launch/local.sh)."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN and os.environ.get(TAKE_SIGINT_ENV) != "1"
+    if self._before is not None or threading.current_thread() is not threading.main_thread() or ignored:
       return self
     self.requested, self.polled, self._closed = threading.Event(), False, threading.Event()
     self._said, self._simulated, self._raised = threading.Lock(), 0, False

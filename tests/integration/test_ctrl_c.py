@@ -20,6 +20,7 @@ import pytest
 from conftest import ROOT, cpu_env
 from test_frozen_coordinator import ABORT_SIGNS, _start_trainers, _wait_for_a_train_step
 from test_leaves_nothing import RUN_ARGS, SHM, _cmdline, _descendants, _running
+from test_multiprocess import DDP_FLAGS, LAUNCH_ENV
 
 LINE = re.compile(r"interrupted at step (\d+); the newest checkpoint is step (\d+)")
 
@@ -127,3 +128,38 @@ def test_ctrl_c_to_a_two_process_job_ends_each_process_with_its_line(tmp_path):
     assert len(lines) == 1 and not [sign for sign in ABORT_SIGNS if sign in err], err[-3000:]
     newest = int(LINE.fullmatch(lines[0])[2])
     assert (tmp_path / "run" / "checkpoints" / str(newest)).is_dir(), err[-3000:]
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_launch_local_ends_the_job_with_each_processs_line_and_130(tmp_path):
+  """launch/local.sh 2 in a terminal: Ctrl-C (SIGINT to its foreground process group: the launcher, the service, the
+  trainers and their workers) ends each trainer with its one line, the launcher with 130 within 10 s, nothing left
+  running; the service serves until the trainers have ended (no exit 75, no JAX abort)."""
+  env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
+  env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
+  with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
+    job = subprocess.Popen(["bash", "launch/local.sh", "2", f"--workdir={tmp_path / 'run'}", *DDP_FLAGS,
+                            "--config.total_steps=100000", "--config.checkpoint_every=2"], cwd=ROOT, env=env,
+                           start_new_session=True, stdout=out, stderr=err)
+  try:
+    _wait_for(job, str(tmp_path / "err"), lambda: _last_step(str(tmp_path / "run")) >= 3, "steps")
+    run = _descendants(job.pid)
+    os.killpg(job.pid, signal.SIGINT)
+    start = time.monotonic()
+    status = job.wait(timeout=30)
+    took = time.monotonic() - start
+  finally:
+    if job.poll() is None:
+      os.killpg(job.pid, signal.SIGKILL)
+      job.wait()
+  err = (tmp_path / "err").read_text()
+  assert status == 130 and took < 10, (status, took, err[-3000:])
+  lines = [line for line in err.splitlines() if LINE.search(line)]
+  assert len(lines) == 2 and not [sign for sign in ABORT_SIGNS if sign in err], err[-3000:]
+  assert "error:" not in err and "Traceback" not in err, err[-3000:]
+  for line in lines:
+    assert (tmp_path / "run" / "checkpoints" / LINE.search(line)[2]).is_dir(), err[-3000:]
+  deadline = time.monotonic() + 5
+  while [pid for pid in run if _running(pid)] and time.monotonic() < deadline:
+    time.sleep(0.1)
+  assert not [_cmdline(pid) for pid in run if _running(pid)]

@@ -220,6 +220,10 @@ def serve(processes: int, ready_file: str, port: int = 0) -> None:
                                                    shutdown_timeout=SHUTDOWN_TIMEOUT_S)
   parent = os.getppid()
   stops = {signal.SIGTERM, signal.SIGINT}
+  if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    # A launcher's background job (launch/local.sh): a terminal's Ctrl-C is the trainers' to carry out; the launcher
+    # stops the service once they have ended (SIGTERM). Blocked, an ignored SIGINT would still be taken here.
+    stops.discard(signal.SIGINT)
   signal.pthread_sigmask(signal.SIG_BLOCK, stops)
   atomic.write(ready_file, f"{port}\n")
   try:
