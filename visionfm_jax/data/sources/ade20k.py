@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from visionfm_jax.data import limits
-from visionfm_jax.data.sources.kind import PREPARE_HINT, Request, SourceKind, errors_named
+from visionfm_jax.data.sources.kind import PREPARE_HINT, Request, SourceKind
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
@@ -106,7 +106,7 @@ class ADE20KSource:
 
 
 def _open(request: Request) -> ADE20KSource:
-  with errors_named(f"{request.what} split {request.split!r}", PREPARE_HINT):
+  with request.errors_named(PREPARE_HINT):
     return ADE20KSource(request.name, request.split)
 
 

@@ -176,7 +176,7 @@ class CocoSource:
 
 
 def _open(request: Request) -> CocoSource:
-  with errors_named(f"{request.what} split {request.split!r}", PREPARE_HINT):
+  with request.errors_named(PREPARE_HINT):
     return CocoSource(request.name, request.split, skip_empty=request.training)
 
 

@@ -28,6 +28,10 @@ class Request:
   what: str
   training: bool = False
 
+  def errors_named(self, hint: str = ""):
+    """`errors_named` by the spec and split: "config.data.source='coco:/d' split 'train': <the error>[; <hint>]"."""
+    return errors_named(f"{self.what} split {self.split!r}", hint)
+
 
 @dataclasses.dataclass(frozen=True)
 class SourceKind:

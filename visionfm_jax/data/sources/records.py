@@ -564,7 +564,7 @@ def _metadata_digest(pattern: str, metadata: dict | None) -> str | None:
 # ------------------------------------------------------------------------------ the 'arrayrecord' source kind
 
 def _open(request: Request) -> ArrayRecordSource:
-  with errors_named(f"{request.what} split {request.split!r}"):
+  with request.errors_named():
     return ArrayRecordSource(split_pattern(request.name, request.split))
 
 

@@ -37,7 +37,7 @@ from typing import Iterator
 import numpy as np
 
 from visionfm_jax.data import limits
-from visionfm_jax.data.sources.kind import Request, SourceKind, errors_named
+from visionfm_jax.data.sources.kind import Request, SourceKind
 from visionfm_jax.data.sources.records import split_pattern
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
@@ -432,7 +432,7 @@ class WdsSource:
 
 def _open(request: Request) -> WdsSource:
   pattern, score_filter, index_dir = parse_spec(request.name, request.what)
-  with errors_named(f"{request.what} split {request.split!r}"):
+  with request.errors_named():
     return WdsSource(split_pattern(pattern, request.split), score_filter, index_dir)
 
 
