@@ -24,6 +24,7 @@ import numpy as np
 from PIL import Image
 
 from visionfm_jax.data import limits
+from visionfm_jax.data.sources.kind import PREPARE_HINT, Request, SourceKind
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.data.transforms.dense_transforms import IGNORE
 from visionfm_jax.errors import DataError
@@ -102,3 +103,12 @@ class ADE20KSource:
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return f"ADE20KSource({self.root!r}, split={self.split!r}, images={len(self)})"
+
+
+def _open(request: Request) -> ADE20KSource:
+  with request.errors_named(PREPARE_HINT):
+    return ADE20KSource(request.name, request.split)
+
+
+SOURCE_KIND = SourceKind("ade20k", "'ade20k:<root>'", _open, lambda name, data_cfg, what: list(class_names()),
+                         folder=True)

@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from visionfm_jax.data import limits
+from visionfm_jax.data.sources.kind import PREPARE_HINT, Request, SourceKind, errors_named
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -172,3 +173,17 @@ class CocoSource:
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return f"CocoSource({self.root!r}, split={self.split!r}, skip_empty={self.skip_empty}, images={len(self)})"
+
+
+def _open(request: Request) -> CocoSource:
+  with request.errors_named(PREPARE_HINT):
+    return CocoSource(request.name, request.split, skip_empty=request.training)
+
+
+def _train_class_names(root: str, data_cfg, what: str) -> list[str]:
+  """Contiguous classes in category-id order, of config.data.train_split's annotation file."""
+  with errors_named(f"{what} split {data_cfg.train_split!r}", PREPARE_HINT):
+    return list(load_index(root, data_cfg.train_split).class_names)
+
+
+SOURCE_KIND = SourceKind("coco", "'coco:<root>'", _open, _train_class_names, folder=True)

@@ -20,6 +20,7 @@ case) are images; other files are left out. Nothing is downloaded: a missing roo
 folder without images, or a folder that is not one of the set's classes is a DataError naming it, raised when
 the set is opened (at start-up). An image that cannot be read later is counted (`transforms.count_failure`) and
 served with image=None, which the pipelines skip. Records: {'image': encoded bytes, 'label': int32}.
+`SOURCE_KINDS` are their `config.data.source` kinds, one per set.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visionfm_jax.data.sources.kind import Request, SourceKind, errors_named
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -39,6 +41,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # kind -> (the asset listing its classes' WordNet ids, whether its folders are named by class index)
 KINDS = {"imagenet_a": ("imagenet_a_wnids.txt", False), "imagenet_r": ("imagenet_r_wnids.txt", False),
          "imagenet_sketch": ("imagenet_wnids.txt", False), "imagenetv2": ("imagenet_wnids.txt", True)}
+VARIANTS_HINT = "see docs/data_preparation.md, 'Zero-shot benchmarks: ImageNet variants'"
 
 
 @functools.lru_cache(maxsize=None)
@@ -122,3 +125,17 @@ def open_variant(kind: str, root: str) -> ImageFolderSource:
     counts.append(len(images))
   labels = np.repeat(np.arange(len(expected), dtype=np.int32), counts)
   return ImageFolderSource(kind=kind, root=root_path, paths=tuple(paths), labels=labels)
+
+
+def _source_kind(kind: str) -> SourceKind:
+  """The `config.data.source` kind of the set `kind` (a KINDS key)."""
+
+  def open_set(request: Request) -> ImageFolderSource:
+    with errors_named(request.what, VARIANTS_HINT):  # every split is the whole set: none is named
+      return open_variant(kind, request.name)
+
+  usage = f"one of {', '.join(k + ':<root>' for k in KINDS)}"  # the sets are listed together
+  return SourceKind(kind, usage, open_set, lambda name, data_cfg, what: list(class_wnids(kind)), folder=True)
+
+
+SOURCE_KINDS = tuple(_source_kind(kind) for kind in KINDS)

@@ -19,6 +19,9 @@ counted (`transforms.count_failure`) and served as an undecodable image, which t
 
 Shards are written to `<name>.tmp` and renamed when complete (`RecordWriter`), so a finished shard name
 always means a complete file, and an interrupted conversion resumes by skipping the shards that exist.
+
+`SOURCE_KIND` is the 'arrayrecord' kind: '{split}' in the glob becomes the split name (config.data.train_split /
+eval_split); a glob without it serves every split.
 """
 
 from __future__ import annotations
@@ -45,6 +48,7 @@ from PIL import Image
 
 from visionfm_jax import atomic
 from visionfm_jax.data.sources import open_shards, shard_index
+from visionfm_jax.data.sources.kind import Request, SourceKind, errors_named
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -555,3 +559,19 @@ def _metadata_digest(pattern: str, metadata: dict | None) -> str | None:
             for split, entry in _listed_shards(pattern, metadata).items()}
   described = {"kind": metadata.get("kind"), "classes": metadata.get("classes"), "splits": splits}
   return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
+
+
+# ------------------------------------------------------------------------------ the 'arrayrecord' source kind
+
+def _open(request: Request) -> ArrayRecordSource:
+  with request.errors_named():
+    return ArrayRecordSource(split_pattern(request.name, request.split))
+
+
+def _train_class_names(pattern: str, data_cfg, what: str) -> list[str]:
+  with errors_named(f"{what} split {data_cfg.train_split!r}"):
+    return class_names(split_pattern(pattern, data_cfg.train_split))
+
+
+SOURCE_KIND = SourceKind("arrayrecord", "'arrayrecord:<glob>'", _open, _train_class_names, folder=True,
+                         disk_path=lambda request: split_pattern(request.name, request.split))

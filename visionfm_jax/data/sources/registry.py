@@ -1,36 +1,23 @@
-"""Random-access sources of dict records, named by `config.data.source`.
+"""Random-access sources of dict records, named by `config.data.source`: '<kind>' or '<kind>:<rest>', the kind one
+row of `KINDS` (kind.py's `SourceKind` records; each module's docstring says its spec):
 
-  shapes                      the embedded procedural set (`shapes.ShapesSource`), no download
-  shapes:images               the same drawing, other images (seed shapes.IMAGES_SEED), records with only an
-                              'image': the embedded uncaptioned, unlabelled set (image-only data in a mixture)
-  shapes:mixed_aspect         the 'shapes' records, each widened or heightened to an aspect of its own
-                              (shapes.ASPECTS; NaFlex demos)
-  tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord; images stay encoded bytes for our
-                              Pillow decoder. A split in the spec (e.g. 'train[:99%]') replaces
-                              config.data.train_split / eval_split
-  arrayrecord:<glob>          files written by `datatools.prepare_data` (`records.ArrayRecordSource`): labelled
-                              images, image-text pairs or image-only records; '{split}' in the glob becomes the
-                              split name (config.data.train_split / eval_split), a glob without it serves every
-                              split
-  wds:<glob>[;option=value]   img2dataset WebDataset tars read in place through their indexes (`wds.WdsSource`):
-                              the same records as `arrayrecord:` of the tars prepared; options min_similarity,
-                              max_pwatermark, max_punsafe filter by LAION's scores, index_dir names where
-                              `index_tars --index_dir` put the indexes; '{split}' as for arrayrecord
-  scenes                      the embedded multi-object set for segmentation and detection
-                              (`scenes.ScenesSource`), split sizes config.data.shapes_train_size / _eval_size
-  ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (`ade20k.ADE20KSource`)
-  coco:<root>                 COCO 2017 detection: images and instances JSON (`coco.CocoSource`)
+  shapes, shapes:images, shapes:mixed_aspect, scenes
+                              the embedded procedural sets, no download (embedded_sets.py)
+  tfds:<name>[:<ver>][:<split>] a TFDS dataset prepared as ArrayRecord (tfds_prepared.py)
+  arrayrecord:<glob>          files written by `datatools.prepare_data` (records.py): labelled images, image-text
+                              pairs or image-only records; '{split}' in the glob becomes the split name
+  wds:<glob>[;option=value]   img2dataset WebDataset tars read in place through their indexes (wds.py)
+  ade20k:<root>               ADE20K segmentation, the ADEChallengeData2016 folder (ade20k.py)
+  coco:<root>                 COCO 2017 detection: images and instances JSON (coco.py)
   imagenet_a:<root>, imagenet_r:<root>, imagenet_sketch:<root>, imagenetv2:<root>
-                              ImageNet's test-only variants as released (`imagenet_variants.ImageFolderSource`;
-                              every split is the whole set), labelled within their own class lists, whose
-                              names are ImageNet WordNet ids
+                              ImageNet's test-only variants as released (imagenet_variants.py)
 
 Training reads config.data.source, or with `config.data.mixture` = ((spec, weight), ...) and config.data.source
 '' a weighted mixture of such sources (`train_specs`; data/loader/mixture.py reads it). Evaluation reads
 config.data.eval_source, else config.data.source, else the mixture's first entry (`eval_source_spec`).
 
-TensorFlow is never imported: TFDS reads ArrayRecord files itself, and nothing is ever downloaded here. A
-dataset that is not prepared fails at once with a `DataError` naming the dataset, split and directory.
+Nothing is ever downloaded here: a dataset that is not prepared fails at once with a `DataError` naming the
+dataset, split and directory.
 """
 
 from __future__ import annotations
@@ -38,24 +25,16 @@ from __future__ import annotations
 import glob
 import math
 import os
-from pathlib import Path
-import re
 
-from visionfm_jax.data.embedded import shapes
-from visionfm_jax.data.embedded.scenes import ScenesSource
-from visionfm_jax.data.embedded.shapes import SHAPE_NAMES, ShapesSource
-from visionfm_jax.data.sources import ade20k, coco, imagenet_variants, records, wds
-from visionfm_jax.data.sources.ade20k import ADE20KSource
-from visionfm_jax.data.sources.coco import CocoSource
-from visionfm_jax.data.sources.records import ArrayRecordSource, split_pattern
+from visionfm_jax.data.sources import ade20k, coco, embedded_sets, imagenet_variants, records, tfds_prepared, wds
+from visionfm_jax.data.sources.kind import PREPARE_HINT as PREPARE_HINT  # loader/checks.py's hint, kept here
+from visionfm_jax.data.sources.kind import Request, SourceKind
 from visionfm_jax.errors import ConfigError, DataError
 
-PREPARE_HINT = "see docs/data_preparation.md"
-VARIANTS_HINT = "see docs/data_preparation.md, 'Zero-shot benchmarks: ImageNet variants'"
-FOLDER_KINDS = ("arrayrecord", "wds", "ade20k", "coco", *imagenet_variants.KINDS)  # '<kind>:<path>'
-
-
-_VERSION = re.compile(r"^(\d+(\.(\d+|\*))*|\*)$")  # TFDS versions: 5.1.0, 5.*.*, *
+# The one table: every kind by its name, in the order a malformed spec's message lists them.
+KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (
+    embedded_sets.SHAPES, embedded_sets.SCENES, tfds_prepared.SOURCE_KIND, records.SOURCE_KIND, wds.SOURCE_KIND,
+    ade20k.SOURCE_KIND, coco.SOURCE_KIND, *imagenet_variants.SOURCE_KINDS)}
 
 
 def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
@@ -64,20 +43,17 @@ def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
   'arrayrecord:/d/{split}-*' -> ('arrayrecord', '/d/{split}-*', ''); 'coco:/data/coco' -> ('coco', '/data/coco', '').
   A malformed spec is a DataError naming `what` (the field and spec, "config.data.eval_source='x'"; default
   config.data.source)."""
-  kind, _, name = spec.partition(":")
-  if (kind in ("shapes", "scenes") and not name) or (kind == "shapes" and name in ("images", "mixed_aspect")):
-    return kind, name, ""
-  if kind in FOLDER_KINDS and name:
-    return kind, name, ""
-  if kind == "tfds" and name and not name.startswith(":"):
-    name, _, rest = name.partition(":")
-    version, _, split = rest.partition(":")
-    if version and not _VERSION.match(version):  # no version: the whole rest is the split
-      version, split = "", rest
-    return kind, f"{name}:{version}" if version else name, split
-  raise DataError(f"{what or _source_what(spec)}: expected 'shapes', 'shapes:images', 'shapes:mixed_aspect', 'scenes', "
-                  f"'tfds:<name>[:<version>][:<split>]', 'arrayrecord:<glob>', 'wds:<glob>', 'ade20k:<root>', "
-                  f"'coco:<root>' or one of {', '.join(k + ':<root>' for k in imagenet_variants.KINDS)}")
+  kind, _, rest = spec.partition(":")
+  parsed = KINDS[kind].parsed(rest) if kind in KINDS else None
+  if parsed is None:
+    raise DataError(f"{what or _source_what(spec)}: expected {_usages()}")
+  return kind, *parsed
+
+
+def _usages() -> str:
+  """Every kind's forms, each usage once, the last after 'or'."""
+  usages = list(dict.fromkeys(kind.usage for kind in KINDS.values()))
+  return f"{', '.join(usages[:-1])} or {usages[-1]}"
 
 
 def _source_what(spec: str) -> str:
@@ -85,8 +61,8 @@ def _source_what(spec: str) -> str:
 
 
 def source_kind(spec: str, what: str | None = None) -> str:
-  """'shapes', 'scenes', 'tfds', 'arrayrecord', 'wds', 'ade20k', 'coco' or an ImageNet variant's kind; DataError
-  naming `what` for a malformed spec."""
+  """The kind of `spec` (a `KINDS` key: 'shapes', 'scenes', 'tfds', 'arrayrecord', 'wds', 'ade20k', 'coco' or an
+  ImageNet variant's kind); DataError naming `what` for a malformed spec."""
   return _parse(spec, what)[0]
 
 
@@ -140,48 +116,6 @@ def training_what(data_cfg) -> str:
   return specs[0][0] if not data_cfg.mixture else f"config.data.mixture ({len(specs)} entries)"
 
 
-def tfds_data_dir(data_cfg) -> Path:
-  """config.data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets."""
-  data_dir = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  return Path(data_dir).expanduser()
-
-
-def _check_prepared(name: str, split: str, data_dir: Path) -> None:
-  """Fails fast (no TFDS call, so no download attempt) when `name` has no dataset_info.json."""
-  base = name.split("/")[0].split(":")[0]
-  folder = data_dir / base
-  found = [p for pattern in ("dataset_info.json", "*/dataset_info.json", "*/*/dataset_info.json")
-           for p in folder.glob(pattern) if "incomplete" not in str(p.relative_to(folder))]
-  if not found:
-    raise DataError(f"TFDS dataset {name!r} (split {split!r}) is not prepared: no dataset_info.json under "
-                    f"{folder} (data dir {data_dir}, from config.data.data_dir, $TFDS_DATA_DIR or "
-                    f"~/tensorflow_datasets); {PREPARE_HINT}")
-
-
-def _tfds_source(name: str, split: str, data_dir: Path):
-  _check_prepared(name, split, data_dir)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    return tfds.data_source(name, split=split, data_dir=str(data_dir), download=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"TFDS dataset {name!r} (split {split!r}) in {data_dir} cannot be read as ArrayRecord: "
-                    f"{type(e).__name__}: {str(e)[:500]}; {PREPARE_HINT}") from e
-
-
-def _tfds_label_feature(name: str, data_cfg):
-  data_dir = tfds_data_dir(data_cfg)
-  _check_prepared(name, "-", data_dir)
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  try:
-    features = tfds.builder(name, data_dir=str(data_dir)).info.features
-  except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"TFDS dataset {name!r} in {data_dir}: cannot read its info: {e}; {PREPARE_HINT}") from e
-  if "label" not in features or not hasattr(features["label"], "num_classes"):
-    raise DataError(f"TFDS dataset {name!r} in {data_dir} has no ClassLabel feature 'label'")
-  return features["label"]
-
-
 def build_source(spec: str, split: str, data_cfg, *, training: bool = False, what: str | None = None):
   """The RandomAccessDataSource for `spec` and `split` (a split inside `spec` wins): len, getitem -> dict with
   'image' and 'label' (classification sources) or 'caption' (pair sources; shapes has both), or the dense
@@ -190,61 +124,15 @@ def build_source(spec: str, split: str, data_cfg, *, training: bool = False, wha
   the spec ("config.data.mixture[1]='coco:/data'"; default config.data.source)."""
   what = what or _source_what(spec)
   kind, name, spec_split = _parse(spec, what)
-  split = spec_split or split
-  if kind in ("shapes", "scenes"):
-    size = data_cfg.shapes_train_size if split == "train" else data_cfg.shapes_eval_size
-    if kind == "scenes":
-      return ScenesSource(split, size, data_cfg.image_size, seed=shapes.SEED,
-                          max_objects=data_cfg.scenes_max_objects)
-    if name == "images":
-      return ShapesSource(split, size, data_cfg.image_size, seed=shapes.IMAGES_SEED, annotated=False)
-    return ShapesSource(split, size, data_cfg.image_size, seed=shapes.SEED, caption_style=data_cfg.shapes_captions,
-                        mixed_aspect=name == "mixed_aspect")
-  if kind == "arrayrecord":
-    return _arrayrecord_source(what, name, split)
-  if kind in imagenet_variants.KINDS:
-    try:
-      return imagenet_variants.open_variant(kind, name)
-    except DataError as e:
-      raise DataError(f"{what}: {e}; {VARIANTS_HINT}") from e
-  if kind == "wds":
-    return _wds_source(what, name, split)
-  if kind in ("ade20k", "coco"):
-    try:
-      return ADE20KSource(name, split) if kind == "ade20k" else CocoSource(name, split, skip_empty=training)
-    except DataError as e:
-      raise DataError(f"{what} split {split!r}: {e}; {PREPARE_HINT}") from e
-  return _tfds_source(name, split, tfds_data_dir(data_cfg))
-
-
-def _arrayrecord_source(what: str, pattern: str, split: str) -> ArrayRecordSource:
-  try:
-    return ArrayRecordSource(split_pattern(pattern, split))
-  except DataError as e:
-    raise DataError(f"{what} split {split!r}: {e}") from e
-
-
-def _wds_source(what: str, spec: str, split: str) -> wds.WdsSource:
-  pattern, score_filter, index_dir = wds.parse_spec(spec, what)
-  try:
-    return wds.WdsSource(split_pattern(pattern, split), score_filter, index_dir)
-  except DataError as e:
-    raise DataError(f"{what} split {split!r}: {e}") from e
+  return KINDS[kind].open(Request(name, spec_split or split, data_cfg, what, training))
 
 
 def disk_path(spec: str, split: str, data_cfg, what: str | None = None) -> str | None:
   """What `spec` reads from disk in `split`: the glob of arrayrecord: and wds: ('{split}' filled in), the root
   folder of the other folder kinds, TFDS' dataset folder in its data dir; None for the embedded sets."""
-  kind, name, spec_split = _parse(spec, what or _source_what(spec))
-  if kind in ("shapes", "scenes"):
-    return None
-  if kind == "tfds":
-    return str(tfds_data_dir(data_cfg) / name.split("/")[0].split(":")[0])  # as _check_prepared looks
-  if kind == "wds":
-    name = wds.parse_spec(name, what or _source_what(spec))[0]
-  if kind in ("arrayrecord", "wds"):
-    return split_pattern(name, spec_split or split)
-  return os.path.expanduser(name)
+  what = what or _source_what(spec)
+  kind, name, spec_split = _parse(spec, what)
+  return KINDS[kind].path_on_disk(Request(name, spec_split or split, data_cfg, what))
 
 
 def fixed_folder(path: str) -> str:
@@ -265,27 +153,7 @@ def class_names(spec: str, data_cfg, what: str | None = None) -> list[str]:
   errors name `what` as build_source's do."""
   what = what or _source_what(spec)
   kind, name, _ = _parse(spec, what)
-  if kind == "shapes" and name == "images":
-    raise DataError(f"{what}: uncaptioned, unlabelled images have no class names")
-  if kind in ("shapes", "scenes"):  # scenes: the object kinds; its masks add background as 0
-    return list(SHAPE_NAMES)
-  if kind == "ade20k":
-    return list(ade20k.class_names())
-  if kind in imagenet_variants.KINDS:
-    return list(imagenet_variants.class_wnids(kind))
-  if kind == "coco":  # contiguous classes in category-id order
-    try:
-      return list(coco.load_index(name, data_cfg.train_split).class_names)
-    except DataError as e:
-      raise DataError(f"{what} split {data_cfg.train_split!r}: {e}; {PREPARE_HINT}") from e
-  if kind == "wds":
-    raise DataError(f"{what}: image-text tars have no class names")
-  if kind == "arrayrecord":
-    try:
-      return records.class_names(split_pattern(name, data_cfg.train_split))
-    except DataError as e:
-      raise DataError(f"{what} split {data_cfg.train_split!r}: {e}") from e
-  return list(_tfds_label_feature(name, data_cfg).names)
+  return KINDS[kind].class_names(name, data_cfg, what)
 
 
 def union_classes(lists) -> tuple[list[str], list[list[int]]]:

@@ -17,6 +17,7 @@ Options after the glob, ';'-separated (not glob characters): min_similarity, max
 the glob becomes the split name, as for `arrayrecord:`.
 
 `tar_samples` and `tar_captions` stream one tar's samples without an index (captions: never the images).
+`SOURCE_KIND` is the 'wds' kind.
 """
 
 from __future__ import annotations
@@ -36,6 +37,8 @@ from typing import Iterator
 import numpy as np
 
 from visionfm_jax.data import limits
+from visionfm_jax.data.sources.kind import Request, SourceKind
+from visionfm_jax.data.sources.records import split_pattern
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.errors import DataError
 
@@ -423,3 +426,20 @@ class WdsSource:
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
     return f"WdsSource({self.pattern!r}, {self.score_filter}, tars={len(self.tars)}, records={len(self)})"
+
+
+# ------------------------------------------------------------------------------------- the 'wds' source kind
+
+def _open(request: Request) -> WdsSource:
+  pattern, score_filter, index_dir = parse_spec(request.name, request.what)
+  with request.errors_named():
+    return WdsSource(split_pattern(pattern, request.split), score_filter, index_dir)
+
+
+def _no_class_names(name: str, data_cfg, what: str) -> list[str]:
+  raise DataError(f"{what}: image-text tars have no class names")
+
+
+SOURCE_KIND = SourceKind(
+    "wds", "'wds:<glob>'", _open, _no_class_names, folder=True,
+    disk_path=lambda request: split_pattern(parse_spec(request.name, request.what)[0], request.split))
