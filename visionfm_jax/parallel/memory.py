@@ -29,9 +29,9 @@ def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy:
   shards = STRATEGY_SHARDS[strategy]
   boxed_params, boxed_opt = abstract_boxed_state.params, abstract_boxed_state.opt_state
   params, opt_state = nn.unbox(boxed_params), nn.unbox(boxed_opt)
+  own_specs = param_specs(boxed_params, mesh_shape, strategy, overrides)  # first: it checks the overrides
   opt_specs = tree_specs(boxed_opt, mesh_shape, shards["opt_state"], optimizer_over_data, Overrides(overrides))
-  out = dict(params=tree_bytes_per_device(params, param_specs(boxed_params, mesh_shape, strategy, overrides),
-                                          mesh_shape),
+  out = dict(params=tree_bytes_per_device(params, own_specs, mesh_shape),
              grads=tree_bytes_per_device(params, grad_specs(boxed_params, mesh_shape, strategy, overrides), mesh_shape),
              opt_state=tree_bytes_per_device(opt_state, opt_specs, mesh_shape))
   out["total"] = sum(out.values())

@@ -342,9 +342,10 @@ def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
 
 def grad_specs(abstract_boxed_params, mesh_shape: dict[str, int], strategy: str, overrides: Sequence = ()):
   """PartitionSpecs of the gradients: reduce-scattered (fsdp-sharded) under zero2/zero3, all-reduced otherwise;
-  a param the `overrides` give logical axes has its gradient laid out by them."""
-  return tree_specs(abstract_boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["grads"],
-                    overrides=Overrides(overrides))
+  a param the `overrides` give logical axes has its gradient laid out by them (checked as `param_specs` does)."""
+  rules = Overrides(overrides)
+  rules.check(abstract_boxed_params, mesh_shape)
+  return tree_specs(abstract_boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["grads"], overrides=rules)
 
 
 def shard_shape(shape: tuple[int, ...], spec: P, mesh_shape: dict[str, int]) -> tuple[int, ...]:
