@@ -99,6 +99,7 @@ def test_a_rule_that_fits_no_param_is_an_error_naming_it(rules, message):
     ((("head", ("embed", "bogus")),), r"'bogus' is neither a logical axis \(embed, .*\) nor a mesh axis "
                                       r"\(data, fsdp, tensor\)"),
     ((("head", ("fsdp", ("data", "fsdp"))),), r"mesh axis 'fsdp' splits more than one dim"),
+    ((("head", ("embed", "tensor")),), r"'embed' beside mesh axes: logical and mesh axes in one layout"),
     ((("head", "sharded"),), r"expected 'replicated' or a tuple of axes"),
     ((("head[", "replicated"),), r"'head\[' is not a regex"),
     ((("head",),), r"is not a \(regex, layout\) pair"),

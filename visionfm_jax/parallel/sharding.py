@@ -114,12 +114,14 @@ def parse_layout(value: Any) -> Layout:
     return Layout(spec=P())
   if isinstance(value, str) or not isinstance(value, (tuple, list)):
     raise ValueError(f"expected {REPLICATED!r} or a tuple of axes, one per dim of the param")
-  entries = tuple(tuple(e) if isinstance(e, list) else e for e in value)
+  entries: tuple[Any, ...] = tuple(tuple(e) if isinstance(e, list) else e for e in value)
   given = [e for e in entries if e is not None]
   if all(isinstance(e, str) and e in PARAM_AXES for e in given):
     return Layout(names=entries)
   mesh_axes = [a for e in given for a in ((e,) if isinstance(e, (str, int, float)) else e or ("()",))]
   unknown = [a for a in mesh_axes if a not in MESH_AXES]
+  if unknown and all(a in PARAM_AXES for a in unknown):
+    raise ValueError(f"{', '.join(map(repr, unknown))} beside mesh axes: logical and mesh axes in one layout")
   if unknown:
     raise ValueError(f"{', '.join(map(repr, unknown))} is neither a logical axis ({', '.join(PARAM_AXES)}) "
                      f"nor a mesh axis ({', '.join(MESH_AXES)})")
@@ -155,7 +157,7 @@ class Overrides:
 
 
 def _check_fits(layout: Layout, path: str, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> None:
-  axes = layout.names if layout.names is not None else tuple(layout.spec)
+  axes: tuple[Any, ...] = layout.names if layout.names is not None else tuple(layout.spec or ())
   if (layout.names is not None or axes) and len(axes) != len(shape):  # P() ('replicated') fits any dims
     raise ConfigError(f"{OVERRIDES_FIELD}: param {path} of shape {shape} has {len(shape)} dims, its layout "
                       f"{tuple(axes)} {len(axes)}")
