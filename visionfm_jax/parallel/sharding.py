@@ -118,7 +118,7 @@ def parse_layout(value: Any) -> Layout:
   given = [e for e in entries if e is not None]
   if all(isinstance(e, str) and e in PARAM_AXES for e in given):
     return Layout(names=entries)
-  mesh_axes = [a for e in given for a in ((e,) if isinstance(e, (str, int, float)) else e or ("()",))]
+  mesh_axes = [a for e in given for a in (e if isinstance(e, tuple) and e else (e,))]  # a dim's: one, or a tuple
   unknown = [a for a in mesh_axes if a not in MESH_AXES]
   if unknown and all(a in PARAM_AXES for a in unknown):
     raise ValueError(f"{', '.join(map(repr, unknown))} beside mesh axes: logical and mesh axes in one layout")
