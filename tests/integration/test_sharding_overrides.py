@@ -77,7 +77,8 @@ def test_the_memory_planner_plans_the_moved_param(capsys):
      "config.sharding.overrides: param image/patch_embed/kernel of shape (2, 2, 3, 16): its dim of 3 does not "
      "divide over mesh axes 'fsdp'"),
     ("('patch_embed/kernel$', ('embed', 'heads', 'lenght', None))",
-     "'lenght' is neither a logical axis"),
+     "('patch_embed/kernel$', ('embed', 'heads', 'lenght', None)) has no valid layout ('lenght' is neither a "
+     "logical axis"),
 ])
 def test_main_dry_run_stops_at_a_rule_that_fits_no_param_with_one_error_line(rule, culprit, tmp_path, monkeypatch,
                                                                                capsys):

@@ -119,12 +119,13 @@ def parse_layout(value: Any) -> Layout:
   if all(isinstance(e, str) and e in PARAM_AXES for e in given):
     return Layout(names=entries)
   mesh_axes = [a for e in given for a in (e if isinstance(e, tuple) and e else (e,))]  # a dim's: one, or a tuple
-  unknown = [a for a in mesh_axes if a not in MESH_AXES]
-  if unknown and all(a in PARAM_AXES for a in unknown):
-    raise ValueError(f"{', '.join(map(repr, unknown))} beside mesh axes: logical and mesh axes in one layout")
+  unknown = [a for a in mesh_axes if a not in MESH_AXES and a not in PARAM_AXES]
   if unknown:
     raise ValueError(f"{', '.join(map(repr, unknown))} is neither a logical axis ({', '.join(PARAM_AXES)}) "
                      f"nor a mesh axis ({', '.join(MESH_AXES)})")
+  logical = [a for a in mesh_axes if a in PARAM_AXES]
+  if logical:
+    raise ValueError(f"{', '.join(map(repr, logical))} beside mesh axes: logical and mesh axes in one layout")
   twice = sorted({a for a in mesh_axes if mesh_axes.count(a) > 1})
   if twice:
     raise ValueError(f"mesh axis {', '.join(map(repr, twice))} splits more than one dim")
