@@ -12,14 +12,15 @@ Who uses it, over which config field:
   config.optim.lr_mults     (regex, multiplier) pairs: the first match scales the param's lr (optim.lr_multipliers)
   config.optim.freeze       regexes: matching params get no update (optim.freeze_labels_fn)
   config.init_from_skip     one regex: matching model params stay freshly initialised (init_from.load)
+  config.sharding.overrides (regex, layout) pairs: the first match lays the param out (parallel/sharding.py)
 
 A rule a config gives that matches no param is a typo or a wrong prefix: `require_matches` raises a ConfigError
-naming it, and lr_mults, freeze and init_from_skip ask for that check. no_decay does not: its default serves
-every model family ('cpb_mlp' is SwinV2's; a ViT has none), so a rule of it may legitimately match nothing in
-a given model.
+naming it, and lr_mults, freeze, init_from_skip and the sharding overrides ask for that check. no_decay does not:
+its default serves every model family ('cpb_mlp' is SwinV2's; a ViT has none), so a rule of it may legitimately
+match nothing in a given model.
 
-A leaf (jax, flax and errors only): training's optim, init_from and checkpoint apply the rules, and convert names
-params by the same paths (`path_str`).
+A leaf (jax, flax and errors only): training's optim, init_from and checkpoint and parallel's sharding apply the
+rules, and convert names params by the same paths (`path_str`).
 """
 
 from __future__ import annotations

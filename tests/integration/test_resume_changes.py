@@ -14,7 +14,7 @@ import pytest
 
 from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import train
+from visionfm_jax.training import checkpoint, train
 
 from conftest import tiny_vit_config
 
@@ -74,11 +74,15 @@ def test_fp8_gemms_and_the_stack_form_switch_at_a_resume(workdir):
 
 def test_the_optimizer_state_moves_over_data_at_a_resume(workdir):
   """A ddp run's checkpoint resumes as zero3 on a data 2 x fsdp 4 mesh with the optimizer state over both
-  (config.optimizer_over_data): the restore lays the moments out anew, without allow_changes."""
+  (config.optimizer_over_data) and the patch embedding kept whole (config.sharding.overrides): the restore lays
+  the params and moments out anew, without allow_changes, and the next checkpoint's config records the layout."""
+  overrides = (("^patch_embed/kernel$", "replicated"),)
   config = _tiny_config(**{"total_steps": 8, "resume.allow_changes": "total_steps", "optimizer_over_data": True,
-                           "strategy": "zero3", "mesh.data": 2, "mesh.fsdp": 4})
+                           "strategy": "zero3", "mesh.data": 2, "mesh.fsdp": 4, "sharding.overrides": overrides})
   last = train.run(config, str(workdir))
   assert last["step"] == 8 and math.isfinite(last["train/loss"])
+  assert checkpoint.saved_config(str(workdir / "checkpoints"), 8)["sharding"]["overrides"] == [
+      ["^patch_embed/kernel$", "replicated"]]
 
 
 def test_a_new_lr_needs_allow_changes_and_then_takes_the_new_schedule(workdir, caplog):
@@ -157,8 +161,9 @@ def test_resume_rules_classify_fields():
       config_lib.REFUSED] * 4
   assert [config_lib.resume_kind(p) for p in ("total_steps", "optim.lr", "global_batch_size", "seed")] == [
       config_lib.OPT_IN] * 4
-  free = ("log_every", "strategy", "optimizer_over_data", "mesh.fsdp", "data.num_workers", "health.window")
-  assert [config_lib.resume_kind(p) for p in free] == [config_lib.FREE] * 6
+  free = ("log_every", "strategy", "optimizer_over_data", "mesh.fsdp", "sharding.overrides", "data.num_workers",
+          "health.window")
+  assert [config_lib.resume_kind(p) for p in free] == [config_lib.FREE] * 7
 
 
 def test_allow_changes_names_fields():

@@ -383,7 +383,7 @@ def plan(config, devices: int, target: str = "") -> dict:
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = dict(mesh.shape)
   state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy,
-                                   config.optimizer_over_data)
+                                   config.optimizer_over_data, config.sharding.overrides)
   analysis = compiled.memory_analysis()
   predicted = {}
   if target:  # no cost analysis for a deviceless GPU compile: the kernels' own FLOPs, loops by their trip counts

@@ -26,7 +26,7 @@ RESUME_RULES: tuple[tuple[str, str], ...] = (
     (r"log_every|eval_every|checkpoint_every|keep_checkpoints|checkpoint_digests|step_timeout_s|peer_timeout_s|"
      r"lock_wait_s|compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+", FREE),
     (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
-    (r"strategy|optimizer_over_data|mesh\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|"
+    (r"strategy|optimizer_over_data|mesh\..+|sharding\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|"
      r"probe\..+|eval\..+", FREE),
     # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
     (r"optim\.ema_decay", FREE),

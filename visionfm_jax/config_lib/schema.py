@@ -59,6 +59,17 @@ PARALLEL = dict(
         "zero1-3 with mesh.data > 1: the optimizer state (and the params' EMA) split over data x fsdp, not fsdp "
         "alone, as ZeRO-1 across the fsdp groups (the nodes) under the strategy within each; a device holds "
         "1/data of the state it would, and each step all-gathers its updated params' shard over data")),
+    # One parameter's layout, decided by the recipe (parallel/sharding.py `Overrides`).
+    sharding=dict(
+        overrides=Field((), doc=(
+            "((regex over '/'-joined param paths, layout), ...), the first matching rule wins: the matched params "
+            "laid out so instead of by the strategy and the logical-axis table. A layout: 'replicated' (whole on "
+            "every device); mesh axes, one per dim (('fsdp', None): that dim split over fsdp); or logical axes, "
+            "one per dim (('embed', 'mlp')), which the table reads instead of the model's. The gradient, optimizer "
+            "state and EMA of a param given its own layout stay as the strategy lays them out; logical axes apply "
+            "to them too. A rule that matches no param, or a layout that does not fit its params' dims, stops "
+            "the run at start-up naming it")),
+    ),
     # Mesh axis sizes; -1 takes the devices left. data x fsdp devices share the batch.
     mesh=dict(
         data=Field(1, MESH_AXIS, "data-parallel replicas of the sharded state"),

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from visionfm_jax.parallel.sharding import STRATEGY_SHARDS, grad_specs, shard_shape, tree_specs
+from visionfm_jax.parallel.sharding import STRATEGY_SHARDS, Overrides, grad_specs, param_specs, shard_shape, tree_specs
 
 
 def tree_bytes_per_device(abstract_tree, specs, mesh_shape: dict[str, int]) -> int:
@@ -21,16 +22,17 @@ def tree_bytes_per_device(abstract_tree, specs, mesh_shape: dict[str, int]) -> i
 
 
 def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
-                     optimizer_over_data: bool = False) -> dict[str, int]:
+                     optimizer_over_data: bool = False, overrides: Sequence = ()) -> dict[str, int]:
   """{'params', 'grads', 'opt_state', 'total'}: bytes on one device under `strategy` (gradients in the params'
-  dtypes, laid out as the train step constrains them); total is their sum. `optimizer_over_data`: as
-  `state_specs`'."""
+  dtypes, laid out as the train step constrains them); total is their sum. `optimizer_over_data`, `overrides`
+  (config.sharding.overrides): as `state_specs`'."""
   shards = STRATEGY_SHARDS[strategy]
   boxed_params, boxed_opt = abstract_boxed_state.params, abstract_boxed_state.opt_state
   params, opt_state = nn.unbox(boxed_params), nn.unbox(boxed_opt)
-  out = dict(params=tree_bytes_per_device(params, tree_specs(boxed_params, mesh_shape, shards["params"]), mesh_shape),
-             grads=tree_bytes_per_device(params, grad_specs(boxed_params, mesh_shape, strategy), mesh_shape),
-             opt_state=tree_bytes_per_device(
-                 opt_state, tree_specs(boxed_opt, mesh_shape, shards["opt_state"], optimizer_over_data), mesh_shape))
+  own_specs = param_specs(boxed_params, mesh_shape, strategy, overrides)  # first: it checks the overrides
+  opt_specs = tree_specs(boxed_opt, mesh_shape, shards["opt_state"], optimizer_over_data, Overrides(overrides))
+  out = dict(params=tree_bytes_per_device(params, own_specs, mesh_shape),
+             grads=tree_bytes_per_device(params, grad_specs(boxed_params, mesh_shape, strategy, overrides), mesh_shape),
+             opt_state=tree_bytes_per_device(opt_state, opt_specs, mesh_shape))
   out["total"] = sum(out.values())
   return out

@@ -18,13 +18,22 @@ another dim of the same parameter, larger than 1 and a divisor of the dim; none 
 replicated. Then the fallback, `FALLBACK`: `fsdp`, when no dim took it, goes to the parameter's largest free dim
 it divides, so odd-sized parameters (a 21,841-class head) still shard. Activations (`nn.with_logical_constraint`)
 use the same table through flax's rules, which try a name's entries in order as well.
+
+A recipe moves one parameter with `config.sharding.overrides` (`Overrides`): (regex over the param's path, layout)
+rules in the one mechanism of param_rules.py, the first match winning, as big_vision's `sharding_strategy`. A layout
+is logical axes, one per dim (the table reads them instead of the model's, for the param, its gradient, its
+optimizer state and its EMA alike, each as the strategy lays that part out), or the param's own layout: 'replicated'
+(whole on every device) or mesh axes, one per dim (a mesh axis, a tuple of them, or None); its gradient, optimizer
+state and EMA stay as the strategy lays them out from the model's names.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import math
+from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
@@ -32,7 +41,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from visionfm_jax import config_lib
+from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel.batch import BATCH_AXES, batch_axes_of
+from visionfm_jax.parallel.mesh import AXES as MESH_AXES
+from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
 
 # ZeRO stage k shards the first k of these over fsdp (Rajbhandari et al. 2020): stage 1 the optimizer state,
 # stage 2 the gradients too, stage 3 the parameters too.
@@ -81,6 +93,82 @@ def check_axis_names(names: tuple[str | None, ...], known: tuple[str, ...], kind
   if unknown:
     raise ValueError(f"{kind} axis names {tuple(names)}: {', '.join(map(repr, unknown))} not in LOGICAL_AXIS_RULES "
                      f"(its {kind} axes: {', '.join(known)}; None: never split)")
+
+
+OVERRIDES_FIELD = "config.sharding.overrides"
+REPLICATED = "replicated"  # an override's layout: the param whole on every device
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+  """One override's layout: `names`, logical axes the table reads instead of the model's, or `spec`, the param's
+  own PartitionSpec (module docstring)."""
+  names: tuple[str | None, ...] | None = None
+  spec: P | None = None
+
+
+def parse_layout(value: Any) -> Layout:
+  """The Layout an override's value states: 'replicated'; logical axes (PARAM_AXES names or None), one per dim;
+  or mesh axes (MESH_AXES names, tuples of them, or None), one per dim. ValueError saying what is wrong."""
+  if value == REPLICATED:
+    return Layout(spec=P())
+  if isinstance(value, str) or not isinstance(value, (tuple, list)):
+    raise ValueError(f"expected {REPLICATED!r} or a tuple of axes, one per dim of the param")
+  entries: tuple[Any, ...] = tuple(tuple(e) if isinstance(e, list) else e for e in value)
+  given = [e for e in entries if e is not None]
+  if all(isinstance(e, str) and e in PARAM_AXES for e in given):
+    return Layout(names=entries)
+  mesh_axes = [a for e in given for a in (e if isinstance(e, tuple) and e else (e,))]  # a dim's: one, or a tuple
+  unknown = [a for a in mesh_axes if a not in MESH_AXES and a not in PARAM_AXES]
+  if unknown:
+    raise ValueError(f"{', '.join(map(repr, unknown))} is neither a logical axis ({', '.join(PARAM_AXES)}) "
+                     f"nor a mesh axis ({', '.join(MESH_AXES)})")
+  logical = [a for a in mesh_axes if a in PARAM_AXES]
+  if logical:
+    raise ValueError(f"{', '.join(map(repr, logical))} beside mesh axes: logical and mesh axes in one layout")
+  twice = sorted({a for a in mesh_axes if mesh_axes.count(a) > 1})
+  if twice:
+    raise ValueError(f"mesh axis {', '.join(map(repr, twice))} splits more than one dim")
+  return Layout(spec=P(*entries))
+
+
+class Overrides:
+  """`config.sharding.overrides` as rules: the Layout of a param path (the first matching rule's), checked against
+  a model's params and a mesh (`check`)."""
+
+  def __init__(self, rules: Sequence = ()):
+    self._rules = ParamRules(rules, field=OVERRIDES_FIELD, value_name="layout", convert=parse_layout)
+
+  def __bool__(self) -> bool:
+    return bool(self._rules)
+
+  def layout(self, path: str) -> Layout | None:
+    """The Layout of the param at `path` ('' for a leaf outside the params, as an optimizer's count: none)."""
+    return self._rules.value(path) if path else None
+
+  def check(self, boxed_params, mesh_shape: dict[str, int]) -> None:
+    """ConfigError naming a rule that matches no param of `boxed_params`, or the param whose dims a rule's layout
+    does not fit (another number of dims; a dim its mesh axes do not divide) on a mesh of `mesh_shape`."""
+    leaves = named_leaves(boxed_params)
+    self._rules.require_matches([path for path, _ in leaves])
+    for path, value in leaves:
+      layout = self.layout(path)
+      if layout is not None:
+        _check_fits(layout, path, tuple(value.shape), mesh_shape)
+
+
+def _check_fits(layout: Layout, path: str, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> None:
+  axes: tuple[Any, ...] = layout.names if layout.names is not None else tuple(layout.spec or ())
+  if (layout.names is not None or axes) and len(axes) != len(shape):  # P() ('replicated') fits any dims
+    raise ConfigError(f"{OVERRIDES_FIELD}: param {path} of shape {shape} has {len(shape)} dims, its layout "
+                      f"{tuple(axes)} {len(axes)}")
+  if layout.spec is None:
+    return
+  for size, dim_axes in zip(shape, axes):
+    split = math.prod(mesh_shape.get(a, 1) for a in ((dim_axes,) if isinstance(dim_axes, str) else dim_axes or ()))
+    if size % split:
+      raise ConfigError(f"{OVERRIDES_FIELD}: param {path} of shape {shape}: its dim of {size} does not divide over "
+                        f"mesh axes {dim_axes!r} ({split} devices, mesh {mesh_shape})")
 
 
 def activation_rules() -> tuple[tuple[str, MeshAxes | None], ...]:
@@ -212,34 +300,55 @@ def map_with_names(fn, boxed_tree):
   return jax.tree.map(apply, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool, over_data: bool = False):
-  """PartitionSpecs for every leaf of a (boxed, abstract) tree; unnamed leaves get only the fsdp fallback."""
-  def spec(names, value):
-    shape = tuple(value.shape)
-    return partition_spec(names if names is not None else (None,) * len(shape), shape, mesh_shape, shard_fsdp,
-                          over_data)
-  return map_with_names(spec, boxed_tree)
+def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool, over_data: bool = False,
+               overrides: Overrides | None = None, own_layouts: bool = False):
+  """PartitionSpecs for every leaf of a (boxed, abstract) tree; unnamed leaves get only the fsdp fallback.
+  `overrides`: a leaf whose path a rule matches reads its logical axes; `own_layouts` (the params themselves):
+  also takes its own layout ('replicated', mesh axes)."""
+  def spec(path, x):
+    boxed = isinstance(x, nn.Partitioned)
+    shape = tuple((x.value if boxed else x).shape)
+    layout = overrides.layout(path_str(path)) if overrides else None
+    if layout is not None and layout.spec is not None and own_layouts:
+      return layout.spec
+    names = tuple(x.names) if boxed else (None,) * len(shape)
+    if layout is not None and layout.names is not None:
+      names = layout.names
+    return partition_spec(names, shape, mesh_shape, shard_fsdp, over_data)
+  return jax.tree_util.tree_map_with_path(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str, optimizer_over_data: bool = False):
+def param_specs(boxed_params, mesh_shape: dict[str, int], strategy: str, overrides: Sequence = ()):
+  """PartitionSpecs of the params under `strategy` and the recipe's `overrides` (config.sharding.overrides),
+  which are checked against them first (`Overrides.check`)."""
+  rules = Overrides(overrides)
+  rules.check(boxed_params, mesh_shape)
+  return tree_specs(boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["params"], overrides=rules, own_layouts=True)
+
+
+def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str, optimizer_over_data: bool = False,
+                overrides: Sequence = ()):
   """PartitionSpecs for a (boxed, abstract) TrainState under `strategy`: params and opt_state per the table; the
   state's parts laid out as the optimizer state (the params' EMA: sharded from zero1 on, as only the step's
   elementwise update and the evaluations read it, so it need not be replicated where the params are), the rest
   replicated. `optimizer_over_data` (config.optimizer_over_data): the optimizer state's fsdp dims over
-  (data, fsdp)."""
-  shards = STRATEGY_SHARDS[strategy]
+  (data, fsdp). `overrides` (config.sharding.overrides): the recipe's layouts of params (module docstring)."""
+  shards, rules = STRATEGY_SHARDS[strategy], Overrides(overrides)
   unboxed = nn.unbox(abstract_boxed_state)
   return unboxed.replace(
-      params=tree_specs(abstract_boxed_state.params, mesh_shape, shards["params"]),
-      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], optimizer_over_data),
-      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], optimizer_over_data)
+      params=param_specs(abstract_boxed_state.params, mesh_shape, strategy, overrides),
+      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], optimizer_over_data, rules),
+      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], optimizer_over_data, rules)
          for k in unboxed.opt_state_like_fields()},
       **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()})
 
 
-def grad_specs(abstract_boxed_params, mesh_shape: dict[str, int], strategy: str):
-  """PartitionSpecs of the gradients: reduce-scattered (fsdp-sharded) under zero2/zero3, all-reduced otherwise."""
-  return tree_specs(abstract_boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["grads"])
+def grad_specs(abstract_boxed_params, mesh_shape: dict[str, int], strategy: str, overrides: Sequence = ()):
+  """PartitionSpecs of the gradients: reduce-scattered (fsdp-sharded) under zero2/zero3, all-reduced otherwise;
+  a param the `overrides` give logical axes has its gradient laid out by them (checked as `param_specs` does)."""
+  rules = Overrides(overrides)
+  rules.check(abstract_boxed_params, mesh_shape)
+  return tree_specs(abstract_boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["grads"], overrides=rules)
 
 
 def shard_shape(shape: tuple[int, ...], spec: P, mesh_shape: dict[str, int]) -> tuple[int, ...]:

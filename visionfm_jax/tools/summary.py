@@ -45,9 +45,10 @@ def params_by_module(abstract_params) -> dict[str, int]:
 
 
 def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
-                           optimizer_over_data: bool = False) -> int:
-  """Bytes of one device's shard of every train-state leaf under `strategy` (`optimizer_over_data`: the config's)."""
-  specs = parallel.state_specs(abstract_boxed_state, mesh_shape, strategy, optimizer_over_data)
+                           optimizer_over_data: bool = False, overrides=()) -> int:
+  """Bytes of one device's shard of every train-state leaf under `strategy` (`optimizer_over_data`, `overrides`:
+  the config's)."""
+  specs = parallel.state_specs(abstract_boxed_state, mesh_shape, strategy, optimizer_over_data, overrides)
   return parallel.tree_bytes_per_device(nn.unbox(abstract_boxed_state), specs, mesh_shape)
 
 
@@ -65,11 +66,12 @@ def summarize(config, devices: int, strategy: str) -> dict:
   total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nn.unbox(abstract_boxed)))
   strategies = ALL_STRATEGIES if strategy == "all" else (strategy,)
   out = dict(modules=modules, total_params=sum(modules.values()), mesh=mesh_shape, state_bytes=total_state,
-             per_device={s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s, config.optimizer_over_data)
+             per_device={s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s, config.optimizer_over_data,
+                                                      config.sharding.overrides)
                          for s in strategies})
   if strategy != "all":
     out["state_bytes_per_device"] = state_bytes_per_device(abstract_boxed, mesh_shape, strategy,
-                                                           config.optimizer_over_data)
+                                                           config.optimizer_over_data, config.sharding.overrides)
   return out
 
 

@@ -1,8 +1,10 @@
 """Every check of a config before a run builds anything: the config's own (config_lib.check: each field a row of
 its schema, in its domain), then each owner's between fields: the data section (data/loader/checks.py), the
-schedule (training/optim.py), the batch and the mesh (parallel/checks.py), the model fields init_from's
-checkpoint was trained with (training/init_from.py). What only a model or a task knows is checked when it is
-built (tasks.build). A run checks its config once: `main` calls `validate` before joining the other
+schedule (training/optim.py), the batch and the mesh (parallel/checks.py), the form of the recipe's sharding
+overrides (parallel/sharding.py), the model fields init_from's checkpoint was trained with (training/init_from.py).
+What only a model or a task knows is checked when it is built (tasks.build); the sharding overrides against the
+model's params and the mesh, when the state's shardings are (`parallel.param_specs`: the run's start-up, main's
+--dry_run, the planners). A run checks its config once: `main` calls `validate` before joining the other
 processes and setting up the devices, and `train.run` then only `check_devices` once it knows them; a run started
 from Python (`train.run` without `validated`) calls `validate` there. A NaFlex token budget is checked against a
 device's memory once the task is built, before the first compile (`check_naflex_budget`: main's start-up and
@@ -21,6 +23,7 @@ from visionfm_jax import config_lib, tasks
 from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel import checks as parallel_checks
+from visionfm_jax.parallel import sharding
 from visionfm_jax.training import init_from, optim, sizing
 from visionfm_jax.training.infra import trackers
 
@@ -48,6 +51,7 @@ def validate(config, num_devices: int | None = None, num_processes: int = 1, *,
   optim.check_schedule(config.optim, config.total_steps)
   check_checkpoint_cadence(config)
   parallel_checks.check_batch(config)
+  sharding.Overrides(config.sharding.overrides)  # a bad regex or layout: a ConfigError naming the rule
   init_from.check_model_fields(config)
   if num_devices is not None:
     check_devices(config, num_devices, num_processes)

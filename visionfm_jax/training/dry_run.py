@@ -68,7 +68,8 @@ def plan(config, workdir: str, num_devices: int, num_processes: int, class_names
 
   tx = optim.make_optimizer(config.optim, run_plan.lr_schedule, task.model)
   abstract = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
-  per_device = parallel.bytes_per_device(abstract, mesh, config.strategy, config.optimizer_over_data)
+  per_device = parallel.bytes_per_device(abstract, mesh, config.strategy, config.optimizer_over_data,
+                                         config.sharding.overrides)
   example = task.synthetic_batch(1, np.random.default_rng(0))  # shapes from the config, as the data's will be
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in example.values())
   unboxed = nn.unbox(abstract)

@@ -43,7 +43,7 @@ def abstract_state(init_fn):
 def state_shardings(init_fn, mesh, config):
   """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
   specs = parallel.state_specs(abstract_state(init_fn), dict(mesh.shape), config.strategy,
-                               config.optimizer_over_data)
+                               config.optimizer_over_data, config.sharding.overrides)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return nn.unbox(abstract_state(init_fn)), shardings, specs
 
@@ -88,7 +88,7 @@ def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, m
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under `parallel.activation_sharding(mesh)`."""
   boxed_params = abstract_state(init_fn).params
-  specs = parallel.grad_specs(boxed_params, dict(mesh.shape), config.strategy)
+  specs = parallel.grad_specs(boxed_params, dict(mesh.shape), config.strategy, config.sharding.overrides)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return jax.jit(make_train_step(task, tx, config, grad_shardings, mesh, lr_schedule),
                  in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
