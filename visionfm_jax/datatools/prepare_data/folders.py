@@ -70,8 +70,6 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
                               min_side=min_side, follow_links=follow_links)
   tree = image_tree.list_class_tree(input_dir, follow_links)
   _check_classes(tree, input_dir)
-  if task is not None:  # --finalize writes no shard
-    image_tree.require_decodable(input_dir, tree.paths, follow_links)
   order = np.random.default_rng(seed).permutation(len(tree.paths))
   splits = {split: order}
   if holdout_per_class:
@@ -84,6 +82,9 @@ def convert_folders(input_dir: str, output_dir: str, *, split: str = "train", re
   shards.check_output(output_dir, "classification", tree.classes,
                       {name: shards.shard_names(split_jobs) for name, split_jobs in jobs.items()})
   all_jobs = [job for split_jobs in jobs.values() for job in split_jobs]
+  mine = task.share(all_jobs) if task is not None else []  # --finalize writes no shard
+  if mine:  # a task reads only its own shards' images: the first of them decodes, or nothing would
+    image_tree.require_decodable(input_dir, (path for job in mine for path, _ in job.items), follow_links)
   conversion = shards.fingerprint("folders", *(job.fingerprint for job in all_jobs))
   all_counts = shards.convert_share(shards.shard_names(all_jobs), all_jobs.__getitem__, output_dir, conversion,
                                     num_workers, progress, task)

@@ -48,11 +48,11 @@ def require_decodable(input_dir: str, paths: Iterable[str], follow_links: bool =
   the conversion reads it and decodes: a conversion that would write not one image. Stops at the first that
   decodes (in a tree of images, the first), so it costs one decode, also where the shards keep the bytes as they
   are and nothing else decodes them."""
-  inside = os.path.realpath(input_dir) if follow_links else ""
+  root = os.path.realpath(input_dir)
   reasons, count = collections.Counter(), 0
   for path in paths:
     count += 1
-    data, reason = read_image_file(os.path.join(input_dir, path), refuse_links=True, inside=inside)
+    data, reason = read_image_file(os.path.join(input_dir, path), root, follow_links)
     if data is not None:
       try:
         transforms.decode_image(data)
