@@ -147,10 +147,13 @@ def _dry_run(class_names: list[str] | None) -> None:
 
 def _compile_only(class_names: list[str] | None) -> None:
   """training/compile_only.py's programs compiled into the run's cache, and its one line."""
+  import jax  # pylint: disable=g-import-not-at-top
+
   from visionfm_jax.training import compile_only  # pylint: disable=g-import-not-at-top
   folder, programs = compile_only.run(_CONFIG.value, _WORKDIR.value, class_names)
-  print(compile_only.report(folder, programs))
-  sys.stdout.flush()
+  if jax.process_index() == 0:  # one line for the job
+    print(compile_only.report(folder, programs))
+    sys.stdout.flush()
 
 
 def _check_no_dry_run_flags() -> None:

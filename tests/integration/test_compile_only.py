@@ -137,3 +137,24 @@ def test_the_caches_folder_is_part_of_its_key_and_named_absolutely(tmp_path, mon
   assert _load_count("", str(tmp_path / "run")) == 1
   shutil.copytree(tmp_path / "run" / "compile_cache", tmp_path / "elsewhere")
   assert _load_count(str(tmp_path / "elsewhere"), "unused") == 0
+
+
+@pytest.mark.slow
+def test_a_two_process_job_loads_what_its_compile_only_start_wrote(tmp_path, warm_python):
+  """launch/local.sh 2, ddp over 2 x 2 devices: the compile-only start prints one line for the job (process 0's)
+  and writes the init and the train step; the job then compiles neither again (process 0, the writer, adds no
+  entry: a program it compiled would be written under its own key)."""
+  from test_multiprocess import DDP_FLAGS, _Job  # pylint: disable=g-import-not-at-top
+  workdir, flags = tmp_path / "run", [f for f in DDP_FLAGS if not f.startswith("--config.total_steps")]
+  flags.append("--config.total_steps=2")
+  code, out = _Job(workdir, "--compile_only", base=flags, warm=warm_python).finish()
+  assert code == 0, out[-6000:]
+  assert len(re.findall(r"^compile only: init .* train_step .*, for 4 cpu devices in 2 processes; cache ", out,
+                        re.MULTILINE)) == 1, out[-3000:]
+  written = _entries(workdir / "compile_cache")
+  assert {name.split("-")[0] for name in written} == {"jit_init", "jit_train_step"}
+
+  code, out = _Job(workdir, base=flags, warm=warm_python).finish()
+  assert code == 0, out[-6000:]
+  assert _entries(workdir / "compile_cache") == written
+  assert '"step": 2' in (workdir / "metrics.jsonl").read_text()
