@@ -53,6 +53,7 @@ def _entries(cache):
   return {p.name for p in cache.glob("*-cache") if p.name.startswith(("jit_init-", "jit_train_step-"))}
 
 
+@pytest.mark.slow
 def test_compile_only_fills_the_cache_that_the_run_then_loads(tmp_path, monkeypatch, capsys):
   """A compile-only start writes the init and the train step into <workdir>/compile_cache and nothing else; the run
   of the same config then loads both (nothing compiled under their names, no entry added for them); a second
@@ -95,6 +96,7 @@ def test_compile_only_refuses_what_fills_no_cache(tmp_path, monkeypatch, capsys,
   assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.slow
 def test_the_train_step_compiles_once_over_a_runs_first_steps(tmp_path):
   """Four steps with an evaluation and a checkpoint save after the second: the train step is traced and compiled
   once (a recompile, from a state or batch that comes back from a save, an evaluation or the first step in another
