@@ -98,16 +98,19 @@ def test_compile_only_refuses_what_fills_no_cache(tmp_path, monkeypatch, capsys,
 
 @pytest.mark.slow
 def test_the_train_step_compiles_once_over_a_runs_first_steps(tmp_path):
-  """Four steps with an evaluation and a checkpoint save after the second: the train step is traced and compiled
-  once (a recompile, from a state or batch that comes back from a save, an evaluation or the first step in another
+  """Four steps with an evaluation and a checkpoint save after the second, the state with the recipes' optional
+  parts (fp16's loss scale, the health guard's statistics, an EMA, evaluated too): the train step is compiled once
+  (a recompile, from a state or batch that comes back from a save, an evaluation or the first step in another
   layout or type, would take minutes at the seeds' size)."""
-  config = tiny_vit_config(total_steps=4, log_every=1, eval_every=2, checkpoint_every=2, compile_cache="off")
+  config = tiny_vit_config(total_steps=4, log_every=1, eval_every=2, checkpoint_every=2, compile_cache="off",
+                           **{"precision.compute_dtype": "float16", "health.enabled": True, "optim.ema_decay": 0.5})
   config.data.num_workers = 0
   config.data.eval_examples = 16
   jax.clear_caches()
   with _Programs() as programs:
     last = train.run(config, str(tmp_path / "run"))
-  assert last["step"] == 4 and "eval/val/top1" in last
+  assert last["step"] == 4
+  assert {"eval/val/top1", "eval/ema/val/top1", "train/loss_scale", "health/rollbacks"} <= set(last)
   assert (tmp_path / "run" / "checkpoints" / "2").is_dir()
   assert programs.of("jit(train_step)") == [False], programs.seen
 
