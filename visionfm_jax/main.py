@@ -9,6 +9,10 @@ init_from, the workdir's checkpoint and every data source the run opens; it prin
 steps, examples per epoch and the checkpoint cadence, and exits 0 (training/dry_run.py). It joins no other
 process: launch/ runs one process for it.
 
+`--compile_only` compiles the run's init and train step for this job's devices and processes into its compile
+cache and exits 0 with one line naming each program, its seconds and the cache's folder (training/compile_only.py):
+nothing is trained and no data is read. A job starts it as it starts the run, so that the run loads them.
+
 Bad input (a flag, the config file, a field's value, data, checkpoints, weights) ends the run with one
 `error: ...` line naming it and exit status 2; a process that hangs on its peers exits with
 `faults.HUNG_EXIT_CODE`. Ctrl-C stops the run after the step in progress, without a save, with one line naming the
@@ -42,6 +46,10 @@ _DRY_RUN_DEVICES = flags.DEFINE_integer(
     "config.mesh's when no axis is -1, else this process's devices.")
 _DRY_RUN_PROCESSES = flags.DEFINE_integer(
     "dry_run_processes", 1, "With --dry_run: plan for this many processes (one per node under launch/slurm.sbatch).")
+_COMPILE_ONLY = flags.DEFINE_bool(
+    "compile_only", False, "Compile the run's init and train step for this job's devices and processes into its "
+    "compile cache (config.compile_cache: <workdir>/compile_cache by default) and exit: nothing is trained and no "
+    "data is read; the run of the same config on the same devices then loads them (training/compile_only.py).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 
@@ -106,7 +114,10 @@ def _main():
                  jax.devices()[0].device_kind)
     peers = faults.PeerWatch(_CONFIG.value.peer_timeout_s)
     try:
-      train.run(_CONFIG.value, _WORKDIR.value, validated=True, class_names=class_names)
+      if _COMPILE_ONLY.value:
+        _compile_only(class_names)
+      else:
+        train.run(_CONFIG.value, _WORKDIR.value, validated=True, class_names=class_names)
     except UserError as e:
       _exit_with(e, peers)
     except KeyboardInterrupt:  # Ctrl-C: the others learn it, and process 0 (the service's host) outlives them
@@ -125,6 +136,9 @@ def _dry_run(class_names: list[str] | None) -> None:
   """training/dry_run.py's checks and plan (of a task given the training `class_names` that sizing read), printed.
   The backend is set up here, after jax's import: it holds no accelerator memory, and none at all when the devices
   are planned as a number."""
+  if _COMPILE_ONLY.value:
+    raise UserError("--compile_only and --dry_run: the dry run checks a job on one process, the compile-only start "
+                    "runs as the job; give one")
   if _DRY_RUN_DEVICES.value < 0 or _DRY_RUN_PROCESSES.value < 1:
     raise UserError(f"--dry_run_devices={_DRY_RUN_DEVICES.value} --dry_run_processes={_DRY_RUN_PROCESSES.value}: "
                     f"expected devices >= 0 (0: this process's) and processes >= 1")
@@ -143,6 +157,17 @@ def _dry_run(class_names: list[str] | None) -> None:
   for line in dry_run.report(plan):
     print(line)
   sys.stdout.flush()
+
+
+def _compile_only(class_names: list[str] | None) -> None:
+  """training/compile_only.py's programs compiled into the run's cache, and its one line."""
+  import jax  # pylint: disable=g-import-not-at-top
+
+  from visionfm_jax.training import compile_only  # pylint: disable=g-import-not-at-top
+  folder, programs = compile_only.run(_CONFIG.value, _WORKDIR.value, class_names)
+  if jax.process_index() == 0:  # one line for the job
+    print(compile_only.report(folder, programs))
+    sys.stdout.flush()
 
 
 def _check_no_dry_run_flags() -> None:

@@ -49,12 +49,17 @@ def state_shardings(init_fn, mesh, config):
 
 
 def init_state(init_fn, shardings, rng: jax.Array) -> TrainState:
-  """The state `init_fn` makes from `rng`, laid out by `shardings` (`state_shardings`' second). `init_fn` itself is
-  jitted, its output boxed as `abstract_state` saw it, so that JAX reuses the trace `abstract_state` made (traces are
-  cached by function) instead of tracing the model's init a second time."""
+  """The state `init_fn` makes from `rng`, laid out by `shardings` (`state_shardings`' second)."""
+  return nn.unbox(jit_init(init_fn, shardings)(rng))
+
+
+def jit_init(init_fn, shardings):
+  """rng -> boxed state laid out by `shardings`: `init_fn` itself jitted, its output boxed as `abstract_state` saw
+  it, so that JAX reuses the trace `abstract_state` made (traces are cached by function) instead of tracing the
+  model's init a second time."""
   boxed_shardings = jax.tree.map(lambda box, s: box.replace_boxed(s) if isinstance(box, nn.Partitioned) else s,
                                  abstract_state(init_fn), shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-  return nn.unbox(jax.jit(init_fn, out_shardings=boxed_shardings)(rng))
+  return jax.jit(init_fn, out_shardings=boxed_shardings)
 
 
 def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, mesh,

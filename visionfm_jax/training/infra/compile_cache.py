@@ -4,9 +4,12 @@ pico CLIP's first two steps on CPU: 31 CPU s compiling, 5 loading).
 
 `config.compile_cache`: '' keeps JAX's own setting when one is made (JAX_COMPILATION_CACHE_DIR), else
 `<workdir>/compile_cache`; 'off' compiles every program; any other path is used as it is (a folder that runs of
-one model and mesh share). The cache's key is the program with its compile options, devices and jaxlib, so a
-changed config compiles afresh and a loaded program computes what a compiled one would. With several
-processes, process 0 writes it and every process reads it (on a workdir that the nodes share).
+one model and mesh share), made absolute. The cache's key is the program with its compile options, devices and
+jaxlib, so a changed config compiles afresh and a loaded program computes what a compiled one would. Among the
+compile options is the cache's own folder: JAX keeps XLA's per-fusion autotune results in
+`<folder>/xla_gpu_per_fusion_autotune_cache_dir` (the flag of that name), so a cache copied to another path
+compiles afresh. With several processes, process 0 writes it and every process reads it (on a workdir that the
+nodes share). `main --compile_only` fills it for a job (training/compile_only.py).
 
 What is trusted: JAX names an entry `<program>-<key>-cache` and loads whatever bytes that file holds, so an entry
 changed after it was written (another run's program copied under its name, a write cut short by a kill, a
@@ -32,7 +35,7 @@ from jax.experimental.compilation_cache import compilation_cache as jax_cache
 import xxhash
 
 OFF = "off"
-_HIT = "/jax/compilation_cache/cache_hits"
+HIT = "/jax/compilation_cache/cache_hits"
 _JAX_FILE_CACHE = jax_cache_internals.get_file_cache
 
 
@@ -40,7 +43,7 @@ def directory(setting: str, workdir: str) -> str | None:
   """The cache folder a run with `config.compile_cache = setting` in `workdir` uses; None: no cache."""
   if setting == OFF:
     return None
-  return setting or jax.config.jax_compilation_cache_dir or os.path.join(workdir, "compile_cache")
+  return os.path.abspath(setting or jax.config.jax_compilation_cache_dir or os.path.join(workdir, "compile_cache"))
 
 
 @contextlib.contextmanager
@@ -51,7 +54,7 @@ def in_use(setting: str, workdir: str) -> Iterator[None]:
   loaded = []
 
   def count(event: str, **_) -> None:
-    if event == _HIT:
+    if event == HIT:
       loaded.append(event)
 
   _use(path, checked=True)
