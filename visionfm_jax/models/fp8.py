@@ -24,21 +24,23 @@ takes). Each scale is a power of two, 2^ceil(log2(amax / fp8 max)), so that it i
 loses nothing; the cost is at most one binade of the format's range left unused.
 
 Delayed scaling ('fp8_delayed'): current scaling reads each input once for its max and again for the cast, and XLA
-often leaves the max a pass of its own over the whole activation (openxla/xla #7432). Here x's scale (and dy's) is
-the power of two of the largest amax its layer recorded over the last HISTORY_LENGTH steps, known before the
-tensor is: the cast needs nothing but the tensor, so it fuses into the op producing it (LayerNorm, GELU, the
-residual add's gradient), and the tensor's own amax, a reduction of the same values, is that fusion's side output,
-recorded for the steps to come. A value beyond the history's range saturates at the format's largest. An empty
-history (the first step, or a resume that turns the recipe on) scales by 1: a gradient's first step with a new
-layer leaves its values below e5m2's 2^-16 at 0, once. A weight is scaled by its own max:
-it is quantized once a step (its FP8 copy kept for the input-gradient GEMM), so that costs a pass over the weight,
-not over an activation. Each `fp8=True` Dense keeps two histories (its input's and its output gradient's,
-HISTORY_LENGTH fp32 each, newest first; an attention's output projection, K = N = width, where Transformer Engine's
-profile finds FP8 pays least, stays in the compute dtype), created by the model's init in the `HISTORY` collection
-and kept in the train state (training/fp8_history.py), replicated; the step merges them into the params the model reads
-(`with_histories`) and takes the updated ones as their cotangents, as flax's "overwrite with gradient" variables
-are: `delayed_matmul`'s backward returns each history with its new amax in front. A max over the whole batch
-is global (the all-reduce of one scalar, which nothing waits for until the next step).
+often leaves the max a pass of its own over the whole activation (openxla/xla #7432). Here x's scale (and dy's) is the
+power of two of the largest amax its layer recorded over the last HISTORY_LENGTH steps, known before the tensor is:
+the cast needs nothing but the tensor, so it fuses into the op producing it (LayerNorm, GELU, the residual add's
+gradient), and the tensor's own amax, recorded for the steps to come, is off the critical path (nothing waits for it
+until the next step). XLA 0.10.2's GPU compiler leaves that amax a reduction of its own rather than a side output of
+the producing fusion (tests/integration/test_fp8_delayed_h100.py counts them: 5 a block of a pico ViT, the LayerNorm
+recomputed inside for qkv's and fc1's inputs). A value beyond the history's range saturates at the format's largest.
+An empty history (the first step, or a resume that turns the recipe on) scales by 1: a gradient's first step with a
+new layer leaves its values below e5m2's 2^-16 at 0, once. A weight is scaled by its own max: it is quantized once a
+step (its FP8 copy kept for the input-gradient GEMM), so that costs a pass over the weight, not over an activation.
+Each `fp8=True` Dense keeps two histories (its input's and its output gradient's, HISTORY_LENGTH fp32 each, newest
+first; an attention's output projection, K = N = width, where Transformer Engine's profile finds FP8 pays least, stays
+in the compute dtype), created by the model's init in the `HISTORY` collection and kept in the train state
+(training/fp8_history.py), replicated; the step merges them into the params the model reads (`with_histories`) and
+takes the updated ones as their cotangents, as flax's "overwrite with gradient" variables are: `delayed_matmul`'s
+backward returns each history with its new amax in front. A max over the whole batch is global (the all-reduce of one
+scalar, which nothing waits for until the next step).
 
 Quantization and dequantization are flax's (`flax.linen.fp8_ops.quantize` / `dequantize`); each product is a dot
 of dequantized operands, convert(f8) x scalar scale, the pattern XLA's GPU compiler rewrites into one cuBLASLt FP8
