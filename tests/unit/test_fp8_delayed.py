@@ -77,6 +77,7 @@ def _vit_and_images():
   return model, jnp.linspace(-1, 1, 2 * 16 * 16 * 3).reshape(2, 16, 16, 3)
 
 
+@pytest.mark.slow
 def test_qkv_fc1_and_fc2_keep_histories_and_the_attention_output_projection_stays_in_the_compute_dtype():
   model, images = _vit_and_images()
   with fp8.gemms(fp8.DELAYED):
