@@ -121,7 +121,7 @@ def test_only_the_blocks_gemms_run_in_fp8_and_only_under_the_switch():
   assert quantized and not any(on for _, on in quantized)
 
 
-@pytest.mark.parametrize("recipe", fp8.RECIPES)
+@pytest.mark.parametrize("recipe", fp8.CURRENT)
 def test_separate_projections_in_fp8_are_the_fused_fp8_product_sliced(recipe):
   """Under an FP8 recipe q, k and v are one FP8 product of the whole (C, 3, heads, head_dim) kernel under one scale,
   sliced (values and gradients): three products sharing x are merged by XLA's GPU compiler into one dot of their
@@ -201,7 +201,7 @@ def _square_loss(recipe):
   return lambda x, w: jnp.sum(matmul(x, w).astype(jnp.float32) ** 2)
 
 
-@pytest.mark.parametrize("recipe", fp8.RECIPES)
+@pytest.mark.parametrize("recipe", fp8.CURRENT)
 def test_each_devices_rows_are_scaled_by_their_own_max_and_the_weight_whole(recipe):
   """Over a batch split 8 ways, each device scales its rows of x and of the gradient by their own max ('fp8'; each
   row by its own in 'fp8_bf16_wgrad'), without an all-reduce: the gradients are the sums of each device's rows'

@@ -233,7 +233,7 @@ def test_no_import_in_data_runs_upward():
 
 # What the entry points, tools, loop and evaluators may import of models/: the registry (`visionfm_jax.models`)
 # and the model-independent modules. A concrete model (vit, swinv2, clip, ...) is for its task and its converter.
-MODEL_GENERIC = ("backbone", "layers", "kernels", "generate")
+MODEL_GENERIC = ("backbone", "layers", "kernels", "fp8", "generate")
 ASKS_NOT_IMPORTS = ("main", "bench", "tools", "datatools", "trained", "training", "evaluate")
 
 

@@ -54,7 +54,7 @@ def test_a_fourth_part_in_the_list_is_created_laid_out_checkpointed_restored_and
   def init_fn(rng):  # as step.make_init_fn makes the state, with a tiny model
     params = {"w": jax.random.normal(rng, (4,))}
     return _FourParts(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
-                      **state_lib.created(config, params))
+                      **state_lib.created(config, {"params": params}))
 
   mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   _, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
@@ -77,7 +77,7 @@ def test_a_fourth_part_in_the_list_is_created_laid_out_checkpointed_restored_and
 
 def test_each_optional_field_of_the_state_is_one_part_in_field_order():
   optional = [f.name for f in dataclasses.fields(TrainState) if f.default is None]
-  assert [part.field for part in state_lib.PARTS] == optional == ["loss_scale", "health", "ema_params"]
+  assert [part.field for part in state_lib.PARTS] == optional == ["loss_scale", "health", "ema_params", "fp8_history"]
 
 
 def test_the_batch_geometry_splits_the_global_batch_once():

@@ -1,5 +1,6 @@
 """What the config checks alone, without jax: every field a row of the schema of the config's own family and task,
-in that row's domain; the resume's allow_changes naming fields; the trackers known."""
+in that row's domain; the resume's allow_changes naming fields; the trackers known; delayed FP8 scaling without
+micro-batches."""
 
 from __future__ import annotations
 
@@ -85,3 +86,14 @@ def check(config: ml_collections.ConfigDict) -> None:
   check_domains(config)
   allowed_changes(config)
   report_to(config)
+  check_delayed_fp8(config)
+
+
+def check_delayed_fp8(config: ml_collections.ConfigDict) -> None:
+  """ConfigError for delayed FP8 scaling with micro-batches: a step records one amax per tensor, from the whole
+  batch's pass (models/fp8.py), and micro-batches' gradients are summed where amaxes take a max."""
+  precision = config.get("precision")
+  if precision is not None and precision.get("gemm") == "fp8_delayed" and config.get("grad_accum_steps", 1) > 1:
+    raise ConfigError(f"config.precision.gemm=fp8_delayed records its amax histories from one pass over the batch: "
+                      f"it takes no micro-batches (config.grad_accum_steps={config.grad_accum_steps}); use "
+                      f"config.precision.gemm=fp8 with them")

@@ -106,12 +106,14 @@ OPTIM = dict(
 # config.precision: the compute dtype, the blocks' GEMMs and fp16's dynamic loss scaling (params stay fp32).
 PRECISION = dict(
     compute_dtype=Field("bfloat16", Choices(COMPUTE_DTYPES), "float16 scales the loss dynamically"),
-    gemm=Field("compute_dtype", Choices(("compute_dtype", "fp8", "fp8_bf16_wgrad")),
+    gemm=Field("compute_dtype", Choices(("compute_dtype", "fp8", "fp8_bf16_wgrad", "fp8_delayed")),
                "the transformer blocks' GEMMs in training: in the compute dtype; fp8 (all three in FP8: e4m3 "
                "forward, e5m2 gradients, Transformer Engine's recipe); fp8_bf16_wgrad (the weight gradient in the "
-               "compute dtype, the others e4m3 scaled row by row, DINOv3's). Scales from each call's values; GPUs "
-               "of compute capability 8.9+, emulated on a CPU (models/fp8.py). Evaluation computes in the compute "
-               "dtype; params and checkpoints are the same either way"),
+               "compute dtype, the others e4m3 scaled row by row, DINOv3's), both scaled from each call's values; "
+               "fp8_delayed (fp8's GEMMs with inputs and gradients scaled from an amax history kept in the train "
+               "state, Transformer Engine's DelayedScaling; no micro-batches). GPUs of compute capability 8.9+, "
+               "emulated on a CPU (models/fp8.py). Evaluation computes in the compute dtype; params are the same "
+               "either way"),
     loss_scale_init=Field(2.0**15, POSITIVE, "fp16's first loss scale"),
     loss_scale_period=Field(2000, COUNT, "good steps before the scale doubles"),
     loss_scale_min=Field(1.0, POSITIVE, "the scale never halves below this"),

@@ -82,6 +82,9 @@ class Dense(nn.Module):
   # so each lands contiguous, where slicing one fused output would copy them (cuDNN attention takes them apart).
   separate: bool = False
   fp8: bool = False  # a block's GEMM: FP8 where the program is traced under an FP8 recipe (models/fp8.py)
+  # False: in the compute dtype under 'fp8_delayed' (an attention's output projection, K = N = width, where
+  # Transformer Engine's profile finds FP8 pays least: models/fp8.py)
+  fp8_delayed: bool = True
 
   @nn.compact
   def __call__(self, x):
@@ -96,7 +99,8 @@ class Dense(nn.Module):
     x = x.astype(self.dtype)
     cast = lambda a: None if a is None else a.astype(self.dtype)
     recipe = fp8_lib.active() if self.fp8 else None
-    matmul = fp8_lib.matmul_of(recipe)
+    recipe = None if recipe == fp8_lib.DELAYED and not self.fp8_delayed else recipe
+    matmul = fp8_lib.matmul_of(recipe, self._amax_histories() if recipe == fp8_lib.DELAYED else None)
     if not self.separate:
       return kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes), matmul)
     if recipe:  # one FP8 GEMM under one scale, then split: XLA merges separate products sharing x into one dot
@@ -108,16 +112,28 @@ class Dense(nn.Module):
                                         matmul) for i in range(features[0]))
 
 
+  def _amax_histories(self) -> tuple[jax.Array, jax.Array]:
+    """(input, gradient) amax histories of delayed FP8 scaling (models/fp8.py): fresh ones in the HISTORY
+    collection at init; the train step's, merged into the params (`fp8.with_histories`), when applied."""
+    names = (fp8_lib.INPUT_HISTORY, fp8_lib.GRAD_HISTORY)
+    if self.is_initializing():
+      return tuple(self.variable(fp8_lib.HISTORY, n, fp8_lib.fresh_history).value for n in names)
+    if not all(self.has_variable("params", n) for n in names):
+      raise ValueError(f"{'/'.join(self.path)}: precision.gemm={fp8_lib.DELAYED} needs the layer's amax histories "
+                       f"among its params (fp8.with_histories)")
+    return tuple(self.get_variable("params", n) for n in names)
+
+
 def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *,
           axis: int | tuple[int, ...] = -1, use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(),
           bias_init=nn.initializers.zeros,
-          separate: bool = False, name: str | None = None, fp8: bool = False) -> Dense:
+          separate: bool = False, name: str | None = None, fp8: bool = False, fp8_delayed: bool = True) -> Dense:
   """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes; `fp8`: one of
-  a block's GEMMs (models/fp8.py)."""
+  a block's GEMMs, `fp8_delayed` False leaving it out of 'fp8_delayed' (models/fp8.py)."""
   out_ndim = 1 if isinstance(features, int) else len(features)
   return Dense(features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
                kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]),
-               separate=separate, name=name, fp8=fp8)
+               separate=separate, name=name, fp8=fp8, fp8_delayed=fp8_delayed)
 
 
 def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
@@ -199,7 +215,7 @@ class SelfAttention(nn.Module):
     head_dim = width // self.num_heads
     q, k, v = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias,
                     separate=True, name="qkv", fp8=True)(x)
-    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out", fp8=True)
+    project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out", fp8=True, fp8_delayed=False)
     if cache is not None:
       out, cache = cached_attention(q, k, v, cache, index)
       return project(out), cache
@@ -406,7 +422,9 @@ def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy
   unroll = 1 if _ROLLED.get() else unroll
   block = remat(block, remat_policy, prevent_cse=straight_line_blocks(depth, scan, unroll))
   if scan:
-    scanned = nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+    # delayed FP8 scaling's amax histories (models/fp8.py) are per block too
+    scanned = nn.scan(block, variable_axes={"params": 0, fp8_lib.HISTORY: 0},
+                      split_rngs={"params": True, "dropout": True},
                       in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=depth, unroll=min(unroll, depth),
                       metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
 

@@ -44,10 +44,10 @@ def saved_has_ema(saved_config: dict | None) -> bool:
   return bool(((saved_config or {}).get("optim") or {}).get("ema_decay", 0.0))
 
 
-def create(config, params):
+def create(config, variables):
   """The EMA of a fresh state (training/state.py, `StatePart`): the params themselves when
   config.optim.ema_decay is set (the init's output, never its input), else None."""
-  return params if config.optim.ema_decay else None
+  return variables["params"] if config.optim.ema_decay else None
 
 
 def checkpoint_target(target, config, saved_config: dict | None):

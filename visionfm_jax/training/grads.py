@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from visionfm_jax import parallel, tasks
+from visionfm_jax.models import fp8
 
 
 def of_batch(task: tasks.Task, params, batch, rng, scale, grad_shardings, config, mesh):
@@ -47,6 +48,18 @@ def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
     return loss * scale, (loss, aux)
   grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
   return _constrained(grads, grad_shardings), loss, aux
+
+
+def with_amax_histories(task: tasks.Task, params, histories, batch, rng, scale, grad_shardings):
+  """`grads_of` under delayed FP8 scaling (models/fp8.py): the model reads the amax `histories` merged into the
+  params, and their cotangents are the histories updated with this step's amaxes. (gradients, loss, aux, the
+  updated histories). One pass over the whole batch (config_lib's checks refuse micro-batches with the recipe:
+  the histories' cotangents would be summed over them, where their amaxes take a max)."""
+  def scaled_loss(p, h):
+    loss, aux = task.loss(fp8.with_histories(p, h), batch, rng)
+    return loss * scale, (loss, aux)
+  (grads, updated), (loss, aux) = jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)(params, histories)
+  return _constrained(grads, grad_shardings), loss, aux, updated
 
 
 def traced_once(fn):

@@ -134,9 +134,9 @@ class HealthState(flax.struct.PyTreeNode):
         trigger_loss=jnp.where(new_trigger, loss, self.trigger_loss)), apply
 
 
-def create(config, params=None) -> HealthState | None:
+def create(config, variables=None) -> HealthState | None:
   """The health statistics of a fresh state (training/state.py, `StatePart`), None when health is off."""
-  del params
+  del variables
   if not config.health.enabled:
     return None
   return HealthState.create(config.health, config.precision.max_consecutive_skips)

@@ -46,9 +46,9 @@ def maybe_loss_scale(precision_cfg) -> DynamicScale | None:
                              precision_cfg.loss_scale_min)
 
 
-def create(config, params) -> DynamicScale | None:
+def create(config, variables) -> DynamicScale | None:
   """The loss scale of a fresh state (training/state.py, `StatePart`): one in fp16, else None."""
-  del params
+  del variables
   return maybe_loss_scale(config.precision)
 
 

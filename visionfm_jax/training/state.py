@@ -1,6 +1,6 @@
 """The train state: step, fp32 params, optimizer state, and the optional parts the config turns on, each one
-`StatePart` of `PARTS`: the fp16 loss scale (training/precision.py), the health statistics (training/health.py)
-and the EMA of the params (training/ema.py).
+`StatePart` of `PARTS`: the fp16 loss scale (training/precision.py), the health statistics (training/health.py),
+the EMA of the params (training/ema.py) and delayed FP8 scaling's amax histories (training/fp8_history.py).
 
 A part is created with the state (`created`, in `step.make_init_fn`), restored in the layout its checkpoint
 holds (`checkpoint_target`) and then fitted to this run's config (`adopted`); the EMA also follows params
@@ -17,7 +17,7 @@ import flax.struct
 import jax
 import ml_collections
 
-from visionfm_jax.training import ema, health, precision
+from visionfm_jax.training import ema, fp8_history, health, precision
 from visionfm_jax.training.health import HealthState
 from visionfm_jax.training.precision import DynamicScale
 
@@ -29,6 +29,7 @@ class TrainState(flax.struct.PyTreeNode):
   loss_scale: DynamicScale | None = None
   health: HealthState | None = None
   ema_params: Any = None  # the params' exponential moving average, laid out as the optimizer state
+  fp8_history: Any = None  # the FP8 GEMMs' amax histories (delayed scaling), in the init's fp8.HISTORY layout
 
   @staticmethod
   def non_param_fields() -> tuple[str, ...]:
@@ -55,7 +56,8 @@ class Resumed(NamedTuple):
 class StatePart:
   """An optional field of the train state (None where the config leaves it off).
 
-  create(config, params)                       its value in a fresh state, traced inside the state's init
+  create(config, variables)                    its value in a fresh state, traced inside the state's init from
+                                               the model init's collections (`variables['params']`, ...)
   checkpoint_target(target, config, saved)     its restore target in the layout of a checkpoint trained with
                                                the config `saved` (`target`: the state of this run's config)
   adopt(state, resumed: Resumed)               its value in the restored `state` fitted to this run's config
@@ -75,12 +77,13 @@ PARTS: tuple[StatePart, ...] = (
     StatePart("loss_scale", precision.create, precision.checkpoint_target, precision.adopt),
     StatePart("health", health.create, health.checkpoint_target, health.adopt),
     StatePart("ema_params", ema.create, ema.checkpoint_target, ema.adopt, ema.follow_params, as_opt_state=True),
+    StatePart("fp8_history", fp8_history.create, fp8_history.checkpoint_target, fp8_history.adopt),
 )
 
 
-def created(config, params) -> dict[str, Any]:
-  """{field: value} of each part in a fresh state of `params`."""
-  return {part.field: part.create(config, params) for part in PARTS}
+def created(config, variables) -> dict[str, Any]:
+  """{field: value} of each part in a fresh state whose model init made `variables` ({'params': ..., ...})."""
+  return {part.field: part.create(config, variables) for part in PARTS}
 
 
 def checkpoint_target(target, config, saved_config: dict | None):

@@ -22,13 +22,16 @@ from visionfm_jax.training.state import TrainState
 
 def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> Callable[[jax.Array], TrainState]:
   """rng -> TrainState whose params/opt_state (and EMA) leaves are boxed with logical axis names, with the
-  optional parts its config turns on (training/state.py, `PARTS`)."""
+  optional parts its config turns on (training/state.py, `PARTS`). The init traces under the run's GEMMs, so
+  that delayed FP8 scaling's layers create their amax histories (models/fp8.py)."""
 
   def init(rng):
-    with models.layers.rolled_stacks():  # the same params as the run's form, from a program of one loop body
-      params = task.init_variables(rng)["params"]
+    # rolled: the same params as the run's form, from a program of one loop body
+    with models.layers.rolled_stacks(), task.training_gemms():
+      variables = task.init_variables(rng)
+    params = variables["params"]
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      **state_lib.created(config, params))
+                      **state_lib.created(config, variables))
 
   return init
 
@@ -73,13 +76,18 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
   def train_step(state: TrainState, batch):
     rng = jax.random.fold_in(base_rng, state.step)
     scale = state.loss_scale.scale if state.loss_scale is not None else jnp.float32(1.0)
+    fp8_history = state.fp8_history
     with task.training_gemms():
-      grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
+      if fp8_history is None:
+        grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
+      else:
+        grads, loss, aux, fp8_history = grads_lib.with_amax_histories(task, state.params, fp8_history, batch, rng,
+                                                                     scale, grad_shardings)
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
-                             opt_state=opt_state)
+                             opt_state=opt_state, fp8_history=fp8_history)
     new_state, guard_metrics = apply_guards(state, proposed, guards.Signals(loss, grad_norm, grads))
     out = {"train/loss": loss, "train/grad_norm": grad_norm,
            "train/lr": optim.learning_rate(lr_schedule, state.opt_state), **aux, **guard_metrics}
