@@ -25,8 +25,8 @@ LAYERS = (
     ("convert",),  # Hugging Face weights to and from the models, for tools and bench (over models and the leaves)
     ("training",),  # the one loop: checkpoints, optimiser, init_from
     ("tasks",),  # what differs per objective: model, loss, loaders, evaluators
-    ("losses",),  # the training objectives as functions of arrays (detection's over its matching)
-    ("evaluate", "detection"),  # metrics and detection's boxes and matching, over models and data
+    ("losses",),  # the training objectives as functions of arrays, and detection's boxes and matching
+    ("evaluate",),  # metrics, over models and data
     ("models", "data"),  # the networks; the input pipeline
     ("parallel",),  # mesh, sharding rules, distributed start-up
     # the shared main of main, bench and the CLIs: help, flag parsing, one `error:` line (over config_lib); the folder
