@@ -28,7 +28,7 @@ from __future__ import annotations
 import re
 from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
 
-import flax.linen as nn
+from flax.core import meta
 import jax
 
 from visionfm_jax.errors import ConfigError
@@ -42,9 +42,9 @@ def path_str(path) -> str:
 
 
 def named_leaves(tree) -> list[tuple[str, Any]]:
-  """[(path_str, leaf)] of a param tree; an nn.Partitioned box counts as one leaf, given unboxed."""
-  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))[0]
-  return [(path_str(p), x.value if isinstance(x, nn.Partitioned) else x) for p, x in leaves]
+  """[(path_str, leaf)] of a param tree; a Flax Partitioned box (logical axes) counts as one leaf, given unboxed."""
+  leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, meta.Partitioned))[0]
+  return [(path_str(p), x.value if isinstance(x, meta.Partitioned) else x) for p, x in leaves]
 
 
 def compile_regex(pattern: str, field: str) -> re.Pattern:

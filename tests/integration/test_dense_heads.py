@@ -9,10 +9,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from visionfm_jax.detection import matching
 from visionfm_jax.evaluate import detection as evaluate_detection
 from visionfm_jax.losses import detection as detection_losses
-from visionfm_jax.losses import pixels
+from visionfm_jax.losses import matching, pixels
 from visionfm_jax.models import dense_heads, detector, segmenter, swinv2, vit
 
 # Tiny backbones on 32 px images: ViT 2x2 tokens (the simple pyramid upsamples twice for stride 4); SwinV2

@@ -120,24 +120,6 @@ def test_a_longer_run_continues_the_rate_it_had_reached(workdir, caplog):
   assert _train_lr(workdir) == pytest.approx(after)
 
 
-def test_a_checkpoint_with_the_anchor_in_its_config_resumes_on_that_anchor(workdir):
-  """A checkpoint saved before the anchor had its own record holds it as optim.resumed_at / resumed_lr of its
-  config: a resume from it goes on at the same rates as from the record."""
-  shutil.rmtree(workdir / "checkpoints" / "6")
-  train.run(_tiny_config(**{"total_steps": 10, "resume.allow_changes": "total_steps"}), str(workdir))
-  anchored = _train_lr(workdir)
-  step_dir = workdir / "checkpoints" / "8"
-  anchor = json.loads((step_dir / "schedule_anchor" / "schedule_anchor.json").read_text())
-  shutil.rmtree(step_dir / "schedule_anchor")
-  saved = json.loads((step_dir / "config" / "config.json").read_text())
-  saved["optim"].update(resumed_at=anchor["step"], resumed_lr=anchor["lr"])
-  (step_dir / "config" / "config.json").write_text(json.dumps(saved))
-  shutil.rmtree(workdir / "checkpoints" / "10")
-  train.run(_tiny_config(**{"total_steps": 10}), str(workdir))
-  assert _train_lr(workdir) == pytest.approx(anchored)
-  assert json.loads((workdir / "plan.json").read_text())["schedule_anchor"] == anchor
-
-
 def test_total_steps_at_or_below_the_checkpoint_is_an_error(workdir):
   config = _tiny_config(**{"total_steps": 5, "resume.allow_changes": "total_steps"})
   with pytest.raises(ConfigError, match=rf"config.total_steps=5 is at or below the step of {workdir}/checkpoints/6"):

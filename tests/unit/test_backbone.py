@@ -124,8 +124,8 @@ def test_an_image_backbone_has_every_member_the_interface_lists():
 # The family's answers (backbone.Family): what no Linen class carries.
 ANSWERS = tuple(f.name for f in dataclasses.fields(backbone.Family) if f.name not in ("module", "name", "build"))
 # What a backbone answers only when it applies (backbone.py): a conflict with its checkpoint's config (SwinV2's
-# windows), a composite model's tower fields.
-IF_IT_APPLIES = ("checkpoint_conflicts", "tower_fields")
+# windows), a composite model's tower fields, params that depend on the resolution (ViT's pos_embed).
+IF_IT_APPLIES = ("checkpoint_conflicts", "tower_fields", "adapt_checkpoint")
 
 
 def test_the_backbone_families_answer_everything_and_the_registry_finds_them():
@@ -241,6 +241,13 @@ def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
                                     {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)})
   np.testing.assert_array_equal(adapted["image/pos_embed"], out["pos_embed"])
   assert adapted["text/pos_embed"] is pos
+
+
+def test_a_swinv2_tower_adapts_nothing_and_its_composite_returns_the_params_as_given():
+  clip = models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32, "cpu")
+  params = {"image/stage_0/blocks/attn/logit_scale": np.ones(3), "text/pos_embed": np.zeros((1, 5, 4))}
+  adapted = models.adapt_checkpoint(clip, params, {"image/stage_0/blocks/attn/logit_scale": (4,)})
+  assert adapted == params and all(adapted[name] is value for name, value in params.items())
 
 
 def test_a_swinv2_conflicts_with_a_checkpoint_of_other_windows_on_its_pretrained_windows():

@@ -146,3 +146,14 @@ def test_the_definition_sees_figures_and_only_figures():
   table = "| model | step ms | img/s | MFU | predicted days | wall |\n| --- | ---: | ---: | ---: | ---: | ---: |\n" \
           "| ViT | 838.7 | 305.2 | **0.310** | 1.1 | 17.5 |\n"
   assert table_figures(table) == {("838.7", "ms"), ("305.2", "img/s"), ("0.31", "MFU"), ("1.1", "days")}
+
+
+BUILD_MAX_LINE = 300
+
+
+def test_build_md_keeps_its_lines_short():
+  """BUILD.md's "Tested" holds the newest run of each row (older ones are git's), in cells short enough to read."""
+  long = [f"BUILD.md:{n}: {len(line)} characters" for n, line in
+          enumerate((ROOT / "BUILD.md").read_text(encoding="utf-8").splitlines(), 1) if len(line) >= BUILD_MAX_LINE]
+  assert not long, (f"lines of {BUILD_MAX_LINE} characters or more (keep a row's newest run, split a long cell into "
+                    "rows):\n" + "\n".join(long))

@@ -25,8 +25,8 @@ LAYERS = (
     ("convert",),  # Hugging Face weights to and from the models, for tools and bench (over models and the leaves)
     ("training",),  # the one loop: checkpoints, optimiser, init_from
     ("tasks",),  # what differs per objective: model, loss, loaders, evaluators
-    ("losses",),  # the training objectives as functions of arrays (detection's over its matching)
-    ("evaluate", "detection"),  # metrics and detection's boxes and matching, over models and data
+    ("losses",),  # the training objectives as functions of arrays, and detection's boxes and matching
+    ("evaluate",),  # metrics, over models and data
     ("models", "data"),  # the networks; the input pipeline
     ("parallel",),  # mesh, sharding rules, distributed start-up
     # the shared main of main, bench and the CLIs: help, flag parsing, one `error:` line (over config_lib); the folder
@@ -262,6 +262,33 @@ def test_tools_the_loop_and_evaluators_ask_a_model_and_import_no_concrete_one():
                      + "\n".join(found))
 
 
+# Flax's Linen API is the models' own; parallel/sharding.py names what the rest take of it (the param boxes with
+# their logical axes, `Partitioned`, and `unbox`), so no other module imports flax.linen.
+LINEN_HOMES = ("visionfm_jax/models/", "visionfm_jax/parallel/sharding.py")
+
+
+def _is_linen(name: str) -> bool:
+  return name == "flax.linen" or name.startswith("flax.linen.")
+
+
+def linen_imports() -> list[str]:
+  """'path:line imports name' for each import of flax.linen outside LINEN_HOMES."""
+  found = []
+  for file in sorted(PACKAGE.rglob("*.py")):
+    where = str(file.relative_to(ROOT))
+    if where.startswith(LINEN_HOMES):
+      continue
+    for node in ast.walk(ast.parse(file.read_text(), where)):
+      found += [f"{where}:{node.lineno} imports {name}" for name in _imported(node, file) if _is_linen(name)]
+  return found
+
+
+def test_only_the_models_and_the_sharding_rules_import_flax_linen():
+  found = linen_imports()
+  assert not found, ("flax.linen imported outside models/ and parallel/sharding.py (take `Partitioned` and `unbox` "
+                     "from parallel/sharding.py):\n" + "\n".join(found))
+
+
 def test_the_checks_see_what_they_should():
   """The graph catches a nested, a `from package import folder` and a relative import, and the cycle search
   finds a loop through three units."""
@@ -275,3 +302,7 @@ def test_the_checks_see_what_they_should():
   tree = ast.parse("from visionfm_jax.models import clip, backbone\n")
   names = [n for node in tree.body for n in _imported(node, PACKAGE / "tools" / "x.py")]
   assert [n for n in names if _is_concrete_model(n)] == ["visionfm_jax.models.clip"]
+  tree = ast.parse("import flax.linen as nn\nfrom flax import linen\nfrom flax.linen import partitioning\n"
+                   "from flax.core import meta\nimport flax\n")
+  names = [n for node in tree.body for n in _imported(node, PACKAGE / "tools" / "x.py")]
+  assert [n for n in names if _is_linen(n)] == ["flax.linen", "flax.linen", "flax.linen.partitioning"]

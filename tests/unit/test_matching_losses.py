@@ -12,9 +12,8 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from visionfm_jax.detection import boxes, matching
+from visionfm_jax.losses import boxes, matching, pixels
 from visionfm_jax.losses import detection as detection_losses
-from visionfm_jax.losses import pixels
 
 # ---------------------------------------------------------------------------------------------------- boxes
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,6 +31,7 @@ from visionfm_jax.convert.tensors import Reader, converted, tree_shapes
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import layers
 from visionfm_jax.models import text as text_lib
+from visionfm_jax.parallel.sharding import unbox
 
 PREFIX = "text_model."
 ARCH = "CLIPTextModelWithProjection"
@@ -142,7 +142,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32
     params = stack_layers(params, kw["depth"])
   model = text_lib.TextTransformer(**kw, dtype=dtype, scan=scan)
   tokens = jax.ShapeDtypeStruct((1, kw["max_len"]), jnp.int32)
-  want = tree_shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"])
+  want = tree_shapes(unbox(jax.eval_shape(model.init, jax.random.key(0), tokens))["params"])
   if want != tree_shapes(params):
     raise CheckpointError(f"{path}: converted params do not fit our TextTransformer")
   return model, {"params": jax.device_put(params)}

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax.errors import CheckpointError
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.param_rules import path_str
 
 
@@ -93,24 +93,24 @@ def tree_shapes(tree) -> dict[str, tuple[int, ...]]:
   return {path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def param_mismatch(model: nn.Module, params: dict[str, Any]) -> list[str]:
+def param_mismatch(model: Any, params: dict[str, Any]) -> list[str]:
   """Where `params` differs from the tree `model.init` makes (names and shapes); empty when it fits."""
   images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-  want = tree_shapes(nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"])
+  want = tree_shapes(unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"])
   got = tree_shapes(params)
   return sorted(f"{k}: {got.get(k)} vs model {want.get(k)}" for k in set(want) | set(got) if want.get(k) != got.get(k))
 
 
-def check_model(path: str, model: nn.Module, params: dict[str, Any]) -> None:
+def check_model(path: str, model: Any, params: dict[str, Any]) -> None:
   """The converted tree must be exactly the one `model.init` makes (names and shapes)."""
   diff = param_mismatch(model, params)
   if diff:
     raise CheckpointError(f"{path}: converted params do not fit our {type(model).__name__}: {show(diff)}")
 
 
-def numpy_params(model: nn.Module, params: dict[str, Any]) -> dict[str, Any]:
+def numpy_params(model: Any, params: dict[str, Any]) -> dict[str, Any]:
   """`params` of `model` (boxed or not, on devices or not) as float32 numpy; CheckpointError unless they fit."""
-  params = nn.unbox(params)
+  params = unbox(params)
   diff = param_mismatch(model, params)
   if diff:
     raise CheckpointError(f"params do not fit the {type(model).__name__} to export: {show(diff)}")

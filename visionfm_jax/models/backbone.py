@@ -23,9 +23,9 @@ models.layer_ids; init_from: models.adapt_checkpoint; a task: Task.train_flops_p
                             the backbone's own params
   adapt_checkpoint(model, params, shapes)
                             {path: array} of a checkpoint (another resolution) -> the same, carried to this
-                            model's {path: shape} where the model knows how (ViT: pos_embed resized; SwinV2:
-                            nothing depends on the resolution); what it cannot carry is
-                            returned as given, for the caller to report
+                            model's {path: shape} where the model knows how (ViT: pos_embed resized; SwinV2
+                            leaves it out: none of its params depends on the resolution); what it cannot carry
+                            is returned as given, for the caller to report
   description(model), variant(model), hf_converter
                             for import/export tools: one line about the architecture, the config's name of its
                             size (model.json's `variant`, for a family that rebuilds from its fields alone:

@@ -665,12 +665,6 @@ def layer_id(model: SwinV2, param_path: str) -> int | np.ndarray:
   return first + model.depths[s] - 1 if block is None else block
 
 
-def adapt_checkpoint(model: SwinV2, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
-  """`params` as they are: no param depends on the image or window size (see `checkpoint_conflicts`)."""
-  del model, shapes
-  return dict(params)
-
-
 def description(model: SwinV2) -> str:
   """One line naming `model`'s stages, window, patch, resolution and classes."""
   return (f"SwinV2 embed_dim {model.embed_dim}, depths {tuple(model.depths)}, heads {tuple(model.num_heads)}, "
@@ -687,5 +681,5 @@ def variant(model: SwinV2) -> str | None:
 FAMILY = backbone.Family(
     module=SwinV2, name="swinv2", build=build, hf_converter="hf_swinv2",
     train_flops_per_example=train_flops_per_example, num_layer_ids=num_layer_ids, layer_id=layer_id,
-    adapt_checkpoint=adapt_checkpoint, description=description, variant=variant,
+    description=description, variant=variant,
     checkpoint_conflicts=checkpoint_conflicts)

@@ -62,7 +62,10 @@ def layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
 def adapt_checkpoint(prefix: str, tower, params: dict[str, Any],
                      shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params
-  (and may rename them), the others are returned as given."""
-  adapted = family(tower).adapt_checkpoint(tower, _under(prefix, params), _under(prefix, shapes))
+  (and may rename them), the others are returned as given; all as given for a tower that adapts nothing."""
+  adapt = family(tower).adapt_checkpoint
+  if adapt is None:
+    return dict(params)
+  adapted = adapt(tower, _under(prefix, params), _under(prefix, shapes))
   others = {name: value for name, value in params.items() if not name.startswith(prefix + "/")}
   return {**others, **{f"{prefix}/{name}": value for name, value in adapted.items()}}

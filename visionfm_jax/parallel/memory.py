@@ -5,12 +5,19 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import flax.linen as nn
 import jax
 from jax.sharding import PartitionSpec as P
 import numpy as np
 
-from visionfm_jax.parallel.sharding import STRATEGY_SHARDS, Overrides, grad_specs, param_specs, shard_shape, tree_specs
+from visionfm_jax.parallel.sharding import (
+  STRATEGY_SHARDS,
+  Overrides,
+  grad_specs,
+  param_specs,
+  shard_shape,
+  tree_specs,
+  unbox,
+)
 
 
 def tree_bytes_per_device(abstract_tree, specs, mesh_shape: dict[str, int]) -> int:
@@ -28,7 +35,7 @@ def bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy:
   (config.sharding.overrides): as `state_specs`'."""
   shards = STRATEGY_SHARDS[strategy]
   boxed_params, boxed_opt = abstract_boxed_state.params, abstract_boxed_state.opt_state
-  params, opt_state = nn.unbox(boxed_params), nn.unbox(boxed_opt)
+  params, opt_state = unbox(boxed_params), unbox(boxed_opt)
   own_specs = param_specs(boxed_params, mesh_shape, strategy, overrides)  # first: it checks the overrides
   opt_specs = tree_specs(boxed_opt, mesh_shape, shards["opt_state"], optimizer_over_data, Overrides(overrides))
   out = dict(params=tree_bytes_per_device(params, own_specs, mesh_shape),

@@ -46,6 +46,11 @@ from visionfm_jax.parallel.batch import BATCH_AXES, batch_axes_of
 from visionfm_jax.parallel.mesh import AXES as MESH_AXES
 from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
 
+# Flax's box of a param with its logical axes, and the unboxing of a tree of them: named here, so that outside
+# models/ no module but this one imports flax.linen (tests/unit/test_layering.py).
+Partitioned = nn.Partitioned
+unbox = nn.unbox
+
 # ZeRO stage k shards the first k of these over fsdp (Rajbhandari et al. 2020): stage 1 the optimizer state,
 # stage 2 the gradients too, stage 3 the parameters too.
 SHARDED_BY_STAGE = ("opt_state", "grads", "params")

@@ -37,10 +37,10 @@ import numpy as np
 
 from visionfm_jax import data
 from visionfm_jax.data.loader import dense as dense_data
-from visionfm_jax.detection import matching
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import detection as detection_eval
 from visionfm_jax.losses import detection as detection_losses
+from visionfm_jax.losses import matching
 from visionfm_jax.models import detector
 from visionfm_jax.tasks.base import EvalContext, Task, check_dense_config
 

@@ -43,7 +43,6 @@ import sys
 from typing import Any, Sequence
 
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -52,6 +51,7 @@ from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.trained import clip_config, loader
 from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import checkpoint
@@ -158,7 +158,7 @@ def _from_import_dir(path: str, step: int | None) -> Source:
                     f"'name' not 'vit' / 'swinv2')") from e
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: nn.unbox(model.init(jax.random.key(0), images))["params"])
+  shapes = jax.eval_shape(lambda: unbox(model.init(jax.random.key(0), images))["params"])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
   params = checkpoint.load_params(path, target)
   # what the config import_hf prints evaluates with: the default view at the model's size

@@ -15,13 +15,13 @@ import sys
 from typing import Sequence
 
 from absl import flags
-import flax.linen as nn
 import jax
 from ml_collections import config_flags
 import numpy as np
 
 from visionfm_jax import cli, config_lib, parallel, tasks
 from visionfm_jax.errors import UserError
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.training import checks, optim, sizing
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.dry_run import human_bytes
@@ -49,7 +49,7 @@ def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], str
   """Bytes of one device's shard of every train-state leaf under `strategy` (`optimizer_over_data`, `overrides`:
   the config's)."""
   specs = parallel.state_specs(abstract_boxed_state, mesh_shape, strategy, optimizer_over_data, overrides)
-  return parallel.tree_bytes_per_device(nn.unbox(abstract_boxed_state), specs, mesh_shape)
+  return parallel.tree_bytes_per_device(unbox(abstract_boxed_state), specs, mesh_shape)
 
 
 def summarize(config, devices: int, strategy: str) -> dict:
@@ -60,10 +60,10 @@ def summarize(config, devices: int, strategy: str) -> dict:
   task = tasks.build(config)
   tx, _ = optim.fresh_optimizer(config, task.model)
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
-  params = nn.unbox(abstract_boxed.params)
+  params = unbox(abstract_boxed.params)
   modules = params_by_module(params)
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
-  total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(nn.unbox(abstract_boxed)))
+  total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(unbox(abstract_boxed)))
   strategies = ALL_STRATEGIES if strategy == "all" else (strategy,)
   out = dict(modules=modules, total_params=sum(modules.values()), mesh=mesh_shape, state_bytes=total_state,
              per_device={s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s, config.optimizer_over_data,

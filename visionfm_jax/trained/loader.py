@@ -14,12 +14,12 @@ import json
 import os
 from typing import Any, Sequence
 
-import flax.linen as nn
 import jax
 import ml_collections
 
 from visionfm_jax import convert, tasks
 from visionfm_jax.errors import CheckpointError, UserError
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.trained import clip_config
 from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import checkpoint
@@ -37,7 +37,7 @@ class Loaded:
 
 
 def _target(task, sharding):
-  shapes = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+  shapes = jax.eval_shape(lambda: unbox(task.init_variables(jax.random.key(0))["params"]))
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 

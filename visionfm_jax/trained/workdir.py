@@ -11,12 +11,12 @@ import os
 from typing import Any, Sequence
 
 from absl import logging
-import flax.linen as nn
 import jax
 import ml_collections
 
 from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.training import checkpoint, ema
 
 
@@ -104,7 +104,7 @@ def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sha
   each newer, damaged one and the step taken. A damaged `step`, or none intact, is a CheckpointError naming the
   argument and the part; a checkpoint without an EMA of its params a UserError naming `names.ema`."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+  shapes_only = jax.eval_shape(lambda: unbox(task.init_variables(jax.random.key(0))["params"]))
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes_only)
   steps = _steps(workdir, step, names)
   damaged = []

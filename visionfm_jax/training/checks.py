@@ -15,7 +15,6 @@ from __future__ import annotations
 import math
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -24,6 +23,7 @@ from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.parallel import checks as parallel_checks
 from visionfm_jax.parallel import sharding
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.training import init_from, optim, sizing
 from visionfm_jax.training.infra import trackers
 
@@ -88,7 +88,7 @@ def largest_product(task, batch_size: int) -> jax.ShapeDtypeStruct:
   scores (batch, heads, tokens, tokens)), from the traced program alone (shapes; nothing compiled or allocated). An
   XLA program holds every product's output at once at least, whatever it fuses around it, so its bytes are a lower
   bound on one device's peak."""
-  params = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
+  params = jax.eval_shape(lambda: unbox(task.init_variables(jax.random.key(0))["params"]))
   one = task.synthetic_batch(1, np.random.default_rng(0))
   batch = {k: jax.ShapeDtypeStruct((batch_size, *v.shape[1:]), v.dtype) for k, v in one.items()}
   jaxpr = jax.make_jaxpr(lambda p, b: task.loss(p, b, jax.random.key(0)))(params, batch).jaxpr

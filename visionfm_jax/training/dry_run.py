@@ -29,7 +29,6 @@ from __future__ import annotations
 import math
 import os
 
-import flax.linen as nn
 import jax
 import numpy as np
 
@@ -38,6 +37,7 @@ from visionfm_jax.data.loader import checks as data_checks
 from visionfm_jax.data.loader import mixture as mixture_lib
 from visionfm_jax.data.loader import open_files
 from visionfm_jax.errors import CheckpointError, WorkdirError
+from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.tasks.base import EvalContext
 from visionfm_jax.training import checkpoint, checks, optim
 from visionfm_jax.training import plan as plan_lib
@@ -72,7 +72,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int, class_names
                                          config.sharding.overrides)
   example = task.synthetic_batch(1, np.random.default_rng(0))  # shapes from the config, as the data's will be
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in example.values())
-  unboxed = nn.unbox(abstract)
+  unboxed = unbox(abstract)
   return dict(
       task=config.task, model=config.model.name, strategy=config.strategy, mesh=mesh, devices=num_devices,
       processes=num_processes, params=sum(math.prod(x.shape) for x in jax.tree.leaves(unboxed.params)),

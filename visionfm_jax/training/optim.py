@@ -20,7 +20,6 @@ from __future__ import annotations
 
 from typing import Any, Callable, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +27,7 @@ import optax
 
 from visionfm_jax import models
 from visionfm_jax.errors import ConfigError
+from visionfm_jax.parallel.sharding import Partitioned
 from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
 
 
@@ -73,7 +73,7 @@ def decay_mask_fn(no_decay: tuple[str, ...]):
 
   No other leaf decays, whatever its rank: biases, norm scales, embedding tables, position embeddings, class
   and mask tokens, learned queries, logit scales. So `no_decay` only exempts kernels under matching paths (e.g.
-  SwinV2's 'cpb_mlp'). Works on boxed (nn.Partitioned) and plain trees. A rule that matches no param is no error
+  SwinV2's 'cpb_mlp'). Works on boxed (Partitioned) and plain trees. A rule that matches no param is no error
   here: the default list serves several model families (`param_rules`).
   """
   excluded = ParamRules.of_patterns(no_decay, field="config.optim.no_decay")
@@ -141,7 +141,7 @@ def scale_by_multipliers(multipliers: Callable[[dict[str, tuple[int, ...]]], dic
 
 
 def freeze_labels_fn(freeze: tuple[str, ...]):
-  """params -> tree of 'frozen' / 'train' labels (one per nn.Partitioned box on boxed trees, so the frozen
+  """params -> tree of 'frozen' / 'train' labels (one per Partitioned box on boxed trees, so the frozen
   params' Adam moments are absent, not empty boxes)."""
   frozen = ParamRules.of_patterns(freeze, field="config.optim.freeze")
 
@@ -151,7 +151,7 @@ def freeze_labels_fn(freeze: tuple[str, ...]):
     if all(frozen.matches(n) for n in names):
       raise ConfigError(f"config.optim.freeze={tuple(freeze)!r} freezes every param: nothing to train")
     label = lambda path, _: "frozen" if frozen.matches(path_str(path)) else "train"
-    return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+    return jax.tree_util.tree_map_with_path(label, params, is_leaf=lambda x: isinstance(x, Partitioned))
 
   return labels
 

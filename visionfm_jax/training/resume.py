@@ -15,8 +15,7 @@ compared; `missing_config` in `config.resume.allow_changes` resumes it unchecked
 
 A checkpoint's config is the one the run trained with (training/plan.py, `RunPlan.trained_config`): the user's;
 the schedule's anchor is a record of its own beside it
-(`checkpoint.saved_schedule_anchor`; a checkpoint saved before it had one holds it as `optim.resumed_at` /
-`resumed_lr` of its config), which the next resume carries on.
+(`checkpoint.saved_schedule_anchor`), which the next resume carries on.
 """
 
 from __future__ import annotations
@@ -76,7 +75,8 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
   if config.total_steps <= step and "total_steps" in changed:
     raise ConfigError(f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing "
                       f"would be trained")
-  saved_anchor = _saved_anchor(checkpoint_dir, step, saved)
+  record = checkpoint.saved_schedule_anchor(checkpoint_dir, step)
+  saved_anchor = optim.Anchor(record["step"], record["lr"]) if record is not None else None
   anchor = _anchor(config_json, saved, saved_anchor, step, changed)
   if schedule:
     logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
@@ -122,16 +122,6 @@ def _anchor(config_json: dict, saved: dict, saved_anchor: optim.Anchor | None, s
   if changed & {"total_steps", "optim.warmup_steps", "optim.end_lr"} and step >= config_json["optim"]["warmup_steps"]:
     return optim.Anchor(step, _lr_at(saved, step, saved_anchor))
   return saved_anchor
-
-
-def _saved_anchor(checkpoint_dir: str, step: int, saved: dict) -> optim.Anchor | None:
-  """The schedule's anchor the checkpoint of `step` carries: its record, or, in a checkpoint saved before the
-  anchor had one, `optim.resumed_at` (>= 0) / `resumed_lr` of its config `saved`; None when it has none."""
-  record = checkpoint.saved_schedule_anchor(checkpoint_dir, step)
-  if record is not None:
-    return optim.Anchor(record["step"], record["lr"])
-  at = saved["optim"].get("resumed_at", -1)
-  return optim.Anchor(at, saved["optim"].get("resumed_lr", 0.0)) if at >= 0 else None
 
 
 def _lr_at(config_json: dict, step: int, anchor: optim.Anchor | None) -> float:

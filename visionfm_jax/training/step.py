@@ -6,7 +6,6 @@ from __future__ import annotations
 import functools
 from typing import Callable
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding
@@ -14,6 +13,7 @@ from jax.sharding import PartitionSpec as P
 import optax
 
 from visionfm_jax import models, parallel, tasks
+from visionfm_jax.parallel.sharding import Partitioned, unbox
 from visionfm_jax.training import grads as grads_lib
 from visionfm_jax.training import guards, optim
 from visionfm_jax.training import state as state_lib
@@ -48,20 +48,20 @@ def state_shardings(init_fn, mesh, config):
   specs = parallel.state_specs(abstract_state(init_fn), dict(mesh.shape), config.strategy,
                                config.optimizer_over_data, config.sharding.overrides)
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  return nn.unbox(abstract_state(init_fn)), shardings, specs
+  return unbox(abstract_state(init_fn)), shardings, specs
 
 
 def init_state(init_fn, shardings, rng: jax.Array) -> TrainState:
   """The state `init_fn` makes from `rng`, laid out by `shardings` (`state_shardings`' second)."""
-  return nn.unbox(jit_init(init_fn, shardings)(rng))
+  return unbox(jit_init(init_fn, shardings)(rng))
 
 
 def jit_init(init_fn, shardings):
   """rng -> boxed state laid out by `shardings`: `init_fn` itself jitted, its output boxed as `abstract_state` saw
   it, so that JAX reuses the trace `abstract_state` made (traces are cached by function) instead of tracing the
   model's init a second time."""
-  boxed_shardings = jax.tree.map(lambda box, s: box.replace_boxed(s) if isinstance(box, nn.Partitioned) else s,
-                                 abstract_state(init_fn), shardings, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+  boxed_shardings = jax.tree.map(lambda box, s: box.replace_boxed(s) if isinstance(box, Partitioned) else s,
+                                 abstract_state(init_fn), shardings, is_leaf=lambda x: isinstance(x, Partitioned))
   return jax.jit(init_fn, out_shardings=boxed_shardings)
 
 

@@ -23,7 +23,7 @@ from jax.sharding import PartitionSpec as P
 import numpy as np
 
 from visionfm_jax import parallel
-from visionfm_jax.detection import boxes as box_lib
+from visionfm_jax.losses import boxes as box_lib
 
 # A stand-in for non-finite costs: large enough never to be chosen over a finite one, small enough for scipy.
 _INVALID_COST = 1e8
