@@ -72,8 +72,9 @@ def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_p
 
 
 def stand_in_python(tmp_path: pathlib.Path) -> str:
-  """A PYTHON whose main fails with the first FP8 recipe, whose bench and window harness print a figure at once,
-  and which runs everything else (the device check) with this interpreter."""
+  """A PYTHON whose main fails with the first FP8 recipe and otherwise writes its metric rows and then hangs, whose
+  bench and window harness print a figure at once, and which runs everything else (the device check) with this
+  interpreter."""
   path = tmp_path / "python"
   path.write_text(f"""#!/usr/bin/env bash
 case "$*" in
@@ -82,7 +83,8 @@ case "$*" in
     for arg in "$@"; do [[ $arg == --workdir=* ]] && mkdir -p "${{arg#*=}}" && workdir=${{arg#*=}}; done
     for step in 2 4; do
       echo '{{"step": '$step', "train/img_per_sec": 100, "train/data_wait_fraction": 0.0, "train/loss": 1.0}}'
-    done >"$workdir/metrics.jsonl" ;;
+    done >"$workdir/metrics.jsonl"
+    exec sleep 600 ;;  # the final checkpoint and evaluation: the script ends main once its last row is written
   *"-m visionfm_jax.bench.window_attention "*) echo '{{"implementation": "pallas", "window": 4, "tokens": 16, \
 "windows": 4, "heads": 2, "head_dim": 8, "batch": 2, "shifted": true, "fwd_bwd_ms": 1.0, "compile_s": 1.0}}' ;;
   *"-m visionfm_jax.bench "*) echo '{{"img_per_sec": 100.0, "step_s": 0.08, "compile_s": 9.0}}' ;;
@@ -103,6 +105,7 @@ def test_a_failed_stage_leaves_the_later_ones_running_and_a_spent_budget_skips_t
   assert rows[failed]["status"] == "FAIL" and rows[failed]["why"] == "exit 2: error: a stand-in failure"
   assert f"== {failed}: exit 2" in (report / "failures.txt").read_text()
   assert rows["vit_b32_compute_dtype"]["step_ms"] == pytest.approx(2 / 100 * 8 * 1e3 / 2)  # batch 8, 2 steps a row
+  assert rows["vit_b64_compute_dtype"]["status"] == "ok" and rows["vit_b64_compute_dtype"]["seconds"] < 60
   assert rows["attention_w40"]["implementations"]["pallas"]["fwd_bwd_ms"] == 1.0
   assert rows["swin_form_unroll7"]["status"] == "ok" and rows["swin_form_unroll7"]["compile_s"] == 9.0
   # one second of budget: every stage skipped, the call reported as short

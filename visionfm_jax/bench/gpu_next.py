@@ -29,8 +29,9 @@ and the input's start) and the data wait; bench's step, img/s, MFU and `compile_
 forward+backward ms and compile per implementation. One JSON line per stage in REPORT/results.jsonl (status ok,
 FAIL, timeout or skipped, seconds, figures), the table in REPORT/table.txt and on stdout, the last 30 lines of
 every stage that did not pass in REPORT/failures.txt (REPORT defaults to OUT; point it at the device tool's $OUT:
-three files). OUT holds the stages' logs and main's workdirs (deleted after each run: a ViT-H/14 checkpoint is
-7.6 GB). The budget's default, 480 s, leaves a 540 s (9-minute) call room for the start-up and the table.
+three files). OUT holds the stages' logs and main's workdirs (each deleted once measured). A main run is ended
+(SIGKILL) once its last metric row is written: its final checkpoint (7.6 GB for ViT-H/14) and evaluation measure
+nothing here. The budget's default, 480 s, leaves a 540 s (9-minute) call room for the start-up and the table.
 
 --rehearse runs the same stages on a CPU in a few minutes (tests/integration/test_gpu_next.py): a pico ViT and a
 pico SwinV2 at 32 px, 4 steps, the window harness on pico's first stage, Pallas through its interpreter; cuDNN and
@@ -56,6 +57,7 @@ from visionfm_jax.errors import UserError
 
 MIN_SECONDS = 20  # a stage with less of the budget left is skipped
 GRACE_S = 15  # between a timed-out stage's TERM and its KILL
+POLL_S = 0.5
 DELAYED_FIRST = "delayed"  # the FP8 recipe the script exists to measure goes first among the FP8 ones
 # main's input: the embedded shapes, drawn on the host (no files to prepare), with their 8 classes; a small eval split
 MAIN_DATA = ("--config.data.source=shapes", "--config.model.num_classes=8", "--config.data.shapes_eval_size=64")
@@ -158,24 +160,47 @@ def stages(python: str, out: str, sizes: Sizes) -> list[Stage]:
   return result
 
 
-def run_bounded(argv: list[str], bound: int, log_path: str) -> tuple[int, bool]:
-  """(exit status, timed out) of `argv` run in its own process group under `bound` seconds, output to `log_path`."""
+def run_bounded(argv: list[str], bound: int, log_path: str, done=lambda: False) -> tuple[int, str]:
+  """(exit status, '' | 'timeout' | 'done') of `argv` run in its own process group under `bound` seconds, output
+  to `log_path`; 'done': `done()` turned true first and the group was killed (SIGKILL: main takes a TERM for a
+  preemption notice, and would save a checkpoint)."""
+  deadline = time.monotonic() + bound
   with open(log_path, "wb") as log:
     proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    while proc.poll() is None:
+      if time.monotonic() > deadline:
+        _kill(proc, signal.SIGTERM, GRACE_S)
+        return proc.wait(), "timeout"
+      if done():
+        _kill(proc, signal.SIGKILL, None)
+        return 0, "done"
+      try:
+        proc.wait(timeout=POLL_S)
+      except subprocess.TimeoutExpired:
+        pass
+  return proc.returncode, ""
+
+
+def _kill(proc: subprocess.Popen, sig: int, grace: float | None) -> None:
+  """`sig` to `proc`'s process group, then SIGKILL after `grace` seconds if it still runs."""
+  for each, wait in ((sig, grace), (signal.SIGKILL, None)):
     try:
-      return proc.wait(timeout=bound), False
+      os.killpg(proc.pid, each)
+    except ProcessLookupError:
+      return
+    try:
+      proc.wait(timeout=wait)
+      return
     except subprocess.TimeoutExpired:
-      for sig, wait in ((signal.SIGTERM, GRACE_S), (signal.SIGKILL, None)):
-        try:
-          os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-          break
-        try:
-          proc.wait(timeout=wait)
-          break
-        except subprocess.TimeoutExpired:
-          continue
-      return proc.wait(), True
+      continue
+
+
+def last_row_written(workdir: str, last_step: int):
+  """done() for main: its metrics.jsonl has the throughput row of `last_step` (written before the final checkpoint
+  and evaluation, which measure nothing here: a ViT-H/14 checkpoint is 7.6 GB)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  return lambda: os.path.exists(path) and any(r.get("step") == last_step and "train/img_per_sec" in r
+                                              for r in json_lines(path))
 
 
 def json_lines(path: str) -> list[dict]:
@@ -227,10 +252,13 @@ def attention_figures(log_path: str) -> dict:
   return dict(shape=shape, implementations={r["implementation"]: {k: r[k] for k in keys if k in r} for r in rows})
 
 
+def flag_value(argv: list[str], flag: str) -> str:
+  return next(a for a in argv if a.startswith(flag + "=")).split("=", 1)[1]
+
+
 def figures(stage: Stage, log_path: str) -> dict:
   if stage.kind == "main":
-    batch = int(next(a for a in stage.argv if a.startswith("--config.global_batch_size=")).split("=")[1])
-    return main_figures(stage.workdir, batch)
+    return main_figures(stage.workdir, int(flag_value(stage.argv, "--config.global_batch_size")))
   if stage.kind == "attention":
     return attention_figures(log_path)
   return bench_figures(log_path)
@@ -255,9 +283,11 @@ def run_stage(stage: Stage, logs: str, left: float) -> dict:
   log_path = os.path.join(logs, stage.name + ".log")
   print(f"== {stage.name} (at most {bound} s)", flush=True)
   start = time.monotonic()
-  code, timed_out = run_bounded(stage.argv, bound, log_path)
+  done = last_row_written(stage.workdir, int(flag_value(stage.argv, "--config.total_steps"))) if stage.workdir \
+      else (lambda: False)
+  code, ending = run_bounded(stage.argv, bound, log_path, done)
   row = dict(status="ok", seconds=round(time.monotonic() - start, 1), bound=bound)
-  if timed_out:
+  if ending == "timeout":
     row.update(status="timeout", why=f"timeout after {bound} s")
   elif code != 0 and stage.kind != "attention":  # the harness exits 1 when one implementation failed: its row says
     row.update(status="FAIL", why=why_failed(log_path, code))
