@@ -7,10 +7,13 @@ import pathlib
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from visionfm_jax.bench import gpu_next
+from visionfm_jax.bench import gpu_next, window_attention
 from visionfm_jax.config_lib import schema
+from visionfm_jax.models import swinv2
 
 from conftest import ROOT, compilation_cache_env, cpu_env
 
@@ -39,6 +42,43 @@ def test_the_stages_cover_every_gemm_recipe_the_schema_names_at_both_batches():
                               "swin_step_softmax", "swin_form_grouped", "swin_form_unroll7"]
 
 
+def harness_flags(argv) -> dict:
+  fv = window_attention.make_flags()
+  fv(["window_attention", *argv])
+  return dict(side=fv.window, windows=fv.windows, heads=fv.heads, head_dim=fv.head_dim, shifted=fv.shifted)
+
+
+@pytest.mark.parametrize("sizes,variant,image_size,window_size", [(gpu_next.GPU_SIZES, "G", 224, 7),
+                                                                  (gpu_next.GPU_SIZES, "G", 640, 40),
+                                                                  (gpu_next.REHEARSAL_SIZES, "pico", 32, 4),
+                                                                  (gpu_next.REHEARSAL_SIZES, "pico", 32, 8)])
+def test_the_attention_stages_time_the_models_windows(sizes, variant, image_size, window_size):
+  """Each attention stage's shape is the SwinV2 stage's (G: its 42-block stage 2; pico: stage 0), and the harness
+  computes what WindowAttention does: its softmax path and the kernel (Pallas's interpreter here) against
+  models/swinv2.py's own on that shape's windows."""
+  embed_dim, depths, heads = swinv2.SIZES[variant]
+  stage = 2 if variant == "G" else 0
+  feature, side, shift = swinv2.stage_windows(image_size, window_size, len(depths))[stage]
+  name = "attention_w7" if window_size in (7, 4) else "attention_w40"
+  shape = harness_flags(dict(sizes.attention)[name])
+  assert shape == dict(side=side, windows=(feature // side) ** 2, heads=heads[stage],
+                       head_dim=embed_dim * 2**stage // heads[stage], shifted=bool(shift))
+  if variant == "G":
+    return
+  assert window_attention.MASK_VALUE == swinv2.MASK_VALUE and window_attention.MAX_LOGIT_SCALE == swinv2.MAX_LOGIT_SCALE
+  (q, k, v, logit_scale, table, _), regions = window_attention.inputs(shape, 2, jnp.float32)
+  want_regions = swinv2.shift_regions(feature, feature, side, shift) if shift else None
+  assert (regions is None) == (want_regions is None)
+  if shift:
+    np.testing.assert_array_equal(regions, want_regions)
+  mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, swinv2.MASK_VALUE)
+  scale = jnp.exp(jnp.minimum(logit_scale, swinv2.MAX_LOGIT_SCALE))
+  want = swinv2.window_attention(q, k, v, scale, swinv2.bias_of_offsets(table, side), mask)
+  for implementation in ("softmax", "pallas"):
+    got = window_attention.attend(implementation, side, regions)(q, k, v, logit_scale, table)
+    np.testing.assert_allclose(got, want, atol=2e-5, err_msg=implementation)
+
+
 @pytest.mark.slow
 def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_python, compilation_cache):
   report = tmp_path / "report"
@@ -59,7 +99,6 @@ def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_p
       row = rows[f"vit_{label}_{gemm}"]
       assert row["steps_per_sec"] > 0 and row["steps_timed"] == 2 and row["first_window_excess_s"] is not None
       assert f"--config.precision.gemm={gemm}" in row["command"]
-      assert not (tmp_path / "out" / f"run_vit_{label}_{gemm}").exists()  # the workdir goes once measured
   for name in ("attention_w7", "attention_w40"):
     implementations = rows[name]["implementations"]
     assert set(implementations) == {"pallas", "softmax"}
@@ -106,6 +145,7 @@ def test_a_failed_stage_leaves_the_later_ones_running_and_a_spent_budget_skips_t
   assert f"== {failed}: exit 2" in (report / "failures.txt").read_text()
   assert rows["vit_b32_compute_dtype"]["step_ms"] == pytest.approx(2 / 100 * 8 * 1e3 / 2)  # batch 8, 2 steps a row
   assert rows["vit_b64_compute_dtype"]["status"] == "ok" and rows["vit_b64_compute_dtype"]["seconds"] < 60
+  assert not (tmp_path / "out" / "run_vit_b64_compute_dtype").exists()  # the workdir goes once measured
   assert rows["attention_w40"]["implementations"]["pallas"]["fwd_bwd_ms"] == 1.0
   assert rows["swin_form_unroll7"]["status"] == "ok" and rows["swin_form_unroll7"]["compile_s"] == 9.0
   # one second of budget: every stage skipped, the call reported as short

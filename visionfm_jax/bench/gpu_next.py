@@ -34,7 +34,7 @@ three files). OUT holds the stages' logs and main's workdirs (each deleted once 
 nothing here. The budget's default, 480 s, leaves a 540 s (9-minute) call room for the start-up and the table.
 
 --rehearse runs the same stages on a CPU in a few minutes (tests/integration/test_gpu_next.py): a pico ViT and a
-pico SwinV2 at 32 px, 4 steps, the window harness on pico's first stage, Pallas through its interpreter; cuDNN and
+pico SwinV2 at 32 px, 4 steps, the window harness on pico's stages' windows, Pallas through its interpreter; cuDNN and
 the window kernel inside a step are GPU only, so those stages are skipped as such. Exit status: 0 when every stage
 that ran passed and none was skipped for the budget, 1 otherwise, 2 on bad arguments or (without --rehearse) when
 JAX sees no GPU.
@@ -91,8 +91,10 @@ GPU_SIZES = Sizes(
     vit=(), swin=(), batches=(("b32", 32), ("b64", 64)), gpu=True,
     main_steps=("--config.total_steps=30", "--config.log_every=10"),
     bench_steps=("--steps=10", "--warmup=2"),
-    attention=(("attention_w7", ("--image_size=224", "--window=7", "--batch=32")),
-               ("attention_w40", ("--image_size=640", "--window=40", "--batch=8"))),
+    attention=(("attention_w7", ("--window=7", "--windows=4", "--heads=64", "--head_dim=32", "--shifted",
+                                 "--batch=32")),
+               ("attention_w40", ("--window=40", "--windows=1", "--heads=64", "--head_dim=32", "--noshifted",
+                                  "--batch=8"))),
     swin_stage_forms=(0, 0, 3, 0))
 REHEARSAL_SIZES = Sizes(
     vit=("--config.model.variant=pico/4", "--config.model.image_size=32", "--config.data.image_size=32",
@@ -102,10 +104,10 @@ REHEARSAL_SIZES = Sizes(
     batches=(("b32", 8), ("b64", 16)), gpu=False,
     main_steps=("--config.total_steps=4", "--config.log_every=2"),
     bench_steps=("--steps=2", "--warmup=1"),
-    attention=(("attention_w7", ("--variant=pico", "--stage=0", "--image_size=32", "--window=4", "--batch=2",
+    attention=(("attention_w7", ("--window=4", "--windows=4", "--heads=2", "--head_dim=8", "--shifted", "--batch=2",
                                  "--dtype=float32")),
-               ("attention_w40", ("--variant=pico", "--stage=0", "--image_size=32", "--window=8", "--batch=2",
-                                  "--dtype=float32"))),
+               ("attention_w40", ("--window=8", "--windows=1", "--heads=2", "--head_dim=8", "--noshifted",
+                                  "--batch=2", "--dtype=float32"))),
     swin_stage_forms=(0, 1))
 
 

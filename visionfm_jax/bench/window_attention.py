@@ -1,48 +1,53 @@
 r"""SwinV2's window attention alone, forward and backward, per implementation: the Pallas window kernel
-(models/kernels.py `window_attention`), cuDNN through `jax.nn.dot_product_attention` and the softmax path, on one
-stage of a SwinV2 size at an image size, as WindowAttention runs them (cosine-normalised q and k, the per-head logit
-scale, the position bias gathered from its per-offset table, the shift mask of a shifted stage).
+(models/kernels.py `window_attention`), cuDNN through `jax.nn.dot_product_attention` and the softmax path, on
+windows of a given shape, computed as SwinV2's WindowAttention computes them (cosine-normalised q and k, the
+per-head logit scale folded into q, the position bias gathered from its per-offset table by `kernels.relative_offsets`,
+the shift mask of a shifted map).
 
-  python -m visionfm_jax.bench.window_attention --image_size=224 --window=7 [--variant=G] [--stage=2] \
+  python -m visionfm_jax.bench.window_attention --window=7 --windows=4 --heads=64 --head_dim=32 --shifted \
       [--batch=32] [--implementations=pallas,cudnn,softmax] [--steps=10] [--warmup=2] [--dtype=bfloat16]
 
-The stage's geometry is models/swinv2.py's (`stage_windows`, patch 4): SwinV2-G's stage 2 (42 blocks) at 224 px,
-window 7: 4 windows of 49 tokens an image, 64 heads of 32, shifted; at 640 px, window 40: one window of 1,600 tokens,
-unshifted. The gradient is taken with respect to q, k, v, the logit scale and the per-offset table (the kernel sums
-the table's inside; the other two through the gathered (heads, N, N) bias). One JSON line per implementation:
-`fwd_bwd_ms` (the median of `--steps` timed calls after `--warmup`; also min and max), `compile_s` (lowering and
-compiling), `tflops` (4 N^2 D per window and head forward, 3.5 times that with the backward's five matmuls, over
-the median), or `failed` with the first line of why (e.g. cuDNN off a GPU). Exit status 1 when any failed, 2 on bad
-flags.
+SwinV2-G's 42-block stage (stage 2, models/swinv2.py `stage_windows`): at 224 px 4 windows of 7x7 tokens an image,
+64 heads of 32, shifted every other block; at 640 px one window of 40x40 tokens, unshifted (launch/gpu_next.sh runs
+both; tests/integration/test_gpu_next.py holds them to the model's geometry). The windows of a shifted map tile a
+square, so --windows is a square. The gradient is taken with respect to q, k, v, the logit scale and the per-offset
+table (the kernel sums the table's inside; the other two through the gathered (heads, N, N) bias). One JSON line
+per implementation: `fwd_bwd_ms` (the median of `--steps` timed calls after `--warmup`; also min and max),
+`compile_s` (lowering and compiling), `tflops` (4 N^2 D per window and head forward, 3.5 times that with the
+backward's five matmuls, over the median), or `failed` with the first line of why (e.g. cuDNN off a GPU). Exit
+status 1 when any failed, 2 on bad flags.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 import time
 
 from absl import flags
+import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from visionfm_jax import cli
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.models import kernels, swinv2
+from visionfm_jax.models import kernels
 
 IMPLEMENTATIONS = ("pallas", "cudnn", "softmax", "jax")
-PATCH = 4
+MASK_VALUE = -100.0  # the logit SwinV2 gives pairs of different regions of a shifted map (models/swinv2.py's)
+MAX_LOGIT_SCALE = math.log(100.0)  # SwinV2's clamp of the logit scale
 
 
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  flags.DEFINE_integer("image_size", 224, "Image size (px) whose stage is timed.", flag_values=fv)
-  flags.DEFINE_integer("window", 7, "config.model.window_size.", flag_values=fv)
-  flags.DEFINE_string("variant", "G", "SwinV2 size (models/swinv2.py SIZES): the stage's heads and width.",
-                      flag_values=fv)
-  flags.DEFINE_integer("stage", 2, "The stage (0-based) whose attention is timed.", flag_values=fv)
+  flags.DEFINE_integer("window", 7, "Tokens along a window's side (N = window^2).", flag_values=fv)
+  flags.DEFINE_integer("windows", 4, "Windows an image (a square with --shifted).", flag_values=fv)
+  flags.DEFINE_integer("heads", 64, "Heads.", flag_values=fv)
+  flags.DEFINE_integer("head_dim", 32, "Head dimension.", flag_values=fv)
+  flags.DEFINE_bool("shifted", True, "A shifted map: pairs of tokens of different regions masked.", flag_values=fv)
   flags.DEFINE_integer("batch", 32, "Images.", flag_values=fv)
   flags.DEFINE_list("implementations", "pallas,cudnn,softmax", "Of " + ", ".join(IMPLEMENTATIONS) + ".",
                     flag_values=fv)
@@ -52,49 +57,53 @@ def make_flags() -> flags.FlagValues:
   return fv
 
 
-def geometry(variant: str, image_size: int, window: int, stage: int) -> dict:
-  """The stage's attention shape: windows an image, tokens a window, heads, head dim, window side and shift."""
-  if variant not in swinv2.SIZES:
-    raise ConfigError(f"--variant={variant}: expected one of {list(swinv2.SIZES)}")
-  embed_dim, depths, heads = swinv2.SIZES[variant]
-  if not 0 <= stage < len(depths):
-    raise ConfigError(f"--stage={stage}: SwinV2-{variant} has stages 0 to {len(depths) - 1}")
-  try:
-    feature, side, shift = swinv2.stage_windows(image_size, window, len(depths), PATCH)[stage]
-  except ValueError as e:
-    raise ConfigError(f"--image_size={image_size} --window={window}: {e}") from e
-  width = embed_dim * 2**stage
-  return dict(windows=(feature // side) ** 2, tokens=side * side, heads=heads[stage], head_dim=width // heads[stage],
-              side=side, shift=shift, feature=feature)
+def shift_regions(windows: int, side: int) -> np.ndarray:
+  """(windows, side^2) region ids of a square map of `windows` windows rolled by half a window: along each axis the
+  last window's first half, its second half (the rolled-in border) and the rest are three regions."""
+  per_axis = math.isqrt(windows) * side
+  axis = np.arange(per_axis)
+  axis = (axis >= per_axis - side).astype(np.int32) + (axis >= per_axis - side // 2).astype(np.int32)
+  ids = axis[:, None] * 3 + axis[None, :]
+  return einops.rearrange(ids, "(nh wh) (nw ww) -> (nh nw) (wh ww)", wh=side, ww=side)
 
 
 def inputs(shape: dict, batch: int, dtype, seed: int = 0):
   """(q, k, v, logit scale, per-offset table, cotangent) as WindowAttention makes them, and the shift regions (None
-  for an unshifted stage)."""
+  for an unshifted map)."""
   rng = np.random.default_rng(seed)
-  dims = (batch, shape["windows"], shape["tokens"], shape["heads"], shape["head_dim"])
+  dims = (batch, shape["windows"], shape["side"] ** 2, shape["heads"], shape["head_dim"])
   unit = lambda x: x / np.linalg.norm(x, axis=-1, keepdims=True)
   q, k = (jnp.asarray(unit(rng.normal(size=dims)), dtype) for _ in range(2))
   v, cotangent = (jnp.asarray(rng.normal(size=dims), dtype) for _ in range(2))
-  logit_scale = jnp.asarray(rng.uniform(np.log(5.0), swinv2.MAX_LOGIT_SCALE, shape["heads"]), jnp.float32)
+  logit_scale = jnp.asarray(rng.uniform(np.log(5.0), MAX_LOGIT_SCALE, shape["heads"]), jnp.float32)
   table = jnp.asarray(16.0 * rng.uniform(size=(shape["heads"], (2 * shape["side"] - 1) ** 2)), jnp.float32)
-  regions = (swinv2.shift_regions(shape["feature"], shape["feature"], shape["side"], shape["shift"])
-             if shape["shift"] else None)
+  regions = jnp.asarray(shift_regions(shape["windows"], shape["side"])) if shape["shifted"] else None
   return (q, k, v, logit_scale, table, cotangent), regions
 
 
 def attend(implementation: str, side: int, regions):
-  """f(q, k, v, logit scale, table) -> the windows' outputs, as WindowAttention computes them with `implementation`."""
-  mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, swinv2.MASK_VALUE)
+  """f(q, k, v, logit scale, table) -> the windows' outputs (B, nW, N, H, D), by `implementation`."""
+  tokens = np.arange(side * side)
+  offsets = kernels.relative_offsets(tokens[:, None], tokens[None, :], side)  # (N, N) into the table
+  mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, MASK_VALUE)
 
   def f(q, k, v, logit_scale, table):
-    scale = jnp.exp(jnp.minimum(logit_scale, swinv2.MAX_LOGIT_SCALE))
+    scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     if implementation == kernels.WINDOW_KERNEL:
-      return kernels.window_attention(q, k, v, scale, table, regions, mask_value=swinv2.MASK_VALUE)
-    bias = swinv2.bias_of_offsets(table, side)
+      return kernels.window_attention(q, k, v, scale, table, regions, mask_value=MASK_VALUE)
+    q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
+    bias = table[:, offsets]  # (H, N, N)
+    bias = bias if mask is None else bias[None] + mask[:, None]  # (nW, H, N, N) with the mask
     if implementation == "softmax":
-      return swinv2.window_attention(q, k, v, scale, bias, mask)
-    return swinv2.fused_window_attention(q, k, v, scale, bias, mask, implementation)
+      first = kernels.heads_first
+      return first(kernels.softmax_attention(first(q), first(k), first(v), bias=bias))
+    # the windows folded into the heads: the bias broadcasts over the batch as (1, nW x H, N, N)
+    windows, heads = q.shape[1], q.shape[3]
+    fold = lambda t: einops.rearrange(t, "b w n h d -> b n (w h) d")
+    bias = jnp.broadcast_to(bias, (windows, heads) + bias.shape[-2:]).reshape((1, windows * heads) + bias.shape[-2:])
+    out = kernels.fused_attention(fold(q), fold(k), fold(v), bias=bias.astype(q.dtype), scale=1.0,
+                                  implementation=implementation)
+    return einops.rearrange(out, "b n (w h) d -> b w n h d", w=windows)
   return f
 
 
@@ -119,7 +128,7 @@ def time_one(implementation: str, shape: dict, args, regions, steps: int, warmup
     seconds.append(time.perf_counter() - start)
   median = statistics.median(seconds)
   batch = args[0].shape[0]
-  flops = 3.5 * 4 * batch * shape["windows"] * shape["heads"] * shape["tokens"] ** 2 * shape["head_dim"]
+  flops = 3.5 * 4 * batch * shape["windows"] * shape["heads"] * shape["side"] ** 4 * shape["head_dim"]
   return dict(fwd_bwd_ms=round(1e3 * median, 3), min_ms=round(1e3 * min(seconds), 3),
               max_ms=round(1e3 * max(seconds), 3), compile_s=round(compile_s, 2),
               tflops=round(flops / median / 1e12, 4))
@@ -133,14 +142,18 @@ def run(fv) -> bool:
   if fv.steps < 1 or fv.warmup < 0 or fv.batch < 1:
     raise ConfigError(f"--steps={fv.steps} --warmup={fv.warmup} --batch={fv.batch}: expected steps and batch >= 1, "
                       f"warmup >= 0")
-  shape = geometry(fv.variant, fv.image_size, fv.window, fv.stage)
+  if min(fv.window, fv.windows, fv.heads, fv.head_dim) < 1:
+    raise ConfigError(f"--window={fv.window} --windows={fv.windows} --heads={fv.heads} --head_dim={fv.head_dim}: "
+                      f"expected each >= 1")
+  if fv.shifted and math.isqrt(fv.windows) ** 2 != fv.windows:
+    raise ConfigError(f"--windows={fv.windows} with --shifted: the windows of a shifted map tile a square")
+  shape = dict(side=fv.window, windows=fv.windows, heads=fv.heads, head_dim=fv.head_dim, shifted=fv.shifted)
   args, regions = inputs(shape, fv.batch, jnp.dtype(fv.dtype))
   device = jax.devices()[0].device_kind
   failed = False
   for implementation in fv.implementations:
-    row = dict(implementation=implementation, image_size=fv.image_size, window=shape["side"], stage=fv.stage,
-               variant=fv.variant, batch=fv.batch, windows=shape["windows"], tokens=shape["tokens"],
-               heads=shape["heads"], head_dim=shape["head_dim"], shifted=bool(shape["shift"]), dtype=fv.dtype,
+    row = dict(implementation=implementation, window=fv.window, tokens=fv.window**2, windows=fv.windows,
+               heads=fv.heads, head_dim=fv.head_dim, shifted=fv.shifted, batch=fv.batch, dtype=fv.dtype,
                device=device)
     try:
       row.update(time_one(implementation, shape, args, regions, fv.steps, fv.warmup))
