@@ -53,6 +53,7 @@ import time
 
 from visionfm_jax import errors
 from visionfm_jax.config_lib import model_schema, schema
+from visionfm_jax.config_lib.domains import Choices
 from visionfm_jax.errors import UserError
 
 MIN_SECONDS = 20  # a stage with less of the budget left is skipped
@@ -114,7 +115,9 @@ REHEARSAL_SIZES = Sizes(
 def gemm_recipes() -> list[str]:
   """config.precision.gemm's names as this checkout's schema has them: compute_dtype, then the FP8 recipes, the
   delayed-scaling one first."""
-  names = list(schema.PRECISION["gemm"].domain.names)
+  domain = schema.PRECISION["gemm"].domain
+  assert isinstance(domain, Choices), domain
+  names = list(domain.names)
   fp8 = sorted((n for n in names if n != "compute_dtype"), key=lambda n: DELAYED_FIRST not in n)
   return ["compute_dtype", *fp8]
 
@@ -392,7 +395,7 @@ def run(argv: list[str]) -> int:
   with open(os.path.join(report, "table.txt"), "w", encoding="utf-8") as f:
     f.write(text + "\n")
   write_failures(rows, logs, os.path.join(report, "failures.txt"))
-  bad = [r for r in rows if r["status"] in ("FAIL", "timeout") or "budget" in r.get("why", "")]
+  bad = [r for r in rows if r["status"] in ("FAIL", "timeout") or "budget" in str(r.get("why", ""))]
   return int(bool(bad))
 
 

@@ -61,8 +61,8 @@ def shift_regions(windows: int, side: int) -> np.ndarray:
   """(windows, side^2) region ids of a square map of `windows` windows rolled by half a window: along each axis the
   last window's first half, its second half (the rolled-in border) and the rest are three regions."""
   per_axis = math.isqrt(windows) * side
-  axis = np.arange(per_axis)
-  axis = (axis >= per_axis - side).astype(np.int32) + (axis >= per_axis - side // 2).astype(np.int32)
+  position = np.arange(per_axis)
+  axis = (position >= per_axis - side).astype(np.int32) + (position >= per_axis - side // 2).astype(np.int32)
   ids = axis[:, None] * 3 + axis[None, :]
   return einops.rearrange(ids, "(nh wh) (nw ww) -> (nh nw) (wh ww)", wh=side, ww=side)
 
