@@ -50,14 +50,16 @@ remat='$remat', attention='$attention', batch=$batch, lead='$lead'); print(json.
 }
 
 lead() {  # label, XLA flags appended to launch/xla_flags_h100.sh's (later flags win), [bench arguments...];
-          # LEAD_REMAT / LEAD_BATCH / LEAD_MODEL: another remat policy / per-GPU batch / model (swinv2_g) than the
-          # planned setup's; LEAD_CONFIG: the config (with its variants) of a LEAD_MODEL named for the row
+          # LEAD_REMAT / LEAD_BATCH / LEAD_MODEL / LEAD_ATTENTION: another remat policy / per-GPU batch / model
+          # (swinv2_g) / attention than the planned setup's; LEAD_CONFIG: the config (with its variants) of a
+          # LEAD_MODEL named for the row
   local label=$1 flags=$2 model=${LEAD_MODEL:-vit_h14} config=configs/vit_huge.py
   shift 2
   [[ -z ${LEADS:-} || " $LEADS " == *" $label "* ]] || return 0
   [[ $model == swinv2_g ]] && config=configs/swinv2_cls.py:G
   config=${LEAD_CONFIG:-$config}
-  LEAD=$label LEAD_XLA_FLAGS=$flags run "$model" "$config" "${LEAD_REMAT:-dots_saveable}" cudnn "${LEAD_BATCH:-64}" "$@"
+  LEAD=$label LEAD_XLA_FLAGS=$flags run "$model" "$config" "${LEAD_REMAT:-dots_saveable}" "${LEAD_ATTENTION:-cudnn}" \
+    "${LEAD_BATCH:-64}" "$@"
 }
 
 if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT): two 10-minute calls (LEADS)
@@ -87,6 +89,8 @@ if [[ $mode == leads ]]; then  # ~40 s a row, each bounded to 240 s (RUN_TIMEOUT
   LEAD_REMAT=none LEAD_BATCH=32 lead fp8_bf16_wgrad_recipe_b32 "" --config.model.scan_unroll=0 \
       --config.precision.gemm=fp8_bf16_wgrad
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_b32 ""
+  # the window attention as Pallas kernels, the bias-table gradient summed inside (models/kernels.py)
+  LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 LEAD_ATTENTION=pallas lead swinv2_g_pallas ""
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_unroll7 "" --config.model.scan_unroll=7
   LEAD_MODEL=swinv2_g LEAD_REMAT=nothing_saveable LEAD_BATCH=32 lead swinv2_g_fp8 "" --config.precision.gemm=fp8
   LEAD_MODEL=swinv2_g LEAD_REMAT=none LEAD_BATCH=32 lead swinv2_g_straight "" --config.model.scan_unroll=0

@@ -339,7 +339,7 @@ exec {sys.executable} "$@"
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "gelu_tanh", "pallas_layer_norm", "no_remat_b64",
                         "nothing_saveable_b256", "scanned_dots_b32", "straight_dots_b32", "recipe_b32",
                         "recipe_b32_cuda_graphs", "recipe_b32_triton_gemm", "fp8_recipe_b32",
-                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_unroll7", "swinv2_g_fp8",
+                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_pallas", "swinv2_g_unroll7", "swinv2_g_fp8",
                         "swinv2_g_straight", "swinv2_g_dots_u7", "swinv2_g_attention_kept_u7", "clip_vit_b16",
                         "siglip_vit_b16", "flip_vit_b16",
                         "clip_swinv2_g", "swin_mask_swinv2_g"]
@@ -369,10 +369,13 @@ exec {sys.executable} "$@"
       b for h, b in failed_runs.items() if h.endswith(" lead=recipe_b32_triton_gemm"))
   assert rows["fp8_recipe_b32"]["failed"] == straight["failed"] == "out of memory"
   assert "failed" not in rows["swinv2_g_fp8"] and "--config.precision.gemm=fp8" in rows["swinv2_g_fp8"]["argv"]
-  assert len(table) == 26 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
+  pallas = rows["swinv2_g_pallas"]
+  assert (pallas["model"], pallas["attention"], pallas["remat"]) == ("swinv2_g", "pallas", "nothing_saveable")
+  assert "--config.model.attention=pallas" in pallas["argv"]
+  assert len(table) == 27 and "lead" in table[0] and "failed: out of memory" in " ".join(table)
   models = {lead: r.get("model") for lead, r in rows.items()}
   assert rows["swinv2_g_attention_kept_u7"]["remat"] == "dots_with_no_batch_dims_and_attention_saveable"
-  assert [models[lead] for lead in rows] == ["vit_h14"] * 14 + ["swinv2_g"] * 6 + [
+  assert [models[lead] for lead in rows] == ["vit_h14"] * 14 + ["swinv2_g"] * 7 + [
       "vit_b16_clip", "vit_b16_clip", "vit_b16_clip", "swinv2_g_clip", "swinv2_g_clip"]
   assert "--config.model.image.attention=cudnn" in rows["siglip_vit_b16"]["argv"]
   assert any(a.startswith("--config=configs/swinv2_g_clip.py:vit,flip") for a in rows["flip_vit_b16"]["argv"])

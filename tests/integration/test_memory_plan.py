@@ -149,6 +149,23 @@ def test_bad_sweep_values_name_the_flag(capsys):
     assert code == 2 and f"error: {flag}" in capsys.readouterr().err
 
 
+@pytest.mark.slow
+def test_the_window_kernel_is_a_swinv2_attention_name_and_no_vit_one(capsys):
+  # a SwinV2's attention field takes 'pallas' (its window kernel): GPU only, so skipped on the simulated CPU devices
+  swin = ["--config=configs/swinv2_cls.py:demo", "--devices=8", "--config.model.variant=pico",
+          "--config.global_batch_size=16", "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=1"]
+  code = memory_plan.main(["memory_plan", *swin, "--attention=pallas,softmax"])
+  out, err = capsys.readouterr()
+  assert code == 0, err
+  result = json.loads(out.strip().splitlines()[-1])
+  assert "skipped --attention=pallas: GPU only" in out
+  assert [c["setting"]["model.attention"] for c in result["candidates"]] == ["softmax"]
+  # a ViT's does not
+  code = memory_plan.main(["memory_plan", *TINY, "--attention=pallas"])
+  err = capsys.readouterr().err
+  assert code == 2 and "error: --attention=pallas: ['pallas'] not in" in err and "config.model.attention" in err
+
+
 def test_layouts_are_planned_as_meshes_and_those_the_devices_refuse_skipped(capsys):
   code, out, err, result = run_plan(capsys, "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=1",
                                     "--attention=softmax", "--fsdp=all,2,3", "--config.strategy=zero3")

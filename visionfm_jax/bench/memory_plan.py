@@ -91,7 +91,8 @@ def make_flags(argv) -> flags.FlagValues:
                     flag_values=fv)
   flags.DEFINE_list("micro_batches", "1,2,4,8", "config.grad_accum_steps values to plan.", flag_values=fv)
   flags.DEFINE_list("attention", "softmax,jax,cudnn", "Attention implementations to plan (models/kernels.py "
-                    "ATTENTION), set in every attention field of config.model.", flag_values=fv)
+                    "ATTENTION; a SwinV2's WINDOW_ATTENTION adds pallas), set in every attention field of "
+                    "config.model.", flag_values=fv)
   flags.DEFINE_string("target", "", "Compile for this GPU, deviceless (bench/gpu_target.py: " +
                       ", ".join(sorted(gpu_target.TARGETS)) + "; needs the gpu-aot extra); empty: simulated CPU "
                       "devices.", flag_values=fv)
@@ -158,6 +159,18 @@ def attention_fields(node) -> list[str]:
   return list(fields_named(node, "attention"))
 
 
+def check_attention_names(config, attentions) -> None:
+  """ConfigError unless every --attention name is one that every attention field of the config takes, by its
+  row's domain: a SwinV2 tower's adds its window kernel ('pallas') to config_lib.ATTENTION."""
+  paths = attention_fields(config.model)
+  takes = [name for name in config_lib.WINDOW_ATTENTION
+           if all(config_lib.domain_of(config, path).contains(name) for path in paths)]
+  unknown = [a for a in attentions if a not in takes]
+  if unknown:
+    raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {tuple(takes)}, what "
+                      f"{', '.join(f'config.{path}' for path in paths)} take")
+
+
 def parse_counts(values: list[str]) -> list[int]:
   try:
     counts = sorted({int(v) for v in values})
@@ -206,9 +219,7 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
     path, value = by_stage[0]
     raise ConfigError(f"config.{path}={value}: its stages keep their own remat, which --remat (model.remat_policy) "
                       f"would not change; price that form with bench.roofline, or plan with --config.{path}=()")
-  unknown = [a for a in attentions if a not in kernels.ATTENTION]
-  if unknown:
-    raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {kernels.ATTENTION}")
+  check_attention_names(config, attentions)
   skipped = {}
   if not target and jax.default_backend() != "gpu":
     for name in dict.fromkeys(a for a in attentions if a in kernels.GPU_ONLY_ATTENTION):
