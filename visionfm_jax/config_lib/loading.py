@@ -19,6 +19,8 @@ def load(spec: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ConfigError(f"--config={spec}: no config file {path!r} (from {os.getcwd()})")
   module_spec = importlib.util.spec_from_file_location("visionfm_jax_config_file", path)
+  # A spec with a loader, always: `path` is a file, and a path's suffix picks the source loader whatever it is.
+  assert module_spec is not None and module_spec.loader is not None
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)
