@@ -26,7 +26,7 @@ rules, and convert names params by the same paths (`path_str`).
 from __future__ import annotations
 
 import re
-from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar
+from typing import Any, Callable, Generic, Iterable, Sequence, TypeVar, overload
 
 from flax.core import meta
 import jax
@@ -88,6 +88,12 @@ class ParamRules(Generic[V]):
   @property
   def patterns(self) -> tuple[str, ...]:
     return tuple(p.pattern for p, _ in self._rules)
+
+  @overload
+  def value(self, name: str) -> V | None: ...
+
+  @overload
+  def value(self, name: str, default: V) -> V: ...
 
   def value(self, name: str, default: V | None = None) -> V | None:
     """The value of the first rule whose regex re.search-es `name`; `default` when none does."""

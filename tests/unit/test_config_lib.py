@@ -2,6 +2,7 @@
 
 import os
 import pathlib
+import re
 
 import pytest
 
@@ -65,6 +66,13 @@ def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
   assert config.model.image_size == config.data.image_size <= 64
   assert config.eval_every == config.checkpoint_every and config.total_steps <= 2000
   assert config.init_from == "" and config.init_from_prefix == ""
+
+
+def test_a_config_file_that_is_not_python_is_named(tmp_path):
+  path = tmp_path / "vit.txt"
+  path.write_text("def get_config():\n  return None\n")
+  with pytest.raises(ConfigError, match=re.escape(f"--config={path}:demo: {path} is not a Python file")):
+    config_lib.load(f"{path}:demo")
 
 
 def test_config_lib_imports_nothing_of_the_package_but_its_errors():

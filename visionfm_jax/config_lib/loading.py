@@ -19,6 +19,9 @@ def load(spec: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     raise ConfigError(f"--config={spec}: no config file {path!r} (from {os.getcwd()})")
   module_spec = importlib.util.spec_from_file_location("visionfm_jax_config_file", path)
+  if module_spec is None:  # a suffix no module loader takes
+    raise ConfigError(f"--config={spec}: {path} is not a Python file (a config is a .py file with get_config())")
+  assert module_spec.loader is not None  # a spec found by its suffix comes with that suffix's loader
   module = importlib.util.module_from_spec(module_spec)
   try:
     module_spec.loader.exec_module(module)

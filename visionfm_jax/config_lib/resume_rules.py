@@ -50,7 +50,7 @@ def resume_changes(saved: dict, current: dict) -> dict[str, list[tuple[str, obje
   """{kind: [(dotted path, saved value, current value)]} of the fields whose value differs between two configs
   as JSON dicts (a field only one of them has, from another version of the code, is left out)."""
   old, new = dict(fields(saved)), dict(fields(current))
-  changes = {REFUSED: [], OPT_IN: [], FREE: []}
+  changes: dict[str, list[tuple[str, object, object]]] = {REFUSED: [], OPT_IN: [], FREE: []}
   for path in sorted(old.keys() & new.keys()):
     if old[path] != new[path]:
       changes[resume_kind(path)].append((path, old[path], new[path]))

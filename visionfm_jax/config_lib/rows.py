@@ -32,7 +32,7 @@ def defaults(rows: Rows) -> ml_collections.ConfigDict:
 
 def row_at(rows: Rows, path: str) -> Field | None:
   """The row of a dotted field path in `rows`; None when `rows` has none."""
-  node = rows
+  node: Field | Rows = rows
   for key in path.split("."):
     if not isinstance(node, Mapping) or key not in node:
       return None
@@ -45,7 +45,11 @@ def without(rows: Rows, *names: str) -> dict:
   return {key: row for key, row in rows.items() if key not in names}
 
 
-def nest(rows: Rows, path: str, section: Rows) -> dict:
+def nest(rows: Rows, path: str, section: Rows) -> dict[str, Field | Rows]:
   """`rows` with `section` at the dotted `path` ('data.mim'), the subsections above it copied, not changed."""
   key, _, rest = path.partition(".")
-  return {**rows, key: nest(rows[key], rest, section) if rest else section}
+  if not rest:
+    return {**rows, key: section}
+  above = rows[key]
+  assert isinstance(above, Mapping), f"{key!r} in {path!r} is a field, not a section"  # every key but the last is
+  return {**rows, key: nest(above, rest, section)}

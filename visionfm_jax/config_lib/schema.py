@@ -21,7 +21,7 @@ from visionfm_jax.config_lib.domains import (
   Domain,
 )
 from visionfm_jax.config_lib.model_schema import model_rows, rows_of_model
-from visionfm_jax.config_lib.rows import Field, defaults, nest
+from visionfm_jax.config_lib.rows import Field, Rows, defaults, nest
 from visionfm_jax.config_lib.task_schema import TASK_SECTIONS
 from visionfm_jax.errors import ConfigError
 
@@ -53,7 +53,7 @@ RUN = dict(
 
 MESH_AXIS = Domain(1, integer=True, extra=(-1,), note="-1: the devices left")
 # The ZeRO strategy and the device mesh.
-PARALLEL = dict(
+PARALLEL: Rows = dict(
     strategy=Field("fsdp", Choices(STRATEGIES), "ddp | zero1 | zero2 | zero3 (= fsdp)"),
     optimizer_over_data=Field(False, doc=(
         "zero1-3 with mesh.data > 1: the optimizer state (and the params' EMA) split over data x fsdp, not fsdp "
@@ -167,7 +167,7 @@ NAFLEX = dict(
 )
 
 # config.data: sources and splits, the input pipeline, the embedded sets and the augmentations.
-DATA = dict(
+DATA: Rows = dict(
     source=Field("shapes", doc=(
         "shapes | shapes:images (uncaptioned) | tfds:<name>[:<version>][:<split>] | arrayrecord:<glob, '{split}' = "
         "the split> (datatools.prepare_data) | wds:<glob of indexed img2dataset tars>[;min_similarity=X;"
@@ -269,7 +269,7 @@ LOOP = dict(
 )
 
 # Where the metrics go besides metrics.jsonl, which is always written (training/infra/trackers.py).
-TRACKING = dict(
+TRACKING: Rows = dict(
     report_to=Field("tensorboard", doc="comma-separated trackers: tensorboard, wandb, mlflow (each but tensorboard "
                     "an extra: pip install -e '.[wandb]'); 'none': metrics.jsonl alone"),
     # WANDB_PROJECT, WANDB_ENTITY, WANDB_NAME and WANDB_TAGS win, WANDB_MODE=offline keeps the run on disk for
@@ -294,8 +294,9 @@ RESUME = dict(
 
 def config_rows(model: dict, task: str) -> dict:
   """The rows of a whole config: the sections every run has, with `model`'s rows, and those its `task` adds."""
-  rows = dict(**RUN, **PARALLEL, model=model, optim=OPTIM, precision=PRECISION, health=HEALTH, data=DATA,
-              **INIT_FROM, probe=PROBE, **LOOP, **TRACKING, resume=RESUME)
+  rows: dict[str, Field | Rows] = dict(**RUN, **PARALLEL, model=model, optim=OPTIM, precision=PRECISION,
+                                       health=HEALTH, data=DATA, **INIT_FROM, probe=PROBE, **LOOP, **TRACKING,
+                                       resume=RESUME)
   for path, section in TASK_SECTIONS.get(task, {}).items():
     rows = nest(rows, path, section)
   return rows

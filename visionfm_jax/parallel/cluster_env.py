@@ -37,8 +37,8 @@ ANNOTATED = "launch/kubernetes/jobset.yaml passes it from the pod's JobSet annot
 def _index(name: str, low: int = 0, high: int | None = None, source: str = ANNOTATED) -> int:
   value = os.environ.get(name)
   try:
-    number = int(value)
-  except (TypeError, ValueError):
+    number = int(value) if value is not None else None
+  except ValueError:
     number = None
   if number is None or number < low or (high is not None and number > high):
     expected = f"an integer >= {low}" if high is None else f"an integer from {low} to {high}"

@@ -32,8 +32,8 @@ def _env_int(name: str, low: int, default: str | None = None) -> int:
   """The environment variable `name` as an integer >= `low`; UserError naming it otherwise."""
   value = os.environ.get(name, default)
   try:
-    number = int(value)
-  except (TypeError, ValueError):
+    number = int(value) if value is not None else None
+  except ValueError:
     number = None
   if number is None or number < low:
     raise UserError(f"{name}={value!r}: expected an integer >= {low}")

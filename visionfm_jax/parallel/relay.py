@@ -88,6 +88,7 @@ class Relay:
         elif key.data == "accept":
           self._accept()
         else:
+          assert isinstance(key.fileobj, socket.socket)  # every object registered is a socket
           self._forward(key.fileobj)
 
   def _read_control(self) -> bool:

@@ -33,9 +33,12 @@ def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
   and feed it: each tower's fields (backbone.config_fields) and variant, the fields CLIP sets for its towers, its
   tokenizer file, image size, and the mean / std of `src`'s image processor (OpenAI's when it has none)."""
   image, text = model.image, model.text
-  rows = config_lib.model_rows("clip", image_tower=models.name_of(image))
+  # A CLIP's image tower is a registered backbone (ViT or SwinV2), which has a name and rebuilds from its fields.
+  image_tower, image_fields = models.name_of(image), models.checkpoint_fields(image)
+  assert image_tower is not None and image_fields is not None
+  rows = config_lib.model_rows("clip", image_tower=image_tower)
   shared = {name: rows[name] for name in config_lib.TOWER_SHARED_FIELDS}  # the image tower's, as it is CLIP's
-  towers = {"image": (image, models.checkpoint_fields(image)["variant"]), "text": (text, text.size_name())}
+  towers = {"image": (image, image_fields["variant"]), "text": (text, text.size_name())}
   fields = {**backbone.config_fields(image, shared), **backbone.config_fields(model, rows),
             **{f"{key}.{k}": v for key, (tower, variant) in towers.items()
                for k, v in {**backbone.config_fields(tower, rows[key]), "variant": variant}.items()}}

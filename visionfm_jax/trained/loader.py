@@ -44,7 +44,8 @@ def _target(task, sharding):
 def _hf_params(path: str, task, sharding):
   _, variables = convert.from_hf(path, scan=task.config.model.scan)
   target = _target(task, sharding)
-  if jax.tree.structure(target) != jax.tree.structure(variables["params"]) or any(
+  # jaxlib ships no stub of its _jax extension, where PyTreeDef lives: mypy cannot tell it compares
+  if jax.tree.structure(target) != jax.tree.structure(variables["params"]) or any(  # type: ignore[operator]
       a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(variables["params"]))):
     raise CheckpointError(f"{path}: its params do not fit the CLIP its config builds")
   return jax.device_put(variables["params"], sharding)

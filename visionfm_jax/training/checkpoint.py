@@ -63,7 +63,7 @@ _PATH_IN_MESSAGE = re.compile(r'Failed (?:writing|to write)[^"]*"([^"]+)"')
 def _storage_failure(error: BaseException) -> OSError | None:
   """The OSError behind `error` (itself, a cause in its chain, or one tensorstore describes in its message), or
   None when the storage did not cause it."""
-  seen = error
+  seen: BaseException | None = error
   while seen is not None:
     if isinstance(seen, OSError) and seen.errno:
       return seen
@@ -497,6 +497,7 @@ def last_good_text(directory, steps: Sequence[int], vouched: Collection[int]) ->
   newest = max(steps, default=None)
   if good is None:
     return f"none verified (the newest committed, unverified: {directory}/{newest})" if steps else "none"
+  assert newest is not None  # `good` is one of `steps`
   newer = f" (a newer one, unverified: {directory}/{newest})" if newest > good else ""
   return f"{directory}/{good}{newer}"
 
@@ -522,7 +523,7 @@ def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") 
 
 # ---------------------------------------------------------------------------------------------- init_from
 
-def save_params(directory: str, params, metadata: dict[str, Any] | None = None) -> None:
+def save_params(directory: epath.PathLike, params, metadata: dict[str, Any] | None = None) -> None:
   """Writes `params` as `<directory>/params` (Orbax) plus `<directory>/model.json` (how to build the model)."""
   directory = epath.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
@@ -595,7 +596,7 @@ def _raw_params(path: epath.Path, step: int | None = None, weights: str = "param
   return params
 
 
-def warn_of_damaged_parts(path: str, step: int, read: str = "params") -> list[str]:
+def warn_of_damaged_parts(path: epath.PathLike, step: int, read: str = "params") -> list[str]:
   """Checks the parts of the train state saved at `step` in the workdir `path` (or its checkpoints folder) other
   than `read`, which `load_params` checks, against their digests, and warns in one line naming each that fails:
   a tool that reads the params alone tells a user deciding what to keep that a resume would skip this checkpoint.
@@ -603,8 +604,8 @@ def warn_of_damaged_parts(path: str, step: int, read: str = "params") -> list[st
   '<part> (<why>)'."""
   path = epath.Path(os.path.expanduser(path))
   step_dir = (path / "checkpoints" if (path / "checkpoints").exists() else path) / str(step)
-  saved = digests.read(step_dir / digests.ITEM)
-  parts = sorted({name.split("/", 1)[0] for name in saved or {}} - {read})
+  saved = digests.read(step_dir / digests.ITEM) or {}
+  parts = sorted({name.split("/", 1)[0] for name in saved} - {read})
   failures = []
   for part in parts:
     try:
@@ -624,7 +625,7 @@ def _flatten(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
+def load_params(path: epath.PathLike, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
                 adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None,
                 weights: str = "params", argument: str = "init_from"):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
@@ -675,7 +676,7 @@ def load_params(path: str, target_params, *, skip: str | Sequence[str] = (), ste
   for n, (_, v) in zip(names, target_flat):
     if n in kept:
       value = np.asarray(source[n], dtype=v.dtype)
-      leaves.append(jax.make_array_from_callback(value.shape, v.sharding, lambda idx, value=value: value[idx]))
+      leaves.append(jax.make_array_from_callback(value.shape, v.sharding, value.__getitem__))
     else:
       leaves.append(v)
   return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -25,7 +25,7 @@ import json
 import math
 import os
 import re
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 from etils import epath
 import jax
@@ -86,7 +86,12 @@ def bounds_text(bounds: Bounds) -> str:
 
 
 def _parse_bounds(text: str) -> Bounds:
-  return tuple(tuple(int(n) for n in part.split(":")) for part in text.split(",")) if text else ()
+  return tuple(_parse_slice(part) for part in text.split(",")) if text else ()
+
+
+def _parse_slice(text: str) -> tuple[int, int]:
+  start, stop = text.split(":")
+  return int(start), int(stop)
 
 
 def _volume(bounds: Bounds) -> int:
@@ -94,7 +99,7 @@ def _volume(bounds: Bounds) -> int:
 
 
 def digest(data: np.ndarray) -> str:
-  return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
+  return xxhash.xxh3_128_hexdigest(np.ascontiguousarray(data).reshape(-1).view(np.uint8).data)
 
 
 @dataclasses.dataclass
@@ -110,7 +115,7 @@ def _one_shard_per_slice(array: jax.Array) -> list:
   Orbax writes from this process (its host copies are the ones shared)."""
   shards = array.addressable_shards
   first = shards[0].replica_id
-  chosen = {}
+  chosen: dict[Bounds, jax.Shard] = {}
   for shard in sorted(shards, key=lambda s: s.replica_id != first):
     chosen.setdefault(_bounds_of(shard.index, array.shape), shard)
   return list(chosen.items())
@@ -119,7 +124,7 @@ def _one_shard_per_slice(array: jax.Array) -> list:
 def host_arrays(tree) -> dict[str, HostArray]:
   """{path: HostArray} of the jax and numpy arrays in `tree`, on this process's host: each device shard copied once
   (all copies started before any is waited for); other leaves (Python numbers, None) are left out."""
-  arrays = {}
+  arrays: dict[str, tuple[jax.Array | np.ndarray, list]] = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
     if isinstance(leaf, jax.Array):
       if jax.dtypes.issubdtype(leaf.dtype, jax.dtypes.prng_key):
@@ -138,7 +143,7 @@ def host_arrays(tree) -> dict[str, HostArray]:
           for name, (leaf, shards) in arrays.items()}
 
 
-def _hash_all(jobs: list[Callable[[], Any]]) -> list[Any]:
+def _hash_all(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
   """The digest of the array each job returns (what it returns when that is no array), on `HASH_THREADS`
   threads."""
   def run(job):
@@ -148,11 +153,17 @@ def _hash_all(jobs: list[Callable[[], Any]]) -> list[Any]:
     return list(pool.map(run, jobs))
 
 
+def _given(data: np.ndarray) -> Callable[[], np.ndarray]:
+  """A `_hash_all` job that hands over `data`, held already."""
+  return lambda: data
+
+
 def record(arrays: dict[str, HostArray]) -> dict:
   """The JSON this process saves: {'hash', 'arrays': {path: {'shape', 'dtype', 'slices': {bounds: digest}}}}."""
   jobs = [(name, bounds, data) for name, array in arrays.items() for bounds, data in array.pieces.items()]
-  digests = _hash_all([lambda data=data: data for _, _, data in jobs])
-  out = {name: {"shape": list(array.shape), "dtype": array.dtype, "slices": {}} for name, array in arrays.items()}
+  digests = _hash_all([_given(data) for _, _, data in jobs])
+  out: dict[str, dict[str, Any]] = {name: {"shape": list(array.shape), "dtype": array.dtype, "slices": {}}
+                                    for name, array in arrays.items()}
   for (name, bounds, _), value in zip(jobs, digests):
     out[name]["slices"][bounds_text(bounds)] = value
   return {"hash": HASH, "arrays": out}
@@ -178,7 +189,7 @@ class DigestHandler(ocp.handlers.AsyncCheckpointHandler):
   def save(self, directory: epath.Path, args: DigestSave) -> None:
     _write(directory, host_arrays(args.item))
 
-  def restore(self, directory: epath.Path, args: DigestRestore | None = None) -> dict:
+  def restore(self, directory: epath.Path, args: DigestRestore | None = None) -> dict | None:
     del args
     return read(directory)
 
@@ -213,7 +224,7 @@ def read(directory) -> dict | None:
   directory = epath.Path(directory)
   if not directory.exists():
     return None
-  arrays = {}
+  arrays: dict[str, dict] = {}
   for path in every_process_file(directory, str(directory)):
     try:
       saved = json.loads(path.read_text())

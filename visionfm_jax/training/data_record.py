@@ -41,7 +41,7 @@ def check(config, workdir: str, identity: dict, newest_step: int | None) -> bool
   allowed = config_lib.allowed_changes(config)
   accepted = bool(set(DATA_FIELDS) & set(allowed))
   accept = f"--config.resume.allow_changes={','.join([*allowed, _data_field(config)])}"
-  error = None
+  error: Exception | None = None
   if lost and not accepted:
     error = WorkdirError(f"cannot resume {workdir}: {path} {lost}; it records the training data the checkpoints "
                          f"were saved with, which a resume compares with this run's; restore it, or pass {accept} to "

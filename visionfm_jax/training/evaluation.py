@@ -43,6 +43,7 @@ class Evaluation:
     return results
 
   def draw(self, params, step: int, writer) -> None:
+    assert self.panel is not None  # its callers draw only where the task has a panel
     t0 = time.perf_counter()
     writer.panel(step, self.panel(params))
     logging.info("step %d panel: panels/step_%d.png (%.1fs)", step, step, time.perf_counter() - t0)

@@ -8,6 +8,8 @@ micro-batches (`per_device`) and the step reduces them once.
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
@@ -23,7 +25,8 @@ def of_batch(task: tasks.Task, params, batch, rng, scale, grad_shardings, config
   if accum == 1:
     return grads_of(task, params, batch, rng, scale, grad_shardings)
   device_mesh = mesh if _accumulates_per_device(task, config) else None
-  accumulate = two_pass_grads if task.splits_loss else accumulated_grads
+  # Both take the same arguments; two_pass_grads a SplitLossTask, the class whose tasks set `splits_loss`.
+  accumulate: Callable[..., Any] = two_pass_grads if task.splits_loss else accumulated_grads
   return accumulate(task, params, batch, accum, rng, scale, grad_shardings, device_mesh)
 
 
@@ -174,7 +177,7 @@ def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, g
   return _constrained(grads, grad_shardings), loss, aux
 
 
-def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
+def two_pass_grads(task: tasks.SplitLossTask, params, batch, accum: int, rng, scale, grad_shardings, device_mesh=None):
   """Gradient of a `splits_loss` task's whole-batch loss, accumulated over `accum` micro-batches.
 
   Pass 1 computes micro-batches' features (forward only); the global term (e.g. the contrastive loss over all
@@ -199,7 +202,7 @@ def two_pass_grads(task: tasks.Task, params, batch, accum: int, rng, scale, grad
     return _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings,
                                 device_mesh)
 
-  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, *xs, context)),
+  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, xs[0], xs[1], context)),
                          jax.tree.map(lambda x: x[:-1], (micro_batches, micro_rngs)))
 
   def global_term(last_features):

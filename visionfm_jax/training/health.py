@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import shlex
-from typing import Collection
+from typing import Collection, Sequence
 
 from absl import logging
 import flax.struct
@@ -198,7 +198,7 @@ class Rollbacks:
   """The rollbacks of this run so far (`history`, saved with every checkpoint), the resumes that changed
   something (`changes`), and the rollback itself."""
 
-  def __init__(self, config, saved: dict | None = None, start_step: int = 0, changes: list[str] = ()):
+  def __init__(self, config, saved: dict | None = None, start_step: int = 0, changes: Sequence[str] = ()):
     """`saved`: the health record of the checkpoint resumed from (step `start_step`); `changes`: the config
     changes this launch made to it ('config.<path> <old> -> <new>')."""
     self.cfg, self.config = config.health, config
@@ -213,7 +213,7 @@ class Rollbacks:
                       "repeated within %d steps stops the run naming the change", start_step, "; ".join(changed),
                       start_step, self.cfg.window)
     self.moved_at_stop: list[str] = []
-    self._skipped_seen = None
+    self._skipped_seen: int | None = None
 
   def note_skips(self, step: int, skipped: float) -> None:
     """A console line when steps were skipped since the last logging step."""
@@ -260,6 +260,7 @@ class Rollbacks:
       raise HealthError(f"health: {what}; stopping (config.health.rollback=False). The last good checkpoint: "
                         f"{last_good}; lower config.optim.lr or check the data.{self._set_aside_note(directory)}")
     if in_window and any(floor < r["step"] <= floor + self.cfg.window for r in self.history):
+      assert change is not None  # in_window: after a change
       raise ChangeError(self._blame(what, change, directory), floor)
     if not good:
       raise HealthError(f"health: {what}; no checkpoint at least config.health.restore_before="

@@ -108,9 +108,9 @@ def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) ->
   rules = ParamRules(optim_cfg.lr_mults, field="config.optim.lr_mults", value_name="multiplier", convert=float)
   rules.require_matches(list(shapes))
   ids, total = layer_ids(model, shapes) if decay != 1.0 else ({}, 0)
-  out = {}
+  out: dict[str, float | np.ndarray] = {}
   for name, shape in shapes.items():
-    mult = rules.value(name, 1.0)
+    mult: float | np.ndarray = rules.value(name, 1.0)
     if name in ids:
       layer_mult = decay ** (total + 1 - np.asarray(ids[name], np.float64))
       mult = layer_mult.reshape((-1,) + (1,) * (len(shape) - 1)) * mult if layer_mult.ndim else float(layer_mult) * mult

@@ -11,7 +11,7 @@ handed out, as if there were no buffer (an iterator without `read`/`skipped` cou
 from __future__ import annotations
 
 import collections
-from typing import Any
+from typing import Any, Literal
 
 from jax.sharding import NamedSharding
 
@@ -22,8 +22,8 @@ class DevicePrefetch:
 
   def __init__(self, iterator, sharding: NamedSharding, depth: int):
     self._it, self._sharding, self._depth = iterator, sharding, depth
-    self._buffer: collections.deque[tuple[dict, bytes, int, int]] = collections.deque()
-    self._handed_out: tuple[bytes, int, int] | None = None
+    self._buffer: collections.deque[tuple[dict, bytes, int | None, int | None]] = collections.deque()
+    self._handed_out: tuple[bytes, int | None, int | None] | None = None
 
   def __iter__(self):
     return self
@@ -31,10 +31,11 @@ class DevicePrefetch:
   def __next__(self) -> dict[str, Any]:
     while len(self._buffer) <= self._depth:
       self._buffer.append(self._read())
-    batch, *self._handed_out = self._buffer.popleft()
+    batch, state, read, skipped = self._buffer.popleft()
+    self._handed_out = (state, read, skipped)
     return batch
 
-  def _read(self) -> tuple[dict, bytes, int, int]:
+  def _read(self) -> tuple[dict, bytes, int | None, int | None]:
     batch = host_to_global(next(self._it), self._sharding)
     return batch, self._it.get_state(), getattr(self._it, "read", None), getattr(self._it, "skipped", None)
 
@@ -49,7 +50,8 @@ class DevicePrefetch:
   def skipped(self) -> int:
     return self._count("skipped", 2)
 
-  def _count(self, name: str, index: int) -> int:
-    if self._handed_out is None or self._handed_out[index] is None:
+  def _count(self, name: str, index: Literal[1, 2]) -> int:
+    count = None if self._handed_out is None else self._handed_out[index]
+    if count is None:
       return getattr(self._it, name)  # AttributeError for an iterator that does not count
-    return self._handed_out[index]
+    return count

@@ -44,8 +44,9 @@ def accelerator() -> str | None:
   and jax has its plugin, a TPU where libtpu is and a TPU device."""
   if xla_bridge.backends_are_initialized():
     platform = jax.default_backend()
-  elif jax.config.jax_platforms:
-    platform = jax.config.jax_platforms.split(",")[0].strip()
+  # jax.config sets its flags as attributes at run time; its class declares none
+  elif platforms := jax.config.jax_platforms:  # type: ignore[attr-defined]
+    platform = platforms.split(",")[0].strip()
   elif glob.glob("/dev/nvidia[0-9]*") and _installed("jax_cuda12_plugin", "jax_cuda13_plugin"):
     platform = "gpu"
   elif os.path.exists("/dev/kfd") and _installed("jax_rocm7_plugin", "jax_rocm60_plugin"):

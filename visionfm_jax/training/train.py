@@ -14,6 +14,7 @@ import functools
 import math
 import os
 import time
+from typing import Callable
 
 from absl import logging
 import jax
@@ -171,6 +172,7 @@ def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch
   after the compile), save, evaluate, and exit at a preemption."""
   total = config.total_steps
   before_save = _Every((config.log_every, config.checkpoint_every), total, at_preemption=True)
+  check_state: Callable[[_Loop], bool]
   if rollbacks is not None:
     check_state = functools.partial(_roll_back_where_fired, train_iter=train_iter, batch_sharding=batch_sharding)
   else:
@@ -269,6 +271,7 @@ class _Window:
 def _roll_back_where_fired(loop: _Loop, train_iter, batch_sharding) -> bool:
   """Rolls back where the health trigger fired, before a save (the steps since it fired applied nothing); the
   step's later actions follow where it did not."""
+  assert loop.rollbacks is not None  # `_periodic_actions` picks this action only for a run with rollbacks
   trigger = health.read_trigger(loop.state)
   if trigger is None:
     return True

@@ -43,14 +43,17 @@ def directory(setting: str, workdir: str) -> str | None:
   """The cache folder a run with `config.compile_cache = setting` in `workdir` uses; None: no cache."""
   if setting == OFF:
     return None
-  return os.path.abspath(setting or jax.config.jax_compilation_cache_dir or os.path.join(workdir, "compile_cache"))
+  # jax.config sets its flags as attributes at run time; its class declares none
+  cache_dir = jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
+  return os.path.abspath(setting or cache_dir or os.path.join(workdir, "compile_cache"))
 
 
 @contextlib.contextmanager
 def in_use(setting: str, workdir: str) -> Iterator[None]:
   """Compiles (and loads checked entries) through the run's cache inside, and restores the process's setting
   after it."""
-  path, before = directory(setting, workdir), jax.config.jax_compilation_cache_dir
+  # jax.config sets its flags as attributes at run time; its class declares none
+  path, before = directory(setting, workdir), jax.config.jax_compilation_cache_dir  # type: ignore[attr-defined]
   loaded = []
 
   def count(event: str, **_) -> None:

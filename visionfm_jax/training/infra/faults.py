@@ -212,8 +212,9 @@ class PeerWatch:
     # peer -> (its beat as last read, when this process first read that beat)
     self._last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
     self._answered = time.monotonic()  # when the service last took this process's beat
-    self._service = "" if distributed.global_state.service is not None else coordination.describe_service(
-        distributed.global_state.coordinator_address)
+    address = distributed.global_state.coordinator_address  # None: not distributed, so never watched
+    self._service = "" if distributed.global_state.service is not None or address is None else (
+        coordination.describe_service(address))
     if self.timeout_s > 0 and self._count > 1 and self._client is not None:
       self._thread = threading.Thread(target=self._watch, name="visionfm-peer-watch", daemon=True)
       self._thread.start()
@@ -240,6 +241,11 @@ class PeerWatch:
     if failed and self._me == 0:
       self._outlive_peers()
 
+  def _kv(self):
+    """The coordination service's client: the methods below run only once the watch started, which takes one."""
+    assert self._client is not None
+    return self._client
+
   def _outlive_peers(self, wait_s: float = 2.0, grace_s: float = 0.25) -> None:
     """The coordinator, failing, waits (at most `wait_s`) until the others have said they ended, and `grace_s`
     more for them to exit: the service ends with it, and JAX's client aborts a process that is still connected
@@ -248,7 +254,7 @@ class PeerWatch:
     peers = [p for p in range(self._count) if p != self._me]
     while peers and time.monotonic() < deadline:
       try:
-        peers = [p for p in peers if self._client.key_value_try_get(f"{self.PREFIX}{p}") not in ("failed", "done")]
+        peers = [p for p in peers if self._kv().key_value_try_get(f"{self.PREFIX}{p}") not in ("failed", "done")]
       except Exception:  # pylint: disable=broad-except  # a peer's key not there yet
         pass
       if peers:
@@ -257,7 +263,7 @@ class PeerWatch:
 
   def _tell(self, state: str) -> None:
     try:
-      self._client.key_value_set(f"{self.PREFIX}{self._me}", state, allow_overwrite=True)
+      self._kv().key_value_set(f"{self.PREFIX}{self._me}", state, allow_overwrite=True)
     except Exception:  # pylint: disable=broad-except  # the service is gone: there is no one left to tell
       pass
 
@@ -267,7 +273,7 @@ class PeerWatch:
     while not self._stop.wait(self._interval):
       beats += 1
       try:
-        self._client.key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
+        self._kv().key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
                                    allow_overwrite=True)
       except Exception as e:  # pylint: disable=broad-except
         if not self._stop.is_set():
@@ -292,7 +298,7 @@ class PeerWatch:
     """Reads each peer's beat into `last_seen`; ends this process naming a peer silent for `timeout_s`."""
     for peer, (value, since) in list(last_seen.items()):
       try:
-        current = self._client.key_value_try_get(f"{self.PREFIX}{peer}")
+        current = self._kv().key_value_try_get(f"{self.PREFIX}{peer}")
       except Exception:  # pylint: disable=broad-except  # no beat yet
         current = None
       if current == "done":

@@ -56,8 +56,8 @@ class MetricWriter:
       return
     clean = {k: float(v) for k, v in metrics.items()}
     with self._storage_faults_named():
-      self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-      self._jsonl.flush()
+      self._open_jsonl().write(json.dumps({"step": int(step), **clean}) + "\n")
+      self._open_jsonl().flush()
     self._each_sink(lambda sink: sink.scalars(int(step), clean))
 
   def panel(self, step: int, array: np.ndarray) -> None:
@@ -80,15 +80,15 @@ class MetricWriter:
     if not self.enabled or self.failure is not None:
       return
     with self._storage_faults_named():
-      self._jsonl.write(json.dumps({"step": int(step), **record}) + "\n")
-      self._jsonl.flush()
+      self._open_jsonl().write(json.dumps({"step": int(step), **record}) + "\n")
+      self._open_jsonl().flush()
 
   def rewind(self, step: int, why: str) -> None:
     """Drops the rows of steps after `step` (a rollback to it: those steps are trained again)."""
     if not self.enabled or self.failure is not None:
       return
     with self._storage_faults_named():
-      self._jsonl.close()
+      self._open_jsonl().close()
       _, kept, kept_panels = _drop_after(self._path, step, why)
       self._jsonl = open(self._path, "a", encoding="utf-8")
     if self.failure is None:
@@ -106,6 +106,11 @@ class MetricWriter:
     self._each_sink(lambda sink: sink.close(final))
     if self._jsonl is not None:
       _close_quietly(self._jsonl)
+
+  def _open_jsonl(self) -> io.TextIOWrapper:
+    """metrics.jsonl, open: the writers run only while enabled and nothing failed, so once __init__ opened it."""
+    assert self._jsonl is not None
+    return self._jsonl
 
   def _each_sink(self, call) -> None:
     for sink in list(self._sinks):
@@ -157,7 +162,7 @@ def _drop_after(path: str, step: int, why: str = "logged by a run that stopped b
       os.remove(panel)
     else:
       kept_panels.append((at, panel))
-  return keep.count(False), [row for row, kept in zip(rows, keep) if kept], kept_panels
+  return keep.count(False), [row for row, kept in zip(rows, keep) if kept and row is not None], kept_panels
 
 
 def _whole_lines(path: str, lines: list[str]) -> list[str]:

@@ -28,8 +28,10 @@ import os
 import secrets
 import string
 import time
+from typing import Sequence
 
 from absl import logging
+import numpy as np
 
 from visionfm_jax import atomic, config_lib
 from visionfm_jax.errors import ConfigError
@@ -55,7 +57,7 @@ PANEL = "panel"  # the trackers' name of the panels (evaluate/panels.py)
 @dataclasses.dataclass(frozen=True)
 class Picture:
   """A panel: its HxWx3 uint8 array, PNG bytes and file (`<workdir>/panels/step_<N>.png`)."""
-  array: object
+  array: np.ndarray
   png: bytes
   path: str
 
@@ -125,7 +127,8 @@ class TensorBoardSink:
     self._events.scalars(step, values)
 
   def panel(self, step: int, picture: Picture) -> None:
-    self._events.image(step, PANEL, *picture.array.shape[:2], picture.png)
+    height, width = picture.array.shape[:2]
+    self._events.image(step, PANEL, height, width, picture.png)
 
   def rewind(self, step: int, kept_rows: list[dict], kept_panels: list) -> None:
     del kept_rows, kept_panels
@@ -191,7 +194,7 @@ class WandbSink:
     self._run.finish(exit_code=0)
     self._rewind_to(step, kept_rows, kept_panels, last_sent=self._sent_through)
 
-  def _rewind_to(self, step: int, rows: list[dict], panels: list, last_sent: int | None) -> None:
+  def _rewind_to(self, step: int, rows: Sequence[dict], panels: Sequence, last_sent: int | None) -> None:
     """Truncates the W&B history after step - 1 and sends `rows` (metrics.jsonl's, of steps >= step) and `panels`
     ((step, PNG file)) again; a later write at `step` joins them (W&B takes no step below its last)."""
     try:
@@ -205,9 +208,10 @@ class WandbSink:
       self._skip_through = max(self._run.starting_step - 1, last_sent or 0, step)
     self._send_again(rows, panels)
 
-  def _send_again(self, rows: list[dict], panels: list) -> None:
+  def _send_again(self, rows: Sequence[dict], panels: Sequence) -> None:
     """metrics.jsonl's `rows` and the `panels` ((step, PNG file)), in step order."""
-    by_step = collections.defaultdict(lambda: ([], []))
+    by_step: collections.defaultdict[int, tuple[list[dict[str, float]], list[str]]] = collections.defaultdict(
+        lambda: ([], []))
     for row in rows:
       by_step[row["step"]][0].append(_scalars_of(row))
     for at, path in panels:
@@ -251,7 +255,7 @@ class MlflowSink:
     saved = ids.get("mlflow")
     run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
     new = run_id is None
-    if new:
+    if run_id is None:
       run_id = self._client.create_run(self._experiment(config.mlflow.experiment),
                                        run_name=os.path.basename(os.path.normpath(workdir))).info.run_id
     else:

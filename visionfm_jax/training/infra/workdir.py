@@ -222,7 +222,7 @@ def _unlinked(fd: int, path: str) -> bool:
 
 def _is_our_requeue(holder: dict | None) -> bool:
   job = os.environ.get("SLURM_JOB_ID", "")
-  return bool(job) and bool(holder) and holder.get("job") == job
+  return bool(job) and holder is not None and holder.get("job") == job
 
 
 class WorkdirLock:
