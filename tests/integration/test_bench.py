@@ -339,7 +339,8 @@ exec {sys.executable} "$@"
   assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "gelu_tanh", "pallas_layer_norm", "no_remat_b64",
                         "nothing_saveable_b256", "scanned_dots_b32", "straight_dots_b32", "recipe_b32",
                         "recipe_b32_cuda_graphs", "recipe_b32_triton_gemm", "fp8_recipe_b32",
-                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_pallas", "swinv2_g_unroll7", "swinv2_g_fp8",
+                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_pallas", "swinv2_g_unroll7",
+                        "swinv2_g_fp8",
                         "swinv2_g_straight", "swinv2_g_dots_u7", "swinv2_g_attention_kept_u7", "clip_vit_b16",
                         "siglip_vit_b16", "flip_vit_b16",
                         "clip_swinv2_g", "swin_mask_swinv2_g"]

@@ -102,7 +102,8 @@ def _timed(name: str, compile_program) -> Compiled:
 def _every_program_written() -> Iterator[None]:
   """JAX writes only the programs that took `jax_persistent_cache_min_compile_time_secs` (1 s) or more to compile:
   here every program is written, as filling the cache is the point."""
-  before = jax.config.jax_persistent_cache_min_compile_time_secs
+  # jax.config sets its flags as attributes at run time; its class declares none
+  before = jax.config.jax_persistent_cache_min_compile_time_secs  # type: ignore[attr-defined]
   jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   try:
     yield
