@@ -10,7 +10,6 @@ params, so that the tools score, filter, evaluate and answer with the training l
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -22,10 +21,10 @@ from visionfm_jax import convert, tasks
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.trained import clip_config
 from visionfm_jax.trained import workdir as workdir_lib
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import stored
 
-LAYOUTS = ("a training workdir (config.json + checkpoints/<step>), a tools.import_hf directory (params/ + "
-           "model.json) or a transformers CLIPModel directory (config.json + model.safetensors + tokenizer.json)")
+LAYOUTS = (f"{stored.WORKDIR_TEXT}, {stored.IMPORT_TEXT} or a transformers CLIPModel directory (config.json + "
+           "model.safetensors + tokenizer.json)")
 
 
 @dataclasses.dataclass
@@ -51,21 +50,16 @@ def _hf_params(path: str, task, sharding):
 
 
 def layout(path: str, names: workdir_lib.Arguments = workdir_lib.FLAGS) -> str:
-  """'import' (a tools.import_hf directory), 'hf' (a transformers directory), 'workdir' (a training workdir);
-  UserError for none of them, naming `names.path`."""
+  """'import' (a tools.import_hf directory), 'hf' (a transformers directory), 'workdir' (a training workdir), as
+  `stored.kind_of` recognises them; UserError for none of them, naming `names.path`."""
   if not os.path.isdir(path):
     raise UserError(f"{names.path}={path}: no such directory (expected {LAYOUTS})")
-  if os.path.exists(os.path.join(path, "model.json")) and os.path.isdir(os.path.join(path, "params")):
+  kind = stored.kind_of(path)
+  if kind == stored.IMPORT and os.path.exists(os.path.join(path, stored.MODEL)):
     return "import"
-  config_file = os.path.join(path, "config.json")
-  if not os.path.exists(config_file):
+  if kind not in (stored.HF, stored.WORKDIR) or not os.path.exists(os.path.join(path, stored.CONFIG)):
     raise UserError(f"{names.path}={path}: neither {LAYOUTS}")
-  try:
-    with open(config_file, encoding="utf-8") as f:
-      is_hf = "model_type" in json.load(f)
-  except (ValueError, TypeError):
-    is_hf = False  # load_config says what is wrong with it
-  return "hf" if is_hf else "workdir"
+  return kind
 
 
 def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS),
@@ -100,7 +94,7 @@ def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | N
   task = tasks.build(config if config is not None else checkpoint_config(path, names=names), mesh)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   if kind == "import":
-    return Loaded(task, checkpoint.load_params(path, _target(task, sharding), argument=names.path), path, None)
+    return Loaded(task, stored.load_params(path, _target(task, sharding), argument=names.path), path, None)
   if kind == "hf":
     return Loaded(task, _hf_params(path, task, sharding), path, None)
   step, params = workdir_lib.intact_params(task, path, step, sharding, use_ema=use_ema, names=names)

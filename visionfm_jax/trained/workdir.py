@@ -17,7 +17,7 @@ import ml_collections
 
 from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError
-from visionfm_jax.training import checkpoint, ema
+from visionfm_jax.training import checkpoint, ema, stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,8 +81,8 @@ def checkpoint_step(workdir: str, step: int | None = None, names: Arguments = FL
 
 def _steps(workdir: str, step: int | None, names: Arguments) -> list[int]:
   """The committed steps of `workdir`, oldest first; UserError when there are none or `step` is not one."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = checkpoint.committed_steps(ckpt_dir)
+  ckpt_dir = stored.checkpoints_dir(workdir)
+  steps = stored.Stored.at(workdir).steps()
   if not steps:
     raise UserError(f"{names.path}={workdir}: no checkpoints (checkpoints/<step>) there")
   if step is not None and step not in steps:
@@ -110,7 +110,7 @@ def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sha
   damaged = []
   for candidate in [step] if step is not None else reversed(steps):
     try:
-      params = checkpoint.load_params(workdir, target, step=candidate, argument=names.path,
+      params = stored.load_params(workdir, target, step=candidate, argument=names.path,
                                       weights=ema.SUBTREE if use_ema else "params")
     except checkpoint.DamagedCheckpointError as e:
       if step is not None:
