@@ -99,9 +99,11 @@ class Stored:
     return fields if isinstance(fields, dict) else None
 
   def model_fields(self) -> dict[str, Any] | None:
-    """The model's fields: an import_hf folder's model.json, or the run's config.model; None when neither says."""
-    if self.kind == IMPORT:
-      return _read_json(os.path.join(self.path, MODEL))
+    """The model's fields: its model.json (an import_hf folder's, or one that describes the params to come), else
+    the run's config.model; None when neither says."""
+    described = _read_json(os.path.join(self.path, MODEL))
+    if described is not None:
+      return described
     fields = self.config_fields()
     return fields.get("model") if fields is not None else None
 
