@@ -51,33 +51,39 @@ def _read_json(file: str) -> Any:
     return None
 
 
-def kind_of(path: str) -> str | None:
-  """The layout at `path` (module docstring): IMPORT (a params/ folder, model.json beside it for a tool), HF (a
-  config.json with a model_type), WORKDIR (another config.json, or a checkpoints/ folder), CHECKPOINTS_FOLDER
-  (numbered steps alone); None for none of them."""
+def _kind(path: str, config_json: Any) -> str | None:
+  """The layout at `path` (module docstring) whose config.json holds `config_json`: IMPORT (a params/ folder,
+  model.json beside it for a tool), HF (a config.json with a model_type), WORKDIR (another config.json, or a
+  checkpoints/ folder), CHECKPOINTS_FOLDER (numbered steps alone); None for none of them."""
   if not os.path.isdir(path):
     return None
   if os.path.isdir(os.path.join(path, PARAMS)):
     return IMPORT
-  config_file = os.path.join(path, CONFIG)
-  if os.path.exists(config_file):
-    fields = _read_json(config_file)
-    return HF if isinstance(fields, dict) and "model_type" in fields else WORKDIR
+  if os.path.exists(os.path.join(path, CONFIG)):
+    return HF if isinstance(config_json, dict) and "model_type" in config_json else WORKDIR
   if os.path.isdir(checkpoints_dir(path)):
     return WORKDIR
   return CHECKPOINTS_FOLDER if checkpoint.committed_steps(path) else None
 
 
+def kind_of(path: str) -> str | None:
+  """The layout at `path`, as `Stored.at(path).kind`."""
+  return Stored.at(path).kind
+
+
 @dataclasses.dataclass(frozen=True)
 class Stored:
-  """A model on disk at `path` (absolute) of layout `kind` (`kind_of`)."""
+  """A model on disk at `path` (absolute) of layout `kind` (`_kind`); `config_json` is its config.json as read
+  once here (None without one, or when it is not JSON): a run's config, or a transformers folder's."""
   path: str
   kind: str | None
+  config_json: Any = None
 
   @classmethod
   def at(cls, path: str) -> Stored:
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    return cls(path, kind_of(path))
+    config_json = _read_json(os.path.join(path, CONFIG))
+    return cls(path, _kind(path, config_json), config_json)
 
   @property
   def steps_dir(self) -> epath.Path:
@@ -94,8 +100,10 @@ class Stored:
   def config_fields(self) -> dict[str, Any] | None:
     """The run's config as written (a workdir's config.json, or the one beside a checkpoints folder); None without
     one."""
-    folder = self.path if self.kind == WORKDIR else os.path.dirname(self.path)
-    fields = _read_json(os.path.join(folder, CONFIG)) if self.kind in (WORKDIR, CHECKPOINTS_FOLDER) else None
+    if self.kind == WORKDIR:
+      fields = self.config_json
+    else:
+      fields = _read_json(os.path.join(os.path.dirname(self.path), CONFIG)) if self.kind == CHECKPOINTS_FOLDER else None
     return fields if isinstance(fields, dict) else None
 
   def model_fields(self) -> dict[str, Any] | None:
