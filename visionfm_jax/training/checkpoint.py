@@ -13,7 +13,7 @@ readable one (`restore_newest_readable`). `config/config.json` is what a resume 
 (`saved_config`, training/resume.py), `schedule_anchor/schedule_anchor.json` where its learning-rate schedule decays
 from, when a resume anchored it (`saved_schedule_anchor`). `digests/process_<i>-of-<n>.json`: the digests of the
 state's arrays (training/checkpoint_digests.py), written before the step commits and compared at every restore and
-`load_params`; an array whose bytes changed on disk makes the checkpoint unreadable. A config file deleted or
+`stored.load_params`; an array whose bytes changed on disk makes the checkpoint unreadable. A config file deleted or
 emptied reads as none (`missing_config` says why), which a resume refuses unless told.
 
 A step's folder is named by its number alone (Orbax's standard name, `committed_steps`). Anything else in the
