@@ -10,6 +10,8 @@ import pathlib
 
 import pytest
 
+from visionfm_jax.errors import UserError
+from visionfm_jax.trained import workdir
 from visionfm_jax.training import stored
 
 PACKAGE = pathlib.Path(__file__).resolve().parents[2] / "visionfm_jax"
@@ -129,3 +131,13 @@ def test_an_import_folder_a_transformers_folder_and_neither(tmp_path):
   assert stored.kind_of(str(tmp_path / "hf")) == stored.HF
   (tmp_path / "empty").mkdir()
   assert stored.kind_of(str(tmp_path / "empty")) is None and stored.kind_of(str(tmp_path / "none")) is None
+
+
+def test_a_runs_config_that_does_not_read_is_one_error_naming_why(tmp_path):
+  work = _workdir(tmp_path / "w")
+  (work / "config.json").write_text("{")
+  with pytest.raises(UserError, match=r"config.json: not valid JSON"):
+    workdir.load_config(str(work), ("classification",), "a classifier")
+  (work / "config.json").unlink()
+  with pytest.raises(UserError, match=r"^--checkpoint=.*: cannot read config.json \(No such file or directory\)"):
+    workdir.load_config(str(work), ("classification",), "a classifier")

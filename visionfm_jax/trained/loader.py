@@ -78,10 +78,9 @@ def _config(where: stored.Stored, task_names: Sequence[str], names: workdir_lib.
     return clip_config.import_config(where.path, names.path)
   if where.kind == stored.HF:
     return clip_config.hf_config(where.path, names.path, where.config_json)
-  if tuple(task_names) == clip_config.CLIP_TASKS:
-    return workdir_lib.load_config(where.path, task_names, "a CLIP model", names)
-  model = " or ".join(repr(n) for n in task_names)
-  return workdir_lib.load_config(where.path, task_names, f"a {model} model", names)
+  model = "a CLIP model" if tuple(task_names) == clip_config.CLIP_TASKS else (
+      f"a {' or '.join(repr(n) for n in task_names)} model")
+  return workdir_lib.load_config(where.path, task_names, model, names, where)
 
 
 def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, *,

@@ -42,13 +42,18 @@ def checkpoints_dir(workdir) -> str:
   return os.path.join(os.fspath(workdir), CHECKPOINTS)
 
 
-def _read_json(file: str) -> Any:
-  """The JSON in `file`; None when it is missing or not JSON (the config's own reader says what is wrong)."""
+def _load_json(file: str) -> tuple[Any, OSError | ValueError | None]:
+  """(the JSON in `file`, None) or (None, why it cannot be read: an OSError, or a ValueError for no JSON)."""
   try:
     with open(file, encoding="utf-8") as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
+      return json.load(f), None
+  except (OSError, ValueError) as e:
+    return None, e
+
+
+def _read_json(file: str) -> Any:
+  """The JSON in `file`; None when it is missing or not JSON."""
+  return _load_json(file)[0]
 
 
 def _kind(path: str, config_json: Any) -> str | None:
@@ -74,16 +79,18 @@ def kind_of(path: str) -> str | None:
 @dataclasses.dataclass(frozen=True)
 class Stored:
   """A model on disk at `path` (absolute) of layout `kind` (`_kind`); `config_json` is its config.json as read
-  once here (None without one, or when it is not JSON): a run's config, or a transformers folder's."""
+  once here (a run's config, or a transformers folder's), None with `config_error` saying why when it has none
+  that reads as JSON."""
   path: str
   kind: str | None
   config_json: Any = None
+  config_error: OSError | ValueError | None = None
 
   @classmethod
   def at(cls, path: str) -> Stored:
     path = os.path.abspath(os.path.expanduser(os.fspath(path)))
-    config_json = _read_json(os.path.join(path, CONFIG))
-    return cls(path, _kind(path, config_json), config_json)
+    config_json, error = _load_json(os.path.join(path, CONFIG))
+    return cls(path, _kind(path, config_json), config_json, error)
 
   @property
   def steps_dir(self) -> epath.Path:
