@@ -68,6 +68,8 @@ def _lists_steps(tree: ast.AST) -> list[int]:
 
 
 def _offences(source: str) -> list[str]:
+  if stored.CHECKPOINTS not in source and not any(name in source for name in LISTINGS):
+    return []  # nothing to parse for
   tree = ast.parse(source)
   return ([f"line {n}: joins 'checkpoints' to a path" for n in _joins_checkpoints(tree)]
           + [f"line {n}: lists step folders" for n in _lists_steps(tree)])
