@@ -22,8 +22,8 @@ from visionfm_jax.evaluate import panels, retrieval, zeroshot
 from visionfm_jax.models import clip
 from visionfm_jax.tasks import contrastive, image_text
 from visionfm_jax.trained import workdir as workdir_lib
-from visionfm_jax.training import checkpoint, optim, train
 from visionfm_jax.training import grads as grads_lib
+from visionfm_jax.training import optim, stored, train
 
 from conftest import random_params
 from conftest import tiny_clip_config as _tiny
@@ -116,8 +116,8 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   abstract = jax.eval_shape(lambda: nn.unbox(tasks.build(high).init_variables(jax.random.key(0))["params"]))
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), abstract)
-  params = checkpoint.load_params(str(tmp_path / "low"), target)
-  chex.assert_trees_all_equal(params, checkpoint.load_params(str(tmp_path / "high"), target))
+  params = stored.load_params(str(tmp_path / "low"), target)
+  chex.assert_trees_all_equal(params, stored.load_params(str(tmp_path / "high"), target))
   # Its evaluation (after that step: of those params) at 32 px; the counts are the sets' own (zero-shot: -1,
   # every example of its 40, not data.eval_examples).
   # rebuilt as the tools rebuild a workdir's model: from its config.json

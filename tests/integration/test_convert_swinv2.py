@@ -21,7 +21,7 @@ from visionfm_jax import config_lib, convert, models
 from visionfm_jax.errors import CheckpointError
 from visionfm_jax.models import swinv2
 from visionfm_jax.tools import import_hf
-from visionfm_jax.training import checkpoint, checks
+from visionfm_jax.training import checks, stored
 
 # The HF-directory helpers of the ViT importer's tests (importing them skips this module, as that one, without
 # torch or transformers): images as torch NCHW and our NHWC, edited copies of save_pretrained directories,
@@ -267,7 +267,7 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"]
   target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
-  loaded = checkpoint.load_params(config.init_from, target)
+  loaded = stored.load_params(config.init_from, target)
   chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(variables["params"]))
   pixels, images = _images(32, seed=1)
   _assert_matches(_apply(converted, {"params": loaded}, images), _reference(hf, pixels), "import_hf round trip")

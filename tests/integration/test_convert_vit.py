@@ -24,7 +24,7 @@ from visionfm_jax import convert, models, output_folder  # noqa: E402  pylint: d
 from visionfm_jax.errors import CheckpointError  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.models import vit  # noqa: E402  pylint: disable=g-import-not-at-top
 from visionfm_jax.tools import import_hf  # noqa: E402  pylint: disable=g-import-not-at-top
-from visionfm_jax.training import checkpoint  # noqa: E402  pylint: disable=g-import-not-at-top
+from visionfm_jax.training import stored  # noqa: E402  pylint: disable=g-import-not-at-top
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -242,7 +242,7 @@ def test_import_hf_output_initialises_a_fresh_model(hf_dir, tmp_path):
 
   model, variables = convert.from_hf(path)
   fresh = models.from_checkpoint_fields(meta)  # what tools.export_hf rebuilds from the directory
-  loaded = checkpoint.load_params(out, _fresh_params(fresh, 24))
+  loaded = stored.load_params(out, _fresh_params(fresh, 24))
   chex.assert_trees_all_equal(jax.device_get(loaded), jax.device_get(variables["params"]))
   _, images = _images(24, seed=1)
   assert fresh == model
@@ -252,8 +252,8 @@ def test_import_hf_output_initialises_a_fresh_model(hf_dir, tmp_path):
   seven = fresh.clone(num_classes=7)
   target = _fresh_params(seven, 24)
   with pytest.raises(CheckpointError, match="head/kernel"):
-    checkpoint.load_params(out, target)
-  loaded7 = checkpoint.load_params(out, target, skip="head")
+    stored.load_params(out, target)
+  loaded7 = stored.load_params(out, target, skip="head")
   chex.assert_trees_all_equal(jax.device_get(loaded7["head"]), jax.device_get(target["head"]))
   body = {k: v for k, v in variables["params"].items() if k != "head"}
   chex.assert_trees_all_equal(jax.device_get({k: v for k, v in loaded7.items() if k != "head"}), jax.device_get(body))

@@ -13,7 +13,7 @@ import pytest
 from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError
 from visionfm_jax.models import dense_heads, swinv2, vit
-from visionfm_jax.training import checkpoint, init_from
+from visionfm_jax.training import init_from, stored
 
 
 def _vit(image_size=16, num_classes=5, **kwargs):
@@ -46,7 +46,7 @@ def pretrained(tmp_path_factory):
   """A 16 px ViT (4 x 4 patches) with a 5-class head, saved as tools.import_hf does."""
   path = tmp_path_factory.mktemp("pretrained")
   params = jax.device_get(_params(_vit(), seed=1))
-  checkpoint.save_params(str(path), params, {"name": "vit"})
+  stored.save_params(str(path), params, {"name": "vit"})
   return str(path), params
 
 
@@ -119,7 +119,7 @@ def test_prefix_places_the_backbone_drops_its_head_and_keeps_the_new_params(pret
 def test_subtree_takes_one_tower_of_a_checkpoint(tmp_path, pretrained):
   _, source = pretrained
   tower = {k: v for k, v in source.items() if k != "head"}
-  checkpoint.save_params(str(tmp_path), {"image": tower, "text": {"proj": np.zeros((4, 4), np.float32)}})
+  stored.save_params(str(tmp_path), {"image": tower, "text": {"proj": np.zeros((4, 4), np.float32)}})
   model = _vit(num_classes=0)
   target = _params(model)
   loaded = init_from.load(_config(tmp_path, init_from_subtree="image"), target, model)

@@ -16,7 +16,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.evaluate import segmentation as seg_eval
 from visionfm_jax.losses import pixels
 from visionfm_jax.models import vit
-from visionfm_jax.training import checkpoint, init_from, train
+from visionfm_jax.training import init_from, stored, train
 
 from conftest import override, tiny_vit_config
 
@@ -46,7 +46,7 @@ def pretrained(tmp_path_factory):
   path = str(tmp_path_factory.mktemp("pretrained"))
   config = tiny_vit_config(**{"model.image_size": 8, "data.image_size": 8})
   params = jax.tree.map(np.asarray, jax.device_get(_random_params(tasks.build(config), seed=7)))
-  checkpoint.save_params(path, params, {"name": "vit"})
+  stored.save_params(path, params, {"name": "vit"})
   return path, params
 
 

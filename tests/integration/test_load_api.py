@@ -7,8 +7,10 @@ or the one given to `load`; EMA params on request; one clear error for a bad pat
 answer; the module's notebook example runs as written; `dir(visionfm_jax)` offers `load` before JAX is imported;
 bench.notebook times it."""
 
+import builtins
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -23,6 +25,7 @@ import pytest
 import visionfm_jax
 from visionfm_jax import tasks
 from visionfm_jax.bench import notebook
+from visionfm_jax.convert import hf_clip, tensors
 from visionfm_jax.data.embedded import shapes
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.data.transforms import naflex
@@ -221,6 +224,24 @@ def test_a_transformers_clip_directory_loads_as_the_tools_load_it(hf_dir):  # no
   np.testing.assert_allclose(model.encode_image(images), expected, rtol=1e-5, atol=1e-5)
   with pytest.raises(UserError, match="^ema: .* is not a training workdir"):
     visionfm_jax.load(src, ema=True)
+
+
+def test_a_transformers_clip_loads_reading_its_config_once_and_building_once(hf_dir, monkeypatch):  # noqa: F811
+  src, _ = hf_dir
+  config_file, reads, builds, traces = os.path.join(src, "config.json"), [], [], []
+  real_open, real_build, real_check = builtins.open, hf_clip.build_model, tensors.check_model
+
+  def counted_open(file, *args, **kwargs):
+    if os.path.abspath(os.fspath(file)) == config_file:
+      reads.append(file)
+    return real_open(file, *args, **kwargs)
+
+  monkeypatch.setattr(builtins, "open", counted_open)
+  monkeypatch.setattr(hf_clip, "build_model", lambda *a, **k: builds.append(a) or real_build(*a, **k))
+  monkeypatch.setattr(hf_clip, "check_model", lambda *a, **k: traces.append(a) or real_check(*a, **k))
+  model = visionfm_jax.load(src)
+  assert (len(reads), len(builds), len(traces)) == (1, 1, 0)
+  assert model.step is None
 
 
 @pytest.mark.slow

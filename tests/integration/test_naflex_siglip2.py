@@ -21,7 +21,7 @@ from transformers.models.siglip2.image_processing_pil_siglip2 import Siglip2Imag
 from visionfm_jax import models
 from visionfm_jax.data.transforms import naflex
 from visionfm_jax.tools import export_hf, import_hf
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import stored
 
 from test_bad_input import run_main_in_process
 
@@ -50,7 +50,7 @@ def test_imported_siglip2_matches_transformers_at_several_aspects(tmp_path, caps
   assert "--config.model.class_token=False" in printed and "--config.model.pool=map" in printed
   with open(os.path.join(out, "model.json")) as f:
     model = models.from_checkpoint_fields(json.load(f))
-  params = checkpoint.load_params(out, _params_target(model))
+  params = stored.load_params(out, _params_target(model))
 
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 90), (64, 64), (90, 25), (13, 30))]

@@ -23,7 +23,7 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import layers, swinv2
 from visionfm_jax.param_rules import path_str
 from visionfm_jax.tools import summary
-from visionfm_jax.training import checkpoint, init_from, optim, train
+from visionfm_jax.training import init_from, optim, stored, train
 
 from conftest import override, params_drawn_by_shape, tiny_vit_config
 
@@ -392,8 +392,8 @@ def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(
   model = models.build(high.model, jnp.float32, "cpu")
   one_device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one_device), _param_shapes(model, 32))
-  trained_low = checkpoint.load_params(str(tmp_path / "w4"), target)
-  loaded_high = checkpoint.load_params(str(tmp_path / "w8"), target)
+  trained_low = stored.load_params(str(tmp_path / "w4"), target)
+  loaded_high = stored.load_params(str(tmp_path / "w8"), target)
   chex.assert_trees_all_equal(trained_low, loaded_high)
 
 

@@ -12,7 +12,7 @@ from visionfm_jax import config_lib
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import vit
 from visionfm_jax.param_rules import ParamRules, named_leaves, path_str
-from visionfm_jax.training import checkpoint, init_from, optim
+from visionfm_jax.training import init_from, optim, stored
 
 from conftest import override
 
@@ -103,7 +103,7 @@ def test_init_from_skip_keeps_matching_params_fresh_and_names_a_rule_that_matche
   model = vit.ViT(width=8, depth=1, mlp_dim=16, num_heads=2, patch_size=4, image_size=8, num_classes=3)
   abstract = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 8, 8, 3)))["params"])
   source = jax.tree.map(lambda s: np.ones(s.shape, s.dtype), abstract)
-  checkpoint.save_params(str(tmp_path), source, {"name": "vit"})
+  stored.save_params(str(tmp_path), source, {"name": "vit"})
   target = jax.tree.map(lambda s: jax.device_put(np.zeros(s.shape, s.dtype), jax.devices()[0]), abstract)
   config = config_lib.base_config("vit")
   config.init_from, config.init_from_skip = str(tmp_path), "^head/"

@@ -144,7 +144,17 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   (ViT image tower with CLIP's pre-LayerNorm, the text tower, projections, logit scale); `dtype` is the compute
   dtype (params float32), `scan` the block layout of both towers."""
   path = os.fspath(path)
-  image_kw, text_kw, embed_dim = model_kwargs(path, hf_files.read_config(path))
+  kwargs = model_kwargs(path, hf_files.read_config(path))
+  params = read_params(path, *kwargs, scan=scan)
+  model = build_model(*kwargs, scan=scan, dtype=dtype)
+  check_model(path, model, params)
+  return model, {"params": jax.device_put(params)}
+
+
+def read_params(path: str, image_kw: dict[str, Any], text_kw: dict[str, Any], embed_dim: int, *,
+                scan: bool) -> dict[str, Any]:
+  """The numpy params of our CLIP (`model_kwargs`'s, `scan`'s block layout) from `path`'s weights, every tensor
+  there of the expected name and shape and converted; the model that holds them is the caller's to build."""
   tensors = hf_files.read_tensors(path)
   check_tensors(path, tensors, expected_shapes(image_kw, text_kw, embed_dim), set(), family="CLIP")
   params, taken = convert_params(tensors, image_kw, text_kw)
@@ -154,9 +164,7 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   if scan:
     params = {**params, "image": stack_layers(params["image"], image_kw["depth"]),
               "text": stack_layers(params["text"], text_kw["depth"])}
-  model = build_model(image_kw, text_kw, embed_dim, scan=scan, dtype=dtype)
-  check_model(path, model, params)
-  return model, {"params": jax.device_put(params)}
+  return params
 
 
 # ------------------------------------------------------------------------------------------------ export

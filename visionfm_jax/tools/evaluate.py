@@ -41,8 +41,8 @@ from visionfm_jax import atomic, cli, config_lib, parallel
 from visionfm_jax.errors import UserError
 from visionfm_jax.parallel import distributed
 from visionfm_jax.trained import loader
-from visionfm_jax.training import checkpoint
 from visionfm_jax.training import evaluation as evaluation_lib
+from visionfm_jax.training import stored
 
 
 def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
@@ -70,7 +70,7 @@ def run(config, path: str, *, step: int | None = None, batch_size: int = 256) ->
   batch_size = -(-batch_size // mesh.size) * mesh.size
   loaded = loader.load(path, step, NamedSharding(mesh, P()), config=config, mesh=mesh)
   if loaded.step is not None and jax.process_index() == 0:  # its params checked; the rest of the state too
-    checkpoint.warn_of_damaged_parts(loaded.origin, loaded.step)
+    stored.warn_of_damaged_parts(loaded.origin, loaded.step)
   evaluation = evaluation_lib.build(loaded.task, mesh, batch_size, panel=False)
   if not evaluation.evaluators:
     raise UserError(f"--checkpoint={path}: its config runs no evaluators (see config.eval)")

@@ -54,10 +54,9 @@ from visionfm_jax.models import backbone as backbone_lib
 from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.trained import clip_config, loader
 from visionfm_jax.trained import workdir as workdir_lib
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import stored
 
-LAYOUTS = ("a training workdir (config.json + checkpoints/<step>) or a tools.import_hf directory (params/ + "
-           "model.json)")
+LAYOUTS = stored.LAYOUTS
 
 
 @dataclasses.dataclass
@@ -138,7 +137,7 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
 
 
 def _from_import_dir(path: str, step: int | None) -> Source:
-  file = os.path.join(path, "model.json")
+  file = os.path.join(path, stored.MODEL)
   if step is not None:
     raise UserError(f"--step={step}: {path} is a tools.import_hf directory (one set of params, no steps)")
   with open(file, encoding="utf-8") as f:
@@ -160,32 +159,28 @@ def _from_import_dir(path: str, step: int | None) -> Source:
   images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
   shapes = jax.eval_shape(lambda: unbox(model.init(jax.random.key(0), images))["params"])
   target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-  params = checkpoint.load_params(path, target)
+  params = stored.load_params(path, target)
   # what the config import_hf prints evaluates with: the default view at the model's size
   return Source(model, params, f"{file}: ", path, [], mean=meta.get("mean"), std=meta.get("std"),
                 image_size=model.image_size)
 
 
 def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:
-  """The model and params of `path` (a training workdir or a tools.import_hf directory; the EMA of a workdir's
-  params with `use_ema`); UserError otherwise."""
+  """The model and params of `path` (a training workdir or a tools.import_hf directory, as `stored.kind_of`
+  recognises them; the EMA of a workdir's params with `use_ema`); UserError otherwise."""
   path = os.path.expanduser(path)
   if not os.path.isdir(path):
     raise UserError(f"--checkpoint={path}: no such directory (expected {LAYOUTS})")
-  if os.path.exists(os.path.join(path, "model.json")) and os.path.isdir(os.path.join(path, "params")):
+  kind = stored.kind_of(path)
+  if kind == stored.IMPORT and os.path.exists(os.path.join(path, stored.MODEL)):
     if use_ema:
       raise UserError(f"--ema: {path} is a tools.import_hf directory (one set of params, no EMA of them)")
     return _from_import_dir(path, step)
-  config_file = os.path.join(path, "config.json")
-  if os.path.exists(config_file):
-    try:
-      with open(config_file, encoding="utf-8") as f:
-        model_type = json.load(f).get("model_type")
-    except (ValueError, AttributeError):
-      model_type = None  # load_config says what is wrong with it
-    if model_type:
-      raise UserError(f"--checkpoint={path}: a transformers directory already (model_type={model_type!r}); "
-                      f"expected {LAYOUTS}")
+  if kind == stored.HF:
+    model_type = convert.hf_files.read_config(path).get("model_type")
+    raise UserError(f"--checkpoint={path}: a transformers directory already (model_type={model_type!r}); "
+                    f"expected {LAYOUTS}")
+  if kind == stored.WORKDIR and os.path.exists(os.path.join(path, stored.CONFIG)):
     return _from_workdir(path, step, use_ema)
   raise UserError(f"--checkpoint={path}: neither {LAYOUTS}")
 

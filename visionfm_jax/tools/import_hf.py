@@ -27,7 +27,7 @@ from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
 from visionfm_jax.trained import clip_config
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import stored
 
 
 def make_flags() -> flags.FlagValues:
@@ -114,7 +114,7 @@ def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> d
       raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
                       "SwinV2 and CLIP directories (use visionfm_jax.convert.from_hf for the others)")
     meta = clip_metadata(model, src, out) if is_clip else metadata(model, src)
-    checkpoint.save_params(tmp, variables["params"], meta)
+    stored.save_params(tmp, variables["params"], meta)
     if is_clip:
       shutil.copyfile(tokenizer, os.path.join(tmp, clip_config.TOKENIZER))
   return meta

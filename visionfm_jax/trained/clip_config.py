@@ -69,10 +69,11 @@ def _tokenizer_file(path: str, argument: str) -> str:
   return file
 
 
-def hf_config(path: str, argument: str = "--checkpoint") -> ml_collections.ConfigDict:
-  """The task config of a transformers CLIPModel directory, from its config.json alone (no weights read); errors
-  name the caller's `argument`."""
-  cfg = hf_files.read_config(path)
+def hf_config(path: str, argument: str = "--checkpoint",
+              cfg: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+  """The task config of a transformers CLIPModel directory, from its config.json alone (`cfg` when the caller has
+  read it; no weights read); errors name the caller's `argument`."""
+  cfg = hf_files.read_config(path) if cfg is None else cfg
   if cfg.get("model_type") != "clip":
     raise UserError(f"{argument}={path}: a transformers {cfg.get('model_type')!r} directory, not a CLIPModel")
   model = hf_clip.build_model(*hf_clip.model_kwargs(path, cfg), scan=True, dtype=jnp.float32)

@@ -10,22 +10,22 @@ params, so that the tools score, filter, evaluate and answer with the training l
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
 import jax
 import ml_collections
 
-from visionfm_jax import convert, tasks
+from visionfm_jax import tasks
+from visionfm_jax.convert import hf_clip
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.trained import clip_config
 from visionfm_jax.trained import workdir as workdir_lib
-from visionfm_jax.training import checkpoint
+from visionfm_jax.training import stored
 
-LAYOUTS = ("a training workdir (config.json + checkpoints/<step>), a tools.import_hf directory (params/ + "
-           "model.json) or a transformers CLIPModel directory (config.json + model.safetensors + tokenizer.json)")
+LAYOUTS = (f"{stored.WORKDIR_TEXT}, {stored.IMPORT_TEXT} or a transformers CLIPModel directory (config.json + "
+           "model.safetensors + tokenizer.json)")
 
 
 @dataclasses.dataclass
@@ -41,47 +41,47 @@ def _target(task, sharding):
   return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-def _hf_params(path: str, task, sharding):
-  _, variables = convert.from_hf(path, scan=task.config.model.scan)
+def _hf_params(where: stored.Stored, task, sharding):
+  """The params of the transformers CLIP at `where`, converted once onto `task`'s model (built once: the target's
+  shapes are the check)."""
+  params = hf_clip.read_params(where.path, *hf_clip.model_kwargs(where.path, where.config_json),
+                               scan=task.config.model.scan)
   target = _target(task, sharding)
   # jaxlib ships no stub of its _jax extension, where PyTreeDef lives: mypy cannot tell it compares
-  if jax.tree.structure(target) != jax.tree.structure(variables["params"]) or any(  # type: ignore[operator]
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(variables["params"]))):
-    raise CheckpointError(f"{path}: its params do not fit the CLIP its config builds")
-  return jax.device_put(variables["params"], sharding)
+  if jax.tree.structure(target) != jax.tree.structure(params) or any(  # type: ignore[operator]
+      a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(params))):
+    raise CheckpointError(f"{where.path}: its params do not fit the CLIP its config builds")
+  return jax.device_put(params, sharding)
 
 
-def layout(path: str, names: workdir_lib.Arguments = workdir_lib.FLAGS) -> str:
-  """'import' (a tools.import_hf directory), 'hf' (a transformers directory), 'workdir' (a training workdir);
-  UserError for none of them, naming `names.path`."""
+def opened(path: str, names: workdir_lib.Arguments = workdir_lib.FLAGS) -> stored.Stored:
+  """The model at `path` (absolute) as `stored.Stored` recognises it, of kind IMPORT (a tools.import_hf directory),
+  HF (a transformers directory) or WORKDIR (a training workdir); UserError for none of them, naming `names.path`."""
+  path = os.path.abspath(os.path.expanduser(path))
   if not os.path.isdir(path):
     raise UserError(f"{names.path}={path}: no such directory (expected {LAYOUTS})")
-  if os.path.exists(os.path.join(path, "model.json")) and os.path.isdir(os.path.join(path, "params")):
-    return "import"
-  config_file = os.path.join(path, "config.json")
-  if not os.path.exists(config_file):
+  where = stored.Stored.at(path)
+  if where.kind == stored.IMPORT and os.path.exists(os.path.join(path, stored.MODEL)):
+    return where
+  if where.kind not in (stored.HF, stored.WORKDIR) or not os.path.exists(os.path.join(path, stored.CONFIG)):
     raise UserError(f"{names.path}={path}: neither {LAYOUTS}")
-  try:
-    with open(config_file, encoding="utf-8") as f:
-      is_hf = "model_type" in json.load(f)
-  except (ValueError, TypeError):
-    is_hf = False  # load_config says what is wrong with it
-  return "hf" if is_hf else "workdir"
+  return where
 
 
 def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS),
                       names: workdir_lib.Arguments = workdir_lib.FLAGS) -> ml_collections.ConfigDict:
   """The config of the model at `path` (any of the three layouts; a workdir's task one of `task_names`)."""
-  path = os.path.abspath(os.path.expanduser(path))
-  kind = layout(path, names)
-  if kind == "import":
-    return clip_config.import_config(path, names.path)
-  if kind == "hf":
-    return clip_config.hf_config(path, names.path)
-  if tuple(task_names) == clip_config.CLIP_TASKS:
-    return workdir_lib.load_config(path, task_names, "a CLIP model", names)
-  model = " or ".join(repr(n) for n in task_names)
-  return workdir_lib.load_config(path, task_names, f"a {model} model", names)
+  return _config(opened(path, names), task_names, names)
+
+
+def _config(where: stored.Stored, task_names: Sequence[str], names: workdir_lib.Arguments) -> ml_collections.ConfigDict:
+  if where.kind == stored.IMPORT:
+    return clip_config.import_config(where.path, names.path)
+  if where.kind == stored.HF:
+    return clip_config.hf_config(where.path, names.path, where.config_json)
+  model = "a CLIP model" if tuple(task_names) == clip_config.CLIP_TASKS else (
+      f"a {' or '.join(repr(n) for n in task_names)} model")
+  return workdir_lib.load_config(where.path, task_names, model, names, where)
 
 
 def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, *,
@@ -92,17 +92,18 @@ def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | N
   UserError for the others. `config` (default: `checkpoint_config(path)`, e.g. with overrides or for fewer tasks)
   builds the task, on `mesh` when given. A workdir's checkpoint is `step`, else the newest whose params are intact
   (`workdir.intact_params`); errors name the caller's arguments (`names`). The one loader of a model from a path:
-  the tools and `visionfm_jax.load` (trained/model.py) call it."""
-  path = os.path.abspath(os.path.expanduser(path))
-  kind = layout(path, names)
-  if kind != "workdir" and (step is not None or use_ema):
+  the tools and `visionfm_jax.load` (trained/model.py) call it. The path is opened once (`opened`): a transformers
+  CLIP's config.json is read once and its model built once, by the task."""
+  where = opened(path, names)
+  path = where.path
+  if where.kind != stored.WORKDIR and (step is not None or use_ema):
     what = f"{names.step}={step}" if step is not None else names.ema
     raise UserError(f"{what}: {path} is not a training workdir (it has one set of params, no steps and no EMA)")
-  task = tasks.build(config if config is not None else checkpoint_config(path, names=names), mesh)
+  task = tasks.build(config if config is not None else _config(where, tuple(tasks.TASKS), names), mesh)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if kind == "import":
-    return Loaded(task, checkpoint.load_params(path, _target(task, sharding), argument=names.path), path, None)
-  if kind == "hf":
-    return Loaded(task, _hf_params(path, task, sharding), path, None)
+  if where.kind == stored.IMPORT:
+    return Loaded(task, stored.load_params(path, _target(task, sharding), argument=names.path), path, None)
+  if where.kind == stored.HF:
+    return Loaded(task, _hf_params(where, task, sharding), path, None)
   step, params = workdir_lib.intact_params(task, path, step, sharding, use_ema=use_ema, names=names)
   return Loaded(task, params, path, step)

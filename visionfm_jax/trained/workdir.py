@@ -6,7 +6,6 @@ Bad input is a UserError naming the caller's argument (`Arguments`: a tool's --c
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Sequence
 
@@ -17,7 +16,7 @@ import ml_collections
 from visionfm_jax import config_lib
 from visionfm_jax.errors import CheckpointError, ConfigError, UserError
 from visionfm_jax.parallel.sharding import unbox
-from visionfm_jax.training import checkpoint, ema
+from visionfm_jax.training import checkpoint, ema, stored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +40,20 @@ def _listify(value: Any) -> Any:
   return value
 
 
-def load_config(workdir: str, task_names: Sequence[str], model: str,
-                names: Arguments = FLAGS) -> ml_collections.ConfigDict:
-  """The config a training run wrote to `workdir`/config.json; UserError unless its task is one of `task_names`
-  (`model` names what they train in the message, e.g. 'an Aurora model')."""
+def load_config(workdir: str, task_names: Sequence[str], model: str, names: Arguments = FLAGS,
+                where: stored.Stored | None = None) -> ml_collections.ConfigDict:
+  """The config a training run wrote to `workdir`/config.json (as `where`, `stored.Stored.at(workdir)`, read it);
+  UserError unless its task is one of `task_names` (`model` names what they train in the message, e.g. 'an Aurora
+  model')."""
   if not os.path.isdir(workdir):
     raise UserError(f"{names.path}={workdir}: no such directory")
-  path = os.path.join(workdir, "config.json")
-  try:
-    with open(path, encoding="utf-8") as f:
-      fields = json.load(f)
-  except OSError as e:
-    raise UserError(f"{names.path}={workdir}: cannot read config.json ({e.strerror or e}); expected a training "
-                    "workdir") from e
-  except json.JSONDecodeError as e:
-    raise UserError(f"{path}: not valid JSON ({e})") from e
+  where = where or stored.Stored.at(workdir)
+  path, error, fields = os.path.join(workdir, stored.CONFIG), where.config_error, where.config_json
+  if isinstance(error, OSError):
+    raise UserError(f"{names.path}={workdir}: cannot read config.json ({error.strerror or error}); expected a training "
+                    "workdir") from error
+  if error is not None:
+    raise UserError(f"{path}: not valid JSON ({error})") from error
   if not isinstance(fields, dict) or fields.get("task") not in task_names:
     task = fields.get("task") if isinstance(fields, dict) else None
     expected = " or ".join(repr(n) for n in task_names)
@@ -81,8 +79,8 @@ def checkpoint_step(workdir: str, step: int | None = None, names: Arguments = FL
 
 def _steps(workdir: str, step: int | None, names: Arguments) -> list[int]:
   """The committed steps of `workdir`, oldest first; UserError when there are none or `step` is not one."""
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  steps = checkpoint.committed_steps(ckpt_dir)
+  ckpt_dir = stored.checkpoints_dir(workdir)
+  steps = stored.Stored.at(workdir).steps()
   if not steps:
     raise UserError(f"{names.path}={workdir}: no checkpoints (checkpoints/<step>) there")
   if step is not None and step not in steps:
@@ -110,7 +108,7 @@ def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sha
   damaged = []
   for candidate in [step] if step is not None else reversed(steps):
     try:
-      params = checkpoint.load_params(workdir, target, step=candidate, argument=names.path,
+      params = stored.load_params(workdir, target, step=candidate, argument=names.path,
                                       weights=ema.SUBTREE if use_ema else "params")
     except checkpoint.DamagedCheckpointError as e:
       if step is not None:

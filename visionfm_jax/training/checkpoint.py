@@ -13,7 +13,7 @@ readable one (`restore_newest_readable`). `config/config.json` is what a resume 
 (`saved_config`, training/resume.py), `schedule_anchor/schedule_anchor.json` where its learning-rate schedule decays
 from, when a resume anchored it (`saved_schedule_anchor`). `digests/process_<i>-of-<n>.json`: the digests of the
 state's arrays (training/checkpoint_digests.py), written before the step commits and compared at every restore and
-`load_params`; an array whose bytes changed on disk makes the checkpoint unreadable. A config file deleted or
+`stored.load_params`; an array whose bytes changed on disk makes the checkpoint unreadable. A config file deleted or
 emptied reads as none (`missing_config` says why), which a resume refuses unless told.
 
 A step's folder is named by its number alone (Orbax's standard name, `committed_steps`). Anything else in the
@@ -24,8 +24,8 @@ naming both (`_check_step_name`). A save never meets a folder of its step's name
 copied-in step brought back while this run restored an older one) is moved aside to `<step>.replaced` first, as
 Orbax refuses to save a step it lists (`_make_way_for`).
 
-`load_params` reads parameters for `init_from`: a directory written by `tools.import_hf` (`<dir>/params`) or
-a training workdir / its `checkpoints` folder (newest step).
+A model's params, read alone (init_from, the tools, `visionfm_jax.load`), are training/stored.py's: it reads them
+with `restore_on_host` and checks them with `check_digests`.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ import functools
 import json
 import os
 import re
-from typing import Any, Callable, Collection, Sequence
+from typing import Collection, Sequence
 
 from absl import logging
 from etils import epath
@@ -47,7 +47,6 @@ import orbax.checkpoint as ocp
 
 from visionfm_jax import cli
 from visionfm_jax.errors import CheckpointError
-from visionfm_jax.param_rules import ParamRules, path_str
 from visionfm_jax.training import checkpoint_digests as digests
 from visionfm_jax.training.infra import faults, workdir
 
@@ -76,7 +75,7 @@ def _storage_failure(error: BaseException) -> OSError | None:
   return None
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
   """The first line of the message, with the next one when it ends in a colon ('tree structures do not
   match:'), cut at 300 characters."""
   lines = [line.strip() for line in (str(error).strip() or type(error).__name__).splitlines() if line.strip()]
@@ -242,7 +241,7 @@ _MIN_REPLICA_SLICE_BYTES = 16 << 20
 
 
 @functools.cache
-def _write_replicated_arrays_in_parallel_only_across_hosts() -> None:
+def write_replicated_arrays_in_parallel_only_across_hosts() -> None:
   handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1,
                                            min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)
   # Orbax warns of any override, this intended one included.
@@ -274,7 +273,7 @@ class Checkpointer:
     self._vouched: set[int] = set()  # steps this run saved with digests, or restored with its digests matching
     _warn_of_unfinished_saves(self.directory)
     _warn_of_strays(self.directory)
-    _write_replicated_arrays_in_parallel_only_across_hosts()
+    write_replicated_arrays_in_parallel_only_across_hosts()
     policies = [ocp.checkpoint_managers.LatestN(n=keep)]
     if keep_period:
       policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_period))
@@ -385,8 +384,8 @@ class Checkpointer:
       if other_processes:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
-      raise CheckpointError(f"cannot restore {self.directory / str(step)}: {_first_line(e)}") from e
-    verified = self._with_digests and _check_digests(self.directory / str(step), restored["state"],
+      raise CheckpointError(f"cannot restore {self.directory / str(step)}: {first_line(e)}") from e
+    verified = self._with_digests and check_digests(self.directory / str(step), restored["state"],
                                                      f"cannot restore {self.directory / str(step)}")
     _check_step_name(self.directory, step, _state_step(restored["state"]))  # readable, and so named?
     if verified:
@@ -502,7 +501,7 @@ def last_good_text(directory, steps: Sequence[int], vouched: Collection[int]) ->
   return f"{directory}/{good}{newer}"
 
 
-def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") -> bool:
+def check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") -> bool:
   """Compares `tree` (restored from `step_dir`'s state, or its `subtree`) with the digests saved in `step_dir`: a
   CheckpointError '<failure>: <the slices that differ>'; a checkpoint without digests, or slices this process cannot
   rebuild after a reshard, get one warning line. True when it was checked against digests."""
@@ -521,19 +520,7 @@ def _check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") 
   return True
 
 
-# ---------------------------------------------------------------------------------------------- init_from
-
-def save_params(directory: epath.PathLike, params, metadata: dict[str, Any] | None = None) -> None:
-  """Writes `params` as `<directory>/params` (Orbax) plus `<directory>/model.json` (how to build the model)."""
-  directory = epath.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  _write_replicated_arrays_in_parallel_only_across_hosts()
-  checkpointer = ocp.StandardCheckpointer()
-  checkpointer.save(directory / "params", params, force=True)
-  checkpointer.wait_until_finished()
-  if metadata is not None and jax.process_index() == 0:
-    (directory / "model.json").write_text(json.dumps(metadata, indent=2))
-
+# ------------------------------------------------------------------------------- a step's items on the host
 
 def restore_on_host(directory: epath.Path, subtree: str | None = None):
   """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
@@ -566,117 +553,3 @@ def _quiet_about_the_steps_own_metadata():
     yield
   finally:
     logger.removeFilter(keep)
-
-
-def _raw_params(path: epath.Path, step: int | None = None, weights: str = "params", argument: str = "init_from"):
-  if (path / "params").exists() and step is None:
-    if weights != "params":
-      raise CheckpointError(f"{str(path)!r} is a tools.import_hf directory: it holds one set of params and no "
-                            f"EMA of them ({weights})")
-    return restore_on_host(path / "params")
-  ckpt_dir = path / "checkpoints" if (path / "checkpoints").exists() else path
-  steps = committed_steps(ckpt_dir)
-  if not steps:
-    raise CheckpointError(f"{argument}={str(path)!r}: no 'params' directory (tools.import_hf) and no training "
-                          f"checkpoints (numbered step directories) found there")
-  if step is not None and step not in steps:
-    raise CheckpointError(f"{argument}={str(path)!r}: no checkpoint of step {step}; steps there: {steps}")
-  step = steps[-1] if step is None else step
-  step_dir = ckpt_dir / str(step)
-  try:
-    params = restore_on_host(step_dir / "state", weights)
-  except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
-    raise DamagedCheckpointError(f"checkpoint {step_dir}: cannot read its {weights}: {_first_line(e)}") from e
-  if params is None:
-    if weights != "params":
-      raise CheckpointError(f"{str(step_dir)!r} holds no EMA of the params ({weights}): its run "
-                            f"trained with config.optim.ema_decay=0")
-    raise CheckpointError(f"{argument}={str(path)!r}: step {step} holds no 'params'")
-  _check_digests(step_dir, params, f"checkpoint {step_dir} is corrupt", subtree=weights)
-  return params
-
-
-def warn_of_damaged_parts(path: epath.PathLike, step: int, read: str = "params") -> list[str]:
-  """Checks the parts of the train state saved at `step` in the workdir `path` (or its checkpoints folder) other
-  than `read`, which `load_params` checks, against their digests, and warns in one line naming each that fails:
-  a tool that reads the params alone tells a user deciding what to keep that a resume would skip this checkpoint.
-  Each part is read onto the host in turn (the largest, AdamW's moments, twice the params). Returns the failures,
-  '<part> (<why>)'."""
-  path = epath.Path(os.path.expanduser(path))
-  step_dir = (path / "checkpoints" if (path / "checkpoints").exists() else path) / str(step)
-  saved = digests.read(step_dir / digests.ITEM) or {}
-  parts = sorted({name.split("/", 1)[0] for name in saved} - {read})
-  failures = []
-  for part in parts:
-    try:
-      verdict = digests.verify(saved, restore_on_host(step_dir / "state", part), prefix=part)
-      why = digests.mismatch_text(verdict) if verdict.mismatched else None
-    except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
-      why = f"unreadable: {_first_line(e)}"
-    if why:
-      failures.append(f"{part} ({why})")
-  if failures:
-    logging.warning("checkpoint %s: its %s are intact, not its %s; a resume skips this checkpoint as unreadable",
-                    step_dir, read, "; ".join(failures))
-  return failures
-
-
-def _flatten(tree) -> dict[str, Any]:
-  return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def load_params(path: epath.PathLike, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
-                adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None,
-                weights: str = "params", argument: str = "init_from"):
-  """Loads params from `path` into the structure, shapes and shardings of `target_params`.
-
-  `weights`: the train state's subtree to read from a training checkpoint, 'params' or 'ema_params' (their EMA,
-  training/ema.py; a CheckpointError when the checkpoint has none). `argument`: what named `path`, as the errors
-  name it ('init_from', a tool's '--checkpoint', `visionfm_jax.load`'s 'path'); a checkpoint whose files cannot be
-  read or whose arrays fail their digests is a DamagedCheckpointError, its `damage` naming the step and the part.
-
-  A training workdir gives its newest checkpoint, or the one of `step` when given. `adapt({path: array},
-  {path: model shape}) -> {path: array}` maps the checkpoint's params onto the model's first (init_from.adapt:
-  prefixes, resized position embeddings).
-
-  Params whose path matches a `skip` regex (`param_rules`) keep their value in `target_params` (e.g. a new head).
-  Missing, unexpected or mis-shaped params are a CheckpointError that lists them.
-  """
-  path = epath.Path(os.path.expanduser(path))
-  if not path.exists():
-    raise CheckpointError(f"{argument}={str(path)!r}: no such directory")
-  try:
-    source = _flatten(_raw_params(path, step, weights, argument))
-  except DamagedCheckpointError as e:
-    raise DamagedCheckpointError(f"{argument}={str(path)!r}: {e.damage}", e.damage) from e
-  except CheckpointError:
-    raise
-  except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
-    damage = f"cannot read its params: {_first_line(e)}"
-    raise DamagedCheckpointError(f"{argument}={str(path)!r}: {damage}", f"{path}: {damage}") from e
-  fresh = ParamRules.of_patterns(skip, field="skip")
-  target_flat, treedef = jax.tree_util.tree_flatten_with_path(target_params)
-  names = [path_str(p) for p, _ in target_flat]
-  if adapt is not None:
-    source = adapt(source, {n: tuple(v.shape) for n, (_, v) in zip(names, target_flat)})
-  kept = {n for n in names if not fresh.matches(n)}
-  missing = sorted(kept - set(source))
-  unexpected = sorted(set(source) - set(names))
-  mismatched = sorted(f"{n}: checkpoint {tuple(np.shape(source[n]))} vs model {tuple(v.shape)}"
-                      for n, (_, v) in zip(names, target_flat) if n in kept and n in source
-                      and tuple(np.shape(source[n])) != tuple(v.shape))
-  if missing or unexpected or mismatched:
-    def show(xs):
-      return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
-    raise CheckpointError(
-        f"init_from={str(path)!r} does not match the model: missing {show(missing) or 'none'}; unexpected "
-        f"{show(unexpected) or 'none'}; shape mismatch {show(mismatched) or 'none'}. Set config.init_from_skip "
-        f"to a regex of params to initialise fresh.")
-  leaves = []
-  for n, (_, v) in zip(names, target_flat):
-    if n in kept:
-      value = np.asarray(source[n], dtype=v.dtype)
-      leaves.append(jax.make_array_from_callback(value.shape, v.sharding, value.__getitem__))
-    else:
-      leaves.append(v)
-  return jax.tree_util.tree_unflatten(treedef, leaves)

@@ -39,7 +39,7 @@ from visionfm_jax.data.loader import open_files
 from visionfm_jax.errors import CheckpointError, WorkdirError
 from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.tasks.base import EvalContext
-from visionfm_jax.training import checkpoint, checks, optim
+from visionfm_jax.training import checkpoint, checks, optim, stored
 from visionfm_jax.training import plan as plan_lib
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.infra import workdir as workdir_lib
@@ -52,7 +52,7 @@ def plan(config, workdir: str, num_devices: int, num_processes: int, class_names
   checks.check_devices(config, num_devices, num_processes)
   if config.init_from and not os.path.exists(os.path.expanduser(config.init_from)):
     raise CheckpointError(f"init_from={config.init_from!r}: no such directory")
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  checkpoint_dir = stored.checkpoints_dir(workdir)
   _check_workdir(workdir)
   run_plan = plan_lib.make(config, checkpoint_dir, num_devices, num_processes)
   mesh = run_plan.mesh
@@ -144,7 +144,7 @@ def report(p: dict) -> list[str]:
       f"{'es' if p['grad_accum_steps'] > 1 else ''} of {p['micro_batch']:,}); "
       + (f"resuming at step {p['start_step']:,}, {steps_left:,} to go" if p["start_step"] else "starting at step 0"),
       *_data_lines(p),
-      f"checkpoints: every {p['checkpoint_every']:,} steps in {os.path.join(p['workdir'], 'checkpoints')}, keeping "
+      f"checkpoints: every {p['checkpoint_every']:,} steps in {stored.checkpoints_dir(p['workdir'])}, keeping "
       f"{p['keep_checkpoints']}" + (f" and every {p['keep_period']:,} for good" if p["keep_period"] else "")
       + f", {human_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
       + (f"{', '.join(p['evaluators']) or 'none'}" if p["evaluators"] is not None else "its evaluators open their "

@@ -25,8 +25,6 @@ the model has no such param. Any other shape mismatch is a ConfigError naming th
 from __future__ import annotations
 
 import functools
-import json
-import os
 import re
 from typing import Any, Sequence
 
@@ -36,7 +34,7 @@ import numpy as np
 from visionfm_jax import models
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.param_rules import ParamRules, named_leaves
-from visionfm_jax.training import checkpoint, ema
+from visionfm_jax.training import ema, stored
 
 # Checkpoint params a fine-tuned model may lack: a classification head, SimMIM's mask token.
 PRETRAINING_ONLY = ParamRules.of_patterns((r"^head(/|$)", r"^mask_token$"), field="init_from.PRETRAINING_ONLY")
@@ -106,24 +104,11 @@ def load(config, target_params, model):
   skip = fresh_outside(config.init_from_prefix, config.init_from_skip)
   fn = functools.partial(adapt, model=model, subtree=config.init_from_subtree, prefix=config.init_from_prefix,
                          skip=skip, origin=f"config.init_from={config.init_from!r}")
-  return checkpoint.load_params(config.init_from, target_params, skip=skip, adapt=fn,
+  return stored.load_params(config.init_from, target_params, skip=skip, adapt=fn,
                                 weights=ema.SUBTREE if config.init_from_ema else "params")
 
 
 # ---------------------------------------------------------------------------- model fields of the checkpoint
-
-def source_model_fields(path: str) -> dict[str, Any] | None:
-  """The checkpoint's model fields: `model.json` (tools.import_hf) or the workdir's config.json `model`."""
-  path = os.path.expanduser(path)
-  for file, key in (("model.json", None), ("config.json", "model"), (os.path.join("..", "config.json"), "model")):
-    try:
-      with open(os.path.join(path, file), encoding="utf-8") as f:
-        fields = json.load(f)
-    except (OSError, json.JSONDecodeError):
-      continue
-    return fields.get(key) if key and isinstance(fields, dict) else fields
-  return None
-
 
 def _sub_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
   """`fields` (a model's config) or its tower `key` completed as the model's builder completes it (image_size,
@@ -149,7 +134,7 @@ def check_model_fields(config) -> None:
   """ConfigError, one line naming each flag and the value to set, when config.model disagrees with the config of
   config.init_from's checkpoint on a field its model answers for (`models.checkpoint_conflicts`: a SwinV2's
   pretrained windows); nothing for a checkpoint that describes no model."""
-  source = source_model_fields(config.init_from) if config.init_from else None
+  source = stored.Stored.at(config.init_from).model_fields() if config.init_from else None
   if not isinstance(source, dict):
     return
   mismatches = []

@@ -12,7 +12,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 import time
 from typing import Callable
 
@@ -33,6 +32,7 @@ from visionfm_jax.training import (
   init_from,
   optim,
   prefetch,
+  stored,
 )
 from visionfm_jax.training import evaluation as evaluation_lib
 from visionfm_jax.training import plan as plan_lib
@@ -58,11 +58,10 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
     checks.check_devices(config, devices, processes)
   else:
     class_names = checks.validate(config, devices, processes, data=checks.DATA_PRESENT)
-  interrupt = faults.Interrupt(functools.partial(checkpoint.newest_committed_step,
-                                                 os.path.join(workdir, "checkpoints")))
+  interrupt = faults.Interrupt(functools.partial(checkpoint.newest_committed_step, stored.checkpoints_dir(workdir)))
   with workdir_lib.claimed(workdir, config.lock_wait_s), compile_cache.in_use(config.compile_cache, workdir):
     # before anything is built: a resume may refuse the config, or anchor the schedule
-    run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)
+    run_plan = plan_lib.make(config, stored.checkpoints_dir(workdir), devices, processes)
     last = _train_in(run_plan, workdir, class_names, interrupt)
   if jax.process_index() == 0:
     shown = {k: v for k, v in last.items() if k == "train/loss" or k.startswith("eval/")}
@@ -73,7 +72,7 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
 def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None,
               interrupt: faults.Interrupt) -> dict[str, float]:
   config = run_plan.config
-  checkpoint_dir = os.path.join(workdir, "checkpoints")
+  checkpoint_dir = stored.checkpoints_dir(workdir)
   mesh = parallel.make_mesh(run_plan.mesh)
   logging.info("mesh %s, strategy %s, %d process%s", run_plan.mesh, config.strategy, jax.process_count(),
                "es" if jax.process_count() > 1 else "")
