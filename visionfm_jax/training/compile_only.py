@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import time
 from typing import Iterator
 
@@ -27,7 +26,7 @@ import numpy as np
 
 from visionfm_jax import parallel, tasks
 from visionfm_jax.errors import ConfigError
-from visionfm_jax.training import checks, optim
+from visionfm_jax.training import checks, optim, stored
 from visionfm_jax.training import plan as plan_lib
 from visionfm_jax.training import step as step_lib
 from visionfm_jax.training.infra import compile_cache
@@ -52,7 +51,7 @@ def run(config, workdir: str, class_names: list[str] | None = None) -> tuple[str
   devices, processes = jax.device_count(), jax.process_count()
   checks.check_devices(config, devices, processes)
   with compile_cache.in_use(config.compile_cache, workdir), _every_program_written():
-    run_plan = plan_lib.make(config, os.path.join(workdir, "checkpoints"), devices, processes)
+    run_plan = plan_lib.make(config, stored.checkpoints_dir(workdir), devices, processes)
     return folder, _compile(run_plan, class_names)
 
 
