@@ -405,8 +405,8 @@ def plan(config, devices: int, target: str = "") -> dict:
 
 def predicted_step(program: hlo_cost.Program, target: str) -> dict[str, float]:
   """The calibrated roofline's step and exposed collectives of a program compiled for `target` (predictions)."""
-  prices, _ = pricing.load_prices()
-  prediction = pricing.predict(program, gpu_target.get(target), prices)
+  prices, record = pricing.load_prices()
+  prediction = pricing.predict(program, gpu_target.get(target), prices, record.get("target"))
   return {"predicted_step_s": prediction["step_s"], "exposed_collective_s": prediction["exposed_collective_s"]}
 
 
