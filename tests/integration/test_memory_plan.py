@@ -8,7 +8,7 @@ from visionfm_jax import tasks
 from visionfm_jax.bench import gpu_target, memory_plan
 from visionfm_jax.errors import ConfigError, UserError
 
-from conftest import tiny_aurora_config, tiny_clip_config
+from conftest import tiny_aurora_config, tiny_clip_config, tiny_vit_config
 
 TINY = ["--config=configs/vit_huge.py:demo", "--devices=8", "--config.model.variant=pico/4",
         "--config.model.image_size=16", "--config.data.image_size=16", "--config.global_batch_size=16"]
@@ -203,3 +203,20 @@ def test_on_a_gpu_target_the_default_fit_is_what_the_launch_flags_let_a_job_allo
   (tmp_path / "launch" / "xla_flags_h100.sh").write_text("export NCCL_IB_SL=1\n")
   with pytest.raises(UserError, match="xla_flags_a100.sh and the scripts it sources set .* default 0 times"):
     memory_plan.default_fit_bytes("a100")
+
+
+def test_a_swinv2_form_stage_by_stage_is_a_candidate_of_the_sweep():
+  """--unroll=1,0/1 plans the rolled loop, and Aurora's pico encoder with its first stage straight-line and its
+  second a rolled loop (stage_scan_unrolls), with flags a shell passes as they are; a model without a SwinV2 tower
+  refuses a form by stage."""
+  config = tiny_aurora_config()
+  grid, _ = memory_plan.candidate_settings(config, 8, ["nothing_saveable"], ["1"], ["softmax"], unrolls=["1", "0/1"])
+  assert [{k: v for k, v in s.items() if "unroll" in k} for s in grid] == [
+      {"model.scan_unroll": 1}, {"model.encoder.stage_scan_unrolls": (0, 1)}]
+  assert "--config.model.encoder.stage_scan_unrolls=(0,1)" in memory_plan.as_flags(grid[1])
+  assert "unroll 0/1" in memory_plan.describe(grid[1])
+  assert memory_plan.apply(config, grid[1]).model.encoder.stage_scan_unrolls == (0, 1)
+  with pytest.raises(ConfigError, match=r"--unroll=0/-1: expected"):
+    memory_plan.parse_unrolls(["0/-1"])
+  with pytest.raises(ConfigError, match=r"--unroll=0/0: a form stage by stage is a SwinV2 tower's"):
+    memory_plan.unroll_setting(tiny_vit_config().model, (0, 0))

@@ -63,6 +63,15 @@ class Kernel:
   # collective: the positions (in Program.kernels) of the kernels the schedule runs between its start and done
   overlap: list[int] = dataclasses.field(default_factory=list)
   done: int = -1  # async collective: the position in Program.kernels its done precedes (-1: right after it)
+  shape: tuple[int, ...] = ()  # gemm: (M, N, K), the batch dimensions folded into M; (): not known
+
+
+def gemm_shape(lhs: tuple[int, ...], rhs: tuple[int, ...], lhs_contracting, rhs_contracting, rhs_batch) -> tuple:
+  """(M, N, K) of a product of `lhs` and `rhs` over the given dimensions: K the contracted elements, N the rhs's
+  free ones, M the lhs's free ones times the batch (cuBLAS runs a batched GEMM's tiles together)."""
+  k = math.prod(lhs[int(d)] for d in lhs_contracting)
+  n = math.prod(size for d, size in enumerate(rhs) if str(d) not in {str(c) for c in (*rhs_contracting, *rhs_batch)})
+  return (math.prod(lhs) // max(k, 1), n, k)
 
 
 def shapes(type_text: str) -> list[tuple[str, tuple[int, ...]]]:
@@ -399,7 +408,9 @@ class Program:
       lhs = operand_shapes[0][0][1]
       contracted = math.prod(lhs[int(d)] for d in dims.get("lhs_contracting_dimensions", []))
       flops = 2.0 * math.prod(result[0][1]) * contracted
-      return Kernel(ins.name, "gemm", flops, io, count, label, dtype=operand_shapes[0][0][0])
+      shape = gemm_shape(lhs, operand_shapes[1][0][1], dims.get("lhs_contracting_dimensions", []),
+                         dims.get("rhs_contracting_dimensions", []), dims.get("rhs_batch_dimensions", []))
+      return Kernel(ins.name, "gemm", flops, io, count, label, dtype=operand_shapes[0][0][0], shape=shape)
     if "fmha" in target:
       q, k = operand_shapes[0][0][1], operand_shapes[1][0][1]  # (B, T, H, D) and (B, S, H, D)
       flops = 4.0 * q[0] * q[2] * q[1] * k[1] * q[3]
@@ -429,7 +440,8 @@ class Program:
     if "dot" in ops:
       dots = [i for i in body if i.op == "dot"]
       return Kernel(ins.name, "gemm", sum(self._dot_flops(d) for d in dots), io, count, label,
-                    dtype=shapes(self._type(dots[0].operands[0]))[0][0])
+                    dtype=shapes(self._type(dots[0].operands[0]))[0][0],
+                    shape=self._dot_shape(dots[0]) if len(dots) == 1 else ())
     compute, movement = ops - FREE - COPY_OPS - {"convert"}, ops & COPY_OPS
     if compute:
       kind = "reduction" if compute & {"reduce", "reduce-window"} else "elementwise"
@@ -443,6 +455,14 @@ class Program:
     dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs)
     contracted = math.prod(lhs[int(d)] for d in re.findall(r"\d+", dims.group(1))) if dims else 1
     return 2.0 * math.prod(shapes(dot.type)[0][1]) * contracted
+
+  def _dot_shape(self, dot: Instruction) -> tuple:
+    """(M, N, K) of a `dot` instruction (`gemm_shape`)."""
+    def dims(key):
+      found = re.search(rf"{key}=\{{([\d,]*)\}}", dot.attrs)
+      return re.findall(r"\d+", found.group(1)) if found else []
+    return gemm_shape(shapes(self._type(dot.operands[0]))[0][1], shapes(self._type(dot.operands[1]))[0][1],
+                      dims("lhs_contracting_dims"), dims("rhs_contracting_dims"), dims("rhs_batch_dims"))
 
   def _fusion_bytes(self, ins: Instruction, body: list[Instruction]) -> float:
     """Operands read plus results written, where a parameter read only through slices (dynamic or static: a

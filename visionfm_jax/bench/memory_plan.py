@@ -18,7 +18,10 @@ are exact.
 
 `--unroll` adds the block stacks' form to the sweep (`config.model.scan_unroll`: 1 a rolled loop, k blocks an
 iteration, 0 straight-line code with each block's remat policy kept; models/layers.py `stack_blocks`): the params
-are the same in every form, so it is a choice of program alone. Without it the config's own form is planned.
+are the same in every form, so it is a choice of program alone. A value of one number a stage, joined by `/`
+(`0/0/3/0`), is a SwinV2 tower's form stage by stage (its `stage_scan_unrolls`: SwinV2-G's deep stage in groups of
+block pairs, which compiles in bounded time, the short stages straight-line). Without it the config's own form is
+planned.
 
 `--fsdp` adds the layout to the sweep: `all` is FSDP / ZeRO over every device (`config.mesh.fsdp=-1`, data 1);
 a number N shards over groups of N devices, a node's GPUs for N = 8, with the groups data-parallel
@@ -100,7 +103,8 @@ def make_flags(argv) -> flags.FlagValues:
                     "data=-1: sharded within groups of N, e.g. a node's 8 GPUs, the groups data-parallel); empty: "
                     "the config's mesh.", flag_values=fv)
   flags.DEFINE_list("unroll", "", "config.model.scan_unroll values to plan (blocks per iteration of the scanned "
-                    "stacks; 0: straight-line); empty: the config's.", flag_values=fv)
+                    "stacks; 0: straight-line), or SwinV2 forms stage by stage (stage_scan_unrolls) as numbers "
+                    "joined by '/', e.g. 0/0/3/0; empty: the config's.", flag_values=fv)
   flags.DEFINE_bool("first_fit", False, "Stop at the first candidate that fits (in the expected-cheapest order) "
                     "and choose it.", flag_values=fv)
   return fv
@@ -240,24 +244,39 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
   for remat, count, unroll, attention, mesh in itertools.product(
       sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts, parse_unrolls(unrolls), planned, meshes):
     setting = {"model.remat_policy": remat, "grad_accum_steps": count}
-    if unroll is not None:
-      setting["model.scan_unroll"] = unroll
+    setting.update(unroll_setting(config.model, unroll))
     setting.update({path: attention for path in fields if attention is not None})
     grid.append({**setting, **mesh})
   return grid, skipped
 
 
-def parse_unrolls(values) -> list[int | None]:
-  """`--unroll` values as scan_unroll settings ([None]: the config's own)."""
+def parse_unrolls(values) -> list[int | tuple[int, ...] | None]:
+  """`--unroll` values as scan_unroll settings, a value of numbers joined by '/' as stage_scan_unrolls ([None]: the
+  config's own)."""
   if not values:
     return [None]
   try:
-    unrolls = list(dict.fromkeys(int(v) for v in values))
+    unrolls = list(dict.fromkeys(tuple(int(p) for p in v.split("/")) if "/" in v else int(v) for v in values))
   except ValueError:
     unrolls = [-1]
-  if any(u < 0 for u in unrolls):
-    raise ConfigError(f"--unroll={','.join(values)}: expected blocks per loop iteration >= 1, or 0 (straight-line)")
+  if any(min(u) < 0 if isinstance(u, tuple) else u < 0 for u in unrolls):
+    raise ConfigError(f"--unroll={','.join(values)}: expected blocks per loop iteration >= 1, or 0 (straight-line), "
+                      f"or one such number a stage joined by '/' (e.g. 0/0/3/0)")
   return unrolls
+
+
+def unroll_setting(model, unroll) -> dict[str, object]:
+  """The config fields a `parse_unrolls` value sets: model.scan_unroll, or every stage_scan_unrolls field of the
+  model's SwinV2 towers for a form stage by stage."""
+  if unroll is None:
+    return {}
+  if not isinstance(unroll, tuple):
+    return {"model.scan_unroll": unroll}
+  paths = list(fields_named(model, "stage_scan_unrolls"))
+  if not paths:
+    raise ConfigError(f"--unroll={'/'.join(map(str, unroll))}: a form stage by stage is a SwinV2 tower's "
+                      f"(stage_scan_unrolls); this model has none")
+  return {path: unroll for path in paths}
 
 
 def why_not_micro_batches(config, count: int, devices: int) -> str | None:
@@ -283,7 +302,9 @@ def apply(config, setting: dict[str, object]):
 
 
 def as_flags(setting: dict[str, object]) -> str:
-  return " ".join(f"--config.{path}={value}" for path, value in setting.items())
+  """The setting as --config flags a shell passes as they are (a tuple without spaces: `(0,0,3,0)`)."""
+  return " ".join(f"--config.{path}=({','.join(map(str, value))})" if isinstance(value, tuple)
+                  else f"--config.{path}={value}" for path, value in setting.items())
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -416,8 +437,8 @@ def plan(config, devices: int, target: str = "") -> dict:
 
 def predicted_step(program: hlo_cost.Program, target: str) -> dict[str, float]:
   """The calibrated roofline's step and exposed collectives of a program compiled for `target` (predictions)."""
-  prices, _ = pricing.load_prices()
-  prediction = pricing.predict(program, gpu_target.get(target), prices)
+  prices, record = pricing.load_prices()
+  prediction = pricing.predict(program, gpu_target.get(target), prices, record.get("target"))
   return {"predicted_step_s": prediction["step_s"], "exposed_collective_s": prediction["exposed_collective_s"]}
 
 
@@ -448,6 +469,7 @@ def describe(setting: dict[str, object]) -> str:
   unroll = []
   if "model.scan_unroll" in setting:
     unroll = [f"unroll {setting['model.scan_unroll'] or 'all'}"]
+  unroll += sorted({f"unroll {'/'.join(map(str, v))}" for k, v in setting.items() if k.endswith("stage_scan_unrolls")})
   return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + unroll + attention
                    + layout)
 

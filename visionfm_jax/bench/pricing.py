@@ -12,7 +12,7 @@ import dataclasses
 import json
 import os
 
-from visionfm_jax.bench import gpu_target, hlo_cost
+from visionfm_jax.bench import gemm_efficiency, gpu_target, hlo_cost
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 CALIBRATION = os.path.join(HERE, "gpu_targets", "calibration.json")
@@ -77,7 +77,7 @@ class Priced:
   """A program's kernels as arrays, so that a step is priced at once for any Prices (the fit prices each
   calibration row thousands of times)."""
 
-  def __init__(self, program: hlo_cost.Program, target: gpu_target.Target):
+  def __init__(self, program: hlo_cost.Program, target: gpu_target.Target, fitted_on: str | None = None):
     import numpy as np  # pylint: disable=g-import-not-at-top
     self.kernels = program.kernels
     positions = [i for i, k in enumerate(program.kernels) if k.kind != "collective"]
@@ -87,6 +87,9 @@ class Priced:
     self.bytes = np.array([k.bytes for k in compute], np.float64)
     self.count = np.array([k.count for k in compute], np.float64)
     self.peak = np.array([peak_flops(k.dtype, target) for k in compute], np.float64)
+    # prices fitted on another GPU (`fitted_on`): its 16-bit GEMMs at this GPU's efficiency at their shape
+    self.peak *= [gemm_efficiency.relative_rate(target.name, fitted_on, k.shape)
+                  if k.kind == "gemm" and k.dtype in SIXTEEN_BIT else 1.0 for k in compute]
     self.is_attention = np.array([k.kind == "attention" for k in compute])
     self.is_fp8 = np.array([k.kind == "gemm" and is_fp8(k.dtype, target) for k in compute])
     self.kinds = [k.kind for k in compute]
@@ -159,5 +162,7 @@ class Priced:
             "by_class_s": dict(by_class), "per_kernel_s": ordered}
 
 
-def predict(program: hlo_cost.Program, target: gpu_target.Target, prices: Prices) -> dict:
-  return Priced(program, target).predict(prices)
+def predict(program: hlo_cost.Program, target: gpu_target.Target, prices: Prices,
+            fitted_on: str | None = None) -> dict:
+  """The predicted step (`Priced.predict`) with prices fitted on the rows of GPU `fitted_on` (None: `target`'s)."""
+  return Priced(program, target, fitted_on).predict(prices)

@@ -25,8 +25,9 @@ The efficiencies and launch cost are not guesses: `--calibrate` compiles every o
 measured per row, also leaving each row out of its own fit, so the spread says how far a prediction can be
 trusted. A row prices the program its code compiled: once the code has moved on, `--free=NAMES` fits only the
 prices a new row exercises (FP8 GEMMs' `gemm_fp8`) on the rows the file does not hold, the others held. A target
-without measured rows of its own (a100, h200) uses the efficiencies fitted on the others: a prediction, labelled as
-one.
+without measured rows of its own (a100, h200) uses the efficiencies fitted on the others, its 16-bit GEMMs at that
+efficiency times its own over the fitted GPU's at each GEMM's shape (M, N, K) from public cuBLAS figures
+(bench/gemm_efficiency.py, gpu_targets/gemm_efficiency.json): a prediction, labelled as one.
 
 `--group=REGEX` adds an account of the step by the part of each kernel's framework op (its label, e.g.
 `bwd: SwinV2/stage_2/blocks/plain/mlp/fc1/dot_general`) that REGEX matches first (its first group, if it has
@@ -387,7 +388,8 @@ def _body(fv, rest):
     if fv.dump_hlo:
       write_text(fv.dump_hlo, setup.hlo_text)
   prices, record = load_prices()
-  print_report(setup, predict(setup.program, target, prices), fv.config, fv.top, prices, record, fv.group)
+  print_report(setup, predict(setup.program, target, prices, record.get("target")), fv.config, fv.top, prices,
+               record, fv.group)
 
 
 def main(argv) -> int:

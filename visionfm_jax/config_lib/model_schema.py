@@ -101,6 +101,11 @@ SWINV2 = dict(
                                "per stage, what its blocks' backward pass keeps, in place of remat_policy: e.g. "
                                "nothing_saveable where many tokens make a stage's activations large and its FLOPs "
                                "few (SwinV2-G-CLIP 224's runbook); (): remat_policy in every stage"),
+    stage_scan_unrolls=Field((), NON_NEGATIVE_INT,
+                             "with scan: per stage, block pairs per iteration of its scanned loop (0: the whole "
+                             "stage straight-line), in place of scan_unroll: e.g. SwinV2-G's 42-block stage in "
+                             "groups, the short stages straight-line, which compiles in bounded time; (): "
+                             "scan_unroll in every stage"),
     token_subgrid=Field(1, Domain(1, integer=True, note="1: off"),
                         "k > 1: in training every k-th patch per axis (1 - 1/k^2 dropped, a random phase per image), "
                         "windows whole; none at eval (models/swinv2.py; a ViT's token_drop, open_clip's "

@@ -18,7 +18,7 @@ REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
 RESUME_RULES: tuple[tuple[str, str], ...] = (
     # how a model computes, not what: its attention implementation and remat policy (same params, same numbers
     # up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
-    (r"model\.(\w+\.)?(attention|remat_policy|stage_remat_policies|scan_unroll)", FREE),
+    (r"model\.(\w+\.)?(attention|remat_policy|stage_remat_policies|stage_scan_unrolls|scan_unroll)", FREE),
     # the blocks' GEMMs in FP8 or not: the same params and state, another rounding of the products
     (r"precision\.gemm", FREE),
     (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),

@@ -23,7 +23,8 @@ FIELDS = ExportFields(
     expressed=("embed_dim", "depths", "num_heads", "window_size", "pretrained_window_sizes", "patch_size",
                "image_size", "num_classes", "mlp_ratio", "layer_norm_eps"),
     only={"extra_norm_period": 0},
-    inert={**RUN, "stage_remat_policies": "the backward pass", "token_subgrid": "training only",
+    inert={**RUN, "stage_remat_policies": "the backward pass",
+           "stage_scan_unrolls": "the block layout", "token_subgrid": "training only",
            "extra_norm_scope": "where extra norms go: none (extra_norm_period=0)",
            "mask_token": "it replaces masked patches (SimMIM): an exported model masks none"})
 

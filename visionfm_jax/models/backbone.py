@@ -97,7 +97,7 @@ class Family:
 # A module's fields of how it trains, initialises or runs, not of the model its params hold: model.json and an
 # imported CLIP's config leave them to the run.
 RUN_FIELDS = ("dtype", "drop_path", "dropout", "head_bias_init", "logit_scale_init", "logit_bias_init", "scan_unroll",
-              "remat_policy", "stage_remat_policies", "attention", "token_drop", "token_subgrid")
+              "remat_policy", "stage_remat_policies", "stage_scan_unrolls", "attention", "token_drop", "token_subgrid")
 SAVED_AS = {"num_heads": "heads", "patch_size": "patch"}  # model.json's keys of two fields, as tools.import_hf writes
 
 

@@ -453,6 +453,7 @@ class SwinV2(nn.Module):
   dtype: Any = jnp.float32
   scan: bool = True
   scan_unroll: int = 1  # block pairs per iteration of a stage's scanned loop; 0: all (layers.stack_blocks)
+  stage_scan_unrolls: tuple[int, ...] = ()  # per stage in place of scan_unroll; (): scan_unroll everywhere
   remat_policy: str = "none"
   stage_remat_policies: tuple[str, ...] = ()  # per stage in place of remat_policy; (): remat_policy everywhere
   mask_token: bool = False  # a learned token for masked patches (SimMIM); `mask` picks the patches
@@ -465,6 +466,9 @@ class SwinV2(nn.Module):
     if self.stage_remat_policies and len(self.stage_remat_policies) != stages:
       raise ValueError(f"stage_remat_policies={tuple(self.stage_remat_policies)}: expected one per stage "
                        f"({stages}), or () for remat_policy in every stage")
+    if self.stage_scan_unrolls and len(self.stage_scan_unrolls) != stages:
+      raise ValueError(f"stage_scan_unrolls={tuple(self.stage_scan_unrolls)}: expected one per stage ({stages}), "
+                       f"or () for scan_unroll in every stage")
     if len(self.num_heads) != stages:
       raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
     if self.extra_norm_scope not in EXTRA_NORM_SCOPES:
@@ -528,7 +532,8 @@ class SwinV2(nn.Module):
         window, shift = subgrid_window(tuple(x.shape[1:3]), full[s], windows[s], stride)
       per_block = (rates[start:start + depth], extra[s])
       x, stage_out = SwinStage(
-          depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan, unroll=self.scan_unroll,
+          depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan,
+          unroll=self.stage_scan_unrolls[s] if self.stage_scan_unrolls else self.scan_unroll,
           remat_policy=self.stage_remat_policies[s] if self.stage_remat_policies else self.remat_policy,
           block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
                             pretrained_window=base, stride=stride, mlp_ratio=self.mlp_ratio,
