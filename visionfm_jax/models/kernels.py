@@ -38,7 +38,7 @@ GPU gets the kernel, one lowered for the CPU Pallas's interpreter of it (the tes
 `softmax_attention` (attention='softmax') has a hand-written backward on every backend. It is not a backend
 trick but a memory plan: it keeps the probabilities in the compute dtype and makes one fp32 pass (dS) where
 autodiff of the softmax keeps several fp32 (T_q, T_k) tensors alive; that took SwinV2-G-CLIP's per-device plan
-from 95.5 to 60.6 GiB (BENCHMARKS.md, "The attention backward's memory"), which decides whether it fits an
+from 95.5 to 60.6 GiB (docs/tried_and_dropped.md, autodiff's backward), which decides whether it fits an
 80 GB GPU at all. The forms only pick how its bias gradient is summed. `layer_norm`'s written-out backward is
 the same kind of plan: it keeps the forward's row statistics, which XLA would otherwise recompute inside kernels
 that then cannot also sum the scale's gradient. So is `saving_cudnn_attention`, the remat policy
