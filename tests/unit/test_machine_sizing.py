@@ -32,25 +32,28 @@ def test_without_a_gpu_the_vit_small_recipe_trains_minutes_of_64_px_batches_of_3
   steps = math.floor(rules.CPU_SECONDS * rules.CPU_FLOPS_PER_S / (flops * 32))
   assert _sizes(config) == (64, 64, 32, steps) and 30 < steps < 300, _sizes(config)
   assert [line.split(" is ")[0] for line in lines] == [
-      "config.model.image_size=-1", "config.data.image_size=-1", "config.global_batch_size=-1", "config.total_steps=-1"]
+      "config.model.image_size=-1", "config.data.image_size=-1", "config.global_batch_size=-1", "config.total_steps=-1",
+      "config.eval_every=-1"]
   assert all(": this machine has no GPU" in line for line in lines), lines
   assert re.search(rf"is {steps}: .* about 4 minutes at 20 GFLOP/s, steps of 32 examples of 2\.\d GFLOP each", lines[3])
-  assert config_lib.fill_steps(config)[0] == f"config.optim.warmup_steps=-1 is {steps // 10}: a tenth of " \
-                                             f"config.total_steps={steps}"
+  assert config.eval_every == -(-steps // 2), lines[4]  # two evaluations: on a CPU each takes minutes
+  assert config_lib.fill_steps(config) == [
+      f"config.optim.warmup_steps=-1 is {steps // 10}: a tenth of config.total_steps={steps}",
+      f"config.checkpoint_every=-1 is {-(-steps // 6)}: a sixth of config.total_steps={steps}, rounded up"]
 
 
 @pytest.mark.parametrize("init_from, steps", [("", 3000), ("/ckpt/vit_b16_in21k", 1000)])
 def test_with_a_gpu_the_small_recipes_train_224_px_batches_of_128(init_from, steps):
   config = _small("vit_huge.py:small", init_from=init_from)
   lines = config_lib.fill_machine(config, "gpu", lambda _: pytest.fail("a GPU's sizes need no FLOPs"))
-  assert _sizes(config) == (224, 224, 128, steps) and len(lines) == 4
+  assert _sizes(config) == (224, 224, 128, steps) and len(lines) == 4 and config.eval_every == config_lib.SIZED
   assert all(": this machine has a GPU" in line for line in lines), lines
 
 
 def test_a_size_given_keeps_its_value_and_the_steps_follow_it():
   config = _small("vit_huge.py:small", global_batch_size=8)
   lines = config_lib.fill_machine(config, None, sizing._flops_per_example)
-  assert config.global_batch_size == 8 and len(lines) == 3
+  assert config.global_batch_size == 8 and len(lines) == 4
   assert config.total_steps == min(math.floor(rules.CPU_SECONDS * rules.CPU_FLOPS_PER_S /
                                               (sizing._flops_per_example(config) * 8)), rules.CPU_STEPS[1])
 

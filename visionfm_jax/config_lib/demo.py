@@ -70,7 +70,8 @@ def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, siz
   and Mixup as the recipe has them. The batch in one micro-batch, fp32 (`--config.precision.compute_dtype=bfloat16`
   on a GPU), ddp, no remat, no health guard; AdamW with weight decay 0.05, global-norm clip 1.0, no layer-wise
   decay, linear warmup to `lr` over a tenth of the steps, cosine to 0 at the last; an evaluation on the whole
-  held-out split and a checkpoint every sixth of the steps (300 and 500 of 3,000), a log line every 50. Warmup and
+  held-out split and a checkpoint every sixth of the steps (300 and 500 of 3,000; without a GPU, two evaluations a
+  run), a log line every 50. Warmup and
   cadence are left to the run too, so that `--config.total_steps=` alone keeps them in proportion. Fine-tuning
   from a published checkpoint (`--config.init_from=`) takes a lower `lr`.
   """

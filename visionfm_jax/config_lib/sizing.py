@@ -16,6 +16,9 @@ The sizes of a `:small` recipe are the machine's (`fill_machine`, MACHINE_RULES)
                                       over CPU_STEP_FLOPS
   total_steps                         3,000 with a GPU (1,000 from a checkpoint, config.init_from); without one,
                                       the steps of CPU_SECONDS at CPU_FLOPS_PER_S (10 to 300)
+  eval_every                          without one, half of config.total_steps, rounded up: two evaluations a
+                                      run (an evaluation on a CPU, CLIP's zero-shot over 80 templates and its
+                                      retrieval, takes minutes: six would outlast the training)
 
 So the same command trains a model worth evaluating on a GPU and finishes in minutes on a laptop's CPU.
 
@@ -115,6 +118,10 @@ def fill_machine(config: ml_collections.ConfigDict, accelerator: str | None,
     lines.append(fill_value(config, "global_batch_size", *_batch(accelerator, flops, where)))
   if is_sized(config, "total_steps"):
     lines.append(fill_value(config, "total_steps", *_steps(config, accelerator, flops, where)))
+  if not accelerator and is_sized(config, "eval_every") and COUNT.contains(config.total_steps):
+    lines.append(fill_value(config, "eval_every", -(-config.total_steps // 2),
+                            f"{where}: half of config.total_steps={config.total_steps}, rounded up, two evaluations "
+                            f"a run (a sixth with one)"))
   return lines
 
 
