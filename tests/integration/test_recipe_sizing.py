@@ -11,6 +11,7 @@ import pytest
 from visionfm_jax import config_lib
 from visionfm_jax.data.sources import records, registry
 from visionfm_jax.training import checks
+from visionfm_jax.training import sizing as training_sizing
 
 from conftest import ROOT
 from test_bad_input import run_main_in_process
@@ -49,15 +50,16 @@ def test_a_small_run_shortened_by_total_steps_alone_starts(photos, tmp_path, mon
   assert status == 0, err[-3000:]
   assert named == [photos]  # read by the sizing for the head, and handed to the loader's class-count check
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.msg.startswith("%s")]
-  assert warnings == [
+  assert warnings == [  # the class count first: the machine's sizes read the model it sizes
+      f"config.model.num_classes=-1 is 3: the classes of config.data.source={photos!r} (beach, forest, kitchen)",
       "config.optim.warmup_steps=-1 is 4: a tenth of config.total_steps=40",
       "config.eval_every=-1 is 7: a sixth of config.total_steps=40, rounded up",
-      "config.checkpoint_every=-1 is 7: a sixth of config.total_steps=40, rounded up",
-      f"config.model.num_classes=-1 is 3: the classes of config.data.source={photos!r} (beach, forest, kitchen)"]
+      "config.checkpoint_every=-1 is 7: a sixth of config.total_steps=40, rounded up"]
   assert "steps: 40 of" in out and "checkpoints: every 7" in out, out
 
 
-def test_a_field_given_keeps_its_value_and_the_default_length_keeps_the_recipe_s_figures(photos):
+def test_a_field_given_keeps_its_value_and_the_default_length_keeps_the_recipe_s_figures(photos, monkeypatch):
+  monkeypatch.setattr(training_sizing, "accelerator", lambda: "gpu")  # the recipe's GPU length: 3,000 steps
   config = config_lib.load(os.path.join(ROOT, "configs", "vit_huge.py:small"))
   config.data.source, config.eval_every, config.model.num_classes = photos, 250, 3
   checks.validate(config)

@@ -43,7 +43,7 @@ def test_a_few_photos_a_class_through_the_doc_s_commands(tmp_path, warm_python):
   assert small.returncode == 2
   assert _one_line(small, "error") == (
       f"error: config.data.source={source!r} split 'train' has 16 records: fewer than one batch of "
-      f"--config.global_batch_size=128; train with a --config.global_batch_size of at most 16, or on more data; "
+      f"--config.global_batch_size=32; train with a --config.global_batch_size of at most 16, or on more data; "
       f"prepare_data held 16 records of {tmp_path / 'raw'} out into split 'validation' (--holdout_per_class=50): a "
       f"smaller --holdout_per_class leaves more to train on")
 
