@@ -265,39 +265,6 @@ def test_a_relay_that_dies_leaves_the_clients_connections_open_and_is_named():
     client.recv(4)
 
 
-LEAVE = """
-import os, sys
-import jax
-from visionfm_jax.parallel import coordination
-index = int(sys.argv[1])
-with coordination.joining_service():
-  jax.distributed.initialize(f"localhost:{sys.argv[2]}", 2, index, shutdown_timeout_seconds=2)
-print("joined", flush=True)
-if index == 1:
-  os._exit(0)  # without leaving: process 0's leave at exit waits for it in vain
-"""
-
-
-def test_a_leave_that_fails_at_exit_is_one_warning_and_the_process_keeps_its_status():
-  """The client's fatal-error callback of coordination._Native (which makes a failed join one line) makes a failed
-  leave at exit a RuntimeError in jax's clean-up: a warning line, not a traceback; JAX's own callback aborted the
-  process there with a stack dump."""
-  env = dict(os.environ, JAX_PLATFORMS="cpu")
-  port = str(coordination.free_port())
-  first = subprocess.Popen([sys.executable, "-c", LEAVE, "0", port], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                           stderr=subprocess.STDOUT, text=True)
-  second = subprocess.run([sys.executable, "-c", LEAVE, "1", port], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=120)
-  out, _ = first.communicate(timeout=120)
-  assert second.returncode == 0, second.stderr[-4000:]
-  assert first.returncode == 0 and "joined" in out, out[-6000:]
-  warnings = [line for line in out.splitlines() if line.startswith("warning: leaving")]
-  assert warnings == [f"warning: leaving JAX's coordination service at localhost:{port} (in process 0) failed: "
-                      "another process did not leave with this one (it ended earlier or hangs, or the service is "
-                      "gone)"], out[-6000:]
-  assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
-
-
 WRITES = """
 import os, sys
 class Writes:  # each write to stderr as one line of stdout
