@@ -63,6 +63,7 @@ class Interrupts:
     self._simulated = 0  # the wakeup bytes of our own interrupt_main calls, not a Ctrl-C
     self._raised = False  # the KeyboardInterrupt of this Ctrl-C, raised once
     self._reader: socket.socket | None = None
+    self._main_takes_it = False  # SIGINT unblocked in the main thread (a tool): a real one wakes its blocking call
     self._before: tuple | None = None  # (handler, mask, wakeup fd, writer) to give back at close
 
   def start(self, block: bool = False) -> Interrupts:
@@ -82,6 +83,7 @@ class Interrupts:
     mask = signal.pthread_sigmask(signal.SIG_BLOCK, set())  # as it is
     if block:
       self.block_here()
+    self._main_takes_it = not block
     self._before = (handler, mask, wakeup, writer)
     threading.Thread(target=self._watch, args=(self._closed, self._reader), name="visionfm-ctrl-c",
                      daemon=True).start()
@@ -157,7 +159,12 @@ class Interrupts:
     self.requested.set()
     if not (self.polled or in_main):
       self._simulated += 1
-      _thread.interrupt_main()  # runs `_in_main_thread` at the main thread's next line
+      if self._main_takes_it:
+        # The watcher's wait can take a Ctrl-C before the main thread's handler does; a SIGINT sent to the main
+        # thread then ends the call it blocks in (a sleep, a read) at once, as the terminal's would have.
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+      else:
+        _thread.interrupt_main()  # runs `_in_main_thread` at the main thread's next line
     self._timer = threading.Timer(self.grace_s, self.end_now)
     self._timer.daemon = True
     self._timer.start()

@@ -95,7 +95,9 @@ def test_ctrl_c_in_the_loop_and_in_the_first_compile_stops_the_run_and_the_rerun
   trainer = _start(workdir, log)
   resumed = f"resuming from {workdir}/checkpoints/{newest}"
   _wait_for(trainer, log, lambda: resumed in open(log).read(), "resume")
-  assert _ctrl_c(trainer, log) == (newest, newest)
+  step, said_newest = _ctrl_c(trainer, log)
+  # the grace ends a compile still running 5 s after the Ctrl-C; one that finishes sooner runs its step, then stops
+  assert said_newest == newest and step in (newest, newest + 1), (step, said_newest, newest)
 
   # the checkpoints are intact: the next rerun resumes from the same one and trains on (and finds the lock released)
   trainer = _start(workdir, log)
