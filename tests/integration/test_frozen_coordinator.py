@@ -61,6 +61,24 @@ def _exit_of(process: subprocess.Popen, timeout_s: float) -> tuple[int | None, f
   return code, time.monotonic() - start
 
 
+def _stopped_until_the_other_exits(trainers, tmp_path, stopped, other, timeout_s: int, thaw_after):
+  """After a train step, SIGSTOP to `stopped` until `other` exits, then `thaw_after(seconds other took)` seconds
+  later SIGCONT: (other's exit code, its seconds, `stopped`'s exit code once continued, its seconds). Both end
+  killed (SIGKILL ends a stopped process too, and it says nothing more)."""
+  try:
+    _wait_for_a_train_step(trainers, tmp_path)
+    os.kill(stopped.pid, signal.SIGSTOP)
+    code, waited = _exit_of(other, timeout_s + 30)
+    time.sleep(thaw_after(waited))
+    os.kill(stopped.pid, signal.SIGCONT)
+    thawed_code, lingered = _exit_of(stopped, timeout_s + 30)
+  finally:
+    for trainer in trainers:
+      trainer.kill()
+      trainer.wait()
+  return code, waited, thawed_code, lingered
+
+
 @pytest.mark.slow
 def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and_exit_75(tmp_path):
   """... and once it runs again, longer than the peer timeout later, the coordinator finds its peer gone and exits
@@ -68,17 +86,8 @@ def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and
   timeout_s = 5
   coordinator, other = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
                                                   f"--config.peer_timeout_s={timeout_s}")
-  try:
-    _wait_for_a_train_step(trainers, tmp_path)
-    os.kill(coordinator.pid, signal.SIGSTOP)
-    code, waited = _exit_of(other, timeout_s + 30)
-    time.sleep(max(0.0, timeout_s + 1 - waited))
-    os.kill(coordinator.pid, signal.SIGCONT)
-    thawed_code, lingered = _exit_of(coordinator, timeout_s + 30)
-  finally:
-    for trainer in trainers:
-      trainer.kill()  # SIGKILL ends the stopped coordinator too, and it says nothing more
-      trainer.wait()
+  code, waited, thawed_code, lingered = _stopped_until_the_other_exits(
+      trainers, tmp_path, coordinator, other, timeout_s, lambda waited: max(0.0, timeout_s + 1 - waited))
   err = (tmp_path / "err1").read_text()
   assert code == faults.HUNG_EXIT_CODE, (code, waited, err[-6000:])
   assert waited < timeout_s + 10, waited
@@ -111,17 +120,8 @@ def test_a_process_continued_after_the_coordinator_gave_up_on_it_ends_with_its_o
   timeout_s = 5
   coordinator, stopped = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
                                                     f"--config.peer_timeout_s={timeout_s}")
-  try:
-    _wait_for_a_train_step(trainers, tmp_path)
-    os.kill(stopped.pid, signal.SIGSTOP)
-    code, _ = _exit_of(coordinator, timeout_s + 30)
-    time.sleep(11)
-    os.kill(stopped.pid, signal.SIGCONT)
-    thawed_code, lingered = _exit_of(stopped, 30)
-  finally:
-    for trainer in trainers:
-      trainer.kill()
-      trainer.wait()
+  code, _, thawed_code, lingered = _stopped_until_the_other_exits(trainers, tmp_path, stopped, coordinator,
+                                                                  timeout_s, lambda waited: 11.0)
   assert code == faults.HUNG_EXIT_CODE, (tmp_path / "err0").read_text()[-6000:]
   err = (tmp_path / "err1").read_text()
   assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s + 5, (thawed_code, lingered, err[-6000:])
