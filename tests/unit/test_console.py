@@ -119,6 +119,23 @@ def test_orbax_error_lines_are_held_back_for_the_runs_own_error_line(capsys):
                                      "Input/output error (--verbose shows them as they come)\n")
 
 
+def test_a_run_starts_without_the_orbax_lines_an_earlier_run_in_the_process_held_back():
+  """main in a test's or a notebook's process: its error line counts the Orbax lines of its own run only."""
+  console._ConsoleFilter(False).filter(_orbax_error("an earlier run's failed restore"))
+  handler = logging.get_absl_handler()
+  before = (list(handler.filters), handler.formatter)
+  try:
+    console.configure()
+    assert console.held_back_note() == ""
+  finally:
+    for added in [f for f in handler.filters if f not in before[0]]:
+      handler.removeFilter(added)
+    for kept in before[0]:
+      if kept not in handler.filters:
+        handler.addFilter(kept)
+    handler.setFormatter(before[1])
+
+
 def test_the_progress_line_times_the_steps_from_the_end_of_the_compile(caplog):
   """A 40 s compile, then 2 s a step: the line says 2 s a step and the ETA of the steps left at that pace."""
   now = [0.0]

@@ -100,7 +100,9 @@ class _ConsoleFormatter(py_logging.Formatter):
 
 
 def configure(verbose: bool = False) -> None:
-  """Installs the console filter and format on absl's stderr handler (idempotent)."""
+  """Installs the console filter and format on absl's stderr handler (idempotent) at a program's start: the Orbax
+  error lines held back from an earlier run in this process (a test's, a notebook's) are not this run's."""
+  _held_back.clear()
   handler = logging.get_absl_handler()
   for old in [f for f in handler.filters if isinstance(f, _ConsoleFilter)]:
     handler.removeFilter(old)
