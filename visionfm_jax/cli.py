@@ -12,7 +12,9 @@ thread and process started after it: its grain workers receive a terminal's Ctrl
 from __future__ import annotations
 
 import _thread
+import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -281,10 +283,11 @@ def run_with_config(argv: Sequence[str], load_config: Callable[[str], Any],
 
 
 def ignore_closed_event_loops() -> None:
-  """Wraps sys.unraisablehook (once) to drop asyncio's 'Event loop is closed': after an Orbax save or restore has
-  failed (a full disk, a deleted chunk), tensorstore's callbacks of the reads and writes still in flight post to the
-  event loop Orbax has closed, and each would print a traceback under the error line that already named the fault.
-  Every other unraisable error goes to the hook there was."""
+  """Drops the aftermath of an Orbax save or restore that has failed (a full disk, a deleted chunk), whose error line
+  already named the fault: tensorstore's callbacks of the reads and writes still in flight post to the event loop
+  Orbax has closed ('Event loop is closed', through sys.unraisablehook), and the sibling reads of the failed one end
+  as tasks nobody awaits (asyncio's 'Task exception was never retrieved', through its logger), each a traceback.
+  Every other unraisable error and asyncio record goes where it went. Installs once."""
   previous = sys.unraisablehook
   if getattr(previous, "ignores_closed_event_loops", False):
     return
@@ -294,3 +297,10 @@ def ignore_closed_event_loops() -> None:
       previous(unraisable)
   hook.ignores_closed_event_loops = True
   sys.unraisablehook = hook
+  logging.getLogger("asyncio").addFilter(_not_an_unawaited_tensorstore_error)
+
+
+def _not_an_unawaited_tensorstore_error(record) -> bool:
+  error = record.exc_info[1] if record.exc_info else None
+  return not (str(record.msg).startswith("Task exception was never retrieved") and isinstance(error, ValueError)
+              and re.search(r"Error (reading|writing) ", str(error)) is not None)
