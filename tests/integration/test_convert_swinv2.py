@@ -249,7 +249,6 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
                "--config.model.image_size=32", "--config.model.patch_size=2", "--config.model.num_classes=3",
                "--config.model.extra_norm_period=0", "--config.model.scan=False", f"--config.init_from={out}"):
     assert flag in flag_line.split(), result.stdout
-  assert "pretrained_window_sizes" not in flag_line  # all zero: the config default () says the same
   with open(os.path.join(out, "model.json")) as f:
     meta = json.load(f)
   expected = dict(name="swinv2", variant="pico", embed_dim=16, depths=[2, 2], heads=[2, 4], window_size=4,
@@ -260,10 +259,9 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
   config = _config_from_flags(flag_line)
   model = models.build(config.model, jnp.float32, "cpu")
   converted, variables = _from_hf(path, False)
-  # The same function: remat only changes what a backward pass recomputes, and no pretrained windows (())
-  # means each stage's own window, as zeros do.
-  assert model.remat_policy != "none" and model.pretrained_window_sizes == ()
-  assert model.clone(remat_policy="none", pretrained_window_sizes=(0, 0)) == converted
+  # The same function: remat only changes what a backward pass recomputes.
+  assert model.remat_policy != "none" and model.pretrained_window_sizes == (0, 0)
+  assert model.clone(remat_policy="none") == converted
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   shapes = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), images))["params"]
   target = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
@@ -273,16 +271,19 @@ def test_import_hf_overrides_and_params_reproduce_transformers(hf_dir, tmp_path)
   _assert_matches(_apply(converted, {"params": loaded}, images), _reference(hf, pixels), "import_hf round trip")
 
 
-def test_import_hf_overrides_name_what_config_cannot_express(hf_dir):
+def test_import_hf_overrides_build_a_swinv2_of_no_named_size(hf_dir):
+  """Depths of no named size, pretrained windows and an MLP ratio of 2: the printed flags spell the size out
+  (config.model.variant '<embed_dim>x<depth,...>x<heads,...>') and build the very model the import converted."""
   path, _ = hf_dir("classifier_odd_depths")
-  meta = import_hf.metadata(_from_hf(path, False)[0], path)
-  assert (meta["variant"], meta["pretrained_window_sizes"], meta["mlp_ratio"]) == (None, [3, 2, 0], 2.0)
+  converted = _from_hf(path, False)[0]
+  meta = import_hf.metadata(converted, path)
+  assert (meta["variant"], meta["pretrained_window_sizes"], meta["mlp_ratio"]) == ("12x1,3,1x3,2,6", [3, 2, 0], 2.0)
   flags_, notes = import_hf.overrides(meta, "/tmp/out")
   config = _config_from_flags(" ".join(flags_))
   assert (config.model.pretrained_window_sizes, config.model.layer_norm_eps, config.model.num_classes) == (
       (3, 2, 0), 1e-2, 5)
-  assert "--config.model.variant" not in " ".join(flags_)
-  assert any("no named SwinV2 size" in n for n in notes) and any("mlp_ratio=2.0" in n for n in notes)
+  assert models.build(config.model, jnp.float32, "cpu").clone(remat_policy="none") == converted
+  assert notes == []
 
 
 def test_import_hf_swinv2_error_is_one_line_and_exit_2(hf_dir, tmp_path):

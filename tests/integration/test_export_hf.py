@@ -437,7 +437,7 @@ def test_cli_writes_only_into_a_folder_it_may_claim(exported, tmp_path, capsys, 
 
   assert _export(capsys, source, f"--out={bert}", "--overwrite")[0] == 0
   written = sorted(os.listdir(bert))
-  assert written == [output_folder.MARKER, "config.json", "model.safetensors"]
+  assert written == [output_folder.MARKER, "config.json", "model.safetensors", "preprocessor_config.json"]
   assert hf_files.read_config(str(bert))["model_type"] == "vit"
   assert _export(capsys, source, f"--out={bert}")[0] == 0  # its own folder, as it left it
   (bert / "README.md").write_text("the user's notes")
@@ -486,3 +486,27 @@ def test_bad_checkpoint_dirs_are_named(exported, clip_workdir, tmp_path, capsys)
     assert status == 2 and len(errors) == 1 and message in errors[0], (name, stderr)
     assert not stdout and "Traceback" not in stderr
   assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("name", ["vit_classifier", "swin_classifier", "vit_backbone"])
+def test_load_opens_an_import_hf_directory_as_transformers_runs_its_export(exported, name, tmp_path, capsys):
+  """`visionfm_jax.load` of a ViT's or a SwinV2's tools.import_hf directory, on photo files of camera sizes: a
+  classifier's logits and a backbone's pooled features equal transformers' on what export_hf writes from the same
+  directory, through its AutoImageProcessor."""
+  import visionfm_jax  # pylint: disable=g-import-not-at-top
+  _, path = exported(name)
+  imported, out = tmp_path / "imported", tmp_path / "hf"
+  import_hf.convert(path, str(imported), scan=MODELS[name].scan)
+  status, stdout, stderr = _export(capsys, f"--checkpoint={imported}", f"--out={out}")
+  assert status == 0 and ARCHS[name] in stdout, stderr
+  paths = _photo_files(tmp_path / "photos")
+  model = visionfm_jax.load(str(imported), batch_size=8)
+  processor = transformers.AutoImageProcessor.from_pretrained(str(out))
+  pixels = processor(images=[transformers.image_utils.load_image(p) for p in paths], return_tensors="pt")
+  with torch.no_grad():
+    if MODELS[name].num_classes:
+      hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
+      _assert_close(model.logits(paths), hf(**pixels).logits.numpy(), f"{name} logits of photo files")
+    else:
+      hf_out = transformers.AutoModel.from_pretrained(str(out)).eval()(**pixels)
+      _assert_close(model.features(paths), hf_out.pooler_output.numpy(), f"{name} features of photo files")

@@ -27,6 +27,7 @@ from visionfm_jax.config_lib.domains import (
                                              Domain,
                                              TransformerSize,
                                              custom_size,
+                                             staged_size,
 )
 from visionfm_jax.config_lib.loading import check_override, load
 from visionfm_jax.config_lib.model_schema import (

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Any, Callable
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,16 +71,34 @@ def custom_size(spec: str) -> tuple[int, int, int, int] | None:
   return width, depth, mlp_dim, heads
 
 
+def staged_size(spec: str) -> tuple[int, tuple[int, ...], tuple[int, ...]] | None:
+  """'<embed_dim>x<depth,...>x<heads,...>' (a model of stages of no named size, e.g. an imported SwinV2: one depth
+  and one head count a stage, '96x2,2,6,2x3,6,12,24') -> (embed_dim, depths, heads); None when not spelled so."""
+  parts = spec.split("x") if isinstance(spec, str) else []
+  if len(parts) != 3:
+    return None
+  try:
+    width, depths, heads = int(parts[0]), tuple(map(int, parts[1].split(","))), tuple(map(int, parts[2].split(",")))
+  except ValueError:
+    return None
+  if width <= 0 or len(depths) != len(heads) or min(depths + heads) <= 0:
+    return None
+  return width, depths, heads
+
+
 @dataclasses.dataclass(frozen=True)
 class TransformerSize:
-  """A transformer's size: one of its model's named `names`, or its sizes spelled out (`custom_size`)."""
+  """A transformer's size: one of its model's named `names`, or its sizes spelled out (`parse`: `custom_size`, or
+  `staged_size` for a model of stages; `spelling` says how)."""
   names: tuple
+  parse: Callable[[str], Any] = custom_size
+  spelling: str = "'<width>x<depth>x<mlp>x<heads>'"
 
   def contains(self, value) -> bool:
-    return isinstance(value, str) and (value in self.names or custom_size(value) is not None)
+    return isinstance(value, str) and (value in self.names or self.parse(value) is not None)
 
   def __str__(self) -> str:
-    return f"{Choices(self.names)}, or '<width>x<depth>x<mlp>x<heads>'"
+    return f"{Choices(self.names)}, or {self.spelling}"
 
 
 POSITIVE = Domain(0, low_open=True)

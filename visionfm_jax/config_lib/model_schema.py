@@ -16,6 +16,7 @@ from visionfm_jax.config_lib.domains import (
   Choices,
   Domain,
   TransformerSize,
+  staged_size,
 )
 from visionfm_jax.config_lib.rows import Field, without
 from visionfm_jax.errors import ConfigError
@@ -84,7 +85,9 @@ SWINV2 = dict(
     attention=Field("auto", Choices(WINDOW_ATTENTION), "as a ViT's, or pallas: the window attention as Pallas "
                     "kernels with the position bias's gradient summed inside them (GPU; models/kernels.py "
                     "window_attention)"),
-    variant=Field("T", Choices(SWINV2_SIZES), "a size of models/swinv2.py SIZES: its width and depth per stage"),
+    variant=Field("T", TransformerSize(SWINV2_SIZES, staged_size, "'<embed_dim>x<depth,...>x<heads,...>' (one a "
+                                       "stage)"), "a size of models/swinv2.py SIZES: its width and depth per stage"),
+    mlp_ratio=Field(4.0, POSITIVE, "the MLP's hidden width over the block's"),
     patch_size=Field(4, COUNT, "side in px of the patches the first stage embeds"),
     window_size=Field(14, COUNT, "every stage; a stage whose map is not larger becomes one unshifted window"),
     pretrained_window_sizes=Field((), Domain(0, integer=True, note="0: the stage's own window"),

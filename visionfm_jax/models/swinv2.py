@@ -58,7 +58,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from visionfm_jax.config_lib import EXTRA_NORM_SCOPES, model_rows
+from visionfm_jax.config_lib import EXTRA_NORM_SCOPES, model_rows, staged_size
 from visionfm_jax.models import backbone, kernels, layers
 from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, HEADS, KV
 from visionfm_jax.parallel import sharding
@@ -86,10 +86,13 @@ PAIR = ("plain", "shifted")  # a scanned stage's pair of blocks (SwinBlockPair):
 
 
 def parse_variant(variant: str) -> dict[str, Any]:
-  """'G' -> embed_dim, depths, num_heads and the size's default extra_norm_period."""
-  if variant not in SIZES:
-    raise ValueError(f"SwinV2 variant {variant!r}: expected one of {list(SIZES)}")
-  embed_dim, depths, heads = SIZES[variant]
+  """'G' -> embed_dim, depths, num_heads and the size's default extra_norm_period; the sizes may be spelled out as
+  '<embed_dim>x<depth,...>x<heads,...>' ('8x2,2x2,4': `config_lib.staged_size`, no extra norms)."""
+  sizes = SIZES.get(variant) or staged_size(variant)
+  if sizes is None:
+    raise ValueError(f"SwinV2 variant {variant!r}: expected one of {list(SIZES)} or "
+                     "'<embed_dim>x<depth,...>x<heads,...>' (one a stage)")
+  embed_dim, depths, heads = sizes
   return dict(embed_dim=embed_dim, depths=depths, num_heads=heads, extra_norm_period=EXTRA_NORM_PERIOD.get(variant, 0))
 
 
@@ -677,10 +680,11 @@ def description(model: SwinV2) -> str:
           f"{model.num_classes or 'no'} classes")
 
 
-def variant(model: SwinV2) -> str | None:
-  """The key of SIZES with `model`'s stages; None when no size has them."""
+def variant(model: SwinV2) -> str:
+  """The key of SIZES with `model`'s stages, else its stages spelled out (`parse_variant`)."""
   dims = (model.embed_dim, tuple(model.depths), tuple(model.num_heads))
-  return next((size for size, sizes in SIZES.items() if sizes == dims), None)
+  named = next((size for size, sizes in SIZES.items() if sizes == dims), None)
+  return named or f"{model.embed_dim}x{','.join(map(str, model.depths))}x{','.join(map(str, model.num_heads))}"
 
 
 FAMILY = backbone.Family(

@@ -36,22 +36,18 @@ Errors print one line and exit with status 2.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import shutil
 import sys
 from typing import Any, Sequence
 
 from absl import flags
-import jax
-import jax.numpy as jnp
 
 from visionfm_jax import cli, convert, data, models, output_folder, tasks
 from visionfm_jax.data.transforms import host as transforms
 from visionfm_jax.data.transforms import naflex
 from visionfm_jax.errors import ConfigError, DataError, UserError
 from visionfm_jax.models import backbone as backbone_lib
-from visionfm_jax.parallel.sharding import unbox
 from visionfm_jax.trained import clip_config, loader
 from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import stored
@@ -137,32 +133,15 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
 
 
 def _from_import_dir(path: str, step: int | None) -> Source:
-  file = os.path.join(path, stored.MODEL)
+  """A tools.import_hf directory as `visionfm_jax.load` opens it (trained/imported.py): the model its model.json
+  builds, fed as the task config derived from it says."""
   if step is not None:
     raise UserError(f"--step={step}: {path} is a tools.import_hf directory (one set of params, no steps)")
-  with open(file, encoding="utf-8") as f:
-    try:
-      meta = json.load(f)
-    except ValueError as e:
-      raise UserError(f"{file}: not valid JSON ({e})") from e
-  if isinstance(meta, dict) and meta.get("name") == "clip":
-    loaded = loader.load(path)
-    data_cfg = loaded.task.config.data
-    return Source(loaded.task.model, loaded.params, f"{file}: ", path, [], mean=data_cfg.mean, std=data_cfg.std,
-                  image_size=data_cfg.image_size, preprocess=data_cfg.eval_preprocess, tokenizer=data_cfg.tokenizer)
-  try:
-    model = models.from_checkpoint_fields(meta)
-  except (KeyError, TypeError) as e:
-    raise UserError(f"{file}: not a tools.import_hf model.json of a ViT or SwinV2 (field {e} missing or "
-                    f"'name' not 'vit' / 'swinv2')") from e
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
-  shapes = jax.eval_shape(lambda: unbox(model.init(jax.random.key(0), images))["params"])
-  target = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), shapes)
-  params = stored.load_params(path, target)
-  # what the config import_hf prints evaluates with: the default view at the model's size
-  return Source(model, params, f"{file}: ", path, [], mean=meta.get("mean"), std=meta.get("std"),
-                image_size=model.image_size)
+  loaded = loader.load(path)
+  data_cfg, file = loaded.task.config.data, os.path.join(path, stored.MODEL)
+  tokenizer = data_cfg.tokenizer if loaded.task.config.model.name == "clip" else None
+  return Source(loaded.task.model, loaded.params, f"{file}: ", path, [], mean=data_cfg.mean, std=data_cfg.std,
+                image_size=data_cfg.image_size, preprocess=data_cfg.eval_preprocess, tokenizer=tokenizer)
 
 
 def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:

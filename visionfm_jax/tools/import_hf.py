@@ -26,7 +26,7 @@ from visionfm_jax import cli, models, output_folder
 from visionfm_jax.convert import from_hf, hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models.backbone import ImageBackbone
-from visionfm_jax.trained import clip_config
+from visionfm_jax.trained import clip_config, imported
 from visionfm_jax.training import stored
 
 
@@ -50,47 +50,16 @@ def metadata(model: ImageBackbone, src: str) -> dict[str, Any]:
   return meta
 
 
-def _family_overrides(meta: dict[str, Any]) -> tuple[list[str], list[str]]:
-  """The flags and notes specific to the model family."""
-  if meta["name"] == "vit":
-    flags_ = [f"--config.model.pool={meta['pool']}"]
-    if not meta.get("class_token", True):  # SigLIP 2's tower (convert/hf_siglip2.py)
-      flags_ += ["--config.model.class_token=False", f"--config.model.act={meta['act']}"]
-    return flags_, []
-  # SwinV2: HF models have no extra main-branch norms (the H and G sizes default to them here).
-  flags_ = [f"--config.model.patch_size={meta['patch']}", f"--config.model.window_size={meta['window_size']}",
-            "--config.model.extra_norm_period=0"]
-  if any(meta["pretrained_window_sizes"]):
-    flags_.append(f"--config.model.pretrained_window_sizes=\"{tuple(meta['pretrained_window_sizes'])}\"")
-  notes = [] if meta["mlp_ratio"] == 4.0 else [
-      f"mlp_ratio={meta['mlp_ratio']}: config.model has no field for it (builds use 4.0)"]
-  return flags_, notes
-
-
 def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
-  """`--config...` flags that build the converted model, and notes on what they cannot express."""
-  family = "ViT" if meta["name"] == "vit" else "SwinV2"
-  flags_, notes = [f"--config.model.name={meta['name']}"], []
-  if meta["variant"]:
-    flags_.append(f"--config.model.variant={meta['variant']}")
-  else:
-    notes.append(f"no named {family} size matches ({meta['description']}): config.model.variant cannot express it")
-  family_flags, family_notes = _family_overrides(meta)
-  notes += family_notes
-  flags_ += [f"--config.model.image_size={meta['image_size']}", f"--config.data.image_size={meta['image_size']}",
-             f"--config.model.layer_norm_eps={meta['layer_norm_eps']!r}", *family_flags,
-             f"--config.model.scan={meta['scan']}"]
-  if meta["num_classes"]:
-    flags_.append(f"--config.model.num_classes={meta['num_classes']}")
-  else:
+  """`--config...` flags that build the converted ViT or SwinV2 and feed it (every field `visionfm_jax.load` builds
+  it from: trained/imported.py), and notes on what a training run must add."""
+  fields = imported.backbone_fields(models.from_checkpoint_fields(meta), meta)
+  flags_ = [f"--config.model.name={meta['name']}", *(f"--config.{k}={_flag(v)}" for k, v in fields.items())]
+  notes = []
+  if not meta["num_classes"]:
     flags_.append("--config.init_from_skip=head")
     notes.append("the checkpoint has no head: also set --config.model.num_classes to your number of classes")
-  if "mean" in meta:
-    flags_ += [f"--config.data.mean=\"{tuple(meta['mean'])}\"", f"--config.data.std=\"{tuple(meta['std'])}\""]
-  flags_.append(f"--config.init_from={os.path.abspath(out)}")
-  if not meta.get("qkv_bias", True):
-    flags_.append("--config.model.qkv_bias=False")
-  return flags_, notes
+  return [*flags_, f"--config.init_from={os.path.abspath(out)}"], notes
 
 
 def clip_metadata(model, src: str, out: str) -> dict[str, Any]:

@@ -80,11 +80,7 @@ def hf_config(path: str, argument: str = "--checkpoint",
   return task_config(clip_fields(model, _tokenizer_file(path, argument), path))
 
 
-def import_config(path: str, argument: str = "--checkpoint") -> ml_collections.ConfigDict:
-  """The task config of a tools.import_hf directory of a CLIP, from its model.json (UserError for another model,
-  naming the caller's `argument`)."""
-  meta = hf_files.read_json(os.path.join(path, "model.json"))
-  if meta.get("name") != "clip" or not isinstance(meta.get("config"), dict):
-    raise UserError(f"{argument}={path}: a tools.import_hf directory of a {meta.get('name')!r} model, not a CLIP")
+def imported_clip_config(path: str, meta: dict[str, Any], argument: str) -> ml_collections.ConfigDict:
+  """The task config of a tools.import_hf directory of a CLIP, from its model.json (`meta`)."""
   # The tokenizer from the directory as it is now: it may have moved since the import.
   return task_config({**meta["config"], "data.tokenizer": _tokenizer_file(path, argument)})

@@ -1,6 +1,6 @@
 """A trained model of any task as the tools and `visionfm_jax.load` load it, from any of the three places one
 lives: a training workdir (config.json + checkpoints/<step>; `workdir`), a tools.import_hf directory (params/ +
-model.json; a CLIP's also tokenizer.json) or a raw transformers CLIPModel directory (config.json with model_type
+model.json; a CLIP's also tokenizer.json; `imported`) or a raw transformers CLIPModel directory (config.json with model_type
 'clip' + model.safetensors + tokenizer.json).
 
 Each becomes the task that trained it or would (a CLIP directory: `clip_config`'s contrastive task) plus its
@@ -20,7 +20,7 @@ from visionfm_jax import tasks
 from visionfm_jax.convert import hf_clip
 from visionfm_jax.errors import CheckpointError, UserError
 from visionfm_jax.parallel.sharding import unbox
-from visionfm_jax.trained import clip_config
+from visionfm_jax.trained import clip_config, imported
 from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import stored
 
@@ -76,7 +76,7 @@ def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS),
 
 def _config(where: stored.Stored, task_names: Sequence[str], names: workdir_lib.Arguments) -> ml_collections.ConfigDict:
   if where.kind == stored.IMPORT:
-    return clip_config.import_config(where.path, names.path)
+    return imported.config(where.path, names.path)
   if where.kind == stored.HF:
     return clip_config.hf_config(where.path, names.path, where.config_json)
   model = "a CLIP model" if tuple(task_names) == clip_config.CLIP_TASKS else (

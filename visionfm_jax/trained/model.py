@@ -1,6 +1,6 @@
 """A trained model from Python: `visionfm_jax.load(path)` over a training workdir (its newest checkpoint, or
-`step`; the EMA of its params with `ema=True`), a tools.import_hf directory of a CLIP or a transformers CLIPModel
-directory (trained/loader.py reads all three), with what its task supports:
+`step`; the EMA of its params with `ema=True`), a tools.import_hf directory (a ViT, a SwinV2 or a CLIP) or a
+transformers CLIPModel directory (trained/loader.py reads all three), with what its task supports:
 
   encode_image(images)                   unit embeddings (CLIP, Aurora) or pooled backbone features (the others)
   encode_text(texts)                     unit embeddings, by the run's own tokenizer (CLIP, Aurora)
