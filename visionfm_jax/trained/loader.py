@@ -1,7 +1,7 @@
 """A trained model of any task as the tools and `visionfm_jax.load` load it, from any of the three places one
 lives: a training workdir (config.json + checkpoints/<step>; `workdir`), a tools.import_hf directory (params/ +
-model.json; a CLIP's also tokenizer.json; `imported`) or a raw transformers CLIPModel directory (config.json with model_type
-'clip' + model.safetensors + tokenizer.json).
+model.json; a CLIP's also tokenizer.json; `imported`) or a raw transformers CLIPModel directory (config.json with
+model_type 'clip' + model.safetensors + tokenizer.json).
 
 Each becomes the task that trained it or would (a CLIP directory: `clip_config`'s contrastive task) plus its
 params, so that the tools score, filter, evaluate and answer with the training loop's own code.
