@@ -137,27 +137,39 @@ def get_config(arg: str | None = None):
   # size COCO (0.6M pairs) and VG (at most 5.4M region crops) would be under 0.4% of 1.5B; at 0.02 each the 512M
   # samples of the schedule see each COCO caption 17-19 times and each VG region ~2 or more (BLIP-style
   # exposure of the curated sets), the LAION-style pairs a third of once.
-  set_fields(config.data, source="", mixture=(("arrayrecord:/data/laion/{split}-*.array_record", 0.71),
-                                              ("arrayrecord:/data/aurora_pairs/coco/{split}-*.array_record", 0.02),
-                                              ("arrayrecord:/data/aurora_pairs/vg/{split}-*.array_record", 0.02),
-                                              ("arrayrecord:/data/aurora_images/{split}-*.array_record", 0.25)),
-             eval_source="arrayrecord:/data/laion/{split}-*.array_record", train_split="train",
-             eval_split="validation", tokenizer="/data/aurora_pairs/tokenizer_32k.model", image_size=448,
-             eval_examples=5000, eval_preprocess="clip")
+  set_fields(
+    config.data,
+    source="",
+    mixture=(
+      ("arrayrecord:/data/laion/{split}-*.array_record", 0.71),
+      ("arrayrecord:/data/aurora_pairs/coco/{split}-*.array_record", 0.02),
+      ("arrayrecord:/data/aurora_pairs/vg/{split}-*.array_record", 0.02),
+      ("arrayrecord:/data/aurora_images/{split}-*.array_record", 0.25),
+    ),
+    eval_source="arrayrecord:/data/laion/{split}-*.array_record",
+    train_split="train",
+    eval_split="validation",
+    tokenizer="/data/aurora_pairs/tokenizer_32k.model",
+    image_size=448,
+    eval_examples=5000,
+    eval_preprocess="clip",
+  )
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=True)
   set_fields(config.data.mim, mask_patch_size=32, mask_ratio=0.6)
   # evaluation: retrieval on held-out pairs and, the papers' protocol, COCO Karpathy 5k test and Flickr30k 1k
   # test with every caption (docs/data_preparation.md); caption perplexity, MIM loss
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # optimiser: AdamW b1 0.9 b2 0.98 wd 0.05, peak lr 1.5e-4, linear warmup 5k, cosine to 1e-6, clip 1.0
-  set_fields(config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6,
-             clip_norm=1.0)
+  set_fields(
+    config.optim, lr=1.5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=5_000, end_lr=1e-6, clip_norm=1.0
+  )
   # batch 2048 = 8 accumulation steps of 256, bf16 compute, ZeRO-2, 250k steps; each GPU sums its own gradients
   # over the 8 micro-batches (fp32, unreduced) and the step reduce-scatters them once, not in every micro-batch:
   # a shorter predicted step and fewer exposed collectives for more memory per A100 (BENCHMARKS.md, "The recipes on
   # their clusters", the rows with and without --config.accumulate_unreduced=False)
-  set_fields(config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000,
-             accumulate_unreduced=True)
+  set_fields(
+    config, global_batch_size=2048, grad_accum_steps=8, strategy="zero2", total_steps=250_000, accumulate_unreduced=True
+  )
   config.precision.compute_dtype = "bfloat16"
   # cadence
   set_fields(config, log_every=100, eval_every=5_000, checkpoint_every=2_000)

@@ -58,14 +58,14 @@ ADE20K_CLASSES = 150
 
 
 def _vit_h(config):
-  config_lib.finetune_backbone(config, "vit", init_from="/ckpt/vit_huge", variant="H/14", image_size=518,
-                               drop_path=0.3)
+  config_lib.finetune_backbone(config, "vit", init_from="/ckpt/vit_huge", variant="H/14", image_size=518, drop_path=0.3)
   config.data.seg_eval_width = 1036
 
 
 def _swinv2(config):
-  config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=512,
-                               drop_path=0.3, window_size=16)  # maps 128, 64, 32, 16
+  config_lib.finetune_backbone(
+    config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=512, drop_path=0.3, window_size=16
+  )  # maps 128, 64, 32, 16
   config.model.pretrained_window_sizes = (14, 14, 14, 7)  # the 224 px / window-14 run's (maps 56, 28, 14, 7)
   config.data.seg_eval_width = 1024
 
@@ -87,12 +87,27 @@ def get_config(arg: str | None = None):
   _swinv2(config) if arg == "swinv2" else _vit_h(config)
 
   # data: ADEChallengeData2016, short side to crop * U(0.5, 2.0), random crop, flip; all 2000 validation images
-  set_fields(config.data, source="ade20k:/data/ADEChallengeData2016", train_split="train",
-             eval_split="validation", seg_scale_range=(0.5, 2.0), eval_examples=-1)
+  set_fields(
+    config.data,
+    source="ade20k:/data/ADEChallengeData2016",
+    train_split="train",
+    eval_split="validation",
+    seg_scale_range=(0.5, 2.0),
+    eval_examples=-1,
+  )
   config.data.augment.flip = True
   # optimiser: AdamW b1 0.9 b2 0.999, lr 1e-4, wd 0.05, layer decay 0.9, 1500 warmup steps, cosine to 0, clip 1.0
-  set_fields(config.optim, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.05, layer_decay=0.9, warmup_steps=1500,
-             end_lr=0.0, clip_norm=1.0)
+  set_fields(
+    config.optim,
+    lr=1e-4,
+    b1=0.9,
+    b2=0.999,
+    weight_decay=0.05,
+    layer_decay=0.9,
+    warmup_steps=1500,
+    end_lr=0.0,
+    clip_norm=1.0,
+  )
   # schedule: 160k steps at batch 16, bf16 compute, fsdp
   set_fields(config, global_batch_size=16, total_steps=160_000, strategy="fsdp")
   config.precision.compute_dtype = "bfloat16"
@@ -100,8 +115,16 @@ def get_config(arg: str | None = None):
   set_fields(config, log_every=100, eval_every=16_000, checkpoint_every=4_000)
   # neck, head: a simple feature pyramid of 256 channels, UPerNet of 512 (pooling 1, 2, 3, 6), dropout 0.1, 150
   # classes; sliding windows at 2/3 of the 518 window, as mmseg's 341 of 512
-  set_fields(config.head, num_classes=ADE20K_CLASSES, neck_channels=256, neck_strides=(4, 8, 16, 32),
-             head_channels=512, ppm_scales=(1, 2, 3, 6), dropout=0.1, eval_stride=345)
+  set_fields(
+    config.head,
+    num_classes=ADE20K_CLASSES,
+    neck_channels=256,
+    neck_strides=(4, 8, 16, 32),
+    head_channels=512,
+    ppm_scales=(1, 2, 3, 6),
+    dropout=0.1,
+    eval_stride=345,
+  )
 
   if arg == "swinv2":
     set_fields(config.optim, lr=6e-5, weight_decay=0.01)

@@ -55,13 +55,15 @@ COCO_CLASSES = 80
 
 
 def _vit_h(config):
-  config_lib.finetune_backbone(config, "vit", init_from="/ckpt/vit_huge", variant="H/14", image_size=1008,
-                               drop_path=0.5)
+  config_lib.finetune_backbone(
+    config, "vit", init_from="/ckpt/vit_huge", variant="H/14", image_size=1008, drop_path=0.5
+  )
 
 
 def _swinv2(config):
-  config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=1024,
-                               drop_path=0.5, window_size=16)  # maps 256, 128, 64, 32
+  config_lib.finetune_backbone(
+    config, "swinv2", init_from="/ckpt/swinv2_b_224", variant="B", image_size=1024, drop_path=0.5, window_size=16
+  )  # maps 256, 128, 64, 32
   config.model.pretrained_window_sizes = (14, 14, 14, 7)  # the 224 px / window-14 run's (maps 56, 28, 14, 7)
 
 
@@ -72,12 +74,28 @@ def get_config(arg: str | None = None):
   _swinv2(config) if arg == "swinv2" else _vit_h(config)
 
   # data: COCO train2017 / val2017, ViTDet's large-scale jitter (long side to size * U(0.1, 2.0)), flip
-  set_fields(config.data, source="coco:/data/coco", train_split="train", eval_split="validation",
-             det_scale_range=(0.1, 2.0), max_boxes=100, eval_examples=-1)
+  set_fields(
+    config.data,
+    source="coco:/data/coco",
+    train_split="train",
+    eval_split="validation",
+    det_scale_range=(0.1, 2.0),
+    max_boxes=100,
+    eval_examples=-1,
+  )
   config.data.augment.flip = True
   # optimiser: AdamW b1 0.9 b2 0.999, lr 1e-4, wd 0.1, layer decay 0.9, 250 warmup steps, cosine to 0, clip 1.0
-  set_fields(config.optim, lr=1e-4, b1=0.9, b2=0.999, weight_decay=0.1, layer_decay=0.9, warmup_steps=250,
-             end_lr=0.0, clip_norm=1.0)
+  set_fields(
+    config.optim,
+    lr=1e-4,
+    b1=0.9,
+    b2=0.999,
+    weight_decay=0.1,
+    layer_decay=0.9,
+    warmup_steps=250,
+    end_lr=0.0,
+    clip_norm=1.0,
+  )
   # schedule: 90k steps at batch 64, bf16 compute, fsdp
   set_fields(config, global_batch_size=64, total_steps=90_000, strategy="fsdp")
   config.precision.compute_dtype = "bfloat16"
@@ -85,9 +103,21 @@ def get_config(arg: str | None = None):
   set_fields(config, log_every=100, eval_every=10_000, checkpoint_every=2_000)
   # neck, head: 80 classes, levels at strides 8, 16, 32 of 256 channels, a 2-conv tower from the focal-loss prior;
   # matching cost = loss weights (OneNet: focal x 2 with alpha 0.25, gamma 2; L1 x 5; GIoU x 2); 100 kept per image
-  set_fields(config.head, num_classes=COCO_CLASSES, levels=(8, 16, 32), neck_channels=256, head_channels=256,
-             num_convs=2, prior_prob=0.01, class_weight=2.0, l1_weight=5.0, giou_weight=2.0, focal_alpha=0.25,
-             focal_gamma=2.0, top_k=100)
+  set_fields(
+    config.head,
+    num_classes=COCO_CLASSES,
+    levels=(8, 16, 32),
+    neck_channels=256,
+    head_channels=256,
+    num_convs=2,
+    prior_prob=0.01,
+    class_weight=2.0,
+    l1_weight=5.0,
+    giou_weight=2.0,
+    focal_alpha=0.25,
+    focal_gamma=2.0,
+    top_k=100,
+  )
 
   if arg == "demo":
     config_lib.cpu_demo(config, source="scenes", image_size=64, total_steps=1200, eval_every=400)

@@ -70,18 +70,28 @@ def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
   unknown = [p for p in parts if p not in swinv2.SIZES and p not in ("640", "in21k", "demo")]
   if unknown:
-    raise ConfigError(f"configs/swinv2_cls.py: unknown parts {unknown}; expected a size in {list(swinv2.SIZES)}, "
-                     "'640', 'in21k' or 'demo'")
+    raise ConfigError(
+      f"configs/swinv2_cls.py: unknown parts {unknown}; expected a size in {list(swinv2.SIZES)}, "
+      "'640', 'in21k' or 'demo'"
+    )
   if "in21k" in parts and {"640", "demo"} & set(parts):
-    raise ConfigError(f"configs/swinv2_cls.py:{arg}: 'in21k' is 224 px pretraining from scratch; it takes a size "
-                     "only (e.g. 'B,in21k')")
+    raise ConfigError(
+      f"configs/swinv2_cls.py:{arg}: 'in21k' is 224 px pretraining from scratch; it takes a size only (e.g. 'B,in21k')"
+    )
   size = next((p for p in parts if p in swinv2.SIZES), "T")
 
   config = config_lib.base_config("swinv2")
 
   # model: SwinV2-<size>, 224 px, window 14, 1000 classes, stochastic depth by size
-  set_fields(config.model, variant=size, num_classes=1000, image_size=224, window_size=14,
-             drop_path=DROP_PATH.get(size, 0.1), remat_policy="nothing_saveable")
+  set_fields(
+    config.model,
+    variant=size,
+    num_classes=1000,
+    image_size=224,
+    window_size=14,
+    drop_path=DROP_PATH.get(size, 0.1),
+    remat_policy="nothing_saveable",
+  )
   # data: ImageNet-1K, random resized crop + flip + colour jitter 0.4
   set_fields(config.data, source="tfds:imagenet2012", train_split="train", eval_split="validation", image_size=224)
   set_fields(config.data.augment, random_resized_crop=True, flip=True, color_jitter=0.4)
@@ -99,8 +109,9 @@ def get_config(arg: str | None = None):
   if "640" in parts:
     # the position bias normalised as in the 224 px / window 14 run: (14, 14, 14, 7)
     stages = len(swinv2.parse_variant(size)["depths"])
-    config.model.pretrained_window_sizes = swinv2.pretrained_windows(config.model.image_size, config.model.window_size,
-                                                                     stages)
+    config.model.pretrained_window_sizes = swinv2.pretrained_windows(
+      config.model.image_size, config.model.window_size, stages
+    )
     config.model.image_size = 640
     config.data.image_size = 640
     config.model.window_size = 40
@@ -125,10 +136,21 @@ def _imagenet21k(config):
   config.model.drop_path = 0.2
   # prepared by datatools.prepare_data --format=folders --output=/data/imagenet21k --holdout_per_class=5
   # (docs/runbooks/vit_h14.md)
-  set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",
-             eval_split="validation")
+  set_fields(
+    config.data,
+    source="arrayrecord:/data/imagenet21k/{split}-*.array_record",
+    train_split="train",
+    eval_split="validation",
+  )
   # the released rate 1.25e-4 and floor 1.25e-6 per 512 images, scaled to the batch of 4096
-  set_fields(config.optim, lr=1e-3, end_lr=1e-5, weight_decay=0.1, clip_norm=5.0,
-             warmup_steps=_epochs(5, IN21K_BATCH, IMAGENET21K_IMAGES))
-  set_fields(config, global_batch_size=IN21K_BATCH, total_steps=_epochs(90, IN21K_BATCH, IMAGENET21K_IMAGES),
-             eval_every=10_000)
+  set_fields(
+    config.optim,
+    lr=1e-3,
+    end_lr=1e-5,
+    weight_decay=0.1,
+    clip_norm=5.0,
+    warmup_steps=_epochs(5, IN21K_BATCH, IMAGENET21K_IMAGES),
+  )
+  set_fields(
+    config, global_batch_size=IN21K_BATCH, total_steps=_epochs(90, IN21K_BATCH, IMAGENET21K_IMAGES), eval_every=10_000
+  )

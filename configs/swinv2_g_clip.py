@@ -205,20 +205,38 @@ FT640_SEED = 1  # the 224 px stage runs at the base config's seed 0
 
 def get_config(arg: str | None = None):
   parts = [p for p in (arg or "").split(",") if p]
-  if set(parts) - {"demo", "ft640", "vit", "siglip", "flip", "flip_tune", "swin_mask", "swin_mask_tune", "small",
-                   "naflex"}:
-    raise ConfigError(f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, vit, siglip, flip, "
-                      "flip_tune, swin_mask, swin_mask_tune, small, naflex and their combinations (demo,ft640, "
-                      "demo,siglip, vit,flip, demo,swin_mask, demo,naflex, ...)")
+  if set(parts) - {
+    "demo",
+    "ft640",
+    "vit",
+    "siglip",
+    "flip",
+    "flip_tune",
+    "swin_mask",
+    "swin_mask_tune",
+    "small",
+    "naflex",
+  }:
+    raise ConfigError(
+      f"configs/swinv2_g_clip.py: unknown variant {arg!r}; known: demo, ft640, vit, siglip, flip, "
+      "flip_tune, swin_mask, swin_mask_tune, small, naflex and their combinations (demo,ft640, "
+      "demo,siglip, vit,flip, demo,swin_mask, demo,naflex, ...)"
+    )
   if "naflex" in parts and set(parts) - {"demo", "naflex", "vit", "siglip"}:
-    raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: naflex is SigLIP 2's NaFlex ViT tower (vit and siglip "
-                      "implied); it composes with demo only")
+    raise ConfigError(
+      f"configs/swinv2_g_clip.py:{arg}: naflex is SigLIP 2's NaFlex ViT tower (vit and siglip "
+      "implied); it composes with demo only"
+    )
   if {"flip", "flip_tune"} & set(parts) and "vit" not in parts:
-    raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: flip and flip_tune mask a ViT image tower (model.token_drop); "
-                      f"add vit ({','.join(['vit', *parts])})")
+    raise ConfigError(
+      f"configs/swinv2_g_clip.py:{arg}: flip and flip_tune mask a ViT image tower (model.token_drop); "
+      f"add vit ({','.join(['vit', *parts])})"
+    )
   if {"swin_mask", "swin_mask_tune"} & set(parts) and "vit" in parts:
-    raise ConfigError(f"configs/swinv2_g_clip.py:{arg}: swin_mask and swin_mask_tune mask the SwinV2 image tower "
-                      "(model.image.token_subgrid); a ViT tower's form is flip")
+    raise ConfigError(
+      f"configs/swinv2_g_clip.py:{arg}: swin_mask and swin_mask_tune mask the SwinV2 image tower "
+      "(model.image.token_subgrid); a ViT tower's form is flip"
+    )
   config = config_lib.base_config("clip", task="contrastive")
 
   # image tower: SwinV2-G, 224 px, window 14, stochastic depth 0.2; embedding: 1024-d
@@ -231,24 +249,43 @@ def get_config(arg: str | None = None):
   # data: filtered LAION pairs at 224 px, CLIP's mean/std, crop, RandAugment (2 ops, magnitude 9), Mixup 0.8;
   # no flips: captions may say "left" and "right"; evaluation images as CLIP's (shorter side to 224 bicubic,
   # central crop)
-  set_fields(config.data, source="arrayrecord:/data/laion/{split}-*.array_record", train_split="train",
-             eval_split="validation", tokenizer="/data/laion/tokenizer_32k.model", image_size=224,
-             mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711),
-             eval_examples=5000, eval_preprocess="clip")
-  set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.5, 1.0), flip=False, randaugment_ops=2,
-             randaugment_magnitude=9, mixup_alpha=0.8)
+  set_fields(
+    config.data,
+    source="arrayrecord:/data/laion/{split}-*.array_record",
+    train_split="train",
+    eval_split="validation",
+    tokenizer="/data/laion/tokenizer_32k.model",
+    image_size=224,
+    mean=(0.48145466, 0.4578275, 0.40821073),
+    std=(0.26862954, 0.26130258, 0.27577711),
+    eval_examples=5000,
+    eval_preprocess="clip",
+  )
+  set_fields(
+    config.data.augment,
+    random_resized_crop=True,
+    crop_scale=(0.5, 1.0),
+    flip=False,
+    randaugment_ops=2,
+    randaugment_magnitude=9,
+    mixup_alpha=0.8,
+  )
   # evaluation: ImageNet zero-shot top-1 on the whole validation split (1000 names x 80 templates), retrieval on
   # held-out pairs and on the papers' benchmarks
-  set_fields(config.eval, zeroshot_classes="imagenet", zeroshot_source="tfds:imagenet2012",
-             zeroshot_split="validation", zeroshot_examples=-1)
+  set_fields(
+    config.eval,
+    zeroshot_classes="imagenet",
+    zeroshot_source="tfds:imagenet2012",
+    zeroshot_split="validation",
+    zeroshot_examples=-1,
+  )
   # the papers' retrieval protocol: COCO Karpathy 5k test and Flickr30k 1k test, every caption
   # (docs/data_preparation.md)
   config.eval.retrieval_benchmarks = (("coco", "coco_karpathy:/data/coco"), ("flickr30k", "flickr30k:/data/flickr30k"))
   # ImageNet-V2 / Sketch / R / A (config.eval.zeroshot_benchmarks) stay off: placed by hand
   # (docs/data_preparation.md, "Zero-shot benchmarks"), a missing folder would stop the run at start-up
   # optimiser: AdamW b1 0.9 b2 0.98, wd 0.05, peak lr 5e-4, linear warmup 10k, cosine to 0, clip 1.0
-  set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0,
-             clip_norm=1.0)
+  set_fields(config.optim, lr=5e-4, b1=0.9, b2=0.98, weight_decay=0.05, warmup_steps=10_000, end_lr=0.0, clip_norm=1.0)
   # precision: FP16 compute with dynamic loss scaling
   set_fields(config.precision, compute_dtype="float16", loss_scale_init=2.0**16, loss_scale_period=2000)
   # batch 32,768 pairs in 2 micro-batches (above), ZeRO-3, 366k steps (10 passes over the 1.2B pairs)
@@ -332,8 +369,12 @@ def _small(config):
   # the tokenizer trained on the captions, retrieval on the held-out pairs; zero-shot only on labelled images given
   # (zeroshot_source), named by their dataset.json unless zeroshot_classes names a file
   # SwinV2-T's windows of 7 take 224 px (7 x 32) alone; a ViT tower takes the machine's size
-  config_lib.small_data(config, source="arrayrecord:/data/my_pairs/{split}-*.array_record", lr=5e-4,
-                        sized_image=config.model.image.name == "vit")
+  config_lib.small_data(
+    config,
+    source="arrayrecord:/data/my_pairs/{split}-*.array_record",
+    lr=5e-4,
+    sized_image=config.model.image.name == "vit",
+  )
   config.model.embed_dim = 512
   if config.model.image.name == "swinv2":
     set_fields(config.model.image, variant="T", window_size=7)

@@ -83,16 +83,21 @@ def get_config(arg: str | None = None):
   # model: ViT-H/14, 224 px, 21,841 classes; no remat and the blocks as straight-line code: bench.memory_plan's
   # pick for the runbook's 64 H100s (the shortest predicted step of those that fit; BENCHMARKS.md, "The stack's
   # form and FP8, planned")
-  set_fields(config.model, variant="H/14", num_classes=21841, image_size=224, drop_path=0.0, remat_policy="none",
-             scan_unroll=0)
+  set_fields(
+    config.model, variant="H/14", num_classes=21841, image_size=224, drop_path=0.0, remat_policy="none", scan_unroll=0
+  )
   # data: ImageNet-21K (fall11), random resized crop + flip + colour jitter, IN mean/std (the base's). Prepared by
   # datatools.prepare_data --format=folders --input=<fall11 class tree> --output=/data/imagenet21k --holdout_per_class=5
-  set_fields(config.data, source="arrayrecord:/data/imagenet21k/{split}-*.array_record", train_split="train",
-             eval_split="validation", image_size=224)
+  set_fields(
+    config.data,
+    source="arrayrecord:/data/imagenet21k/{split}-*.array_record",
+    train_split="train",
+    eval_split="validation",
+    image_size=224,
+  )
   set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.08, 1.0), flip=True, color_jitter=0.4)
   # optimiser: AdamW b1 0.9 b2 0.999, wd 0.03, peak lr 1e-3, linear warmup 10k, cosine to 0, clip 1.0
-  set_fields(config.optim, lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.03, warmup_steps=10_000, end_lr=0.0,
-             clip_norm=1.0)
+  set_fields(config.optim, lr=1e-3, b1=0.9, b2=0.999, weight_decay=0.03, warmup_steps=10_000, end_lr=0.0, clip_norm=1.0)
   # batch 2048 for 90 epochs, bf16 compute (fp32 params), FSDP over all devices
   set_fields(config, global_batch_size=2048, total_steps=623_900, strategy="fsdp")
   config.precision.compute_dtype = "bfloat16"

@@ -19,8 +19,13 @@ sys.dont_write_bytecode = False
 
 def _known_to_xla(flags: str) -> bool:
   """XLA aborts a process that names a flag it does not know, and flags come and go between releases."""
-  probe = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], capture_output=True, check=False,
-                         env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"), timeout=120)
+  probe = subprocess.run(
+    [sys.executable, "-c", "import jax; jax.devices()"],
+    capture_output=True,
+    check=False,
+    env=dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu"),
+    timeout=120,
+  )
   return probe.returncode == 0
 
 
@@ -37,12 +42,20 @@ def _known_to_xla(flags: str) -> bool:
 # cost test_contrastive and test_aurora 98.0 CPU s against 107.4 with YNNPACK.
 YNNPACK_OFF = "--xla_cpu_experimental_ynn_fusion_type="
 if "VISIONFM_TEST_XLA_FLAGS" not in os.environ:
-  _WANTED = ("--xla_cpu_use_fusion_emitters=false", "--xla_cpu_parallel_codegen_split_count=1",
-             "--xla_llvm_disable_expensive_passes=true", YNNPACK_OFF)
+  _WANTED = (
+    "--xla_cpu_use_fusion_emitters=false",
+    "--xla_cpu_parallel_codegen_split_count=1",
+    "--xla_llvm_disable_expensive_passes=true",
+    YNNPACK_OFF,
+  )
   # One probe (a start-up of JAX, seconds before any worker starts) where this XLA knows them all; else one each.
   os.environ["VISIONFM_TEST_XLA_FLAGS"] = (
-      "" if "XLA_FLAGS" in os.environ else " ".join(_WANTED) if _known_to_xla(" ".join(_WANTED))
-      else " ".join(f for f in _WANTED if _known_to_xla(f)))
+    ""
+    if "XLA_FLAGS" in os.environ
+    else " ".join(_WANTED)
+    if _known_to_xla(" ".join(_WANTED))
+    else " ".join(f for f in _WANTED if _known_to_xla(f))
+  )
 FAST_COMPILE_FLAGS = os.environ["VISIONFM_TEST_XLA_FLAGS"]
 
 
@@ -62,9 +75,14 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("JAX_DISABLE_MOST_OPTIMIZATIONS", "1")
 # The trackers' runs stay on disk (no test reaches a network): W&B offline, its settings and caches under a temporary
 # folder; MLflow in each workdir's own database.
-os.environ.update(WANDB_MODE="offline", WANDB_SILENT="true", **{
+os.environ.update(
+  WANDB_MODE="offline",
+  WANDB_SILENT="true",
+  **{
     f"WANDB_{kind}_DIR": os.path.join(tempfile.gettempdir(), f"visionfm_tests_wandb_{kind.lower()}")
-    for kind in ("CONFIG", "CACHE", "DATA", "ARTIFACT")})
+    for kind in ("CONFIG", "CACHE", "DATA", "ARTIFACT")
+  },
+)
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
@@ -81,6 +99,7 @@ if ROOT not in sys.path:
 def tiny_vit_config(**overrides):
   """The demo config shrunk to a 2-block ViT on 16 px images: fast enough for many tests."""
   from configs import vit_huge  # pylint: disable=g-import-not-at-top
+
   config = vit_huge.get_config("demo")
   config.model.variant = "pico/4"
   config.model.image_size = 16
@@ -95,12 +114,14 @@ def tiny_vit_config(**overrides):
 def override(config, **overrides):
   """Sets dotted config fields: override(config, **{"optim.lr": 1e-3})."""
   from visionfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   return config_lib.set_paths(config, overrides)
 
 
 def tiny_aurora_config(**overrides):
   """The Aurora demo shrunk to a pico SwinV2 (stride 8) and a pico text encoder/decoder on 16 px images."""
   from configs import aurora_xl  # pylint: disable=g-import-not-at-top
+
   config = aurora_xl.get_config("demo")
   config.global_batch_size = 64  # divides over 8 simulated devices in both micro-batches
   config.model.image_size = config.data.image_size = 16
@@ -123,14 +144,21 @@ def tiny_aurora_config(**overrides):
 # The towers of `tiny_clip_config` at 16 px, as dotted config fields (test_wds passes them to main as flags): a femto
 # SwinV2 (pico's first stage alone, a plain and a shifted block: 8x8 map, patch 2, window 4) and a text tower of
 # pico's width, MLP and heads, one layer.
-TINY_CLIP_TOWERS = {"model.image.variant": "femto", "model.image.patch_size": 2, "model.image.window_size": 4,
-                    "model.text.variant": "32x1x128x2", "model.embed_dim": 32, "model.image_size": 16,
-                    "data.image_size": 16}
+TINY_CLIP_TOWERS = {
+  "model.image.variant": "femto",
+  "model.image.patch_size": 2,
+  "model.image.window_size": 4,
+  "model.text.variant": "32x1x128x2",
+  "model.embed_dim": 32,
+  "model.image_size": 16,
+  "data.image_size": 16,
+}
 
 
 def tiny_clip_config(*variant, **overrides):
   """The CLIP demo shrunk to `TINY_CLIP_TOWERS`, batch 16; `ft640`: at 32 px, window 8."""
   from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
+
   config = override(swinv2_g_clip.get_config(",".join(("demo",) + variant)), **TINY_CLIP_TOWERS)
   if "ft640" in variant:
     config.model.image_size = config.data.image_size = 32
@@ -150,15 +178,19 @@ def read_the_loss_after_every_step(monkeypatch):
   """Makes train.run's step read its loss back after every step: the host stall the loop's transfer guard
   exists to catch (tests of the guard, emulated on CPU in test_train_loop, real in test_gpu)."""
   from visionfm_jax.training import step as step_lib  # pylint: disable=g-import-not-at-top
+
   jit_train_step = step_lib.jit_train_step
 
   def stalling(*args, **kwargs):
     step = jit_train_step(*args, **kwargs)
+
     def run_and_read(state, batch):
       state, metrics = step(state, batch)
       float(metrics["train/loss"])
       return state, metrics
+
     return run_and_read
+
   monkeypatch.setattr(step_lib, "jit_train_step", stalling)
 
 
@@ -204,14 +236,20 @@ def assert_trees_close_to_scale(actual, expected, rtol: float) -> None:
   a LayerNorm) carries the error of its terms, not of its value: a bound tuned to one machine's order fails on
   another's."""
   scale = max(float(np.max(np.abs(np.asarray(e, np.float64)), initial=0.0)) for e in jax.tree.leaves(expected))
-  jax.tree.map(lambda a, e: np.testing.assert_allclose(np.asarray(a, np.float64), np.asarray(e, np.float64),
-                                                       rtol=rtol, atol=rtol * scale), actual, expected)
+  jax.tree.map(
+    lambda a, e: np.testing.assert_allclose(
+      np.asarray(a, np.float64), np.asarray(e, np.float64), rtol=rtol, atol=rtol * scale
+    ),
+    actual,
+    expected,
+  )
 
 
 def randomize_hf_params(model, seed: int) -> None:
   """Overwrites every parameter of a transformers (torch) model with noise: its init (norms 1 and 0, zero
   biases) would hide mapping errors. Norm scales ~ 1 + 0.3 N, biases and embeddings 0.3 N, matrices N / sqrt(fan_in)."""
   import torch  # pylint: disable=g-import-not-at-top
+
   gen = torch.Generator().manual_seed(seed)
   with torch.no_grad():
     for name, p in model.named_parameters():
@@ -238,6 +276,7 @@ def warm_python(tmp_path_factory):
   """This worker's warm interpreter (tests/warm_python.py): `warm_python.env(env)` runs a command's `python -m
   visionfm_jax.<module>` in a process forked from it, without importing the package again."""
   import warm_python as warm  # pylint: disable=g-import-not-at-top
+
   with warm.Server(dict(os.environ), folder=str(tmp_path_factory.mktemp("warm_python"))) as server:
     yield server
 
@@ -248,6 +287,7 @@ def compilation_cache(tmp_path_factory):
   (the same config trained again, resumed, or rerun with another data source) compiles each once. Yields the
   cache directory; `compilation_cache_env(directory)` shares it with the module's subprocess runs."""
   from jax.experimental.compilation_cache import compilation_cache as cache  # pylint: disable=g-import-not-at-top
+
   directory = str(tmp_path_factory.mktemp("compilation_cache"))
   before = {name: getattr(jax.config, name) for name in _CACHE_OPTIONS}
   for name, value in _cache_options(directory).items():
@@ -275,6 +315,7 @@ def stop_after_writing(monkeypatch, step, times=1):
   """Sends the in-process run a SIGTERM (a preemption notice) once it has written its train metrics of `step`
   for the `times`-th time (log_every 1): it saves the next step and exits, with no change to its config."""
   from visionfm_jax.training.infra import metrics  # pylint: disable=g-import-not-at-top
+
   write, seen = metrics.MetricWriter.write, []
 
   def write_then_signal(self, at, values):
@@ -283,6 +324,7 @@ def stop_after_writing(monkeypatch, step, times=1):
       seen.append(at)
       if at == step and seen.count(step) == times:
         os.kill(os.getpid(), signal.SIGTERM)
+
   monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
 
 
@@ -300,6 +342,7 @@ def params_drawn_by_shape(init, seed: int = 0):
   `init(...)["params"]` does; only its shapes are read (jax.eval_shape: no init compile)."""
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   boxed = jax.eval_shape(init)
   rng = np.random.default_rng(seed)
 

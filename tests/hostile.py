@@ -21,8 +21,10 @@ CAPTION_BYTES = 200 << 20  # "a caption of hundreds of megabytes"
 def png_bomb(width: int, height: int) -> bytes:
   """A valid 1-bit greyscale PNG of width x height zero pixels, written without ever holding them: a few KB
   that decode to width * height pixels (three bytes each as RGB)."""
+
   def chunk(kind: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
   row = b"\0" * (1 + (width + 7) // 8)  # filter byte 0, then the packed bits
   compressor, body = zlib.compressobj(9), []
   rows_at_once = max(1, (1 << 22) // len(row))
@@ -56,7 +58,7 @@ def cmyk_jpeg() -> bytes:
   """A CMYK JPEG: four colour bands of pure cyan, magenta, yellow and black ink."""
   inks = np.zeros((16, 32, 4), np.uint8)
   for band in range(4):
-    inks[:, band * 8:(band + 1) * 8, band] = 255
+    inks[:, band * 8 : (band + 1) * 8, band] = 255
   out = io.BytesIO()
   Image.fromarray(inks, mode="CMYK").save(out, format="JPEG", quality=100)
   return out.getvalue()
@@ -108,8 +110,13 @@ def _add(archive: tarfile.TarFile, name: str, data: bytes = b"", **info) -> None
 
 
 # The decodable images: key -> bytes. Their right pixels are what `transformers` makes of them (the tests).
-DECODABLE = {"plain": lambda: jpeg(gradient()), "rotated": exif_rotated_jpeg, "cmyk": cmyk_jpeg,
-             "palette_alpha": palette_png_with_alpha, "rgba": rgba_png}
+DECODABLE = {
+  "plain": lambda: jpeg(gradient()),
+  "rotated": exif_rotated_jpeg,
+  "cmyk": cmyk_jpeg,
+  "palette_alpha": palette_png_with_alpha,
+  "rgba": rgba_png,
+}
 # The samples a reader leaves out, by reason, and those whose image it cannot decode (in the tar they pass).
 REFUSED = {"unsafe_name": 2, "link": 2, "not_a_file": 1, "too_large": 1}
 UNDECODABLE = {"undecodable": 2, "too_many_pixels": 2}  # zero-byte and truncated; the two bombs
@@ -120,7 +127,7 @@ def hostile_tar(path, caption_bytes: int = CAPTION_BYTES) -> dict:
   {key: bytes}} (kept: the samples a reader lists, the undecodable ones included)."""
   plain = jpeg(gradient())
   images = {key: make() for key, make in DECODABLE.items()}
-  images["empty"], images["truncated"] = b"", plain[:len(plain) // 2]
+  images["empty"], images["truncated"] = b"", plain[: len(plain) // 2]
   images["bomb_warned"] = png_bomb(10_000, 10_000)  # 100 MP: Pillow would only warn, and decode 300 MB of RGB
   images["bomb_refused"] = png_bomb(20_000, 20_000)  # 400 MP: over twice Pillow's limit
   with tarfile.open(path, "w") as archive:

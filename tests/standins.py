@@ -91,16 +91,15 @@ def _gzip(data: bytes) -> bytes:
 
 
 WORDS = {
-    "adjective": ("red", "small", "old", "bright", "wooden", "striped", "green"),
-    "noun": ("dog", "cat", "bicycle", "boat", "clock", "kite", "train", "sofa"),
-    "place": ("beach", "kitchen", "street", "park", "field", "harbour"),
+  "adjective": ("red", "small", "old", "bright", "wooden", "striped", "green"),
+  "noun": ("dog", "cat", "bicycle", "boat", "clock", "kite", "train", "sofa"),
+  "place": ("beach", "kitchen", "street", "park", "field", "harbour"),
 }
 
 
 def caption(seed: int) -> str:
   """A short English caption drawn by `seed` from a small vocabulary."""
-  adjective, noun, place = (words[(seed * step + 1) % len(words)] for words, step in
-                            zip(WORDS.values(), (3, 5, 7)))
+  adjective, noun, place = (words[(seed * step + 1) % len(words)] for words, step in zip(WORDS.values(), (3, 5, 7)))
   return f"A {adjective} {noun} in the {place}."
 
 
@@ -152,7 +151,7 @@ def unpack_synset_tars(tar: Path, dest: Path) -> list[str]:
     for member in outer:
       if not (member.isfile() and member.name.endswith(".tar")):
         continue
-      wnid = os.path.basename(member.name)[:-len(".tar")]
+      wnid = os.path.basename(member.name)[: -len(".tar")]
       with tarfile.open(fileobj=outer.extractfile(member)) as inner:
         inner.extractall(Path(dest) / wnid, filter="data")
       classes.append(wnid)
@@ -180,20 +179,20 @@ def _laion_meta(shard: int, index: int, image: bytes | None, size: tuple[int, in
   ok = image is not None
   width, height = size
   return {
-      "url": f"https://images.example.com/{shard}/{index}.jpg",
-      "caption": caption(shard * 100 + index),
-      "similarity": laion_similarity(shard, index) if index < LAION_SAMPLES_PER_SHARD else 0.3,
-      "pwatermark": round(0.05 + 0.9 * ((index * 5 + shard) % 8) / 7, 4),
-      "punsafe": round(0.01 + 0.08 * ((index + 3 * shard) % 8), 4),
-      "key": key,
-      "status": "success" if ok else "failed_to_download",
-      "error_message": None if ok else "HTTP Error 404: Not Found",
-      "width": width if ok else None,
-      "height": height if ok else None,
-      "original_width": 4 * width if ok else None,
-      "original_height": 4 * height if ok else None,
-      "exif": "{}" if ok else None,
-      "md5": hashlib.md5(image).hexdigest() if ok else None,
+    "url": f"https://images.example.com/{shard}/{index}.jpg",
+    "caption": caption(shard * 100 + index),
+    "similarity": laion_similarity(shard, index) if index < LAION_SAMPLES_PER_SHARD else 0.3,
+    "pwatermark": round(0.05 + 0.9 * ((index * 5 + shard) % 8) / 7, 4),
+    "punsafe": round(0.01 + 0.08 * ((index + 3 * shard) % 8), 4),
+    "key": key,
+    "status": "success" if ok else "failed_to_download",
+    "error_message": None if ok else "HTTP Error 404: Not Found",
+    "width": width if ok else None,
+    "height": height if ok else None,
+    "original_width": 4 * width if ok else None,
+    "original_height": 4 * height if ok else None,
+    "exif": "{}" if ok else None,
+    "md5": hashlib.md5(image).hexdigest() if ok else None,
   }
 
 
@@ -249,13 +248,29 @@ def write_laion(root: Path) -> dict:
     _write(root / f"{name}.tar", _tar(members, mode=0o444))
     parquet = _write_parquet(root / f"{name}.parquet", rows) and parquet
     failed = rows[-1]["error_message"]
-    _write_json(root / f"{name}_stats.json", {
-        "count": len(rows), "successes": len(rows) - 1, "failed_to_download": 1, "failed_to_resize": 0,
-        "duration": 12.5, "start_time": 1650000000.0 + shard, "end_time": 1650000012.5 + shard,
-        "status_dict": {"success": len(rows) - 1, failed: 1}}, indent=4)
+    _write_json(
+      root / f"{name}_stats.json",
+      {
+        "count": len(rows),
+        "successes": len(rows) - 1,
+        "failed_to_download": 1,
+        "failed_to_resize": 0,
+        "duration": 12.5,
+        "start_time": 1650000000.0 + shard,
+        "end_time": 1650000012.5 + shard,
+        "status_dict": {"success": len(rows) - 1, failed: 1},
+      },
+      indent=4,
+    )
     tars.append(str(root / f"{name}.tar"))
-  return {"tars": tars, "samples": len(metas), "metas": metas, "parquet": parquet,
-          "uncaptioned": LAION_UNCAPTIONED + LAION_EMPTY_CAPTION, "corrupt": LAION_CORRUPT}
+  return {
+    "tars": tars,
+    "samples": len(metas),
+    "metas": metas,
+    "parquet": parquet,
+    "uncaptioned": LAION_UNCAPTIONED + LAION_EMPTY_CAPTION,
+    "corrupt": LAION_CORRUPT,
+  }
 
 
 def write_laion_metadata(root: Path) -> dict:
@@ -270,9 +285,18 @@ def write_laion_metadata(root: Path) -> dict:
       meta = _laion_meta(shard, index, None, (0, 0))
       width, height = _laion_size(index)
       digest = int(hashlib.md5(meta["url"].encode()).hexdigest()[:15], 16)
-      rows.append({"URL": meta["url"], "TEXT": meta["caption"], "WIDTH": 4 * width, "HEIGHT": 4 * height,
-                   "similarity": meta["similarity"], "hash": digest, "punsafe": meta["punsafe"],
-                   "pwatermark": meta["pwatermark"]})
+      rows.append(
+        {
+          "URL": meta["url"],
+          "TEXT": meta["caption"],
+          "WIDTH": 4 * width,
+          "HEIGHT": 4 * height,
+          "similarity": meta["similarity"],
+          "hash": digest,
+          "punsafe": meta["punsafe"],
+          "pwatermark": meta["pwatermark"],
+        }
+      )
   return {"rows": len(rows), "parquet": _write_parquet(root / "part-00000.parquet", rows)}
 
 
@@ -291,13 +315,18 @@ def write_imagenet2012_manual(root: Path) -> dict:
   train = {}
   for wnid in IMAGENET1K_TRAIN_SYNSETS:
     base = int(wnid[1:]) % 1000
-    train[f"{wnid}.tar"] = _tar({f"{wnid}_{100 + 7 * i}.JPEG": jpeg(base * 10 + i, 48, 40)
-                                 for i in range(IMAGENET1K_TRAIN_PER_SYNSET)})
+    train[f"{wnid}.tar"] = _tar(
+      {f"{wnid}_{100 + 7 * i}.JPEG": jpeg(base * 10 + i, 48, 40) for i in range(IMAGENET1K_TRAIN_PER_SYNSET)}
+    )
   _write(manual / "ILSVRC2012_img_train.tar", _tar(train))
   val = {f"ILSVRC2012_val_{i:08d}.JPEG": jpeg(500 + i, 40 + 2 * i, 40) for i in range(1, IMAGENET1K_VAL_IMAGES + 1)}
   _write(manual / "ILSVRC2012_img_val.tar", _tar(val))
-  return {"manual_dir": str(manual), "train_classes": list(IMAGENET1K_TRAIN_SYNSETS),
-          "train_images": len(IMAGENET1K_TRAIN_SYNSETS) * IMAGENET1K_TRAIN_PER_SYNSET, "val_files": list(val)}
+  return {
+    "manual_dir": str(manual),
+    "train_classes": list(IMAGENET1K_TRAIN_SYNSETS),
+    "train_images": len(IMAGENET1K_TRAIN_SYNSETS) * IMAGENET1K_TRAIN_PER_SYNSET,
+    "val_files": list(val),
+  }
 
 
 # ------------------------------------------------------------------------------------- COCO 2017 and Karpathy
@@ -305,19 +334,41 @@ def write_imagenet2012_manual(root: Path) -> dict:
 COCO_TRAIN2014_IDS = (9, 25, 30, 34, 49)
 COCO_VAL2014_IDS = (42, 73, 74, 133, 136, 139, 142, 285)
 COCO_VAL2017_IDS = (74, 139, 285)  # val2017 is 5k of val2014; train2017 is everything else
-KARPATHY_SPLIT = {**dict.fromkeys(COCO_TRAIN2014_IDS, "train"), 42: "restval", 73: "val", 74: "val",
-                  133: "test", 136: "test", 139: "test", 142: "test", 285: "restval"}
+KARPATHY_SPLIT = {
+  **dict.fromkeys(COCO_TRAIN2014_IDS, "train"),
+  42: "restval",
+  73: "val",
+  74: "val",
+  133: "test",
+  136: "test",
+  139: "test",
+  142: "test",
+  285: "restval",
+}
 COCO_UNANNOTATED = (30,)  # train2017 images without any instance (about 1% of COCO's)
 COCO_CROWD = (9,)  # images with an iscrowd=1 region (RLE)
 COCO_CAPTION_COUNTS = {133: 6, 142: 7}  # some images have more than five captions; the others five
-COCO_CATEGORIES = ({"supercategory": "person", "id": 1, "name": "person"},
-                   {"supercategory": "vehicle", "id": 3, "name": "car"},
-                   {"supercategory": "animal", "id": 17, "name": "cat"},
-                   {"supercategory": "animal", "id": 18, "name": "dog"})
-COCO_INFO = {"description": "COCO 2017 Dataset", "url": "http://cocodataset.org", "version": "1.0", "year": 2017,
-             "contributor": "COCO Consortium", "date_created": "2017/09/01"}
-COCO_LICENSES = [{"url": "http://creativecommons.org/licenses/by-nc-sa/2.0/", "id": 1,
-                  "name": "Attribution-NonCommercial-ShareAlike License"}]
+COCO_CATEGORIES = (
+  {"supercategory": "person", "id": 1, "name": "person"},
+  {"supercategory": "vehicle", "id": 3, "name": "car"},
+  {"supercategory": "animal", "id": 17, "name": "cat"},
+  {"supercategory": "animal", "id": 18, "name": "dog"},
+)
+COCO_INFO = {
+  "description": "COCO 2017 Dataset",
+  "url": "http://cocodataset.org",
+  "version": "1.0",
+  "year": 2017,
+  "contributor": "COCO Consortium",
+  "date_created": "2017/09/01",
+}
+COCO_LICENSES = [
+  {
+    "url": "http://creativecommons.org/licenses/by-nc-sa/2.0/",
+    "id": 1,
+    "name": "Attribution-NonCommercial-ShareAlike License",
+  }
+]
 
 
 def coco_size(image_id: int) -> tuple[int, int]:
@@ -336,9 +387,16 @@ def coco_image(image_id: int) -> bytes:
 def _coco_image_entry(image_id: int, folder: str) -> dict:
   width, height = coco_size(image_id)
   name = f"{image_id:012d}.jpg"
-  return {"license": 1, "file_name": name, "coco_url": f"http://images.cocodataset.org/{folder}/{name}",
-          "height": height, "width": width, "date_captured": "2013-11-14 11:18:45",
-          "flickr_url": f"http://farm4.staticflickr.com/4/{image_id}_z.jpg", "id": image_id}
+  return {
+    "license": 1,
+    "file_name": name,
+    "coco_url": f"http://images.cocodataset.org/{folder}/{name}",
+    "height": height,
+    "width": width,
+    "date_captured": "2013-11-14 11:18:45",
+    "flickr_url": f"http://farm4.staticflickr.com/4/{image_id}_z.jpg",
+    "id": image_id,
+  }
 
 
 def _rle(mask: np.ndarray) -> dict:
@@ -356,15 +414,31 @@ def _coco_instances(image_id: int, next_id) -> list[dict]:
   for j in range(1 + image_id % 3):
     w, h = 10.0 + 3 * j + image_id % 7, 12.0 + 2 * j
     x, y = float(2 + 9 * j), float(3 + 5 * j)
-    annotations.append({"segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]], "area": w * h, "iscrowd": 0,
-                        "image_id": image_id, "bbox": [x, y, w, h],
-                        "category_id": COCO_CATEGORIES[(image_id + j) % len(COCO_CATEGORIES)]["id"],
-                        "id": next_id()})
+    annotations.append(
+      {
+        "segmentation": [[x, y, x + w, y, x + w, y + h, x, y + h]],
+        "area": w * h,
+        "iscrowd": 0,
+        "image_id": image_id,
+        "bbox": [x, y, w, h],
+        "category_id": COCO_CATEGORIES[(image_id + j) % len(COCO_CATEGORIES)]["id"],
+        "id": next_id(),
+      }
+    )
   if image_id in COCO_CROWD:
     mask = np.zeros((height, width), np.uint8)
     mask[20:36, 24:44] = 1
-    annotations.append({"segmentation": _rle(mask), "area": float(mask.sum()), "iscrowd": 1, "image_id": image_id,
-                        "bbox": [24.0, 20.0, 20.0, 16.0], "category_id": 1, "id": next_id()})
+    annotations.append(
+      {
+        "segmentation": _rle(mask),
+        "area": float(mask.sum()),
+        "iscrowd": 1,
+        "image_id": image_id,
+        "bbox": [24.0, 20.0, 20.0, 16.0],
+        "category_id": 1,
+        "id": next_id(),
+      }
+    )
   return annotations
 
 
@@ -374,19 +448,33 @@ def _coco_split_files(root: Path, folder: str, ids: list[int], counter) -> None:
   for image_id in ids:
     _write(root / folder / f"{image_id:012d}.jpg", coco_image(image_id))
   instances = [a for i in ids for a in _coco_instances(i, counter)]
-  _write_json(root / "annotations" / f"instances_{folder}.json",
-              {"info": COCO_INFO, "licenses": COCO_LICENSES, "images": images, "annotations": instances,
-               "categories": list(COCO_CATEGORIES)})
+  _write_json(
+    root / "annotations" / f"instances_{folder}.json",
+    {
+      "info": COCO_INFO,
+      "licenses": COCO_LICENSES,
+      "images": images,
+      "annotations": instances,
+      "categories": list(COCO_CATEGORIES),
+    },
+  )
   captions = [{"image_id": i, "id": counter(), "caption": c} for i in ids for c in coco_captions(i)]
-  _write_json(root / "annotations" / f"captions_{folder}.json",
-              {"info": COCO_INFO, "licenses": COCO_LICENSES, "images": images, "annotations": captions})
+  _write_json(
+    root / "annotations" / f"captions_{folder}.json",
+    {"info": COCO_INFO, "licenses": COCO_LICENSES, "images": images, "annotations": captions},
+  )
 
 
 def _karpathy_entry(imgid: int, filename: str, sentences: list[str], split: str, sentid: int, **extra) -> dict:
   sentids = list(range(sentid, sentid + len(sentences)))
-  return {**extra, "sentids": sentids, "filename": filename, "imgid": imgid, "split": split,
-          "sentences": [{"tokens": _tokens(s), "raw": s, "imgid": imgid, "sentid": n}
-                        for n, s in zip(sentids, sentences)]}
+  return {
+    **extra,
+    "sentids": sentids,
+    "filename": filename,
+    "imgid": imgid,
+    "split": split,
+    "sentences": [{"tokens": _tokens(s), "raw": s, "imgid": imgid, "sentid": n} for n, s in zip(sentids, sentences)],
+  }
 
 
 def write_karpathy_coco(root: Path) -> Path:
@@ -396,8 +484,17 @@ def write_karpathy_coco(root: Path) -> Path:
   for imgid, image_id in enumerate(COCO_TRAIN2014_IDS + COCO_VAL2014_IDS):
     folder = "train2014" if image_id in COCO_TRAIN2014_IDS else "val2014"
     captions = coco_captions(image_id)
-    images.append(_karpathy_entry(imgid, f"COCO_{folder}_{image_id:012d}.jpg", captions, KARPATHY_SPLIT[image_id],
-                                  sentid, filepath=folder, cocoid=image_id))
+    images.append(
+      _karpathy_entry(
+        imgid,
+        f"COCO_{folder}_{image_id:012d}.jpg",
+        captions,
+        KARPATHY_SPLIT[image_id],
+        sentid,
+        filepath=folder,
+        cocoid=image_id,
+      )
+    )
     sentid += len(captions)
   path = Path(root) / "dataset_coco.json"
   _write_json(path, {"images": images, "dataset": "coco"})
@@ -420,15 +517,26 @@ def write_coco(root: Path) -> dict:
     _write(root / "val2014" / f"COCO_val2014_{image_id:012d}.jpg", coco_image(image_id))
   write_karpathy_coco(root)
   evaluation = sorted(i for i, split in KARPATHY_SPLIT.items() if split in ("val", "test"))
-  return {"train2017": train2017, "val2017": list(COCO_VAL2017_IDS), "val2014": list(COCO_VAL2014_IDS),
-          "karpathy_eval": evaluation, "karpathy_test": [i for i in evaluation if KARPATHY_SPLIT[i] == "test"],
-          "categories": [c["name"] for c in COCO_CATEGORIES]}
+  return {
+    "train2017": train2017,
+    "val2017": list(COCO_VAL2017_IDS),
+    "val2014": list(COCO_VAL2014_IDS),
+    "karpathy_eval": evaluation,
+    "karpathy_test": [i for i in evaluation if KARPATHY_SPLIT[i] == "test"],
+    "categories": [c["name"] for c in COCO_CATEGORIES],
+  }
 
 
 # -------------------------------------------------------------------------------------------------- Flickr30k
 
-FLICKR_IMAGES = (("1000092795", "train"), ("10002456", "train"), ("1000268201", "train"), ("1000344755", "val"),
-                 ("1000366164", "test"), ("1000523639", "test"))
+FLICKR_IMAGES = (
+  ("1000092795", "train"),
+  ("10002456", "train"),
+  ("1000268201", "train"),
+  ("1000344755", "val"),
+  ("1000366164", "test"),
+  ("1000523639", "test"),
+)
 
 
 def write_flickr30k(root: Path) -> dict:
@@ -444,24 +552,40 @@ def write_flickr30k(root: Path) -> dict:
     lines += [f"{name}#{n}\t{c}" for n, c in enumerate(captions)]
   _write_json(root / "dataset_flickr30k.json", {"images": entries, "dataset": "flickr30k"})
   _write(root / "results_20130124.token", ("\n".join(lines) + "\n").encode("utf-8"))
-  return {"images": [f"{s}.jpg" for s, _ in FLICKR_IMAGES],
-          "test": [f"{s}.jpg" for s, split in FLICKR_IMAGES if split == "test"]}
+  return {
+    "images": [f"{s}.jpg" for s, _ in FLICKR_IMAGES],
+    "test": [f"{s}.jpg" for s, split in FLICKR_IMAGES if split == "test"],
+  }
 
 
 # ---------------------------------------------------------------------------------------------- Visual Genome
 
 # (image id, folder, width, height, coco_id): 2 is a Karpathy test image, 5 a val one, 3 a train one.
-VG_IMAGES = ((1, "VG_100K_2", 128, 96, None), (2, "VG_100K_2", 112, 96, 133), (3, "VG_100K", 96, 128, 9),
-             (4, "VG_100K", 120, 100, None), (5, "VG_100K", 100, 120, 73))
+VG_IMAGES = (
+  (1, "VG_100K_2", 128, 96, None),
+  (2, "VG_100K_2", 112, 96, 133),
+  (3, "VG_100K", 96, 128, 9),
+  (4, "VG_100K", 120, 100, None),
+  (5, "VG_100K", 100, 120, 73),
+)
 
 
 def _vg_regions(image_id: int, width: int, height: int, next_id) -> list[dict]:
   """A region of at least 64 px, one under 64 px, one past the image's edge (clipped to 64 px or more); image 1
   also has an empty phrase."""
   boxes = ((4, 6, 70, 66), (10, 12, 30, 20), (width - 70, height - 66, 90, 80))
-  regions = [{"region_id": next_id(), "width": w, "height": h, "image_id": image_id,
-              "phrase": caption(9000 + 10 * image_id + n).rstrip(".").lower(), "y": y, "x": x}
-             for n, (x, y, w, h) in enumerate(boxes)]
+  regions = [
+    {
+      "region_id": next_id(),
+      "width": w,
+      "height": h,
+      "image_id": image_id,
+      "phrase": caption(9000 + 10 * image_id + n).rstrip(".").lower(),
+      "y": y,
+      "x": x,
+    }
+    for n, (x, y, w, h) in enumerate(boxes)
+  ]
   if image_id == 1:
     regions.append({"region_id": next_id(), "width": 80, "height": 70, "image_id": 1, "phrase": "", "y": 2, "x": 3})
   return regions
@@ -471,20 +595,30 @@ def write_visual_genome(root: Path) -> dict:
   """Visual Genome 1.2 in `root`: region_descriptions.json, image_data.json, VG_100K/ and VG_100K_2/ (images
   96-128 px; two of them COCO's Karpathy val/test images by coco_id). Returns {images, regions, coco_ids}."""
   root = Path(root)
-  region_ids = iter(range(1382, 10 ** 7))
+  region_ids = iter(range(1382, 10**7))
   described, image_data, regions = [], [], 0
   for image_id, folder, width, height, coco_id in VG_IMAGES:
     _write(root / folder / f"{image_id}.jpg", jpeg(3000 + image_id, width, height))
     image_regions = _vg_regions(image_id, width, height, functools.partial(next, region_ids))
     regions += len(image_regions)
     described.append({"regions": image_regions, "id": image_id})
-    image_data.append({"width": width, "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg",
-                       "height": height, "image_id": image_id, "coco_id": coco_id,
-                       "flickr_id": None if coco_id is None else 2000000 + image_id})
+    image_data.append(
+      {
+        "width": width,
+        "url": f"https://cs.stanford.edu/people/rak248/{folder}/{image_id}.jpg",
+        "height": height,
+        "image_id": image_id,
+        "coco_id": coco_id,
+        "flickr_id": None if coco_id is None else 2000000 + image_id,
+      }
+    )
   _write_json(root / "region_descriptions.json", described)
   _write_json(root / "image_data.json", image_data)
-  return {"images": len(VG_IMAGES), "regions": regions,
-          "coco_ids": {image_id: coco for image_id, _, _, _, coco in VG_IMAGES if coco is not None}}
+  return {
+    "images": len(VG_IMAGES),
+    "regions": regions,
+    "coco_ids": {image_id: coco for image_id, _, _, _, coco in VG_IMAGES if coco is not None},
+  }
 
 
 # ----------------------------------------------------------------------------------------------------- ADE20K
@@ -497,7 +631,7 @@ def ade_labels(index: int, width: int, height: int) -> np.ndarray:
   labels = np.zeros((height, width), np.uint8)
   classes = (1 + index, 13 + 2 * index, 150 if index == 0 else 100 + index)
   for band, label in enumerate(classes):
-    labels[band * height // 4:(band + 1) * height // 4] = label
+    labels[band * height // 4 : (band + 1) * height // 4] = label
   return labels
 
 
@@ -520,9 +654,19 @@ def write_ade20k(root: Path) -> dict:
 
 # ------------------------------------------------------------------------------------------ uncaptioned images
 
-IMAGE_TREE = ("00010.jpg", "batch_000/00000.jpg", "batch_000/00001.jpg", "batch_000/00002.jpg",
-              "batch_001/00003.jpg", "batch_001/00004.JPEG", "batch_001/part_a/00005.jpg",
-              "batch_001/part_a/00006.jpg", "batch_002/00007.jpeg", "batch_002/00008.jpg", "batch_002/00009.jpg")
+IMAGE_TREE = (
+  "00010.jpg",
+  "batch_000/00000.jpg",
+  "batch_000/00001.jpg",
+  "batch_000/00002.jpg",
+  "batch_001/00003.jpg",
+  "batch_001/00004.JPEG",
+  "batch_001/part_a/00005.jpg",
+  "batch_001/part_a/00006.jpg",
+  "batch_002/00007.jpeg",
+  "batch_002/00008.jpg",
+  "batch_002/00009.jpg",
+)
 
 
 def write_image_tree(root: Path) -> dict:
@@ -588,11 +732,29 @@ def write_my_table(root: Path) -> dict:
 
 CLIP_REPO, VIT_REPO = "openai/clip-vit-base-patch32", "google/vit-huge-patch14-224-in21k"
 VIT_B16_REPO = "google/vit-base-patch16-224-in21k"
-CLIP_FILES = ("config.json", "merges.txt", "model.safetensors", "preprocessor_config.json", "special_tokens_map.json",
-              "tokenizer.json", "tokenizer_config.json", "vocab.json")
+CLIP_FILES = (
+  "config.json",
+  "merges.txt",
+  "model.safetensors",
+  "preprocessor_config.json",
+  "special_tokens_map.json",
+  "tokenizer.json",
+  "tokenizer_config.json",
+  "vocab.json",
+)
 VIT_FILES = ("config.json", "model.safetensors", "preprocessor_config.json")
-BPE_MERGES = (("t", "h"), ("th", "e</w>"), ("o", "f</w>"), ("c", "a"), ("ca", "t</w>"), ("d", "o"), ("do", "g</w>"),
-              ("i", "n</w>"), ("r", "e"), ("re", "d</w>"))
+BPE_MERGES = (
+  ("t", "h"),
+  ("th", "e</w>"),
+  ("o", "f</w>"),
+  ("c", "a"),
+  ("ca", "t</w>"),
+  ("d", "o"),
+  ("do", "g</w>"),
+  ("i", "n</w>"),
+  ("r", "e"),
+  ("re", "d</w>"),
+)
 
 
 def _byte_alphabet() -> list[str]:
@@ -631,15 +793,38 @@ def _build_clip(path: Path) -> None:
   tokenizer.save_pretrained(path)
   _write_json(path / "vocab.json", vocab)
   _write(path / "merges.txt", ("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in BPE_MERGES)).encode("utf-8"))
-  _write_json(path / "special_tokens_map.json", {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
-                                                 "pad_token": "<|endoftext|>", "unk_token": "<|endoftext|>"})
+  _write_json(
+    path / "special_tokens_map.json",
+    {
+      "bos_token": "<|startoftext|>",
+      "eos_token": "<|endoftext|>",
+      "pad_token": "<|endoftext|>",
+      "unk_token": "<|endoftext|>",
+    },
+  )
   # Token ids as OpenAI's config.json states them (bos 0, pad 1, eos 2: legacy values; its end of text is the
   # vocabulary's last id).
-  text = dict(vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-              max_position_embeddings=CLIP_CONTEXT, hidden_act="quick_gelu", bos_token_id=0, pad_token_id=1,
-              eos_token_id=2)
-  vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=64,
-                patch_size=32, hidden_act="quick_gelu")
+  text = dict(
+    vocab_size=len(vocab),
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=CLIP_CONTEXT,
+    hidden_act="quick_gelu",
+    bos_token_id=0,
+    pad_token_id=1,
+    eos_token_id=2,
+  )
+  vision = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    image_size=64,
+    patch_size=32,
+    hidden_act="quick_gelu",
+  )
   torch.manual_seed(0)
   config = transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)
   transformers.CLIPModel(config).save_pretrained(path)
@@ -654,12 +839,21 @@ def _build_vit(path: Path, patch_size: int = 14) -> None:
 
   torch.manual_seed(1)
   size = 2 * patch_size
-  config = transformers.ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
-                                  image_size=size, patch_size=patch_size, hidden_act="gelu", layer_norm_eps=1e-12,
-                                  qkv_bias=True)
+  config = transformers.ViTConfig(
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=size,
+    patch_size=patch_size,
+    hidden_act="gelu",
+    layer_norm_eps=1e-12,
+    qkv_bias=True,
+  )
   transformers.ViTModel(config, add_pooling_layer=True).save_pretrained(path)
-  transformers.ViTImageProcessor(size={"height": size, "width": size}, image_mean=[0.5] * 3,
-                                 image_std=[0.5] * 3).save_pretrained(path)
+  transformers.ViTImageProcessor(
+    size={"height": size, "width": size}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+  ).save_pretrained(path)
 
 
 @functools.cache
@@ -704,17 +898,19 @@ def write_vit_base_in21k(root: Path) -> dict:
 
 # ------------------------------------------------------------------ ImageNet's test-only variants (zero-shot)
 
+
 def write_imagenet_variants(root: Path) -> dict:
   """ImageNetV2 (matched-frequency), ImageNet-Sketch, ImageNet-R and ImageNet-A as their archives unpack under
   `root`: every class folder of each set (their readers require all of them), one small JPEG in each, named as
   the release names its files. Returns {set folder: images}."""
   from visionfm_jax.data.sources import imagenet_variants  # pylint: disable=g-import-not-at-top
+
   wnids = imagenet_variants.imagenet_wnids()
   folders = {
-      "imagenetv2-matched-frequency-format-val": {f"{i}/{i:04x}a1b2c3.jpeg": i for i in range(len(wnids))},
-      "sketch": {f"{w}/sketch_{i}.JPEG": i for i, w in enumerate(wnids)},
-      "imagenet-r": {f"{w}/art_{i}.jpg": i for i, w in enumerate(imagenet_variants.class_wnids("imagenet_r"))},
-      "imagenet-a": {f"{w}/0.000{i}_a.jpg": i for i, w in enumerate(imagenet_variants.class_wnids("imagenet_a"))},
+    "imagenetv2-matched-frequency-format-val": {f"{i}/{i:04x}a1b2c3.jpeg": i for i in range(len(wnids))},
+    "sketch": {f"{w}/sketch_{i}.JPEG": i for i, w in enumerate(wnids)},
+    "imagenet-r": {f"{w}/art_{i}.jpg": i for i, w in enumerate(imagenet_variants.class_wnids("imagenet_r"))},
+    "imagenet-a": {f"{w}/0.000{i}_a.jpg": i for i, w in enumerate(imagenet_variants.class_wnids("imagenet_a"))},
   }
   images = [jpeg(9000 + k, 24, 20) for k in range(8)]
   for folder, files in folders.items():
@@ -729,20 +925,20 @@ def write_all(root: Path, models: bool = True) -> dict:
   root = Path(root)
   raw, data = root / "raw", root / "data"
   written = {
-      "imagenet21k_fall11": write_imagenet21k_fall11(raw / "imagenet21k"),
-      "imagenet21k_winter21": write_imagenet21k_winter21(raw / "imagenet21k"),
-      "laion": write_laion(raw / "laion"),
-      "laion_metadata": write_laion_metadata(raw / "laion2B-en-joined"),
-      "visual_genome": write_visual_genome(raw / "vg"),
-      "images": write_image_tree(raw / "images"),
-      "my_photos": write_my_photos(raw / "my_photos"),
-      "my_captioned": write_my_captioned(raw / "my_captioned"),
-      "my_table": write_my_table(raw / "my_table"),
-      "imagenet2012_manual": write_imagenet2012_manual(data / "tfds"),
-      "coco": write_coco(data / "coco"),
-      "flickr30k": write_flickr30k(data / "flickr30k"),
-      "ade20k": write_ade20k(data / "ADEChallengeData2016"),
-      "imagenet_variants": write_imagenet_variants(data / "imagenet_variants"),
+    "imagenet21k_fall11": write_imagenet21k_fall11(raw / "imagenet21k"),
+    "imagenet21k_winter21": write_imagenet21k_winter21(raw / "imagenet21k"),
+    "laion": write_laion(raw / "laion"),
+    "laion_metadata": write_laion_metadata(raw / "laion2B-en-joined"),
+    "visual_genome": write_visual_genome(raw / "vg"),
+    "images": write_image_tree(raw / "images"),
+    "my_photos": write_my_photos(raw / "my_photos"),
+    "my_captioned": write_my_captioned(raw / "my_captioned"),
+    "my_table": write_my_table(raw / "my_table"),
+    "imagenet2012_manual": write_imagenet2012_manual(data / "tfds"),
+    "coco": write_coco(data / "coco"),
+    "flickr30k": write_flickr30k(data / "flickr30k"),
+    "ade20k": write_ade20k(data / "ADEChallengeData2016"),
+    "imagenet_variants": write_imagenet_variants(data / "imagenet_variants"),
   }
   (root / "models").mkdir(parents=True, exist_ok=True)
   if models:

@@ -23,8 +23,9 @@ from visionfm_jax.training.infra import trackers
 
 # The trackers this machine has (the README's test command installs both; a GPU image may have neither), and
 # config.report_to for every tracker it has.
-INSTALLED = tuple(name for name in ("wandb", "mlflow")
-                  if all(importlib.util.find_spec(module) for module in trackers.NEEDS[name]))
+INSTALLED = tuple(
+  name for name in ("wandb", "mlflow") if all(importlib.util.find_spec(module) for module in trackers.NEEDS[name])
+)
 REPORT_TO = ",".join(("tensorboard", *INSTALLED))
 
 _BLOCK = 32768
@@ -47,6 +48,7 @@ def jsonl_scalars(workdir) -> dict[int, dict[str, float]]:
 def wandb_records(path: str):
   """The `Record`s of one W&B transaction log."""
   from wandb.proto import wandb_internal_pb2  # pylint: disable=g-import-not-at-top
+
   with open(path, "rb") as f:
     data = f.read()
   assert data[:4] == b":W&B" and struct.unpack("<HB", data[4:7]) == (0xBEE1, 0), path
@@ -56,12 +58,12 @@ def wandb_records(path: str):
     if left < _HEADER:  # a block's tail too short for a header is padding
       pos += left
       continue
-    _, length, kind = struct.unpack("<IHB", data[pos:pos + _HEADER])
+    _, length, kind = struct.unpack("<IHB", data[pos : pos + _HEADER])
     pos += _HEADER
     if kind == 0:  # zeros: the rest of the block is padding
       pos += left - _HEADER
       continue
-    pending += data[pos:pos + length]
+    pending += data[pos : pos + length]
     pos += length
     if kind in (_FULL, _LAST):
       record = wandb_internal_pb2.Record()
@@ -87,8 +89,9 @@ def wandb_runs(workdir) -> dict[str, dict]:
     segments.append(((run.start_time.seconds, run.start_time.nanos, path), run, records))
   runs = {}
   for _, run, records in sorted(segments, key=lambda s: s[0]):
-    out = runs.setdefault(run.run_id, {"history": {}, "images": {}, "exit_codes": [], "summary": {}, "segments": 0,
-                                       "rewinds": []})
+    out = runs.setdefault(
+      run.run_id, {"history": {}, "images": {}, "exit_codes": [], "summary": {}, "segments": 0, "rewinds": []}
+    )
     out["segments"] += 1
     if run.branch_point.run:
       assert run.branch_point.run == run.run_id and run.branch_point.metric == "_step", run.branch_point
@@ -99,15 +102,18 @@ def wandb_runs(workdir) -> dict[str, dict]:
     for record in records:
       kind = record.WhichOneof("record_type")
       if kind == "history":
-        row = _nested({tuple(item.nested_key) or (item.key,): json.loads(item.value_json)
-                       for item in record.history.item})
+        row = _nested(
+          {tuple(item.nested_key) or (item.key,): json.loads(item.value_json) for item in record.history.item}
+        )
         step = row.pop("_step")
         out["history"].setdefault(step, {}).update(
-            {k: v for k, v in row.items() if not k.startswith("_") and isinstance(v, (int, float))})
+          {k: v for k, v in row.items() if not k.startswith("_") and isinstance(v, (int, float))}
+        )
         out["images"].update({(step, k): v for k, v in row.items() if isinstance(v, dict) and v.get("_type")})
       elif kind == "summary":
-        out["summary"].update({_key(item): json.loads(item.value_json) for item in record.summary.update
-                               if not _key(item).startswith("_")})
+        out["summary"].update(
+          {_key(item): json.loads(item.value_json) for item in record.summary.update if not _key(item).startswith("_")}
+        )
       elif kind == "exit":
         out["exit_codes"].append(record.exit.exit_code)
   return runs
@@ -132,6 +138,7 @@ def mlflow_runs(workdir, tracking_uri: str | None = None) -> dict[str, dict]:
   """{run id: {"status": ..., "history": {step: {key: latest value}}, "params": {...}, "artifacts": [...]}} of
   every run in every experiment of the workdir's MLflow store (sqlite:///<workdir>/mlflow.db unless given)."""
   from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+
   client = MlflowClient(tracking_uri or f"sqlite:///{os.path.join(os.path.abspath(workdir), 'mlflow.db')}")
   runs = {}
   for experiment in client.search_experiments():
@@ -146,9 +153,13 @@ def mlflow_runs(workdir, tracking_uri: str | None = None) -> dict[str, dict]:
             assert metric.timestamp != latest[metric.step].timestamp, (key, metric.step)  # no tie to break
         for step, metric in latest.items():
           history[step][key] = metric.value
-      runs[run.info.run_id] = {"status": run.info.status, "history": dict(history), "params": run.data.params,
-                               "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
-                               "experiment": experiment.name}
+      runs[run.info.run_id] = {
+        "status": run.info.status,
+        "history": dict(history),
+        "params": run.data.params,
+        "artifacts": [a.path for a in client.list_artifacts(run.info.run_id)],
+        "experiment": experiment.name,
+      }
   return runs
 
 

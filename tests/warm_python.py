@@ -28,21 +28,53 @@ import threading
 import time
 import traceback
 
-PRELOAD = ("visionfm_jax.training.train", "visionfm_jax.training.dry_run", "visionfm_jax.tasks",
-           "visionfm_jax.models", "visionfm_jax.data", "visionfm_jax.evaluate", "visionfm_jax.tools.evaluate",
-           "visionfm_jax.tools.summary", "visionfm_jax.tools.caption", "visionfm_jax.datatools.prepare_data",
-           "visionfm_jax.datatools.index_tars", "visionfm_jax.datatools.train_tokenizer", "orbax.checkpoint",
-           "grain", "tokenizers", "absl.app", "ml_collections.config_flags")
+PRELOAD = (
+  "visionfm_jax.training.train",
+  "visionfm_jax.training.dry_run",
+  "visionfm_jax.tasks",
+  "visionfm_jax.models",
+  "visionfm_jax.data",
+  "visionfm_jax.evaluate",
+  "visionfm_jax.tools.evaluate",
+  "visionfm_jax.tools.summary",
+  "visionfm_jax.tools.caption",
+  "visionfm_jax.datatools.prepare_data",
+  "visionfm_jax.datatools.index_tars",
+  "visionfm_jax.datatools.train_tokenizer",
+  "orbax.checkpoint",
+  "grain",
+  "tokenizers",
+  "absl.app",
+  "ml_collections.config_flags",
+)
 # JAX's coordination service watches its parent (the launcher) to end with it: a forked one's parent is the server.
 NOT_SERVED = ("visionfm_jax.parallel.coordination",)
 # Read by the interpreter (or the suite profile) at start-up: a command that differs from the server is declined.
-STARTUP_ENVIRONMENT = ("PYTHONPATH", "PYTHONHOME", "PYTHONHASHSEED", "PYTHONOPTIMIZE", "PYTHONWARNINGS",
-                       "PYTHONSAFEPATH", "PYTHONNODEBUGRANGES", "PYTHONDEVMODE", "PYTHONMALLOC",
-                       "VISIONFM_SUITE_PROFILE")
-FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2,
-                     signal.SIGALRM, signal.SIGCONT, signal.SIGWINCH)
+STARTUP_ENVIRONMENT = (
+  "PYTHONPATH",
+  "PYTHONHOME",
+  "PYTHONHASHSEED",
+  "PYTHONOPTIMIZE",
+  "PYTHONWARNINGS",
+  "PYTHONSAFEPATH",
+  "PYTHONNODEBUGRANGES",
+  "PYTHONDEVMODE",
+  "PYTHONMALLOC",
+  "VISIONFM_SUITE_PROFILE",
+)
+FORWARDED_SIGNALS = (
+  signal.SIGINT,
+  signal.SIGTERM,
+  signal.SIGHUP,
+  signal.SIGQUIT,
+  signal.SIGUSR1,
+  signal.SIGUSR2,
+  signal.SIGALRM,
+  signal.SIGCONT,
+  signal.SIGWINCH,
+)
 
-SHIM = r'''#!{python} -IS
+SHIM = r"""#!{python} -IS
 import json, os, signal, socket, struct, sys
 REAL = {python!r}
 args = sys.argv[1:]
@@ -70,7 +102,7 @@ if "signal" in status:
   signal.signal(status["signal"], signal.SIG_DFL)
   os.kill(os.getpid(), status["signal"])
 os._exit(status.get("exit", 128 + status.get("signal", 0)))
-'''
+"""
 
 
 class Server:
@@ -88,9 +120,14 @@ class Server:
       f.write(SHIM.format(python=sys.executable, signals=tuple(int(s) for s in FORWARDED_SIGNALS)))
     os.chmod(self.python, 0o755)
     self.log = open(os.path.join(self.folder, "server.log"), "wb")  # pylint: disable=consider-using-with
-    self.process = subprocess.Popen([sys.executable, os.path.abspath(__file__), self.socket, *prefixes], env=env,
-                                    cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                                    stdin=subprocess.DEVNULL, stdout=self.log, stderr=self.log)
+    self.process = subprocess.Popen(
+      [sys.executable, os.path.abspath(__file__), self.socket, *prefixes],
+      env=env,
+      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+      stdin=subprocess.DEVNULL,
+      stdout=self.log,
+      stderr=self.log,
+    )
     deadline = time.monotonic() + 120
     while not os.path.exists(self.socket):
       if self.process.poll() is not None or time.monotonic() > deadline:
@@ -124,6 +161,7 @@ class Server:
 
 # ------------------------------------------------------------------------------------------ the server process
 
+
 def _read_request(conn) -> tuple[dict, list[int]]:
   data, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
   size = struct.unpack("!I", data[:4])[0]
@@ -150,6 +188,7 @@ def _apply_jax_environment(env: dict) -> None:
   """Sets each JAX option whose JAX_<NAME> variable the command's environment gives otherwise than the server's:
   a fresh interpreter reads them when JAX is imported, which the server did before the command was known."""
   import jax  # pylint: disable=g-import-not-at-top
+
   for name in jax.config.values:
     value, before = env.get(name.upper()), os.environ.get(name.upper())
     if value == before or value is None:
@@ -168,16 +207,19 @@ def _apply_jax_environment(env: dict) -> None:
 
 def _die_with_caller(conn) -> None:
   """The caller holds the other end of `conn` until it exits: its end closing ends this command too."""
+
   def watch():
     while conn.recv(1):
       pass
     os.kill(os.getpid(), signal.SIGKILL)
+
   threading.Thread(target=watch, daemon=True).start()
 
 
 def _run_command(request: dict, fds: list[int], conn) -> None:
   """In the forked process: becomes the command and exits with its status."""
   import runpy  # pylint: disable=g-import-not-at-top
+
   for number in (signal.SIGCHLD, signal.SIGTERM, signal.SIGHUP, signal.SIGPIPE):
     signal.signal(number, signal.SIG_IGN if number == signal.SIGPIPE else signal.SIG_DFL)
   signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -210,6 +252,7 @@ def _run_command(request: dict, fds: list[int], conn) -> None:
     code = 1
   threading._shutdown()  # pylint: disable=protected-access  # as the interpreter does at its end
   import atexit  # pylint: disable=g-import-not-at-top
+
   atexit._run_exitfuncs()  # pylint: disable=protected-access
   for stream in (sys.stdout, sys.stderr):
     try:
@@ -238,6 +281,7 @@ def _status(wait_status: int) -> dict:
 
 def serve(address: str, prefixes) -> None:
   import importlib  # pylint: disable=g-import-not-at-top
+
   sys.path[0] = os.getcwd()  # as for `python -m` run from the checkout, not this file's folder
   for module in PRELOAD:
     importlib.import_module(module)

@@ -12,6 +12,7 @@ def __getattr__(name: str):
   # package's face), so this import runs downward like every other.
   if name == "load":
     from visionfm_jax.trained import model  # pylint: disable=g-import-not-at-top
+
     return model.load
   raise AttributeError(f"module 'visionfm_jax' has no attribute {name!r}")
 

@@ -87,8 +87,7 @@ class Interrupts:
       self.block_here()
     self._main_takes_it = not block
     self._before = (handler, mask, wakeup, writer)
-    threading.Thread(target=self._watch, args=(self._closed, self._reader), name="visionfm-ctrl-c",
-                     daemon=True).start()
+    threading.Thread(target=self._watch, args=(self._closed, self._reader), name="visionfm-ctrl-c", daemon=True).start()
     return self
 
   def block_here(self) -> None:
@@ -226,8 +225,9 @@ def check_args(fv: flags.FlagValues, rest: Sequence[str], required: Sequence[str
       raise UserError(f"--{name}: required")
 
 
-def run(argv: Sequence[str], fv: flags.FlagValues, doc: str,
-        body: Callable[[flags.FlagValues, list[str]], None]) -> int:
+def run(
+  argv: Sequence[str], fv: flags.FlagValues, doc: str, body: Callable[[flags.FlagValues, list[str]], None]
+) -> int:
   """Parses `argv` (program name first) into `fv` and calls `body(fv, positional arguments)`, which prints the
   results. `--help` prints `doc` and the flags; a bad flag or a UserError prints one `error:` line, a Ctrl-C the
   line `interrupted` (`Interrupts`). Returns the exit status: 0, 2 for bad input, 130 when interrupted."""
@@ -258,15 +258,19 @@ def checkpoint_arg(argv: Sequence[str]) -> str | None:
   for i, arg in enumerate(argv):
     for name in CHECKPOINT_FLAGS:
       if arg.startswith(name + "="):
-        return arg[len(name) + 1:]
+        return arg[len(name) + 1 :]
       if arg == name and i + 1 < len(argv):
         return argv[i + 1]
   return None
 
 
-def run_with_config(argv: Sequence[str], load_config: Callable[[str], Any],
-                    make_flags: Callable[[Any, Sequence[str]], flags.FlagValues], doc: str,
-                    body: Callable[[flags.FlagValues, list[str]], None]) -> int:
+def run_with_config(
+  argv: Sequence[str],
+  load_config: Callable[[str], Any],
+  make_flags: Callable[[Any, Sequence[str]], flags.FlagValues],
+  doc: str,
+  body: Callable[[flags.FlagValues, list[str]], None],
+) -> int:
   """`run` for a tool whose `--config.<field>` overrides apply to the config of its --checkpoint:
   `load_config(path)` reads it, `make_flags(config or None, argv)` defines the flags. A bad checkpoint or an
   override of a field the config lacks prints one `error:` line (status 2)."""
@@ -295,6 +299,7 @@ def ignore_closed_event_loops() -> None:
   def hook(unraisable) -> None:
     if not (isinstance(unraisable.exc_value, RuntimeError) and str(unraisable.exc_value) == "Event loop is closed"):
       previous(unraisable)
+
   hook.ignores_closed_event_loops = True
   sys.unraisablehook = hook
   logging.getLogger("asyncio").addFilter(_not_an_unawaited_tensorstore_error)
@@ -302,5 +307,8 @@ def ignore_closed_event_loops() -> None:
 
 def _not_an_unawaited_tensorstore_error(record) -> bool:
   error = record.exc_info[1] if record.exc_info else None
-  return not (str(record.msg).startswith("Task exception was never retrieved") and isinstance(error, ValueError)
-              and re.search(r"Error (reading|writing) ", str(error)) is not None)
+  return not (
+    str(record.msg).startswith("Task exception was never retrieved")
+    and isinstance(error, ValueError)
+    and re.search(r"Error (reading|writing) ", str(error)) is not None
+  )

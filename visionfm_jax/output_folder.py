@@ -79,8 +79,7 @@ def _inside(path: str, folder: str) -> bool:
   return path == folder or path.startswith(folder + os.sep)
 
 
-def check(out: str, tool: str, overwrite: bool | None = False, reads: Sequence[str] = (),
-          flag: str = "--out") -> None:
+def check(out: str, tool: str, overwrite: bool | None = False, reads: Sequence[str] = (), flag: str = "--out") -> None:
   """UserError, naming the culprit (`flag`, the tool's option for `out`), unless `tool` may write the folder `out`
   (module docstring); `overwrite` None: the tool has no --overwrite to offer."""
   for source in reads:
@@ -97,13 +96,15 @@ def check(out: str, tool: str, overwrite: bool | None = False, reads: Sequence[s
     raise UserError(f"{flag}={out}: a file, not a folder; choose a new or empty folder")
   names = sorted(os.listdir(out))
   if "checkpoints" in names:
-    raise UserError(f"{flag}={out}: holds a training workdir (checkpoints/), which {tool} never replaces; "
-                    "choose another folder")
+    raise UserError(
+      f"{flag}={out}: holds a training workdir (checkpoints/), which {tool} never replaces; choose another folder"
+    )
   foreign = sorted(set(names) - _own_names(out, tool))
   if foreign and not overwrite:
     offer = "" if overwrite is None else ", or give --overwrite to replace the folder and everything in it"
-    raise UserError(f"{flag}={out}: holds {_show(foreign)}, which {tool} did not write; choose a new or empty "
-                    f"folder{offer}")
+    raise UserError(
+      f"{flag}={out}: holds {_show(foreign)}, which {tool} did not write; choose a new or empty folder{offer}"
+    )
 
 
 def _host() -> str:
@@ -135,14 +136,20 @@ def _remove_stale_temporaries(out: str, tool: str) -> None:
     entries = os.listdir(parent)
   except OSError:
     return
-  stale = [os.path.join(parent, entry) for entry in sorted(entries)
-           if (match := own.fullmatch(entry)) and not _alive(int(match.group(1)))
-           and os.path.isdir(os.path.join(parent, entry)) and not os.path.islink(os.path.join(parent, entry))]
+  stale = [
+    os.path.join(parent, entry)
+    for entry in sorted(entries)
+    if (match := own.fullmatch(entry))
+    and not _alive(int(match.group(1)))
+    and os.path.isdir(os.path.join(parent, entry))
+    and not os.path.islink(os.path.join(parent, entry))
+  ]
   for path in stale:
     shutil.rmtree(path, ignore_errors=True)
   if stale:
-    logging.warning("removed %s: left by %s, whose process is gone (killed while writing %s)", ", ".join(stale),
-                    tool, out)
+    logging.warning(
+      "removed %s: left by %s, whose process is gone (killed while writing %s)", ", ".join(stale), tool, out
+    )
 
 
 def _move_into_place(tmp: str, out: str) -> None:
@@ -169,8 +176,10 @@ def claim(out: str, tool: str, overwrite: bool = False, reads: Sequence[str] = (
     os.makedirs(os.path.dirname(tmp), exist_ok=True)
     os.mkdir(tmp)  # mode 0o777 less the umask, as every file written into it
   except OSError as e:
-    raise UserError(f"--out={out}: cannot create {tmp} beside it ({e.strerror}); {tool} writes there first, then "
-                    "renames it into place") from e
+    raise UserError(
+      f"--out={out}: cannot create {tmp} beside it ({e.strerror}); {tool} writes there first, then "
+      "renames it into place"
+    ) from e
   try:
     yield tmp
     atomic.write_json(os.path.join(tmp, MARKER), {"tool": tool, "files": sorted(os.listdir(tmp))}, indent=2)

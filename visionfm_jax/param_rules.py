@@ -62,8 +62,14 @@ class ParamRules(Generic[V]):
   that matches no param); `value_name` says what the value is in the malformed-rule errors, and `convert`
   (e.g. float) turns each rule's value into the one `value` returns."""
 
-  def __init__(self, rules: Iterable[tuple[str, Any]], *, field: str, value_name: str = "value",
-               convert: Callable[[Any], V] | None = None):
+  def __init__(
+    self,
+    rules: Iterable[tuple[str, Any]],
+    *,
+    field: str,
+    value_name: str = "value",
+    convert: Callable[[Any], V] | None = None,
+  ):
     self.field = field
     self._rules: list[tuple[re.Pattern, V]] = []
     for rule in rules:
@@ -107,5 +113,6 @@ class ParamRules(Generic[V]):
     """ConfigError naming the first rule that matches none of `names` (a typo, or a wrong prefix)."""
     for p, _ in self._rules:
       if not any(p.search(n) for n in names):
-        raise ConfigError(f"{self.field}: {p.pattern!r} matches no param (param paths look like "
-                          f"{', '.join(names[:3])}, ...)")
+        raise ConfigError(
+          f"{self.field}: {p.pattern!r} matches no param (param paths look like {', '.join(names[:3])}, ...)"
+        )

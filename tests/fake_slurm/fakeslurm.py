@@ -54,16 +54,56 @@ import tempfile
 import time
 
 SBATCH_SHORT_FLAGS = set("hHOQsvVW")
-SBATCH_LONG_FLAGS = {"contiguous", "exclusive", "get-user-env", "help", "hold", "ignore-pbs", "no-kill", "no-requeue",
-                     "overcommit", "oversubscribe", "parsable", "quiet", "reboot", "requeue", "spread-job",
-                     "test-only", "usage", "use-min-nodes", "verbose", "version", "wait"}
+SBATCH_LONG_FLAGS = {
+  "contiguous",
+  "exclusive",
+  "get-user-env",
+  "help",
+  "hold",
+  "ignore-pbs",
+  "no-kill",
+  "no-requeue",
+  "overcommit",
+  "oversubscribe",
+  "parsable",
+  "quiet",
+  "reboot",
+  "requeue",
+  "spread-job",
+  "test-only",
+  "usage",
+  "use-min-nodes",
+  "verbose",
+  "version",
+  "wait",
+}
 SRUN_SHORT_FLAGS = set("EHhIKlOQsuvVXZ")
-SRUN_LONG_FLAGS = {"contiguous", "disable-status", "exact", "exclusive", "help", "kill-on-bad-exit", "label",
-                   "no-kill", "overcommit", "overlap", "oversubscribe", "preserve-env", "pty", "quiet", "spread-job",
-                   "test-only", "unbuffered", "usage", "use-min-nodes", "verbose", "version", "whole"}
+SRUN_LONG_FLAGS = {
+  "contiguous",
+  "disable-status",
+  "exact",
+  "exclusive",
+  "help",
+  "kill-on-bad-exit",
+  "label",
+  "no-kill",
+  "overcommit",
+  "overlap",
+  "oversubscribe",
+  "preserve-env",
+  "pty",
+  "quiet",
+  "spread-job",
+  "test-only",
+  "unbuffered",
+  "usage",
+  "use-min-nodes",
+  "verbose",
+  "version",
+  "whole",
+}
 # Short option letter -> the long name that this stand-in reads.
-ALIASES = {"N": "nodes", "n": "ntasks", "c": "cpus-per-task", "J": "job-name", "K": "kill-on-bad-exit",
-           "s": "signal"}
+ALIASES = {"N": "nodes", "n": "ntasks", "c": "cpus-per-task", "J": "job-name", "K": "kill-on-bad-exit", "s": "signal"}
 
 
 def split_options(argv: list[str], short_flags: set, long_flags: set) -> tuple[dict, list[str]]:
@@ -105,7 +145,7 @@ def script_options(path: str) -> dict:
     for line in f:
       stripped = line.strip()
       if stripped.startswith("#SBATCH"):
-        words += shlex.split(stripped[len("#SBATCH"):], comments=True)
+        words += shlex.split(stripped[len("#SBATCH") :], comments=True)
       elif stripped and not stripped.startswith("#"):
         break
   options, rest = split_options(words, SBATCH_SHORT_FLAGS, SBATCH_LONG_FLAGS)
@@ -140,6 +180,7 @@ def devices_per_node() -> int:
 
 # --------------------------------------------------------------------------------------------------- sbatch
 
+
 def sbatch(argv: list[str]) -> None:
   options, rest = split_options(argv, SBATCH_SHORT_FLAGS, SBATCH_LONG_FLAGS)
   if "wrap" in options:
@@ -172,8 +213,13 @@ def array_task_ids(spec: str) -> list[int]:
 def run_array(command: list[str], env: dict, task_ids: list[int]) -> int:
   """Runs the job once per array task, one after another, each as a job of its own (SLURM_JOB_ID) of the array
   (SLURM_ARRAY_JOB_ID, SLURM_ARRAY_TASK_*); the highest exit status of them, as `sbatch --wait` returns."""
-  array = dict(env, SLURM_ARRAY_JOB_ID=env["SLURM_JOB_ID"], SLURM_ARRAY_TASK_COUNT=str(len(task_ids)),
-               SLURM_ARRAY_TASK_MIN=str(task_ids[0]), SLURM_ARRAY_TASK_MAX=str(task_ids[-1]))
+  array = dict(
+    env,
+    SLURM_ARRAY_JOB_ID=env["SLURM_JOB_ID"],
+    SLURM_ARRAY_TASK_COUNT=str(len(task_ids)),
+    SLURM_ARRAY_TASK_MIN=str(task_ids[0]),
+    SLURM_ARRAY_TASK_MAX=str(task_ids[-1]),
+  )
   worst = 0
   for task_id in task_ids:
     job_id = str(int(env["SLURM_JOB_ID"]) + 1 + task_id)
@@ -188,9 +234,16 @@ def allocation_env(options: dict, job_name: str) -> dict:
   job_id = os.environ.get("FAKE_SLURM_JOB_ID") or new_job_id()
   if "FAKE_SLURM_RESTART_COUNT" in os.environ:
     env["SLURM_RESTART_COUNT"] = os.environ["FAKE_SLURM_RESTART_COUNT"]
-  env.update(SLURM_JOB_ID=job_id, SLURM_JOBID=job_id, SLURM_JOB_NAME=job_name, SLURM_JOB_NUM_NODES=str(nodes),
-             SLURMD_NODENAME="localhost",
-             SLURM_NNODES=str(nodes), SLURM_GPUS_ON_NODE=str(devices_per_node()), SLURM_SUBMIT_DIR=os.getcwd())
+  env.update(
+    SLURM_JOB_ID=job_id,
+    SLURM_JOBID=job_id,
+    SLURM_JOB_NAME=job_name,
+    SLURM_JOB_NUM_NODES=str(nodes),
+    SLURMD_NODENAME="localhost",
+    SLURM_NNODES=str(nodes),
+    SLURM_GPUS_ON_NODE=str(devices_per_node()),
+    SLURM_SUBMIT_DIR=os.getcwd(),
+  )
   if "cpus-per-task" in options:
     env["SLURM_CPUS_PER_TASK"] = str(min(count(options, "cpus-per-task"), len(usable_cpus())))
   if "ntasks-per-node" in options:
@@ -201,6 +254,7 @@ def allocation_env(options: dict, job_name: str) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------------- srun
+
 
 def srun(argv: list[str]) -> None:
   options, command = split_options(argv, SRUN_SHORT_FLAGS, SRUN_LONG_FLAGS)
@@ -215,12 +269,14 @@ def srun(argv: list[str]) -> None:
   per_node = -(-tasks // nodes)
   procs = []
   for i in range(tasks):
-    env = dict(base, SLURM_PROCID=str(i), SLURM_NODEID=str(i // per_node), SLURM_LOCALID=str(i % per_node),
-               JAX_PROCESS_ID=str(i))
+    env = dict(
+      base, SLURM_PROCID=str(i), SLURM_NODEID=str(i // per_node), SLURM_LOCALID=str(i % per_node), JAX_PROCESS_ID=str(i)
+    )
     cpus = task_cpus(i, cpus_per_task)
     try:
-      procs.append(subprocess.Popen(command, env=env, process_group=0,
-                                    preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus)))
+      procs.append(
+        subprocess.Popen(command, env=env, process_group=0, preexec_fn=lambda cpus=cpus: os.sched_setaffinity(0, cpus))
+      )
     except OSError as e:
       for p in procs:
         os.killpg(p.pid, signal.SIGKILL)
@@ -277,11 +333,18 @@ def step_env(nodes: int, tasks: int) -> dict:
     env["SLURM_JOB_ID"] = env["SLURM_JOBID"] = new_job_id()
   flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
   flags.append(f"--xla_force_host_platform_device_count={devices_per_node()}")
-  env.update(SLURM_NTASKS=str(tasks), SLURM_NPROCS=str(tasks), SLURM_NNODES=str(nodes),
-             SLURM_STEP_NUM_TASKS=str(tasks), SLURM_STEP_NUM_NODES=str(nodes), JAX_PLATFORMS="cpu",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             JAX_COORDINATOR_ADDRESS=env.get("JAX_COORDINATOR_ADDRESS") or f"localhost:{free_port()}",
-             JAX_NUM_PROCESSES=str(tasks), XLA_FLAGS=" ".join(flags))
+  env.update(
+    SLURM_NTASKS=str(tasks),
+    SLURM_NPROCS=str(tasks),
+    SLURM_NNODES=str(nodes),
+    SLURM_STEP_NUM_TASKS=str(tasks),
+    SLURM_STEP_NUM_NODES=str(nodes),
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    JAX_COORDINATOR_ADDRESS=env.get("JAX_COORDINATOR_ADDRESS") or f"localhost:{free_port()}",
+    JAX_NUM_PROCESSES=str(tasks),
+    XLA_FLAGS=" ".join(flags),
+  )
   return env
 
 
@@ -307,6 +370,7 @@ def wait_all(procs: list[subprocess.Popen], kill_on_bad_exit: bool) -> int:
         os.killpg(pid, signum)
       except ProcessLookupError:  # the group's processes have all exited
         pass
+
   for forcing_termination in (signal.SIGTERM, signal.SIGHUP):
     signal.signal(forcing_termination, lambda *_: signal_running(signal.SIGKILL))
   signal.signal(signal.SIGINT, signal_running)
@@ -324,6 +388,7 @@ def wait_all(procs: list[subprocess.Popen], kill_on_bad_exit: bool) -> int:
 
 # ------------------------------------------------------------------------------------------------- scontrol
 
+
 def scontrol(argv: list[str]) -> None:
   if argv[:1] == ["requeue"]:
     with open(os.environ.get("FAKE_SLURM_LOG", os.devnull), "a", encoding="utf-8") as log:
@@ -333,6 +398,7 @@ def scontrol(argv: list[str]) -> None:
 
 
 # -------------------------------------------------------------------------------------------------- scancel
+
 
 def scancel(argv: list[str]) -> None:
   options, job_ids = split_options(argv, set("bfiQv"), {"batch", "full", "interactive", "quiet", "verbose"})

@@ -31,8 +31,9 @@ def _normal(seed, shape, scale=1.0):
 
 def _max_error(got, want):
   """Largest |got - want| over all leaves, relative to the largest |want| of that leaf."""
-  errors = jax.tree.map(lambda g, w: float(jnp.max(jnp.abs(g.astype(jnp.float32) - w))
-                                           / (jnp.max(jnp.abs(w)) + 1e-6)), got, want)
+  errors = jax.tree.map(
+    lambda g, w: float(jnp.max(jnp.abs(g.astype(jnp.float32) - w)) / (jnp.max(jnp.abs(w)) + 1e-6)), got, want
+  )
   return max(jax.tree.leaves(errors))
 
 
@@ -46,29 +47,35 @@ def _assert_as_close_as_softmax(value_and_grads, args, dtype, name, implementati
   for part, index in (("value", 0), ("gradients", 1)):
     bound = 2 * _max_error(ours[index], reference[index]) + 1e-2
     error = _max_error(fused[index], reference[index])
-    assert error <= bound, (f"{name} {part}: {implementation} error {error:.4f} > {bound:.4f} (softmax path in "
-                            f"{dtype.__name__})")
+    assert error <= bound, (
+      f"{name} {part}: {implementation} error {error:.4f} > {bound:.4f} (softmax path in {dtype.__name__})"
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("tokens,causal,masked", [(257, False, False), (128, True, False), (77, True, True)],
-                         ids=["vit_h14_tokens", "causal", "causal_and_padding_mask"])
+@pytest.mark.parametrize(
+  "tokens,causal,masked",
+  [(257, False, False), (128, True, False), (77, True, True)],
+  ids=["vit_h14_tokens", "causal", "causal_and_padding_mask"],
+)
 def test_cudnn_attention_matches_the_softmax_path(dtype, tokens, causal, masked):
   q, k, v = (_normal(i, (2, tokens, 4, 64)) for i in range(3))
-  mask = (jnp.arange(tokens)[None, None, None, :] < jnp.array([tokens, tokens // 2])[:, None, None, None]
-          if masked else None)
+  mask = (
+    jnp.arange(tokens)[None, None, None, :] < jnp.array([tokens, tokens // 2])[:, None, None, None] if masked else None
+  )
   cotangent = _normal(3, q.shape)
 
   def value_and_grads(implementation, compute, q, k, v):
     def f(q, k, v):
-      out = kernels.attention(q.astype(compute), k.astype(compute), v.astype(compute), mask=mask,
-                                         causal=causal, implementation=implementation)
+      out = kernels.attention(
+        q.astype(compute), k.astype(compute), v.astype(compute), mask=mask, causal=causal, implementation=implementation
+      )
       return out.astype(jnp.float32)
+
     out, vjp = jax.vjp(f, q, k, v)
     return out, vjp(cotangent)
 
-  _assert_as_close_as_softmax(jax.jit(value_and_grads, static_argnums=(0, 1)), (q, k, v), DTYPES[dtype],
-                              "attention")
+  _assert_as_close_as_softmax(jax.jit(value_and_grads, static_argnums=(0, 1)), (q, k, v), DTYPES[dtype], "attention")
 
 
 def _model_value_and_grads(make_model, inputs):
@@ -77,20 +84,32 @@ def _model_value_and_grads(make_model, inputs):
 
   def run(attention, dtype, params):
     model = make_model(attention, dtype)
+
     def loss(p):
       out = model.apply(p, inputs)
       out = out["logits"] if "logits" in out else out["embedding"]
       return jnp.sum(jnp.sin(out.astype(jnp.float32))), out.astype(jnp.float32)
+
     (_, out), grads = jax.value_and_grad(loss, has_aux=True)(params)
     return out, grads
+
   return run, params
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_vit_with_cudnn_attention_matches_softmax(dtype):
   images = _normal(0, (4, 64, 64, 3))
-  make = lambda attention, dt: vit.ViT(width=256, depth=2, mlp_dim=512, num_heads=4, patch_size=8, image_size=64,
-                                      num_classes=10, dtype=dt, attention=attention)
+  make = lambda attention, dt: vit.ViT(
+    width=256,
+    depth=2,
+    mlp_dim=512,
+    num_heads=4,
+    patch_size=8,
+    image_size=64,
+    num_classes=10,
+    dtype=dt,
+    attention=attention,
+  )
   run, params = _model_value_and_grads(make, images)
   _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "ViT")
 
@@ -99,8 +118,19 @@ def test_vit_with_cudnn_attention_matches_softmax(dtype):
 def test_naflex_vit_with_cudnn_attention_matches_softmax(dtype):
   # SigLIP 2's tower on NaFlex inputs: each image's patches, the rest of the 64 rows masked in cuDNN's mask form
   inputs = {"patches": _normal(4, (4, 64, 8 * 8 * 3)), "grid": jnp.array([[3, 9], [8, 8], [11, 2], [1, 5]])}
-  make = lambda attention, dt: vit.ViT(width=256, depth=2, mlp_dim=512, num_heads=4, patch_size=8, image_size=64,
-                                      num_classes=10, dtype=dt, attention=attention, class_token=False, pool="map")
+  make = lambda attention, dt: vit.ViT(
+    width=256,
+    depth=2,
+    mlp_dim=512,
+    num_heads=4,
+    patch_size=8,
+    image_size=64,
+    num_classes=10,
+    dtype=dt,
+    attention=attention,
+    class_token=False,
+    pool="map",
+  )
   run, params = _model_value_and_grads(make, inputs)
   _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "NaFlex ViT")
 
@@ -111,11 +141,20 @@ def test_swinv2_window_attention_with_position_bias_and_shift_mask_on_cudnn(dtyp
   """An 8x8 map with 4x4 windows: the second block of stage 1 is shifted, so the shift mask and the continuous
   position bias both go through cuDNN's bias input (or SwinV2's Pallas window kernel, run as Triton kernels)."""
   images = _normal(1, (2, 32, 32, 3))
-  make = lambda attention, dt: swinv2.SwinV2(64, (2, 2), (2, 4), window_size=4, patch_size=4, image_size=32,
-                                            num_classes=10, scan=False, dtype=dt, attention=attention)
+  make = lambda attention, dt: swinv2.SwinV2(
+    64,
+    (2, 2),
+    (2, 4),
+    window_size=4,
+    patch_size=4,
+    image_size=32,
+    num_classes=10,
+    scan=False,
+    dtype=dt,
+    attention=attention,
+  )
   run, params = _model_value_and_grads(make, images)
-  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "SwinV2",
-                              implementation)
+  _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], "SwinV2", implementation)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -144,6 +183,7 @@ def test_swinv2_window_kernel_at_the_seeds_windows_matches_the_softmax_path(dtyp
         mask = jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, swinv2.MASK_VALUE)
         out = swinv2.window_attention(q, k, v, scale, swinv2.bias_of_offsets(table, window), mask)
       return out.astype(jnp.float32)
+
     out, vjp = jax.vjp(f, q, k, v, logit_scale, table)
     grads = vjp(cotangent)
     return out, grads[:3] + grads[4:], grads[3]
@@ -161,9 +201,18 @@ def test_causal_text_tower_on_cudnn(dtype, pool):
   """The CLIP text tower (causal, EOS pooling) and the CoCa-style one (causal plus the padding mask of its CLS)."""
   tokens = jnp.asarray(np.random.default_rng(2).integers(4, 100, (4, 32)), jnp.int32)
   tokens = tokens.at[:, 20:].set(0).at[:, 19].set(3)  # EOS at 19, padding after
-  make = lambda attention, dt: text.TextTransformer(width=128, depth=2, num_heads=2, mlp_dim=256, embed_dim=32,
-                                                   vocab_size=100, max_len=32, dtype=dt, attention=attention,
-                                                   pool=pool)
+  make = lambda attention, dt: text.TextTransformer(
+    width=128,
+    depth=2,
+    num_heads=2,
+    mlp_dim=256,
+    embed_dim=32,
+    vocab_size=100,
+    max_len=32,
+    dtype=dt,
+    attention=attention,
+    pool=pool,
+  )
   run, params = _model_value_and_grads(make, tokens)
   _assert_as_close_as_softmax(jax.jit(run, static_argnums=(0, 1)), (params,), DTYPES[dtype], f"text ({pool})")
 
@@ -173,9 +222,11 @@ def _demo(name: str, **fields):
   return override(config, **{"global_batch_size": 16, "grad_accum_steps": 1, **fields})
 
 
-ATTENTION_FIELDS = {"vit_huge": ("model.attention",),
-                    "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
-                    "aurora_xl": ("model.encoder.attention", "model.text.attention")}
+ATTENTION_FIELDS = {
+  "vit_huge": ("model.attention",),
+  "swinv2_g_clip": ("model.image.attention", "model.text.attention"),
+  "aurora_xl": ("model.encoder.attention", "model.text.attention"),
+}
 
 
 def _step(bench):
@@ -194,8 +245,11 @@ def test_one_bf16_train_step_of_each_seed_model(name, micro_batches):
   attention: finite loss and gradient norm, and the params move (at the second step: warmup starts at lr 0).
   With 2 micro-batches, as the SwinV2-G-CLIP and Aurora-XL defaults run: CLIP's and Aurora's two-pass split of
   the whole-batch loss (a feature pass, then each micro-batch's backward), ViT's plain accumulation."""
-  config = _demo(name, **{"precision.compute_dtype": "bfloat16", "grad_accum_steps": micro_batches},
-                 **{f: "cudnn" for f in ATTENTION_FIELDS[name]})
+  config = _demo(
+    name,
+    **{"precision.compute_dtype": "bfloat16", "grad_accum_steps": micro_batches},
+    **{f: "cudnn" for f in ATTENTION_FIELDS[name]},
+  )
   bench = step_lib.JaxStep(config, jax.devices()[:1])
   _step(bench)
   before = _params(bench)
@@ -218,7 +272,7 @@ def test_fp8_steps_run_cublaslt_fp8_gemms_near_the_bf16_step(recipe):
     assert ("__cublas$lt$matmul$f8" in text) == (gemm != "compute_dtype"), gemm
   for name in ("train/loss", "train/grad_norm"):
     for got, want in zip(runs[recipe], runs["compute_dtype"]):
-      assert abs(got[name] - want[name]) <= 2.0 ** -4 * abs(want[name]), (name, got[name], want[name])
+      assert abs(got[name] - want[name]) <= 2.0**-4 * abs(want[name]), (name, got[name], want[name])
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
@@ -242,11 +296,12 @@ def test_the_pallas_layer_norm_candidate_on_the_gpu_matches_the_plain_layer_norm
   def value_and_grads(layer_norm, x):
     f = lambda x, s, b: jnp.sum(jnp.sin(layer_norm(x, s, b).astype(jnp.float32)))
     return jax.jit(jax.value_and_grad(f, argnums=(0, 1, 2)))(x, scale, bias)
+
   reference = value_and_grads(rounded_layer_norm, x.astype(jnp.float32))
   xla = value_and_grads(rounded_layer_norm, x)
   with kernels.trying([kernels.PALLAS_LAYER_NORM]):
     tried = value_and_grads(lambda x, s, b: kernels.layer_norm(x, s, b, 1e-6, x.dtype), x)
-  assert _max_error(tried, reference) <= 2 * _max_error(xla, reference) + (2 ** -8 if dtype == "bfloat16" else 1e-5)
+  assert _max_error(tried, reference) <= 2 * _max_error(xla, reference) + (2**-8 if dtype == "bfloat16" else 1e-5)
 
 
 def test_fp16_loss_scaling_meets_a_real_overflow():
@@ -257,8 +312,9 @@ def test_fp16_loss_scaling_meets_a_real_overflow():
   bench = step_lib.JaxStep(config, jax.devices()[:1])
   _step(bench), _step(bench)
   scale = bench.state.loss_scale.scale
-  bench.state = bench.state.replace(loss_scale=bench.state.loss_scale.replace(
-      scale=jax.device_put(np.float32(2.0**40), scale.sharding)))
+  bench.state = bench.state.replace(
+    loss_scale=bench.state.loss_scale.replace(scale=jax.device_put(np.float32(2.0**40), scale.sharding))
+  )
   before = _params(bench)
   metrics = _step(bench)
   assert metrics["train/skipped_steps"] == 1 and metrics["train/loss_scale"] == 2.0**40, metrics
@@ -278,6 +334,7 @@ def test_fp16_loss_scaling_meets_a_real_overflow():
 def test_two_steps_checkpoint_and_resume_on_gpu(tmp_path):
   """Two bf16 steps with a checkpoint after each, then a 4-step run that resumes from step 2: it ends where an
   uninterrupted 4-step run ends (warmup covers steps 1-2, so both schedules agree there)."""
+
   def config(total_steps):
     c = tiny_vit_config(total_steps=total_steps, log_every=1, eval_every=100, checkpoint_every=1, strategy="ddp")
     c.resume.allow_changes = "total_steps"  # the second run extends the first
@@ -285,6 +342,7 @@ def test_two_steps_checkpoint_and_resume_on_gpu(tmp_path):
     c.data.eval_examples = 16
     c.precision.compute_dtype = "bfloat16"
     return c
+
   first = train.run(config(2), str(tmp_path / "run"))
   assert first["step"] == 2 and sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())[-1] == "2"
   resumed = train.run(config(4), str(tmp_path / "run"))
@@ -308,12 +366,14 @@ def test_rerun_after_the_newest_checkpoint_is_deleted_on_gpu(tmp_path):
   """A 4-step bf16 run checkpointing every step; with its step-4 checkpoint deleted, the rerun resumes from step 3
   and ends where the run did. Past 300 s every thread's stack is dumped and the process exits: being the file's
   last test, that costs no other test its run."""
+
   def config():
     c = tiny_vit_config(total_steps=4, log_every=1, eval_every=100, checkpoint_every=1, strategy="ddp")
     c.data.num_workers = 0
     c.data.eval_examples = 16
     c.precision.compute_dtype = "bfloat16"
     return c
+
   faulthandler.dump_traceback_later(300, exit=True)
   try:
     first = train.run(config(), str(tmp_path))

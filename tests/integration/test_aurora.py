@@ -34,12 +34,18 @@ def _pair_batches(config, n, seed=0, uncaptioned=0.25):
     text = np.zeros((b, length), np.int32)
     for row in text:
       words = rng.integers(2, length - 1)
-      row[0], row[1:words + 1], row[words + 1] = 2, rng.integers(4, config.model.text.vocab_size, words), 3
+      row[0], row[1 : words + 1], row[words + 1] = 2, rng.integers(4, config.model.text.vocab_size, words), 3
     masks = np.stack([transforms.mim_mask(grid, config.data.mim.mask_ratio, rng) for _ in range(b)])
     has_text = rng.random(b) >= uncaptioned
     text[~has_text] = 0
-    batches.append({"image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8), "text": text,
-                    "mim_mask": masks, "has_text": has_text})
+    batches.append(
+      {
+        "image": rng.integers(0, 256, (b, size, size, 3), dtype=np.uint8),
+        "text": text,
+        "mim_mask": masks,
+        "has_text": has_text,
+      }
+    )
   return batches
 
 
@@ -72,6 +78,7 @@ def _train(config, batches, devices=None, params=None):
 
 def test_default_config_has_the_seeds_3_7b_parameters():
   from configs import aurora_xl  # pylint: disable=g-import-not-at-top
+
   s = summary.summarize(aurora_xl.get_config(), devices=64, strategy="zero2")
   assert abs(s["total_params"] / 3.7e9 - 1) < 0.02, s["total_params"]
   assert s["modules"]["encoder"] == 2_997_815_008 + 512  # SwinV2-G without head, plus the mask token
@@ -122,15 +129,22 @@ def accumulation_runs():
   where 'separate' runs two, and its programs compile in about four fifths of the time; the accumulation takes the
   'separate' view's second pass, which feeds the MIM head alone, as any other part of the loss, and both views'
   pass-1 features are checked below."""
+
   def config(accum, **fields):
-    return tiny_aurora_config(global_batch_size=ACCUM_BATCH, strategy="zero2", grad_accum_steps=accum,
-                              **{"model.mim_view": "shared"}, **fields)
+    return tiny_aurora_config(
+      global_batch_size=ACCUM_BATCH, strategy="zero2", grad_accum_steps=accum, **{"model.mim_view": "shared"}, **fields
+    )
+
   batches = _pair_batches(config(1), 2)
   params = _params(tasks.build(config(1)))
-  state, _, history, hlo = test_train_step._train(config(ACCUM_STEPS, accumulate_unreduced=True), batches,
-                                                  with_hlo=True, params=params)
-  return (_train(config(1), batches, devices=jax.devices()[:1], params=params),
-          (jax.device_get(state.params), history), hlo)
+  state, _, history, hlo = test_train_step._train(
+    config(ACCUM_STEPS, accumulate_unreduced=True), batches, with_hlo=True, params=params
+  )
+  return (
+    _train(config(1), batches, devices=jax.devices()[:1], params=params),
+    (jax.device_get(state.params), history),
+    hlo,
+  )
 
 
 @pytest.mark.slow
@@ -162,6 +176,7 @@ def test_unreduced_accumulation_communicates_once_a_step(accumulation_runs):
 def _without_key_biases(params):
   """Key biases have an exactly zero gradient (softmax is shift-invariant per query): Adam turns their float
   noise (~1e-12) into lr-sized steps, so they are excluded from comparisons."""
+
   def drop(path, x):
     names = [getattr(k, "key", "") for k in path]
     if names[-2:] == ["kv", "bias"]:
@@ -169,6 +184,7 @@ def _without_key_biases(params):
     if names[-2:] == ["qkv", "bias"]:
       return jnp.asarray(x).at[..., 1, :, :].set(0)
     return x
+
   return jax.tree_util.tree_map_with_path(drop, params)
 
 
@@ -186,8 +202,10 @@ def test_naive_accumulation_would_differ():
     feats = task.batch_features(params, batch, jax.random.key(1), context)
     loss = lambda f, has_text: task.global_loss(params, f, {**context, "has_text": has_text})[1]
     return loss(feats, context["has_text"]), [
-        loss(jax.tree.map(lambda f, i=i: f[i::ACCUM_STEPS], feats), context["has_text"][i::ACCUM_STEPS])
-        for i in range(ACCUM_STEPS)]
+      loss(jax.tree.map(lambda f, i=i: f[i::ACCUM_STEPS], feats), context["has_text"][i::ACCUM_STEPS])
+      for i in range(ACCUM_STEPS)
+    ]
+
   whole, micro = whole_and_micro(params, batch)
   micro = np.mean([m["train/contrastive_loss"] for m in micro])
   assert abs(whole["train/contrastive_loss"] - micro) > 0.1
@@ -245,6 +263,7 @@ def test_masked_patches_do_not_reach_the_encoder():
 def test_views_decide_which_heads_see_the_masked_image():
   """The loss's image embedding (the contrastive head's input) sees the mask in the 'shared' view only; the
   dropout draws are the same for both masks."""
+
   def image_emb(view, mask_value):
     task, params, passes = _with_stochastic_depth(view)
     batch = _pair_batches(task.config, 1)[0]
@@ -252,6 +271,7 @@ def test_views_decide_which_heads_see_the_masked_image():
     rng = jax.random.key(3)
     batch, context = task.whole_batch(batch, rng)
     return passes(params, batch, rng, context)[1][0]
+
   np.testing.assert_allclose(image_emb("separate", 0), image_emb("separate", 1), atol=1e-6)
   assert not np.allclose(image_emb("shared", 0), image_emb("shared", 1), atol=1e-4)
 
@@ -264,18 +284,24 @@ def test_train_metrics_log_every_loss_term(accumulation_runs):
   weights = config.loss
   for _, hist in accumulation_runs[:2]:
     m = hist[0]
-    total = (weights.mim_weight * m["train/mim_loss"] + weights.contrastive_weight * m["train/contrastive_loss"]
-             + weights.caption_weight * m["train/caption_loss"])
+    total = (
+      weights.mim_weight * m["train/mim_loss"]
+      + weights.contrastive_weight * m["train/contrastive_loss"]
+      + weights.caption_weight * m["train/caption_loss"]
+    )
     np.testing.assert_allclose(m["train/loss"], total, rtol=1e-5)
     assert abs(m["train/caption_loss"] - np.log(config.model.text.vocab_size)) < 0.5  # at init: about ln(vocab)
 
 
-@pytest.mark.parametrize("field, value, message", [
+@pytest.mark.parametrize(
+  "field, value, message",
+  [
     ("model.text.pool", "eos", "text.pool"),
     ("model.mim_view", "both", "mim_view"),
     ("model.image_size", 20, "image_size=20"),
     ("model.decoder_depth", 0, "decoder_depth"),
-])
+  ],
+)
 def test_bad_model_configs_name_the_field(field, value, message):
   config = tiny_aurora_config(**{field: value})
   with pytest.raises(ConfigError, match=message):
@@ -315,7 +341,7 @@ def test_the_panel_shows_the_masked_input_the_reconstruction_and_the_original():
 
   def shown(column):
     left = column * cell_width + panels.MARGIN
-    return picture[top:top + image.shape[0] * scale:scale, left:left + image.shape[1] * scale:scale]
+    return picture[top : top + image.shape[0] * scale : scale, left : left + image.shape[1] * scale : scale]
 
   masked = np.kron(grid, np.ones((image.shape[0] // grid.shape[0],) * 2, np.uint8))[..., None] > 0
   assert masked.any() and not masked.all()

@@ -97,18 +97,26 @@ def cross_attention_params(mha, *, swap_kv=False):
   bq, bk, bv = (_np(b) for b in mha.in_proj_bias.chunk(3))
   if swap_kv:
     wk, wv, bk, bv = wv, wk, bv, bk
-  return {"q": {"kernel": _split_heads(wq, heads), "bias": bq.reshape(heads, width // heads)},
-          "kv": {"kernel": np.stack([_split_heads(wk, heads), _split_heads(wv, heads)], axis=1),
-                 "bias": np.stack([bk, bv]).reshape(2, heads, width // heads)},
-          "out": _out_proj(mha, heads)}
+  return {
+    "q": {"kernel": _split_heads(wq, heads), "bias": bq.reshape(heads, width // heads)},
+    "kv": {
+      "kernel": np.stack([_split_heads(wk, heads), _split_heads(wv, heads)], axis=1),
+      "bias": np.stack([bk, bv]).reshape(2, heads, width // heads),
+    },
+    "out": _out_proj(mha, heads),
+  }
 
 
 def self_attention_params(mha):
   """torch MultiheadAttention (fused in_proj, rows [q; k; v], head-major) -> layers.SelfAttention {'qkv', 'out'}."""
   heads, width = mha.num_heads, mha.embed_dim
-  return {"qkv": {"kernel": _np(mha.in_proj_weight).T.reshape(width, 3, heads, width // heads),
-                  "bias": _np(mha.in_proj_bias).reshape(3, heads, width // heads)},
-          "out": _out_proj(mha, heads)}
+  return {
+    "qkv": {
+      "kernel": _np(mha.in_proj_weight).T.reshape(width, 3, heads, width // heads),
+      "bias": _np(mha.in_proj_bias).reshape(3, heads, width // heads),
+    },
+    "out": _out_proj(mha, heads),
+  }
 
 
 def _assert_same_layout(params, model, *args, method=None):
@@ -193,8 +201,13 @@ class TorchPooler(torch.nn.Module):
     return self.norm(_attend(self.attn, q, self.norm_kv(tokens)))
 
   def jax_params(self):
-    return {"queries": _np(self.queries), "norm_q": _ln(self.norm_q), "norm_kv": _ln(self.norm_kv),
-            "attn": cross_attention_params(self.attn), "norm": _ln(self.norm)}
+    return {
+      "queries": _np(self.queries),
+      "norm_q": _ln(self.norm_q),
+      "norm_kv": _ln(self.norm_kv),
+      "attn": cross_attention_params(self.attn),
+      "norm": _ln(self.norm),
+    }
 
 
 @pytest.mark.parametrize("num_queries", [1, 5])
@@ -230,10 +243,10 @@ def test_pixel_shuffle_matches_torch(factor):
 
 def _tiny_aurora():
   """Stride 8 (patch 4, 2 stages), final width 16 = the text width, so the MIM head maps 16 -> 8*8*3."""
-  encoder = swinv2.SwinV2(embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, image_size=16,
-                          mask_token=True, scan=False)  # odd depths: unrolled
-  text_tower = text.TextTransformer(**text.parse_variant("pico"), embed_dim=16, vocab_size=40, max_len=9,
-                                    pool="cls")
+  encoder = swinv2.SwinV2(
+    embed_dim=8, depths=(1, 1), num_heads=(1, 2), window_size=2, image_size=16, mask_token=True, scan=False
+  )  # odd depths: unrolled
+  text_tower = text.TextTransformer(**text.parse_variant("pico"), embed_dim=16, vocab_size=40, max_len=9, pool="cls")
   decoder = aurora.MultimodalDecoder(depth=1, num_heads=2, mlp_dim=64, vocab_size=40)
   return aurora.Aurora(encoder=encoder, text=text_tower, decoder=decoder, embed_dim=16, caption_queries=4)
 
@@ -246,11 +259,12 @@ def test_mim_head_is_a_1x1_conv_and_pixel_shuffle(image_hw):
   grid = (image_hw[0] // stride, image_hw[1] // stride)
   tokens = _randn(2, grid[0] * grid[1], channels)  # row-major over the (h, w) grid, as SwinV2 emits them
   conv = _randomize(torch.nn.Conv2d(channels, stride * stride * 3, 1), seed=5)
-  params = {"mim_head": {"kernel": _np(conv.weight)[:, :, 0, 0].T, "bias": _np(conv.bias)},
-            "logit_scale": np.float32(config_lib.LOGIT_SCALE_INIT)}
+  params = {
+    "mim_head": {"kernel": _np(conv.weight)[:, :, 0, 0].T, "bias": _np(conv.bias)},
+    "logit_scale": np.float32(config_lib.LOGIT_SCALE_INIT),
+  }
   _assert_same_layout(params, model, tokens, image_hw, method=aurora.Aurora.reconstruct)
-  out = jax.jit(lambda p, t: model.apply({"params": p}, t, image_hw, method=aurora.Aurora.reconstruct))(
-      params, tokens)
+  out = jax.jit(lambda p, t: model.apply({"params": p}, t, image_hw, method=aurora.Aurora.reconstruct))(params, tokens)
   with torch.no_grad():
     nchw = torch.from_numpy(tokens).reshape(2, *grid, channels).permute(0, 3, 1, 2)
     ref = _np(torch.nn.PixelShuffle(stride)(conv(nchw))).transpose(0, 2, 3, 1)
@@ -267,7 +281,7 @@ def _captions(rows, length):
   out = np.zeros((len(rows), length), np.int32)
   for i, words in enumerate(rows):
     seq = [BOS_ID, *words, EOS_ID]
-    out[i, :len(seq)] = seq
+    out[i, : len(seq)] = seq
   return out
 
 
@@ -284,15 +298,24 @@ class TorchClsText(torch.nn.Module):
     self.pos_embed = torch.nn.Parameter(torch.zeros(MAX_LEN + 1, T_WIDTH))
     self.cls_token = torch.nn.Parameter(torch.zeros(T_WIDTH))
     self.blocks = torch.nn.ModuleList(
-        torch.nn.TransformerEncoderLayer(T_WIDTH, T_HEADS, dim_feedforward=4 * T_WIDTH, dropout=0.0,
-                                         activation="gelu", layer_norm_eps=1e-5, batch_first=True,
-                                         norm_first=True) for _ in range(T_DEPTH))
+      torch.nn.TransformerEncoderLayer(
+        T_WIDTH,
+        T_HEADS,
+        dim_feedforward=4 * T_WIDTH,
+        dropout=0.0,
+        activation="gelu",
+        layer_norm_eps=1e-5,
+        batch_first=True,
+        norm_first=True,
+      )
+      for _ in range(T_DEPTH)
+    )
     self.norm = torch.nn.LayerNorm(T_WIDTH, eps=1e-5)
     self.proj = torch.nn.Parameter(torch.zeros(T_WIDTH, EMBED))
 
   def forward(self, tokens, pad_mask=True):
     b, length = tokens.shape
-    x = torch.cat([self.token_embed(tokens), self.cls_token.expand(b, 1, -1)], dim=1) + self.pos_embed[:length + 1]
+    x = torch.cat([self.token_embed(tokens), self.cls_token.expand(b, 1, -1)], dim=1) + self.pos_embed[: length + 1]
     allowed = ~_causal(length + 1)[None]
     if pad_mask:
       keys = torch.cat([tokens != PAD_ID, torch.ones(b, 1, dtype=torch.bool)], dim=1)
@@ -305,11 +328,23 @@ class TorchClsText(torch.nn.Module):
     return {"tokens": x[:, :-1], "pooled": x[:, -1], "embedding": x[:, -1] @ self.proj}
 
   def jax_params(self, scan):
-    blocks = {f"blocks_{i}": {"norm1": _ln(b.norm1), "attn": self_attention_params(b.self_attn),
-                              "norm2": _ln(b.norm2), "mlp": _mlp(b.linear1, b.linear2)}
-              for i, b in enumerate(self.blocks)}
-    params = {"token_embed": {"embedding": _np(self.token_embed.weight)}, "pos_embed": _np(self.pos_embed),
-              "cls_token": _np(self.cls_token), **blocks, "norm": _ln(self.norm), "proj": {"kernel": _np(self.proj)}}
+    blocks = {
+      f"blocks_{i}": {
+        "norm1": _ln(b.norm1),
+        "attn": self_attention_params(b.self_attn),
+        "norm2": _ln(b.norm2),
+        "mlp": _mlp(b.linear1, b.linear2),
+      }
+      for i, b in enumerate(self.blocks)
+    }
+    params = {
+      "token_embed": {"embedding": _np(self.token_embed.weight)},
+      "pos_embed": _np(self.pos_embed),
+      "cls_token": _np(self.cls_token),
+      **blocks,
+      "norm": _ln(self.norm),
+      "proj": {"kernel": _np(self.proj)},
+    }
     return stack_layers(params, T_DEPTH) if scan else params
 
 
@@ -334,8 +369,9 @@ def torch_text():
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_cls_text_encoder_matches_torch(torch_text, scan):
-  model = text.TextTransformer(T_WIDTH, T_DEPTH, T_HEADS, 4 * T_WIDTH, embed_dim=EMBED, vocab_size=VOCAB,
-                               max_len=MAX_LEN, pool="cls", scan=scan)
+  model = text.TextTransformer(
+    T_WIDTH, T_DEPTH, T_HEADS, 4 * T_WIDTH, embed_dim=EMBED, vocab_size=VOCAB, max_len=MAX_LEN, pool="cls", scan=scan
+  )
   params = torch_text.jax_params(scan)
   _assert_same_layout(params, model, CAPTIONS)
   ours = jax.jit(model.apply)({"params": params}, CAPTIONS)
@@ -372,8 +408,11 @@ class TorchDecoderBlock(torch.nn.Module):
     for i in range(1, 5):
       setattr(self, f"norm{i}", torch.nn.LayerNorm(D_WIDTH, eps=1e-5))
     self.attn, self.cross_attn = _mha(D_WIDTH, D_HEADS), _mha(D_WIDTH, D_HEADS)
-    mlp = lambda: torch.nn.Sequential(torch.nn.Linear(D_WIDTH, D_MLP), torch.nn.GELU(),  # noqa: E731
-                                      torch.nn.Linear(D_MLP, D_WIDTH))
+    mlp = lambda: torch.nn.Sequential(
+      torch.nn.Linear(D_WIDTH, D_MLP),
+      torch.nn.GELU(),  # noqa: E731
+      torch.nn.Linear(D_MLP, D_WIDTH),
+    )
     self.mlp, self.cross_mlp = mlp(), mlp()
 
   def forward(self, x, memory):
@@ -385,10 +424,16 @@ class TorchDecoderBlock(torch.nn.Module):
 
   def jax_params(self, swap_norms=False):
     norm3, norm4 = (self.norm4, self.norm3) if swap_norms else (self.norm3, self.norm4)
-    return {"norm1": _ln(self.norm1), "attn": self_attention_params(self.attn), "norm2": _ln(self.norm2),
-            "mlp": _mlp(self.mlp[0], self.mlp[2]), "norm3": _ln(norm3),
-            "cross_attn": cross_attention_params(self.cross_attn), "norm4": _ln(norm4),
-            "cross_mlp": _mlp(self.cross_mlp[0], self.cross_mlp[2])}
+    return {
+      "norm1": _ln(self.norm1),
+      "attn": self_attention_params(self.attn),
+      "norm2": _ln(self.norm2),
+      "mlp": _mlp(self.mlp[0], self.mlp[2]),
+      "norm3": _ln(norm3),
+      "cross_attn": cross_attention_params(self.cross_attn),
+      "norm4": _ln(norm4),
+      "cross_mlp": _mlp(self.cross_mlp[0], self.cross_mlp[2]),
+    }
 
 
 class TorchDecoder(torch.nn.Module):
@@ -404,8 +449,11 @@ class TorchDecoder(torch.nn.Module):
     return self.vocab_proj(self.norm(x))
 
   def jax_params(self, scan):
-    params = {**{f"blocks_{i}": b.jax_params() for i, b in enumerate(self.blocks)}, "norm": _ln(self.norm),
-              "vocab_proj": _linear(self.vocab_proj)}
+    params = {
+      **{f"blocks_{i}": b.jax_params() for i, b in enumerate(self.blocks)},
+      "norm": _ln(self.norm),
+      "vocab_proj": _linear(self.vocab_proj),
+    }
     return stack_layers(params, len(self.blocks)) if scan else params
 
 

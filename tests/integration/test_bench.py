@@ -22,9 +22,17 @@ from visionfm_jax.training import flops
 
 from conftest import FAST_COMPILE_FLAGS, YNNPACK_OFF, cpu_env
 
-TINY = ["--config.global_batch_size=4", "--devices=1", "--config.precision.compute_dtype=float32",
-        "--config.strategy=ddp", "--config.model.image_size=32", "--config.data.image_size=32",
-        "--config.model.num_classes=10", "--steps=2", "--warmup=1"]
+TINY = [
+  "--config.global_batch_size=4",
+  "--devices=1",
+  "--config.precision.compute_dtype=float32",
+  "--config.strategy=ddp",
+  "--config.model.image_size=32",
+  "--config.data.image_size=32",
+  "--config.model.num_classes=10",
+  "--steps=2",
+  "--warmup=1",
+]
 
 
 def _run(capsys, *args):
@@ -45,8 +53,10 @@ TORCH_TWIN = all(importlib.util.find_spec(name) for name in ("torch", "transform
 def pico_runs(tmp_path_factory):
   """{"plain", "xnn"}: (status, stdout, stderr, the dot libraries of each step the run compiled, profile dir)."""
   profile_dir = str(tmp_path_factory.mktemp("profile"))
-  runs = {"plain": [PICO, *TINY, "--compare=plain", f"--profile={profile_dir}", "--profile_steps=2"],
-          "xnn": [PICO, *TINY, "--cpu_dots=xnn", *(["--compare=torch"] if TORCH_TWIN else [])]}
+  runs = {
+    "plain": [PICO, *TINY, "--compare=plain", f"--profile={profile_dir}", "--profile_steps=2"],
+    "xnn": [PICO, *TINY, "--cpu_dots=xnn", *(["--compare=torch"] if TORCH_TWIN else [])],
+  }
   out = {}
   for name, args in runs.items():
     compiled = []
@@ -57,6 +67,7 @@ def pico_runs(tmp_path_factory):
         def __init__(self, *a, **k):
           super().__init__(*a, **k)
           compiled.append(_dot_libraries(self.compiled.as_text()))
+
       patch.setattr(step_lib, "JaxStep", Recorded)
       stdout, stderr = io.StringIO(), io.StringIO()
       with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
@@ -78,8 +89,9 @@ def test_bench_reports_figures_and_the_torch_ratio_of_the_swinv2(capsys):
   pytest.importorskip("torch")
   pytest.importorskip("transformers")
   config = "configs/swinv2_cls.py:demo"
-  _check_the_torch_report(*_run(capsys, f"--config={config}", *TINY, "--config.model.variant=pico",
-                                "--compare=torch"), config)
+  _check_the_torch_report(
+    *_run(capsys, f"--config={config}", *TINY, "--config.model.variant=pico", "--compare=torch"), config
+  )
 
 
 def _check_the_torch_report(code, out, err, config):
@@ -128,8 +140,9 @@ def test_bench_traces_the_step_with_a_kernel_candidate_and_names_a_wrong_one(pic
   assert result["loss"] == pytest.approx(json.loads(pico_runs["plain"][1].strip().splitlines()[-1])["loss"], rel=1e-4)
   code, out, err = _run(capsys, PICO, *TINY, "--try_kernels=pallas_layer_nrm")
   assert code != 0 and err.strip().splitlines()[-1] == (
-      "error: --try_kernels=pallas_layer_nrm: pallas_layer_nrm is not a kernel candidate; the candidates: "
-      f"pallas_layer_norm ({kernels.CANDIDATES['pallas_layer_norm']})")
+    "error: --try_kernels=pallas_layer_nrm: pallas_layer_nrm is not a kernel candidate; the candidates: "
+    f"pallas_layer_norm ({kernels.CANDIDATES['pallas_layer_norm']})"
+  )
 
 
 def test_paired_ratio_calls_a_side_faster_only_when_the_interval_excludes_1():
@@ -171,8 +184,9 @@ def test_bench_compiles_the_step_for_another_cpu_dot_library_and_trains_alike(pi
 
 
 def test_bench_rejects_what_has_no_twin(capsys):
-  code, _, err = _run(capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--config.model.pool=gap",
-                      "--compare=torch")
+  code, _, err = _run(
+    capsys, "--config=configs/vit_huge.py:pico/8", *TINY, "--config.model.pool=gap", "--compare=torch"
+  )
   assert code == 2 and "pool" in err
 
 
@@ -190,8 +204,9 @@ def test_primitives_times_matmuls_against_torch_and_both_sums(capsys):
 
 def test_primitives_compiles_each_matmul_for_every_cpu_dot_library(capsys):
   pytest.importorskip("torch")
-  code = primitives.main(["primitives", "--gemm=16x8x4", "--train", "--backends=default,onednn,xnn,eigen",
-                          "--reduce=", "--repeats=2"])
+  code = primitives.main(
+    ["primitives", "--gemm=16x8x4", "--train", "--backends=default,onednn,xnn,eigen", "--reduce=", "--repeats=2"]
+  )
   out, err = capsys.readouterr()
   assert code == 0, err
   [row] = json.loads(out.strip().splitlines()[-1])["gemm"]
@@ -237,8 +252,14 @@ def test_primitives_routes_dots_to_the_library_named():
   dots) all three, the default hands YNNPACK those it takes, and `xnn` (YNNPACK off) leaves none to YNNPACK or
   oneDNN (this jaxlib's HLO names no XNNPACK fusion: XLA picks XNNPACK for a dot when it emits it). Compiled in a
   process where XLA routes dots as it does by default (the suite's own processes keep YNNPACK off)."""
-  compiled = subprocess.run([sys.executable, "-c", _COMPILE_WITH_EACH_BACKEND], capture_output=True, text=True,
-                            check=True, timeout=120, env=cpu_env(1, xla_dot_routing=True)).stdout
+  compiled = subprocess.run(
+    [sys.executable, "-c", _COMPILE_WITH_EACH_BACKEND],
+    capture_output=True,
+    text=True,
+    check=True,
+    timeout=120,
+    env=cpu_env(1, xla_dot_routing=True),
+  ).stdout
   libraries = {name: _dot_libraries(text) for name, text in json.loads(compiled.splitlines()[-1]).items()}
   assert libraries["onednn"] == {"onednn": 3} and libraries["eigen"] == {"xla": 3}, libraries
   default = libraries["default"]
@@ -246,9 +267,16 @@ def test_primitives_routes_dots_to_the_library_named():
   assert libraries["xnn"] == {"xla": 3}, libraries
 
 
-@pytest.mark.parametrize("flag,message", [("--gemm=16x8", "MxKxN"), ("--gemm=16xaxb", "not a shape"),
-                                          ("--reduce=4x3x5:3", "AXES"), ("--repeats=0", "repeats"),
-                                          ("--backends=mkl", "--backends")])
+@pytest.mark.parametrize(
+  "flag,message",
+  [
+    ("--gemm=16x8", "MxKxN"),
+    ("--gemm=16xaxb", "not a shape"),
+    ("--reduce=4x3x5:3", "AXES"),
+    ("--repeats=0", "repeats"),
+    ("--backends=mkl", "--backends"),
+  ],
+)
 def test_primitives_rejects_bad_shapes(capsys, flag, message):
   code = primitives.main(["primitives", flag])
   _, err = capsys.readouterr()
@@ -276,14 +304,23 @@ def test_bench_profiles_the_step_and_names_its_busiest_operations(pico_runs):
 
 def test_profile_self_times_add_up_without_counting_twice():
   from visionfm_jax.bench import profile  # pylint: disable=g-import-not-at-top
-  events = [{"name": "module", "ts": 0, "dur": 100}, {"name": "fusion.1", "ts": 10, "dur": 30},
-            {"name": "end: fusion.1", "ts": 35, "dur": 5}, {"name": "custom-call.7", "ts": 50, "dur": 40},
-            {"name": "fusion.2", "ts": 120, "dur": 10}]
+
+  events = [
+    {"name": "module", "ts": 0, "dur": 100},
+    {"name": "fusion.1", "ts": 10, "dur": 30},
+    {"name": "end: fusion.1", "ts": 35, "dur": 5},
+    {"name": "custom-call.7", "ts": 50, "dur": 40},
+    {"name": "fusion.2", "ts": 120, "dur": 10},
+  ]
   own = dict(profile.self_times(events))
   assert own == {"module": 30.0, "fusion.1": 25.0, "end: fusion.1": 5.0, "custom-call.7": 40.0, "fusion.2": 10.0}
   assert sum(own.values()) == 110.0  # the busy time: 0..100 and 120..130
-  assert [profile.op_kind(n) for n in ("fusion.12", "end: fusion.12", "loop_fusion", "sm90_xmma_gemm")] == \
-      ["fusion", "fusion", "loop_fusion", "sm90_xmma_gemm"]
+  assert [profile.op_kind(n) for n in ("fusion.12", "end: fusion.12", "loop_fusion", "sm90_xmma_gemm")] == [
+    "fusion",
+    "fusion",
+    "loop_fusion",
+    "sm90_xmma_gemm",
+  ]
 
 
 def test_profile_of_a_gpu_trace_reads_the_device_timelines_only(tmp_path):
@@ -291,24 +328,39 @@ def test_profile_of_a_gpu_trace_reads_the_device_timelines_only(tmp_path):
   processes named /device:..., whose lines (modules, XLA ops, each stream's kernels) are timelines of their own;
   the host's threads, XLA's client threads included, are left out once a device process exists."""
   from visionfm_jax.bench import profile  # pylint: disable=g-import-not-at-top
+
   meta = lambda kind, pid, name, tid=0: {"ph": "M", "name": kind, "pid": pid, "tid": tid, "args": {"name": name}}
   op = lambda pid, tid, name, ts, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name, "ts": ts, "dur": dur}
-  events = [meta("process_name", 1, "/device:GPU:0"), meta("thread_name", 1, "XLA Modules", 1),
-            meta("thread_name", 1, "XLA Ops", 2), meta("thread_name", 1, "Stream #14(Compute)", 3),
-            meta("process_name", 701, "/host:CPU"), meta("thread_name", 701, "python", 5),
-            meta("thread_name", 701, "tf_XLAPjRtCpuClient/123", 6)]
+  events = [
+    meta("process_name", 1, "/device:GPU:0"),
+    meta("thread_name", 1, "XLA Modules", 1),
+    meta("thread_name", 1, "XLA Ops", 2),
+    meta("thread_name", 1, "Stream #14(Compute)", 3),
+    meta("process_name", 701, "/host:CPU"),
+    meta("thread_name", 701, "python", 5),
+    meta("thread_name", 701, "tf_XLAPjRtCpuClient/123", 6),
+  ]
   for step in range(2):  # two steps of 100 us: 80 us of kernels, 20 us idle
     t = 1000 * step
-    events += [op(1, 1, "jit_train_step(1)", t, 80), op(1, 2, "fusion.3", t, 30), op(1, 2, "fusion.17", t + 30, 10),
-               op(1, 2, "custom-call.2", t + 40, 40), op(1, 3, "sm90_xmma_gemm_bf16", t, 40),
-               op(1, 3, "loop_add_fusion", t + 40, 40), op(701, 5, "train_step", t, 100),
-               op(701, 6, "ThunkExecutor::Execute", t, 90)]
+    events += [
+      op(1, 1, "jit_train_step(1)", t, 80),
+      op(1, 2, "fusion.3", t, 30),
+      op(1, 2, "fusion.17", t + 30, 10),
+      op(1, 2, "custom-call.2", t + 40, 40),
+      op(1, 3, "sm90_xmma_gemm_bf16", t, 40),
+      op(1, 3, "loop_add_fusion", t + 40, 40),
+      op(701, 5, "train_step", t, 100),
+      op(701, 6, "ThunkExecutor::Execute", t, 90),
+    ]
   path = tmp_path / "perfetto_trace.json.gz"
   with gzip.open(path, "wt") as f:
     json.dump({"traceEvents": events}, f)
   timelines = {t["timeline"]: t for t in profile.add_step_shares(profile.summarize(str(path)), 2, 100e-6)}
-  assert sorted(timelines) == ["/device:GPU:0 Stream #14(Compute)", "/device:GPU:0 XLA Modules",
-                               "/device:GPU:0 XLA Ops"]
+  assert sorted(timelines) == [
+    "/device:GPU:0 Stream #14(Compute)",
+    "/device:GPU:0 XLA Modules",
+    "/device:GPU:0 XLA Ops",
+  ]
   ops = timelines["/device:GPU:0 XLA Ops"]
   assert ops["busy_us"] == 160 and ops["busy_share_of_step"] == pytest.approx(0.8)
   assert [(o["kind"], o["us"], o["count"]) for o in ops["ops"]] == [("fusion", 80, 4), ("custom-call", 80, 2)]
@@ -332,18 +384,44 @@ exec {sys.executable} "$@"
   stub.chmod(0o755)
   out = tmp_path / "leads.jsonl"
   root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
-                        text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": ""})
+  proc = subprocess.run(
+    ["bash", "launch/bench_gpu.sh", str(out), "leads", "3"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": ""},
+  )
   assert proc.returncode == 0, proc.stderr
   rows = {r["lead"]: r for r in map(json.loads, out.read_text().splitlines())}
-  assert list(rows) == ["planned", "triton_gemm", "cuda_graphs", "gelu_tanh", "pallas_layer_norm", "no_remat_b64",
-                        "nothing_saveable_b256", "scanned_dots_b32", "straight_dots_b32", "recipe_b32",
-                        "recipe_b32_cuda_graphs", "recipe_b32_triton_gemm", "fp8_recipe_b32",
-                        "fp8_bf16_wgrad_recipe_b32", "swinv2_g_b32", "swinv2_g_pallas", "swinv2_g_unroll7",
-                        "swinv2_g_fp8",
-                        "swinv2_g_straight", "swinv2_g_dots_u7", "swinv2_g_attention_kept_u7", "clip_vit_b16",
-                        "siglip_vit_b16", "flip_vit_b16",
-                        "clip_swinv2_g", "swin_mask_swinv2_g"]
+  assert list(rows) == [
+    "planned",
+    "triton_gemm",
+    "cuda_graphs",
+    "gelu_tanh",
+    "pallas_layer_norm",
+    "no_remat_b64",
+    "nothing_saveable_b256",
+    "scanned_dots_b32",
+    "straight_dots_b32",
+    "recipe_b32",
+    "recipe_b32_cuda_graphs",
+    "recipe_b32_triton_gemm",
+    "fp8_recipe_b32",
+    "fp8_bf16_wgrad_recipe_b32",
+    "swinv2_g_b32",
+    "swinv2_g_pallas",
+    "swinv2_g_unroll7",
+    "swinv2_g_fp8",
+    "swinv2_g_straight",
+    "swinv2_g_dots_u7",
+    "swinv2_g_attention_kept_u7",
+    "clip_vit_b16",
+    "siglip_vit_b16",
+    "flip_vit_b16",
+    "clip_swinv2_g",
+    "swin_mask_swinv2_g",
+  ]
   assert "--config.model.act=gelu_pytorch_tanh" in rows["gelu_tanh"]["argv"]
   assert "--try_kernels=pallas_layer_norm" in rows["pallas_layer_norm"]["argv"]
   assert {"--config.model.remat_policy=none", "--config.global_batch_size=64"} <= set(rows["no_remat_b64"]["argv"])
@@ -356,8 +434,13 @@ exec {sys.executable} "$@"
   flags = rows["triton_gemm"]["xla_flags"].split()
   assert flags.index("--xla_gpu_enable_triton_gemm=true") > flags.index("--xla_gpu_enable_triton_gemm=false")
   assert "--xla_gpu_enable_triton_gemm=true" not in rows["planned"]["xla_flags"]
-  assert {"--steps=3", "--config.global_batch_size=64", "--config.model.remat_policy=dots_saveable",
-          "--config.model.attention=cudnn", "--config.model.scan_unroll=1"} <= set(rows["planned"]["argv"])
+  assert {
+    "--steps=3",
+    "--config.global_batch_size=64",
+    "--config.model.remat_policy=dots_saveable",
+    "--config.model.attention=cudnn",
+    "--config.model.scan_unroll=1",
+  } <= set(rows["planned"]["argv"])
   table = proc.stdout.splitlines()
   graphs = rows["recipe_b32_cuda_graphs"]  # the stand-in runs no straight-line setup
   assert (graphs["remat"], graphs["batch"], graphs["failed"]) == ("none", 32, "out of memory")
@@ -367,7 +450,8 @@ exec {sys.executable} "$@"
   assert "command_buffer=FUSION" not in next(b for h, b in failed_runs.items() if h.endswith(" lead=recipe_b32"))
   triton = rows["recipe_b32_triton_gemm"]
   assert (triton["remat"], triton["batch"]) == ("none", 32) and "--xla_gpu_enable_triton_gemm=true" in next(
-      b for h, b in failed_runs.items() if h.endswith(" lead=recipe_b32_triton_gemm"))
+    b for h, b in failed_runs.items() if h.endswith(" lead=recipe_b32_triton_gemm")
+  )
   assert rows["fp8_recipe_b32"]["failed"] == straight["failed"] == "out of memory"
   assert "failed" not in rows["swinv2_g_fp8"] and "--config.precision.gemm=fp8" in rows["swinv2_g_fp8"]["argv"]
   pallas = rows["swinv2_g_pallas"]
@@ -377,29 +461,61 @@ exec {sys.executable} "$@"
   models = {lead: r.get("model") for lead, r in rows.items()}
   assert rows["swinv2_g_attention_kept_u7"]["remat"] == "dots_with_no_batch_dims_and_attention_saveable"
   assert [models[lead] for lead in rows] == ["vit_h14"] * 14 + ["swinv2_g"] * 7 + [
-      "vit_b16_clip", "vit_b16_clip", "vit_b16_clip", "swinv2_g_clip", "swinv2_g_clip"]
+    "vit_b16_clip",
+    "vit_b16_clip",
+    "vit_b16_clip",
+    "swinv2_g_clip",
+    "swinv2_g_clip",
+  ]
   assert "--config.model.image.attention=cudnn" in rows["siglip_vit_b16"]["argv"]
   assert any(a.startswith("--config=configs/swinv2_g_clip.py:vit,flip") for a in rows["flip_vit_b16"]["argv"])
   out.unlink()
-  proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
-                        text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
-                                                     "LEADS": "planned no_remat_b64", "BATCH": "8", "REMAT": "none"})
+  proc = subprocess.run(
+    ["bash", "launch/bench_gpu.sh", str(out), "leads", "3"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={
+      **os.environ,
+      "PYTHON": str(stub),
+      "XLA_FLAGS": "",
+      "LEADS": "planned no_remat_b64",
+      "BATCH": "8",
+      "REMAT": "none",
+    },
+  )
   assert proc.returncode == 0, proc.stderr
   picked = [json.loads(r) for r in out.read_text().splitlines()]
-  assert [(r["lead"], r["remat"], r["batch"]) for r in picked] == [("planned", "dots_saveable", 64),
-                                                                   ("no_remat_b64", "none", 64)]
-  proc = subprocess.run(["bash", "launch/bench_gpu.sh", str(out), "leads", "3"], cwd=root, capture_output=True,
-                        text=True, timeout=120, env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "",
-                                                     "LEADS": "planned no_remat_b46", "LEAD_BATCH": "8"})
+  assert [(r["lead"], r["remat"], r["batch"]) for r in picked] == [
+    ("planned", "dots_saveable", 64),
+    ("no_remat_b64", "none", 64),
+  ]
+  proc = subprocess.run(
+    ["bash", "launch/bench_gpu.sh", str(out), "leads", "3"],
+    cwd=root,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    env={**os.environ, "PYTHON": str(stub), "XLA_FLAGS": "", "LEADS": "planned no_remat_b46", "LEAD_BATCH": "8"},
+  )
   assert proc.returncode == 2 and "LEADS names no_remat_b46; the leads: planned triton_gemm" in proc.stderr
 
 
-@pytest.mark.parametrize("kind,peak", [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
-                                       ("NVIDIA GH200 480GB", 989e12), ("NVIDIA A100-SXM4-80GB", 312e12),
-                                       ("cpu", None)])
+@pytest.mark.parametrize(
+  "kind,peak",
+  [
+    ("NVIDIA H100 80GB HBM3", 989e12),
+    ("NVIDIA H100 PCIe", 756e12),
+    ("NVIDIA GH200 480GB", 989e12),
+    ("NVIDIA A100-SXM4-80GB", 312e12),
+    ("cpu", None),
+  ],
+)
 def test_the_peak_is_the_longest_table_name_in_the_device_kind(monkeypatch, kind, peak):
   class Device:
     device_kind = kind
+
   monkeypatch.setattr(flops.jax, "devices", lambda: [Device()])
   assert flops.device_peak_flops("bfloat16") == peak
   assert flops.device_peak_flops("float32") is None

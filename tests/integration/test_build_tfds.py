@@ -1,4 +1,5 @@
 """datatools.build_tfds: TFDS' imagenet2012 from ImageNet's own tars, read back by the `tfds:` source, no TensorFlow."""
+
 import subprocess
 import sys
 
@@ -39,7 +40,11 @@ def test_the_validation_split_alone_needs_only_its_tar(tmp_path):
 
 
 def test_missing_tars_are_one_error_line_naming_the_folder(tmp_path):
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.build_tfds", "--name=imagenet2012",
-                           f"--data_dir={tmp_path}"], capture_output=True, text=True, timeout=120)
+  result = subprocess.run(
+    [sys.executable, "-m", "visionfm_jax.datatools.build_tfds", "--name=imagenet2012", f"--data_dir={tmp_path}"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
   assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
   assert result.stderr.startswith("error: ") and str(tmp_path / "downloads" / "manual") in result.stderr

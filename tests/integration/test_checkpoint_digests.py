@@ -29,8 +29,9 @@ ARRAY_NAMED = r"the bytes of (params|opt_state)/[\w/]+\[[\d:,]+\] differ from th
 
 
 def _config(total_steps, **overrides):
-  config = tiny_vit_config(total_steps=total_steps, checkpoint_every=1, log_every=1, eval_every=100,
-                           strategy="zero3", **overrides)
+  config = tiny_vit_config(
+    total_steps=total_steps, checkpoint_every=1, log_every=1, eval_every=100, strategy="zero3", **overrides
+  )
   config.data.num_workers = 0
   config.data.eval_examples = 16
   return config
@@ -82,8 +83,9 @@ def _changed_within_scale(after, before) -> bool:
   """Some array changed, and every float array stays within 4x its largest magnitude (a flipped low exponent bit):
   finite values that train as bit rot's do, not an overflow."""
   floats = [(a, b) for a, b in zip(after, before) if np.issubdtype(b.dtype, np.floating)]
-  return (any(not np.array_equal(a, b) for a, b in zip(after, before))
-          and all(np.max(np.abs(a), initial=0) <= 4 * np.max(np.abs(b), initial=0) for a, b in floats))
+  return any(not np.array_equal(a, b) for a, b in zip(after, before)) and all(
+    np.max(np.abs(a), initial=0) <= 4 * np.max(np.abs(b), initial=0) for a, b in floats
+  )
 
 
 def _xor_low_bits(path, offset, restore=None) -> bytes:
@@ -105,8 +107,9 @@ def test_a_resume_sets_aside_a_checkpoint_whose_array_bytes_changed(zero3_run, t
   where = f"{workdir / 'checkpoints'}/2"
   unreadable = [r.getMessage() for r in caplog.records if "is unreadable" in r.getMessage()]
   assert len(unreadable) == 1
-  assert unreadable[0].startswith(f"checkpoint {where} is unreadable, trying the previous one: "
-                                  f"cannot restore {where}: ")
+  assert unreadable[0].startswith(
+    f"checkpoint {where} is unreadable, trying the previous one: cannot restore {where}: "
+  )
   assert re.search(ARRAY_NAMED, unreadable[0]), unreadable
   assert f"resuming from {workdir / 'checkpoints'}/1" in caplog.text
   assert last["step"] == 3 and math.isfinite(last["train/loss"])
@@ -115,8 +118,9 @@ def test_a_resume_sets_aside_a_checkpoint_whose_array_bytes_changed(zero3_run, t
 
 
 @SHARED_RUNS
-def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_takes_the_previous_one_or_names_it(zero3_run, tmp_path,
-                                                                                             capsys, caplog):
+def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_takes_the_previous_one_or_names_it(
+  zero3_run, tmp_path, capsys, caplog
+):
   """As a resume does: the newest intact step, with one warning naming the changed one; asked for by --step, one
   error line naming it."""
   workdir = _copy(zero3_run, tmp_path)
@@ -127,8 +131,9 @@ def test_evaluate_on_a_checkpoint_whose_array_bytes_changed_takes_the_previous_o
   assert json.loads(capsys.readouterr().out.splitlines()[-1])["step"] == 1
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
   assert len(warnings) == 1 and warnings[0].startswith(f"checkpoint {workdir / 'checkpoints'}/2 is corrupt: ")
-  assert re.search(ARRAY_NAMED, warnings[0]) and warnings[0].endswith("taking step 1, the newest checkpoint whose "
-                                                                      "params are intact"), warnings
+  assert re.search(ARRAY_NAMED, warnings[0]) and warnings[0].endswith(
+    "taking step 1, the newest checkpoint whose params are intact"
+  ), warnings
   assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8", "--step=2"]) == 2
   errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, errors
@@ -150,9 +155,11 @@ def test_evaluate_warns_naming_the_optimiser_state_that_fails_its_digests(zero3_
   with caplog.at_level(logging.WARNING):
     assert evaluate.main(["evaluate", f"--checkpoint={workdir}", "--batch_size=8"]) == 0
   warnings = [r.getMessage() for r in caplog.records if "digest" in r.getMessage()]
-  assert warnings == [f"checkpoint {step_dir}: its params are intact, not its opt_state (the bytes of {name}[{bounds}] "
-                      f"differ from the digest (xxh3_128) saved with it: changed at rest since the save); a resume "
-                      f"skips this checkpoint as unreadable"]
+  assert warnings == [
+    f"checkpoint {step_dir}: its params are intact, not its opt_state (the bytes of {name}[{bounds}] "
+    f"differ from the digest (xxh3_128) saved with it: changed at rest since the save); a resume "
+    f"skips this checkpoint as unreadable"
+  ]
 
 
 @SHARED_RUNS
@@ -189,8 +196,10 @@ def test_a_checkpoint_saved_without_digests_restores_with_a_note(zero3_run, tmp_
   with caplog.at_level(logging.INFO):
     last = train.run(_continued(), str(workdir))
   notes = [r.getMessage() for r in caplog.records if "carries no digests" in r.getMessage()]
-  assert notes == [f"checkpoint {workdir / 'checkpoints'}/2 carries no digests (saved before checkpoints had them, or "
-                   f"with config.checkpoint_digests=False): read unverified"]
+  assert notes == [
+    f"checkpoint {workdir / 'checkpoints'}/2 carries no digests (saved before checkpoints had them, or "
+    f"with config.checkpoint_digests=False): read unverified"
+  ]
   assert f"resuming from {workdir / 'checkpoints'}/2" in caplog.text
   assert last["step"] == 3
   assert (workdir / "checkpoints" / "3" / checkpoint_digests.ITEM / "process_0-of-1.json").exists()
@@ -209,8 +218,9 @@ def test_zero3_digests_each_shard_and_a_reshard_checks_the_slices_it_rebuilds(ze
     _restore_on(zero3_run, jax.devices()[:4], "zero3")  # each saved slice within a restored one
     _restore_on(zero3_run, jax.devices()[:4], "ddp")  # each saved slice within the whole array
   matched = [r.getMessage() for r in caplog.records if "match their digests" in r.getMessage()]
-  assert matched == [f"checkpoint {zero3_run / 'checkpoints'}/2: {slices} slices of {arrays} arrays match their "
-                     "digests"] * 3
+  assert (
+    matched == [f"checkpoint {zero3_run / 'checkpoints'}/2: {slices} slices of {arrays} arrays match their digests"] * 3
+  )
   assert "not verified" not in caplog.text
 
 
@@ -245,8 +255,9 @@ def test_a_missing_or_garbled_digests_file_makes_the_checkpoint_unreadable(tmp_p
   values = {"w": np.arange(16, dtype=np.float32)}
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(1, values, _FakeIterator(1))
-  target = {"w": jax.ShapeDtypeStruct((16,), np.float32, sharding=NamedSharding(Mesh(np.array(jax.devices()), ("x",)),
-                                                                                 P("x")))}
+  target = {
+    "w": jax.ShapeDtypeStruct((16,), np.float32, sharding=NamedSharding(Mesh(np.array(jax.devices()), ("x",)), P("x")))
+  }
   digests_file = tmp_path / "1" / checkpoint_digests.ITEM / "process_0-of-1.json"
   digests_file.write_text('{"hash": "xxh3_128", "arrays": garbled')
   with pytest.raises(checkpoint.CheckpointError, match=f"cannot read the digests {digests_file}"):

@@ -43,6 +43,7 @@ SHARED_RUNS = pytest.mark.xdist_group("checkpoint_safety_runs")
 
 # ------------------------------------------------------------------------------------- the killed process
 
+
 class _FakeIterator:
   """Stands in for the data iterator: grain's Orbax handler needs get_state, set_state and start_prefetch."""
 
@@ -97,14 +98,21 @@ def save_then_die(directory):
 
 # ------------------------------------------------------------------------------------------------- tests
 
+
 @pytest.fixture(scope="module")
 def killed_mid_save(tmp_path_factory):
   """A checkpoint directory as `save_then_die` leaves it (read-only: copy it to change it)."""
   directory = tmp_path_factory.mktemp("killed") / "checkpoints"
   env = cpu_env(8)
   env["PYTHONPATH"] = os.pathsep.join([os.path.join(ROOT, "tests"), env.get("PYTHONPATH", "")])  # its conftest
-  proc = subprocess.run([sys.executable, os.path.abspath(__file__), str(directory)], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [sys.executable, os.path.abspath(__file__), str(directory)],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert proc.returncode == -signal.SIGKILL, f"exit {proc.returncode}\n{proc.stderr[-4000:]}"
   return directory
 
@@ -167,8 +175,9 @@ def _train_steps(workdir):
 
 
 @SHARED_RUNS
-def test_restart_after_a_kill_mid_save_resumes_from_the_last_complete_step(zero3_run, killed_mid_save, tmp_path,
-                                                                           caplog):
+def test_restart_after_a_kill_mid_save_resumes_from_the_last_complete_step(
+  zero3_run, killed_mid_save, tmp_path, caplog
+):
   """A tiny run to step 2, then a save killed mid-write (a real kill's leftover planted as step 3's tmp directory,
   as a preemption-time save would leave it): the restart resumes from step 2 (here with another strategy, zero3
   -> ddp), completes, and the leftover, a step never saved again, is gone."""
@@ -254,8 +263,11 @@ def test_no_readable_checkpoint_stops_naming_the_directory_and_keeps_the_files(z
   workdir = tmp_path / "run"
   shutil.copytree(zero3_run, workdir)
   _corrupt(workdir / "checkpoints" / "2", "garbled_metadata")
-  with pytest.raises(checkpoint.CheckpointError, match=f"no checkpoint in {workdir / 'checkpoints'} can be "
-                                                         r"restored \(steps 2; the newest: cannot restore"):
+  with pytest.raises(
+    checkpoint.CheckpointError,
+    match=f"no checkpoint in {workdir / 'checkpoints'} can be "
+    r"restored \(steps 2; the newest: cannot restore",
+  ):
     train.run(_continued_config("ddp"), str(workdir))
   assert sorted(os.listdir(workdir / "checkpoints")) == ["2"]  # nothing moved: a rerun must not start afresh
 
@@ -268,8 +280,9 @@ def test_data_position_of_another_process_count_continues_the_stream(tmp_path, c
   source = RangeSource(64)
   seen, states = [], []
   for index in range(2):
-    it = iter(pipeline.make_train_loader(config.data, batch_size=4, seed=1, process_index=index, process_count=2,
-                                         source=source))
+    it = iter(
+      pipeline.make_train_loader(config.data, batch_size=4, seed=1, process_index=index, process_count=2, source=source)
+    )
     seen.extend(int(x) for _ in range(3) for x in next(it)["label"])
     states.append(it.get_state())
   directory = tmp_path / "checkpoints"
@@ -282,8 +295,9 @@ def test_data_position_of_another_process_count_continues_the_stream(tmp_path, c
   for index, saved in enumerate(states):
     (data_dir / f"process_{index}-of-2.json").write_bytes(saved)
 
-  resumed = iter(pipeline.make_train_loader(config.data, batch_size=8, seed=1, process_index=0, process_count=1,
-                                            source=source))
+  resumed = iter(
+    pipeline.make_train_loader(config.data, batch_size=8, seed=1, process_index=0, process_count=1, source=source)
+  )
   abstract = {"w": jax.ShapeDtypeStruct((16,), np.float32, sharding=_sharding())}
   with caplog.at_level(logging.INFO):
     restored = checkpoint.Checkpointer(str(directory)).restore(5, abstract, resumed)

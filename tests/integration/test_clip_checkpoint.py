@@ -29,11 +29,27 @@ LETTERS = "abcdefghijklmnopqrstuvwxyz"
 VOCAB, MAX_LEN, IMAGE_SIZE = 64, 32, 24
 BOS, EOS = VOCAB - 2, VOCAB - 1  # as OpenAI's: end-of-text is the last id (legacy eos_token_id=2 pools it)
 CONFIG = dict(
-    projection_dim=16,
-    vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-                image_size=IMAGE_SIZE, patch_size=8, hidden_act="quick_gelu"),
-    text=dict(vocab_size=VOCAB, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-              max_position_embeddings=MAX_LEN, hidden_act="quick_gelu", eos_token_id=2))
+  projection_dim=16,
+  vision=dict(
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    image_size=IMAGE_SIZE,
+    patch_size=8,
+    hidden_act="quick_gelu",
+  ),
+  text=dict(
+    vocab_size=VOCAB,
+    hidden_size=24,
+    intermediate_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=MAX_LEN,
+    hidden_act="quick_gelu",
+    eos_token_id=2,
+  ),
+)
 
 
 def _bpe_tokenizer():
@@ -52,7 +68,8 @@ def _bpe_tokenizer():
   tok.pre_tokenizer = tokenizers.pre_tokenizers.Whitespace()
   tok.decoder = tokenizers.decoders.BPEDecoder(suffix="</w>")
   tok.post_processor = tokenizers.processors.TemplateProcessing(
-      single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", BOS), ("<|endoftext|>", EOS)])
+    single="<|startoftext|> $A <|endoftext|>", special_tokens=[("<|startoftext|>", BOS), ("<|endoftext|>", EOS)]
+  )
   return tok
 
 
@@ -61,8 +78,9 @@ def hf_dir(tmp_path_factory):
   """(a transformers CLIPModel directory with tokenizer.json, the torch model)."""
   pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
-  cfg = transformers.CLIPConfig(text_config=CONFIG["text"], vision_config=CONFIG["vision"],
-                                projection_dim=CONFIG["projection_dim"])
+  cfg = transformers.CLIPConfig(
+    text_config=CONFIG["text"], vision_config=CONFIG["vision"], projection_dim=CONFIG["projection_dim"]
+  )
   model = transformers.CLIPModel(cfg).eval()
   randomize_hf_params(model, seed=3)
   path = tmp_path_factory.mktemp("hf_clip")
@@ -113,8 +131,13 @@ def test_import_hf_clip_writes_a_loadable_directory(hf_dir, tmp_path, capsys):
 def _shapes_pairs(count=6) -> dict[str, tuple[bytes, str]]:
   """{key: (JPEG, caption)} of shapes images at the model's size, half with another image's caption."""
   source = shapes.ShapesSource("validation", count, IMAGE_SIZE, caption_style="short")
-  return {str(i): (records.encode_jpeg(source[i]["image"]),
-                   source[i]["caption"] if i % 2 else source[(i + 3) % count]["caption"]) for i in range(count)}
+  return {
+    str(i): (
+      records.encode_jpeg(source[i]["image"]),
+      source[i]["caption"] if i % 2 else source[(i + 3) % count]["caption"],
+    )
+    for i in range(count)
+  }
 
 
 def _photo_jpeg(rng, width: int, height: int) -> bytes:
@@ -127,8 +150,9 @@ def _photo_jpeg(rng, width: int, height: int) -> bytes:
   draw = ImageDraw.Draw(canvas)
   for shape in range(6):
     x, y, r = int(rng.integers(width)), int(rng.integers(height)), int(rng.integers(20, height // 3))
-    (draw.ellipse if shape % 2 else draw.rectangle)((x - r, y - r, x + r, y + r),
-                                                   fill=tuple(int(c) for c in rng.integers(0, 256, 3)))
+    (draw.ellipse if shape % 2 else draw.rectangle)(
+      (x - r, y - r, x + r, y + r), fill=tuple(int(c) for c in rng.integers(0, 256, 3))
+    )
   pixels = np.asarray(canvas, np.float32) + rng.normal(0, 6, (height, width, 3))
   buffer = io.BytesIO()
   Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, format="JPEG", quality=90)
@@ -156,11 +180,15 @@ def _transformers_scores(model, task, pairs) -> dict[str, float]:
   library encodes it (padded with end-of-text)."""
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
+
   # transformers 5 names the Pillow-only processor apart; 4's CLIPImageProcessor is it
   processor_class = getattr(transformers, "CLIPImageProcessorPil", None) or transformers.CLIPImageProcessor
-  processor = processor_class(size={"shortest_edge": IMAGE_SIZE}, crop_size={"height": IMAGE_SIZE,
-                              "width": IMAGE_SIZE}, image_mean=list(task.config.data.mean),
-                              image_std=list(task.config.data.std))
+  processor = processor_class(
+    size={"shortest_edge": IMAGE_SIZE},
+    crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE},
+    image_mean=list(task.config.data.mean),
+    image_std=list(task.config.data.std),
+  )
   tok = _bpe_tokenizer()
   scores = {}
   for key, (jpeg, caption) in pairs.items():
@@ -223,6 +251,7 @@ def test_other_directories_are_refused(tmp_path):
 def test_import_then_export_hf_round_trips_bitwise(hf_dir, tmp_path, capsys):
   from visionfm_jax.convert import hf_files  # pylint: disable=g-import-not-at-top
   from visionfm_jax.tools import export_hf  # pylint: disable=g-import-not-at-top
+
   src, _ = hf_dir
   imported, exported = tmp_path / "imported", tmp_path / "exported"
   assert import_hf.main(["import_hf", f"--src={src}", f"--out={imported}", "--scan=false"]) == 0
@@ -234,9 +263,14 @@ def test_import_then_export_hf_round_trips_bitwise(hf_dir, tmp_path, capsys):
     assert written[key].shape == value.shape and np.array_equal(written[key], value), key
 
 
-ZEROSHOT_FLAGS = ("--config.eval.zeroshot_classes=shapes", "--config.eval.zeroshot_source=shapes",
-                  "--config.eval.zeroshot_split=validation", "--config.eval.zeroshot_examples=16",
-                  "--config.eval.retrieval=false", "--batch_size=8")
+ZEROSHOT_FLAGS = (
+  "--config.eval.zeroshot_classes=shapes",
+  "--config.eval.zeroshot_source=shapes",
+  "--config.eval.zeroshot_split=validation",
+  "--config.eval.zeroshot_examples=16",
+  "--config.eval.retrieval=false",
+  "--batch_size=8",
+)
 
 
 def _transformers_zeroshot(model, task) -> tuple[float, float]:
@@ -247,13 +281,20 @@ def _transformers_zeroshot(model, task) -> tuple[float, float]:
   from visionfm_jax import data  # pylint: disable=g-import-not-at-top
   from visionfm_jax.evaluate import zeroshot  # pylint: disable=g-import-not-at-top
   from visionfm_jax.tasks import contrastive  # pylint: disable=g-import-not-at-top
+
   names, templates = zeroshot.class_names_and_templates("shapes")
   tok = _bpe_tokenizer()
   ids = [e.ids + [EOS] * (MAX_LEN - len(e.ids)) for e in tok.encode_batch(zeroshot.prompts(names, templates))]
   source = data.open_eval_source(contrastive.zeroshot_data_config(task.config.data, task.config.eval))
   mean, std = np.asarray(task.config.data.mean), np.asarray(task.config.data.std)
-  pixels = np.stack([((transforms.EvalTransform(IMAGE_SIZE, "clip").map({"image": source[i]["image"]})["image"] / 255.0
-                      - mean) / std).transpose(2, 0, 1) for i in range(16)]).astype(np.float32)
+  pixels = np.stack(
+    [
+      (
+        (transforms.EvalTransform(IMAGE_SIZE, "clip").map({"image": source[i]["image"]})["image"] / 255.0 - mean) / std
+      ).transpose(2, 0, 1)
+      for i in range(16)
+    ]
+  ).astype(np.float32)
   labels = np.array([source[i]["label"] for i in range(16)])
   with torch.no_grad():
     out = model(input_ids=torch.as_tensor(ids), pixel_values=torch.as_tensor(pixels))
@@ -265,6 +306,7 @@ def _transformers_zeroshot(model, task) -> tuple[float, float]:
 
 def test_evaluate_runs_the_zeroshot_evaluator_as_transformers_scores(hf_dir, tmp_path, capsys):
   from visionfm_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+
   src, model = hf_dir
   out = tmp_path / "results.json"
   assert evaluate.main(["evaluate", f"--checkpoint={src}", *ZEROSHOT_FLAGS, f"--out={out}"]) == 0
@@ -276,6 +318,7 @@ def test_evaluate_runs_the_zeroshot_evaluator_as_transformers_scores(hf_dir, tmp
   task.config.eval.zeroshot_classes, task.config.eval.zeroshot_source = "shapes", "shapes"
   task.config.eval.zeroshot_split, task.config.eval.zeroshot_examples = "validation", 16
   assert (results["eval/zeroshot/top1"], results["eval/zeroshot/top5"]) == pytest.approx(
-      _transformers_zeroshot(model, task))
+    _transformers_zeroshot(model, task)
+  )
   assert evaluate.main(["evaluate", f"--checkpoint={src}", "--config.eval.no_such_field=1"]) == 2
   assert "no_such_field" in capsys.readouterr().err

@@ -54,8 +54,10 @@ def test_another_runs_program_under_an_entrys_name_is_removed_and_compiled_again
 
   with caplog.at_level(logging.INFO):
     assert _train(tmp_path / "a_again", cache) == trained
-  assert f"compile cache entry {a_step} does not match the digest recorded when it was written: removed, " \
-         "compiling its program again" in caplog.messages
+  assert (
+    f"compile cache entry {a_step} does not match the digest recorded when it was written: removed, "
+    "compiling its program again" in caplog.messages
+  )
   assert a_step.read_bytes() != b_step.read_bytes()  # written again, as compiled
   assert len([m for m in caplog.messages if "compile cache entry" in m]) == 1  # the others of A load as they were
 
@@ -70,14 +72,20 @@ def _compile_through(cache) -> float:
     return float(jax.jit(_scaled)(2.0))
 
 
-@pytest.mark.parametrize("damage, problem", [
+@pytest.mark.parametrize(
+  "damage, problem",
+  [
     # An entry not written through `in_use` (by JAX outside a run, or before this check): not trusted, as its
     # bytes could be anything; one compile rewrites it with its digest.
     (lambda entry, digest: digest.unlink(), "has no recorded digest"),
     # What a kill while JAX writes an entry leaves: the digest (written first) and a part of the entry.
-    (lambda entry, digest: entry.write_bytes(entry.read_bytes()[:100]),
-     "does not match the digest recorded when it was written"),
-], ids=["no digest", "cut short"])
+    (
+      lambda entry, digest: entry.write_bytes(entry.read_bytes()[:100]),
+      "does not match the digest recorded when it was written",
+    ),
+  ],
+  ids=["no digest", "cut short"],
+)
 def test_an_entry_without_its_digest_or_cut_short_is_removed_and_compiled_again(tmp_path, caplog, damage, problem):
   """A program compiled through `in_use`, its entry damaged, compiled through it again: a warning naming the
   entry, no program loaded, the entry written again with its digest, and loaded by the next compile."""

@@ -63,8 +63,11 @@ def test_compile_only_fills_the_cache_that_the_run_then_loads(tmp_path, monkeypa
   status, out, err = run_main_in_process([*flags, f"--workdir={workdir}", "--compile_only"], monkeypatch, capsys)
   assert status == 0, err
   cache = workdir / "compile_cache"
-  assert re.fullmatch(rf"compile only: init \d+\.\d s \(compiled\), train_step \d+\.\d s \(compiled\), for 8 cpu "
-                      rf"devices in 1 process; cache {cache}; nothing was trained", out.strip()), out
+  assert re.fullmatch(
+    rf"compile only: init \d+\.\d s \(compiled\), train_step \d+\.\d s \(compiled\), for 8 cpu "
+    rf"devices in 1 process; cache {cache}; nothing was trained",
+    out.strip(),
+  ), out
   assert sorted(p.name for p in workdir.iterdir()) == ["compile_cache"]
   written = _entries(cache)
   assert {name.split("-")[0] for name in written} == {"jit_init", "jit_train_step"}
@@ -84,10 +87,14 @@ def test_compile_only_fills_the_cache_that_the_run_then_loads(tmp_path, monkeypa
   assert "init" in out and out.count("(loaded: already in the cache)") == 2, out
 
 
-@pytest.mark.parametrize("args, named", [
+@pytest.mark.parametrize(
+  "args, named",
+  [
     (["--compile_only", "--dry_run"], ["--compile_only", "--dry_run"]),
     (["--compile_only", "--config.compile_cache=off"], ["config.compile_cache", "off"]),
-], ids=["with_dry_run", "cache_off"])
+  ],
+  ids=["with_dry_run", "cache_off"],
+)
 def test_compile_only_refuses_what_fills_no_cache(tmp_path, monkeypatch, capsys, args, named):
   status, _, err = run_main_in_process([*TINY, f"--workdir={tmp_path / 'run'}", *args], monkeypatch, capsys)
   assert status == 2
@@ -102,8 +109,14 @@ def test_the_train_step_compiles_once_over_a_runs_first_steps(tmp_path):
   parts (fp16's loss scale, the health guard's statistics, an EMA, evaluated too): the train step is compiled once
   (a recompile, from a state or batch that comes back from a save, an evaluation or the first step in another
   layout or type, would take minutes at the seeds' size)."""
-  config = tiny_vit_config(total_steps=4, log_every=1, eval_every=2, checkpoint_every=2, compile_cache="off",
-                           **{"precision.compute_dtype": "float16", "health.enabled": True, "optim.ema_decay": 0.5})
+  config = tiny_vit_config(
+    total_steps=4,
+    log_every=1,
+    eval_every=2,
+    checkpoint_every=2,
+    compile_cache="off",
+    **{"precision.compute_dtype": "float16", "health.enabled": True, "optim.ema_decay": 0.5},
+  )
   config.data.num_workers = 0
   config.data.eval_examples = 16
   jax.clear_caches()
@@ -150,12 +163,17 @@ def test_a_two_process_job_loads_what_its_compile_only_start_wrote(tmp_path, war
   and writes the init and the train step; the job then compiles neither again (process 0, the writer, adds no
   entry: a program it compiled would be written under its own key)."""
   from test_multiprocess import DDP_FLAGS, _Job  # pylint: disable=g-import-not-at-top
+
   workdir, flags = tmp_path / "run", [f for f in DDP_FLAGS if not f.startswith("--config.total_steps")]
   flags.append("--config.total_steps=2")
   code, out = _Job(workdir, "--compile_only", base=flags, warm=warm_python).finish()
   assert code == 0, out[-6000:]
-  assert len(re.findall(r"^compile only: init .* train_step .*, for 4 cpu devices in 2 processes; cache ", out,
-                        re.MULTILINE)) == 1, out[-3000:]
+  assert (
+    len(
+      re.findall(r"^compile only: init .* train_step .*, for 4 cpu devices in 2 processes; cache ", out, re.MULTILINE)
+    )
+    == 1
+  ), out[-3000:]
   written = _entries(workdir / "compile_cache")
   assert {name.split("-")[0] for name in written} == {"jit_init", "jit_train_step"}
 

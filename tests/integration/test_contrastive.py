@@ -38,17 +38,20 @@ def _random_pairs(config, n, seed=0):
   for _ in range(n):
     text = rng.integers(4, 200, (config.global_batch_size, length), dtype=np.int32)
     text[:, 0], text[:, 10], text[:, 11:] = 2, 3, 0
-    batches.append({"image": rng.integers(0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8),
-                    "text": text})
+    batches.append(
+      {"image": rng.integers(0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8), "text": text}
+    )
   return batches
 
 
 def _recall_at_k(image_emb, text_emb, k):
   """R@k both ways of N pairs, by a stable sort of each query's scores (ties: the lower index first)."""
   scores = np.asarray(image_emb, np.float64) @ np.asarray(text_emb, np.float64).T
+
   def recall(s):
     order = np.argsort(-s, axis=1, kind="stable")
     return np.mean(np.argmax(order == np.arange(len(s))[:, None], axis=1) < k)
+
   return recall(scores), recall(scores.T)
 
 
@@ -66,8 +69,9 @@ def _eval_metrics_by_numpy(config, params):
   """The zero-shot and held-out retrieval metrics of `params` recomputed here: the same eval batches, one
   forward of each tower over all of them, and the ranking in numpy (stable sorts in float64)."""
   task = tasks.build(config)
-  pairs = list(data.make_pair_eval_iterator(config.data, task.tokenizer, batch_size=16, process_index=0,
-                                            process_count=1))
+  pairs = list(
+    data.make_pair_eval_iterator(config.data, task.tokenizer, batch_size=16, process_index=0, process_count=1)
+  )
   zs_data = contrastive.zeroshot_data_config(config.data, config.eval)
   labelled = list(data.make_eval_iterator(zs_data, batch_size=16, process_index=0, process_count=1))
   kept = lambda batches, key: np.concatenate([b[key][b["mask"].astype(bool)] for b in batches])
@@ -93,15 +97,28 @@ def test_clip_trains_transfers_resolution_and_evaluates_as_numpy_does(tmp_path):
   32 px from them (init_from) evaluates zero-shot on the labelled shapes set and retrieval on the held-out
   pairs; every metric equals its numpy recomputation from the model's embeddings."""
   source = test_real_data.convert_shapes_tars(tmp_path, train=64, validation=48)
-  config = _tiny(strategy="zero3", **{"data.num_workers": 0, "data.source": source, "eval.zeroshot_classes": "",
-                                      "eval.retrieval": False})
+  config = _tiny(
+    strategy="zero3",
+    **{"data.num_workers": 0, "data.source": source, "eval.zeroshot_classes": "", "eval.retrieval": False},
+  )
   first = train.run(config, str(tmp_path / "low"))
   assert first["step"] == 4 and np.isfinite(first["train/loss"]) and first["data/skipped"] == 0
   assert not any(key.startswith("eval/") for key in first)  # no evaluator configured
 
-  high = _tiny("ft640", init_from=str(tmp_path / "low"), total_steps=1, strategy="zero3",
-               **{"optim.warmup_steps": 1, "data.num_workers": 0, "data.source": source,
-                  "eval.zeroshot_source": "shapes", "eval.zeroshot_examples": -1, "data.shapes_eval_size": 40})
+  high = _tiny(
+    "ft640",
+    init_from=str(tmp_path / "low"),
+    total_steps=1,
+    strategy="zero3",
+    **{
+      "optim.warmup_steps": 1,
+      "data.num_workers": 0,
+      "data.source": source,
+      "eval.zeroshot_source": "shapes",
+      "eval.zeroshot_examples": -1,
+      "data.shapes_eval_size": 40,
+    },
+  )
   second = train.run(high, str(tmp_path / "high"))
   assert second["step"] == 1
   # Its panel: a row of the held-out images with their captions and zero-shot classes, then one row per caption of
@@ -166,8 +183,9 @@ def test_fp16_overflow_skips_exactly_that_step_and_the_temperature_is_clamped_af
   for i, b in enumerate(batches):
     if i in out_of_range:  # laid out as the param it replaces: another sharding would compile the step again
       old = state.params["logit_scale"]
-      state = state.replace(params={**state.params,
-                                    "logit_scale": jax.device_put(jnp.float32(out_of_range[i]), old.sharding)})
+      state = state.replace(
+        params={**state.params, "logit_scale": jax.device_put(jnp.float32(out_of_range[i]), old.sharding)}
+      )
     before = jax.device_get(state.params)
     state, m = step(state, b)
     history.append((m, before, jax.device_get(state.params)))
@@ -229,16 +247,17 @@ def test_zeroshot_prompt_ensembling():
 
   def embed(_, tokens):  # two prompts per class whose mean points along the class axis
     return jnp.asarray(tokens, jnp.float32)
+
   tokens = np.array([[1, 1, 0], [1, -1, 0], [0, 1, 1], [0, 1, -1]], np.float32)
   classes = zeroshot.class_embeddings(embed, None, tokens, 2)
   np.testing.assert_allclose(classes, [[1, 0, 0], [0, 1, 0]], atol=1e-6)
   # in chunks of 3 rows, the last padded: every call has one shape, and the padding is dropped
   shapes_seen = []
-  chunked = zeroshot.class_embeddings(lambda p, t: (shapes_seen.append(t.shape), embed(p, t))[1], None, tokens, 2,
-                                      chunk=3)
+  chunked = zeroshot.class_embeddings(
+    lambda p, t: (shapes_seen.append(t.shape), embed(p, t))[1], None, tokens, 2, chunk=3
+  )
   assert shapes_seen == [(3, 3), (3, 3)]
   np.testing.assert_allclose(chunked, classes, atol=1e-6)
-
 
 
 def test_class_embeddings_embed_each_set_once_per_weights_and_read_subsets_from_it():
@@ -270,9 +289,11 @@ def test_class_embeddings_embed_each_set_once_per_weights_and_read_subsets_from_
   shared(params, ["cat"], ["a {}"])  # other templates: embedded
   assert encoded == [["a cat"]] and embedded == [1]
   new_params = {"scale": jnp.float32(3.0)}
-  np.testing.assert_allclose(shared(new_params, ["owl", "cat"], templates), np.asarray(full)[[2, 0]],
-                             atol=1e-6)  # unit embeddings: the scale cancels, but the set is embedded again
+  np.testing.assert_allclose(
+    shared(new_params, ["owl", "cat"], templates), np.asarray(full)[[2, 0]], atol=1e-6
+  )  # unit embeddings: the scale cancels, but the set is embedded again
   assert embedded == [1, 4]
+
 
 def test_short_shapes_captions_name_size_colour_and_shape_only():
   config = _tiny()
@@ -296,8 +317,9 @@ def _random_params(model_json):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mixup_alpha,per_device", [(0.0, False), (0.4, True)])
-def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_of_the_whole_batch(mixup_alpha,
-                                                                                                  per_device):
+def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_of_the_whole_batch(
+  mixup_alpha, per_device
+):
   """On a (data 2, fsdp 4) mesh the sharded loss (B_local x B_global logits) equals the single-device loss; with
   two-pass accumulation CLIP's negatives and Mixup partners span the whole batch of 32, not each micro-batch of
   8 (the partner of a micro-batch's first row sits in another micro-batch): the loss and the gradients of 4
@@ -317,14 +339,17 @@ def test_sharded_loss_and_four_accumulation_steps_equal_the_single_device_loss_o
   replicated = jax.tree.map(lambda _: NamedSharding(mesh, P()), params)
   forwards = []  # CLIP's forward is its batch_features, in both passes
   features = task.batch_features
+
   def counted_features(*args):
     jax.debug.callback(lambda: forwards.append(1))
     return features(*args)
+
   with parallel.activation_sharding(mesh):
     want_loss, want = jax.jit(jax.value_and_grad(lambda p: task.loss(p, batch, rng)[0]))(params)
     task.batch_features = counted_features
-    got, got_loss, _ = jax.jit(lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated,
-                                                          mesh if per_device else None))(params)
+    got, got_loss, _ = jax.jit(
+      lambda p: grads_lib.two_pass_grads(task, p, batch, 4, rng, 1.0, replicated, mesh if per_device else None)
+    )(params)
   jax.effects_barrier()
   assert len(forwards) == (2 * 4 * mesh.size if per_device else 4 + 3)
   np.testing.assert_allclose(want_loss, single_device_loss(params, batch), rtol=1e-5)
@@ -348,9 +373,11 @@ def test_the_towers_features_and_gradients_are_those_of_one_forward_of_both(vari
   batch, context = task.whole_batch(batch, rng)
 
   def both_at_once(p):
-    out = task.model.apply({"params": p}, task.mixed_images(batch, context), batch["text"], train=True,
-                           rngs={"dropout": rng})
+    out = task.model.apply(
+      {"params": p}, task.mixed_images(batch, context), batch["text"], train=True, rngs={"dropout": rng}
+    )
     return out["image_emb"], out["text_emb"]
+
   ordered = lambda p: task.batch_features(p, batch, rng, context)
   loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(3 * x) * (i + 1)) for i, x in enumerate(f(p)))
   chex.assert_trees_all_equal(jax.jit(ordered)(params), jax.jit(both_at_once)(params))
@@ -367,6 +394,9 @@ def test_backward_after_releases_the_second_cotangent_with_the_first_in_one_barr
   f = lambda a, b: jnp.sum(jnp.sin(a["w"])) * jnp.sum(jnp.cos(b))
   tied = lambda a, b: f(*image_text.backward_after(a, b))
   chex.assert_trees_all_equal(jax.grad(tied, argnums=(0, 1))(first, then), jax.grad(f, argnums=(0, 1))(first, then))
-  barriers = [e for e in jax.make_jaxpr(jax.grad(tied, argnums=(0, 1)))(first, then).eqns
-              if e.primitive.name == "optimization_barrier"]
+  barriers = [
+    e
+    for e in jax.make_jaxpr(jax.grad(tied, argnums=(0, 1)))(first, then).eqns
+    if e.primitive.name == "optimization_barrier"
+  ]
   assert len(barriers) == 1 and [v.aval.shape for v in barriers[0].invars] == [(3,), (2,)]

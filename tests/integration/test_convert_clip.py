@@ -19,18 +19,54 @@ ATOL = 1e-4
 # Two sizes, both activations; 'legacy' has eos_token_id=2 (OpenAI's configs: HF pools the largest id, the
 # tokenizer's end-of-text token, the last of the vocabulary), 'new' pools the first eos_token_id (5).
 CONFIGS = {
-    "quick_gelu_legacy": dict(
-        projection_dim=16,
-        vision=dict(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4, image_size=16,
-                    patch_size=4, hidden_act="quick_gelu", layer_norm_eps=1e-5),
-        text=dict(vocab_size=64, hidden_size=24, intermediate_size=40, num_hidden_layers=2, num_attention_heads=2,
-                  max_position_embeddings=12, hidden_act="quick_gelu", layer_norm_eps=1e-5, eos_token_id=2)),
-    "gelu_new": dict(
-        projection_dim=24,
-        vision=dict(hidden_size=48, intermediate_size=96, num_hidden_layers=3, num_attention_heads=3, image_size=24,
-                    patch_size=8, hidden_act="gelu", layer_norm_eps=1e-6),
-        text=dict(vocab_size=80, hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-                  max_position_embeddings=10, hidden_act="gelu", layer_norm_eps=1e-6, eos_token_id=5)),
+  "quick_gelu_legacy": dict(
+    projection_dim=16,
+    vision=dict(
+      hidden_size=32,
+      intermediate_size=48,
+      num_hidden_layers=2,
+      num_attention_heads=4,
+      image_size=16,
+      patch_size=4,
+      hidden_act="quick_gelu",
+      layer_norm_eps=1e-5,
+    ),
+    text=dict(
+      vocab_size=64,
+      hidden_size=24,
+      intermediate_size=40,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      max_position_embeddings=12,
+      hidden_act="quick_gelu",
+      layer_norm_eps=1e-5,
+      eos_token_id=2,
+    ),
+  ),
+  "gelu_new": dict(
+    projection_dim=24,
+    vision=dict(
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=3,
+      num_attention_heads=3,
+      image_size=24,
+      patch_size=8,
+      hidden_act="gelu",
+      layer_norm_eps=1e-6,
+    ),
+    text=dict(
+      vocab_size=80,
+      hidden_size=32,
+      intermediate_size=64,
+      num_hidden_layers=3,
+      num_attention_heads=4,
+      max_position_embeddings=10,
+      hidden_act="gelu",
+      layer_norm_eps=1e-6,
+      eos_token_id=5,
+    ),
+  ),
 }
 
 
@@ -45,7 +81,7 @@ def _tokens(spec, rows=4, seed=0):
   tokens = np.full((rows, length), eos, np.int32)
   for row, words in enumerate(rng.integers(0, length - 1, rows)):
     tokens[row, 0] = bos
-    tokens[row, 1:1 + words] = rng.integers(first_word, vocab - 2, words)
+    tokens[row, 1 : 1 + words] = rng.integers(first_word, vocab - 2, words)
   return tokens
 
 
@@ -56,9 +92,12 @@ def _images(spec, rows=3, seed=1):
 
 def _hf_outputs(model, spec):
   import torch  # pylint: disable=g-import-not-at-top
+
   with torch.no_grad():
-    out = model(input_ids=torch.as_tensor(_tokens(spec), dtype=torch.long),
-                pixel_values=torch.as_tensor(_images(spec).transpose(0, 3, 1, 2)))
+    out = model(
+      input_ids=torch.as_tensor(_tokens(spec), dtype=torch.long),
+      pixel_values=torch.as_tensor(_images(spec).transpose(0, 3, 1, 2)),
+    )
   return {"image": out.image_embeds.numpy(), "text": out.text_embeds.numpy(), "logits": out.logits_per_image.numpy()}
 
 
@@ -72,8 +111,9 @@ def hf_clip_dirs(tmp_path_factory):
   def get(name):
     if name not in cache:
       spec = CONFIGS[name]
-      cfg = transformers.CLIPConfig(text_config=spec["text"], vision_config=spec["vision"],
-                                    projection_dim=spec["projection_dim"])
+      cfg = transformers.CLIPConfig(
+        text_config=spec["text"], vision_config=spec["vision"], projection_dim=spec["projection_dim"]
+      )
       model = transformers.CLIPModel(cfg).eval()
       randomize_hf_params(model, seed=len(cache))
       with __import__("torch").no_grad():
@@ -82,6 +122,7 @@ def hf_clip_dirs(tmp_path_factory):
       model.save_pretrained(path)
       cache[name] = str(path), _hf_outputs(model, spec)
     return cache[name]
+
   return get
 
 
@@ -106,7 +147,11 @@ def test_clip_matches_transformers(hf_clip_dirs, name, scan):
     assert all(d < ATOL for d in diffs.values()), diffs
     vision, text = spec["vision"], spec["text"]
     assert (model.image.pre_norm, model.image.patch_bias, model.image.act, model.text.act) == (
-        True, False, vision["hidden_act"], text["hidden_act"])
+      True,
+      False,
+      vision["hidden_act"],
+      text["hidden_act"],
+    )
     legacy = text["eos_token_id"] == 2
     assert model.text.eos_id == (text["vocab_size"] - 1 if legacy else text["eos_token_id"])
     # the activation matters at this tolerance: the other one misses it
@@ -128,8 +173,10 @@ def test_export_round_trips_bitwise(hf_clip_dirs, tmp_path):
     assert exported[key].shape == value.shape, key
     np.testing.assert_array_equal(exported[key], value, err_msg=key)
   # transformers computes the same from it (the legacy eos_token_id=2 is written as the EOS id it meant)
-  assert hf_files.read_config(str(out))["text_config"]["eos_token_id"] == CONFIGS["quick_gelu_legacy"]["text"][
-      "vocab_size"] - 1
+  assert (
+    hf_files.read_config(str(out))["text_config"]["eos_token_id"]
+    == CONFIGS["quick_gelu_legacy"]["text"]["vocab_size"] - 1
+  )
   reloaded = transformers.CLIPModel.from_pretrained(str(out)).eval()
   diffs = _max_diffs(_hf_outputs(reloaded, CONFIGS["quick_gelu_legacy"]), ref)
   assert all(d < 1e-6 for d in diffs.values()), diffs
@@ -140,6 +187,7 @@ def test_export_round_trips_bitwise(hf_clip_dirs, tmp_path):
 
 def test_unexportable_clip_names_the_field():
   from visionfm_jax.models import clip, text, vit  # pylint: disable=g-import-not-at-top
+
   tower = vit.ViT(**vit.parse_variant("pico/4"), image_size=8)  # no pre-norm, a patch bias
   model = clip.CLIP(image=tower, text=text.TextTransformer(**text.parse_variant("pico"), embed_dim=8), embed_dim=8)
   with pytest.raises(ConfigError, match="image.pre_norm=False"):

@@ -34,17 +34,53 @@ ATOL = 1e-4
 
 # Small models that differ in every size, qkv bias, eps, head and pooler.
 CONFIGS = {
-    "backbone_pooler": dict(arch=BACKBONE, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                            intermediate_size=64, image_size=16, patch_size=4, qkv_bias=True, layer_norm_eps=1e-12),
-    "classifier_no_qkv_bias": dict(arch=CLASSIFIER, hidden_size=48, num_hidden_layers=3, num_attention_heads=4,
-                                   intermediate_size=80, image_size=24, patch_size=8, qkv_bias=False,
-                                   layer_norm_eps=1e-6, num_labels=5),
-    "classifier_3_heads": dict(arch=CLASSIFIER, hidden_size=24, num_hidden_layers=1, num_attention_heads=3,
-                               intermediate_size=96, image_size=12, patch_size=2, qkv_bias=True,
-                               layer_norm_eps=1e-12, num_labels=7),
-    "backbone_no_pooler": dict(arch=BACKBONE, pooler=False, hidden_size=40, num_hidden_layers=2,
-                               num_attention_heads=5, intermediate_size=64, image_size=20, patch_size=5,
-                               qkv_bias=False, layer_norm_eps=1e-6),
+  "backbone_pooler": dict(
+    arch=BACKBONE,
+    hidden_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=64,
+    image_size=16,
+    patch_size=4,
+    qkv_bias=True,
+    layer_norm_eps=1e-12,
+  ),
+  "classifier_no_qkv_bias": dict(
+    arch=CLASSIFIER,
+    hidden_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    intermediate_size=80,
+    image_size=24,
+    patch_size=8,
+    qkv_bias=False,
+    layer_norm_eps=1e-6,
+    num_labels=5,
+  ),
+  "classifier_3_heads": dict(
+    arch=CLASSIFIER,
+    hidden_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=3,
+    intermediate_size=96,
+    image_size=12,
+    patch_size=2,
+    qkv_bias=True,
+    layer_norm_eps=1e-12,
+    num_labels=7,
+  ),
+  "backbone_no_pooler": dict(
+    arch=BACKBONE,
+    pooler=False,
+    hidden_size=40,
+    num_hidden_layers=2,
+    num_attention_heads=5,
+    intermediate_size=64,
+    image_size=20,
+    patch_size=5,
+    qkv_bias=False,
+    layer_norm_eps=1e-6,
+  ),
 }
 
 
@@ -68,8 +104,11 @@ def _build_hf(spec: dict, seed: int = 0):
   spec = dict(spec)
   arch, pooler = spec.pop("arch"), spec.pop("pooler", True)
   cfg = transformers.ViTConfig(**spec)
-  model = transformers.ViTModel(cfg, add_pooling_layer=pooler) if arch == BACKBONE else \
-      transformers.ViTForImageClassification(cfg)
+  model = (
+    transformers.ViTModel(cfg, add_pooling_layer=pooler)
+    if arch == BACKBONE
+    else transformers.ViTForImageClassification(cfg)
+  )
   _randomise(model, seed)
   return model.eval()
 
@@ -86,6 +125,7 @@ def hf_dir(tmp_path_factory):
       model.save_pretrained(path)
       cache[name] = (str(path), model)
     return cache[name]
+
   return get
 
 
@@ -112,8 +152,13 @@ def test_matches_transformers(hf_dir, name, scan):
   spec = CONFIGS[name]
   model, variables = convert.from_hf(path, scan=scan)
   assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.patch_size, model.image_size) == (
-      spec["hidden_size"], spec["num_hidden_layers"], spec["num_attention_heads"], spec["intermediate_size"],
-      spec["patch_size"], spec["image_size"])
+    spec["hidden_size"],
+    spec["num_hidden_layers"],
+    spec["num_attention_heads"],
+    spec["intermediate_size"],
+    spec["patch_size"],
+    spec["image_size"],
+  )
   assert (model.layer_norm_eps, model.qkv_bias, model.scan) == (spec["layer_norm_eps"], spec["qkv_bias"], scan)
   assert model.num_classes == spec.get("num_labels", 0 if spec["arch"] == BACKBONE else None)
   assert ("blocks" in variables["params"]) == scan
@@ -160,10 +205,12 @@ def _edited_copy(src: str, dst, *, tensors=None, config=None) -> str:
 
 KEY = "vit.encoder.layer.1.intermediate.dense.bias"
 BAD_WEIGHTS = {
-    "missing": (lambda t: t.pop(KEY), KEY),
-    "wrong_shape": (lambda t: t.update({KEY: np.zeros(81, np.float32)}), KEY),
-    "unexpected": (lambda t: t.update({"vit.encoder.layer.3.output.dense.bias": np.zeros(48, np.float32)}),
-                   "vit.encoder.layer.3.output.dense.bias"),
+  "missing": (lambda t: t.pop(KEY), KEY),
+  "wrong_shape": (lambda t: t.update({KEY: np.zeros(81, np.float32)}), KEY),
+  "unexpected": (
+    lambda t: t.update({"vit.encoder.layer.3.output.dense.bias": np.zeros(48, np.float32)}),
+    "vit.encoder.layer.3.output.dense.bias",
+  ),
 }
 
 
@@ -176,11 +223,11 @@ def test_bad_weights_name_the_key(hf_dir, tmp_path, edit, key):
 
 
 BAD_CONFIGS = {
-    "tanh_gelu": (lambda c: c.update(hidden_act="gelu_new"), "hidden_act"),
-    "grey": (lambda c: c.update(num_channels=1), "num_channels"),
-    "other_model": (lambda c: c.update(architectures=["ViTForMaskedImageModeling"]), "architectures"),
-    "wrong_arch": (lambda c: c.update(architectures=[BACKBONE]), "architectures"),
-    "heads": (lambda c: c.update(num_attention_heads=5), "num_attention_heads"),
+  "tanh_gelu": (lambda c: c.update(hidden_act="gelu_new"), "hidden_act"),
+  "grey": (lambda c: c.update(num_channels=1), "num_channels"),
+  "other_model": (lambda c: c.update(architectures=["ViTForMaskedImageModeling"]), "architectures"),
+  "wrong_arch": (lambda c: c.update(architectures=[BACKBONE]), "architectures"),
+  "heads": (lambda c: c.update(num_attention_heads=5), "num_attention_heads"),
 }
 
 
@@ -218,8 +265,15 @@ def test_sharded_weights_match_a_single_file(hf_dir, tmp_path):
 
 def _import_hf(*args):
   env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  return subprocess.run([sys.executable, "-m", "visionfm_jax.tools.import_hf", *args], capture_output=True,
-                        text=True, cwd=ROOT, env=env, timeout=120, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "visionfm_jax.tools.import_hf", *args],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=env,
+    timeout=120,
+    check=False,
+  )
 
 
 def _fresh_params(model: vit.ViT, size: int):
@@ -233,8 +287,12 @@ def test_import_hf_output_initialises_a_fresh_model(hf_dir, tmp_path):
   out = str(tmp_path / "imported")
   result = _import_hf(f"--src={path}", f"--out={out}")
   assert result.returncode == 0, result.stderr
-  for flag in ("--config.model.num_classes=5", "--config.model.layer_norm_eps=1e-06", "--config.model.image_size=24",
-               f"--config.init_from={out}"):
+  for flag in (
+    "--config.model.num_classes=5",
+    "--config.model.layer_norm_eps=1e-06",
+    "--config.model.image_size=24",
+    f"--config.init_from={out}",
+  ):
     assert flag in result.stdout
   with open(os.path.join(out, "model.json")) as f:
     meta = json.load(f)
@@ -261,8 +319,9 @@ def test_import_hf_output_initialises_a_fresh_model(hf_dir, tmp_path):
 
 
 def test_import_hf_error_is_one_line_and_exit_2(hf_dir, tmp_path):
-  path = _edited_copy(hf_dir("backbone_pooler")[0], tmp_path / "bad",
-                      tensors=lambda t: t.pop("encoder.layer.0.output.dense.weight"))
+  path = _edited_copy(
+    hf_dir("backbone_pooler")[0], tmp_path / "bad", tensors=lambda t: t.pop("encoder.layer.0.output.dense.weight")
+  )
   result = _import_hf(f"--src={path}", f"--out={tmp_path / 'out'}")
   assert result.returncode == 2
   lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
@@ -280,8 +339,9 @@ def _import_in_process(capsys, *args) -> tuple[int, str, list[str]]:
 
 def test_import_hf_refuses_a_weight_that_is_not_floating_point(hf_dir, tmp_path, capsys):
   key = "encoder.layer.0.output.dense.weight"
-  path = _edited_copy(hf_dir("backbone_pooler")[0], tmp_path / "bad",
-                      tensors=lambda t: t.update({key: t[key].astype(np.int32)}))
+  path = _edited_copy(
+    hf_dir("backbone_pooler")[0], tmp_path / "bad", tensors=lambda t: t.update({key: t[key].astype(np.int32)})
+  )
   status, out, errors = _import_in_process(capsys, f"--src={path}", f"--out={tmp_path / 'out'}")
   assert status == 2 and not out and len(errors) == 1 and f"{key} (int32)" in errors[0], errors
   assert not (tmp_path / "out").exists()

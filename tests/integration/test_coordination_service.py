@@ -38,12 +38,23 @@ def _serve(tmp_path, parent_argv=None, python_options=(), stderr=None) -> tuple[
   """Starts the service for one process (under a shell parent when `parent_argv`; with the interpreter's
   `python_options`, its stderr to the file `stderr`); returns (process, port)."""
   ready = tmp_path / "ready"
-  argv = [sys.executable, *python_options, "-m", "visionfm_jax.parallel.coordination", "--processes=1",
-          f"--ready_file={ready}"]
+  argv = [
+    sys.executable,
+    *python_options,
+    "-m",
+    "visionfm_jax.parallel.coordination",
+    "--processes=1",
+    f"--ready_file={ready}",
+  ]
   env = dict(os.environ, JAX_PLATFORMS="cpu")
   # "; exit" keeps bash from becoming the service (exec) so that it stays its parent
-  proc = subprocess.Popen(parent_argv + [" ".join(argv) + "; exit"] if parent_argv else argv, cwd=ROOT, env=env,
-                          stderr=stderr, start_new_session=True)
+  proc = subprocess.Popen(
+    parent_argv + [" ".join(argv) + "; exit"] if parent_argv else argv,
+    cwd=ROOT,
+    env=env,
+    stderr=stderr,
+    start_new_session=True,
+  )
   deadline = time.monotonic() + 60
   while not ready.exists():
     assert proc.poll() is None and time.monotonic() < deadline, "the service did not start"
@@ -55,10 +66,16 @@ def test_process_0_joins_the_launchers_service_instead_of_starting_one(tmp_path)
   service, port = _serve(tmp_path)
   try:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("JAX_", "SLURM_"))}
-    env.update(JAX_PLATFORMS="cpu", JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES="1",
-               JAX_PROCESS_ID="0", **{coordination.SERVICE_ENV: "launcher"})
-    joined = subprocess.run([sys.executable, "-c", JOIN], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=120)
+    env.update(
+      JAX_PLATFORMS="cpu",
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES="1",
+      JAX_PROCESS_ID="0",
+      **{coordination.SERVICE_ENV: "launcher"},
+    )
+    joined = subprocess.run(
+      [sys.executable, "-c", JOIN], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+    )
   finally:
     service.terminate()
     assert service.wait(timeout=30) == 0
@@ -136,7 +153,7 @@ def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_
   and a stack dump (status 134), and the launcher would blame process 0."""
   job = _Job(tmp_path / "run", "--config.total_steps=100000")
   _wait_for(lambda: _trained_a_step(job.workdir), job, "a train step", poll=0.05)
-  service, = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
+  (service,) = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
   os.kill(service, signal.SIGKILL)
   killed = time.monotonic()
   code, out = job.finish(timeout=60)
@@ -144,15 +161,20 @@ def test_the_services_death_is_one_line_in_each_trainer_and_in_the_launcher_and_
   assert code == faults.HUNG_EXIT_CODE, out[-6000:]
   errors = [line for line in out.splitlines() if line.startswith("error:")]
   # the probe's reason is the OS's: a service being killed refuses it, or accepts and resets it
-  trainer_line = (rf"error: JAX's coordination service at localhost:\d+ \(pid {service}, started by the launcher\) is "
-                  rf"gone: its connection closed and a new one fails \(connection (refused|reset by peer)\). "
-                  rf"Process {{}} exits with code {faults.HUNG_EXIT_CODE} so that the job is requeued; it resumes from "
-                  rf"the newest complete checkpoint.")
+  trainer_line = (
+    rf"error: JAX's coordination service at localhost:\d+ \(pid {service}, started by the launcher\) is "
+    rf"gone: its connection closed and a new one fails \(connection (refused|reset by peer)\). "
+    rf"Process {{}} exits with code {faults.HUNG_EXIT_CODE} so that the job is requeued; it resumes from "
+    rf"the newest complete checkpoint."
+  )
   for i in range(2):  # the lines in full where one differs (a list in the message would be cut to 240 characters)
     assert sum(bool(re.fullmatch(trainer_line.format(i), line)) for line in errors) == 1, "\n".join(errors)
   launcher = [line for line in errors if line.startswith("error: JAX's coordination service (pid")]
-  assert len(launcher) == 1 and re.match(rf"error: JAX's coordination service \(pid {service}, localhost:\d+\) ended "
-                                         rf"first, by signal KILL \(status 137\)", launcher[0]), errors
+  assert len(launcher) == 1 and re.match(
+    rf"error: JAX's coordination service \(pid {service}, localhost:\d+\) ended "
+    rf"first, by signal KILL \(status 137\)",
+    launcher[0],
+  ), errors
   assert len(errors) == 3, errors
   assert not [sign for sign in ABORT_SIGNS if sign in out], out[-6000:]
 
@@ -168,7 +190,7 @@ def test_a_suspended_service_serves_on_and_a_dead_relay_is_named_by_its_trainer_
     stays; nothing is left running."""
   job = _Job(tmp_path / "run", "--config.total_steps=100000", "--config.peer_timeout_s=5")
   job.wait_for_checkpoint(10)
-  service, = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
+  (service,) = (pid for pid in _children(job.proc.pid) if "visionfm_jax.parallel.coordination" in _cmdline(pid))
   os.kill(service, signal.SIGSTOP)
   time.sleep(1.5)  # past the service's 1 s wait, within the trainers' 5 s peer timeout
   os.kill(service, signal.SIGCONT)
@@ -183,10 +205,13 @@ def test_a_suspended_service_serves_on_and_a_dead_relay_is_named_by_its_trainer_
   assert waited is not None and waited < 10, (waited, out[-6000:])
   assert code == faults.HUNG_EXIT_CODE, out[-6000:]
   errors = [line for line in out.splitlines() if line.startswith("error:")]
-  assert re.fullmatch(rf"error: the relay \(pid {relay_pid}\) that joins this process to JAX's coordination service "
-                      rf"at localhost:\d+ \(pid \d+, started by the launcher\) ended, killed by signal KILL: the "
-                      rf"process cannot reach the service without it. Process 1 exits with code "
-                      rf"{faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+  assert re.fullmatch(
+    rf"error: the relay \(pid {relay_pid}\) that joins this process to JAX's coordination service "
+    rf"at localhost:\d+ \(pid \d+, started by the launcher\) ended, killed by signal KILL: the "
+    rf"process cannot reach the service without it. Process 1 exits with code "
+    rf"{faults.HUNG_EXIT_CODE} .*",
+    errors[0],
+  ), errors
   launcher = f"error: process 1 of 2 (pid {trainers[1]}) ended first, with status 75 (requeue), at"
   assert errors[1].startswith(launcher), errors
   assert re.match(r"error: process 1 of 2 .* has sent no heartbeat", errors[2]) and len(errors) == 3, errors
@@ -281,8 +306,14 @@ coordination.exit_for_requeue("the service is gone", 1)
 def test_the_requeue_line_is_one_write_so_that_two_processes_lines_do_not_interleave():
   """The trainers of a job share the launcher's stream, unbuffered under PYTHONUNBUFFERED: print's two writes (text,
   then newline) let the other trainer's line in between, and the two lines became one."""
-  done = subprocess.run([sys.executable, "-c", WRITES], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                        env=dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu"))
+  done = subprocess.run(
+    [sys.executable, "-c", WRITES],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=dict(os.environ, PYTHONUNBUFFERED="1", JAX_PLATFORMS="cpu"),
+  )
   assert done.returncode == coordination.REQUEUE_EXIT_CODE, done.stderr[-2000:]
   writes = done.stdout.splitlines()
   assert len(writes) == 1 and writes[0].startswith("'error: the service is gone. Process 1 exits with code 75"), writes

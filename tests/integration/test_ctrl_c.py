@@ -28,9 +28,14 @@ LINE = re.compile(r"interrupted at step (\d+); the newest checkpoint is step (\d
 def _start(workdir: str, log: str) -> subprocess.Popen:
   """The trainer of RUN_ARGS (2 data workers) without a compile cache: each run compiles its step."""
   with open(log, "w") as out:
-    return subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *RUN_ARGS,
-                             "--config.compile_cache=off"], cwd=ROOT, env=cpu_env(1), start_new_session=True,
-                            stdout=out, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, "-m", "visionfm_jax.main", f"--workdir={workdir}", *RUN_ARGS, "--config.compile_cache=off"],
+      cwd=ROOT,
+      env=cpu_env(1),
+      start_new_session=True,
+      stdout=out,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for(trainer, log: str, ready, what: str) -> None:
@@ -62,8 +67,9 @@ def _ctrl_c(trainer, log: str) -> tuple[int, int]:
   took, out = time.monotonic() - start, open(log).read()
   assert status == 130 and took < 10, (status, took, out[-3000:])
   lines = [line for line in out.splitlines() if "interrupted" in line]
-  assert len(lines) == 1 and "Traceback" not in out and "KeyboardInterrupt" not in out and "leaked" not in out, (
-      out[-3000:])
+  assert len(lines) == 1 and "Traceback" not in out and "KeyboardInterrupt" not in out and "leaked" not in out, out[
+    -3000:
+  ]
   said = LINE.fullmatch(lines[0])
   assert said, lines[0]
   deadline = time.monotonic() + 5
@@ -140,9 +146,22 @@ def test_ctrl_c_to_launch_local_ends_the_job_with_each_processs_line_and_130(tmp
   env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   with open(tmp_path / "out", "w") as out, open(tmp_path / "err", "w") as err:
-    job = subprocess.Popen(["bash", "launch/local.sh", "2", f"--workdir={tmp_path / 'run'}", *DDP_FLAGS,
-                            "--config.total_steps=100000", "--config.checkpoint_every=2"], cwd=ROOT, env=env,
-                           start_new_session=True, stdout=out, stderr=err)
+    job = subprocess.Popen(
+      [
+        "bash",
+        "launch/local.sh",
+        "2",
+        f"--workdir={tmp_path / 'run'}",
+        *DDP_FLAGS,
+        "--config.total_steps=100000",
+        "--config.checkpoint_every=2",
+      ],
+      cwd=ROOT,
+      env=env,
+      start_new_session=True,
+      stdout=out,
+      stderr=err,
+    )
   try:
     _wait_for(job, str(tmp_path / "err"), lambda: _last_step(str(tmp_path / "run")) >= 3, "steps")
     run = _descendants(job.pid)

@@ -57,8 +57,10 @@ def test_load_takes_the_newest_step_whose_params_are_intact_naming_the_damaged_o
   with caplog.at_level(logging.WARNING):
     model = visionfm_jax.load(str(workdir))
   assert model.step == 1
-  assert _warnings(caplog) == [f"checkpoint {workdir}/checkpoints/2: cannot read its params: state/_METADATA is "
-                               f"missing or unreadable; taking step 1, the newest checkpoint whose params are intact"]
+  assert _warnings(caplog) == [
+    f"checkpoint {workdir}/checkpoints/2: cannot read its params: state/_METADATA is "
+    f"missing or unreadable; taking step 1, the newest checkpoint whose params are intact"
+  ]
 
 
 def test_load_of_a_damaged_step_by_number_is_one_error_naming_the_part(two_steps, tmp_path):
@@ -72,8 +74,9 @@ def test_load_of_a_damaged_step_by_number_is_one_error_naming_the_part(two_steps
   with pytest.raises(CheckpointError) as caught:
     visionfm_jax.load(str(workdir), step=2)
   message = str(caught.value)
-  assert message.startswith(f"step=2: checkpoint {workdir}/checkpoints/2 is corrupt: the bytes of "
-                            f"{name}[{bounds}] differ"), message
+  assert message.startswith(
+    f"step=2: checkpoint {workdir}/checkpoints/2 is corrupt: the bytes of {name}[{bounds}] differ"
+  ), message
   assert "init_from" not in message and message.endswith("steps there: [1, 2]")
   assert visionfm_jax.load(str(workdir)).step == 1
 
@@ -88,28 +91,47 @@ def test_loads_errors_name_its_own_arguments(two_steps, tmp_path):
   workdir = _copy(two_steps, tmp_path)
   for step in (1, 2):
     os.remove(workdir / "checkpoints" / str(step) / "state" / "_METADATA")
-  with pytest.raises(CheckpointError, match=rf"^path={re.escape(str(workdir))}: no checkpoint whose params are "
-                     r"intact: .*/2: cannot read its params: state/_METADATA is missing or unreadable; .*/1: "):
+  with pytest.raises(
+    CheckpointError,
+    match=rf"^path={re.escape(str(workdir))}: no checkpoint whose params are "
+    r"intact: .*/2: cannot read its params: state/_METADATA is missing or unreadable; .*/1: ",
+  ):
     visionfm_jax.load(str(workdir))
 
 
 def test_evaluate_after_a_deleted_chunk_takes_the_intact_step_with_one_warning_and_no_asyncio_noise(
-    two_steps, tmp_path, warm_python):
+  two_steps, tmp_path, warm_python
+):
   workdir = _copy(two_steps, tmp_path)
   step_dir = _delete_a_chunk(workdir)
-  run = subprocess.run([warm_python.python, "-m", "visionfm_jax.tools.evaluate", f"--checkpoint={workdir}",
-                        "--batch_size=8"], env=warm_python.env(), cwd=ROOT, capture_output=True, text=True,
-                       timeout=300, check=False)
+  run = subprocess.run(
+    [warm_python.python, "-m", "visionfm_jax.tools.evaluate", f"--checkpoint={workdir}", "--batch_size=8"],
+    env=warm_python.env(),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert run.returncode == 0, run.stderr[-3000:]
   assert json.loads(run.stdout.splitlines()[-1])["step"] == 1
   warnings = [line for line in run.stderr.splitlines() if "WARNING" in line or line.startswith("W")]
   assert len(warnings) == 1, run.stderr
-  assert re.search(rf"checkpoint {re.escape(step_dir)}: cannot read its params: .*Error reading \"params\.[\w.]+/"
-                   r".*; taking step 1, the newest checkpoint whose params are intact$", warnings[0]), warnings
+  assert re.search(
+    rf"checkpoint {re.escape(step_dir)}: cannot read its params: .*Error reading \"params\.[\w.]+/"
+    r".*; taking step 1, the newest checkpoint whose params are intact$",
+    warnings[0],
+  ), warnings
   assert "Event loop is closed" not in run.stderr and "Traceback" not in run.stderr, run.stderr
-  run = subprocess.run([warm_python.python, "-m", "visionfm_jax.tools.evaluate", f"--checkpoint={workdir}",
-                        "--step=2"], env=warm_python.env(), cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       check=False)
+  run = subprocess.run(
+    [warm_python.python, "-m", "visionfm_jax.tools.evaluate", f"--checkpoint={workdir}", "--step=2"],
+    env=warm_python.env(),
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert run.returncode == 2, run.stderr[-3000:]
   assert run.stderr.startswith(f"error: --step=2: checkpoint {step_dir}: cannot read its params: "), run.stderr
   assert len(run.stderr.splitlines()) == 1 and "init_from" not in run.stderr, run.stderr
@@ -118,12 +140,15 @@ def test_evaluate_after_a_deleted_chunk_takes_the_intact_step_with_one_warning_a
 def test_export_hf_takes_the_newest_step_whose_params_are_intact(two_steps, tmp_path, caplog):
   """tools.export_hf (and tools.probe, through the same `workdir.intact_params`) choose a step as `load` does."""
   from visionfm_jax.tools import export_hf  # pylint: disable=g-import-not-at-top
+
   workdir = _copy(two_steps, tmp_path)
   os.remove(workdir / "checkpoints" / "2" / "state" / "_METADATA")
   with caplog.at_level(logging.WARNING):
     source = export_hf.load(str(workdir))
   assert source.origin == f"step 1 of {workdir}"
-  assert _warnings(caplog) == [f"checkpoint {workdir}/checkpoints/2: cannot read its params: state/_METADATA is "
-                               f"missing or unreadable; taking step 1, the newest checkpoint whose params are intact"]
+  assert _warnings(caplog) == [
+    f"checkpoint {workdir}/checkpoints/2: cannot read its params: state/_METADATA is "
+    f"missing or unreadable; taking step 1, the newest checkpoint whose params are intact"
+  ]
   with pytest.raises(CheckpointError, match=r"^--step=2: checkpoint .*/2: cannot read its params"):
     export_hf.load(str(workdir), step=2)

@@ -70,6 +70,7 @@ def digest(image):
 
 # --- shapes ---------------------------------------------------------------------------------------------
 
+
 def test_shapes_deterministic_per_index():
   a, b = shapes.ShapesSource("train", 100, 48), shapes.ShapesSource("train", 100, 48)
   for i in (0, 7, 99):
@@ -126,6 +127,7 @@ def test_shapes_render_speed_sanity():
 
 
 # --- transforms -----------------------------------------------------------------------------------------
+
 
 def test_random_resized_crop_shape_and_window():
   rng = np.random.default_rng(0)
@@ -190,6 +192,7 @@ def test_decode():
 
 # --- pipelines ------------------------------------------------------------------------------------------
 
+
 def test_train_loader_batches():
   cfg = data_config()
   cfg.augment.color_jitter = 0.3
@@ -244,8 +247,9 @@ def test_train_shards_disjoint_and_complete():
   cfg.augment.random_resized_crop = False
   seen = []
   for index in range(2):
-    loader = pipeline.make_train_loader(cfg, batch_size=8, seed=1, process_index=index, process_count=2,
-                                        source=RangeSource(64))
+    loader = pipeline.make_train_loader(
+      cfg, batch_size=8, seed=1, process_index=index, process_count=2, source=RangeSource(64)
+    )
     it = iter(loader)
     seen.append(np.concatenate([next(it)["label"] for _ in range(4)]))  # one epoch of the 32-record shard
   assert len(set(seen[0])) == len(set(seen[1])) == 32
@@ -253,8 +257,11 @@ def test_train_shards_disjoint_and_complete():
 
 
 def _range_loader(cfg, records, batch_size, index, count):
-  return iter(pipeline.make_train_loader(cfg, batch_size=batch_size, seed=1, process_index=index, process_count=count,
-                                         source=RangeSource(records)))
+  return iter(
+    pipeline.make_train_loader(
+      cfg, batch_size=batch_size, seed=1, process_index=index, process_count=count, source=RangeSource(records)
+    )
+  )
 
 
 @pytest.mark.slow
@@ -281,7 +288,7 @@ def test_two_processes_to_one_continue_the_epoch_without_repeating_a_record(old_
   lost_at_most = max(1, new_workers) + batch * max(1, old_workers)
   while len(seen) + len(rest) + lost_at_most < records:
     rest.extend(next(resumed)["label"])
-  rest = rest[:records - len(seen) - lost_at_most]
+  rest = rest[: records - len(seen) - lost_at_most]
   union = seen + [int(r) for r in rest]
   assert len(set(union)) == len(union), sorted(union)
 
@@ -306,8 +313,9 @@ def test_another_worker_count_continues_the_stream_of_the_same_processes():
 def test_corrupt_records_are_skipped_and_counted():
   cfg = data_config(image_size=4)
   cfg.augment.random_resized_crop = False
-  loader = pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1,
-                                      source=CorruptEveryFifth(40))
+  loader = pipeline.make_train_loader(
+    cfg, batch_size=4, seed=0, process_index=0, process_count=1, source=CorruptEveryFifth(40)
+  )
   it = iter(loader)
   labels = np.concatenate([next(it)["label"] for _ in range(8)])  # one epoch: 32 good records
   assert labels.shape == (32,) and sorted(labels) == [i for i in range(40) if i % 5]
@@ -319,8 +327,9 @@ def test_corrupt_records_are_skipped_and_counted():
   raw_valid = np.concatenate([b["valid"] for b in raw_batches])
   np.testing.assert_array_equal(raw_valid, raw_labels % 5 != 0)
   np.testing.assert_array_equal(labels, raw_labels[raw_valid])
-  batches = list(pipeline.make_eval_iterator(cfg, batch_size=8, process_index=0, process_count=1,
-                                             source=CorruptEveryFifth(40)))
+  batches = list(
+    pipeline.make_eval_iterator(cfg, batch_size=8, process_index=0, process_count=1, source=CorruptEveryFifth(40))
+  )
   masks = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(masks, np.arange(40) % 5 != 0)
 
@@ -329,8 +338,9 @@ def test_skipping_iterator_restores_mid_batch():
   """A state taken while part of a raw batch is still in hand replays the same batches and counts."""
   cfg = data_config(image_size=4, num_workers=0)
   cfg.augment.random_resized_crop = False
-  loader = pipeline.make_train_loader(cfg, batch_size=3, seed=1, process_index=0, process_count=1,
-                                      source=CorruptEveryFifth(30))
+  loader = pipeline.make_train_loader(
+    cfg, batch_size=3, seed=1, process_index=0, process_count=1, source=CorruptEveryFifth(30)
+  )
   it = iter(loader)
   for _ in range(5):
     next(it)
@@ -345,8 +355,11 @@ def test_skipping_iterator_restores_mid_batch():
 
 def test_mostly_corrupt_data_stops_with_a_clear_error():
   cfg = data_config(image_size=4, max_skipped_fraction=0.1, skip_check_after=20)
-  it = iter(pipeline.make_train_loader(cfg, batch_size=4, seed=0, process_index=0, process_count=1,
-                                       source=CorruptEveryFifth(40)))
+  it = iter(
+    pipeline.make_train_loader(
+      cfg, batch_size=4, seed=0, process_index=0, process_count=1, source=CorruptEveryFifth(40)
+    )
+  )
   with pytest.raises(DataError, match=r"config.data.max_skipped_fraction=0.1") as info:
     for _ in range(10):
       next(it)
@@ -359,8 +372,11 @@ def test_eval_iterator_covers_each_example_once(examples, processes):
   total = 50 if examples < 0 else examples
   labels, counts = [], []
   for index in range(processes):
-    batches = list(pipeline.make_eval_iterator(cfg, batch_size=8, process_index=index, process_count=processes,
-                                               source=RangeSource(50)))
+    batches = list(
+      pipeline.make_eval_iterator(
+        cfg, batch_size=8, process_index=index, process_count=processes, source=RangeSource(50)
+      )
+    )
     counts.append(len(batches))
     for b in batches:
       assert b["image"].shape == (8, 4, 4, 3) and b["mask"].dtype == bool and b["label"].dtype == np.int32
@@ -380,6 +396,7 @@ def test_eval_iterator_on_shapes():
 
 # --- sources --------------------------------------------------------------------------------------------
 
+
 def test_sources_shapes_and_bad_spec():
   cfg = data_config()
   assert len(sources.build_source("shapes", "train", cfg)) == 512
@@ -391,12 +408,17 @@ def test_sources_shapes_and_bad_spec():
       sources.build_source(spec, "train", cfg)
 
 
-@pytest.mark.parametrize("fields, culprit", [
+@pytest.mark.parametrize(
+  "fields, culprit",
+  [
     (dict(eval_source="foo"), "config.data.eval_source='foo'"),
     (dict(eval_source="arrayrecord:/nonexistent/*"), "config.data.eval_source='arrayrecord:/nonexistent/*'"),
-    (dict(source="", mixture=(("arrayrecord:/nonexistent/*", 1.0), ("shapes", 1.0))),
-     "config.data.mixture[0]='arrayrecord:/nonexistent/*'"),
-])
+    (
+      dict(source="", mixture=(("arrayrecord:/nonexistent/*", 1.0), ("shapes", 1.0))),
+      "config.data.mixture[0]='arrayrecord:/nonexistent/*'",
+    ),
+  ],
+)
 def test_eval_source_errors_name_the_field_it_came_from(fields, culprit):
   with pytest.raises(DataError) as info:
     pipeline.make_eval_iterator(data_config(**fields), batch_size=4, process_index=0, process_count=1)
@@ -423,12 +445,19 @@ def test_tfds_prepared_dataset(tmp_path):
 
   class VisionfmTestImages(tfds.core.GeneratorBasedBuilder):
     """Six JPEGs of varied sizes, labels 0..2."""
+
     VERSION = tfds.core.Version("1.0.0")
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(names=["a", "b", "c"])}))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(shape=(None, None, 3), encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names=["a", "b", "c"]),
+          }
+        ),
+      )
 
     def _split_generators(self, dl_manager):
       return {"train": self._generate_examples(6), "validation": self._generate_examples(4)}
@@ -458,7 +487,9 @@ def test_tfds_prepared_dataset(tmp_path):
   assert "tensorflow" not in sys.modules
 
 
-@pytest.mark.parametrize("spec,parsed", [
+@pytest.mark.parametrize(
+  "spec,parsed",
+  [
     ("shapes", ("shapes", "", "")),
     ("tfds:imagenet2012", ("tfds", "imagenet2012", "")),
     ("tfds:imagenet2012:validation", ("tfds", "imagenet2012", "validation")),
@@ -467,7 +498,8 @@ def test_tfds_prepared_dataset(tmp_path):
     ("tfds:imagenet2012:5.1.0:train[:99%]", ("tfds", "imagenet2012:5.1.0", "train[:99%]")),
     ("tfds:in21k/full:train[99%:]", ("tfds", "in21k/full", "train[99%:]")),
     ("arrayrecord:/d/{split}-*.array_record", ("arrayrecord", "/d/{split}-*.array_record", "")),
-])
+  ],
+)
 def test_source_spec_parsing(spec, parsed):
   assert sources._parse(spec) == parsed  # pylint: disable=protected-access
 
@@ -477,9 +509,11 @@ def test_clip_eval_preprocess_matches_hf_clip_image_processor(height, width):
   """config.data.eval_preprocess='clip' is CLIP's view (shorter side to 224, bicubic, central crop): exactly
   transformers' CLIPImageProcessor, odd margins included; 'inception' is another view."""
   from transformers import CLIPImageProcessor  # pylint: disable=g-import-not-at-top
+
   image = np.random.default_rng(height * width).integers(0, 256, (height, width, 3), dtype=np.uint8)
-  processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224},
-                                 do_rescale=False, do_normalize=False)
+  processor = CLIPImageProcessor(
+    size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}, do_rescale=False, do_normalize=False
+  )
   want = processor(images=Image.fromarray(image), return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
   got = transforms.EvalTransform(224, "clip").map({"image": image})["image"]
   np.testing.assert_array_equal(got, want.astype(np.uint8))
@@ -497,5 +531,6 @@ def test_eval_iterator_takes_the_configured_preprocess():
     batch = next(pipeline.make_eval_iterator(cfg, batch_size=4, process_index=0, process_count=1, source=records))
     for image, record in zip(batch["image"], records):
       np.testing.assert_array_equal(image, transforms.EvalTransform(16, preprocess).map(record)["image"])
-  assert not np.array_equal(transforms.EvalTransform(16, "clip").map(records[0])["image"],
-                            transforms.EvalTransform(16).map(records[0])["image"])
+  assert not np.array_equal(
+    transforms.EvalTransform(16, "clip").map(records[0])["image"], transforms.EvalTransform(16).map(records[0])["image"]
+  )

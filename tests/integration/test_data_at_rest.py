@@ -37,10 +37,19 @@ def _write_set(directory, shards=SHARDS, per_shard=PER_SHARD, shade=0):
   """A labelled set of `shards` tiny shards and its dataset.json, as datatools.prepare_data leaves it."""
   names = [records.shard_name("train", i, shards) for i in range(shards)]
   for i, name in enumerate(names):
-    records.write_records(str(directory / name), ({"image": np.full((16, 16, 3), (shade + 7 * i + j) % 256, np.uint8),
-                                                   "label": (i + j) % 8} for j in range(per_shard)))
-  records.write_metadata(directory, kind="classification", classes=[f"c{k}" for k in range(8)],
-                         splits={"train": {"records": shards * per_shard, "shards": names, "kind": "labelled"}})
+    records.write_records(
+      str(directory / name),
+      (
+        {"image": np.full((16, 16, 3), (shade + 7 * i + j) % 256, np.uint8), "label": (i + j) % 8}
+        for j in range(per_shard)
+      ),
+    )
+  records.write_metadata(
+    directory,
+    kind="classification",
+    classes=[f"c{k}" for k in range(8)],
+    splits={"train": {"records": shards * per_shard, "shards": names, "kind": "labelled"}},
+  )
   return names
 
 
@@ -123,7 +132,7 @@ def _corrupt_one_chunk(path) -> int:
   """Flips 16 bytes of the shard at `path` inside one record's chunk (as bit rot would); returns that record."""
   original = open(path, "rb").read()
   for at in range(0, 4096, 32):
-    damaged = original[:at] + bytes(b ^ 0xFF for b in original[at:at + 16]) + original[at + 16:]
+    damaged = original[:at] + bytes(b ^ 0xFF for b in original[at : at + 16]) + original[at + 16 :]
     with open(path, "wb") as f:
       f.write(damaged)
     reader = records.array_record_module.ArrayRecordReader(path)
@@ -163,9 +172,12 @@ def test_a_shard_truncated_while_training_is_named_as_such_not_counted_as_corrup
   for shard in range(1, len(names)):
     assert source[2 * shard]["image"] is not None
   against = r"its index .*train\.shards\.npy" if indexed else "the footer read when the source opened"
-  with pytest.raises(records.ShardChanged, match=rf"{tmp_path / names[0]} is not the shard {against} describes: "
-                                                 rf"{size // 2:,} bytes, not {size:,} \(truncated or "
-                                                 rf"replaced\); prepare it again"):
+  with pytest.raises(
+    records.ShardChanged,
+    match=rf"{tmp_path / names[0]} is not the shard {against} describes: "
+    rf"{size // 2:,} bytes, not {size:,} \(truncated or "
+    rf"replaced\); prepare it again",
+  ):
     source[1]
 
 
@@ -188,16 +200,28 @@ def test_a_shard_replaced_since_it_was_indexed_is_one_error_line_naming_it(tmp_p
   opens it (here the dry run, which reads its first record)."""
   names = _write_set(tmp_path, shards=4, per_shard=2)
   records.write_index(tmp_path, "train")
-  records.write_records(str(tmp_path / names[0]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1}
-                                                   for _ in range(2)))
+  records.write_records(
+    str(tmp_path / names[0]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1} for _ in range(2))
+  )
   status, _, err = run_main_in_process(
-      ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-       f"--config.data.source=arrayrecord:{tmp_path}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
-       "--config.data.num_workers=0"], monkeypatch, capsys)
+    [
+      "--config=configs/vit_huge.py:demo",
+      f"--workdir={tmp_path / 'run'}",
+      "--dry_run",
+      f"--config.data.source=arrayrecord:{tmp_path}/{{split}}-*.array_record",
+      "--config.data.eval_source=shapes",
+      "--config.data.num_workers=0",
+    ],
+    monkeypatch,
+    capsys,
+  )
   assert status == 2
-  assert re.fullmatch(rf"error: arrayrecord source '{tmp_path}/train-\*\.array_record': {tmp_path / names[0]} is "
-                      rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, "
-                      rf"not \w+ \(truncated or replaced\); prepare it again .*", err.strip().splitlines()[-1])
+  assert re.fullmatch(
+    rf"error: arrayrecord source '{tmp_path}/train-\*\.array_record': {tmp_path / names[0]} is "
+    rf"not the shard its index {tmp_path / 'train.shards.npy'} describes: its postscript \w+, "
+    rf"not \w+ \(truncated or replaced\); prepare it again .*",
+    err.strip().splitlines()[-1],
+  )
 
 
 def test_a_shard_that_vanishes_while_training_is_an_error_naming_it(tmp_path):
@@ -225,16 +249,22 @@ def test_a_hard_limit_below_the_need_is_one_line_before_training(tmp_path, many_
   pipes, the run's own files) is over a hard limit of 256."""
   directory, _ = many_shards
   need = open_shards.bound() + 4 * open_files.PER_WORKER + open_files.RUN_FILES
-  args = ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-          f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
-          "--config.data.num_workers=4"]
+  args = [
+    "--config=configs/vit_huge.py:demo",
+    f"--workdir={tmp_path / 'run'}",
+    "--dry_run",
+    f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record",
+    "--config.data.eval_source=shapes",
+    "--config.data.num_workers=4",
+  ]
   command = f"ulimit -n 256 && exec {sys.executable} -m visionfm_jax.main " + " ".join(f"'{a}'" for a in args)
   proc = subprocess.run(["bash", "-c", command], cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120)
   assert proc.returncode == 2, proc.stderr[-2000:]
   assert proc.stderr.strip().splitlines()[-1] == (
-      f"error: the input pipeline may hold {need} open files (its sources and config.data.num_workers, "
-      f"data/loader/open_files.py) but this process may open at most 256 (hard RLIMIT_NOFILE): raise it "
-      f"('ulimit -Hn {need}' where allowed, or the cluster's limits.conf)")
+    f"error: the input pipeline may hold {need} open files (its sources and config.data.num_workers, "
+    f"data/loader/open_files.py) but this process may open at most 256 (hard RLIMIT_NOFILE): raise it "
+    f"('ulimit -Hn {need}' where allowed, or the cluster's limits.conf)"
+  )
 
 
 def test_the_dry_run_reports_the_need_and_opens_only_the_shard_it_reads(tmp_path, many_shards, monkeypatch, capsys):
@@ -243,21 +273,39 @@ def test_the_dry_run_reports_the_need_and_opens_only_the_shard_it_reads(tmp_path
   directory, _ = many_shards
   with file_opens.FileOpens([directory], ".array_record") as opens:
     status, out, _ = run_main_in_process(
-        ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-         f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
-         "--config.data.num_workers=2"], monkeypatch, capsys)
+      [
+        "--config=configs/vit_huge.py:demo",
+        f"--workdir={tmp_path / 'run'}",
+        "--dry_run",
+        f"--config.data.source=arrayrecord:{directory}/{{split}}-*.array_record",
+        "--config.data.eval_source=shapes",
+        "--config.data.num_workers=2",
+      ],
+      monkeypatch,
+      capsys,
+    )
     assert status == 0
     assert opens.opened() == 1 and opens.files == {b"train-00000-of-00300.array_record"} and not opens.overflowed
   need = open_shards.bound() + 2 * open_files.PER_WORKER + open_files.RUN_FILES
   soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-  assert (f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, "
-          f"hard {hard}") in out
+  assert (
+    f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard}"
+  ) in out
 
 
 def _tiny_run_config(directory, **overrides):
-  return tiny_vit_config(**{"data.source": f"arrayrecord:{directory}/{{split}}-*.array_record",
-                            "data.eval_source": "shapes", "data.num_workers": 0, "model.num_classes": 8,
-                            "total_steps": 2, "checkpoint_every": 2, "eval_every": 100, **overrides})
+  return tiny_vit_config(
+    **{
+      "data.source": f"arrayrecord:{directory}/{{split}}-*.array_record",
+      "data.eval_source": "shapes",
+      "data.num_workers": 0,
+      "model.num_classes": 8,
+      "total_steps": 2,
+      "checkpoint_every": 2,
+      "eval_every": 100,
+      **overrides,
+    }
+  )
 
 
 @pytest.mark.slow
@@ -269,14 +317,18 @@ def test_a_resume_on_replaced_data_is_refused_naming_it_unless_allowed(tmp_path)
   recorded = json.loads((workdir / data_record.FILE).read_text())
   assert recorded["entries"][0]["records"] == 32 and len(recorded["entries"][0]["shards"]) == 8
 
-  records.write_records(str(data / names[3]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1}
-                                               for _ in range(4)))  # re-prepared: same count, other bytes
+  records.write_records(
+    str(data / names[3]), ({"image": np.full((24, 24, 3), 9, np.uint8), "label": 1} for _ in range(4))
+  )  # re-prepared: same count, other bytes
   size = os.path.getsize(data / names[3])
-  with pytest.raises(ConfigError, match=rf"^cannot resume {workdir}: its training data changed since the "
-                                        rf"checkpoints were saved: "
-                                        rf"config.data.source='arrayrecord:{data}/{{split}}-\*.array_record': "
-                                        rf"1 shard\(s\) changed \({names[3]} \(4 records, {size:,} bytes, \w+ -> "
-                                        rf"4 records, {size:,} bytes, \w+\)\); restore the data, or pass"):
+  with pytest.raises(
+    ConfigError,
+    match=rf"^cannot resume {workdir}: its training data changed since the "
+    rf"checkpoints were saved: "
+    rf"config.data.source='arrayrecord:{data}/{{split}}-\*.array_record': "
+    rf"1 shard\(s\) changed \({names[3]} \(4 records, {size:,} bytes, \w+ -> "
+    rf"4 records, {size:,} bytes, \w+\)\); restore the data, or pass",
+  ):
     train.run(_tiny_run_config(data), str(workdir))
   with pytest.raises(ConfigError, match=r"--config.resume.allow_changes=data.source to go on with this data"):
     train.run(_tiny_run_config(data), str(workdir))
@@ -292,17 +344,26 @@ def test_a_resume_follows_changed_data_until_a_checkpoint_is_saved_on_it(tmp_pat
   """The record keeps the step after which the data changed: a resume from that step again (the run stopped before
   its next save) still continues by position, one from a later checkpoint replays."""
   config = tiny_vit_config(**{"data.source": "arrayrecord:/d/{split}-*", "resume.allow_changes": "data.source"})
-  old, new = {"entries": [{"what": "x", "source": "a", "records": 4}]}, {"entries": [{"what": "x", "source": "a",
-                                                                                        "records": 5}]}
+  old, new = (
+    {"entries": [{"what": "x", "source": "a", "records": 4}]},
+    {"entries": [{"what": "x", "source": "a", "records": 5}]},
+  )
   assert not data_record.check(config, str(tmp_path), old, None)  # a fresh run records its data
   assert data_record.check(config, str(tmp_path), new, 10)  # changed (allowed): follow
   assert data_record.check(config, str(tmp_path), new, 10)  # no save on the new data yet: follow again
   assert not data_record.check(config, str(tmp_path), new, 20)  # a checkpoint of the new data: replay
 
 
-@pytest.mark.parametrize("content,why", [(None, "is missing"), ("{}", "is empty"), ("{garbled", "cannot be read"),
-                                         ('{"changed_after": null}', r"holds no record of training data")],
-                         ids=["missing", "empty", "garbled", "no_entries"])
+@pytest.mark.parametrize(
+  "content,why",
+  [
+    (None, "is missing"),
+    ("{}", "is empty"),
+    ("{garbled", "cannot be read"),
+    ('{"changed_after": null}', r"holds no record of training data"),
+  ],
+  ids=["missing", "empty", "garbled", "no_entries"],
+)
 def test_a_lost_data_record_stops_a_resume_until_allowed_then_is_rebuilt(tmp_path, content, why):
   """Missing, emptied or garbled, data.json guards nothing: a resume says so and names the override; with it, the
   record is rebuilt from this run's data, which is read from the saved stream position as changed data is."""
@@ -311,11 +372,14 @@ def test_a_lost_data_record_stops_a_resume_until_allowed_then_is_rebuilt(tmp_pat
   path = tmp_path / data_record.FILE
   if content is not None:
     path.write_text(content)
-  with pytest.raises(WorkdirError, match=rf"^cannot resume {tmp_path}: {path} {why}.*; restore it, or pass "
-                                         rf"--config.resume.allow_changes=total_steps,data.source to record this "
-                                         rf"run's data anew"):
+  with pytest.raises(
+    WorkdirError,
+    match=rf"^cannot resume {tmp_path}: {path} {why}.*; restore it, or pass "
+    rf"--config.resume.allow_changes=total_steps,data.source to record this "
+    rf"run's data anew",
+  ):
     data_record.check(config, str(tmp_path), data, 10)
-  assert (path.read_text() if content is not None else not path.exists())  # left as it was
+  assert path.read_text() if content is not None else not path.exists()  # left as it was
   config.resume.allow_changes = "data.source"
   assert data_record.check(config, str(tmp_path), data, 10)  # rebuilt; read by position
   assert json.loads(path.read_text()) == {**data, "changed_after": 10}
@@ -331,8 +395,9 @@ def test_the_identity_of_tars_in_place_names_a_tar_rewritten_and_reindexed(tmp_p
   index_tars.index_tars(pattern)
   source = wds.WdsSource(pattern)
   changed = identity.differences(before, identity.of_mixture(_mixture_of(source)))
-  assert len(changed) == 1 and re.search(r"3 shard\(s\) changed \(.*00000\.tar \(4 records, [\d,]+ bytes -> 4 records",
-                                         changed[0])
+  assert len(changed) == 1 and re.search(
+    r"3 shard\(s\) changed \(.*00000\.tar \(4 records, [\d,]+ bytes -> 4 records", changed[0]
+  )
   assert source.max_open_files == source.CACHED_INDEXES
 
 
@@ -343,16 +408,38 @@ def _mixture_of(source):
 def _prepare(source, output, capsys) -> None:
   """`datatools.prepare_data --format=folders` of the class tree `source` into one shard of `output`."""
   from visionfm_jax.datatools.prepare_data import __main__ as prepare_data  # pylint: disable=g-import-not-at-top
-  assert prepare_data.main(["prepare_data", "--format=folders", f"--input={source}", f"--output={output}",
-                            "--num_workers=0", "--progress=false"]) == 0, capsys.readouterr().err
+
+  assert (
+    prepare_data.main(
+      [
+        "prepare_data",
+        "--format=folders",
+        f"--input={source}",
+        f"--output={output}",
+        "--num_workers=0",
+        "--progress=false",
+      ]
+    )
+    == 0
+  ), capsys.readouterr().err
   capsys.readouterr()
 
 
 def _dry_run(output, workdir, monkeypatch, capsys) -> tuple[int, str]:
   status, _, err = run_main_in_process(
-      ["--config=configs/vit_huge.py:demo", f"--workdir={workdir}", "--dry_run", "--config.global_batch_size=8",
-       f"--config.data.source=arrayrecord:{output}/{{split}}-*.array_record", "--config.data.eval_source=shapes",
-       "--config.model.num_classes=-1", "--config.data.num_workers=0"], monkeypatch, capsys)
+    [
+      "--config=configs/vit_huge.py:demo",
+      f"--workdir={workdir}",
+      "--dry_run",
+      "--config.global_batch_size=8",
+      f"--config.data.source=arrayrecord:{output}/{{split}}-*.array_record",
+      "--config.data.eval_source=shapes",
+      "--config.model.num_classes=-1",
+      "--config.data.num_workers=0",
+    ],
+    monkeypatch,
+    capsys,
+  )
   return status, err
 
 
@@ -366,7 +453,8 @@ def test_the_refusals_advice_rewrites_a_foreign_or_truncated_shard(damage, tmp_p
       (tmp_path / tree / label).mkdir(parents=True)
       for i in range(8):
         Image.fromarray(np.full((8, 8, 3), shade + 8 * (label == "b") + i, np.uint8)).save(
-            tmp_path / tree / label / f"{i}.png")
+          tmp_path / tree / label / f"{i}.png"
+        )
   output, shard = tmp_path / "out", records.shard_name("train", 0, 1)
   _prepare(tmp_path / "ours", output, capsys)
   _prepare(tmp_path / "theirs", tmp_path / "their_out", capsys)

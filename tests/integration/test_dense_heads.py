@@ -40,6 +40,7 @@ def _random_params(model):
     if name.endswith("['kernel']"):
       return noise / np.sqrt(np.prod(x.shape[:-1]))
     return 0.1 * noise + (1.0 if name.endswith("['scale']") else 0.0)
+
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -64,12 +65,15 @@ def test_swinv2_stages_are_the_maps_before_merging():
   assert set(jax.eval_shape(lambda: model.apply({"params": params}, IMAGES))) == {"tokens", "pooled"}
 
 
-@pytest.mark.parametrize("patch, image, expected_sizes, expected_strides", [
+@pytest.mark.parametrize(
+  "patch, image, expected_sizes, expected_strides",
+  [
     (16, 64, [16, 8, 4, 2], [4, 8, 16, 32]),  # two up, one up, identity, one down
     (8, 64, [16, 8, 4, 2], [4, 8, 16, 32]),  # one up, identity, two down
     (14, 56, [16, 8, 4, 2], [3.5, 7, 14, 28]),  # as p = 16: strides relative to the patch
     (4, 36, [9, 5, 3, 2], [4, 8, 16, 32]),  # odd maps: max-pooling pads (ceil)
-])
+  ],
+)
 def test_simple_feature_pyramid_levels(patch, image, expected_sizes, expected_strides):
   sfp = dense_heads.SimpleFeaturePyramid(patch, channels=8)
   x = jnp.zeros((1, image // patch, image // patch, 32))
@@ -79,6 +83,7 @@ def test_simple_feature_pyramid_levels(patch, image, expected_sizes, expected_st
     (maps, level_strides), variables = sfp.init_with_output(jax.random.key(0), x)
     strides.extend(level_strides)  # python floats: kept out of eval_shape's abstract outputs
     return maps, variables
+
   maps, variables = jax.eval_shape(init)
   assert [m.shape for m in maps] == [(1, s, s, 8) for s in expected_sizes]
   assert strides == expected_strides
@@ -88,15 +93,24 @@ def test_simple_feature_pyramid_levels(patch, image, expected_sizes, expected_st
 
 
 def test_uperhead_on_pyramid_levels():
-  maps = [jnp.zeros((2, 16 // 2 ** i, 16 // 2 ** i, 8 * 2 ** i)) for i in range(4)]
+  maps = [jnp.zeros((2, 16 // 2**i, 16 // 2**i, 8 * 2**i)) for i in range(4)]
   head = dense_heads.UPerHead(NUM_CLASSES, channels=16, input_norms=True)
   logits, variables = jax.eval_shape(lambda: head.init_with_output(jax.random.key(0), maps))
   assert logits.shape == (2, 16, 16, NUM_CLASSES) and logits.dtype == jnp.float32
   fpn = variables["params"]["fpn"]
   assert set(fpn["ppm"]) == {"scale_1", "scale_2", "scale_3", "scale_6", "bottleneck"}
   assert {k for k in fpn if k.startswith(("lateral", "output", "input_norm"))} == {
-      "lateral_0", "lateral_1", "lateral_2", "output_0", "output_1", "output_2",
-      "input_norm_0", "input_norm_1", "input_norm_2", "input_norm_3"}
+    "lateral_0",
+    "lateral_1",
+    "lateral_2",
+    "output_0",
+    "output_1",
+    "output_2",
+    "input_norm_0",
+    "input_norm_1",
+    "input_norm_2",
+    "input_norm_3",
+  }
 
 
 def test_adaptive_avg_pool_matches_pytorch_bins():
@@ -133,8 +147,9 @@ def test_bf16_compute_keeps_fp32_logits():
   seg = segmenter.Segmenter(VIT.clone(dtype=jnp.bfloat16), NUM_CLASSES, 8, 8, dtype=jnp.bfloat16)
   out = jax.eval_shape(lambda: seg.init_with_output(jax.random.key(0), IMAGES)[0])
   assert out.shape == (2, 32, 32, NUM_CLASSES) and out.dtype == jnp.float32
-  det = detector.Detector(VIT.clone(dtype=jnp.bfloat16), NUM_CLASSES, neck_channels=8, head_channels=8,
-                          dtype=jnp.bfloat16)
+  det = detector.Detector(
+    VIT.clone(dtype=jnp.bfloat16), NUM_CLASSES, neck_channels=8, head_channels=8, dtype=jnp.bfloat16
+  )
   out = jax.eval_shape(lambda: det.init_with_output(jax.random.key(0), IMAGES)[0])
   assert out["logits"].dtype == jnp.float32 and out["boxes"].dtype == jnp.float32
 
@@ -145,8 +160,9 @@ def test_a_classification_head_on_the_backbone_is_refused():
 
 
 # Fewer pooling scales and levels than the defaults: compile time dominates (the defaults are checked by shape).
-SEGMENTER = segmenter.Segmenter(VIT, NUM_CLASSES, neck_channels=8, head_channels=8, ppm_scales=(1, 2),
-                                neck_strides=(4, 8, 16))
+SEGMENTER = segmenter.Segmenter(
+  VIT, NUM_CLASSES, neck_channels=8, head_channels=8, ppm_scales=(1, 2), neck_strides=(4, 8, 16)
+)
 LABELS = np.random.default_rng(2).integers(0, NUM_CLASSES, (2, 32, 32)).astype(np.int32)
 LABELS[:, :4] = 255
 
@@ -154,9 +170,11 @@ LABELS[:, :4] = 255
 @_jit
 def _segmenter_step(params, images):
   """(loss, grads, logits) of the ViT segmenter: one compile shared by the gradient and sliding-window tests."""
+
   def loss_fn(p):
     logits = SEGMENTER.apply({"params": p}, images)
     return pixels.segmentation_cross_entropy(logits, LABELS), logits
+
   (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
   return loss, grads, logits
 
@@ -176,8 +194,10 @@ def test_detector_gradients_through_matching():
   # SwinV2 compiles slowly; its detector (FPN neck) is checked by shape above.
   model = detector.Detector(VIT, NUM_CLASSES, levels=(8, 16), num_convs=1, neck_channels=8, head_channels=8)
   classes = jnp.array([[1, 3, -1], [0, -1, -1]], jnp.int32)
-  targets = jnp.array([[[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8], [0, 0, 0, 0]],
-                       [[0.2, 0.3, 0.7, 0.9], [0, 0, 0, 0], [0, 0, 0, 0]]], jnp.float32)
+  targets = jnp.array(
+    [[[0.1, 0.1, 0.4, 0.5], [0.5, 0.5, 0.9, 0.8], [0, 0, 0, 0]], [[0.2, 0.3, 0.7, 0.9], [0, 0, 0, 0], [0, 0, 0, 0]]],
+    jnp.float32,
+  )
 
   @_jit
   def run(params):
@@ -186,6 +206,7 @@ def test_detector_gradients_through_matching():
       cost = matching.batched_match_cost(out["logits"], out["boxes"], classes, targets)
       index = matching.hungarian_match(cost, classes >= 0)
       return detection_losses.detection_set_loss(out["logits"], out["boxes"], classes, targets, index)[0], out
+
     (loss, out), grads = jax.value_and_grad(loss_fn, has_aux=True)(params)
     return loss, out, grads
 
@@ -240,8 +261,8 @@ def test_sliding_window_averages_overlaps():
   expected = np.zeros((2, 10, 7, 1))
   counts = np.zeros((10, 1, 1))
   for y in starts:
-    expected[:, y:y + 4] += np.asarray(images[:, y:y + 4, :, :1]).mean(axis=(1, 2), keepdims=True)
-    counts[y:y + 4] += 1
+    expected[:, y : y + 4] += np.asarray(images[:, y : y + 4, :, :1]).mean(axis=(1, 2), keepdims=True)
+    counts[y : y + 4] += 1
   np.testing.assert_allclose(out, expected / counts, rtol=1e-5)
   # Images smaller than the window are padded; their logits come back at the image size.
   small = segmenter.sliding_window_logits(pointwise, images[:, :3, :3], window=4, stride=2, num_classes=4)

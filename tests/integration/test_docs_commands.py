@@ -17,6 +17,7 @@ Every training command (direct, `launch/local.sh`, `sbatch`) is also validated a
 it, at the device and process count of the job it launches (16 nodes of 8 GPUs for `sbatch --nodes=16`).
 `tests/integration/test_dry_run.py` runs the dry run itself on every demo config.
 """
+
 import dataclasses
 import functools
 import importlib
@@ -45,8 +46,14 @@ EXTERNAL = {"hf", "img2dataset", "nvidia-smi", "tensorboard", "tar", "rm", "podm
 ROOTS = ("/data/", "/ckpt/", "/models/")
 # Read paths a person unpacks or downloads by hand, as the document describes in prose (release archives of
 # COCO, Flickr30k, ADE20K; TFDS' manual-download folder): the command that would write them is not ours.
-PLACED_BY_HAND = ("/data/coco", "/data/flickr30k", "/data/ADEChallengeData2016", "/data/tfds/downloads/manual",
-                  "/data/imagenet_variants", "/raw/")
+PLACED_BY_HAND = (
+  "/data/coco",
+  "/data/flickr30k",
+  "/data/ADEChallengeData2016",
+  "/data/tfds/downloads/manual",
+  "/data/imagenet_variants",
+  "/raw/",
+)
 # Flags whose value is a path a command writes; every other path-valued flag is read.
 WRITE_FLAGS = {"out", "output", "workdir", "local-dir", "data_dir", "selection_out"}
 
@@ -132,7 +139,7 @@ def launched_args(command: Command) -> list[str] | None:
     script = next(i for i, a in enumerate(argv) if i and not a.startswith("-"))
     assert argv[script] in ("launch/slurm.sbatch", "launch/tool.sbatch"), command
     assert argv[script] == "launch/slurm.sbatch" or "MODULE" in command.env, f"tool.sbatch without MODULE: {command}"
-    return argv[script + 1:]
+    return argv[script + 1 :]
   if argv[0] == "bash" and argv[1:2] == ["launch/slurm.sbatch"]:
     return argv[2:]
   if argv[0] == "launch/local.sh":
@@ -173,7 +180,7 @@ def cluster_of(command: Command) -> tuple[int | None, int]:
   if argv[0] == "launch/local.sh":
     return int(argv[1]) * int(env.get("DEVICES_PER_PROCESS", 1)), int(argv[1])
   if argv[0] == "srun":
-    options = dict(split_flags(argv[:len(argv) - len(srun_task(argv))]))
+    options = dict(split_flags(argv[: len(argv) - len(srun_task(argv))]))
     nodes = int(options.get("nodes", 1))
     return nodes * int(options.get("gpus-per-node", 1)), nodes * int(options.get("ntasks-per-node", 1))
   flags_ = dict(split_flags(argv))
@@ -185,11 +192,14 @@ def cluster_of(command: Command) -> tuple[int | None, int]:
 @functools.cache
 def flags_of(module: str) -> frozenset[str]:
   """The flag names `python -m module` accepts (its absl flags, read in a fresh process)."""
-  code = ("import importlib, sys\nfrom absl import flags\nimportlib.import_module(sys.argv[1])\n"
-          "print('\\n'.join(flags.FLAGS))")
+  code = (
+    "import importlib, sys\nfrom absl import flags\nimportlib.import_module(sys.argv[1])\n"
+    "print('\\n'.join(flags.FLAGS))"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  out = subprocess.run([sys.executable, "-c", code, module], capture_output=True, text=True, env=env, cwd=ROOT,
-                       timeout=120)
+  out = subprocess.run(
+    [sys.executable, "-c", code, module], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120
+  )
   assert out.returncode == 0, f"python -m {module}: {out.stderr.strip().splitlines()[-1:]}"
   return frozenset(out.stdout.split())
 
@@ -214,6 +224,7 @@ def check_tool_flags(module: str, args: list[str], checkpoint_configs: dict | No
   A tool whose config comes from its --checkpoint gets the config of the command that wrote that workdir."""
   from visionfm_jax import cli
   from visionfm_jax.errors import UserError
+
   if _is_package(module):
     module += ".__main__"
   tool = importlib.import_module(module)
@@ -339,6 +350,7 @@ def test_the_docs_have_the_commands_this_test_reads():
 
 # ---- paths: what a command reads, an earlier command of the same document wrote ----
 
+
 def _path_values(value: str) -> list[str]:
   """Absolute paths under ROOTS inside a flag value (a source spec, a glob, a mixture tuple)."""
   return re.findall(r"(/(?:data|ckpt|models)/[^\s'\",():*{}]+)", value)
@@ -361,8 +373,9 @@ def config_paths(args: list[str]) -> list[str]:
 
 def reads_and_writes(command: Command) -> tuple[list[str], list[str]]:
   passed = main_args(command)
-  args = passed if passed is not None else (python_module(command.argv) or tool_launch(command)
-                                            or (None, command.argv))[1]
+  args = (
+    passed if passed is not None else (python_module(command.argv) or tool_launch(command) or (None, command.argv))[1]
+  )
   reads, writes = [], []
   for name, value in split_flags(args):
     if value is None:
@@ -400,6 +413,7 @@ def loaded_config(args: list[str]):
   """The config a main command runs: its file and variant with its --config.* overrides, parsed as main does."""
   from absl import flags
   from ml_collections import config_flags
+
   config_args = [a for a in args if a.startswith("--config")]
   argv = ["main", *[a.replace("--config=", f"--config={ROOT}/", 1) for a in config_args]]
   fv = flags.FlagValues()
@@ -408,13 +422,16 @@ def loaded_config(args: list[str]):
   return fv.config
 
 
-@pytest.mark.parametrize("command", [c for c in ALL if main_args(c) is not None
-                                     or (python_module(c.argv) or ("",))[0] == "visionfm_jax.main"],
-                         ids=lambda c: f"{c.doc}:{c.line}")
+@pytest.mark.parametrize(
+  "command",
+  [c for c in ALL if main_args(c) is not None or (python_module(c.argv) or ("",))[0] == "visionfm_jax.main"],
+  ids=lambda c: f"{c.doc}:{c.line}",
+)
 def test_training_commands_validate_for_the_job_they_launch(command):
   """main's own checks (training/checks.validate, what --dry_run runs first) at the job's device and process
   count: the batch over the devices, micro-batches, the mesh and its batch axes over the processes."""
   from visionfm_jax.training import checks
+
   args = main_args(command)
   if args is None:
     args = python_module(command.argv)[1]
@@ -429,6 +446,7 @@ def test_hf_is_the_cli_the_hub_extra_installs():
   """The docs download published models with `hf download`: huggingface_hub's console script (2.x ships no
   huggingface-cli), which the `hub` extra installs."""
   from importlib import metadata
+
   hub = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["hub"]
   assert any(re.match(r"huggingface_hub\b", requirement) for requirement in hub), hub
   scripts = {e.name for e in metadata.distribution("huggingface_hub").entry_points if e.group == "console_scripts"}

@@ -16,27 +16,45 @@ from visionfm_jax.training import dry_run
 from conftest import ROOT
 from test_bad_input import run_main_in_process
 
-DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_g_clip.py:demo", "aurora_xl.py:demo",
-         "finetune_ade20k.py:demo", "finetune_coco.py:demo"]
+DEMOS = [
+  "vit_huge.py:demo",
+  "swinv2_cls.py:demo",
+  "swinv2_g_clip.py:demo",
+  "aurora_xl.py:demo",
+  "finetune_ade20k.py:demo",
+  "finetune_coco.py:demo",
+]
 FP32 = 4
 
 
 def _main(*args, warm, launcher=("python", "-m", "visionfm_jax.main"), env=None):
   """(the finished command, its seconds): `launcher` (its `python` the warm interpreter `warm`) with `args`."""
   start = time.perf_counter()
-  proc = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=warm.env(dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))))
+  proc = subprocess.run(
+    [*launcher, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=warm.env(dict(os.environ, JAX_PLATFORMS="cpu", **(env or {}))),
+  )
   return proc, time.perf_counter() - start
 
 
 def _figures(stdout: str) -> dict:
   """The numbers of the dry run's report lines."""
+
   def number(pattern):
     return int(re.search(pattern, stdout).group(1).replace(",", ""))
+
   mesh = re.search(r"mesh data (\d+) x fsdp (\d+) x tensor (\d+) over (\d+) devices in (\d+) process", stdout)
-  return dict(params=number(r"([\d,]+) params"), steps=number(r"steps: ([\d,]+) of"),
-              examples=number(r"examples per epoch: ([\d,]+)"), checkpoint_every=number(r"checkpoints: every ([\d,]+)"),
-              mesh=tuple(int(x) for x in mesh.groups()))
+  return dict(
+    params=number(r"([\d,]+) params"),
+    steps=number(r"steps: ([\d,]+) of"),
+    examples=number(r"examples per epoch: ([\d,]+)"),
+    checkpoint_every=number(r"checkpoints: every ([\d,]+)"),
+    mesh=tuple(int(x) for x in mesh.groups()),
+  )
 
 
 @pytest.mark.parametrize("spec", DEMOS)
@@ -51,8 +69,11 @@ def test_the_plan_of_every_demo_from_shapes(spec, tmp_path):
   assert 2 * per_device["params"] <= per_device["opt_state"] <= 2 * per_device["params"] + 1024
   entries = len(config.data.mixture) or 1
   assert plan["examples_per_epoch"] == entries * config.data.shapes_train_size
-  assert (plan["total_steps"], plan["start_step"], plan["checkpoint_every"]) == (config.total_steps, 0,
-                                                                                  config.checkpoint_every)
+  assert (plan["total_steps"], plan["start_step"], plan["checkpoint_every"]) == (
+    config.total_steps,
+    0,
+    config.checkpoint_every,
+  )
   assert plan["evaluators"] and not (tmp_path / "run").exists()
   assert "for good" not in dry_run.report(plan)[-1]  # the demos keep no history
   config.checkpoint_keep_period = 2 * config.checkpoint_every
@@ -69,8 +90,9 @@ def test_the_plan_of_every_demo_from_shapes(spec, tmp_path):
 def test_a_dry_run_through_main_prints_the_plan_and_exits_0_without_training(tmp_path, warm_python):
   workdir = tmp_path / "run"
   # planned for the 2 devices the mesh names; this process has 8
-  proc, seconds = _main("--config=configs/vit_huge.py:demo", f"--workdir={workdir}", "--dry_run",
-                        "--config.mesh.fsdp=2", warm=warm_python)
+  proc, seconds = _main(
+    "--config=configs/vit_huge.py:demo", f"--workdir={workdir}", "--dry_run", "--config.mesh.fsdp=2", warm=warm_python
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   figures = _figures(proc.stdout)
   config = config_lib.load(os.path.join(ROOT, "configs", "vit_huge.py:demo"))
@@ -88,10 +110,12 @@ def _empty_split(directory, split):
 
 def _pairs_split(directory, split, count=64):
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
-  records.write_records(directory / f"{split}-00000-of-00001.array_record",
-                        ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3}
-                         for i in range(count)))
+  records.write_records(
+    directory / f"{split}-00000-of-00001.array_record",
+    ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3} for i in range(count)),
+  )
 
 
 @pytest.mark.parametrize("case", ["missing-subprocess", "empty_train", "empty_eval"])
@@ -103,8 +127,13 @@ def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, m
     (_empty_split if case == "empty_train" else _pairs_split)(data, "train")
     _empty_split(data, "validation")
   spec = f"arrayrecord:{data}/{{split}}-*.array_record"
-  args = ("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-          f"--config.data.source={spec}", "--config.model.num_classes=3")
+  args = (
+    "--config=configs/vit_huge.py:demo",
+    f"--workdir={tmp_path / 'run'}",
+    "--dry_run",
+    f"--config.data.source={spec}",
+    "--config.model.num_classes=3",
+  )
   if case.endswith("subprocess"):
     proc, _ = _main(*args, warm=warm_python)
     status, stderr = proc.returncode, proc.stderr
@@ -121,6 +150,7 @@ def test_a_missing_or_empty_source_is_one_error_line_naming_it(case, tmp_path, m
 def test_an_empty_eval_source_stops_a_run_at_start_up(tmp_path):
   """open_eval_source, which every evaluator opens when built, refuses an empty split as a missing one."""
   from visionfm_jax.data.loader import pipeline  # pylint: disable=g-import-not-at-top
+
   _empty_split(tmp_path, "validation")
   config = config_lib.base_config()
   config.data.source = f"arrayrecord:{tmp_path}/{{split}}-*.array_record"
@@ -129,16 +159,27 @@ def test_an_empty_eval_source_stops_a_run_at_start_up(tmp_path):
 
 
 def test_local_sh_runs_one_process_for_the_whole_job(tmp_path, warm_python):
-  proc, _ = _main("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-                  launcher=("bash", "launch/local.sh", "2"), env={"DEVICES_PER_PROCESS": "2"}, warm=warm_python)
+  proc, _ = _main(
+    "--config=configs/vit_huge.py:demo",
+    f"--workdir={tmp_path / 'run'}",
+    "--dry_run",
+    launcher=("bash", "launch/local.sh", "2"),
+    env={"DEVICES_PER_PROCESS": "2"},
+    warm=warm_python,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("dry run:") == 1 and _figures(proc.stdout)["mesh"] == (1, 4, 1, 4, 2)
 
 
 def test_slurm_sbatch_plans_the_allocation_from_one_process(tmp_path, warm_python):
   """Run with bash on a login node: NODES x GPUS_PER_NODE devices, one process per node; no srun."""
-  proc, _ = _main("--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-                  launcher=("bash", "launch/slurm.sbatch"), env={"NODES": "4", "GPUS_PER_NODE": "8"},
-                  warm=warm_python)
+  proc, _ = _main(
+    "--config=configs/vit_huge.py:demo",
+    f"--workdir={tmp_path / 'run'}",
+    "--dry_run",
+    launcher=("bash", "launch/slurm.sbatch"),
+    env={"NODES": "4", "GPUS_PER_NODE": "8"},
+    warm=warm_python,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert proc.stdout.count("dry run:") == 1 and _figures(proc.stdout)["mesh"] == (1, 32, 1, 32, 4)

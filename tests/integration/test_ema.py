@@ -36,8 +36,9 @@ def _state(workdir, step):
 def _recurrence(ema, params, decay=DECAY):
   """One step of the EMA in numpy, float32 as the state holds it."""
   d = np.float32(decay)
-  return jax.tree.map(lambda e, p: np.asarray(e, np.float32) * d + np.asarray(p, np.float32) * (np.float32(1) - d),
-                      ema, params)
+  return jax.tree.map(
+    lambda e, p: np.asarray(e, np.float32) * d + np.asarray(p, np.float32) * (np.float32(1) - d), ema, params
+  )
 
 
 def _metrics(workdir):
@@ -47,8 +48,14 @@ def _metrics(workdir):
 
 def test_ema_follows_the_recurrence_and_stands_still_on_a_skipped_fp16_step():
   """zero2: the params replicated, the EMA sharded over fsdp as the Adam moments are; the middle step overflows."""
-  config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10,
-                               "strategy": "zero2", "optim.ema_decay": DECAY})
+  config = tiny_vit_config(
+    **{
+      "precision.compute_dtype": "float16",
+      "precision.loss_scale_init": 2.0**10,
+      "strategy": "zero2",
+      "optim.ema_decay": DECAY,
+    }
+  )
   batches = _batches_poisoned_at(config, 3, 1)
   state, step, specs = _setup(config, OverflowingTask(config))
   assert "fsdp" in tuple(specs.ema_params["blocks"]["mlp"]["fc1"]["kernel"])
@@ -72,15 +79,34 @@ def _main(workdir, cache, warm):
   """`python -m visionfm_jax.main` (run by the warm interpreter `warm`) on 2 CPU devices: 8 steps, a checkpoint
   every 2, the newest 1 kept plus every multiple of 4, an EMA with decay 0.5, evaluations at 4 and 8; the
   compilation cache in `cache` (the resumed run loads the programs the first one compiled)."""
-  flags = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-           "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
-           "--config.data.eval_examples=64", "--config.progress_bar=False", "--config.total_steps=8",
-           "--config.checkpoint_every=2", "--config.keep_checkpoints=1", "--config.checkpoint_keep_period=4",
-           "--config.eval_every=4", "--config.log_every=2", "--config.model.pool=cls",
-           f"--config.optim.ema_decay={DECAY}"]
+  flags = [
+    "--config=configs/vit_huge.py:demo",
+    "--config.model.variant=pico/4",
+    "--config.model.image_size=16",
+    "--config.data.image_size=16",
+    "--config.global_batch_size=16",
+    "--config.optim.warmup_steps=2",
+    "--config.data.eval_examples=64",
+    "--config.progress_bar=False",
+    "--config.total_steps=8",
+    "--config.checkpoint_every=2",
+    "--config.keep_checkpoints=1",
+    "--config.checkpoint_keep_period=4",
+    "--config.eval_every=4",
+    "--config.log_every=2",
+    "--config.model.pool=cls",
+    f"--config.optim.ema_decay={DECAY}",
+  ]
   env = cpu_env(2, **compilation_cache_env(cache))
-  done = subprocess.run([warm.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
-                        env=warm.env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
+  done = subprocess.run(
+    [warm.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags],
+    cwd=ROOT,
+    env=warm.env(env),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stdout[-3000:]
   return done.stdout
 
@@ -136,11 +162,17 @@ def test_tools_export_and_probe_the_ema_weights(ema_run, tmp_path, capsys):
   assert status == 0, out.err
   assert "the EMA of the params of step 8 of" in out.out
   from visionfm_jax import convert  # pylint: disable=g-import-not-at-top
+
   _, variables = convert.from_hf(str(tmp_path / "hf"), scan=True)
   chex.assert_trees_all_equal(jax.device_get(variables["params"]), ema_params)
 
-  args = ["probe", f"--checkpoint={ema_run}", "--batch_size=32", "--config.probe.train_examples=64",
-          "--config.probe.eval_examples=32"]
+  args = [
+    "probe",
+    f"--checkpoint={ema_run}",
+    "--batch_size=32",
+    "--config.probe.train_examples=64",
+    "--config.probe.eval_examples=32",
+  ]
   assert probe_tool.main(args + ["--ema"]) == 0
   with_ema = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert probe_tool.main(args) == 0
@@ -154,10 +186,19 @@ def test_init_from_the_ema_weights(ema_run, tmp_path):
   """A fresh run with init_from_ema starts from the source's EMA: its own EMA (decay 0.5) after one step is the
   mean of its step-0 and step-1 params, so its step-0 params are 2 * ema_1 - params_1."""
   source = _state(ema_run, 8)
-  config = tiny_vit_config(**{"total_steps": 1, "optim.warmup_steps": 1, "checkpoint_every": 1, "eval_every": 1,
-                              "model.pool": "cls",
-                              "data.eval_examples": 16, "optim.ema_decay": DECAY, "init_from": str(ema_run),
-                              "init_from_ema": True})
+  config = tiny_vit_config(
+    **{
+      "total_steps": 1,
+      "optim.warmup_steps": 1,
+      "checkpoint_every": 1,
+      "eval_every": 1,
+      "model.pool": "cls",
+      "data.eval_examples": 16,
+      "optim.ema_decay": DECAY,
+      "init_from": str(ema_run),
+      "init_from_ema": True,
+    }
+  )
   train.run(config, str(tmp_path / "fine"))
   state = _state(tmp_path / "fine", 1)
   start = jax.tree.map(lambda e, p: 2 * e - p, state["ema_params"], state["params"])
@@ -168,12 +209,21 @@ def test_init_from_the_ema_weights(ema_run, tmp_path):
 
 @pytest.mark.slow
 def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_and_a_missing_one_is_an_error(
-    tmp_path, capsys):
+  tmp_path, capsys
+):
   """One 5-step config, stopped (SIGTERM) after steps 2 and 4: without an EMA to step 2, with one to step 4,
   without one to the end (the program of the first part again)."""
   workdir = tmp_path / "run"
-  config = tiny_vit_config(**{"total_steps": 5, "checkpoint_every": 1, "log_every": 1, "eval_every": 5,
-                              "keep_checkpoints": 10, "data.eval_examples": 16})
+  config = tiny_vit_config(
+    **{
+      "total_steps": 5,
+      "checkpoint_every": 1,
+      "log_every": 1,
+      "eval_every": 5,
+      "keep_checkpoints": 10,
+      "data.eval_examples": 16,
+    }
+  )
   with pytest.MonkeyPatch.context() as patch:
     stop_after_writing(patch, 1)
     assert train.run(config, str(workdir))["step"] == 2
@@ -183,8 +233,9 @@ def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_an
   assert export_hf.main(["export_hf", f"--checkpoint={workdir}", f"--out={tmp_path / 'hf'}", "--ema"]) == 2
   err = capsys.readouterr().err.strip()
   assert err.startswith("error: --ema: ") and "holds no EMA of the params" in err and "\n" not in err
-  fresh = tiny_vit_config(**{"total_steps": 1, "optim.warmup_steps": 1, "init_from": str(workdir),
-                             "init_from_ema": True})
+  fresh = tiny_vit_config(
+    **{"total_steps": 1, "optim.warmup_steps": 1, "init_from": str(workdir), "init_from_ema": True}
+  )
   with pytest.raises(CheckpointError, match="holds no EMA of the params .*ema_decay=0"):
     train.run(fresh, str(tmp_path / "fresh"))
 
@@ -206,8 +257,9 @@ def test_ema_turned_on_at_a_resume_starts_from_the_params_turned_off_drops_it_an
 
 def test_keep_period_must_be_a_multiple_of_the_checkpoint_interval():
   config = tiny_vit_config(**{"checkpoint_every": 3, "checkpoint_keep_period": 10})
-  with pytest.raises(ConfigError,
-                     match="config.checkpoint_keep_period=10 is not a multiple of config.checkpoint_every=3"):
+  with pytest.raises(
+    ConfigError, match="config.checkpoint_keep_period=10 is not a multiple of config.checkpoint_every=3"
+  ):
     checks.validate(config)
   with pytest.raises(ConfigError, match=r"config.optim.ema_decay=1.0: must be a number in \[0, 1\)"):
     checks.validate(tiny_vit_config(**{"optim.ema_decay": 1.0}))
@@ -219,13 +271,15 @@ def test_a_checkpoint_saved_before_the_ema_field_restores(tmp_path):
   """A state saved by a version whose TrainState had no ema_params field restores into today's TrainState."""
   from visionfm_jax.training import checkpoint  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import state as state_lib
+
   params = {"w": np.arange(3, dtype=np.float32)}
   ckpt = checkpoint.Checkpointer(str(tmp_path), async_save=False)
   ckpt.save(5, {"step": np.int32(5), "params": params, "opt_state": {"mu": params}, "loss_scale": None})
   ckpt.close()
   leaf = jax.ShapeDtypeStruct((3,), np.float32, sharding=jax.sharding.SingleDeviceSharding(jax.devices()[0]))
-  target = state_lib.TrainState(step=jax.ShapeDtypeStruct((), np.int32), params={"w": leaf},
-                                opt_state={"mu": {"w": leaf}})
+  target = state_lib.TrainState(
+    step=jax.ShapeDtypeStruct((), np.int32), params={"w": leaf}, opt_state={"mu": {"w": leaf}}
+  )
   restored = checkpoint.Checkpointer(str(tmp_path)).restore(5, target)
   assert isinstance(restored, state_lib.TrainState) and restored.ema_params is None and int(restored.step) == 5
   np.testing.assert_array_equal(restored.params["w"], params["w"])

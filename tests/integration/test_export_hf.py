@@ -39,16 +39,38 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # Tiny models that differ in every size; the SwinV2 has a shifted first stage (8x8 map, window 4, shift 2), a
 # one-window second stage, pretrained windows, mlp_ratio 2 and a large eps.
 MODELS = {
-    "vit_classifier": vit.ViT(width=24, depth=2, mlp_dim=40, num_heads=3, patch_size=4, image_size=12,
-                              num_classes=5, qkv_bias=False, layer_norm_eps=1e-6),
-    "vit_backbone": vit.ViT(width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=8, scan=False,
-                            layer_norm_eps=1e-12),
-    "swin_classifier": swinv2.SwinV2(embed_dim=8, depths=(2, 2), num_heads=(2, 4), window_size=4,
-                                     pretrained_window_sizes=(3, 2), patch_size=2, image_size=16, num_classes=3,
-                                     mlp_ratio=2.0, layer_norm_eps=1e-4),
+  "vit_classifier": vit.ViT(
+    width=24,
+    depth=2,
+    mlp_dim=40,
+    num_heads=3,
+    patch_size=4,
+    image_size=12,
+    num_classes=5,
+    qkv_bias=False,
+    layer_norm_eps=1e-6,
+  ),
+  "vit_backbone": vit.ViT(
+    width=16, depth=1, mlp_dim=32, num_heads=2, patch_size=4, image_size=8, scan=False, layer_norm_eps=1e-12
+  ),
+  "swin_classifier": swinv2.SwinV2(
+    embed_dim=8,
+    depths=(2, 2),
+    num_heads=(2, 4),
+    window_size=4,
+    pretrained_window_sizes=(3, 2),
+    patch_size=2,
+    image_size=16,
+    num_classes=3,
+    mlp_ratio=2.0,
+    layer_norm_eps=1e-4,
+  ),
 }
-ARCHS = {"vit_classifier": "ViTForImageClassification", "vit_backbone": "ViTModel",
-         "swin_classifier": "Swinv2ForImageClassification"}
+ARCHS = {
+  "vit_classifier": "ViTForImageClassification",
+  "vit_backbone": "ViTModel",
+  "swin_classifier": "Swinv2ForImageClassification",
+}
 # max |ours - transformers| over max |transformers|, per output
 RTOL = 1e-5
 # Our forward compiles without LLVM's expensive passes (outputs move by ~1e-7: the same HLO).
@@ -71,6 +93,7 @@ def _random_params(model, seed=0, init=None):
     else:
       value = 0.3 * noise
     return value.astype(np.float32)
+
   if init is None:
     images = jnp.zeros((1, model.image_size, model.image_size, 3), jnp.float32)
     init = lambda: model.init(jax.random.key(0), images)  # noqa: E731
@@ -89,6 +112,7 @@ def exported(tmp_path_factory):
       assert convert.to_hf(MODELS[name], params, path) == (ARCHS[name], [])
       cache[name] = params, path
     return cache[name]
+
   return get
 
 
@@ -141,10 +165,10 @@ def test_scanned_and_unrolled_export_the_same_tensors(exported, name, exporter):
 SWIN = MODELS["swin_classifier"]
 # What transformers cannot express: the message names our field.
 INEXPRESSIBLE = {
-    "extra_norms": (SWIN.clone(extra_norm_period=6), "extra_norm_period=6"),
-    # 8x8 / window 4 then 4x4 / window 2 (shifted): transformers' one window gives the second stage (4, 0).
-    "per_stage_windows": (SWIN.clone(window_size=(4, 2)), r"window_size=\(4, 2\)"),
-    "pretrained_window_1": (SWIN.clone(pretrained_window_sizes=(1, 0)), r"pretrained_window_sizes=\(1, 0\)"),
+  "extra_norms": (SWIN.clone(extra_norm_period=6), "extra_norm_period=6"),
+  # 8x8 / window 4 then 4x4 / window 2 (shifted): transformers' one window gives the second stage (4, 0).
+  "per_stage_windows": (SWIN.clone(window_size=(4, 2)), r"window_size=\(4, 2\)"),
+  "pretrained_window_1": (SWIN.clone(pretrained_window_sizes=(1, 0)), r"pretrained_window_sizes=\(1, 0\)"),
 }
 
 
@@ -167,8 +191,9 @@ def test_per_stage_windows_that_transformers_also_uses_export(exported, tmp_path
   """(4, 8): the second map (4x4) is one window either way, as with transformers' window 4."""
   params, path = exported("swin_classifier")
   convert.to_hf(SWIN.clone(window_size=(4, 8)), params, str(tmp_path))
-  chex.assert_trees_all_equal(load_file(str(tmp_path / "model.safetensors")),
-                              load_file(os.path.join(path, "model.safetensors")))
+  chex.assert_trees_all_equal(
+    load_file(str(tmp_path / "model.safetensors")), load_file(os.path.join(path, "model.safetensors"))
+  )
 
 
 def test_params_that_do_not_fit_or_other_models_are_rejected(exported, tmp_path):
@@ -218,8 +243,9 @@ def _photos(sizes=((23, 41), (64, 37), (50, 50), (120, 90), (17, 150)), seed=0) 
 def _run_eval_view(data_cfg, photos) -> np.ndarray:
   """The photos as the run's evaluation batches hold them (uint8, data/loader/pipeline.py's eval iterator)."""
   records = [{"image": photo, "label": 0} for photo in photos]
-  batch = next(data.make_eval_iterator(data_cfg, batch_size=len(photos), process_index=0, process_count=1,
-                                       source=records))
+  batch = next(
+    data.make_eval_iterator(data_cfg, batch_size=len(photos), process_index=0, process_count=1, source=records)
+  )
   assert batch["mask"].all()
   return batch["image"]
 
@@ -258,8 +284,9 @@ def test_cli_exports_a_training_workdir_that_sees_what_the_run_saw(tmp_path, cap
 
   photos = _photos()
   images = _run_eval_view(config.data, photos)
-  predict = jax.jit(lambda p, x: (task.normalize(x), task.logits(p, task.normalize(x), train=False)),
-                    compiler_options=FAST_COMPILE)
+  predict = jax.jit(
+    lambda p, x: (task.normalize(x), task.logits(p, task.normalize(x), train=False)), compiler_options=FAST_COMPILE
+  )
   pixels, logits = predict(params, images)
   processor, hf_pixels = _processor_pixels(out, photos)
   assert type(processor).__name__.startswith("BitImageProcessor")
@@ -272,8 +299,14 @@ def test_cli_exports_a_training_workdir_that_sees_what_the_run_saw(tmp_path, cap
 # Camera photos (the longer side 1,200 to 2,000 px, either orientation) and small files, JPEG and PNG: files whose
 # shorter side is many times the model's resize side are where Pillow's JPEG draft mode (a reduced-scale DCT
 # decode) would differ from a full decode.
-PHOTO_FILES = {"landscape.jpg": (1200, 1600), "portrait.jpg": (2000, 1500), "wide.jpg": (1224, 1632),
-               "small.jpg": (60, 90), "large.png": (900, 1300), "small.png": (40, 30)}
+PHOTO_FILES = {
+  "landscape.jpg": (1200, 1600),
+  "portrait.jpg": (2000, 1500),
+  "wide.jpg": (1224, 1632),
+  "small.jpg": (60, 90),
+  "large.png": (900, 1300),
+  "small.png": (40, 30),
+}
 
 
 def _photo_files(directory) -> list[str]:
@@ -290,6 +323,7 @@ def test_photo_files_give_the_runs_logits_through_transformers(tmp_path, capsys)
   iterator over the files' bytes and the export through AutoImageProcessor + AutoModelForImageClassification
   (transformers decodes in full, load_image as its pipelines do) agree within 1e-5: no JPEG draft decode."""
   import visionfm_jax  # pylint: disable=g-import-not-at-top
+
   config = tiny_vit_config(**{"model.pool": "cls"})
   _workdir(tmp_path / "run", config)
   out = tmp_path / "hf"
@@ -299,7 +333,7 @@ def test_photo_files_give_the_runs_logits_through_transformers(tmp_path, capsys)
   ours = model.logits(paths)
   records = [{"image": open(path, "rb").read(), "label": 0} for path in paths]
   batch = next(data.make_eval_iterator(config.data, batch_size=8, process_index=0, process_count=1, source=records))
-  np.testing.assert_array_equal(batch["image"][:len(paths)], model.preprocess(paths))  # evaluation's view, too
+  np.testing.assert_array_equal(batch["image"][: len(paths)], model.preprocess(paths))  # evaluation's view, too
   processor = transformers.AutoImageProcessor.from_pretrained(str(out))
   images = [transformers.image_utils.load_image(path) for path in paths]
   hf = transformers.AutoModelForImageClassification.from_pretrained(str(out)).eval()
@@ -329,8 +363,9 @@ def test_an_imported_clip_exports_whole_and_sees_what_the_run_saw(tmp_path, caps
   """A transformers CLIPModel (with its tokenizer.json) through tools.import_hf and back through tools.export_hf:
   AutoProcessor loads the export's CLIP view (the shorter side to 24, bicubic, the central crop, OpenAI's mean /
   std) and its tokenizer, and photos of any size give the image embeddings that the run's evaluation computes."""
-  hf_config = transformers.CLIPConfig(text_config=HF_CLIP["text"], vision_config=HF_CLIP["vision"],
-                                      projection_dim=HF_CLIP["projection_dim"])
+  hf_config = transformers.CLIPConfig(
+    text_config=HF_CLIP["text"], vision_config=HF_CLIP["vision"], projection_dim=HF_CLIP["projection_dim"]
+  )
   clip = transformers.CLIPModel(hf_config)
   randomize_hf_params(clip, seed=5)
   clip.save_pretrained(tmp_path / "hf")
@@ -343,8 +378,9 @@ def test_an_imported_clip_exports_whole_and_sees_what_the_run_saw(tmp_path, caps
   loaded = loader.load(str(imported))
   photos = _photos(seed=1)
   images = _run_eval_view(loaded.task.config.data, photos)
-  embed = jax.jit(lambda p, x: (loaded.task.normalize(x), loaded.task.embed_images(p, x)),
-                  compiler_options=FAST_COMPILE)
+  embed = jax.jit(
+    lambda p, x: (loaded.task.normalize(x), loaded.task.embed_images(p, x)), compiler_options=FAST_COMPILE
+  )
   pixels, embeddings = embed(loaded.params, images)
   processor = transformers.AutoProcessor.from_pretrained(str(out))
   assert type(processor.image_processor).__name__.startswith("CLIPImageProcessor")
@@ -361,8 +397,9 @@ def test_cli_exports_an_import_hf_directory_back_to_its_tensors(exported, tmp_pa
   status, stdout, stderr = _export(capsys, f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'hf'}")
   assert status == 0, stderr
   assert "ViTForImageClassification" in stdout
-  chex.assert_trees_all_equal(load_file(str(tmp_path / "hf" / "model.safetensors")),
-                              load_file(os.path.join(path, "model.safetensors")))
+  chex.assert_trees_all_equal(
+    load_file(str(tmp_path / "hf" / "model.safetensors")), load_file(os.path.join(path, "model.safetensors"))
+  )
   with open(tmp_path / "hf" / "config.json") as f, open(os.path.join(path, "config.json")) as g:
     assert json.load(f) == json.load(g)
 
@@ -372,15 +409,16 @@ def _one_error(status, stdout, stderr, *fragments) -> None:
   assert status == 2 and len(errors) == 1 and not stdout and "Traceback" not in stderr, stderr
   assert all(f in errors[0] for f in fragments), (fragments, errors[0])
 
+
 # ViT demo runs (init-only checkpoints) whose fields a transformers ViT lacks or names otherwise: each exports so that
 # transformers computes the run's logits (a backbone: its pooled features, from what export_hf's last line says), or
 # export_hf refuses it in one line naming the field and its value.
 FIELD_RUNS = {
-    "act": ({"model.act": "gelu_pytorch_tanh", "model.pool": "cls"}, "ViTForImageClassification"),
-    "gap": ({}, "Dinov2ForImageClassification"),  # the demo's pool
-    "gap_backbone": ({"model.num_classes": 0}, "ViTModel"),
-    "pre_norm": ({"model.pre_norm": True}, "config.model.pre_norm=True"),
-    "map": ({"model.pool": "map"}, "config.model.pool='map'"),
+  "act": ({"model.act": "gelu_pytorch_tanh", "model.pool": "cls"}, "ViTForImageClassification"),
+  "gap": ({}, "Dinov2ForImageClassification"),  # the demo's pool
+  "gap_backbone": ({"model.num_classes": 0}, "ViTModel"),
+  "pre_norm": ({"model.pre_norm": True}, "config.model.pre_norm=True"),
+  "map": ({"model.pool": "map"}, "config.model.pool='map'"),
 }
 
 
@@ -466,17 +504,18 @@ def test_bad_checkpoint_dirs_are_named(exported, clip_workdir, tmp_path, capsys)
   (tmp_path / "no_ckpt" / "config.json").write_text(tiny_vit_config().to_json_best_effort())
   import_hf.convert(hf_dir, str(tmp_path / "imported"))
   cases = {
-      "absent": ([f"--checkpoint={tmp_path / 'absent'}"], "no such directory"),
-      "empty": ([f"--checkpoint={tmp_path / 'empty'}"], "neither a training workdir"),
-      "transformers_dir": ([f"--checkpoint={hf_dir}"], "a transformers directory already"),
-      "no_checkpoints": ([f"--checkpoint={tmp_path / 'no_ckpt'}"], "no checkpoints"),
-      "step_of_import_dir": ([f"--checkpoint={tmp_path / 'imported'}", "--step=5"], "--step=5"),
-      "out_is_a_workdir": ([f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'imported'}"],
-                           "--out="),
-      "no_checkpoint_flag": ([], "--checkpoint: required"),
-      "inexpressible": ([f"--checkpoint={tmp_path / 'extra_norms'}"],
-                        f"--checkpoint={tmp_path / 'extra_norms'}: config.model.image.extra_norm_period=1: "
-                        "transformers' Swinv2 has no main-branch LayerNorm"),
+    "absent": ([f"--checkpoint={tmp_path / 'absent'}"], "no such directory"),
+    "empty": ([f"--checkpoint={tmp_path / 'empty'}"], "neither a training workdir"),
+    "transformers_dir": ([f"--checkpoint={hf_dir}"], "a transformers directory already"),
+    "no_checkpoints": ([f"--checkpoint={tmp_path / 'no_ckpt'}"], "no checkpoints"),
+    "step_of_import_dir": ([f"--checkpoint={tmp_path / 'imported'}", "--step=5"], "--step=5"),
+    "out_is_a_workdir": ([f"--checkpoint={tmp_path / 'imported'}", f"--out={tmp_path / 'imported'}"], "--out="),
+    "no_checkpoint_flag": ([], "--checkpoint: required"),
+    "inexpressible": (
+      [f"--checkpoint={tmp_path / 'extra_norms'}"],
+      f"--checkpoint={tmp_path / 'extra_norms'}: config.model.image.extra_norm_period=1: "
+      "transformers' Swinv2 has no main-branch LayerNorm",
+    ),
   }
   for name, (args, message) in cases.items():
     if not any(a.startswith("--out=") for a in args):
@@ -494,6 +533,7 @@ def test_load_opens_an_import_hf_directory_as_transformers_runs_its_export(expor
   classifier's logits and a backbone's pooled features equal transformers' on what export_hf writes from the same
   directory, through its AutoImageProcessor."""
   import visionfm_jax  # pylint: disable=g-import-not-at-top
+
   _, path = exported(name)
   imported, out = tmp_path / "imported", tmp_path / "hf"
   import_hf.convert(path, str(imported), scan=MODELS[name].scan)

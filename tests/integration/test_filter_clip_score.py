@@ -49,6 +49,7 @@ def _random_params(task, seed=0):
       return np.ones(leaf.shape, leaf.dtype)
     std = leaf.shape[0] ** -0.5 if name == "kernel" else 0.02
     return rng.normal(0.0, std, leaf.shape).astype(leaf.dtype)
+
   shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
   return jax.tree_util.tree_map_with_path(draw, shapes_only)
 
@@ -90,8 +91,12 @@ def inputs(tmp_path_factory):
         example = source[index]
         other = source[int(rng.integers(sum(FILE_SIZES)))]["caption"]
         image = records.encode_jpeg(example["image"]) if j % 2 else _encode_png(example["image"])
-        record = {"image": image, "caption": example["caption"] if rng.random() < 0.5 else other,
-                  "key": f"{f}/{j}", "meta": json.dumps({"index": index})}
+        record = {
+          "image": image,
+          "caption": example["caption"] if rng.random() < 0.5 else other,
+          "key": f"{f}/{j}",
+          "meta": json.dumps({"index": index}),
+        }
         pairs[record["key"]] = record
         writer.write(records.pack_record(**record))
         index += 1
@@ -99,12 +104,16 @@ def inputs(tmp_path_factory):
         writer.write(b"\x93not a record")
         writer.write(records.pack_record(b"not an image", caption="a small red circle", key="bad-image"))
         writer.write(records.pack_record(hostile.png_bomb(20_000, 20_000), caption="a circle", key="bomb"))
-        writer.write(records.pack_record(records.encode_jpeg(source[0]["image"]), key="long",
-                                         caption="a circle " * (limits.MAX_TEXT_BYTES // 9 + 1)))
+        writer.write(
+          records.pack_record(
+            records.encode_jpeg(source[0]["image"]), key="long", caption="a circle " * (limits.MAX_TEXT_BYTES // 9 + 1)
+          )
+        )
         writer.write(records.pack_record(source[0]["image"], key="no-caption"))
   names = [records.shard_name("train", f, len(FILE_SIZES)) for f in range(len(FILE_SIZES))]
-  records.write_metadata(directory, kind="pairs", splits={"train": {"records": index + len(BAD), "shards": names,
-                                                                    "source": "shapes"}})
+  records.write_metadata(
+    directory, kind="pairs", splits={"train": {"records": index + len(BAD), "shards": names, "source": "shapes"}}
+  )
   return str(directory), pairs
 
 
@@ -116,8 +125,10 @@ def _reference_scores(task, params, pairs) -> dict[str, float]:
   @functools.partial(jax.jit, compiler_options=FAST_COMPILE)
   def embed(params, image, tokens):
     images = task.normalize(image[None])
-    return (task.model.apply({"params": params}, images, method="embed_images")[0],
-            task.model.apply({"params": params}, tokens[None], method="embed_texts")[0])
+    return (
+      task.model.apply({"params": params}, images, method="embed_images")[0],
+      task.model.apply({"params": params}, tokens[None], method="embed_texts")[0],
+    )
 
   scores = {}
   for key, record in pairs.items():
@@ -133,8 +144,11 @@ def _read(path) -> list[dict]:
 
 
 def _outputs(directory) -> dict[str, list[dict]]:
-  return {name: _read(os.path.join(directory, name)) for name in sorted(os.listdir(directory))
-          if name.endswith(".array_record")}
+  return {
+    name: _read(os.path.join(directory, name))
+    for name in sorted(os.listdir(directory))
+    if name.endswith(".array_record")
+  }
 
 
 def _filter(scorer, files, output, threshold):
@@ -236,8 +250,9 @@ def test_undecodable_and_uncaptioned_records_are_counted_per_file(files, single)
   assert all(sum(s["histogram"]) == s["total"] for s in stats.values())
 
 
-def test_processes_write_disjoint_shares_that_make_the_single_process_result(scorer, files, threshold, single,
-                                                                             tmp_path):
+def test_processes_write_disjoint_shares_that_make_the_single_process_result(
+  scorer, files, threshold, single, tmp_path
+):
   results = fcs.filter_files(scorer, files, str(tmp_path), threshold, process_index=1, process_count=2)
   assert list(results) == [files[1]]
   assert sorted(_outputs(tmp_path)) == [os.path.basename(files[1])]
@@ -300,12 +315,19 @@ def test_cli(clip, inputs, scorer, threshold, single, tmp_path, capsys, monkeypa
   workdir, _, _ = clip
   directory, _ = inputs
   asked = []
+
   def compiled_scorer(path, step, batch_size, draft_decode):  # the compiled one, decoding as --draft_decode says
     asked.append(draft_decode)
     return scorer
+
   monkeypatch.setattr(fcs, "load_scorer", compiled_scorer)
-  args = [f"--checkpoint={workdir}", f"--input={directory}/train-*", f"--output={tmp_path / 'out'}",
-          f"--threshold={threshold!r}", f"--batch_size={BATCH}"]
+  args = [
+    f"--checkpoint={workdir}",
+    f"--input={directory}/train-*",
+    f"--output={tmp_path / 'out'}",
+    f"--threshold={threshold!r}",
+    f"--batch_size={BATCH}",
+  ]
   assert fcs.main(["filter_clip_score", *args]) == 0
   lines = capsys.readouterr().out.splitlines()
   summary = json.loads(open(os.path.join(single, fcs.HISTOGRAM_JSON), encoding="utf-8").read())
@@ -322,8 +344,13 @@ def test_cli_errors(clip, inputs, tmp_path, capsys):
   directory, _ = inputs
 
   def error(**flags):
-    args = {"checkpoint": workdir, "input": f"{directory}/train-*", "output": str(tmp_path / "out"),
-            "threshold": "0.2", **flags}
+    args = {
+      "checkpoint": workdir,
+      "input": f"{directory}/train-*",
+      "output": str(tmp_path / "out"),
+      "threshold": "0.2",
+      **flags,
+    }
     assert fcs.main(["filter_clip_score", *(f"--{k}={v}" for k, v in args.items() if v is not None)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: "), err
@@ -348,13 +375,27 @@ def test_cli_errors(clip, inputs, tmp_path, capsys):
   theirs.mkdir()
   (theirs / "dataset.json").write_text("mine")
   assert "--output=" + str(theirs) + ": holds dataset.json, which filter_clip_score did not write" in error(
-      output=theirs)
+    output=theirs
+  )
   assert os.listdir(theirs) == ["dataset.json"] and (theirs / "dataset.json").read_text() == "mine"
   # As a program: a missing workdir is one line on stderr and status 2.
   missing = tmp_path / "no_such_workdir"
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.filter_clip_score", f"--checkpoint={missing}",
-                           f"--input={directory}/*", f"--output={tmp_path / 'out'}", "--threshold=0.3"], cwd=ROOT,
-                          env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True, timeout=300,
-                          check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "visionfm_jax.datatools.filter_clip_score",
+      f"--checkpoint={missing}",
+      f"--input={directory}/*",
+      f"--output={tmp_path / 'out'}",
+      "--threshold=0.3",
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 2 and result.stdout == ""
   assert result.stderr.strip().splitlines()[-1].startswith(f"error: --checkpoint={missing}: no such directory")

@@ -92,8 +92,12 @@ def _coco_box_metrics(ground_truth: dict, detections: list[dict], max_dets: int 
     ranked[d["image_id"], d["category_id"]].append(d)
   precision, recall = {}, {}
   for cat in (c["id"] for c in ground_truth["categories"]):
-    boxes = {i: np.array([a["bbox"] for a in ground_truth["annotations"]
-                          if a["image_id"] == i and a["category_id"] == cat], float).reshape(-1, 4) for i in images}
+    boxes = {
+      i: np.array(
+        [a["bbox"] for a in ground_truth["annotations"] if a["image_id"] == i and a["category_id"] == cat], float
+      ).reshape(-1, 4)
+      for i in images
+    }
     total = sum(len(b) for b in boxes.values())
     if not total:
       continue
@@ -119,8 +123,12 @@ def _coco_box_metrics(ground_truth: dict, detections: list[dict], max_dets: int 
       precision[cat, t] = np.mean([pr[k] if k < len(pr) else 0.0 for k in at])
       recall[cat, t] = rc[-1] if len(rc) else 0.0
   at_threshold = lambda t: np.mean([v for (_, u), v in precision.items() if np.isclose(u, t)])
-  return {"map": float(np.mean(list(precision.values()))), "ap50": float(at_threshold(0.5)),
-          "ap75": float(at_threshold(0.75)), "ar100": float(np.mean(list(recall.values())))}
+  return {
+    "map": float(np.mean(list(precision.values()))),
+    "ap50": float(at_threshold(0.5)),
+    "ap75": float(at_threshold(0.75)),
+    "ar100": float(np.mean(list(recall.values()))),
+  }
 
 
 def _rows(workdir):
@@ -133,8 +141,9 @@ def test_run_from_pretrained_backbone_learns_and_logs_coco_map(tmp_path, pretrai
   config = tiny_detection_config(init_from=str(pretrained_workdir[0]), init_from_prefix="backbone")
   scored = []  # (ground truth, detections) of each evaluation, as the evaluator hands them to pycocotools
   coco_map = detection_eval.coco_map
-  monkeypatch.setattr(detection_eval, "coco_map", lambda gt, dets, *a, **k: scored.append((gt, dets)) or
-                      coco_map(gt, dets, *a, **k))
+  monkeypatch.setattr(
+    detection_eval, "coco_map", lambda gt, dets, *a, **k: scored.append((gt, dets)) or coco_map(gt, dets, *a, **k)
+  )
   last = train.run(config, str(tmp_path))
   rows = _rows(tmp_path)
   losses = [r["train/loss"] for r in rows if "train/loss" in r]
@@ -176,8 +185,14 @@ def test_config_errors_name_the_field():
     tasks.build(tiny_detection_config(**{"model.num_classes": 8}))
   with pytest.raises(ConfigError, match="differs from the training crop config.data.image_size=48"):
     tasks.build(tiny_detection_config(**{"data.image_size": 48}))
-  swin = {"model": config_lib.model_config("swinv2"), "model.variant": "pico", "model.patch_size": 2,
-          "model.window_size": 4, "model.image_size": 32, "model.num_classes": 0}
+  swin = {
+    "model": config_lib.model_config("swinv2"),
+    "model.variant": "pico",
+    "model.patch_size": 2,
+    "model.window_size": 4,
+    "model.image_size": 32,
+    "model.num_classes": 0,
+  }
   with pytest.raises(ConfigError, match=r"^config.head.levels=\(8, 64\): the backbone's stages have strides"):
     tasks.build(tiny_detection_config(**swin, **{"head.levels": (8, 64)}))
   with pytest.raises(ConfigError, match=r"^config.head.levels=\(8, 8\): expected distinct strides"):
@@ -186,8 +201,11 @@ def test_config_errors_name_the_field():
     tasks.build(tiny_detection_config(**{"model.name": "clip"}))
   config = tiny_detection_config()
   del config.head
-  with pytest.raises(ConfigError, match=r"config.head: the detection task needs it .*config_lib.base_config\(model, "
-                                        r"task='detection'\) has it"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.head: the detection task needs it .*config_lib.base_config\(model, "
+    r"task='detection'\) has it",
+  ):
     tasks.build(config)
   with pytest.raises(ConfigError, match="config.head.top_k=0: must be positive"):
     tasks.build(tiny_detection_config(**{"head.top_k": 0}))

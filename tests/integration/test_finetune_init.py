@@ -17,8 +17,9 @@ from visionfm_jax.training import init_from, stored
 
 
 def _vit(image_size=16, num_classes=5, **kwargs):
-  return vit.ViT(width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, image_size=image_size,
-                 num_classes=num_classes, **kwargs)
+  return vit.ViT(
+    width=16, depth=2, mlp_dim=32, num_heads=2, patch_size=4, image_size=image_size, num_classes=num_classes, **kwargs
+  )
 
 
 def _random_params(module, images, seed=0):
@@ -79,8 +80,10 @@ def test_higher_resolution_model_gets_resized_pos_embed_and_everything_else(pret
   loaded = init_from.load(_config(path), target, model)
   assert loaded["pos_embed"].shape == (1, 65, 16)
   np.testing.assert_allclose(loaded["pos_embed"], vit.resize_pos_embed(source["pos_embed"], 65))
-  chex.assert_trees_all_equal({k: v for k, v in jax.device_get(loaded).items() if k != "pos_embed"},
-                              {k: v for k, v in source.items() if k != "pos_embed"})
+  chex.assert_trees_all_equal(
+    {k: v for k, v in jax.device_get(loaded).items() if k != "pos_embed"},
+    {k: v for k, v in source.items() if k != "pos_embed"},
+  )
   assert loaded["blocks"]["mlp"]["fc1"]["kernel"].sharding == target["blocks"]["mlp"]["fc1"]["kernel"].sharding
 
 
@@ -105,8 +108,9 @@ def test_prefix_places_the_backbone_drops_its_head_and_keeps_the_new_params(pret
   path, source = pretrained
   target = _segmenter_params()
   assert sorted(target) == ["backbone", "head", "neck"]
-  loaded = jax.device_get(init_from.load(_config(path, init_from_prefix="backbone", init_from_skip="norm1"),
-                                         target, SEGMENTER))
+  loaded = jax.device_get(
+    init_from.load(_config(path, init_from_prefix="backbone", init_from_skip="norm1"), target, SEGMENTER)
+  )
   fresh = jax.device_get(target)
   chex.assert_trees_all_equal(loaded["neck"], fresh["neck"])
   chex.assert_trees_all_equal(loaded["head"], fresh["head"])  # the segmenter's head, not the checkpoint's
@@ -148,31 +152,47 @@ def test_shapes_that_cannot_be_resized_name_the_param_and_both_shapes(pretrained
     init_from.load(_config(path, init_from_prefix="encoder"), {"backbone": target}, dense)
   with pytest.raises(CheckpointError, match="missing backbone/extra"):
     body = {k: v for k, v in target.items() if k != "head"}
-    init_from.load(_config(path, init_from_prefix="backbone"), {"backbone": {**body, "extra": target["norm"]}},
-                   dense)
+    init_from.load(_config(path, init_from_prefix="backbone"), {"backbone": {**body, "extra": target["norm"]}}, dense)
   with pytest.raises(ConfigError, match="init_from_skip"):
     init_from.load(_config(path, init_from_skip="head["), target, model)
 
 
 def test_swinv2_params_do_not_depend_on_window_or_resolution_and_windows_are_checked(tmp_path):
   def shapes(image_size, window):
-    model = swinv2.SwinV2(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=window, image_size=image_size,
-                          patch_size=2, num_classes=3)
+    model = swinv2.SwinV2(
+      embed_dim=16,
+      depths=(2, 2),
+      num_heads=(2, 4),
+      window_size=window,
+      image_size=image_size,
+      patch_size=2,
+      num_classes=3,
+    )
     abstract = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
     return jax.tree.map(lambda x: x.shape, nn.unbox(abstract["params"]))
+
   assert shapes(16, 4) == shapes(32, 8) == shapes(64, 8)
 
   config = config_lib.base_config("swinv2")
   config.model.update(dict(variant="pico", patch_size=2, image_size=32, window_size=8))
-  meta = {"name": "swinv2", "depths": [2, 2], "patch": 2, "image_size": 16, "window_size": 4,
-          "pretrained_window_sizes": []}
+  meta = {
+    "name": "swinv2",
+    "depths": [2, 2],
+    "patch": 2,
+    "image_size": 16,
+    "window_size": 4,
+    "pretrained_window_sizes": [],
+  }
   (tmp_path / "model.json").write_text(json.dumps(meta))
   config.init_from = str(tmp_path)
   # The config states the windows the checkpoint trained with; any other value, () included, is an error naming
   # the flag and the value to set.
-  with pytest.raises(ConfigError, match=r'^config.model.pretrained_window_sizes=\(\) but the init_from checkpoint '
-                                        r'trained with \(4, 4\): set '
-                                        r'--config.model.pretrained_window_sizes="\(4, 4\)"$'):
+  with pytest.raises(
+    ConfigError,
+    match=r"^config.model.pretrained_window_sizes=\(\) but the init_from checkpoint "
+    r"trained with \(4, 4\): set "
+    r'--config.model.pretrained_window_sizes="\(4, 4\)"$',
+  ):
     init_from.check_model_fields(config)
   config.model.pretrained_window_sizes = (8, 8)
   with pytest.raises(ConfigError, match=r"pretrained_window_sizes=\(8, 8\) but"):

@@ -24,6 +24,7 @@ from conftest import override, tiny_vit_config
 def tiny_seg_config(**overrides):
   """The demo shrunk: a pico ViT (4 x 4 patches at 16 px), a 3-level 16-channel neck and head, batch 16."""
   from configs import finetune_ade20k  # pylint: disable=g-import-not-at-top
+
   config = finetune_ade20k.get_config("demo")
   config.model.variant = "pico/4"
   config.model.image_size = config.data.image_size = 16
@@ -70,34 +71,50 @@ def _miou_by_class(pred: np.ndarray, labels: np.ndarray, labelled: np.ndarray, n
       ious.append(np.sum(is_pred & is_label) / union)
     if is_label.any():
       accs.append(np.sum(is_pred & is_label) / np.sum(is_label))
-  return {"miou": float(np.mean(ious)), "pixel_acc": float(np.sum((pred == labels) & labelled) / np.sum(labelled)),
-          "mean_acc": float(np.mean(accs))}
+  return {
+    "miou": float(np.mean(ious)),
+    "pixel_acc": float(np.sum((pred == labels) & labelled) / np.sum(labelled)),
+    "mean_acc": float(np.mean(accs)),
+  }
 
 
 def _record_to_host(records: list, fn, *picks):
   """`fn` that also sends `pick(*args)` of each call to `records` on the host, from inside the jitted step."""
+
   def recorded(*args, **kwargs):
     jax.debug.callback(lambda *values: records.append([np.asarray(v) for v in values]), *(p(*args) for p in picks))
     return fn(*args, **kwargs)
+
   return recorded
 
 
 def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp_path, pretrained, monkeypatch):
   """The logged pixel accuracy (train) and mIoU, pixel and mean accuracy (eval, sliding windows over the 16 x 24
   canvas) are those of the model's own predictions, recomputed here with numpy."""
-  config = tiny_seg_config(total_steps=6, log_every=1, eval_every=6, checkpoint_every=6,
-                           init_from=pretrained[0], init_from_prefix="backbone")
+  config = tiny_seg_config(
+    total_steps=6, log_every=1, eval_every=6, checkpoint_every=6, init_from=pretrained[0], init_from_prefix="backbone"
+  )
   num_classes = config.head.num_classes
   trained, evaluated, eval_batches = [], [], []  # (predicted classes, labels) per step / per eval batch; raw batches
-  monkeypatch.setattr(pixels, "segmentation_cross_entropy", _record_to_host(
-      trained, pixels.segmentation_cross_entropy, lambda logits, labels, *_: jnp.argmax(logits, -1),
-      lambda logits, labels, *_: labels))
-  monkeypatch.setattr(seg_eval, "confusion_matrix", _record_to_host(
-      evaluated, seg_eval.confusion_matrix, lambda pred, *_: pred))
+  monkeypatch.setattr(
+    pixels,
+    "segmentation_cross_entropy",
+    _record_to_host(
+      trained,
+      pixels.segmentation_cross_entropy,
+      lambda logits, labels, *_: jnp.argmax(logits, -1),
+      lambda logits, labels, *_: labels,
+    ),
+  )
+  monkeypatch.setattr(
+    seg_eval, "confusion_matrix", _record_to_host(evaluated, seg_eval.confusion_matrix, lambda pred, *_: pred)
+  )
   evaluate = seg_eval.SegmentationEvaluator.__call__
   monkeypatch.setattr(
-      seg_eval.SegmentationEvaluator, "__call__",
-      lambda self, params, batches: evaluate(self, params, eval_batches.extend(batches) or eval_batches))
+    seg_eval.SegmentationEvaluator,
+    "__call__",
+    lambda self, params, batches: evaluate(self, params, eval_batches.extend(batches) or eval_batches),
+  )
   last = train.run(config, str(tmp_path))
   with open(os.path.join(tmp_path, "metrics.jsonl"), encoding="utf-8") as f:
     rows = [json.loads(line) for line in f]
@@ -112,7 +129,7 @@ def test_finetune_from_pretrained_backbone_logs_loss_and_sliding_window_miou(tmp
     assert row["train/pixel_acc"] == pytest.approx(np.sum((pred == labels) & labelled) / np.sum(labelled), abs=1e-6)
   evals = [r for r in rows if "eval/seg/miou" in r]
   assert [r["step"] for r in evals] == [6]
-  pred = np.concatenate([p for p, in evaluated])
+  pred = np.concatenate([p for (p,) in evaluated])
   labels = np.concatenate([b["mask"] for b in eval_batches])
   valid = np.concatenate([b.get("valid", np.ones(len(b["mask"]), bool)) for b in eval_batches])
   assert pred.shape == labels.shape == (32, 16, 24)  # every canvas, predicted whole

@@ -15,12 +15,24 @@ from visionfm_jax.bench import hlo_cost
 
 from test_gpu_plan import HAS_GPU_COMPILER, ROOT
 
-pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'")]
+pytestmark = [
+  pytest.mark.slow,
+  pytest.mark.skipif(not HAS_GPU_COMPILER, reason="needs XLA's CUDA compiler: pip install -e '.[gpu-aot]'"),
+]
 BLOCK_GEMMS = ("attn/qkv", "mlp/fc1", "mlp/fc2")
 _FUSION = re.compile(r"%[\w.\-]+ = (\S+|\(.*?\)) fusion\(.*?\), kind=\w+, calls=%([\w.\-]+).*?op_name=\"([^\"]*)\"")
-_CAST_OPS = {"parameter", "constant", "broadcast", "bitcast", "convert", "divide", "multiply", "clamp", "minimum",
-             "maximum"}
+_CAST_OPS = {
+  "parameter",
+  "constant",
+  "broadcast",
+  "bitcast",
+  "convert",
+  "divide",
+  "multiply",
+  "clamp",
+  "minimum",
+  "maximum",
+}
 
 
 def _computations(text: str) -> dict[str, list[str]]:
@@ -54,8 +66,9 @@ def standalone_passes(text: str) -> collections.Counter:
     shape, callee, op_name = fusion.groups()
     body = bodies.get(callee, [])
     ops = {m.group(1) for m in (re.search(r"= \S+ ([\w\-]+)\(", l) for l in body) if m}
-    largest_input = max((n for l in body if " parameter(" in l for n in _elements(l.split(" parameter(")[0])),
-                        default=0)
+    largest_input = max(
+      (n for l in body if " parameter(" in l for n in _elements(l.split(" parameter(")[0])), default=0
+    )
     direction = "backward" if "transpose(" in op_name else "forward"
     if "reduce" in ops and max(_elements(shape)) * 64 <= largest_input and "reduce_max" in op_name:
       passes["max", direction, part] += 1
@@ -66,10 +79,24 @@ def standalone_passes(text: str) -> collections.Counter:
 
 def test_qkv_fc1_and_fc2_are_fp8_cublaslt_gemms_and_their_forward_casts_fuse_into_their_producers(tmp_path):
   dump = tmp_path / "step.hlo"
-  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", "--config=configs/vit_huge.py",
-                         "--target=h100", "--config.model.variant=pico/8", "--config.precision.gemm=fp8_delayed",
-                         "--config.strategy=ddp", "--config.global_batch_size=4", f"--dump_hlo={dump}"],
-                        cwd=ROOT, capture_output=True, text=True, timeout=900)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "visionfm_jax.bench.roofline",
+      "--config=configs/vit_huge.py",
+      "--target=h100",
+      "--config.model.variant=pico/8",
+      "--config.precision.gemm=fp8_delayed",
+      "--config.strategy=ddp",
+      "--config.global_batch_size=4",
+      f"--dump_hlo={dump}",
+    ],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=900,
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   text = dump.read_text()
   gemms = [k for k in hlo_cost.Program(text).kernels if k.kind == "gemm" and "blocks/" in k.label]

@@ -18,14 +18,31 @@ pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("compilation_cache")]
 
 def _main(workdir, cache, warm, gemm: str, total_steps: int) -> str:
   """The tiny ViT demo on 2 CPU devices, to `total_steps`, a checkpoint every 2 steps, in `gemm`."""
-  flags = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-           "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
-           "--config.data.eval_examples=16", "--config.progress_bar=False", f"--config.total_steps={total_steps}",
-           "--config.checkpoint_every=2", "--config.eval_every=100", "--config.log_every=1",
-           "--config.resume.allow_changes=total_steps", f"--config.precision.gemm={gemm}"]
-  done = subprocess.run([warm.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags], cwd=ROOT,
-                        env=warm.env(cpu_env(2, **compilation_cache_env(cache))), stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, timeout=600)
+  flags = [
+    "--config=configs/vit_huge.py:demo",
+    "--config.model.variant=pico/4",
+    "--config.model.image_size=16",
+    "--config.data.image_size=16",
+    "--config.global_batch_size=16",
+    "--config.optim.warmup_steps=2",
+    "--config.data.eval_examples=16",
+    "--config.progress_bar=False",
+    f"--config.total_steps={total_steps}",
+    "--config.checkpoint_every=2",
+    "--config.eval_every=100",
+    "--config.log_every=1",
+    "--config.resume.allow_changes=total_steps",
+    f"--config.precision.gemm={gemm}",
+  ]
+  done = subprocess.run(
+    [warm.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *flags],
+    cwd=ROOT,
+    env=warm.env(cpu_env(2, **compilation_cache_env(cache))),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=600,
+  )
   assert done.returncode == 0, done.stdout[-3000:]
   return done.stdout
 

@@ -22,8 +22,15 @@ from visionfm_jax.training.infra import faults
 from conftest import FAST_COMPILE_FLAGS, ROOT
 from test_multiprocess import DEVICES_PER_PROCESS, FLAGS, LAUNCH_ENV, PROCESSES, _free_port, _trained_a_step
 
-ABORT_SIGNS = ("Fatal Python error", "Check failed", "Check failure stack trace", "Terminating process",
-               "most recent call first", "Traceback", "terminate called")
+ABORT_SIGNS = (
+  "Fatal Python error",
+  "Check failed",
+  "Check failure stack trace",
+  "Terminating process",
+  "most recent call first",
+  "Traceback",
+  "terminate called",
+)
 
 
 def _start_trainers(tmp_path, *flags) -> list[subprocess.Popen]:
@@ -31,14 +38,35 @@ def _start_trainers(tmp_path, *flags) -> list[subprocess.Popen]:
   port, trainers = _free_port(), []
   for i in range(PROCESSES):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(PROCESSES), JAX_PROCESS_ID=str(i),
-               JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}")
-    with open(tmp_path / f"out{i}", "w", encoding="utf-8") as out, open(tmp_path / f"err{i}", "w",
-                                                                         encoding="utf-8") as err:
-      trainers.append(subprocess.Popen(
-          [sys.executable, "-m", "visionfm_jax.main", "--distributed=on", f"--workdir={tmp_path / 'run'}", *FLAGS,
-           *flags], cwd=ROOT, env=env, stdout=out, stderr=err))
+    env.update(
+      JAX_COORDINATOR_ADDRESS=f"localhost:{port}",
+      JAX_NUM_PROCESSES=str(PROCESSES),
+      JAX_PROCESS_ID=str(i),
+      JAX_PLATFORMS="cpu",
+      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+      XLA_FLAGS=f"{FAST_COMPILE_FLAGS} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}",
+    )
+    with (
+      open(tmp_path / f"out{i}", "w", encoding="utf-8") as out,
+      open(tmp_path / f"err{i}", "w", encoding="utf-8") as err,
+    ):
+      trainers.append(
+        subprocess.Popen(
+          [
+            sys.executable,
+            "-m",
+            "visionfm_jax.main",
+            "--distributed=on",
+            f"--workdir={tmp_path / 'run'}",
+            *FLAGS,
+            *flags,
+          ],
+          cwd=ROOT,
+          env=env,
+          stdout=out,
+          stderr=err,
+        )
+      )
   return trainers
 
 
@@ -46,8 +74,10 @@ def _wait_for_a_train_step(trainers, tmp_path) -> None:
   deadline = time.monotonic() + 300
   while not _trained_a_step(tmp_path / "run"):
     if time.monotonic() > deadline or any(t.poll() is not None for t in trainers):
-      pytest.fail(f"no train step was logged:\n{(tmp_path / 'err0').read_text()[-4000:]}\n"
-                  f"{(tmp_path / 'err1').read_text()[-4000:]}")
+      pytest.fail(
+        f"no train step was logged:\n{(tmp_path / 'err0').read_text()[-4000:]}\n"
+        f"{(tmp_path / 'err1').read_text()[-4000:]}"
+      )
     time.sleep(0.05)
 
 
@@ -84,31 +114,37 @@ def test_a_frozen_coordinator_ends_the_other_process_with_one_line_naming_it_and
   """... and once it runs again, longer than the peer timeout later, the coordinator finds its peer gone and exits
   too, within a few beats, with one line: it does not wait out a peer timeout of its own, or linger."""
   timeout_s = 5
-  coordinator, other = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
-                                                  f"--config.peer_timeout_s={timeout_s}")
+  coordinator, other = trainers = _start_trainers(
+    tmp_path, "--config.total_steps=100000", f"--config.peer_timeout_s={timeout_s}"
+  )
   code, waited, thawed_code, lingered = _stopped_until_the_other_exits(
-      trainers, tmp_path, coordinator, other, timeout_s, lambda waited: max(0.0, timeout_s + 1 - waited))
+    trainers, tmp_path, coordinator, other, timeout_s, lambda waited: max(0.0, timeout_s + 1 - waited)
+  )
   err = (tmp_path / "err1").read_text()
   assert code == faults.HUNG_EXIT_CODE, (code, waited, err[-6000:])
   assert waited < timeout_s + 10, waited
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, errors
-  assert re.fullmatch(rf"error: the coordinator, process 0 of 2 \(last seen: host \S+, pid {coordinator.pid}\), has "
-                      rf"not answered for \d+s \(config.peer_timeout_s={timeout_s}\): it is stopped, or its node is "
-                      rf"lost or cut off from this one. Process 1 exits with code {faults.HUNG_EXIT_CODE} so that the "
-                      rf"job is requeued; it resumes from the newest complete checkpoint.", errors[0]), errors[0]
+  assert re.fullmatch(
+    rf"error: the coordinator, process 0 of 2 \(last seen: host \S+, pid {coordinator.pid}\), has "
+    rf"not answered for \d+s \(config.peer_timeout_s={timeout_s}\): it is stopped, or its node is "
+    rf"lost or cut off from this one. Process 1 exits with code {faults.HUNG_EXIT_CODE} so that the "
+    rf"job is requeued; it resumes from the newest complete checkpoint.",
+    errors[0],
+  ), errors[0]
   assert not [sign for sign in ABORT_SIGNS if sign in err], err[-6000:]
   thawed_err = (tmp_path / "err0").read_text()
   # Within its peer timeout, plus a margin for a loaded 2-core machine (5.08 s seen on CI): the fault is a thawed
   # process still running minutes later.
-  assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s + 5, (thawed_code, lingered,
-                                                                            thawed_err[-6000:])
+  assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s + 5, (thawed_code, lingered, thawed_err[-6000:])
   errors = [line for line in thawed_err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and re.fullmatch(
-      rf"error: process 1 of 2 \(last seen: host \S+, pid {other.pid}\) has sent no heartbeat in the \d+s since this "
-      rf"process resumed after being stopped for \d+s \(longer than config.peer_timeout_s={timeout_s}, after which "
-      rf"its peers give up on it\): it gave up on this process, or died. Process 0 exits with code "
-      rf"{faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+    rf"error: process 1 of 2 \(last seen: host \S+, pid {other.pid}\) has sent no heartbeat in the \d+s since this "
+    rf"process resumed after being stopped for \d+s \(longer than config.peer_timeout_s={timeout_s}, after which "
+    rf"its peers give up on it\): it gave up on this process, or died. Process 0 exits with code "
+    rf"{faults.HUNG_EXIT_CODE} .*",
+    errors[0],
+  ), errors
 
 
 @pytest.mark.slow
@@ -118,15 +154,19 @@ def test_a_process_continued_after_the_coordinator_gave_up_on_it_ends_with_its_o
   connections by then, and JAX's client aborted process 1 with a fatal C++ line and a stack dump the moment it ran.
   Now it exits 75 with one line of its own."""
   timeout_s = 5
-  coordinator, stopped = trainers = _start_trainers(tmp_path, "--config.total_steps=100000",
-                                                    f"--config.peer_timeout_s={timeout_s}")
-  code, _, thawed_code, lingered = _stopped_until_the_other_exits(trainers, tmp_path, stopped, coordinator,
-                                                                  timeout_s, lambda waited: 11.0)
+  coordinator, stopped = trainers = _start_trainers(
+    tmp_path, "--config.total_steps=100000", f"--config.peer_timeout_s={timeout_s}"
+  )
+  code, _, thawed_code, lingered = _stopped_until_the_other_exits(
+    trainers, tmp_path, stopped, coordinator, timeout_s, lambda waited: 11.0
+  )
   assert code == faults.HUNG_EXIT_CODE, (tmp_path / "err0").read_text()[-6000:]
   err = (tmp_path / "err1").read_text()
   assert thawed_code == faults.HUNG_EXIT_CODE and lingered < timeout_s + 5, (thawed_code, lingered, err[-6000:])
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1 and re.fullmatch(
-      rf"error: (JAX's coordination service at localhost:\d+ \(in process 0\) is gone|process 0 of 2|the "
-      rf"coordinator, process 0 of 2).* Process 1 exits with code {faults.HUNG_EXIT_CODE} .*", errors[0]), errors
+    rf"error: (JAX's coordination service at localhost:\d+ \(in process 0\) is gone|process 0 of 2|the "
+    rf"coordinator, process 0 of 2).* Process 1 exits with code {faults.HUNG_EXIT_CODE} .*",
+    errors[0],
+  ), errors
   assert not [sign for sign in ABORT_SIGNS if sign in err], err[-6000:]

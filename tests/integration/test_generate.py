@@ -73,11 +73,18 @@ def scanned():
 
 # The references compile quickly (XLA CPU without its expensive optimisations): these tiny programs run in ms.
 FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
-_teacher_forced = jax.jit(lambda model, params, tokens, memory: model.apply(
-    {"params": params}, tokens, memory, method="caption_logits"), static_argnums=0, compiler_options=FAST_COMPILE)
-_decode_step = jax.jit(lambda model, params, tokens, cache, index, memory: model.apply(
-    {"params": params}, tokens, cache, index, memory, method="decode_step"), static_argnums=0,
-    compiler_options=FAST_COMPILE)
+_teacher_forced = jax.jit(
+  lambda model, params, tokens, memory: model.apply({"params": params}, tokens, memory, method="caption_logits"),
+  static_argnums=0,
+  compiler_options=FAST_COMPILE,
+)
+_decode_step = jax.jit(
+  lambda model, params, tokens, cache, index, memory: model.apply(
+    {"params": params}, tokens, cache, index, memory, method="decode_step"
+  ),
+  static_argnums=0,
+  compiler_options=FAST_COMPILE,
+)
 
 
 @pytest.mark.parametrize("scan", [True, False], ids=["scanned", "unrolled"])
@@ -85,13 +92,15 @@ def test_cached_decoding_equals_teacher_forcing(scan):
   model, params = _random_params({"model.scan": scan})
   memory = _memory(model)
   rng = np.random.default_rng(2)
-  tokens = jnp.asarray(np.concatenate([np.full((BATCH, 1), BOS), rng.integers(4, model.text.vocab_size,
-                                                                              (BATCH, MAX_LEN - 1))], 1), jnp.int32)
+  tokens = jnp.asarray(
+    np.concatenate([np.full((BATCH, 1), BOS), rng.integers(4, model.text.vocab_size, (BATCH, MAX_LEN - 1))], 1),
+    jnp.int32,
+  )
   expected = _teacher_forced(model, params, tokens, memory)
   cache = model.init_cache(BATCH, MAX_LEN)
   got = []
   for i in range(MAX_LEN):
-    logits, cache = _decode_step(model, params, tokens[:, i:i + 1], cache, i, memory if i == 0 else None)
+    logits, cache = _decode_step(model, params, tokens[:, i : i + 1], cache, i, memory if i == 0 else None)
     got.append(logits)
   np.testing.assert_allclose(np.concatenate(got, axis=1), expected, atol=1e-4, rtol=0)
   # The caches carry the layer axis first and the batch second (what beam search reorders).
@@ -123,7 +132,7 @@ def test_greedy_equals_argmax_by_recomputation(scanned):
   assert finished[0] and finished.any() and not finished.all(), got
   for row in got[finished]:
     end = list(row).index(EOS)
-    assert (row[end + 1:] == PAD).all()
+    assert (row[end + 1 :] == PAD).all()
   assert generate.greedy(model, params, memory, max_len=1).tolist() == [[BOS]] * BATCH
 
 
@@ -144,8 +153,9 @@ def _sequence_logprob(model, params, memory, tokens):
   """(B,) teacher-forced log-prob of rows as `greedy` returns them: the tokens after BOS up to the first EOS
   (included), or to the end of a row without EOS."""
   logits = model.apply({"params": params}, tokens, memory, method="caption_logits")
-  token_logp = jnp.take_along_axis(jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1),
-                                   tokens[:, 1:, None], axis=-1)[..., 0]
+  token_logp = jnp.take_along_axis(
+    jax.nn.log_softmax(logits[:, :-1].astype(jnp.float32), axis=-1), tokens[:, 1:, None], axis=-1
+  )[..., 0]
   targets = tokens[:, 1:]
   up_to_eos = jnp.arange(targets.shape[1]) <= tokenizer_lib.eos_positions(targets)[:, None]
   return jnp.sum(jnp.where(up_to_eos, token_logp, 0.0), axis=1)
@@ -157,8 +167,10 @@ def test_captions_hold_only_the_tokenizers_pieces(scanned):
   free = np.asarray(generate.greedy(model, params, memory, max_len=MAX_LEN))
   pieces = int(np.median(free[:, 1:]))  # below some of the tokens the unrestricted decoder picks
   assert free.max() >= pieces
-  for tokens in (generate.greedy(model, params, memory, max_len=MAX_LEN, pieces=pieces),
-                 generate.beam_search(model, params, memory, beam_size=3, max_len=MAX_LEN, pieces=pieces)[0]):
+  for tokens in (
+    generate.greedy(model, params, memory, max_len=MAX_LEN, pieces=pieces),
+    generate.beam_search(model, params, memory, beam_size=3, max_len=MAX_LEN, pieces=pieces)[0],
+  ):
     assert np.asarray(tokens).max() < pieces
   with pytest.raises(ValueError, match="pieces"):
     generate.greedy(model, params, memory, max_len=MAX_LEN, pieces=model.decoder.vocab_size + 1)
@@ -216,7 +228,7 @@ def test_beam_search_equals_reference_and_mostly_beats_greedy(scanned, alpha):
     np.testing.assert_allclose(scores, expected, atol=1e-4)
     for row in tokens:  # finished beams carry PAD after their EOS
       if EOS in row:
-        assert (row[list(row).index(EOS) + 1:] == PAD).all()
+        assert (row[list(row).index(EOS) + 1 :] == PAD).all()
     if alpha == 0:
       # Beam search is not guaranteed to beat greedy decoding (greedy's prefix can be pruned in favour of beams
       # that later fare worse: one row of eos_params here), but with 4 beams it does on most rows.
@@ -229,7 +241,7 @@ def test_beam_search_equals_reference_and_mostly_beats_greedy(scanned, alpha):
 def test_tokens_to_text():
   tok = tokenizer_lib.Tokenizer(tokenizer_lib.shapes_tokenizer_path(), max_len=12)
   rows = tok.encode_batch(["a small red circle", "a large blue star"])
-  rows[1, list(rows[1]).index(EOS) + 1:] = 7  # anything after the EOS is dropped
+  rows[1, list(rows[1]).index(EOS) + 1 :] = 7  # anything after the EOS is dropped
   assert generate.tokens_to_text(tok, rows) == ["a small red circle", "a large blue star"]
   assert generate.tokens_to_text(tok, rows[0]) == ["a small red circle"]
 
@@ -243,17 +255,30 @@ HELD_OUT = 100
 # (which name the colour of ~90%); 150 steps of 32 short captions ('a small red circle') name the colour of ~70%
 # of held-out images (and the shape of few).
 TRAIN_FLAGS = [
-    "--config=configs/aurora_xl.py:demo", "--config.model.image_size=16", "--config.data.image_size=16",
-    "--config.model.encoder.variant=femto", "--config.model.encoder.window_size=2",
-    "--config.model.text.variant=32x1x128x2",
-    "--config.model.embed_dim=16", "--config.model.caption_queries=4", "--config.model.decoder_depth=1",
-    "--config.model.mim_view=shared",  # one encoder pass per step: ~1.5x the steps per second
-    "--config.data.mim.mask_patch_size=4", "--config.global_batch_size=32", "--config.grad_accum_steps=1",
-    "--config.data.mixture=()", "--config.data.source=shapes",  # captioned pairs only: every step names colours
-    f"--config.total_steps={TRAIN_STEPS}", f"--config.optim.warmup_steps={TRAIN_STEPS // 10}",
-    f"--config.log_every={TRAIN_STEPS}", f"--config.eval_every={TRAIN_STEPS}",
-    f"--config.checkpoint_every={TRAIN_STEPS}", "--config.data.eval_examples=32", "--config.eval.retrieval=False",
-    "--config.progress_bar=False"]
+  "--config=configs/aurora_xl.py:demo",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.model.encoder.variant=femto",
+  "--config.model.encoder.window_size=2",
+  "--config.model.text.variant=32x1x128x2",
+  "--config.model.embed_dim=16",
+  "--config.model.caption_queries=4",
+  "--config.model.decoder_depth=1",
+  "--config.model.mim_view=shared",  # one encoder pass per step: ~1.5x the steps per second
+  "--config.data.mim.mask_patch_size=4",
+  "--config.global_batch_size=32",
+  "--config.grad_accum_steps=1",
+  "--config.data.mixture=()",
+  "--config.data.source=shapes",  # captioned pairs only: every step names colours
+  f"--config.total_steps={TRAIN_STEPS}",
+  f"--config.optim.warmup_steps={TRAIN_STEPS // 10}",
+  f"--config.log_every={TRAIN_STEPS}",
+  f"--config.eval_every={TRAIN_STEPS}",
+  f"--config.checkpoint_every={TRAIN_STEPS}",
+  "--config.data.eval_examples=32",
+  "--config.eval.retrieval=False",
+  "--config.progress_bar=False",
+]
 
 
 def _fast_cpu_env():
@@ -270,8 +295,13 @@ def _training(request, tmp_path_factory, warm_python):
     return
   workdir = tmp_path_factory.mktemp("aurora_shapes")
   log = open(workdir.parent / "aurora_shapes.log", "w+", encoding="utf-8")  # pylint: disable=consider-using-with
-  process = subprocess.Popen([warm_python.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TRAIN_FLAGS],
-                             cwd=ROOT, env=warm_python.env(_fast_cpu_env()), stdout=log, stderr=subprocess.STDOUT)
+  process = subprocess.Popen(
+    [warm_python.python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TRAIN_FLAGS],
+    cwd=ROOT,
+    env=warm_python.env(_fast_cpu_env()),
+    stdout=log,
+    stderr=subprocess.STDOUT,
+  )
   yield process, workdir, log
   if process.poll() is None:
     process.kill()
@@ -317,8 +347,19 @@ def test_caption_cli(trained, tmp_path, capsys):
   assert [line.split("\t")[0] for line in lines] == ["shapes:0", "shapes:1", "shapes:2", "shapes:3", str(png)]
   assert all(len(line.split("\t")) == 2 and line.split("\t")[1].startswith("a ") for line in lines), lines
   # Beam search, --step naming the (only) checkpoint, and a shorter caption limit: at most 5 tokens after BOS.
-  assert caption.main(["caption", f"--checkpoint={trained}", "--images=shapes:0-4", "--beam_size=3",
-                       "--max_len=6", f"--step={TRAIN_STEPS}"]) == 0
+  assert (
+    caption.main(
+      [
+        "caption",
+        f"--checkpoint={trained}",
+        "--images=shapes:0-4",
+        "--beam_size=3",
+        "--max_len=6",
+        f"--step={TRAIN_STEPS}",
+      ]
+    )
+    == 0
+  )
   lines = capsys.readouterr().out.splitlines()
   assert len(lines) == 5 and all(len(line.split("\t")[1].split()) <= 5 for line in lines), lines
 
@@ -343,21 +384,28 @@ def test_caption_cli_errors(trained, tmp_path, capsys):
   assert "not an Aurora model" in error(f"--checkpoint={other}", "--images=shapes:0")
   # As a program: a missing checkpoint directory is one line on stderr and status 2.
   missing = tmp_path / "no_such_workdir"
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.tools.caption", f"--checkpoint={missing}",
-                           "--images=shapes:0-3"], cwd=ROOT, env=_fast_cpu_env(), capture_output=True, text=True,
-                          timeout=300, check=False)
+  result = subprocess.run(
+    [sys.executable, "-m", "visionfm_jax.tools.caption", f"--checkpoint={missing}", "--images=shapes:0-3"],
+    cwd=ROOT,
+    env=_fast_cpu_env(),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   assert result.returncode == 2 and result.stdout == ""
   assert result.stderr.strip().splitlines()[-1] == f"error: --checkpoint={missing}: no such directory"
 
 
 def test_length_penalty_factor():
-  assert math.isclose(float(generate.length_penalty_factor(jnp.int32(7), 0.6)), 2.0 ** 0.6, rel_tol=1e-6)
+  assert math.isclose(float(generate.length_penalty_factor(jnp.int32(7), 0.6)), 2.0**0.6, rel_tol=1e-6)
   assert float(generate.length_penalty_factor(jnp.int32(7), 0.0)) == 1.0
 
 
 def test_caption_images_take_the_runs_evaluation_view(tmp_path):
   """An image file is cropped as the run's evaluation crops (config.data.eval_preprocess: Aurora's is CLIP's)."""
   from visionfm_jax.data.transforms import host as transforms  # pylint: disable=g-import-not-at-top
+
   image = np.random.default_rng(0).integers(0, 256, (30, 47, 3), dtype=np.uint8)
   png = tmp_path / "wide.png"
   Image.fromarray(image).save(png)
@@ -374,6 +422,7 @@ def test_caption_names_an_image_it_cannot_decode_apart_from_one_it_cannot_read(t
   """Pillow's UnidentifiedImageError is an OSError: it is a decode failure, not a read failure."""
   from visionfm_jax.errors import UserError  # pylint: disable=g-import-not-at-top
   from visionfm_jax.tools import caption  # pylint: disable=g-import-not-at-top
+
   garbage = tmp_path / "garbage.jpg"
   garbage.write_bytes(b"not an image at all")
   with pytest.raises(UserError, match=rf"--images: cannot decode {garbage}: "):

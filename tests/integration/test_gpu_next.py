@@ -23,8 +23,9 @@ GPU_ONLY = {"swin_step_pallas", "swin_step_cudnn"}
 
 def run_script(*args: str, python: str = sys.executable, warm=None, **env) -> subprocess.CompletedProcess:
   env = warm.env(cpu_env(1, PYTHON=warm.python, **env)) if warm else cpu_env(1, PYTHON=python, **env)
-  return subprocess.run(["bash", "launch/gpu_next.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                        timeout=900)
+  return subprocess.run(
+    ["bash", "launch/gpu_next.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900
+  )
 
 
 def results(report: pathlib.Path) -> dict:
@@ -37,9 +38,16 @@ def test_the_stages_cover_every_gemm_recipe_the_schema_names_at_both_batches():
   assert vit == [f"vit_{b}_{g}" for b in ("b32", "b64") for g in gpu_next.gemm_recipes()]
   assert sorted(gpu_next.gemm_recipes()) == sorted(RECIPES) and gpu_next.gemm_recipes()[0] == "compute_dtype"
   delayed = [g for g in RECIPES if "delayed" in g]
-  assert gpu_next.gemm_recipes()[1:1 + len(delayed)] == delayed  # the new recipe first among the FP8 ones
-  assert names[len(vit):] == ["attention_w7", "attention_w40", "swin_step_pallas", "swin_step_cudnn",
-                              "swin_step_softmax", "swin_form_grouped", "swin_form_unroll7"]
+  assert gpu_next.gemm_recipes()[1 : 1 + len(delayed)] == delayed  # the new recipe first among the FP8 ones
+  assert names[len(vit) :] == [
+    "attention_w7",
+    "attention_w40",
+    "swin_step_pallas",
+    "swin_step_cudnn",
+    "swin_step_softmax",
+    "swin_form_grouped",
+    "swin_form_unroll7",
+  ]
 
 
 def harness_flags(argv) -> dict:
@@ -48,10 +56,15 @@ def harness_flags(argv) -> dict:
   return dict(side=fv.window, windows=fv.windows, heads=fv.heads, head_dim=fv.head_dim, shifted=fv.shifted)
 
 
-@pytest.mark.parametrize("sizes,variant,image_size,window_size", [(gpu_next.GPU_SIZES, "G", 224, 7),
-                                                                  (gpu_next.GPU_SIZES, "G", 640, 40),
-                                                                  (gpu_next.REHEARSAL_SIZES, "pico", 32, 4),
-                                                                  (gpu_next.REHEARSAL_SIZES, "pico", 32, 8)])
+@pytest.mark.parametrize(
+  "sizes,variant,image_size,window_size",
+  [
+    (gpu_next.GPU_SIZES, "G", 224, 7),
+    (gpu_next.GPU_SIZES, "G", 640, 40),
+    (gpu_next.REHEARSAL_SIZES, "pico", 32, 4),
+    (gpu_next.REHEARSAL_SIZES, "pico", 32, 8),
+  ],
+)
 def test_the_attention_stages_time_the_models_windows(sizes, variant, image_size, window_size):
   """Each attention stage's shape is the SwinV2 stage's (G: its 42-block stage 2; pico: stage 0), and the harness
   computes what WindowAttention does: its softmax path and the kernel (Pallas's interpreter here) against
@@ -61,8 +74,13 @@ def test_the_attention_stages_time_the_models_windows(sizes, variant, image_size
   feature, side, shift = swinv2.stage_windows(image_size, window_size, len(depths))[stage]
   name = "attention_w7" if window_size in (7, 4) else "attention_w40"
   shape = harness_flags(dict(sizes.attention)[name])
-  assert shape == dict(side=side, windows=(feature // side) ** 2, heads=heads[stage],
-                       head_dim=embed_dim * 2**stage // heads[stage], shifted=bool(shift))
+  assert shape == dict(
+    side=side,
+    windows=(feature // side) ** 2,
+    heads=heads[stage],
+    head_dim=embed_dim * 2**stage // heads[stage],
+    shifted=bool(shift),
+  )
   if variant == "G":
     return
   assert window_attention.MASK_VALUE == swinv2.MASK_VALUE and window_attention.MAX_LOGIT_SCALE == swinv2.MAX_LOGIT_SCALE
@@ -82,8 +100,13 @@ def test_the_attention_stages_time_the_models_windows(sizes, variant, image_size
 @pytest.mark.slow
 def test_the_rehearsal_runs_every_stage_and_reports_its_figures(tmp_path, warm_python, compilation_cache):
   report = tmp_path / "report"
-  proc = run_script("--rehearse", f"--out={tmp_path / 'out'}", f"--report={report}", warm=warm_python,
-                    **compilation_cache_env(compilation_cache))
+  proc = run_script(
+    "--rehearse",
+    f"--out={tmp_path / 'out'}",
+    f"--report={report}",
+    warm=warm_python,
+    **compilation_cache_env(compilation_cache),
+  )
   assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = results(report)
   assert list(rows) == [s.name for s in gpu_next.stages("python", "out", gpu_next.REHEARSAL_SIZES)]
@@ -155,8 +178,9 @@ def test_a_failed_stage_leaves_the_later_ones_running_and_a_spent_budget_skips_t
   assert proc.returncode == 1
   assert {r["why"] for n, r in results(report).items() if n not in GPU_ONLY} >= {"0 s of the budget left"}
   # --only runs the stages it names; an unknown name is one error line
-  proc = run_script("--rehearse", "--only=attention_w7", f"--out={tmp_path / 'out'}", f"--report={report}",
-                    python=python)
+  proc = run_script(
+    "--rehearse", "--only=attention_w7", f"--out={tmp_path / 'out'}", f"--report={report}", python=python
+  )
   assert proc.returncode == 0, proc.stderr
   assert [n for n, r in results(report).items() if r["status"] == "ok"] == ["attention_w7"]
   proc = run_script("--rehearse", "--only=attention_w8", python=python)

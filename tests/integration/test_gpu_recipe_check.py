@@ -12,8 +12,17 @@ import pytest
 from conftest import ROOT, compilation_cache_env, cpu_env
 
 MAIN_RUNS = ["compute_dtype", "fp8", "compute_dtype_seed1"]
-STAGES = ["warmup", "photos", "shards", *(f"vit_main_{run}" for run in MAIN_RUNS), "vit_profile_fp8",
-          "swin_bench_compute_dtype", "swin_bench_fp8", "vit_bench_compute_dtype", "vit_bench_fp8"]
+STAGES = [
+  "warmup",
+  "photos",
+  "shards",
+  *(f"vit_main_{run}" for run in MAIN_RUNS),
+  "vit_profile_fp8",
+  "swin_bench_compute_dtype",
+  "swin_bench_fp8",
+  "vit_bench_compute_dtype",
+  "vit_bench_fp8",
+]
 GEMMS = ("compute_dtype", "fp8")
 
 
@@ -21,8 +30,9 @@ def run_check(*args: str, python: str = sys.executable, warm=None, **env) -> sub
   """launch/gpu_recipe_check.sh ARGS with PYTHON=`python`, or the warm interpreter `warm` (tests/warm_python.py),
   and `env`."""
   env = warm.env(cpu_env(1, PYTHON=warm.python, **env)) if warm else cpu_env(1, PYTHON=python, **env)
-  return subprocess.run(["bash", "launch/gpu_recipe_check.sh", *args], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=300)
+  return subprocess.run(
+    ["bash", "launch/gpu_recipe_check.sh", *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
 
 
 def stand_in_python(tmp_path: pathlib.Path) -> str:
@@ -108,7 +118,8 @@ def test_a_spent_budget_skips_the_stages(tmp_path):
   stages = json.loads((tmp_path / "summary.json").read_text())["stages"]
   assert list(stages) == STAGES and {s["status"] for s in stages.values()} == {"skipped"}
   assert {name: s["why"] for name, s in stages.items() if "--budget=1" not in s["why"]} == {
-      f"vit_main_{run}": f"no shards in {tmp_path}/shards" for run in MAIN_RUNS}
+    f"vit_main_{run}": f"no shards in {tmp_path}/shards" for run in MAIN_RUNS
+  }
 
 
 def test_only_runs_the_stages_it_names_and_the_others_do_not_fail_the_check(tmp_path):
@@ -127,13 +138,16 @@ def test_only_runs_the_stages_it_names_and_the_others_do_not_fail_the_check(tmp_
   assert status["vit_main_fp8"] == "FAIL"
 
 
-@pytest.mark.parametrize("args, message", [
+@pytest.mark.parametrize(
+  "args, message",
+  [
     (["--images=15"], "--images=15: expected an integer of at least 16"),
     (["--images=many"], "--images=many: expected an integer"),
     (["--budget=0"], "--budget=0: expected a positive number of seconds"),
     (["--steps=3"], "unknown argument --steps=3"),
     (["--only=vit_main"], "--only: no stage vit_main (the stages: warmup photos"),
-])
+  ],
+)
 def test_bad_arguments_are_one_line_and_exit_2(tmp_path, args, message):
   proc = run_check("--rehearse", f"--out={tmp_path}", *args)
   assert proc.returncode == 2 and message in proc.stderr and len(proc.stderr.splitlines()) == 1, proc.stderr

@@ -42,10 +42,12 @@ BURST_A = range(640, 736)  # steps 41-46
 BURST_B = range(1232, 1328)  # steps 61-66 after rollback A (positions 752 + 30 * 16 on)
 SPIKE = range(640, 656)  # step 41 alone
 TOTAL = 80
-ROLLBACK_A = dict(step=43, rule="burst", restored=30, skipped_positions=[480, 752], skipped_examples=272,
-                  set_aside=["40.rolled_back"])
-ROLLBACK_B = dict(step=63, rule="burst", restored=50, skipped_positions=[1072, 1344], skipped_examples=272,
-                  set_aside=["60.rolled_back"])
+ROLLBACK_A = dict(
+  step=43, rule="burst", restored=30, skipped_positions=[480, 752], skipped_examples=272, set_aside=["40.rolled_back"]
+)
+ROLLBACK_B = dict(
+  step=63, rule="burst", restored=50, skipped_positions=[1072, 1344], skipped_examples=272, set_aside=["60.rolled_back"]
+)
 
 
 def write_colours(directory, poisoned=(), removed=()):
@@ -62,8 +64,10 @@ def write_colours(directory, poisoned=(), removed=()):
 
   splits = {}
   removed = set(removed)
-  for split, indices, poison in (("train", [i for i in range(RECORDS) if i not in removed], set(poisoned)),
-                                 ("validation", range(64), set())):
+  for split, indices, poison in (
+    ("train", [i for i in range(RECORDS) if i not in removed], set(poisoned)),
+    ("validation", range(64), set()),
+  ):
     name = records.shard_name(split, 0, 1)
     count = records.write_records(os.path.join(directory, name), examples(indices, poison))
     splits[split] = {"records": count, "shards": [name], "kind": "labelled"}
@@ -75,8 +79,19 @@ def health_config(source, **overrides):
   config = tiny_vit_config(total_steps=TOTAL, log_every=1, eval_every=TOTAL, checkpoint_every=10)
   config.data.source, config.data.shuffle, config.data.num_workers, config.data.eval_examples = source, False, 0, 64
   config.optim.lr = 3e-3  # learns the colours within 30 steps: enough for poisoned labels to spike the loss
-  config_lib.set_fields(config.health, enabled=True, window=16, warmup=16, z=6.0, burst_skips=3, burst_window=16,
-                        restore_before=5, skip_margin=4, max_rollbacks=2, max_rollbacks_window=1000)
+  config_lib.set_fields(
+    config.health,
+    enabled=True,
+    window=16,
+    warmup=16,
+    z=6.0,
+    burst_skips=3,
+    burst_window=16,
+    restore_before=5,
+    skip_margin=4,
+    max_rollbacks=2,
+    max_rollbacks_window=1000,
+  )
   return override(config, **overrides)
 
 
@@ -113,9 +128,11 @@ def data(tmp_path_factory, compilation_cache):
   del compilation_cache
   root = tmp_path_factory.mktemp("health_data")
   poisoned = [*BURST_A, *BURST_B]
-  return {"bursts": write_colours(root / "bursts", poisoned),
-          "removed": write_colours(root / "removed", removed=poisoned),
-          "spike": write_colours(root / "spike", SPIKE)}
+  return {
+    "bursts": write_colours(root / "bursts", poisoned),
+    "removed": write_colours(root / "removed", removed=poisoned),
+    "spike": write_colours(root / "spike", SPIKE),
+  }
 
 
 @pytest.fixture(scope="module")
@@ -187,6 +204,7 @@ class _Capture(logging.Handler):
 
 # ------------------------------------------------------------------------------------------- the rule
 
+
 def _state(**fields):
   cfg = ml_collections.ConfigDict(dict(window=4, z=6.0, warmup=4, burst_skips=3, burst_window=16, rise=0.0))
   cfg.update(fields)
@@ -194,15 +212,23 @@ def _state(**fields):
 
 
 # One jitted function for every case: a state of the same rule fields compiles once per `fp16`.
-_observe = jax.jit(lambda s, step, loss, overflowed, stalled, fp16: s.observe(step, loss, 1.0, overflowed, stalled,
-                                                                              fp16=fp16), static_argnames="fp16")
+_observe = jax.jit(
+  lambda s, step, loss, overflowed, stalled, fp16: s.observe(step, loss, 1.0, overflowed, stalled, fp16=fp16),
+  static_argnames="fp16",
+)
 
 
 def _feed(state, losses, fp16=False, overflowed=False, stalled=False):
   applied = []
   for loss in losses:
-    state, apply = _observe(state, state.count + state.skipped + 1, jnp.float32(loss), jnp.asarray(overflowed),
-                            jnp.asarray(stalled), fp16=fp16)
+    state, apply = _observe(
+      state,
+      state.count + state.skipped + 1,
+      jnp.float32(loss),
+      jnp.asarray(overflowed),
+      jnp.asarray(stalled),
+      fp16=fp16,
+    )
     applied.append(bool(apply))
   return state, applied
 
@@ -248,10 +274,12 @@ def test_non_finite_numbers_trigger_without_loss_scaling_and_are_overflows_with_
 
 # --------------------------------------------------------------------------------------------- end to end
 
+
 @pytest.mark.slow
 @END_TO_END
 def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_keeping_the_optimizer_count(
-    data, tmp_path, monkeypatch):
+  data, tmp_path, monkeypatch
+):
   """Steps 1-4 without health (stopped by a SIGTERM after step 3), resumed with it to step 46 (stopped by a
   SIGTERM after step 45: the module's 80-step programs serve): its statistics start at the resume, and the one
   poisoned batch (step 41) is skipped, without a rollback."""
@@ -276,17 +304,17 @@ def test_health_turned_on_at_a_resume_starts_afresh_and_skips_a_poisoned_batch_k
 
 @pytest.mark.slow
 @END_TO_END
-def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(bursts_run,
-                                                                                      diverged_then_rerun):
+def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without_them(bursts_run, diverged_then_rerun):
   workdir, log = bursts_run
   lines = re.findall(r"health: rolling back at (.*)", log)
   assert lines == [
-      f"step 43, loss {lines[0].split('loss ')[1].split(',')[0]}, rule burst (3 steps skipped as spikes within 16 "
-      f"steps): restored {workdir / 'checkpoints'}/30, skipping data stream positions 480-751 (272 examples; "
-      f"rollback 1)",
-      f"step 63, loss {lines[1].split('loss ')[1].split(',')[0]}, rule burst (3 steps skipped as spikes within 16 "
-      f"steps): restored {workdir / 'checkpoints'}/50, skipping data stream positions 1072-1343 (272 examples; "
-      f"rollback 2)"], log
+    f"step 43, loss {lines[0].split('loss ')[1].split(',')[0]}, rule burst (3 steps skipped as spikes within 16 "
+    f"steps): restored {workdir / 'checkpoints'}/30, skipping data stream positions 480-751 (272 examples; "
+    f"rollback 1)",
+    f"step 63, loss {lines[1].split('loss ')[1].split(',')[0]}, rule burst (3 steps skipped as spikes within 16 "
+    f"steps): restored {workdir / 'checkpoints'}/50, skipping data stream positions 1072-1343 (272 examples; "
+    f"rollback 2)",
+  ], log
   assert drop_loss(saved_rollbacks(workdir)) == [ROLLBACK_A, ROLLBACK_B]
   assert sorted(os.listdir(workdir / "checkpoints")) == ["40.rolled_back", "60", "60.rolled_back", "70", "80"]
   noted = [(r["step"], r["health/set_aside"]) for r in read_metrics(workdir) if "health/set_aside" in r]
@@ -316,8 +344,9 @@ def test_bursts_roll_back_past_the_poisoned_records_and_end_near_the_run_without
 
 @pytest.mark.slow
 @END_TO_END
-def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, bursts_run, stopped_after_rollback_a,
-                                                                         tmp_path):
+def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(
+  data, bursts_run, stopped_after_rollback_a, tmp_path
+):
   """SIGTERM at step 35, after rollback A: the run saves step 36 and exits; the rerun resumes there, takes
   rollback B, and ends with the uninterrupted run's params, optimizer state and health state bitwise."""
   reference, _ = bursts_run
@@ -335,17 +364,22 @@ def test_a_resume_after_a_rollback_ends_bitwise_as_the_uninterrupted_run(data, b
 
 @pytest.mark.slow
 @END_TO_END
-def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoint(data, stopped_after_rollback_a,
-                                                                                   tmp_path):
+def test_one_rollback_too_many_stops_naming_the_steps_and_the_last_good_checkpoint(
+  data, stopped_after_rollback_a, tmp_path
+):
   """max_rollbacks 1 (health's fields may change at a resume): the run resumed after rollback A (whose record
   its checkpoint carries) stops at the second trigger instead of rolling back again."""
   workdir = copy_of(stopped_after_rollback_a[0], tmp_path)
   checkpoints = workdir / "checkpoints"
   config = health_config(data["bursts"], report_to=tracker_runs.REPORT_TO, **{"health.max_rollbacks": 1})
-  with pytest.raises(health.HealthError, match=re.escape(
+  with pytest.raises(
+    health.HealthError,
+    match=re.escape(
       f"2 rollbacks within 1000 steps (at steps 43, 63; config.health.max_rollbacks=1); stopping. The last good "
       f"checkpoint: {checkpoints}/50; lower config.optim.lr or check the data. Moved aside: "
-      f"{checkpoints}/40.rolled_back; to resume from the newest of them instead: ")) as stop:
+      f"{checkpoints}/40.rolled_back; to resume from the newest of them instead: "
+    ),
+  ) as stop:
     train.run(config, str(workdir))
   # The trackers, added at this resume, hold the whole run (given metrics.jsonl's rows first) and end failed.
   tracker_runs.check_trackers(workdir, status="FAILED", wandb_exit_codes=[1])
@@ -365,21 +399,41 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path, warm_
   devices, are what the rollbacks agree across): both processes log the same two rollbacks as the one-process run
   (steps, checkpoints, stream positions) and save the same record."""
   from test_multiprocess import PROCESSES, _Job  # pylint: disable=g-import-not-at-top
+
   reference, log = bursts_run
   config = health_config(data["bursts"])
-  changed = ("model.variant", "model.image_size", "data.image_size", "data.source", "data.shuffle",
-             "data.num_workers", "data.eval_examples", "global_batch_size", "total_steps", "log_every", "eval_every",
-             "checkpoint_every", "optim.lr", "optim.warmup_steps", "progress_bar")
+  changed = (
+    "model.variant",
+    "model.image_size",
+    "data.image_size",
+    "data.source",
+    "data.shuffle",
+    "data.num_workers",
+    "data.eval_examples",
+    "global_batch_size",
+    "total_steps",
+    "log_every",
+    "eval_every",
+    "checkpoint_every",
+    "optim.lr",
+    "optim.warmup_steps",
+    "progress_bar",
+  )
   flags = ["--config=configs/vit_huge.py:demo"] + [
-      f"--config.{path}={value}" for path, value in config_lib.fields(config)
-      if path in changed or path.startswith("health.")]
+    f"--config.{path}={value}"
+    for path, value in config_lib.fields(config)
+    if path in changed or path.startswith("health.")
+  ]
   workdir = tmp_path / "run"
   code, out = _Job(workdir, *flags, base=(), devices=1, warm=warm_python).finish()
   assert code == 0, out[-6000:]
 
   def rollbacks_logged(text, where):
-    return [re.sub(r", loss [^,]+", "", line).replace(str(where), "WORKDIR")
-            for line in re.findall(r"health: rolling back at (.*)", text)]
+    return [
+      re.sub(r", loss [^,]+", "", line).replace(str(where), "WORKDIR")
+      for line in re.findall(r"health: rolling back at (.*)", text)
+    ]
+
   assert len(rollbacks_logged(log, reference)) == 2
   assert sorted(rollbacks_logged(out, workdir)) == sorted(rollbacks_logged(log, reference) * PROCESSES), out[-6000:]
   assert drop_loss(saved_rollbacks(workdir)) == [ROLLBACK_A, ROLLBACK_B]
@@ -390,8 +444,9 @@ def test_two_processes_take_the_same_rollbacks(data, bursts_run, tmp_path, warm_
 
 @pytest.mark.slow
 @END_TO_END
-def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(clean_stopped_at_40,
-                                                                                         diverged_then_rerun):
+def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint_before_it(
+  clean_stopped_at_40, diverged_then_rerun
+):
   """Clean data to step 40 (a SIGTERM after step 39 saves 40), resumed with a 300x learning rate: the run does
   not roll back past checkpoint 40 (trained before the change) and, the trigger repeating from there, stops
   within one window naming the change; a plain rerun resumes from 40 and ends as the run never changed."""
@@ -401,9 +456,11 @@ def test_a_diverging_change_at_a_resume_stops_naming_it_and_keeps_the_checkpoint
   message = str(stop)
   step = int(re.match(r"health: step (\d+),", message).group(1))
   assert 40 < step <= 40 + health_config("unused").health.window, message
-  assert (f"within 16 steps of the resume from {checkpoints}/40 that changed config.optim.lr 0.003 -> 0.9, after a "
-          f"rollback to it: the likely cause is that change, not the data; stopping. {checkpoints}/40 was trained "
-          f"before it: resume from it with the old settings") in message
+  assert (
+    f"within 16 steps of the resume from {checkpoints}/40 that changed config.optim.lr 0.003 -> 0.9, after a "
+    f"rollback to it: the likely cause is that change, not the data; stopping. {checkpoints}/40 was trained "
+    f"before it: resume from it with the old settings"
+  ) in message
   assert left == ["20", "30", "40"]  # nothing trained before the change moved aside
   assert record["environment"] == health.environment() and record["changes"] == []
   assert last["step"] == TOTAL and last["health/rollbacks"] == 0  # the plain rerun
@@ -413,8 +470,9 @@ def test_a_change_keeps_rollbacks_from_going_past_its_resume_and_a_repeat_in_its
   config = health_config("unused", **{"health.max_rollbacks": 10})
   saved = {"environment": {**health.environment(), "processes": 4}, "rollbacks": []}
   rollbacks = health.Rollbacks(config, saved, start_step=40, changes=["config.optim.lr 0.003 -> 0.9"])
-  assert rollbacks.changes == [{"step": 40, "what": ["config.optim.lr 0.003 -> 0.9",
-                                                     f"processes 4 -> {jax.process_count()}"]}]
+  assert rollbacks.changes == [
+    {"step": 40, "what": ["config.optim.lr 0.003 -> 0.9", f"processes 4 -> {jax.process_count()}"]}
+  ]
   trigger = lambda step: health.Trigger(step, "burst", 9.0)
   steps = [20, 30, 40, 50, 60]
   assert rollbacks.restore_step(trigger(43), steps, "ck") == 40  # within restore_before of it: the resume itself
@@ -422,8 +480,11 @@ def test_a_change_keeps_rollbacks_from_going_past_its_resume_and_a_repeat_in_its
   rollbacks.history.append({"step": 90, "restored": 70, "skipped_examples": 0, "set_aside": []})
   assert rollbacks.restore_step(trigger(45), [20, 30, 40], "ck") == 40  # a rollback past the window: no repeat
   rollbacks.history.append({"step": 43, "restored": 40, "skipped_examples": 0, "set_aside": ["50.rolled_back"]})
-  with pytest.raises(health.ChangeError, match="within 16 steps of the resume from ck/40 that changed "
-                     f"config.optim.lr 0.003 -> 0.9; processes 4 -> {jax.process_count()}"):
+  with pytest.raises(
+    health.ChangeError,
+    match="within 16 steps of the resume from ck/40 that changed "
+    f"config.optim.lr 0.003 -> 0.9; processes 4 -> {jax.process_count()}",
+  ):
     rollbacks.restore_step(trigger(50), [20, 30, 40], "ck")
   assert rollbacks.restore_step(trigger(90), [20, 30, 40, 70], "ck") == 70  # past its window: data again
   assert rollbacks.restore_step(trigger(90), [20, 30, 40, 88], "ck") == 40  # ... but never past the change

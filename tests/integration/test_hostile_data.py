@@ -90,18 +90,27 @@ def test_tar_listing_leaves_out_each_hostile_member_by_its_reason(tar):
 # Runs `python -m ARGV...` from a small process and reports the peak memory of that run alone. Measured from the
 # test process itself, the figure would include the test process's own memory: Linux counts the image a child is
 # forked from (up to its exec) in the child's ru_maxrss.
-MEASURED = ("import os, sys\n"
-            "pid = os.posix_spawn(sys.executable, [sys.executable, '-m', *sys.argv[1:]], os.environ)\n"
-            "_, status, usage = os.wait4(pid, 0)\n"
-            "print(f'peak_kb={usage.ru_maxrss}', file=sys.stderr)\n"
-            "sys.exit(os.waitstatus_to_exitcode(status))\n")
+MEASURED = (
+  "import os, sys\n"
+  "pid = os.posix_spawn(sys.executable, [sys.executable, '-m', *sys.argv[1:]], os.environ)\n"
+  "_, status, usage = os.wait4(pid, 0)\n"
+  "print(f'peak_kb={usage.ru_maxrss}', file=sys.stderr)\n"
+  "sys.exit(os.waitstatus_to_exitcode(status))\n"
+)
 
 
 def run_tool(argv, cwd) -> tuple[subprocess.CompletedProcess, float, float]:
   """(the finished tool, its wall seconds, its peak resident memory in MB): `python -m <argv>` as a user runs it."""
   start = time.monotonic()
-  result = subprocess.run([sys.executable, "-c", MEASURED, *argv], cwd=cwd, env=cpu_env(1), capture_output=True,
-                          text=True, timeout=300, check=False)
+  result = subprocess.run(
+    [sys.executable, "-c", MEASURED, *argv],
+    cwd=cwd,
+    env=cpu_env(1),
+    capture_output=True,
+    text=True,
+    timeout=300,
+    check=False,
+  )
   peak_kb = int(result.stderr.rsplit("peak_kb=", 1)[1].split()[0])
   return result, time.monotonic() - start, peak_kb / 1024
 
@@ -116,19 +125,37 @@ def test_prepare_data_converts_the_hostile_tar_in_bounded_memory_counting_what_i
   plain = tmp_path / "plain"
   plain.mkdir()
   hostile.plain_tar(plain / "00000.tar")
-  baseline, _, baseline_mb = run_tool(["visionfm_jax.datatools.prepare_data", "--format=webdataset", "--verify",
-                                       f"--input={plain}/*.tar", f"--output={tmp_path / 'plain_out'}"], ROOT)
+  baseline, _, baseline_mb = run_tool(
+    [
+      "visionfm_jax.datatools.prepare_data",
+      "--format=webdataset",
+      "--verify",
+      f"--input={plain}/*.tar",
+      f"--output={tmp_path / 'plain_out'}",
+    ],
+    ROOT,
+  )
   assert baseline.returncode == 0, baseline.stderr[-2000:]
   output = tmp_path / "out"
-  result, seconds, peak_mb = run_tool(["visionfm_jax.datatools.prepare_data", "--format=webdataset", "--verify",
-                                       f"--input={folder}/*.tar", f"--output={output}"], ROOT)
+  result, seconds, peak_mb = run_tool(
+    [
+      "visionfm_jax.datatools.prepare_data",
+      "--format=webdataset",
+      "--verify",
+      f"--input={folder}/*.tar",
+      f"--output={output}",
+    ],
+    ROOT,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   decodable, skipped = len(hostile.DECODABLE), {**made["undecodable"], **made["refused"]}
-  assert (f"train {decodable} records, {sum(skipped.values())} skipped (undecodable 2, too_many_pixels 2, "
-          f"{REFUSED_TEXT})") in result.stdout
+  assert (
+    f"train {decodable} records, {sum(skipped.values())} skipped (undecodable 2, too_many_pixels 2, {REFUSED_TEXT})"
+  ) in result.stdout
   entry = json.loads((output / "dataset.json").read_text())["splits"]["train"]
-  assert entry["records"] == decodable and entry["skipped_by"] == {r: skipped[r] for r in limits.REASONS
-                                                                   if r in skipped}
+  assert entry["records"] == decodable and entry["skipped_by"] == {
+    r: skipped[r] for r in limits.REASONS if r in skipped
+  }
   # Bounded: no 200 MB caption read, no 300 MB decode; a plain tar's conversion is the yardstick.
   assert peak_mb < baseline_mb + 100 and peak_mb < 1000, (peak_mb, baseline_mb)
   assert seconds < 60
@@ -136,8 +163,7 @@ def test_prepare_data_converts_the_hostile_tar_in_bounded_memory_counting_what_i
   source = records.ArrayRecordSource(str(output / "train-*.array_record"))
   stored = {record["key"]: record["image"] for record in (source[i] for i in range(len(source)))}
   for key in hostile.DECODABLE:
-    np.testing.assert_array_equal(transforms.decode_image(stored[key]),
-                                  reference_pixels(made["images"][key], tmp_path))
+    np.testing.assert_array_equal(transforms.decode_image(stored[key]), reference_pixels(made["images"][key], tmp_path))
 
 
 def test_the_wds_source_serves_only_what_the_index_keeps_and_the_decoder_counts_the_bombs(tar, capsys):
@@ -156,9 +182,19 @@ def test_train_tokenizer_leaves_out_the_hostile_samples_and_long_lines(tar, tmp_
   plain = tmp_path / "plain"
   plain.mkdir()
   hostile.plain_tar(plain / "00000.tar")
-  runs = {name: run_tool(["visionfm_jax.datatools.train_tokenizer", f"--tars={tars}/*.tar", "--vocab_size=40",
-                          f"--out={tmp_path / name}", "--num_threads=1"], ROOT) for name, tars in
-          (("plain", plain), ("hostile", folder))}
+  runs = {
+    name: run_tool(
+      [
+        "visionfm_jax.datatools.train_tokenizer",
+        f"--tars={tars}/*.tar",
+        "--vocab_size=40",
+        f"--out={tmp_path / name}",
+        "--num_threads=1",
+      ],
+      ROOT,
+    )
+    for name, tars in (("plain", plain), ("hostile", folder))
+  }
   assert all(result.returncode == 0 for result, _, _ in runs.values()), runs
   result, seconds, peak_mb = runs["hostile"]
   assert f"sampled {len(made['kept'])} of {len(made['kept'])} captions; left out 6 ({REFUSED_TEXT})" in result.stdout
@@ -190,9 +226,23 @@ def test_prepare_data_reads_only_regular_files_of_a_class_tree(tmp_path):
   (tree / "cat" / "linked.jpg").symlink_to(elsewhere)  # a link out of the tree: refused (link)
   (tree / "cat" / "zeros.jpg").symlink_to("/dev/zero")  # endless: never read (link)
   os.mkfifo(tree / "dog" / "fifo.jpg")  # opening it for reading would wait for a writer
-  result = subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", "--format=folders",
-                           f"--input={tree}", f"--output={tmp_path / 'out'}", "--records_per_shard=10"],
-                          cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120, check=False)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "visionfm_jax.datatools.prepare_data",
+      "--format=folders",
+      f"--input={tree}",
+      f"--output={tmp_path / 'out'}",
+      "--records_per_shard=10",
+    ],
+    cwd=ROOT,
+    env=cpu_env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "train 2 records, 3 skipped (link 2, not_a_file 1), " in result.stdout
   entry = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]

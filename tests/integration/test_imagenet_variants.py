@@ -27,8 +27,11 @@ from visionfm_jax.training import checkpoint
 
 from conftest import random_params, tiny_aurora_config, tiny_clip_config
 
-BUILDER, CLASSNAMES, TEMPLATES = ("clip_benchmark/datasets/builder.py", "clip_benchmark/datasets/en_classnames.json",
-                                  "clip_benchmark/datasets/en_zeroshot_classification_templates.json")
+BUILDER, CLASSNAMES, TEMPLATES = (
+  "clip_benchmark/datasets/builder.py",
+  "clip_benchmark/datasets/en_classnames.json",
+  "clip_benchmark/datasets/en_zeroshot_classification_templates.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +41,10 @@ def clip_benchmark():
   try:
     files = {str(f).replace("\\", "/"): f for f in importlib.metadata.files("clip_benchmark") or []}
   except importlib.metadata.PackageNotFoundError:
-    pytest.skip("clip_benchmark is not installed (pip install --no-deps 'clip_benchmark>=1.6,<2'): it holds the "
-                "ImageNet-A / -R subsets to compare with")
+    pytest.skip(
+      "clip_benchmark is not installed (pip install --no-deps 'clip_benchmark>=1.6,<2'): it holds the "
+      "ImageNet-A / -R subsets to compare with"
+    )
   wanted = ("all_imagenet_wordnet_ids", "imagenet_a_wnids", "imagenet_r_wnids")
   out = {}
   for node in ast.walk(ast.parse(files[BUILDER].read_text(encoding="utf-8"))):
@@ -47,8 +52,9 @@ def clip_benchmark():
       out[node.targets[0].id] = ast.literal_eval(node.value)
   assert sorted(out) == sorted(wanted)
   out["classnames"] = json.loads(files[CLASSNAMES].read_text(encoding="utf-8"))["imagenet1k"]
-  out["templates"] = [t.replace("{c}", "{}")
-                      for t in json.loads(files[TEMPLATES].read_text(encoding="utf-8"))["imagenet1k"]]
+  out["templates"] = [
+    t.replace("{c}", "{}") for t in json.loads(files[TEMPLATES].read_text(encoding="utf-8"))["imagenet1k"]
+  ]
   return out
 
 
@@ -58,8 +64,10 @@ def test_imagenet_wnids_and_subsets_equal_clip_benchmarks(clip_benchmark):
   assert (all_wnids[0], all_wnids[-1]) == ("n01440764", "n15075141")
   # the zero-shot names file carries the same ids in its first column
   assert [line.split("\t")[0] for line in zeroshot.read_lines("imagenet_classes.txt")] == all_wnids
-  for kind, theirs in (("imagenet_a", clip_benchmark["imagenet_a_wnids"]),
-                       ("imagenet_r", clip_benchmark["imagenet_r_wnids"])):
+  for kind, theirs in (
+    ("imagenet_a", clip_benchmark["imagenet_a_wnids"]),
+    ("imagenet_r", clip_benchmark["imagenet_r_wnids"]),
+  ):
     ours = imagenet_variants.class_wnids(kind)
     assert len(ours) == len(set(theirs)) == 200 and set(ours) == set(theirs)
     # clip_benchmark's class names of the set: ImageNet's, masked in class-index order
@@ -77,6 +85,7 @@ def test_openai_names_and_templates_equal_clip_benchmarks(clip_benchmark):
 
 # ------------------------------------------------------------------------------------------ readers
 
+
 def _jpeg(seed: int, size: int = 20) -> bytes:
   pixels = np.random.default_rng(seed).integers(0, 256, (size, size + 4, 3), dtype=np.uint8)
   buffer = io.BytesIO()
@@ -85,9 +94,11 @@ def _jpeg(seed: int, size: int = 20) -> bytes:
 
 
 LAYOUTS = {  # kind: (the folder its release unpacks to, image suffix, folders named by class index)
-    "imagenet_a": ("imagenet-a", ".jpg", False), "imagenet_r": ("imagenet-r", ".jpg", False),
-    "imagenet_sketch": ("sketch", ".JPEG", False),
-    "imagenetv2": ("imagenetv2-matched-frequency-format-val", ".jpeg", True)}
+  "imagenet_a": ("imagenet-a", ".jpg", False),
+  "imagenet_r": ("imagenet-r", ".jpg", False),
+  "imagenet_sketch": ("sketch", ".JPEG", False),
+  "imagenetv2": ("imagenetv2-matched-frequency-format-val", ".jpeg", True),
+}
 
 
 def write_release(parent, kind: str, extra=()):
@@ -124,7 +135,7 @@ def test_reader_labels_within_the_sets_classes_and_openai_names(tmp_path, kind):
   assert names == [openai_names[imagenet_variants.imagenet_wnids().index(w)] for w in wnids]
   labels = [int(source[i]["label"]) for i in range(len(source))]
   assert labels == sorted(labels) and set(labels) == set(range(len(wnids)))
-  for imagenet_index in (stingray, ostrich)[:1 + with_ostrich]:
+  for imagenet_index in (stingray, ostrich)[: 1 + with_ostrich]:
     label = wnids.index(imagenet_variants.imagenet_wnids()[imagenet_index])
     records = [source[i] for i in range(len(source)) if labels[i] == label]
     assert [r["image"] for r in records] == [_jpeg(0), _jpeg(1 + imagenet_index)]  # file-name order
@@ -162,6 +173,7 @@ def test_label_names_must_be_imagenet_wnids():
 
 # ------------------------------------------------------------------------------------------ end to end
 
+
 def _clip_workdir(path, config):
   """A tiny CLIP training workdir: its config.json and a checkpoint of random params (drawn from the init's
   shapes, no compile)."""
@@ -177,6 +189,7 @@ def _clip_workdir(path, config):
       return np.zeros(leaf.shape, leaf.dtype)
     fan_in = leaf.shape[-2] if leaf.ndim > 1 else 1
     return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(leaf.dtype)
+
   params = jax.tree_util.tree_map_with_path(draw, abstract)
   path.mkdir()
   (path / "config.json").write_text(config.to_json_best_effort())
@@ -195,8 +208,9 @@ def _reference_top1(task, params, root) -> tuple[float, int]:
   templates = zeroshot.class_names_and_templates("imagenet_simple")[1]
   tokens = task.tokenizer.encode_batch([t.format(n) for n in names for t in templates])
   embed_texts = jax.jit(task.embed_texts)
-  text = np.concatenate([np.asarray(embed_texts(params, tokens[i:i + 2000]), np.float64)
-                         for i in range(0, len(tokens), 2000)])  # one call
+  text = np.concatenate(
+    [np.asarray(embed_texts(params, tokens[i : i + 2000]), np.float64) for i in range(0, len(tokens), 2000)]
+  )  # one call
   text = (text / np.linalg.norm(text, axis=-1, keepdims=True)).reshape(len(names), len(templates), -1).mean(1)
   size, preprocess = task.config.data.image_size, task.config.data.eval_preprocess
   images, labels = [], []
@@ -214,19 +228,27 @@ def _reference_top1(task, params, root) -> tuple[float, int]:
 
 def test_evaluate_tool_runs_the_zeroshot_benchmarks(tmp_path, capsys):
   from visionfm_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+
   config = tiny_clip_config(**{"data.num_workers": 0})
   task, params = _clip_workdir(tmp_path / "clip", config)
   root = write_release(tmp_path / "r", "imagenet_r", extra=range(0, 1000, 7))
   (root / "n01443537" / "n01443537_9.jpg").write_bytes(b"not an image")  # counted, left out
   # the same set twice: its prompts go through the text tower once, and both share one top-k program
-  benchmarks = (f"--config.eval.zeroshot_benchmarks=(('imagenet_r', 'imagenet_r:{root}'), "
-                f"('imagenet_r_again', 'imagenet_r:{root}'))")
-  flags = ["--config.eval.zeroshot_classes=", "--config.eval.retrieval=false", "--batch_size=64",
-           "--config.eval.zeroshot_benchmark_templates=imagenet_simple"]  # 1,600 prompts, not 16,000
+  benchmarks = (
+    f"--config.eval.zeroshot_benchmarks=(('imagenet_r', 'imagenet_r:{root}'), "
+    f"('imagenet_r_again', 'imagenet_r:{root}'))"
+  )
+  flags = [
+    "--config.eval.zeroshot_classes=",
+    "--config.eval.retrieval=false",
+    "--batch_size=64",
+    "--config.eval.zeroshot_benchmark_templates=imagenet_simple",
+  ]  # 1,600 prompts, not 16,000
   out = tmp_path / "results.json"
   compiled = []
-  listen = lambda event, _, fun_name="", **__: compiled.append(fun_name) if event.endswith("backend_compile_duration") \
-      else None
+  listen = lambda event, _, fun_name="", **__: (
+    compiled.append(fun_name) if event.endswith("backend_compile_duration") else None
+  )
   jax.monitoring.register_event_duration_secs_listener(listen)
   try:
     assert evaluate.main(["evaluate", f"--checkpoint={tmp_path / 'clip'}", benchmarks, *flags, f"--out={out}"]) == 0
@@ -237,31 +259,51 @@ def test_evaluate_tool_runs_the_zeroshot_benchmarks(tmp_path, capsys):
   results = json.loads(out.read_text())
   again = {k.replace("imagenet_r_again", "imagenet_r"): v for k, v in results.items() if "again" in k}
   assert again == {k: v for k, v in results.items() if "imagenet_r/" in k}
-  assert sorted(results) == sorted(again) + ["eval/zeroshot_imagenet_r_again/count",
-                                            "eval/zeroshot_imagenet_r_again/top1",
-                                            "eval/zeroshot_imagenet_r_again/top5", "step"]
+  assert sorted(results) == sorted(again) + [
+    "eval/zeroshot_imagenet_r_again/count",
+    "eval/zeroshot_imagenet_r_again/top1",
+    "eval/zeroshot_imagenet_r_again/top5",
+    "step",
+  ]
   top1, count = _reference_top1(task, params, root)
-  sevens = sum(imagenet_variants.imagenet_wnids().index(w) % 7 == 0
-               for w in imagenet_variants.class_wnids("imagenet_r"))
+  sevens = sum(
+    imagenet_variants.imagenet_wnids().index(w) % 7 == 0 for w in imagenet_variants.class_wnids("imagenet_r")
+  )
   assert count == 200 + sevens == results["eval/zeroshot_imagenet_r/count"] and sevens > 10
   assert f"eval/zeroshot_imagenet_r/count={count}" in printed and results["step"] == 4
   assert results["eval/zeroshot_imagenet_r/top1"] == pytest.approx(top1, abs=1e-6)
 
   missing = tmp_path / "imagenet-a"
-  assert evaluate.main(["evaluate", f"--checkpoint={tmp_path / 'clip'}", *flags,
-                        f"--config.eval.zeroshot_benchmarks=(('imagenet_a', 'imagenet_a:{missing}'),)"]) == 2
+  assert (
+    evaluate.main(
+      [
+        "evaluate",
+        f"--checkpoint={tmp_path / 'clip'}",
+        *flags,
+        f"--config.eval.zeroshot_benchmarks=(('imagenet_a', 'imagenet_a:{missing}'),)",
+      ]
+    )
+    == 2
+  )
   err = capsys.readouterr().err.strip().splitlines()
-  assert len(err) == 1 and err[0].startswith("error: config.eval.zeroshot_benchmarks 'imagenet_a'=") and \
-      f"no folder {missing}" in err[0]
-
+  assert (
+    len(err) == 1
+    and err[0].startswith("error: config.eval.zeroshot_benchmarks 'imagenet_a'=")
+    and f"no folder {missing}" in err[0]
+  )
 
 
 def test_aurora_scores_the_zeroshot_benchmarks_as_written_plainly(tmp_path):
   """Aurora's contrastive towers score config.eval.zeroshot_benchmarks through the same evaluators as CLIP's: the
   top-1 equals the plain computation's, with random params."""
   root = write_release(tmp_path, "imagenet_r", extra=range(0, 1000, 7))
-  config = tiny_aurora_config(**{"eval.zeroshot_benchmarks": (("imagenet_r", f"imagenet_r:{root}"),),
-                                 "eval.zeroshot_benchmark_templates": "imagenet_simple", "data.num_workers": 0})
+  config = tiny_aurora_config(
+    **{
+      "eval.zeroshot_benchmarks": (("imagenet_r", f"imagenet_r:{root}"),),
+      "eval.zeroshot_benchmark_templates": "imagenet_simple",
+      "data.num_workers": 0,
+    }
+  )
   task = tasks.build(config)
   params = random_params(task)
   evaluators = image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(config.mesh), 64, 0, 1))
@@ -269,13 +311,17 @@ def test_aurora_scores_the_zeroshot_benchmarks_as_written_plainly(tmp_path):
   top1, count = _reference_top1(task, params, root)
   assert results["count"] == count and results["top1"] == pytest.approx(top1, abs=1e-6)
 
+
 def test_zeroshot_benchmarks_field_is_checked():
   for bad in (("r", "imagenet_r:/x"), (("r", "imagenet_r:/x", 1),), (("r", "a"), ("r", "b")), (("r r", "a"),)):
     task = tasks.build(tiny_clip_config(**{"eval.zeroshot_benchmarks": bad}))
     with pytest.raises(ConfigError, match="config.eval.zeroshot_benchmarks"):
       image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
-  task = tasks.build(tiny_clip_config(**{"eval.zeroshot_benchmarks": (("r", "imagenet_r:/x"),),
-                                         "eval.zeroshot_benchmark_templates": "imagenet_80"}))
+  task = tasks.build(
+    tiny_clip_config(
+      **{"eval.zeroshot_benchmarks": (("r", "imagenet_r:/x"),), "eval.zeroshot_benchmark_templates": "imagenet_80"}
+    )
+  )
   with pytest.raises(ConfigError, match="^config.eval.zeroshot_benchmark_templates='imagenet_80': expected"):
     image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))
 
@@ -284,7 +330,10 @@ def test_a_200_class_variant_as_the_main_zeroshot_source_is_refused(tmp_path):
   """Its labels index its own 200 classes: against the 1000 names of config.eval.zeroshot_classes they would
   name the wrong classes."""
   root = write_release(tmp_path, "imagenet_a")
-  task = tasks.build(tiny_clip_config(**{"eval.zeroshot_classes": "imagenet", "eval.zeroshot_source":
-                                         f"imagenet_a:{root}", "eval.retrieval": False}))
+  task = tasks.build(
+    tiny_clip_config(
+      **{"eval.zeroshot_classes": "imagenet", "eval.zeroshot_source": f"imagenet_a:{root}", "eval.retrieval": False}
+    )
+  )
   with pytest.raises(ConfigError, match=r"within its own 200 classes.*config.eval.zeroshot_benchmarks="):
     task.evaluators(EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))

@@ -72,8 +72,9 @@ def test_contract_trailing_as_one_matmul_is_the_dot_general(x_shape, kernel_shap
   trailing = tuple(range(len(x_shape) - num_axes, len(x_shape)))
   dot_general = lambda x, w, b: jax.lax.dot_general(x, w, ((trailing, tuple(range(num_axes))), ((), ()))) + b
   ours = lambda x, w, b: kernels.flat_dense(x, w, b, num_axes)
-  chex.assert_trees_all_close(_value_and_grads(ours, args, (0, 1, 2)), _value_and_grads(dot_general, args, (0, 1, 2)),
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    _value_and_grads(ours, args, (0, 1, 2)), _value_and_grads(dot_general, args, (0, 1, 2)), atol=1e-5
+  )
   with pytest.raises(ValueError, match="do not match"):
     kernels.contract_trailing(args[0], args[1][1:], num_axes)
 
@@ -85,6 +86,7 @@ def test_broadcast_leading_gradient_is_the_sum():
   def grad_and_sum(broadcast, sum_leading):
     grad = jax.grad(lambda b, x: jnp.sum(jnp.cos(broadcast(b, x.shape) * x)))
     return jax.jit(lambda b, x: (grad(b, x), sum_leading(x, 2)))(b, x)
+
   expected = grad_and_sum(jnp.broadcast_to, lambda x, n: jnp.sum(x, axis=tuple(range(n))))
   for mode in MODES:
     with kernels.forced(mode):
@@ -114,16 +116,22 @@ def test_patch_conv_as_matmul_leaves_other_convolutions_to_xla():
   params = conv.init(jax.random.key(0), images)
   with kernels.forced("cpu"):
     cpu = conv.apply(params, images)
-  chex.assert_trees_all_close(cpu, jax.lax.conv_general_dilated(images, params["params"]["kernel"], (2, 2), "SAME",
-                                                                dimension_numbers=("NHWC", "HWIO", "NHWC"))
-                              + params["params"]["bias"], atol=1e-6)
+  chex.assert_trees_all_close(
+    cpu,
+    jax.lax.conv_general_dilated(
+      images, params["params"]["kernel"], (2, 2), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    + params["params"]["bias"],
+    atol=1e-6,
+  )
 
 
 def _reference_attention(q, k, v, bias, mask):
   """jax.nn.dot_product_attention (XLA, autodiff) on our (..., H, T, D) layout with q pre-scaled."""
   to_bthd = lambda t: jnp.swapaxes(t, 1, 2)
-  out = jax.nn.dot_product_attention(to_bthd(q), to_bthd(k), to_bthd(v), bias=bias, mask=mask, scale=1.0,
-                                     implementation="xla")
+  out = jax.nn.dot_product_attention(
+    to_bthd(q), to_bthd(k), to_bthd(v), bias=bias, mask=mask, scale=1.0, implementation="xla"
+  )
   return to_bthd(out)
 
 
@@ -148,10 +156,22 @@ def test_softmax_attention_numerical_gradients(mode):
   q, k, v = (_normal(rng, (2, 2, 5, 3)) for _ in range(3))
   bias = _normal(rng, (2, 2, 5, 5))
   with kernels.forced(mode):
-    check_grads(jax.jit(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b)), (q, k, v, bias), order=1,
-                modes=["rev"], atol=1e-2, rtol=1e-2)
-    check_grads(jax.jit(lambda q, k, v: kernels.softmax_attention(q, k, v)), (q, k, v), order=1, modes=["rev"],
-                atol=1e-2, rtol=1e-2)
+    check_grads(
+      jax.jit(lambda q, k, v, b: kernels.softmax_attention(q, k, v, bias=b)),
+      (q, k, v, bias),
+      order=1,
+      modes=["rev"],
+      atol=1e-2,
+      rtol=1e-2,
+    )
+    check_grads(
+      jax.jit(lambda q, k, v: kernels.softmax_attention(q, k, v)),
+      (q, k, v),
+      order=1,
+      modes=["rev"],
+      atol=1e-2,
+      rtol=1e-2,
+    )
 
 
 def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
@@ -161,11 +181,15 @@ def test_softmax_attention_rejects_a_bias_of_the_wrong_shape():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("model,image_size", [
+@pytest.mark.parametrize(
+  "model,image_size",
+  [
     (vit.ViT(**vit.parse_variant("pico/4"), num_classes=5), 16),
     # one stage (a plain and a shifted block): the patch merging's dense and norm are the blocks' layers again
-    (swinv2.SwinV2(16, (2,), (2,), window_size=2, patch_size=2, image_size=8, num_classes=5, scan=False), 8)],
-    ids=["vit", "swinv2"])
+    (swinv2.SwinV2(16, (2,), (2,), window_size=2, patch_size=2, image_size=8, num_classes=5, scan=False), 8),
+  ],
+  ids=["vit", "swinv2"],
+)
 def test_models_compute_the_same_in_both_forms(model, image_size):
   """The forms change how, never what: same params, logits and gradients with every trick on or off."""
   images = _normal(np.random.default_rng(4), (2, image_size, image_size, 3))
@@ -189,17 +213,21 @@ def test_an_unknown_attention_gets_a_config_error_naming_the_field_and_the_choic
     models.build(model_cfg, jnp.float32, "cpu")
 
 
-
 # ------------------------------------------------------------------------------------------ kernel candidates
+
 
 def _layer_norm_loss_and_grads(ln, params, x):
   def loss(p, x):
     return jnp.sum(jnp.sin(ln.apply(p, x).astype(jnp.float32)))
+
   return jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))(params, x)
 
 
-@pytest.mark.parametrize("dtype,shape,tol", [(jnp.float32, (2, 3, 4, 40), 2e-5), (jnp.bfloat16, (3, 5, 40), 2e-2)],
-                         ids=["fp32_maps", "bf16_tokens"])
+@pytest.mark.parametrize(
+  "dtype,shape,tol",
+  [(jnp.float32, (2, 3, 4, 40), 2e-5), (jnp.bfloat16, (3, 5, 40), 2e-2)],
+  ids=["fp32_maps", "bf16_tokens"],
+)
 def test_the_pallas_layer_norm_candidate_computes_the_layer_norm(dtype, shape, tol):
   """layers.LayerNorm under kernels.trying('pallas_layer_norm'), run by Pallas's interpreter here, against the
   plain path: its value and the gradients of its params and input (bf16: to bf16's rounding, as the kernel keeps
@@ -207,8 +235,9 @@ def test_the_pallas_layer_norm_candidate_computes_the_layer_norm(dtype, shape, t
   rng = np.random.default_rng(0)
   ln = layers.LayerNorm(1e-6, dtype)
   x = jnp.asarray(rng.normal(1.0, 2.0, shape), dtype)
-  params = jax.tree.map(lambda p: p + jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype),
-                        ln.init(jax.random.key(0), x))
+  params = jax.tree.map(
+    lambda p: p + jnp.asarray(rng.normal(0.0, 0.3, p.shape), p.dtype), ln.init(jax.random.key(0), x)
+  )
   plain = _layer_norm_loss_and_grads(ln, params, x)
   with kernels.trying([kernels.PALLAS_LAYER_NORM]):
     assert "pallas_call" in str(jax.make_jaxpr(ln.apply)(params, x))
@@ -221,12 +250,15 @@ def test_the_pallas_layer_norm_candidate_computes_the_layer_norm(dtype, shape, t
 def test_a_gpu_program_gets_the_candidates_triton_kernels_and_bad_candidates_are_named():
   """Lowered for a GPU, the tried LayerNorm is three Triton kernels (forward; dx; dscale and dbias) and none in
   a CPU program or untried; an output dtype other than the input's keeps the plain form."""
+
   def grads(x, s, b, dtype=jnp.bfloat16):
     return jax.grad(lambda *a: jnp.sum(kernels.layer_norm(*a, 1e-6, dtype).astype(jnp.float32)), (0, 1, 2))(x, s, b)
+
   args = (jnp.ones((2, 3, 64), jnp.bfloat16), jnp.ones(64), jnp.zeros(64))
 
   def triton_calls(fn, platform):
     return fn.trace(*args).lower(lowering_platforms=(platform,)).as_text().count("custom_call @__gpu$xla.gpu.triton")
+
   with kernels.trying([kernels.PALLAS_LAYER_NORM]):
     assert triton_calls(jax.jit(grads), "cuda") == 3 and triton_calls(jax.jit(grads), "cpu") == 0
     assert "pallas_call" not in str(jax.make_jaxpr(lambda *a: grads(*a, dtype=jnp.float32))(*args))

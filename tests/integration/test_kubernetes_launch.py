@@ -38,8 +38,15 @@ from test_multiprocess import DDP_FLAGS, TOTAL_STEPS
 MANIFEST = os.path.join(ROOT, "launch", "kubernetes", "jobset.yaml")
 CRD = os.path.join(ROOT, "tests", "data", "jobset_v0.9.1_crd.yaml.gz")
 CRD_SHA256 = "6307f9c78901dbebea69050e9da71e35e36743348d79235b870e7d263f8b7013"
-LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_COORDINATOR_PORT", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
-              "JAX_LOCAL_DEVICE_IDS", "SLURM_NTASKS", "JOB_COMPLETION_INDEX")
+LAUNCH_ENV = (
+  "JAX_COORDINATOR_ADDRESS",
+  "JAX_COORDINATOR_PORT",
+  "JAX_NUM_PROCESSES",
+  "JAX_PROCESS_ID",
+  "JAX_LOCAL_DEVICE_IDS",
+  "SLURM_NTASKS",
+  "JOB_COMPLETION_INDEX",
+)
 
 
 def _manifest() -> dict:
@@ -55,8 +62,11 @@ def _strict(schema):
   if not isinstance(schema, dict):
     return schema
   closed = {key: _strict(value) for key, value in schema.items()}
-  if "properties" in closed and "additionalProperties" not in closed and not closed.get(
-      "x-kubernetes-preserve-unknown-fields"):
+  if (
+    "properties" in closed
+    and "additionalProperties" not in closed
+    and not closed.get("x-kubernetes-preserve-unknown-fields")
+  ):
     closed["additionalProperties"] = False
   return closed
 
@@ -83,8 +93,11 @@ def test_the_manifest_is_a_jobset_by_its_published_schema():
   misspelt["spec"]["failurePolcy"] = misspelt["spec"].pop("failurePolicy")
   quoted["spec"]["replicatedJobs"][0]["replicas"] = "2"
   unknown_action["spec"]["failurePolicy"]["rules"][0]["action"] = "Restart"
-  assert ["failurePolcy" in " ".join(_errors(misspelt)), "'2' is not of type 'integer'" in " ".join(_errors(quoted)),
-          "'Restart' is not one of" in " ".join(_errors(unknown_action))] == [True] * 3
+  assert [
+    "failurePolcy" in " ".join(_errors(misspelt)),
+    "'2' is not of type 'integer'" in " ".join(_errors(quoted)),
+    "'Restart' is not one of" in " ".join(_errors(unknown_action)),
+  ] == [True] * 3
 
 
 def _job_failure_reason(job: dict, exit_code: int) -> str:
@@ -92,8 +105,7 @@ def _job_failure_reason(job: dict, exit_code: int) -> str:
   any failed pod fails the Job): its podFailurePolicy's first FailJob rule matching the code, else the limit."""
   for rule in job["podFailurePolicy"]["rules"]:
     codes = rule.get("onExitCodes")
-    if codes and codes["containerName"] == "trainer" and (exit_code in codes["values"]) == (
-        codes["operator"] == "In"):
+    if codes and codes["containerName"] == "trainer" and (exit_code in codes["values"]) == (codes["operator"] == "In"):
       assert rule["action"] == "FailJob"
       return "PodFailurePolicy"
   assert job["backoffLimit"] == 0
@@ -113,8 +125,7 @@ def test_exit_75_and_a_dead_process_restart_every_pod_and_bad_input_stops_the_jo
   spec = _manifest()["spec"]
   job = spec["replicatedJobs"][0]["template"]["spec"]
   actions = {code: _jobset_action(spec, _job_failure_reason(job, code)) for code in (75, 134, 137, 2, 1)}
-  assert actions == {75: "RestartJobSet", 134: "RestartJobSet", 137: "RestartJobSet", 2: "FailJobSet",
-                     1: "FailJobSet"}
+  assert actions == {75: "RestartJobSet", 134: "RestartJobSet", 137: "RestartJobSet", 2: "FailJobSet", 1: "FailJobSet"}
   disruption = [r for r in job["podFailurePolicy"]["rules"] if r.get("onPodConditions")]
   assert [(r["action"], r["onPodConditions"][0]["type"]) for r in disruption] == [("FailJob", "DisruptionTarget")]
 
@@ -126,12 +137,16 @@ def _pod_env(manifest: dict, number: int, **annotations) -> dict[str, str]:
   spec = manifest["spec"]
   [replicated] = spec["replicatedJobs"]
   name, coordinator = manifest["metadata"]["name"], spec["coordinator"]
-  on_pod = {"jobset.sigs.k8s.io/jobset-name": name, "jobset.sigs.k8s.io/replicatedjob-name": replicated["name"],
-            "jobset.sigs.k8s.io/job-index": str(number),
-            "jobset.sigs.k8s.io/replicatedjob-replicas": str(replicated["replicas"]),
-            "jobset.sigs.k8s.io/coordinator": (f"{name}-{coordinator['replicatedJob']}-{coordinator['jobIndex']}-"
-                                               f"{coordinator['podIndex']}.{name}"),
-            **{f"jobset.sigs.k8s.io/{key.replace('_', '-')}": value for key, value in annotations.items()}}
+  on_pod = {
+    "jobset.sigs.k8s.io/jobset-name": name,
+    "jobset.sigs.k8s.io/replicatedjob-name": replicated["name"],
+    "jobset.sigs.k8s.io/job-index": str(number),
+    "jobset.sigs.k8s.io/replicatedjob-replicas": str(replicated["replicas"]),
+    "jobset.sigs.k8s.io/coordinator": (
+      f"{name}-{coordinator['replicatedJob']}-{coordinator['jobIndex']}-{coordinator['podIndex']}.{name}"
+    ),
+    **{f"jobset.sigs.k8s.io/{key.replace('_', '-')}": value for key, value in annotations.items()},
+  }
   [container] = replicated["template"]["spec"]["template"]["spec"]["containers"]
   env = {"JOB_COMPLETION_INDEX": "0"}
   for entry in container["env"]:
@@ -152,6 +167,7 @@ def pod(monkeypatch):
   def enter(number, **annotations):
     for name, value in _pod_env(_manifest(), number, **annotations).items():
       monkeypatch.setenv(name, value)
+
   return enter
 
 
@@ -160,8 +176,9 @@ def test_a_pods_environment_gives_jax_distributed_its_place(pod, monkeypatch):
   for index in range(2):
     pod(index)
     assert distributed.launched_distributed()
-    assert distributed.initialize_kwargs() == dict(coordinator_address="visionfm-trainer-0-0.visionfm:55527",
-                                                   num_processes=2, process_id=index)
+    assert distributed.initialize_kwargs() == dict(
+      coordinator_address="visionfm-trainer-0-0.visionfm:55527", num_processes=2, process_id=index
+    )
   monkeypatch.delenv("JOBSET_COORDINATOR")  # a JobSet controller older than spec.coordinator: the pod's DNS name
   monkeypatch.setenv("JAX_COORDINATOR_PORT", "1234")
   assert cluster_env.jobset_kwargs()["coordinator_address"] == "visionfm-trainer-0-0.visionfm:1234"
@@ -170,13 +187,20 @@ def test_a_pods_environment_gives_jax_distributed_its_place(pod, monkeypatch):
   assert distributed.initialize_kwargs()["num_processes"] == 1  # the explicit variables win
 
 
-@pytest.mark.parametrize("annotations, env, named", [
+@pytest.mark.parametrize(
+  "annotations, env, named",
+  [
     ({"job_index": "2"}, {}, "JOBSET_JOB_INDEX=2: expected below JOBSET_REPLICAS=2"),
     ({"replicatedjob_replicas": "two"}, {}, "JOBSET_REPLICAS='two': expected an integer >= 1"),
     ({}, {"JOB_COMPLETION_INDEX": "1"}, "JOB_COMPLETION_INDEX=1: a Job of several pods"),
     ({}, {"JAX_COORDINATOR_PORT": "0"}, "JAX_COORDINATOR_PORT='0': expected an integer from 1 to 65535"),
-    ({}, {"JAX_COORDINATOR_ADDRESS": "localhost:70000"},
-     "JAX_COORDINATOR_ADDRESS='localhost:70000': expected HOST:PORT with a port from 1 to 65535")])
+    (
+      {},
+      {"JAX_COORDINATOR_ADDRESS": "localhost:70000"},
+      "JAX_COORDINATOR_ADDRESS='localhost:70000': expected HOST:PORT with a port from 1 to 65535",
+    ),
+  ],
+)
 def test_a_malformed_pod_environment_is_a_user_error_naming_it(pod, monkeypatch, annotations, env, named):
   pod(1, **annotations)
   for name, value in env.items():
@@ -204,8 +228,16 @@ def _entrypoint(args, env, **popen):
   """The manifest's container command with `args` for its args, in a session of its own."""
   [replicated] = _manifest()["spec"]["replicatedJobs"]
   [container] = replicated["template"]["spec"]["template"]["spec"]["containers"]
-  return subprocess.Popen([*container["command"], *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, start_new_session=True, **popen)
+  return subprocess.Popen(
+    [*container["command"], *args],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+    **popen,
+  )
 
 
 def test_the_entrypoint_exits_75_after_a_save_at_a_preemption_notice_and_passes_other_statuses_on(tmp_path):
@@ -240,10 +272,15 @@ def _start_pods(workdir, warm) -> list[subprocess.Popen]:
   port = str(_free_port())
   pods = []
   for index in range(2):
-    env = dict(base, **_pod_env(_manifest(), index, coordinator="localhost"), JAX_COORDINATOR_PORT=port,
-               JAX_PLATFORMS="cpu", JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-               XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}",
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")  # the restart loads the first start's programs
+    env = dict(
+      base,
+      **_pod_env(_manifest(), index, coordinator="localhost"),
+      JAX_COORDINATOR_PORT=port,
+      JAX_PLATFORMS="cpu",
+      JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+      XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}",
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )  # the restart loads the first start's programs
     pods.append(_entrypoint([*DDP_FLAGS, f"--workdir={workdir}"], warm.env(env)))
   return pods
 
@@ -264,8 +301,7 @@ def _finish(pods) -> list[tuple[int, str]]:
 def _first_logged_step(workdir, pods) -> None:
   path, deadline = workdir / "metrics.jsonl", time.monotonic() + 300
   while time.monotonic() < deadline and all(p.poll() is None for p in pods):
-    rows = [json.loads(line) for line in (path.read_text() if path.exists() else "").splitlines()
-            if line.endswith("}")]
+    rows = [json.loads(line) for line in (path.read_text() if path.exists() else "").splitlines() if line.endswith("}")]
     if any("train/loss" in r for r in rows):
       return
     time.sleep(0.05)
@@ -302,13 +338,19 @@ def test_two_pods_train_are_preempted_restart_and_resume(tmp_path, warm_python):
 
 # ------------------------------------------------------------------------------------- joins that fail
 
+
 def _pod_main(index, workdir, warm, **env) -> subprocess.Popen:
   """`python -m visionfm_jax.main` through the entrypoint with the environment of the manifest's pod `index` (its
   coordinator's name resolved to localhost) and `env`, on one CPU device, in a session of its own."""
   base = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-  env = dict(base, **_pod_env(_manifest(), index, coordinator="localhost"), JAX_PLATFORMS="cpu",
-             JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
-             XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}", **env)
+  env = dict(
+    base,
+    **_pod_env(_manifest(), index, coordinator="localhost"),
+    JAX_PLATFORMS="cpu",
+    JAX_CPU_COLLECTIVES_IMPLEMENTATION="gloo",
+    XLA_FLAGS=f"--xla_force_host_platform_device_count=1 {FAST_COMPILE_FLAGS}",
+    **env,
+  )
   return _entrypoint([*DDP_FLAGS, f"--workdir={workdir}"], warm.env(env))
 
 
@@ -347,8 +389,9 @@ REQUEUED = rf"Process 1 exits with code {coordination.REQUEUE_EXIT_CODE} so that
 def test_a_bad_coordinator_port_is_one_line_and_exit_2(tmp_path, warm_python):
   """JAX_COORDINATOR_PORT=70000 was accepted: 300 s of silence, then SIGABRT with a fatal C++ line."""
   code, errors, out = _ended(_pod_main(1, tmp_path / "run", warm_python, JAX_COORDINATOR_PORT="70000"))
-  assert code == 2 and errors == ["error: JAX_COORDINATOR_PORT='70000': expected an integer from 1 to 65535 (the "
-                                  "coordinator's port; unset, 55527)"], out
+  assert code == 2 and errors == [
+    "error: JAX_COORDINATOR_PORT='70000': expected an integer from 1 to 65535 (the coordinator's port; unset, 55527)"
+  ], out
 
 
 def test_a_coordinator_that_does_not_answer_is_one_line_naming_it_and_exit_75(tmp_path, warm_python):
@@ -357,12 +400,15 @@ def test_a_coordinator_that_does_not_answer_is_one_line_naming_it_and_exit_75(tm
   to give up."""
   port = _free_port()
   start = time.monotonic()
-  code, errors, out = _ended(_pod_main(1, tmp_path / "run", warm_python, JAX_COORDINATOR_PORT=str(port),
-                                       **{distributed.JOIN_TIMEOUT_ENV: "2"}))
+  code, errors, out = _ended(
+    _pod_main(1, tmp_path / "run", warm_python, JAX_COORDINATOR_PORT=str(port), **{distributed.JOIN_TIMEOUT_ENV: "2"})
+  )
   assert code == coordination.REQUEUE_EXIT_CODE and len(errors) == 1, out[-6000:]
-  assert re.fullmatch(rf"error: JAX's coordination service at localhost:{port} \(in process 0\) did not answer "
-                      rf"within 2s \({distributed.JOIN_TIMEOUT_ENV}\): connection refused. {REQUEUED}",
-                      errors[0]), errors
+  assert re.fullmatch(
+    rf"error: JAX's coordination service at localhost:{port} \(in process 0\) did not answer "
+    rf"within 2s \({distributed.JOIN_TIMEOUT_ENV}\): connection refused. {REQUEUED}",
+    errors[0],
+  ), errors
   assert time.monotonic() - start < 60
 
 
@@ -372,15 +418,22 @@ def test_two_pods_with_the_same_job_index_are_one_line_each_and_exit_75(tmp_path
   the second did, and the second after 300 s (DEADLINE_EXCEEDED). Now the first names the refusal and the index,
   the second the index it waited on, each in one line."""
   ready = tmp_path / "ready"
-  service = subprocess.Popen([sys.executable, "-m", "visionfm_jax.parallel.coordination", "--processes=2",
-                              f"--ready_file={ready}"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"))
+  service = subprocess.Popen(
+    [sys.executable, "-m", "visionfm_jax.parallel.coordination", "--processes=2", f"--ready_file={ready}"],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
   try:
     deadline = time.monotonic() + 60
     while not ready.exists():
       assert service.poll() is None and time.monotonic() < deadline, "the service did not start"
       time.sleep(0.05)
-    env = {"JAX_COORDINATOR_ADDRESS": f"localhost:{int(ready.read_text())}", coordination.SERVICE_ENV: "launcher",
-           coordination.SERVICE_PID_ENV: str(service.pid), distributed.JOIN_TIMEOUT_ENV: "10"}
+    env = {
+      "JAX_COORDINATOR_ADDRESS": f"localhost:{int(ready.read_text())}",
+      coordination.SERVICE_ENV: "launcher",
+      coordination.SERVICE_PID_ENV: str(service.pid),
+      distributed.JOIN_TIMEOUT_ENV: "10",
+    }
     pods = [_pod_main(1, tmp_path / f"run{i}", warm_python, **env) for i in range(2)]
     ended = [_ended(pod) for pod in pods]
   finally:
@@ -390,9 +443,14 @@ def test_two_pods_with_the_same_job_index_are_one_line_each_and_exit_75(tmp_path
   lines = sorted(errors[0] for _, errors, _ in ended if len(errors) == 1)
   service_name = rf"JAX's coordination service at localhost:\d+ \(pid {service.pid}, started by the launcher\)"
   assert len(lines) == 2 and re.fullmatch(
-      rf"error: not all 2 processes of the job joined {service_name} within 10s \({distributed.JOIN_TIMEOUT_ENV}\): "
-      rf"one did not start or cannot reach it, or two have the same index \(this one's JOBSET_JOB_INDEX=1\). "
-      rf"{REQUEUED}", lines[1]), lines
-  assert re.fullmatch(rf"error: {service_name} refused this process as process 1 of 2 after \d+s: another process "
-                      rf"registered with the same index, JOBSET_JOB_INDEX=1 \(or the service runs a job of another "
-                      rf"size\). {REQUEUED}", lines[0]), lines
+    rf"error: not all 2 processes of the job joined {service_name} within 10s \({distributed.JOIN_TIMEOUT_ENV}\): "
+    rf"one did not start or cannot reach it, or two have the same index \(this one's JOBSET_JOB_INDEX=1\). "
+    rf"{REQUEUED}",
+    lines[1],
+  ), lines
+  assert re.fullmatch(
+    rf"error: {service_name} refused this process as process 1 of 2 after \d+s: another process "
+    rf"registered with the same index, JOBSET_JOB_INDEX=1 \(or the service runs a job of another "
+    rf"size\). {REQUEUED}",
+    lines[0],
+  ), lines

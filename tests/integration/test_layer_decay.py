@@ -21,8 +21,10 @@ from conftest import override, tiny_vit_config
 
 def _shapes(module, image_size=16):
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-  return {param_rules.path_str(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]}
+  return {
+    param_rules.path_str(p): tuple(x.shape)
+    for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]
+  }
 
 
 def _optim(**fields):
@@ -41,11 +43,11 @@ def test_vit_layer_multipliers(scan):
   mults = optim.lr_multipliers(_optim(layer_decay=0.5), _shapes(_vit(scan)), _vit(scan))
   d = 0.5  # L = 3: embeddings d^4, block i d^(3 - i), final norm and head 1
   for name in ("patch_embed/kernel", "patch_embed/bias", "cls_token", "pos_embed"):
-    assert mults[name] == d ** 4, name
+    assert mults[name] == d**4, name
   for name in ("norm/ln/scale", "head/kernel", "head/bias"):
     assert mults[name] == 1.0, name
   if scan:
-    np.testing.assert_array_equal(mults["blocks/mlp/fc1/kernel"].reshape(-1), [d ** 3, d ** 2, d])
+    np.testing.assert_array_equal(mults["blocks/mlp/fc1/kernel"].reshape(-1), [d**3, d**2, d])
     assert mults["blocks/mlp/fc1/kernel"].shape == (3, 1, 1)  # broadcasts along the leading layers axis
     assert mults["blocks/norm1/ln/scale"].shape == (3, 1)
   else:
@@ -55,8 +57,16 @@ def test_vit_layer_multipliers(scan):
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_swinv2_layer_ids_count_blocks_across_stages(scan):
-  model = swinv2.SwinV2(embed_dim=16, depths=(2, 4), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
-                        scan=scan, mask_token=True)
+  model = swinv2.SwinV2(
+    embed_dim=16,
+    depths=(2, 4),
+    num_heads=(2, 4),
+    window_size=2,
+    patch_size=2,
+    num_classes=3,
+    scan=scan,
+    mask_token=True,
+  )
   shapes = _shapes(model, image_size=8)
   ids, total = optim.layer_ids(model, shapes)
   assert total == 6
@@ -72,8 +82,9 @@ def test_swinv2_layer_ids_count_blocks_across_stages(scan):
   else:
     assert [ids[f"stage_1/blocks_{i}/mlp/fc2/kernel"] for i in range(4)] == [3, 4, 5, 6]
   mults = optim.lr_multipliers(_optim(layer_decay=0.8), shapes, model)
-  np.testing.assert_allclose(np.ravel(mults["stage_1/blocks/shifted/attn/logit_scale" if scan else
-                                            "stage_1/blocks_3/attn/logit_scale"])[-1], 0.8)
+  np.testing.assert_allclose(
+    np.ravel(mults["stage_1/blocks/shifted/attn/logit_scale" if scan else "stage_1/blocks_3/attn/logit_scale"])[-1], 0.8
+  )
 
 
 def test_backbone_under_a_prefix_and_rules_first_match_wins():
@@ -83,15 +94,16 @@ def test_backbone_under_a_prefix_and_rules_first_match_wins():
   cfg = _optim(layer_decay=0.5, lr_mults=(("head/kernel", 3.0), ("head", 2.0), ("pos_embed", 0.0)))
   mults = optim.lr_multipliers(cfg, shapes, model)
   assert mults["head/kernel"] == 3.0 and mults["head/bias"] == 2.0 and mults["neck/fpn/kernel"] == 1.0
-  assert mults["backbone/cls_token"] == 0.5 ** 4 and mults["backbone/pos_embed"] == 0.0
+  assert mults["backbone/cls_token"] == 0.5**4 and mults["backbone/pos_embed"] == 0.0
   np.testing.assert_array_equal(np.ravel(mults["backbone/blocks/attn/out/kernel"]), [0.125, 0.25, 0.5])
   assert optim.lr_multipliers(_optim(lr_mults=(("head", 2.0),)), shapes)["backbone/blocks/attn/out/kernel"] == 1.0
 
   with pytest.raises(ConfigError, match="'decoder' matches no param"):
     optim.lr_multipliers(_optim(lr_mults=(("decoder", 2.0),)), shapes)
   with pytest.raises(ConfigError, match="layer_decay needs a model with one ViT or SwinV2 backbone; a CLIP"):
-    optim.layer_ids(models.build(config_lib.model_config("clip"), jnp.float32, "cpu"),
-                    ["image/blocks/k", "text/blocks/k"])
+    optim.layer_ids(
+      models.build(config_lib.model_config("clip"), jnp.float32, "cpu"), ["image/blocks/k", "text/blocks/k"]
+    )
   for decay in (0.0, 1.5):  # one rule, its row's domain in config_lib: (0, 1]
     with pytest.raises(ConfigError, match=rf"config.optim.layer_decay={decay}: must be a number in \(0, 1\]"):
       config_lib.check(tiny_vit_config(**{"optim.layer_decay": decay}))
@@ -137,8 +149,9 @@ def test_multipliers_scale_the_whole_adamw_step():
 
 def test_frozen_backbone_stays_bitwise_while_the_head_trains():
   shapes = _shapes(_vit(True))
-  tx = optim.make_optimizer(_optim(freeze=(r"^(?!head/)",), layer_decay=0.7, **BASE),
-                            optim.schedule(_optim(**BASE), 10), _vit(True))
+  tx = optim.make_optimizer(
+    _optim(freeze=(r"^(?!head/)",), layer_decay=0.7, **BASE), optim.schedule(_optim(**BASE), 10), _vit(True)
+  )
   params = _random_tree(shapes, 0)
   moments = _flat(tx.init(params)[0].inner_states["train"].inner_state[1].mu)  # (clip, adam, decay) of 'train'
   assert sorted(moments) == ["head/bias", "head/kernel"]  # none for the frozen params
@@ -189,8 +202,11 @@ def test_frozen_state_shards_and_checkpoints(tmp_path):
 def test_freeze_rules_are_checked():
   config = tiny_vit_config()
   task = tasks.build(config)
-  for freeze, message in (((".",), "freezes every param"), (("backbone/",), "'backbone/' matches no param"),
-                          (("head[",), "is not a regex")):
+  for freeze, message in (
+    ((".",), "freezes every param"),
+    (("backbone/",), "'backbone/' matches no param"),
+    (("head[",), "is not a regex"),
+  ):
     with pytest.raises(ConfigError, match=message):
       optim_cfg = override(config.copy_and_resolve_references(), **{"optim.freeze": freeze}).optim
       tx = optim.make_optimizer(optim_cfg, optim.schedule(optim_cfg, 10))
@@ -202,6 +218,7 @@ def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
   """Frozen gradients are zeroed where they are made: XLA drops the frozen backbone's backward, and
   train/grad_norm is the norm clipping sees (the head's), not the whole model's."""
   import test_train_step  # pylint: disable=g-import-not-at-top
+
   flops = {}
   for freeze in ((), (r"^(?!head/)",)):
     config = tiny_vit_config(strategy="ddp", **{"optim.freeze": freeze})
@@ -216,8 +233,11 @@ def test_frozen_params_are_not_differentiated_and_stay_out_of_the_logged_norm():
   [batch] = test_train_step._random_batches(config, 1)
   # The zero-initialised head would block every backbone gradient: give it random weights.
   rng = np.random.default_rng(1)
-  nonzero_head = lambda path, x: (jax.device_put(rng.normal(0, 0.1, x.shape).astype(x.dtype), x.sharding)
-                                  if param_rules.path_str(path) == "head/kernel" else x)
+  nonzero_head = lambda path, x: (
+    jax.device_put(rng.normal(0, 0.1, x.shape).astype(x.dtype), x.sharding)
+    if param_rules.path_str(path) == "head/kernel"
+    else x
+  )
   state = state.replace(params=jax.tree_util.tree_map_with_path(nonzero_head, state.params))
   params = jax.device_get(state.params)  # the step donates the state
   _, metrics = step(state, batch)

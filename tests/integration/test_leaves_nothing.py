@@ -24,10 +24,20 @@ import pytest
 from conftest import ROOT, compilation_cache_env, cpu_env, tiny_vit_config
 
 SHM = "/dev/shm"
-RUN_ARGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-            "--config.data.image_size=16", "--config.global_batch_size=16", "--config.total_steps=100000",
-            "--config.optim.warmup_steps=2", "--config.progress_bar=False", "--config.data.num_workers=2",
-            "--config.log_every=1", "--config.checkpoint_every=2", "--config.eval_every=100000"]
+RUN_ARGS = [
+  "--config=configs/vit_huge.py:demo",
+  "--config.model.variant=pico/4",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.global_batch_size=16",
+  "--config.total_steps=100000",
+  "--config.optim.warmup_steps=2",
+  "--config.progress_bar=False",
+  "--config.data.num_workers=2",
+  "--config.log_every=1",
+  "--config.checkpoint_every=2",
+  "--config.eval_every=100000",
+]
 
 
 def _children() -> dict[int, list[int]]:
@@ -83,9 +93,14 @@ def _mid_save(workdir) -> bool:
 def _start(tmp_path, compilation_cache) -> subprocess.Popen:
   """The trainer of RUN_ARGS in tmp_path/run, its output in tmp_path/run.log; the module's runs compile once."""
   with open(tmp_path / "run.log", "w") as log:
-    return subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={tmp_path / 'run'}", *RUN_ARGS],
-                            cwd=ROOT, env=cpu_env(1, **compilation_cache_env(compilation_cache)),
-                            start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+      [sys.executable, "-m", "visionfm_jax.main", f"--workdir={tmp_path / 'run'}", *RUN_ARGS],
+      cwd=ROOT,
+      env=cpu_env(1, **compilation_cache_env(compilation_cache)),
+      start_new_session=True,
+      stdout=log,
+      stderr=subprocess.STDOUT,
+    )
 
 
 def _wait_for_steps(trainer, tmp_path, steps: int = 2) -> None:
@@ -178,8 +193,15 @@ _DEAD_RUN = textwrap.dedent("""
 
 
 def _leave_a_dead_runs_files() -> list[str]:
-  dead = subprocess.run([sys.executable, "-c", _DEAD_RUN], cwd=ROOT, env=cpu_env(1), start_new_session=True,
-                        capture_output=True, text=True, timeout=60)
+  dead = subprocess.run(
+    [sys.executable, "-c", _DEAD_RUN],
+    cwd=ROOT,
+    env=cpu_env(1),
+    start_new_session=True,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert dead.returncode == -signal.SIGKILL, dead.stderr[-2000:]
   dead_files = dead.stdout.split()
   assert all(os.path.exists(os.path.join(SHM, name)) for name in dead_files), dead_files
@@ -190,6 +212,7 @@ def test_the_next_start_removes_what_a_dead_run_left_with_one_line_and_keeps_a_l
   """Any start on the node removes a dead run's files: where another start (the suite's other worker) removes them
   first, with its line, not ours, the scenario runs again."""
   from visionfm_jax.data.loader import pipeline, reaping  # pylint: disable=import-outside-toplevel
+
   live = shared_memory.SharedMemory(name=f"psm_{reaping.run_tag()}-live", create=True, size=4096)
   untagged = shared_memory.SharedMemory(name=f"psm_{secrets.token_hex(4)}", create=True, size=4096)
   untagged.close()  # another program's: no live process has it open, but nothing says whose it was
@@ -205,8 +228,11 @@ def test_the_next_start_removes_what_a_dead_run_left_with_one_line_and_keeps_a_l
       if lines:
         break
     assert len(lines) == 1, lines
-    line = re.fullmatch(rf"{SHM}: removed (\d+) shared-memory files \(([\d.]+) MiB\) that runs which died on this "
-                        rf"node left", lines[0])
+    line = re.fullmatch(
+      rf"{SHM}: removed (\d+) shared-memory files \(([\d.]+) MiB\) that runs which died on this "
+      rf"node left",
+      lines[0],
+    )
     assert line and int(line[1]) >= 2 and float(line[2]) >= 1.0, lines[0]  # others' dead runs may add theirs
   finally:
     live.close()
@@ -294,10 +320,27 @@ _IN_OWN_DEV_SHM = textwrap.dedent("""
 def _run_in_own_dev_shm(tmp_path, size: str, fill: bool, env: dict) -> tuple[int, list[str], str]:
   """(exit status, what is left in /dev/shm, output) of the trainer of RUN_ARGS on a /dev/shm of `size`."""
   metrics = str(tmp_path / "run" / "metrics.jsonl") if fill else ""
-  done = subprocess.run([*_own_dev_shm_prefix(), sys.executable, "-c", _IN_OWN_DEV_SHM, size, metrics,
-                         str(tmp_path / "run.log"), sys.executable, "-m", "visionfm_jax.main",
-                         f"--workdir={tmp_path / 'run'}", *RUN_ARGS], cwd=ROOT, env=env, capture_output=True,
-                        text=True, timeout=400)
+  done = subprocess.run(
+    [
+      *_own_dev_shm_prefix(),
+      sys.executable,
+      "-c",
+      _IN_OWN_DEV_SHM,
+      size,
+      metrics,
+      str(tmp_path / "run.log"),
+      sys.executable,
+      "-m",
+      "visionfm_jax.main",
+      f"--workdir={tmp_path / 'run'}",
+      *RUN_ARGS,
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=400,
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   result = json.loads(done.stdout.splitlines()[-1])
   return result["rc"], result["left"], (tmp_path / "run.log").read_text()
@@ -306,24 +349,32 @@ def _run_in_own_dev_shm(tmp_path, size: str, fill: bool, env: dict) -> tuple[int
 def test_a_dev_shm_without_room_for_the_batches_stops_the_run_before_training_in_one_line(tmp_path):
   rc, left, out = _run_in_own_dev_shm(tmp_path, "256k", fill=False, env=cpu_env(1))
   assert rc == 2, out[-3000:]
-  line = re.fullmatch(r"error: /dev/shm has 256 KiB free \(of 256 KiB\) but the input pipeline holds up to (\d+) KiB "
-                      r"of batches there \(16 batches of (\d+) KiB: config.data.num_workers=2 x 2 x "
-                      r"\(config.data.prefetch=2 \+ 1\) \+ config.data.device_prefetch=2 \+ 2\); make room there "
-                      r"or enlarge it \(docker run --shm-size, .*", _one_error_line(out))
+  line = re.fullmatch(
+    r"error: /dev/shm has 256 KiB free \(of 256 KiB\) but the input pipeline holds up to (\d+) KiB "
+    r"of batches there \(16 batches of (\d+) KiB: config.data.num_workers=2 x 2 x "
+    r"\(config.data.prefetch=2 \+ 1\) \+ config.data.device_prefetch=2 \+ 2\); make room there "
+    r"or enlarge it \(docker run --shm-size, .*",
+    _one_error_line(out),
+  )
   # a batch: 16 images of 16 x 16 x 3 bytes, and 16 labels, validity flags and flips, a page each at least
   assert line and int(line[1]) == 16 * int(line[2]) and int(line[2]) >= 12 + 3 * 4, out[-3000:]
   assert not left and not (tmp_path / "run" / "metrics.jsonl").exists()
 
 
-def test_a_dev_shm_that_fills_up_while_training_ends_the_run_in_one_line_and_leaves_nothing(tmp_path,
-                                                                                            compilation_cache):
+def test_a_dev_shm_that_fills_up_while_training_ends_the_run_in_one_line_and_leaves_nothing(
+  tmp_path, compilation_cache
+):
   """Room at the start, then another program fills /dev/shm: the worker writing the next batch dies of SIGBUS (or
   a semaphore is refused, ENOSPC). The other worker ends with the run; nothing of the run is left there."""
-  rc, left, out = _run_in_own_dev_shm(tmp_path, "2m", fill=True,
-                                      env=cpu_env(1, **compilation_cache_env(compilation_cache)))
+  rc, left, out = _run_in_own_dev_shm(
+    tmp_path, "2m", fill=True, env=cpu_env(1, **compilation_cache_env(compilation_cache))
+  )
   assert rc == 2, out[-3000:]
   line = _one_error_line(out)
-  assert re.fullmatch(r"error: (a data worker was killed by SIGBUS writing a batch into /dev/shm|/dev/shm is full) "
-                      r"\([\d.]+ [KM]iB free of 2\.0 MiB\).*the input pipeline holds up to \d+ KiB of batches "
-                      r"there.*", line), line
+  assert re.fullmatch(
+    r"error: (a data worker was killed by SIGBUS writing a batch into /dev/shm|/dev/shm is full) "
+    r"\([\d.]+ [KM]iB free of 2\.0 MiB\).*the input pipeline holds up to \d+ KiB of batches "
+    r"there.*",
+    line,
+  ), line
   assert left == ["filler"], left

@@ -49,6 +49,7 @@ def _random_params(task, seed):
   def draw(path, leaf):
     std = leaf.shape[0] ** -0.5 if path[-1].key == "kernel" else 0.1
     return rng.normal(0.0, std, leaf.shape).astype(leaf.dtype)
+
   shapes_only = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
   return jax.tree_util.tree_map_with_path(draw, shapes_only)
 
@@ -85,9 +86,18 @@ def vit(tmp_path_factory):
 def naflex_siglip(tmp_path_factory):
   """A SigLIP of a NaFlex ViT tower (configs/swinv2_g_clip.py:demo,naflex) at test_naflex_siglip2's size."""
   from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
-  config = override(swinv2_g_clip.get_config("demo,naflex"), **{
-      "model.image.variant": "32x1x64x2/4", "model.text.variant": "32x1x128x2", "model.embed_dim": 32,
-      "model.image_size": 16, "data.image_size": 16, "data.naflex.max_tokens": 24})
+
+  config = override(
+    swinv2_g_clip.get_config("demo,naflex"),
+    **{
+      "model.image.variant": "32x1x64x2/4",
+      "model.text.variant": "32x1x128x2",
+      "model.embed_dim": 32,
+      "model.image_size": 16,
+      "data.image_size": 16,
+      "data.naflex.max_tokens": 24,
+    },
+  )
   return _workdir(tmp_path_factory.mktemp("naflex"), config)
 
 
@@ -128,8 +138,9 @@ def test_zero_shot_ranks_the_given_class_names(clip, clip_model, monkeypatch):
   _, _, params, _ = clip
   model = clip_model
   embedded = []  # the class sets that went through the text tower
-  monkeypatch.setattr(zeroshot, "class_embeddings",
-                      lambda *args, real=zeroshot.class_embeddings: embedded.append(args[3]) or real(*args))
+  monkeypatch.setattr(
+    zeroshot, "class_embeddings", lambda *args, real=zeroshot.class_embeddings: embedded.append(args[3]) or real(*args)
+  )
   images, names = _shapes_images(5), ["circle", "square", "triangle", "star"]
   image_emb, text_emb = model.encode_image(images), model.encode_text(names)
   cosines = image_emb @ text_emb.T  # one template '{}': each class is its name's embedding
@@ -159,14 +170,15 @@ def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
   path, task, params, ema_params = vit
   model = visionfm_jax.load(path, batch_size=16)  # 8 devices: batches of 8 or 16
   traced = []  # the batch sizes the head compiles for
-  monkeypatch.setattr(model.task, "logits", lambda p, x, real=model.task.logits, **kw: traced.append(len(x))
-                      or real(p, x, **kw))
+  monkeypatch.setattr(
+    model.task, "logits", lambda p, x, real=model.task.logits, **kw: traced.append(len(x)) or real(p, x, **kw)
+  )
   images = _shapes_images(9)
   reference = jax.jit(lambda p, x: task.logits(p, task.normalize(x), train=False))  # for the params and the EMA
   view = _eval_view(task, images)
   logits = np.asarray(reference(params, view))
   top = model.classify(images[:6], top_k=3)
-  assert model.class_names == list(shapes.SHAPE_NAMES)[:len(model.class_names)]
+  assert model.class_names == list(shapes.SHAPE_NAMES)[: len(model.class_names)]
   assert [row[0][0] for row in top] == [model.class_names[i] for i in np.argmax(logits[:6], -1)]
   shifted = np.exp(logits[:6] - np.max(logits[:6], -1, keepdims=True))  # the softmax's largest probability
   np.testing.assert_allclose([row[0][1] for row in top], 1 / np.sum(shifted, -1), rtol=1e-5)
@@ -182,8 +194,7 @@ def test_a_classifier_classifies_as_tools_evaluate_scores(vit, monkeypatch):
 
   averaged = visionfm_jax.load(path, ema=True, batch_size=8)
   expected = reference(ema_params, view)
-  assert [row[0][0] for row in averaged.classify(images)] == [averaged.class_names[i]
-                                                                for i in np.argmax(expected, -1)]
+  assert [row[0][0] for row in averaged.classify(images)] == [averaged.class_names[i] for i in np.argmax(expected, -1)]
 
 
 def test_a_naflex_siglip_sees_images_at_their_aspect_within_a_token_budget(naflex_siglip, clip):
@@ -206,9 +217,10 @@ def test_a_naflex_siglip_sees_images_at_their_aspect_within_a_token_budget(nafle
 
   small = visionfm_jax.load(path, max_tokens=6)  # another budget: fewer patches, each image still at its aspect
   assert naflex.grids(small.preprocess(images)).tolist() == [[2, 3], [3, 2], [2, 2]]
-  np.testing.assert_allclose(small.encode_image(images[:1]),
-                             jax.jit(task.embed_images)(params, naflex.pack(images[0], 4, 6)[None]), atol=1e-5)
-  for budget in (0, 2 ** 16):
+  np.testing.assert_allclose(
+    small.encode_image(images[:1]), jax.jit(task.embed_images)(params, naflex.pack(images[0], 4, 6)[None]), atol=1e-5
+  )
+  for budget in (0, 2**16):
     with pytest.raises(UserError, match=f"^max_tokens={budget}: expected 1 .. 65535"):
       visionfm_jax.load(path, max_tokens=budget)
   with pytest.raises(UserError, match="max_tokens=6: .* takes square images"):
@@ -303,8 +315,7 @@ def test_a_config_saved_before_its_fields_existed_loads_at_their_defaults(tmp_pa
   old = _with_fields_dropped(clip[0], tmp_path / "old", *dropped)
   caplog.set_level(logging.INFO)
   image = _shapes_images(1)[0]
-  np.testing.assert_allclose(visionfm_jax.load(old).encode_image(image),
-                             clip_model.encode_image(image), atol=1e-6)
+  np.testing.assert_allclose(visionfm_jax.load(old).encode_image(image), clip_model.encode_image(image), atol=1e-6)
   filled = [r.getMessage() for r in caplog.records if "written before they existed" in r.getMessage()]
   assert len(filled) == 1 and all(path in filled[0] for path in dropped), filled
   nameless = _with_fields_dropped(clip[0], tmp_path / "nameless", "model.name")
@@ -315,7 +326,7 @@ def test_a_config_saved_before_its_fields_existed_loads_at_their_defaults(tmp_pa
 def _example_lines() -> str:
   """The module docstring's example, dedented."""
   doc = trained_model.__doc__
-  block = doc[doc.index("Example"):].split("\n\n", 1)[1]
+  block = doc[doc.index("Example") :].split("\n\n", 1)[1]
   return "\n".join(line[2:] for line in block.splitlines())
 
 
@@ -327,8 +338,10 @@ def test_the_docstring_example_runs(clip, capsys):
 
 def test_importing_the_package_stays_cheap():
   """`import visionfm_jax` loads no JAX, yet completion offers `load`: it is imported on first use."""
-  code = ("import sys, visionfm_jax; assert 'load' in dir(visionfm_jax) and visionfm_jax.__all__ == ['load']; "
-          "assert 'jax' not in sys.modules; assert callable(visionfm_jax.load)")
+  code = (
+    "import sys, visionfm_jax; assert 'load' in dir(visionfm_jax) and visionfm_jax.__all__ == ['load']; "
+    "assert 'jax' not in sys.modules; assert callable(visionfm_jax.load)"
+  )
   subprocess.run([sys.executable, "-c", code], check=True, cwd=ROOT, timeout=120)
 
 
@@ -337,8 +350,11 @@ def test_the_notebook_benchmark_times_each_size(vit, capsys):
   assert notebook.main(["notebook", f"--workdir={vit[0]}", "--sizes=3,5", "--repeats=2", "--image_side=20"]) == 0
   printed = capsys.readouterr().out
   result = json.loads(printed.splitlines()[-1])[0]
-  assert (result["task"], result["buckets"], [row["images"] for row in result["sizes"]]) == ("classification",
-                                                                                            [8, 64], [3, 5])
+  assert (result["task"], result["buckets"], [row["images"] for row in result["sizes"]]) == (
+    "classification",
+    [8, 64],
+    [3, 5],
+  )
   assert all(row["next_s"] > 0 and row["img_per_s"] > 0 for row in result["sizes"]), printed
   assert notebook.main(["notebook", f"--workdir={vit[0]}", "--sizes=0"]) == 2
   assert capsys.readouterr().err.strip() == "error: --sizes=0: expected positive integers"

@@ -33,15 +33,23 @@ def test_a_process_still_running_after_the_first_failure_is_killed_and_named(tmp
   (bin_dir / "python").chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", PIDS=str(pids), GRACE_S="2", JAX_PLATFORMS="cpu")
   start = time.monotonic()
-  proc = subprocess.run(["bash", "launch/local.sh", "2", "--config=configs/vit_huge.py:demo", f"--workdir={tmp_path}"],
-                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+  proc = subprocess.run(
+    ["bash", "launch/local.sh", "2", "--config=configs/vit_huge.py:demo", f"--workdir={tmp_path}"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert time.monotonic() - start < 30
   assert proc.returncode == 75, proc.stderr
   frozen, gave_up = ((pids / name).read_text().strip() for name in ("0", "1"))
   lines = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
   assert lines[0] == "error: process 0 stopped answering"
   assert lines[1].startswith(f"error: process 1 of 2 (pid {gave_up}) ended first, with status 75 (requeue), at")
-  assert lines[2] == (f"error: process 0 of 2 (pid {frozen}) still ran 2 s (GRACE_S) after the first failure: "
-                      f"killed; it was frozen, or waiting on a peer that is gone")
+  assert lines[2] == (
+    f"error: process 0 of 2 (pid {frozen}) still ran 2 s (GRACE_S) after the first failure: "
+    f"killed; it was frozen, or waiting on a peer that is gone"
+  )
   assert len(lines) == 3
   assert not os.path.exists(f"/proc/{frozen}") or "Z" in open(f"/proc/{frozen}/stat").read().split()[2]

@@ -10,8 +10,14 @@ from visionfm_jax.errors import ConfigError, UserError
 
 from conftest import tiny_aurora_config, tiny_clip_config, tiny_vit_config
 
-TINY = ["--config=configs/vit_huge.py:demo", "--devices=8", "--config.model.variant=pico/4",
-        "--config.model.image_size=16", "--config.data.image_size=16", "--config.global_batch_size=16"]
+TINY = [
+  "--config=configs/vit_huge.py:demo",
+  "--devices=8",
+  "--config.model.variant=pico/4",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.global_batch_size=16",
+]
 
 
 def run_plan(capsys, *args):
@@ -21,8 +27,9 @@ def run_plan(capsys, *args):
 
 
 def test_a_candidate_is_the_state_shard_plus_batch_shard_plus_temporaries(capsys):
-  code, out, err, result = run_plan(capsys, "--fit=1", "--remat=nothing_saveable", "--micro_batches=1",
-                                    "--attention=softmax", "--config.strategy=zero3")
+  code, out, err, result = run_plan(
+    capsys, "--fit=1", "--remat=nothing_saveable", "--micro_batches=1", "--attention=softmax", "--config.strategy=zero3"
+  )
   assert code == 2 and "error: no candidate fits --fit=1" in err
   (row,) = result["candidates"]
   assert row["mesh"] == {"data": 1, "fsdp": 8, "tensor": 1} and row["strategy"] == "zero3"
@@ -67,8 +74,9 @@ def test_the_planner_picks_a_setup_a_smaller_budget_rejects_and_a_bigger_one_acc
 
 
 def test_micro_batch_counts_are_loop_corrected_and_the_undividable_ones_skipped(capsys):
-  code, out, err, result = run_plan(capsys, "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=2,1,4",
-                                    "--attention=jax")
+  code, out, err, result = run_plan(
+    capsys, "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=2,1,4", "--attention=jax"
+  )
   assert code == 0, err
   assert "skipped --micro_batches=4: config.global_batch_size=16 / config.grad_accum_steps=4" in out
   one, two = result["candidates"]
@@ -85,19 +93,23 @@ def test_loop_flops_count_each_nested_scan_body_per_trip():
   def step(x):
     def inner(c, _):
       return c @ c, None
+
     def outer(c, _):
       return jax.lax.scan(inner, c, None, length=3)[0] @ c, None
+
     return jax.lax.scan(outer, x, None, length=4)[0] + jnp.sin(x) @ x
 
   compiled = jax.jit(step).lower(jnp.ones((64, 64))).compile()
-  matmul = 2 * 64 ** 3
+  matmul = 2 * 64**3
   assert memory_plan.xla_flops(compiled) < 3.1 * matmul  # each loop body once: 3 matmuls
   # 4 x (3 + 1) matmuls in the loops, 1 after them; elementwise ops add a few thousand
   assert 17 * matmul <= memory_plan.loop_flops(compiled.as_text(), jax.devices()[0].client) < 17.1 * matmul
 
 
-@pytest.mark.parametrize("text, size", [("80GB", 80 * 10 ** 9), ("80GiB", 80 * 2 ** 30), ("40e9", 40 * 10 ** 9),
-                                        ("1.5 TiB", int(1.5 * 2 ** 40)), ("512", 512)])
+@pytest.mark.parametrize(
+  "text, size",
+  [("80GB", 80 * 10**9), ("80GiB", 80 * 2**30), ("40e9", 40 * 10**9), ("1.5 TiB", int(1.5 * 2**40)), ("512", 512)],
+)
 def test_fit_sizes(text, size):
   assert memory_plan.parse_size(text) == size
 
@@ -115,8 +127,7 @@ def test_micro_batches_that_would_change_a_coupled_loss_are_not_planned(monkeypa
     assert [s["grad_accum_steps"] for s in grid] == [1, 2] and not skipped
   # a task whose examples meet in an unsplit loss would change under micro-batches
   monkeypatch.setattr(tasks.ContrastiveTask, "splits_loss", False)
-  grid, skipped = memory_plan.candidate_settings(tiny_clip_config(), 8, ["nothing_saveable"], ["1", "2"],
-                                                 ["softmax"])
+  grid, skipped = memory_plan.candidate_settings(tiny_clip_config(), 8, ["nothing_saveable"], ["1", "2"], ["softmax"])
   assert [s["grad_accum_steps"] for s in grid] == [1]
   assert "its loss couples the examples" in skipped["--micro_batches=2"]
 
@@ -131,16 +142,22 @@ def test_a_tower_with_remat_by_stage_is_not_swept_by_remat():
 
 def test_every_remat_policy_has_its_place_in_the_sweep_order():
   from visionfm_jax import config_lib  # pylint: disable=g-import-not-at-top
+
   assert sorted(memory_plan.REMAT_BY_RECOMPUTE) == sorted(config_lib.REMAT_POLICIES)
 
 
 def test_attention_fields_are_found_in_every_tower():
   from configs import aurora_xl, swinv2_g_clip, vit_huge  # pylint: disable=g-import-not-at-top
+
   assert memory_plan.attention_fields(vit_huge.get_config().model) == ["model.attention"]
-  assert memory_plan.attention_fields(swinv2_g_clip.get_config().model) == ["model.image.attention",
-                                                                            "model.text.attention"]
-  assert memory_plan.attention_fields(aurora_xl.get_config().model) == ["model.encoder.attention",
-                                                                        "model.text.attention"]
+  assert memory_plan.attention_fields(swinv2_g_clip.get_config().model) == [
+    "model.image.attention",
+    "model.text.attention",
+  ]
+  assert memory_plan.attention_fields(aurora_xl.get_config().model) == [
+    "model.encoder.attention",
+    "model.text.attention",
+  ]
 
 
 def test_bad_sweep_values_name_the_flag(capsys):
@@ -152,8 +169,15 @@ def test_bad_sweep_values_name_the_flag(capsys):
 @pytest.mark.slow
 def test_the_window_kernel_is_a_swinv2_attention_name_and_no_vit_one(capsys):
   # a SwinV2's attention field takes 'pallas' (its window kernel): GPU only, so skipped on the simulated CPU devices
-  swin = ["--config=configs/swinv2_cls.py:demo", "--devices=8", "--config.model.variant=pico",
-          "--config.global_batch_size=16", "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=1"]
+  swin = [
+    "--config=configs/swinv2_cls.py:demo",
+    "--devices=8",
+    "--config.model.variant=pico",
+    "--config.global_batch_size=16",
+    "--fit=1GB",
+    "--remat=nothing_saveable",
+    "--micro_batches=1",
+  ]
   code = memory_plan.main(["memory_plan", *swin, "--attention=pallas,softmax"])
   out, err = capsys.readouterr()
   assert code == 0, err
@@ -167,8 +191,15 @@ def test_the_window_kernel_is_a_swinv2_attention_name_and_no_vit_one(capsys):
 
 
 def test_layouts_are_planned_as_meshes_and_those_the_devices_refuse_skipped(capsys):
-  code, out, err, result = run_plan(capsys, "--fit=1GB", "--remat=nothing_saveable", "--micro_batches=1",
-                                    "--attention=softmax", "--fsdp=all,2,3", "--config.strategy=zero3")
+  code, out, err, result = run_plan(
+    capsys,
+    "--fit=1GB",
+    "--remat=nothing_saveable",
+    "--micro_batches=1",
+    "--attention=softmax",
+    "--fsdp=all,2,3",
+    "--config.strategy=zero3",
+  )
   assert code == 0, err
   assert "skipped --fsdp=3: config.mesh=" in out  # 3 does not divide the 8 devices
   every, hybrid = result["candidates"]
@@ -184,6 +215,7 @@ def test_layouts_are_planned_as_meshes_and_those_the_devices_refuse_skipped(caps
 def test_on_a_gpu_target_the_shortest_predicted_step_is_chosen():
   def row(step, flops, fits=True):
     return {"predicted_step_s": step, "flops": flops, "grad_accum_steps": 4, "total_bytes": 1, "fits": fits}
+
   fast, cheap, too_big = row(9.2, 2.0), row(11.0, 1.0), row(5.0, 1.0, fits=False)
   assert memory_plan.choose([cheap, too_big, fast]) is fast
 
@@ -212,7 +244,9 @@ def test_a_swinv2_form_stage_by_stage_is_a_candidate_of_the_sweep():
   config = tiny_aurora_config()
   grid, _ = memory_plan.candidate_settings(config, 8, ["nothing_saveable"], ["1"], ["softmax"], unrolls=["1", "0/1"])
   assert [{k: v for k, v in s.items() if "unroll" in k} for s in grid] == [
-      {"model.scan_unroll": 1}, {"model.encoder.stage_scan_unrolls": (0, 1)}]
+    {"model.scan_unroll": 1},
+    {"model.encoder.stage_scan_unrolls": (0, 1)},
+  ]
   assert "--config.model.encoder.stage_scan_unrolls=(0,1)" in memory_plan.as_flags(grid[1])
   assert "unroll 0/1" in memory_plan.describe(grid[1])
   assert memory_plan.apply(config, grid[1]).model.encoder.stage_scan_unrolls == (0, 1)

@@ -16,8 +16,15 @@ from conftest import ROOT
 
 
 def _run(module, *args):
-  return subprocess.run([sys.executable, "-m", module, *args], cwd=ROOT, capture_output=True, text=True, timeout=60,
-                        env=dict(os.environ, PYTHONPATH=ROOT), check=False)
+  return subprocess.run(
+    [sys.executable, "-m", module, *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=60,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    check=False,
+  )
 
 
 def test_every_moved_cli_answers_at_its_old_path_naming_the_new_one():
@@ -26,13 +33,15 @@ def test_every_moved_cli_answers_at_its_old_path_naming_the_new_one():
     assert importlib.util.find_spec(new) is not None, new
     run = _run(f"visionfm_jax.tools.{name}", "--input=/data")
     assert run.returncode == 2 and not run.stdout, (name, run.stderr)
-    assert run.stderr == (f"error: python -m visionfm_jax.tools.{name}: moved to python -m {new} (the same "
-                          "flags)\n"), run.stderr
+    assert run.stderr == (f"error: python -m visionfm_jax.tools.{name}: moved to python -m {new} (the same flags)\n"), (
+      run.stderr
+    )
 
 
 def test_an_import_of_an_old_path_names_the_new_module():
-  with pytest.raises(ModuleNotFoundError, match="visionfm_jax.tools.prepare_data moved to "
-                                                "visionfm_jax.datatools.prepare_data"):
+  with pytest.raises(
+    ModuleNotFoundError, match="visionfm_jax.tools.prepare_data moved to visionfm_jax.datatools.prepare_data"
+  ):
     importlib.import_module("visionfm_jax.tools.prepare_data")
   run = _run("visionfm_jax.tools.no_such_tool")
   assert run.returncode == 1 and "No module named visionfm_jax.tools.no_such_tool" in run.stderr, run.stderr

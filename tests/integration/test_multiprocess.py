@@ -40,11 +40,22 @@ PROCESSES, DEVICES_PER_PROCESS = 2, 2
 # notice is acted on up to ~15 steps after it is sent.
 TOTAL_STEPS = 60
 # The tiny ViT (conftest.tiny_vit_config) as flags; global batch 16 = 8 rows on each process.
-FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-         "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
-         "--config.data.eval_examples=16", "--config.data.num_workers=0", "--config.progress_bar=False",
-         "--config.strategy=zero3", "--config.checkpoint_every=10", "--config.log_every=1", "--config.eval_every=1000",
-         f"--config.total_steps={TOTAL_STEPS}"]
+FLAGS = [
+  "--config=configs/vit_huge.py:demo",
+  "--config.model.variant=pico/4",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.global_batch_size=16",
+  "--config.optim.warmup_steps=2",
+  "--config.data.eval_examples=16",
+  "--config.data.num_workers=0",
+  "--config.progress_bar=False",
+  "--config.strategy=zero3",
+  "--config.checkpoint_every=10",
+  "--config.log_every=1",
+  "--config.eval_every=1000",
+  f"--config.total_steps={TOTAL_STEPS}",
+]
 # The same run with ddp, for the tests whose claim is not about ZeRO: a ddp step joins its peers in 2 collectives
 # where zero3's does in 45 (34 all-gathers), and on the CPU each is a round of gloo's polling, most of a step's time.
 DDP_FLAGS = [flag for flag in FLAGS if not flag.startswith("--config.strategy=")] + ["--config.strategy=ddp"]
@@ -52,6 +63,7 @@ LAUNCH_ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", 
 
 
 # ------------------------------------------------------------------------------------- initialize kwargs
+
 
 @pytest.fixture
 def initialize_calls(monkeypatch):
@@ -132,15 +144,17 @@ def test_initialize_passes_local_device_ids(initialize_calls, monkeypatch):
     distributed.initialize("auto")
 
 
-@pytest.mark.parametrize("env, match", [
+@pytest.mark.parametrize(
+  "env, match",
+  [
     ({"JAX_NUM_PROCESSES": "2"}, "JAX_NUM_PROCESSES='2' is set but JAX_PROCESS_ID is not"),
     ({"JAX_PROCESS_ID": "0"}, "JAX_PROCESS_ID='0' is set but JAX_NUM_PROCESSES is not"),
     ({"JAX_NUM_PROCESSES": "two", "JAX_PROCESS_ID": "0"}, "JAX_NUM_PROCESSES='two': expected an integer >= 1"),
     ({"JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "2"}, "JAX_PROCESS_ID=2: expected below JAX_NUM_PROCESSES=2"),
     ({"SLURM_NTASKS": "x"}, "SLURM_NTASKS='x': expected an integer >= 1"),
-])
-def test_a_malformed_launch_environment_is_a_user_error_naming_the_variable(initialize_calls, monkeypatch, env,
-                                                                             match):
+  ],
+)
+def test_a_malformed_launch_environment_is_a_user_error_naming_the_variable(initialize_calls, monkeypatch, env, match):
   """main prints a UserError as one line; these were a bare KeyError or ValueError with a traceback."""
   if "SLURM_NTASKS" not in env:
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:12345")
@@ -153,9 +167,19 @@ def test_a_malformed_launch_environment_is_a_user_error_naming_the_variable(init
 
 # ---------------------------------------------------------------------------------------- launch scripts
 
-@pytest.mark.parametrize("script", ["launch/local.sh", "launch/slurm.sbatch", "launch/tool.sbatch",
-                                    "launch/xla_flags_h100.sh", "launch/xla_flags_a100.sh", "launch/gpu_check.sh",
-                                    "launch/bench_gpu.sh"])
+
+@pytest.mark.parametrize(
+  "script",
+  [
+    "launch/local.sh",
+    "launch/slurm.sbatch",
+    "launch/tool.sbatch",
+    "launch/xla_flags_h100.sh",
+    "launch/xla_flags_a100.sh",
+    "launch/gpu_check.sh",
+    "launch/bench_gpu.sh",
+  ],
+)
 def test_launch_script_syntax(script):
   proc = subprocess.run(["bash", "-n", script], cwd=ROOT, capture_output=True, text=True, timeout=30)
   assert proc.returncode == 0, proc.stderr
@@ -166,8 +190,9 @@ def test_slurm_script_gives_each_task_all_gpus_of_its_node():
     lines = [line for line in f if line.startswith(("gpus=", "export JAX_LOCAL_DEVICE_IDS="))]
   assert len(lines) == 2, lines
   env = {"PATH": os.environ["PATH"], "SLURM_GPUS_ON_NODE": "4"}
-  proc = subprocess.run(["bash", "-c", "".join(lines) + 'echo "$JAX_LOCAL_DEVICE_IDS"'], env=env,
-                        capture_output=True, text=True, timeout=30)
+  proc = subprocess.run(
+    ["bash", "-c", "".join(lines) + 'echo "$JAX_LOCAL_DEVICE_IDS"'], env=env, capture_output=True, text=True, timeout=30
+  )
   assert proc.stdout.strip() == "0,1,2,3", proc.stderr
 
 
@@ -186,16 +211,19 @@ def test_launch_scripts_set_only_xla_flags_this_xla_knows():
   flags = _launch_xla_flags()
   assert len(flags) >= 8 and any(f.startswith("--xla_gpu_enable_command_buffer=") for f in flags), flags
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=" ".join(flags))
-  proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode == 0, proc.stderr[-2000:]
   env["XLA_FLAGS"] = "--xla_gpu_no_such_flag_for_the_test=true"  # the check above can fail
-  proc = subprocess.run([sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True,
-                        text=True, timeout=120)
+  proc = subprocess.run(
+    [sys.executable, "-c", "import jax; jax.devices()"], env=env, capture_output=True, text=True, timeout=120
+  )
   assert proc.returncode != 0 and "no_such_flag" in proc.stderr, proc.stderr[-2000:]
 
 
 # -------------------------------------------------------------------------------------- 2 processes, gloo
+
 
 def _free_port():
   with socket.socket() as s:
@@ -225,16 +253,26 @@ class _Job:
 
   def __init__(self, workdir, *flags, base=tuple(FLAGS), devices=DEVICES_PER_PROCESS, warm=None):
     env = {k: v for k, v in os.environ.items() if k not in LAUNCH_ENV}
-    env.update(DEVICES_PER_PROCESS=str(devices), PORT=str(_free_port()), JAX_PLATFORMS="cpu",
-               XLA_FLAGS=FAST_COMPILE_FLAGS,  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
-               # every program in the compile cache, as conftest's compilation_cache does: the tiny ViT's compile
-               # in well under JAX's default threshold of 1 s, so a rerun would load 2 of its 13 programs
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    env.update(
+      DEVICES_PER_PROCESS=str(devices),
+      PORT=str(_free_port()),
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS=FAST_COMPILE_FLAGS,  # not conftest's 8 devices: local.sh adds DEVICES_PER_PROCESS
+      # every program in the compile cache, as conftest's compilation_cache does: the tiny ViT's compile
+      # in well under JAX's default threshold of 1 s, so a rerun would load 2 of its 13 programs
+      JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+    )
     env = warm.env(env) if warm else env
     self.workdir = workdir
-    self.proc = subprocess.Popen(["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
-                                 cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                 start_new_session=True)
+    self.proc = subprocess.Popen(
+      ["bash", "launch/local.sh", str(PROCESSES), f"--workdir={workdir}", *base, *flags],
+      cwd=ROOT,
+      env=env,
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
     _RUNNING_JOBS.append(self)
 
   def trainers(self) -> list[int]:
@@ -347,7 +385,7 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
   start = TOTAL_STEPS - 10
   config = tiny_vit_config(strategy="zero3", total_steps=TOTAL_STEPS)
   config.data.num_workers = 0
-  mesh = parallel.make_mesh(config.mesh, jax.devices()[:PROCESSES * DEVICES_PER_PROCESS])
+  mesh = parallel.make_mesh(config.mesh, jax.devices()[: PROCESSES * DEVICES_PER_PROCESS])
   task = tasks.build(config, mesh)
   lr_schedule = optim.schedule(config.optim, config.total_steps)
   tx = optim.make_optimizer(config.optim, lr_schedule)
@@ -361,8 +399,11 @@ def test_two_processes_match_one_process_fed_the_same_global_batches(reference_r
     ckpt.close()
     loaders = []
     for i in range(PROCESSES):
-      loader = iter(task.train_loader(batch_size=config.global_batch_size // PROCESSES, seed=config.seed,
-                                      process_index=i, process_count=PROCESSES))
+      loader = iter(
+        task.train_loader(
+          batch_size=config.global_batch_size // PROCESSES, seed=config.seed, process_index=i, process_count=PROCESSES
+        )
+      )
       state_file = workdir / "checkpoints" / str(start) / "data" / f"process_{i}-of-{PROCESSES}.json"
       loader.set_state(state_file.read_bytes())
       loaders.append(loader)
@@ -396,7 +437,8 @@ def _step_saved_on_notice(job, after):
   step, where = int(named[0][0]), named[0][1]
   assert after < step < TOTAL_STEPS and where == str(job.workdir / "checkpoints" / str(step)), (after, named)
   assert sorted(os.listdir(job.workdir / "checkpoints" / str(step) / "data"))[-PROCESSES:] == [
-      f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)]
+    f"process_{i}-of-{PROCESSES}.json" for i in range(PROCESSES)
+  ]
   return step, out
 
 
@@ -470,8 +512,9 @@ def _killed(job, which: int, timeout_s: int) -> tuple[str, int]:
 
 @pytest.mark.slow
 @MULTIPROCESS
-def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise(reference_run, tmp_path,
-                                                                                      warm_python):
+def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bitwise(
+  reference_run, tmp_path, warm_python
+):
   """Five jobs in one workdir, each the rerun of the one before: two kills, two preemption notices, and the last
   rerun, which ends bitwise where the uninterrupted job does (params, optimizer state, eval metric). (One chain
   serves every fault: a rerun to the end costs a job and up to TOTAL_STEPS steps.)
@@ -497,9 +540,12 @@ def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bit
   out, killed = _killed(job, 1, timeout_s)
   # process 0, waiting on it, names it in one line and exits 75 (requeue), not after JAX's own heartbeat timeout
   # (100 s) with pages of C++ logs
-  assert re.search(rf"error: process 1 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
-                   rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 0 exits with code "
-                   rf"{faults.HUNG_EXIT_CODE}", out), out[-6000:]
+  assert re.search(
+    rf"error: process 1 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
+    rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 0 exits with code "
+    rf"{faults.HUNG_EXIT_CODE}",
+    out,
+  ), out[-6000:]
   assert "Terminating process because the JAX distributed service" not in out
   assert checkpoint.newest_committed_step(workdir / "checkpoints") is None
 
@@ -520,9 +566,12 @@ def test_sigkills_and_preemption_notices_along_one_chain_of_reruns_that_ends_bit
   saving = (step // 10 + 1) * 10  # checkpoint_every 10; at most TOTAL_STEPS
   _wait_for(lambda: _saving(workdir, saving), job, f"the save of checkpoint {saving}")
   out, killed = _killed(job, 0, timeout_s)
-  assert re.search(rf"error: process 0 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
-                   rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 1 exits with code "
-                   rf"{faults.HUNG_EXIT_CODE}", out), out[-6000:]
+  assert re.search(
+    rf"error: process 0 of 2 \(last seen: host \S+, pid {killed}\) has sent no heartbeat for \d+s "
+    rf"\(config.peer_timeout_s={timeout_s}\): it died, or its node did. Process 1 exits with code "
+    rf"{faults.HUNG_EXIT_CODE}",
+    out,
+  ), out[-6000:]
   assert "Terminating process because the JAX distributed service" not in out
   assert out.count(f"resuming from {workdir}/checkpoints/{step}") == PROCESSES
   assert checkpoint.newest_committed_step(workdir / "checkpoints") == step
@@ -553,6 +602,9 @@ def test_a_stalled_process_ends_the_whole_job(tmp_path):
   assert _wait_gone(second, timeout=60) is not None
   code, out = job.finish(timeout=60)
   assert code == faults.HUNG_EXIT_CODE, out[-6000:]
-  assert re.search(rf"process 0 of 2 has waited \d+s in a (train step|checkpoint save) at step \d+ "
-                   rf"\(config.step_timeout_s={timeout_s}\)", out), out[-6000:]
+  assert re.search(
+    rf"process 0 of 2 has waited \d+s in a (train step|checkpoint save) at step \d+ "
+    rf"\(config.step_timeout_s={timeout_s}\)",
+    out,
+  ), out[-6000:]
   assert "most recent call first" in out  # faulthandler's stack dump

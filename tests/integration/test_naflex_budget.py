@@ -18,16 +18,21 @@ DEMO = ["--config=configs/swinv2_g_clip.py:demo,naflex"]
 
 
 @pytest.mark.parametrize("dry_run", [True, False], ids=["dry_run", "start_up"])
-def test_a_budget_whose_attention_outgrows_a_device_is_one_line_before_compiling(dry_run, tmp_path, monkeypatch,
-                                                                                capsys):
+def test_a_budget_whose_attention_outgrows_a_device_is_one_line_before_compiling(
+  dry_run, tmp_path, monkeypatch, capsys
+):
   workdir = tmp_path / "run"
-  status, _, err = run_main_in_process([*DEMO, f"--workdir={workdir}", "--config.data.naflex.max_tokens=65535",
-                                        *(["--dry_run"] if dry_run else [])], monkeypatch, capsys)
+  status, _, err = run_main_in_process(
+    [*DEMO, f"--workdir={workdir}", "--config.data.naflex.max_tokens=65535", *(["--dry_run"] if dry_run else [])],
+    monkeypatch,
+    capsys,
+  )
   assert status == 2, err
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert len(errors) == 1, err
-  assert errors[0].startswith("error: config.data.naflex.max_tokens=65535: one matrix product of the loss, "
-                              "float32("), errors
+  assert errors[0].startswith("error: config.data.naflex.max_tokens=65535: one matrix product of the loss, float32("), (
+    errors
+  )
   assert "65535, 65535) for a micro-batch of" in errors[0] and "over a device's" in errors[0], errors
   assert "RESOURCE_EXHAUSTED" not in err
   assert not os.path.exists(workdir / "checkpoints") or not os.listdir(workdir / "checkpoints")
@@ -36,6 +41,7 @@ def test_a_budget_whose_attention_outgrows_a_device_is_one_line_before_compiling
 def test_the_demos_budget_fits_and_the_bound_is_its_attention_scores():
   from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
   from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+
   config = swinv2_g_clip.get_config("demo,naflex")
   checks.validate(config)
   checks.check_naflex_budget(config, 8, checks.device_memory_bytes())

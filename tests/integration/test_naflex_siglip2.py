@@ -30,8 +30,9 @@ PATCH, BUDGET = 4, 24
 
 def _siglip2_dir(path) -> str:
   torch.manual_seed(0)
-  config = Siglip2VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                               patch_size=PATCH, num_patches=16)  # a 4 x 4 grid of position embeddings
+  config = Siglip2VisionConfig(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, patch_size=PATCH, num_patches=16
+  )  # a 4 x 4 grid of position embeddings
   Siglip2VisionModel(config).eval().save_pretrained(path)
   return str(path)
 
@@ -55,7 +56,8 @@ def test_imported_siglip2_matches_transformers_at_several_aspects(tmp_path, caps
   rng = np.random.default_rng(0)
   images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in ((37, 90), (64, 64), (90, 25), (13, 30))]
   processed = Siglip2ImageProcessorPil(patch_size=PATCH, max_num_patches=BUDGET)(
-      images=images, return_tensors="pt", input_data_format="channels_last")
+    images=images, return_tensors="pt", input_data_format="channels_last"
+  )
   ours = naflex.normalized(np.stack([naflex.pack(image, PATCH, BUDGET) for image in images]), 127.5, 127.5)
   np.testing.assert_allclose(ours["patches"], processed["pixel_values"].numpy(), atol=1e-6)
   np.testing.assert_array_equal(ours["grid"], processed["spatial_shapes"].numpy())
@@ -70,21 +72,36 @@ def test_imported_siglip2_matches_transformers_at_several_aspects(tmp_path, caps
 
   back = str(tmp_path / "exported")
   assert export_hf.main(["export_hf", f"--checkpoint={out}", f"--out={back}"]) == 0
-  original, exported = load_file(os.path.join(src, "model.safetensors")), load_file(os.path.join(back,
-                                                                                              "model.safetensors"))
+  original, exported = (
+    load_file(os.path.join(src, "model.safetensors")),
+    load_file(os.path.join(back, "model.safetensors")),
+  )
   assert sorted(original) == sorted(exported)
   for name, value in original.items():
     np.testing.assert_array_equal(exported[name], value, err_msg=name)
 
 
 def _naflex_flags(workdir):
-  return ["--config=configs/swinv2_g_clip.py:demo,naflex", f"--workdir={workdir}",
-          "--config.model.image.variant=32x1x64x2/4", "--config.model.text.variant=32x1x128x2",
-          "--config.model.embed_dim=32", "--config.model.image_size=16", "--config.data.image_size=16",
-          f"--config.data.naflex.max_tokens={BUDGET}", "--config.eval.zeroshot_naflex_tokens=(6,)",
-          "--config.global_batch_size=16", "--config.total_steps=2", "--config.optim.warmup_steps=1",
-          "--config.eval_every=2", "--config.checkpoint_every=2", "--config.log_every=1",
-          "--config.data.eval_examples=16", "--config.eval.retrieval=False", "--config.progress_bar=False"]
+  return [
+    "--config=configs/swinv2_g_clip.py:demo,naflex",
+    f"--workdir={workdir}",
+    "--config.model.image.variant=32x1x64x2/4",
+    "--config.model.text.variant=32x1x128x2",
+    "--config.model.embed_dim=32",
+    "--config.model.image_size=16",
+    "--config.data.image_size=16",
+    f"--config.data.naflex.max_tokens={BUDGET}",
+    "--config.eval.zeroshot_naflex_tokens=(6,)",
+    "--config.global_batch_size=16",
+    "--config.total_steps=2",
+    "--config.optim.warmup_steps=1",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+    "--config.log_every=1",
+    "--config.data.eval_examples=16",
+    "--config.eval.retrieval=False",
+    "--config.progress_bar=False",
+  ]
 
 
 def test_naflex_siglip_trains_on_mixed_aspects_and_evaluates_at_two_budgets(tmp_path, monkeypatch, capsys):
@@ -114,13 +131,17 @@ def test_naflex_siglip_trains_on_mixed_aspects_and_evaluates_at_two_budgets(tmp_
   np.testing.assert_allclose(got, want, atol=1e-5)
 
 
-@pytest.mark.parametrize("variant, flags, culprit", [
+@pytest.mark.parametrize(
+  "variant, flags, culprit",
+  [
     ("demo,siglip", ["--config.data.naflex.max_tokens=64"], "config.data.naflex.max_tokens=64: a swinv2 tower"),
     ("demo,naflex", ["--config.data.augment.mixup_alpha=0.8"], "config.data.augment.mixup_alpha=0.8"),
     ("demo,siglip", ["--config.eval.zeroshot_naflex_tokens=(16,)"], "config.eval.zeroshot_naflex_tokens=(16,)"),
-])
+  ],
+)
 def test_naflex_where_it_does_not_apply_is_one_error_line(tmp_path, monkeypatch, capsys, variant, flags, culprit):
-  status, _, err = run_main_in_process([f"--config=configs/swinv2_g_clip.py:{variant}", f"--workdir={tmp_path}",
-                                        *flags], monkeypatch, capsys)
+  status, _, err = run_main_in_process(
+    [f"--config=configs/swinv2_g_clip.py:{variant}", f"--workdir={tmp_path}", *flags], monkeypatch, capsys
+  )
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert status != 0 and len(errors) == 1 and culprit in errors[0], err

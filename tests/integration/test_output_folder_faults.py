@@ -35,8 +35,14 @@ def workdir(tmp_path_factory):
 def _export_cli(*args) -> subprocess.CompletedProcess:
   """The tool in a fresh interpreter of at most 6 GiB of address space: a marker read without end fails fast (a
   MemoryError) instead of filling the host."""
-  command = " ".join(["ulimit -v 6291456 && exec", shlex.quote(sys.executable), "-m visionfm_jax.tools.export_hf",
-                      *map(shlex.quote, args)])
+  command = " ".join(
+    [
+      "ulimit -v 6291456 && exec",
+      shlex.quote(sys.executable),
+      "-m visionfm_jax.tools.export_hf",
+      *map(shlex.quote, args),
+    ]
+  )
   return subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=60, check=False)
 
 
@@ -53,9 +59,11 @@ def test_a_marker_that_is_no_regular_file_is_named_not_read(workdir, tmp_path, k
   except subprocess.TimeoutExpired:
     pytest.fail(f"export_hf hung on a {kind} marker")
   assert run.returncode == 2, run.stderr[-2000:]
-  assert run.stderr.splitlines() == [f"error: --out={out}: holds {output_folder.MARKER}, which export_hf did not "
-                                     "write; choose a new or empty folder, or give --overwrite to replace the folder "
-                                     "and everything in it"], run.stderr[-2000:]
+  assert run.stderr.splitlines() == [
+    f"error: --out={out}: holds {output_folder.MARKER}, which export_hf did not "
+    "write; choose a new or empty folder, or give --overwrite to replace the folder "
+    "and everything in it"
+  ], run.stderr[-2000:]
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 
@@ -67,12 +75,17 @@ def test_a_marker_larger_than_its_bound_is_no_marker(tmp_path):
   output_folder.check(str(tmp_path), "export_hf")
 
 
-def test_the_temporary_folder_of_an_export_killed_mid_write_goes_with_the_next_export(workdir, tmp_path, capsys,
-                                                                                      caplog):
+def test_the_temporary_folder_of_an_export_killed_mid_write_goes_with_the_next_export(
+  workdir, tmp_path, capsys, caplog
+):
   out = tmp_path / "hf"
-  writer = subprocess.Popen([sys.executable, "-m", "visionfm_jax.tools.export_hf", f"--checkpoint={workdir}",
-                             f"--out={out}"], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+  writer = subprocess.Popen(
+    [sys.executable, "-m", "visionfm_jax.tools.export_hf", f"--checkpoint={workdir}", f"--out={out}"],
+    cwd=ROOT,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+    start_new_session=True,
+  )
   try:
     deadline = time.monotonic() + 120
     while not glob.glob(str(tmp_path / ".hf.*.tmp")) and writer.poll() is None and time.monotonic() < deadline:
@@ -85,8 +98,9 @@ def test_the_temporary_folder_of_an_export_killed_mid_write_goes_with_the_next_e
   with caplog.at_level(logging.WARNING):
     assert export_hf.main(["export_hf", f"--checkpoint={workdir}", f"--out={out}"]) == 0, capsys.readouterr().err
   warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
-  assert warnings == [f"removed {left[0]}: left by export_hf, whose process is gone (killed while writing {out})"], \
-      warnings
+  assert warnings == [f"removed {left[0]}: left by export_hf, whose process is gone (killed while writing {out})"], (
+    warnings
+  )
   assert sorted(os.listdir(tmp_path)) == ["hf"]
 
 

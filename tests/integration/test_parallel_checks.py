@@ -32,16 +32,24 @@ def test_batch_axes_must_divide_over_the_processes():
   config.global_batch_size = 8
   config.mesh.update(data=1, fsdp=-1, tensor=2)
   checks.check_mesh(config, num_devices=4, num_processes=2)  # fsdp 2: one batch shard per process
-  with pytest.raises(ConfigError, match=r"config.mesh=.*data x fsdp = 1 batch shards do not divide over the 2 "
-                                        r"processes"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.mesh=.*data x fsdp = 1 batch shards do not divide over the 2 "
+    r"processes",
+  ):
     checks.check_mesh(config, num_devices=2, num_processes=2)  # launch/local.sh 2 --config.mesh.tensor=2
   config.mesh.update(data=-1, fsdp=1, tensor=1)
   checks.check_mesh(config, num_devices=2, num_processes=2)
 
 
-@pytest.mark.parametrize("fields,culprit", [({"strategy": "zero3"}, "config.strategy='zero3'"),
-                                           ({"strategy": "fsdp"}, "config.strategy='fsdp'"),
-                                           ({"strategy": "zero2", "mesh.tensor": 2}, "config.mesh.tensor=2")])
+@pytest.mark.parametrize(
+  "fields,culprit",
+  [
+    ({"strategy": "zero3"}, "config.strategy='zero3'"),
+    ({"strategy": "fsdp"}, "config.strategy='fsdp'"),
+    ({"strategy": "zero2", "mesh.tensor": 2}, "config.mesh.tensor=2"),
+  ],
+)
 def test_unreduced_accumulation_needs_whole_params_and_whole_rows_on_each_device(fields, culprit):
   config = config_lib.set_paths(config_lib.base_config(), {"accumulate_unreduced": True, **fields})
   with pytest.raises(ConfigError, match=re.escape(culprit)):

@@ -3,6 +3,7 @@ run as its rehearsal runs it (tests/integration/test_runbooks.py: the documented
 folder, its rehearsal arguments added) and so with no data at all, plans the job from the config and names the
 data folders it did not find, where the same dry run after the data is prepared opens it (the rehearsal runs
 both)."""
+
 import os
 import pathlib
 import re
@@ -31,13 +32,22 @@ def planning_command(runbook: pathlib.Path):
 def test_a_runbook_plans_its_cluster_job_without_the_data(runbook, tmp_path, warm_python):
   command, rules = planning_command(runbook)
   assert "launch/slurm.sbatch" in command.text and "--dry_run" in command.text, command.text
-  proc = subprocess.run(["bash", "-c", rehearsed(command, rules, tmp_path)], cwd=ROOT, capture_output=True,
-                        text=True, timeout=300, env=warm_python.env(cpu_env(1)))
+  proc = subprocess.run(
+    ["bash", "-c", rehearsed(command, rules, tmp_path)],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=warm_python.env(cpu_env(1)),
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert "can start; nothing was trained or written" in proc.stdout, proc.stdout
   [data] = [line for line in proc.stdout.splitlines() if line.startswith("data: ")]
-  folders = re.match(r"data: (.+) (?:does|do) not exist yet: planned without it, an example's shapes from the "
-                     r"config \(image ", data)
+  folders = re.match(
+    r"data: (.+) (?:does|do) not exist yet: planned without it, an example's shapes from the "
+    r"config \(image ",
+    data,
+  )
   assert folders, data
   assert all(f.startswith(f"{tmp_path}/data/") for f in folders.group(1).split(", ")), data
   assert not os.path.exists(tmp_path / "ckpt"), "a dry run writes nothing"

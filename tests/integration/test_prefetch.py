@@ -47,8 +47,10 @@ def test_an_iterator_without_counts_has_none_through_the_prefetch():
   class Plain:
     def __next__(self):
       return {"x": np.zeros((8, 2), np.float32)}
+
     def get_state(self):
       return b""
+
   sharding = _batch_sharding()
   batches = prefetch.DevicePrefetch(Plain(), sharding, 2)
   next(batches)
@@ -69,6 +71,7 @@ def test_the_copies_of_depth_batches_ahead_are_started_through_parallel(monkeypa
     out = make_array(target, local, *args, **kwargs)
     copies.append((int(local[0, 0]), target, out))
     return out
+
   monkeypatch.setattr(jax, "make_array_from_process_local_data", recorded)
   batches = prefetch.DevicePrefetch(_Counting(), sharding, depth)
   assert not copies  # nothing is read before the first batch is asked for

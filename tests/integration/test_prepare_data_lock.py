@@ -15,8 +15,12 @@ def test_a_second_run_into_a_folder_being_written_is_one_line_naming_the_holder(
   out = tmp_path / "out"
   out.mkdir()
   # Holds the folder's lock as a running prepare_data does (lockf is per process: this one could not refuse itself).
-  holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out / ".prepare_data.lock")], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, text=True)
+  holder = subprocess.Popen(
+    [sys.executable, "-c", HOLDER, str(out / ".prepare_data.lock")],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert holder.stdout.readline() == "held\n"
     err = _error(capsys, "--format=caption_table", f"--input={table}", f"--output={out}")

@@ -38,8 +38,12 @@ def test_knn_separable_features_score_one_and_random_labels_score_chance():
   assert abs(np.mean(scores) - 0.25) < 0.06, scores  # 4 classes; 1000 votes in all: +- 0.014
   # A train set of more than one padded bucket, a test set of more than one chunk.
   x, y = _clusters(probe.ROW_BUCKET + probe.CHUNK + 10, seed=3)
-  assert probe.knn_top1(x[:probe.ROW_BUCKET + 5], y[:probe.ROW_BUCKET + 5], x[probe.ROW_BUCKET + 5:],
-                        y[probe.ROW_BUCKET + 5:]) == 1.0
+  assert (
+    probe.knn_top1(
+      x[: probe.ROW_BUCKET + 5], y[: probe.ROW_BUCKET + 5], x[probe.ROW_BUCKET + 5 :], y[probe.ROW_BUCKET + 5 :]
+    )
+    == 1.0
+  )
 
 
 def test_knn_vote_is_weighted_by_exp_similarity_over_temperature():
@@ -95,15 +99,28 @@ def _linear_reference(train_x, train_y, test_x, test_y, l2: float) -> tuple[floa
     dlogits = (p - onehot) / len(x)
     return value, np.concatenate([(np.einsum("nd,nk->dk", x, dlogits) + l2 * w).ravel(), dlogits.sum(axis=0)])
 
-  fit = scipy.optimize.minimize(objective, np.zeros((x.shape[1] + 1) * classes), jac=True, method="L-BFGS-B",
-                                options={"maxiter": 10_000, "gtol": 1e-9, "ftol": 1e-13})
+  fit = scipy.optimize.minimize(
+    objective,
+    np.zeros((x.shape[1] + 1) * classes),
+    jac=True,
+    method="L-BFGS-B",
+    options={"maxiter": 10_000, "gtol": 1e-9, "ftol": 1e-13},
+  )
   w, b = fit.x[:-classes].reshape(x.shape[1], classes), fit.x[-classes:]
   return float(np.mean(np.argmax(np.einsum("nd,dk->nk", t, w) + b, axis=1) == test_y)), float(fit.fun)
 
 
 def _probe_config(**fields):
-  return tiny_vit_config(**{"data.num_workers": 0, "probe.knn": True, "probe.linear": True,
-                            "probe.train_examples": 768, "probe.eval_examples": 512, **fields})
+  return tiny_vit_config(
+    **{
+      "data.num_workers": 0,
+      "probe.knn": True,
+      "probe.linear": True,
+      "probe.train_examples": 768,
+      "probe.eval_examples": 512,
+      **fields,
+    }
+  )
 
 
 @functools.lru_cache(maxsize=1)
@@ -121,8 +138,9 @@ def _random_vit_params():
     if name.endswith("bias"):
       return np.zeros(leaf.shape, np.float32)
     scanned = name.startswith("blocks/")
-    fan_in = int(np.prod(leaf.shape[1 if scanned else 0:-1])) or 1
+    fan_in = int(np.prod(leaf.shape[1 if scanned else 0 : -1])) or 1
     return (rng.normal(size=leaf.shape) / np.sqrt(fan_in)).astype(np.float32)
+
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
@@ -133,8 +151,9 @@ def _record_extracted(monkeypatch) -> list:
   return extracted
 
 
-def _assert_probes_as_references(extracted, knn_top1, linear_top1, linear_objective, *, l2, objective_slack,
-                                 top1_slack):
+def _assert_probes_as_references(
+  extracted, knn_top1, linear_top1, linear_objective, *, l2, objective_slack, top1_slack
+):
   """The probes' results (k 20, T 0.07) against numpy's k-NN vote, exactly, and scipy's converged linear fit,
   within the slack of the probe's fixed L-BFGS steps."""
   [(train_x, train_y), (test_x, test_y)] = extracted
@@ -161,8 +180,9 @@ def test_classification_evaluators_probe_a_frozen_vit_on_shapes(monkeypatch):
   assert np.isfinite(linear["train_objective"]) and linear["train_objective"] < np.log(8)
   assert extracted[0][0].shape == (768, 32) and extracted[1][0].shape == (512, 32)
   # 100 L-BFGS steps stop short of the minimum: measured 0.008 above it, top-1 3 of 512 examples off the optimum's.
-  _assert_probes_as_references(extracted, knn["top1"], linear["top1"], linear["train_objective"], l2=1e-4,
-                               objective_slack=0.02, top1_slack=0.02)
+  _assert_probes_as_references(
+    extracted, knn["top1"], linear["top1"], linear["train_objective"], l2=1e-4, objective_slack=0.02, top1_slack=0.02
+  )
 
 
 def test_probe_tool_on_a_workdir(tmp_path, capsys, monkeypatch):
@@ -182,8 +202,15 @@ def test_probe_tool_on_a_workdir(tmp_path, capsys, monkeypatch):
   # The run's probes (k 20, T 0.07, l2 from the command line) of the checkpoint's features, recomputed here.
   assert extracted[0][0].shape == (96, 32) and extracted[1][0].shape == (40, 32)
   # The probe's 100 L-BFGS steps from zeros stop short of the minimum (measured 0.0009 above it, the same top-1).
-  _assert_probes_as_references(extracted, result["knn/top1"], result["linear_probe/top1"],
-                               result["linear_probe/train_objective"], l2=1e-3, objective_slack=0.01, top1_slack=1 / 40)
+  _assert_probes_as_references(
+    extracted,
+    result["knn/top1"],
+    result["linear_probe/top1"],
+    result["linear_probe/train_objective"],
+    l2=1e-3,
+    objective_slack=0.01,
+    top1_slack=1 / 40,
+  )
 
   assert probe_tool.main(["probe", f"--checkpoint={tmp_path}", "--config.probe.nope=1"]) == 2
   assert "nope" in capsys.readouterr().err
@@ -204,6 +231,7 @@ def test_a_bad_probe_source_is_an_error_naming_config_probe_source():
 
 def test_evaluate_tool_runs_a_classifier_workdirs_evaluators(tmp_path, capsys):
   from visionfm_jax.tools import evaluate  # pylint: disable=g-import-not-at-top
+
   config = _probe_config(**{"probe.knn": False, "probe.linear": False, "data.eval_examples": 24})
   (tmp_path / "config.json").write_text(config.to_json_best_effort())
   ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)

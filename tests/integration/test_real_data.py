@@ -96,10 +96,13 @@ def write_tars(root, examples, per_tar: int) -> None:
   root.mkdir(parents=True, exist_ok=True)
   for t in range(0, len(examples), per_tar):
     with tarfile.open(root / f"{t // per_tar:05d}.tar", "w") as tar:
-      for i, example in enumerate(examples[t:t + per_tar], start=t):
+      for i, example in enumerate(examples[t : t + per_tar], start=t):
         key = f"{i:09d}"
-        members = {f"{key}.jpg": png(example["image"]), f"{key}.txt": example["caption"].encode(),
-                   f"{key}.json": json.dumps({"key": key, "similarity": 0.3}).encode()}
+        members = {
+          f"{key}.jpg": png(example["image"]),
+          f"{key}.txt": example["caption"].encode(),
+          f"{key}.json": json.dumps({"key": key, "similarity": 0.3}).encode(),
+        }
         for name, data in members.items():
           info = tarfile.TarInfo(name)
           info.size = len(data)
@@ -127,8 +130,9 @@ def test_processes_read_disjoint_shares_covering_the_shards(tmp_path):
   shares = []
   tok = tokenizer.Tokenizer(tokenizer.shapes_tokenizer_path(), config.model.text.max_len)
   for index in range(2):
-    it = iter(pipeline.make_pair_train_loader(config.data, tok, batch_size=8, seed=0, process_index=index,
-                                              process_count=2))
+    it = iter(
+      pipeline.make_pair_train_loader(config.data, tok, batch_size=8, seed=0, process_index=index, process_count=2)
+    )
     images = np.concatenate([next(it)["image"] for _ in range(3)])  # one epoch of the 24-record share
     shares.append({img.tobytes() for img in images})
   assert len(shares[0]) == len(shares[1]) == 24

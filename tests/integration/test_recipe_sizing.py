@@ -27,17 +27,27 @@ def photos(tmp_path):
   splits = {}
   for split, count in (("train", 6), ("validation", 3)):
     name = records.shard_name(split, 0, 1)
-    written = records.write_records(directory / name, ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8),
-                                                        "label": i % 3} for i in range(count)))
+    written = records.write_records(
+      directory / name,
+      ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": i % 3} for i in range(count)),
+    )
     splits[split] = {"records": written, "shards": [name], "kind": "labelled"}
   records.write_metadata(directory, kind="classification", classes=CLASSES, splits=splits)
   return f"arrayrecord:{directory}/{{split}}-*.array_record"
 
 
 def _dry_run(tmp_path, monkeypatch, capsys, *flags):
-  args = ("--config=configs/vit_huge.py:small", f"--workdir={tmp_path / 'run'}", "--dry_run",
-          "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
-          "--config.global_batch_size=2", "--dry_run_devices=1", *flags)
+  args = (
+    "--config=configs/vit_huge.py:small",
+    f"--workdir={tmp_path / 'run'}",
+    "--dry_run",
+    "--config.model.variant=pico/4",
+    "--config.model.image_size=16",
+    "--config.data.image_size=16",
+    "--config.global_batch_size=2",
+    "--dry_run_devices=1",
+    *flags,
+  )
   return run_main_in_process(args, monkeypatch, capsys)
 
 
@@ -45,16 +55,18 @@ def test_a_small_run_shortened_by_total_steps_alone_starts(photos, tmp_path, mon
   named = []
   class_names = registry.class_names
   monkeypatch.setattr(registry, "class_names", lambda spec, *a, **k: named.append(spec) or class_names(spec, *a, **k))
-  status, out, err = _dry_run(tmp_path, monkeypatch, capsys, f"--config.data.source={photos}",
-                              "--config.total_steps=40")
+  status, out, err = _dry_run(
+    tmp_path, monkeypatch, capsys, f"--config.data.source={photos}", "--config.total_steps=40"
+  )
   assert status == 0, err[-3000:]
   assert named == [photos]  # read by the sizing for the head, and handed to the loader's class-count check
   warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING" and r.msg.startswith("%s")]
   assert warnings == [  # the class count first: the machine's sizes read the model it sizes
-      f"config.model.num_classes=-1 is 3: the classes of config.data.source={photos!r} (beach, forest, kitchen)",
-      "config.optim.warmup_steps=-1 is 4: a tenth of config.total_steps=40",
-      "config.eval_every=-1 is 7: a sixth of config.total_steps=40, rounded up",
-      "config.checkpoint_every=-1 is 7: a sixth of config.total_steps=40, rounded up"]
+    f"config.model.num_classes=-1 is 3: the classes of config.data.source={photos!r} (beach, forest, kitchen)",
+    "config.optim.warmup_steps=-1 is 4: a tenth of config.total_steps=40",
+    "config.eval_every=-1 is 7: a sixth of config.total_steps=40, rounded up",
+    "config.checkpoint_every=-1 is 7: a sixth of config.total_steps=40, rounded up",
+  ]
   assert "steps: 40 of" in out and "checkpoints: every 7" in out, out
 
 
@@ -69,13 +81,16 @@ def test_a_field_given_keeps_its_value_and_the_default_length_keeps_the_recipe_s
 
 def test_a_class_count_the_data_does_not_name_is_one_error_line(tmp_path, monkeypatch, capsys):
   rng = np.random.default_rng(0)
-  records.write_records(tmp_path / "unnamed-00000-of-00001.array_record",  # shards without a dataset.json
-                        ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": 0} for _ in range(2)))
+  records.write_records(
+    tmp_path / "unnamed-00000-of-00001.array_record",  # shards without a dataset.json
+    ({"image": rng.integers(0, 256, (8, 8, 3), dtype=np.uint8), "label": 0} for _ in range(2)),
+  )
   status, _, err = _dry_run(tmp_path, monkeypatch, capsys, f"--config.data.source=arrayrecord:{tmp_path}/unnamed-*")
   errors = [line for line in err.splitlines() if line.startswith("error:")]
   assert status == 2 and len(errors) == 1, err[-3000:]
-  assert errors[0].startswith("error: config.model.num_classes=-1 takes the class count from the training data's "
-                              "dataset.json, but ") and errors[0].endswith("set --config.model.num_classes="), errors
+  assert errors[0].startswith(
+    "error: config.model.num_classes=-1 takes the class count from the training data's dataset.json, but "
+  ) and errors[0].endswith("set --config.model.num_classes="), errors
 
 
 def test_a_data_path_that_matches_nothing_is_the_first_error(tmp_path, monkeypatch, capsys):
@@ -85,8 +100,9 @@ def test_a_data_path_that_matches_nothing_is_the_first_error(tmp_path, monkeypat
     errors = [line for line in err.splitlines() if line.startswith("error:")]
     assert status == 2 and len(errors) == 1, err[-3000:]
     path = spec.split(":", 1)[1].replace("{split}", "train")
-    assert errors[0] == (f"error: config.data.source={spec!r} split 'train': no files match {path!r}; see "
-                         f"docs/data_preparation.md"), errors
+    assert errors[0] == (
+      f"error: config.data.source={spec!r} split 'train': no files match {path!r}; see docs/data_preparation.md"
+    ), errors
 
 
 def test_zero_shot_images_without_a_names_file_are_named_by_their_data(photos):
@@ -94,6 +110,7 @@ def test_zero_shot_images_without_a_names_file_are_named_by_their_data(photos):
   assert config_lib.fill_zeroshot(config) == [] and config.eval.zeroshot_classes == ""  # no zero-shot images
   config.eval.zeroshot_source = photos
   assert config_lib.fill_zeroshot(config) == [
-      f"config.eval.zeroshot_classes='' is 'data': config.eval.zeroshot_source={photos!r} names no classes file: "
-      "the class names of its dataset.json"]
+    f"config.eval.zeroshot_classes='' is 'data': config.eval.zeroshot_source={photos!r} names no classes file: "
+    "the class names of its dataset.json"
+  ]
   assert config.eval.zeroshot_classes == "data"

@@ -23,8 +23,7 @@ pytestmark = [pytest.mark.usefixtures("compilation_cache"), pytest.mark.xdist_gr
 
 
 def _tiny_config(**overrides):
-  config = tiny_vit_config(**{"total_steps": 6, "checkpoint_every": 2, "eval_every": 100, "log_every": 1,
-                              **overrides})
+  config = tiny_vit_config(**{"total_steps": 6, "checkpoint_every": 2, "eval_every": 100, "log_every": 1, **overrides})
   config.data.num_workers = 0
   config.data.eval_examples = 16
   return config
@@ -64,8 +63,9 @@ def _train_lr(workdir):
 def test_fp8_gemms_and_the_stack_form_switch_at_a_resume(workdir):
   """precision.gemm and model.scan_unroll change how the step computes, not its params or state: a resume may turn
   FP8 on and unroll the stack without allow_changes, and the run goes on from the checkpoint's step."""
-  config = _tiny_config(**{"total_steps": 8, "resume.allow_changes": "total_steps", "precision.gemm": "fp8",
-                           "model.scan_unroll": 0})
+  config = _tiny_config(
+    **{"total_steps": 8, "resume.allow_changes": "total_steps", "precision.gemm": "fp8", "model.scan_unroll": 0}
+  )
   last = train.run(config, str(workdir))
   assert last["step"] == 8 and math.isfinite(last["train/loss"])
   rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
@@ -77,25 +77,40 @@ def test_the_optimizer_state_moves_over_data_at_a_resume(workdir):
   (config.optimizer_over_data) and the patch embedding kept whole (config.sharding.overrides): the restore lays
   the params and moments out anew, without allow_changes, and the next checkpoint's config records the layout."""
   overrides = (("^patch_embed/kernel$", "replicated"),)
-  config = _tiny_config(**{"total_steps": 8, "resume.allow_changes": "total_steps", "optimizer_over_data": True,
-                           "strategy": "zero3", "mesh.data": 2, "mesh.fsdp": 4, "sharding.overrides": overrides})
+  config = _tiny_config(
+    **{
+      "total_steps": 8,
+      "resume.allow_changes": "total_steps",
+      "optimizer_over_data": True,
+      "strategy": "zero3",
+      "mesh.data": 2,
+      "mesh.fsdp": 4,
+      "sharding.overrides": overrides,
+    }
+  )
   last = train.run(config, str(workdir))
   assert last["step"] == 8 and math.isfinite(last["train/loss"])
   assert checkpoint.saved_config(str(workdir / "checkpoints"), 8)["sharding"]["overrides"] == [
-      ["^patch_embed/kernel$", "replicated"]]
+    ["^patch_embed/kernel$", "replicated"]
+  ]
 
 
 def test_a_new_lr_needs_allow_changes_and_then_takes_the_new_schedule(workdir, caplog):
   config = _tiny_config(**{"total_steps": 8, "optim.lr": 2e-3})
-  with pytest.raises(ConfigError, match=r"config.optim.lr 0.001 -> 0.002, config.total_steps 6 -> 8; to continue "
-                                        r"with these, pass --config.resume.allow_changes=optim.lr,total_steps$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.optim.lr 0.001 -> 0.002, config.total_steps 6 -> 8; to continue "
+    r"with these, pass --config.resume.allow_changes=optim.lr,total_steps$",
+  ):
     train.run(config, str(workdir))
   config.resume.allow_changes = "optim.lr,total_steps"
   with caplog.at_level(logging.INFO):
     last = train.run(config, str(workdir))
   assert last["step"] == 8
-  assert (f"resuming {workdir}/checkpoints/6 with config.optim.lr 0.001 -> 0.002, config.total_steps 6 -> 8 "
-          f"(config.resume.allow_changes); train/lr at step 6: 0 -> 0.0005") in caplog.text  # the jump asked for
+  assert (
+    f"resuming {workdir}/checkpoints/6 with config.optim.lr 0.001 -> 0.002, config.total_steps 6 -> 8 "
+    f"(config.resume.allow_changes); train/lr at step 6: 0 -> 0.0005"
+  ) in caplog.text  # the jump asked for
   launches = {name: json.loads((workdir / name).read_text()) for name in ("config.0.json", "config.6.json")}
   assert launches["config.0.json"]["total_steps"] == 6 and launches["config.6.json"]["total_steps"] == 8
 
@@ -129,27 +144,47 @@ def test_total_steps_at_or_below_the_checkpoint_is_an_error(workdir):
 def test_a_finished_run_rerun_unchanged_trains_nothing_and_keeps_both_launch_configs(workdir):
   assert train.run(_tiny_config(), str(workdir))["step"] == 6
   assert sorted(n for n in os.listdir(workdir) if n.startswith("config.")) == [
-      "config.0.json", "config.6.json", "config.json"]
+    "config.0.json",
+    "config.6.json",
+    "config.json",
+  ]
   assert train.run(_tiny_config(), str(workdir))["step"] == 6
   assert (workdir / "config.6.1.json").exists()  # never overwritten
 
 
 def test_resume_rules_classify_fields():
-  for path in ("model.attention", "model.text.attention", "model.image.remat_policy", "model.scan_unroll",
-               "precision.gemm"):
+  for path in (
+    "model.attention",
+    "model.text.attention",
+    "model.image.remat_policy",
+    "model.scan_unroll",
+    "precision.gemm",
+  ):
     assert config_lib.resume_kind(path) == config_lib.FREE, path
   assert config_lib.resume_kind("model.text.variant") == config_lib.REFUSED
   assert [config_lib.resume_kind(p) for p in ("model.variant", "data.source", "task", "optim.freeze")] == [
-      config_lib.REFUSED] * 4
+    config_lib.REFUSED
+  ] * 4
   assert [config_lib.resume_kind(p) for p in ("total_steps", "optim.lr", "global_batch_size", "seed")] == [
-      config_lib.OPT_IN] * 4
-  free = ("log_every", "strategy", "optimizer_over_data", "mesh.fsdp", "sharding.overrides", "data.num_workers",
-          "health.window")
+    config_lib.OPT_IN
+  ] * 4
+  free = (
+    "log_every",
+    "strategy",
+    "optimizer_over_data",
+    "mesh.fsdp",
+    "sharding.overrides",
+    "data.num_workers",
+    "health.window",
+  )
   assert [config_lib.resume_kind(p) for p in free] == [config_lib.FREE] * 7
 
 
 def test_allow_changes_names_fields():
   config = _tiny_config(**{"resume.allow_changes": "total_step"})
-  with pytest.raises(ConfigError, match=r"config.resume.allow_changes='total_step': 'total_step' is no field; did "
-                                        r"you mean total_steps"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.resume.allow_changes='total_step': 'total_step' is no field; did "
+    r"you mean total_steps",
+  ):
     config_lib.check(config)

@@ -51,8 +51,11 @@ def brute_force_recall(image_emb, text_emb, caption_image, ks=KS):
 def test_recall_with_several_captions_is_the_brute_force_reference(counts):
   rng = np.random.default_rng({"one": 0, "five": 1, "mixed": 2}[counts])
   num_images = 23
-  per_image = {"one": np.ones(num_images, int), "five": np.full(num_images, 5),
-               "mixed": rng.integers(1, 8, num_images)}[counts]
+  per_image = {
+    "one": np.ones(num_images, int),
+    "five": np.full(num_images, 5),
+    "mixed": rng.integers(1, 8, num_images),
+  }[counts]
   caption_image = rng.permutation(np.repeat(np.arange(num_images), per_image))  # captions in any order
   # Entries in {-1, 0, 1} and 3 dimensions: exact float scores with many ties.
   image_emb = rng.integers(-1, 2, (num_images, 3)).astype(np.float32)
@@ -78,6 +81,7 @@ def test_recall_rejects_captions_without_an_image_and_images_without_a_caption()
 
 # --------------------------------------------------------------------------------- fake released layouts
 
+
 def _captions(count, start):
   """Distinct captions in the shapes grammar (the shipped tokenizer's), so that their tokens differ."""
   grammar = itertools.product(("large", "small"), shapes.COLOUR_NAMES, shapes.SHAPE_NAMES)
@@ -97,8 +101,15 @@ def write_coco_karpathy(root, test_captions=(5, 6, 5, 5, 7, 5, 5, 5, 4, 5)):
   for split, counts in (("train", (5,)), ("restval", (5,)), ("val", (5, 5)), ("test", test_captions)):
     for i, count in enumerate(counts):
       name = f"COCO_val2014_{split}{i:06d}.{'png' if i % 2 else 'jpg'}"
-      images.append({"filepath": "val2014", "filename": name, "split": split, "cocoid": len(images),
-                     "sentences": [{"raw": c + " ", "tokens": c.split()} for c in _captions(count, start)]})
+      images.append(
+        {
+          "filepath": "val2014",
+          "filename": name,
+          "split": split,
+          "cocoid": len(images),
+          "sentences": [{"raw": c + " ", "tokens": c.split()} for c in _captions(count, start)],
+        }
+      )
       _write_image(root / "val2014" / name, len(images), (16, 16) if i != 2 else (24, 20))
       start += count
   (root / "dataset_coco.json").write_text(json.dumps({"images": images, "dataset": "coco"}))
@@ -135,14 +146,23 @@ def test_readers_of_the_released_layouts(tmp_path):
   files = {7: "000000000007.jpg", 3: "000000000003.jpg", 5: "000000000005.jpg"}
   for image_id, name in files.items():
     _write_image(root / "val2017" / name, image_id)
-  annotations = [{"id": 10 + n, "image_id": image_id, "caption": f"caption {n} of {image_id}"}
-                 for n, image_id in enumerate((7, 3, 7, 5, 3, 3))]
-  (root / "annotations" / "captions_val2017.json").write_text(json.dumps({
-      "images": [{"id": i, "file_name": name} for i, name in files.items()], "annotations": annotations}))
+  annotations = [
+    {"id": 10 + n, "image_id": image_id, "caption": f"caption {n} of {image_id}"}
+    for n, image_id in enumerate((7, 3, 7, 5, 3, 3))
+  ]
+  (root / "annotations" / "captions_val2017.json").write_text(
+    json.dumps({"images": [{"id": i, "file_name": name} for i, name in files.items()], "annotations": annotations})
+  )
   captions = caption_sets.open_caption_set(f"coco_captions:{root}")
   assert [p.name for p in captions.image_paths] == [files[3], files[5], files[7]]
-  assert captions.captions == ("caption 1 of 3", "caption 4 of 3", "caption 5 of 3", "caption 3 of 5",
-                               "caption 0 of 7", "caption 2 of 7")
+  assert captions.captions == (
+    "caption 1 of 3",
+    "caption 4 of 3",
+    "caption 5 of 3",
+    "caption 3 of 5",
+    "caption 0 of 7",
+    "caption 2 of 7",
+  )
   np.testing.assert_array_equal(captions.caption_image, [0, 0, 0, 1, 2, 2])
 
   # Flickr30k: the token file with a test list, or all of it; Karpathy's JSON (split 'test').
@@ -152,9 +172,16 @@ def test_readers_of_the_released_layouts(tmp_path):
   assert [p.name for p in tokens.image_paths] == chosen and len(tokens.captions) == 15
   assert tokens.captions[:5] == tuple(_captions(5, 20))  # image 1004's
   assert len(caption_sets.open_caption_set(f"flickr30k_tokens:{flickr}")) == 6
-  (flickr / "dataset_flickr30k.json").write_text(json.dumps({"images": [
-      {"filename": f"{1000 + i}.jpg", "split": split, "sentences": [{"raw": c} for c in _captions(5, 5 * i)]}
-      for i, split in enumerate(("train", "test", "val", "test", "train", "train"))]}))
+  (flickr / "dataset_flickr30k.json").write_text(
+    json.dumps(
+      {
+        "images": [
+          {"filename": f"{1000 + i}.jpg", "split": split, "sentences": [{"raw": c} for c in _captions(5, 5 * i)]}
+          for i, split in enumerate(("train", "test", "val", "test", "train", "train"))
+        ]
+      }
+    )
+  )
   karpathy = caption_sets.open_caption_set(f"flickr30k:{flickr}")
   assert [p.name for p in karpathy.image_paths] == ["1001.jpg", "1003.jpg"] and len(karpathy.captions) == 10
 
@@ -164,14 +191,14 @@ def test_a_missing_or_malformed_benchmark_is_a_data_error_naming_it(tmp_path):
   flickr = tmp_path / "flickr"
   write_flickr_tokens(flickr)
   cases = [
-      (f"coco_karpathy:{tmp_path / 'nowhere'}", f"no folder {tmp_path / 'nowhere'}"),
-      (f"coco_karpathy:{flickr}", f"no file {flickr / 'dataset_coco.json'}"),
-      (f"coco_karpathy:{tmp_path / 'coco'}:testing", "unknown split 'testing'"),
-      (f"flickr30k:{flickr}", f"no file {flickr / 'dataset_flickr30k.json'}"),
-      (f"flickr30k_tokens:{flickr}:karpathy_test.txt", f"no file {flickr / 'karpathy_test.txt'}"),
-      (f"coco_captions:{tmp_path / 'coco'}", f"no file {tmp_path / 'coco' / 'annotations' / 'captions_val2017.json'}"),
-      ("flickr8k:/data/flickr8k", "expected one of coco_karpathy:<root>"),
-      ("coco_karpathy:", "expected one of"),
+    (f"coco_karpathy:{tmp_path / 'nowhere'}", f"no folder {tmp_path / 'nowhere'}"),
+    (f"coco_karpathy:{flickr}", f"no file {flickr / 'dataset_coco.json'}"),
+    (f"coco_karpathy:{tmp_path / 'coco'}:testing", "unknown split 'testing'"),
+    (f"flickr30k:{flickr}", f"no file {flickr / 'dataset_flickr30k.json'}"),
+    (f"flickr30k_tokens:{flickr}:karpathy_test.txt", f"no file {flickr / 'karpathy_test.txt'}"),
+    (f"coco_captions:{tmp_path / 'coco'}", f"no file {tmp_path / 'coco' / 'annotations' / 'captions_val2017.json'}"),
+    ("flickr8k:/data/flickr8k", "expected one of coco_karpathy:<root>"),
+    ("coco_karpathy:", "expected one of"),
   ]
   for spec, message in cases:
     with pytest.raises(DataError, match=re.escape(message)) as info:
@@ -196,6 +223,7 @@ def test_a_missing_or_malformed_benchmark_is_a_data_error_naming_it(tmp_path):
 
 # ------------------------------------------------------------------------------------------ end to end
 
+
 def test_benchmark_evaluators_end_to_end_with_a_tiny_clip(tmp_path):
   """Two benchmarks through ContrastiveTask.evaluators on 8 devices (batches of 8 images: several batches,
   padding): each gives exactly the reference's numbers on the embeddings it computed, and those are the
@@ -203,14 +231,21 @@ def test_benchmark_evaluators_end_to_end_with_a_tiny_clip(tmp_path):
   write_coco_karpathy(tmp_path / "coco")
   (tmp_path / "coco" / "val2014" / "COCO_val2014_test000005.png").write_bytes(b"not an image")
   write_flickr_tokens(tmp_path / "flickr")
-  benchmarks = (("coco", f"coco_karpathy:{tmp_path / 'coco'}"),
-                ("flickr30k", f"flickr30k_tokens:{tmp_path / 'flickr'}:test.txt"))
-  config = tiny_clip_config(**{"eval.retrieval_benchmarks": benchmarks, "eval.retrieval": False,
-                               "eval.zeroshot_classes": "", "data.num_workers": 0})
+  benchmarks = (
+    ("coco", f"coco_karpathy:{tmp_path / 'coco'}"),
+    ("flickr30k", f"flickr30k_tokens:{tmp_path / 'flickr'}:test.txt"),
+  )
+  config = tiny_clip_config(
+    **{
+      "eval.retrieval_benchmarks": benchmarks,
+      "eval.retrieval": False,
+      "eval.zeroshot_classes": "",
+      "data.num_workers": 0,
+    }
+  )
   task = tasks.build(config)
   mesh = parallel.make_mesh(config.mesh)
-  params = jax.device_put(nn.unbox(jax.jit(task.init_variables)(jax.random.key(0))["params"]),
-                          NamedSharding(mesh, P()))
+  params = jax.device_put(nn.unbox(jax.jit(task.init_variables)(jax.random.key(0))["params"]), NamedSharding(mesh, P()))
   evaluators = task.evaluators(EvalContext(mesh, 8, 0, 1))
   assert sorted(evaluators) == ["coco_retrieval", "flickr30k_retrieval"]
 
@@ -218,8 +253,9 @@ def test_benchmark_evaluators_end_to_end_with_a_tiny_clip(tmp_path):
     evaluator = evaluators[f"{name}_retrieval"]
     image_emb, text_emb, caption_image = evaluator.embeddings(params)
     metrics = evaluator(params)
-    assert {k: metrics[k] for k in brute_force_recall(image_emb, text_emb, caption_image)} == \
-        brute_force_recall(image_emb, text_emb, caption_image)
+    assert {k: metrics[k] for k in brute_force_recall(image_emb, text_emb, caption_image)} == brute_force_recall(
+      image_emb, text_emb, caption_image
+    )
 
     captioned = caption_sets.open_caption_set(spec)
     decodable = [i for i, path in enumerate(captioned.image_paths) if path.read_bytes() != b"not an image"]
@@ -230,18 +266,28 @@ def test_benchmark_evaluators_end_to_end_with_a_tiny_clip(tmp_path):
     assert len(np.unique(tokens, axis=0)) == len(tokens)
     # The first 8 of each, through the evaluator's own (compiled) functions on one batch of 8.
     np.testing.assert_allclose(text_emb[:8], evaluator.embed_texts(params, tokens[keep][:8]), atol=1e-5)
-    pixels = np.stack([transforms.EvalTransform(config.data.image_size, config.data.eval_preprocess).map(
-        {"image": transforms.decode_image(captioned.image_paths[i].read_bytes())})["image"] for i in decodable])
+    pixels = np.stack(
+      [
+        transforms.EvalTransform(config.data.image_size, config.data.eval_preprocess).map(
+          {"image": transforms.decode_image(captioned.image_paths[i].read_bytes())}
+        )["image"]
+        for i in decodable
+      ]
+    )
     pixels = np.concatenate([pixels, np.zeros_like(pixels)])[:8]
-    np.testing.assert_allclose(image_emb[:8], evaluator.embed_images(params, pixels)[:len(decodable)], atol=1e-5)
+    np.testing.assert_allclose(image_emb[:8], evaluator.embed_images(params, pixels)[: len(decodable)], atol=1e-5)
     np.testing.assert_array_equal(caption_image, np.searchsorted(decodable, captioned.caption_image[keep]))
 
 
 def test_benchmarks_config_field_and_aurora(tmp_path):
   write_flickr_tokens(tmp_path / "flickr")
   spec = f"flickr30k_tokens:{tmp_path / 'flickr'}"
-  for bad in (("flickr30k", spec), (("flickr30k", spec, 1),), (("flickr30k", spec), ("flickr30k", spec)),
-              (("flickr 30k", spec),)):
+  for bad in (
+    ("flickr30k", spec),
+    (("flickr30k", spec, 1),),
+    (("flickr30k", spec), ("flickr30k", spec)),
+    (("flickr 30k", spec),),
+  ):
     task = tasks.build(tiny_clip_config(**{"eval.retrieval_benchmarks": bad}))
     with pytest.raises(ConfigError, match="config.eval.retrieval_benchmarks"):
       image_text.benchmark_evaluators(task, EvalContext(parallel.make_mesh(task.config.mesh), 8, 0, 1))

@@ -16,6 +16,7 @@ runbook gets only those its ```inputs block lists, where it lists them.
 A command that fails, reads what nothing wrote, or writes what the next command cannot read fails the test with
 the runbook's file:line and the tail of the output.
 """
+
 import ast
 import dataclasses
 import json
@@ -105,7 +106,7 @@ def main_arguments(argv: list[str], env: dict) -> list[str] | None:
     return argv[3:]
   for i, arg in enumerate(argv):
     if arg == "launch/slurm.sbatch" and (argv[0] == "sbatch" or argv[:1] == ["bash"]):
-      return argv[i + 1:]
+      return argv[i + 1 :]
     if arg == "launch/local.sh" and i == 0:
       return argv[2:]
   return None
@@ -118,7 +119,7 @@ def config_path_overrides(args: list[str], root: pathlib.Path) -> list[str]:
   if spec is None:
     return []
   config = config_lib.load(str(ROOT / spec))
-  given = {a.split("=", 1)[0][len("--config."):] for a in args if a.startswith("--config.")}
+  given = {a.split("=", 1)[0][len("--config.") :] for a in args if a.startswith("--config.")}
   overrides = []
   for path, value in config_lib.fields(config):
     if path in given or any(path.startswith(g + ".") for g in given):
@@ -178,7 +179,8 @@ def rehearsed(command: Command, rules, root: pathlib.Path) -> str:
   if not appended:
     return text
   assert not re.search(r"[|;&<>]|\bdo\b", text), (
-      f"line {command.line}: a command with rehearsal arguments must be one simple command: {command.text}")
+    f"line {command.line}: a command with rehearsal arguments must be one simple command: {command.text}"
+  )
   return " ".join([text, *appended])
 
 
@@ -186,12 +188,13 @@ def fake_hub_program(bin_dir: pathlib.Path, hub: pathlib.Path) -> None:
   """`hf download REPO --local-dir=DIR`: copies the test hub's miniature of REPO to DIR."""
   program = bin_dir / "hf"
   program.write_text(
-      "#!/usr/bin/env bash\nset -euo pipefail\n"
-      '[ "$1" = download ] || { echo "hf: only download is rehearsed" >&2; exit 2; }\n'
-      'repo=$2; dir=""; shift 2\n'
-      'for a in "$@"; do case $a in --local-dir=*) dir=${a#--local-dir=};; esac; done\n'
-      f'[ -d "{hub}/$repo" ] || {{ echo "hf: no miniature of $repo" >&2; exit 1; }}\n'
-      f'mkdir -p "$dir" && cp -r "{hub}/$repo/." "$dir/"\n')
+    "#!/usr/bin/env bash\nset -euo pipefail\n"
+    '[ "$1" = download ] || { echo "hf: only download is rehearsed" >&2; exit 2; }\n'
+    'repo=$2; dir=""; shift 2\n'
+    'for a in "$@"; do case $a in --local-dir=*) dir=${a#--local-dir=};; esac; done\n'
+    f'[ -d "{hub}/$repo" ] || {{ echo "hf: no miniature of $repo" >&2; exit 1; }}\n'
+    f'mkdir -p "$dir" && cp -r "{hub}/$repo/." "$dir/"\n'
+  )
   program.chmod(program.stat().st_mode | stat.S_IXUSR)
 
 
@@ -200,11 +203,12 @@ def fake_img2dataset_program(bin_dir: pathlib.Path, output: pathlib.Path) -> Non
   (`output`) to DIR, keeping the files there (img2dataset's incremental mode: a rerun resumes); PATH must exist."""
   program = bin_dir / "img2dataset"
   program.write_text(
-      "#!/usr/bin/env bash\nset -euo pipefail\nurls=''; out=''\n"
-      'for a in "$@"; do case $a in\n'
-      "  --url_list=*) urls=${a#--url_list=};;\n  --output_folder=*) out=${a#--output_folder=};;\nesac; done\n"
-      '[ -e "$urls" ] || { echo "img2dataset: no url list $urls" >&2; exit 1; }\n'
-      f'mkdir -p "$out" && cp -rn "{output}/." "$out/"\n')
+    "#!/usr/bin/env bash\nset -euo pipefail\nurls=''; out=''\n"
+    'for a in "$@"; do case $a in\n'
+    "  --url_list=*) urls=${a#--url_list=};;\n  --output_folder=*) out=${a#--output_folder=};;\nesac; done\n"
+    '[ -e "$urls" ] || { echo "img2dataset: no url list $urls" >&2; exit 1; }\n'
+    f'mkdir -p "$out" && cp -rn "{output}/." "$out/"\n'
+  )
   program.chmod(program.stat().st_mode | stat.S_IXUSR)
 
 
@@ -219,7 +223,7 @@ def script_of(runbook: pathlib.Path, root: pathlib.Path, label: str | None = Non
   label = label or str(runbook.relative_to(ROOT))
   lines = ["set -euo pipefail", f"cd {shlex.quote(str(ROOT))}"]
   for command in commands:
-    lines += [f"echo \">>> {label}:{command.line} $(date +%s.%N)\" >&2", rehearsed(command, rules, root)]
+    lines += [f'echo ">>> {label}:{command.line} $(date +%s.%N)" >&2', rehearsed(command, rules, root)]
   lines.append('echo ">>> end $(date +%s.%N)" >&2')
   return "\n".join(lines) + "\n"
 
@@ -235,6 +239,7 @@ def place_inputs(runbook: pathlib.Path, root: pathlib.Path) -> pathlib.Path:
   """Writes every stand-in under root/releases and moves the runbook's inputs from there to where it reads them,
   so that a command reading a release the runbook does not list fails; returns the stand-ins' hub folder."""
   import standins  # pylint: disable=g-import-not-at-top
+
   releases = root / "releases"
   standins.write_all(releases, models="hf download" in runbook.read_text())
   for path in inputs_of(runbook.read_text()):
@@ -253,13 +258,20 @@ def run_runbook(runbook: pathlib.Path, root: pathlib.Path, cache: str, warm_pyth
   fake_img2dataset_program(bin_dir, hub.parent / "raw" / "laion")
   script = root / f"{runbook.stem}.sh"
   script.write_text(script_of(runbook, root))
-  env = cpu_env(NODE_DEVICES, PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}", FAKE_SLURM_MAX_NODES="1",
-                FAKE_SLURM_DEVICES_PER_NODE=str(NODE_DEVICES), FAKE_SLURM_LOG=str(root / "slurm.log"),
-                PYTHONUNBUFFERED="1", **compilation_cache_env(cache))
+  env = cpu_env(
+    NODE_DEVICES,
+    PATH=f"{FAKE_SLURM}:{bin_dir}:{os.environ['PATH']}",
+    FAKE_SLURM_MAX_NODES="1",
+    FAKE_SLURM_DEVICES_PER_NODE=str(NODE_DEVICES),
+    FAKE_SLURM_LOG=str(root / "slurm.log"),
+    PYTHONUNBUFFERED="1",
+    **compilation_cache_env(cache),
+  )
   env = warm_python.env(env)  # the runbook's `python -m visionfm_jax.*` commands start warm
   # its own session: a timeout kills every job of the fake cluster too (srun's tasks have process groups of their own)
-  proc = subprocess.Popen(["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
-                          start_new_session=True)
+  proc = subprocess.Popen(
+    ["bash", str(script)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, start_new_session=True
+  )
   try:
     out, err = proc.communicate(timeout=900)
   except subprocess.TimeoutExpired:
@@ -311,10 +323,14 @@ def assert_each_evaluation_drew_its_panel(root) -> None:
 
 # ---- the rehearsal machinery itself ----
 
+
 def test_roots_move_in_commands_and_in_config_defaults(tmp_path):
   rules = [("configs/vit_huge.py", "--config.total_steps=2")]
-  command = Command(1, "sbatch --nodes=8 launch/slurm.sbatch --config=configs/vit_huge.py "
-                       "--workdir=/ckpt/vit_huge --config.data.eval_source=arrayrecord:/data/x")
+  command = Command(
+    1,
+    "sbatch --nodes=8 launch/slurm.sbatch --config=configs/vit_huge.py "
+    "--workdir=/ckpt/vit_huge --config.data.eval_source=arrayrecord:/data/x",
+  )
   text = rehearsed(command, rules, tmp_path)
   argv = shlex.split(text)
   assert f"--workdir={tmp_path}/ckpt/vit_huge" in argv
@@ -322,13 +338,15 @@ def test_roots_move_in_commands_and_in_config_defaults(tmp_path):
   # the config's default source moves; the field the command sets is left as the command sets it
   assert f"--config.data.source=arrayrecord:{tmp_path}/data/imagenet21k/{{split}}-*.array_record" in argv
   assert argv[-1] == "--config.total_steps=2"
-  assert (moved("cp /rawfile /raw/a:/data/b x/data/c", tmp_path)
-          == f"cp /rawfile {tmp_path}/raw/a:{tmp_path}/data/b x/data/c")
+  assert (
+    moved("cp /rawfile /raw/a:/data/b x/data/c", tmp_path) == f"cp /rawfile {tmp_path}/raw/a:{tmp_path}/data/b x/data/c"
+  )
 
 
 def test_tuple_fields_move_as_python_literals(tmp_path):
-  text = rehearsed(Command(1, "python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/a"), [],
-                   tmp_path)
+  text = rehearsed(
+    Command(1, "python -m visionfm_jax.main --config=configs/aurora_xl.py --workdir=/ckpt/a"), [], tmp_path
+  )
   mixture = next(a for a in shlex.split(text) if a.startswith("--config.data.mixture="))
   entries = ast.literal_eval(mixture.split("=", 1)[1])
   assert all(spec.startswith(f"arrayrecord:{tmp_path}/data/") for spec, _ in entries), entries
@@ -346,8 +364,9 @@ def test_a_failing_command_is_reported_with_its_runbook_line(tmp_path):
 
 def test_a_rule_setting_an_option_the_command_holds_sets_it_in_place(tmp_path):
   rules = [("--array=0-999", "--array=0-2"), ("--num_workers=32", "--num_workers=0"), ("tool.sbatch", "--x=1")]
-  text = rehearsed(Command(1, "MODULE=m sbatch --wait --array=0-999 launch/tool.sbatch --num_workers=32 --y=2"),
-                   rules, tmp_path)
+  text = rehearsed(
+    Command(1, "MODULE=m sbatch --wait --array=0-999 launch/tool.sbatch --num_workers=32 --y=2"), rules, tmp_path
+  )
   assert text == "MODULE=m sbatch --wait --array=0-2 launch/tool.sbatch --num_workers=0 --y=2 --x=1"
   assert rehearsed(Command(1, "run --array=0-9999"), rules, tmp_path) == "run --array=0-9999"
 
@@ -379,5 +398,6 @@ def test_the_laion_download_keeps_what_the_recipes_need(name):
   assert {"similarity", "pwatermark", "punsafe"} <= set(json.loads(options["--save_additional_columns"]))
   assert options["--url_list"] in inputs_of(markdown)
   selections = [c.text for c in bash_commands(markdown) if "index_tars" in c.text and "--keep=" in c.text]
-  assert selections and all(f"--input='{options['--output_folder']}/*.tar'" in text and "--expect_samples=" in text
-                            for text in selections), selections
+  assert selections and all(
+    f"--input='{options['--output_folder']}/*.tar'" in text and "--expect_samples=" in text for text in selections
+  ), selections

@@ -65,8 +65,10 @@ def test_dense_loss_is_the_papers_formula_in_value_and_gradient():
   # gradients w.r.t. both embeddings, the scale and the bias, by central differences of the float64 formula
   grads = jax.jit(jax.grad(lambda *a: losses.siglip_loss(*a, valid=valid), argnums=(0, 1, 2, 3)))(x, y, 3.0, -2.0)
   eps = 1e-5
+
   def numeric(arg, index):
     args = [np.asarray(x, np.float64), np.asarray(y, np.float64), 3.0, -2.0]
+
     def at(delta):
       moved = list(args)
       if index is None:
@@ -75,7 +77,9 @@ def test_dense_loss_is_the_papers_formula_in_value_and_gradient():
         moved[arg] = args[arg].copy()
         moved[arg][index] += delta
       return _paper_loss(*moved, valid)
+
     return (at(eps) - at(-eps)) / (2 * eps)
+
   for arg, index in ((0, (1, 5)), (0, (3, 0)), (1, (2, 7)), (1, (9, 23)), (2, None), (3, None)):
     got = grads[arg] if index is None else grads[arg][index]
     np.testing.assert_allclose(got, numeric(arg, index), rtol=1e-4, atol=1e-6)
@@ -102,9 +106,11 @@ def test_ring_equals_the_dense_loss_in_value_and_gradients(masked, mix):
   valid_s = None if valid is None else jax.device_put(valid, batch)
   args = (x, y, jnp.float32(7.0), jnp.float32(-4.0))
   dense = jax.jit(jax.value_and_grad(lambda *a: losses.siglip_loss(*a, mix=mix, valid=valid), argnums=(0, 1, 2, 3)))
-  ring = jax.jit(jax.value_and_grad(lambda i, t, s, b, v: losses.sharded_siglip_loss(i, t, s, b, mesh, mix=mix,
-                                                                                     valid=v),
-                                    argnums=(0, 1, 2, 3)))
+  ring = jax.jit(
+    jax.value_and_grad(
+      lambda i, t, s, b, v: losses.sharded_siglip_loss(i, t, s, b, mesh, mix=mix, valid=v), argnums=(0, 1, 2, 3)
+    )
+  )
   want_loss, want = dense(*args)
   got_loss, got = ring(x_s, y_s, *args[2:], valid_s)
   np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
@@ -125,10 +131,14 @@ def test_ring_program_holds_per_hop_blocks_only():
   mesh = _mesh()
   x, y = _pairs(3)
   batch = NamedSharding(mesh, P(("data", "fsdp")))
-  step = jax.jit(jax.value_and_grad(lambda i, t, v: losses.sharded_siglip_loss(i, t, 10.0, -10.0, mesh, valid=v),
-                                    argnums=(0, 1)))
-  hlo = step.lower(jax.device_put(x, batch), jax.device_put(y, batch),
-                   jax.device_put(np.ones(B, bool), batch)).compile().as_text()
+  step = jax.jit(
+    jax.value_and_grad(lambda i, t, v: losses.sharded_siglip_loss(i, t, 10.0, -10.0, mesh, valid=v), argnums=(0, 1))
+  )
+  hlo = (
+    step.lower(jax.device_put(x, batch), jax.device_put(y, batch), jax.device_put(np.ones(B, bool), batch))
+    .compile()
+    .as_text()
+  )
   shapes = _f32_shapes(hlo)
   assert "f32[4,4]" in shapes
   assert not shapes & {"f32[32,32]", "f32[4,32]", "f32[32,4]", "f32[7,4,4]", "f32[8,4,4]"}, shapes
@@ -141,11 +151,13 @@ def test_siglip_variant_adds_the_bias_at_the_papers_init_and_composes():
   task = tasks.build(config)
   params = jax.eval_shape(lambda: nn.unbox(task.init_variables(jax.random.key(0))["params"]))
   assert params["logit_bias"].shape == () and "logit_bias" not in jax.eval_shape(
-      lambda: nn.unbox(tasks.build(tiny_clip_config()).init_variables(jax.random.key(0))["params"]))
+    lambda: nn.unbox(tasks.build(tiny_clip_config()).init_variables(jax.random.key(0))["params"])
+  )
   # The two scalars' init alone (their values through the loop's init: the run below logs them at its first step).
   init = nn.unbox(task.model.init(jax.random.key(0), method=lambda m: (m.logit_scale, m.logit_bias))["params"])
   assert float(init["logit_scale"]) == pytest.approx(math.log(10.0)) and float(init["logit_bias"]) == -10.0
   from configs import swinv2_g_clip  # pylint: disable=g-import-not-at-top
+
   assert swinv2_g_clip.get_config("vit,siglip").model.image.pool == "cls"
   with pytest.raises(ConfigError, match="contrastive_loss"):
     config_lib.check(config_lib.set_paths(tiny_clip_config(), {"model.contrastive_loss": "sigmoid"}))
@@ -157,8 +169,9 @@ def test_four_accumulation_steps_give_the_whole_batch_loss_and_gradients_with_mi
   accumulation over 4 micro-batches gives the whole batch's loss and gradients (bias and scale included), unlike
   the mean of the micro-batches' own losses; with Mixup, whose partners cross the micro-batches (without it: the
   run below)."""
-  config = tiny_clip_config("siglip", global_batch_size=32,
-                            **{"data.augment.mixup_alpha": 0.4, "mesh.data": 2, "mesh.fsdp": 4})
+  config = tiny_clip_config(
+    "siglip", global_batch_size=32, **{"data.augment.mixup_alpha": 0.4, "mesh.data": 2, "mesh.fsdp": 4}
+  )
   mesh = parallel.make_mesh(config.mesh)
   plain, task = tasks.build(config), tasks.build(config, mesh)
   params = random_params(plain)  # by shape, no init compile; unlike the init, every param changes the loss
@@ -187,10 +200,20 @@ def test_run_with_four_micro_batches_starts_as_one_batch_and_evaluates(tmp_path,
   of one batch of 32; zero-shot and retrieval run and report. The runs share a compilation cache: the second
   loads the state's init (the same model and optimizer) instead of compiling it."""
   del compilation_cache
+
   def first_step(accum, **evaluation):
-    config = tiny_clip_config("siglip", global_batch_size=32, total_steps=1, log_every=1, eval_every=1,
-                              checkpoint_every=1, grad_accum_steps=accum, **evaluation)
+    config = tiny_clip_config(
+      "siglip",
+      global_batch_size=32,
+      total_steps=1,
+      log_every=1,
+      eval_every=1,
+      checkpoint_every=1,
+      grad_accum_steps=accum,
+      **evaluation,
+    )
     return train.run(config, str(tmp_path / f"accum{accum}"))
+
   whole = first_step(1, **{"eval.zeroshot_classes": "", "eval.retrieval": False})  # evaluated below, split
   split = first_step(4)
   assert split["train/loss"] == pytest.approx(whole["train/loss"], rel=1e-5)

@@ -64,18 +64,28 @@ def slurm(tmp_path):
 
 
 class Slurm:
-
   def __init__(self, log, pythonpath):
     self.log = log
     path = os.pathsep.join([FAKE_SLURM, os.path.dirname(sys.executable), os.environ["PATH"]])
-    self.env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SRUN_", "JAX_COORDINATOR",
-                                                                           "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))}
-    self.env.update(PATH=path, PYTHONPATH=str(pythonpath), FAKE_SLURM_LOG=str(log), XLA_FLAGS=FAST_COMPILE_FLAGS,
-                    JAX_PLATFORMS="cpu")
+    self.env = {
+      k: v
+      for k, v in os.environ.items()
+      if not k.startswith(("SLURM_", "SRUN_", "JAX_COORDINATOR", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID"))
+    }
+    self.env.update(
+      PATH=path, PYTHONPATH=str(pythonpath), FAKE_SLURM_LOG=str(log), XLA_FLAGS=FAST_COMPILE_FLAGS, JAX_PLATFORMS="cpu"
+    )
 
   def start(self, *argv, **env) -> subprocess.Popen:
-    return subprocess.Popen(argv, cwd=ROOT, env=dict(self.env, **env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    return subprocess.Popen(
+      argv,
+      cwd=ROOT,
+      env=dict(self.env, **env),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.STDOUT,
+      text=True,
+      start_new_session=True,
+    )
 
   def run(self, *argv, timeout=120, **env) -> tuple[int, str]:
     return self.finish(self.start(*argv, **env), timeout)
@@ -96,7 +106,7 @@ class Slurm:
 
 def probes(out: str) -> list[dict]:
   """The probe tasks' reports, by task id."""
-  reports = [json.loads(line[len("probe "):]) for line in out.splitlines() if line.startswith("probe {")]
+  reports = [json.loads(line[len("probe ") :]) for line in out.splitlines() if line.startswith("probe {")]
   return sorted(reports, key=lambda r: int(r["env"]["SLURM_PROCID"]))
 
 
@@ -108,9 +118,20 @@ def job_id(out: str) -> str:
 
 # ------------------------------------------------------------------------------------------- the fake itself
 
+
 def test_fake_srun_outside_a_job_starts_jax_processes_on_cpu(slurm):
-  code, out = slurm.run("srun", "--nodes=1", "--ntasks=2", "--label", "python", "-m", "probe_task", "--x=1",
-                        FAKE_SLURM_DEVICES_PER_NODE="3", XLA_FLAGS="--xla_force_host_platform_device_count=8 --a=1")
+  code, out = slurm.run(
+    "srun",
+    "--nodes=1",
+    "--ntasks=2",
+    "--label",
+    "python",
+    "-m",
+    "probe_task",
+    "--x=1",
+    FAKE_SLURM_DEVICES_PER_NODE="3",
+    XLA_FLAGS="--xla_force_host_platform_device_count=8 --a=1",
+  )
   assert code == 0, out
   tasks = probes(out)
   assert [t["env"]["SLURM_PROCID"] for t in tasks] == [t["env"]["JAX_PROCESS_ID"] for t in tasks] == ["0", "1"]
@@ -118,7 +139,11 @@ def test_fake_srun_outside_a_job_starts_jax_processes_on_cpu(slurm):
     env = task["env"]
     assert task["argv"] == ["--x=1"]
     assert (env["SLURM_NTASKS"], env["SLURM_STEP_NUM_TASKS"], env["SLURM_NNODES"], env["JAX_NUM_PROCESSES"]) == (
-        "2", "2", "1", "2")
+      "2",
+      "2",
+      "1",
+      "2",
+    )
     assert (env["JAX_PLATFORMS"], env["JAX_CPU_COLLECTIVES_IMPLEMENTATION"]) == ("cpu", "gloo")
     assert env["XLA_FLAGS"] == "--a=1 --xla_force_host_platform_device_count=3"
     assert env["JAX_COORDINATOR_ADDRESS"] == tasks[0]["env"]["JAX_COORDINATOR_ADDRESS"]
@@ -136,11 +161,14 @@ def test_fake_srun_kills_the_other_tasks_on_a_bad_exit_and_returns_its_status(sl
 
 def test_fake_sbatch_gives_the_script_an_allocation(slurm, tmp_path):
   script = tmp_path / "job.sh"
-  script.write_text("#!/bin/bash\n#SBATCH --cpus-per-task=512 --job-name=probe\n#SBATCH --exclusive\n"
-                    "echo \"$SLURM_JOB_NUM_NODES $SLURM_NNODES $SLURM_GPUS_ON_NODE $SLURM_CPUS_PER_TASK "
-                    "$SLURM_SUBMIT_DIR $NODES $SLURM_JOB_NAME $*\"\nexit 5\n")
-  code, out = slurm.run("sbatch", "--nodes=8", "-o", "ignored.out", str(script), "a", "b", NODES="16",
-                        FAKE_SLURM_MAX_NODES="3")
+  script.write_text(
+    "#!/bin/bash\n#SBATCH --cpus-per-task=512 --job-name=probe\n#SBATCH --exclusive\n"
+    'echo "$SLURM_JOB_NUM_NODES $SLURM_NNODES $SLURM_GPUS_ON_NODE $SLURM_CPUS_PER_TASK '
+    '$SLURM_SUBMIT_DIR $NODES $SLURM_JOB_NAME $*"\nexit 5\n'
+  )
+  code, out = slurm.run(
+    "sbatch", "--nodes=8", "-o", "ignored.out", str(script), "a", "b", NODES="16", FAKE_SLURM_MAX_NODES="3"
+  )
   assert code == 5, out
   assert out.splitlines()[1] == f"3 3 4 {CPUS} {ROOT} 16 probe a b"
   first, second = job_id(out), job_id(slurm.run("sbatch", "--wrap", "echo $SLURM_JOB_ID")[1])
@@ -149,9 +177,11 @@ def test_fake_sbatch_gives_the_script_an_allocation(slurm, tmp_path):
 
 def test_fake_sbatch_runs_an_array_task_by_task_and_returns_the_highest_status(slurm, tmp_path):
   script = tmp_path / "array.sh"
-  script.write_text("#!/bin/bash\n#SBATCH --array=0-99\necho \"task $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT "
-                    "$SLURM_ARRAY_TASK_MIN $SLURM_ARRAY_TASK_MAX $SLURM_ARRAY_JOB_ID $SLURM_JOB_ID\"\n"
-                    "exit $((SLURM_ARRAY_TASK_ID == 3 ? 4 : SLURM_ARRAY_TASK_ID == 5 ? 1 : 0))\n")
+  script.write_text(
+    '#!/bin/bash\n#SBATCH --array=0-99\necho "task $SLURM_ARRAY_TASK_ID $SLURM_ARRAY_TASK_COUNT '
+    '$SLURM_ARRAY_TASK_MIN $SLURM_ARRAY_TASK_MAX $SLURM_ARRAY_JOB_ID $SLURM_JOB_ID"\n'
+    "exit $((SLURM_ARRAY_TASK_ID == 3 ? 4 : SLURM_ARRAY_TASK_ID == 5 ? 1 : 0))\n"
+  )
   code, out = slurm.run("sbatch", "--wait", "--array=1-5:2,8%2", str(script))  # the command line wins
   assert code == 4, out
   tasks = [line.split() for line in out.splitlines() if line.startswith("task ")]
@@ -168,13 +198,21 @@ def test_tool_sbatch_names_the_missing_module(slurm):
 
 # -------------------------------------------------------------------------------------------- slurm.sbatch
 
+
 def test_sbatch_gives_each_task_the_cpus_of_the_job_and_runs_another_module(slurm):
   """#SBATCH --cpus-per-task reaches srun through SRUN_CPUS_PER_TASK (Slurm 22.05 and later bind a task to one CPU
   otherwise); MODULE's program gets the arguments as they are, without main's --distributed=on."""
   if CPUS < 2:
     pytest.skip("one CPU here: a task bound to one CPU looks the same as one given the job's")
-  code, out = slurm.run("sbatch", "--nodes=2", "launch/slurm.sbatch", "--checkpoint=/ckpt/x", "--out=/tmp/y",
-                        MODULE="probe_task", GPU="a100")
+  code, out = slurm.run(
+    "sbatch",
+    "--nodes=2",
+    "launch/slurm.sbatch",
+    "--checkpoint=/ckpt/x",
+    "--out=/tmp/y",
+    MODULE="probe_task",
+    GPU="a100",
+  )
   assert code == 0, out
   tasks = probes(out)
   assert len(tasks) == 2, out
@@ -185,8 +223,16 @@ def test_sbatch_gives_each_task_the_cpus_of_the_job_and_runs_another_module(slur
   assert not slurm.requeued()
 
 
-@pytest.mark.parametrize("ending, requeued", [("--exit=75", True), ("--signal=KILL", True), ("--signal=ABRT", True),
-                                             ("--exit=3", False), ("--signal=TERM", False)])
+@pytest.mark.parametrize(
+  "ending, requeued",
+  [
+    ("--exit=75", True),
+    ("--signal=KILL", True),
+    ("--signal=ABRT", True),
+    ("--exit=3", False),
+    ("--signal=TERM", False),
+  ],
+)
 def test_sbatch_requeues_a_job_whose_process_gave_up_on_a_dead_peer_or_died(slurm, tmp_path, ending, requeued):
   """Task 1 exits 75 (faults.HUNG_EXIT_CODE: it gave up waiting on task 0, which hangs), or its python alone is
   killed (the OOM killer) or aborts (JAX's client when the coordinator died), and requeues the job, although srun
@@ -196,9 +242,16 @@ def test_sbatch_requeues_a_job_whose_process_gave_up_on_a_dead_peer_or_died(slur
   shim.parent.mkdir()
   shim.write_text(SRUN_REPORTING_THE_KILLED_TASK)
   shim.chmod(0o755)
-  code, out = slurm.run("sbatch", "--nodes=2", "launch/slurm.sbatch", ending, "--only_task=1",
-                        f"--workdir={tmp_path}", MODULE="probe_task",
-                        PATH=os.pathsep.join([str(shim.parent), slurm.env["PATH"]]))
+  code, out = slurm.run(
+    "sbatch",
+    "--nodes=2",
+    "launch/slurm.sbatch",
+    ending,
+    "--only_task=1",
+    f"--workdir={tmp_path}",
+    MODULE="probe_task",
+    PATH=os.pathsep.join([str(shim.parent), slurm.env["PATH"]]),
+  )
   assert code == 137, out
   assert slurm.requeued() == ([job_id(out)] if requeued else []), out
   assert ("python died by SIG" in out) == (ending.startswith("--signal=") and ending != "--signal=TERM"), out
@@ -209,10 +262,20 @@ def test_sbatch_caps_the_requeues_after_a_hang_and_no_others(slurm, tmp_path):
   (SLURM_RESTART_COUNT also counts preemptions and time limits): a job requeued 7 times at its time limit is requeued
   after a hang; the tasks of one attempt count once; the hang after MAX_REQUEUES such requeues ends the job with one
   error line; a new job on the workdir counts afresh."""
+
   def attempt(job, restarts):
-    return slurm.run("sbatch", "--nodes=1", "launch/slurm.sbatch", "--exit=75", f"--workdir={tmp_path}",
-                     MODULE="probe_task", MAX_REQUEUES="2", FAKE_SLURM_JOB_ID=job,
-                     FAKE_SLURM_RESTART_COUNT=str(restarts))
+    return slurm.run(
+      "sbatch",
+      "--nodes=1",
+      "launch/slurm.sbatch",
+      "--exit=75",
+      f"--workdir={tmp_path}",
+      MODULE="probe_task",
+      MAX_REQUEUES="2",
+      FAKE_SLURM_JOB_ID=job,
+      FAKE_SLURM_RESTART_COUNT=str(restarts),
+    )
+
   record = tmp_path / "requeues"
   assert attempt("1001", 7)[0] == 75 and slurm.requeued() == ["1001"]
   with open(record, "a", encoding="utf-8") as f:
@@ -220,8 +283,10 @@ def test_sbatch_caps_the_requeues_after_a_hang_and_no_others(slurm, tmp_path):
   assert attempt("1001", 8)[0] == 75 and slurm.requeued() == ["1001"] * 2
   code, out = attempt("1001", 9)
   assert code == 75 and slurm.requeued() == ["1001"] * 2, out
-  assert (f"error: job 1001: 3 attempts ended on a hang, a lost peer or a dead process ({record}), more than "
-          f"MAX_REQUEUES=2: not requeueing it") in out
+  assert (
+    f"error: job 1001: 3 attempts ended on a hang, a lost peer or a dead process ({record}), more than "
+    f"MAX_REQUEUES=2: not requeueing it"
+  ) in out
   assert attempt("1002", 0)[0] == 75 and slurm.requeued() == ["1001"] * 2 + ["1002"]
   assert record.read_text().splitlines() == ["1001 7", "1001 7", "1001 8", "1001 9", "1002 0"]
 
@@ -229,8 +294,14 @@ def test_sbatch_caps_the_requeues_after_a_hang_and_no_others(slurm, tmp_path):
 def test_sbatch_passes_a_preemption_notice_on_then_requeues(slurm, tmp_path):
   """SIGTERM to the batch script reaches every process; once they have saved and exited 0 the job is requeued and
   ends with their status."""
-  proc = slurm.start("sbatch", "--nodes=2", "launch/slurm.sbatch", f"--wait_for_term={tmp_path}",
-                     f"--workdir={tmp_path}", MODULE="probe_task")
+  proc = slurm.start(
+    "sbatch",
+    "--nodes=2",
+    "launch/slurm.sbatch",
+    f"--wait_for_term={tmp_path}",
+    f"--workdir={tmp_path}",
+    MODULE="probe_task",
+  )
   deadline = time.monotonic() + 60
   while not all((tmp_path / str(i)).exists() for i in range(2)) and time.monotonic() < deadline:
     assert proc.poll() is None, proc.communicate()[0]
@@ -248,14 +319,28 @@ def test_sbatch_trains_the_documented_line_in_two_processes(slurm, tmp_path, war
   jax.distributed, each driving its node's 4 CPU devices, train 2 steps and write the checkpoint. Their `python` is
   the warm interpreter (tests/warm_python.py), which serves only a PYTHONPATH like its own (not the probe's) and
   runs a command on its own CPUs: every CPU, as #SBATCH --cpus-per-task gives each task."""
-  slurm.env = warm_python.env({k: v for k, v in slurm.env.items() if k != "PYTHONPATH"} | {
-      k: v for k, v in os.environ.items() if k == "PYTHONPATH"})
+  slurm.env = warm_python.env(
+    {k: v for k, v in slurm.env.items() if k != "PYTHONPATH"}
+    | {k: v for k, v in os.environ.items() if k == "PYTHONPATH"}
+  )
   workdir = tmp_path / "run"
   code, out = slurm.run(
-      "sbatch", "--nodes=2", "launch/slurm.sbatch", "--config=configs/vit_huge.py:demo", f"--workdir={workdir}",
-      "--config.model.variant=pico/4", "--config.model.image_size=16", "--config.data.image_size=16",
-      "--config.global_batch_size=16", "--config.optim.warmup_steps=1", "--config.total_steps=2",
-      "--config.checkpoint_every=2", "--config.data.eval_examples=16", "--config.progress_bar=False", timeout=300)
+    "sbatch",
+    "--nodes=2",
+    "launch/slurm.sbatch",
+    "--config=configs/vit_huge.py:demo",
+    f"--workdir={workdir}",
+    "--config.model.variant=pico/4",
+    "--config.model.image_size=16",
+    "--config.data.image_size=16",
+    "--config.global_batch_size=16",
+    "--config.optim.warmup_steps=1",
+    "--config.total_steps=2",
+    "--config.checkpoint_every=2",
+    "--config.data.eval_examples=16",
+    "--config.progress_bar=False",
+    timeout=300,
+  )
   assert code == 0, out[-6000:]
   assert "2 processes, 8 devices (cpu)" in out, out[-6000:]
   assert (workdir / "checkpoints" / "2").is_dir(), out[-6000:]
@@ -265,6 +350,7 @@ def test_sbatch_trains_the_documented_line_in_two_processes(slurm, tmp_path, war
 
 
 # ------------------------------------------------------------------------------------------ data.num_workers
+
 
 @pytest.mark.parametrize("cpus, workers", [(1, 0), (2, 1), (9, 8), (96, pipeline.MAX_AUTO_WORKERS)])
 def test_auto_data_workers_follow_the_cpus_of_the_process(monkeypatch, cpus, workers):
@@ -289,25 +375,35 @@ def test_local_sh_gives_each_gpu_process_its_slice_of_the_cpus(tmp_path):
   bin_dir = tmp_path / "bin"
   bin_dir.mkdir()
   (bin_dir / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: fake'\necho 'GPU 1: fake'\n")
-  report = ('import os; os.write(1, ("cpus %s %s\\n" % (os.environ["JAX_PROCESS_ID"], '
-            'sorted(os.sched_getaffinity(0)))).encode())')
-  (bin_dir / "python").write_text(textwrap.dedent(f"""\
+  report = (
+    'import os; os.write(1, ("cpus %s %s\\n" % (os.environ["JAX_PROCESS_ID"], '
+    "sorted(os.sched_getaffinity(0)))).encode())"
+  )
+  (bin_dir / "python").write_text(
+    textwrap.dedent(f"""\
       #!/bin/sh
       if [ "$1" = -m ]; then
         exec {sys.executable} -c '{report}'
       fi
       exec {sys.executable} "$@"
-      """))
+      """)
+  )
   for program in bin_dir.iterdir():
     program.chmod(0o755)
   env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}")
   env.pop("JAX_PLATFORMS", None)
-  out = subprocess.run(["launch/local.sh", "2", "--config=configs/vit_huge.py:demo"], cwd=ROOT, env=env,
-                       capture_output=True, text=True, timeout=60)
+  out = subprocess.run(
+    ["launch/local.sh", "2", "--config=configs/vit_huge.py:demo"],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=60,
+  )
   assert out.returncode == 0, out.stderr
   slices = dict(line.split(" ", 2)[1:] for line in out.stdout.splitlines() if line.startswith("cpus "))
   cpus = sorted(os.sched_getaffinity(0))
   if len(cpus) < 2:
     pytest.skip("one CPU: nothing to split")
   half = len(cpus) // 2
-  assert slices == {"0": str(cpus[:half]), "1": str(cpus[half:2 * half])}, out.stdout
+  assert slices == {"0": str(cpus[:half]), "1": str(cpus[half : 2 * half])}, out.stdout

@@ -21,11 +21,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 def test_the_pipeline_over_thousands_of_shards_grows_nothing_under_256_open_files(tmp_path):
   """Globally shuffled reads touch nearly every shard; a reader that keeps each one open dies of 'Too many open
   files' within the first steps here. Throughput is not judged: a few seconds on a shared machine cannot."""
-  command = (f"ulimit -Sn 256 && exec {sys.executable} -m visionfm_jax.bench.soak --preset=laion --shards=3000 "
-             f"--records_per_shard=2 --steps=300 --every=25 --batch_size=8 --num_workers=1 --data_dir={tmp_path} "
-             f"--config.data.image_size=32 --throughput_tolerance=1")
-  result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                          check=False)
+  command = (
+    f"ulimit -Sn 256 && exec {sys.executable} -m visionfm_jax.bench.soak --preset=laion --shards=3000 "
+    f"--records_per_shard=2 --steps=300 --every=25 --batch_size=8 --num_workers=1 --data_dir={tmp_path} "
+    f"--config.data.image_size=32 --throughput_tolerance=1"
+  )
+  result = subprocess.run(["bash", "-c", command], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)
   errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
   assert result.returncode == 0, errors or result.stderr[-3000:]
   report = json.loads(result.stdout.strip().splitlines()[-1])
@@ -35,9 +36,17 @@ def test_the_pipeline_over_thousands_of_shards_grows_nothing_under_256_open_file
   # checked against its row, then opened)
   assert report["start_up"]["shards_opened"] == 1 and not report["start_up"]["overflowed"]
   verdicts = {v["quantity"]: v for v in report["verdicts"]}
-  assert set(verdicts) == {"descriptors (main)", "descriptors (children)", "RSS MB (main)", "RSS MB (children)",
-                           "threads (main)", "threads (children)", "processes", "/dev/shm entries",
-                           "bytes read per record"}
+  assert set(verdicts) == {
+    "descriptors (main)",
+    "descriptors (children)",
+    "RSS MB (main)",
+    "RSS MB (children)",
+    "threads (main)",
+    "threads (children)",
+    "processes",
+    "/dev/shm entries",
+    "bytes read per record",
+  }
   assert not [q for q, v in verdicts.items() if v["growing"]]
   assert report["samples"][-1]["step"] == 300
   # 300 batches of 8 read from some 2,000 of the 3,000 shards; the worker holds a bounded few of them
@@ -59,6 +68,7 @@ def test_the_shards_are_written_once_and_reused(tmp_path):
   _, _, reused = synthetic_shards.prepare_sources(str(tmp_path), [layout], 3, links=True)
   assert not reused and (folder / "train-00007-of-00100.array_record").exists()
   from visionfm_jax.data.sources import records, shard_index  # pylint: disable=g-import-not-at-top
+
   source = records.ArrayRecordSource(str(folder / "train-*.array_record"))
   assert len(source) == 300 and source[299]["caption"].startswith("a synthetic photo")
   name = "train-00005-of-00100.array_record"  # its index row is its template's: what its footer says
@@ -110,7 +120,7 @@ def test_bytes_read_per_record_may_rise_a_tenth_of_their_mean():
   # the worker refilling its prefetch buffer in the last interval after the consumer stalled on a loaded machine:
   # 325 more records' reads charged to its 200. A least-squares line through it rises two thirds of the mean.
   steps = np.arange(50, 301, 25)
-  refill = np.where(steps == 300, 423_634, noisy[:len(steps)])
+  refill = np.where(steps == 300, 423_634, noisy[: len(steps)])
   assert not trends.judge("bytes read per record", steps, refill, tolerance).growing
   week = np.arange(10, 1_000_001, 10)  # a soak sampled every 10 steps: the robust slope reads 1,000 of its samples
   assert trends.robust_slope(week, 160_000 + week * 0.25) == pytest.approx(0.25)
@@ -174,18 +184,27 @@ def test_throughput_falls_when_the_last_window_reads_fewer_records_per_second_an
   # the same wall-clock fall while each record costs the same CPU time: other jobs took the cores
   crowded = trends.judge_throughput(slower, steps, cpu_s=steps / 100, batch_size=8, window_s=60, tolerance=0.1)
   assert not crowded.falling and crowded.last == pytest.approx(crowded.first / 2)
-  short = trends.judge_throughput(seconds=[0, 1, 2, 3, 4, 5, 6], steps=[0, 10, 20, 30, 40, 50, 60],
-                                cpu_s=[0, 1, 2, 3, 4, 5, 6], batch_size=1, window_s=60, tolerance=0.1)
+  short = trends.judge_throughput(
+    seconds=[0, 1, 2, 3, 4, 5, 6],
+    steps=[0, 10, 20, 30, 40, 50, 60],
+    cpu_s=[0, 1, 2, 3, 4, 5, 6],
+    batch_size=1,
+    window_s=60,
+    tolerance=0.1,
+  )
   assert short.window_s == pytest.approx(2) and not short.falling
 
 
-@pytest.mark.parametrize("args, says", [
+@pytest.mark.parametrize(
+  "args, says",
+  [
     (["--steps=0"], "--steps=0"),
     (["--steps=20", "--every=10"], "at least 3 are needed"),
     (["--num_workers=-2"], "--num_workers=-2"),
     (["--preset=cifar"], "--preset=cifar: expected one of aurora, imagenet21k, laion"),
     (["--shards=3", "--data_dir={file}/soak"], "--data_dir={file}/soak: cannot write the laion shards"),
-])
+  ],
+)
 def test_bad_flags_are_one_error_line(args, says, capsys, tmp_path):
   (tmp_path / "file").write_text("not a folder")
   fill = lambda text: text.format(file=tmp_path / "file")  # noqa: E731

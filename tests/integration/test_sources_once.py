@@ -21,9 +21,11 @@ class _StateReached(Exception):
 
 def _counting(monkeypatch, original, count):
   """`original` counted by `count(args, kwargs)` under every name a module of the package binds it to."""
+
   def counted(*args, **kwargs):
     count(args, kwargs)
     return original(*args, **kwargs)
+
   for module in [m for name, m in sys.modules.items() if name.startswith("visionfm_jax")]:
     for attr, value in list(vars(module).items()):
       if value is original:
@@ -33,8 +35,11 @@ def _counting(monkeypatch, original, count):
 def _opens_at_start_up(monkeypatch, tmp_path, config):
   """({(spec, split, training): sources opened}, class-name lists worked out) by train.run up to the state."""
   opened, named = collections.Counter(), collections.Counter()
-  _counting(monkeypatch, registry.build_source,
-            lambda args, kwargs: opened.update([(args[0], args[1], kwargs.get("training", False))]))
+  _counting(
+    monkeypatch,
+    registry.build_source,
+    lambda args, kwargs: opened.update([(args[0], args[1], kwargs.get("training", False))]),
+  )
   _counting(monkeypatch, registry.class_names, lambda args, kwargs: named.update([args[0]]))
   monkeypatch.setattr(step_lib, "make_init_fn", lambda *a: (_ for _ in ()).throw(_StateReached()))
   config.data.num_workers = 0
@@ -57,20 +62,21 @@ def _labelled_pairs(directory) -> str:
   for split in ("train", "validation"):
     drawn = shapes.ShapesSource(split, 16, 16)
     name = records.shard_name(split, 0, 1)
-    records.write_records(directory / name, ({k: drawn[i][k] for k in ("image", "caption", "label")}
-                                             for i in range(16)))
+    records.write_records(
+      directory / name, ({k: drawn[i][k] for k in ("image", "caption", "label")} for i in range(16))
+    )
     splits[split] = {"records": 16, "shards": [name]}
   records.write_metadata(directory, kind="classification", classes=list(shapes.SHAPE_NAMES), splits=splits)
   return f"arrayrecord:{directory}/{{split}}-*.array_record"
 
 
-def test_contrastive_opens_and_reads_its_held_out_pairs_once_and_names_its_zeroshot_classes_once(tmp_path,
-                                                                                                  monkeypatch):
+def test_contrastive_opens_and_reads_its_held_out_pairs_once_and_names_its_zeroshot_classes_once(tmp_path, monkeypatch):
   spec = _labelled_pairs(tmp_path)
   read = collections.Counter()
   getitem = records.ArrayRecordSource.__getitem__
-  monkeypatch.setattr(records.ArrayRecordSource, "__getitem__",
-                      lambda self, i: read.update([(self.pattern, int(i))]) or getitem(self, i))
+  monkeypatch.setattr(
+    records.ArrayRecordSource, "__getitem__", lambda self, i: read.update([(self.pattern, int(i))]) or getitem(self, i)
+  )
   config = tiny_clip_config(**{"eval.zeroshot_classes": "data", "eval.retrieval": True, "data.source": spec})
   opened, named = _opens_at_start_up(monkeypatch, tmp_path / "run", config)
   assert opened == {(spec, "train", True): 1, (spec, "validation", False): 1}  # zero-shot, retrieval, panel

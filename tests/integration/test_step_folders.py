@@ -21,8 +21,9 @@ pytestmark = [pytest.mark.usefixtures("compilation_cache"), pytest.mark.xdist_gr
 
 
 def _config(**overrides):
-  return tiny_vit_config(**{"total_steps": 4, "checkpoint_every": 1, "log_every": 2, "eval_every": 4,
-                            "data.num_workers": 0, **overrides})
+  return tiny_vit_config(
+    **{"total_steps": 4, "checkpoint_every": 1, "log_every": 2, "eval_every": 4, "data.num_workers": 0, **overrides}
+  )
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +41,7 @@ def _copy(run, tmp_path):
   return workdir, workdir / "checkpoints"
 
 
-def test_a_renamed_step_and_a_foreign_folder_are_named_ignored_and_a_requeue_completes(finished_run, tmp_path,
-                                                                                        caplog):
+def test_a_renamed_step_and_a_foreign_folder_are_named_ignored_and_a_requeue_completes(finished_run, tmp_path, caplog):
   workdir, checkpoints = _copy(finished_run, tmp_path)
   (checkpoints / "4").rename(checkpoints / "4.bad")
   (checkpoints / "best").mkdir()
@@ -69,8 +69,10 @@ def test_a_file_under_a_steps_name_is_moved_aside_before_that_step_is_saved(fini
     last = train.run(_config(), str(workdir))
   assert "ignored: 4, 4.bad (" in caplog.text
   assert "carries no config" not in caplog.text  # the file is no step: the resume compares step 3's config
-  assert f"moved the replaced checkpoint {checkpoints}/4 to {checkpoints}/4.replaced; this run saves step 4 again" \
-      in caplog.text
+  assert (
+    f"moved the replaced checkpoint {checkpoints}/4 to {checkpoints}/4.replaced; this run saves step 4 again"
+    in caplog.text
+  )
   assert last["step"] == 4
   assert (checkpoints / "4.replaced").read_text() == "not a checkpoint"
   assert checkpoint.newest_committed_step(checkpoints) == 4 and checkpoint.saved_config(checkpoints, 4) is not None
@@ -100,9 +102,10 @@ def test_a_step_from_a_run_of_another_model_at_the_newest_position_is_refused(fi
   with pytest.raises(ConfigError) as refusal:
     train.run(_config(total_steps=6), str(workdir))
   assert str(refusal.value) == (
-      f"cannot resume {checkpoints}/5: another run saved it, with another model, task, precision or data than this "
-      f"run and {checkpoints}/4 before it: config.model.variant 'mu/4' -> 'pico/4'; move it aside (mv -T "
-      f"{checkpoints}/5 {checkpoints}/5.foreign) to resume from {checkpoints}/4")
+    f"cannot resume {checkpoints}/5: another run saved it, with another model, task, precision or data than this "
+    f"run and {checkpoints}/4 before it: config.model.variant 'mu/4' -> 'pico/4'; move it aside (mv -T "
+    f"{checkpoints}/5 {checkpoints}/5.foreign) to resume from {checkpoints}/4"
+  )
   (checkpoints / "5").rename(checkpoints / "5.foreign")  # as the line says: the run resumes, warning of nothing
   assert checkpoint.newest_committed_step(checkpoints) == 4 and not checkpoint._strays(checkpoints)
 
@@ -119,10 +122,11 @@ def test_a_stop_line_calls_good_only_a_checkpoint_this_run_verified(tmp_path):
   assert restart.vouched_steps() == {2, 3}
   assert checkpoint.last_good_text(tmp_path, restart.all_steps(), restart.vouched_steps()) == f"{tmp_path}/3"
   # health's candidates before a trigger: step 1 was never read by this run, so it is not called good
-  assert checkpoint.last_good_text(tmp_path, [1], restart.vouched_steps()) == \
-      f"none verified (the newest committed, unverified: {tmp_path}/1)"
-  assert checkpoint.last_good_text(tmp_path, [1, 2, 4], {2}) == f"{tmp_path}/2 (a newer one, unverified: " \
-                                                                 f"{tmp_path}/4)"
+  assert (
+    checkpoint.last_good_text(tmp_path, [1], restart.vouched_steps())
+    == f"none verified (the newest committed, unverified: {tmp_path}/1)"
+  )
+  assert checkpoint.last_good_text(tmp_path, [1, 2, 4], {2}) == f"{tmp_path}/2 (a newer one, unverified: {tmp_path}/4)"
   assert checkpoint.last_good_text(tmp_path, [], set()) == "none"
   restart.close()
   unchecked = checkpoint.Checkpointer(str(tmp_path), async_save=False, with_digests=False)

@@ -26,8 +26,21 @@ IMAGES = np.random.default_rng(0).normal(size=(2, 16, 16, 3)).astype(np.float32)
 
 def _swin(token_subgrid=2, **kw):
   # window 4: stage 0 has 2x2 windows of 4 (kept: windows of 2, shift 1), stage 1's 4x4 map is one window
-  return swinv2.SwinV2(**{**dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4, patch_size=2,
-                                 image_size=16, num_classes=3, token_subgrid=token_subgrid), **kw})
+  return swinv2.SwinV2(
+    **{
+      **dict(
+        embed_dim=16,
+        depths=(2, 2),
+        num_heads=(2, 4),
+        window_size=4,
+        patch_size=2,
+        image_size=16,
+        num_classes=3,
+        token_subgrid=token_subgrid,
+      ),
+      **kw,
+    }
+  )
 
 
 def _init(model):
@@ -103,18 +116,23 @@ def test_training_sees_a_quarter_of_the_tokens_evaluation_all_with_the_unmasked_
 def test_scanned_and_unrolled_masked_towers_agree_and_gradients_reach_every_param():
   scanned, unrolled = _swin(scan=True), _swin(scan=False)
   params = _params(scanned)
-  flat = {k: (unstack_layers(v, name="blocks", members=swinv2.PAIR) if k.startswith("stage_") else v)
-          for k, v in params.items()}
+  flat = {
+    k: (unstack_layers(v, name="blocks", members=swinv2.PAIR) if k.startswith("stage_") else v)
+    for k, v in params.items()
+  }
 
   def loss(model, p):  # the head starts at zero: the pooled features reach every param
     out = model.apply({"params": p}, IMAGES, train=True, rngs={"dropout": jax.random.key(1)})
     return jnp.sum(out["pooled"] ** 2), out
+
   # One program a tower gives its training outputs and its gradients.
   (_, out_scan), g_scan = jax.jit(jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True))(params)
   (_, out_unrolled), g_unrolled = jax.jit(jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True))(flat)
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
-  g_scan = {k: (unstack_layers(v, name="blocks", members=swinv2.PAIR) if k.startswith("stage_") else v)
-            for k, v in jax.device_get(g_scan).items()}
+  g_scan = {
+    k: (unstack_layers(v, name="blocks", members=swinv2.PAIR) if k.startswith("stage_") else v)
+    for k, v in jax.device_get(g_scan).items()
+  }
   chex.assert_trees_all_close(g_scan, g_unrolled, atol=1e-4, rtol=1e-4)
   for path, grad in jax.tree_util.tree_leaves_with_path(g_unrolled):
     assert np.all(np.isfinite(grad)), path

@@ -75,12 +75,12 @@ def test_parameter_formula(size):
   params = nn.unbox(params)
   expected = 51 * c + 2 * (c * 2 ** (len(depths) - 1))  # patch embed + its LN; the final LN
   for s, (depth, h) in enumerate(zip(depths, heads)):
-    width = c * 2 ** s
-    block = 12 * width ** 2 + 12 * width + 513 * h + 1536
+    width = c * 2**s
+    block = 12 * width**2 + 12 * width + 513 * h + 1536
     assert _count(params[f"stage_{s}"]["blocks"]) == depth * block
     if s < len(depths) - 1:
-      assert _count(params[f"stage_{s}"]["downsample"]) == 8 * width ** 2 + 4 * width
-      expected += 8 * width ** 2 + 4 * width
+      assert _count(params[f"stage_{s}"]["downsample"]) == 8 * width**2 + 4 * width
+      expected += 8 * width**2 + 4 * width
     expected += depth * block
   assert _count(params) == expected
 
@@ -132,17 +132,20 @@ def test_extra_norm_normalises_the_main_branch_and_has_no_params():
 
 
 def _small(**kw):
-  base = dict(embed_dim=16, depths=(4, 2), num_heads=(2, 4), window_size=4, patch_size=2, num_classes=5,
-              extra_norm_period=3)
+  base = dict(
+    embed_dim=16, depths=(4, 2), num_heads=(2, 4), window_size=4, patch_size=2, num_classes=5, extra_norm_period=3
+  )
   return swinv2.SwinV2(**{**base, **kw})
 
 
 def _outputs_loss_and_grads(model, images):
   """A jitted params -> ((the squared logits' sum, the model's outputs), its gradients): one program gives the
   forward outputs, the loss and the gradients."""
+
   def loss(params):
     out = model.apply({"params": params}, images)
     return jnp.sum(out["logits"] ** 2), out
+
   return jax.jit(jax.value_and_grad(loss, has_aux=True))
 
 
@@ -162,10 +165,15 @@ def test_scanned_unrolled_and_straight_line_stages_agree():
   unstack = lambda v: unstack_layers(v, name="blocks", members=swinv2.PAIR)
   flat = {k: (unstack(v) if k.startswith("stage_") else v) for k, v in params.items()}
   assert set(flat["stage_0"]) == {"blocks_0", "blocks_1", "blocks_2", "blocks_3", "downsample"}
-  chex.assert_trees_all_equal(flat["stage_0"]["blocks_3"],
-                              jax.tree.map(lambda a: a[1], params["stage_0"]["blocks"]["shifted"]))
-  restacked = {k: (stack_layers(v, len(v) - ("downsample" in v), name="blocks", members=swinv2.PAIR)
-                   if k.startswith("stage_") else v) for k, v in flat.items()}
+  chex.assert_trees_all_equal(
+    flat["stage_0"]["blocks_3"], jax.tree.map(lambda a: a[1], params["stage_0"]["blocks"]["shifted"])
+  )
+  restacked = {
+    k: (
+      stack_layers(v, len(v) - ("downsample" in v), name="blocks", members=swinv2.PAIR) if k.startswith("stage_") else v
+    )
+    for k, v in flat.items()
+  }
   chex.assert_trees_all_equal(restacked, params)
 
   for policy in ("none", "nothing_saveable"):  # a failure's traceback shows `policy`
@@ -200,8 +208,10 @@ def test_each_stage_rematerialises_its_blocks_by_its_own_policy():
     return getattr(policy, "__name__", type(policy).__name__)
 
   assert policies(remat_policy="nothing_saveable") == [traced_as("nothing_saveable")] * 4
-  assert policies(remat_policy="nothing_saveable", stage_remat_policies=(
-      "none", "dots_with_no_batch_dims_saveable")) == [traced_as("dots_with_no_batch_dims_saveable")] * 2
+  assert (
+    policies(remat_policy="nothing_saveable", stage_remat_policies=("none", "dots_with_no_batch_dims_saveable"))
+    == [traced_as("dots_with_no_batch_dims_saveable")] * 2
+  )
   with pytest.raises(ValueError, match=r"stage_remat_policies=\('none',\): expected one per stage \(2\)"):
     policies(stage_remat_policies=("none",))
 
@@ -212,11 +222,17 @@ def test_every_param_has_logical_axis_names_and_zero_post_norms():
   leaves = jax.tree.leaves(boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
   assert leaves and all(isinstance(x, nn.Partitioned) and len(x.names) == x.value.ndim for x in leaves)
   assert boxed["params"]["stage_0"]["blocks"]["shifted"]["attn"]["qkv"]["kernel"].names == (
-      "layers", "embed", None, "heads", "kv")
+    "layers",
+    "embed",
+    None,
+    "heads",
+    "kv",
+  )
 
   def checked(variables):  # the values below, of the model's own init: XLA drops the rest of its program
     blocks = nn.unbox(variables)["params"]["stage_0"]["blocks"]
     return blocks["shifted"]["attn"]["logit_scale"], {norm: blocks["plain"][norm]["ln"] for norm in ("norm1", "norm2")}
+
   logit_scale, norms = jax.jit(lambda key: checked(model.init(key, images)))(jax.random.key(0))
   np.testing.assert_allclose(logit_scale, math.log(10.0))
   # Res-post-norm blocks start as the identity: both block norms are zero (weight and bias).
@@ -266,9 +282,15 @@ def test_position_bias_transfers_to_a_larger_window():
   unanchored = swinv2.ContinuousPositionBias(num_heads=3, window=40, pretrained_window=0)
   variables = _jittered(jax.jit(small.init)(jax.random.key(0)), 1.0, seed=3)
   # Jitted (eager, every primitive compiles on its own): the three biases in one program, read on the host.
-  b14, b40, spread = jax.device_get(jax.jit(lambda v: (
-      swinv2.bias_of_offsets(small.apply(v), 14), swinv2.bias_of_offsets(large.apply(v), 40),
-      swinv2.bias_of_offsets(unanchored.apply(v), 40)))(variables))
+  b14, b40, spread = jax.device_get(
+    jax.jit(
+      lambda v: (
+        swinv2.bias_of_offsets(small.apply(v), 14),
+        swinv2.bias_of_offsets(large.apply(v), 40),
+        swinv2.bias_of_offsets(unanchored.apply(v), 40),
+      )
+    )(variables)
+  )
   assert b14.shape == (3, 196, 196) and b40.shape == (3, 1600, 1600)
   # Query (0, 0) against keys (i, j), i, j < 14: the offsets -i, -j exist in both windows.
   keys14 = np.arange(14)[:, None] * 14 + np.arange(14)[None, :]
@@ -294,6 +316,7 @@ def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_tabl
 
   def loss(v, x):
     return jnp.sum(jnp.sin(attention.apply(v, x, regions)))
+
   step = jax.value_and_grad(loss, argnums=(0, 1))
   want = jax.jit(step)(variables, windows)
   mesh = parallel.make_mesh(tiny_vit_config(strategy="zero3").mesh)
@@ -303,8 +326,12 @@ def test_window_attention_on_devices_sums_the_position_bias_gradient_as_its_tabl
     program = jax.jit(step).lower(variables, sharded).compile().as_text()
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-5 * float(np.abs(w).max()))
-  summed = {tuple(int(d) for d in shape.split(",") if d) for line in program.splitlines() if " all-reduce(" in line
-            for shape in re.findall(r"f32\[([\d,]*)\]", line.split(" all-reduce(")[0])}
+  summed = {
+    tuple(int(d) for d in shape.split(",") if d)
+    for line in program.splitlines()
+    if " all-reduce(" in line
+    for shape in re.findall(r"f32\[([\d,]*)\]", line.split(" all-reduce(")[0])
+  }
   assert (2, 49) in summed and not [s for s in summed if s[-2:] == (16, 16)], summed
 
 
@@ -313,8 +340,7 @@ def test_224_window_14_weights_run_at_640_window_40():
   kw = dict(embed_dim=8, depths=(2, 2, 2, 2), num_heads=(1, 1, 2, 2), num_classes=3)
   low = swinv2.SwinV2(**kw, window_size=14, image_size=224)
   params = _random_params(low, 224, seed=5)  # a 224 px model's weights (by its shapes)
-  high = swinv2.SwinV2(**kw, window_size=40, image_size=640,
-                       pretrained_window_sizes=swinv2.pretrained_windows(224, 14))
+  high = swinv2.SwinV2(**kw, window_size=40, image_size=640, pretrained_window_sizes=swinv2.pretrained_windows(224, 14))
   chex.assert_trees_all_equal_shapes(_param_shapes(high, 640), params)  # every weight has a place, none is new
   out = jax.jit(high.apply)({"params": params}, jax.random.normal(jax.random.key(0), (1, 640, 640, 3)))
   assert out["tokens"].shape == (1, 20 * 20, 64) and out["logits"].shape == (1, 3)
@@ -324,8 +350,10 @@ def test_224_window_14_weights_run_at_640_window_40():
 def test_no_weight_decay_for_biases_norms_position_bias_and_logit_scale():
   config = config_lib.base_config("swinv2")
   params = _param_shapes(_small(scan=False), 16)
-  decays = {path_str(p): d for p, d in jax.tree_util.tree_flatten_with_path(
-      optim.decay_mask_fn(tuple(config.optim.no_decay))(params))[0]}
+  decays = {
+    path_str(p): d
+    for p, d in jax.tree_util.tree_flatten_with_path(optim.decay_mask_fn(tuple(config.optim.no_decay))(params))[0]
+  }
   decayed = sorted(k.split("/", 2)[-1] for k, d in decays.items() if d and k.startswith("stage_0/blocks_0"))
   assert decayed == ["attn/out/kernel", "attn/qkv/kernel", "mlp/fc1/kernel", "mlp/fc2/kernel"]
   assert decays["stage_0/downsample/reduction/kernel"] and decays["head/kernel"]
@@ -384,9 +412,19 @@ def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(
 
   # 32 px with window 8 (a 16x16 map) from the 16 px / window 4 run. One step at lr 0 (the first warmup step)
   # leaves the params as loaded, so the new run's checkpoint must equal the old run's params bit for bit.
-  high = _demo_config(**{"model.image_size": 32, "data.image_size": 32, "model.window_size": 8,
-                         "model.pretrained_window_sizes": (4,), "init_from": str(tmp_path / "w4"),
-                         "total_steps": 1, "optim.warmup_steps": 1, "eval_every": 1, "checkpoint_every": 1})
+  high = _demo_config(
+    **{
+      "model.image_size": 32,
+      "data.image_size": 32,
+      "model.window_size": 8,
+      "model.pretrained_window_sizes": (4,),
+      "init_from": str(tmp_path / "w4"),
+      "total_steps": 1,
+      "optim.warmup_steps": 1,
+      "eval_every": 1,
+      "checkpoint_every": 1,
+    }
+  )
   second = train.run(high, str(tmp_path / "w8"))
   assert second["step"] == 1 and np.isfinite(second["eval/val/top1"])
   model = models.build(high.model, jnp.float32, "cpu")
@@ -400,6 +438,7 @@ def test_swinv2_classification_trains_and_transfers_resolution_through_the_loop(
 def test_l2_normalize_has_finite_gradients_at_zero():
   """Cosine attention normalises q and k; an all-zero row (a black patch at init) must not make the step NaN."""
   from visionfm_jax.models import layers  # pylint: disable=g-import-not-at-top
+
   x = np.array([[0.0, 0.0, 0.0], [3.0, 0.0, 4.0]], np.float32)
   loss = lambda v: jnp.sum(layers.l2_normalize(v) * jnp.array([1.0, 2.0, 3.0]))
   normalized, grads = jax.jit(lambda v: (layers.l2_normalize(v), jax.grad(loss)(v)))(x)  # one program
@@ -412,11 +451,13 @@ def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
   """attention='jax' (jax.nn.dot_product_attention; the cuDNN path on GPU takes the same folded layout, bias
   and scale) computes what the einsum path does, with and without the shift mask; gradients too."""
   from visionfm_jax.models import swinv2  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   windows = jnp.asarray(rng.normal(size=(2, 4, 16, 12)), jnp.float32)  # B, nW, N (4x4 windows), C
   regions = jnp.asarray(rng.integers(0, 3, (4, 16))) if shifted_stage else None
-  modules = {a: swinv2.WindowAttention(num_heads=3, window=4, pretrained_window=4, attention=a)
-             for a in ("softmax", "jax")}
+  modules = {
+    a: swinv2.WindowAttention(num_heads=3, window=4, pretrained_window=4, attention=a) for a in ("softmax", "jax")
+  }
   params = jax.jit(modules["softmax"].init)(jax.random.key(0), windows, regions)
   # With numpy: jnp would compile a program per leaf shape.
   params = jax.tree.map(lambda p: np.asarray(p) + 0.1 * rng.normal(size=p.shape).astype(p.dtype), params)
@@ -424,6 +465,7 @@ def test_fused_window_attention_matches_the_einsum_path(shifted_stage):
   def loss(module, p):
     out = module.apply(p, windows, regions)
     return jnp.sum(jnp.sin(out)), out
+
   # One program per path gives its outputs and gradients.
   runs = {a: jax.jit(jax.grad(lambda p, m=m: loss(m, p), has_aux=True))(params) for a, m in modules.items()}
   np.testing.assert_allclose(runs["jax"][1], runs["softmax"][1], rtol=1e-5, atol=1e-5)

@@ -98,8 +98,9 @@ def test_flip_then_its_unmasked_tuning_train_through_main_and_evaluate_on_whole_
   assert clip.build(config.model, jnp.float32).image.token_drop == 0.5
   masked = train.run(config, str(tmp_path / "flip"))
   assert masked["step"] == config.total_steps and np.isfinite(masked["train/loss"])
-  tune = _tiny_vit_clip("flip_tune", **{"init_from": str(tmp_path / "flip"), "total_steps": 2,
-                                        "eval_every": 2, "checkpoint_every": 2})
+  tune = _tiny_vit_clip(
+    "flip_tune", **{"init_from": str(tmp_path / "flip"), "total_steps": 2, "eval_every": 2, "checkpoint_every": 2}
+  )
   assert tune.model.image.token_drop == 0.0
   tuned = train.run(tune, str(tmp_path / "tune"))
   assert tuned["step"] == 2

@@ -30,8 +30,9 @@ PICTURE = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3) * 4
 
 def _config(**fields):
   """The base config reporting to every tracker; `fields`: dotted overrides (optim__lr for optim.lr)."""
-  return config_lib.set_paths(config_lib.base_config(), {"report_to": ALL,
-                                                         **{k.replace("__", "."): v for k, v in fields.items()}})
+  return config_lib.set_paths(
+    config_lib.base_config(), {"report_to": ALL, **{k.replace("__", "."): v for k, v in fields.items()}}
+  )
 
 
 def _write(writer, steps, scale):
@@ -73,7 +74,7 @@ def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_
   assert want[36]["train/loss"] == 108.0
   ids = json.loads((tmp_path / "run" / trackers.IDS_FILE).read_text())
 
-  (run_id, run), = wandb_runs(workdir).items()
+  ((run_id, run),) = wandb_runs(workdir).items()
   assert run_id == ids["wandb"]["id"]
   assert run["segments"] == 4 and run["rewinds"] == [19, 34]  # the rollback, then the crash (the preemption none)
   assert run["exit_codes"] == [0, 0, 1, 0]
@@ -81,7 +82,7 @@ def test_histories_equal_metrics_jsonl_through_a_rollback_a_crash_a_failure_and_
   assert run["summary"]["eval/val/top1"] == 0.75
   assert [key for key in run["images"]] == [(55, "panel")] and run["images"][55, "panel"]["width"] == 5
 
-  (mlflow_id, run), = mlflow_runs(workdir).items()
+  ((mlflow_id, run),) = mlflow_runs(workdir).items()
   assert mlflow_id == ids["mlflow"]["run_id"]
   assert run["status"] == "FINISHED" and run["experiment"] == "visionfm_jax"
   assert run["history"] == want
@@ -94,12 +95,14 @@ def test_a_refused_wandb_rewind_continues_the_run_without_sending_its_steps_agai
   """A W&B server without run rewind (a preview feature): the run continues under its id, the steps it already
   holds are not sent again (W&B would drop them), and a warning says their values are the abandoned ones."""
   import wandb  # pylint: disable=g-import-not-at-top
+
   init = wandb.init
 
   def init_without_rewind(**kwargs):
     if "resume_from" in kwargs:
       raise wandb.errors.CommError("rewind is not enabled for this entity")
     return init(**kwargs)
+
   monkeypatch.setattr(wandb, "init", init_without_rewind)
   workdir = str(tmp_path / "run")
   writer = metrics.MetricWriter(workdir, 0, _config(report_to="wandb"))
@@ -112,7 +115,10 @@ def test_a_refused_wandb_rewind_continues_the_run_without_sending_its_steps_agai
   files = sorted(str(p.relative_to(workdir)) for p in pathlib.Path(workdir, "wandb").rglob("*.wandb"))
   assert run["segments"] == 2 and run["rewinds"] == [], (run["segments"], run["exit_codes"], files)
   assert {step: row["train/loss"] for step, row in run["history"].items()} == {
-      **{s: float(s) for s in range(1, 11)}, 11: 22.0, 12: 24.0}, files
+    **{s: float(s) for s in range(1, 11)},
+    11: 22.0,
+    12: 24.0,
+  }, files
   assert "W&B did not rewind run" in caplog.text and "preview feature" in caplog.text
 
 
@@ -126,19 +132,34 @@ def test_report_to_none_writes_metrics_jsonl_alone(tmp_path):
 def test_a_tracker_that_is_not_installed_is_one_error_line_naming_its_extra(tmp_path, monkeypatch, capsys):
   find_spec = importlib.util.find_spec
   monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "wandb" else find_spec(name, *a))
-  status, _, err = run_main_in_process(["--config=configs/vit_huge.py:demo", "--config.report_to=tensorboard,wandb",
-                                        f"--workdir={tmp_path / 'run'}"], monkeypatch, capsys)
+  status, _, err = run_main_in_process(
+    ["--config=configs/vit_huge.py:demo", "--config.report_to=tensorboard,wandb", f"--workdir={tmp_path / 'run'}"],
+    monkeypatch,
+    capsys,
+  )
   assert status == 2
-  assert err.strip() == ("error: config.report_to='tensorboard,wandb': wandb is not installed (no module 'wandb'): "
-                         "pip install -e '.[wandb]'")
+  assert err.strip() == (
+    "error: config.report_to='tensorboard,wandb': wandb is not installed (no module 'wandb'): pip install -e '.[wandb]'"
+  )
   assert not (tmp_path / "run").exists()
 
 
-TINY = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-        "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
-        "--config.data.eval_examples=16", "--config.data.num_workers=0", "--config.progress_bar=False",
-        "--config.checkpoint_every=6", "--config.log_every=1", "--config.eval_every=12", "--config.total_steps=24",
-        f"--config.report_to={ALL}"]
+TINY = [
+  "--config=configs/vit_huge.py:demo",
+  "--config.model.variant=pico/4",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.global_batch_size=16",
+  "--config.optim.warmup_steps=2",
+  "--config.data.eval_examples=16",
+  "--config.data.num_workers=0",
+  "--config.progress_bar=False",
+  "--config.checkpoint_every=6",
+  "--config.log_every=1",
+  "--config.eval_every=12",
+  "--config.total_steps=24",
+  f"--config.report_to={ALL}",
+]
 # The run of `main` whose process is killed outright (SIGKILL: no cleanup) right after it has logged step KILL_AT.
 _KILLED_MAIN = """
 import os, signal, sys
@@ -158,35 +179,42 @@ app.run(entry.main, flags_parser=entry._parse_flags)
 
 @pytest.mark.slow
 @needs_both
-def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run_per_tracker(tmp_path,
-                                                                                             compilation_cache,
-                                                                                             warm_python):
+def test_a_run_killed_between_checkpoints_and_resumed_through_main_keeps_one_run_per_tracker(
+  tmp_path, compilation_cache, warm_python
+):
   """Killed after logging step 17 (checkpoint 12 the newest, 5 steps for its save to commit), rerun to 24: one W&B
   run, which the kill left without what W&B had not yet written, rewound to its start and given metrics.jsonl's rows
   1-12 again, then 13-24; one MLflow run, FINISHED; both hold metrics.jsonl's values, and the console names both."""
   workdir = tmp_path / "run"
   env = dict(os.environ, KILL_AT="17", **compilation_cache_env(compilation_cache))
   args = [*TINY, f"--workdir={workdir}"]
-  killed = subprocess.run([sys.executable, "-c", _KILLED_MAIN, *args], cwd=ROOT, env=env, capture_output=True,
-                          text=True, timeout=300)
+  killed = subprocess.run(
+    [sys.executable, "-c", _KILLED_MAIN, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300
+  )
   assert killed.returncode == -signal.SIGKILL, killed.stderr[-4000:]
   assert sorted(os.listdir(workdir / "checkpoints"), key=int) == ["6", "12"]
-  rerun = subprocess.run([warm_python.python, "-m", "visionfm_jax.main", *args], cwd=ROOT,
-                         env=warm_python.env(env), capture_output=True, text=True, timeout=300)
+  rerun = subprocess.run(
+    [warm_python.python, "-m", "visionfm_jax.main", *args],
+    cwd=ROOT,
+    env=warm_python.env(env),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert rerun.returncode == 0, rerun.stderr[-4000:]
   assert "could not start" not in rerun.stderr and "no more metrics go to it" not in rerun.stderr, rerun.stderr[-4000:]
 
   want = jsonl_scalars(workdir)
   assert sorted(want) == list(range(1, 25))
   ids = json.loads((workdir / trackers.IDS_FILE).read_text())
-  (run_id, run), = wandb_runs(workdir).items()
+  ((run_id, run),) = wandb_runs(workdir).items()
   assert run_id == ids["wandb"]["id"] and run["rewinds"] == [0] and ids["wandb"]["closed"]
   assert run["history"] == want
   assert run["exit_codes"][-1] == 0
   assert run["summary"]["eval/val/top1"] == want[24]["eval/val/top1"]
   assert f"W&B run {run_id}: {workdir / 'wandb'}/offline-run-" in rerun.stderr
 
-  (mlflow_id, run), = mlflow_runs(workdir).items()
+  ((mlflow_id, run),) = mlflow_runs(workdir).items()
   assert mlflow_id == ids["mlflow"]["run_id"] and run["status"] == "FINISHED"
   assert run["history"] == want
   assert sorted(run["artifacts"]) == ["config.json", "panels", "summary.json"]

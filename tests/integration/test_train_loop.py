@@ -29,9 +29,16 @@ from visionfm_jax.training.infra import metrics
 from conftest import ROOT, compilation_cache_env, cpu_env, read_the_loss_after_every_step, tiny_vit_config
 from test_bad_input import run_main_in_process
 
-TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-              "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
-              "--config.data.eval_examples=64", "--config.progress_bar=False"]
+TINY_FLAGS = [
+  "--config=configs/vit_huge.py:demo",
+  "--config.model.variant=pico/4",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.global_batch_size=16",
+  "--config.optim.warmup_steps=2",
+  "--config.data.eval_examples=64",
+  "--config.progress_bar=False",
+]
 
 
 def _read_metrics(workdir):
@@ -52,9 +59,15 @@ def _main(workdir, *flags, devices=8, cache=None, warm=None):
   """`python -m visionfm_jax.main` on the tiny ViT; `warm`: run by that warm interpreter (tests/warm_python.py)."""
   env = cpu_env(devices, **(compilation_cache_env(cache) if cache else {}))
   python, env = (warm.python, warm.env(env)) if warm else (sys.executable, env)
-  return subprocess.Popen([python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          start_new_session=True)
+  return subprocess.Popen(
+    [python, "-m", "visionfm_jax.main", f"--workdir={workdir}", *TINY_FLAGS, *flags],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    start_new_session=True,
+  )
 
 
 def _zero3_config():
@@ -67,9 +80,16 @@ def _zero3_config():
 
 
 # `_zero3_config` as main's flags.
-ZERO3_FLAGS = [*TINY_FLAGS, "--config.total_steps=6", "--config.log_every=2", "--config.eval_every=3",
-               "--config.checkpoint_every=3", "--config.strategy=zero3", "--config.data.num_workers=0",
-               "--config.data.eval_examples=40"]
+ZERO3_FLAGS = [
+  *TINY_FLAGS,
+  "--config.total_steps=6",
+  "--config.log_every=2",
+  "--config.eval_every=3",
+  "--config.checkpoint_every=3",
+  "--config.strategy=zero3",
+  "--config.data.num_workers=0",
+  "--config.data.eval_examples=40",
+]
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +138,7 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
   assert len(_read_metrics(tmp_path)) == len(rows)
   # TensorBoard holds what metrics.jsonl holds; the rerun's file keeps TensorBoard at steps <= 6 of the first.
   import test_tensorboard  # pylint: disable=g-import-not-at-top  (it skips without tensorboardX, its reference)
+
   first, rerun = test_tensorboard.read_event_files(tmp_path / "tensorboard")
   jsonl_by_step = {}
   for row in rows:
@@ -136,8 +157,9 @@ def test_run_writes_metrics_checkpoints_and_config(zero3_run, tmp_path):
 
 
 @ZERO3_RUN
-def test_a_rerun_after_a_kill_before_the_final_evaluation_completes_the_record(zero3_run, tmp_path, monkeypatch,
-                                                                               capsys, caplog):
+def test_a_rerun_after_a_kill_before_the_final_evaluation_completes_the_record(
+  zero3_run, tmp_path, monkeypatch, capsys, caplog
+):
   """Killed after its last checkpoint, while writing step 6's train row (left without its newline), before the final
   evaluation: the rerun through main keeps the row, says the run was already complete, makes the evaluation and the
   panel of step 6 as the uninterrupted run did, closes the trackers with the final metrics and prints them on its
@@ -152,9 +174,11 @@ def test_a_rerun_after_a_kill_before_the_final_evaluation_completes_the_record(z
   (tmp_path / "panels" / "step_6.png").unlink()
   finals = []
   close = metrics.MetricWriter.close
+
   def close_noting_final(self, final=None):
     finals.append(final)
     close(self, final)
+
   monkeypatch.setattr(metrics.MetricWriter, "close", close_noting_final)
 
   status, err = _rerun_main(tmp_path, monkeypatch, capsys, caplog)
@@ -195,8 +219,14 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch,
   bitwise, so the data order resumed exactly too. The interrupted run keeps its programs in its workdir's
   compile cache and the rerun loads its train step from there: a loaded program computes bitwise what a compiled
   one does. (The uninterrupted run, last, loads them too instead of compiling them a third time.)"""
-  flags = ["--config.total_steps=12", "--config.checkpoint_every=4", "--config.eval_every=12", "--config.log_every=1",
-           "--config.data.num_workers=1", "--config.strategy=zero3"]
+  flags = [
+    "--config.total_steps=12",
+    "--config.checkpoint_every=4",
+    "--config.eval_every=12",
+    "--config.log_every=1",
+    "--config.data.num_workers=1",
+    "--config.strategy=zero3",
+  ]
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")  # JAX keeps programs of 1 s and more
   preempted = _main(tmp_path / "run", *flags, warm=warm_python)  # config.compile_cache '': <workdir>/compile_cache
   first_checkpoint = tmp_path / "run" / "checkpoints" / "4"
@@ -229,8 +259,10 @@ def test_preempted_run_resumes_to_the_same_result_bitwise(tmp_path, monkeypatch,
   for got, want in zip(_final_state(tmp_path / "run", 12), _final_state(tmp_path / "ref", 12)):
     np.testing.assert_array_equal(got, want)
   rows = [r for r in _read_metrics(tmp_path / "run") if r["step"] == 12 and "eval/val/top1" in r]
-  assert rows[-1]["eval/val/top1"] == [r for r in _read_metrics(tmp_path / "ref") if "eval/val/top1" in r][-1][
-      "eval/val/top1"]
+  assert (
+    rows[-1]["eval/val/top1"]
+    == [r for r in _read_metrics(tmp_path / "ref") if "eval/val/top1" in r][-1]["eval/val/top1"]
+  )
 
 
 @ZERO3_RUN
@@ -244,10 +276,12 @@ def test_signal_during_a_logging_steps_wait_saves_the_step_it_names(zero3_run, t
   config.eval_every, config.checkpoint_every = 6, 100
 
   write = metrics.MetricWriter.write
+
   def write_then_signal(self, step, values):
     write(self, step, values)
     if step == 2 and "train/loss" in values:
       os.kill(os.getpid(), signal.SIGTERM)
+
   monkeypatch.setattr(metrics.MetricWriter, "write", write_then_signal)
   with caplog.at_level(logging.INFO):
     stopped = train.run(config, str(tmp_path / "run"))
@@ -283,8 +317,13 @@ def test_batch_axes_that_do_not_span_the_processes_are_a_config_error(tmp_path, 
 def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_path):
   """lr 1e30: step 2's update sends the params to ~1e29, so step 3's loss is not finite. The check runs before
   every save (checkpoint_every=1), even between log steps (log_every=5)."""
-  config = tiny_vit_config(total_steps=6, log_every=5, eval_every=6, checkpoint_every=1,
-                           **{"optim.lr": 1e30, "optim.warmup_steps": 2, "data.num_workers": 0})
+  config = tiny_vit_config(
+    total_steps=6,
+    log_every=5,
+    eval_every=6,
+    checkpoint_every=1,
+    **{"optim.lr": 1e30, "optim.warmup_steps": 2, "data.num_workers": 0},
+  )
   with pytest.raises(train.NonFiniteLossError, match=r"at step 3; stopping. The last good checkpoint: .*/2;"):
     train.run(config, str(tmp_path))
   assert sorted(os.listdir(tmp_path / "checkpoints"), key=int) == ["1", "2"]
@@ -295,8 +334,16 @@ def test_non_finite_loss_stops_before_saving_and_keeps_the_good_checkpoints(tmp_
 def test_console_shows_our_lines_only(tmp_path, warm_python):
   """Not a terminal (as in a SLURM log): a handful of timestamped lines of ours (no Orbax or JAX internals),
   plain progress lines, one line per evaluation, where each checkpoint goes, and the final metrics."""
-  proc = _main(tmp_path / "run", "--config.total_steps=4", "--config.log_every=1", "--config.eval_every=2",
-               "--config.checkpoint_every=2", "--config.progress_bar=True", devices=1, warm=warm_python)
+  proc = _main(
+    tmp_path / "run",
+    "--config.total_steps=4",
+    "--config.log_every=1",
+    "--config.eval_every=2",
+    "--config.checkpoint_every=2",
+    "--config.progress_bar=True",
+    devices=1,
+    warm=warm_python,
+  )
   out, _ = proc.communicate(timeout=600)
   assert proc.returncode == 0, out
   lines = out.splitlines()
@@ -321,7 +368,9 @@ def _emulate_the_device_to_host_guard(monkeypatch):
       if jax.config.jax_transfer_guard_device_to_host == "disallow":
         raise RuntimeError("device-to-host read between logging steps")
       return read(self, *args)
+
     return check
+
   monkeypatch.setattr(array.ArrayImpl, "_value", property(guarded(array.ArrayImpl._value.fget)))
   monkeypatch.setattr(array.ArrayImpl, "block_until_ready", guarded(array.ArrayImpl.block_until_ready))
 
@@ -345,43 +394,56 @@ def test_fp16_run_overflowing_at_the_minimum_scale_stops_naming_the_last_good_ch
   """Two good fp16 steps are saved; then every step overflows at the minimum scale (its batch's labels marked, its
   loss then infinite; a skipped step changes no param, so the step-4 save is still good): the third such step in
   a row stops the run, naming checkpoint 4."""
-  fields = {"precision.compute_dtype": "float16", "precision.loss_scale_init": 1.0,
-            "precision.max_consecutive_skips": 3}
+  fields = {
+    "precision.compute_dtype": "float16",
+    "precision.loss_scale_init": 1.0,
+    "precision.max_consecutive_skips": 3,
+  }
   config = tiny_vit_config(total_steps=8, log_every=1, eval_every=100, checkpoint_every=2, **fields)
   config.data.num_workers = 0
   config.data.eval_examples = 16
 
   loss = tasks.ClassificationTask.loss
+
   def overflowing_on_marked_labels(self, params, batch, rng):
     value, aux = loss(self, params, batch, rng)
     return value * jnp.where(jnp.all(batch["label"] < 0), jnp.inf, 1.0), aux
+
   monkeypatch.setattr(tasks.ClassificationTask, "loss", overflowing_on_marked_labels)
   jit_train_step = step_lib.jit_train_step
 
   def marking_after_two_steps(*args, **kwargs):
     step, calls = jit_train_step(*args, **kwargs), []
+
     def run(state, batch):
       calls.append(1)
       return step(state, batch if len(calls) <= 2 else dict(batch, label=batch["label"] - 1000))
+
     return run
+
   monkeypatch.setattr(step_lib, "jit_train_step", marking_after_two_steps)
-  with pytest.raises(train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*"
-                                               f"{tmp_path / 'checkpoints'}/4"):
+  with pytest.raises(
+    train.NonFiniteLossError, match=f"3 consecutive fp16 steps overflowed .* up to step 5.*{tmp_path / 'checkpoints'}/4"
+  ):
     train.run(config, str(tmp_path))
   rows = [r for r in _read_metrics(tmp_path) if "train/loss" in r]
   assert [math.isfinite(r["train/loss"]) for r in rows] == [True, True, False, False]  # steps 1-4 logged
 
 
-@pytest.mark.parametrize("family,fields", [
+@pytest.mark.parametrize(
+  "family,fields",
+  [
     ("clip", {"eval.zeroshot_source": "arrayrecord:/nonexistent/zeroshot-{split}-*"}),
     ("clip", {"data.eval_source": "arrayrecord:/nonexistent/pairs-{split}-*"}),
     ("clip", {"eval.retrieval_benchmarks": (("coco", "coco_karpathy:/nonexistent/coco"),)}),
     ("vit", {"probe.knn": True, "probe.source": "arrayrecord:/nonexistent/probe-{split}-*"}),
-], ids=["zeroshot", "retrieval", "retrieval_benchmark", "probe"])
-def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp_path, monkeypatch, family,
-                                                                               fields):
+  ],
+  ids=["zeroshot", "retrieval", "retrieval_benchmark", "probe"],
+)
+def test_a_missing_evaluation_source_stops_the_run_before_any_state_is_built(tmp_path, monkeypatch, family, fields):
   """Not at the first evaluation, thousands of steps later: the evaluators open their sources when built."""
   from conftest import override, tiny_clip_config  # pylint: disable=g-import-not-at-top
+
   config = override(tiny_vit_config() if family == "vit" else tiny_clip_config(), **fields)
   config.data.num_workers = 0
   monkeypatch.setattr(step_lib, "make_init_fn", lambda *a: pytest.fail("the state was built"))
@@ -393,6 +455,7 @@ def test_compile_cache_settings(tmp_path):
   """'' is JAX's own setting when one is made, else the workdir's folder; 'off' none; a path itself. The run's
   setting holds inside `in_use` only."""
   from visionfm_jax.training.infra import compile_cache  # pylint: disable=g-import-not-at-top
+
   before = jax.config.jax_compilation_cache_dir
   try:
     jax.config.update("jax_compilation_cache_dir", None)

@@ -26,9 +26,13 @@ from conftest import tiny_clip_config, tiny_vit_config
 def _random_batches(config, n, seed=0):
   rng = np.random.default_rng(seed)
   size = config.data.image_size
-  return [{"image": rng.integers(0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8),
-           "label": rng.integers(0, config.model.num_classes, (config.global_batch_size,), dtype=np.int32)}
-          for _ in range(n)]
+  return [
+    {
+      "image": rng.integers(0, 256, (config.global_batch_size, size, size, 3), dtype=np.uint8),
+      "label": rng.integers(0, config.model.num_classes, (config.global_batch_size,), dtype=np.int32),
+    }
+    for _ in range(n)
+  ]
 
 
 class OverflowingTask(tasks.ClassificationTask):
@@ -55,8 +59,11 @@ def _initial_state(config, init_fn, shardings):
   values under any layout (partitionable threefry), so configs that differ only in what does not shape or seed the
   state (batch, accumulation, steps, strategy, mesh, devices) share one init compile, the slowest part of a test:
   it runs once, unsharded, and its host copy is laid out for each run."""
-  key = json.dumps([config.model.to_dict(), config.optim.to_dict(), config.precision.to_dict(), config.seed],
-                   sort_keys=True, default=str)
+  key = json.dumps(
+    [config.model.to_dict(), config.optim.to_dict(), config.precision.to_dict(), config.seed],
+    sort_keys=True,
+    default=str,
+  )
   if key not in _INITIAL_STATES:
     _INITIAL_STATES[key] = jax.device_get(jax.jit(lambda r: nn.unbox(init_fn(r)))(jax.random.key(config.seed)))
   return jax.device_put(_INITIAL_STATES[key], shardings)
@@ -104,6 +111,7 @@ def _setup(config, task=None, devices=None, params=None):
     """The partitioned HLO of the step just run on `state` and `batch` (jit's cache: no second compile)."""
     with parallel.activation_sharding(mesh):
       return jitted.lower(state, jax.device_put(batch, batch_sharding)).compile().as_text()
+
   step.compiled_text = compiled_text
   return state, step, specs
 
@@ -128,8 +136,9 @@ def _ddp_run():
   """(params after each step, metrics per step, state specs) of three ddp steps on `_random_batches`: the reference
   of the ZeRO strategies (three steps) and of accumulation (the first two), one run and one compile for all."""
   params = []
-  _, specs, history = _train(tiny_vit_config(strategy="ddp"), _random_batches(tiny_vit_config(), 3),
-                             params_after=params)
+  _, specs, history = _train(
+    tiny_vit_config(strategy="ddp"), _random_batches(tiny_vit_config(), 3), params_after=params
+  )
   return params, history, specs
 
 
@@ -167,11 +176,12 @@ def test_fp8_gemms_step_within_an_e4m3_roundoff_of_the_compute_dtype_and_keep_th
   config = tiny_vit_config(strategy="ddp", **{"precision.gemm": "fp8"})
   state, _, history = _train(config, _random_batches(config, 3))
   reference = _ddp_run()[1]
-  chex.assert_trees_all_equal_shapes_and_dtypes(jax.device_get(state), jax.device_get(_setup(tiny_vit_config(
-      strategy="ddp"))[0]))
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    jax.device_get(state), jax.device_get(_setup(tiny_vit_config(strategy="ddp"))[0])
+  )
   for name in ("train/loss", "train/grad_norm"):
     got, want = np.array([h[name] for h in history]), np.array([h[name] for h in reference])
-    assert np.all(np.abs(got - want) <= 2.0 ** -4 * np.abs(want)), name
+    assert np.all(np.abs(got - want) <= 2.0**-4 * np.abs(want)), name
   assert any(h["train/grad_norm"] != r["train/grad_norm"] for h, r in zip(history, reference))
 
 
@@ -204,18 +214,21 @@ def test_a_straight_line_stack_initialises_from_the_rolled_loops_program():
   """scan_unroll changes the step's program, never the params: the state's init traces every stack as the rolled
   loop (models.layers.rolled_stacks), one block's random draws in a loop body where straight-line code would compile
   a copy per block, and so gives every form the same params."""
+
   def lowered_init(unroll):
     config = tiny_vit_config(**{"model.variant": "32x3x64x2/4", "model.scan_unroll": unroll})
     tx, _ = optim.fresh_optimizer(config)
     init_fn = step_lib.make_init_fn(tasks.build(config), tx, config)
     return jax.jit(init_fn).lower(jax.random.key(0)).as_text()
+
   assert lowered_init(0) == lowered_init(1)
 
 
-@pytest.mark.parametrize("make_config, loss_name, unreduced",
-                         [(tiny_vit_config, "loss", {}), (tiny_vit_config, "loss", UNREDUCED),
-                          (tiny_clip_config, "local_loss", UNREDUCED)],
-                         ids=["reduced", "unreduced", "split_loss_unreduced"])
+@pytest.mark.parametrize(
+  "make_config, loss_name, unreduced",
+  [(tiny_vit_config, "loss", {}), (tiny_vit_config, "loss", UNREDUCED), (tiny_clip_config, "local_loss", UNREDUCED)],
+  ids=["reduced", "unreduced", "split_loss_unreduced"],
+)
 def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, make_config, loss_name, unreduced):
   """The loop's carry is shaped from the same trace of a micro-batch's forward and backward that the loop body
   runs (grads.traced_once): the model is traced once per step, not twice; a split loss's per-device pass 2 too."""
@@ -235,15 +248,15 @@ def test_an_accumulated_step_traces_the_micro_batch_once(monkeypatch, make_confi
   assert len(traces) == 1
 
 
-@pytest.mark.parametrize("unreduced", [{}, UNREDUCED, NODE_LOCAL],
-                         ids=["reduced", "unreduced", "node_local"])
+@pytest.mark.parametrize("unreduced", [{}, UNREDUCED, NODE_LOCAL], ids=["reduced", "unreduced", "node_local"])
 def test_gradient_accumulation_equals_one_big_batch(unreduced):
   """Also with each device's gradients summed unreduced over the micro-batches and reduced once a step, and with
   each fsdp group (a node) reducing its micro-batches' gradients within and the groups once a step."""
   assert tiny_vit_config().strategy == "ddp"  # the reference: the first two steps of `_ddp_run`
   ref_params, ref_hist, _ = _ddp_run()
-  got, _, hist, hlo = _train(tiny_vit_config(grad_accum_steps=2, **unreduced), _random_batches(tiny_vit_config(), 2),
-                             with_hlo=True)
+  got, _, hist, hlo = _train(
+    tiny_vit_config(grad_accum_steps=2, **unreduced), _random_batches(tiny_vit_config(), 2), with_hlo=True
+  )
   chex.assert_trees_all_close(jax.device_get(got.params), ref_params[1], atol=1e-5, rtol=1e-4)
   np.testing.assert_allclose(hist[-1]["train/loss"], ref_hist[1]["train/loss"], rtol=1e-5)
   if unreduced is NODE_LOCAL:  # 8 devices read as 2 nodes of 4: only the fsdp groups of 4 reduce inside the loop
@@ -267,8 +280,9 @@ def test_per_device_accumulation_runs_a_stack_unrolled_k_blocks_at_a_time():
 
 
 def test_fp16_overflow_skips_the_step_and_halves_the_scale():
-  config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10,
-                               "strategy": "ddp"})
+  config = tiny_vit_config(
+    **{"precision.compute_dtype": "float16", "precision.loss_scale_init": 2.0**10, "strategy": "ddp"}
+  )
   batches = _batches_poisoned_at(config, 3, 1)  # the second batch overflows
   state, step, _ = _setup(config, OverflowingTask(config))
   state, m = step(state, batches[0])
@@ -287,17 +301,33 @@ def test_fp16_overflow_skips_the_step_and_halves_the_scale():
 
 
 def test_weight_decay_mask_decays_only_kernels_and_no_decay_exempts_kernels():
-  params = {"blocks": {"attn": {"qkv": {"kernel": 1, "bias": 1}, "cpb_mlp": {"fc1": {"kernel": 1}}},
-                       "norm1": {"ln": {"scale": 1, "bias": 1}}},
-            "pos_embed": np.zeros((1, 5, 4)), "cls_token": 1, "head": {"kernel": 1}}
-  blocks = {"attn": {"qkv": {"kernel": True, "bias": False}, "cpb_mlp": {"fc1": {"kernel": True}}},
-            "norm1": {"ln": {"scale": False, "bias": False}}}
+  params = {
+    "blocks": {
+      "attn": {"qkv": {"kernel": 1, "bias": 1}, "cpb_mlp": {"fc1": {"kernel": 1}}},
+      "norm1": {"ln": {"scale": 1, "bias": 1}},
+    },
+    "pos_embed": np.zeros((1, 5, 4)),
+    "cls_token": 1,
+    "head": {"kernel": 1},
+  }
+  blocks = {
+    "attn": {"qkv": {"kernel": True, "bias": False}, "cpb_mlp": {"fc1": {"kernel": True}}},
+    "norm1": {"ln": {"scale": False, "bias": False}},
+  }
   # No rule needed for a non-kernel leaf of any rank.
-  assert optim.decay_mask_fn(())(params) == {"blocks": blocks, "pos_embed": False, "cls_token": False,
-                                             "head": {"kernel": True}}
+  assert optim.decay_mask_fn(())(params) == {
+    "blocks": blocks,
+    "pos_embed": False,
+    "cls_token": False,
+    "head": {"kernel": True},
+  }
   blocks["attn"]["cpb_mlp"]["fc1"]["kernel"] = False
-  assert optim.decay_mask_fn(("cpb_mlp",))(params) == {"blocks": blocks, "pos_embed": False, "cls_token": False,
-                                                       "head": {"kernel": True}}
+  assert optim.decay_mask_fn(("cpb_mlp",))(params) == {
+    "blocks": blocks,
+    "pos_embed": False,
+    "cls_token": False,
+    "head": {"kernel": True},
+  }
 
 
 def test_schedule_warms_up_linearly_then_decays_to_the_floor():
@@ -310,8 +340,14 @@ def test_schedule_warms_up_linearly_then_decays_to_the_floor():
 
 
 def test_the_loss_scale_takes_every_setting_from_the_config():
-  config = tiny_vit_config(**{"precision.compute_dtype": "float16", "precision.loss_scale_init": 8.0,
-                               "precision.loss_scale_period": 7, "precision.loss_scale_min": 0.5})
+  config = tiny_vit_config(
+    **{
+      "precision.compute_dtype": "float16",
+      "precision.loss_scale_init": 8.0,
+      "precision.loss_scale_period": 7,
+      "precision.loss_scale_min": 0.5,
+    }
+  )
   scale = precision.maybe_loss_scale(config.precision)
   assert (float(scale.scale), scale.period, scale.min_scale) == (8.0, 7, 0.5)
   assert precision.maybe_loss_scale(tiny_vit_config().precision) is None
@@ -333,6 +369,7 @@ def test_a_restored_state_without_a_loss_scale_gets_a_fresh_one_in_fp16_only(cap
 def test_a_node_sums_only_gradients_its_strategy_shards():
   """ddp / zero1 keep gradients whole: their devices accumulate whole sums (no collective in the loop), on any mesh."""
   from jax.sharding import Mesh, NamedSharding  # pylint: disable=g-import-not-at-top
+
   hybrid = Mesh(np.array(jax.devices()[:8]).reshape(2, 4, 1), ("data", "fsdp", "tensor"))
   flat = Mesh(np.array(jax.devices()[:8]).reshape(1, 8, 1), ("data", "fsdp", "tensor"))
   sharded = {"w": NamedSharding(hybrid, P(None, "fsdp")), "b": NamedSharding(hybrid, P())}
@@ -350,8 +387,11 @@ class ToySplitLoss:
   splits_loss = True
 
   def whole_batch(self, batch, rng):
-    context = {"has_text": batch["has_text"], "rows": jnp.float32(batch["x"].shape[0]),
-               "mix": jax.random.uniform(jax.random.fold_in(rng, 1))}
+    context = {
+      "has_text": batch["has_text"],
+      "rows": jnp.float32(batch["x"].shape[0]),
+      "mix": jax.random.uniform(jax.random.fold_in(rng, 1)),
+    }
     return {**batch, "partner": jnp.roll(batch["x"], 1, axis=0)}, context
 
   def batch_features(self, params, batch, rng, context):
@@ -377,16 +417,22 @@ def test_two_pass_accumulation_of_a_split_loss_equals_the_whole_batch():
   gradients are those of the whole batch (its features gathered with each micro-batch's own rng)."""
   task, accum, scale = ToySplitLoss(), 4, 8.0
   keys = jax.random.split(jax.random.key(0), 6)
-  params = {"w": jax.random.normal(keys[0], (5, 3)), "u": jax.random.normal(keys[1], (5, 3)),
-            "v": jax.random.normal(keys[2], (5,)), "t": jnp.float32(0.3)}
+  params = {
+    "w": jax.random.normal(keys[0], (5, 3)),
+    "u": jax.random.normal(keys[1], (5, 3)),
+    "v": jax.random.normal(keys[2], (5,)),
+    "t": jnp.float32(0.3),
+  }
   batch = {"x": jax.random.normal(keys[3], (24, 5)), "has_text": jax.random.uniform(keys[4], (24,)) > 0.3}
   rng = keys[5]
 
   def whole_batch_loss(p):
     rows, context = task.whole_batch(batch, rng)
     micro_batches = grads_lib.split_microbatches(rows, accum)
-    outs = [task.local_loss(p, jax.tree.map(lambda x, j=j: x[j], micro_batches), jax.random.fold_in(rng, j), context)
-            for j in range(accum)]
+    outs = [
+      task.local_loss(p, jax.tree.map(lambda x, j=j: x[j], micro_batches), jax.random.fold_in(rng, j), context)
+      for j in range(accum)
+    ]
     features = jax.tree.map(lambda *f: jnp.stack(f), *[features for _, features, _ in outs])
     whole = jax.tree.map(lambda f: jnp.swapaxes(f, 0, 1).reshape((-1,) + f.shape[2:]), features)
     return sum(local for local, _, _ in outs) + task.global_loss(p, whole, context)[0]

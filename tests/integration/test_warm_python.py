@@ -13,7 +13,7 @@ import warm_python
 from conftest import cpu_env
 from test_multiprocess import _wait_gone
 
-PROBE = '''
+PROBE = """
 import json, os, sys, time
 preloaded = "jax" in sys.modules
 import jax
@@ -27,7 +27,7 @@ print(json.dumps(dict(preloaded=preloaded, argv=sys.argv[1:], cwd=os.getcwd(), p
                       stdin=sys.stdin.read(), group=os.getpgrp(), pid=os.getpid())), flush=True)
 if mode == "sleep":
   time.sleep(120)
-'''
+"""
 
 
 pytestmark = pytest.mark.xdist_group("warm_python")  # one worker starts the module's server
@@ -38,8 +38,9 @@ def served(tmp_path_factory):
   """(a server of the `warm_probe` module, the probe's folder)."""
   folder = tmp_path_factory.mktemp("probe")
   (folder / "warm_probe.py").write_text(PROBE)
-  with warm_python.Server(dict(os.environ), prefixes=("warm_probe",),
-                          folder=str(tmp_path_factory.mktemp("server"))) as server:
+  with warm_python.Server(
+    dict(os.environ), prefixes=("warm_probe",), folder=str(tmp_path_factory.mktemp("server"))
+  ) as server:
     yield server, folder
 
 
@@ -49,8 +50,16 @@ def _env(server, **extra):
 
 
 def _run(server, folder, mode, **extra):
-  return subprocess.run(["python", "-m", "warm_probe", mode, "--flag=1"], input="from stdin", capture_output=True,
-                        text=True, cwd=folder, env=_env(server, **extra), timeout=120, check=False)
+  return subprocess.run(
+    ["python", "-m", "warm_probe", mode, "--flag=1"],
+    input="from stdin",
+    capture_output=True,
+    text=True,
+    cwd=folder,
+    env=_env(server, **extra),
+    timeout=120,
+    check=False,
+  )
 
 
 def test_a_command_run_warm_gives_what_a_fresh_interpreter_gives(served):
@@ -60,8 +69,19 @@ def test_a_command_run_warm_gives_what_a_fresh_interpreter_gives(served):
   cold_out, warm_out = json.loads(cold.stdout), json.loads(warm.stdout)
   assert not cold_out.pop("preloaded") and warm_out.pop("preloaded")  # the warm one found JAX imported
   assert cold_out.pop("pid") != warm_out.pop("pid")
-  assert cold_out == warm_out == dict(argv=["print", "--flag=1"], cwd=str(folder), probe="seen", precision="bfloat16",
-                                      devices=2, stdin="from stdin", group=os.getpgrp())
+  assert (
+    cold_out
+    == warm_out
+    == dict(
+      argv=["print", "--flag=1"],
+      cwd=str(folder),
+      probe="seen",
+      precision="bfloat16",
+      devices=2,
+      stdin="from stdin",
+      group=os.getpgrp(),
+    )
+  )
 
 
 def test_exit_statuses_pass_through(served):
@@ -73,8 +93,14 @@ def test_exit_statuses_pass_through(served):
 
 
 def _sleeping(server, folder):
-  caller = subprocess.Popen(["python", "-m", "warm_probe", "sleep"], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            text=True, cwd=folder, env=_env(server))
+  caller = subprocess.Popen(
+    ["python", "-m", "warm_probe", "sleep"],
+    stdin=subprocess.DEVNULL,
+    stdout=subprocess.PIPE,
+    text=True,
+    cwd=folder,
+    env=_env(server),
+  )
   return caller, json.loads(caller.stdout.readline())["pid"]
 
 
@@ -95,11 +121,24 @@ def test_a_signal_to_the_caller_reaches_the_command_and_a_killed_caller_ends_it(
 def test_what_the_server_cannot_serve_runs_in_the_real_interpreter(served, tmp_path):
   server, folder = served
   (tmp_path / "other_probe.py").write_text(PROBE)
-  other = subprocess.run(["python", "-m", "other_probe", "print"], capture_output=True, text=True, cwd=tmp_path,
-                         env=_env(server), timeout=120, check=True)
+  other = subprocess.run(
+    ["python", "-m", "other_probe", "print"],
+    capture_output=True,
+    text=True,
+    cwd=tmp_path,
+    env=_env(server),
+    timeout=120,
+    check=True,
+  )
   assert not json.loads(other.stdout)["preloaded"]  # a module it does not serve
   moved = _run(server, folder, "print", PYTHONPATH=str(tmp_path))
   assert moved.returncode == 0 and not json.loads(moved.stdout)["preloaded"]  # another PYTHONPATH than the server's
-  script = subprocess.run(["python", "-c", "import sys; print('jax' in sys.modules)"], capture_output=True,
-                          text=True, env=_env(server), timeout=120, check=True)
+  script = subprocess.run(
+    ["python", "-c", "import sys; print('jax' in sys.modules)"],
+    capture_output=True,
+    text=True,
+    env=_env(server),
+    timeout=120,
+    check=True,
+  )
   assert script.stdout == "False\n"

@@ -48,8 +48,9 @@ def similarity_of(t: int, k: int) -> float:
   return round(0.2 + 0.02 * ((t * 7 + k * 3) % 10), 2)  # 0.20 ... 0.38
 
 
-def write_tars(directory, tars: int = 6, per_tar: int = 5, *, bad: tuple = (), uncaptioned: tuple = (),
-               image_size: int = 32) -> dict:
+def write_tars(
+  directory, tars: int = 6, per_tar: int = 5, *, bad: tuple = (), uncaptioned: tuple = (), image_size: int = 32
+) -> dict:
   """img2dataset-style tars written by webdataset.TarWriter: per sample .jpg, .txt, .json (url, similarity,
   pwatermark, punsafe; sample k == 1 of each tar has no pwatermark). `bad`: (tar, sample) pairs whose .jpg is
   not a JPEG; `uncaptioned`: ones without a .txt. Returns {key: its .json dict}."""
@@ -114,8 +115,9 @@ def test_three_tasks_prepare_what_one_task_prepares(tmp_path, capsys, monkeypatc
     assert prepare_data.main(["prog", *common, f"--output={many}", f"--task_index={index}", "--task_count=3"]) == 0
     assert f"task {index} of 3 done" in capsys.readouterr().out
   assert not (many / "dataset.json").exists()
-  assert sorted(shards_and_sidecars(many)) == [f"train-0000{i}-of-00006.array_record{end}" for i in (0, 2, 3, 5)
-                                               for end in ("", ".json")]  # tasks 0 and 2: tars 0, 3 and 2, 5
+  assert sorted(shards_and_sidecars(many)) == [
+    f"train-0000{i}-of-00006.array_record{end}" for i in (0, 2, 3, 5) for end in ("", ".json")
+  ]  # tasks 0 and 2: tars 0, 3 and 2, 5
   written = shards_and_sidecars(many)
   # Task 2 run again resumes its share (nothing rewritten) and touches no other task's files.
   assert prepare_data.main(["prog", *common, f"--output={many}", "--task_index=2", "--task_count=3"]) == 0
@@ -152,22 +154,29 @@ def expected_keys(metas: dict, min_similarity=None, max_pwatermark=None, max_pun
   return kept, {reason: n for reason, n in reasons.items() if used[reason] is not None}
 
 
-@pytest.mark.parametrize("limits", [dict(min_similarity=0.28), dict(min_similarity=0.3, max_pwatermark=0.5,
-                                                                    max_punsafe=0.2)])
+@pytest.mark.parametrize(
+  "limits", [dict(min_similarity=0.28), dict(min_similarity=0.3, max_pwatermark=0.5, max_punsafe=0.2)]
+)
 def test_score_filters_keep_exactly_the_expected_keys(tmp_path, capsys, limits):
   metas = write_tars(tmp_path / "in", tars=4, per_tar=6)
   kept, filtered = expected_keys(metas, **limits)
   assert 0 < len(kept) < len(metas) and all(filtered.values())
   pattern = str(tmp_path / "in" / "*.tar")
   flags = [f"--{name}={value}" for name, value in limits.items()]
-  assert prepare_data.main(["prog", "--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'out'}",
-                            "--num_workers=0", *flags]) == 0
+  assert (
+    prepare_data.main(
+      ["prog", "--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'out'}", "--num_workers=0", *flags]
+    )
+    == 0
+  )
   assert f"{sum(filtered.values())} filtered (" in capsys.readouterr().out
   entry = json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]
   assert entry["filtered"] == filtered and entry["records"] == len(kept)
   sidecars = [json.loads((tmp_path / "out" / (shard + ".json")).read_text()) for shard in entry["shards"]]
-  assert all(set(c) == {"records", "skipped", "skipped_by", "uncaptioned", "filtered", "fingerprint", "bytes",
-                                   "postscript"} for c in sidecars)
+  assert all(
+    set(c) == {"records", "skipped", "skipped_by", "uncaptioned", "filtered", "fingerprint", "bytes", "postscript"}
+    for c in sidecars
+  )
   assert {r: sum(c["filtered"][r] for c in sidecars) for r in filtered} == filtered
   assert {r["key"] for r in read_split(tmp_path / "out")} == kept
 
@@ -191,8 +200,10 @@ def test_wds_source_serves_the_prepared_records(tmp_path):
   source = sources.build_source(f"wds:{pattern}", "train", DATA_CFG)
   assert [source[i] for i in range(len(source))] == read_split(tmp_path / "out")
   assert "caption" not in source[1] and source[1]["key"] == "000000001"
-  assert list(wds.tar_captions(sorted(glob.glob(pattern))[0]))[:2] == [("000000000", "a circle number 000000000"),
-                                                                       ("000000002", "a triangle number 000000002")]
+  assert list(wds.tar_captions(sorted(glob.glob(pattern))[0]))[:2] == [
+    ("000000000", "a circle number 000000000"),
+    ("000000002", "a triangle number 000000002"),
+  ]
   # A tar rewritten after indexing (another size) is refused, not misread.
   with open(sorted(glob.glob(pattern))[2], "ab") as f:
     f.write(b"\0" * 1024)
@@ -222,8 +233,9 @@ def test_index_dir_reads_a_read_only_corpus_in_place(tmp_path, capsys):
       os.chmod(folder, 0o755)
   assert "4 of its 4 tars indexed now (20 samples" in capsys.readouterr().out
   assert not _index_files(corpus)
-  assert _index_files(index_dir) == sorted(f"{index_dir}{corpus}/{folder}/0000{t}.tar.index.npz" for folder in "ab"
-                                           for t in (0, 1))
+  assert _index_files(index_dir) == sorted(
+    f"{index_dir}{corpus}/{folder}/0000{t}.tar.index.npz" for folder in "ab" for t in (0, 1)
+  )
   source = sources.build_source(f"wds:{pattern};min_similarity=0.3;index_dir={index_dir}", "train", DATA_CFG)
   kept = [key for key, meta in metas.items() if meta["similarity"] >= 0.3]
   assert sorted(source[i]["key"] for i in range(len(source))) == sorted(kept * 2)
@@ -249,13 +261,17 @@ def _one_error_line(capsys, argv) -> str:
 def test_an_index_that_cannot_be_written_is_one_error_line(tmp_path, capsys, monkeypatch, code):
   write_tars(tmp_path / "in", tars=2, per_tar=2)
   pattern = str(tmp_path / "in" / "*.tar")
+
   def failing(file, **arrays):
     file.write(b"part of an index")
     raise OSError(code, os.strerror(code))
+
   monkeypatch.setattr(wds.np, "savez", failing)
   line = _one_error_line(capsys, ["prog", f"--input={pattern}", "--num_workers=0"])
-  assert line == (f"error: cannot write the index {tmp_path}/in/00000.tar.index.npz ({os.strerror(code)}); write the "
-                  f"indexes to a writable folder with --index_dir=DIR (then train with 'wds:GLOB;index_dir=DIR')")
+  assert line == (
+    f"error: cannot write the index {tmp_path}/in/00000.tar.index.npz ({os.strerror(code)}); write the "
+    f"indexes to a writable folder with --index_dir=DIR (then train with 'wds:GLOB;index_dir=DIR')"
+  )
   assert not _index_files(tmp_path / "in")  # the partial file is removed
   line = _one_error_line(capsys, ["prog", f"--input={pattern}", f"--index_dir={tmp_path / 'index'}", "--num_workers=0"])
   assert line.endswith(f"({os.strerror(code)}); write the indexes to another folder with --index_dir")
@@ -265,10 +281,14 @@ def test_an_index_that_cannot_be_written_is_one_error_line(tmp_path, capsys, mon
 def test_an_index_dir_that_is_not_a_folder_is_one_error_line(tmp_path, capsys):
   write_tars(tmp_path / "in", tars=2, per_tar=2)
   (tmp_path / "file").write_bytes(b"")
-  line = _one_error_line(capsys, ["prog", f"--input={tmp_path / 'in' / '*.tar'}", f"--index_dir={tmp_path / 'file'}",
-                                  "--num_workers=2"])  # a worker process's error, too
-  assert re.fullmatch(rf"error: cannot write the index {tmp_path}/file{tmp_path}/in/0000[01].tar.index.npz \(.+\); "
-                      r"write the indexes to another folder with --index_dir", line), line
+  line = _one_error_line(
+    capsys, ["prog", f"--input={tmp_path / 'in' / '*.tar'}", f"--index_dir={tmp_path / 'file'}", "--num_workers=2"]
+  )  # a worker process's error, too
+  assert re.fullmatch(
+    rf"error: cannot write the index {tmp_path}/file{tmp_path}/in/0000[01].tar.index.npz \(.+\); "
+    r"write the indexes to another folder with --index_dir",
+    line,
+  ), line
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes into a read-only folder")
@@ -310,9 +330,22 @@ def _main(workdir, *flags, compilation_cache=None):
   env = cpu_env(2, PYTHONPATH=ROOT)
   if compilation_cache is not None:
     env.update(JAX_COMPILATION_CACHE_DIR=str(compilation_cache), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
-  return subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/swinv2_g_clip.py:demo",
-                         f"--workdir={workdir}", *flags], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                        stderr=subprocess.STDOUT, text=True, timeout=600)
+  return subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "visionfm_jax.main",
+      "--config=configs/swinv2_g_clip.py:demo",
+      f"--workdir={workdir}",
+      *flags,
+    ],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+    timeout=600,
+  )
 
 
 def _params(workdir, step):
@@ -325,9 +358,18 @@ def test_clip_demo_trains_from_tars_in_place_and_resumes_bitwise(tmp_path):
   write_tars(tmp_path / "in", tars=3, per_tar=12, bad={(1, 4)}, uncaptioned={(2, 7)}, image_size=40)
   pattern = str(tmp_path / "in" / "*.tar")
   assert index_tars.main(["prog", f"--input={pattern}", "--num_workers=0"]) == 0
-  flags = [f"--config.data.source=wds:{pattern}", "--config.eval.zeroshot_classes=", "--config.eval.retrieval=false",
-           "--config.total_steps=4", "--config.checkpoint_every=2", "--config.log_every=1",
-           "--config.global_batch_size=8", "--config.optim.warmup_steps=2", "--config.progress_bar=False", *TINY_CLIP]
+  flags = [
+    f"--config.data.source=wds:{pattern}",
+    "--config.eval.zeroshot_classes=",
+    "--config.eval.retrieval=false",
+    "--config.total_steps=4",
+    "--config.checkpoint_every=2",
+    "--config.log_every=1",
+    "--config.global_batch_size=8",
+    "--config.optim.warmup_steps=2",
+    "--config.progress_bar=False",
+    *TINY_CLIP,
+  ]
   run = _main(tmp_path / "run", *flags, compilation_cache=tmp_path / "xla_cache")
   assert run.returncode == 0, run.stdout
   rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]

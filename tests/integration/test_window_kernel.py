@@ -22,8 +22,16 @@ from conftest import ROOT, cpu_env, params_drawn_by_shape
 MAX_LOGIT_SCALE = float(np.log(100.0))
 
 
-def _inputs(window: int, shifted: bool, batch: int = 1, windows: int = 2, heads: int = 2, dim: int = 16,
-            dtype=jnp.float32, seed: int = 0):
+def _inputs(
+  window: int,
+  shifted: bool,
+  batch: int = 1,
+  windows: int = 2,
+  heads: int = 2,
+  dim: int = 16,
+  dtype=jnp.float32,
+  seed: int = 0,
+):
   """(q, k, v (batch, windows, N, heads, dim), logit scale (heads,), per-offset table (heads, (2W-1)^2)) as SwinV2
   makes them (cosine-normalised q and k, a table in (0, 16)), and the region ids of a shifted map of `windows`
   windows stacked vertically (None unshifted)."""
@@ -41,6 +49,7 @@ def _inputs(window: int, shifted: bool, batch: int = 1, windows: int = 2, heads:
 def _attention(window: int, regions, kernel: bool, **kwargs):
   """SwinV2's attention of (q, k, v, logit scale, table) as WindowAttention computes it: the kernel (which gathers
   the bias from the table itself) or the softmax path (swinv2.window_attention) of the gathered bias."""
+
   def attend(q, k, v, logit_scale, table):
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
     if kernel:
@@ -48,6 +57,7 @@ def _attention(window: int, regions, kernel: bool, **kwargs):
     bias = swinv2.bias_of_offsets(table, window)
     mask = None if regions is None else jnp.where(regions[:, :, None] == regions[:, None, :], 0.0, swinv2.MASK_VALUE)
     return swinv2.window_attention(q, k, v, scale, bias, mask)
+
   return attend
 
 
@@ -113,7 +123,9 @@ def test_a_swinv2_with_the_window_kernel_computes_what_the_softmax_path_does():
     def loss(p):
       out = model.apply(p, images)
       return jnp.sum(jnp.sin(out["logits"])) + jnp.sum(jnp.sin(out["tokens"]))
+
     return jax.jit(jax.value_and_grad(loss))(params)
+
   pallas = swinv2.SwinV2(**kwargs, attention=kernels.WINDOW_KERNEL)
   assert "pallas_call" in str(jax.make_jaxpr(pallas.apply)(params, images))
   chex.assert_trees_all_close(loss_and_grads(pallas), loss_and_grads(softmax), atol=2e-5, rtol=1e-4)
@@ -132,13 +144,16 @@ def test_a_gpu_program_has_three_triton_kernels_and_no_per_window_score_gradient
   the score gradient (B x nW x heads x N^2) that the softmax path (and cuDNN's bias gradient) writes."""
   batch, windows, heads, window = 8, 4, 2, 40
   n = window * window
-  (q, k, v, logit_scale, table), regions = _inputs(window, True, batch=batch, windows=windows, heads=heads, dim=32,
-                                                   dtype=jnp.bfloat16)
+  (q, k, v, logit_scale, table), regions = _inputs(
+    window, True, batch=batch, windows=windows, heads=heads, dim=32, dtype=jnp.bfloat16
+  )
   args = (jax.ShapeDtypeStruct(q.shape, q.dtype),) * 3 + (logit_scale, table)
 
   def grads(kernel):
-    return jax.grad(lambda *a: jnp.sum(_attention(window, regions, kernel)(*a).astype(jnp.float32)),
-                    argnums=(0, 1, 2, 3, 4))
+    return jax.grad(
+      lambda *a: jnp.sum(_attention(window, regions, kernel)(*a).astype(jnp.float32)), argnums=(0, 1, 2, 3, 4)
+    )
+
   largest, text = _largest_array(grads(True), *args)
   assert text.count("__gpu$xla.gpu.triton") == 3
   scores = batch * windows * heads * n * n
@@ -153,8 +168,11 @@ def test_the_window_kernel_is_a_swinv2_choice_refused_elsewhere_and_off_a_gpu():
   swin.attention = kernels.WINDOW_KERNEL
   models.build(swin, jnp.float32, "gpu")
   models.check_platform(swin, "gpu")
-  with pytest.raises(ConfigError, match=r"^config.model.attention='pallas': SwinV2's Pallas window kernel runs on a "
-                                        r"GPU, and these devices are cpu; set config.model.attention=auto$"):
+  with pytest.raises(
+    ConfigError,
+    match=r"^config.model.attention='pallas': SwinV2's Pallas window kernel runs on a "
+    r"GPU, and these devices are cpu; set config.model.attention=auto$",
+  ):
     models.check_platform(swin, "cpu")
   clip = config_lib.model_config("clip", image_tower="swinv2")
   clip.image.attention = kernels.WINDOW_KERNEL
@@ -171,11 +189,26 @@ def test_the_window_kernel_is_a_swinv2_choice_refused_elsewhere_and_off_a_gpu():
 def test_a_cpu_run_of_the_window_kernel_ends_with_one_error_line(tmp_path):
   """`python -m visionfm_jax.main` of the SwinV2 demo with attention=pallas on CPU devices: exit status 2, one
   `error:` line naming the field and the way out, before any data is read or state built."""
-  proc = subprocess.run([sys.executable, "-m", "visionfm_jax.main", "--config=configs/swinv2_cls.py:demo",
-                         f"--workdir={tmp_path / 'run'}", "--config.model.attention=pallas"],
-                        cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=120, check=False)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "visionfm_jax.main",
+      "--config=configs/swinv2_cls.py:demo",
+      f"--workdir={tmp_path / 'run'}",
+      "--config.model.attention=pallas",
+    ],
+    cwd=ROOT,
+    env=cpu_env(1),
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert errors == ["error: config.model.attention='pallas': SwinV2's Pallas window kernel runs on a GPU, and these "
-                    "devices are cpu; set config.model.attention=auto"]
+  assert errors == [
+    "error: config.model.attention='pallas': SwinV2's Pallas window kernel runs on a GPU, and these "
+    "devices are cpu; set config.model.attention=auto"
+  ]
   assert "Traceback" not in proc.stderr

@@ -27,11 +27,21 @@ from visionfm_jax.training.infra import workdir
 
 from conftest import ROOT, tiny_vit_config
 
-TINY_FLAGS = ["--config=configs/vit_huge.py:demo", "--config.model.variant=pico/4", "--config.model.image_size=16",
-              "--config.data.image_size=16", "--config.global_batch_size=16", "--config.optim.warmup_steps=2",
-              "--config.data.eval_examples=16", "--config.progress_bar=False", "--config.data.num_workers=0",
-              "--config.total_steps=4", "--config.checkpoint_every=2", "--config.eval_every=100",
-              "--config.log_every=1"]
+TINY_FLAGS = [
+  "--config=configs/vit_huge.py:demo",
+  "--config.model.variant=pico/4",
+  "--config.model.image_size=16",
+  "--config.data.image_size=16",
+  "--config.global_batch_size=16",
+  "--config.optim.warmup_steps=2",
+  "--config.data.eval_examples=16",
+  "--config.progress_bar=False",
+  "--config.data.num_workers=0",
+  "--config.total_steps=4",
+  "--config.checkpoint_every=2",
+  "--config.eval_every=100",
+  "--config.log_every=1",
+]
 
 # A process that holds the lock of the file argv[1] until its stdin closes, as a run records itself.
 HOLDER = r"""
@@ -56,8 +66,13 @@ def _tiny_config(total_steps=4):
 def held_by_another_process(directory, job=""):
   directory.mkdir(parents=True, exist_ok=True)
   env = dict(os.environ, SLURM_JOB_ID=job)
-  proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(directory / workdir.LOCK_FILE)], env=env,
-                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", HOLDER, str(directory / workdir.LOCK_FILE)],
+    env=env,
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert proc.stdout.readline().strip() == "held"
     yield proc.pid
@@ -87,14 +102,23 @@ def _wait_for_holder(lock_path, pid, proc):
 def test_a_second_run_is_refused_naming_the_holder_and_the_first_ends_as_if_alone(tmp_path):
   run_dir = tmp_path / "run"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  first = subprocess.Popen([sys.executable, "-m", "visionfm_jax.main", f"--workdir={run_dir}", *TINY_FLAGS], cwd=ROOT,
-                           env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+  first = subprocess.Popen(
+    [sys.executable, "-m", "visionfm_jax.main", f"--workdir={run_dir}", *TINY_FLAGS],
+    cwd=ROOT,
+    env=env,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.STDOUT,
+    text=True,
+  )
   try:
     _wait_for_holder(run_dir / workdir.LOCK_FILE, first.pid, first)
     os.kill(first.pid, signal.SIGSTOP)  # holds the lock while the second run tries
     try:
-      with pytest.raises(WorkdirError, match=rf"--workdir {run_dir} is in use by another run \(host "
-                                             rf"{socket.gethostname()}, pid {first.pid};"):
+      with pytest.raises(
+        WorkdirError,
+        match=rf"--workdir {run_dir} is in use by another run \(host "
+        rf"{socket.gethostname()}, pid {first.pid};",
+      ):
         train.run(_tiny_config(), str(run_dir))
     finally:
       os.kill(first.pid, signal.SIGCONT)
@@ -162,9 +186,18 @@ def test_a_lock_held_for_a_gone_process_is_taken_over_on_a_fresh_file(tmp_path, 
   so the taker replaces the file (under the guard, which every taker holds while it looks)."""
   path = tmp_path / workdir.LOCK_FILE
   path.write_text(json.dumps({**workdir.this_holder(), "pid": lock_race.dead_pid()}))
-  keeper = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
-                             "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()", path],
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+  keeper = subprocess.Popen(
+    [
+      sys.executable,
+      "-c",
+      "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR); "
+      "fcntl.lockf(fd, fcntl.LOCK_EX); print('locked', flush=True); sys.stdin.read()",
+      path,
+    ],
+    stdin=subprocess.PIPE,
+    stdout=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert keeper.stdout.readline() == "locked\n"
     kept = os.stat(path).st_ino
@@ -193,10 +226,14 @@ def test_no_room_for_a_checkpoint_stops_before_training(tmp_path, monkeypatch):
   def nearly_full(path):
     stats = real_statvfs(path)
     return os.statvfs_result((stats.f_bsize, stats.f_frsize, stats.f_blocks, 10, 10, *stats[5:]))
+
   monkeypatch.setattr(workdir.os, "statvfs", nearly_full)
   run_dir = tmp_path / "run"
-  with pytest.raises(WorkdirError, match=rf"no room for a checkpoint in {run_dir}/checkpoints: .* free, one "
-                                         r"checkpoint needs about .*\(errno ENOSPC\)"):
+  with pytest.raises(
+    WorkdirError,
+    match=rf"no room for a checkpoint in {run_dir}/checkpoints: .* free, one "
+    r"checkpoint needs about .*\(errno ENOSPC\)",
+  ):
     train.run(_tiny_config(), str(run_dir))
   assert os.listdir(run_dir / "checkpoints") == [] and not (run_dir / "metrics.jsonl").exists()
 
@@ -222,15 +259,29 @@ def test_a_save_that_fills_the_disk_ends_in_one_line_and_the_rerun_resumes_witho
   step once."""
   run_dir = tmp_path / "run"
   start = time.monotonic()
-  proc = subprocess.run([sys.executable, "-c", MAIN_WITH_DISK_FULL_AT_STEP_4, f"--workdir={run_dir}", *TINY_FLAGS,
-                         "--config.total_steps=6"], cwd=ROOT, env=dict(os.environ, JAX_PLATFORMS="cpu"),
-                        capture_output=True, text=True, timeout=300)
+  proc = subprocess.run(
+    [
+      sys.executable,
+      "-c",
+      MAIN_WITH_DISK_FULL_AT_STEP_4,
+      f"--workdir={run_dir}",
+      *TINY_FLAGS,
+      "--config.total_steps=6",
+    ],
+    cwd=ROOT,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert time.monotonic() - start < 120
   lines = proc.stderr.strip().splitlines()
   assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-4000:]
   assert [line for line in lines if "error:" in line] == lines[-1:], proc.stderr[-4000:]  # Orbax's lines folded
-  assert lines[-1].startswith(f"error: cannot save a checkpoint to {run_dir}/checkpoints: No space left on device "
-                              f"(errno ENOSPC, writing {run_dir}/checkpoints/4.orbax-checkpoint-tmp"), lines[-1]
+  assert lines[-1].startswith(
+    f"error: cannot save a checkpoint to {run_dir}/checkpoints: No space left on device "
+    f"(errno ENOSPC, writing {run_dir}/checkpoints/4.orbax-checkpoint-tmp"
+  ), lines[-1]
   assert re.search(r"\(Orbax logged \d+ error lines? about it; --verbose shows (it|them)\)$", lines[-1]), lines[-1]
   assert [name for name in os.listdir(run_dir / "checkpoints") if name.isdigit()] == ["2"]
 
@@ -245,16 +296,21 @@ def test_metrics_the_disk_refuses_stop_the_run_at_the_next_step_and_the_rerun_re
   processes would wait in the next step), but at step 4's agreed point, before its save, naming the workdir and
   errno; step 2 stays committed and the rerun fills in metrics.jsonl and TensorBoard from step 3."""
   from visionfm_jax.training.infra import tensorboard  # pylint: disable=g-import-not-at-top
+
   scalars = tensorboard.EventFile.scalars
 
   def full_at_step_3(self, step, values):
     if step == 3:
       raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
     scalars(self, step, values)
+
   monkeypatch.setattr(tensorboard.EventFile, "scalars", full_at_step_3)
   run_dir = tmp_path / "run"
-  with pytest.raises(WorkdirError, match=rf"^cannot write metrics to {run_dir}: No space left on device "
-                                         r"\(errno ENOSPC\)$"):
+  with pytest.raises(
+    WorkdirError,
+    match=rf"^cannot write metrics to {run_dir}: No space left on device "
+    r"\(errno ENOSPC\)$",
+  ):
     train.run(_tiny_config(6), str(run_dir))
   assert sorted(name for name in os.listdir(run_dir / "checkpoints") if name.isdigit()) == ["2"]
   monkeypatch.setattr(tensorboard.EventFile, "scalars", scalars)

@@ -17,9 +17,11 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
   import resource
   import sys
 
-  _EVENTS = {"/jax/core/compile/jaxpr_trace_duration": "trace_s",
-             "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
-             "/jax/core/compile/backend_compile_duration": "compile_s"}
+  _EVENTS = {
+    "/jax/core/compile/jaxpr_trace_duration": "trace_s",
+    "/jax/core/compile/jaxpr_to_mlir_module_duration": "lower_s",
+    "/jax/core/compile/backend_compile_duration": "compile_s",
+  }
   _totals = dict.fromkeys(_EVENTS.values(), 0.0) | {"programs": 0}
   # {test file: {program: {"trace_s", "lower_s", "compile_s", "programs"}}}; a started process inherits the
   # PYTEST_CURRENT_TEST of the test that started it.
@@ -35,7 +37,8 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
       return
     test_file = os.environ.get("PYTEST_CURRENT_TEST", "").split("::")[0]
     sums = _by_program.setdefault(test_file, {}).setdefault(
-        _program(str(fun_name)), dict.fromkeys(_EVENTS.values(), 0.0) | {"programs": 0})
+      _program(str(fun_name)), dict.fromkeys(_EVENTS.values(), 0.0) | {"programs": 0}
+    )
     for target in (_totals, sums):
       target[column] += seconds
       target["programs"] += column == "compile_s"
@@ -53,6 +56,7 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
       def exec_module(module):
         load(module)
         module.register_event_duration_secs_listener(_duration)
+
       spec.loader.exec_module = exec_module
       return spec
 
@@ -60,8 +64,13 @@ if os.environ.get("VISIONFM_SUITE_PROFILE"):
     """Writes this process's record (again: a later call writes the fuller one). At exit, and from a test
     worker's pytest_unconfigure (tests/conftest.py): xdist may kill a worker slow to exit before its atexit runs."""
     usage = resource.getrusage(resource.RUSAGE_SELF)
-    record = dict(_totals, by_program=_by_program, cpu_s=usage.ru_utime + usage.ru_stime, argv=sys.argv[:4],
-                  test=os.environ.get("PYTEST_CURRENT_TEST", ""))
+    record = dict(
+      _totals,
+      by_program=_by_program,
+      cpu_s=usage.ru_utime + usage.ru_stime,
+      argv=sys.argv[:4],
+      test=os.environ.get("PYTEST_CURRENT_TEST", ""),
+    )
     record["runner"] = not record["test"] and "_pytest" in sys.modules  # pytest or a worker, not a test's child
     folder = os.environ["VISIONFM_SUITE_PROFILE"]
     os.makedirs(folder, exist_ok=True)

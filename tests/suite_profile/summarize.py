@@ -26,8 +26,10 @@ def _sums(records) -> dict:
 
 
 def _row(name: str, sums: dict) -> str:
-  return (f"{name:58.58s} {sums['processes']:5d} {sums['cpu_s']:8.1f} {sums['compile_s']:8.1f} "
-          f"{sums['trace_s']:7.1f} {sums['lower_s']:7.1f} {sums['programs']:8d}")
+  return (
+    f"{name:58.58s} {sums['processes']:5d} {sums['cpu_s']:8.1f} {sums['compile_s']:8.1f} "
+    f"{sums['trace_s']:7.1f} {sums['lower_s']:7.1f} {sums['programs']:8d}"
+  )
 
 
 def report(records: list[dict], top: int = 15) -> str:
@@ -35,9 +37,12 @@ def report(records: list[dict], top: int = 15) -> str:
   by_file = collections.defaultdict(list)
   for r in started:
     by_file[r["test"].split("::")[0] or "(outside a test)"].append(r)
-  lines = [f"{'':58s} {'procs':>5s} {'CPU s':>8s} {'compile':>8s} {'trace':>7s} {'lower':>7s} {'programs':>8s}",
-           _row("all", _sums(records)), _row("pytest and its workers (the tests' own code)", _sums(workers)),
-           _row("processes the tests started", _sums(started))]
+  lines = [
+    f"{'':58s} {'procs':>5s} {'CPU s':>8s} {'compile':>8s} {'trace':>7s} {'lower':>7s} {'programs':>8s}",
+    _row("all", _sums(records)),
+    _row("pytest and its workers (the tests' own code)", _sums(workers)),
+    _row("processes the tests started", _sums(started)),
+  ]
   ranked = sorted(by_file.items(), key=lambda item: -_sums(item[1])["cpu_s"])[:top]
   lines += [_row(f"  {name}", _sums(group)) for name, group in ranked]
   return "\n".join(lines + ["", *programs_report(records, top)])
@@ -61,13 +66,18 @@ def _jax_seconds(sums) -> float:
 def programs_report(records: list[dict], top: int = 15) -> list[str]:
   sums, files = _program_sums(records)
   ranked = sorted(sums.items(), key=lambda item: -_jax_seconds(item[1]))[:top]
-  lines = [f"{'program':30s} {'seconds':>8s} {'compiles':>8s} {'trace':>7s} {'lower':>7s} {'compile':>8s}  "
-           "test files (seconds)"]
+  lines = [
+    f"{'program':30s} {'seconds':>8s} {'compiles':>8s} {'trace':>7s} {'lower':>7s} {'compile':>8s}  "
+    "test files (seconds)"
+  ]
   for name, program in ranked:
     where = ", ".join(f"{path.rsplit('/', 1)[-1]} {seconds:.1f}" for path, seconds in files[name].most_common(3))
-    lines.append(f"{name:30.30s} {_jax_seconds(program):8.1f} {program['programs']:8d} {program['trace_s']:7.1f} "
-                 f"{program['lower_s']:7.1f} {program['compile_s']:8.1f}  {where}")
+    lines.append(
+      f"{name:30.30s} {_jax_seconds(program):8.1f} {program['programs']:8d} {program['trace_s']:7.1f} "
+      f"{program['lower_s']:7.1f} {program['compile_s']:8.1f}  {where}"
+    )
   return lines
+
 
 if __name__ == "__main__":
   print(report(read(sys.argv[1])))

@@ -26,18 +26,21 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 # Training FLOPs per example, recorded from training/flops.py before the counters moved into the models.
 RECORDED_FLOPS = [
-    (lambda: vit.ViT(**vit.parse_variant("B/16"), image_size=224, num_classes=1000), 105382969344.0),
-    (lambda: vit.ViT(**vit.parse_variant("H/14"), image_size=224, num_classes=21841), 1003930713600.0),
-    (lambda: vit.ViT(**vit.parse_variant("H/14"), image_size=518, num_classes=0), 6100292904960.0),
-    (lambda: swinv2.SwinV2(**swinv2.parse_variant("T"), window_size=7, image_size=224, num_classes=1000),
-     26943399936.0),
-    (lambda: swinv2.SwinV2(**swinv2.parse_variant("G"), window_size=40, image_size=640), 27833401344000.0),
-    (lambda: swinv2.SwinV2(**swinv2.parse_variant("B"), window_size=16, image_size=512), 524053118976.0),
-    (lambda: swinv2.SwinV2(**swinv2.parse_variant("pico"), window_size=4, patch_size=2, image_size=20,
-                           num_classes=3, mlp_ratio=2.0), 11924544.0),
-    (lambda: models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32, "cpu"), 47209555968.0),
-    (lambda: models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32, "cpu"), 123259342848.0),
-    (lambda: models.build(config_lib.model_config("aurora"), jnp.float32, "cpu"), 129917011968.0),
+  (lambda: vit.ViT(**vit.parse_variant("B/16"), image_size=224, num_classes=1000), 105382969344.0),
+  (lambda: vit.ViT(**vit.parse_variant("H/14"), image_size=224, num_classes=21841), 1003930713600.0),
+  (lambda: vit.ViT(**vit.parse_variant("H/14"), image_size=518, num_classes=0), 6100292904960.0),
+  (lambda: swinv2.SwinV2(**swinv2.parse_variant("T"), window_size=7, image_size=224, num_classes=1000), 26943399936.0),
+  (lambda: swinv2.SwinV2(**swinv2.parse_variant("G"), window_size=40, image_size=640), 27833401344000.0),
+  (lambda: swinv2.SwinV2(**swinv2.parse_variant("B"), window_size=16, image_size=512), 524053118976.0),
+  (
+    lambda: swinv2.SwinV2(
+      **swinv2.parse_variant("pico"), window_size=4, patch_size=2, image_size=20, num_classes=3, mlp_ratio=2.0
+    ),
+    11924544.0,
+  ),
+  (lambda: models.build(config_lib.model_config("clip", image_tower="swinv2"), jnp.float32, "cpu"), 47209555968.0),
+  (lambda: models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32, "cpu"), 123259342848.0),
+  (lambda: models.build(config_lib.model_config("aurora"), jnp.float32, "cpu"), 129917011968.0),
 ]
 
 
@@ -48,8 +51,9 @@ def test_flops_per_example_are_the_recorded_counts(build, flops):
 
 def _shapes(module, image_size):
   abstract = jax.eval_shape(module.init, jax.random.key(0), jnp.zeros((1, image_size, image_size, 3)))
-  return {optim.path_str(p): tuple(x.shape)
-          for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]}
+  return {
+    optim.path_str(p): tuple(x.shape) for p, x in jax.tree_util.tree_flatten_with_path(nn.unbox(abstract["params"]))[0]
+  }
 
 
 def _recorded_id(table, name):
@@ -58,23 +62,54 @@ def _recorded_id(table, name):
 
 
 # Layer ids recorded from training/optim.py's path regexes before the models numbered their own layers.
-VIT_IDS = {True: [(r"blocks/", [1, 2, 3]), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)],
-           False: [(r"blocks_(\d)/", None), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)]}
+VIT_IDS = {
+  True: [(r"blocks/", [1, 2, 3]), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)],
+  False: [(r"blocks_(\d)/", None), (r"(cls_token|patch_embed|pos_embed)", 0), (r"(head|norm)/", 4)],
+}
 # SwinV2's scanned stages hold (plain, shifted) pairs of blocks: blocks 2j and 2j + 1 of their stage.
-SWIN_IDS = {True: [(r"stage_0/blocks/plain/", [1]), (r"stage_0/blocks/shifted/", [2]), (r"stage_0/downsample/", 2),
-                   (r"stage_1/blocks/plain/", [3, 5]), (r"stage_1/blocks/shifted/", [4, 6]),
-                   (r"(mask_token|patch_embed|patch_norm)", 0), (r"(head|norm)/", 7)],
-            False: [(r"stage_0/blocks_0/", 1), (r"stage_0/(blocks_1|downsample)/", 2), (r"stage_1/blocks_0/", 3),
-                    (r"stage_1/blocks_1/", 4), (r"stage_1/blocks_2/", 5), (r"stage_1/blocks_3/", 6),
-                    (r"(mask_token|patch_embed|patch_norm)", 0), (r"(head|norm)/", 7)]}
+SWIN_IDS = {
+  True: [
+    (r"stage_0/blocks/plain/", [1]),
+    (r"stage_0/blocks/shifted/", [2]),
+    (r"stage_0/downsample/", 2),
+    (r"stage_1/blocks/plain/", [3, 5]),
+    (r"stage_1/blocks/shifted/", [4, 6]),
+    (r"(mask_token|patch_embed|patch_norm)", 0),
+    (r"(head|norm)/", 7),
+  ],
+  False: [
+    (r"stage_0/blocks_0/", 1),
+    (r"stage_0/(blocks_1|downsample)/", 2),
+    (r"stage_1/blocks_0/", 3),
+    (r"stage_1/blocks_1/", 4),
+    (r"stage_1/blocks_2/", 5),
+    (r"stage_1/blocks_3/", 6),
+    (r"(mask_token|patch_embed|patch_norm)", 0),
+    (r"(head|norm)/", 7),
+  ],
+}
 
 
 @pytest.mark.parametrize("scan", [True, False])
 def test_layer_ids_are_the_recorded_ones(scan):
-  cases = [(vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4, num_classes=5, scan=scan), 16,
-            VIT_IDS[scan], 5),
-           (swinv2.SwinV2(embed_dim=16, depths=(2, 4), num_heads=(2, 4), window_size=2, patch_size=2, num_classes=3,
-                          scan=scan, mask_token=True), 8, SWIN_IDS[scan], 8)]
+  cases = [
+    (vit.ViT(width=16, depth=3, mlp_dim=32, num_heads=2, patch_size=4, num_classes=5, scan=scan), 16, VIT_IDS[scan], 5),
+    (
+      swinv2.SwinV2(
+        embed_dim=16,
+        depths=(2, 4),
+        num_heads=(2, 4),
+        window_size=2,
+        patch_size=2,
+        num_classes=3,
+        scan=scan,
+        mask_token=True,
+      ),
+      8,
+      SWIN_IDS[scan],
+      8,
+    ),
+  ]
   for model, image_size, table, num_ids in cases:
     family = models.family_of(model)
     assert family.num_layer_ids(model) == num_ids
@@ -129,8 +164,10 @@ IF_IT_APPLIES = ("checkpoint_conflicts", "tower_fields", "adapt_checkpoint")
 
 
 def test_the_backbone_families_answer_everything_and_the_registry_finds_them():
-  for family, model in ((vit.FAMILY, vit.ViT(**vit.parse_variant("H/14"))),
-                        (swinv2.FAMILY, swinv2.SwinV2(**swinv2.parse_variant("T")))):
+  for family, model in (
+    (vit.FAMILY, vit.ViT(**vit.parse_variant("H/14"))),
+    (swinv2.FAMILY, swinv2.SwinV2(**swinv2.parse_variant("T"))),
+  ):
     assert models.family_of(model) is family and models.FAMILIES[type(model)] is family
     assert all(getattr(family, answer) is not None for answer in ANSWERS if answer not in IF_IT_APPLIES), family.name
     assert models.from_checkpoint_fields(models.checkpoint_fields(model)) == model
@@ -181,8 +218,7 @@ def test_a_model_field_costs_its_row_and_its_math(family):
   config_lib.check_domains(config)
   model = models.BUILDERS[family](config.model, jnp.float32)
   assert _fields(model, varied) == varied
-  assert models.from_checkpoint_fields(json.loads(json.dumps(models.checkpoint_fields(model)))) == _run_defaults(
-      model)
+  assert models.from_checkpoint_fields(json.loads(json.dumps(models.checkpoint_fields(model)))) == _run_defaults(model)
 
 
 def test_an_imported_clip_config_carries_every_field_of_its_towers(tmp_path):
@@ -224,21 +260,28 @@ def test_vit_adapts_pos_embed_as_recorded_and_leaves_the_rest():
   pos = np.sin(np.arange(17 * 4, dtype=np.float32)).reshape(1, 17, 4)
   model = vit.ViT(width=4, depth=1, mlp_dim=8, num_heads=1, patch_size=4, image_size=32)
   head = np.ones((4, 5), np.float32)
-  out = models.adapt_checkpoint(model, {"pos_embed": pos, "head/kernel": head}, {"pos_embed": (1, 65, 4),
-                                                                                "head/kernel": (4, 7)})
+  out = models.adapt_checkpoint(
+    model, {"pos_embed": pos, "head/kernel": head}, {"pos_embed": (1, 65, 4), "head/kernel": (4, 7)}
+  )
   # Recorded from training/init_from.py's resize before it moved to models/vit.py.
   assert out["pos_embed"].shape == (1, 65, 4)
   np.testing.assert_allclose(out["pos_embed"].sum(), -2.055453062057495, rtol=1e-6)
-  np.testing.assert_allclose(out["pos_embed"][0, 1:4, 0], [-1.0859590768814087, -0.47441697120666504,
-                                                          0.8215919137001038], rtol=1e-6)
-  np.testing.assert_allclose(out["pos_embed"][0, -1], [1.1927210092544556, 1.1701490879058838,
-                                                      0.07174760848283768, -1.0926183462142944], rtol=1e-6)
+  np.testing.assert_allclose(
+    out["pos_embed"][0, 1:4, 0], [-1.0859590768814087, -0.47441697120666504, 0.8215919137001038], rtol=1e-6
+  )
+  np.testing.assert_allclose(
+    out["pos_embed"][0, -1],
+    [1.1927210092544556, 1.1701490879058838, 0.07174760848283768, -1.0926183462142944],
+    rtol=1e-6,
+  )
   np.testing.assert_array_equal(out["pos_embed"][:, 0], pos[:, 0])  # the class token's entry is kept
   assert out["head/kernel"] is head  # not the model's to carry: init_from reports it
   clip = models.build(config_lib.model_config("clip", image_tower="vit"), jnp.float32, "cpu").clone(
-      image=model.clone(num_classes=0))
-  adapted = models.adapt_checkpoint(clip, {"image/pos_embed": pos, "text/pos_embed": pos},
-                                    {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)})
+    image=model.clone(num_classes=0)
+  )
+  adapted = models.adapt_checkpoint(
+    clip, {"image/pos_embed": pos, "text/pos_embed": pos}, {"image/pos_embed": (1, 65, 4), "text/pos_embed": (1, 65, 4)}
+  )
   np.testing.assert_array_equal(adapted["image/pos_embed"], out["pos_embed"])
   assert adapted["text/pos_embed"] is pos
 
@@ -251,8 +294,14 @@ def test_a_swinv2_tower_adapts_nothing_and_its_composite_returns_the_params_as_g
 
 
 def test_a_swinv2_conflicts_with_a_checkpoint_of_other_windows_on_its_pretrained_windows():
-  trained = {"name": "swinv2", "variant": "G", "patch_size": 4, "image_size": 224, "window_size": 14,
-             "pretrained_window_sizes": ()}
+  trained = {
+    "name": "swinv2",
+    "variant": "G",
+    "patch_size": 4,
+    "image_size": 224,
+    "window_size": 14,
+    "pretrained_window_sizes": (),
+  }
   fine_tuned = {**trained, "image_size": 640, "window_size": 40}
   assert models.checkpoint_conflicts(fine_tuned, trained) == {"pretrained_window_sizes": (14, 14, 14, 7)}
   assert models.checkpoint_conflicts({**fine_tuned, "pretrained_window_sizes": (14, 14, 14, 7)}, trained) == {}
@@ -276,6 +325,9 @@ def test_image_tower_is_the_model_or_its_one_backbone_field():
 def test_nothing_outside_models_dispatches_on_a_backbone_class():
   """(That training/ imports no model at all is test_layering's.)"""
   dispatch = re.compile(r"isinstance\([^)]*(SwinV2|ViT)")
-  offenders = [str(p.relative_to(ROOT)) for p in (ROOT / "visionfm_jax").rglob("*.py")
-               if "models" not in p.relative_to(ROOT / "visionfm_jax").parts[:1] and dispatch.search(p.read_text())]
+  offenders = [
+    str(p.relative_to(ROOT))
+    for p in (ROOT / "visionfm_jax").rglob("*.py")
+    if "models" not in p.relative_to(ROOT / "visionfm_jax").parts[:1] and dispatch.search(p.read_text())
+  ]
   assert not offenders

@@ -17,8 +17,16 @@ def test_report_figures(capsys):
   lines = capsys.readouterr().out.strip().splitlines()
   report = json.loads(lines[-1])
   assert lines[0].startswith("measurement")
-  assert set(report["results"]) == {"baseline", "baseline_draft", "ours_ops", "ours_loader_w0", "read_arrayrecord",
-                                    "read_wds", "ours_ops_wds", "ours_loader_wds_w0"}
+  assert set(report["results"]) == {
+    "baseline",
+    "baseline_draft",
+    "ours_ops",
+    "ours_loader_w0",
+    "read_arrayrecord",
+    "read_wds",
+    "ours_ops_wds",
+    "ours_loader_wds_w0",
+  }
   assert set(report["ratio_wds_to_arrayrecord"]) == {"read_arrayrecord", "ours_ops", "ours_loader_w0"}
   assert all(ratio > 0 for ratio in report["ratio_wds_to_arrayrecord"].values())
   for name, r in report["results"].items():
@@ -29,7 +37,8 @@ def test_report_figures(capsys):
   assert report["device_augment"]["ms_per_image"] > 0
   per_cpu_s = {name: r["images"] / r["cpu_s"] for name, r in report["results"].items()}
   assert report["ratio_ours_ops_to_baseline_images_per_cpu_s"] == pytest.approx(
-      per_cpu_s["ours_ops"] / per_cpu_s["baseline"], abs=1e-3)
+    per_cpu_s["ours_ops"] / per_cpu_s["baseline"], abs=1e-3
+  )
   assert all(ms >= 0 for ms in report["ours_ops_ms_per_image"].values())
   assert report["image_size"] == 32 and report["records"] == 16
   assert report["synthetic"]["size"] == "64x48" and report["synthetic"]["mean_jpeg_bytes"] > 0
@@ -37,10 +46,12 @@ def test_report_figures(capsys):
 
 
 def test_bad_input_exits_2(capsys, tmp_path, monkeypatch):
-  cases = [["--config=configs/no_such_config.py"],
-           [CONFIG, f"--source=arrayrecord:{tmp_path}/*.array_record"],
-           [CONFIG, "--workers=two"],
-           [CONFIG, "--config.data.augment.randaugment_magnitude=31"]]
+  cases = [
+    ["--config=configs/no_such_config.py"],
+    [CONFIG, f"--source=arrayrecord:{tmp_path}/*.array_record"],
+    [CONFIG, "--workers=two"],
+    [CONFIG, "--config.data.augment.randaugment_magnitude=31"],
+  ]
   for args in cases:
     monkeypatch.setattr(sys, "argv", ["bench_input", *args])  # config_flags finds --config.* overrides there
     assert bench_input.main(["bench_input", *args]) == 2, args

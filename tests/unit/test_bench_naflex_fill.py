@@ -13,8 +13,10 @@ def test_fill_of_three_sizes(capsys):
   # 100 x 300 is 4 x 12 (5 rows would need 13 columns)
   assert naflex_fill.main(["naflex_fill", "--budgets=64", "--sizes=512x512,300x451,100x300"]) == 0
   report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-  assert report["budgets"]["64"] == {"mean_fill": pytest.approx((1 + 60 / 64 + 48 / 64) / 3, abs=1e-4),
-                                     "min_fill": 0.75}
+  assert report["budgets"]["64"] == {
+    "mean_fill": pytest.approx((1 + 60 / 64 + 48 / 64) / 3, abs=1e-4),
+    "min_fill": 0.75,
+  }
 
 
 @pytest.mark.parametrize("args", [["--budgets=0", "--sizes=8x8"], ["--sizes=3x"], ["--patch=1", "--sizes=8x8"]])

@@ -12,18 +12,44 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.training import checks
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-DEMOS = ["vit_huge.py:demo", "swinv2_cls.py:demo", "swinv2_cls.py:B,640,demo", "swinv2_g_clip.py:demo",
-         "swinv2_g_clip.py:demo,ft640", "aurora_xl.py:demo", "finetune_ade20k.py:demo", "finetune_coco.py:demo"]
+DEMOS = [
+  "vit_huge.py:demo",
+  "swinv2_cls.py:demo",
+  "swinv2_cls.py:B,640,demo",
+  "swinv2_g_clip.py:demo",
+  "swinv2_g_clip.py:demo,ft640",
+  "aurora_xl.py:demo",
+  "finetune_ade20k.py:demo",
+  "finetune_coco.py:demo",
+]
 
 
 def test_base_config_is_its_sections():
   config = config_lib.base_config("swinv2")
-  sections = [*schema.RUN, *schema.PARALLEL, "model", "optim", "precision", "health", "data", *schema.INIT_FROM,
-              "probe", *schema.LOOP, *schema.TRACKING, "resume"]
+  sections = [
+    *schema.RUN,
+    *schema.PARALLEL,
+    "model",
+    "optim",
+    "precision",
+    "health",
+    "data",
+    *schema.INIT_FROM,
+    "probe",
+    *schema.LOOP,
+    *schema.TRACKING,
+    "resume",
+  ]
   assert len(set(sections)) == len(sections) and set(config.keys()) == set(sections)
   assert config.model.name == "swinv2" and config.data.augment == config_lib.defaults(schema.AUGMENT)
-  for section, rows in [("optim", schema.OPTIM), ("precision", schema.PRECISION), ("health", schema.HEALTH),
-                        ("data", schema.DATA), ("probe", schema.PROBE), ("resume", schema.RESUME)]:
+  for section, rows in [
+    ("optim", schema.OPTIM),
+    ("precision", schema.PRECISION),
+    ("health", schema.HEALTH),
+    ("data", schema.DATA),
+    ("probe", schema.PROBE),
+    ("resume", schema.RESUME),
+  ]:
     assert config[section] == config_lib.defaults(rows), section
 
 
@@ -36,12 +62,14 @@ def test_set_fields_sets_known_fields_and_names_an_unknown_one():
   assert optim.lr == 2e-4  # nothing is set when a name is wrong
 
 
-@pytest.mark.parametrize("name, key, tower", [("clip", "image", "swinv2"), ("clip", "image", "vit"),
-                                             ("aurora", "encoder", "swinv2")])
+@pytest.mark.parametrize(
+  "name, key, tower", [("clip", "image", "swinv2"), ("clip", "image", "vit"), ("aurora", "encoder", "swinv2")]
+)
 def test_a_composite_models_tower_config_completes_to_its_familys_fields(name, key, tower):
   """config.model.image / .encoder lacks what CLIP / Aurora set for it; completed (models/towers.py), it has
   exactly the fields of a standalone model of its family, the shared ones with the composite model's values."""
   from visionfm_jax.models import towers  # pylint: disable=g-import-not-at-top  (imports jax)
+
   model_cfg = config_lib.model_config(name, image_tower=tower)
   assert not set(model_cfg[key]) & {*config_lib.TOWER_SHARED_FIELDS, *config_lib.TOWER_HEADLESS}
   completed = towers.tower_config(model_cfg, key, name=tower)
@@ -60,6 +88,7 @@ def test_every_demo_is_a_valid_cpu_run_from_scratch_on_embedded_data(spec):
   config = config_lib.load(os.path.join(ROOT, "configs", spec))
   checks.validate(config, num_devices=1)
   from visionfm_jax.data.sources import registry as sources  # pylint: disable=g-import-not-at-top
+
   assert all(sources.source_kind(spec) in config_lib.DEMO_DATA for _, spec, _ in sources.train_specs(config.data))
   assert config.data.num_workers == 0
   assert (config.precision.compute_dtype, config.strategy, config.model.remat_policy) == ("float32", "ddp", "none")
@@ -78,6 +107,7 @@ def test_a_config_file_that_is_not_python_is_named(tmp_path):
 def test_config_lib_imports_nothing_of_the_package_but_its_errors():
   """The config is data: the checks between fields live with their owners (training/checks.py runs them)."""
   import ast  # pylint: disable=g-import-not-at-top
+
   imported = set()
   for path in pathlib.Path(config_lib.__file__).parent.glob("*.py"):
     tree = ast.parse(path.read_text(encoding="utf-8"))
@@ -88,8 +118,9 @@ def test_config_lib_imports_nothing_of_the_package_but_its_errors():
   assert ours - inside == {"visionfm_jax.errors"}
 
 
-@pytest.mark.parametrize("field, value", [("strategy", "zero4"), ("precision.compute_dtype", "float8"),
-                                          ("model.remat_policy", "sometimes")])
+@pytest.mark.parametrize(
+  "field, value", [("strategy", "zero4"), ("precision.compute_dtype", "float8"), ("model.remat_policy", "sometimes")]
+)
 def test_a_name_outside_its_choices_is_a_domain_error(field, value):
   config = config_lib.set_paths(config_lib.base_config(), {field: value})
   with pytest.raises(ConfigError, match=rf"config.{field}='{value}': must be one of "):
@@ -102,8 +133,11 @@ def test_a_fields_domain_is_its_familys_wherever_the_section_sits():
   for field in ("window_size", "token_subgrid", "drop_path", "pretrained_window_sizes", "layer_norm_eps"):
     domain = config_lib.domain_of(swin, f"model.{field}")
     assert domain is not None
-    assert config_lib.domain_of(clip, f"model.image.{field}") == domain == config_lib.domain_of(
-        aurora, f"model.encoder.{field}")
+    assert (
+      config_lib.domain_of(clip, f"model.image.{field}")
+      == domain
+      == config_lib.domain_of(aurora, f"model.encoder.{field}")
+    )
   clip.model.image = config_lib.model_config("clip", image_tower="vit").image
   assert config_lib.domain_of(clip, "model.image.token_drop") == config_lib.RATE
   assert config_lib.row_at(config_lib.schema_of(clip), "model.image.window_size") is None  # a ViT has no windows
@@ -115,13 +149,16 @@ def _vit_clip():
   return config
 
 
-@pytest.mark.parametrize("config, path, owner", [
+@pytest.mark.parametrize(
+  "config, path, owner",
+  [
     (_vit_clip, "model.image.window_size", "a vit image tower"),
     (lambda: config_lib.base_config("aurora", task="aurora"), "model.encoder.window", "Aurora's SwinV2 encoder"),
     (_vit_clip, "model.embed_dims", "a clip model"),
     (_vit_clip, "head", "a contrastive run"),
     (config_lib.base_config, "optim.lrr", "config.optim"),
-])
+  ],
+)
 def test_a_field_without_a_row_in_its_configs_own_schema_is_refused(config, path, owner):
   """Nothing reads such a field, nor checks it (a window size on a ViT tower, a head on a task without one): the
   check names it, as ml_collections names an unknown override of a locked config."""
@@ -155,19 +192,32 @@ def test_every_row_says_what_its_field_means():
   def rows_of(rows, prefix=""):
     for key, row in rows.items():
       yield from rows_of(row, f"{prefix}{key}.") if isinstance(row, dict) else [(prefix + key, row)]
-  for model, tower, task in [("vit", "swinv2", "detection"), ("swinv2", "swinv2", "segmentation"),
-                             ("clip", "vit", "contrastive"), ("clip", "swinv2", "contrastive"),
-                             ("aurora", "swinv2", "aurora")]:
+
+  for model, tower, task in [
+    ("vit", "swinv2", "detection"),
+    ("swinv2", "swinv2", "segmentation"),
+    ("clip", "vit", "contrastive"),
+    ("clip", "swinv2", "contrastive"),
+    ("aurora", "swinv2", "aurora"),
+  ]:
     rows = config_lib.config_rows(config_lib.model_rows(model, image_tower=tower), task)
     assert [path for path, row in rows_of(rows) if not row.doc] == [], (model, tower, task)
 
 
 def test_finetune_backbone_puts_a_headless_backbone_at_the_crop_under_backbone():
   config = config_lib.base_config("vit", task="segmentation")
-  config_lib.finetune_backbone(config, "swinv2", init_from="/ckpt/b", variant="B", image_size=512, drop_path=0.3,
-                               window_size=16)
+  config_lib.finetune_backbone(
+    config, "swinv2", init_from="/ckpt/b", variant="B", image_size=512, drop_path=0.3, window_size=16
+  )
   assert (config.model.name, config.model.variant, config.model.num_classes, config.model.window_size) == (
-      "swinv2", "B", 0, 16)
+    "swinv2",
+    "B",
+    0,
+    16,
+  )
   assert config.model.image_size == config.data.image_size == 512 and config.model.drop_path == 0.3
   assert (config.init_from, config.init_from_prefix, config.model.remat_policy) == (
-      "/ckpt/b", "backbone", "nothing_saveable")
+    "/ckpt/b",
+    "backbone",
+    "nothing_saveable",
+  )

@@ -48,7 +48,8 @@ def test_format_is_clock_then_message_with_origin_for_theirs(console_handler):
   console.configure()
   assert console_handler.format(_record(OURS))[8:] == " hello there"
   assert console_handler.format(_record(THEIRS, py_logging.WARNING))[8:] == (
-      " warning: [checkpoint_manager] hello there")
+    " warning: [checkpoint_manager] hello there"
+  )
 
 
 @pytest.mark.parametrize("verbose", [False, True])
@@ -83,23 +84,41 @@ def test_progress_is_silent_off_process_zero(caplog):
 
 
 def test_format_metrics_drops_the_prefix():
-  assert console.format_metrics({"eval/val/top1": 0.95213, "eval/val/top5": 1.0, "eval/val/count": 50000.0,
-                                 "eval/val/loss": 2.5e-5, "train/loss": 2.0},
-                                "eval/val/") == "top1 0.9521, top5 1.000, count 50,000, loss 2.500e-05"
+  assert (
+    console.format_metrics(
+      {
+        "eval/val/top1": 0.95213,
+        "eval/val/top5": 1.0,
+        "eval/val/count": 50000.0,
+        "eval/val/loss": 2.5e-5,
+        "train/loss": 2.0,
+      },
+      "eval/val/",
+    )
+    == "top1 0.9521, top5 1.000, count 50,000, loss 2.500e-05"
+  )
 
 
 def test_a_tool_run_in_process_leaves_absls_logger_level_as_it_was(tmp_path):
   """import_hf quiets Orbax's INFO lines during its save; called in-process (tests, notebooks) it must not leave
   them off: before absl's flags are parsed the logger is NOTSET, which get_verbosity() reports as WARNING."""
   from visionfm_jax.tools import import_hf  # pylint: disable=g-import-not-at-top
+
   before = logging.get_absl_logger().level
   assert import_hf.main(["import_hf", f"--src={tmp_path / 'missing'}", f"--out={tmp_path / 'out'}"]) == 2
   assert logging.get_absl_logger().level == before
 
 
 def _orbax_error(message: str) -> py_logging.LogRecord:
-  return py_logging.LogRecord("absl", py_logging.ERROR, os.path.join(os.path.dirname(orbax.checkpoint.__file__),
-                                                                      "future.py"), 1, message, None, None)
+  return py_logging.LogRecord(
+    "absl",
+    py_logging.ERROR,
+    os.path.join(os.path.dirname(orbax.checkpoint.__file__), "future.py"),
+    1,
+    message,
+    None,
+    None,
+  )
 
 
 def test_orbax_error_lines_are_held_back_for_the_runs_own_error_line(capsys):
@@ -115,8 +134,10 @@ def test_orbax_error_lines_are_held_back_for_the_runs_own_error_line(capsys):
   assert quiet.filter(py_logging.LogRecord("absl", py_logging.ERROR, "/elsewhere/lib.py", 1, "kept", None, None))
   quiet.filter(_orbax_error("[Errno 5] Input/output error\ndetail"))
   console._say_held_back()
-  assert capsys.readouterr().err == ("warning: Orbax logged 1 error that the run went on after, the first: [Errno 5] "
-                                     "Input/output error (--verbose shows them as they come)\n")
+  assert capsys.readouterr().err == (
+    "warning: Orbax logged 1 error that the run went on after, the first: [Errno 5] "
+    "Input/output error (--verbose shows them as they come)\n"
+  )
 
 
 def test_a_run_starts_without_the_orbax_lines_an_earlier_run_in_the_process_held_back():

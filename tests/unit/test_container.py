@@ -6,6 +6,7 @@ tests/integration/test_docs_commands.py parses and validates; the documented bui
 arguments, and the pyxis/enroot launch of docs/launching.md runs the image they tag, where the Dockerfile puts the
 project.
 """
+
 import pathlib
 import re
 
@@ -86,8 +87,11 @@ def test_pyxis_runs_the_image_the_docs_build_where_the_dockerfile_puts_the_proje
   assert imports and all(re.fullmatch(r"(podman|dockerd)://(.+)", a[-1]).group(2) in tags for a in imports), imports
   squashfs = {a[a.index("-o") + 1] for a in imports}
   workdir = next(text for keyword, text in instructions(DOCKERFILE) if keyword == "WORKDIR")
-  launches = [dict(a[2:].partition("=")[::2] for a in c.argv[1:] if a.startswith("--container-"))
-              for c in commands if c.argv[0] == "srun"]
+  launches = [
+    dict(a[2:].partition("=")[::2] for a in c.argv[1:] if a.startswith("--container-"))
+    for c in commands
+    if c.argv[0] == "srun"
+  ]
   assert launches, "no srun --container-image line in docs/launching.md"
   for options in launches:
     assert options["container-image"] in squashfs, options

@@ -33,8 +33,14 @@ _TOOL = textwrap.dedent("""
 
 def _interrupt(wait: str, grace_s: float, signals: int) -> tuple[int, str, float]:
   """(exit status, stderr, seconds from the first SIGINT to the exit) of _TOOL sent `signals` SIGINTs 0.3 s apart."""
-  tool = subprocess.Popen([sys.executable, "-c", _TOOL, wait, str(grace_s)], cwd=ROOT, env=cpu_env(1),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  tool = subprocess.Popen(
+    [sys.executable, "-c", _TOOL, wait, str(grace_s)],
+    cwd=ROOT,
+    env=cpu_env(1),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert tool.stdout.readline() == "ready\n", tool.stderr.read()
     time.sleep(0.5)  # into its wait
@@ -68,8 +74,14 @@ def test_ctrl_c_in_native_code_ends_a_tool_after_the_grace_and_a_second_at_once(
 def test_a_stop_and_continue_is_not_a_ctrl_c():
   """A suspended job (SIGSTOP, then SIGCONT: SLURM's suspend, a shell's Ctrl-Z and fg) runs on: the watcher's wait,
   interrupted past its deadline, answers an empty siginfo (signal 0), which is no SIGINT."""
-  tool = subprocess.Popen([sys.executable, "-c", _TOOL, "native", "20"], cwd=ROOT, env=cpu_env(1),
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+  tool = subprocess.Popen(
+    [sys.executable, "-c", _TOOL, "native", "20"],
+    cwd=ROOT,
+    env=cpu_env(1),
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
   try:
     assert tool.stdout.readline() == "ready\n", tool.stderr.read()
     for _ in range(3):

@@ -45,6 +45,7 @@ def element(record, **extra):
 
 # --- scenes ---------------------------------------------------------------------------------------------
 
+
 def test_scenes_deterministic_and_split_apart():
   a, b = scenes.ScenesSource("train", 50, S), scenes.ScenesSource("train", 50, S)
   for i in (0, 17, 49):
@@ -77,8 +78,10 @@ def test_scenes_masks_and_boxes_agree():
       ys, xs = np.nonzero(mask == 1 + c)
       mine = boxes[classes == c]
       # Each box is the extent of its object's labelled pixels: the union over a class is the class extent.
-      np.testing.assert_array_equal([xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
-                                    [mine[:, 0].min(), mine[:, 1].min(), mine[:, 2].max(), mine[:, 3].max()])
+      np.testing.assert_array_equal(
+        [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1],
+        [mine[:, 0].min(), mine[:, 1].min(), mine[:, 2].max(), mine[:, 3].max()],
+      )
       inside = np.zeros(mask.shape, bool)
       for x0, y0, x1, y1 in mine.astype(int):
         inside[y0:y1, x0:x1] = True
@@ -92,6 +95,7 @@ def test_scenes_masks_and_boxes_agree():
 
 def test_scenes_render_cost():
   import time  # pylint: disable=g-import-not-at-top
+
   src = scenes.ScenesSource("train", 200, 64)
   start = time.perf_counter()
   for i in range(100):
@@ -100,6 +104,7 @@ def test_scenes_render_cost():
 
 
 # --- transforms -----------------------------------------------------------------------------------------
+
 
 def test_place_resizes_crops_and_pads():
   image = np.arange(8 * 12 * 3, dtype=np.uint8).reshape(8, 12, 3)
@@ -144,21 +149,19 @@ def _flip_pair(transform_of, record):
 
 def test_segmentation_train_transform():
   record = scenes.ScenesSource("train", 4, S)[1]
-  full = dense_transforms.SegmentationTrain(S, (1.0, 1.0), False).random_map(element(record),
-                                                                            np.random.default_rng(0))
+  full = dense_transforms.SegmentationTrain(S, (1.0, 1.0), False).random_map(element(record), np.random.default_rng(0))
   np.testing.assert_array_equal(full["image"], record["image"])  # scale 1 on an S x S image: unchanged
   np.testing.assert_array_equal(full["mask"], record["mask"].astype(np.int32))
   assert full["mask"].dtype == np.int32 and full["valid"]
-  small = dense_transforms.SegmentationTrain(S, (0.5, 0.5), False).random_map(element(record),
-                                                                             np.random.default_rng(0))
-  assert (small["mask"][S // 2:] == 255).all() and (small["mask"][:, S // 2:] == 255).all()
-  assert (small["image"][S // 2:] == 0).all() and (small["mask"][:S // 2, :S // 2] != 255).mean() > 0.8
-  big = dense_transforms.SegmentationTrain(S, (2.0, 2.0), False).random_map(element(record),
-                                                                           np.random.default_rng(3))
+  small = dense_transforms.SegmentationTrain(S, (0.5, 0.5), False).random_map(element(record), np.random.default_rng(0))
+  assert (small["mask"][S // 2 :] == 255).all() and (small["mask"][:, S // 2 :] == 255).all()
+  assert (small["image"][S // 2 :] == 0).all() and (small["mask"][: S // 2, : S // 2] != 255).mean() > 0.8
+  big = dense_transforms.SegmentationTrain(S, (2.0, 2.0), False).random_map(element(record), np.random.default_rng(3))
   assert big["image"].shape == (S, S, 3) and (big["mask"] != 255).mean() > 0.8
   for i in range(6):  # masks stay on their shapes: object pixels saturated, background grey
     out = dense_transforms.SegmentationTrain(S, (0.75, 2.0), True).random_map(
-        element(scenes.ScenesSource("train", 6, S)[i]), np.random.default_rng(i))
+      element(scenes.ScenesSource("train", 6, S)[i]), np.random.default_rng(i)
+    )
     saturated = np.ptp(out["image"].astype(int), axis=-1) > 60
     objects = (out["mask"] > 0) & (out["mask"] < 255)
     assert saturated[objects].mean() > 0.9 and saturated[out["mask"] == 0].mean() < 0.1
@@ -170,19 +173,18 @@ def test_segmentation_train_transform():
 def test_detection_train_transform():
   record = scenes.ScenesSource("train", 4, S)[2]
   k = len(record["classes"])
-  out = dense_transforms.DetectionTrain(S, (1.0, 1.0), False, 6).random_map(element(record),
-                                                                            np.random.default_rng(0))
+  out = dense_transforms.DetectionTrain(S, (1.0, 1.0), False, 6).random_map(element(record), np.random.default_rng(0))
   np.testing.assert_array_equal(out["image"], record["image"])
   np.testing.assert_allclose(out["boxes"][:k], record["boxes"] / S)
   assert out["classes"].tolist() == record["classes"].tolist() + [-1] * (6 - k)
-  out = dense_transforms.DetectionTrain(S, (0.5, 0.5), False, 6).random_map(element(record),
-                                                                            np.random.default_rng(5))
+  out = dense_transforms.DetectionTrain(S, (0.5, 0.5), False, 6).random_map(element(record), np.random.default_rng(5))
   rows, cols = np.nonzero(out["image"].any(-1))  # where the half-size image was placed
   oy, ox = rows.min(), cols.min()
   np.testing.assert_allclose(out["boxes"][:k], (record["boxes"] * 0.5 + [ox, oy, ox, oy]) / S, atol=1e-6)
   for i in range(6):  # boxes stay on their shapes: saturated pixels inside boxes only
     out = dense_transforms.DetectionTrain(S, (0.75, 1.5), True, 6).random_map(
-        element(scenes.ScenesSource("train", 6, S)[i]), np.random.default_rng(i))
+      element(scenes.ScenesSource("train", 6, S)[i]), np.random.default_rng(i)
+    )
     saturated = np.ptp(out["image"].astype(int), axis=-1) > 60
     inside = np.zeros(saturated.shape, bool)
     for x0, y0, x1, y1 in np.round(out["boxes"][out["classes"] >= 0] * S).astype(int):
@@ -198,10 +200,10 @@ def test_detection_train_transform():
 
 # --- pipelines on scenes --------------------------------------------------------------------------------
 
+
 def test_train_batches_contract_and_resume():
   cfg = data_config()
-  loader = dense.make_dense_train_loader(cfg, "segmentation", batch_size=4, seed=1, process_index=0,
-                                         process_count=1)
+  loader = dense.make_dense_train_loader(cfg, "segmentation", batch_size=4, seed=1, process_index=0, process_count=1)
   batch = next(iter(loader))
   assert set(batch) == {"image", "mask"} and batch["image"].shape == (4, S, S, 3)
   assert batch["image"].dtype == np.uint8 and batch["mask"].shape == (4, S, S) and batch["mask"].dtype == np.int32
@@ -218,8 +220,9 @@ def test_train_batches_contract_and_resume():
   assert boxes.min() >= 0 and boxes.max() <= 1 and (boxes[:, 2:] > boxes[:, :2]).all()
   state = it.get_state()
   want = next(it)
-  resumed = iter(dense.make_dense_train_loader(cfg, "detection", batch_size=4, seed=1, process_index=0,
-                                               process_count=1))
+  resumed = iter(
+    dense.make_dense_train_loader(cfg, "detection", batch_size=4, seed=1, process_index=0, process_count=1)
+  )
   resumed.set_state(state)
   got = next(resumed)
   for key in want:
@@ -229,14 +232,14 @@ def test_train_batches_contract_and_resume():
 def test_eval_batches_on_scenes():
   cfg = data_config(eval_examples=10)
   src = scenes.ScenesSource("validation", 20, S)
-  batches = list(dense.make_dense_eval_iterator(cfg, "segmentation", batch_size=4, process_index=0,
-                                                process_count=1))
+  batches = list(dense.make_dense_eval_iterator(cfg, "segmentation", batch_size=4, process_index=0, process_count=1))
   assert len(batches) == 3 and [b["valid"].sum() for b in batches] == [4, 4, 2]
   np.testing.assert_array_equal(batches[1]["image"][1], src[5]["image"])
   np.testing.assert_array_equal(batches[1]["mask"][1], src[5]["mask"])
   assert (batches[2]["mask"][2:] == 255).all() and (batches[2]["image"][2:] == 0).all()
-  batches = list(dense.make_dense_eval_iterator(cfg, "detection", batch_size=4, process_index=1,
-                                                process_count=2))  # the second share: records 5..9
+  batches = list(
+    dense.make_dense_eval_iterator(cfg, "detection", batch_size=4, process_index=1, process_count=2)
+  )  # the second share: records 5..9
   b = batches[0]
   assert b["image_id"].dtype == np.int64 and b["image_id"][:4].tolist() == [5, 6, 7, 8]
   assert (b["orig_size"] == S).all() and (b["scale"] == 1).all() and batches[1]["valid"].tolist() == [1, 0, 0, 0]
@@ -251,6 +254,7 @@ def coco_ap(ground_truth, batches):
   """pycocotools AP@[.5:.95] of the eval batches' boxes, mapped back to original pixels, as detections."""
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
   from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
+
   gt = COCO()
   gt.dataset = ground_truth
   gt.createIndex()
@@ -261,8 +265,14 @@ def coco_ap(ground_truth, batches):
       for box, c in zip(b["boxes"][row] * size / b["scale"][row], b["classes"][row]):
         if c >= 0:
           x0, y0, x1, y1 = box.tolist()
-          detections.append({"image_id": int(b["image_id"][row]), "category_id": int(c),
-                             "bbox": [x0, y0, x1 - x0, y1 - y0], "score": 1.0})
+          detections.append(
+            {
+              "image_id": int(b["image_id"][row]),
+              "category_id": int(c),
+              "bbox": [x0, y0, x1 - x0, y1 - y0],
+              "score": 1.0,
+            }
+          )
   evaluator = COCOeval(gt, gt.loadRes(detections), "bbox")
   evaluator.evaluate()
   evaluator.accumulate()
@@ -290,19 +300,28 @@ def test_bad_configs():
   with pytest.raises(ConfigError, match=r"config.data.seg_scale_range=\(2.0, 1.0\): expected \(low, high\)"):
     config_lib.check_domains(config)
   with pytest.raises(ConfigError, match=r"config.data.mixture \(1 entries\): segmentation trains on one source"):
-    dense.make_dense_train_loader(data_config(source="", mixture=(("scenes", 1.0),)), "segmentation", batch_size=2,
-                                  seed=0, process_index=0, process_count=1)
+    dense.make_dense_train_loader(
+      data_config(source="", mixture=(("scenes", 1.0),)),
+      "segmentation",
+      batch_size=2,
+      seed=0,
+      process_index=0,
+      process_count=1,
+    )
   with pytest.raises(DataError, match="records have no 'boxes'.*detection reads"):
-    dense.make_dense_train_loader(data_config(source="shapes"), "detection", batch_size=2, seed=0,
-                                  process_index=0, process_count=1)
+    dense.make_dense_train_loader(
+      data_config(source="shapes"), "detection", batch_size=2, seed=0, process_index=0, process_count=1
+    )
   with pytest.raises(DataError, match=r"^config.data.eval_source='shapes' split 'validation': records have no 'boxes'"):
-    dense.make_dense_eval_iterator(data_config(source="scenes", eval_source="shapes"), "detection", batch_size=2,
-                                   process_index=0, process_count=1)
+    dense.make_dense_eval_iterator(
+      data_config(source="scenes", eval_source="shapes"), "detection", batch_size=2, process_index=0, process_count=1
+    )
   with pytest.raises(DataError, match=r"^config.data.source='shapes': COCO ground truth needs"):
     dense.coco_ground_truth(data_config(source="shapes"))
 
 
 # --- ADE20K ---------------------------------------------------------------------------------------------
+
 
 def write_ade(root, split_dir="training"):
   """Four images with two-class label maps (left half label 2*i+1, right half 150 or 0), one corrupt JPEG,
@@ -314,8 +333,8 @@ def write_ade(root, split_dir="training"):
     stem = f"ADE_{split_dir}_{i:08d}"
     image = np.full((h, w, 3), 40 * i, np.uint8)
     label = np.zeros((h, w), np.uint8)
-    label[:, :w // 2] = 2 * i + 1
-    label[:, w // 2:] = 150 if i % 2 else 0
+    label[:, : w // 2] = 2 * i + 1
+    label[:, w // 2 :] = 150 if i % 2 else 0
     (root / "images" / split_dir / f"{stem}.jpg").write_bytes(encode(image, "JPEG"))
     (root / "annotations" / split_dir / f"{stem}.png").write_bytes(encode(label, "PNG"))
     labels[stem] = label
@@ -343,16 +362,14 @@ def test_ade20k_reader_and_pipelines(tmp_path):
   assert dense.class_names(cfg, "segmentation") == names
 
   failures = transforms.decode_failures()
-  it = iter(dense.make_dense_train_loader(cfg, "segmentation", batch_size=2, seed=0, process_index=0,
-                                          process_count=1))
+  it = iter(dense.make_dense_train_loader(cfg, "segmentation", batch_size=2, seed=0, process_index=0, process_count=1))
   masks = np.concatenate([next(it)["mask"] for _ in range(2)])  # 4 good records
   assert it.read - it.skipped == 4 and 1 <= it.skipped <= 2  # the last record of the epoch may be unread
   assert transforms.decode_failures() >= failures + it.skipped  # (the prefetch may have decoded more)
   assert masks.shape == (4, S, S) and set(np.unique(masks).tolist()) <= {0, 2, 4, 6, 149, 255}
 
   cfg.seg_eval_width = 48
-  batches = list(dense.make_dense_eval_iterator(cfg, "segmentation", batch_size=4, process_index=0,
-                                                process_count=1))
+  batches = list(dense.make_dense_eval_iterator(cfg, "segmentation", batch_size=4, process_index=0, process_count=1))
   assert [b["valid"].tolist() for b in batches] == [[True] * 4, [False, False, False, False]]
   first = batches[0]
   assert first["image"].shape == (4, S, 48, 3) and first["mask"].shape == (4, S, 48)
@@ -378,7 +395,8 @@ def test_ade20k_layout_errors(tmp_path):
   with pytest.raises(DataError, match="unknown split 'test'"):
     sources.build_source(cfg.source, "test", cfg)
   assert ade20k.decode_annotation(encode(np.array([[0, 1, 150, 151, 255]], np.uint8), "PNG")).tolist() == [
-      [255, 0, 149, 255, 255]]
+    [255, 0, 149, 255, 255]
+  ]
 
 
 # --- COCO -----------------------------------------------------------------------------------------------
@@ -396,15 +414,16 @@ def write_coco(root, split_dir="val2017"):
     data = b"not a jpeg" if image_id == 40 else encode(np.full((h, w, 3), image_id, np.uint8), "JPEG")
     (root / split_dir / f"{image_id:012d}.jpg").write_bytes(data)
   annotations = [
-      {"id": 5, "image_id": 30, "category_id": 7, "bbox": [10, 20, 30, 40], "area": 900.0, "iscrowd": 0},
-      {"id": 6, "image_id": 30, "category_id": 1, "bbox": [0, 0, 5, 6], "area": 25.5, "iscrowd": 0},
-      {"id": 7, "image_id": 30, "category_id": 3, "bbox": [40, 40, 20, 30], "area": 500.0, "iscrowd": 1},
-      {"id": 8, "image_id": 10, "category_id": 3, "bbox": [90, 10, 30, 20], "area": 400.0, "iscrowd": 0},
-      {"id": 9, "image_id": 40, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100.0, "iscrowd": 0},
+    {"id": 5, "image_id": 30, "category_id": 7, "bbox": [10, 20, 30, 40], "area": 900.0, "iscrowd": 0},
+    {"id": 6, "image_id": 30, "category_id": 1, "bbox": [0, 0, 5, 6], "area": 25.5, "iscrowd": 0},
+    {"id": 7, "image_id": 30, "category_id": 3, "bbox": [40, 40, 20, 30], "area": 500.0, "iscrowd": 1},
+    {"id": 8, "image_id": 10, "category_id": 3, "bbox": [90, 10, 30, 20], "area": 400.0, "iscrowd": 0},
+    {"id": 9, "image_id": 40, "category_id": 1, "bbox": [1, 1, 10, 10], "area": 100.0, "iscrowd": 0},
   ]
   images = [{"id": i, "file_name": f"{i:012d}.jpg", "height": h, "width": w} for i, (h, w) in sizes.items()]
-  (root / "annotations" / f"instances_{split_dir}.json").write_text(json.dumps(
-      {"images": images, "annotations": annotations, "categories": COCO_CATEGORIES}))
+  (root / "annotations" / f"instances_{split_dir}.json").write_text(
+    json.dumps({"images": images, "annotations": annotations, "categories": COCO_CATEGORIES})
+  )
 
 
 def test_coco_reads_no_image_outside_its_folder(tmp_path):
@@ -445,8 +464,7 @@ def test_coco_reader_and_pipelines(tmp_path):
   assert [training[i]["image_id"] for i in range(len(training))] == [10, 30, 40]  # no empty image
 
   failures = transforms.decode_failures()
-  it = iter(dense.make_dense_train_loader(cfg, "detection", batch_size=2, seed=0, process_index=0,
-                                          process_count=1))
+  it = iter(dense.make_dense_train_loader(cfg, "detection", batch_size=2, seed=0, process_index=0, process_count=1))
   batch = next(it)
   assert batch["boxes"].shape == (2, 4, 4) and sorted((batch["classes"] >= 0).sum(1).tolist()) == [1, 2]
   next(it)  # 4 good records: past the first epoch of 3, the corrupt one included
@@ -466,11 +484,15 @@ def test_coco_reader_and_pipelines(tmp_path):
   gt = dense.coco_ground_truth(cfg, "validation", -1)
   assert [im["id"] for im in gt["images"]] == [10, 20, 30, 40]
   assert gt["images"][0] == {"id": 10, "height": 40, "width": 100, "file_name": "000000000010.jpg"}
-  assert [(c["id"], c["name"], c["coco_id"]) for c in gt["categories"]] == [(0, "person", 1), (1, "car", 3),
-                                                                           (2, "train", 7)]
+  assert [(c["id"], c["name"], c["coco_id"]) for c in gt["categories"]] == [
+    (0, "person", 1),
+    (1, "car", 3),
+    (2, "train", 7),
+  ]
   crowd = [a for a in gt["annotations"] if a["iscrowd"]]
   assert len(gt["annotations"]) == 5 and crowd == [
-      {"id": 7, "image_id": 30, "category_id": 1, "bbox": [40.0, 40.0, 20.0, 30.0], "area": 500.0, "iscrowd": 1}]
+    {"id": 7, "image_id": 30, "category_id": 1, "bbox": [40.0, 40.0, 20.0, 30.0], "area": 500.0, "iscrowd": 1}
+  ]
   assert len(dense.coco_ground_truth(cfg, "validation", 2)["images"]) == 2
   # The boxes mapped back as detections: 'train' is found (AP 1), 'person' in 1 of 2 images (the corrupt one
   # yields nothing; AP 0.505 with COCO's 101-point interpolation), 'car' not (the box clipped to the image
@@ -489,19 +511,28 @@ def test_coco_layout_errors(tmp_path):
   (tmp_path / "annotations" / "instances_val2017.json").write_text('{"images": []')
   with pytest.raises(DataError, match="cannot read .*instances_val2017.json"):
     sources.build_source(cfg.source, "validation", cfg)
-  (tmp_path / "annotations" / "instances_val2017.json").write_text(json.dumps(
-      {"images": [{"id": 1, "file_name": "a.jpg", "height": 2, "width": 2}], "categories": COCO_CATEGORIES,
-       "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}]}))
+  (tmp_path / "annotations" / "instances_val2017.json").write_text(
+    json.dumps(
+      {
+        "images": [{"id": 1, "file_name": "a.jpg", "height": 2, "width": 2}],
+        "categories": COCO_CATEGORIES,
+        "annotations": [{"id": 1, "image_id": 2, "category_id": 1, "bbox": [0, 0, 1, 1]}],
+      }
+    )
+  )
   (tmp_path / "val2017").mkdir()
   with pytest.raises(DataError, match="unknown image/category id"):
     sources.build_source(cfg.source, "validation", cfg)
 
 
-@pytest.mark.parametrize("spec,parsed", [
+@pytest.mark.parametrize(
+  "spec,parsed",
+  [
     ("scenes", ("scenes", "", "")),
     ("ade20k:/data/ADEChallengeData2016", ("ade20k", "/data/ADEChallengeData2016", "")),
     ("coco:/data/coco", ("coco", "/data/coco", "")),
-])
+  ],
+)
 def test_dense_source_specs(spec, parsed):
   assert sources._parse(spec) == parsed  # pylint: disable=protected-access
   for bad in ("scenes:x", "ade20k", "coco:"):

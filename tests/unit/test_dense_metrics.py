@@ -68,7 +68,7 @@ def test_segmentation_evaluator_sums_batches_and_skips_padding():
   valid = np.arange(16) < 12
   predict = lambda params, x: jax.nn.one_hot(x[..., 0].astype(np.int32), 3)
   evaluator = segmentation.SegmentationEvaluator(predict, _ctx(), num_classes=3)
-  batches = [{"image": images[i:i + 8], "mask": labels[i:i + 8], "valid": valid[i:i + 8]} for i in (0, 8)]
+  batches = [{"image": images[i : i + 8], "mask": labels[i : i + 8], "valid": valid[i : i + 8]} for i in (0, 8)]
   metrics = evaluator(None, batches)
   confusion = segmentation.confusion_matrix(images[:12, ..., 0], labels[:12], 3)
   for name, value in segmentation.segmentation_metrics(confusion).items():
@@ -85,8 +85,16 @@ def _gt(boxes_per_image, categories=(0, 1)):
   for image_id, boxes in enumerate(boxes_per_image):
     images.append({"id": image_id, "height": 100, "width": 100})
     for category, (x, y, w, h) in boxes:
-      annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": category,
-                          "bbox": [x, y, w, h], "area": w * h, "iscrowd": 0})
+      annotations.append(
+        {
+          "id": len(annotations) + 1,
+          "image_id": image_id,
+          "category_id": category,
+          "bbox": [x, y, w, h],
+          "area": w * h,
+          "iscrowd": 0,
+        }
+      )
   return {"images": images, "annotations": annotations, "categories": [{"id": c, "name": str(c)} for c in categories]}
 
 
@@ -124,6 +132,7 @@ def test_map_by_hand_with_101_point_interpolation():
 def test_agrees_with_pycocotools_file_flow(tmp_path):
   from pycocotools.coco import COCO
   from pycocotools.cocoeval import COCOeval
+
   rng = np.random.default_rng(2)
   dets = []
   for a in GT["annotations"]:
@@ -147,8 +156,11 @@ def test_agrees_with_pycocotools_file_flow(tmp_path):
 
 
 def test_ground_truth_fields_are_filled_or_named():
-  bare = {"images": [{"id": 0}], "categories": [{"id": 0}],
-          "annotations": [{"image_id": 0, "category_id": 0, "bbox": [0, 0, 10, 10]}]}
+  bare = {
+    "images": [{"id": 0}],
+    "categories": [{"id": 0}],
+    "annotations": [{"image_id": 0, "category_id": 0, "bbox": [0, 0, 10, 10]}],
+  }
   assert detection.coco_map(bare, [_det(0, 0, (0, 0, 10, 10), 0.5)])["map"] == pytest.approx(1.0)
   with pytest.raises(DataError, match="lacks \\['bbox'\\]"):
     detection.coco_map({**bare, "annotations": [{"image_id": 0, "category_id": 0}]}, [_det(0, 0, (0, 0, 1, 1), 1.0)])
@@ -158,9 +170,15 @@ def test_coco_detections_convert_to_original_pixels():
   scores = np.array([[0.9, 0.5], [0.8, 0.1]])
   classes = np.array([[1, 0], [0, 0]])
   boxes = np.array([[[0.1, 0.2, 0.5, 1.2], [0, 0, 0.1, 0.1]], [[0, 0, 1, 1], [0, 0, 1, 1]]])
-  dets = detection.coco_detections(scores, classes, boxes, image_ids=np.array([7, 8]),
-                                   to_pixels=np.array([200.0, 50.0]), valid=np.array([True, False]),
-                                   orig_size=np.array([[150, 100], [50, 50]]))
+  dets = detection.coco_detections(
+    scores,
+    classes,
+    boxes,
+    image_ids=np.array([7, 8]),
+    to_pixels=np.array([200.0, 50.0]),
+    valid=np.array([True, False]),
+    orig_size=np.array([[150, 100], [50, 50]]),
+  )
   assert [d["image_id"] for d in dets] == [7, 7] and [d["category_id"] for d in dets] == [1, 0]
   # (20, 40, 100, 240) clipped to the 100 x 150 (w x h) image -> xywh (20, 40, 80, 110).
   np.testing.assert_allclose(dets[0]["bbox"], [20, 40, 80, 110])
@@ -176,8 +194,13 @@ def test_detection_evaluator_end_to_end():
   boxes = np.zeros((8, 3, 4), np.float32)
   logits[0, 1, 0], boxes[0, 1] = 5.0, [8 / 64, 8 / 64, 24 / 64, 24 / 64]
   logits[1, 2, 1], boxes[1, 2] = 5.0, [0, 0.5, 0.5, 1.0]
-  batch = {"image": np.zeros((8, 32, 32, 3), np.uint8), "image_id": np.arange(8), "valid": np.arange(8) < 2,
-           "orig_size": np.full((8, 2), 64, np.int32), "scale": np.full((8,), 0.5, np.float32)}
+  batch = {
+    "image": np.zeros((8, 32, 32, 3), np.uint8),
+    "image_id": np.arange(8),
+    "valid": np.arange(8) < 2,
+    "orig_size": np.full((8, 2), 64, np.int32),
+    "scale": np.full((8,), 0.5, np.float32),
+  }
   predict = lambda params, images: params
   evaluator = detection.DetectionEvaluator(predict, _ctx(), gt, top_k=4)
   metrics = evaluator({"logits": logits, "boxes": boxes}, [batch])

@@ -50,6 +50,7 @@ def host_jitter(strength):
       planes = (_host_brightness, _host_contrast, _host_saturation)[i](planes, factors[i])
     planes += np.float32(0.5)
     return {**element, "image": planes.transpose(1, 2, 0).astype(np.uint8)}
+
   return op
 
 
@@ -112,8 +113,10 @@ def test_adjustments():
 
 def test_without_parameters_it_only_normalises():
   images = np.random.default_rng(0).integers(0, 256, (2, 8, 8, 3), dtype=np.uint8)
-  np.testing.assert_array_equal(device_augment.augment(images, {}, MEAN, STD, jnp.bfloat16),
-                                device_augment.normalize(images, MEAN, STD).astype(jnp.bfloat16))
+  np.testing.assert_array_equal(
+    device_augment.augment(images, {}, MEAN, STD, jnp.bfloat16),
+    device_augment.normalize(images, MEAN, STD).astype(jnp.bfloat16),
+  )
   flipped = device_augment.augment(images, {transforms.FLIP: np.array([1, 0], np.uint8)}, MEAN, STD)
   np.testing.assert_allclose(flipped[0], device_augment.normalize(images[0, :, ::-1], MEAN, STD), atol=1e-6)
   np.testing.assert_allclose(flipped[1], device_augment.normalize(images[1], MEAN, STD), atol=1e-6)
@@ -128,8 +131,10 @@ def test_flip_stays_on_the_host_before_geometric_randaugment():
   augment.randaugment_exclude = randaugment.GEOMETRIC_OPS  # the rest commute with a mirror
   assert transforms.flip_on_device(augment)
   image = np.arange(4 * 5 * 3, dtype=np.uint8).reshape(4, 5, 3)
-  flips = [transforms.RandomFlip(on_device=False).random_map({"image": image}, np.random.default_rng(seed))
-           for seed in range(20)]
+  flips = [
+    transforms.RandomFlip(on_device=False).random_map({"image": image}, np.random.default_rng(seed))
+    for seed in range(20)
+  ]
   mirrored = [np.array_equal(out["image"], image[:, ::-1]) for out in flips]
   assert any(mirrored) and not all(mirrored) and all(transforms.FLIP not in out for out in flips)
 

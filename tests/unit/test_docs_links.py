@@ -1,4 +1,5 @@
 """Every link in the front door and the docs resolves inside the repository, anchors included."""
+
 import pathlib
 import re
 
@@ -29,7 +30,8 @@ def links_of(path: pathlib.Path) -> list[str]:
 def test_github_anchor_matches_githubs_rule():
   assert github_anchor("Preparing data") == "preparing-data"
   assert github_anchor("Converting image folders and WebDataset shards: `datatools.prepare_data`") == (
-      "converting-image-folders-and-webdataset-shards-datatoolsprepare_data")
+    "converting-image-folders-and-webdataset-shards-datatoolsprepare_data"
+  )
 
 
 @pytest.mark.parametrize("doc", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
@@ -59,8 +61,10 @@ def test_readme_is_a_front_door():
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 # A citation of a section: BENCHMARKS.md, then a comma, a space or an opening parenthesis, then the heading in
 # double or single quotes.
-CITATION = re.compile(r"BENCHMARKS(?:\.md)?(?:,\s*|\s+\(?|\s*\()"
-                      r"(?:\"([^\"\n]{1,120})\"|'([^'\n]{1,120}?)'(?=[\s),.;:]))")
+CITATION = re.compile(
+  r"BENCHMARKS(?:\.md)?(?:,\s*|\s+\(?|\s*\()"
+  r"(?:\"([^\"\n]{1,120})\"|'([^'\n]{1,120}?)'(?=[\s),.;:]))"
+)
 
 
 def _heading_key(text: str) -> str:
@@ -71,6 +75,7 @@ def cited_headings() -> list[tuple[str, str]]:
   """(file, heading) for every quoted BENCHMARKS.md section citation in a tracked text file; a citation broken over
   lines (a docstring, or comment lines whose `#` or `//` markers are dropped) is read joined."""
   import subprocess
+
   listed = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=False)
   if listed.returncode != 0:
     pytest.skip("not a git checkout")
@@ -94,7 +99,7 @@ def test_every_cited_benchmarks_heading_exists():
   headings = {_heading_key(m.group(1)) for m in re.finditer(r"^#+ (.+)$", FENCE.sub("", BENCHMARKS.read_text()), re.M)}
   cited = cited_headings()
   assert cited, "no BENCHMARKS.md citation found: the pattern has drifted from how the code cites it"
-  missing = sorted({f"{name}: \"{heading}\"" for name, heading in cited if _heading_key(heading) not in headings})
+  missing = sorted({f'{name}: "{heading}"' for name, heading in cited if _heading_key(heading) not in headings})
   assert not missing, "BENCHMARKS.md has no such heading:\n" + "\n".join(missing)
 
 

@@ -11,9 +11,13 @@ from visionfm_jax.trained import loader
 from conftest import tiny_clip_config
 from test_clip_checkpoint import hf_dir  # noqa: F401  pylint: disable=unused-import
 
-ZEROSHOT_ON_SHAPES = ("--config.eval.zeroshot_classes=shapes", "--config.eval.zeroshot_source=shapes",
-                      "--config.eval.zeroshot_split=validation", "--config.eval.zeroshot_examples=16",
-                      "--batch_size=8")
+ZEROSHOT_ON_SHAPES = (
+  "--config.eval.zeroshot_classes=shapes",
+  "--config.eval.zeroshot_source=shapes",
+  "--config.eval.zeroshot_split=validation",
+  "--config.eval.zeroshot_examples=16",
+  "--batch_size=8",
+)
 
 
 def _evaluate(capsys, *args) -> dict:
@@ -25,8 +29,9 @@ def test_a_raw_clip_scores_retrieval_only_when_the_command_names_it(hf_dir, caps
   src, _ = hf_dir
   results = _evaluate(capsys, f"--checkpoint={src}", *ZEROSHOT_ON_SHAPES)
   assert sorted(results) == ["eval/zeroshot/count", "eval/zeroshot/top1", "eval/zeroshot/top5", "step"]
-  results = _evaluate(capsys, f"--checkpoint={src}", *ZEROSHOT_ON_SHAPES, "--config.eval.retrieval=true",
-                      "--config.data.eval_examples=16")
+  results = _evaluate(
+    capsys, f"--checkpoint={src}", *ZEROSHOT_ON_SHAPES, "--config.eval.retrieval=true", "--config.data.eval_examples=16"
+  )
   assert {"eval/retrieval/i2t_r1", "eval/retrieval/t2i_r1", "eval/zeroshot/top1"} <= set(results)
 
 

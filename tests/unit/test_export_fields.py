@@ -11,21 +11,29 @@ from visionfm_jax.convert import hf_clip, hf_swinv2, hf_vit
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import backbone, clip, swinv2, text, vit
 
-CONVERTERS = {family.module: importlib.import_module(f"visionfm_jax.convert.{family.hf_converter}")
-              for family in models.FAMILIES.values() if family.hf_converter}
+CONVERTERS = {
+  family.module: importlib.import_module(f"visionfm_jax.convert.{family.hf_converter}")
+  for family in models.FAMILIES.values()
+  if family.hf_converter
+}
 VIT = vit.ViT(width=8, depth=1, mlp_dim=16, num_heads=2, patch_size=4, image_size=8, num_classes=3)
 SWIN = swinv2.SwinV2(embed_dim=8, depths=(2,), num_heads=(2,), window_size=4, patch_size=2, image_size=8)
-CLIP = clip.CLIP(image=VIT.clone(pre_norm=True, patch_bias=False, num_classes=0),
-                 text=text.TextTransformer(width=8, depth=1, num_heads=2, mlp_dim=16, embed_dim=8, vocab_size=10,
-                                           max_len=4),
-                 embed_dim=8)
+CLIP = clip.CLIP(
+  image=VIT.clone(pre_norm=True, patch_bias=False, num_classes=0),
+  text=text.TextTransformer(width=8, depth=1, num_heads=2, mlp_dim=16, embed_dim=8, vocab_size=10, max_len=4),
+  embed_dim=8,
+)
 # Per converter, per class it names: a model of that class that the converter exports whole, and how to put a field
 # of it into the model it is part of.
-BASES = {hf_vit: {vit.ViT: (VIT, lambda changed: changed)},
-         hf_swinv2: {swinv2.SwinV2: (SWIN, lambda changed: changed)},
-         hf_clip: {clip.CLIP: (CLIP, lambda changed: changed),
-                   vit.ViT: (CLIP.image, lambda changed: CLIP.clone(image=changed)),
-                   text.TextTransformer: (CLIP.text, lambda changed: CLIP.clone(text=changed))}}
+BASES = {
+  hf_vit: {vit.ViT: (VIT, lambda changed: changed)},
+  hf_swinv2: {swinv2.SwinV2: (SWIN, lambda changed: changed)},
+  hf_clip: {
+    clip.CLIP: (CLIP, lambda changed: changed),
+    vit.ViT: (CLIP.image, lambda changed: CLIP.clone(image=changed)),
+    text.TextTransformer: (CLIP.text, lambda changed: CLIP.clone(text=changed)),
+  },
+}
 
 
 def _another(value):
@@ -45,8 +53,9 @@ def test_every_exporting_family_has_its_converters_fields():
     assert module in converter.EXPORT_FIELDS, converter.__name__
 
 
-@pytest.mark.parametrize("converter", sorted(set(CONVERTERS.values()), key=lambda m: m.__name__),
-                         ids=lambda m: m.__name__)
+@pytest.mark.parametrize(
+  "converter", sorted(set(CONVERTERS.values()), key=lambda m: m.__name__), ids=lambda m: m.__name__
+)
 def test_each_field_is_named_once(converter):
   for cls, fields in converter.EXPORT_FIELDS.items():
     names = fields.names()

@@ -94,14 +94,20 @@ def docstring_of(path: pathlib.Path) -> tuple[str, int]:
 def comments_of(path: pathlib.Path) -> list[tuple[str, int]]:
   """Each `# ...` comment of a module and its line."""
   with tokenize.open(path) as source:
-    return [(token.string, token.start[0]) for token in tokenize.generate_tokens(source.readline)
-            if token.type == tokenize.COMMENT]
+    return [
+      (token.string, token.start[0])
+      for token in tokenize.generate_tokens(source.readline)
+      if token.type == tokenize.COMMENT
+    ]
 
 
 def documents() -> list[tuple[pathlib.Path, str, int, bool]]:
   """(path, text, first line, is a recipe docstring) for every place that points at a ledger."""
-  found = [(path, path.read_text(encoding="utf-8"), 1, False)
-           for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))] if path not in LEDGERS]
+  found = [
+    (path, path.read_text(encoding="utf-8"), 1, False)
+    for path in [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+    if path not in LEDGERS
+  ]
   for path in sorted((ROOT / "configs").glob("*.py")):
     text, line = docstring_of(path)
     found.append((path, text, line, True))
@@ -117,8 +123,11 @@ def restatements(held: dict[tuple[str, str], list[str]]) -> list[str]:
       if key not in held:
         continue
       line = lines[number - first_line]
-      if is_config and key[1] == "days" and any(m.group(1) == written.split()[0]
-                                               for m in RECIPE_DAYS_CITATION.finditer(line)):
+      if (
+        is_config
+        and key[1] == "days"
+        and any(m.group(1) == written.split()[0] for m in RECIPE_DAYS_CITATION.finditer(line))
+      ):
         continue
       found.append(f"{path.relative_to(ROOT)}:{number}: {written} (held by {', '.join(held[key])})")
   return found
@@ -126,25 +135,33 @@ def restatements(held: dict[tuple[str, str], list[str]]) -> list[str]:
 
 def test_no_figure_of_a_ledger_is_restated():
   found = restatements(ledger_figures())
-  assert not found, ("figures a ledger holds, restated (cite its section by heading instead):\n"
-                     + "\n".join(found))
+  assert not found, "figures a ledger holds, restated (cite its section by heading instead):\n" + "\n".join(found)
 
 
 def test_benchmarks_holds_current_figures_only():
   lines = BENCHMARKS.read_text(encoding="utf-8").splitlines()
   assert len(lines) <= BENCHMARKS_MAX_LINES, (
-      f"BENCHMARKS.md has {len(lines)} lines, over {BENCHMARKS_MAX_LINES}: drop what a newer figure supersedes (git "
-      "keeps it), and move an option measured and not adopted to docs/tried_and_dropped.md")
+    f"BENCHMARKS.md has {len(lines)} lines, over {BENCHMARKS_MAX_LINES}: drop what a newer figure supersedes (git "
+    "keeps it), and move an option measured and not adopted to docs/tried_and_dropped.md"
+  )
 
 
 def test_the_definition_sees_figures_and_only_figures():
   found = figures_of("8.83 s a step, 64.0 GiB, MFU 0.310, 1,369 MB, 37.4 days, 62.9 images/s")
   assert [key for _, key, _ in found] == [
-      ("8.83", "s"), ("64", "GiB"), ("0.31", "MFU"), ("1369", "MB"), ("37.4", "days"), ("62.9", "img/s")]
+    ("8.83", "s"),
+    ("64", "GiB"),
+    ("0.31", "MFU"),
+    ("1369", "MB"),
+    ("37.4", "days"),
+    ("62.9", "img/s"),
+  ]
   # plain numbers, versions, ratios, sizes and bare integers with a unit are not figures
   assert not figures_of("jax 0.10.2, 8 GPUs, 30 s, 1.2x, lr 5e-4, 0.125 chance, v1.5s, 16 MiB, 3.3.2 s, 0.5sec")
-  table = "| model | step ms | img/s | MFU | predicted days | wall |\n| --- | ---: | ---: | ---: | ---: | ---: |\n" \
-          "| ViT | 838.7 | 305.2 | **0.310** | 1.1 | 17.5 |\n"
+  table = (
+    "| model | step ms | img/s | MFU | predicted days | wall |\n| --- | ---: | ---: | ---: | ---: | ---: |\n"
+    "| ViT | 838.7 | 305.2 | **0.310** | 1.1 | 17.5 |\n"
+  )
   assert table_figures(table) == {("838.7", "ms"), ("305.2", "img/s"), ("0.31", "MFU"), ("1.1", "days")}
 
 
@@ -153,7 +170,12 @@ BUILD_MAX_LINE = 300
 
 def test_build_md_keeps_its_lines_short():
   """BUILD.md's "Tested" holds the newest run of each row (older ones are git's), in cells short enough to read."""
-  long = [f"BUILD.md:{n}: {len(line)} characters" for n, line in
-          enumerate((ROOT / "BUILD.md").read_text(encoding="utf-8").splitlines(), 1) if len(line) >= BUILD_MAX_LINE]
-  assert not long, (f"lines of {BUILD_MAX_LINE} characters or more (keep a row's newest run, split a long cell into "
-                    "rows):\n" + "\n".join(long))
+  long = [
+    f"BUILD.md:{n}: {len(line)} characters"
+    for n, line in enumerate((ROOT / "BUILD.md").read_text(encoding="utf-8").splitlines(), 1)
+    if len(line) >= BUILD_MAX_LINE
+  ]
+  assert not long, (
+    f"lines of {BUILD_MAX_LINE} characters or more (keep a row's newest run, split a long cell into "
+    "rows):\n" + "\n".join(long)
+  )

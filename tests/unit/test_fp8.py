@@ -22,8 +22,8 @@ from conftest import tiny_vit_config
 
 # Unit roundoff (half the spacing of the significands) and the smallest subnormal's half: a value v quantized with
 # scale s is off by at most U * |v| + s * TINY / 2, the second term for values that land among the subnormals.
-E4M3_U, E4M3_TINY = 2.0 ** -4, 2.0 ** -9
-E5M2_U, E5M2_TINY = 2.0 ** -3, 2.0 ** -16
+E4M3_U, E4M3_TINY = 2.0**-4, 2.0**-9
+E5M2_U, E5M2_TINY = 2.0**-3, 2.0**-16
 
 
 def _operands(seed=0, m=48, k=160, n=96):
@@ -35,9 +35,11 @@ def _operands(seed=0, m=48, k=160, n=96):
 
 def _error_bound(a, a_scale, a_format, b, b_scale, b_format):
   """|q(a) @ q(b) - a @ b| <= sum_k (e_a |b| + |a| e_b + e_a e_b), e the per-element quantization error bound."""
+
   def err(v, s, fmt):
     u, tiny = fmt
     return u * jnp.abs(v) + s * tiny / 2
+
   ea, eb = err(a, a_scale, a_format), err(b, b_scale, b_format)
   return ea @ jnp.abs(b) + jnp.abs(a) @ eb + ea @ eb
 
@@ -47,8 +49,9 @@ def test_the_forward_product_is_within_the_e4m3_bound(bf16_wgrad):
   """x scaled whole in 'fp8', each of its rows by its own max in 'fp8_bf16_wgrad'; w whole in both."""
   x, w = _operands()
   y = fp8.matmul(x, w, bf16_wgrad)
-  bound = _error_bound(x, fp8.scale(x, fp8.E4M3, by_row=bf16_wgrad), (E4M3_U, E4M3_TINY), w, fp8.scale(w, fp8.E4M3),
-                       (E4M3_U, E4M3_TINY))
+  bound = _error_bound(
+    x, fp8.scale(x, fp8.E4M3, by_row=bf16_wgrad), (E4M3_U, E4M3_TINY), w, fp8.scale(w, fp8.E4M3), (E4M3_U, E4M3_TINY)
+  )
   error = jnp.abs(y - x @ w)
   assert bool(jnp.all(error <= bound * (1 + 1e-5) + 1e-6))
   assert float(jnp.max(error)) > 0  # it does quantize
@@ -127,8 +130,17 @@ def test_separate_projections_in_fp8_are_the_fused_fp8_product_sliced(recipe):
   sliced (values and gradients): three products sharing x are merged by XLA's GPU compiler into one dot of their
   dequantized weights, which it then runs in the compute dtype."""
   x = jnp.asarray(np.random.default_rng(7).standard_normal((2, 5, 16)), jnp.float32)
-  fused, apart = (layers.dense((3, 2, 8), (layers.EMBED, None, layers.HEADS, layers.KV), jnp.float32, fp8=True,
-                               separate=separate, bias_init=nn.initializers.normal(0.5)) for separate in (False, True))
+  fused, apart = (
+    layers.dense(
+      (3, 2, 8),
+      (layers.EMBED, None, layers.HEADS, layers.KV),
+      jnp.float32,
+      fp8=True,
+      separate=separate,
+      bias_init=nn.initializers.normal(0.5),
+    )
+    for separate in (False, True)
+  )
   params = nn.unbox(fused.init(jax.random.key(0), x))
   params["params"]["kernel"] *= jnp.asarray([1.0, 1e-5, 3.0])[:, None, None]  # alone, k would scale apart
   split = lambda y: tuple(y[:, :, i] for i in range(3))
@@ -151,8 +163,9 @@ def test_the_switch_takes_only_known_formats():
 def test_a_gpu_without_fp8_tensor_cores_is_refused_in_one_line(capability, refused, recipe):
   device = types.SimpleNamespace(platform="gpu", compute_capability=capability, device_kind="NVIDIA X")
   if refused:
-    with pytest.raises(ConfigError,
-                       match=rf"precision.gemm={recipe}: NVIDIA X \(compute capability {capability}\)") as e:
+    with pytest.raises(
+      ConfigError, match=rf"precision.gemm={recipe}: NVIDIA X \(compute capability {capability}\)"
+    ) as e:
       fp8.check_device(recipe, device)
     assert "\n" not in str(e.value)
   else:
@@ -166,9 +179,12 @@ def test_bf16_operands_give_bf16_products_of_the_same_quantized_values():
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   y = fp8.matmul(xb, wb)
   chex.assert_type(y, jnp.bfloat16)
-  np.testing.assert_allclose(np.asarray(y, np.float32), np.asarray(fp8.matmul(xb.astype(jnp.float32),
-                                                                           wb.astype(jnp.float32))),
-                             rtol=2 ** -7, atol=1e-2)
+  np.testing.assert_allclose(
+    np.asarray(y, np.float32),
+    np.asarray(fp8.matmul(xb.astype(jnp.float32), wb.astype(jnp.float32))),
+    rtol=2**-7,
+    atol=1e-2,
+  )
 
 
 def test_a_task_that_trains_in_fp8_checks_its_mesh_device_and_evaluation_does_not_ask(monkeypatch):
@@ -177,8 +193,9 @@ def test_a_task_that_trains_in_fp8_checks_its_mesh_device_and_evaluation_does_no
   a100 = types.SimpleNamespace(platform="gpu", compute_capability="8.0", device_kind="NVIDIA A100-SXM4-80GB")
   monkeypatch.setattr(tasks.Task, "device", lambda self: a100)
   task = tasks.build(tiny_vit_config(**{"precision.gemm": "fp8"}))
-  with pytest.raises(ConfigError,
-                     match=r"^config.precision.gemm=fp8: NVIDIA A100-SXM4-80GB \(compute capability 8.0\)"):
+  with pytest.raises(
+    ConfigError, match=r"^config.precision.gemm=fp8: NVIDIA A100-SXM4-80GB \(compute capability 8.0\)"
+  ):
     task.check_training_devices()
   tasks.build(tiny_vit_config()).check_training_devices()
 
@@ -211,11 +228,12 @@ def test_each_devices_rows_are_scaled_by_their_own_max_and_the_weight_whole(reci
   (dx, dw), maxima = _sharded_grads(Mesh(devices.reshape(1, 8, 1), ("data", "fsdp", "tensor")), recipe)
   x, w = (a.astype(jnp.bfloat16) for a in _operands(4, m=64, k=128, n=96))
   alone = [jax.grad(_square_loss(recipe), argnums=(0, 1))(rows, w) for rows in jnp.split(x, 8)]
-  np.testing.assert_array_equal(np.asarray(dx, np.float32), np.concatenate([np.asarray(g, np.float32)
-                                                                            for g, _ in alone]))
+  np.testing.assert_array_equal(
+    np.asarray(dx, np.float32), np.concatenate([np.asarray(g, np.float32) for g, _ in alone])
+  )
   shares = np.stack([np.asarray(g, np.float32) for _, g in alone])
   # each share and the sum rounded to bf16 (8 significant bits) once
-  bound = 2.0 ** -8 * (np.abs(shares).sum(0) + np.abs(shares.sum(0)))
+  bound = 2.0**-8 * (np.abs(shares).sum(0) + np.abs(shares.sum(0)))
   assert np.all(np.abs(np.asarray(dw, np.float32) - shares.sum(0)) <= bound)
   assert maxima == 1
   _, maxima = _sharded_grads(Mesh(devices.reshape(1, 4, 2), ("data", "fsdp", "tensor")), recipe)

@@ -21,7 +21,7 @@ from test_fp8 import E4M3_TINY, E4M3_U, E5M2_TINY, E5M2_U, _error_bound, _operan
 
 
 def _history(*amaxes):
-  return jnp.zeros((fp8.HISTORY_LENGTH,), jnp.float32).at[:len(amaxes)].set(jnp.asarray(amaxes, jnp.float32))
+  return jnp.zeros((fp8.HISTORY_LENGTH,), jnp.float32).at[: len(amaxes)].set(jnp.asarray(amaxes, jnp.float32))
 
 
 def test_the_history_records_the_newest_amax_in_front_and_scales_by_its_max():
@@ -37,7 +37,7 @@ def test_the_history_records_the_newest_amax_in_front_and_scales_by_its_max():
   # the scale of the history's max, a power of two mapping it into the format's range; 1 for an empty history
   assert float(fp8.history_scale(history, fp8.E4M3)) == 4.0  # 900 / 448 -> 2^ceil(log2 2.01)
   assert float(fp8.history_scale(fp8.fresh_history(), fp8.E4M3)) == 1.0
-  assert float(fp8.history_scale(_history(1e-3), fp8.E5M2)) == 2.0 ** -25
+  assert float(fp8.history_scale(_history(1e-3), fp8.E5M2)) == 2.0**-25
 
 
 def _delayed_vjp(x, w, x_history, g_history):
@@ -87,8 +87,9 @@ def test_qkv_fc1_and_fc2_keep_histories_and_the_attention_output_projection_stay
   assert set(histories["blocks"]) == {"attn", "mlp"}
   assert set(histories["blocks"]["attn"]) == {"qkv"} and set(histories["blocks"]["mlp"]) == {"fc1", "fc2"}
   for layer in (histories["blocks"]["attn"]["qkv"], histories["blocks"]["mlp"]["fc1"]):
-    assert {n: a.shape for n, a in layer.items()} == {n: (depth, fp8.HISTORY_LENGTH)
-                                                      for n in (fp8.INPUT_HISTORY, fp8.GRAD_HISTORY)}
+    assert {n: a.shape for n, a in layer.items()} == {
+      n: (depth, fp8.HISTORY_LENGTH) for n in (fp8.INPUT_HISTORY, fp8.GRAD_HISTORY)
+    }
     assert not np.any(layer[fp8.INPUT_HISTORY])
   params = {"params": variables["params"]}
   with fp8.gemms(fp8.DELAYED), pytest.raises(ValueError, match="blocks/attn/qkv: precision.gemm=fp8_delayed needs"):

@@ -16,9 +16,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 DATA = os.path.join(ROOT, "tests", "data")
 
 # one bf16 cuBLAS GEMM of a ViT-H MLP's shape (M = 8192 tokens, N = 1280, K = 5120): bound by its FLOPs on any GPU
-DIMS = json.dumps({"gemm_backend_config": {"dot_dimension_numbers": {
-    "lhs_contracting_dimensions": ["1"], "rhs_contracting_dimensions": ["0"], "lhs_batch_dimensions": [],
-    "rhs_batch_dimensions": []}}}, separators=(",", ":"))
+DIMS = json.dumps(
+  {
+    "gemm_backend_config": {
+      "dot_dimension_numbers": {
+        "lhs_contracting_dimensions": ["1"],
+        "rhs_contracting_dimensions": ["0"],
+        "lhs_batch_dimensions": [],
+        "rhs_batch_dimensions": [],
+      }
+    }
+  },
+  separators=(",", ":"),
+)
 BIG_GEMM = f"""HloModule big_gemm
 
 ENTRY %main (a: bf16[8192,5120], b: bf16[5120,1280]) -> bf16[8192,1280] {{
@@ -27,6 +37,7 @@ ENTRY %main (a: bf16[8192,5120], b: bf16[5120,1280]) -> bf16[8192,1280] {{
   ROOT %gemm = bf16[8192,1280]{{1,0}} custom-call(%a, %b), custom_call_target="__cublas$gemm", backend_config={DIMS}
 }}
 """
+
 
 @pytest.mark.parametrize("name", ["pico_vit_h100.hlo.gz", "pico_vit_zero3_16xh100.hlo.gz"])
 def test_every_gemm_of_a_gpu_program_has_the_shape_of_its_flops(name):
@@ -42,7 +53,8 @@ def test_each_target_reaches_its_published_rate_at_the_shape_it_was_found_at():
   for name, spec in table["targets"].items():
     assert spec["peak_tflops"] * 1e12 == gpu_target.TARGETS[name].peak_flops_16bit
     assert gemm_efficiency.efficiency(name, tuple(spec["mamf_shape"])) == pytest.approx(
-        spec["mamf_tflops"] / spec["peak_tflops"])
+      spec["mamf_tflops"] / spec["peak_tflops"]
+    )
     assert gemm_efficiency.relative_rate(name, name, (4096, 4096, 4096)) == 1.0
   # the H200 has the H100's die at its power: the H100's row (its measured rows are no faster than the H100 fit)
   for shape in [(8224, 1280, 5120), (25088, 2048, 8192), (1280, 5120, 8224)]:
@@ -63,8 +75,11 @@ def test_prices_fitted_on_the_h100_price_the_a100s_16_bit_gemms_at_its_rate_for_
   assert gemm.shape == (8192, 1280, 5120)
   a100, prices = gpu_target.get("a100"), pricing.Prices(gemm=0.5, memory=0.9, launch_us=0.0)
   rate = gemm_efficiency.relative_rate("a100", "h100", gemm.shape)
-  assert rate == pytest.approx(gemm_efficiency.efficiency("a100", gemm.shape)
-                               / gemm_efficiency.efficiency("h100", gemm.shape)) and rate != 1.0
+  assert (
+    rate
+    == pytest.approx(gemm_efficiency.efficiency("a100", gemm.shape) / gemm_efficiency.efficiency("h100", gemm.shape))
+    and rate != 1.0
+  )
   as_fitted = pricing.predict(program, a100, prices)["step_s"]  # the H100's efficiency as it is
   assert as_fitted == pytest.approx(gemm.flops / (312e12 * 0.5))
   assert pricing.predict(program, a100, prices, "h100")["step_s"] == pytest.approx(as_fitted / rate)
@@ -80,12 +95,19 @@ def test_the_roofline_prices_an_a100_program_from_the_calibrations_gpu(tmp_path)
   A100's rate relative to the GPU the calibration was fitted on."""
   path = tmp_path / "big_gemm.hlo"
   path.write_text(BIG_GEMM)
-  run = subprocess.run([sys.executable, "-m", "visionfm_jax.bench.roofline", f"--hlo={path}", "--target=a100"],
-                       capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), check=True)
+  run = subprocess.run(
+    [sys.executable, "-m", "visionfm_jax.bench.roofline", f"--hlo={path}", "--target=a100"],
+    capture_output=True,
+    text=True,
+    cwd=ROOT,
+    env=dict(os.environ, PYTHONPATH=ROOT),
+    check=True,
+  )
   summary = json.loads(run.stdout.strip().splitlines()[-1])
   prices, record = pricing.load_prices()
   program = hlo_cost.Program(BIG_GEMM)
   expected = pricing.predict(program, gpu_target.get("a100"), prices, record["target"])["step_s"] * 1e3
   assert summary["predicted_step_ms"] == pytest.approx(expected)
   assert summary["predicted_step_ms"] != pytest.approx(
-      pricing.predict(program, gpu_target.get("a100"), prices)["step_s"] * 1e3)
+    pricing.predict(program, gpu_target.get("a100"), prices)["step_s"] * 1e3
+  )

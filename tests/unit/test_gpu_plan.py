@@ -29,8 +29,9 @@ from visionfm_jax.models import vit
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 DATA = os.path.join(ROOT, "tests", "data")
-HAS_GPU_COMPILER = any(importlib.util.find_spec(p.split(".")[0]) and importlib.util.find_spec(p)
-                       for p in gpu_target.PLUGINS)
+HAS_GPU_COMPILER = any(
+  importlib.util.find_spec(p.split(".")[0]) and importlib.util.find_spec(p) for p in gpu_target.PLUGINS
+)
 
 
 def _program(name: str) -> hlo_cost.Program:
@@ -53,6 +54,7 @@ def _pico_forward_flops(batch: int) -> tuple[float, float]:
 
 def test_loop_bodies_count_by_their_trip_counts():
   """A scan of 5 (32 x 64) @ (64 x 64) products, differentiated: 3 products per step (y, dx, dW), 5 steps."""
+
   def loss(weights, x):
     return jax.lax.scan(lambda x, w: (jnp.tanh(x @ w), None), x, weights)[0].sum()
 
@@ -102,8 +104,10 @@ def test_mesh_replica_groups_name_their_devices():
 
 # As XLA's GPU compiler writes a (data 16 across nodes, fsdp 8 within) mesh's collectives: its mesh positions are the
 # devices of a transposed iota, so fsdp's groups are 8 neighbours on one node and data's 16 devices 8 apart.
-HYBRID_GROUPS = ("replica_groups=mesh['axis_0'=8,'axis_1'=1,'axis_2'=16], device_ids=([16,8]T(1,0)) {{'{axis}'}}, "
-                 "use_global_device_ids=true, to_apply=%add.4")
+HYBRID_GROUPS = (
+  "replica_groups=mesh['axis_0'=8,'axis_1'=1,'axis_2'=16], device_ids=([16,8]T(1,0)) {{'{axis}'}}, "
+  "use_global_device_ids=true, to_apply=%add.4"
+)
 
 
 def test_mesh_replica_groups_over_reordered_devices_name_their_devices():
@@ -120,8 +124,9 @@ def test_a_collective_hidden_by_the_kernels_between_its_start_and_done_adds_noth
   target = gpu_target.get("h100")
   prices = roofline.Prices(gemm=0.5, attention=0.5, memory=0.5, launch_us=0.0)
   gemm = hlo_cost.Kernel("gemm", "gemm", 2e12, 0.0, 1, "", dtype="bf16")
-  gather = hlo_cost.Kernel("ag", "collective", 0.0, 8e9, 1, "", collective="all-gather", group_size=16,
-                           group_spans_nodes=True)
+  gather = hlo_cost.Kernel(
+    "ag", "collective", 0.0, 8e9, 1, "", collective="all-gather", group_size=16, group_spans_nodes=True
+  )
   program = type("P", (), {"kernels": [gather, gemm]})()  # the gather, then the GEMM it could hide behind
   compute = 2e12 / (989e12 * 0.5)
   transfer = 8e9 * 15 / 16 / target.network_bandwidth
@@ -129,7 +134,8 @@ def test_a_collective_hidden_by_the_kernels_between_its_start_and_done_adds_noth
   assert exposed == pytest.approx(transfer)  # nothing between start and done
   gather.overlap = [1]
   assert roofline.predict(program, target, prices)["exposed_collective_s"] == pytest.approx(
-      max(0.0, transfer - compute))
+    max(0.0, transfer - compute)
+  )
 
 
 def test_collectives_in_flight_together_run_one_after_another():
@@ -140,9 +146,22 @@ def test_collectives_in_flight_together_run_one_after_another():
   compute = 2e12 / (989e12 * 0.5)
 
   def exposed(spans_first: bool, spans_second: bool) -> float:
-    gathers = [hlo_cost.Kernel(f"ag{i}", "collective", 0.0, 2e9, 1, "", collective="all-gather", group_size=8,
-                               group_spans_nodes=spans, overlap=[2], done=3)
-               for i, spans in enumerate((spans_first, spans_second))]
+    gathers = [
+      hlo_cost.Kernel(
+        f"ag{i}",
+        "collective",
+        0.0,
+        2e9,
+        1,
+        "",
+        collective="all-gather",
+        group_size=8,
+        group_spans_nodes=spans,
+        overlap=[2],
+        done=3,
+      )
+      for i, spans in enumerate((spans_first, spans_second))
+    ]
     program = type("P", (), {"kernels": [*gathers, hlo_cost.Kernel("gemm", "gemm", 2e12, 0.0, 1, "", dtype="bf16")]})()
     return roofline.predict(program, target, prices)["exposed_collective_s"]
 
@@ -162,8 +181,15 @@ def test_the_fit_recovers_the_prices_that_made_the_measurements():
   for name in ("pico_vit_h100.hlo.gz", "pico_vit_zero3_16xh100.hlo.gz"):
     program = _program(name)
     for scale in (1.0, 3e4, 1e6):  # tiny programs are launch-bound, scaled ones bound by FLOPs or bytes
-      scaled = type("P", (), {"kernels": [dataclasses.replace(k, flops=k.flops * scale, bytes=k.bytes * scale ** 0.8)
-                                          for k in program.kernels]})()
+      scaled = type(
+        "P",
+        (),
+        {
+          "kernels": [
+            dataclasses.replace(k, flops=k.flops * scale, bytes=k.bytes * scale**0.8) for k in program.kernels
+          ]
+        },
+      )()
       setups.append(roofline.Compiled(scaled, 0, None, 1, target))
   measured = [roofline.predict(s.program, target, truth)["step_s"] for s in setups]
   fitted = roofline.fit(setups, measured, roofline.Prices())
@@ -179,8 +205,12 @@ def test_fp8_gemms_get_their_own_price_once_a_row_has_them():
   program = _program("pico_vit_h100.hlo.gz")
   setups = []
   for scale, dtype in [(s, d) for s in (1.0, 3e4, 1e6) for d in ("bf16", "f8e4m3fn")]:
-    kernels = [dataclasses.replace(k, flops=k.flops * scale, bytes=k.bytes * scale ** 0.6,
-                                   dtype=dtype if k.kind == "gemm" else k.dtype) for k in program.kernels]
+    kernels = [
+      dataclasses.replace(
+        k, flops=k.flops * scale, bytes=k.bytes * scale**0.6, dtype=dtype if k.kind == "gemm" else k.dtype
+      )
+      for k in program.kernels
+    ]
     setups.append(roofline.Compiled(type("P", (), {"kernels": kernels})(), 0, None, 1, target))
   measured = [roofline.predict(s.program, target, truth)["step_s"] for s in setups]
   fitted = roofline.fit(setups, measured, roofline.Prices())
@@ -192,7 +222,8 @@ def test_fp8_gemms_get_their_own_price_once_a_row_has_them():
   assert bf16_only.gemm_fp8 is None
   as_bf16 = dataclasses.replace(bf16_only, gemm_fp8=bf16_only.gemm)
   assert roofline.predict(setups[-1].program, target, bf16_only)["step_s"] == pytest.approx(
-      roofline.predict(setups[-1].program, target, as_bf16)["step_s"])
+    roofline.predict(setups[-1].program, target, as_bf16)["step_s"]
+  )
 
 
 def test_the_calibration_on_file_covers_every_measured_row():
@@ -206,9 +237,15 @@ def test_the_calibration_on_file_covers_every_measured_row():
     assert 0.5 < row["estimate_ms"] / row["measured_ms"] < 2.0
 
 
-@pytest.mark.parametrize("platform,dtype,attention", [
-    ("gpu", jnp.bfloat16, "cudnn"), ("gpu", jnp.float16, "cudnn"), ("gpu", jnp.float32, "softmax"),
-    ("cpu", jnp.bfloat16, "softmax")])
+@pytest.mark.parametrize(
+  "platform,dtype,attention",
+  [
+    ("gpu", jnp.bfloat16, "cudnn"),
+    ("gpu", jnp.float16, "cudnn"),
+    ("gpu", jnp.float32, "softmax"),
+    ("cpu", jnp.bfloat16, "softmax"),
+  ],
+)
 def test_auto_attention_resolves_for_the_mesh_platform_in_every_tower(platform, dtype, attention):
   model_cfg = config_lib.model_config("aurora")
   resolved = models.for_platform(model_cfg, platform, dtype)
@@ -248,6 +285,7 @@ def test_each_target_names_launch_flags_this_xla_parses():
 
 def _fields(message: bytes) -> dict[int, list]:
   """A protobuf message's fields by number: varints as ints, length-delimited ones as bytes (the wire format)."""
+
   def varint(at):
     value, shift = 0, 0
     while True:
@@ -255,6 +293,7 @@ def _fields(message: bytes) -> dict[int, list]:
       value, shift, at = value | (byte & 0x7F) << shift, shift + 7, at + 1
       if byte < 0x80:
         return value, at
+
   fields, at = {}, 0
   while at < len(message):
     key, at = varint(at)
@@ -262,16 +301,17 @@ def _fields(message: bytes) -> dict[int, list]:
       value, at = varint(at)
     elif key & 7 == 2:
       length, at = varint(at)
-      value, at = message[at:at + length], at + length
+      value, at = message[at : at + length], at + length
     else:  # fixed 64 (1) or 32 (5) bits: doubles and floats
       width = {1: 8, 5: 4}[key & 7]
-      value, at = message[at:at + width], at + width
+      value, at = message[at : at + width], at + width
     fields.setdefault(key >> 3, []).append(value)
   return fields
 
 
 def test_compile_options_carry_the_launch_memory_and_keep_their_other_fields():
   from jax._src import compiler  # pylint: disable=g-import-not-at-top
+
   options = compiler.get_compile_options(num_replicas=1, num_partitions=8)
   size = gpu_target.launch_memory_bytes(gpu_target.get("a100"))
   assert size == int(85051572224 * 0.92)
@@ -302,8 +342,9 @@ def test_a_deviceless_compile_plans_within_the_memory_its_launch_may_use():
     return x.sum()
 
   lower = lambda: jax.jit(jax.grad(loss, argnums=1)).lower(  # lowered anew: JAX caches a lowering's executable
-      jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=device),
-      [jax.ShapeDtypeStruct((width, width), jnp.bfloat16, sharding=device)] * depth)
+    jax.ShapeDtypeStruct((rows, width), jnp.bfloat16, sharding=device),
+    [jax.ShapeDtypeStruct((width, width), jnp.bfloat16, sharding=device)] * depth,
+  )
   dots = lambda compiled: compiled.as_text().count(" dot(")
   assumed = lower().compile()
   with gpu_target.launch_memory(gpu_target.get("h100")):
@@ -353,9 +394,9 @@ def test_a_loop_without_a_known_trip_count_is_counted_from_its_condition():
   iteration peeled, runs `i < 7` from 0); counting such a body once undercounted that step 2.8x. Here the counter
   runs from 1 while i < 7: 6 trips."""
   program = hlo_cost.Program(PEELED_LOOP)
-  assert program.total_flops() == 6 * 2 * 64 ** 3 and not program.uncounted_loops
+  assert program.total_flops() == 6 * 2 * 64**3 and not program.uncounted_loops
   unreadable = hlo_cost.Program(PEELED_LOOP.replace("direction=LT", "direction=NE"))
-  assert unreadable.total_flops() == 2 * 64 ** 3 and unreadable.uncounted_loops == ["loop"]
+  assert unreadable.total_flops() == 2 * 64**3 and unreadable.uncounted_loops == ["loop"]
 
 
 SLICED_THROUGH_A_BITCAST = """

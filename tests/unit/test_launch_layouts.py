@@ -7,6 +7,7 @@ docs/launching.md's SLURM, container and Kubernetes lines, launch/slurm.sbatch's
 and launch/kubernetes/jobset.yaml's args. A launch's layout is its `--config.mesh.*` and `--config.strategy`
 flags; it is multi-node when its job has more than one process.
 """
+
 import pathlib
 import re
 
@@ -32,8 +33,11 @@ def _main_args(command: Command) -> list[str] | None:
 
 
 def layout(args: list[str]) -> dict[str, str]:
-  return {name: value for name, value in (a[2:].split("=", 1) for a in args if "=" in a)
-          if name.startswith("config.mesh.") or name == "config.strategy"}
+  return {
+    name: value
+    for name, value in (a[2:].split("=", 1) for a in args if "=" in a)
+    if name.startswith("config.mesh.") or name == "config.strategy"
+  }
 
 
 def config_of(args: list[str]) -> str:
@@ -86,14 +90,21 @@ def runbook_layouts() -> dict[str, dict[str, str]]:
   return layouts
 
 
-EXAMPLES = (multi_node_launches(commands_of(ROOT / "docs" / "launching.md"))
-            + multi_node_launches([c for script in USAGE_SCRIPTS for c in usage_commands(script)]) + [jobset_launch()])
+EXAMPLES = (
+  multi_node_launches(commands_of(ROOT / "docs" / "launching.md"))
+  + multi_node_launches([c for script in USAGE_SCRIPTS for c in usage_commands(script)])
+  + [jobset_launch()]
+)
 
 
 def test_the_examples_are_found_where_they_are_shown():
   places = {where.split(":")[0] for where, _ in EXAMPLES}
-  assert places == {"docs/launching.md", "launch/slurm.sbatch", "launch/kubernetes/entrypoint.sh",
-                    "launch/kubernetes/jobset.yaml"}, places
+  assert places == {
+    "docs/launching.md",
+    "launch/slurm.sbatch",
+    "launch/kubernetes/entrypoint.sh",
+    "launch/kubernetes/jobset.yaml",
+  }, places
   assert sum(where.startswith("docs/launching.md") for where, _ in EXAMPLES) >= 4  # SLURM, dry runs, container, k8s
 
 

@@ -18,23 +18,23 @@ ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "visionfm_jax"
 
 LAYERS = (
-    ("__init__",),  # the package root, its face: `visionfm_jax.load` (trained/model.py), imported on first use
-    ("main", "bench"),  # entry points: the training CLI, the benchmarks and planners
-    ("tools", "datatools"),  # the small CLIs: of trained models; of data preparation (shards, indexes, tokenizer)
-    ("trained",),  # trained models from a path (workdir, import_hf, transformers) and the `load` API behind them
-    ("convert",),  # Hugging Face weights to and from the models, for tools and bench (over models and the leaves)
-    ("training",),  # the one loop: checkpoints, optimiser, init_from
-    ("tasks",),  # what differs per objective: model, loss, loaders, evaluators
-    ("losses",),  # the training objectives as functions of arrays, and detection's boxes and matching
-    ("evaluate",),  # metrics, over models and data
-    ("models", "data"),  # the networks; the input pipeline
-    ("parallel",),  # mesh, sharding rules, distributed start-up
-    # the shared main of main, bench and the CLIs: help, flag parsing, one `error:` line (over config_lib); the folder
-    # a CLI writes whole (over atomic)
-    ("cli", "output_folder"),
-    # leaves but for errors (param_rules: over param paths); protowire: Protocol Buffers' wire format
-    ("config_lib", "token_ids", "atomic", "param_rules", "protowire"),
-    ("errors",),
+  ("__init__",),  # the package root, its face: `visionfm_jax.load` (trained/model.py), imported on first use
+  ("main", "bench"),  # entry points: the training CLI, the benchmarks and planners
+  ("tools", "datatools"),  # the small CLIs: of trained models; of data preparation (shards, indexes, tokenizer)
+  ("trained",),  # trained models from a path (workdir, import_hf, transformers) and the `load` API behind them
+  ("convert",),  # Hugging Face weights to and from the models, for tools and bench (over models and the leaves)
+  ("training",),  # the one loop: checkpoints, optimiser, init_from
+  ("tasks",),  # what differs per objective: model, loss, loaders, evaluators
+  ("losses",),  # the training objectives as functions of arrays, and detection's boxes and matching
+  ("evaluate",),  # metrics, over models and data
+  ("models", "data"),  # the networks; the input pipeline
+  ("parallel",),  # mesh, sharding rules, distributed start-up
+  # the shared main of main, bench and the CLIs: help, flag parsing, one `error:` line (over config_lib); the folder
+  # a CLI writes whole (over atomic)
+  ("cli", "output_folder"),
+  # leaves but for errors (param_rules: over param paths); protowire: Protocol Buffers' wire format
+  ("config_lib", "token_ids", "atomic", "param_rules", "protowire"),
+  ("errors",),
 )
 
 # Imports known to run upward while work moves them; empty now, and it may only shrink (the test fails on an
@@ -47,8 +47,9 @@ RANK = {name: rank for rank, layer in enumerate(LAYERS) for name in layer}
 def _unit(module: str) -> str | None:
   """The top-level folder or module of visionfm_jax that a dotted module name lies in; None outside the package."""
   parts = module.split(".")
-  return parts[1] if parts[0] == "visionfm_jax" and len(parts) > 1 else ("__init__" if parts == ["visionfm_jax"]
-                                                                          else None)
+  return (
+    parts[1] if parts[0] == "visionfm_jax" and len(parts) > 1 else ("__init__" if parts == ["visionfm_jax"] else None)
+  )
 
 
 def _imported(node: ast.AST, file: pathlib.Path) -> list[str]:
@@ -59,7 +60,7 @@ def _imported(node: ast.AST, file: pathlib.Path) -> list[str]:
     return []
   if node.level:  # relative: resolved against the file's package
     package = list(file.relative_to(ROOT).with_suffix("").parts[:-1])
-    base = package[:len(package) - node.level + 1]
+    base = package[: len(package) - node.level + 1]
     module = ".".join(base + ([node.module] if node.module else []))
   else:
     module = node.module or ""
@@ -136,13 +137,16 @@ def test_no_import_runs_upward():
 
 def test_the_folders_form_no_cycle():
   graph = collections.defaultdict(set)
-  for (source, target) in import_edges():
+  for source, target in import_edges():
     if (source, target) not in KNOWN_UPWARD:
       graph[source].add(target)
   cycles = _cycles(graph)
   edges = import_edges()
-  report = [f"{' <-> '.join(c)}:\n  " + "\n  ".join(line for (s, t), where in sorted(edges.items())
-                                                   if s in c and t in c for line in where) for c in cycles]
+  report = [
+    f"{' <-> '.join(c)}:\n  "
+    + "\n  ".join(line for (s, t), where in sorted(edges.items()) if s in c and t in c for line in where)
+    for c in cycles
+  ]
   assert not cycles, "import cycles among the package's folders:\n" + "\n".join(report)
 
 
@@ -159,8 +163,9 @@ def _module_of(name: str, modules: set[str]) -> str | None:
 def file_edges() -> dict[tuple[str, str], list[str]]:
   """{(importing module, imported module): ['path:line', ...]} over the package's files; a module's import of a
   folder that holds it (its own package's __init__) is left out, as Python runs that first anyway."""
-  files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
-           for f in PACKAGE.rglob("*.py")}
+  files = {
+    ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f for f in PACKAGE.rglob("*.py")
+  }
   edges = {}
   for module, file in sorted(files.items()):
     for node in ast.walk(ast.parse(file.read_text(), str(file))):
@@ -178,9 +183,13 @@ def test_the_files_form_no_cycle():
   for source, target in file_edges():
     graph[source].add(target)
   cycles = _cycles(graph)
-  report = [f"{' <-> '.join(c)}:\n  " + "\n  ".join(f"{s} -> {t}: {', '.join(where)}" for (s, t), where
-                                                   in sorted(file_edges().items()) if s in c and t in c)
-            for c in cycles]
+  report = [
+    f"{' <-> '.join(c)}:\n  "
+    + "\n  ".join(
+      f"{s} -> {t}: {', '.join(where)}" for (s, t), where in sorted(file_edges().items()) if s in c and t in c
+    )
+    for c in cycles
+  ]
   assert not cycles, "import cycles among the package's files:\n" + "\n".join(report)
   assert ("visionfm_jax.data.sources.embedded_sets", "visionfm_jax.data.embedded.shapes") in file_edges()  # sees files
 
@@ -189,8 +198,9 @@ def test_no_file_imports_a_package_that_holds_it():
   """`file_edges` leaves out a file's import of its own package's __init__ (Python runs that first): made inside a
   function, such an import closes a loop the cycle test cannot see (the registry in models/__init__ importing
   clip, clip importing the registry), so none is made anywhere (the package root's bare __init__ aside)."""
-  files = {".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f
-           for f in PACKAGE.rglob("*.py")}
+  files = {
+    ".".join(f.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): f for f in PACKAGE.rglob("*.py")
+  }
   upward = []
   for module, file in sorted(files.items()):
     for node in ast.walk(ast.parse(file.read_text(), str(file))):
@@ -219,14 +229,20 @@ def _data_unit(module: str) -> str | None:
 
 def test_every_folder_and_module_of_data_has_a_layer():
   units = {_data_unit(".".join(f.relative_to(ROOT).with_suffix("").parts)) for f in (PACKAGE / "data").rglob("*.py")}
-  assert units == set(DATA_RANK), f"DATA_LAYERS lacks {sorted(units - set(DATA_RANK))}, names what data/ lacks: " \
-                                  f"{sorted(set(DATA_RANK) - units)}"
+  assert units == set(DATA_RANK), (
+    f"DATA_LAYERS lacks {sorted(units - set(DATA_RANK))}, names what data/ lacks: {sorted(set(DATA_RANK) - units)}"
+  )
 
 
 def test_no_import_in_data_runs_upward():
-  upward = [f"{source} -> {target}: {', '.join(where)}" for (source, target), where in sorted(file_edges().items())
-            if _data_unit(source) and _data_unit(target) and _data_unit(source) != _data_unit(target)
-            and DATA_RANK[_data_unit(target)] < DATA_RANK[_data_unit(source)]]
+  upward = [
+    f"{source} -> {target}: {', '.join(where)}"
+    for (source, target), where in sorted(file_edges().items())
+    if _data_unit(source)
+    and _data_unit(target)
+    and _data_unit(source) != _data_unit(target)
+    and DATA_RANK[_data_unit(target)] < DATA_RANK[_data_unit(source)]
+  ]
   assert not upward, "imports upward among data/'s folders (DATA_LAYERS):\n" + "\n".join(upward)
   assert ("visionfm_jax.data.text.caption_sets", "visionfm_jax.data.loader.pipeline") in file_edges()
 
@@ -258,8 +274,9 @@ def concrete_model_imports() -> list[str]:
 
 def test_tools_the_loop_and_evaluators_ask_a_model_and_import_no_concrete_one():
   found = concrete_model_imports()
-  assert not found, ("a concrete model imported where only the registry or a model's methods belong:\n"
-                     + "\n".join(found))
+  assert not found, "a concrete model imported where only the registry or a model's methods belong:\n" + "\n".join(
+    found
+  )
 
 
 # Flax's Linen API is the models' own; parallel/sharding.py names what the rest take of it (the param boxes with
@@ -285,8 +302,10 @@ def linen_imports() -> list[str]:
 
 def test_only_the_models_and_the_sharding_rules_import_flax_linen():
   found = linen_imports()
-  assert not found, ("flax.linen imported outside models/ and parallel/sharding.py (take `Partitioned` and `unbox` "
-                     "from parallel/sharding.py):\n" + "\n".join(found))
+  assert not found, (
+    "flax.linen imported outside models/ and parallel/sharding.py (take `Partitioned` and `unbox` "
+    "from parallel/sharding.py):\n" + "\n".join(found)
+  )
 
 
 def test_the_checks_see_what_they_should():
@@ -302,7 +321,9 @@ def test_the_checks_see_what_they_should():
   tree = ast.parse("from visionfm_jax.models import clip, backbone\n")
   names = [n for node in tree.body for n in _imported(node, PACKAGE / "tools" / "x.py")]
   assert [n for n in names if _is_concrete_model(n)] == ["visionfm_jax.models.clip"]
-  tree = ast.parse("import flax.linen as nn\nfrom flax import linen\nfrom flax.linen import partitioning\n"
-                   "from flax.core import meta\nimport flax\n")
+  tree = ast.parse(
+    "import flax.linen as nn\nfrom flax import linen\nfrom flax.linen import partitioning\n"
+    "from flax.core import meta\nimport flax\n"
+  )
   names = [n for node in tree.body for n in _imported(node, PACKAGE / "tools" / "x.py")]
   assert [n for n in names if _is_linen(n)] == ["flax.linen", "flax.linen", "flax.linen.partitioning"]

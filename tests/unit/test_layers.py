@@ -52,8 +52,9 @@ def test_separate_projections_are_the_slices_of_the_fused_one():
   sliced = lambda p: tuple(fused.apply(p, x)[:, :, i] for i in range(3))
   chex.assert_trees_all_close(apart.apply(params, x), sliced(params), atol=1e-6)
   loss = lambda f: lambda p: sum(jnp.sum(jnp.sin(y) * (i + 1)) for i, y in enumerate(f(p)))
-  chex.assert_trees_all_close(jax.grad(loss(lambda p: apart.apply(p, x)))(params), jax.grad(loss(sliced))(params),
-                              atol=1e-5)
+  chex.assert_trees_all_close(
+    jax.grad(loss(lambda p: apart.apply(p, x)))(params), jax.grad(loss(sliced))(params), atol=1e-5
+  )
 
 
 def test_attention_masks_keys_past_kv_length_as_if_they_were_not_there():
@@ -69,6 +70,7 @@ def test_vit_padded_once_for_its_attention_equals_the_unpadded_vit(monkeypatch):
   """The token padding a ViT carries through its blocks for cuDNN (even counts), forced here on the softmax path
   (17 tokens padded to 20): logits and gradients as without padding."""
   from visionfm_jax.models import vit  # pylint: disable=g-import-not-at-top
+
   model = vit.ViT(**vit.parse_variant("pico/8"), num_classes=5, image_size=32, attention="softmax")
   images = _normal(np.random.default_rng(7), (2, 32, 32, 3))
   params = jax.jit(lambda: jax.tree.map(lambda a: a + 0.01, model.init(jax.random.key(0), images)))()
@@ -98,8 +100,7 @@ def test_layer_norm_matches_flax():
   flax_ln = nn.LayerNorm(1e-6, use_fast_variance=False)
   chex.assert_trees_all_close(ours.apply(params, x), flax_ln.apply({"params": params["params"]["ln"]}, x), atol=1e-5)
   grads = jax.grad(lambda p, t: jnp.sum(jnp.sin(ours.apply(p, t))), (0, 1))(params, x)
-  expected = jax.grad(lambda p, t: jnp.sum(jnp.sin(flax_ln.apply({"params": p["params"]["ln"]}, t))), (0, 1))(
-      params, x)
+  expected = jax.grad(lambda p, t: jnp.sum(jnp.sin(flax_ln.apply({"params": p["params"]["ln"]}, t))), (0, 1))(params, x)
   chex.assert_trees_all_close(grads, expected, atol=1e-4)
 
 
@@ -115,14 +116,18 @@ def test_layer_norms_written_backward_keeps_the_forwards_row_statistics():
     t = t.astype(jnp.float32)
     centered = t - jnp.mean(t, axis=-1, keepdims=True)
     return centered / jnp.sqrt(jnp.mean(centered * centered, axis=-1, keepdims=True) + 1e-6) * s + b
+
   ours = lambda t, s, b: kernels.layer_norm(t, s, b, 1e-6, jnp.float32)
   loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)) * w)
   for t in (x, x.astype(jnp.bfloat16)):
     chex.assert_trees_all_close(ours(t, scale, bias), textbook(t, scale, bias), atol=1e-5)
     got, want = (jax.grad(loss(f), (0, 1, 2))(t, scale, bias) for f in (ours, textbook))
     assert got[0].dtype == t.dtype
-    chex.assert_trees_all_close(jax.tree.map(lambda g: g.astype(jnp.float32), got),
-                                jax.tree.map(lambda g: g.astype(jnp.float32), want), atol=1e-4 if t is x else 1e-2)
+    chex.assert_trees_all_close(
+      jax.tree.map(lambda g: g.astype(jnp.float32), got),
+      jax.tree.map(lambda g: g.astype(jnp.float32), want),
+      atol=1e-4 if t is x else 1e-2,
+    )
   residuals = [r.shape for r in jax.tree.leaves(jax.vjp(ours, x, scale, bias)[1])]
   assert sorted(residuals) == sorted([x.shape, (2, 3, 5, 1), (2, 3, 5, 1), (16,), (16,)])
   lowered = jax.jit(jax.grad(loss(ours), (0, 1, 2))).trace(x, scale, bias).lower(lowering_platforms=("cuda",))
@@ -149,13 +154,12 @@ def test_gelus_backward_keeps_only_its_input_and_is_autodiffs_slope():
   assert residuals(layers.gelu, jnp.asarray(x)) == [x.shape]
   assert len(residuals(reference, jnp.asarray(x))) > 1
   grad = lambda f, t: jax.grad(lambda u: jnp.sum(jnp.sin(f(u).astype(jnp.float32))))(t)
-  np.testing.assert_allclose(grad(layers.gelu, jnp.asarray(x)), grad(reference, jnp.asarray(x)), rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(grad(layers.gelu, jnp.asarray(x)), grad(reference, jnp.asarray(x)), rtol=1e-6, atol=1e-6)
   slope = lambda f, t: jax.grad(lambda u: jnp.sum(f(u).astype(jnp.float32)))(t).astype(jnp.float32)
   x16 = jnp.asarray(x, jnp.bfloat16)
   exact = slope(reference, x16.astype(jnp.float32))
   ours, autodiffs = (np.abs(slope(f, x16) - exact).max() for f in (layers.gelu, reference))
-  assert ours <= 2.0 ** -8 * np.abs(exact).max() < autodiffs
+  assert ours <= 2.0**-8 * np.abs(exact).max() < autodiffs
 
 
 @pytest.mark.parametrize("act", sorted(layers.ACTIVATIONS))
@@ -164,6 +168,7 @@ def test_each_activation_is_the_one_transformers_names_so(act):
   'gelu_pytorch_tanh' (an opt-in GPU candidate) is torch's tanh approximation, not the exact GELU."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers.activations import ACT2FN  # pylint: disable=g-import-not-at-top
+
   x = np.linspace(-8.0, 8.0, 2001, dtype=np.float32)
   want = ACT2FN[act](torch.from_numpy(x)).numpy()
   np.testing.assert_allclose(np.asarray(layers.ACTIVATIONS[act](jnp.asarray(x))), want, rtol=1e-6, atol=1e-6)
@@ -177,6 +182,7 @@ def test_the_attention_saving_remat_policy_keeps_cudnns_forward_and_otherwise_is
   plan), are kept; any other program (here a dense layer and the softmax path, as on a CPU) remats exactly as
   under dots_with_no_batch_dims_saveable."""
   from jax._src.cudnn import fused_attention_stablehlo as cudnn  # pylint: disable=g-import-not-at-top
+
   saving = layers.REMAT_POLICIES["dots_with_no_batch_dims_and_attention_saveable"]
   assert all(saving(p) for p in (cudnn._dot_product_attention_fwd_p_wrapper, cudnn._dot_product_attention_fwd_p))
   assert not saving(cudnn._dot_product_attention_bwd_p_wrapper)
@@ -191,5 +197,6 @@ def test_the_attention_saving_remat_policy_keeps_cudnns_forward_and_otherwise_is
   def backward(policy):  # the gradient's program, but the name of its remat policy
     jaxpr = jax.make_jaxpr(jax.grad(jax.checkpoint(block, policy=layers.REMAT_POLICIES[policy]), argnums=1))(x, w)
     return re.sub(r"policy=.*", "", str(jaxpr))
+
   assert backward("dots_with_no_batch_dims_and_attention_saveable") == backward("dots_with_no_batch_dims_saveable")
   assert backward("dots_with_no_batch_dims_saveable") != backward("nothing_saveable")

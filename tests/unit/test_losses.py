@@ -40,8 +40,9 @@ def test_mixup_targets():
   # lam = 1 is no Mixup.
   np.testing.assert_allclose(losses.clip_loss(img, txt, 10.0, mix=1.0), losses.clip_loss(img, txt, 10.0), rtol=1e-6)
   # lam = 0: image i is image i-1, so its text is i-1; the loss equals the unmixed loss of rolled images.
-  np.testing.assert_allclose(losses.clip_loss(img, txt, 10.0, mix=0.0),
-                             losses.clip_loss(img, jnp.roll(txt, 1, axis=0), 10.0), rtol=1e-6)
+  np.testing.assert_allclose(
+    losses.clip_loss(img, txt, 10.0, mix=0.0), losses.clip_loss(img, jnp.roll(txt, 1, axis=0), 10.0), rtol=1e-6
+  )
   # Soft targets: by hand for lam = 0.3.
   lam, logits = 0.3, 10.0 * np.asarray(img) @ np.asarray(txt).T
   t_i2t = lam * np.eye(4) + (1 - lam) * np.roll(np.eye(4), -1, axis=1)
@@ -49,6 +50,7 @@ def test_mixup_targets():
 
   def ce(l, t):
     return -np.mean(np.sum(t * (l - np.log(np.exp(l).sum(1, keepdims=True))), 1))
+
   expected = 0.5 * (ce(logits, t_i2t) + ce(logits.T, t_t2i))
   np.testing.assert_allclose(losses.clip_loss(img, txt, 10.0, mix=lam), expected, rtol=1e-5)
 
@@ -62,10 +64,10 @@ def test_uncaptioned_examples_leave_the_contrastive_loss():
   valid = np.zeros(12, bool)
   valid[[0, 3, 4, 7, 11]] = True
   # jitted: op by op, every primitive of the loss and its gradient compiles on its own
-  masked = jax.jit(jax.value_and_grad(lambda i, t: losses.clip_loss(i, t, 10.0, valid=valid), argnums=(0, 1)))(
-      img, txt)
+  masked = jax.jit(jax.value_and_grad(lambda i, t: losses.clip_loss(i, t, 10.0, valid=valid), argnums=(0, 1)))(img, txt)
   subset = jax.jit(jax.value_and_grad(lambda i, t: losses.clip_loss(i, t, 10.0), argnums=(0, 1)))(
-      img[valid], txt[valid])
+    img[valid], txt[valid]
+  )
   np.testing.assert_allclose(masked[0], subset[0], rtol=1e-6)
   for got, want in zip(masked[1], subset[1]):
     np.testing.assert_allclose(got[valid], want, atol=1e-7)
@@ -81,6 +83,7 @@ def test_mixup_with_an_uncaptioned_partner_keeps_the_own_target():
   valid = np.array([True, True, False, True, True, True])
   logits = 10.0 * np.asarray(img) @ np.asarray(txt).T
   lam = 0.3
+
   def direction(logits, shift):
     total, rows = 0.0, 0
     for r in np.flatnonzero(valid):
@@ -92,12 +95,15 @@ def test_mixup_with_an_uncaptioned_partner_keeps_the_own_target():
       total -= np.sum(targets[valid] / targets.sum() * cols)
       rows += 1
     return total / rows
+
   expected = 0.5 * (direction(logits, -1) + direction(logits.T, +1))
   np.testing.assert_allclose(losses.clip_loss(img, txt, 10.0, mix=lam, valid=valid), expected, rtol=1e-5)
 
 
-@pytest.mark.parametrize("mesh_shape,mix,masked", [((2, 4), None, False), ((1, 8), 0.7, False), ((8, 1), None, False),
-                                                  ((2, 4), None, True), ((1, 8), 0.7, True)])
+@pytest.mark.parametrize(
+  "mesh_shape,mix,masked",
+  [((2, 4), None, False), ((1, 8), 0.7, False), ((8, 1), None, False), ((2, 4), None, True), ((1, 8), 0.7, True)],
+)
 def test_sharded_loss_and_gradients_equal_the_single_device_ones(mesh_shape, mix, masked):
   mesh = Mesh(np.array(jax.devices()[:8]).reshape(mesh_shape), ("data", "fsdp"))
   rng = np.random.default_rng(1)
@@ -130,8 +136,9 @@ def hlo_ops(hlo: str) -> list[tuple[str, list[tuple[int, ...]]]]:
   computations included."""
   out = []
   for result, opcode in HLO_INSTRUCTION.findall(hlo):
-    out.append((opcode, [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]",
-                                                                                           result)]))
+    out.append(
+      (opcode, [tuple(int(d) for d in dims.split(",") if d) for dims in re.findall(r"\w+\[([\d,]*)\]", result)])
+    )
   return out
 
 
@@ -161,8 +168,11 @@ def test_caption_reference_check_values():
   txt = _normalised(rng.standard_normal((4, 8)))
   logits = jnp.asarray(rng.standard_normal((2, 5, 11)), jnp.float32)
   np.testing.assert_allclose(2 * losses.caption_loss(logits, CAPTION_LABELS), 4.930390, atol=1e-5)
-  np.testing.assert_allclose(losses.clip_loss(jnp.asarray(img[:2], jnp.float32), jnp.asarray(txt[:2], jnp.float32),
-                                              1 / 0.07), 5.150964, atol=1e-5)
+  np.testing.assert_allclose(
+    losses.clip_loss(jnp.asarray(img[:2], jnp.float32), jnp.asarray(txt[:2], jnp.float32), 1 / 0.07),
+    5.150964,
+    atol=1e-5,
+  )
   total, count = losses.caption_loss_terms(logits, CAPTION_LABELS)
   assert total.dtype == count.dtype == jnp.float32 and float(count) == 8
   # Uniform logits: ln V per token, whatever the input dtype.
@@ -180,15 +190,18 @@ def test_caption_loss_matches_torch():
   labels = rng.integers(0, 50, (4, 9))
   labels[:, 6:] = 0  # padding tails
   labels[1, 2] = 0
-  want = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(-1, 50),
-                                           torch.from_numpy(labels).reshape(-1), ignore_index=0)
+  want = torch.nn.functional.cross_entropy(
+    torch.from_numpy(logits).reshape(-1, 50), torch.from_numpy(labels).reshape(-1), ignore_index=0
+  )
   np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(labels)), want.item(), rtol=1e-5)
   # Another pad id.
   labels[labels == 0] = 7
-  want = torch.nn.functional.cross_entropy(torch.from_numpy(logits).reshape(-1, 50),
-                                           torch.from_numpy(labels).reshape(-1), ignore_index=7)
-  np.testing.assert_allclose(losses.caption_loss(jnp.asarray(logits), jnp.asarray(labels), pad_id=7), want.item(),
-                             rtol=1e-5)
+  want = torch.nn.functional.cross_entropy(
+    torch.from_numpy(logits).reshape(-1, 50), torch.from_numpy(labels).reshape(-1), ignore_index=7
+  )
+  np.testing.assert_allclose(
+    losses.caption_loss(jnp.asarray(logits), jnp.asarray(labels), pad_id=7), want.item(), rtol=1e-5
+  )
 
 
 def test_caption_normalizer_splits_the_sum():
@@ -204,6 +217,7 @@ def test_caption_normalizer_splits_the_sum():
 
 
 # --- SimMIM ---------------------------------------------------------------------------------------------
+
 
 def test_upsample_mask():
   mask = jnp.asarray([[[1, 0], [0, 1]]], jnp.uint8)
@@ -222,15 +236,21 @@ def test_mim_l1_loss():
   # Only masked pixels count.
   changed = np.where(mask[..., None] > 0, pred, pred + 10 * rng.standard_normal(pred.shape).astype(np.float32))
   assert not np.array_equal(changed, pred)
-  np.testing.assert_allclose(pixels.mim_l1_loss(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask)),
-                             got, rtol=1e-6)
+  np.testing.assert_allclose(
+    pixels.mim_l1_loss(jnp.asarray(changed), jnp.asarray(target), jnp.asarray(mask)), got, rtol=1e-6
+  )
   # bf16 predictions are computed in fp32.
   assert pixels.mim_l1_loss(jnp.asarray(pred, jnp.bfloat16), jnp.asarray(target), jnp.asarray(mask)).dtype == (
-      jnp.float32)
+    jnp.float32
+  )
   # The global normalizer splits the sum over the batch exactly.
   normalizer = mask.sum() + 1e-5
-  halves = [pixels.mim_l1_loss(jnp.asarray(pred[i:i + 1]), jnp.asarray(target[i:i + 1]), jnp.asarray(mask[i:i + 1]),
-                               normalizer=normalizer) for i in range(2)]
+  halves = [
+    pixels.mim_l1_loss(
+      jnp.asarray(pred[i : i + 1]), jnp.asarray(target[i : i + 1]), jnp.asarray(mask[i : i + 1]), normalizer=normalizer
+    )
+    for i in range(2)
+  ]
   np.testing.assert_allclose(halves[0] + halves[1], got, rtol=1e-6)
   # Nothing masked: 0.
   assert float(pixels.mim_l1_loss(jnp.asarray(pred), jnp.asarray(target), jnp.zeros(mask.shape))) == 0.0

@@ -32,14 +32,19 @@ def test_without_a_gpu_the_vit_small_recipe_trains_minutes_of_64_px_batches_of_3
   steps = math.floor(rules.CPU_SECONDS * rules.CPU_FLOPS_PER_S / (flops * 32))
   assert _sizes(config) == (64, 64, 32, steps) and 30 < steps < 300, _sizes(config)
   assert [line.split(" is ")[0] for line in lines] == [
-      "config.model.image_size=-1", "config.data.image_size=-1", "config.global_batch_size=-1", "config.total_steps=-1",
-      "config.eval_every=-1"]
+    "config.model.image_size=-1",
+    "config.data.image_size=-1",
+    "config.global_batch_size=-1",
+    "config.total_steps=-1",
+    "config.eval_every=-1",
+  ]
   assert all(": this machine has no GPU" in line for line in lines), lines
   assert re.search(rf"is {steps}: .* about 4 minutes at 20 GFLOP/s, steps of 32 examples of 2\.\d GFLOP each", lines[3])
   assert config.eval_every == -(-steps // 2), lines[4]  # two evaluations: on a CPU each takes minutes
   assert config_lib.fill_steps(config) == [
-      f"config.optim.warmup_steps=-1 is {steps // 10}: a tenth of config.total_steps={steps}",
-      f"config.checkpoint_every=-1 is {-(-steps // 6)}: a sixth of config.total_steps={steps}, rounded up"]
+    f"config.optim.warmup_steps=-1 is {steps // 10}: a tenth of config.total_steps={steps}",
+    f"config.checkpoint_every=-1 is {-(-steps // 6)}: a sixth of config.total_steps={steps}, rounded up",
+  ]
 
 
 @pytest.mark.parametrize("init_from, steps", [("", 3000), ("/ckpt/vit_b16_in21k", 1000)])
@@ -54,8 +59,9 @@ def test_a_size_given_keeps_its_value_and_the_steps_follow_it():
   config = _small("vit_huge.py:small", global_batch_size=8)
   lines = config_lib.fill_machine(config, None, sizing._flops_per_example)
   assert config.global_batch_size == 8 and len(lines) == 4
-  assert config.total_steps == min(math.floor(rules.CPU_SECONDS * rules.CPU_FLOPS_PER_S /
-                                              (sizing._flops_per_example(config) * 8)), rules.CPU_STEPS[1])
+  assert config.total_steps == min(
+    math.floor(rules.CPU_SECONDS * rules.CPU_FLOPS_PER_S / (sizing._flops_per_example(config) * 8)), rules.CPU_STEPS[1]
+  )
 
 
 def test_a_heavier_model_takes_a_smaller_cpu_batch_and_a_swin_tower_keeps_its_224_px():
@@ -72,13 +78,16 @@ def test_this_suite_runs_without_a_gpu():
   assert sizing.accelerator() is None
 
 
-@pytest.mark.parametrize("platforms, devices, plugin, expected", [
+@pytest.mark.parametrize(
+  "platforms, devices, plugin, expected",
+  [
     (None, ["/dev/nvidia0"], True, "gpu"),  # a CUDA device and jax's plugin for it
     (None, ["/dev/nvidia0"], False, None),  # a GPU that this jax cannot use
     ("cpu", ["/dev/nvidia0"], True, None),  # JAX_PLATFORMS=cpu
     ("cuda,cpu", [], False, "gpu"),
     (None, [], False, None),
-])
+  ],
+)
 def test_the_machine_is_told_without_starting_jaxs_backend(monkeypatch, platforms, devices, plugin, expected):
   """main sizes the config before jax.distributed.initialize, which must come before the backend starts."""
   monkeypatch.setattr(sizing.xla_bridge, "backends_are_initialized", lambda: False)

@@ -25,7 +25,9 @@ def test_format_conversions_round_trip():
   np.testing.assert_allclose(boxes.cxcywh_to_xyxy(cxcywh), xyxy, atol=1e-6)
 
 
-@pytest.mark.parametrize("a, b, iou, giou", [
+@pytest.mark.parametrize(
+  "a, b, iou, giou",
+  [
     ([0, 0, 2, 2], [0, 0, 2, 2], 1.0, 1.0),  # identical
     ([0, 0, 4, 4], [1, 1, 3, 3], 4 / 16, 4 / 16),  # nested: the hull is the outer box
     ([0, 0, 1, 1], [2, 0, 3, 1], 0.0, -1 / 3),  # disjoint: union 2, hull 3
@@ -34,7 +36,8 @@ def test_format_conversions_round_trip():
     ([1, 1, 1, 1], [0, 0, 2, 2], 0.0, 0.0),  # a point inside a box: union = hull = 4
     ([2, 2, 1, 1], [0, 0, 2, 2], 0.0, 0.0),  # an inverted box counts as empty
     ([0, 0, 0, 2], [1, 0, 1, 2], 0.0, -1.0),  # two parallel lines: union 0, hull 2
-])
+  ],
+)
 def test_iou_and_giou_by_hand(a, b, iou, giou):
   a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
   got_iou, got_giou, swapped, grads = _iou_giou_and_grad(a, b)
@@ -69,8 +72,9 @@ def test_pairwise_matches_definition():
   pairwise = boxes.pairwise_giou(a, b)
   assert pairwise.shape == (3, 5)
   for i, j in itertools.product(range(3), range(5)):
-    np.testing.assert_allclose(pairwise[i, j], _np_giou(a[i].astype(np.float64), b[j].astype(np.float64)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+      pairwise[i, j], _np_giou(a[i].astype(np.float64), b[j].astype(np.float64)), rtol=1e-5, atol=1e-6
+    )
   assert np.all(boxes.pairwise_iou(a, b) >= pairwise - 1e-6)
 
 
@@ -80,8 +84,10 @@ def test_pairwise_matches_definition():
 def _brute_force(cost: np.ndarray, valid: np.ndarray) -> float:
   """Minimum total cost of assigning every valid target (column) a distinct prediction (row)."""
   columns = np.flatnonzero(valid)
-  return min(sum(cost[r, c] for r, c in zip(rows, columns))
-             for rows in itertools.permutations(range(cost.shape[0]), len(columns)))
+  return min(
+    sum(cost[r, c] for r, c in zip(rows, columns))
+    for rows in itertools.permutations(range(cost.shape[0]), len(columns))
+  )
 
 
 def _total(cost, valid, index) -> float:
@@ -149,7 +155,7 @@ def test_match_cost_against_numpy():
   assert cost.shape == (4, 3) and np.all(np.isfinite(cost))
   for q, m in itertools.product(range(4), range(2)):
     p = _np_sigmoid(logits[q, classes[m]])
-    focal = 0.25 * (1 - p) ** 2 * -np.log(p) - 0.75 * p ** 2 * -np.log(1 - p)
+    focal = 0.25 * (1 - p) ** 2 * -np.log(p) - 0.75 * p**2 * -np.log(1 - p)
     l1 = np.abs(pred[q] - target[m]).sum()
     expected = 2 * focal + 5 * l1 - 2 * _np_giou(pred[q].astype(np.float64), target[m].astype(np.float64))
     np.testing.assert_allclose(cost[q, m], expected, rtol=1e-5, atol=1e-6)
@@ -160,22 +166,25 @@ def test_match_cost_against_numpy():
 
 def _np_focal(x, t, alpha=0.25, gamma=2.0):
   p = _np_sigmoid(x)
-  return -alpha * t * (1 - p) ** gamma * np.log(p) - (1 - alpha) * (1 - t) * p ** gamma * np.log(1 - p)
+  return -alpha * t * (1 - p) ** gamma * np.log(p) - (1 - alpha) * (1 - t) * p**gamma * np.log(1 - p)
 
 
 def test_sigmoid_focal_loss_by_hand_and_against_numpy():
   # x = 0, t = 1: p = 1/2, alpha 0.25 * (1/2)^2 * log 2.
-  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(jnp.float32(0.0), jnp.float32(1.0)),
-                             0.0625 * math.log(2), rtol=1e-6)
+  np.testing.assert_allclose(
+    detection_losses.sigmoid_focal_loss(jnp.float32(0.0), jnp.float32(1.0)), 0.0625 * math.log(2), rtol=1e-6
+  )
   x = np.linspace(-6, 6, 13, dtype=np.float32)
   x64 = x.astype(np.float64)
   for t in (0.0, 1.0):
-    np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(x, np.full_like(x, t)), _np_focal(x64, t), rtol=1e-5,
-                               atol=1e-7)
+    np.testing.assert_allclose(
+      detection_losses.sigmoid_focal_loss(x, np.full_like(x, t)), _np_focal(x64, t), rtol=1e-5, atol=1e-7
+    )
   # gamma 0 without alpha weighting is plain binary cross-entropy; stable at large logits.
   bce = -np.log(_np_sigmoid(x64))
-  np.testing.assert_allclose(detection_losses.sigmoid_focal_loss(x, np.ones_like(x), alpha=-1, gamma=0.0), bce,
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+    detection_losses.sigmoid_focal_loss(x, np.ones_like(x), alpha=-1, gamma=0.0), bce, rtol=1e-5
+  )
   assert np.isfinite(detection_losses.sigmoid_focal_loss(jnp.float32(-200.0), jnp.float32(1.0)))
 
 
@@ -185,8 +194,11 @@ def test_segmentation_cross_entropy_ignores_label_255():
 
   @jax.jit
   def run(logits, labels):
-    return (pixels.segmentation_cross_entropy(logits, labels), pixels.segmentation_ce_terms(logits, labels),
-            jax.grad(pixels.segmentation_cross_entropy)(logits, labels))
+    return (
+      pixels.segmentation_cross_entropy(logits, labels),
+      pixels.segmentation_ce_terms(logits, labels),
+      jax.grad(pixels.segmentation_cross_entropy)(logits, labels),
+    )
 
   loss, (total, count), _ = run(logits, labels)
   expected = np.mean([math.log(1 + math.exp(-2) + math.exp(-3)), math.log(3)])

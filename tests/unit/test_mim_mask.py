@@ -49,9 +49,17 @@ def test_add_mim_mask_op():
     op.spec(224)
 
 
-@pytest.mark.parametrize("size,patch,ratio,match", [
-    (32, 5, 0.6, "mask_patch_size=5"), (32, 0, 0.6, "mask_patch_size=0"), (32, 64, 0.6, "mask_patch_size=64"),
-    (32, 4, 0.0, "ratio=0.0"), (32, 4, 1.0, "ratio=1.0"), (32, 4, -0.2, "ratio=-0.2")])
+@pytest.mark.parametrize(
+  "size,patch,ratio,match",
+  [
+    (32, 5, 0.6, "mask_patch_size=5"),
+    (32, 0, 0.6, "mask_patch_size=0"),
+    (32, 64, 0.6, "mask_patch_size=64"),
+    (32, 4, 0.0, "ratio=0.0"),
+    (32, 4, 1.0, "ratio=1.0"),
+    (32, 4, -0.2, "ratio=-0.2"),
+  ],
+)
 def test_bad_mask_settings(size, patch, ratio, match):
   with pytest.raises(ValueError, match=match):
     transforms.AddMimMask(size, patch, ratio)
@@ -60,16 +68,18 @@ def test_bad_mask_settings(size, patch, ratio, match):
 def test_bad_mask_settings_in_the_loaders(tok):
   bad = ml_collections.ConfigDict({"mask_patch_size": 6, "mask_ratio": 0.6})
   with pytest.raises(ValueError, match="mask_patch_size=6.*image_size=32"):
-    pipeline.make_pair_train_loader(data_config(), tok, batch_size=4, seed=0, process_index=0, process_count=1,
-                                    mim=bad)
+    pipeline.make_pair_train_loader(data_config(), tok, batch_size=4, seed=0, process_index=0, process_count=1, mim=bad)
   bad = ml_collections.ConfigDict({"mask_patch_size": 4, "mask_ratio": 1.5})
   with pytest.raises(ValueError, match="ratio=1.5"):
     pipeline.make_pair_eval_iterator(data_config(), tok, batch_size=4, process_index=0, process_count=1, mim=bad)
 
 
 def _train_batches(tok, seed, n=2, **kwargs):
-  it = iter(pipeline.make_pair_train_loader(data_config(), tok, batch_size=8, seed=seed, process_index=0,
-                                            process_count=1, mim=MIM, **kwargs))
+  it = iter(
+    pipeline.make_pair_train_loader(
+      data_config(), tok, batch_size=8, seed=seed, process_index=0, process_count=1, mim=MIM, **kwargs
+    )
+  )
   return [next(it) for _ in range(n)]
 
 
@@ -87,16 +97,21 @@ def test_train_batches_carry_masks(tok):
       np.testing.assert_array_equal(got[key], want[key])
   assert not np.array_equal(_train_batches(tok, seed=4, n=1)[0]["mim_mask"], batches[0]["mim_mask"])
   # Without `mim` the batches are as before.
-  plain = next(iter(pipeline.make_pair_train_loader(data_config(), tok, batch_size=8, seed=3, process_index=0,
-                                                    process_count=1)))
+  plain = next(
+    iter(pipeline.make_pair_train_loader(data_config(), tok, batch_size=8, seed=3, process_index=0, process_count=1))
+  )
   assert set(plain) == {"image", "text", "has_text", "label"}
   np.testing.assert_array_equal(plain["image"], batches[0]["image"])
 
 
 def test_train_masks_resume_bitwise(tmp_path, tok):
   def fresh():
-    return iter(pipeline.make_pair_train_loader(data_config(), tok, batch_size=8, seed=5, process_index=0,
-                                                process_count=1, mim=MIM))
+    return iter(
+      pipeline.make_pair_train_loader(
+        data_config(), tok, batch_size=8, seed=5, process_index=0, process_count=1, mim=MIM
+      )
+    )
+
   test_data.assert_resumes(fresh, tmp_path, ("state", "replay"), skip=2)
 
 
@@ -104,9 +119,15 @@ def _eval_masks(tok, batch_size, process_count=1, source=None):
   """{record label: mask} over every process's share, and the batches."""
   masks, batches = {}, []
   for index in range(process_count):
-    for b in pipeline.make_pair_eval_iterator(data_config(image_size=32), tok, batch_size=batch_size,
-                                              process_index=index, process_count=process_count, source=source,
-                                              mim=MIM):
+    for b in pipeline.make_pair_eval_iterator(
+      data_config(image_size=32),
+      tok,
+      batch_size=batch_size,
+      process_index=index,
+      process_count=process_count,
+      source=source,
+      mim=MIM,
+    ):
       batches.append(b)
       for label, mask in zip(b["label"][b["mask"]], b["mim_mask"][b["mask"]]):
         masks[int(label)] = mask
@@ -123,18 +144,23 @@ def test_eval_masks_depend_on_the_record_only(tok):
     assert (b["mim_mask"][b["mask"]].sum((1, 2)) == ONES).all()
     assert (b["mim_mask"][~b["mask"]] == 0).all()  # padding rows: empty masks
   assert (~batches[-1]["mask"]).sum() == 2
-  for other in (_eval_masks(tok, 8, source=source)[0], _eval_masks(tok, 5, source=source)[0],
-                _eval_masks(tok, 4, process_count=3, source=source)[0]):
+  for other in (
+    _eval_masks(tok, 8, source=source)[0],
+    _eval_masks(tok, 5, source=source)[0],
+    _eval_masks(tok, 4, process_count=3, source=source)[0],
+  ):
     assert sorted(other) == list(range(30))
     for label, mask in masks.items():
       np.testing.assert_array_equal(other[label], mask)
 
 
 def test_eval_masks_on_shapes(tok):
-  first = list(pipeline.make_pair_eval_iterator(data_config(), tok, batch_size=16, process_index=0,
-                                                process_count=1, mim=MIM))
-  second = list(pipeline.make_pair_eval_iterator(data_config(), tok, batch_size=16, process_index=0,
-                                                 process_count=1, mim=MIM))
+  first = list(
+    pipeline.make_pair_eval_iterator(data_config(), tok, batch_size=16, process_index=0, process_count=1, mim=MIM)
+  )
+  second = list(
+    pipeline.make_pair_eval_iterator(data_config(), tok, batch_size=16, process_index=0, process_count=1, mim=MIM)
+  )
   assert len(first) == 3 and first[-1]["mask"].sum() == 8  # 40 records
   for a, b in zip(first, second):
     for key in a:

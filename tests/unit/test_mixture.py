@@ -45,7 +45,10 @@ def range_entry(i, n, weight, prefix):
 
 # --- configuration --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("entries,source,error,match", [
+
+@pytest.mark.parametrize(
+  "entries,source,error,match",
+  [
     ((("shapes", 1.0),), "shapes", ConfigError, r"mixture is set \(1 entries\) and config.data.source='shapes'"),
     ((("shapes", 1.0), ("shapes:images", 0.0)), "", ConfigError, r"config.data.mixture\[1\].*positive"),
     ((("shapes", 1.0), ("shapes:images", -2)), "", ConfigError, r"config.data.mixture\[1\].*positive"),
@@ -53,9 +56,14 @@ def range_entry(i, n, weight, prefix):
     ((("shapes",),), "", ConfigError, r"config.data.mixture\[0\]=\('shapes',\): expected a \(source spec, weight\)"),
     ((("", 1.0),), "", ConfigError, r"config.data.mixture\[0\].*empty source spec"),
     ((("shapes", 1.0), ("nonsense:x", 1.0)), "", ConfigError, r"config.data.mixture\[1\]='nonsense:x': expected"),
-    ((("shapes", 1.0), ("arrayrecord:/nonexistent/*", 1.0)), "", DataError,
-     r"config.data.mixture\[1\]='arrayrecord:/nonexistent/\*'.*no files match"),
-])
+    (
+      (("shapes", 1.0), ("arrayrecord:/nonexistent/*", 1.0)),
+      "",
+      DataError,
+      r"config.data.mixture\[1\]='arrayrecord:/nonexistent/\*'.*no files match",
+    ),
+  ],
+)
 def test_bad_mixtures_name_the_entry(entries, source, error, match):
   cfg = data_config(source=source, mixture=entries)
   with pytest.raises(error, match=match) as info:
@@ -84,8 +92,10 @@ def test_the_data_checks_check_the_mixture():
 
 
 def test_an_empty_entry_is_an_error():
-  bad = mixture.Mixture((range_entry(0, 8, 1.0, "a"), mixture.Entry("config.data.mixture[1]='x'",
-                                                                     test_data.RangeSource(0))), "config.data.mixture")
+  bad = mixture.Mixture(
+    (range_entry(0, 8, 1.0, "a"), mixture.Entry("config.data.mixture[1]='x'", test_data.RangeSource(0))),
+    "config.data.mixture",
+  )
   with pytest.raises(DataError, match=r"config.data.mixture\[1\]='x' split 'train' has no records"):
     pipeline.make_train_loader(data_config(), batch_size=4, seed=0, process_index=0, process_count=1, source=bad)
 
@@ -99,6 +109,7 @@ def test_eval_source_rule():
 
 
 # --- the stream -----------------------------------------------------------------------------------------
+
 
 def _labels(it, batches):
   return np.concatenate([next(it)["label"] for _ in range(batches)]).tolist()
@@ -115,7 +126,7 @@ def test_proportions_follow_the_weights_and_each_entry_is_read_once_per_its_epoc
   b = [label - 30 for label in labels if label >= 30]
   assert abs(len(a) - 300) <= 2 and abs(len(b) - 100) <= 2
   for draws, n in ((a, 30), (b, 20)):
-    epochs = [draws[k * n:(k + 1) * n] for k in range(len(draws) // n)]
+    epochs = [draws[k * n : (k + 1) * n] for k in range(len(draws) // n)]
     assert all(sorted(epoch) == list(range(n)) for epoch in epochs)  # every record once per epoch
     assert len({tuple(epoch) for epoch in epochs}) == len(epochs)  # reshuffled each epoch
   assert a[:30] != list(range(30))
@@ -123,8 +134,7 @@ def test_proportions_follow_the_weights_and_each_entry_is_read_once_per_its_epoc
   # Two processes read disjoint shares of each entry's epoch: together, one epoch of b in its first 20 draws.
   shares = []
   for index in range(2):
-    it = iter(pipeline.make_train_loader(cfg, batch_size=10, seed=4, process_index=index, process_count=2,
-                                         source=mix))
+    it = iter(pipeline.make_train_loader(cfg, batch_size=10, seed=4, process_index=index, process_count=2, source=mix))
     shares.append(_labels(it, 4))
   assert sorted(shares[0] + shares[1]) == sorted(labels[:80])  # the same stream, shared
   b_shares = [{label for label in share if label >= 30} for share in shares]
@@ -149,13 +159,18 @@ def test_a_single_source_reads_the_stream_of_grains_index_sampler():
   cfg.augment.random_resized_crop = False
   source = test_data.RangeSource(40)
   ops = [*transforms.train_transforms(4, cfg.augment, 0, transforms.SelectKeys()), grain.transforms.Batch(8)]
-  plain = iter(grain.DataLoader(
-      data_source=source, operations=ops, worker_count=0,
-      sampler=grain.samplers.IndexSampler(num_records=40, shard_options=grain.sharding.NoSharding(), shuffle=True,
-                                          num_epochs=None, seed=7),
-      shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True)))
-  mixture = iter(pipeline.make_train_loader(cfg, batch_size=8, seed=7, process_index=0, process_count=1,
-                                            source=source))
+  plain = iter(
+    grain.DataLoader(
+      data_source=source,
+      operations=ops,
+      worker_count=0,
+      sampler=grain.samplers.IndexSampler(
+        num_records=40, shard_options=grain.sharding.NoSharding(), shuffle=True, num_epochs=None, seed=7
+      ),
+      shard_options=grain.sharding.ShardOptions(0, 1, drop_remainder=True),
+    )
+  )
+  mixture = iter(pipeline.make_train_loader(cfg, batch_size=8, seed=7, process_index=0, process_count=1, source=source))
   for _ in range(7):  # past the first epoch of 40
     want, got = dict(next(plain)), next(mixture)
     want.pop(skipping.VALID)
@@ -164,6 +179,7 @@ def test_a_single_source_reads_the_stream_of_grains_index_sampler():
 
 
 # --- image-only records in the pair pipelines -----------------------------------------------------------
+
 
 def test_pairs_and_image_only_sources_mix(tok):
   cfg = mixture_config([("shapes", 1.0), ("shapes:images", 1.0)])
@@ -190,8 +206,9 @@ def test_pair_eval_marks_image_only_records_and_padding(tok):
       return {**record, "caption": "a red star"} if index % 2 == 0 else record
 
   cfg = data_config(image_size=4)
-  batches = list(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=8, process_index=0, process_count=1,
-                                                  source=SomeCaptions(10)))
+  batches = list(
+    pipeline.make_pair_eval_iterator(cfg, tok, batch_size=8, process_index=0, process_count=1, source=SomeCaptions(10))
+  )
   has_text = np.concatenate([b["has_text"] for b in batches])
   mask = np.concatenate([b["mask"] for b in batches])
   text = np.concatenate([b["text"] for b in batches])
@@ -205,37 +222,54 @@ def test_pair_mixtures_need_a_captioned_source(tok):
   with pytest.raises(DataError, match=r"config.data.mixture \(2 entries\): none of its sources has captions"):
     pipeline.make_pair_train_loader(cfg, tok, batch_size=4, seed=0, process_index=0, process_count=1)
   with pytest.raises(DataError, match=r"config.data.source='shapes:images' .* no 'caption'"):
-    pipeline.make_pair_train_loader(data_config(source="shapes:images"), tok, batch_size=4, seed=0, process_index=0,
-                                    process_count=1)
+    pipeline.make_pair_train_loader(
+      data_config(source="shapes:images"), tok, batch_size=4, seed=0, process_index=0, process_count=1
+    )
 
   cfg = mixture_config([("shapes:images", 1.0), ("shapes", 1.0)])  # evaluation reads the first entry
-  with pytest.raises(DataError, match=r"config.data.mixture\[0\]='shapes:images' split 'validation': records have "
-                                      r"no 'caption'.*config.data.eval_source"):
+  with pytest.raises(
+    DataError,
+    match=r"config.data.mixture\[0\]='shapes:images' split 'validation': records have "
+    r"no 'caption'.*config.data.eval_source",
+  ):
     pipeline.make_pair_eval_iterator(cfg, tok, batch_size=4, process_index=0, process_count=1)
   cfg.eval_source = "shapes"
   assert next(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=4, process_index=0, process_count=1))[
-      "has_text"].all()
+    "has_text"
+  ].all()
 
   class Neither(test_data.RangeSource):
     def __getitem__(self, index):
       return {"label": int(index)}
 
-  bad = mixture.Mixture((mixture.Entry("config.data.mixture[0]='shapes'", shapes.ShapesSource("train", 8, 8)),
-                         mixture.Entry("config.data.mixture[1]='x'", Neither(8))), "config.data.mixture")
+  bad = mixture.Mixture(
+    (
+      mixture.Entry("config.data.mixture[0]='shapes'", shapes.ShapesSource("train", 8, 8)),
+      mixture.Entry("config.data.mixture[1]='x'", Neither(8)),
+    ),
+    "config.data.mixture",
+  )
   with pytest.raises(DataError, match=r"config.data.mixture\[1\]='x' .* no 'image' nor a 'caption'"):
-    pipeline.make_pair_train_loader(data_config(), tok, batch_size=4, seed=0, process_index=0, process_count=1,
-                                    source=bad)
+    pipeline.make_pair_train_loader(
+      data_config(), tok, batch_size=4, seed=0, process_index=0, process_count=1, source=bad
+    )
 
 
 # --- classification: the union of the classes -----------------------------------------------------------
 
+
 def _labelled_set(directory, classes, value):
   """8 records, labels 0..len(classes)-1 in turn, every image filled with `value`."""
   image = np.full((8, 8, 3), value, np.uint8)
-  records.write_records(directory / "train-0.array_record",
-                        ({"image": image, "label": i % len(classes)} for i in range(8)))
-  records.write_metadata(directory, kind="classification", classes=classes,
-                         splits={"train": {"records": 8, "shards": ["train-0.array_record"]}})
+  records.write_records(
+    directory / "train-0.array_record", ({"image": image, "label": i % len(classes)} for i in range(8))
+  )
+  records.write_metadata(
+    directory,
+    kind="classification",
+    classes=classes,
+    splits={"train": {"records": 8, "shards": ["train-0.array_record"]}},
+  )
   return f"arrayrecord:{directory}/{{split}}-*.array_record"
 
 
@@ -258,11 +292,17 @@ def test_classification_mixture_takes_the_union_of_the_classes(tmp_path):
   config = tiny_vit_config()
   config.data = cfg
   config.model.num_classes = 3
-  with pytest.raises(ConfigError, match=r"config.model.num_classes=3 but config.data.mixture \(2 entries\) has 4 "
-                                        r"classes"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.model.num_classes=3 but config.data.mixture \(2 entries\) has 4 "
+    r"classes",
+  ):
     tasks.build(config).train_loader(batch_size=8, seed=0, process_index=0, process_count=1)
 
   cfg.mixture = ((first, 1.0), ("shapes:images", 1.0))
-  with pytest.raises(DataError, match=r"config.data.mixture\[1\]='shapes:images' split 'train': records have no "
-                                      r"'label'"):
+  with pytest.raises(
+    DataError,
+    match=r"config.data.mixture\[1\]='shapes:images' split 'train': records have no "
+    r"'label'",
+  ):
     pipeline.make_train_loader(cfg, batch_size=8, seed=0, process_index=0, process_count=1)

@@ -24,9 +24,12 @@ SIZES = [(37, 90), (64, 64), (90, 25), (20, 30), (5, 500), (333, 7)]
 
 def test_grid_is_siglip2s_rule():
   rng = np.random.default_rng(0)
-  cases = [(int(h), int(w), int(p), int(n)) for (h, w), p, n in zip(rng.integers(1, 1500, (300, 2)),
-                                                                     rng.choice([2, 4, 14, 16], 300),
-                                                                     rng.choice([4, 16, 64, 256, 576], 300))]
+  cases = [
+    (int(h), int(w), int(p), int(n))
+    for (h, w), p, n in zip(
+      rng.integers(1, 1500, (300, 2)), rng.choice([2, 4, 14, 16], 300), rng.choice([4, 16, 64, 256, 576], 300)
+    )
+  ]
   for h, w, p, n in cases + [(h, w, 4, 64) for h, w in SIZES]:
     height, width = get_image_size_for_max_num_patches(h, w, p, n)
     rows, columns = naflex.grid_for_budget(h, w, p, n)
@@ -37,8 +40,9 @@ def test_grid_is_siglip2s_rule():
 def test_patches_mask_and_grid_are_the_processors():
   rng = np.random.default_rng(1)
   images = [rng.integers(0, 256, (h, w, 3), dtype=np.uint8) for h, w in SIZES]
-  hf = Siglip2ImageProcessorPil(patch_size=4, max_num_patches=64)(images=images, return_tensors="np",
-                                                               input_data_format="channels_last")
+  hf = Siglip2ImageProcessorPil(patch_size=4, max_num_patches=64)(
+    images=images, return_tensors="np", input_data_format="channels_last"
+  )
   packed = np.stack([naflex.pack(image, 4, 64) for image in images])
   assert packed.shape == (len(SIZES), 65, 48) and packed.dtype == np.uint8
   ours = naflex.normalized(packed, 127.5, 127.5)  # the processor's mean and std 0.5, on the 0..255 scale
@@ -48,8 +52,9 @@ def test_patches_mask_and_grid_are_the_processors():
   # a packed image unpacks to the resized image, as the panels show it
   rows, columns = hf["spatial_shapes"][0]
   assert naflex.unpacked_image(packed[0], 4).shape == (rows * 4, columns * 4, 3)
-  np.testing.assert_array_equal(naflex.patchify(naflex.unpacked_image(packed[0], 4), 4),
-                                packed[0, 1:1 + rows * columns])
+  np.testing.assert_array_equal(
+    naflex.patchify(naflex.unpacked_image(packed[0], 4), 4), packed[0, 1 : 1 + rows * columns]
+  )
 
 
 @pytest.mark.parametrize("square", [4, 7])
@@ -62,9 +67,18 @@ def test_position_embeddings_are_torchs_antialiased_bilinear_resize(square):
   weights = np.asarray(position_weights(jnp.asarray(grids), tokens, square))
   resized = weights @ table.reshape(square * square, -1)
   for (rows, columns), got in zip(grids, resized):
-    want = F.interpolate(torch.from_numpy(table).permute(2, 0, 1)[None], size=(int(rows), int(columns)),
-                         mode="bilinear", align_corners=False, antialias=True)[0].permute(1, 2, 0).numpy()
-    np.testing.assert_allclose(got[:rows * columns], want.reshape(rows * columns, -1), atol=1e-5)
+    want = (
+      F.interpolate(
+        torch.from_numpy(table).permute(2, 0, 1)[None],
+        size=(int(rows), int(columns)),
+        mode="bilinear",
+        align_corners=False,
+        antialias=True,
+      )[0]
+      .permute(1, 2, 0)
+      .numpy()
+    )
+    np.testing.assert_allclose(got[: rows * columns], want.reshape(rows * columns, -1), atol=1e-5)
   # an evaluation batch's padding row (all zeros: grid (0, 0)) stays finite
   assert np.all(np.isfinite(position_weights(jnp.zeros((1, 2), jnp.int32), tokens, square)))
 
@@ -75,8 +89,7 @@ def test_mixed_aspect_demo_batches_keep_each_images_aspect():
   config.data.naflex.max_tokens, config.data.naflex.patch_size = 64, 4
   config.data.augment.random_resized_crop = False
   tokenizer = tokenizer_lib.load(tokenizer_lib.shapes_tokenizer_path(), max_len=16)
-  loader = data.make_pair_train_loader(config.data, tokenizer, batch_size=16, seed=0, process_index=0,
-                                       process_count=1)
+  loader = data.make_pair_train_loader(config.data, tokenizer, batch_size=16, seed=0, process_index=0, process_count=1)
   batch = next(iter(loader))
   assert batch["image"].shape == (16, 65, 48)
   assert config.data.augment.flip and "flip" not in batch  # flipped on the host, before the patches

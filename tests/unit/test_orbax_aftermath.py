@@ -26,8 +26,12 @@ def test_an_unawaited_tensorstore_read_error_is_dropped_and_any_other_is_logged(
   cli.ignore_closed_event_loops()
   cli.ignore_closed_event_loops()  # installs once
   with caplog.at_level(logging.ERROR, logger="asyncio"):
-    _leave_a_failed_task(ValueError('FAILED_PRECONDITION: Error reading "params.pos_embed/0.0.0" in OCDBT database '
-                                    "at local file \"/run/checkpoints/2/state/\": Truncated Zstd-compressed stream"))
+    _leave_a_failed_task(
+      ValueError(
+        'FAILED_PRECONDITION: Error reading "params.pos_embed/0.0.0" in OCDBT database '
+        'at local file "/run/checkpoints/2/state/": Truncated Zstd-compressed stream'
+      )
+    )
     assert not [r for r in caplog.records if r.name == "asyncio"]
     _leave_a_failed_task(ValueError("some other fault"))
   logged = [r for r in caplog.records if r.name == "asyncio"]

@@ -1,5 +1,6 @@
 """prepare_data's formats for a researcher's own image-text pairs: a folder of images with caption files
 (--format=caption_files) and a table of path + caption (--format=caption_table: CSV, JSONL, parquet)."""
+
 import csv
 import io
 import json
@@ -63,8 +64,13 @@ def _pairs(output: Path, split: str) -> dict[str, str]:
 
 def test_a_folder_of_captioned_images_becomes_pairs_with_a_held_out_split(tmp_path, captioned_folder):
   out = tmp_path / "out"
-  metadata = _run("--format=caption_files", f"--input={captioned_folder}", f"--output={out}", "--records_per_shard=4",
-                  "--holdout_examples=3")
+  metadata = _run(
+    "--format=caption_files",
+    f"--input={captioned_folder}",
+    f"--output={out}",
+    "--records_per_shard=4",
+    "--holdout_examples=3",
+  )
   train, held = _pairs(out, "train"), _pairs(out, "validation")
   assert len(train) == 9 and len(held) == 3 and not set(train) & set(held)
   expected = {(f"trip/img_{i:02d}.jpg" if i >= 10 else f"img_{i:02d}.jpg"): c for i, c in enumerate(CAPTIONS)}
@@ -75,8 +81,16 @@ def test_a_folder_of_captioned_images_becomes_pairs_with_a_held_out_split(tmp_pa
   assert metadata["splits"]["validation"]["holdout_examples"] == 3
   assert json.loads((out / "dataset.json").read_text()) == metadata
   # the same draw again: every shard kept as written
-  assert _run("--format=caption_files", f"--input={captioned_folder}", f"--output={out}", "--records_per_shard=4",
-              "--holdout_examples=3")["splits"] == metadata["splits"]
+  assert (
+    _run(
+      "--format=caption_files",
+      f"--input={captioned_folder}",
+      f"--output={out}",
+      "--records_per_shard=4",
+      "--holdout_examples=3",
+    )["splits"]
+    == metadata["splits"]
+  )
 
 
 def _table_rows(root: Path) -> list[dict]:
@@ -101,10 +115,12 @@ def test_a_table_of_paths_and_captions_becomes_pairs(tmp_path, captioned_folder,
   else:
     import pyarrow as pa  # pylint: disable=g-import-not-at-top
     import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
+
     pq.write_table(pa.Table.from_pylist(rows), table)
   out = tmp_path / "out"
-  metadata = _run("--format=caption_table", f"--input={table}", f"--output={out}", "--path_column=file",
-                  "--caption_column=text")
+  metadata = _run(
+    "--format=caption_table", f"--input={table}", f"--output={out}", "--path_column=file", "--caption_column=text"
+  )
   pairs = _pairs(out, "train")
   assert sorted(pairs.values()) == sorted(CAPTIONS[:10]) and rows[0]["file"] in pairs
   expected = {"no_image": 1, "no_caption": 1, **({"bad_row": 1} if kind == "jsonl" else {})}
@@ -120,8 +136,9 @@ def test_links_are_followed_only_inside_the_input_with_follow_links(tmp_path, ca
     (captioned_folder / f"{name}.txt").write_text(f"the {name}")
   plain = _run("--format=caption_files", f"--input={captioned_folder}", f"--output={tmp_path / 'plain'}")
   assert plain["splits"]["train"]["skipped_by"]["link"] == 2 and plain["splits"]["train"]["records"] == 12
-  followed = _run("--format=caption_files", f"--input={captioned_folder}", f"--output={tmp_path / 'followed'}",
-                  "--follow_links")
+  followed = _run(
+    "--format=caption_files", f"--input={captioned_folder}", f"--output={tmp_path / 'followed'}", "--follow_links"
+  )
   assert followed["splits"]["train"]["skipped_by"]["link"] == 1
   assert _pairs(tmp_path / "followed", "train")["inside_link.jpg"] == "the inside_link"
 
@@ -150,37 +167,45 @@ def test_bad_input_is_one_line_naming_it(tmp_path, captioned_folder):
   assert "no column 'path'" in _error("--format=caption_table", f"--input={table}", out)
   table.write_text("path,caption\nphotos/gone.jpg,a kite\n")
   assert _error("--format=caption_table", f"--input={table}", out).startswith(
-      f"--input={table}: none of its 1 captioned images could be read (1 no_image)")
+    f"--input={table}: none of its 1 captioned images could be read (1 no_image)"
+  )
   assert "not a table" in _error("--format=caption_table", f"--input={tmp_path / 't.xlsx'}", out)
-  assert "only 12 distinct images (12 usable pairs)" in _error("--format=caption_files", f"--input={captioned_folder}",
-                                                               out, "--holdout_examples=12")
-  assert "--unlabelled: not for" in _error("--format=caption_files", f"--input={captioned_folder}", out,
-                                           "--unlabelled")
-  assert "only for --format=caption_table" in _error("--format=caption_files", f"--input={captioned_folder}", out,
-                                                     "--path_column=file")
+  assert "only 12 distinct images (12 usable pairs)" in _error(
+    "--format=caption_files", f"--input={captioned_folder}", out, "--holdout_examples=12"
+  )
+  assert "--unlabelled: not for" in _error("--format=caption_files", f"--input={captioned_folder}", out, "--unlabelled")
+  assert "only for --format=caption_table" in _error(
+    "--format=caption_files", f"--input={captioned_folder}", out, "--path_column=file"
+  )
 
 
 def test_a_parquet_table_without_pyarrow_is_one_line_naming_the_package(tmp_path, monkeypatch):
   table = tmp_path / "pairs.parquet"
   table.write_bytes(b"PAR1")
   monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)  # an import of it raises ImportError
-  assert "needs the package pyarrow" in _error("--format=caption_table", f"--input={table}",
-                                               f"--output={tmp_path / 'out'}")
+  assert "needs the package pyarrow" in _error(
+    "--format=caption_table", f"--input={table}", f"--output={tmp_path / 'out'}"
+  )
 
 
 # ---- a tokenizer trained on other text (issue 64: the demos' shapes tokenizer kept for your captions) ----
 
-OWN_CAPTIONS = ["an astronaut riding a horse on the moon", "a photograph of the old harbour at dusk",
-                "two cyclists crossing a bridge in the rain"]
+OWN_CAPTIONS = [
+  "an astronaut riding a horse on the moon",
+  "a photograph of the old harbour at dusk",
+  "two cyclists crossing a bridge in the rain",
+]
 
 
 def _shapes_tokenizer():
   from visionfm_jax.data.text import tokenizer  # pylint: disable=g-import-not-at-top
+
   return tokenizer.load(tokenizer.shapes_tokenizer_path(), max_len=77)
 
 
 def test_a_tokenizer_that_spells_out_the_captions_words_gets_a_warning_naming_the_tool():
   from visionfm_jax.tasks import image_text  # pylint: disable=g-import-not-at-top
+
   shapes_tokenizer = _shapes_tokenizer()
   message = image_text.pieces_per_word_warning(shapes_tokenizer, OWN_CAPTIONS, "")
   assert "datatools.train_tokenizer --records='<your pair shards>'" in message and "shapes demos' tokenizer" in message
@@ -191,9 +216,18 @@ def test_the_check_reads_the_held_out_captions_at_start_up(caplog):
   import ml_collections  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax.tasks import image_text  # pylint: disable=g-import-not-at-top
-  config = ml_collections.ConfigDict({"data": {"source": "arrayrecord:/d/{split}-*", "eval_source": "",
-                                               "mixture": (), "tokenizer": "/d/other_tokenizer.model",
-                                               "train_split": "train"}})
+
+  config = ml_collections.ConfigDict(
+    {
+      "data": {
+        "source": "arrayrecord:/d/{split}-*",
+        "eval_source": "",
+        "mixture": (),
+        "tokenizer": "/d/other_tokenizer.model",
+        "train_split": "train",
+      }
+    }
+  )
   task = type("Task", (), {"config": config, "tokenizer": _shapes_tokenizer()})()
   held_out = [{"image": b"", "caption": caption} for caption in OWN_CAPTIONS] + [{"image": b""}]
   with caplog.at_level("WARNING"):

@@ -66,6 +66,7 @@ class PairRange(test_data.RangeSource):
 
 # --- ArrayRecord pairs ----------------------------------------------------------------------------------
 
+
 def test_arrayrecord_round_trip(pair_dir):
   source = pairs.ArrayRecordSource(str(pair_dir / "train-*.array_record"))
   assert len(source) == 48 and source.files == sorted(source.files) and "files=2" in repr(source)
@@ -104,9 +105,12 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   good = shapes_pairs(12)
   path = str(tmp_path / "mixed.array_record")
   writer = array_record_module.ArrayRecordWriter(path, "group_size:1")
-  corrupt = {0: b"\xc1 record 0 is checked for labels", 3: b"\xc1 not msgpack",
-             7: pairs.pack_record(b"\xff\xd8 truncated jpeg", caption="a red star"),
-             9: b"\x81\xa5image\x01"}  # a map without bytes image or caption
+  corrupt = {
+    0: b"\xc1 record 0 is checked for labels",
+    3: b"\xc1 not msgpack",
+    7: pairs.pack_record(b"\xff\xd8 truncated jpeg", caption="a red star"),
+    9: b"\x81\xa5image\x01",
+  }  # a map without bytes image or caption
   for i, (image, caption) in enumerate(good):
     writer.write(corrupt.get(i) or pairs.pack_record(image, caption=caption))
   writer.close()
@@ -114,8 +118,9 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   before = transforms.decode_failures()
   assert source[3] == {"image": None, "caption": ""} and transforms.decode_failures() == before + 1
   cfg = data_config(eval_examples=-1)
-  batches = list(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=8, process_index=0, process_count=1,
-                                                  source=source))
+  batches = list(
+    pipeline.make_pair_eval_iterator(cfg, tok, batch_size=8, process_index=0, process_count=1, source=source)
+  )
   mask = np.concatenate([b["mask"] for b in batches])
   np.testing.assert_array_equal(mask[:12], [i not in corrupt for i in range(12)])
   assert transforms.decode_failures() == before + 6  # (records 0 and 3 twice: the label check reads them)
@@ -123,13 +128,15 @@ def test_corrupt_pairs_are_skipped_and_counted(tmp_path, tok):
   text = np.concatenate([b["text"] for b in batches])
   assert (text[~mask] == 0).all() and tok.decode(text[1]) == good[1][1]
   cfg.augment.random_resized_crop = False
-  it = iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=6, seed=0, process_index=0, process_count=1,
-                                            source=source))
+  it = iter(
+    pipeline.make_pair_train_loader(cfg, tok, batch_size=6, seed=0, process_index=0, process_count=1, source=source)
+  )
   captions = {c for b in (next(it), next(it)) for c in tok.decode(b["text"])}
   assert captions <= {c for i, (_, c) in enumerate(good) if i not in corrupt}
 
 
 # --- pair pipelines -------------------------------------------------------------------------------------
+
 
 def test_pair_train_loader_on_shapes(tok):
   cfg = data_config()
@@ -147,8 +154,7 @@ def test_pair_train_loader_on_shapes(tok):
 
 def test_pair_loader_on_arrayrecord(pair_dir, tok):
   cfg = data_config(source=f"arrayrecord:{pair_dir}/{{split}}-*.array_record")
-  batch = next(iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=4, seed=0, process_index=0,
-                                                    process_count=1)))
+  batch = next(iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=4, seed=0, process_index=0, process_count=1)))
   assert set(batch) == {"image", "text", "has_text"} and batch["image"].shape == (4, 32, 32, 3)
   batches = list(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=4, process_index=0, process_count=1))
   assert [b["mask"].sum() for b in batches] == [4, 4, 2]
@@ -159,9 +165,11 @@ def test_pair_loader_needs_captions(tok):
   class NoCaptions(PairRange):
     def __getitem__(self, index):
       return {"image": np.zeros((4, 4, 3), np.uint8), "label": 0}
+
   with pytest.raises(DataError, match="no 'caption'"):
-    pipeline.make_pair_train_loader(data_config(), tok, batch_size=2, seed=0, process_index=0, process_count=1,
-                                    source=NoCaptions(8))
+    pipeline.make_pair_train_loader(
+      data_config(), tok, batch_size=2, seed=0, process_index=0, process_count=1, source=NoCaptions(8)
+    )
 
 
 def test_pair_iterator_resumes_bitwise(tmp_path, tok):
@@ -180,8 +188,11 @@ def test_pair_train_shards_disjoint_and_complete(tok):
   cfg.augment.random_resized_crop = False
   seen = []
   for index in range(2):
-    it = iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=8, seed=1, process_index=index,
-                                              process_count=2, source=PairRange(48)))
+    it = iter(
+      pipeline.make_pair_train_loader(
+        cfg, tok, batch_size=8, seed=1, process_index=index, process_count=2, source=PairRange(48)
+      )
+    )
     batches = [next(it) for _ in range(3)]  # one epoch of the 24-record shard
     for b in batches:
       for caption, label in zip(tok.decode(b["text"]), b["label"]):
@@ -196,8 +207,11 @@ def test_pair_eval_covers_each_example_once(tok, processes):
   cfg = data_config(image_size=4)
   labels, counts = [], []
   for index in range(processes):
-    batches = list(pipeline.make_pair_eval_iterator(cfg, tok, batch_size=8, process_index=index,
-                                                    process_count=processes, source=PairRange(30)))
+    batches = list(
+      pipeline.make_pair_eval_iterator(
+        cfg, tok, batch_size=8, process_index=index, process_count=processes, source=PairRange(30)
+      )
+    )
     counts.append(len(batches))
     for b in batches:
       assert b["text"].shape == (8, MAX_LEN) and b["mask"].dtype == bool
@@ -210,11 +224,16 @@ def test_example_ops_pickle(tok):
   op = pickle.loads(pickle.dumps(transforms.SelectPair(tok, with_label=True)))  # as grain workers get it
   example = op.map({"image": np.zeros((2, 2, 3), np.uint8), "caption": "a red star", "label": 4})
   assert tok.decode(example["text"]) == "a red star" and example["label"] == 4
-  assert op.spec(8) == {"image": ((8, 8, 3), np.uint8), "text": ((MAX_LEN,), np.int32), "has_text": ((), np.bool_),
-                        "label": ((), np.int32)}
+  assert op.spec(8) == {
+    "image": ((8, 8, 3), np.uint8),
+    "text": ((MAX_LEN,), np.int32),
+    "has_text": ((), np.bool_),
+    "label": ((), np.int32),
+  }
 
 
 # --- RandAugment ----------------------------------------------------------------------------------------
+
 
 def image_of(height=20, width=28, seed=0):
   """Random pixels in 40..199, so autocontrast has a range to stretch."""
@@ -226,7 +245,8 @@ def test_randaugment_every_op_runs():
   for name in randaugment.OPS:
     for magnitude in (0, 9, 30):
       out = randaugment.RandAugment(1, magnitude, ops=(name,)).random_map(
-          {"image": image, "label": 1}, np.random.default_rng(0))
+        {"image": image, "label": 1}, np.random.default_rng(0)
+      )
       assert out["image"].shape == image.shape and out["image"].dtype == np.uint8 and out["label"] == 1
       if magnitude == 9 and name not in ("identity",):
         assert not np.array_equal(out["image"], image), name

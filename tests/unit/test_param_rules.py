@@ -37,8 +37,11 @@ def test_an_empty_pattern_list_is_no_rule():
 
 def test_a_rule_that_matches_no_param_is_an_error_naming_it_and_the_field():
   rules = ParamRules.of_patterns(("head", "decoder"), field="config.optim.freeze")
-  with pytest.raises(ConfigError, match=r"config.optim.freeze: 'decoder' matches no param \(param paths look like "
-                                        r"backbone/pos_embed"):
+  with pytest.raises(
+    ConfigError,
+    match=r"config.optim.freeze: 'decoder' matches no param \(param paths look like "
+    r"backbone/pos_embed",
+  ):
     rules.require_matches(NAMES)
   ParamRules.of_patterns(("head",), field="f").require_matches(NAMES)
 
@@ -60,6 +63,7 @@ def test_named_leaves_unbox_partitioned_params():
 
 # --------------------------------------------------------------------------------------------- the users
 
+
 def _tree(names):
   tree = {}
   for name in names:
@@ -74,8 +78,11 @@ def _tree(names):
 def test_weight_decay_excludes_matching_kernels_and_tolerates_rules_that_match_nothing():
   mask = optim.decay_mask_fn(("qkv", "cpb_mlp"))(_tree(NAMES))  # no cpb_mlp here: no error
   assert {path_str(p): d for p, d in jax.tree_util.tree_flatten_with_path(mask)[0]} == {
-      "backbone/pos_embed": False, "backbone/blocks/attn/qkv/kernel": False, "backbone/blocks/attn/qkv/bias": False,
-      "head/kernel": True}
+    "backbone/pos_embed": False,
+    "backbone/blocks/attn/qkv/kernel": False,
+    "backbone/blocks/attn/qkv/bias": False,
+    "head/kernel": True,
+  }
 
 
 def _lr_mults(*rules):
@@ -85,8 +92,12 @@ def _lr_mults(*rules):
 def test_lr_mults_first_match_and_no_match_error():
   shapes = {n: (2, 2) for n in NAMES}
   mults = optim.lr_multipliers(_lr_mults(("head/kernel", 3.0), ("kernel", 2.0)), shapes)
-  assert mults == {"backbone/pos_embed": 1.0, "backbone/blocks/attn/qkv/kernel": 2.0,
-                   "backbone/blocks/attn/qkv/bias": 1.0, "head/kernel": 3.0}
+  assert mults == {
+    "backbone/pos_embed": 1.0,
+    "backbone/blocks/attn/qkv/kernel": 2.0,
+    "backbone/blocks/attn/qkv/bias": 1.0,
+    "head/kernel": 3.0,
+  }
   with pytest.raises(ConfigError, match="config.optim.lr_mults: 'decoder' matches no param"):
     optim.lr_multipliers(_lr_mults(("decoder", 2.0)), shapes)
 
@@ -94,7 +105,9 @@ def test_lr_mults_first_match_and_no_match_error():
 def test_freeze_labels_and_no_match_error():
   labels = optim.freeze_labels_fn(("^backbone/",))(_tree(NAMES))
   assert {path_str(p): x for p, x in jax.tree_util.tree_flatten_with_path(labels)[0]} == {
-      **{n: "frozen" for n in NAMES[:3]}, "head/kernel": "train"}
+    **{n: "frozen" for n in NAMES[:3]},
+    "head/kernel": "train",
+  }
   with pytest.raises(ConfigError, match="config.optim.freeze: 'decoder' matches no param"):
     optim.freeze_labels_fn(("decoder",))(_tree(NAMES))
 

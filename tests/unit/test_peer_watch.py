@@ -83,8 +83,10 @@ def test_a_peer_gone_while_this_process_was_stopped_is_named_after_the_thaw_grac
   # stopped for 6 s (longer than the peer timeout) at the third wait
   lines = _watch(monkeypatch, _frozen_at(101.0), stops={3: 6.0})
   assert len(lines) == 1, lines
-  assert lines[0].startswith("process 1 of 2 (last seen: host vm, pid 4242) has sent no heartbeat in the 2s since "
-                             "this process resumed after being stopped for 6s"), lines
+  assert lines[0].startswith(
+    "process 1 of 2 (last seen: host vm, pid 4242) has sent no heartbeat in the 2s since "
+    "this process resumed after being stopped for 6s"
+  ), lines
 
 
 def test_a_stop_during_the_heartbeats_write_is_a_stop_too(monkeypatch):
@@ -101,5 +103,8 @@ def test_a_peer_that_beats_again_after_the_thaw_is_not_blamed(monkeypatch):
 @pytest.mark.parametrize("silent_after", [101.0, 104.0])
 def test_a_peer_silent_for_the_timeout_is_named_without_a_stop(monkeypatch, silent_after):
   lines = _watch(monkeypatch, _frozen_at(silent_after), stops={})
-  assert len(lines) == 1 and re.match(r"process 1 of 2 \(last seen: host vm, pid 4242\) has sent no heartbeat for "
-                                      r"[56]s \(config.peer_timeout_s=5\): it died", lines[0]), lines
+  assert len(lines) == 1 and re.match(
+    r"process 1 of 2 \(last seen: host vm, pid 4242\) has sent no heartbeat for "
+    r"[56]s \(config.peer_timeout_s=5\): it died",
+    lines[0],
+  ), lines

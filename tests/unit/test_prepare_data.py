@@ -52,10 +52,16 @@ def write_file(path, data: bytes) -> None:
 def make_tree(root) -> dict[str, bytes]:
   """3 classes, 10 images (jpg/JPEG/png/webp/bmp, one in a subfolder) + non-image files; {relative path: bytes}."""
   files = {
-      "zebra/z1.jpg": encoded(seed=1), "zebra/z2.JPEG": encoded(seed=2), "zebra/z3.png": encoded(fmt="PNG", seed=3),
-      "zebra/z4.jpeg": encoded(seed=4), "ant/a1.jpg": encoded(seed=5), "ant/nested/a2.webp": encoded(fmt="WEBP"),
-      "ant/a3.bmp": encoded(fmt="BMP", seed=7), "moth/m1.jpg": encoded(seed=8), "moth/m2.PNG": encoded(fmt="PNG"),
-      "moth/m3.jpg": encoded(seed=10),
+    "zebra/z1.jpg": encoded(seed=1),
+    "zebra/z2.JPEG": encoded(seed=2),
+    "zebra/z3.png": encoded(fmt="PNG", seed=3),
+    "zebra/z4.jpeg": encoded(seed=4),
+    "ant/a1.jpg": encoded(seed=5),
+    "ant/nested/a2.webp": encoded(fmt="WEBP"),
+    "ant/a3.bmp": encoded(fmt="BMP", seed=7),
+    "moth/m1.jpg": encoded(seed=8),
+    "moth/m2.PNG": encoded(fmt="PNG"),
+    "moth/m3.jpg": encoded(seed=10),
   }
   for relpath, data in files.items():
     write_file(os.path.join(root, relpath), data)
@@ -121,8 +127,9 @@ def test_folders_deterministic_by_seed(tree, converted, tmp_path):
 
 def test_folders_holdout(tree, tmp_path):
   root, files = tree
-  metadata = convert_folders(root, str(tmp_path), records_per_shard=4, num_workers=0,
-                             holdout_per_class=2, holdout_split_name="val")
+  metadata = convert_folders(
+    root, str(tmp_path), records_per_shard=4, num_workers=0, holdout_per_class=2, holdout_split_name="val"
+  )
   train, val = read_split(tmp_path, "train"), read_split(tmp_path, "val")
   assert sorted(e["key"] for e in train + val) == sorted(files)  # disjoint and complete
   assert len(train) + len(val) == len({e["key"] for e in train + val})
@@ -139,12 +146,26 @@ def test_folders_holdout(tree, tmp_path):
 def make_tars(directory) -> list[str]:
   """Two img2dataset-style tars; of the 7 examples, one has no image and one no caption."""
   tars = {
-      "00000.tar": {"k0.jpg": encoded(seed=1), "k0.txt": b"a red square\n", "k0.json": b'{"url": "u0"}',
-                    "k1.png": encoded(fmt="PNG", seed=2), "k1.txt": b"  two words ", "k2.txt": b"no image",
-                    "k2.json": b"{}"},
-      "00001.tar": {"sub/k3.jpg": encoded(seed=3), "sub/k3.txt": b"in a folder", "sub/k3.json": b'{"w": 32}',
-                    "k4.jpg": encoded(seed=4), "k4.json": b"{}", "k5.webp": encoded(fmt="WEBP"),
-                    "k5.txt": "caf\u00e9".encode(), "k6.jpeg": encoded(seed=6), "k6.txt": b"last"},
+    "00000.tar": {
+      "k0.jpg": encoded(seed=1),
+      "k0.txt": b"a red square\n",
+      "k0.json": b'{"url": "u0"}',
+      "k1.png": encoded(fmt="PNG", seed=2),
+      "k1.txt": b"  two words ",
+      "k2.txt": b"no image",
+      "k2.json": b"{}",
+    },
+    "00001.tar": {
+      "sub/k3.jpg": encoded(seed=3),
+      "sub/k3.txt": b"in a folder",
+      "sub/k3.json": b'{"w": 32}',
+      "k4.jpg": encoded(seed=4),
+      "k4.json": b"{}",
+      "k5.webp": encoded(fmt="WEBP"),
+      "k5.txt": "caf\u00e9".encode(),
+      "k6.jpeg": encoded(seed=6),
+      "k6.txt": b"last",
+    },
   }
   for name, members in tars.items():
     with tarfile.open(os.path.join(directory, name), "w") as archive:
@@ -168,7 +189,13 @@ def test_webdataset_pairs(tmp_path):
   examples = {e["key"]: e for e in read_split(out)}
   assert list(examples) == ["k0", "k1", "sub/k3", "k4", "k5", "k6"]
   assert {k: e.get("caption") for k, e in examples.items()} == {
-      "k0": "a red square", "k1": "two words", "sub/k3": "in a folder", "k4": None, "k5": "caf\u00e9", "k6": "last"}
+    "k0": "a red square",
+    "k1": "two words",
+    "sub/k3": "in a folder",
+    "k4": None,
+    "k5": "caf\u00e9",
+    "k6": "last",
+  }
   assert set(examples["k4"]) == {"image", "key", "meta"}  # image-only: no caption, kept
   assert examples["k0"]["meta"] == '{"url": "u0"}' and "meta" not in examples["k1"]
   assert examples["sub/k3"]["image"] == tars["00001.tar"]["sub/k3.jpg"]
@@ -180,8 +207,10 @@ def make_uncaptioned_tars(directory, tars: int, per_tar: int) -> None:
   for t in range(tars):
     with tarfile.open(os.path.join(directory, f"{t:05d}.tar"), "w") as archive:
       for k in range(per_tar):
-        for member, data in ((f"t{t}k{k}.jpg", encoded(width=8, height=8, seed=t * 100 + k)),
-                             (f"t{t}k{k}.json", b"{}")):
+        for member, data in (
+          (f"t{t}k{k}.jpg", encoded(width=8, height=8, seed=t * 100 + k)),
+          (f"t{t}k{k}.json", b"{}"),
+        ):
           info = tarfile.TarInfo(member)
           info.size = len(data)
           archive.addfile(info, io.BytesIO(data))
@@ -199,8 +228,7 @@ def test_webdataset_of_images_only_trains_in_a_mixture(tmp_path):
   cfg.image_size, cfg.num_workers, cfg.shapes_train_size, cfg.source = 8, 0, 64, ""
   cfg.mixture = (("shapes", 1.0), (f"arrayrecord:{out}/{{split}}-*.array_record", 1.0))
   tok = tokenizer.Tokenizer(tokenizer.shapes_tokenizer_path(), 12)
-  batch = next(iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=8, seed=0, process_index=0,
-                                                    process_count=1)))
+  batch = next(iter(pipeline.make_pair_train_loader(cfg, tok, batch_size=8, seed=0, process_index=0, process_count=1)))
   assert batch["has_text"].sum() == 4 and (batch["text"][~batch["has_text"]] == tokenizer.PAD_ID).all()
 
 
@@ -226,15 +254,23 @@ def test_webdataset_holdout(tmp_path):
 
 
 def test_unlabelled_folders(tmp_path):
-  for name, data in {"x1.jpg": encoded(seed=1), "sub/x2.png": encoded(fmt="PNG", seed=2), "sub/deeper/x3.jpg":
-                     encoded(seed=3), "notes.txt": b"not an image", "x4.jpeg": encoded(seed=4)}.items():
+  for name, data in {
+    "x1.jpg": encoded(seed=1),
+    "sub/x2.png": encoded(fmt="PNG", seed=2),
+    "sub/deeper/x3.jpg": encoded(seed=3),
+    "notes.txt": b"not an image",
+    "x4.jpeg": encoded(seed=4),
+  }.items():
     write_file(str(tmp_path / "in" / name), data)
   out = str(tmp_path / "out")
-  metadata = convert_folders(str(tmp_path / "in"), out, unlabelled=True, holdout_examples=1,
-                             num_workers=0, records_per_shard=2)
+  metadata = convert_folders(
+    str(tmp_path / "in"), out, unlabelled=True, holdout_examples=1, num_workers=0, records_per_shard=2
+  )
   assert metadata["kind"] == "images" and "classes" not in metadata
-  assert {s: (e["records"], e["kind"]) for s, e in metadata["splits"].items()} == {"train": (3, "images"),
-                                                                                 "validation": (1, "images")}
+  assert {s: (e["records"], e["kind"]) for s, e in metadata["splits"].items()} == {
+    "train": (3, "images"),
+    "validation": (1, "images"),
+  }
   examples = read_split(out) + read_split(out, "validation")
   assert sorted(e["key"] for e in examples) == ["sub/deeper/x3.jpg", "sub/x2.png", "x1.jpg", "x4.jpeg"]
   assert all(set(e) == {"image", "key"} for e in examples)
@@ -287,17 +323,32 @@ def test_images_below_min_side_are_counted_and_warned_about(tree, tmp_path, caps
         info = tarfile.TarInfo(member)
         info.size = len(data)
         archive.addfile(info, io.BytesIO(data))
+
   def convert(name, *flags):
-    assert prepare_data.main(["prog", "--format=webdataset", f"--input={tmp_path / 'in' / '*.tar'}",
-                              f"--output={tmp_path / name}", "--num_workers=0", *flags]) == 0
+    assert (
+      prepare_data.main(
+        [
+          "prog",
+          "--format=webdataset",
+          f"--input={tmp_path / 'in' / '*.tar'}",
+          f"--output={tmp_path / name}",
+          "--num_workers=0",
+          *flags,
+        ]
+      )
+      == 0
+    )
     entry = json.loads((tmp_path / name / "dataset.json").read_text())["splits"]["train"]
     sidecar = json.loads((tmp_path / name / (entry["shards"][0] + ".json")).read_text())
     return entry, sidecar, capsys.readouterr().err
+
   entry, sidecar, err = convert("resized", "--resize_shorter=32")
   assert entry["small_images"] == sidecar["small_images"] == {"min_side": 32, "count": 3}
-  assert err.splitlines() == ["warning: 3 of the 5 train images have a shorter side below 32 px (--min_side): a "
-                              "recipe that reads them at 32 px upsamples them (download larger: img2dataset "
-                              "--resize_mode=keep_ratio --image_size=...)"]
+  assert err.splitlines() == [
+    "warning: 3 of the 5 train images have a shorter side below 32 px (--min_side): a "
+    "recipe that reads them at 32 px upsamples them (download larger: img2dataset "
+    "--resize_mode=keep_ratio --image_size=...)"
+  ]
   entry, sidecar, err = convert("as_stored", "--min_side=64")  # not decoded: the sides from the headers
   assert entry["small_images"] == sidecar["small_images"] == {"min_side": 64, "count": 4}
   assert "warning: 4 of the 5 train images" in err
@@ -309,8 +360,18 @@ def test_images_below_min_side_are_counted_and_warned_about(tree, tmp_path, caps
   assert "small_images" not in entry and "small_images" not in sidecar and not err
   entry, _, err = convert("enough", "--min_side=20")
   assert entry["small_images"] == {"min_side": 20, "count": 0} and not err
-  assert prepare_data.main(["prog", "--format=webdataset", f"--input={tmp_path / 'in' / '*.tar'}",
-                            f"--output={tmp_path / 'bad'}", "--min_side=-1"]) == 2
+  assert (
+    prepare_data.main(
+      [
+        "prog",
+        "--format=webdataset",
+        f"--input={tmp_path / 'in' / '*.tar'}",
+        f"--output={tmp_path / 'bad'}",
+        "--min_side=-1",
+      ]
+    )
+    == 2
+  )
   assert "--min_side=-1: expected a size in px, or 0 (no count)" in capsys.readouterr().err
   # every format: the class tree's images are 32x24
   metadata = convert_folders(tree[0], str(tmp_path / "folders"), num_workers=0, min_side=25)
@@ -350,8 +411,16 @@ def test_parallel_matches_inline(tree, converted, tmp_path):
 
 def test_cli(tree, tmp_path, capsys):
   out = str(tmp_path / "out")
-  args = ["prepare_data", "--format=folders", f"--input={tree[0]}", f"--output={out}", "--records_per_shard=4",
-          "--num_workers=0", "--holdout_per_class=1", "--progress"]
+  args = [
+    "prepare_data",
+    "--format=folders",
+    f"--input={tree[0]}",
+    f"--output={out}",
+    "--records_per_shard=4",
+    "--num_workers=0",
+    "--holdout_per_class=1",
+    "--progress",
+  ]
   assert prepare_data.main(args) == 0
   captured = capsys.readouterr()
   assert captured.out.startswith("prepare_data: train 7, validation 3 records, 0 skipped, 3 shards, ")
@@ -362,8 +431,16 @@ def test_cli(tree, tmp_path, capsys):
 
   os.makedirs(tmp_path / "tars")
   make_uncaptioned_tars(tmp_path / "tars", tars=2, per_tar=4)
-  args = ["prepare_data", "--format=webdataset", f"--input={tmp_path}/tars/*.tar", f"--output={tmp_path / 'wds'}",
-          "--num_workers=0", "--holdout_examples=3", "--holdout_split=val", "--seed=2"]
+  args = [
+    "prepare_data",
+    "--format=webdataset",
+    f"--input={tmp_path}/tars/*.tar",
+    f"--output={tmp_path / 'wds'}",
+    "--num_workers=0",
+    "--holdout_examples=3",
+    "--holdout_split=val",
+    "--seed=2",
+  ]
   assert prepare_data.main(args) == 0
   assert capsys.readouterr().out.startswith("prepare_data: train 5, val 3 records, 0 skipped, 3 shards, ")
 
@@ -389,12 +466,15 @@ def test_cli_errors(tree, tmp_path, capsys):
   err = _error(["--format=folders", f"--input={tree[0]}", f"--output={tmp_path / 'pairs'}"], capsys)
   assert f"--output={tmp_path / 'pairs'}: its dataset.json describes a different data set" in err
   assert "--format" in _error(["--format=zip", f"--input={tree[0]}", out], capsys)
-  assert "--records_per_shard" in _error(["--format=webdataset", f"--input={tree[0]}/*.tar", out,
-                                          "--records_per_shard=10"], capsys)
-  assert "--unlabelled: only for --format=folders" in _error(["--format=webdataset", f"--input={tree[0]}/*.tar", out,
-                                                              "--unlabelled"], capsys)
+  assert "--records_per_shard" in _error(
+    ["--format=webdataset", f"--input={tree[0]}/*.tar", out, "--records_per_shard=10"], capsys
+  )
+  assert "--unlabelled: only for --format=folders" in _error(
+    ["--format=webdataset", f"--input={tree[0]}/*.tar", out, "--unlabelled"], capsys
+  )
   assert "--holdout_examples=2: the first for class folders" in _error(
-      ["--format=folders", f"--input={tree[0]}", out, "--holdout_examples=2"], capsys)
+    ["--format=folders", f"--input={tree[0]}", out, "--holdout_examples=2"], capsys
+  )
   assert "--split='my-train'" in _error(["--format=folders", f"--input={tree[0]}", out, "--split=my-train"], capsys)
   write_file(str(tmp_path / "tars" / "bad.tar"), b"not a tar")
   err = _error(["--format=webdataset", f"--input={tmp_path}/tars/*.tar", out], capsys)
@@ -410,8 +490,22 @@ def test_cli_refuses_shards_of_another_conversion(tree, converted, capsys):
 def make_image_tree(root) -> list[str]:
   """An unlabelled tree: 2 images of its own and 6 top-level folders (one nested, one empty, one hidden); the
   sorted relative paths of its images."""
-  paths = ["r1.jpg", "r0.png", "a/x.jpg", "a/y.jpg", "a/z.jpg", "a-b/q.jpg", "b/deep/er/p.jpg", "b/p.jpg",
-           "c/1.jpg", "c/2.jpg", "c/3.jpg", "c/4.jpg", "c/5.jpg", "d/only.jpg"]
+  paths = [
+    "r1.jpg",
+    "r0.png",
+    "a/x.jpg",
+    "a/y.jpg",
+    "a/z.jpg",
+    "a-b/q.jpg",
+    "b/deep/er/p.jpg",
+    "b/p.jpg",
+    "c/1.jpg",
+    "c/2.jpg",
+    "c/3.jpg",
+    "c/4.jpg",
+    "c/5.jpg",
+    "d/only.jpg",
+  ]
   for i, path in enumerate(paths):
     write_file(os.path.join(root, path), encoded(8, 8, seed=i))
   write_file(os.path.join(root, "c", "notes.txt"), b"not an image")
@@ -438,32 +532,46 @@ def test_an_unlabelled_task_walks_only_its_folders(tmp_path, monkeypatch):
   make_image_tree(tmp_path / "in")
   walked = []
   folder_images = image_tree.folder_images
-  monkeypatch.setattr(image_tree, "folder_images", lambda root, folder: walked.append(folder) or
-                      folder_images(root, folder))
-  report = convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), unlabelled=True,
-                           num_workers=0, records_per_shard=2, task=cluster_task.Task(1, 3))
+  monkeypatch.setattr(
+    image_tree, "folder_images", lambda root, folder: walked.append(folder) or folder_images(root, folder)
+  )
+  report = convert_folders(
+    str(tmp_path / "in"),
+    str(tmp_path / "out"),
+    unlabelled=True,
+    num_workers=0,
+    records_per_shard=2,
+    task=cluster_task.Task(1, 3),
+  )
   assert walked == ["a", "c"]  # folders 1 and 4 of ['', 'a', 'a-b', 'b', 'c', 'd', 'empty']
   assert report == {"unfinished": "2 of 3 tasks' shares", "task": "task 1 of 3"}
   assert sorted(os.listdir(tmp_path / "out" / "train-folders")) == ["00001.json", "00004.json"]
   assert sorted(n for n in os.listdir(tmp_path / "out") if n.endswith(".array_record")) == [
-      "train-00001-00000.array_record", "train-00001-00001.array_record", "train-00004-00000.array_record",
-      "train-00004-00001.array_record", "train-00004-00002.array_record"]
+    "train-00001-00000.array_record",
+    "train-00001-00001.array_record",
+    "train-00004-00000.array_record",
+    "train-00004-00001.array_record",
+    "train-00004-00002.array_record",
+  ]
 
 
 def test_unlabelled_tasks_write_what_one_run_writes(tmp_path, monkeypatch):
   paths = make_image_tree(tmp_path / "in")
-  common = dict(unlabelled=True, num_workers=0, records_per_shard=2, holdout_examples=3, holdout_split_name="val",
-                seed=1)
+  common = dict(
+    unlabelled=True, num_workers=0, records_per_shard=2, holdout_examples=3, holdout_split_name="val", seed=1
+  )
   one = convert_folders(str(tmp_path / "in"), str(tmp_path / "one"), **common)
   held = [e["key"] for e in read_split(tmp_path / "one", "val")]
   assert held == sorted(held) and len(held) == 3 and one["splits"]["val"]["holdout_examples"] == 3
   kept = collections.Counter(p.split("/")[0] if "/" in p else "" for p in paths if p not in held)
   folders = ["", "a", "a-b", "b", "c", "d"]  # and 'empty' (number 6): no shard
-  assert one["splits"]["train"]["shards"] == [f"train-{folders.index(f):05d}-{n:05d}.array_record"
-                                              for f in folders for n in range(-(-kept[f] // 2))]
+  assert one["splits"]["train"]["shards"] == [
+    f"train-{folders.index(f):05d}-{n:05d}.array_record" for f in folders for n in range(-(-kept[f] // 2))
+  ]
   assert one["splits"]["val"]["shards"] == ["val-00000-of-00002.array_record", "val-00001-of-00002.array_record"]
-  assert [e["key"] for e in read_split(tmp_path / "one")] == sorted(set(paths) - set(held), key=lambda p: (
-      folders.index(p.split("/")[0] if "/" in p else ""), p))  # folder by folder, each in sorted order
+  assert [e["key"] for e in read_split(tmp_path / "one")] == sorted(
+    set(paths) - set(held), key=lambda p: (folders.index(p.split("/")[0] if "/" in p else ""), p)
+  )  # folder by folder, each in sorted order
   many = str(tmp_path / "many")
   for index in (2, 0):
     report = convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(index, 3), **common)
@@ -472,8 +580,9 @@ def test_unlabelled_tasks_write_what_one_run_writes(tmp_path, monkeypatch):
     convert_folders(str(tmp_path / "in"), many, task=None, **common)
   assert convert_folders(str(tmp_path / "in"), many, task=cluster_task.Task(1, 3), **common) == one
   assert shard_bytes(many) == shard_bytes(tmp_path / "one")
-  assert read_split(many) == read_split(tmp_path / "one") and read_split(many, "val") == read_split(tmp_path / "one",
-                                                                                                   "val")
+  assert read_split(many) == read_split(tmp_path / "one") and read_split(many, "val") == read_split(
+    tmp_path / "one", "val"
+  )
   train, val = ({e["key"] for e in read_split(many, split)} for split in ("train", "val"))
   assert not train & val and len(train | val) == 14
   os.remove(os.path.join(many, "dataset.json"))  # the final step writes it again from the lists and sidecars
@@ -489,11 +598,15 @@ def test_unlabelled_tasks_write_what_one_run_writes(tmp_path, monkeypatch):
 
 def test_unlabelled_refuses_shards_of_another_conversion(tmp_path):
   make_image_tree(tmp_path / "in")
-  convert = functools.partial(convert_folders, str(tmp_path / "in"), str(tmp_path / "out"),
-                              unlabelled=True, num_workers=0)
+  convert = functools.partial(
+    convert_folders, str(tmp_path / "in"), str(tmp_path / "out"), unlabelled=True, num_workers=0
+  )
   convert(records_per_shard=2)
-  with pytest.raises(UserError, match=r"holds 2 'train' shards this conversion does not write "
-                                      r"\(train-00001-00001.array_record, ...: another shard count\?\)"):
+  with pytest.raises(
+    UserError,
+    match=r"holds 2 'train' shards this conversion does not write "
+    r"\(train-00001-00001.array_record, ...: another shard count\?\)",
+  ):
     convert(records_per_shard=3)  # the second shard of 2 images of folder a (3 images), the third of c (5)
   os.makedirs(tmp_path / "labelled")
   write_file(str(tmp_path / "labelled" / records.shard_name("train", 0, 1)), b"")
@@ -503,8 +616,15 @@ def test_unlabelled_refuses_shards_of_another_conversion(tmp_path):
 
 def test_unlabelled_parallel_matches_inline(tmp_path, capsys):
   make_image_tree(tmp_path / "in")
-  args = ["prepare_data", "--format=folders", "--unlabelled", f"--input={tmp_path / 'in'}", "--records_per_shard=2",
-          "--holdout_examples=2", "--progress"]
+  args = [
+    "prepare_data",
+    "--format=folders",
+    "--unlabelled",
+    f"--input={tmp_path / 'in'}",
+    "--records_per_shard=2",
+    "--holdout_examples=2",
+    "--progress",
+  ]
   assert prepare_data.main([*args, f"--output={tmp_path / 'inline'}", "--num_workers=0"]) == 0
   assert prepare_data.main([*args, f"--output={tmp_path / 'pool'}", "--num_workers=2"]) == 0
   out, err = capsys.readouterr()
@@ -538,46 +658,73 @@ def test_folders_refuse_links_and_follow_only_those_inside_with_follow_links(tmp
   assert not any(b"PRIVATE KEY" in e["image"] for e in examples)
   assert all(b"PRIVATE KEY" not in data for data in shard_bytes(str(tmp_path / "followed")).values())
   refused = tmp_path / "refused"
-  assert "--follow_links: only for --format=folders" in _error(["--format=webdataset", "--input=x.tar",
-                                                                 f"--output={refused}", "--follow_links"], capsys)
+  assert "--follow_links: only for --format=folders" in _error(
+    ["--format=webdataset", "--input=x.tar", f"--output={refused}", "--follow_links"], capsys
+  )
   assert not refused.exists()  # a refused run leaves no folder of its own behind
 
 
 def _prepare_data_process(*args) -> subprocess.CompletedProcess:
   """`python -m visionfm_jax.datatools.prepare_data ARGS`, as a person runs it (its console set up as main's)."""
-  return subprocess.run([sys.executable, "-m", "visionfm_jax.datatools.prepare_data", "--num_workers=0", *args],
-                        cwd=ROOT, capture_output=True, text=True, timeout=120, check=False)
+  return subprocess.run(
+    [sys.executable, "-m", "visionfm_jax.datatools.prepare_data", "--num_workers=0", *args],
+    cwd=ROOT,
+    capture_output=True,
+    text=True,
+    timeout=120,
+    check=False,
+  )
 
 
 def test_a_holdout_larger_than_half_a_class_is_capped_on_one_warning_line(tmp_path):
   for c, name in enumerate(["cat", "dog"]):
     for i in range(6 + c):
       write_file(str(tmp_path / "in" / name / f"{i}.jpg"), encoded(8, 8, seed=10 * c + i))
-  result = _prepare_data_process("--format=folders", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}",
-                                 "--holdout_per_class=50")
+  result = _prepare_data_process(
+    "--format=folders", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}", "--holdout_per_class=50"
+  )
   assert result.returncode == 0, result.stderr
   assert result.stdout.startswith("prepare_data: train 7, validation 6 records, ")  # cat 3 + 3, dog 4 + 3
   lines = result.stderr.splitlines()
   assert len(lines) == 1, result.stderr
-  assert re.fullmatch(r"\d\d:\d\d:\d\d warning: prepare_data: --holdout_per_class=50: 2 of the 2 classes have fewer "
-                      r"than 100 images; each holds out half of its images, rounded down \(3\), so that no class "
-                      r"trains on fewer images than it holds out", lines[0]), lines[0]
+  assert re.fullmatch(
+    r"\d\d:\d\d:\d\d warning: prepare_data: --holdout_per_class=50: 2 of the 2 classes have fewer "
+    r"than 100 images; each holds out half of its images, rounded down \(3\), so that no class "
+    r"trains on fewer images than it holds out",
+    lines[0],
+  ), lines[0]
   metadata = records.read_metadata(tmp_path / "out")
   assert metadata["splits"]["validation"]["class_counts"] == [3, 3]
   assert metadata["splits"]["train"]["class_counts"] == [3, 4]
 
 
-@pytest.mark.parametrize("options", [[], ["--verify"], ["--unlabelled"], ["--unlabelled", "--resize_shorter=16"]],
-                         ids=lambda o: " ".join(o) or "as stored")
+@pytest.mark.parametrize(
+  "options",
+  [[], ["--verify"], ["--unlabelled"], ["--unlabelled", "--resize_shorter=16"]],
+  ids=lambda o: " ".join(o) or "as stored",
+)
 def test_a_folder_without_one_decodable_image_is_exit_2_and_writes_nothing(tmp_path, capsys, options):
   for name in ("cat", "dog"):
     for i in range(3):
       write_file(str(tmp_path / "in" / name / f"{i}.jpg"), b"not an image " * i)
-  err = _error(["--format=folders", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}", "--num_workers=0",
-                *options], capsys)
+  err = _error(
+    ["--format=folders", f"--input={tmp_path / 'in'}", f"--output={tmp_path / 'out'}", "--num_workers=0", *options],
+    capsys,
+  )
   assert err == f"error: --input={tmp_path / 'in'}: none of its 6 image files could be read (6 undecodable)\n"
   assert not os.path.exists(tmp_path / "out")
   # One decodable image is enough: the rest are skipped (or, as stored, kept for the loader to skip and count).
   write_file(str(tmp_path / "in" / "dog" / "3.jpg"), encoded(8, 8))
-  assert prepare_data.main(["prepare_data", "--format=folders", f"--input={tmp_path / 'in'}",
-                            f"--output={tmp_path / 'out'}", "--num_workers=0", *options]) == 0
+  assert (
+    prepare_data.main(
+      [
+        "prepare_data",
+        "--format=folders",
+        f"--input={tmp_path / 'in'}",
+        f"--output={tmp_path / 'out'}",
+        "--num_workers=0",
+        *options,
+      ]
+    )
+    == 0
+  )

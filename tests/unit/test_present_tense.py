@@ -23,8 +23,10 @@ def test_no_tracked_file_narrates_sessions():
       text = path.read_text(encoding="utf-8")
     except (UnicodeDecodeError, OSError):
       continue
-    found += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
-              for m in NARRATION.finditer(text)]
+    found += [
+      f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}: {m.group(0)}"
+      for m in NARRATION.finditer(text)
+    ]
   assert not found, "narration of sessions (history belongs to git):\n" + "\n".join(found)
 
 

@@ -67,10 +67,13 @@ def other_table_cells(text: str) -> list[str]:
 
 
 def test_source_tables_join_continuation_lines():
-  text = ("  | setting | value | source |\n  | --- | --- | --- |\n  | batch | 8,192 | ours: the paper |\n"
-          "  |  | pairs | states none |\n  | resolution | 640 px | paper |\n\nprose\n")
-  assert source_tables(text) == [[["batch", "8,192 pairs", "ours: the paper states none"],
-                                  ["resolution", "640 px", "paper"]]]
+  text = (
+    "  | setting | value | source |\n  | --- | --- | --- |\n  | batch | 8,192 | ours: the paper |\n"
+    "  |  | pairs | states none |\n  | resolution | 640 px | paper |\n\nprose\n"
+  )
+  assert source_tables(text) == [
+    [["batch", "8,192 pairs", "ours: the paper states none"], ["resolution", "640 px", "paper"]]
+  ]
 
 
 @pytest.mark.parametrize("name", RECIPES)
@@ -181,19 +184,20 @@ def _workdir_of(spec: str, directory) -> str:
 
 # (the run a recipe starts from as its docstring names it, the recipe, its init_from fields, the windows' field)
 STATED_WINDOWS = [
-    ("swinv2_g_clip.py", "swinv2_g_clip.py:ft640", {}, "model.image"),
-    ("swinv2_g_clip.py:demo", "swinv2_g_clip.py:demo,ft640", {}, "model.image"),
-    ("swinv2_g_clip.py:small", "swinv2_g_clip.py:small,ft640", {}, "model.image"),
-    ("swinv2_cls.py:B", "swinv2_cls.py:B,640", {}, "model"),
-    ("swinv2_cls.py:B", "finetune_ade20k.py:swinv2", {}, "model"),
-    ("swinv2_cls.py:B", "finetune_coco.py:swinv2", {}, "model"),
-    ("swinv2_g_clip.py", "finetune_ade20k.py:swinv2", {"model.variant": "G", "init_from_subtree": "image"}, "model"),
-    ("swinv2_g_clip.py", "finetune_coco.py:swinv2", {"model.variant": "G", "init_from_subtree": "image"}, "model"),
+  ("swinv2_g_clip.py", "swinv2_g_clip.py:ft640", {}, "model.image"),
+  ("swinv2_g_clip.py:demo", "swinv2_g_clip.py:demo,ft640", {}, "model.image"),
+  ("swinv2_g_clip.py:small", "swinv2_g_clip.py:small,ft640", {}, "model.image"),
+  ("swinv2_cls.py:B", "swinv2_cls.py:B,640", {}, "model"),
+  ("swinv2_cls.py:B", "finetune_ade20k.py:swinv2", {}, "model"),
+  ("swinv2_cls.py:B", "finetune_coco.py:swinv2", {}, "model"),
+  ("swinv2_g_clip.py", "finetune_ade20k.py:swinv2", {"model.variant": "G", "init_from_subtree": "image"}, "model"),
+  ("swinv2_g_clip.py", "finetune_coco.py:swinv2", {"model.variant": "G", "init_from_subtree": "image"}, "model"),
 ]
 
 
-@pytest.mark.parametrize("source, spec, fields, model", STATED_WINDOWS,
-                         ids=[f"{source}->{spec}" for source, spec, _, _ in STATED_WINDOWS])
+@pytest.mark.parametrize(
+  "source, spec, fields, model", STATED_WINDOWS, ids=[f"{source}->{spec}" for source, spec, _, _ in STATED_WINDOWS]
+)
 def test_a_recipes_stated_windows_are_those_of_the_run_it_starts_from(source, spec, fields, model, tmp_path):
   """What init_from checks at every launch of the recipe, on the config.json of the run its docstring names; left
   at (), the windows are refused."""
@@ -208,13 +212,19 @@ def test_aurora_encoders_windows_are_checked_from_its_config_json(tmp_path):
   Aurora's builder completes it, its 448 px / window 14 windows are (14, 14, 14, 14), not the (14, 14, 14, 7) of a
   224 px run that finetune_ade20k.py:swinv2 states."""
   aurora = _workdir_of("aurora_xl.py", tmp_path / "aurora")
-  config = config_lib.set_paths(_load("finetune_ade20k.py:swinv2"), {"init_from": aurora,
-                                                                     "init_from_subtree": "encoder"})
-  with pytest.raises(ConfigError, match=re.escape(
-      'config.model.pretrained_window_sizes=(14, 14, 14, 7) but the init_from checkpoint trained with '
-      '(14, 14, 14, 14): set --config.model.pretrained_window_sizes="(14, 14, 14, 14)"')):
+  config = config_lib.set_paths(
+    _load("finetune_ade20k.py:swinv2"), {"init_from": aurora, "init_from_subtree": "encoder"}
+  )
+  with pytest.raises(
+    ConfigError,
+    match=re.escape(
+      "config.model.pretrained_window_sizes=(14, 14, 14, 7) but the init_from checkpoint trained with "
+      '(14, 14, 14, 14): set --config.model.pretrained_window_sizes="(14, 14, 14, 14)"'
+    ),
+  ):
     init_from.check_model_fields(config)
   config = config_lib.set_paths(_load("aurora_xl.py"), {"init_from": aurora, "model.encoder.window_size": 28})
-  with pytest.raises(ConfigError, match=re.escape('set --config.model.encoder.pretrained_window_sizes="(14, 14, 14, '
-                                                  '14)"')):
+  with pytest.raises(
+    ConfigError, match=re.escape('set --config.model.encoder.pretrained_window_sizes="(14, 14, 14, 14)"')
+  ):
     init_from.check_model_fields(config)

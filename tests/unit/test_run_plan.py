@@ -46,8 +46,14 @@ def test_config_json_is_the_command_line_and_the_resume_anchor_is_in_plan_json(t
   assert json.loads((workdir / "config.json").read_text()) == json.loads(before.to_json_best_effort())
   assert json.loads((workdir / "plan.json").read_text())["schedule_anchor"] is None
 
-  before, after, validations = _launch(workdir, monkeypatch, capsys, "--config.checkpoint_every=2",
-                                       "--config.total_steps=6", "--config.resume.allow_changes=total_steps")
+  before, after, validations = _launch(
+    workdir,
+    monkeypatch,
+    capsys,
+    "--config.checkpoint_every=2",
+    "--config.total_steps=6",
+    "--config.resume.allow_changes=total_steps",
+  )
   assert validations == 1 and after.to_json_best_effort() == before.to_json_best_effort()
   assert json.loads((workdir / "config.json").read_text()) == json.loads(before.to_json_best_effort())
   assert json.loads((workdir / "config.4.json").read_text()) == json.loads(before.to_json_best_effort())
@@ -64,21 +70,36 @@ def test_init_from_a_checkpoint_of_other_windows_is_one_error_line_naming_the_fl
   at (), its pretrained windows are refused before any device is set up, naming the flag and the value; stated,
   the config.json the plan writes rebuilds the model as configured, pretrained windows included."""
   (tmp_path / "w4").mkdir()
-  (tmp_path / "w4" / "model.json").write_text(json.dumps(
-      {"name": "swinv2", "depths": [2, 2, 2], "patch": 4, "image_size": 32, "window_size": 4}))
-  args = ["--config=configs/swinv2_cls.py:demo", "--config.model.image_size=64", "--config.data.image_size=64",
-          "--config.model.window_size=8", f"--config.init_from={tmp_path / 'w4'}", f"--workdir={tmp_path / 'run'}"]
+  (tmp_path / "w4" / "model.json").write_text(
+    json.dumps({"name": "swinv2", "depths": [2, 2, 2], "patch": 4, "image_size": 32, "window_size": 4})
+  )
+  args = [
+    "--config=configs/swinv2_cls.py:demo",
+    "--config.model.image_size=64",
+    "--config.data.image_size=64",
+    "--config.model.window_size=8",
+    f"--config.init_from={tmp_path / 'w4'}",
+    f"--workdir={tmp_path / 'run'}",
+  ]
   joined = []
   monkeypatch.setattr(distributed, "initialize", lambda *args: joined.append(args))
   status, _, err = run_main_in_process(args, monkeypatch, capsys)
   assert status == 2 and err.strip().splitlines()[-1] == (
-      "error: config.model.pretrained_window_sizes=() but the init_from checkpoint trained with (4, 4, 2): "
-      'set --config.model.pretrained_window_sizes="(4, 4, 2)"'), err[-4000:]
+    "error: config.model.pretrained_window_sizes=() but the init_from checkpoint trained with (4, 4, 2): "
+    'set --config.model.pretrained_window_sizes="(4, 4, 2)"'
+  ), err[-4000:]
   assert not joined
 
-  config = config_lib.set_paths(swinv2_cls.get_config("demo"), {
-      "model.image_size": 64, "data.image_size": 64, "model.window_size": 8, "init_from": str(tmp_path / "w4"),
-      "model.pretrained_window_sizes": (4, 4, 2)})
+  config = config_lib.set_paths(
+    swinv2_cls.get_config("demo"),
+    {
+      "model.image_size": 64,
+      "data.image_size": 64,
+      "model.window_size": 8,
+      "init_from": str(tmp_path / "w4"),
+      "model.pretrained_window_sizes": (4, 4, 2),
+    },
+  )
   checks.validate(config, num_devices=1)
   run = tmp_path / "run"
   run.mkdir(exist_ok=True)

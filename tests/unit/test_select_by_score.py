@@ -72,8 +72,12 @@ def laion(tmp_path_factory):
 
 def _passing(metas, min_similarity, max_punsafe=None) -> int:
   """Brute force: the samples with a similarity >= min_similarity (and punsafe <= max_punsafe)."""
-  return sum(m.get("similarity") is not None and m["similarity"] >= min_similarity
-             and (max_punsafe is None or m["punsafe"] <= max_punsafe) for m in metas)
+  return sum(
+    m.get("similarity") is not None
+    and m["similarity"] >= min_similarity
+    and (max_punsafe is None or m["punsafe"] <= max_punsafe)
+    for m in metas
+  )
 
 
 def _expected_kept(values, keep: int) -> int:
@@ -86,8 +90,9 @@ def _expected_kept(values, keep: int) -> int:
 def test_printed_flags_keep_the_printed_count_in_prepare_data(laion, tmp_path, capsys):
   pattern, metas = laion
   out = tmp_path / "selection.json"
-  assert index_tars.main(["prog", f"--input={pattern}", "--keep=25", "--max_punsafe=0.5",
-                          f"--selection_out={out}"]) == 0
+  assert (
+    index_tars.main(["prog", f"--input={pattern}", "--keep=25", "--max_punsafe=0.5", f"--selection_out={out}"]) == 0
+  )
   line = capsys.readouterr().out.strip()
   selection = json.loads(out.read_text())
   threshold = selection["min_similarity"]
@@ -102,20 +107,46 @@ def test_printed_flags_keep_the_printed_count_in_prepare_data(laion, tmp_path, c
   assert selection["flags"] == f"--min_similarity={threshold!r} --max_punsafe=0.5"
   assert len(repr(threshold)) < len(repr(min(s for s in eligible if s >= threshold)))  # printed short
 
-  assert prepare_data.main(["prog", "--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'kept'}",
-                            "--num_workers=0", *selection["flags"].split()]) == 0
+  assert (
+    prepare_data.main(
+      [
+        "prog",
+        "--format=webdataset",
+        f"--input={pattern}",
+        f"--output={tmp_path / 'kept'}",
+        "--num_workers=0",
+        *selection["flags"].split(),
+      ]
+    )
+    == 0
+  )
   written = json.loads((tmp_path / "kept" / "dataset.json").read_text())["splits"]["train"]
   assert written["records"] == kept
   assert sum(written["filtered"].values()) == len(metas) - kept
   # --selection=FILE reads the same thresholds from the JSON
-  assert prepare_data.main(["prog", "--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'read'}",
-                            "--num_workers=0", f"--selection={out}"]) == 0
+  assert (
+    prepare_data.main(
+      [
+        "prog",
+        "--format=webdataset",
+        f"--input={pattern}",
+        f"--output={tmp_path / 'read'}",
+        "--num_workers=0",
+        f"--selection={out}",
+      ]
+    )
+    == 0
+  )
   assert json.loads((tmp_path / "read" / "dataset.json").read_text())["splits"]["train"] == written
-  for flags_, message in [([f"--selection={out}", "--max_punsafe=0.5"], "give one or the other"),
-                          ([f"--selection={tmp_path / 'none.json'}"], "cannot read"),
-                          ([f"--selection={tmp_path / 'kept' / 'dataset.json'}"], "not a selection")]:
-    assert prepare_data.main(["prog", "--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'x'}",
-                              *flags_]) == 2
+  for flags_, message in [
+    ([f"--selection={out}", "--max_punsafe=0.5"], "give one or the other"),
+    ([f"--selection={tmp_path / 'none.json'}"], "cannot read"),
+    ([f"--selection={tmp_path / 'kept' / 'dataset.json'}"], "not a selection"),
+  ]:
+    assert (
+      prepare_data.main(["prog", "--format=webdataset", f"--input={pattern}", f"--output={tmp_path / 'x'}", *flags_])
+      == 2
+    )
     assert message in capsys.readouterr().err
 
 
@@ -140,8 +171,10 @@ def test_a_partial_download_is_a_warning_naming_the_share_kept(laion, capsys):
   assert index_tars.main(["prog", f"--input={pattern}", "--keep=20", f"--expect_samples={4 * samples}"]) == 0
   out, err = capsys.readouterr()
   kept = int(out.split(" keeps ")[1].split()[0])
-  assert err == (f"warning: {samples:,} samples indexed, fewer than the {4 * samples:,} of --expect_samples (a partial "
-                 f"download?): --keep=20 keeps {kept / samples:.2%} of them, not {20 / (4 * samples):.2%}\n")
+  assert err == (
+    f"warning: {samples:,} samples indexed, fewer than the {4 * samples:,} of --expect_samples (a partial "
+    f"download?): --keep=20 keeps {kept / samples:.2%} of them, not {20 / (4 * samples):.2%}\n"
+  )
   assert index_tars.main(["prog", f"--input={pattern}", "--keep=0.5", f"--expect_samples={2 * samples}"]) == 0
   out, err = capsys.readouterr()
   kept = int(out.split(" keeps ")[1].split()[0])
@@ -194,11 +227,13 @@ def test_ordered_keys_and_shortest_decimal():
 
 def test_bad_input_is_one_error_line(laion, tmp_path, capsys):
   pattern, metas = laion
+
   def error(*flags):
     assert index_tars.main(["prog", *flags]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: "), lines
     return lines[0]
+
   empty = str(tmp_path / "none" / "*.tar")
   assert f"--input={empty}: " in error(f"--input={empty}", "--keep=10")
   (tmp_path / "raw").mkdir()
@@ -210,6 +245,7 @@ def test_bad_input_is_one_error_line(laion, tmp_path, capsys):
   assert "--keep=2.5: a count above 1 must be whole" in error(f"--input={pattern}", "--keep=2.5")
   assert f"more than the {len(metas)} indexed samples" in error(f"--input={pattern}", f"--keep={len(metas) + 1}")
   assert "--max_punsafe: only with --keep" in error(f"--input={pattern}", "--max_punsafe=0.5")
-  assert "--selection_out=/no/such/dir/s.json: cannot write" in error(f"--input={pattern}", "--keep=10",
-                                                                      "--selection_out=/no/such/dir/s.json")
+  assert "--selection_out=/no/such/dir/s.json: cannot write" in error(
+    f"--input={pattern}", "--keep=10", "--selection_out=/no/such/dir/s.json"
+  )
   assert "--task_index: not with --keep" in error(f"--input={pattern}", "--keep=10", "--task_index=0")

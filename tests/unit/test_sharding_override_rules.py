@@ -37,8 +37,7 @@ def _specs(strategy: str, overrides=()):
   """(params, Adam's first moment, gradients) specs of the tiny ViT under `strategy` and `overrides`."""
   specs = parallel.state_specs(_state(), MESH, strategy, overrides=overrides)
   grads = parallel.grad_specs(_state().params, MESH, strategy, overrides)
-  (mu,) = [s.mu for s in jax.tree.leaves(specs.opt_state, is_leaf=lambda x: hasattr(x, "mu"))
-           if hasattr(s, "mu")]
+  (mu,) = [s.mu for s in jax.tree.leaves(specs.opt_state, is_leaf=lambda x: hasattr(x, "mu")) if hasattr(s, "mu")]
   return specs.params, mu, grads
 
 
@@ -51,7 +50,8 @@ def test_replicated_keeps_one_param_whole_and_its_optimizer_state_as_the_strateg
   assert _at(params, PATCH) == P()
   assert _at(mu, PATCH) == _at(grads, PATCH) == P(None, None, None, "fsdp")
   assert {k: v for k, v in param_rules.named_leaves(params) if k != PATCH} == {
-      k: v for k, v in param_rules.named_leaves(before[0]) if k != PATCH}
+    k: v for k, v in param_rules.named_leaves(before[0]) if k != PATCH
+  }
 
 
 def test_mesh_axes_shard_a_param_that_ddp_replicates():
@@ -61,8 +61,10 @@ def test_mesh_axes_shard_a_param_that_ddp_replicates():
   params, mu, grads = _specs("ddp", rules)
   assert _at(params, PATCH) == P(None, None, None, "fsdp") and _at(mu, PATCH) == _at(grads, PATCH) == P(*(None,) * 4)
   kernel = math.prod((4, 4, 3, 32)) * 4
-  whole, moved = parallel.bytes_per_device(_state(), MESH, "ddp"), parallel.bytes_per_device(_state(), MESH, "ddp",
-                                                                                              overrides=rules)
+  whole, moved = (
+    parallel.bytes_per_device(_state(), MESH, "ddp"),
+    parallel.bytes_per_device(_state(), MESH, "ddp", overrides=rules),
+  )
   assert moved == {**whole, "params": whole["params"] - kernel * 7 // 8, "total": whole["total"] - kernel * 7 // 8}
 
 
@@ -82,12 +84,18 @@ def test_the_first_matching_rule_wins():
   assert _at(params, FC1) == P() and _at(params, PATCH) == P(None, None, None, "fsdp")  # the table's fallback
 
 
-@pytest.mark.parametrize("rules,message", [
+@pytest.mark.parametrize(
+  "rules,message",
+  [
     ((("^head/kernal$", "replicated"),), r"config.sharding.overrides: '\^head/kernal\$' matches no param"),
-    (((PATCH, ("fsdp", None, None, None)),), r"param patch_embed/kernel of shape \(4, 4, 3, 32\): its dim of 4 "
-                                             r"does not divide over mesh axes 'fsdp' \(8 devices"),
+    (
+      ((PATCH, ("fsdp", None, None, None)),),
+      r"param patch_embed/kernel of shape \(4, 4, 3, 32\): its dim of 4 "
+      r"does not divide over mesh axes 'fsdp' \(8 devices",
+    ),
     (((HEAD, ("embed",)),), r"param head/kernel of shape \(32, 8\) has 2 dims, its layout \('embed',\) 1"),
-])
+  ],
+)
 def test_a_rule_that_fits_no_param_is_an_error_naming_it(rules, message):
   with pytest.raises(ConfigError, match=message):
     parallel.state_specs(_state(), MESH, "zero3", overrides=rules)
@@ -95,15 +103,21 @@ def test_a_rule_that_fits_no_param_is_an_error_naming_it(rules, message):
     parallel.bytes_per_device(_state(), MESH, "zero3", overrides=rules)
 
 
-@pytest.mark.parametrize("rules,message", [
-    ((("head", ("embed", "bogus")),), r"'bogus' is neither a logical axis \(embed, .*\) nor a mesh axis "
-                                      r"\(data, fsdp, tensor\)"),
+@pytest.mark.parametrize(
+  "rules,message",
+  [
+    (
+      (("head", ("embed", "bogus")),),
+      r"'bogus' is neither a logical axis \(embed, .*\) nor a mesh axis "
+      r"\(data, fsdp, tensor\)",
+    ),
     ((("head", ("fsdp", ("data", "fsdp"))),), r"mesh axis 'fsdp' splits more than one dim"),
     ((("head", ("embed", "tensor")),), r"'embed' beside mesh axes: logical and mesh axes in one layout"),
     ((("head", "sharded"),), r"expected 'replicated' or a tuple of axes"),
     ((("head[", "replicated"),), r"'head\[' is not a regex"),
     ((("head",),), r"is not a \(regex, layout\) pair"),
-])
+  ],
+)
 def test_a_malformed_rule_stops_validate_naming_the_field(rules, message):
   """training/checks.validate reads the rules' form before anything is built."""
   config = tiny_vit_config(**{"sharding.overrides": rules})
@@ -117,7 +131,9 @@ def test_a_resume_may_change_the_overrides_as_it_may_the_strategy():
   saved, current = config_lib.base_config(), config_lib.base_config()
   current.sharding.overrides = ((HEAD, "replicated"), (PATCH, (None, None, None, "fsdp")))
   changes = config_lib.resume_changes(resume.as_json(saved), resume.as_json(current))
-  assert changes == {config_lib.FREE: [("sharding.overrides", [], [[HEAD, "replicated"],
-                                                                   [PATCH, [None, None, None, "fsdp"]]])],
-                     config_lib.REFUSED: [], config_lib.OPT_IN: []}
+  assert changes == {
+    config_lib.FREE: [("sharding.overrides", [], [[HEAD, "replicated"], [PATCH, [None, None, None, "fsdp"]]])],
+    config_lib.REFUSED: [],
+    config_lib.OPT_IN: [],
+  }
   assert not config_lib.resume_changes(resume.as_json(current), resume.as_json(current))[config_lib.FREE]

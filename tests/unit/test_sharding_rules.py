@@ -32,8 +32,13 @@ def test_fsdp_falls_back_to_the_largest_free_divisible_dim_but_never_layers():
 
 
 def test_activation_rules_are_the_activation_rows_of_the_table():
-  assert sharding.activation_rules() == (("batch", ("data", "fsdp")), ("length", None), ("act_embed", None),
-                                         ("act_mlp", "tensor"), ("act_heads", "tensor"))
+  assert sharding.activation_rules() == (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_mlp", "tensor"),
+    ("act_heads", "tensor"),
+  )
 
 
 def test_an_unknown_axis_name_is_an_error_naming_it():

@@ -38,8 +38,13 @@ def _tiles_kind(opened: list) -> kind_lib.SourceKind:
     opened.append((request.split, request.training))
     return _Tiles(int(request.name), request.split)
 
-  return kind_lib.SourceKind("tiles", "'tiles:<count>'", open_tiles, lambda name, data_cfg, what: list(CLASSES),
-                             parse=lambda rest: (rest, "") if rest.isdigit() and int(rest) > 0 else None)
+  return kind_lib.SourceKind(
+    "tiles",
+    "'tiles:<count>'",
+    open_tiles,
+    lambda name, data_cfg, what: list(CLASSES),
+    parse=lambda rest: (rest, "") if rest.isdigit() and int(rest) > 0 else None,
+  )
 
 
 @pytest.fixture(name="opened")
@@ -64,8 +69,12 @@ def test_a_kind_in_the_table_is_parsed_named_and_opened(opened):
 def test_a_kind_in_the_table_is_what_a_dry_run_opens_and_sizes_the_head_by(opened, tmp_path, monkeypatch, capsys):
   """`main --dry_run` on 'tiles:96': its class names stop a head of another class count in one line; with a head of
   three classes it opens the training split for training and the held-out one, and plans an epoch of 96 records."""
-  args = ["--config=configs/vit_huge.py:demo", f"--workdir={tmp_path / 'run'}", "--dry_run",
-          "--config.data.source=tiles:96"]
+  args = [
+    "--config=configs/vit_huge.py:demo",
+    f"--workdir={tmp_path / 'run'}",
+    "--dry_run",
+    "--config.data.source=tiles:96",
+  ]
   status, _, stderr = run_main_in_process(args, monkeypatch, capsys)
   assert status == 2 and "error: config.model.num_classes=8 but config.data.source='tiles:96' has 3 classes" in stderr
   status, stdout, stderr = run_main_in_process([*args, "--config.model.num_classes=3"], monkeypatch, capsys)

@@ -53,8 +53,9 @@ def test_a_fourth_part_in_the_list_is_created_laid_out_checkpointed_restored_and
 
   def init_fn(rng):  # as step.make_init_fn makes the state, with a tiny model
     params = {"w": jax.random.normal(rng, (4,))}
-    return _FourParts(step=jnp.zeros((), jnp.int32), params=params, opt_state=(),
-                      **state_lib.created(config, {"params": params}))
+    return _FourParts(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=(), **state_lib.created(config, {"params": params})
+    )
 
   mesh = parallel.make_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
   _, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)

@@ -20,8 +20,8 @@ LISTING_RULE = PACKAGE / "training" / "checkpoint.py"  # Orbax's step names, whi
 LISTINGS = {"iterdir", "listdir", "scandir", "glob", "rglob"}
 # Folders of numbered entries that are no checkpoints
 NUMBERED_NOT_STEPS = {
-    "data/loader/reaping.py": "worker folders tagged with a pid namespace",
-    "data/text/pair_corpora.py": "Visual Genome's images, named by their ids",
+  "data/loader/reaping.py": "worker folders tagged with a pid namespace",
+  "data/text/pair_corpora.py": "Visual Genome's images, named by their ids",
 }
 
 
@@ -56,12 +56,16 @@ def _lists_steps(tree: ast.AST) -> list[int]:
   """Lines that list a folder and read its entries' names as numbers: a step listing of its own."""
   lines = []
   for node in ast.walk(tree):
-    loops = node.generators if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp)) else (
-        [node] if isinstance(node, ast.For) else [])
+    loops = (
+      node.generators
+      if isinstance(node, (ast.ListComp, ast.SetComp, ast.GeneratorExp, ast.DictComp))
+      else ([node] if isinstance(node, ast.For) else [])
+    )
     for loop in loops:
       iterated = [c for c in ast.walk(loop.iter) if isinstance(c, ast.Call)]
       if any(isinstance(c.func, ast.Attribute) and c.func.attr in LISTINGS for c in iterated) or any(
-          isinstance(c.func, ast.Name) and c.func.id in LISTINGS for c in iterated):
+        isinstance(c.func, ast.Name) and c.func.id in LISTINGS for c in iterated
+      ):
         if _names_as_numbers(node):
           lines.append(node.lineno)
   return lines
@@ -71,8 +75,9 @@ def _offences(source: str) -> list[str]:
   if stored.CHECKPOINTS not in source and not any(name in source for name in LISTINGS):
     return []  # nothing to parse for
   tree = ast.parse(source)
-  return ([f"line {n}: joins 'checkpoints' to a path" for n in _joins_checkpoints(tree)]
-          + [f"line {n}: lists step folders" for n in _lists_steps(tree)])
+  return [f"line {n}: joins 'checkpoints' to a path" for n in _joins_checkpoints(tree)] + [
+    f"line {n}: lists step folders" for n in _lists_steps(tree)
+  ]
 
 
 def test_only_stored_recognises_where_a_model_keeps_its_steps():
@@ -89,12 +94,15 @@ def test_only_stored_recognises_where_a_model_keeps_its_steps():
   assert not found, f"layouts recognised outside training/stored.py: {found}"
 
 
-@pytest.mark.parametrize("source", [
+@pytest.mark.parametrize(
+  "source",
+  [
     'import os\nckpt_dir = os.path.join(workdir, "checkpoints")\n',
     'step_dir = path / "checkpoints" / str(step)\n',
-    'steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())\n',
-    'import os\nfor name in os.listdir(d):\n  if name.isdigit():\n    steps.append(name)\n',
-])
+    "steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit())\n",
+    "import os\nfor name in os.listdir(d):\n  if name.isdigit():\n    steps.append(name)\n",
+  ],
+)
 def test_the_check_sees_a_second_recogniser(source):
   assert _offences(source)
 
@@ -119,8 +127,11 @@ def test_a_workdir_and_its_checkpoints_folder(tmp_path):
   assert (work.kind, work.steps(), work.model_fields()) == (stored.WORKDIR, [10, 20], {"name": "vit"})
   assert work.step_dir(20) == tmp_path / "w" / "checkpoints" / "20"
   folder = stored.Stored.at(str(tmp_path / "w" / "checkpoints"))
-  assert (folder.kind, folder.steps(), folder.config_fields()["task"]) == (stored.CHECKPOINTS_FOLDER, [10, 20],
-                                                                          "classification")
+  assert (folder.kind, folder.steps(), folder.config_fields()["task"]) == (
+    stored.CHECKPOINTS_FOLDER,
+    [10, 20],
+    "classification",
+  )
 
 
 def test_an_import_folder_a_transformers_folder_and_neither(tmp_path):

@@ -12,8 +12,16 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import swinv2
 
 # a pico tower with a short stage and a deep one: 1 and 3 block pairs
-PICO = dict(embed_dim=16, depths=(2, 6), num_heads=(2, 4), window_size=2, patch_size=2, image_size=8, num_classes=0,
-            remat_policy="nothing_saveable")
+PICO = dict(
+  embed_dim=16,
+  depths=(2, 6),
+  num_heads=(2, 4),
+  window_size=2,
+  patch_size=2,
+  image_size=8,
+  num_classes=0,
+  remat_policy="nothing_saveable",
+)
 
 
 def _images():
@@ -32,6 +40,7 @@ def _scans(model, params) -> list[tuple[int, int]]:
         inner = getattr(value, "jaxpr", value)
         if hasattr(inner, "eqns"):
           walk(inner)
+
   walk(jax.make_jaxpr(lambda p: model.apply({"params": p}, _images())["pooled"])(params).jaxpr)
   return found
 
@@ -43,12 +52,18 @@ def test_a_stage_scanned_in_groups_computes_the_straight_line_form():
   straight, grouped = swinv2.SwinV2(**PICO, scan_unroll=0), swinv2.SwinV2(**PICO, stage_scan_unrolls=(0, 2))
   params = nn.unbox(jax.jit(straight.init)(jax.random.key(0), _images()))["params"]
   chex.assert_trees_all_equal_shapes_and_dtypes(
-      nn.unbox(jax.eval_shape(grouped.init, jax.random.key(0), _images()))["params"], params)
+    nn.unbox(jax.eval_shape(grouped.init, jax.random.key(0), _images()))["params"], params
+  )
 
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
-  chex.assert_trees_all_close(jax.jit(jax.value_and_grad(lambda p: loss(grouped, p)))(params),
-                              jax.jit(jax.value_and_grad(lambda p: loss(straight, p)))(params), atol=1e-5, rtol=1e-5)
+
+  chex.assert_trees_all_close(
+    jax.jit(jax.value_and_grad(lambda p: loss(grouped, p)))(params),
+    jax.jit(jax.value_and_grad(lambda p: loss(straight, p)))(params),
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
 @pytest.mark.parametrize("stages", [(0, 2), (1, 3), (0, 1)])

@@ -23,8 +23,15 @@ from visionfm_jax.datatools.prepare_data.webdataset import convert_webdataset
 ITEMS, TASKS = 200, 10
 # The calls that reach a file's metadata: stat (os.path.exists, isfile, getsize), open (np.load, json, tarfile's
 # own `bltn_open`, os.open), listing (glob, walks).
-CALLS = ((os, "stat"), (os, "lstat"), (os, "open"), (os, "scandir"), (os, "listdir"), (builtins, "open"),
-         (tarfile, "bltn_open"))
+CALLS = (
+  (os, "stat"),
+  (os, "lstat"),
+  (os, "open"),
+  (os, "scandir"),
+  (os, "listdir"),
+  (builtins, "open"),
+  (tarfile, "bltn_open"),
+)
 
 
 _ATOMIC_TMP = re.compile(r"\.\d+\.tmp$")  # atomic.write's '<path>.<pid>.tmp', counted as '<path>.tmp'
@@ -44,8 +51,9 @@ class Touched:
       if kwargs.get("dir_fd") is not None and isinstance(path, str):  # a name in an open folder (limits.open_inside)
         path = os.path.join(os.readlink(f"/proc/self/fd/{kwargs['dir_fd']}"), path)
       if isinstance(path, (str, os.PathLike)) and os.fspath(path).startswith(self.root):
-        self.paths[_ATOMIC_TMP.sub(".tmp", os.fspath(path)[len(self.root):])] += 1
+        self.paths[_ATOMIC_TMP.sub(".tmp", os.fspath(path)[len(self.root) :])] += 1
       return call(*args, **kwargs)
+
     return counted
 
   def take(self) -> collections.Counter:
@@ -104,8 +112,9 @@ def assert_only_its_outputs(paths, own_shards, last: bool) -> None:
   folder, dataset.json and the tasks' summaries (every one only by the last task, which gathers them)."""
   outputs = {p for p in paths if p.startswith("out")}
   summaries = {p for p in outputs if p.startswith("out/tasks/")}
-  others = outputs - shard_files(own_shards) - summaries - {"out", "out/dataset.json", "out/dataset.json.tmp",
-                                                             "out/tasks"}
+  others = (
+    outputs - shard_files(own_shards) - summaries - {"out", "out/dataset.json", "out/dataset.json.tmp", "out/tasks"}
+  )
   assert not others, sorted(others)[:5]
   assert len({p for p in summaries if not p.endswith(".tmp")}) <= (TASKS if last else ITEMS // TASKS), summaries
 
@@ -130,15 +139,18 @@ def test_index_tars_tasks_stat_and_write_only_their_tars(tmp_path, monkeypatch, 
 def test_webdataset_tasks_touch_only_their_tars_and_shards(tmp_path, monkeypatch):
   names = write_tars(tmp_path / "in")
   touched = Touched(monkeypatch, tmp_path)
-  seen = task_run(touched, lambda task: convert_webdataset(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"),
-                                                           num_workers=0, task=task))
+  seen = task_run(
+    touched,
+    lambda task: convert_webdataset(str(tmp_path / "in" / "*.tar"), str(tmp_path / "out"), num_workers=0, task=task),
+  )
   for index, paths in enumerate(seen):
     own = names[index::TASKS]
     inputs = {p for p in paths if p == "in" or p.startswith("in/")}
     assert inputs == {"in"} | {f"in/{name}" for name in own}, sorted(inputs - {f"in/{n}" for n in own})[:5]
     assert sum(paths[p] for p in inputs) <= 6 * len(own) + 1, paths
-    assert_only_its_outputs(paths, [records.shard_name("train", j, ITEMS) for j in range(index, ITEMS, TASKS)],
-                            last=index == TASKS - 1)
+    assert_only_its_outputs(
+      paths, [records.shard_name("train", j, ITEMS) for j in range(index, ITEMS, TASKS)], last=index == TASKS - 1
+    )
   dataset = json.loads((tmp_path / "out" / "dataset.json").read_text())
   assert dataset["splits"]["train"]["records"] == ITEMS
 
@@ -146,15 +158,20 @@ def test_webdataset_tasks_touch_only_their_tars_and_shards(tmp_path, monkeypatch
 def test_class_folder_tasks_read_only_their_images_and_shards(tmp_path, monkeypatch):
   write_images(tmp_path / "in", folders=10)
   touched = Touched(monkeypatch, tmp_path)
-  seen = task_run(touched, lambda task: convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), num_workers=0,
-                                                        records_per_shard=1, task=task))
+  seen = task_run(
+    touched,
+    lambda task: convert_folders(
+      str(tmp_path / "in"), str(tmp_path / "out"), num_workers=0, records_per_shard=1, task=task
+    ),
+  )
   read = collections.Counter()
   for index, paths in enumerate(seen):
     images = {p for p in paths if p.endswith(".jpg")}
     assert len(images) == ITEMS // TASKS  # its shards' images; the tree is listed whole (its shards mix classes)
     read.update(images)
-    assert_only_its_outputs(paths, [records.shard_name("train", j, ITEMS) for j in range(index, ITEMS, TASKS)],
-                            last=index == TASKS - 1)
+    assert_only_its_outputs(
+      paths, [records.shard_name("train", j, ITEMS) for j in range(index, ITEMS, TASKS)], last=index == TASKS - 1
+    )
   assert len(read) == ITEMS and set(read.values()) == {1}
   assert json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]["records"] == ITEMS
 
@@ -162,16 +179,21 @@ def test_class_folder_tasks_read_only_their_images_and_shards(tmp_path, monkeypa
 def test_unlabelled_tasks_walk_and_read_only_their_folders(tmp_path, monkeypatch):
   write_images(tmp_path / "in", folders=TASKS)
   touched = Touched(monkeypatch, tmp_path)
-  seen = task_run(touched, lambda task: convert_folders(str(tmp_path / "in"), str(tmp_path / "out"), num_workers=0,
-                                                        records_per_shard=1, unlabelled=True, task=task))
+  seen = task_run(
+    touched,
+    lambda task: convert_folders(
+      str(tmp_path / "in"), str(tmp_path / "out"), num_workers=0, records_per_shard=1, unlabelled=True, task=task
+    ),
+  )
   per_folder = ITEMS // TASKS
   for index, paths in enumerate(seen):
     inputs = {p for p in paths if p.startswith("in/")}
     assert {p.split("/")[1] for p in inputs} == {f"f{index:02d}"}, sorted(inputs)[:5]
     own = [f"train-{index:05d}-{n:05d}.array_record" for n in range(per_folder)]
     lists = {f"out/train-folders/{index:05d}.json", f"out/train-folders/{index:05d}.json.tmp", "out/train-folders"}
-    assert_only_its_outputs(collections.Counter({p: n for p, n in paths.items() if p not in lists}), own,
-                            last=index == TASKS - 1)
+    assert_only_its_outputs(
+      collections.Counter({p: n for p, n in paths.items() if p not in lists}), own, last=index == TASKS - 1
+    )
   assert json.loads((tmp_path / "out" / "dataset.json").read_text())["splits"]["train"]["records"] == ITEMS
 
 
@@ -179,8 +201,9 @@ def test_unlabelled_tasks_walk_and_read_only_their_folders(tmp_path, monkeypatch
 def test_the_last_task_to_finish_writes_dataset_json(tmp_path, finished_first):
   """Whichever task ends last finds every summary; a summary of another conversion counts as missing."""
   write_tars(tmp_path / "in")
-  convert = lambda task, **kw: convert_webdataset(str(tmp_path / "in" / "0000?.tar"), str(tmp_path / "out"),
-                                                  num_workers=0, task=cluster_task.Task(task, 3), **kw)
+  convert = lambda task, **kw: convert_webdataset(
+    str(tmp_path / "in" / "0000?.tar"), str(tmp_path / "out"), num_workers=0, task=cluster_task.Task(task, 3), **kw
+  )
   order = (2, 0, 1) if finished_first else (1, 2, 0)
   assert convert(order[0]) == {"unfinished": "2 of 3 tasks' shares", "task": f"task {order[0]} of 3"}
   assert convert(order[1], resize_shorter=4) == {"unfinished": "1 of 3 tasks' shares", "task": f"task {order[1]} of 3"}

@@ -25,11 +25,11 @@ def read_event_files(logdir) -> list[list]:
       data = f.read()
     events, at = [], 0
     while at < len(data):
-      header = data[at:at + 8]
+      header = data[at : at + 8]
       (length,) = struct.unpack("<Q", header)
-      assert struct.unpack("<I", data[at + 8:at + 12])[0] == record_writer.masked_crc32c(header)
-      payload = data[at + 12:at + 12 + length]
-      assert struct.unpack("<I", data[at + 12 + length:at + 16 + length])[0] == record_writer.masked_crc32c(payload)
+      assert struct.unpack("<I", data[at + 8 : at + 12])[0] == record_writer.masked_crc32c(header)
+      payload = data[at + 12 : at + 12 + length]
+      assert struct.unpack("<I", data[at + 12 + length : at + 16 + length])[0] == record_writer.masked_crc32c(payload)
       events.append(event_pb2.Event.FromString(payload))
       at += 16 + length
     files.append(events)
@@ -69,8 +69,11 @@ def _tbx_record(tmp_path, event) -> bytes:
 @pytest.mark.parametrize("step", [0, 1, 127, 128, 300_000, 2**40])
 def test_scalar_records_equal_tensorboardXs_byte_for_byte(tmp_path, step):
   values = {"train/loss": 6.9078, "train/lr": 0.0, "eval/val/top1": -1.5, "ünïcode/tag": math.inf}
-  theirs = event_pb2.Event(wall_time=1732400000.123456, step=step, summary=summary_pb2.Summary(
-      value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]))
+  theirs = event_pb2.Event(
+    wall_time=1732400000.123456,
+    step=step,
+    summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v) for k, v in values.items()]),
+  )
   ours = tensorboard.record(tensorboard.event(1732400000.123456, step, scalars=values))
   assert ours == _tbx_record(tmp_path, theirs)
 
@@ -85,8 +88,9 @@ def test_file_version_and_restart_records_equal_tensorboardXs(tmp_path):
 def test_image_records_equal_tensorboardXs_byte_for_byte(tmp_path):
   png = b"\x89PNG\r\n\x1a\n" + bytes(range(200))  # the bytes are carried, not decoded
   image = summary_pb2.Summary.Image(height=300, width=2000, colorspace=3, encoded_image_string=png)
-  theirs = event_pb2.Event(wall_time=7.25, step=129, summary=summary_pb2.Summary(
-      value=[summary_pb2.Summary.Value(tag="panel", image=image)]))
+  theirs = event_pb2.Event(
+    wall_time=7.25, step=129, summary=summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag="panel", image=image)])
+  )
   ours = tensorboard.record(tensorboard.event(7.25, 129, image=("panel", 300, 2000, png)))
   assert ours == _tbx_record(tmp_path, theirs)
 
@@ -113,7 +117,10 @@ def test_metric_writer_resume_and_rewind_tell_tensorboard_to_drop_later_steps(tm
   first, second = read_event_files(tmp_path / "tensorboard")
   assert first[0].file_version == "brain.Event:2" and second[0].file_version == "brain.Event:2"
   assert scalars_by_step(first) == {1: {"train/loss": 9.0}, 2: {"train/loss": 8.0}, 3: {"train/loss": 7.0}}
-  kinds = [("start", e.step) if e.session_log.status == event_pb2.SessionLog.START else
-           ("scalars", e.step, e.summary.value[0].simple_value) for e in second[1:]]
+  kinds = [
+    ("start", e.step)
+    if e.session_log.status == event_pb2.SessionLog.START
+    else ("scalars", e.step, e.summary.value[0].simple_value)
+    for e in second[1:]
+  ]
   assert kinds == [("start", 3), ("scalars", 3, 3.5), ("start", 2), ("scalars", 2, 2.5)]
-

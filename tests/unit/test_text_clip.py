@@ -30,7 +30,7 @@ def _tokens(rows, length):
   out = np.zeros((len(rows), length), np.int32)
   for i, words in enumerate(rows):
     seq = [BOS_ID, *words, EOS_ID]
-    out[i, :len(seq)] = seq
+    out[i, : len(seq)] = seq
   return out
 
 
@@ -39,8 +39,9 @@ TOKENS = _tokens([[4, 17, 9], [], [30, 31, 32, 33, 34, 35, 36, 37], [49, 5]], 10
 
 
 def _pico(**overrides):
-  return text.TextTransformer(**dict(text.parse_variant("pico"), embed_dim=16, vocab_size=VOCAB, max_len=MAX_LEN,
-                                     **overrides))
+  return text.TextTransformer(
+    **dict(text.parse_variant("pico"), embed_dim=16, vocab_size=VOCAB, max_len=MAX_LEN, **overrides)
+  )
 
 
 def _init(model, tokens=TOKENS):
@@ -56,10 +57,22 @@ def pico_variables():
 
 
 HF_CONFIGS = {
-    "w32_eps1e-5": dict(hidden_size=32, intermediate_size=64, projection_dim=16, num_hidden_layers=2,
-                        num_attention_heads=2, layer_norm_eps=1e-5),
-    "w48_4heads_eps1e-6": dict(hidden_size=48, intermediate_size=80, projection_dim=24, num_hidden_layers=3,
-                               num_attention_heads=4, layer_norm_eps=1e-6),
+  "w32_eps1e-5": dict(
+    hidden_size=32,
+    intermediate_size=64,
+    projection_dim=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    layer_norm_eps=1e-5,
+  ),
+  "w48_4heads_eps1e-6": dict(
+    hidden_size=48,
+    intermediate_size=80,
+    projection_dim=24,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    layer_norm_eps=1e-6,
+  ),
 }
 
 
@@ -71,8 +84,15 @@ def hf_text(tmp_path_factory):
 
   def get(name):
     if name not in cache:
-      cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=MAX_LEN, hidden_act="gelu",
-                                        pad_token_id=0, bos_token_id=2, eos_token_id=3, **HF_CONFIGS[name])
+      cfg = transformers.CLIPTextConfig(
+        vocab_size=VOCAB,
+        max_position_embeddings=MAX_LEN,
+        hidden_act="gelu",
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        **HF_CONFIGS[name],
+      )
       model = transformers.CLIPTextModelWithProjection(cfg).eval()
       randomize_hf_params(model, len(cache))
       path = tmp_path_factory.mktemp(name)
@@ -80,21 +100,34 @@ def hf_text(tmp_path_factory):
       with torch.no_grad():
         out = model(input_ids=torch.as_tensor(TOKENS, dtype=torch.long))
         hidden = model.text_model(input_ids=torch.as_tensor(TOKENS, dtype=torch.long))
-      cache[name] = str(path), {"tokens": out.last_hidden_state.numpy(), "pooled": hidden.pooler_output.numpy(),
-                                "embedding": out.text_embeds.numpy()}
+      cache[name] = (
+        str(path),
+        {
+          "tokens": out.last_hidden_state.numpy(),
+          "pooled": hidden.pooler_output.numpy(),
+          "embedding": out.text_embeds.numpy(),
+        },
+      )
     return cache[name]
+
   return get
 
 
 @pytest.mark.parametrize("name, scan", [("w32_eps1e-5", True), ("w48_4heads_eps1e-6", False)])
 def test_text_tower_matches_transformers(hf_text, name, scan):
   from visionfm_jax.convert import hf_clip_text  # pylint: disable=g-import-not-at-top
+
   path, ref = hf_text(name)
   model, variables = hf_clip_text.from_hf(path, scan=scan)
   spec = HF_CONFIGS[name]
   assert (model.width, model.depth, model.num_heads, model.mlp_dim, model.embed_dim, model.layer_norm_eps) == (
-      spec["hidden_size"], spec["num_hidden_layers"], spec["num_attention_heads"], spec["intermediate_size"],
-      spec["projection_dim"], spec["layer_norm_eps"])
+    spec["hidden_size"],
+    spec["num_hidden_layers"],
+    spec["num_attention_heads"],
+    spec["intermediate_size"],
+    spec["projection_dim"],
+    spec["layer_norm_eps"],
+  )
   assert (model.vocab_size, model.max_len, model.eos_id) == (VOCAB, MAX_LEN, 3)
   ours = jax.jit(model.apply)(variables, jnp.asarray(TOKENS))
   for key in ("tokens", "pooled", "embedding"):
@@ -108,9 +141,18 @@ def test_converter_rejects_an_activation_our_towers_lack(tmp_path):
   transformers = pytest.importorskip("transformers")
   from visionfm_jax.convert import hf_clip_text  # pylint: disable=g-import-not-at-top
   from visionfm_jax.errors import CheckpointError  # pylint: disable=g-import-not-at-top
-  cfg = transformers.CLIPTextConfig(vocab_size=VOCAB, max_position_embeddings=MAX_LEN, hidden_size=16,
-                                    intermediate_size=32, projection_dim=8, num_hidden_layers=1,
-                                    num_attention_heads=2, eos_token_id=3, hidden_act="relu")
+
+  cfg = transformers.CLIPTextConfig(
+    vocab_size=VOCAB,
+    max_position_embeddings=MAX_LEN,
+    hidden_size=16,
+    intermediate_size=32,
+    projection_dim=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    eos_token_id=3,
+    hidden_act="relu",
+  )
   transformers.CLIPTextModelWithProjection(cfg).save_pretrained(tmp_path)
   with pytest.raises(CheckpointError, match="hidden_act='relu'"):
     hf_clip_text.from_hf(str(tmp_path))
@@ -139,8 +181,11 @@ def test_masked_attention_matches_jax_reference():
 
   @jax.jit
   def both(q, k, v):
-    return (kernels.attention(q, k, v, mask=pad, causal=True),
-            jax.nn.dot_product_attention(q, k, v, mask=pad, is_causal=True, implementation="xla"))
+    return (
+      kernels.attention(q, k, v, mask=pad, causal=True),
+      jax.nn.dot_product_attention(q, k, v, mask=pad, is_causal=True, implementation="xla"),
+    )
+
   ours, ref = both(q, k, v)
   np.testing.assert_allclose(ours, ref, atol=1e-6)
 
@@ -156,9 +201,11 @@ def test_scanned_and_unrolled_text_blocks_agree(pico_variables):
     def loss(model, p):
       out = model.apply({"params": p}, TOKENS)
       return jnp.sum(out["embedding"] ** 2), out
+
     (_, out_scan), g_scan = jax.value_and_grad(lambda p: loss(scanned, p), has_aux=True)(params)
     (_, out_unrolled), g_unrolled = jax.value_and_grad(lambda p: loss(unrolled, p), has_aux=True)(flat)
     return out_scan, out_unrolled, g_scan, g_unrolled
+
   out_scan, out_unrolled, g_scan, g_unrolled = outputs_and_grads(params, flat)
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
   chex.assert_trees_all_close(unstack_layers(g_scan, 2), g_unrolled, atol=1e-4, rtol=1e-4)
@@ -166,7 +213,7 @@ def test_scanned_and_unrolled_text_blocks_agree(pico_variables):
 
 def _num_params(width: int, depth: int, vocab_size: int, max_len: int, embed_dim: int) -> int:
   """Parameters of a TextTransformer with a 4 x width MLP: per block 12W^2 + 13W."""
-  return (vocab_size + max_len) * width + depth * (12 * width ** 2 + 13 * width) + 2 * width + width * embed_dim
+  return (vocab_size + max_len) * width + depth * (12 * width**2 + 13 * width) + 2 * width + width * embed_dim
 
 
 @pytest.mark.parametrize("size", ["B", "H"])
@@ -224,15 +271,22 @@ def test_clip_params_names_and_output_shapes(tower):
   assert params["text"]["blocks"]["attn"]["qkv"]["kernel"].names == ("layers", "embed", None, "heads", "kv")
   out = jax.eval_shape(model.apply, nn.unbox(boxed), IMAGES, TOKENS)
   assert {k: (v.shape, v.dtype) for k, v in out.items()} == {
-      "image_emb": ((4, 16), jnp.float32), "text_emb": ((4, 16), jnp.float32), "logit_scale": ((), jnp.float32)}
+    "image_emb": ((4, 16), jnp.float32),
+    "text_emb": ((4, 16), jnp.float32),
+    "logit_scale": ((), jnp.float32),
+  }
 
 
 def test_clip_embeddings_and_entry_points():
   model = models.build(_clip_config("vit"), jnp.float32, "cpu")  # the SwinV2 tower compiles slowly on CPU
   variables = nn.unbox(jax.jit(model.init)(jax.random.key(0), IMAGES))
-  out, image_emb, text_emb = jax.jit(lambda v: (
-      model.apply(v, IMAGES, TOKENS), model.apply(v, IMAGES, method=clip.CLIP.embed_images),
-      model.apply(v, TOKENS, method=clip.CLIP.embed_texts)))(variables)
+  out, image_emb, text_emb = jax.jit(
+    lambda v: (
+      model.apply(v, IMAGES, TOKENS),
+      model.apply(v, IMAGES, method=clip.CLIP.embed_images),
+      model.apply(v, TOKENS, method=clip.CLIP.embed_texts),
+    )
+  )(variables)
   np.testing.assert_allclose(jnp.linalg.norm(out["image_emb"], axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(jnp.linalg.norm(out["text_emb"], axis=-1), 1.0, atol=1e-5)
   np.testing.assert_allclose(out["logit_scale"], 2.659260, atol=1e-6)
@@ -262,14 +316,17 @@ def test_clip_default_config_builds_large_tower_shapes():
   assert model.image.image_size == 224 and model.image.num_classes == 0 and model.image.scan
 
 
-@pytest.mark.parametrize("field, value, match", [
+@pytest.mark.parametrize(
+  "field, value, match",
+  [
     ("text.variant", "XXL", "text.variant=.XXL."),
     ("text.vocab_size", 3, "text.vocab_size=3"),
     ("text.pool", "mean", "text.pool='mean': expected 'eos' \\(CLIP\\) or 'cls' \\(CoCa\\)"),
     ("image.name", "resnet", "image.name='resnet'"),
     ("image.variant", "Q", "image: SwinV2 variant 'Q'"),
     ("image.image_size", 64, "image.image_size=64 differs from image_size=32"),
-])
+  ],
+)
 def test_config_errors_name_the_field(field, value, match):
   c = _clip_config("swinv2")
   parent, leaf = (c[field.split(".")[0]], field.split(".")[1]) if "." in field else (c, field)

@@ -13,9 +13,13 @@ from visionfm_jax.datatools import train_tokenizer as tool
 from visionfm_jax.errors import DataError
 
 ROOT = Path(__file__).resolve().parents[2]
-CORPUS = [f"{size} {colour} {shape} on the {side}" for size in ("a small", "a large", "one tiny")
-          for colour in ("red", "green", "blue", "yellow") for shape in ("circle", "square", "star")
-          for side in ("left", "right", "top", "bottom")]
+CORPUS = [
+  f"{size} {colour} {shape} on the {side}"
+  for size in ("a small", "a large", "one tiny")
+  for colour in ("red", "green", "blue", "yellow")
+  for shape in ("circle", "square", "star")
+  for side in ("left", "right", "top", "bottom")
+]
 
 
 @pytest.fixture(scope="module")
@@ -48,8 +52,8 @@ def test_layout_and_truncation(model_file):
   tokens = tok.encode_batch(["a red star", long, ""])
   row = tokens[0]
   n = len(tok.pieces("a red star"))
-  assert row[0] == tokenizer.BOS_ID and row[n + 1] == tokenizer.EOS_ID and (row[n + 2:] == 0).all()
-  assert (row[1:n + 1] > 3).all()
+  assert row[0] == tokenizer.BOS_ID and row[n + 1] == tokenizer.EOS_ID and (row[n + 2 :] == 0).all()
+  assert (row[1 : n + 1] > 3).all()
   assert tokens[1, 0] == tokenizer.BOS_ID and tokens[1, -1] == tokenizer.EOS_ID and (tokens[1, 1:-1] > 3).all()
   np.testing.assert_array_equal(tokens[2], [2, 3, 0, 0, 0, 0, 0, 0])
   np.testing.assert_array_equal(tokenizer.eos_positions(tokens), [n + 1, 7, 1])
@@ -58,16 +62,17 @@ def test_layout_and_truncation(model_file):
   assert tokenizer.Tokenizer(model_file, max_len=2).encode("a red star").tolist() == [2, 3]
 
 
-
 def test_eos_positions_of_a_row_without_eos_is_its_last_position():
   """The one contract (the text tower pools there): the first EOS of a row, L - 1 for a row without one, on numpy
   and jax arrays, jitted or not, for any leading shape."""
   import jax  # pylint: disable=g-import-not-at-top
+
   rows = np.array([[2, 5, 3, 0, 3], [2, 5, 6, 7, 8], [3, 0, 0, 0, 0]], np.int32)
   np.testing.assert_array_equal(tokenizer.eos_positions(rows), [2, 4, 0])
   np.testing.assert_array_equal(jax.jit(tokenizer.eos_positions)(rows), [2, 4, 0])
   np.testing.assert_array_equal(tokenizer.eos_positions(rows[None]), [[2, 4, 0]])
   np.testing.assert_array_equal(tokenizer.eos_positions(rows, eos_id=5), [1, 1, 4])
+
 
 def test_training_is_deterministic(tmp_path):
   a = tokenizer.train_tokenizer(CORPUS, 48, str(tmp_path / "a"))
@@ -90,8 +95,13 @@ def test_bad_model_files(tmp_path):
   garbage.write_bytes(b"this is not a model")
   with pytest.raises(DataError, match=str(garbage)):
     tokenizer.Tokenizer(str(garbage), 8)
-  spm.SentencePieceTrainer.train(sentence_iterator=iter(CORPUS), model_prefix=str(tmp_path / "default_ids"),
-                                 vocab_size=30, hard_vocab_limit=False, minloglevel=2)  # unk 0, bos 1, eos 2, no pad
+  spm.SentencePieceTrainer.train(
+    sentence_iterator=iter(CORPUS),
+    model_prefix=str(tmp_path / "default_ids"),
+    vocab_size=30,
+    hard_vocab_limit=False,
+    minloglevel=2,
+  )  # unk 0, bos 1, eos 2, no pad
   with pytest.raises(DataError, match="default_ids.model.*ids"):
     tokenizer.Tokenizer(str(tmp_path / "default_ids.model"), 8)
   with pytest.raises(DataError, match="max_len"):
@@ -101,14 +111,21 @@ def test_bad_model_files(tmp_path):
 def test_shipped_shapes_tokenizer_rebuilds_identically(tmp_path):
   shipped = tokenizer.shapes_tokenizer_path()
   assert shipped.endswith(os.path.join("data", "text", "assets", "shapes_tokenizer.model"))
-  rebuilt = tool.run(None, tokenizer.SHAPES_RECORDS, tokenizer.SHAPES_VOCAB_SIZE, str(tmp_path / "shapes.model"),
-                     normalization=tokenizer.SHAPES_NORMALIZATION, num_threads=1)
+  rebuilt = tool.run(
+    None,
+    tokenizer.SHAPES_RECORDS,
+    tokenizer.SHAPES_VOCAB_SIZE,
+    str(tmp_path / "shapes.model"),
+    normalization=tokenizer.SHAPES_NORMALIZATION,
+    num_threads=1,
+  )
   assert rebuilt.model_file == str(tmp_path / "shapes.model")
   assert Path(rebuilt.model_file).read_bytes() == Path(shipped).read_bytes()
 
 
 def test_shipped_tokenizer_covers_fresh_captions():
   from visionfm_jax.data.embedded.shapes import ShapesSource  # pylint: disable=g-import-not-at-top
+
   tok = tokenizer.Tokenizer(tokenizer.shapes_tokenizer_path(), max_len=32)
   source = ShapesSource("validation", 1000, 48)
   captions = [source[i]["caption"] for i in range(1000)]
@@ -127,9 +144,10 @@ def test_a_vocabulary_smaller_than_asked_says_why(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   pieces = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model")).get_piece_size()
   assert pieces < 1000 and out[-1] == (
-      f"warning: {pieces} pieces, fewer than the 8000 asked: the 144 captions hold 18 distinct words, and a piece "
-      "never spans two words, so the words were whole before the vocabulary filled; more varied captions give more "
-      "pieces")
+    f"warning: {pieces} pieces, fewer than the 8000 asked: the 144 captions hold 18 distinct words, and a piece "
+    "never spans two words, so the words were whole before the vocabulary filled; more varied captions give more "
+    "pieces"
+  )
   assert tool.main([*argv, f"--vocab_size={pieces}"]) == 0
   assert "warning" not in capsys.readouterr().out
 
@@ -160,7 +178,7 @@ def test_reservoir_sample_is_a_uniform_subset_of_the_stream():
   off = pair[~np.eye(n, dtype=bool)]
   assert np.abs(off - seeds * p2).max() < 5 * np.sqrt(seeds * p2 * (1 - p2))
   # late items are kept as often as early ones (a biased sampler favours one end)
-  assert abs(single[:n // 2].sum() - single[n // 2:].sum()) < 5 * np.sqrt(seeds * k / 2)
+  assert abs(single[: n // 2].sum() - single[n // 2 :].sum()) < 5 * np.sqrt(seeds * k / 2)
   assert tokenizer.reservoir_sample(iter(range(n)), k, 7) == tokenizer.reservoir_sample(iter(range(n)), k, 7)
   assert tokenizer.reservoir_sample(iter(range(n)), k, 7) != tokenizer.reservoir_sample(iter(range(n)), k, 8)
   assert tokenizer.reservoir_sample(iter(range(5)), k, 0) == (list(range(5)), 5)

@@ -64,8 +64,12 @@ def _records(output: Path, split: str = "train") -> dict[str, dict]:
 def _output_bytes(output: Path) -> bytes:
   """Every file of `output` and every stored image of its shards (ArrayRecord compresses its chunks: a file's bytes
   need not hold the images it stores)."""
-  images = [record["image"] for split in ("train", "validation") if list(output.glob(f"{split}-*.array_record"))
-            for record in _records(output, split).values()]
+  images = [
+    record["image"]
+    for split in ("train", "validation")
+    if list(output.glob(f"{split}-*.array_record"))
+    for record in _records(output, split).values()
+  ]
   return b"".join([p.read_bytes() for p in sorted(output.rglob("*")) if p.is_file()] + images)
 
 
@@ -83,15 +87,21 @@ def handed(tmp_path) -> dict:
   (data / "photos" / "a.jpg").write_bytes(_jpeg(1))
   os.symlink(private, data / "linked")
   os.symlink(key, data / "photos" / "key.jpg")
-  rows = [("photos/a.jpg", "a photo"), ("../private/id_rsa", "a key"), (str(key), "a key"),
-          ("linked/id_rsa", "a key"), ("photos/key.jpg", "a key")]
+  rows = [
+    ("photos/a.jpg", "a photo"),
+    ("../private/id_rsa", "a key"),
+    (str(key), "a key"),
+    ("linked/id_rsa", "a key"),
+    ("photos/key.jpg", "a key"),
+  ]
   return {"table": _write_csv(data / "pairs.csv", rows), "key": key, "data": data}
 
 
 def test_a_table_copies_no_byte_from_outside_its_folder(handed, tmp_path, capsys):
   out = tmp_path / "out"
-  status, stdout, _ = _main(capsys, "--format=caption_table", f"--input={handed['table']}", f"--output={out}",
-                            "--verify", "--follow_links")
+  status, stdout, _ = _main(
+    capsys, "--format=caption_table", f"--input={handed['table']}", f"--output={out}", "--verify", "--follow_links"
+  )
   assert status == 0
   assert "train 1 records, 4 skipped (link 1, outside_root 3)" in stdout
   assert list(_records(out)) == ["photos/a.jpg"]
@@ -102,14 +112,16 @@ def test_a_table_copies_no_byte_from_outside_its_folder(handed, tmp_path, capsys
 
 def test_root_names_the_folder_a_table_may_read_and_one_file_is_one_image(handed, tmp_path, capsys):
   out = tmp_path / "out"
-  status, stdout, _ = _main(capsys, "--format=caption_table", f"--input={handed['table']}", f"--output={out}",
-                            f"--root={tmp_path}")
+  status, stdout, _ = _main(
+    capsys, "--format=caption_table", f"--input={handed['table']}", f"--output={out}", f"--root={tmp_path}"
+  )
   assert status == 0
   # the key named three ways (its folder, its absolute path, a linked folder) is one image; its link is a link
   assert "train 2 records, 3 skipped (link 1, duplicate 2)" in stdout
   assert sorted(_records(out)) == ["../private/id_rsa", "photos/a.jpg"]
-  assert "--root: only for" in _error(capsys, "--format=caption_files", f"--input={handed['data']}",
-                                      f"--output={out}", f"--root={tmp_path}")
+  assert "--root: only for" in _error(
+    capsys, "--format=caption_files", f"--input={handed['data']}", f"--output={out}", f"--root={tmp_path}"
+  )
 
 
 def test_coco_annotations_read_no_file_through_a_link_out_of_the_data_set(tmp_path, capsys):
@@ -122,8 +134,9 @@ def test_coco_annotations_read_no_file_through_a_link_out_of_the_data_set(tmp_pa
   os.symlink(elsewhere / "private.jpg", coco / "train2017" / "2.jpg")
   images = [{"id": 1, "file_name": "1.jpg"}, {"id": 2, "file_name": "2.jpg"}]
   (coco / "annotations").mkdir()
-  (coco / "annotations" / "captions_train2017.json").write_text(json.dumps(
-      {"images": images, "annotations": [{"image_id": i, "caption": f"image {i}"} for i in (1, 2)]}))
+  (coco / "annotations" / "captions_train2017.json").write_text(
+    json.dumps({"images": images, "annotations": [{"image_id": i, "caption": f"image {i}"} for i in (1, 2)]})
+  )
   out = tmp_path / "out"
   status, stdout, _ = _main(capsys, "--format=coco", f"--input={coco}", f"--output={out}")
   assert status == 0 and "train 1 records, 1 skipped (link 1)" in stdout
@@ -131,12 +144,14 @@ def test_coco_annotations_read_no_file_through_a_link_out_of_the_data_set(tmp_pa
   linked = tmp_path / "linked"  # the same data set, its image folder a link to the first's
   (linked / "annotations").mkdir(parents=True)
   (linked / "annotations" / "captions_train2017.json").write_bytes(
-      (coco / "annotations" / "captions_train2017.json").read_bytes())
+    (coco / "annotations" / "captions_train2017.json").read_bytes()
+  )
   os.symlink(coco / "train2017", linked / "train2017")
   err = _error(capsys, "--format=coco", f"--input={linked}", f"--output={tmp_path / 'out2'}")
   assert "none of its 2 pairs' images could be read (2 outside_root); a folder" in err and "--root=DIR" in err
-  status, stdout, _ = _main(capsys, "--format=coco", f"--input={linked}", f"--output={tmp_path / 'out3'}",
-                            f"--root={coco}")
+  status, stdout, _ = _main(
+    capsys, "--format=coco", f"--input={linked}", f"--output={tmp_path / 'out3'}", f"--root={coco}"
+  )
   assert status == 0 and "train 1 records, 1 skipped (link 1)" in stdout
 
 
@@ -146,12 +161,16 @@ def test_a_table_that_repeats_its_rows_holds_out_no_image_it_trains_on(tmp_path,
   for i in range(12):
     (data / f"{i:02d}.jpg").write_bytes(_jpeg(i))
   (data / "copy.jpg").write_bytes(_jpeg(0))  # 00.jpg under another name
-  rows = [(f"{i:02d}.jpg", f"photo {i}") for i in range(12)] * 2 + [("./00.jpg", "photo 0"), ("copy.jpg", "photo 0"),
-                                                                     ("copy.jpg", "the same photo, other words")]
+  rows = [(f"{i:02d}.jpg", f"photo {i}") for i in range(12)] * 2 + [
+    ("./00.jpg", "photo 0"),
+    ("copy.jpg", "photo 0"),
+    ("copy.jpg", "the same photo, other words"),
+  ]
   table = _write_csv(data / "pairs.csv", rows)
   out = tmp_path / "out"
-  status, stdout, _ = _main(capsys, "--format=caption_table", f"--input={table}", f"--output={out}",
-                            "--holdout_examples=4", "--seed=3")
+  status, stdout, _ = _main(
+    capsys, "--format=caption_table", f"--input={table}", f"--output={out}", "--holdout_examples=4", "--seed=3"
+  )
   assert status == 0 and "duplicate 14" in stdout
   train, held = _records(out), _records(out, "validation")
   images = lambda split: {split[key]["image"] for key in split}  # noqa: E731
@@ -174,8 +193,12 @@ def test_a_long_csv_cell_is_read_and_an_overlong_one_skips_its_row(tmp_path, cap
   pairs = _records(out)
   assert sorted(pairs) == ["0.jpg", "2.jpg"] and pairs["0.jpg"]["caption"] == long_caption.strip()
   jsonl = data / "pairs.jsonl"
-  jsonl.write_text(json.dumps({"path": "0.jpg", "caption": "x" * (4 * limits.MAX_TEXT_BYTES)}) + "\n"
-                   + json.dumps({"path": "2.jpg", "caption": "short"}) + "\n")
+  jsonl.write_text(
+    json.dumps({"path": "0.jpg", "caption": "x" * (4 * limits.MAX_TEXT_BYTES)})
+    + "\n"
+    + json.dumps({"path": "2.jpg", "caption": "short"})
+    + "\n"
+  )
   status, stdout, _ = _main(capsys, "--format=caption_table", f"--input={jsonl}", f"--output={tmp_path / 'j'}")
   assert status == 0 and "train 1 records, 1 skipped (too_large 1)" in stdout
 
@@ -203,8 +226,7 @@ def test_a_one_class_tree_is_refused_and_warnings_name_the_users_folder(tmp_path
   err = _error(capsys, "--format=folders", f"--input={one}", f"--output={tmp_path / 'out1'}")
   assert f"--input={one}: images in one class folder only (cats)" in err and "--unlabelled" in err
   two = _class_tree(tmp_path / "two", ["cats", "dogs"])
-  status, _, err = _main(capsys, "--format=folders", f"--input={two}", f"--output={tmp_path / 'out2'}",
-                         "--min_side=64")
+  status, _, err = _main(capsys, "--format=folders", f"--input={two}", f"--output={tmp_path / 'out2'}", "--min_side=64")
   assert status == 0 and "warning: 4 of the 4 train images have a shorter side below 64 px" in err
   assert str(two) in err and "img2dataset" not in err
 
@@ -235,8 +257,9 @@ print(swaps)
 
 def _exchange(first: Path, second: Path) -> None:
   """Swaps the names `first` and `second` in one step (renameat2's RENAME_EXCHANGE): at no time is either missing."""
-  if ctypes.CDLL(None, use_errno=True).renameat2(AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second),
-                                                 RENAME_EXCHANGE):
+  if ctypes.CDLL(None, use_errno=True).renameat2(
+    AT_FDCWD, os.fsencode(first), AT_FDCWD, os.fsencode(second), RENAME_EXCHANGE
+  ):
     raise OSError(ctypes.get_errno(), "renameat2")
 
 
@@ -253,8 +276,12 @@ def swappable(tmp_path) -> dict:
     (private / name).write_bytes(_jpeg(100 + i % 8, size=(14, 9)))
     (private / name).chmod(0o600)
   os.symlink(private, data / "link")
-  return {"table": _write_csv(data / "pairs.csv", [(f"sub/{name}", f"photo {name}") for name in names]),
-          "sub": data / "sub", "link": data / "link", "secrets": [(private / name).read_bytes() for name in names[:8]]}
+  return {
+    "table": _write_csv(data / "pairs.csv", [(f"sub/{name}", f"photo {name}") for name in names]),
+    "sub": data / "sub",
+    "link": data / "link",
+    "secrets": [(private / name).read_bytes() for name in names[:8]],
+  }
 
 
 def _convert_without_secrets(capsys, swappable, out: Path) -> None:
@@ -286,8 +313,9 @@ def test_a_folder_swapped_for_a_link_while_a_table_is_read_copies_no_private_byt
   12 conversions: none copies a private image or crashes (os.path.realpath raised EINVAL when a link it had seen
   became a folder)."""
   stop = tmp_path / "stop"
-  swapper = subprocess.Popen([sys.executable, "-c", SWAPPER, swappable["sub"], swappable["link"], stop],
-                             stdout=subprocess.PIPE, text=True)
+  swapper = subprocess.Popen(
+    [sys.executable, "-c", SWAPPER, swappable["sub"], swappable["link"], stop], stdout=subprocess.PIPE, text=True
+  )
   try:
     for attempt in range(12):
       _convert_without_secrets(capsys, swappable, tmp_path / f"out{attempt}")

@@ -1,6 +1,5 @@
 """The ViT family: sizes, logical axis names, scan/remat equivalence, stochastic depth, dtype policy."""
 
-
 import re
 
 import chex
@@ -80,6 +79,7 @@ def test_scanned_and_unrolled_blocks_agree(policy):
 
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
+
   g_scan = jax.jit(jax.grad(lambda p: loss(scanned, p)))(params)
   g_unrolled = jax.jit(jax.grad(lambda p: loss(unrolled, p)))(flat)
   chex.assert_trees_all_close(unstack_layers(g_scan, 2), g_unrolled, atol=1e-4, rtol=1e-4)
@@ -114,24 +114,32 @@ def test_every_stack_form_computes_the_rolled_scan_on_the_same_params(unroll):
   kwargs = dict(vit.parse_variant("pico/4"), depth=4, num_classes=5, remat_policy="nothing_saveable")
   rolled, formed = vit.ViT(**kwargs), vit.ViT(**kwargs, scan_unroll=unroll)
   params = nn.unbox(jax.jit(rolled.init)(jax.random.key(0), _images()))["params"]
-  chex.assert_trees_all_equal_shapes_and_dtypes(nn.unbox(jax.eval_shape(formed.init, jax.random.key(0),
-                                                                        _images()))["params"], params)
+  chex.assert_trees_all_equal_shapes_and_dtypes(
+    nn.unbox(jax.eval_shape(formed.init, jax.random.key(0), _images()))["params"], params
+  )
 
   def loss(model, p):
     return jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
-  chex.assert_trees_all_close(jax.jit(jax.value_and_grad(lambda p: loss(formed, p)))(params),
-                              jax.jit(jax.value_and_grad(lambda p: loss(rolled, p)))(params), atol=1e-5, rtol=1e-5)
+
+  chex.assert_trees_all_close(
+    jax.jit(jax.value_and_grad(lambda p: loss(formed, p)))(params),
+    jax.jit(jax.value_and_grad(lambda p: loss(rolled, p)))(params),
+    atol=1e-5,
+    rtol=1e-5,
+  )
 
 
-@pytest.mark.parametrize("scan, unroll, barriers", [(True, 1, False), (True, 2, False), (True, 3, True),
-                                                    (True, 0, True), (False, 1, True)])
+@pytest.mark.parametrize(
+  "scan, unroll, barriers", [(True, 1, False), (True, 2, False), (True, 3, True), (True, 0, True), (False, 1, True)]
+)
 def test_blocks_outside_a_loop_keep_their_remat_from_cse(scan, unroll, barriers):
   """A block whose recomputation lands in straight-line code (unrolled, scanned whole, a loop's remainder) is
   checkpointed with prevent_cse: its lowering carries the optimization barriers that keep XLA's GPU CSE from
   merging the recomputation into the forward (models/layers.py straight_line_blocks); blocks in a loop do not.
   LayerNorm's own barrier, over its (tokens, 1) row statistics (kernels.layer_norm), is in every form."""
-  model = vit.ViT(**dict(vit.parse_variant("pico/4"), depth=4), scan=scan, scan_unroll=unroll,
-                  remat_policy="nothing_saveable")
+  model = vit.ViT(
+    **dict(vit.parse_variant("pico/4"), depth=4), scan=scan, scan_unroll=unroll, remat_policy="nothing_saveable"
+  )
   params = nn.unbox(jax.eval_shape(model.init, jax.random.key(0), _images()))["params"]
   lowered = jax.jit(jax.grad(lambda p: jnp.sum(model.apply({"params": p}, _images())["tokens"]))).lower(params)
   barrier_types = [line.split(" : ")[-1] for line in lowered.as_text().splitlines() if "optimization_barrier" in line]

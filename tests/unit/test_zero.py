@@ -66,9 +66,14 @@ def _parse(line: str) -> Instruction | None:
   name, shape, opcode, rest = m.groups()
   op_name = re.search(r'op_name="([^"]*)"', rest)
   index = re.search(r"\bindex=(\d+)", rest)
-  return Instruction(name, opcode, tuple(tuple(int(d) for d in dims.split(",") if d) for dims in _ARRAY.findall(shape)),
-                     tuple(re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])), op_name.group(1) if op_name else "",
-                     int(index.group(1)) if index and opcode == "get-tuple-element" else None)
+  return Instruction(
+    name,
+    opcode,
+    tuple(tuple(int(d) for d in dims.split(",") if d) for dims in _ARRAY.findall(shape)),
+    tuple(re.findall(r"%([\w.-]+)", rest.split(")", 1)[0])),
+    op_name.group(1) if op_name else "",
+    int(index.group(1)) if index and opcode == "get-tuple-element" else None,
+  )
 
 
 class Hlo:
@@ -86,8 +91,9 @@ class Hlo:
     return [i for i in self.instructions.values() if i.opcode in (kind, kind + "-start")]
 
   def counts(self) -> dict[str, int]:
-    return {k: len(self.ops(k)) for k in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                                          "collective-permute")}
+    return {
+      k: len(self.ops(k)) for k in ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+    }
 
   def kept_after_reduction(self, forms) -> list[tuple[int, ...]]:
     """Shapes that the ops consuming a reduced array of one of the `forms` produce from it: a reduce-scatter's
@@ -125,6 +131,7 @@ def _in_model(op: Instruction) -> bool:
 
 # ----------------------------------------------------------------------------------------------- fixtures
 
+
 def _mesh_shape():
   return parallel.mesh_shape(tiny_vit_config().mesh, DEVICES)
 
@@ -148,6 +155,7 @@ def _lowered_and_compiled(strategy):
   def lowering_recorded(*args, **kwargs):
     step = jit_train_step(*args, **kwargs)
     return types.SimpleNamespace(lower=lambda *a: lowered.append(step.lower(*a)) or lowered[-1])
+
   with mock.patch.object(step_lib, "jit_train_step", lowering_recorded):
     compiled = step_lib.compile_train_step(config, parallel.make_mesh(config.mesh), _random_batches(config, 1)[0])
   return lowered[0].as_text(), compiled
@@ -191,6 +199,7 @@ def _full_and_shard(path: str, strategy: str):
 
 # ------------------------------------------------------------------------------------------ bytes per device
 
+
 def _nbytes(leaf) -> int:
   return math.prod(leaf.shape) * np.dtype(leaf.dtype).itemsize
 
@@ -202,7 +211,8 @@ def _splits(names, shape) -> bool:
 
 def _expected_bytes(boxed_tree, sharded: bool) -> int:
   sizes = parallel.map_with_names(
-      lambda names, x: _nbytes(x) // DEVICES if sharded and _splits(names, x.shape) else _nbytes(x), boxed_tree)
+    lambda names, x: _nbytes(x) // DEVICES if sharded and _splits(names, x.shape) else _nbytes(x), boxed_tree
+  )
   return sum(jax.tree.leaves(sizes))
 
 
@@ -211,8 +221,12 @@ def test_the_strategies_shard_what_their_zero_stage_does():
   zero3; the table has every strategy config_lib accepts, and summary's `--strategy=all` each stage once."""
   sharded = lambda *parts: {part: part in parts for part in ("params", "grads", "opt_state")}
   assert parallel.STRATEGY_SHARDS == {
-      "ddp": sharded(), "zero1": sharded("opt_state"), "zero2": sharded("opt_state", "grads"),
-      "zero3": sharded("opt_state", "grads", "params"), "fsdp": sharded("opt_state", "grads", "params")}
+    "ddp": sharded(),
+    "zero1": sharded("opt_state"),
+    "zero2": sharded("opt_state", "grads"),
+    "zero3": sharded("opt_state", "grads", "params"),
+    "fsdp": sharded("opt_state", "grads", "params"),
+  }
   assert tuple(parallel.STRATEGY_SHARDS) == config_lib.STRATEGIES
   assert summary.ALL_STRATEGIES == ("ddp", "zero1", "zero2", "zero3")
 
@@ -221,17 +235,20 @@ def test_bytes_per_device_follow_the_strategy_table():
   state = _abstract_state()
   for strategy in STRATEGIES:
     shards = parallel.STRATEGY_SHARDS[strategy]
-    want = dict(params=_expected_bytes(state.params, shards["params"]),
-                grads=_expected_bytes(state.params, shards["grads"]),
-                opt_state=_expected_bytes(state.opt_state, shards["opt_state"]))
+    want = dict(
+      params=_expected_bytes(state.params, shards["params"]),
+      grads=_expected_bytes(state.params, shards["grads"]),
+      opt_state=_expected_bytes(state.opt_state, shards["opt_state"]),
+    )
     want["total"] = sum(want.values())
     assert parallel.bytes_per_device(state, _mesh_shape(), strategy) == want, strategy
   ddp = parallel.bytes_per_device(state, _mesh_shape(), "ddp")
   assert ddp["params"] == ddp["grads"] == sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.params)))
   assert ddp["opt_state"] == sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.opt_state)))
   # Only the optimizer's step counts stay whole, so sharded parts are 1/8 up to a few scalar bytes.
-  whole = parallel.map_with_names(lambda names, x: None if _splits(names, x.shape) else str(x.shape),
-                                  (state.params, state.opt_state))
+  whole = parallel.map_with_names(
+    lambda names, x: None if _splits(names, x.shape) else str(x.shape), (state.params, state.opt_state)
+  )
   assert set(jax.tree.leaves(whole)) == {"()"}
   zero3 = parallel.bytes_per_device(state, _mesh_shape(), "zero3")
   counts = sum(_nbytes(x) for x in jax.tree.leaves(nn.unbox(state.opt_state)) if x.shape == ())
@@ -261,8 +278,9 @@ def test_summary_tool_prints_a_row_per_strategy():
   assert table[0].split() == ["strategy", "params", "grads", "opt_state", "total"]
   assert [row.split()[0] for row in table[1:]] == list(STRATEGIES)
   zero3 = s["per_device"]["zero3"]
-  assert re.split(r"\s{2,}", table[-1].strip())[1:] == [human_bytes(zero3[k])
-                                                         for k in ("params", "grads", "opt_state", "total")]
+  assert re.split(r"\s{2,}", table[-1].strip())[1:] == [
+    human_bytes(zero3[k]) for k in ("params", "grads", "opt_state", "total")
+  ]
   assert table[-1].split()[2] in ("B", "KiB", "MiB", "GiB")
   one = summary.summarize(tiny_vit_config(), DEVICES, "zero2")
   assert list(one["per_device"]) == ["zero2"]
@@ -294,6 +312,7 @@ def test_bytes_per_device_match_the_real_arrays(strategy):
 
 # ----------------------------------------------------------------------------------------------- collectives
 
+
 def test_ddp_all_reduces_whole_gradients_and_gathers_nothing():
   hlo = _hlo("ddp")
   assert not hlo.ops("all-gather") and not hlo.ops("reduce-scatter")
@@ -312,9 +331,9 @@ def test_zero1_zero2_gather_the_updated_params_not_the_model_inputs(strategy):
     assert any(_matches(s, full[:1]) for s in gathered), path  # whole (stacked) params leave the step
 
 
-@pytest.mark.parametrize("strategy,path", [
-    ("zero2", FC1), ("zero2", HEAD), ("zero2", PATCH),
-    ("zero3", FC1), ("zero3", HEAD)])
+@pytest.mark.parametrize(
+  "strategy,path", [("zero2", FC1), ("zero2", HEAD), ("zero2", PATCH), ("zero3", FC1), ("zero3", HEAD)]
+)
 def test_sharded_gradients_keep_only_the_device_shard_after_reduction(strategy, path):
   full, shard = _full_and_shard(path, strategy)
   kept = _hlo(strategy).kept_after_reduction(full)
@@ -353,8 +372,10 @@ def test_activation_constraints_reach_the_step():
   batch, width, heads, mlp = config.global_batch_size, 32, 2, 64  # pico: width 32, 2 heads, MLP 64
   tokens = (config.model.image_size // 4) ** 2 + 1  # 4 px patches and the class token
   data = ("data", "fsdp")
-  want = {((batch, tokens, width), (data, (), ())): 2,
-          ((batch, tokens, heads, width // heads), (data, (), ("tensor",), ())): 2,
-          ((batch, tokens, mlp), (data, (), ("tensor",))): 2}
+  want = {
+    ((batch, tokens, width), (data, (), ())): 2,
+    ((batch, tokens, heads, width // heads), (data, (), ("tensor",), ())): 2,
+    ((batch, tokens, mlp), (data, (), ("tensor",))): 2,
+  }
   on_activations = [c for c in _constraints(_lowered_and_compiled("zero3")[0]) if c[1] and c[1][0] == data]
   assert collections.Counter(on_activations) == want

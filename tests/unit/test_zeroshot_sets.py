@@ -37,11 +37,15 @@ def test_imagenet_simple_set_is_openais_subset_plus_the_plain_prompt(openai_list
 
 def test_template_reader_turns_lambdas_into_format_strings(tmp_path):
   source = tmp_path / "zero_shot_metadata.py"
-  source.write_text('IMAGENET_CLASSNAMES = ("tench", "kite (bird of prey)")\n'
-                    "OPENAI_IMAGENET_TEMPLATES = (\n"
-                    "    lambda c: f'a photo of a {c}.',\n    lambda c: f'{c} art',\n)\n")
-  assert openai_zeroshot.read(str(source)) == {"IMAGENET_CLASSNAMES": ["tench", "kite (bird of prey)"],
-                                               "OPENAI_IMAGENET_TEMPLATES": ["a photo of a {}.", "{} art"]}
+  source.write_text(
+    'IMAGENET_CLASSNAMES = ("tench", "kite (bird of prey)")\n'
+    "OPENAI_IMAGENET_TEMPLATES = (\n"
+    "    lambda c: f'a photo of a {c}.',\n    lambda c: f'{c} art',\n)\n"
+  )
+  assert openai_zeroshot.read(str(source)) == {
+    "IMAGENET_CLASSNAMES": ["tench", "kite (bird of prey)"],
+    "OPENAI_IMAGENET_TEMPLATES": ["a photo of a {}.", "{} art"],
+  }
   source.write_text("OPENAI_IMAGENET_TEMPLATES = (lambda c: c.upper(),)\n")
   with pytest.raises(ValueError, match="not a lambda returning an f-string"):
     openai_zeroshot.read(str(source))

@@ -63,28 +63,57 @@ from visionfm_jax.training import checks, flops
 def make_flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
   # config_flags defines one flag per `--config.<field>` override it finds in `sys_argv`.
-  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
-                                  flag_values=fv, sys_argv=list(argv))
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'.", lock_config=True, flag_values=fv, sys_argv=list(argv)
+  )
   flags.DEFINE_integer("steps", 10, "Timed steps (of each side with --compare).", flag_values=fv)
   flags.DEFINE_integer("devices", 0, "Use the first N devices (one process); 0: all.", flag_values=fv)
   flags.DEFINE_integer("warmup", 2, "Untimed steps after compiling.", flag_values=fv)
-  flags.DEFINE_string("profile", "", "Directory for a profiler trace of --profile_steps more steps, summarised "
-                      "as the busiest operations per device timeline (bench/profile.py); '' = none.", flag_values=fv)
+  flags.DEFINE_string(
+    "profile",
+    "",
+    "Directory for a profiler trace of --profile_steps more steps, summarised "
+    "as the busiest operations per device timeline (bench/profile.py); '' = none.",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("profile_steps", 3, "Steps traced with --profile.", flag_values=fv)
-  flags.DEFINE_enum("cpu_dots", "default", list(primitives.CPU_DOT_BACKENDS),
-                    "XLA CPU library for the step's dots (compiler options of this executable only).", flag_values=fv)
-  flags.DEFINE_enum("compare", "", ["", "torch", "plain"],
-                    "Also time the PyTorch twin (classification with ViT or SwinV2), or our step with "
-                    "the plain forms of models/kernels.py.", flag_values=fv)
-  flags.DEFINE_list("try_kernels", [], "Kernel candidates to trace the step with (models/kernels.py CANDIDATES: "
-                    + ", ".join(kernels.CANDIDATES) + "), in place of XLA's own kernels.", flag_values=fv)
+  flags.DEFINE_enum(
+    "cpu_dots",
+    "default",
+    list(primitives.CPU_DOT_BACKENDS),
+    "XLA CPU library for the step's dots (compiler options of this executable only).",
+    flag_values=fv,
+  )
+  flags.DEFINE_enum(
+    "compare",
+    "",
+    ["", "torch", "plain"],
+    "Also time the PyTorch twin (classification with ViT or SwinV2), or our step with "
+    "the plain forms of models/kernels.py.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "try_kernels",
+    [],
+    "Kernel candidates to trace the step with (models/kernels.py CANDIDATES: "
+    + ", ".join(kernels.CANDIDATES)
+    + "), in place of XLA's own kernels.",
+    flag_values=fv,
+  )
   return fv
+
 
 def versions() -> dict[str, str]:
   import flax  # pylint: disable=g-import-not-at-top
   import optax  # pylint: disable=g-import-not-at-top
-  out = {"python": platform.python_version(), "jax": jax.__version__, "jaxlib": jax.lib.__version__,
-         "flax": flax.__version__, "optax": optax.__version__}
+
+  out = {
+    "python": platform.python_version(),
+    "jax": jax.__version__,
+    "jaxlib": jax.lib.__version__,
+    "flax": flax.__version__,
+    "optax": optax.__version__,
+  }
   if "torch" in sys.modules:
     out["torch"] = sys.modules["torch"].__version__
     out["transformers"] = sys.modules["transformers"].__version__
@@ -100,8 +129,12 @@ def device_name() -> str:
 
 def summarize(times: list[tuple[float, float]]) -> dict[str, float]:
   walls, cpus = [t[0] for t in times], [t[1] for t in times]
-  return {"step_s": statistics.median(walls), "step_s_min": min(walls), "step_s_max": max(walls),
-          "cpu_s": statistics.median(cpus)}
+  return {
+    "step_s": statistics.median(walls),
+    "step_s_min": min(walls),
+    "step_s_max": max(walls),
+    "cpu_s": statistics.median(cpus),
+  }
 
 
 def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 2000, seed: int = 0) -> dict:
@@ -115,13 +148,23 @@ def paired_ratio(ours: list[float], theirs: list[float], *, resamples: int = 200
   return {"ratio_paired": float(np.median(ratios)), "ratio_ci90": [float(low), float(high)], "verdict": verdict}
 
 
-def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str = "", devices: int = 0,
-              cpu_dots: str = "default", profile: str = "", profile_steps: int = 3, try_kernels=()) -> dict:
+def benchmark(
+  config,
+  *,
+  steps: int,
+  warmup: int,
+  compare: str = "",
+  name: str = "",
+  devices: int = 0,
+  cpu_dots: str = "default",
+  profile: str = "",
+  profile_steps: int = 3,
+  try_kernels=(),
+) -> dict:
   """Runs the benchmark on the first `devices` devices (0: all); returns the figures of the JSON line (with
   `profile`, a directory: 'profile' holds the trace file and its summary, bench/profile.py)."""
   if steps < 1 or warmup < 0 or profile_steps < 1:
-    raise ConfigError(f"--steps={steps} and --profile_steps={profile_steps} must be >= 1 and --warmup={warmup} "
-                      f">= 0")
+    raise ConfigError(f"--steps={steps} and --profile_steps={profile_steps} must be >= 1 and --warmup={warmup} >= 0")
   if devices and (jax.process_count() > 1 or not 0 < devices <= jax.device_count()):
     raise ConfigError(f"--devices={devices}: a single process has {jax.device_count()} devices")
   try:
@@ -134,14 +177,16 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
   checks.validate(config, len(mesh_devices))
   if compare == "torch":  # a config without a twin fails before anything compiles
     from visionfm_jax.bench import torch_twin  # pylint: disable=g-import-not-at-top
+
     torch_twin.twin_architecture(config, models.build(config.model, jnp.float32, jax.default_backend()))
   ours = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots], try_kernels=try_kernels)
   runners = {"ours": ours}
   if compare == "torch":
     runners["torch"] = torch_twin.TorchStep(config, ours.task.model, jax.device_get(ours.batch))
   if compare == "plain":
-    runners["plain"] = step_lib.JaxStep(config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots],
-                                        kernel_forms="plain")
+    runners["plain"] = step_lib.JaxStep(
+      config, mesh_devices, primitives.CPU_DOT_BACKENDS[cpu_dots], kernel_forms="plain"
+    )
   for _ in range(warmup):
     for runner in runners.values():
       runner.timed_step()
@@ -152,10 +197,17 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
       times[side].append(runners[side].timed_step())
     order.reverse()  # neither side always runs right after the other
 
-  result = {"config": name, "device": device_name(), "devices": len(mesh_devices),
-            "global_batch": config.global_batch_size, "dtype": config.precision.compute_dtype, "steps": steps,
-            "cpu_dots": cpu_dots, "try_kernels": sorted(try_kernels),
-            **summarize(times["ours"])}
+  result = {
+    "config": name,
+    "device": device_name(),
+    "devices": len(mesh_devices),
+    "global_batch": config.global_batch_size,
+    "dtype": config.precision.compute_dtype,
+    "steps": steps,
+    "cpu_dots": cpu_dots,
+    "try_kernels": sorted(try_kernels),
+    **summarize(times["ours"]),
+  }
   result["img_per_sec"] = config.global_batch_size / result["step_s"]
   flops_per_step = ours.flops_per_step()
   peak = flops.device_peak_flops(config.precision.compute_dtype)
@@ -170,8 +222,11 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
     result["profile"] = {"trace": trace, "steps": profile_steps, "timelines": timelines}
   if compare:
     theirs = summarize(times[compare])
-    result[compare] = {**theirs, "img_per_sec": config.global_batch_size / theirs["step_s"],
-                       "loss": runners[compare].loss()}
+    result[compare] = {
+      **theirs,
+      "img_per_sec": config.global_batch_size / theirs["step_s"],
+      "loss": runners[compare].loss(),
+    }
     if compare == "torch":
       result[compare]["attention"] = runners[compare].attention
     result["ratio"] = result["step_s"] / theirs["step_s"]
@@ -184,25 +239,38 @@ def benchmark(config, *, steps: int, warmup: int, compare: str = "", name: str =
 def _print_table(result: dict) -> None:
   rows = [("ours", result)] + ([(k, result[k]) for k in ("torch", "plain") if k in result])
   for name, r in rows:
-    print(f"{name:>6}: step {r['step_s'] * 1e3:9.1f} ms (min {r['step_s_min'] * 1e3:.1f}, max "
-          f"{r['step_s_max'] * 1e3:.1f})  {r['img_per_sec']:9.1f} img/s  cpu {r['cpu_s']:.3f} s/step  "
-          f"loss {r['loss']:.4f}")
+    print(
+      f"{name:>6}: step {r['step_s'] * 1e3:9.1f} ms (min {r['step_s_min'] * 1e3:.1f}, max "
+      f"{r['step_s_max'] * 1e3:.1f})  {r['img_per_sec']:9.1f} img/s  cpu {r['cpu_s']:.3f} s/step  "
+      f"loss {r['loss']:.4f}"
+    )
   if result.get("mfu") is not None:
     print(f"   mfu: {result['mfu']:.3f} ({result['model_tflops']:.1f} TFLOP/s of model FLOPs)")
   if "ratio" in result:
     low, high = result["ratio_ci90"]
     print(f" ratio: {result['ratio']:.3f} (wall), {result['cpu_ratio']:.3f} (cpu seconds); below 1 = ours faster")
-    print(f"        per interleaved pair: median {result['ratio_paired']:.3f}, 90% interval [{low:.3f}, {high:.3f}]"
-          f" over {result['steps']} pairs: {result['verdict']}")
+    print(
+      f"        per interleaved pair: median {result['ratio_paired']:.3f}, 90% interval [{low:.3f}, {high:.3f}]"
+      f" over {result['steps']} pairs: {result['verdict']}"
+    )
 
 
 def _body(name: str, fv, rest):
   del rest
   if fv.config is None:
     raise ConfigError("--config is required, e.g. --config=configs/vit_huge.py:S/16")
-  result = benchmark(fv.config, steps=fv.steps, warmup=fv.warmup, compare=fv.compare, name=name,
-                     devices=fv.devices, cpu_dots=fv.cpu_dots, profile=fv.profile, profile_steps=fv.profile_steps,
-                     try_kernels=fv.try_kernels)
+  result = benchmark(
+    fv.config,
+    steps=fv.steps,
+    warmup=fv.warmup,
+    compare=fv.compare,
+    name=name,
+    devices=fv.devices,
+    cpu_dots=fv.cpu_dots,
+    profile=fv.profile,
+    profile_steps=fv.profile_steps,
+    try_kernels=fv.try_kernels,
+  )
   if jax.process_index() == 0:
     _print_table(result)
     if "profile" in result:

@@ -38,12 +38,28 @@ from visionfm_jax.errors import UserError
 from visionfm_jax.training import checkpoint, checkpoint_digests
 
 WIDTH, MLP, PATCH_INPUTS, TOKENS = 1280, 5120, 14 * 14 * 3, 257  # ViT-H/14 at 224 px
-_BLOCK_SHAPES = {"qkv/kernel": (WIDTH, 3 * WIDTH), "qkv/bias": (3 * WIDTH,), "out/kernel": (WIDTH, WIDTH),
-                 "out/bias": (WIDTH,), "fc1/kernel": (WIDTH, MLP), "fc1/bias": (MLP,), "fc2/kernel": (MLP, WIDTH),
-                 "fc2/bias": (WIDTH,), "norm1/scale": (WIDTH,), "norm1/bias": (WIDTH,), "norm2/scale": (WIDTH,),
-                 "norm2/bias": (WIDTH,)}
-_OTHER_SHAPES = {"patch_embed/kernel": (PATCH_INPUTS, WIDTH), "patch_embed/bias": (WIDTH,),
-                 "pos_embed": (TOKENS, WIDTH), "cls_token": (WIDTH,), "norm/scale": (WIDTH,), "norm/bias": (WIDTH,)}
+_BLOCK_SHAPES = {
+  "qkv/kernel": (WIDTH, 3 * WIDTH),
+  "qkv/bias": (3 * WIDTH,),
+  "out/kernel": (WIDTH, WIDTH),
+  "out/bias": (WIDTH,),
+  "fc1/kernel": (WIDTH, MLP),
+  "fc1/bias": (MLP,),
+  "fc2/kernel": (MLP, WIDTH),
+  "fc2/bias": (WIDTH,),
+  "norm1/scale": (WIDTH,),
+  "norm1/bias": (WIDTH,),
+  "norm2/scale": (WIDTH,),
+  "norm2/bias": (WIDTH,),
+}
+_OTHER_SHAPES = {
+  "patch_embed/kernel": (PATCH_INPUTS, WIDTH),
+  "patch_embed/bias": (WIDTH,),
+  "pos_embed": (TOKENS, WIDTH),
+  "cls_token": (WIDTH,),
+  "norm/scale": (WIDTH,),
+  "norm/bias": (WIDTH,),
+}
 
 
 def _count(shape) -> int:
@@ -85,8 +101,7 @@ def digest_rates(state) -> dict[str, float]:
   start = time.perf_counter()
   checkpoint_digests.record(arrays)
   threads = size / (time.perf_counter() - start)
-  return {"digest_gb_per_s_1_thread": one,
-          f"digest_gb_per_s_{checkpoint_digests.HASH_THREADS}_threads": threads}
+  return {"digest_gb_per_s_1_thread": one, f"digest_gb_per_s_{checkpoint_digests.HASH_THREADS}_threads": threads}
 
 
 def time_save(state, directory: str, with_digests: bool) -> tuple[float, float]:
@@ -112,8 +127,9 @@ def time_restore(directory: str, target, with_digests: bool) -> tuple[float, flo
   seconds = time.perf_counter() - start
   ckpt.close()
   start = time.perf_counter()
-  verdict = checkpoint_digests.verify(checkpoint_digests.read(os.path.join(directory, "1", checkpoint_digests.ITEM)),
-                                      restored)
+  verdict = checkpoint_digests.verify(
+    checkpoint_digests.read(os.path.join(directory, "1", checkpoint_digests.ITEM)), restored
+  )
   checking = time.perf_counter() - start
   assert not verdict.mismatched and not verdict.unverified, verdict
   del restored
@@ -124,8 +140,13 @@ def time_restore(directory: str, target, with_digests: bool) -> tuple[float, flo
 def run(params: float, repeats: int, directory: str) -> dict:
   shapes = param_shapes(params)
   state = make_state(shapes)
-  result = {"params": sum(_count(s) for s in shapes.values()), "state_gb": _nbytes(state) / 1e9,
-            "devices": jax.device_count(), "cpus": os.cpu_count(), **digest_rates(state)}
+  result = {
+    "params": sum(_count(s) for s in shapes.values()),
+    "state_gb": _nbytes(state) / 1e9,
+    "devices": jax.device_count(),
+    "cpus": os.cpu_count(),
+    **digest_rates(state),
+  }
   saves = {True: [], False: []}
   for round_ in range(repeats):
     for kind in (False, True) if round_ % 2 else (True, False):  # each kind first in every other round
@@ -139,9 +160,11 @@ def run(params: float, repeats: int, directory: str) -> dict:
       restores[kind].append(time_restore(os.path.join(directory, "with"), target, kind))
   shutil.rmtree(directory, ignore_errors=True)
   for kind, name in ((True, "with"), (False, "without")):
-    for figure, values in (("save_blocking_s", [b for b, _ in saves[kind]]),
-                           ("save_committed_s", [c for _, c in saves[kind]]),
-                           ("restore_s", [r for r, _ in restores[kind]])):
+    for figure, values in (
+      ("save_blocking_s", [b for b, _ in saves[kind]]),
+      ("save_committed_s", [c for _, c in saves[kind]]),
+      ("restore_s", [r for r, _ in restores[kind]]),
+    ):
       result[f"{figure}_{name}"] = min(values)
       result[f"{figure}_{name}_all"] = values
   result["verify_s"] = min(v for _, v in restores[False] + restores[True])
@@ -150,12 +173,19 @@ def run(params: float, repeats: int, directory: str) -> dict:
 
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  flags.DEFINE_float("params", 632e6, "parameters of the ViT whose fp32 params and AdamW moments are saved",
-                     lower_bound=1, flag_values=fv)
-  flags.DEFINE_integer("repeats", 3, "saves and restores of each kind (the best is reported)", lower_bound=1,
-                       flag_values=fv)
-  flags.DEFINE_string("dir", "/tmp/visionfm_digests", "where the checkpoints are written (deleted after)",
-                      flag_values=fv)
+  flags.DEFINE_float(
+    "params",
+    632e6,
+    "parameters of the ViT whose fp32 params and AdamW moments are saved",
+    lower_bound=1,
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "repeats", 3, "saves and restores of each kind (the best is reported)", lower_bound=1, flag_values=fv
+  )
+  flags.DEFINE_string(
+    "dir", "/tmp/visionfm_digests", "where the checkpoints are written (deleted after)", flag_values=fv
+  )
   return fv
 
 
@@ -164,16 +194,22 @@ def _body(fv, rest):
   if os.path.exists(fv.dir) and os.listdir(fv.dir):
     raise UserError(f"--dir={fv.dir}: not empty (the benchmark writes and deletes checkpoints there)")
   result = run(fv.params, fv.repeats, fv.dir)
-  print(f"state: {result['params']:,} params, {result['state_gb']:.2f} GB with AdamW's mu and nu (fp32), "
-        f"{result['devices']} device(s), {result['cpus']} CPUs")
+  print(
+    f"state: {result['params']:,} params, {result['state_gb']:.2f} GB with AdamW's mu and nu (fp32), "
+    f"{result['devices']} device(s), {result['cpus']} CPUs"
+  )
   for name, value in result.items():
     if name.startswith("digest_"):
       print(f"{name}: {value:.2f}")
   for kind in ("save_blocking_s", "save_committed_s", "restore_s"):
-    spread = {name: "-".join(f"{v:.2f}" for v in (min(result[f"{kind}_{name}_all"]), max(result[f"{kind}_{name}_all"])))
-              for name in ("with", "without")}
-    print(f"{kind}: {result[kind + '_with']:.2f} with digests ({spread['with']}), {result[kind + '_without']:.2f} "
-          f"without ({spread['without']})")
+    spread = {
+      name: "-".join(f"{v:.2f}" for v in (min(result[f"{kind}_{name}_all"]), max(result[f"{kind}_{name}_all"])))
+      for name in ("with", "without")
+    }
+    print(
+      f"{kind}: {result[kind + '_with']:.2f} with digests ({spread['with']}), {result[kind + '_without']:.2f} "
+      f"without ({spread['without']})"
+    )
   print(f"verify_s: {result['verify_s']:.2f} (the restored state's digests computed and compared, alone)")
   print(json.dumps(result))
 

@@ -76,7 +76,7 @@ class FileOpens:
     at = 0
     while at < len(data):
       _, mask, _, length = _EVENT.unpack_from(data, at)
-      name = data[at + _EVENT.size:at + _EVENT.size + length].rstrip(b"\0")
+      name = data[at + _EVENT.size : at + _EVENT.size + length].rstrip(b"\0")
       at += _EVENT.size + length
       if mask & _IN_Q_OVERFLOW:
         self.overflowed = True

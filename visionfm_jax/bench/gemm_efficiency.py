@@ -33,9 +33,11 @@ def table(path: str = TABLE) -> dict:
 def utilisation(m: int, n: int, sms: int, tiles: list) -> float:
   """The share of the tiles' work, in whole waves over `sms` SMs, that lies inside the M x N output, for the best of
   `tiles` (cuBLAS's heuristics pick a tile per shape; the large tiles are taken as equally efficient)."""
+
   def share(tile):
     count = math.ceil(m / tile[0]) * math.ceil(n / tile[1])
     return m * n / (math.ceil(count / sms) * sms * tile[0] * tile[1])
+
   return max(share(tile) for tile in tiles)
 
 

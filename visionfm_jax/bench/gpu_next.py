@@ -78,6 +78,7 @@ class Stage:
 @dataclasses.dataclass(frozen=True)
 class Sizes:
   """What differs between a GPU call and the CPU rehearsal."""
+
   vit: tuple[str, ...]
   swin: tuple[str, ...]
   main_steps: tuple[str, ...]
@@ -89,27 +90,47 @@ class Sizes:
 
 
 GPU_SIZES = Sizes(
-    vit=(), swin=(), batches=(("b32", 32), ("b64", 64)), gpu=True,
-    main_steps=("--config.total_steps=30", "--config.log_every=10"),
-    bench_steps=("--steps=10", "--warmup=2"),
-    attention=(("attention_w7", ("--window=7", "--windows=4", "--heads=64", "--head_dim=32", "--shifted",
-                                 "--batch=32")),
-               ("attention_w40", ("--window=40", "--windows=1", "--heads=64", "--head_dim=32", "--noshifted",
-                                  "--batch=8"))),
-    swin_stage_forms=(0, 0, 3, 0))
+  vit=(),
+  swin=(),
+  batches=(("b32", 32), ("b64", 64)),
+  gpu=True,
+  main_steps=("--config.total_steps=30", "--config.log_every=10"),
+  bench_steps=("--steps=10", "--warmup=2"),
+  attention=(
+    ("attention_w7", ("--window=7", "--windows=4", "--heads=64", "--head_dim=32", "--shifted", "--batch=32")),
+    ("attention_w40", ("--window=40", "--windows=1", "--heads=64", "--head_dim=32", "--noshifted", "--batch=8")),
+  ),
+  swin_stage_forms=(0, 0, 3, 0),
+)
 REHEARSAL_SIZES = Sizes(
-    vit=("--config.model.variant=pico/4", "--config.model.image_size=32", "--config.data.image_size=32",
-         "--config.data.num_workers=0"),
-    swin=("--config.model.variant=pico", "--config.model.image_size=32", "--config.data.image_size=32",
-          "--config.model.window_size=4"),
-    batches=(("b32", 8), ("b64", 16)), gpu=False,
-    main_steps=("--config.total_steps=4", "--config.log_every=2"),
-    bench_steps=("--steps=2", "--warmup=1"),
-    attention=(("attention_w7", ("--window=4", "--windows=4", "--heads=2", "--head_dim=8", "--shifted", "--batch=2",
-                                 "--dtype=float32")),
-               ("attention_w40", ("--window=8", "--windows=1", "--heads=2", "--head_dim=8", "--noshifted",
-                                  "--batch=2", "--dtype=float32"))),
-    swin_stage_forms=(0, 1))
+  vit=(
+    "--config.model.variant=pico/4",
+    "--config.model.image_size=32",
+    "--config.data.image_size=32",
+    "--config.data.num_workers=0",
+  ),
+  swin=(
+    "--config.model.variant=pico",
+    "--config.model.image_size=32",
+    "--config.data.image_size=32",
+    "--config.model.window_size=4",
+  ),
+  batches=(("b32", 8), ("b64", 16)),
+  gpu=False,
+  main_steps=("--config.total_steps=4", "--config.log_every=2"),
+  bench_steps=("--steps=2", "--warmup=1"),
+  attention=(
+    (
+      "attention_w7",
+      ("--window=4", "--windows=4", "--heads=2", "--head_dim=8", "--shifted", "--batch=2", "--dtype=float32"),
+    ),
+    (
+      "attention_w40",
+      ("--window=8", "--windows=1", "--heads=2", "--head_dim=8", "--noshifted", "--batch=2", "--dtype=float32"),
+    ),
+  ),
+  swin_stage_forms=(0, 1),
+)
 
 
 def gemm_recipes() -> list[str]:
@@ -133,35 +154,100 @@ def stages(python: str, out: str, sizes: Sizes) -> list[Stage]:
     for gemm in gemm_recipes():
       name = f"vit_{label}_{gemm}"
       workdir = os.path.join(out, "run_" + name)
-      result.append(Stage(name, 300, [
-          *m, "visionfm_jax.main", "--config=configs/vit_huge.py", f"--workdir={workdir}",
-          "--config.strategy=ddp", f"--config.global_batch_size={batch}", f"--config.precision.gemm={gemm}",
-          *MAIN_DATA, "--config.optim.warmup_steps=2", "--config.optim.lr=1e-4", "--config.progress_bar=False",
-          *sizes.main_steps, *sizes.vit], "main", workdir))
+      result.append(
+        Stage(
+          name,
+          300,
+          [
+            *m,
+            "visionfm_jax.main",
+            "--config=configs/vit_huge.py",
+            f"--workdir={workdir}",
+            "--config.strategy=ddp",
+            f"--config.global_batch_size={batch}",
+            f"--config.precision.gemm={gemm}",
+            *MAIN_DATA,
+            "--config.optim.warmup_steps=2",
+            "--config.optim.lr=1e-4",
+            "--config.progress_bar=False",
+            *sizes.main_steps,
+            *sizes.vit,
+          ],
+          "main",
+          workdir,
+        )
+      )
   implementations = "pallas,cudnn,softmax" if sizes.gpu else "pallas,softmax"
   for name, flags in sizes.attention:
-    result.append(Stage(name, 90, [*m, "visionfm_jax.bench.window_attention", f"--implementations={implementations}",
-                                   "--steps=10" if sizes.gpu else "--steps=2", *flags], "attention"))
-  swin = [*m, "visionfm_jax.bench", "--config=configs/swinv2_cls.py:G", "--devices=1", "--config.strategy=ddp",
-          f"--config.global_batch_size={sizes.batches[0][1]}", *sizes.bench_steps, *sizes.swin]
+    result.append(
+      Stage(
+        name,
+        90,
+        [
+          *m,
+          "visionfm_jax.bench.window_attention",
+          f"--implementations={implementations}",
+          "--steps=10" if sizes.gpu else "--steps=2",
+          *flags,
+        ],
+        "attention",
+      )
+    )
+  swin = [
+    *m,
+    "visionfm_jax.bench",
+    "--config=configs/swinv2_cls.py:G",
+    "--devices=1",
+    "--config.strategy=ddp",
+    f"--config.global_batch_size={sizes.batches[0][1]}",
+    *sizes.bench_steps,
+    *sizes.swin,
+  ]
   for attention in ("pallas", "cudnn", "softmax"):
-    stage = Stage(f"swin_step_{attention}", 200, [*swin, "--config.model.remat_policy=nothing_saveable",
-                                                 "--config.model.scan_unroll=1",
-                                                 f"--config.model.attention={attention}"], "bench")
+    stage = Stage(
+      f"swin_step_{attention}",
+      200,
+      [
+        *swin,
+        "--config.model.remat_policy=nothing_saveable",
+        "--config.model.scan_unroll=1",
+        f"--config.model.attention={attention}",
+      ],
+      "bench",
+    )
     if not sizes.gpu and attention in ("pallas", "cudnn"):
       stage.kind, stage.skip_why = "skip", "GPU only (the rehearsal's CPU has no cuDNN, nor the window kernel in a run)"
     result.append(stage)
   attention = "cudnn" if sizes.gpu else "softmax"
-  grouped = Stage("swin_form_grouped", 240, [
-      *swin, "--config.model.remat_policy=none", f"--config.model.attention={attention}",
-      "--config.model.stage_scan_unrolls=(" + ",".join(map(str, sizes.swin_stage_forms)) + ",)"], "bench",
-      group="swin_form")
+  grouped = Stage(
+    "swin_form_grouped",
+    240,
+    [
+      *swin,
+      "--config.model.remat_policy=none",
+      f"--config.model.attention={attention}",
+      "--config.model.stage_scan_unrolls=(" + ",".join(map(str, sizes.swin_stage_forms)) + ",)",
+    ],
+    "bench",
+    group="swin_form",
+  )
   if not has_stage_forms():
     grouped.kind, grouped.skip_why = "skip", "config.model has no stage_scan_unrolls in this checkout"
   result.append(grouped)
-  result.append(Stage("swin_form_unroll7", 240, [
-      *swin, "--config.model.remat_policy=nothing_saveable", f"--config.model.attention={attention}",
-      "--config.model.scan_unroll=7" if sizes.gpu else "--config.model.scan_unroll=1"], "bench", group="swin_form"))
+  result.append(
+    Stage(
+      "swin_form_unroll7",
+      240,
+      [
+        *swin,
+        "--config.model.remat_policy=nothing_saveable",
+        f"--config.model.attention={attention}",
+        "--config.model.scan_unroll=7" if sizes.gpu else "--config.model.scan_unroll=1",
+      ],
+      "bench",
+      group="swin_form",
+    )
+  )
   return result
 
 
@@ -204,8 +290,9 @@ def last_row_written(workdir: str, last_step: int):
   """done() for main: its metrics.jsonl has the throughput row of `last_step` (written before the final checkpoint
   and evaluation, which measure nothing here: a ViT-H/14 checkpoint is 7.6 GB)."""
   path = os.path.join(workdir, "metrics.jsonl")
-  return lambda: os.path.exists(path) and any(r.get("step") == last_step and "train/img_per_sec" in r
-                                              for r in json_lines(path))
+  return lambda: (
+    os.path.exists(path) and any(r.get("step") == last_step and "train/img_per_sec" in r for r in json_lines(path))
+  )
 
 
 def json_lines(path: str) -> list[dict]:
@@ -232,10 +319,16 @@ def main_figures(workdir: str, batch: int) -> dict:
   mfus = [r.get("train/mfu") for r in rows[1:]]
   mfu = None if None in mfus else sum(m * s for m, s in zip(mfus, seconds[1:])) / timed_s
   wait = sum(r["train/data_wait_fraction"] * s for r, s in zip(rows[1:], seconds[1:])) / timed_s
-  return dict(step_ms=round(1e3 * step_s, 2), steps_per_sec=round(1 / step_s, 3),
-              img_per_sec=round(batch / step_s, 2), mfu=None if mfu is None else round(mfu, 4),
-              first_window_excess_s=round(seconds[0] - steps[0] * step_s, 1), data_wait_fraction=round(wait, 4),
-              steps_timed=timed_steps, final_loss=round(rows[-1]["train/loss"], 4))
+  return dict(
+    step_ms=round(1e3 * step_s, 2),
+    steps_per_sec=round(1 / step_s, 3),
+    img_per_sec=round(batch / step_s, 2),
+    mfu=None if mfu is None else round(mfu, 4),
+    first_window_excess_s=round(seconds[0] - steps[0] * step_s, 1),
+    data_wait_fraction=round(wait, 4),
+    steps_timed=timed_steps,
+    final_loss=round(rows[-1]["train/loss"], 4),
+  )
 
 
 def bench_figures(log_path: str) -> dict:
@@ -288,8 +381,11 @@ def run_stage(stage: Stage, logs: str, left: float) -> dict:
   log_path = os.path.join(logs, stage.name + ".log")
   print(f"== {stage.name} (at most {bound} s)", flush=True)
   start = time.monotonic()
-  done = last_row_written(stage.workdir, int(flag_value(stage.argv, "--config.total_steps"))) if stage.workdir \
-      else (lambda: False)
+  done = (
+    last_row_written(stage.workdir, int(flag_value(stage.argv, "--config.total_steps")))
+    if stage.workdir
+    else (lambda: False)
+  )
   code, ending = run_bounded(stage.argv, bound, log_path, done)
   row = dict(status="ok", seconds=round(time.monotonic() - start, 1), bound=bound)
   if ending == "timeout":
@@ -311,28 +407,42 @@ def fmt(value, spec: str) -> str:
 
 
 def table(rows: list[dict], header: str) -> str:
-  lines = [header, f"  {'stage':28} {'status':8} {'s':>6} {'step ms':>9} {'img/s':>8} {'MFU':>6} {'compile s':>9}  "
-           "detail"]
+  lines = [
+    header,
+    f"  {'stage':28} {'status':8} {'s':>6} {'step ms':>9} {'img/s':>8} {'MFU':>6} {'compile s':>9}  detail",
+  ]
   for r in rows:
     compile_s = r.get("compile_s", r.get("first_window_excess_s"))
     if "implementations" in r:
-      detail = "; ".join(f"{name} " + (f"{f['fwd_bwd_ms']:.3f} ms (compile {f['compile_s']:.1f} s)"
-                                       if "fwd_bwd_ms" in f else f"failed: {f.get('failed', '')[:60]}")
-                         for name, f in r["implementations"].items())
+      detail = "; ".join(
+        f"{name} "
+        + (
+          f"{f['fwd_bwd_ms']:.3f} ms (compile {f['compile_s']:.1f} s)"
+          if "fwd_bwd_ms" in f
+          else f"failed: {f.get('failed', '')[:60]}"
+        )
+        for name, f in r["implementations"].items()
+      )
       detail = f"{r['shape']['windows']}x{r['shape']['tokens']} tokens, {r['shape']['heads']} heads: {detail}"
     elif "data_wait_fraction" in r:
       detail = f"{r['steps_per_sec']} steps/s, data wait {r['data_wait_fraction']}, compile = first row's excess"
     else:
       detail = r.get("why", "")
-    lines.append(f"  {r['stage']:28} {r['status']:8} {r['seconds']:>6} {fmt(r.get('step_ms'), '9.2f')} "
-                 f"{fmt(r.get('img_per_sec'), '8.1f')} {fmt(r.get('mfu'), '6.3f')} {fmt(compile_s, '9.1f')}  {detail}")
+    lines.append(
+      f"  {r['stage']:28} {r['status']:8} {r['seconds']:>6} {fmt(r.get('step_ms'), '9.2f')} "
+      f"{fmt(r.get('img_per_sec'), '8.1f')} {fmt(r.get('mfu'), '6.3f')} {fmt(compile_s, '9.1f')}  {detail}"
+    )
   return "\n".join(lines)
 
 
 def device_of(python: str) -> str:
   """'<backend>: <device kind>' from a process of its own: this one never takes the GPU's memory."""
-  proc = subprocess.run([python, "-c", "import jax; print(f'{jax.default_backend()}: {jax.devices()[0].device_kind}')"],
-                        capture_output=True, text=True, check=False)
+  proc = subprocess.run(
+    [python, "-c", "import jax; print(f'{jax.default_backend()}: {jax.devices()[0].device_kind}')"],
+    capture_output=True,
+    text=True,
+    check=False,
+  )
   return proc.stdout.strip() or f"jax failed to start: {proc.stderr.strip()[-200:]}"
 
 
@@ -347,8 +457,9 @@ def parse_args(argv: list[str]) -> dict:
     elif key == "budget" and value.isdigit() and int(value) > 0:
       args[key] = int(value)
     else:
-      raise UserError(f"{arg}: expected --out=DIR, --report=DIR, --budget=SECONDS (> 0), --only=STAGE,..., "
-                      f"--rehearse or --list")
+      raise UserError(
+        f"{arg}: expected --out=DIR, --report=DIR, --budget=SECONDS (> 0), --only=STAGE,..., --rehearse or --list"
+      )
   return args
 
 
@@ -384,13 +495,21 @@ def run(argv: list[str]) -> int:
         row = run_stage(stage, logs, deadline - time.monotonic())
         if stage.group and row["status"] == "ok":
           done_groups.add(stage.group)
-      row = dict(stage=stage.name, **row, device=device, rehearse=args["rehearse"],
-                 command=" ".join(stage.argv[1:]) if stage.argv else "")
+      row = dict(
+        stage=stage.name,
+        **row,
+        device=device,
+        rehearse=args["rehearse"],
+        command=" ".join(stage.argv[1:]) if stage.argv else "",
+      )
       rows.append(row)
       f.write(json.dumps(row) + "\n")
       f.flush()
-  text = table(rows, f"gpu_next ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {device}"
-                     f"{', rehearsal' if args['rehearse'] else ''}):")
+  text = table(
+    rows,
+    f"gpu_next ({time.strftime('%Y-%m-%dT%H:%M:%SZ', time.gmtime())}, {device}"
+    f"{', rehearsal' if args['rehearse'] else ''}):",
+  )
   print(text)
   with open(os.path.join(report, "table.txt"), "w", encoding="utf-8") as f:
     f.write(text + "\n")

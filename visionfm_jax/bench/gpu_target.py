@@ -36,6 +36,7 @@ PLUGINS = ("jax_plugins.xla_cuda12", "jax_plugins.xla_cuda13")
 class Target:
   """One GPU: its XLA device description and the figures the roofline prices kernels with (vendor datasheets;
   bandwidths in bytes/s in one direction per GPU)."""
+
   name: str
   description: str
   peak_flops_16bit: float  # dense bf16 / fp16 tensor-core peak
@@ -54,12 +55,45 @@ class Target:
 
 
 TARGETS = {
-    "h100": Target("h100", "NVIDIA H100 SXM 80GB", 989e12, 494e12, 1979e12, 3.35e12, 450e9, 50e9, 84929347584, 8,
-                   "launch/xla_flags_h100.sh"),
-    "h200": Target("h200", "NVIDIA H200 SXM 141GB", 989e12, 494e12, 1979e12, 4.8e12, 450e9, 50e9, 150110011392, 8,
-                   "launch/xla_flags_h100.sh"),
-    "a100": Target("a100", "NVIDIA A100 SXM 80GB", 312e12, 156e12, 0.0, 2.039e12, 300e9, 25e9, 85051572224, 8,
-                   "launch/xla_flags_a100.sh"),
+  "h100": Target(
+    "h100",
+    "NVIDIA H100 SXM 80GB",
+    989e12,
+    494e12,
+    1979e12,
+    3.35e12,
+    450e9,
+    50e9,
+    84929347584,
+    8,
+    "launch/xla_flags_h100.sh",
+  ),
+  "h200": Target(
+    "h200",
+    "NVIDIA H200 SXM 141GB",
+    989e12,
+    494e12,
+    1979e12,
+    4.8e12,
+    450e9,
+    50e9,
+    150110011392,
+    8,
+    "launch/xla_flags_h100.sh",
+  ),
+  "a100": Target(
+    "a100",
+    "NVIDIA A100 SXM 80GB",
+    312e12,
+    156e12,
+    0.0,
+    2.039e12,
+    300e9,
+    25e9,
+    85051572224,
+    8,
+    "launch/xla_flags_a100.sh",
+  ),
 }
 
 
@@ -72,9 +106,11 @@ def get(name: str, flag: str = "--target") -> Target:
 def require_compiler(target: Target) -> None:
   """UserError unless XLA's CUDA compiler (the jax CUDA plugin) is installed."""
   if not any(importlib.util.find_spec(p.split(".")[0]) and importlib.util.find_spec(p) for p in PLUGINS):
-    raise UserError(f"--target={target.name} compiles for a GPU with XLA's CUDA compiler, which is not installed: "
-                    f"pip install -e '.[gpu-aot]' (the jax CUDA plugin matching jaxlib, with its cuDNN and cuBLAS "
-                    f"wheels); no GPU is needed")
+    raise UserError(
+      f"--target={target.name} compiles for a GPU with XLA's CUDA compiler, which is not installed: "
+      f"pip install -e '.[gpu-aot]' (the jax CUDA plugin matching jaxlib, with its cuDNN and cuBLAS "
+      f"wheels); no GPU is needed"
+    )
 
 
 def launch_flags(target: Target) -> list[str]:
@@ -86,17 +122,23 @@ def launch_flags(target: Target) -> list[str]:
 def launch_memory_bytes(target: Target) -> int:
   """The device memory a job launched with `target.flags_script` may allocate: what the GPU reports times the
   script's default XLA_PYTHON_CLIENT_MEM_FRACTION (the rest is left to NCCL and the CUDA libraries)."""
-  fractions = [float(f) for text in _script_texts(os.path.join(REPO, target.flags_script), target)
-               for f in re.findall(r"XLA_PYTHON_CLIENT_MEM_FRACTION:-([0-9.]+)", text)]
+  fractions = [
+    float(f)
+    for text in _script_texts(os.path.join(REPO, target.flags_script), target)
+    for f in re.findall(r"XLA_PYTHON_CLIENT_MEM_FRACTION:-([0-9.]+)", text)
+  ]
   if len(fractions) != 1:
-    raise UserError(f"--target={target.name}: {target.flags_script} and the scripts it sources set "
-                    f"XLA_PYTHON_CLIENT_MEM_FRACTION's default {len(fractions)} times, expected once")
+    raise UserError(
+      f"--target={target.name}: {target.flags_script} and the scripts it sources set "
+      f"XLA_PYTHON_CLIENT_MEM_FRACTION's default {len(fractions)} times, expected once"
+    )
   return int(target.memory_bytes * fractions[0])
 
 
 def _script_flags(path: str, target: Target) -> list[str]:
-  return [flag for text in _script_texts(path, target)
-          for flag in re.findall(r"(?<![\w$])--xla_[a-z0-9_]+=[^\s\"')]*", text)]
+  return [
+    flag for text in _script_texts(path, target) for flag in re.findall(r"(?<![\w$])--xla_[a-z0-9_]+=[^\s\"')]*", text)
+  ]
 
 
 def _script_texts(path: str, target: Target) -> list[str]:
@@ -105,8 +147,10 @@ def _script_texts(path: str, target: Target) -> list[str]:
     with open(path, encoding="utf-8") as f:
       text = f.read()
   except OSError as e:
-    raise UserError(f"--target={target.name}: cannot read its XLA flags from {path} ({e.strerror}); run from a "
-                    f"source checkout (pip install -e .)") from e
+    raise UserError(
+      f"--target={target.name}: cannot read its XLA flags from {path} ({e.strerror}); run from a "
+      f"source checkout (pip install -e .)"
+    ) from e
   texts = []
   for sourced in re.findall(r"^source .*?(xla_flags_\w+\.sh)", text, re.M):
     texts += _script_texts(os.path.join(os.path.dirname(path), sourced), target)
@@ -135,10 +179,12 @@ def devices(target: Target, count: int) -> list:
   """`count` abstract devices of `target` on nodes of `target.gpus_per_node`, for meshes and shardings."""
   require_compiler(target)
   from jax.experimental import topologies  # pylint: disable=g-import-not-at-top
+
   with open(target.spec_file, encoding="utf-8") as f:
     spec = f.read()
-  topology = topologies.get_topology_desc(platform="cuda", target_config=spec,
-                                          topology=topology_string(count, target.gpus_per_node))
+  topology = topologies.get_topology_desc(
+    platform="cuda", target_config=spec, topology=topology_string(count, target.gpus_per_node)
+  )
   return list(topology.devices)
 
 
@@ -148,6 +194,7 @@ def launch_memory(target: Target):
   does on a GPU from its allocator's limit. For programs lowered within it (JAX keeps a lowering's executable, which
   a second compile outside would return), from one thread (it swaps a module function)."""
   from jax._src import compiler  # pylint: disable=g-import-not-at-top  (the one place JAX builds compile options)
+
   original = compiler.get_compile_options
   size = launch_memory_bytes(target)
   compiler.get_compile_options = lambda *a, **k: with_device_memory_size(original(*a, **k), size)

@@ -28,19 +28,71 @@ import json
 import math
 import re
 
-DTYPE_BYTES = {"pred": 1, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
-               "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "f8e4m3fn": 1, "f8e5m2": 1}
+DTYPE_BYTES = {
+  "pred": 1,
+  "s4": 0.5,
+  "u4": 0.5,
+  "s8": 1,
+  "u8": 1,
+  "s16": 2,
+  "u16": 2,
+  "f16": 2,
+  "bf16": 2,
+  "s32": 4,
+  "u32": 4,
+  "f32": 4,
+  "s64": 8,
+  "u64": 8,
+  "f64": 8,
+  "c64": 8,
+  "c128": 16,
+  "f8e4m3fn": 1,
+  "f8e5m2": 1,
+}
 SHAPE = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True)) + r")\[([0-9,]*)\]")
 HEADER = re.compile(r"^(ENTRY )?%([\w.\-]+) \(.*\{\s*$")
 INSTRUCTION = re.compile(r"^\s*(ROOT )?%([\w.\-]+) = (.*?) ([a-z][a-z0-9\-]*)\((.*)$")
 OPERAND = re.compile(r"%([\w.\-]+)")
-FREE = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all", "partition-id", "replica-id",
-        "opt-barrier", "add-dependency", "iota", "all-gather-done", "all-reduce-done", "collective-permute-done",
-        "async-done", "async-update", "copy-done", "send-done", "recv-done", "domain", "get-dimension-size"}
-COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all",
-               "ragged-all-to-all")
-COPY_OPS = {"copy", "copy-start", "transpose", "pad", "slice", "dynamic-slice", "dynamic-update-slice",
-            "concatenate", "broadcast", "reshape", "reverse", "gather", "scatter", "select-and-scatter"}
+FREE = {
+  "parameter",
+  "constant",
+  "get-tuple-element",
+  "tuple",
+  "bitcast",
+  "after-all",
+  "partition-id",
+  "replica-id",
+  "opt-barrier",
+  "add-dependency",
+  "iota",
+  "all-gather-done",
+  "all-reduce-done",
+  "collective-permute-done",
+  "async-done",
+  "async-update",
+  "copy-done",
+  "send-done",
+  "recv-done",
+  "domain",
+  "get-dimension-size",
+}
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "collective-permute", "all-to-all", "ragged-all-to-all")
+COPY_OPS = {
+  "copy",
+  "copy-start",
+  "transpose",
+  "pad",
+  "slice",
+  "dynamic-slice",
+  "dynamic-update-slice",
+  "concatenate",
+  "broadcast",
+  "reshape",
+  "reverse",
+  "gather",
+  "scatter",
+  "select-and-scatter",
+}
 # Elementwise maps of one operand that keep its shape: XLA computes them only at the elements a slice of their
 # result reads (`_fusion_bytes`).
 SLICED_ELEMENTWISE = ("bitcast", "convert", "abs", "negate", "copy")
@@ -50,6 +102,7 @@ CLASSES = ("gemm", "attention", "convolution", "reduction", "elementwise", "copy
 @dataclasses.dataclass
 class Kernel:
   """One kernel launch site (`count` launches per step: the product of the trip counts of its loops)."""
+
   name: str
   kind: str  # one of CLASSES
   flops: float  # per launch
@@ -99,7 +152,7 @@ def _split_operands(rest: str) -> tuple[str, str]:
   for i, char in enumerate(rest):
     depth += {"(": 1, ")": -1}.get(char, 0)
     if depth == 0:
-      return rest[:i], rest[i + 1:]
+      return rest[:i], rest[i + 1 :]
   return rest, ""
 
 
@@ -118,8 +171,17 @@ def parse_module(text: str) -> tuple[dict[str, list[Instruction]], str]:
     match = INSTRUCTION.match(line) if current is not None else None
     if match:
       operands, attrs = _split_operands(match.group(5))
-      current.append(Instruction(match.group(2), match.group(3), match.group(4), OPERAND.findall(operands), attrs,
-                                 bool(match.group(1)), operands))
+      current.append(
+        Instruction(
+          match.group(2),
+          match.group(3),
+          match.group(4),
+          OPERAND.findall(operands),
+          attrs,
+          bool(match.group(1)),
+          operands,
+        )
+      )
   if entry is None:
     raise ValueError("no ENTRY computation in the HLO text")
   return computations, entry
@@ -140,7 +202,7 @@ def _backend_config(attrs: str) -> dict:
     depth += {"{": 1, "}": -1}.get(char, 0)
     if depth == 0:
       try:
-        return json.loads(text[:i + 1])
+        return json.loads(text[: i + 1])
       except json.JSONDecodeError:
         return {}
   return {}
@@ -155,8 +217,11 @@ def _label(attrs: str) -> str:
   name = match.group(1)
   backward = "transpose(" in name
   parts = [_unwrap(p) for p in name.split("/")]
-  parts = [p for p in parts if p and p not in ("train_step", "while", "body", "closed_call", "checkpoint",
-                                               "rematted_computation", "main")]
+  parts = [
+    p
+    for p in parts
+    if p and p not in ("train_step", "while", "body", "closed_call", "checkpoint", "rematted_computation", "main")
+  ]
   return ("bwd: " if backward else "") + "/".join(parts)
 
 
@@ -198,8 +263,9 @@ def _group(attrs: str, devices_per_node: int) -> tuple[int, bool]:
   return 1, False
 
 
-def _mesh_group(axes_text: str, group_axes_text: str, devices_per_node: int,
-                device_ids: str | None = None) -> tuple[int, bool]:
+def _mesh_group(
+  axes_text: str, group_axes_text: str, devices_per_node: int, device_ids: str | None = None
+) -> tuple[int, bool]:
   """`replica_groups=mesh['a'=16,'b'=1] {'a'}`: the mesh positions (row-major over its axes) that differ only in
   the listed axes form a group; the one holding position 0 says whether groups cross nodes. Position p is device
   p, or with `device_ids=([16,8]T(1,0))` (an iota of those dims, transposed) the p-th of that order."""
@@ -221,6 +287,7 @@ def _mesh_group(axes_text: str, group_axes_text: str, devices_per_node: int,
 def _device_order(device_ids: str, count: int) -> list[int]:
   """The devices of `device_ids=([d0,d1,..]T(p0,p1,..))` in mesh order: iota(count) shaped as dims, transposed."""
   import numpy as np  # pylint: disable=g-import-not-at-top
+
   iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", device_ids.strip())
   if not iota:
     listed = [int(d) for d in re.findall(r"\d+", device_ids)]
@@ -238,7 +305,7 @@ def _iota_stride(iota) -> int:
   dims = [int(d) for d in iota.group(3).split(",")]
   order = [int(d) for d in iota.group(5).split(",")]
   inner = order[-1]
-  return math.prod(dims[inner + 1:]) if inner + 1 < len(dims) else 1
+  return math.prod(dims[inner + 1 :]) if inner + 1 < len(dims) else 1
 
 
 class Program:
@@ -267,8 +334,11 @@ class Program:
         self._walk(_attr(ins.attrs, "body"), count * self._trip_count(ins))
         continue
       if ins.op in ("call", "conditional"):
-        for callee in re.findall(r"(?:to_apply|branch_computations=\{|true_computation|false_computation)=?%?"
-                                 r"([\w.\-]+)", ins.attrs):
+        for callee in re.findall(
+          r"(?:to_apply|branch_computations=\{|true_computation|false_computation)=?%?"
+          r"([\w.\-]+)",
+          ins.attrs,
+        ):
           self._walk(callee, count)
         continue
       if ins.op.endswith("-done") or ins.op == "async-done":
@@ -335,7 +405,8 @@ class Program:
         start = self._counter_start(loop)
         bound = int(bounds[0])
         trips = {"LT": bound - start, "LE": bound - start + 1, "GT": start - bound, "GE": start - bound + 1}.get(
-            direction.group(1) if compare.operands[1] in constants else _flip(direction.group(1)))
+          direction.group(1) if compare.operands[1] in constants else _flip(direction.group(1))
+        )
         if trips and trips > 0:
           return trips
     self.uncounted_loops.append(loop.name)
@@ -344,8 +415,7 @@ class Program:
   def _counter_start(self, loop: Instruction) -> int:
     init = self._by_name.get((loop.operands or [""])[0])
     first = self._by_name.get(init.operands[0]) if init is not None and init.op == "tuple" and init.operands else None
-    return int(first.args) if first is not None and first.op == "constant" and re.fullmatch(r"-?\d+", first.args) \
-        else 0
+    return int(first.args) if first is not None and first.op == "constant" and re.fullmatch(r"-?\d+", first.args) else 0
 
   def _type(self, name: str) -> str:
     return self._by_name[name].type if name in self._by_name else ""
@@ -370,8 +440,9 @@ class Program:
       return self._fusion(ins, count, self._state_updates.get(ins.name, label))
     io = self._operand_bytes(ins) + nbytes(ins.type)
     if ins.op == "dot":  # unfused (CPU programs; GPU programs call cuBLAS instead)
-      return Kernel(ins.name, "gemm", self._dot_flops(ins), io, count, label,
-                    dtype=shapes(self._type(ins.operands[0]))[0][0])
+      return Kernel(
+        ins.name, "gemm", self._dot_flops(ins), io, count, label, dtype=shapes(self._type(ins.operands[0]))[0][0]
+      )
     if ins.op == "dynamic-update-slice":
       io = 2 * nbytes(self._type(ins.operands[1]))
     elif ins.op == "dynamic-slice":
@@ -387,20 +458,24 @@ class Program:
     payload = nbytes(ins.type) if base == "all-gather" else self._operand_bytes(ins)
     if ins.op == "all-gather-start":  # its type is the (operands, results) tuple: the results are gathered
       results = shapes(ins.type)
-      payload = sum(DTYPE_BYTES[d] * math.prod(s) for d, s in results[len(results) // 2:])
+      payload = sum(DTYPE_BYTES[d] * math.prod(s) for d, s in results[len(results) // 2 :])
     attrs = ins.attrs
     if ins.op == "async-start":
       callee = _attr(ins.attrs, "calls")
       attrs = next((i.attrs for i in self.computations.get(callee, []) if i.op == base), attrs)
     size, spans = _group(attrs, self.devices_per_node)
-    return Kernel(ins.name, "collective", 0.0, payload, count, label, collective=base, group_size=size,
-                  group_spans_nodes=spans)
+    return Kernel(
+      ins.name, "collective", 0.0, payload, count, label, collective=base, group_size=size, group_spans_nodes=spans
+    )
 
   def _custom_call(self, ins: Instruction, count: int, label: str) -> Kernel:
     target = _attr(ins.attrs, "custom_call_target") or ""
     result = shapes(ins.type)
-    io = self._operand_bytes(ins) + nbytes(ins.type) - sum(
-        DTYPE_BYTES[d] * math.prod(s) for d, s in result if d in ("u8", "s8"))  # scratch workspaces
+    io = (
+      self._operand_bytes(ins)
+      + nbytes(ins.type)
+      - sum(DTYPE_BYTES[d] * math.prod(s) for d, s in result if d in ("u8", "s8"))
+    )  # scratch workspaces
     operand_shapes = [shapes(self._type(name)) for name in ins.operands]
     if "cublas" in target:
       config = _backend_config(ins.attrs).get("gemm_backend_config", {})
@@ -408,8 +483,13 @@ class Program:
       lhs = operand_shapes[0][0][1]
       contracted = math.prod(lhs[int(d)] for d in dims.get("lhs_contracting_dimensions", []))
       flops = 2.0 * math.prod(result[0][1]) * contracted
-      shape = gemm_shape(lhs, operand_shapes[1][0][1], dims.get("lhs_contracting_dimensions", []),
-                         dims.get("rhs_contracting_dimensions", []), dims.get("rhs_batch_dimensions", []))
+      shape = gemm_shape(
+        lhs,
+        operand_shapes[1][0][1],
+        dims.get("lhs_contracting_dimensions", []),
+        dims.get("rhs_contracting_dimensions", []),
+        dims.get("rhs_batch_dimensions", []),
+      )
       return Kernel(ins.name, "gemm", flops, io, count, label, dtype=operand_shapes[0][0][0], shape=shape)
     if "fmha" in target:
       q, k = operand_shapes[0][0][1], operand_shapes[1][0][1]  # (B, T, H, D) and (B, S, H, D)
@@ -439,9 +519,16 @@ class Program:
     io = self._fusion_bytes(ins, body)
     if "dot" in ops:
       dots = [i for i in body if i.op == "dot"]
-      return Kernel(ins.name, "gemm", sum(self._dot_flops(d) for d in dots), io, count, label,
-                    dtype=shapes(self._type(dots[0].operands[0]))[0][0],
-                    shape=self._dot_shape(dots[0]) if len(dots) == 1 else ())
+      return Kernel(
+        ins.name,
+        "gemm",
+        sum(self._dot_flops(d) for d in dots),
+        io,
+        count,
+        label,
+        dtype=shapes(self._type(dots[0].operands[0]))[0][0],
+        shape=self._dot_shape(dots[0]) if len(dots) == 1 else (),
+      )
     compute, movement = ops - FREE - COPY_OPS - {"convert"}, ops & COPY_OPS
     if compute:
       kind = "reduction" if compute & {"reduce", "reduce-window"} else "elementwise"
@@ -458,11 +545,18 @@ class Program:
 
   def _dot_shape(self, dot: Instruction) -> tuple:
     """(M, N, K) of a `dot` instruction (`gemm_shape`)."""
+
     def dims(key):
       found = re.search(rf"{key}=\{{([\d,]*)\}}", dot.attrs)
       return re.findall(r"\d+", found.group(1)) if found else []
-    return gemm_shape(shapes(self._type(dot.operands[0]))[0][1], shapes(self._type(dot.operands[1]))[0][1],
-                      dims("lhs_contracting_dims"), dims("rhs_contracting_dims"), dims("rhs_batch_dims"))
+
+    return gemm_shape(
+      shapes(self._type(dot.operands[0]))[0][1],
+      shapes(self._type(dot.operands[1]))[0][1],
+      dims("lhs_contracting_dims"),
+      dims("rhs_contracting_dims"),
+      dims("rhs_batch_dims"),
+    )
 
   def _fusion_bytes(self, ins: Instruction, body: list[Instruction]) -> float:
     """Operands read plus results written, where a parameter read only through slices (dynamic or static: a
@@ -474,6 +568,7 @@ class Program:
     for i in body:
       for name in i.operands:
         users.setdefault(name, []).append(i)
+
     def uses_of(name: str, through=("bitcast",)) -> list[tuple[Instruction, str]]:
       """(user, the name it reads) of `name`, seen through the ops of `through` (a bitcast is a layout's
       reinterpretation: no bytes)."""
@@ -498,7 +593,5 @@ class Program:
     written = nbytes(ins.type)
     updates = [i for i in body if i.op == "dynamic-update-slice" and i.operands and i.operands[0] in params]
     if updates:
-      written = written - sum(nbytes(u.type) for u in updates) + sum(nbytes(self._type(u.operands[1]))
-                                                                      for u in updates)
+      written = written - sum(nbytes(u.type) for u in updates) + sum(nbytes(self._type(u.operands[1])) for u in updates)
     return read + max(written, 0.0)
-

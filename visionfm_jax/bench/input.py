@@ -65,13 +65,13 @@ WARMUP = 16  # images (ops) or batches-worth of images (loader) before the clock
 
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", flag_values=fv,
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'.", flag_values=fv, lock_config=True
+  )
   flags.DEFINE_string("source", "", "config.data.source override; default: a synthetic JPEG set.", flag_values=fv)
   flags.DEFINE_integer("synthetic", 512, "Synthetic JPEGs to write (without --source).", flag_values=fv)
   flags.DEFINE_string("synthetic_size", "500x375", "Synthetic image size WxH.", flag_values=fv)
-  flags.DEFINE_integer("images", 512, "Images timed per measurement (records are reused cyclically).",
-                       flag_values=fv)
+  flags.DEFINE_integer("images", 512, "Images timed per measurement (records are reused cyclically).", flag_values=fv)
   flags.DEFINE_list("workers", ["0"], "grain worker counts for ours_loader.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 32, "ours_loader batch size.", flag_values=fv)
   return fv
@@ -142,8 +142,15 @@ def apply_ops(ops: list, record: dict, rng: np.random.Generator, op_seconds: lis
 
 
 def _figures(count: int, cores: int, wall: float, cpu: float) -> dict:
-  return dict(images=count, cores=cores, wall_s=round(wall, 4), cpu_s=round(cpu, 4), cpu_per_wall=round(cpu / wall, 3),
-              images_per_s=round(count / wall, 2), images_per_s_per_core=round(count / wall / cores, 2))
+  return dict(
+    images=count,
+    cores=cores,
+    wall_s=round(wall, 4),
+    cpu_s=round(cpu, 4),
+    cpu_per_wall=round(cpu / wall, 3),
+    images_per_s=round(count / wall, 2),
+    images_per_s_per_core=round(count / wall / cores, 2),
+  )
 
 
 def _clocked(step, steps: int, cores: int) -> dict:
@@ -182,6 +189,7 @@ def ops_timer(data_cfg) -> tuple:
   def op_ms(images: int) -> dict:
     scale = 1e3 / (images + min(WARMUP, images))  # the warm-up rounds are in op_seconds too
     return {f"{i}:{type(op).__name__}": round(s * scale, 3) for i, (op, s) in enumerate(zip(ops, op_seconds))}
+
   return (lambda record: apply_ops(ops, record, rng, op_seconds)), op_ms
 
 
@@ -190,8 +198,10 @@ def time_device(data_cfg, images: int, batch_size: int) -> dict:
   batches of `batch_size` with the parameters the loader draws, after a compile + warm-up call."""
   rng = np.random.default_rng(0)
   side = data_cfg.image_size
-  batch = {"image": rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8),
-           **transforms.random_device_params(data_cfg.augment, batch_size, rng)}
+  batch = {
+    "image": rng.integers(0, 256, (batch_size, side, side, 3), dtype=np.uint8),
+    **transforms.random_device_params(data_cfg.augment, batch_size, rng),
+  }
   mean, std = (np.asarray(v, np.float32) * 255.0 for v in (data_cfg.mean, data_cfg.std))
   batch = jax.device_put(batch)
   fn = jax.jit(lambda b: device_augment.augment(b["image"], b, mean, std))
@@ -200,8 +210,11 @@ def time_device(data_cfg, images: int, batch_size: int) -> dict:
   start = time.perf_counter()
   for _ in range(steps):
     fn(batch).block_until_ready()
-  return dict(backend=jax.default_backend(), batch_size=batch_size,
-              ms_per_image=round((time.perf_counter() - start) * 1e3 / (steps * batch_size), 4))
+  return dict(
+    backend=jax.default_backend(),
+    batch_size=batch_size,
+    ms_per_image=round((time.perf_counter() - start) * 1e3 / (steps * batch_size), 4),
+  )
 
 
 def time_loader(data_cfg, source, images: int, workers: int, batch_size: int) -> dict:
@@ -209,8 +222,9 @@ def time_loader(data_cfg, source, images: int, workers: int, batch_size: int) ->
   prefetched meanwhile (their buffers would flatter the rate). The workers stop when the iterator is freed."""
   data_cfg = data_cfg.copy_and_resolve_references()
   data_cfg.num_workers = workers
-  loader = pipeline.make_train_loader(data_cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1,
-                                      source=WithLabel(source))
+  loader = pipeline.make_train_loader(
+    data_cfg, batch_size=batch_size, seed=0, process_index=0, process_count=1, source=WithLabel(source)
+  )
   iterator = iter(loader)
   for _ in range(math.ceil(WARMUP / batch_size) + workers * data_cfg.prefetch):
     next(iterator)
@@ -223,8 +237,14 @@ def machine() -> dict:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
       model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
   versions = {name: importlib.metadata.version(name) for name in ("grain", "numpy", "array_record")}
-  return dict(cpu_count=os.cpu_count(), cpus_usable=len(os.sched_getaffinity(0)), cpu_model=model,
-              python=platform.python_version(), pillow=PIL.__version__, **versions)
+  return dict(
+    cpu_count=os.cpu_count(),
+    cpus_usable=len(os.sched_getaffinity(0)),
+    cpu_model=model,
+    python=platform.python_version(),
+    pillow=PIL.__version__,
+    **versions,
+  )
 
 
 def load_config(fv):
@@ -243,15 +263,25 @@ def _parse_args(fv) -> tuple[list[int], tuple[int, int]]:
     workers = [int(w) for w in fv.workers]
     width, height = (int(x) for x in fv.synthetic_size.lower().split("x"))
   except ValueError:
-    raise UserError(f"--workers={','.join(fv.workers)} / --synthetic_size={fv.synthetic_size}: expected "
-                    f"integers like 0,2 and WxH like 500x375") from None
+    raise UserError(
+      f"--workers={','.join(fv.workers)} / --synthetic_size={fv.synthetic_size}: expected "
+      f"integers like 0,2 and WxH like 500x375"
+    ) from None
   if min(workers, default=0) < 0 or min(fv.images, fv.batch_size, fv.synthetic, width, height) <= 0:
     raise UserError("--workers must be >= 0; --images, --batch_size, --synthetic and its size positive")
   return workers, (width, height)
 
 
-def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], images: int, workers: Sequence[int],
-        batch_size: int) -> dict:
+def run(
+  config,
+  source_spec: str,
+  *,
+  synthetic: int,
+  size: tuple[int, int],
+  images: int,
+  workers: Sequence[int],
+  batch_size: int,
+) -> dict:
   data_cfg = config.data.copy_and_resolve_references()
   with tempfile.TemporaryDirectory(prefix="bench_input_") as tmp:
     jpeg_bytes = None
@@ -263,12 +293,18 @@ def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], imag
       raise UserError(f"--source={source_spec}: no records, or records without encoded image bytes")
     side, count = data_cfg.image_size, len(source)
     ours, op_ms = ops_timer(data_cfg)
-    fns = {"baseline": lambda i: bare_decode(source[i], side, False),
-           "baseline_draft": lambda i: bare_decode(source[i], side, True), "ours_ops": lambda i: ours(source[i])}
+    fns = {
+      "baseline": lambda i: bare_decode(source[i], side, False),
+      "baseline_draft": lambda i: bare_decode(source[i], side, True),
+      "ours_ops": lambda i: ours(source[i]),
+    }
     tar_source = WithLabel(wds.WdsSource(os.path.join(tmp, "*.tar"))) if jpeg_bytes is not None else None
     if tar_source is not None:
-      fns.update(read_arrayrecord=lambda i: source[i], read_wds=lambda i: tar_source[i],
-                 ours_ops_wds=lambda i: ours(tar_source[i]))
+      fns.update(
+        read_arrayrecord=lambda i: source[i],
+        read_wds=lambda i: tar_source[i],
+        ours_ops_wds=lambda i: ours(tar_source[i]),
+      )
     results = time_interleaved(fns, count, images)
     for w in workers:
       results[f"ours_loader_w{w}"] = time_loader(data_cfg, source, images, w, batch_size)
@@ -277,43 +313,65 @@ def run(config, source_spec: str, *, synthetic: int, size: tuple[int, int], imag
   device = time_device(data_cfg, images, batch_size)
   ratio = lambda key, base: round(results["ours_ops"][key] / results[base][key], 3)
   per_cpu_s_ratio = round(results["baseline"]["cpu_s"] / results["ours_ops"]["cpu_s"], 3)  # same image count
-  return dict(date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), machine=machine(),
-              source=source_spec, records=count, image_size=side, augment=data_cfg.augment.to_dict(),
-              decode_side=pipeline.train_decode_side(data_cfg), batch_size=batch_size,
-              synthetic=None if jpeg_bytes is None else dict(count=synthetic, size=f"{size[0]}x{size[1]}",
-                                                             mean_jpeg_bytes=jpeg_bytes),
-              results=results, ours_ops_ms_per_image=op_ms(images), device_augment=device,
-              ratio_ours_ops_to_baseline=ratio("images_per_s", "baseline"),
-              ratio_ours_ops_to_baseline_draft=ratio("images_per_s", "baseline_draft"),
-              ratio_ours_ops_to_baseline_images_per_cpu_s=per_cpu_s_ratio,
-              ratio_wds_to_arrayrecord=wds_ratios(results))
+  return dict(
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    machine=machine(),
+    source=source_spec,
+    records=count,
+    image_size=side,
+    augment=data_cfg.augment.to_dict(),
+    decode_side=pipeline.train_decode_side(data_cfg),
+    batch_size=batch_size,
+    synthetic=None
+    if jpeg_bytes is None
+    else dict(count=synthetic, size=f"{size[0]}x{size[1]}", mean_jpeg_bytes=jpeg_bytes),
+    results=results,
+    ours_ops_ms_per_image=op_ms(images),
+    device_augment=device,
+    ratio_ours_ops_to_baseline=ratio("images_per_s", "baseline"),
+    ratio_ours_ops_to_baseline_draft=ratio("images_per_s", "baseline_draft"),
+    ratio_ours_ops_to_baseline_images_per_cpu_s=per_cpu_s_ratio,
+    ratio_wds_to_arrayrecord=wds_ratios(results),
+  )
 
 
 def wds_ratios(results: dict) -> dict | None:
   """{measurement: its `wds:` figure's images/s per core over its ArrayRecord one's}; None without `wds:` ones."""
   pairs = {"read_arrayrecord": "read_wds", "ours_ops": "ours_ops_wds"}
-  pairs.update({name: name.replace("ours_loader_w", "ours_loader_wds_w") for name in results
-                if name.startswith("ours_loader_w")})
-  ratios = {name: round(results[other]["images_per_s_per_core"] / results[name]["images_per_s_per_core"], 3)
-            for name, other in pairs.items() if name in results and other in results}
+  pairs.update(
+    {name: name.replace("ours_loader_w", "ours_loader_wds_w") for name in results if name.startswith("ours_loader_w")}
+  )
+  ratios = {
+    name: round(results[other]["images_per_s_per_core"] / results[name]["images_per_s_per_core"], 3)
+    for name, other in pairs.items()
+    if name in results and other in results
+  }
   return ratios or None
 
 
 def print_report(report: dict) -> None:
   print(f"{'measurement':<16} {'images':>6} {'cores':>5} {'images/s':>9} {'/core':>9} {'cpu/wall':>8}")
   for name, r in report["results"].items():
-    print(f"{name:<16} {r['images']:>6} {r['cores']:>5} {r['images_per_s']:>9.1f} {r['images_per_s_per_core']:>9.1f} "
-          f"{r['cpu_per_wall']:>8.2f}")
-  print(f"ours_ops / baseline = {report['ratio_ours_ops_to_baseline']:.3f} (images per CPU second: "
-        f"{report['ratio_ours_ops_to_baseline_images_per_cpu_s']:.3f}), / baseline_draft = "
-        f"{report['ratio_ours_ops_to_baseline_draft']:.3f}")
+    print(
+      f"{name:<16} {r['images']:>6} {r['cores']:>5} {r['images_per_s']:>9.1f} {r['images_per_s_per_core']:>9.1f} "
+      f"{r['cpu_per_wall']:>8.2f}"
+    )
+  print(
+    f"ours_ops / baseline = {report['ratio_ours_ops_to_baseline']:.3f} (images per CPU second: "
+    f"{report['ratio_ours_ops_to_baseline_images_per_cpu_s']:.3f}), / baseline_draft = "
+    f"{report['ratio_ours_ops_to_baseline_draft']:.3f}"
+  )
   print("ours_ops ms per image: " + ", ".join(f"{k} {v:.2f}" for k, v in report["ours_ops_ms_per_image"].items()))
   if report["ratio_wds_to_arrayrecord"]:
-    print("wds / arrayrecord images/s per core: " + ", ".join(
-        f"{k} {v:.3f}" for k, v in report["ratio_wds_to_arrayrecord"].items()))
+    print(
+      "wds / arrayrecord images/s per core: "
+      + ", ".join(f"{k} {v:.3f}" for k, v in report["ratio_wds_to_arrayrecord"].items())
+    )
   device = report["device_augment"]
-  print(f"device part (device_augment.augment, jit on {device['backend']}, batch {device['batch_size']}): "
-        f"{device['ms_per_image']:.3f} ms per image")
+  print(
+    f"device part (device_augment.augment, jit on {device['backend']}, batch {device['batch_size']}): "
+    f"{device['ms_per_image']:.3f} ms per image"
+  )
   print(json.dumps(report, sort_keys=True))
 
 
@@ -321,8 +379,11 @@ def _main(fv, rest: list[str]) -> None:
   del rest
   config = load_config(fv)
   workers, size = _parse_args(fv)
-  print_report(run(config, fv.source, synthetic=fv.synthetic, size=size, images=fv.images, workers=workers,
-                   batch_size=fv.batch_size))
+  print_report(
+    run(
+      config, fv.source, synthetic=fv.synthetic, size=size, images=fv.images, workers=workers, batch_size=fv.batch_size
+    )
+  )
 
 
 def main(argv: Sequence[str]) -> int:

@@ -35,8 +35,11 @@ _BARRIER_TIMEOUT_S = 60.0
 
 def dead_pid() -> int:
   """The pid of a process that has ended (its number not yet reused, in all likelihood)."""
-  return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
-                            check=True).stdout)
+  return int(
+    subprocess.run(
+      [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True
+    ).stdout
+  )
 
 
 def _round_dir(directory: str, number: int) -> str:
@@ -79,8 +82,10 @@ def race(rounds: int, directory: str, write_delay_s: float = 0.0) -> dict:
   stale = {**workdir.this_holder(), "pid": dead_pid()}
   context = multiprocessing.get_context("spawn")  # a fresh interpreter: the caller may run threads (JAX's)
   barrier, results = context.Barrier(_WORKERS + 1), context.Queue()
-  workers = [context.Process(target=_worker, args=(directory, rounds, write_delay_s, barrier, results), daemon=True)
-             for _ in range(_WORKERS)]
+  workers = [
+    context.Process(target=_worker, args=(directory, rounds, write_delay_s, barrier, results), daemon=True)
+    for _ in range(_WORKERS)
+  ]
   for worker in workers:
     worker.start()
   holders, start = [], None
@@ -100,19 +105,30 @@ def race(rounds: int, directory: str, write_delay_s: float = 0.0) -> dict:
       if worker.is_alive():
         worker.kill()
         worker.join()
-  return {"rounds": rounds, "double_holds": sum(h > 1 for h in holders), "none_held": holders.count(0),
-          "taken_over": holders.count(1), "seconds": round(time.monotonic() - start, 2) if start else 0.0}
+  return {
+    "rounds": rounds,
+    "double_holds": sum(h > 1 for h in holders),
+    "none_held": holders.count(0),
+    "taken_over": holders.count(1),
+    "seconds": round(time.monotonic() - start, 2) if start else 0.0,
+  }
 
 
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
   for name, default, help_text in (
-      ("rounds", 300, "rounds of two processes taking one stale lock"),
-      ("write_delay_s", 0.0, "seconds added to each write of a holder's record")):
-    (flags.DEFINE_integer if isinstance(default, int) else flags.DEFINE_float)(name, default, help_text, lower_bound=0,
-                                                                                flag_values=fv)
-  flags.DEFINE_string("dir", "/tmp/visionfm_lock_race", "where the rounds' folders are made (in a fresh folder, "
-                      "removed after)", flag_values=fv)
+    ("rounds", 300, "rounds of two processes taking one stale lock"),
+    ("write_delay_s", 0.0, "seconds added to each write of a holder's record"),
+  ):
+    (flags.DEFINE_integer if isinstance(default, int) else flags.DEFINE_float)(
+      name, default, help_text, lower_bound=0, flag_values=fv
+    )
+  flags.DEFINE_string(
+    "dir",
+    "/tmp/visionfm_lock_race",
+    "where the rounds' folders are made (in a fresh folder, removed after)",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -124,8 +140,10 @@ def _body(fv, rest):
     result = race(fv.rounds, rounds_dir, fv.write_delay_s)
   finally:
     shutil.rmtree(rounds_dir, ignore_errors=True)
-  print(f"{result['rounds']} rounds: {result['double_holds']} double holds, {result['none_held']} with no holder, "
-        f"{result['taken_over']} taken over by one ({result['seconds']} s)\n{json.dumps(result)}")
+  print(
+    f"{result['rounds']} rounds: {result['double_holds']} double holds, {result['none_held']} with no holder, "
+    f"{result['taken_over']} taken over by one ({result['seconds']} s)\n{json.dumps(result)}"
+  )
 
 
 def main(argv) -> int:

@@ -72,41 +72,87 @@ from visionfm_jax.bench import gpu_target, hlo_cost, pricing
 from visionfm_jax.errors import ConfigError, UserError
 
 DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count"
-GIB = 2 ** 30
-UNITS = {"": 1, "b": 1, "kb": 10 ** 3, "mb": 10 ** 6, "gb": 10 ** 9, "tb": 10 ** 12,
-         "kib": 2 ** 10, "mib": 2 ** 20, "gib": 2 ** 30, "tib": 2 ** 40}
+GIB = 2**30
+UNITS = {
+  "": 1,
+  "b": 1,
+  "kb": 10**3,
+  "mb": 10**6,
+  "gb": 10**9,
+  "tb": 10**12,
+  "kib": 2**10,
+  "mib": 2**20,
+  "gib": 2**30,
+  "tib": 2**40,
+}
 # jax.checkpoint policies from least to most recomputation in the backward pass: the order candidates compile in.
-REMAT_BY_RECOMPUTE = ("none", "everything_saveable", "dots_saveable", "dots_with_no_batch_dims_and_attention_saveable",
-                      "dots_with_no_batch_dims_saveable", "nothing_saveable")
+REMAT_BY_RECOMPUTE = (
+  "none",
+  "everything_saveable",
+  "dots_saveable",
+  "dots_with_no_batch_dims_and_attention_saveable",
+  "dots_with_no_batch_dims_saveable",
+  "nothing_saveable",
+)
 
 
 def make_flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
-                                  flag_values=fv, sys_argv=list(argv))
-  flags.DEFINE_integer("devices", 8, "Simulated devices of the mesh (config.mesh resolves against them).",
-                       flag_values=fv)
-  flags.DEFINE_string("fit", "", "Memory of one device: 80GB (1e9 bytes per GB), 80GiB (2^30 per GiB), or "
-                      "bytes (40e9); empty: with --target, what a job launched with the target's launch/ flags may "
-                      "allocate (the GPU's memory times their XLA_PYTHON_CLIENT_MEM_FRACTION), else 80GB.",
-                      flag_values=fv)
-  flags.DEFINE_list("remat", ",".join(REMAT_BY_RECOMPUTE), "config.model.remat_policy values to plan.",
-                    flag_values=fv)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'.", lock_config=True, flag_values=fv, sys_argv=list(argv)
+  )
+  flags.DEFINE_integer(
+    "devices", 8, "Simulated devices of the mesh (config.mesh resolves against them).", flag_values=fv
+  )
+  flags.DEFINE_string(
+    "fit",
+    "",
+    "Memory of one device: 80GB (1e9 bytes per GB), 80GiB (2^30 per GiB), or "
+    "bytes (40e9); empty: with --target, what a job launched with the target's launch/ flags may "
+    "allocate (the GPU's memory times their XLA_PYTHON_CLIENT_MEM_FRACTION), else 80GB.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list("remat", ",".join(REMAT_BY_RECOMPUTE), "config.model.remat_policy values to plan.", flag_values=fv)
   flags.DEFINE_list("micro_batches", "1,2,4,8", "config.grad_accum_steps values to plan.", flag_values=fv)
-  flags.DEFINE_list("attention", "softmax,jax,cudnn", "Attention implementations to plan (models/kernels.py "
-                    "ATTENTION; a SwinV2's WINDOW_ATTENTION adds pallas), set in every attention field of "
-                    "config.model.", flag_values=fv)
-  flags.DEFINE_string("target", "", "Compile for this GPU, deviceless (bench/gpu_target.py: " +
-                      ", ".join(sorted(gpu_target.TARGETS)) + "; needs the gpu-aot extra); empty: simulated CPU "
-                      "devices.", flag_values=fv)
-  flags.DEFINE_list("fsdp", "", "Layouts to plan: 'all' (config.mesh.fsdp=-1, data 1) or N (config.mesh.fsdp=N, "
-                    "data=-1: sharded within groups of N, e.g. a node's 8 GPUs, the groups data-parallel); empty: "
-                    "the config's mesh.", flag_values=fv)
-  flags.DEFINE_list("unroll", "", "config.model.scan_unroll values to plan (blocks per iteration of the scanned "
-                    "stacks; 0: straight-line), or SwinV2 forms stage by stage (stage_scan_unrolls) as numbers "
-                    "joined by '/', e.g. 0/0/3/0; empty: the config's.", flag_values=fv)
-  flags.DEFINE_bool("first_fit", False, "Stop at the first candidate that fits (in the expected-cheapest order) "
-                    "and choose it.", flag_values=fv)
+  flags.DEFINE_list(
+    "attention",
+    "softmax,jax,cudnn",
+    "Attention implementations to plan (models/kernels.py "
+    "ATTENTION; a SwinV2's WINDOW_ATTENTION adds pallas), set in every attention field of "
+    "config.model.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "target",
+    "",
+    "Compile for this GPU, deviceless (bench/gpu_target.py: "
+    + ", ".join(sorted(gpu_target.TARGETS))
+    + "; needs the gpu-aot extra); empty: simulated CPU "
+    "devices.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "fsdp",
+    "",
+    "Layouts to plan: 'all' (config.mesh.fsdp=-1, data 1) or N (config.mesh.fsdp=N, "
+    "data=-1: sharded within groups of N, e.g. a node's 8 GPUs, the groups data-parallel); empty: "
+    "the config's mesh.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "unroll",
+    "",
+    "config.model.scan_unroll values to plan (blocks per iteration of the scanned "
+    "stacks; 0: straight-line), or SwinV2 forms stage by stage (stage_scan_unrolls) as numbers "
+    "joined by '/', e.g. 0/0/3/0; empty: the config's.",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "first_fit",
+    False,
+    "Stop at the first candidate that fits (in the expected-cheapest order) and choose it.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -115,13 +161,15 @@ def ensure_devices(count: int, argv, target: str = "", module: str = "visionfm_j
   devices, or for a GPU `target` the CPU platform with that GPU's XLA flags (gpu_target.environment). Must run
   before anything initialises a JAX backend."""
   if target:
-    env = gpu_target.environment(gpu_target.TARGETS[target], dict(os.environ)) if target in gpu_target.TARGETS \
-        else None  # an unknown target is reported by the tool itself
+    env = (
+      gpu_target.environment(gpu_target.TARGETS[target], dict(os.environ)) if target in gpu_target.TARGETS else None
+    )  # an unknown target is reported by the tool itself
   else:
     flag = f"{DEVICE_COUNT_FLAG}={count}"
     if flag in os.environ.get("XLA_FLAGS", ""):
       return
     import jax  # pylint: disable=g-import-not-at-top
+
     if jax.device_count() >= count:
       return
     env = dict(os.environ, XLA_FLAGS=f"{os.environ.get('XLA_FLAGS', '')} {flag}".strip(), JAX_PLATFORMS="cpu")
@@ -135,12 +183,14 @@ def parse_size(text: str, flag: str = "--fit") -> int:
   match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*", text)
   unit = match.group(2).lower() if match else None
   if unit not in UNITS or float(match.group(1)) <= 0:
-    raise ConfigError(f"{flag}={text}: expected a positive size like 80GB (GB = 1e9 bytes), 80GiB "
-                      f"(GiB = 2^30 bytes) or 40e9 (bytes)")
+    raise ConfigError(
+      f"{flag}={text}: expected a positive size like 80GB (GB = 1e9 bytes), 80GiB (GiB = 2^30 bytes) or 40e9 (bytes)"
+    )
   return int(float(match.group(1)) * UNITS[unit])
 
 
 # ---------------------------------------------------------------------------------------------- candidates
+
 
 def default_fit_bytes(target: str) -> int:
   """--fit's default: a job's share of the target GPU under its launch flags; 80 GB without a target."""
@@ -167,12 +217,17 @@ def check_attention_names(config, attentions) -> None:
   """ConfigError unless every --attention name is one that every attention field of the config takes, by its
   row's domain: a SwinV2 tower's adds its window kernel ('pallas') to config_lib.ATTENTION."""
   paths = attention_fields(config.model)
-  takes = [name for name in config_lib.WINDOW_ATTENTION
-           if all(config_lib.domain_of(config, path).contains(name) for path in paths)]
+  takes = [
+    name
+    for name in config_lib.WINDOW_ATTENTION
+    if all(config_lib.domain_of(config, path).contains(name) for path in paths)
+  ]
   unknown = [a for a in attentions if a not in takes]
   if unknown:
-    raise ConfigError(f"--attention={','.join(attentions)}: {unknown} not in {tuple(takes)}, what "
-                      f"{', '.join(f'config.{path}' for path in paths)} take")
+    raise ConfigError(
+      f"--attention={','.join(attentions)}: {unknown} not in {tuple(takes)}, what "
+      f"{', '.join(f'config.{path}' for path in paths)} take"
+    )
 
 
 def parse_counts(values: list[str]) -> list[int]:
@@ -188,6 +243,7 @@ def parse_counts(values: list[str]) -> list[int]:
 def layout_settings(config, devices: int, layouts) -> tuple[list[dict], dict[str, str]]:
   """`--fsdp` values as mesh settings ([{}]: the config's mesh), and those the config rejects as {flag: why}."""
   from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+
   settings, skipped = [], {}
   for value in dict.fromkeys(v.strip() for v in layouts):
     if value == "all":
@@ -205,30 +261,37 @@ def layout_settings(config, devices: int, layouts) -> tuple[list[dict], dict[str
   return (settings if layouts else [{}]), skipped
 
 
-def candidate_settings(config, devices: int, remats, micro_batches, attentions, target: str = "", layouts=(),
-                       unrolls=()):
+def candidate_settings(
+  config, devices: int, remats, micro_batches, attentions, target: str = "", layouts=(), unrolls=()
+):
   """The grid as {dotted config field: value}, expected cheapest first, and the values left out of it as
   {flag: why}: attention implementations this backend lacks, micro-batch counts or layouts the config rejects."""
   import jax  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+
   checks.validate(config)  # what the sweep does not vary must hold already
   unknown = [r for r in remats if r not in config_lib.REMAT_POLICIES]
   if unknown:
     raise ConfigError(f"--remat={','.join(remats)}: {unknown} not in {config_lib.REMAT_POLICIES}")
-  by_stage = [(path, tuple(value)) for path, value in fields_named(config.model, "stage_remat_policies").items()
-              if value]
+  by_stage = [
+    (path, tuple(value)) for path, value in fields_named(config.model, "stage_remat_policies").items() if value
+  ]
   if by_stage:
     path, value = by_stage[0]
-    raise ConfigError(f"config.{path}={value}: its stages keep their own remat, which --remat (model.remat_policy) "
-                      f"would not change; price that form with bench.roofline, or plan with --config.{path}=()")
+    raise ConfigError(
+      f"config.{path}={value}: its stages keep their own remat, which --remat (model.remat_policy) "
+      f"would not change; price that form with bench.roofline, or plan with --config.{path}=()"
+    )
   check_attention_names(config, attentions)
   skipped = {}
   if not target and jax.default_backend() != "gpu":
     for name in dict.fromkeys(a for a in attentions if a in kernels.GPU_ONLY_ATTENTION):
-      skipped[f"--attention={name}"] = (f"GPU only, not planned on simulated {jax.default_backend()} devices "
-                                        f"(--target=h100 plans it with the GPU compiler)")
+      skipped[f"--attention={name}"] = (
+        f"GPU only, not planned on simulated {jax.default_backend()} devices "
+        f"(--target=h100 plans it with the GPU compiler)"
+      )
   counts = []
   for count in parse_counts(micro_batches):
     reason = why_not_micro_batches(config, count, devices)
@@ -242,7 +305,8 @@ def candidate_settings(config, devices: int, remats, micro_batches, attentions, 
   skipped.update(skipped_layouts)
   grid = []
   for remat, count, unroll, attention, mesh in itertools.product(
-      sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts, parse_unrolls(unrolls), planned, meshes):
+    sorted(set(remats), key=REMAT_BY_RECOMPUTE.index), counts, parse_unrolls(unrolls), planned, meshes
+  ):
     setting = {"model.remat_policy": remat, "grad_accum_steps": count}
     setting.update(unroll_setting(config.model, unroll))
     setting.update({path: attention for path in fields if attention is not None})
@@ -260,8 +324,10 @@ def parse_unrolls(values) -> list[int | tuple[int, ...] | None]:
   except ValueError:
     unrolls = [-1]
   if any(min(u) < 0 if isinstance(u, tuple) else u < 0 for u in unrolls):
-    raise ConfigError(f"--unroll={','.join(values)}: expected blocks per loop iteration >= 1, or 0 (straight-line), "
-                      f"or one such number a stage joined by '/' (e.g. 0/0/3/0)")
+    raise ConfigError(
+      f"--unroll={','.join(values)}: expected blocks per loop iteration >= 1, or 0 (straight-line), "
+      f"or one such number a stage joined by '/' (e.g. 0/0/3/0)"
+    )
   return unrolls
 
 
@@ -274,8 +340,10 @@ def unroll_setting(model, unroll) -> dict[str, object]:
     return {"model.scan_unroll": unroll}
   paths = list(fields_named(model, "stage_scan_unrolls"))
   if not paths:
-    raise ConfigError(f"--unroll={'/'.join(map(str, unroll))}: a form stage by stage is a SwinV2 tower's "
-                      f"(stage_scan_unrolls); this model has none")
+    raise ConfigError(
+      f"--unroll={'/'.join(map(str, unroll))}: a form stage by stage is a SwinV2 tower's "
+      f"(stage_scan_unrolls); this model has none"
+    )
   return {path: unroll for path in paths}
 
 
@@ -284,15 +352,18 @@ def why_not_micro_batches(config, count: int, devices: int) -> str | None:
   does not divide over the mesh), or they would change the loss of a task whose examples meet in it."""
   from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
   from visionfm_jax.training import checks  # pylint: disable=g-import-not-at-top
+
   try:
     checks.validate(apply(config, {"grad_accum_steps": count}), devices)
   except ConfigError as e:
     return str(e)
   task = tasks.TASKS[config.task]
   if count > 1 and task.couples_examples and not task.splits_loss:
-    return (f"config.task={config.task}: its loss couples the examples of a batch and is not split "
-            f"(tasks/base.py splits_loss), so each of {count} micro-batches would see only its own; the recipe "
-            f"would change")
+    return (
+      f"config.task={config.task}: its loss couples the examples of a batch and is not split "
+      f"(tasks/base.py splits_loss), so each of {count} micro-batches would see only its own; the recipe "
+      f"would change"
+    )
   return None
 
 
@@ -303,8 +374,10 @@ def apply(config, setting: dict[str, object]):
 
 def as_flags(setting: dict[str, object]) -> str:
   """The setting as --config flags a shell passes as they are (a tuple without spaces: `(0,0,3,0)`)."""
-  return " ".join(f"--config.{path}=({','.join(map(str, value))})" if isinstance(value, tuple)
-                  else f"--config.{path}={value}" for path, value in setting.items())
+  return " ".join(
+    f"--config.{path}=({','.join(map(str, value))})" if isinstance(value, tuple) else f"--config.{path}={value}"
+    for path, value in setting.items()
+  )
 
 
 # --------------------------------------------------------------------------------------------------- FLOPs
@@ -325,11 +398,15 @@ def step_flops(compiled) -> float:
   """`loop_flops` of the compiled step; where this jaxlib lacks the private calls it needs, XLA's own count
   (loop bodies once, so scanned models look cheaper), with a warning saying so."""
   import jax  # pylint: disable=g-import-not-at-top
+
   try:
     return loop_flops(compiled.as_text(), jax.devices()[0].client)
   except (ImportError, AttributeError, TypeError) as e:
-    logging.warning("memory_plan: cannot count loop bodies per trip with this jaxlib (%s); FLOPs are XLA's "
-                    "own count, each loop body once", e)
+    logging.warning(
+      "memory_plan: cannot count loop bodies per trip with this jaxlib (%s); FLOPs are XLA's "
+      "own count, each loop body once",
+      e,
+    )
     return xla_flops(compiled)
 
 
@@ -345,11 +422,13 @@ def loop_flops(hlo_text: str, client) -> float:
   name = header.split()[1].rstrip(",")
   marks = list(COMPUTATION.finditer(body))
   # each computation's text from its name on, without the ENTRY mark
-  texts = {m.group(2): body[m.start() + len(m.group(1) or ""):nxt.start() if nxt else len(body)]
-           for m, nxt in zip(marks, marks[1:] + [None])}
+  texts = {
+    m.group(2): body[m.start() + len(m.group(1) or "") : nxt.start() if nxt else len(body)]
+    for m, nxt in zip(marks, marks[1:] + [None])
+  }
   entry_mark = next(m for m in marks if m.group(1))
   entry = entry_mark.group(2)
-  without_entry = body[:entry_mark.start()] + body[entry_mark.start() + len(entry_mark.group(1)):]
+  without_entry = body[: entry_mark.start()] + body[entry_mark.start() + len(entry_mark.group(1)) :]
   once = {}
 
   def counted_once(computation: str) -> float:
@@ -370,6 +449,7 @@ def loop_flops(hlo_text: str, client) -> float:
 
 
 # ---------------------------------------------------------------------------------------------------- plan
+
 
 def compile_step(config, devices: int, target: str = "", try_kernels=()):
   """`config`'s train step compiled for its mesh over the first `devices` devices of this process, or over
@@ -414,8 +494,9 @@ def plan(config, devices: int, target: str = "") -> dict:
   tx, _ = optim.fresh_optimizer(config, task.model)
   abstract_boxed = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
   mesh_shape = dict(mesh.shape)
-  state = parallel.bytes_per_device(abstract_boxed, mesh_shape, config.strategy,
-                                   config.optimizer_over_data, config.sharding.overrides)
+  state = parallel.bytes_per_device(
+    abstract_boxed, mesh_shape, config.strategy, config.optimizer_over_data, config.sharding.overrides
+  )
   analysis = compiled.memory_analysis()
   predicted = {}
   if target:  # no cost analysis for a deviceless GPU compile: the kernels' own FLOPs, loops by their trip counts
@@ -424,13 +505,25 @@ def plan(config, devices: int, target: str = "") -> dict:
     predicted = predicted_step(program, target)
   else:
     step, xla = step_flops(compiled), xla_flops(compiled)
-  out = {"devices": devices, "target": target or "cpu", "mesh": mesh_shape, "strategy": config.strategy,
-         "global_batch": config.global_batch_size, "grad_accum_steps": config.grad_accum_steps,
-         "remat_policy": config.model.remat_policy, "compute_dtype": config.precision.compute_dtype,
-         "state_params_bytes": state["params"], "state_opt_bytes": state["opt_state"],
-         "argument_bytes": analysis.argument_size_in_bytes, "output_bytes": analysis.output_size_in_bytes,
-         "alias_bytes": analysis.alias_size_in_bytes, "temp_bytes": analysis.temp_size_in_bytes,
-         "xla_flops": xla, "flops": step, **predicted}
+  out = {
+    "devices": devices,
+    "target": target or "cpu",
+    "mesh": mesh_shape,
+    "strategy": config.strategy,
+    "global_batch": config.global_batch_size,
+    "grad_accum_steps": config.grad_accum_steps,
+    "remat_policy": config.model.remat_policy,
+    "compute_dtype": config.precision.compute_dtype,
+    "state_params_bytes": state["params"],
+    "state_opt_bytes": state["opt_state"],
+    "argument_bytes": analysis.argument_size_in_bytes,
+    "output_bytes": analysis.output_size_in_bytes,
+    "alias_bytes": analysis.alias_size_in_bytes,
+    "temp_bytes": analysis.temp_size_in_bytes,
+    "xla_flops": xla,
+    "flops": step,
+    **predicted,
+  }
   out["total_bytes"] = plan_bytes(analysis)
   return out
 
@@ -444,8 +537,12 @@ def predicted_step(program: hlo_cost.Program, target: str) -> dict[str, float]:
 
 def plan_bytes(analysis) -> int:
   """What one device holds at the step's peak, as compiled: arguments + outputs - donated + temporaries."""
-  return (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-          + analysis.temp_size_in_bytes)
+  return (
+    analysis.argument_size_in_bytes
+    + analysis.output_size_in_bytes
+    - analysis.alias_size_in_bytes
+    + analysis.temp_size_in_bytes
+  )
 
 
 def plan_candidate(config, setting: dict[str, object], devices: int, fit_bytes: int, target: str = "") -> dict:
@@ -457,8 +554,11 @@ def choose(rows: list[dict]) -> dict | None:
   """The fitting candidate of the shortest predicted step (GPU targets) or else of fewest FLOPs, then fewest
   micro-batches, then fewest bytes; None if none fits."""
   fitting = [r for r in rows if r.get("fits")]
-  return min(fitting, key=lambda r: (r.get("predicted_step_s", 0.0), r["flops"], r["grad_accum_steps"],
-                                     r["total_bytes"]), default=None)
+  return min(
+    fitting,
+    key=lambda r: (r.get("predicted_step_s", 0.0), r["flops"], r["grad_accum_steps"], r["total_bytes"]),
+    default=None,
+  )
 
 
 def describe(setting: dict[str, object]) -> str:
@@ -470,22 +570,30 @@ def describe(setting: dict[str, object]) -> str:
   if "model.scan_unroll" in setting:
     unroll = [f"unroll {setting['model.scan_unroll'] or 'all'}"]
   unroll += sorted({f"unroll {'/'.join(map(str, v))}" for k, v in setting.items() if k.endswith("stage_scan_unrolls")})
-  return ", ".join([str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + unroll + attention
-                   + layout)
+  return ", ".join(
+    [str(setting["model.remat_policy"]), f"{setting['grad_accum_steps']} micro"] + unroll + attention + layout
+  )
 
 
 def print_row(row: dict) -> None:
   predicted = f" {row['predicted_step_s']:14.4g}" if "predicted_step_s" in row else ""
-  print(f"{describe(row['setting']):<56} {row['total_bytes'] / GIB:10.3f} {'yes' if row['fits'] else 'no':>5} "
-        f"{row['flops'] / 1e9:14.6g}{predicted}", flush=True)
+  print(
+    f"{describe(row['setting']):<56} {row['total_bytes'] / GIB:10.3f} {'yes' if row['fits'] else 'no':>5} "
+    f"{row['flops'] / 1e9:14.6g}{predicted}",
+    flush=True,
+  )
 
 
-def sweep(config, grid, devices: int, fit_bytes: int, first_fit: bool,
-          target: str = "") -> tuple[list[dict], dict | None]:
+def sweep(
+  config, grid, devices: int, fit_bytes: int, first_fit: bool, target: str = ""
+) -> tuple[list[dict], dict | None]:
   """Plans the candidates in order, printing each row; returns the rows and the chosen one."""
   predicted = f" {'step s (pred.)':>14}" if target else ""
-  print(f"{'candidate (remat, micro-batches, unroll, attention, layout)':<56} {'GiB/device':>10} {'fits':>5} "
-        f"{'GFLOPs/device':>14}{predicted}", flush=True)
+  print(
+    f"{'candidate (remat, micro-batches, unroll, attention, layout)':<56} {'GiB/device':>10} {'fits':>5} "
+    f"{'GFLOPs/device':>14}{predicted}",
+    flush=True,
+  )
   rows = []
   for setting in grid:
     rows.append(plan_candidate(config, setting, devices, fit_bytes, target))
@@ -502,28 +610,40 @@ def _body(fv, rest):
   if fv.target:
     gpu_target.require_compiler(gpu_target.get(fv.target))
   fit_bytes = parse_size(fv.fit) if fv.fit else default_fit_bytes(fv.target)
-  grid, skipped = candidate_settings(fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target,
-                                     fv.fsdp, fv.unroll)
+  grid, skipped = candidate_settings(
+    fv.config, fv.devices, fv.remat, fv.micro_batches, fv.attention, fv.target, fv.fsdp, fv.unroll
+  )
   for flag, reason in skipped.items():
     print(f"skipped {flag}: {reason}")
   rows, chosen = sweep(fv.config, grid, fv.devices, fit_bytes, fv.first_fit, fv.target)
-  summary = {"devices": fv.devices, "target": fv.target or "cpu", "fit": fv.fit, "fit_bytes": fit_bytes,
-             "first_fit": fv.first_fit,
-             "candidates": rows, "skipped": skipped, "chosen": chosen}
+  summary = {
+    "devices": fv.devices,
+    "target": fv.target or "cpu",
+    "fit": fv.fit,
+    "fit_bytes": fit_bytes,
+    "first_fit": fv.first_fit,
+    "candidates": rows,
+    "skipped": skipped,
+    "chosen": chosen,
+  }
   if chosen is not None:
-    step = (f", {chosen['predicted_step_s']:.4g} s a step predicted" if "predicted_step_s" in chosen else "")
-    print(f"chosen: {chosen['total_bytes'] / GIB:.3f} of {fit_bytes / GIB:.3f} GiB and {chosen['flops'] / 1e9:.6g} "
-          f"GFLOPs per device and step{step} (mesh {chosen['mesh']}, {chosen['strategy']}, batch "
-          f"{chosen['global_batch']}):")
+    step = f", {chosen['predicted_step_s']:.4g} s a step predicted" if "predicted_step_s" in chosen else ""
+    print(
+      f"chosen: {chosen['total_bytes'] / GIB:.3f} of {fit_bytes / GIB:.3f} GiB and {chosen['flops'] / 1e9:.6g} "
+      f"GFLOPs per device and step{step} (mesh {chosen['mesh']}, {chosen['strategy']}, batch "
+      f"{chosen['global_batch']}):"
+    )
     print(f"  {chosen['flags']}")
   print(json.dumps(summary, sort_keys=True), flush=True)
   if chosen is None:
     smallest = min(rows, key=lambda r: r["total_bytes"], default=None)
-    detail = (f"; the smallest is {describe(smallest['setting'])} at {smallest['total_bytes'] / GIB:.3f} GiB"
-              if smallest else "; no candidate could be planned (see the skipped lines)")
+    detail = (
+      f"; the smallest is {describe(smallest['setting'])} at {smallest['total_bytes'] / GIB:.3f} GiB"
+      if smallest
+      else "; no candidate could be planned (see the skipped lines)"
+    )
     fit = f"--fit={fv.fit}" if fv.fit else "the default --fit"
-    raise UserError(f"no candidate fits {fit} ({fit_bytes / GIB:.3f} GiB per device) on "
-                    f"{fv.devices} devices{detail}")
+    raise UserError(f"no candidate fits {fit} ({fit_bytes / GIB:.3f} GiB per device) on {fv.devices} devices{detail}")
 
 
 def main(argv) -> int:

@@ -54,13 +54,17 @@ def _parse(fv) -> tuple[list[int], dict[str, tuple[int, int]]]:
     budgets = [int(b) for b in fv.budgets]
     sizes = {s: tuple(int(n) for n in s.lower().split("x")) for s in fv.sizes}
   except ValueError:
-    raise UserError(f"--budgets={','.join(fv.budgets)} / --sizes={','.join(fv.sizes)}: expected integers like "
-                    "64,256 and HxW like 300x451") from None
+    raise UserError(
+      f"--budgets={','.join(fv.budgets)} / --sizes={','.join(fv.sizes)}: expected integers like "
+      "64,256 and HxW like 300x451"
+    ) from None
   if any(len(size) != 2 or min(size) <= 0 for size in sizes.values()):
     raise UserError(f"--sizes={','.join(fv.sizes)}: expected positive HxW like 300x451")
-  if fv.patch < naflex.MIN_PATCH or not budgets or not all(0 < b < 2 ** 16 for b in budgets):
-    raise UserError(f"--patch={fv.patch} / --budgets={','.join(fv.budgets)}: expected a patch >= {naflex.MIN_PATCH} "
-                    f"and budgets of 1 .. {2 ** 16 - 1} patches")
+  if fv.patch < naflex.MIN_PATCH or not budgets or not all(0 < b < 2**16 for b in budgets):
+    raise UserError(
+      f"--patch={fv.patch} / --budgets={','.join(fv.budgets)}: expected a patch >= {naflex.MIN_PATCH} "
+      f"and budgets of 1 .. {2**16 - 1} patches"
+    )
   return budgets, sizes
 
 

@@ -44,8 +44,9 @@ def question(model: trained_model.TrainedModel) -> Callable[[list], object]:
     return model.classify
   if model.config.task in trained_model.IMAGE_TEXT_TASKS:
     return lambda images: model.zero_shot(images, list(shapes.SHAPE_NAMES))
-  raise UserError(f"--workdir={model.path}: a {model.config.task!r} model; the benchmark asks a classifier or an "
-                  f"image-text model")
+  raise UserError(
+    f"--workdir={model.path}: a {model.config.task!r} model; the benchmark asks a classifier or an image-text model"
+  )
 
 
 def run(path: str, sizes: list[int], repeats: int, image_side: int) -> dict:
@@ -54,8 +55,14 @@ def run(path: str, sizes: list[int], repeats: int, image_side: int) -> dict:
   model = trained_model.load(path)
   load_s = time.perf_counter() - start
   ask = question(model)
-  result = {"workdir": path, "task": model.config.task, "model": model.config.model.name,
-            "image_size": model.config.data.image_size, "buckets": list(model.buckets), "load_s": load_s}
+  result = {
+    "workdir": path,
+    "task": model.config.task,
+    "model": model.config.model.name,
+    "image_size": model.config.data.image_size,
+    "buckets": list(model.buckets),
+    "load_s": load_s,
+  }
   if model.config.task in trained_model.IMAGE_TEXT_TASKS:
     embed = lambda: model.class_embeddings(list(shapes.SHAPE_NAMES))
     result["class_embeddings_s"] = [_seconds(embed), _seconds(embed)]
@@ -66,15 +73,23 @@ def run(path: str, sizes: list[int], repeats: int, image_side: int) -> dict:
     first = _seconds(lambda: ask(images[:n]))
     times = [_seconds(lambda: ask(images[:n])) for _ in range(repeats)]
     next_s = statistics.median(times)
-    result["sizes"].append({"images": n, "first_s": first, "next_s": next_s, "next_range_s": [min(times), max(times)],
-                            "img_per_s": n / next_s})
+    result["sizes"].append(
+      {
+        "images": n,
+        "first_s": first,
+        "next_s": next_s,
+        "next_range_s": [min(times), max(times)],
+        "img_per_s": n / next_s,
+      }
+    )
   return result
 
 
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
-  flags.DEFINE_list("workdir", [], "trained workdirs (or import_hf / transformers CLIP directories), comma-separated",
-                    flag_values=fv)
+  flags.DEFINE_list(
+    "workdir", [], "trained workdirs (or import_hf / transformers CLIP directories), comma-separated", flag_values=fv
+  )
   flags.DEFINE_list("sizes", ["1", "8", "64"], "images per call", flag_values=fv)
   flags.DEFINE_integer("repeats", 5, "calls timed after the first of each size", lower_bound=1, flag_values=fv)
   flags.DEFINE_integer("image_side", 256, "side of the square images given (px)", lower_bound=8, flag_values=fv)
@@ -100,13 +115,17 @@ def _body(fv, rest):
     result = run(path, sizes, fv.repeats, fv.image_side)
     results.append(result)
     embed = result.get("class_embeddings_s")
-    print(f"{path}: {result['model']} {result['task']} at {result['image_size']} px, buckets {result['buckets']}, "
-          f"load {result['load_s']:.2f} s" + (f", class embeddings {embed[0]:.2f} s then {embed[1] * 1e3:.1f} ms"
-                                               if embed else ""))
+    print(
+      f"{path}: {result['model']} {result['task']} at {result['image_size']} px, buckets {result['buckets']}, "
+      f"load {result['load_s']:.2f} s"
+      + (f", class embeddings {embed[0]:.2f} s then {embed[1] * 1e3:.1f} ms" if embed else "")
+    )
     for row in result["sizes"]:
       low, high = row["next_range_s"]
-      print(f"  {row['images']:>3} images: first {row['first_s']:.3f} s, next {row['next_s'] * 1e3:.1f} ms "
-            f"[{low * 1e3:.1f}-{high * 1e3:.1f}], {row['img_per_s']:.1f} img/s")
+      print(
+        f"  {row['images']:>3} images: first {row['first_s']:.3f} s, next {row['next_s'] * 1e3:.1f} ms "
+        f"[{low * 1e3:.1f}-{high * 1e3:.1f}], {row['img_per_s']:.1f} img/s"
+      )
   print(json.dumps(results))
 
 

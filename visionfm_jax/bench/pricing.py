@@ -24,6 +24,7 @@ EIGHT_BIT_FLOAT = "f8"  # the prefix of HLO's FP8 element types (f8e4m3fn, f8e5m
 class Prices:
   """Fractions of the datasheet peaks that kernels of each class reach, and a fixed cost per launch. `gemm_fp8`, FP8
   GEMMs' fraction of the FP8 peak, is fitted only where an FP8 row is measured; None prices them as `gemm`."""
+
   gemm: float = 0.7
   attention: float = 0.5
   memory: float = 0.8
@@ -41,6 +42,7 @@ def load_prices(path: str = CALIBRATION) -> tuple[Prices, dict]:
 
 
 # ------------------------------------------------------------------------------------------------ pricing
+
 
 def collective_seconds(kernel: hlo_cost.Kernel, target: gpu_target.Target, prices: Prices) -> float:
   """One collective over its group's slowest link (ring algorithms)."""
@@ -79,6 +81,7 @@ class Priced:
 
   def __init__(self, program: hlo_cost.Program, target: gpu_target.Target, fitted_on: str | None = None):
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     self.kernels = program.kernels
     positions = [i for i, k in enumerate(program.kernels) if k.kind != "collective"]
     compute = [program.kernels[i] for i in positions]
@@ -88,16 +91,25 @@ class Priced:
     self.count = np.array([k.count for k in compute], np.float64)
     self.peak = np.array([peak_flops(k.dtype, target) for k in compute], np.float64)
     # prices fitted on another GPU (`fitted_on`): its 16-bit GEMMs at this GPU's efficiency at their shape
-    self.peak *= [gemm_efficiency.relative_rate(target.name, fitted_on, k.shape)
-                  if k.kind == "gemm" and k.dtype in SIXTEEN_BIT else 1.0 for k in compute]
+    self.peak *= [
+      gemm_efficiency.relative_rate(target.name, fitted_on, k.shape)
+      if k.kind == "gemm" and k.dtype in SIXTEEN_BIT
+      else 1.0
+      for k in compute
+    ]
     self.is_attention = np.array([k.kind == "attention" for k in compute])
     self.is_fp8 = np.array([k.kind == "gemm" and is_fp8(k.dtype, target) for k in compute])
     self.kinds = [k.kind for k in compute]
-    self.collectives = [(i, k, [self.compute_index[o] for o in k.overlap])
-                        for i, k in enumerate(program.kernels) if k.kind == "collective"]
+    self.collectives = [
+      (i, k, [self.compute_index[o] for o in k.overlap])
+      for i, k in enumerate(program.kernels)
+      if k.kind == "collective"
+    ]
     # each collective's start and done as (position in Program.kernels, done first), in schedule order
-    self.events = sorted([(i, 1, c) for c, (i, _, _) in enumerate(self.collectives)]
-                         + [(_done(i, k), 0, c) for c, (i, k, _) in enumerate(self.collectives)])
+    self.events = sorted(
+      [(i, 1, c) for c, (i, _, _) in enumerate(self.collectives)]
+      + [(_done(i, k), 0, c) for c, (i, k, _) in enumerate(self.collectives)]
+    )
     is_compute = [k.kind != "collective" for k in program.kernels]
     self.compute_before = np.cumsum([0] + is_compute)  # compute kernels before each position
     self.target = target
@@ -105,6 +117,7 @@ class Priced:
   def kernel_seconds(self, prices: Prices):
     """Seconds of one launch of each compute kernel."""
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     gemm_fp8 = prices.gemm if prices.gemm_fp8 is None else prices.gemm_fp8
     efficiency = np.where(self.is_attention, prices.attention, np.where(self.is_fp8, gemm_fp8, prices.gemm))
     compute = self.flops / (self.peak * efficiency)
@@ -120,6 +133,7 @@ class Priced:
     link each crosses), and its done waits for it; the wait is its exposed time, times its launches. With one
     collective in flight at a time that is what the kernels between its start and done do not cover."""
     import numpy as np  # pylint: disable=g-import-not-at-top
+
     clock = np.concatenate([[0.0], np.cumsum(per_launch)])  # compute time before the k-th compute kernel
     seconds = [collective_seconds(k, self.target, prices) for _, k, _ in self.collectives]
     end, exposed = [0.0] * len(seconds), [0.0] * len(seconds)
@@ -156,13 +170,19 @@ class Priced:
     exposed = sum(e for _, e in collectives)
     compute = float(per_kernel.sum())
     seconds_of = dict(zip((position for position, _, _ in self.collectives), (s for s, _ in collectives)))
-    ordered = [seconds_of[i] if k.kind == "collective" else float(per_kernel[self.compute_index[i]])
-               for i, k in enumerate(self.kernels)]
-    return {"step_s": compute + exposed, "compute_s": compute, "exposed_collective_s": exposed,
-            "by_class_s": dict(by_class), "per_kernel_s": ordered}
+    ordered = [
+      seconds_of[i] if k.kind == "collective" else float(per_kernel[self.compute_index[i]])
+      for i, k in enumerate(self.kernels)
+    ]
+    return {
+      "step_s": compute + exposed,
+      "compute_s": compute,
+      "exposed_collective_s": exposed,
+      "by_class_s": dict(by_class),
+      "per_kernel_s": ordered,
+    }
 
 
-def predict(program: hlo_cost.Program, target: gpu_target.Target, prices: Prices,
-            fitted_on: str | None = None) -> dict:
+def predict(program: hlo_cost.Program, target: gpu_target.Target, prices: Prices, fitted_on: str | None = None) -> dict:
   """The predicted step (`Priced.predict`) with prices fitted on the rows of GPU `fitted_on` (None: `target`'s)."""
   return Priced(program, target, fitted_on).predict(prices)

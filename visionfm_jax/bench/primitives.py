@@ -66,12 +66,17 @@ def parse_reductions(text: str) -> list[tuple[tuple[int, ...], int]]:
 
 # Per-executable XLA options that route a CPU dot to one library (names as in xla/debug_options_flags.cc).
 CPU_DOT_BACKENDS = {
-    "default": {},
-    "onednn": {"xla_cpu_use_onednn": True, "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-               "xla_cpu_experimental_ynn_fusion_type": ""},
-    "xnn": {"xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
-            "xla_cpu_experimental_ynn_fusion_type": ""},
-    "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+  "default": {},
+  "onednn": {
+    "xla_cpu_use_onednn": True,
+    "xla_cpu_experimental_onednn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+    "xla_cpu_experimental_ynn_fusion_type": "",
+  },
+  "xnn": {
+    "xla_cpu_experimental_xnn_fusion_type": "LIBRARY_FUSION_TYPE_DOT",
+    "xla_cpu_experimental_ynn_fusion_type": "",
+  },
+  "eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
 }
 
 
@@ -102,13 +107,15 @@ def _dense_products(x, w, dy, train: bool):
 
 def time_gemms(gemms, repeats: int, backends=("default",), train: bool = False) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
+
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise UserError(f"--gemm compares with PyTorch, which is not installed ({e}); pass --gemm='' to skip") from e
   if jax.default_backend() != "cpu" and list(backends) != ["default"]:
-    raise UserError(f"--backends={','.join(backends)} selects XLA CPU libraries; this backend is "
-                    f"{jax.default_backend()}")
+    raise UserError(
+      f"--backends={','.join(backends)} selects XLA CPU libraries; this backend is {jax.default_backend()}"
+    )
   torch.set_num_threads(len(os.sched_getaffinity(0)))
   rng = np.random.default_rng(0)
   rows = []
@@ -123,16 +130,24 @@ def time_gemms(gemms, repeats: int, backends=("default",), train: bool = False) 
     for name, run in runs.items():
       run()
     for i in range(repeats):  # interleaved, alternating the order, so load from other jobs falls on all alike
-      for name in (list(runs) if i % 2 == 0 else list(runs)[::-1]):
+      for name in list(runs) if i % 2 == 0 else list(runs)[::-1]:
         times[name].append(_elapsed_ms(runs[name]))
     flop = 2.0 * m * k * n * (3 if train else 1)
     torch_ms = np.array(times["torch"])
-    row = {"gemm": f"{m}x{k}x{n}", "train": train, "torch_ms": float(np.median(torch_ms)),
-           "torch_gflops": flop / float(np.median(torch_ms)) / 1e6, "xla": {}}
+    row = {
+      "gemm": f"{m}x{k}x{n}",
+      "train": train,
+      "torch_ms": float(np.median(torch_ms)),
+      "torch_gflops": flop / float(np.median(torch_ms)) / 1e6,
+      "xla": {},
+    }
     for name in backends:
       ms = np.array(times[name])
-      row["xla"][name] = {"ms": float(np.median(ms)), "gflops": flop / float(np.median(ms)) / 1e6,
-                          "ratio_to_torch": float(np.median(ms / torch_ms))}
+      row["xla"][name] = {
+        "ms": float(np.median(ms)),
+        "gflops": flop / float(np.median(ms)) / 1e6,
+        "ratio_to_torch": float(np.median(ms / torch_ms)),
+      }
     rows.append(row)
   return rows
 
@@ -141,6 +156,7 @@ def time_reductions(reductions, repeats: int) -> list[dict]:
   import jax  # pylint: disable=g-import-not-at-top
 
   from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   rows = []
   for shape, axes in reductions:
@@ -148,34 +164,43 @@ def time_reductions(reductions, repeats: int) -> list[dict]:
     reduce = jax.jit(lambda t, axes=axes: jax.numpy.sum(t, axis=tuple(range(axes))))
     matmul = jax.jit(lambda t, axes=axes: kernels.sum_leading_as_matmul(t, axes))
     np.testing.assert_allclose(np.asarray(reduce(x)), np.asarray(matmul(x)), rtol=1e-3, atol=1e-2)
-    rows.append({"reduce": f"{'x'.join(map(str, shape))}:{axes}",
-                 "jnp_sum_ms": _median_ms(lambda: reduce(x).block_until_ready(), repeats),
-                 "sum_leading_ms": _median_ms(lambda: matmul(x).block_until_ready(), repeats)})
+    rows.append(
+      {
+        "reduce": f"{'x'.join(map(str, shape))}:{axes}",
+        "jnp_sum_ms": _median_ms(lambda: reduce(x).block_until_ready(), repeats),
+        "sum_leading_ms": _median_ms(lambda: matmul(x).block_until_ready(), repeats),
+      }
+    )
   return rows
 
 
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_string("gemm", DEFAULT_GEMMS, "comma-separated MxKxN matmuls ('' for none)", flag_values=fv)
-  flags.DEFINE_string("backends", "default", f"comma-separated XLA CPU dot libraries: {', '.join(CPU_DOT_BACKENDS)}",
-                      flag_values=fv)
-  flags.DEFINE_bool("train", False, "time a dense layer's three training products (y, dx, dW) per GEMM",
-                    flag_values=fv)
-  flags.DEFINE_string("reduce", DEFAULT_REDUCTIONS, "comma-separated SHAPE:AXES leading-axis sums ('' for none)",
-                      flag_values=fv)
-  flags.DEFINE_integer("repeats", 20, "timed runs of each primitive (the median is reported)", lower_bound=1,
-                       flag_values=fv)
+  flags.DEFINE_string(
+    "backends", "default", f"comma-separated XLA CPU dot libraries: {', '.join(CPU_DOT_BACKENDS)}", flag_values=fv
+  )
+  flags.DEFINE_bool("train", False, "time a dense layer's three training products (y, dx, dW) per GEMM", flag_values=fv)
+  flags.DEFINE_string(
+    "reduce", DEFAULT_REDUCTIONS, "comma-separated SHAPE:AXES leading-axis sums ('' for none)", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "repeats", 20, "timed runs of each primitive (the median is reported)", lower_bound=1, flag_values=fv
+  )
   return fv
 
 
 def _body(fv, rest):
   del rest
   gemms, reductions, backends = parse_gemms(fv.gemm), parse_reductions(fv.reduce), parse_backends(fv.backends)
-  result = {"gemm": time_gemms(gemms, fv.repeats, backends, fv.train),
-            "reduce": time_reductions(reductions, fv.repeats)}
+  result = {
+    "gemm": time_gemms(gemms, fv.repeats, backends, fv.train),
+    "reduce": time_reductions(reductions, fv.repeats),
+  }
   for row in result["gemm"]:
-    ours = ", ".join(f"{name} {side['gflops']:6.1f} GFLOP/s (x{side['ratio_to_torch']:.2f})"
-                     for name, side in row["xla"].items())
+    ours = ", ".join(
+      f"{name} {side['gflops']:6.1f} GFLOP/s (x{side['ratio_to_torch']:.2f})" for name, side in row["xla"].items()
+    )
     print(f"gemm {row['gemm']:>18}{' train' if row['train'] else ''}: {ours}; torch {row['torch_gflops']:6.1f} GFLOP/s")
   for row in result["reduce"]:
     print(f"sum {row['reduce']:>19}: jnp.sum {row['jnp_sum_ms']:.2f} ms, sum_leading {row['sum_leading_ms']:.2f} ms")

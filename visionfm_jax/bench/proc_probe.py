@@ -50,9 +50,14 @@ def process_figures(pid: int) -> dict | None:
       cmdline = f.read().replace(b"\0", b" ").decode("utf-8", "replace")
   except OSError:
     return None
-  return {"pid": pid, "role": _role(cmdline), "fds": fds, "threads": int(status["Threads"]),
-          "rss_mb": round(int(status.get("VmRSS", "0 kB").split()[0]) / 1024, 2),
-          "cpu_s": round((int(fields[11]) + int(fields[12])) / CLOCK_TICKS, 2)}  # utime, stime
+  return {
+    "pid": pid,
+    "role": _role(cmdline),
+    "fds": fds,
+    "threads": int(status["Threads"]),
+    "rss_mb": round(int(status.get("VmRSS", "0 kB").split()[0]) / 1024, 2),
+    "cpu_s": round((int(fields[11]) + int(fields[12])) / CLOCK_TICKS, 2),
+  }  # utime, stime
 
 
 def _role(cmdline: str) -> str:
@@ -129,11 +134,17 @@ class Sample:
     """The judged figures: the main process's, and summed over its descendants; the tree's bytes read per
     record."""
     total = lambda key: sum(c[key] for c in self.children)  # noqa: E731
-    return {"descriptors (main)": self.main["fds"], "descriptors (children)": total("fds"),
-            "RSS MB (main)": self.main["rss_mb"], "RSS MB (children)": total("rss_mb"),
-            "threads (main)": self.main["threads"], "threads (children)": total("threads"),
-            "processes": len(self.children), "/dev/shm entries": self.shm,
-            "bytes read per record": self.bytes_per_record}
+    return {
+      "descriptors (main)": self.main["fds"],
+      "descriptors (children)": total("fds"),
+      "RSS MB (main)": self.main["rss_mb"],
+      "RSS MB (children)": total("rss_mb"),
+      "threads (main)": self.main["threads"],
+      "threads (children)": total("threads"),
+      "processes": len(self.children),
+      "/dev/shm entries": self.shm,
+      "bytes read per record": self.bytes_per_record,
+    }
 
 
 class Probe:
@@ -175,6 +186,15 @@ class Probe:
     load = load_average()
     rise = sum(count - self._read.get(pid, 0) for pid, count in read.items())
     self._read = {**read, **self._bytes_read([self.pid])}  # this process's after the probe's own reads
-    return Sample(step, round(seconds, 3), round(records / max(interval_s, 1e-9), 1),
-                  round(rise / records, 1) if records else 0.0, figures[self.pid], children, len(self._seen),
-                  len(entries), round(cpu, 2), load)
+    return Sample(
+      step,
+      round(seconds, 3),
+      round(records / max(interval_s, 1e-9), 1),
+      round(rise / records, 1) if records else 0.0,
+      figures[self.pid],
+      children,
+      len(self._seen),
+      len(entries),
+      round(cpu, 2),
+      load,
+    )

@@ -99,8 +99,13 @@ def summarize(trace_path: str, top: int = TOP) -> list[dict]:
   for (process, thread), kinds in totals.items():
     busy = sum(t for t, _ in kinds.values())
     ranked = sorted(kinds.items(), key=lambda kv: -kv[1][0])[:top]
-    out.append({"timeline": f"{process} {thread}", "busy_us": busy,
-                "ops": [{"kind": k, "us": t, "share": t / busy if busy else 0.0, "count": n} for k, (t, n) in ranked]})
+    out.append(
+      {
+        "timeline": f"{process} {thread}",
+        "busy_us": busy,
+        "ops": [{"kind": k, "us": t, "share": t / busy if busy else 0.0, "count": n} for k, (t, n) in ranked],
+      }
+    )
   return sorted(out, key=lambda timeline: -timeline["busy_us"])
 
 
@@ -119,5 +124,5 @@ def print_summary(timelines: list[dict], steps: int) -> None:
     of_step = f" ({share:.0%} of the step)" if share is not None else ""
     print(f"{timeline['timeline']}: {timeline['busy_us'] / steps / 1e3:.1f} ms busy per step{of_step}")
     for op in timeline["ops"]:
-      kind = op["kind"] if len(op["kind"]) <= NAME_WIDTH else op["kind"][:NAME_WIDTH - 3] + "..."
+      kind = op["kind"] if len(op["kind"]) <= NAME_WIDTH else op["kind"][: NAME_WIDTH - 3] + "..."
       print(f"  {op['share']:6.1%} {op['us'] / steps / 1e3:9.2f} ms/step {op['count'] // steps:6d} x  {kind}")

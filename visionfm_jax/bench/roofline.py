@@ -67,9 +67,11 @@ MEASURED = os.path.join(HERE, "gpu_targets", "measured.json")
 
 # ------------------------------------------------------------------------------------------------ compiling
 
+
 @dataclasses.dataclass
 class Compiled:
   """One compiled setup: its kernels, its memory plan and the model FLOPs MFU counts."""
+
   program: hlo_cost.Program
   plan_bytes: int
   model_flops: float | None
@@ -82,8 +84,14 @@ def compile_setup(config, target: gpu_target.Target, devices: int, try_kernels=(
   compiled, task, _ = memory_plan.compile_step(config, devices, target.name, try_kernels)
   per_example = task.train_flops_per_example()
   text = compiled.as_text()
-  return Compiled(hlo_cost.Program(text, target.gpus_per_node), memory_plan.plan_bytes(compiled.memory_analysis()),
-                  per_example * config.global_batch_size if per_example else None, devices, target, text)
+  return Compiled(
+    hlo_cost.Program(text, target.gpus_per_node),
+    memory_plan.plan_bytes(compiled.memory_analysis()),
+    per_example * config.global_batch_size if per_example else None,
+    devices,
+    target,
+    text,
+  )
 
 
 def dumped_setup(path: str, config, target: gpu_target.Target, devices: int) -> Compiled:
@@ -98,6 +106,7 @@ def dumped_setup(path: str, config, target: gpu_target.Target, devices: int) -> 
   model_flops = None
   if config is not None:
     from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+
     per_example = tasks.build(config).train_flops_per_example()
     model_flops = per_example * config.global_batch_size if per_example else None
   return Compiled(program, 0, model_flops, devices, target, text)
@@ -115,6 +124,7 @@ def mfu(setup: Compiled, step_s: float, compute_dtype: str) -> float | None:
 
 
 # ------------------------------------------------------------------------------------------------ reporting
+
 
 def top_kernels(setup: Compiled, prediction: dict, top: int) -> list[dict]:
   """The kernels of most predicted time, those of one framework op and class taken together."""
@@ -147,13 +157,16 @@ def grouped_ms(setup: Compiled, prediction: dict, pattern: str) -> dict[str, flo
   return dict(sorted(groups.items(), key=lambda kv: -kv[1]))
 
 
-def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Prices, record: dict,
-                 group: str = "") -> dict:
+def print_report(
+  setup: Compiled, prediction: dict, config, top: int, prices: Prices, record: dict, group: str = ""
+) -> dict:
   step_ms = prediction["step_s"] * 1e3
   print(f"{'class':<12} {'ms':>9} {'share':>7}  {'launches':>8} {'TFLOP':>8} {'GB':>8}  op")
   for row in top_kernels(setup, prediction, top):
-    print(f"{row['class']:<12} {row['ms']:9.2f} {row['ms'] / step_ms:7.1%}  {row['launches']:8d} "
-          f"{row['tflops']:8.2f} {row['gb']:8.2f}  {row['op'][:90]}")
+    print(
+      f"{row['class']:<12} {row['ms']:9.2f} {row['ms'] / step_ms:7.1%}  {row['launches']:8d} "
+      f"{row['tflops']:8.2f} {row['gb']:8.2f}  {row['op'][:90]}"
+    )
   print()
   for kind, seconds in sorted(prediction["by_class_s"].items(), key=lambda kv: -kv[1]):
     print(f"{kind:<20} {seconds * 1e3:9.2f} ms {seconds / prediction['step_s']:7.1%}")
@@ -163,32 +176,47 @@ def print_report(setup: Compiled, prediction: dict, config, top: int, prices: Pr
     for name, ms in groups.items():
       print(f"{name[:40]:<40} {ms:9.2f} ms {ms / step_ms:7.1%}")
   if setup.program.uncounted_loops:
-    print(f"note: {len(setup.program.uncounted_loops)} loops of unknown trip count are counted once "
-          f"({', '.join(setup.program.uncounted_loops[:5])}): data-dependent loops (random sampling's rejection "
-          f"loops) cost little; a loop over layers or micro-batches would be underestimated")
+    print(
+      f"note: {len(setup.program.uncounted_loops)} loops of unknown trip count are counted once "
+      f"({', '.join(setup.program.uncounted_loops[:5])}): data-dependent loops (random sampling's rejection "
+      f"loops) cost little; a loop over layers or micro-batches would be underestimated"
+    )
   predicted_mfu = mfu(setup, prediction["step_s"], config.precision.compute_dtype) if config else None
   calibrated = record.get("target")
-  basis = (f"calibrated on {len(record.get('rows', []))} {calibrated} rows" if calibrated == setup.target.name else
-           f"efficiencies calibrated on {calibrated}, applied to {setup.target.name}" if calibrated else
-           "uncalibrated default prices")
-  print(f"\npredicted (not measured) on {setup.devices} x {setup.target.description}: step {step_ms:.1f} ms "
-        f"(exposed collectives {prediction['exposed_collective_s'] * 1e3:.1f} ms), MFU "
-        f"{'n/a' if predicted_mfu is None else f'{predicted_mfu:.3f}'}, plan {setup.plan_bytes / 2**30:.3f} GiB "
-        f"per device; {basis}")
-  summary = {"target": setup.target.name, "devices": setup.devices, "predicted_step_ms": step_ms,
-             "uncounted_loops": len(setup.program.uncounted_loops),
-             "predicted_mfu": predicted_mfu, "plan_gib": setup.plan_bytes / 2**30,
-             "exposed_collective_ms": prediction["exposed_collective_s"] * 1e3,
-             "class_ms": {k: v * 1e3 for k, v in prediction["by_class_s"].items()},
-             "gemm_tflops": sum(k.flops * k.count for k in setup.program.kernels if k.kind == "gemm") / 1e12,
-             "model_tflops": setup.model_flops / 1e12 if setup.model_flops else None,
-             "prices": dataclasses.asdict(prices),
-             "calibration": basis, **({"group_ms": groups} if groups else {})}
+  basis = (
+    f"calibrated on {len(record.get('rows', []))} {calibrated} rows"
+    if calibrated == setup.target.name
+    else f"efficiencies calibrated on {calibrated}, applied to {setup.target.name}"
+    if calibrated
+    else "uncalibrated default prices"
+  )
+  print(
+    f"\npredicted (not measured) on {setup.devices} x {setup.target.description}: step {step_ms:.1f} ms "
+    f"(exposed collectives {prediction['exposed_collective_s'] * 1e3:.1f} ms), MFU "
+    f"{'n/a' if predicted_mfu is None else f'{predicted_mfu:.3f}'}, plan {setup.plan_bytes / 2**30:.3f} GiB "
+    f"per device; {basis}"
+  )
+  summary = {
+    "target": setup.target.name,
+    "devices": setup.devices,
+    "predicted_step_ms": step_ms,
+    "uncounted_loops": len(setup.program.uncounted_loops),
+    "predicted_mfu": predicted_mfu,
+    "plan_gib": setup.plan_bytes / 2**30,
+    "exposed_collective_ms": prediction["exposed_collective_s"] * 1e3,
+    "class_ms": {k: v * 1e3 for k, v in prediction["by_class_s"].items()},
+    "gemm_tflops": sum(k.flops * k.count for k in setup.program.kernels if k.kind == "gemm") / 1e12,
+    "model_tflops": setup.model_flops / 1e12 if setup.model_flops else None,
+    "prices": dataclasses.asdict(prices),
+    "calibration": basis,
+    **({"group_ms": groups} if groups else {}),
+  }
   print(json.dumps(summary, sort_keys=True), flush=True)
   return summary
 
 
 # ------------------------------------------------------------------------------------------------ calibrating
+
 
 def row_config(row: dict, common: dict):
   config = config_lib.load(row["config"])
@@ -215,11 +243,23 @@ def cached_setup(config, target: gpu_target.Target, devices: int, label: str, tr
   target's description and its devices, the kernel candidates, jax's version, XLA_FLAGS, the package's code), so
   that a recalibration recompiles only new rows."""
   import jax  # pylint: disable=g-import-not-at-top
+
   with open(target.spec_file, encoding="utf-8") as f:
     spec = f.read()
-  key = hashlib.sha256(json.dumps([config.to_json_best_effort(sort_keys=True), target.name, spec, devices,
-                                   sorted(try_kernels), jax.__version__, os.environ.get("XLA_FLAGS", ""),
-                                   source_digest()]).encode()).hexdigest()[:20]
+  key = hashlib.sha256(
+    json.dumps(
+      [
+        config.to_json_best_effort(sort_keys=True),
+        target.name,
+        spec,
+        devices,
+        sorted(try_kernels),
+        jax.__version__,
+        os.environ.get("XLA_FLAGS", ""),
+        source_digest(),
+      ]
+    ).encode()
+  ).hexdigest()[:20]
   path = os.path.join(cache_dir(), key)
   if os.path.exists(path + ".json"):
     with open(path + ".json", encoding="utf-8") as f:
@@ -227,8 +267,9 @@ def cached_setup(config, target: gpu_target.Target, devices: int, label: str, tr
     with gzip.open(path + ".hlo.gz", "rt", encoding="utf-8") as f:
       text = f.read()
     print(f"{label}: compiled program from {path}.hlo.gz", flush=True)
-    return Compiled(hlo_cost.Program(text, target.gpus_per_node), meta["plan_bytes"], meta["model_flops"], devices,
-                    target, text)
+    return Compiled(
+      hlo_cost.Program(text, target.gpus_per_node), meta["plan_bytes"], meta["model_flops"], devices, target, text
+    )
   print(f"{label}: compiling ...", flush=True)
   setup = compile_setup(config, target, devices, try_kernels)
   os.makedirs(cache_dir(), exist_ok=True)
@@ -273,8 +314,12 @@ def fit(setups: list[Compiled], measured_s: list[float], start: Prices, free=Non
 
   if not free:  # nothing these rows could fit
     return unpack(np.zeros(0))
-  result = optimize.minimize(loss, np.array([logit(n) for n in free]), method="Nelder-Mead",
-                             options={"xatol": 1e-5, "fatol": 1e-10, "maxiter": 4000})
+  result = optimize.minimize(
+    loss,
+    np.array([logit(n) for n in free]),
+    method="Nelder-Mead",
+    options={"xatol": 1e-5, "fatol": 1e-10, "maxiter": 4000},
+  )
   return unpack(result.x)
 
 
@@ -297,31 +342,49 @@ def calibrate(rows_path: str, free=None) -> dict:
   setups, measured = [], []
   for row in new:
     # a row measured with kernel candidates (a `bench --try_kernels` lead) names them
-    setups.append(cached_setup(row_config(row, common), target, row["devices"], row["label"],
-                               row.get("try_kernels", ())))
+    setups.append(
+      cached_setup(row_config(row, common), target, row["devices"], row["label"], row.get("try_kernels", ()))
+    )
     measured.append(row["step_ms"] / 1e3)
   prices = fit(setups, measured, held if free else Prices(), free)
   results = dict(kept)
   for i, (row, setup) in enumerate(zip(new, setups)):
-    held_out = fit(setups[:i] + setups[i + 1:], measured[:i] + measured[i + 1:], prices, free)
+    held_out = fit(setups[:i] + setups[i + 1 :], measured[:i] + measured[i + 1 :], prices, free)
     results[row["label"]] = {
-        "label": row["label"], "measured_ms": row["step_ms"],
-        "estimate_ms": predict(setup.program, target, prices)["step_s"] * 1e3,
-        "held_out_estimate_ms": predict(setup.program, target, held_out)["step_s"] * 1e3,
-        "plan_gib": setup.plan_bytes / 2**30, "measured_peak_gib": row.get("peak_gib")}
+      "label": row["label"],
+      "measured_ms": row["step_ms"],
+      "estimate_ms": predict(setup.program, target, prices)["step_s"] * 1e3,
+      "held_out_estimate_ms": predict(setup.program, target, held_out)["step_s"] * 1e3,
+      "plan_gib": setup.plan_bytes / 2**30,
+      "measured_peak_gib": row.get("peak_gib"),
+    }
   import jax  # pylint: disable=g-import-not-at-top
-  fitted = {**on_file.get("fitted", {on_file.get("date"): list(PRICE_NAMES[:4])}), date_today(): free} if free \
-      else {date_today(): list(PRICE_NAMES)}
-  record = {"target": target.name, "prices": dataclasses.asdict(prices), "rows": [results[r["label"]] for r in rows],
-            "jax": jax.__version__, "date": date_today(), "fitted": fitted,
-            "xla_flags": gpu_target.launch_flags(target)}
-  print(f"\n{'row':<48} {'measured':>9} {'estimate':>9} {'ratio':>6} {'held out':>9} {'ratio':>6} "
-        f"{'plan GiB':>9} {'peak GiB':>9}")
+
+  fitted = (
+    {**on_file.get("fitted", {on_file.get("date"): list(PRICE_NAMES[:4])}), date_today(): free}
+    if free
+    else {date_today(): list(PRICE_NAMES)}
+  )
+  record = {
+    "target": target.name,
+    "prices": dataclasses.asdict(prices),
+    "rows": [results[r["label"]] for r in rows],
+    "jax": jax.__version__,
+    "date": date_today(),
+    "fitted": fitted,
+    "xla_flags": gpu_target.launch_flags(target),
+  }
+  print(
+    f"\n{'row':<48} {'measured':>9} {'estimate':>9} {'ratio':>6} {'held out':>9} {'ratio':>6} "
+    f"{'plan GiB':>9} {'peak GiB':>9}"
+  )
   for r in record["rows"]:
-    print(f"{r['label']:<48} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} "
-          f"{r['estimate_ms'] / r['measured_ms']:6.3f} "
-          f"{r['held_out_estimate_ms']:9.1f} {r['held_out_estimate_ms'] / r['measured_ms']:6.3f} "
-          f"{r['plan_gib']:9.3f} {r['measured_peak_gib'] or float('nan'):9.1f}")
+    print(
+      f"{r['label']:<48} {r['measured_ms']:9.1f} {r['estimate_ms']:9.1f} "
+      f"{r['estimate_ms'] / r['measured_ms']:6.3f} "
+      f"{r['held_out_estimate_ms']:9.1f} {r['held_out_estimate_ms'] / r['measured_ms']:6.3f} "
+      f"{r['plan_gib']:9.3f} {r['measured_peak_gib'] or float('nan'):9.1f}"
+    )
   print(f"prices: {dataclasses.asdict(prices)}")
   return record
 
@@ -332,28 +395,50 @@ def date_today() -> str:
 
 # ------------------------------------------------------------------------------------------------ entry
 
+
 def make_flags(argv) -> flags.FlagValues:
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
-                                  flag_values=fv, sys_argv=list(argv))
-  flags.DEFINE_string("target", "h100", f"GPU to compile for: {', '.join(sorted(gpu_target.TARGETS))}.",
-                      flag_values=fv)
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'.", lock_config=True, flag_values=fv, sys_argv=list(argv)
+  )
+  flags.DEFINE_string("target", "h100", f"GPU to compile for: {', '.join(sorted(gpu_target.TARGETS))}.", flag_values=fv)
   flags.DEFINE_integer("devices", 1, "GPUs of the mesh (nodes of 8).", flag_values=fv)
   flags.DEFINE_integer("top", 15, "Kernel groups to list.", flag_values=fv)
-  flags.DEFINE_string("dump_hlo", "", "Also write the compiled program's optimised HLO text here (.gz: gzipped).",
-                      flag_values=fv)
-  flags.DEFINE_bool("calibrate", False, "Fit the kernel prices to --rows and write gpu_targets/calibration.json.",
-                    flag_values=fv)
+  flags.DEFINE_string(
+    "dump_hlo", "", "Also write the compiled program's optimised HLO text here (.gz: gzipped).", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "calibrate", False, "Fit the kernel prices to --rows and write gpu_targets/calibration.json.", flag_values=fv
+  )
   flags.DEFINE_string("rows", MEASURED, "Measured rows to calibrate on.", flag_values=fv)
-  flags.DEFINE_list("free", [], f"With --calibrate: fit only these prices ({', '.join(PRICE_NAMES)}) on the rows "
-                    "the calibration on file does not hold, the others held at its values; [] fits every price on "
-                    "every row, each compiled at this code.", flag_values=fv)
-  flags.DEFINE_list("try_kernels", [], "Kernel candidates to compile the step with (models/kernels.py "
-                    "CANDIDATES, e.g. pallas_layer_norm).", flag_values=fv)
-  flags.DEFINE_string("group", "", "Also account for the step by the part of each kernel's op name this regular "
-                      "expression matches (its first group if any), e.g. 'stage_\\d'.", flag_values=fv)
-  flags.DEFINE_string("hlo", "", "Price this dumped program (--dump_hlo's file) instead of compiling --config's step; "
-                      "with --config too, MFU counts that config's model FLOPs.", flag_values=fv)
+  flags.DEFINE_list(
+    "free",
+    [],
+    f"With --calibrate: fit only these prices ({', '.join(PRICE_NAMES)}) on the rows "
+    "the calibration on file does not hold, the others held at its values; [] fits every price on "
+    "every row, each compiled at this code.",
+    flag_values=fv,
+  )
+  flags.DEFINE_list(
+    "try_kernels",
+    [],
+    "Kernel candidates to compile the step with (models/kernels.py CANDIDATES, e.g. pallas_layer_norm).",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "group",
+    "",
+    "Also account for the step by the part of each kernel's op name this regular "
+    "expression matches (its first group if any), e.g. 'stage_\\d'.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "hlo",
+    "",
+    "Price this dumped program (--dump_hlo's file) instead of compiling --config's step; "
+    "with --config too, MFU counts that config's model FLOPs.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -380,6 +465,7 @@ def _body(fv, rest):
     gpu_target.require_compiler(target)
     config_lib.check_domains(fv.config)
     from visionfm_jax.models import kernels  # pylint: disable=g-import-not-at-top  (after ensure_devices)
+
     try:
       kernels.check_candidates(fv.try_kernels, "--try_kernels")
     except ValueError as e:
@@ -388,8 +474,9 @@ def _body(fv, rest):
     if fv.dump_hlo:
       write_text(fv.dump_hlo, setup.hlo_text)
   prices, record = load_prices()
-  print_report(setup, predict(setup.program, target, prices, record.get("target")), fv.config, fv.top, prices,
-               record, fv.group)
+  print_report(
+    setup, predict(setup.program, target, prices, record.get("target")), fv.config, fv.top, prices, record, fv.group
+  )
 
 
 def main(argv) -> int:

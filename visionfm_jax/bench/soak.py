@@ -132,6 +132,7 @@ def build_loader(config, batch_size: int):
   """The training loop's loader: the config's task's train_loader, for one process of one."""
   # tasks imports jax; grain's workers import this module again (multiprocessing's spawn) and need none of it.
   from visionfm_jax import tasks  # pylint: disable=g-import-not-at-top
+
   task = tasks.build(config)
   return task.train_loader(batch_size=batch_size, seed=config.seed, process_index=0, process_count=1)
 
@@ -150,6 +151,7 @@ class StartUp:
   """What building the loader cost beside its wall time: its CPU seconds (a shared machine's load moves the wall
   time alone), the shard files opened (by any process; a lower bound when inotify's queue overflowed), the main
   process's peak RSS; and the shard files opened until the first batch was drawn."""
+
   cpu_s: float
   shards_opened: int
   overflowed: bool
@@ -158,8 +160,10 @@ class StartUp:
 
   def line(self) -> str:
     at_least = "at least " if self.overflowed else ""
-    return (f"{self.cpu_s:.1f} CPU s, {at_least}{self.shards_opened:,} shard files opened, peak RSS "
-            f"{self.peak_rss_mb:,.0f} MB")
+    return (
+      f"{self.cpu_s:.1f} CPU s, {at_least}{self.shards_opened:,} shard files opened, peak RSS "
+      f"{self.peak_rss_mb:,.0f} MB"
+    )
 
 
 def _peak_rss_mb() -> float:
@@ -193,11 +197,17 @@ def soak(iterator, steps: int, every: int, batch_size: int, progress=None) -> Ru
 
 
 # ------------------------------------------------------------------------------------------------- reporting
-COLUMNS = (("descriptors (main)", "fds:main", "{:.0f}"), ("descriptors (children)", "fds:child", "{:.0f}"),
-           ("RSS MB (main)", "MB:main", "{:.0f}"), ("RSS MB (children)", "MB:child", "{:.0f}"),
-           ("threads (main)", "thr:main", "{:.0f}"), ("threads (children)", "thr:child", "{:.0f}"),
-           ("processes", "procs", "{:.0f}"), ("/dev/shm entries", "shm", "{:.0f}"),
-           ("bytes read per record", "B/rec", "{:.0f}"))
+COLUMNS = (
+  ("descriptors (main)", "fds:main", "{:.0f}"),
+  ("descriptors (children)", "fds:child", "{:.0f}"),
+  ("RSS MB (main)", "MB:main", "{:.0f}"),
+  ("RSS MB (children)", "MB:child", "{:.0f}"),
+  ("threads (main)", "thr:main", "{:.0f}"),
+  ("threads (children)", "thr:child", "{:.0f}"),
+  ("processes", "procs", "{:.0f}"),
+  ("/dev/shm entries", "shm", "{:.0f}"),
+  ("bytes read per record", "B/rec", "{:.0f}"),
+)
 
 
 def table_header() -> str:
@@ -206,8 +216,11 @@ def table_header() -> str:
 
 def table_row(sample: Sample) -> str:
   series = sample.series()
-  return (f"{sample.step:>7} {sample.seconds:>7.1f} {sample.records_per_s:>8.1f} "
-          + " ".join(f"{fmt.format(series[key]):>9}" for key, _, fmt in COLUMNS) + f" {sample.load:>5.1f}")
+  return (
+    f"{sample.step:>7} {sample.seconds:>7.1f} {sample.records_per_s:>8.1f} "
+    + " ".join(f"{fmt.format(series[key]):>9}" for key, _, fmt in COLUMNS)
+    + f" {sample.load:>5.1f}"
+  )
 
 
 def versions() -> dict[str, str]:
@@ -237,8 +250,10 @@ def error_line(run: Run, findings: Findings, steps: int) -> str | None:
     held = f"; at step {run.samples[-1].step} {held}" if held else ""
     soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     before = f"; grew before it: {'; '.join(grown)}" if grown else ""
-    return (f"error: the input pipeline failed at step {run.failed_at} of {steps}: {run.failure} (RLIMIT_NOFILE soft "
-            f"{soft}{held}){before}")
+    return (
+      f"error: the input pipeline failed at step {run.failed_at} of {steps}: {run.failure} (RLIMIT_NOFILE soft "
+      f"{soft}{held}){before}"
+    )
   if grown:
     return f"error: grew over steps {findings.judged[0].step}..{findings.judged[-1].step}: " + "; ".join(grown)
   return None
@@ -248,8 +263,10 @@ def print_verdicts(findings: Findings, warmup: int, first_batch_s: float) -> Non
   if not findings.verdicts:
     print(f"verdicts: none ({len(findings.judged)} samples after the warm-up of {warmup} steps; {MIN_JUDGED} needed)")
     return
-  print(f"verdicts over steps {findings.judged[0].step}..{findings.judged[-1].step} (warm-up {warmup} steps; the "
-        f"first batch after {first_batch_s:.1f} s):")
+  print(
+    f"verdicts over steps {findings.judged[0].step}..{findings.judged[-1].step} (warm-up {warmup} steps; the "
+    f"first batch after {first_batch_s:.1f} s):"
+  )
   for verdict in findings.verdicts:
     print("  " + verdict.line())
   if findings.throughput is not None:
@@ -263,24 +280,38 @@ def make_flags(argv) -> flags.FlagValues:
   default = os.path.join(REPO, PRESETS[preset].config) if preset in PRESETS else None
   if default is not None and not os.path.isfile(default):
     default = None  # load_config names it
-  config_flags.DEFINE_config_file("config", default, "Config file, optionally with ':variant' (default: the "
-                                  "preset's).", flag_values=fv, lock_config=False, sys_argv=list(argv))
-  flags.DEFINE_enum("preset", "laion", sorted(PRESETS), "The seed whose data the shards stand in for.",
-                    flag_values=fv)
+  config_flags.DEFINE_config_file(
+    "config",
+    default,
+    "Config file, optionally with ':variant' (default: the preset's).",
+    flag_values=fv,
+    lock_config=False,
+    sys_argv=list(argv),
+  )
+  flags.DEFINE_enum("preset", "laion", sorted(PRESETS), "The seed whose data the shards stand in for.", flag_values=fv)
   flags.DEFINE_integer("shards", 0, "Shards in all (0: the preset's counts).", flag_values=fv)
   flags.DEFINE_integer("records_per_shard", 2, "Records per shard.", flag_values=fv)
-  flags.DEFINE_bool("links", True, "Shards as hard links to a few written files (else every shard written).",
-                    flag_values=fv)
+  flags.DEFINE_bool(
+    "links", True, "Shards as hard links to a few written files (else every shard written).", flag_values=fv
+  )
   flags.DEFINE_string("data_dir", "/tmp/visionfm_soak", "Where the shards are written (and reused).", flag_values=fv)
   flags.DEFINE_integer("steps", 2000, "Batches drawn.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 256, "Records per batch.", flag_values=fv)
   flags.DEFINE_integer("every", 100, "Steps between samples.", flag_values=fv)
   flags.DEFINE_integer("warmup", -1, "Steps whose samples are not judged (-1: a tenth of --steps).", flag_values=fv)
-  flags.DEFINE_integer("num_workers", None, "grain worker processes (default: config.data.num_workers; -1 as a "
-                       "launch resolves it).", flag_values=fv)
+  flags.DEFINE_integer(
+    "num_workers",
+    None,
+    "grain worker processes (default: config.data.num_workers; -1 as a launch resolves it).",
+    flag_values=fv,
+  )
   flags.DEFINE_float("window_s", 60.0, "Seconds of the first and last throughput windows.", flag_values=fv)
-  flags.DEFINE_float("throughput_tolerance", 0.10, "How far the last window's records/s may fall below the first's "
-                     "(a fraction; 1 judges nothing).", flag_values=fv)
+  flags.DEFINE_float(
+    "throughput_tolerance",
+    0.10,
+    "How far the last window's records/s may fall below the first's (a fraction; 1 judges nothing).",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -297,18 +328,23 @@ def _preset_name(argv) -> str:
 def check_flags(fv) -> int:
   """The warm-up in steps; UserError for counts out of range or too few judged samples."""
   if min(fv.steps, fv.batch_size, fv.every, fv.records_per_shard) < 1 or fv.shards < 0:
-    raise UserError(f"--steps={fv.steps}, --batch_size={fv.batch_size}, --every={fv.every} and --records_per_shard="
-                    f"{fv.records_per_shard} must be >= 1, --shards={fv.shards} >= 0")
+    raise UserError(
+      f"--steps={fv.steps}, --batch_size={fv.batch_size}, --every={fv.every} and --records_per_shard="
+      f"{fv.records_per_shard} must be >= 1, --shards={fv.shards} >= 0"
+    )
   if fv.num_workers is not None and fv.num_workers < -1:
     raise UserError(f"--num_workers={fv.num_workers}: expected -1 (as a launch sizes them) or a count >= 0")
   if not 0 <= fv.throughput_tolerance <= 1 or fv.window_s <= 0:
-    raise UserError(f"--throughput_tolerance={fv.throughput_tolerance} must lie in [0, 1], --window_s="
-                    f"{fv.window_s} be positive")
+    raise UserError(
+      f"--throughput_tolerance={fv.throughput_tolerance} must lie in [0, 1], --window_s={fv.window_s} be positive"
+    )
   warmup = fv.steps // 10 if fv.warmup < 0 else fv.warmup
   judged = len([s for s in sample_steps(fv.steps, fv.every) if s >= warmup])
   if judged < MIN_JUDGED:
-    raise UserError(f"--steps={fv.steps} with --every={fv.every} and a warm-up of {warmup} steps leaves {judged} "
-                    f"samples to judge; at least {MIN_JUDGED} are needed")
+    raise UserError(
+      f"--steps={fv.steps} with --every={fv.every} and a warm-up of {warmup} steps leaves {judged} "
+      f"samples to judge; at least {MIN_JUDGED} are needed"
+    )
   return warmup
 
 
@@ -334,11 +370,14 @@ def _body(result: dict, fv, rest) -> None:
     start_up = StartUp(round(time.process_time() - cpu, 2), opens.opened(), opens.overflowed, _peak_rss_mb())
     raised = resource.getrlimit(resource.RLIMIT_NOFILE)  # the loader may raise the soft limit to what it needs
     workers = pipeline.worker_count(config.data.num_workers)
-    print(f"soak: preset {fv.preset} ({', '.join(f'{s.name} {s.shards:,} shards' for s in layouts)}; "
-          f"{fv.records_per_shard} records each), {'reused' if reused else 'written'} in {write_s:.1f} s under "
-          f"{fv.data_dir}; loader built in {open_s:.1f} s, {start_up.line()}; {workers} workers, batch "
-          f"{fv.batch_size}, {fv.steps} steps, image size {config.data.image_size}; RLIMIT_NOFILE "
-          f"{_limit(limits, raised)}", flush=True)
+    print(
+      f"soak: preset {fv.preset} ({', '.join(f'{s.name} {s.shards:,} shards' for s in layouts)}; "
+      f"{fv.records_per_shard} records each), {'reused' if reused else 'written'} in {write_s:.1f} s under "
+      f"{fv.data_dir}; loader built in {open_s:.1f} s, {start_up.line()}; {workers} workers, batch "
+      f"{fv.batch_size}, {fv.steps} steps, image size {config.data.image_size}; RLIMIT_NOFILE "
+      f"{_limit(limits, raised)}",
+      flush=True,
+    )
     print(table_header(), flush=True)
 
     def progress(sample):
@@ -354,17 +393,37 @@ def _body(result: dict, fv, rest) -> None:
   print_verdicts(findings, warmup, run.first_batch_s)
   error = error_line(run, findings, fv.steps)
   result.update(
-      date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), device=device(),
-      versions=versions(), preset=fv.preset, config=preset.config, sources=[dataclasses.asdict(s) for s in layouts],
-      records_per_shard=fv.records_per_shard, links=fv.links, data=specs, write_s=round(write_s, 2), reused=reused,
-      open_s=round(open_s, 2), first_batch_s=round(run.first_batch_s, 2),
-      ready_s=round(open_s + run.first_batch_s, 2), start_up=dataclasses.asdict(start_up), workers=workers,
-      batch_size=fv.batch_size, steps=fv.steps, every=fv.every, warmup=warmup, image_size=config.data.image_size,
-      rlimit_nofile=list(limits), rlimit_nofile_loader=list(raised), failure=run.failure, failed_at=run.failed_at,
-      verdicts=[dataclasses.asdict(v) for v in findings.verdicts],
-      throughput=dataclasses.asdict(findings.throughput) if findings.throughput is not None else None,
-      samples=[dataclasses.asdict(s) for s in run.samples],
-      at_failure=dataclasses.asdict(run.at_failure) if run.at_failure is not None else None, error=error)
+    date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    device=device(),
+    versions=versions(),
+    preset=fv.preset,
+    config=preset.config,
+    sources=[dataclasses.asdict(s) for s in layouts],
+    records_per_shard=fv.records_per_shard,
+    links=fv.links,
+    data=specs,
+    write_s=round(write_s, 2),
+    reused=reused,
+    open_s=round(open_s, 2),
+    first_batch_s=round(run.first_batch_s, 2),
+    ready_s=round(open_s + run.first_batch_s, 2),
+    start_up=dataclasses.asdict(start_up),
+    workers=workers,
+    batch_size=fv.batch_size,
+    steps=fv.steps,
+    every=fv.every,
+    warmup=warmup,
+    image_size=config.data.image_size,
+    rlimit_nofile=list(limits),
+    rlimit_nofile_loader=list(raised),
+    failure=run.failure,
+    failed_at=run.failed_at,
+    verdicts=[dataclasses.asdict(v) for v in findings.verdicts],
+    throughput=dataclasses.asdict(findings.throughput) if findings.throughput is not None else None,
+    samples=[dataclasses.asdict(s) for s in run.samples],
+    at_failure=dataclasses.asdict(run.at_failure) if run.at_failure is not None else None,
+    error=error,
+  )
   print(json.dumps(result, sort_keys=True), flush=True)
   if error:
     errors.say(error)

@@ -21,9 +21,7 @@ from visionfm_jax.training import step as step_lib
 
 
 class JaxStep:
-
-  def __init__(self, config, devices=None, compiler_options=None, kernel_forms: str | None = None,
-               try_kernels=()):
+  def __init__(self, config, devices=None, compiler_options=None, kernel_forms: str | None = None, try_kernels=()):
     self.config = config
     self.mesh = parallel.make_mesh(config.mesh, devices)
     self.task = tasks.build(config, self.mesh)
@@ -38,7 +36,7 @@ class JaxStep:
       self.batch = parallel.host_to_global(local_batch, parallel.batch_sharding(self.mesh))
       start = time.perf_counter()
       step = step_lib.jit_train_step(self.task, tx, config, self.mesh, init_fn, shardings, lr_schedule)
-      with (kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext()), kernels.trying(try_kernels):
+      with kernels.forced(kernel_forms) if kernel_forms else contextlib.nullcontext(), kernels.trying(try_kernels):
         self.compiled = step.lower(self.state, self.batch).compile(compiler_options=compiler_options)
       self.compile_seconds = time.perf_counter() - start
 
@@ -63,7 +61,11 @@ class JaxStep:
     analysis = self.compiled.memory_analysis()
     plan = None
     if analysis is not None:
-      plan = (analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
-              + analysis.temp_size_in_bytes)
+      plan = (
+        analysis.argument_size_in_bytes
+        + analysis.output_size_in_bytes
+        - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+      )
     stats = jax.local_devices()[0].memory_stats() or {}
     return {"memory_plan_bytes": plan, "peak_bytes_in_use": stats.get("peak_bytes_in_use")}

@@ -31,6 +31,7 @@ DATASET_KINDS = {"pairs": "pairs", "labelled": "classification", "images": "imag
 class SourceLayout:
   """One synthetic source: `name` (its folder), what its records hold (records.write_metadata's split kinds:
   pairs, labelled, images) and its shard count; `classes` for labelled records."""
+
   name: str
   kind: str
   shards: int
@@ -41,6 +42,7 @@ class SourceLayout:
 class Preset:
   """A seed's config and its training data: one source (config.data.source) or, in config.data.mixture's order,
   one per entry (the weights stay the config's)."""
+
   config: str
   sources: tuple[SourceLayout, ...]
 
@@ -51,11 +53,17 @@ class Preset:
 # crops: 5,400; Aurora's 500M uncaptioned images: 500,000 (docs/runbooks/aurora_xl.md).
 LAION = SourceLayout("laion", "pairs", 232_000)
 PRESETS = {
-    "laion": Preset("configs/swinv2_g_clip.py", (LAION,)),
-    "imagenet21k": Preset("configs/vit_huge.py", (SourceLayout("imagenet21k", "labelled", 14_088, classes=21_841),)),
-    "aurora": Preset("configs/aurora_xl.py", (LAION, SourceLayout("coco", "pairs", 592),
-                                              SourceLayout("vg", "pairs", 5_400),
-                                              SourceLayout("aurora_images", "images", 500_000))),
+  "laion": Preset("configs/swinv2_g_clip.py", (LAION,)),
+  "imagenet21k": Preset("configs/vit_huge.py", (SourceLayout("imagenet21k", "labelled", 14_088, classes=21_841),)),
+  "aurora": Preset(
+    "configs/aurora_xl.py",
+    (
+      LAION,
+      SourceLayout("coco", "pairs", 592),
+      SourceLayout("vg", "pairs", 5_400),
+      SourceLayout("aurora_images", "images", 500_000),
+    ),
+  ),
 }
 
 
@@ -74,8 +82,7 @@ def layout_dir(data_dir: str, layout: SourceLayout, records_per_shard: int, link
 
 def _jpegs(count: int) -> list[bytes]:
   rng = np.random.default_rng(0)
-  return [records.encode_jpeg(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8))
-          for _ in range(count)]
+  return [records.encode_jpeg(rng.integers(0, 256, (IMAGE_SIDE, IMAGE_SIDE, 3), dtype=np.uint8)) for _ in range(count)]
 
 
 def _record(layout: SourceLayout, jpeg: bytes, number: int) -> dict:
@@ -94,8 +101,14 @@ def _template_records(layout: SourceLayout, records_per_shard: int, template: in
 
 def _soak_entry(layout: SourceLayout, records_per_shard: int, links: bool) -> dict:
   """What dataset.json's 'soak' field says of a complete folder."""
-  return {"shards": layout.shards, "records_per_shard": records_per_shard, "kind": layout.kind,
-          "classes": layout.classes, "links": links, "templates": min(TEMPLATES, layout.shards)}
+  return {
+    "shards": layout.shards,
+    "records_per_shard": records_per_shard,
+    "kind": layout.kind,
+    "classes": layout.classes,
+    "links": links,
+    "templates": min(TEMPLATES, layout.shards),
+  }
 
 
 def is_complete(directory: str, layout: SourceLayout, records_per_shard: int, links: bool) -> bool:
@@ -122,9 +135,11 @@ def check_space(directory: str, layouts, links: bool) -> None:
     parent = os.path.dirname(parent) or "."
   free = shutil.disk_usage(parent).free
   if need > free:
-    raise UserError(f"--data_dir={directory}: the shards need {need / 2**20:,.0f} MiB, the file system has "
-                    f"{free / 2**20:,.0f} MiB free (each ArrayRecord file takes {SHARD_BYTES >> 10} KiB; the default "
-                    f"--links writes {TEMPLATES} files per source)")
+    raise UserError(
+      f"--data_dir={directory}: the shards need {need / 2**20:,.0f} MiB, the file system has "
+      f"{free / 2**20:,.0f} MiB free (each ArrayRecord file takes {SHARD_BYTES >> 10} KiB; the default "
+      f"--links writes {TEMPLATES} files per source)"
+    )
 
 
 def write_source(directory: str, layout: SourceLayout, records_per_shard: int, links: bool) -> None:
@@ -151,8 +166,13 @@ def write_source(directory: str, layout: SourceLayout, records_per_shard: int, l
   if links:  # every shard is its template: the index repeats the templates' rows
     rows = np.array([shard_index.measure(path) for path in templates], shard_index.DTYPE)
     split[shard_index.KEY] = shard_index.save(directory, SPLIT, rows[np.arange(layout.shards) % count])
-  records.write_metadata(directory, kind=DATASET_KINDS[layout.kind], classes=classes, splits={SPLIT: split},
-                         soak=_soak_entry(layout, records_per_shard, links))
+  records.write_metadata(
+    directory,
+    kind=DATASET_KINDS[layout.kind],
+    classes=classes,
+    splits={SPLIT: split},
+    soak=_soak_entry(layout, records_per_shard, links),
+  )
   if not links:
     records.write_index(directory, SPLIT)
 
@@ -173,4 +193,3 @@ def prepare_sources(data_dir: str, layouts, records_per_shard: int, links: bool)
   for directory in directories:
     specs.append(f"arrayrecord:{directory}/{{split}}-*.array_record")
   return specs, time.perf_counter() - start, reused
-

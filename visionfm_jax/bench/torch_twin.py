@@ -24,11 +24,14 @@ def hf_config_dict(model) -> dict:
   """transformers' config of `model`, from the converter the model names (`convert.converter`)."""
   module = convert.converter(model)
   if module is None:
-    raise ConfigError(f"--compare=torch: a {type(model).__name__} has no transformers twin; ViT and SwinV2 "
-                      f"classifiers do")
+    raise ConfigError(
+      f"--compare=torch: a {type(model).__name__} has no transformers twin; ViT and SwinV2 classifiers do"
+    )
   if getattr(model, "pool", "cls") != "cls":
-    raise ConfigError(f"--compare=torch: config.model.pool={model.pool!r}; transformers' ViT classifier pools the "
-                      f"class token (use pool='cls')")
+    raise ConfigError(
+      f"--compare=torch: config.model.pool={model.pool!r}; transformers' ViT classifier pools the "
+      f"class token (use pool='cls')"
+    )
   return module.hf_config(model)
 
 
@@ -63,8 +66,9 @@ class TorchStep:
     self.model, self.attention = _build(transformers, arch, fields)
     self.model = self.model.to(self.device).train()
     optim = config.optim
-    self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2),
-                                       eps=optim.eps, weight_decay=optim.weight_decay)
+    self.optimizer = torch.optim.AdamW(
+      self.model.parameters(), lr=optim.lr, betas=(optim.b1, optim.b2), eps=optim.eps, weight_decay=optim.weight_decay
+    )
     self.clip_norm = optim.clip_norm
     self.schedule = optim_lib.schedule(optim, config.total_steps)  # ours: warmup then cosine
     self.step = 0
@@ -73,8 +77,10 @@ class TorchStep:
     self.labels = torch.from_numpy(batch["label"].astype(np.int64)).to(self.device)
     self.autocast = {"bfloat16": torch.bfloat16, "float16": torch.float16}.get(config.precision.compute_dtype)
     if self.autocast is not None and self.device.type == "cpu":
-      raise ConfigError(f"--compare=torch on CPU compares fp32 steps; set "
-                        f"--config.precision.compute_dtype=float32 (not {config.precision.compute_dtype})")
+      raise ConfigError(
+        f"--compare=torch on CPU compares fp32 steps; set "
+        f"--config.precision.compute_dtype=float32 (not {config.precision.compute_dtype})"
+      )
     self.scaler = torch.amp.GradScaler("cuda") if self.autocast == torch.float16 else None
 
   def _step(self):
@@ -115,7 +121,6 @@ class TorchStep:
   def loss(self) -> float:
     self._next_lr()
     return float(self._step().detach())
-
 
 
 def _build(transformers, arch: str, fields: dict):

@@ -18,6 +18,7 @@ class Tolerance:
   many as there are). `per_interval`: the quantity is a rate over each interval between samples, not a level, so
   one interval's spike is noise and its slope the robust one (`robust_slope`); a level keeps least squares, under
   which a step late in the run, a leak that began there, still counts."""
+
   fixed: float
   per_1000_steps: float = 0.0
   per_process: bool = True
@@ -32,9 +33,14 @@ class Tolerance:
 # Bytes read per record: a tenth of their mean or 1 KiB, whichever is more. Their scale is the shards' (a reader
 # reads a shard's index and blocks, not a record alone), so the tolerance is a fraction; samples of 200 records of
 # 3,000 tiny shards scatter by some 3% about their mean.
-TOLERANCES = {"descriptors": Tolerance(32), "RSS MB": Tolerance(16, per_1000_steps=4), "threads": Tolerance(4),
-              "processes": Tolerance(0.5, per_process=False), "/dev/shm entries": Tolerance(16, per_process=False),
-              "bytes read per record": Tolerance(1024, per_process=False, fraction=0.1, per_interval=True)}
+TOLERANCES = {
+  "descriptors": Tolerance(32),
+  "RSS MB": Tolerance(16, per_1000_steps=4),
+  "threads": Tolerance(4),
+  "processes": Tolerance(0.5, per_process=False),
+  "/dev/shm entries": Tolerance(16, per_process=False),
+  "bytes read per record": Tolerance(1024, per_process=False, fraction=0.1, per_interval=True),
+}
 
 
 def tolerance_of(quantity: str) -> Tolerance:
@@ -52,9 +58,11 @@ class Verdict:
   growing: bool
 
   def line(self) -> str:
-    return (f"{self.quantity:<24} {'GROWING' if self.growing else 'flat':<8} {self.first:>10,.1f} -> "
-            f"{self.last:>10,.1f}, slope {self.slope_per_1000:+,.1f} per 1000 steps, fitted rise {self.rise:+,.1f} "
-            f"(tolerance {self.allowed:,.1f})")
+    return (
+      f"{self.quantity:<24} {'GROWING' if self.growing else 'flat':<8} {self.first:>10,.1f} -> "
+      f"{self.last:>10,.1f}, slope {self.slope_per_1000:+,.1f} per 1000 steps, fitted rise {self.rise:+,.1f} "
+      f"(tolerance {self.allowed:,.1f})"
+    )
 
 
 def slope(xs, ys) -> float:
@@ -88,8 +96,15 @@ def judge(quantity: str, steps, values, tolerance: Tolerance, processes: int = 1
   per_step = (robust_slope if tolerance.per_interval else slope)(steps, values)
   span = float(steps[-1] - steps[0])
   allowed = tolerance.allowed(span, processes, float(np.mean(np.asarray(values, np.float64))))
-  return Verdict(quantity, float(values[0]), float(values[-1]), per_step * 1000, per_step * span, allowed,
-                 bool(per_step * span > allowed))
+  return Verdict(
+    quantity,
+    float(values[0]),
+    float(values[-1]),
+    per_step * 1000,
+    per_step * span,
+    allowed,
+    bool(per_step * span > allowed),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,10 +120,12 @@ class Throughput:
   def line(self) -> str:
     ratio = lambda a, b: f"{b / a:.0%}" if a else "-"  # noqa: E731
     cpu = ratio(self.first_per_cpu_s, self.last_per_cpu_s)
-    return (f"{'throughput':<24} {'FALLING' if self.falling else 'flat':<8} {self.first:>10,.1f} -> "
-            f"{self.last:>10,.1f} records/s ({ratio(self.first, self.last)}), per CPU second "
-            f"{self.first_per_cpu_s:,.1f} -> {self.last_per_cpu_s:,.1f} ({cpu}) over the first and the last "
-            f"{self.window_s:.0f} s (tolerance {self.tolerance:.0%})")
+    return (
+      f"{'throughput':<24} {'FALLING' if self.falling else 'flat':<8} {self.first:>10,.1f} -> "
+      f"{self.last:>10,.1f} records/s ({ratio(self.first, self.last)}), per CPU second "
+      f"{self.first_per_cpu_s:,.1f} -> {self.last_per_cpu_s:,.1f} ({cpu}) over the first and the last "
+      f"{self.window_s:.0f} s (tolerance {self.tolerance:.0%})"
+    )
 
 
 def judge_throughput(seconds, steps, cpu_s, batch_size: int, window_s: float, tolerance: float) -> Throughput:
@@ -120,13 +137,16 @@ def judge_throughput(seconds, steps, cpu_s, batch_size: int, window_s: float, to
   window = min(window_s, (t[-1] - t[0]) / 3)
   head = max(1, int(np.searchsorted(t, t[0] + window, side="left")))  # the first sample at or after its end
   tail = max(0, min(int(np.searchsorted(t, t[-1] - window, side="right")) - 1, len(t) - 2))  # last before its start
+
   def per(clock, a, b):
     return (n[b] - n[a]) * batch_size / (clock[b] - clock[a]) if clock[b] > clock[a] else 0.0
+
   first, last = per(t, 0, head), per(t, tail, len(t) - 1)
   first_cpu, last_cpu = per(c, 0, head), per(c, tail, len(t) - 1)
   falling = last < (1 - tolerance) * first and last_cpu < (1 - tolerance) * first_cpu
-  return Throughput(float(first), float(last), float(first_cpu), float(last_cpu), float(window), tolerance,
-                    bool(falling))
+  return Throughput(
+    float(first), float(last), float(first_cpu), float(last_cpu), float(window), tolerance, bool(falling)
+  )
 
 
 def verdicts(judged: list[Sample]) -> list[Verdict]:
@@ -149,25 +169,35 @@ class Findings:
 
   def grown(self) -> list[str]:
     """What grew, one phrase each."""
-    out = [f"{v.quantity} {v.first:,.0f} -> {v.last:,.0f} (fitted rise {v.rise:+,.1f}, tolerance {v.allowed:,.1f})"
-           for v in self.verdicts if v.growing]
+    out = [
+      f"{v.quantity} {v.first:,.0f} -> {v.last:,.0f} (fitted rise {v.rise:+,.1f}, tolerance {v.allowed:,.1f})"
+      for v in self.verdicts
+      if v.growing
+    ]
     if self.throughput is not None and self.throughput.falling:
       t = self.throughput
-      out.append(f"throughput fell {t.first:,.0f} -> {t.last:,.0f} records/s, {t.first_per_cpu_s:,.0f} -> "
-                 f"{t.last_per_cpu_s:,.0f} per CPU second (below {1 - t.tolerance:.0%} of the first "
-                 f"{t.window_s:.0f} s)")
+      out.append(
+        f"throughput fell {t.first:,.0f} -> {t.last:,.0f} records/s, {t.first_per_cpu_s:,.0f} -> "
+        f"{t.last_per_cpu_s:,.0f} per CPU second (below {1 - t.tolerance:.0%} of the first "
+        f"{t.window_s:.0f} s)"
+      )
     return out
 
 
 MIN_JUDGED = 3  # samples a slope is judged from
 
 
-def assess(samples: list[Sample], warmup: int, batch_size: int, window_s: float, tolerance: float,
-           failed: bool) -> Findings:
+def assess(
+  samples: list[Sample], warmup: int, batch_size: int, window_s: float, tolerance: float, failed: bool
+) -> Findings:
   judged = [s for s in samples if s.step >= warmup]
   if len(judged) < MIN_JUDGED:
     return Findings(judged, [], None)
-  throughput = None if failed else judge_throughput([s.seconds for s in judged], [s.step for s in judged],
-                                                    [s.cpu_s for s in judged], batch_size, window_s, tolerance)
+  throughput = (
+    None
+    if failed
+    else judge_throughput(
+      [s.seconds for s in judged], [s.step for s in judged], [s.cpu_s for s in judged], batch_size, window_s, tolerance
+    )
+  )
   return Findings(judged, verdicts(judged), throughput)
-

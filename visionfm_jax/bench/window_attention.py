@@ -49,8 +49,7 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_integer("head_dim", 32, "Head dimension.", flag_values=fv)
   flags.DEFINE_bool("shifted", True, "A shifted map: pairs of tokens of different regions masked.", flag_values=fv)
   flags.DEFINE_integer("batch", 32, "Images.", flag_values=fv)
-  flags.DEFINE_list("implementations", "pallas,cudnn,softmax", "Of " + ", ".join(IMPLEMENTATIONS) + ".",
-                    flag_values=fv)
+  flags.DEFINE_list("implementations", "pallas,cudnn,softmax", "Of " + ", ".join(IMPLEMENTATIONS) + ".", flag_values=fv)
   flags.DEFINE_integer("steps", 10, "Timed calls.", flag_values=fv)
   flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling.", flag_values=fv)
   flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float16", "float32"], "q, k, v's dtype.", flag_values=fv)
@@ -101,17 +100,21 @@ def attend(implementation: str, side: int, regions):
     windows, heads = q.shape[1], q.shape[3]
     fold = lambda t: einops.rearrange(t, "b w n h d -> b n (w h) d")
     bias = jnp.broadcast_to(bias, (windows, heads) + bias.shape[-2:]).reshape((1, windows * heads) + bias.shape[-2:])
-    out = kernels.fused_attention(fold(q), fold(k), fold(v), bias=bias.astype(q.dtype), scale=1.0,
-                                  implementation=implementation)
+    out = kernels.fused_attention(
+      fold(q), fold(k), fold(v), bias=bias.astype(q.dtype), scale=1.0, implementation=implementation
+    )
     return einops.rearrange(out, "b n (w h) d -> b w n h d", w=windows)
+
   return f
 
 
 def forward_backward(f):
   """(q, k, v, logit scale, table, cotangent) -> the gradients of <f(...), cotangent> with respect to the five."""
+
   def step(q, k, v, logit_scale, table, cotangent):
     loss = lambda *a: jnp.sum(f(*a).astype(jnp.float32) * cotangent.astype(jnp.float32))
     return jax.grad(loss, argnums=tuple(range(5)))(q, k, v, logit_scale, table)
+
   return jax.jit(step)
 
 
@@ -129,9 +132,13 @@ def time_one(implementation: str, shape: dict, args, regions, steps: int, warmup
   median = statistics.median(seconds)
   batch = args[0].shape[0]
   flops = 3.5 * 4 * batch * shape["windows"] * shape["heads"] * shape["side"] ** 4 * shape["head_dim"]
-  return dict(fwd_bwd_ms=round(1e3 * median, 3), min_ms=round(1e3 * min(seconds), 3),
-              max_ms=round(1e3 * max(seconds), 3), compile_s=round(compile_s, 2),
-              tflops=round(flops / median / 1e12, 4))
+  return dict(
+    fwd_bwd_ms=round(1e3 * median, 3),
+    min_ms=round(1e3 * min(seconds), 3),
+    max_ms=round(1e3 * max(seconds), 3),
+    compile_s=round(compile_s, 2),
+    tflops=round(flops / median / 1e12, 4),
+  )
 
 
 def run(fv) -> bool:
@@ -140,11 +147,13 @@ def run(fv) -> bool:
   if unknown:
     raise ConfigError(f"--implementations={','.join(fv.implementations)}: {unknown} not in {IMPLEMENTATIONS}")
   if fv.steps < 1 or fv.warmup < 0 or fv.batch < 1:
-    raise ConfigError(f"--steps={fv.steps} --warmup={fv.warmup} --batch={fv.batch}: expected steps and batch >= 1, "
-                      f"warmup >= 0")
+    raise ConfigError(
+      f"--steps={fv.steps} --warmup={fv.warmup} --batch={fv.batch}: expected steps and batch >= 1, warmup >= 0"
+    )
   if min(fv.window, fv.windows, fv.heads, fv.head_dim) < 1:
-    raise ConfigError(f"--window={fv.window} --windows={fv.windows} --heads={fv.heads} --head_dim={fv.head_dim}: "
-                      f"expected each >= 1")
+    raise ConfigError(
+      f"--window={fv.window} --windows={fv.windows} --heads={fv.heads} --head_dim={fv.head_dim}: expected each >= 1"
+    )
   if fv.shifted and math.isqrt(fv.windows) ** 2 != fv.windows:
     raise ConfigError(f"--windows={fv.windows} with --shifted: the windows of a shifted map tile a square")
   shape = dict(side=fv.window, windows=fv.windows, heads=fv.heads, head_dim=fv.head_dim, shifted=fv.shifted)
@@ -152,9 +161,18 @@ def run(fv) -> bool:
   device = jax.devices()[0].device_kind
   failed = False
   for implementation in fv.implementations:
-    row = dict(implementation=implementation, window=fv.window, tokens=fv.window**2, windows=fv.windows,
-               heads=fv.heads, head_dim=fv.head_dim, shifted=fv.shifted, batch=fv.batch, dtype=fv.dtype,
-               device=device)
+    row = dict(
+      implementation=implementation,
+      window=fv.window,
+      tokens=fv.window**2,
+      windows=fv.windows,
+      heads=fv.heads,
+      head_dim=fv.head_dim,
+      shifted=fv.shifted,
+      batch=fv.batch,
+      dtype=fv.dtype,
+      device=device,
+    )
     try:
       row.update(time_one(implementation, shape, args, regions, fv.steps, fv.warmup))
     except Exception as e:  # pylint: disable=broad-except  # a row saying why; the other implementations still run
@@ -170,6 +188,7 @@ def main(argv) -> int:
   def body(fv, rest):
     cli.check_args(fv, rest)
     failed.append(run(fv))
+
   code = cli.run(argv, make_flags(), __doc__, body)
   return code or int(any(failed))
 

@@ -48,7 +48,7 @@ def check_rows(config: ml_collections.ConfigDict) -> None:
     keys = path.split(".")
     depth = _unknown_at(rows, keys)
     if depth is not None and (known_model or keys[0] != "model"):
-      raise ConfigError(f"config.{'.'.join(keys[:depth + 1])}: {_owner(config, keys[:depth])} has no such field")
+      raise ConfigError(f"config.{'.'.join(keys[: depth + 1])}: {_owner(config, keys[:depth])} has no such field")
 
 
 def _unknown_at(rows, keys: list[str]) -> int | None:
@@ -94,6 +94,8 @@ def check_delayed_fp8(config: ml_collections.ConfigDict) -> None:
   batch's pass (models/fp8.py), and micro-batches' gradients are summed where amaxes take a max."""
   precision = config.get("precision")
   if precision is not None and precision.get("gemm") == "fp8_delayed" and config.get("grad_accum_steps", 1) > 1:
-    raise ConfigError(f"config.precision.gemm=fp8_delayed records its amax histories from one pass over the batch: "
-                      f"it takes no micro-batches (config.grad_accum_steps={config.grad_accum_steps}); use "
-                      f"config.precision.gemm=fp8 with them")
+    raise ConfigError(
+      f"config.precision.gemm=fp8_delayed records its amax histories from one pass over the batch: "
+      f"it takes no micro-batches (config.grad_accum_steps={config.grad_accum_steps}); use "
+      f"config.precision.gemm=fp8 with them"
+    )

@@ -14,8 +14,16 @@ from visionfm_jax.errors import ConfigError
 DEMO_DATA = {"shapes": (64, 1000), "scenes": (32, 500)}
 
 
-def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps: int, eval_every: int,
-             source: str = "shapes", lr: float = 1e-3, warmup_steps: int = 100) -> None:
+def cpu_demo(
+  config: ml_collections.ConfigDict,
+  *,
+  image_size: int,
+  total_steps: int,
+  eval_every: int,
+  source: str = "shapes",
+  lr: float = 1e-3,
+  warmup_steps: int = 100,
+) -> None:
   """Turns a recipe into a CPU demo in place: what every demo shares; the caller then picks its tiny model.
 
   Every demo trains from scratch (no init_from) on an embedded set (`source`: shapes, or scenes for the dense
@@ -46,8 +54,9 @@ def cpu_demo(config: ml_collections.ConfigDict, *, image_size: int, total_steps:
   config.init_from = config.init_from_prefix = ""
 
   config.total_steps = total_steps
-  set_fields(config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0,
-             clip_norm=1.0)
+  set_fields(
+    config.optim, lr=lr, warmup_steps=warmup_steps, end_lr=0.0, weight_decay=0.05, layer_decay=1.0, clip_norm=1.0
+  )
   config.precision.compute_dtype = "float32"
   config.health.enabled = False
   config.strategy = "ddp"
@@ -81,12 +90,26 @@ def small_data(config: ml_collections.ConfigDict, *, source: str, lr: float, siz
     if "drop_path" in node:
       node.drop_path = 0.1
   config.model.remat_policy = "none"
-  set_fields(config.data, source=source, eval_source="", train_split="train", eval_split="validation",
-             eval_examples=-1)
-  set_fields(config.data.augment, random_resized_crop=True, crop_scale=(0.25, 1.0), color_jitter=0.4,
-             randaugment_ops=2, randaugment_magnitude=9)
-  set_fields(config, global_batch_size=SIZED, grad_accum_steps=1, total_steps=SIZED, strategy="ddp",
-             log_every=50, eval_every=SIZED, checkpoint_every=SIZED, checkpoint_keep_period=0)
+  set_fields(config.data, source=source, eval_source="", train_split="train", eval_split="validation", eval_examples=-1)
+  set_fields(
+    config.data.augment,
+    random_resized_crop=True,
+    crop_scale=(0.25, 1.0),
+    color_jitter=0.4,
+    randaugment_ops=2,
+    randaugment_magnitude=9,
+  )
+  set_fields(
+    config,
+    global_batch_size=SIZED,
+    grad_accum_steps=1,
+    total_steps=SIZED,
+    strategy="ddp",
+    log_every=50,
+    eval_every=SIZED,
+    checkpoint_every=SIZED,
+    checkpoint_keep_period=0,
+  )
   set_fields(config.optim, lr=lr, warmup_steps=SIZED, end_lr=0.0, weight_decay=0.05, layer_decay=1.0, clip_norm=1.0)
   config.precision.compute_dtype = "float32"
   config.health.enabled = False

@@ -14,6 +14,7 @@ class Domain:
   """The values a numeric field may take: a range (ends open or closed), integer or real, plus `extra` values
   with a meaning of their own (e.g. -1 for 'all'). A tuple field is checked element by element; an `ordered` one
   is a (low, high) pair whose low end must not exceed its high end."""
+
   low: float = -math.inf
   high: float = math.inf
   low_open: bool = False
@@ -52,6 +53,7 @@ class Domain:
 @dataclasses.dataclass(frozen=True)
 class Choices:
   """The names a string field may take."""
+
   names: tuple
 
   def contains(self, value) -> bool:
@@ -90,6 +92,7 @@ def staged_size(spec: str) -> tuple[int, tuple[int, ...], tuple[int, ...]] | Non
 class TransformerSize:
   """A transformer's size: one of its model's named `names`, or its sizes spelled out (`parse`: `custom_size`, or
   `staged_size` for a model of stages; `spelling` says how)."""
+
   names: tuple
   parse: Callable[[str], Any] = custom_size
   spelling: str = "'<width>x<depth>x<mlp>x<heads>'"

@@ -42,7 +42,10 @@ def check_override(config: ml_collections.ConfigDict, flag: str) -> None:
       parent = ".".join(["config", *parts[:depth]])
       known = sorted(node.keys()) if isinstance(node, (ml_collections.ConfigDict, dict)) else []
       close = difflib.get_close_matches(key, known, n=3)
-      hint = f"; did you mean {' or '.join(repr(c) for c in close)}?" if close else (
-          f"; its fields: {', '.join(known)}" if known else f"; {parent} is a {type(node).__name__}, not a group")
+      hint = (
+        f"; did you mean {' or '.join(repr(c) for c in close)}?"
+        if close
+        else (f"; its fields: {', '.join(known)}" if known else f"; {parent} is a {type(node).__name__}, not a group")
+      )
       raise ConfigError(f"--{name}: {parent} has no field {key!r}{hint}")
     node = node[key]

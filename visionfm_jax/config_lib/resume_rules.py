@@ -16,22 +16,28 @@ from visionfm_jax.errors import ConfigError
 # accepted only when named in config.resume.allow_changes).
 REFUSED, OPT_IN, FREE = "refused", "opt_in", "free"
 RESUME_RULES: tuple[tuple[str, str], ...] = (
-    # how a model computes, not what: its attention implementation and remat policy (same params, same numbers
-    # up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
-    (r"model\.(\w+\.)?(attention|remat_policy|stage_remat_policies|stage_scan_unrolls|scan_unroll)", FREE),
-    # the blocks' GEMMs in FP8 or not: the same params and state, another rounding of the products
-    (r"precision\.gemm", FREE),
-    (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
-    (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
-    (r"log_every|eval_every|checkpoint_every|keep_checkpoints|checkpoint_digests|step_timeout_s|peer_timeout_s|"
-     r"lock_wait_s|compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+", FREE),
-    (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
-    (r"strategy|optimizer_over_data|mesh\..+|sharding\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|"
-     r"probe\..+|eval\..+", FREE),
-    # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
-    (r"optim\.ema_decay", FREE),
-    (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
-    (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
+  # how a model computes, not what: its attention implementation and remat policy (same params, same numbers
+  # up to rounding), e.g. a run moved from the CPU to GPUs or to a policy that fits another batch
+  (r"model\.(\w+\.)?(attention|remat_policy|stage_remat_policies|stage_scan_unrolls|scan_unroll)", FREE),
+  # the blocks' GEMMs in FP8 or not: the same params and state, another rounding of the products
+  (r"precision\.gemm", FREE),
+  (r"model\..+|task|head\..+|precision\.compute_dtype|optim\.freeze", REFUSED),
+  (r"data\.(source|mixture|train_split|tokenizer|image_size|shapes_train_size|shapes_captions|mean|std)", REFUSED),
+  (
+    r"log_every|eval_every|checkpoint_every|keep_checkpoints|checkpoint_digests|step_timeout_s|peer_timeout_s|"
+    r"lock_wait_s|compile_cache|progress_bar|report_to|wandb\..+|mlflow\..+",
+    FREE,
+  ),
+  (r"health\..+", FREE),  # how the run is guarded; a new window starts its statistics afresh
+  (
+    r"strategy|optimizer_over_data|mesh\..+|sharding\..+|grad_accum_steps|accumulate_unreduced|resume\..+|init_from\w*|"
+    r"probe\..+|eval\..+",
+    FREE,
+  ),
+  # evaluated and exported weights only: a resume starts or drops the EMA as needed (training/ema.py)
+  (r"optim\.ema_decay", FREE),
+  (r"data\.(eval_\w+|data_dir|num_workers|prefetch|device_prefetch|max_skipped_fraction|skip_check_after)", FREE),
+  (r"data\.(shapes_eval_size|seg_eval_width)", FREE),
 )
 # Not a field: in config.resume.allow_changes, it accepts a checkpoint that carries no config to compare with
 # (its file deleted or emptied, or saved by a version before checkpoints carried one), resumed unchecked.

@@ -16,6 +16,7 @@ from visionfm_jax.config_lib.domains import Choices, Domain, TransformerSize
 class Field:
   """One config field: its default, the values it may take (None: any of the default's type, the owner checks
   what else it needs) and what it means."""
+
   default: Any
   domain: Domain | Choices | TransformerSize | None = None
   doc: str = ""
@@ -26,8 +27,9 @@ Rows = Mapping[str, Union[Field, "Rows"]]
 
 def defaults(rows: Rows) -> ml_collections.ConfigDict:
   """The ConfigDict of `rows`' defaults, in their order, a subsection for each nested mapping."""
-  return ml_collections.ConfigDict({key: defaults(row) if isinstance(row, Mapping) else row.default
-                                    for key, row in rows.items()})
+  return ml_collections.ConfigDict(
+    {key: defaults(row) if isinstance(row, Mapping) else row.default for key, row in rows.items()}
+  )
 
 
 def row_at(rows: Rows, path: str) -> Field | None:

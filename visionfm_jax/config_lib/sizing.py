@@ -42,7 +42,6 @@ NUM_CLASSES = "model.num_classes"
 ZEROSHOT_FROM_DATA = "data"  # evaluate/zeroshot.py FROM_DATA
 
 
-
 def _tenth(total: int) -> int:
   return total // 10
 
@@ -53,9 +52,9 @@ def _sixth(total: int) -> int:
 
 # dotted field -> (its value for a run of `total_steps`, the rule in words)
 STEP_RULES = {
-    "optim.warmup_steps": (_tenth, "a tenth of config.total_steps"),
-    "eval_every": (_sixth, "a sixth of config.total_steps, rounded up"),
-    "checkpoint_every": (_sixth, "a sixth of config.total_steps, rounded up"),
+  "optim.warmup_steps": (_tenth, "a tenth of config.total_steps"),
+  "eval_every": (_sixth, "a sixth of config.total_steps, rounded up"),
+  "checkpoint_every": (_sixth, "a sixth of config.total_steps, rounded up"),
 }
 
 
@@ -87,8 +86,11 @@ def fill_steps(config: ml_collections.ConfigDict) -> list[str]:
   total = config.total_steps
   if not COUNT.contains(total):
     return []
-  return [fill_value(config, path, rule(total), why.replace("config.total_steps", f"config.total_steps={total}"))
-          for path, (rule, why) in STEP_RULES.items() if is_sized(config, path)]
+  return [
+    fill_value(config, path, rule(total), why.replace("config.total_steps", f"config.total_steps={total}"))
+    for path, (rule, why) in STEP_RULES.items()
+    if is_sized(config, path)
+  ]
 
 
 # dotted field -> (its value with a GPU, without one)
@@ -102,15 +104,25 @@ CPU_STEPS = (10, 300)
 MACHINE_FIELDS = (*MACHINE_RULES, "global_batch_size", "total_steps")
 
 
-def fill_machine(config: ml_collections.ConfigDict, accelerator: str | None,
-                 flops_per_example: Callable[[ml_collections.ConfigDict], float | None]) -> list[str]:
+def fill_machine(
+  config: ml_collections.ConfigDict,
+  accelerator: str | None,
+  flops_per_example: Callable[[ml_collections.ConfigDict], float | None],
+) -> list[str]:
   """Fills the SIZED sizes of `config` (the module's docstring) in place for a machine with `accelerator` ('gpu',
   'tpu') or none; `flops_per_example(config)`, once the image size is set: a training example's FLOPs (None where
   the model has no count: a CPU then takes its longest steps). Returns a line for each field it set."""
   where = f"this machine has a {accelerator.upper()}" if accelerator else "this machine has no GPU"
-  lines = [fill_value(config, path, gpu if accelerator else cpu,
-                      f"{where} ({cpu} without one)" if accelerator else f"{where} ({gpu} with one)")
-           for path, (gpu, cpu) in MACHINE_RULES.items() if is_sized(config, path)]
+  lines = [
+    fill_value(
+      config,
+      path,
+      gpu if accelerator else cpu,
+      f"{where} ({cpu} without one)" if accelerator else f"{where} ({gpu} with one)",
+    )
+    for path, (gpu, cpu) in MACHINE_RULES.items()
+    if is_sized(config, path)
+  ]
   if not (is_sized(config, "global_batch_size") or is_sized(config, "total_steps")):
     return lines
   flops = None if accelerator else flops_per_example(config)
@@ -119,9 +131,15 @@ def fill_machine(config: ml_collections.ConfigDict, accelerator: str | None,
   if is_sized(config, "total_steps"):
     lines.append(fill_value(config, "total_steps", *_steps(config, accelerator, flops, where)))
   if not accelerator and is_sized(config, "eval_every") and COUNT.contains(config.total_steps):
-    lines.append(fill_value(config, "eval_every", -(-config.total_steps // 2),
-                            f"{where}: half of config.total_steps={config.total_steps}, rounded up, two evaluations "
-                            f"a run (a sixth with one)"))
+    lines.append(
+      fill_value(
+        config,
+        "eval_every",
+        -(-config.total_steps // 2),
+        f"{where}: half of config.total_steps={config.total_steps}, rounded up, two evaluations "
+        f"a run (a sixth with one)",
+      )
+    )
   return lines
 
 
@@ -133,33 +151,50 @@ def _batch(accelerator: str | None, flops: float | None, where: str) -> tuple[in
     batch //= 2
   if not flops:
     return batch, f"{where} ({GPU_BATCH} with a GPU)"
-  return batch, (f"{where}: examples of {flops / 1e9:,.1f} GFLOP, at most {CPU_STEP_FLOPS / CPU_FLOPS_PER_S:.0f} s a "
-                 f"step at {CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s ({GPU_BATCH} with a GPU)")
+  return batch, (
+    f"{where}: examples of {flops / 1e9:,.1f} GFLOP, at most {CPU_STEP_FLOPS / CPU_FLOPS_PER_S:.0f} s a "
+    f"step at {CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s ({GPU_BATCH} with a GPU)"
+  )
 
 
-def _steps(config: ml_collections.ConfigDict, accelerator: str | None, flops: float | None,
-           where: str) -> tuple[int, str]:
+def _steps(
+  config: ml_collections.ConfigDict, accelerator: str | None, flops: float | None, where: str
+) -> tuple[int, str]:
   gpu = GPU_STEPS_FROM_A_CHECKPOINT if config.init_from else GPU_STEPS
   gpu_why = f"{gpu:,} with a GPU{' from a checkpoint (config.init_from)' if config.init_from else ''}"
   if accelerator:
-    return gpu, (f"{where}{' and config.init_from starts from a checkpoint' if config.init_from else ''} (without "
-                 f"a GPU: the steps a CPU trains in about {CPU_SECONDS / 60:.0f} minutes)")
+    return gpu, (
+      f"{where}{' and config.init_from starts from a checkpoint' if config.init_from else ''} (without "
+      f"a GPU: the steps a CPU trains in about {CPU_SECONDS / 60:.0f} minutes)"
+    )
   if not flops or not COUNT.contains(config.global_batch_size):
     return CPU_STEPS[1], f"{where} ({gpu_why})"
   fits = math.floor(CPU_SECONDS * CPU_FLOPS_PER_S / (flops * config.global_batch_size))
   steps = min(max(fits, CPU_STEPS[0]), CPU_STEPS[1])
-  return steps, (f"{where}: about {CPU_SECONDS / 60:.0f} minutes at {CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s, steps of "
-                 f"{config.global_batch_size} examples of {flops / 1e9:,.1f} GFLOP each ({CPU_STEPS[0]} to "
-                 f"{CPU_STEPS[1]}; {gpu_why})")
+  return steps, (
+    f"{where}: about {CPU_SECONDS / 60:.0f} minutes at {CPU_FLOPS_PER_S / 1e9:.0f} GFLOP/s, steps of "
+    f"{config.global_batch_size} examples of {flops / 1e9:,.1f} GFLOP each ({CPU_STEPS[0]} to "
+    f"{CPU_STEPS[1]}; {gpu_why})"
+  )
 
 
 def fill_zeroshot(config: ml_collections.ConfigDict) -> list[str]:
   """config.eval.zeroshot_classes '' with a zeroshot_source named: 'data' in place (the names of the source's
   dataset.json; evaluate/zeroshot.py reads them); returns the line that says so, or none."""
   eval_cfg = config.get("eval")
-  if eval_cfg is None or "zeroshot_classes" not in eval_cfg or eval_cfg.zeroshot_classes or not (
-      eval_cfg.zeroshot_source):
+  if (
+    eval_cfg is None
+    or "zeroshot_classes" not in eval_cfg
+    or eval_cfg.zeroshot_classes
+    or not (eval_cfg.zeroshot_source)
+  ):
     return []
-  return [fill_value(config, "eval.zeroshot_classes", ZEROSHOT_FROM_DATA,
-                     f"config.eval.zeroshot_source={eval_cfg.zeroshot_source!r} names no classes file: the class "
-                     f"names of its dataset.json")]
+  return [
+    fill_value(
+      config,
+      "eval.zeroshot_classes",
+      ZEROSHOT_FROM_DATA,
+      f"config.eval.zeroshot_source={eval_cfg.zeroshot_source!r} names no classes file: the class "
+      f"names of its dataset.json",
+    )
+  ]

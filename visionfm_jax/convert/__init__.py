@@ -32,8 +32,13 @@ from visionfm_jax.convert.layout import stack_layers, unstack_layers
 from visionfm_jax.errors import CheckpointError, ConfigError
 
 # config.json model_type -> converter; a config without model_type is taken as a ViT (hand-written configs).
-CONVERTERS = {"vit": hf_vit.from_hf, "swinv2": hf_swinv2.from_hf, "clip_text_model": hf_clip_text.from_hf,
-              "clip": hf_clip.from_hf, hf_siglip2.MODEL_TYPE: hf_siglip2.from_hf}
+CONVERTERS = {
+  "vit": hf_vit.from_hf,
+  "swinv2": hf_swinv2.from_hf,
+  "clip_text_model": hf_clip_text.from_hf,
+  "clip": hf_clip.from_hf,
+  hf_siglip2.MODEL_TYPE: hf_siglip2.from_hf,
+}
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):
@@ -44,8 +49,9 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32):
   path = os.fspath(path)
   model_type = hf_files.read_config(path).get("model_type", "vit")
   if model_type not in CONVERTERS:
-    raise CheckpointError(f"{path}/config.json: model_type={model_type!r}: supported are "
-                          f"{', '.join(map(repr, CONVERTERS))}")
+    raise CheckpointError(
+      f"{path}/config.json: model_type={model_type!r}: supported are {', '.join(map(repr, CONVERTERS))}"
+    )
   return CONVERTERS[model_type](path, scan=scan, dtype=dtype)
 
 

@@ -21,14 +21,22 @@ from typing import Any
 from visionfm_jax.errors import ConfigError
 
 # The fields of how a block stack trains, compiles and remats: the same function at inference, in fp32.
-RUN = {"dtype": "the export is float32", "scan": "the block layout", "scan_unroll": "the block layout",
-       "remat_policy": "the backward pass", "attention": "the attention kernel: the same function",
-       "drop_path": "training only", "dropout": "training only", "head_bias_init": "the head's initial bias"}
+RUN = {
+  "dtype": "the export is float32",
+  "scan": "the block layout",
+  "scan_unroll": "the block layout",
+  "remat_policy": "the backward pass",
+  "attention": "the attention kernel: the same function",
+  "drop_path": "training only",
+  "dropout": "training only",
+  "head_bias_init": "the head's initial bias",
+}
 
 
 @dataclasses.dataclass(frozen=True)
 class ExportFields:
   """How a converter treats the fields of one Linen class (the module docstring)."""
+
   expressed: tuple[str, ...]
   only: Mapping[str, Any]
   inert: Mapping[str, str]

@@ -36,23 +36,46 @@ from visionfm_jax.models import text as text_lib
 ARCH = "CLIPModel"
 VISION = "vision_model."
 # transformers' CLIPVisionConfig / CLIPConfig defaults, for fields a hand-written config.json leaves out.
-VISION_DEFAULTS = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                       num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+VISION_DEFAULTS = dict(
+  hidden_size=768,
+  intermediate_size=3072,
+  num_hidden_layers=12,
+  num_attention_heads=12,
+  num_channels=3,
+  image_size=224,
+  patch_size=32,
+  hidden_act="quick_gelu",
+  layer_norm_eps=1e-5,
+)
 PROJECTION_DIM, LOGIT_SCALE_INIT = 512, 2.6592
 # What a CLIPModel export does with each field of our CLIP and of its towers (convert/fields.py); a model with a
 # field of `only` at another value exports its image tower alone (tools.export_hf), as that tower's converter does.
-FIELDS = ExportFields(expressed=("image", "text", "embed_dim"), only={"logit_bias_init": None},
-                      inert={"logit_scale_init": "the logit scale's initial value (the param itself is exported)"})
+FIELDS = ExportFields(
+  expressed=("image", "text", "embed_dim"),
+  only={"logit_bias_init": None},
+  inert={"logit_scale_init": "the logit scale's initial value (the param itself is exported)"},
+)
 VISION_FIELDS = ExportFields(
-    expressed=("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "layer_norm_eps", "act"),
-    only={"pre_norm": True, "patch_bias": False, "pool": "cls", "qkv_bias": True, "class_token": True,
-          "num_classes": 0},
-    inert={**RUN, "token_drop": "training only"})
+  expressed=("width", "depth", "mlp_dim", "num_heads", "patch_size", "image_size", "layer_norm_eps", "act"),
+  only={"pre_norm": True, "patch_bias": False, "pool": "cls", "qkv_bias": True, "class_token": True, "num_classes": 0},
+  inert={**RUN, "token_drop": "training only"},
+)
 TEXT_FIELDS = ExportFields(
-    expressed=("width", "depth", "num_heads", "mlp_dim", "embed_dim", "vocab_size", "max_len", "eos_id",
-               "layer_norm_eps", "act"),
-    only={"pool": "eos"},
-    inert={name: RUN[name] for name in ("dtype", "scan", "scan_unroll", "remat_policy", "attention")})
+  expressed=(
+    "width",
+    "depth",
+    "num_heads",
+    "mlp_dim",
+    "embed_dim",
+    "vocab_size",
+    "max_len",
+    "eos_id",
+    "layer_norm_eps",
+    "act",
+  ),
+  only={"pool": "eos"},
+  inert={name: RUN[name] for name in ("dtype", "scan", "scan_unroll", "remat_policy", "attention")},
+)
 EXPORT_FIELDS = {clip.CLIP: FIELDS, vit.ViT: VISION_FIELDS, text_lib.TextTransformer: TEXT_FIELDS}
 
 
@@ -75,20 +98,34 @@ def vision_kwargs(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
   if get("num_channels") != 3:
     raise bad(f"num_channels={get('num_channels')!r}: only 3 (RGB) is supported")
   if get("hidden_size") % get("num_attention_heads") or get("image_size") % get("patch_size"):
-    raise bad(f"hidden_size={get('hidden_size')}, num_attention_heads={get('num_attention_heads')}, image_size="
-              f"{get('image_size')}, patch_size={get('patch_size')}: heads must divide the width, patches the image")
-  return dict(width=get("hidden_size"), depth=get("num_hidden_layers"), mlp_dim=get("intermediate_size"),
-              num_heads=get("num_attention_heads"), patch_size=get("patch_size"), image_size=get("image_size"),
-              layer_norm_eps=float(get("layer_norm_eps")), act=act, pre_norm=True, patch_bias=False, pool="cls",
-              num_classes=0, qkv_bias=True)
+    raise bad(
+      f"hidden_size={get('hidden_size')}, num_attention_heads={get('num_attention_heads')}, image_size="
+      f"{get('image_size')}, patch_size={get('patch_size')}: heads must divide the width, patches the image"
+    )
+  return dict(
+    width=get("hidden_size"),
+    depth=get("num_hidden_layers"),
+    mlp_dim=get("intermediate_size"),
+    num_heads=get("num_attention_heads"),
+    patch_size=get("patch_size"),
+    image_size=get("image_size"),
+    layer_norm_eps=float(get("layer_norm_eps")),
+    act=act,
+    pre_norm=True,
+    patch_bias=False,
+    pool="cls",
+    num_classes=0,
+    qkv_bias=True,
+  )
 
 
 def model_kwargs(path: str, cfg: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any], int]:
   """(ViT kwargs, TextTransformer kwargs, embed_dim) of the CLIPModel that config.json describes."""
   archs = cfg.get("architectures") or [ARCH]
   if cfg.get("model_type") != "clip" or archs != [ARCH]:
-    raise hf_files.config_error(path, f"model_type={cfg.get('model_type')!r}, architectures={archs}: expected "
-                                      f"'clip' and [{ARCH!r}]")
+    raise hf_files.config_error(
+      path, f"model_type={cfg.get('model_type')!r}, architectures={archs}: expected 'clip' and [{ARCH!r}]"
+    )
   embed_dim = cfg.get("projection_dim", PROJECTION_DIM)
   if isinstance(embed_dim, bool) or not isinstance(embed_dim, int) or embed_dim < 1:
     raise hf_files.config_error(path, f"projection_dim={embed_dim!r}: expected an integer >= 1")
@@ -101,9 +138,13 @@ def expected_shapes(image_kw: dict[str, Any], text_kw: dict[str, Any], embed_dim
   """Every tensor name of the CLIPModel, with its shape."""
   w, patch, v = image_kw["width"], image_kw["patch_size"], VISION
   tokens = 1 + (image_kw["image_size"] // patch) ** 2
-  shapes = {f"{v}embeddings.patch_embedding.weight": (w, 3, patch, patch), f"{v}embeddings.class_embedding": (w,),
-            f"{v}embeddings.position_embedding.weight": (tokens, w), "visual_projection.weight": (embed_dim, w),
-            "logit_scale": ()}
+  shapes = {
+    f"{v}embeddings.patch_embedding.weight": (w, 3, patch, patch),
+    f"{v}embeddings.class_embedding": (w,),
+    f"{v}embeddings.position_embedding.weight": (tokens, w),
+    "visual_projection.weight": (embed_dim, w),
+    "logit_scale": (),
+  }
   for norm in ("pre_layrnorm", "post_layernorm"):
     shapes.update({f"{v}{norm}.weight": (w,), f"{v}{norm}.bias": (w,)})
   for i in range(image_kw["depth"]):
@@ -114,12 +155,16 @@ def expected_shapes(image_kw: dict[str, Any], text_kw: dict[str, Any], embed_dim
 def _image_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], taken: set[str]) -> dict[str, Any]:
   read = Reader(tensors, VISION, taken)
   width = kw["width"]
-  params = {"patch_embed": {"kernel": read("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)},
-            "cls_token": read("embeddings.class_embedding").reshape(1, 1, width),
-            "pos_embed": read("embeddings.position_embedding.weight")[None],
-            "pre_norm": read.norm("pre_layrnorm"), "norm": read.norm("post_layernorm")}
-  params.update({f"blocks_{i}": hf_clip_text.block(read, f"encoder.layers.{i}.", kw["num_heads"])
-                 for i in range(kw["depth"])})
+  params = {
+    "patch_embed": {"kernel": read("embeddings.patch_embedding.weight").transpose(2, 3, 1, 0)},
+    "cls_token": read("embeddings.class_embedding").reshape(1, 1, width),
+    "pos_embed": read("embeddings.position_embedding.weight")[None],
+    "pre_norm": read.norm("pre_layrnorm"),
+    "norm": read.norm("post_layernorm"),
+  }
+  params.update(
+    {f"blocks_{i}": hf_clip_text.block(read, f"encoder.layers.{i}.", kw["num_heads"]) for i in range(kw["depth"])}
+  )
   return params
 
 
@@ -129,14 +174,21 @@ def convert_params(tensors, image_kw, text_kw) -> tuple[dict[str, Any], set[str]
   image = _image_params(tensors, image_kw, taken)
   text, text_taken = hf_clip_text.convert_params(tensors, text_kw)
   top = Reader(tensors, "", taken)
-  params = {"image": image, "text": text, "image_proj": {"kernel": top("visual_projection.weight").T},
-            "logit_scale": top("logit_scale").reshape(())}
+  params = {
+    "image": image,
+    "text": text,
+    "image_proj": {"kernel": top("visual_projection.weight").T},
+    "logit_scale": top("logit_scale").reshape(()),
+  }
   return params, taken | text_taken
 
 
 def build_model(image_kw, text_kw, embed_dim: int, *, scan: bool, dtype: Any) -> clip.CLIP:
-  return clip.CLIP(image=vit.ViT(**image_kw, dtype=dtype, scan=scan),
-                   text=text_lib.TextTransformer(**text_kw, dtype=dtype, scan=scan), embed_dim=embed_dim)
+  return clip.CLIP(
+    image=vit.ViT(**image_kw, dtype=dtype, scan=scan),
+    text=text_lib.TextTransformer(**text_kw, dtype=dtype, scan=scan),
+    embed_dim=embed_dim,
+  )
 
 
 def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[clip.CLIP, dict[str, Any]]:
@@ -151,8 +203,9 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   return model, {"params": jax.device_put(params)}
 
 
-def read_params(path: str, image_kw: dict[str, Any], text_kw: dict[str, Any], embed_dim: int, *,
-                scan: bool) -> dict[str, Any]:
+def read_params(
+  path: str, image_kw: dict[str, Any], text_kw: dict[str, Any], embed_dim: int, *, scan: bool
+) -> dict[str, Any]:
   """The numpy params of our CLIP (`model_kwargs`'s, `scan`'s block layout) from `path`'s weights, every tensor
   there of the expected name and shape and converted; the model that holds them is the caller's to build."""
   tensors = hf_files.read_tensors(path)
@@ -162,20 +215,27 @@ def read_params(path: str, image_kw: dict[str, Any], text_kw: dict[str, Any], em
   if leftover:
     raise CheckpointError(f"{path}: tensors not converted: {show(leftover)}")
   if scan:
-    params = {**params, "image": stack_layers(params["image"], image_kw["depth"]),
-              "text": stack_layers(params["text"], text_kw["depth"])}
+    params = {
+      **params,
+      "image": stack_layers(params["image"], image_kw["depth"]),
+      "text": stack_layers(params["text"], text_kw["depth"]),
+    }
   return params
 
 
 # ------------------------------------------------------------------------------------------------ export
+
 
 def unexportable(model) -> str | None:
   """Why transformers' CLIPModel cannot compute what `model` computes (a field to name), None when it can."""
   image, text = getattr(model, "image", None), getattr(model, "text", None)
   if models.hf_converter(image) != "hf_vit":  # the tower's family says what it is (models/backbone.py)
     return f"image: a {type(image).__name__} tower (CLIPModel's is a ViT)"
-  reasons = ((FIELDS.refusal(model, "a CLIPModel"), ""), (VISION_FIELDS.refusal(image, "CLIPModel's vision tower"),
-             "image."), (TEXT_FIELDS.refusal(text, "CLIPModel's text tower"), "text."))
+  reasons = (
+    (FIELDS.refusal(model, "a CLIPModel"), ""),
+    (VISION_FIELDS.refusal(image, "CLIPModel's vision tower"), "image."),
+    (TEXT_FIELDS.refusal(text, "CLIPModel's text tower"), "text."),
+  )
   return next((prefix + reason for reason, prefix in reasons if reason), None)
 
 
@@ -183,8 +243,10 @@ def _block_to_hf(write: Writer, pre: str, block: dict[str, Any]) -> None:
   qkv, out = block["attn"]["qkv"], block["attn"]["out"]
   width = qkv["kernel"].shape[0]
   for n, name in enumerate(("q", "k", "v")):
-    write.dense(f"{pre}self_attn.{name}_proj", {"kernel": qkv["kernel"][:, n].reshape(width, -1),
-                                                "bias": qkv["bias"][n].reshape(-1)})
+    write.dense(
+      f"{pre}self_attn.{name}_proj",
+      {"kernel": qkv["kernel"][:, n].reshape(width, -1), "bias": qkv["bias"][n].reshape(-1)},
+    )
   write.dense(f"{pre}self_attn.out_proj", {"kernel": out["kernel"].reshape(-1, width), "bias": out["bias"]})
   write.norm(f"{pre}layer_norm1", block["norm1"])
   write.norm(f"{pre}layer_norm2", block["norm2"])
@@ -221,22 +283,46 @@ def hf_config(model: clip.CLIP) -> dict[str, Any]:
   """config.json of the CLIPModel that computes what `model` computes. The text tower pools the first eos_id
   (a new-style eos_token_id, never the legacy 2)."""
   image, text = model.image, model.text
-  vision_config = dict(model_type="clip_vision_model", hidden_size=image.width, intermediate_size=image.mlp_dim,
-                       num_hidden_layers=image.depth, num_attention_heads=image.num_heads, num_channels=3,
-                       image_size=image.image_size, patch_size=image.patch_size, hidden_act=image.act,
-                       layer_norm_eps=float(image.layer_norm_eps), projection_dim=model.embed_dim)
-  text_config = dict(model_type="clip_text_model", vocab_size=text.vocab_size, hidden_size=text.width,
-                     intermediate_size=text.mlp_dim, num_hidden_layers=text.depth, num_attention_heads=text.num_heads,
-                     max_position_embeddings=text.max_len, hidden_act=text.act,
-                     layer_norm_eps=float(text.layer_norm_eps), eos_token_id=text.eos_id,
-                     projection_dim=model.embed_dim)
-  return dict(architectures=[ARCH], model_type="clip", projection_dim=model.embed_dim,
-              logit_scale_init_value=float(model.logit_scale_init), vision_config=vision_config,
-              text_config=text_config, dtype="float32")
+  vision_config = dict(
+    model_type="clip_vision_model",
+    hidden_size=image.width,
+    intermediate_size=image.mlp_dim,
+    num_hidden_layers=image.depth,
+    num_attention_heads=image.num_heads,
+    num_channels=3,
+    image_size=image.image_size,
+    patch_size=image.patch_size,
+    hidden_act=image.act,
+    layer_norm_eps=float(image.layer_norm_eps),
+    projection_dim=model.embed_dim,
+  )
+  text_config = dict(
+    model_type="clip_text_model",
+    vocab_size=text.vocab_size,
+    hidden_size=text.width,
+    intermediate_size=text.mlp_dim,
+    num_hidden_layers=text.depth,
+    num_attention_heads=text.num_heads,
+    max_position_embeddings=text.max_len,
+    hidden_act=text.act,
+    layer_norm_eps=float(text.layer_norm_eps),
+    eos_token_id=text.eos_id,
+    projection_dim=model.embed_dim,
+  )
+  return dict(
+    architectures=[ARCH],
+    model_type="clip",
+    projection_dim=model.embed_dim,
+    logit_scale_init_value=float(model.logit_scale_init),
+    vision_config=vision_config,
+    text_config=text_config,
+    dtype="float32",
+  )
 
 
-def to_hf(model: clip.CLIP, params: dict[str, Any], labels=None
-          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+def to_hf(
+  model: clip.CLIP, params: dict[str, Any], labels=None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the CLIPModel that computes what `model` with `params` (scanned or
   unrolled) does; ConfigError naming the field transformers cannot express (`unexportable`)."""
   del labels  # a CLIP has no classes
@@ -244,8 +330,10 @@ def to_hf(model: clip.CLIP, params: dict[str, Any], labels=None
   if reason:
     raise ConfigError(f"{reason}: not expressible as a transformers CLIPModel")
   if model.text.eos_id == hf_clip_text.LEGACY_EOS_TOKEN_ID:
-    raise ConfigError(f"text.eos_id={model.text.eos_id}: transformers reads eos_token_id=2 as its legacy rule "
-                      f"(pool the largest id), not as the first EOS")
+    raise ConfigError(
+      f"text.eos_id={model.text.eos_id}: transformers reads eos_token_id=2 as its legacy rule "
+      f"(pool the largest id), not as the first EOS"
+    )
   params = numpy_params(model, params)
   tensors: dict[str, np.ndarray] = {}
   _image_to_hf(tensors, model.image, params["image"])

@@ -34,22 +34,42 @@ PREFIX = "dinov2."
 def mlp_ratio(model: vit.ViT) -> int:
   """mlp_dim / width, which transformers' Dinov2Config holds as an integer; ConfigError when it is not one."""
   if model.mlp_dim % model.width:
-    raise ConfigError(f"pool='gap' with mlp_dim={model.mlp_dim}, width={model.width}: a head on mean-pooled tokens "
-                      f"exports as a {ARCH}, whose MLP is an integer multiple of its width")
+    raise ConfigError(
+      f"pool='gap' with mlp_dim={model.mlp_dim}, width={model.width}: a head on mean-pooled tokens "
+      f"exports as a {ARCH}, whose MLP is an integer multiple of its width"
+    )
   return model.mlp_dim // model.width
 
 
 def hf_config(model: vit.ViT, labels: Sequence[str] | None = None) -> dict[str, Any]:
   """config.json of the Dinov2ForImageClassification that computes `model` (pool='gap', with a head)."""
   if model.pool != "gap" or not model.num_classes or not model.class_token:
-    raise ConfigError(f"pool={model.pool!r}, num_classes={model.num_classes}: a {ARCH} export is of a head on "
-                      f"mean-pooled tokens after a class token")
-  cfg = dict(architectures=[ARCH], model_type="dinov2", hidden_size=model.width, num_hidden_layers=model.depth,
-             num_attention_heads=model.num_heads, mlp_ratio=mlp_ratio(model), hidden_act=model.act,
-             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, initializer_range=0.02,
-             layer_norm_eps=float(model.layer_norm_eps), image_size=model.image_size, patch_size=model.patch_size,
-             num_channels=3, qkv_bias=bool(model.qkv_bias), layerscale_value=1.0, drop_path_rate=0.0,
-             use_swiglu_ffn=False, use_mask_token=True, dtype="float32")
+    raise ConfigError(
+      f"pool={model.pool!r}, num_classes={model.num_classes}: a {ARCH} export is of a head on "
+      f"mean-pooled tokens after a class token"
+    )
+  cfg = dict(
+    architectures=[ARCH],
+    model_type="dinov2",
+    hidden_size=model.width,
+    num_hidden_layers=model.depth,
+    num_attention_heads=model.num_heads,
+    mlp_ratio=mlp_ratio(model),
+    hidden_act=model.act,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    initializer_range=0.02,
+    layer_norm_eps=float(model.layer_norm_eps),
+    image_size=model.image_size,
+    patch_size=model.patch_size,
+    num_channels=3,
+    qkv_bias=bool(model.qkv_bias),
+    layerscale_value=1.0,
+    drop_path_rate=0.0,
+    use_swiglu_ffn=False,
+    use_mask_token=True,
+    dtype="float32",
+  )
   cfg.update(vit_config.label_fields(model.num_classes, labels))
   return cfg
 
@@ -57,21 +77,33 @@ def hf_config(model: vit.ViT, labels: Sequence[str] | None = None) -> dict[str, 
 def expected_shapes(model: vit.ViT) -> dict[str, tuple[int, ...]]:
   """Every tensor name of the Dinov2ForImageClassification of `model`, with its shape."""
   p, width, mlp, patch = PREFIX, model.width, model.mlp_dim, model.patch_size
-  shapes = {f"{p}embeddings.cls_token": (1, 1, width), f"{p}embeddings.mask_token": (1, width),
-            f"{p}embeddings.position_embeddings": (1, 1 + (model.image_size // patch) ** 2, width),
-            f"{p}embeddings.patch_embeddings.projection.weight": (width, 3, patch, patch),
-            f"{p}embeddings.patch_embeddings.projection.bias": (width,), f"{p}layernorm.weight": (width,),
-            f"{p}layernorm.bias": (width,), "classifier.weight": (model.num_classes, 2 * width),
-            "classifier.bias": (model.num_classes,)}
+  shapes = {
+    f"{p}embeddings.cls_token": (1, 1, width),
+    f"{p}embeddings.mask_token": (1, width),
+    f"{p}embeddings.position_embeddings": (1, 1 + (model.image_size // patch) ** 2, width),
+    f"{p}embeddings.patch_embeddings.projection.weight": (width, 3, patch, patch),
+    f"{p}embeddings.patch_embeddings.projection.bias": (width,),
+    f"{p}layernorm.weight": (width,),
+    f"{p}layernorm.bias": (width,),
+    "classifier.weight": (model.num_classes, 2 * width),
+    "classifier.bias": (model.num_classes,),
+  }
   for i in range(model.depth):
     pre = f"{p}encoder.layer.{i}."
     for name in ("query", "key", "value"):
       shapes[f"{pre}attention.attention.{name}.weight"] = (width, width)
       if model.qkv_bias:
         shapes[f"{pre}attention.attention.{name}.bias"] = (width,)
-    shapes.update({f"{pre}attention.output.dense.weight": (width, width), f"{pre}attention.output.dense.bias": (width,),
-                   f"{pre}mlp.fc1.weight": (mlp, width), f"{pre}mlp.fc1.bias": (mlp,),
-                   f"{pre}mlp.fc2.weight": (width, mlp), f"{pre}mlp.fc2.bias": (width,)})
+    shapes.update(
+      {
+        f"{pre}attention.output.dense.weight": (width, width),
+        f"{pre}attention.output.dense.bias": (width,),
+        f"{pre}mlp.fc1.weight": (mlp, width),
+        f"{pre}mlp.fc1.bias": (mlp,),
+        f"{pre}mlp.fc2.weight": (width, mlp),
+        f"{pre}mlp.fc2.bias": (width,),
+      }
+    )
     for name in ("norm1", "norm2"):
       shapes.update({f"{pre}{name}.weight": (width,), f"{pre}{name}.bias": (width,)})
     shapes.update({f"{pre}layer_scale{k}.lambda1": (width,) for k in (1, 2)})
@@ -86,8 +118,10 @@ def _block_to_hf(write: Writer, i: int, block: dict[str, Any], width: int) -> No
     write(f"{pre}attention.attention.{name}.weight", qkv["kernel"][:, n].reshape(width, -1).T)
     if "bias" in qkv:
       write(f"{pre}attention.attention.{name}.bias", qkv["bias"][n].reshape(-1))
-  write.dense(f"{pre}attention.output.dense", {"kernel": block["attn"]["out"]["kernel"].reshape(-1, width),
-                                               "bias": block["attn"]["out"]["bias"]})
+  write.dense(
+    f"{pre}attention.output.dense",
+    {"kernel": block["attn"]["out"]["kernel"].reshape(-1, width), "bias": block["attn"]["out"]["bias"]},
+  )
   write.norm(f"{pre}norm2", block["norm2"])
   write.dense(f"{pre}mlp.fc1", block["mlp"]["fc1"])
   write.dense(f"{pre}mlp.fc2", block["mlp"]["fc2"])
@@ -95,8 +129,9 @@ def _block_to_hf(write: Writer, i: int, block: dict[str, Any], width: int) -> No
     write(f"{pre}layer_scale{k}.lambda1", np.ones(width, np.float32))
 
 
-def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
-          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+def to_hf(
+  model: vit.ViT, params: dict[str, Any], labels=None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the Dinov2ForImageClassification that computes `model`'s logits, pooled
   features (its classifier's input's second half) and tokens (last_hidden_state) with `params` (scanned or
   unrolled)."""
@@ -116,7 +151,8 @@ def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
     _block_to_hf(write, i, params[f"blocks_{i}"], width)
   write.norm("layernorm", params["norm"])
   head = params["head"]
-  Writer(tensors, "").dense("classifier", {
-      "kernel": np.concatenate([np.zeros_like(head["kernel"]), head["kernel"]]), "bias": head["bias"]})
+  Writer(tensors, "").dense(
+    "classifier", {"kernel": np.concatenate([np.zeros_like(head["kernel"]), head["kernel"]]), "bias": head["bias"]}
+  )
   check_tensors("export", tensors, expected_shapes(model), set(), family=ARCH)
   return cfg, tensors, []

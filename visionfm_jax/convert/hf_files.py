@@ -63,8 +63,14 @@ def weight_files(path: str) -> list[str]:
       raise CheckpointError(f"{index}: no 'weight_map'")
     return [os.path.join(path, f) for f in sorted(set(weight_map.values()))]
   pickles = [f for f in PICKLES if os.path.exists(os.path.join(path, f))]
-  hint = (f" (found {', '.join(pickles)}: pickled weights are never loaded; re-save them with "
-          f"`save_pretrained(dir, safe_serialization=True)`)") if pickles else ""
+  hint = (
+    (
+      f" (found {', '.join(pickles)}: pickled weights are never loaded; re-save them with "
+      f"`save_pretrained(dir, safe_serialization=True)`)"
+    )
+    if pickles
+    else ""
+  )
   raise CheckpointError(f"{path!r}: no {WEIGHTS} or {INDEX}{hint}")
 
 
@@ -120,28 +126,51 @@ def _umask() -> int:
   return mask
 
 
-def write_preprocessor(path: str, processor: str, *, shortest_edge: int, crop_size: int, resample: int, mean,
-                       std) -> None:
+def write_preprocessor(
+  path: str, processor: str, *, shortest_edge: int, crop_size: int, resample: int, mean, std
+) -> None:
   """`path`/preprocessor_config.json of transformers' `processor` class (an image processor with a shorter-side
   resize and a central crop: CLIPImageProcessor, BitImageProcessor): the shorter side to `shortest_edge` with
   Pillow's `resample` filter, the central crop_size x crop_size, scale to [0, 1], normalise by mean / std."""
-  _write_json(os.path.join(path, "preprocessor_config.json"), {
-      "image_processor_type": processor, "do_convert_rgb": True, "do_resize": True,
-      "size": {"shortest_edge": int(shortest_edge)}, "resample": int(resample), "do_center_crop": True,
-      "crop_size": {"height": int(crop_size), "width": int(crop_size)}, "do_rescale": True,
-      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in mean],
-      "image_std": [float(x) for x in std]})
+  _write_json(
+    os.path.join(path, "preprocessor_config.json"),
+    {
+      "image_processor_type": processor,
+      "do_convert_rgb": True,
+      "do_resize": True,
+      "size": {"shortest_edge": int(shortest_edge)},
+      "resample": int(resample),
+      "do_center_crop": True,
+      "crop_size": {"height": int(crop_size), "width": int(crop_size)},
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "image_mean": [float(x) for x in mean],
+      "image_std": [float(x) for x in std],
+    },
+  )
 
 
 def write_naflex_preprocessor(path: str, *, patch_size: int, max_num_patches: int, mean, std) -> None:
   """`path`/preprocessor_config.json of transformers' Siglip2ImageProcessor: each image resized bilinearly to its
   largest patch grid within `max_num_patches` (SigLIP 2's NaFlex, data/transforms/naflex.py), scaled to [0, 1],
   normalised by mean / std, its patches padded to the budget."""
-  _write_json(os.path.join(path, "preprocessor_config.json"), {
-      "image_processor_type": "Siglip2ImageProcessor", "do_convert_rgb": True, "do_resize": True,
-      "resample": 2, "patch_size": int(patch_size), "max_num_patches": int(max_num_patches), "do_rescale": True,
-      "rescale_factor": 1 / 255, "do_normalize": True, "image_mean": [float(x) for x in mean],
-      "image_std": [float(x) for x in std]})
+  _write_json(
+    os.path.join(path, "preprocessor_config.json"),
+    {
+      "image_processor_type": "Siglip2ImageProcessor",
+      "do_convert_rgb": True,
+      "do_resize": True,
+      "resample": 2,
+      "patch_size": int(patch_size),
+      "max_num_patches": int(max_num_patches),
+      "do_rescale": True,
+      "rescale_factor": 1 / 255,
+      "do_normalize": True,
+      "image_mean": [float(x) for x in mean],
+      "image_std": [float(x) for x in std],
+    },
+  )
 
 
 def read_normalisation(path: str) -> dict[str, list[float]]:

@@ -38,34 +38,56 @@ MODEL_TYPE = "siglip2_vision_model"
 
 def model_kwargs(path: str, cfg: dict[str, Any]) -> dict[str, Any]:
   """The `vit.ViT` fields of a Siglip2VisionConfig; CheckpointError naming a field we cannot build."""
+
   def field(key):
     if key not in cfg:
       raise hf_files.config_error(path, f"has no {key!r} (a Siglip2VisionModel's config has it)")
     return cfg[key]
-  width, heads, patch, patches = (int(field(k)) for k in ("hidden_size", "num_attention_heads", "patch_size",
-                                                           "num_patches"))
+
+  width, heads, patch, patches = (
+    int(field(k)) for k in ("hidden_size", "num_attention_heads", "patch_size", "num_patches")
+  )
   grid = math.isqrt(patches)
   if grid * grid != patches or width % heads:
-    raise hf_files.config_error(path, f"num_patches={patches} is not a square grid, or hidden_size={width} is not "
-                                f"a multiple of num_attention_heads={heads}")
+    raise hf_files.config_error(
+      path,
+      f"num_patches={patches} is not a square grid, or hidden_size={width} is not "
+      f"a multiple of num_attention_heads={heads}",
+    )
   act = cfg.get("hidden_act", "gelu_pytorch_tanh")
   if act not in layers.ACTIVATIONS:
     raise hf_files.config_error(path, f"hidden_act={act!r}: our ViT has {', '.join(layers.ACTIVATIONS)}")
-  return dict(width=width, depth=int(field("num_hidden_layers")), mlp_dim=int(field("intermediate_size")),
-              num_heads=heads, patch_size=patch, image_size=grid * patch, num_classes=0,
-              pool="map" if cfg.get("vision_use_head", True) else "gap", class_token=False, act=act,
-              layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)))
+  return dict(
+    width=width,
+    depth=int(field("num_hidden_layers")),
+    mlp_dim=int(field("intermediate_size")),
+    num_heads=heads,
+    patch_size=patch,
+    image_size=grid * patch,
+    num_classes=0,
+    pool="map" if cfg.get("vision_use_head", True) else "gap",
+    class_token=False,
+    act=act,
+    layer_norm_eps=float(cfg.get("layer_norm_eps", 1e-6)),
+  )
 
 
 def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
   width, mlp, patch = kw["width"], kw["mlp_dim"], kw["patch_size"]
   grid = kw["image_size"] // patch
-  shapes = {"embeddings.patch_embedding.weight": (width, patch * patch * 3),
-            "embeddings.patch_embedding.bias": (width,),
-            "embeddings.position_embedding.weight": (grid * grid, width),
-            "post_layernorm.weight": (width,), "post_layernorm.bias": (width,)}
-  mlp_shapes = {"mlp.fc1.weight": (mlp, width), "mlp.fc1.bias": (mlp,), "mlp.fc2.weight": (width, mlp),
-                "mlp.fc2.bias": (width,)}
+  shapes = {
+    "embeddings.patch_embedding.weight": (width, patch * patch * 3),
+    "embeddings.patch_embedding.bias": (width,),
+    "embeddings.position_embedding.weight": (grid * grid, width),
+    "post_layernorm.weight": (width,),
+    "post_layernorm.bias": (width,),
+  }
+  mlp_shapes = {
+    "mlp.fc1.weight": (mlp, width),
+    "mlp.fc1.bias": (mlp,),
+    "mlp.fc2.weight": (width, mlp),
+    "mlp.fc2.bias": (width,),
+  }
   for i in range(kw["depth"]):
     pre = f"encoder.layers.{i}."
     for name in ("q_proj", "k_proj", "v_proj", "out_proj"):
@@ -74,10 +96,18 @@ def expected_shapes(kw: dict[str, Any]) -> dict[str, tuple[int, ...]]:
       shapes.update({f"{pre}{name}.weight": (width,), f"{pre}{name}.bias": (width,)})
     shapes.update({pre + k: v for k, v in mlp_shapes.items()})
   if kw["pool"] == "map":
-    shapes.update({"head.probe": (1, 1, width), "head.attention.in_proj_weight": (3 * width, width),
-                   "head.attention.in_proj_bias": (3 * width,), "head.attention.out_proj.weight": (width, width),
-                   "head.attention.out_proj.bias": (width,), "head.layernorm.weight": (width,),
-                   "head.layernorm.bias": (width,), **{"head." + k: v for k, v in mlp_shapes.items()}})
+    shapes.update(
+      {
+        "head.probe": (1, 1, width),
+        "head.attention.in_proj_weight": (3 * width, width),
+        "head.attention.in_proj_bias": (3 * width,),
+        "head.attention.out_proj.weight": (width, width),
+        "head.attention.out_proj.bias": (width,),
+        "head.layernorm.weight": (width,),
+        "head.layernorm.bias": (width,),
+        **{"head." + k: v for k, v in mlp_shapes.items()},
+      }
+    )
   return shapes
 
 
@@ -89,13 +119,18 @@ def _heads(weight: np.ndarray, heads: int) -> np.ndarray:
 def _block(read: Reader, i: int, heads: int) -> dict[str, Any]:
   pre = f"encoder.layers.{i}."
   names = ("q_proj", "k_proj", "v_proj")
-  qkv = {"kernel": np.stack([_heads(read(f"{pre}self_attn.{n}.weight"), heads) for n in names], axis=1),
-         "bias": np.stack([read(f"{pre}self_attn.{n}.bias").reshape(heads, -1) for n in names])}
+  qkv = {
+    "kernel": np.stack([_heads(read(f"{pre}self_attn.{n}.weight"), heads) for n in names], axis=1),
+    "bias": np.stack([read(f"{pre}self_attn.{n}.bias").reshape(heads, -1) for n in names]),
+  }
   out = read.dense(f"{pre}self_attn.out_proj")
   out["kernel"] = out["kernel"].reshape(heads, -1, out["kernel"].shape[-1])
-  return {"norm1": read.norm(f"{pre}layer_norm1"), "attn": {"qkv": qkv, "out": out},
-          "norm2": read.norm(f"{pre}layer_norm2"),
-          "mlp": {"fc1": read.dense(f"{pre}mlp.fc1"), "fc2": read.dense(f"{pre}mlp.fc2")}}
+  return {
+    "norm1": read.norm(f"{pre}layer_norm1"),
+    "attn": {"qkv": qkv, "out": out},
+    "norm2": read.norm(f"{pre}layer_norm2"),
+    "mlp": {"fc1": read.dense(f"{pre}mlp.fc1"), "fc2": read.dense(f"{pre}mlp.fc2")},
+  }
 
 
 def _map_head(read: Reader, heads: int) -> dict[str, Any]:
@@ -104,12 +139,17 @@ def _map_head(read: Reader, heads: int) -> dict[str, Any]:
   q_bias, k_bias, v_bias = np.split(bias, 3)
   out = read.dense("head.attention.out_proj")
   out["kernel"] = out["kernel"].reshape(heads, -1, out["kernel"].shape[-1])
-  return {"probe": read("head.probe"),
-          "q": {"kernel": _heads(q, heads), "bias": q_bias.reshape(heads, -1)},
-          "kv": {"kernel": np.stack([_heads(k, heads), _heads(v, heads)], axis=1),
-                 "bias": np.stack([k_bias.reshape(heads, -1), v_bias.reshape(heads, -1)])},
-          "out": out, "norm": read.norm("head.layernorm"),
-          "mlp": {"fc1": read.dense("head.mlp.fc1"), "fc2": read.dense("head.mlp.fc2")}}
+  return {
+    "probe": read("head.probe"),
+    "q": {"kernel": _heads(q, heads), "bias": q_bias.reshape(heads, -1)},
+    "kv": {
+      "kernel": np.stack([_heads(k, heads), _heads(v, heads)], axis=1),
+      "bias": np.stack([k_bias.reshape(heads, -1), v_bias.reshape(heads, -1)]),
+    },
+    "out": out,
+    "norm": read.norm("head.layernorm"),
+    "mlp": {"fc1": read.dense("head.mlp.fc1"), "fc2": read.dense("head.mlp.fc2")},
+  }
 
 
 def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any]) -> tuple[dict[str, Any], set[str]]:
@@ -117,9 +157,14 @@ def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any]) -> tuple[
   taken: set[str] = set()
   read = Reader(tensors, "", taken)
   patch, heads = kw["patch_size"], kw["num_heads"]
-  params = {"patch_embed": {"kernel": read("embeddings.patch_embedding.weight").T.reshape(patch, patch, 3, -1),
-                            "bias": read("embeddings.patch_embedding.bias")},
-            "pos_embed": read("embeddings.position_embedding.weight")[None], "norm": read.norm("post_layernorm")}
+  params = {
+    "patch_embed": {
+      "kernel": read("embeddings.patch_embedding.weight").T.reshape(patch, patch, 3, -1),
+      "bias": read("embeddings.patch_embedding.bias"),
+    },
+    "pos_embed": read("embeddings.position_embedding.weight")[None],
+    "norm": read.norm("post_layernorm"),
+  }
   params.update({f"blocks_{i}": _block(read, i, heads) for i in range(kw["depth"])})
   if kw["pool"] == "map":
     params["map_head"] = _map_head(read, heads)
@@ -150,14 +195,27 @@ def hf_config(model: vit.ViT, labels=None) -> dict[str, Any]:
     field = "class_token=True" if model.class_token else "pre_norm=True"
     raise ConfigError(f"{field}: a Siglip2VisionModel has no class token and no LayerNorm before its blocks")
   if model.num_classes:
-    raise ConfigError(f"num_classes={model.num_classes} with class_token=False: a Siglip2VisionModel has no "
-                      f"classifier (its tower exports without a head: num_classes=0)")
+    raise ConfigError(
+      f"num_classes={model.num_classes} with class_token=False: a Siglip2VisionModel has no "
+      f"classifier (its tower exports without a head: num_classes=0)"
+    )
   grid = model.image_size // model.patch_size
-  return {"architectures": ["Siglip2VisionModel"], "model_type": MODEL_TYPE, "hidden_size": model.width,
-          "intermediate_size": model.mlp_dim, "num_hidden_layers": model.depth,
-          "num_attention_heads": model.num_heads, "num_channels": 3, "patch_size": model.patch_size,
-          "num_patches": grid * grid, "hidden_act": model.act, "layer_norm_eps": model.layer_norm_eps,
-          "attention_dropout": 0.0, "vision_use_head": model.pool == "map", "torch_dtype": "float32"}
+  return {
+    "architectures": ["Siglip2VisionModel"],
+    "model_type": MODEL_TYPE,
+    "hidden_size": model.width,
+    "intermediate_size": model.mlp_dim,
+    "num_hidden_layers": model.depth,
+    "num_attention_heads": model.num_heads,
+    "num_channels": 3,
+    "patch_size": model.patch_size,
+    "num_patches": grid * grid,
+    "hidden_act": model.act,
+    "layer_norm_eps": model.layer_norm_eps,
+    "attention_dropout": 0.0,
+    "vision_use_head": model.pool == "map",
+    "torch_dtype": "float32",
+  }
 
 
 def _heads_to_hf(kernel: np.ndarray) -> np.ndarray:
@@ -181,19 +239,22 @@ def _block_to_hf(write: Writer, i: int, block: dict[str, Any], width: int) -> No
 def _map_head_to_hf(write: Writer, head: dict[str, Any], width: int) -> None:
   write("head.probe", head["probe"])
   kv = head["kv"]["kernel"]
-  write("head.attention.in_proj_weight", np.concatenate(
-      [_heads_to_hf(head["q"]["kernel"]), _heads_to_hf(kv[:, 0]), _heads_to_hf(kv[:, 1])]))
-  write("head.attention.in_proj_bias", np.concatenate([head["q"]["bias"].reshape(-1),
-                                                       head["kv"]["bias"].reshape(-1)]))
-  write.dense("head.attention.out_proj", {"kernel": head["out"]["kernel"].reshape(-1, width),
-                                          "bias": head["out"]["bias"]})
+  write(
+    "head.attention.in_proj_weight",
+    np.concatenate([_heads_to_hf(head["q"]["kernel"]), _heads_to_hf(kv[:, 0]), _heads_to_hf(kv[:, 1])]),
+  )
+  write("head.attention.in_proj_bias", np.concatenate([head["q"]["bias"].reshape(-1), head["kv"]["bias"].reshape(-1)]))
+  write.dense(
+    "head.attention.out_proj", {"kernel": head["out"]["kernel"].reshape(-1, width), "bias": head["out"]["bias"]}
+  )
   write.norm("head.layernorm", head["norm"])
   write.dense("head.mlp.fc1", head["mlp"]["fc1"])
   write.dense("head.mlp.fc2", head["mlp"]["fc2"])
 
 
-def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
-          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+def to_hf(
+  model: vit.ViT, params: dict[str, Any], labels=None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the Siglip2VisionModel that computes what `model` (no class token) with
   `params` (scanned or unrolled) does: the inverse of `from_hf`; a bias-free patch embedding or qkv is written
   as zero biases."""
@@ -214,7 +275,9 @@ def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
   if model.pool == "map":
     _map_head_to_hf(write, params["map_head"], width)
   else:
-    notes.append(f"pool={model.pool!r}: a Siglip2VisionModel without its head has no pooler_output; the run's "
-                 "pooled features are the mean of last_hidden_state over each image's patches")
+    notes.append(
+      f"pool={model.pool!r}: a Siglip2VisionModel without its head has no pooler_output; the run's "
+      "pooled features are the mean of last_hidden_state over each image's patches"
+    )
   check_tensors("export", tensors, expected_shapes(model_kwargs("export", cfg)), set(), family="Siglip2VisionModel")
   return cfg, tensors, notes

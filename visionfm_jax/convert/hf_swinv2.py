@@ -50,39 +50,53 @@ def _attention(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, 
   att = f"{pre}attention.self."
   weights = [read(f"{att}{n}.weight") for n in ("query", "key", "value")]
   width = weights[0].shape[1]
-  params = {"qkv": {"kernel": np.stack([_heads(w.T, heads) for w in weights], axis=1)},
-            "logit_scale": read(f"{att}logit_scale").reshape(heads),
-            "cpb_mlp": {"fc1": read.dense(f"{att}continuous_position_bias_mlp.0"),
-                        "fc2": {"kernel": read(f"{att}continuous_position_bias_mlp.2.weight").T}},
-            "out": read.dense(f"{pre}attention.output.dense")}
+  params = {
+    "qkv": {"kernel": np.stack([_heads(w.T, heads) for w in weights], axis=1)},
+    "logit_scale": read(f"{att}logit_scale").reshape(heads),
+    "cpb_mlp": {
+      "fc1": read.dense(f"{att}continuous_position_bias_mlp.0"),
+      "fc2": {"kernel": read(f"{att}continuous_position_bias_mlp.2.weight").T},
+    },
+    "out": read.dense(f"{pre}attention.output.dense"),
+  }
   for name, hf_name in (("q_bias", "query"), ("v_bias", "value")):
-    params[name] = _heads(read(f"{att}{hf_name}.bias"), heads) if qkv_bias else np.zeros((heads, width // heads),
-                                                                                          np.float32)
+    params[name] = (
+      _heads(read(f"{att}{hf_name}.bias"), heads) if qkv_bias else np.zeros((heads, width // heads), np.float32)
+    )
   params["out"]["kernel"] = params["out"]["kernel"].reshape(heads, -1, width)
   return params
 
 
 def _block(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, Any]:
-  return {"attn": _attention(read, pre, heads, qkv_bias), "norm1": read.norm(f"{pre}layernorm_before"),
-          "mlp": {"fc1": read.dense(f"{pre}intermediate.dense"), "fc2": read.dense(f"{pre}output.dense")},
-          "norm2": read.norm(f"{pre}layernorm_after")}
+  return {
+    "attn": _attention(read, pre, heads, qkv_bias),
+    "norm1": read.norm(f"{pre}layernorm_before"),
+    "mlp": {"fc1": read.dense(f"{pre}intermediate.dense"), "fc2": read.dense(f"{pre}output.dense")},
+    "norm2": read.norm(f"{pre}layernorm_after"),
+  }
 
 
-def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str,
-                   qkv_bias: bool) -> tuple[dict[str, Any], set[str]]:
+def convert_params(
+  tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str, qkv_bias: bool
+) -> tuple[dict[str, Any], set[str]]:
   """Unrolled numpy params of `swinv2.SwinV2(**kw)` and the set of HF tensor names consumed."""
   taken: set[str] = set()
   read = Reader(tensors, "", taken)
   p = hfc.prefix(arch)
   conv = f"{p}embeddings.patch_embeddings.projection"
-  params = {"patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
-            "patch_norm": read.norm(f"{p}embeddings.norm"), "norm": read.norm(f"{p}layernorm")}
+  params = {
+    "patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
+    "patch_norm": read.norm(f"{p}embeddings.norm"),
+    "norm": read.norm(f"{p}layernorm"),
+  }
   for s, (depth, heads) in enumerate(zip(kw["depths"], kw["num_heads"])):
     stage = {f"blocks_{j}": _block(read, hfc.block_prefix(arch, s, j), heads, qkv_bias) for j in range(depth)}
     if s < len(kw["depths"]) - 1:
       merge = f"{p}encoder.layers.{s}.downsample"
-      stage["downsample"] = {"reduction": {"kernel": read(f"{merge}.reduction.weight").T},
-                             "norm": read.norm(f"{merge}.norm")}
+      stage["downsample"] = {
+        "reduction": {"kernel": read(f"{merge}.reduction.weight").T},
+        "norm": read.norm(f"{merge}.norm"),
+      }
     params[f"stage_{s}"] = stage
   if kw["num_classes"]:
     params["head"] = read.dense("classifier")
@@ -113,11 +127,15 @@ def from_hf(path: str, *, scan: bool = True, dtype: Any = jnp.float32) -> tuple[
   if ignored:
     logging.warning("%s: ignoring %s (our SwinV2 recomputes or does not use them)", path, show(ignored, 4))
   if scan and any(depth % 2 for depth in kw["depths"]):
-    raise CheckpointError(f"{path}: depths {list(kw['depths'])}: a scanned SwinV2 repeats (plain, shifted) pairs "
-                          f"of blocks, so every depth must be even; import it unrolled (scan=False, --scan=false)")
+    raise CheckpointError(
+      f"{path}: depths {list(kw['depths'])}: a scanned SwinV2 repeats (plain, shifted) pairs "
+      f"of blocks, so every depth must be even; import it unrolled (scan=False, --scan=false)"
+    )
   if scan:
-    params = {k: stack_layers(v, kw["depths"][int(k[len("stage_"):])], members=swinv2.PAIR)
-              if k.startswith("stage_") else v for k, v in params.items()}
+    params = {
+      k: stack_layers(v, kw["depths"][int(k[len("stage_") :])], members=swinv2.PAIR) if k.startswith("stage_") else v
+      for k, v in params.items()
+    }
   model = swinv2.SwinV2(**kw, dtype=dtype, scan=scan)
   check_model(path, model, params)
   return model, {"params": jax.device_put(params)}
@@ -134,8 +152,9 @@ def _attention_to_hf(write: Writer, pre: str, attn: dict[str, Any]) -> None:
   write(f"{att}logit_scale", attn["logit_scale"].reshape(-1, 1, 1))
   write.dense(f"{att}continuous_position_bias_mlp.0", attn["cpb_mlp"]["fc1"])
   write.dense(f"{att}continuous_position_bias_mlp.2", attn["cpb_mlp"]["fc2"])  # no bias
-  write.dense(f"{pre}attention.output.dense", {"kernel": attn["out"]["kernel"].reshape(-1, width),
-                                               "bias": attn["out"]["bias"]})
+  write.dense(
+    f"{pre}attention.output.dense", {"kernel": attn["out"]["kernel"].reshape(-1, width), "bias": attn["out"]["bias"]}
+  )
 
 
 def _block_to_hf(write: Writer, pre: str, block: dict[str, Any]) -> None:
@@ -146,8 +165,9 @@ def _block_to_hf(write: Writer, pre: str, block: dict[str, Any]) -> None:
   write.norm(f"{pre}layernorm_after", block["norm2"])
 
 
-def to_hf(model: swinv2.SwinV2, params: dict[str, Any], labels=None
-          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+def to_hf(
+  model: swinv2.SwinV2, params: dict[str, Any], labels=None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers Swinv2 that computes what `model` with `params`
   (scanned or unrolled) does: `hf_config` picks the architecture; `labels` names the classes of a head;
   the notes say what it leaves out."""

@@ -49,10 +49,12 @@ def _attention(read: Reader, pre: str, heads: int, qkv_bias: bool) -> dict[str, 
 
 def _block(read: Reader, i: int, kw: dict[str, Any]) -> dict[str, Any]:
   pre = f"encoder.layer.{i}."
-  return {"norm1": read.norm(f"{pre}layernorm_before"),
-          "attn": _attention(read, pre, kw["num_heads"], kw["qkv_bias"]),
-          "norm2": read.norm(f"{pre}layernorm_after"),
-          "mlp": {"fc1": read.dense(f"{pre}intermediate.dense"), "fc2": read.dense(f"{pre}output.dense")}}
+  return {
+    "norm1": read.norm(f"{pre}layernorm_before"),
+    "attn": _attention(read, pre, kw["num_heads"], kw["qkv_bias"]),
+    "norm2": read.norm(f"{pre}layernorm_after"),
+    "mlp": {"fc1": read.dense(f"{pre}intermediate.dense"), "fc2": read.dense(f"{pre}output.dense")},
+  }
 
 
 def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str) -> tuple[dict[str, Any], set[str]]:
@@ -60,9 +62,12 @@ def convert_params(tensors: dict[str, np.ndarray], kw: dict[str, Any], arch: str
   taken: set[str] = set()
   read = Reader(tensors, hfc.prefix(arch), taken)
   conv = "embeddings.patch_embeddings.projection"
-  params = {"patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
-            "cls_token": read("embeddings.cls_token"), "pos_embed": read("embeddings.position_embeddings"),
-            "norm": read.norm("layernorm")}
+  params = {
+    "patch_embed": {"kernel": read(f"{conv}.weight").transpose(2, 3, 1, 0), "bias": read(f"{conv}.bias")},
+    "cls_token": read("embeddings.cls_token"),
+    "pos_embed": read("embeddings.position_embeddings"),
+    "norm": read.norm("layernorm"),
+  }
   params.update({f"blocks_{i}": _block(read, i, kw) for i in range(kw["depth"])})
   if kw["num_classes"]:
     params["head"] = Reader(tensors, "", taken).dense("classifier")
@@ -104,8 +109,9 @@ def _attention_to_hf(write: Writer, pre: str, attn: dict[str, Any]) -> None:
     write(f"{pre}attention.attention.{name}.weight", qkv["kernel"][:, n].reshape(width, -1).T)
     if "bias" in qkv:
       write(f"{pre}attention.attention.{name}.bias", qkv["bias"][n].reshape(-1))
-  write.dense(f"{pre}attention.output.dense", {"kernel": attn["out"]["kernel"].reshape(-1, width),
-                                               "bias": attn["out"]["bias"]})
+  write.dense(
+    f"{pre}attention.output.dense", {"kernel": attn["out"]["kernel"].reshape(-1, width), "bias": attn["out"]["bias"]}
+  )
 
 
 def _block_to_hf(write: Writer, i: int, block: dict[str, Any]) -> None:
@@ -122,12 +128,15 @@ def export_notes(model: vit.ViT) -> list[str]:
   pooler_output is not them (a backbone of pool='gap')."""
   if model.pool == "cls":
     return []
-  return [f"pool={model.pool!r}: pooler_output is the class token; the run's pooled features are "
-          f"last_hidden_state[:, 1:].mean(1)"]
+  return [
+    f"pool={model.pool!r}: pooler_output is the class token; the run's pooled features are "
+    f"last_hidden_state[:, 1:].mean(1)"
+  ]
 
 
-def to_hf(model: vit.ViT, params: dict[str, Any], labels=None
-          ) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
+def to_hf(
+  model: vit.ViT, params: dict[str, Any], labels=None
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[str]]:
   """(config.json, tensors, notes) of the transformers ViT that computes what `model` with `params` (scanned
   or unrolled) does (a ViT without a class token: a Siglip2VisionModel, hf_siglip2.to_hf; a head on mean-pooled
   tokens: a Dinov2ForImageClassification, hf_dinov2.to_hf): `hf_config` picks the architecture; `labels` names the

@@ -21,27 +21,40 @@ def show(names: list[str], limit: int = 10) -> str:
   return ", ".join(names[:limit]) + (f" ... ({len(names)} in all)" if len(names) > limit else "") or "none"
 
 
-def check_tensors(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]],
-                  ignorable: set[str], family: str = "ViT") -> None:
+def check_tensors(
+  path: str,
+  tensors: dict[str, np.ndarray],
+  expected: dict[str, tuple[int, ...]],
+  ignorable: set[str],
+  family: str = "ViT",
+) -> None:
   """Raises a CheckpointError listing missing, unexpected and mis-shaped tensors, or the weights that are not
   floating point (an integer tensor would be converted to float32 without a word)."""
-  not_float = sorted(f"{k} ({tensors[k].dtype})" for k in expected
-                     if k in tensors and not np.issubdtype(tensors[k].dtype, np.floating))
+  not_float = sorted(
+    f"{k} ({tensors[k].dtype})" for k in expected if k in tensors and not np.issubdtype(tensors[k].dtype, np.floating)
+  )
   if not_float:
-    raise CheckpointError(f"{path}: weights of the {family} must be floating point (float16, bfloat16, float32 or "
-                          f"float64): {show(not_float)}")
+    raise CheckpointError(
+      f"{path}: weights of the {family} must be floating point (float16, bfloat16, float32 or "
+      f"float64): {show(not_float)}"
+    )
   missing = sorted(set(expected) - set(tensors))
   unexpected = sorted(set(tensors) - set(expected) - ignorable)
-  mismatched = sorted(f"{k} {tuple(tensors[k].shape)} (expected {shape})" for k, shape in expected.items()
-                      if k in tensors and tuple(tensors[k].shape) != shape)
+  mismatched = sorted(
+    f"{k} {tuple(tensors[k].shape)} (expected {shape})"
+    for k, shape in expected.items()
+    if k in tensors and tuple(tensors[k].shape) != shape
+  )
   if missing or unexpected or mismatched:
     raise CheckpointError(
-        f"{path}: weights do not match the {family} its config.json describes: missing {show(missing)}; "
-        f"unexpected {show(unexpected)}; shape mismatch {show(mismatched)}")
+      f"{path}: weights do not match the {family} its config.json describes: missing {show(missing)}; "
+      f"unexpected {show(unexpected)}; shape mismatch {show(mismatched)}"
+    )
 
 
-def converted(path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], convert,
-              family: str) -> dict[str, Any]:
+def converted(
+  path: str, tensors: dict[str, np.ndarray], expected: dict[str, tuple[int, ...]], convert, family: str
+) -> dict[str, Any]:
   """The unrolled params `convert(tensors)` -> (params, names taken) makes of a file's tensors, after
   `check_tensors` against `expected`; CheckpointError naming the tensors it left over."""
   check_tensors(path, tensors, expected, set(), family=family)

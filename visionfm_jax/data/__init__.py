@@ -16,14 +16,24 @@ Here: the loaders and the source registry that the tasks and evaluators call."""
 
 from visionfm_jax.data.loader.dense import coco_ground_truth, make_dense_eval_iterator, make_dense_train_loader
 from visionfm_jax.data.loader.pipeline import (
-                                               make_eval_iterator,
-                                               make_pair_eval_iterator,
-                                               make_pair_train_loader,
-                                               make_train_loader,
-                                               open_eval_source,
+  make_eval_iterator,
+  make_pair_eval_iterator,
+  make_pair_train_loader,
+  make_train_loader,
+  open_eval_source,
 )
 from visionfm_jax.data.sources.registry import build_source, class_names, train_class_names
 
-__all__ = ["make_train_loader", "make_eval_iterator", "open_eval_source", "make_pair_train_loader",
-           "make_pair_eval_iterator", "build_source", "class_names", "train_class_names",
-           "make_dense_train_loader", "make_dense_eval_iterator", "coco_ground_truth"]
+__all__ = [
+  "make_train_loader",
+  "make_eval_iterator",
+  "open_eval_source",
+  "make_pair_train_loader",
+  "make_pair_eval_iterator",
+  "build_source",
+  "class_names",
+  "train_class_names",
+  "make_dense_train_loader",
+  "make_dense_eval_iterator",
+  "coco_ground_truth",
+]

@@ -34,16 +34,19 @@ class ImageTooLarge(ValueError):
   """An image whose header gives more than MAX_IMAGE_PIXELS pixels; never decoded."""
 
   def __init__(self, width: int, height: int):
-    super().__init__(f"{width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} that readers decode "
-                     "(data/limits.py MAX_IMAGE_PIXELS): a decompression bomb, or an image too large to train on")
+    super().__init__(
+      f"{width}x{height} pixels, over the {MAX_IMAGE_PIXELS:,} that readers decode "
+      "(data/limits.py MAX_IMAGE_PIXELS): a decompression bomb, or an image too large to train on"
+    )
 
 
 class TextTooLarge(ValueError):
   """A caption longer than MAX_TEXT_BYTES."""
 
   def __init__(self, size: int):
-    super().__init__(f"a caption of {size:,} bytes, over the {MAX_TEXT_BYTES:,} that readers take "
-                     "(data/limits.py MAX_TEXT_BYTES)")
+    super().__init__(
+      f"a caption of {size:,} bytes, over the {MAX_TEXT_BYTES:,} that readers take (data/limits.py MAX_TEXT_BYTES)"
+    )
 
 
 def check_pixels(width: int, height: int) -> None:
@@ -53,8 +56,9 @@ def check_pixels(width: int, height: int) -> None:
 
 def text_too_large(text: str) -> bool:
   """Whether `text` holds more than MAX_TEXT_BYTES bytes as UTF-8 (encoded only when it could)."""
-  return len(text) > MAX_TEXT_BYTES or (len(text) > MAX_TEXT_BYTES // 4
-                                        and len(text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES)
+  return len(text) > MAX_TEXT_BYTES or (
+    len(text) > MAX_TEXT_BYTES // 4 and len(text.encode("utf-8", "surrogatepass")) > MAX_TEXT_BYTES
+  )
 
 
 def unsafe_name(name: str) -> bool:
@@ -122,7 +126,7 @@ class _Walk:
     self.fds.append(fd)
 
   def inside(self, root_names: list[str]) -> bool:
-    return self.names[:len(root_names)] == root_names
+    return self.names[: len(root_names)] == root_names
 
   def close(self) -> None:
     for fd in self.fds:
@@ -149,7 +153,7 @@ def open_inside(path: str, root: str, follow_last_link: bool = False) -> int | s
   path = os.path.join(os.getcwd(), path)
   root_names = _parts(root)
   start = root if path.startswith(os.path.join(root, "")) else "/"
-  pending = _parts(path[len(start):] if start == root else path)
+  pending = _parts(path[len(start) :] if start == root else path)
   walk, links, followed_last = _Walk(start), 0, False
   try:
     while pending:

@@ -41,8 +41,12 @@ VAL_NAME = re.compile(r"ILSVRC2012_val_(\d{8})\.JPEG")
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_enum("name", None, NAMES, "The TFDS dataset to prepare.", flag_values=fv)
-  flags.DEFINE_string("data_dir", None, "TFDS data directory: reads <data_dir>/downloads/manual/, writes "
-                      "<data_dir>/<name>/<version>/.", flag_values=fv)
+  flags.DEFINE_string(
+    "data_dir",
+    None,
+    "TFDS data directory: reads <data_dir>/downloads/manual/, writes <data_dir>/<name>/<version>/.",
+    flag_values=fv,
+  )
   flags.DEFINE_list("splits", list(SPLIT_TARS), "The splits to build.", flag_values=fv)
   return fv
 
@@ -77,6 +81,7 @@ def _validation_examples(path: Path, labels: Sequence[str]) -> Iterator[tuple[st
 def build_imagenet2012(data_dir: Path, splits: Sequence[str] = tuple(SPLIT_TARS)) -> Path:
   """Writes imagenet2012 5.1.0 (ArrayRecord) with `splits` under `data_dir`; returns its folder."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   unknown = sorted(set(splits) - set(SPLIT_TARS))
   if unknown or not splits:
     raise UserError(f"--splits={','.join(splits)}: expected some of {', '.join(SPLIT_TARS)}")
@@ -89,6 +94,7 @@ def build_imagenet2012(data_dir: Path, splits: Sequence[str] = tuple(SPLIT_TARS)
 
   class Imagenet2012(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """TFDS' imagenet2012, generated from the manual tars."""
+
     VERSION = tfds.core.Version("5.1.0")
 
     @classmethod
@@ -98,16 +104,25 @@ def build_imagenet2012(data_dir: Path, splits: Sequence[str] = tuple(SPLIT_TARS)
     code_path = None  # TFDS would look for checksums beside this module through a backport not installed here
 
     def _info(self):
-      return tfds.core.DatasetInfo(builder=self, features=tfds.features.FeaturesDict({
-          "image": tfds.features.Image(encoding_format="jpeg"),
-          "label": tfds.features.ClassLabel(names_file=str(package / "labels.txt")),
-          "file_name": tfds.features.Text()}), supervised_keys=("image", "label"))
+      return tfds.core.DatasetInfo(
+        builder=self,
+        features=tfds.features.FeaturesDict(
+          {
+            "image": tfds.features.Image(encoding_format="jpeg"),
+            "label": tfds.features.ClassLabel(names_file=str(package / "labels.txt")),
+            "file_name": tfds.features.Text(),
+          }
+        ),
+        supervised_keys=("image", "label"),
+      )
 
     def _split_generators(self, dl_manager):
       del dl_manager
       # generators: a split's tar is opened only when its examples are read
-      examples = {"train": _synset_examples(manual / TRAIN_TAR),
-                  "validation": _validation_examples(manual / VAL_TAR, validation_labels)}
+      examples = {
+        "train": _synset_examples(manual / TRAIN_TAR),
+        "validation": _validation_examples(manual / VAL_TAR, validation_labels),
+      }
       return {split: self._generate_examples(examples[split]) for split in splits}
 
     def _generate_examples(self, examples):

@@ -29,17 +29,26 @@ class Task:
 
   def share(self, items: Sequence[T]) -> list[T]:
     """This task's items: positions index, index + count, ... of `items`."""
-    return list(items[self.index::self.count])
+    return list(items[self.index :: self.count])
 
   def __str__(self) -> str:
     return f"task {self.index} of {self.count}"
 
 
 def define_flags(fv: flags.FlagValues) -> None:
-  flags.DEFINE_integer("task_index", None, "This task's number in [0, --task_count); default: from a SLURM job "
-                       "array ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), else 0.", flag_values=fv)
-  flags.DEFINE_integer("task_count", None, "Tasks sharing the work (each takes every task_count-th input); "
-                       "default: $SLURM_ARRAY_TASK_COUNT, else 1.", flag_values=fv)
+  flags.DEFINE_integer(
+    "task_index",
+    None,
+    "This task's number in [0, --task_count); default: from a SLURM job "
+    "array ($SLURM_ARRAY_TASK_ID - $SLURM_ARRAY_TASK_MIN), else 0.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "task_count",
+    None,
+    "Tasks sharing the work (each takes every task_count-th input); default: $SLURM_ARRAY_TASK_COUNT, else 1.",
+    flag_values=fv,
+  )
 
 
 def _env_int(environ: Mapping[str, str], name: str) -> int | None:
@@ -63,6 +72,8 @@ def from_flags(fv: flags.FlagValues, environ: Mapping[str, str] | None = None) -
     task_id = _env_int(environ, "SLURM_ARRAY_TASK_ID")
     index = 0 if task_id is None else task_id - (_env_int(environ, "SLURM_ARRAY_TASK_MIN") or 0)
   if count < 1 or not 0 <= index < count:
-    raise UserError(f"--task_index={index}, --task_count={count}: expected count >= 1 and 0 <= index < count "
-                    f"(from the flags or the SLURM array's environment)")
+    raise UserError(
+      f"--task_index={index}, --task_count={count}: expected count >= 1 and 0 <= index < count "
+      f"(from the flags or the SLURM array's environment)"
+    )
   return Task(index, count)

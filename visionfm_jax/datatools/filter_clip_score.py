@@ -78,20 +78,30 @@ CHART_BINS_PER_ROW, CHART_WIDTH = 5, 50  # histogram.txt: rows 0.05 wide, the lo
 def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
-  flags.DEFINE_string("checkpoint", None, "Training workdir of a CLIP (or Aurora) run, a transformers CLIPModel "
-                      "directory or a tools.import_hf directory of one.", flag_values=fv)
+  flags.DEFINE_string(
+    "checkpoint",
+    None,
+    "Training workdir of a CLIP (or Aurora) run, a transformers CLIPModel "
+    "directory or a tools.import_hf directory of one.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("input", None, "Glob of the ArrayRecord files to filter.", flag_values=fv)
   flags.DEFINE_string("output", None, "Directory for the kept records, histogram and dataset.json.", flag_values=fv)
-  flags.DEFINE_float("threshold", None, "Keep pairs whose CLIP score (cosine similarity) is >= this.",
-                     flag_values=fv)
+  flags.DEFINE_float("threshold", None, "Keep pairs whose CLIP score (cosine similarity) is >= this.", flag_values=fv)
   flags.DEFINE_integer("batch_size", 256, "Pairs per forward pass on this process's devices.", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
-  flags.DEFINE_bool("draft_decode", False, "Decode large JPEGs at a reduced DCT scale (Pillow's draft mode): "
-                    "faster; scores then differ from transformers' by up to ~1e-3.", flag_values=fv)
+  flags.DEFINE_bool(
+    "draft_decode",
+    False,
+    "Decode large JPEGs at a reduced DCT scale (Pillow's draft mode): "
+    "faster; scores then differ from transformers' by up to ~1e-3.",
+    flag_values=fv,
+  )
   return fv
 
 
 # ------------------------------------------------------------------------------------------------- scoring
+
 
 def _local_mesh() -> Mesh:
   return Mesh(np.array(jax.local_devices()), ("data",))
@@ -102,8 +112,9 @@ class ClipScorer:
   this process's devices: params replicated, each batch of `batch_size` rows split across the devices. Images
   are decoded at full size (as evaluation decodes them), or with `draft_decode` at a reduced JPEG scale."""
 
-  def __init__(self, task, params, batch_size: int, *, checkpoint: str = "", step: int | None = None,
-               draft_decode: bool = False):
+  def __init__(
+    self, task, params, batch_size: int, *, checkpoint: str = "", step: int | None = None, draft_decode: bool = False
+  ):
     mesh = _local_mesh()
     self.task, self.checkpoint, self.step, self.draft_decode = task, checkpoint, step, draft_decode
     self.tokenizer = task.tokenizer
@@ -112,8 +123,7 @@ class ClipScorer:
     self.batch_size = -(-batch_size // mesh.size) * mesh.size
     replicated, self._rows = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
     self.params = jax.device_put(params, replicated)
-    self._cosine = jax.jit(self._cosine_fn, in_shardings=(replicated, self._rows, self._rows),
-                           out_shardings=replicated)
+    self._cosine = jax.jit(self._cosine_fn, in_shardings=(replicated, self._rows, self._rows), out_shardings=replicated)
 
   def _cosine_fn(self, params, images, tokens):
     return jnp.sum(self.task.embed_images(params, images) * self.task.embed_texts(params, tokens), axis=-1)
@@ -130,11 +140,13 @@ def load_scorer(path: str, step: int | None, batch_size: int, draft_decode: bool
   config = loader.checkpoint_config(path, clip_config.CLIP_TASKS)
   loaded = loader.load(path, step, NamedSharding(_local_mesh(), P()), config=config)
   loaded.task.tokenizer  # pylint: disable=pointless-statement  (a bad config.data.tokenizer fails here)
-  return ClipScorer(loaded.task, loaded.params, batch_size, checkpoint=loaded.origin, step=loaded.step,
-                    draft_decode=draft_decode)
+  return ClipScorer(
+    loaded.task, loaded.params, batch_size, checkpoint=loaded.origin, step=loaded.step, draft_decode=draft_decode
+  )
 
 
 # -------------------------------------------------------------------------------------------- one file
+
 
 def bin_edges() -> np.ndarray:
   return np.linspace(-1.0, 1.0, BINS + 1)
@@ -194,26 +206,42 @@ def filter_file(scorer: ClipScorer, path: str, out_path: str, threshold: float, 
     for start, batch in zip(range(0, total, size), batches):
       read = [source.read.pop(i) for i in range(start, min(start + size, total))]
       uncaptioned += sum(map(_is_uncaptioned, read))
-      valid = batch["mask"][:len(read)]
-      scores = scorer(batch)[:len(read)].astype(np.float64)  # compared in float64: exactly the stored scores
+      valid = batch["mask"][: len(read)]
+      scores = scorer(batch)[: len(read)].astype(np.float64)  # compared in float64: exactly the stored scores
       for record, score, ok in zip(read, scores, valid):
         if ok and score >= threshold:
           writer.write(_kept_record(record, score))
       histogram += score_histogram(scores[valid])
-    stats = file_stats(path, scorer, threshold, kept=writer.count, histogram=histogram,
-                       undecodable=total - int(histogram.sum()) - uncaptioned, uncaptioned=uncaptioned)
+    stats = file_stats(
+      path,
+      scorer,
+      threshold,
+      kept=writer.count,
+      histogram=histogram,
+      undecodable=total - int(histogram.sum()) - uncaptioned,
+      uncaptioned=uncaptioned,
+    )
     _write_json(stats_path, stats)
   return stats
 
 
-def file_stats(path: str, scorer: ClipScorer, threshold: float, *, kept: int, histogram, undecodable: int,
-               uncaptioned: int) -> dict:
+def file_stats(
+  path: str, scorer: ClipScorer, threshold: float, *, kept: int, histogram, undecodable: int, uncaptioned: int
+) -> dict:
   """What the sidecar of one input file holds: its counts ('total': pairs scored), score histogram, and what
   filtered it."""
-  return {"input": path, "kept": int(kept), "total": int(np.sum(histogram)), "undecodable": int(undecodable),
-          "uncaptioned": int(uncaptioned),
-          "histogram": [int(c) for c in histogram], "threshold": float(threshold),
-          "checkpoint": scorer.checkpoint, "step": scorer.step, "decode": _decode_mode(scorer)}
+  return {
+    "input": path,
+    "kept": int(kept),
+    "total": int(np.sum(histogram)),
+    "undecodable": int(undecodable),
+    "uncaptioned": int(uncaptioned),
+    "histogram": [int(c) for c in histogram],
+    "threshold": float(threshold),
+    "checkpoint": scorer.checkpoint,
+    "step": scorer.step,
+    "decode": _decode_mode(scorer),
+  }
 
 
 def _decode_mode(scorer: ClipScorer) -> str:
@@ -256,15 +284,24 @@ def _finished_stats(scorer: ClipScorer, path: str, output: str, threshold: float
   # a sidecar without 'decode' is a draft-decoded file's
   done = (stats.get("threshold"), stats.get("checkpoint"), stats.get("step"), stats.get("decode", "draft"))
   if done != (threshold, scorer.checkpoint, scorer.step, _decode_mode(scorer)):
-    raise UserError(f"--output={output}: {os.path.basename(out_path)} was filtered at threshold {done[0]} by "
-                    f"{done[1]} step {done[2]} with {done[3]} decoding, not at {threshold} by {scorer.checkpoint} "
-                    f"step {scorer.step} with {_decode_mode(scorer)} decoding; write to another directory")
+    raise UserError(
+      f"--output={output}: {os.path.basename(out_path)} was filtered at threshold {done[0]} by "
+      f"{done[1]} step {done[2]} with {done[3]} decoding, not at {threshold} by {scorer.checkpoint} "
+      f"step {scorer.step} with {_decode_mode(scorer)} decoding; write to another directory"
+    )
   return stats
 
 
-def filter_files(scorer: ClipScorer, files: Sequence[str], output: str, threshold: float, *,
-                 process_index: int = 0, process_count: int = 1,
-                 progress: Callable[[str], None] | None = None) -> dict[str, dict]:
+def filter_files(
+  scorer: ClipScorer,
+  files: Sequence[str],
+  output: str,
+  threshold: float,
+  *,
+  process_index: int = 0,
+  process_count: int = 1,
+  progress: Callable[[str], None] | None = None,
+) -> dict[str, dict]:
   """Filters this process's share of `files` (sorted: files i, i + n, ...) into `output`, skipping the ones a
   previous run finished; returns {input path: its stats}."""
   results = {}
@@ -277,12 +314,15 @@ def filter_files(scorer: ClipScorer, files: Sequence[str], output: str, threshol
       note = f"{time.perf_counter() - began:.1f} s"
     results[path] = stats
     if progress:
-      progress(f"{path}: kept {stats['kept']} of {stats['total']} pairs, {stats['undecodable']} undecodable, "
-               f"{_uncaptioned(stats)} uncaptioned ({note})")
+      progress(
+        f"{path}: kept {stats['kept']} of {stats['total']} pairs, {stats['undecodable']} undecodable, "
+        f"{_uncaptioned(stats)} uncaptioned ({note})"
+      )
   return results
 
 
 # ----------------------------------------------------------------------------------------- the summary
+
 
 def histogram_quantiles(counts, quantiles=QUANTILES) -> list[float]:
   """Quantiles of the scores counted in `counts` (BINS bins over [-1, 1]), interpolated within a bin."""
@@ -300,14 +340,17 @@ def histogram_quantiles(counts, quantiles=QUANTILES) -> list[float]:
 def histogram_text(summary: dict) -> str:
   """histogram.txt: the counts, the quantiles and a bar chart of `summary` (histogram.json's dict)."""
   total, threshold = summary["total"], summary["threshold"]
-  lines = [f"CLIP scores of {total} pairs from {summary['files']} files ({summary['checkpoint']}, step "
-           f"{summary['step']}); {summary['undecodable']} undecodable and {summary['uncaptioned']} uncaptioned "
-           "records",
-           f"threshold {threshold:g}: kept {summary['kept']} ({summary['kept_fraction']:.2%})"]
+  lines = [
+    f"CLIP scores of {total} pairs from {summary['files']} files ({summary['checkpoint']}, step "
+    f"{summary['step']}); {summary['undecodable']} undecodable and {summary['uncaptioned']} uncaptioned "
+    "records",
+    f"threshold {threshold:g}: kept {summary['kept']} ({summary['kept_fraction']:.2%})",
+  ]
   if not total:
     return "\n".join(lines + ["no pairs scored"]) + "\n"
-  lines.append("quantiles: " + "  ".join(f"{q:g}: {v:+.3f}" for q, v in
-                                         zip(QUANTILES, histogram_quantiles(summary["counts"]))))
+  lines.append(
+    "quantiles: " + "  ".join(f"{q:g}: {v:+.3f}" for q, v in zip(QUANTILES, histogram_quantiles(summary["counts"])))
+  )
   lines.append("")
   rows = np.asarray(summary["counts"]).reshape(-1, CHART_BINS_PER_ROW).sum(1)
   edges = bin_edges()[::CHART_BINS_PER_ROW]
@@ -356,20 +399,40 @@ def write_summary(output: str, files: Sequence[str], threshold: float) -> dict:
   counts = np.sum([s["histogram"] for s in stats.values()], axis=0, dtype=np.int64)
   first = stats[files[0]]
   kept, total = sum(s["kept"] for s in stats.values()), int(counts.sum())
-  summary = {"threshold": threshold, "kept": kept, "total": total,
-             "undecodable": sum(s["undecodable"] for s in stats.values()),
-             "uncaptioned": sum(_uncaptioned(s) for s in stats.values()),
-             "kept_fraction": kept / total if total else 0.0, "files": len(files),
-             "checkpoint": first["checkpoint"], "step": first["step"], "decode": first.get("decode", "draft"),
-             "bin_edges": [round(float(e), 6) for e in bin_edges()], "counts": counts.tolist()}
+  summary = {
+    "threshold": threshold,
+    "kept": kept,
+    "total": total,
+    "undecodable": sum(s["undecodable"] for s in stats.values()),
+    "uncaptioned": sum(_uncaptioned(s) for s in stats.values()),
+    "kept_fraction": kept / total if total else 0.0,
+    "files": len(files),
+    "checkpoint": first["checkpoint"],
+    "step": first["step"],
+    "decode": first.get("decode", "draft"),
+    "bin_edges": [round(float(e), 6) for e in bin_edges()],
+    "counts": counts.tolist(),
+  }
   _write_json(os.path.join(output, HISTOGRAM_JSON), summary)
   with open(os.path.join(output, HISTOGRAM_TXT), "w", encoding="utf-8") as f:
     f.write(histogram_text(summary))
   splits, classes = dataset_splits(files, stats)
-  records.write_metadata(output, kind="pairs", splits=splits, classes=classes, clip_filter={
-      "threshold": threshold, "checkpoint": summary["checkpoint"], "step": summary["step"],
-      "decode": summary["decode"], "kept": kept, "total": total, "undecodable": summary["undecodable"],
-      "uncaptioned": summary["uncaptioned"]})
+  records.write_metadata(
+    output,
+    kind="pairs",
+    splits=splits,
+    classes=classes,
+    clip_filter={
+      "threshold": threshold,
+      "checkpoint": summary["checkpoint"],
+      "step": summary["step"],
+      "decode": summary["decode"],
+      "kept": kept,
+      "total": total,
+      "undecodable": summary["undecodable"],
+      "uncaptioned": summary["uncaptioned"],
+    },
+  )
   return summary
 
 
@@ -381,23 +444,36 @@ TOOL = "filter_clip_score"  # its name in the output folder's marker (output_fol
 def input_files(pattern: str, output: str) -> list[str]:
   """The sorted files matching --input; UserError when none do, or when their outputs would collide with
   each other or overwrite them."""
-  files = sorted(f for f in glob.glob(os.path.expanduser(pattern), recursive=True)
-                 if os.path.isfile(f) and not f.endswith((".tmp", ".json")))
+  files = sorted(
+    f
+    for f in glob.glob(os.path.expanduser(pattern), recursive=True)
+    if os.path.isfile(f) and not f.endswith((".tmp", ".json"))
+  )
   if not files:
     raise UserError(f"--input={pattern}: no files match")
   names = [os.path.basename(f) for f in files]
   clashes = sorted({n for n in names if names.count(n) > 1})
   if clashes:
-    raise UserError(f"--input={pattern}: several files are named {clashes[0]} (in different directories); "
-                    "outputs are named by basename")
+    raise UserError(
+      f"--input={pattern}: several files are named {clashes[0]} (in different directories); "
+      "outputs are named by basename"
+    )
   if any(os.path.realpath(os.path.dirname(f)) == os.path.realpath(output) for f in files):
     raise UserError(f"--output={output}: holds input files (matched by --input={pattern}); write elsewhere")
   return files
 
 
-def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size: int = 256,
-        step: int | None = None, draft_decode: bool = False,
-        progress: Callable[[str], None] | None = None) -> dict | None:
+def run(
+  workdir: str,
+  pattern: str,
+  output: str,
+  threshold: float,
+  *,
+  batch_size: int = 256,
+  step: int | None = None,
+  draft_decode: bool = False,
+  progress: Callable[[str], None] | None = None,
+) -> dict | None:
   """Filters this process's share of the --input files into `output`; on process 0 then merges every
   process's stats and returns histogram.json's dict plus 'seconds' (None on the other processes)."""
   began = time.perf_counter()
@@ -410,8 +486,15 @@ def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size
   output_folder.check(output, TOOL, None, files, "--output")  # before the slow work; created once it succeeds
   scorer = load_scorer(workdir, step, batch_size, draft_decode)
   output_folder.claim_in_place(output, TOOL, reads=files, flag="--output")
-  filter_files(scorer, files, output, threshold, process_index=jax.process_index(),
-               process_count=jax.process_count(), progress=progress)
+  filter_files(
+    scorer,
+    files,
+    output,
+    threshold,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+    progress=progress,
+  )
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("filter_clip_score: every file filtered")
   if jax.process_index() != 0:
@@ -420,21 +503,35 @@ def run(workdir: str, pattern: str, output: str, threshold: float, *, batch_size
 
 
 def summary_line(summary: dict) -> str:
-  return (f"kept {summary['kept']} of {summary['total']} pairs ({summary['kept_fraction']:.4f}) at threshold "
-          f"{summary['threshold']:g}; {summary['undecodable']} undecodable; {summary['uncaptioned']} uncaptioned; "
-          f"{summary['seconds']:.1f} s")
+  return (
+    f"kept {summary['kept']} of {summary['total']} pairs ({summary['kept_fraction']:.4f}) at threshold "
+    f"{summary['threshold']:g}; {summary['undecodable']} undecodable; {summary['uncaptioned']} uncaptioned; "
+    f"{summary['seconds']:.1f} s"
+  )
 
 
 def _main(fv, rest: list[str]) -> None:
   if rest:
     raise UserError(f"unexpected arguments {rest}; flags only")
-  for name, what in (("checkpoint", "a training workdir"), ("input", "a glob of ArrayRecord files"),
-                     ("output", "a directory"), ("threshold", "a CLIP score in [-1, 1]")):
+  for name, what in (
+    ("checkpoint", "a training workdir"),
+    ("input", "a glob of ArrayRecord files"),
+    ("output", "a directory"),
+    ("threshold", "a CLIP score in [-1, 1]"),
+  ):
     if fv[name].value in (None, ""):
       raise UserError(f"--{name}: required ({what})")
   distributed.initialize()
-  summary = run(fv.checkpoint, fv.input, fv.output, fv.threshold, batch_size=fv.batch_size, step=fv.step,
-                draft_decode=fv.draft_decode, progress=lambda line: print(line, flush=True))
+  summary = run(
+    fv.checkpoint,
+    fv.input,
+    fv.output,
+    fv.threshold,
+    batch_size=fv.batch_size,
+    step=fv.step,
+    draft_decode=fv.draft_decode,
+    progress=lambda line: print(line, flush=True),
+  )
   if summary is not None:
     print(summary_line(summary))
 

@@ -75,24 +75,49 @@ _SIGN = np.uint64(1 << 63)
 def make_flags() -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_string("input", None, "A glob of img2dataset .tar files.", flag_values=fv)
-  flags.DEFINE_string("index_dir", None, "Write (and read) the indexes under this folder, at each tar's absolute "
-                      "path, instead of next to the tars (a read-only corpus).", flag_values=fv)
-  flags.DEFINE_integer("num_workers", None, "Processes indexing tars; 0 or 1: inline. Default: the CPU count.",
-                       flag_values=fv)
+  flags.DEFINE_string(
+    "index_dir",
+    None,
+    "Write (and read) the indexes under this folder, at each tar's absolute "
+    "path, instead of next to the tars (a read-only corpus).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "num_workers", None, "Processes indexing tars; 0 or 1: inline. Default: the CPU count.", flag_values=fv
+  )
   cluster_task.define_flags(fv)
-  flags.DEFINE_float("keep", None, "Index nothing: print the --min_similarity that keeps at most this many "
-                     "indexed samples (a fraction of them when <= 1: --keep=1 keeps all).", flag_values=fv)
-  flags.DEFINE_float("max_pwatermark", None, "--keep: count only samples whose 'pwatermark' is at most this "
-                     "(as prepare_data's flag).", flag_values=fv)
-  flags.DEFINE_float("max_punsafe", None, "--keep: count only samples whose 'punsafe' is at most this (as "
-                     "prepare_data's flag).", flag_values=fv)
+  flags.DEFINE_float(
+    "keep",
+    None,
+    "Index nothing: print the --min_similarity that keeps at most this many "
+    "indexed samples (a fraction of them when <= 1: --keep=1 keeps all).",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "max_pwatermark",
+    None,
+    "--keep: count only samples whose 'pwatermark' is at most this (as prepare_data's flag).",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "max_punsafe",
+    None,
+    "--keep: count only samples whose 'punsafe' is at most this (as prepare_data's flag).",
+    flag_values=fv,
+  )
   flags.DEFINE_string("selection_out", None, "--keep: also write the selection to this JSON file.", flag_values=fv)
-  flags.DEFINE_float("expect_samples", None, "--keep: warn when fewer samples than this are indexed (the count "
-                     "the --keep count was chosen for; fewer: a partial download).", flag_values=fv)
+  flags.DEFINE_float(
+    "expect_samples",
+    None,
+    "--keep: warn when fewer samples than this are indexed (the count "
+    "the --keep count was chosen for; fewer: a partial download).",
+    flag_values=fv,
+  )
   return fv
 
 
 # --------------------------------------------------------------------------------------------- indexing
+
 
 def _index_one(tar_and_dir: tuple[str, str | None]) -> dict:
   """Indexes one tar (`wds.write_index`); an index that cannot be written is a UserError naming it and the
@@ -101,10 +126,14 @@ def _index_one(tar_and_dir: tuple[str, str | None]) -> dict:
   try:
     return wds.write_index(tar, index_dir)
   except OSError as e:
-    remedy = ("another folder with --index_dir" if index_dir else
-              "a writable folder with --index_dir=DIR (then train with 'wds:GLOB;index_dir=DIR')")
-    raise UserError(f"cannot write the index {wds.index_path(tar, index_dir)} ({e.strerror or e}); write the "
-                    f"indexes to {remedy}") from None
+    remedy = (
+      "another folder with --index_dir"
+      if index_dir
+      else "a writable folder with --index_dir=DIR (then train with 'wds:GLOB;index_dir=DIR')"
+    )
+    raise UserError(
+      f"cannot write the index {wds.index_path(tar, index_dir)} ({e.strerror or e}); write the indexes to {remedy}"
+    ) from None
 
 
 def _matching_tars(pattern: str) -> list[str]:
@@ -123,8 +152,9 @@ def task_tars(pattern: str, task: cluster_task.Task) -> list[str]:
   return [tar for tar in task.share(names) if os.path.isfile(tar)]
 
 
-def index_tars(pattern: str, *, task: cluster_task.Task = cluster_task.Task(), num_workers: int = 0,
-               index_dir: str | None = None) -> dict:
+def index_tars(
+  pattern: str, *, task: cluster_task.Task = cluster_task.Task(), num_workers: int = 0, index_dir: str | None = None
+) -> dict:
   """Indexes `task`'s share of the tars matching `pattern` that have no current index (next to them, or under
   `index_dir`); {tars (this task's), indexed (written now), samples, incomplete and left_out ({limits reason:
   samples}) (of those written now)}. UserError naming an index that cannot be written."""
@@ -138,11 +168,17 @@ def index_tars(pattern: str, *, task: cluster_task.Task = cluster_task.Task(), n
   left_out = collections.Counter()
   for result in results:
     left_out.update(result["left_out"])
-  return {"tars": len(tars), "indexed": len(pending), "samples": sum(r["samples"] for r in results),
-          "incomplete": sum(r["incomplete"] for r in results), "left_out": dict(left_out)}
+  return {
+    "tars": len(tars),
+    "indexed": len(pending),
+    "samples": sum(r["samples"] for r in results),
+    "incomplete": sum(r["incomplete"] for r in results),
+    "left_out": dict(left_out),
+  }
 
 
 # ---------------------------------------------------------------------------------- ordered score keys
+
 
 def ordered_keys(values: np.ndarray) -> np.ndarray:
   """uint64 keys that order as the (non-NaN) float64 `values` do; -0.0 and 0.0, which compare equal, share one."""
@@ -178,9 +214,11 @@ class ScoreScan:
       self.samples += len(index["scores"])
       yield index["scores"]
     if missing:
-      raise UserError(f"--input={self.pattern}: {len(missing)} of {len(self.tars)} tars have no current index "
-                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
-                      f"{wds.index_path(missing[0], self.index_dir)}); {wds.INDEX_HINT}")
+      raise UserError(
+        f"--input={self.pattern}: {len(missing)} of {len(self.tars)} tars have no current index "
+        f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
+        f"{wds.index_path(missing[0], self.index_dir)}); {wds.INDEX_HINT}"
+      )
 
   def keys(self) -> Iterator[np.ndarray]:
     """One pass: per tar the ordered keys of the similarities of the samples that have one and pass `others`."""
@@ -204,8 +242,9 @@ def digit_counts(scan: ScoreScan, prefix: int = 0, known: int = 0) -> np.ndarray
   return counts
 
 
-def order_statistic(scan: ScoreScan, rank: int, counts: np.ndarray,
-                    collect_limit: int = COLLECT_LIMIT) -> tuple[float, float]:
+def order_statistic(
+  scan: ScoreScan, rank: int, counts: np.ndarray, collect_limit: int = COLLECT_LIMIT
+) -> tuple[float, float]:
   """(the `rank`-th smallest similarity (0-based) of `scan`, the smallest one above it or inf), exactly.
   `counts`: `digit_counts(scan)`, the first pass's. Each further pass narrows the bin that holds it by
   DIGIT_BITS bits, until at most `collect_limit` keys (or a single key) are left in it."""
@@ -235,12 +274,13 @@ def _settle(scan: ScoreScan, prefix: int, known: int, rank: int) -> tuple[float,
   if known < 64:
     inside = np.sort(np.concatenate(inside))
     value = int(inside[rank])
-    after = inside[np.searchsorted(inside, inside[rank], side="right"):]
+    after = inside[np.searchsorted(inside, inside[rank], side="right") :]
     above = int(after[0]) if after.size else above
   return key_value(value), math.inf if above is None else key_value(above)
 
 
 # ------------------------------------------------------------------------------------ the printed value
+
 
 def _floor_digits(value: decimal.Decimal, digits: int) -> decimal.Decimal:
   quantum = decimal.Decimal(1).scaleb(value.adjusted() - digits + 1)
@@ -264,6 +304,7 @@ def shortest_decimal(low: float, high: float) -> str:
 
 # -------------------------------------------------------------------------------------------- selection
 
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
   keep: int  # the count asked for
@@ -280,21 +321,33 @@ class Selection:
   def flags(self) -> str:
     """The flags that keep `kept` samples, for prepare_data."""
     values = dataclasses.asdict(self.score_filter)
-    return " ".join(f"--{name}={self.threshold if name == 'min_similarity' else repr(value)}"
-                    for name, value in values.items() if value is not None)
+    return " ".join(
+      f"--{name}={self.threshold if name == 'min_similarity' else repr(value)}"
+      for name, value in values.items()
+      if value is not None
+    )
 
   def line(self, seconds: float) -> str:
     asked = f"asked for {self.keep:,}"
     if self.keep > self.eligible:
       asked += f", but only {self.eligible:,} have a similarity and pass the other filters"
     rejected = ", ".join(f"{name} {n:,}" for name, n in self.filtered.items())
-    return (f"keep: {self.flags} keeps {self.kept:,} of {self.samples:,} samples ({self.kept / self.samples:.2%}; "
-            f"{asked}); rejected: {rejected}; {self.passes} passes over {self.tars:,} indexes, {seconds:.1f} s")
+    return (
+      f"keep: {self.flags} keeps {self.kept:,} of {self.samples:,} samples ({self.kept / self.samples:.2%}; "
+      f"{asked}); rejected: {rejected}; {self.passes} passes over {self.tars:,} indexes, {seconds:.1f} s"
+    )
 
   def to_json(self) -> dict:
-    return {"flags": self.flags, **dataclasses.asdict(self.score_filter), "kept": self.kept,
-            "samples": self.samples, "keep": self.keep, "eligible": self.eligible, "filtered": self.filtered,
-            "tars": self.tars}
+    return {
+      "flags": self.flags,
+      **dataclasses.asdict(self.score_filter),
+      "kept": self.kept,
+      "samples": self.samples,
+      "keep": self.keep,
+      "eligible": self.eligible,
+      "filtered": self.filtered,
+      "tars": self.tars,
+    }
 
 
 def _check_keep(keep: float) -> None:
@@ -324,8 +377,13 @@ def _count_kept(scan: ScoreScan, score_filter: wds.ScoreFilter) -> tuple[int, di
   return kept, {name: filtered[name] for name in score_filter.names}
 
 
-def select(pattern: str, keep: float, others: wds.ScoreFilter = wds.ScoreFilter(),
-           collect_limit: int = COLLECT_LIMIT, index_dir: str | None = None) -> Selection:
+def select(
+  pattern: str,
+  keep: float,
+  others: wds.ScoreFilter = wds.ScoreFilter(),
+  collect_limit: int = COLLECT_LIMIT,
+  index_dir: str | None = None,
+) -> Selection:
   """The --min_similarity that keeps the most samples of the indexed tars matching `pattern` (their indexes next
   to them, or under `index_dir`) not above `keep` (a count, or a fraction when <= 1), with `others`' pwatermark /
   punsafe conditions (its min_similarity unset)."""
@@ -335,8 +393,10 @@ def select(pattern: str, keep: float, others: wds.ScoreFilter = wds.ScoreFilter(
   counts = digit_counts(scan)
   count, eligible = keep_count(keep, scan.samples), int(counts.sum())
   if not eligible:
-    raise UserError(f"--input={pattern}: none of the {scan.samples:,} indexed samples has a similarity"
-                    + (" and passes the other filters" if others else ""))
+    raise UserError(
+      f"--input={pattern}: none of the {scan.samples:,} indexed samples has a similarity"
+      + (" and passes the other filters" if others else "")
+    )
   if count >= eligible:
     low, high = -math.inf, order_statistic(scan, 0, counts, collect_limit)[0]
   else:
@@ -349,6 +409,7 @@ def select(pattern: str, keep: float, others: wds.ScoreFilter = wds.ScoreFilter(
 
 # ------------------------------------------------------------------------------------------------ the CLI
 
+
 def shortfall_warning(selection: Selection, keep: float, expect: float) -> str | None:
   """The warning line when fewer samples are indexed than the `expect` the --keep value was chosen for: what
   share (or count) of them it keeps now, against what it would keep of `expect`; None when enough are."""
@@ -358,8 +419,10 @@ def shortfall_warning(selection: Selection, keep: float, expect: float) -> str |
     now, planned = f"{selection.kept:,} samples", f"{math.floor(keep * expect):,}"
   else:
     now, planned = f"{selection.kept / selection.samples:.2%} of them", f"{keep / expect:.2%}"
-  return (f"warning: {selection.samples:,} samples indexed, fewer than the {int(expect):,} of --expect_samples (a "
-          f"partial download?): --keep={keep:g} keeps {now}, not {planned}")
+  return (
+    f"warning: {selection.samples:,} samples indexed, fewer than the {int(expect):,} of --expect_samples (a "
+    f"partial download?): --keep={keep:g} keeps {now}, not {planned}"
+  )
 
 
 def _check_expect(expect: float | None) -> None:
@@ -373,8 +436,9 @@ def _select_main(fv) -> None:
     raise UserError(f"{', '.join(explicit)}: not with --keep (one process reads every index)")
   _check_expect(fv.expect_samples)
   start = time.monotonic()
-  selection = select(fv.input, fv.keep, wds.ScoreFilter(None, fv.max_pwatermark, fv.max_punsafe),
-                     index_dir=fv.index_dir)
+  selection = select(
+    fv.input, fv.keep, wds.ScoreFilter(None, fv.max_pwatermark, fv.max_punsafe), index_dir=fv.index_dir
+  )
   if fv.selection_out:
     try:
       atomic.write_json(os.path.expanduser(fv.selection_out), {"input": fv.input, **selection.to_json()}, indent=1)
@@ -398,9 +462,11 @@ def _index_main(fv) -> None:
   task = cluster_task.from_flags(fv)
   workers = (os.cpu_count() or 1) if fv.num_workers is None else fv.num_workers
   done = index_tars(fv.input, task=task, num_workers=workers, index_dir=fv.index_dir)
-  print(f"index_tars: {task}: {done['indexed']} of its {done['tars']} tars indexed now ({done['samples']} samples, "
-        f"{done['incomplete']} without an image left out{_refused_text(done['left_out'])}), the others were already, "
-        f"{time.monotonic() - start:.1f} s")
+  print(
+    f"index_tars: {task}: {done['indexed']} of its {done['tars']} tars indexed now ({done['samples']} samples, "
+    f"{done['incomplete']} without an image left out{_refused_text(done['left_out'])}), the others were already, "
+    f"{time.monotonic() - start:.1f} s"
+  )
 
 
 def _main(fv, rest: list[str]) -> None:

@@ -52,22 +52,48 @@ def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
   flags.DEFINE_string("input", None, "Text file, one caption per line.", flag_values=fv)
-  flags.DEFINE_string("records", None, "Instead of --input: a glob (or a comma-separated list of globs) of "
-                      "ArrayRecord files of image-text pairs; trains on their captions.", flag_values=fv)
-  flags.DEFINE_string("tars", None, "Instead of --input: a glob (or a comma-separated list of globs) of img2dataset "
-                      "tars; trains on their .txt captions.", flag_values=fv)
-  flags.DEFINE_integer("shapes_records", 0, "Instead of --input: the captions of the first N shapes train records "
-                       "(at 32 px).", flag_values=fv)
+  flags.DEFINE_string(
+    "records",
+    None,
+    "Instead of --input: a glob (or a comma-separated list of globs) of "
+    "ArrayRecord files of image-text pairs; trains on their captions.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "tars",
+    None,
+    "Instead of --input: a glob (or a comma-separated list of globs) of img2dataset "
+    "tars; trains on their .txt captions.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "shapes_records",
+    0,
+    "Instead of --input: the captions of the first N shapes train records (at 32 px).",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("vocab_size", None, "Vocabulary size (an upper bound for a small corpus).", flag_values=fv)
   flags.DEFINE_string("out", None, "Output prefix: writes OUT.model.", flag_values=fv)
   flags.DEFINE_enum("model_type", "bpe", tokenizer.MODEL_TYPES, "SentencePiece model type.", flag_values=fv)
-  flags.DEFINE_string("normalization", "nmt_nfkc_cf", "SentencePiece normalisation rule: nmt_nfkc_cf (case "
-                      "folding), nmt_nfkc, nfkc, identity.", flag_values=fv)
-  flags.DEFINE_integer("max_sentences", DEFAULT_MAX_SENTENCES, "Captions kept: a uniform sample (reservoir) of "
-                       "this many from all of them.", flag_values=fv)
+  flags.DEFINE_string(
+    "normalization",
+    "nmt_nfkc_cf",
+    "SentencePiece normalisation rule: nmt_nfkc_cf (case folding), nmt_nfkc, nfkc, identity.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "max_sentences",
+    DEFAULT_MAX_SENTENCES,
+    "Captions kept: a uniform sample (reservoir) of this many from all of them.",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("seed", 0, "Seed of the caption sample.", flag_values=fv)
-  flags.DEFINE_integer("num_threads", DEFAULT_NUM_THREADS, "SentencePiece training threads (the file depends on "
-                       "this count, not on the machine's cores).", flag_values=fv)
+  flags.DEFINE_integer(
+    "num_threads",
+    DEFAULT_NUM_THREADS,
+    "SentencePiece training threads (the file depends on this count, not on the machine's cores).",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -168,12 +194,25 @@ def read_record_captions(pattern: str) -> list[str]:
   return list(stream_record_captions(pattern))
 
 
-def caption_stream(input_path: str | None, shapes_records: int, records: str | None, tars: str | None,
-                   left_out: collections.Counter | None = None):
+def caption_stream(
+  input_path: str | None,
+  shapes_records: int,
+  records: str | None,
+  tars: str | None,
+  left_out: collections.Counter | None = None,
+):
   """(the captions of the one given input, the flag that names it); those the readers leave out (data/limits.py)
   are counted in `left_out`."""
-  given = [name for name, value in (("input", input_path), ("shapes_records", shapes_records > 0),
-                                    ("records", records), ("tars", tars)) if value]
+  given = [
+    name
+    for name, value in (
+      ("input", input_path),
+      ("shapes_records", shapes_records > 0),
+      ("records", records),
+      ("tars", tars),
+    )
+    if value
+  ]
   if len(given) != 1:
     raise UserError("give exactly one of --input=TEXT, --records=GLOB, --tars=GLOB and --shapes_records=N")
   if records:
@@ -185,10 +224,20 @@ def caption_stream(input_path: str | None, shapes_records: int, records: str | N
   return iter(tokenizer.shapes_captions(shapes_records)), f"--shapes_records={shapes_records}"
 
 
-def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, model_type: str = "bpe",
-        normalization: str = "nmt_nfkc_cf", records: str | None = None, *, tars: str | None = None,
-        max_sentences: int = DEFAULT_MAX_SENTENCES, seed: int = 0,
-        num_threads: int = DEFAULT_NUM_THREADS) -> tokenizer.Tokenizer:
+def run(
+  input_path: str | None,
+  shapes_records: int,
+  vocab_size: int,
+  out: str,
+  model_type: str = "bpe",
+  normalization: str = "nmt_nfkc_cf",
+  records: str | None = None,
+  *,
+  tars: str | None = None,
+  max_sentences: int = DEFAULT_MAX_SENTENCES,
+  seed: int = 0,
+  num_threads: int = DEFAULT_NUM_THREADS,
+) -> tokenizer.Tokenizer:
   """Samples the captions, trains and writes the tokenizer; returns it loaded, with `sampled` and `captions`
   (how many of how many) and `left_out` ({data/limits.py reason: captions or samples}) set on it."""
   if num_threads < 1:
@@ -198,9 +247,10 @@ def run(input_path: str | None, shapes_records: int, vocab_size: int, out: str, 
   sample, count = sample_captions(lines, max_sentences, seed)
   if not sample:
     raise UserError(f"{what}: no captions (none of its records or lines has non-empty text)")
-  prefix = out[:-len(".model")] if out.endswith(".model") else out
-  path = tokenizer.train_tokenizer(sample, vocab_size, prefix, model_type=model_type, normalization=normalization,
-                                   num_threads=num_threads)
+  prefix = out[: -len(".model")] if out.endswith(".model") else out
+  path = tokenizer.train_tokenizer(
+    sample, vocab_size, prefix, model_type=model_type, normalization=normalization, num_threads=num_threads
+  )
   tok = tokenizer.Tokenizer(path, max_len=2)
   tok.sampled, tok.captions, tok.left_out = len(sample), count, dict(left_out)
   tok.short_of = short_of(tok.vocab_size, vocab_size, sample, normalization)
@@ -215,18 +265,30 @@ def short_of(pieces: int, asked: int, sample: Sequence[str], normalization: str)
     return ""
   fold = str.casefold if normalization.endswith("_cf") else str
   words = {fold(word) for caption in sample for word in caption.split()}
-  return (f"{pieces} pieces, fewer than the {asked} asked: the {len(sample)} captions hold {len(words)} distinct "
-          f"words, and a piece never spans two words, so the words were whole before the vocabulary filled; more "
-          f"varied captions give more pieces")
+  return (
+    f"{pieces} pieces, fewer than the {asked} asked: the {len(sample)} captions hold {len(words)} distinct "
+    f"words, and a piece never spans two words, so the words were whole before the vocabulary filled; more "
+    f"varied captions give more pieces"
+  )
 
 
 def _main(fv, rest: list[str]) -> None:
   cli.check_args(fv, rest, ("vocab_size", "out"))
-  tok = run(fv.input, fv.shapes_records, fv.vocab_size, fv.out, fv.model_type, fv.normalization, fv.records,
-            tars=fv.tars, max_sentences=fv.max_sentences, seed=fv.seed, num_threads=fv.num_threads)
+  tok = run(
+    fv.input,
+    fv.shapes_records,
+    fv.vocab_size,
+    fv.out,
+    fv.model_type,
+    fv.normalization,
+    fv.records,
+    tars=fv.tars,
+    max_sentences=fv.max_sentences,
+    seed=fv.seed,
+    num_threads=fv.num_threads,
+  )
   left_out = f"; left out {sum(tok.left_out.values())} ({wds.reasons_text(tok.left_out)})" if tok.left_out else ""
-  print(f"sampled {tok.sampled} of {tok.captions} captions{left_out}; wrote {tok.model_file}: {tok.vocab_size} "
-        "pieces")
+  print(f"sampled {tok.sampled} of {tok.captions} captions{left_out}; wrote {tok.model_file}: {tok.vocab_size} pieces")
   if tok.short_of:
     print(f"warning: {tok.short_of}")
 

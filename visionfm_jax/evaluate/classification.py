@@ -35,8 +35,9 @@ class TopKEvaluator:
 
     self._sums = SumsEvaluator(counts, rates_and_count, ctx)
 
-  def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]], with_count: bool = False
-               ) -> dict[str, float]:
+  def __call__(
+    self, params, local_batches: Iterable[dict[str, np.ndarray]], with_count: bool = False
+  ) -> dict[str, float]:
     """{'top1', 'top5'} over the examples of `local_batches` (plus 'count', how many, `with_count`)."""
     out = self._sums(params, local_batches)
     return out if with_count else {k: v for k, v in out.items() if k != "count"}

@@ -56,14 +56,16 @@ def _complete_ground_truth(gt: dict) -> dict:
   return gt
 
 
-def coco_map(ground_truth: dict, detections: Sequence[dict], image_ids: Sequence[int] | None = None,
-             log: list[str] | None = None) -> dict[str, float]:
+def coco_map(
+  ground_truth: dict, detections: Sequence[dict], image_ids: Sequence[int] | None = None, log: list[str] | None = None
+) -> dict[str, float]:
   """COCO bbox metrics of `detections` against `ground_truth` (over `image_ids`, default all its images).
 
   `log`: a list that receives pycocotools' captured output.
   """
   from pycocotools.coco import COCO  # pylint: disable=g-import-not-at-top
   from pycocotools.cocoeval import COCOeval  # pylint: disable=g-import-not-at-top
+
   if not detections:  # pycocotools cannot load an empty result list; nothing found scores 0
     return {name: 0.0 for name in STAT_NAMES}
   captured = io.StringIO()
@@ -83,9 +85,15 @@ def coco_map(ground_truth: dict, detections: Sequence[dict], image_ids: Sequence
   return {name: float(evaluation.stats[i]) for name, i in STAT_NAMES.items()}
 
 
-def coco_detections(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, image_ids: np.ndarray,
-                    to_pixels: np.ndarray, valid: np.ndarray | None = None,
-                    orig_size: np.ndarray | None = None) -> list[dict]:
+def coco_detections(
+  scores: np.ndarray,
+  classes: np.ndarray,
+  boxes: np.ndarray,
+  image_ids: np.ndarray,
+  to_pixels: np.ndarray,
+  valid: np.ndarray | None = None,
+  orig_size: np.ndarray | None = None,
+) -> list[dict]:
   """COCO results from top-k outputs: scores (B, K), classes (B, K), boxes (B, K, 4) normalised xyxy.
 
   `to_pixels` (B,) multiplies normalised coordinates into original pixels (S / scale for the dense eval
@@ -103,8 +111,9 @@ def coco_detections(scores: np.ndarray, classes: np.ndarray, boxes: np.ndarray, 
       h, w = (float(v) for v in orig_size[b])
       xyxy = np.clip(xyxy, 0.0, [w, h, w, h])
     for score, cls, (x1, y1, x2, y2) in zip(scores[b].tolist(), classes[b].tolist(), xyxy.tolist()):
-      out.append({"image_id": int(image_ids[b]), "category_id": int(cls),
-                  "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score})
+      out.append(
+        {"image_id": int(image_ids[b]), "category_id": int(cls), "bbox": [x1, y1, x2 - x1, y2 - y1], "score": score}
+      )
   return out
 
 
@@ -130,8 +139,9 @@ class DetectionEvaluator:
     for local in local_batches:
       out = jax.device_get(self._detect(params, self.ctx.to_global(local)))
       seen += 1
-      detections += coco_detections(out["scores"], out["classes"], out["boxes"], out["image_id"], out["to_pixels"],
-                                    out["valid"], out["orig_size"])
+      detections += coco_detections(
+        out["scores"], out["classes"], out["boxes"], out["image_id"], out["to_pixels"], out["valid"], out["orig_size"]
+      )
     if not seen:
       raise ValueError("the evaluation split yielded no batches")
     return coco_map(self.ground_truth, detections)

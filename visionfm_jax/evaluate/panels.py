@@ -46,8 +46,10 @@ def render(rows: list[list[Cell]], title: str = "") -> np.ndarray:
   cell_w = max(t.shape[1] for row in tiles for t in row)
   text_w = max((int(font.getlength(line)) for row in rows for cell in row for line in cell.lines), default=0)
   cell_w = max(cell_w, text_w) + 2 * MARGIN
-  heights = [max(t.shape[0] for t in row) + max(len(c.lines) for c in cells) * LINE + 2 * MARGIN
-             for row, cells in zip(tiles, rows)]
+  heights = [
+    max(t.shape[0] for t in row) + max(len(c.lines) for c in cells) * LINE + 2 * MARGIN
+    for row, cells in zip(tiles, rows)
+  ]
   top = LINE + 2 * MARGIN if title else 0
   canvas = Image.new("RGB", (columns * cell_w, top + sum(heights)), "white")
   draw = ImageDraw.Draw(canvas)
@@ -74,7 +76,7 @@ def _tile(cell: Cell) -> np.ndarray:
 
 def clipped(text: str, width: int = 24) -> str:
   """`text`, cut to `width` characters with '...' when longer (a line under a TILE-wide image)."""
-  return text if len(text) <= width else text[:width - 3] + "..."
+  return text if len(text) <= width else text[: width - 3] + "..."
 
 
 def top_k(probabilities: np.ndarray, names, k: int = 3) -> tuple[str, ...]:

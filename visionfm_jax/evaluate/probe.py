@@ -40,18 +40,22 @@ HIGHEST = jax.lax.Precision.HIGHEST
 
 # ----------------------------------------------------------------------------------------------- features
 
+
 def pooled_features(task) -> Callable[[Any, jax.Array], jax.Array]:
   """(params, uint8 images) -> fp32 (B, D) pooled features of the task's image backbone (before any head)."""
   model = task.model
   tower = image_tower(model)
   if tower is None:
-    raise ConfigError(f"config.model.name={task.config.model.name!r}: probing needs a ViT or SwinV2 backbone "
-                      f"(a classifier's, a CLIP's image tower, Aurora's encoder)")
+    raise ConfigError(
+      f"config.model.name={task.config.model.name!r}: probing needs a ViT or SwinV2 backbone "
+      f"(a classifier's, a CLIP's image tower, Aurora's encoder)"
+    )
   name = tower[1]
   method = lambda m, images: (getattr(m, name) if name else m)(images, train=False)["pooled"]
 
   def features(params, images):
     return model.apply({"params": params}, task.normalize(images), method=method).astype(jnp.float32)
+
   return features
 
 
@@ -88,25 +92,29 @@ def _knn_votes(train_x, train_y, train_valid, queries, temperature, *, k: int, n
   return jnp.sum(jax.nn.one_hot(train_y[idx], num_classes) * weights[..., None], axis=1)
 
 
-def knn_top1(train_x, train_y, test_x, test_y, *, k: int = 20, temperature: float = 0.07,
-             num_classes: int | None = None) -> float:
+def knn_top1(
+  train_x, train_y, test_x, test_y, *, k: int = 20, temperature: float = 0.07, num_classes: int | None = None
+) -> float:
   """Top-1 of the weighted k-NN vote: cosine similarity, the k nearest train rows vote exp(similarity / T)."""
   normalise = lambda x: x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
   num_classes = num_classes or int(max(np.max(train_y), np.max(test_y))) + 1
   n = len(train_y)
-  train = [jax.device_put(_pad_rows(a, ROW_BUCKET)) for a in (normalise(np.asarray(train_x, np.float32)),
-                                                             np.asarray(train_y, np.int32), np.ones(n, bool))]
+  train = [
+    jax.device_put(_pad_rows(a, ROW_BUCKET))
+    for a in (normalise(np.asarray(train_x, np.float32)), np.asarray(train_y, np.int32), np.ones(n, bool))
+  ]
   test_x, test_y = normalise(np.asarray(test_x, np.float32)), np.asarray(test_y)
   correct = 0
   for start in range(0, len(test_y), CHUNK):
-    queries = jax.device_put(_pad_rows(test_x[start:start + CHUNK], CHUNK))
+    queries = jax.device_put(_pad_rows(test_x[start : start + CHUNK], CHUNK))
     votes = np.asarray(_knn_votes(*train, queries, jnp.float32(temperature), k=min(k, n), num_classes=num_classes))
-    labels = test_y[start:start + CHUNK]
-    correct += int(np.sum(np.argmax(votes[:len(labels)], axis=1) == labels))
+    labels = test_y[start : start + CHUNK]
+    correct += int(np.sum(np.argmax(votes[: len(labels)], axis=1) == labels))
   return correct / max(len(test_y), 1)
 
 
 # ------------------------------------------------------------------------------------------ linear probe
+
 
 @functools.partial(jax.jit, static_argnames=("num_classes", "steps"))
 def _fit_linear(x, y, valid, l2, *, num_classes: int, steps: int):
@@ -130,20 +138,24 @@ def _fit_linear(x, y, valid, l2, *, num_classes: int, steps: int):
   return w, value_fn(w)
 
 
-def linear_probe_top1(train_x, train_y, test_x, test_y, *, steps: int = 100, l2: float = 1e-4,
-                      num_classes: int | None = None) -> tuple[float, float]:
+def linear_probe_top1(
+  train_x, train_y, test_x, test_y, *, steps: int = 100, l2: float = 1e-4, num_classes: int | None = None
+) -> tuple[float, float]:
   """(top-1 on the test features, final train objective) of the L-BFGS softmax regression."""
   train_x, test_x = np.asarray(train_x, np.float32), np.asarray(test_x, np.float32)
   mean, std = train_x.mean(axis=0), train_x.std(axis=0) + 1e-6
   num_classes = num_classes or int(max(np.max(train_y), np.max(test_y))) + 1
-  rows = [_pad_rows(a, ROW_BUCKET) for a in ((train_x - mean) / std, np.asarray(train_y, np.int32),
-                                             np.ones(len(train_y), np.float32))]
+  rows = [
+    _pad_rows(a, ROW_BUCKET)
+    for a in ((train_x - mean) / std, np.asarray(train_y, np.int32), np.ones(len(train_y), np.float32))
+  ]
   w, objective = _fit_linear(*map(jax.device_put, rows), jnp.float32(l2), num_classes=num_classes, steps=int(steps))
   logits = np.asarray((test_x - mean) / std, np.float64) @ np.asarray(w["kernel"], np.float64) + np.asarray(w["bias"])
   return float(np.mean(np.argmax(logits, axis=1) == test_y)), float(objective)
 
 
 # ------------------------------------------------------------------------------------------- evaluators
+
 
 def split_config(probe_cfg, data_cfg, which: str):
   """A copy of config.data whose eval split is the probe's `which` ('train' or 'eval') split."""
@@ -171,16 +183,25 @@ class FeatureProbe:
     self._sources = {w: ctx.open_eval_source(cfg, what) for w, cfg in self._splits.items()}  # fail at start-up
 
   def features(self, params, which: str) -> tuple[np.ndarray, np.ndarray]:
-    batches = data.make_eval_iterator(self._splits[which], batch_size=self.ctx.local_batch_size,
-                                      process_index=self.ctx.process_index, process_count=self.ctx.process_count,
-                                      source=self._sources[which])
+    batches = data.make_eval_iterator(
+      self._splits[which],
+      batch_size=self.ctx.local_batch_size,
+      process_index=self.ctx.process_index,
+      process_count=self.ctx.process_count,
+      source=self._sources[which],
+    )
     return extract(self._features, params, batches, self.ctx)
 
   def __call__(self, params, which=("knn", "linear_probe")) -> dict[str, dict[str, float]]:
     t0 = time.perf_counter()
     (train_x, train_y), (test_x, test_y) = self.features(params, "train"), self.features(params, "eval")
-    logging.info("probe: %d train and %d eval features of width %d in %.1fs", len(train_y), len(test_y),
-                 train_x.shape[1], time.perf_counter() - t0)
+    logging.info(
+      "probe: %d train and %d eval features of width %d in %.1fs",
+      len(train_y),
+      len(test_y),
+      train_x.shape[1],
+      time.perf_counter() - t0,
+    )
     return self.score((train_x, train_y), (test_x, test_y), which)
 
   def score(self, train, test, which=("knn", "linear_probe")) -> dict[str, dict[str, float]]:
@@ -189,11 +210,21 @@ class FeatureProbe:
     num_classes = int(max(train_y.max(), test_y.max())) + 1
     out = {}
     if "knn" in which:
-      out["knn"] = {"top1": knn_top1(train_x, train_y, test_x, test_y, k=self.cfg.knn_k,
-                                     temperature=self.cfg.knn_temperature, num_classes=num_classes)}
+      out["knn"] = {
+        "top1": knn_top1(
+          train_x,
+          train_y,
+          test_x,
+          test_y,
+          k=self.cfg.knn_k,
+          temperature=self.cfg.knn_temperature,
+          num_classes=num_classes,
+        )
+      }
     if "linear_probe" in which:
-      top1, objective = linear_probe_top1(train_x, train_y, test_x, test_y, steps=self.cfg.linear_steps,
-                                          l2=self.cfg.linear_l2, num_classes=num_classes)
+      top1, objective = linear_probe_top1(
+        train_x, train_y, test_x, test_y, steps=self.cfg.linear_steps, l2=self.cfg.linear_l2, num_classes=num_classes
+      )
       out["linear_probe"] = {"top1": top1, "train_objective": objective}
     return out
 
@@ -218,6 +249,7 @@ def evaluators(task, ctx) -> dict[str, Callable[[Any], dict[str, float]]]:
       if cache["served"] == set(names):
         cache.clear()  # do not hold on to the params
       return result
+
     return evaluate
 
   return {name: evaluator(name) for name in names}

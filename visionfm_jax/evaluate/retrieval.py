@@ -38,24 +38,35 @@ def ranks(scores: np.ndarray, true: np.ndarray | None = None) -> np.ndarray:
   return np.sum((scores > best) | ((scores == best) & lower), axis=1)
 
 
-def recall_at_k(image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray | None = None,
-                ks=KS) -> dict[str, float]:
+def recall_at_k(
+  image_emb: np.ndarray, text_emb: np.ndarray, caption_image: np.ndarray | None = None, ks=KS
+) -> dict[str, float]:
   """{'i2t_r1': ..., 't2i_r10': ...} of N image and C caption embeddings, caption c describing image
   caption_image[c] (int (C,)); None: C = N pairs, row i of each is pair i. Every image needs a caption."""
   image_emb, text_emb = np.asarray(image_emb, np.float64), np.asarray(text_emb, np.float64)
   num_images = len(image_emb)
   owner = np.arange(num_images) if caption_image is None else np.asarray(caption_image)
   if owner.shape != (len(text_emb),) or (owner.size and not 0 <= owner.min() <= owner.max() < num_images):
-    raise ValueError(f"recall_at_k: caption_image {owner.shape} must give each of the {len(text_emb)} captions "
-                     f"an image index in [0, {num_images})")
+    raise ValueError(
+      f"recall_at_k: caption_image {owner.shape} must give each of the {len(text_emb)} captions "
+      f"an image index in [0, {num_images})"
+    )
   uncaptioned = num_images - len(np.unique(owner))
   if uncaptioned:
     raise ValueError(f"recall_at_k: {uncaptioned} of the {num_images} images have no caption")
   images = np.arange(num_images)
-  i2t = np.concatenate([ranks(image_emb[a:a + CHUNK] @ text_emb.T, owner[None, :] == images[a:a + CHUNK, None])
-                        for a in range(0, num_images, CHUNK)])
-  t2i = np.concatenate([ranks(text_emb[a:a + CHUNK] @ image_emb.T, images[None, :] == owner[a:a + CHUNK, None])
-                        for a in range(0, len(text_emb), CHUNK)])
+  i2t = np.concatenate(
+    [
+      ranks(image_emb[a : a + CHUNK] @ text_emb.T, owner[None, :] == images[a : a + CHUNK, None])
+      for a in range(0, num_images, CHUNK)
+    ]
+  )
+  t2i = np.concatenate(
+    [
+      ranks(text_emb[a : a + CHUNK] @ image_emb.T, images[None, :] == owner[a : a + CHUNK, None])
+      for a in range(0, len(text_emb), CHUNK)
+    ]
+  )
   out = {}
   for name, r in (("i2t", i2t), ("t2i", t2i)):
     out.update({f"{name}_r{k}": float(np.mean(r < k)) for k in ks})
@@ -99,8 +110,16 @@ class CaptionRetrievalEvaluator:
   and 'captions' say how many were scored.
   """
 
-  def __init__(self, embed_images: Callable, embed_texts: Callable, caption_image: np.ndarray,
-               image_batches: Callable[[], Iterable], caption_batches: Callable[[], Iterable], ctx, ks=KS):
+  def __init__(
+    self,
+    embed_images: Callable,
+    embed_texts: Callable,
+    caption_image: np.ndarray,
+    image_batches: Callable[[], Iterable],
+    caption_batches: Callable[[], Iterable],
+    ctx,
+    ks=KS,
+  ):
     self.embed_images, self.embed_texts = embed_images, embed_texts
     self.caption_image = np.asarray(caption_image)
     self.image_batches, self.caption_batches = image_batches, caption_batches
@@ -124,8 +143,9 @@ class CaptionRetrievalEvaluator:
     """(image_emb (N', D), text_emb (C', D), caption_image (C',)) of the images scored and their captions."""
     num_images = int(self.caption_image.max()) + 1
     image_emb, decoded = self._embed_all(self.embed_images, params, self.image_batches(), "image", num_images)
-    text_emb, embedded = self._embed_all(self.embed_texts, params, self.caption_batches(), "text",
-                                         len(self.caption_image))
+    text_emb, embedded = self._embed_all(
+      self.embed_texts, params, self.caption_batches(), "text", len(self.caption_image)
+    )
     if not embedded.all():
       raise ValueError(f"caption batches left out {np.sum(~embedded)} captions")
     keep = decoded[self.caption_image]
@@ -136,5 +156,8 @@ class CaptionRetrievalEvaluator:
     image_emb, text_emb, caption_image = self.embeddings(params)
     if not len(image_emb):
       raise ValueError("the retrieval benchmark has no decodable image")
-    return {**recall_at_k(image_emb, text_emb, caption_image, self.ks), "count": float(len(image_emb)),
-            "captions": float(len(text_emb))}
+    return {
+      **recall_at_k(image_emb, text_emb, caption_image, self.ks),
+      "count": float(len(image_emb)),
+      "captions": float(len(text_emb)),
+    }

@@ -40,10 +40,12 @@ def segmentation_metrics(confusion: np.ndarray) -> dict[str, float | np.ndarray]
     class_acc = np.where(gt > 0, tp / gt, np.nan)
   present = ~np.isnan(iou)
   total = confusion.sum()
-  return {"miou": float(np.mean(iou[present])) if present.any() else float("nan"),
-          "pixel_acc": float(tp.sum() / total) if total else float("nan"),
-          "mean_acc": float(np.nanmean(class_acc)) if (gt > 0).any() else float("nan"),
-          "per_class_iou": iou}
+  return {
+    "miou": float(np.mean(iou[present])) if present.any() else float("nan"),
+    "pixel_acc": float(tp.sum() / total) if total else float("nan"),
+    "mean_acc": float(np.nanmean(class_acc)) if (gt > 0).any() else float("nan"),
+    "per_class_iou": iou,
+  }
 
 
 class SegmentationEvaluator:

@@ -15,7 +15,6 @@ import numpy as np
 
 
 class SumsEvaluator:
-
   def __init__(self, stats: Callable, finish: Callable[[dict[str, float]], dict[str, float]], ctx):
     self.ctx, self.finish = ctx, finish
     self._stats = jax.jit(stats)

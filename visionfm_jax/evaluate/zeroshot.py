@@ -41,8 +41,9 @@ from visionfm_jax.errors import ConfigError, DataError
 from visionfm_jax.evaluate.classification import TopKEvaluator
 
 ZEROSHOT_SETS = ("imagenet", "imagenet_simple", "shapes")
-CLASSES_FIELD, TEMPLATES_FIELD, SOURCE_FIELD = (f"config.eval.zeroshot_{name}" for name in ("classes", "templates",
-                                                                                          "source"))
+CLASSES_FIELD, TEMPLATES_FIELD, SOURCE_FIELD = (
+  f"config.eval.zeroshot_{name}" for name in ("classes", "templates", "source")
+)
 FROM_DATA = "data"  # config.eval.zeroshot_classes: the class names of the zero-shot data's dataset.json
 
 
@@ -90,8 +91,10 @@ def read_templates(path: str) -> list[str]:
   for number, template in enumerate(templates, 1):
     rest = template.replace("{}", "", 1)
     if "{}" not in template or "{" in rest or "}" in rest:
-      raise ConfigError(f"{TEMPLATES_FIELD}={path!r}: line {number} {template!r} must hold exactly one '{{}}' "
-                        f"(where the class name goes) and no other braces")
+      raise ConfigError(
+        f"{TEMPLATES_FIELD}={path!r}: line {number} {template!r} must hold exactly one '{{}}' "
+        f"(where the class name goes) and no other braces"
+      )
   return templates
 
 
@@ -122,9 +125,11 @@ def zeroshot_classes(eval_cfg, data_cfg) -> tuple[list[str], list[str]] | None:
   elif os.path.isfile(os.path.expanduser(value)):
     names, templates = read_text_lines(value, CLASSES_FIELD), None
   else:
-    raise ConfigError(f"{CLASSES_FIELD}={value!r}: no such file; expected one of {', '.join(ZEROSHOT_SETS)}, "
-                      f"{FROM_DATA!r} (the class names of the labelled eval data) or a text file of class names, "
-                      f"one per line")
+    raise ConfigError(
+      f"{CLASSES_FIELD}={value!r}: no such file; expected one of {', '.join(ZEROSHOT_SETS)}, "
+      f"{FROM_DATA!r} (the class names of the labelled eval data) or a text file of class names, "
+      f"one per line"
+    )
   templates_path = eval_cfg.zeroshot_templates
   if templates_path:
     templates = read_templates(templates_path)
@@ -147,9 +152,11 @@ def open_zeroshot_source(eval_cfg, data_cfg, open_source=data.open_eval_source):
   source = open_source(data_cfg, what=what)
   record = first_readable_record(source)
   if record is not None and "label" not in record:
-    raise ConfigError(f"{CLASSES_FIELD}={eval_cfg.zeroshot_classes!r} needs labelled eval images; the eval data "
-                      f"{what} split {data_cfg.eval_split!r} has none (keys {sorted(record)}): set "
-                      f"--{CLASSES_FIELD}= (no zero-shot) or name labelled images with --{SOURCE_FIELD}=")
+    raise ConfigError(
+      f"{CLASSES_FIELD}={eval_cfg.zeroshot_classes!r} needs labelled eval images; the eval data "
+      f"{what} split {data_cfg.eval_split!r} has none (keys {sorted(record)}): set "
+      f"--{CLASSES_FIELD}= (no zero-shot) or name labelled images with --{SOURCE_FIELD}="
+    )
   return source
 
 
@@ -158,8 +165,9 @@ def prompts(class_names: Sequence[str], templates: Sequence[str]) -> list[str]:
   return [t.format(name) for name in class_names for t in templates]
 
 
-def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_classes: int,
-                     chunk: int = 1024) -> jax.Array:
+def class_embeddings(
+  embed_texts: Callable, params, tokens: np.ndarray, num_classes: int, chunk: int = 1024
+) -> jax.Array:
   """(num_classes, D) unit class embeddings from (num_classes * T, L) prompt tokens, embedded `chunk` rows at a
   time; the last chunk is padded with copies of its last row (embedded, then dropped), so that every call has one
   shape and the text tower compiles once."""
@@ -168,9 +176,9 @@ def class_embeddings(embed_texts: Callable, params, tokens: np.ndarray, num_clas
   chunk = min(chunk, len(tokens))
   parts = []
   for i in range(0, len(tokens), chunk):
-    rows = tokens[i:i + chunk]
+    rows = tokens[i : i + chunk]
     padded = np.concatenate([rows, np.repeat(rows[-1:], chunk - len(rows), axis=0)])
-    parts.append(embed_texts(params, jax.device_put(padded))[:len(rows)])
+    parts.append(embed_texts(params, jax.device_put(padded))[: len(rows)])
   emb = jnp.concatenate(parts).astype(jnp.float32)
   emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
   emb = emb.reshape(num_classes, -1, emb.shape[-1]).mean(axis=1)
@@ -199,8 +207,9 @@ class ClassEmbeddings:
     key = (tuple(names), tuple(templates))
     if key not in self._held:
       held = self._from_held(*key)
-      self._held[key] = held if held is not None else class_embeddings(
-          self._embed_texts, params, self._prompt_tokens(key), len(names))
+      self._held[key] = (
+        held if held is not None else class_embeddings(self._embed_texts, params, self._prompt_tokens(key), len(names))
+      )
     return self._held[key]
 
   def _prompt_tokens(self, key: tuple) -> np.ndarray:
@@ -230,8 +239,7 @@ def scorer(embed_images: Callable, ctx, ks=(1, 5)) -> TopKEvaluator:
 class ZeroShotEvaluator:
   """top-1 / top-5 of images against text embeddings of their class names."""
 
-  def __init__(self, score: TopKEvaluator, embeddings: ClassEmbeddings, names: Sequence[str],
-               templates: Sequence[str]):
+  def __init__(self, score: TopKEvaluator, embeddings: ClassEmbeddings, names: Sequence[str], templates: Sequence[str]):
     """`score`: `scorer`'s; `embeddings`: the run's ClassEmbeddings."""
     self.score, self.embeddings, self.names, self.templates = score, embeddings, list(names), list(templates)
 
@@ -251,8 +259,10 @@ def imagenet_class_names(wnids: Sequence[str], what: str) -> list[str]:
   index = {wnid: i for i, wnid in enumerate(imagenet_variants.imagenet_wnids())}
   unknown = [w for w in wnids if w not in index]
   if unknown:
-    raise DataError(f"{what}: its label names must be ImageNet-1k WordNet ids (zero-shot uses OpenAI's names of "
-                    f"those classes); {len(unknown)} are not, e.g. {unknown[0]!r}")
+    raise DataError(
+      f"{what}: its label names must be ImageNet-1k WordNet ids (zero-shot uses OpenAI's names of "
+      f"those classes); {len(unknown)} are not, e.g. {unknown[0]!r}"
+    )
   names, _ = class_names_and_templates("imagenet")
   return [names[index[w]] for w in wnids]
 
@@ -264,9 +274,11 @@ def check_zeroshot_source(data_cfg) -> None:
   spec = sources.eval_source_spec(data_cfg)
   kind = sources.source_kind(spec)
   if kind in imagenet_variants.KINDS and len(imagenet_variants.class_wnids(kind)) != 1000:
-    raise ConfigError(f"config.eval.zeroshot_source={spec!r} labels its images within its own "
-                      f"{len(imagenet_variants.class_wnids(kind))} classes, not ImageNet's 1000: evaluate it as "
-                      f"config.eval.zeroshot_benchmarks=(('{kind}', {spec!r}),)")
+    raise ConfigError(
+      f"config.eval.zeroshot_source={spec!r} labels its images within its own "
+      f"{len(imagenet_variants.class_wnids(kind))} classes, not ImageNet's 1000: evaluate it as "
+      f"config.eval.zeroshot_benchmarks=(('{kind}', {spec!r}),)"
+    )
 
 
 def benchmark_data_config(data_cfg, spec: str):
@@ -279,18 +291,23 @@ def benchmark_data_config(data_cfg, spec: str):
 
 def check_benchmarks(benchmarks) -> None:
   """ConfigError unless `benchmarks` is ((name, spec), ...) with distinct identifiers as names."""
-  if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) and x for x in b)
-             for b in benchmarks):
-    raise ConfigError(f"{BENCHMARKS_FIELD}={benchmarks!r}: expected ((name, spec), ...), e.g. "
-                      f"(('imagenet_r', 'imagenet_r:/data/imagenet-r'),)")
+  if not all(
+    isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) and x for x in b) for b in benchmarks
+  ):
+    raise ConfigError(
+      f"{BENCHMARKS_FIELD}={benchmarks!r}: expected ((name, spec), ...), e.g. "
+      f"(('imagenet_r', 'imagenet_r:/data/imagenet-r'),)"
+    )
   names = [name for name, _ in benchmarks]
   if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
-    raise ConfigError(f"{BENCHMARKS_FIELD}: names {names} must be distinct identifiers (metrics "
-                      f"eval/zeroshot_<name>/...)")
+    raise ConfigError(
+      f"{BENCHMARKS_FIELD}: names {names} must be distinct identifiers (metrics eval/zeroshot_<name>/...)"
+    )
 
 
-def benchmark_evaluators(eval_cfg, data_cfg, score: TopKEvaluator, embeddings: ClassEmbeddings,
-                         ctx) -> dict[str, Callable]:
+def benchmark_evaluators(
+  eval_cfg, data_cfg, score: TopKEvaluator, embeddings: ClassEmbeddings, ctx
+) -> dict[str, Callable]:
   """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`), scored
   by `score` (`scorer`'s) against class embeddings from `embeddings`. The sources are opened now, so that a missing
   set stops a run at start-up."""
@@ -300,8 +317,10 @@ def benchmark_evaluators(eval_cfg, data_cfg, score: TopKEvaluator, embeddings: C
     return {}
   template_set = eval_cfg.zeroshot_benchmark_templates
   if template_set not in ("imagenet", "imagenet_simple"):
-    raise ConfigError(f"config.eval.zeroshot_benchmark_templates={template_set!r}: expected 'imagenet' (OpenAI's "
-                      f"80 templates) or 'imagenet_simple' (8 of them)")
+    raise ConfigError(
+      f"config.eval.zeroshot_benchmark_templates={template_set!r}: expected 'imagenet' (OpenAI's "
+      f"80 templates) or 'imagenet_simple' (8 of them)"
+    )
   _, templates = class_names_and_templates(template_set)
   out = {}
   for name, spec in benchmarks:
@@ -310,7 +329,13 @@ def benchmark_evaluators(eval_cfg, data_cfg, score: TopKEvaluator, embeddings: C
     source = ctx.open_eval_source(bench_cfg, what=what)
     names = imagenet_class_names(data.class_names(spec, bench_cfg, what=what), what)
     evaluator = ZeroShotEvaluator(score, embeddings, names, templates)
-    batches = functools.partial(data.make_eval_iterator, bench_cfg, batch_size=ctx.local_batch_size,
-                                process_index=ctx.process_index, process_count=ctx.process_count, source=source)
+    batches = functools.partial(
+      data.make_eval_iterator,
+      bench_cfg,
+      batch_size=ctx.local_batch_size,
+      process_index=ctx.process_index,
+      process_count=ctx.process_count,
+      source=source,
+    )
     out[f"zeroshot_{name}"] = lambda params, evaluator=evaluator, batches=batches: evaluator(params, batches())
   return out

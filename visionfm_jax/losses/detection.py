@@ -28,10 +28,19 @@ def sigmoid_focal_loss(logits: jax.Array, targets: jax.Array, alpha: float = 0.2
   return loss
 
 
-def detection_set_loss(logits: jax.Array, pred_boxes: jax.Array, target_classes: jax.Array,
-                       target_boxes: jax.Array, pred_index: jax.Array, *, class_weight: float = 2.0,
-                       l1_weight: float = 5.0, giou_weight: float = 2.0, alpha: float = 0.25, gamma: float = 2.0
-                       ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def detection_set_loss(
+  logits: jax.Array,
+  pred_boxes: jax.Array,
+  target_classes: jax.Array,
+  target_boxes: jax.Array,
+  pred_index: jax.Array,
+  *,
+  class_weight: float = 2.0,
+  l1_weight: float = 5.0,
+  giou_weight: float = 2.0,
+  alpha: float = 0.25,
+  gamma: float = 2.0,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Set loss of dense detections given a one-to-one matching; fp32.
 
   logits (B, Q, C), pred_boxes (B, Q, 4) xyxy; target_classes (B, M) with -1 = padding, target_boxes (B, M, 4)
@@ -45,8 +54,11 @@ def detection_set_loss(logits: jax.Array, pred_boxes: jax.Array, target_classes:
   matched = (target_classes >= 0) & (pred_index >= 0)
   rows = jnp.broadcast_to(jnp.arange(batch)[:, None], pred_index.shape)
   # Unmatched targets scatter out of bounds and are dropped.
-  onehot = jnp.zeros((batch, queries, num_classes), jnp.float32).at[
-      rows, jnp.where(matched, pred_index, queries), jnp.maximum(target_classes, 0)].set(1.0, mode="drop")
+  onehot = (
+    jnp.zeros((batch, queries, num_classes), jnp.float32)
+    .at[rows, jnp.where(matched, pred_index, queries), jnp.maximum(target_classes, 0)]
+    .set(1.0, mode="drop")
+  )
   normalizer = jnp.maximum(jnp.sum((target_classes >= 0).astype(jnp.float32)), 1.0)
   focal = jnp.sum(sigmoid_focal_loss(logits, onehot, alpha, gamma)) / normalizer
   picked = jnp.take_along_axis(pred_boxes.astype(jnp.float32), jnp.maximum(pred_index, 0)[..., None], axis=1)

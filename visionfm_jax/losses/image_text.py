@@ -73,10 +73,12 @@ def _targets(rows: int, cols: int, offset, mix, shift: int, valid_rows=None) -> 
 def _symmetric_terms(image_emb, text_emb, all_images, all_texts, logit_scale, offset, mix, valid, all_valid):
   """Sums and row counts of both directions for this block of rows against all columns."""
   rows, total = image_emb.shape[0], all_texts.shape[0]
-  i2t = _contrastive_terms(logit_scale * image_emb @ all_texts.T,
-                           _targets(rows, total, offset, mix, -1, valid), all_valid)
-  t2i = _contrastive_terms(logit_scale * text_emb @ all_images.T,
-                           _targets(rows, total, offset, mix, +1, valid), all_valid)
+  i2t = _contrastive_terms(
+    logit_scale * image_emb @ all_texts.T, _targets(rows, total, offset, mix, -1, valid), all_valid
+  )
+  t2i = _contrastive_terms(
+    logit_scale * text_emb @ all_images.T, _targets(rows, total, offset, mix, +1, valid), all_valid
+  )
   return i2t, t2i
 
 
@@ -94,8 +96,9 @@ def clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mix=None, 
   """
   image_emb, text_emb = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
   valid = None if valid is None else jnp.asarray(valid, bool)
-  return _mean_of_directions(*_symmetric_terms(image_emb, text_emb, image_emb, text_emb, logit_scale, 0, mix,
-                                               valid, valid))
+  return _mean_of_directions(
+    *_symmetric_terms(image_emb, text_emb, image_emb, text_emb, logit_scale, 0, mix, valid, valid)
+  )
 
 
 def _local_clip_loss(image_emb, text_emb, logit_scale, mix, valid, axes: tuple[str, ...]):
@@ -105,13 +108,13 @@ def _local_clip_loss(image_emb, text_emb, logit_scale, mix, valid, axes: tuple[s
   all_texts = jax.lax.all_gather(text_emb, axes, tiled=True)
   all_valid = None if valid is None else jax.lax.all_gather(valid, axes, tiled=True)
   offset = jax.lax.axis_index(axes) * image_emb.shape[0]
-  i2t, t2i = _symmetric_terms(image_emb, text_emb, all_images, all_texts, logit_scale, offset, mix, valid,
-                              all_valid)
+  i2t, t2i = _symmetric_terms(image_emb, text_emb, all_images, all_texts, logit_scale, offset, mix, valid, all_valid)
   return _mean_of_directions(jax.lax.psum(i2t, axes), jax.lax.psum(t2i, axes))
 
 
-def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh, mix=None,
-                      valid=None) -> jax.Array:
+def sharded_clip_loss(
+  image_emb: jax.Array, text_emb: jax.Array, logit_scale, mesh: Mesh, mix=None, valid=None
+) -> jax.Array:
   """`clip_loss` on global arrays whose batch is split over the data-parallel axes of `mesh`
   (`parallel.batch_axes_of`), with B_local x B_global logits.
 
@@ -122,9 +125,12 @@ def sharded_clip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, me
   mix_arg = jnp.float32(1.0) if mix is None else jnp.asarray(mix, jnp.float32)
   valid_arg = jnp.ones(image_emb.shape[:1], bool) if valid is None else jnp.asarray(valid, bool)
   fn = jax.shard_map(
-      lambda i, t, s, m, v: _local_clip_loss(i, t, s, None if mix is None else m, None if valid is None else v,
-                                             axes),
-      mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(axes)), out_specs=P(), check_vma=False)
+    lambda i, t, s, m, v: _local_clip_loss(i, t, s, None if mix is None else m, None if valid is None else v, axes),
+    mesh=mesh,
+    in_specs=(P(axes), P(axes), P(), P(), P(axes)),
+    out_specs=P(),
+    check_vma=False,
+  )
   return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), mix_arg, valid_arg)
 
 
@@ -151,8 +157,7 @@ def _as_mask(valid, n: int) -> jax.Array:
   return jnp.ones((n,), jnp.float32) if valid is None else jnp.asarray(valid).astype(jnp.float32)
 
 
-def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bias, mix=None,
-                valid=None) -> jax.Array:
+def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bias, mix=None, valid=None) -> jax.Array:
   """SigLIP's sigmoid loss over a (B, D) batch of L2-normalised embeddings, summed over all B x B pairs and
   divided by the number of images; fp32.
 
@@ -163,13 +168,13 @@ def siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bi
   image_emb, text_emb = image_emb.astype(jnp.float32), text_emb.astype(jnp.float32)
   n = image_emb.shape[0]
   mask = _as_mask(valid, n)
-  total = _siglip_block_sum(image_emb, text_emb, logit_scale, logit_bias, _sigmoid_labels(n, n, 0, 0, n, mix),
-                            mask, mask)
+  total = _siglip_block_sum(
+    image_emb, text_emb, logit_scale, logit_bias, _sigmoid_labels(n, n, 0, 0, n, mix), mask, mask
+  )
   return total / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def _ring_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, mix, valid, axes: tuple[str, ...],
-                      devices: int):
+def _ring_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, mix, valid, axes: tuple[str, ...], devices: int):
   """Inside shard_map: this device's rows against each device's texts in turn, the texts (and their mask)
   passed one device along the ring per hop; returns the global loss.
 
@@ -202,8 +207,9 @@ def _ring_siglip_loss(image_emb, text_emb, logit_scale, logit_bias, mix, valid, 
   return jax.lax.psum(loss_sum, axes) / jnp.maximum(jax.lax.psum(jnp.sum(valid), axes), 1.0)
 
 
-def sharded_siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bias, mesh: Mesh, mix=None,
-                        valid=None) -> jax.Array:
+def sharded_siglip_loss(
+  image_emb: jax.Array, text_emb: jax.Array, logit_scale, logit_bias, mesh: Mesh, mix=None, valid=None
+) -> jax.Array:
   """`siglip_loss` on global arrays whose batch is split over the data-parallel axes of `mesh`
   (`parallel.batch_axes_of`), as a ring: B_local x B_local logits per hop, one hop per device.
 
@@ -214,10 +220,20 @@ def sharded_siglip_loss(image_emb: jax.Array, text_emb: jax.Array, logit_scale, 
   devices = math.prod(mesh.shape[a] for a in axes)
   mix_arg = jnp.float32(1.0) if mix is None else jnp.asarray(mix, jnp.float32)
   fn = jax.shard_map(
-      lambda i, t, s, b, m, v: _ring_siglip_loss(i, t, s, b, None if mix is None else m, v, axes, devices),
-      mesh=mesh, in_specs=(P(axes), P(axes), P(), P(), P(), P(axes)), out_specs=P(), check_vma=False)
-  return fn(image_emb, text_emb, jnp.asarray(logit_scale, jnp.float32), jnp.asarray(logit_bias, jnp.float32),
-            mix_arg, _as_mask(valid, image_emb.shape[0]))
+    lambda i, t, s, b, m, v: _ring_siglip_loss(i, t, s, b, None if mix is None else m, v, axes, devices),
+    mesh=mesh,
+    in_specs=(P(axes), P(axes), P(), P(), P(), P(axes)),
+    out_specs=P(),
+    check_vma=False,
+  )
+  return fn(
+    image_emb,
+    text_emb,
+    jnp.asarray(logit_scale, jnp.float32),
+    jnp.asarray(logit_bias, jnp.float32),
+    mix_arg,
+    _as_mask(valid, image_emb.shape[0]),
+  )
 
 
 def caption_loss_terms(logits: jax.Array, labels: jax.Array, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:

@@ -29,26 +29,39 @@ from visionfm_jax.losses import boxes as box_lib
 _INVALID_COST = 1e8
 
 
-def focal_class_cost(logits: jax.Array, target_classes: jax.Array, alpha: float = 0.25,
-                     gamma: float = 2.0) -> jax.Array:
+def focal_class_cost(
+  logits: jax.Array, target_classes: jax.Array, alpha: float = 0.25, gamma: float = 2.0
+) -> jax.Array:
   """(Q, C) logits, (M,) classes -> (Q, M) focal cost of predicting each target's class."""
   logits = jnp.take(logits.astype(jnp.float32), jnp.maximum(target_classes, 0), axis=-1)
   p = jax.nn.sigmoid(logits)
   log_p, log_not_p = jax.nn.log_sigmoid(logits), jax.nn.log_sigmoid(-logits)
   positive = alpha * (1 - p) ** gamma * -log_p
-  negative = (1 - alpha) * p ** gamma * -log_not_p
+  negative = (1 - alpha) * p**gamma * -log_not_p
   return positive - negative
 
 
-def match_cost(logits: jax.Array, pred_boxes: jax.Array, target_classes: jax.Array, target_boxes: jax.Array, *,
-               class_weight: float = 2.0, l1_weight: float = 5.0, giou_weight: float = 2.0,
-               alpha: float = 0.25, gamma: float = 2.0) -> jax.Array:
+def match_cost(
+  logits: jax.Array,
+  pred_boxes: jax.Array,
+  target_classes: jax.Array,
+  target_boxes: jax.Array,
+  *,
+  class_weight: float = 2.0,
+  l1_weight: float = 5.0,
+  giou_weight: float = 2.0,
+  alpha: float = 0.25,
+  gamma: float = 2.0,
+) -> jax.Array:
   """(Q, M) matching cost of one image: logits (Q, C), pred_boxes (Q, 4), target_classes (M,), target_boxes
   (M, 4); boxes xyxy in the same (normalised) units. Padded columns hold arbitrary finite values."""
   pred_boxes, target_boxes = pred_boxes.astype(jnp.float32), target_boxes.astype(jnp.float32)
   l1 = jnp.sum(jnp.abs(pred_boxes[:, None, :] - target_boxes[None, :, :]), axis=-1)
-  cost = (class_weight * focal_class_cost(logits, target_classes, alpha, gamma) + l1_weight * l1
-          - giou_weight * box_lib.pairwise_giou(pred_boxes, target_boxes))
+  cost = (
+    class_weight * focal_class_cost(logits, target_classes, alpha, gamma)
+    + l1_weight * l1
+    - giou_weight * box_lib.pairwise_giou(pred_boxes, target_boxes)
+  )
   return jax.lax.stop_gradient(cost)
 
 
@@ -57,6 +70,7 @@ def _assign(cost: np.ndarray, valid: np.ndarray) -> np.ndarray:
   # Imported here, at the first match: scipy.optimize takes 0.45 s to import, which every process that imports
   # the task registry (each training and tool start) would otherwise pay for detection alone.
   from scipy import optimize  # pylint: disable=g-import-not-at-top
+
   cost = np.nan_to_num(np.asarray(cost, np.float64), nan=_INVALID_COST, posinf=_INVALID_COST, neginf=-_INVALID_COST)
   valid = np.asarray(valid, bool)
   out = np.full(valid.shape, -1, np.int32)

@@ -34,8 +34,9 @@ def mim_l1_loss(pred: jax.Array, target: jax.Array, pixel_mask: jax.Array, norma
   return total / (jnp.sum(m) + MIM_EPS if normalizer is None else normalizer) / 3.0
 
 
-def segmentation_ce_terms(logits: jax.Array, labels: jax.Array,
-                          ignore_label: int = IGNORE) -> tuple[jax.Array, jax.Array]:
+def segmentation_ce_terms(
+  logits: jax.Array, labels: jax.Array, ignore_label: int = IGNORE
+) -> tuple[jax.Array, jax.Array]:
   """(sum of per-pixel softmax cross-entropies, number of labelled pixels); fp32.
 
   `logits` (B, H, W, C), `labels` (B, H, W) class ids; pixels labelled `ignore_label` (or any id outside

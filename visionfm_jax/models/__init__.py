@@ -14,8 +14,9 @@ from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import aurora, backbone, clip, dense_heads, kernels, swinv2, vit
 
 # The one registry: each family under its Linen class (subclasses, such as the dense models, share their base's).
-FAMILIES: dict[type, backbone.Family] = {family.module: family for family in (
-    vit.FAMILY, swinv2.FAMILY, clip.FAMILY, aurora.FAMILY, dense_heads.FAMILY)}
+FAMILIES: dict[type, backbone.Family] = {
+  family.module: family for family in (vit.FAMILY, swinv2.FAMILY, clip.FAMILY, aurora.FAMILY, dense_heads.FAMILY)
+}
 # config.model.name -> builder(model_cfg, dtype): the families a config builds by name.
 BUILDERS = {family.name: family.build for family in FAMILIES.values() if family.name}
 

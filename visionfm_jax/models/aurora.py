@@ -44,6 +44,7 @@ from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, LENGTH, VOCAB
 
 class AttentionalPooler(nn.Module):
   """`num_queries` learned queries attend to `tokens` (pre-LN on both sides, no residual, no MLP), then LN."""
+
   width: int
   num_queries: int
   num_heads: int
@@ -52,8 +53,9 @@ class AttentionalPooler(nn.Module):
 
   @nn.compact
   def __call__(self, tokens):
-    queries = self.param("queries", layers.logical(nn.initializers.normal(0.02), (None, EMBED)),
-                         (self.num_queries, self.width))
+    queries = self.param(
+      "queries", layers.logical(nn.initializers.normal(0.02), (None, EMBED)), (self.num_queries, self.width)
+    )
     queries = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_q")(queries)
     context = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm_kv")(tokens)
     pooled = layers.CrossAttention(self.width, self.num_heads, self.dtype, name="attn")(queries, context)
@@ -66,6 +68,7 @@ class DecoderBlock(nn.Module):
   `cache` is None in training, else {'k', 'v', 'cross_k', 'cross_v'} for incremental decoding; the cross
   keys/values are projected from `memory` when it is given and read from the cache when it is None.
   """
+
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-5
@@ -78,8 +81,7 @@ class DecoderBlock(nn.Module):
     norm = lambda name: layers.LayerNorm(self.layer_norm_eps, self.dtype, name=name)
     mlp = lambda name: layers.Mlp(self.mlp_dim, self.dtype, name=name)
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
-    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
-                                name="attn")
+    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True, name="attn")
     if cache is None:
       x = x + attn(norm("norm1")(x))
     else:
@@ -101,6 +103,7 @@ class DecoderBlock(nn.Module):
 
 class MultimodalDecoder(nn.Module):
   """`depth` DecoderBlocks over the text encoder's token features, final LN, bias-free vocabulary projection."""
+
   depth: int
   num_heads: int
   mlp_dim: int
@@ -116,21 +119,41 @@ class MultimodalDecoder(nn.Module):
   def __call__(self, x, memory, cache=None, index=None):
     """-> (fp32 logits (B, L, vocab), new cache or None)."""
     run_blocks = layers.stack_blocks(
-        DecoderBlock, depth=self.depth, scan=self.scan, unroll=self.scan_unroll, remat_policy=self.remat_policy,
-        name="blocks",
-        num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype)
+      DecoderBlock,
+      depth=self.depth,
+      scan=self.scan,
+      unroll=self.scan_unroll,
+      remat_policy=self.remat_policy,
+      name="blocks",
+      num_broadcast=2,
+      with_outputs=True,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      layer_norm_eps=self.layer_norm_eps,
+      attention=self.attention,
+      dtype=self.dtype,
+    )
     x, cache = run_blocks(x, cache, memory, index)
     x = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm")(x)
-    logits = layers.dense(self.vocab_size, (EMBED, VOCAB), self.dtype, use_bias=False, name="vocab_proj",
-                          kernel_init=nn.initializers.normal(x.shape[-1] ** -0.5))(x)
+    logits = layers.dense(
+      self.vocab_size,
+      (EMBED, VOCAB),
+      self.dtype,
+      use_bias=False,
+      name="vocab_proj",
+      kernel_init=nn.initializers.normal(x.shape[-1] ** -0.5),
+    )(x)
     return logits.astype(jnp.float32), cache
 
   def init_cache(self, batch: int, length: int, memory_len: int, width: int) -> dict[str, jax.Array]:
     head_dim = width // self.num_heads
-    cache = {**layers.init_kv_cache(batch, length, self.num_heads, head_dim, self.dtype),
-             **{f"cross_{k}": v for k, v in layers.init_kv_cache(batch, memory_len, self.num_heads, head_dim,
-                                                                 self.dtype).items()}}
+    cache = {
+      **layers.init_kv_cache(batch, length, self.num_heads, head_dim, self.dtype),
+      **{
+        f"cross_{k}": v
+        for k, v in layers.init_kv_cache(batch, memory_len, self.num_heads, head_dim, self.dtype).items()
+      },
+    }
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
@@ -163,12 +186,15 @@ class Aurora(nn.Module):
     width, heads = self.text.width, self.text.num_heads
     self.contrastive_pool = AttentionalPooler(width, 1, heads, dtype=self.dtype)
     self.caption_pool = AttentionalPooler(width, self.caption_queries, heads, dtype=self.dtype)
-    self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
-                                   kernel_init=nn.initializers.normal(width ** -0.5))
-    self.mim_head = layers.dense(self.stride ** 2 * 3, (EMBED, None), self.dtype,
-                                 kernel_init=nn.initializers.truncated_normal(0.02))
-    self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
-                                  ())
+    self.image_proj = layers.dense(
+      self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, kernel_init=nn.initializers.normal(width**-0.5)
+    )
+    self.mim_head = layers.dense(
+      self.stride**2 * 3, (EMBED, None), self.dtype, kernel_init=nn.initializers.truncated_normal(0.02)
+    )
+    self.logit_scale = self.param(
+      "logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()), ()
+    )
 
   @property
   def stride(self) -> int:
@@ -193,9 +219,8 @@ class Aurora(nn.Module):
     all-zero mask leaves a token as it is, and the first half's random draws (stochastic depth) are those of a
     call on the clean images alone (JAX's draws of a leading axis are prefixes of a longer one's), so the clean
     view is what `contrastive_features` computes."""
-    both = self.encode(jnp.concatenate([images, images]), jnp.concatenate([jnp.zeros_like(mim_mask), mim_mask]),
-                       train)
-    return both[:images.shape[0]], both[images.shape[0]:]
+    both = self.encode(jnp.concatenate([images, images]), jnp.concatenate([jnp.zeros_like(mim_mask), mim_mask]), train)
+    return both[: images.shape[0]], both[images.shape[0] :]
 
   def image_embedding(self, tokens) -> jax.Array:
     return layers.l2_normalize(self.image_proj(self.contrastive_pool(tokens)[:, 0].astype(jnp.float32)))
@@ -204,7 +229,7 @@ class Aurora(nn.Module):
     """Final tokens -> (B, H, W, 3) predicted normalised pixels (1x1 conv, pixel shuffle by the stride)."""
     h, w = -(-image_hw[0] // self.stride), -(-image_hw[1] // self.stride)
     pixels = self.mim_head(einops.rearrange(tokens, "b (h w) c -> b h w c", h=h, w=w))
-    return pixel_shuffle(pixels.astype(jnp.float32), self.stride)[:, :image_hw[0], :image_hw[1]]
+    return pixel_shuffle(pixels.astype(jnp.float32), self.stride)[:, : image_hw[0], : image_hw[1]]
 
   def embed_images(self, images) -> jax.Array:
     return self.image_embedding(self.encode(images))
@@ -246,8 +271,12 @@ class Aurora(nn.Module):
       clean = self.encode(images, train=train)
     text_out = self.text(tokens, train=train)
     logits, _ = self.decoder(text_out["tokens"], self.caption_pool(clean))
-    out = {"image_emb": self.image_embedding(clean), "text_emb": layers.l2_normalize(text_out["embedding"]),
-           "logit_scale": self.logit_scale.astype(jnp.float32), "caption_logits": logits}
+    out = {
+      "image_emb": self.image_embedding(clean),
+      "text_emb": layers.l2_normalize(text_out["embedding"]),
+      "logit_scale": self.logit_scale.astype(jnp.float32),
+      "caption_logits": logits,
+    }
     if masked is not None:
       out["reconstruction"] = self.reconstruct(masked, images.shape[1:3])
     return out
@@ -256,8 +285,10 @@ class Aurora(nn.Module):
   def init_cache(self, batch: int, length: int | None = None) -> dict[str, Any]:
     """Empty caches for `decode_step` (length: max_len of the text encoder unless given)."""
     length = length or self.text.max_len
-    return {"text": self.text.init_cache(batch, length),
-            "decoder": self.decoder.init_cache(batch, length, self.caption_queries, self.text.width)}
+    return {
+      "text": self.text.init_cache(batch, length),
+      "decoder": self.decoder.init_cache(batch, length, self.caption_queries, self.text.width),
+    }
 
   def decode_step(self, tokens, cache, index, memory=None):
     """Tokens (B, t) at positions index.. -> (logits (B, t, vocab), new cache). Pass the caption `memory` at
@@ -283,21 +314,43 @@ def build(model_cfg, dtype) -> Aurora:
     raise ValueError(f"encoder: {e}") from e
   encoder = encoder.clone(mask_token=True)
   if model_cfg.image_size % encoder.output_stride:
-    raise ValueError(f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride "
-                     f"{encoder.output_stride} "
-                     "(the MIM head predicts stride x stride pixels per final token)")
+    raise ValueError(
+      f"image_size={model_cfg.image_size} is not a multiple of the encoder's stride "
+      f"{encoder.output_stride} "
+      "(the MIM head predicts stride x stride pixels per final token)"
+    )
   unroll = model_cfg.scan_unroll
-  text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy, scan_unroll=unroll)
-  decoder = MultimodalDecoder(depth=model_cfg.decoder_depth, num_heads=text.num_heads, mlp_dim=text.mlp_dim,
-                              vocab_size=text.vocab_size, layer_norm_eps=text.layer_norm_eps,
-                              attention=text.attention, dtype=dtype, scan=model_cfg.scan,
-                              scan_unroll=unroll, remat_policy=model_cfg.remat_policy)
-  return Aurora(**backbone.config_kwargs(Aurora, model_rows("aurora"), model_cfg), encoder=encoder, text=text,
-                decoder=decoder, dtype=dtype)
+  text = text_lib.build(
+    model_cfg.text,
+    model_cfg.embed_dim,
+    dtype,
+    scan=model_cfg.scan,
+    remat_policy=model_cfg.remat_policy,
+    scan_unroll=unroll,
+  )
+  decoder = MultimodalDecoder(
+    depth=model_cfg.decoder_depth,
+    num_heads=text.num_heads,
+    mlp_dim=text.mlp_dim,
+    vocab_size=text.vocab_size,
+    layer_norm_eps=text.layer_norm_eps,
+    attention=text.attention,
+    dtype=dtype,
+    scan=model_cfg.scan,
+    scan_unroll=unroll,
+    remat_policy=model_cfg.remat_policy,
+  )
+  return Aurora(
+    **backbone.config_kwargs(Aurora, model_rows("aurora"), model_cfg),
+    encoder=encoder,
+    text=text,
+    decoder=decoder,
+    dtype=dtype,
+  )
 
 
 # --------------------------------------------------------------------------- the family (backbone.py)
+
 
 def train_flops_per_example(model: Aurora) -> float:
   """The encoder (twice with mim_view='separate': clean and masked passes), poolers, MIM head, text encoder
@@ -311,13 +364,22 @@ def train_flops_per_example(model: Aurora) -> float:
   def pooler(queries):
     return 2 * 2 * tokens * final * width + 2 * 2 * queries * width * width + 4 * queries * tokens * width
 
-  forward = (pooler(1) + pooler(memory) + 2 * tokens * final * model.stride ** 2 * 3 + 2 * width * model.embed_dim
-             + backbone.transformer_forward_flops(text_len + 1, width, text.depth, text.mlp_dim)
-             + 2 * width * text.embed_dim
-             + backbone.transformer_forward_flops(text_len, width, decoder.depth, decoder.mlp_dim)
-             + decoder.depth * (2 * text_len * width * (2 * width + 2 * decoder.mlp_dim)  # cross q/out, 2nd MLP
-                                + 4 * memory * width * width + 4 * text_len * memory * width)
-             + 2 * text_len * width * decoder.vocab_size)
+  forward = (
+    pooler(1)
+    + pooler(memory)
+    + 2 * tokens * final * model.stride**2 * 3
+    + 2 * width * model.embed_dim
+    + backbone.transformer_forward_flops(text_len + 1, width, text.depth, text.mlp_dim)
+    + 2 * width * text.embed_dim
+    + backbone.transformer_forward_flops(text_len, width, decoder.depth, decoder.mlp_dim)
+    + decoder.depth
+    * (
+      2 * text_len * width * (2 * width + 2 * decoder.mlp_dim)  # cross q/out, 2nd MLP
+      + 4 * memory * width * width
+      + 4 * text_len * memory * width
+    )
+    + 2 * text_len * width * decoder.vocab_size
+  )
   return encoder_flops + 3.0 * forward
 
 
@@ -332,5 +394,11 @@ def tower_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
   return towers.tower_fields(fields, key, name=ENCODER) if key == "encoder" else None
 
 
-FAMILY = backbone.Family(module=Aurora, name="aurora", build=build, train_flops_per_example=train_flops_per_example,
-                         adapt_checkpoint=adapt_checkpoint, tower_fields=tower_fields)
+FAMILY = backbone.Family(
+  module=Aurora,
+  name="aurora",
+  build=build,
+  train_flops_per_example=train_flops_per_example,
+  adapt_checkpoint=adapt_checkpoint,
+  tower_fields=tower_fields,
+)

@@ -80,6 +80,7 @@ class Family:
   """What a family of models answers besides its math (the module docstring's contract): one instance per
   family, in its own file. `name` and `build` are its `config.model.name` and builder(model_cfg, dtype) for a
   model a config builds by name (None: its task builds it)."""
+
   module: type
   name: str | None = None
   build: Callable[[Any, Any], Any] | None = None
@@ -96,8 +97,21 @@ class Family:
 
 # A module's fields of how it trains, initialises or runs, not of the model its params hold: model.json and an
 # imported CLIP's config leave them to the run.
-RUN_FIELDS = ("dtype", "drop_path", "dropout", "head_bias_init", "logit_scale_init", "logit_bias_init", "scan_unroll",
-              "remat_policy", "stage_remat_policies", "stage_scan_unrolls", "attention", "token_drop", "token_subgrid")
+RUN_FIELDS = (
+  "dtype",
+  "drop_path",
+  "dropout",
+  "head_bias_init",
+  "logit_scale_init",
+  "logit_bias_init",
+  "scan_unroll",
+  "remat_policy",
+  "stage_remat_policies",
+  "stage_scan_unrolls",
+  "attention",
+  "token_drop",
+  "token_subgrid",
+)
 SAVED_AS = {"num_heads": "heads", "patch_size": "patch"}  # model.json's keys of two fields, as tools.import_hf writes
 
 
@@ -130,16 +144,20 @@ def config_fields(model, rows: Mapping) -> dict[str, Any]:
 def checkpoint_fields(model, name: str, variant: str | None) -> dict[str, Any]:
   """What rebuilds `model`'s params (tools.import_hf's model.json; `from_checkpoint_fields` reads it): its family
   `name`, its `variant` and every field of its module but RUN_FIELDS, under its key in SAVED_AS."""
-  saved = {SAVED_AS.get(field, field): getattr(model, field) for field in module_fields(type(model))
-           if field not in RUN_FIELDS}
+  saved = {
+    SAVED_AS.get(field, field): getattr(model, field) for field in module_fields(type(model)) if field not in RUN_FIELDS
+  }
   return {"name": name, "variant": variant, **{k: list(v) if isinstance(v, tuple) else v for k, v in saved.items()}}
 
 
 def from_checkpoint_fields(module: type, fields: dict[str, Any]):
   """The `module` that `checkpoint_fields` describe; a field they lack takes its default (a model.json of an older
   release), KeyError naming one without a default."""
-  keys = {name: (SAVED_AS.get(name, name), field.default is dataclasses.MISSING)
-          for name, field in module_fields(module).items() if name not in RUN_FIELDS}
+  keys = {
+    name: (SAVED_AS.get(name, name), field.default is dataclasses.MISSING)
+    for name, field in module_fields(module).items()
+    if name not in RUN_FIELDS
+  }
   return module(**{name: attribute(fields[key]) for name, (key, required) in keys.items() if key in fields or required})
 
 
@@ -156,11 +174,12 @@ def block_layer_ids(part: str, first: int, depth: int, stack: str = "blocks") ->
   (unrolled) -> first + i; None when `part` is not the stack."""
   if part == stack:
     return first + np.arange(depth)
-  index = part[len(stack) + 1:] if part.startswith(stack + "_") else ""
+  index = part[len(stack) + 1 :] if part.startswith(stack + "_") else ""
   return first + int(index) if index.isdigit() else None
 
 
 # ----------------------------------------------------------------------------------- models of towers
+
 
 def image_tower(model) -> tuple[ImageBackbone, str | None] | None:
   """(the image backbone of `model`, the field (and params key) it is under, None when it is `model` itself):

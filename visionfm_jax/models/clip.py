@@ -49,13 +49,14 @@ class CLIP(nn.Module):
   def setup(self):
     if self.text.embed_dim != self.embed_dim:
       raise ValueError(f"text tower projects to {self.text.embed_dim}, CLIP embed_dim is {self.embed_dim}")
-    self.image_proj = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False,
-                                   kernel_init=nn.initializers.lecun_normal())
-    self.logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()),
-                                  ())
+    self.image_proj = layers.dense(
+      self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, kernel_init=nn.initializers.lecun_normal()
+    )
+    self.logit_scale = self.param(
+      "logit_scale", layers.logical(nn.initializers.constant(self.logit_scale_init), ()), ()
+    )
     if self.logit_bias_init is not None:
-      self.logit_bias = self.param("logit_bias", layers.logical(nn.initializers.constant(self.logit_bias_init), ()),
-                                   ())
+      self.logit_bias = self.param("logit_bias", layers.logical(nn.initializers.constant(self.logit_bias_init), ()), ())
 
   def embed_images(self, images, train: bool = False) -> jax.Array:
     """(B, H, W, 3) normalised images -> (B, embed_dim) unit-norm fp32 embeddings."""
@@ -70,8 +71,11 @@ class CLIP(nn.Module):
     """`tokens=None` stands in a batch of padding (max_len long): `init` from images alone makes every param."""
     if tokens is None:
       tokens = jnp.zeros((images.shape[0], self.text.max_len), jnp.int32)
-    out = {"image_emb": self.embed_images(images, train), "text_emb": self.embed_texts(tokens, train),
-           "logit_scale": self.logit_scale.astype(jnp.float32)}
+    out = {
+      "image_emb": self.embed_images(images, train),
+      "text_emb": self.embed_texts(tokens, train),
+      "logit_scale": self.logit_scale.astype(jnp.float32),
+    }
     if self.logit_bias_init is not None:
       out["logit_bias"] = self.logit_bias.astype(jnp.float32)
     return out
@@ -95,15 +99,24 @@ def build(model_cfg, dtype) -> CLIP:
   try:
     image = towers.IMAGE_BUILDERS[image_cfg.name](image_cfg, dtype)
   except (AttributeError, KeyError) as e:
-    raise ValueError(f"image: a {image_cfg.name} tower needs field {e} (start from "
-                     f"config_lib.model_config('clip', image_tower={image_cfg.name!r}))") from e
+    raise ValueError(
+      f"image: a {image_cfg.name} tower needs field {e} (start from "
+      f"config_lib.model_config('clip', image_tower={image_cfg.name!r}))"
+    ) from e
   except ValueError as e:
     raise ValueError(f"image: {e}") from e
-  text = text_lib.build(model_cfg.text, model_cfg.embed_dim, dtype, scan=model_cfg.scan,
-                        remat_policy=model_cfg.remat_policy, scan_unroll=model_cfg.scan_unroll)
+  text = text_lib.build(
+    model_cfg.text,
+    model_cfg.embed_dim,
+    dtype,
+    scan=model_cfg.scan,
+    remat_policy=model_cfg.remat_policy,
+    scan_unroll=model_cfg.scan_unroll,
+  )
   bias = model_cfg.logit_bias_init if uses_siglip(model_cfg) else None
-  return CLIP(**{**backbone.config_kwargs(CLIP, model_rows("clip"), model_cfg), "logit_bias_init": bias}, image=image,
-              text=text)
+  return CLIP(
+    **{**backbone.config_kwargs(CLIP, model_rows("clip"), model_cfg), "logit_bias_init": bias}, image=image, text=text
+  )
 
 
 def uses_siglip(model_cfg) -> bool:
@@ -113,11 +126,14 @@ def uses_siglip(model_cfg) -> bool:
 
 # --------------------------------------------------------------------------- the family (backbone.py)
 
+
 def train_flops_per_example(model: CLIP) -> float:
   """The image tower's, the text tower's (all max_len positions) and both projections', x 3."""
   image, text = model.image, model.text
-  text_forward = (backbone.transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
-                  + 2 * text.width * text.embed_dim)
+  text_forward = (
+    backbone.transformer_forward_flops(text.max_len, text.width, text.depth, text.mlp_dim)
+    + 2 * text.width * text.embed_dim
+  )
   image_flops = towers.family(image).train_flops_per_example(image)
   return image_flops + 3.0 * (text_forward + 2 * image.num_features * model.embed_dim)
 
@@ -131,8 +147,10 @@ def adapt_checkpoint(model: CLIP, params: dict[str, Any], shapes: dict[str, tupl
 def description(model: CLIP) -> str:
   """One line naming the embedding width and both towers."""
   image, text = model.image, model.text
-  return (f"CLIP, {model.embed_dim}-d embeddings; image: {towers.family(image).description(image)}; "
-          f"text: width {text.width}, depth {text.depth}, {text.max_len} tokens")
+  return (
+    f"CLIP, {model.embed_dim}-d embeddings; image: {towers.family(image).description(image)}; "
+    f"text: width {text.width}, depth {text.depth}, {text.max_len} tokens"
+  )
 
 
 def tower_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
@@ -142,6 +160,13 @@ def tower_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
 
 
 # convert/hf_clip.py: a ViT-tower CLIP with CLIP's pre-norm exports as a CLIPModel.
-FAMILY = backbone.Family(module=CLIP, name="clip", build=build, hf_converter="hf_clip",
-                         train_flops_per_example=train_flops_per_example, adapt_checkpoint=adapt_checkpoint,
-                         description=description, tower_fields=tower_fields)
+FAMILY = backbone.Family(
+  module=CLIP,
+  name="clip",
+  build=build,
+  hf_converter="hf_clip",
+  train_flops_per_example=train_flops_per_example,
+  adapt_checkpoint=adapt_checkpoint,
+  description=description,
+  tower_fields=tower_fields,
+)

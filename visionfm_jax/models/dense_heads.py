@@ -43,14 +43,31 @@ NORM_EPS = 1e-6
 ACTIVATIONS = {"relu": nn.relu, "gelu": lambda x: nn.gelu(x, approximate=False), None: lambda x: x}
 
 
-def conv(features: int, kernel: int, dtype: Any, *, strides: int = 1, use_bias: bool = True, transpose: bool = False,
-         kernel_init=CONV_INIT, bias_init=nn.initializers.zeros, out_axis: str | None = None,
-         name: str | None = None) -> nn.Module:
+def conv(
+  features: int,
+  kernel: int,
+  dtype: Any,
+  *,
+  strides: int = 1,
+  use_bias: bool = True,
+  transpose: bool = False,
+  kernel_init=CONV_INIT,
+  bias_init=nn.initializers.zeros,
+  out_axis: str | None = None,
+  name: str | None = None,
+) -> nn.Module:
   """A k x k conv (SAME padding) or, with `transpose`, a k x k stride-k transposed conv, fp32 params."""
   names = (None, None, EMBED, out_axis)
-  kwargs = dict(features=features, kernel_size=(kernel, kernel), use_bias=use_bias, dtype=dtype,
-                param_dtype=jnp.float32, kernel_init=layers.logical(kernel_init, names),
-                bias_init=layers.logical(bias_init, (out_axis,)), name=name)
+  kwargs = dict(
+    features=features,
+    kernel_size=(kernel, kernel),
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=layers.logical(kernel_init, names),
+    bias_init=layers.logical(bias_init, (out_axis,)),
+    name=name,
+  )
   if transpose:
     return nn.ConvTranspose(strides=(kernel, kernel), padding="VALID", **kwargs)
   return nn.Conv(strides=(strides, strides), padding="SAME", **kwargs)
@@ -106,8 +123,10 @@ def backbone_maps(backbone: nn.Module, images: jax.Array, train: bool) -> tuple[
   if not isinstance(backbone, backbone_lib.ImageBackbone):
     raise ValueError(f"dense heads take an image backbone (vit.ViT, swinv2.SwinV2), got {type(backbone).__name__}")
   if getattr(backbone, "num_classes", 0):
-    raise ValueError(f"the backbone of a dense model has a classification head (num_classes="
-                     f"{backbone.num_classes}); build it with num_classes=0")
+    raise ValueError(
+      f"the backbone of a dense model has a classification head (num_classes="
+      f"{backbone.num_classes}); build it with num_classes=0"
+    )
   return backbone.feature_maps(images, train), list(backbone.feature_strides())
 
 
@@ -115,6 +134,7 @@ class DenseModel(nn.Module):
   """Base of the dense models (segmenter.py, detector.py): an image backbone under `backbone` (params named as
   in pretraining) plus a neck and a head. Their family (`FAMILY`) answers layer ids and checkpoint adaptation
   through the backbone; the neck and head take the last layer id."""
+
   backbone: nn.Module  # a backbone.ImageBackbone with num_classes=0
 
 
@@ -128,20 +148,21 @@ def layer_id(model: DenseModel, param_path: str) -> int | np.ndarray:
   return towers.layer_id("backbone", model.backbone, param_path)
 
 
-def adapt_checkpoint(model: DenseModel, params: dict[str, Any],
-                     shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def adapt_checkpoint(model: DenseModel, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`params` with the backbone's adapted by it; the neck's and head's as given."""
   return towers.adapt_checkpoint("backbone", model.backbone, params, shapes)
 
 
 # No FLOP count: the backbone's would leave out the neck and head, a large share of the FLOPs (UPerNet's
 # convolutions: about a third for ViT-H at 512 px) that no analytic counter covers; no `train/mfu` is logged.
-FAMILY = backbone_lib.Family(module=DenseModel, num_layer_ids=num_layer_ids, layer_id=layer_id,
-                             adapt_checkpoint=adapt_checkpoint)
+FAMILY = backbone_lib.Family(
+  module=DenseModel, num_layer_ids=num_layer_ids, layer_id=layer_id, adapt_checkpoint=adapt_checkpoint
+)
 
 
 class ConvNorm(nn.Module):
   """conv (no bias) -> channel LayerNorm (fp32) -> optional activation ('relu', 'gelu' or None)."""
+
   features: int
   kernel: int = 1
   act: str | None = None
@@ -156,6 +177,7 @@ class ConvNorm(nn.Module):
 
 class SimpleFeaturePyramid(nn.Module):
   """ViTDet's pyramid from one stride-`patch_size` map: returns (maps, strides) for the nominal `strides`."""
+
   patch_size: int
   channels: int = 256
   strides: tuple[int, ...] = (4, 8, 16, 32)
@@ -176,12 +198,13 @@ class SimpleFeaturePyramid(nn.Module):
         y = nn.max_pool(y, (2, 2), strides=(2, 2), padding="SAME")
       y = ConvNorm(self.channels, 1, dtype=self.dtype, name=f"s{stride}_lateral")(y)
       maps.append(ConvNorm(self.channels, 3, dtype=self.dtype, name=f"s{stride}_output")(y))
-      strides.append(self.patch_size * 2.0 ** steps)
+      strides.append(self.patch_size * 2.0**steps)
     return maps, strides
 
 
 class PyramidPooling(nn.Module):
   """PSPNet's module: average-pool to each scale, 1x1 ConvNorm, upsample, concat with the input, 3x3 ConvNorm."""
+
   channels: int
   scales: tuple[int, ...] = (1, 2, 3, 6)
   act: str | None = "relu"
@@ -204,6 +227,7 @@ class FPN(nn.Module):
   `ppm_scales`: the top level goes through `PyramidPooling` instead of a lateral conv and gets no output conv
   (UPerNet); empty: plain FPN.
   """
+
   channels: int = 256
   ppm_scales: tuple[int, ...] = ()
   input_norms: bool = False
@@ -215,19 +239,20 @@ class FPN(nn.Module):
     if self.input_norms:
       maps = [layers.LayerNorm(NORM_EPS, self.dtype, name=f"input_norm_{i}")(m) for i, m in enumerate(maps)]
     n, ppm = len(maps), bool(self.ppm_scales)
-    laterals = [ConvNorm(self.channels, 1, self.act, self.dtype, name=f"lateral_{i}")(maps[i])
-                for i in range(n - ppm)]
+    laterals = [ConvNorm(self.channels, 1, self.act, self.dtype, name=f"lateral_{i}")(maps[i]) for i in range(n - ppm)]
     if ppm:
       laterals.append(PyramidPooling(self.channels, self.ppm_scales, self.act, self.dtype, name="ppm")(maps[-1]))
     for i in range(n - 1, 0, -1):
       laterals[i - 1] = laterals[i - 1] + resize_bilinear(laterals[i], laterals[i - 1].shape[1:3])
-    outputs = [ConvNorm(self.channels, 3, self.act, self.dtype, name=f"output_{i}")(laterals[i])
-               for i in range(n - ppm)]
-    return outputs + laterals[n - ppm:]
+    outputs = [
+      ConvNorm(self.channels, 3, self.act, self.dtype, name=f"output_{i}")(laterals[i]) for i in range(n - ppm)
+    ]
+    return outputs + laterals[n - ppm :]
 
 
 class UPerHead(nn.Module):
   """UPerNet's decoder: (B, H0, W0, num_classes) fp32 logits at the finest input level."""
+
   num_classes: int
   channels: int = 512
   ppm_scales: tuple[int, ...] = (1, 2, 3, 6)
@@ -242,8 +267,9 @@ class UPerHead(nn.Module):
     fused = jnp.concatenate([maps[0]] + [resize_bilinear(m, size) for m in maps[1:]], axis=-1)
     fused = ConvNorm(self.channels, 3, "relu", self.dtype, name="fuse")(fused)
     fused = nn.Dropout(self.dropout)(fused, deterministic=not train)
-    return conv(self.num_classes, 1, jnp.float32, kernel_init=nn.initializers.normal(0.01), out_axis=CLASSES,
-                name="classifier")(fused.astype(jnp.float32))
+    return conv(
+      self.num_classes, 1, jnp.float32, kernel_init=nn.initializers.normal(0.01), out_axis=CLASSES, name="classifier"
+    )(fused.astype(jnp.float32))
 
 
 class DenseDetectionHead(nn.Module):
@@ -253,6 +279,7 @@ class DenseDetectionHead(nn.Module):
   of all levels, finest level first, row-major. A box is centre -/+ exp(raw) * stride (raw clipped at
   `MAX_LOG_DISTANCE`); it may reach past the image: clip when converting to pixels.
   """
+
   num_classes: int
   channels: int = 256
   num_convs: int = 2
@@ -265,8 +292,15 @@ class DenseDetectionHead(nn.Module):
   def __call__(self, maps: Sequence[jax.Array], strides: Sequence[float], image_hw: Sequence[int]):
     tower = [ConvNorm(self.channels, 3, "relu", self.dtype, name=f"conv_{i}") for i in range(self.num_convs)]
     prior = -math.log((1 - self.prior_prob) / self.prior_prob)  # sigmoid(bias) = prior_prob at the start
-    classify = conv(self.num_classes, 3, self.dtype, kernel_init=nn.initializers.normal(0.01),
-                    bias_init=nn.initializers.constant(prior), out_axis=CLASSES, name="classifier")
+    classify = conv(
+      self.num_classes,
+      3,
+      self.dtype,
+      kernel_init=nn.initializers.normal(0.01),
+      bias_init=nn.initializers.constant(prior),
+      out_axis=CLASSES,
+      name="classifier",
+    )
     regress = conv(4, 3, self.dtype, kernel_init=nn.initializers.normal(0.01), name="box")
     all_logits, all_boxes = [], []
     for x, stride in zip(maps, strides):

@@ -46,12 +46,15 @@ class Detector(dense_heads.DenseModel):
     maps, strides = dense_heads.backbone_maps(self.backbone, images, train)
     check_levels(self.backbone, self.levels)
     if len(maps) == 1:  # a plain backbone (ViT): ViTDet's simple pyramid
-      maps, strides = dense_heads.SimpleFeaturePyramid(int(strides[0]), self.neck_channels, self.levels,
-                                                       self.dtype, name="neck")(maps[0])
+      maps, strides = dense_heads.SimpleFeaturePyramid(
+        int(strides[0]), self.neck_channels, self.levels, self.dtype, name="neck"
+      )(maps[0])
     else:
       picked = [i for i, s in enumerate(strides) if int(s) in self.levels]
       maps = dense_heads.FPN(self.neck_channels, input_norms=True, dtype=self.dtype, name="neck")(
-          [maps[i] for i in picked])
+        [maps[i] for i in picked]
+      )
       strides = [strides[i] for i in picked]
-    return dense_heads.DenseDetectionHead(self.num_classes, self.head_channels, self.num_convs, self.prior_prob,
-                                          self.dtype, name="head")(maps, strides, images.shape[1:3])
+    return dense_heads.DenseDetectionHead(
+      self.num_classes, self.head_channels, self.num_convs, self.prior_prob, self.dtype, name="head"
+    )(maps, strides, images.shape[1:3])

@@ -157,8 +157,9 @@ def _matmul_fwd(x, w, bf16_wgrad):
   if x.dtype != w.dtype:
     raise ValueError(f"fp8.matmul: operands of one dtype expected, got {x.dtype} and {w.dtype}")
   w_q, w_scale = quantize(w, E4M3)
-  y, x_q, x_scale = sharding.batch_local(functools.partial(_rows_times, dtype=E4M3, by_row=bf16_wgrad), (x,),
-                                         (w_q, w_scale))
+  y, x_q, x_scale = sharding.batch_local(
+    functools.partial(_rows_times, dtype=E4M3, by_row=bf16_wgrad), (x,), (w_q, w_scale)
+  )
   kept_x = (x,) if bf16_wgrad else (x_q, x_scale)
   return y, (kept_x, w_q, w_scale)
 
@@ -175,15 +176,16 @@ def _matmul_bwd(bf16_wgrad, residuals, g):
   dtype = g.dtype  # y's, which is x's and w's
   # rows scaled by their own max take e4m3's bits: the range a row needs is its own
   g_format = E4M3 if bf16_wgrad else E5M2
-  dx, g_q, g_scale = sharding.batch_local(functools.partial(_rows_times, dtype=g_format, by_row=bf16_wgrad), (g,),
-                                          (w_q.T, w_scale))
+  dx, g_q, g_scale = sharding.batch_local(
+    functools.partial(_rows_times, dtype=g_format, by_row=bf16_wgrad), (g,), (w_q.T, w_scale)
+  )
   if bf16_wgrad:
-    dw = jax.lax.dot_general(kept_x[0], g.astype(dtype), (((0,), (0,)), ((), ())),
-                             preferred_element_type=dtype)
+    dw = jax.lax.dot_general(kept_x[0], g.astype(dtype), (((0,), (0,)), ((), ())), preferred_element_type=dtype)
   else:
     x_q, x_scale = kept_x
-    dw = sharding.batch_local(functools.partial(_weight_gradient_share, dtype=dtype), (x_q, x_scale, g_q, g_scale),
-                              ()).sum(0, dtype=dtype)
+    dw = sharding.batch_local(
+      functools.partial(_weight_gradient_share, dtype=dtype), (x_q, x_scale, g_q, g_scale), ()
+    ).sum(0, dtype=dtype)
   return dx, dw
 
 
@@ -269,7 +271,9 @@ def check_device(fmt: str, device) -> None:
     return
   major, minor = (int(p) for p in str(capability).split(".")[:2])
   if (major, minor) < MIN_COMPUTE_CAPABILITY:
-    raise ConfigError(f"config.precision.gemm={fmt}: {getattr(device, 'device_kind', 'this GPU')} (compute "
-                      f"capability {major}.{minor}) has no FP8 tensor cores; FP8 GEMMs need "
-                      f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer (H100, H200, L40S): set "
-                      f"--config.precision.gemm=compute_dtype")
+    raise ConfigError(
+      f"config.precision.gemm={fmt}: {getattr(device, 'device_kind', 'this GPU')} (compute "
+      f"capability {major}.{minor}) has no FP8 tensor cores; FP8 GEMMs need "
+      f"{MIN_COMPUTE_CAPABILITY[0]}.{MIN_COMPUTE_CAPABILITY[1]} or newer (H100, H200, L40S): set "
+      f"--config.precision.gemm=compute_dtype"
+    )

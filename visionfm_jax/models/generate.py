@@ -53,8 +53,17 @@ def _decode(model, params, tokens, cache, index, memory, pieces: int):
   return jax.nn.log_softmax(logits, axis=-1), cache
 
 
-def greedy(model, params: Params, memory: jax.Array, *, max_len: int, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
-           pad_id: int = PAD_ID, pieces: int | None = None) -> jax.Array:
+def greedy(
+  model,
+  params: Params,
+  memory: jax.Array,
+  *,
+  max_len: int,
+  bos_id: int = BOS_ID,
+  eos_id: int = EOS_ID,
+  pad_id: int = PAD_ID,
+  pieces: int | None = None,
+) -> jax.Array:
   """(B, Q, W) caption memory -> (B, max_len) int32 tokens: BOS, the argmax token of each step (of the first
   `pieces` ids), EOS, PAD."""
   _check_len(model, max_len)
@@ -69,8 +78,9 @@ def _greedy(model, params, memory, max_len: int, bos_id: int, eos_id: int, pad_i
     return tokens
 
   def step(t, tokens, done, cache, memory):
-    token_logp, cache = _decode(model, params, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache, t, memory,
-                                pieces)
+    token_logp, cache = _decode(
+      model, params, jax.lax.dynamic_slice_in_dim(tokens, t, 1, axis=1), cache, t, memory, pieces
+    )
     token = jnp.where(done, pad_id, jnp.argmax(token_logp, axis=-1).astype(jnp.int32))
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[:, None], t + 1, axis=1)
     return tokens, done | (token == eos_id), cache
@@ -94,22 +104,43 @@ def length_penalty_factor(lengths: jax.Array, alpha: float) -> jax.Array:
   return ((5.0 + lengths.astype(jnp.float32)) / 6.0) ** alpha
 
 
-def beam_search(model, params: Params, memory: jax.Array, *, beam_size: int, max_len: int,
-                length_penalty: float = 0.0, bos_id: int = BOS_ID, eos_id: int = EOS_ID,
-                pad_id: int = PAD_ID, pieces: int | None = None) -> tuple[jax.Array, jax.Array]:
+def beam_search(
+  model,
+  params: Params,
+  memory: jax.Array,
+  *,
+  beam_size: int,
+  max_len: int,
+  length_penalty: float = 0.0,
+  bos_id: int = BOS_ID,
+  eos_id: int = EOS_ID,
+  pad_id: int = PAD_ID,
+  pieces: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
   """(B, Q, W) caption memory -> (best tokens (B, max_len) int32, their scores (B,) fp32); see module doc."""
   _check_len(model, max_len)
   if int(beam_size) < 1:
     raise ValueError(f"beam_size={beam_size}: must be at least 1")
   if float(length_penalty) < 0:
     raise ValueError(f"length_penalty={length_penalty}: must be >= 0")
-  return _beam_search(model, params, memory, jnp.float32(length_penalty), int(beam_size), int(max_len),
-                      int(bos_id), int(eos_id), int(pad_id), _pieces(model, pieces))
+  return _beam_search(
+    model,
+    params,
+    memory,
+    jnp.float32(length_penalty),
+    int(beam_size),
+    int(max_len),
+    int(bos_id),
+    int(eos_id),
+    int(pad_id),
+    _pieces(model, pieces),
+  )
 
 
 @functools.partial(jax.jit, static_argnums=(0, 4, 5, 6, 7, 8, 9))
-def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, bos_id: int, eos_id: int,
-                 pad_id: int, pieces: int):
+def _beam_search(
+  model, params, memory, alpha: jax.Array, k: int, max_len: int, bos_id: int, eos_id: int, pad_id: int, pieces: int
+):
   batch, vocab = memory.shape[0], model.decoder.vocab_size
   tokens = jnp.full((batch, k, max_len), pad_id, jnp.int32).at[:, :, 0].set(bos_id)
   # Only beam 0 is live at first: the K beams would otherwise pick the same K tokens.
@@ -123,8 +154,15 @@ def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, 
 
   def step(t, state, cache, memory):
     tokens, logp, lengths, finished = state
-    token_logp, cache = _decode(model, params, jax.lax.dynamic_index_in_dim(tokens, t, axis=2, keepdims=False)
-                                .reshape(batch * k, 1), cache, t, memory, pieces)
+    token_logp, cache = _decode(
+      model,
+      params,
+      jax.lax.dynamic_index_in_dim(tokens, t, axis=2, keepdims=False).reshape(batch * k, 1),
+      cache,
+      t,
+      memory,
+      pieces,
+    )
     token_logp = jnp.where(finished[..., None], pad_only, token_logp.reshape(batch, k, vocab))
     cand_logp = (logp[..., None] + token_logp).reshape(batch, k * vocab)
     cand_len = jnp.broadcast_to((lengths + ~finished)[..., None], (batch, k, vocab)).reshape(batch, k * vocab)
@@ -134,13 +172,18 @@ def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, 
     parent_finished = jnp.take_along_axis(finished, parent, axis=1)
     tokens = jnp.take_along_axis(tokens, parent[..., None], axis=1)
     tokens = jax.lax.dynamic_update_slice_in_dim(tokens, token[..., None], t + 1, axis=2)
-    state = (tokens, jnp.take_along_axis(cand_logp, index, axis=1), jnp.take_along_axis(cand_len, index, axis=1),
-             parent_finished | (token == eos_id))
+    state = (
+      tokens,
+      jnp.take_along_axis(cand_logp, index, axis=1),
+      jnp.take_along_axis(cand_len, index, axis=1),
+      parent_finished | (token == eos_id),
+    )
     flat_parent = (rows + parent).reshape(-1)
     return state, jax.tree.map(lambda a: jnp.take(a, flat_parent, axis=1), cache)
 
-  state, cache = step(0, (tokens, logp, lengths, finished), model.init_cache(batch * k, max_len),
-                      jnp.repeat(memory, k, axis=0))
+  state, cache = step(
+    0, (tokens, logp, lengths, finished), model.init_cache(batch * k, max_len), jnp.repeat(memory, k, axis=0)
+  )
 
   def cond(carry):
     t, state, _ = carry
@@ -153,8 +196,10 @@ def _beam_search(model, params, memory, alpha: jax.Array, k: int, max_len: int, 
   _, (tokens, logp, lengths, _), _ = jax.lax.while_loop(cond, body, (jnp.int32(1), state, cache))
   scores = logp / length_penalty_factor(lengths, alpha)
   best = jnp.argmax(scores, axis=1)
-  return (jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
-          jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0])
+  return (
+    jnp.take_along_axis(tokens, best[:, None, None], axis=1)[:, 0],
+    jnp.take_along_axis(scores, best[:, None], axis=1)[:, 0],
+  )
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -169,8 +214,15 @@ def tokens_to_text(tokenizer, tokens) -> list[str]:
   return list(tokenizer.decode(tokens.reshape(-1, tokens.shape[-1])))
 
 
-def caption_images(task, params: Params, images: np.ndarray | Sequence[np.ndarray], *, beam_size: int = 1,
-                   max_len: int | None = None, length_penalty: float = 0.0) -> list[str]:
+def caption_images(
+  task,
+  params: Params,
+  images: np.ndarray | Sequence[np.ndarray],
+  *,
+  beam_size: int = 1,
+  max_len: int | None = None,
+  length_penalty: float = 0.0,
+) -> list[str]:
   """uint8 (B, H, W, 3) images at the model's size -> one caption each (greedy when beam_size is 1)."""
   model = task.model
   images = jax.device_put(np.stack(images) if not isinstance(images, np.ndarray) else images)
@@ -180,6 +232,7 @@ def caption_images(task, params: Params, images: np.ndarray | Sequence[np.ndarra
   if beam_size == 1:
     tokens = greedy(model, params, memory, max_len=max_len, pieces=pieces)
   else:
-    tokens, _ = beam_search(model, params, memory, beam_size=beam_size, max_len=max_len,
-                            length_penalty=length_penalty, pieces=pieces)
+    tokens, _ = beam_search(
+      model, params, memory, beam_size=beam_size, max_len=max_len, length_penalty=length_penalty, pieces=pieces
+    )
   return tokens_to_text(task.tokenizer, jax.device_get(tokens))

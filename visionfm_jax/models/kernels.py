@@ -91,23 +91,32 @@ def by_platform(cpu_form, plain_form, *args):
 
 # ----------------------------------------------------------------------------------------------- dense layers
 
-def contract_trailing(x: jax.Array, kernel: jax.Array, num_axes: int, precision=None,
-                      preferred_element_type=None, matmul=None) -> jax.Array:
+
+def contract_trailing(
+  x: jax.Array, kernel: jax.Array, num_axes: int, precision=None, preferred_element_type=None, matmul=None
+) -> jax.Array:
   """y[..., out...] = sum over k of x[..., k...] kernel[k..., out...]: x's last `num_axes` axes against the
   kernel's first `num_axes`, in order, as one (prod ..., K) @ (K, N) matmul. XLA's CPU backend differentiates that
   ~1.6x faster than the multi-axis `dot_general`; XLA's GPU compiler makes the same cuBLAS GEMMs of both (the
   deviceless H100 compile of ViT-H/14: identical kernels and bytes), so every backend takes this form. `matmul`
   (a, b) -> a @ b replaces the 2-D product (fp8.matmul)."""
-  if x.shape[x.ndim - num_axes:] != kernel.shape[:num_axes]:
-    raise ValueError(f"contract_trailing: trailing axes {x.shape[x.ndim - num_axes:]} of the input do not match "
-                     f"the kernel's leading axes {kernel.shape[:num_axes]}")
-  free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
+  if x.shape[x.ndim - num_axes :] != kernel.shape[:num_axes]:
+    raise ValueError(
+      f"contract_trailing: trailing axes {x.shape[x.ndim - num_axes :]} of the input do not match "
+      f"the kernel's leading axes {kernel.shape[:num_axes]}"
+    )
+  free_x, free_kernel = x.shape[: x.ndim - num_axes], kernel.shape[num_axes:]
   contracted = math.prod(kernel.shape[:num_axes])
   if matmul is not None:
     out = matmul(x.reshape(-1, contracted), kernel.reshape(contracted, -1))
   else:
-    out = jax.lax.dot_general(x.reshape(-1, contracted), kernel.reshape(contracted, -1), (((1,), (0,)), ((), ())),
-                              precision=precision, preferred_element_type=preferred_element_type)
+    out = jax.lax.dot_general(
+      x.reshape(-1, contracted),
+      kernel.reshape(contracted, -1),
+      (((1,), (0,)), ((), ())),
+      precision=precision,
+      preferred_element_type=preferred_element_type,
+    )
   return out.reshape(free_x + free_kernel)
 
 
@@ -115,7 +124,7 @@ def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, num_axes
   """`contract_trailing` plus a bias over the kernel's output axes, added to the 2-D product before it takes its
   output shape: XLA's GPU compiler then folds the add into the cuBLASLt GEMM (its BIAS epilogue), where a bias of
   several axes (qkv's (3, heads, head_dim)) is a separate broadcast pass over the output."""
-  free_x, free_kernel = x.shape[:x.ndim - num_axes], kernel.shape[num_axes:]
+  free_x, free_kernel = x.shape[: x.ndim - num_axes], kernel.shape[num_axes:]
   flat = contract_trailing(x, kernel, num_axes, matmul=matmul).reshape(-1, math.prod(free_kernel))
   if bias is not None:
     flat = flat + bias.reshape(-1)
@@ -124,14 +133,20 @@ def flat_dense(x: jax.Array, kernel: jax.Array, bias: jax.Array | None, num_axes
 
 # ---------------------------------------------------------------------------------- params broadcast over tokens
 
+
 def sum_leading_as_matmul(x: jax.Array, num_axes: int) -> jax.Array:
   """sum of `x` over its first `num_axes` axes, as a ones-vector matmul (fp32 accumulation, full precision).
   The leading axes are contracted in place (no reshape), so sharded axes stay as they are."""
   if num_axes == 0:
     return x
   leading = tuple(range(num_axes))
-  total = jax.lax.dot_general(jnp.ones(x.shape[:num_axes], x.dtype), x, ((leading, leading), ((), ())),
-                              precision=jax.lax.Precision.HIGHEST, preferred_element_type=jnp.float32)
+  total = jax.lax.dot_general(
+    jnp.ones(x.shape[:num_axes], x.dtype),
+    x,
+    ((leading, leading), ((), ())),
+    precision=jax.lax.Precision.HIGHEST,
+    preferred_element_type=jnp.float32,
+  )
   return total.astype(x.dtype)
 
 
@@ -140,15 +155,18 @@ def sum_leading(x: jax.Array, num_axes: int) -> jax.Array:
   CPU backend reduces over leading axes up to 50x slower than it multiplies by a ones vector)."""
   if num_axes == 0:
     return x
-  return by_platform(functools.partial(sum_leading_as_matmul, num_axes=num_axes),
-                     functools.partial(jnp.sum, axis=tuple(range(num_axes))), x)
+  return by_platform(
+    functools.partial(sum_leading_as_matmul, num_axes=num_axes),
+    functools.partial(jnp.sum, axis=tuple(range(num_axes))),
+    x,
+  )
 
 
 def broadcast_leading(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
   """`jnp.broadcast_to(x, shape)` for an `x` whose shape is a suffix of `shape` (a bias over tokens). 'cpu':
   its gradient, the sum over the leading axes, is `sum_leading_as_matmul` instead of XLA's reduction."""
   shape = tuple(shape)
-  if shape[len(shape) - x.ndim:] != tuple(x.shape):
+  if shape[len(shape) - x.ndim :] != tuple(x.shape):
     raise ValueError(f"broadcast_leading: {x.shape} is not a suffix of {shape}")
   if _FORCED.value == "plain":
     return jnp.broadcast_to(x, shape)
@@ -175,14 +193,21 @@ _broadcast_with_matmul_grad.defvjp(_broadcast_with_matmul_grad_fwd, _broadcast_w
 
 # ------------------------------------------------------------------------------------------------ LayerNorm
 
+
 def layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, dtype) -> jax.Array:
   """(x - mean) / sqrt(var + epsilon) * scale + bias over the last axis, computed in fp32, returned in `dtype`,
   with the backward written out (`_layer_norm_bwd`). Under `trying('pallas_layer_norm')`, where `dtype` is x's
   own, JAX's Pallas Triton kernel instead (`pallas_layer_norm`)."""
   if PALLAS_LAYER_NORM in _TRYING.value and jnp.dtype(x.dtype) == jnp.dtype(dtype) and x.ndim >= 2:
     kernel = functools.partial(pallas_layer_norm, epsilon=epsilon)
-    return jax.lax.platform_dependent(x, scale, bias, cpu=functools.partial(kernel, interpret=True), cuda=kernel,
-                                      default=lambda *a: plain_layer_norm(*a, epsilon).astype(dtype))
+    return jax.lax.platform_dependent(
+      x,
+      scale,
+      bias,
+      cpu=functools.partial(kernel, interpret=True),
+      cuda=kernel,
+      default=lambda *a: plain_layer_norm(*a, epsilon).astype(dtype),
+    )
   return _layer_norm(x, scale, bias, epsilon, jnp.dtype(dtype))
 
 
@@ -227,21 +252,26 @@ def _layer_norm_bwd(epsilon, dtype, residuals, grad):
   g = grad * scale
   dx = inv_std * (g - jnp.mean(g, axis=-1, keepdims=True) - normed * jnp.mean(g * normed, axis=-1, keepdims=True))
   leading = tuple(range(x.ndim - 1))
-  return (dx.astype(x.dtype), jnp.sum(grad * normed, axis=leading).astype(scale.dtype),
-          jnp.sum(grad, axis=leading).astype(bias.dtype))
+  return (
+    dx.astype(x.dtype),
+    jnp.sum(grad * normed, axis=leading).astype(scale.dtype),
+    jnp.sum(grad, axis=leading).astype(bias.dtype),
+  )
 
 
 _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
-def pallas_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float,
-                      interpret: bool = False) -> jax.Array:
+def pallas_layer_norm(
+  x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: float, interpret: bool = False
+) -> jax.Array:
   """JAX's Pallas Triton LayerNorm (`jax.experimental.pallas.ops.gpu.layer_norm`): one forward kernel, and two
   backward ones (dx; dscale and dbias), where XLA makes seven fusions of autodiff's backward. Statistics in fp32,
   output in x's dtype; unlike `plain_layer_norm` it keeps the mean and 1/std for the backward in x's dtype (bf16:
   a relative error of 2^-9 in the gradient's scaling). `interpret`: Pallas's interpreter (any backend; the CPU
   tests). The kernel has no sharding rule: XLA's partitioner gathers its input, so it is a one-device candidate."""
   from jax.experimental.pallas.ops.gpu import layer_norm as pallas_ln  # pylint: disable=g-import-not-at-top
+
   rows = x.reshape((x.shape[0], -1, x.shape[-1]))  # the kernel takes (batch, tokens, channels)
   return pallas_ln.layer_norm(rows, scale, bias, eps=epsilon, interpret=interpret).reshape(x.shape)
 
@@ -250,7 +280,7 @@ def pallas_layer_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, epsilon: 
 
 PALLAS_LAYER_NORM = "pallas_layer_norm"
 CANDIDATES = {
-    PALLAS_LAYER_NORM: "JAX's Pallas Triton LayerNorm on a GPU where XLA fuses autodiff's (layer_norm)",
+  PALLAS_LAYER_NORM: "JAX's Pallas Triton LayerNorm on a GPU where XLA fuses autodiff's (layer_norm)",
 }
 _TRYING = jax.make_user_context(frozenset())
 
@@ -261,8 +291,10 @@ def check_candidates(names, field: str = "try_kernels") -> None:
     raise ValueError(f"{field}={names!r}: a list of candidate names, not one string")
   unknown = sorted(set(names) - set(CANDIDATES))
   if unknown:
-    raise ValueError(f"{field}={','.join(names)}: {', '.join(unknown)} is not a kernel candidate; the candidates: "
-                     + "; ".join(f"{name} ({what})" for name, what in CANDIDATES.items()))
+    raise ValueError(
+      f"{field}={','.join(names)}: {', '.join(unknown)} is not a kernel candidate; the candidates: "
+      + "; ".join(f"{name} ({what})" for name, what in CANDIDATES.items())
+    )
 
 
 def trying(names):
@@ -276,35 +308,65 @@ def trying(names):
 
 # ------------------------------------------------------------------------------------------- patch embedding
 
+
 def patch_conv(lhs, rhs, window_strides, padding, **kwargs):
   """The `conv_general_dilated` of a patch embedding's `nn.Conv`: `jax.lax.conv_general_dilated` ('plain') or
   `patch_conv_as_matmul` ('cpu')."""
-  return by_platform(functools.partial(patch_conv_as_matmul, window_strides=window_strides, padding=padding, **kwargs),
-                     functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding,
-                                       **kwargs), lhs, rhs)
+  return by_platform(
+    functools.partial(patch_conv_as_matmul, window_strides=window_strides, padding=padding, **kwargs),
+    functools.partial(jax.lax.conv_general_dilated, window_strides=window_strides, padding=padding, **kwargs),
+    lhs,
+    rhs,
+  )
 
 
-def patch_conv_as_matmul(lhs, rhs, window_strides, padding, lhs_dilation=None, rhs_dilation=None,
-                         dimension_numbers=None, feature_group_count=1, precision=None):
+def patch_conv_as_matmul(
+  lhs,
+  rhs,
+  window_strides,
+  padding,
+  lhs_dilation=None,
+  rhs_dilation=None,
+  dimension_numbers=None,
+  feature_group_count=1,
+  precision=None,
+):
   """`jax.lax.conv_general_dilated` for flax's NHWC x HWIO convolutions, where a patch embedding (stride =
   kernel size, VALID, undilated, sizes divisible) is patches @ kernel: XLA's CPU backend differentiates that
   ~2x faster than the strided convolution. Any other convolution goes to `conv_general_dilated`."""
   patch = tuple(rhs.shape[:-2])
-  nhwc = (dimension_numbers is None
-          or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(range(1, lhs.ndim - 1)))
+  nhwc = dimension_numbers is None or tuple(dimension_numbers.lhs_spec) == (0, lhs.ndim - 1) + tuple(
+    range(1, lhs.ndim - 1)
+  )
   undilated = all(d in (None, 1) for d in tuple(lhs_dilation or ()) + tuple(rhs_dilation or ()))
   no_padding = padding == "VALID" or all(tuple(p) == (0, 0) for p in padding)
   divisible = all(size % p == 0 for size, p in zip(lhs.shape[1:-1], patch))
-  if not (lhs.ndim == 4 and tuple(window_strides) == patch and nhwc and undilated and no_padding and divisible
-          and feature_group_count == 1):
-    return jax.lax.conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
-                                        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
-                                        feature_group_count=feature_group_count, precision=precision)
+  if not (
+    lhs.ndim == 4
+    and tuple(window_strides) == patch
+    and nhwc
+    and undilated
+    and no_padding
+    and divisible
+    and feature_group_count == 1
+  ):
+    return jax.lax.conv_general_dilated(
+      lhs,
+      rhs,
+      window_strides,
+      padding,
+      lhs_dilation=lhs_dilation,
+      rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers,
+      feature_group_count=feature_group_count,
+      precision=precision,
+    )
   patches = einops.rearrange(lhs, "b (h ph) (w pw) c -> b h w ph pw c", ph=patch[0], pw=patch[1])
   return contract_trailing(patches, rhs, 3, precision=precision)
 
 
 # ------------------------------------------------------------------------------------------------- attention
+
 
 def softmax_attention(q, k, v, *, bias=None, mask=None):
   """softmax(q k^T + bias, masked) v over (..., H, T, D) inputs (q already scaled), logits and softmax in fp32.
@@ -316,7 +378,7 @@ def softmax_attention(q, k, v, *, bias=None, mask=None):
   is `sum_leading` of dS in the forms of the forward's trace.
   """
   logits_shape = q.shape[:-2] + (q.shape[-2], k.shape[-2])
-  if bias is not None and tuple(bias.shape) != tuple(logits_shape[len(logits_shape) - bias.ndim:]):
+  if bias is not None and tuple(bias.shape) != tuple(logits_shape[len(logits_shape) - bias.ndim :]):
     raise ValueError(f"attention bias {bias.shape} is not a suffix of the logits' shape {logits_shape}")
   return _softmax_attention(q, k, v, bias, mask, _FORCED.value)
 
@@ -388,8 +450,10 @@ def resolved_attention(implementation: str, choices: tuple[str, ...] = ATTENTION
   the model will run on (`resolve_attention`) before any module sees it."""
   check_attention(implementation, choices=choices)
   if implementation == "auto":
-    raise ValueError("attention='auto' reached a module: models.build resolves it for the devices the model runs "
-                     "on (kernels.resolve_attention); a module takes softmax, cudnn or jax")
+    raise ValueError(
+      "attention='auto' reached a module: models.build resolves it for the devices the model runs "
+      "on (kernels.resolve_attention); a module takes softmax, cudnn or jax"
+    )
   return implementation
 
 
@@ -398,8 +462,10 @@ def check_platform(implementation: str, platform: str, field: str = "attention")
   window kernel ('pallas') anywhere but a GPU, where the CPU would run Pallas's interpreter of it, made for the
   tests' checks and orders of magnitude slower than the softmax path."""
   if implementation == WINDOW_KERNEL and platform not in GPU_PLATFORMS:
-    raise ValueError(f"{field}={implementation!r}: SwinV2's Pallas window kernel runs on a GPU, and these devices "
-                     f"are {platform}; set {field}=auto")
+    raise ValueError(
+      f"{field}={implementation!r}: SwinV2's Pallas window kernel runs on a GPU, and these devices "
+      f"are {platform}; set {field}=auto"
+    )
 
 
 def resolve_attention(implementation: str, platform: str, dtype) -> str:
@@ -430,8 +496,9 @@ def heads_first(x: jax.Array) -> jax.Array:
   return einops.rearrange(x, "... t h d -> ... h t d")
 
 
-def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax",
-                          kv_length: int | None = None):
+def attention(
+  q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "softmax", kv_length: int | None = None
+):
   """Softmax attention over (B, T, H, D) inputs with 1/sqrt(D) scaling; softmax in fp32.
 
   `mask` (boolean, True = may attend) broadcasts to (B, H, T_q, T_k); `causal` lets query i see keys <= i;
@@ -443,8 +510,9 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementa
   """
   implementation = resolved_attention(implementation)
   if implementation != "softmax":
-    return fused_attention(q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation,
-                           kv_length=kv_length)
+    return fused_attention(
+      q, k, v, bias=bias, mask=mask, causal=causal, implementation=implementation, kv_length=kv_length
+    )
   if kv_length is not None and kv_length < k.shape[1]:
     real = jnp.arange(k.shape[1]) < kv_length
     mask = real if mask is None else jnp.logical_and(mask, real)
@@ -452,8 +520,9 @@ def attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementa
     below = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), jnp.bool_))
     mask = below if mask is None else jnp.logical_and(mask, below)
   scale = q.shape[-1] ** -0.5
-  out = softmax_attention(heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v),
-                                      bias=bias, mask=mask)
+  out = softmax_attention(
+    heads_first(q * jnp.asarray(scale, q.dtype)), heads_first(k), heads_first(v), bias=bias, mask=mask
+  )
   return heads_first(out)
 
 
@@ -468,13 +537,25 @@ def saving_cudnn_attention(policy: Callable[..., bool]) -> Callable[..., bool]:
   Remat keeps no custom call's outputs by name, so under `dots_with_no_batch_dims_saveable` the backward runs each
   block's attention forward again to get them; kept, they cost a (tokens, width) output and a (heads, tokens)
   statistic a block. Other attention forms (`softmax_attention`, XLA's) are as under `policy`."""
+
   def save(prim, *args, **params) -> bool:
     return prim.name in CUDNN_ATTENTION_FORWARD or policy(prim, *args, **params)
+
   return save
 
 
-def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, implementation: str = "jax",
-                    scale: float | None = None, kv_length: int | None = None):
+def fused_attention(
+  q,
+  k,
+  v,
+  *,
+  bias=None,
+  mask=None,
+  causal: bool = False,
+  implementation: str = "jax",
+  scale: float | None = None,
+  kv_length: int | None = None,
+):
   """`jax.nn.dot_product_attention` over (B, T, H, D): 'cudnn' forces cuDNN flash attention, 'jax' lets JAX choose.
 
   For cuDNN (as of jax 0.11) a bias or mask must come at its full (T, S) size, and its training kernels take
@@ -489,24 +570,31 @@ def fused_attention(q, k, v, *, bias=None, mask=None, causal: bool = False, impl
       mask = real if mask is None else jnp.logical_and(mask, real)
     return jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale)
   batch, t, s = q.shape[0], q.shape[1], k.shape[1]
-  full = lambda x: None if x is None else jnp.broadcast_to(x.reshape((1,) * (4 - x.ndim) + x.shape),
-                                                            (1,) * (4 - x.ndim) + x.shape[:-2] + (t, s))
+  full = lambda x: (
+    None
+    if x is None
+    else jnp.broadcast_to(x.reshape((1,) * (4 - x.ndim) + x.shape), (1,) * (4 - x.ndim) + x.shape[:-2] + (t, s))
+  )
   bias, mask = full(bias), full(mask)
   pad_t, pad_s = t % 2, s % 2
   lengths = {}
   if kv_length is not None and kv_length < s:
-    lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
-                   key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32))
+    lengths = dict(
+      query_seq_lengths=jnp.full((batch,), t, jnp.int32), key_value_seq_lengths=jnp.full((batch,), kv_length, jnp.int32)
+    )
   if pad_t or pad_s:
     pad = lambda x, n: jnp.pad(x, [(0, 0), (0, n)] + [(0, 0)] * (x.ndim - 2))
     q, k, v = pad(q, pad_t), pad(k, pad_s), pad(v, pad_s)
     pad_ts = lambda x, value: jnp.pad(x, [(0, 0), (0, 0), (0, pad_t), (0, pad_s)], constant_values=value)
     bias = None if bias is None else pad_ts(bias, 0)
     mask = None if mask is None else pad_ts(mask, True)
-    lengths = dict(query_seq_lengths=jnp.full((batch,), t, jnp.int32),
-                   key_value_seq_lengths=jnp.full((batch,), min(s, kv_length or s), jnp.int32))
-  out = jax.nn.dot_product_attention(q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale,
-                                     implementation="cudnn", **lengths)
+    lengths = dict(
+      query_seq_lengths=jnp.full((batch,), t, jnp.int32),
+      key_value_seq_lengths=jnp.full((batch,), min(s, kv_length or s), jnp.int32),
+    )
+  out = jax.nn.dot_product_attention(
+    q, k, v, bias=bias, mask=mask, is_causal=causal, scale=scale, implementation="cudnn", **lengths
+  )
   return out[:, :t]
 
 
@@ -539,8 +627,9 @@ def window_attention(q, k, v, scale, table, regions=None, *, mask_value: float, 
   if side * side != tokens:
     raise ValueError(f"window_attention: {tokens} tokens a window are not a square window's")
   if table.shape != (heads, (2 * side - 1) ** 2) or scale.shape != (heads,):
-    raise ValueError(f"window_attention: table {table.shape} and scale {scale.shape} for {heads} heads of a "
-                     f"{side}x{side} window")
+    raise ValueError(
+      f"window_attention: table {table.shape} and scale {scale.shape} for {heads} heads of a {side}x{side} window"
+    )
   if regions is not None and regions.shape != (windows, tokens):
     raise ValueError(f"window_attention: regions {regions.shape} for {windows} windows of {tokens} tokens")
   if block < 16 or block & (block - 1):
@@ -551,14 +640,17 @@ def window_attention(q, k, v, scale, table, regions=None, *, mask_value: float, 
 
   def run(interpret, *args):
     return _window_attention(*args, dataclasses.replace(settings, interpret=interpret))
+
   args = (q, k, v, scale.astype(jnp.float32), table.astype(jnp.float32), regions)
-  return jax.lax.platform_dependent(*args, cpu=functools.partial(run, True), cuda=functools.partial(run, False),
-                                    rocm=functools.partial(run, False))
+  return jax.lax.platform_dependent(
+    *args, cpu=functools.partial(run, True), cuda=functools.partial(run, False), rocm=functools.partial(run, False)
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _WindowSettings:
   """What the window kernels are specialised on (hashable: custom_vjp's static argument)."""
+
   masked: bool  # a shifted map: the kernel masks pairs of different regions
   mask_value: float
   block: int
@@ -569,6 +661,7 @@ class _WindowSettings:
 class _WindowShape:
   """The sizes a kernel's grid and tiles follow: windows (B x nW) of `tokens` (`side` x `side`), `heads` heads of
   `dim`."""
+
   windows: int
   tokens: int
   heads: int
@@ -609,6 +702,7 @@ def relative_offsets(q_positions, k_positions, side: int):
 # Tiles of the kernels' refs: a (tokens, padded dim) ref of one window and head, read a tile of rows at a time, zero
 # past the real tokens and head dims.
 
+
 def _token_tile(ref, tile, shape: _WindowShape, window=None):
   """Rows `tile` of the ref, or of its window `window` where it holds every window (one indexer: Triton's
   lowering takes no indexer of an indexed ref)."""
@@ -632,8 +726,9 @@ def _scaled_queries(q_ref, scale_ref, head, tile, shape: _WindowShape, window=No
   return (q.astype(jnp.float32) * scale_ref[head]).astype(q.dtype)
 
 
-def _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape: _WindowShape, settings: _WindowSettings,
-                 region_row=None):
+def _tile_logits(
+  q, k, table_ref, regions_ref, q_tile, k_tile, shape: _WindowShape, settings: _WindowSettings, region_row=None
+):
   """(block, block) fp32 logits of a query tile against a key tile: scaled cosines + the position bias gathered
   from the head's table by each pair's offset (+ the shift mask, from row `region_row` of a regions ref that holds
   every window's); keys past the window's tokens get `_PADDED_KEY`."""
@@ -644,24 +739,39 @@ def _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape: _WindowSha
   offsets = relative_offsets(jnp.minimum(q_rows, last)[:, None], jnp.minimum(k_rows, last)[None, :], shape.side)
   logits = plgpu.dot(q, k, trans_b=True) + plgpu.load(table_ref.at[offsets])
   if settings.masked:
-    at = lambda tile: regions_ref.at[(pl.ds(tile * block, block),) if region_row is None
-                                     else (region_row, pl.ds(tile * block, block))]
+    at = lambda tile: regions_ref.at[
+      (pl.ds(tile * block, block),) if region_row is None else (region_row, pl.ds(tile * block, block))
+    ]
     q_regions = plgpu.load(at(q_tile), mask=q_real, other=0)
     k_regions = plgpu.load(at(k_tile), mask=k_real, other=0)
     logits = logits + jnp.where(q_regions[:, None] == k_regions[None, :], 0.0, settings.mask_value)
   return jnp.where(k_real[None, :], logits, _PADDED_KEY)
 
 
-def _probs_and_grad_logits(q, k, v, grad_out, log_sums, deltas, table_ref, regions_ref, q_tile, k_tile,
-                           shape: _WindowShape, settings: _WindowSettings, region_row=None):
+def _probs_and_grad_logits(
+  q,
+  k,
+  v,
+  grad_out,
+  log_sums,
+  deltas,
+  table_ref,
+  regions_ref,
+  q_tile,
+  k_tile,
+  shape: _WindowShape,
+  settings: _WindowSettings,
+  region_row=None,
+):
   """The tile's probabilities P = exp(logits - logsumexp) and dS = P * (dO V^T - rowsum(dO * O)), both fp32."""
   logits = _tile_logits(q, k, table_ref, regions_ref, q_tile, k_tile, shape, settings, region_row)
   probs = jnp.exp(logits - log_sums[:, None])
   return probs, probs * (plgpu.dot(grad_out, v, trans_b=True) - deltas[:, None])
 
 
-def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
-                           settings: _WindowSettings):
+def _window_forward_kernel(
+  scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape, settings: _WindowSettings
+):
   """One (window, head, query tile): online softmax over the key tiles (FlashAttention's forward); writes the
   output rows and their log-sum-exp for the backward."""
   regions_ref, out_ref, log_sum_ref = refs if settings.masked else (None, *refs)
@@ -678,18 +788,21 @@ def _window_forward_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, sha
     out = out * rescale[:, None] + plgpu.dot(probs.astype(v.dtype), v)
     return out, new_max, row_sum * rescale + jnp.sum(probs, axis=1)
 
-  init = (jnp.zeros((shape.block, shape.padded_dim), jnp.float32), jnp.full((shape.block,), -jnp.inf, jnp.float32),
-          jnp.zeros((shape.block,), jnp.float32))
+  init = (
+    jnp.zeros((shape.block, shape.padded_dim), jnp.float32),
+    jnp.full((shape.block,), -jnp.inf, jnp.float32),
+    jnp.zeros((shape.block,), jnp.float32),
+  )
   out, row_max, row_sum = jax.lax.fori_loop(0, shape.tiles, key_tile, init)
   _store_token_tile(out_ref, q_tile, out / row_sum[:, None], shape)
   log_sum_ref[pl.ds(q_tile * shape.block, shape.block)] = row_max + jnp.log(row_sum)
 
 
-def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
-                           settings: _WindowSettings):
+def _window_grad_kv_kernel(
+  scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape, settings: _WindowSettings
+):
   """One (window, head, key tile): dK and dV summed over the query tiles."""
-  regions_ref, grad_out_ref, log_sum_ref, delta_ref, grad_k_ref, grad_v_ref = (
-      refs if settings.masked else (None, *refs))
+  regions_ref, grad_out_ref, log_sum_ref, delta_ref, grad_k_ref, grad_v_ref = refs if settings.masked else (None, *refs)
   head, k_tile = pl.program_id(1), pl.program_id(2)
   k, v = _token_tile(k_ref, k_tile, shape), _token_tile(v_ref, k_tile, shape)
 
@@ -698,8 +811,9 @@ def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, sha
     q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape)
     grad_out = _token_tile(grad_out_ref, q_tile, shape)
     rows = pl.ds(q_tile * shape.block, shape.block)
-    probs, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[rows], delta_ref[rows], table_ref,
-                                                regions_ref, q_tile, k_tile, shape, settings)
+    probs, grad_logits = _probs_and_grad_logits(
+      q, k, v, grad_out, log_sum_ref[rows], delta_ref[rows], table_ref, regions_ref, q_tile, k_tile, shape, settings
+    )
     grad_v = grad_v + plgpu.dot(probs.astype(grad_out.dtype), grad_out, trans_a=True)
     return grad_k + plgpu.dot(grad_logits.astype(q.dtype), q, trans_a=True), grad_v
 
@@ -709,14 +823,25 @@ def _window_grad_kv_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, sha
   _store_token_tile(grad_v_ref, k_tile, grad_v, shape)
 
 
-def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs, shape: _WindowShape,
-                               settings: _WindowSettings, groups: int, windows_per_map: int):
+def _window_grad_q_bias_kernel(
+  scale_ref,
+  q_ref,
+  k_ref,
+  v_ref,
+  table_ref,
+  *refs,
+  shape: _WindowShape,
+  settings: _WindowSettings,
+  groups: int,
+  windows_per_map: int,
+):
   """One (head, query tile, group of windows): for each key tile, dS over the group's windows (windows g, g +
   groups, ...) summed in registers into that tile of the position bias's gradient, written once; dQ (of the scaled
   queries, fp32) added per key tile into its rows, atomically (the same rows again after a group's pass: a
   pipelined load must not overtake the last store)."""
   regions_ref, grad_out_ref, log_sum_ref, delta_ref, _, grad_q_ref, grad_bias_ref = (
-      refs if settings.masked else (None, *refs))
+    refs if settings.masked else (None, *refs)
+  )
   head, q_tile, group = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   rows = pl.ds(q_tile * shape.block, shape.block)
   group_windows = (shape.windows - group + groups - 1) // groups
@@ -727,10 +852,24 @@ def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs,
       q = _scaled_queries(q_ref, scale_ref, head, q_tile, shape, w)
       k, v = _token_tile(k_ref, k_tile, shape, w), _token_tile(v_ref, k_tile, shape, w)
       grad_out = _token_tile(grad_out_ref, q_tile, shape, w)
-      _, grad_logits = _probs_and_grad_logits(q, k, v, grad_out, log_sum_ref[w, rows], delta_ref[w, rows], table_ref,
-                                              regions_ref, q_tile, k_tile, shape, settings, w % windows_per_map)
+      _, grad_logits = _probs_and_grad_logits(
+        q,
+        k,
+        v,
+        grad_out,
+        log_sum_ref[w, rows],
+        delta_ref[w, rows],
+        table_ref,
+        regions_ref,
+        q_tile,
+        k_tile,
+        shape,
+        settings,
+        w % windows_per_map,
+      )
       plgpu.atomic_add(grad_q_ref, (w, rows, slice(None)), plgpu.dot(grad_logits.astype(k.dtype), k))
       return grad_bias + grad_logits
+
     grad_bias = jax.lax.fori_loop(0, group_windows, window, jnp.zeros((shape.block, shape.block), jnp.float32))
     grad_bias_ref[rows, pl.ds(k_tile * shape.block, shape.block)] = grad_bias
     return carry
@@ -739,9 +878,17 @@ def _window_grad_q_bias_kernel(scale_ref, q_ref, k_ref, v_ref, table_ref, *refs,
 
 
 def _window_call(kernel, grid, in_specs, out_specs, out_shape, settings: _WindowSettings, name: str, **kwargs):
-  return pl.pallas_call(kernel, grid=grid, in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-                        compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
-                        interpret=settings.interpret, name=name, **kwargs)
+  return pl.pallas_call(
+    kernel,
+    grid=grid,
+    in_specs=in_specs,
+    out_specs=out_specs,
+    out_shape=out_shape,
+    compiler_params=plgpu.CompilerParams(num_warps=4, num_stages=2),
+    interpret=settings.interpret,
+    name=name,
+    **kwargs,
+  )
 
 
 def _window_specs(shape: _WindowShape, settings: _WindowSettings, windows_per_map: int, per_window: bool):
@@ -777,11 +924,16 @@ def _window_forward(q, k, v, scale, table, regions, settings: _WindowSettings):
   shape = _shape_of(q, settings.block)
   inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=True)
   out, log_sums = _window_call(
-      functools.partial(_window_forward_kernel, shape=shape, settings=settings),
-      (shape.windows, shape.heads, shape.tiles), inputs, [inputs[1], row_stats],
-      [jax.ShapeDtypeStruct(_flat_windows(v, shape).shape, v.dtype),
-       jax.ShapeDtypeStruct((shape.windows, shape.heads, shape.padded_tokens), jnp.float32)],
-      settings, "swin_window_attention_fwd",
+    functools.partial(_window_forward_kernel, shape=shape, settings=settings),
+    (shape.windows, shape.heads, shape.tiles),
+    inputs,
+    [inputs[1], row_stats],
+    [
+      jax.ShapeDtypeStruct(_flat_windows(v, shape).shape, v.dtype),
+      jax.ShapeDtypeStruct((shape.windows, shape.heads, shape.padded_tokens), jnp.float32),
+    ],
+    settings,
+    "swin_window_attention_fwd",
   )(*_window_operands(q, k, v, scale, table, regions, shape, settings))
   return out.reshape(v.shape), log_sums
 
@@ -790,12 +942,16 @@ def _window_grad_kv(q, k, v, scale, table, regions, grad_out, log_sums, deltas, 
   shape = _shape_of(q, settings.block)
   inputs, row_stats = _window_specs(shape, settings, regions.shape[0], per_window=True)
   grad_k, grad_v = _window_call(
-      functools.partial(_window_grad_kv_kernel, shape=shape, settings=settings),
-      (shape.windows, shape.heads, shape.tiles), inputs + [inputs[1], row_stats, row_stats], [inputs[1], inputs[1]],
-      [jax.ShapeDtypeStruct(_flat_windows(x, shape).shape, x.dtype) for x in (k, v)],
-      settings, "swin_window_attention_bwd_kv",
-  )(*_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
-    deltas)
+    functools.partial(_window_grad_kv_kernel, shape=shape, settings=settings),
+    (shape.windows, shape.heads, shape.tiles),
+    inputs + [inputs[1], row_stats, row_stats],
+    [inputs[1], inputs[1]],
+    [jax.ShapeDtypeStruct(_flat_windows(x, shape).shape, x.dtype) for x in (k, v)],
+    settings,
+    "swin_window_attention_bwd_kv",
+  )(
+    *_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums, deltas
+  )
   return grad_k.reshape(k.shape), grad_v.reshape(v.shape)
 
 
@@ -808,15 +964,26 @@ def _window_grad_q_bias(q, k, v, scale, table, regions, grad_out, log_sums, delt
   grad_q_spec = pl.BlockSpec((shape.windows, None, n_pad, shape.padded_dim), lambda h, t, g: (0, h, 0, 0))
   grad_q_zeros = jnp.zeros((shape.windows, shape.heads, n_pad, shape.padded_dim), jnp.float32)
   grad_q, partial_grad_bias = _window_call(
-      functools.partial(_window_grad_q_bias_kernel, shape=shape, settings=settings, groups=groups,
-                        windows_per_map=regions.shape[0]),
-      (shape.heads, shape.tiles, groups), inputs + [inputs[1], row_stats, row_stats, grad_q_spec],
-      [grad_q_spec, pl.BlockSpec((None, None, n_pad, n_pad), lambda h, t, g: (g, h, 0, 0))],
-      [jax.ShapeDtypeStruct(grad_q_zeros.shape, jnp.float32),
-       jax.ShapeDtypeStruct((groups, shape.heads, n_pad, n_pad), jnp.float32)],
-      settings, "swin_window_attention_bwd_q_bias", input_output_aliases={len(inputs) + 3: 0},
-  )(*_window_operands(q, k, v, scale, table, regions, shape, settings), _flat_windows(grad_out, shape), log_sums,
-    deltas, grad_q_zeros)
+    functools.partial(
+      _window_grad_q_bias_kernel, shape=shape, settings=settings, groups=groups, windows_per_map=regions.shape[0]
+    ),
+    (shape.heads, shape.tiles, groups),
+    inputs + [inputs[1], row_stats, row_stats, grad_q_spec],
+    [grad_q_spec, pl.BlockSpec((None, None, n_pad, n_pad), lambda h, t, g: (g, h, 0, 0))],
+    [
+      jax.ShapeDtypeStruct(grad_q_zeros.shape, jnp.float32),
+      jax.ShapeDtypeStruct((groups, shape.heads, n_pad, n_pad), jnp.float32),
+    ],
+    settings,
+    "swin_window_attention_bwd_q_bias",
+    input_output_aliases={len(inputs) + 3: 0},
+  )(
+    *_window_operands(q, k, v, scale, table, regions, shape, settings),
+    _flat_windows(grad_out, shape),
+    log_sums,
+    deltas,
+    grad_q_zeros,
+  )
   n = shape.tokens
   return grad_q, jnp.sum(partial_grad_bias, axis=0)[:, :n, :n]
 
@@ -844,7 +1011,7 @@ def _window_attention_bwd(settings: _WindowSettings, residuals, grad_out):
   args = (q, k, v, scale, table, regions, grad_out, log_sums, deltas, settings)
   grad_k, grad_v = _window_grad_kv(*args)
   grad_scaled_q, grad_bias = _window_grad_q_bias(*args)
-  grad_scaled_q = grad_scaled_q[:, :, :shape.tokens, :shape.dim]
+  grad_scaled_q = grad_scaled_q[:, :, : shape.tokens, : shape.dim]
   grad_scale = jnp.sum(grad_scaled_q * jnp.swapaxes(flat(q), 1, 2), axis=(0, 2, 3))
   grad_q = jnp.einsum("whnd,h->wnhd", grad_scaled_q, scale).astype(q.dtype).reshape(q.shape)
   positions = np.arange(shape.tokens)

@@ -40,7 +40,8 @@ def _remat_policy(name: str) -> Callable[..., bool] | None:
 
 # The remat policy of each name config_lib.REMAT_POLICIES allows (the one list); 'none' (no remat) has none.
 REMAT_POLICIES: dict[str, Callable[..., bool] | None] = {
-    name: _remat_policy(name) for name in config_lib.REMAT_POLICIES}
+  name: _remat_policy(name) for name in config_lib.REMAT_POLICIES
+}
 
 
 def logical(init: Callable[..., Any], names: tuple[str | None, ...]) -> Callable[..., Any]:
@@ -59,18 +60,21 @@ def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
 def _flat_init(init: Callable[..., Any], num_in: int) -> Callable[..., Any]:
   """Calls `init` with the (inputs, outputs) matrix shape and reshapes (as flax's DenseGeneral does), so a
   (C, 3, heads, head_dim) kernel has the fan-in/fan-out of a C x 3C matrix."""
+
   def wrapped(rng, shape, dtype=jnp.float32):
     flat = (math.prod(shape[:num_in]), math.prod(shape[num_in:])) if num_in else (math.prod(shape),)
     value = init(rng, flat, dtype)
     if isinstance(value, meta.AxisMetadata):  # reshaped before its names (and their constraint) apply
       return value.replace_boxed(jnp.reshape(value.unbox(apply_constraint=False), shape))
     return jnp.reshape(value, shape)
+
   return wrapped
 
 
 class Dense(nn.Module):
   """y = x . kernel + bias over the input axes `axis` (params `kernel` (in axes..., features...) and `bias`
   (features...), as flax's DenseGeneral), computed as one 2-D product with a 1-D bias (`kernels.flat_dense`)."""
+
   features: int | tuple[int, ...]
   axis: int | tuple[int, ...] = -1
   use_bias: bool = True
@@ -108,9 +112,10 @@ class Dense(nn.Module):
       y = kernels_lib.flat_dense(x, cast(kernel), cast(bias), len(axes), matmul)
       return tuple(y[(Ellipsis, i) + (slice(None),) * (len(features) - 1)] for i in range(features[0]))
     pick = lambda i: (slice(None),) * len(axes) + (i,)
-    return tuple(kernels_lib.flat_dense(x, cast(kernel[pick(i)]), None if bias is None else cast(bias[i]), len(axes),
-                                        matmul) for i in range(features[0]))
-
+    return tuple(
+      kernels_lib.flat_dense(x, cast(kernel[pick(i)]), None if bias is None else cast(bias[i]), len(axes), matmul)
+      for i in range(features[0])
+    )
 
   def _amax_histories(self) -> tuple[jax.Array, jax.Array]:
     """(input, gradient) amax histories of delayed FP8 scaling (models/fp8.py): fresh ones in the HISTORY
@@ -119,34 +124,65 @@ class Dense(nn.Module):
     if self.is_initializing():
       return tuple(self.variable(fp8_lib.HISTORY, n, fp8_lib.fresh_history).value for n in names)
     if not all(self.has_variable("params", n) for n in names):
-      raise ValueError(f"{'/'.join(self.path)}: precision.gemm={fp8_lib.DELAYED} needs the layer's amax histories "
-                       f"among its params (fp8.with_histories)")
+      raise ValueError(
+        f"{'/'.join(self.path)}: precision.gemm={fp8_lib.DELAYED} needs the layer's amax histories "
+        f"among its params (fp8.with_histories)"
+      )
     return tuple(self.get_variable("params", n) for n in names)
 
 
-def dense(features: int | tuple[int, ...], names: tuple[str | None, ...], dtype: Dtype, *,
-          axis: int | tuple[int, ...] = -1, use_bias: bool = True, kernel_init=nn.initializers.xavier_uniform(),
-          bias_init=nn.initializers.zeros,
-          separate: bool = False, name: str | None = None, fp8: bool = False, fp8_delayed: bool = True) -> Dense:
+def dense(
+  features: int | tuple[int, ...],
+  names: tuple[str | None, ...],
+  dtype: Dtype,
+  *,
+  axis: int | tuple[int, ...] = -1,
+  use_bias: bool = True,
+  kernel_init=nn.initializers.xavier_uniform(),
+  bias_init=nn.initializers.zeros,
+  separate: bool = False,
+  name: str | None = None,
+  fp8: bool = False,
+  fp8_delayed: bool = True,
+) -> Dense:
   """A `Dense` whose kernel axes are `names` (input axes then output axes) and bias the output axes; `fp8`: one of
   a block's GEMMs, `fp8_delayed` False leaving it out of 'fp8_delayed' (models/fp8.py)."""
   out_ndim = 1 if isinstance(features, int) else len(features)
-  return Dense(features=features, axis=axis, use_bias=use_bias, dtype=dtype, param_dtype=jnp.float32,
-               kernel_init=logical(kernel_init, names), bias_init=logical(bias_init, names[-out_ndim:]),
-               separate=separate, name=name, fp8=fp8, fp8_delayed=fp8_delayed)
+  return Dense(
+    features=features,
+    axis=axis,
+    use_bias=use_bias,
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    kernel_init=logical(kernel_init, names),
+    bias_init=logical(bias_init, names[-out_ndim:]),
+    separate=separate,
+    name=name,
+    fp8=fp8,
+    fp8_delayed=fp8_delayed,
+  )
 
 
-def patch_embed(images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed",
-                use_bias: bool = True) -> jax.Array:
+def patch_embed(
+  images, width: int, patch_size: int, dtype: Dtype, name: str = "patch_embed", use_bias: bool = True
+) -> jax.Array:
   """Non-overlapping patches -> (B, H/p, W/p, width) by a p x p, stride p conv, with a bias unless `use_bias`
   is False (CLIP's) (call in a compact method: the conv's params land under `name` in the caller)."""
   if images.shape[1] % patch_size or images.shape[2] % patch_size:
     raise ValueError(f"image size {images.shape[1:3]} is not divisible by patch size {patch_size}")
-  return nn.Conv(width, (patch_size,) * 2, strides=(patch_size,) * 2, padding="VALID", dtype=dtype,
-                 param_dtype=jnp.float32, name=name, conv_general_dilated=kernels_lib.patch_conv,
-                 use_bias=use_bias,
-                 kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
-                 bias_init=logical(nn.initializers.zeros, (EMBED,)))(images.astype(dtype))
+  return nn.Conv(
+    width,
+    (patch_size,) * 2,
+    strides=(patch_size,) * 2,
+    padding="VALID",
+    dtype=dtype,
+    param_dtype=jnp.float32,
+    name=name,
+    conv_general_dilated=kernels_lib.patch_conv,
+    use_bias=use_bias,
+    kernel_init=logical(nn.initializers.lecun_normal(), (None, None, None, EMBED)),
+    bias_init=logical(nn.initializers.zeros, (EMBED,)),
+  )(images.astype(dtype))
 
 
 def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
@@ -159,13 +195,20 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 
 def classifier_head(pooled, num_classes: int, bias_init: float = 0.0, name: str = "head") -> jax.Array:
   """The fp32 linear head of the classifiers: zero-initialised kernel, constant bias (call in a compact method)."""
-  return dense(num_classes, (EMBED, CLASSES), jnp.float32, name=name, kernel_init=nn.initializers.zeros,
-               bias_init=nn.initializers.constant(bias_init))(pooled)
+  return dense(
+    num_classes,
+    (EMBED, CLASSES),
+    jnp.float32,
+    name=name,
+    kernel_init=nn.initializers.zeros,
+    bias_init=nn.initializers.constant(bias_init),
+  )(pooled)
 
 
 class LayerNorm(nn.Module):
   """LayerNorm computed in fp32 whatever the compute dtype; output cast back to `dtype`. Params live under
   `ln/` (`scale`, `bias`)."""
+
   epsilon: float = 1e-6
   dtype: Dtype = jnp.float32
   axis_name: str = EMBED
@@ -179,6 +222,7 @@ class LayerNorm(nn.Module):
 
 class _Normalize(nn.Module):
   """(x - mean) / sqrt(var + eps) * scale + bias over the last axis, in fp32, returned in `dtype`."""
+
   epsilon: float
   scale_init: Callable[..., Any]
   axis_name: str
@@ -200,6 +244,7 @@ class SelfAttention(nn.Module):
   at positions index..index+t-1; their keys and values are written into the cache, queries attend to cached
   positions up to their own, and the call returns (out, new cache) instead of out.
   """
+
   num_heads: int
   dtype: Dtype = jnp.float32
   qkv_bias: bool = True
@@ -213,14 +258,22 @@ class SelfAttention(nn.Module):
     if width % self.num_heads:
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
-    q, k, v = dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=self.qkv_bias,
-                    separate=True, name="qkv", fp8=True)(x)
+    q, k, v = dense(
+      (3, self.num_heads, head_dim),
+      (EMBED, None, HEADS, KV),
+      self.dtype,
+      use_bias=self.qkv_bias,
+      separate=True,
+      name="qkv",
+      fp8=True,
+    )(x)
     project = dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out", fp8=True, fp8_delayed=False)
     if cache is not None:
       out, cache = cached_attention(q, k, v, cache, index)
       return project(out), cache
-    out = kernels_lib.attention(q, k, v, mask=mask, causal=self.causal, implementation=self.implementation,
-                                kv_length=self.kv_length)
+    out = kernels_lib.attention(
+      q, k, v, mask=mask, causal=self.causal, implementation=self.implementation, kv_length=self.kv_length
+    )
     out = constrain(out, (BATCH, LENGTH, ACT_HEADS, None))
     return project(out)
 
@@ -247,6 +300,7 @@ class CrossAttention(nn.Module):
   `project_kv(memory)` -> (k, v) each (B, M, heads, head_dim); `__call__(x, memory=None, kv=None)` uses the
   given `kv` (cached across decoding steps) or projects `memory`. Returns (B, T, width).
   """
+
   width: int
   num_heads: int
   dtype: Dtype = jnp.float32
@@ -314,8 +368,10 @@ gelu.defvjp(_gelu_fwd, _gelu_bwd)
 # speed candidate (a cheaper epilogue for XLA's GEMM fusions; launch/bench_gpu.sh leads measures it), never a
 # default.
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": gelu, "quick_gelu": quick_gelu,
-    "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True)}
+  "gelu": gelu,
+  "quick_gelu": quick_gelu,
+  "gelu_pytorch_tanh": lambda x: nn.gelu(x, approximate=True),
+}
 
 
 def check_activation(act: str, field: str = "act") -> str:
@@ -327,6 +383,7 @@ def check_activation(act: str, field: str = "act") -> str:
 
 class Mlp(nn.Module):
   """Linear -> activation (exact GELU unless `act` names another of ACTIVATIONS) -> Linear."""
+
   hidden: int
   dtype: Dtype = jnp.float32
   dropout: float = 0.0
@@ -402,8 +459,18 @@ def straight_line_blocks(depth: int, scan: bool, unroll: int) -> bool:
   return not scan or unroll == 0 or unroll >= depth or depth % unroll != 0
 
 
-def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy: str, name: str,
-                 num_broadcast: int = 0, with_outputs: bool = False, unroll: int = 1, **block_kwargs):
+def stack_blocks(
+  block: type[nn.Module],
+  *,
+  depth: int,
+  scan: bool,
+  remat_policy: str,
+  name: str,
+  num_broadcast: int = 0,
+  with_outputs: bool = False,
+  unroll: int = 1,
+  **block_kwargs,
+):
   """Returns a function (x, per_block, *broadcast) -> x that runs `depth` blocks, scanned (one compiled body)
   or unrolled.
 
@@ -423,14 +490,20 @@ def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy
   block = remat(block, remat_policy, prevent_cse=straight_line_blocks(depth, scan, unroll))
   if scan:
     # delayed FP8 scaling's amax histories (models/fp8.py) are per block too
-    scanned = nn.scan(block, variable_axes={"params": 0, fp8_lib.HISTORY: 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(0,) + (nn.broadcast,) * num_broadcast, length=depth, unroll=min(unroll, depth),
-                      metadata_params={nn.PARTITION_NAME: LAYERS})(name=name, **block_kwargs)
+    scanned = nn.scan(
+      block,
+      variable_axes={"params": 0, fp8_lib.HISTORY: 0},
+      split_rngs={"params": True, "dropout": True},
+      in_axes=(0,) + (nn.broadcast,) * num_broadcast,
+      length=depth,
+      unroll=min(unroll, depth),
+      metadata_params={nn.PARTITION_NAME: LAYERS},
+    )(name=name, **block_kwargs)
 
     def run_scanned(x, per_block, *broadcast):
       x, outputs = scanned(x, per_block, *broadcast)
       return (x, outputs) if with_outputs else x
+
     return run_scanned
 
   blocks = [block(name=f"{name}_{i}", **block_kwargs) for i in range(depth)]
@@ -443,4 +516,5 @@ def stack_blocks(block: type[nn.Module], *, depth: int, scan: bool, remat_policy
     if not with_outputs:
       return x
     return x, jax.tree.map(lambda *xs: jnp.stack(xs), *outputs) if outputs and outputs[0] is not None else None
+
   return run_unrolled

@@ -35,10 +35,18 @@ class Segmenter(dense_heads.DenseModel):
     maps, strides = dense_heads.backbone_maps(self.backbone, images, train)
     plain = len(maps) == 1  # one normalised map (ViT): the simple pyramid; stage outputs: a norm per level
     if plain:
-      maps, _ = dense_heads.SimpleFeaturePyramid(int(strides[0]), self.neck_channels, self.neck_strides,
-                                                 self.dtype, name="neck")(maps[0])
-    logits = dense_heads.UPerHead(self.num_classes, self.head_channels, self.ppm_scales, input_norms=not plain,
-                                  dropout=self.dropout, dtype=self.dtype, name="head")(maps, train)
+      maps, _ = dense_heads.SimpleFeaturePyramid(
+        int(strides[0]), self.neck_channels, self.neck_strides, self.dtype, name="neck"
+      )(maps[0])
+    logits = dense_heads.UPerHead(
+      self.num_classes,
+      self.head_channels,
+      self.ppm_scales,
+      input_norms=not plain,
+      dropout=self.dropout,
+      dtype=self.dtype,
+      name="head",
+    )(maps, train)
     return dense_heads.resize_bilinear(logits, images.shape[1:3])
 
 
@@ -50,8 +58,13 @@ def window_starts(size: int, window: int, stride: int) -> list[int]:
   return sorted({max(min(i * stride, size - window), 0) for i in range(count)})
 
 
-def sliding_window_logits(apply_fn: Callable[[jax.Array], jax.Array], images: jax.Array, window: int | tuple[int, int],
-                          stride: int | tuple[int, int], num_classes: int) -> jax.Array:
+def sliding_window_logits(
+  apply_fn: Callable[[jax.Array], jax.Array],
+  images: jax.Array,
+  window: int | tuple[int, int],
+  stride: int | tuple[int, int],
+  num_classes: int,
+) -> jax.Array:
   """Logits (B, H, W, num_classes) fp32 of images (B, H, W, 3) from `apply_fn(crops) -> (B, wh, ww,
   num_classes)` on window crops, averaged where windows overlap.
 
@@ -70,9 +83,9 @@ def sliding_window_logits(apply_fn: Callable[[jax.Array], jax.Array], images: ja
   counts = np.zeros((full_h, full_w, 1), np.float32)
   for y in window_starts(full_h, wh, sh):
     for x in window_starts(full_w, ww, sw):
-      logits = apply_fn(images[:, y:y + wh, x:x + ww]).astype(jnp.float32)
+      logits = apply_fn(images[:, y : y + wh, x : x + ww]).astype(jnp.float32)
       if logits.shape != (batch, wh, ww, num_classes):
         raise ValueError(f"apply_fn returned {logits.shape}, expected {(batch, wh, ww, num_classes)}")
-      total = total.at[:, y:y + wh, x:x + ww].add(logits)
-      counts[y:y + wh, x:x + ww] += 1
+      total = total.at[:, y : y + wh, x : x + ww].add(logits)
+      counts[y : y + wh, x : x + ww] += 1
   return (total / counts)[:, :height, :width]

@@ -65,15 +65,15 @@ from visionfm_jax.parallel import sharding
 
 # name: (embed_dim C, depths, heads); stage s has width C * 2**s.
 SIZES: dict[str, tuple[int, tuple[int, ...], tuple[int, ...]]] = {
-    "pico": (16, (2, 2), (2, 4)),  # unit tests
-    "femto": (16, (2,), (2,)),  # the tests' image-text towers: pico's first stage alone
-    "mu": (48, (2, 2, 2), (3, 6, 12)),  # CPU demos
-    "T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
-    "S": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
-    "B": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
-    "L": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
-    "H": (352, (2, 2, 18, 2), (8, 16, 32, 64)),
-    "G": (512, (2, 2, 42, 4), (16, 32, 64, 128)),
+  "pico": (16, (2, 2), (2, 4)),  # unit tests
+  "femto": (16, (2,), (2,)),  # the tests' image-text towers: pico's first stage alone
+  "mu": (48, (2, 2, 2), (3, 6, 12)),  # CPU demos
+  "T": (96, (2, 2, 6, 2), (3, 6, 12, 24)),
+  "S": (96, (2, 2, 18, 2), (3, 6, 12, 24)),
+  "B": (128, (2, 2, 18, 2), (4, 8, 16, 32)),
+  "L": (192, (2, 2, 18, 2), (6, 12, 24, 48)),
+  "H": (352, (2, 2, 18, 2), (8, 16, 32, 64)),
+  "G": (512, (2, 2, 42, 4), (16, 32, 64, 128)),
 }
 # Sizes that add a main-branch LayerNorm every 6 blocks (the paper's recipe for H and G).
 EXTRA_NORM_PERIOD = {"H": 6, "G": 6}
@@ -90,8 +90,10 @@ def parse_variant(variant: str) -> dict[str, Any]:
   '<embed_dim>x<depth,...>x<heads,...>' ('8x2,2x2,4': `config_lib.staged_size`, no extra norms)."""
   sizes = SIZES.get(variant) or staged_size(variant)
   if sizes is None:
-    raise ValueError(f"SwinV2 variant {variant!r}: expected one of {list(SIZES)} or "
-                     "'<embed_dim>x<depth,...>x<heads,...>' (one a stage)")
+    raise ValueError(
+      f"SwinV2 variant {variant!r}: expected one of {list(SIZES)} or "
+      "'<embed_dim>x<depth,...>x<heads,...>' (one a stage)"
+    )
   embed_dim, depths, heads = sizes
   return dict(embed_dim=embed_dim, depths=depths, num_heads=heads, extra_norm_period=EXTRA_NORM_PERIOD.get(variant, 0))
 
@@ -114,16 +116,19 @@ def stage_window(feature: tuple[int, int], window: int) -> tuple[int, int]:
   return window, window // 2
 
 
-def subgrid_window(feature: tuple[int, int], full_feature: tuple[int, int], window: int,
-                   stride: int) -> tuple[int, int]:
+def subgrid_window(
+  feature: tuple[int, int], full_feature: tuple[int, int], window: int, stride: int
+) -> tuple[int, int]:
   """(window, shift) of a stage seeing every `stride`-th token of a `full_feature` map (`token_subgrid`): the full
   map's windows with 1 / stride^2 of their tokens, shifted by half of that; one window where the full map is."""
   full_window, _ = stage_window(full_feature, window)
   if max(full_feature) <= window:
     return stage_window(feature, max(feature))
   if full_window % stride:
-    raise ValueError(f"window {full_window} of a {full_feature} map does not split into every {stride}-th token "
-                     f"(token_subgrid={stride} needs windows divisible by it)")
+    raise ValueError(
+      f"window {full_window} of a {full_feature} map does not split into every {stride}-th token "
+      f"(token_subgrid={stride} needs windows divisible by it)"
+    )
   kept = full_window // stride
   return kept, kept // 2
 
@@ -133,10 +138,13 @@ def keep_patch_subgrid(images: jax.Array, patch: int, stride: int, rng: jax.Arra
   random phase (dy, dx) of its own, as one smaller image (`token_subgrid`); the others are never embedded."""
   batch, height, width, _ = images.shape
   if (height // patch) % stride or (width // patch) % stride:
-    raise ValueError(f"a {height // patch}x{width // patch} patch map does not split into every {stride}-th patch "
-                     f"(token_subgrid={stride})")
-  phases = einops.rearrange(images, "b (h dh p) (w dw q) c -> b (dh dw) (h p) (w q) c", dh=stride, dw=stride,
-                            p=patch, q=patch)
+    raise ValueError(
+      f"a {height // patch}x{width // patch} patch map does not split into every {stride}-th patch "
+      f"(token_subgrid={stride})"
+    )
+  phases = einops.rearrange(
+    images, "b (h dh p) (w dw q) c -> b (dh dw) (h p) (w q) c", dh=stride, dw=stride, p=patch, q=patch
+  )
   phase = jax.random.randint(rng, (batch,), 0, stride * stride)
   return jnp.take_along_axis(phases, phase[:, None, None, None, None], axis=1)[:, 0]
 
@@ -151,16 +159,18 @@ def stage_features(image_hw: tuple[int, int], patch_size: int, num_stages: int) 
   return out
 
 
-def stage_windows(image_size: int, window_size: int | Sequence[int], num_stages: int = 4,
-                  patch_size: int = 4) -> list[tuple[int, int, int]]:
+def stage_windows(
+  image_size: int, window_size: int | Sequence[int], num_stages: int = 4, patch_size: int = 4
+) -> list[tuple[int, int, int]]:
   """(feature size, window, shift) per stage; 640 px, window 40 -> (160,40,20), (80,40,20), (40,40,0), (20,20,0)."""
   windows = per_stage(window_size, num_stages, "window_size")
   feats = stage_features((image_size, image_size), patch_size, num_stages)
   return [(f[0], *stage_window(f, w)) for f, w in zip(feats, windows)]
 
 
-def pretrained_windows(image_size: int, window_size: int | Sequence[int], num_stages: int = 4,
-                       patch_size: int = 4) -> tuple[int, ...]:
+def pretrained_windows(
+  image_size: int, window_size: int | Sequence[int], num_stages: int = 4, patch_size: int = 4
+) -> tuple[int, ...]:
   """The per-stage windows a model trained at `image_size` used: its `pretrained_window_sizes` elsewhere."""
   return tuple(w for _, w, _ in stage_windows(image_size, window_size, num_stages, patch_size))
 
@@ -217,9 +227,11 @@ def relative_position_index(window: int) -> np.ndarray:
 
 def shift_regions(height: int, width: int, window: int, shift: int) -> jax.Array:
   """(num_windows, N) region id of every token of the rolled map; tokens of different regions may not attend."""
+
   def axis_regions(size):
     idx = jnp.arange(size)
     return (idx >= size - window).astype(jnp.int32) + (idx >= size - shift).astype(jnp.int32)
+
   ids = axis_regions(height)[:, None] * 3 + axis_regions(width)[None, :]
   return partition_windows(ids[None, :, :, None], window)[0, :, :, 0]
 
@@ -231,13 +243,15 @@ def partition_windows(x: jax.Array, window: int) -> jax.Array:
 
 def merge_windows(x: jax.Array, window: int, height: int, width: int) -> jax.Array:
   """Inverse of `partition_windows`."""
-  return einops.rearrange(x, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=height // window,
-                          nw=width // window, wh=window, ww=window)
+  return einops.rearrange(
+    x, "b (nh nw) (wh ww) c -> b (nh wh) (nw ww) c", nh=height // window, nw=width // window, wh=window, ww=window
+  )
 
 
 class ContinuousPositionBias(nn.Module):
   """16 * sigmoid(MLP(offset table)) for one window size, per head and offset: (heads, (2W-1)^2), fp32;
   `bias_of_offsets` makes it the (heads, N, N) bias. `stride`: the offsets' spacing on the full map."""
+
   num_heads: int
   window: int
   pretrained_window: int
@@ -246,10 +260,17 @@ class ContinuousPositionBias(nn.Module):
   @nn.compact
   def __call__(self):
     table = jnp.asarray(relative_coords_table(self.window, self.pretrained_window, self.stride))
-    hidden = layers.dense(CPB_HIDDEN, (None, None), jnp.float32, name="fc1",
-                          kernel_init=nn.initializers.truncated_normal(0.02))(table)
-    per_offset = layers.dense(self.num_heads, (None, HEADS), jnp.float32, use_bias=False, name="fc2",
-                              kernel_init=nn.initializers.truncated_normal(0.02))(nn.relu(hidden))
+    hidden = layers.dense(
+      CPB_HIDDEN, (None, None), jnp.float32, name="fc1", kernel_init=nn.initializers.truncated_normal(0.02)
+    )(table)
+    per_offset = layers.dense(
+      self.num_heads,
+      (None, HEADS),
+      jnp.float32,
+      use_bias=False,
+      name="fc2",
+      kernel_init=nn.initializers.truncated_normal(0.02),
+    )(nn.relu(hidden))
     # The sigmoid runs on the (2W-1)^2 offsets before the gather, not on the N^2 pairs after it.
     return 16.0 * jax.nn.sigmoid(per_offset.T)
 
@@ -262,6 +283,7 @@ def bias_of_offsets(per_offset: jax.Array, window: int) -> jax.Array:
 
 class WindowAttention(nn.Module):
   """Scaled cosine attention within windows, with the continuous position bias and the shift mask."""
+
   num_heads: int
   window: int
   pretrained_window: int
@@ -277,8 +299,15 @@ class WindowAttention(nn.Module):
       raise ValueError(f"width {width} is not divisible by num_heads {self.num_heads}")
     head_dim = width // self.num_heads
     init = nn.initializers.truncated_normal(0.02)
-    qkv = layers.dense((3, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, use_bias=False,
-                       kernel_init=init, name="qkv", fp8=True)(windows)
+    qkv = layers.dense(
+      (3, self.num_heads, head_dim),
+      (EMBED, None, HEADS, KV),
+      self.dtype,
+      use_bias=False,
+      kernel_init=init,
+      name="qkv",
+      fp8=True,
+    )(windows)
     q_bias = self.param("q_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     v_bias = self.param("v_bias", layers.logical(nn.initializers.zeros, (HEADS, KV)), (self.num_heads, head_dim))
     q = qkv[..., 0, :, :] + q_bias.astype(qkv.dtype)
@@ -288,11 +317,13 @@ class WindowAttention(nn.Module):
     # Cosine similarity with the normalisation in fp32 (fp16 norms overflow), matmul in the compute dtype.
     q = layers.l2_normalize(q).astype(self.dtype)
     k = layers.l2_normalize(k).astype(self.dtype)
-    logit_scale = self.param("logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)),
-                             (self.num_heads,))
+    logit_scale = self.param(
+      "logit_scale", layers.logical(nn.initializers.constant(math.log(10.0)), (HEADS,)), (self.num_heads,)
+    )
     scale = jnp.exp(jnp.minimum(logit_scale, MAX_LOGIT_SCALE))
-    per_offset = ContinuousPositionBias(self.num_heads, self.window, self.pretrained_window, self.stride,
-                                        name="cpb_mlp")()
+    per_offset = ContinuousPositionBias(
+      self.num_heads, self.window, self.pretrained_window, self.stride, name="cpb_mlp"
+    )()
     attention = kernels.resolved_attention(self.attention, kernels.WINDOW_ATTENTION)
     if attention == kernels.WINDOW_KERNEL or regions is None:  # the kernel masks by the regions itself
       mask = regions
@@ -307,12 +338,14 @@ class WindowAttention(nn.Module):
       if attention == "softmax":
         return window_attention(q, k, v, scale, bias, mask)
       return fused_window_attention(q, k, v, scale, bias, mask, attention)
+
     # Each device's rows: the position bias's gradient crosses devices as the (heads, (2W-1)^2) table, not as
     # the (windows x heads, N, N) bias (sharding.batch_local).
     shared = (scale, per_offset) + (() if mask is None else (mask,))
     out = sharding.batch_local(attend, (q, k, v.astype(self.dtype)), shared)
-    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out",
-                        fp8=True)(out)
+    return layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), kernel_init=init, name="out", fp8=True)(
+      out
+    )
 
 
 def window_attention(q, k, v, scale, bias, mask):
@@ -323,8 +356,9 @@ def window_attention(q, k, v, scale, bias, mask):
   full_bias = bias
   if mask is not None:
     full_bias = kernels.broadcast_leading(bias, (mask.shape[0],) + bias.shape) + mask[:, None]
-  out = kernels.softmax_attention(kernels.heads_first(q), kernels.heads_first(k), kernels.heads_first(v),
-                                  bias=full_bias)
+  out = kernels.softmax_attention(
+    kernels.heads_first(q), kernels.heads_first(k), kernels.heads_first(v), bias=full_bias
+  )
   return kernels.heads_first(out)
 
 
@@ -343,14 +377,16 @@ def fused_window_attention(q, k, v, scale, bias, mask, attention: str):
   full_bias = bias[None] if mask is None else bias[None] + mask[:, None]
   full_bias = einops.rearrange(jnp.broadcast_to(full_bias, (windows, heads, tokens, tokens)), "w h q k -> 1 (w h) q k")
   q = (q.astype(jnp.float32) * scale[:, None]).astype(q.dtype)
-  out = kernels.fused_attention(fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0,
-                               implementation=attention)
+  out = kernels.fused_attention(
+    fold(q), fold(k), fold(v), bias=full_bias.astype(q.dtype), scale=1.0, implementation=attention
+  )
   return einops.rearrange(out, "b n (w h) d -> b w n h d", w=windows)
 
 
 class SwinBlock(nn.Module):
   """One res-post-norm block on a (B, H, W, C) map; `shifted` blocks roll the map by the stage's `shift`.
   `per_block` = (drop rate, extra norm?): data, since scanned blocks share one body."""
+
   num_heads: int
   window: int
   shift: int  # the stage's shift; blocks with `shifted` apply it
@@ -374,13 +410,13 @@ class SwinBlock(nn.Module):
     y = self.attend(x)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm1")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
-    y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic,
-                   name="mlp")(x)
+    y = layers.Mlp(int(x.shape[-1] * self.mlp_ratio), self.dtype, self.dropout, self.deterministic, name="mlp")(x)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, zero_init=True, name="norm2")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     if self.extra_norm:
       normed = nn.LayerNorm(self.layer_norm_eps, dtype=jnp.float32, use_bias=False, use_scale=False)(
-          x.astype(jnp.float32))
+        x.astype(jnp.float32)
+      )
       static = isinstance(extra_norm, (bool, np.bool_))  # unrolled blocks know theirs
       x = (normed.astype(x.dtype) if extra_norm else x) if static else jnp.where(extra_norm, normed.astype(x.dtype), x)
     return x, None
@@ -395,8 +431,9 @@ class SwinBlock(nn.Module):
     if shift:
       y = jnp.roll(y, (-shift, -shift), axis=(1, 2))
       regions = shift_regions(y.shape[1], y.shape[2], w, shift)
-    window_attention = WindowAttention(self.num_heads, w, self.pretrained_window, self.dtype, self.attention,
-                                       self.stride, name="attn")
+    window_attention = WindowAttention(
+      self.num_heads, w, self.pretrained_window, self.dtype, self.attention, self.stride, name="attn"
+    )
     y = window_attention(partition_windows(y, w), regions)
     y = merge_windows(y, w, height + pad_h, width + pad_w)
     if shift:
@@ -410,6 +447,7 @@ class SwinBlockPair(nn.Module):
   an optimisation barrier (prevent_cse): without it XLA hoists the plain block's recomputation above the shifted
   block's backward pass and holds both blocks' activations at once (deviceless H100 plan of SwinV2-T b8: 1.21
   GiB with, 0.648 GiB without the hoist, 0.681 GiB for the one-block scan before the pairs)."""
+
   block_kwargs: dict
   block_remat: str = "none"
 
@@ -418,12 +456,14 @@ class SwinBlockPair(nn.Module):
     block = layers.remat(SwinBlock, self.block_remat, prevent_cse=True)
     for i, name in enumerate(PAIR):
       x, _ = block(**self.block_kwargs, shifted=name == "shifted", name=name)(
-          x, jax.tree.map(lambda a, i=i: a[i], per_pair))
+        x, jax.tree.map(lambda a, i=i: a[i], per_pair)
+      )
     return x, None
 
 
 class PatchMerging(nn.Module):
   """V2 merging: concat 2x2 neighbours (row offset fastest), Linear 4C -> 2C without bias, then LN(2C)."""
+
   dtype: Any = jnp.float32
 
   @nn.compact
@@ -432,8 +472,14 @@ class PatchMerging(nn.Module):
     if h % 2 or w % 2:
       x = jnp.pad(x, ((0, 0), (0, h % 2), (0, w % 2), (0, 0)))
     x = einops.rearrange(x, "b (h dh) (w dw) c -> b h w (dw dh c)", dh=2, dw=2)
-    x = layers.dense(2 * c, (EMBED, None), self.dtype, use_bias=False, name="reduction",
-                     kernel_init=nn.initializers.truncated_normal(0.02))(x)
+    x = layers.dense(
+      2 * c,
+      (EMBED, None),
+      self.dtype,
+      use_bias=False,
+      name="reduction",
+      kernel_init=nn.initializers.truncated_normal(0.02),
+    )(x)
     return layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="norm")(x)
 
 
@@ -467,11 +513,15 @@ class SwinV2(nn.Module):
     """Checks the stage fields; returns the per-stage windows and pretrained windows."""
     stages = len(self.depths)
     if self.stage_remat_policies and len(self.stage_remat_policies) != stages:
-      raise ValueError(f"stage_remat_policies={tuple(self.stage_remat_policies)}: expected one per stage "
-                       f"({stages}), or () for remat_policy in every stage")
+      raise ValueError(
+        f"stage_remat_policies={tuple(self.stage_remat_policies)}: expected one per stage "
+        f"({stages}), or () for remat_policy in every stage"
+      )
     if self.stage_scan_unrolls and len(self.stage_scan_unrolls) != stages:
-      raise ValueError(f"stage_scan_unrolls={tuple(self.stage_scan_unrolls)}: expected one per stage ({stages}), "
-                       f"or () for scan_unroll in every stage")
+      raise ValueError(
+        f"stage_scan_unrolls={tuple(self.stage_scan_unrolls)}: expected one per stage ({stages}), "
+        f"or () for scan_unroll in every stage"
+      )
     if len(self.num_heads) != stages:
       raise ValueError(f"depths {self.depths} and num_heads {self.num_heads} differ in length")
     if self.extra_norm_scope not in EXTRA_NORM_SCOPES:
@@ -481,8 +531,10 @@ class SwinV2(nn.Module):
     if self.token_subgrid < 1:
       raise ValueError(f"token_subgrid={self.token_subgrid}: expected k >= 1 (every k-th patch per axis in training)")
     if self.scan and any(depth % 2 for depth in self.depths):
-      raise ValueError(f"depths {tuple(self.depths)}: a scanned stage repeats a (plain, shifted) pair of blocks, "
-                       f"so every depth must be even (or scan=False)")
+      raise ValueError(
+        f"depths {tuple(self.depths)}: a scanned stage repeats a (plain, shifted) pair of blocks, "
+        f"so every depth must be even (or scan=False)"
+      )
     windows = per_stage(self.window_size, stages, "window_size")
     pretrained = per_stage(self.pretrained_window_sizes or 0, stages, "pretrained_window_sizes")
     return windows, pretrained
@@ -515,8 +567,9 @@ class SwinV2(nn.Module):
     x = layers.patch_embed(images, self.embed_dim, self.patch_size, self.dtype)
     x = layers.LayerNorm(PATCH_NORM_EPS, self.dtype, name="patch_norm")(x)
     if self.mask_token:
-      token = self.param("mask_token", layers.logical(nn.initializers.truncated_normal(0.02), (EMBED,)),
-                         (self.embed_dim,))
+      token = self.param(
+        "mask_token", layers.logical(nn.initializers.truncated_normal(0.02), (EMBED,)), (self.embed_dim,)
+      )
       if mask is not None:
         m = mask.astype(x.dtype)[..., None]
         x = x * (1 - m) + token.astype(x.dtype) * m
@@ -533,17 +586,30 @@ class SwinV2(nn.Module):
       if stride > 1:  # the full map's windows, each with every stride-th token (the module docstring)
         base = base or window
         window, shift = subgrid_window(tuple(x.shape[1:3]), full[s], windows[s], stride)
-      per_block = (rates[start:start + depth], extra[s])
+      per_block = (rates[start : start + depth], extra[s])
       x, stage_out = SwinStage(
-          depth=depth, downsample=s < len(self.depths) - 1, scan=self.scan,
-          unroll=self.stage_scan_unrolls[s] if self.stage_scan_unrolls else self.scan_unroll,
-          remat_policy=self.stage_remat_policies[s] if self.stage_remat_policies else self.remat_policy,
-          block_kwargs=dict(num_heads=self.num_heads[s], window=window, shift=shift,
-                            pretrained_window=base, stride=stride, mlp_ratio=self.mlp_ratio,
-                            layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, extra_norm=bool(extra[s].any()),
-                            stochastic_depth=self.drop_path > 0, deterministic=deterministic, dtype=self.dtype,
-                            attention=self.attention),
-          name=f"stage_{s}")(x, per_block)
+        depth=depth,
+        downsample=s < len(self.depths) - 1,
+        scan=self.scan,
+        unroll=self.stage_scan_unrolls[s] if self.stage_scan_unrolls else self.scan_unroll,
+        remat_policy=self.stage_remat_policies[s] if self.stage_remat_policies else self.remat_policy,
+        block_kwargs=dict(
+          num_heads=self.num_heads[s],
+          window=window,
+          shift=shift,
+          pretrained_window=base,
+          stride=stride,
+          mlp_ratio=self.mlp_ratio,
+          layer_norm_eps=self.layer_norm_eps,
+          dropout=self.dropout,
+          extra_norm=bool(extra[s].any()),
+          stochastic_depth=self.drop_path > 0,
+          deterministic=deterministic,
+          dtype=self.dtype,
+          attention=self.attention,
+        ),
+        name=f"stage_{s}",
+      )(x, per_block)
       stages.append(stage_out)
       start += depth
 
@@ -570,18 +636,21 @@ class SwinV2(nn.Module):
   def feature_maps(self, images, train: bool = False) -> list[jax.Array]:
     """Every stage's output before the next patch merging, without a norm (`return_stages`)."""
     if train and self.token_subgrid > 1:
-      raise ValueError(f"token_subgrid={self.token_subgrid}: a SwinV2 that keeps a subgrid of tokens in training "
-                       "has no full feature map there (dense heads need token_subgrid=1)")
+      raise ValueError(
+        f"token_subgrid={self.token_subgrid}: a SwinV2 that keeps a subgrid of tokens in training "
+        "has no full feature map there (dense heads need token_subgrid=1)"
+      )
     return list(self(images, train=train, return_stages=True)["stages"])
 
   def feature_strides(self) -> tuple[float, ...]:
-    return tuple(float(self.patch_size * 2 ** s) for s in range(len(self.depths)))
+    return tuple(float(self.patch_size * 2**s) for s in range(len(self.depths)))
 
 
 class SwinStage(nn.Module):
   """`depth` blocks, alternately plain and shifted, then, except for the last stage, patch merging. Scanned, the
   blocks are `depth / 2` SwinBlockPairs (params under `blocks/plain` and `blocks/shifted`, each with a leading
   axis of depth / 2); unrolled, block i is `blocks_i`. Returns (the next stage's input, the blocks' output)."""
+
   depth: int
   downsample: bool
   scan: bool
@@ -592,15 +661,23 @@ class SwinStage(nn.Module):
   @nn.compact
   def __call__(self, x, per_block):
     if self.scan:
-      run_pairs = layers.stack_blocks(SwinBlockPair, depth=self.depth // 2, scan=True, unroll=self.unroll,
-                                      remat_policy="none",
-                                      name="blocks", block_kwargs=self.block_kwargs, block_remat=self.remat_policy)
+      run_pairs = layers.stack_blocks(
+        SwinBlockPair,
+        depth=self.depth // 2,
+        scan=True,
+        unroll=self.unroll,
+        remat_policy="none",
+        name="blocks",
+        block_kwargs=self.block_kwargs,
+        block_remat=self.remat_policy,
+      )
       x = run_pairs(x, jax.tree.map(lambda a: a.reshape(self.depth // 2, 2), per_block))
     else:
       block = layers.remat(SwinBlock, self.remat_policy)
       for i in range(self.depth):
         x, _ = block(**self.block_kwargs, shifted=i % 2 == 1, name=f"blocks_{i}")(
-            x, jax.tree.map(lambda a, i=i: a[i], per_block))
+          x, jax.tree.map(lambda a, i=i: a[i], per_block)
+        )
     if not self.downsample:
       return x, x
     return PatchMerging(self.block_kwargs["dtype"], name="downsample")(x), x
@@ -620,13 +697,14 @@ def build(model_cfg, dtype) -> SwinV2:
 
 # --------------------------------------------------------------------------- the family (backbone.py)
 
+
 def train_flops_per_example(model: SwinV2) -> float:
   """3 x (patch embedding + window attention blocks + merging + head). Per block on n tokens of width C in
   windows of N tokens: qkv + out projections 8nC^2, MLP 4 * mlp_ratio * nC^2, scores and mixing 4nNC.
   Padding to whole windows counts as the model computes it; with `token_subgrid` k, the kept maps and windows."""
   stages = training_stages(model)
   width = model.embed_dim
-  forward = 2.0 * stages[0][0] ** 2 * model.patch_size ** 2 * 3 * width
+  forward = 2.0 * stages[0][0] ** 2 * model.patch_size**2 * 3 * width
   for s, ((feature, window), depth) in enumerate(zip(stages, model.depths)):
     padded = -(-feature // window) * window
     tokens = padded * padded
@@ -661,7 +739,7 @@ def layer_id(model: SwinV2, param_path: str) -> int | np.ndarray:
   parts = param_path.split("/")
   if parts[0] in EMBEDDING_PARAMS:
     return 0
-  stage = parts[0][len("stage_"):] if parts[0].startswith("stage_") else ""
+  stage = parts[0][len("stage_") :] if parts[0].startswith("stage_") else ""
   if not stage.isdigit() or len(parts) < 2:
     return num_layer_ids(model) - 1
   s = int(stage)
@@ -675,9 +753,11 @@ def layer_id(model: SwinV2, param_path: str) -> int | np.ndarray:
 
 def description(model: SwinV2) -> str:
   """One line naming `model`'s stages, window, patch, resolution and classes."""
-  return (f"SwinV2 embed_dim {model.embed_dim}, depths {tuple(model.depths)}, heads {tuple(model.num_heads)}, "
-          f"window {model.window_size}, patch {model.patch_size}, {model.image_size} px, "
-          f"{model.num_classes or 'no'} classes")
+  return (
+    f"SwinV2 embed_dim {model.embed_dim}, depths {tuple(model.depths)}, heads {tuple(model.num_heads)}, "
+    f"window {model.window_size}, patch {model.patch_size}, {model.image_size} px, "
+    f"{model.num_classes or 'no'} classes"
+  )
 
 
 def variant(model: SwinV2) -> str:
@@ -688,7 +768,14 @@ def variant(model: SwinV2) -> str:
 
 
 FAMILY = backbone.Family(
-    module=SwinV2, name="swinv2", build=build, hf_converter="hf_swinv2",
-    train_flops_per_example=train_flops_per_example, num_layer_ids=num_layer_ids, layer_id=layer_id,
-    description=description, variant=variant,
-    checkpoint_conflicts=checkpoint_conflicts)
+  module=SwinV2,
+  name="swinv2",
+  build=build,
+  hf_converter="hf_swinv2",
+  train_flops_per_example=train_flops_per_example,
+  num_layer_ids=num_layer_ids,
+  layer_id=layer_id,
+  description=description,
+  variant=variant,
+  checkpoint_conflicts=checkpoint_conflicts,
+)

@@ -35,12 +35,12 @@ from visionfm_jax.token_ids import EOS_ID, PAD_ID, SPECIAL_IDS, eos_positions
 
 # name: (width, depth, heads); the MLP is 4 x width.
 SIZES: dict[str, tuple[int, int, int]] = {
-    "pico": (32, 2, 2),  # unit tests
-    "mu": (64, 3, 4),  # CPU demos
-    "B": (512, 12, 8),  # CLIP's text tower
-    "L": (768, 12, 12),
-    "H": (1024, 24, 16),  # the large text tower: 77 tokens
-    "XL": (1024, 16, 16),  # Aurora-Vision-XL's text encoder (its decoder: 16 more such layers + cross-attention)
+  "pico": (32, 2, 2),  # unit tests
+  "mu": (64, 3, 4),  # CPU demos
+  "B": (512, 12, 8),  # CLIP's text tower
+  "L": (768, 12, 12),
+  "H": (1024, 24, 16),  # the large text tower: 77 tokens
+  "XL": (1024, 16, 16),  # Aurora-Vision-XL's text encoder (its decoder: 16 more such layers + cross-attention)
 }
 
 
@@ -59,6 +59,7 @@ def parse_variant(variant: str) -> dict[str, int]:
 
 class CausalBlock(nn.Module):
   """Pre-norm transformer block with causal self-attention; `cache` (or None) for incremental decoding."""
+
   num_heads: int
   mlp_dim: int
   layer_norm_eps: float = 1e-5
@@ -70,8 +71,7 @@ class CausalBlock(nn.Module):
   def __call__(self, x, cache, mask=None, index=None):
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
-    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True,
-                                name="attn")
+    attn = layers.SelfAttention(self.num_heads, self.dtype, implementation=self.attention, causal=True, name="attn")
     if cache is None:
       y = attn(y, mask=mask)
     else:
@@ -114,8 +114,14 @@ class TextTransformer(nn.Module):
 
   def size_name(self) -> str:
     """The `parse_variant` spelling of this tower's sizes: a key of SIZES when one matches."""
-    named = next((k for k, (w, d, h) in SIZES.items() if (w, d, h, 4 * w) == (self.width, self.depth,
-                                                                             self.num_heads, self.mlp_dim)), None)
+    named = next(
+      (
+        k
+        for k, (w, d, h) in SIZES.items()
+        if (w, d, h, 4 * w) == (self.width, self.depth, self.num_heads, self.mlp_dim)
+      ),
+      None,
+    )
     return named or layers.size_spec(self.width, self.depth, self.mlp_dim, self.num_heads)
 
   @nn.compact
@@ -126,16 +132,32 @@ class TextTransformer(nn.Module):
     if tokens.ndim != 2 or tokens.shape[1] > self.max_len:
       raise ValueError(f"tokens of shape {tokens.shape}: expected (batch, length <= max_len={self.max_len})")
     length = tokens.shape[1]
-    x = nn.Embed(self.vocab_size, self.width, dtype=self.dtype, param_dtype=jnp.float32, name="token_embed",
-                 embedding_init=layers.logical(nn.initializers.normal(0.02), (VOCAB, EMBED)))(tokens)
+    x = nn.Embed(
+      self.vocab_size,
+      self.width,
+      dtype=self.dtype,
+      param_dtype=jnp.float32,
+      name="token_embed",
+      embedding_init=layers.logical(nn.initializers.normal(0.02), (VOCAB, EMBED)),
+    )(tokens)
     positions = self.max_len + (self.pool == "cls")
-    pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.01), (None, EMBED)),
-                     (positions, self.width))
+    pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.01), (None, EMBED)), (positions, self.width))
     run_blocks = layers.stack_blocks(
-        CausalBlock, depth=self.depth, scan=self.scan, unroll=self.scan_unroll, remat_policy=self.remat_policy,
-        name="blocks",
-        num_broadcast=2, with_outputs=True, num_heads=self.num_heads, mlp_dim=self.mlp_dim,
-        layer_norm_eps=self.layer_norm_eps, attention=self.attention, dtype=self.dtype, act=self.act)
+      CausalBlock,
+      depth=self.depth,
+      scan=self.scan,
+      unroll=self.scan_unroll,
+      remat_policy=self.remat_policy,
+      name="blocks",
+      num_broadcast=2,
+      with_outputs=True,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      layer_norm_eps=self.layer_norm_eps,
+      attention=self.attention,
+      dtype=self.dtype,
+      act=self.act,
+    )
     final_norm = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")
 
     if cache is not None:
@@ -148,7 +170,7 @@ class TextTransformer(nn.Module):
       cls = self.param("cls_token", layers.logical(nn.initializers.normal(0.02), (EMBED,)), (self.width,))
       x = jnp.concatenate([x, jnp.broadcast_to(cls.astype(x.dtype), (x.shape[0], 1, self.width))], axis=1)
       mask = cls_attention_mask(tokens)
-    x = x + pos[:x.shape[1]].astype(x.dtype)
+    x = x + pos[: x.shape[1]].astype(x.dtype)
     x, _ = run_blocks(x, None, mask, None)
     x = final_norm(x)
 
@@ -156,14 +178,21 @@ class TextTransformer(nn.Module):
       pooled, x = x[:, -1], x[:, :-1]
     else:
       pooled = jnp.take_along_axis(x, eos_positions(tokens, self.eos_id)[:, None, None], axis=1)[:, 0]
-    embedding = layers.dense(self.embed_dim, (EMBED, None), jnp.float32, use_bias=False, name="proj",
-                             kernel_init=nn.initializers.normal(self.width ** -0.5))(pooled)
+    embedding = layers.dense(
+      self.embed_dim,
+      (EMBED, None),
+      jnp.float32,
+      use_bias=False,
+      name="proj",
+      kernel_init=nn.initializers.normal(self.width**-0.5),
+    )(pooled)
     return {"tokens": x, "pooled": pooled, "embedding": embedding}
 
   def init_cache(self, batch: int, length: int | None = None) -> dict[str, jax.Array]:
     """An empty key/value cache for incremental decoding: per block {'k', 'v'}, layers leading."""
-    cache = layers.init_kv_cache(batch, length or self.max_len, self.num_heads, self.width // self.num_heads,
-                                 self.dtype)
+    cache = layers.init_kv_cache(
+      batch, length or self.max_len, self.num_heads, self.width // self.num_heads, self.dtype
+    )
     return jax.tree.map(lambda a: jnp.broadcast_to(a, (self.depth,) + a.shape), cache)
 
 
@@ -172,13 +201,21 @@ def build(text_cfg, embed_dim: int, dtype, *, scan: bool, remat_policy: str, sca
   sizes = parse_variant(text_cfg.variant)
   special = max(*SPECIAL_IDS, int(text_cfg.eos_id))
   if text_cfg.vocab_size <= special:
-    raise ValueError(f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
-                     f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)")
+    raise ValueError(
+      f"text.vocab_size={text_cfg.vocab_size}: must exceed the special token ids (eos_id="
+      f"{text_cfg.eos_id}; pad 0, unk 1, bos 2, eos 3)"
+    )
   kernels.check_attention(text_cfg.attention, "text.attention")
   layers.check_activation(text_cfg.act, "text.act")
   try:
-    return TextTransformer(**backbone.config_kwargs(TextTransformer, model_rows("clip")["text"], text_cfg), **sizes,
-                           embed_dim=embed_dim, dtype=dtype, scan=scan, scan_unroll=scan_unroll,
-                           remat_policy=remat_policy)
+    return TextTransformer(
+      **backbone.config_kwargs(TextTransformer, model_rows("clip")["text"], text_cfg),
+      **sizes,
+      embed_dim=embed_dim,
+      dtype=dtype,
+      scan=scan,
+      scan_unroll=scan_unroll,
+      remat_policy=remat_policy,
+    )
   except ValueError as e:  # its message starts with the field's name
     raise ValueError(f"text.{e}") from e

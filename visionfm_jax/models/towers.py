@@ -23,8 +23,9 @@ def tower_config(model_cfg, key: str, **fixed) -> ml_collections.ConfigDict:
   tower = model_cfg[key]
   for name in TOWER_SHARED_FIELDS:
     if name in tower and tower[name] != model_cfg[name]:
-      raise ValueError(f"{key}.{name}={tower[name]!r} differs from {name}={model_cfg[name]!r}: set {name} "
-                       f"(it applies to every tower)")
+      raise ValueError(
+        f"{key}.{name}={tower[name]!r} differs from {name}={model_cfg[name]!r}: set {name} (it applies to every tower)"
+      )
   return ml_collections.ConfigDict(tower_fields(model_cfg.to_dict(), key, **fixed))
 
 
@@ -47,7 +48,7 @@ def family(tower) -> backbone.Family:
 
 def _under(prefix: str, flat: dict[str, Any]) -> dict[str, Any]:
   start = prefix + "/"
-  return {name[len(start):]: value for name, value in flat.items() if name.startswith(start)}
+  return {name[len(start) :]: value for name, value in flat.items() if name.startswith(start)}
 
 
 def layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
@@ -55,12 +56,11 @@ def layer_id(prefix: str, tower, param_path: str) -> int | np.ndarray:
   params, the last id (with the heads) for the model's others."""
   tower_family, start = family(tower), prefix + "/"
   if param_path.startswith(start):
-    return tower_family.layer_id(tower, param_path[len(start):])
+    return tower_family.layer_id(tower, param_path[len(start) :])
   return tower_family.num_layer_ids(tower) - 1
 
 
-def adapt_checkpoint(prefix: str, tower, params: dict[str, Any],
-                     shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
+def adapt_checkpoint(prefix: str, tower, params: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> dict[str, Any]:
   """`adapt_checkpoint` of a model holding the backbone `tower` under `prefix`: the tower adapts its params
   (and may rename them), the others are returned as given; all as given for a tower that adapts nothing."""
   adapt = family(tower).adapt_checkpoint

@@ -36,15 +36,15 @@ from visionfm_jax.models.layers import ACT_EMBED, BATCH, EMBED, HEADS, KV, LENGT
 
 # name: (width, depth, mlp_dim, heads)
 SIZES: dict[str, tuple[int, int, int, int]] = {
-    "pico": (32, 2, 64, 2),  # unit tests
-    "mu": (96, 4, 384, 3),  # CPU demos
-    "Ti": (192, 12, 768, 3),
-    "S": (384, 12, 1536, 6),
-    "B": (768, 12, 3072, 12),
-    "L": (1024, 24, 4096, 16),
-    "H": (1280, 32, 5120, 16),
-    "g": (1408, 40, 6144, 16),
-    "G": (1664, 48, 8192, 16),
+  "pico": (32, 2, 64, 2),  # unit tests
+  "mu": (96, 4, 384, 3),  # CPU demos
+  "Ti": (192, 12, 768, 3),
+  "S": (384, 12, 1536, 6),
+  "B": (768, 12, 3072, 12),
+  "L": (1024, 24, 4096, 16),
+  "H": (1280, 32, 5120, 16),
+  "g": (1408, 40, 6144, 16),
+  "G": (1664, 48, 8192, 16),
 }
 NUM_PREFIX_TOKENS = 1  # the class token precedes the patch grid in pos_embed
 EMBEDDING_PARAMS = ("patch_embed", "cls_token", "pos_embed", "pre_norm")  # layer 0 of the layer-wise decay
@@ -56,8 +56,10 @@ def parse_variant(variant: str) -> dict[str, int]:
   size, sep, patch = variant.partition("/")
   dims = SIZES.get(size) or custom_size(size)
   if dims is None or not sep or not patch.isdigit():
-    raise ValueError(f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)} or "
-                     f"'<width>x<depth>x<mlp>x<heads>', e.g. 'H/14'")
+    raise ValueError(
+      f"ViT variant {variant!r}: expected '<size>/<patch>' with size in {sorted(SIZES)} or "
+      f"'<width>x<depth>x<mlp>x<heads>', e.g. 'H/14'"
+    )
   width, depth, mlp_dim, heads = dims
   return dict(width=width, depth=depth, mlp_dim=mlp_dim, num_heads=heads, patch_size=int(patch))
 
@@ -65,8 +67,9 @@ def parse_variant(variant: str) -> dict[str, int]:
 def check_pool(pool: str, class_token: bool = True) -> str:
   """`pool` when it is one of VIT_POOLS (and, for 'cls', the tower has a class token), else a ValueError naming it."""
   if pool not in VIT_POOLS:
-    raise ValueError(f"pool={pool!r}: expected one of {VIT_POOLS} (the class token, the mean of the patch tokens, or "
-                     "a MAP head)")
+    raise ValueError(
+      f"pool={pool!r}: expected one of {VIT_POOLS} (the class token, the mean of the patch tokens, or a MAP head)"
+    )
   if pool == "cls" and not class_token:
     raise ValueError("pool='cls' needs class_token=True: a tower without a class token pools with gap or map")
   return pool
@@ -89,6 +92,7 @@ def naflex_position_weights(grid: jax.Array, tokens: int, square: int) -> jax.Ar
     center = (index + 0.5) * scale - 0.5
     w = jnp.maximum(0.0, 1.0 - jnp.abs(jnp.arange(square) - center[..., None]) / jnp.maximum(scale, 1.0)[..., None])
     return w / jnp.sum(w, axis=-1, keepdims=True)
+
   row_w, column_w = axis_weights(row, rows), axis_weights(column, columns)
   return (row_w[..., :, None] * column_w[..., None, :]).reshape(grid.shape[0], tokens, square * square)
 
@@ -97,7 +101,7 @@ def resize_pos_embed(pos: np.ndarray, length: int, num_prefix: int = NUM_PREFIX_
   """(1, num_prefix + g*g, D) -> (1, length, D): prefix entries kept, the g x g grid resized bicubically to the
   square grid of length - num_prefix entries. ValueError when either grid is not square."""
   grid_in, grid_out = math.isqrt(pos.shape[1] - num_prefix), math.isqrt(length - num_prefix)
-  if grid_in ** 2 != pos.shape[1] - num_prefix or grid_out ** 2 != length - num_prefix:
+  if grid_in**2 != pos.shape[1] - num_prefix or grid_out**2 != length - num_prefix:
     raise ValueError(f"{pos.shape[1]} -> {length} position embeddings are not {num_prefix} + a square grid")
   prefix, grid = pos[:, :num_prefix], pos[0, num_prefix:].reshape(grid_in, grid_in, -1)
   resized = jax.image.resize(jnp.asarray(grid, jnp.float32), (grid_out, grid_out, grid.shape[-1]), "bicubic")
@@ -123,13 +127,13 @@ class EncoderBlock(nn.Module):
     skip_drop_path = self.deterministic or not self.stochastic_depth
     x = layers.constrain(x, (BATCH, LENGTH, ACT_EMBED))
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm1")(x)
-    y = layers.SelfAttention(self.num_heads, self.dtype, self.qkv_bias, self.attention,
-                             kv_length=self.real_tokens, name="attn")(y, mask=mask)
+    y = layers.SelfAttention(
+      self.num_heads, self.dtype, self.qkv_bias, self.attention, kv_length=self.real_tokens, name="attn"
+    )(y, mask=mask)
     y = nn.Dropout(self.dropout)(y, deterministic=self.deterministic)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     y = layers.LayerNorm(self.layer_norm_eps, self.dtype, name="norm2")(x)
-    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, act=self.act,
-                   name="mlp")(y)
+    y = layers.Mlp(self.mlp_dim, self.dtype, self.dropout, self.deterministic, act=self.act, name="mlp")(y)
     x = x + layers.drop_path(self, y, drop_rate, skip_drop_path)
     return x, None
 
@@ -137,6 +141,7 @@ class EncoderBlock(nn.Module):
 class MapHead(nn.Module):
   """Multihead attention pooling (MAP; SigLIP's): a learned probe attends over the tokens (a (B, T) `mask`: those
   it may see), then y + MLP(LN(y)); returns the probe's (B, width) features."""
+
   num_heads: int
   mlp_dim: int
   dtype: Any = jnp.float32
@@ -149,8 +154,9 @@ class MapHead(nn.Module):
     head_dim = width // self.num_heads
     probe = self.param("probe", layers.logical(nn.initializers.xavier_uniform(), (None, None, EMBED)), (1, 1, width))
     q = layers.dense((self.num_heads, head_dim), (EMBED, HEADS, KV), self.dtype, name="q")(probe.astype(x.dtype))
-    k, v = layers.dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, separate=True,
-                        name="kv")(x)
+    k, v = layers.dense((2, self.num_heads, head_dim), (EMBED, None, HEADS, KV), self.dtype, separate=True, name="kv")(
+      x
+    )
     q = jnp.broadcast_to(q, (x.shape[0],) + q.shape[1:])
     y = kernels.attention(q, k, v, mask=None if mask is None else mask[:, None, None, :])
     y = layers.dense(width, (HEADS, KV, EMBED), self.dtype, axis=(-2, -1), name="out")(y)
@@ -203,8 +209,11 @@ class ViT(nn.Module):
       cls = self.param("cls_token", layers.logical(nn.initializers.zeros, (None, None, EMBED)), (1, 1, self.width))
       x = jnp.concatenate([jnp.broadcast_to(cls, (batch, 1, self.width)).astype(x.dtype), x], axis=1)
     square = self.image_size // self.patch_size
-    pos = self.param("pos_embed", layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
-                     (1, prefix + square * square if naflex else x.shape[1], self.width))
+    pos = self.param(
+      "pos_embed",
+      layers.logical(nn.initializers.normal(0.02), (None, None, EMBED)),
+      (1, prefix + square * square if naflex else x.shape[1], self.width),
+    )
     x = x + (self._naflex_positions(pos, images["grid"], x.shape[1] - prefix) if naflex else pos).astype(x.dtype)
     if train and self.token_drop > 0:
       if naflex:
@@ -215,17 +224,31 @@ class ViT(nn.Module):
     x = nn.Dropout(self.dropout)(x, deterministic=deterministic)
     attention = kernels.resolved_attention(self.attention)
     x, tokens = kernels.pad_tokens(x, kernels.token_multiple(attention))  # once, not around every layer's kernel
-    seen = None if valid is None else jnp.pad(valid, [(0, 0), (prefix, x.shape[1] - tokens)],
-                                              constant_values=True)
+    seen = None if valid is None else jnp.pad(valid, [(0, 0), (prefix, x.shape[1] - tokens)], constant_values=True)
 
     run_blocks = layers.stack_blocks(
-        EncoderBlock, depth=self.depth, scan=self.scan, unroll=self.scan_unroll, remat_policy=self.remat_policy,
-        name="blocks", num_broadcast=1, num_heads=self.num_heads, mlp_dim=self.mlp_dim, dtype=self.dtype,
-        layer_norm_eps=self.layer_norm_eps, dropout=self.dropout, qkv_bias=self.qkv_bias, attention=attention,
-        stochastic_depth=self.drop_path > 0, deterministic=deterministic, act=self.act,
-        real_tokens=tokens if x.shape[1] > tokens else None)
-    x = run_blocks(x, layers.stochastic_depth_rates(self.drop_path, self.depth),
-                   None if seen is None else seen[:, None, None, :])[:, :tokens]
+      EncoderBlock,
+      depth=self.depth,
+      scan=self.scan,
+      unroll=self.scan_unroll,
+      remat_policy=self.remat_policy,
+      name="blocks",
+      num_broadcast=1,
+      num_heads=self.num_heads,
+      mlp_dim=self.mlp_dim,
+      dtype=self.dtype,
+      layer_norm_eps=self.layer_norm_eps,
+      dropout=self.dropout,
+      qkv_bias=self.qkv_bias,
+      attention=attention,
+      stochastic_depth=self.drop_path > 0,
+      deterministic=deterministic,
+      act=self.act,
+      real_tokens=tokens if x.shape[1] > tokens else None,
+    )
+    x = run_blocks(
+      x, layers.stochastic_depth_rates(self.drop_path, self.depth), None if seen is None else seen[:, None, None, :]
+    )[:, :tokens]
     x = layers.LayerNorm(self.layer_norm_eps, jnp.float32, name="norm")(x)
 
     out = {"tokens": x, "pooled": self._pool(x, valid)}
@@ -248,8 +271,9 @@ class ViT(nn.Module):
     """(B, prefix + tokens, width): the prefix's embeddings, then the square grid's resized to each image's grid."""
     prefix, square = self.num_prefix_tokens, self.image_size // self.patch_size
     weights = naflex_position_weights(grid, tokens, square)
-    resized = jnp.einsum("bts,sd->btd", weights, pos[0, prefix:].astype(jnp.float32),
-                         precision=jax.lax.Precision.HIGHEST)
+    resized = jnp.einsum(
+      "bts,sd->btd", weights, pos[0, prefix:].astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
+    )
     return jnp.concatenate([jnp.broadcast_to(pos[:, :prefix], (grid.shape[0], prefix, self.width)), resized], axis=1)
 
   def _pool(self, x: jax.Array, valid: jax.Array | None) -> jax.Array:
@@ -260,7 +284,8 @@ class ViT(nn.Module):
     patches = x[:, prefix:]
     if pool == "map":
       return MapHead(self.num_heads, self.mlp_dim, self.dtype, self.layer_norm_eps, self.act, name="map_head")(
-          patches, valid).astype(jnp.float32)
+        patches, valid
+      ).astype(jnp.float32)
     if valid is None:
       return jnp.mean(patches, axis=1)
     weights = valid.astype(patches.dtype)[..., None]
@@ -274,11 +299,13 @@ class ViT(nn.Module):
   def feature_maps(self, images, train: bool = False) -> list[jax.Array]:
     """The patch tokens after the final norm (class token dropped) as one (B, H/p, W/p, width) map."""
     if train and self.token_drop > 0:
-      raise ValueError(f"token_drop={self.token_drop}: a ViT that drops patch tokens in training has no feature "
-                       "map there (dense heads need token_drop=0)")
+      raise ValueError(
+        f"token_drop={self.token_drop}: a ViT that drops patch tokens in training has no feature "
+        "map there (dense heads need token_drop=0)"
+      )
     tokens = self(images, train=train)["tokens"]
     grid = (images.shape[1] // self.patch_size, images.shape[2] // self.patch_size)
-    return [tokens[:, self.num_prefix_tokens:].reshape(tokens.shape[0], *grid, tokens.shape[-1])]
+    return [tokens[:, self.num_prefix_tokens :].reshape(tokens.shape[0], *grid, tokens.shape[-1])]
 
   def feature_strides(self) -> tuple[float, ...]:
     return (float(self.patch_size),)
@@ -304,21 +331,24 @@ def build(model_cfg, dtype) -> ViT:
   check_pool(model_cfg.pool, model_cfg.class_token)
   layers.check_activation(model_cfg.act)
   kernels.check_attention(model_cfg.attention)
-  return ViT(**backbone.config_kwargs(ViT, model_rows("vit"), model_cfg), **parse_variant(model_cfg.variant),
-             dtype=dtype)
+  return ViT(
+    **backbone.config_kwargs(ViT, model_rows("vit"), model_cfg), **parse_variant(model_cfg.variant), dtype=dtype
+  )
 
 
 # --------------------------------------------------------------------------- the family (backbone.py)
+
 
 def train_flops_per_example(model: ViT) -> float:
   """3 x (patch embedding + the encoder on the patches it keeps (token_drop) + class token + the head); a NaFlex
   tower's at its square grid, the token budget of image_size / patch_size squared."""
   patches = (model.image_size // model.patch_size) ** 2
   encoded = kept_patches(patches, model.token_drop)
-  forward = (2 * patches * model.patch_size ** 2 * 3 * model.width
-             + backbone.transformer_forward_flops(encoded + model.num_prefix_tokens, model.width, model.depth,
-                                                  model.mlp_dim)
-             + 2 * model.width * model.num_classes)
+  forward = (
+    2 * patches * model.patch_size**2 * 3 * model.width
+    + backbone.transformer_forward_flops(encoded + model.num_prefix_tokens, model.width, model.depth, model.mlp_dim)
+    + 2 * model.width * model.num_classes
+  )
   return 3.0 * forward
 
 
@@ -352,8 +382,10 @@ def adapt_checkpoint(model: ViT, params: dict[str, Any], shapes: dict[str, tuple
 
 def description(model: ViT) -> str:
   """One line naming `model`'s dims, patch, resolution and classes."""
-  return (f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
-          f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes")
+  return (
+    f"ViT width {model.width}, depth {model.depth}, MLP {model.mlp_dim}, {model.num_heads} heads, "
+    f"patch {model.patch_size}, {model.image_size} px, {model.num_classes or 'no'} classes"
+  )
 
 
 def variant(model: ViT) -> str:
@@ -364,6 +396,14 @@ def variant(model: ViT) -> str:
 
 
 FAMILY = backbone.Family(
-    module=ViT, name="vit", build=build, hf_converter="hf_vit", train_flops_per_example=train_flops_per_example,
-    num_layer_ids=num_layer_ids, layer_id=layer_id, adapt_checkpoint=adapt_checkpoint, description=description,
-    variant=variant)
+  module=ViT,
+  name="vit",
+  build=build,
+  hf_converter="hf_vit",
+  train_flops_per_example=train_flops_per_example,
+  num_layer_ids=num_layer_ids,
+  layer_id=layer_id,
+  adapt_checkpoint=adapt_checkpoint,
+  description=description,
+  variant=variant,
+)

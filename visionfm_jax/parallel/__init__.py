@@ -7,13 +7,36 @@ and this package's sharding code."""
 import importlib
 
 _EXPORTS = {
-    "batch": ("BATCH_AXES", "BATCH_SPEC", "BatchGeometry", "batch_axes_of", "batch_sharding", "data_parallel_size",
-              "host_to_global"),
-    "memory": ("bytes_per_device", "tree_bytes_per_device"),
-    "mesh": ("AXES", "data_mesh", "make_mesh", "mesh_shape"),
-    "sharding": ("STRATEGY_SHARDS", "activation_mesh", "activation_rules", "activation_sharding", "batch_local",
-                 "constrain_to", "device_local", "grad_specs", "map_with_names", "param_specs", "partition_spec",
-                 "shard_shape", "state_specs", "tree_specs", "Overrides", "Partitioned", "unbox"),
+  "batch": (
+    "BATCH_AXES",
+    "BATCH_SPEC",
+    "BatchGeometry",
+    "batch_axes_of",
+    "batch_sharding",
+    "data_parallel_size",
+    "host_to_global",
+  ),
+  "memory": ("bytes_per_device", "tree_bytes_per_device"),
+  "mesh": ("AXES", "data_mesh", "make_mesh", "mesh_shape"),
+  "sharding": (
+    "STRATEGY_SHARDS",
+    "activation_mesh",
+    "activation_rules",
+    "activation_sharding",
+    "batch_local",
+    "constrain_to",
+    "device_local",
+    "grad_specs",
+    "map_with_names",
+    "param_specs",
+    "partition_spec",
+    "shard_shape",
+    "state_specs",
+    "tree_specs",
+    "Overrides",
+    "Partitioned",
+    "unbox",
+  ),
 }
 _MODULE_OF = {name: module for module, names in _EXPORTS.items() for name in names}
 __all__ = sorted(_MODULE_OF)

@@ -34,6 +34,7 @@ class BatchGeometry:
   """The sizes of a run's batch, derived once from the config, the mesh and the process count (training/plan.py
   holds the run's): `global_batch` examples a step, `per_process` of them loaded by each process,
   `accum_steps` micro-batches of `micro_batch` examples, each split over `data_parallel` devices."""
+
   global_batch: int
   per_process: int
   micro_batch: int
@@ -44,9 +45,13 @@ class BatchGeometry:
   def of(cls, config, mesh_shape: dict[str, int], num_processes: int) -> BatchGeometry:
     """The geometry of config.global_batch_size in config.grad_accum_steps micro-batches on a mesh of
     `mesh_shape` over `num_processes` processes (parallel/checks.py checks that each split is whole)."""
-    return cls(global_batch=config.global_batch_size, per_process=config.global_batch_size // num_processes,
-               micro_batch=config.global_batch_size // config.grad_accum_steps,
-               accum_steps=config.grad_accum_steps, data_parallel=data_parallel_size(mesh_shape))
+    return cls(
+      global_batch=config.global_batch_size,
+      per_process=config.global_batch_size // num_processes,
+      micro_batch=config.global_batch_size // config.grad_accum_steps,
+      accum_steps=config.grad_accum_steps,
+      data_parallel=data_parallel_size(mesh_shape),
+    )
 
   @property
   def micro_batch_per_device(self) -> int:

@@ -58,8 +58,10 @@ def coordinator_host() -> str:
     return given
   jobset, replicated = os.environ["JOBSET_NAME"], os.environ.get("JOBSET_REPLICATED_JOB", "")
   if not replicated:
-    raise UserError("JOBSET_REPLICATED_JOB is unset: without JOBSET_COORDINATOR it names the coordinator's pod "
-                    "(launch/kubernetes/jobset.yaml passes both)")
+    raise UserError(
+      "JOBSET_REPLICATED_JOB is unset: without JOBSET_COORDINATOR it names the coordinator's pod "
+      "(launch/kubernetes/jobset.yaml passes both)"
+    )
   return f"{jobset}-{replicated}-0-0.{os.environ.get('JOBSET_SUBDOMAIN') or jobset}"
 
 
@@ -69,8 +71,10 @@ def jobset_kwargs() -> dict:
   if not in_jobset():
     return {}
   if _index("JOB_COMPLETION_INDEX") != 0:
-    raise UserError(f"JOB_COMPLETION_INDEX={os.environ['JOB_COMPLETION_INDEX']}: a Job of several pods; one process "
-                    f"per node is one Job per node (replicas: N, parallelism: 1, as launch/kubernetes/jobset.yaml)")
+    raise UserError(
+      f"JOB_COMPLETION_INDEX={os.environ['JOB_COMPLETION_INDEX']}: a Job of several pods; one process "
+      f"per node is one Job per node (replicas: N, parallelism: 1, as launch/kubernetes/jobset.yaml)"
+    )
   count, index = _index("JOBSET_REPLICAS", low=1), _index("JOBSET_JOB_INDEX")
   if index >= count:
     raise UserError(f"JOBSET_JOB_INDEX={index}: expected below JOBSET_REPLICAS={count}")

@@ -46,6 +46,7 @@ SHUTDOWN_TIMEOUT_S = 300
 def _jax_distributed_module():
   """jax's module that starts the service in process 0 (jax._src.distributed: its `_jax` is the native library)."""
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
   if not hasattr(getattr(distributed, "_jax", None), "get_distributed_runtime_service"):
     raise ImportError("jax._src.distributed._jax.get_distributed_runtime_service")
   return distributed
@@ -56,6 +57,7 @@ def _native_library():
   service needs (0.5 against 1.7 CPU s of imports). Its C++ logs at warning and above, as importing JAX sets."""
   os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
   import jaxlib._jax as native  # pylint: disable=g-import-not-at-top
+
   if not hasattr(native, "get_distributed_runtime_service"):
     raise ImportError("jaxlib._jax.get_distributed_runtime_service")
   return native
@@ -76,8 +78,10 @@ def describe_service(address: str) -> str:
 def exit_for_requeue(what: str, process_index: int):
   """Prints `what` as the process's one error line and ends it with REQUEUE_EXIT_CODE, at once: its other threads
   may be blocked in native code, where only a hard exit ends the process."""
-  errors.say(f"error: {what}. Process {process_index} exits with code {REQUEUE_EXIT_CODE} so that the job is "
-             f"requeued; it resumes from the newest complete checkpoint.")
+  errors.say(
+    f"error: {what}. Process {process_index} exits with code {REQUEUE_EXIT_CODE} so that the job is "
+    f"requeued; it resumes from the newest complete checkpoint."
+  )
   os._exit(REQUEUE_EXIT_CODE)
 
 
@@ -127,8 +131,9 @@ class _Native:
     naming the status."""
     if not self.joined:
       raise RuntimeError(str(status))
-    exit_for_requeue(f"{describe_service(self.address)} reported a fatal error: {status}",
-                     self._distributed.global_state.process_id)
+    exit_for_requeue(
+      f"{describe_service(self.address)} reported a fatal error: {status}", self._distributed.global_state.process_id
+    )
 
   def __getattr__(self, name):
     return getattr(self._native, name)
@@ -139,17 +144,25 @@ _links: list[relay.Link] = []
 
 def _relay_to(address: str, distributed) -> str:
   """The local address of a relay to the service at `address`, whose death ends this process with one line."""
+
   def gone(why: str) -> None:
     exit_for_requeue(f"{describe_service(address)} is gone: {why}", distributed.global_state.process_id)
 
   def lost(pid: int, how: str) -> None:
-    exit_for_requeue(f"the relay (pid {pid}) that joins this process to {describe_service(address)} ended, "
-                     f"{how}: the process cannot reach the service without it", distributed.global_state.process_id)
+    exit_for_requeue(
+      f"the relay (pid {pid}) that joins this process to {describe_service(address)} ended, "
+      f"{how}: the process cannot reach the service without it",
+      distributed.global_state.process_id,
+    )
+
   try:
     link = relay.Link(address, gone, lost)
   except OSError as e:
-    logging.warning("no relay to JAX's coordination service (%s): this process's client joins it directly, and "
-                    "aborts with a stack dump if the service dies", e)
+    logging.warning(
+      "no relay to JAX's coordination service (%s): this process's client joins it directly, and "
+      "aborts with a stack dump if the service dies",
+      e,
+    )
     return address
   _links.append(link)
   return link.address
@@ -196,12 +209,15 @@ def _leave_reported(state, address: str) -> None:
     try:
       shutdown()
     except RuntimeError:
-      errors.say(f"warning: leaving {describe_service(address)} failed: another process did not leave with this one "
-                 f"(it ended earlier or hangs, or the service is gone)")
+      errors.say(
+        f"warning: leaving {describe_service(address)} failed: another process did not leave with this one "
+        f"(it ended earlier or hangs, or the service is gone)"
+      )
       state.client = None
       if state.service is not None:
         state.service.shutdown()
         state.service = None
+
   state.shutdown = reported
 
 
@@ -216,8 +232,9 @@ def serve(processes: int, ready_file: str, port: int = 0) -> None:
   the parent ends; `ready_file` gets the port once it serves."""
   native = _native_library()
   port = port or free_port()
-  service = native.get_distributed_runtime_service(f"[::]:{port}", processes, heartbeat_timeout=HEARTBEAT_TIMEOUT_S,
-                                                   shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+  service = native.get_distributed_runtime_service(
+    f"[::]:{port}", processes, heartbeat_timeout=HEARTBEAT_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+  )
   parent = os.getppid()
   stops = {signal.SIGTERM, signal.SIGINT}
   if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
@@ -240,8 +257,9 @@ def _stop_signal(info, stops) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(prog="python -m visionfm_jax.parallel.coordination", description=__doc__.split(
-      "\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m visionfm_jax.parallel.coordination", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--processes", type=int, required=True)
   parser.add_argument("--ready_file", required=True, help="gets the port once the service serves")
   parser.add_argument("--port", type=int, default=0, help="0: a free one")
@@ -249,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
   try:
     _native_library()
   except ImportError as e:
-    print(f"warning: this jax has no {e.name or e}: the launcher leaves JAX's coordination service to process 0, "
-          "whose death then aborts the others", file=sys.stderr)
+    print(
+      f"warning: this jax has no {e.name or e}: the launcher leaves JAX's coordination service to process 0, "
+      "whose death then aborts the others",
+      file=sys.stderr,
+    )
     return 3
   serve(args.processes, args.ready_file, args.port)
   return 0

@@ -62,8 +62,11 @@ def _check_coordinator_address() -> None:
 def launched_distributed() -> bool:
   """True when the environment names a coordinator: JAX_COORDINATOR_ADDRESS (launch/local.sh), SLURM with more
   than one task, or a JobSet of more than one pod (parallel/cluster_env.py)."""
-  return (bool(os.environ.get("JAX_COORDINATOR_ADDRESS")) or _env_int("SLURM_NTASKS", 1, default="1") > 1
-          or cluster_env.jobset_kwargs().get("num_processes", 1) > 1)
+  return (
+    bool(os.environ.get("JAX_COORDINATOR_ADDRESS"))
+    or _env_int("SLURM_NTASKS", 1, default="1") > 1
+    or cluster_env.jobset_kwargs().get("num_processes", 1) > 1
+  )
 
 
 def local_device_ids() -> list[int] | None:
@@ -108,9 +111,11 @@ def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
   if mode == "off" or (mode == "auto" and not launched_distributed()):
     return
   import jax  # pylint: disable=g-import-not-at-top
+
   timeout_s = join_timeout_s()
-  kwargs = dict(initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)),
-                initialization_timeout=timeout_s)
+  kwargs = dict(
+    initialize_kwargs(), heartbeat_timeout_seconds=max(100, int(3 * peer_timeout_s)), initialization_timeout=timeout_s
+  )
   try:
     with _service_placement(jax.__version__):
       jax.distributed.initialize(**kwargs)
@@ -122,16 +127,21 @@ def initialize(mode: str = "auto", peer_timeout_s: float = 0.0) -> None:
 def _exit_for_failed_join(failed: coordination.JoinFailed, timeout_s: int) -> None:
   """Names why this process did not join the service (JAX's client says nothing that survives) and exits 75."""
   from jax._src import distributed as jax_distributed  # pylint: disable=g-import-not-at-top
+
   index, count = jax_distributed.global_state.process_id, jax_distributed.global_state.num_processes
   service, index_name = coordination.describe_service(failed.address), _index_name(index)
   if failed.after_s < 0.9 * timeout_s:  # an answer before the deadline: a refusal
-    what = (f"{service} refused this process as process {index} of {count} after {failed.after_s:.0f}s: another "
-            f"process registered with the same index, {index_name} (or the service runs a job of another size)")
+    what = (
+      f"{service} refused this process as process {index} of {count} after {failed.after_s:.0f}s: another "
+      f"process registered with the same index, {index_name} (or the service runs a job of another size)"
+    )
   elif why := relay.refused(relay.address(failed.address)):
     what = f"{service} did not answer within {timeout_s}s ({JOIN_TIMEOUT_ENV}): {why}"
   else:
-    what = (f"not all {count} processes of the job joined {service} within {timeout_s}s ({JOIN_TIMEOUT_ENV}): one "
-            f"did not start or cannot reach it, or two have the same index (this one's {index_name})")
+    what = (
+      f"not all {count} processes of the job joined {service} within {timeout_s}s ({JOIN_TIMEOUT_ENV}): one "
+      f"did not start or cannot reach it, or two have the same index (this one's {index_name})"
+    )
   coordination.exit_for_requeue(what, index)
 
 
@@ -152,5 +162,7 @@ def _service_placement(jax_version: str):
   except ImportError as e:
     if not coordination.hosted_by_launcher():
       return contextlib.nullcontext()
-    raise UserError(f"{coordination.SERVICE_ENV}=launcher: this jax ({jax_version}) cannot join a coordination "
-                    f"service its launcher hosts (no {e.name or e}); unset it") from e
+    raise UserError(
+      f"{coordination.SERVICE_ENV}=launcher: this jax ({jax_version}) cannot join a coordination "
+      f"service its launcher hosts (no {e.name or e}); unset it"
+    ) from e

@@ -29,8 +29,9 @@ def mesh_shape(mesh_cfg, num_devices: int) -> dict[str, int]:
   known = math.prod(s for s in sizes.values() if s != -1)
   if unknown:
     if num_devices % known:
-      raise ConfigError(f"config.mesh={sizes}: the fixed axes ({known} devices) do not divide the {num_devices} "
-                        "devices")
+      raise ConfigError(
+        f"config.mesh={sizes}: the fixed axes ({known} devices) do not divide the {num_devices} devices"
+      )
     sizes[unknown[0]] = num_devices // known
   if math.prod(sizes.values()) != num_devices:
     raise ConfigError(f"config.mesh={sizes} needs {math.prod(sizes.values())} devices but {num_devices} are present")

@@ -182,8 +182,10 @@ class Link:
     mine, theirs = socket.socketpair()
     with theirs:
       self._process = subprocess.Popen(
-          [sys.executable, "-I", os.path.abspath(__file__), f"--upstream={upstream}",
-           f"--control_fd={theirs.fileno()}"], pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        [sys.executable, "-I", os.path.abspath(__file__), f"--upstream={upstream}", f"--control_fd={theirs.fileno()}"],
+        pass_fds=[theirs.fileno()],
+        stdin=subprocess.DEVNULL,
+      )
     self.pid = self._process.pid
     self._control, self._pending = mine, b""
     self._fds: list[int] = []  # received, not yet named by their "conn" line

@@ -57,28 +57,31 @@ SHARDED_BY_STAGE = ("opt_state", "grads", "params")
 
 # strategy (config_lib.STRATEGIES) -> which parts of the train state are sharded over fsdp
 STRATEGY_SHARDS: dict[str, dict[str, bool]] = {
-    name: {part: i < config_lib.ZERO_STAGES.index(config_lib.STRATEGY_ALIASES.get(name, name))
-           for i, part in enumerate(SHARDED_BY_STAGE)}
-    for name in config_lib.STRATEGIES}
+  name: {
+    part: i < config_lib.ZERO_STAGES.index(config_lib.STRATEGY_ALIASES.get(name, name))
+    for i, part in enumerate(SHARDED_BY_STAGE)
+  }
+  for name in config_lib.STRATEGIES
+}
 
 MeshAxes = str | tuple[str, ...]  # one mesh axis, or several that split a dim together
 
 # logical axis -> the mesh axes to try, in order of preference; (): never split.
 LOGICAL_AXIS_RULES: dict[str, tuple[MeshAxes, ...]] = {
-    # parameters
-    "embed": ("fsdp",),
-    "mlp": ("tensor",),
-    "heads": ("tensor",),
-    "classes": ("tensor",),
-    "vocab": ("tensor",),
-    "kv": (),
-    "layers": (),
-    # activations
-    "batch": (BATCH_AXES,),
-    "length": (),
-    "act_embed": (),
-    "act_mlp": ("tensor",),
-    "act_heads": ("tensor",),
+  # parameters
+  "embed": ("fsdp",),
+  "mlp": ("tensor",),
+  "heads": ("tensor",),
+  "classes": ("tensor",),
+  "vocab": ("tensor",),
+  "kv": (),
+  "layers": (),
+  # activations
+  "batch": (BATCH_AXES,),
+  "length": (),
+  "act_embed": (),
+  "act_mlp": ("tensor",),
+  "act_heads": ("tensor",),
 }
 # The names activations carry (models/layers.py BATCH, LENGTH, ACT_*): flax constrains activations by their
 # rows only, and parameters never use them.
@@ -96,8 +99,10 @@ def check_axis_names(names: tuple[str | None, ...], known: tuple[str, ...], kind
   LOGICAL_AXIS_RULES: a mistyped name would otherwise leave its dim unsharded without a word."""
   unknown = [name for name in names if name is not None and name not in known]
   if unknown:
-    raise ValueError(f"{kind} axis names {tuple(names)}: {', '.join(map(repr, unknown))} not in LOGICAL_AXIS_RULES "
-                     f"(its {kind} axes: {', '.join(known)}; None: never split)")
+    raise ValueError(
+      f"{kind} axis names {tuple(names)}: {', '.join(map(repr, unknown))} not in LOGICAL_AXIS_RULES "
+      f"(its {kind} axes: {', '.join(known)}; None: never split)"
+    )
 
 
 OVERRIDES_FIELD = "config.sharding.overrides"
@@ -108,6 +113,7 @@ REPLICATED = "replicated"  # an override's layout: the param whole on every devi
 class Layout:
   """One override's layout: `names`, logical axes the table reads instead of the model's, or `spec`, the param's
   own PartitionSpec (module docstring)."""
+
   names: tuple[str | None, ...] | None = None
   spec: P | None = None
 
@@ -126,8 +132,10 @@ def parse_layout(value: Any) -> Layout:
   mesh_axes = [a for e in given for a in (e if isinstance(e, tuple) and e else (e,))]  # a dim's: one, or a tuple
   unknown = [a for a in mesh_axes if a not in MESH_AXES and a not in PARAM_AXES]
   if unknown:
-    raise ValueError(f"{', '.join(map(repr, unknown))} is neither a logical axis ({', '.join(PARAM_AXES)}) "
-                     f"nor a mesh axis ({', '.join(MESH_AXES)})")
+    raise ValueError(
+      f"{', '.join(map(repr, unknown))} is neither a logical axis ({', '.join(PARAM_AXES)}) "
+      f"nor a mesh axis ({', '.join(MESH_AXES)})"
+    )
   logical = [a for a in mesh_axes if a in PARAM_AXES]
   if logical:
     raise ValueError(f"{', '.join(map(repr, logical))} beside mesh axes: logical and mesh axes in one layout")
@@ -165,15 +173,18 @@ class Overrides:
 def _check_fits(layout: Layout, path: str, shape: tuple[int, ...], mesh_shape: dict[str, int]) -> None:
   axes: tuple[Any, ...] = layout.names if layout.names is not None else tuple(layout.spec or ())
   if (layout.names is not None or axes) and len(axes) != len(shape):  # P() ('replicated') fits any dims
-    raise ConfigError(f"{OVERRIDES_FIELD}: param {path} of shape {shape} has {len(shape)} dims, its layout "
-                      f"{tuple(axes)} {len(axes)}")
+    raise ConfigError(
+      f"{OVERRIDES_FIELD}: param {path} of shape {shape} has {len(shape)} dims, its layout {tuple(axes)} {len(axes)}"
+    )
   if layout.spec is None:
     return
   for size, dim_axes in zip(shape, axes):
     split = math.prod(mesh_shape.get(a, 1) for a in ((dim_axes,) if isinstance(dim_axes, str) else dim_axes or ()))
     if size % split:
-      raise ConfigError(f"{OVERRIDES_FIELD}: param {path} of shape {shape}: its dim of {size} does not divide over "
-                        f"mesh axes {dim_axes!r} ({split} devices, mesh {mesh_shape})")
+      raise ConfigError(
+        f"{OVERRIDES_FIELD}: param {path} of shape {shape}: its dim of {size} does not divide over "
+        f"mesh axes {dim_axes!r} ({split} devices, mesh {mesh_shape})"
+      )
 
 
 def activation_rules() -> tuple[tuple[str, MeshAxes | None], ...]:
@@ -254,12 +265,19 @@ def batch_local(fn, rows, shared):
   def local(rows, shared):
     with device_local():
       return fn(*rows, *shared)
-  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P()), out_specs=P(batch_axes),
-                       check_vma=False)(tuple(rows), tuple(shared))
+
+  return jax.shard_map(local, mesh=mesh, in_specs=(P(batch_axes), P()), out_specs=P(batch_axes), check_vma=False)(
+    tuple(rows), tuple(shared)
+  )
 
 
-def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_shape: dict[str, int],
-                   shard_fsdp: bool, over_data: bool = False) -> P:
+def partition_spec(
+  names: tuple[str | None, ...],
+  shape: tuple[int, ...],
+  mesh_shape: dict[str, int],
+  shard_fsdp: bool,
+  over_data: bool = False,
+) -> P:
   """PartitionSpec for one parameter with logical axis `names` and `shape`: `LOGICAL_AXIS_RULES`, then
   `FALLBACK` (module docstring); `shard_fsdp` enables the fsdp axis; `over_data` has a dim that takes fsdp take
   (data, fsdp) where it divides over both (nothing where `shard_fsdp` is off)."""
@@ -298,18 +316,27 @@ def partition_spec(names: tuple[str | None, ...], shape: tuple[int, ...], mesh_s
 
 def map_with_names(fn, boxed_tree):
   """Maps fn(logical_names_or_None, value) over a tree that may hold `nn.Partitioned` boxes."""
+
   def apply(x):
     if isinstance(x, nn.Partitioned):
       return fn(tuple(x.names), x.value)
     return fn(None, x)
+
   return jax.tree.map(apply, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
-def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool, over_data: bool = False,
-               overrides: Overrides | None = None, own_layouts: bool = False):
+def tree_specs(
+  boxed_tree,
+  mesh_shape: dict[str, int],
+  shard_fsdp: bool,
+  over_data: bool = False,
+  overrides: Overrides | None = None,
+  own_layouts: bool = False,
+):
   """PartitionSpecs for every leaf of a (boxed, abstract) tree; unnamed leaves get only the fsdp fallback.
   `overrides`: a leaf whose path a rule matches reads its logical axes; `own_layouts` (the params themselves):
   also takes its own layout ('replicated', mesh axes)."""
+
   def spec(path, x):
     boxed = isinstance(x, nn.Partitioned)
     shape = tuple((x.value if boxed else x).shape)
@@ -320,6 +347,7 @@ def tree_specs(boxed_tree, mesh_shape: dict[str, int], shard_fsdp: bool, over_da
     if layout is not None and layout.names is not None:
       names = layout.names
     return partition_spec(names, shape, mesh_shape, shard_fsdp, over_data)
+
   return jax.tree_util.tree_map_with_path(spec, boxed_tree, is_leaf=lambda x: isinstance(x, nn.Partitioned))
 
 
@@ -331,8 +359,13 @@ def param_specs(boxed_params, mesh_shape: dict[str, int], strategy: str, overrid
   return tree_specs(boxed_params, mesh_shape, STRATEGY_SHARDS[strategy]["params"], overrides=rules, own_layouts=True)
 
 
-def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str, optimizer_over_data: bool = False,
-                overrides: Sequence = ()):
+def state_specs(
+  abstract_boxed_state,
+  mesh_shape: dict[str, int],
+  strategy: str,
+  optimizer_over_data: bool = False,
+  overrides: Sequence = (),
+):
   """PartitionSpecs for a (boxed, abstract) TrainState under `strategy`: params and opt_state per the table; the
   state's parts laid out as the optimizer state (the params' EMA: sharded from zero1 on, as only the step's
   elementwise update and the evaluations read it, so it need not be replicated where the params are), the rest
@@ -341,11 +374,14 @@ def state_specs(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
   shards, rules = STRATEGY_SHARDS[strategy], Overrides(overrides)
   unboxed = nn.unbox(abstract_boxed_state)
   return unboxed.replace(
-      params=param_specs(abstract_boxed_state.params, mesh_shape, strategy, overrides),
-      opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], optimizer_over_data, rules),
-      **{k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], optimizer_over_data, rules)
-         for k in unboxed.opt_state_like_fields()},
-      **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()})
+    params=param_specs(abstract_boxed_state.params, mesh_shape, strategy, overrides),
+    opt_state=tree_specs(abstract_boxed_state.opt_state, mesh_shape, shards["opt_state"], optimizer_over_data, rules),
+    **{
+      k: tree_specs(getattr(abstract_boxed_state, k), mesh_shape, shards["opt_state"], optimizer_over_data, rules)
+      for k in unboxed.opt_state_like_fields()
+    },
+    **{k: jax.tree.map(lambda _: P(), getattr(unboxed, k)) for k in unboxed.non_param_fields()},
+  )
 
 
 def grad_specs(abstract_boxed_params, mesh_shape: dict[str, int], strategy: str, overrides: Sequence = ()):
@@ -360,7 +396,7 @@ def shard_shape(shape: tuple[int, ...], spec: P, mesh_shape: dict[str, int]) -> 
   """The per-device shape of an array of `shape` laid out by `spec` (no devices needed)."""
   out = list(shape)
   for i, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
-    for axis in (axes if isinstance(axes, tuple) else (axes,)):
+    for axis in axes if isinstance(axes, tuple) else (axes,):
       if axis is not None:
         out[i] //= mesh_shape[axis]
   return tuple(out)

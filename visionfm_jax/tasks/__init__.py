@@ -9,8 +9,13 @@ from visionfm_jax.tasks.contrastive import ContrastiveTask
 from visionfm_jax.tasks.detection import DetectionTask
 from visionfm_jax.tasks.segmentation import SegmentationTask
 
-TASKS = {"classification": ClassificationTask, "contrastive": ContrastiveTask, "aurora": AuroraTask,
-         "segmentation": SegmentationTask, "detection": DetectionTask}
+TASKS = {
+  "classification": ClassificationTask,
+  "contrastive": ContrastiveTask,
+  "aurora": AuroraTask,
+  "segmentation": SegmentationTask,
+  "detection": DetectionTask,
+}
 
 
 def task_class(config) -> type[Task]:

@@ -44,8 +44,10 @@ class AuroraTask(SplitLossTask):
   def __init__(self, config, mesh=None):
     super().__init__(config, mesh)
     if config.data.augment.mixup_alpha > 0:
-      raise ConfigError(f"config.data.augment.mixup_alpha={config.data.augment.mixup_alpha}: Aurora's losses have "
-                        "no Mixup (its MIM target is the unmixed image); set it to 0")
+      raise ConfigError(
+        f"config.data.augment.mixup_alpha={config.data.augment.mixup_alpha}: Aurora's losses have "
+        "no Mixup (its MIM target is the unmixed image); set it to 0"
+      )
     self.weights = config.loss
 
   @functools.cached_property
@@ -61,9 +63,13 @@ class AuroraTask(SplitLossTask):
   def init_variables(self, rng):
     size = self.config.model.image_size
     grid = size // self.config.data.mim.mask_patch_size
-    return self.model.init({"params": rng}, jnp.zeros((1, size, size, 3), jnp.float32),
-                           jnp.zeros((1, self.config.model.text.max_len), jnp.int32),
-                           jnp.zeros((1, grid, grid), jnp.float32), train=False)
+    return self.model.init(
+      {"params": rng},
+      jnp.zeros((1, size, size, 3), jnp.float32),
+      jnp.zeros((1, self.config.model.text.max_len), jnp.int32),
+      jnp.zeros((1, grid, grid), jnp.float32),
+      train=False,
+    )
 
   def pixel_mask(self, batch) -> jax.Array:
     """(B, H, W) 0/1 masked pixels from the (B, gh, gw) mask-patch grid."""
@@ -74,25 +80,35 @@ class AuroraTask(SplitLossTask):
   def whole_batch(self, batch, rng):
     """The captioned mask ('has_text'; None: all captioned) and the whole batch's counts: non-pad caption tokens
     (uncaptioned images have none) and masked pixels."""
-    context = {"has_text": batch.get("has_text"),
-               "tokens": jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
-               "masked_pixels": jnp.sum(self.pixel_mask(batch)) + pixels.MIM_EPS}
+    context = {
+      "has_text": batch.get("has_text"),
+      "tokens": jnp.sum(batch["text"][:, 1:] != PAD_ID).astype(jnp.float32),
+      "masked_pixels": jnp.sum(self.pixel_mask(batch)) + pixels.MIM_EPS,
+    }
     return batch, context
 
   def local_loss(self, params, batch, rng, context):
     images = self.train_images(batch, jnp.float32)  # also the MIM target, kept in fp32
-    out = self.model.apply({"params": params}, images, batch["text"], batch["mim_mask"], train=True,
-                           rngs={"dropout": rng})
-    caption = image_text_losses.caption_loss(out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID,
-                                             normalizer=context["tokens"])
-    mim = pixels.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch),
-                             normalizer=context["masked_pixels"])
+    out = self.model.apply(
+      {"params": params}, images, batch["text"], batch["mim_mask"], train=True, rngs={"dropout": rng}
+    )
+    caption = image_text_losses.caption_loss(
+      out["caption_logits"][:, :-1], batch["text"][:, 1:], PAD_ID, normalizer=context["tokens"]
+    )
+    mim = pixels.mim_l1_loss(out["reconstruction"], images, self.pixel_mask(batch), normalizer=context["masked_pixels"])
     loss = self.weights.caption_weight * caption + self.weights.mim_weight * mim
     return loss, (out["image_emb"], out["text_emb"]), {"train/caption_loss": caption, "train/mim_loss": mim}
 
   def batch_features(self, params, batch, rng, context):
-    return self.model.apply({"params": params}, self.train_images(batch, jnp.float32), batch["text"],
-                            batch["mim_mask"], train=True, rngs={"dropout": rng}, method="contrastive_features")
+    return self.model.apply(
+      {"params": params},
+      self.train_images(batch, jnp.float32),
+      batch["text"],
+      batch["mim_mask"],
+      train=True,
+      rngs={"dropout": rng},
+      method="contrastive_features",
+    )
 
   def global_loss(self, params, features, context):
     """The weighted symmetric InfoNCE over the whole batch's captioned examples."""
@@ -103,9 +119,15 @@ class AuroraTask(SplitLossTask):
     return clip.clamp_logit_scale(params)
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    return data.make_pair_train_loader(self.config.data, self.tokenizer, batch_size=batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count,
-                                       mim=self.config.data.mim)
+    return data.make_pair_train_loader(
+      self.config.data,
+      self.tokenizer,
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      mim=self.config.data.mim,
+    )
 
   # ----------------------------------------------------------------------------------- evaluation
   def embed_images(self, params, images):
@@ -116,8 +138,7 @@ class AuroraTask(SplitLossTask):
 
   def caption_stats(self, params, batch):
     """Sums over one eval batch (padding rows have no tokens): caption NLL and token count."""
-    logits = self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"],
-                              method="describe")
+    logits = self.model.apply({"params": params}, self.normalize(batch["image"]), batch["text"], method="describe")
     nll, count = image_text_losses.caption_loss_terms(logits[:, :-1], batch["text"][:, 1:], PAD_ID)
     return {"nll": nll, "tokens": count}
 
@@ -133,8 +154,11 @@ class AuroraTask(SplitLossTask):
     out = {}
     if self.config.eval.retrieval:
       out["retrieval"] = image_text.retrieval_evaluator(self, pairs, ctx)
-    caption = sums.SumsEvaluator(self.caption_stats, lambda t: {
-        "perplexity": sums.perplexity(t["nll"], t["tokens"]), "loss": t["nll"] / max(t["tokens"], 1.0)}, ctx)
+    caption = sums.SumsEvaluator(
+      self.caption_stats,
+      lambda t: {"perplexity": sums.perplexity(t["nll"], t["tokens"]), "loss": t["nll"] / max(t["tokens"], 1.0)},
+      ctx,
+    )
     mim = sums.SumsEvaluator(self.mim_stats, lambda t: {"loss": t["l1"] / (t["pixels"] + pixels.MIM_EPS)}, ctx)
     out["caption"] = lambda params: caption(params, pairs())
     out["mim"] = lambda params: mim(params, pairs())
@@ -151,23 +175,30 @@ class AuroraTask(SplitLossTask):
       images = self.normalize(batch["image"])
       recon = self.model.apply({"params": params}, images, batch["mim_mask"], method="reconstruct_masked")
       return recon, generate.caption_memory(self.model, params, images)
+
     outputs = jax.jit(outputs)
 
     def draw(params):
       rows = panels.first_rows(outputs, params, next(iter(pairs())), ctx, PANEL_ROWS)
       valid = np.flatnonzero(rows["mask"])
       recon, memory = (np.asarray(x)[valid] for x in rows["out"])
-      tokens = generate.greedy(self.model, params, memory, max_len=self.model.text.max_len,
-                               pieces=self.tokenizer.vocab_size)
+      tokens = generate.greedy(
+        self.model, params, memory, max_len=self.model.text.max_len, pieces=self.tokenizer.vocab_size
+      )
       said = generate.tokens_to_text(self.tokenizer, jax.device_get(tokens))
       true = self.tokenizer.decode(rows["text"][valid])
       images, grid = rows["image"][valid], rows["mim_mask"][valid]
       masked = np.kron(grid, np.ones((images.shape[1] // grid.shape[1],) * 2))[..., None] > 0
-      cells = [[panels.Cell(np.where(m, np.uint8(128), image), ("masked input",)),
-                panels.Cell(np.where(m, self.denormalize(r), image), ("reconstruction",)),
-                panels.Cell(image, (panels.clipped(f"generated: {s}", 48), panels.clipped(f"true: {t}", 48)))]
-               for image, m, r, s, t in zip(images, masked, recon, said, true)]
+      cells = [
+        [
+          panels.Cell(np.where(m, np.uint8(128), image), ("masked input",)),
+          panels.Cell(np.where(m, self.denormalize(r), image), ("reconstruction",)),
+          panels.Cell(image, (panels.clipped(f"generated: {s}", 48), panels.clipped(f"true: {t}", 48))),
+        ]
+        for image, m, r, s, t in zip(images, masked, recon, said, true)
+      ]
       return panels.render(cells, "MIM input, reconstruction, original; the greedy caption and the true one")
+
     return draw
 
   def synthetic_batch(self, batch_size, rng):

@@ -61,6 +61,7 @@ def compute_dtype(precision_cfg):
 class EvalContext:
   """What an evaluator needs from the loop: the mesh, how to place host batches on it, and what the evaluators and
   the panel built with it share (`once`): the eval sources (`open_eval_source`), the checks made on them."""
+
   mesh: Mesh
   batch_size: int  # global examples per eval batch
   process_index: int
@@ -100,13 +101,17 @@ def check_dense_config(config, kind: str) -> None:
   if missing:
     raise ConfigError(f"config.head lacks {missing}; {where}")
   if config.model.num_classes:
-    raise ConfigError(f"config.model.num_classes={config.model.num_classes}: the backbone of a {kind} model has no "
-                      f"classification head; set it to 0 (classes: config.head.num_classes)")
+    raise ConfigError(
+      f"config.model.num_classes={config.model.num_classes}: the backbone of a {kind} model has no "
+      f"classification head; set it to 0 (classes: config.head.num_classes)"
+    )
   if config.head.num_classes < 1:
     raise ConfigError(f"config.head.num_classes={config.head.num_classes}: must be positive")
   if config.model.image_size != config.data.image_size:
-    raise ConfigError(f"config.model.image_size={config.model.image_size} differs from the training crop "
-                      f"config.data.image_size={config.data.image_size}")
+    raise ConfigError(
+      f"config.model.image_size={config.model.image_size} differs from the training crop "
+      f"config.data.image_size={config.data.image_size}"
+    )
   if config.model.name not in ("vit", "swinv2"):
     raise ConfigError(f"config.model.name={config.model.name!r}: {kind} takes a 'vit' or 'swinv2' backbone")
 
@@ -118,30 +123,45 @@ def check_naflex_config(config) -> None:
   budgets = config.get("eval", {}).get("zeroshot_naflex_tokens", ())
   if settings is None:
     if budgets:
-      raise ConfigError(f"config.eval.zeroshot_naflex_tokens={tuple(budgets)}: token budgets of NaFlex inputs; set "
-                        "config.data.naflex.max_tokens (configs/swinv2_g_clip.py:naflex), or ()")
+      raise ConfigError(
+        f"config.eval.zeroshot_naflex_tokens={tuple(budgets)}: token budgets of NaFlex inputs; set "
+        "config.data.naflex.max_tokens (configs/swinv2_g_clip.py:naflex), or ()"
+      )
     return
   field = f"config.data.naflex.max_tokens={settings[1]}"
   if config.task != "contrastive" or config.model.name != "clip":
-    raise ConfigError(f"{field}: NaFlex inputs train a contrastive (CLIP or SigLIP) model's ViT tower; this is a "
-                      f"{config.task} run of a {config.model.name} model")
+    raise ConfigError(
+      f"{field}: NaFlex inputs train a contrastive (CLIP or SigLIP) model's ViT tower; this is a "
+      f"{config.task} run of a {config.model.name} model"
+    )
   image = config.model.image
   if image.name != "vit":
-    raise ConfigError(f"{field}: a {image.name} tower's windows tile a fixed square; NaFlex takes a ViT image tower "
-                      f"(config.model.image = config_lib.model_config('clip', image_tower='vit').image)")
+    raise ConfigError(
+      f"{field}: a {image.name} tower's windows tile a fixed square; NaFlex takes a ViT image tower "
+      f"(config.model.image = config_lib.model_config('clip', image_tower='vit').image)"
+    )
   patch = vit.parse_variant(image.variant)["patch_size"]
   if patch != settings[0]:
-    raise ConfigError(f"config.data.naflex.patch_size={settings[0]} differs from the tower's patch {patch} "
-                      f"(config.model.image.variant={image.variant!r})")
+    raise ConfigError(
+      f"config.data.naflex.patch_size={settings[0]} differs from the tower's patch {patch} "
+      f"(config.model.image.variant={image.variant!r})"
+    )
   augment = config.data.augment
-  for name, off in (("random_resized_crop", False), ("color_jitter", 0.0), ("randaugment_ops", 0),
-                    ("mixup_alpha", 0.0)):
+  for name, off in (
+    ("random_resized_crop", False),
+    ("color_jitter", 0.0),
+    ("randaugment_ops", 0),
+    ("mixup_alpha", 0.0),
+  ):
     if augment[name] != off:
-      raise ConfigError(f"config.data.augment.{name}={augment[name]!r}: NaFlex inputs take the whole image at its "
-                        f"aspect, resized and flipped on the host; set it to {off!r}")
+      raise ConfigError(
+        f"config.data.augment.{name}={augment[name]!r}: NaFlex inputs take the whole image at its "
+        f"aspect, resized and flipped on the host; set it to {off!r}"
+      )
   if image.token_drop:
-    raise ConfigError(f"config.model.image.token_drop={image.token_drop}: NaFlex inputs vary their tokens already; "
-                      "set it to 0")
+    raise ConfigError(
+      f"config.model.image.token_drop={image.token_drop}: NaFlex inputs vary their tokens already; set it to 0"
+    )
 
 
 class Task(abc.ABC):
@@ -244,8 +264,10 @@ class Task(abc.ABC):
     except DataError:
       return
     if len(names) > num_classes or exact and len(names) != num_classes:
-      raise ConfigError(f"{field}={num_classes} but {sources.training_what(self.config.data)} has "
-                        f"{len(names)} {what}; set --{field}={len(names)}")
+      raise ConfigError(
+        f"{field}={num_classes} but {sources.training_what(self.config.data)} has "
+        f"{len(names)} {what}; set --{field}={len(names)}"
+      )
 
   def train_flops_per_example(self) -> float | None:
     """The model's analytic count (`models.train_flops_per_example`); None for a model without one."""

@@ -17,7 +17,6 @@ PANEL_EXAMPLES = 8
 
 
 class ClassificationTask(Task):
-
   def logits(self, params, inputs, *, train: bool, rng=None):
     """fp32 logits of normalised `inputs` (train_images or normalize)."""
     rngs = {"dropout": rng} if rng is not None else {}
@@ -34,9 +33,14 @@ class ClassificationTask(Task):
     # Exact: the loaders label by the data's class names (a mixture's union of them), so a larger head only adds
     # outputs no label names; a new set of classes gets a fresh head (config.init_from_skip='head').
     self.check_class_count("config.model.num_classes", self.config.model.num_classes, exact=True)
-    return data.make_train_loader(self.config.data, batch_size=batch_size, seed=seed,
-                                  process_index=process_index, process_count=process_count,
-                                  num_classes=self.config.model.num_classes)
+    return data.make_train_loader(
+      self.config.data,
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+      num_classes=self.config.model.num_classes,
+    )
 
   def evaluators(self, ctx: EvalContext):
     def predict(params, images):
@@ -46,9 +50,13 @@ class ClassificationTask(Task):
     source = ctx.open_eval_source(self.config.data)
 
     def run_val(params):
-      batches = data.make_eval_iterator(self.config.data, batch_size=ctx.local_batch_size,
-                                        process_index=ctx.process_index, process_count=ctx.process_count,
-                                        source=source)
+      batches = data.make_eval_iterator(
+        self.config.data,
+        batch_size=ctx.local_batch_size,
+        process_index=ctx.process_index,
+        process_count=ctx.process_count,
+        source=source,
+      )
       return top1(params, batches)
 
     return {"val": run_val, **probe.evaluators(self, ctx)}
@@ -57,20 +65,28 @@ class ClassificationTask(Task):
     """PANEL_EXAMPLES validation images, each with its true class and the 3 most probable ones."""
     source = ctx.open_eval_source(self.config.data)
     names = panels.class_names_or_numbers(lambda: self.class_names, self.config.model.num_classes)
-    probabilities = jax.jit(lambda params, batch: jax.nn.softmax(
-        self.logits(params, self.normalize(batch["image"]), train=False), -1))
+    probabilities = jax.jit(
+      lambda params, batch: jax.nn.softmax(self.logits(params, self.normalize(batch["image"]), train=False), -1)
+    )
 
     def draw(params):
-      batches = data.make_eval_iterator(self.config.data, batch_size=ctx.local_batch_size,
-                                        process_index=ctx.process_index, process_count=ctx.process_count,
-                                        source=source)
+      batches = data.make_eval_iterator(
+        self.config.data,
+        batch_size=ctx.local_batch_size,
+        process_index=ctx.process_index,
+        process_count=ctx.process_count,
+        source=source,
+      )
       rows = panels.first_rows(probabilities, params, next(iter(batches)), ctx, PANEL_EXAMPLES)
-      cells = [panels.Cell(image, (f"true: {names[label]}", *panels.top_k(p, names)))
-               for image, label, p, valid in zip(rows["image"], rows["label"], rows["out"], rows["mask"]) if valid]
+      cells = [
+        panels.Cell(image, (f"true: {names[label]}", *panels.top_k(p, names)))
+        for image, label, p, valid in zip(rows["image"], rows["label"], rows["out"], rows["mask"])
+        if valid
+      ]
       return panels.render([cells], "true class; top-3 predicted")
+
     return draw
 
   def synthetic_batch(self, batch_size, rng):
     labels = rng.integers(0, self.config.model.num_classes, (batch_size,), dtype=np.int32)
     return {**super().synthetic_batch(batch_size, rng), "label": labels}
-

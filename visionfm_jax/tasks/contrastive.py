@@ -60,10 +60,17 @@ def naflex_budget(data_cfg, tokens: int):
 
 def _zeroshot_run(evaluator, data_cfg, source, ctx):
   """params -> `evaluator`'s metrics over this process's share of `source`'s batches as `data_cfg` makes them."""
+
   def run(params):
-    batches = data.make_eval_iterator(data_cfg, batch_size=ctx.local_batch_size, process_index=ctx.process_index,
-                                      process_count=ctx.process_count, source=source)
+    batches = data.make_eval_iterator(
+      data_cfg,
+      batch_size=ctx.local_batch_size,
+      process_index=ctx.process_index,
+      process_count=ctx.process_count,
+      source=source,
+    )
     return evaluator(params, batches)
+
   return run
 
 
@@ -112,8 +119,10 @@ class ContrastiveTask(SplitLossTask):
 
   def batch_features(self, params, batch, rng, context):
     """The towers' embeddings; in the backward the text tower's comes first (`image_text.backward_after`)."""
+
     def embed(p, method, inputs):
       return self.model.apply({"params": p}, inputs, train=True, rngs={"dropout": rng}, method=method)
+
     image_emb = embed(params, "embed_images", self.mixed_images(batch, context))
     text_params, image_emb = image_text.backward_after(params["text"], image_emb)
     return image_emb, embed({**params, "text": text_params}, "embed_texts", batch["text"])
@@ -121,15 +130,20 @@ class ContrastiveTask(SplitLossTask):
   def global_loss(self, params, features, context):
     """The symmetric InfoNCE (or SigLIP's sigmoid loss) over the whole batch's captioned examples (sharded over
     the mesh in training)."""
-    return image_text.contrastive_loss(params, features, context, self.mesh,
-                                       siglip=clip.uses_siglip(self.config.model))
+    return image_text.contrastive_loss(params, features, context, self.mesh, siglip=clip.uses_siglip(self.config.model))
 
   def post_update(self, params):
     return clip.clamp_logit_scale(params)
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
-    return data.make_pair_train_loader(self.config.data, self.tokenizer, batch_size=batch_size, seed=seed,
-                                       process_index=process_index, process_count=process_count)
+    return data.make_pair_train_loader(
+      self.config.data,
+      self.tokenizer,
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
 
   def embed_images(self, params, images):
     return self.model.apply({"params": params}, self.normalize(images), method="embed_images")
@@ -149,8 +163,11 @@ class ContrastiveTask(SplitLossTask):
       for tokens in eval_cfg.get("zeroshot_naflex_tokens", ()) if self.naflex else ():
         # the same images at native aspect within another token budget: one program of their own
         out[f"zeroshot_{tokens}tok"] = _zeroshot_run(
-            zeroshot.ZeroShotEvaluator(zeroshot.scorer(self.embed_images, ctx), self.class_embeddings, names,
-                                       templates), naflex_budget(data_cfg, tokens), source, ctx)
+          zeroshot.ZeroShotEvaluator(zeroshot.scorer(self.embed_images, ctx), self.class_embeddings, names, templates),
+          naflex_budget(data_cfg, tokens),
+          source,
+          ctx,
+        )
 
     if eval_cfg.retrieval:
       out["retrieval"] = image_text.retrieval_evaluator(self, image_text.held_out_pairs(self, ctx), ctx)

@@ -65,11 +65,22 @@ class DetectionTask(Task):
     except ValueError as e:
       raise ConfigError(str(e)) from e
     self.model = detector.Detector(
-        backbone=self.model, num_classes=head.num_classes, levels=levels,
-        neck_channels=head.neck_channels, head_channels=head.head_channels, num_convs=head.num_convs,
-        prior_prob=head.prior_prob, dtype=self.dtype)
-    self.weights = dict(class_weight=head.class_weight, l1_weight=head.l1_weight, giou_weight=head.giou_weight,
-                        alpha=head.focal_alpha, gamma=head.focal_gamma)
+      backbone=self.model,
+      num_classes=head.num_classes,
+      levels=levels,
+      neck_channels=head.neck_channels,
+      head_channels=head.head_channels,
+      num_convs=head.num_convs,
+      prior_prob=head.prior_prob,
+      dtype=self.dtype,
+    )
+    self.weights = dict(
+      class_weight=head.class_weight,
+      l1_weight=head.l1_weight,
+      giou_weight=head.giou_weight,
+      alpha=head.focal_alpha,
+      gamma=head.focal_gamma,
+    )
 
   def predict(self, params, images, *, train: bool, rng=None):
     rngs = {"dropout": rng} if rng is not None else {}
@@ -86,8 +97,9 @@ class DetectionTask(Task):
   def loss(self, params, batch, rng):
     out = self.predict(params, batch["image"], train=True, rng=rng)
     index = self.match(out["logits"], out["boxes"], batch["classes"], batch["boxes"])
-    loss, parts = detection_losses.detection_set_loss(out["logits"], out["boxes"], batch["classes"], batch["boxes"],
-                                                      index, **self.weights)
+    loss, parts = detection_losses.detection_set_loss(
+      out["logits"], out["boxes"], batch["classes"], batch["boxes"], index, **self.weights
+    )
     return loss, {f"train/loss_{name}": value for name, value in parts.items()}
 
   @functools.cached_property
@@ -96,8 +108,14 @@ class DetectionTask(Task):
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
     self.check_class_count("config.head.num_classes", self.config.head.num_classes)
-    return data.make_dense_train_loader(self.config.data, "detection", batch_size=batch_size, seed=seed,
-                                        process_index=process_index, process_count=process_count)
+    return data.make_dense_train_loader(
+      self.config.data,
+      "detection",
+      batch_size=batch_size,
+      seed=seed,
+      process_index=process_index,
+      process_count=process_count,
+    )
 
   def evaluators(self, ctx: EvalContext):
     source = ctx.open_eval_source(self.config.data)
@@ -109,9 +127,14 @@ class DetectionTask(Task):
     evaluator = detection_eval.DetectionEvaluator(predict, ctx, ground_truth, top_k=self.config.head.top_k)
 
     def run_det(params):
-      batches = data.make_dense_eval_iterator(self.config.data, "detection", batch_size=ctx.local_batch_size,
-                                              process_index=ctx.process_index, process_count=ctx.process_count,
-                                              source=source)
+      batches = data.make_dense_eval_iterator(
+        self.config.data,
+        "detection",
+        batch_size=ctx.local_batch_size,
+        process_index=ctx.process_index,
+        process_count=ctx.process_count,
+        source=source,
+      )
       return evaluator(params, batches)
 
     return {"det": run_det}
@@ -123,5 +146,8 @@ class DetectionTask(Task):
     boxes = np.concatenate([corners.min(axis=2), corners.max(axis=2) + 1e-3], axis=-1).clip(0.0, 1.0)
     count = rng.integers(1, m + 1, (batch_size, 1))
     classes = np.where(np.arange(m)[None] < count, rng.integers(0, num_classes, (batch_size, m)), -1)
-    return {**super().synthetic_batch(batch_size, rng), "boxes": boxes.astype(np.float32),
-            "classes": classes.astype(np.int32)}
+    return {
+      **super().synthetic_batch(batch_size, rng),
+      "boxes": boxes.astype(np.float32),
+      "classes": classes.astype(np.int32),
+    }

@@ -32,11 +32,15 @@ def load_tokenizer(config) -> tokenizer_lib.Tokenizer | tokenizer_lib.HFTokenize
   path = config.data.tokenizer or tokenizer_lib.shapes_tokenizer_path()
   tok = tokenizer_lib.load(path, max_len=text_cfg.max_len)
   if tok.eos_id != text_cfg.eos_id:
-    raise ConfigError(f"config.data.tokenizer={path!r} ends texts with id {tok.eos_id}, the text tower pools "
-                      f"config.model.text.eos_id={text_cfg.eos_id}")
+    raise ConfigError(
+      f"config.data.tokenizer={path!r} ends texts with id {tok.eos_id}, the text tower pools "
+      f"config.model.text.eos_id={text_cfg.eos_id}"
+    )
   if tok.vocab_size > text_cfg.vocab_size:
-    raise ConfigError(f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
-                      f"config.model.text.vocab_size={text_cfg.vocab_size}")
+    raise ConfigError(
+      f"config.data.tokenizer={path!r} has {tok.vocab_size} pieces, more than "
+      f"config.model.text.vocab_size={text_cfg.vocab_size}"
+    )
   return tok
 
 
@@ -57,11 +61,13 @@ def pieces_per_word_warning(tokenizer, captions: Sequence[str], path: str, recor
   if not words or pieces <= PIECES_PER_WORD_BOUND * words:
     return ""
   name = f"{path!r}" if path else "'' (the shapes demos' tokenizer)"
-  return (f"config.data.tokenizer={name} splits the data's captions into {pieces / words:.1f} pieces a word (on "
-          f"{len(captions)} held-out captions; above {PIECES_PER_WORD_BOUND}): it was trained on other text. Train "
-          f"one on these captions: python -m visionfm_jax.datatools.train_tokenizer "
-          f"--records='{records or '<your pair shards>'}' --vocab_size=8000 --out=PATH, then "
-          f"--config.data.tokenizer=PATH.model")
+  return (
+    f"config.data.tokenizer={name} splits the data's captions into {pieces / words:.1f} pieces a word (on "
+    f"{len(captions)} held-out captions; above {PIECES_PER_WORD_BOUND}): it was trained on other text. Train "
+    f"one on these captions: python -m visionfm_jax.datatools.train_tokenizer "
+    f"--records='{records or '<your pair shards>'}' --vocab_size=8000 --out=PATH, then "
+    f"--config.data.tokenizer=PATH.model"
+  )
 
 
 def _sample_captions(source, count: int) -> list[str]:
@@ -87,8 +93,12 @@ def check_tokenizer_fits_captions(task, source) -> None:
   if spec.startswith("shapes"):
     return
   records = spec.removeprefix("arrayrecord:").replace("{split}", data_cfg.get("train_split", "train"))
-  message = pieces_per_word_warning(task.tokenizer, _sample_captions(source, PIECES_SAMPLE), data_cfg.tokenizer,
-                                    records if spec.startswith("arrayrecord:") else "")
+  message = pieces_per_word_warning(
+    task.tokenizer,
+    _sample_captions(source, PIECES_SAMPLE),
+    data_cfg.tokenizer,
+    records if spec.startswith("arrayrecord:") else "",
+  )
   if message:
     _warn_once(message)
 
@@ -103,8 +113,9 @@ def backward_after(first, then):
   return first, then
 
 
-backward_after.defvjp(lambda first, then: ((first, then), None),
-                      lambda _, cotangents: jax.lax.optimization_barrier(cotangents))
+backward_after.defvjp(
+  lambda first, then: ((first, then), None), lambda _, cotangents: jax.lax.optimization_barrier(cotangents)
+)
 
 
 def contrastive_loss(params, features, context, mesh, siglip: bool = False) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -136,15 +147,23 @@ def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[di
   each once for the evaluators and the panel of `ctx`."""
   source = ctx.open_eval_source(task.config.data)
   ctx.once(("tokenizer fits", id(source)), lambda: check_tokenizer_fits_captions(task, source))
-  return lambda: data.make_pair_eval_iterator(task.config.data, task.tokenizer, batch_size=ctx.local_batch_size,
-                                              process_index=ctx.process_index, process_count=ctx.process_count,
-                                              mim=mim, source=source)
+  return lambda: data.make_pair_eval_iterator(
+    task.config.data,
+    task.tokenizer,
+    batch_size=ctx.local_batch_size,
+    process_index=ctx.process_index,
+    process_count=ctx.process_count,
+    mim=mim,
+    source=source,
+  )
 
 
 def retrieval_evaluator(task, pairs: Callable[[], Iterator], ctx: EvalContext) -> Callable[[Any], dict[str, float]]:
   """R@1/5/10 both ways over the held-out `pairs` (`held_out_pairs`)."""
+
   def embed_pairs(params, images, texts):
     return task.embed_images(params, images), task.embed_texts(params, texts)
+
   ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
   return lambda params: ret(params, pairs())
 
@@ -157,8 +176,9 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
   images, each with its caption's start and, with `classes` ((names, templates): the zero-shot set), its
   PANEL_TOP nearest zero-shot classes by cosine; then PANEL_CAPTIONS rows of a caption and the images it retrieves
   among them (cosine; '= its own' marks the caption's image)."""
-  embed = jax.jit(lambda params, batch: (task.embed_images(params, batch["image"]),
-                                         task.embed_texts(params, batch["text"])))
+  embed = jax.jit(
+    lambda params, batch: (task.embed_images(params, batch["image"]), task.embed_texts(params, batch["text"]))
+  )
 
   def draw(params):
     rows = panels.first_rows(embed, params, next(iter(pairs())), ctx, PANEL_IMAGES)
@@ -176,11 +196,23 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
     for i in range(min(PANEL_CAPTIONS, len(valid))):
       cosines = image_emb @ text_emb[i]
       best = np.argsort(-cosines)[:PANEL_TOP]
-      grid.append([panels.Cell(images[j], ((panels.clipped(captions[i]),) if rank == 0 else ("",)) + (
-          f"#{rank + 1} {cosines[j]:.2f}{' = its own' if j == i else ''}",)) for rank, j in enumerate(best)])
-    title = "caption (start)" + ("; nearest zero-shot classes (cosine)" if classes is not None else "") + \
-        "; below: captions and the images they retrieve"
+      grid.append(
+        [
+          panels.Cell(
+            images[j],
+            ((panels.clipped(captions[i]),) if rank == 0 else ("",))
+            + (f"#{rank + 1} {cosines[j]:.2f}{' = its own' if j == i else ''}",),
+          )
+          for rank, j in enumerate(best)
+        ]
+      )
+    title = (
+      "caption (start)"
+      + ("; nearest zero-shot classes (cosine)" if classes is not None else "")
+      + "; below: captions and the images they retrieve"
+    )
     return panels.render(grid, title)
+
   return draw
 
 
@@ -191,10 +223,10 @@ def benchmark_evaluators(task, ctx: EvalContext, zeroshot_score=None) -> dict[st
   captions tokenised) now, so that a missing dataset stops the run at start-up."""
   benchmarks = task.config.eval.retrieval_benchmarks
   field = "config.eval.retrieval_benchmarks"
-  if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b)
-             for b in benchmarks):
-    raise ConfigError(f"{field}={benchmarks!r}: expected ((name, spec), ...), e.g. "
-                      f"(('coco', 'coco_karpathy:/data/coco'),)")
+  if not all(isinstance(b, (tuple, list)) and len(b) == 2 and all(isinstance(x, str) for x in b) for b in benchmarks):
+    raise ConfigError(
+      f"{field}={benchmarks!r}: expected ((name, spec), ...), e.g. (('coco', 'coco_karpathy:/data/coco'),)"
+    )
   names = [name for name, _ in benchmarks]
   if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
     raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
@@ -205,9 +237,13 @@ def benchmark_evaluators(task, ctx: EvalContext, zeroshot_score=None) -> dict[st
     captioned = caption_sets.open_caption_set(spec)
     tokens = task.tokenizer.encode_batch(captioned.captions)
     out[f"{name}_retrieval"] = retrieval.CaptionRetrievalEvaluator(
-        embed_images, embed_texts, captioned.caption_image,
-        functools.partial(caption_sets.image_batches, captioned, task.config.data, **shards),
-        functools.partial(caption_sets.caption_batches, tokens, **shards), ctx)
+      embed_images,
+      embed_texts,
+      captioned.caption_image,
+      functools.partial(caption_sets.image_batches, captioned, task.config.data, **shards),
+      functools.partial(caption_sets.caption_batches, tokens, **shards),
+      ctx,
+    )
   score = zeroshot_score or zeroshot.scorer(embed_images, ctx)
   out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, score, task.class_embeddings, ctx))
   return out

@@ -39,11 +39,15 @@ def check_config(config) -> None:
   check_dense_config(config, KIND)
   window = config.head.eval_window or config.model.image_size
   if config.model.name == "vit" and window != config.model.image_size:
-    raise ConfigError(f"config.head.eval_window={config.head.eval_window}: a ViT's position embeddings fix its "
-                      f"input at config.model.image_size={config.model.image_size}; use 0 or that size")
+    raise ConfigError(
+      f"config.head.eval_window={config.head.eval_window}: a ViT's position embeddings fix its "
+      f"input at config.model.image_size={config.model.image_size}; use 0 or that size"
+    )
   if window < 1 or config.head.eval_stride < 1:
-    raise ConfigError(f"config.head.eval_window={config.head.eval_window} / eval_stride={config.head.eval_stride}: "
-                      f"expected a positive stride (and window, or 0 for the crop size)")
+    raise ConfigError(
+      f"config.head.eval_window={config.head.eval_window} / eval_stride={config.head.eval_stride}: "
+      f"expected a positive stride (and window, or 0 for the crop size)"
+    )
 
 
 class SegmentationTask(Task):
@@ -55,9 +59,15 @@ class SegmentationTask(Task):
     head = config.head
     self.num_classes = int(head.num_classes)
     self.model = segmenter.Segmenter(
-        backbone=self.model, num_classes=self.num_classes, neck_channels=head.neck_channels,
-        head_channels=head.head_channels, ppm_scales=tuple(head.ppm_scales), neck_strides=tuple(head.neck_strides),
-        dropout=head.dropout, dtype=self.dtype)
+      backbone=self.model,
+      num_classes=self.num_classes,
+      neck_channels=head.neck_channels,
+      head_channels=head.head_channels,
+      ppm_scales=tuple(head.ppm_scales),
+      neck_strides=tuple(head.neck_strides),
+      dropout=head.dropout,
+      dtype=self.dtype,
+    )
     self.eval_window = int(head.eval_window or config.model.image_size)
     self.eval_stride = int(head.eval_stride)
 
@@ -79,8 +89,13 @@ class SegmentationTask(Task):
     """Eval logits of whole eval canvases: one pass when the canvas is the window, else sliding windows."""
     if images.shape[1:3] == (self.eval_window, self.eval_window):
       return self.logits(params, images, train=False)
-    return segmenter.sliding_window_logits(lambda crops: self.logits(params, crops, train=False), images,
-                                           self.eval_window, self.eval_stride, self.num_classes)
+    return segmenter.sliding_window_logits(
+      lambda crops: self.logits(params, crops, train=False),
+      images,
+      self.eval_window,
+      self.eval_stride,
+      self.num_classes,
+    )
 
   @functools.cached_property
   def class_names(self) -> list[str]:
@@ -88,8 +103,9 @@ class SegmentationTask(Task):
 
   def train_loader(self, *, batch_size: int, seed: int, process_index: int, process_count: int):
     self.check_class_count("config.head.num_classes", self.num_classes, what="segmentation classes")
-    return dense_data.make_dense_train_loader(self.config.data, KIND, batch_size=batch_size, seed=seed,
-                                              process_index=process_index, process_count=process_count)
+    return dense_data.make_dense_train_loader(
+      self.config.data, KIND, batch_size=batch_size, seed=seed, process_index=process_index, process_count=process_count
+    )
 
   def evaluators(self, ctx: EvalContext):
     evaluator = SegmentationEvaluator(self.predict, ctx, self.num_classes, IGNORE)
@@ -97,8 +113,13 @@ class SegmentationTask(Task):
 
     def run_seg(params):
       batches = dense_data.make_dense_eval_iterator(
-          self.config.data, KIND, batch_size=ctx.local_batch_size, process_index=ctx.process_index,
-          process_count=ctx.process_count, source=source)
+        self.config.data,
+        KIND,
+        batch_size=ctx.local_batch_size,
+        process_index=ctx.process_index,
+        process_count=ctx.process_count,
+        source=source,
+      )
       return evaluator(params, batches)
 
     return {"seg": run_seg}

@@ -10,9 +10,10 @@ import importlib.abc
 import importlib.util
 import sys
 
-MOVED = {name: f"visionfm_jax.datatools.{name}"
-         for name in ("prepare_data", "index_tars", "filter_clip_score", "train_tokenizer", "build_tfds",
-                      "cluster_task")} | {"bench_input": "visionfm_jax.bench.input"}
+MOVED = {
+  name: f"visionfm_jax.datatools.{name}"
+  for name in ("prepare_data", "index_tars", "filter_clip_score", "train_tokenizer", "build_tfds", "cluster_task")
+} | {"bench_input": "visionfm_jax.bench.input"}
 
 
 def moved_text(old: str) -> str:
@@ -39,8 +40,11 @@ class _MovedModules(importlib.abc.MetaPathFinder, importlib.abc.Loader):
     raise ModuleNotFoundError(f"{module.__name__} moved to {new}", name=module.__name__)
 
   def get_code(self, fullname):
-    return compile(f"from visionfm_jax import errors\nerrors.say('error: ' + {moved_text(fullname)!r})\n"
-                   "raise SystemExit(2)\n", f"<{fullname}>", "exec")
+    return compile(
+      f"from visionfm_jax import errors\nerrors.say('error: ' + {moved_text(fullname)!r})\nraise SystemExit(2)\n",
+      f"<{fullname}>",
+      "exec",
+    )
 
 
 if not any(isinstance(finder, _MovedModules) for finder in sys.meta_path):

@@ -37,20 +37,23 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string("checkpoint", None, "Training workdir (config.json + checkpoints/).", flag_values=fv)
   flags.DEFINE_list("images", [], "Image files and/or shapes:A-B record ranges.", flag_values=fv)
   flags.DEFINE_integer("beam_size", 1, "1: greedy decoding; K > 1: beam search with K beams.", flag_values=fv)
-  flags.DEFINE_integer("max_len", 0, "Tokens per caption, BOS and EOS included; 0: the text encoder's max_len.",
-                       flag_values=fv)
+  flags.DEFINE_integer(
+    "max_len", 0, "Tokens per caption, BOS and EOS included; 0: the text encoder's max_len.", flag_values=fv
+  )
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
-  flags.DEFINE_bool("ema", False, "Caption with the checkpoint's EMA of the params (config.optim.ema_decay).",
-                    flag_values=fv)
-  flags.DEFINE_float("length_penalty", 0.0, "Beam search: GNMT length penalty alpha (0: summed log-probs).",
-                     flag_values=fv)
+  flags.DEFINE_bool(
+    "ema", False, "Caption with the checkpoint's EMA of the params (config.optim.ema_decay).", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "length_penalty", 0.0, "Beam search: GNMT length penalty alpha (0: summed log-probs).", flag_values=fv
+  )
   flags.DEFINE_integer("batch_size", 32, "Images per forward pass.", flag_values=fv)
   return fv
 
 
 def parse_shapes_range(entry: str) -> range:
   """'shapes:A-B' -> range(A, B + 1); 'shapes:A' -> range(A, A + 1)."""
-  spec = entry[len(SHAPES_PREFIX):]
+  spec = entry[len(SHAPES_PREFIX) :]
   first, _, last = spec.partition("-")
   try:
     a, b = int(first), int(last or first)
@@ -83,8 +86,9 @@ def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndar
   for entry in entries:
     if entry.startswith(SHAPES_PREFIX):
       records = parse_shapes_range(entry)
-      source = shapes.ShapesSource(SHAPES_SPLIT, records.stop, size, seed=shapes.SEED,
-                                   caption_style=config.data.get("shapes_captions", "full"))
+      source = shapes.ShapesSource(
+        SHAPES_SPLIT, records.stop, size, seed=shapes.SEED, caption_style=config.data.get("shapes_captions", "full")
+      )
       for i in records:
         names.append(f"{SHAPES_PREFIX}{i}")
         images.append(transforms.EvalTransform(size, preprocess).map(source[i])["image"])
@@ -94,14 +98,25 @@ def load_images(entries: Sequence[str], config) -> tuple[list[str], list[np.ndar
   return names, images
 
 
-def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int = 0, step: int | None = None,
-        length_penalty: float = 0.0, batch_size: int = 32, use_ema: bool = False) -> list[tuple[str, str]]:
+def run(
+  workdir: str,
+  images: Sequence[str],
+  *,
+  beam_size: int = 1,
+  max_len: int = 0,
+  step: int | None = None,
+  length_penalty: float = 0.0,
+  batch_size: int = 32,
+  use_ema: bool = False,
+) -> list[tuple[str, str]]:
   """(name, caption) per image entry (the EMA of the params with `use_ema`); UserError for bad input."""
   if not images:
     raise UserError("--images: give at least one image file or shapes:A-B")
   if beam_size < 1 or batch_size < 1 or max_len < 0 or length_penalty < 0:
-    raise UserError(f"--beam_size={beam_size}, --batch_size={batch_size}, --max_len={max_len}, --length_penalty="
-                    f"{length_penalty}: beam and batch sizes must be positive, max_len and the penalty >= 0")
+    raise UserError(
+      f"--beam_size={beam_size}, --batch_size={batch_size}, --max_len={max_len}, --length_penalty="
+      f"{length_penalty}: beam and batch sizes must be positive, max_len and the penalty >= 0"
+    )
   workdir = os.path.expanduser(workdir)
   config = workdir_lib.load_config(workdir, ("aurora",), "an Aurora model")
   task = tasks.build(config)
@@ -112,17 +127,30 @@ def run(workdir: str, images: Sequence[str], *, beam_size: int = 1, max_len: int
   params = workdir_lib.load_params(task, workdir, step, use_ema=use_ema)
   captions = []
   for start in range(0, len(pixels), batch_size):
-    captions += generate.caption_images(task, params, np.stack(pixels[start:start + batch_size]),
-                                        beam_size=beam_size, max_len=max_len or limit,
-                                        length_penalty=length_penalty)
+    captions += generate.caption_images(
+      task,
+      params,
+      np.stack(pixels[start : start + batch_size]),
+      beam_size=beam_size,
+      max_len=max_len or limit,
+      length_penalty=length_penalty,
+    )
   return list(zip(names, captions))
 
 
 def _main(fv, rest: list[str]) -> None:
   if not fv.checkpoint:
     raise UserError("--checkpoint: required (a training workdir)")
-  lines = run(fv.checkpoint, list(fv.images) + rest, beam_size=fv.beam_size, max_len=fv.max_len, step=fv.step,
-              length_penalty=fv.length_penalty, batch_size=fv.batch_size, use_ema=fv.ema)
+  lines = run(
+    fv.checkpoint,
+    list(fv.images) + rest,
+    beam_size=fv.beam_size,
+    max_len=fv.max_len,
+    step=fv.step,
+    length_penalty=fv.length_penalty,
+    batch_size=fv.batch_size,
+    use_ema=fv.ema,
+  )
   for name, caption in lines:
     print(f"{name}\t{caption}")
 

@@ -51,12 +51,17 @@ def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
   fv = flags.FlagValues()
   flags.DEFINE_string("checkpoint", None, f"The model to evaluate: {loader.LAYOUTS}.", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 256, "Examples per eval batch, over all devices (rounded up to a multiple of "
-                       "the device count).", flag_values=fv)
+  flags.DEFINE_integer(
+    "batch_size",
+    256,
+    "Examples per eval batch, over all devices (rounded up to a multiple of the device count).",
+    flag_values=fv,
+  )
   flags.DEFINE_string("out", None, "Also write the results as JSON to this file.", flag_values=fv)
   if config is not None:
-    config_flags.DEFINE_config_dict("config", config, "The checkpoint's config (overridable).", flag_values=fv,
-                                    sys_argv=list(argv))
+    config_flags.DEFINE_config_dict(
+      "config", config, "The checkpoint's config (overridable).", flag_values=fv, sys_argv=list(argv)
+    )
   return fv
 
 

@@ -58,6 +58,7 @@ LAYOUTS = stored.LAYOUTS
 @dataclasses.dataclass
 class Source:
   """What DIR holds: the model to export, its params, and what the HF directory can say about it."""
+
   model: Any  # vit.ViT or swinv2.SwinV2
   params: Any
   fields: str  # prefix of the model's field names in messages: 'config.model.', '<dir>/model.json: ', ...
@@ -78,10 +79,18 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string("checkpoint", None, f"Directory to export: {LAYOUTS}.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory (config.json + model.safetensors).", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step of a training workdir; default: the newest.", flag_values=fv)
-  flags.DEFINE_bool("ema", False, "Export a training workdir's EMA of the params (config.optim.ema_decay) instead "
-                    "of the params.", flag_values=fv)
-  flags.DEFINE_bool("overwrite", False, "Replace --out and everything in it (a training workdir excepted), whatever "
-                    "wrote it.", flag_values=fv)
+  flags.DEFINE_bool(
+    "ema",
+    False,
+    "Export a training workdir's EMA of the params (config.optim.ema_decay) instead of the params.",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "overwrite",
+    False,
+    "Replace --out and everything in it (a training workdir excepted), whatever wrote it.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -95,8 +104,10 @@ def backbone(model) -> tuple[Any, str | None]:
     return model, None
   tower = backbone_lib.image_tower(model)
   if tower is None or convert.converter(tower[0]) is None:
-    raise UserError(f"a {type(model).__name__} model has no image backbone that exports; exportable are vit and "
-                    f"swinv2 models (with their heads) and the image towers of clip and aurora models")
+    raise UserError(
+      f"a {type(model).__name__} model has no image backbone that exports; exportable are vit and "
+      f"swinv2 models (with their heads) and the image towers of clip and aurora models"
+    )
   return tower
 
 
@@ -122,14 +133,25 @@ def _from_workdir(path: str, step: int | None, use_ema: bool = False) -> Source:
   fields, notes = "config.model.", []
   if name:
     params, fields = params[name], f"config.model.{name}."
-    notes.append(f"exported {fields[:-1]} only (params '{name}' of the {type(task.model).__name__} model): the "
-                 f"rest of it has no transformers counterpart here")
+    notes.append(
+      f"exported {fields[:-1]} only (params '{name}' of the {type(task.model).__name__} model): the "
+      f"rest of it has no transformers counterpart here"
+    )
   labels = _class_names(config) if model is task.model and getattr(model, "num_classes", 0) else None
   weights = "the EMA of the params of " if use_ema else ""
-  return Source(model, params, fields, f"{weights}step {step} of {path}", notes, mean=config.data.mean,
-                std=config.data.std, image_size=config.data.image_size,
-                preprocess=config.data.eval_preprocess, labels=labels,
-                naflex=naflex.settings(config.data))
+  return Source(
+    model,
+    params,
+    fields,
+    f"{weights}step {step} of {path}",
+    notes,
+    mean=config.data.mean,
+    std=config.data.std,
+    image_size=config.data.image_size,
+    preprocess=config.data.eval_preprocess,
+    labels=labels,
+    naflex=naflex.settings(config.data),
+  )
 
 
 def _from_import_dir(path: str, step: int | None) -> Source:
@@ -140,8 +162,18 @@ def _from_import_dir(path: str, step: int | None) -> Source:
   loaded = loader.load(path)
   data_cfg, file = loaded.task.config.data, os.path.join(path, stored.MODEL)
   tokenizer = data_cfg.tokenizer if loaded.task.config.model.name == "clip" else None
-  return Source(loaded.task.model, loaded.params, f"{file}: ", path, [], mean=data_cfg.mean, std=data_cfg.std,
-                image_size=data_cfg.image_size, preprocess=data_cfg.eval_preprocess, tokenizer=tokenizer)
+  return Source(
+    loaded.task.model,
+    loaded.params,
+    f"{file}: ",
+    path,
+    [],
+    mean=data_cfg.mean,
+    std=data_cfg.std,
+    image_size=data_cfg.image_size,
+    preprocess=data_cfg.eval_preprocess,
+    tokenizer=tokenizer,
+  )
 
 
 def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:
@@ -157,8 +189,9 @@ def load(path: str, step: int | None = None, use_ema: bool = False) -> Source:
     return _from_import_dir(path, step)
   if kind == stored.HF:
     model_type = convert.hf_files.read_config(path).get("model_type")
-    raise UserError(f"--checkpoint={path}: a transformers directory already (model_type={model_type!r}); "
-                    f"expected {LAYOUTS}")
+    raise UserError(
+      f"--checkpoint={path}: a transformers directory already (model_type={model_type!r}); expected {LAYOUTS}"
+    )
   if kind == stored.WORKDIR and os.path.exists(os.path.join(path, stored.CONFIG)):
     return _from_workdir(path, step, use_ema)
   raise UserError(f"--checkpoint={path}: neither {LAYOUTS}")
@@ -173,17 +206,25 @@ def write_preprocessor(out: str, source: Source) -> None:
   inputs the whole image at its grid, naflex.Patches), exactly."""
   if source.naflex:
     patch, budget = source.naflex
-    convert.hf_files.write_naflex_preprocessor(out, patch_size=patch, max_num_patches=budget, mean=source.mean,
-                                               std=source.std)
+    convert.hf_files.write_naflex_preprocessor(
+      out, patch_size=patch, max_num_patches=budget, mean=source.mean, std=source.std
+    )
     return
   view = transforms.check_eval_preprocess(source.preprocess)
   convert.hf_files.write_preprocessor(
-      out, PROCESSORS[view], shortest_edge=transforms.eval_resize_side(source.image_size, view),
-      crop_size=source.image_size, resample=transforms.EVAL_FILTERS[view], mean=source.mean, std=source.std)
+    out,
+    PROCESSORS[view],
+    shortest_edge=transforms.eval_resize_side(source.image_size, view),
+    crop_size=source.image_size,
+    resample=transforms.EVAL_FILTERS[view],
+    mean=source.mean,
+    std=source.std,
+  )
 
 
-def export(path: str, out: str, step: int | None = None, use_ema: bool = False,
-           overwrite: bool = False) -> tuple[str, Source]:
+def export(
+  path: str, out: str, step: int | None = None, use_ema: bool = False, overwrite: bool = False
+) -> tuple[str, Source]:
   """Writes the model of `path` to the folder `out` (module docstring; the EMA of a workdir's params with
   `use_ema`); returns (its transformers architecture, what was exported)."""
   out = os.path.expanduser(out)

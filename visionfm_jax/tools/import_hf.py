@@ -36,8 +36,12 @@ def make_flags() -> flags.FlagValues:
   flags.DEFINE_string("src", None, "Directory written by transformers' save_pretrained.", flag_values=fv)
   flags.DEFINE_string("out", None, "Output directory for params + model.json.", flag_values=fv)
   flags.DEFINE_boolean("scan", True, "Scanned block layout (config.model.scan=True) or unrolled.", flag_values=fv)
-  flags.DEFINE_boolean("overwrite", False, "Replace --out and everything in it (a training workdir excepted), "
-                       "whatever wrote it.", flag_values=fv)
+  flags.DEFINE_boolean(
+    "overwrite",
+    False,
+    "Replace --out and everything in it (a training workdir excepted), whatever wrote it.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -65,8 +69,12 @@ def overrides(meta: dict[str, Any], out: str) -> tuple[list[str], list[str]]:
 def clip_metadata(model, src: str, out: str) -> dict[str, Any]:
   """model.json of an imported CLIP: the config fields that build and feed it (trained/clip_config.py)."""
   tokenizer = os.path.join(out, clip_config.TOKENIZER)
-  return dict(name="clip", description=models.description(model), source=os.path.abspath(src),
-              config=clip_config.clip_fields(model, tokenizer, src))
+  return dict(
+    name="clip",
+    description=models.description(model),
+    source=os.path.abspath(src),
+    config=clip_config.clip_fields(model, tokenizer, src),
+  )
 
 
 def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> dict[str, Any]:
@@ -77,11 +85,15 @@ def convert(src: str, out: str, scan: bool = True, overwrite: bool = False) -> d
     is_clip = models.name_of(model) == "clip"
     tokenizer = os.path.join(src, clip_config.TOKENIZER)
     if is_clip and not os.path.exists(tokenizer):
-      raise UserError(f"{src}: no {clip_config.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
-                      "transformers' CLIPTokenizerFast.save_pretrained)")
+      raise UserError(
+        f"{src}: no {clip_config.TOKENIZER}: a CLIP needs its own tokenizer (save it with "
+        "transformers' CLIPTokenizerFast.save_pretrained)"
+      )
     if not is_clip and not isinstance(model, ImageBackbone):
-      raise UserError(f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
-                      "SwinV2 and CLIP directories (use visionfm_jax.convert.from_hf for the others)")
+      raise UserError(
+        f"{src}: a {type(model).__name__} is not a whole model a config trains; import_hf takes ViT, "
+        "SwinV2 and CLIP directories (use visionfm_jax.convert.from_hf for the others)"
+      )
     meta = clip_metadata(model, src, out) if is_clip else metadata(model, src)
     stored.save_params(tmp, variables["params"], meta)
     if is_clip:
@@ -95,9 +107,11 @@ def _flag(value) -> str:
 
 def clip_overrides(meta: dict[str, Any], out: str) -> list[str]:
   """The flags that train from an imported CLIP: its fields over configs/swinv2_g_clip.py:vit, init_from it."""
-  return (["--config=configs/swinv2_g_clip.py:vit"]
-          + [f"--config.{k}={_flag(tuple(v) if isinstance(v, list) else v)}" for k, v in meta["config"].items()]
-          + [f"--config.init_from={os.path.abspath(out)}"])
+  return (
+    ["--config=configs/swinv2_g_clip.py:vit"]
+    + [f"--config.{k}={_flag(tuple(v) if isinstance(v, list) else v)}" for k, v in meta["config"].items()]
+    + [f"--config.init_from={os.path.abspath(out)}"]
+  )
 
 
 def _main(fv, rest: list[str]) -> None:

@@ -46,13 +46,22 @@ def make_flags(config=None, argv: Sequence[str] = ()) -> flags.FlagValues:
   flags.DEFINE_string("checkpoint", None, "Training workdir (config.json + checkpoints/).", flag_values=fv)
   flags.DEFINE_alias("workdir", "checkpoint", flag_values=fv)
   flags.DEFINE_integer("step", None, "Checkpoint step; default: the newest.", flag_values=fv)
-  flags.DEFINE_bool("ema", False, "Probe the checkpoint's EMA of the params (config.optim.ema_decay) instead of "
-                    "the params.", flag_values=fv)
-  flags.DEFINE_integer("batch_size", 256, "Images per forward pass, over all devices (rounded up to a multiple "
-                       "of the device count).", flag_values=fv)
+  flags.DEFINE_bool(
+    "ema",
+    False,
+    "Probe the checkpoint's EMA of the params (config.optim.ema_decay) instead of the params.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "batch_size",
+    256,
+    "Images per forward pass, over all devices (rounded up to a multiple of the device count).",
+    flag_values=fv,
+  )
   if config is not None:
-    config_flags.DEFINE_config_dict("config", config, "The run's config (overridable).", flag_values=fv,
-                                    sys_argv=list(argv))
+    config_flags.DEFINE_config_dict(
+      "config", config, "The run's config (overridable).", flag_values=fv, sys_argv=list(argv)
+    )
   return fv
 
 
@@ -63,8 +72,9 @@ def load_config(workdir: str):
   return config
 
 
-def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256,
-        use_ema: bool = False) -> dict[str, float]:
+def run(
+  config, workdir: str, *, step: int | None = None, batch_size: int = 256, use_ema: bool = False
+) -> dict[str, float]:
   """The probe results of `workdir`'s checkpoint (newest, or `step`; its EMA of the params with `use_ema`) under
   `config`."""
   if batch_size < 1:
@@ -79,9 +89,15 @@ def run(config, workdir: str, *, step: int | None = None, batch_size: int = 256,
   feature_probe = probe.FeatureProbe(probe.pooled_features(task), config.probe, config.data, ctx)
   train, test = feature_probe.features(params, "train"), feature_probe.features(params, "eval")
   scores = feature_probe.score(train, test)
-  return {"knn/top1": scores["knn"]["top1"], "linear_probe/top1": scores["linear_probe"]["top1"],
-          "linear_probe/train_objective": scores["linear_probe"]["train_objective"], "train_examples": len(train[1]),
-          "eval_examples": len(test[1]), "feature_dim": int(train[0].shape[1]), "step": step}
+  return {
+    "knn/top1": scores["knn"]["top1"],
+    "linear_probe/top1": scores["linear_probe"]["top1"],
+    "linear_probe/train_objective": scores["linear_probe"]["train_objective"],
+    "train_examples": len(train[1]),
+    "eval_examples": len(test[1]),
+    "feature_dim": int(train[0].shape[1]),
+    "step": step,
+  }
 
 
 def _main(fv, rest: list[str]) -> None:

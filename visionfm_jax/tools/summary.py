@@ -32,11 +32,13 @@ ALL_STRATEGIES = config_lib.ZERO_STAGES  # each stage once, not its aliases
 def make_flags(argv: Sequence[str]) -> flags.FlagValues:
   """This tool's flags, on their own FlagValues (the `--config.<field>` overrides `argv` names included)."""
   fv = flags.FlagValues()
-  config_flags.DEFINE_config_file("config", None, "Config file, optionally with ':variant'.", lock_config=True,
-                                  flag_values=fv, sys_argv=list(argv))
+  config_flags.DEFINE_config_file(
+    "config", None, "Config file, optionally with ':variant'.", lock_config=True, flag_values=fv, sys_argv=list(argv)
+  )
   flags.DEFINE_integer("devices", 1, "Number of (simulated) devices for the per-device bytes.", flag_values=fv)
-  flags.DEFINE_string("strategy", None, f"{' | '.join(config_lib.STRATEGIES)} | all; default: the config's.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "strategy", None, f"{' | '.join(config_lib.STRATEGIES)} | all; default: the config's.", flag_values=fv
+  )
   return fv
 
 
@@ -44,8 +46,9 @@ def params_by_module(abstract_params) -> dict[str, int]:
   return {name: sum(math.prod(x.shape) for x in jax.tree.leaves(sub)) for name, sub in abstract_params.items()}
 
 
-def state_bytes_per_device(abstract_boxed_state, mesh_shape: dict[str, int], strategy: str,
-                           optimizer_over_data: bool = False, overrides=()) -> int:
+def state_bytes_per_device(
+  abstract_boxed_state, mesh_shape: dict[str, int], strategy: str, optimizer_over_data: bool = False, overrides=()
+) -> int:
   """Bytes of one device's shard of every train-state leaf under `strategy` (`optimizer_over_data`, `overrides`:
   the config's)."""
   specs = parallel.state_specs(abstract_boxed_state, mesh_shape, strategy, optimizer_over_data, overrides)
@@ -65,13 +68,20 @@ def summarize(config, devices: int, strategy: str) -> dict:
   mesh_shape = parallel.mesh_shape(config.mesh, devices)
   total_state = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(unbox(abstract_boxed)))
   strategies = ALL_STRATEGIES if strategy == "all" else (strategy,)
-  out = dict(modules=modules, total_params=sum(modules.values()), mesh=mesh_shape, state_bytes=total_state,
-             per_device={s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s, config.optimizer_over_data,
-                                                      config.sharding.overrides)
-                         for s in strategies})
+  out = dict(
+    modules=modules,
+    total_params=sum(modules.values()),
+    mesh=mesh_shape,
+    state_bytes=total_state,
+    per_device={
+      s: parallel.bytes_per_device(abstract_boxed, mesh_shape, s, config.optimizer_over_data, config.sharding.overrides)
+      for s in strategies
+    },
+  )
   if strategy != "all":
-    out["state_bytes_per_device"] = state_bytes_per_device(abstract_boxed, mesh_shape, strategy,
-                                                           config.optimizer_over_data, config.sharding.overrides)
+    out["state_bytes_per_device"] = state_bytes_per_device(
+      abstract_boxed, mesh_shape, strategy, config.optimizer_over_data, config.sharding.overrides
+    )
   return out
 
 
@@ -80,8 +90,10 @@ def bytes_table(per_device: dict[str, dict[str, int]]) -> list[str]:
   columns = ("params", "grads", "opt_state", "total")
   rows = [("strategy",) + columns] + [(s,) + tuple(human_bytes(b[c]) for c in columns) for s, b in per_device.items()]
   widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
-  return ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
-          for row in rows]
+  return [
+    "  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+    for row in rows
+  ]
 
 
 def _main(fv, rest: list[str]) -> None:

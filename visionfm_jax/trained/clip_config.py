@@ -39,13 +39,23 @@ def clip_fields(model, tokenizer: str, src: str) -> dict[str, Any]:
   rows = config_lib.model_rows("clip", image_tower=image_tower)
   shared = {name: rows[name] for name in config_lib.TOWER_SHARED_FIELDS}  # the image tower's, as it is CLIP's
   towers = {"image": (image, image_fields["variant"]), "text": (text, text.size_name())}
-  fields = {**backbone.config_fields(image, shared), **backbone.config_fields(model, rows),
-            **{f"{key}.{k}": v for key, (tower, variant) in towers.items()
-               for k, v in {**backbone.config_fields(tower, rows[key]), "variant": variant}.items()}}
+  fields = {
+    **backbone.config_fields(image, shared),
+    **backbone.config_fields(model, rows),
+    **{
+      f"{key}.{k}": v
+      for key, (tower, variant) in towers.items()
+      for k, v in {**backbone.config_fields(tower, rows[key]), "variant": variant}.items()
+    },
+  }
   norm = hf_files.read_normalisation(src)
-  return {**{f"model.{k}": v for k, v in fields.items()},
-          "data.image_size": image.image_size, "data.tokenizer": os.path.abspath(tokenizer),
-          "data.mean": tuple(norm.get("mean", CLIP_MEAN)), "data.std": tuple(norm.get("std", CLIP_STD))}
+  return {
+    **{f"model.{k}": v for k, v in fields.items()},
+    "data.image_size": image.image_size,
+    "data.tokenizer": os.path.abspath(tokenizer),
+    "data.mean": tuple(norm.get("mean", CLIP_MEAN)),
+    "data.std": tuple(norm.get("std", CLIP_STD)),
+  }
 
 
 def task_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
@@ -64,13 +74,16 @@ def task_config(fields: dict[str, Any]) -> ml_collections.ConfigDict:
 def _tokenizer_file(path: str, argument: str) -> str:
   file = os.path.join(path, TOKENIZER)
   if not os.path.exists(file):
-    raise UserError(f"{argument}={path}: no {TOKENIZER} (the checkpoint's own BPE tokenizer, which transformers' "
-                    f"CLIPTokenizerFast.save_pretrained writes)")
+    raise UserError(
+      f"{argument}={path}: no {TOKENIZER} (the checkpoint's own BPE tokenizer, which transformers' "
+      f"CLIPTokenizerFast.save_pretrained writes)"
+    )
   return file
 
 
-def hf_config(path: str, argument: str = "--checkpoint",
-              cfg: dict[str, Any] | None = None) -> ml_collections.ConfigDict:
+def hf_config(
+  path: str, argument: str = "--checkpoint", cfg: dict[str, Any] | None = None
+) -> ml_collections.ConfigDict:
   """The task config of a transformers CLIPModel directory, from its config.json alone (`cfg` when the caller has
   read it; no weights read); errors name the caller's `argument`."""
   cfg = hf_files.read_config(path) if cfg is None else cfg

@@ -30,8 +30,10 @@ def config(path: str, argument: str = "--checkpoint") -> ml_collections.ConfigDi
   try:
     model = models.from_checkpoint_fields(meta if isinstance(meta, dict) else {})
   except (KeyError, TypeError, ValueError) as e:
-    raise UserError(f"{argument}={path}: {file} describes no model this project builds (field {e} missing or "
-                    f"invalid; 'name' is one of clip, vit, swinv2)") from e
+    raise UserError(
+      f"{argument}={path}: {file} describes no model this project builds (field {e} missing or "
+      f"invalid; 'name' is one of clip, vit, swinv2)"
+    ) from e
   return backbone_config(model, meta)
 
 

@@ -24,8 +24,10 @@ from visionfm_jax.trained import clip_config, imported
 from visionfm_jax.trained import workdir as workdir_lib
 from visionfm_jax.training import stored
 
-LAYOUTS = (f"{stored.WORKDIR_TEXT}, {stored.IMPORT_TEXT} or a transformers CLIPModel directory (config.json + "
-           "model.safetensors + tokenizer.json)")
+LAYOUTS = (
+  f"{stored.WORKDIR_TEXT}, {stored.IMPORT_TEXT} or a transformers CLIPModel directory (config.json + "
+  "model.safetensors + tokenizer.json)"
+)
 
 
 @dataclasses.dataclass
@@ -44,12 +46,14 @@ def _target(task, sharding):
 def _hf_params(where: stored.Stored, task, sharding):
   """The params of the transformers CLIP at `where`, converted once onto `task`'s model (built once: the target's
   shapes are the check)."""
-  params = hf_clip.read_params(where.path, *hf_clip.model_kwargs(where.path, where.config_json),
-                               scan=task.config.model.scan)
+  params = hf_clip.read_params(
+    where.path, *hf_clip.model_kwargs(where.path, where.config_json), scan=task.config.model.scan
+  )
   target = _target(task, sharding)
   # jaxlib ships no stub of its _jax extension, where PyTreeDef lives: mypy cannot tell it compares
   if jax.tree.structure(target) != jax.tree.structure(params) or any(  # type: ignore[operator]
-      a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(params))):
+    a.shape != b.shape for a, b in zip(jax.tree.leaves(target), jax.tree.leaves(params))
+  ):
     raise CheckpointError(f"{where.path}: its params do not fit the CLIP its config builds")
   return jax.device_put(params, sharding)
 
@@ -68,8 +72,9 @@ def opened(path: str, names: workdir_lib.Arguments = workdir_lib.FLAGS) -> store
   return where
 
 
-def checkpoint_config(path: str, task_names: Sequence[str] = tuple(tasks.TASKS),
-                      names: workdir_lib.Arguments = workdir_lib.FLAGS) -> ml_collections.ConfigDict:
+def checkpoint_config(
+  path: str, task_names: Sequence[str] = tuple(tasks.TASKS), names: workdir_lib.Arguments = workdir_lib.FLAGS
+) -> ml_collections.ConfigDict:
   """The config of the model at `path` (any of the three layouts; a workdir's task one of `task_names`)."""
   return _config(opened(path, names), task_names, names)
 
@@ -79,14 +84,24 @@ def _config(where: stored.Stored, task_names: Sequence[str], names: workdir_lib.
     return imported.config(where.path, names.path)
   if where.kind == stored.HF:
     return clip_config.hf_config(where.path, names.path, where.config_json)
-  model = "a CLIP model" if tuple(task_names) == clip_config.CLIP_TASKS else (
-      f"a {' or '.join(repr(n) for n in task_names)} model")
+  model = (
+    "a CLIP model"
+    if tuple(task_names) == clip_config.CLIP_TASKS
+    else (f"a {' or '.join(repr(n) for n in task_names)} model")
+  )
   return workdir_lib.load_config(where.path, task_names, model, names, where)
 
 
-def load(path: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None, *,
-         config: ml_collections.ConfigDict | None = None, mesh=None, use_ema: bool = False,
-         names: workdir_lib.Arguments = workdir_lib.FLAGS) -> Loaded:
+def load(
+  path: str,
+  step: int | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+  *,
+  config: ml_collections.ConfigDict | None = None,
+  mesh=None,
+  use_ema: bool = False,
+  names: workdir_lib.Arguments = workdir_lib.FLAGS,
+) -> Loaded:
   """The task and params of the model at `path` (any of the three layouts); params placed by `sharding`
   (default: this process's first device). `step` is a workdir's checkpoint, `use_ema` its EMA of the params;
   UserError for the others. `config` (default: `checkpoint_config(path)`, e.g. with overrides or for fewer tasks)

@@ -68,8 +68,9 @@ BATCH_BUCKETS = (1, 8, 64)  # the batch sizes below `batch_size` that a call is 
 # multiple of the device count): one compile each, so that one image costs a batch of one, not of `batch_size`
 
 
-def load(path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64,
-         max_tokens: int | None = None) -> TrainedModel:
+def load(
+  path: str, *, step: int | None = None, ema: bool = False, batch_size: int = 64, max_tokens: int | None = None
+) -> TrainedModel:
   """The model at `path` (module docstring) as a TrainedModel: a training workdir of any task (its newest
   checkpoint, or `step`; the EMA of its params with `ema=True`), a tools.import_hf CLIP directory or a
   transformers CLIPModel directory. `batch_size`: the most images (or texts) run at once; smaller calls run in
@@ -91,8 +92,10 @@ def _token_budget(loaded: loader.Loaded, max_tokens: int | None) -> int | None:
   """The patches an image of a NaFlex model (`max_tokens`, else its training budget); None for square images."""
   if loaded.task.naflex is None:
     if max_tokens is not None:
-      raise UserError(f"max_tokens={max_tokens}: the model at {loaded.origin} takes square images (its config has "
-                      "no data.naflex); give no max_tokens")
+      raise UserError(
+        f"max_tokens={max_tokens}: the model at {loaded.origin} takes square images (its config has "
+        "no data.naflex); give no max_tokens"
+      )
     return None
   if max_tokens is None:
     return loaded.task.naflex[1]
@@ -127,8 +130,9 @@ class TrainedModel:
   def __repr__(self) -> str:
     step = f", step={self.step}" if self.step is not None else ""
     tokens = f", max_tokens={self.max_tokens}" if self.max_tokens else ""
-    return (f"TrainedModel(task={self.config.task!r}, model={self.config.model.name!r}, path={self.path!r}{step}"
-            f"{tokens})")
+    return (
+      f"TrainedModel(task={self.config.task!r}, model={self.config.model.name!r}, path={self.path!r}{step}{tokens})"
+    )
 
   # ------------------------------------------------------------------------------------------ what it answers
 
@@ -149,16 +153,18 @@ class TrainedModel:
     linear probe's features; a CLIP's image tower before its projection)."""
     return self._run_batched("pooled_features", self.preprocess(images))
 
-  def logits(self, images, class_names: Sequence[str] | None = None,
-             templates: Sequence[str] | None = None) -> np.ndarray:
+  def logits(
+    self, images, class_names: Sequence[str] | None = None, templates: Sequence[str] | None = None
+  ) -> np.ndarray:
     """`images` -> (N, C) float32 logits. A classifier: its head's, over `class_names` (the property); give no
     names. An image-text model: exp(logit_scale) * cosine (+ logit_bias, SigLIP) against the embeddings of the
     given `class_names` under `templates` (`class_embeddings`), as its training loss scores pairs."""
     if not self._is_image_text:
       self._require(("classification",), "logits")
       if class_names is not None or templates is not None:
-        raise UserError("logits: a classifier's logits are over its own classes (`class_names`); give no names or "
-                        "templates")
+        raise UserError(
+          "logits: a classifier's logits are over its own classes (`class_names`); give no names or templates"
+        )
       return self._run_batched("logits", self.preprocess(images))
     if class_names is None:
       raise UserError("logits: an image-text model scores images against class names; give class_names")
@@ -173,8 +179,9 @@ class TrainedModel:
     self._require(("classification",), "classify")
     return _top_k(_softmax(self.logits(images)), self.class_names, top_k)
 
-  def zero_shot(self, images, class_names: Sequence[str], templates: Sequence[str] | None = None,
-                top_k: int = 5) -> list[list[tuple[str, float]]]:
+  def zero_shot(
+    self, images, class_names: Sequence[str], templates: Sequence[str] | None = None, top_k: int = 5
+  ) -> list[list[tuple[str, float]]]:
     """`images` -> per image, the `top_k` nearest of `class_names` as (name, cosine), best first, against
     `class_embeddings(class_names, templates)` (computed once, then held)."""
     self._require(IMAGE_TEXT_TASKS, "zero_shot")
@@ -190,8 +197,10 @@ class TrainedModel:
     class_names = _as_list(class_names)
     templates = _as_list(_openai_templates() if templates is None else templates)
     if not class_names or not templates or not all("{}" in t for t in templates):
-      raise UserError(f"class_names, templates: give class names, and templates with '{{}}' for the name; got "
-                      f"{len(class_names)} names, templates {templates[:3]}")
+      raise UserError(
+        f"class_names, templates: give class names, and templates with '{{}}' for the name; got "
+        f"{len(class_names)} names, templates {templates[:3]}"
+      )
     return np.asarray(self.task.class_embeddings(self.params, class_names, templates), np.float32)
 
   def caption(self, images, *, beam_size: int = 1, max_len: int = 0, length_penalty: float = 0.0) -> list[str]:
@@ -201,10 +210,15 @@ class TrainedModel:
     pixels = self.preprocess(images)
     captions = []
     for start in range(0, len(pixels), self.batch_size):
-      rows = pixels[start:start + self.batch_size]
-      captions += generate.caption_images(self.task, self.params, _pad(rows, self._bucket(len(rows))),
-                                          beam_size=beam_size, max_len=max_len or None,
-                                          length_penalty=length_penalty)[:len(rows)]
+      rows = pixels[start : start + self.batch_size]
+      captions += generate.caption_images(
+        self.task,
+        self.params,
+        _pad(rows, self._bucket(len(rows))),
+        beam_size=beam_size,
+        max_len=max_len or None,
+        length_penalty=length_penalty,
+      )[: len(rows)]
     return captions
 
   def preprocess(self, images) -> np.ndarray:
@@ -220,8 +234,9 @@ class TrainedModel:
   def class_names(self) -> list[str]:
     """The head's class names (a classifier): the training data's, else 'class <i>'."""
     self._require(("classification",), "class_names")
-    return panels.class_names_or_numbers(lambda: data.train_class_names(self.config.data),
-                                         self.config.model.num_classes)
+    return panels.class_names_or_numbers(
+      lambda: data.train_class_names(self.config.data), self.config.model.num_classes
+    )
 
   # ------------------------------------------------------------------------------------------------- running
 
@@ -231,8 +246,10 @@ class TrainedModel:
 
   def _require(self, task_names: Sequence[str], what: str) -> None:
     if self.config.task not in task_names:
-      raise UserError(f"{what}: the model at {self.path} is a {self.config.task!r} model; {what} needs a "
-                      f"{' or '.join(map(repr, task_names))} one")
+      raise UserError(
+        f"{what}: the model at {self.path} is a {self.config.task!r} model; {what} needs a "
+        f"{' or '.join(map(repr, task_names))} one"
+      )
 
   def _forward(self, name: str) -> Callable:
     task = self.task
@@ -257,13 +274,14 @@ class TrainedModel:
       raise UserError(f"{name}: no inputs given")
     fn, out = self._jit(name), []
     for start in range(0, len(rows), self.batch_size):
-      chunk = rows[start:start + self.batch_size]
+      chunk = rows[start : start + self.batch_size]
       batch = jax.device_put(_pad(chunk, self._bucket(len(chunk))), self._batch_sharding)
-      out.append(np.asarray(fn(self.params, batch), np.float32)[:len(chunk)])
+      out.append(np.asarray(fn(self.params, batch), np.float32)[: len(chunk)])
     return np.concatenate(out)
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
+
 
 def _as_list(items) -> list:
   return [items] if isinstance(items, str) else list(items)
@@ -301,8 +319,9 @@ def _rgb(image: Any) -> np.ndarray:
     return np.asarray(transforms.on_white(transforms.upright(image)))
   array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-    raise UserError(f"images: expected uint8 HxWx3 RGB arrays (or PIL images, image files); got {array.dtype} of "
-                    f"shape {array.shape}")
+    raise UserError(
+      f"images: expected uint8 HxWx3 RGB arrays (or PIL images, image files); got {array.dtype} of shape {array.shape}"
+    )
   return array
 
 

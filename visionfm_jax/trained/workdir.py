@@ -22,6 +22,7 @@ from visionfm_jax.training import checkpoint, ema, stored
 @dataclasses.dataclass(frozen=True)
 class Arguments:
   """The names of a caller's arguments, as its errors name them."""
+
   path: str = "--checkpoint"
   step: str = "--step"
   ema: str = "--ema"
@@ -40,8 +41,9 @@ def _listify(value: Any) -> Any:
   return value
 
 
-def load_config(workdir: str, task_names: Sequence[str], model: str, names: Arguments = FLAGS,
-                where: stored.Stored | None = None) -> ml_collections.ConfigDict:
+def load_config(
+  workdir: str, task_names: Sequence[str], model: str, names: Arguments = FLAGS, where: stored.Stored | None = None
+) -> ml_collections.ConfigDict:
   """The config a training run wrote to `workdir`/config.json (as `where`, `stored.Stored.at(workdir)`, read it);
   UserError unless its task is one of `task_names` (`model` names what they train in the message, e.g. 'an Aurora
   model')."""
@@ -50,8 +52,9 @@ def load_config(workdir: str, task_names: Sequence[str], model: str, names: Argu
   where = where or stored.Stored.at(workdir)
   path, error, fields = os.path.join(workdir, stored.CONFIG), where.config_error, where.config_json
   if isinstance(error, OSError):
-    raise UserError(f"{names.path}={workdir}: cannot read config.json ({error.strerror or error}); expected a training "
-                    "workdir") from error
+    raise UserError(
+      f"{names.path}={workdir}: cannot read config.json ({error.strerror or error}); expected a training workdir"
+    ) from error
   if error is not None:
     raise UserError(f"{path}: not valid JSON ({error})") from error
   if not isinstance(fields, dict) or fields.get("task") not in task_names:
@@ -88,15 +91,27 @@ def _steps(workdir: str, step: int | None, names: Arguments) -> list[int]:
   return steps
 
 
-def load_params(task, workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None,
-                use_ema: bool = False, names: Arguments = FLAGS):
+def load_params(
+  task,
+  workdir: str,
+  step: int | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+  use_ema: bool = False,
+  names: Arguments = FLAGS,
+):
   """The params of `workdir`'s checkpoint `step` (default: the newest whose params are intact, `intact_params`), or
   their EMA with `use_ema`, placed by `sharding` (default: this process's first device)."""
   return intact_params(task, workdir, step, sharding, use_ema, names)[1]
 
 
-def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sharding.Sharding | None = None,
-                  use_ema: bool = False, names: Arguments = FLAGS) -> tuple[int, Any]:
+def intact_params(
+  task,
+  workdir: str,
+  step: int | None = None,
+  sharding: jax.sharding.Sharding | None = None,
+  use_ema: bool = False,
+  names: Arguments = FLAGS,
+) -> tuple[int, Any]:
   """(step, params) of `workdir`'s checkpoint `step`, or with `step` None of its newest checkpoint whose params (their
   EMA with `use_ema`) read and match their digests, as a resume takes the newest it can restore: one warning names
   each newer, damaged one and the step taken. A damaged `step`, or none intact, is a CheckpointError naming the
@@ -108,8 +123,9 @@ def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sha
   damaged = []
   for candidate in [step] if step is not None else reversed(steps):
     try:
-      params = stored.load_params(workdir, target, step=candidate, argument=names.path,
-                                      weights=ema.SUBTREE if use_ema else "params")
+      params = stored.load_params(
+        workdir, target, step=candidate, argument=names.path, weights=ema.SUBTREE if use_ema else "params"
+      )
     except checkpoint.DamagedCheckpointError as e:
       if step is not None:
         raise CheckpointError(f"{names.step}={step}: {e.damage}; steps there: {steps}") from e
@@ -120,7 +136,11 @@ def intact_params(task, workdir: str, step: int | None = None, sharding: jax.sha
         raise
       raise UserError(f"{names.ema}: {e}") from e
     if damaged:
-      logging.warning("%s; taking step %d, the newest checkpoint whose %s are intact", "; ".join(damaged), candidate,
-                      "EMA params" if use_ema else "params")
+      logging.warning(
+        "%s; taking step %d, the newest checkpoint whose %s are intact",
+        "; ".join(damaged),
+        candidate,
+        "EMA params" if use_ema else "params",
+      )
     return candidate, params
   raise CheckpointError(f"{names.path}={workdir}: no checkpoint whose params are intact: {'; '.join(damaged)}")

@@ -129,10 +129,15 @@ def _check_step_name(directory, step: int, saved: int | None) -> None:
   if saved is None or saved == step:
     return
   where, named = f"{directory}/{step}", f"{directory}/{saved}"
-  fix = (f"move it out of {directory} ({named} is there already)" if os.path.lexists(named) else
-         f"rename it to its step (mv -T {where} {named}) or move it out of {directory}")
-  raise MisnamedStepError(f"checkpoint {where} holds step {saved} (the step saved in its state), not {step}: a "
-                          f"step's folder renamed or copied in under another number; {fix}")
+  fix = (
+    f"move it out of {directory} ({named} is there already)"
+    if os.path.lexists(named)
+    else f"rename it to its step (mv -T {where} {named}) or move it out of {directory}"
+  )
+  raise MisnamedStepError(
+    f"checkpoint {where} holds step {saved} (the step saved in its state), not {step}: a "
+    f"step's folder renamed or copied in under another number; {fix}"
+  )
 
 
 def _state_step(state) -> int | None:
@@ -145,9 +150,11 @@ def _state_step(state) -> int | None:
 
 def _strays(directory: epath.Path) -> list[str]:
   """The entries of `directory` that are neither a step, nor one the run set aside, nor an unfinished save."""
-  return sorted(p.name for p in directory.iterdir()
-                if not (_is_step_dir(p) or _SET_ASIDE_NAME.fullmatch(p.name)
-                        or ocp.path.atomicity_types.TMP_DIR_SUFFIX in p.name))
+  return sorted(
+    p.name
+    for p in directory.iterdir()
+    if not (_is_step_dir(p) or _SET_ASIDE_NAME.fullmatch(p.name) or ocp.path.atomicity_types.TMP_DIR_SUFFIX in p.name)
+  )
 
 
 def _warn_of_strays(directory: epath.Path) -> None:
@@ -158,10 +165,17 @@ def _warn_of_strays(directory: epath.Path) -> None:
   strays = _strays(directory)
   if strays:
     example = next((name for name in strays if re.search(r"[0-9]", name)), strays[0])
-    logging.warning("%s holds %d entr%s that no resume reads, ignored: %s (a checkpoint's folder is named by its "
-                    "step number alone); to resume from one, rename it to its step, newer than any step there "
-                    "(mv -T %s %s/<step>)", directory, len(strays), "y" if len(strays) == 1 else "ies",
-                    ", ".join(strays), directory / example, directory)
+    logging.warning(
+      "%s holds %d entr%s that no resume reads, ignored: %s (a checkpoint's folder is named by its "
+      "step number alone); to resume from one, rename it to its step, newer than any step there "
+      "(mv -T %s %s/<step>)",
+      directory,
+      len(strays),
+      "y" if len(strays) == 1 else "ies",
+      ", ".join(strays),
+      directory / example,
+      directory,
+    )
 
 
 def saved_config(directory, step: int) -> dict | None:
@@ -226,11 +240,18 @@ def _warn_of_unfinished_saves(directory: epath.Path) -> None:
   before its first save), as it takes every non-link directory with Orbax's temporary suffix in its name."""
   if jax.process_index() != 0 or not directory.exists():
     return
-  unfinished = sorted(p.name for p in directory.iterdir()
-                      if ocp.path.atomicity_types.TMP_DIR_SUFFIX in p.name and p.is_dir() and not os.path.islink(p))
+  unfinished = sorted(
+    p.name
+    for p in directory.iterdir()
+    if ocp.path.atomicity_types.TMP_DIR_SUFFIX in p.name and p.is_dir() and not os.path.islink(p)
+  )
   if unfinished:
-    logging.warning("removing %d unfinished save(s) from %s, left by a run that stopped while saving: %s",
-                    len(unfinished), directory, ", ".join(unfinished))
+    logging.warning(
+      "removing %d unfinished save(s) from %s, left by a run that stopped while saving: %s",
+      len(unfinished),
+      directory,
+      ", ".join(unfinished),
+    )
 
 
 # Orbax's replica-parallel save has each replica of a replicated array write a slice of it. That spreads the writes
@@ -242,8 +263,9 @@ _MIN_REPLICA_SLICE_BYTES = 16 << 20
 
 @functools.cache
 def write_replicated_arrays_in_parallel_only_across_hosts() -> None:
-  handler = ocp.type_handlers.ArrayHandler(use_replica_parallel=jax.process_count() > 1,
-                                           min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES)
+  handler = ocp.type_handlers.ArrayHandler(
+    use_replica_parallel=jax.process_count() > 1, min_slice_bytes_for_replica_parallel=_MIN_REPLICA_SLICE_BYTES
+  )
   # Orbax warns of any override, this intended one included.
   quiet = lambda record: not str(record.msg).startswith("Type handler registry")
   logging.get_absl_logger().addFilter(quiet)
@@ -257,9 +279,17 @@ class Checkpointer:
   """Saves/restores {state, data-iterator} (and saves the run's config) under `directory` with an async Orbax
   CheckpointManager; storage faults are WorkdirErrors naming the path and errno."""
 
-  def __init__(self, directory: str, *, keep: int = 3, keep_period: int = 0, async_save: bool = True,
-               run_config: dict | None = None, schedule_anchor: dict | None = None,
-               with_digests: bool | None = None):
+  def __init__(
+    self,
+    directory: str,
+    *,
+    keep: int = 3,
+    keep_period: int = 0,
+    async_save: bool = True,
+    run_config: dict | None = None,
+    schedule_anchor: dict | None = None,
+    with_digests: bool | None = None,
+  ):
     """Keeps the newest `keep` checkpoints and, when `keep_period` > 0, every one whose step is a multiple of it
     (Orbax's keep_period). `run_config`: the run's config as a JSON dict, saved with every checkpoint
     (`saved_config`). `schedule_anchor`: the run's schedule anchor as a JSON dict, saved with every checkpoint
@@ -268,8 +298,9 @@ class Checkpointer:
     self.directory = epath.Path(directory)
     self._run_config = run_config
     self._schedule_anchor = schedule_anchor
-    self._with_digests = (with_digests if with_digests is not None
-                          else bool((run_config or {}).get("checkpoint_digests", True)))
+    self._with_digests = (
+      with_digests if with_digests is not None else bool((run_config or {}).get("checkpoint_digests", True))
+    )
     self._vouched: set[int] = set()  # steps this run saved with digests, or restored with its digests matching
     _warn_of_unfinished_saves(self.directory)
     _warn_of_strays(self.directory)
@@ -278,15 +309,23 @@ class Checkpointer:
     if keep_period:
       policies.append(ocp.checkpoint_managers.EveryNSteps(interval_steps=keep_period))
     options = ocp.CheckpointManagerOptions(
-        create=True, enable_async_checkpointing=async_save, cleanup_tmp_directories=True,
-        preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies))
+      create=True,
+      enable_async_checkpointing=async_save,
+      cleanup_tmp_directories=True,
+      preservation_policy=ocp.checkpoint_managers.AnyPreservationPolicy(policies),
+    )
     self._manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_handlers={"state": ocp.StandardCheckpointHandler(), "data": grain.checkpoint.CheckpointHandler(),
-                       _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE),
-                       _HEALTH_ITEM: ocp.JsonCheckpointHandler(filename=_HEALTH_FILE),
-                       _ANCHOR_ITEM: ocp.JsonCheckpointHandler(filename=_ANCHOR_FILE),
-                       digests.ITEM: digests.DigestHandler()})
+      self.directory,
+      options=options,
+      item_handlers={
+        "state": ocp.StandardCheckpointHandler(),
+        "data": grain.checkpoint.CheckpointHandler(),
+        _CONFIG_ITEM: ocp.JsonCheckpointHandler(filename=_CONFIG_FILE),
+        _HEALTH_ITEM: ocp.JsonCheckpointHandler(filename=_HEALTH_FILE),
+        _ANCHOR_ITEM: ocp.JsonCheckpointHandler(filename=_ANCHOR_FILE),
+        digests.ITEM: digests.DigestHandler(),
+      },
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -385,8 +424,9 @@ class Checkpointer:
         data_iterator.continue_from(other_processes)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports a truncated array as a bare Exception
       raise CheckpointError(f"cannot restore {self.directory / str(step)}: {first_line(e)}") from e
-    verified = self._with_digests and check_digests(self.directory / str(step), restored["state"],
-                                                     f"cannot restore {self.directory / str(step)}")
+    verified = self._with_digests and check_digests(
+      self.directory / str(step), restored["state"], f"cannot restore {self.directory / str(step)}"
+    )
     _check_step_name(self.directory, step, _state_step(restored["state"]))  # readable, and so named?
     if verified:
       self._vouched.add(step)
@@ -411,8 +451,9 @@ class Checkpointer:
     saved_none = [name for name in optional if name in saved and saved[name] is None]
     if not absent and not saved_none:
       return abstract_state, []
-    return {name: None if name in saved_none else getattr(abstract_state, name)
-            for name in fields if name not in absent}, absent
+    return {
+      name: None if name in saved_none else getattr(abstract_state, name) for name in fields if name not in absent
+    }, absent
 
   def _data_states_of_other_process_count(self, step: int) -> list[bytes] | None:
     """The data-iterator states of all processes when `step` was saved by another number of them than run
@@ -422,8 +463,12 @@ class Checkpointer:
     if not data_dir.exists() or (data_dir / own).exists():
       return None
     files = digests.every_process_file(data_dir, f"cannot restore {data_dir}")
-    logging.info("%s was saved by %d processes and %d run now: the data stream continues after all of their "
-                 "positions", data_dir, len(files), jax.process_count())
+    logging.info(
+      "%s was saved by %d processes and %d run now: the data stream continues after all of their positions",
+      data_dir,
+      len(files),
+      jax.process_count(),
+    )
     return [path.read_bytes() for path in files]
 
   def restore_newest_readable(self, abstract_state, data_iterator=None):
@@ -450,9 +495,11 @@ class Checkpointer:
       logging.warning("checkpoint %s/%d is unreadable, trying the previous one: %s", self.directory, step, reason)
       failures.append((step, reason))
     if failures:
-      raise CheckpointError(f"no checkpoint in {self.directory} can be restored (steps "
-                            f"{', '.join(str(s) for s, _ in failures)}; the newest: {failures[0][1]}); move the "
-                            f"directory away to start afresh")
+      raise CheckpointError(
+        f"no checkpoint in {self.directory} can be restored (steps "
+        f"{', '.join(str(s) for s, _ in failures)}; the newest: {failures[0][1]}); move the "
+        f"directory away to start afresh"
+      )
     return None
 
   def set_aside_after(self, step: int, why: str) -> list[str]:
@@ -507,20 +554,23 @@ def check_digests(step_dir: epath.Path, tree, failure: str, subtree: str = "") -
   rebuild after a reshard, get one warning line. True when it was checked against digests."""
   saved = digests.read(step_dir / digests.ITEM)
   if saved is None:
-    logging.warning("checkpoint %s carries no digests (saved before checkpoints had them, or with "
-                    "config.checkpoint_digests=False): read unverified", step_dir)
+    logging.warning(
+      "checkpoint %s carries no digests (saved before checkpoints had them, or with "
+      "config.checkpoint_digests=False): read unverified",
+      step_dir,
+    )
     return False
   verdict = digests.verify(saved, tree, prefix=subtree)
   if verdict.mismatched:
     raise DamagedCheckpointError(f"{failure}: {digests.mismatch_text(verdict)}")
   if verdict.unverified:
     logging.warning("checkpoint %s: %s", step_dir, digests.unverified_text(verdict))
-  logging.info("checkpoint %s: %d slices of %d arrays match their digests", step_dir, verdict.matched,
-               verdict.arrays)
+  logging.info("checkpoint %s: %d slices of %d arrays match their digests", step_dir, verdict.matched, verdict.arrays)
   return True
 
 
 # ------------------------------------------------------------------------------- a step's items on the host
+
 
 def restore_on_host(directory: epath.Path, subtree: str | None = None):
   """A pytree checkpoint (only its top-level `subtree` when given) as host numpy arrays, whatever devices wrote it:
@@ -534,8 +584,11 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
     tree = metadata.tree
     if subtree is not None and subtree not in tree:
       return None
-    item = tree if subtree is None else {k: v if k == subtree else jax.tree.map(lambda _: ocp.PLACEHOLDER, v)
-                                         for k, v in tree.items()}
+    item = (
+      tree
+      if subtree is None
+      else {k: v if k == subtree else jax.tree.map(lambda _: ocp.PLACEHOLDER, v) for k, v in tree.items()}
+    )
     restore_args = jax.tree.map(lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree)
     restored = checkpointer.restore(directory, args=ocp.args.PyTreeRestore(item=item, restore_args=restore_args))
   return restored if subtree is None else restored[subtree]
@@ -545,8 +598,10 @@ def restore_on_host(directory: epath.Path, subtree: str | None = None):
 def _quiet_about_the_steps_own_metadata():
   """Orbax warns 'Metadata file does not exist: <step>/state/_CHECKPOINT_METADATA' when one item of a step is read
   as a checkpoint of its own, as here: that file lives in the step folder, and nothing is wrong."""
+
   def keep(record) -> bool:  # and its 'Failed to get item metadata' line, which restore_on_host says in its error
     return not record.getMessage().startswith(("Metadata file does not exist", "Failed to get item metadata"))
+
   logger = logging.get_absl_logger()
   logger.addFilter(keep)
   try:

@@ -55,8 +55,9 @@ def every_process_file(directory: epath.Path, culprit: str) -> list[epath.Path]:
   names = sorted(p.name for p in directory.glob("process_*-of-*.json"))
   counts = {int(m.group(2)) for m in map(_FILE.fullmatch, names) if m}
   if len(counts) != 1:
-    raise CheckpointError(f"{culprit}: expected process_<i>-of-<n>.json files of one process count, found "
-                          f"{names or 'none'}")
+    raise CheckpointError(
+      f"{culprit}: expected process_<i>-of-<n>.json files of one process count, found {names or 'none'}"
+    )
   count = counts.pop()
   missing = [process_file_name(i, count) for i in range(count) if process_file_name(i, count) not in names]
   if missing:
@@ -105,6 +106,7 @@ def digest(data: np.ndarray) -> str:
 @dataclasses.dataclass
 class HostArray:
   """An array as one process holds it on the host: its global shape and dtype, and its distinct slices."""
+
   shape: tuple[int, ...]
   dtype: str
   pieces: dict[Bounds, np.ndarray]
@@ -137,18 +139,24 @@ def host_arrays(tree) -> dict[str, HostArray]:
     for _, shard in shards:
       if not isinstance(shard, np.ndarray):
         shard.data.copy_to_host_async()
-  return {name: HostArray(tuple(leaf.shape), str(leaf.dtype),
-                          {bounds: shard if isinstance(shard, np.ndarray) else np.asarray(shard.data)
-                           for bounds, shard in shards})
-          for name, (leaf, shards) in arrays.items()}
+  return {
+    name: HostArray(
+      tuple(leaf.shape),
+      str(leaf.dtype),
+      {bounds: shard if isinstance(shard, np.ndarray) else np.asarray(shard.data) for bounds, shard in shards},
+    )
+    for name, (leaf, shards) in arrays.items()
+  }
 
 
 def _hash_all(jobs: Sequence[Callable[[], Any]]) -> list[Any]:
   """The digest of the array each job returns (what it returns when that is no array), on `HASH_THREADS`
   threads."""
+
   def run(job):
     data = job()
     return digest(data) if isinstance(data, np.ndarray) else data
+
   with concurrent.futures.ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="checkpoint_digests") as pool:
     return list(pool.map(run, jobs))
 
@@ -162,14 +170,16 @@ def record(arrays: dict[str, HostArray]) -> dict:
   """The JSON this process saves: {'hash', 'arrays': {path: {'shape', 'dtype', 'slices': {bounds: digest}}}}."""
   jobs = [(name, bounds, data) for name, array in arrays.items() for bounds, data in array.pieces.items()]
   digests = _hash_all([_given(data) for _, _, data in jobs])
-  out: dict[str, dict[str, Any]] = {name: {"shape": list(array.shape), "dtype": array.dtype, "slices": {}}
-                                    for name, array in arrays.items()}
+  out: dict[str, dict[str, Any]] = {
+    name: {"shape": list(array.shape), "dtype": array.dtype, "slices": {}} for name, array in arrays.items()
+  }
   for (name, bounds, _), value in zip(jobs, digests):
     out[name]["slices"][bounds_text(bounds)] = value
   return {"hash": HASH, "arrays": out}
 
 
 # ------------------------------------------------------------------------------------------------- saving
+
 
 def _write(directory: epath.Path, arrays: dict[str, HostArray]) -> None:
   (directory / process_file_name(jax.process_index(), jax.process_count())).write_text(json.dumps(record(arrays)))
@@ -217,6 +227,7 @@ class DigestRestore(ocp.args.CheckpointArgs):
 
 # ------------------------------------------------------------------------------------------------ reading
 
+
 def read(directory) -> dict | None:
   """{path: {'shape', 'dtype', 'slices'}} of every process's file in a step's digests folder, None when the step has
   none (saved before checkpoints carried digests, or with config.checkpoint_digests off). A missing or garbled
@@ -239,10 +250,12 @@ def read(directory) -> dict | None:
 
 # ---------------------------------------------------------------------------------------------- verifying
 
+
 @dataclasses.dataclass
 class Verdict:
   """What `verify` found: the slices that match, those that differ and those this process could not check (each
   'path[bounds]', or 'path (why)' for a whole array)."""
+
   matched: int = 0
   arrays: int = 0
   mismatched: list[str] = dataclasses.field(default_factory=list)
@@ -269,8 +282,11 @@ def _rebuilt(bounds: Bounds, pieces: dict[Bounds, np.ndarray]):
     return pieces[bounds]
   if not _volume(bounds):
     return np.empty(0, np.uint8)  # no bytes: nothing can have changed
-  overlaps = [(o, piece_bounds, data) for piece_bounds, data in pieces.items()
-              if (o := _overlap(bounds, piece_bounds)) is not None]
+  overlaps = [
+    (o, piece_bounds, data)
+    for piece_bounds, data in pieces.items()
+    if (o := _overlap(bounds, piece_bounds)) is not None
+  ]
   if not overlaps:
     return None
   for o, piece_bounds, data in overlaps:
@@ -296,8 +312,9 @@ def verify(saved: dict, tree, prefix: str = "") -> Verdict:
       verdict.unverified.append(f"{full} (saved without a digest)")
       continue
     if tuple(entry["shape"]) != array.shape or entry["dtype"] != array.dtype:
-      verdict.unverified.append(f"{full} (saved as {entry['dtype']}{entry['shape']}, restored as "
-                                f"{array.dtype}{list(array.shape)})")
+      verdict.unverified.append(
+        f"{full} (saved as {entry['dtype']}{entry['shape']}, restored as {array.dtype}{list(array.shape)})"
+      )
       continue
     verdict.arrays += 1
     for text, value in entry["slices"].items():
@@ -321,8 +338,10 @@ def _listed(labels: list[str], most: int = 3) -> str:
 def mismatch_text(verdict: Verdict) -> str:
   """What differs, on one line: the first slices by name, and how many in all."""
   count = len(verdict.mismatched)
-  return (f"the bytes of {_listed(verdict.mismatched)} differ from the digest{'s' if count > 1 else ''} ({HASH}) "
-          f"saved with {'them' if count > 1 else 'it'}: changed at rest since the save")
+  return (
+    f"the bytes of {_listed(verdict.mismatched)} differ from the digest{'s' if count > 1 else ''} ({HASH}) "
+    f"saved with {'them' if count > 1 else 'it'}: changed at rest since the save"
+  )
 
 
 def unverified_text(verdict: Verdict) -> str:

@@ -34,8 +34,9 @@ DATA_PLANNED = "planned"  # main --dry_run: as present, but a folder that does n
 # goes without the data), unless a field is sized from the data
 
 
-def validate(config, num_devices: int | None = None, num_processes: int = 1, *,
-             data: str = DATA_UNREAD) -> list[str] | None:
+def validate(
+  config, num_devices: int | None = None, num_processes: int = 1, *, data: str = DATA_UNREAD
+) -> list[str] | None:
   """ConfigError naming the field of the first check `config` fails. With `num_devices` (over `num_processes`
   processes), also that the batch divides over the mesh and its batch axes over the processes. First, as `data`
   says (DATA_*), a training data path that matches nothing is a DataError naming it (data/loader/checks.py
@@ -67,8 +68,10 @@ def check_devices(config, num_devices: int, num_processes: int) -> None:
 def check_checkpoint_cadence(config) -> None:
   """The kept history (checkpoint_keep_period) falls on saved steps."""
   if config.checkpoint_keep_period % config.checkpoint_every:
-    raise ConfigError(f"config.checkpoint_keep_period={config.checkpoint_keep_period} is not a multiple of "
-                      f"config.checkpoint_every={config.checkpoint_every}: no checkpoint would be kept at those steps")
+    raise ConfigError(
+      f"config.checkpoint_keep_period={config.checkpoint_keep_period} is not a multiple of "
+      f"config.checkpoint_every={config.checkpoint_every}: no checkpoint would be kept at those steps"
+    )
 
 
 def device_memory_bytes() -> int | None:
@@ -109,8 +112,9 @@ def _equations(jaxpr):
           yield from _equations(inner)
 
 
-def check_naflex_budget(config, micro_batch_per_device: int, device_bytes: int | None,
-                        class_names: list[str] | None = None) -> None:
+def check_naflex_budget(
+  config, micro_batch_per_device: int, device_bytes: int | None, class_names: list[str] | None = None
+) -> None:
   """ConfigError naming config.data.naflex.max_tokens when the largest product of a micro-batch's loss on one
   device (`largest_product` of the task on no mesh: the attention scores, quadratic in the budget) alone exceeds
   `device_bytes`: the first compile would otherwise end the run in an out-of-memory error. Nothing for images of a
@@ -122,7 +126,8 @@ def check_naflex_budget(config, micro_batch_per_device: int, device_bytes: int |
   need = math.prod(largest.shape) * largest.dtype.itemsize
   if need > device_bytes:
     raise ConfigError(
-        f"config.data.naflex.max_tokens={naflex.max_tokens}: one matrix product of the loss, {largest.dtype.name}"
-        f"{tuple(largest.shape)} for a micro-batch of {micro_batch_per_device} on one device, takes "
-        f"{need / 2**30:,.1f} GiB, over a device's {device_bytes / 2**30:,.1f} GiB; lower the token budget or "
-        f"the micro-batch (config.grad_accum_steps)")
+      f"config.data.naflex.max_tokens={naflex.max_tokens}: one matrix product of the loss, {largest.dtype.name}"
+      f"{tuple(largest.shape)} for a micro-batch of {micro_batch_per_device} on one device, takes "
+      f"{need / 2**30:,.1f} GiB, over a device's {device_bytes / 2**30:,.1f} GiB; lower the token budget or "
+      f"the micro-batch (config.grad_accum_steps)"
+    )

@@ -36,6 +36,7 @@ from visionfm_jax.training.infra import compile_cache
 class Compiled:
   """One program: its name as the cache files it (`jit_<name>-<key>-cache`), its seconds to compile or load,
   and whether it was loaded from the cache."""
+
   name: str
   seconds: float
   loaded: bool
@@ -46,8 +47,10 @@ def run(config, workdir: str, class_names: list[str] | None = None) -> tuple[str
   compile cache; returns (the cache's folder, the programs)."""
   folder = compile_cache.directory(config.compile_cache, workdir)
   if folder is None:
-    raise ConfigError(f"--compile_only with config.compile_cache={config.compile_cache!r}: there is no cache to "
-                      f"fill; leave it '' (<workdir>/compile_cache) or name a folder")
+    raise ConfigError(
+      f"--compile_only with config.compile_cache={config.compile_cache!r}: there is no cache to "
+      f"fill; leave it '' (<workdir>/compile_cache) or name a folder"
+    )
   devices, processes = jax.device_count(), jax.process_count()
   checks.check_devices(config, devices, processes)
   with compile_cache.in_use(config.compile_cache, workdir), _every_program_written():
@@ -66,19 +69,23 @@ def _compile(run_plan: plan_lib.RunPlan, class_names: list[str] | None) -> list[
   with parallel.activation_sharding(mesh):
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     rng = jax.eval_shape(jax.random.key, config.seed)
-    state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=a.weak_type),
-                         abstract, shardings)
+    state = jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s, weak_type=a.weak_type), abstract, shardings
+    )
     batch = _batch_shapes(task, run_plan.batch, parallel.batch_sharding(mesh))
     train_step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, run_plan.lr_schedule)
-    return [_timed("init", lambda: step_lib.jit_init(init_fn, shardings).lower(rng).compile()),
-            _timed("train_step", lambda: train_step.lower(state, batch).compile())]
+    return [
+      _timed("init", lambda: step_lib.jit_init(init_fn, shardings).lower(rng).compile()),
+      _timed("train_step", lambda: train_step.lower(state, batch).compile()),
+    ]
 
 
 def _batch_shapes(task, geometry: parallel.BatchGeometry, sharding) -> dict[str, jax.ShapeDtypeStruct]:
   """The global batch the run's loader feeds the step (`Task.synthetic_batch` has its layout), as shapes."""
   one = task.synthetic_batch(1, np.random.default_rng(0))
-  return {k: jax.ShapeDtypeStruct((geometry.global_batch,) + v.shape[1:], v.dtype, sharding=sharding)
-          for k, v in one.items()}
+  return {
+    k: jax.ShapeDtypeStruct((geometry.global_batch,) + v.shape[1:], v.dtype, sharding=sharding) for k, v in one.items()
+  }
 
 
 def _timed(name: str, compile_program) -> Compiled:
@@ -112,8 +119,11 @@ def _every_program_written() -> Iterator[None]:
 
 def report(folder: str, programs: list[Compiled]) -> str:
   """The one line `main --compile_only` prints."""
-  each = ", ".join(f"{p.name} {p.seconds:.1f} s ({'loaded: already in the cache' if p.loaded else 'compiled'})"
-                   for p in programs)
-  return (f"compile only: {each}, for {jax.device_count()} {jax.devices()[0].device_kind} devices in "
-          f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; cache {folder}; nothing was "
-          f"trained")
+  each = ", ".join(
+    f"{p.name} {p.seconds:.1f} s ({'loaded: already in the cache' if p.loaded else 'compiled'})" for p in programs
+  )
+  return (
+    f"compile only: {each}, for {jax.device_count()} {jax.devices()[0].device_kind} devices in "
+    f"{jax.process_count()} process{'es' if jax.process_count() > 1 else ''}; cache {folder}; nothing was "
+    f"trained"
+  )

@@ -43,22 +43,37 @@ def check(config, workdir: str, identity: dict, newest_step: int | None) -> bool
   accept = f"--config.resume.allow_changes={','.join([*allowed, _data_field(config)])}"
   error: Exception | None = None
   if lost and not accepted:
-    error = WorkdirError(f"cannot resume {workdir}: {path} {lost}; it records the training data the checkpoints "
-                         f"were saved with, which a resume compares with this run's; restore it, or pass {accept} to "
-                         f"record this run's data anew and go on from the saved stream position")
+    error = WorkdirError(
+      f"cannot resume {workdir}: {path} {lost}; it records the training data the checkpoints "
+      f"were saved with, which a resume compares with this run's; restore it, or pass {accept} to "
+      f"record this run's data anew and go on from the saved stream position"
+    )
   elif changes and not accepted:
-    error = ConfigError(f"cannot resume {workdir}: its training data changed since the checkpoints were saved: "
-                        f"{'; '.join(changes)}; restore the data, or pass {accept} to go on with this data from the "
-                        f"saved stream position")
-  faults.raise_together(error, ConfigError(f"cannot resume {workdir}: another process found its training data "
-                                           f"changed, or its {FILE} missing, empty or unreadable"))
+    error = ConfigError(
+      f"cannot resume {workdir}: its training data changed since the checkpoints were saved: "
+      f"{'; '.join(changes)}; restore the data, or pass {accept} to go on with this data from the "
+      f"saved stream position"
+    )
+  faults.raise_together(
+    error,
+    ConfigError(
+      f"cannot resume {workdir}: another process found its training data "
+      f"changed, or its {FILE} missing, empty or unreadable"
+    ),
+  )
   if lost:
-    logging.warning("resuming %s without a record of the data its checkpoints were saved with (%s %s; "
-                    "config.resume.allow_changes): this run's data is recorded anew and read from the saved stream "
-                    "position", workdir, path, lost)
+    logging.warning(
+      "resuming %s without a record of the data its checkpoints were saved with (%s %s; "
+      "config.resume.allow_changes): this run's data is recorded anew and read from the saved stream "
+      "position",
+      workdir,
+      path,
+      lost,
+    )
   if changes:
-    logging.warning("resuming %s on changed training data (config.resume.allow_changes): %s", workdir,
-                    "; ".join(changes))
+    logging.warning(
+      "resuming %s on changed training data (config.resume.allow_changes): %s", workdir, "; ".join(changes)
+    )
   changed_after = newest_step if changes or lost else (recorded or {}).get(CHANGED_AFTER)
   if jax.process_index() == 0 and (changes or lost or newest_step is None):
     atomic.write(path, json.dumps({**identity, CHANGED_AFTER: changed_after}))

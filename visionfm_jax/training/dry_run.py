@@ -63,37 +63,60 @@ def plan(config, workdir: str, num_devices: int, num_processes: int, class_names
   checks.check_naflex_budget(config, batch.micro_batch_per_device, checks.device_memory_bytes(), class_names)
   shell_limits = open_files.limits()  # before the loader raises them
   absent = data_checks.check_found(config.data, absent_ok=True)
-  opened = _open_data(task, config, batch, num_processes) if not absent else dict(
-      examples_per_epoch=None, evaluators=None, open_files=None)
+  opened = (
+    _open_data(task, config, batch, num_processes)
+    if not absent
+    else dict(examples_per_epoch=None, evaluators=None, open_files=None)
+  )
 
   tx = optim.make_optimizer(config.optim, run_plan.lr_schedule, task.model)
   abstract = jax.eval_shape(step_lib.make_init_fn(task, tx, config), jax.random.key(0))
-  per_device = parallel.bytes_per_device(abstract, mesh, config.strategy, config.optimizer_over_data,
-                                         config.sharding.overrides)
+  per_device = parallel.bytes_per_device(
+    abstract, mesh, config.strategy, config.optimizer_over_data, config.sharding.overrides
+  )
   example = task.synthetic_batch(1, np.random.default_rng(0))  # shapes from the config, as the data's will be
   per_example = sum(math.prod(x.shape[1:]) * x.dtype.itemsize for x in example.values())
   unboxed = unbox(abstract)
   return dict(
-      task=config.task, model=config.model.name, strategy=config.strategy, mesh=mesh, devices=num_devices,
-      processes=num_processes, params=sum(math.prod(x.shape) for x in jax.tree.leaves(unboxed.params)),
-      bytes_per_device=per_device, batch_bytes_per_device=batch.micro_batch_per_device * per_example,
-      micro_batch=batch.micro_batch, total_steps=config.total_steps, start_step=start_step,
-      global_batch=batch.global_batch, grad_accum_steps=batch.accum_steps,
-      checkpoint_every=config.checkpoint_every, keep_checkpoints=config.keep_checkpoints,
-      keep_period=config.checkpoint_keep_period,
-      checkpoint_bytes=workdir_lib.tree_bytes(unboxed), eval_every=config.eval_every,
-      workdir=workdir, shell_limits=shell_limits, absent_data=absent,
-      example_shapes={key: (x.shape[1:], x.dtype.name) for key, x in example.items()}, **opened)
+    task=config.task,
+    model=config.model.name,
+    strategy=config.strategy,
+    mesh=mesh,
+    devices=num_devices,
+    processes=num_processes,
+    params=sum(math.prod(x.shape) for x in jax.tree.leaves(unboxed.params)),
+    bytes_per_device=per_device,
+    batch_bytes_per_device=batch.micro_batch_per_device * per_example,
+    micro_batch=batch.micro_batch,
+    total_steps=config.total_steps,
+    start_step=start_step,
+    global_batch=batch.global_batch,
+    grad_accum_steps=batch.accum_steps,
+    checkpoint_every=config.checkpoint_every,
+    keep_checkpoints=config.keep_checkpoints,
+    keep_period=config.checkpoint_keep_period,
+    checkpoint_bytes=workdir_lib.tree_bytes(unboxed),
+    eval_every=config.eval_every,
+    workdir=workdir,
+    shell_limits=shell_limits,
+    absent_data=absent,
+    example_shapes={key: (x.shape[1:], x.dtype.name) for key, x in example.items()},
+    **opened,
+  )
 
 
 def _open_data(task, config, batch, num_processes: int) -> dict:
   """What the plan reads from the data, opened as a run opens it at start-up: the training loader (its open
   files), every evaluator's sources, the examples of an epoch."""
-  loader = task.train_loader(batch_size=batch.per_process, seed=config.seed, process_index=0,
-                             process_count=num_processes)
+  loader = task.train_loader(
+    batch_size=batch.per_process, seed=config.seed, process_index=0, process_count=num_processes
+  )
   evaluators = task.evaluators(EvalContext(_one_device_mesh(), batch.micro_batch, 0, num_processes))
-  return dict(examples_per_epoch=mixture_lib.open_train(config.data, config.data.train_split).records,
-              evaluators=sorted(evaluators), open_files=loader.open_files)
+  return dict(
+    examples_per_epoch=mixture_lib.open_train(config.data, config.data.train_split).records,
+    evaluators=sorted(evaluators),
+    open_files=loader.open_files,
+  )
 
 
 def mesh_devices(mesh_cfg) -> int | None:
@@ -133,22 +156,26 @@ def report(p: dict) -> list[str]:
   mesh = " x ".join(f"{axis} {size}" for axis, size in p["mesh"].items())
   steps_left = p["total_steps"] - p["start_step"]
   return [
-      f"task {p['task']}, model {p['model']}: {p['params']:,} params",
-      f"mesh {mesh} over {p['devices']} devices in {p['processes']} process{'es' if p['processes'] > 1 else ''}, "
-      f"strategy {p['strategy']}",
-      f"bytes per device: params {human_bytes(b['params'])}, grads {human_bytes(b['grads'])}, optimizer "
-      f"{human_bytes(b['opt_state'])}, state {human_bytes(b['total'])}; "
-      f"input {human_bytes(p['batch_bytes_per_device'])} per micro-batch; activations not planned "
-      f"(python -m visionfm_jax.bench.memory_plan compiles the step)",
-      f"steps: {p['total_steps']:,} of {p['global_batch']:,} examples ({p['grad_accum_steps']} micro-batch"
-      f"{'es' if p['grad_accum_steps'] > 1 else ''} of {p['micro_batch']:,}); "
-      + (f"resuming at step {p['start_step']:,}, {steps_left:,} to go" if p["start_step"] else "starting at step 0"),
-      *_data_lines(p),
-      f"checkpoints: every {p['checkpoint_every']:,} steps in {stored.checkpoints_dir(p['workdir'])}, keeping "
-      f"{p['keep_checkpoints']}" + (f" and every {p['keep_period']:,} for good" if p["keep_period"] else "")
-      + f", {human_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
-      + (f"{', '.join(p['evaluators']) or 'none'}" if p["evaluators"] is not None else "its evaluators open their "
-         "data, which is not there yet"),
+    f"task {p['task']}, model {p['model']}: {p['params']:,} params",
+    f"mesh {mesh} over {p['devices']} devices in {p['processes']} process{'es' if p['processes'] > 1 else ''}, "
+    f"strategy {p['strategy']}",
+    f"bytes per device: params {human_bytes(b['params'])}, grads {human_bytes(b['grads'])}, optimizer "
+    f"{human_bytes(b['opt_state'])}, state {human_bytes(b['total'])}; "
+    f"input {human_bytes(p['batch_bytes_per_device'])} per micro-batch; activations not planned "
+    f"(python -m visionfm_jax.bench.memory_plan compiles the step)",
+    f"steps: {p['total_steps']:,} of {p['global_batch']:,} examples ({p['grad_accum_steps']} micro-batch"
+    f"{'es' if p['grad_accum_steps'] > 1 else ''} of {p['micro_batch']:,}); "
+    + (f"resuming at step {p['start_step']:,}, {steps_left:,} to go" if p["start_step"] else "starting at step 0"),
+    *_data_lines(p),
+    f"checkpoints: every {p['checkpoint_every']:,} steps in {stored.checkpoints_dir(p['workdir'])}, keeping "
+    f"{p['keep_checkpoints']}"
+    + (f" and every {p['keep_period']:,} for good" if p["keep_period"] else "")
+    + f", {human_bytes(p['checkpoint_bytes'])} each; evaluation every {p['eval_every']:,} steps: "
+    + (
+      f"{', '.join(p['evaluators']) or 'none'}"
+      if p["evaluators"] is not None
+      else "its evaluators open their data, which is not there yet"
+    ),
   ]
 
 
@@ -156,13 +183,18 @@ def _data_lines(p: dict) -> list[str]:
   """The plan's lines about the data: the epoch and the open files, or, before the data exists, what the plan
   took from the config in its place."""
   if p["absent_data"]:
-    shapes = ", ".join(f"{key} {'x'.join(map(str, shape)) or 'scalar'} {dtype}"
-                       for key, (shape, dtype) in p["example_shapes"].items())
+    shapes = ", ".join(
+      f"{key} {'x'.join(map(str, shape)) or 'scalar'} {dtype}" for key, (shape, dtype) in p["example_shapes"].items()
+    )
     verb = "do" if len(p["absent_data"]) > 1 else "does"
-    return [f"data: {', '.join(p['absent_data'])} {verb} not exist yet: planned without it, an example's shapes from "
-            f"the config ({shapes}); the examples per epoch, the evaluators and the open files the input needs are "
-            f"checked by this dry run once the data is there"]
+    return [
+      f"data: {', '.join(p['absent_data'])} {verb} not exist yet: planned without it, an example's shapes from "
+      f"the config ({shapes}); the examples per epoch, the evaluators and the open files the input needs are "
+      f"checked by this dry run once the data is there"
+    ]
   epoch_steps = p["examples_per_epoch"] / p["global_batch"]
-  return [f"examples per epoch: {p['examples_per_epoch']:,} (an epoch is {epoch_steps:,.0f} steps; the run is "
-          f"{p['total_steps'] / epoch_steps:,.2f} epochs)",
-          open_files.describe(p["open_files"], p["shell_limits"])]
+  return [
+    f"examples per epoch: {p['examples_per_epoch']:,} (an epoch is {epoch_steps:,.0f} steps; the run is "
+    f"{p['total_steps'] / epoch_steps:,.2f} epochs)",
+    open_files.describe(p["open_files"], p["shell_limits"]),
+  ]

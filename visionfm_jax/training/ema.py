@@ -65,8 +65,9 @@ def adopt(state, resumed):
   checkpoint had none, dropped when it is 0."""
   decay = resumed.config.optim.ema_decay
   if decay and state.ema_params is None:
-    logging.warning("%s has no EMA of the params: config.optim.ema_decay=%g starts it from the restored params",
-                    resumed.where, decay)
+    logging.warning(
+      "%s has no EMA of the params: config.optim.ema_decay=%g starts it from the restored params", resumed.where, decay
+    )
     return start(state.params, resumed.shardings.ema_params)
   if not decay and state.ema_params is not None:
     logging.warning("%s has an EMA of the params and config.optim.ema_decay=0: this run drops it", resumed.where)

@@ -18,6 +18,7 @@ from visionfm_jax.training.infra import console, faults
 @dataclasses.dataclass(frozen=True)
 class Evaluation:
   """The task's evaluators ({name: params -> {metric: value}}) and its panel (params -> picture, or None)."""
+
   evaluators: dict[str, Callable[[Any], dict[str, float]]]
   panel: Callable[[Any], Any] | None = None
 
@@ -30,8 +31,14 @@ class Evaluation:
       prefix = f"eval/{weights + '/' if weights else ''}{name}/"
       for metric, value in evaluate(params).items():
         results[f"{prefix}{metric}"] = value
-      logging.info("%seval %s%s: %s (%.1fs)", "" if step is None else f"step {step} ", weights + " " if weights else "",
-                   name, console.format_metrics(results, prefix), time.perf_counter() - t0)
+      logging.info(
+        "%seval %s%s: %s (%.1fs)",
+        "" if step is None else f"step {step} ",
+        weights + " " if weights else "",
+        name,
+        console.format_metrics(results, prefix),
+        time.perf_counter() - t0,
+      )
     return results
 
   def of_state(self, state, step: int) -> dict[str, float]:
@@ -66,8 +73,9 @@ class Evaluation:
     drawn = self.panel is None or faults.agreed(not writer.enabled or any(at == step for at, _ in writer.start.panels))
     missing = " and ".join(what for what, made in (("evaluation", evaluated), ("panel", drawn)) if not made)
     logging.info("step %d: the run was already complete%s", step, f"; making its final {missing}" if missing else "")
-    last = {k: float(v) for row in writer.start.kept for k, v in row.items()
-            if k != "step" and isinstance(v, (int, float))}
+    last = {
+      k: float(v) for row in writer.start.kept for k, v in row.items() if k != "step" and isinstance(v, (int, float))
+    }
     if missing:
       watchdog.phase("an evaluation", step)
     if not evaluated:

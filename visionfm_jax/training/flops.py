@@ -11,15 +11,15 @@ import jax
 
 # Dense (no sparsity) peak FLOP/s per device for 16-bit matmuls (bf16/fp16), from the vendors' data sheets.
 PEAK_FLOPS_16BIT: dict[str, float] = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM
-    "H100 PCIe": 756e12,
-    "H800": 989e12,
-    "A100": 312e12,
-    "A800": 312e12,
-    "L40S": 362e12,
-    "B200": 2250e12,
-    "GH200": 989e12,
+  "H200": 989e12,
+  "H100": 989e12,  # SXM
+  "H100 PCIe": 756e12,
+  "H800": 989e12,
+  "A100": 312e12,
+  "A800": 312e12,
+  "L40S": 362e12,
+  "B200": 2250e12,
+  "GH200": 989e12,
 }
 
 

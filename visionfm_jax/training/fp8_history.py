@@ -56,12 +56,17 @@ def adopt(state, resumed):
   turns it off."""
   if enabled(resumed.config) and state.fp8_history is None:
     fresh = abstract_histories(resumed.config)
-    logging.warning("%s has no FP8 amax histories: config.precision.gemm=%s starts them empty (the first step "
-                    "scales by 1)", resumed.where, fp8.DELAYED)
-    return jax.device_put(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fresh),
-                          resumed.shardings.fp8_history)
+    logging.warning(
+      "%s has no FP8 amax histories: config.precision.gemm=%s starts them empty (the first step scales by 1)",
+      resumed.where,
+      fp8.DELAYED,
+    )
+    return jax.device_put(jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), fresh), resumed.shardings.fp8_history)
   if not enabled(resumed.config) and state.fp8_history is not None:
-    logging.warning("%s has FP8 amax histories and config.precision.gemm=%s: this run drops them", resumed.where,
-                    resumed.config.precision.gemm)
+    logging.warning(
+      "%s has FP8 amax histories and config.precision.gemm=%s: this run drops them",
+      resumed.where,
+      resumed.config.precision.gemm,
+    )
     return None
   return state.fp8_history

@@ -36,9 +36,11 @@ def split_microbatches(batch, steps: int):
 
   Each device keeps its own rows (no communication) when B / steps divides over the data-parallel devices.
   """
+
   def split(x):
     x = x.reshape((x.shape[0] // steps, steps) + x.shape[1:])
     return jnp.swapaxes(x, 0, 1)
+
   micro_batches = jax.tree.map(split, batch)
   return parallel.constrain_to(micro_batches, P(None, *parallel.BATCH_SPEC))
 
@@ -46,9 +48,11 @@ def split_microbatches(batch, steps: int):
 def grads_of(task: tasks.Task, params, batch, rng, scale, grad_shardings):
   """(gradient of `scale` x the task's loss on `batch`, constrained to `grad_shardings` (None: left as it is); the
   loss; its aux)."""
+
   def scaled_loss(p):
     loss, aux = task.loss(p, batch, rng)
     return loss * scale, (loss, aux)
+
   grads, (loss, aux) = jax.grad(scaled_loss, has_aux=True)(params)
   return _constrained(grads, grad_shardings), loss, aux
 
@@ -58,9 +62,11 @@ def with_amax_histories(task: tasks.Task, params, histories, batch, rng, scale, 
   params, and their cotangents are the histories updated with this step's amaxes. (gradients, loss, aux, the
   updated histories). One pass over the whole batch (config_lib's checks refuse micro-batches with the recipe:
   the histories' cotangents would be summed over them, where their amaxes take a max)."""
+
   def scaled_loss(p, h):
     loss, aux = task.loss(fp8.with_histories(p, h), batch, rng)
     return loss * scale, (loss, aux)
+
   (grads, updated), (loss, aux) = jax.grad(scaled_loss, argnums=(0, 1), has_aux=True)(params, histories)
   return _constrained(grads, grad_shardings), loss, aux, updated
 
@@ -80,8 +86,7 @@ def _accumulates_per_device(task: tasks.Task, config) -> bool:
   """Whether the step sums each device's gradients over the micro-batches unreduced and reduces them once
   (`config.accumulate_unreduced`, with micro-batches, for a loss that per-device sums give exactly: a split
   loss, or one that does not couple examples)."""
-  return (config.accumulate_unreduced and config.grad_accum_steps > 1
-          and (task.splits_loss or not task.couples_examples))
+  return config.accumulate_unreduced and config.grad_accum_steps > 1 and (task.splits_loss or not task.couples_examples)
 
 
 def per_device(fn, mesh, node_grad_specs=None):
@@ -113,8 +118,10 @@ def per_device(fn, mesh, node_grad_specs=None):
   def run(params, rows, rng, *row_args):
     rngs = jax.vmap(lambda d: jax.random.fold_in(rng, d))(jnp.arange(mesh.size))
     # one spec for every leaf of each argument and of the result (shard_map takes tree prefixes)
-    return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + (rows_spec,) * 3, out_specs=out_specs,
-                         check_vma=False)(params, rows, rngs, row_args)
+    return jax.shard_map(local, mesh=mesh, in_specs=(P(),) + (rows_spec,) * 3, out_specs=out_specs, check_vma=False)(
+      params, rows, rngs, row_args
+    )
+
   return run
 
 
@@ -162,8 +169,13 @@ def accumulated_grads(task: tasks.Task, params, batch, accum: int, rng, scale, g
   `device_mesh`: each device's own (`per_device`), averaged over the devices after the scan."""
   micro_batches = split_microbatches(batch, accum)
   inner_shardings = None if device_mesh is not None else grad_shardings
-  micro_grads = traced_once(per_device(lambda p, rows, r: grads_of(task, p, rows, r, scale, inner_shardings),
-                                      device_mesh, node_local_specs(device_mesh, grad_shardings)))
+  micro_grads = traced_once(
+    per_device(
+      lambda p, rows, r: grads_of(task, p, rows, r, scale, inner_shardings),
+      device_mesh,
+      node_local_specs(device_mesh, grad_shardings),
+    )
+  )
 
   def body(carry, xs):
     micro, i = xs
@@ -199,17 +211,17 @@ def two_pass_grads(task: tasks.SplitLossTask, params, batch, accum: int, rng, sc
   micro_batches = split_microbatches(batch, accum)
   micro_rngs = jax.vmap(lambda i: jax.random.fold_in(rng, i))(jnp.arange(accum))
   if device_mesh is not None:
-    return _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings,
-                                device_mesh)
+    return _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale, grad_shardings, device_mesh)
 
-  features = jax.lax.map(lambda xs: jax.lax.stop_gradient(task.batch_features(params, xs[0], xs[1], context)),
-                         jax.tree.map(lambda x: x[:-1], (micro_batches, micro_rngs)))
+  features = jax.lax.map(
+    lambda xs: jax.lax.stop_gradient(task.batch_features(params, xs[0], xs[1], context)),
+    jax.tree.map(lambda x: x[:-1], (micro_batches, micro_rngs)),
+  )
 
   def global_term(last_features):
     whole = _in_batch_order(jax.tree.map(_append_micro_batch, features, jax.lax.stop_gradient(last_features)))
     whole = parallel.constrain_to(whole, parallel.BATCH_SPEC)
-    (loss, aux), feature_grads = jax.value_and_grad(
-        lambda f: task.global_loss(params, f, context), has_aux=True)(whole)
+    (loss, aux), feature_grads = jax.value_and_grad(lambda f: task.global_loss(params, f, context), has_aux=True)(whole)
     return whole, jax.tree.map(_to_micro(accum), feature_grads), (loss, aux)
 
   def body(carry, xs):
@@ -218,16 +230,20 @@ def two_pass_grads(task: tasks.SplitLossTask, params, batch, accum: int, rng, sc
     micro_loss, feats, vjp, micro_aux = _local_vjp(task, params, micro, micro_rng, context)
     # the first iteration's micro-batch is the last: with it the global term has the whole batch
     whole, feature_grads, global_out = jax.lax.cond(
-        index == accum - 1, lambda: global_term(feats), lambda: (whole, feature_grads, global_out))
-    micro_grads = _backward(vjp, micro_loss, feats, jax.tree.map(lambda g: g[index], feature_grads), scale,
-                            grad_shardings)
+      index == accum - 1, lambda: global_term(feats), lambda: (whole, feature_grads, global_out)
+    )
+    micro_grads = _backward(
+      vjp, micro_loss, feats, jax.tree.map(lambda g: g[index], feature_grads), scale, grad_shardings
+    )
     grads = jax.tree.map(jnp.add, grads, micro_grads)
     return (grads, loss + micro_loss, jax.tree.map(jnp.add, aux, micro_aux), whole, feature_grads, global_out), None
 
   last_first = jax.tree.map(lambda x: jnp.roll(x, 1, axis=0), (micro_batches, micro_rngs, jnp.arange(accum)))
   first = jax.tree.map(lambda x: x[0], last_first)
-  start = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
-                       jax.eval_shape(lambda: _start_shapes(task, params, first, context, global_term)))
+  start = jax.tree.map(
+    lambda s: jnp.zeros(s.shape, s.dtype),
+    jax.eval_shape(lambda: _start_shapes(task, params, first, context, global_term)),
+  )
   (grads, loss, aux, whole, _, (global_loss, global_aux)), _ = jax.lax.scan(body, start, last_first)
   global_grads = jax.grad(lambda p: task.global_loss(p, whole, context)[0])(params)
   grads = jax.tree.map(lambda a, g: a + g * scale, grads, global_grads)
@@ -247,8 +263,9 @@ def _append_micro_batch(features, last):
   """(accum - 1, rows, ...) pass-1 features and the last micro-batch's (rows, ...) from `local_loss`, which the
   task contract makes `batch_features`' own (a TypeError where their dtypes differ, instead of a silent cast)."""
   if last.dtype != features.dtype:
-    raise TypeError(f"local_loss's features are {last.dtype}, batch_features' {features.dtype}: a split loss's two "
-                    "must be the same")
+    raise TypeError(
+      f"local_loss's features are {last.dtype}, batch_features' {features.dtype}: a split loss's two must be the same"
+    )
   return jnp.concatenate([features, last[None]])
 
 
@@ -264,17 +281,21 @@ def _to_micro(accum: int):
 
 def _local_vjp(task, params, micro, micro_rng, context):
   """(local loss, features, the vjp of both w.r.t. params, metrics) of one micro-batch."""
+
   def local(p):
     loss, feats, aux = task.local_loss(p, micro, micro_rng, context)
     return (loss, feats), aux
+
   (loss, feats), vjp, aux = jax.vjp(local, params, has_aux=True)
   return loss, feats, vjp, aux
 
 
 def _backward(vjp, loss, feats, feature_grad, scale, grad_shardings):
   """A micro-batch's param gradients: its local loss plus <features, the global term's gradient>, scaled."""
-  cotangent = (jnp.asarray(scale, loss.dtype),
-               jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats))
+  cotangent = (
+    jnp.asarray(scale, loss.dtype),
+    jax.tree.map(lambda g, f: (g * scale).astype(f.dtype), feature_grad, feats),
+  )
   return _constrained(vjp(cotangent)[0], grad_shardings)
 
 
@@ -283,18 +304,21 @@ def _two_pass_per_device(task, params, micro_batches, micro_rngs, context, scale
   the global term runs on the whole batch between the passes, pass 2 recomputes every micro-batch."""
   accum = jax.tree.leaves(micro_rngs)[0].shape[0]
   features_of = per_device(
-      lambda p, rows, r: jax.lax.stop_gradient(task.batch_features(p, rows, r, context)), device_mesh)
+    lambda p, rows, r: jax.lax.stop_gradient(task.batch_features(p, rows, r, context)), device_mesh
+  )
   rows_of = lambda f: f.reshape((-1,) + f.shape[2:])
   features = jax.lax.map(lambda xs: jax.tree.map(rows_of, features_of(params, *xs)), (micro_batches, micro_rngs))
   whole = _in_batch_order(features)
   whole = parallel.constrain_to(whole, parallel.BATCH_SPEC)
   (global_loss, global_aux), (global_grads, feature_grads) = jax.value_and_grad(
-      task.global_loss, argnums=(0, 1), has_aux=True)(params, whole, context)
+    task.global_loss, argnums=(0, 1), has_aux=True
+  )(params, whole, context)
   feature_grads = jax.tree.map(_to_micro(accum), feature_grads)
 
   def one_micro_batch(p, micro, micro_rng, feature_grad):
     loss, feats, vjp, aux = _local_vjp(task, p, micro, micro_rng, context)
     return _backward(vjp, loss, feats, feature_grad, scale, None), loss, aux
+
   micro_grads = traced_once(per_device(one_micro_batch, device_mesh, node_local_specs(device_mesh, grad_shardings)))
 
   def body(carry, xs):

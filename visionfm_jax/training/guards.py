@@ -24,6 +24,7 @@ from visionfm_jax.training import ema, health, precision
 
 class Signals(NamedTuple):
   """What the guards read of a step: its loss, the global norm of its (unscaled) gradients, the gradients."""
+
   loss: jax.Array
   grad_norm: jax.Array
   grads: Any
@@ -34,9 +35,15 @@ def loss_scale(before, after, signals: Signals, apply):
   del apply  # the first guard
   finite = precision.all_finite(signals.grads)
   after = after.replace(loss_scale=before.loss_scale.update(finite))
-  return after, finite, {"train/loss_scale": before.loss_scale.scale,
-                         "train/skipped_steps": after.loss_scale.skipped,
-                         "train/skips_at_min_scale": after.loss_scale.skips_at_min}
+  return (
+    after,
+    finite,
+    {
+      "train/loss_scale": before.loss_scale.scale,
+      "train/skipped_steps": after.loss_scale.skipped,
+      "train/skips_at_min_scale": after.loss_scale.skips_at_min,
+    },
+  )
 
 
 def spike(before, after, signals: Signals, apply):
@@ -53,8 +60,11 @@ def _hold(before, after, apply):
 
 def guarded(config) -> Callable[[Any, Any, Signals], tuple[Any, dict]]:
   """(before, proposed, signals) -> (the next state, the guards' metrics), for `config`'s guards."""
-  guards = [guard for guard, on in ((loss_scale, config.precision.compute_dtype == "float16"),
-                                    (spike, config.health.enabled)) if on]
+  guards = [
+    guard
+    for guard, on in ((loss_scale, config.precision.compute_dtype == "float16"), (spike, config.health.enabled))
+    if on
+  ]
   ema_decay = config.optim.ema_decay
 
   def apply_guards(before, proposed, signals: Signals):

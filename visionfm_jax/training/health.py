@@ -81,13 +81,23 @@ class HealthState(flax.struct.PyTreeNode):
   @classmethod
   def create(cls, health_cfg, max_consecutive_skips: int) -> "HealthState":
     window, ring = int(health_cfg.window), max(int(health_cfg.burst_skips), 1)
-    return cls(losses=jnp.zeros((window,), jnp.float32), grad_norms=jnp.zeros((window,), jnp.float32),
-               count=jnp.zeros((), jnp.int32), lowest_mean=jnp.asarray(np.finfo(np.float32).max, jnp.float32),
-               skipped=jnp.zeros((), jnp.int32), recent_skips=jnp.full((ring,), _NEVER, jnp.int32),
-               trigger=jnp.zeros((), jnp.int32), trigger_step=jnp.zeros((), jnp.int32),
-               trigger_loss=jnp.zeros((), jnp.float32), z=float(health_cfg.z), warmup=int(health_cfg.warmup),
-               burst_skips=int(health_cfg.burst_skips), burst_window=int(health_cfg.burst_window),
-               rise=float(health_cfg.rise), stall_after=int(max_consecutive_skips))
+    return cls(
+      losses=jnp.zeros((window,), jnp.float32),
+      grad_norms=jnp.zeros((window,), jnp.float32),
+      count=jnp.zeros((), jnp.int32),
+      lowest_mean=jnp.asarray(np.finfo(np.float32).max, jnp.float32),
+      skipped=jnp.zeros((), jnp.int32),
+      recent_skips=jnp.full((ring,), _NEVER, jnp.int32),
+      trigger=jnp.zeros((), jnp.int32),
+      trigger_step=jnp.zeros((), jnp.int32),
+      trigger_loss=jnp.zeros((), jnp.float32),
+      z=float(health_cfg.z),
+      warmup=int(health_cfg.warmup),
+      burst_skips=int(health_cfg.burst_skips),
+      burst_window=int(health_cfg.burst_window),
+      rise=float(health_cfg.rise),
+      stall_after=int(max_consecutive_skips),
+    )
 
   def _window_stats(self, values, count):
     filled = jnp.arange(values.shape[0]) < jnp.minimum(count, values.shape[0])
@@ -104,8 +114,12 @@ class HealthState(flax.struct.PyTreeNode):
     numbers_finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     loss_mean, loss_std = self._window_stats(self.losses, self.count)
     norm_mean, norm_std = self._window_stats(self.grad_norms, self.count)
-    spike = (self.count >= self.warmup) & numbers_finite & ~overflowed & (
-        (loss > loss_mean + self.z * loss_std) | (grad_norm > norm_mean + self.z * norm_std))
+    spike = (
+      (self.count >= self.warmup)
+      & numbers_finite
+      & ~overflowed
+      & ((loss > loss_mean + self.z * loss_std) | (grad_norm > norm_mean + self.z * norm_std))
+    )
     frozen = self.trigger != 0
     apply = ~overflowed & numbers_finite & ~spike & ~frozen
     health_skip = ~apply & ~overflowed
@@ -127,11 +141,16 @@ class HealthState(flax.struct.PyTreeNode):
     fired = jnp.select([nonfinite, stalled, burst, rise], [3, 4, 1, 2], 0)
     new_trigger = ~frozen & (fired != 0)
     return self.replace(
-        losses=losses, grad_norms=grad_norms, count=count, lowest_mean=lowest,
-        skipped=self.skipped + health_skip.astype(jnp.int32), recent_skips=recent,
-        trigger=jnp.where(new_trigger, fired, self.trigger).astype(jnp.int32),
-        trigger_step=jnp.where(new_trigger, step, self.trigger_step).astype(jnp.int32),
-        trigger_loss=jnp.where(new_trigger, loss, self.trigger_loss)), apply
+      losses=losses,
+      grad_norms=grad_norms,
+      count=count,
+      lowest_mean=lowest,
+      skipped=self.skipped + health_skip.astype(jnp.int32),
+      recent_skips=recent,
+      trigger=jnp.where(new_trigger, fired, self.trigger).astype(jnp.int32),
+      trigger_step=jnp.where(new_trigger, step, self.trigger_step).astype(jnp.int32),
+      trigger_loss=jnp.where(new_trigger, loss, self.trigger_loss),
+    ), apply
 
 
 def create(config, variables=None) -> HealthState | None:
@@ -147,14 +166,19 @@ def guard_step(state, new_state, loss, grad_norm, apply):
   step's metrics). `apply`: whether the fp16 loss scale applies it (True without one); the caller keeps the old
   params and optimizer state where the answer is False."""
   overflowed = ~apply
-  stalled = (new_state.loss_scale.skips_at_min >= state.health.stall_after if state.loss_scale is not None
-             else jnp.asarray(False))
-  health, apply = state.health.observe(state.step + 1, loss, grad_norm, overflowed, stalled,
-                                       fp16=state.loss_scale is not None)
+  stalled = (
+    new_state.loss_scale.skips_at_min >= state.health.stall_after
+    if state.loss_scale is not None
+    else jnp.asarray(False)
+  )
+  health, apply = state.health.observe(
+    state.step + 1, loss, grad_norm, overflowed, stalled, fp16=state.loss_scale is not None
+  )
   return new_state.replace(health=health), apply, {"health/skipped_steps": health.skipped}
 
 
 # ------------------------------------------------------------------------------------------ the loop's side
+
 
 @dataclasses.dataclass(frozen=True)
 class Trigger:
@@ -163,10 +187,12 @@ class Trigger:
   loss: float
 
   def describe(self, health_cfg, max_consecutive_skips: int) -> str:
-    why = {"burst": f"{health_cfg.burst_skips} steps skipped as spikes within {health_cfg.burst_window} steps",
-           "rise": f"the mean loss of the last {health_cfg.window} steps rose above {health_cfg.rise:g}x its lowest",
-           "nonfinite": "a non-finite loss or gradient norm",
-           "stall": f"{max_consecutive_skips} fp16 steps in a row overflowed at the minimum loss scale"}[self.rule]
+    why = {
+      "burst": f"{health_cfg.burst_skips} steps skipped as spikes within {health_cfg.burst_window} steps",
+      "rise": f"the mean loss of the last {health_cfg.window} steps rose above {health_cfg.rise:g}x its lowest",
+      "nonfinite": "a non-finite loss or gradient norm",
+      "stall": f"{max_consecutive_skips} fp16 steps in a row overflowed at the minimum loss scale",
+    }[self.rule]
     return f"step {self.step}, loss {self.loss:.4g}, rule {self.rule} ({why})"
 
 
@@ -174,8 +200,9 @@ def read_trigger(state) -> Trigger | None:
   """The trigger the state carries, as process 0 reads it (every process calls this at the same step and acts
   on the same answer)."""
   # float32, as the gather carries it (without jax_enable_x64): exact for steps below 2^24
-  values = np.array(jax.device_get((state.health.trigger, state.health.trigger_step, state.health.trigger_loss)),
-                    np.float32)
+  values = np.array(
+    jax.device_get((state.health.trigger, state.health.trigger_step, state.health.trigger_loss)), np.float32
+  )
   if jax.process_count() > 1:
     values = np.asarray(multihost_utils.process_allgather(values)).reshape(-1, 3)[0]
   code, step, loss = int(values[0]), int(values[1]), float(values[2])
@@ -184,14 +211,21 @@ def read_trigger(state) -> Trigger | None:
 
 def environment() -> dict:
   """What a run computes on besides its config: compared at a resume, saved in the record."""
-  return {"processes": jax.process_count(), "jax": jax.__version__, "jaxlib": jaxlib.__version__,
-          "device_kind": jax.devices()[0].device_kind}
+  return {
+    "processes": jax.process_count(),
+    "jax": jax.__version__,
+    "jaxlib": jaxlib.__version__,
+    "device_kind": jax.devices()[0].device_kind,
+  }
 
 
 def environment_changes(saved: dict | None, now: dict) -> list[str]:
   """'<what> <old> -> <new>' for each field of `now` that the checkpoint's record (`saved`) holds otherwise."""
-  return [f"{key} {saved[key]} -> {value}" for key, value in now.items()
-          if saved is not None and key in saved and saved[key] != value]
+  return [
+    f"{key} {saved[key]} -> {value}"
+    for key, value in now.items()
+    if saved is not None and key in saved and saved[key] != value
+  ]
 
 
 class Rollbacks:
@@ -209,9 +243,14 @@ class Rollbacks:
     changed = list(changes) + environment_changes(saved.get("environment"), self.environment)
     if start_step and changed:
       self.changes.append({"step": start_step, "what": changed})
-      logging.warning("health: resumed at step %d with %s: no rollback goes past checkpoint %d, and a trigger "
-                      "repeated within %d steps stops the run naming the change", start_step, "; ".join(changed),
-                      start_step, self.cfg.window)
+      logging.warning(
+        "health: resumed at step %d with %s: no rollback goes past checkpoint %d, and a trigger "
+        "repeated within %d steps stops the run naming the change",
+        start_step,
+        "; ".join(changed),
+        start_step,
+        self.cfg.window,
+      )
     self.moved_at_stop: list[str] = []
     self._skipped_seen: int | None = None
 
@@ -219,17 +258,25 @@ class Rollbacks:
     """A console line when steps were skipped since the last logging step."""
     skipped = int(skipped)
     if self._skipped_seen is not None and skipped > self._skipped_seen:
-      logging.warning("health: %d step(s) up to step %d skipped as loss or gradient-norm spikes (above the mean + "
-                      "%g std of the last %d steps); %d so far", skipped - self._skipped_seen, step, self.cfg.z,
-                      self.cfg.window, skipped)
+      logging.warning(
+        "health: %d step(s) up to step %d skipped as loss or gradient-norm spikes (above the mean + "
+        "%g std of the last %d steps); %d so far",
+        skipped - self._skipped_seen,
+        step,
+        self.cfg.z,
+        self.cfg.window,
+        skipped,
+      )
     self._skipped_seen = skipped
 
   def record(self) -> dict:
     return {"rollbacks": self.history, "changes": self.changes, "environment": self.environment}
 
   def counts(self) -> dict[str, float]:
-    return {"health/rollbacks": float(len(self.history)),
-            "health/skipped_examples": float(sum(r["skipped_examples"] for r in self.history))}
+    return {
+      "health/rollbacks": float(len(self.history)),
+      "health/skipped_examples": float(sum(r["skipped_examples"] for r in self.history)),
+    }
 
   def set_aside(self, directory) -> list[str]:
     """The paths of every checkpoint in `directory` that the rollbacks so far (and a stop for a change) moved
@@ -257,37 +304,46 @@ class Rollbacks:
     in_window = change is not None and trigger.step <= floor + self.cfg.window
     last_good = checkpoint.last_good_text(directory, good, vouched)
     if not self.cfg.rollback:
-      raise HealthError(f"health: {what}; stopping (config.health.rollback=False). The last good checkpoint: "
-                        f"{last_good}; lower config.optim.lr or check the data.{self._set_aside_note(directory)}")
+      raise HealthError(
+        f"health: {what}; stopping (config.health.rollback=False). The last good checkpoint: "
+        f"{last_good}; lower config.optim.lr or check the data.{self._set_aside_note(directory)}"
+      )
     if in_window and any(floor < r["step"] <= floor + self.cfg.window for r in self.history):
       assert change is not None  # in_window: after a change
       raise ChangeError(self._blame(what, change, directory), floor)
     if not good:
-      raise HealthError(f"health: {what}; no checkpoint at least config.health.restore_before="
-                        f"{self.cfg.restore_before} steps before it{f' and not before step {floor}' if change else ''} "
-                        f"to roll back to (checkpoints: {steps or 'none'}); stopping."
-                        f"{self._set_aside_note(directory)}")
+      raise HealthError(
+        f"health: {what}; no checkpoint at least config.health.restore_before="
+        f"{self.cfg.restore_before} steps before it{f' and not before step {floor}' if change else ''} "
+        f"to roll back to (checkpoints: {steps or 'none'}); stopping."
+        f"{self._set_aside_note(directory)}"
+      )
     recent = [r["step"] for r in self.history if r["step"] > trigger.step - self.cfg.max_rollbacks_window]
     if len(recent) >= self.cfg.max_rollbacks:
       raise HealthError(
-          f"health: {what}: {len(recent) + 1} rollbacks within {self.cfg.max_rollbacks_window} steps (at steps "
-          f"{', '.join(map(str, recent + [trigger.step]))}; config.health.max_rollbacks={self.cfg.max_rollbacks}); "
-          f"stopping. The last good checkpoint: {last_good}; lower config.optim.lr or check the data."
-          f"{self._set_aside_note(directory)}")
+        f"health: {what}: {len(recent) + 1} rollbacks within {self.cfg.max_rollbacks_window} steps (at steps "
+        f"{', '.join(map(str, recent + [trigger.step]))}; config.health.max_rollbacks={self.cfg.max_rollbacks}); "
+        f"stopping. The last good checkpoint: {last_good}; lower config.optim.lr or check the data."
+        f"{self._set_aside_note(directory)}"
+      )
     return max(good)
 
   def _blame(self, what: str, change: dict, directory) -> str:
-    return (f"health: {what}, within {self.cfg.window} steps of the resume from {directory}/{change['step']} "
-            f"that changed {'; '.join(change['what'])}, after a rollback to it: the likely cause is that change, "
-            f"not the data; stopping. {directory}/{change['step']} was trained before it: resume from it with the "
-            f"old settings (the checkpoints trained since are moved aside).")
+    return (
+      f"health: {what}, within {self.cfg.window} steps of the resume from {directory}/{change['step']} "
+      f"that changed {'; '.join(change['what'])}, after a rollback to it: the likely cause is that change, "
+      f"not the data; stopping. {directory}/{change['step']} was trained before it: resume from it with the "
+      f"old settings (the checkpoints trained since are moved aside)."
+    )
 
   def _set_aside_note(self, directory) -> str:
     paths = self.set_aside(directory)
     if not paths:
       return ""
-    return (f" Moved aside: {', '.join(paths)}; to resume from the newest of them instead: "
-            f"{bring_back_command(paths[-1], directory)}")
+    return (
+      f" Moved aside: {', '.join(paths)}; to resume from the newest of them instead: "
+      f"{bring_back_command(paths[-1], directory)}"
+    )
 
   def roll_back(self, trigger: Trigger, state, checkpointer, data_iterator, position_now: int):
     """Restores the checkpoint of `restore_step` into `state`'s layout and `data_iterator` (the loader, not its
@@ -296,8 +352,9 @@ class Rollbacks:
     step, its state); every process calls it at the same step."""
     checkpointer.wait()
     try:
-      restored = self.restore_step(trigger, checkpointer.all_steps(), checkpointer.directory,
-                                   checkpointer.vouched_steps())
+      restored = self.restore_step(
+        trigger, checkpointer.all_steps(), checkpointer.directory, checkpointer.vouched_steps()
+      )
     except ChangeError as stop:
       self.moved_at_stop = checkpointer.set_aside_after(stop.resume_from, "after_change")
       raise HealthError(f"{stop}{self._set_aside_note(checkpointer.directory)}") from None
@@ -308,12 +365,26 @@ class Rollbacks:
     state = checkpointer.restore(restored, target, data_iterator)
     start = agreed_position(data_iterator.get_state())
     end = data_iterator.skip_to(position_now + self.cfg.skip_margin * self.config.global_batch_size)
-    entry = {"step": trigger.step, "rule": trigger.rule, "loss": trigger.loss, "restored": restored,
-             "skipped_positions": [start, end], "skipped_examples": end - start, "set_aside": moved}
+    entry = {
+      "step": trigger.step,
+      "rule": trigger.rule,
+      "loss": trigger.loss,
+      "restored": restored,
+      "skipped_positions": [start, end],
+      "skipped_examples": end - start,
+      "set_aside": moved,
+    }
     self.history.append(entry)
-    logging.warning("health: rolling back at %s: restored %s/%d, skipping data stream positions %d-%d (%d examples; "
-                    "rollback %d)", trigger.describe(self.cfg, self.config.precision.max_consecutive_skips),
-                    checkpointer.directory, restored, start, end - 1, end - start, len(self.history))
+    logging.warning(
+      "health: rolling back at %s: restored %s/%d, skipping data stream positions %d-%d (%d examples; rollback %d)",
+      trigger.describe(self.cfg, self.config.precision.max_consecutive_skips),
+      checkpointer.directory,
+      restored,
+      start,
+      end - 1,
+      end - start,
+      len(self.history),
+    )
     return restored, state
 
 
@@ -330,8 +401,10 @@ def bring_back_command(set_aside_path: str, directory) -> str:
   step and after move aside (`.superseded`), it takes its step's name back; the next launch resumes from it."""
   step = int(os.path.basename(set_aside_path).split(".", 1)[0])
   folder = shlex.quote(str(directory))
-  return (f'for c in {folder}/*; do s=${{c##*/}}; case $s in *[!0-9]*) ;; *) [ "$s" -ge {step} ] && '
-          f'mv -T "$c" "$c.superseded";; esac; done; mv -T {shlex.quote(set_aside_path)} {folder}/{step}')
+  return (
+    f'for c in {folder}/*; do s=${{c##*/}}; case $s in *[!0-9]*) ;; *) [ "$s" -ge {step} ] && '
+    f'mv -T "$c" "$c.superseded";; esac; done; mv -T {shlex.quote(set_aside_path)} {folder}/{step}'
+  )
 
 
 def agreed_position(data_state) -> int:
@@ -345,8 +418,10 @@ def agreed_position(data_state) -> int:
 
 def check_iterator(data_iterator) -> None:
   if not hasattr(data_iterator, "skip_to"):
-    raise HealthError(f"config.health.enabled: this task's training data ({type(data_iterator).__name__}) cannot "
-                      f"skip ahead in its stream, which a rollback needs; set config.health.rollback=False")
+    raise HealthError(
+      f"config.health.enabled: this task's training data ({type(data_iterator).__name__}) cannot "
+      f"skip ahead in its stream, which a rollback needs; set config.health.rollback=False"
+    )
 
 
 def checkpoint_target(target, config, saved_config: dict | None) -> HealthState | None:

@@ -44,7 +44,7 @@ def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dic
   """The checkpoint's params under `subtree` (re-rooted), renamed to `prefix/<name>`."""
   if subtree:
     start = subtree.strip("/") + "/"
-    source = {n[len(start):]: v for n, v in source.items() if n.startswith(start)}
+    source = {n[len(start) :]: v for n, v in source.items() if n.startswith(start)}
     if not source:
       raise ConfigError(f"config.init_from_subtree={subtree!r}: the checkpoint has no params under it")
   if prefix:
@@ -52,8 +52,16 @@ def place(source: dict[str, Any], *, subtree: str = "", prefix: str = "") -> dic
   return source
 
 
-def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, subtree: str = "",
-          prefix: str = "", skip: str | Sequence[str] = (), origin: str = "the checkpoint") -> dict[str, Any]:
+def adapt(
+  source: dict[str, Any],
+  target: dict[str, tuple[int, ...]],
+  model,
+  *,
+  subtree: str = "",
+  prefix: str = "",
+  skip: str | Sequence[str] = (),
+  origin: str = "the checkpoint",
+) -> dict[str, Any]:
   """Maps the checkpoint's flat params ({path: array}) onto the model's ({path: shape}): `place`, drop the
   pretraining-only params the model lacks, let the model carry params of another resolution (`adapt_checkpoint`);
   ConfigError for other mismatches (`origin` names the checkpoint in it). Params matching a `skip` regex
@@ -62,21 +70,25 @@ def adapt(source: dict[str, Any], target: dict[str, tuple[int, ...]], model, *, 
   start = prefix.strip("/") + "/" if prefix else ""
   if not any(n.startswith(start) for n in target):
     tops = sorted({n.split("/")[0] for n in target})
-    raise ConfigError(f"config.init_from_prefix={prefix!r}: the model has no params under it (its top level: "
-                      f"{', '.join(tops)})")
-  dropped = [n for n in placed if n not in target and PRETRAINING_ONLY.matches(n[len(start):])]
+    raise ConfigError(
+      f"config.init_from_prefix={prefix!r}: the model has no params under it (its top level: {', '.join(tops)})"
+    )
+  dropped = [n for n in placed if n not in target and PRETRAINING_ONLY.matches(n[len(start) :])]
   if dropped:
     logging.info("init_from: dropping the checkpoint's pretraining-only params %s", dropped)
   out = {n: v for n, v in placed.items() if n not in dropped}
   out = _adapted(model, out, target)
   fresh = ParamRules.of_patterns(skip, field="config.init_from_skip")
-  differ = {n: v for n, v in out.items()
-            if n in target and tuple(np.shape(v)) != tuple(target[n]) and not fresh.matches(n)}
+  differ = {
+    n: v for n, v in out.items() if n in target and tuple(np.shape(v)) != tuple(target[n]) and not fresh.matches(n)
+  }
   mismatched = [f"{n}: checkpoint {tuple(np.shape(v))} vs model {tuple(target[n])}" for n, v in differ.items()]
   if mismatched:
-    raise ConfigError(f"{origin}: shapes that cannot be resized: {'; '.join(mismatched)}. Only "
-                      f"ViT position embeddings are resized; set config.init_from_skip to a regex of the params "
-                      f"to initialise fresh (e.g. 'head' for another number of classes).")
+    raise ConfigError(
+      f"{origin}: shapes that cannot be resized: {'; '.join(mismatched)}. Only "
+      f"ViT position embeddings are resized; set config.init_from_skip to a regex of the params "
+      f"to initialise fresh (e.g. 'head' for another number of classes)."
+    )
   return out
 
 
@@ -102,13 +114,21 @@ def load(config, target_params, model):
   user_skip = ParamRules.of_patterns(config.init_from_skip, field="config.init_from_skip")
   user_skip.require_matches([name for name, _ in named_leaves(target_params)])
   skip = fresh_outside(config.init_from_prefix, config.init_from_skip)
-  fn = functools.partial(adapt, model=model, subtree=config.init_from_subtree, prefix=config.init_from_prefix,
-                         skip=skip, origin=f"config.init_from={config.init_from!r}")
-  return stored.load_params(config.init_from, target_params, skip=skip, adapt=fn,
-                                weights=ema.SUBTREE if config.init_from_ema else "params")
+  fn = functools.partial(
+    adapt,
+    model=model,
+    subtree=config.init_from_subtree,
+    prefix=config.init_from_prefix,
+    skip=skip,
+    origin=f"config.init_from={config.init_from!r}",
+  )
+  return stored.load_params(
+    config.init_from, target_params, skip=skip, adapt=fn, weights=ema.SUBTREE if config.init_from_ema else "params"
+  )
 
 
 # ---------------------------------------------------------------------------- model fields of the checkpoint
+
 
 def _sub_fields(fields: dict[str, Any], key: str) -> dict[str, Any] | None:
   """`fields` (a model's config) or its tower `key` completed as the model's builder completes it (image_size,
@@ -125,8 +145,9 @@ def _paired_fields(model_fields: dict[str, Any], source: dict[str, Any], subtree
     key = prefix if isinstance(model_fields.get(prefix), dict) else ""
     pairs = [(key, _sub_fields(model_fields, key), _sub_fields(source, subtree))]
   else:
-    pairs = [("", model_fields, source)] + [(k, _sub_fields(model_fields, k), _sub_fields(source, k))
-                                            for k, v in model_fields.items() if isinstance(v, dict)]
+    pairs = [("", model_fields, source)] + [
+      (k, _sub_fields(model_fields, k), _sub_fields(source, k)) for k, v in model_fields.items() if isinstance(v, dict)
+    ]
   return [(key, ours, theirs) for key, ours, theirs in pairs if ours is not None and theirs is not None]
 
 
@@ -138,12 +159,15 @@ def check_model_fields(config) -> None:
   if not isinstance(source, dict):
     return
   mismatches = []
-  for key, ours, theirs in _paired_fields(config.model.to_dict(), source, config.init_from_subtree,
-                                          config.init_from_prefix):
+  for key, ours, theirs in _paired_fields(
+    config.model.to_dict(), source, config.init_from_subtree, config.init_from_prefix
+  ):
     for field, needed in models.checkpoint_conflicts(ours, theirs).items():
       path = f"config.model.{key + '.' if key else ''}{field}"
-      mismatches.append(f"{path}={_shown(ours.get(field))} but the init_from checkpoint trained with "
-                        f"{_shown(needed)}: set --{path}=\"{_shown(needed)}\"")
+      mismatches.append(
+        f"{path}={_shown(ours.get(field))} but the init_from checkpoint trained with "
+        f'{_shown(needed)}: set --{path}="{_shown(needed)}"'
+      )
   if mismatches:
     raise ConfigError("; ".join(mismatches))
 

@@ -35,8 +35,10 @@ def check_schedule(optim_cfg, total_steps: int) -> None:
   """ConfigError when the schedule cannot be drawn: end_lr above lr (it decays from lr to end_lr), or a warmup
   longer than the run."""
   if optim_cfg.end_lr > optim_cfg.lr:
-    raise ConfigError(f"config.optim.end_lr={optim_cfg.end_lr} exceeds config.optim.lr={optim_cfg.lr}: the "
-                      f"schedule decays from lr to end_lr")
+    raise ConfigError(
+      f"config.optim.end_lr={optim_cfg.end_lr} exceeds config.optim.lr={optim_cfg.lr}: the "
+      f"schedule decays from lr to end_lr"
+    )
   if optim_cfg.warmup_steps > total_steps:
     raise ConfigError(f"config.optim.warmup_steps={optim_cfg.warmup_steps} exceeds config.total_steps={total_steps}")
 
@@ -44,6 +46,7 @@ def check_schedule(optim_cfg, total_steps: int) -> None:
 class Anchor(NamedTuple):
   """Where the schedule of a resumed run decays from: the step and the rate the run had reached there
   (training/resume.py sets one when a resume changes the schedule's length)."""
+
   step: int
   lr: float
 
@@ -54,8 +57,12 @@ def schedule(optim_cfg, total_steps: int, anchor: Anchor | None = None) -> optax
   From `anchor.step` on, a cosine from `anchor.lr` to end_lr at total_steps: the rate goes on from where it was
   instead of jumping to the new schedule's value at that step."""
   base = optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=optim_cfg.warmup_steps,
-      decay_steps=max(total_steps, optim_cfg.warmup_steps + 1), end_value=optim_cfg.end_lr)
+    init_value=0.0,
+    peak_value=optim_cfg.lr,
+    warmup_steps=optim_cfg.warmup_steps,
+    decay_steps=max(total_steps, optim_cfg.warmup_steps + 1),
+    end_value=optim_cfg.end_lr,
+  )
   if anchor is None:
     return base
   start, start_lr, end_lr = anchor.step, anchor.lr, optim_cfg.end_lr
@@ -65,6 +72,7 @@ def schedule(optim_cfg, total_steps: int, anchor: Anchor | None = None) -> optax
     fraction = jnp.clip((count - start) / length, 0.0, 1.0)
     cosine = end_lr + (start_lr - end_lr) * 0.5 * (1.0 + jnp.cos(jnp.pi * fraction))
     return jnp.where(count < start, base(count), cosine)
+
   return resumed
 
 
@@ -87,18 +95,22 @@ def decay_mask_fn(no_decay: tuple[str, ...]):
 
 # ------------------------------------------------------------------------------------------ layer ids
 
+
 def layer_ids(model, names) -> tuple[dict[str, int | np.ndarray], int]:
   """{name: layer id} of the params `names` as the model numbers them (models/backbone.py: BEiT's numbering,
   embeddings 0, block i i + 1, final norm and heads L + 1) and L, the number of blocks. ConfigError for a model
   without layer ids (one that has no backbone, or several towers of blocks: CLIP, Aurora)."""
   numbered = models.layer_ids(model, names)
   if numbered is None:
-    raise ConfigError(f"config.optim.layer_decay needs a model with one ViT or SwinV2 backbone; a "
-                      f"{type(model).__name__} has no layer ids")
+    raise ConfigError(
+      f"config.optim.layer_decay needs a model with one ViT or SwinV2 backbone; a "
+      f"{type(model).__name__} has no layer ids"
+    )
   return numbered
 
 
 # ------------------------------------------------------------------------------------ rules per param
+
 
 def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) -> dict[str, float | np.ndarray]:
   """The factor each param's update is scaled by: decay^(L + 1 - layer) (`layer_ids` of `model`) times the first
@@ -118,8 +130,9 @@ def lr_multipliers(optim_cfg, shapes: dict[str, tuple[int, ...]], model=None) ->
   return out
 
 
-def scale_by_multipliers(multipliers: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]]
-                         ) -> optax.GradientTransformation:
+def scale_by_multipliers(
+  multipliers: Callable[[dict[str, tuple[int, ...]]], dict[str, Any]],
+) -> optax.GradientTransformation:
   """Multiplies each update by `multipliers({path: shape})[path]` (a float, or an array that broadcasts)."""
 
   def init(params):
@@ -135,6 +148,7 @@ def scale_by_multipliers(multipliers: Callable[[dict[str, tuple[int, ...]]], dic
     def scale(name, u):
       m = mults[name]
       return u if isinstance(m, float) and m == 1.0 else u * np.asarray(m, u.dtype)
+
     return jax.tree_util.tree_unflatten(treedef, [scale(n, u) for n, (_, u) in zip(names, flat)]), state
 
   return optax.GradientTransformation(init, update)
@@ -174,6 +188,7 @@ def zero_frozen_grads_fn(freeze: tuple[str, ...]):
 
 # ---------------------------------------------------------------------------------------- the optimizer
 
+
 def fresh_optimizer(config, model=None) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """(optimizer, its schedule) of a run from step 0, without a resume anchor: what the benchmarks, plans and
   summaries compile (a training run takes its schedule from its run plan)."""
@@ -189,14 +204,24 @@ def make_optimizer(optim_cfg, lr_schedule: optax.Schedule, model=None) -> optax.
   clip = [optax.clip_by_global_norm(optim_cfg.clip_norm)] if optim_cfg.clip_norm else []
   mask = decay_mask_fn(tuple(optim_cfg.no_decay))
   if not fine_tuning:
-    return optax.chain(*clip, optax.adamw(lr_schedule, b1=optim_cfg.b1, b2=optim_cfg.b2,
-                                          eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=mask))
-  step = optax.chain(*clip, optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
-                     optax.add_decayed_weights(optim_cfg.weight_decay, mask))
+    return optax.chain(
+      *clip,
+      optax.adamw(
+        lr_schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay, mask=mask
+      ),
+    )
+  step = optax.chain(
+    *clip,
+    optax.scale_by_adam(b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps),
+    optax.add_decayed_weights(optim_cfg.weight_decay, mask),
+  )
   if optim_cfg.freeze:
     step = optax.partition({"train": step, "frozen": optax.set_to_zero()}, freeze_labels_fn(tuple(optim_cfg.freeze)))
-  return optax.chain(step, scale_by_multipliers(lambda shapes: lr_multipliers(optim_cfg, shapes, model)),
-                     optax.scale_by_learning_rate(lr_schedule))
+  return optax.chain(
+    step,
+    scale_by_multipliers(lambda shapes: lr_multipliers(optim_cfg, shapes, model)),
+    optax.scale_by_learning_rate(lr_schedule),
+  )
 
 
 def learning_rate(lr_schedule: optax.Schedule, opt_state) -> jax.Array:

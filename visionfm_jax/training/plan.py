@@ -53,8 +53,13 @@ class RunPlan:
 
   def as_json(self) -> dict:
     """plan.json: the anchor, the accepted changes, the mesh and the devices."""
-    return dict(schedule_anchor=self.anchor_record(), resume_changes=list(self.resume_changes), mesh=self.mesh,
-                devices=self.num_devices, processes=self.num_processes)
+    return dict(
+      schedule_anchor=self.anchor_record(),
+      resume_changes=list(self.resume_changes),
+      mesh=self.mesh,
+      devices=self.num_devices,
+      processes=self.num_processes,
+    )
 
   def write(self, workdir: str, start_step: int) -> None:
     """config.json (the latest launch's config as the user gave it), config.<start_step>.json (this launch's,
@@ -70,6 +75,13 @@ def make(config: ml_collections.ConfigDict, checkpoint_dir: str, num_devices: in
   checkpoint does not take this config: training/resume.py)."""
   changes, anchor = resume.check_changes(config, checkpoint_dir)
   mesh = parallel.mesh_shape(config.mesh, num_devices)
-  return RunPlan(config=config, anchor=anchor, lr_schedule=optim.schedule(config.optim, config.total_steps, anchor),
-                 resume_changes=tuple(changes), mesh=mesh, batch=parallel.BatchGeometry.of(config, mesh, num_processes),
-                 num_devices=num_devices, num_processes=num_processes)
+  return RunPlan(
+    config=config,
+    anchor=anchor,
+    lr_schedule=optim.schedule(config.optim, config.total_steps, anchor),
+    resume_changes=tuple(changes),
+    mesh=mesh,
+    batch=parallel.BatchGeometry.of(config, mesh, num_processes),
+    num_devices=num_devices,
+    num_processes=num_processes,
+  )

@@ -24,26 +24,36 @@ class DynamicScale(flax.struct.PyTreeNode):
 
   @classmethod
   def create(cls, init_scale: float, period: int, min_scale: float) -> "DynamicScale":
-    return cls(scale=jnp.asarray(init_scale, jnp.float32), good_steps=jnp.zeros((), jnp.int32),
-               skipped=jnp.zeros((), jnp.int32), skips_at_min=jnp.zeros((), jnp.int32), period=period,
-               min_scale=min_scale)
+    return cls(
+      scale=jnp.asarray(init_scale, jnp.float32),
+      good_steps=jnp.zeros((), jnp.int32),
+      skipped=jnp.zeros((), jnp.int32),
+      skips_at_min=jnp.zeros((), jnp.int32),
+      period=period,
+      min_scale=min_scale,
+    )
 
   def update(self, finite: jax.Array) -> "DynamicScale":
     grow = finite & (self.good_steps + 1 >= self.period)
-    scale = jnp.where(finite, jnp.where(grow, self.scale * 2.0, self.scale),
-                      jnp.maximum(self.scale * 0.5, self.min_scale))
+    scale = jnp.where(
+      finite, jnp.where(grow, self.scale * 2.0, self.scale), jnp.maximum(self.scale * 0.5, self.min_scale)
+    )
     good = jnp.where(finite & ~grow, self.good_steps + 1, 0)
     at_min = ~finite & (self.scale <= self.min_scale)
-    return self.replace(scale=scale, good_steps=good.astype(jnp.int32),
-                        skipped=self.skipped + (~finite).astype(jnp.int32),
-                        skips_at_min=jnp.where(at_min, self.skips_at_min + 1, 0).astype(jnp.int32))
+    return self.replace(
+      scale=scale,
+      good_steps=good.astype(jnp.int32),
+      skipped=self.skipped + (~finite).astype(jnp.int32),
+      skips_at_min=jnp.where(at_min, self.skips_at_min + 1, 0).astype(jnp.int32),
+    )
 
 
 def maybe_loss_scale(precision_cfg) -> DynamicScale | None:
   if precision_cfg.compute_dtype != "float16":
     return None
-  return DynamicScale.create(precision_cfg.loss_scale_init, precision_cfg.loss_scale_period,
-                             precision_cfg.loss_scale_min)
+  return DynamicScale.create(
+    precision_cfg.loss_scale_init, precision_cfg.loss_scale_period, precision_cfg.loss_scale_min
+  )
 
 
 def create(config, variables) -> DynamicScale | None:
@@ -67,8 +77,11 @@ def adopt(state, resumed) -> DynamicScale | None:
   fresh = maybe_loss_scale(precision_cfg)
   if fresh is None or state.loss_scale is not None:
     return state.loss_scale
-  logging.warning("%s has no fp16 loss scale: config.precision.compute_dtype=float16 starts one at %g",
-                  resumed.where, precision_cfg.loss_scale_init)
+  logging.warning(
+    "%s has no fp16 loss scale: config.precision.compute_dtype=float16 starts one at %g",
+    resumed.where,
+    precision_cfg.loss_scale_init,
+  )
   return jax.device_put(fresh, resumed.shardings.loss_scale)
 
 

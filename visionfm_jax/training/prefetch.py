@@ -19,7 +19,6 @@ from visionfm_jax.parallel import host_to_global
 
 
 class DevicePrefetch:
-
   def __init__(self, iterator, sharding: NamedSharding, depth: int):
     self._it, self._sharding, self._depth = iterator, sharding, depth
     self._buffer: collections.deque[tuple[dict, bytes, int | None, int | None]] = collections.deque()

@@ -62,25 +62,36 @@ def check_changes(config: ml_collections.ConfigDict, checkpoint_dir: str) -> tup
   config_json = as_json(config)
   changes = config_lib.resume_changes(saved, config_json)
   if changes[config_lib.REFUSED]:
-    raise ConfigError(_foreign_step_refusal(checkpoint_dir, step, config_json, changes[config_lib.REFUSED]) or
-                      f"cannot resume {where}: it was trained with another model, task, precision or data: "
-                      f"{_listed(changes[config_lib.REFUSED])}; give this run another --workdir (with "
-                      f"config.init_from=<this workdir> to start from its weights)")
+    raise ConfigError(
+      _foreign_step_refusal(checkpoint_dir, step, config_json, changes[config_lib.REFUSED])
+      or f"cannot resume {where}: it was trained with another model, task, precision or data: "
+      f"{_listed(changes[config_lib.REFUSED])}; give this run another --workdir (with "
+      f"config.init_from=<this workdir> to start from its weights)"
+    )
   schedule = changes[config_lib.OPT_IN]
   unasked = [path for path, _, _ in schedule if path not in config_lib.allowed_changes(config)]
   if unasked:
-    raise ConfigError(f"resuming {where} with a changed schedule or optimiser: {_listed(schedule)}; to continue "
-                      f"with these, pass --config.resume.allow_changes={','.join(p for p, _, _ in schedule)}")
+    raise ConfigError(
+      f"resuming {where} with a changed schedule or optimiser: {_listed(schedule)}; to continue "
+      f"with these, pass --config.resume.allow_changes={','.join(p for p, _, _ in schedule)}"
+    )
   changed = {path for path, _, _ in schedule}
   if config.total_steps <= step and "total_steps" in changed:
-    raise ConfigError(f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing "
-                      f"would be trained")
+    raise ConfigError(
+      f"config.total_steps={config.total_steps} is at or below the step of {where}: nothing would be trained"
+    )
   record = checkpoint.saved_schedule_anchor(checkpoint_dir, step)
   saved_anchor = optim.Anchor(record["step"], record["lr"]) if record is not None else None
   anchor = _anchor(config_json, saved, saved_anchor, step, changed)
   if schedule:
-    logging.warning("resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g", where,
-                    _listed(schedule), step, _lr_at(saved, step, saved_anchor), _lr_at(config_json, step, anchor))
+    logging.warning(
+      "resuming %s with %s (config.resume.allow_changes); train/lr at step %d: %.3g -> %.3g",
+      where,
+      _listed(schedule),
+      step,
+      _lr_at(saved, step, saved_anchor),
+      _lr_at(config_json, step, anchor),
+    )
   return _described(schedule), anchor
 
 
@@ -91,11 +102,18 @@ def _accept_missing_config(config: ml_collections.ConfigDict, checkpoint_dir: st
   where, why = f"{checkpoint_dir}/{step}", checkpoint.missing_config(checkpoint_dir, step)
   allowed = config_lib.allowed_changes(config)
   if config_lib.MISSING_CONFIG not in allowed:
-    raise ConfigError(f"cannot resume {where}: {why}, so this run's config cannot be compared with the one it "
-                      f"trained with; restore that file, or pass --config.resume.allow_changes="
-                      f"{','.join([*allowed, config_lib.MISSING_CONFIG])} to resume it unchecked")
-  logging.warning("resuming %s, which carries no config (%s), unchecked (config.resume.allow_changes=%s): this "
-                  "run's config is not compared with it", where, why, config_lib.MISSING_CONFIG)
+    raise ConfigError(
+      f"cannot resume {where}: {why}, so this run's config cannot be compared with the one it "
+      f"trained with; restore that file, or pass --config.resume.allow_changes="
+      f"{','.join([*allowed, config_lib.MISSING_CONFIG])} to resume it unchecked"
+    )
+  logging.warning(
+    "resuming %s, which carries no config (%s), unchecked (config.resume.allow_changes=%s): this "
+    "run's config is not compared with it",
+    where,
+    why,
+    config_lib.MISSING_CONFIG,
+  )
 
 
 def _foreign_step_refusal(checkpoint_dir: str, step: int, config_json: dict, refused) -> str | None:
@@ -107,13 +125,16 @@ def _foreign_step_refusal(checkpoint_dir: str, step: int, config_json: dict, ref
   if before is None or config_lib.resume_changes(before, config_json)[config_lib.REFUSED]:
     return None
   where, previous = f"{checkpoint_dir}/{step}", f"{checkpoint_dir}/{earlier[-1]}"
-  return (f"cannot resume {where}: another run saved it, with another model, task, precision or data than this "
-          f"run and {previous} before it: {_listed(refused)}; move it aside (mv -T {where} {where}.foreign) to "
-          f"resume from {previous}")
+  return (
+    f"cannot resume {where}: another run saved it, with another model, task, precision or data than this "
+    f"run and {previous} before it: {_listed(refused)}; move it aside (mv -T {where} {where}.foreign) to "
+    f"resume from {previous}"
+  )
 
 
-def _anchor(config_json: dict, saved: dict, saved_anchor: optim.Anchor | None, step: int, changed: set[str]
-            ) -> optim.Anchor | None:
+def _anchor(
+  config_json: dict, saved: dict, saved_anchor: optim.Anchor | None, step: int, changed: set[str]
+) -> optim.Anchor | None:
   """The rate the checkpoint's run had reached at `step` when the schedule's length changed (total_steps,
   warmup_steps, end_lr) past the warmup; None when a new optim.lr asks for the new schedule as it is;
   otherwise the checkpoint's own anchor (`saved_anchor`), if any, carries on."""

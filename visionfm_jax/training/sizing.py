@@ -27,8 +27,11 @@ def fill(config) -> list[str] | None:
   if config_lib.is_sized(config, config_lib.NUM_CLASSES):
     names = _class_names(config)
     shown = ", ".join(names[:5]) + (", ..." if len(names) > 5 else "")
-    lines.append(config_lib.fill_value(config, config_lib.NUM_CLASSES, len(names),
-                                       f"the classes of {sources.training_what(config.data)} ({shown})"))
+    lines.append(
+      config_lib.fill_value(
+        config, config_lib.NUM_CLASSES, len(names), f"the classes of {sources.training_what(config.data)} ({shown})"
+      )
+    )
   if any(config_lib.is_sized(config, path) for path in config_lib.MACHINE_FIELDS):  # the steps' rules read them
     lines += config_lib.fill_machine(config, accelerator(), _flops_per_example)
   lines += config_lib.fill_steps(config) + config_lib.fill_zeroshot(config)
@@ -73,5 +76,7 @@ def _class_names(config) -> list[str]:
   try:
     return data.train_class_names(config.data)
   except DataError as e:
-    raise ConfigError(f"config.model.num_classes={config_lib.SIZED} takes the class count from the training "
-                      f"data's dataset.json, but {e}; set --config.model.num_classes=") from e
+    raise ConfigError(
+      f"config.model.num_classes={config_lib.SIZED} takes the class count from the training "
+      f"data's dataset.json, but {e}; set --config.model.num_classes="
+    ) from e

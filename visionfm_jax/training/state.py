@@ -46,6 +46,7 @@ class TrainState(flax.struct.PyTreeNode):
 class Resumed(NamedTuple):
   """What a restored part is fitted to: this run's config, the config its checkpoint trained with (the JSON dict;
   None: one saved without it), the run's state shardings and the checkpoint's path (for the log lines)."""
+
   config: ml_collections.ConfigDict
   saved_config: dict | None
   shardings: Any
@@ -65,6 +66,7 @@ class StatePart:
   as_opt_state                                 laid out as the optimizer state (a tree in the params' shapes,
                                                parallel/sharding.py), else whole on every device
   """
+
   field: str
   create: Callable[[ml_collections.ConfigDict, Any], Any]
   checkpoint_target: Callable[[Any, ml_collections.ConfigDict, dict | None], Any]
@@ -74,10 +76,10 @@ class StatePart:
 
 
 PARTS: tuple[StatePart, ...] = (
-    StatePart("loss_scale", precision.create, precision.checkpoint_target, precision.adopt),
-    StatePart("health", health.create, health.checkpoint_target, health.adopt),
-    StatePart("ema_params", ema.create, ema.checkpoint_target, ema.adopt, ema.follow_params, as_opt_state=True),
-    StatePart("fp8_history", fp8_history.create, fp8_history.checkpoint_target, fp8_history.adopt),
+  StatePart("loss_scale", precision.create, precision.checkpoint_target, precision.adopt),
+  StatePart("health", health.create, health.checkpoint_target, health.adopt),
+  StatePart("ema_params", ema.create, ema.checkpoint_target, ema.adopt, ema.follow_params, as_opt_state=True),
+  StatePart("fp8_history", fp8_history.create, fp8_history.checkpoint_target, fp8_history.adopt),
 )
 
 
@@ -89,8 +91,7 @@ def created(config, variables) -> dict[str, Any]:
 def checkpoint_target(target, config, saved_config: dict | None):
   """`target` (the state of this run's config) with each part in the layout of a checkpoint trained with
   `saved_config`."""
-  return target.replace(**{part.field: part.checkpoint_target(target, config, saved_config)
-                           for part in PARTS})
+  return target.replace(**{part.field: part.checkpoint_target(target, config, saved_config) for part in PARTS})
 
 
 def adopted(state, resumed: Resumed):

@@ -30,8 +30,9 @@ def make_init_fn(task: tasks.Task, tx: optax.GradientTransformation, config) -> 
     with models.layers.rolled_stacks(), task.training_gemms():
       variables = task.init_variables(rng)
     params = variables["params"]
-    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
-                      **state_lib.created(config, variables))
+    return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), **state_lib.created(config, variables)
+    )
 
   return init
 
@@ -45,8 +46,9 @@ def abstract_state(init_fn):
 
 def state_shardings(init_fn, mesh, config):
   """(abstract unboxed state, its NamedShardings, its PartitionSpecs), from shapes only (no allocation)."""
-  specs = parallel.state_specs(abstract_state(init_fn), dict(mesh.shape), config.strategy,
-                               config.optimizer_over_data, config.sharding.overrides)
+  specs = parallel.state_specs(
+    abstract_state(init_fn), dict(mesh.shape), config.strategy, config.optimizer_over_data, config.sharding.overrides
+  )
   shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
   return unbox(abstract_state(init_fn)), shardings, specs
 
@@ -60,13 +62,18 @@ def jit_init(init_fn, shardings):
   """rng -> boxed state laid out by `shardings`: `init_fn` itself jitted, its output boxed as `abstract_state` saw
   it, so that JAX reuses the trace `abstract_state` made (traces are cached by function) instead of tracing the
   model's init a second time."""
-  boxed_shardings = jax.tree.map(lambda box, s: box.replace_boxed(s) if isinstance(box, Partitioned) else s,
-                                 abstract_state(init_fn), shardings, is_leaf=lambda x: isinstance(x, Partitioned))
+  boxed_shardings = jax.tree.map(
+    lambda box, s: box.replace_boxed(s) if isinstance(box, Partitioned) else s,
+    abstract_state(init_fn),
+    shardings,
+    is_leaf=lambda x: isinstance(x, Partitioned),
+  )
   return jax.jit(init_fn, out_shardings=boxed_shardings)
 
 
-def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, mesh,
-                    lr_schedule: optax.Schedule):
+def make_train_step(
+  task: tasks.Task, tx: optax.GradientTransformation, config, grad_shardings, mesh, lr_schedule: optax.Schedule
+):
   """The train step; `mesh`: the run's, where each device may accumulate its own gradients (`grads.of_batch`);
   `lr_schedule`: the one `tx` applies, read at the optimizer's count for the logged train/lr."""
   base_rng = jax.random.key(config.seed)
@@ -81,31 +88,45 @@ def make_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, 
       if fp8_history is None:
         grads, loss, aux = grads_lib.of_batch(task, state.params, batch, rng, scale, grad_shardings, config, mesh)
       else:
-        grads, loss, aux, fp8_history = grads_lib.with_amax_histories(task, state.params, fp8_history, batch, rng,
-                                                                     scale, grad_shardings)
+        grads, loss, aux, fp8_history = grads_lib.with_amax_histories(
+          task, state.params, fp8_history, batch, rng, scale, grad_shardings
+        )
     grads = zero_frozen(jax.tree.map(lambda g: g / scale, grads))
     grad_norm = optax.tree.norm(grads)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    proposed = state.replace(step=state.step + 1, params=task.post_update(optax.apply_updates(state.params, updates)),
-                             opt_state=opt_state, fp8_history=fp8_history)
+    proposed = state.replace(
+      step=state.step + 1,
+      params=task.post_update(optax.apply_updates(state.params, updates)),
+      opt_state=opt_state,
+      fp8_history=fp8_history,
+    )
     new_state, guard_metrics = apply_guards(state, proposed, guards.Signals(loss, grad_norm, grads))
-    out = {"train/loss": loss, "train/grad_norm": grad_norm,
-           "train/lr": optim.learning_rate(lr_schedule, state.opt_state), **aux, **guard_metrics}
+    out = {
+      "train/loss": loss,
+      "train/grad_norm": grad_norm,
+      "train/lr": optim.learning_rate(lr_schedule, state.opt_state),
+      **aux,
+      **guard_metrics,
+    }
     return new_state, out
 
   return train_step
 
 
-def jit_train_step(task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings,
-                   lr_schedule: optax.Schedule):
+def jit_train_step(
+  task: tasks.Task, tx: optax.GradientTransformation, config, mesh, init_fn, shardings, lr_schedule: optax.Schedule
+):
   """The jitted train step of `run`: state laid out by `shardings` (and donated), the batch split over
   (data, fsdp), gradients constrained to `grad_specs`. Call or lower it under `parallel.activation_sharding(mesh)`."""
   boxed_params = abstract_state(init_fn).params
   specs = parallel.grad_specs(boxed_params, dict(mesh.shape), config.strategy, config.sharding.overrides)
   grad_shardings = jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
-  return jax.jit(make_train_step(task, tx, config, grad_shardings, mesh, lr_schedule),
-                 in_shardings=(shardings, parallel.batch_sharding(mesh)), out_shardings=(shardings, None),
-                 donate_argnums=0)
+  return jax.jit(
+    make_train_step(task, tx, config, grad_shardings, mesh, lr_schedule),
+    in_shardings=(shardings, parallel.batch_sharding(mesh)),
+    out_shardings=(shardings, None),
+    donate_argnums=0,
+  )
 
 
 def compile_train_step(config, mesh, batch, task: tasks.Task | None = None):

@@ -81,6 +81,7 @@ class Stored:
   """A model on disk at `path` (absolute) of layout `kind` (`_kind`); `config_json` is its config.json as read
   once here (a run's config, or a transformers folder's), None with `config_error` saying why when it has none
   that reads as JSON."""
+
   path: str
   kind: str | None
   config_json: Any = None
@@ -127,13 +128,16 @@ class Stored:
     newest without `step`) with their digests checked."""
     if self.kind == IMPORT and step is None:
       if weights != "params":
-        raise CheckpointError(f"{self.path!r} is a tools.import_hf directory: it holds one set of params and no "
-                              f"EMA of them ({weights})")
+        raise CheckpointError(
+          f"{self.path!r} is a tools.import_hf directory: it holds one set of params and no EMA of them ({weights})"
+        )
       return checkpoint.restore_on_host(epath.Path(self.path) / PARAMS)
     steps = self.steps()
     if not steps:
-      raise CheckpointError(f"{argument}={self.path!r}: no 'params' directory (tools.import_hf) and no training "
-                            f"checkpoints (numbered step directories) found there")
+      raise CheckpointError(
+        f"{argument}={self.path!r}: no 'params' directory (tools.import_hf) and no training "
+        f"checkpoints (numbered step directories) found there"
+      )
     if step is not None and step not in steps:
       raise CheckpointError(f"{argument}={self.path!r}: no checkpoint of step {step}; steps there: {steps}")
     step_dir = self.step_dir(steps[-1] if step is None else step)
@@ -141,11 +145,13 @@ class Stored:
       params = checkpoint.restore_on_host(step_dir / "state", weights)
     except Exception as e:  # pylint: disable=broad-except  # orbax reports unreadable files in many ways
       raise checkpoint.DamagedCheckpointError(
-          f"checkpoint {step_dir}: cannot read its {weights}: {checkpoint.first_line(e)}") from e
+        f"checkpoint {step_dir}: cannot read its {weights}: {checkpoint.first_line(e)}"
+      ) from e
     if params is None:
       if weights != "params":
-        raise CheckpointError(f"{str(step_dir)!r} holds no EMA of the params ({weights}): its run "
-                              f"trained with config.optim.ema_decay=0")
+        raise CheckpointError(
+          f"{str(step_dir)!r} holds no EMA of the params ({weights}): its run trained with config.optim.ema_decay=0"
+        )
       raise CheckpointError(f"{argument}={self.path!r}: step {step_dir.name} holds no 'params'")
     checkpoint.check_digests(step_dir, params, f"checkpoint {step_dir} is corrupt", subtree=weights)
     return params
@@ -170,8 +176,12 @@ def warn_of_damaged_parts(path: str, step: int, read: str = "params") -> list[st
     if why:
       failures.append(f"{part} ({why})")
   if failures:
-    logging.warning("checkpoint %s: its %s are intact, not its %s; a resume skips this checkpoint as unreadable",
-                    step_dir, read, "; ".join(failures))
+    logging.warning(
+      "checkpoint %s: its %s are intact, not its %s; a resume skips this checkpoint as unreadable",
+      step_dir,
+      read,
+      "; ".join(failures),
+    )
   return failures
 
 
@@ -179,9 +189,16 @@ def _flatten(tree) -> dict[str, Any]:
   return {path_str(p): v for p, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
-def load_params(path: epath.PathLike, target_params, *, skip: str | Sequence[str] = (), step: int | None = None,
-                adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None,
-                weights: str = "params", argument: str = "init_from"):
+def load_params(
+  path: epath.PathLike,
+  target_params,
+  *,
+  skip: str | Sequence[str] = (),
+  step: int | None = None,
+  adapt: Callable[[dict[str, Any], dict[str, tuple[int, ...]]], dict[str, Any]] | None = None,
+  weights: str = "params",
+  argument: str = "init_from",
+):
   """Loads params from `path` into the structure, shapes and shardings of `target_params`.
 
   `weights`: the train state's subtree to read from a training checkpoint, 'params' or 'ema_params' (their EMA,
@@ -216,16 +233,21 @@ def load_params(path: epath.PathLike, target_params, *, skip: str | Sequence[str
   kept = {n for n in names if not fresh.matches(n)}
   missing = sorted(kept - set(source))
   unexpected = sorted(set(source) - set(names))
-  mismatched = sorted(f"{n}: checkpoint {tuple(np.shape(source[n]))} vs model {tuple(v.shape)}"
-                      for n, (_, v) in zip(names, target_flat) if n in kept and n in source
-                      and tuple(np.shape(source[n])) != tuple(v.shape))
+  mismatched = sorted(
+    f"{n}: checkpoint {tuple(np.shape(source[n]))} vs model {tuple(v.shape)}"
+    for n, (_, v) in zip(names, target_flat)
+    if n in kept and n in source and tuple(np.shape(source[n])) != tuple(v.shape)
+  )
   if missing or unexpected or mismatched:
+
     def show(xs):
       return ", ".join(xs[:8]) + (f" ... ({len(xs)} in all)" if len(xs) > 8 else "")
+
     raise CheckpointError(
-        f"init_from={str(path)!r} does not match the model: missing {show(missing) or 'none'}; unexpected "
-        f"{show(unexpected) or 'none'}; shape mismatch {show(mismatched) or 'none'}. Set config.init_from_skip "
-        f"to a regex of params to initialise fresh.")
+      f"init_from={str(path)!r} does not match the model: missing {show(missing) or 'none'}; unexpected "
+      f"{show(unexpected) or 'none'}; shape mismatch {show(mismatched) or 'none'}. Set config.init_from_skip "
+      f"to a regex of params to initialise fresh."
+    )
   leaves = []
   for n, (_, v) in zip(names, target_flat):
     if n in kept:

@@ -47,8 +47,9 @@ class NonFiniteLossError(UserError):
   pass
 
 
-def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False,
-        class_names: list[str] | None = None) -> dict[str, float]:
+def run(
+  config: ml_collections.ConfigDict, workdir: str, *, validated: bool = False, class_names: list[str] | None = None
+) -> dict[str, float]:
   """Trains per `config` in `workdir`, resuming from its newest checkpoint, holding the workdir's lock (a
   WorkdirError when another run holds it). Returns the last metrics. `config` is only read; it is checked here
   (training/checks.py), or only against the devices when `validated` says the caller has checked the rest
@@ -69,20 +70,29 @@ def run(config: ml_collections.ConfigDict, workdir: str, *, validated: bool = Fa
   return last
 
 
-def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None,
-              interrupt: faults.Interrupt) -> dict[str, float]:
+def _train_in(
+  run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] | None, interrupt: faults.Interrupt
+) -> dict[str, float]:
   config = run_plan.config
   checkpoint_dir = stored.checkpoints_dir(workdir)
   mesh = parallel.make_mesh(run_plan.mesh)
-  logging.info("mesh %s, strategy %s, %d process%s", run_plan.mesh, config.strategy, jax.process_count(),
-               "es" if jax.process_count() > 1 else "")
+  logging.info(
+    "mesh %s, strategy %s, %d process%s",
+    run_plan.mesh,
+    config.strategy,
+    jax.process_count(),
+    "es" if jax.process_count() > 1 else "",
+  )
   task = tasks.build(config, mesh, class_names)
   task.check_training_devices()
-  checks.check_naflex_budget(config, run_plan.batch.micro_batch_per_device, checks.device_memory_bytes(),
-                            class_names)
+  checks.check_naflex_budget(config, run_plan.batch.micro_batch_per_device, checks.device_memory_bytes(), class_names)
   # Open the data first: a missing dataset fails in seconds, before any state is built.
-  loader = task.train_loader(batch_size=run_plan.batch.per_process, seed=config.seed,
-                             process_index=jax.process_index(), process_count=jax.process_count())
+  loader = task.train_loader(
+    batch_size=run_plan.batch.per_process,
+    seed=config.seed,
+    process_index=jax.process_index(),
+    process_count=jax.process_count(),
+  )
   train_iter = iter(loader)
   # The evaluators open their sources (zero-shot, retrieval, probe) when built: those fail fast too, before the
   # workdir records the data (a run stopped here leaves a new workdir empty, and so removed).
@@ -97,10 +107,13 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
     abstract, shardings, _ = step_lib.state_shardings(init_fn, mesh, config)
     _log_plan(config, abstract, workdir)
     workdir_lib.check_storage(checkpoint_dir, workdir_lib.tree_bytes(abstract), workdir)
-    checkpointer = checkpoint.Checkpointer(checkpoint_dir, keep=config.keep_checkpoints,
-                                           keep_period=config.checkpoint_keep_period,
-                                           run_config=run_plan.trained_config(),
-                                           schedule_anchor=run_plan.anchor_record())
+    checkpointer = checkpoint.Checkpointer(
+      checkpoint_dir,
+      keep=config.keep_checkpoints,
+      keep_period=config.checkpoint_keep_period,
+      run_config=run_plan.trained_config(),
+      schedule_anchor=run_plan.anchor_record(),
+    )
     state = _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, task.model)
     start_step = interrupt.step = int(jax.device_get(state.step))
     if jax.process_index() == 0:  # once the resume check has accepted the config
@@ -111,8 +124,20 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
     rollbacks = _rollbacks(config, state, checkpointer, start_step, train_iter, list(run_plan.resume_changes))
     final = None
     try:
-      last = _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer,
-                   writer, task, rollbacks, interrupt)
+      last = _loop(
+        config,
+        state,
+        start_step,
+        train_step,
+        train_iter,
+        batch_sharding,
+        evaluation,
+        checkpointer,
+        writer,
+        task,
+        rollbacks,
+        interrupt,
+      )
       checkpointer.close()
       if writer.failure is not None:  # the last steps' metrics, written after the loop's last agreed point
         raise writer.failure
@@ -122,8 +147,20 @@ def _train_in(run_plan: plan_lib.RunPlan, workdir: str, class_names: list[str] |
   return last
 
 
-def _loop(config, state, start_step, train_step, train_iter, batch_sharding, evaluation, checkpointer, writer,
-          task, rollbacks: health.Rollbacks | None, interrupt: faults.Interrupt) -> dict[str, float]:
+def _loop(
+  config,
+  state,
+  start_step,
+  train_step,
+  train_iter,
+  batch_sharding,
+  evaluation,
+  checkpointer,
+  writer,
+  task,
+  rollbacks: health.Rollbacks | None,
+  interrupt: faults.Interrupt,
+) -> dict[str, float]:
   """Trains from `start_step` to config.total_steps, running after each step the periodic actions that are due
   (`_periodic_actions`, in their order; an action that returns False skips the step's later ones). A Ctrl-C stops it
   after the step in progress, before that step's actions (cli.Interrupted): the checkpoints committed stay the
@@ -132,8 +169,17 @@ def _loop(config, state, start_step, train_step, train_iter, batch_sharding, eva
   progress = console.Progress(total, start_step, enabled=config.progress_bar, process_index=jax.process_index())
   preemption = faults.Preemption()
   batches = prefetch.DevicePrefetch(train_iter, batch_sharding, config.data.device_prefetch)
-  loop = _Loop(config, state, start_step, batches, _Window(config, task), checkpointer, writer,
-               faults.Watchdog(config.step_timeout_s), rollbacks)
+  loop = _Loop(
+    config,
+    state,
+    start_step,
+    batches,
+    _Window(config, task),
+    checkpointer,
+    writer,
+    faults.Watchdog(config.step_timeout_s),
+    rollbacks,
+  )
   actions = _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch_sharding, start_step)
   interrupt.step = start_step
   interrupt.polling()
@@ -176,20 +222,22 @@ def _periodic_actions(config, rollbacks, progress, evaluation, train_iter, batch
     check_state = functools.partial(_roll_back_where_fired, train_iter=train_iter, batch_sharding=batch_sharding)
   else:
     check_state = _stop_if_not_finite
-  return ((before_save, check_state),
-          (before_save, _stop_on_workdir_faults),
-          (_Every((config.log_every,), total, at_preemption=True), functools.partial(_log, progress=progress)),
-          (_Every((), start_step + 1 + console.FIRST_LINE_AFTER), functools.partial(_first_progress,
-                                                                                   progress=progress)),
-          (_Every((config.checkpoint_every,), total, at_preemption=True), _save),
-          (_Every((config.eval_every,), total), functools.partial(_evaluate, evaluation=evaluation)),
-          (_Every((), at_preemption=True), _exit_at_preemption))
+  return (
+    (before_save, check_state),
+    (before_save, _stop_on_workdir_faults),
+    (_Every((config.log_every,), total, at_preemption=True), functools.partial(_log, progress=progress)),
+    (_Every((), start_step + 1 + console.FIRST_LINE_AFTER), functools.partial(_first_progress, progress=progress)),
+    (_Every((config.checkpoint_every,), total, at_preemption=True), _save),
+    (_Every((config.eval_every,), total), functools.partial(_evaluate, evaluation=evaluation)),
+    (_Every((), at_preemption=True), _exit_at_preemption),
+  )
 
 
 @dataclasses.dataclass(frozen=True)
 class _Every:
   """When a periodic action is due: at the multiples of any of `periods`, at step `last`, and at a preemption's
   step when `at_preemption`."""
+
   periods: tuple[int, ...]
   last: int | None = None
   at_preemption: bool = False
@@ -202,6 +250,7 @@ class _Every:
 class _Loop:
   """What the loop's periodic actions read and change: the state at `step`, the device batches, the step's
   metrics (on the device), the last metrics of each name, the timing window, and whether it stops."""
+
   config: ml_collections.ConfigDict
   state: TrainState
   step: int
@@ -304,26 +353,31 @@ def _stop_if_not_finite(loop: _Loop) -> bool:
     skips = int(jax.device_get(loop.metrics["train/skips_at_min_scale"]))
     if skips >= max_consecutive_skips:
       raise NonFiniteLossError(
-          f"{skips} consecutive fp16 steps overflowed at the minimum loss scale (precision.loss_scale_min="
-          f"{loop.state.loss_scale.min_scale}) up to step {step}; stopping "
-          f"(precision.max_consecutive_skips={max_consecutive_skips}). The last good checkpoint: "
-          f"{_last_checkpoint(loop.checkpointer)}; lower config.optim.lr, train in bfloat16, or check the data.")
+        f"{skips} consecutive fp16 steps overflowed at the minimum loss scale (precision.loss_scale_min="
+        f"{loop.state.loss_scale.min_scale}) up to step {step}; stopping "
+        f"(precision.max_consecutive_skips={max_consecutive_skips}). The last good checkpoint: "
+        f"{_last_checkpoint(loop.checkpointer)}; lower config.optim.lr, train in bfloat16, or check the data."
+      )
     return True
-  loss, grad_norm = (float(v) for v in jax.device_get((loop.metrics["train/loss"],
-                                                       loop.metrics.get("train/grad_norm", 0.0))))
+  loss, grad_norm = (
+    float(v) for v in jax.device_get((loop.metrics["train/loss"], loop.metrics.get("train/grad_norm", 0.0)))
+  )
   if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-    raise NonFiniteLossError(f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping. The "
-                             f"last good checkpoint: {_last_checkpoint(loop.checkpointer)}; lower config.optim.lr "
-                             f"or check the data.")
+    raise NonFiniteLossError(
+      f"non-finite loss {loss} or gradient norm {grad_norm} at step {step}; stopping. The "
+      f"last good checkpoint: {_last_checkpoint(loop.checkpointer)}; lower config.optim.lr "
+      f"or check the data."
+    )
   return True
 
 
 def _stop_on_workdir_faults(loop: _Loop) -> bool:
   """Every process raises here when a save failed in the background on any of them, or process 0 could not
   write its metrics: a run that cannot keep its checkpoints or its record stops now, not at its end."""
-  faults.raise_together(loop.checkpointer.failed_save() or loop.writer.failure,
-                        WorkdirError(f"another process could not write to {loop.checkpointer.directory.parent} (its "
-                                     f"error line says why)"))
+  faults.raise_together(
+    loop.checkpointer.failed_save() or loop.writer.failure,
+    WorkdirError(f"another process could not write to {loop.checkpointer.directory.parent} (its error line says why)"),
+  )
   return True
 
 
@@ -352,8 +406,9 @@ def _first_progress(loop: _Loop, progress: console.Progress) -> bool:
 
 def _save(loop: _Loop) -> bool:
   loop.watchdog.phase("a checkpoint save", loop.step)
-  loop.checkpointer.save(loop.step, loop.state, loop.batches,
-                         health=loop.rollbacks.record() if loop.rollbacks is not None else None)
+  loop.checkpointer.save(
+    loop.step, loop.state, loop.batches, health=loop.rollbacks.record() if loop.rollbacks is not None else None
+  )
   if jax.process_index() == 0 and not loop.preempted:
     logging.info("step %d: saving a checkpoint to %s", loop.step, loop.checkpointer.directory / str(loop.step))
   return True
@@ -376,11 +431,21 @@ def _exit_at_preemption(loop: _Loop) -> bool:
 
 def _log_plan(config, abstract: TrainState, workdir: str) -> None:
   params = sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract.params))
-  logging.info("model %s: %s params; %d steps of %d examples (%s)", config.model.name, f"{params:,}",
-               config.total_steps, config.global_batch_size, config.precision.compute_dtype)
-  logging.info("workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d%s)", workdir,
-               config.checkpoint_every, config.keep_checkpoints,
-               f", and every {config.checkpoint_keep_period} for good" if config.checkpoint_keep_period else "")
+  logging.info(
+    "model %s: %s params; %d steps of %d examples (%s)",
+    config.model.name,
+    f"{params:,}",
+    config.total_steps,
+    config.global_batch_size,
+    config.precision.compute_dtype,
+  )
+  logging.info(
+    "workdir %s: metrics.jsonl, tensorboard/, checkpoints/ every %d steps (keeping %d%s)",
+    workdir,
+    config.checkpoint_every,
+    config.keep_checkpoints,
+    f", and every {config.checkpoint_keep_period} for good" if config.checkpoint_keep_period else "",
+  )
 
 
 def _restore_or_init(config, checkpointer, init_fn, abstract, shardings, train_iter, model) -> TrainState:
@@ -421,8 +486,7 @@ def data_counts(train_iter) -> dict[str, float]:
   return {"data/skipped": float(counts[0]), "data/skipped_fraction": float(counts[0] / max(counts[1], 1))}
 
 
-def _rollbacks(config, state, checkpointer, start_step: int, train_iter, changes: list[str]
-               ) -> health.Rollbacks | None:
+def _rollbacks(config, state, checkpointer, start_step: int, train_iter, changes: list[str]) -> health.Rollbacks | None:
   """The run's rollbacks so far (from the checkpoint it resumed; `changes`: the config changes this launch made to
   it), None when health is off."""
   if state.health is None:

@@ -51,8 +51,9 @@ class _Layer:
     top, bottom = max(self.y0, y0), min(self.y0 + h, y0 + ah)
     left, right = max(self.x0, x0), min(self.x0 + w, x0 + aw)
     if top < bottom and left < right:
-      self.vis[top - self.y0:bottom - self.y0, left - self.x0:right - self.x0] *= (
-          1 - alpha[top - y0:bottom - y0, left - x0:right - x0])
+      self.vis[top - self.y0 : bottom - self.y0, left - self.x0 : right - self.x0] *= (
+        1 - alpha[top - y0 : bottom - y0, left - x0 : right - x0]
+      )
 
   def window(self) -> tuple[slice, slice]:
     h, w = self.vis.shape
@@ -117,12 +118,15 @@ def render_scene(rng: np.random.Generator, image_size: int, max_objects: int) ->
     for layer in layers:
       layer.cover(alpha, y0, x0)
     h, w = alpha.shape
-    background[y0:y0 + h, x0:x0 + w] *= 1 - alpha
+    background[y0 : y0 + h, x0 : x0 + w] *= 1 - alpha
     layers.append(_Layer(kind, alpha, y0, x0))
   kept = [layer for layer in layers if layer.kept()]
-  return dict(image=planes.transpose(1, 2, 0).astype(np.uint8), mask=_label_map(layers, background),
-              boxes=np.array([layer.box() for layer in kept], np.float32).reshape(-1, 4),
-              classes=np.array([layer.kind for layer in kept], np.int32))
+  return dict(
+    image=planes.transpose(1, 2, 0).astype(np.uint8),
+    mask=_label_map(layers, background),
+    boxes=np.array([layer.box() for layer in kept], np.float32).reshape(-1, 4),
+    classes=np.array([layer.kind for layer in kept], np.int32),
+  )
 
 
 class ScenesSource:
@@ -150,6 +154,7 @@ class ScenesSource:
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
-    return (f"ScenesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-            f"seed={self.seed}, max_objects={self.max_objects})")
-
+    return (
+      f"ScenesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
+      f"seed={self.seed}, max_objects={self.max_objects})"
+    )

@@ -183,7 +183,7 @@ def tinted_planes(grey, tint) -> np.ndarray:
 def blend(planes, alpha, y0: int, x0: int, rgb) -> None:
   """Paints colour `rgb` with coverage `alpha` (placed at y0, x0) over `planes` in place."""
   h, w = alpha.shape
-  window = planes[:, y0:y0 + h, x0:x0 + w]
+  window = planes[:, y0 : y0 + h, x0 : x0 + w]
   window += alpha[None] * (np.array(rgb, np.float32)[:, None, None] + np.float32(0.5) - window)
 
 
@@ -244,16 +244,29 @@ def render(rng: np.random.Generator, image_size: int, caption_style: str = "full
   caption = f"a {'large' if large else 'small'} {COLOUR_NAMES[colour]} {SHAPE_NAMES[label]}"
   if caption_style == "full":
     caption += f" {_position_words(cy, cx, size)} on a {BACKGROUND_NAMES[bg_kind]} background"
-  return dict(image=_composite(grey, tint, alpha, y0, x0, rgb), label=label, colour=colour, caption=caption,
-              box=_tight_box(alpha, y0, x0, size))
+  return dict(
+    image=_composite(grey, tint, alpha, y0, x0, rgb),
+    label=label,
+    colour=colour,
+    caption=caption,
+    box=_tight_box(alpha, y0, x0, size),
+  )
 
 
 class ShapesSource:
   """grain RandomAccessDataSource over `size` procedurally drawn shapes of one split; `annotated=False`: records
   with the 'image' only (image-only data: no caption, no label)."""
 
-  def __init__(self, split: str, size: int, image_size: int, seed: int = 0, caption_style: str = "full",
-               annotated: bool = True, mixed_aspect: bool = False):
+  def __init__(
+    self,
+    split: str,
+    size: int,
+    image_size: int,
+    seed: int = 0,
+    caption_style: str = "full",
+    annotated: bool = True,
+    mixed_aspect: bool = False,
+  ):
     if split not in SPLIT_IDS:
       raise DataError(f"shapes: unknown split {split!r}; expected one of {tuple(SPLIT_IDS)}")
     if caption_style not in CAPTION_STYLES:
@@ -280,6 +293,8 @@ class ShapesSource:
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
-    return (f"ShapesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
-            f"seed={self.seed}, caption_style={self.caption_style!r}"
-            f"{'' if self.annotated else ', annotated=False'}{', mixed_aspect=True' if self.mixed_aspect else ''})")
+    return (
+      f"ShapesSource(split={self.split!r}, size={self.size}, image_size={self.image_size}, "
+      f"seed={self.seed}, caption_style={self.caption_style!r}"
+      f"{'' if self.annotated else ', annotated=False'}{', mixed_aspect=True' if self.mixed_aspect else ''})"
+    )

@@ -50,11 +50,16 @@ def check_one_batch(mixture, batch_size: int, process_count: int, what: str) -> 
     return
   per_process = f" ({batch_size} for each of {process_count} processes)" if process_count > 1 else ""
   largest = mixture.records // process_count * process_count
-  fix = (f"train with a --config.global_batch_size of at most {largest:,}, or on more data" if largest else
-         "train on more data: each process needs a record of its own")
-  raise DataError(f"{what} has {mixture.records:,} records: fewer than one batch of --config.global_batch_size="
-                  f"{batch_size * process_count:,}{per_process}; {fix}"
-                  + "".join(_holdout_note(entry.source) for entry in mixture.entries))
+  fix = (
+    f"train with a --config.global_batch_size of at most {largest:,}, or on more data"
+    if largest
+    else "train on more data: each process needs a record of its own"
+  )
+  raise DataError(
+    f"{what} has {mixture.records:,} records: fewer than one batch of --config.global_batch_size="
+    f"{batch_size * process_count:,}{per_process}; {fix}"
+    + "".join(_holdout_note(entry.source) for entry in mixture.entries)
+  )
 
 
 def _holdout_note(source) -> str:
@@ -64,6 +69,8 @@ def _holdout_note(source) -> str:
   for split, entry in splits.items():
     for flag in HOLDOUT_FLAGS:
       if entry.get(flag):
-        return (f"; prepare_data held {entry['records']:,} records of {entry.get('source') or 'it'} out into split "
-                f"{split!r} (--{flag}={entry[flag]}): a smaller --{flag} leaves more to train on")
+        return (
+          f"; prepare_data held {entry['records']:,} records of {entry.get('source') or 'it'} out into split "
+          f"{split!r} (--{flag}={entry[flag]}): a smaller --{flag} leaves more to train on"
+        )
   return ""

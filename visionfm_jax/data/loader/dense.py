@@ -39,17 +39,21 @@ from visionfm_jax.errors import ConfigError, DataError
 
 KINDS = ("segmentation", "detection")
 _NEEDS = {"segmentation": "mask", "detection": "boxes"}
-_HINT = {"segmentation": "segmentation reads 'scenes' or 'ade20k:<root>'",
-         "detection": "detection reads 'scenes' or 'coco:<root>'"}
+_HINT = {
+  "segmentation": "segmentation reads 'scenes' or 'ade20k:<root>'",
+  "detection": "detection reads 'scenes' or 'coco:<root>'",
+}
 
 
 def _check(data_cfg, kind: str) -> None:
   if kind not in KINDS:
     raise ConfigError(f"dense task kind {kind!r}: expected one of {KINDS}")
   if data_cfg.mixture:
-    raise ConfigError(f"config.data.mixture ({len(data_cfg.mixture)} entries): {kind} trains on one source, "
-                      f"config.data.source ({_HINT[kind]}); mixtures feed classification, "
-                      f"contrastive and aurora runs")
+    raise ConfigError(
+      f"config.data.mixture ({len(data_cfg.mixture)} entries): {kind} trains on one source, "
+      f"config.data.source ({_HINT[kind]}); mixtures feed classification, "
+      f"contrastive and aurora runs"
+    )
 
 
 def class_names(data_cfg, kind: str) -> list[str]:
@@ -68,23 +72,33 @@ def _train_ops(data_cfg, kind: str) -> list:
     transform = dense_transforms.SegmentationTrain(size, data_cfg.seg_scale_range, data_cfg.augment.flip)
   else:
     decode_side = math.ceil(size * data_cfg.det_scale_range[1])
-    transform = dense_transforms.DetectionTrain(size, data_cfg.det_scale_range, data_cfg.augment.flip,
-                                                data_cfg.max_boxes)
+    transform = dense_transforms.DetectionTrain(
+      size, data_cfg.det_scale_range, data_cfg.augment.flip, data_cfg.max_boxes
+    )
   return [dense_transforms.DecodeDense(decode_side), dense_transforms.MarkInvalid(size), transform]
 
 
-def make_dense_train_loader(data_cfg, kind: str, *, batch_size: int, seed: int, process_index: int,
-                            process_count: int, source=None):
+def make_dense_train_loader(
+  data_cfg, kind: str, *, batch_size: int, seed: int, process_index: int, process_count: int, source=None
+):
   """An infinite, shuffled, augmented, checkpointable loader of `kind` batches (module docstring) over this
   process's shard of config.data.source, split config.data.train_split (`source` overrides it); see
   pipeline.make_train_loader for sharding, determinism and skipping."""
   _check(data_cfg, kind)
   if source is None:
     source = build_source(data_cfg.source, data_cfg.train_split, data_cfg, training=True)
-  pipeline.require_key(source, _NEEDS[kind], f"config.data.source={data_cfg.source!r}", data_cfg.train_split,
-                       _HINT[kind])
-  return pipeline.grain_train_loader(data_cfg, source, _train_ops(data_cfg, kind), batch_size=batch_size,
-                                     seed=seed, process_index=process_index, process_count=process_count)
+  pipeline.require_key(
+    source, _NEEDS[kind], f"config.data.source={data_cfg.source!r}", data_cfg.train_split, _HINT[kind]
+  )
+  return pipeline.grain_train_loader(
+    data_cfg,
+    source,
+    _train_ops(data_cfg, kind),
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 class DenseEvalReader:
@@ -100,9 +114,14 @@ class DenseEvalReader:
     else:
       m = data_cfg.max_boxes
       self.transform = dense_transforms.DetectionEval(size, m)
-      self._spec = {"image": ((size, size, 3), np.uint8), "boxes": ((m, 4), np.float32),
-                    "classes": ((m,), np.int32, -1), "image_id": ((), np.int64), "orig_size": ((2,), np.int32),
-                    "scale": ((), np.float32)}
+      self._spec = {
+        "image": ((size, size, 3), np.uint8),
+        "boxes": ((m, 4), np.float32),
+        "classes": ((m,), np.int32, -1),
+        "image_id": ((), np.int64),
+        "orig_size": ((2,), np.int32),
+        "scale": ((), np.float32),
+      }
 
   def __call__(self, index: int):
     element = self.decode.map(self.source[index])
@@ -115,12 +134,14 @@ class DenseEvalReader:
 def _eval_source(data_cfg, source, split=None):
   if source is not None:
     return source
-  return build_source(eval_source_spec(data_cfg), split or data_cfg.eval_split, data_cfg,
-                      what=eval_source_what(data_cfg))
+  return build_source(
+    eval_source_spec(data_cfg), split or data_cfg.eval_split, data_cfg, what=eval_source_what(data_cfg)
+  )
 
 
-def make_dense_eval_iterator(data_cfg, kind: str, *, batch_size: int, process_index: int, process_count: int,
-                             source=None):
+def make_dense_eval_iterator(
+  data_cfg, kind: str, *, batch_size: int, process_index: int, process_count: int, source=None
+):
   """`kind` eval batches (module docstring) over this process's contiguous share of the first
   config.data.eval_examples records of the eval source (config.data.eval_source, else source; split
   config.data.eval_split), padded so every process yields as many batches; real rows have valid=True."""
@@ -129,8 +150,14 @@ def make_dense_eval_iterator(data_cfg, kind: str, *, batch_size: int, process_in
   pipeline.require_key(source, _NEEDS[kind], eval_source_what(data_cfg), data_cfg.eval_split, _HINT[kind])
   total = pipeline.eval_total(data_cfg, len(source))
   share, num_batches = pipeline.eval_shares(total, batch_size, process_index, process_count)
-  return pipeline.eval_batches(DenseEvalReader(data_cfg, kind, source), share, num_batches, batch_size,
-                               threads=pipeline.eval_threads(data_cfg), valid_key="valid")
+  return pipeline.eval_batches(
+    DenseEvalReader(data_cfg, kind, source),
+    share,
+    num_batches,
+    batch_size,
+    threads=pipeline.eval_threads(data_cfg),
+    valid_key="valid",
+  )
 
 
 def coco_ground_truth(data_cfg, split: str | None = None, num_examples: int | None = None, source=None) -> dict:
@@ -159,7 +186,15 @@ def _scenes_ground_truth(source: scenes.ScenesSource, count: int) -> dict:
     record = source[index]
     images.append({"id": index, "height": source.image_size, "width": source.image_size})
     for (x0, y0, x1, y1), kind in zip(record["boxes"].tolist(), record["classes"].tolist()):
-      annotations.append({"id": len(annotations) + 1, "image_id": index, "category_id": kind,
-                          "bbox": [x0, y0, x1 - x0, y1 - y0], "area": (x1 - x0) * (y1 - y0), "iscrowd": 0})
+      annotations.append(
+        {
+          "id": len(annotations) + 1,
+          "image_id": index,
+          "category_id": kind,
+          "bbox": [x0, y0, x1 - x0, y1 - y0],
+          "area": (x1 - x0) * (y1 - y0),
+          "iscrowd": 0,
+        }
+      )
   categories = [{"id": c, "name": name} for c, name in enumerate(scenes.CLASS_NAMES)]
   return {"images": images, "annotations": annotations, "categories": categories}

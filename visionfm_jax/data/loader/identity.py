@@ -13,8 +13,11 @@ from __future__ import annotations
 
 def of_mixture(mixture) -> dict:
   """{'entries': [{'what', 'weight', **the source's identity}]} of a data/loader/mixture.py Mixture."""
-  return {"entries": [{"what": entry.field, "weight": float(entry.weight), **_of_source(entry.source)}
-                      for entry in mixture.entries]}
+  return {
+    "entries": [
+      {"what": entry.field, "weight": float(entry.weight), **_of_source(entry.source)} for entry in mixture.entries
+    ]
+  }
 
 
 def _of_source(source) -> dict:
@@ -27,13 +30,20 @@ def differences(old: dict, new: dict) -> list[str]:
   old_entries, new_entries = old.get("entries", []), new.get("entries", [])
   if len(old_entries) != len(new_entries):
     return [f"{len(old_entries)} training source(s) -> {len(new_entries)}"]
-  return [f"{n['what']}: {'; '.join(found)}" for o, n in zip(old_entries, new_entries)
-          for found in [_entry_differences(o, n)] if found]
+  return [
+    f"{n['what']}: {'; '.join(found)}"
+    for o, n in zip(old_entries, new_entries)
+    for found in [_entry_differences(o, n)]
+    if found
+  ]
 
 
 def _entry_differences(old: dict, new: dict) -> list[str]:
-  found = [f"{key} {old.get(key)!r} -> {new.get(key)!r}" for key in ("source", "weight", "records")
-           if old.get(key) != new.get(key)]
+  found = [
+    f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+    for key in ("source", "weight", "records")
+    if old.get(key) != new.get(key)
+  ]
   if old.get("metadata_sha256") != new.get("metadata_sha256"):
     found.append("its dataset.json differs")
   found.extend(_shard_differences(old.get("shards") or [], new.get("shards") or []))
@@ -46,8 +56,11 @@ def _shard_differences(old: list, new: list, shown: int = 3) -> list[str]:
   for label, names in (("missing", sorted(set(before) - set(after))), ("new", sorted(set(after) - set(before)))):
     if names:
       found.append(f"{len(names)} shard(s) {label} ({_some(names, shown)})")
-  changed = [f"{name} ({_size_records(before[name])} -> {_size_records(after[name])})"
-             for name in sorted(set(before) & set(after)) if before[name] != after[name]]
+  changed = [
+    f"{name} ({_size_records(before[name])} -> {_size_records(after[name])})"
+    for name in sorted(set(before) & set(after))
+    if before[name] != after[name]
+  ]
   if changed:
     found.append(f"{len(changed)} shard(s) changed ({_some(changed, shown)})")
   return found

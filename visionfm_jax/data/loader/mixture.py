@@ -34,6 +34,7 @@ from visionfm_jax.errors import DataError
 @dataclasses.dataclass(frozen=True)
 class Entry:
   """One source of a mixture: `field` names it in messages ("config.data.mixture[1]='shapes:images'")."""
+
   field: str
   source: object  # a grain RandomAccessDataSource
   weight: float = 1.0
@@ -84,11 +85,14 @@ def with_union_labels(mixture: Mixture, data_cfg) -> Mixture:
   as it is for a mixture of one."""
   if len(mixture.entries) == 1:
     return mixture
-  lists = [e.classes if e.classes is not None else sources.class_names(e.spec, data_cfg, e.field)
-           for e in mixture.entries]
+  lists = [
+    e.classes if e.classes is not None else sources.class_names(e.spec, data_cfg, e.field) for e in mixture.entries
+  ]
   _, maps = sources.union_classes(lists)
-  entries = tuple(dataclasses.replace(e, label_map=None if labels == list(range(len(labels))) else tuple(labels))
-                  for e, labels in zip(mixture.entries, maps))
+  entries = tuple(
+    dataclasses.replace(e, label_map=None if labels == list(range(len(labels))) else tuple(labels))
+    for e, labels in zip(mixture.entries, maps)
+  )
   return dataclasses.replace(mixture, entries=entries)
 
 
@@ -149,8 +153,10 @@ class MixtureSource:
     return {**self.__dict__, "_stream": None}
 
   def __repr__(self) -> str:
-    entries = ", ".join(f"({_source_repr(e.source)}, weight={e.weight}, seed={s}, labels={e.label_map})"
-                        for e, s in zip(self.entries, self.seeds))
+    entries = ", ".join(
+      f"({_source_repr(e.source)}, weight={e.weight}, seed={s}, labels={e.label_map})"
+      for e, s in zip(self.entries, self.seeds)
+    )
     return f"MixtureSource([{entries}], shuffle={self.shuffle})"
 
 

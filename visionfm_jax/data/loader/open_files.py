@@ -57,9 +57,11 @@ def ensure(need: int) -> None:
     return
   soft, hard = current
   if not _fits(need, hard):
-    raise UserError(f"the input pipeline may hold {need} open files (its sources and config.data.num_workers, "
-                    f"data/loader/open_files.py) but this process may open at most {hard} (hard RLIMIT_NOFILE): raise "
-                    f"it ('ulimit -Hn {need}' where allowed, or the cluster's limits.conf)")
+    raise UserError(
+      f"the input pipeline may hold {need} open files (its sources and config.data.num_workers, "
+      f"data/loader/open_files.py) but this process may open at most {hard} (hard RLIMIT_NOFILE): raise "
+      f"it ('ulimit -Hn {need}' where allowed, or the cluster's limits.conf)"
+    )
   resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
   logging.info("open files: soft RLIMIT_NOFILE raised %d -> %d for the input pipeline (hard %d)", soft, need, hard)
 
@@ -74,5 +76,7 @@ def describe(need: int, current: tuple[int, int] | None) -> str:
     return f"open files: the input pipeline needs up to {need}"
   soft, hard = (("unlimited" if v == resource.RLIM_INFINITY else v) for v in current)
   verdict = "fits" if _fits(need, current[0]) else "raised at start-up"
-  return (f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard} "
-          f"({verdict})")
+  return (
+    f"open files: the input pipeline needs up to {need}; this shell's RLIMIT_NOFILE soft {soft}, hard {hard} "
+    f"({verdict})"
+  )

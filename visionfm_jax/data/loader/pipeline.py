@@ -67,8 +67,9 @@ def train_decode_side(data_cfg) -> int:
   return math.ceil(data_cfg.image_size / math.sqrt(aug.crop_scale[0]))
 
 
-def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int,
-                      source=None, num_classes: int = 0) -> skipping.SkippingLoader:
+def make_train_loader(
+  data_cfg, *, batch_size: int, seed: int, process_index: int, process_count: int, source=None, num_classes: int = 0
+) -> skipping.SkippingLoader:
   """An infinite, shuffled, augmented loader over this process's shard of the train split.
 
   All processes read one global stream, every record of a source once per its epoch in an order that is a pure
@@ -86,8 +87,15 @@ def make_train_loader(data_cfg, *, batch_size: int, seed: int, process_index: in
   for entry in mixture.entries:
     require_key(entry.source, "label", entry.field, data_cfg.train_split, "classification needs labelled images")
   mixture = mixture_lib.with_union_labels(mixture, data_cfg)
-  return _train_loader(data_cfg, mixture, transforms.SelectKeys(num_classes), batch_size=batch_size, seed=seed,
-                       process_index=process_index, process_count=process_count)
+  return _train_loader(
+    data_cfg,
+    mixture,
+    transforms.SelectKeys(num_classes),
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
 def train_mixture(data_cfg, source=None) -> mixture_lib.Mixture:
@@ -98,8 +106,9 @@ def train_mixture(data_cfg, source=None) -> mixture_lib.Mixture:
   return mixture_lib.as_mixture(source, data_cfg, data_cfg.train_split)
 
 
-def make_pair_train_loader(data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int,
-                           process_count: int, source=None, mim=None) -> skipping.SkippingLoader:
+def make_pair_train_loader(
+  data_cfg, tokenizer, *, batch_size: int, seed: int, process_index: int, process_count: int, source=None, mim=None
+) -> skipping.SkippingLoader:
   """make_train_loader for image-text pairs: batches {'image', 'text', 'has_text', 'label' if every source has
   labels (remapped into their union in a mixture), 'mim_mask' with `mim`}.
 
@@ -113,8 +122,16 @@ def make_pair_train_loader(data_cfg, tokenizer, *, batch_size: int, seed: int, p
   example = _pair_example(mixture, tokenizer, data_cfg.train_split)
   if example.with_label:
     mixture = mixture_lib.with_union_labels(mixture, data_cfg)
-  return _train_loader(data_cfg, mixture, example, batch_size=batch_size, seed=seed, process_index=process_index,
-                       process_count=process_count, extras=_mim_ops(data_cfg, mim))
+  return _train_loader(
+    data_cfg,
+    mixture,
+    example,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+    extras=_mim_ops(data_cfg, mim),
+  )
 
 
 def _mim_ops(data_cfg, mim) -> list:
@@ -149,6 +166,7 @@ def require_key(source, key: str, what: str, split: str, hint: str) -> dict:
 @dataclasses.dataclass(frozen=True)
 class _Sample:
   """What the first readable records of a source hold (a source of pairs may hold some image-only records)."""
+
   keys: frozenset[str]  # of the readable records sampled; record 0's (a placeholder, say) when none is readable
   readable: bool  # some sampled record has an image
   labelled: bool  # the first readable record has a label
@@ -193,33 +211,48 @@ def _pair_example(mixture: mixture_lib.Mixture, tokenizer, split: str) -> transf
     sample = _sample(entry.source)
     if "image" not in sample.keys:
       neither = "" if "caption" in sample.keys else " nor a 'caption'"
-      raise DataError(f"{entry.field} split {split!r}: records have no 'image'{neither} (keys "
-                      f"{sorted(sample.keys)}); {PAIRS_HINT}")
+      raise DataError(
+        f"{entry.field} split {split!r}: records have no 'image'{neither} (keys {sorted(sample.keys)}); {PAIRS_HINT}"
+      )
     samples.append(sample)
   if not any(sample.captioned for sample in samples):
     if len(samples) == 1:
-      raise DataError(f"{mixture.entries[0].field} split {split!r}: records have no 'caption' (keys "
-                      f"{sorted(samples[0].keys)}); {PAIRS_HINT} (to train: or a config.data.mixture with at least "
-                      f"one; to evaluate: set config.data.eval_source to one)")
-    raise DataError(f"{mixture.what}: none of its sources has captions ({', '.join(e.field for e in mixture.entries)}"
-                    f"); image-text training needs at least one source of pairs")
+      raise DataError(
+        f"{mixture.entries[0].field} split {split!r}: records have no 'caption' (keys "
+        f"{sorted(samples[0].keys)}); {PAIRS_HINT} (to train: or a config.data.mixture with at least "
+        f"one; to evaluate: set config.data.eval_source to one)"
+      )
+    raise DataError(
+      f"{mixture.what}: none of its sources has captions ({', '.join(e.field for e in mixture.entries)}"
+      f"); image-text training needs at least one source of pairs"
+    )
   return transforms.SelectPair(tokenizer, with_label=all(sample.labelled for sample in samples))
 
 
-def _train_loader(data_cfg, mixture, example, *, batch_size: int, seed: int, process_index: int,
-                  process_count: int, extras=()) -> skipping.SkippingLoader:
+def _train_loader(
+  data_cfg, mixture, example, *, batch_size: int, seed: int, process_index: int, process_count: int, extras=()
+) -> skipping.SkippingLoader:
   if naflex.settings(data_cfg):
     operations = naflex.train_transforms(data_cfg, example)
   else:
-    operations = transforms.train_transforms(data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg),
-                                             example)
+    operations = transforms.train_transforms(
+      data_cfg.image_size, data_cfg.augment, train_decode_side(data_cfg), example
+    )
   operations.extend(extras)
-  return grain_train_loader(data_cfg, mixture, operations, batch_size=batch_size, seed=seed,
-                            process_index=process_index, process_count=process_count)
+  return grain_train_loader(
+    data_cfg,
+    mixture,
+    operations,
+    batch_size=batch_size,
+    seed=seed,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, seed: int, process_index: int,
-                       process_count: int) -> skipping.SkippingLoader:
+def grain_train_loader(
+  data_cfg, source, operations: list, *, batch_size: int, seed: int, process_index: int, process_count: int
+) -> skipping.SkippingLoader:
   """The sharded, shuffled, checkpointable grain loader of make_train_loader over `source` (a source: the
   mixture of one, or a mixture_lib.Mixture), with the record -> example `operations` (they end in examples with
   'valid', see transforms.MarkUndecodable) then batching. First removes what runs that died on this node left in
@@ -234,13 +267,15 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   # per-position generators), and the loader's shard options give process i the positions i, i + P, i + 2P, ...
   seed = int(seed) % 2**32  # grain takes 32-bit seeds
   stream = mixture_lib.MixtureSource(mixture, seed, shuffle=data_cfg.shuffle)
-  sampler = grain.samplers.IndexSampler(num_records=len(stream), shard_options=grain.sharding.NoSharding(),
-                                        shuffle=False, num_epochs=None, seed=seed)
+  sampler = grain.samplers.IndexSampler(
+    num_records=len(stream), shard_options=grain.sharding.NoSharding(), shuffle=False, num_epochs=None, seed=seed
+  )
   shard = grain.sharding.ShardOptions(process_index, process_count, drop_remainder=True)
   workers = worker_count(data_cfg.num_workers)
   if data_cfg.num_workers < 0:
-    logging.info("input: %d grain worker processes (config.data.num_workers=-1, %d CPUs for this process)", workers,
-                 usable_cpus())
+    logging.info(
+      "input: %d grain worker processes (config.data.num_workers=-1, %d CPUs for this process)", workers, usable_cpus()
+    )
   if workers and not flags.FLAGS.is_parsed():
     # grain's worker processes read its absl flags; outside absl.app (tests, notebooks) use their defaults.
     flags.FLAGS.mark_as_parsed()
@@ -250,14 +285,27 @@ def grain_train_loader(data_cfg, source, operations: list, *, batch_size: int, s
   operations = [*operations, grain.transforms.Batch(batch_size, drop_remainder=True)]
   if workers:  # they end with this process, and what they leave in /dev/shm is named after it
     operations = [*reaping.tie_workers_to_this_process(), *operations]
-  loader = grain.DataLoader(data_source=stream, sampler=sampler, operations=operations, shard_options=shard,
-                            worker_count=workers, worker_buffer_size=data_cfg.prefetch,
-                            read_options=grain.ReadOptions(num_threads=open_shards.READ_THREADS,
-                                                           prefetch_buffer_size=READ_AHEAD))
-  return skipping.SkippingLoader(loader, batch_size, max_fraction=data_cfg.max_skipped_fraction,
-                                 check_after=data_cfg.skip_check_after, what=what, process_index=process_index,
-                                 process_count=process_count, open_files=need, shm_need=shm_need,
-                                 identity=identity.of_mixture(mixture))
+  loader = grain.DataLoader(
+    data_source=stream,
+    sampler=sampler,
+    operations=operations,
+    shard_options=shard,
+    worker_count=workers,
+    worker_buffer_size=data_cfg.prefetch,
+    read_options=grain.ReadOptions(num_threads=open_shards.READ_THREADS, prefetch_buffer_size=READ_AHEAD),
+  )
+  return skipping.SkippingLoader(
+    loader,
+    batch_size,
+    max_fraction=data_cfg.max_skipped_fraction,
+    check_after=data_cfg.skip_check_after,
+    what=what,
+    process_index=process_index,
+    process_count=process_count,
+    open_files=need,
+    shm_need=shm_need,
+    identity=identity.of_mixture(mixture),
+  )
 
 
 def _check_shm_room(data_cfg, mixture, operations: list, batch_size: int, workers: int) -> str:
@@ -285,8 +333,15 @@ class EvalReader:
   record index, whatever the batch size or process count. With `naflex` ((patch size, token budget):
   naflex.settings) the image is the whole one at its aspect, packed (data/transforms/naflex.py), not a crop."""
 
-  def __init__(self, source, image_size: int, example, extras=(), preprocess: str = "inception",
-               naflex_budget: tuple[int, int] | None = None):
+  def __init__(
+    self,
+    source,
+    image_size: int,
+    example,
+    extras=(),
+    preprocess: str = "inception",
+    naflex_budget: tuple[int, int] | None = None,
+  ):
     self.source, self.image_size, self.example, self.extras = source, image_size, example, tuple(extras)
     self.naflex_budget = naflex_budget
     if naflex_budget:
@@ -322,8 +377,9 @@ class EvalReader:
 def _assemble(rows: list, batch_size: int, spec: dict, valid_key: str) -> dict:
   """Stacks `rows` (None: padding) into a batch; spec values are (shape, dtype) or (shape, dtype, padding
   value), 0 by default."""
-  batch = {key: np.full((batch_size, *shape), fill[0] if fill else 0, dtype)
-           for key, (shape, dtype, *fill) in spec.items()}
+  batch = {
+    key: np.full((batch_size, *shape), fill[0] if fill else 0, dtype) for key, (shape, dtype, *fill) in spec.items()
+  }
   batch[valid_key] = np.zeros((batch_size,), bool)
   for i, row in enumerate(rows):
     if row is not None:
@@ -338,8 +394,10 @@ def eval_batches(reader, share: range, num_batches: int, batch_size: int, thread
   `threads`; `reader.spec()` gives the padding rows, and `valid_key` marks the real ones."""
   spec = reader.spec()
   with concurrent.futures.ThreadPoolExecutor(max_workers=threads) as pool:
+
     def submit(b):
-      return [pool.submit(reader, i) for i in share[b * batch_size:(b + 1) * batch_size]]
+      return [pool.submit(reader, i) for i in share[b * batch_size : (b + 1) * batch_size]]
+
     pending = submit(0)
     for b in range(num_batches):
       current, pending = pending, submit(b + 1) if b + 1 < num_batches else []
@@ -369,12 +427,19 @@ def make_eval_iterator(data_cfg, *, batch_size: int, process_index: int, process
   if source is None:
     source = open_eval_source(data_cfg)
   require_key(source, "label", eval_source_what(data_cfg), data_cfg.eval_split, "classification needs labelled images")
-  return _eval_iterator(data_cfg, source, transforms.SelectKeys(), batch_size=batch_size,
-                        process_index=process_index, process_count=process_count)
+  return _eval_iterator(
+    data_cfg,
+    source,
+    transforms.SelectKeys(),
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+  )
 
 
-def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_index: int, process_count: int,
-                            source=None, mim=None):
+def make_pair_eval_iterator(
+  data_cfg, tokenizer, *, batch_size: int, process_index: int, process_count: int, source=None, mim=None
+):
   """make_eval_iterator for image-text pairs: batches {'image', 'text', 'has_text', 'label' if the source has
   labels, 'mim_mask' with `mim`, 'mask'}; padding rows are all zeros (their 'text' is all PAD, 'has_text'
   False, their 'mim_mask' empty), and so are image-only records' 'text' and 'has_text'. The source must have
@@ -386,10 +451,16 @@ def make_pair_eval_iterator(data_cfg, tokenizer, *, batch_size: int, process_ind
   if source is None:
     source = open_eval_source(data_cfg)
   what = eval_source_what(data_cfg)
-  example = _pair_example(mixture_lib.Mixture((mixture_lib.Entry(what, source),), what), tokenizer,
-                          data_cfg.eval_split)
-  return _eval_iterator(data_cfg, source, example, batch_size=batch_size, process_index=process_index,
-                        process_count=process_count, extras=_mim_ops(data_cfg, mim))
+  example = _pair_example(mixture_lib.Mixture((mixture_lib.Entry(what, source),), what), tokenizer, data_cfg.eval_split)
+  return _eval_iterator(
+    data_cfg,
+    source,
+    example,
+    batch_size=batch_size,
+    process_index=process_index,
+    process_count=process_count,
+    extras=_mim_ops(data_cfg, mim),
+  )
 
 
 def eval_total(data_cfg, num_records: int) -> int:
@@ -400,9 +471,7 @@ def eval_total(data_cfg, num_records: int) -> int:
   return total
 
 
-def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int,
-                   extras=()):
+def _eval_iterator(data_cfg, source, example, *, batch_size: int, process_index: int, process_count: int, extras=()):
   share, num_batches = eval_shares(eval_total(data_cfg, len(source)), batch_size, process_index, process_count)
-  reader = EvalReader(source, data_cfg.image_size, example, extras, data_cfg.eval_preprocess,
-                      naflex.settings(data_cfg))
+  reader = EvalReader(source, data_cfg.image_size, example, extras, data_cfg.eval_preprocess, naflex.settings(data_cfg))
   return eval_batches(reader, share, num_batches, batch_size, threads=eval_threads(data_cfg))

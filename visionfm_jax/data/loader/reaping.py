@@ -120,8 +120,9 @@ def _end_with(trainer: int, trainer_start: int, tag: str) -> None:
   _leave_ctrl_c_to_the_trainer()
   # Polled rather than PR_SET_PDEATHSIG: that signal fires when the *thread* that started the worker ends, and grain
   # starts workers from its thread pools.
-  threading.Thread(target=_exit_after, args=(trainer, trainer_start, tag), name="visionfm-trainer-watch",
-                   daemon=True).start()
+  threading.Thread(
+    target=_exit_after, args=(trainer, trainer_start, tag), name="visionfm-trainer-watch", daemon=True
+  ).start()
 
 
 def _leave_ctrl_c_to_the_trainer() -> None:
@@ -170,7 +171,7 @@ def unlink_left_by(tag: str, directory: str = SHM_DIR) -> int:
     if name.startswith(f"psm_{tag}-"):
       tracked, kind = f"/{name}", "shared_memory"
     elif name.startswith(f"sem.mp-{tag}-"):
-      tracked, kind = f"/{name[len('sem.'):]}", "semaphore"
+      tracked, kind = f"/{name[len('sem.') :]}", "semaphore"
     else:
       continue
     try:
@@ -209,6 +210,10 @@ def remove_what_dead_runs_left(directory: str = SHM_DIR) -> tuple[int, int]:
     removed += 1
     held += info.st_blocks * 512
   if removed:
-    logging.info("%s: removed %d shared-memory files (%.1f MiB) that runs which died on this node left", directory,
-                 removed, held / 2**20)
+    logging.info(
+      "%s: removed %d shared-memory files (%.1f MiB) that runs which died on this node left",
+      directory,
+      removed,
+      held / 2**20,
+    )
   return removed, held

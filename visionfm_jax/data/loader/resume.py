@@ -48,8 +48,7 @@ def restart_position(frontiers: Sequence[int], process_count: int, worker_count:
   return -(-max(frontiers) // stride) * stride
 
 
-def loader_state_at(template: dict, position: int, process_index: int, process_count: int,
-                    worker_count: int) -> dict:
+def loader_state_at(template: dict, position: int, process_index: int, process_count: int, worker_count: int) -> dict:
   """A grain DataLoader state (with `template`'s sampler and source descriptions) whose next record, for the
   loader of `process_index` of `process_count` with `worker_count` workers, is global `position` +
   process_index (`position` from `restart_position`)."""

@@ -68,9 +68,11 @@ def room(directory: str = SHM_DIR) -> tuple[int, int] | None:
 def describe_need(data_cfg, workers: int, one_batch: int) -> str:
   """What the pipeline holds in /dev/shm, for the error lines: the bytes, and the sum that gives them."""
   in_flight = batches_in_flight(workers, data_cfg.prefetch, data_cfg.device_prefetch)
-  return (f"the input pipeline holds up to {_mib(in_flight * one_batch)} of batches there ({in_flight} batches of "
-          f"{_mib(one_batch)}: config.data.num_workers={workers} x 2 x (config.data.prefetch={data_cfg.prefetch} + 1)"
-          f" + config.data.device_prefetch={data_cfg.device_prefetch} + 2)")
+  return (
+    f"the input pipeline holds up to {_mib(in_flight * one_batch)} of batches there ({in_flight} batches of "
+    f"{_mib(one_batch)}: config.data.num_workers={workers} x 2 x (config.data.prefetch={data_cfg.prefetch} + 1)"
+    f" + config.data.device_prefetch={data_cfg.device_prefetch} + 2)"
+  )
 
 
 def ensure(data_cfg, workers: int, one_batch: int, directory: str = SHM_DIR) -> None:
@@ -78,12 +80,16 @@ def ensure(data_cfg, workers: int, one_batch: int, directory: str = SHM_DIR) -> 
   need = batches_in_flight(workers, data_cfg.prefetch, data_cfg.device_prefetch) * one_batch
   free = room(directory)
   if free is not None and need > free[0]:
-    raise UserError(f"{directory} has {_mib(free[0])} free (of {_mib(free[1])}) but "
-                    f"{describe_need(data_cfg, workers, one_batch)}; {_REMEDY}")
+    raise UserError(
+      f"{directory} has {_mib(free[0])} free (of {_mib(free[1])}) but "
+      f"{describe_need(data_cfg, workers, one_batch)}; {_REMEDY}"
+    )
 
 
-_REMEDY = ("make room there or enlarge it (docker run --shm-size, a Kubernetes emptyDir of medium Memory, "
-           "'mount -o remount,size=...'), or lower config.data.num_workers or config.data.prefetch")
+_REMEDY = (
+  "make room there or enlarge it (docker run --shm-size, a Kubernetes emptyDir of medium Memory, "
+  "'mount -o remount,size=...'), or lower config.data.num_workers or config.data.prefetch"
+)
 
 
 def explained(error: BaseException, need: str, directory: str = SHM_DIR) -> UserError | None:
@@ -91,18 +97,23 @@ def explained(error: BaseException, need: str, directory: str = SHM_DIR) -> User
   shared memory running out (ENOSPC, or a worker killed by SIGBUS) or a worker killed by another signal; None for
   anything else. `need` says what the pipeline holds there (`describe_need`)."""
   if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-    return UserError(f"{directory} is full ({_room_now(directory)}): the input pipeline could not make a semaphore "
-                     f"or a batch there (errno ENOSPC); {need}; {_REMEDY}")
+    return UserError(
+      f"{directory} is full ({_room_now(directory)}): the input pipeline could not make a semaphore "
+      f"or a batch there (errno ENOSPC); {need}; {_REMEDY}"
+    )
   ended = _WORKER_ENDED.search(str(error)) if isinstance(error, RuntimeError) else None
   if ended is None or int(ended[1]) >= 0:
     return None
   killed_by = signal.Signals(-int(ended[1])).name
   if killed_by == "SIGBUS":  # tmpfs refused a page of a batch's segment
-    return UserError(f"a data worker was killed by SIGBUS writing a batch into {directory} ({_room_now(directory)}): "
-                     f"it ran out of room; {need}; {_REMEDY}")
+    return UserError(
+      f"a data worker was killed by SIGBUS writing a batch into {directory} ({_room_now(directory)}): "
+      f"it ran out of room; {need}; {_REMEDY}"
+    )
   cause = " (the kernel's out-of-memory killer sends it: see 'dmesg'; or a kill -9)" if killed_by == "SIGKILL" else ""
-  return UserError(f"a data worker was killed by {killed_by}{cause}; restarted, the run resumes from its newest "
-                   f"checkpoint")
+  return UserError(
+    f"a data worker was killed by {killed_by}{cause}; restarted, the run resumes from its newest checkpoint"
+  )
 
 
 def _room_now(directory: str) -> str:

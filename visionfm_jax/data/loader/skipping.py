@@ -37,9 +37,20 @@ def position_of(state: bytes | str | dict, process_count: int) -> int:
 class SkippingLoader:
   """Wraps a grain.DataLoader whose batches carry 'valid'; `iter()` gives a `SkippingIterator`."""
 
-  def __init__(self, loader, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1, open_files: int = 0, shm_need: str = "",
-               identity: dict | None = None):
+  def __init__(
+    self,
+    loader,
+    batch_size: int,
+    *,
+    max_fraction: float,
+    check_after: int,
+    what: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    open_files: int = 0,
+    shm_need: str = "",
+    identity: dict | None = None,
+  ):
     self.loader, self.batch_size = loader, int(batch_size)
     self.open_files = int(open_files)  # descriptors the pipeline may hold (data/loader/open_files.py)
     self.shm_need = shm_need  # what its workers hold in /dev/shm, in words (data/loader/shm_room.py)
@@ -48,9 +59,16 @@ class SkippingLoader:
     self.process_index, self.process_count = int(process_index), int(process_count)
 
   def __iter__(self) -> "SkippingIterator":
-    return SkippingIterator(iter(self.loader), self.batch_size, max_fraction=self.max_fraction,
-                            check_after=self.check_after, what=self.what, process_index=self.process_index,
-                            process_count=self.process_count, shm_need=self.shm_need)
+    return SkippingIterator(
+      iter(self.loader),
+      self.batch_size,
+      max_fraction=self.max_fraction,
+      check_after=self.check_after,
+      what=self.what,
+      process_index=self.process_index,
+      process_count=self.process_count,
+      shm_need=self.shm_need,
+    )
 
 
 class _WorkersNamed:
@@ -104,8 +122,18 @@ class SkippingIterator:
   /dev/shm when the data workers run out of it, or naming the signal that killed a worker (`shm_room.explained`).
   """
 
-  def __init__(self, iterator, batch_size: int, *, max_fraction: float, check_after: int, what: str,
-               process_index: int = 0, process_count: int = 1, shm_need: str = ""):
+  def __init__(
+    self,
+    iterator,
+    batch_size: int,
+    *,
+    max_fraction: float,
+    check_after: int,
+    what: str,
+    process_index: int = 0,
+    process_count: int = 1,
+    shm_need: str = "",
+  ):
     self._it, self.batch_size = _WorkersNamed(iterator, shm_need), batch_size
     self.process_index, self.process_count = process_index, process_count
     self.max_fraction, self.check_after, self.what = max_fraction, check_after, what
@@ -125,7 +153,7 @@ class SkippingIterator:
 
   def _take(self, need: int) -> dict:
     """Up to `need` valid rows from the raw batch in hand, from `_offset` on."""
-    valid_rows = np.flatnonzero(self._valid[self._offset:]) + self._offset
+    valid_rows = np.flatnonzero(self._valid[self._offset :]) + self._offset
     chosen = valid_rows[:need]
     end = int(chosen[-1]) + 1 if len(chosen) == need else len(self._valid)
     self.read += end - self._offset
@@ -151,15 +179,22 @@ class SkippingIterator:
     if self.read >= self.check_after and self.skipped > self.max_fraction * self.read:
       self._it.stop_workers()
       raise DataError(
-          f"{self.what}: {self.skipped} of the {self.read} records read so far by this process are corrupt or "
-          f"undecodable ({self.skipped / self.read:.1%} > config.data.max_skipped_fraction="
-          f"{self.max_fraction}); check the data (the warnings above name records)")
+        f"{self.what}: {self.skipped} of the {self.read} records read so far by this process are corrupt or "
+        f"undecodable ({self.skipped / self.read:.1%} > config.data.max_skipped_fraction="
+        f"{self.max_fraction}); check the data (the warnings above name records)"
+      )
 
   def get_state(self) -> bytes:
     in_hand = self._raw is not None and self._offset < len(self._valid)
     loader_state = self._raw_state if in_hand else self._it.get_state()
-    return json.dumps({"loader": loader_state.decode(), "offset": self._offset if in_hand else 0,
-                       "read": self.read, "skipped": self.skipped}).encode()
+    return json.dumps(
+      {
+        "loader": loader_state.decode(),
+        "offset": self._offset if in_hand else 0,
+        "read": self.read,
+        "skipped": self.skipped,
+      }
+    ).encode()
 
   def set_state(self, state: bytes) -> None:
     """Continues where `get_state` was taken. A state saved with another number of data workers continues
@@ -204,15 +239,22 @@ class SkippingIterator:
 
   def _restart_at(self, position: int, fresh_state: dict) -> None:
     workers = int(fresh_state[resume.WORKER_COUNT])
-    self._it.set_state(json.dumps(resume.loader_state_at(fresh_state, position, self.process_index,
-                                                         self.process_count, workers)).encode())
+    self._it.set_state(
+      json.dumps(
+        resume.loader_state_at(fresh_state, position, self.process_index, self.process_count, workers)
+      ).encode()
+    )
 
   def _restart_after(self, frontiers, fresh_state: dict) -> None:
     position = resume.restart_position(frontiers, self.process_count, int(fresh_state[resume.WORKER_COUNT]))
     self._restart_at(position, fresh_state)
-    logging.info("%s: the saved data position belongs to another number of processes or workers; continuing the "
-                 "global stream at position %d (the furthest saved one was %d)", self.what, position,
-                 max(frontiers) - 1)
+    logging.info(
+      "%s: the saved data position belongs to another number of processes or workers; continuing the "
+      "global stream at position %d (the furthest saved one was %d)",
+      self.what,
+      position,
+      max(frontiers) - 1,
+    )
 
   def _set_counts(self, read: int, skipped: int, quiet: bool = False) -> None:
     self.read, self.skipped = read, skipped

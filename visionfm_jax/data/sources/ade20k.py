@@ -45,7 +45,7 @@ def class_names() -> tuple[str, ...]:
 
 def _label_table() -> np.ndarray:
   table = np.full(256, IGNORE, np.uint8)
-  table[1:NUM_CLASSES + 1] = np.arange(NUM_CLASSES, dtype=np.uint8)
+  table[1 : NUM_CLASSES + 1] = np.arange(NUM_CLASSES, dtype=np.uint8)
   return table
 
 
@@ -81,8 +81,10 @@ class ADE20KSource:
     annotations = {p.name for p in self.annotation_dir.iterdir()}
     missing = [f for f in self.files if Path(f).stem + ".png" not in annotations]
     if missing:
-      raise DataError(f"ADE20K: {len(missing)} images in {self.image_dir} have no <stem>.png in "
-                      f"{self.annotation_dir}, e.g. {missing[:3]}")
+      raise DataError(
+        f"ADE20K: {len(missing)} images in {self.image_dir} have no <stem>.png in "
+        f"{self.annotation_dir}, e.g. {missing[:3]}"
+      )
 
   def __len__(self) -> int:
     return len(self.files)
@@ -110,5 +112,6 @@ def _open(request: Request) -> ADE20KSource:
     return ADE20KSource(request.name, request.split)
 
 
-SOURCE_KIND = SourceKind("ade20k", "'ade20k:<root>'", _open, lambda name, data_cfg, what: list(class_names()),
-                         folder=True)
+SOURCE_KIND = SourceKind(
+  "ade20k", "'ade20k:<root>'", _open, lambda name, data_cfg, what: list(class_names()), folder=True
+)

@@ -42,6 +42,7 @@ def annotation_file(root: str, split: str) -> Path:
 class CocoIndex:
   """One annotation file in arrays. Images sorted by id; annotations grouped by image (`offsets`, in file
   order within an image), every field of the evaluator's ground truth kept."""
+
   category_ids: tuple[int, ...]  # COCO id of each contiguous class
   class_names: tuple[str, ...]
   image_ids: np.ndarray  # int64 (N,)
@@ -88,17 +89,26 @@ def _parse(path: Path) -> CocoIndex:
     ann_ids = np.array([a["id"] for a in annotations], np.int64)
     sizes = np.array([(im["height"], im["width"]) for im in images], np.int32).reshape(-1, 2)
   except KeyError as e:
-    raise DataError(f"COCO: {path}: an annotation or image lacks a field or names an unknown image/category id "
-                    f"({e})") from e
+    raise DataError(
+      f"COCO: {path}: an annotation or image lacks a field or names an unknown image/category id ({e})"
+    ) from e
   except (ValueError, TypeError) as e:
     raise DataError(f"COCO: {path}: malformed annotation: {e}") from e
   order = np.argsort(rows, kind="stable")
   offsets = np.searchsorted(rows[order], np.arange(len(images) + 1))
-  return CocoIndex(category_ids=category_ids, class_names=tuple(str(c["name"]) for c in categories),
-                   image_ids=np.array([im["id"] for im in images], np.int64),
-                   file_names=tuple(str(im["file_name"]) for im in images), sizes=sizes, offsets=offsets,
-                   bbox=bbox[order], classes=classes[order], area=area[order], iscrowd=iscrowd[order],
-                   ann_ids=ann_ids[order])
+  return CocoIndex(
+    category_ids=category_ids,
+    class_names=tuple(str(c["name"]) for c in categories),
+    image_ids=np.array([im["id"] for im in images], np.int64),
+    file_names=tuple(str(im["file_name"]) for im in images),
+    sizes=sizes,
+    offsets=offsets,
+    bbox=bbox[order],
+    classes=classes[order],
+    area=area[order],
+    iscrowd=iscrowd[order],
+    ann_ids=ann_ids[order],
+  )
 
 
 @functools.lru_cache(maxsize=2)
@@ -144,8 +154,10 @@ class CocoSource:
     record = {"image": None, "boxes": boxes, "classes": classes, "image_id": int(self.index.image_ids[row])}
     path = self.image_dir / self.index.file_names[row]
     if limits.resolve_inside(str(path), self._real_image_dir, self._resolved_folders) is None:
-      transforms.count_failure(f"COCO image {path}", DataError(
-          f"{limits.OUTSIDE_ROOT}: the annotation file names a path outside {self.image_dir}"))
+      transforms.count_failure(
+        f"COCO image {path}",
+        DataError(f"{limits.OUTSIDE_ROOT}: the annotation file names a path outside {self.image_dir}"),
+      )
       return record
     try:
       record["image"] = path.read_bytes()
@@ -160,14 +172,24 @@ class CocoSource:
     images, annotations = [], []
     for row in rows.tolist():
       height, width = index.sizes[row].tolist()
-      images.append({"id": int(index.image_ids[row]), "height": height, "width": width,
-                     "file_name": index.file_names[row]})
+      images.append(
+        {"id": int(index.image_ids[row]), "height": height, "width": width, "file_name": index.file_names[row]}
+      )
       for a in range(index.offsets[row], index.offsets[row + 1]):
-        annotations.append({"id": int(index.ann_ids[a]), "image_id": int(index.image_ids[row]),
-                            "category_id": int(index.classes[a]), "bbox": index.bbox[a].tolist(),
-                            "area": float(index.area[a]), "iscrowd": int(index.iscrowd[a])})
-    categories = [{"id": c, "name": name, "coco_id": cid}
-                  for c, (cid, name) in enumerate(zip(index.category_ids, index.class_names))]
+        annotations.append(
+          {
+            "id": int(index.ann_ids[a]),
+            "image_id": int(index.image_ids[row]),
+            "category_id": int(index.classes[a]),
+            "bbox": index.bbox[a].tolist(),
+            "area": float(index.area[a]),
+            "iscrowd": int(index.iscrowd[a]),
+          }
+        )
+    categories = [
+      {"id": c, "name": name, "coco_id": cid}
+      for c, (cid, name) in enumerate(zip(index.category_ids, index.class_names))
+    ]
     return {"images": images, "annotations": annotations, "categories": categories}
 
   def __repr__(self) -> str:

@@ -31,8 +31,14 @@ def _open_shapes(request: Request) -> ShapesSource:
   data_cfg = request.data_cfg
   if request.name == "images":
     return ShapesSource(request.split, _size(request), data_cfg.image_size, seed=shapes.IMAGES_SEED, annotated=False)
-  return ShapesSource(request.split, _size(request), data_cfg.image_size, seed=shapes.SEED,
-                      caption_style=data_cfg.shapes_captions, mixed_aspect=request.name == "mixed_aspect")
+  return ShapesSource(
+    request.split,
+    _size(request),
+    data_cfg.image_size,
+    seed=shapes.SEED,
+    caption_style=data_cfg.shapes_captions,
+    mixed_aspect=request.name == "mixed_aspect",
+  )
 
 
 def _shapes_class_names(name: str, data_cfg, what: str) -> list[str]:
@@ -43,11 +49,22 @@ def _shapes_class_names(name: str, data_cfg, what: str) -> list[str]:
 
 def _open_scenes(request: Request) -> ScenesSource:
   data_cfg = request.data_cfg
-  return ScenesSource(request.split, _size(request), data_cfg.image_size, seed=shapes.SEED,
-                      max_objects=data_cfg.scenes_max_objects)
+  return ScenesSource(
+    request.split, _size(request), data_cfg.image_size, seed=shapes.SEED, max_objects=data_cfg.scenes_max_objects
+  )
 
 
-SHAPES = SourceKind("shapes", "'shapes', 'shapes:images', 'shapes:mixed_aspect'", _open_shapes, _shapes_class_names,
-                    parse=lambda rest: (rest, "") if rest in SHAPES_NAMES else None)
-SCENES = SourceKind("scenes", "'scenes'", _open_scenes, lambda name, data_cfg, what: list(SHAPE_NAMES),
-                    parse=lambda rest: ("", "") if not rest else None)
+SHAPES = SourceKind(
+  "shapes",
+  "'shapes', 'shapes:images', 'shapes:mixed_aspect'",
+  _open_shapes,
+  _shapes_class_names,
+  parse=lambda rest: (rest, "") if rest in SHAPES_NAMES else None,
+)
+SCENES = SourceKind(
+  "scenes",
+  "'scenes'",
+  _open_scenes,
+  lambda name, data_cfg, what: list(SHAPE_NAMES),
+  parse=lambda rest: ("", "") if not rest else None,
+)

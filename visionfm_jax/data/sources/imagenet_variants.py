@@ -39,8 +39,12 @@ from visionfm_jax.errors import DataError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 # kind -> (the asset listing its classes' WordNet ids, whether its folders are named by class index)
-KINDS = {"imagenet_a": ("imagenet_a_wnids.txt", False), "imagenet_r": ("imagenet_r_wnids.txt", False),
-         "imagenet_sketch": ("imagenet_wnids.txt", False), "imagenetv2": ("imagenet_wnids.txt", True)}
+KINDS = {
+  "imagenet_a": ("imagenet_a_wnids.txt", False),
+  "imagenet_r": ("imagenet_r_wnids.txt", False),
+  "imagenet_sketch": ("imagenet_wnids.txt", False),
+  "imagenetv2": ("imagenet_wnids.txt", True),
+}
 VARIANTS_HINT = "see docs/data_preparation.md, 'Zero-shot benchmarks: ImageNet variants'"
 
 
@@ -72,6 +76,7 @@ def _folder_names(kind: str) -> list[str]:
 @dataclasses.dataclass(frozen=True, eq=False)
 class ImageFolderSource:
   """Random access to a variant's images: record i is {'image': bytes, 'label': labels[i]}."""
+
   kind: str
   root: Path
   paths: tuple[Path, ...]
@@ -94,8 +99,10 @@ class ImageFolderSource:
 
 
 def _images(folder: Path) -> list[Path]:
-  return sorted((Path(e.path) for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)),
-                key=lambda p: p.name)
+  return sorted(
+    (Path(e.path) for e in os.scandir(folder) if e.is_file() and e.name.lower().endswith(IMAGE_SUFFIXES)),
+    key=lambda p: p.name,
+  )
 
 
 def _shown(names: list[str]) -> str:
@@ -111,8 +118,9 @@ def open_variant(kind: str, root: str) -> ImageFolderSource:
   present = {e.name for e in os.scandir(root_path) if e.is_dir() and not e.name.startswith(".")}
   missing = [name for name in expected if name not in present]
   if missing:
-    raise DataError(f"{root_path} lacks {len(missing)} of the {len(expected)} class folders of {kind}: "
-                    f"{_shown(missing)}")
+    raise DataError(
+      f"{root_path} lacks {len(missing)} of the {len(expected)} class folders of {kind}: {_shown(missing)}"
+    )
   unknown = sorted(present - set(expected))
   if unknown:
     raise DataError(f"{root_path} holds {len(unknown)} folders that are not classes of {kind}: {_shown(unknown)}")

@@ -22,6 +22,7 @@ class Request:
   a TFDS name; '' for a bare '<kind>'); `split`, the spec's split, else the configured one; `data_cfg`,
   config.data; `what`, the field and spec for messages ("config.data.mixture[1]='coco:/data'"); `training`, for
   a training loader."""
+
   name: str
   split: str
   data_cfg: Any
@@ -42,6 +43,7 @@ class SourceKind:
   kind, whose rest is any non-empty path, read from that path on disk. `parse(rest)`: (name, split), None for a
   malformed rest, for a kind that is no folder. `disk_path(request)`: what the spec reads from disk (its glob,
   its root folder), when that is not the folder's path itself."""
+
   name: str
   usage: str
   open: Callable[[Request], Any]

@@ -162,10 +162,13 @@ def write_metadata(directory, *, kind: str, splits: dict, classes: list[str] | N
   os.makedirs(os.fspath(directory), exist_ok=True)
   path = os.path.join(os.fspath(directory), METADATA_FILE)
   metadata = read_metadata(directory) or {}
-  if metadata and (metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in
-                                                    (None, list(classes)))):
-    raise DataError(f"{path} describes a different data set (kind {metadata.get('kind')!r} or other classes); "
-                    f"write to another directory")
+  if metadata and (
+    metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in (None, list(classes)))
+  ):
+    raise DataError(
+      f"{path} describes a different data set (kind {metadata.get('kind')!r} or other classes); "
+      f"write to another directory"
+    )
   metadata.update(format=FORMAT, kind=kind, **extra)
   if classes is not None:
     metadata["classes"] = list(classes)
@@ -224,8 +227,9 @@ def listing(pattern: str) -> tuple[str, list[str]]:
   return root, names
 
 
-def listed_numbers(pattern: str, metadata: dict | None, directory: str, root: str,
-                   names: list[str]) -> dict[str, np.ndarray]:
+def listed_numbers(
+  pattern: str, metadata: dict | None, directory: str, root: str, names: list[str]
+) -> dict[str, np.ndarray]:
   """{split: per shard its dataset.json entry lists, its number in `listing`'s (`root`, `names`), -1 for one not
   among them} of the splits of `metadata` (dataset.json in `directory`) whose shards `pattern` matches."""
   numbers, number_of = {}, None
@@ -254,8 +258,10 @@ def class_names(pattern: str) -> list[str]:
   files = matching_files(pattern)
   metadata = read_metadata(os.path.dirname(files[0]))
   if not metadata or not metadata.get("classes"):
-    raise DataError(f"arrayrecord source {pattern!r}: no class names (no {METADATA_FILE} with 'classes' "
-                    f"next to {files[0]}); image-text pairs have no class labels")
+    raise DataError(
+      f"arrayrecord source {pattern!r}: no class names (no {METADATA_FILE} with 'classes' "
+      f"next to {files[0]}); image-text pairs have no class labels"
+    )
   path = os.path.join(os.path.dirname(files[0]), METADATA_FILE)
   problem = classes_problem(metadata)
   if problem:
@@ -276,8 +282,10 @@ def classes_problem(metadata: dict) -> str:
     counts = entry.get("class_counts") if isinstance(entry, dict) else None
     labels = [label for label, n in enumerate(counts) if n] if isinstance(counts, list) else []
     if labels and labels[-1] >= len(classes):
-      return (f"split {split!r} holds records of label {labels[-1]} ('class_counts'), but 'classes' names "
-              f"{len(classes)} (labels 0 to {len(classes) - 1})")
+      return (
+        f"split {split!r} holds records of label {labels[-1]} ('class_counts'), but 'classes' names "
+        f"{len(classes)} (labels 0 to {len(classes) - 1})"
+      )
   return ""
 
 
@@ -285,15 +293,18 @@ def _some(names: list[str], shown: int = 5) -> str:
   return ", ".join(names[:shown]) + (f" ... ({len(names)} in all)" if len(names) > shown else "")
 
 
-REPREPARE = ("prepare it again with the same command (datatools.prepare_data keeps only the shards it wrote, whole, "
-             "and rewrites the others)")
+REPREPARE = (
+  "prepare it again with the same command (datatools.prepare_data keeps only the shards it wrote, whole, "
+  "and rewrites the others)"
+)
 
 
 def _listed_shards(pattern: str, metadata: dict) -> dict[str, dict]:
   """{split: its dataset.json entry} of the splits whose shards the file-name part of `pattern` matches."""
   matches = re.compile(fnmatch.translate(os.path.basename(pattern))).match
-  return {split: entry for split, entry in metadata.get("splits", {}).items()
-          if any(map(matches, entry.get("shards") or ()))}
+  return {
+    split: entry for split, entry in metadata.get("splits", {}).items() if any(map(matches, entry.get("shards") or ()))
+  }
 
 
 def check_shards_present(pattern: str, directory: str, numbers: dict[str, np.ndarray], metadata: dict | None) -> None:
@@ -303,15 +314,21 @@ def check_shards_present(pattern: str, directory: str, numbers: dict[str, np.nda
     return
   matches = re.compile(fnmatch.translate(os.path.basename(pattern))).match
   splits = metadata["splits"]
-  missing = sorted(name for split, of_split in numbers.items() for at in np.flatnonzero(of_split < 0)
-                   for name in [splits[split]["shards"][at]] if matches(name))
+  missing = sorted(
+    name
+    for split, of_split in numbers.items()
+    for at in np.flatnonzero(of_split < 0)
+    for name in [splits[split]["shards"][at]]
+    if matches(name)
+  )
   if missing:
-    raise DataError(f"arrayrecord source {pattern!r}: {os.path.join(directory, METADATA_FILE)} lists shards that "
-                    f"are not in {directory}: {_some(missing)}; {REPREPARE}")
+    raise DataError(
+      f"arrayrecord source {pattern!r}: {os.path.join(directory, METADATA_FILE)} lists shards that "
+      f"are not in {directory}: {_some(missing)}; {REPREPARE}"
+    )
 
 
-def check_record_counts(pattern: str, directory: str, per_file: dict[str, int] | None,
-                        metadata: dict | None) -> None:
+def check_record_counts(pattern: str, directory: str, per_file: dict[str, int] | None, metadata: dict | None) -> None:
   """DataError when a split's shards hold another number of records than `dataset.json` in `directory` counts
   (`per_file`: {path: records}), naming the shards whose sidecar (`sidecar_path`) counts differ from their files."""
   if not metadata or per_file is None:
@@ -322,11 +339,17 @@ def check_record_counts(pattern: str, directory: str, per_file: dict[str, int] |
       continue
     on_disk = sum(per_file[p] for p in paths)
     if on_disk != entry["records"]:
-      short = [f"{p} ({per_file[p]} of {count})" for p in paths
-               for count in [_sidecar_count(p)] if count is not None and count != per_file[p]]
-      raise DataError(f"arrayrecord source {pattern!r}: split {split!r} holds {on_disk} records, "
-                      f"{os.path.join(directory, METADATA_FILE)} counts {entry['records']}"
-                      f"{'; short: ' + _some(short) if short else ''}; {REPREPARE}")
+      short = [
+        f"{p} ({per_file[p]} of {count})"
+        for p in paths
+        for count in [_sidecar_count(p)]
+        if count is not None and count != per_file[p]
+      ]
+      raise DataError(
+        f"arrayrecord source {pattern!r}: split {split!r} holds {on_disk} records, "
+        f"{os.path.join(directory, METADATA_FILE)} counts {entry['records']}"
+        f"{'; short: ' + _some(short) if short else ''}; {REPREPARE}"
+      )
 
 
 def _sidecar_count(path: str) -> int | None:
@@ -368,12 +391,14 @@ class ArrayRecordSource:
     self.metadata = read_metadata(directory)
     numbers = listed_numbers(pattern, self.metadata, directory, self._root, self._names)
     check_shards_present(pattern, directory, numbers, self.metadata)
-    self._table, self._index_of, self._index_paths = shard_table(pattern, self._root, self._names, directory, numbers,
-                                                                 self.metadata)
+    self._table, self._index_of, self._index_paths = shard_table(
+      pattern, self._root, self._names, directory, numbers, self.metadata
+    )
     self._ends = np.cumsum(self._table["records"], dtype=np.int64)
     kind = (self.metadata or {}).get("kind")
     self._placeholder = {"classification": {"image": None, "label": 0}, "images": {"image": None}}.get(
-        kind, {"image": None, "caption": ""})
+      kind, {"image": None, "caption": ""}
+    )
     self._metadata_digest = _metadata_digest(pattern, self.metadata)
     self._reset_process_state()
 
@@ -408,8 +433,10 @@ class ArrayRecordSource:
   def _changed(self, number: int, how: str) -> ShardChanged:
     index = int(self._index_of[number])
     against = f"its index {self._index_paths[index]}" if index >= 0 else "the footer read when the source opened"
-    return ShardChanged(f"arrayrecord source {self.pattern!r}: {self._path(number)} is not the shard {against} "
-                        f"describes: {how} (truncated or replaced); {REPREPARE}")
+    return ShardChanged(
+      f"arrayrecord source {self.pattern!r}: {self._path(number)} is not the shard {against} "
+      f"describes: {how} (truncated or replaced); {REPREPARE}"
+    )
 
   def _open_shard(self, number: int):
     """The reader of shard `number`, checked against its row: its size and postscript at this process's first
@@ -439,8 +466,10 @@ class ArrayRecordSource:
       how = self._differs(number, vanished=None)
       if how:
         raise self._changed(number, how) from e
-      raise DataError(f"arrayrecord source {self.pattern!r}: {self._path(number)} cannot be opened any more "
-                      f"({e.__cause__}); it changed or vanished while training; {REPREPARE}") from e
+      raise DataError(
+        f"arrayrecord source {self.pattern!r}: {self._path(number)} cannot be opened any more "
+        f"({e.__cause__}); it changed or vanished while training; {REPREPARE}"
+      ) from e
     except (ValueError, RuntimeError) as e:  # RuntimeError: riegeli's chunk checksum, a truncated chunk
       how = self._differs(number) if isinstance(e, RuntimeError) else None
       if how:
@@ -485,8 +514,9 @@ def gc_paused():
 FOOTER_THREADS = 32  # files whose footers are read at once when a source opens (I/O bound on shared file systems)
 
 
-def shard_table(pattern: str, root: str, names: list[str], directory: str, numbers: dict[str, np.ndarray],
-                metadata: dict | None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def shard_table(
+  pattern: str, root: str, names: list[str], directory: str, numbers: dict[str, np.ndarray], metadata: dict | None
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(a shard_index.DTYPE row per file of `listing`'s (`root`, `names`), per file the number in the third, the
   paths of the indexes read, of the index its row comes from: -1 for a file no index covers, whose footer is read
   (and checked against dataset.json's counts)). `numbers`: `listed_numbers` of `directory`, whose dataset.json
@@ -504,8 +534,13 @@ def shard_table(pattern: str, root: str, names: list[str], directory: str, numbe
   rest = np.flatnonzero(index_of < 0)
   if len(rest):
     if metadata:
-      logging.info("arrayrecord source %r: %d of %d shards have no shard index; their footers are read (rerun "
-                   "datatools.prepare_data to write it)", pattern, len(rest), len(names))
+      logging.info(
+        "arrayrecord source %r: %d of %d shards have no shard index; their footers are read (rerun "
+        "datatools.prepare_data to write it)",
+        pattern,
+        len(rest),
+        len(names),
+      )
     paths = [os.path.join(root, names[number]) for number in rest]
     table[rest] = np.array(read_footers(pattern, paths), shard_index.DTYPE)
     check_record_counts(pattern, directory, dict(zip(paths, table["records"][rest].tolist())), metadata)
@@ -515,19 +550,23 @@ def shard_table(pattern: str, root: str, names: list[str], directory: str, numbe
 def read_footers(pattern: str, files: list[str]) -> list[tuple[int, int, int]]:
   """`shard_index.measure` of every file, read on FOOTER_THREADS threads; DataError naming the files that cannot
   be read as ArrayRecord (a truncated shard has no footer)."""
+
   def attempt(path):
     try:
       return shard_index.measure(path)
     except (RuntimeError, OSError, ValueError) as e:
       return e
+
   with concurrent.futures.ThreadPoolExecutor(min(FOOTER_THREADS, len(files))) as pool:
     results = list(pool.map(attempt, files))
   unreadable = [(path, result) for path, result in zip(files, results) if isinstance(result, Exception)]
   if unreadable:
     reason = unreadable[0][1]
-    raise DataError(f"arrayrecord source {pattern!r}: cannot read {_some([p for p, _ in unreadable])} as ArrayRecord "
-                    f"(truncated or not written by datatools.prepare_data?): {reason or type(reason).__name__}; "
-                    f"{REPREPARE}")
+    raise DataError(
+      f"arrayrecord source {pattern!r}: cannot read {_some([p for p, _ in unreadable])} as ArrayRecord "
+      f"(truncated or not written by datatools.prepare_data?): {reason or type(reason).__name__}; "
+      f"{REPREPARE}"
+    )
   return results
 
 
@@ -541,8 +580,10 @@ def write_index(directory, split: str) -> dict:
   files = [os.path.join(directory, name) for name in entry["shards"]]
   table = np.array(read_footers(os.path.join(directory, f"{split}-*"), files) if files else [], shard_index.DTYPE)
   if int(table["records"].sum()) != entry.get("records"):
-    raise DataError(f"{os.path.join(directory, METADATA_FILE)}: split {split!r} counts {entry.get('records')} records, "
-                    f"its shards hold {int(table['records'].sum())}; {REPREPARE}")
+    raise DataError(
+      f"{os.path.join(directory, METADATA_FILE)}: split {split!r} counts {entry.get('records')} records, "
+      f"its shards hold {int(table['records'].sum())}; {REPREPARE}"
+    )
   entry[shard_index.KEY] = shard_index.save(directory, split, table)
   metadata["splits"][split] = entry
   atomic.write_json(os.path.join(directory, METADATA_FILE), metadata, indent=1)
@@ -555,13 +596,16 @@ def _metadata_digest(pattern: str, metadata: dict | None) -> str | None:
   leaves it as it is."""
   if not metadata:
     return None
-  splits = {split: {k: v for k, v in entry.items() if k not in ("small_images", shard_index.KEY)}
-            for split, entry in _listed_shards(pattern, metadata).items()}
+  splits = {
+    split: {k: v for k, v in entry.items() if k not in ("small_images", shard_index.KEY)}
+    for split, entry in _listed_shards(pattern, metadata).items()
+  }
   described = {"kind": metadata.get("kind"), "classes": metadata.get("classes"), "splits": splits}
   return hashlib.sha256(json.dumps(described, sort_keys=True).encode()).hexdigest()
 
 
 # ------------------------------------------------------------------------------ the 'arrayrecord' source kind
+
 
 def _open(request: Request) -> ArrayRecordSource:
   with request.errors_named():
@@ -573,5 +617,11 @@ def _train_class_names(pattern: str, data_cfg, what: str) -> list[str]:
     return class_names(split_pattern(pattern, data_cfg.train_split))
 
 
-SOURCE_KIND = SourceKind("arrayrecord", "'arrayrecord:<glob>'", _open, _train_class_names, folder=True,
-                         disk_path=lambda request: split_pattern(request.name, request.split))
+SOURCE_KIND = SourceKind(
+  "arrayrecord",
+  "'arrayrecord:<glob>'",
+  _open,
+  _train_class_names,
+  folder=True,
+  disk_path=lambda request: split_pattern(request.name, request.split),
+)

@@ -32,9 +32,19 @@ from visionfm_jax.data.sources.kind import Request, SourceKind
 from visionfm_jax.errors import ConfigError, DataError
 
 # The one table: every kind by its name, in the order a malformed spec's message lists them.
-KINDS: dict[str, SourceKind] = {kind.name: kind for kind in (
-    embedded_sets.SHAPES, embedded_sets.SCENES, tfds_prepared.SOURCE_KIND, records.SOURCE_KIND, wds.SOURCE_KIND,
-    ade20k.SOURCE_KIND, coco.SOURCE_KIND, *imagenet_variants.SOURCE_KINDS)}
+KINDS: dict[str, SourceKind] = {
+  kind.name: kind
+  for kind in (
+    embedded_sets.SHAPES,
+    embedded_sets.SCENES,
+    tfds_prepared.SOURCE_KIND,
+    records.SOURCE_KIND,
+    wds.SOURCE_KIND,
+    ade20k.SOURCE_KIND,
+    coco.SOURCE_KIND,
+    *imagenet_variants.SOURCE_KINDS,
+  )
+}
 
 
 def _parse(spec: str, what: str | None = None) -> tuple[str, str, str]:
@@ -74,8 +84,13 @@ def eval_source_spec(data_cfg) -> str:
 def eval_source_what(data_cfg) -> str:
   """The eval source for messages: the field `eval_source_spec` takes it from, and its spec
   ("config.data.mixture[0]='shapes:images'")."""
-  field = ("config.data.eval_source" if data_cfg.get("eval_source") else "config.data.source" if data_cfg.source
-           else "config.data.mixture[0]")
+  field = (
+    "config.data.eval_source"
+    if data_cfg.get("eval_source")
+    else "config.data.source"
+    if data_cfg.source
+    else "config.data.mixture[0]"
+  )
   return f"{field}={eval_source_spec(data_cfg)!r}"
 
 
@@ -87,14 +102,21 @@ def train_specs(data_cfg) -> list[tuple[str, str, float]]:
   if not mixture:
     return [(_source_what(data_cfg.source), data_cfg.source, 1.0)]
   if data_cfg.source:
-    raise ConfigError(f"config.data.mixture is set ({len(mixture)} entries) and config.data.source="
-                      f"{data_cfg.source!r}: set --config.data.source='' to train on the mixture, or "
-                      f"config.data.mixture=() to train on the source alone")
+    raise ConfigError(
+      f"config.data.mixture is set ({len(mixture)} entries) and config.data.source="
+      f"{data_cfg.source!r}: set --config.data.source='' to train on the mixture, or "
+      f"config.data.mixture=() to train on the source alone"
+    )
   entries = []
   for i, entry in enumerate(mixture):
     field = f"config.data.mixture[{i}]"
-    if not (isinstance(entry, (tuple, list)) and len(entry) == 2 and isinstance(entry[0], str)
-            and isinstance(entry[1], (int, float)) and not isinstance(entry[1], bool)):
+    if not (
+      isinstance(entry, (tuple, list))
+      and len(entry) == 2
+      and isinstance(entry[0], str)
+      and isinstance(entry[1], (int, float))
+      and not isinstance(entry[1], bool)
+    ):
       raise ConfigError(f"{field}={entry!r}: expected a (source spec, weight) pair")
     spec, weight = entry
     if not spec:

@@ -108,15 +108,21 @@ def load(directory: str, split: str, entry: dict) -> tuple[np.ndarray, str] | No
     with open(path, "rb") as f:
       data = f.read()
   except OSError as e:
-    raise DataError(f"{path}: the shard index {os.path.join(directory, 'dataset.json')} names cannot be read "
-                    f"({e.strerror or e}); {hint}") from e
+    raise DataError(
+      f"{path}: the shard index {os.path.join(directory, 'dataset.json')} names cannot be read "
+      f"({e.strerror or e}); {hint}"
+    ) from e
   if hashlib.sha256(data).hexdigest() != named.get("sha256"):
-    raise DataError(f"{path}: not the shard index dataset.json records (another digest): written by another "
-                    f"preparation, or damaged; {hint}")
+    raise DataError(
+      f"{path}: not the shard index dataset.json records (another digest): written by another "
+      f"preparation, or damaged; {hint}"
+    )
   table = np.load(io.BytesIO(data), allow_pickle=False)
   shards = entry.get("shards") or []
   records = int(table["records"].sum()) if table.dtype == DTYPE else None
   if records is None or len(table) != len(shards) or records != entry.get("records"):
-    raise DataError(f"{path}: indexes {len(table)} shards of {records} records, dataset.json lists {len(shards)} of "
-                    f"{entry.get('records')}; {hint}")
+    raise DataError(
+      f"{path}: indexes {len(table)} shards of {records} records, dataset.json lists {len(shards)} of "
+      f"{entry.get('records')}; {hint}"
+    )
   return table, path

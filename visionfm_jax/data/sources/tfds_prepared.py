@@ -45,30 +45,41 @@ def _folder(name: str, data_dir: Path) -> Path:
 def _check_prepared(name: str, split: str, data_dir: Path) -> None:
   """Fails fast (no TFDS call, so no download attempt) when `name` has no dataset_info.json."""
   folder = _folder(name, data_dir)
-  found = [p for pattern in ("dataset_info.json", "*/dataset_info.json", "*/*/dataset_info.json")
-           for p in folder.glob(pattern) if "incomplete" not in str(p.relative_to(folder))]
+  found = [
+    p
+    for pattern in ("dataset_info.json", "*/dataset_info.json", "*/*/dataset_info.json")
+    for p in folder.glob(pattern)
+    if "incomplete" not in str(p.relative_to(folder))
+  ]
   if not found:
-    raise DataError(f"TFDS dataset {name!r} (split {split!r}) is not prepared: no dataset_info.json under "
-                    f"{folder} (data dir {data_dir}, from config.data.data_dir, $TFDS_DATA_DIR or "
-                    f"~/tensorflow_datasets); {PREPARE_HINT}")
+    raise DataError(
+      f"TFDS dataset {name!r} (split {split!r}) is not prepared: no dataset_info.json under "
+      f"{folder} (data dir {data_dir}, from config.data.data_dir, $TFDS_DATA_DIR or "
+      f"~/tensorflow_datasets); {PREPARE_HINT}"
+    )
 
 
 def _open(request: Request):
   name, split, data_dir = request.name, request.split, tfds_data_dir(request.data_cfg)
   _check_prepared(name, split, data_dir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
-    return tfds.data_source(name, split=split, data_dir=str(data_dir), download=False,
-                            decoders={"image": tfds.decode.SkipDecoding()})
+    return tfds.data_source(
+      name, split=split, data_dir=str(data_dir), download=False, decoders={"image": tfds.decode.SkipDecoding()}
+    )
   except Exception as e:  # pylint: disable=broad-except
-    raise DataError(f"TFDS dataset {name!r} (split {split!r}) in {data_dir} cannot be read as ArrayRecord: "
-                    f"{type(e).__name__}: {str(e)[:500]}; {PREPARE_HINT}") from e
+    raise DataError(
+      f"TFDS dataset {name!r} (split {split!r}) in {data_dir} cannot be read as ArrayRecord: "
+      f"{type(e).__name__}: {str(e)[:500]}; {PREPARE_HINT}"
+    ) from e
 
 
 def _label_feature(name: str, data_cfg):
   data_dir = tfds_data_dir(data_cfg)
   _check_prepared(name, "-", data_dir)
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
   try:
     features = tfds.builder(name, data_dir=str(data_dir)).info.features
   except Exception as e:  # pylint: disable=broad-except
@@ -79,6 +90,10 @@ def _label_feature(name: str, data_cfg):
 
 
 SOURCE_KIND = SourceKind(
-    "tfds", "'tfds:<name>[:<version>][:<split>]'", _open,
-    class_names=lambda name, data_cfg, what: list(_label_feature(name, data_cfg).names), parse=parse,
-    disk_path=lambda request: str(_folder(request.name, tfds_data_dir(request.data_cfg))))  # as _check_prepared looks
+  "tfds",
+  "'tfds:<name>[:<version>][:<split>]'",
+  _open,
+  class_names=lambda name, data_cfg, what: list(_label_feature(name, data_cfg).names),
+  parse=parse,
+  disk_path=lambda request: str(_folder(request.name, tfds_data_dir(request.data_cfg))),
+)  # as _check_prepared looks

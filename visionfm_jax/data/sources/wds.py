@@ -48,17 +48,21 @@ INDEX_SUFFIX = ".index.npz"
 INDEX_FORMAT = "visionfm_jax.wds_index/2"
 SCORES = ("similarity", "pwatermark", "punsafe")  # the index's score columns, NaN where a sample has none
 MEMBERS = ("image", "caption", "meta")  # the index's (offset, size) columns; (-1, 0): no such member
-INDEX_HINT = ("index the tars with python -m visionfm_jax.datatools.index_tars --input=GLOB [--index_dir=DIR] (see "
-              "docs/data_preparation.md)")
+INDEX_HINT = (
+  "index the tars with python -m visionfm_jax.datatools.index_tars --input=GLOB [--index_dir=DIR] (see "
+  "docs/data_preparation.md)"
+)
 
 
 # ------------------------------------------------------------------------------------------ score filter
+
 
 @dataclasses.dataclass(frozen=True)
 class ScoreFilter:
   """LAION's scores from each sample's .json: keep similarity >= min_similarity, pwatermark <= max_pwatermark,
   punsafe <= max_punsafe (None: no such condition). A sample without a score a condition needs fails it. A
   rejected sample counts under the first condition it fails, in SCORES order."""
+
   min_similarity: float | None = None
   max_pwatermark: float | None = None
   max_punsafe: float | None = None
@@ -76,9 +80,9 @@ class ScoreFilter:
     condition, -1 when kept."""
     scores = np.asarray(scores, np.float64).reshape(-1, len(SCORES))
     failed = np.zeros(scores.shape, bool)
-    for column, (limit, keep) in enumerate(((self.min_similarity, np.greater_equal),
-                                            (self.max_pwatermark, np.less_equal),
-                                            (self.max_punsafe, np.less_equal))):
+    for column, (limit, keep) in enumerate(
+      ((self.min_similarity, np.greater_equal), (self.max_pwatermark, np.less_equal), (self.max_punsafe, np.less_equal))
+    ):
       if limit is not None:
         with np.errstate(invalid="ignore"):
           failed[:, column] = ~keep(scores[:, column], limit)  # NaN compares False: fails
@@ -99,9 +103,11 @@ def scores_of(meta: str | bytes | None) -> tuple[float, float, float]:
     values = {}
   if not isinstance(values, dict):
     values = {}
+
   def number(name):
     value = values.get(name)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else math.nan
+
   return tuple(number(name) for name in SCORES)
 
 
@@ -116,8 +122,10 @@ def parse_spec(spec: str, what: str) -> tuple[str, ScoreFilter, str | None]:
   for option in options:
     name, _, value = option.partition("=")
     if name not in (*SCORE_OPTIONS, "index_dir") or name in values or (name == "index_dir" and index_dir):
-      raise DataError(f"{what}: unknown or repeated wds option {name!r}; options: {', '.join(SCORE_OPTIONS)}, "
-                      f"index_dir (e.g. 'wds:/data/*.tar;min_similarity=0.28;index_dir=/scratch/index')")
+      raise DataError(
+        f"{what}: unknown or repeated wds option {name!r}; options: {', '.join(SCORE_OPTIONS)}, "
+        f"index_dir (e.g. 'wds:/data/*.tar;min_similarity=0.28;index_dir=/scratch/index')"
+      )
     if name == "index_dir":
       if not value:
         raise DataError(f"{what}: wds option {option!r}: expected a folder")
@@ -133,6 +141,7 @@ def parse_spec(spec: str, what: str) -> tuple[str, ScoreFilter, str | None]:
 
 
 # ----------------------------------------------------------------------------------------- tar members
+
 
 def split_member_name(name: str) -> tuple[str, str]:
   """'dir/000123.jpg' -> ('dir/000123', 'jpg'): the WebDataset key (up to the first '.' of the basename) and
@@ -169,8 +178,13 @@ def _refusal(member: tarfile.TarInfo, extension: str) -> str | None:
     return limits.LINK
   if not member.isfile():
     return limits.NOT_A_FILE
-  limit = (limits.MAX_IMAGE_BYTES if extension in IMAGE_EXTENSIONS
-           else limits.MAX_TEXT_BYTES if extension in TEXT_EXTENSIONS else None)
+  limit = (
+    limits.MAX_IMAGE_BYTES
+    if extension in IMAGE_EXTENSIONS
+    else limits.MAX_TEXT_BYTES
+    if extension in TEXT_EXTENSIONS
+    else None
+  )
   return limits.TOO_LARGE if limit is not None and member.size > limit else None
 
 
@@ -206,8 +220,11 @@ def tar_samples(path: str, images: bool = True, left_out: collections.Counter | 
       if left_out is not None:
         left_out.update(refused)
       for key, members in samples.items():
-        sample = {"key": key, "caption": (_text(archive, members.get("txt")) or "").strip(),
-                  "meta": _text(archive, members.get("json"))}
+        sample = {
+          "key": key,
+          "caption": (_text(archive, members.get("txt")) or "").strip(),
+          "meta": _text(archive, members.get("json")),
+        }
         if images:
           image = image_member(members)
           sample["image"] = None if image is None else archive.extractfile(image).read()
@@ -225,6 +242,7 @@ def tar_captions(path: str, left_out: collections.Counter | None = None) -> Iter
 
 
 # ------------------------------------------------------------------------------------------------ index
+
 
 def index_path(tar: str, index_dir: str | None = None) -> str:
   """Where the index of `tar` lies: next to it, or under `index_dir` at the tar's absolute path (so that tars of
@@ -251,9 +269,14 @@ def index_tar(path: str) -> dict:
       spans.append([(m.offset_data, m.size) if m is not None else (-1, 0) for m in found])
       scores.append(scores_of(_text(archive, members.get("json"))))
   spans = np.asarray(spans, np.int64).reshape(-1, len(MEMBERS), 2)
-  return {"keys": np.asarray(keys, dtype=str), **{m: spans[:, i] for i, m in enumerate(MEMBERS)},
-          "scores": np.asarray(scores, np.float64).reshape(-1, len(SCORES)), "incomplete": incomplete,
-          "left_out": np.asarray(json.dumps(dict(sorted(refused.items())))), "tar_size": os.path.getsize(path)}
+  return {
+    "keys": np.asarray(keys, dtype=str),
+    **{m: spans[:, i] for i, m in enumerate(MEMBERS)},
+    "scores": np.asarray(scores, np.float64).reshape(-1, len(SCORES)),
+    "incomplete": incomplete,
+    "left_out": np.asarray(json.dumps(dict(sorted(refused.items())))),
+    "tar_size": os.path.getsize(path),
+  }
 
 
 def write_index(path: str, index_dir: str | None = None) -> dict:
@@ -273,8 +296,11 @@ def write_index(path: str, index_dir: str | None = None) -> dict:
     if os.path.exists(tmp):
       os.remove(tmp)
     raise
-  return {"samples": len(index["keys"]), "incomplete": index["incomplete"],
-          "left_out": json.loads(str(index["left_out"]))}
+  return {
+    "samples": len(index["keys"]),
+    "incomplete": index["incomplete"],
+    "left_out": json.loads(str(index["left_out"])),
+  }
 
 
 def read_index(tar: str, fields: tuple = ("keys", *MEMBERS, "scores"), index_dir: str | None = None) -> dict | None:
@@ -298,6 +324,7 @@ def _size(path: str) -> int:
 
 
 # ----------------------------------------------------------------------------------------------- source
+
 
 def tar_names(pattern: str) -> list[str]:
   """The names ending in .tar that match `pattern`, sorted, from the listing alone (nothing is stat'ed: a cluster
@@ -343,16 +370,27 @@ class WdsSource:
       counts.append(int(np.sum(reasons < 0)))
       self._sizes.append(int(index["tar_size"]))
     if missing:
-      raise DataError(f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
-                      f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
-                      f"{index_path(missing[0], index_dir)}); {INDEX_HINT}")
+      raise DataError(
+        f"wds source {pattern!r}: {len(missing)} of {len(self.tars)} tars have no current index "
+        f"({missing[0]}{', ...' if len(missing) > 1 else ''}: looked for "
+        f"{index_path(missing[0], index_dir)}); {INDEX_HINT}"
+      )
     self._ends = np.cumsum(counts).tolist()
     if self.left_out:
-      logging.warning("wds source %s: %d samples left out by their tars' indexes (%s; data/limits.py)", pattern,
-                      sum(self.left_out.values()), reasons_text(self.left_out))
+      logging.warning(
+        "wds source %s: %d samples left out by their tars' indexes (%s; data/limits.py)",
+        pattern,
+        sum(self.left_out.values()),
+        reasons_text(self.left_out),
+      )
     if score_filter:
-      logging.info("wds source %s: %d samples of %d tars kept, filtered out by %s", pattern, len(self),
-                   len(self.tars), ", ".join(f"{reason} {n}" for reason, n in self.filtered.items()))
+      logging.info(
+        "wds source %s: %d samples of %d tars kept, filtered out by %s",
+        pattern,
+        len(self),
+        len(self.tars),
+        ", ".join(f"{reason} {n}" for reason, n in self.filtered.items()),
+      )
     self._cache = collections.OrderedDict()  # tar number -> its kept rows; per process (not pickled)
     self._files = {}  # tar number -> an open file descriptor
     self._lock = threading.Lock()
@@ -372,8 +410,10 @@ class WdsSource:
       return self._cache[number]
     index = read_index(self.tars[number], index_dir=self.index_dir)
     if index is None:
-      raise DataError(f"wds source {self.pattern!r}: the index of {self.tars[number]} changed or vanished while "
-                      f"training; {INDEX_HINT}")
+      raise DataError(
+        f"wds source {self.pattern!r}: the index of {self.tars[number]} changed or vanished while "
+        f"training; {INDEX_HINT}"
+      )
     keep = self.score_filter.reasons(index["scores"]) < 0
     kept = {name: index[name][keep] for name in ("keys", *MEMBERS)}
     self._cache[number] = kept
@@ -420,8 +460,11 @@ class WdsSource:
     """What names this data (data/loader/identity.py): every tar's name, samples kept and bytes (its index is
     written for that size)."""
     kept = np.diff(self._ends, prepend=0).tolist()
-    return {"source": f"{self.pattern};{self.score_filter}", "records": len(self),
-            "shards": [[tar, n, size] for tar, n, size in zip(self.tars, kept, self._sizes)]}
+    return {
+      "source": f"{self.pattern};{self.score_filter}",
+      "records": len(self),
+      "shards": [[tar, n, size] for tar, n, size in zip(self.tars, kept, self._sizes)],
+    }
 
   def __repr__(self) -> str:
     # Stable across processes: grain compares it when restoring an iterator state.
@@ -429,6 +472,7 @@ class WdsSource:
 
 
 # ------------------------------------------------------------------------------------- the 'wds' source kind
+
 
 def _open(request: Request) -> WdsSource:
   pattern, score_filter, index_dir = parse_spec(request.name, request.what)
@@ -441,5 +485,10 @@ def _no_class_names(name: str, data_cfg, what: str) -> list[str]:
 
 
 SOURCE_KIND = SourceKind(
-    "wds", "'wds:<glob>'", _open, _no_class_names, folder=True,
-    disk_path=lambda request: split_pattern(parse_spec(request.name, request.what)[0], request.split))
+  "wds",
+  "'wds:<glob>'",
+  _open,
+  _no_class_names,
+  folder=True,
+  disk_path=lambda request: split_pattern(parse_spec(request.name, request.what)[0], request.split),
+)

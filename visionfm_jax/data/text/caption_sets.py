@@ -51,13 +51,18 @@ from visionfm_jax.errors import DataError
 KARPATHY_SPLITS = ("train", "restval", "val", "test")
 FLICKR_IMAGES = "flickr30k-images"
 FLICKR_TOKENS = "results_20130124.token"
-SPEC_FORMS = ("coco_karpathy:<root>[:<split>]", "coco_captions:<root>[:<folder>]", "flickr30k:<root>[:<split>]",
-              "flickr30k_tokens:<root>[:<test list>]")
+SPEC_FORMS = (
+  "coco_karpathy:<root>[:<split>]",
+  "coco_captions:<root>[:<folder>]",
+  "flickr30k:<root>[:<split>]",
+  "flickr30k_tokens:<root>[:<test list>]",
+)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class CaptionSet:
   """Images and their captions: caption c describes image caption_image[c]."""
+
   spec: str
   image_paths: tuple[Path, ...]
   captions: tuple[str, ...]
@@ -109,8 +114,13 @@ def image_batches(caption_set: CaptionSet, data_cfg, *, batch_size: int, process
   shares and padding (pipeline.eval_shares, eval_batches) and its image preprocessing for `data_cfg`
   (pipeline.EvalReader). An undecodable image is a padding row (mask False)."""
   share, num_batches = pipeline.eval_shares(len(caption_set), batch_size, process_index, process_count)
-  reader = pipeline.EvalReader(caption_set, data_cfg.image_size, SelectImage(), preprocess=data_cfg.eval_preprocess,
-                               naflex_budget=naflex.settings(data_cfg))
+  reader = pipeline.EvalReader(
+    caption_set,
+    data_cfg.image_size,
+    SelectImage(),
+    preprocess=data_cfg.eval_preprocess,
+    naflex_budget=naflex.settings(data_cfg),
+  )
   return pipeline.eval_batches(reader, share, num_batches, batch_size, threads=pipeline.eval_threads(data_cfg))
 
 
@@ -126,8 +136,12 @@ def open_caption_set(spec: str) -> CaptionSet:
   spec and the path when something is missing or malformed."""
   kind, _, rest = spec.partition(":")
   root, _, option = rest.partition(":")
-  readers = {"coco_karpathy": _coco_karpathy, "coco_captions": _coco_captions, "flickr30k": _flickr30k,
-             "flickr30k_tokens": _flickr30k_tokens}
+  readers = {
+    "coco_karpathy": _coco_karpathy,
+    "coco_captions": _coco_captions,
+    "flickr30k": _flickr30k,
+    "flickr30k_tokens": _flickr30k_tokens,
+  }
   if kind not in readers or not root:
     raise DataError(f"retrieval benchmark {spec!r}: expected one of {', '.join(SPEC_FORMS)}")
   root_path = Path(root).expanduser()
@@ -137,8 +151,9 @@ def open_caption_set(spec: str) -> CaptionSet:
     images, captions = readers[kind](root_path, option)
     return _caption_set(spec, images, captions)
   except DataError as e:
-    raise DataError(f"retrieval benchmark {spec!r}: {e}; see docs/data_preparation.md, 'Retrieval benchmarks: COCO and "
-                    f"Flickr30k'") from e
+    raise DataError(
+      f"retrieval benchmark {spec!r}: {e}; see docs/data_preparation.md, 'Retrieval benchmarks: COCO and Flickr30k'"
+    ) from e
 
 
 def _caption_set(spec: str, images: list[Path], captions: list[list[str]]) -> CaptionSet:
@@ -152,8 +167,12 @@ def _caption_set(spec: str, images: list[Path], captions: list[list[str]]) -> Ca
     shown = ", ".join(str(p) for p in missing[:3])
     raise DataError(f"{len(missing)} of its {len(images)} images are missing: {shown}{', ...' * (len(missing) > 3)}")
   counts = [len(c) for c in captions]
-  return CaptionSet(spec=spec, image_paths=tuple(images), captions=tuple(c for cs in captions for c in cs),
-                    caption_image=np.repeat(np.arange(len(images), dtype=np.int32), counts))
+  return CaptionSet(
+    spec=spec,
+    image_paths=tuple(images),
+    captions=tuple(c for cs in captions for c in cs),
+    caption_image=np.repeat(np.arange(len(images), dtype=np.int32), counts),
+  )
 
 
 def _image(folder: Path, *names: str) -> Path:
@@ -197,16 +216,21 @@ def _karpathy(path: Path, split: str, image_path) -> tuple[list[Path], list[list
         images.append(image_path(entry))
         captions.append([str(s["raw"]).strip() for s in entry["sentences"]])
   except (KeyError, TypeError) as e:
-    raise DataError(f"{path}: an entry lacks a field of Karpathy's layout (images[].split, filename, "
-                    f"sentences[].raw): {type(e).__name__}: {e}") from e
+    raise DataError(
+      f"{path}: an entry lacks a field of Karpathy's layout (images[].split, filename, "
+      f"sentences[].raw): {type(e).__name__}: {e}"
+    ) from e
   if not images:
     raise DataError(f"{path} has no images of split {split!r}")
   return images, captions
 
 
 def _coco_karpathy(root: Path, split: str):
-  return _karpathy(root / "dataset_coco.json", split or "test",
-                   lambda entry: _image(root, entry.get("filepath", ""), entry["filename"]))
+  return _karpathy(
+    root / "dataset_coco.json",
+    split or "test",
+    lambda entry: _image(root, entry.get("filepath", ""), entry["filename"]),
+  )
 
 
 def _flickr30k(root: Path, split: str):
@@ -224,8 +248,10 @@ def read_coco_captions(path: Path) -> list[tuple[int, str, list[str]]]:
     for a in data["annotations"]:
       captions[int(a["image_id"])].append(str(a["caption"]).strip())
   except KeyError as e:
-    raise DataError(f"{path}: an image or annotation lacks a field (images[].id, file_name, annotations[]."
-                    f"image_id, caption) or names an unknown image id ({e})") from e
+    raise DataError(
+      f"{path}: an image or annotation lacks a field (images[].id, file_name, annotations[]."
+      f"image_id, caption) or names an unknown image id ({e})"
+    ) from e
   except (ValueError, TypeError) as e:
     raise DataError(f"{path}: malformed captions file: {type(e).__name__}: {e}") from e
   return [(i, file_of[i], captions[i]) for i in sorted(file_of)]
@@ -260,6 +286,8 @@ def _flickr30k_tokens(root: Path, test_list: str):
       raise DataError(f"{list_path} names an image more than once")
     unknown = [n for n in names if n not in captions]
     if unknown:
-      raise DataError(f"{list_path} names {len(unknown)} images that {path} has no captions for: "
-                      f"{', '.join(unknown[:3])}{', ...' * (len(unknown) > 3)}")
+      raise DataError(
+        f"{list_path} names {len(unknown)} images that {path} has no captions for: "
+        f"{', '.join(unknown[:3])}{', ...' * (len(unknown) > 3)}"
+      )
   return [_image(folder, n) for n in names], [captions[n] for n in names]

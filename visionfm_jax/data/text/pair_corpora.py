@@ -44,6 +44,7 @@ KARPATHY_EVAL_SPLITS = ("val", "test")
 class PairItem(NamedTuple):
   """One pair to write: the image file (path under the data set's root), its caption, the record's key, and
   the region (x, y, width, height, in the image's pixels) to crop, or None for the whole image."""
+
   path: str
   caption: str
   key: str
@@ -66,12 +67,14 @@ def karpathy_eval_ids(path: str | os.PathLike) -> set[int]:
   try:
     return {int(entry["cocoid"]) for entry in _load_json(path)["images"] if entry["split"] in KARPATHY_EVAL_SPLITS}
   except (KeyError, TypeError, ValueError) as e:
-    raise DataError(f"{path}: not Karpathy's dataset_coco.json (images[].cocoid, split): {type(e).__name__}: "
-                    f"{e}") from e
+    raise DataError(
+      f"{path}: not Karpathy's dataset_coco.json (images[].cocoid, split): {type(e).__name__}: {e}"
+    ) from e
 
 
-def coco_pairs(root: str | os.PathLike, folder: str = "train2017",
-               exclude_ids: frozenset | set = frozenset()) -> tuple[list[PairItem], dict]:
+def coco_pairs(
+  root: str | os.PathLike, folder: str = "train2017", exclude_ids: frozenset | set = frozenset()
+) -> tuple[list[PairItem], dict]:
   """(pairs, counts): every caption of every image of `folder` whose id is not in `exclude_ids`, images in
   increasing id, captions in file order; key '<file_name>#<n>' (n-th caption of the image). counts:
   {'images', 'excluded_images', 'missing_images'} (a listed file name that `folder` lacks is left out). A
@@ -131,8 +134,12 @@ def _clipped_box(region: dict, width: int, height: int) -> tuple[int, int, int, 
   return x0, y0, max(0, x1 - x0), max(0, y1 - y0)
 
 
-def visual_genome_pairs(root: str | os.PathLike, regions: str = "crop", min_region_size: int = DEFAULT_MIN_REGION_SIZE,
-                        exclude_coco_ids: frozenset | set = frozenset()) -> tuple[list[PairItem], dict]:
+def visual_genome_pairs(
+  root: str | os.PathLike,
+  regions: str = "crop",
+  min_region_size: int = DEFAULT_MIN_REGION_SIZE,
+  exclude_coco_ids: frozenset | set = frozenset(),
+) -> tuple[list[PairItem], dict]:
   """(pairs, counts): the region descriptions of Visual Genome (module docstring), images in the order of
   region_descriptions.json, regions in file order; key '<image_id>#<region_id>'. With `regions='crop'` the box
   is clipped to the image (image_data.json's size) and regions under `min_region_size` left out. counts:
@@ -172,9 +179,11 @@ def visual_genome_pairs(root: str | os.PathLike, regions: str = "crop", min_regi
             continue
         pairs.append(PairItem(files[image_id], phrase, f"{image_id}#{region['region_id']}", box))
   except KeyError as e:
-    raise DataError(f"{region_path} / {image_path}: an entry lacks a field of the released layout (regions[]."
-                    f"image_id, region_id, phrase, x, y, width, height; image_id or id, width, height) or names an "
-                    f"image {image_path.name} does not list ({e})") from e
+    raise DataError(
+      f"{region_path} / {image_path}: an entry lacks a field of the released layout (regions[]."
+      f"image_id, region_id, phrase, x, y, width, height; image_id or id, width, height) or names an "
+      f"image {image_path.name} does not list ({e})"
+    ) from e
   except (ValueError, TypeError) as e:
     raise DataError(f"{region_path}: malformed region descriptions: {type(e).__name__}: {e}") from e
   _warn_missing(counts, root)
@@ -185,4 +194,4 @@ def crop_box(pixels, box: tuple):
   """The (x, y, width, height) region of an HWC array, clipped to it (the released sizes match the files; a
   box beyond a file's edge is clipped again here)."""
   x, y, width, height = box
-  return pixels[y:y + height, x:x + width]
+  return pixels[y : y + height, x : x + width]

@@ -70,8 +70,10 @@ class Tokenizer:
       raise DataError(f"tokenizer model {model_file} is not a SentencePiece model: {e}") from e
     ids = (self._sp.pad_id(), self._sp.unk_id(), self._sp.bos_id(), self._sp.eos_id())
     if ids != SPECIAL_IDS:
-      raise DataError(f"tokenizer model {model_file} has (pad, unk, bos, eos) ids {ids}; expected "
-                      f"{SPECIAL_IDS} (train it with visionfm_jax.datatools.train_tokenizer)")
+      raise DataError(
+        f"tokenizer model {model_file} has (pad, unk, bos, eos) ids {ids}; expected "
+        f"{SPECIAL_IDS} (train it with visionfm_jax.datatools.train_tokenizer)"
+      )
 
   def __getstate__(self):
     return {"model_file": self.model_file, "proto": self._proto, "max_len": self.max_len}
@@ -129,7 +131,7 @@ class Tokenizer:
       return [self.decode(row) for row in ids]
     ids = ids.tolist()
     if self.eos_id in ids:
-      ids = ids[:ids.index(self.eos_id)]
+      ids = ids[: ids.index(self.eos_id)]
     return self._decode_ids([i for i in ids if i not in (self.pad_id, self.bos_id)])
 
   def _decode_ids(self, ids: list[int]) -> str:
@@ -156,8 +158,10 @@ class HFTokenizer(Tokenizer):
     self._tok.no_truncation()
     around = self._tok.encode("").ids  # what the post-processor adds: [BOS, EOS]
     if len(around) != 2:
-      raise DataError(f"tokenizer {model_file}: its post-processor adds {around} to a text; expected [BOS, EOS] "
-                      "(a CLIP tokenizer.json)")
+      raise DataError(
+        f"tokenizer {model_file}: its post-processor adds {around} to a text; expected [BOS, EOS] "
+        "(a CLIP tokenizer.json)"
+      )
     self._bos_id, self._eos_id = around
 
   @property
@@ -184,8 +188,8 @@ class HFTokenizer(Tokenizer):
     for row, encoding in enumerate(self._tok.encode_batch(texts) if texts else []):
       ids = encoding.ids
       if len(ids) > self.max_len:
-        ids = ids[:self.max_len - 1] + [self.eos_id]
-      out[row, :len(ids)] = ids
+        ids = ids[: self.max_len - 1] + [self.eos_id]
+      out[row, : len(ids)] = ids
     return out
 
   def _decode_ids(self, ids: list[int]) -> str:
@@ -237,8 +241,15 @@ def _gap(rng: random.Random, weight: float) -> int:
   return int(math.log(uniform) / math.log1p(-weight)) + 1
 
 
-def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, model_type: str = "bpe",
-                    normalization: str = "nmt_nfkc_cf", num_threads: int = 1) -> str:
+def train_tokenizer(
+  lines: Iterable[str],
+  vocab_size: int,
+  out_prefix: str,
+  *,
+  model_type: str = "bpe",
+  normalization: str = "nmt_nfkc_cf",
+  num_threads: int = 1,
+) -> str:
   """Trains a SentencePiece model on `lines` (one text each) and writes `<out_prefix>.model`; returns its path.
 
   Deterministic: every line used in order (no sampling or shuffling inside SentencePiece), and the file does
@@ -258,11 +269,22 @@ def train_tokenizer(lines: Iterable[str], vocab_size: int, out_prefix: str, *, m
   model = io.BytesIO()
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(lines), model_writer=model, vocab_size=int(vocab_size), model_type=model_type,
-        pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID, num_threads=int(num_threads),
-        input_sentence_size=0,
-        shuffle_input_sentence=False, hard_vocab_limit=False, character_coverage=1.0,
-        normalization_rule_name=normalization, minloglevel=2)
+      sentence_iterator=iter(lines),
+      model_writer=model,
+      vocab_size=int(vocab_size),
+      model_type=model_type,
+      pad_id=PAD_ID,
+      unk_id=UNK_ID,
+      bos_id=BOS_ID,
+      eos_id=EOS_ID,
+      num_threads=int(num_threads),
+      input_sentence_size=0,
+      shuffle_input_sentence=False,
+      hard_vocab_limit=False,
+      character_coverage=1.0,
+      normalization_rule_name=normalization,
+      minloglevel=2,
+    )
   except RuntimeError as e:
     raise DataError(f"tokenizer {out_prefix}: SentencePiece training failed: {e}") from e
   path = f"{out_prefix}.model"

@@ -70,8 +70,10 @@ class DecodeDense(grain.transforms.Map):
       size = image.shape[:2]
     mask = element.get("mask")
     if mask is not None and mask.shape != tuple(size):
-      transforms.count_failure("image/mask pair", ValueError(f"mask {mask.shape} for an image of {size} "
-                                                             f"(record {element.get('key', element.get('image_id'))})"))
+      transforms.count_failure(
+        "image/mask pair",
+        ValueError(f"mask {mask.shape} for an image of {size} (record {element.get('key', element.get('image_id'))})"),
+      )
       element["image"] = None
       return element
     element["image"], element["orig_size"] = image, tuple(int(s) for s in size)
@@ -88,8 +90,12 @@ class MarkInvalid(grain.transforms.Map):
   def map(self, element: dict) -> dict:
     if element["image"] is not None:
       return {**element, "valid": True}
-    element = {**element, "image": np.zeros((self.size, self.size, 3), np.uint8), "valid": False,
-               "orig_size": (self.size, self.size)}
+    element = {
+      **element,
+      "image": np.zeros((self.size, self.size, 3), np.uint8),
+      "valid": False,
+      "orig_size": (self.size, self.size),
+    }
     if "mask" in element:
       element["mask"] = np.full((self.size, self.size), IGNORE, np.uint8)
     if "boxes" in element:
@@ -109,7 +115,7 @@ def place(array: np.ndarray, orig_size, scale: float, offset, canvas, fill, resa
   if y0 >= y1 or x0 >= x1:
     return out
   if (th, tw) == array.shape[:2]:  # no resampling: a plain copy
-    out[y0:y1, x0:x1] = array[y0 - oy:y1 - oy, x0 - ox:x1 - ox]
+    out[y0:y1, x0:x1] = array[y0 - oy : y1 - oy, x0 - ox : x1 - ox]
     return out
   ry, rx = array.shape[0] / (h * scale), array.shape[1] / (w * scale)  # canvas px -> array px
   box = ((x0 - ox) * rx, (y0 - oy) * ry, min(array.shape[1], (x1 - ox) * rx), min(array.shape[0], (y1 - oy) * ry))
@@ -132,14 +138,18 @@ def pad_boxes(boxes: np.ndarray, classes: np.ndarray, side: int, max_boxes: int)
   global _truncated_boxes
   if len(boxes) > max_boxes:
     if not _truncated_boxes:
-      logging.warning("an image has %d objects, more than config.data.max_boxes=%d: keeping the first (counted "
-                      "in dense_transforms.truncated_boxes())", len(boxes), max_boxes)
+      logging.warning(
+        "an image has %d objects, more than config.data.max_boxes=%d: keeping the first (counted "
+        "in dense_transforms.truncated_boxes())",
+        len(boxes),
+        max_boxes,
+      )
     _truncated_boxes += len(boxes) - max_boxes
     boxes, classes = boxes[:max_boxes], classes[:max_boxes]
   out_boxes = np.zeros((max_boxes, 4), np.float32)
   out_classes = np.full((max_boxes,), -1, np.int32)
-  out_boxes[:len(boxes)] = boxes / np.float32(side)
-  out_classes[:len(classes)] = classes
+  out_boxes[: len(boxes)] = boxes / np.float32(side)
+  out_classes[: len(classes)] = classes
   return out_boxes, out_classes
 
 
@@ -195,8 +205,10 @@ class SegmentationEval(grain.transforms.Map):
 
 def _segmentation_example(element: dict, scale: float, offset, canvas, flip: bool) -> dict:
   size = element["orig_size"]
-  example = {"image": place(element["image"], size, scale, offset, canvas, 0, Image.BILINEAR),
-             "mask": place(element["mask"], size, scale, offset, canvas, IGNORE, Image.NEAREST)}
+  example = {
+    "image": place(element["image"], size, scale, offset, canvas, 0, Image.BILINEAR),
+    "mask": place(element["mask"], size, scale, offset, canvas, IGNORE, Image.NEAREST),
+  }
   if flip:
     example = _flip(example, canvas[1])
   example["mask"] = example["mask"].astype(np.int32)
@@ -239,13 +251,19 @@ class DetectionEval(grain.transforms.Map):
     scale = self.size / max(h, w)
     example = _detection_example(element, scale, (0, 0), self.size)
     example["boxes"], example["classes"] = pad_boxes(example["boxes"], example["classes"], self.size, self.max_boxes)
-    example.update(image_id=np.int64(element["image_id"]), orig_size=np.array([h, w], np.int32),
-                   scale=np.float32(scale))
+    example.update(
+      image_id=np.int64(element["image_id"]), orig_size=np.array([h, w], np.int32), scale=np.float32(scale)
+    )
     return example
 
 
 def _detection_example(element: dict, scale: float, offset, side: int) -> dict:
   image = place(element["image"], element["orig_size"], scale, offset, (side, side), 0, Image.BILINEAR)
-  boxes, classes = place_boxes(np.asarray(element["boxes"], np.float32).reshape(-1, 4),
-                               np.asarray(element["classes"], np.int32), scale, offset, side)
+  boxes, classes = place_boxes(
+    np.asarray(element["boxes"], np.float32).reshape(-1, 4),
+    np.asarray(element["classes"], np.int32),
+    scale,
+    offset,
+    side,
+  )
   return {"image": image, "boxes": boxes, "classes": classes}

@@ -37,7 +37,7 @@ def color_jitter(images: jax.Array, factors: jax.Array, order: jax.Array) -> jax
   """
   for step in range(3):
     which = order[:, step, None, None, None]
-    factor = jnp.take_along_axis(factors, order[:, step:step + 1], axis=1)[:, :, None, None]
+    factor = jnp.take_along_axis(factors, order[:, step : step + 1], axis=1)[:, :, None, None]
     contrast_target = _grey(jnp.mean(images, axis=(1, 2), keepdims=True))
     target = jnp.where(which == 0, 0.0, jnp.where(which == 1, contrast_target, _grey(images)))
     images = _blend(images, factor, target)

@@ -173,8 +173,9 @@ def _carry_fields(element: dict, example: dict) -> dict:
   return example
 
 
-def crop_window(height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0),
-                ratio=(3 / 4, 4 / 3), tries: int = 10) -> tuple[int, int, int, int]:
+def crop_window(
+  height: int, width: int, rng: np.random.Generator, scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3), tries: int = 10
+) -> tuple[int, int, int, int]:
   """The Inception-style random crop (top, left, h, w).
 
   Area is uniform in scale * (height * width), aspect ratio log-uniform in `ratio`; the first of `tries`
@@ -292,7 +293,8 @@ def random_device_params(augment, batch_size: int, rng: np.random.Generator) -> 
     params[FLIP] = np.array([draw_flip(rng) for _ in range(batch_size)], np.uint8)
   if JITTER in spec:
     params[JITTER], params[JITTER_ORDER] = (
-        np.stack(column) for column in zip(*(draw_jitter(augment.color_jitter, rng) for _ in range(batch_size))))
+      np.stack(column) for column in zip(*(draw_jitter(augment.color_jitter, rng) for _ in range(batch_size)))
+    )
   return params
 
 
@@ -320,7 +322,7 @@ def resize_shorter_side_and_crop(image: np.ndarray, side: int, size: int, resamp
     new_height, new_width = int(side * height / width), side
   resized = np.asarray(Image.fromarray(image).resize((new_width, new_height), resample))
   top, left = (new_height - size) // 2, (new_width - size) // 2
-  return resized[top:top + size, left:left + size]
+  return resized[top : top + size, left : left + size]
 
 
 class EvalTransform(grain.transforms.Map):
@@ -394,8 +396,11 @@ class SelectPair(grain.transforms.Map):
     return _carry_fields(element, example)
 
   def spec(self, image_size: int) -> dict:
-    spec = {"image": ((image_size, image_size, 3), np.uint8), "text": ((self.tokenizer.max_len,), np.int32),
-            "has_text": ((), np.bool_)}
+    spec = {
+      "image": ((image_size, image_size, 3), np.uint8),
+      "text": ((self.tokenizer.max_len,), np.int32),
+      "has_text": ((), np.bool_),
+    }
     if self.with_label:
       spec["label"] = ((), np.int32)
     return spec
@@ -405,7 +410,7 @@ def mim_mask(grid: int, ratio: float, rng: np.random.Generator) -> np.ndarray:
   """SimMIM's mask: uint8 (grid, grid) with exactly ceil(grid * grid * ratio) ones at random positions."""
   n = grid * grid
   mask = np.zeros(n, np.uint8)
-  mask[rng.permutation(n)[:math.ceil(n * ratio)]] = 1
+  mask[rng.permutation(n)[: math.ceil(n * ratio)]] = 1
   return mask.reshape(grid, grid)
 
 
@@ -439,8 +444,10 @@ def _randaugment_ops(augment) -> tuple[str, ...]:
   unknown = [op for op in exclude if op not in randaugment.OPS]
   ops = tuple(op for op in randaugment.OPS if op not in exclude)
   if unknown or not ops:
-    raise ConfigError(f"config.data.augment.randaugment_exclude={exclude}: unknown {unknown} or nothing left; "
-                      f"the operations are {randaugment.OPS}")
+    raise ConfigError(
+      f"config.data.augment.randaugment_exclude={exclude}: unknown {unknown} or nothing left; "
+      f"the operations are {randaugment.OPS}"
+    )
   return ops
 
 
@@ -461,8 +468,9 @@ def train_transforms(image_size: int, augment, decode_min_side: int = 0, example
   if augment.flip:
     ops.append(RandomFlip(on_device=flip_on_device(augment)))
   if augment.randaugment_ops > 0:
-    ops.append(randaugment.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude,
-                                       _randaugment_ops(augment)))
+    ops.append(
+      randaugment.RandAugment(augment.randaugment_ops, augment.randaugment_magnitude, _randaugment_ops(augment))
+    )
   if augment.color_jitter > 0:
     ops.append(ColorJitter(augment.color_jitter))
   ops.append(SelectKeys() if example is None else example)

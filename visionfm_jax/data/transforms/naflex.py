@@ -29,11 +29,11 @@ HEADER_ROWS = 1  # row 0 of a packed image: the grid
 MIN_PATCH = 2  # a header row needs 4 bytes: 3 * p * p >= 4
 
 
-def grid_for_budget(height: int, width: int, patch: int, max_tokens: int, tolerance: float = 1e-5
-                    ) -> tuple[int, int]:
+def grid_for_budget(height: int, width: int, patch: int, max_tokens: int, tolerance: float = 1e-5) -> tuple[int, int]:
   """(rows, columns) of patches for a height x width image: the patches per side at the largest scale s (to
   `tolerance`, bisected over (tolerance / 10, 100)) for which max(1, ceil(side * s / patch)) per side multiply to
   at most `max_tokens` (SigLIP 2's rule, as transformers' Siglip2ImageProcessor applies it)."""
+
   def sides(scale: float) -> tuple[int, int]:
     return max(1, math.ceil(height * scale / patch)), max(1, math.ceil(width * scale / patch))
 
@@ -51,7 +51,7 @@ def grid_for_budget(height: int, width: int, patch: int, max_tokens: int, tolera
 def patchify(image: np.ndarray, patch: int) -> np.ndarray:
   """(h p, w p, C) -> (h w, p p C): patches row-major, each flattened (row in patch, column in patch, channel)."""
   rows, columns = image.shape[0] // patch, image.shape[1] // patch
-  grid = image[:rows * patch, :columns * patch].reshape(rows, patch, columns, patch, image.shape[2])
+  grid = image[: rows * patch, : columns * patch].reshape(rows, patch, columns, patch, image.shape[2])
   return grid.transpose(0, 2, 1, 3, 4).reshape(rows * columns, -1)
 
 
@@ -67,7 +67,7 @@ def pack(image: np.ndarray, patch: int, max_tokens: int) -> np.ndarray:
   resized = image if image.shape[1::-1] == size else np.asarray(Image.fromarray(image).resize(size, Image.BILINEAR))
   out = np.zeros(packed_shape(patch, max_tokens), np.uint8)
   out[0, :4] = (rows & 255, rows >> 8, columns & 255, columns >> 8)
-  out[HEADER_ROWS:HEADER_ROWS + rows * columns] = patchify(np.ascontiguousarray(resized), patch)
+  out[HEADER_ROWS : HEADER_ROWS + rows * columns] = patchify(np.ascontiguousarray(resized), patch)
   return out
 
 
@@ -92,7 +92,7 @@ def normalized(packed, mean, std, dtype=np.float32) -> dict:
   grid = grids(packed)
   pixels = packed[:, HEADER_ROWS:].astype(jnp.float32)
   shape = pixels.shape
-  patches = ((pixels.reshape(*shape[:-1], -1, 3) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32))
+  patches = (pixels.reshape(*shape[:-1], -1, 3) - jnp.asarray(mean, jnp.float32)) / jnp.asarray(std, jnp.float32)
   patches = jnp.where(valid(grid, shape[1])[..., None], patches.reshape(shape), 0.0)
   return {"patches": patches.astype(dtype), "grid": grid}
 
@@ -100,13 +100,14 @@ def normalized(packed, mean, std, dtype=np.float32) -> dict:
 def unpacked_image(packed: np.ndarray, patch: int) -> np.ndarray:
   """A packed image as the model sees it: uint8 (rows p, columns p, 3) (panels)."""
   rows, columns = (int(n) for n in grids(np.asarray(packed)))
-  patches = np.asarray(packed)[HEADER_ROWS:HEADER_ROWS + rows * columns]
+  patches = np.asarray(packed)[HEADER_ROWS : HEADER_ROWS + rows * columns]
   grid = patches.reshape(rows, columns, patch, patch, 3).transpose(0, 2, 1, 3, 4)
   return grid.reshape(rows * patch, columns * patch, 3)
 
 
 def _jnp():
   import jax.numpy as jnp  # the device half only: the host half (grain workers) needs no jax
+
   return jnp
 
 
@@ -140,8 +141,8 @@ def train_transforms(data_cfg, example) -> list:
 def check(patch: int, max_tokens: int) -> tuple[int, int]:
   if patch < MIN_PATCH:
     raise ConfigError(f"config.data.naflex.patch_size={patch}: expected >= {MIN_PATCH}")
-  if max_tokens < 1 or max_tokens >= 2 ** 16:
-    raise ConfigError(f"config.data.naflex.max_tokens={max_tokens}: expected 1 .. {2 ** 16 - 1} patches an image")
+  if max_tokens < 1 or max_tokens >= 2**16:
+    raise ConfigError(f"config.data.naflex.max_tokens={max_tokens}: expected 1 .. {2**16 - 1} patches an image")
   return int(patch), int(max_tokens)
 
 
@@ -151,6 +152,7 @@ def synthetic(batch_size: int, patch: int, max_tokens: int, rng: np.random.Gener
   columns = max_tokens // rows
   out = np.zeros((batch_size, *packed_shape(patch, max_tokens)), np.uint8)
   out[:, 0, :4] = (rows & 255, rows >> 8, columns & 255, columns >> 8)
-  out[:, HEADER_ROWS:HEADER_ROWS + rows * columns] = rng.integers(0, 256, (batch_size, rows * columns, out.shape[-1]),
-                                                                  dtype=np.uint8)
+  out[:, HEADER_ROWS : HEADER_ROWS + rows * columns] = rng.integers(
+    0, 256, (batch_size, rows * columns, out.shape[-1]), dtype=np.uint8
+  )
   return out

@@ -48,25 +48,25 @@ def _translate(image, level, rng, axis):
 def _enhance(enhancer):
   def op(image, level, rng):
     return enhancer(image).enhance(max(0.0, 1.0 + _signed(0.9 * level, rng)))
+
   return op
 
 
 OPERATIONS = {
-    "identity": lambda image, level, rng: image,
-    "autocontrast": lambda image, level, rng: ImageOps.autocontrast(image),
-    "equalize": lambda image, level, rng: ImageOps.equalize(image),
-    "rotate": lambda image, level, rng: image.rotate(_signed(30.0 * level, rng), Image.BILINEAR,
-                                                     fillcolor=FILL),
-    "solarize": lambda image, level, rng: ImageOps.solarize(image, max(0, round(256 * (1 - level)))),
-    "color": _enhance(ImageEnhance.Color),
-    "posterize": lambda image, level, rng: ImageOps.posterize(image, min(8, max(1, 8 - int(4 * level)))),
-    "contrast": _enhance(ImageEnhance.Contrast),
-    "brightness": _enhance(ImageEnhance.Brightness),
-    "sharpness": _enhance(ImageEnhance.Sharpness),
-    "shear_x": lambda image, level, rng: _shear(image, level, rng, 0),
-    "shear_y": lambda image, level, rng: _shear(image, level, rng, 1),
-    "translate_x": lambda image, level, rng: _translate(image, level, rng, 0),
-    "translate_y": lambda image, level, rng: _translate(image, level, rng, 1),
+  "identity": lambda image, level, rng: image,
+  "autocontrast": lambda image, level, rng: ImageOps.autocontrast(image),
+  "equalize": lambda image, level, rng: ImageOps.equalize(image),
+  "rotate": lambda image, level, rng: image.rotate(_signed(30.0 * level, rng), Image.BILINEAR, fillcolor=FILL),
+  "solarize": lambda image, level, rng: ImageOps.solarize(image, max(0, round(256 * (1 - level)))),
+  "color": _enhance(ImageEnhance.Color),
+  "posterize": lambda image, level, rng: ImageOps.posterize(image, min(8, max(1, 8 - int(4 * level)))),
+  "contrast": _enhance(ImageEnhance.Contrast),
+  "brightness": _enhance(ImageEnhance.Brightness),
+  "sharpness": _enhance(ImageEnhance.Sharpness),
+  "shear_x": lambda image, level, rng: _shear(image, level, rng, 0),
+  "shear_y": lambda image, level, rng: _shear(image, level, rng, 1),
+  "translate_x": lambda image, level, rng: _translate(image, level, rng, 0),
+  "translate_y": lambda image, level, rng: _translate(image, level, rng, 1),
 }
 OPS = tuple(OPERATIONS)
 GEOMETRIC_OPS = ("rotate", "shear_x", "shear_y", "translate_x", "translate_y")
@@ -83,8 +83,9 @@ class RandAugment(grain.transforms.RandomMap):
     if unknown or not ops:
       raise ValueError(f"RandAugment ops {tuple(ops)}: unknown {unknown}; choose from {OPS}")
     if num_ops < 0 or not 0 <= magnitude <= RANDAUGMENT_MAX_MAGNITUDE:
-      raise ValueError(f"RandAugment num_ops={num_ops} must be >= 0 and magnitude={magnitude} in "
-                       f"[0, {RANDAUGMENT_MAX_MAGNITUDE}]")
+      raise ValueError(
+        f"RandAugment num_ops={num_ops} must be >= 0 and magnitude={magnitude} in [0, {RANDAUGMENT_MAX_MAGNITUDE}]"
+      )
     self.num_ops, self.magnitude, self.ops = int(num_ops), float(magnitude), tuple(ops)
 
   def random_map(self, element: dict, rng: np.random.Generator) -> dict:

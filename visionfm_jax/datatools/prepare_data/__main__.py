@@ -136,62 +136,126 @@ FORMATS = ("folders", "webdataset", *PAIR_FORMATS, *OWN_PAIR_FORMATS)
 def make_flags() -> flags.FlagValues:
   """This tool's flags, on their own FlagValues: importing the module (tests) defines no global flags."""
   fv = flags.FlagValues()
-  flags.DEFINE_enum("format", None, FORMATS, "Input kind: a class-folder tree, img2dataset tars, COCO captions, "
-                    "Visual Genome region descriptions, a folder of images with caption files or a table of path + "
-                    "caption.", flag_values=fv)
-  flags.DEFINE_string("input", None, "folders, caption_files: the folder; webdataset: a glob of .tar files; coco, "
-                      "visual_genome: the data set's root folder; caption_table: the .csv, .tsv, .jsonl or .parquet "
-                      "file.", flag_values=fv)
+  flags.DEFINE_enum(
+    "format",
+    None,
+    FORMATS,
+    "Input kind: a class-folder tree, img2dataset tars, COCO captions, "
+    "Visual Genome region descriptions, a folder of images with caption files or a table of path + "
+    "caption.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "input",
+    None,
+    "folders, caption_files: the folder; webdataset: a glob of .tar files; coco, "
+    "visual_genome: the data set's root folder; caption_table: the .csv, .tsv, .jsonl or .parquet "
+    "file.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("output", None, "Directory for the shards and dataset.json (created).", flag_values=fv)
   flags.DEFINE_string("split", "train", "Split name of the shards.", flag_values=fv)
-  flags.DEFINE_integer("resize_shorter", 0, "Shrink images to this shorter side (JPEG q95); 0: keep.",
-                       flag_values=fv)
+  flags.DEFINE_integer("resize_shorter", 0, "Shrink images to this shorter side (JPEG q95); 0: keep.", flag_values=fv)
   flags.DEFINE_bool("verify", False, "Decode every image; drop and count undecodable ones.", flag_values=fv)
-  flags.DEFINE_integer("num_workers", None, "Processes writing shards; 0 or 1: inline. Default: the CPU count.",
-                       flag_values=fv)
-  flags.DEFINE_integer("records_per_shard", DEFAULT_RECORDS_PER_SHARD, "folders, coco, visual_genome: records per "
-                       "output shard.",
-                       flag_values=fv)
-  flags.DEFINE_bool("unlabelled", False, "folders: --input is a folder of images without labels (image-only "
-                    "records).", flag_values=fv)
-  flags.DEFINE_bool("follow_links", False, "folders: follow the symbolic links that resolve inside --input (else "
-                    "every link is left out and counted as `link`); a link out of --input is never followed.",
-                    flag_values=fv)
-  flags.DEFINE_integer("holdout_per_class", 0, "folders: images per class moved to --holdout_split, at most half "
-                       "of a class; 0: none.", flag_values=fv)
-  flags.DEFINE_integer("holdout_examples", 0, "webdataset, --unlabelled folders: examples moved to "
-                       "--holdout_split; 0: none.", flag_values=fv)
+  flags.DEFINE_integer(
+    "num_workers", None, "Processes writing shards; 0 or 1: inline. Default: the CPU count.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "records_per_shard",
+    DEFAULT_RECORDS_PER_SHARD,
+    "folders, coco, visual_genome: records per output shard.",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "unlabelled", False, "folders: --input is a folder of images without labels (image-only records).", flag_values=fv
+  )
+  flags.DEFINE_bool(
+    "follow_links",
+    False,
+    "folders: follow the symbolic links that resolve inside --input (else "
+    "every link is left out and counted as `link`); a link out of --input is never followed.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "holdout_per_class",
+    0,
+    "folders: images per class moved to --holdout_split, at most half of a class; 0: none.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "holdout_examples",
+    0,
+    "webdataset, --unlabelled folders: examples moved to --holdout_split; 0: none.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("holdout_split", "validation", "Split name of the held-out examples.", flag_values=fv)
   flags.DEFINE_integer("seed", 0, "Seed of the holdout choice (and of the folders' shuffle).", flag_values=fv)
-  flags.DEFINE_string("coco_folder", "train2017", "coco: the image folder, and captions_<it>.json under "
-                      "annotations/.", flag_values=fv)
-  flags.DEFINE_enum("vg_regions", "crop", pair_corpora.VG_REGION_MODES, "visual_genome: pair a phrase with its "
-                    "region's crop or with the whole image.", flag_values=fv)
-  flags.DEFINE_integer("min_region_size", pair_corpora.DEFAULT_MIN_REGION_SIZE, "visual_genome, crop: leave out "
-                       "regions whose shorter side is under this many pixels.", flag_values=fv)
-  flags.DEFINE_string("exclude_karpathy", "", "coco, visual_genome: Karpathy's dataset_coco.json; leaves out the "
-                      "images of its val and test splits (the COCO 5k retrieval benchmark).", flag_values=fv)
-  flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.",
-                    flag_values=fv)
+  flags.DEFINE_string(
+    "coco_folder", "train2017", "coco: the image folder, and captions_<it>.json under annotations/.", flag_values=fv
+  )
+  flags.DEFINE_enum(
+    "vg_regions",
+    "crop",
+    pair_corpora.VG_REGION_MODES,
+    "visual_genome: pair a phrase with its region's crop or with the whole image.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "min_region_size",
+    pair_corpora.DEFAULT_MIN_REGION_SIZE,
+    "visual_genome, crop: leave out regions whose shorter side is under this many pixels.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "exclude_karpathy",
+    "",
+    "coco, visual_genome: Karpathy's dataset_coco.json; leaves out the "
+    "images of its val and test splits (the COCO 5k retrieval benchmark).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool("progress", False, "Show the progress line even when stderr is not a terminal.", flag_values=fv)
   cluster_task.define_flags(fv)
-  flags.DEFINE_bool("finalize", False, "Write no shard: only dataset.json, from every shard's sidecar (all must be "
-                    "written).", flag_values=fv)
-  flags.DEFINE_float("min_similarity", None, "webdataset: keep samples whose .json 'similarity' (LAION's CLIP "
-                     "score) is at least this.", flag_values=fv)
-  flags.DEFINE_float("max_pwatermark", None, "webdataset: keep samples whose .json 'pwatermark' is at most this.",
-                     flag_values=fv)
-  flags.DEFINE_float("max_punsafe", None, "webdataset: keep samples whose .json 'punsafe' is at most this.",
-                     flag_values=fv)
-  flags.DEFINE_integer("min_side", None, "Count (dataset.json) and warn about the images whose shorter side is "
-                       "below this many px; default: --resize_shorter; 0: none.", flag_values=fv)
+  flags.DEFINE_bool(
+    "finalize",
+    False,
+    "Write no shard: only dataset.json, from every shard's sidecar (all must be written).",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "min_similarity",
+    None,
+    "webdataset: keep samples whose .json 'similarity' (LAION's CLIP score) is at least this.",
+    flag_values=fv,
+  )
+  flags.DEFINE_float(
+    "max_pwatermark", None, "webdataset: keep samples whose .json 'pwatermark' is at most this.", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "max_punsafe", None, "webdataset: keep samples whose .json 'punsafe' is at most this.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "min_side",
+    None,
+    "Count (dataset.json) and warn about the images whose shorter side is "
+    "below this many px; default: --resize_shorter; 0: none.",
+    flag_values=fv,
+  )
   flags.DEFINE_string("path_column", "path", "caption_table: the column of the image paths.", flag_values=fv)
   flags.DEFINE_string("caption_column", "caption", "caption_table: the column of the captions.", flag_values=fv)
-  flags.DEFINE_string("root", "", "caption_table, coco, visual_genome: the folder every image path the table or "
-                      "annotations name must resolve into (links included); default: the table's folder, --input.",
-                      flag_values=fv)
-  flags.DEFINE_string("selection", None, "webdataset: instead of the three flags above, the JSON file "
-                      "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.",
-                      flag_values=fv)
+  flags.DEFINE_string(
+    "root",
+    "",
+    "caption_table, coco, visual_genome: the folder every image path the table or "
+    "annotations name must resolve into (links included); default: the table's folder, --input.",
+    flag_values=fv,
+  )
+  flags.DEFINE_string(
+    "selection",
+    None,
+    "webdataset: instead of the three flags above, the JSON file "
+    "`index_tars --keep=K --selection_out=FILE` wrote: its thresholds keep its count.",
+    flag_values=fv,
+  )
   return fv
 
 
@@ -208,8 +272,10 @@ def score_filter_of(fv: flags.FlagValues) -> wds.ScoreFilter:
   except OSError as e:
     raise UserError(f"--selection={fv.selection}: cannot read ({e.strerror or e})") from e
   except (ValueError, KeyError, TypeError) as e:
-    raise UserError(f"--selection={fv.selection}: not a selection written by `index_tars --keep "
-                    f"--selection_out` ({type(e).__name__}: {e})") from e
+    raise UserError(
+      f"--selection={fv.selection}: not a selection written by `index_tars --keep "
+      f"--selection_out` ({type(e).__name__}: {e})"
+    ) from e
 
 
 def min_side_of(fv: flags.FlagValues) -> int:
@@ -227,8 +293,7 @@ def larger_images_hint(input_format: str, input_path: str) -> str:
     return "download larger: img2dataset --resize_mode=keep_ratio --image_size=..."
   if input_format in PAIR_FORMATS:
     return f"or train at a smaller --config.data.image_size on the images of {input_path}"
-  return (f"convert larger originals of the images of {input_path}, or train at a smaller "
-          f"--config.data.image_size")
+  return f"convert larger originals of the images of {input_path}, or train at a smaller --config.data.image_size"
 
 
 def small_image_warnings(metadata: dict, splits: Sequence[str], hint: str) -> list[str]:
@@ -239,11 +304,16 @@ def small_image_warnings(metadata: dict, splits: Sequence[str], hint: str) -> li
     entry = metadata.get("splits", {}).get(split, {})
     small = entry.get("small_images", {})
     if small.get("count") or small.get("unmeasured"):
-      unmeasured = (f"; {small['unmeasured']:,} more, in shards written without this --min_side, are not measured"
-                    if small.get("unmeasured") else "")
-      lines.append(f"warning: {small['count']:,} of the {entry['records']:,} {split} images have a shorter side "
-                   f"below {small['min_side']} px (--min_side): a recipe that reads them at {small['min_side']} px "
-                   f"upsamples them ({hint}){unmeasured}")
+      unmeasured = (
+        f"; {small['unmeasured']:,} more, in shards written without this --min_side, are not measured"
+        if small.get("unmeasured")
+        else ""
+      )
+      lines.append(
+        f"warning: {small['count']:,} of the {entry['records']:,} {split} images have a shorter side "
+        f"below {small['min_side']} px (--min_side): a recipe that reads them at {small['min_side']} px "
+        f"upsamples them ({hint}){unmeasured}"
+      )
   return lines
 
 
@@ -254,8 +324,10 @@ def run(fv: flags.FlagValues) -> dict:
     raise UserError(f"--format ({' | '.join(FORMATS)}) and --input are required")
   shards.check_common(fv.output, fv.split, fv.records_per_shard, fv.resize_shorter, fv.num_workers or 0)
   if fv.root and fv.format not in ("caption_table", *PAIR_FORMATS):
-    raise UserError(f"--root: only for --format=caption_table, coco or visual_genome (--format={fv.format} reads no "
-                    f"path out of a file)")
+    raise UserError(
+      f"--root: only for --format=caption_table, coco or visual_genome (--format={fv.format} reads no "
+      f"path out of a file)"
+    )
   task = None if fv.finalize else cluster_task.from_flags(fv)
   with lock.held(fv.output, task):
     metadata = _convert(fv, task)
@@ -272,47 +344,84 @@ def written_splits(fv: flags.FlagValues) -> list[str]:
 
 
 def _convert(fv: flags.FlagValues, task: cluster_task.Task | None) -> dict:
-  common = dict(split=fv.split, resize_shorter=fv.resize_shorter, verify=fv.verify, num_workers=fv.num_workers,
-                progress=fv.progress or None, min_side=min_side_of(fv))
+  common = dict(
+    split=fv.split,
+    resize_shorter=fv.resize_shorter,
+    verify=fv.verify,
+    num_workers=fv.num_workers,
+    progress=fv.progress or None,
+    min_side=min_side_of(fv),
+  )
   common.update(holdout_examples=fv.holdout_examples, holdout_split_name=fv.holdout_split, seed=fv.seed, task=task)
   score_filter = score_filter_of(fv)
   if fv.follow_links and fv.format not in ("folders", *OWN_PAIR_FORMATS):
-    raise UserError(f"--follow_links: only for --format=folders, caption_files or caption_table (--format="
-                    f"{fv.format} does not walk a tree)")
+    raise UserError(
+      f"--follow_links: only for --format=folders, caption_files or caption_table (--format="
+      f"{fv.format} does not walk a tree)"
+    )
   table_only = [f"--{name}" for name in ("path_column", "caption_column") if fv[name].present]
   if table_only and fv.format != "caption_table":
     raise UserError(f"{', '.join(table_only)}: only for --format=caption_table")
   if fv.format in OWN_PAIR_FORMATS:
     return _convert_own_pairs(fv, common, score_filter)
-  pair_only = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy")
-               if fv[name].present]
+  pair_only = [
+    f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy") if fv[name].present
+  ]
   if fv.format in PAIR_FORMATS:
     other = [f"--{name}" for name in ("holdout_per_class", "holdout_examples", "unlabelled") if fv[name].present]
     if other:
-      raise UserError(f"{', '.join(other)}: not for --format={fv.format} (its pairs train; the held-out pairs "
-                      f"of a mixture come from another source)")
-    foreign = [flag for flag in pair_only if flag in (("--vg_regions", "--min_region_size") if fv.format == "coco"
-                                                      else ("--coco_folder",))]
+      raise UserError(
+        f"{', '.join(other)}: not for --format={fv.format} (its pairs train; the held-out pairs "
+        f"of a mixture come from another source)"
+      )
+    foreign = [
+      flag
+      for flag in pair_only
+      if flag in (("--vg_regions", "--min_region_size") if fv.format == "coco" else ("--coco_folder",))
+    ]
     if foreign:
       raise UserError(f"{', '.join(foreign)}: not for --format={fv.format}")
     if score_filter or common["task"] is None or common["task"].count > 1:
-      raise UserError(f"--min_similarity, --max_pwatermark, --max_punsafe, --task_index/--task_count, --finalize: "
-                      f"not for --format={fv.format} (one process converts a data set of its size)")
+      raise UserError(
+        f"--min_similarity, --max_pwatermark, --max_punsafe, --task_index/--task_count, --finalize: "
+        f"not for --format={fv.format} (one process converts a data set of its size)"
+      )
     listing = dict(exclude_karpathy=fv.exclude_karpathy, root=fv.root)
-    listing.update(dict(coco_folder=fv.coco_folder) if fv.format == "coco" else
-                   dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size))
-    return convert_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
-                         verify=fv.verify, num_workers=fv.num_workers, records_per_shard=fv.records_per_shard,
-                         progress=fv.progress or None, min_side=common["min_side"], **listing)
+    listing.update(
+      dict(coco_folder=fv.coco_folder)
+      if fv.format == "coco"
+      else dict(vg_regions=fv.vg_regions, min_region_size=fv.min_region_size)
+    )
+    return convert_pairs(
+      fv.format,
+      fv.input,
+      fv.output,
+      split=fv.split,
+      resize_shorter=fv.resize_shorter,
+      verify=fv.verify,
+      num_workers=fv.num_workers,
+      records_per_shard=fv.records_per_shard,
+      progress=fv.progress or None,
+      min_side=common["min_side"],
+      **listing,
+    )
   if pair_only:
     raise UserError(f"{', '.join(pair_only)}: only for --format=coco or visual_genome")
   if fv.format == "folders":
     if score_filter:
-      raise UserError("--min_similarity, --max_pwatermark, --max_punsafe: only for --format=webdataset (they read "
-                      "each sample's .json)")
-    return convert_folders(fv.input, fv.output, records_per_shard=fv.records_per_shard,
-                           holdout_per_class=fv.holdout_per_class, unlabelled=fv.unlabelled,
-                           follow_links=fv.follow_links, **common)
+      raise UserError(
+        "--min_similarity, --max_pwatermark, --max_punsafe: only for --format=webdataset (they read "
+        "each sample's .json)"
+      )
+    return convert_folders(
+      fv.input,
+      fv.output,
+      records_per_shard=fv.records_per_shard,
+      holdout_per_class=fv.holdout_per_class,
+      unlabelled=fv.unlabelled,
+      follow_links=fv.follow_links,
+      **common,
+    )
   folder_only = [f"--{name}" for name in ("records_per_shard", "holdout_per_class", "unlabelled") if fv[name].present]
   if folder_only:
     raise UserError(f"{', '.join(folder_only)}: only for --format=folders (webdataset: one shard per input tar)")
@@ -321,20 +430,47 @@ def _convert(fv: flags.FlagValues, task: cluster_task.Task | None) -> dict:
 
 def _convert_own_pairs(fv: flags.FlagValues, common: dict, score_filter: wds.ScoreFilter) -> dict:
   """--format=caption_files or caption_table; UserError for the options of other formats, or a cluster task."""
-  foreign = [f"--{name}" for name in ("coco_folder", "vg_regions", "min_region_size", "exclude_karpathy",
-                                      "holdout_per_class", "unlabelled", "task_index", "task_count", "finalize")
-             if fv[name].present]
+  foreign = [
+    f"--{name}"
+    for name in (
+      "coco_folder",
+      "vg_regions",
+      "min_region_size",
+      "exclude_karpathy",
+      "holdout_per_class",
+      "unlabelled",
+      "task_index",
+      "task_count",
+      "finalize",
+    )
+    if fv[name].present
+  ]
   if common["task"] is not None and common["task"].count > 1 and not foreign:
     foreign = ["--task_count (a SLURM job array)"]
   if foreign or score_filter:
-    raise UserError(f"{', '.join(foreign + [f'--{n}' for n in score_filter.names])}: not for --format={fv.format} "
-                    f"(one process converts a data set of its size; --holdout_examples holds pairs out)")
-  return convert_own_pairs(fv.format, fv.input, fv.output, split=fv.split, resize_shorter=fv.resize_shorter,
-                           verify=fv.verify, num_workers=fv.num_workers, records_per_shard=fv.records_per_shard,
-                           progress=fv.progress or None, min_side=common["min_side"],
-                           holdout_examples=fv.holdout_examples,
-                           holdout_split_name=fv.holdout_split, seed=fv.seed, follow_links=fv.follow_links,
-                           path_column=fv.path_column, caption_column=fv.caption_column, root=fv.root)
+    raise UserError(
+      f"{', '.join(foreign + [f'--{n}' for n in score_filter.names])}: not for --format={fv.format} "
+      f"(one process converts a data set of its size; --holdout_examples holds pairs out)"
+    )
+  return convert_own_pairs(
+    fv.format,
+    fv.input,
+    fv.output,
+    split=fv.split,
+    resize_shorter=fv.resize_shorter,
+    verify=fv.verify,
+    num_workers=fv.num_workers,
+    records_per_shard=fv.records_per_shard,
+    progress=fv.progress or None,
+    min_side=common["min_side"],
+    holdout_examples=fv.holdout_examples,
+    holdout_split_name=fv.holdout_split,
+    seed=fv.seed,
+    follow_links=fv.follow_links,
+    path_column=fv.path_column,
+    caption_column=fv.caption_column,
+    root=fv.root,
+  )
 
 
 def _reasons_text(counts: dict) -> str:
@@ -347,8 +483,10 @@ def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds
   """The line a run prints: records per split of `splits`, skipped (per reason), filtered (per score), shards,
   `seconds` and `output_dir`; or, from a task that did not write dataset.json, what other tasks still owe."""
   if "unfinished" in metadata:
-    return (f"prepare_data: {metadata['task']} done, {metadata['unfinished']} still to be written by other tasks "
-            f"(the last one writes dataset.json), {seconds:.1f} s -> {output_dir}")
+    return (
+      f"prepare_data: {metadata['task']} done, {metadata['unfinished']} still to be written by other tasks "
+      f"(the last one writes dataset.json), {seconds:.1f} s -> {output_dir}"
+    )
   entries = [metadata["splits"][s] for s in splits]
   per_split = ", ".join(f"{s} {e['records']}" for s, e in zip(splits, entries))
   filtered = collections.Counter()
@@ -359,10 +497,13 @@ def summary_line(metadata: dict, splits: Sequence[str], output_dir: str, seconds
   for entry in entries:
     skipped_by.update(entry.get("skipped_by", {}))
   skipped = sum(e["skipped"] for e in entries)
-  return (f"prepare_data: {per_split} records, {skipped} skipped"
-          + (f" ({_reasons_text(skipped_by)})" if skipped_by else "") + ", "
-          + (f"{sum(filtered.values())} filtered ({by_reason}), " if filtered else "")
-          + f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}")
+  return (
+    f"prepare_data: {per_split} records, {skipped} skipped"
+    + (f" ({_reasons_text(skipped_by)})" if skipped_by else "")
+    + ", "
+    + (f"{sum(filtered.values())} filtered ({by_reason}), " if filtered else "")
+    + f"{sum(len(e['shards']) for e in entries)} shards, {seconds:.1f} s -> {output_dir}"
+  )
 
 
 def _main(fv, rest: list[str]) -> None:

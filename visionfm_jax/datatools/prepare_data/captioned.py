@@ -62,9 +62,15 @@ def _decode_or_warn(data: bytes, name: str) -> tuple[np.ndarray | None, str]:
     return None, transforms.failure_reason(e)
 
 
-def list_pairs(input_format: str, input_dir: str, *, coco_folder: str = "train2017", vg_regions: str = "crop",
-               min_region_size: int = pair_corpora.DEFAULT_MIN_REGION_SIZE,
-               exclude_karpathy: str = "") -> tuple[list, dict]:
+def list_pairs(
+  input_format: str,
+  input_dir: str,
+  *,
+  coco_folder: str = "train2017",
+  vg_regions: str = "crop",
+  min_region_size: int = pair_corpora.DEFAULT_MIN_REGION_SIZE,
+  exclude_karpathy: str = "",
+) -> tuple[list, dict]:
   """(pairs, counts) of a captioned data set (`PAIR_FORMATS`; data/text/pair_corpora.py); UserError naming --input
   or --exclude_karpathy when its files are missing or malformed."""
   try:
@@ -81,10 +87,21 @@ def list_pairs(input_format: str, input_dir: str, *, coco_folder: str = "train20
     raise UserError(f"--input={input_dir} (--format={input_format}): {e}") from e
 
 
-def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: str = "train",
-                  resize_shorter: int = 0, verify: bool = False, num_workers: int | None = None,
-                  records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, progress: bool | None = None,
-                  min_side: int = 0, root: str = "", **listing) -> dict:
+def convert_pairs(
+  input_format: str,
+  input_dir: str,
+  output_dir: str,
+  *,
+  split: str = "train",
+  resize_shorter: int = 0,
+  verify: bool = False,
+  num_workers: int | None = None,
+  records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD,
+  progress: bool | None = None,
+  min_side: int = 0,
+  root: str = "",
+  **listing,
+) -> dict:
   """Converts a captioned data set (`list_pairs`; `listing` its options) into shards of `records_per_shard`
   pairs, in the listing's order (training shuffles globally), each image file inside `root` (--root; default:
   `input_dir`) or refused; returns the written dataset.json dict, whose split entry also holds the listing's
@@ -100,15 +117,28 @@ def convert_pairs(input_format: str, input_dir: str, output_dir: str, *, split: 
   count = math.ceil(len(pairs) / records_per_shard)
   jobs = []
   for i in range(count):
-    items = tuple(pairs[i * records_per_shard:(i + 1) * records_per_shard])
+    items = tuple(pairs[i * records_per_shard : (i + 1) * records_per_shard])
     fingerprint = shards.fingerprint(input_format, options, input_dir, items, *(("root", confine),) * bool(root))
-    jobs.append(ShardJob(os.path.join(output_dir, records.shard_name(split, i, count)), fingerprint, options,
-                         read_pairs, root=input_dir, items=items, captioned=True, min_side=min_side, confine=confine))
+    jobs.append(
+      ShardJob(
+        os.path.join(output_dir, records.shard_name(split, i, count)),
+        fingerprint,
+        options,
+        read_pairs,
+        root=input_dir,
+        items=items,
+        captioned=True,
+        min_side=min_side,
+        confine=confine,
+      )
+    )
   shards.check_output(output_dir, "pairs", None, {split: shards.shard_names(jobs)})
-  entry = shards.split_entry(shards.shard_names(jobs), shards.run_jobs(jobs, num_workers, progress), input_dir, None,
-                             min_side)
+  entry = shards.split_entry(
+    shards.shard_names(jobs), shards.run_jobs(jobs, num_workers, progress), input_dir, None, min_side
+  )
   if not entry["records"]:
     raise shards.none_read(input_dir, f"its {len(pairs)} pairs' images", entry["skipped_by"])
-  entry.update(listed, format=input_format, **{k: v for k, v in {**listing, "root": root}.items()
-                                               if v not in ("", None)})
+  entry.update(
+    listed, format=input_format, **{k: v for k, v in {**listing, "root": root}.items() if v not in ("", None)}
+  )
   return records.write_metadata(output_dir, kind="pairs", splits={split: entry})

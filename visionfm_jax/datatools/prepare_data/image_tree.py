@@ -65,6 +65,7 @@ def require_decodable(input_dir: str, paths: Iterable[str], follow_links: bool =
 
 # ------------------------------------------------------------------------------------------- class trees
 
+
 @dataclasses.dataclass
 class ClassTree:
   classes: list[str]  # label order
@@ -86,15 +87,21 @@ def list_class_tree(input_dir: str, follow_links: bool = False) -> ClassTree:
   paths, labels = [], []
   for label, name in enumerate(classes):
     if found_classes[name] and not (follow_links and _resolves_inside(os.path.join(input_dir, name), inside)):
-      logging.warning("prepare_data: class folder %s of %s is a link%s: not entered", name, input_dir,
-                      " out of the tree" if follow_links else " (--follow_links follows those inside --input)")
+      logging.warning(
+        "prepare_data: class folder %s of %s is a link%s: not entered",
+        name,
+        input_dir,
+        " out of the tree" if follow_links else " (--follow_links follows those inside --input)",
+      )
       continue
     found = list(walk_images(input_dir, name))
     paths += found
     labels += [label] * len(found)
   if not paths:
-    raise UserError(f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} "
-                    f"class folders ({classes[0]}, ...)")
+    raise UserError(
+      f"--input={input_dir}: no image files ({', '.join(IMAGE_EXTENSIONS)}) in its {len(classes)} "
+      f"class folders ({classes[0]}, ...)"
+    )
   empty = len(classes) - len(set(labels))
   if empty:
     logging.warning("prepare_data: %d of the %d class folders of %s hold no images", empty, len(classes), input_dir)
@@ -130,12 +137,15 @@ def capped_holdout_line(per_class: int, quotas: np.ndarray, classes: int) -> str
   for."""
   low, high = int(quotas.min()), int(quotas.max())
   held = f"{low}" if low == high else f"{low} to {high}"
-  return (f"prepare_data: --holdout_per_class={per_class}: {len(quotas)} of the {classes} classes have fewer than "
-          f"{2 * per_class} images; each holds out half of its images, rounded down ({held}), so that no class "
-          f"trains on fewer images than it holds out")
+  return (
+    f"prepare_data: --holdout_per_class={per_class}: {len(quotas)} of the {classes} classes have fewer than "
+    f"{2 * per_class} images; each holds out half of its images, rounded down ({held}), so that no class "
+    f"trains on fewer images than it holds out"
+  )
 
 
 # -------------------------------------------------------------------------------------- streamed walking
+
 
 def _sorted_entries(directory: str) -> list[os.DirEntry]:
   """The entries of `directory` in the order of the paths below them: a folder `d` sorts as `d/`, so that a walk

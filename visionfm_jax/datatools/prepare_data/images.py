@@ -84,8 +84,11 @@ def read_image_file(path: str, root: str, follow_links: bool = False) -> tuple[b
   if opened == limits.OUTSIDE_ROOT:
     logging.warning("prepare_data: skipping %s: outside %s, the folder its paths may name", path, root)
   elif opened == limits.LINK:
-    logging.warning("prepare_data: skipping %s: a symbolic link%s", path,
-                    f" out of {root}" if follow_links else " (--follow_links follows those inside --input)")
+    logging.warning(
+      "prepare_data: skipping %s: a symbolic link%s",
+      path,
+      f" out of {root}" if follow_links else " (--follow_links follows those inside --input)",
+    )
   elif opened == limits.NOT_A_FILE:
     logging.warning("prepare_data: skipping %s: not a regular file", path)
   if isinstance(opened, str):

@@ -36,9 +36,11 @@ class OutputLock(workdir.WorkdirLock):
   def _wait_for(self, fd: int, wait_s: float) -> None:
     del wait_s
     if not self._take_guarded(fd):
-      raise UserError(f"--output={self.workdir}: another prepare_data is writing into it "
-                      f"({workdir.describe(workdir._read_holder(fd))}; lock file {self.path}): wait for it to end, "  # pylint: disable=protected-access
-                      f"or choose another --output")
+      raise UserError(
+        f"--output={self.workdir}: another prepare_data is writing into it "
+        f"({workdir.describe(workdir._read_holder(fd))}; lock file {self.path}): wait for it to end, "  # pylint: disable=protected-access
+        f"or choose another --output"
+      )
 
 
 @contextlib.contextmanager

@@ -58,6 +58,7 @@ class Listing(NamedTuple):
 
 # ------------------------------------------------------------------------------------------------- reading
 
+
 def read_pair_files(job: ShardJob) -> Iterator[Example]:
   """The pairs of a job: its `items` (path under `root`, caption), each image read within data/limits.py's
   bounds; a missing or unreadable file is refused as limits.NO_IMAGE, a link as limits.LINK (with
@@ -90,17 +91,21 @@ def _read_caption(path: str, root: str, follow_links: bool) -> tuple[str, str]:
 
 # ------------------------------------------------------------------------------------------------- listing
 
+
 def list_caption_files(input_dir: str, follow_links: bool) -> Listing:
   """The images anywhere below `input_dir` (sorted; hidden folders and linked folders not entered), each paired
   with the caption file of its name and `.txt` beside it."""
   if not os.path.isdir(input_dir):
-    raise UserError(f"--input={input_dir}: no such directory (--format=caption_files: a folder of images, each "
-                    f"with a caption file of its name and {CAPTION_SUFFIX} beside it)")
+    raise UserError(
+      f"--input={input_dir}: no such directory (--format=caption_files: a folder of images, each "
+      f"with a caption file of its name and {CAPTION_SUFFIX} beside it)"
+    )
   root = os.path.realpath(input_dir)
   pairs, skipped = [], collections.Counter()
   for path in image_tree.walk_images(input_dir, ""):
-    caption, reason = _read_caption(os.path.join(input_dir, os.path.splitext(path)[0] + CAPTION_SUFFIX), root,
-                                    follow_links)
+    caption, reason = _read_caption(
+      os.path.join(input_dir, os.path.splitext(path)[0] + CAPTION_SUFFIX), root, follow_links
+    )
     if reason:
       skipped[reason] += 1
     else:
@@ -175,8 +180,10 @@ def _csv_rows(path: str, delimiter: str) -> Iterator[dict | str]:
           raise
         lines.skip_record()
         if header is None:
-          raise UserError(f"--input={path}: its header line is over the limit of {MAX_LINE_CHARS:,} characters "
-                          f"(data/limits.py MAX_TEXT_BYTES)") from e
+          raise UserError(
+            f"--input={path}: its header line is over the limit of {MAX_LINE_CHARS:,} characters "
+            f"(data/limits.py MAX_TEXT_BYTES)"
+          ) from e
         yield limits.TOO_LARGE
         continue
       if not row:
@@ -235,8 +242,10 @@ def _table_rows(path: str, kind: str, columns: tuple[str, str]) -> Iterator[dict
 def _check_columns(path: str, row: dict, columns: tuple[str, str]) -> None:
   missing = [name for name in columns if name not in row]
   if missing:
-    raise UserError(f"--input={path}: no column {', '.join(map(repr, missing))} (its columns: "
-                    f"{', '.join(map(str, row))}); name them with --path_column and --caption_column")
+    raise UserError(
+      f"--input={path}: no column {', '.join(map(repr, missing))} (its columns: "
+      f"{', '.join(map(str, row))}); name them with --path_column and --caption_column"
+    )
 
 
 def list_caption_table(table: str, path_column: str, caption_column: str, confine: str) -> Listing:
@@ -256,8 +265,11 @@ def list_caption_table(table: str, path_column: str, caption_column: str, confin
         checked = True
       pair, reason = _row_pair(row, columns)
       if not reason and limits.resolve_inside(os.path.join(folder, pair[0]), confine, resolved_folders) is None:
-        logging.warning("prepare_data: skipping the row of %s: outside %s (--root names the folder the table's "
-                        "paths may lie in)", pair[0], confine)
+        logging.warning(
+          "prepare_data: skipping the row of %s: outside %s (--root names the folder the table's paths may lie in)",
+          pair[0],
+          confine,
+        )
         reason = limits.OUTSIDE_ROOT
       if reason:
         skipped[reason] += 1
@@ -282,6 +294,7 @@ def _row_pair(row: dict | str, columns: tuple[str, str]) -> tuple[tuple | None, 
 
 
 # ---------------------------------------------------------------------------------------------- duplicates
+
 
 def _file_size(path: str, follow_links: bool, real_root: str) -> int | None:
   """The size of the regular file `path`; None for one that is missing or no regular file, or a link that the
@@ -312,8 +325,9 @@ def _image_identities(listing: Listing, follow_links: bool, confine: str, by_con
   (the only ones that can be copies of each other, so the others are never read here) the digest of its content
   (of the files inside the resolved folder `confine` only)."""
   folders = {}
-  paths = [limits.resolve_inside(os.path.join(listing.root, path), confine, folders) or path
-           for path, _ in listing.pairs]
+  paths = [
+    limits.resolve_inside(os.path.join(listing.root, path), confine, folders) or path for path, _ in listing.pairs
+  ]
   if not by_content:
     return paths
   by_size = collections.defaultdict(list)
@@ -328,8 +342,7 @@ def _image_identities(listing: Listing, follow_links: bool, confine: str, by_con
   return [digests.get(path) or path for path in paths]
 
 
-def distinct_pairs(listing: Listing, follow_links: bool, confine: str,
-                   by_content: bool) -> tuple[list, list[int], int]:
+def distinct_pairs(listing: Listing, follow_links: bool, confine: str, by_content: bool) -> tuple[list, list[int], int]:
   """(the pairs of `listing` but those of an image and caption listed before, the number of each one's image
   (`_image_identities`: the pairs of one image share it), how many pairs were dropped as DUPLICATE)."""
   images, seen, pairs, image_of = {}, set(), [], []
@@ -343,38 +356,64 @@ def distinct_pairs(listing: Listing, follow_links: bool, confine: str,
 
 # ---------------------------------------------------------------------------------------------- converting
 
+
 def _held_positions(count: int, image_of: list[int], seed: int) -> set[int]:
   """The positions of the pairs of `count` images (numbered per pair by `image_of`) drawn by `seed`: every pair of
   a held-out image is held out. UserError when no image would be left to train on."""
   images = max(image_of) + 1
   if count >= images:
-    raise UserError(f"--holdout_examples={count}: the input holds only {images} distinct images "
-                    f"({len(image_of)} usable pairs)")
+    raise UserError(
+      f"--holdout_examples={count}: the input holds only {images} distinct images ({len(image_of)} usable pairs)"
+    )
   held = set(np.random.default_rng(seed).choice(images, count, replace=False).tolist())
   return {position for position, image in enumerate(image_of) if image in held}
 
 
-def _split_jobs(like: ShardJob, input_format: str, root: str, output_dir: str, split: str, pairs: list,
-                records_per_shard: int) -> list[ShardJob]:
+def _split_jobs(
+  like: ShardJob, input_format: str, root: str, output_dir: str, split: str, pairs: list, records_per_shard: int
+) -> list[ShardJob]:
   """The jobs of a split's shards of `records_per_shard` `pairs`, as `like` but for their path and items; --follow_links
   and --root (`root`) are part of their fingerprints only when given, so shards written without them keep theirs."""
   count = math.ceil(len(pairs) / records_per_shard)
   jobs = []
   for i in range(count):
-    items = tuple(pairs[i * records_per_shard:(i + 1) * records_per_shard])
-    parts = ((input_format, like.options, like.root, items) + (("follow_links",) if like.follow_links else ())
-             + ((("root", like.confine),) if root else ()))
-    jobs.append(dataclasses.replace(like, path=os.path.join(output_dir, records.shard_name(split, i, count)),
-                                    fingerprint=shards.fingerprint(*parts), items=items))
+    items = tuple(pairs[i * records_per_shard : (i + 1) * records_per_shard])
+    parts = (
+      (input_format, like.options, like.root, items)
+      + (("follow_links",) if like.follow_links else ())
+      + ((("root", like.confine),) if root else ())
+    )
+    jobs.append(
+      dataclasses.replace(
+        like,
+        path=os.path.join(output_dir, records.shard_name(split, i, count)),
+        fingerprint=shards.fingerprint(*parts),
+        items=items,
+      )
+    )
   return jobs
 
 
-def convert_own_pairs(input_format: str, input_path: str, output_dir: str, *, split: str = "train",
-                      resize_shorter: int = 0, verify: bool = False, num_workers: int | None = None,
-                      records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD, progress: bool | None = None,
-                      min_side: int = 0, holdout_examples: int = 0, holdout_split_name: str = "validation",
-                      seed: int = 0, follow_links: bool = False, path_column: str = "path",
-                      caption_column: str = "caption", root: str = "") -> dict:
+def convert_own_pairs(
+  input_format: str,
+  input_path: str,
+  output_dir: str,
+  *,
+  split: str = "train",
+  resize_shorter: int = 0,
+  verify: bool = False,
+  num_workers: int | None = None,
+  records_per_shard: int = shards.DEFAULT_RECORDS_PER_SHARD,
+  progress: bool | None = None,
+  min_side: int = 0,
+  holdout_examples: int = 0,
+  holdout_split_name: str = "validation",
+  seed: int = 0,
+  follow_links: bool = False,
+  path_column: str = "path",
+  caption_column: str = "caption",
+  root: str = "",
+) -> dict:
   """Converts a folder of captioned images or a table of path + caption (`OWN_PAIR_FORMATS`) into shards of
   `records_per_shard` distinct pairs (`distinct_pairs`) in listing order, those of `holdout_examples` images (drawn
   by `seed`) into `holdout_split_name`; a table's paths must lie in `root` (--root; default: the table's folder).
@@ -385,8 +424,11 @@ def convert_own_pairs(input_format: str, input_path: str, output_dir: str, *, sp
   shards.check_holdout("--holdout_examples", holdout_examples, holdout_split_name, split)
   input_path, output_dir = os.path.abspath(os.path.expanduser(input_path)), os.path.expanduser(output_dir)
   confine = shards.confine_to(input_path if input_format == "caption_files" else os.path.dirname(input_path), root)
-  listing = (list_caption_files(input_path, follow_links) if input_format == "caption_files" else
-             list_caption_table(input_path, path_column, caption_column, confine))
+  listing = (
+    list_caption_files(input_path, follow_links)
+    if input_format == "caption_files"
+    else list_caption_table(input_path, path_column, caption_column, confine)
+  )
   if not listing.pairs:
     raise UserError(f"--input={input_path}: no image with a caption ({shards.counts_text(listing.skipped)})")
   # Copies under other names matter where they would leak held-out images into training: only then are the
@@ -396,13 +438,28 @@ def convert_own_pairs(input_format: str, input_path: str, output_dir: str, *, sp
   split_pairs = {split: [p for i, p in enumerate(pairs) if i not in held]}
   if held:
     split_pairs[holdout_split_name] = [pairs[i] for i in sorted(held)]
-  like = ShardJob("", "", image_options(resize_shorter, verify), read_pair_files, root=listing.root, captioned=True,
-                  min_side=min_side, follow_links=follow_links, confine=confine)
-  jobs = {name: _split_jobs(like, input_format, root, output_dir, name, pairs, records_per_shard)
-          for name, pairs in split_pairs.items()}
+  like = ShardJob(
+    "",
+    "",
+    image_options(resize_shorter, verify),
+    read_pair_files,
+    root=listing.root,
+    captioned=True,
+    min_side=min_side,
+    follow_links=follow_links,
+    confine=confine,
+  )
+  jobs = {
+    name: _split_jobs(like, input_format, root, output_dir, name, pairs, records_per_shard)
+    for name, pairs in split_pairs.items()
+  }
   shards.check_output(output_dir, "pairs", None, {name: shards.shard_names(js) for name, js in jobs.items()})
-  entries = {name: shards.split_entry(shards.shard_names(js), shards.run_jobs(js, num_workers, progress), input_path,
-                                      None, min_side) for name, js in jobs.items()}
+  entries = {
+    name: shards.split_entry(
+      shards.shard_names(js), shards.run_jobs(js, num_workers, progress), input_path, None, min_side
+    )
+    for name, js in jobs.items()
+  }
   if not sum(entry["records"] for entry in entries.values()):
     raise shards.none_read(input_path, f"its {len(pairs)} captioned images", _merged_skips(entries))
   _add_listing_skips(entries[split], listing.skipped)

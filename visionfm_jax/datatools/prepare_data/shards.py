@@ -48,6 +48,7 @@ def refused(name: str, reason: str) -> Example:
 @dataclasses.dataclass(frozen=True)
 class ShardJob:
   """One output shard: what goes into it and how. Picklable, for the worker processes."""
+
   path: str
   fingerprint: str  # the inputs and options it is written from; a shard on disk counts only when they match
   options: ImageOptions
@@ -75,13 +76,22 @@ def read_image_files(job: ShardJob) -> Iterator[Example]:
     yield refused(path, reason) if reason else Example(path, data, {"label": label, "key": relpath})
 
 
-def image_files_job(path: str, options: ImageOptions, root: str, items: tuple, min_side: int = 0,
-                    follow_links: bool = False) -> ShardJob:
+def image_files_job(
+  path: str, options: ImageOptions, root: str, items: tuple, min_side: int = 0, follow_links: bool = False
+) -> ShardJob:
   """The job of the shard `path` of the image files `items` (path under `root`, label or None); `follow_links`
   (--follow_links) is part of its fingerprint only when set, so shards written without it keep theirs."""
   parts = ("folders", options, root, items) + (("follow_links",) if follow_links else ())
-  return ShardJob(path, fingerprint(*parts), options, read_image_files, root=root, items=items, min_side=min_side,
-                  follow_links=follow_links)
+  return ShardJob(
+    path,
+    fingerprint(*parts),
+    options,
+    read_image_files,
+    root=root,
+    items=items,
+    min_side=min_side,
+    follow_links=follow_links,
+  )
 
 
 def confine_to(base: str, root: str) -> str:
@@ -103,8 +113,11 @@ def none_read(input_path: str, what: str, skipped_by: dict) -> UserError:
   """The error of a conversion that wrote no record: `what` ("its 12 pairs"), the reasons (`skipped_by`), and
   --root when the paths led outside the input's folder."""
   reasons = counts_text(skipped_by)
-  hint = ("; a folder the paths lead into through a link needs --root=DIR naming a folder that holds it"
-          if skipped_by.get(limits.OUTSIDE_ROOT) else "")
+  hint = (
+    "; a folder the paths lead into through a link needs --root=DIR naming a folder that holds it"
+    if skipped_by.get(limits.OUTSIDE_ROOT)
+    else ""
+  )
   return UserError(f"--input={input_path}: none of {what} could be read ({reasons}){hint}")
 
 
@@ -113,6 +126,7 @@ def fingerprint(*parts) -> str:
 
 
 # ------------------------------------------------------------------------------------------- shard writing
+
 
 def read_finished(job: ShardJob) -> dict | None:
   """The counts of `job`'s shard when it is already written from the same inputs and options, else None."""
@@ -165,8 +179,9 @@ def write_shard(job: ShardJob) -> dict:
       if example.rejected:
         filtered[example.rejected] += 1
         continue
-      image, reason, side = ((None, example.refused, 0) if example.refused else
-                             prepare_image(example.image, job.options, example.name))
+      image, reason, side = (
+        (None, example.refused, 0) if example.refused else prepare_image(example.image, job.options, example.name)
+      )
       if image is None:
         skipped_by[reason] += 1
         if reason == limits.NO_IMAGE:
@@ -179,8 +194,12 @@ def write_shard(job: ShardJob) -> dict:
         class_counts[example.fields["label"]] += 1
       if job.captioned and not example.fields.get("caption"):
         uncaptioned += 1
-    counts = {"records": writer.count, "skipped": sum(skipped_by.values()),
-              "skipped_by": ordered_reasons(skipped_by), "fingerprint": job.fingerprint}
+    counts = {
+      "records": writer.count,
+      "skipped": sum(skipped_by.values()),
+      "skipped_by": ordered_reasons(skipped_by),
+      "fingerprint": job.fingerprint,
+    }
     if job.captioned:
       counts["uncaptioned"] = uncaptioned
     else:
@@ -226,8 +245,12 @@ class Progress:
     if self.enabled:
       rate = self.records / max(time.monotonic() - self.start, 1e-6)
       total = "" if self.total is None else f"/{self.total}"
-      print(f"\rshards {self.done}{total}, {self.records} records written, {rate:.0f} records/s",
-            end="", file=sys.stderr, flush=True)
+      print(
+        f"\rshards {self.done}{total}, {self.records} records written, {rate:.0f} records/s",
+        end="",
+        file=sys.stderr,
+        flush=True,
+      )
 
   def close(self) -> None:
     if self.enabled:
@@ -299,6 +322,7 @@ def _take_oldest(queued: collections.deque, done: dict, meter: Progress) -> None
 
 # ------------------------------------------------------------------------------------ a cluster job's tasks
 
+
 @dataclasses.dataclass(frozen=True)
 class TaskSummaries:
   """What the `count` tasks of a cluster job leave for each other: each writes, once its share is done, one summary
@@ -306,6 +330,7 @@ class TaskSummaries:
   the task that then finds every summary (one listing, then `count` files) writes dataset.json. So no task reads
   another task's sidecars (a thousand tasks of a LAION conversion would read every one of 232,000 each). A summary
   of another `conversion` (the fingerprint of the whole conversion's inputs and options) counts as missing."""
+
   output_dir: str
   count: int
   conversion: str
@@ -338,9 +363,15 @@ class TaskSummaries:
     return summary.get("share") if isinstance(summary, dict) and summary.get("conversion") == self.conversion else None
 
 
-def convert_share(names: Sequence[str], job_of: Callable[[int], ShardJob], output_dir: str, conversion: str,
-                  num_workers: int, progress: bool | None,
-                  task: cluster_task.Task | None) -> list[dict] | dict:
+def convert_share(
+  names: Sequence[str],
+  job_of: Callable[[int], ShardJob],
+  output_dir: str,
+  conversion: str,
+  num_workers: int,
+  progress: bool | None,
+  task: cluster_task.Task | None,
+) -> list[dict] | dict:
   """The counts of every shard of a conversion (`names`: their file names; `job_of(i)`: shard i's job, made only
   for the shards this task touches), or `unfinished_report`'s dict while other tasks still owe theirs. `task`
   writes its share (`cluster_task`) of the shards not finished yet, reading and stat'ing no other shard's files:
@@ -361,16 +392,19 @@ def convert_share(names: Sequence[str], job_of: Callable[[int], ShardJob], outpu
     return unfinished_report(f"{missing} of {task.count} tasks' shares", task)
   every = [None] * len(names)
   for index, share in enumerate(shares):
-    every[index::task.count] = share
+    every[index :: task.count] = share
   return every
 
 
 # ------------------------------------------------------------------------------------------------ checks
 
+
 def check_split_name(split: str, flag: str = "--split") -> None:
   if not _SPLIT_NAME.match(split):
-    raise UserError(f"{flag}={split!r}: use letters, digits and '_' only (the shards are '<split>-*', so a '-' "
-                    f"would let one split's glob match another's)")
+    raise UserError(
+      f"{flag}={split!r}: use letters, digits and '_' only (the shards are '<split>-*', so a '-' "
+      f"would let one split's glob match another's)"
+    )
 
 
 def check_output(output_dir: str, kind: str, classes: list[str] | None, expected: dict[str, list[str]]) -> None:
@@ -379,12 +413,18 @@ def check_output(output_dir: str, kind: str, classes: list[str] | None, expected
   if os.path.exists(output_dir) and not os.path.isdir(output_dir):
     raise UserError(f"--output={output_dir}: exists and is not a directory")
   metadata = records.read_metadata(output_dir) if os.path.isdir(output_dir) else None
-  if metadata and (metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in
-                                                    (None, list(classes)))):
-    what = (f"kind {metadata.get('kind')!r}" if metadata.get("kind") != kind else
-            f"{len(metadata.get('classes'))} other classes")
-    raise UserError(f"--output={output_dir}: its {records.METADATA_FILE} describes a different data set ({what}); "
-                    f"choose another directory")
+  if metadata and (
+    metadata.get("kind") != kind or (classes is not None and metadata.get("classes") not in (None, list(classes)))
+  ):
+    what = (
+      f"kind {metadata.get('kind')!r}"
+      if metadata.get("kind") != kind
+      else f"{len(metadata.get('classes'))} other classes"
+    )
+    raise UserError(
+      f"--output={output_dir}: its {records.METADATA_FILE} describes a different data set ({what}); "
+      f"choose another directory"
+    )
   for split, names in expected.items():
     refuse_foreign(output_dir, split, lambda name, names=frozenset(names): name not in names)
 
@@ -394,8 +434,10 @@ def refuse_foreign(output_dir: str, split: str, is_foreign: Callable[[str], bool
   present = (os.path.basename(p) for p in glob.glob(os.path.join(glob.escape(output_dir), f"{split}-*.array_record")))
   foreign = sorted(name for name in present if is_foreign(name))
   if foreign:
-    raise UserError(f"--output={output_dir}: holds {len(foreign)} {split!r} shards this conversion does not "
-                    f"write ({foreign[0]}, ...: another shard count?); remove them or choose another directory")
+    raise UserError(
+      f"--output={output_dir}: holds {len(foreign)} {split!r} shards this conversion does not "
+      f"write ({foreign[0]}, ...: another shard count?); remove them or choose another directory"
+    )
 
 
 def check_common(output_dir: str, split: str, records_per_shard: int, resize_shorter: int, num_workers: int):
@@ -405,8 +447,10 @@ def check_common(output_dir: str, split: str, records_per_shard: int, resize_sho
     raise UserError("--output: required (the directory for the shards)")
   check_split_name(split)
   if records_per_shard < 1 or resize_shorter < 0 or num_workers < 0:
-    raise UserError(f"--records_per_shard={records_per_shard}, --resize_shorter={resize_shorter}, --num_workers="
-                    f"{num_workers}: the shard size must be positive, the others >= 0")
+    raise UserError(
+      f"--records_per_shard={records_per_shard}, --resize_shorter={resize_shorter}, --num_workers="
+      f"{num_workers}: the shard size must be positive, the others >= 0"
+    )
 
 
 def check_holdout(flag: str, count: int, holdout_split_name: str, split: str) -> None:
@@ -421,8 +465,10 @@ def check_holdout(flag: str, count: int, holdout_split_name: str, split: str) ->
 
 # ------------------------------------------------------------------------------------------- dataset.json
 
-def split_entry(shards: Sequence[str], counts: Sequence[dict], source: str, num_classes: int | None,
-                min_side: int = 0) -> dict:
+
+def split_entry(
+  shards: Sequence[str], counts: Sequence[dict], source: str, num_classes: int | None, min_side: int = 0
+) -> dict:
   """dataset.json's entry of one split (`shards`: its file names): records, shards, kind (labelled, pairs or
   images), class_counts (labelled) or uncaptioned (webdataset), skipped, source, filtered (with a score filter),
   and with `min_side` small_images (`small_images`)."""
@@ -471,6 +517,7 @@ def unfinished_report(what: str, task: cluster_task.Task | None) -> dict:
   """What a task reports while other tasks still owe `what` ("2 of 6 shards"): {'unfinished': what, 'task'};
   UserError for the final step (`task` None), which needs them all."""
   if task is None:
-    raise UserError(f"--finalize: {what} are not written yet; run the tasks that write them (or rerun without "
-                    f"--finalize) first")
+    raise UserError(
+      f"--finalize: {what} are not written yet; run the tasks that write them (or rerun without --finalize) first"
+    )
   return {"unfinished": what, "task": str(task)}

@@ -27,6 +27,7 @@ class ImageTreeLayout:
   sorted path order without the `held` images, fills the shards `<split>-<i>-<n>` of `records_per_shard` images
   each (numbered 00000, 00001, ... within the folder); its list of shards, written when its walk ends, is
   `<split>-folders/<i>.json`. The `held` images (--holdout_examples, sorted) fill `<holdout_split>-*-of-*`."""
+
   input_dir: str
   output_dir: str
   split: str
@@ -49,9 +50,17 @@ class ImageTreeLayout:
   @functools.cached_property
   def fingerprint(self) -> str:
     """The whole conversion's (what its cluster tasks' summaries are checked against)."""
-    return shards.fingerprint("image tree", self.options, self.input_dir, self.folders, self.split,
-                              self.records_per_shard, self._held_fingerprint, self.holdout_split,
-                              *(("follow_links",) if self.follow_links else ()))
+    return shards.fingerprint(
+      "image tree",
+      self.options,
+      self.input_dir,
+      self.folders,
+      self.split,
+      self.records_per_shard,
+      self._held_fingerprint,
+      self.holdout_split,
+      *(("follow_links",) if self.follow_links else ()),
+    )
 
   def shard_jobs(self, index: int) -> Iterator[ShardJob]:
     """Folder `index`'s shards, as its walk reaches them."""
@@ -64,14 +73,18 @@ class ImageTreeLayout:
 
   def holdout_jobs(self) -> list[ShardJob]:
     count = math.ceil(len(self.held) / self.records_per_shard)
-    return [self._job(records.shard_name(self.holdout_split, i, count),
-                      tuple((path, None) for path in self.held[i * self.records_per_shard:
-                                                               (i + 1) * self.records_per_shard]))
-            for i in range(count)]
+    return [
+      self._job(
+        records.shard_name(self.holdout_split, i, count),
+        tuple((path, None) for path in self.held[i * self.records_per_shard : (i + 1) * self.records_per_shard]),
+      )
+      for i in range(count)
+    ]
 
   def _job(self, name: str, items: tuple) -> ShardJob:
-    return shards.image_files_job(os.path.join(self.output_dir, name), self.options, self.input_dir, items,
-                                  self.min_side, self.follow_links)
+    return shards.image_files_job(
+      os.path.join(self.output_dir, name), self.options, self.input_dir, items, self.min_side, self.follow_links
+    )
 
   def is_train_shard(self, name: str) -> bool:
     """Whether `name` is a shard name this layout can write for `split` (another folder count's is not)."""
@@ -79,16 +92,26 @@ class ImageTreeLayout:
     return bool(match) and int(match.group(1)) < len(self.folders)
 
   def _folder_fingerprint(self, index: int) -> str:
-    return shards.fingerprint("image folder", self.options, self.input_dir, self.folders[index], self.split,
-                              self.records_per_shard, self._held_fingerprint)
+    return shards.fingerprint(
+      "image folder",
+      self.options,
+      self.input_dir,
+      self.folders[index],
+      self.split,
+      self.records_per_shard,
+      self._held_fingerprint,
+    )
 
   def _list_path(self, index: int) -> str:
     return os.path.join(self.output_dir, f"{self.split}-folders", f"{index:05d}.json")
 
   def write_folder_list(self, index: int, folder_shards: list[tuple[str, str]]) -> None:
     """Records folder `index`'s shards `folder_shards` [(name, fingerprint)], kept when it says so already."""
-    listed = {"folder": self.folders[index], "fingerprint": self._folder_fingerprint(index),
-              "shards": [list(shard) for shard in folder_shards]}
+    listed = {
+      "folder": self.folders[index],
+      "fingerprint": self._folder_fingerprint(index),
+      "shards": [list(shard) for shard in folder_shards],
+    }
     if self.read_folder_list(index) != folder_shards:
       os.makedirs(os.path.dirname(self._list_path(index)), exist_ok=True)
       atomic.write_json(self._list_path(index), listed)
@@ -105,10 +128,22 @@ class ImageTreeLayout:
     return [tuple(shard) for shard in listed["shards"]]
 
 
-def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: ImageOptions, num_workers: int,
-                       records_per_shard: int, holdout_examples: int, holdout_split_name: str, seed: int,
-                       progress: bool | None, task: cluster_task.Task | None, min_side: int = 0,
-                       follow_links: bool = False) -> dict:
+def convert_image_tree(
+  input_dir: str,
+  output_dir: str,
+  *,
+  split: str,
+  options: ImageOptions,
+  num_workers: int,
+  records_per_shard: int,
+  holdout_examples: int,
+  holdout_split_name: str,
+  seed: int,
+  progress: bool | None,
+  task: cluster_task.Task | None,
+  min_side: int = 0,
+  follow_links: bool = False,
+) -> dict:
   """convert_folders' `unlabelled` conversion (`ImageTreeLayout`), never holding the tree's list: `task` converts
   the folders task.share(folders) and its share of the held-out shards, walking only those folders (and the
   few that `image_tree.sample_holdout` lists ahead) and reading no other task's lists or sidecars; then, once every
@@ -117,8 +152,18 @@ def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: 
   tasks still owe. `task` None (--finalize) writes no shard: dataset.json from every folder's list and sidecar."""
   folders = tuple(image_tree.top_level_folders(input_dir))
   held = image_tree.sample_holdout(input_dir, folders, holdout_examples, seed) if holdout_examples else []
-  layout = ImageTreeLayout(input_dir, output_dir, split, folders, records_per_shard, options, tuple(held),
-                           holdout_split_name if held else "", min_side, follow_links)
+  layout = ImageTreeLayout(
+    input_dir,
+    output_dir,
+    split,
+    folders,
+    records_per_shard,
+    options,
+    tuple(held),
+    holdout_split_name if held else "",
+    min_side,
+    follow_links,
+  )
   shards.check_output(output_dir, "images", None, {})
   expected_holdout = shards.shard_names(layout.holdout_jobs())
   shards.refuse_foreign(output_dir, split, lambda name: not layout.is_train_shard(name))
@@ -127,23 +172,27 @@ def convert_image_tree(input_dir: str, output_dir: str, *, split: str, options: 
   if task is None:
     return _finalize_image_tree(layout, holdout_examples, min_side)
   if task.count == 1:  # a task of a job array walks its own folders only; the last one counts what all wrote
-    image_tree.require_decodable(input_dir, itertools.chain.from_iterable(
-        image_tree.folder_images(input_dir, folder) for folder in folders), follow_links)
+    image_tree.require_decodable(
+      input_dir,
+      itertools.chain.from_iterable(image_tree.folder_images(input_dir, folder) for folder in folders),
+      follow_links,
+    )
   listed = {}
   written = shards.write_stream(_image_tree_jobs(layout, task, listed), num_workers, progress)
   counts = {os.path.basename(path): c for path, c in written.items()}
   if task.count > 1:
     summaries = shards.TaskSummaries(output_dir, task.count, layout.fingerprint)
-    summaries.write(task.index, {"folders": {str(i): shard_list for i, shard_list in listed.items()},
-                                 "counts": counts})
+    summaries.write(task.index, {"folders": {str(i): shard_list for i, shard_list in listed.items()}, "counts": counts})
     shares, missing = summaries.gather()
     if shares is None:
       return shards.unfinished_report(f"{missing} of {task.count} tasks' shares", task)
-    listed = {int(i): [tuple(shard) for shard in shard_list] for share in shares
-              for i, shard_list in share["folders"].items()}
+    listed = {
+      int(i): [tuple(shard) for shard in shard_list] for share in shares for i, shard_list in share["folders"].items()
+    }
     counts = {name: c for share in shares for name, c in share["counts"].items()}
-  return _write_image_tree_metadata(layout, [listed[i] for i in range(len(folders))], counts, holdout_examples,
-                                    min_side)
+  return _write_image_tree_metadata(
+    layout, [listed[i] for i in range(len(folders))], counts, holdout_examples, min_side
+  )
 
 
 def _image_tree_jobs(layout: ImageTreeLayout, task: cluster_task.Task, listed: dict) -> Iterator[ShardJob]:
@@ -175,8 +224,9 @@ def _finalize_image_tree(layout: ImageTreeLayout, holdout_examples: int, min_sid
   return _write_image_tree_metadata(layout, lists, counts, holdout_examples, min_side)
 
 
-def _write_image_tree_metadata(layout: ImageTreeLayout, lists: list, counts: dict, holdout_examples: int,
-                               min_side: int) -> dict:
+def _write_image_tree_metadata(
+  layout: ImageTreeLayout, lists: list, counts: dict, holdout_examples: int, min_side: int
+) -> dict:
   """dataset.json from every folder's list of shards `lists` and every shard's `counts` ({name: sidecar
   counts})."""
   listed_shards = {layout.split: [name for listed in lists for name, _ in listed]}
@@ -185,8 +235,10 @@ def _write_image_tree_metadata(layout: ImageTreeLayout, lists: list, counts: dic
   if not listed_shards[layout.split]:
     raise image_tree.no_images(layout.input_dir)
   shards.check_output(layout.output_dir, "images", None, listed_shards)
-  entries = {split: shards.split_entry(names, [counts[name] for name in names], layout.input_dir, None, min_side)
-             for split, names in listed_shards.items()}
+  entries = {
+    split: shards.split_entry(names, [counts[name] for name in names], layout.input_dir, None, min_side)
+    for split, names in listed_shards.items()
+  }
   if not any(entry["records"] for entry in entries.values()):
     read = sum(entry["skipped"] for entry in entries.values())
     raise shards.none_read(layout.input_dir, f"its {read} image files", entries[layout.split]["skipped_by"])

@@ -40,9 +40,13 @@ def _unreadable(path: str, error: tarfile.TarError) -> DataError:
   return DataError(f"{path}: unreadable tar file ({str(error).splitlines()[0].rstrip(':')})")
 
 
-def _archive_examples(archive: tarfile.TarFile, tar_name: str, held: frozenset = frozenset(),
-                      only_held: bool = False, score_filter: wds.ScoreFilter = wds.ScoreFilter()
-                      ) -> Iterator[Example]:
+def _archive_examples(
+  archive: tarfile.TarFile,
+  tar_name: str,
+  held: frozenset = frozenset(),
+  only_held: bool = False,
+  score_filter: wds.ScoreFilter = wds.ScoreFilter(),
+) -> Iterator[Example]:
   samples, refused_by = wds.tar_listing(archive)
   if not only_held:  # counted once, with the tar's main shard
     for reason, n in refused_by.items():
@@ -112,6 +116,7 @@ def _tar_size(tar: str) -> int:
 @dataclasses.dataclass(frozen=True)
 class TarShard:
   """One output shard of a tar, before its job is made (which stats the tar: only a task's own shards are)."""
+
   split: str
   number: int
   count: int
@@ -124,31 +129,58 @@ class TarShard:
     return records.shard_name(self.split, self.number, self.count)
 
   def job(self, output_dir: str, options: ImageOptions, score_filter: wds.ScoreFilter, min_side: int) -> ShardJob:
-    return ShardJob(os.path.join(output_dir, self.name),
-                    shards.fingerprint("webdataset", options, self.tar, _tar_size(self.tar),
-                                       *([list(self.held), self.only_held] if self.held else []),
-                                       *([score_filter] if score_filter else [])),
-                    options, read_tar, tar=self.tar, held=self.held, only_held=self.only_held,
-                    score_filter=score_filter, captioned=True, min_side=min_side)
+    return ShardJob(
+      os.path.join(output_dir, self.name),
+      shards.fingerprint(
+        "webdataset",
+        options,
+        self.tar,
+        _tar_size(self.tar),
+        *([list(self.held), self.only_held] if self.held else []),
+        *([score_filter] if score_filter else []),
+      ),
+      options,
+      read_tar,
+      tar=self.tar,
+      held=self.held,
+      only_held=self.only_held,
+      score_filter=score_filter,
+      captioned=True,
+      min_side=min_side,
+    )
 
 
-def tar_shards(tars: Sequence[str], split: str, held: dict[str, list[str]], holdout_split_name: str
-               ) -> dict[str, list[TarShard]]:
+def tar_shards(
+  tars: Sequence[str], split: str, held: dict[str, list[str]], holdout_split_name: str
+) -> dict[str, list[TarShard]]:
   """{split: its shards}: one per tar, without its `held` keys; with `held`, the holdout split's shards of the tars
   that hold them."""
   plan = {split: [TarShard(split, i, len(tars), tar, tuple(held.get(tar, ()))) for i, tar in enumerate(tars)]}
   if held:
     holdout_tars = [tar for tar in tars if tar in held]
-    plan[holdout_split_name] = [TarShard(holdout_split_name, i, len(holdout_tars), tar, tuple(held[tar]), True)
-                                for i, tar in enumerate(holdout_tars)]
+    plan[holdout_split_name] = [
+      TarShard(holdout_split_name, i, len(holdout_tars), tar, tuple(held[tar]), True)
+      for i, tar in enumerate(holdout_tars)
+    ]
   return plan
 
 
-def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", resize_shorter: int = 0,
-                       verify: bool = False, num_workers: int | None = None, progress: bool | None = None,
-                       holdout_examples: int = 0, holdout_split_name: str = "validation", seed: int = 0,
-                       task: cluster_task.Task | None = cluster_task.Task(),
-                       score_filter: wds.ScoreFilter = wds.ScoreFilter(), min_side: int = 0) -> dict:
+def convert_webdataset(
+  pattern: str,
+  output_dir: str,
+  *,
+  split: str = "train",
+  resize_shorter: int = 0,
+  verify: bool = False,
+  num_workers: int | None = None,
+  progress: bool | None = None,
+  holdout_examples: int = 0,
+  holdout_split_name: str = "validation",
+  seed: int = 0,
+  task: cluster_task.Task | None = cluster_task.Task(),
+  score_filter: wds.ScoreFilter = wds.ScoreFilter(),
+  min_side: int = 0,
+) -> dict:
   """Converts the img2dataset tars matching `pattern`, one shard each, into `output_dir` (with
   `holdout_examples`, also `holdout_split_name`: see `choose_holdout`), `task`'s share of them (see
   `shards.convert_share`: only its own tars are stat'ed and read), keeping the samples that pass `score_filter`;
@@ -167,15 +199,22 @@ def convert_webdataset(pattern: str, output_dir: str, *, split: str = "train", r
   shards.check_output(output_dir, "pairs", None, {name: [s.name for s in planned] for name, planned in plan.items()})
   every = [shard for planned in plan.values() for shard in planned]
   conversion = shards.fingerprint("webdataset", options, tars, held, score_filter, list(plan))
-  all_counts = shards.convert_share([s.name for s in every],
-                                    lambda i: every[i].job(output_dir, options, score_filter, min_side), output_dir,
-                                    conversion, num_workers, progress, task)
+  all_counts = shards.convert_share(
+    [s.name for s in every],
+    lambda i: every[i].job(output_dir, options, score_filter, min_side),
+    output_dir,
+    conversion,
+    num_workers,
+    progress,
+    task,
+  )
   if isinstance(all_counts, dict):
     return all_counts
   counts = iter(all_counts)
-  entries = {name: shards.split_entry([s.name for s in planned], [next(counts) for _ in planned], pattern, None,
-                                      min_side)
-             for name, planned in plan.items()}
+  entries = {
+    name: shards.split_entry([s.name for s in planned], [next(counts) for _ in planned], pattern, None, min_side)
+    for name, planned in plan.items()
+  }
   if held:
     entries[holdout_split_name]["holdout_examples"] = holdout_examples
   return records.write_metadata(output_dir, kind="pairs", splits=entries)

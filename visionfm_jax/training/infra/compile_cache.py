@@ -118,8 +118,12 @@ class _CheckedEntries:
     if removed:
       for suffix in ("cache", "atime", "digest"):  # the entry first: JAX's eviction reads the atime of each entry
         self._file(key, suffix).unlink(missing_ok=True)
-    logging.warning("compile cache entry %s %s: %s, compiling its program again", self._file(key, "cache"),
-                    problem, "removed" if removed else "not loaded")
+    logging.warning(
+      "compile cache entry %s %s: %s, compiling its program again",
+      self._file(key, "cache"),
+      problem,
+      "removed" if removed else "not loaded",
+    )
 
   def _file(self, key: str, suffix: str):
     return self._path / f"{key}-{suffix}"

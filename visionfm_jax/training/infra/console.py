@@ -68,8 +68,10 @@ def held_back_note() -> str:
   _held_back.clear()
   if not count:
     return ""
-  return (f" (Orbax logged {count} error line{'s' if count > 1 else ''} about it; "
-          f"--verbose shows {'them' if count > 1 else 'it'})")
+  return (
+    f" (Orbax logged {count} error line{'s' if count > 1 else ''} about it; "
+    f"--verbose shows {'them' if count > 1 else 'it'})"
+  )
 
 
 def _say_held_back() -> None:
@@ -77,8 +79,12 @@ def _say_held_back() -> None:
   if _held_back:
     count, first = len(_held_back), _held_back[0]
     _held_back.clear()
-    print(f"warning: Orbax logged {count} error{'s' if count > 1 else ''} that the run went on after, the first: "
-          f"{first} (--verbose shows them as they come)", file=sys.stderr, flush=True)
+    print(
+      f"warning: Orbax logged {count} error{'s' if count > 1 else ''} that the run went on after, the first: "
+      f"{first} (--verbose shows them as they come)",
+      file=sys.stderr,
+      flush=True,
+    )
 
 
 class _ConsoleFormatter(py_logging.Formatter):
@@ -136,7 +142,7 @@ def seconds_text(seconds: float) -> str:
 def format_metrics(values: Mapping[str, float], prefix: str = "") -> str:
   """'top1 0.9521, top5 1.000, count 50,000' for the keys under `prefix` (which is dropped from the names): four
   significant digits with the point kept, so a perfect score reads as a score; counts as whole numbers."""
-  return ", ".join(f"{k[len(prefix):]} {_metric(k, v)}" for k, v in values.items() if k.startswith(prefix))
+  return ", ".join(f"{k[len(prefix) :]} {_metric(k, v)}" for k, v in values.items() if k.startswith(prefix))
 
 
 def _metric(name: str, value: float) -> str:
@@ -149,8 +155,16 @@ class Progress:
   """A progress line: step, loss, img/s, seconds a step and ETA (`enabled`: config.progress_bar), and the compile's
   line. Process 0 only."""
 
-  def __init__(self, total_steps: int, start_step: int, enabled: bool = True, *, process_index: int = 0,
-               tty: bool | None = None, clock: Callable[[], float] = time.perf_counter):
+  def __init__(
+    self,
+    total_steps: int,
+    start_step: int,
+    enabled: bool = True,
+    *,
+    process_index: int = 0,
+    tty: bool | None = None,
+    clock: Callable[[], float] = time.perf_counter,
+  ):
     self.total = total_steps
     self.enabled = enabled and process_index == 0
     self.says = process_index == 0  # the compile's line, bar or not
@@ -175,8 +189,10 @@ class Progress:
     eta = (self.total - step) * per_step
     width = 24
     filled = int(width * step / self.total)
-    return (f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
-            f"{img_per_sec:,.0f} img/s {seconds_text(per_step)}/step eta {duration(eta)}")
+    return (
+      f"[{'#' * filled}{'.' * (width - filled)}] {step}/{self.total} loss {loss:.4f} "
+      f"{img_per_sec:,.0f} img/s {seconds_text(per_step)}/step eta {duration(eta)}"
+    )
 
   def update(self, step: int, loss: float, img_per_sec: float) -> None:
     global _bar_on_screen

@@ -59,6 +59,7 @@ def raise_together(error: Exception | None, elsewhere: Exception) -> None:
 def _sync_manager_available() -> bool:
   """True when jax.distributed runs a preemption sync manager (several processes, the service enabled)."""
   from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
   return distributed.global_state.client is not None and distributed.global_state.preemption_sync_manager is not None
 
 
@@ -77,9 +78,11 @@ class Preemption:
     if self.coordinated:
       return
     if jax.process_count() > 1:
-      logging.warning("jax_enable_preemption_service is off: each of the %d processes reads its own SIGTERM, so a "
-                      "notice that reaches them at different steps can leave them saving different steps",
-                      jax.process_count())
+      logging.warning(
+        "jax_enable_preemption_service is off: each of the %d processes reads its own SIGTERM, so a "
+        "notice that reaches them at different steps can leave them saving different steps",
+        jax.process_count(),
+      )
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread: preemption is the caller's business
@@ -164,10 +167,12 @@ class Watchdog:
         self._abort(*phase)
 
   def _abort(self, name: str, step: int, started: float) -> None:
-    message = (f"process {jax.process_index()} of {jax.process_count()} has waited {time.monotonic() - started:.0f}s "
-               f"in {name} at step {step} (config.step_timeout_s={self.timeout_s:g}): another process has "
-               f"probably stopped or died. Dumping every thread's stack and exiting with code {HUNG_EXIT_CODE} so "
-               f"the job can be requeued; it resumes from the newest checkpoint.")
+    message = (
+      f"process {jax.process_index()} of {jax.process_count()} has waited {time.monotonic() - started:.0f}s "
+      f"in {name} at step {step} (config.step_timeout_s={self.timeout_s:g}): another process has "
+      f"probably stopped or died. Dumping every thread's stack and exiting with code {HUNG_EXIT_CODE} so "
+      f"the job can be requeued; it resumes from the newest checkpoint."
+    )
     logging.error(message)
     faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
     sys.stderr.flush()
@@ -203,6 +208,7 @@ class PeerWatch:
 
   def __init__(self, timeout_s: float):
     from jax._src import distributed  # pylint: disable=g-import-not-at-top
+
     self.timeout_s = float(timeout_s)
     self._client = distributed.global_state.client
     self._me, self._count = jax.process_index(), jax.process_count()
@@ -213,8 +219,11 @@ class PeerWatch:
     self._last_seen = {p: (None, time.monotonic()) for p in range(self._count) if p != self._me}
     self._answered = time.monotonic()  # when the service last took this process's beat
     address = distributed.global_state.coordinator_address  # None: not distributed, so never watched
-    self._service = "" if distributed.global_state.service is not None or address is None else (
-        coordination.describe_service(address))
+    self._service = (
+      ""
+      if distributed.global_state.service is not None or address is None
+      else (coordination.describe_service(address))
+    )
     if self.timeout_s > 0 and self._count > 1 and self._client is not None:
       self._thread = threading.Thread(target=self._watch, name="visionfm-peer-watch", daemon=True)
       self._thread.start()
@@ -225,8 +234,7 @@ class PeerWatch:
     """Keeps watching for `timeout_s` and a beat (an error this process hit may be a dead peer's doing: a
     collective whose peer is gone fails at once on the CPU): a peer found gone ends this process naming it."""
     if self._thread is not None:
-      logging.warning("an error stopped this process: watching its peers for %gs before reporting it",
-                      self.timeout_s)
+      logging.warning("an error stopped this process: watching its peers for %gs before reporting it", self.timeout_s)
       self._thread.join(self.timeout_s + 2 * self._interval)
 
   def close(self, failed: bool = False) -> None:
@@ -273,12 +281,13 @@ class PeerWatch:
     while not self._stop.wait(self._interval):
       beats += 1
       try:
-        self._kv().key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}",
-                                   allow_overwrite=True)
+        self._kv().key_value_set(f"{self.PREFIX}{self._me}", f"{beats} {host} {os.getpid()}", allow_overwrite=True)
       except Exception as e:  # pylint: disable=broad-except
         if not self._stop.is_set():
-          self._abort(f"{self._service or f'the coordinator, process 0 of {self._count},'} is gone (its key-value "
-                      f"store refused this process's heartbeat: {str(e).splitlines()[0][:200]})")
+          self._abort(
+            f"{self._service or f'the coordinator, process 0 of {self._count},'} is gone (its key-value "
+            f"store refused this process's heartbeat: {str(e).splitlines()[0][:200]})"
+          )
         return
       # over timeout_s since the last tick, the heartbeat's write included (a stop can land in either): this process
       # was stopped longer than its peers wait
@@ -306,21 +315,27 @@ class PeerWatch:
       elif current != value:
         last_seen[peer] = (current, now)
       elif current == "failed" and now - since > self.timeout_s:  # its error did not end this process too
-        self._abort(f"process {peer} of {self._count} stopped {now - since:.0f}s ago with an error (its own error "
-                    f"line says which)")
+        self._abort(
+          f"process {peer} of {self._count} stopped {now - since:.0f}s ago with an error (its own error "
+          f"line says which)"
+        )
       elif now - since > self.timeout_s:
-        self._abort(f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat for "
-                    f"{now - since:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it died, or its node did")
+        self._abort(
+          f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat for "
+          f"{now - since:.0f}s (config.peer_timeout_s={self.timeout_s:g}): it died, or its node did"
+        )
 
   def _judge_after_thaw(self, last_seen: dict, stopped_s: float, resumed: float, beats: dict) -> None:
     """After this process was stopped `stopped_s` seconds and resumed at `resumed`: a peer whose beat is still the
     one it read first (`beats`) is gone."""
     for peer, (value, _) in last_seen.items():
       if value == beats.get(peer) and value != "failed":
-        self._abort(f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat in the "
-                    f"{time.monotonic() - resumed:.0f}s since this process resumed after being stopped for "
-                    f"{stopped_s:.0f}s (longer than config.peer_timeout_s={self.timeout_s:g}, after which its peers "
-                    f"give up on it): it gave up on this process, or died")
+        self._abort(
+          f"process {peer} of {self._count}{self._where(value)} has sent no heartbeat in the "
+          f"{time.monotonic() - resumed:.0f}s since this process resumed after being stopped for "
+          f"{stopped_s:.0f}s (longer than config.peer_timeout_s={self.timeout_s:g}, after which its peers "
+          f"give up on it): it gave up on this process, or died"
+        )
 
   def _watch_coordinator(self) -> None:
     """Ends this process once the service has not taken its beat for `timeout_s`: the beat's call waits on a
@@ -334,8 +349,10 @@ class PeerWatch:
       ticked = now
       silent = now - self._answered
       if silent > self.timeout_s:
-        self._abort(f"{self._coordinator()} has not answered for {silent:.0f}s (config.peer_timeout_s="
-                    f"{self.timeout_s:g}): it is stopped, or its node is lost or cut off from this one")
+        self._abort(
+          f"{self._coordinator()} has not answered for {silent:.0f}s (config.peer_timeout_s="
+          f"{self.timeout_s:g}): it is stopped, or its node is lost or cut off from this one"
+        )
 
   def _coordinator(self) -> str:
     """The service as the lines name it: process 0 (as last seen) where it hosts it, else the service itself."""

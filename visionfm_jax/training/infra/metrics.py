@@ -92,8 +92,11 @@ class MetricWriter:
       _, kept, kept_panels = _drop_after(self._path, step, why)
       self._jsonl = open(self._path, "a", encoding="utf-8")
     if self.failure is None:
-      self._each_sink(lambda sink: sink.rewind(step, [row for row in kept if row["step"] == step],
-                                               [panel for panel in kept_panels if panel[0] == step]))
+      self._each_sink(
+        lambda sink: sink.rewind(
+          step, [row for row in kept if row["step"] == step], [panel for panel in kept_panels if panel[0] == step]
+        )
+      )
 
   def close(self, final: dict[str, float] | None = None) -> None:
     """Closes metrics.jsonl and the trackers: `final` (the run's last metrics) ends their runs as finished, with
@@ -121,8 +124,12 @@ class MetricWriter:
       try:
         call(sink)
       except Exception as e:  # pylint: disable=broad-except
-        logging.warning("%s failed (%s: %s): no more metrics go to it this run; metrics.jsonl has them all",
-                        sink.name, type(e).__name__, e)
+        logging.warning(
+          "%s failed (%s: %s): no more metrics go to it this run; metrics.jsonl has them all",
+          sink.name,
+          type(e).__name__,
+          e,
+        )
         self._sinks.remove(sink)
 
   @contextlib.contextmanager
@@ -140,8 +147,9 @@ def _close_quietly(file, *args) -> None:
     pass
 
 
-def _drop_after(path: str, step: int, why: str = "logged by a run that stopped before its next checkpoint"
-                ) -> tuple[int, list[dict], list[tuple[int, str]]]:
+def _drop_after(
+  path: str, step: int, why: str = "logged by a run that stopped before its next checkpoint"
+) -> tuple[int, list[dict], list[tuple[int, str]]]:
   """Drops metrics.jsonl's rows (at `path`) and the panels beside it of steps after `step`, and a last line cut
   short (`_whole_lines`); returns how many rows it dropped after `step`, the rows kept and the panels kept ((step,
   file))."""
@@ -174,11 +182,18 @@ def _whole_lines(path: str, lines: list[str]) -> list[str]:
   cut = lines[-1]
   row = _row_of(cut)
   if row is not None:
-    logging.warning("%s: its last line (a row of step %s) lacked its newline, a write cut short: kept, newline added",
-                    path, row["step"])
+    logging.warning(
+      "%s: its last line (a row of step %s) lacked its newline, a write cut short: kept, newline added",
+      path,
+      row["step"],
+    )
     return lines[:-1] + [cut + "\n"]
-  logging.warning("%s: dropped its last line, %d bytes without a newline (a write cut short): %.60r", path,
-                  len(cut.encode("utf-8")), cut)
+  logging.warning(
+    "%s: dropped its last line, %d bytes without a newline (a write cut short): %.60r",
+    path,
+    len(cut.encode("utf-8")),
+    cut,
+  )
   return lines[:-1]
 
 

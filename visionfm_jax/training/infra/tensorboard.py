@@ -50,9 +50,15 @@ def record(payload: bytes) -> bytes:
   return length + struct.pack("<I", masked_crc32c(length)) + payload + struct.pack("<I", masked_crc32c(payload))
 
 
-def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
-          scalars: dict[str, float] | None = None, image: tuple[str, int, int, bytes] | None = None,
-          session_start: bool = False) -> bytes:
+def event(
+  wall_time: float,
+  step: int = 0,
+  *,
+  file_version: str | None = None,
+  scalars: dict[str, float] | None = None,
+  image: tuple[str, int, int, bytes] | None = None,
+  session_start: bool = False,
+) -> bytes:
   """A serialised `tensorflow.Event` (fields in number order, as protobuf writes them); `image`: (tag, height,
   width, PNG bytes) of one RGB image."""
   out = _varint(1 << 3 | 1) + struct.pack("<d", wall_time)
@@ -62,13 +68,21 @@ def event(wall_time: float, step: int = 0, *, file_version: str | None = None,
     out += _length_delimited(3, file_version.encode())
   if scalars:
     values = b"".join(
-        _length_delimited(1, _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
-        for tag, value in scalars.items())
+      _length_delimited(1, _length_delimited(1, tag.encode()) + _varint(2 << 3 | 5) + struct.pack("<f", value))
+      for tag, value in scalars.items()
+    )
     out += _length_delimited(5, values)
   if image is not None:
     tag, height, width, png = image
-    encoded = (_varint(1 << 3) + _varint(height) + _varint(2 << 3) + _varint(width) + _varint(3 << 3) + _varint(3)
-               + _length_delimited(4, png))
+    encoded = (
+      _varint(1 << 3)
+      + _varint(height)
+      + _varint(2 << 3)
+      + _varint(width)
+      + _varint(3 << 3)
+      + _varint(3)
+      + _length_delimited(4, png)
+    )
     image_value = _length_delimited(1, tag.encode()) + _length_delimited(4, encoded)
     out += _length_delimited(5, _length_delimited(1, image_value))
   if session_start:

@@ -47,8 +47,10 @@ def check_installed(config) -> None:
   for name in config_lib.report_to(config):
     missing = [module for module in NEEDS.get(name, ()) if importlib.util.find_spec(module) is None]
     if missing:
-      raise ConfigError(f"config.report_to={config.report_to!r}: {name} is not installed (no module "
-                        f"{missing[0]!r}): pip install -e '.[{name}]'")
+      raise ConfigError(
+        f"config.report_to={config.report_to!r}: {name} is not installed (no module "
+        f"{missing[0]!r}): pip install -e '.[{name}]'"
+      )
 
 
 PANEL = "panel"  # the trackers' name of the panels (evaluate/panels.py)
@@ -57,6 +59,7 @@ PANEL = "panel"  # the trackers' name of the panels (evaluate/panels.py)
 @dataclasses.dataclass(frozen=True)
 class Picture:
   """A panel: its HxWx3 uint8 array, PNG bytes and file (`<workdir>/panels/step_<N>.png`)."""
+
   array: np.ndarray
   png: bytes
   path: str
@@ -67,6 +70,7 @@ class Start:
   """Where a run's metrics begin: at `step` (0, or the checkpoint it resumed from), with metrics.jsonl's `kept` rows
   and the `panels` ((step, PNG file)) of steps <= step; `dropped`: rows of later steps were dropped (those steps
   are trained again)."""
+
   step: int = 0
   kept: tuple = ()
   panels: tuple = ()
@@ -85,8 +89,12 @@ def open_sinks(config, workdir: str, start: Start) -> list:
     except OSError:
       raise
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("%s could not start (%s: %s): no metrics go to it this run; metrics.jsonl has them all",
-                      name, type(e).__name__, e)
+      logging.warning(
+        "%s could not start (%s: %s): no metrics go to it this run; metrics.jsonl has them all",
+        name,
+        type(e).__name__,
+        e,
+      )
   return sinks
 
 
@@ -101,8 +109,9 @@ class RunIds:
     except FileNotFoundError:
       self._ids = {}
     except ValueError as e:
-      raise ConfigError(f"{path} is not JSON ({e}): it keeps the tracker run ids of this workdir; delete it to "
-                        f"start new tracker runs") from e
+      raise ConfigError(
+        f"{path} is not JSON ({e}): it keeps the tracker run ids of this workdir; delete it to start new tracker runs"
+      ) from e
 
   def get(self, name: str) -> dict:
     return dict(self._ids.get(name, {}))
@@ -114,6 +123,7 @@ class RunIds:
 
 class TensorBoardSink:
   """`<workdir>/tensorboard/` event files. Its faults are the workdir's storage faults."""
+
   name = "tensorboard"
   in_workdir = True
 
@@ -148,25 +158,32 @@ class WandbSink:
   whether the last process closed its run: when it did not, the resumed run is rewound to its start and given
   metrics.jsonl's kept rows and panels again. A W&B run that starts at a resume (W&B added to a run) is given
   them too."""
+
   name = "wandb"
   in_workdir = False
 
   def __init__(self, config, workdir, start: Start, ids: RunIds):
     import wandb  # pylint: disable=g-import-not-at-top
+
     self._wandb = wandb
     self._ids = ids
     saved = ids.get("wandb")
     self._id = saved.get("id") or os.environ.get("WANDB_RUN_ID") or _new_run_id()
-    self._init_kwargs = dict(config=config.to_dict(), dir=os.environ.get("WANDB_DIR") or workdir,
-                             **_unless_set_in_env(config, workdir))
+    self._init_kwargs = dict(
+      config=config.to_dict(), dir=os.environ.get("WANDB_DIR") or workdir, **_unless_set_in_env(config, workdir)
+    )
     self._sent_through = 0  # the last step sent by this process
     self._skip_through = 0  # steps W&B holds from an abandoned trajectory, where it refused to rewind
     ids.set("wandb", {"id": self._id, "closed": False})
     if saved and not saved.get("closed"):
       self._rewind_to(0, start.kept, start.panels, last_sent=None)
     elif saved and start.dropped:
-      self._rewind_to(start.step, [row for row in start.kept if row["step"] == start.step],
-                      [panel for panel in start.panels if panel[0] == start.step], last_sent=None)
+      self._rewind_to(
+        start.step,
+        [row for row in start.kept if row["step"] == start.step],
+        [panel for panel in start.panels if panel[0] == start.step],
+        last_sent=None,
+      )
     else:
       self._run = self._init(id=self._id, resume="allow" if saved else None)
       if not saved:  # a tracker added at a resume: it gets the run's history so far
@@ -200,10 +217,15 @@ class WandbSink:
     try:
       self._run = self._init(resume_from=f"{self._id}?_step={max(step - 1, 0)}")
     except Exception as e:  # pylint: disable=broad-except
-      logging.warning("W&B did not rewind run %s to step %d (%s): W&B's run rewind is a preview feature that the "
-                      "server must allow. The run continues; the W&B values of the steps after %d that it already "
-                      "holds are the abandoned trajectory's (metrics.jsonl holds the final ones)", self._id, step,
-                      e, step)
+      logging.warning(
+        "W&B did not rewind run %s to step %d (%s): W&B's run rewind is a preview feature that the "
+        "server must allow. The run continues; the W&B values of the steps after %d that it already "
+        "holds are the abandoned trajectory's (metrics.jsonl holds the final ones)",
+        self._id,
+        step,
+        e,
+        step,
+      )
       self._run = self._init(id=self._id, resume="allow")
       self._skip_through = max(self._run.starting_step - 1, last_sent or 0, step)
     self._send_again(rows, panels)
@@ -211,7 +233,8 @@ class WandbSink:
   def _send_again(self, rows: Sequence[dict], panels: Sequence) -> None:
     """metrics.jsonl's `rows` and the `panels` ((step, PNG file)), in step order."""
     by_step: collections.defaultdict[int, tuple[list[dict[str, float]], list[str]]] = collections.defaultdict(
-        lambda: ([], []))
+      lambda: ([], [])
+    )
     for row in rows:
       by_step[row["step"]][0].append(_scalars_of(row))
     for at, path in panels:
@@ -232,9 +255,12 @@ class WandbSink:
 def _unless_set_in_env(config, workdir: str) -> dict:
   """wandb.init's project, entity, name and tags from config.wandb, each only when its WANDB_* variable is unset
   (W&B reads those itself, and they win)."""
-  fields = {"project": ("WANDB_PROJECT", config.wandb.project), "entity": ("WANDB_ENTITY", config.wandb.entity),
-            "name": ("WANDB_NAME", config.wandb.name or os.path.basename(os.path.normpath(workdir))),
-            "tags": ("WANDB_TAGS", list(config.wandb.tags))}
+  fields = {
+    "project": ("WANDB_PROJECT", config.wandb.project),
+    "entity": ("WANDB_ENTITY", config.wandb.entity),
+    "name": ("WANDB_NAME", config.wandb.name or os.path.basename(os.path.normpath(workdir))),
+    "tags": ("WANDB_TAGS", list(config.wandb.tags)),
+  }
   return {key: value for key, (env, value) in fields.items() if value and env not in os.environ}
 
 
@@ -243,11 +269,13 @@ class MlflowSink:
   `sqlite:///<workdir>/mlflow.db` (artifacts under `<workdir>/mlflow_artifacts/`); the run's config as params
   (dotted names); config.json and the final metrics (summary.json) as artifacts; FINISHED or FAILED at the end. A
   run that starts at a resume (MLflow added to a run) is given metrics.jsonl's kept rows and the panels first."""
+
   name = "mlflow"
   in_workdir = False
 
   def __init__(self, config, workdir, start: Start, ids: RunIds):
     from mlflow.tracking import MlflowClient  # pylint: disable=g-import-not-at-top
+
     workdir = os.path.abspath(workdir)
     self._workdir = workdir
     uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{os.path.join(workdir, 'mlflow.db')}"
@@ -256,8 +284,9 @@ class MlflowSink:
     run_id = saved.get("run_id") if saved.get("tracking_uri") == uri else None
     new = run_id is None
     if run_id is None:
-      run_id = self._client.create_run(self._experiment(config.mlflow.experiment),
-                                       run_name=os.path.basename(os.path.normpath(workdir))).info.run_id
+      run_id = self._client.create_run(
+        self._experiment(config.mlflow.experiment), run_name=os.path.basename(os.path.normpath(workdir))
+      ).info.run_id
     else:
       self._client.update_run(run_id, status="RUNNING")
     ids.set("mlflow", {"run_id": run_id, "tracking_uri": uri})
@@ -286,17 +315,18 @@ class MlflowSink:
     that a resume at step s changed is logged as `<field> from step <s>` beside its first value."""
     from mlflow.entities import Param  # pylint: disable=g-import-not-at-top
     from mlflow.utils import validation  # pylint: disable=g-import-not-at-top
+
     logged = self._client.get_run(self._run_id).data.params
     params = []
     for path, value in config_lib.fields(config):
       text = json.dumps(value) if isinstance(value, (tuple, list)) else str(value)
-      text = text[:validation.MAX_PARAM_VAL_LENGTH]
+      text = text[: validation.MAX_PARAM_VAL_LENGTH]
       if path in logged and logged[path] != text:
         path = f"{path} from step {resume_step}"
       if logged.get(path) != text:
         params.append(Param(path, text))
     for start in range(0, len(params), validation.MAX_PARAMS_TAGS_PER_BATCH):
-      self._client.log_batch(self._run_id, params=params[start:start + validation.MAX_PARAMS_TAGS_PER_BATCH])
+      self._client.log_batch(self._run_id, params=params[start : start + validation.MAX_PARAMS_TAGS_PER_BATCH])
 
   def scalars(self, step: int, values: dict[str, float]) -> None:
     self._log_metrics([(step, values)])
@@ -305,12 +335,13 @@ class MlflowSink:
     """Each row's values at its step, a later timestamp for each row, in batches of MLflow's limit."""
     from mlflow.entities import Metric  # pylint: disable=g-import-not-at-top
     from mlflow.utils import validation  # pylint: disable=g-import-not-at-top
+
     metrics = []
     for step, values in rows:
       self._last_ms = max(int(time.time() * 1000), self._last_ms + 1)
       metrics += [Metric(key, value, self._last_ms, step) for key, value in values.items()]
     for start in range(0, len(metrics), validation.MAX_METRICS_PER_BATCH):
-      self._client.log_batch(self._run_id, metrics=metrics[start:start + validation.MAX_METRICS_PER_BATCH])
+      self._client.log_batch(self._run_id, metrics=metrics[start : start + validation.MAX_METRICS_PER_BATCH])
 
   def panel(self, step: int, picture: Picture) -> None:
     del step

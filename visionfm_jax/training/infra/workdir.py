@@ -97,8 +97,9 @@ def check_storage(checkpoint_dir, state_bytes: int, *others) -> None:
     check_room(checkpoint_dir, state_bytes)
   except WorkdirError as e:
     error = e
-  faults.raise_together(error, WorkdirError(f"another process cannot write to {os.fspath(checkpoint_dir)} (its "
-                                            f"error line says why)"))
+  faults.raise_together(
+    error, WorkdirError(f"another process cannot write to {os.fspath(checkpoint_dir)} (its error line says why)")
+  )
 
 
 def room_needed(state_bytes: int) -> int:
@@ -116,13 +117,17 @@ def check_room(directory, state_bytes: int) -> None:
   free = stats.f_bavail * stats.f_frsize
   needed = room_needed(state_bytes)
   if free < needed:
-    raise WorkdirError(f"no room for a checkpoint in {os.fspath(directory)}: {_size(free)} free, one checkpoint "
-                       f"needs about {_size(needed)} ({_size(state_bytes)} of state plus margin) (errno ENOSPC)")
+    raise WorkdirError(
+      f"no room for a checkpoint in {os.fspath(directory)}: {_size(free)} free, one checkpoint "
+      f"needs about {_size(needed)} ({_size(state_bytes)} of state plus margin) (errno ENOSPC)"
+    )
   inodes = free_inodes(directory)
   if inodes is not None and inodes[1] < inodes_needed():
     mount, left = inodes
-    raise WorkdirError(f"no room for a checkpoint in {os.fspath(directory)}: {left or 'no'} free inodes on {mount} "
-                       f"(df -i), one checkpoint writes up to about {inodes_needed()} files (errno ENOSPC)")
+    raise WorkdirError(
+      f"no room for a checkpoint in {os.fspath(directory)}: {left or 'no'} free inodes on {mount} "
+      f"(df -i), one checkpoint writes up to about {inodes_needed()} files (errno ENOSPC)"
+    )
 
 
 def free_inodes(path) -> tuple[str, int] | None:
@@ -154,9 +159,14 @@ def tree_bytes(tree) -> int:
 
 # ------------------------------------------------------------------------------------------------ lock
 
+
 def this_holder() -> dict:
-  return {"host": socket.gethostname(), "pid": os.getpid(), "job": os.environ.get("SLURM_JOB_ID", ""),
-          "pid_namespace": _pid_namespace()}
+  return {
+    "host": socket.gethostname(),
+    "pid": os.getpid(),
+    "job": os.environ.get("SLURM_JOB_ID", ""),
+    "pid_namespace": _pid_namespace(),
+  }
 
 
 def _pid_namespace() -> str:
@@ -187,8 +197,12 @@ def _read_holder(fd: int) -> dict | None:
 def _gone_from_this_host(holder: dict | None) -> bool:
   """True when `holder` ran on this host, with this process's pid numbering, and its process no longer exists
   (a lock a lost NFS client kept)."""
-  if (not holder or holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int)
-      or holder.get("pid_namespace") != _pid_namespace()):
+  if (
+    not holder
+    or holder.get("host") != socket.gethostname()
+    or not isinstance(holder.get("pid"), int)
+    or holder.get("pid_namespace") != _pid_namespace()
+  ):
     return False
   try:
     os.kill(holder["pid"], 0)
@@ -289,8 +303,10 @@ class WorkdirLock:
       left = deadline - time.monotonic()
       if not _is_our_requeue(holder) or left <= 0:
         waited = f" (waited {wait_s:g} s, config.lock_wait_s)" if _is_our_requeue(holder) else ""
-        raise WorkdirError(f"--workdir {self.workdir} is in use by another run ({describe(holder)}; lock file "
-                           f"{self.path}){waited}: wait for it to end, or give this run another --workdir")
+        raise WorkdirError(
+          f"--workdir {self.workdir} is in use by another run ({describe(holder)}; lock file "
+          f"{self.path}){waited}: wait for it to end, or give this run another --workdir"
+        )
       time.sleep(min(1.0, left))
 
   def _take_guarded(self, fd: int) -> bool:
@@ -304,8 +320,9 @@ class WorkdirLock:
       return False
     previous = _read_holder(fd)
     if previous:
-      logging.warning("taking over the stale lock %s of %s (that run ended without releasing it)", self.path,
-                      describe(previous))
+      logging.warning(
+        "taking over the stale lock %s of %s (that run ended without releasing it)", self.path, describe(previous)
+      )
     self._write_holder(fd)
     return True
 
@@ -324,8 +341,10 @@ class WorkdirLock:
         yield
         return
       if time.monotonic() > deadline:
-        raise WorkdirError(f"{self.path}: another process has been taking this lock for over {GUARD_WAIT_S:g} s "
-                           f"(a run stopped while starting?); retry when it has ended")
+        raise WorkdirError(
+          f"{self.path}: another process has been taking this lock for over {GUARD_WAIT_S:g} s "
+          f"(a run stopped while starting?); retry when it has ended"
+        )
       time.sleep(0.005)
     try:
       yield
@@ -342,8 +361,11 @@ class WorkdirLock:
         return False
       if e.errno in _UNSUPPORTED:
         if not quiet:
-          logging.warning("the file system of %s does not support locks: nothing stops a second run from using "
-                          "this workdir at the same time", self.workdir)
+          logging.warning(
+            "the file system of %s does not support locks: nothing stops a second run from using "
+            "this workdir at the same time",
+            self.workdir,
+          )
         return True
       raise storage_error("cannot lock", self.path, e) from e
 
@@ -379,8 +401,10 @@ def claimed(workdir, wait_s: float):
       lock.acquire(wait_s)
     except WorkdirError as e:
       lock, error = None, e
-  faults.raise_together(error, WorkdirError(f"process 0 could not take the lock of --workdir {os.fspath(workdir)} "
-                                            f"(its error line says why)"))
+  faults.raise_together(
+    error,
+    WorkdirError(f"process 0 could not take the lock of --workdir {os.fspath(workdir)} (its error line says why)"),
+  )
   held = lock
   if held is not None:  # a Ctrl-C that ends the process at once leaves no stale holder either
     cli.interrupts.before_end_now.append(held.release)
