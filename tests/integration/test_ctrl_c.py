@@ -3,7 +3,7 @@ the trainer's whole process group, its grain workers and multiprocessing's resou
 and during the first compile, the run ends within 10 s with one line naming its step and newest checkpoint, exit
 status 130, no traceback, no process or /dev/shm file left; a worker's own SIGINT changes nothing; the rerun resumes
 from the newest checkpoint, which is intact. A two-process job's processes, each sent it, end each with its line.
-(The tools' Ctrl-C, a second Ctrl-C: tests/unit/test_ctrl_c_tools.py.)"""
+(The tools' Ctrl-C, a second Ctrl-C: tests/integration/test_ctrl_c_tools.py.)"""
 
 from __future__ import annotations
 

@@ -75,7 +75,7 @@ def test_a_stop_and_continue_is_not_a_ctrl_c():
   """A suspended job (SIGSTOP, then SIGCONT: SLURM's suspend, a shell's Ctrl-Z and fg) runs on: the watcher's wait,
   interrupted past its deadline, answers an empty siginfo (signal 0), which is no SIGINT."""
   tool = subprocess.Popen(
-    [sys.executable, "-c", _TOOL, "native", "20"],
+    [sys.executable, "-c", _TOOL, "native", "2"],
     cwd=ROOT,
     env=cpu_env(1),
     stdout=subprocess.PIPE,
@@ -84,7 +84,8 @@ def test_a_stop_and_continue_is_not_a_ctrl_c():
   )
   try:
     assert tool.stdout.readline() == "ready\n", tool.stderr.read()
-    for _ in range(3):
+    # a continue taken as a Ctrl-C would end the tool within the 2 s grace, before the last continue is 4 s on
+    for _ in range(4):
       tool.send_signal(signal.SIGSTOP)
       time.sleep(0.7)
       tool.send_signal(signal.SIGCONT)
