@@ -480,16 +480,14 @@ class Program:
     if "cublas" in target:
       config = _backend_config(ins.attrs).get("gemm_backend_config", {})
       dims = config.get("dot_dimension_numbers", {})
-      lhs = operand_shapes[0][0][1]
-      contracted = math.prod(lhs[int(d)] for d in dims.get("lhs_contracting_dimensions", []))
-      flops = 2.0 * math.prod(result[0][1]) * contracted
       shape = gemm_shape(
-        lhs,
+        operand_shapes[0][0][1],
         operand_shapes[1][0][1],
         dims.get("lhs_contracting_dimensions", []),
         dims.get("rhs_contracting_dimensions", []),
         dims.get("rhs_batch_dimensions", []),
       )
+      flops = 2.0 * math.prod(result[0][1]) * shape[2]  # output elements x the contracted size K
       return Kernel(ins.name, "gemm", flops, io, count, label, dtype=operand_shapes[0][0][0], shape=shape)
     if "fmha" in target:
       q, k = operand_shapes[0][0][1], operand_shapes[1][0][1]  # (B, T, H, D) and (B, S, H, D)
@@ -537,11 +535,8 @@ class Program:
     return Kernel(ins.name, kind, 0.0, io, count, label)
 
   def _dot_flops(self, dot: Instruction) -> float:
-    """2 x output elements x the contracted size of a `dot` instruction."""
-    lhs = shapes(self._type(dot.operands[0]))[0][1]
-    dims = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", dot.attrs)
-    contracted = math.prod(lhs[int(d)] for d in re.findall(r"\d+", dims.group(1))) if dims else 1
-    return 2.0 * math.prod(shapes(dot.type)[0][1]) * contracted
+    """2 x output elements x the contracted size K of a `dot` instruction."""
+    return 2.0 * math.prod(shapes(dot.type)[0][1]) * self._dot_shape(dot)[2]
 
   def _dot_shape(self, dot: Instruction) -> tuple:
     """(M, N, K) of a `dot` instruction (`gemm_shape`)."""

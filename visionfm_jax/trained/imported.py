@@ -16,14 +16,13 @@ from visionfm_jax.convert import hf_files
 from visionfm_jax.errors import UserError
 from visionfm_jax.models import backbone
 from visionfm_jax.trained import clip_config
-
-MODEL = "model.json"
+from visionfm_jax.training import stored
 
 
 def config(path: str, argument: str = "--checkpoint") -> ml_collections.ConfigDict:
   """The task config of the tools.import_hf directory `path`; UserError naming the caller's `argument` for a
   model.json that describes no model this project builds."""
-  file = os.path.join(path, MODEL)
+  file = os.path.join(path, stored.MODEL)
   meta = hf_files.read_json(file)
   if isinstance(meta, dict) and meta.get("name") == "clip" and isinstance(meta.get("config"), dict):
     return clip_config.imported_clip_config(path, meta, argument)
