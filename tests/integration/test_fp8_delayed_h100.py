@@ -1,8 +1,9 @@
 """Delayed FP8 scaling (config.precision.gemm=fp8_delayed) as XLA's GPU compiler builds it for an H100, deviceless
 (`python -m visionfm_jax.bench.roofline --target=h100 --dump_hlo`): every qkv, fc1 and fc2 GEMM of the blocks a
-cuBLASLt FP8 call, the attention's output projection in bf16, and no pass of its own that only casts an activation
-to FP8 in the forward (each cast fuses into the op producing its input). The passes that read a whole activation
-only for its max are counted and printed (`-s`): XLA 0.10.2 leaves them standalone (models/fp8.py)."""
+cuBLASLt FP8 call, the attention's output projection in bf16, and no pass of its own that reads an activation only for
+its max or only to cast it to FP8 (each fuses into the op producing the activation), but for fc2's output gradient,
+which XLA 0.10.2's Triton LayerNorm-backward fusion produces (models/fp8.py): at most one max and one cast a block.
+The passes are printed (`-s`); a weight's max, a pass over the weight once a step, is not an activation's."""
 
 import collections
 import re
@@ -21,6 +22,7 @@ pytestmark = [
 ]
 BLOCK_GEMMS = ("attn/qkv", "mlp/fc1", "mlp/fc2")
 _FUSION = re.compile(r"%[\w.\-]+ = (\S+|\(.*?\)) fusion\(.*?\), kind=\w+, calls=%([\w.\-]+).*?op_name=\"([^\"]*)\"")
+ACTIVATION = 1 << 16  # elements: a pico ViT's smallest activation is 3,144 x 32; its amax histories 16 a layer
 _CAST_OPS = {
   "parameter",
   "constant",
@@ -70,6 +72,8 @@ def standalone_passes(text: str) -> collections.Counter:
       (n for l in body if " parameter(" in l for n in _elements(l.split(" parameter(")[0])), default=0
     )
     direction = "backward" if "transpose(" in op_name else "forward"
+    if largest_input < ACTIVATION or all("state_" in o for o in line.split(" fusion(")[1].split(")")[0].split(", ")):
+      continue  # an amax history's max, or a weight's own max or cast
     if "reduce" in ops and max(_elements(shape)) * 64 <= largest_input and "reduce_max" in op_name:
       passes["max", direction, part] += 1
     elif "f8" in shape and ops <= _CAST_OPS:
@@ -77,7 +81,7 @@ def standalone_passes(text: str) -> collections.Counter:
   return passes
 
 
-def test_qkv_fc1_and_fc2_are_fp8_cublaslt_gemms_and_their_forward_casts_fuse_into_their_producers(tmp_path):
+def test_qkv_fc1_and_fc2_are_fp8_cublaslt_gemms_and_their_casts_and_maxes_fuse_into_their_producers(tmp_path):
   dump = tmp_path / "step.hlo"
   proc = subprocess.run(
     [
@@ -109,4 +113,5 @@ def test_qkv_fc1_and_fc2_are_fp8_cublaslt_gemms_and_their_forward_casts_fuse_int
   assert text.count('custom_call_target="__cublas$lt$matmul$f8"') == 3 * len(BLOCK_GEMMS) * layers
   passes = standalone_passes(text)
   print(f"{layers} layers, standalone passes: {dict(passes)}")
-  assert not [key for key in passes if key[:2] == ("cast", "forward")], passes
+  assert set(passes) <= {("max", "backward", "mlp/fc2"), ("cast", "backward", "mlp/fc2")}, passes
+  assert max(passes.values(), default=0) <= layers, passes

@@ -28,9 +28,11 @@ often leaves the max a pass of its own over the whole activation (openxla/xla #7
 power of two of the largest amax its layer recorded over the last HISTORY_LENGTH steps, known before the tensor is:
 the cast needs nothing but the tensor, so it fuses into the op producing it (LayerNorm, GELU, the residual add's
 gradient), and the tensor's own amax, recorded for the steps to come, is off the critical path (nothing waits for it
-until the next step). XLA 0.10.2's GPU compiler leaves that amax a reduction of its own rather than a side output of
-the producing fusion (tests/integration/test_fp8_delayed_h100.py counts them: 5 a block of a pico ViT, the LayerNorm
-recomputed inside for qkv's and fc1's inputs). A value beyond the history's range saturates at the format's largest.
+until the next step). Each FP8 tensor is materialized where it is cast (`_materialized`), so that XLA 0.10.2's GPU
+compiler makes the cast and the amax one fusion reading its input once. fc2's output gradient is the exception: XLA's
+Triton LayerNorm-backward fusion produces it and no sibling joins that, so its amax (and in all but the last block its
+cast) stays a pass of its own (tests/integration/test_fp8_delayed_h100.py counts them). A value beyond the history's
+range saturates at the format's largest.
 An empty history (the first step, or a resume that turns the recipe on) scales by 1: a gradient's first step with a
 new layer leaves its values below e5m2's 2^-16 at 0, once. A weight is scaled by its own max: it is quantized once a
 step (its FP8 copy kept for the input-gradient GEMM), so that costs a pass over the weight, not over an activation.
@@ -214,6 +216,14 @@ def recorded(history: jax.Array, amax: jax.Array) -> jax.Array:
   return jnp.concatenate([jnp.where(jnp.isfinite(amax), amax, 0.0)[None], history[:-1]])
 
 
+def _materialized(q: jax.Array) -> jax.Array:
+  """`q`, written once in FP8 where it is made. The weight-gradient GEMM takes its operand transposed (cuBLASLt's
+  FP8 GEMMs take only the TN layout); without the barrier XLA folds the cast into that transpose's fusion and computes
+  the amax in a pass of its own, re-reading the 16-bit input (and recomputing a LayerNorm) three times. With it, the
+  cast and the amax are one fusion reading the input once, and the transpose copies one byte an element."""
+  return jax.lax.optimization_barrier(q)
+
+
 def _amax(x: jax.Array) -> jax.Array:
   return jnp.max(jnp.abs(x)).astype(jnp.float32)
 
@@ -233,7 +243,7 @@ def _delayed_fwd(x, w, x_history, g_history):
   # every device takes the weight's FP8 values whole (an fsdp shard is gathered in one byte, not dequantized)
   w_q = sharding.constrain_to(w_q, P())
   x_scale = history_scale(x_history, E4M3)
-  x_q = quantized_by(x, E4M3, x_scale)
+  x_q = _materialized(quantized_by(x, E4M3, x_scale))
   y = _product(x_q, x_scale, w_q, w_scale, x.dtype)
   return y, (x_q, x_scale, w_q, w_scale, _amax(x), x_history, g_history)
 
@@ -241,7 +251,7 @@ def _delayed_fwd(x, w, x_history, g_history):
 def _delayed_bwd(residuals, g):
   x_q, x_scale, w_q, w_scale, x_amax, x_history, g_history = residuals
   g_scale = history_scale(g_history, E5M2)
-  g_q = quantized_by(g, E5M2, g_scale)
+  g_q = _materialized(quantized_by(g, E5M2, g_scale))
   dx = _product(g_q, g_scale, w_q.T, w_scale, g.dtype)
   dw = _product(x_q.T, x_scale, g_q, g_scale, g.dtype)
   return dx, dw, recorded(x_history, x_amax), recorded(g_history, _amax(g))
