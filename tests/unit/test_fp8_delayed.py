@@ -1,20 +1,17 @@
 """Delayed FP8 scaling (config.precision.gemm=fp8_delayed, models/fp8.py): products within e4m3's and e5m2's bounds at
 the scales of the amax histories, the histories' update rule (the newest amax in front, carried as their
-cotangents), which layers keep histories (qkv, fc1, fc2; not the attention's output projection), and the train
-state's part (training/fp8_history.py): created with the state, whole on every device, updated by the step."""
+cotangents) and which layers keep histories (qkv, fc1, fc2; not the attention's output projection). The train
+state's part: tests/integration/test_fp8_delayed_resume.py."""
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from jax.sharding import PartitionSpec as P
 import numpy as np
 import pytest
 
-from visionfm_jax import parallel, tasks
 from visionfm_jax.errors import ConfigError
 from visionfm_jax.models import fp8, layers, vit
-from visionfm_jax.training import checks, optim
-from visionfm_jax.training import step as step_lib
+from visionfm_jax.training import checks
 
 from conftest import tiny_vit_config
 from test_fp8 import E4M3_TINY, E4M3_U, E5M2_TINY, E5M2_U, _error_bound, _operands
@@ -110,43 +107,6 @@ def test_qkv_fc1_and_fc2_keep_histories_and_the_attention_output_projection_stay
   # within FP8's error of the compute dtype's (e4m3's 2^-4 relative rounding, averaged over the products' terms)
   features, want = y["tokens"], model.apply(params, images)["tokens"]
   assert 0 < np.linalg.norm(features - want) <= 0.05 * np.linalg.norm(want)
-
-
-@pytest.mark.slow
-def test_the_history_part_is_created_whole_on_every_device_and_the_step_updates_it():
-  """The state of an fp8_delayed run holds each layer's empty histories, replicated; each step records its amaxes
-  in front and the loss stays close to the compute dtype's. The gradients reach the blocks from the third step (the
-  head starts at 0, the lr at 0); a gradient's first scale, an empty history's 1, leaves its values below e5m2's
-  smallest (2^-16) at 0, so fc1's, which fc2's input gradient gives, is recorded from the fourth."""
-  losses, states = {}, {}
-  for recipe in ("compute_dtype", fp8.DELAYED):
-    config = tiny_vit_config(**{"precision.gemm": recipe})
-    mesh = parallel.make_mesh({"data": 2, "fsdp": 1, "tensor": 1}, jax.devices()[:2])
-    task = tasks.build(config, mesh)
-    tx, schedule = optim.fresh_optimizer(config, task.model)
-    init_fn = step_lib.make_init_fn(task, tx, config)
-    with parallel.activation_sharding(mesh):
-      _, shardings, specs = step_lib.state_shardings(init_fn, mesh, config)
-      state = step_lib.init_state(init_fn, shardings, jax.random.key(0))
-      if recipe == "compute_dtype":
-        assert state.fp8_history is None
-      else:
-        assert all(s == P() for s in jax.tree.leaves(specs.fp8_history, is_leaf=lambda s: isinstance(s, P)))
-        assert not any(np.any(np.asarray(h)) for h in jax.tree.leaves(state.fp8_history))
-      step = step_lib.jit_train_step(task, tx, config, mesh, init_fn, shardings, schedule)
-      rows = jnp.linspace(0, 1, 16)[:, None, None, None]
-      batch = {"image": jnp.ones((16, 16, 16, 3)) * rows, "label": jnp.arange(16, dtype=jnp.int32) % 2}
-      for _ in range(4):
-        state, metrics = step(state, batch)  # the state donated
-      states[recipe] = state
-    losses[recipe] = float(metrics["train/loss"])
-  fc1 = states[fp8.DELAYED].fp8_history["blocks"]["mlp"]["fc1"]
-  inputs, grads = np.asarray(fc1[fp8.INPUT_HISTORY]), np.asarray(fc1[fp8.GRAD_HISTORY])
-  assert np.all(inputs[:, :4] > 0) and not np.any(inputs[:, 4:])
-  assert np.all(grads[:, 0] > 0) and not np.any(grads[:, 1:])
-  fc2 = np.asarray(states[fp8.DELAYED].fp8_history["blocks"]["mlp"]["fc2"][fp8.GRAD_HISTORY])
-  assert np.all(fc2[:, :2] > 0) and not np.any(fc2[:, 2:])
-  assert losses[fp8.DELAYED] == pytest.approx(losses["compute_dtype"], rel=0.02)
 
 
 def test_delayed_scaling_with_micro_batches_is_refused_in_one_line():
