@@ -1,6 +1,7 @@
 """FP8 GEMMs (models/fp8.py): the products within bounds derived from e4m3's and e5m2's precision, the weight
 gradient unquantized, power-of-two per-tensor scales, only the blocks' GEMMs quantized, GPUs without FP8 refused."""
 
+import functools
 import re
 import types
 
@@ -57,14 +58,20 @@ def test_the_forward_product_is_within_the_e4m3_bound(bf16_wgrad):
   assert float(jnp.max(error)) > 0  # it does quantize
 
 
+@functools.partial(jax.jit, static_argnums=3)
+def _input_and_weight_grads(x, w, g, bf16_wgrad):
+  """(dx, dw) of fp8.matmul for the output gradient g: one program (each operation of an eager backward would
+  compile one of its own)."""
+  return jax.vjp(lambda x, w: fp8.matmul(x, w, bf16_wgrad), x, w)[1](g)
+
+
 @pytest.mark.parametrize("bf16_wgrad", [False, True])
 def test_the_gradients_are_within_their_formats_bounds_and_the_bf16_weight_gradient_is_unquantized(bf16_wgrad):
   """dx = q5(g) @ q4(w)^T in 'fp8', q4(g by rows) @ q4(w)^T in 'fp8_bf16_wgrad'; dw = q4(x)^T @ q5(g) in 'fp8',
   x^T @ g itself in 'fp8_bf16_wgrad'."""
   x, w = _operands(1)
   g = jnp.asarray(np.random.default_rng(2).standard_normal((x.shape[0], w.shape[1])), jnp.float32)
-  _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, bf16_wgrad), x, w)
-  dx, dw = vjp(g)
+  dx, dw = _input_and_weight_grads(x, w, g, bf16_wgrad)
   e4m3, e5m2 = (E4M3_U, E4M3_TINY), (E5M2_U, E5M2_TINY)
   g_scale = fp8.scale(g, fp8.E4M3, by_row=True) if bf16_wgrad else fp8.scale(g, fp8.E5M2)
   bound = _error_bound(g, g_scale, e4m3 if bf16_wgrad else e5m2, w.T, fp8.scale(w, fp8.E4M3), e4m3)
@@ -94,8 +101,7 @@ def test_an_overflowing_gradient_stays_non_finite_through_the_fp8_gemms(bad, bf1
   overflow check (training/precision.py) and the health guard read it from the gradients."""
   x, w = _operands(4)
   g = jnp.zeros((x.shape[0], w.shape[1])).at[3, 5].set(bad)
-  _, vjp = jax.vjp(lambda x, w: fp8.matmul(x, w, bf16_wgrad), x, w)
-  dx, dw = vjp(g)
+  dx, dw = _input_and_weight_grads(x, w, g, bf16_wgrad)
   assert not bool(jnp.all(jnp.isfinite(dx))) and not bool(jnp.all(jnp.isfinite(dw)))
   assert bool(jnp.all(jnp.isfinite(fp8.matmul(x, w, bf16_wgrad))))
 
