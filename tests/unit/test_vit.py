@@ -66,15 +66,16 @@ def _images(n=2, size=16):
   return jax.random.normal(jax.random.key(1), (n, size, size, 3))
 
 
-def _tokens_and_grads(model, params):
-  """(the tokens of `_images()`, the gradient of their sum of squares): one program, forward and backward."""
+def _forward_and_grads(model, params):
+  """(the sum of squares of the tokens of `_images()`, the tokens, its gradient): one program, forward and
+  backward."""
 
   def loss(p):
     tokens = model.apply({"params": p}, _images())["tokens"]
     return jnp.sum(tokens**2), tokens
 
-  (_, tokens), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
-  return tokens, grads
+  (value, tokens), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+  return value, tokens, grads
 
 
 @functools.lru_cache(maxsize=None)
@@ -89,8 +90,8 @@ def test_scanned_and_unrolled_blocks_agree(policy):
   kwargs = dict(vit.parse_variant("pico/4"), num_classes=5, remat_policy=policy)
   params = _scanned_params()
   flat = unstack_layers(params, 2)
-  out_scan, g_scan = _tokens_and_grads(vit.ViT(**kwargs, scan=True), params)
-  out_unrolled, g_unrolled = _tokens_and_grads(vit.ViT(**kwargs, scan=False), flat)
+  _, out_scan, g_scan = _forward_and_grads(vit.ViT(**kwargs, scan=True), params)
+  _, out_unrolled, g_unrolled = _forward_and_grads(vit.ViT(**kwargs, scan=False), flat)
   chex.assert_trees_all_close(out_scan, out_unrolled, atol=1e-5)
   chex.assert_trees_all_equal(stack_layers(flat, 2), params)
   chex.assert_trees_all_close(unstack_layers(g_scan, 2), g_unrolled, atol=1e-4, rtol=1e-4)
@@ -119,15 +120,10 @@ def test_bf16_compute_keeps_fp32_params_and_norms():
 
 
 @functools.lru_cache(maxsize=None)
-def _rolled_loss_and_grads():
-  """The rolled scan's loss and gradients on `_scanned_params(4)`, the reference of every stack form."""
+def _rolled_forward_and_grads():
+  """The rolled scan's `_forward_and_grads` on `_scanned_params(4)`, the reference of every stack form."""
   kwargs = dict(vit.parse_variant("pico/4"), depth=4, num_classes=5, remat_policy="nothing_saveable")
-  return _loss_and_grads(vit.ViT(**kwargs), _scanned_params(4))
-
-
-def _loss_and_grads(model, params):
-  loss = lambda p: jnp.sum(model.apply({"params": p}, _images())["tokens"] ** 2)
-  return jax.jit(jax.value_and_grad(loss))(params)
+  return _forward_and_grads(vit.ViT(**kwargs), _scanned_params(4))
 
 
 @pytest.mark.parametrize("unroll", [2, 3, 0])
@@ -139,7 +135,8 @@ def test_every_stack_form_computes_the_rolled_scan_on_the_same_params(unroll):
   chex.assert_trees_all_equal_shapes_and_dtypes(
     nn.unbox(jax.eval_shape(formed.init, jax.random.key(0), _images()))["params"], params
   )
-  chex.assert_trees_all_close(_loss_and_grads(formed, params), _rolled_loss_and_grads(), atol=1e-5, rtol=1e-5)
+  (value, _, grads), (want_value, _, want_grads) = _forward_and_grads(formed, params), _rolled_forward_and_grads()
+  chex.assert_trees_all_close((value, grads), (want_value, want_grads), atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize(

@@ -185,8 +185,8 @@ def class_embeddings(
 @functools.partial(jax.jit, static_argnums=(1, 2))
 def _unit_class_means(parts: list[jax.Array], rows: int, num_classes: int) -> jax.Array:
   """The unit mean of each class's unit prompt embeddings, from the padded chunks `class_embeddings` embedded: one
-  program, where the same steps as separate array operations would each compile one of their own (7, about 2 s on a
-  CPU at every run's first evaluation)."""
+  program, where the same steps as separate array operations would each compile one of their own at a run's first
+  evaluation."""
   emb = jnp.concatenate(parts)[:rows].astype(jnp.float32)
   emb = emb / jnp.linalg.norm(emb, axis=-1, keepdims=True)
   emb = emb.reshape(num_classes, -1, emb.shape[-1]).mean(axis=1)
