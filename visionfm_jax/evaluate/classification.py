@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import jax.numpy as jnp
 import numpy as np
@@ -42,15 +42,6 @@ class TopKEvaluator:
     return self.of_global(params, map(self.ctx.to_global, local_batches), with_count)
 
   def of_global(self, params, global_batches: Iterable[dict], with_count: bool = False) -> dict[str, float]:
-    """The same over batches already global, whose 'image' is what `predict` takes (`through`'s outputs)."""
+    """The same over batches already global, whose 'image' is what `predict` takes (features, for one)."""
     out = self._sums.of_global(params, global_batches)
     return out if with_count else {k: v for k, v in out.items() if k != "count"}
-
-
-def through(program: Callable, params, ctx, local_batches: Iterable[dict[str, np.ndarray]]) -> Iterator[dict]:
-  """The global batches of `local_batches`, each 'image' replaced by `program(params, images)`: a jitted program
-  of the model that a task's evaluators and panel share (its logits, its embeddings), so that the model compiles
-  once for all of them and the counting (`TopKEvaluator.of_global`) in a small program of its own."""
-  for local in local_batches:
-    batch = ctx.to_global(local)
-    yield {**batch, "image": program(params, batch["image"])}

@@ -38,7 +38,6 @@ from visionfm_jax.data.loader.pipeline import first_readable_record
 from visionfm_jax.data.sources import imagenet_variants
 from visionfm_jax.data.sources import registry as sources
 from visionfm_jax.errors import ConfigError, DataError
-from visionfm_jax.evaluate import classification
 from visionfm_jax.evaluate.classification import TopKEvaluator
 
 ZEROSHOT_SETS = ("imagenet", "imagenet_simple", "shapes")
@@ -248,8 +247,13 @@ class Scorer:
   def __call__(self, params_and_classes, local_batches, with_count: bool = False) -> dict[str, float]:
     """{'top1', 'top5'} (and 'count', `with_count`) of `local_batches` by (params, class embeddings)."""
     params, classes = params_and_classes
-    embedded = classification.through(self.embed_images, params, self.ctx, local_batches)
-    return self._counts.of_global(classes, embedded, with_count)
+
+    def embedded():
+      for local in local_batches:
+        batch = self.ctx.to_global(local)
+        yield {**batch, "image": self.embed_images(params, batch["image"])}
+
+    return self._counts.of_global(classes, embedded(), with_count)
 
 
 class ZeroShotEvaluator:

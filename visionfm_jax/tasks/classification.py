@@ -3,8 +3,6 @@ config.probe, k-NN and linear-probe top-1 of the frozen pooled features (evaluat
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -44,17 +42,11 @@ class ClassificationTask(Task):
       num_classes=self.config.model.num_classes,
     )
 
-  @functools.cached_property
-  def eval_logits(self):
-    """fp32 logits of uint8 images, jitted once: the top-k evaluator and the panel run this one program of the
-    model (each with the model inside a program of its own compiled it twice at a run's first evaluation)."""
-    return jax.jit(lambda params, images: self.logits(params, self.normalize(images), train=False))
-
-  def _batch_logits(self, params, batch):
-    return self.eval_logits(params, batch["image"])
-
   def evaluators(self, ctx: EvalContext):
-    top1 = classification_eval.TopKEvaluator(lambda _, logits: logits, ctx, ks=(1, 5))
+    def predict(params, images):
+      return self.logits(params, self.normalize(images), train=False)
+
+    top1 = classification_eval.TopKEvaluator(predict, ctx, ks=(1, 5))
     source = ctx.open_eval_source(self.config.data)
 
     def run_val(params):
@@ -65,7 +57,7 @@ class ClassificationTask(Task):
         process_count=ctx.process_count,
         source=source,
       )
-      return top1.of_global(None, classification_eval.through(self.eval_logits, params, ctx, batches))
+      return top1(params, batches)
 
     return {"val": run_val, **probe.evaluators(self, ctx)}
 
@@ -73,6 +65,9 @@ class ClassificationTask(Task):
     """PANEL_EXAMPLES validation images, each with its true class and the 3 most probable ones."""
     source = ctx.open_eval_source(self.config.data)
     names = panels.class_names_or_numbers(lambda: self.class_names, self.config.model.num_classes)
+    probabilities = jax.jit(
+      lambda params, batch: jax.nn.softmax(self.logits(params, self.normalize(batch["image"]), train=False), -1)
+    )
 
     def draw(params):
       batches = data.make_eval_iterator(
@@ -82,11 +77,10 @@ class ClassificationTask(Task):
         process_count=ctx.process_count,
         source=source,
       )
-      rows = panels.first_rows(self._batch_logits, params, next(iter(batches)), ctx, PANEL_EXAMPLES)
-      probabilities = _softmax(rows["out"])
+      rows = panels.first_rows(probabilities, params, next(iter(batches)), ctx, PANEL_EXAMPLES)
       cells = [
         panels.Cell(image, (f"true: {names[label]}", *panels.top_k(p, names)))
-        for image, label, p, valid in zip(rows["image"], rows["label"], probabilities, rows["mask"])
+        for image, label, p, valid in zip(rows["image"], rows["label"], rows["out"], rows["mask"])
         if valid
       ]
       return panels.render([cells], "true class; top-3 predicted")
@@ -96,9 +90,3 @@ class ClassificationTask(Task):
   def synthetic_batch(self, batch_size, rng):
     labels = rng.integers(0, self.config.model.num_classes, (batch_size,), dtype=np.int32)
     return {**super().synthetic_batch(batch_size, rng), "label": labels}
-
-
-def _softmax(logits: np.ndarray) -> np.ndarray:
-  """Row-wise softmax of fp32 logits, on the host (the panel's few rows)."""
-  shifted = np.exp(logits - logits.max(axis=-1, keepdims=True))
-  return shifted / shifted.sum(axis=-1, keepdims=True)
