@@ -39,9 +39,5 @@ class TopKEvaluator:
     self, params, local_batches: Iterable[dict[str, np.ndarray]], with_count: bool = False
   ) -> dict[str, float]:
     """{'top1', 'top5'} over the examples of `local_batches` (plus 'count', how many, `with_count`)."""
-    return self.of_global(params, map(self.ctx.to_global, local_batches), with_count)
-
-  def of_global(self, params, global_batches: Iterable[dict], with_count: bool = False) -> dict[str, float]:
-    """The same over batches already global, whose 'image' is what `predict` takes (features, for one)."""
-    out = self._sums.of_global(params, global_batches)
+    out = self._sums(params, local_batches)
     return out if with_count else {k: v for k, v in out.items() if k != "count"}

@@ -31,7 +31,7 @@ class Cell:
 def first_rows(fn: Callable, params, local_batch: dict[str, np.ndarray], ctx, rows: int) -> dict[str, np.ndarray]:
   """`fn(params, batch)` on the global batch that every process's `local_batch` forms (a collective: every
   process calls it), gathered to the host: {**the batch's fields, "out": fn's output}, the first `rows` rows of
-  each. `fn` runs jitted programs (its caller's)."""
+  each. `fn` is jitted by the caller."""
   batch = ctx.to_global(local_batch)
   gathered = multihost_utils.process_allgather({**batch, "out": fn(params, batch)}, tiled=True)
   return jax.tree.map(lambda x: np.asarray(x)[:rows], gathered)

@@ -80,12 +80,11 @@ def _gathered(tree):
 
 class RetrievalEvaluator:
   """Held-out pairs: embeds every eval pair on device, gathers the embeddings to every host, scores recall@k
-  there (one caption per image). `embed_images(params, images)` / `embed_texts(params, tokens)`: unit embeddings,
-  jitted by the caller (a run's evaluators share their compilations)."""
+  there (one caption per image)."""
 
-  def __init__(self, embed_images: Callable, embed_texts: Callable, ctx, ks=KS):
+  def __init__(self, embed_pairs: Callable, ctx, ks=KS):
     self.ctx, self.ks = ctx, ks
-    self._embed = lambda params, batch: (embed_images(params, batch["image"]), embed_texts(params, batch["text"]))
+    self._embed = jax.jit(lambda params, batch: embed_pairs(params, batch["image"], batch["text"]))
 
   def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
     images, texts = [], []

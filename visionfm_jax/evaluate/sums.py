@@ -20,13 +20,9 @@ class SumsEvaluator:
     self._stats = jax.jit(stats)
 
   def __call__(self, params, local_batches: Iterable[dict[str, np.ndarray]]) -> dict[str, float]:
-    return self.of_global(params, map(self.ctx.to_global, local_batches))
-
-  def of_global(self, params, global_batches: Iterable[dict[str, jax.Array]]) -> dict[str, float]:
-    """The same over batches already global (assembled from every process's rows, or computed from them)."""
     totals = None
-    for batch in global_batches:
-      s = self._stats(params, batch)
+    for local in local_batches:
+      s = self._stats(params, self.ctx.to_global(local))
       totals = s if totals is None else jax.tree.map(jnp.add, totals, s)
     if totals is None:
       raise ValueError("the evaluation split yielded no batches")

@@ -233,34 +233,22 @@ class ClassEmbeddings:
     return None
 
 
-class Scorer:
-  """Top-k counts of images against class embeddings: `embed_images(params, images)` (jitted by the caller: the
-  run's one program of the image tower, which its retrieval and panel call too) embeds each batch, and a small
-  program of its own counts the embeddings against the classes, for every zero-shot set of one class count
-  (ImageNet's, ImageNet-V2's and -Sketch's 1000 share it). A tower inside each evaluator's own program would
-  compile once per evaluator: minutes each at the start of a SwinV2-G run at 640 px."""
+def scorer(embed_images: Callable, ctx, ks=(1, 5)) -> TopKEvaluator:
+  """Top-k counts of images against the class embeddings passed with the params: one program for the zero-shot
+  sets of one class count, whichever their classes (ImageNet's, ImageNet-V2's and -Sketch's 1000 share it)."""
 
-  def __init__(self, embed_images: Callable, ctx, ks=(1, 5)):
-    self.embed_images, self.ctx = embed_images, ctx
-    self._counts = TopKEvaluator(lambda classes, emb: emb.astype(jnp.float32) @ classes.T, ctx, ks)
-
-  def __call__(self, params_and_classes, local_batches, with_count: bool = False) -> dict[str, float]:
-    """{'top1', 'top5'} (and 'count', `with_count`) of `local_batches` by (params, class embeddings)."""
+  def predict(params_and_classes, images):
     params, classes = params_and_classes
+    return embed_images(params, images).astype(jnp.float32) @ classes.T
 
-    def embedded():
-      for local in local_batches:
-        batch = self.ctx.to_global(local)
-        yield {**batch, "image": self.embed_images(params, batch["image"])}
-
-    return self._counts.of_global(classes, embedded(), with_count)
+  return TopKEvaluator(predict, ctx, ks)
 
 
 class ZeroShotEvaluator:
   """top-1 / top-5 of images against text embeddings of their class names."""
 
-  def __init__(self, score: Scorer, embeddings: ClassEmbeddings, names: Sequence[str], templates: Sequence[str]):
-    """`score`: the run's Scorer; `embeddings`: the run's ClassEmbeddings."""
+  def __init__(self, score: TopKEvaluator, embeddings: ClassEmbeddings, names: Sequence[str], templates: Sequence[str]):
+    """`score`: `scorer`'s; `embeddings`: the run's ClassEmbeddings."""
     self.score, self.embeddings, self.names, self.templates = score, embeddings, list(names), list(templates)
 
   def __call__(self, params, local_batches) -> dict[str, float]:
@@ -325,9 +313,11 @@ def check_benchmarks(benchmarks) -> None:
     )
 
 
-def benchmark_evaluators(eval_cfg, data_cfg, score: Scorer, embeddings: ClassEmbeddings, ctx) -> dict[str, Callable]:
+def benchmark_evaluators(
+  eval_cfg, data_cfg, score: TopKEvaluator, embeddings: ClassEmbeddings, ctx
+) -> dict[str, Callable]:
   """{'zeroshot_<name>': evaluator} for each (name, spec) of config.eval.zeroshot_benchmarks (`eval_cfg`), scored
-  by `score` (a Scorer) against class embeddings from `embeddings`. The sources are opened now, so that a missing
+  by `score` (`scorer`'s) against class embeddings from `embeddings`. The sources are opened now, so that a missing
   set stops a run at start-up."""
   benchmarks = eval_cfg.zeroshot_benchmarks
   check_benchmarks(benchmarks)

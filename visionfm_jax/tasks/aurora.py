@@ -56,14 +56,9 @@ class AuroraTask(SplitLossTask):
     return image_text.load_tokenizer(self.config)
 
   @functools.cached_property
-  def towers(self) -> image_text.Towers:
-    """The image and text towers as every evaluator runs them: each jitted once."""
-    return image_text.Towers(self)
-
-  @functools.cached_property
   def class_embeddings(self) -> zeroshot.ClassEmbeddings:
     """The zero-shot benchmarks' class embeddings: one text-tower pass per class set and evaluation."""
-    return zeroshot.ClassEmbeddings(self.towers.texts, self.tokenizer.encode_batch)
+    return zeroshot.ClassEmbeddings(jax.jit(self.embed_texts), self.tokenizer.encode_batch)
 
   def init_variables(self, rng):
     size = self.config.model.image_size

@@ -89,14 +89,9 @@ class ContrastiveTask(SplitLossTask):
     return zeroshot.zeroshot_classes(self.config.eval, zeroshot_data_config(self.config.data, self.config.eval))
 
   @functools.cached_property
-  def towers(self) -> image_text.Towers:
-    """The image and text towers as every evaluator runs them: each jitted once."""
-    return image_text.Towers(self)
-
-  @functools.cached_property
   def class_embeddings(self) -> zeroshot.ClassEmbeddings:
     """Shared by the zero-shot evaluators and the panel: one text-tower pass per class set and evaluation."""
-    return zeroshot.ClassEmbeddings(self.towers.texts, self.tokenizer.encode_batch)
+    return zeroshot.ClassEmbeddings(jax.jit(self.embed_texts), self.tokenizer.encode_batch)
 
   def whole_batch(self, batch, rng):
     """The captioned mask ('has_text'; None: all captioned) and, with Mixup, its lambda ~ Beta(alpha, alpha)
@@ -158,7 +153,7 @@ class ContrastiveTask(SplitLossTask):
 
   def evaluators(self, ctx: EvalContext):
     eval_cfg = self.config.eval
-    out, score = {}, zeroshot.Scorer(self.towers.images, ctx)  # one count program for the sets of a class count
+    out, score = {}, zeroshot.scorer(self.embed_images, ctx)  # one program for the zero-shot sets of a class count
     if eval_cfg.zeroshot_classes:
       data_cfg = zeroshot_data_config(self.config.data, eval_cfg)
       source = zeroshot.open_zeroshot_source(eval_cfg, data_cfg, ctx.open_eval_source)  # labelled, or it stops
@@ -166,8 +161,13 @@ class ContrastiveTask(SplitLossTask):
       zs = zeroshot.ZeroShotEvaluator(score, self.class_embeddings, names, templates)
       out["zeroshot"] = _zeroshot_run(zs, data_cfg, source, ctx)
       for tokens in eval_cfg.get("zeroshot_naflex_tokens", ()) if self.naflex else ():
-        # the same images at native aspect within another token budget: the image tower at another shape
-        out[f"zeroshot_{tokens}tok"] = _zeroshot_run(zs, naflex_budget(data_cfg, tokens), source, ctx)
+        # the same images at native aspect within another token budget: one program of their own
+        out[f"zeroshot_{tokens}tok"] = _zeroshot_run(
+          zeroshot.ZeroShotEvaluator(zeroshot.scorer(self.embed_images, ctx), self.class_embeddings, names, templates),
+          naflex_budget(data_cfg, tokens),
+          source,
+          ctx,
+        )
 
     if eval_cfg.retrieval:
       out["retrieval"] = image_text.retrieval_evaluator(self, image_text.held_out_pairs(self, ctx), ctx)

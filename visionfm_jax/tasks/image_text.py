@@ -1,8 +1,7 @@
 """What the image-text tasks (contrastive.py's CLIP, aurora.py) share, as functions of a task rather than a base
 class: the tokenizer, the contrastive term of their split losses, the held-out pairs and the evaluators over them
 (retrieval, the retrieval benchmarks), their panel, synthetic captions. A task passed here answers `config`,
-`tokenizer`, `embed_images(params, uint8 images)` and `embed_texts(params, tokens)` (unit embeddings), and `towers`
-(its one `Towers`, which the evaluators share).
+`tokenizer`, `embed_images(params, uint8 images)` and `embed_texts(params, tokens)` (unit embeddings).
 """
 
 from __future__ import annotations
@@ -159,23 +158,13 @@ def held_out_pairs(task, ctx: EvalContext, mim=None) -> Callable[[], Iterator[di
   )
 
 
-class Towers:
-  """An image-text task's two towers as evaluation runs them, each jitted once: the zero-shot scorer, the held-out
-  and benchmark retrievals, the panel and the class embeddings of a run all call these two, so that its first
-  evaluation compiles each tower once per batch shape. (Each evaluator with a tower inside its own program was four
-  image-tower and four text-tower compiles at a CLIP run's first evaluation.)"""
-
-  def __init__(self, task):
-    self.images, self.texts = jax.jit(task.embed_images), jax.jit(task.embed_texts)
-
-  def pairs(self, params, batch) -> tuple[jax.Array, jax.Array]:
-    """The unit embeddings of a global batch's images and captions."""
-    return self.images(params, batch["image"]), self.texts(params, batch["text"])
-
-
 def retrieval_evaluator(task, pairs: Callable[[], Iterator], ctx: EvalContext) -> Callable[[Any], dict[str, float]]:
   """R@1/5/10 both ways over the held-out `pairs` (`held_out_pairs`)."""
-  ret = retrieval.RetrievalEvaluator(task.towers.images, task.towers.texts, ctx)
+
+  def embed_pairs(params, images, texts):
+    return task.embed_images(params, images), task.embed_texts(params, texts)
+
+  ret = retrieval.RetrievalEvaluator(embed_pairs, ctx)
   return lambda params: ret(params, pairs())
 
 
@@ -187,9 +176,12 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
   images, each with its caption's start and, with `classes` ((names, templates): the zero-shot set), its
   PANEL_TOP nearest zero-shot classes by cosine; then PANEL_CAPTIONS rows of a caption and the images it retrieves
   among them (cosine; '= its own' marks the caption's image)."""
+  embed = jax.jit(
+    lambda params, batch: (task.embed_images(params, batch["image"]), task.embed_texts(params, batch["text"]))
+  )
 
   def draw(params):
-    rows = panels.first_rows(task.towers.pairs, params, next(iter(pairs())), ctx, PANEL_IMAGES)
+    rows = panels.first_rows(embed, params, next(iter(pairs())), ctx, PANEL_IMAGES)
     valid = np.flatnonzero(rows["mask"])
     images, captions = rows["image"][valid], task.tokenizer.decode(rows["text"][valid])
     if task.naflex:  # packed: each image at its grid, as the model saw it
@@ -227,7 +219,7 @@ def pairs_panel(task, pairs: Callable[[], Iterator], ctx: EvalContext, classes=N
 def benchmark_evaluators(task, ctx: EvalContext, zeroshot_score=None) -> dict[str, Callable[[Any], dict[str, float]]]:
   """{'<name>_retrieval': evaluator} for each (name, spec) of config.eval.retrieval_benchmarks and
   {'zeroshot_<name>': evaluator} for each of config.eval.zeroshot_benchmarks (evaluate/zeroshot.py), these scored
-  by `zeroshot_score` (a `zeroshot.Scorer`; one of their own when None); the sets are opened (and the retrieval
+  by `zeroshot_score` (`zeroshot.scorer`'s; one of their own when None); the sets are opened (and the retrieval
   captions tokenised) now, so that a missing dataset stops the run at start-up."""
   benchmarks = task.config.eval.retrieval_benchmarks
   field = "config.eval.retrieval_benchmarks"
@@ -239,19 +231,20 @@ def benchmark_evaluators(task, ctx: EvalContext, zeroshot_score=None) -> dict[st
   if len(set(names)) < len(names) or not all(name.isidentifier() for name in names):
     raise ConfigError(f"{field}: names {names} must be distinct identifiers (metrics eval/<name>_retrieval/...)")
   shards = dict(batch_size=ctx.local_batch_size, process_index=ctx.process_index, process_count=ctx.process_count)
+  embed_images, embed_texts = jax.jit(task.embed_images), jax.jit(task.embed_texts)  # shared by the benchmarks
   out = {}
   for name, spec in benchmarks:
     captioned = caption_sets.open_caption_set(spec)
     tokens = task.tokenizer.encode_batch(captioned.captions)
     out[f"{name}_retrieval"] = retrieval.CaptionRetrievalEvaluator(
-      task.towers.images,
-      task.towers.texts,
+      embed_images,
+      embed_texts,
       captioned.caption_image,
       functools.partial(caption_sets.image_batches, captioned, task.config.data, **shards),
       functools.partial(caption_sets.caption_batches, tokens, **shards),
       ctx,
     )
-  score = zeroshot_score or zeroshot.Scorer(task.towers.images, ctx)
+  score = zeroshot_score or zeroshot.scorer(embed_images, ctx)
   out.update(zeroshot.benchmark_evaluators(task.config.eval, task.config.data, score, task.class_embeddings, ctx))
   return out
 
