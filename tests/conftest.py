@@ -84,6 +84,11 @@ os.environ.update(
   },
 )
 os.environ.pop("MLFLOW_TRACKING_URI", None)
+# A suite started as a background job (`pytest ... &` in a script, nohup) inherits SIGINT ignored, and every process
+# it started would too, so the Ctrl-C tests' runs could not be interrupted: the tests start their processes as a
+# terminal's foreground job has them (a handler, unlike an ignored signal, is reset to the default by exec).
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+  signal.signal(signal.SIGINT, signal.default_int_handler)
 
 import jax  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
 import numpy as np  # noqa: E402  pylint: disable=g-import-not-at-top,wrong-import-position
