@@ -230,18 +230,20 @@ def free_port() -> int:
 def serve(processes: int, ready_file: str, port: int = 0) -> None:
   """Hosts the service for `processes` trainers on every address's `port` (0: a free one) until a stop signal or
   the parent ends; `ready_file` gets the port once it serves."""
-  native = _native_library()
-  port = port or free_port()
-  service = native.get_distributed_runtime_service(
-    f"[::]:{port}", processes, heartbeat_timeout=HEARTBEAT_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S
-  )
   parent = os.getppid()
   stops = {signal.SIGTERM, signal.SIGINT}
   if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
     # A launcher's background job (launch/local.sh): a terminal's Ctrl-C is the trainers' to carry out; the launcher
     # stops the service once they have ended (SIGTERM). Blocked, an ignored SIGINT would still be taken here.
     stops.discard(signal.SIGINT)
+  # Blocked before the native service starts its threads, which inherit the mask: a stop signal that reached one
+  # of them unblocked, while this thread was between waits, would end the process by the default action (-15).
   signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+  native = _native_library()
+  port = port or free_port()
+  service = native.get_distributed_runtime_service(
+    f"[::]:{port}", processes, heartbeat_timeout=HEARTBEAT_TIMEOUT_S, shutdown_timeout=SHUTDOWN_TIMEOUT_S
+  )
   atomic.write(ready_file, f"{port}\n")
   try:
     while os.getppid() == parent and not _stop_signal(signal.sigtimedwait(stops, 1.0), stops):
