@@ -465,7 +465,7 @@ def test_a_held_workdir_stops_both_processes_of_a_second_job_at_once(tmp_path, w
     code, out = _Job(workdir, warm=warm_python).finish(timeout=300)
   errors = [line for line in out.splitlines() if line.startswith("error:")]
   assert code == 2, out[-6000:]
-  # the whole output on a failure: a line that is not there may have gone anywhere in it
+  # the output's tail on a failure: a line that is not there may have gone anywhere in it
   assert any(f"is in use by another run (host {socket.gethostname()}, pid {holder};" in e for e in errors), out[-6000:]
   assert any("process 0 could not take the lock" in e for e in errors), out[-6000:]
   assert not (workdir / "checkpoints").exists()
