@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+import tempfile
 
 import ml_collections
 
@@ -13,10 +14,15 @@ import standins
 DATA_CFG = dict(train_split="train", eval_split="validation")
 
 
-def test_imagenet2012_builds_from_the_manual_tars_and_reads_as_tfds_imagenet2012(tmp_path):
-  manual = standins.write_imagenet2012_manual(tmp_path)
-  assert build_tfds.main(["build_tfds", "--name=imagenet2012", f"--data_dir={tmp_path}"]) == 0
-  cfg = ml_collections.ConfigDict(dict(DATA_CFG, data_dir=str(tmp_path)))
+def test_imagenet2012_builds_from_the_manual_tars_and_reads_as_tfds_imagenet2012(tmp_path, monkeypatch):
+  data = tmp_path / "data"
+  manual = standins.write_imagenet2012_manual(data)
+  temporary = tmp_path / "tmp"
+  temporary.mkdir()
+  monkeypatch.setattr(tempfile, "tempdir", str(temporary))
+  assert build_tfds.main(["build_tfds", "--name=imagenet2012", f"--data_dir={data}"]) == 0
+  assert not list(temporary.iterdir())  # nothing left in the temporary folder
+  cfg = ml_collections.ConfigDict(dict(DATA_CFG, data_dir=str(data)))
   names = sources.class_names("tfds:imagenet2012", cfg)
   assert len(names) == 1000 and names[0] == "n01440764"  # TFDS' label order: sorted WordNet ids
   train = sources.build_source("tfds:imagenet2012", "train", cfg)

@@ -19,11 +19,13 @@ looked for in.
 
 from __future__ import annotations
 
+import contextlib
 import io
 from pathlib import Path
 import re
 import sys
 import tarfile
+import tempfile
 from typing import Iterator, Sequence
 
 from absl import flags
@@ -129,9 +131,23 @@ def build_imagenet2012(data_dir: Path, splits: Sequence[str] = tuple(SPLIT_TARS)
       for name, data, wnid in examples:
         yield name, {"image": data, "label": wnid, "file_name": name}
 
-  builder = Imagenet2012(data_dir=str(data_dir), file_format="array_record")
-  builder.download_and_prepare()
+  with _scratch_temporary_folder():
+    builder = Imagenet2012(data_dir=str(data_dir), file_format="array_record")
+    builder.download_and_prepare()
   return Path(builder.data_dir)
+
+
+@contextlib.contextmanager
+def _scratch_temporary_folder() -> Iterator[None]:
+  """Python's temporary folder moved into a scratch folder of its own, removed after: a new builder makes a folder
+  there for the metadata it would fetch from TFDS' bucket (`DatasetInfo.initialize_from_bucket`, GCS disabled) and
+  leaves it behind, one per run."""
+  with tempfile.TemporaryDirectory(prefix="build_tfds_") as scratch:
+    previous, tempfile.tempdir = tempfile.tempdir, scratch
+    try:
+      yield
+    finally:
+      tempfile.tempdir = previous
 
 
 def _main(fv, rest: list[str]) -> None:
